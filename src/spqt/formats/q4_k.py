@@ -1,0 +1,185 @@
+"""Q4_K blocks, byte-compatible with llama.cpp / GGUF, encoded and decoded in torch (CPU or GPU).
+
+One block holds 256 weights in 144 bytes (4.5 bits per weight)::
+
+    bytes   0..1    d      fp16   scale of the 6-bit sub-block scales
+    bytes   2..3    dmin   fp16   scale of the 6-bit sub-block mins
+    bytes   4..15   8 x (scale sc_j, min m_j), 6 bits each, packed as
+                      byte j     (j < 4): bits 0-5 sc_j      bits 6-7 sc_{j+4} >> 4
+                      byte j + 4 (j < 4): bits 0-5 m_j       bits 6-7 m_{j+4} >> 4
+                      byte j + 8 (j < 4): bits 0-3 sc_{j+4} & 15, bits 4-7 m_{j+4} & 15
+    bytes  16..143  quants: 4 groups of 32 bytes; byte l of group g holds weight l of
+                    sub-block 2g in its low nibble and weight l of sub-block 2g+1 in its high one
+
+Weight i of sub-block j (32 weights each) is ``d * sc_j * q_i - dmin * m_j``.
+
+The encoder follows llama.cpp's reference algorithm (``quantize_row_q4_K_ref`` with its
+``make_qkx2_quants`` search: importance weights ``rms + |x|``, 21 candidate scales, a weighted
+least-squares refit of scale and min), written as vectorized float32 tensor ops that reproduce
+the C code's operation order: every sum is accumulated element by element in the C order, and
+no multiply-add is fused. Eager torch does the same IEEE float32 operations on CPU and GPU, so
+both give the same bytes.
+"""
+
+import torch
+
+BLOCK_SIZE = 256
+BLOCK_BYTES = 144
+SUB_BLOCKS = 8
+SUB_BLOCK_SIZE = 32
+
+_NMAX = 15.0
+_RMIN = -1.0
+_RDELTA = 0.1
+_NSTEP = 20
+
+
+def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32, device=like.device)
+
+
+def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 one element at a time, in order, as the C loops do. terms: (n, G)."""
+    total = terms[0].clone()
+    for i in range(1, terms.shape[0]):
+        total = total + terms[i]
+    return total
+
+
+def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor):
+    """llama.cpp's scale/min search for groups of 32. x, weights: (32, G) float32.
+
+    Returns (scale (G,), the_min (G,), levels (32, G) float32 in 0..15).
+    """
+    one = _f32(1.0, x)
+    nmax = _f32(_NMAX, x)
+    lo = x.min(dim=0).values
+    hi = x.max(dim=0).values
+    sum_w = _sequential_sum(weights)
+    sum_x = _sequential_sum(weights * x)
+    lo = torch.where(lo > 0, torch.zeros_like(lo), lo)
+    flat = hi == lo
+    span = torch.where(flat, one, hi - lo)
+
+    iscale = nmax / span
+    scale = one / iscale
+    levels = torch.clamp(torch.round(iscale * (x - lo)), 0, _NMAX)
+    diff = scale * levels + lo - x
+    best_error = _sequential_sum(weights * (diff * diff))
+
+    for step in range(_NSTEP + 1):
+        # C evaluates (rmin + rdelta*is) + nmax in float32.
+        numerator = (_f32(_RMIN, x) + _f32(_RDELTA, x) * _f32(float(step), x)) + nmax
+        # The C code reads the running `min` here, which earlier steps may have replaced.
+        span = torch.where(flat, one, hi - lo)
+        iscale = numerator / span
+        trial = torch.clamp(torch.round(iscale * (x - lo)), 0, _NMAX)
+        wl = weights * trial
+        sum_l = _sequential_sum(wl)
+        sum_l2 = _sequential_sum(wl * trial)
+        sum_xl = _sequential_sum(wl * x)
+        det = sum_w * sum_l2 - sum_l * sum_l
+        usable = det > 0
+        safe_det = torch.where(usable, det, one)
+        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
+        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
+        positive_min = this_min > 0
+        safe_l2 = torch.where(sum_l2 > 0, sum_l2, one)
+        this_scale = torch.where(positive_min, sum_xl / safe_l2, this_scale)
+        this_min = torch.where(positive_min, torch.zeros_like(this_min), this_min)
+        diff = this_scale * trial + this_min - x
+        cur_error = _sequential_sum(weights * (diff * diff))
+        better = usable & ~flat & (cur_error < best_error)
+        levels = torch.where(better, trial, levels)
+        best_error = torch.where(better, cur_error, best_error)
+        scale = torch.where(better, this_scale, scale)
+        lo = torch.where(better, this_min, lo)
+
+    levels = torch.where(flat, torch.zeros_like(levels), levels)
+    scale = torch.where(flat, torch.zeros_like(scale), scale)
+    return scale, -lo, levels
+
+
+def _nearest_uint8(x: torch.Tensor) -> torch.Tensor:
+    """C's ``(uint8_t) nearest_int(x)``: round half to even, wrap to 8 bits."""
+    return torch.round(x).to(torch.int64) & 0xFF
+
+
+def encode(x: torch.Tensor) -> torch.Tensor:
+    """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 144) uint8."""
+    if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
+        raise ValueError(f"q4_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
+    x = x.to(torch.float32)
+    n_blocks = x.shape[0]
+    # (32, n_blocks * 8): one column per sub-block, so sums over dim 0 run in the C order.
+    groups = x.reshape(n_blocks * SUB_BLOCKS, SUB_BLOCK_SIZE).t().contiguous()
+    sum_x2 = _sequential_sum(groups * groups)
+    # sqrtf is correctly rounded; torch's float32 CPU sqrt is not always, float64 sqrt rounded to
+    # float32 is (53 >= 2*24 + 2 bits), on CPU and GPU alike.
+    av_x = torch.sqrt((sum_x2 / _f32(32.0, x)).double()).float()
+    weights = av_x + groups.abs()
+    scales, mins, levels = _make_qkx2_quants(groups, weights)
+    scales = scales.reshape(n_blocks, SUB_BLOCKS)
+    mins = mins.reshape(n_blocks, SUB_BLOCKS)
+
+    zero = torch.zeros((), dtype=torch.float32, device=x.device)
+    max_scale = torch.maximum(scales.max(dim=1).values, zero)
+    max_min = torch.maximum(mins.max(dim=1).values, zero)
+    c63 = _f32(63.0, x)
+    inv_scale = torch.where(max_scale > 0, c63 / torch.where(max_scale > 0, max_scale, c63), zero)
+    inv_min = torch.where(max_min > 0, c63 / torch.where(max_min > 0, max_min, c63), zero)
+    ls = torch.clamp(_nearest_uint8(inv_scale[:, None] * scales), max=63)
+    lm = torch.clamp(_nearest_uint8(inv_min[:, None] * mins), max=63)
+    d16 = (max_scale / c63).to(torch.float16)
+    dmin16 = (max_min / c63).to(torch.float16)
+
+    # Requantize every weight against the 6-bit scales actually stored.
+    d_sub = d16.float()[:, None] * ls.float()  # (n_blocks, 8)
+    dm_sub = dmin16.float()[:, None] * lm.float()
+    xs = x.reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
+    safe_d = torch.where(d_sub != 0, d_sub, torch.ones_like(d_sub))
+    requant = torch.clamp(torch.round((xs + dm_sub[..., None]) / safe_d[..., None]), 0, 15)
+    first_pass = levels.t().reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
+    q = torch.where((d_sub != 0)[..., None], requant, first_pass).to(torch.uint8)
+
+    out = torch.empty((n_blocks, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
+    out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)
+    out[:, 2:4] = dmin16.reshape(n_blocks, 1).view(torch.uint8)
+    out[:, 4:16] = pack_scales(ls, lm)
+    q = q.reshape(n_blocks, 4, 2, SUB_BLOCK_SIZE)
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
+    return out
+
+
+def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
+    """(n, 8) 6-bit scales and mins (int) -> (n, 12) uint8, the packing drawn above."""
+    ls = ls.to(torch.int64)
+    lm = lm.to(torch.int64)
+    low = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
+    mid = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
+    high = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
+    return torch.cat([low, mid, high], dim=1).to(torch.uint8)
+
+
+def unpack_scales(packed: torch.Tensor):
+    """(n, 12) uint8 -> (scales (n, 8), mins (n, 8)) as int64 in 0..63."""
+    p = packed.to(torch.int64)
+    low, mid, high = p[:, 0:4], p[:, 4:8], p[:, 8:12]
+    sc = torch.cat([low & 63, (high & 0xF) | ((low >> 6) << 4)], dim=1)
+    mn = torch.cat([mid & 63, (high >> 4) | ((mid >> 6) << 4)], dim=1)
+    return sc, mn
+
+
+def decode(blocks: torch.Tensor) -> torch.Tensor:
+    """Dequantize. blocks: (n_blocks, 144) uint8 -> (n_blocks, 256) float32, same device."""
+    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
+        raise ValueError(f"q4_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+    n_blocks = blocks.shape[0]
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n, 1)
+    dmin = blocks[:, 2:4].contiguous().view(torch.float16).float()
+    sc, mn = unpack_scales(blocks[:, 4:16])
+    scale = d * sc.float()  # (n, 8)
+    offset = dmin * mn.float()
+    qs = blocks[:, 16:].reshape(n_blocks, 4, 1, SUB_BLOCK_SIZE)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE).float()
+    return (scale[..., None] * q - offset[..., None]).reshape(n_blocks, BLOCK_SIZE)

