@@ -91,9 +91,16 @@ def make_hf_checkpoint(folder: Path, *, n_layers=2, dim=64, n_heads=4, n_kv_head
         t[p + "mlp.up_proj.weight"] = rnd(ffn_dim, dim)
         t[p + "mlp.down_proj.weight"] = rnd(dim, ffn_dim)
     names = sorted(t)
-    for s in range(shards):
-        part = {k: t[k].contiguous() for k in names[s::shards]}
-        save_file(part, str(folder / f"model-{s:05d}-of-{shards:05d}.safetensors"))
+    if shards == 1:
+        save_file({k: v.contiguous() for k, v in t.items()}, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        for s in range(shards):
+            fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+            part = {k: t[k].contiguous() for k in names[s::shards]}
+            save_file(part, str(folder / fname))
+            weight_map.update({k: fname for k in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": vocab,
               "hidden_size": dim, "intermediate_size": ffn_dim, "num_hidden_layers": n_layers,
               "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads, "head_dim": head_dim,

@@ -88,15 +88,112 @@ def cmd_inspect(args) -> int:
 
 
 def _resolve_device(name: str) -> str:
+    from spqt.generate import resolve_device
+
+    return resolve_device(name)
+
+
+# ---------------------------------------------------------------- generate / perplexity
+
+
+def _load(args):
+    from spqt.checkpoint import load_model
+
+    return load_model(_model_path(args.model), progress=True)
+
+
+def cmd_generate(args) -> int:
+    from spqt.generate import Generator, Sampling
+    from spqt.sparsity import check_sparsity
+    from spqt.tokenizer import TextTokenizer
+
+    check_sparsity(args.sparsity)
+    if args.n < 1:
+        raise SpqtError("-n must be at least 1")
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    loaded = _load(args)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
+    if len(prompt) + args.n > loaded.config.max_seq_len:
+        raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
+                        f"{loaded.config.max_seq_len} tokens")
+    gen = Generator(loaded, _resolve_device(args.device), sparsity=args.sparsity, mode=args.mode,
+                    max_len=len(prompt) + args.n)
+    label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{' ' + args.mode if args.sparsity else ''}]"
+    print(label, flush=True)
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    shown = [""]
+    produced: list[int] = []
+
+    def stream(token_id: int) -> None:
+        produced.append(token_id)
+        text = tok.decode(produced)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown[0]):])
+            sys.stdout.flush()
+            shown[0] = text
+
+    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream)
+    print()
+    print(f"prompt: {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tokens/s | "
+          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s")
+    if result.sparsity:
+        parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.sparsity.items())
+        print(f"achieved sparsity (target {100 * args.sparsity:g}%): {parts}")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from spqt.evaluate import perplexity
+    from spqt.generate import Generator
+    from spqt.sparsity import check_sparsity
+    from spqt.tokenizer import TextTokenizer
+
+    levels = args.sparsity
+    for s in levels:
+        check_sparsity(s)
+    data = Path(args.data)
+    if not data.is_file():
+        raise SpqtError(f"no such file: {data}")
+    loaded = _load(args)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    tokens = tok.encode(data.read_text(encoding="utf-8"), add_bos=False)
+    bos = loaded.config.bos_id if loaded.config.add_bos else None
+    device = _resolve_device(args.device)
+    batch = args.batch or (16 if device == "cuda" else 1)
+    rows = []
+    gen = Generator(loaded, device, dtype=_dtype(args.dtype, device), max_len=args.ctx)
+    for s in levels:
+        gen.set_sparsity(s, args.mode)
+        r = perplexity(gen, tokens, args.ctx, args.method, args.chunks, batch, bos, progress=True)
+        rows.append({"sparsity": s, "mode": args.mode if s else "dense", "ppl": r.ppl, "scored_tokens": r.scored,
+                     "chunks": r.chunks, "achieved": r.achieved})
+        print(f"sparsity {s:5.2f}  ppl {r.ppl:9.4f}  achieved {100 * r.achieved.get('all', 0):5.1f}%", flush=True)
+    print(f"\n{'target':>7s} {'mode':>8s} {'ppl':>10s} {'achieved':>9s} {'qkv':>6s} {'o':>6s} {'gate_up':>8s} {'down':>6s}")
+    for row in rows:
+        a = row["achieved"]
+        print(f"{100 * row['sparsity']:6.0f}% {row['mode']:>8s} {row['ppl']:10.4f} {100 * a.get('all', 0):8.1f}% "
+              + " ".join(f"{100 * a.get(k, 0):{w}.1f}" for k, w in (("qkv", 6), ("o", 6), ("gate_up", 8), ("down", 6))))
+    if args.json:
+        from spqt.checkpoint import atomic_write
+
+        report = {"model": str(args.model or "default"), "kind": loaded.kind, "data": str(data),
+                  "method": args.method, "ctx": args.ctx, "device": device, "dtype": args.dtype,
+                  "tokens": len(tokens), "results": rows, "provenance": loaded.provenance}
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    return 0
+
+
+def _dtype(name: str, device: str):
     import torch
 
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name not in ("cpu", "cuda"):
-        raise SpqtError(f"unknown device {name!r}; choose cpu, cuda or auto")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SpqtError("--device cuda was asked for, but this machine has no CUDA GPU")
-    return name
+        return torch.float32 if device == "cpu" else torch.float16
+    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise SpqtError(f"unknown dtype {name!r}; choose auto, fp32, fp16 or bf16")
+    return table[name]
 
 
 # ---------------------------------------------------------------- parser
@@ -121,7 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=cmd_inspect)
 
-    # RUNTIME_COMMANDS
+    p = sub.add_parser("generate", help="generate text (streams tokens, then prints tokens/s)")
+    p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
+    p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 1)")
+    p.add_argument("--mode", choices=["unified", "greedy"], default="unified", help="which calibrated thresholds")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
+    p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights)")
+    p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test)")
+    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
+    p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
+    p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
+    p.add_argument("--mode", choices=["unified", "greedy"], default="unified")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")
+    p.add_argument("--batch", type=int, default=0, help="chunks per forward (default 16 on cuda, 1 on cpu)")
+    p.add_argument("--json", help="write the results here")
+    p.set_defaults(func=cmd_perplexity)
     return parser
 
 

@@ -188,7 +188,7 @@ def _open_gguf(path: Path) -> SourceModel:
         except NotImplementedError:
             raise SpqtError(f"{path}: tensor type {t.tensor_type.name} of {t.name} is not supported by the gguf package") from None
         shape = tuple(int(s) for s in reversed(t.shape))
-        w = torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32).reshape(shape))
+        w = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
         if name.endswith(".wq"):
             w = _unpermute_rope_rows(w, n_heads)
         elif name.endswith(".wk"):

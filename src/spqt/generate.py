@@ -1,0 +1,193 @@
+"""Building a runnable model from a LoadedModel, and the prefill / decode loop with sampling.
+
+Prompt tokens go through one dense prefill; each new token is one decode step with the sparse
+thresholds on (when a sparsity level is chosen).
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from spqt import sparsity as sp
+from spqt.checkpoint import LoadedModel
+from spqt.errors import SpqtError
+from spqt.linear import Linear
+from spqt.model import Transformer
+
+LINEAR_KINDS = sp.INPUT_KINDS  # qkv, o, gate_up, down: the module names inside each layer
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name not in ("cpu", "cuda"):
+        raise SpqtError(f"unknown device {name!r}; choose cpu, cuda or auto")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpqtError("--device cuda was asked for, but this machine has no CUDA GPU")
+    return name
+
+
+def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                backend: str = "reference") -> Transformer:
+    """The Transformer with every linear map built from the loaded weights (head: dense, fp)."""
+    weights = loaded.weights
+
+    def make_linear(name: str, out_features: int, in_features: int):
+        if name == "output":
+            head = weights["tok_embeddings"] if loaded.config.tie_embeddings else weights["output"]
+            return Linear(head.to(torch.float32), dtype, device, backend="reference")
+        return Linear(weights[name], dtype, device, backend)
+
+    model = Transformer(loaded.config, make_linear)
+    model.tok_embeddings.weight.data = weights["tok_embeddings"].to(device=device, dtype=dtype)
+    model.norm.weight.data = weights["norm"].to(device=device, dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        block.attention_norm.weight.data = weights[f"layers.{i}.attention_norm"].to(device=device, dtype=torch.float32)
+        block.ffn_norm.weight.data = weights[f"layers.{i}.ffn_norm"].to(device=device, dtype=torch.float32)
+    return model.to(device)
+
+
+def sparse_linears(model: Transformer):
+    """(layer, kind, Linear) for every thresholded linear map."""
+    for i, block in enumerate(model.layers):
+        yield i, "qkv", block.attention.qkv
+        yield i, "o", block.attention.o
+        yield i, "gate_up", block.feed_forward.gate_up
+        yield i, "down", block.feed_forward.down
+
+
+def set_thresholds(model: Transformer, table: torch.Tensor | None) -> None:
+    """table: (n_layers, 4) thresholds in INPUT_KINDS order, or None for dense."""
+    for layer, kind, lin in sparse_linears(model):
+        lin.set_threshold(None if table is None else float(table[layer, LINEAR_KINDS.index(kind)]))
+
+
+def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
+    for _, _, lin in sparse_linears(model):
+        lin.sparse = active
+        lin.track = track
+
+
+def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
+    """Fraction of inputs dropped per input kind (and 'all', size-weighted by input count)."""
+    sums = {k: torch.zeros(2, dtype=torch.float64) for k in LINEAR_KINDS}
+    for _, kind, lin in sparse_linears(model):
+        sums[kind] += lin.counts.cpu()
+        if reset:
+            lin.counts.zero_()
+    out = {k: float(v[0] / v[1]) if v[1] > 0 else 0.0 for k, v in sums.items()}
+    total = sum(sums.values())
+    out["all"] = float(total[0] / total[1]) if total[1] > 0 else 0.0
+    return out
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
+            raise SpqtError("sampling needs temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+
+
+def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
+    """logits: (B, vocab) float32 -> (B,) int64."""
+    if s.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits / s.temperature
+    if s.top_k:
+        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
+        cut = sorted_p.cumsum(-1) - sorted_p > s.top_p
+        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+    step_seconds: list[float] = field(default_factory=list)
+    sparsity: dict = field(default_factory=dict)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.step_seconds)
+        return n / sum(self.step_seconds) if n else 0.0
+
+
+class Generator:
+    """A model ready to generate: weights on the device, KV cache for `max_len` tokens."""
+
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype | None = None,
+                 sparsity: float = 0.0, mode: str = "unified", max_len: int | None = None,
+                 backend: str | None = None):
+        self.loaded = loaded
+        self.device = resolve_device(device)
+        self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        backend = backend or ("triton" if self.device == "cuda" and loaded.kind != "float" else "reference")
+        self.model = build_model(loaded, self.device, self.dtype, backend)
+        self.set_sparsity(sparsity, mode)
+        self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
+        self.model.setup_cache(1, self.max_len, self.dtype)
+
+    def set_sparsity(self, sparsity: float, mode: str = "unified") -> None:
+        """Choose the calibrated thresholds of a level (0: dense)."""
+        set_thresholds(self.model, sp.select(self.loaded.thresholds, sparsity, mode, self.loaded.config.n_layers))
+        self.sparsity = sparsity
+
+    def _sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: set[int] = frozenset(), on_token=None) -> GenerationResult:
+        if not prompt:
+            raise SpqtError("the prompt is empty")
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise SpqtError(f"prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceed the context "
+                            f"of {self.max_len} tokens")
+        gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        dev = self.device
+        set_sparse(self.model, False)
+        self._sync()
+        start = time.perf_counter()
+        positions = torch.arange(len(prompt), device=dev)
+        logits = self.model(torch.tensor([prompt], device=dev), positions, kv_len=len(prompt))
+        token = sample(logits[:, -1], sampling, gen)
+        self._sync()
+        prefill = time.perf_counter() - start
+        out, steps = [], []
+        set_sparse(self.model, self.sparsity > 0, track=True)
+        pos = len(prompt)
+        for _ in range(max_new_tokens):
+            t = int(token)
+            out.append(t)
+            if on_token:
+                on_token(t)
+            if t in stop_ids or len(out) == max_new_tokens:
+                break
+            t0 = time.perf_counter()
+            logits = self.model(token.view(1, 1), torch.tensor([pos], device=dev), kv_len=pos + 1)
+            token = sample(logits[:, -1], sampling, gen)
+            self._sync()
+            steps.append(time.perf_counter() - t0)
+            pos += 1
+        achieved = achieved_sparsity(self.model) if self.sparsity > 0 else {}
+        set_sparse(self.model, False)
+        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved)

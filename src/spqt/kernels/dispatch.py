@@ -1,0 +1,22 @@
+"""The one place that picks an implementation for a linear map, by backend, device and layout."""
+
+import torch
+
+from spqt.errors import SpqtError
+
+BACKENDS = ("reference", "triton")
+
+
+def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
+    """An object with .dense(x) and .sparse(x, t), both (..., K) -> (..., N)."""
+    if backend == "reference":
+        from spqt.kernels.reference import ReferenceLinear
+
+        return ReferenceLinear(weight, dtype, device)
+    if backend == "triton":
+        if not str(device).startswith("cuda"):
+            raise SpqtError("the triton backend needs a CUDA device")
+        from spqt.kernels.gpu_linear import TritonLinear
+
+        return TritonLinear(weight, dtype, device)
+    raise SpqtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

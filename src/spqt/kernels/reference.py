@@ -1,0 +1,50 @@
+"""Torch twins of the kernels: the same semantics, on any device. The CPU path IS this module.
+
+Shapes: x (..., K) fp16/bf16/fp32; thresholds 0-dim fp32; weights (N, K) after dequantization.
+"""
+
+import torch
+
+from spqt.checkpoint import QuantizedWeight
+
+
+def sparsify(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """x * (|x| > t): the activation-sparsity mask (TEAL). Same shape and dtype as x."""
+    return x * (x.abs() > threshold).to(x.dtype)
+
+
+def collect(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x: (K,) -> (idx (K,) int32, count () int32): the ascending k with |x_k| > t first, then
+    padding (-1). The count stays on the device."""
+    keep = x.abs() > threshold
+    count = keep.sum(dtype=torch.int32)
+    order = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+    # Stable: kept indices ascending, then the dropped ones; dropped slots become -1.
+    key = torch.where(keep, order, order + x.shape[0])
+    idx = torch.sort(key).values
+    idx = torch.where(idx < x.shape[0], idx, torch.full_like(idx, -1))
+    return idx, count
+
+
+def gemv(weight: QuantizedWeight, x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
+    """y = W x (or W (x * (|x| > t))) for one token. x: (K,) -> y: (N,) in x's dtype, fp32 math."""
+    w = weight.dequantize().to(x.device)
+    xs = x if threshold is None else sparsify(x, threshold)
+    return (w @ xs.float()).to(x.dtype)
+
+
+class ReferenceLinear:
+    """The CPU / reference implementation: dequantize once into the compute dtype, then matmul.
+
+    Trades memory for speed (a float copy of W); the GPU path reads the blocks instead.
+    """
+
+    def __init__(self, weight, dtype: torch.dtype, device: str):
+        w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+        self.weight = w.to(device=device, dtype=dtype).contiguous()
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.weight)
+
+    def sparse(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(sparsify(x, threshold), self.weight)

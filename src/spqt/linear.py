@@ -1,0 +1,38 @@
+"""The linear map of the runtime: holds a stored matrix (float or quantized blocks), applies the
+activation-sparsity threshold when told to, and calls the kernel that the dispatcher picks.
+
+Sparse semantics (the reference that every kernel matches): ``y = W (x * (|x| > t))``, only
+while ``sparse`` is on (the runtime turns it on for decode steps and off for prefill).
+"""
+
+import torch
+from torch import nn
+
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import dispatch
+
+
+class Linear(nn.Module):
+    """y = W x for W (N, K). x: (..., K) in the compute dtype -> y: (..., N) same dtype."""
+
+    def __init__(self, weight, dtype: torch.dtype, device: str, backend: str = "reference"):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape if isinstance(weight, QuantizedWeight) else tuple(weight.shape)
+        self.impl = dispatch.make_linear_impl(weight, dtype, device, backend)
+        self.sparse = False
+        self.register_buffer("threshold", None, persistent=False)
+        # Achieved sparsity, counted on device without host synchronisation: [dropped, seen].
+        self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=device), persistent=False)
+        self.track = False
+
+    def set_threshold(self, t: float | None) -> None:
+        device = self.counts.device
+        self.threshold = None if t is None else torch.tensor(float(t), dtype=torch.float32, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sparse and self.threshold is not None:
+            if self.track:
+                self.counts[0] += (x.abs() <= self.threshold).sum(dtype=torch.float64)
+                self.counts[1] += x.numel()
+            return self.impl.sparse(x, self.threshold)
+        return self.impl.dense(x)

@@ -1,0 +1,166 @@
+"""The Llama-family network in one file: RMSNorm, RoPE (Llama-3 scaling too), grouped-query
+attention with a preallocated KV cache, SwiGLU, tied or separate output head.
+
+It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
+out_features, in_features)``, which returns a module mapping (..., in) -> (..., out). The four
+per-layer maps are ``layers.{i}.qkv`` (q|k|v stacked), ``layers.{i}.o``, ``layers.{i}.gate_up``
+(gate|up stacked) and ``layers.{i}.down``.
+
+One forward handles both prefill (T prompt tokens) and decode (T = 1): tokens (B, T) int64 at
+positions ``start_pos .. start_pos+T-1`` attend to the cache up to their own position.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spqt.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (out * self.weight.float()).to(x.dtype)
+
+
+def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+    """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured."""
+    hd = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    s = config.rope_scaling
+    if not s:
+        return inv
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_mid, mid, scaled)
+
+
+def rope_table(config: ModelConfig, length: int) -> torch.Tensor:
+    """(length, head_dim) float32 cos | sin halves: [:, :hd/2] cos, [:, hd/2:] sin."""
+    pos = torch.arange(length, dtype=torch.float64)
+    angles = torch.outer(pos, rope_frequencies(config))
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """x: (B, T, heads, hd); table: (T, hd) from rope_table. Half-split (rotate_half) convention."""
+    half = x.shape[-1] // 2
+    cos = table[:, :half][None, :, None, :]
+    sin = table[:, half:][None, :, None, :]
+    x1, x2 = x[..., :half].float(), x[..., half:].float()
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values: (B, kv_heads, max_len, head_dim) each."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """positions: (T,) int64; k, v: (B, kv_heads, T, hd). Returns the whole cache."""
+        self.k.index_copy_(2, positions, k)
+        self.v.index_copy_(2, positions, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, make_linear):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
+        self.qkv = make_linear(f"layers.{layer}.qkv", c.q_dim + 2 * c.kv_dim, c.dim)
+        self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
+        self.cache: KVCache | None = None
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = apply_rope(q.reshape(b, t, self.n_heads, self.hd), rope)
+        k = apply_rope(k.reshape(b, t, self.n_kv, self.hd), rope)
+        v = v.reshape(b, t, self.n_kv, self.hd)
+        keys, values = self.cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
+        length = mask.shape[-1]
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), keys[:, :, :length], values[:, :, :length], attn_mask=mask,
+            enable_gqa=self.n_kv != self.n_heads)
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, make_linear):
+        super().__init__()
+        self.ffn_dim = config.ffn_dim
+        self.gate_up = make_linear(f"layers.{layer}.gate_up", 2 * config.ffn_dim, config.dim)
+        self.down = make_linear(f"layers.{layer}.down", config.dim, config.ffn_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.ffn_dim, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, make_linear):
+        super().__init__()
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        self.attention = Attention(config, layer, make_linear)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.feed_forward = FeedForward(config, layer, make_linear)
+
+    def forward(self, x, rope, positions, mask):
+        h = x + self.attention(self.attention_norm(x), rope, positions, mask)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, make_linear):
+        super().__init__()
+        self.config = config
+        self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
+        self.tok_embeddings.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(Block(config, i, make_linear) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.output = make_linear("output", config.vocab_size, config.dim)
+        self.register_buffer("rope", rope_table(config, config.max_seq_len), persistent=False)
+        self.max_len = 0
+
+    def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> None:
+        """Allocate the KV cache for `batch` sequences of up to `max_len` tokens."""
+        device = self.tok_embeddings.weight.device
+        if max_len > self.config.max_seq_len:
+            raise ValueError(f"max_len {max_len} exceeds the model's context {self.config.max_seq_len}")
+        self.max_len = max_len
+        for block in self.layers:
+            block.attention.cache = KVCache(batch, self.config.n_kv_heads, max_len, self.config.head_dim, dtype, device)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+        """tokens: (B, T) int64; positions: (T,) int64 ascending. Returns logits (B, T, vocab) float32.
+
+        kv_len: keys attended (defaults to the whole cache; a smaller value saves work when the
+        caller knows the largest position, and must exceed it).
+        """
+        length = kv_len or self.max_len
+        key_pos = torch.arange(length, device=tokens.device)
+        mask = key_pos[None, :] <= positions[:, None]  # (T, length) bool
+        x = self.tok_embeddings(tokens)
+        rope = self.rope[positions]
+        for block in self.layers:
+            x = block(x, rope, positions, mask)
+        return self.output(self.norm(x)).float()

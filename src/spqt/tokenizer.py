@@ -1,0 +1,49 @@
+"""Text <-> token ids from the model's own tokenizer data (a serialized `tokenizers` JSON and the
+chat template), through the `tokenizers` / `transformers` libraries."""
+
+from spqt.config import ModelConfig
+from spqt.errors import SpqtError
+from spqt.sources import TokenizerSpec
+
+
+class TextTokenizer:
+    def __init__(self, spec: TokenizerSpec, config: ModelConfig):
+        from tokenizers import Tokenizer
+
+        self.spec = spec
+        self.config = config
+        self.backend = Tokenizer.from_str(spec.tokenizer_json)
+        self._hf = None
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids of plain text; BOS first when the model adds one (add_bos=None: its default)."""
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        bos = self.config.add_bos if add_bos is None else add_bos
+        if bos and self.config.bos_id is not None:
+            ids = [self.config.bos_id] + ids
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=False)
+
+    def chat(self, prompt: str, system: str | None = None) -> list[int]:
+        """The model's chat template around one user message, ready for the assistant's answer."""
+        if not self.spec.chat_template:
+            raise SpqtError("this model has no chat template; drop --chat")
+        from transformers import PreTrainedTokenizerFast
+
+        if self._hf is None:
+            self._hf = PreTrainedTokenizerFast(tokenizer_object=self.backend, chat_template=self.spec.chat_template,
+                                               bos_token=self.spec.bos_token, eos_token=self.spec.eos_token)
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        text = self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    @property
+    def stop_ids(self) -> set[int]:
+        stops = set(self.config.eos_ids)
+        if self.spec.eos_token is not None:
+            tid = self.backend.token_to_id(self.spec.eos_token)
+            if tid is not None:
+                stops.add(tid)
+        return stops
