@@ -185,6 +185,41 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from spqt.generate import resolve_device
+
+    if resolve_device("cuda") != "cuda":
+        raise SpqtError("spqt bench needs a CUDA GPU")
+    for s in args.sparsity:
+        if not 0 <= s < 1:
+            raise SpqtError(f"sparsity must be in [0, 1), got {s}")
+    if args.what == "gemv":
+        from spqt.bench import VARIANTS, parse_shapes, run_gemv_benchmark
+
+        variants = [v.strip() for v in args.variants.split(",")]
+        unknown = [v for v in variants if v not in VARIANTS]
+        if unknown:
+            raise SpqtError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+        run_gemv_benchmark(parse_shapes(args.shapes), args.sparsity, variants, args.json, args.plot)
+        return 0
+    from spqt.bench_decode import run_decode_benchmark
+
+    run_decode_benchmark(args, args.json)
+    return 0
+
+
+def cmd_tune(args) -> int:
+    from spqt.bench import parse_shapes, tune
+    from spqt.generate import resolve_device
+    from spqt.kernels import tuning
+
+    resolve_device("cuda")
+    entries = tune(parse_shapes(args.shapes))
+    path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
+    print(f"wrote {path}")
+    return 0
+
+
 def _dtype(name: str, device: str):
     import torch
 
@@ -245,6 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=0, help="chunks per forward (default 16 on cuda, 1 on cpu)")
     p.add_argument("--json", help="write the results here")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("bench", help="GPU benchmarks: gemv (the five kernels) or decode (end to end)")
+    p.add_argument("what", choices=["gemv", "decode"])
+    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b", help="model names or NxK, comma-separated")
+    p.add_argument("--sparsity", type=_floats, default=[0, 0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--variants", default="B0,B1,B2,B3,B4,fp16")
+    p.add_argument("--model", default=None, help="decode: a model file or synthetic:llama2-7b etc.")
+    p.add_argument("--layouts", default="row,zigzag")
+    p.add_argument("--prompt-tokens", type=int, default=10)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--plot", help="gemv: write a PNG of speedup vs sparsity here")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
+    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b")
+    p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
+    p.set_defaults(func=cmd_tune)
     return parser
 
 

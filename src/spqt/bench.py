@@ -1,0 +1,298 @@
+"""GEMV benchmark (B0..B4 and torch fp16) and the kernel tuner, on a CUDA GPU.
+
+Timing: each variant's call sequence (collect + GEMV + reduce where it has them) is captured in a
+CUDA graph of `calls` consecutive calls over rotating weight copies whose total size exceeds 4x
+the L2 cache; the graph is replayed after warm-up and timed with CUDA events; we report the
+median per-call time over the replays. Bandwidth figures count the bytes a variant needs (the
+active blocks only for sparse variants, x and y included) and are compared with a device-to-
+device copy measured in the same run (bytes read + written).
+"""
+
+import datetime
+import json
+import statistics
+import subprocess
+from dataclasses import dataclass
+
+import torch
+
+import spqt
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemv as kg
+from spqt.kernels import tuning
+from spqt.kernels.collect import collect
+from spqt.kernels.gpu_layout import GpuQ4K, repack
+from spqt.kernels.reference import sparsify
+
+MODEL_SHAPES = {
+    "llama2-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],
+    "llama3-8b": [(1024, 4096), (14336, 4096), (4096, 14336)],
+    "llama2-13b": [(5120, 5120), (13824, 5120), (5120, 13824)],
+    "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
+}
+VARIANTS = ("B0", "B1", "B2", "B3", "B4", "fp16")
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    from spqt.errors import SpqtError
+
+    shapes = []
+    for item in text.split(","):
+        item = item.strip()
+        if item in MODEL_SHAPES:
+            shapes += MODEL_SHAPES[item]
+        elif "x" in item:
+            n, k = item.lower().split("x")
+            shapes.append((int(n), int(k)))
+        elif item:
+            raise SpqtError(f"unknown shape {item!r}: use NxK or one of {', '.join(MODEL_SHAPES)}")
+    return list(dict.fromkeys(shapes))
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
+    """Device-to-device copy, GB/s counting bytes read plus written (median of `reps`)."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
+def time_graph(fn_calls: list, replays: int = 30, warmup: int = 5) -> float:
+    """Median seconds per call of a list of zero-argument launches, captured as one CUDA graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for f in fn_calls[: min(3, len(fn_calls))]:
+            f()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in fn_calls:
+            f()
+    for _ in range(warmup):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / len(fn_calls))
+    return statistics.median(times)
+
+
+def _copies(t: torch.Tensor, n: int) -> list[torch.Tensor]:
+    return [t] + [t.clone() for _ in range(n - 1)]
+
+
+@dataclass
+class Operands:
+    """Random weights of one shape in both layouts, rotated copies, an fp16 x."""
+
+    shape: tuple[int, int]
+    zig: list[GpuQ4K]
+    row: list[GpuQ4K]
+    fp16: list[torch.Tensor]
+    x: torch.Tensor
+
+
+def make_operands(shape, l2_bytes: int, seed: int = 0) -> Operands:
+    n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
+    zig = repack(QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", shape), "cuda")
+    row = repack(QuantizedWeight(spqt.quantize(w, "q4_k", "row"), "q4_k", "row", shape), "cuda")
+    w16 = w.half()
+    del w
+    target = 4 * l2_bytes
+
+    def rot(nbytes):
+        return max(2, -(-target // nbytes))
+
+    nz, nr, nf = rot(zig.nbytes), rot(row.nbytes), rot(w16.numel() * 2)
+    zigs = [GpuQ4K(q, h, "zigzag", shape) for q, h in zip(_copies(zig.quants, nz), _copies(zig.head, nz))]
+    rows = [GpuQ4K(q, h, "row", shape) for q, h in zip(_copies(row.quants, nr), _copies(row.head, nr))]
+    x = torch.randn(k, device="cuda", generator=g).half()
+    return Operands(shape, zigs, rows, _copies(w16, nf), x)
+
+
+def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None) -> list[dict]:
+    """Time every variant at every sparsity for one shape. configs: variant -> kernel config."""
+    n, k = ops.shape
+    configs = configs or {}
+    cz_d = configs.get("zigzag_dense") or tuning.config("zigzag_dense", n, k)
+    cz_s = configs.get("zigzag_sparse") or tuning.config("zigzag_sparse", n, k)
+    cr = configs.get("row_dense") or tuning.config("row_dense", n, k)
+    x = ops.x
+    ws_d = kg.ZigzagWorkspace(ops.zig[0], cz_d["split"], torch.float16)
+    ws_s = kg.ZigzagWorkspace(ops.zig[0], cz_s["split"], torch.float16)
+    y_row = torch.empty(n, dtype=torch.float16, device="cuda")
+    y16 = torch.empty(n, dtype=torch.float16, device="cuda")
+    block_bytes = ops.zig[0].nbytes
+    row_bytes = ops.row[0].nbytes
+    out = []
+    for s in sparsities:
+        t = torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.tensor(-1.0, device="cuda")
+        active = float((x.float().abs() > t).float().mean())
+        xs = sparsify(x, t)
+        calls = {
+            "B0": lambda w: kg.gemv_row(w, x, out=y_row, **cr),
+            "B1": lambda w: kg.gemv_row(w, x, threshold=t, out=y_row, **cr),
+            "B2": lambda w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, block_k=cz_d["block_k"], num_warps=cz_d["num_warps"]),
+            "B3": lambda w: kg.gemv_zigzag(w, x, kg.MODE_STATIC, ws_d, threshold=t, block_k=cz_d["block_k"],
+                                           num_warps=cz_d["num_warps"]),
+            "B4": lambda w: (collect(x, t, ws_s.idx, ws_s.count),
+                             kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
+                                            block_k=cz_s["block_k"], num_warps=cz_s["num_warps"])),
+            "fp16": lambda w: torch.mv(w, xs if s > 0 else x, out=y16),
+        }
+        pools = {"B0": ops.row, "B1": ops.row, "B2": ops.zig, "B3": ops.zig, "B4": ops.zig, "fp16": ops.fp16}
+        needed = {"B0": row_bytes, "B1": row_bytes * (active if s > 0 else 1.0), "B2": block_bytes,
+                  "B3": block_bytes * active, "B4": block_bytes * active, "fp16": n * k * 2}
+        for v in variants:
+            if s > 0 and v in ("B0", "B2"):
+                continue  # dense variants do not depend on sparsity
+            pool = pools[v]
+            seq = [(lambda f=calls[v], w=pool[i % len(pool)]: f(w)) for i in range(max(len(pool), 16))]
+            sec = time_graph(seq)
+            nbytes = needed[v] + 2 * k + 2 * n
+            out.append({"shape": f"{n}x{k}", "n": n, "k": k, "variant": v, "sparsity": s, "active": active,
+                        "us": sec * 1e6, "bytes": nbytes, "gbps": nbytes / sec / 1e9})
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=None, log=print) -> dict:
+    import triton
+
+    torch.manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    l2 = props.L2_cache_size
+    copy_gbps = copy_bandwidth()
+    log(f"{torch.cuda.get_device_name()}: {props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB, "
+        f"copy {copy_gbps:.0f} GB/s (read+write), triton {triton.__version__}, torch {torch.__version__}")
+    rows = []
+    for shape in shapes:
+        ops = make_operands(shape, l2)
+        res = bench_shape(ops, sparsities, variants)
+        dense = {r["variant"]: r["us"] for r in res if r["sparsity"] == 0}
+        for r in res:
+            r["frac_copy_bw"] = r["gbps"] / copy_gbps
+            r["speedup_vs_B0"] = dense.get("B0", float("nan")) / r["us"]
+            r["speedup_vs_B2"] = dense.get("B2", float("nan")) / r["us"]
+        rows += res
+        del ops
+        torch.cuda.empty_cache()
+        _print_shape(res, log)
+    report = {"benchmark": "gemv", "device": torch.cuda.get_device_name(), "sms": props.multi_processor_count,
+              "l2_bytes": l2, "copy_gbps": copy_gbps, "torch": torch.__version__, "triton": triton.__version__,
+              "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "method": "CUDA-graph replay of >=16 calls over weight copies > 4x L2, CUDA events, median of 30",
+              "rows": rows}
+    if json_path:
+        from pathlib import Path
+
+        from spqt.checkpoint import atomic_write
+
+        atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
+    if plot_path:
+        plot_speedups(report, plot_path)
+    return report
+
+
+def _print_shape(res, log) -> None:
+    log(f"{'shape':>12s} {'var':>4s} {'sparse':>6s} {'us':>8s} {'MB':>7s} {'GB/s':>6s} {'xB0':>5s} {'xB2':>5s}")
+    dense = {r["variant"]: r["us"] for r in res if r["sparsity"] == 0}
+    for r in res:
+        log(f"{r['shape']:>12s} {r['variant']:>4s} {r['sparsity']:6.2f} {r['us']:8.2f} {r['bytes'] / 1e6:7.2f} "
+            f"{r['gbps']:6.0f} {dense.get('B0', float('nan')) / r['us']:5.2f} {dense.get('B2', float('nan')) / r['us']:5.2f}")
+
+
+def plot_speedups(report: dict, path) -> None:
+    """Speedup over B2 vs sparsity, one panel per shape, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(r["shape"] for r in report["rows"]))
+    cols = 4
+    fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(shapes) // cols)), squeeze=False)
+    for ax, shape in zip(axes.flat, shapes):
+        rows = [r for r in report["rows"] if r["shape"] == shape]
+        for v in ("B1", "B3", "B4", "fp16"):
+            pts = sorted((r["sparsity"], r["speedup_vs_B2"]) for r in rows if r["variant"] == v)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=v)
+        b0 = [r["speedup_vs_B2"] for r in rows if r["variant"] == "B0"]
+        if b0:
+            ax.axhline(b0[0], color="gray", ls=":", label="B0 (dense row)")
+        ax.axhline(1.0, color="black", lw=0.8, label="B2 (dense zigzag)")
+        xs = [0, 0.25, 0.4, 0.5, 0.65]
+        ax.plot(xs, [1 / (1 - s) for s in xs], color="black", ls="--", lw=0.6, label="ideal 1/(1-s)")
+        ax.set_title(shape)
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("speedup over B2")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(shapes):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(f"Q4_K GEMV on {report['device']} (commit {report['commit']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def tune(shapes, log=print) -> dict:
+    """Time the candidate configs of every variant per shape; return the winners as table entries.
+    zigzag_sparse is chosen at 50 % sparsity (collect included)."""
+    props = torch.cuda.get_device_properties(0)
+    entries = {v: {} for v in tuning.VARIANTS}
+    for shape in shapes:
+        n, k = shape
+        ops = make_operands(shape, props.L2_cache_size)
+        x = ops.x
+        t = torch.quantile(x.float().abs(), 0.5).reshape(())
+        y = torch.empty(n, dtype=torch.float16, device="cuda")
+        for variant in tuning.VARIANTS:
+            best = None
+            for cfg in tuning.candidates(variant, n, k):
+                if variant == "row_dense":
+                    seq = [(lambda w=w: kg.gemv_row(w, x, out=y, **cfg)) for w in ops.row]
+                else:
+                    ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
+                    if variant == "zigzag_dense":
+                        seq = [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, block_k=cfg["block_k"],
+                                                           num_warps=cfg["num_warps"])) for w in ops.zig]
+                    else:
+                        seq = [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                                             kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws, idx=ws.idx, count=ws.count,
+                                                            block_k=cfg["block_k"], num_warps=cfg["num_warps"])))
+                               for w in ops.zig]
+                seq = (seq * -(-16 // len(seq)))[: max(16, len(seq))]
+                us = time_graph(seq, replays=10, warmup=2) * 1e6
+                if best is None or us < best[0]:
+                    best = (us, cfg)
+            entries[variant][f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
+            log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
+        del ops
+        torch.cuda.empty_cache()
+    return entries

@@ -1,0 +1,53 @@
+"""The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
+for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for several tokens."""
+
+import torch
+
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemv as kg
+from spqt.kernels import tuning
+from spqt.kernels.collect import collect
+from spqt.kernels.gpu_layout import repack
+from spqt.kernels.reference import sparsify
+
+
+class TritonLinear:
+    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype, device: str):
+        if not isinstance(weight, QuantizedWeight):
+            raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
+        self.w = repack(weight, device)
+        self.n, self.k = weight.shape
+        self.dtype = dtype
+        if self.w.layout == "zigzag":
+            self.cfg_dense = tuning.config("zigzag_dense", self.n, self.k)
+            self.cfg_sparse = tuning.config("zigzag_sparse", self.n, self.k)
+            self.ws_dense = kg.ZigzagWorkspace(self.w, self.cfg_dense["split"], dtype)
+            self.ws_sparse = kg.ZigzagWorkspace(self.w, self.cfg_sparse["split"], dtype)
+        else:
+            self.cfg_row = tuning.config("row_dense", self.n, self.k)
+            self.y = torch.empty(self.n, dtype=dtype, device=device)
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        w = kg.dequantize(self.w, x.dtype)
+        return torch.nn.functional.linear(x, w)
+
+    def dense(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.k:
+            return self._gemm(x)
+        v = x.reshape(self.k)
+        if self.w.layout == "zigzag":
+            c = self.cfg_dense
+            y = kg.gemv_zigzag(self.w, v, kg.MODE_DENSE, self.ws_dense, block_k=c["block_k"], num_warps=c["num_warps"])
+        else:
+            y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
+        return y.view(*x.shape[:-1], self.n)
+
+    def sparse(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
+        if x.numel() != self.k or self.w.layout != "zigzag":
+            return self.dense(sparsify(x, threshold))
+        v = x.reshape(self.k)
+        ws, c = self.ws_sparse, self.cfg_sparse
+        idx, count = collect(v, threshold, ws.idx, ws.count)
+        y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, block_k=c["block_k"], num_warps=c["num_warps"],
+                           idx=idx, count=count)
+        return y.view(*x.shape[:-1], self.n)

@@ -1,0 +1,85 @@
+"""Kernel parameters per GPU and shape: the tuned table, its defaults, and the tuner.
+
+The table is JSON, one file per GPU and Triton version (``tuned/<gpu>--triton-<ver>.json``),
+shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense") and the
+exact shape "NxK". A missing entry falls back to :func:`default_config`; nothing re-tunes
+silently (``spqt tune`` does, on request).
+"""
+
+import json
+import re
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
+
+
+def device_key() -> str:
+    import torch
+    import triton
+
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{slug}--triton-{triton.__version__}"
+
+
+def table_path(key: str | None = None) -> Path:
+    return Path(str(resources.files("spqt").joinpath(f"kernels/tuned/{key or device_key()}.json")))
+
+
+@lru_cache(maxsize=None)
+def _load_table(key: str) -> dict:
+    path = table_path(key)
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get("entries", {})
+
+
+def sm_count() -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 132
+
+
+def default_config(variant: str, n: int, k: int) -> dict:
+    """A sane starting point: about 4 programs per SM for zigzag, 4 rows per program for row."""
+    if variant == "row_dense":
+        return {"block_n": 4, "num_warps": 4}
+    rows = -(-n // 256)
+    block_k = 8
+    split = max(1, min(-(-4 * sm_count() // rows), -(-k // block_k)))
+    return {"split": split, "block_k": block_k, "num_warps": 4}
+
+
+def config(variant: str, n: int, k: int) -> dict:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown kernel variant {variant}")
+    entry = _load_table(device_key()).get(variant, {}).get(f"{n}x{k}")
+    return dict(entry) if entry else default_config(variant, n, k)
+
+
+def candidates(variant: str, n: int, k: int) -> list[dict]:
+    """The short list `spqt tune` times for one shape."""
+    if variant == "row_dense":
+        return [{"block_n": b, "num_warps": w} for b in (1, 2, 4, 8) for w in (2, 4, 8)]
+    rows = -(-n // 256)
+    base = -(-sm_count() // rows)
+    splits = sorted({max(1, min(base * f, -(-k // 4))) for f in (1, 2, 4, 8, 16)})
+    return [{"split": s, "block_k": b, "num_warps": w} for s in splits for b in (4, 8, 16) for w in (2, 4, 8)]
+
+
+def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:
+    import datetime
+
+    import torch
+
+    from spqt.checkpoint import atomic_write
+
+    path = path or table_path(key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": torch.cuda.get_device_name(), "key": key or device_key(),
+           "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "entries": entries}
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True)))
+    _load_table.cache_clear()
+    return path

@@ -1,0 +1,153 @@
+"""Triton kernels against their torch twins: on the CPU through the Triton interpreter (CI, small
+shapes) and the same tests on the GPU (`gpu` marker, model shapes). Outputs are poisoned before
+every launch, inputs are fresh random data, shapes are not multiples of the block size."""
+
+import numpy as np
+import pytest
+import torch
+
+import spqt
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemv as kg
+from spqt.kernels import reference
+from spqt.kernels.collect import collect
+from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
+
+CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
+SPARSITIES = [0.0, 0.25, 0.5, 0.9, 1.0]
+
+DEVICES = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
+
+
+def shapes_for(device):
+    return CPU_SHAPES if device == "cpu" else GPU_SHAPES
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
+
+
+def _weights(rng, shape, layout, device):
+    w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(device)
+    qw = QuantizedWeight(spqt.quantize(w, "q4_k", layout), "q4_k", layout, shape)
+    return qw, repack(qw, device)
+
+
+def _x(rng, k, dtype, device, sparsity):
+    x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
+    if sparsity >= 1.0:
+        t = x.abs().max().float() + 1
+    elif sparsity == 0.0:
+        t = torch.tensor(-1.0)
+    else:
+        t = torch.quantile(x.abs().float().cpu(), sparsity)
+    return x, torch.as_tensor(t, dtype=torch.float32).to(device)
+
+
+def assert_close_fp32_accum(y, w_ref, x_used, what):
+    """|y - W x| within the worst-case fp32 accumulation error over K (K * 2^-24 * |W||x|), plus
+    one rounding of the output dtype. Reference in float64."""
+    ref = w_ref.double() @ x_used.double()
+    magnitude = w_ref.double().abs() @ x_used.double().abs()
+    k = w_ref.shape[1]
+    out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
+    tol = k * 2.0**-24 * magnitude + out_eps * ref.abs() + 1e-30
+    err = (y.double() - ref).abs()
+    bad = err > tol
+    assert not torch.isnan(y).any(), f"{what}: NaN in output (unwritten element?)"
+    assert not bad.any(), (f"{what}: {int(bad.sum())} of {y.numel()} outside tolerance; worst at {int((err / tol).argmax())}: "
+                           f"got {float(y.flatten()[int((err / tol).argmax())]):.6g}, want {float(ref[int((err / tol).argmax())]):.6g}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gpu_layout_repack_is_exact(rng, device):
+    for shape in shapes_for(device)[:3]:
+        for layout in ("row", "zigzag"):
+            qw, gw = _weights(rng, shape, layout, device)
+            assert torch.equal(dequantize_gpu_layout(gw), qw.dequantize())
+            out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+            kg.dequantize(gw, torch.float32, out=out)
+            assert torch.equal(out, qw.dequantize()), f"dequant kernel {layout} {shape}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_collect_equals_nonzero(rng, device, sparsity):
+    for k in ([37, 1024, 2100] if device == "cpu" else [192, 4096, 11008, 28672, 30001]):
+        x, t = _x(rng, k, torch.float16, device, sparsity)
+        idx = torch.full((k,), -7777, dtype=torch.int32, device=device)
+        count = torch.full((), -1, dtype=torch.int32, device=device)
+        collect(x, t, idx, count)
+        expect = torch.nonzero(x.float().abs() > t).flatten()
+        assert int(count) == expect.numel()
+        assert torch.equal(idx[: int(count)].long(), expect)
+        ref_idx, ref_count = reference.collect(x, t)
+        assert int(ref_count) == int(count) and torch.equal(ref_idx[: int(count)], idx[: int(count)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_zigzag_variants(rng, device, sparsity):
+    for shape in shapes_for(device):
+        qw, gw = _weights(rng, shape, "zigzag", device)
+        w_ref = qw.dequantize()
+        for dtype in dtypes_for(device):
+            x, t = _x(rng, shape[1], dtype, device, sparsity)
+            x_dense = x.float()
+            x_sparse = reference.sparsify(x, t).float()
+            for split in ((1, 3) if device == "cpu" else (1, 3, 7, 64)):
+                ws = kg.ZigzagWorkspace(gw, split, dtype)
+                for mode, x_used, name in ((kg.MODE_DENSE, x_dense, "B2"), (kg.MODE_STATIC, x_sparse, "B3"),
+                                           (kg.MODE_INDEXED, x_sparse, "B4")):
+                    ws.y.fill_(float("nan"))
+                    ws.partials.fill_(float("nan"))
+                    kw = {}
+                    if mode == kg.MODE_STATIC:
+                        kw["threshold"] = t
+                    if mode == kg.MODE_INDEXED:
+                        ws.idx.fill_(-7777)
+                        kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                    y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
+                    assert_close_fp32_accum(y, w_ref, x_used, f"{name} {shape} {dtype} split {split} s={sparsity}")
+                    again = kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                    assert torch.equal(y, again), f"{name} not deterministic"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_row_variants(rng, device, sparsity):
+    for shape in shapes_for(device):
+        qw, gw = _weights(rng, shape, "row", device)
+        w_ref = qw.dequantize()
+        for dtype in dtypes_for(device):
+            x, t = _x(rng, shape[1], dtype, device, sparsity)
+            for threshold, x_used, name in ((None, x.float(), "B0"), (t, reference.sparsify(x, t).float(), "B1")):
+                out = torch.full((shape[0],), float("nan"), dtype=dtype, device=device)
+                y = kg.gemv_row(gw, x, threshold=threshold, out=out).clone()
+                assert_close_fp32_accum(y, w_ref, x_used, f"{name} {shape} {dtype} s={sparsity}")
+                assert torch.equal(y, kg.gemv_row(gw, x, threshold=threshold, out=out))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_all_zero_x(device):
+    qw, gw = _weights(np.random.default_rng(), (300, 70), "zigzag", device)
+    x = torch.zeros(70, dtype=torch.float16, device=device)
+    ws = kg.ZigzagWorkspace(gw, 2, torch.float16)
+    ws.y.fill_(float("nan"))
+    idx, count = collect(x, torch.tensor(0.0, device=device), ws.idx, ws.count)
+    assert int(count) == 0
+    y = kg.gemv_zigzag(gw, x, kg.MODE_INDEXED, ws, idx=idx, count=count)
+    assert torch.equal(y, torch.zeros_like(y))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_contracts_are_checked(device):
+    _, gw = _weights(np.random.default_rng(), (64, 50), "zigzag", device)
+    ws = kg.ZigzagWorkspace(gw, 1, torch.float16)
+    with pytest.raises(ValueError, match="one token"):
+        kg.gemv_zigzag(gw, torch.zeros(2, 50, dtype=torch.float16, device=device), kg.MODE_DENSE, ws)
+    with pytest.raises(ValueError, match="B4 needs"):
+        kg.gemv_zigzag(gw, torch.zeros(50, dtype=torch.float16, device=device), kg.MODE_INDEXED, ws)
+    with pytest.raises(ValueError, match="row layout"):
+        kg.gemv_row(gw, torch.zeros(50, dtype=torch.float16, device=device))
