@@ -58,6 +58,25 @@ def _nibble(words, J: tl.constexpr):
 
 
 @triton.jit
+def _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, j, hi, K, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Issue the loads of one tile of BLOCK_K columns starting at list position j."""
+    jj = j + tl.arange(0, BLOCK_K)
+    m = jj < hi
+    if MODE == 2:
+        k = tl.load(idx_ptr + jj, mask=m, other=0)
+    else:
+        k = jj
+    x = tl.load(x_ptr + k, mask=m, other=0.0).to(tl.float32)
+    if MODE == 1:
+        m = m & (tl.abs(x) > t)
+        x = tl.where(m, x, 0.0)
+    blk = r * K + k
+    words = tl.load(q_ptr + blk[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m[:, None], other=0)
+    d, dmin, w1, w2, w3 = _head(h_ptr, blk, m)
+    return x * d, x * dmin, words, w1, w2, w3
+
+
+@triton.jit
 def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
                    MODE: tl.constexpr, BLOCK_K: tl.constexpr):
     r = tl.program_id(0)
@@ -86,24 +105,14 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     bias5 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     bias6 = tl.zeros((BLOCK_K,), dtype=tl.float32)
     bias7 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    t = 0.0
     if MODE == 1:
         t = tl.load(t_ptr)
+    # Register prefetch: the loads of tile j + 1 are in flight while tile j is computed.
+    xd, xm, words, w1, w2, w3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, lo, hi, K, MODE, BLOCK_K)
     for j in range(lo, hi, BLOCK_K):
-        jj = j + tl.arange(0, BLOCK_K)
-        m = jj < hi
-        if MODE == 2:
-            k = tl.load(idx_ptr + jj, mask=m, other=0)
-        else:
-            k = jj
-        x = tl.load(x_ptr + k, mask=m, other=0.0).to(tl.float32)
-        if MODE == 1:
-            m = m & (tl.abs(x) > t)
-            x = tl.where(m, x, 0.0)
-        blk = r * K + k
-        words = tl.load(q_ptr + blk[:, None] * 32 + w_idx[None, :], mask=m[:, None], other=0)
-        d, dmin, w1, w2, w3 = _head(h_ptr, blk, m)
-        xd = x * d
-        xm = x * dmin
+        nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, j + BLOCK_K, hi, K,
+                                                       MODE, BLOCK_K)
         sc, mn = _scale_min(w1, w2, w3, 0)
         acc0 += (xd * sc)[:, None] * _nibble(words, 0)
         bias0 += xm * mn
@@ -128,6 +137,7 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
         sc, mn = _scale_min(w1, w2, w3, 7)
         acc7 += (xd * sc)[:, None] * _nibble(words, 7)
         bias7 += xm * mn
+        xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
     out = part_ptr + s * NP + r * 256 + w_idx
     tl.store(out + 0, tl.sum(acc0, axis=0) - tl.sum(bias0, axis=0))
     tl.store(out + 32, tl.sum(acc1, axis=0) - tl.sum(bias1, axis=0))
