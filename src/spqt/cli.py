@@ -78,8 +78,9 @@ def cmd_inspect(args) -> int:
               f"{8 * quant_bytes / quant_weights:.3f} bits per weight (zero padding included)")
     print(f"other        {other_bytes / 1e6:.2f} MB (embedding, head, norms)")
     if model.thresholds:
-        for mode, levels in model.thresholds.items():
-            print(f"thresholds   {mode}: sparsity {', '.join(sorted(levels))}")
+        for mode in ("unified", "greedy"):
+            levels = model.thresholds.get(mode, {})
+            print(f"thresholds   {mode}: sparsity {', '.join(sorted(levels)) or 'none'}")
     else:
         print("thresholds   none (run spqt calibrate)")
     if model.provenance:
@@ -99,7 +100,17 @@ def _resolve_device(name: str) -> str:
 def _load(args):
     from spqt.checkpoint import load_model
 
-    return load_model(_model_path(args.model), progress=True)
+    loaded = load_model(_model_path(args.model), progress=True)
+    if getattr(args, "thresholds", None):
+        path = Path(args.thresholds)
+        if not path.is_file():
+            raise SpqtError(f"no such file: {path}")
+        try:
+            doc = json.loads(path.read_text())
+            loaded.thresholds = doc["thresholds"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SpqtError(f"{path}: not a thresholds file written by spqt calibrate --json ({e})") from None
+    return loaded
 
 
 def cmd_generate(args) -> int:
@@ -185,6 +196,39 @@ def cmd_perplexity(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from spqt.calibrate import calibrate
+    from spqt.checkpoint import atomic_write, load_model, save_spqt
+    from spqt.tokenizer import TextTokenizer
+
+    for f in args.data:
+        if not Path(f).is_file():
+            raise SpqtError(f"no such file: {f}")
+    modes = ("unified", "greedy") if args.mode == "both" else (args.mode,)
+    loaded = load_model(_model_path(args.model))
+    if loaded.kind == "float" and not args.json:
+        raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json to write them alone")
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    tokens: list[int] = []
+    for f in args.data:  # each file tokenized on its own, then concatenated in the order given
+        tokens += tok.encode(Path(f).read_text(encoding="utf-8"), add_bos=False)
+    result = calibrate(loaded, tokens, args.sparsity, modes, _resolve_device(args.device), max_tokens=args.tokens,
+                       greedy_tokens=args.greedy_tokens, progress=True)
+    thresholds = dict(loaded.thresholds)
+    thresholds.update(result)
+    if args.json:
+        doc = {"n_layers": loaded.config.n_layers, "dim": loaded.config.dim, "data": [Path(f).name for f in args.data],
+               "thresholds": thresholds}
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1)))
+        print(f"wrote {args.json}")
+    if loaded.kind != "float":
+        loaded.thresholds = thresholds
+        target = Path(args.output) if args.output else loaded.path
+        save_spqt(loaded, target)
+        print(f"wrote thresholds ({', '.join(modes)}: {', '.join(f'{s:g}' for s in args.sparsity)}) into {target}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from spqt.generate import resolve_device
 
@@ -265,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
@@ -279,7 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")
     p.add_argument("--batch", type=int, default=0, help="chunks per forward (default 16 on cuda, 1 on cpu)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.set_defaults(func=cmd_perplexity)
+
+    p = sub.add_parser("calibrate", help="compute activation-sparsity thresholds (TEAL) and store them in the .spqt")
+    p.add_argument("model", nargs="?", help="a .spqt file (default: the default model in the cache)")
+    p.add_argument("--data", nargs="+", required=True, help="calibration text files (never the evaluation text)")
+    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens for the histograms")
+    p.add_argument("--greedy-tokens", type=int, default=2048, help="tokens whose block outputs the greedy search measures")
+    p.add_argument("--mode", choices=["unified", "greedy", "both"], default="both")
+    p.add_argument("--sparsity", type=_floats, default=[0.25, 0.4, 0.5, 0.65])
+    p.add_argument("--device", default="auto")
+    p.add_argument("-o", "--output", help="write the calibrated model here instead of in place")
+    p.add_argument("--json", help="also write the thresholds alone as JSON")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("bench", help="GPU benchmarks: gemv (the five kernels) or decode (end to end)")
     p.add_argument("what", choices=["gemv", "decode"])

@@ -1,0 +1,198 @@
+"""TEAL-style calibration of activation-sparsity thresholds (unified and greedy).
+
+The dense model runs over calibration text; a histogram of |x| is gathered for every thresholded
+input (per layer: qkv, o, gate_up, down). Memory: HIST_BINS log-spaced bins of float64 per input,
+8,192 x 8 B x 4 inputs x layers (7.9 MB for 30 layers), whatever the token count. A bin spans a
+factor 2^(40/8192) = 1.0034 of |x|, so a threshold is exact to 0.34 % of its value; inside a bin
+we interpolate in log space.
+
+* unified: the threshold of sparsity s for an input is the s-quantile of its |x|.
+* greedy (TEAL): inside each block, starting from 0, repeatedly raise the sparsity of the input
+  whose raise adds the least error to the block's output (measured on cached block inputs of
+  calibration text), each step raising the size-weighted block sparsity by STEP (an input's
+  weight is the number of weights it gates), until it reaches each target exactly; every block
+  gets the same target. q/k/v share one input and gate/up one, so each group keeps one index list.
+
+Everything runs in a fixed order on fixed data: the same text gives the same thresholds.
+"""
+
+import torch
+
+from spqt import sparsity as sp
+from spqt.checkpoint import LoadedModel
+from spqt.errors import SpqtError
+from spqt.generate import build_model, set_sparse, sparse_linears
+
+HIST_BINS = 8192
+LOG2_LO, LOG2_HI = -30.0, 10.0  # |x| from 2^-30 to 2^10; smaller values count as 2^-30
+STEP = 0.025
+
+
+class MagnitudeHistogram:
+    """Histogram of |x| over log2-spaced bins, for quantiles."""
+
+    def __init__(self, device):
+        self.counts = torch.zeros(HIST_BINS + 1, dtype=torch.float64, device=device)  # last: exact zeros
+
+    def add(self, x: torch.Tensor) -> None:
+        a = x.detach().float().abs().flatten()
+        zero = a == 0
+        pos = (torch.log2(a.clamp_min(2.0**LOG2_LO)) - LOG2_LO) / (LOG2_HI - LOG2_LO) * HIST_BINS
+        b = pos.floor().clamp(0, HIST_BINS - 1).long()
+        b = torch.where(zero, torch.full_like(b, HIST_BINS), b)
+        self.counts += torch.bincount(b, minlength=HIST_BINS + 1).double()
+
+    def quantile(self, s: float) -> float:
+        """The threshold t with a fraction s of |x| <= t."""
+        if s <= 0:
+            return -1.0
+        counts = self.counts.cpu()
+        total = float(counts.sum())
+        zeros = float(counts[HIST_BINS])
+        want = s * total
+        if want <= zeros:
+            return 0.0
+        cum = torch.cumsum(counts[:HIST_BINS], 0) + zeros
+        i = int(torch.searchsorted(cum, torch.tensor(want, dtype=torch.float64)))
+        i = min(i, HIST_BINS - 1)
+        before = float(cum[i - 1]) if i > 0 else zeros
+        frac = (want - before) / max(float(counts[i]), 1e-30)
+        log2 = LOG2_LO + (i + min(max(frac, 0.0), 1.0)) * (LOG2_HI - LOG2_LO) / HIST_BINS
+        return 2.0**log2
+
+
+def _chunks(tokens: list[int], ctx: int, limit: int) -> torch.Tensor:
+    n = min(len(tokens) // ctx, max(1, limit // ctx))
+    if n == 0:
+        raise SpqtError(f"calibration text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    return torch.tensor(tokens[: n * ctx], dtype=torch.int64).view(n, ctx)
+
+
+@torch.inference_mode()
+def gather_histograms(model, windows: torch.Tensor, device: str, progress: bool = False) -> dict:
+    """(layer, kind) -> MagnitudeHistogram of the inputs of that linear map, dense model."""
+    from tqdm.auto import tqdm
+
+    hists, handles = {}, []
+    for layer, kind, lin in sparse_linears(model):
+        h = MagnitudeHistogram(device)
+        hists[(layer, kind)] = h
+        handles.append(lin.register_forward_pre_hook(lambda mod, args, h=h: h.add(args[0])))
+    set_sparse(model, False)
+    ctx = windows.shape[1]
+    model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)
+    try:
+        for row in tqdm(windows, desc="calibration pass", unit="window", disable=not progress):
+            model(row[None].to(device), torch.arange(ctx, device=device), kv_len=ctx)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hists
+
+
+def unified_thresholds(hists: dict, n_layers: int, levels) -> dict:
+    return {sp.level_key(s): [[hists[(i, k)].quantile(s) for k in sp.INPUT_KINDS] for i in range(n_layers)]
+            for s in levels}
+
+
+def _input_sizes(config) -> list[int]:
+    """Weights gated by one entry of each input: rows of the matrices that consume it."""
+    c = config
+    return [c.q_dim + 2 * c.kv_dim, c.dim, 2 * c.ffn_dim, c.dim]
+
+
+@torch.inference_mode()
+def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device: str, progress: bool = False) -> dict:
+    """TEAL's greedy allocation per block, on cached block inputs of `windows` (dense)."""
+    from tqdm.auto import tqdm
+
+    config = model.config
+    levels = sorted(levels)
+    sizes = torch.tensor(_input_sizes(config), dtype=torch.float64)
+    share = sizes / sizes.sum()
+    ctx = windows.shape[1]
+    batch = windows.shape[0]
+    inputs = {}
+    handles = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].clone()))
+               for i, b in enumerate(model.layers)]
+    set_sparse(model, False)
+    model.setup_cache(batch, ctx, model.tok_embeddings.weight.dtype)
+    positions = torch.arange(ctx, device=device)
+    try:
+        model(windows.to(device), positions, kv_len=ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    rope = model.rope[positions]
+    mask = positions[None, :] <= positions[:, None]
+    result = {sp.level_key(s): [] for s in levels}
+    for i, block in enumerate(tqdm(model.layers, desc="greedy allocation", unit="block", disable=not progress)):
+        x = inputs[i]
+        linears = [block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down]
+
+        def block_error(s_vec) -> float:
+            for lin, kind, s in zip(linears, sp.INPUT_KINDS, s_vec):
+                lin.set_threshold(hists[(i, kind)].quantile(float(s)) if s > 0 else None)
+            set_sparse(model, False)
+            for lin in linears:
+                lin.sparse = True
+            y = block(x, rope, positions, mask)
+            for lin in linears:
+                lin.sparse = False
+            return float((y.float() - dense).pow(2).mean())
+
+        set_sparse(model, False)
+        dense = block(x, rope, positions, mask).float()
+        s_vec = torch.zeros(4, dtype=torch.float64)
+        targets = list(levels)
+        while targets:
+            current = float((s_vec * share).sum())
+            step = min(STEP, targets[0] - current)
+            best = None
+            for j in range(4):
+                trial = s_vec.clone()
+                trial[j] = trial[j] + step / float(share[j])
+                if trial[j] > 0.99:
+                    continue
+                err = block_error(trial)
+                if best is None or err < best[0]:
+                    best = (err, trial)
+            if best is None:
+                raise SpqtError(f"greedy calibration cannot reach sparsity {targets[0]} in block {i}")
+            s_vec = best[1]
+            if abs(float((s_vec * share).sum()) - targets[0]) < 1e-9:
+                key = sp.level_key(targets.pop(0))
+                result[key].append([hists[(i, k)].quantile(float(s)) if s > 0 else -1.0
+                                    for k, s in zip(sp.INPUT_KINDS, s_vec)])
+                result.setdefault("_allocations", {}).setdefault(key, []).append([round(float(v), 4) for v in s_vec])
+        for lin in linears:
+            lin.set_threshold(None)
+    model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)
+    return result
+
+
+def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", "greedy"), device: str = "cpu",
+              max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False) -> dict:
+    """Thresholds {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}} (greedy also
+    records its per-input sparsities under "_allocations"). The model runs dense, in float32."""
+    for s in levels:
+        if not 0 < s < 1:
+            raise SpqtError(f"calibration levels must be in (0, 1), got {s}")
+    for m in modes:
+        if m not in sp.MODES:
+            raise SpqtError(f"unknown mode {m!r}; choose unified or greedy")
+    model = build_model(loaded, device, torch.float32, backend="reference")
+    windows = _chunks(tokens, ctx, max_tokens)
+    hists = gather_histograms(model, windows, device, progress)
+    out = {}
+    if "unified" in modes:
+        out["unified"] = unified_thresholds(hists, loaded.config.n_layers, levels)
+    if "greedy" in modes:
+        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], levels, device, progress)
+        allocations = g.pop("_allocations", {})
+        out["greedy"] = g
+        out["greedy_allocations"] = allocations
+    out["_calibration"] = {"tokens": int(windows.numel()), "greedy_tokens": int(min(windows.shape[0], max(1, greedy_tokens // ctx)) * ctx),
+                           "ctx": ctx, "hist_bins": HIST_BINS, "step": STEP}
+    return out
+
