@@ -28,6 +28,14 @@ case "$stage" in
     mkdir -p src/spqt/kernels/tuned && cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
     python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
     ;;
+  runtime)
+    export SPQT_CACHE=/tmp/spqt-cache
+    python3 -m pytest -q -m gpu tests -s 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|Error|sparsity" | tail -12
+    python3 -m spqt.cli bench decode --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-default.json" 2>&1 | grep -v WARN | tail -6
+    for m in llama2-7b llama3-8b llama2-13b llama2-70b; do
+      python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -6
+    done
+    ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift

@@ -21,8 +21,8 @@ if [ "$part" = convert ] || [ "$part" = all ]; then
   done
 fi
 if [ "$part" = ppl ] || [ "$part" = all ]; then
-  for name in original zigzag row; do
-    if [ $name = original ]; then src="$G --thresholds $OUT/thresholds-original.json"; else src=$M/smol-$name.spqt; fi
+  for name in ${NAMES:-original zigzag row}; do
+    if [ $name = original ]; then src="$G --thresholds ${THRESHOLDS:-$OUT}/thresholds-original.json"; else src=$M/smol-$name.spqt; fi
     for mode in unified greedy; do
       lv=0.25,0.4,0.5,0.65; [ $mode = unified ] && lv=0,$lv
       spqt perplexity $src --data $W --device cuda --dtype fp32 --batch 32 --sparsity $lv --mode $mode \

@@ -73,7 +73,7 @@ class LoadedModel:
     def kind(self) -> str:
         """'q4_k-zigzag', 'q4_k-row' or 'float'."""
         w = self.weights.get("layers.0.qkv")
-        return f"{w.fmt}-{w.layout}" if isinstance(w, QuantizedWeight) else "float"
+        return f"{w.fmt}-{w.layout}" if hasattr(w, "layout") else "float"
 
 
 def _parts(config: ModelConfig) -> dict:

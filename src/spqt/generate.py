@@ -144,11 +144,46 @@ class Generator:
         self.set_sparsity(sparsity, mode)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
+        # CUDA graph of one decode step (captured at the first decode, per sparsity setting)
+        self.use_graph = self.device == "cuda"
+        self._graph = None
+        self._graph_key = None
+        self._tok = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
+        self._pos = torch.zeros((1,), dtype=torch.int64, device=self.device)
 
-    def set_sparsity(self, sparsity: float, mode: str = "unified") -> None:
-        """Choose the calibrated thresholds of a level (0: dense)."""
-        set_thresholds(self.model, sp.select(self.loaded.thresholds, sparsity, mode, self.loaded.config.n_layers))
+    def set_sparsity(self, sparsity: float, mode: str = "unified", table: torch.Tensor | None = None) -> None:
+        """Choose the calibrated thresholds of a level (0: dense), or an explicit (layers, 4) table."""
+        if table is None:
+            table = sp.select(self.loaded.thresholds, sparsity, mode, self.loaded.config.n_layers)
+        set_thresholds(self.model, table)
         self.sparsity = sparsity
+
+    def _capture(self) -> None:
+        """Capture one decode step (model + greedy argmax) as a CUDA graph over static buffers."""
+        # The warm-up runs write this step's K/V at this step's position, as the replay will.
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
+                self.model(self._tok, self._pos)
+        torch.cuda.current_stream().wait_stream(stream)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._logits = self.model(self._tok, self._pos)
+            self._next = self._logits[:, -1].argmax(-1)
+
+    def decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
+        """One token (1,) at position pos -> logits (1, 1, vocab); a graph replay on CUDA."""
+        if not self.use_graph:
+            return self.model(token.view(1, 1), torch.tensor([pos], device=self.device), kv_len=pos + 1)
+        key = tuple((lin.sparse, lin.track, lin.threshold is None) for _, _, lin in sparse_linears(self.model))
+        self._tok.copy_(token.view(1, 1))
+        self._pos.fill_(pos)
+        if self._graph is None or key != self._graph_key:
+            self._capture()
+            self._graph_key = key
+        self._graph.replay()
+        return self._logits
 
     def _sync(self):
         if self.device == "cuda":
@@ -156,7 +191,9 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids: set[int] = frozenset(), on_token=None) -> GenerationResult:
+                 stop_ids: set[int] = frozenset(), on_token=None, track: bool = True) -> GenerationResult:
+        """Prefill the prompt (dense), then decode up to max_new_tokens (sparse when a level is set).
+        track: count the achieved sparsity (a few small kernels per linear map; off for timing)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
         if len(prompt) + max_new_tokens > self.max_len:
@@ -173,7 +210,7 @@ class Generator:
         self._sync()
         prefill = time.perf_counter() - start
         out, steps = [], []
-        set_sparse(self.model, self.sparsity > 0, track=True)
+        set_sparse(self.model, self.sparsity > 0, track=track and self.sparsity > 0)
         pos = len(prompt)
         for _ in range(max_new_tokens):
             t = int(token)
@@ -183,11 +220,11 @@ class Generator:
             if t in stop_ids or len(out) == max_new_tokens:
                 break
             t0 = time.perf_counter()
-            logits = self.model(token.view(1, 1), torch.tensor([pos], device=dev), kv_len=pos + 1)
+            logits = self.decode_step(token, pos)
             token = sample(logits[:, -1], sampling, gen)
             self._sync()
             steps.append(time.perf_counter() - t0)
             pos += 1
-        achieved = achieved_sparsity(self.model) if self.sparsity > 0 else {}
+        achieved = achieved_sparsity(self.model) if self.sparsity > 0 and track else {}
         set_sparse(self.model, False)
         return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved)

@@ -17,7 +17,7 @@ class Linear(nn.Module):
 
     def __init__(self, weight, dtype: torch.dtype, device: str, backend: str = "reference"):
         super().__init__()
-        self.out_features, self.in_features = weight.shape if isinstance(weight, QuantizedWeight) else tuple(weight.shape)
+        self.out_features, self.in_features = tuple(weight.shape)
         self.impl = dispatch.make_linear_impl(weight, dtype, device, backend)
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
@@ -26,8 +26,13 @@ class Linear(nn.Module):
         self.track = False
 
     def set_threshold(self, t: float | None) -> None:
-        device = self.counts.device
-        self.threshold = None if t is None else torch.tensor(float(t), dtype=torch.float32, device=device)
+        """Thresholds are updated in place, so a captured CUDA graph sees the new value."""
+        if t is None:
+            self.threshold = None
+        elif self.threshold is None:
+            self.threshold = torch.tensor(float(t), dtype=torch.float32, device=self.counts.device)
+        else:
+            self.threshold.fill_(float(t))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sparse and self.threshold is not None:

@@ -28,6 +28,7 @@ class GpuQ4K:
     head: torch.Tensor
     layout: str
     shape: tuple[int, int]
+    fmt: str = "q4_k"
 
     @property
     def nbytes(self) -> int:

@@ -7,15 +7,18 @@ from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels.collect import collect
-from spqt.kernels.gpu_layout import repack
+from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.kernels.reference import sparsify
 
 
 class TritonLinear:
-    def __init__(self, weight: QuantizedWeight, dtype: torch.dtype, device: str):
-        if not isinstance(weight, QuantizedWeight):
+    def __init__(self, weight, dtype: torch.dtype, device: str):
+        if isinstance(weight, GpuQ4K):
+            self.w = weight
+        elif isinstance(weight, QuantizedWeight):
+            self.w = repack(weight, device)
+        else:
             raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
-        self.w = repack(weight, device)
         self.n, self.k = weight.shape
         self.dtype = dtype
         if self.w.layout == "zigzag":
