@@ -31,9 +31,15 @@ def _default_loaded(default_gguf):
     return load_spqt(default_spqt(progress=False))
 
 
+# Largest top-1/top-2 logit gap of the CPU reference at which a sparse divergence is accepted: an
+# activation within rounding of its threshold may be kept on one device and dropped on the other.
+NEAR_TIE = 0.25
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
-    """64 greedy tokens: CUDA path (Q4_K Triton kernels, fp32 activations) == CPU reference path;
+    """64 greedy tokens: CUDA path (Q4_K Triton kernels, CUDA graph, fp32 activations) == CPU
+    reference path (dense: exactly; sparse: until a near-tie of the reference, if any);
     logits with fp16 activations within 2 % of the logit range of the CPU reference."""
     loaded = _default_loaded(default_gguf)
     prompt = [504, 1463, 282, 260, 2240, 5634, 3441, 281, 260, 5869, 5116]
@@ -41,7 +47,15 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     ref = cpu.generate(prompt, 64, track=False).tokens
     gpu32 = Generator(loaded, "cuda", dtype=torch.float32, sparsity=sparsity, max_len=96)
     got = gpu32.generate(prompt, 64, track=False).tokens
-    assert got == ref, f"first difference at token {next(i for i, (x, y) in enumerate(zip(got, ref)) if x != y)}"
+    if got != ref:
+        i = next(i for i, (x, y) in enumerate(zip(got, ref)) if x != y)
+        again = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
+        logits = []
+        again.generate(prompt, i + 1, track=False, on_logits=logits.append)
+        top = torch.topk(logits[i][0], 2).values
+        margin = float(top[0] - top[1])
+        print(f"sparsity {sparsity}: first difference at token {i}, reference margin {margin:.4f}")
+        assert sparsity > 0 and margin < NEAR_TIE, f"divergence at token {i} with reference margin {margin:.4f}"
     gpu16 = Generator(loaded, "cuda", dtype=torch.float16, sparsity=sparsity, max_len=96)
     with torch.inference_mode():
         for gen in (cpu, gpu16):

@@ -158,3 +158,35 @@ def test_contracts_are_checked(device):
         kg.gemv_zigzag(gw, torch.zeros(50, dtype=torch.float16, device=device), kg.MODE_INDEXED, ws)
     with pytest.raises(ValueError, match="row layout"):
         kg.gemv_row(gw, torch.zeros(50, dtype=torch.float16, device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ops_match_torch_twins(rng, device):
+    from spqt import functional
+    from spqt.kernels import fused
+    from spqt.model import rope_table
+    from spqt.config import ModelConfig
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    x = torch.from_numpy(rng.standard_normal((3, 5, 576)).astype(np.float32)).to(device, dtype)
+    w = torch.from_numpy(rng.standard_normal(576).astype(np.float32)).to(device)
+    out = fused.rms_norm(x, w, 1e-5)
+    ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w).to(dtype)
+    torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    cfg = ModelConfig(vocab_size=10, dim=192, n_layers=1, n_heads=3, n_kv_heads=1, ffn_dim=8, max_seq_len=64)
+    table = rope_table(cfg, 64)[10:17].to(device)
+    qkv = torch.from_numpy(rng.standard_normal((2, 7, 320)).astype(np.float32)).to(device, dtype)
+    q = qkv[..., :192].reshape(2, 7, 3, 64)  # a strided view, as in the model
+    got = fused.rope(q, table)
+    half = 32
+    cos, sin = table[:, :half][None, :, None], table[:, half:][None, :, None]
+    want = torch.cat([q[..., :half].float() * cos - q[..., half:].float() * sin,
+                      q[..., half:].float() * cos + q[..., :half].float() * sin], -1).to(dtype)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    gu = torch.from_numpy(rng.standard_normal((4, 2 * 1500)).astype(np.float32)).to(device, dtype)
+    torch.testing.assert_close(fused.silu_mul(gu, 1500),
+                               (torch.nn.functional.silu(gu[:, :1500].float()) * gu[:, 1500:].float()).to(dtype),
+                               atol=tol, rtol=tol)
+    if device == "cuda":  # the model's dispatcher takes the fused path on CUDA
+        torch.testing.assert_close(functional.silu_mul(gu, 1500), fused.silu_mul(gu, 1500))

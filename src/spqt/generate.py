@@ -191,7 +191,8 @@ class Generator:
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
-                 stop_ids: set[int] = frozenset(), on_token=None, track: bool = True) -> GenerationResult:
+                 stop_ids: set[int] = frozenset(), on_token=None, track: bool = True,
+                 on_logits=None) -> GenerationResult:
         """Prefill the prompt (dense), then decode up to max_new_tokens (sparse when a level is set).
         track: count the achieved sparsity (a few small kernels per linear map; off for timing)."""
         if not prompt:
@@ -206,6 +207,8 @@ class Generator:
         start = time.perf_counter()
         positions = torch.arange(len(prompt), device=dev)
         logits = self.model(torch.tensor([prompt], device=dev), positions, kv_len=len(prompt))
+        if on_logits:
+            on_logits(logits[:, -1].float().cpu())
         token = sample(logits[:, -1], sampling, gen)
         self._sync()
         prefill = time.perf_counter() - start
@@ -221,6 +224,8 @@ class Generator:
                 break
             t0 = time.perf_counter()
             logits = self.decode_step(token, pos)
+            if on_logits:
+                on_logits(logits[:, -1].float().cpu())
             token = sample(logits[:, -1], sampling, gen)
             self._sync()
             steps.append(time.perf_counter() - t0)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spqt import functional
 from spqt.config import ModelConfig
 
 
@@ -26,9 +27,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (out * self.weight.float()).to(x.dtype)
+        return functional.rms_norm(x, self.weight, self.eps)
 
 
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
@@ -54,15 +53,6 @@ def rope_table(config: ModelConfig, length: int) -> torch.Tensor:
     pos = torch.arange(length, dtype=torch.float64)
     angles = torch.outer(pos, rope_frequencies(config))
     return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
-
-
-def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, hd); table: (T, hd) from rope_table. Half-split (rotate_half) convention."""
-    half = x.shape[-1] // 2
-    cos = table[:, :half][None, :, None, :]
-    sin = table[:, half:][None, :, None, :]
-    x1, x2 = x[..., :half].float(), x[..., half:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 class KVCache(nn.Module):
@@ -93,8 +83,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
         b, t, _ = x.shape
         q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = apply_rope(q.reshape(b, t, self.n_heads, self.hd), rope)
-        k = apply_rope(k.reshape(b, t, self.n_kv, self.hd), rope)
+        q = functional.rope(q.reshape(b, t, self.n_heads, self.hd), rope)
+        k = functional.rope(k.reshape(b, t, self.n_kv, self.hd), rope)
         v = v.reshape(b, t, self.n_kv, self.hd)
         keys, values = self.cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
         length = mask.shape[-1]
@@ -112,8 +102,7 @@ class FeedForward(nn.Module):
         self.down = make_linear(f"layers.{layer}.down", config.dim, config.ffn_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up(x).split(self.ffn_dim, dim=-1)
-        return self.down(F.silu(gate) * up)
+        return self.down(functional.silu_mul(self.gate_up(x), self.ffn_dim))
 
 
 class Block(nn.Module):

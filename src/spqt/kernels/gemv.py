@@ -150,14 +150,14 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
 
 
 @triton.jit
-def _reduce_kernel(part_ptr, y_ptr, N, NP, SPLIT, BLOCK: tl.constexpr):
-    """y[n] = sum over s of part[s, n], in the order s = 0, 1, ... (deterministic)."""
+def _reduce_kernel(part_ptr, y_ptr, N, NP, SPLIT, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr):
+    """y[n] = sum over s of part[s, n]: one (SPLIT, BLOCK) tile, a fixed reduction tree
+    (deterministic run to run), all partial loads in flight at once."""
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = n < N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(part_ptr + s * NP + n, mask=m, other=0.0)
-    tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=m)
+    s = tl.arange(0, SPLIT_P2)
+    m = (s[:, None] < SPLIT) & (n[None, :] < N)
+    parts = tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0)
+    tl.store(y_ptr + n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=n < N)
 
 
 @triton.jit
@@ -290,8 +290,10 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         w.quants, w.head, x, threshold if threshold is not None else x, idx if idx is not None else dummy,
         count if count is not None else dummy, ws.partials, k, ws.np, ws.split,
         MODE=mode, BLOCK_K=block_k, num_warps=num_warps)
-    block = 256
-    _reduce_kernel[(triton.cdiv(n, block),)](ws.partials, ws.y, n, ws.np, ws.split, BLOCK=block, num_warps=4)
+    split_p2 = triton.next_power_of_2(ws.split)
+    block = max(16, min(256, 4096 // split_p2))
+    _reduce_kernel[(triton.cdiv(n, block),)](ws.partials, ws.y, n, ws.np, ws.split, BLOCK=block, SPLIT_P2=split_p2,
+                                             num_warps=4)
     return ws.y
 
 
