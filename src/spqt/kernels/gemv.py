@@ -78,7 +78,9 @@ def _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, j, hi, K, MODE: tl.constexp
 
 @triton.jit
 def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
-                   MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+                   MODE: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr = True):
+    """MATH=False is a probe, not a result: the same loads, one add per word instead of the
+    dequantize-and-FMA, to measure what the memory path alone can do (benchmarks only)."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     if MODE == 2:
@@ -113,6 +115,10 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     for j in range(lo, hi, BLOCK_K):
         nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, j + BLOCK_K, hi, K,
                                                        MODE, BLOCK_K)
+        if not MATH:
+            acc0 += words.to(tl.float32, bitcast=True) + (xd + xm + (w1 + w2 + w3).to(tl.float32))[:, None]
+            xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
+            continue
         sc, mn = _scale_min(w1, w2, w3, 0)
         acc0 += (xd * sc)[:, None] * _nibble(words, 0)
         bias0 += xm * mn
@@ -271,7 +277,7 @@ class ZigzagWorkspace:
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 block_k: int = 8, num_warps: int = 4, idx: torch.Tensor | None = None,
-                count: torch.Tensor | None = None) -> torch.Tensor:
+                count: torch.Tensor | None = None, _probe_no_math: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace)."""
     if w.layout != "zigzag":
@@ -289,7 +295,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     _zigzag_kernel[(rows, ws.split)](
         w.quants, w.head, x, threshold if threshold is not None else x, idx if idx is not None else dummy,
         count if count is not None else dummy, ws.partials, k, ws.np, ws.split,
-        MODE=mode, BLOCK_K=block_k, num_warps=num_warps)
+        MODE=mode, BLOCK_K=block_k, MATH=not _probe_no_math, num_warps=num_warps)
     split_p2 = triton.next_power_of_2(ws.split)
     block = max(16, min(256, 4096 // split_p2))
     _reduce_kernel[(triton.cdiv(n, block),)](ws.partials, ws.y, n, ws.np, ws.split, BLOCK=block, SPLIT_P2=split_p2,
