@@ -117,32 +117,31 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
                                                        MODE, BLOCK_K)
         if not MATH:
             acc0 += words.to(tl.float32, bitcast=True) + (xd + xm + (w1 + w2 + w3).to(tl.float32))[:, None]
-            xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
-            continue
-        sc, mn = _scale_min(w1, w2, w3, 0)
-        acc0 += (xd * sc)[:, None] * _nibble(words, 0)
-        bias0 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 1)
-        acc1 += (xd * sc)[:, None] * _nibble(words, 1)
-        bias1 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 2)
-        acc2 += (xd * sc)[:, None] * _nibble(words, 2)
-        bias2 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 3)
-        acc3 += (xd * sc)[:, None] * _nibble(words, 3)
-        bias3 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 4)
-        acc4 += (xd * sc)[:, None] * _nibble(words, 4)
-        bias4 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 5)
-        acc5 += (xd * sc)[:, None] * _nibble(words, 5)
-        bias5 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 6)
-        acc6 += (xd * sc)[:, None] * _nibble(words, 6)
-        bias6 += xm * mn
-        sc, mn = _scale_min(w1, w2, w3, 7)
-        acc7 += (xd * sc)[:, None] * _nibble(words, 7)
-        bias7 += xm * mn
+        else:
+            sc, mn = _scale_min(w1, w2, w3, 0)
+            acc0 += (xd * sc)[:, None] * _nibble(words, 0)
+            bias0 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 1)
+            acc1 += (xd * sc)[:, None] * _nibble(words, 1)
+            bias1 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 2)
+            acc2 += (xd * sc)[:, None] * _nibble(words, 2)
+            bias2 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 3)
+            acc3 += (xd * sc)[:, None] * _nibble(words, 3)
+            bias3 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 4)
+            acc4 += (xd * sc)[:, None] * _nibble(words, 4)
+            bias4 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 5)
+            acc5 += (xd * sc)[:, None] * _nibble(words, 5)
+            bias5 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 6)
+            acc6 += (xd * sc)[:, None] * _nibble(words, 6)
+            bias6 += xm * mn
+            sc, mn = _scale_min(w1, w2, w3, 7)
+            acc7 += (xd * sc)[:, None] * _nibble(words, 7)
+            bias7 += xm * mn
         xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
     out = part_ptr + s * NP + r * 256 + w_idx
     tl.store(out + 0, tl.sum(acc0, axis=0) - tl.sum(bias0, axis=0))
