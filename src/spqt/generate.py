@@ -176,7 +176,9 @@ class Generator:
         """One token (1,) at position pos -> logits (1, 1, vocab); a graph replay on CUDA."""
         if not self.use_graph:
             return self.model(token.view(1, 1), torch.tensor([pos], device=self.device), kv_len=pos + 1)
-        key = tuple((lin.sparse, lin.track, lin.threshold is None) for _, _, lin in sparse_linears(self.model))
+        # Re-capture when the switches change or the KV cache was re-allocated (perplexity does).
+        key = (tuple((lin.sparse, lin.track, lin.threshold is None) for _, _, lin in sparse_linears(self.model)),
+               self.model.layers[0].attention.cache.k.data_ptr())
         self._tok.copy_(token.view(1, 1))
         self._pos.fill_(pos)
         if self._graph is None or key != self._graph_key:
