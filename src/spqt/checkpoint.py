@@ -73,7 +73,8 @@ class LoadedModel:
     def kind(self) -> str:
         """'q4_k-zigzag', 'q4_k-row' or 'float'."""
         w = self.weights.get("layers.0.qkv")
-        return f"{w.fmt}-{w.layout}" if hasattr(w, "layout") else "float"
+        # QuantizedWeight, or the kernels' GpuQ4K (synthetic models); a float tensor has no fmt
+        return f"{w.fmt}-{w.layout}" if hasattr(w, "fmt") else "float"
 
 
 def _parts(config: ModelConfig) -> dict:
