@@ -36,6 +36,13 @@ case "$stage" in
       python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -6
     done
     ;;
+  verify)
+    export SPQT_CACHE=/tmp/spqt-cache
+    python3 -m pytest -q -m gpu tests -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error" | tail -8
+    for s in 0 0.5; do
+      python3 -m spqt.cli generate -p "The three primary colors are" -n 128 --sparsity $s --device cuda 2>&1 | grep -v WARN | tail -3
+    done
+    ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift
