@@ -159,7 +159,7 @@ class Generator:
         self.sparsity = sparsity
 
     def _capture(self) -> None:
-        """Capture one decode step (model + greedy argmax) as a CUDA graph over static buffers."""
+        """Capture one decode step (the model's forward) as a CUDA graph over static buffers."""
         # The warm-up runs write this step's K/V at this step's position, as the replay will.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -170,7 +170,6 @@ class Generator:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._logits = self.model(self._tok, self._pos)
-            self._next = self._logits[:, -1].argmax(-1)
 
     def decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
         """One token (1,) at position pos -> logits (1, 1, vocab); a graph replay on CUDA."""
