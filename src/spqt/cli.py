@@ -122,13 +122,14 @@ def cmd_generate(args) -> int:
     if args.n < 1:
         raise SpqtError("-n must be at least 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    device = _resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
     if len(prompt) + args.n > loaded.config.max_seq_len:
         raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
                         f"{loaded.config.max_seq_len} tokens")
-    gen = Generator(loaded, _resolve_device(args.device), sparsity=args.sparsity, mode=args.mode,
+    gen = Generator(loaded, device, sparsity=args.sparsity, mode=args.mode,
                     max_len=len(prompt) + args.n)
     label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{' ' + args.mode if args.sparsity else ''}]"
     print(label, flush=True)
@@ -167,11 +168,11 @@ def cmd_perplexity(args) -> int:
     data = Path(args.data)
     if not data.is_file():
         raise SpqtError(f"no such file: {data}")
+    device = _resolve_device(args.device)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     tokens = tok.encode(data.read_text(encoding="utf-8"), add_bos=False)
     bos = loaded.config.bos_id if loaded.config.add_bos else None
-    device = _resolve_device(args.device)
     batch = args.batch or (16 if device == "cuda" else 1)
     rows = []
     gen = Generator(loaded, device, dtype=_dtype(args.dtype, device), max_len=args.ctx)
