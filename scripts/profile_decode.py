@@ -1,7 +1,7 @@
 import time, torch
 from spqt.checkpoint import load_spqt
 from spqt.default_model import default_spqt
-from spqt.generate import Generator, set_sparse
+from spqt.generate import Generator
 loaded = load_spqt(default_spqt(progress=False))
 gen = Generator(loaded, "cuda", max_len=160)
 r = gen.generate(list(range(100, 110)), 20, track=False)

@@ -8,7 +8,6 @@ import torch
 from spqt import sparsity as sp
 from spqt.calibrate import MagnitudeHistogram, _input_sizes, calibrate
 from spqt.checkpoint import load_spqt
-from spqt.evaluate import perplexity
 from spqt.generate import Generator
 
 

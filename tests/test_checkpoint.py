@@ -10,7 +10,6 @@ import torch
 
 from spqt.checkpoint import QuantizedWeight, load_model, load_spqt, quantize_source, save_spqt
 from spqt.cli import main
-from spqt.errors import SpqtError
 from spqt.sources import open_source
 from conftest import make_hf_checkpoint, sqnr_db
 

@@ -1,6 +1,5 @@
 """The Llama runtime on the reference path: against transformers, and against itself."""
 
-import numpy as np
 import pytest
 import torch
 

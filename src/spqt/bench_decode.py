@@ -12,7 +12,6 @@ floor (bytes / copy bandwidth measured in the same run).
 import datetime
 import json
 import statistics
-import time
 
 import torch
 
@@ -57,12 +56,9 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512) -> LoadedMod
     return LoadedModel(config=cfg, tokenizer=tok, weights=weights, parts={}, provenance={"synthetic": name})
 
 
-def weight_bytes(gen: Generator) -> tuple[int, list]:
-    """Bytes of every quantized linear map, and the (layer, kind, bytes) list."""
-    rows = []
-    for layer, kind, lin in sparse_linears(gen.model):
-        rows.append((layer, kind, lin.impl.w.nbytes))
-    return sum(r[2] for r in rows), rows
+def weight_bytes(gen: Generator) -> int:
+    """Bytes of every quantized linear map (kernel layout)."""
+    return sum(lin.impl.w.nbytes for _, _, lin in sparse_linears(gen.model))
 
 
 def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -114,7 +110,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
         gen = Generator(loaded, "cuda", max_len=args.prompt_tokens + args.new_tokens + 8)
         g = torch.Generator(device="cuda").manual_seed(1)
         prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,), device="cuda", generator=g)
-        total, _ = weight_bytes(gen)
+        total = weight_bytes(gen)
         head = loaded.config.vocab_size * loaded.config.dim * 2
         for s in (levels if layout == "zigzag" else [0.0]):
             if s == 0:
@@ -122,7 +118,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
             elif model_arg.startswith("synthetic:"):
                 gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s))
             else:
-                gen.set_sparsity(s, args_mode(args))
+                gen.set_sparsity(s, getattr(args, "mode", None) or "unified")
             torch.cuda.synchronize()
             r = decode_run(gen, prompt.tolist(), args.new_tokens)
             active = 1 - s
@@ -151,6 +147,3 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
         atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return report
 
-
-def args_mode(args) -> str:
-    return getattr(args, "mode", "unified") or "unified"

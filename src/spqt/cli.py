@@ -33,11 +33,12 @@ def _model_path(arg: str | None) -> Path:
 
 def cmd_quantize(args) -> int:
     from spqt.checkpoint import check_writable, quantize_source, save_spqt
+    from spqt.generate import resolve_device
     from spqt.sources import open_source
 
     out = Path(args.output)
     check_writable(out)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     start = time.perf_counter()
     source = open_source(args.source)
     model = quantize_source(source, args.type, args.layout, device=device, progress=True)
@@ -88,12 +89,6 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-def _resolve_device(name: str) -> str:
-    from spqt.generate import resolve_device
-
-    return resolve_device(name)
-
-
 # ---------------------------------------------------------------- generate / perplexity
 
 
@@ -114,7 +109,7 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    from spqt.generate import Generator, Sampling
+    from spqt.generate import Generator, Sampling, resolve_device
     from spqt.sparsity import check_sparsity
     from spqt.tokenizer import TextTokenizer
 
@@ -122,7 +117,7 @@ def cmd_generate(args) -> int:
     if args.n < 1:
         raise SpqtError("-n must be at least 1")
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
-    device = _resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
+    device = resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
@@ -158,7 +153,7 @@ def cmd_generate(args) -> int:
 
 def cmd_perplexity(args) -> int:
     from spqt.evaluate import perplexity
-    from spqt.generate import Generator
+    from spqt.generate import Generator, resolve_device
     from spqt.sparsity import check_sparsity
     from spqt.tokenizer import TextTokenizer
 
@@ -168,7 +163,7 @@ def cmd_perplexity(args) -> int:
     data = Path(args.data)
     if not data.is_file():
         raise SpqtError(f"no such file: {data}")
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     tokens = tok.encode(data.read_text(encoding="utf-8"), add_bos=False)
@@ -199,6 +194,7 @@ def cmd_perplexity(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from spqt.calibrate import calibrate
+    from spqt.generate import resolve_device
     from spqt.checkpoint import atomic_write, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
 
@@ -213,7 +209,7 @@ def cmd_calibrate(args) -> int:
     tokens: list[int] = []
     for f in args.data:  # each file tokenized on its own, then concatenated in the order given
         tokens += tok.encode(Path(f).read_text(encoding="utf-8"), add_bos=False)
-    result = calibrate(loaded, tokens, args.sparsity, modes, _resolve_device(args.device), max_tokens=args.tokens,
+    result = calibrate(loaded, tokens, args.sparsity, modes, resolve_device(args.device), max_tokens=args.tokens,
                        greedy_tokens=args.greedy_tokens, progress=True)
     thresholds = dict(loaded.thresholds)
     thresholds.update(result)

@@ -37,7 +37,7 @@ def default_spqt(progress: bool = True) -> Path:
     from spqt.sources import open_source
 
     gguf = default_gguf()
-    target = cache_dir() / f"SmolLM2-135M-Instruct.q4_k-zigzag.v1.spqt"
+    target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v1.spqt"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,6 @@ from spqt.errors import SpqtError
 from spqt.linear import Linear
 from spqt.model import Transformer
 
-LINEAR_KINDS = sp.INPUT_KINDS  # qkv, o, gate_up, down: the module names inside each layer
 
 
 def resolve_device(name: str) -> str:
@@ -60,7 +59,7 @@ def sparse_linears(model: Transformer):
 def set_thresholds(model: Transformer, table: torch.Tensor | None) -> None:
     """table: (n_layers, 4) thresholds in INPUT_KINDS order, or None for dense."""
     for layer, kind, lin in sparse_linears(model):
-        lin.set_threshold(None if table is None else float(table[layer, LINEAR_KINDS.index(kind)]))
+        lin.set_threshold(None if table is None else float(table[layer, sp.INPUT_KINDS.index(kind)]))
 
 
 def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
@@ -71,7 +70,7 @@ def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
 
 def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
     """Fraction of inputs dropped per input kind (and 'all', size-weighted by input count)."""
-    sums = {k: torch.zeros(2, dtype=torch.float64) for k in LINEAR_KINDS}
+    sums = {k: torch.zeros(2, dtype=torch.float64) for k in sp.INPUT_KINDS}
     for _, kind, lin in sparse_linears(model):
         sums[kind] += lin.counts.cpu()
         if reset:

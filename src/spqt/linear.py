@@ -8,7 +8,6 @@ while ``sparse`` is on (the runtime turns it on for decode steps and off for pre
 import torch
 from torch import nn
 
-from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import dispatch
 
 

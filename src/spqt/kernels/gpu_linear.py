@@ -20,7 +20,6 @@ class TritonLinear:
         else:
             raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
         self.n, self.k = weight.shape
-        self.dtype = dtype
         if self.w.layout == "zigzag":
             self.cfg_dense = tuning.config("zigzag_dense", self.n, self.k)
             self.cfg_sparse = tuning.config("zigzag_sparse", self.n, self.k)

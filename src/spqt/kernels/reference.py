@@ -33,13 +33,6 @@ def collect(x: torch.Tensor, threshold: torch.Tensor) -> tuple[torch.Tensor, tor
     return idx, count
 
 
-def gemv(weight: QuantizedWeight, x: torch.Tensor, threshold: torch.Tensor | None = None) -> torch.Tensor:
-    """y = W x (or W (x * (|x| > t))) for one token. x: (K,) -> y: (N,) in x's dtype, fp32 math."""
-    w = weight.dequantize().to(x.device)
-    xs = x if threshold is None else sparsify(x, threshold)
-    return (w @ xs.float()).to(x.dtype)
-
-
 class ReferenceLinear:
     """The CPU / reference implementation: dequantize once into the compute dtype, then matmul.
 
