@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # One call on the device machine: the `gpu` tests and the benchmarks, logs and JSON under $OUT.
-#   scripts/gpu_session.sh kernels   GPU tests, spqt tune, spqt bench gemv (+ plot)
-#   scripts/gpu_session.sh model     default-model perplexity tables and decode benchmarks
+#   scripts/gpu_session.sh kernels   spqt tune, the B2 probe, spqt bench gemv (+ plot)
+#   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts)
+#   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
+#   scripts/gpu_session.sh model     default-model perplexity tables
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
 set -uo pipefail
@@ -24,22 +26,21 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee
 stage=${1:-kernels}
 case "$stage" in
   kernels)
-    python3 -m pytest -q -m gpu tests 2>&1 | tee "$OUT/pytest-gpu.log" | tail -25
     python3 -m spqt.cli tune --output "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -3
     mkdir -p src/spqt/kernels/tuned && cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.log"
     python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
+    ;;
+  tests)
+    export SPQT_CACHE=/tmp/spqt-cache
+    python3 -m pytest -q -m gpu tests -rxX -s 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
     ;;
   runtime)
     export SPQT_CACHE=/tmp/spqt-cache
-    python3 -m pytest -q -m gpu tests -s 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|Error|sparsity" | tail -12
     python3 -m spqt.cli bench decode --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-default.json" 2>&1 | grep -v WARN | tail -6
     for m in llama2-7b llama3-8b llama2-13b llama2-70b; do
       python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -6
     done
-    ;;
-  verify)
-    export SPQT_CACHE=/tmp/spqt-cache
-    python3 -m pytest -q -m gpu tests -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error" | tail -8
     for s in 0 0.5; do
       python3 -m spqt.cli generate -p "The three primary colors are" -n 128 --sparsity $s --device cuda 2>&1 | grep -v WARN | tail -3
     done

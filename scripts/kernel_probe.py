@@ -27,8 +27,8 @@ for shape in [(4096, 4096), (28672, 8192), (8192, 28672)]:
     ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
     res = {}
     for probe in (False, True):
-        seq = [(lambda w=w: kg.gemv_zigzag(w, ops.x, kg.MODE_DENSE, ws, block_k=cfg["block_k"],
-                                           num_warps=cfg["num_warps"], _probe_no_math=probe)) for w in ops.zig]
+        seq = [(lambda w=w: kg.gemv_zigzag(w, ops.x, kg.MODE_DENSE, ws, **tuning.launch_args(cfg),
+                                           _probe_no_math=probe)) for w in ops.zig]
         seq = (seq * -(-16 // len(seq)))[: max(16, len(seq))]
         res[probe] = time_graph(seq) * 1e6
     nbytes = ops.zig[0].nbytes

@@ -52,13 +52,26 @@ def min_part(qw: QuantizedWeight) -> torch.Tensor:
     return QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize()
 
 
+_REFERENCES = {}
+
+
+def _reference_matrices(qw: QuantizedWeight):
+    """(W, |W| + 2 |dmin*m|) in float64, computed once per matrix (kept alive with it)."""
+    if id(qw) not in _REFERENCES:
+        if len(_REFERENCES) > 4:
+            _REFERENCES.clear()
+        w_ref = qw.dequantize().double()
+        _REFERENCES[id(qw)] = (qw, w_ref, w_ref.abs() + 2 * min_part(qw).double().abs())
+    return _REFERENCES[id(qw)][1:]
+
+
 def assert_close_fp32_accum(y, qw, x_used, what):
     """|y - W x| within the worst-case fp32 error of summing K products: (K + 4) * 2^-24 times
     the sum of the magnitudes the kernel adds (its scale part d*sc*q and min part dmin*m, each
     at most |w| + |dmin*m|), plus one rounding of the output dtype. Reference in float64."""
-    w_ref = qw.dequantize()
-    ref = w_ref.double() @ x_used.double()
-    magnitude = (w_ref.double().abs() + 2 * min_part(qw).double().abs()) @ x_used.double().abs()
+    w_ref, w_mag = _reference_matrices(qw)
+    ref = w_ref @ x_used.double()
+    magnitude = w_mag @ x_used.double().abs()
     k = w_ref.shape[1] + 4
     out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
     tol = k * 2.0**-24 * magnitude + out_eps * ref.abs() + 1e-30
@@ -95,6 +108,16 @@ def test_collect_equals_nonzero(rng, device, sparsity):
         assert int(ref_count) == int(count) and torch.equal(ref_idx[: int(count)], idx[: int(count)])
 
 
+def _zigzag_configs(device):
+    """(split, launch config): the interpreter runs the tile logic (block_k) at small shapes; the GPU
+    also every (block_k, num_warps) pair `spqt tune` may pick, each a different thread layout."""
+    if device == "cpu":
+        return [(1, {}), (3, {"block_k": 8}), (2, {"block_k": 32, "ahead": 2})]
+    pairs = [(b * w, w) for w in (2, 4, 8) for b in (4, 8)]
+    configs = [(split, {"block_k": b, "num_warps": w}) for split in (1, 3, 64) for b, w in pairs]
+    return configs + [(7, {"block_k": b, "num_warps": w, "ahead": a}) for b, w in pairs for a in (1, 2)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_zigzag_variants(rng, device, sparsity):
@@ -104,13 +127,13 @@ def test_zigzag_variants(rng, device, sparsity):
             x, t = _x(rng, shape[1], dtype, device, sparsity)
             x_dense = x.float()
             x_sparse = reference.sparsify(x, t).float()
-            for split in ((1, 3) if device == "cpu" else (1, 3, 7, 64)):
+            for split, cfg in _zigzag_configs(device):
                 ws = kg.ZigzagWorkspace(gw, split, dtype)
                 for mode, x_used, name in ((kg.MODE_DENSE, x_dense, "B2"), (kg.MODE_STATIC, x_sparse, "B3"),
                                            (kg.MODE_INDEXED, x_sparse, "B4")):
                     ws.y.fill_(float("nan"))
                     ws.partials.fill_(float("nan"))
-                    kw = {}
+                    kw = dict(cfg)
                     if mode == kg.MODE_STATIC:
                         kw["threshold"] = t
                     if mode == kg.MODE_INDEXED:
@@ -130,10 +153,12 @@ def test_row_variants(rng, device, sparsity):
         for dtype in dtypes_for(device):
             x, t = _x(rng, shape[1], dtype, device, sparsity)
             for threshold, x_used, name in ((None, x.float(), "B0"), (t, reference.sparsify(x, t).float(), "B1")):
-                out = torch.full((shape[0],), float("nan"), dtype=dtype, device=device)
-                y = kg.gemv_row(gw, x, threshold=threshold, out=out).clone()
-                assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} s={sparsity}")
-                assert torch.equal(y, kg.gemv_row(gw, x, threshold=threshold, out=out))
+                for cfg in ([{}] if device == "cpu" else [{"block_n": b * w, "num_warps": w} for w in (1, 2, 4)
+                                                          for b in (4, 8)]):
+                    out = torch.full((shape[0],), float("nan"), dtype=dtype, device=device)
+                    y = kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg).clone()
+                    assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} s={sparsity} {cfg}")
+                    assert torch.equal(y, kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -190,3 +215,27 @@ def test_fused_ops_match_torch_twins(rng, device):
                                atol=tol, rtol=tol)
     if device == "cuda":  # the model's dispatcher takes the fused path on CUDA
         torch.testing.assert_close(functional.silu_mul(gu, 1500), fused.silu_mul(gu, 1500))
+
+
+def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
+    """Every config the tuner may pick gives 4 words per thread (block >= 4 * warps); a table
+    written for another kernel version is ignored (defaults apply), a current one is used."""
+    import json
+
+    from spqt.kernels import tuning
+
+    for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
+        for c in tuning.candidates("zigzag_dense", n, k) + [tuning.default_config("zigzag_dense", n, k)]:
+            assert c["block_k"] >= 4 * c["num_warps"] and 1 <= c["split"] <= k
+        for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
+            assert c["block_n"] >= 4 * c["num_warps"]
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    entry = {"split": 5, "block_k": 8, "num_warps": 2, "ahead": 2, "us": 1.0}
+    for version, expect in ((tuning.KERNEL_VERSION - 1, tuning.default_config("zigzag_dense", 64, 64)),
+                            (tuning.KERNEL_VERSION, {k: v for k, v in entry.items() if k != "us"})):
+        path.write_text(json.dumps({"kernel_version": version, "entries": {"zigzag_dense": {"64x64": entry}}}))
+        tuning._load_table.cache_clear()
+        assert tuning.config("zigzag_dense", 64, 64) == expect
+    tuning._load_table.cache_clear()

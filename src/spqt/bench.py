@@ -151,12 +151,11 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
         calls = {
             "B0": lambda w: kg.gemv_row(w, x, out=y_row, **cr),
             "B1": lambda w: kg.gemv_row(w, x, threshold=t, out=y_row, **cr),
-            "B2": lambda w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, block_k=cz_d["block_k"], num_warps=cz_d["num_warps"]),
-            "B3": lambda w: kg.gemv_zigzag(w, x, kg.MODE_STATIC, ws_d, threshold=t, block_k=cz_d["block_k"],
-                                           num_warps=cz_d["num_warps"]),
+            "B2": lambda w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, **tuning.launch_args(cz_d)),
+            "B3": lambda w: kg.gemv_zigzag(w, x, kg.MODE_STATIC, ws_d, threshold=t, **tuning.launch_args(cz_d)),
             "B4": lambda w: (collect(x, t, ws_s.idx, ws_s.count),
                              kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
-                                            block_k=cz_s["block_k"], num_warps=cz_s["num_warps"])),
+                                            **tuning.launch_args(cz_s))),
             "fp16": lambda w: torch.mv(w, xs if s > 0 else x, out=y16),
         }
         pools = {"B0": ops.row, "B1": ops.row, "B2": ops.zig, "B3": ops.zig, "B4": ops.zig, "fp16": ops.fp16}
@@ -176,7 +175,10 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        return head.stdout.strip() + ("+uncommitted" if dirty else "")
     except Exception:
         return "unknown"
 
@@ -280,12 +282,12 @@ def tune(shapes, log=print) -> dict:
                 else:
                     ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
                     if variant == "zigzag_dense":
-                        seq = [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, block_k=cfg["block_k"],
-                                                           num_warps=cfg["num_warps"])) for w in ops.zig]
+                        seq = [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **tuning.launch_args(cfg)))
+                               for w in ops.zig]
                     else:
                         seq = [(lambda w=w: (collect(x, t, ws.idx, ws.count),
                                              kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws, idx=ws.idx, count=ws.count,
-                                                            block_k=cfg["block_k"], num_warps=cfg["num_warps"])))
+                                                            **tuning.launch_args(cfg))))
                                for w in ops.zig]
                 seq = (seq * -(-16 // len(seq)))[: max(16, len(seq))]
                 us = time_graph(seq, replays=10, warmup=2) * 1e6

@@ -9,9 +9,15 @@
 Zigzag parallelism: superblock row r (256 outputs) gets SPLIT programs of WARPS warps; each
 program accumulates its columns' contributions in registers, writes fp32 partial sums, and a
 second small kernel adds the SPLIT partials in a fixed order (deterministic: no atomics).
-Per block the math is one FMA per weight: y_i += (x_k d sc_j) q_i, with the min term
-x_k dmin m_j summed once per sub-block; a nibble becomes a float by an OR into the mantissa of
-2^23 and one subtraction (int->float conversion runs at a quarter of the FMA rate).
+
+A tile is BLOCK_K columns x 8 sub-blocks x 4 words (gpu_layout.py: word p holds weights
+8p..8p+7 of its block, all of sub-block p // 4). One thread owns one (column, sub-block) row of
+4 words, so it decodes one 6-bit scale and min per 32 weights. Per weight the math is one
+AND-OR, one subtraction and one FMA: y_i += (x_k d sc_j) q_i, the nibble made an exact float
+by OR-ing it, in place, into the mantissa of 2^23 (value q * 2^P, the 2^P undone once at the
+end); the min term x_k dmin m_j is summed once per sub-block. The instruction budget is the
+point: with a scale per word instead of per nibble the kernel issues about 4 instructions per
+weight instead of 15 (SASS counts in docs/RESULTS.md), which is what lets it run at memory speed.
 
 Weights come in the kernel layout of gpu_layout.py; x is (K,) fp16/bf16/fp32, y is x's dtype.
 """
@@ -23,11 +29,12 @@ import triton.language as tl
 from spqt.kernels.gpu_layout import GpuQ4K
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = 0, 1, 2
+MAGIC = 0x4B000000  # the bits of float32 2^23, see _nibble_at
 
 
 @triton.jit
 def _head(h_ptr, blk, m):
-    """The 4 head words of blocks `blk` (BK,) and d, dmin as float32."""
+    """The 4 head words of blocks `blk`, d and dmin as float32, and the packed scale words 1-3."""
     w0 = tl.load(h_ptr + blk * 4 + 0, mask=m, other=0)
     w1 = tl.load(h_ptr + blk * 4 + 1, mask=m, other=0)
     w2 = tl.load(h_ptr + blk * 4 + 2, mask=m, other=0)
@@ -38,52 +45,90 @@ def _head(h_ptr, blk, m):
 
 
 @triton.jit
-def _scale_min(w1, w2, w3, J: tl.constexpr):
-    """6-bit scale and min of sub-block J (compile-time) from the packed head words, as float32."""
-    if J < 4:
-        sc = (w1 >> (8 * J)) & 63
-        mn = (w2 >> (8 * J)) & 63
-    else:
-        sc = ((w3 >> (8 * (J - 4))) & 15) | (((w1 >> (8 * (J - 4) + 6)) & 3) << 4)
-        mn = ((w3 >> (8 * (J - 4) + 4)) & 15) | (((w2 >> (8 * (J - 4) + 6)) & 3) << 4)
-    # 6-bit ints to float by the mantissa trick, not I2F (a quarter-rate instruction; per row and
-    # sub-block it cost as much as the weights' own FMAs in the tile layout we use).
-    scf = (sc | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    mnf = (mn | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-    return scf, mnf
+def _small_to_float(v):
+    """Non-negative int32 below 2^23 -> the same value as float32, exactly: OR into the mantissa of
+    2^23 and subtract 2^23 (two full-rate ops instead of a quarter-rate int->float)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
 
 @triton.jit
-def _nibble(words, J: tl.constexpr):
-    """Nibble J of int32 words as exact float32 0..15 without an int->float conversion:
-    OR the nibble into the mantissa of 2^23, subtract 2^23 (two full-rate ops)."""
-    bits = ((words >> (4 * J)) & 15) | 0x4B000000
-    return bits.to(tl.float32, bitcast=True) - 8388608.0
+def _scales(w1, w2, w3, J):
+    """6-bit scale and min of sub-block J (int32 tensor of 0..7, broadcast against the packed head
+    words w1..w3 of the same blocks) as float32."""
+    s8 = 8 * (J & 3)
+    lo = J < 4
+    sc = tl.where(lo, (w1 >> s8) & 63, ((w3 >> s8) & 15) | (((w1 >> (s8 + 6)) & 3) << 4))
+    mn = tl.where(lo, (w2 >> s8) & 63, ((w3 >> (s8 + 4)) & 15) | (((w2 >> (s8 + 6)) & 3) << 4))
+    return _small_to_float(sc), _small_to_float(mn)
 
 
 @triton.jit
-def _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, j, hi, K, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Issue the loads of one tile of BLOCK_K columns starting at list position j."""
+def _nibble_at(words, P: tl.constexpr, magic):
+    """Bits P..P+3 of int32 words (P <= 16) as the exact float32 nibble * 2^P: one AND-OR puts them
+    where they are into the mantissa of 2^23, one subtraction removes the 2^23; no shift.
+    magic = 0x4B000000 (the bits of 2^23) comes in as a kernel argument: held in a register, the
+    AND-OR is one LOP3 (a literal would make two immediates, which ptxas splits into two LOP3s)."""
+    return ((words & (15 << P)) | magic).to(tl.float32, bitcast=True) - 8388608.0
+
+
+# Nibble n of a word is read at bit P_n of the word (n < 5) or of the word shifted right by 12
+# (n >= 5): P = 0, 4, 8, 12, 16, 8, 12, 16. Sums of nibble n carry the factor 2^P_n.
+
+
+@triton.jit
+def _zigzag_columns(idx_ptr, j, hi, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The column numbers (BLOCK_K,) at list positions j.., and which are below hi."""
     jj = j + tl.arange(0, BLOCK_K)
     m = jj < hi
     if MODE == 2:
         k = tl.load(idx_ptr + jj, mask=m, other=0)
     else:
         k = jj
+    return k, m
+
+
+@triton.jit
+def _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE: tl.constexpr):
+    """Issue the loads of columns k (BLOCK_K,) of superblock row r: x*d and x*dmin (BLOCK_K,),
+    the quant words (BLOCK_K, 8, 4) [column, sub-block, word] and the packed scale words."""
     x = tl.load(x_ptr + k, mask=m, other=0.0).to(tl.float32)
     if MODE == 1:
         m = m & (tl.abs(x) > t)
         x = tl.where(m, x, 0.0)
     blk = r * K + k
-    words = tl.load(q_ptr + blk[:, None] * 32 + tl.arange(0, 32)[None, :], mask=m[:, None], other=0)
+    word = tl.arange(0, 8)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+    words = tl.load(q_ptr + blk[:, None, None] * 32 + word, mask=m[:, None, None], other=0)
     d, dmin, w1, w2, w3 = _head(h_ptr, blk, m)
     return x * d, x * dmin, words, w1, w2, w3
 
 
 @triton.jit
-def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
-                   MODE: tl.constexpr, BLOCK_K: tl.constexpr, MATH: tl.constexpr = True):
-    """MATH=False is a probe, not a result: the same loads, one add per word instead of the
+def _zigzag_accumulate(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic,
+                       MATH: tl.constexpr):
+    """Add one tile: acc_n (BLOCK_K, 8, 4) += x d sc * nibble n * 2^P_n, bias (BLOCK_K, 8) += x dmin m."""
+    if not MATH:
+        acc0 += words.to(tl.float32, bitcast=True) + (xd + xm + (w1 + w2 + w3).to(tl.float32))[:, None, None]
+    else:
+        sc, mn = _scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
+        bias += xm[:, None] * mn
+        s3 = (xd[:, None] * sc)[:, :, None]
+        acc0 += s3 * _nibble_at(words, 0, magic)
+        acc1 += s3 * _nibble_at(words, 4, magic)
+        acc2 += s3 * _nibble_at(words, 8, magic)
+        acc3 += s3 * _nibble_at(words, 12, magic)
+        acc4 += s3 * _nibble_at(words, 16, magic)
+        upper = words >> 12
+        acc5 += s3 * _nibble_at(upper, 8, magic)
+        acc6 += s3 * _nibble_at(upper, 12, magic)
+        acc7 += s3 * _nibble_at(upper, 16, magic)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias
+
+
+@triton.jit
+def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
+                   MODE: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, MATH: tl.constexpr = True):
+    """Program (r, s): superblock row r, list share s -> part[s, 256 r : 256 r + 256] (fp32).
+    MATH=False is a probe, not a result: the same loads, one add per word instead of the
     dequantize-and-FMA, to measure what the memory path alone can do (benchmarks only)."""
     r = tl.program_id(0)
     s = tl.program_id(1)
@@ -94,68 +139,54 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     per = tl.cdiv(tl.cdiv(total, SPLIT), BLOCK_K) * BLOCK_K
     lo = s * per
     hi = tl.minimum(total, lo + per)
-    w_idx = tl.arange(0, 32)
-    acc0 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc3 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc4 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc5 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc6 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    acc7 = tl.zeros((BLOCK_K, 32), dtype=tl.float32)
-    bias0 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias1 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias2 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias3 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias4 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias5 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias6 = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    bias7 = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    acc0 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc4 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc5 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc6 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    acc7 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_K, 8), dtype=tl.float32)
     t = 0.0
     if MODE == 1:
         t = tl.load(t_ptr)
-    # Register prefetch: the loads of tile j + 1 are in flight while tile j is computed.
-    xd, xm, words, w1, w2, w3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, lo, hi, K, MODE, BLOCK_K)
-    for j in range(lo, hi, BLOCK_K):
-        nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, idx_ptr, t, r, j + BLOCK_K, hi, K,
-                                                       MODE, BLOCK_K)
-        if not MATH:
-            acc0 += words.to(tl.float32, bitcast=True) + (xd + xm + (w1 + w2 + w3).to(tl.float32))[:, None]
-        else:
-            sc, mn = _scale_min(w1, w2, w3, 0)
-            acc0 += (xd * sc)[:, None] * _nibble(words, 0)
-            bias0 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 1)
-            acc1 += (xd * sc)[:, None] * _nibble(words, 1)
-            bias1 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 2)
-            acc2 += (xd * sc)[:, None] * _nibble(words, 2)
-            bias2 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 3)
-            acc3 += (xd * sc)[:, None] * _nibble(words, 3)
-            bias3 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 4)
-            acc4 += (xd * sc)[:, None] * _nibble(words, 4)
-            bias4 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 5)
-            acc5 += (xd * sc)[:, None] * _nibble(words, 5)
-            bias5 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 6)
-            acc6 += (xd * sc)[:, None] * _nibble(words, 6)
-            bias6 += xm * mn
-            sc, mn = _scale_min(w1, w2, w3, 7)
-            acc7 += (xd * sc)[:, None] * _nibble(words, 7)
-            bias7 += xm * mn
-        xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
-    out = part_ptr + s * NP + r * 256 + w_idx
-    tl.store(out + 0, tl.sum(acc0, axis=0) - tl.sum(bias0, axis=0))
-    tl.store(out + 32, tl.sum(acc1, axis=0) - tl.sum(bias1, axis=0))
-    tl.store(out + 64, tl.sum(acc2, axis=0) - tl.sum(bias2, axis=0))
-    tl.store(out + 96, tl.sum(acc3, axis=0) - tl.sum(bias3, axis=0))
-    tl.store(out + 128, tl.sum(acc4, axis=0) - tl.sum(bias4, axis=0))
-    tl.store(out + 160, tl.sum(acc5, axis=0) - tl.sum(bias5, axis=0))
-    tl.store(out + 192, tl.sum(acc6, axis=0) - tl.sum(bias6, axis=0))
-    tl.store(out + 224, tl.sum(acc7, axis=0) - tl.sum(bias7, axis=0))
+    # Register prefetch, AHEAD (1 or 2) tiles deep: tile j + AHEAD's loads are in flight while tile
+    # j is computed (Little's law: the bytes in flight per SM set the bandwidth). The column
+    # indices (MODE 2) run one tile further ahead, so the weight loads never wait on them.
+    k, m = _zigzag_columns(idx_ptr, lo, hi, MODE, BLOCK_K)
+    xd, xm, words, w1, w2, w3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+    k, m = _zigzag_columns(idx_ptr, lo + BLOCK_K, hi, MODE, BLOCK_K)
+    if AHEAD == 1:
+        for j in range(lo, hi, BLOCK_K):
+            nk, nm = _zigzag_columns(idx_ptr, j + 2 * BLOCK_K, hi, MODE, BLOCK_K)
+            nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic, MATH)
+            xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
+            k, m = nk, nm
+    else:
+        xd1, xm1, words1, w11, w21, w31 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+        k, m = _zigzag_columns(idx_ptr, lo + 2 * BLOCK_K, hi, MODE, BLOCK_K)
+        for j in range(lo, hi, BLOCK_K):
+            nk, nm = _zigzag_columns(idx_ptr, j + 3 * BLOCK_K, hi, MODE, BLOCK_K)
+            nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic, MATH)
+            xd, xm, words, w1, w2, w3 = xd1, xm1, words1, w11, w21, w31
+            xd1, xm1, words1, w11, w21, w31 = nxd, nxm, nwords, nw1, nw2, nw3
+            k, m = nk, nm
+    # word p = 4 J + g holds outputs 8 p + n of this superblock row
+    out = part_ptr + s * NP + r * 256 + tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 4)[None, :] * 8
+    b = tl.sum(bias, axis=0)[:, None]
+    tl.store(out + 0, tl.sum(acc0, axis=0) - b)
+    tl.store(out + 1, tl.sum(acc1, axis=0) * 0.0625 - b)
+    tl.store(out + 2, tl.sum(acc2, axis=0) * 0.00390625 - b)
+    tl.store(out + 3, tl.sum(acc3, axis=0) * 0.000244140625 - b)
+    tl.store(out + 4, tl.sum(acc4, axis=0) * 0.0000152587890625 - b)
+    tl.store(out + 5, tl.sum(acc5, axis=0) * 0.00390625 - b)
+    tl.store(out + 6, tl.sum(acc6, axis=0) * 0.000244140625 - b)
+    tl.store(out + 7, tl.sum(acc7, axis=0) * 0.0000152587890625 - b)
 
 
 @triton.jit
@@ -170,83 +201,93 @@ def _reduce_kernel(part_ptr, y_ptr, N, NP, SPLIT, BLOCK: tl.constexpr, SPLIT_P2:
 
 
 @triton.jit
-def _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, J: tl.constexpr, SPARSE: tl.constexpr,
-                  ROWS_OK):
-    """One sub-block J of a row-layout block for BLOCK_N rows: 32 weights against x[base + 32J + w]."""
-    kk = base + 32 * J + tl.arange(0, 32)
-    x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-    q = _nibble(words, J)
+def _row_nibble(dot, xsum, words, x_ptr, t, col, K, ROWS_OK, magic, N: tl.constexpr, P: tl.constexpr,
+                SPARSE: tl.constexpr):
+    """Nibble N of every word (read at bit P) against x[col + N], col (8, 4) the words' first columns."""
+    x = tl.load(x_ptr + col + N, mask=col + N < K, other=0.0).to(tl.float32)
+    q = _nibble_at(words, P, magic)
     if SPARSE:
         keep = tl.abs(x) > t
         x = tl.where(keep, x, 0.0)
         # per-weight branching: weights whose input is dropped are not used (B1, the naive way)
-        q = tl.where(keep[None, :] & ROWS_OK[:, None], q, 0.0)
-    sc, mn = _scale_min(w1, w2, w3, J)
-    acc += (d * sc)[:, None] * (q * x[None, :])
-    bias += dmin * mn * tl.sum(x, axis=0)
-    return acc, bias
+        q = tl.where(keep[None, :, :] & ROWS_OK[:, None, None], q, 0.0)
+    dot += q * (x * (2.0 ** -P))[None, :, :]
+    return dot, xsum + x
 
 
 @triton.jit
-def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr):
-    """B0 / B1: BLOCK_N rows per program, all their blocks."""
+def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, magic, SPARSE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """B0 / B1: BLOCK_N rows per program, all their blocks; words as (BLOCK_N, 8, 4) tiles."""
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mn_rows = n < N
-    w_idx = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_N, 32), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    rows_ok = n < N
+    J = tl.arange(0, 8)[None, :]
+    word = tl.arange(0, 8)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    acc = tl.zeros((BLOCK_N, 8, 4), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_N, 8), dtype=tl.float32)
     t = 0.0
     if SPARSE:
         t = tl.load(t_ptr)
     for b in range(KB):
         blk = n * KB + b
-        words = tl.load(q_ptr + blk[:, None] * 32 + w_idx[None, :], mask=mn_rows[:, None], other=0)
-        d, dmin, w1, w2, w3 = _head(h_ptr, blk, mn_rows)
-        base = b * 256
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 0, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 1, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 2, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 3, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 4, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 5, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 6, SPARSE, mn_rows)
-        acc, bias = _row_subblock(acc, bias, words, x_ptr, t, base, K, d, dmin, w1, w2, w3, 7, SPARSE, mn_rows)
-    y = tl.sum(acc, axis=1) - bias
-    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=mn_rows)
+        words = tl.load(q_ptr + blk[:, None, None] * 32 + word[None, :, :], mask=rows_ok[:, None, None], other=0)
+        d, dmin, w1, w2, w3 = _head(h_ptr, blk, rows_ok)
+        col = b * 256 + word * 8
+        dot = tl.zeros((BLOCK_N, 8, 4), dtype=tl.float32)
+        xsum = tl.zeros((8, 4), dtype=tl.float32)
+        dot, xsum = _row_nibble(dot, xsum, words, x_ptr, t, col, K, rows_ok, magic, 0, 0, SPARSE)
+        dot, xsum = _row_nibble(dot, xsum, words, x_ptr, t, col, K, rows_ok, magic, 1, 4, SPARSE)
+        dot, xsum = _row_nibble(dot, xsum, words, x_ptr, t, col, K, rows_ok, magic, 2, 8, SPARSE)
+        dot, xsum = _row_nibble(dot, xsum, words, x_ptr, t, col, K, rows_ok, magic, 3, 12, SPARSE)
+        dot, xsum = _row_nibble(dot, xsum, words, x_ptr, t, col, K, rows_ok, magic, 4, 16, SPARSE)
+        upper = words >> 12
+        dot, xsum = _row_nibble(dot, xsum, upper, x_ptr, t, col, K, rows_ok, magic, 5, 8, SPARSE)
+        dot, xsum = _row_nibble(dot, xsum, upper, x_ptr, t, col, K, rows_ok, magic, 6, 12, SPARSE)
+        dot, xsum = _row_nibble(dot, xsum, upper, x_ptr, t, col, K, rows_ok, magic, 7, 16, SPARSE)
+        sc, mn = _scales(w1[:, None], w2[:, None], w3[:, None], J)
+        acc += (d[:, None] * sc)[:, :, None] * dot
+        bias += (dmin[:, None] * mn) * tl.sum(xsum, axis=1)[None, :]
+    y = tl.sum(tl.sum(acc, axis=2), axis=1) - tl.sum(bias, axis=1)
+    tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=rows_ok)
 
 
 @triton.jit
-def _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, J: tl.constexpr, ZIGZAG: tl.constexpr):
-    sc, mn = _scale_min(w1, w2, w3, J)
-    w = (d * sc)[:, None] * _nibble(words, J) - (dmin * mn)[:, None]
-    e = 32 * J + tl.arange(0, 32)[None, :]  # weight index in the block
+def _dequant_nibble(out_ptr, words, dsc, dmn, rr, cc, mb, N, K, magic, NIB: tl.constexpr, P: tl.constexpr,
+                    ZIGZAG: tl.constexpr):
+    """Weights 8 p + NIB of the blocks (BLOCK_B, 8, 4) -> out."""
+    w = dsc * (_nibble_at(words, P, magic) * (2.0 ** -P)) - dmn
+    e = (tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 4)[None, :] * 8 + NIB)[None, :, :]  # weight in block
     if ZIGZAG:
-        row = rr[:, None] * 256 + e
-        col = cc[:, None] + e * 0
+        row = rr[:, None, None] * 256 + e
+        col = cc[:, None, None] + e * 0
     else:
-        row = rr[:, None] + e * 0
-        col = cc[:, None] * 256 + e
-    ok = mb[:, None] & (row < N) & (col < K)
+        row = rr[:, None, None] + e * 0
+        col = cc[:, None, None] * 256 + e
+    ok = mb[:, None, None] & (row < N) & (col < K)
     tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr):
+def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, magic, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr):
     """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc)."""
     bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mb = bid < TOTAL
     rr = bid // COLS
     cc = bid % COLS
-    words = tl.load(q_ptr + bid[:, None] * 32 + tl.arange(0, 32)[None, :], mask=mb[:, None], other=0)
+    word = tl.arange(0, 8)[:, None] * 4 + tl.arange(0, 4)[None, :]
+    words = tl.load(q_ptr + bid[:, None, None] * 32 + word[None, :, :], mask=mb[:, None, None], other=0)
     d, dmin, w1, w2, w3 = _head(h_ptr, bid, mb)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 0, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 1, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 2, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 3, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 4, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 5, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 6, ZIGZAG)
-    _dequant_sub(out_ptr, words, d, dmin, w1, w2, w3, rr, cc, mb, N, K, 7, ZIGZAG)
+    sc, mn = _scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
+    dsc = (d[:, None] * sc)[:, :, None]
+    dmn = (dmin[:, None] * mn)[:, :, None]
+    _dequant_nibble(out_ptr, words, dsc, dmn, rr, cc, mb, N, K, magic, 0, 0, ZIGZAG)
+    _dequant_nibble(out_ptr, words, dsc, dmn, rr, cc, mb, N, K, magic, 1, 4, ZIGZAG)
+    _dequant_nibble(out_ptr, words, dsc, dmn, rr, cc, mb, N, K, magic, 2, 8, ZIGZAG)
+    _dequant_nibble(out_ptr, words, dsc, dmn, rr, cc, mb, N, K, magic, 3, 12, ZIGZAG)
+    _dequant_nibble(out_ptr, words, dsc, dmn, rr, cc, mb, N, K, magic, 4, 16, ZIGZAG)
+    upper = words >> 12
+    _dequant_nibble(out_ptr, upper, dsc, dmn, rr, cc, mb, N, K, magic, 5, 8, ZIGZAG)
+    _dequant_nibble(out_ptr, upper, dsc, dmn, rr, cc, mb, N, K, magic, 6, 12, ZIGZAG)
+    _dequant_nibble(out_ptr, upper, dsc, dmn, rr, cc, mb, N, K, magic, 7, 16, ZIGZAG)
 
 
 # ---------------------------------------------------------------- launchers
@@ -279,7 +320,7 @@ class ZigzagWorkspace:
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
-                block_k: int = 8, num_warps: int = 4, idx: torch.Tensor | None = None,
+                block_k: int = 16, num_warps: int = 4, ahead: int = 1, idx: torch.Tensor | None = None,
                 count: torch.Tensor | None = None, _probe_no_math: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace)."""
@@ -297,8 +338,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     dummy = ws.count
     _zigzag_kernel[(rows, ws.split)](
         w.quants, w.head, x, threshold if threshold is not None else x, idx if idx is not None else dummy,
-        count if count is not None else dummy, ws.partials, k, ws.np, ws.split,
-        MODE=mode, BLOCK_K=block_k, MATH=not _probe_no_math, num_warps=num_warps)
+        count if count is not None else dummy, ws.partials, k, ws.np, ws.split, MAGIC,
+        MODE=mode, BLOCK_K=block_k, AHEAD=ahead, MATH=not _probe_no_math, num_warps=num_warps)
     split_p2 = triton.next_power_of_2(ws.split)
     block = max(16, min(256, 4096 // split_p2))
     _reduce_kernel[(triton.cdiv(n, block),)](ws.partials, ws.y, n, ws.np, ws.split, BLOCK=block, SPLIT_P2=split_p2,
@@ -307,7 +348,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
 
 
 def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, out: torch.Tensor | None = None,
-             block_n: int = 4, num_warps: int = 4) -> torch.Tensor:
+             block_n: int = 8, num_warps: int = 2) -> torch.Tensor:
     """B0 (threshold None) or B1 (row_sparse_naive: weights with |x_k| <= t skipped one by one)."""
     if w.layout != "row":
         raise ValueError("gemv_row needs the row layout")
@@ -316,7 +357,7 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
     out = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
     kb = w.quants.shape[1]
     _row_kernel[(triton.cdiv(n, block_n),)](
-        w.quants, w.head, x, threshold if threshold is not None else x, out, n, k, kb,
+        w.quants, w.head, x, threshold if threshold is not None else x, out, n, k, kb, MAGIC,
         SPARSE=threshold is not None, BLOCK_N=block_n, num_warps=num_warps)
     return out
 
@@ -328,6 +369,6 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     cols = w.quants.shape[1]
     total = w.quants.shape[0] * cols
     block_b = 16
-    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head, out, n, k, cols, total,
+    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head, out, n, k, cols, total, MAGIC,
                                                      ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4)
     return out

@@ -4,10 +4,10 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
 
 * ``head``: (..., 4) int32 per block = the first 16 bytes unchanged: word 0 = d | dmin << 16
   (fp16 bits), words 1-3 = the 12 packed 6-bit scale/min bytes.
-* ``quants``: (..., 32) int32 per block; nibble j (bits 4j..4j+3) of word w holds weight
-  ``32 j + w`` of the block, i.e. weight w of sub-block j. A kernel that loads word w gets one
-  weight of every sub-block: nibble j is scaled by sub-block j's scale, a compile-time choice,
-  and the 32 words of a block give 32 consecutive weights of each sub-block.
+* ``quants``: (..., 32) int32 per block; nibble n (bits 4n..4n+3) of word p holds weight
+  ``8 p + n`` of the block: the block's 256 weights in order, eight to a word. Word p lies in
+  sub-block ``p // 4``, so the eight weights of a word share one scale and one min: a kernel
+  thread that owns four consecutive words (one 16-byte load) needs one scale for 32 weights.
 
 A block's 128 quant bytes are 128-byte aligned (4 whole 32-byte sectors); heads of neighbouring
 columns share sectors. Shapes keep the layout's grid: zigzag (R, K, ...), row (N, Kb, ...).
@@ -46,9 +46,9 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
     qs = flat[:, 16:].reshape(-1, 4, 32)
     # canonical: byte 32G + l = L[64G + l] | L[64G + 32 + l] << 4 -> levels L (n, 256)
     levels = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(-1, 256)
-    by_subblock = levels.reshape(-1, 8, 32).to(torch.int64)  # [block, j, w]
-    shifts = (4 * torch.arange(8, device=levels.device, dtype=torch.int64))[None, :, None]
-    words = (by_subblock << shifts).sum(dim=1)  # (n, 32), nibbles do not overlap
+    by_word = levels.reshape(-1, 32, 8).to(torch.int64)  # [block, word p, nibble n] = weight 8p + n
+    shifts = (4 * torch.arange(8, device=levels.device, dtype=torch.int64))[None, None, :]
+    words = (by_word << shifts).sum(dim=2)  # (n, 32), nibbles do not overlap
     quants = words.to(torch.uint32).view(torch.int32).reshape(rows, cols, 32).contiguous()
     return GpuQ4K(quants, head.contiguous(), weight.layout, tuple(weight.shape))
 
@@ -60,8 +60,8 @@ def dequantize_gpu_layout(w: GpuQ4K) -> torch.Tensor:
 
     rows, cols, _ = w.quants.shape
     words = w.quants.reshape(-1, 32).to(torch.int64) & 0xFFFFFFFF
-    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64))[None, :, None]
-    levels = ((words[:, None, :] >> shifts) & 0xF).reshape(-1, 256).float()  # (n, 256) in weight order
+    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64))[None, None, :]
+    levels = ((words[:, :, None] >> shifts) & 0xF).reshape(-1, 256).float()  # (n, 256) in weight order
     head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
     d = head[:, 0:2].contiguous().view(torch.float16).float()
     dmin = head[:, 2:4].contiguous().view(torch.float16).float()

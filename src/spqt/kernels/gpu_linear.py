@@ -39,7 +39,7 @@ class TritonLinear:
         v = x.reshape(self.k)
         if self.w.layout == "zigzag":
             c = self.cfg_dense
-            y = kg.gemv_zigzag(self.w, v, kg.MODE_DENSE, self.ws_dense, block_k=c["block_k"], num_warps=c["num_warps"])
+            y = kg.gemv_zigzag(self.w, v, kg.MODE_DENSE, self.ws_dense, **tuning.launch_args(c))
         else:
             y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
         return y.view(*x.shape[:-1], self.n)
@@ -50,6 +50,6 @@ class TritonLinear:
         v = x.reshape(self.k)
         ws, c = self.ws_sparse, self.cfg_sparse
         idx, count = collect(v, threshold, ws.idx, ws.count)
-        y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, block_k=c["block_k"], num_warps=c["num_warps"],
+        y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(c),
                            idx=idx, count=count)
         return y.view(*x.shape[:-1], self.n)

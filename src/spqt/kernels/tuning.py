@@ -13,6 +13,9 @@ from importlib import resources
 from pathlib import Path
 
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
+# The kernels' parameters mean different things after a kernel redesign: a table made for another
+# version is not used (defaults apply) until `spqt tune` writes a new one.
+KERNEL_VERSION = 2
 
 
 def device_key() -> str:
@@ -33,7 +36,10 @@ def _load_table(key: str) -> dict:
     path = table_path(key)
     if not path.is_file():
         return {}
-    return json.loads(path.read_text()).get("entries", {})
+    doc = json.loads(path.read_text())
+    if doc.get("kernel_version") != KERNEL_VERSION:
+        return {}
+    return doc.get("entries", {})
 
 
 def sm_count() -> int:
@@ -43,13 +49,20 @@ def sm_count() -> int:
 
 
 def default_config(variant: str, n: int, k: int) -> dict:
-    """A sane starting point: about 4 programs per SM for zigzag, 4 rows per program for row."""
+    """A sane starting point: about 4 programs per SM for zigzag, 8 rows per program for row.
+    A tile has 32 words per column (zigzag) or row (row layout); 4 words per thread needs
+    block_k (block_n) >= 4 * num_warps."""
     if variant == "row_dense":
-        return {"block_n": 4, "num_warps": 4}
+        return {"block_n": 8, "num_warps": 2}
     rows = -(-n // 256)
-    block_k = 8
+    block_k = 16
     split = max(1, min(-(-4 * sm_count() // rows), -(-k // block_k)))
-    return {"split": split, "block_k": block_k, "num_warps": 4}
+    return {"split": split, "block_k": block_k, "num_warps": 4, "ahead": 1}
+
+
+def launch_args(cfg: dict) -> dict:
+    """The keyword arguments of gemv_zigzag in a zigzag config (prefetch depth 1 where a table has none)."""
+    return {"block_k": cfg["block_k"], "num_warps": cfg["num_warps"], "ahead": cfg.get("ahead", 1)}
 
 
 def config(variant: str, n: int, k: int) -> dict:
@@ -64,11 +77,12 @@ def config(variant: str, n: int, k: int) -> dict:
 def candidates(variant: str, n: int, k: int) -> list[dict]:
     """The short list `spqt tune` times for one shape."""
     if variant == "row_dense":
-        return [{"block_n": b, "num_warps": w} for b in (1, 2, 4, 8) for w in (2, 4, 8)]
+        return [{"block_n": b, "num_warps": w} for w in (1, 2, 4) for b in (4 * w, 8 * w)]
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 4))) for f in (0.5, 1, 2, 3, 4, 6, 8, 12)})
-    return [{"split": s, "block_k": b, "num_warps": w} for s in splits for b in (4, 8, 16, 32) for w in (2, 4, 8)]
+    return [{"split": s, "block_k": b * w, "num_warps": w, "ahead": a}
+            for s in splits for b in (4, 8) for w in (2, 4, 8) for a in (1, 2)]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:
@@ -80,7 +94,7 @@ def save_table(entries: dict, key: str | None = None, path: Path | None = None) 
 
     path = path or table_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": torch.cuda.get_device_name(), "key": key or device_key(),
+    doc = {"device": torch.cuda.get_device_name(), "key": key or device_key(), "kernel_version": KERNEL_VERSION,
            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "entries": entries}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True)))
     _load_table.cache_clear()
