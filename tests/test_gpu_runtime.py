@@ -36,18 +36,27 @@ def _default_loaded(default_gguf):
 NEAR_TIE = 0.25
 
 
-SPARSE_DIVERGES = pytest.mark.xfail(
-    strict=False,
-    reason="measured on the H100 (2026-11-22): at 50 % the fp32 CUDA path leaves the CPU reference at token 32, "
-           "where the reference's top-2 margin is 0.35 logits: activations within rounding of their threshold are "
-           "kept on one device and dropped on the other; dense matches for all 64 tokens")
+def _teacher_forced_logits(gen, ids, sparse):
+    from spqt.generate import set_sparse
+
+    with torch.inference_mode():
+        gen.model.setup_cache(1, 96, gen.dtype)
+        set_sparse(gen.model, sparse)
+        dev = gen.device
+        out = gen.model(torch.tensor([ids], device=dev), torch.arange(len(ids), device=dev))[0].float().cpu()
+        set_sparse(gen.model, False)
+    return out
 
 
-@pytest.mark.parametrize("sparsity", [0.0, pytest.param(0.5, marks=SPARSE_DIVERGES)])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     """64 greedy tokens: CUDA path (Q4_K Triton kernels, CUDA graph, fp32 activations) == CPU
-    reference path (dense: exactly; sparse: until a near-tie of the reference, if any);
-    logits with fp16 activations within 2 % of the logit range of the CPU reference."""
+    reference path (a divergence is accepted only at a near-tie of the reference, below NEAR_TIE);
+    teacher-forced logits of the fp32 CUDA path within 1 % of the logit range of the CPU reference,
+    and, dense, of the fp16 CUDA path within 2 %. At 50 % the fp16 path is only reported: the 50 %
+    model is this sensitive to which side of its threshold an activation falls on that the CPU
+    reference itself moves by 9.9 logits in fp16, 13.2 in bf16, and 12.8 in fp32 with every
+    threshold raised by 0.1 % (teacher-forced, same 51 positions; measured on the CPU, 2026-11-22)."""
     loaded = _default_loaded(default_gguf)
     prompt = [504, 1463, 282, 260, 2240, 5634, 3441, 281, 260, 5869, 5116]
     cpu = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
@@ -63,18 +72,14 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
         margin = float(top[0] - top[1])
         print(f"sparsity {sparsity}: first difference at token {i}, reference margin {margin:.4f}")
         assert sparsity > 0 and margin < NEAR_TIE, f"divergence at token {i} with reference margin {margin:.4f}"
-    gpu16 = Generator(loaded, "cuda", dtype=torch.float16, sparsity=sparsity, max_len=96)
-    with torch.inference_mode():
-        for gen in (cpu, gpu16):
-            gen.model.setup_cache(1, 96, gen.dtype)
-        ids = prompt + ref[:40]
-        from spqt.generate import set_sparse
-
-        set_sparse(cpu.model, sparsity > 0)
-        set_sparse(gpu16.model, sparsity > 0)
-        a = cpu.model(torch.tensor([ids]), torch.arange(len(ids)))[0]
-        b = gpu16.model(torch.tensor([ids], device="cuda"), torch.arange(len(ids), device="cuda"))[0].cpu()
+    else:
+        print(f"sparsity {sparsity}: CUDA fp32 greedy tokens == CPU reference for all 64")
+    ids = prompt + ref[:40]
+    a = _teacher_forced_logits(cpu, ids, sparsity > 0)
     span = float(a.max() - a.min())
-    err = float((a - b).abs().max())
-    print(f"sparsity {sparsity}: fp16 CUDA vs fp32 CPU logits max |diff| {err:.4f}, range {span:.2f}")
-    assert err < 0.02 * span
+    for dtype, bound in ((torch.float32, 0.01), (torch.float16, 0.02)):
+        gen = gpu32 if dtype == torch.float32 else Generator(loaded, "cuda", dtype=dtype, sparsity=sparsity, max_len=96)
+        err = float((a - _teacher_forced_logits(gen, ids, sparsity > 0)).abs().max())
+        print(f"sparsity {sparsity}: {dtype} CUDA vs fp32 CPU logits max |diff| {err:.4f}, range {span:.2f}")
+        if dtype == torch.float32 or sparsity == 0:
+            assert err < bound * span
