@@ -51,12 +51,13 @@ def _teacher_forced_logits(gen, ids, sparse):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     """64 greedy tokens: CUDA path (Q4_K Triton kernels, CUDA graph, fp32 activations) == CPU
-    reference path (a divergence is accepted only at a near-tie of the reference, below NEAR_TIE);
-    teacher-forced logits of the fp32 CUDA path within 1 % of the logit range of the CPU reference,
-    and, dense, of the fp16 CUDA path within 2 %. At 50 % the fp16 path is only reported: the 50 %
-    model is this sensitive to which side of its threshold an activation falls on that the CPU
-    reference itself moves by 9.9 logits in fp16, 13.2 in bf16, and 12.8 in fp32 with every
-    threshold raised by 0.1 % (teacher-forced, same 51 positions; measured on the CPU, 2026-11-22)."""
+    reference path (a divergence is accepted only at a near-tie of the reference, below NEAR_TIE).
+    Teacher-forced logits over 51 positions, dense: every position within 1 % of the logit range
+    (fp32 CUDA) or 2 % (fp16 CUDA). At 50 %: the median position within 1 % and the same top-1 at
+    95 % of positions (fp32 CUDA); fp16 is reported only. The worst position is not bounded at 50 %:
+    the 50 % model is so sensitive to which side of its threshold an activation falls on that the
+    CPU reference itself moves by up to 12.8 logits in fp32 with every threshold raised by 0.1 %,
+    9.9 in fp16, 13.2 in bf16 (teacher-forced, same positions; measured on the CPU, 2026-11-22)."""
     loaded = _default_loaded(default_gguf)
     prompt = [504, 1463, 282, 260, 2240, 5634, 3441, 281, 260, 5869, 5116]
     cpu = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
@@ -77,9 +78,15 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     ids = prompt + ref[:40]
     a = _teacher_forced_logits(cpu, ids, sparsity > 0)
     span = float(a.max() - a.min())
-    for dtype, bound in ((torch.float32, 0.01), (torch.float16, 0.02)):
+    for dtype in (torch.float32, torch.float16):
         gen = gpu32 if dtype == torch.float32 else Generator(loaded, "cuda", dtype=dtype, sparsity=sparsity, max_len=96)
-        err = float((a - _teacher_forced_logits(gen, ids, sparsity > 0)).abs().max())
-        print(f"sparsity {sparsity}: {dtype} CUDA vs fp32 CPU logits max |diff| {err:.4f}, range {span:.2f}")
-        if dtype == torch.float32 or sparsity == 0:
-            assert err < bound * span
+        b = _teacher_forced_logits(gen, ids, sparsity > 0)
+        per_position = (a - b).abs().amax(dim=-1) / span  # (positions,) worst logit error over the range
+        same_top = float((a.argmax(-1) == b.argmax(-1)).float().mean())
+        print(f"sparsity {sparsity}: {dtype} CUDA vs fp32 CPU logits: max |diff| {float(per_position.max()) * span:.4f} "
+              f"(range {span:.2f}), median position {float(per_position.median()):.2%} of range, same top-1 at "
+              f"{same_top:.0%} of {len(ids)} positions")
+        if sparsity == 0:
+            assert float(per_position.max()) < (0.01 if dtype == torch.float32 else 0.02)
+        elif dtype == torch.float32:
+            assert float(per_position.median()) < 0.01 and same_top >= 0.95
