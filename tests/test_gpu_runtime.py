@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spqt.checkpoint import load_spqt
-from spqt.generate import Generator
+from spqt.generate import Generator, sparse_linears
 
 pytestmark = pytest.mark.gpu
 
@@ -53,11 +53,12 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     """64 greedy tokens: CUDA path (Q4_K Triton kernels, CUDA graph, fp32 activations) == CPU
     reference path (a divergence is accepted only at a near-tie of the reference, below NEAR_TIE).
     Teacher-forced logits over 51 positions, dense: every position within 1 % of the logit range
-    (fp32 CUDA) or 2 % (fp16 CUDA). At 50 %: the median position within 1 % and the same top-1 at
-    95 % of positions (fp32 CUDA); fp16 is reported only. The worst position is not bounded at 50 %:
-    the 50 % model is so sensitive to which side of its threshold an activation falls on that the
-    CPU reference itself moves by up to 12.8 logits in fp32 with every threshold raised by 0.1 %,
-    9.9 in fp16, 13.2 in bf16 (teacher-forced, same positions; measured on the CPU, 2026-11-22)."""
+    (fp32 CUDA) or 2 % (fp16 CUDA). At 50 % the model is so sensitive to which side of its
+    threshold an activation falls on that the CPU reference moves by up to 12.8 logits with every
+    threshold raised by 0.1 % (9.9 in fp16, 13.2 in bf16; measured on the CPU, 2026-11-22), so the
+    fp32 CUDA path is held to that noise floor, measured in the test: median position error at most
+    twice the nudged reference's (or 1 % of the range), top-1 agreement at most 10 points below it.
+    fp16 at 50 % is reported only."""
     loaded = _default_loaded(default_gguf)
     prompt = [504, 1463, 282, 260, 2240, 5634, 3441, 281, 260, 5869, 5116]
     cpu = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
@@ -78,15 +79,26 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     ids = prompt + ref[:40]
     a = _teacher_forced_logits(cpu, ids, sparsity > 0)
     span = float(a.max() - a.min())
-    for dtype in (torch.float32, torch.float16):
-        gen = gpu32 if dtype == torch.float32 else Generator(loaded, "cuda", dtype=dtype, sparsity=sparsity, max_len=96)
-        b = _teacher_forced_logits(gen, ids, sparsity > 0)
+
+    def compare(b, what):
         per_position = (a - b).abs().amax(dim=-1) / span  # (positions,) worst logit error over the range
         same_top = float((a.argmax(-1) == b.argmax(-1)).float().mean())
-        print(f"sparsity {sparsity}: {dtype} CUDA vs fp32 CPU logits: max |diff| {float(per_position.max()) * span:.4f} "
+        print(f"sparsity {sparsity}: {what} vs fp32 CPU logits: max |diff| {float(per_position.max()) * span:.4f} "
               f"(range {span:.2f}), median position {float(per_position.median()):.2%} of range, same top-1 at "
               f"{same_top:.0%} of {len(ids)} positions")
+        return float(per_position.max()), float(per_position.median()), same_top
+
+    if sparsity > 0:
+        # the noise floor of the sparse model: the CPU reference itself, every threshold raised by 0.1 %
+        nudged = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
+        for _, _, lin in sparse_linears(nudged.model):
+            if lin.threshold is not None:
+                lin.threshold.mul_(1.001)
+        _, floor_median, floor_top = compare(_teacher_forced_logits(nudged, ids, True), "CPU, thresholds +0.1 %,")
+    for dtype in (torch.float32, torch.float16):
+        gen = gpu32 if dtype == torch.float32 else Generator(loaded, "cuda", dtype=dtype, sparsity=sparsity, max_len=96)
+        worst, median, same_top = compare(_teacher_forced_logits(gen, ids, sparsity > 0), f"{dtype} CUDA")
         if sparsity == 0:
-            assert float(per_position.max()) < (0.01 if dtype == torch.float32 else 0.02)
+            assert worst < (0.01 if dtype == torch.float32 else 0.02)
         elif dtype == torch.float32:
-            assert float(per_position.median()) < 0.01 and same_top >= 0.95
+            assert median <= max(0.01, 2 * floor_median) and same_top >= floor_top - 0.1
