@@ -125,6 +125,13 @@ def _zigzag_accumulate(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd,
 
 
 @triton.jit
+def _store_nibble_sums(out, acc, b, N: tl.constexpr, P: tl.constexpr):
+    """Outputs 8 p + N (out: (8, 4) pointers to outputs 8 p): the column sums of acc (read at bit P,
+    so carrying 2^P) scaled back, less the min term b of their sub-blocks."""
+    tl.store(out + N, tl.sum(acc, axis=0) * (2.0 ** -P) - b)
+
+
+@triton.jit
 def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                    MODE: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, MATH: tl.constexpr = True):
     """Program (r, s): superblock row r, list share s -> part[s, 256 r : 256 r + 256] (fp32).
@@ -179,14 +186,14 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     # word p = 4 J + g holds outputs 8 p + n of this superblock row
     out = part_ptr + s * NP + r * 256 + tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 4)[None, :] * 8
     b = tl.sum(bias, axis=0)[:, None]
-    tl.store(out + 0, tl.sum(acc0, axis=0) - b)
-    tl.store(out + 1, tl.sum(acc1, axis=0) * 0.0625 - b)
-    tl.store(out + 2, tl.sum(acc2, axis=0) * 0.00390625 - b)
-    tl.store(out + 3, tl.sum(acc3, axis=0) * 0.000244140625 - b)
-    tl.store(out + 4, tl.sum(acc4, axis=0) * 0.0000152587890625 - b)
-    tl.store(out + 5, tl.sum(acc5, axis=0) * 0.00390625 - b)
-    tl.store(out + 6, tl.sum(acc6, axis=0) * 0.000244140625 - b)
-    tl.store(out + 7, tl.sum(acc7, axis=0) * 0.0000152587890625 - b)
+    _store_nibble_sums(out, acc0, b, 0, 0)
+    _store_nibble_sums(out, acc1, b, 1, 4)
+    _store_nibble_sums(out, acc2, b, 2, 8)
+    _store_nibble_sums(out, acc3, b, 3, 12)
+    _store_nibble_sums(out, acc4, b, 4, 16)
+    _store_nibble_sums(out, acc5, b, 5, 8)
+    _store_nibble_sums(out, acc6, b, 6, 12)
+    _store_nibble_sums(out, acc7, b, 7, 16)
 
 
 @triton.jit
