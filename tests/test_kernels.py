@@ -162,6 +162,35 @@ def test_row_variants(rng, device, sparsity):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_zigzag_fused_epilogues(rng, device):
+    """residual + W x and silu(gate) * up, fused into the reduction (B2 and B4), equal the same
+    kernel's fp32 output with the epilogue done in torch: bit for bit (residual) or within the
+    output dtype's rounding (SwiGLU: exp may differ by an ulp)."""
+    for shape in ([(300, 130)] if device == "cpu" else [(22016, 4096), (3000, 777)]):
+        qw, gw = _weights(rng, shape, "zigzag", device)
+        n, k = shape
+        for dtype in dtypes_for(device):
+            x, t = _x(rng, k, dtype, device, 0.5)
+            r = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(device, dtype)
+            ws, ws32 = kg.ZigzagWorkspace(gw, 3, dtype), kg.ZigzagWorkspace(gw, 3, torch.float32)
+            eps = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+            for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
+                kw = {}
+                if mode == kg.MODE_INDEXED:
+                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                y32 = kg.gemv_zigzag(gw, x.float(), mode, ws32, **kw).clone()
+                ws.y.fill_(float("nan"))
+                got = kg.gemv_zigzag(gw, x, mode, ws, residual=r, **kw)
+                assert torch.equal(got, (r.float() + y32).to(dtype)), f"residual {shape} {dtype} mode {mode}"
+                ws.y.fill_(float("nan"))
+                got = kg.gemv_zigzag(gw, x, mode, ws, swiglu=True, **kw)
+                gate, up = y32[: n // 2], y32[n // 2 :]
+                want = torch.nn.functional.silu(gate) * up
+                assert got.shape == (n // 2,)
+                torch.testing.assert_close(got.float(), want, rtol=eps, atol=eps * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_all_zero_x(device):
     qw, gw = _weights(np.random.default_rng(), (300, 70), "zigzag", device)
     x = torch.zeros(70, dtype=torch.float16, device=device)
@@ -199,16 +228,20 @@ def test_fused_ops_match_torch_twins(rng, device):
     out = fused.rms_norm(x, w, 1e-5)
     ref = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * w).to(dtype)
     torch.testing.assert_close(out, ref, atol=tol, rtol=tol)
+    # q|k|v of 3 query heads and 1 kv head (hd 64), 2 sequences of 7 tokens at positions 10..16,
+    # a strided view as in the model; the torch twin (CPU) writes its own caches
     cfg = ModelConfig(vocab_size=10, dim=192, n_layers=1, n_heads=3, n_kv_heads=1, ffn_dim=8, max_seq_len=64)
-    table = rope_table(cfg, 64)[10:17].to(device)
-    qkv = torch.from_numpy(rng.standard_normal((2, 7, 320)).astype(np.float32)).to(device, dtype)
-    q = qkv[..., :192].reshape(2, 7, 3, 64)  # a strided view, as in the model
-    got = fused.rope(q, table)
-    half = 32
-    cos, sin = table[:, :half][None, :, None], table[:, half:][None, :, None]
-    want = torch.cat([q[..., :half].float() * cos - q[..., half:].float() * sin,
-                      q[..., half:].float() * cos + q[..., :half].float() * sin], -1).to(dtype)
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    table = rope_table(cfg, 64).to(device)
+    positions = torch.arange(10, 17, device=device)
+    qkv = torch.from_numpy(rng.standard_normal((2, 7, 330)).astype(np.float32)).to(device, dtype)[..., :320]
+    caches = [torch.full((2, 1, 20, 64), float("nan"), dtype=dtype, device=device) for _ in range(2)]
+    ref_caches = [c.clone().cpu() for c in caches]
+    got = fused.rope_kv(qkv, table, positions, *caches, 3, 1)
+    want = functional.rope_kv(qkv.cpu(), table.cpu(), positions.cpu(), *ref_caches, 3, 1)
+    torch.testing.assert_close(got.cpu(), want, atol=tol, rtol=tol)
+    for c, ref in zip(caches, ref_caches):
+        torch.testing.assert_close(c.cpu()[:, :, 10:17], ref[:, :, 10:17], atol=tol, rtol=tol)
+        assert c[:, :, :10].isnan().all() and c[:, :, 17:].isnan().all(), "wrote outside the positions"
     gu = torch.from_numpy(rng.standard_normal((4, 2 * 1500)).astype(np.float32)).to(device, dtype)
     torch.testing.assert_close(fused.silu_mul(gu, 1500),
                                (torch.nn.functional.silu(gu[:, :1500].float()) * gu[:, 1500:].float()).to(dtype),

@@ -123,7 +123,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
     finally:
         for h in handles:
             h.remove()
-    rope = model.rope[positions]
+    rope = model.rope
     mask = positions[None, :] <= positions[:, None]
     result = {sp.level_key(s): [] for s in levels}
     for i, block in enumerate(tqdm(model.layers, desc="greedy allocation", unit="block", disable=not progress)):

@@ -19,17 +19,33 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """x (B, T, heads, hd); table (T, hd) float32 [cos | sin]. Half-split (rotate_half) RoPE."""
-    if _fused(x):
-        from spqt.kernels import fused
-
-        return fused.rope(x, table)
+def _rope(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, hd); rows (T, hd) float32 [cos | sin]. Half-split (rotate_half) RoPE."""
     half = x.shape[-1] // 2
-    cos = table[:, :half][None, :, None, :]
-    sin = table[:, half:][None, :, None, :]
+    cos = rows[:, :half][None, :, None, :]
+    sin = rows[:, half:][None, :, None, :]
     x1, x2 = x[..., :half].float(), x[..., half:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def rope_kv(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
+            cache_v: torch.Tensor, n_heads: int, n_kv: int) -> torch.Tensor:
+    """The attention's step after the q|k|v projection. qkv (B, T, (H + 2 Hkv) hd); table
+    (L_max, hd) float32 [cos | sin] of every position; positions (T,) int64; caches (B, Hkv, L, hd).
+    Writes RoPE(k) and v into the caches at `positions`; returns RoPE(q) (B, T, H, hd)."""
+    if _fused(qkv):
+        from spqt.kernels import fused
+
+        return fused.rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
+    b, t, _ = qkv.shape
+    hd = cache_k.shape[-1]
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    rows = table[positions]
+    q = _rope(q.reshape(b, t, n_heads, hd), rows)
+    k = _rope(k.reshape(b, t, n_kv, hd), rows)
+    cache_k.index_copy_(2, positions, k.transpose(1, 2))
+    cache_v.index_copy_(2, positions, v.reshape(b, t, n_kv, hd).transpose(1, 2))
+    return q
 
 
 def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
@@ -40,3 +56,10 @@ def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
         return fused.silu_mul(gate_up, ffn_dim)
     gate, up = gate_up.split(ffn_dim, dim=-1)
     return F.silu(gate) * up
+
+
+def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
+    """What a linear map does after W x, unfused: residual + y, or silu_mul of stacked gate|up."""
+    if swiglu:
+        return silu_mul(y, y.shape[-1] // 2)
+    return y if residual is None else residual + y

@@ -33,10 +33,12 @@ class Linear(nn.Module):
         else:
             self.threshold.fill_(float(t))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        """residual (..., N): returns residual + W x. swiglu: W is gate|up stacked (N = 2F); returns
+        silu(gate) * up, (..., F). Kernels may fuse either into the GEMV's last step."""
         if self.sparse and self.threshold is not None:
             if self.track:
                 self.counts[0] += (x.float().abs() <= self.threshold).sum(dtype=torch.float64)
                 self.counts[1] += x.numel()
-            return self.impl.sparse(x, self.threshold)
-        return self.impl.dense(x)
+            return self.impl.sparse(x, self.threshold, residual, swiglu)
+        return self.impl.dense(x, residual, swiglu)

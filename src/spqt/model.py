@@ -56,19 +56,13 @@ def rope_table(config: ModelConfig, length: int) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys and values: (B, kv_heads, max_len, head_dim) each."""
+    """Preallocated keys and values: (B, kv_heads, max_len, head_dim) each (functional.rope_kv writes them)."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """positions: (T,) int64; k, v: (B, kv_heads, T, hd). Returns the whole cache."""
-        self.k.index_copy_(2, positions, k)
-        self.v.index_copy_(2, positions, v)
-        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -80,18 +74,16 @@ class Attention(nn.Module):
         self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor):
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+                residual: torch.Tensor):
+        """residual + attention(x); rope: the model's whole (max_seq_len, hd) table."""
         b, t, _ = x.shape
-        q, k, v = self.qkv(x).split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = functional.rope(q.reshape(b, t, self.n_heads, self.hd), rope)
-        k = functional.rope(k.reshape(b, t, self.n_kv, self.hd), rope)
-        v = v.reshape(b, t, self.n_kv, self.hd)
-        keys, values = self.cache.update(positions, k.transpose(1, 2), v.transpose(1, 2))
+        q = functional.rope_kv(self.qkv(x), rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv)
         length = mask.shape[-1]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), keys[:, :, :length], values[:, :, :length], attn_mask=mask,
+            q.transpose(1, 2), self.cache.k[:, :, :length], self.cache.v[:, :, :length], attn_mask=mask,
             enable_gqa=self.n_kv != self.n_heads)
-        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd))
+        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd), residual=residual)
 
 
 class FeedForward(nn.Module):
@@ -101,8 +93,9 @@ class FeedForward(nn.Module):
         self.gate_up = make_linear(f"layers.{layer}.gate_up", 2 * config.ffn_dim, config.dim)
         self.down = make_linear(f"layers.{layer}.down", config.dim, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(functional.silu_mul(self.gate_up(x), self.ffn_dim))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + down(silu(gate) * up)."""
+        return self.down(self.gate_up(x, swiglu=True), residual=residual)
 
 
 class Block(nn.Module):
@@ -114,8 +107,9 @@ class Block(nn.Module):
         self.feed_forward = FeedForward(config, layer, make_linear)
 
     def forward(self, x, rope, positions, mask):
-        h = x + self.attention(self.attention_norm(x), rope, positions, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        """rope: the (max_seq_len, hd) table; mask: (T, length) bool or additive float."""
+        h = self.attention(self.attention_norm(x), rope, positions, mask, residual=x)
+        return self.feed_forward(self.ffn_norm(h), residual=h)
 
 
 class Transformer(nn.Module):
@@ -147,9 +141,10 @@ class Transformer(nn.Module):
         """
         length = kv_len or self.max_len
         key_pos = torch.arange(length, device=tokens.device)
-        mask = key_pos[None, :] <= positions[:, None]  # (T, length) bool
         x = self.tok_embeddings(tokens)
-        rope = self.rope[positions]
+        # (T, length) additive mask, made once per forward (a bool mask is converted in every layer)
+        mask = torch.zeros((positions.shape[0], length), dtype=x.dtype, device=x.device).masked_fill_(
+            key_pos[None, :] > positions[:, None], float("-inf"))
         for block in self.layers:
-            x = block(x, rope, positions, mask)
+            x = block(x, self.rope, positions, mask)
         return self.output(self.norm(x)).float()

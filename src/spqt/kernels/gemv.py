@@ -196,15 +196,30 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     _store_nibble_sums(out, acc7, b, 7, 16)
 
 
+EPILOGUE_NONE, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
+
+
 @triton.jit
-def _reduce_kernel(part_ptr, y_ptr, N, NP, SPLIT, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr):
+def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr,
+                   EPILOGUE: tl.constexpr):
     """y[n] = sum over s of part[s, n]: one (SPLIT, BLOCK) tile, a fixed reduction tree
-    (deterministic run to run), all partial loads in flight at once."""
+    (deterministic run to run), all partial loads in flight at once; then the epilogue, in fp32:
+    RESIDUAL y[n] = r[n] + sum, n < N; SWIGLU (rows gate|up stacked, F = N / 2)
+    y[n] = silu(sum[n]) * sum[F + n], n < F. One rounding to y's dtype at the end."""
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.arange(0, SPLIT_P2)
-    m = (s[:, None] < SPLIT) & (n[None, :] < N)
-    parts = tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0)
-    tl.store(y_ptr + n, tl.sum(parts, axis=0).to(y_ptr.dtype.element_ty), mask=n < N)
+    if EPILOGUE == 2:
+        m = (s[:, None] < SPLIT) & (n[None, :] < F)
+        gate = tl.sum(tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0), axis=0)
+        up = tl.sum(tl.load(part_ptr + s[:, None] * NP + F + n[None, :], mask=m, other=0.0), axis=0)
+        y = gate / (1.0 + tl.exp(-gate)) * up
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < F)
+    else:
+        m = (s[:, None] < SPLIT) & (n[None, :] < N)
+        y = tl.sum(tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0), axis=0)
+        if EPILOGUE == 1:
+            y += tl.load(r_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
 
 
 @triton.jit
@@ -328,9 +343,12 @@ class ZigzagWorkspace:
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 block_k: int = 16, num_warps: int = 4, ahead: int = 1, idx: torch.Tensor | None = None,
-                count: torch.Tensor | None = None, _probe_no_math: bool = False) -> torch.Tensor:
+                count: torch.Tensor | None = None, residual: torch.Tensor | None = None, swiglu: bool = False,
+                _probe_no_math: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
-    Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace)."""
+    Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
+    an epilogue fused into the reduction: residual (N,) x's dtype -> residual + W x; swiglu (W is
+    gate|up stacked, N even) -> silu(gate) * up, a view ws.y[:N / 2]."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
     _check_x(w, x)
@@ -341,6 +359,10 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if ws.y.dtype != x.dtype:
         raise ValueError(f"workspace output is {ws.y.dtype}, x is {x.dtype}")
     n, k = w.shape
+    if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
+        raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
+    if swiglu and (n % 2 or residual is not None):
+        raise ValueError("swiglu needs an even N (gate|up stacked) and no residual")
     rows = w.quants.shape[0]
     dummy = ws.count
     _zigzag_kernel[(rows, ws.split)](
@@ -349,9 +371,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         MODE=mode, BLOCK_K=block_k, AHEAD=ahead, MATH=not _probe_no_math, num_warps=num_warps)
     split_p2 = triton.next_power_of_2(ws.split)
     block = max(16, min(256, 4096 // split_p2))
-    _reduce_kernel[(triton.cdiv(n, block),)](ws.partials, ws.y, n, ws.np, ws.split, BLOCK=block, SPLIT_P2=split_p2,
-                                             num_warps=4)
-    return ws.y
+    epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
+    outputs = n // 2 if swiglu else n
+    _reduce_kernel[(triton.cdiv(outputs, block),)](
+        ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2,
+        BLOCK=block, SPLIT_P2=split_p2, EPILOGUE=epilogue, num_warps=4)
+    return ws.y[:outputs] if swiglu else ws.y
 
 
 def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, out: torch.Tensor | None = None,

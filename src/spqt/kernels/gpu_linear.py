@@ -1,9 +1,11 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
-for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for several tokens."""
+for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for several tokens.
+A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less)."""
 
 import torch
 
 from spqt.checkpoint import QuantizedWeight
+from spqt.functional import linear_epilogue
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels.collect import collect
@@ -33,23 +35,30 @@ class TritonLinear:
         w = kg.dequantize(self.w, x.dtype)
         return torch.nn.functional.linear(x, w)
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.k:
-            return self._gemm(x)
-        v = x.reshape(self.k)
-        if self.w.layout == "zigzag":
-            c = self.cfg_dense
-            y = kg.gemv_zigzag(self.w, v, kg.MODE_DENSE, self.ws_dense, **tuning.launch_args(c))
-        else:
-            y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
-        return y.view(*x.shape[:-1], self.n)
+    def _gemv_epilogue(self, residual: torch.Tensor | None, swiglu: bool) -> dict | None:
+        """The fused-epilogue arguments of gemv_zigzag, or None where the epilogue runs in torch."""
+        if self.w.layout != "zigzag" or (residual is not None and residual.numel() != self.n):
+            return None
+        return {"residual": None if residual is None else residual.reshape(self.n).contiguous(), "swiglu": swiglu}
 
-    def sparse(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        if x.numel() != self.k or self.w.layout != "zigzag":
-            return self.dense(sparsify(x, threshold))
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        if x.numel() != self.k:
+            return linear_epilogue(self._gemm(x), residual, swiglu)
+        v = x.reshape(self.k)
+        fused = self._gemv_epilogue(residual, swiglu)
+        if fused is not None:
+            y = kg.gemv_zigzag(self.w, v, kg.MODE_DENSE, self.ws_dense, **tuning.launch_args(self.cfg_dense), **fused)
+            return y.view(*x.shape[:-1], y.numel())
+        y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
+        return linear_epilogue(y.view(*x.shape[:-1], self.n), residual, swiglu)
+
+    def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
+               swiglu: bool = False) -> torch.Tensor:
+        fused = self._gemv_epilogue(residual, swiglu)
+        if x.numel() != self.k or fused is None:
+            return self.dense(sparsify(x, threshold), residual, swiglu)
         v = x.reshape(self.k)
         ws, c = self.ws_sparse, self.cfg_sparse
         idx, count = collect(v, threshold, ws.idx, ws.count)
-        y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(c),
-                           idx=idx, count=count)
-        return y.view(*x.shape[:-1], self.n)
+        y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(c), idx=idx, count=count, **fused)
+        return y.view(*x.shape[:-1], y.numel())

@@ -6,6 +6,7 @@ Shapes: x (..., K) fp16/bf16/fp32; thresholds 0-dim fp32; weights (N, K) after d
 import torch
 
 from spqt.checkpoint import QuantizedWeight
+from spqt.functional import linear_epilogue
 
 
 def sparsify(x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
@@ -43,8 +44,9 @@ class ReferenceLinear:
         w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
         self.weight = w.to(device=device, dtype=dtype).contiguous()
 
-    def dense(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.weight)
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        return linear_epilogue(torch.nn.functional.linear(x, self.weight), residual, swiglu)
 
-    def sparse(self, x: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(sparsify(x, threshold), self.weight)
+    def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
+               swiglu: bool = False) -> torch.Tensor:
+        return self.dense(sparsify(x, threshold), residual, swiglu)
