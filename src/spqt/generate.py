@@ -60,12 +60,16 @@ def set_thresholds(model: Transformer, table: torch.Tensor | None) -> None:
     """table: (n_layers, 4) thresholds in INPUT_KINDS order, or None for dense."""
     for layer, kind, lin in sparse_linears(model):
         lin.set_threshold(None if table is None else float(table[layer, sp.INPUT_KINDS.index(kind)]))
+    model.switches = {**getattr(model, "switches", {}), "thresholds": table is not None}
 
 
 def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
+    """Turn the thresholds on or off in every linear map (and the achieved-sparsity counting).
+    model.switches records the setting, so a captured decode graph knows when it is stale."""
     for _, _, lin in sparse_linears(model):
         lin.sparse = active
         lin.track = track
+    model.switches = {**getattr(model, "switches", {}), "sparse": active, "track": track}
 
 
 def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
@@ -147,8 +151,12 @@ class Generator:
         self.use_graph = self.device == "cuda"
         self._graph = None
         self._graph_key = None
-        self._tok = torch.zeros((1, 1), dtype=torch.int64, device=self.device)
-        self._pos = torch.zeros((1,), dtype=torch.int64, device=self.device)
+        # The step's inputs, token and position, as one device vector filled by one host copy
+        self._io = torch.zeros(2, dtype=torch.int64, device=self.device)
+        self._io_host = torch.zeros(2, dtype=torch.int64, pin_memory=self.device == "cuda")
+        self._io_copied = torch.cuda.Event() if self.device == "cuda" else None
+        self._tok = self._io[0:1].view(1, 1)
+        self._pos = self._io[1:2]
 
     def set_sparsity(self, sparsity: float, mode: str = "unified", table: torch.Tensor | None = None) -> None:
         """Choose the calibrated thresholds of a level (0: dense), or an explicit (layers, 4) table."""
@@ -169,16 +177,22 @@ class Generator:
         self._graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self._graph):
             self._logits = self.model(self._tok, self._pos)
+            self.greedy_token = self._logits[:, -1].argmax(-1)  # (1,): greedy decoding needs no other launch
 
-    def decode_step(self, token: torch.Tensor, pos: int) -> torch.Tensor:
-        """One token (1,) at position pos -> logits (1, 1, vocab); a graph replay on CUDA."""
+    def decode_step(self, token: torch.Tensor | int, pos: int) -> torch.Tensor:
+        """One token at position pos -> logits (1, 1, vocab). On CUDA a graph replay, after which
+        self.greedy_token (1,) holds the logits' argmax."""
         if not self.use_graph:
-            return self.model(token.view(1, 1), torch.tensor([pos], device=self.device), kv_len=pos + 1)
+            tok = torch.as_tensor(token, device=self.device).view(1, 1)
+            return self.model(tok, torch.tensor([pos], device=self.device), kv_len=pos + 1)
         # Re-capture when the switches change or the KV cache was re-allocated (perplexity does).
-        key = (tuple((lin.sparse, lin.track, lin.threshold is None) for _, _, lin in sparse_linears(self.model)),
+        key = (tuple(sorted(getattr(self.model, "switches", {}).items())),
                self.model.layers[0].attention.cache.k.data_ptr())
-        self._tok.copy_(token.view(1, 1))
-        self._pos.fill_(pos)
+        self._io_copied.synchronize()  # the pinned buffer is free again
+        self._io_host[0] = int(token)
+        self._io_host[1] = pos
+        self._io.copy_(self._io_host, non_blocking=True)
+        self._io_copied.record()
         if self._graph is None or key != self._graph_key:
             self._capture()
             self._graph_key = key
@@ -223,10 +237,11 @@ class Generator:
             if t in stop_ids or len(out) == max_new_tokens:
                 break
             t0 = time.perf_counter()
-            logits = self.decode_step(token, pos)
+            logits = self.decode_step(t, pos)
             if on_logits:
                 on_logits(logits[:, -1].float().cpu())
-            token = sample(logits[:, -1], sampling, gen)
+            greedy_in_graph = self.use_graph and sampling.temperature == 0
+            token = self.greedy_token if greedy_in_graph else sample(logits[:, -1], sampling, gen)
             self._sync()
             steps.append(time.perf_counter() - t0)
             pos += 1
