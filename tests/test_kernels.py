@@ -106,16 +106,22 @@ def test_collect_equals_nonzero(rng, device, sparsity):
         assert torch.equal(idx[: int(count)].long(), expect)
         ref_idx, ref_count = reference.collect(x, t)
         assert int(ref_count) == int(count) and torch.equal(ref_idx[: int(count)], idx[: int(count)])
+        idx.fill_(-7777)
+        count.fill_(-1)
+        collect(x, t, idx, count, segment=256)  # several programs, each counting the ones before it
+        assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
 def _zigzag_configs(device):
     """(split, launch config): the interpreter runs the tile logic (block_k) at small shapes; the GPU
     also every (block_k, num_warps) pair `spqt tune` may pick, each a different thread layout."""
     if device == "cpu":
-        return [(1, {}), (3, {"block_k": 8}), (2, {"block_k": 32, "ahead": 2})]
+        return [(1, {}), (3, {"block_k": 8}), (2, {"block_k": 32, "ahead": 2}), (2, {"block_k": 8, "tiles": 2})]
     pairs = [(b * w, w) for w in (2, 4, 8) for b in (4, 8)]
     configs = [(split, {"block_k": b, "num_warps": w}) for split in (1, 3, 64) for b, w in pairs]
-    return configs + [(7, {"block_k": b, "num_warps": w, "ahead": a}) for b, w in pairs for a in (1, 2)]
+    configs += [(7, {"block_k": b, "num_warps": w, "ahead": a}) for b, w in pairs for a in (1, 2)]
+    return configs + [(s, {"block_k": 4 * w, "num_warps": w, "tiles": 2}) for s in (1, 7) for w in (2, 4)] + \
+        [(7, {"block_k": 16, "num_warps": 4, "tiles": 2, "maxnreg": 96})]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -271,4 +277,11 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         path.write_text(json.dumps({"kernel_version": version, "entries": {"zigzag_dense": {"64x64": entry}}}))
         tuning._load_table.cache_clear()
         assert tuning.config("zigzag_dense", 64, 64) == expect
+    # a missing shape borrows the nearest N of the same K, split scaled by the superblock rows
+    entries = {"zigzag_dense": {"4096x4096": dict(entry, split=40), "12288x4096": dict(entry, split=12)}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
+    tuning._load_table.cache_clear()
+    assert tuning.config("zigzag_dense", 11008, 4096) == {"split": 13, "block_k": 8, "num_warps": 2, "ahead": 2}
+    assert tuning.config("zigzag_dense", 4096, 4096)["split"] == 40
+    assert tuning.config("zigzag_dense", 4096, 8192) == tuning.default_config("zigzag_dense", 4096, 8192)
     tuning._load_table.cache_clear()

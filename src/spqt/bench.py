@@ -31,6 +31,21 @@ MODEL_SHAPES = {
     "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
 VARIANTS = ("B0", "B1", "B2", "B3", "B4", "fp16")
+# SmolLM2-135M, the default model: what `runtime` adds besides the synthetic models
+DEFAULT_MODEL_DIMS = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536)
+
+
+def runtime_shapes() -> list[tuple[int, int]]:
+    """The (N, K) of the matrices the runtime multiplies: q|k|v and gate|up fused, o, down, for
+    the synthetic models and the default model (`spqt tune` times these too)."""
+    from spqt.bench_decode import SYNTHETIC
+    from spqt.config import ModelConfig
+
+    shapes = []
+    for dims in [*SYNTHETIC.values(), DEFAULT_MODEL_DIMS]:
+        c = ModelConfig(**dims)
+        shapes += [(c.q_dim + 2 * c.kv_dim, c.dim), (c.dim, c.q_dim), (2 * c.ffn_dim, c.dim), (c.dim, c.ffn_dim)]
+    return list(dict.fromkeys(shapes))
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
@@ -39,13 +54,15 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     shapes = []
     for item in text.split(","):
         item = item.strip()
-        if item in MODEL_SHAPES:
+        if item == "runtime":
+            shapes += runtime_shapes()
+        elif item in MODEL_SHAPES:
             shapes += MODEL_SHAPES[item]
         elif "x" in item:
             n, k = item.lower().split("x")
             shapes.append((int(n), int(k)))
         elif item:
-            raise SpqtError(f"unknown shape {item!r}: use NxK or one of {', '.join(MODEL_SHAPES)}")
+            raise SpqtError(f"unknown shape {item!r}: use NxK, runtime or one of {', '.join(MODEL_SHAPES)}")
     return list(dict.fromkeys(shapes))
 
 

@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
-    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b")
+    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime",
+                   help="NxK list or names; runtime = the fused matrices of the synthetic and default models")
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
     p.set_defaults(func=cmd_tune)
     return parser

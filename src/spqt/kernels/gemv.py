@@ -34,11 +34,14 @@ MAGIC = 0x4B000000  # the bits of float32 2^23, see _nibble_at
 
 @triton.jit
 def _head(h_ptr, blk, m):
-    """The 4 head words of blocks `blk`, d and dmin as float32, and the packed scale words 1-3."""
-    w0 = tl.load(h_ptr + blk * 4 + 0, mask=m, other=0)
-    w1 = tl.load(h_ptr + blk * 4 + 1, mask=m, other=0)
-    w2 = tl.load(h_ptr + blk * 4 + 2, mask=m, other=0)
-    w3 = tl.load(h_ptr + blk * 4 + 3, mask=m, other=0)
+    """The 16-byte heads of blocks `blk` (h_ptr: the head array viewed as int64 pairs, two 8-byte
+    loads instead of four 4-byte ones): d and dmin as float32, and the packed scale words 1-3."""
+    lo = tl.load(h_ptr + blk * 2 + 0, mask=m, other=0)
+    hi = tl.load(h_ptr + blk * 2 + 1, mask=m, other=0)
+    w0 = lo.to(tl.int32)
+    w1 = (lo >> 32).to(tl.int32)
+    w2 = hi.to(tl.int32)
+    w3 = (hi >> 32).to(tl.int32)
     d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     return d, dmin, w1, w2, w3
@@ -133,8 +136,11 @@ def _store_nibble_sums(out, acc, b, N: tl.constexpr, P: tl.constexpr):
 
 @triton.jit
 def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
-                   MODE: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, MATH: tl.constexpr = True):
+                   MODE: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr, TILES: tl.constexpr = 1,
+                   MATH: tl.constexpr = True):
     """Program (r, s): superblock row r, list share s -> part[s, 256 r : 256 r + 256] (fp32).
+    TILES = 2 (with AHEAD = 1): each step loads two tiles of BLOCK_K columns that add into the same
+    accumulators, so a thread has twice the words in flight for the same accumulator registers.
     MATH=False is a probe, not a result: the same loads, one add per word instead of the
     dequantize-and-FMA, to measure what the memory path alone can do (benchmarks only)."""
     r = tl.program_id(0)
@@ -143,7 +149,7 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
         total = tl.load(count_ptr)
     else:
         total = K
-    per = tl.cdiv(tl.cdiv(total, SPLIT), BLOCK_K) * BLOCK_K
+    per = tl.cdiv(tl.cdiv(total, SPLIT), TILES * BLOCK_K) * TILES * BLOCK_K
     lo = s * per
     hi = tl.minimum(total, lo + per)
     acc0 = tl.zeros((BLOCK_K, 8, 4), dtype=tl.float32)
@@ -164,7 +170,24 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     k, m = _zigzag_columns(idx_ptr, lo, hi, MODE, BLOCK_K)
     xd, xm, words, w1, w2, w3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
     k, m = _zigzag_columns(idx_ptr, lo + BLOCK_K, hi, MODE, BLOCK_K)
-    if AHEAD == 1:
+    if TILES == 2:
+        # tile pairs (j, j + BLOCK_K): pair j + 2 BLOCK_K in flight while pair j is computed
+        xd1, xm1, words1, w11, w21, w31 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+        k, m = _zigzag_columns(idx_ptr, lo + 2 * BLOCK_K, hi, MODE, BLOCK_K)
+        k1, m1 = _zigzag_columns(idx_ptr, lo + 3 * BLOCK_K, hi, MODE, BLOCK_K)
+        for j in range(lo, hi, 2 * BLOCK_K):
+            nk, nm = _zigzag_columns(idx_ptr, j + 4 * BLOCK_K, hi, MODE, BLOCK_K)
+            nk1, nm1 = _zigzag_columns(idx_ptr, j + 5 * BLOCK_K, hi, MODE, BLOCK_K)
+            nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+            nxd1, nxm1, nwords1, nw11, nw21, nw31 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k1, m1, K, MODE)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic, MATH)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd1, xm1, words1, w11, w21, w31, magic, MATH)
+            xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
+            xd1, xm1, words1, w11, w21, w31 = nxd1, nxm1, nwords1, nw11, nw21, nw31
+            k, m, k1, m1 = nk, nm, nk1, nm1
+    elif AHEAD == 1:
         for j in range(lo, hi, BLOCK_K):
             nk, nm = _zigzag_columns(idx_ptr, j + 2 * BLOCK_K, hi, MODE, BLOCK_K)
             nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
@@ -342,10 +365,12 @@ class ZigzagWorkspace:
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
-                block_k: int = 16, num_warps: int = 4, ahead: int = 1, idx: torch.Tensor | None = None,
+                block_k: int = 16, num_warps: int = 4, ahead: int = 1, tiles: int = 1, maxnreg: int | None = None,
+                idx: torch.Tensor | None = None,
                 count: torch.Tensor | None = None, residual: torch.Tensor | None = None, swiglu: bool = False,
                 _probe_no_math: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
+    block_k, num_warps, ahead, tiles, maxnreg (a register cap for ptxas): the tuned config.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue fused into the reduction: residual (N,) x's dtype -> residual + W x; swiglu (W is
     gate|up stacked, N even) -> silu(gate) * up, a view ws.y[:N / 2]."""
@@ -358,6 +383,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError("B4 needs idx and count from collect()")
     if ws.y.dtype != x.dtype:
         raise ValueError(f"workspace output is {ws.y.dtype}, x is {x.dtype}")
+    if tiles not in (1, 2) or ahead not in (1, 2) or (tiles == 2 and ahead != 1):
+        raise ValueError(f"tiles {tiles}, ahead {ahead}: supported are ahead 1 or 2 with one tile, ahead 1 with two")
     n, k = w.shape
     if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
@@ -366,9 +393,10 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     rows = w.quants.shape[0]
     dummy = ws.count
     _zigzag_kernel[(rows, ws.split)](
-        w.quants, w.head, x, threshold if threshold is not None else x, idx if idx is not None else dummy,
+        w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x, idx if idx is not None else dummy,
         count if count is not None else dummy, ws.partials, k, ws.np, ws.split, MAGIC,
-        MODE=mode, BLOCK_K=block_k, AHEAD=ahead, MATH=not _probe_no_math, num_warps=num_warps)
+        MODE=mode, BLOCK_K=block_k, AHEAD=ahead, TILES=tiles, MATH=not _probe_no_math, num_warps=num_warps,
+        maxnreg=maxnreg)
     split_p2 = triton.next_power_of_2(ws.split)
     block = max(16, min(256, 4096 // split_p2))
     epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
@@ -389,7 +417,7 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
     out = torch.empty(n, dtype=x.dtype, device=x.device) if out is None else out
     kb = w.quants.shape[1]
     _row_kernel[(triton.cdiv(n, block_n),)](
-        w.quants, w.head, x, threshold if threshold is not None else x, out, n, k, kb, MAGIC,
+        w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x, out, n, k, kb, MAGIC,
         SPARSE=threshold is not None, BLOCK_N=block_n, num_warps=num_warps)
     return out
 
@@ -401,6 +429,6 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     cols = w.quants.shape[1]
     total = w.quants.shape[0] * cols
     block_b = 16
-    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head, out, n, k, cols, total, MAGIC,
+    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head.view(torch.int64), out, n, k, cols, total, MAGIC,
                                                      ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4)
     return out

@@ -2,8 +2,8 @@
 
 The table is JSON, one file per GPU and Triton version (``tuned/<gpu>--triton-<ver>.json``),
 shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense") and the
-exact shape "NxK". A missing entry falls back to :func:`default_config`; nothing re-tunes
-silently (``spqt tune`` does, on request).
+exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
+same K, else to :func:`default_config`; nothing re-tunes silently (``spqt tune`` does, on request).
 """
 
 import json
@@ -61,14 +61,36 @@ def default_config(variant: str, n: int, k: int) -> dict:
 
 
 def launch_args(cfg: dict) -> dict:
-    """The keyword arguments of gemv_zigzag in a zigzag config (prefetch depth 1 where a table has none)."""
-    return {"block_k": cfg["block_k"], "num_warps": cfg["num_warps"], "ahead": cfg.get("ahead", 1)}
+    """The keyword arguments of gemv_zigzag in a zigzag config (prefetch depth 1, one tile per
+    step and no register cap where a table has none)."""
+    args = {"block_k": cfg["block_k"], "num_warps": cfg["num_warps"], "ahead": cfg.get("ahead", 1),
+            "tiles": cfg.get("tiles", 1)}
+    if cfg.get("maxnreg"):
+        args["maxnreg"] = cfg["maxnreg"]
+    return args
+
+
+def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
+    """The tuned entry of the same K with the closest N, its split scaled to launch about as many
+    programs (a shape the table lacks borrows its neighbour's tile and warps)."""
+    import math
+
+    same_k = [(int(key.split("x")[0]), e) for key, e in entries.items() if int(key.split("x")[1]) == k]
+    if not same_k:
+        return None
+    n_near, entry = min(same_k, key=lambda item: abs(math.log(item[0] / n)))
+    entry = dict(entry)
+    if variant != "row_dense":
+        entry["split"] = max(1, min(round(entry["split"] * -(-n_near // 256) / -(-n // 256)), -(-k // 4)))
+    return entry
 
 
 def config(variant: str, n: int, k: int) -> dict:
+    """The tuned config of this GPU for the shape, else its nearest tuned neighbour, else the default."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant}")
-    entry = _load_table(device_key()).get(variant, {}).get(f"{n}x{k}")
+    entries = _load_table(device_key()).get(variant, {})
+    entry = entries.get(f"{n}x{k}") or _nearest_entry(entries, variant, n, k)
     if not entry:
         return default_config(variant, n, k)
     return {key: value for key, value in entry.items() if key != "us"}  # "us": the tuner's timing
@@ -81,8 +103,12 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 4))) for f in (0.5, 1, 2, 3, 4, 6, 8, 12)})
-    return [{"split": s, "block_k": b * w, "num_warps": w, "ahead": a}
-            for s in splits for b in (4, 8) for w in (2, 4, 8) for a in (1, 2)]
+    shapes = [{"block_k": b * w, "num_warps": w, "ahead": a} for w in (2, 4, 8) for b in (4, 8) for a in (1, 2)]
+    # two tiles per step (4 words per thread each), and the same capped at 96 registers where
+    # that does not spill (4 warps; offline SASS: 96 regs, no stack) -> 5 programs per SM, not 4
+    shapes += [{"block_k": 4 * w, "num_warps": w, "ahead": 1, "tiles": 2} for w in (2, 4)]
+    shapes += [{"block_k": 16, "num_warps": 4, "ahead": 1, "tiles": 2, "maxnreg": 96}]
+    return [{"split": s, **shape} for s in splits for shape in shapes]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:
