@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # One call on the device machine: the `gpu` tests and the benchmarks, logs and JSON under $OUT.
 #   scripts/gpu_session.sh kernels   spqt tune, the B2 probe, spqt bench gemv (+ plot)
+#   scripts/gpu_session.sh bench     the B2 probe and spqt bench gemv with the shipped table
 #   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts)
 #   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
+#   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
 #   scripts/gpu_session.sh model     default-model perplexity tables
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
@@ -31,6 +33,10 @@ case "$stage" in
     python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.log"
     python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
     ;;
+  bench)
+    python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.log"
+    python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
+    ;;
   tests)
     export SPQT_CACHE=/tmp/spqt-cache
     python3 -m pytest -q -m gpu tests -rxX -s 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
@@ -44,6 +50,16 @@ case "$stage" in
     for s in 0 0.5; do
       python3 -m spqt.cli generate -p "The three primary colors are" -n 128 --sparsity $s --device cuda 2>&1 | grep -v WARN | tail -3
     done
+    ;;
+  profile)
+    export SPQT_CACHE=/tmp/spqt-cache
+    for s in 0 0.5; do
+      python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" 2>&1 | grep -v WARN | head -40
+    done
+    ncu --clock-control none --kernel-name regex:_zigzag_kernel --launch-skip 2 --launch-count 4 --section SpeedOfLight --section Occupancy \
+      --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
+      python3 scripts/ncu_gemv.py 28672x8192 > "$OUT/ncu-gemv.txt" 2>&1
+    grep -E "zigzag_kernel|Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|No Eligible|Block Limit" "$OUT/ncu-gemv.txt" | head -80
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

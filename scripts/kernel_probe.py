@@ -40,3 +40,15 @@ for shape in [(4096, 4096), (28672, 8192), (8192, 28672)]:
             print("compiled:", compiled.metadata.num_warps, "warps,", compiled.n_regs, "regs,", compiled.n_spills, "spills")
     del ops
     torch.cuda.empty_cache()
+
+# The index collection alone (B4's first launch), per segment length (the default is 256).
+from spqt.kernels.collect import collect
+
+for k in (4096, 11008, 14336, 28672):
+    x = torch.randn(k, device="cuda").half()
+    t = torch.quantile(x.float().abs(), 0.5).reshape(())
+    idx = torch.empty(k, dtype=torch.int32, device="cuda")
+    count = torch.empty((), dtype=torch.int32, device="cuda")
+    res = {seg: time_graph([lambda seg=seg: collect(x, t, idx, count, segment=seg)] * 16) * 1e6
+           for seg in (256, 512, 1024, 2048)}
+    print(f"collect K={k} at 50 %: " + ", ".join(f"segment {seg} {us:.2f} us" for seg, us in res.items()))

@@ -1,21 +1,80 @@
-import time, torch
-from spqt.checkpoint import load_spqt
-from spqt.default_model import default_spqt
+"""Where one decode step's time goes, per kernel (device machine; prints a table, writes JSON).
+
+    python3 scripts/profile_decode.py [--model synthetic:llama2-7b|default] [--sparsity 0.5] [--json OUT]
+
+The step is the CUDA graph the runtime replays. We time replays with CUDA events (the step's
+device time, no host work), then record a few replays under torch.profiler and group the
+kernels by name: calls per step and device microseconds per step. The difference between the
+replay time and the kernels' sum is the gap between kernels (launch latency inside the graph).
+"""
+
+import argparse
+import json
+import statistics
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from spqt.bench_decode import calibrate_on_own_activations, synthetic_model
 from spqt.generate import Generator
-loaded = load_spqt(default_spqt(progress=False))
-gen = Generator(loaded, "cuda", max_len=160)
-r = gen.generate(list(range(100, 110)), 20, track=False)
-print("steps ms", [round(1e3*s, 3) for s in r.step_seconds[:8]])
-g = gen._graph
-torch.cuda.synchronize(); t = time.perf_counter()
-for _ in range(50): g.replay()
-torch.cuda.synchronize(); print("replay only ms", 1e3*(time.perf_counter()-t)/50)
-tok = torch.tensor([5], device="cuda")
-torch.cuda.synchronize(); t = time.perf_counter()
-for i in range(20): gen.decode_step(tok, 50 + i)
-torch.cuda.synchronize(); print("decode_step only ms", 1e3*(time.perf_counter()-t)/20)
-from torch.profiler import profile, ProfilerActivity
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
-    for i in range(5): gen.decode_step(tok, 60 + i); torch.cuda.synchronize()
-print(p.key_averages().table(sort_by="cuda_time_total", row_limit=12))
-print(p.key_averages().table(sort_by="cpu_time_total", row_limit=8))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="synthetic:llama2-7b")
+    ap.add_argument("--sparsity", type=float, default=0.0)
+    ap.add_argument("--layout", default="zigzag")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    if args.model.startswith("synthetic:"):
+        loaded = synthetic_model(args.model.split(":", 1)[1], args.layout, 64)
+    else:
+        from spqt.checkpoint import load_spqt
+        from spqt.default_model import default_spqt
+
+        loaded = load_spqt(default_spqt(progress=False))
+    gen = Generator(loaded, "cuda", max_len=64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
+    if args.sparsity > 0:
+        table = (calibrate_on_own_activations(gen, prompt, args.sparsity)
+                 if args.model.startswith("synthetic:") else None)
+        gen.set_sparsity(args.sparsity, table=table)
+    gen.generate(prompt.tolist(), 8, track=False)  # captures the graph with the chosen setting
+    graph = gen._graph
+    times = []
+    for _ in range(30):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) * 1e3)
+    step_us = statistics.median(times)
+    reps = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            graph.replay()
+        torch.cuda.synchronize()
+    per_name = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_name[ev.name][0] += 1
+            per_name[ev.name][1] += ev.device_time
+    rows = sorted(((name, n / reps, us / reps) for name, (n, us) in per_name.items()), key=lambda r: -r[2])
+    kernel_us = sum(r[2] for r in rows)
+    launches = sum(r[1] for r in rows)
+    print(f"{args.model} {args.layout} sparsity {args.sparsity}: graph replay {step_us:.1f} us/step (median of 30), "
+          f"{launches:.0f} kernels, their sum {kernel_us:.1f} us, gaps {step_us - kernel_us:.1f} us")
+    print(f"{'kernel':70s} {'calls':>6s} {'us/step':>9s} {'us/call':>8s} {'share':>6s}")
+    for name, n, us in rows:
+        print(f"{name[:70]:70s} {n:6.0f} {us:9.1f} {us / n:8.2f} {100 * us / step_us:5.1f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "layout": args.layout, "sparsity": args.sparsity,
+                       "device": torch.cuda.get_device_name(), "step_us": step_us, "kernel_sum_us": kernel_us,
+                       "kernels": [{"name": n, "calls": c, "us": u} for n, c, u in rows]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

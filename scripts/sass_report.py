@@ -1,0 +1,66 @@
+"""Registers, spills and instruction counts of the zigzag GEMV kernel for Hopper, compiled here
+(no GPU needed: Triton builds the sm_90 cubin; nvdisasm from Triton's bundle reads it).
+
+    python scripts/sass_report.py [block_k,num_warps,ahead[,tiles] ...]   (default: the tuner's pairs)
+"""
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from spqt.kernels import gemv as kg
+
+BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
+
+
+def compile_zigzag(block_k: int, num_warps: int, ahead: int, tiles: int = 1, mode: int = kg.MODE_DENSE, **extra):
+    sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": "*fp16", "t_ptr": "*fp32", "idx_ptr": "*i32",
+           "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32", "NP": "i32", "SPLIT": "i32", "magic": "i32",
+           "MODE": "constexpr", "BLOCK_K": "constexpr", "AHEAD": "constexpr", "TILES": "constexpr", "MATH": "constexpr", **extra.get("sig", {})}
+    constexprs = {"MODE": mode, "BLOCK_K": block_k, "AHEAD": ahead, "TILES": tiles, "MATH": True, **extra.get("const", {})}
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
+    src = ASTSource(kg._zigzag_kernel, sig, constexprs, attrs=attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def report(compiled) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True).stdout
+        usage = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True).stdout
+    regs = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    lines, labels, best = [], {}, []
+    for ln in sass.splitlines():
+        label = re.match(r"^(\.L_\w+):", ln.strip())
+        if label:
+            labels[label.group(1)] = len(lines)
+        elif re.search(r"/\*[0-9a-f]{4}\*/", ln):
+            lines.append(ln)
+            target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
+            if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
+                best = lines[labels[target.group(1)]:]  # a backward branch closes a loop
+    ops = {}
+    for ln in best:
+        m = re.search(r"\*/\s+(?:@!?P\d\s+)?([A-Z][A-Z0-9_.]*)", ln)
+        if m:
+            op = m.group(1).split(".")[0]
+            ops[op] = ops.get(op, 0) + 1
+    top = ", ".join(f"{k} {v}" for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:8])
+    return f"{regs} regs, stack {stack} B, {len(lines)} instructions; longest loop {len(best)}: {top}"
+
+
+if __name__ == "__main__":
+    configs = [tuple(int(v) for v in a.split(",")) for a in sys.argv[1:]] or \
+        [(b * w, w, a) for w in (2, 4, 8) for b in (4, 8) for a in (1, 2)]
+    for cfg in configs:
+        print(f"block_k {cfg[0]:3d} warps {cfg[1]} ahead {cfg[2]} tiles {cfg[3] if len(cfg) > 3 else 1}:",
+              report(compile_zigzag(*cfg)))
