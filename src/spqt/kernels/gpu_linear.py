@@ -54,8 +54,8 @@ class TritonLinear:
 
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                swiglu: bool = False) -> torch.Tensor:
-        fused = self._gemv_epilogue(residual, swiglu)
-        if x.numel() != self.k or fused is None:
+        fused = self._gemv_epilogue(residual, swiglu) if x.numel() == self.k else None
+        if fused is None:
             return self.dense(sparsify(x, threshold), residual, swiglu)
         v = x.reshape(self.k)
         ws, c = self.ws_sparse, self.cfg_sparse
