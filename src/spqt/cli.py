@@ -143,8 +143,9 @@ def cmd_generate(args) -> int:
 
     result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream)
     print()
+    first = f" (first step {1e3 * result.step_seconds[0]:.0f} ms)" if result.step_seconds else ""
     print(f"prompt: {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tokens/s | "
-          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s")
+          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}")
     if result.sparsity:
         parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.sparsity.items())
         print(f"achieved sparsity (target {100 * args.sparsity:g}%): {parts}")

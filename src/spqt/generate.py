@@ -129,8 +129,10 @@ class GenerationResult:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        n = len(self.step_seconds)
-        return n / sum(self.step_seconds) if n else 0.0
+        """Steps per second after the first step (on CUDA the first captures the graph, and compiles
+        the kernels on a fresh machine); over all steps when there is only one."""
+        steps = self.step_seconds[1:] or self.step_seconds
+        return len(steps) / sum(steps) if steps else 0.0
 
 
 class Generator:
