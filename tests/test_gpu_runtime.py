@@ -25,6 +25,20 @@ def test_graph_replay_equals_eager(tiny_spqt):
         assert a == b, f"sparsity {s}: graph {a} vs eager {b}"
 
 
+def test_graphs_per_attention_span_equal_eager(tiny_spqt):
+    """A long generation crosses attention-span buckets (256, 512 keys): each step's graph attends
+    to its bucket of the cache; the tokens equal eager decoding, which attends to pos + 1 keys."""
+    loaded = load_spqt(tiny_spqt)
+    prompt = [3, 17, 42, 5, 9]
+    graph = Generator(loaded, "cuda", dtype=torch.float32, max_len=600)
+    eager = Generator(loaded, "cuda", dtype=torch.float32, max_len=600)
+    eager.use_graph = False
+    a = graph.generate(prompt, 300, track=False).tokens
+    assert sorted(graph._graphs) == [256, 512], sorted(graph._graphs)
+    b = eager.generate(prompt, 300, track=False).tokens
+    assert a == b, f"first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}"
+
+
 def _default_loaded(default_gguf):
     from spqt.default_model import default_spqt
 

@@ -15,6 +15,7 @@ from spqt.errors import SpqtError
 from spqt.linear import Linear
 from spqt.model import Transformer
 
+KV_BUCKET_MIN = 256  # the shortest attention span a decode graph is captured for
 
 
 def resolve_device(name: str) -> str:
@@ -149,8 +150,10 @@ class Generator:
         self.set_sparsity(sparsity, mode)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
-        # CUDA graph of one decode step (captured at the first decode, per sparsity setting)
+        # CUDA graphs of one decode step, captured at first use per sparsity setting and per
+        # attention length (see _kv_bucket); self._graph is the one replayed last
         self.use_graph = self.device == "cuda"
+        self._graphs: dict[int, tuple] = {}
         self._graph = None
         self._graph_key = None
         # The step's inputs, token and position, as one device vector filled by one host copy
@@ -167,19 +170,27 @@ class Generator:
         set_thresholds(self.model, table)
         self.sparsity = sparsity
 
-    def _capture(self) -> None:
-        """Capture one decode step (the model's forward) as a CUDA graph over static buffers."""
+    def _kv_bucket(self, pos: int) -> int:
+        """Keys a step at position pos attends to in a graph: the smallest power of two above pos,
+        at least KV_BUCKET_MIN, at most the cache, so attention reads about what the sequence holds
+        instead of the whole preallocated context."""
+        return min(self.max_len, max(KV_BUCKET_MIN, 1 << pos.bit_length()))
+
+    def _capture(self, kv_len: int) -> tuple:
+        """Capture one decode step (the model's forward over kv_len keys) as a CUDA graph over the
+        static inputs: (graph, logits (1, 1, vocab), greedy token (1,))."""
         # The warm-up runs write this step's K/V at this step's position, as the replay will.
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                self.model(self._tok, self._pos)
+                self.model(self._tok, self._pos, kv_len=kv_len)
         torch.cuda.current_stream().wait_stream(stream)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._logits = self.model(self._tok, self._pos)
-            self.greedy_token = self._logits[:, -1].argmax(-1)  # (1,): greedy decoding needs no other launch
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model(self._tok, self._pos, kv_len=kv_len)
+            greedy = logits[:, -1].argmax(-1)  # greedy decoding needs no other launch
+        return graph, logits, greedy
 
     def decode_step(self, token: torch.Tensor | int, pos: int) -> torch.Tensor:
         """One token at position pos -> logits (1, 1, vocab). On CUDA a graph replay, after which
@@ -195,9 +206,12 @@ class Generator:
         self._io_host[1] = pos
         self._io.copy_(self._io_host, non_blocking=True)
         self._io_copied.record()
-        if self._graph is None or key != self._graph_key:
-            self._capture()
-            self._graph_key = key
+        if key != self._graph_key:
+            self._graphs, self._graph_key = {}, key
+        bucket = self._kv_bucket(pos)
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        self._graph, self._logits, self.greedy_token = self._graphs[bucket]
         self._graph.replay()
         return self._logits
 
