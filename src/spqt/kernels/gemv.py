@@ -128,6 +128,17 @@ def _zigzag_accumulate(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd,
 
 
 @triton.jit
+def _zigzag_step(q_ptr, h_ptr, x_ptr, t, r, k, m, K, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias,
+                 xd, xm, words, w1, w2, w3, magic, MODE: tl.constexpr, MATH: tl.constexpr):
+    """One pipeline step: issue the loads of columns k, then add the tile loaded before them.
+    Returns the accumulators and the new tile (still in flight)."""
+    nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
+    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic, MATH)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, nxd, nxm, nwords, nw1, nw2, nw3
+
+
+@triton.jit
 def _store_nibble_sums(out, acc, b, N: tl.constexpr, P: tl.constexpr):
     """Outputs 8 p + N (out: (8, 4) pointers to outputs 8 p): the column sums of acc (read at bit P,
     so carrying 2^P) scaled back, less the min term b of their sub-blocks."""
@@ -190,19 +201,18 @@ def _zigzag_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, 
     elif AHEAD == 1:
         for j in range(lo, hi, BLOCK_K):
             nk, nm = _zigzag_columns(idx_ptr, j + 2 * BLOCK_K, hi, MODE, BLOCK_K)
-            nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic, MATH)
-            xd, xm, words, w1, w2, w3 = nxd, nxm, nwords, nw1, nw2, nw3
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3 = _zigzag_step(
+                q_ptr, h_ptr, x_ptr, t, r, k, m, K, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias,
+                xd, xm, words, w1, w2, w3, magic, MODE, MATH)
             k, m = nk, nm
     else:
         xd1, xm1, words1, w11, w21, w31 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
         k, m = _zigzag_columns(idx_ptr, lo + 2 * BLOCK_K, hi, MODE, BLOCK_K)
         for j in range(lo, hi, BLOCK_K):
             nk, nm = _zigzag_columns(idx_ptr, j + 3 * BLOCK_K, hi, MODE, BLOCK_K)
-            nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_tile(q_ptr, h_ptr, x_ptr, t, r, k, m, K, MODE)
-            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias = _zigzag_accumulate(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, xd, xm, words, w1, w2, w3, magic, MATH)
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias, nxd, nxm, nwords, nw1, nw2, nw3 = _zigzag_step(
+                q_ptr, h_ptr, x_ptr, t, r, k, m, K, acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, bias,
+                xd, xm, words, w1, w2, w3, magic, MODE, MATH)
             xd, xm, words, w1, w2, w3 = xd1, xm1, words1, w11, w21, w31
             xd1, xm1, words1, w11, w21, w31 = nxd, nxm, nwords, nw1, nw2, nw3
             k, m = nk, nm
