@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the device machine: the `gpu` tests and the benchmarks, logs and JSON under $OUT.
-#   scripts/gpu_session.sh kernels   spqt tune, the B2 probe, spqt bench gemv (+ plot)
-#   scripts/gpu_session.sh bench     the B2 probe and spqt bench gemv with the shipped table
+#   scripts/gpu_session.sh kernels   spqt tune, the B4 probe, spqt bench gemv (+ plot)
+#   scripts/gpu_session.sh bench     the B4 probe and spqt bench gemv with the shipped table
 #   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts)
 #   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
@@ -56,7 +56,7 @@ case "$stage" in
     for s in 0 0.5; do
       python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" 2>&1 | grep -v WARN | head -40
     done
-    ncu --clock-control none --kernel-name regex:_zigzag_kernel --launch-skip 2 --launch-count 4 --section SpeedOfLight --section Occupancy \
+    ncu --clock-control none --kernel-name regex:_zigzag_mma_kernel --launch-skip 2 --launch-count 4 --section SpeedOfLight --section Occupancy \
       --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       python3 scripts/ncu_gemv.py 28672x8192 > "$OUT/ncu-gemv.txt" 2>&1
     grep -E "zigzag_kernel|Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|No Eligible|Block Limit" "$OUT/ncu-gemv.txt" | head -80

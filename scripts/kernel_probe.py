@@ -1,5 +1,7 @@
-"""Where B2's time goes: the same loads with and without the dequantize-and-FMA arithmetic, and
-GPU quantization time of a 4096x11008 matrix. Run on the device machine (one short call)."""
+"""Where B4's time goes, with the shipped configs: B2 (dense columns), B4 with every column in
+the list (the cost of indexing alone), B4 at 50 % with random and with every other column active
+(the cost of the access pattern), the collection alone; and GPU quantization time of a
+4096x11008 matrix. Run on the device machine (one short call)."""
 
 import time
 
@@ -20,29 +22,36 @@ for layout in ("row", "zigzag"):
     torch.cuda.synchronize()
     print(f"quantize 4096x11008 {layout} on the GPU: {time.perf_counter() - t:.3f} s")
 del w
+from spqt.kernels.collect import collect
+
 for shape in [(4096, 4096), (28672, 8192), (8192, 28672)]:
     n, k = shape
     ops = make_operands(shape, props.L2_cache_size)
-    cfg = tuning.config("zigzag_dense", n, k)
-    ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
+    every_other = ops.x.clone()
+    every_other[1::2] = 0
+    cases = {"B2": (ops.x, None, kg.MODE_DENSE),
+             "B4 all columns": (ops.x, torch.tensor(-1.0, device="cuda"), kg.MODE_INDEXED),
+             "B4 50 % random": (ops.x, torch.quantile(ops.x.float().abs(), 0.5).reshape(()), kg.MODE_INDEXED),
+             "B4 every other column": (every_other, torch.tensor(0.0, device="cuda"), kg.MODE_INDEXED)}
     res = {}
-    for probe in (False, True):
-        seq = [(lambda w=w: kg.gemv_zigzag(w, ops.x, kg.MODE_DENSE, ws, **tuning.launch_args(cfg),
-                                           _probe_no_math=probe)) for w in ops.zig]
+    for name, (x, t, mode) in cases.items():
+        cfg = tuning.config("zigzag_dense" if mode == kg.MODE_DENSE else "zigzag_sparse", n, k)
+        ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
+        if mode == kg.MODE_DENSE:
+            seq = [(lambda w=w: kg.gemv_zigzag(w, x, mode, ws, **tuning.launch_args(cfg))) for w in ops.zig]
+        else:
+            seq = [(lambda w=w, x=x, t=t: (collect(x, t, ws.idx, ws.count),
+                                           kg.gemv_zigzag(w, x, mode, ws, idx=ws.idx, count=ws.count,
+                                                          **tuning.launch_args(cfg)))) for w in ops.zig]
         seq = (seq * -(-16 // len(seq)))[: max(16, len(seq))]
-        res[probe] = time_graph(seq) * 1e6
+        res[name] = time_graph(seq) * 1e6
     nbytes = ops.zig[0].nbytes
-    print(f"{n}x{k} cfg {cfg}: B2 {res[False]:.2f} us ({nbytes / res[False] / 1e3:.0f} GB/s), "
-          f"loads only {res[True]:.2f} us ({nbytes / res[True] / 1e3:.0f} GB/s)")
-    if shape == (28672, 8192):
-        kernel = kg._zigzag_kernel
-        for key, compiled in list(kernel.device_caches[0][0].items())[:6]:
-            print("compiled:", compiled.metadata.num_warps, "warps,", compiled.n_regs, "regs,", compiled.n_spills, "spills")
+    print(f"{n}x{k}: " + ", ".join(f"{name} {us:.2f} us" for name, us in res.items())
+          + f" (B2 {nbytes / res['B2'] / 1e3:.0f} GB/s)")
     del ops
     torch.cuda.empty_cache()
 
 # The index collection alone (B4's first launch), per segment length (the default is 256).
-from spqt.kernels.collect import collect
 
 for k in (4096, 11008, 14336, 28672):
     x = torch.randn(k, device="cuda").half()

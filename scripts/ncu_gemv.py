@@ -1,6 +1,6 @@
 """Launch B2 and B4 (50 %) a few times per shape, eagerly, for Nsight Compute to profile:
 
-    ncu --kernel-name regex:_zigzag_kernel --launch-skip 4 --launch-count 4 --section ... \
+    ncu --kernel-name regex:_zigzag_mma_kernel --launch-skip 4 --launch-count 4 --section ... \
         python3 scripts/ncu_gemv.py 28672x8192 4096x4096
 Each shape runs B2 three times, then collect + B4 three times (tuned configs, random data)."""
 

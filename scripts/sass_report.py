@@ -1,7 +1,7 @@
 """Registers, spills and instruction counts of the zigzag GEMV kernel for Hopper, compiled here
 (no GPU needed: Triton builds the sm_90 cubin; nvdisasm from Triton's bundle reads it).
 
-    python scripts/sass_report.py [block_k,num_warps,ahead[,tiles] ...]   (default: the tuner's pairs)
+    python scripts/sass_report.py [num_warps,mode,dtype ...]   (default: 1-8 warps, B2 and B4, fp16)
 """
 
 import re
@@ -15,17 +15,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from spqt.kernels import gemv as kg
+from spqt.kernels import zigzag_mma as zm
 
 BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
 
 
-def compile_zigzag(block_k: int, num_warps: int, ahead: int, tiles: int = 1, mode: int = kg.MODE_DENSE, **extra):
-    sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": "*fp16", "t_ptr": "*fp32", "idx_ptr": "*i32",
-           "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32", "NP": "i32", "SPLIT": "i32", "magic": "i32",
-           "MODE": "constexpr", "BLOCK_K": "constexpr", "AHEAD": "constexpr", "TILES": "constexpr", "MATH": "constexpr", **extra.get("sig", {})}
-    constexprs = {"MODE": mode, "BLOCK_K": block_k, "AHEAD": ahead, "TILES": tiles, "MATH": True, **extra.get("const", {})}
+def compile_zigzag(num_warps: int, mode: int = kg.MODE_DENSE, dtype: str = "fp16"):
+    btype = {"fp16": zm.BTYPE_FP16, "bf16": zm.BTYPE_BF16, "fp32": zm.BTYPE_BF16X3}[dtype]
+    sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": f"*{dtype}", "t_ptr": "*fp32", "idx_ptr": "*i32",
+           "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32", "NP": "i32", "SPLIT": "i32"}
+    constexprs = {"MODE": mode, "BTYPE": btype, "ASMS": zm.tile_asms(btype), "EMULATE": False, "W": num_warps,
+                  "SCALE_LO": zm.ROW_SCALES[btype][0], "SCALE_HI": zm.ROW_SCALES[btype][1]}
+    sig.update({name: "constexpr" for name in constexprs})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
-    src = ASTSource(kg._zigzag_kernel, sig, constexprs, attrs=attrs)
+    src = ASTSource(zm._zigzag_mma_kernel, sig, constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
@@ -59,8 +62,6 @@ def report(compiled) -> str:
 
 
 if __name__ == "__main__":
-    configs = [tuple(int(v) for v in a.split(",")) for a in sys.argv[1:]] or \
-        [(b * w, w, a) for w in (2, 4, 8) for b in (4, 8) for a in (1, 2)]
-    for cfg in configs:
-        print(f"block_k {cfg[0]:3d} warps {cfg[1]} ahead {cfg[2]} tiles {cfg[3] if len(cfg) > 3 else 1}:",
-              report(compile_zigzag(*cfg)))
+    configs = [(a.split(",")) for a in sys.argv[1:]] or [(w, m, "fp16") for w in (1, 2, 4, 8) for m in (0, 2)]
+    for warps, mode, dtype in configs:
+        print(f"warps {int(warps)} mode {int(mode)} {dtype}:", report(compile_zigzag(int(warps), int(mode), dtype)))

@@ -65,7 +65,8 @@ def _teacher_forced_logits(gen, ids, sparse):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5])
 def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     """64 greedy tokens: CUDA path (Q4_K Triton kernels, CUDA graph, fp32 activations) == CPU
-    reference path (a divergence is accepted only at a near-tie of the reference, below NEAR_TIE).
+    reference path (at 50 % a divergence is accepted only at a near-tie of the reference, below
+    NEAR_TIE, or where the reference with every threshold raised by 0.1 % has left it already).
     Teacher-forced logits over 51 positions, dense: every position within 1 % of the logit range
     (fp32 CUDA) or 2 % (fp16 CUDA). At 50 % the model is so sensitive to which side of its
     threshold an activation falls on that the CPU reference moves by up to 12.8 logits with every
@@ -87,7 +88,18 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
         top = torch.topk(logits[i][0], 2).values
         margin = float(top[0] - top[1])
         print(f"sparsity {sparsity}: first difference at token {i}, reference margin {margin:.4f}")
-        assert sparsity > 0 and margin < NEAR_TIE, f"divergence at token {i} with reference margin {margin:.4f}"
+        assert sparsity > 0, f"dense divergence at token {i} with reference margin {margin:.4f}"
+        if margin >= NEAR_TIE:
+            # not a near tie: accepted only within the sparse model's own noise floor, i.e. if the
+            # CPU reference with every threshold raised by 0.1 % leaves the reference no later
+            nudged = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
+            for _, _, lin in sparse_linears(nudged.model):
+                if lin.threshold is not None:
+                    lin.threshold.mul_(1.001)
+            moved = nudged.generate(prompt, 64, track=False).tokens
+            j = next((j for j, (x, y) in enumerate(zip(moved, ref)) if x != y), len(ref))
+            print(f"sparsity {sparsity}: CPU reference with thresholds +0.1 % first differs at token {j}")
+            assert j <= i, f"divergence at token {i} (reference margin {margin:.4f}); the nudged reference holds to {j}"
     else:
         print(f"sparsity {sparsity}: CUDA fp32 greedy tokens == CPU reference for all 64")
     ids = prompt + ref[:40]

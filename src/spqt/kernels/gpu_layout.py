@@ -4,10 +4,14 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
 
 * ``head``: (..., 4) int32 per block = the first 16 bytes unchanged: word 0 = d | dmin << 16
   (fp16 bits), words 1-3 = the 12 packed 6-bit scale/min bytes.
-* ``quants``: (..., 32) int32 per block; nibble n (bits 4n..4n+3) of word p holds weight
-  ``8 p + n`` of the block: the block's 256 weights in order, eight to a word. Word p lies in
-  sub-block ``p // 4``, so the eight weights of a word share one scale and one min: a kernel
-  thread that owns four consecutive words (one 16-byte load) needs one scale for 32 weights.
+* ``quants``: (..., 32) int32 per block, the 256 4-bit levels in an order that depends on the
+  layout (``pack_levels`` and ``unpack_levels`` convert from and to weight order):
+  - row: nibble n (bits 4n..4n+3) of word p holds weight ``8 p + n``, eight to a word. Word p
+    lies in sub-block ``p // 4``, so a thread that owns four consecutive words (one 16-byte load)
+    needs one scale for 32 weights (the row kernels).
+  - zigzag: byte ``16 g + m`` holds weight ``16 m + g`` (low nibble) and ``16 m + 8 + g`` (high
+    nibble), g < 8, m < 16: the 16 bytes of group g are lane group g's share of every 16-row
+    tile of the tensor-core kernel (zigzag_mma.py), one 16-byte load per column.
 
 A block's 128 quant bytes are 128-byte aligned (4 whole 32-byte sectors); heads of neighbouring
 columns share sectors. Shapes keep the layout's grid: zigzag (R, K, ...), row (N, Kb, ...).
@@ -46,11 +50,31 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
     qs = flat[:, 16:].reshape(-1, 4, 32)
     # canonical: byte 32G + l = L[64G + l] | L[64G + 32 + l] << 4 -> levels L (n, 256)
     levels = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(-1, 256)
-    by_word = levels.reshape(-1, 32, 8).to(torch.int64)  # [block, word p, nibble n] = weight 8p + n
-    shifts = (4 * torch.arange(8, device=levels.device, dtype=torch.int64))[None, None, :]
-    words = (by_word << shifts).sum(dim=2)  # (n, 32), nibbles do not overlap
-    quants = words.to(torch.uint32).view(torch.int32).reshape(rows, cols, 32).contiguous()
+    quants = pack_levels(levels, weight.layout).reshape(rows, cols, 32).contiguous()
     return GpuQ4K(quants, head.contiguous(), weight.layout, tuple(weight.shape))
+
+
+def pack_levels(levels: torch.Tensor, layout: str) -> torch.Tensor:
+    """Levels (n, 256) in weight order (uint8 0..15) -> (n, 32) int32 words of the layout."""
+    lv = levels.to(torch.int64)
+    if layout == "zigzag":
+        by_tile = lv.reshape(-1, 16, 2, 8)  # [block, m, h, g] = weight 16 m + 8 h + g
+        byts = (by_tile[:, :, 0, :] | (by_tile[:, :, 1, :] << 4)).permute(0, 2, 1)  # [block, g, m]
+        return byts.reshape(-1, 128).to(torch.uint8).view(torch.int32)
+    by_word = lv.reshape(-1, 32, 8)  # [block, word p, nibble n] = weight 8p + n
+    shifts = (4 * torch.arange(8, device=lv.device, dtype=torch.int64))[None, None, :]
+    return (by_word << shifts).sum(dim=2).to(torch.uint32).view(torch.int32)  # nibbles do not overlap
+
+
+def unpack_levels(words: torch.Tensor, layout: str) -> torch.Tensor:
+    """(n, 32) int32 words of the layout -> levels (n, 256) int64 in weight order."""
+    if layout == "zigzag":
+        byts = words.contiguous().view(torch.uint8).reshape(-1, 8, 16).to(torch.int64)  # [block, g, m]
+        both = torch.stack([byts & 0xF, byts >> 4], dim=1)  # [block, h, g, m]
+        return both.permute(0, 3, 1, 2).reshape(-1, 256)  # weight 16 m + 8 h + g
+    w64 = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64))[None, None, :]
+    return ((w64[:, :, None] >> shifts) & 0xF).reshape(-1, 256)
 
 
 def dequantize_gpu_layout(w: GpuQ4K) -> torch.Tensor:
@@ -59,9 +83,7 @@ def dequantize_gpu_layout(w: GpuQ4K) -> torch.Tensor:
     from spqt.layouts import blocks_to_matrix
 
     rows, cols, _ = w.quants.shape
-    words = w.quants.reshape(-1, 32).to(torch.int64) & 0xFFFFFFFF
-    shifts = (4 * torch.arange(8, device=words.device, dtype=torch.int64))[None, None, :]
-    levels = ((words[:, :, None] >> shifts) & 0xF).reshape(-1, 256).float()  # (n, 256) in weight order
+    levels = unpack_levels(w.quants.reshape(-1, 32), w.layout).float()  # (n, 256) in weight order
     head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
     d = head[:, 0:2].contiguous().view(torch.float16).float()
     dmin = head[:, 2:4].contiguous().view(torch.float16).float()

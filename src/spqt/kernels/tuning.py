@@ -15,7 +15,7 @@ from pathlib import Path
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
 # version is not used (defaults apply) until `spqt tune` writes a new one.
-KERNEL_VERSION = 2
+KERNEL_VERSION = 3  # 3: the tensor-core zigzag kernel (split, num_warps)
 
 
 def device_key() -> str:
@@ -49,25 +49,19 @@ def sm_count() -> int:
 
 
 def default_config(variant: str, n: int, k: int) -> dict:
-    """A sane starting point: about 4 programs per SM for zigzag, 8 rows per program for row.
-    A tile has 32 words per column (zigzag) or row (row layout); 4 words per thread needs
-    block_k (block_n) >= 4 * num_warps."""
+    """A sane starting point: 8 rows per program for row; for zigzag two-warp programs, about 8
+    per SM (the best region of the H100 sweep in docs/RESULTS.md), each at least one chunk of
+    16 columns per warp."""
     if variant == "row_dense":
         return {"block_n": 8, "num_warps": 2}
     rows = -(-n // 256)
-    block_k = 16
-    split = max(1, min(-(-4 * sm_count() // rows), -(-k // block_k)))
-    return {"split": split, "block_k": block_k, "num_warps": 4, "ahead": 1}
+    split = max(1, min(-(-8 * sm_count() // rows), -(-k // 32)))
+    return {"split": split, "num_warps": 2}
 
 
 def launch_args(cfg: dict) -> dict:
-    """The keyword arguments of gemv_zigzag in a zigzag config (prefetch depth 1, one tile per
-    step and no register cap where a table has none)."""
-    args = {"block_k": cfg["block_k"], "num_warps": cfg["num_warps"], "ahead": cfg.get("ahead", 1),
-            "tiles": cfg.get("tiles", 1)}
-    if cfg.get("maxnreg"):
-        args["maxnreg"] = cfg["maxnreg"]
-    return args
+    """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
+    return {"num_warps": cfg["num_warps"]}
 
 
 def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
@@ -102,13 +96,8 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
         return [{"block_n": b, "num_warps": w} for w in (1, 2, 4) for b in (4 * w, 8 * w)]
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
-    splits = sorted({max(1, min(int(base * f), -(-k // 4))) for f in (0.5, 1, 2, 3, 4, 6, 8, 12)})
-    shapes = [{"block_k": b * w, "num_warps": w, "ahead": a} for w in (2, 4, 8) for b in (4, 8) for a in (1, 2)]
-    # two tiles per step (4 words per thread each), and the same capped at 96 registers where
-    # that does not spill (4 warps; offline SASS: 96 regs, no stack) -> 5 programs per SM, not 4
-    shapes += [{"block_k": 4 * w, "num_warps": w, "ahead": 1, "tiles": 2} for w in (2, 4)]
-    shapes += [{"block_k": 16, "num_warps": 4, "ahead": 1, "tiles": 2, "maxnreg": 96}]
-    return [{"split": s, **shape} for s in splits for shape in shapes]
+    splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 6, 8, 12, 16)})
+    return [{"split": s, "num_warps": w} for s in splits for w in (1, 2, 4)]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

@@ -1,0 +1,343 @@
+"""Zigzag Q4_K GEMV on the tensor cores (B2 dense, B3 static, B4 indexed): one mma.sync per 256
+weights.
+
+Why: a scalar kernel spends about 5 instructions per weight (unpack, int->float, FMA); on an
+H100 that capped the previous zigzag kernel at 62 % of the copy bandwidth. Here a warp takes 16
+columns (a "chunk") of a superblock row (256 outputs) and runs 16 mma.m16n8k16, one per 16-row
+tile m:
+
+    A (16 rows x 16 columns)  the 4-bit levels, exact small numbers in 16-bit floats
+    B (16 columns x 8 n)      B[k, n] = x_k * d_k * sc[k, n]: n is the sub-block (8 per column)
+    C (16 rows x 8 n)         C[i, n] = sum_k A[i, k] B[k, n]; row i wants n = its sub-block i // 32
+
+The 7 other columns of C are wasted tensor-core work, which costs nothing we can measure; what
+counts is that per 8 weights a thread issues 2 byte permutes, 4 ANDs and one mma, and decodes
+one 6-bit scale per 32 weights (sm_90 SASS: 333 instructions per chunk and lane, 2.6 per weight).
+The min term x_k dmin_k m[k, j] is summed per lane in fp32.
+
+Lanes. Lane (g, t) = 4 g + t of a warp (the mma fragment's groupID and threadID_in_group) owns
+the chunk's columns 2t, 2t+1, 2t+8, 2t+9 ("slots" 0..3), computes B for them at sub-block
+n = g, and of each column loads the 16 bytes holding rows {16m + g, 16m + 8 + g : m < 16}: in
+the kernel layout (gpu_layout.py, zigzag) byte 16 g + m of a column's 128 level bytes is
+level[16 m + g] | level[16 m + 8 + g] << 4. Every tensor is (32 W, ...) with row 32 w + 4 g + t,
+so Triton's layout gives row i to thread i and the trailing 4 to its registers
+(tests/test_kernels.py::test_mma_lane_layout checks the compiled TTGIR).
+
+Numerics. B is x d sc as 16-bit floats, products and sums in fp32: fp16 x -> one fp16 term
+(relative error 2^-11 per product: the error of multiplying by a weight dequantized to fp16,
+the same order as rounding y to fp16); bf16 x -> two bf16 terms (about 2^-16); fp32 x -> three
+bf16 terms (about 2^-24). A: fp16 holds a level q as the subnormal q 2^-24 (one AND, no
+conversion; the high nibble of a byte q 2^-20), undone by a per-row power of two at the end;
+bf16 holds 128 + q (OR into 128's bits, subtract 128).
+
+Under TRITON_INTERPRET=1 (CI) the mma, which is PTX, is replaced by a tensor emulation of the
+same fragment semantics; the rest of the kernel (layout, B, sums, extraction) is the same code.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from spqt.kernels.q4k_bits import split_head, unpack_scales
+
+MODE_DENSE, MODE_STATIC, MODE_INDEXED = 0, 1, 2  # B2, B3, B4
+CHUNK = tl.constexpr(16)  # columns per warp step = the mma's k
+BTYPE_FP16, BTYPE_BF16, BTYPE_BF16X3 = 0, 1, 2
+TERMS = {BTYPE_FP16: 1, BTYPE_BF16: 2, BTYPE_BF16X3: 3}  # 16-bit terms of B per input dtype
+
+# PRMT selectors: byte b of the first column -> result byte 0, byte b of the second -> byte 2.
+_SEL = [b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12) for b in range(4)]
+
+
+
+def _tile_asm(m: int, btype: int) -> str:
+    """PTX of tile m (rows 16 m .. 16 m + 15), one instance per lane (pack 4, operands $n):
+    0-3 out C (fp32); 4-19 the 4 words of slots 0-3 (int32; word m // 4, byte m % 4 is this
+    tile's); per B term i two packed 16-bit pairs, each broadcast 4-fold: slots 0|1 at 20 + 8 i,
+    slots 2|3 at 24 + 8 i; then the 4 C inputs."""
+    terms = TERMS[btype]
+    q, b = m // 4, m % 4
+    c0 = 20 + 8 * terms
+    lines = ["{", ".reg .b32 p, q, a0, a1, a2, a3;",
+             f"prmt.b32 p, ${4 + q}, ${8 + q}, {_SEL[b]};", f"prmt.b32 q, ${12 + q}, ${16 + q}, {_SEL[b]};"]
+    if btype == BTYPE_FP16:
+        lines += ["and.b32 a0, p, 0x000F000F;", "and.b32 a1, p, 0x00F000F0;",
+                  "and.b32 a2, q, 0x000F000F;", "and.b32 a3, q, 0x00F000F0;"]
+        kind = "f16.f16"
+    else:
+        # bf16 has 7 mantissa bits: the high nibble is shifted down first
+        lines += [".reg .b32 m, ph, qh;", "mov.b32 m, 0x43004300;", "shr.b32 ph, p, 4;", "shr.b32 qh, q, 4;",
+                  "lop3.b32 a0, p, 0x000F000F, m, 0xEA;", "lop3.b32 a1, ph, 0x000F000F, m, 0xEA;",
+                  "lop3.b32 a2, q, 0x000F000F, m, 0xEA;", "lop3.b32 a3, qh, 0x000F000F, m, 0xEA;",
+                  "sub.bf16x2 a0, a0, m;", "sub.bf16x2 a1, a1, m;", "sub.bf16x2 a2, a2, m;", "sub.bf16x2 a3, a3, m;"]
+        kind = "bf16.bf16"
+    acc = f"{{${c0}, ${c0 + 1}, ${c0 + 2}, ${c0 + 3}}}"
+    for i in range(terms):
+        lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.f32 {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, "
+                     f"{{${20 + 8 * i}, ${24 + 8 * i}}}, {acc};")
+        acc = "{$0, $1, $2, $3}"
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def tile_asms(btype: int) -> tuple:
+    """The 16 tiles' PTX for one B type (a constexpr kernel argument)."""
+    return tuple(_tile_asm(m, btype) for m in range(16))
+
+
+# Per-row factor that undoes the A encoding: (row g, row g + 8) of a tile.
+ROW_SCALES = {BTYPE_FP16: (2.0**24, 2.0**20), BTYPE_BF16: (1.0, 1.0), BTYPE_BF16X3: (1.0, 1.0)}
+
+
+@triton.jit
+def _slots_kt(v0, v1, v2, v3, W: tl.constexpr):
+    """Slots (W, 8, 4 t) x 4 -> (W, 8, 16 k), k = 8 s + 2 t + e for slot 2 s + e."""
+    stk = tl.join(tl.join(v0, v2), tl.join(v1, v3))  # [w, g, t, s, e]
+    return tl.reshape(tl.permute(stk, (0, 1, 3, 2, 4)), (W, 8, 16))
+
+
+@triton.jit
+def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, M: tl.constexpr, W: tl.constexpr):
+    """Interpreter twin of one tile's mma over all lanes: the C fragment increment (32 W, 4 regs).
+    w*: the slots' words (32 W, 4); e*: the slots' B values (32 W,) fp32; row 32 w + 4 g + t.
+    Fragments (PTX m16n8k16): lane (g, t) holds A rows g, g + 8 at k = 2t, 2t+1, 2t+8, 2t+9,
+    B at n = g for the same k, and C at rows g, g + 8 (r = 0, 1 | 2, 3), n = 2t, 2t+1."""
+    word = tl.arange(0, 4)[None, :]
+    SH: tl.constexpr = 8 * (M % 4)
+    v0 = tl.reshape(tl.sum(tl.where(word == M // 4, w0, 0), axis=1), (W, 8, 4))
+    v1 = tl.reshape(tl.sum(tl.where(word == M // 4, w1, 0), axis=1), (W, 8, 4))
+    v2 = tl.reshape(tl.sum(tl.where(word == M // 4, w2, 0), axis=1), (W, 8, 4))
+    v3 = tl.reshape(tl.sum(tl.where(word == M // 4, w3, 0), axis=1), (W, 8, 4))
+    a = _slots_kt(v0, v1, v2, v3, W)  # [w, g, k]
+    b = _slots_kt(tl.reshape(e0, (W, 8, 4)), tl.reshape(e1, (W, 8, 4)), tl.reshape(e2, (W, 8, 4)),
+                  tl.reshape(e3, (W, 8, 4)), W)  # [w, n, k]
+    a_lo = ((a >> SH) & 15).to(tl.float32)
+    a_hi = ((a >> (SH + 4)) & 15).to(tl.float32)
+    d_lo = tl.sum(a_lo[:, :, None, :] * b[:, None, :, :], axis=3)  # (W, 8 g, 8 n)
+    d_hi = tl.sum(a_hi[:, :, None, :] * b[:, None, :, :], axis=3)
+    d = tl.join(tl.reshape(d_lo, (W, 8, 4, 2)), tl.reshape(d_hi, (W, 8, 4, 2)))  # [w, g, t, e, h]
+    return tl.reshape(tl.permute(d, (0, 1, 2, 4, 3)), (32 * W, 4))  # r = 2 h + e
+
+
+@triton.jit
+def _tile(c, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, M: tl.constexpr, ASMS: tl.constexpr,
+          BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr):
+    """C of tile M (32 W lanes, 4 regs) += A_M B, every lane's mma.sync (or its emulation).
+    p/q/u: the B terms as packed 16-bit pairs (32 W, 1) int32 (only the B type's terms are
+    passed to the PTX); e*: the B values in fp32, for the emulation."""
+    if EMULATE:
+        c = c + _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, M, W)
+    elif BTYPE == 0:
+        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 24 + "f,f,f,f",
+                                      [w0, w1, w2, w3, p01, p23, c], dtype=tl.float32, is_pure=True, pack=4)
+    elif BTYPE == 1:
+        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 32 + "f,f,f,f",
+                                      [w0, w1, w2, w3, p01, p23, q01, q23, c], dtype=tl.float32, is_pure=True,
+                                      pack=4)
+    else:
+        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 40 + "f,f,f,f",
+                                      [w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, c], dtype=tl.float32,
+                                      is_pure=True, pack=4)
+    return c
+
+
+@triton.jit
+def _pair(lo, hi, DT: tl.constexpr):
+    """Two fp32 (32 W,) tensors rounded to DT (fp16 / bf16), packed low | high << 16, (32 W, 1) int32."""
+    a = lo.to(DT).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    b = hi.to(DT).to(tl.int16, bitcast=True).to(tl.int32)
+    return (a | (b << 16))[:, None]
+
+
+@triton.jit
+def _terms(v, BTYPE: tl.constexpr):
+    """v (fp32) as TERMS[BTYPE] 16-bit terms, each an fp32 exactly representable in fp16/bf16; the
+    terms a B type lacks are zeros."""
+    if BTYPE == 0:
+        t0 = v.to(tl.float16).to(tl.float32)
+        t1 = tl.zeros_like(v)
+        t2 = tl.zeros_like(v)
+    else:
+        t0 = v.to(tl.bfloat16).to(tl.float32)
+        t1 = (v - t0).to(tl.bfloat16).to(tl.float32)
+        t2 = tl.zeros_like(v)
+        if BTYPE == 2:
+            t2 = (v - t0 - t1).to(tl.bfloat16).to(tl.float32)
+    return t0, t1, t2
+
+
+@triton.jit
+def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr):
+    """Loads of one slot (col, m: (32 W,) per lane): the lane's 16 quant bytes (32 W, 4) int32,
+    the head as two int64 and x, (32 W,). Dense and indexed: only x is masked; a column past the
+    end reads column 0 (finite weights) against x = 0, so B and the min term are 0 and no register
+    is zeroed. Static (B3): x is read first and a column with |x| <= t is not loaded at all."""
+    x = tl.load(x_ptr + col, mask=m, other=0.0).to(tl.float32)
+    if MODE == 1:
+        m = m & (tl.abs(x) > t)
+        x = tl.where(m, x, 0.0)
+        blk = r * K + col
+        words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :], mask=m[:, None], other=0)
+        hlo = tl.load(h_ptr + blk * 2, mask=m, other=0)
+        hhi = tl.load(h_ptr + blk * 2 + 1, mask=m, other=0)
+    else:
+        blk = r * K + tl.where(m, col, 0)
+        words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :])
+        hlo = tl.load(h_ptr + blk * 2)
+        hhi = tl.load(h_ptr + blk * 2 + 1)
+    return words, hlo, hhi, x
+
+
+@triton.jit
+def _slot_b(hlo, hhi, x, gi, BTYPE: tl.constexpr):
+    """B of one slot at n = g: x d sc[g] in TERMS[BTYPE] terms, and the min term x dmin m[g]."""
+    d, dmin, w1, w2, w3 = split_head(hlo, hhi)
+    sc, mn = unpack_scales(w1, w2, w3, gi)
+    t0, t1, t2 = _terms(x * d * sc, BTYPE)
+    return t0, t1, t2, x * dmin * mn
+
+
+@triton.jit
+def _columns(idx_ptr, pos, hi, MODE: tl.constexpr):
+    m = pos < hi
+    if MODE == 2:
+        col = tl.load(idx_ptr + pos, mask=m, other=0)
+    else:
+        col = pos
+    return col, m
+
+
+@triton.jit
+def _chunk(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
+           w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi,
+           ASMS: tl.constexpr, BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr):
+    """Add one chunk (16 columns per warp): B of the 4 slots, then the 16 tiles' mma."""
+    DT: tl.constexpr = tl.float16 if BTYPE == 0 else tl.bfloat16
+    a0, b0, z0, m0 = _slot_b(hl0, hh0, x0, gi, BTYPE)
+    a1, b1, z1, m1 = _slot_b(hl1, hh1, x1, gi, BTYPE)
+    a2, b2, z2, m2 = _slot_b(hl2, hh2, x2, gi, BTYPE)
+    a3, b3, z3, m3 = _slot_b(hl3, hh3, x3, gi, BTYPE)
+    bias += (m0 + m1) + (m2 + m3)
+    p01 = _pair(a0, a1, DT)
+    p23 = _pair(a2, a3, DT)
+    q01 = _pair(b0, b1, DT)
+    q23 = _pair(b2, b3, DT)
+    u01 = _pair(z0, z1, DT)
+    u23 = _pair(z2, z3, DT)
+    e0 = a0 + b0 + z0
+    e1 = a1 + b1 + z1
+    e2 = a2 + b2 + z2
+    e3 = a3 + b3 + z3
+    c0 = _tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 0, ASMS, BTYPE, EMULATE, W)
+    c1 = _tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 1, ASMS, BTYPE, EMULATE, W)
+    c2 = _tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 2, ASMS, BTYPE, EMULATE, W)
+    c3 = _tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 3, ASMS, BTYPE, EMULATE, W)
+    c4 = _tile(c4, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 4, ASMS, BTYPE, EMULATE, W)
+    c5 = _tile(c5, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 5, ASMS, BTYPE, EMULATE, W)
+    c6 = _tile(c6, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 6, ASMS, BTYPE, EMULATE, W)
+    c7 = _tile(c7, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 7, ASMS, BTYPE, EMULATE, W)
+    c8 = _tile(c8, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 8, ASMS, BTYPE, EMULATE, W)
+    c9 = _tile(c9, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 9, ASMS, BTYPE, EMULATE, W)
+    c10 = _tile(c10, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 10, ASMS, BTYPE, EMULATE, W)
+    c11 = _tile(c11, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 11, ASMS, BTYPE, EMULATE, W)
+    c12 = _tile(c12, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 12, ASMS, BTYPE, EMULATE, W)
+    c13 = _tile(c13, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 13, ASMS, BTYPE, EMULATE, W)
+    c14 = _tile(c14, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 14, ASMS, BTYPE, EMULATE, W)
+    c15 = _tile(c15, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 15, ASMS, BTYPE, EMULATE, W)
+    return c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias
+
+
+@triton.jit
+def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr,
+             W: tl.constexpr):
+    """Lane (g, t) holds tile 4 t + MQ's wanted column n = its sub-block j = (4 t + MQ) // 2 in
+    regs n % 2 (row g) and 2 + n % 2 (row g + 8): those two values (32 W,) each, scaled; warp 0
+    also subtracts the sub-block's min term bj[j] (so the sum over warps has it once)."""
+    lanes = tl.arange(0, 32 * W)
+    ti = lanes % 4
+    reg = tl.arange(0, 4)[None, :]
+    c = tl.where(ti[:, None] == 0, ca, tl.where(ti[:, None] == 1, cb, tl.where(ti[:, None] == 2, cc, cd)))
+    E: tl.constexpr = (MQ // 2) % 2
+    j = 2 * ti + MQ // 2
+    bsel = tl.sum(tl.where(tl.arange(0, 8)[None, :] == j[:, None], bj[None, :], 0.0), axis=1)
+    bsel = tl.where(lanes < 32, bsel, 0.0)
+    lo = tl.sum(tl.where(reg == E, c, 0.0), axis=1) * SCALE_LO - bsel
+    hi = tl.sum(tl.where(reg == 2 + E, c, 0.0), axis=1) * SCALE_HI - bsel
+    return tl.join(lo, hi)  # (32 W, 2 h)
+
+
+@triton.jit
+def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                       MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr, EMULATE: tl.constexpr,
+                       W: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr):
+    """Program (r, s): superblock row r, list share s -> part[s, 256 r : 256 r + 256] (fp32).
+    Warp w takes chunks w, w + W, ... of the share. The loads of a chunk are issued at the top of
+    its step and used right after (no software prefetch: measured on the H100, prefetching one
+    chunk ahead in registers or 2-4 stages through shared memory (cp.async) was as fast or
+    slower, and 28 % slower for B4); the other warps on the SM hide the latency."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if MODE == 2:
+        total = tl.load(count_ptr)
+    else:
+        total = K
+    STEP: tl.constexpr = CHUNK * W
+    per = tl.cdiv(tl.cdiv(total, SPLIT), STEP) * STEP
+    lo = s * per
+    hi = tl.minimum(total, lo + per)
+    lanes = tl.arange(0, 32 * W)  # 32 w + 4 g + t: dim 0 of every tensor, one row per thread
+    gi = (lanes // 4) % 8
+    li = tl.arange(0, 4)
+    base = CHUNK * (lanes // 32) + 2 * (lanes % 4)  # slot 0's column in the warp's chunk
+    zero = tl.zeros((32 * W, 4), dtype=tl.float32)
+    c0, c1, c2, c3, c4, c5, c6, c7 = zero, zero, zero, zero, zero, zero, zero, zero
+    c8, c9, c10, c11, c12, c13, c14, c15 = zero, zero, zero, zero, zero, zero, zero, zero
+    bias = tl.zeros((32 * W,), dtype=tl.float32)
+    t = 0.0
+    if MODE == 1:
+        t = tl.load(t_ptr)
+    for j in range(lo, hi, STEP):
+        k0, m0 = _columns(idx_ptr, j + base, hi, MODE)
+        k1, m1 = _columns(idx_ptr, j + base + 1, hi, MODE)
+        k2, m2 = _columns(idx_ptr, j + base + 8, hi, MODE)
+        k3, m3 = _columns(idx_ptr, j + base + 9, hi, MODE)
+        w0, hl0, hh0, x0 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k0, m0, K, gi, li, MODE)
+        w1, hl1, hh1, x1 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k1, m1, K, gi, li, MODE)
+        w2, hl2, hh2, x2 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k2, m2, K, gi, li, MODE)
+        w3, hl3, hh3, x3 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k3, m3, K, gi, li, MODE)
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
+            w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi, ASMS, BTYPE, EMULATE, W)
+    bj = tl.sum(tl.sum(tl.reshape(bias, (W, 8, 4)), axis=0), axis=1)  # (8,) the min term of sub-block j
+    v0 = _quarter(c0, c4, c8, c12, bj, 0, SCALE_LO, SCALE_HI, W)
+    v1 = _quarter(c1, c5, c9, c13, bj, 1, SCALE_LO, SCALE_HI, W)
+    v2 = _quarter(c2, c6, c10, c14, bj, 2, SCALE_LO, SCALE_HI, W)
+    v3 = _quarter(c3, c7, c11, c15, bj, 3, SCALE_LO, SCALE_HI, W)
+    # one sum over the warps for all 8 values of a lane, then one store of the 256 rows;
+    # value i = 4 h + 2 a + b of lane (g, t) is tile 4 t + MQ (MQ = a + 2 b), row 8 h + g of it
+    vals = tl.sum(tl.reshape(tl.join(tl.join(v0, v1), tl.join(v2, v3)), (W, 32, 8)), axis=0)
+    lane = tl.arange(0, 32)[:, None]
+    i = tl.arange(0, 8)[None, :]
+    rows = 16 * (4 * (lane % 4) + (i // 2) % 2 + 2 * (i % 2)) + 8 * (i // 4) + lane // 4
+    tl.store(part_ptr + s * NP + r * 256 + rows, vals)
+
+
+def btype_for(dtype: torch.dtype) -> int:
+    return {torch.float16: BTYPE_FP16, torch.bfloat16: BTYPE_BF16, torch.float32: BTYPE_BF16X3}[dtype]
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def launch(quants, head64, x, threshold, idx, count, partials, k, np_, split, mode, num_warps):
+    """Grid (rows, split) of the tensor-core kernel; partials (split, NP) fp32 get every row.
+    quants (rows, K, 32) int32 in the zigzag kernel layout, head64 (rows, K, 2) int64."""
+    btype = btype_for(x.dtype)
+    emulate = interpreting()
+    lo, hi = (1.0, 1.0) if emulate else ROW_SCALES[btype]
+    _zigzag_mma_kernel[(quants.shape[0], split)](
+        quants, head64, x, threshold, idx, count, partials, k, np_, split, MODE=mode, BTYPE=btype,
+        ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, SCALE_LO=lo, SCALE_HI=hi, num_warps=num_warps)
