@@ -11,25 +11,10 @@ import tempfile
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
-from spqt.kernels import gemv as kg
 from spqt.kernels import zigzag_mma as zm
 
 BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
-
-
-def compile_zigzag(num_warps: int, mode: int = kg.MODE_DENSE, dtype: str = "fp16"):
-    btype = {"fp16": zm.BTYPE_FP16, "bf16": zm.BTYPE_BF16, "fp32": zm.BTYPE_BF16X3}[dtype]
-    sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": f"*{dtype}", "t_ptr": "*fp32", "idx_ptr": "*i32",
-           "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32", "NP": "i32", "SPLIT": "i32"}
-    constexprs = {"MODE": mode, "BTYPE": btype, "ASMS": zm.tile_asms(btype), "EMULATE": False, "W": num_warps,
-                  "SCALE_LO": zm.ROW_SCALES[btype][0], "SCALE_HI": zm.ROW_SCALES[btype][1]}
-    sig.update({name: "constexpr" for name in constexprs})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(7)}
-    src = ASTSource(zm._zigzag_mma_kernel, sig, constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
 def report(compiled) -> str:
@@ -64,4 +49,4 @@ def report(compiled) -> str:
 if __name__ == "__main__":
     configs = [(a.split(",")) for a in sys.argv[1:]] or [(w, m, "fp16") for w in (1, 2, 4, 8) for m in (0, 2)]
     for warps, mode, dtype in configs:
-        print(f"warps {int(warps)} mode {int(mode)} {dtype}:", report(compile_zigzag(int(warps), int(mode), dtype)))
+        print(f"warps {int(warps)} mode {int(mode)} {dtype}:", report(zm.compile_sm90(int(warps), int(mode), dtype)))

@@ -323,18 +323,8 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
 
 _COMPILE_SM90 = """
 import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from spqt.kernels import zigzag_mma as zm
-warps, mode = int(sys.argv[1]), int(sys.argv[2])
-sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": "*fp16", "t_ptr": "*fp32", "idx_ptr": "*i32",
-       "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32", "NP": "i32", "SPLIT": "i32"}
-const = {"MODE": mode, "BTYPE": zm.BTYPE_FP16, "ASMS": zm.tile_asms(zm.BTYPE_FP16), "EMULATE": False,
-         "W": warps, "SCALE_LO": 1.0, "SCALE_HI": 1.0}
-sig.update({name: "constexpr" for name in const})
-src = ASTSource(zm._zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
-print(triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ttgir"])
+from spqt.kernels import zigzag_mma
+print(zigzag_mma.compile_sm90(int(sys.argv[1]), int(sys.argv[2])).asm["ttgir"])
 """
 
 
