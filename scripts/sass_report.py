@@ -1,7 +1,8 @@
 """Registers, spills and instruction counts of the zigzag GEMV kernel for Hopper, compiled here
 (no GPU needed: Triton builds the sm_90 cubin; nvdisasm from Triton's bundle reads it).
 
-    python scripts/sass_report.py [num_warps,mode,dtype ...]   (default: 1-8 warps, B2 and B4, fp16)
+    python scripts/sass_report.py [num_warps,mode,dtype,chunks ...]   (default: 1-4 warps, B2 and B4, fp16,
+                                                                        1 and 2 chunks)
 """
 
 import re
@@ -47,6 +48,8 @@ def report(compiled) -> str:
 
 
 if __name__ == "__main__":
-    configs = [(a.split(",")) for a in sys.argv[1:]] or [(w, m, "fp16") for w in (1, 2, 4, 8) for m in (0, 2)]
-    for warps, mode, dtype in configs:
-        print(f"warps {int(warps)} mode {int(mode)} {dtype}:", report(zm.compile_sm90(int(warps), int(mode), dtype)))
+    configs = [(a.split(",")) for a in sys.argv[1:]] or [(w, m, "fp16", c) for w in (1, 2, 4) for m in (0, 2)
+                                                          for c in (1, 2)]
+    for warps, mode, dtype, chunks in configs:
+        print(f"warps {int(warps)} mode {int(mode)} {dtype} chunks {int(chunks)}:",
+              report(zm.compile_sm90(int(warps), int(mode), dtype, int(chunks))))

@@ -120,11 +120,14 @@ def test_collect_equals_nonzero(rng, device, sparsity):
 
 def _zigzag_configs(device):
     """(split, launch config): the interpreter runs 1, 2 and 4 warps (the lane and warp index
-    logic) at small shapes; the GPU every warp count `spqt tune` may pick, with splits that leave
-    some programs without columns."""
+    logic), 1 or 2 chunks a step and both finishes (fused, reduction kernel) at small shapes; the
+    GPU every warp count and chunk count `spqt tune` may pick, with splits that leave some
+    programs without columns, fused at split 7."""
     if device == "cpu":
-        return [(1, {"num_warps": 1}), (3, {"num_warps": 2}), (2, {"num_warps": 4})]
-    return [(split, {"num_warps": w}) for split in (1, 3, 7, 64) for w in (1, 2, 4, 8)]
+        return [(1, {"num_warps": 1, "chunks": 1, "fused": False}), (3, {"num_warps": 2, "chunks": 1, "fused": False}),
+                (2, {"num_warps": 4, "chunks": 2, "fused": True})]
+    return [(split, {"num_warps": w, "chunks": c, "fused": split == 7}) for split in (1, 7, 64) for w in (1, 2, 4, 8)
+            for c in ((1, 2) if w < 8 else (1,))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -138,7 +141,7 @@ def test_zigzag_variants(rng, device, sparsity):
             x_sparse = reference.sparsify(x, t).float()
             configs = _zigzag_configs(device)
             if device == "cpu" and sparsity != 0.5:
-                configs = configs[1:2]  # the interpreter is slow: every warp count at 50 % only
+                configs = configs[1:2]  # the interpreter is slow: every config at 50 % only
             for split, cfg in configs:
                 ws = kg.ZigzagWorkspace(gw, split, dtype)
                 for mode, x_used, name in ((kg.MODE_DENSE, x_dense, "B2"), (kg.MODE_STATIC, x_sparse, "B3"),
@@ -154,6 +157,7 @@ def test_zigzag_variants(rng, device, sparsity):
                     y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                     assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} split {split} {cfg} s={sparsity}",
                                             ZIGZAG_INPUT_EPS[dtype])
+                    assert not ws.counters.any(), f"{name}: the arrival counters are not reset"
                     again = kg.gemv_zigzag(gw, x, mode, ws, **kw)
                     assert torch.equal(y, again), f"{name} not deterministic"
 
@@ -176,32 +180,45 @@ def test_row_variants(rng, device, sparsity):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_zigzag_fused_epilogues(rng, device):
-    """residual + W x and silu(gate) * up, fused into the reduction (B2 and B4), equal the same
-    kernel's fp32 sums (one split: the partials are the sums) with the epilogue done in torch:
-    bit for bit (residual) or within the output dtype's rounding (SwiGLU: exp may differ by an ulp)."""
+    """residual + W x and silu(gate) * up, done by the last program of each output tile (fused) or
+    by the reduction kernel, equal the same kernel's fp32 partial sums with the epilogue done in torch: bit for bit (residual, one
+    split: the partials are the sums), else within the output dtype's rounding (exp may differ by
+    an ulp; several splits are summed in another order in torch). N / 2 not a multiple of 256:
+    a tile's up rows span two superblock rows, one of them shared with gate rows."""
     for shape in ([(300, 130)] if device == "cpu" else [(22016, 4096), (3000, 777)]):
         qw, gw = _weights(rng, shape, "zigzag", device)
         n, k = shape
         for dtype in dtypes_for(device):
             x, t = _x(rng, k, dtype, device, 0.5)
             r = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(device, dtype)
-            ws = kg.ZigzagWorkspace(gw, 1, dtype)
             eps = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-            for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
-                kw = {}
-                if mode == kg.MODE_INDEXED:
-                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                kg.gemv_zigzag(gw, x, mode, ws, **kw)
-                y32 = ws.partials[0, :n].clone()
-                ws.y.fill_(float("nan"))
-                got = kg.gemv_zigzag(gw, x, mode, ws, residual=r, **kw)
-                assert torch.equal(got, (r.float() + y32).to(dtype)), f"residual {shape} {dtype} mode {mode}"
-                ws.y.fill_(float("nan"))
-                got = kg.gemv_zigzag(gw, x, mode, ws, swiglu=True, **kw)
-                gate, up = y32[: n // 2], y32[n // 2 :]
-                want = torch.nn.functional.silu(gate) * up
-                assert got.shape == (n // 2,)
-                torch.testing.assert_close(got.float(), want, rtol=eps, atol=eps * float(want.abs().max()))
+            for split, fused in ((1, True), (3, True), (3, False)):
+                if device == "cpu" and split > 1 and dtype != torch.float32:
+                    continue  # the interpreter is slow: several splits in fp32 only
+                ws = kg.ZigzagWorkspace(gw, split, dtype)
+                for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
+                    what = f"{shape} {dtype} split {split} fused {fused} mode {mode}"
+                    kw = {"num_warps": 2, "chunks": 1 if split == 1 else 2, "fused": fused}
+                    if mode == kg.MODE_INDEXED:
+                        kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                    kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                    y32 = ws.partials[:, :n].sum(0)
+                    ws.y.fill_(float("nan"))
+                    got = kg.gemv_zigzag(gw, x, mode, ws, residual=r, **kw)
+                    want = (r.float() + y32).to(dtype)
+                    if split == 1:
+                        assert torch.equal(got, want), f"residual {what}"
+                    else:
+                        torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()),
+                                                   msg=f"residual {what}")
+                    ws.y.fill_(float("nan"))
+                    got = kg.gemv_zigzag(gw, x, mode, ws, swiglu=True, **kw)
+                    gate, up = y32[: n // 2], y32[n // 2 :]
+                    want = torch.nn.functional.silu(gate) * up
+                    assert got.shape == (n // 2,)
+                    torch.testing.assert_close(got.float(), want, rtol=eps, atol=eps * float(want.abs().max()),
+                                               msg=f"swiglu {what}")
+                    assert not ws.counters.any(), f"counters not reset {what}"
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -298,14 +315,14 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
 
     for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
         for c in tuning.candidates("zigzag_dense", n, k) + [tuning.default_config("zigzag_dense", n, k)]:
-            assert c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
-            assert tuning.launch_args(c) == {"num_warps": c["num_warps"]}
+            assert c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k and c["chunks"] in (1, 2)
+            assert tuning.launch_args(c) == {key: c[key] for key in ("num_warps", "chunks")}
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
             assert c["block_n"] >= 4 * c["num_warps"]
     path = tmp_path / "table.json"
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
-    entry = {"split": 5, "num_warps": 4, "us": 1.0}
+    entry = {"split": 5, "num_warps": 4, "chunks": 2, "us": 1.0}
     for version, expect in ((tuning.KERNEL_VERSION - 1, tuning.default_config("zigzag_dense", 64, 64)),
                             (tuning.KERNEL_VERSION, {k: v for k, v in entry.items() if k != "us"})):
         path.write_text(json.dumps({"kernel_version": version, "entries": {"zigzag_dense": {"64x64": entry}}}))
@@ -315,7 +332,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     entries = {"zigzag_dense": {"4096x4096": dict(entry, split=40), "12288x4096": dict(entry, split=12)}}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
     tuning._load_table.cache_clear()
-    assert tuning.config("zigzag_dense", 11008, 4096) == {"split": 13, "num_warps": 4}
+    assert tuning.config("zigzag_dense", 11008, 4096) == {"split": 13, "num_warps": 4, "chunks": 2}
     assert tuning.config("zigzag_dense", 4096, 4096)["split"] == 40
     assert tuning.config("zigzag_dense", 4096, 8192) == tuning.default_config("zigzag_dense", 4096, 8192)
     tuning._load_table.cache_clear()
@@ -347,7 +364,8 @@ def test_mma_lane_layout(num_warps):
         assert run.returncode == 0, run.stderr[-2000:]
         ttgir = run.stdout
         layouts = dict(re.findall(r"^(#\w+) = (#ttg\.blocked<.*>)$", ttgir, flags=re.M))
-        asm_ops = [ln for ln in ttgir.splitlines() if "tt.elementwise_inline_asm" in ln]
+        # the mma tiles (the other inline asm: the L2 prefetch and grid-dependency waits of PDL)
+        asm_ops = [ln for ln in ttgir.splitlines() if "tt.elementwise_inline_asm" in ln and "mma.sync" in ln]
         assert len(asm_ops) == 16, f"expected one mma per tile, found {len(asm_ops)}"
         want = (f"sizePerThread = [1, 4], threadsPerWarp = [32, 1], warpsPerCTA = [{num_warps}, 1], "
                 "order = [1, 0]")

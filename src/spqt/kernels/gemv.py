@@ -7,9 +7,14 @@
   B4 zigzag_sparse        zigzag, the active-index list split evenly among the programs (SpQt)
 
 The zigzag variants are one tensor-core kernel (zigzag_mma.py) in three modes. Superblock row r
-(256 outputs) gets SPLIT programs of WARPS warps; each program writes fp32 partial sums and a
-second small kernel adds the SPLIT partials in a fixed order (deterministic: no atomics), with
-the residual add or the SwiGLU product fused into it.
+(256 outputs) gets SPLIT programs of WARPS warps; each program writes fp32 partial sums. Fused
+(one launch): each program counts its arrival on the row's counter and the last program of a
+row adds the SPLIT partials in a fixed order (deterministic: the atomic only elects who adds,
+not the order). Unfused (the default): a second small kernel adds them, launched with PDL so
+that it starts while the GEMV finishes. Either applies the residual add or the SwiGLU product.
+(H100, fused vs unfused: the tuner found fused faster only on some shapes with a small SPLIT,
+and a 70B decode step at 50 % sparsity with every map fused ran 70.0 tok/s against 79.8
+unfused: the finishing program's serial sum and the atomics cost more than the launch.)
 
 The row kernels: a thread owns 4 words of a block (32 weights of one sub-block), so it decodes
 one 6-bit scale per 32 weights; a nibble becomes an exact float with one AND-OR into the
@@ -32,11 +37,15 @@ EPILOGUE_NONE, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
 
 @triton.jit
 def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr,
-                   EPILOGUE: tl.constexpr):
-    """y[n] = sum over s of part[s, n]: one (SPLIT, BLOCK) tile, a fixed reduction tree
-    (deterministic run to run), all partial loads in flight at once; then the epilogue, in fp32:
-    RESIDUAL y[n] = r[n] + sum, n < N; SWIGLU (rows gate|up stacked, F = N / 2)
-    y[n] = silu(sum[n]) * sum[F + n], n < F. One rounding to y's dtype at the end."""
+                   EPILOGUE: tl.constexpr, PDL: tl.constexpr):
+    """The unfused finish of a zigzag GEMV: y[n] = sum over s of part[s, n], one (SPLIT, BLOCK)
+    tile, a fixed reduction tree (deterministic), all partial loads in flight at once; then the
+    epilogue in fp32: RESIDUAL y[n] = r[n] + sum, n < N; SWIGLU (rows gate|up stacked, F = N / 2)
+    y[n] = silu(sum[n]) * sum[F + n], n < F. One rounding to y's dtype at the end. PDL: launched
+    while the GEMV finishes; reads the partials after it has."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.arange(0, SPLIT_P2)
     if EPILOGUE == 2:
@@ -162,17 +171,19 @@ class ZigzagWorkspace:
         self.partials = torch.empty((split, self.np), dtype=torch.float32, device=dev)
         self.idx = torch.empty(k, dtype=torch.int32, device=dev)
         self.count = torch.empty((), dtype=torch.int32, device=dev)
+        self.counters = torch.zeros(w.quants.shape[0], dtype=torch.int32, device=dev)  # zero between launches
         self.y = torch.empty(n, dtype=dtype, device=dev)
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
-                num_warps: int = 2, idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+                num_warps: int = 2, chunks: int = 1, fused: bool = False, idx: torch.Tensor | None = None,
+                count: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+                swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
-    num_warps (and ws.split): the tuned config. Returns ws.y (N,) in x's dtype (overwritten by
-    the next call on the same workspace), or with an epilogue fused into the reduction:
-    residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even) ->
-    silu(gate) * up, a view ws.y[:N / 2]."""
+    num_warps, chunks (and ws.split): the tuned config. fused: the last program of a row finishes it
+    (one launch) instead of the reduction kernel (see the module docstring for why it is off). Returns ws.y (N,) in x's dtype (overwritten
+    by the next call on the same workspace), or with a fused epilogue: residual (N,) x's dtype ->
+    residual + W x; swiglu (W is gate|up stacked, N even) -> silu(gate) * up, a view ws.y[:N / 2]."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
     _check_x(w, x)
@@ -182,25 +193,29 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError("B4 needs idx and count from collect()")
     if ws.y.dtype != x.dtype:
         raise ValueError(f"workspace output is {ws.y.dtype}, x is {x.dtype}")
-    if num_warps not in (1, 2, 4, 8):
-        raise ValueError(f"num_warps must be 1, 2, 4 or 8, not {num_warps}")
+    if num_warps not in (1, 2, 4, 8) or chunks not in (1, 2):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8 and chunks 1 or 2, not {num_warps}, {chunks}")
     n, k = w.shape
     if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
     if swiglu and (n % 2 or residual is not None):
         raise ValueError("swiglu needs an even N (gate|up stacked) and no residual")
+    if idx is not None and idx.numel() < k:
+        raise ValueError(f"idx must hold K = {k} entries")
     dummy = ws.count
-    zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
-                      idx if idx is not None else dummy, count if count is not None else dummy, ws.partials, k,
-                      ws.np, ws.split, mode, num_warps)
-    split_p2 = triton.next_power_of_2(ws.split)
-    block = max(16, min(256, 4096 // split_p2))
     epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
-    outputs = n // 2 if swiglu else n
-    _reduce_kernel[(triton.cdiv(outputs, block),)](
-        ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2,
-        BLOCK=block, SPLIT_P2=split_p2, EPILOGUE=epilogue, num_warps=4)
-    return ws.y[:outputs] if swiglu else ws.y
+    zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
+                      idx if idx is not None else dummy, count if count is not None else dummy, ws.partials, ws.y,
+                      residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
+                      num_warps, chunks, epilogue, fused)
+    if not fused:
+        split_p2 = triton.next_power_of_2(ws.split)
+        block = max(16, min(256, 4096 // split_p2))
+        pdl = zigzag_mma.uses_pdl(x.device)
+        _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
+            ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
+            SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return ws.y[: n // 2] if swiglu else ws.y
 
 
 def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, out: torch.Tensor | None = None,

@@ -175,7 +175,8 @@ def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr)
     """Loads of one slot (col, m: (32 W,) per lane): the lane's 16 quant bytes (32 W, 4) int32,
     the head as two int64 and x, (32 W,). Dense and indexed: only x is masked; a column past the
     end reads column 0 (finite weights) against x = 0, so B and the min term are 0 and no register
-    is zeroed. Static (B3): x is read first and a column with |x| <= t is not loaded at all."""
+    is zeroed (indexed columns come clamped from _list_columns: the weight address waits for no
+    mask). Static (B3): x is read first and a column with |x| <= t is not loaded at all."""
     x = tl.load(x_ptr + col, mask=m, other=0.0).to(tl.float32)
     if MODE == 1:
         m = m & (tl.abs(x) > t)
@@ -185,7 +186,9 @@ def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr)
         hlo = tl.load(h_ptr + blk * 2, mask=m, other=0)
         hhi = tl.load(h_ptr + blk * 2 + 1, mask=m, other=0)
     else:
-        blk = r * K + tl.where(m, col, 0)
+        if MODE == 0:
+            col = tl.where(m, col, 0)
+        blk = r * K + col
         words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :])
         hlo = tl.load(h_ptr + blk * 2)
         hhi = tl.load(h_ptr + blk * 2 + 1)
@@ -202,13 +205,32 @@ def _slot_b(hlo, hhi, x, gi, BTYPE: tl.constexpr):
 
 
 @triton.jit
-def _columns(idx_ptr, pos, hi, MODE: tl.constexpr):
-    m = pos < hi
+def _list_columns(idx_ptr, pos, K):
+    """Columns at list positions pos (32 W,), loaded without waiting for the count: the position
+    and the value are clamped into [0, K), so an entry past the count (never written) still
+    addresses a real block; its x is masked to 0 where the count is known."""
+    col = tl.load(idx_ptr + tl.minimum(pos, K - 1))
+    return tl.where((col >= 0) & (col < K), col, 0)
+
+
+@triton.jit
+def _chunk_columns(idx_ptr, pos, K, MODE: tl.constexpr):
+    """The columns of a chunk's 4 slots, pos = the list position of slot 0 (32 W,)."""
     if MODE == 2:
-        col = tl.load(idx_ptr + pos, mask=m, other=0)
+        return (_list_columns(idx_ptr, pos, K), _list_columns(idx_ptr, pos + 1, K),
+                _list_columns(idx_ptr, pos + 8, K), _list_columns(idx_ptr, pos + 9, K))
     else:
-        col = pos
-    return col, m
+        return pos, pos + 1, pos + 8, pos + 9
+
+
+@triton.jit
+def _chunk_loads(q_ptr, h_ptr, x_ptr, t, r, k0, k1, k2, k3, pos, hi, K, gi, li, MODE: tl.constexpr):
+    """The loads of one chunk: slot i at column k_i, list position pos + (0, 1, 8, 9)[i] < hi."""
+    w0, hl0, hh0, x0 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k0, pos < hi, K, gi, li, MODE)
+    w1, hl1, hh1, x1 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k1, pos + 1 < hi, K, gi, li, MODE)
+    w2, hl2, hh2, x2 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k2, pos + 8 < hi, K, gi, li, MODE)
+    w3, hl3, hh3, x3 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k3, pos + 9 < hi, K, gi, li, MODE)
+    return w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3
 
 
 @triton.jit
@@ -271,28 +293,107 @@ def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE
 
 
 @triton.jit
-def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
-                       MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr, EMULATE: tl.constexpr,
-                       W: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr):
-    """Program (r, s): superblock row r, list share s -> part[s, 256 r : 256 r + 256] (fp32).
-    Warp w takes chunks w, w + W, ... of the share. The loads of a chunk are issued at the top of
-    its step and used right after; the other warps on the SM hide the latency. (H100, 28672x8192,
-    B2 / B4 at 50 %: plain loads 55.8 / 39.6 us; the next chunk prefetched in registers 55.3 /
-    46.3 us; 2-4 cp.async stages through shared memory 76.7-80.0 / 50.2-60.4 us.)"""
+def _prefetch_l2(q_ptr, h_ptr, blk):
+    """Ask L2 for the level bytes (one 128-byte line) and the head of blocks blk (32 W,) int32."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;", "=r,l,l",
+                              [(q_ptr + blk * 32).to(tl.int64), (h_ptr + blk * 2).to(tl.int64)], dtype=tl.int32,
+                              is_pure=False, pack=1)
+
+
+@triton.jit
+def _finish_tile(part_ptr, y_ptr, r_ptr, cnt_ptr, g, N, F, NP, SPLIT, EPILOGUE: tl.constexpr, SB: tl.constexpr):
+    """Output tile g (rows 256 g ...), run by the last program to finish its inputs: y = the sum
+    of the SPLIT partials of each row in a fixed order (SB shares at a time, each a fixed tree),
+    then the epilogue in fp32 (RESIDUAL r + sum; SWIGLU silu(gate) up, gate = row n, up = row
+    F + n of the stacked matrix), one rounding to y's dtype. Resets the tile's counter to 0."""
+    tl.store(cnt_ptr + g, 0)
+    n = g * 256 + tl.arange(0, 256)
+    sh = tl.arange(0, SB)
+    acc = tl.zeros((256,), dtype=tl.float32)
+    up = tl.zeros((256,), dtype=tl.float32)
+    for s0 in range(0, SPLIT, SB):
+        ms = (s0 + sh < SPLIT)[:, None]
+        ptrs = part_ptr + (s0 + sh)[:, None] * NP + n[None, :]
+        # .cg: read from L2, where the other programs' partials are (never a stale L1 line)
+        acc += tl.sum(tl.load(ptrs, mask=ms, other=0.0, cache_modifier=".cg"), axis=0)
+        if EPILOGUE == 2:
+            up += tl.sum(tl.load(ptrs + F, mask=ms & (n < F)[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+    if EPILOGUE == 2:
+        tl.store(y_ptr + n, (acc / (1.0 + tl.exp(-acc)) * up).to(y_ptr.dtype.element_ty), mask=n < F)
+    else:
+        if EPILOGUE == 1:
+            acc += tl.load(r_ptr + n, mask=n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+
+
+@triton.jit
+def _arrive(part_ptr, y_ptr, r_ptr, cnt_ptr, g, ok, target, N, F, NP, SPLIT, EPILOGUE: tl.constexpr,
+            SB: tl.constexpr):
+    """One arrival at output tile g (if ok); the arrival that makes `target` finishes the tile.
+    The atomic is acq_rel at GPU scope, after a barrier: this program's partial stores are
+    visible to whoever finishes, and the finisher sees every other program's."""
+    ticket = tl.atomic_add(cnt_ptr + g, 1, mask=ok, sem="acq_rel", scope="gpu")
+    if ok & (ticket == target - 1):
+        tl.debug_barrier()
+        _finish_tile(part_ptr, y_ptr, r_ptr, cnt_ptr, g, N, F, NP, SPLIT, EPILOGUE, SB)
+
+
+@triton.jit
+def _tile_rows(g, F):
+    """SwiGLU tile g: how many distinct superblock rows hold its gate and up rows."""
+    b1 = (F + 256 * g) // 256
+    b2 = (F + tl.minimum(256 * g + 255, F - 1)) // 256
+    return 1 + (b1 != g).to(tl.int32) + (b2 != b1).to(tl.int32)
+
+
+@triton.jit
+def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr, y_ptr, r_ptr, cnt_ptr, N, F, K,
+                       NP, SPLIT, MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr,
+                       EMULATE: tl.constexpr, W: tl.constexpr, CHUNKS: tl.constexpr, EPILOGUE: tl.constexpr,
+                       SB: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, PDL: tl.constexpr,
+                       FUSED: tl.constexpr):
+    """Program (r, s): superblock row r, share s of its columns -> part[s, 256 r : 256 r + 256]
+    (fp32); FUSED: the last program to finish an output tile sums its partials into y
+    (_finish_tile), else a second kernel does (gemv._reduce_kernel, the default: gemv.py says why).
+
+    Shares. B2 / B3: s takes a contiguous range of columns. B4: s takes the list's steps s,
+    s + SPLIT, ... (a step = CHUNKS chunks per warp): its first list entries are read at once,
+    together with the count, not after it; the next step's entries are read ahead, at the top
+    of the current step. Warp w takes chunk w (CHUNKS of them) of each step; the loads of a
+    step are issued at its top and used right after; the other warps on the SM hide the latency.
+    (H100, 28672x8192, B2 / B4 at 50 %: plain loads 55.8 / 39.6 us; the next chunk prefetched in
+    registers 55.3 / 46.3 us; 2-4 cp.async stages through shared memory 76.7-80.0 / 50.2-60.4 us.)
+
+    PDL (programmatic dependent launch, sm_90): the program may start while the kernel before it
+    in the stream finishes. Until griddepcontrol.wait it touches only the weights, which no kernel
+    writes: B2 / B3 ask L2 for the blocks of their first 32 W columns; everything else (x, the
+    count, the list, every store) comes after the wait."""
     r = tl.program_id(0)
     s = tl.program_id(1)
-    if MODE == 2:
-        total = tl.load(count_ptr)
-    else:
-        total = K
     STEP: tl.constexpr = CHUNK * W
-    per = tl.cdiv(tl.cdiv(total, SPLIT), STEP) * STEP
-    lo = s * per
-    hi = tl.minimum(total, lo + per)
+    STEPS: tl.constexpr = STEP * CHUNKS
     lanes = tl.arange(0, 32 * W)  # 32 w + 4 g + t: dim 0 of every tensor, one row per thread
     gi = (lanes // 4) % 8
     li = tl.arange(0, 4)
-    base = CHUNK * (lanes // 32) + 2 * (lanes % 4)  # slot 0's column in the warp's chunk
+    base = CHUNK * (lanes // 32) + 2 * (lanes % 4)  # slot 0's list position in the warp's chunk
+    if PDL:
+        if MODE != 2:
+            per0 = tl.cdiv(tl.cdiv(K, SPLIT), STEPS) * STEPS
+            _prefetch_l2(q_ptr, h_ptr, r * K + tl.minimum(s * per0 + lanes, K - 1))
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    if MODE == 2:
+        first = s * STEPS
+        stride = SPLIT * STEPS
+        ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, first + base, K, MODE)
+        if CHUNKS == 2:
+            kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, first + STEP + base, K, MODE)
+        hi = tl.load(count_ptr)
+    else:
+        per = tl.cdiv(tl.cdiv(K, SPLIT), STEPS) * STEPS
+        first = s * per
+        stride = STEPS
+        hi = tl.minimum(K, first + per)
     zero = tl.zeros((32 * W, 4), dtype=tl.float32)
     c0, c1, c2, c3, c4, c5, c6, c7 = zero, zero, zero, zero, zero, zero, zero, zero
     c8, c9, c10, c11, c12, c13, c14, c15 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -300,18 +401,30 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
     t = 0.0
     if MODE == 1:
         t = tl.load(t_ptr)
-    for j in range(lo, hi, STEP):
-        k0, m0 = _columns(idx_ptr, j + base, hi, MODE)
-        k1, m1 = _columns(idx_ptr, j + base + 1, hi, MODE)
-        k2, m2 = _columns(idx_ptr, j + base + 8, hi, MODE)
-        k3, m3 = _columns(idx_ptr, j + base + 9, hi, MODE)
-        w0, hl0, hh0, x0 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k0, m0, K, gi, li, MODE)
-        w1, hl1, hh1, x1 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k1, m1, K, gi, li, MODE)
-        w2, hl2, hh2, x2 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k2, m2, K, gi, li, MODE)
-        w3, hl3, hh3, x3 = _slot_load(q_ptr, h_ptr, x_ptr, t, r, k3, m3, K, gi, li, MODE)
+    for j in range(first, hi, stride):
+        pa = j + base
+        if MODE != 2:
+            ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa, K, MODE)
+        wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = _chunk_loads(
+            q_ptr, h_ptr, x_ptr, t, r, ka0, ka1, ka2, ka3, pa, hi, K, gi, li, MODE)
+        if CHUNKS == 2:
+            if MODE != 2:
+                kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + STEP, K, MODE)
+            wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3 = _chunk_loads(
+                q_ptr, h_ptr, x_ptr, t, r, kb0, kb1, kb2, kb3, pa + STEP, hi, K, gi, li, MODE)
+        if MODE == 2:  # the next step's list entries, read ahead
+            ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa + stride, K, MODE)
+            if CHUNKS == 2:
+                kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + stride + STEP, K, MODE)
         c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
             c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
-            w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi, ASMS, BTYPE, EMULATE, W)
+            wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3, gi,
+            ASMS, BTYPE, EMULATE, W)
+        if CHUNKS == 2:
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
+                wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3, gi,
+                ASMS, BTYPE, EMULATE, W)
     bj = tl.sum(tl.sum(tl.reshape(bias, (W, 8, 4)), axis=0), axis=1)  # (8,) the min term of sub-block j
     v0 = _quarter(c0, c4, c8, c12, bj, 0, SCALE_LO, SCALE_HI, W)
     v1 = _quarter(c1, c5, c9, c13, bj, 1, SCALE_LO, SCALE_HI, W)
@@ -324,6 +437,25 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
     i = tl.arange(0, 8)[None, :]
     rows = 16 * (4 * (lane % 4) + (i // 2) % 2 + 2 * (i % 2)) + 8 * (i // 4) + lane // 4
     tl.store(part_ptr + s * NP + r * 256 + rows, vals)
+    if not FUSED:
+        return
+    tl.debug_barrier()  # every thread's partials are stored before the arrival is released
+    if EPILOGUE == 2:
+        # Tile g (gate rows 256 g ..., up rows F + 256 g ...) waits for the superblock rows holding
+        # them: row r is gate row g = r (256 r < F) and holds up rows of tiles u // 256 and
+        # (u + 255) // 256, u = 256 r - F (one tile when F is a multiple of 256).
+        G = tl.cdiv(F, 256)
+        u = 256 * r - F + 256 * G  # shifted by 256 G so that the floor division is of a non-negative
+        g1 = u // 256 - G
+        g2 = (u + 255) // 256 - G
+        _arrive(part_ptr, y_ptr, r_ptr, cnt_ptr, r, 256 * r < F, SPLIT * _tile_rows(r, F), N, F, NP, SPLIT,
+                EPILOGUE, SB)
+        _arrive(part_ptr, y_ptr, r_ptr, cnt_ptr, g1, (g1 >= 0) & (g1 < G) & (g1 != r), SPLIT * _tile_rows(g1, F),
+                N, F, NP, SPLIT, EPILOGUE, SB)
+        _arrive(part_ptr, y_ptr, r_ptr, cnt_ptr, g2, (g2 >= 0) & (g2 < G) & (g2 != g1) & (g2 != r),
+                SPLIT * _tile_rows(g2, F), N, F, NP, SPLIT, EPILOGUE, SB)
+    else:
+        _arrive(part_ptr, y_ptr, r_ptr, cnt_ptr, r, r >= 0, SPLIT, N, F, NP, SPLIT, EPILOGUE, SB)
 
 
 def btype_for(dtype: torch.dtype) -> int:
@@ -334,7 +466,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16"):
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def uses_pdl(device: torch.device) -> bool:
+    """Programmatic dependent launch for the kernels on this device: compiled GPU code on sm_90+
+    (SPQT_PDL=0 turns it off, for comparisons)."""
+    if device.type != "cuda" or interpreting() or os.environ.get("SPQT_PDL", "1") == "0":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
+def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", chunks: int = 1, epilogue: int = 0,
+                 pdl: bool = True, fused: bool = True):
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the compiled
     object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and scripts/sass_report.py; needs
     TRITON_INTERPRET unset."""
@@ -343,20 +489,33 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16"):
 
     btype = {"fp16": BTYPE_FP16, "bf16": BTYPE_BF16, "fp32": BTYPE_BF16X3}[dtype]
     sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": f"*{dtype}", "t_ptr": "*fp32", "idx_ptr": "*i32",
-           "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32", "NP": "i32", "SPLIT": "i32"}
+           "count_ptr": "*i32", "part_ptr": "*fp32", "y_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "cnt_ptr": "*i32",
+           "N": "i32", "F": "i32", "K": "i32", "NP": "i32", "SPLIT": "i32"}
     const = {"MODE": mode, "BTYPE": btype, "ASMS": tile_asms(btype), "EMULATE": False, "W": num_warps,
-             "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1]}
+             "CHUNKS": chunks, "EPILOGUE": epilogue, "SB": reduce_block(num_warps),
+             "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1], "PDL": pdl,
+             "FUSED": fused}
     sig.update({name: "constexpr" for name in const})
-    src = ASTSource(_zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(7)})
+    src = ASTSource(_zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(10)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
 
 
-def launch(quants, head64, x, threshold, idx, count, partials, k, np_, split, mode, num_warps):
-    """Grid (rows, split) of the tensor-core kernel; partials (split, NP) fp32 get every row.
-    quants (rows, K, 32) int32 in the zigzag kernel layout, head64 (rows, K, 2) int64."""
+def reduce_block(num_warps: int) -> int:
+    """Shares summed per step when a tile is finished: (SB, 256) fp32, 64 registers a thread."""
+    return 8 * num_warps
+
+
+def launch(quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, k, np_, split, mode,
+           num_warps, chunks, epilogue, fused):
+    """Grid (rows, split) of the tensor-core kernel: partials (split, NP) fp32 get every row;
+    fused: y (N,) or (N / 2,) for SwiGLU the finished outputs, counters (rows,) int32, zero before
+    and after. quants (rows, K, 32) int32 in the zigzag kernel layout, head64 (rows, K, 2) int64."""
     btype = btype_for(x.dtype)
     emulate = interpreting()
     lo, hi = (1.0, 1.0) if emulate else ROW_SCALES[btype]
+    pdl = uses_pdl(x.device)
     _zigzag_mma_kernel[(quants.shape[0], split)](
-        quants, head64, x, threshold, idx, count, partials, k, np_, split, MODE=mode, BTYPE=btype,
-        ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, SCALE_LO=lo, SCALE_HI=hi, num_warps=num_warps)
+        quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
+        MODE=mode, BTYPE=btype, ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
+        EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl, FUSED=fused,
+        num_warps=num_warps, launch_pdl=pdl)
