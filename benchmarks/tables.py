@@ -72,5 +72,7 @@ def decode_table(folder: Path) -> str:
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "benchmarks/results")
     print("## Perplexity\n\n" + perplexity_table(folder))
-    print("\n## GEMV (H100)\n\n" + gemv_table(folder / "gemv-h100.json"))
+    for gpu in ("h100", "h200"):
+        if (folder / f"gemv-{gpu}.json").exists():
+            print(f"\n## GEMV ({gpu.upper()})\n\n" + gemv_table(folder / f"gemv-{gpu}.json"))
     print("\n## Decode\n\n" + decode_table(folder))
