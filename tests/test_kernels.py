@@ -181,10 +181,11 @@ def test_row_variants(rng, device, sparsity):
 @pytest.mark.parametrize("device", DEVICES)
 def test_zigzag_fused_epilogues(rng, device):
     """residual + W x and silu(gate) * up, done by the last program of each output tile (fused) or
-    by the reduction kernel, equal the same kernel's fp32 partial sums with the epilogue done in torch: bit for bit (residual, one
-    split: the partials are the sums), else within the output dtype's rounding (exp may differ by
-    an ulp; several splits are summed in another order in torch). N / 2 not a multiple of 256:
-    a tile's up rows span two superblock rows, one of them shared with gate rows."""
+    by the reduction kernel, equal the same kernel's fp32 partial sums with the epilogue done in
+    torch: bit for bit (residual, one split: the partials are the sums), else within the output
+    dtype's rounding (exp may differ by an ulp; several splits are summed in another order in
+    torch). N / 2 not a multiple of 256: a tile's up rows span two superblock rows, one of them
+    shared with gate rows."""
     for shape in ([(300, 130)] if device == "cpu" else [(22016, 4096), (3000, 777)]):
         qw, gw = _weights(rng, shape, "zigzag", device)
         n, k = shape

@@ -180,10 +180,11 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 count: torch.Tensor | None = None, residual: torch.Tensor | None = None,
                 swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
-    num_warps, chunks (and ws.split): the tuned config. fused: the last program of a row finishes it
-    (one launch) instead of the reduction kernel (see the module docstring for why it is off). Returns ws.y (N,) in x's dtype (overwritten
-    by the next call on the same workspace), or with a fused epilogue: residual (N,) x's dtype ->
-    residual + W x; swiglu (W is gate|up stacked, N even) -> silu(gate) * up, a view ws.y[:N / 2]."""
+    num_warps, chunks (and ws.split): the tuned config. fused: the last program of a row finishes
+    it (one launch) instead of the reduction kernel (the module docstring says why it is off).
+    Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
+    an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
+    -> silu(gate) * up, a view ws.y[:N / 2]."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
     _check_x(w, x)
