@@ -48,18 +48,12 @@ def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr,
         tl.extra.cuda.gdc_launch_dependents()
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.arange(0, SPLIT_P2)
+    m = (s[:, None] < SPLIT) & (n[None, :] < (F if EPILOGUE == 2 else N))
+    acc = tl.sum(tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0), axis=0)
+    up = acc
     if EPILOGUE == 2:
-        m = (s[:, None] < SPLIT) & (n[None, :] < F)
-        gate = tl.sum(tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0), axis=0)
         up = tl.sum(tl.load(part_ptr + s[:, None] * NP + F + n[None, :], mask=m, other=0.0), axis=0)
-        y = gate / (1.0 + tl.exp(-gate)) * up
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < F)
-    else:
-        m = (s[:, None] < SPLIT) & (n[None, :] < N)
-        y = tl.sum(tl.load(part_ptr + s[:, None] * NP + n[None, :], mask=m, other=0.0), axis=0)
-        if EPILOGUE == 1:
-            y += tl.load(r_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n < N)
+    zigzag_mma.store_epilogue(y_ptr, r_ptr, n, acc, up, N, F, EPILOGUE)
 
 
 @triton.jit
@@ -204,15 +198,15 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if idx is not None and idx.numel() < k:
         raise ValueError(f"idx must hold K = {k} entries")
     dummy = ws.count
+    pdl = zigzag_mma.uses_pdl(x.device)
     epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
     zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                       idx if idx is not None else dummy, count if count is not None else dummy, ws.partials, ws.y,
                       residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
-                      num_warps, chunks, epilogue, fused)
+                      num_warps, chunks, epilogue, fused, pdl)
     if not fused:
         split_p2 = triton.next_power_of_2(ws.split)
         block = max(16, min(256, 4096 // split_p2))
-        pdl = zigzag_mma.uses_pdl(x.device)
         _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
             ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
             SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl, num_warps=4, launch_pdl=pdl)

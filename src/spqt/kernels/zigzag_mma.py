@@ -318,6 +318,14 @@ def _finish_tile(part_ptr, y_ptr, r_ptr, cnt_ptr, g, N, F, NP, SPLIT, EPILOGUE: 
         acc += tl.sum(tl.load(ptrs, mask=ms, other=0.0, cache_modifier=".cg"), axis=0)
         if EPILOGUE == 2:
             up += tl.sum(tl.load(ptrs + F, mask=ms & (n < F)[None, :], other=0.0, cache_modifier=".cg"), axis=0)
+    store_epilogue(y_ptr, r_ptr, n, acc, up, N, F, EPILOGUE)
+
+
+@triton.jit
+def store_epilogue(y_ptr, r_ptr, n, acc, up, N, F, EPILOGUE: tl.constexpr):
+    """y[n] from the fp32 sums acc (rows n) and, for SWIGLU, up (rows F + n): NONE acc, n < N;
+    RESIDUAL r[n] + acc, n < N; SWIGLU silu(acc) * up, n < F. One rounding to y's dtype. Both
+    finishes (the fused one here, gemv._reduce_kernel) end with it."""
     if EPILOGUE == 2:
         tl.store(y_ptr + n, (acc / (1.0 + tl.exp(-acc)) * up).to(y_ptr.dtype.element_ty), mask=n < F)
     else:
@@ -376,10 +384,14 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
     gi = (lanes // 4) % 8
     li = tl.arange(0, 4)
     base = CHUNK * (lanes // 32) + 2 * (lanes % 4)  # slot 0's list position in the warp's chunk
+    if MODE != 2:
+        per = tl.cdiv(tl.cdiv(K, SPLIT), STEPS) * STEPS
+        first = s * per
+        stride = STEPS
+        hi = tl.minimum(K, first + per)
     if PDL:
         if MODE != 2:
-            per0 = tl.cdiv(tl.cdiv(K, SPLIT), STEPS) * STEPS
-            _prefetch_l2(q_ptr, h_ptr, r * K + tl.minimum(s * per0 + lanes, K - 1))
+            _prefetch_l2(q_ptr, h_ptr, r * K + tl.minimum(first + lanes, K - 1))
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     if MODE == 2:
@@ -389,11 +401,6 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
         if CHUNKS == 2:
             kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, first + STEP + base, K, MODE)
         hi = tl.load(count_ptr)
-    else:
-        per = tl.cdiv(tl.cdiv(K, SPLIT), STEPS) * STEPS
-        first = s * per
-        stride = STEPS
-        hi = tl.minimum(K, first + per)
     zero = tl.zeros((32 * W, 4), dtype=tl.float32)
     c0, c1, c2, c3, c4, c5, c6, c7 = zero, zero, zero, zero, zero, zero, zero, zero
     c8, c9, c10, c11, c12, c13, c14, c15 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -506,14 +513,14 @@ def reduce_block(num_warps: int) -> int:
 
 
 def launch(quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, k, np_, split, mode,
-           num_warps, chunks, epilogue, fused):
+           num_warps, chunks, epilogue, fused, pdl):
     """Grid (rows, split) of the tensor-core kernel: partials (split, NP) fp32 get every row;
     fused: y (N,) or (N / 2,) for SwiGLU the finished outputs, counters (rows,) int32, zero before
-    and after. quants (rows, K, 32) int32 in the zigzag kernel layout, head64 (rows, K, 2) int64."""
+    and after; pdl: uses_pdl(x.device). quants (rows, K, 32) int32 in the zigzag kernel layout,
+    head64 (rows, K, 2) int64."""
     btype = btype_for(x.dtype)
     emulate = interpreting()
     lo, hi = (1.0, 1.0) if emulate else ROW_SCALES[btype]
-    pdl = uses_pdl(x.device)
     _zigzag_mma_kernel[(quants.shape[0], split)](
         quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
         MODE=mode, BTYPE=btype, ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
