@@ -6,6 +6,7 @@
 #   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
 #   scripts/gpu_session.sh model     default-model perplexity tables
+#   scripts/gpu_session.sh roofline  the read ceiling (scripts/stream_probe.py), Nsight Compute bytes/stalls of B2/B4
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
 set -uo pipefail
@@ -60,6 +61,14 @@ case "$stage" in
       --section LaunchStats --section WarpStateStats --section SchedulerStats --section MemoryWorkloadAnalysis \
       python3 scripts/ncu_gemv.py 28672x8192 > "$OUT/ncu-gemv.txt" 2>&1
     grep -E "zigzag_kernel|Duration|Throughput|Registers|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall|No Eligible|Block Limit" "$OUT/ncu-gemv.txt" | head -80
+    ;;
+  roofline)
+    python3 scripts/stream_probe.py 2>&1 | tee "$OUT/stream-probe.log"
+    ncu --clock-control none --kernel-name regex:_zigzag_mma_kernel --launch-skip 2 --launch-count 4 --section SpeedOfLight \
+      --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --metrics dram__bytes_read.sum,dram__bytes_write.sum,sm__cycles_active.max,sm__cycles_active.min,sm__cycles_active.avg,smsp__inst_executed.sum \
+      python3 scripts/ncu_gemv.py 28672x8192 > "$OUT/ncu-gemv.txt" 2>&1
+    grep -E "zigzag_mma_kernel|Duration|DRAM Throughput|dram__bytes|sm__cycles_active|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|No Eligible|L2 Hit" "$OUT/ncu-gemv.txt" | head -80
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

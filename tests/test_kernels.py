@@ -97,6 +97,13 @@ def test_gpu_layout_repack_is_exact(rng, device):
             out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
             kg.dequantize(gw, torch.float32, out=out)
             assert torch.equal(out, qw.dequantize()), f"dequant kernel {layout} {shape}"
+            if layout == "zigzag":  # heads of 4 superblock rows of a column side by side, padding rows zero
+                rows, cols = gw.quants.shape[:2]
+                canonical = qw.blocks.to(device)[..., :16].contiguous().view(torch.int32)  # (rows, cols, 4)
+                assert gw.head.shape == (-(-rows // 4), cols, 4, 4)
+                for r in range(rows):
+                    assert torch.equal(gw.head[r // 4, :, r % 4], canonical[r])
+                assert not gw.head.permute(0, 2, 1, 3).reshape(-1, cols, 4)[rows:].any()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -122,12 +129,14 @@ def _zigzag_configs(device):
     """(split, launch config): the interpreter runs 1, 2 and 4 warps (the lane and warp index
     logic), 1 or 2 chunks a step and both finishes (fused, reduction kernel) at small shapes; the
     GPU every warp count and chunk count `spqt tune` may pick, with splits that leave some
-    programs without columns, fused at split 7."""
+    programs without columns, fused at split 7, the L2 prefetch 0-2 steps ahead (past the end of
+    the share, the list and K too), and one config with its registers capped (spills)."""
     if device == "cpu":
         return [(1, {"num_warps": 1, "chunks": 1, "fused": False}), (3, {"num_warps": 2, "chunks": 1, "fused": False}),
                 (2, {"num_warps": 4, "chunks": 2, "fused": True})]
-    return [(split, {"num_warps": w, "chunks": c, "fused": split == 7}) for split in (1, 7, 64) for w in (1, 2, 4, 8)
-            for c in ((1, 2) if w < 8 else (1,))]
+    return [(split, {"num_warps": w, "chunks": c, "fused": split == 7, "ahead": {1: 1, 2: 0, 4: 2, 8: 1}[w],
+                     "maxnreg": 96 if (split, w) == (64, 1) else 0})
+            for split in (1, 7, 64) for w in (1, 2, 4, 8) for c in ((1, 2) if w < 8 else (1,))]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -317,7 +326,8 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
         for c in tuning.candidates("zigzag_dense", n, k) + [tuning.default_config("zigzag_dense", n, k)]:
             assert c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k and c["chunks"] in (1, 2)
-            assert tuning.launch_args(c) == {key: c[key] for key in ("num_warps", "chunks")}
+            assert c["ahead"] in (0, 1)
+            assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead")}
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
             assert c["block_n"] >= 4 * c["num_warps"]
     path = tmp_path / "table.json"

@@ -280,20 +280,21 @@ def plot_speedups(report: dict, path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def tune(shapes, log=print) -> dict:
+def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidates) -> dict:
     """Time the candidate configs of every variant per shape; return the winners as table entries.
-    zigzag_sparse is chosen at 50 % sparsity (collect included)."""
+    zigzag_sparse is chosen at 50 % sparsity (collect included). candidates(variant, n, k): the
+    configs to time (scripts may narrow them)."""
     props = torch.cuda.get_device_properties(0)
-    entries = {v: {} for v in tuning.VARIANTS}
+    entries = {v: {} for v in variants}
     for shape in shapes:
         n, k = shape
         ops = make_operands(shape, props.L2_cache_size)
         x = ops.x
         t = torch.quantile(x.float().abs(), 0.5).reshape(())
         y = torch.empty(n, dtype=torch.float16, device="cuda")
-        for variant in tuning.VARIANTS:
+        for variant in variants:
             best = None
-            for cfg in tuning.candidates(variant, n, k):
+            for cfg in candidates(variant, n, k):
                 if variant == "row_dense":
                     seq = [(lambda w=w: kg.gemv_row(w, x, out=y, **cfg)) for w in ops.row]
                 else:

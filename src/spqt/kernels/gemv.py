@@ -111,7 +111,8 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
     """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc);
     weight e = 32 j + i of a block (sub-block j) sits in the word and bit the layout says
     (gpu_layout.py): row layout word e // 8, bits 4 (e % 8); zigzag byte 16 g + m for
-    e = 16 m + 8 h + g, bits 4 h of that byte."""
+    e = 16 m + 8 h + g, bits 4 h of that byte. Heads: row layout block bid, zigzag grouped
+    (zigzag_mma.head_index)."""
     bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mb = bid < TOTAL
     rr = bid // COLS
@@ -126,7 +127,7 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
         shift = 4 * (e % 8)
     words = tl.load(q_ptr + bid[:, None, None] * 32 + word, mask=mb[:, None, None], other=0)
     level = (words >> shift) & 15
-    d, dmin, w1, w2, w3 = load_head(h_ptr, bid, mb)
+    d, dmin, w1, w2, w3 = load_head(h_ptr, zigzag_mma.head_index(rr, cc, COLS) if ZIGZAG else bid, mb)
     sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
     w = (d[:, None] * sc)[:, :, None] * level.to(tl.float32) - (dmin[:, None] * mn)[:, :, None]
     if ZIGZAG:
@@ -170,12 +171,12 @@ class ZigzagWorkspace:
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
-                num_warps: int = 2, chunks: int = 1, fused: bool = False, idx: torch.Tensor | None = None,
-                count: torch.Tensor | None = None, residual: torch.Tensor | None = None,
-                swiglu: bool = False) -> torch.Tensor:
+                num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, fused: bool = False,
+                idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
-    num_warps, chunks (and ws.split): the tuned config. fused: the last program of a row finishes
-    it (one launch) instead of the reduction kernel (the module docstring says why it is off).
+    num_warps, chunks, maxnreg, ahead (and ws.split): the tuned config. fused: the last program of a row
+    finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]."""
@@ -188,8 +189,11 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError("B4 needs idx and count from collect()")
     if ws.y.dtype != x.dtype:
         raise ValueError(f"workspace output is {ws.y.dtype}, x is {x.dtype}")
-    if num_warps not in (1, 2, 4, 8) or chunks not in (1, 2):
-        raise ValueError(f"num_warps must be 1, 2, 4 or 8 and chunks 1 or 2, not {num_warps}, {chunks}")
+    if num_warps not in (1, 2, 4, 8) or chunks not in (1, 2) or not (maxnreg == 0 or 24 <= maxnreg <= 255):
+        raise ValueError(f"num_warps must be 1, 2, 4 or 8, chunks 1 or 2 and maxnreg 0 or 24-255, not {num_warps}, "
+                         f"{chunks}, {maxnreg}")
+    if ahead not in (0, 1, 2, 3, 4):
+        raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
     n, k = w.shape
     if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
@@ -203,7 +207,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                       idx if idx is not None else dummy, count if count is not None else dummy, ws.partials, ws.y,
                       residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
-                      num_warps, chunks, epilogue, fused, pdl)
+                      num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead)
     if not fused:
         split_p2 = triton.next_power_of_2(ws.split)
         block = max(16, min(256, 4096 // split_p2))

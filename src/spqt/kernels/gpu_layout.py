@@ -13,8 +13,12 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
     nibble), g < 8, m < 16: the 16 bytes of group g are lane group g's share of every 16-row
     tile of the tensor-core kernel (zigzag_mma.py), one 16-byte load per column.
 
-A block's 128 quant bytes are 128-byte aligned (4 whole 32-byte sectors); heads of neighbouring
-columns share sectors. Shapes keep the layout's grid: zigzag (R, K, ...), row (N, Kb, ...).
+A block's 128 quant bytes are 128-byte aligned (4 whole 32-byte sectors). Heads: row layout
+(N, Kb, 4), neighbouring blocks of a row side by side. Zigzag (ceil(R / 4), K, 4, 4): the heads
+of HEAD_GROUP = 4 superblock rows of one column are one 64-byte unit (DRAM's access size), all
+needed whenever the column is active; side by side by column, a sparse kernel read the heads of
+inactive neighbours too (H100, 28672x8192 at 50 %: 72.5 MB read for 66.1 MB of active blocks).
+Shapes keep the layout's grid: zigzag quants (R, K, 32), row (N, Kb, 32).
 """
 
 from dataclasses import dataclass
@@ -23,10 +27,13 @@ import torch
 
 from spqt.checkpoint import QuantizedWeight
 
+HEAD_GROUP = 4  # zigzag: superblock rows whose heads of one column are stored together
+
 
 @dataclass
 class GpuQ4K:
-    """A Q4_K matrix in kernel layout. quants (rows, cols, 32) int32, head (rows, cols, 4) int32."""
+    """A Q4_K matrix in kernel layout. quants (rows, cols, 32) int32; head int32, row layout
+    (rows, cols, 4), zigzag (ceil(rows / 4), cols, 4, 4) (group_heads)."""
 
     quants: torch.Tensor
     head: torch.Tensor
@@ -36,7 +43,8 @@ class GpuQ4K:
 
     @property
     def nbytes(self) -> int:
-        return 4 * (self.quants.numel() + self.head.numel())
+        """Bytes of the blocks (144 each; a zigzag head group's padding rows not counted)."""
+        return 144 * self.quants.shape[0] * self.quants.shape[1]
 
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
@@ -51,7 +59,23 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
     # canonical: byte 32G + l = L[64G + l] | L[64G + 32 + l] << 4 -> levels L (n, 256)
     levels = torch.stack([qs & 0xF, qs >> 4], dim=2).reshape(-1, 256)
     quants = pack_levels(levels, weight.layout).reshape(rows, cols, 32).contiguous()
-    return GpuQ4K(quants, head.contiguous(), weight.layout, tuple(weight.shape))
+    head = group_heads(head) if weight.layout == "zigzag" else head.contiguous()
+    return GpuQ4K(quants, head, weight.layout, tuple(weight.shape))
+
+
+def group_heads(head: torch.Tensor) -> torch.Tensor:
+    """Zigzag heads (R, K, 4) int32 -> (ceil(R / 4), K, 4, 4): [group, column, row in group, word],
+    padding rows zero."""
+    rows, cols, _ = head.shape
+    pad = -rows % HEAD_GROUP
+    padded = torch.cat([head, head.new_zeros(pad, cols, 4)]) if pad else head
+    return padded.reshape(-1, HEAD_GROUP, cols, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def ungroup_heads(grouped: torch.Tensor, rows: int) -> torch.Tensor:
+    """The inverse of group_heads: (R, K, 4) int32."""
+    cols = grouped.shape[1]
+    return grouped.permute(0, 2, 1, 3).reshape(-1, cols, 4)[:rows]
 
 
 def pack_levels(levels: torch.Tensor, layout: str) -> torch.Tensor:
@@ -84,7 +108,8 @@ def dequantize_gpu_layout(w: GpuQ4K) -> torch.Tensor:
 
     rows, cols, _ = w.quants.shape
     levels = unpack_levels(w.quants.reshape(-1, 32), w.layout).float()  # (n, 256) in weight order
-    head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
+    head = ungroup_heads(w.head, rows) if w.layout == "zigzag" else w.head
+    head = head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
     d = head[:, 0:2].contiguous().view(torch.float16).float()
     dmin = head[:, 2:4].contiguous().view(torch.float16).float()
     sc, mn = q4_k.unpack_scales(head[:, 4:16])

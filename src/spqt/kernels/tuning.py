@@ -15,7 +15,7 @@ from pathlib import Path
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
 # version is not used (defaults apply) until `spqt tune` writes a new one.
-KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks), PDL
+KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks, ahead), PDL
 
 
 def device_key() -> str:
@@ -56,12 +56,13 @@ def default_config(variant: str, n: int, k: int) -> dict:
         return {"block_n": 8, "num_warps": 2}
     rows = -(-n // 256)
     split = max(1, min(-(-8 * sm_count() // rows), -(-k // 32)))
-    return {"split": split, "num_warps": 2, "chunks": 1}
+    return {"split": split, "num_warps": 2, "chunks": 1, "ahead": 0}
 
 
 def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
-    return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"]}
+    return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
+            "ahead": cfg.get("ahead", 0)}
 
 
 def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
@@ -97,7 +98,10 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 6, 8, 12, 16)})
-    return [{"split": s, "num_warps": w, "chunks": c} for s in splits for w in (1, 2, 4) for c in (1, 2)]
+    # 4 warps a program won no shape of either shipped table (KERNEL_VERSION 4); ahead 2 and 3 lost
+    # to 1 on the H100 (benchmarks/results/ahead-probe-h100.txt)
+    return [{"split": s, "num_warps": w, "chunks": c, "ahead": a} for s in splits for w in (1, 2) for c in (1, 2)
+            for a in (0, 1)]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

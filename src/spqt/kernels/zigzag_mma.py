@@ -41,9 +41,11 @@ import torch
 import triton
 import triton.language as tl
 
+from spqt.kernels import gpu_layout
 from spqt.kernels.q4k_bits import split_head, unpack_scales
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = 0, 1, 2  # B2, B3, B4
+HEAD_GROUP = tl.constexpr(gpu_layout.HEAD_GROUP)
 CHUNK = tl.constexpr(16)  # columns per warp step = the mma's k
 BTYPE_FP16, BTYPE_BF16, BTYPE_BF16X3 = 0, 1, 2
 TERMS = {BTYPE_FP16: 1, BTYPE_BF16: 2, BTYPE_BF16X3: 3}  # 16-bit terms of B per input dtype
@@ -171,6 +173,13 @@ def _terms(v, BTYPE: tl.constexpr):
 
 
 @triton.jit
+def head_index(r, col, K):
+    """The 16-byte head of block (superblock row r, column col) in the grouped zigzag head array
+    (gpu_layout.group_heads), in 16-byte units."""
+    return ((r // HEAD_GROUP) * K + col) * HEAD_GROUP + r % HEAD_GROUP
+
+
+@triton.jit
 def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr):
     """Loads of one slot (col, m: (32 W,) per lane): the lane's 16 quant bytes (32 W, 4) int32,
     the head as two int64 and x, (32 W,). Dense and indexed: only x is masked; a column past the
@@ -182,16 +191,17 @@ def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr)
         m = m & (tl.abs(x) > t)
         x = tl.where(m, x, 0.0)
         blk = r * K + col
+        hb = head_index(r, col, K)
         words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :], mask=m[:, None], other=0)
-        hlo = tl.load(h_ptr + blk * 2, mask=m, other=0)
-        hhi = tl.load(h_ptr + blk * 2 + 1, mask=m, other=0)
+        head = tl.load(h_ptr + (hb * 2)[:, None] + tl.arange(0, 2)[None, :], mask=m[:, None], other=0)
+        hlo, hhi = tl.split(head)
     else:
         if MODE == 0:
             col = tl.where(m, col, 0)
         blk = r * K + col
+        hb = head_index(r, col, K)
         words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :])
-        hlo = tl.load(h_ptr + blk * 2)
-        hhi = tl.load(h_ptr + blk * 2 + 1)
+        hlo, hhi = tl.split(tl.load(h_ptr + (hb * 2)[:, None] + tl.arange(0, 2)[None, :]))  # one 16-byte load
     return words, hlo, hhi, x
 
 
@@ -293,10 +303,11 @@ def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE
 
 
 @triton.jit
-def _prefetch_l2(q_ptr, h_ptr, blk):
-    """Ask L2 for the level bytes (one 128-byte line) and the head of blocks blk (32 W,) int32."""
+def _prefetch_l2(q_ptr, h_ptr, r, col, K):
+    """Ask L2 for the level bytes (one 128-byte line) and the head of blocks (r, col (32 W,))."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;", "=r,l,l",
-                              [(q_ptr + blk * 32).to(tl.int64), (h_ptr + blk * 2).to(tl.int64)], dtype=tl.int32,
+                              [(q_ptr + (r * K + col) * 32).to(tl.int64),
+                               (h_ptr + head_index(r, col, K) * 2).to(tl.int64)], dtype=tl.int32,
                               is_pure=False, pack=1)
 
 
@@ -359,7 +370,7 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                        NP, SPLIT, MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr,
                        EMULATE: tl.constexpr, W: tl.constexpr, CHUNKS: tl.constexpr, EPILOGUE: tl.constexpr,
                        SB: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, PDL: tl.constexpr,
-                       FUSED: tl.constexpr):
+                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0):
     """Program (r, s): superblock row r, share s of its columns -> part[s, 256 r : 256 r + 256]
     (fp32); FUSED: the last program to finish an output tile sums its partials into y
     (_finish_tile), else a second kernel does (gemv._reduce_kernel, the default: gemv.py says why).
@@ -369,6 +380,9 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
     together with the count, not after it; the next step's entries are read ahead, at the top
     of the current step. Warp w takes chunk w (CHUNKS of them) of each step; the loads of a
     step are issued at its top and used right after; the other warps on the SM hide the latency.
+    AHEAD (B2 / B4): each step first asks L2 for the blocks of the step AHEAD steps on, one column
+    a lane (B4: list entries read a step earlier), so that its loads find them there (H100,
+    B2 28672x8192: 56.6 us without, 53.6 with AHEAD 1; benchmarks/results/ahead-probe-h100.txt).
     (H100, 28672x8192, B2 / B4 at 50 %: plain loads 55.8 / 39.6 us; the next chunk prefetched in
     registers 55.3 / 46.3 us; 2-4 cp.async stages through shared memory 76.7-80.0 / 50.2-60.4 us.)
 
@@ -391,15 +405,18 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
         hi = tl.minimum(K, first + per)
     if PDL:
         if MODE != 2:
-            _prefetch_l2(q_ptr, h_ptr, r * K + tl.minimum(first + lanes, K - 1))
+            _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(first + lanes, K - 1), K)
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
+    ahead_pos = lanes % STEPS  # AHEAD: lane i asks L2 for column i of a step (the blocks' lines)
     if MODE == 2:
         first = s * STEPS
         stride = SPLIT * STEPS
         ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, first + base, K, MODE)
         if CHUNKS == 2:
             kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, first + STEP + base, K, MODE)
+        if AHEAD > 0:
+            kp = _list_columns(idx_ptr, first + AHEAD * stride + ahead_pos, K)
         hi = tl.load(count_ptr)
     zero = tl.zeros((32 * W, 4), dtype=tl.float32)
     c0, c1, c2, c3, c4, c5, c6, c7 = zero, zero, zero, zero, zero, zero, zero, zero
@@ -410,6 +427,13 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
         t = tl.load(t_ptr)
     for j in range(first, hi, stride):
         pa = j + base
+        if AHEAD > 0 and MODE != 1:  # step j + AHEAD's blocks into L2 (no register waits for them)
+            if MODE == 2:
+                _prefetch_l2(q_ptr, h_ptr, r, kp, K)
+                kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
+            else:
+                # within the share: past its end are the next program's blocks, which it fetches itself
+                _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
         if MODE != 2:
             ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa, K, MODE)
         wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = _chunk_loads(
@@ -487,7 +511,7 @@ def uses_pdl(device: torch.device) -> bool:
 
 
 def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", chunks: int = 1, epilogue: int = 0,
-                 pdl: bool = True, fused: bool = True):
+                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0):
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the compiled
     object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and scripts/sass_report.py; needs
     TRITON_INTERPRET unset."""
@@ -501,10 +525,11 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", ch
     const = {"MODE": mode, "BTYPE": btype, "ASMS": tile_asms(btype), "EMULATE": False, "W": num_warps,
              "CHUNKS": chunks, "EPILOGUE": epilogue, "SB": reduce_block(num_warps),
              "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1], "PDL": pdl,
-             "FUSED": fused}
+             "FUSED": fused, "AHEAD": ahead}
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(_zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(10)})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    options = {"num_warps": num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def reduce_block(num_warps: int) -> int:
@@ -513,11 +538,14 @@ def reduce_block(num_warps: int) -> int:
 
 
 def launch(quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, k, np_, split, mode,
-           num_warps, chunks, epilogue, fused, pdl):
+           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0):
     """Grid (rows, split) of the tensor-core kernel: partials (split, NP) fp32 get every row;
     fused: y (N,) or (N / 2,) for SwiGLU the finished outputs, counters (rows,) int32, zero before
-    and after; pdl: uses_pdl(x.device). quants (rows, K, 32) int32 in the zigzag kernel layout,
-    head64 (rows, K, 2) int64."""
+    and after; pdl: uses_pdl(x.device); maxnreg: registers per thread at most (0: the compiler's
+    choice; fewer registers, more warps on an SM, more loads in flight); ahead: a step asks L2 for
+    the blocks `ahead` steps on (0: none; not under the interpreter, which has no L2).
+    quants (rows, K, 32) int32 in the zigzag kernel layout, head64 (ceil(rows / 4), K, 4, 2) int64
+    (gpu_layout.group_heads)."""
     btype = btype_for(x.dtype)
     emulate = interpreting()
     lo, hi = (1.0, 1.0) if emulate else ROW_SCALES[btype]
@@ -525,4 +553,4 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
         quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
         MODE=mode, BTYPE=btype, ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
         EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl, FUSED=fused,
-        num_warps=num_warps, launch_pdl=pdl)
+        AHEAD=0 if emulate else ahead, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)
