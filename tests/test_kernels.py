@@ -129,8 +129,9 @@ def _zigzag_configs(device):
     """(split, launch config): the interpreter runs 1, 2 and 4 warps (the lane and warp index
     logic), 1 or 2 chunks a step and both finishes (fused, reduction kernel) at small shapes; the
     GPU every warp count and chunk count `spqt tune` may pick, with splits that leave some
-    programs without columns, fused at split 7, the L2 prefetch 0-2 steps ahead (past the end of
-    the share, the list and K too), and one config with its registers capped (spills)."""
+    programs without columns, fused at split 7, the L2 prefetch 0-2 steps ahead (clamped at the
+    share's end, B4's past the list's; the interpreter has no L2 and runs without it), and one
+    config with its registers capped (spills)."""
     if device == "cpu":
         return [(1, {"num_warps": 1, "chunks": 1, "fused": False}), (3, {"num_warps": 2, "chunks": 1, "fused": False}),
                 (2, {"num_warps": 4, "chunks": 2, "fused": True})]
