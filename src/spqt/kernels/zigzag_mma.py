@@ -190,18 +190,17 @@ def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr)
     if MODE == 1:
         m = m & (tl.abs(x) > t)
         x = tl.where(m, x, 0.0)
-        blk = r * K + col
-        hb = head_index(r, col, K)
-        words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :], mask=m[:, None], other=0)
-        head = tl.load(h_ptr + (hb * 2)[:, None] + tl.arange(0, 2)[None, :], mask=m[:, None], other=0)
-        hlo, hhi = tl.split(head)
+    elif MODE == 0:
+        col = tl.where(m, col, 0)
+    q_ptrs = q_ptr + ((r * K + col) * 32 + gi * 4)[:, None] + li[None, :]
+    h_ptrs = h_ptr + (head_index(r, col, K) * 2)[:, None] + tl.arange(0, 2)[None, :]  # one 16-byte load
+    if MODE == 1:
+        words = tl.load(q_ptrs, mask=m[:, None], other=0)
+        head = tl.load(h_ptrs, mask=m[:, None], other=0)
     else:
-        if MODE == 0:
-            col = tl.where(m, col, 0)
-        blk = r * K + col
-        hb = head_index(r, col, K)
-        words = tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :])
-        hlo, hhi = tl.split(tl.load(h_ptr + (hb * 2)[:, None] + tl.arange(0, 2)[None, :]))  # one 16-byte load
+        words = tl.load(q_ptrs)
+        head = tl.load(h_ptrs)
+    hlo, hhi = tl.split(head)
     return words, hlo, hhi, x
 
 
