@@ -7,6 +7,7 @@
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
 #   scripts/gpu_session.sh model     default-model perplexity tables
 #   scripts/gpu_session.sh roofline  the read ceiling (scripts/stream_probe.py), Nsight Compute bytes/stalls of B2/B4
+#   scripts/gpu_session.sh floor     gpu tests (8 workers), crossovers, 7B step profile now and before (.old), decode
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
 set -uo pipefail
@@ -40,7 +41,7 @@ case "$stage" in
     ;;
   tests)
     export SPQT_CACHE=/tmp/spqt-cache
-    python3 -m pytest -q -m gpu tests -rxX -s 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+    python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
     ;;
   runtime)
     export SPQT_CACHE=/tmp/spqt-cache
@@ -69,6 +70,33 @@ case "$stage" in
       --metrics dram__bytes_read.sum,dram__bytes_write.sum,sm__cycles_active.max,sm__cycles_active.min,sm__cycles_active.avg,smsp__inst_executed.sum \
       python3 scripts/ncu_gemv.py 28672x8192 > "$OUT/ncu-gemv.txt" 2>&1
     grep -E "zigzag_mma_kernel|Duration|DRAM Throughput|dram__bytes|sm__cycles_active|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|No Eligible|L2 Hit" "$OUT/ncu-gemv.txt" | head -80
+    ;;
+  floor)
+    # The decode-floor round in one call: gpu tests (8 workers: most of their time is compiling),
+    # the crossover of every runtime shape, the per-kind profile of a 7B step now and on the
+    # commit before the round (.old, a worktree of it carried along), and the 7B decode benchmark.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error" | tail -25
+    echo "gpu tests: $(( $(date +%s) - start )) s"
+    timeout 120 python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
+      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | tail -3
+    cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    for s in 0 0.5; do
+      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
+        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"; sed -n '1p;/^kind/,$p' "$OUT/profile-7b-$s.txt"
+      if [ -d .old/src ]; then
+        PYTHONPATH="$PWD/.old/src:/tmp/site" timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b \
+          --sparsity $s --json "$OUT/profile-7b-$s-before.json" 2>&1 | grep -v WARN > "$OUT/profile-7b-$s-before.txt"
+        sed -n '1p;/^kind/,$p' "$OUT/profile-7b-$s-before.txt"
+      fi
+    done
+    for m in ${DECODE_MODELS:-llama2-7b}; do
+      timeout 150 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
+        2>&1 | grep -v WARN | tail -6
+    done
+    echo "floor stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

@@ -20,6 +20,19 @@ from spqt.bench_decode import calibrate_on_own_activations, synthetic_model
 from spqt.generate import Generator
 
 
+KINDS = (("_rms_norm_collect", "norm + collection"), ("_zigzag_mma", "GEMV"), ("_reduce_kernel", "reduction"),
+         ("_collect", "collection"), ("_rms_norm", "norm"), ("_rope_attention", "attention (+RoPE, KV write)"),
+         ("_rope_kv", "RoPE + KV write"), ("attention", "attention"), ("fmha", "attention"), ("flash", "attention"),
+         ("softmax", "attention"), ("gemv", "head (cuBLAS)"), ("gemm", "head (cuBLAS)"), ("xmma", "head (cuBLAS)"),
+         ("cutlass", "head (cuBLAS)"), ("_row_kernel", "GEMV"))
+
+
+def kind_of(name: str) -> str:
+    """The part of the step a kernel belongs to, by its name (what the issue's table groups by)."""
+    low = name.lower()
+    return next((kind for key, kind in KINDS if key in low), "other (mask, argmax, embedding, ...)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="synthetic:llama2-7b")
@@ -62,6 +75,10 @@ def main():
             per_name[ev.name][0] += 1
             per_name[ev.name][1] += ev.device_time
     rows = sorted(((name, n / reps, us / reps) for name, (n, us) in per_name.items()), key=lambda r: -r[2])
+    kinds = defaultdict(lambda: [0.0, 0.0])
+    for name, n, us in rows:
+        kinds[kind_of(name)][0] += n
+        kinds[kind_of(name)][1] += us
     kernel_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
     print(f"{args.model} {args.layout} sparsity {args.sparsity}: graph replay {step_us:.1f} us/step (median of 30), "
@@ -69,11 +86,16 @@ def main():
     print(f"{'kernel':70s} {'calls':>6s} {'us/step':>9s} {'us/call':>8s} {'share':>6s}")
     for name, n, us in rows:
         print(f"{name[:70]:70s} {n:6.0f} {us:9.1f} {us / n:8.2f} {100 * us / step_us:5.1f}%")
+    print(f"\n{'kind':28s} {'calls':>6s} {'us/step':>9s}")
+    for kind, (n, us) in sorted(kinds.items(), key=lambda kv: -kv[1][1]):
+        print(f"{kind:28s} {n:6.0f} {us:9.1f}")
+    print(f"{'gaps (replay - kernel sum)':28s} {'':6s} {step_us - kernel_us:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": args.model, "layout": args.layout, "sparsity": args.sparsity,
                        "device": torch.cuda.get_device_name(), "step_us": step_us, "kernel_sum_us": kernel_us,
-                       "kernels": [{"name": n, "calls": c, "us": u} for n, c, u in rows]}, f, indent=1)
+                       "kernels": [{"name": n, "calls": c, "us": u} for n, c, u in rows],
+                       "kinds": {k: {"calls": c, "us": u} for k, (c, u) in kinds.items()}}, f, indent=1)
 
 
 if __name__ == "__main__":

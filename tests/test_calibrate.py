@@ -41,7 +41,7 @@ def test_unified_hits_target_on_held_out_data(calibrated):
     held_out = torch.from_numpy(np.random.default_rng(999).integers(0, loaded.config.vocab_size, (64, 256)))
     model = build_model(loaded, "cpu", torch.float32)
     seen = {}
-    hooks = [lin.register_forward_pre_hook(lambda mod, args, key=(layer, kind): seen.setdefault(key, []).append(args[0]))
+    hooks = [lin.input_tap.register_forward_pre_hook(lambda mod, args, key=(layer, kind): seen.setdefault(key, []).append(args[0]))
              for layer, kind, lin in sparse_linears(model)]
     model.setup_cache(64, 256, torch.float32)
     with torch.no_grad():

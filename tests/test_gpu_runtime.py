@@ -17,8 +17,8 @@ def test_graph_replay_equals_eager(tiny_spqt):
     loaded.thresholds = calibrate(loaded, calib, [0.5], modes=("unified",), max_tokens=2048, ctx=256)
     prompt = [3, 17, 42, 5, 9]
     for s in (0.0, 0.5):
-        graph = Generator(loaded, "cuda", sparsity=s, max_len=64)
-        eager = Generator(loaded, "cuda", sparsity=s, max_len=64)
+        graph = Generator(loaded, "cuda", sparsity=s, max_len=64, dense_fallback=False)
+        eager = Generator(loaded, "cuda", sparsity=s, max_len=64, dense_fallback=False)
         eager.use_graph = False
         a = graph.generate(prompt, 40, track=False).tokens
         b = eager.generate(prompt, 40, track=False).tokens
@@ -78,7 +78,8 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
     prompt = [504, 1463, 282, 260, 2240, 5634, 3441, 281, 260, 5869, 5116]
     cpu = Generator(loaded, "cpu", sparsity=sparsity, max_len=96)
     ref = cpu.generate(prompt, 64, track=False).tokens
-    gpu32 = Generator(loaded, "cuda", dtype=torch.float32, sparsity=sparsity, max_len=96)
+    # every map sparse, as the reference runs (the runtime's dense fallback would run some dense)
+    gpu32 = Generator(loaded, "cuda", dtype=torch.float32, sparsity=sparsity, max_len=96, dense_fallback=False)
     got = gpu32.generate(prompt, 64, track=False).tokens
     if got != ref:
         i = next(i for i, (x, y) in enumerate(zip(got, ref)) if x != y)
@@ -122,7 +123,8 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
                 lin.threshold.mul_(1.001)
         _, floor_median, floor_top = compare(_teacher_forced_logits(nudged, ids, True), "CPU, thresholds +0.1 %,")
     for dtype in (torch.float32, torch.float16):
-        gen = gpu32 if dtype == torch.float32 else Generator(loaded, "cuda", dtype=dtype, sparsity=sparsity, max_len=96)
+        gen = gpu32 if dtype == torch.float32 else Generator(loaded, "cuda", dtype=dtype, sparsity=sparsity, max_len=96,
+                                                             dense_fallback=False)
         worst, median, same_top = compare(_teacher_forced_logits(gen, ids, sparsity > 0), f"{dtype} CUDA")
         if sparsity == 0:
             assert worst < (0.01 if dtype == torch.float32 else 0.02)

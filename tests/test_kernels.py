@@ -128,16 +128,21 @@ def test_collect_equals_nonzero(rng, device, sparsity):
 def _zigzag_configs(device):
     """(split, launch config): the interpreter runs 1, 2 and 4 warps (the lane and warp index
     logic), 1 or 2 chunks a step and both finishes (fused, reduction kernel) at small shapes; the
-    GPU every warp count and chunk count `spqt tune` may pick, with splits that leave some
-    programs without columns, fused at split 7, the L2 prefetch 0-2 steps ahead (clamped at the
-    share's end, B4's past the list's; the interpreter has no L2 and runs without it), and one
-    config with its registers capped (spills)."""
+    GPU every warp count, chunk count and prefetch distance, with splits that leave some programs
+    without columns, both finishes, the L2 prefetch 0-2 steps ahead (clamped at the share's end,
+    B4's past the list's; the interpreter has no L2 and runs without it), and one config with its
+    registers capped (spills)."""
     if device == "cpu":
         return [(1, {"num_warps": 1, "chunks": 1, "fused": False}), (3, {"num_warps": 2, "chunks": 1, "fused": False}),
                 (2, {"num_warps": 4, "chunks": 2, "fused": True})]
-    return [(split, {"num_warps": w, "chunks": c, "fused": split == 7, "ahead": {1: 1, 2: 0, 4: 2, 8: 1}[w],
-                     "maxnreg": 96 if (split, w) == (64, 1) else 0})
-            for split in (1, 7, 64) for w in (1, 2, 4, 8) for c in ((1, 2) if w < 8 else (1,))]
+    # every (warps, chunks, ahead) the tuner may pick once (each is a compile: a fresh GPU machine
+    # spent most of 9 minutes compiling when every split met every config), 4 and 8 warps once
+    return [(1, {"num_warps": 1, "chunks": 1, "ahead": 1, "fused": False}),
+            (7, {"num_warps": 2, "chunks": 2, "ahead": 0, "fused": True}),
+            (64, {"num_warps": 1, "chunks": 2, "ahead": 0, "maxnreg": 96, "fused": False}),
+            (64, {"num_warps": 2, "chunks": 1, "ahead": 1, "fused": False}),
+            (7, {"num_warps": 4, "chunks": 2, "ahead": 2, "fused": False}),
+            (64, {"num_warps": 8, "chunks": 1, "ahead": 1, "fused": True})]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -254,6 +259,17 @@ def test_triton_linear_matches_reference(rng, device):
                     assert a.shape == b.shape, f"{layout} {tokens} tokens {name} {list(kw)}"
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                                msg=f"{layout} {tokens} tokens {name} {list(kw)}")
+                if layout == "zigzag" and tokens == 1:  # the norm and the collection in one launch
+                    from spqt import functional
+
+                    w = torch.from_numpy(rng.standard_normal(130).astype(np.float32)).to(device)
+                    fast.normed.fill_(float("nan"))
+                    a, normed = fast.sparse_normed(x, w, 1e-5, t, **kw)
+                    want_normed = functional.rms_norm(x, w, 1e-5)
+                    torch.testing.assert_close(normed, want_normed, rtol=1e-6, atol=1e-6)
+                    b = ref.sparse(normed, t, **kw)
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()),
+                                               msg=f"sparse_normed {list(kw)}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -314,6 +330,110 @@ def test_fused_ops_match_torch_twins(rng, device):
                                atol=tol, rtol=tol)
     if device == "cuda":  # the model's dispatcher takes the fused path on CUDA
         torch.testing.assert_close(functional.silu_mul(gu, 1500), fused.silu_mul(gu, 1500))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dense_fallback_below_the_crossover(rng, device):
+    """With dense_fallback on, a map whose level is below its shape's tuned crossover runs dense
+    (the exact dense product), at or above it sparse; off, it always runs sparse; a table without a
+    crossover (an older table) keeps every map sparse. The norm-fed crossover applies with norm=."""
+    from spqt.linear import Linear
+    from spqt.model import RMSNorm
+
+    qw, _ = _weights(rng, (300, 130), "zigzag", device)
+    lin = Linear(qw, torch.float32, device, backend="triton")
+    ref = Linear(qw, torch.float32, device, backend="reference")
+    x = torch.from_numpy(rng.standard_normal((1, 1, 130)).astype(np.float32)).to(device)
+    t = float(torch.quantile(x.abs().flatten().cpu(), 0.5))
+    norm = RMSNorm(130, 1e-5).to(device)
+    for m in (lin, ref):
+        m.set_threshold(t, level=0.5)
+        m.sparse = True
+    lin.impl.cfg_sparse = {**lin.impl.cfg_sparse, "crossover": 0.65, "crossover_fused": 0.4}
+    dense = ref.impl.dense(x).clone()
+    sparse = ref(x).clone()
+    tol = dict(rtol=1e-4, atol=1e-3 * float(dense.abs().max()))
+    lin.dense_fallback = True
+    torch.testing.assert_close(lin(x).clone(), dense, **tol)  # 0.5 < 0.65: dense
+    torch.testing.assert_close(lin(x, norm=norm).clone(), ref(x, norm=norm), **tol)  # 0.5 >= 0.4: sparse
+    lin.set_threshold(t, level=0.65)
+    torch.testing.assert_close(lin(x).clone(), sparse, **tol)
+    lin.dense_fallback = False
+    lin.set_threshold(t, level=0.1)
+    torch.testing.assert_close(lin(x).clone(), sparse, **tol)
+    lin.dense_fallback = True
+    lin.impl.cfg_sparse = {k: v for k, v in lin.impl.cfg_sparse.items() if not k.startswith("crossover")}
+    torch.testing.assert_close(lin(x).clone(), sparse, **tol)
+    lin.impl.cfg_sparse["crossover"] = None  # B4 never won: always dense
+    lin.set_threshold(t, level=0.9)
+    torch.testing.assert_close(lin(x).clone(), dense, **tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rms_norm_collect(rng, device):
+    """One launch = fused.rms_norm then collect() of its output: the same normed values (bit for
+    bit) and the same ascending list and count; nothing written past the count."""
+    from spqt.kernels import fused
+
+    for d in ([576, 130] if device == "cpu" else [576, 4096, 5120, 8192]):
+        for dtype in dtypes_for(device):
+            x = torch.from_numpy(rng.standard_normal(d).astype(np.float32) * 3).to(device, dtype)
+            w = torch.from_numpy(rng.standard_normal(d).astype(np.float32)).to(device)
+            want = fused.rms_norm(x, w, 1e-5)
+            for sparsity in (0.0, 0.5, 1.0):
+                _, t = _x(rng, d, dtype, device, sparsity)
+                t = torch.quantile(want.float().abs().cpu(), sparsity).to(device) if 0 < sparsity < 1 else t
+                out = torch.full((d,), float("nan"), dtype=dtype, device=device)
+                idx = torch.full((d,), -7777, dtype=torch.int32, device=device)
+                count = torch.full((), -1, dtype=torch.int32, device=device)
+                fused.rms_norm_collect(x, w, 1e-5, t, out, idx, count)
+                assert torch.equal(out, want), f"normed values differ, d {d} {dtype}"
+                expect = torch.nonzero(want.float().abs() > t).flatten()
+                assert int(count) == expect.numel(), f"count d {d} {dtype} s={sparsity}"
+                assert torch.equal(idx[: int(count)].long(), expect), f"indices d {d} {dtype} s={sparsity}"
+                assert (idx[int(count):] == -7777).all(), "wrote past the count"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_attention_decode(rng, device):
+    """The one-launch decode attention equals rope_kv + torch's attention over the masked cache
+    (grouped-query and plain, a position inside the second key block); cache rows at and past the
+    position are NaN before the call (they must not be read), row pos is written with the torch
+    twin's k and v, no other row changes; a longer span gives the same bits (fixed key blocks)."""
+    from spqt import functional
+    from spqt.config import ModelConfig
+    from spqt.kernels import fused
+    from spqt.model import rope_table
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2)) + (
+            ((32, 8, 128, 1500, 1),) if device == "cuda" else ()):
+        cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
+                          max_seq_len=2048)
+        table = rope_table(cfg, 2048).to(device)
+        L = pos + 40
+        qkv = torch.from_numpy(rng.standard_normal((batch, 1, (heads + 2 * kv) * hd)).astype(np.float32)).to(device, dtype)
+        caches = []
+        for _ in range(2):
+            c = torch.from_numpy(rng.standard_normal((batch, kv, L, hd)).astype(np.float32)).to(device, dtype)
+            c[:, :, pos:] = float("nan")
+            caches.append(c)
+        ref = [c.clone().cpu().float() for c in caches]
+        ref[0][:, :, pos:] = 0  # the twin's mask hides them; NaN * 0 would still poison its sums
+        ref[1][:, :, pos:] = 0
+        positions = torch.tensor([pos], device=device)
+        length = pos + 1
+        mask = torch.zeros((1, length))
+        want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length)
+        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
+        what = f"heads {heads} kv {kv} hd {hd} pos {pos}"
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
+        for c, r in zip(caches, ref):
+            torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
+            assert c[:, :, pos + 1:].isnan().all(), f"wrote past the position, {what}"
+        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, min(L, 2 * length))
+        assert torch.equal(again, got), f"a longer span changed the result, {what}"
 
 
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):

@@ -280,6 +280,47 @@ def plot_speedups(report: dict, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+CROSSOVER_LEVELS = (0.1, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
+CROSSOVER_MARGIN = 0.97  # sparse must be at least 3 % faster: the spread of repeated timings is ~1-2 %
+
+
+def crossover(ops: Operands, dense_cfg: dict, sparse_cfg: dict) -> dict:
+    """The lowest of CROSSOVER_LEVELS from which the tuned B4 beats the tuned B2 at every higher
+    level, with the collection launch ("crossover") and without it ("crossover_fused": the
+    collection done by the norm before the map); None where B4 never wins. Runtime maps below
+    their crossover run dense (Linear.dense_fallback)."""
+    n, k = ops.shape
+    x = ops.x
+    ws_d = kg.ZigzagWorkspace(ops.zig[0], dense_cfg["split"], torch.float16)
+    ws_s = kg.ZigzagWorkspace(ops.zig[0], sparse_cfg["split"], torch.float16)
+
+    def timed(call):
+        seq = [(lambda w=w: call(w)) for w in ops.zig]
+        return time_graph((seq * -(-16 // len(seq)))[: max(16, len(seq))], replays=10, warmup=2)
+
+    dense = timed(lambda w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, **tuning.launch_args(dense_cfg)))
+    wins = {"crossover": [], "crossover_fused": []}
+    for s in CROSSOVER_LEVELS:
+        t = torch.quantile(x.float().abs(), s).reshape(())
+        collect(x, t, ws_s.idx, ws_s.count)
+        gemv = timed(lambda w: kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
+                                              **tuning.launch_args(sparse_cfg)))
+        both = timed(lambda w: (collect(x, t, ws_s.idx, ws_s.count),
+                                kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
+                                               **tuning.launch_args(sparse_cfg))))
+        wins["crossover"].append(both < CROSSOVER_MARGIN * dense)
+        wins["crossover_fused"].append(gemv < CROSSOVER_MARGIN * dense)
+    out = {}
+    for key, won in wins.items():
+        level = None
+        for s, w in zip(reversed(CROSSOVER_LEVELS), reversed(won)):
+            if not w:
+                break
+            level = s
+        out[key] = level
+    return out
+
+
 def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidates) -> dict:
     """Time the candidate configs of every variant per shape; return the winners as table entries.
     zigzag_sparse is chosen at 50 % sparsity (collect included). candidates(variant, n, k): the
@@ -313,6 +354,28 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
                     best = (us, cfg)
             entries[variant][f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
             log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
+        if "zigzag_dense" in entries and "zigzag_sparse" in entries:
+            cross = crossover(ops, entries["zigzag_dense"][f"{n}x{k}"], entries["zigzag_sparse"][f"{n}x{k}"])
+            entries["zigzag_sparse"][f"{n}x{k}"].update(cross)
+            log(f"{n}x{k} crossover (B4 beats B2 from): {cross}")
+        del ops
+        torch.cuda.empty_cache()
+    return entries
+
+
+def tune_crossover(shapes, log=print) -> dict:
+    """This GPU's table with every zigzag_sparse entry's crossover measured anew (the configs kept:
+    shapes the table lacks get their nearest neighbour's or the default)."""
+    props = torch.cuda.get_device_properties(0)
+    entries = {v: dict(tuning.table_entries(v)) for v in tuning.VARIANTS}
+    for n, k in shapes:
+        key = f"{n}x{k}"
+        for v in ("zigzag_dense", "zigzag_sparse", "row_dense"):
+            entries[v].setdefault(key, tuning.config(v, n, k))
+        ops = make_operands((n, k), props.L2_cache_size)
+        cross = crossover(ops, entries["zigzag_dense"][key], entries["zigzag_sparse"][key])
+        entries["zigzag_sparse"][key] = {**entries["zigzag_sparse"][key], **cross}
+        log(f"{key} crossover (B4 beats B2 from): {cross}")
         del ops
         torch.cuda.empty_cache()
     return entries

@@ -70,7 +70,7 @@ def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity:
     for layer, kind, lin in sparse_linears(gen.model):
         def hook(mod, args, layer=layer, kind=kind):
             table[layer, INPUT_KINDS.index(kind)] = torch.quantile(args[0].float().abs().flatten(), sparsity).item()
-        hooks.append(lin.register_forward_pre_hook(hook))
+        hooks.append(lin.input_tap.register_forward_pre_hook(hook))
     with torch.inference_mode():
         gen.model(prompt[None], torch.arange(prompt.numel(), device="cuda"), kv_len=prompt.numel())
     for h in hooks:
@@ -121,18 +121,20 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
                 gen.set_sparsity(s, getattr(args, "mode", None) or "unified")
             torch.cuda.synchronize()
             r = decode_run(gen, prompt.tolist(), args.new_tokens)
-            active = 1 - s
-            needed = head + (total * active if s > 0 else total)  # bytes a token must read
+            dense_maps = set(gen.dense_fallbacks()) if s > 0 else set()
+            needed = head + sum(lin.impl.w.nbytes * (1 - s if s > 0 and f"layers.{i}.{kind}" not in dense_maps else 1)
+                                for i, kind, lin in sparse_linears(gen.model))  # bytes a token must read
             sec = r["ms_per_token"] / 1e3
             row = {"model": model_arg, "layout": layout, "variant": f"{layout}-{'sparse' if s else 'dense'}",
                    "sparsity": s, **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
-                   "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9}
+                   "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps)}
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
             log(f"{model_arg:20s} {row['variant']:14s} s={s:4.2f} {r['ms_per_token']:8.3f} ms/token "
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
-                f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)")
+                f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
+                + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else ""))
         del gen, loaded
         torch.cuda.empty_cache()
     report = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,

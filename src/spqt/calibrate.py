@@ -77,7 +77,7 @@ def gather_histograms(model, windows: torch.Tensor, device: str, progress: bool 
     for layer, kind, lin in sparse_linears(model):
         h = MagnitudeHistogram(device)
         hists[(layer, kind)] = h
-        handles.append(lin.register_forward_pre_hook(lambda mod, args, h=h: h.add(args[0])))
+        handles.append(lin.input_tap.register_forward_pre_hook(lambda mod, args, h=h: h.add(args[0])))
     set_sparse(model, False)
     ctx = windows.shape[1]
     model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)

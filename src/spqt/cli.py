@@ -125,9 +125,14 @@ def cmd_generate(args) -> int:
         raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
                         f"{loaded.config.max_seq_len} tokens")
     gen = Generator(loaded, device, sparsity=args.sparsity, mode=args.mode,
-                    max_len=len(prompt) + args.n)
+                    max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback)
     label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{' ' + args.mode if args.sparsity else ''}]"
     print(label, flush=True)
+    dense = gen.dense_fallbacks()
+    if dense:
+        print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
+              f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
+              file=sys.stderr, flush=True)
     if not args.chat:
         sys.stdout.write(args.prompt)
     shown = [""]
@@ -251,12 +256,15 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from spqt.bench import parse_shapes, tune
+    from spqt.bench import parse_shapes, tune, tune_crossover
     from spqt.generate import resolve_device
     from spqt.kernels import tuning
 
     resolve_device("cuda")
-    entries = tune(parse_shapes(args.shapes))
+    if args.crossover_only:
+        entries = tune_crossover(parse_shapes(args.shapes))
+    else:
+        entries = tune(parse_shapes(args.shapes))
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0
@@ -308,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
+    p.add_argument("--no-dense-fallback", action="store_true",
+                   help="run every map sparse, also where its sparse kernel is slower than dense (GPU)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
@@ -354,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime",
                    help="NxK list or names; runtime = the fused matrices of the synthetic and default models")
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
+    p.add_argument("--crossover-only", action="store_true",
+                   help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
     p.set_defaults(func=cmd_tune)
     return parser
 

@@ -63,3 +63,25 @@ def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool
     if swiglu:
         return silu_mul(y, y.shape[-1] // 2)
     return y if residual is None else residual + y
+
+
+# Spans up to this many keys run the one-launch decode attention (one program per query head);
+# longer ones go to torch's attention, which splits the keys over more programs.
+DECODE_ATTENTION_MAX_SPAN = 2048
+
+
+def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
+              cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int) -> torch.Tensor:
+    """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
+    then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
+    qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
+    Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch."""
+    hd = cache_k.shape[-1]
+    if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and length <= DECODE_ATTENTION_MAX_SPAN:
+        from spqt.kernels import fused
+
+        return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
+    q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],
+                                         attn_mask=mask, enable_gqa=n_kv != n_heads)
+    return out.transpose(1, 2)

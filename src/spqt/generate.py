@@ -57,11 +57,32 @@ def sparse_linears(model: Transformer):
         yield i, "down", block.feed_forward.down
 
 
-def set_thresholds(model: Transformer, table: torch.Tensor | None) -> None:
-    """table: (n_layers, 4) thresholds in INPUT_KINDS order, or None for dense."""
+def set_thresholds(model: Transformer, table: torch.Tensor | None, levels: torch.Tensor | None = None) -> None:
+    """table: (n_layers, 4) thresholds in INPUT_KINDS order, or None for dense; levels: the same
+    shape, the sparsity each threshold was calibrated for (None: unknown)."""
     for layer, kind, lin in sparse_linears(model):
-        lin.set_threshold(None if table is None else float(table[layer, sp.INPUT_KINDS.index(kind)]))
+        j = sp.INPUT_KINDS.index(kind)
+        lin.set_threshold(None if table is None else float(table[layer, j]),
+                          None if levels is None else float(levels[layer, j]))
     model.switches = {**getattr(model, "switches", {}), "thresholds": table is not None}
+
+
+def set_dense_fallback(model: Transformer, active: bool) -> None:
+    """Let maps whose kernels are not faster sparse than dense at their level run dense."""
+    for _, _, lin in sparse_linears(model):
+        lin.dense_fallback = active
+    model.switches = {**getattr(model, "switches", {}), "dense_fallback": active}
+
+
+def dense_fallbacks(model: Transformer) -> list[str]:
+    """The maps that run dense although a threshold is set (their level is below the crossover)."""
+    out = []
+    for layer, kind, lin in sparse_linears(model):
+        if lin.threshold is not None and lin.dense_fallback:
+            norm_fed = kind in ("qkv", "gate_up") and getattr(lin.impl, "fuses_norm", False)
+            if not lin.impl.sparse_pays(lin.level, norm_fed):
+                out.append(f"layers.{layer}.{kind}")
+    return out
 
 
 def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
@@ -141,12 +162,16 @@ class Generator:
 
     def __init__(self, loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype | None = None,
                  sparsity: float = 0.0, mode: str = "unified", max_len: int | None = None,
-                 backend: str | None = None):
+                 backend: str | None = None, dense_fallback: bool = True):
+        """dense_fallback: maps whose sparse kernel is not faster than the dense one at their level
+        (the tuned crossover of their shape on this GPU) run dense; off, every map runs as asked
+        (the semantics of the CPU reference, which always runs sparse)."""
         self.loaded = loaded
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
         backend = backend or ("triton" if self.device == "cuda" and loaded.kind != "float" else "reference")
         self.model = build_model(loaded, self.device, self.dtype, backend)
+        set_dense_fallback(self.model, dense_fallback)
         self.set_sparsity(sparsity, mode)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
@@ -167,8 +192,15 @@ class Generator:
         """Choose the calibrated thresholds of a level (0: dense), or an explicit (layers, 4) table."""
         if table is None:
             table = sp.select(self.loaded.thresholds, sparsity, mode, self.loaded.config.n_layers)
-        set_thresholds(self.model, table)
+        levels = None
+        if table is not None:
+            levels = sp.levels(self.loaded.thresholds, sparsity, mode, table.shape[0])
+        set_thresholds(self.model, table, levels)
         self.sparsity = sparsity
+
+    def dense_fallbacks(self) -> list[str]:
+        """Maps running dense at this level because their sparse kernel would be slower."""
+        return dense_fallbacks(self.model)
 
     def _kv_bucket(self, pos: int) -> int:
         """Keys a step at position pos attends to in a graph: the smallest power of two above pos,

@@ -3,6 +3,10 @@ activation-sparsity threshold when told to, and calls the kernel that the dispat
 
 Sparse semantics (the reference that every kernel matches): ``y = W (x * (|x| > t))``, only
 while ``sparse`` is on (the runtime turns it on for decode steps and off for prefill).
+
+Sparsity that pays: an implementation may know, per shape and device, the lowest sparsity at
+which its sparse kernel beats its dense one (`spqt tune` measures it). Below it, with
+``dense_fallback`` on, the map runs dense: faster, and the exact dense product.
 """
 
 import torch
@@ -20,12 +24,19 @@ class Linear(nn.Module):
         self.impl = dispatch.make_linear_impl(weight, dtype, device, backend)
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
+        # The sparsity the threshold was calibrated for (None: unknown), and whether a level the
+        # implementation cannot run faster than dense runs dense instead.
+        self.level: float | None = None
+        self.dense_fallback = False
         # Achieved sparsity, counted on device without host synchronisation: [dropped, seen].
         self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=device), persistent=False)
         self.track = False
+        # Called with the map's actual input (after the norm): hooks on it observe what W multiplies.
+        self.input_tap = nn.Identity()
 
-    def set_threshold(self, t: float | None) -> None:
+    def set_threshold(self, t: float | None, level: float | None = None) -> None:
         """Thresholds are updated in place, so a captured CUDA graph sees the new value."""
+        self.level = level
         if t is None:
             self.threshold = None
         elif self.threshold is None:
@@ -33,12 +44,32 @@ class Linear(nn.Module):
         else:
             self.threshold.fill_(float(t))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    def runs_sparse(self, norm_fed: bool = False) -> bool:
+        """Whether the next forward thresholds its input (sparse on, a threshold, and it pays).
+        norm_fed: the input comes through a norm that the implementation may fuse its collection into."""
+        if not self.sparse or self.threshold is None:
+            return False
+        return not self.dense_fallback or self.impl.sparse_pays(self.level, norm_fed)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False,
+                norm: nn.Module | None = None) -> torch.Tensor:
         """residual (..., N): returns residual + W x. swiglu: W is gate|up stacked (N = 2F); returns
-        silu(gate) * up, (..., F). Kernels may fuse either into the GEMV's last step."""
-        if self.sparse and self.threshold is not None:
+        silu(gate) * up, (..., F). norm: an RMSNorm applied to x first. Kernels may fuse the norm with
+        the sparse index collection, and the residual or SwiGLU into the GEMV's last step."""
+        fused = self.impl.sparse_normed if norm is not None and getattr(self.impl, "fuses_norm", False) else None
+        sparse = self.runs_sparse(norm_fed=fused is not None)
+        if norm is not None:
+            if sparse and not self.track and fused is not None and x.numel() == self.in_features:
+                y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu)
+                self.input_tap(normed)
+                return y
+            x = norm(x)
+        x = self.input_tap(x)
+        if sparse:
             if self.track:
                 self.counts[0] += (x.float().abs() <= self.threshold).sum(dtype=torch.float64)
                 self.counts[1] += x.numel()
             return self.impl.sparse(x, self.threshold, residual, swiglu)
+        if self.track:
+            self.counts[1] += x.numel()
         return self.impl.dense(x, residual, swiglu)

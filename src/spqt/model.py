@@ -2,7 +2,8 @@
 attention with a preallocated KV cache, SwiGLU, tied or separate output head.
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
-out_features, in_features)``, which returns a module mapping (..., in) -> (..., out). The four
+out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
+with ``norm=`` it applies that RMSNorm to its input first (so an implementation may fuse the two). The four
 per-layer maps are ``layers.{i}.qkv`` (q|k|v stacked), ``layers.{i}.o``, ``layers.{i}.gate_up``
 (gate|up stacked) and ``layers.{i}.down``.
 
@@ -13,7 +14,6 @@ positions ``start_pos .. start_pos+T-1`` attend to the cache up to their own pos
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from spqt import functional
@@ -74,16 +74,15 @@ class Attention(nn.Module):
         self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
         self.cache: KVCache | None = None
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
-                residual: torch.Tensor):
-        """residual + attention(x); rope: the model's whole (max_seq_len, hd) table."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """x + attention(norm(x)); rope: the model's whole (max_seq_len, hd) table. The norm is
+        handed to the q|k|v map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
-        q = functional.rope_kv(self.qkv(x), rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv)
-        length = mask.shape[-1]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), self.cache.k[:, :, :length], self.cache.v[:, :, :length], attn_mask=mask,
-            enable_gqa=self.n_kv != self.n_heads)
-        return self.o(out.transpose(1, 2).reshape(b, t, self.n_heads * self.hd), residual=residual)
+        qkv = self.qkv(x, norm=norm)
+        out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
+                                   mask.shape[-1])
+        return self.o(out.reshape(b, t, self.n_heads * self.hd), residual=x)
 
 
 class FeedForward(nn.Module):
@@ -93,9 +92,9 @@ class FeedForward(nn.Module):
         self.gate_up = make_linear(f"layers.{layer}.gate_up", 2 * config.ffn_dim, config.dim)
         self.down = make_linear(f"layers.{layer}.down", config.dim, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + down(silu(gate) * up)."""
-        return self.down(self.gate_up(x, swiglu=True), residual=residual)
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + down(silu(gate) * up) of norm(x) (the norm handed to the gate|up map, as in Attention)."""
+        return self.down(self.gate_up(x, norm=norm, swiglu=True), residual=x)
 
 
 class Block(nn.Module):
@@ -108,8 +107,8 @@ class Block(nn.Module):
 
     def forward(self, x, rope, positions, mask):
         """rope: the (max_seq_len, hd) table; mask: (T, length) bool or additive float."""
-        h = self.attention(self.attention_norm(x), rope, positions, mask, residual=x)
-        return self.feed_forward(self.ffn_norm(h), residual=h)
+        h = self.attention(x, self.attention_norm, rope, positions, mask)
+        return self.feed_forward(h, self.ffn_norm)
 
 
 class Transformer(nn.Module):

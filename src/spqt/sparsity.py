@@ -47,6 +47,16 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int) -> torch
     return table
 
 
+def levels(thresholds: dict, sparsity: float, mode: str, n_layers: int) -> torch.Tensor:
+    """(n_layers, 4) float32: the sparsity each input's threshold was calibrated for. Unified: the
+    level itself; greedy: the allocation calibrate recorded (``greedy_allocations``), else the level."""
+    table = torch.full((n_layers, len(INPUT_KINDS)), float(sparsity))
+    alloc = thresholds.get("greedy_allocations", {}).get(level_key(sparsity)) if mode == "greedy" else None
+    if alloc is not None and len(alloc) == n_layers:
+        table = torch.tensor(alloc, dtype=torch.float32)
+    return table
+
+
 def shipped_thresholds(config) -> dict:
     """The thresholds shipped for the default model (computed by calibrate.py on the calibration books)."""
     path = resources.files("spqt").joinpath("data/smollm2-135m-thresholds.json")

@@ -4,6 +4,8 @@
   rms_norm   x (R, D) -> x * rsqrt(mean(x^2) + eps) * w, fp32 math, x's dtype out
   rope_kv    qkv (B, T, (H + 2 Hkv) hd) -> q rotated; k rotated and v written into the KV cache
   silu_mul   gu (R, 2F) -> silu(gu[:, :F]) * gu[:, F:]
+  rms_norm_collect       one row: rms_norm, and the sparse index list of its output (collect())
+  rope_attention_decode  one token: RoPE of q and k, the KV-cache write and the attention
 Their torch twins are in spqt.functional, which picks one or the other.
 """
 
@@ -23,11 +25,18 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * D + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=m)
 
 
+def norm_warps(block: int) -> int:
+    """Warps of a norm program: the same for rms_norm and rms_norm_collect, so that both sum a row
+    in the same order (the same normed bits)."""
+    return max(4, min(16, block // 512))
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     d = x.shape[-1]
     xc = x.contiguous()
     out = torch.empty_like(xc)
-    _rms_norm_kernel[(xc.numel() // d,)](xc, w, out, d, eps, BLOCK=triton.next_power_of_2(d), num_warps=4)
+    block = triton.next_power_of_2(d)
+    _rms_norm_kernel[(xc.numel() // d,)](xc, w, out, d, eps, BLOCK=block, num_warps=norm_warps(block))
     return out
 
 
@@ -96,4 +105,133 @@ def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
     out = torch.empty((*g.shape[:-1], f), dtype=g.dtype, device=g.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D, eps, BLOCK: tl.constexpr,
+                             PDL: tl.constexpr):
+    """One row: out = rms_norm(x) in out's dtype, then the ascending k with |out_k| > t (the stored,
+    rounded value, as collect() would see it) into idx and their number into count."""
+    if PDL:  # launched while the kernel before it finishes: x is read after it is written
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    offs = tl.arange(0, BLOCK)
+    m = offs < D
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    y = (x * inv * w).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offs, y, mask=m)
+    keep = (tl.abs(y.to(tl.float32)) > tl.load(t_ptr)) & m
+    keep_i = keep.to(tl.int32)
+    tl.store(idx_ptr + tl.cumsum(keep_i, axis=0) - 1, offs, mask=keep)
+    tl.store(count_ptr, tl.sum(keep_i, axis=0))
+
+
+def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: torch.Tensor, out: torch.Tensor,
+                     idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The RMSNorm in front of a sparse linear map and the map's index collection in one launch
+    (one token). x (D,) contiguous; w (D,) fp32; threshold () fp32; out (D,) x's dtype; idx (>= D,)
+    int32 and count () int32 as collect() writes them (entries past the count untouched). Returns out.
+    (Saves the collect launch of the q|k|v and gate|up inputs: 2.5 us a call on the H200, design.md 9.)"""
+    from spqt.kernels.zigzag_mma import uses_pdl
+
+    d = x.shape[-1]
+    if x.numel() != d or out.numel() != d or idx.numel() < d:
+        raise ValueError(f"rms_norm_collect takes one row of {d}: x {tuple(x.shape)}, out {tuple(out.shape)}, "
+                         f"idx {tuple(idx.shape)}")
+    block = triton.next_power_of_2(d)
+    pdl = uses_pdl(x.device)
+    _rms_norm_collect_kernel[(1,)](x, w, out, threshold, idx, count, d, eps, BLOCK=block, PDL=pdl,
+                                   num_warps=norm_warps(block), launch_pdl=pdl)
+    return out
+
+
+ATTN_BLOCK_N = 64  # keys per step of the decode attention; fixed, so any span adds in the same order
+
+
+@triton.jit
+def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, H, HKV, L, length, sx, scale,
+                                  HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (b, h): query head h of sequence b at position pos (one new token). RoPE of its q,
+    its kv head's new k (RoPE) and v (the first query head of a group writes them into the cache);
+    then softmax(q k^T scale) v over keys 0 .. pos: the cached keys below pos, the new one at pos,
+    in steps of BLOCK_N keys with a running max (every span adds in the same order)."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    group = H // HKV
+    j = h // group
+    d = tl.arange(0, HALF)
+    pos = tl.load(pos_ptr)
+    cos = tl.load(t_ptr + pos * 2 * HALF + d)
+    sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+    base = x_ptr + b * sx
+    q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
+    q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
+    dt = o_ptr.dtype.element_ty
+    # rounded to the cache dtype as the unfused path stores q and k before attending
+    r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
+    r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
+    k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
+    k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
+    kn1 = (k1 * cos - k2 * sin).to(dt)
+    kn2 = (k2 * cos + k1 * sin).to(dt)
+    vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
+    vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+    cache = ((b * HKV + j) * L) * 2 * HALF
+    if h % group == 0:
+        tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
+        tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
+        tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
+        tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+    m_i = tl.full((), -float("inf"), tl.float32)
+    l_i = tl.zeros((), tl.float32)
+    acc1 = tl.zeros((HALF,), dtype=tl.float32)
+    acc2 = tl.zeros((HALF,), dtype=tl.float32)
+    n0 = tl.arange(0, BLOCK_N)
+    for start in range(0, tl.minimum(pos + 1, length), BLOCK_N):
+        n = start + n0
+        old = n < pos  # cached keys; the key at pos is the new one (the cache row may be in flight)
+        rows = cache + n[:, None] * 2 * HALF + d[None, :]
+        c1 = tl.load(k_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
+        c2 = tl.load(k_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
+        new = (n == pos)[:, None]
+        c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1)
+        c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2)
+        s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
+        s = tl.where(n <= pos, s, -float("inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new)
+        u1 = tl.load(v_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
+        u2 = tl.load(v_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
+        u1 = tl.where(new, vn1.to(tl.float32)[None, :], u1)
+        u2 = tl.where(new, vn2.to(tl.float32)[None, :], u2)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * u1, axis=0)
+        acc2 = acc2 * alpha + tl.sum(p[:, None] * u2, axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    out = o_ptr + (b * H + h) * 2 * HALF
+    tl.store(out + d, (acc1 / l_i).to(dt))
+    tl.store(out + HALF + d, (acc2 / l_i).to(dt))
+
+
+def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
+                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int) -> torch.Tensor:
+    """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
+    qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
+    int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
+    length: keys the caller attends to at most (> pos). Returns (B, 1, H, hd) in qkv's dtype.
+    Needs hd a power of two (functional.attention picks it for short spans only)."""
+    b, t, _ = qkv.shape
+    hd = cache_k.shape[-1]
+    if t != 1 or positions.numel() != 1 or hd & (hd - 1):
+        raise ValueError("rope_attention_decode takes one token and a power-of-two head_dim")
+    if qkv.stride(2) != 1:
+        qkv = qkv.contiguous()
+    out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device)
+    _rope_attention_decode_kernel[(n_heads, b)](
+        qkv, table, positions, cache_k, cache_v, out, n_heads, n_kv, cache_k.shape[2], length, qkv.stride(0),
+        hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, num_warps=4)
     return out

@@ -1,6 +1,8 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
 for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for several tokens.
-A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less)."""
+A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
+an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
+sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2)."""
 
 import torch
 
@@ -8,6 +10,7 @@ from spqt.checkpoint import QuantizedWeight
 from spqt.functional import linear_epilogue
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
+from spqt.kernels import fused as kf
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.kernels.reference import sparsify
@@ -22,11 +25,13 @@ class TritonLinear:
         else:
             raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
         self.n, self.k = weight.shape
+        self.fuses_norm = self.w.layout == "zigzag"  # sparse_normed: the row layout has no sparse kernel
         if self.w.layout == "zigzag":
             self.cfg_dense = tuning.config("zigzag_dense", self.n, self.k)
             self.cfg_sparse = tuning.config("zigzag_sparse", self.n, self.k)
             self.ws_dense = kg.ZigzagWorkspace(self.w, self.cfg_dense["split"], dtype)
             self.ws_sparse = kg.ZigzagWorkspace(self.w, self.cfg_sparse["split"], dtype)
+            self.normed = torch.empty(self.k, dtype=dtype, device=device)  # sparse_normed's norm output
         else:
             self.cfg_row = tuning.config("row_dense", self.n, self.k)
             self.y = torch.empty(self.n, dtype=dtype, device=device)
@@ -51,6 +56,28 @@ class TritonLinear:
             return y.view(*x.shape[:-1], y.numel())
         y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
         return linear_epilogue(y.view(*x.shape[:-1], self.n), residual, swiglu)
+
+    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Whether B4 at this sparsity beat B2 for this shape when tuned (collection included,
+        or fused into the norm for norm_fed inputs); True where the table has no crossover."""
+        if self.w.layout != "zigzag" or level is None:
+            return True
+        key = "crossover_fused" if norm_fed else "crossover"
+        if key not in self.cfg_sparse:
+            return True
+        crossover = self.cfg_sparse[key]
+        return crossover is not None and level >= crossover
+
+    def sparse_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, threshold: torch.Tensor,
+                      residual: torch.Tensor | None = None, swiglu: bool = False):
+        """W sparsify(rms_norm(x)) for one token, the norm and the collection in one launch.
+        Returns (y, the normed x (..., K)). Zigzag only (the row layout has no sparse kernel)."""
+        v = x.reshape(self.k)
+        ws, c = self.ws_sparse, self.cfg_sparse
+        kf.rms_norm_collect(v, norm_weight, eps, threshold, self.normed, ws.idx, ws.count)
+        y = kg.gemv_zigzag(self.w, self.normed, kg.MODE_INDEXED, ws, **tuning.launch_args(c), idx=ws.idx,
+                           count=ws.count, **self._gemv_epilogue(residual, swiglu))
+        return y.view(*x.shape[:-1], y.numel()), self.normed.view(x.shape)
 
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                swiglu: bool = False) -> torch.Tensor:

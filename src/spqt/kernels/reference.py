@@ -50,3 +50,7 @@ class ReferenceLinear:
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                swiglu: bool = False) -> torch.Tensor:
         return self.dense(sparsify(x, threshold), residual, swiglu)
+
+    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """The reference is the semantics, not a speed: it always runs what it is asked to."""
+        return True

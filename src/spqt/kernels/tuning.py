@@ -80,8 +80,14 @@ def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
     return entry
 
 
+def table_entries(variant: str) -> dict:
+    """This GPU's tuned entries of one variant ("NxK" -> config with the tuner's "us"), {} if none."""
+    return _load_table(device_key()).get(variant, {})
+
+
 def config(variant: str, n: int, k: int) -> dict:
-    """The tuned config of this GPU for the shape, else its nearest tuned neighbour, else the default."""
+    """The tuned config of this GPU for the shape, else its nearest tuned neighbour, else the default.
+    zigzag_sparse entries may also hold "crossover" and "crossover_fused" (bench.crossover)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown kernel variant {variant}")
     entries = _load_table(device_key()).get(variant, {})
