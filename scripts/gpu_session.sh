@@ -72,14 +72,11 @@ case "$stage" in
     grep -E "zigzag_mma_kernel|Duration|DRAM Throughput|dram__bytes|sm__cycles_active|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|No Eligible|L2 Hit" "$OUT/ncu-gemv.txt" | head -80
     ;;
   floor)
-    # The decode-floor round in one call: gpu tests (8 workers: most of their time is compiling),
-    # the crossover of every runtime shape, the per-kind profile of a 7B step now and on the
-    # commit before the round (.old, a worktree of it carried along), and the 7B decode benchmark.
+    # The decode-floor round in one call: the crossover of every runtime shape, the per-kind profile
+    # of a 7B step now and on the commit before the round (.old, a worktree of it carried along), the
+    # decode benchmark, then the gpu tests (8 workers: most of their time is compiling).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error" | tail -25
-    echo "gpu tests: $(( $(date +%s) - start )) s"
     timeout 120 python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
       --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | tail -3
     cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
@@ -96,7 +93,11 @@ case "$stage" in
       timeout 150 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
         2>&1 | grep -v WARN | tail -6
     done
-    echo "floor stage: $(( $(date +%s) - start )) s"
+    echo "measurements: $(( $(date +%s) - start )) s"
+    tstart=$(date +%s)
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error" | tail -25
+    echo "gpu tests: $(( $(date +%s) - tstart )) s; floor stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
