@@ -371,8 +371,8 @@ def test_dense_fallback_below_the_crossover(rng, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rms_norm_collect(rng, device):
-    """One launch = fused.rms_norm then collect() of its output: the same normed values (bit for
-    bit) and the same ascending list and count; nothing written past the count."""
+    """One launch = fused.rms_norm (to one rounding) then collect() of what it wrote: the ascending
+    list and the count, over several segments; nothing written past the count."""
     from spqt.kernels import fused
 
     for d in ([576, 130] if device == "cpu" else [576, 4096, 5120, 8192]):
@@ -386,9 +386,10 @@ def test_rms_norm_collect(rng, device):
                 out = torch.full((d,), float("nan"), dtype=dtype, device=device)
                 idx = torch.full((d,), -7777, dtype=torch.int32, device=device)
                 count = torch.full((), -1, dtype=torch.int32, device=device)
-                fused.rms_norm_collect(x, w, 1e-5, t, out, idx, count)
-                assert torch.equal(out, want), f"normed values differ, d {d} {dtype}"
-                expect = torch.nonzero(want.float().abs() > t).flatten()
+                fused.rms_norm_collect(x, w, 1e-5, t, out, idx, count, segment=256 if device == "cuda" else 64)
+                tol = 2.0**-22 if dtype == torch.float32 else 2.0**-10  # one rounding of the output (a sum order)
+                torch.testing.assert_close(out, want, rtol=tol, atol=tol, msg=f"normed values, d {d} {dtype}")
+                expect = torch.nonzero(out.float().abs() > t).flatten()
                 assert int(count) == expect.numel(), f"count d {d} {dtype} s={sparsity}"
                 assert torch.equal(idx[: int(count)].long(), expect), f"indices d {d} {dtype} s={sparsity}"
                 assert (idx[int(count):] == -7777).all(), "wrote past the count"

@@ -110,31 +110,47 @@ def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
 
 @triton.jit
 def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D, eps, BLOCK: tl.constexpr,
-                             PDL: tl.constexpr):
-    """One row: out = rms_norm(x) in out's dtype, then the ascending k with |out_k| > t (the stored,
-    rounded value, as collect() would see it) into idx and their number into count."""
+                             SEGMENT: tl.constexpr, PDL: tl.constexpr):
+    """One row, program p owns segment p: out = rms_norm(x) there, in out's dtype, and the
+    ascending k with |out_k| > t (the stored, rounded value, as collect() would see it) at their
+    list positions. Every program normalises the whole row (x is small and L2-resident) to count
+    the kept entries before its segment: no atomics, one round trip, the same list every run.
+    The last program writes the count."""
+    pid = tl.program_id(0)
     if PDL:  # launched while the kernel before it finishes: x is read after it is written
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     m = offs < D
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    y = (x * inv * w).to(out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offs, y, mask=m)
-    keep = (tl.abs(y.to(tl.float32)) > tl.load(t_ptr)) & m
+    t = tl.load(t_ptr)
+    start = pid * SEGMENT
+    mb = offs < start
+    xb = tl.where(mb, x, 0.0)
+    wb = tl.load(w_ptr + offs, mask=mb, other=0.0).to(tl.float32)
+    yb = (xb * inv * wb).to(out_ptr.dtype.element_ty).to(tl.float32)
+    before = tl.sum(((tl.abs(yb) > t) & mb).to(tl.int32), axis=0)
+    k = start + tl.arange(0, SEGMENT)
+    mk = k < D
+    xs = tl.load(x_ptr + k, mask=mk, other=0.0).to(tl.float32)
+    ws = tl.load(w_ptr + k, mask=mk, other=0.0).to(tl.float32)
+    y = (xs * inv * ws).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + k, y, mask=mk)
+    keep = (tl.abs(y.to(tl.float32)) > t) & mk
     keep_i = keep.to(tl.int32)
-    tl.store(idx_ptr + tl.cumsum(keep_i, axis=0) - 1, offs, mask=keep)
-    tl.store(count_ptr, tl.sum(keep_i, axis=0))
+    tl.store(idx_ptr + before + tl.cumsum(keep_i, axis=0) - 1, k, mask=keep)
+    if pid == tl.num_programs(0) - 1:
+        tl.store(count_ptr, before + tl.sum(keep_i, axis=0))
 
 
 def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: torch.Tensor, out: torch.Tensor,
-                     idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+                     idx: torch.Tensor, count: torch.Tensor, segment: int = 256) -> torch.Tensor:
     """The RMSNorm in front of a sparse linear map and the map's index collection in one launch
     (one token). x (D,) contiguous; w (D,) fp32; threshold () fp32; out (D,) x's dtype; idx (>= D,)
     int32 and count () int32 as collect() writes them (entries past the count untouched). Returns out.
-    (Saves the collect launch of the q|k|v and gate|up inputs: 2.5 us a call on the H200, design.md 9.)"""
+    (Saves the collect launch of the q|k|v and gate|up inputs, 2.5 us a call on the H200. One
+    program for the whole row took 5.5 us at D = 4096: the scan of 4096 entries in one program.)"""
     from spqt.kernels.zigzag_mma import uses_pdl
 
     d = x.shape[-1]
@@ -143,27 +159,49 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
                          f"idx {tuple(idx.shape)}")
     block = triton.next_power_of_2(d)
     pdl = uses_pdl(x.device)
-    _rms_norm_collect_kernel[(1,)](x, w, out, threshold, idx, count, d, eps, BLOCK=block, PDL=pdl,
-                                   num_warps=norm_warps(block), launch_pdl=pdl)
+    _rms_norm_collect_kernel[(triton.cdiv(d, segment),)](x, w, out, threshold, idx, count, d, eps, BLOCK=block,
+                                                          SEGMENT=segment, PDL=pdl, num_warps=norm_warps(block),
+                                                          launch_pdl=pdl)
     return out
 
 
 ATTN_BLOCK_N = 64  # keys per step of the decode attention; fixed, so any span adds in the same order
+ATTN_PREFETCH_ROWS = tl.constexpr(512)  # cached keys (and values) asked of L2 before the wait, at most
+
+
+@triton.jit
+def _prefetch_rows(ptr, rows, W: tl.constexpr):
+    """Ask L2 for the first `rows` rows of W bytes at ptr (bytes), one 128-byte line a lane."""
+    line = tl.arange(0, 128)
+    for i in range(0, rows * (W // 128), 128):
+        tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l",
+                                  [(ptr + (i + line) * 128).to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, H, HKV, L, length, sx, scale,
-                                  HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  HALF: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
     """Program (b, h): query head h of sequence b at position pos (one new token). RoPE of its q,
     its kv head's new k (RoPE) and v (the first query head of a group writes them into the cache);
     then softmax(q k^T scale) v over keys 0 .. pos: the cached keys below pos, the new one at pos,
-    in steps of BLOCK_N keys with a running max (every span adds in the same order)."""
+    in steps of BLOCK_N keys with a running max (every span adds in the same order).
+    PDL: until griddepcontrol.wait it reads only what earlier steps wrote (the position, copied in
+    before the step, and the cached keys and values below it, asked of L2), then q|k|v."""
     h = tl.program_id(0)
     b = tl.program_id(1)
     group = H // HKV
     j = h // group
     d = tl.arange(0, HALF)
     pos = tl.load(pos_ptr)
+    if PDL:
+        row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
+        if row_bytes % 128 == 0:
+            cached = ((b * HKV + j) * L) * 2 * HALF
+            span = tl.minimum(tl.minimum(pos, length), ATTN_PREFETCH_ROWS)
+            _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), span, row_bytes)
+            _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), span, row_bytes)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     cos = tl.load(t_ptr + pos * 2 * HALF + d)
     sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
     base = x_ptr + b * sx
@@ -230,8 +268,11 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         raise ValueError("rope_attention_decode takes one token and a power-of-two head_dim")
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
+    from spqt.kernels.zigzag_mma import uses_pdl
+
     out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device)
+    pdl = uses_pdl(qkv.device)
     _rope_attention_decode_kernel[(n_heads, b)](
         qkv, table, positions, cache_k, cache_v, out, n_heads, n_kv, cache_k.shape[2], length, qkv.stride(0),
-        hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, num_warps=4)
+        hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
