@@ -8,6 +8,8 @@
 #   scripts/gpu_session.sh model     default-model perplexity tables
 #   scripts/gpu_session.sh roofline  the read ceiling (scripts/stream_probe.py), Nsight Compute bytes/stalls of B2/B4
 #   scripts/gpu_session.sh floor     gpu tests (8 workers), crossovers, 7B step profile now and before (.old), decode
+#   scripts/gpu_session.sh measure   7B step profiles, decode (DECODE_MODELS), GEMV table (GEMV=1); results.tgz
+# At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
 set -uo pipefail
@@ -98,6 +100,23 @@ case "$stage" in
     timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
       | grep -E "passed|failed|FAILED|Error" | tail -25
     echo "gpu tests: $(( $(date +%s) - tstart )) s; floor stage: $(( $(date +%s) - start )) s"
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.log' -delete)
+    ;;
+  measure)
+    # Profiles of the 7B step (dense, 50 %) and the decode benchmark (DECODE_MODELS), no tuning, no tests.
+    export SPQT_CACHE=/tmp/spqt-cache
+    for s in 0 0.5; do
+      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
+        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"; grep -E "graph replay|^kind|^[A-Za-z].* [0-9.]+$" "$OUT/profile-7b-$s.txt" | tail -12
+    done
+    for m in ${DECODE_MODELS:-llama2-7b}; do
+      timeout 200 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
+        2>&1 | grep -v WARN | tail -6
+    done
+    if [ -n "${GEMV:-}" ]; then
+      timeout 300 python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -20 "$OUT/bench-gemv.log"
+    fi
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.txt' -delete)
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
