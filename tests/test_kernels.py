@@ -393,6 +393,11 @@ def test_rms_norm_collect(rng, device):
                 assert int(count) == expect.numel(), f"count d {d} {dtype} s={sparsity}"
                 assert torch.equal(idx[: int(count)].long(), expect), f"indices d {d} {dtype} s={sparsity}"
                 assert (idx[int(count):] == -7777).all(), "wrote past the count"
+                if sparsity == 0.5:  # with a per-input scale (WINA): |out| * scale > t
+                    scale = torch.from_numpy(rng.random(d).astype(np.float32) * 2).to(device)
+                    fused.rms_norm_collect(x, w, 1e-5, t, out, idx, count, segment=64, scale=scale)
+                    expect = torch.nonzero(out.float().abs() * scale > t).flatten()
+                    assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -109,11 +109,11 @@ def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
 
 
 @triton.jit
-def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D, eps, BLOCK: tl.constexpr,
-                             SEGMENT: tl.constexpr, PDL: tl.constexpr):
+def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D, eps, scale_ptr,
+                             BLOCK: tl.constexpr, SEGMENT: tl.constexpr, PDL: tl.constexpr, HAS_SCALE: tl.constexpr):
     """One row, program p owns segment p: out = rms_norm(x) there, in out's dtype, and the
-    ascending k with |out_k| > t (the stored, rounded value, as collect() would see it) at their
-    list positions. Every program normalises the whole row (x is small and L2-resident) to count
+    ascending k with |out_k| > t (the stored, rounded value, as collect() would see it; with a
+    scale, |out_k| * scale_k > t, WINA) at their list positions. Every program normalises the whole row (x is small and L2-resident) to count
     the kept entries before its segment: no atomics, one round trip, the same list every run.
     The last program writes the count."""
     pid = tl.program_id(0)
@@ -129,15 +129,20 @@ def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D
     mb = offs < start
     xb = tl.where(mb, x, 0.0)
     wb = tl.load(w_ptr + offs, mask=mb, other=0.0).to(tl.float32)
-    yb = (xb * inv * wb).to(out_ptr.dtype.element_ty).to(tl.float32)
-    before = tl.sum(((tl.abs(yb) > t) & mb).to(tl.int32), axis=0)
+    ab = tl.abs((xb * inv * wb).to(out_ptr.dtype.element_ty).to(tl.float32))
+    if HAS_SCALE:
+        ab = ab * tl.load(scale_ptr + offs, mask=mb, other=0.0)
+    before = tl.sum(((ab > t) & mb).to(tl.int32), axis=0)
     k = start + tl.arange(0, SEGMENT)
     mk = k < D
     xs = tl.load(x_ptr + k, mask=mk, other=0.0).to(tl.float32)
     ws = tl.load(w_ptr + k, mask=mk, other=0.0).to(tl.float32)
     y = (xs * inv * ws).to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + k, y, mask=mk)
-    keep = (tl.abs(y.to(tl.float32)) > t) & mk
+    a = tl.abs(y.to(tl.float32))
+    if HAS_SCALE:
+        a = a * tl.load(scale_ptr + k, mask=mk, other=0.0)
+    keep = (a > t) & mk
     keep_i = keep.to(tl.int32)
     tl.store(idx_ptr + before + tl.cumsum(keep_i, axis=0) - 1, k, mask=keep)
     if pid == tl.num_programs(0) - 1:
@@ -145,10 +150,12 @@ def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D
 
 
 def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: torch.Tensor, out: torch.Tensor,
-                     idx: torch.Tensor, count: torch.Tensor, segment: int = 256) -> torch.Tensor:
+                     idx: torch.Tensor, count: torch.Tensor, segment: int = 256,
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
     """The RMSNorm in front of a sparse linear map and the map's index collection in one launch
     (one token). x (D,) contiguous; w (D,) fp32; threshold () fp32; out (D,) x's dtype; idx (>= D,)
-    int32 and count () int32 as collect() writes them (entries past the count untouched). Returns out.
+    int32 and count () int32 as collect() writes them (entries past the count untouched); scale
+    (D,) fp32 or None, as collect()'s. Returns out.
     (Saves the collect launch of the q|k|v and gate|up inputs, 2.5 us a call on the H200. One
     program for the whole row took 5.5 us at D = 4096: the scan of 4096 entries in one program.)"""
     from spqt.kernels.zigzag_mma import uses_pdl
@@ -159,9 +166,11 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
                          f"idx {tuple(idx.shape)}")
     block = triton.next_power_of_2(d)
     pdl = uses_pdl(x.device)
-    _rms_norm_collect_kernel[(triton.cdiv(d, segment),)](x, w, out, threshold, idx, count, d, eps, BLOCK=block,
-                                                          SEGMENT=segment, PDL=pdl, num_warps=norm_warps(block),
-                                                          launch_pdl=pdl)
+    if scale is not None and (scale.shape != (d,) or scale.dtype != torch.float32 or not scale.is_contiguous()):
+        raise ValueError(f"rms_norm_collect expects a contiguous fp32 ({d},) scale")
+    _rms_norm_collect_kernel[(triton.cdiv(d, segment),)](
+        x, w, out, threshold, idx, count, d, eps, w if scale is None else scale, BLOCK=block, SEGMENT=segment,
+        PDL=pdl, HAS_SCALE=scale is not None, num_warps=norm_warps(block), launch_pdl=pdl)
     return out
 
 

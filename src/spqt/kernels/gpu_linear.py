@@ -69,12 +69,12 @@ class TritonLinear:
         return crossover is not None and level >= crossover
 
     def sparse_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, threshold: torch.Tensor,
-                      residual: torch.Tensor | None = None, swiglu: bool = False):
-        """W sparsify(rms_norm(x)) for one token, the norm and the collection in one launch.
-        Returns (y, the normed x (..., K)). Zigzag only (the row layout has no sparse kernel)."""
+                      residual: torch.Tensor | None = None, swiglu: bool = False, scale: torch.Tensor | None = None):
+        """W sparsify(rms_norm(x)) for one token, the norm and the collection in one launch (scale:
+        as sparse()'s). Returns (y, the normed x (..., K)). Zigzag only (the row layout has no sparse kernel)."""
         v = x.reshape(self.k)
         ws, c = self.ws_sparse, self.cfg_sparse
-        kf.rms_norm_collect(v, norm_weight, eps, threshold, self.normed, ws.idx, ws.count)
+        kf.rms_norm_collect(v, norm_weight, eps, threshold, self.normed, ws.idx, ws.count, scale=scale)
         y = kg.gemv_zigzag(self.w, self.normed, kg.MODE_INDEXED, ws, **tuning.launch_args(c), idx=ws.idx,
                            count=ws.count, **self._gemv_epilogue(residual, swiglu))
         return y.view(*x.shape[:-1], y.numel()), self.normed.view(x.shape)
