@@ -5,6 +5,7 @@ thresholds on (when a sparsity level is chosen).
 """
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -187,6 +188,12 @@ class Generator:
         self._io_copied = torch.cuda.Event() if self.device == "cuda" else None
         self._tok = self._io[0:1].view(1, 1)
         self._pos = self._io[1:2]
+        # Greedy steps feed themselves on the device (see _capture): the token each step chose, at
+        # its input position, is read back by a side stream while the next step runs.
+        if self.device == "cuda":
+            self._history = torch.zeros(self.max_len, dtype=torch.int64, device=self.device)
+            self._token_host = torch.zeros(1, dtype=torch.int64, pin_memory=True)
+            self._reader = torch.cuda.Stream()
 
     def set_sparsity(self, sparsity: float, mode: str = "unified", table: torch.Tensor | None = None) -> None:
         """Choose the calibrated thresholds of a level (0: dense), or an explicit (layers, 4) table."""
@@ -222,7 +229,34 @@ class Generator:
         with torch.cuda.graph(graph):
             logits = self.model(self._tok, self._pos, kv_len=kv_len)
             greedy = logits[:, -1].argmax(-1)  # greedy decoding needs no other launch
+            # The next greedy step's input, on the device: no host round trip between steps
+            # (decode_step overwrites both from the host before a replay it drives).
+            self._history.index_copy_(0, self._pos, greedy)
+            self._io[0:1].copy_(greedy)
+            self._io[1:2].add_(1)
         return graph, logits, greedy
+
+    def _graph_at(self, pos: int):
+        """The decode graph for a step at position pos (captured on first use; all re-captured when
+        the switches change or the KV cache was re-allocated, as perplexity does). Sets
+        self._logits and self.greedy_token to its outputs."""
+        key = (tuple(sorted(getattr(self.model, "switches", {}).items())),
+               self.model.layers[0].attention.cache.k.data_ptr())
+        if key != self._graph_key:
+            self._graphs, self._graph_key = {}, key
+        bucket = self._kv_bucket(pos)
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        self._graph, self._logits, self.greedy_token = self._graphs[bucket]
+        return self._graph
+
+    def _set_io(self, token: int, pos: int) -> None:
+        """The step's token and position from the host: one pinned copy."""
+        self._io_copied.synchronize()  # the pinned buffer is free again
+        self._io_host[0] = int(token)
+        self._io_host[1] = pos
+        self._io.copy_(self._io_host, non_blocking=True)
+        self._io_copied.record()
 
     def decode_step(self, token: torch.Tensor | int, pos: int) -> torch.Tensor:
         """One token at position pos -> logits (1, 1, vocab). On CUDA a graph replay, after which
@@ -230,22 +264,50 @@ class Generator:
         if not self.use_graph:
             tok = torch.as_tensor(token, device=self.device).view(1, 1)
             return self.model(tok, torch.tensor([pos], device=self.device), kv_len=pos + 1)
-        # Re-capture when the switches change or the KV cache was re-allocated (perplexity does).
-        key = (tuple(sorted(getattr(self.model, "switches", {}).items())),
-               self.model.layers[0].attention.cache.k.data_ptr())
-        self._io_copied.synchronize()  # the pinned buffer is free again
-        self._io_host[0] = int(token)
-        self._io_host[1] = pos
-        self._io.copy_(self._io_host, non_blocking=True)
-        self._io_copied.record()
-        if key != self._graph_key:
-            self._graphs, self._graph_key = {}, key
-        bucket = self._kv_bucket(pos)
-        if bucket not in self._graphs:
-            self._graphs[bucket] = self._capture(bucket)
-        self._graph, self._logits, self.greedy_token = self._graphs[bucket]
-        self._graph.replay()
+        self._set_io(token, pos)
+        self._graph_at(pos).replay()
         return self._logits
+
+    def _decode_greedy_pipelined(self, token: int, pos: int, budget: int, on_token, stop_ids) -> tuple:
+        """Greedy decoding by graph replays that feed themselves: step p+1 is enqueued before the
+        token of step p is read back (by a side stream that waits for step p alone), so the GPU
+        never waits for the host. budget: steps to run at most. Returns (tokens, seconds between
+        consecutive tokens as the host receives them). A step enqueued past a stop is discarded."""
+        self._set_io(token, pos)
+        inflight: deque = deque()
+        out, steps = [], []
+
+        def enqueue(p: int) -> None:
+            self._graph_at(p).replay()
+            done = torch.cuda.Event()
+            done.record()
+            inflight.append((done, p))
+
+        enqueue(pos)
+        issued = 1
+        last = time.perf_counter()
+        while inflight:
+            if issued < budget:
+                enqueue(pos + issued)
+                issued += 1
+            done, p = inflight.popleft()
+            self._reader.wait_event(done)
+            with torch.cuda.stream(self._reader):
+                self._token_host.copy_(self._history[p:p + 1], non_blocking=True)
+                read = torch.cuda.Event()
+                read.record()
+            read.synchronize()
+            t = int(self._token_host[0])
+            now = time.perf_counter()
+            steps.append(now - last)
+            last = now
+            out.append(t)
+            if on_token:
+                on_token(t)
+            if t in stop_ids:
+                break
+        torch.cuda.synchronize()
+        return out, steps
 
     def _sync(self):
         if self.device == "cuda":
@@ -277,6 +339,15 @@ class Generator:
         out, steps = [], []
         set_sparse(self.model, self.sparsity > 0, track=track and self.sparsity > 0)
         pos = len(prompt)
+        if self.use_graph and sampling.temperature == 0 and on_logits is None:
+            t = int(token)
+            out.append(t)
+            if on_token:
+                on_token(t)
+            if t not in stop_ids and max_new_tokens > 1:
+                more, steps = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
+                out += more
+            max_new_tokens = 0  # done: the loop below is the host-driven path
         for _ in range(max_new_tokens):
             t = int(token)
             out.append(t)
