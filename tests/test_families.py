@@ -192,11 +192,17 @@ def test_float_forward_equals_transformers(family, source):
     assert err < 1e-4 * span, f"{name} from {source}: max |diff| {err:.3e} vs logit range {span:.2f}"
 
 
-def test_quantize_both_sources_then_generate(family, capsys):
-    folder = family["folder"]
-    out = {s: folder / f"{s}.spqt" for s in ("hf", "gguf")}
+@pytest.fixture(scope="module")
+def quantized(family) -> dict:
+    """source ("hf", "gguf") -> the .spqt that `spqt quantize` made of it (q4_k zigzag)."""
+    out = {s: family["folder"] / f"{s}.spqt" for s in ("hf", "gguf")}
     for source, path in out.items():
         assert main(["quantize", str(family[source]), "-o", str(path), "--device", "cpu"]) == 0
+    return out
+
+
+def test_quantize_both_sources_then_generate(family, quantized, capsys):
+    out = quantized
     a, b = load_spqt(out["hf"]), load_spqt(out["gguf"])
     # the same numbers from both sources give the same blocks, biases and norms
     for name, w in a.weights.items():
@@ -265,6 +271,43 @@ def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
     torch.testing.assert_close(lin(x, swiglu=True), torch.nn.functional.silu(g) * u, rtol=1e-6, atol=1e-5)
     lin.set_threshold(1e9)  # every input dropped: the bias alone
     assert torch.equal(lin(x), b.view(1, 1, n))
+
+
+@pytest.mark.gpu
+def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
+    """The Triton path with a family's switches (bias added and q/k normed in torch around the
+    kernels): teacher-forced fp32 logits within 1 % of the logit range of the CPU reference, dense
+    and with every input thresholded at 0.2; CUDA-graph decoding == eager decoding."""
+    from spqt.generate import set_sparse
+
+    loaded = load_spqt(quantized["gguf"])
+    ids = _ids(40, loaded.config.vocab_size, seed=5)
+    table = torch.full((loaded.config.n_layers, 4), 0.2)
+    logits = {}
+    for device in ("cpu", "cuda"):
+        gen = Generator(loaded, device, dtype=torch.float32, max_len=64)
+        assert device == "cpu" or gen.model.layers[0].attention.qkv.impl.__class__.__name__ == "TritonLinear"
+        gen.set_sparsity(0.5, table=table)
+        for sparse in (False, True):
+            with torch.inference_mode():
+                gen.model.setup_cache(1, len(ids), torch.float32)
+                set_sparse(gen.model, sparse)
+                out = gen.model(torch.tensor([ids], device=device), torch.arange(len(ids), device=device))
+                logits[device, sparse] = out[0].float().cpu()
+                set_sparse(gen.model, False)
+    for sparse in (False, True):
+        ref, got = logits["cpu", sparse], logits["cuda", sparse]
+        span = float(ref.max() - ref.min())
+        err = float((ref - got).abs().max())
+        assert err < 0.01 * span, f"sparse={sparse}: max |diff| {err:.3e} vs logit range {span:.2f}"
+    for sparsity in (0.0, 0.5):
+        graph = Generator(loaded, "cuda", max_len=64)
+        eager = Generator(loaded, "cuda", max_len=64)
+        eager.use_graph = False
+        for g in (graph, eager):
+            g.set_sparsity(sparsity, table=table if sparsity else None)
+        a = graph.generate(ids[:8], 24, track=False).tokens
+        assert a == eager.generate(ids[:8], 24, track=False).tokens, f"sparsity {sparsity}"
 
 
 def _expect_error(capsys, argv, fragment):
