@@ -155,12 +155,15 @@ def family(request, base_tokenizer, tmp_path_factory) -> dict:
     config = getattr(transformers, cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                         eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5, **DIMS, **extra)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _randomize(model, seed=len(name))
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))  # fresh weights every run, replayable
+    print(f"{name}: weight seed {seed}")
+    _randomize(model, seed)
     model.eval()
     model.save_pretrained(str(folder / "hf"))
     tok.save_pretrained(str(folder / "hf"))
     gguf_path = write_gguf(model, tok, folder / f"{name}.gguf", arch, TEMPLATES[template])
-    return {"name": name, "hf": folder / "hf", "gguf": gguf_path, "model": model, "tok": tok, "folder": folder}
+    return {"name": name, "hf": folder / "hf", "gguf": gguf_path, "model": model, "tok": tok, "folder": folder,
+            "seed": seed}
 
 
 def _ids(n: int, vocab: int, seed: int) -> list[int]:
@@ -180,7 +183,7 @@ def test_float_forward_equals_transformers(family, source):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name == "mistral":
         assert c.max_seq_len == (96 if source == "hf" else 1024)  # HF: the sliding window; GGUF (llama) has none
-    ids = _ids(PROMPT_LEN, c.vocab_size, seed=7)
+    ids = _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"])
     model = build_model(loaded, "cpu", torch.float32)
     model.setup_cache(1, len(ids), torch.float32)
     with torch.no_grad():
@@ -189,8 +192,8 @@ def test_float_forward_equals_transformers(family, source):
     span = float(theirs.max() - theirs.min())
     err = float((ours - theirs).abs().max())
     print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
-    # float32 both sides; the scale is the logits' own range
-    assert err < 1e-4 * span, f"{name} from {source}: max |diff| {err:.3e} vs logit range {span:.2f}"
+    # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
+    assert err < 2e-5 * span, f"{name} from {source} (seed {family['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
 
 
 @pytest.fixture(scope="module")
@@ -217,12 +220,13 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     if family["name"] == "qwen3":
         assert a.weights["layers.1.q_norm"].shape == (32,)
     # greedy decoding: repeatable, the same from both files, close to the float model
-    ids = _ids(40, a.config.vocab_size, seed=11)
+    ids = _ids(40, a.config.vocab_size, seed=family["seed"] + 1)
     gen_a, gen_b = Generator(a, "cpu", max_len=64), Generator(b, "cpu", max_len=64)
     first = gen_a.generate(ids, 16).tokens
-    assert len(first) == 16
-    assert gen_a.generate(ids, 16).tokens == first
-    assert gen_b.generate(ids, 16).tokens == first
+    seed = f"seed {family['seed']}"
+    assert len(first) == 16, seed
+    assert gen_a.generate(ids, 16).tokens == first, seed
+    assert gen_b.generate(ids, 16).tokens == first, seed
     model = build_model(a, "cpu", torch.float32)
     model.setup_cache(1, len(ids), torch.float32)
     with torch.no_grad():
@@ -230,8 +234,9 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
         exact = family["model"](torch.tensor([ids])).logits[0].float()
     # Q4_K weights are ~19 dB (test_checkpoint); two layers and a float head keep the logits above 15
     db = sqnr_db(exact, quantized)
-    print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
-    assert db > 15
+    with capsys.disabled():
+        print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
+    assert db > 15, seed
     capsys.readouterr()
     assert main(["generate", str(out["gguf"]), "-p", "once upon a time", "-n", "6", "--device", "cpu"]) == 0
     assert main(["generate", str(out["hf"]), "-p", "hello", "-n", "4", "--chat", "--device", "cpu"]) == 0
@@ -284,7 +289,7 @@ def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
     from spqt.generate import set_sparse
 
     loaded = load_spqt(quantized["gguf"])
-    ids = _ids(40, loaded.config.vocab_size, seed=5)
+    ids = _ids(40, loaded.config.vocab_size, seed=family["seed"] + 2)
     table = torch.full((loaded.config.n_layers, 4), 0.2)
     logits = {}
     for device in ("cpu", "cuda"):
