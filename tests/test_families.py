@@ -334,6 +334,25 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
+@pytest.mark.parametrize("change, fragment", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling 'yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"num_attention_heads": None}, "unusable config"),
+])
+def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = {"model_type": "qwen2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.embed_tokens.weight": torch.zeros(320, 64)}, str(folder / "model.safetensors"))
+    _expect_error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
