@@ -4,6 +4,9 @@ A .spqt file is a safetensors container. Tensors::
 
     tok_embeddings (V, D) fp16        output (V, D) fp16, absent when tied to the embedding
     norm, layers.{i}.attention_norm, layers.{i}.ffn_norm (D,) fp32
+    layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3)
+    layers.{i}.{group}.bias (rows,) fp32                  only for groups in config.linear_biases
+                                                          (Qwen2: qkv), stacked like the weight
     layers.{i}.{qkv,o,gate_up,down}  uint8 quantized blocks, grid as in layouts.py:
         qkv     = rows of wq | wk | wv    (q_dim + 2 kv_dim, D)     one input, one index list
         o       = wo                      (D, q_dim)
@@ -13,7 +16,9 @@ A .spqt file is a safetensors container. Tensors::
 The safetensors metadata key ``spqt`` holds versioned JSON: format_version, config
 (ModelConfig), tokenizer (tokenizers JSON, chat template), linears (format, layout, shape, parts
 per tensor), thresholds (sparsity.py) and provenance (source hash, tool version, date).
-Files are written to a temporary name in the target folder and renamed.
+Files are written to a temporary name in the target folder and renamed. Version 2 added the
+family switches (biases, q/k norms, RoPE frequency factors); version 1 files are Llama-family
+files without them and read as such.
 """
 
 import datetime
@@ -33,7 +38,8 @@ from spqt.layouts import check_layout, grid_shape
 from spqt.quant import dequantize, quantize
 from spqt.sources import SourceModel, TokenizerSpec, open_source
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 # Fused linear maps: canonical name -> the source matrices stacked along rows (outputs).
 LINEAR_GROUPS = {"qkv": ("wq", "wk", "wv"), "o": ("wo",), "gate_up": ("w1", "w3"), "down": ("w2",)}
@@ -82,6 +88,22 @@ def _parts(config: ModelConfig) -> dict:
             "gate_up": [config.ffn_dim, config.ffn_dim], "down": [config.dim]}
 
 
+def _layer_extras(source: SourceModel, i: int) -> dict:
+    """Layer i's tensors besides the linear maps' weights, float32: the two norms, q/k norms
+    (Qwen3), and each biased group's output bias, stacked like its weight (a member the source
+    gives no bias gets zeros)."""
+    cfg = source.config
+    names = ["attention_norm", "ffn_norm"] + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+    out = {f"layers.{i}.{n}": source.tensor(f"layers.{i}.{n}") for n in names}
+    for group in cfg.linear_biases:
+        pieces = []
+        for member, rows in zip(LINEAR_GROUPS[group], _parts(cfg)[group]):
+            name = f"layers.{i}.b{member[1:]}"  # wq -> bq, w1 -> b1
+            pieces.append(source.tensor(name) if name in source.names else torch.zeros(rows))
+        out[f"layers.{i}.{group}.bias"] = torch.cat(pieces)
+    return out
+
+
 def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedModel:
     """A source model's weights as given (float32), with linear groups stacked."""
     from tqdm.auto import tqdm
@@ -90,8 +112,7 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
     weights = {name: source.tensor(name) for name in ("tok_embeddings", "norm", "output") if name in source.names}
     parts = {}
     for i in tqdm(range(cfg.n_layers), desc="loading", unit="layer", disable=not progress):
-        for norm in ("attention_norm", "ffn_norm"):
-            weights[f"layers.{i}.{norm}"] = source.tensor(f"layers.{i}.{norm}")
+        weights.update(_layer_extras(source, i))
         for group, members in LINEAR_GROUPS.items():
             weights[f"layers.{i}.{group}"] = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
             parts[f"layers.{i}.{group}"] = _parts(cfg)[group]
@@ -113,8 +134,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         weights["output"] = source.tensor("output").to(torch.float16)
     parts = {}
     for i in tqdm(range(cfg.n_layers), desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress):
-        for norm in ("attention_norm", "ffn_norm"):
-            weights[f"layers.{i}.{norm}"] = source.tensor(f"layers.{i}.{norm}")
+        weights.update(_layer_extras(source, i))
         for group, members in LINEAR_GROUPS.items():
             w = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
             blocks = quantize(w.to(device), fmt, layout).cpu()
@@ -193,9 +213,13 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
     except Exception as e:
         raise SpqtError(f"{path}: not a valid .spqt file ({type(e).__name__}: {e})") from None
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        raise SpqtError(f"{path}: .spqt format version {version} is not supported (this spqt reads {FORMAT_VERSION})")
-    config = ModelConfig.from_dict(meta["config"])
+    if version not in READABLE_VERSIONS:
+        raise SpqtError(f"{path}: .spqt format version {version} is not supported "
+                        f"(this spqt reads {', '.join(map(str, READABLE_VERSIONS))})")
+    try:
+        config = ModelConfig.from_dict(meta["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpqtError(f"{path}: invalid model config in the metadata ({type(e).__name__}: {e})") from None
     weights, parts = {}, {}
     for name, t in tensors.items():
         info = meta["linears"].get(name)
@@ -232,6 +256,10 @@ def _expected_shapes(c: ModelConfig) -> dict:
         shapes[f"layers.{i}.o"] = (c.dim, c.q_dim)
         shapes[f"layers.{i}.gate_up"] = (2 * c.ffn_dim, c.dim)
         shapes[f"layers.{i}.down"] = (c.dim, c.ffn_dim)
+        if c.qk_norm:
+            shapes[f"layers.{i}.q_norm"] = shapes[f"layers.{i}.k_norm"] = (c.head_dim,)
+        for group in c.linear_biases:
+            shapes[f"layers.{i}.{group}.bias"] = (shapes[f"layers.{i}.{group}"][0],)
     return shapes
 
 

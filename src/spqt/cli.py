@@ -55,9 +55,12 @@ def cmd_inspect(args) -> int:
     c = model.config
     print(f"model        {args.model}")
     print(f"kind         {model.kind}")
-    print(f"architecture llama-family: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads} (kv {c.n_kv_heads}), "
+    switches = "".join([f", biases on {'/'.join(c.linear_biases)}" if c.linear_biases else "",
+                        ", q/k norm" if c.qk_norm else ""])
+    print(f"architecture {c.family}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads} (kv {c.n_kv_heads}), "
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
-          f"rope theta {c.rope_theta:g}{' (llama3 scaling)' if c.rope_scaling else ''}, tied head {c.tie_embeddings}")
+          f"rope theta {c.rope_theta:g}{' (llama3 scaling)' if c.rope_scaling or c.rope_freq_factors else ''}, "
+          f"tied head {c.tie_embeddings}{switches}")
     quant_bytes = quant_weights = other_bytes = 0
     rows = []
     for name, w in model.weights.items():

@@ -38,14 +38,17 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
         if name == "output":
             head = weights["tok_embeddings"] if loaded.config.tie_embeddings else weights["output"]
             return Linear(head.to(torch.float32), dtype, device, backend="reference")
-        return Linear(weights[name], dtype, device, backend)
+        return Linear(weights[name], dtype, device, backend, bias=weights.get(f"{name}.bias"))
 
     model = Transformer(loaded.config, make_linear)
     model.tok_embeddings.weight.data = weights["tok_embeddings"].to(device=device, dtype=dtype)
     model.norm.weight.data = weights["norm"].to(device=device, dtype=torch.float32)
     for i, block in enumerate(model.layers):
-        block.attention_norm.weight.data = weights[f"layers.{i}.attention_norm"].to(device=device, dtype=torch.float32)
-        block.ffn_norm.weight.data = weights[f"layers.{i}.ffn_norm"].to(device=device, dtype=torch.float32)
+        norms = {"attention_norm": block.attention_norm, "ffn_norm": block.ffn_norm,
+                 "q_norm": block.attention.q_norm, "k_norm": block.attention.k_norm}
+        for name, norm in norms.items():
+            if norm is not None:
+                norm.weight.data = weights[f"layers.{i}.{name}"].to(device=device, dtype=torch.float32)
     return model.to(device)
 
 

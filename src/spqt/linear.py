@@ -2,7 +2,9 @@
 activation-sparsity threshold when told to, and calls the kernel that the dispatcher picks.
 
 Sparse semantics (the reference that every kernel matches): ``y = W (x * (|x| > t))``, only
-while ``sparse`` is on (the runtime turns it on for decode steps and off for prefill).
+while ``sparse`` is on (the runtime turns it on for decode steps and off for prefill). An output
+bias b (Qwen2's q, k, v) is added after the GEMV, ``y = W (x * (|x| > t)) + b``: it never meets
+the threshold, and the epilogue (residual, SwiGLU) follows it.
 
 Sparsity that pays: an implementation may know, per shape and device, the lowest sparsity at
 which its sparse kernel beats its dense one (`spqt tune` measures it). Below it, with
@@ -12,16 +14,22 @@ which its sparse kernel beats its dense one (`spqt tune` measures it). Below it,
 import torch
 from torch import nn
 
+from spqt.functional import linear_epilogue
 from spqt.kernels import dispatch
 
 
 class Linear(nn.Module):
-    """y = W x for W (N, K). x: (..., K) in the compute dtype -> y: (..., N) same dtype."""
+    """y = W x (+ b) for W (N, K). x: (..., K) in the compute dtype -> y: (..., N) same dtype.
+    bias: (N,) float or None, kept in the compute dtype."""
 
-    def __init__(self, weight, dtype: torch.dtype, device: str, backend: str = "reference"):
+    def __init__(self, weight, dtype: torch.dtype, device: str, backend: str = "reference",
+                 bias: torch.Tensor | None = None):
         super().__init__()
         self.out_features, self.in_features = tuple(weight.shape)
         self.impl = dispatch.make_linear_impl(weight, dtype, device, backend)
+        if bias is not None and tuple(bias.shape) != (self.out_features,):
+            raise ValueError(f"bias of shape {tuple(bias.shape)} for a ({self.out_features}, {self.in_features}) map")
+        self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype), persistent=False)
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
         # The sparsity the threshold was calibrated for (None: unknown), and whether a level the
@@ -55,7 +63,15 @@ class Linear(nn.Module):
                 norm: nn.Module | None = None) -> torch.Tensor:
         """residual (..., N): returns residual + W x. swiglu: W is gate|up stacked (N = 2F); returns
         silu(gate) * up, (..., F). norm: an RMSNorm applied to x first. Kernels may fuse the norm with
-        the sparse index collection, and the residual or SwiGLU into the GEMV's last step."""
+        the sparse index collection, and the residual or SwiGLU into the GEMV's last step (not when
+        a bias must come first: then W x comes back plain, and the bias and epilogue run in torch,
+        which a CUDA graph captures like any other op)."""
+        if self.bias is not None:
+            return linear_epilogue(self._product(x, None, False, norm) + self.bias, residual, swiglu)
+        return self._product(x, residual, swiglu, norm)
+
+    def _product(self, x: torch.Tensor, residual: torch.Tensor | None, swiglu: bool,
+                 norm: nn.Module | None) -> torch.Tensor:
         fused = self.impl.sparse_normed if norm is not None and getattr(self.impl, "fuses_norm", False) else None
         sparse = self.runs_sparse(norm_fed=fused is not None)
         if norm is not None:

@@ -1,5 +1,7 @@
 """The Llama-family network in one file: RMSNorm, RoPE (Llama-3 scaling too), grouped-query
-attention with a preallocated KV cache, SwiGLU, tied or separate output head.
+attention with a preallocated KV cache, SwiGLU, tied or separate output head. Family switches
+(config.py): Qwen3's per-head RMSNorm of q and k here; output biases (Qwen2) belong to the linear
+maps that make_linear returns.
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
@@ -31,9 +33,12 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
-    """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured."""
+    """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured (as HF
+    parameters, or as llama.cpp's per-frequency divisors from a GGUF)."""
     hd = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if config.rope_freq_factors is not None:
+        return inv / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
     s = config.rope_scaling
     if not s:
         return inv
@@ -72,7 +77,17 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
         self.qkv = make_linear(f"layers.{layer}.qkv", c.q_dim + 2 * c.kv_dim, c.dim)
         self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
+        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.cache: KVCache | None = None
+
+    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv (B, T, (H + 2 Hkv) hd) -> the same with every head of q and of k RMS-normalized (Qwen3)."""
+        b, t, _ = qkv.shape
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
+        q = self.q_norm(q.reshape(b, t, self.n_heads, self.hd)).reshape(b, t, -1)
+        k = self.k_norm(k.reshape(b, t, self.n_kv, self.hd)).reshape(b, t, -1)
+        return torch.cat([q, k, v], dim=-1)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
@@ -80,6 +95,8 @@ class Attention(nn.Module):
         handed to the q|k|v map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
+        if self.q_norm is not None:
+            qkv = self._norm_heads(qkv)
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
                                    mask.shape[-1])
         return self.o(out.reshape(b, t, self.n_heads * self.hd), residual=x)

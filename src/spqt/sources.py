@@ -8,10 +8,23 @@ provenance. Canonical names, weights as (out_features, in_features)::
     layers.{i}.attention_norm, layers.{i}.ffn_norm (D,)
     layers.{i}.wq (H*hd, D)  wk, wv (Hkv*hd, D)  wo (D, H*hd)
     layers.{i}.w1 gate (F, D)  w3 up (F, D)  w2 down (D, F)
+    family switches (config.py), present only where the family has them:
+    layers.{i}.bq (H*hd,)  bk, bv (Hkv*hd,)  bo (D,)  b1, b3 (F,)  b2 (D,)   output biases
+    layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3
 
-GGUF detail: llama.cpp's converter permutes the rows of attn_q / attn_k inside each head (its
-RoPE rotates adjacent pairs); we undo that, as transformers does, so every source uses the
-half-split RoPE of model.py.
+Families and where they come from:
+
+    family      Hugging Face model_type   GGUF general.architecture   switches
+    Llama 2/3   llama                     llama                       Llama-3 RoPE scaling; tied head (3.2)
+    Mistral     mistral                   llama                       sliding window (HF: caps the context)
+    Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
+    Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
+
+GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
+attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
+transformers does, so every source uses the half-split RoPE of model.py. ``qwen2`` and ``qwen3``
+files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
+scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys.
 """
 
 import hashlib
@@ -23,11 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spqt.config import ModelConfig
+from spqt.config import LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
 
-SUPPORTED_GGUF_ARCHS = ("llama",)
-SUPPORTED_HF_TYPES = ("llama", "mistral")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+# GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
+_GGUF_PERMUTED_QK = ("llama",)
 
 _GGUF_NAMES = {
     "attn_norm": "attention_norm",
@@ -40,6 +55,13 @@ _GGUF_NAMES = {
     "ffn_up": "w3",
     "ffn_down": "w2",
 }
+_GGUF_EXTRAS = {  # optional per-layer tensors: GGUF name -> ours
+    "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv", "attn_output.bias": "bo",
+    "ffn_gate.bias": "b1", "ffn_up.bias": "b3", "ffn_down.bias": "b2",
+    "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
+}
+# Which fused linear map (config.LINEAR_KINDS) an output bias belongs to.
+_BIAS_KIND = {"bq": "qkv", "bk": "qkv", "bv": "qkv", "bo": "o", "b1": "gate_up", "b3": "gate_up", "b2": "down"}
 _HF_NAMES = {
     "input_layernorm": "attention_norm",
     "post_attention_layernorm": "ffn_norm",
@@ -51,6 +73,17 @@ _HF_NAMES = {
     "mlp.up_proj": "w3",
     "mlp.down_proj": "w2",
 }
+_HF_EXTRAS = {
+    "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
+    "self_attn.o_proj.bias": "bo", "mlp.gate_proj.bias": "b1", "mlp.up_proj.bias": "b3",
+    "mlp.down_proj.bias": "b2", "self_attn.q_norm.weight": "q_norm", "self_attn.k_norm.weight": "k_norm",
+}
+
+
+def _switches(extras) -> dict:
+    """ModelConfig switches for a layer's optional tensors (our names: bq, ..., q_norm, k_norm)."""
+    kinds = {_BIAS_KIND[e] for e in extras if e in _BIAS_KIND}
+    return {"linear_biases": tuple(k for k in LINEAR_KINDS if k in kinds), "qk_norm": "q_norm" in extras}
 
 
 @dataclass
@@ -109,9 +142,9 @@ def open_source(path: str | os.PathLike) -> SourceModel:
 
 
 def _unpermute_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Undo llama.cpp's per-head row interleave of attn_q / attn_k. w: (n_heads*hd, D)."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(1, 2).reshape(rows, cols)
+    """Undo llama.cpp's per-head row interleave of attn_q / attn_k. w: (n_heads*hd, D), or a bias (n_heads*hd,)."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, rows // n_heads // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def _open_gguf(path: Path) -> SourceModel:
@@ -141,45 +174,75 @@ def _open_gguf(path: Path) -> SourceModel:
         if end > file_size or t.data.nbytes != int(t.n_bytes):
             raise SpqtError(f"{path}: truncated GGUF file (tensor {t.name} ends at byte {end}, file has {file_size})")
         tensors[t.name] = t
+    if int(field_value(f"{arch}.expert_count", 0) or 0) > 0:
+        raise SpqtError(f"{path}: mixture-of-experts models ({arch} with {field_value(f'{arch}.expert_count')} experts) "
+                        f"are not supported")
     n_layers = int(field_value(f"{arch}.block_count"))
     n_heads = int(field_value(f"{arch}.attention.head_count"))
     n_kv = int(field_value(f"{arch}.attention.head_count_kv", n_heads))
     dim = int(field_value(f"{arch}.embedding_length"))
+    head_dim = int(field_value(f"{arch}.attention.key_length", dim // n_heads))
     if "token_embd.weight" not in tensors:
         raise SpqtError(f"{path}: GGUF has no token_embd.weight")
     vocab = int(tensors["token_embd.weight"].shape[-1])
-    rope_scaling = None
-    if field_value(f"{arch}.rope.scaling.type") not in (None, "none"):
-        raise SpqtError(f"{path}: GGUF rope scaling type {field_value(f'{arch}.rope.scaling.type')!r} is not supported")
+    scaling_type = field_value(f"{arch}.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        raise SpqtError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported")
+    rope_dims = int(field_value(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise SpqtError(f"{path}: partial RoPE ({rope_dims} of {head_dim} head dimensions) is not supported")
+    # Llama 3.1/3.2: llama.cpp's converter stores Llama-3 scaling as divisors of each frequency
+    rope_freq_factors = None
     if "rope_freqs.weight" in tensors:
-        raise SpqtError(f"{path}: GGUF with rope_freqs (Llama-3.1 scaling) is not supported yet; convert from the HF checkpoint")
-    eos = field_value("tokenizer.ggml.eos_token_id")
-    config = ModelConfig(
-        vocab_size=vocab,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        ffn_dim=int(field_value(f"{arch}.feed_forward_length")),
-        head_dim=int(field_value(f"{arch}.attention.key_length", dim // n_heads)),
-        norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_seq_len=int(field_value(f"{arch}.context_length", 4096)),
-        tie_embeddings="output.weight" not in tensors,
-        bos_id=field_value("tokenizer.ggml.bos_token_id"),
-        eos_ids=() if eos is None else (int(eos),),
-        add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
-    )
+        t = tensors["rope_freqs.weight"]
+        rope_freq_factors = tuple(float(v) for v in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).ravel())
+        if len(rope_freq_factors) != head_dim // 2 or not all(np.isfinite(rope_freq_factors)) or min(rope_freq_factors) <= 0:
+            raise SpqtError(f"{path}: rope_freqs holds {len(rope_freq_factors)} values, expected {head_dim // 2} positive ones")
+    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 q/k norms) must be
+    # there; others (biases a llama file may carry) are taken when layer 0 has them
+    required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
+                "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
+    layer_extras = {g: ours for g, ours in _GGUF_EXTRAS.items() if g in required or f"blk.0.{g}" in tensors}
+    eos_ids = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):  # llama.cpp stops on each (Llama 3: <|eot_id|>)
+        v = field_value(f"tokenizer.ggml.{key}")
+        if v is not None and int(v) not in eos_ids:
+            eos_ids.append(int(v))
+    try:
+        config = ModelConfig(
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            ffn_dim=int(field_value(f"{arch}.feed_forward_length")),
+            head_dim=head_dim,
+            norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
+            max_seq_len=int(field_value(f"{arch}.context_length", 4096)),
+            tie_embeddings="output.weight" not in tensors,
+            bos_id=field_value("tokenizer.ggml.bos_token_id"),
+            eos_ids=tuple(eos_ids),
+            add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
+            family=arch,
+            rope_freq_factors=rope_freq_factors,
+            **_switches(layer_extras.values()),
+        )
+    except (TypeError, ValueError) as e:
+        raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
     for i in range(n_layers):
         for g, ours in _GGUF_NAMES.items():
             names.append(f"layers.{i}.{ours}")
             gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
+        for g, ours in layer_extras.items():
+            names.append(f"layers.{i}.{ours}")
+            gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}"
     missing = [gguf_name[n] for n in names if gguf_name[n] not in tensors]
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    permuted = arch in _GGUF_PERMUTED_QK
 
     def load(name: str) -> torch.Tensor:
         t = tensors[gguf_name[name]]
@@ -189,9 +252,9 @@ def _open_gguf(path: Path) -> SourceModel:
             raise SpqtError(f"{path}: tensor type {t.tensor_type.name} of {t.name} is not supported by the gguf package") from None
         shape = tuple(int(s) for s in reversed(t.shape))
         w = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
-        if name.endswith(".wq"):
+        if permuted and name.endswith((".wq", ".bq")):
             w = _unpermute_rope_rows(w, n_heads)
-        elif name.endswith(".wk"):
+        elif permuted and name.endswith((".wk", ".bk")):
             w = _unpermute_rope_rows(w, n_kv)
         return w
 
@@ -237,8 +300,8 @@ def _open_hf(folder: Path) -> SourceModel:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_TYPES:
         raise SpqtError(f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_HF_TYPES)}")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise SpqtError(f"{folder}: attention/MLP biases are not supported")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SpqtError(f"{folder}: no .safetensors files (PyTorch .bin checkpoints are not read)")
@@ -250,32 +313,30 @@ def _open_hf(folder: Path) -> SourceModel:
                     where[k] = f
         except Exception as e:
             raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
-    scaling = cfg.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("llama3", "default"):
-            raise SpqtError(f"{folder}: rope scaling {kind!r} is not supported (llama3 is)")
-        scaling = None if kind == "default" else {k: float(scaling[k]) for k in
-                                                  ("factor", "low_freq_factor", "high_freq_factor",
-                                                   "original_max_position_embeddings")}
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    n_heads = cfg["num_attention_heads"]
-    tie = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in where
-    config = ModelConfig(
-        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads", n_heads),
-        ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie,
-        bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
-    )
+    try:
+        config = _hf_config(cfg, model_type, tie="lm_head.weight" not in where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise SpqtError(f"{cfg_path}: unusable config ({type(e).__name__}: {e})") from None
+    gen_path = folder / "generation_config.json"  # instruct models list their end-of-turn ids here
+    if gen_path.exists():
+        try:
+            gen_eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise SpqtError(f"{gen_path}: invalid JSON ({e})") from None
+        gen_eos = gen_eos if isinstance(gen_eos, list) else ([] if gen_eos is None else [gen_eos])
+        eos_ids = tuple(dict.fromkeys([*config.eos_ids, *(int(e) for e in gen_eos)]))
+        config = ModelConfig(**{**config.to_dict(), "eos_ids": eos_ids})
+    extras = _hf_extras(cfg, model_type)
     hf_name = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
-    names = ["tok_embeddings", "norm"] + ([] if tie else ["output"])
+    names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     for i in range(config.n_layers):
         for h, ours in _HF_NAMES.items():
             names.append(f"layers.{i}.{ours}")
             hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}.weight"
+        for h, ours in _HF_EXTRAS.items():
+            if ours in extras:
+                names.append(f"layers.{i}.{ours}")
+                hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}"
     missing = [hf_name[n] for n in names if hf_name[n] not in where]
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
@@ -300,3 +361,46 @@ def _open_hf(folder: Path) -> SourceModel:
     config = ModelConfig(**{**config.to_dict(), "add_bos": bool(ids) and ids[0] == config.bos_id})
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+
+
+def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
+    """ModelConfig from a config.json of a supported model_type (tie: no lm_head tensor)."""
+    # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("llama3", "default"):
+        raise ValueError(f"rope scaling {kind!r} is not supported (llama3 is)")
+    scaling = None if kind == "default" else {
+        k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    eos = cfg.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    n_heads = cfg["num_attention_heads"]
+    # Sliding-window attention equals full attention while the sequence fits the window, so
+    # such a model gets the window as its context (Mistral 7B v0.1: 4,096).
+    context = cfg.get("max_position_embeddings", 4096)
+    window = cfg.get("sliding_window")
+    sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
+        cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3") else model_type == "mistral")
+    if sliding and window:
+        context = min(context, int(window))
+    return ModelConfig(
+        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+        ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        rope_scaling=scaling, max_seq_len=context,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
+        bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
+        **_switches(_hf_extras(cfg, model_type)),
+    )
+
+
+def _hf_extras(cfg: dict, model_type: str) -> list[str]:
+    """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers
+    builds it: Qwen2 always has q/k/v biases, Qwen3 q/k norms; attention_bias / mlp_bias add more."""
+    extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"]}.get(model_type, [])
+    if cfg.get("attention_bias"):
+        extras += ["bq", "bk", "bv", "bo"]
+    if cfg.get("mlp_bias"):
+        extras += ["b1", "b3", "b2"]
+    return list(dict.fromkeys(extras))

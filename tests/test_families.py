@@ -1,0 +1,416 @@
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3), each from HF safetensors and from GGUF.
+
+For every family a tiny random-weight model is built with transformers from a config, saved with
+save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
+writer; F32 tensors, so both sources hold the same numbers). Checks: our float forward equals
+transformers' logits; `spqt quantize` of both sources gives the same blocks and greedy tokens;
+`spqt generate` runs; the chat template renders as transformers renders it.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from spqt.checkpoint import QuantizedWeight, load_model, load_spqt
+from spqt.cli import main
+from spqt.generate import Generator, build_model
+from spqt.linear import Linear
+from spqt.sources import open_source
+from spqt.tokenizer import TextTokenizer
+from conftest import make_tokenizer, sqnr_db
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+TEMPLATES = {  # each family's chat format, shortened
+    "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+              "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+              "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}",
+    "mistral": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+               "{% elif m['role'] == 'system' %}{{ m['content'] }}\n\n{% else %}{{ m['content'] }}{{ eos_token }}"
+               "{% endif %}{% endfor %}",
+    "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+}
+# family -> (transformers config class, config arguments, GGUF architecture, chat template)
+DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+FAMILIES = {
+    "llama3.1": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=512), "llama", "llama3"),
+    "llama3.2": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=512,
+                                     tie_word_embeddings=True), "llama", "llama3"),
+    "mistral": ("MistralConfig", dict(head_dim=16, sliding_window=96, max_position_embeddings=1024,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "llama", "mistral"),
+    "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, max_position_embeddings=512,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen2", "chatml"),
+    "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, max_position_embeddings=512,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen3", "chatml"),
+}
+PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's window
+
+
+@pytest.fixture(scope="module")
+def base_tokenizer(tmp_path_factory) -> Path:
+    """One small byte-level BPE for every family (trained once)."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    make_tokenizer(folder)
+    return folder
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights that make every part count: transformers would start biases at 0 and norms at 1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif name.endswith(".bias"):
+                p.copy_(0.5 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name:
+                p.copy_(torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]))
+
+
+def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The per-head row interleave llama.cpp's converter applies to q / k of `llama` files."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
+    """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
+    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata."""
+    import gguf
+
+    c = model.config
+    hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(hd)
+    w.add_value_length(hd)
+    w.add_rope_dimension_count(hd)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
+    tokens = sorted(vocab, key=vocab.get)
+    merges = json.loads(tok.backend_tokenizer.to_str())["model"]["merges"]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t in ("<s>", "</s>") else 1 for t in tokens])  # 3: control
+    w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    w.add_bos_token_id(tok.bos_token_id)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_add_bos_token(arch == "llama")
+    w.add_chat_template(template)
+    if c.rope_parameters.get("rope_type") == "llama3":
+        plain = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+        w.add_tensor("rope_freqs.weight", (plain / model.model.rotary_emb.inv_freq.double()).float().numpy())
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not c.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+             "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
+             "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight": "attn_output.weight",
+             "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
+             "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
+             "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    for i in range(c.num_hidden_layers):
+        for hf, ours in names.items():
+            t = sd.get(f"model.layers.{i}.{hf}")
+            if t is None:
+                continue
+            if arch == "llama" and hf.startswith("self_attn.q_proj"):
+                t = _llamacpp_permute(t, c.num_attention_heads)
+            elif arch == "llama" and hf.startswith("self_attn.k_proj"):
+                t = _llamacpp_permute(t, c.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, base_tokenizer, tmp_path_factory) -> dict:
+    """{name, hf (folder), gguf (file), model (transformers, float32, eval), tok (HF tokenizer)}."""
+    import transformers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    name = request.param
+    cls, extra, arch, template = FAMILIES[name]
+    folder = tmp_path_factory.mktemp(name.replace(".", "_"))
+    tok = PreTrainedTokenizerFast.from_pretrained(str(base_tokenizer))
+    tok.chat_template = TEMPLATES[template]
+    config = getattr(transformers, cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                        eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5, **DIMS, **extra)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    seed = int(np.random.SeedSequence().entropy % (1 << 31))  # fresh weights every run, replayable
+    print(f"{name}: weight seed {seed}")
+    _randomize(model, seed)
+    model.eval()
+    model.save_pretrained(str(folder / "hf"))
+    tok.save_pretrained(str(folder / "hf"))
+    gguf_path = write_gguf(model, tok, folder / f"{name}.gguf", arch, TEMPLATES[template])
+    return {"name": name, "hf": folder / "hf", "gguf": gguf_path, "model": model, "tok": tok, "folder": folder,
+            "seed": seed}
+
+
+def _ids(n: int, vocab: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, vocab, n).tolist()
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_float_forward_equals_transformers(family, source):
+    loaded = load_model(family[source])
+    c = loaded.config
+    name = family["name"]
+    # the family's switches, as read from each source
+    assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
+    assert c.qk_norm == (name == "qwen3")
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3"))
+    if name.startswith("llama"):
+        assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
+    if name == "mistral":
+        assert c.max_seq_len == (96 if source == "hf" else 1024)  # HF: the sliding window; GGUF (llama) has none
+    ids = _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"])
+    model = build_model(loaded, "cpu", torch.float32)
+    model.setup_cache(1, len(ids), torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        theirs = family["model"](torch.tensor([ids])).logits[0].float()
+    span = float(theirs.max() - theirs.min())
+    err = float((ours - theirs).abs().max())
+    print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
+    # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
+    assert err < 2e-5 * span, f"{name} from {source} (seed {family['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+
+
+@pytest.fixture(scope="module")
+def quantized(family) -> dict:
+    """source ("hf", "gguf") -> the .spqt that `spqt quantize` made of it (q4_k zigzag)."""
+    out = {s: family["folder"] / f"{s}.spqt" for s in ("hf", "gguf")}
+    for source, path in out.items():
+        assert main(["quantize", str(family[source]), "-o", str(path), "--device", "cpu"]) == 0
+    return out
+
+
+def test_quantize_both_sources_then_generate(family, quantized, capsys):
+    out = quantized
+    a, b = load_spqt(out["hf"]), load_spqt(out["gguf"])
+    # the same numbers from both sources give the same blocks, biases and norms
+    for name, w in a.weights.items():
+        other = b.weights[name]
+        if isinstance(w, QuantizedWeight):
+            assert torch.equal(w.blocks, other.blocks), name
+        else:
+            assert torch.equal(w, other), name
+    if family["name"] == "qwen2":
+        assert a.weights["layers.1.qkv.bias"].shape == (64 + 2 * 32,)
+    if family["name"] == "qwen3":
+        assert a.weights["layers.1.q_norm"].shape == (32,)
+    # greedy decoding: repeatable, the same from both files, close to the float model
+    ids = _ids(40, a.config.vocab_size, seed=family["seed"] + 1)
+    gen_a, gen_b = Generator(a, "cpu", max_len=64), Generator(b, "cpu", max_len=64)
+    first = gen_a.generate(ids, 16).tokens
+    seed = f"seed {family['seed']}"
+    assert len(first) == 16, seed
+    assert gen_a.generate(ids, 16).tokens == first, seed
+    assert gen_b.generate(ids, 16).tokens == first, seed
+    model = build_model(a, "cpu", torch.float32)
+    model.setup_cache(1, len(ids), torch.float32)
+    with torch.no_grad():
+        quantized = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        exact = family["model"](torch.tensor([ids])).logits[0].float()
+    # Q4_K weights are ~19 dB (test_checkpoint); two layers and a float head keep the logits above 15
+    db = sqnr_db(exact, quantized)
+    with capsys.disabled():
+        print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
+    assert db > 15, seed
+    capsys.readouterr()
+    assert main(["generate", str(out["gguf"]), "-p", "once upon a time", "-n", "6", "--device", "cpu"]) == 0
+    assert main(["generate", str(out["hf"]), "-p", "hello", "-n", "4", "--chat", "--device", "cpu"]) == 0
+    assert main(["inspect", str(out["hf"])]) == 0
+    assert f"architecture {'llama' if family['name'].startswith('llama') else family['name']}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["hf", "gguf"])
+def test_chat_template_and_text_as_transformers(family, source):
+    from transformers import AutoTokenizer
+
+    loaded = open_source(family[source])  # config and tokenizer; no weights read
+    ours = TextTokenizer(loaded.tokenizer, loaded.config)
+    if source == "hf":
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
+    else:
+        theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
+    expect = theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours.chat("the quick brown fox?", system="be brief") == list(expect)
+    text = "once upon a time, the lazy dog"
+    assert ours.encode(text) == theirs(text)["input_ids"]
+    assert loaded.config.add_bos == (source == "gguf" and family["name"] != "qwen2" and family["name"] != "qwen3")
+
+
+def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
+    """y = W (x * (|x| > t)) + b, then the epilogue (residual, SwiGLU) on the biased product."""
+    n, k = 70, 48
+    w = torch.from_numpy(rng.standard_normal((n, k))).float()
+    b = torch.from_numpy(rng.standard_normal(n)).float()
+    x = torch.from_numpy(rng.standard_normal((1, 1, k))).float()
+    r = torch.from_numpy(rng.standard_normal((1, 1, n))).float()
+    lin = Linear(w, torch.float32, "cpu", bias=b)
+    lin.set_threshold(0.7)
+    lin.sparse = True
+    kept = x * (x.abs() > 0.7)
+    torch.testing.assert_close(lin(x), kept @ w.T + b, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(lin(x, residual=r), r + kept @ w.T + b, rtol=1e-6, atol=1e-5)
+    g, u = (kept @ w.T + b).split(n // 2, dim=-1)
+    torch.testing.assert_close(lin(x, swiglu=True), torch.nn.functional.silu(g) * u, rtol=1e-6, atol=1e-5)
+    lin.set_threshold(1e9)  # every input dropped: the bias alone
+    assert torch.equal(lin(x), b.view(1, 1, n))
+
+
+def _stepped_logits(gen: Generator, ids: list[int], sparse: bool) -> torch.Tensor:
+    """Teacher-forced decoding: ids[0] prefilled, then one decode step per id (on CUDA a graph
+    replay of the single-token kernels). Returns (len(ids) - 1, vocab) float32 logits on the CPU."""
+    from spqt.generate import set_sparse
+
+    out = []
+    with torch.inference_mode():
+        gen.model.setup_cache(1, gen.max_len, gen.dtype)
+        set_sparse(gen.model, False)
+        gen.model(torch.tensor([ids[:1]], device=gen.device), torch.arange(1, device=gen.device), kv_len=1)
+        set_sparse(gen.model, sparse)
+        for pos, token in enumerate(ids[1:], start=1):
+            out.append(gen.decode_step(token, pos)[0, -1].float().cpu())  # a graph's output buffer is reused
+        set_sparse(gen.model, False)
+    return torch.stack(out)
+
+
+def test_decode_steps_equal_full_forward(family, quantized):
+    """KV cache with the switches (biased k/v, normed q/k): one token at a time == all at once."""
+    loaded = load_spqt(quantized["hf"])
+    ids = _ids(32, loaded.config.vocab_size, seed=family["seed"] + 3)
+    gen = Generator(loaded, "cpu", max_len=64)
+    stepped = _stepped_logits(gen, ids, sparse=False)
+    with torch.inference_mode():
+        gen.model.setup_cache(1, len(ids), torch.float32)
+        full = gen.model(torch.tensor([ids]), torch.arange(len(ids)))[0, 1:]
+    err = float((full - stepped).abs().max())
+    assert err < 2e-5 * float(full.max() - full.min()), f"seed {family['seed']}: max |diff| {err:.3e}"
+
+
+@pytest.mark.gpu
+def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
+    """The Triton path with a family's switches (bias added and q/k normed in torch around the
+    kernels): teacher-forced decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of
+    the logit range of the CPU reference, dense and with every input thresholded at 0.2 (fp32, so
+    an activation lands on the other side of 0.2 only by rounding); graph decoding == eager."""
+    loaded = load_spqt(quantized["gguf"])
+    ids = _ids(32, loaded.config.vocab_size, seed=family["seed"] + 2)
+    table = torch.full((loaded.config.n_layers, 4), 0.2)
+    logits = {}
+    for device in ("cpu", "cuda"):
+        gen = Generator(loaded, device, dtype=torch.float32, max_len=64, dense_fallback=False)
+        assert device == "cpu" or type(gen.model.layers[0].attention.qkv.impl).__name__ == "TritonLinear"
+        gen.set_sparsity(0.5, table=table)
+        for sparse in (False, True):
+            logits[device, sparse] = _stepped_logits(gen, ids, sparse)
+    for sparse in (False, True):
+        ref, got = logits["cpu", sparse], logits["cuda", sparse]
+        span = float(ref.max() - ref.min())
+        err = float((ref - got).abs().max())
+        assert err < 0.01 * span, f"sparse={sparse} (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}"
+    for sparsity in (0.0, 0.5):
+        graph = Generator(loaded, "cuda", max_len=64, dense_fallback=False)
+        eager = Generator(loaded, "cuda", max_len=64, dense_fallback=False)
+        eager.use_graph = False
+        for g in (graph, eager):
+            g.set_sparsity(sparsity, table=table if sparsity else None)
+        a = graph.generate(ids[:8], 24, track=False).tokens
+        assert a == eager.generate(ids[:8], 24, track=False).tokens, f"sparsity {sparsity}"
+
+
+def _expect_error(capsys, argv, fragment):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama"])
+def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    _expect_error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "o.spqt")], f"unsupported architecture '{model_type}'")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling 'yarn'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+    ({"hidden_act": "gelu"}, "activation 'gelu'"),
+    ({"num_attention_heads": None}, "unusable config"),
+])
+def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = {"model_type": "qwen2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, **change}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save_file({"model.embed_tokens.weight": torch.zeros(320, 64)}, str(folder / "model.safetensors"))
+    _expect_error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3"])
+def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
+    """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_expert_count(8)
+    w.add_tensor("token_embd.weight", np.zeros((50, 32), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fragment = "mixture-of-experts" if arch == "llama" else f"unsupported architecture '{arch}'"
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_format_1_files_still_load(tiny_spqt, tmp_path):
+    """A .spqt written before the family switches (format 1, no such config keys) reads as a plain
+    Llama-family model."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(tiny_spqt), framework="pt") as st:
+        meta = json.loads(st.metadata()["spqt"])
+        tensors = {k: st.get_tensor(k) for k in st.keys()}
+    meta["format_version"] = 1
+    for key in ("family", "rope_freq_factors", "linear_biases", "qk_norm"):
+        del meta["config"][key]
+    old = tmp_path / "old.spqt"
+    save_file(tensors, str(old), metadata={"spqt": json.dumps(meta)})
+    a, b = load_spqt(tiny_spqt), load_spqt(old)
+    assert b.config == a.config and b.config.linear_biases == () and not b.config.qk_norm
+    assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
