@@ -123,6 +123,7 @@ class GenerationResult:
     decode_seconds: float
     step_seconds: list[float] = field(default_factory=list)
     sparsity: dict = field(default_factory=dict)
+    finish_reason: str = "length"  # "stop": a stop token, or on_token asked to stop; "length": max_new_tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -224,6 +225,8 @@ class Generator:
                  stop_ids: set[int] = frozenset(), on_token=None, track: bool = True,
                  on_logits=None) -> GenerationResult:
         """Prefill the prompt (dense), then decode up to max_new_tokens (sparse when a level is set).
+        on_token(token_id) sees each new token before the next step; a true return value ends the
+        generation there (finish_reason "stop"; a server's stop strings and client disconnects use it).
         track: count the achieved sparsity (a few small kernels per linear map; off for timing)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
@@ -245,12 +248,15 @@ class Generator:
         out, steps = [], []
         set_sparse(self.model, self.sparsity > 0, track=track and self.sparsity > 0)
         pos = len(prompt)
+        finish = "length"
         for _ in range(max_new_tokens):
             t = int(token)
             out.append(t)
-            if on_token:
-                on_token(t)
-            if t in stop_ids or len(out) == max_new_tokens:
+            halt = bool(on_token(t)) if on_token else False
+            if halt or t in stop_ids:
+                finish = "stop"
+                break
+            if len(out) == max_new_tokens:
                 break
             t0 = time.perf_counter()
             logits = self.decode_step(t, pos)
@@ -263,4 +269,4 @@ class Generator:
             pos += 1
         achieved = achieved_sparsity(self.model) if self.sparsity > 0 and track else {}
         set_sparse(self.model, False)
-        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved)
+        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved, finish)
