@@ -157,15 +157,21 @@ def cmd_serve(args) -> int:
 
     from spqt.generate import resolve_device
     from spqt.serve.engine import Engine, parse_sparsity
-    from spqt.serve.server import serve, setup_logging
+    from spqt.serve.server import bind, serve, setup_logging
 
     sparsity = parse_sparsity(args.sparsity)
     if not 0 <= args.port < 65536:
         raise SpqtError(f"--port must be in [0, 65535], got {args.port}")
     device = resolve_device(args.device)
-    setup_logging()
-    engine = Engine(_load(args), device, sparsity, args.mode, args.ctx, args.name)
-    serve(engine, args.host, args.port, args.api_key or os.environ.get("SPQT_API_KEY") or None)
+    sock = bind(args.host, args.port)  # before the (slow) load, so a taken port fails at once
+    try:
+        setup_logging()
+        loaded = _load(args)
+        name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v1
+        engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name)
+        serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
+    finally:
+        sock.close()
     return 0
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger("spqt.serve")
 # Request bodies above this are refused (413) before they are parsed: a 128k-token context is about
 # 0.5 MB of text, so 4 MiB leaves room for any prompt a context can hold.
 MAX_BODY_BYTES = 4 * 2**20
+DRAIN_BYTES = 16 * MAX_BODY_BYTES  # above this, answer 413 at once and drop the connection
 
 
 def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) -> FastAPI:
@@ -57,13 +58,20 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
             raise p.ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def parse(request: Request, model: type[BaseModel]):
-        if int(request.headers.get("content-length") or 0) > MAX_BODY_BYTES:
-            raise p.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
-        body = bytearray()
+        too_large = p.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > DRAIN_BYTES:
+            raise too_large
+        # Read to the end even past the limit (keeping nothing), so that a client which sends its whole
+        # body before reading the answer gets the 413 instead of a reset connection.
+        body, size = bytearray(), 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise p.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+            size += len(chunk)
+            if size > DRAIN_BYTES:
+                raise too_large
+            if size <= MAX_BODY_BYTES:
+                body += chunk
+        if size > MAX_BODY_BYTES:
+            raise too_large
         try:
             doc = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -50,12 +50,14 @@ class _Server(uvicorn.Server):
 
 
 def bind(host: str, port: int) -> socket.socket:
-    """A listening socket (port 0: a free one, chosen by the system)."""
+    """A listening socket (port 0: a free one, chosen by the system). Listening from here on, so
+    clients that connect while the model loads wait in the backlog instead of being refused."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise SpqtError(f"cannot listen on {host}:{port}: {e.strerror}") from None
@@ -63,6 +65,9 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def setup_logging() -> None:
+    """One line per event on stderr (once per process, however often it is called)."""
+    if log.handlers:
+        return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s spqt serve: %(message)s", "%Y-%m-%d %H:%M:%S"))
     log.addHandler(handler)
@@ -70,22 +75,38 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def serve(engine: Engine, host: str = "127.0.0.1", port: int = 8080, api_key: str | None = None) -> None:
-    """Serve until SIGINT or SIGTERM; returns after a clean shutdown."""
-    sock = bind(host, port)
-    scheduler = Scheduler(engine.run)
-    app = build_app(engine, scheduler, api_key)
-    config = uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS)
-    server = _Server(config, scheduler)
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+class Service:
+    """The app, its scheduler and the uvicorn server around one engine."""
+
+    def __init__(self, engine: Engine, api_key: str | None = None):
+        self.engine = engine
+        self.scheduler = Scheduler(engine.run)
+        app = build_app(engine, self.scheduler, api_key)
+        config = uvicorn.Config(app, access_log=False, log_level="warning",
+                                timeout_graceful_shutdown=GRACEFUL_SECONDS)
+        self.server = _Server(config, self.scheduler)
+
+    def run(self, sock: socket.socket) -> None:
+        """Serve on a bound socket until SIGINT / SIGTERM (main thread) or stop(); then the worker stops."""
+        try:
+            self.server.run(sockets=[sock])
+        finally:
+            self.scheduler.close()
+
+    def stop(self) -> None:
+        """Ask a running service to stop (from any thread): what runs is cancelled, run() returns."""
+        self.scheduler.cancel_all()
+        self.server.should_exit = True
+
+
+def serve(engine: Engine, sock: socket.socket, api_key: str | None = None) -> None:
+    """Serve on a bound socket (see bind) until SIGINT or SIGTERM; returns after a clean shutdown."""
+    service = Service(engine, api_key)
+    host, port = sock.getsockname()[:2]
     i = engine.info
     log.info("model %s on %s, %s, context %d tokens%s", i.model_id, i.device, engine.sparsity_label(), i.ctx,
              ", API key required" if api_key else "")
-    log.info("listening on http://%s:%d", shown, bound_port)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        scheduler.close()
-        sock.close()
-    log.info("stopped%s", f" ({server.signal_name})" if server.signal_name else "")
+    log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
+    service.run(sock)
+    name = service.server.signal_name
+    log.info("stopped%s", f" ({name})" if name else "")
