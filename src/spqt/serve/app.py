@@ -12,6 +12,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator
 
+import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -118,7 +119,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
             prompt = engine.tokenizer.chat_messages(req.conversation())
         except SpqtError as e:
             raise p.ApiError(422, str(e), param="messages") from None
-        except Exception as e:  # the template itself refused the conversation (jinja2 raise_exception)
+        except jinja2.TemplateError as e:  # the template itself refused the conversation (raise_exception)
             raise p.ApiError(422, f"the chat template refused these messages: {e}", param="messages") from None
         job = make_job(request, req, prompt)
         rid, created = p.new_id("chatcmpl"), p.now()
