@@ -216,6 +216,7 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model
     error(404, "does not exist", lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT))
     error(422, "max_tokens", lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=0))
     error(422, "n = 1", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=2))
+    error(422, "seed", lambda: client.completions.create(model=model_id, prompt=PROMPT, seed=2**70))
     error(422, "temperature", lambda: client.completions.create(model=model_id, prompt=PROMPT, temperature=-1))
     long_prompt = "colors " * (2 * CTX)
     error(413, "context", lambda: client.completions.create(model=model_id, prompt=long_prompt, max_tokens=4))
@@ -327,3 +328,28 @@ def test_sigterm_stops_the_server_cleanly_mid_stream(tiny_hf, tmp_path):
     assert rc == 0, text
     assert len(rest) < 1999 and f"stopped ({sig.name})" in text and "cancelled" in text, text
     assert seconds < 10, f"{seconds:.1f} s to stop"
+
+
+def test_text_stream_holds_back_stop_strings_and_split_characters():
+    from spqt.serve.text import TextStream
+
+    vocab = [b"Hel", b"lo ", b"wo", b"rld", b"!", b" E", b"ND", b"\xc3", b"\xa9", b" E", b"x"]
+
+    def decode(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    def run(ids, stops):
+        ts = TextStream(decode, stops)
+        pieces = [ts.feed(i) for i in ids]
+        return pieces, ts.flush(), ts.stopped
+
+    # " E" could start " END": held until "ND" completes it, and nothing of the stop string comes out
+    pieces, tail, stopped = run([0, 1, 2, 3, 5, 6, 4], ["rld END", " END"])
+    assert "".join(pieces) == "Hello wo" and tail == "" and stopped
+    assert pieces == ["Hel", "lo", " wo", "", "", "", ""]  # a trailing " " might start " END" too
+    # a held " E" that turns out not to be a stop is released with what follows
+    pieces, tail, stopped = run([0, 9, 10, 4], [" END"])
+    assert pieces == ["Hel", "", " Ex", "!"] and tail == "" and not stopped
+    # a character split over two tokens comes out whole; what is held at the end is flushed
+    pieces, tail, stopped = run([7, 8, 5], [" END"])
+    assert pieces == ["", "\u00e9", ""] and tail == " E" and not stopped

@@ -93,7 +93,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         room = info.ctx - len(prompt)
         if room < 1 or (req.max_tokens or 1) > room:
             raise p.ApiError(413, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
-                             f"max_tokens asks for {req.max_tokens or 1} more.", param="messages",
+                             f"max_tokens asks for {req.max_tokens or 1} more.",
+                             param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
                              code="context_length_exceeded")
         try:
             sampling = Sampling(req.temperature, req.top_k, req.top_p,

@@ -41,7 +41,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
-    seed: int | None = None  # None: a fresh random seed per request
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
     stop: str | list[str] | None = Field(None, validate_default=True)  # -> list[str]
     n: int = 1
     stream: bool = False
