@@ -353,3 +353,42 @@ def test_text_stream_holds_back_stop_strings_and_split_characters():
     # a character split over two tokens comes out whole; what is held at the end is flushed
     pieces, tail, stopped = run([7, 8, 5], [" END"])
     assert pieces == ["", "\u00e9", ""] and tail == " E" and not stopped
+
+
+def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
+    import asyncio
+
+    from spqt.serve.scheduler import Job, Scheduler
+
+    ran, overlap, busy = [], [], threading.Lock()
+    gate = threading.Event()
+
+    def run(job: Job) -> str:
+        if not busy.acquire(blocking=False):
+            overlap.append(job.label)
+        try:
+            gate.wait(10)  # the first job holds the worker until the others are queued
+            ran.append(job.label)
+            job.emit("text", job.label)
+            job.emit("done", None)
+            return "completed"
+        finally:
+            busy.release()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(run)
+        jobs = [Job([1], 1, None, [], f"job{i}", loop) for i in range(4)]
+        for job in jobs:
+            scheduler.submit(job)
+        jobs[2].cancel()  # still queued behind job0: dropped unrun
+        gate.set()
+        events = [[await job.events.get() for _ in range(1 if job is jobs[2] else 2)] for job in jobs]
+        scheduler.close()
+        return events, scheduler.stats()
+
+    events, stats = asyncio.run(scenario())
+    assert ran == ["job0", "job1", "job3"] and not overlap
+    assert events[2] == [("cancelled", None)]
+    assert events[3] == [("text", "job3"), ("done", None)]
+    assert stats["completed"] == 3 and stats["cancelled"] == 1 and stats["waiting"] == 0 and not stats["running"]

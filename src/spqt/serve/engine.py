@@ -80,9 +80,9 @@ class Engine:
         i = self.info
         return f"sparsity {i.sparsity:g} {i.mode}" if i.sparsity else "dense"
 
-    def run(self, job: Job) -> None:
+    def run(self, job: Job) -> str:
         """Generate on the worker thread, posting ("text", piece) events and a final ("done", result)
-        or ("cancelled", None); one log line."""
+        or ("cancelled", None); one log line. Returns "completed" or "cancelled"."""
         text = TextStream(self.tokenizer.decode, job.stops)
         start = time.perf_counter()
 
@@ -107,9 +107,10 @@ class Engine:
         if job.cancelled.is_set():
             log.info("%s cancelled (client gone or server stopping) after %s", job.label, figures)
             job.emit("cancelled")
-            return
+            return "cancelled"
         tail = text.flush()
         if tail:
             job.emit("text", tail)
         log.info("%s 200 finish %s, %s", job.label, result.finish_reason, figures)
         job.emit("done", result)
+        return "completed"

@@ -43,10 +43,11 @@ class Job:
 
 
 class Scheduler:
-    """run(job) does the work on the worker thread and posts the job's events; Scheduler posts
-    ("cancelled", None) for jobs it drops and ("error", message) when run raises."""
+    """run(job) does the work on the worker thread, posts the job's events and returns "completed" or
+    "cancelled"; Scheduler posts ("cancelled", None) for jobs it drops and ("error", message) when run
+    raises."""
 
-    def __init__(self, run: Callable[[Job], None]):
+    def __init__(self, run: Callable[[Job], str]):
         self._run = run
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -89,8 +90,7 @@ class Scheduler:
                     job.emit("cancelled")
                     log.info("%s cancelled while queued", job.label)
                 else:
-                    self._run(job)
-                    outcome = "cancelled" if job.cancelled.is_set() else "completed"
+                    outcome = self._run(job)
             except Exception as e:  # a bug or an out-of-memory must not stop the server
                 outcome = "failed"
                 log.exception("%s failed", job.label)
