@@ -70,6 +70,20 @@ def test_greedy_is_deterministic_and_sampling_follows_seed(tiny_spqt):
     assert s1 == s2 and s1 != s3
 
 
+def test_on_token_can_end_generation_and_finish_reason_says_why(tiny_spqt):
+    from spqt.checkpoint import load_spqt
+
+    gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=64)
+    full = gen.generate([1, 5, 9], 12)
+    assert full.finish_reason == "length" and len(full.tokens) == 12
+    seen = []
+    cut = gen.generate([1, 5, 9], 12, on_token=lambda t: seen.append(t) or len(seen) == 5)
+    assert cut.tokens == full.tokens[:5] == seen and cut.finish_reason == "stop"
+    stopped = gen.generate([1, 5, 9], 12, stop_ids={full.tokens[3]})
+    assert stopped.tokens == full.tokens[: full.tokens.index(full.tokens[3]) + 1]
+    assert stopped.finish_reason == "stop"
+
+
 def test_prompt_longer_than_context_is_refused(tiny_spqt):
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError

@@ -160,6 +160,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from spqt.generate import resolve_device
+    from spqt.serve.engine import Engine, parse_sparsity
+    from spqt.serve.server import bind, serve, setup_logging
+
+    sparsity = parse_sparsity(args.sparsity)
+    if not 0 <= args.port < 65536:
+        raise SpqtError(f"--port must be in [0, 65535], got {args.port}")
+    device = resolve_device(args.device)
+    sock = bind(args.host, args.port)  # before the (slow) load, so a taken port fails at once
+    try:
+        setup_logging()
+        loaded = _load(args)
+        name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v1
+        engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name)
+        serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
+    finally:
+        sock.close()
+    return 0
+
+
 def cmd_perplexity(args) -> int:
     from spqt.evaluate import perplexity
     from spqt.generate import Generator, resolve_device
@@ -322,6 +345,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense (GPU)")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")
+    p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: a free one, printed at start)")
+    p.add_argument("--sparsity", default="0", help="target activation sparsity in [0, 1), or auto: the model's "
+                   "recommended level (dense when its metadata has none)")
+    p.add_argument("--mode", choices=["unified", "greedy"], default="unified", help="which calibrated thresholds")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--ctx", type=int, default=None, help="tokens of context per request, prompt plus completion "
+                   "(default: the model's)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPQT_API_KEY, "
+                   "else no key)")
+    p.add_argument("--name", default=None, help="the model id clients use (default: the model file's name)")
+    p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
     p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights)")

@@ -148,6 +148,7 @@ class GenerationResult:
     decode_seconds: float
     step_seconds: list[float] = field(default_factory=list)
     sparsity: dict = field(default_factory=dict)
+    finish_reason: str = "length"  # "stop": a stop token, or on_token asked to stop; "length": max_new_tokens
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -274,8 +275,9 @@ class Generator:
     def _decode_greedy_pipelined(self, token: int, pos: int, budget: int, on_token, stop_ids) -> tuple:
         """Greedy decoding by graph replays that feed themselves: step p+1 is enqueued before the
         token of step p is read back (by a side stream that waits for step p alone), so the GPU
-        never waits for the host. budget: steps to run at most. Returns (tokens, seconds between
-        consecutive tokens as the host receives them). A step enqueued past a stop is discarded."""
+        never waits for the host. budget: steps to run at most; on_token may ask to stop by
+        returning a true value. Returns (tokens, seconds between consecutive tokens as the host
+        receives them, finish reason "stop" or "length"). A step enqueued past a stop is discarded."""
         self._set_io(token, pos)
         inflight: deque = deque()
         out, steps = [], []
@@ -305,12 +307,11 @@ class Generator:
             steps.append(now - last)
             last = now
             out.append(t)
-            if on_token:
-                on_token(t)
-            if t in stop_ids:
-                break
+            if (on_token and on_token(t)) or t in stop_ids:
+                torch.cuda.synchronize()
+                return out, steps, "stop"
         torch.cuda.synchronize()
-        return out, steps
+        return out, steps, "length"
 
     def _sync(self):
         if self.device == "cuda":
@@ -321,6 +322,8 @@ class Generator:
                  stop_ids: set[int] = frozenset(), on_token=None, track: bool = True,
                  on_logits=None) -> GenerationResult:
         """Prefill the prompt (dense), then decode up to max_new_tokens (sparse when a level is set).
+        on_token(token_id) sees each new token before the next step; a true return value ends the
+        generation there (finish_reason "stop"; a server's stop strings and client disconnects use it).
         track: count the achieved sparsity (a few small kernels per linear map; off for timing)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
@@ -342,21 +345,24 @@ class Generator:
         out, steps = [], []
         set_sparse(self.model, self.sparsity > 0, track=track and self.sparsity > 0)
         pos = len(prompt)
+        finish = "length"
         if self.use_graph and sampling.temperature == 0 and on_logits is None:
             t = int(token)
             out.append(t)
-            if on_token:
-                on_token(t)
-            if t not in stop_ids and max_new_tokens > 1:
-                more, steps = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
+            if (on_token and on_token(t)) or t in stop_ids:
+                finish = "stop"
+            elif max_new_tokens > 1:
+                more, steps, finish = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
                 out += more
             max_new_tokens = 0  # done: the loop below is the host-driven path
         for _ in range(max_new_tokens):
             t = int(token)
             out.append(t)
-            if on_token:
-                on_token(t)
-            if t in stop_ids or len(out) == max_new_tokens:
+            halt = bool(on_token(t)) if on_token else False
+            if halt or t in stop_ids:
+                finish = "stop"
+                break
+            if len(out) == max_new_tokens:
                 break
             t0 = time.perf_counter()
             logits = self.decode_step(t, pos)
@@ -369,4 +375,4 @@ class Generator:
             pos += 1
         achieved = achieved_sparsity(self.model) if self.sparsity > 0 and track else {}
         set_sparse(self.model, False)
-        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved)
+        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved, finish)

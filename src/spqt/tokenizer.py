@@ -28,6 +28,12 @@ class TextTokenizer:
 
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
         """The model's chat template around one user message, ready for the assistant's answer."""
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        return self.chat_messages(messages)
+
+    def chat_messages(self, messages: list[dict]) -> list[int]:
+        """The model's chat template around a conversation ([{"role": ..., "content": str}, ...]),
+        ready for the assistant's answer."""
         if not self.spec.chat_template:
             raise SpqtError("this model has no chat template; drop --chat")
         from transformers import PreTrainedTokenizerFast
@@ -35,7 +41,6 @@ class TextTokenizer:
         if self._hf is None:
             self._hf = PreTrainedTokenizerFast(tokenizer_object=self.backend, chat_template=self.spec.chat_template,
                                                bos_token=self.spec.bos_token, eos_token=self.spec.eos_token)
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
         text = self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.backend.encode(text, add_special_tokens=False).ids
 

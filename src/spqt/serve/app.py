@@ -1,0 +1,236 @@
+"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
+
+A request is checked in this order, each failure answered with OpenAI's JSON error object:
+API key (401), body size (413), JSON syntax (400), fields (422), model name (404), prompt plus
+max_tokens within the context (413). Then it joins the scheduler's FIFO queue; the answer is one
+JSON body, or with `stream: true` server-sent events, a chunk per text piece and `data: [DONE]`.
+"""
+
+import asyncio
+import json
+import logging
+import secrets
+from collections.abc import AsyncIterator
+
+import jinja2
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from spqt.errors import SpqtError
+from spqt.generate import GenerationResult, Sampling
+from spqt.serve import protocol as p
+from spqt.serve.engine import Engine
+from spqt.serve.scheduler import Job, Scheduler
+
+log = logging.getLogger("spqt.serve")
+
+# Request bodies above this are refused (413) before they are parsed: a 128k-token context is about
+# 0.5 MB of text, so 4 MiB leaves room for any prompt a context can hold.
+MAX_BODY_BYTES = 4 * 2**20
+DRAIN_BYTES = 16 * MAX_BODY_BYTES  # above this, answer 413 at once and drop the connection
+
+
+def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
+    info = engine.info
+
+    def error_response(request: Request, err: p.ApiError) -> JSONResponse:
+        log.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code or err.type, err.message)
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(p.ApiError)
+    async def _api_error(request: Request, err: p.ApiError):
+        return error_response(request, err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, err: StarletteHTTPException):  # unknown route, wrong method
+        code = "not_found" if err.status_code == 404 else None
+        return error_response(request, p.ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
+                                                  code=code))
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+            raise p.ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    async def parse(request: Request, model: type[BaseModel]):
+        too_large = p.ApiError(413, f"request body over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        if int(request.headers.get("content-length") or 0) > DRAIN_BYTES:
+            raise too_large
+        # Read to the end even past the limit (keeping nothing), so that a client which sends its whole
+        # body before reading the answer gets the 413 instead of a reset connection.
+        body, size = bytearray(), 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > DRAIN_BYTES:
+                raise too_large
+            if size <= MAX_BODY_BYTES:
+                body += chunk
+        if size > MAX_BODY_BYTES:
+            raise too_large
+        try:
+            doc = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise p.ApiError(400, f"We could not parse the JSON body of your request ({e}).") from None
+        try:
+            req = model.model_validate(doc)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise p.ApiError(422, f"{where or 'body'}: {first['msg']}", param=where or None,
+                             code="invalid_value") from None
+        if req.model is not None and req.model != info.model_id:
+            raise p.ApiError(404, f"The model '{req.model}' does not exist; this server serves '{info.model_id}'.",
+                             param="model", code="model_not_found")
+        return req
+
+    def make_job(request: Request, req: p.SamplingFields, prompt: list[int]) -> Job:
+        room = info.ctx - len(prompt)
+        if room < 1 or (req.max_tokens or 1) > room:
+            raise p.ApiError(413, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
+                             f"max_tokens asks for {req.max_tokens or 1} more.",
+                             param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
+                             code="context_length_exceeded")
+        try:
+            sampling = Sampling(req.temperature, req.top_k, req.top_p,
+                                req.seed if req.seed is not None else secrets.randbits(63))
+        except SpqtError as e:
+            raise p.ApiError(422, str(e), code="invalid_value") from None
+        return Job(prompt=prompt, max_tokens=req.max_tokens or room, sampling=sampling, stops=req.stop,
+                   label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop())
+
+    @app.get("/health")
+    async def health(request: Request):
+        return {"status": "ok", "model": info.model_id, "device": info.device, "sparsity": info.sparsity,
+                "mode": info.mode, "ctx": info.ctx, **scheduler.stats()}
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        return p.ModelList(data=[p.ModelCard(id=info.model_id, created=info.created)])
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(request: Request):
+        req = await parse(request, p.ChatCompletionRequest)
+        try:
+            prompt = engine.tokenizer.chat_messages(req.conversation())
+        except SpqtError as e:
+            raise p.ApiError(422, str(e), param="messages") from None
+        except jinja2.TemplateError as e:  # the template itself refused the conversation (raise_exception)
+            raise p.ApiError(422, f"the chat template refused these messages: {e}", param="messages") from None
+        job = make_job(request, req, prompt)
+        rid, created = p.new_id("chatcmpl"), p.now()
+        if req.stream:
+            def chunk(delta: dict, finish=None, usage=None, choices=True) -> p.ChatCompletionChunk:
+                return p.ChatCompletionChunk(id=rid, created=created, model=info.model_id, usage=usage,
+                                             choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
+
+            async def events():
+                yield chunk({"role": "assistant", "content": ""})
+                result = None
+                async for piece, result in run_job(request, job):
+                    if piece:
+                        yield chunk({"content": piece})
+                if result is None:  # cancelled
+                    return
+                yield chunk({}, finish=result.finish_reason)
+                if req.stream_options and req.stream_options.include_usage:
+                    yield chunk({}, usage=p.usage(result.prompt_tokens, len(result.tokens)), choices=False)
+
+            return sse(events(), job)
+        text, result = await collect(request, job)
+        return p.ChatCompletion(id=rid, created=created, model=info.model_id,
+                                choices=[p.ChatChoice(message=p.AssistantMessage(content=text),
+                                                      finish_reason=result.finish_reason)],
+                                usage=p.usage(result.prompt_tokens, len(result.tokens)))
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(request: Request):
+        req = await parse(request, p.CompletionRequest)
+        job = make_job(request, req, engine.tokenizer.encode(req.prompt))
+        rid, created = p.new_id("cmpl"), p.now()
+
+        def body(text: str, finish=None, usage=None) -> p.Completion:
+            return p.Completion(id=rid, created=created, model=info.model_id, usage=usage,
+                                choices=[p.CompletionChoice(text=text, finish_reason=finish)])
+
+        if req.stream:
+            async def events():
+                result = None
+                async for piece, result in run_job(request, job):
+                    if piece:
+                        yield body(piece)
+                if result is None:  # cancelled
+                    return
+                usage = None
+                if req.stream_options and req.stream_options.include_usage:
+                    usage = p.usage(result.prompt_tokens, len(result.tokens))
+                yield body("", finish=result.finish_reason, usage=usage)
+
+            return sse(events(), job)
+        text, result = await collect(request, job)
+        return body(text, finish=result.finish_reason, usage=p.usage(result.prompt_tokens, len(result.tokens)))
+
+    async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, GenerationResult | None]]:
+        """Queue the job and yield (text piece, None) as it runs, then ("", result). Ends early, without
+        a result, when the job is cancelled; a client that goes away cancels it."""
+        scheduler.submit(job)
+        watcher = asyncio.create_task(cancel_on_disconnect(request, job))
+        try:
+            while True:
+                kind, value = await job.events.get()
+                if kind == "text":
+                    yield value, None
+                elif kind == "done":
+                    yield "", value
+                    return
+                elif kind == "cancelled":
+                    return
+                else:
+                    raise p.ApiError(500, value, type="server_error")
+        finally:
+            watcher.cancel()
+            job.cancel()  # no-op when it finished; frees the model when the stream was dropped
+
+    async def collect(request: Request, job: Job) -> tuple[str, GenerationResult]:
+        pieces, result = [], None
+        async for piece, result in run_job(request, job):
+            pieces.append(piece)
+        if result is None:  # cancelled: the client is gone, or the server is stopping
+            raise p.ApiError(503, "the request was cancelled", type="server_error", code="cancelled")
+        return "".join(pieces), result
+
+    return app
+
+
+async def cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel the job when the client closes the connection (the body is read by now, so the next
+    ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.cancel()
+            return
+
+
+def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]` (not after a cancellation).
+    An error after the headers went out can only be an event: OpenAI's error object."""
+
+    async def lines():
+        try:
+            async for event in events:
+                yield f"data: {event.model_dump_json()}\n\n"
+            if not job.cancelled.is_set():
+                yield "data: [DONE]\n\n"
+        except p.ApiError as e:
+            yield f"data: {json.dumps(e.body())}\n\n"
+        finally:
+            job.cancel()
+
+    return StreamingResponse(lines(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

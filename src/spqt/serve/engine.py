@@ -1,0 +1,116 @@
+"""The served model: one Generator (weights, KV cache) and its tokenizer, and how a Job runs on it.
+
+The sparsity level is fixed for the server's life. `auto` takes the level recorded in the model's
+metadata as recommended, and dense when there is none (see recommended_sparsity).
+"""
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spqt.checkpoint import LoadedModel
+from spqt.errors import SpqtError
+from spqt.generate import Generator
+from spqt.serve.scheduler import Job
+from spqt.serve.text import TextStream
+from spqt.sparsity import check_sparsity
+from spqt.tokenizer import TextTokenizer
+
+log = logging.getLogger("spqt.serve")
+
+
+def recommended_sparsity(loaded: LoadedModel) -> tuple[float, str] | None:
+    """(level, mode) the model's metadata recommends, or None. Read from thresholds["recommended"],
+    either a number (unified mode) or {"sparsity": s, "mode": m}; issue 16's calibration is to write it."""
+    rec = loaded.thresholds.get("recommended")
+    if rec is None:
+        return None
+    if isinstance(rec, (int, float)):
+        return check_sparsity(float(rec)), "unified"
+    try:
+        return check_sparsity(float(rec["sparsity"])), str(rec.get("mode", "unified"))
+    except (KeyError, TypeError, ValueError):
+        raise SpqtError(f"the model's recommended sparsity is not understood: {rec!r}") from None
+
+
+def parse_sparsity(text: str) -> float | None:
+    """'auto' -> None, else a level in [0, 1)."""
+    if text == "auto":
+        return None
+    try:
+        return check_sparsity(float(text))
+    except ValueError:
+        raise SpqtError(f"--sparsity takes a number in [0, 1) or auto, got {text!r}") from None
+
+
+@dataclass
+class EngineInfo:
+    model_id: str
+    device: str
+    sparsity: float
+    mode: str
+    ctx: int
+    created: int
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
+                 mode: str = "unified", ctx: int | None = None, name: str | None = None):
+        """sparsity None: the recommended level (dense when the model has none). ctx: the KV cache
+        length, which bounds prompt plus completion (default: the model's context)."""
+        if sparsity is None:
+            sparsity, mode = recommended_sparsity(loaded) or (0.0, mode)
+        ctx = ctx or loaded.config.max_seq_len
+        if not 1 < ctx <= loaded.config.max_seq_len:
+            raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
+        self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
+        self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx)
+        self.stop_ids = self.tokenizer.stop_ids
+        # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
+        # costs little, so GPU timings in the log are the plain decode.
+        self.track = self.generator.device == "cpu" and sparsity > 0
+        path = Path(loaded.path) if loaded.path else None
+        self.info = EngineInfo(model_id=name or (path.stem if path else "model"), device=self.generator.device,
+                               sparsity=sparsity, mode=mode if sparsity else "dense", ctx=ctx, created=int(time.time()))
+        if self.tokenizer.spec.chat_template:
+            self.tokenizer.chat_messages([{"role": "user", "content": "hi"}])  # builds the template once, now
+
+    def sparsity_label(self) -> str:
+        i = self.info
+        return f"sparsity {i.sparsity:g} {i.mode}" if i.sparsity else "dense"
+
+    def run(self, job: Job) -> str:
+        """Generate on the worker thread, posting ("text", piece) events and a final ("done", result)
+        or ("cancelled", None); one log line. Returns "completed" or "cancelled"."""
+        text = TextStream(self.tokenizer.decode, job.stops)
+        start = time.perf_counter()
+
+        def on_token(token: int) -> bool:
+            if job.cancelled.is_set():
+                return True
+            if token in self.stop_ids:
+                return False  # generate() ends on it; its text is not part of the answer
+            piece = text.feed(token)
+            if piece:
+                job.emit("text", piece)
+            return text.stopped
+
+        result = self.generator.generate(job.prompt, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
+                                         on_token=on_token, track=self.track)
+        seconds = time.perf_counter() - start
+        n = len(result.tokens)
+        achieved = f" (achieved {100 * result.sparsity['all']:.1f}%)" if result.sparsity else ""
+        figures = (f"prompt {result.prompt_tokens} + completion {n} tokens in {seconds:.2f} s, "
+                   f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
+                   f"{self.sparsity_label()}{achieved}")
+        if job.cancelled.is_set():
+            log.info("%s cancelled (client gone or server stopping) after %s", job.label, figures)
+            job.emit("cancelled")
+            return "cancelled"
+        tail = text.flush()
+        if tail:
+            job.emit("text", tail)
+        log.info("%s 200 finish %s, %s", job.label, result.finish_reason, figures)
+        job.emit("done", result)
+        return "completed"

@@ -1,0 +1,102 @@
+"""A FIFO queue of generation jobs and the one worker thread that runs them on the model.
+
+The HTTP side (asyncio) submits a Job and reads its events; the worker runs one job at a time, in
+arrival order, and posts each job's events to that job's own asyncio queue, so two requests'
+tokens can never mix. A job cancelled while queued is dropped unrun; one cancelled while running
+ends at its next token (the engine checks job.cancelled before every decode step).
+"""
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("spqt.serve")
+
+
+@dataclass
+class Job:
+    """One request's work. prompt: token ids. Events, in order: ("text", str) pieces, then one of
+    ("done", GenerationResult), ("cancelled", None) or ("error", message)."""
+
+    prompt: list[int]
+    max_tokens: int
+    sampling: Any  # spqt.generate.Sampling
+    stops: list[str]
+    label: str  # for the log line, e.g. "POST /v1/completions"
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    finished: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, kind: str, value: Any = None) -> None:
+        """Post an event from the worker thread to the HTTP side."""
+        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+
+    def cancel(self) -> None:
+        """Client gone or server stopping: drop the job or end it at its next token (no-op once finished)."""
+        if not self.finished.is_set():
+            self.cancelled.set()
+
+
+class Scheduler:
+    """run(job) does the work on the worker thread, posts the job's events and returns "completed" or
+    "cancelled"; Scheduler posts ("cancelled", None) for jobs it drops and ("error", message) when run
+    raises."""
+
+    def __init__(self, run: Callable[[Job], str]):
+        self._run = run
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting: list[Job] = []
+        self.running: Job | None = None
+        self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self._thread = threading.Thread(target=self._work, name="spqt-serve-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        with self._lock:
+            self._waiting.append(job)
+        self._queue.put(job)
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"waiting": len(self._waiting), "running": self.running is not None, **self.counts}
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            jobs = self._waiting + ([self.running] if self.running else [])
+        for job in jobs:
+            job.cancel()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Cancel everything and stop the worker (it finishes the token it is on)."""
+        self.cancel_all()
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _work(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with self._lock:
+                self._waiting.remove(job)
+                self.running = job
+            outcome = "completed"
+            try:
+                if job.cancelled.is_set():
+                    outcome = "cancelled"
+                    job.emit("cancelled")
+                    log.info("%s cancelled while queued", job.label)
+                else:
+                    outcome = self._run(job)
+            except Exception as e:  # a bug or an out-of-memory must not stop the server
+                outcome = "failed"
+                log.exception("%s failed", job.label)
+                job.emit("error", f"generation failed: {type(e).__name__}: {e}")
+            finally:
+                with self._lock:
+                    self.running = None
+                    self.counts[outcome] += 1
+                job.finished.set()

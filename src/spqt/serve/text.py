@@ -1,0 +1,61 @@
+"""Token ids -> text pieces as they arrive, with stop strings.
+
+Decoding each new token alone would break multi-byte characters and the leading spaces some
+decoders strip at the start of a text, so a piece is the difference between the decoding of a
+few tokens before the new ones and the same with them (the offsets scheme of Hugging Face's
+text-generation-inference). Text that could be the start of a stop string is held back until it
+is known not to be one, so no client ever sees part of a stop string.
+"""
+
+from collections.abc import Callable
+
+INCOMPLETE = "\ufffd"  # what a byte-level decoder yields for a multi-byte character cut short
+
+
+class TextStream:
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str] = ()):
+        self.decode = decode
+        self.stops = [s for s in stops if s]
+        self.ids: list[int] = []
+        self._prefix = 0  # ids[_prefix:_read] decode to text already taken into self.text
+        self._read = 0
+        self.text = ""  # all text so far (with what is held back)
+        self.sent = 0  # characters of self.text handed out
+        self.stopped = False  # a stop string was found; nothing more comes out
+
+    def feed(self, token: int) -> str:
+        """The next text piece (often '', while a character or a possible stop string is incomplete)."""
+        if self.stopped:
+            return ""
+        self.ids.append(token)
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or after.endswith(INCOMPLETE):
+            return ""
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        pending = self.text[self.sent:]
+        hits = [pending.find(s) for s in self.stops if s in pending]
+        if hits:
+            self.stopped = True
+            return self._take(min(hits))
+        return self._take(len(pending) - self._held(pending))
+
+    def flush(self) -> str:
+        """Whatever is still held back, at the end of the generation (nothing after a stop string)."""
+        return "" if self.stopped else self._take(len(self.text) - self.sent)
+
+    def _held(self, pending: str) -> int:
+        """Length of the longest end of pending that is a proper start of a stop string."""
+        longest = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(pending)), longest, -1):
+                if pending.endswith(s[:k]):
+                    longest = k
+                    break
+        return longest
+
+    def _take(self, n: int) -> str:
+        piece = self.text[self.sent:self.sent + n]
+        self.sent += n
+        return piece

@@ -1,0 +1,394 @@
+"""`spqt serve`: a real server on 127.0.0.1 (CPU, the default model, a free port) and the official
+`openai` client. One server for the module, run in a thread of the test process so that the model is
+loaded once for the server and the `spqt generate` comparison; every test leaves it serving. The
+signal handling is tested on a `spqt serve` process of the tiny model.
+
+The default model is served from its GGUF file (float weights) rather than the converted .spqt,
+whose first conversion takes minutes on a 2-core machine; the server code path is the same.
+"""
+
+import json
+import logging
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
+
+from spqt import cli  # noqa: E402
+from spqt.cli import main  # noqa: E402
+
+KEY = "test-key-17"
+CTX = 256
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Server:
+    def __init__(self, url: str, lines: list[str]):
+        self.url, self.lines = url, lines
+
+    def client(self, key: str = KEY, **kw) -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict]:
+        """(status, JSON) of a request sent as given, for bodies the openai client would not send."""
+        req = urllib.request.Request(self.url + path, data=body, headers={"Authorization": f"Bearer {key}",
+                                                                          "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def health(self) -> dict:
+        return self.raw("/health")[1]
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def loaded(default_gguf):
+    from spqt.checkpoint import load_model
+
+    return load_model(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def server(loaded, default_gguf):
+    from spqt.serve.engine import Engine
+    from spqt.serve.server import Service, bind
+
+    lines: list[str] = []
+    handler = _Lines(lines)
+    log = logging.getLogger("spqt.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    sock = bind("127.0.0.1", 0)
+    service = Service(Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem), api_key=KEY)
+    thread = threading.Thread(target=service.run, args=(sock,), daemon=True)
+    thread.start()
+    srv = Server(f"http://127.0.0.1:{sock.getsockname()[1]}", lines)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if srv.raw("/health")[0] == 200:
+                break
+        except urllib.error.URLError:
+            pass
+        assert time.monotonic() < deadline, "the server did not answer /health"
+        time.sleep(0.1)
+    yield srv
+    service.stop()
+    thread.join(30)
+    sock.close()
+    log.removeHandler(handler)
+    assert not thread.is_alive(), "the server did not stop"
+
+
+@pytest.fixture(scope="module")
+def model_id(server) -> str:
+    models = server.client().models.list().data
+    assert len(models) == 1
+    return models[0].id
+
+
+CHAT = [{"role": "user", "content": "Name three primary colors."}]
+PROMPT = "The three primary colors are"
+GREEDY = {"temperature": 0, "max_tokens": 12}
+
+
+def stream_text(stream, chat: bool) -> tuple[str, str | None, object, int]:
+    """(text, finish_reason, usage, chunks with text) of a streamed answer."""
+    pieces, finish, usage, chunks = [], None, None, 0
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            piece = (choice.delta.content if chat else choice.text) or ""
+            chunks += bool(piece)
+            pieces.append(piece)
+            finish = choice.finish_reason or finish
+    return "".join(pieces), finish, usage, chunks
+
+
+def test_models_and_health(server, model_id, default_gguf):
+    assert model_id == default_gguf.stem
+    status, health = server.raw("/health")
+    assert status == 200 and health["status"] == "ok" and health["ctx"] == CTX and health["device"] == "cpu"
+
+
+def test_chat_streamed_equals_plain_for_greedy(server, model_id):
+    client = server.client()
+    plain = client.chat.completions.create(model=model_id, messages=CHAT, **GREEDY)
+    choice = plain.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert plain.object == "chat.completion" and plain.id.startswith("chatcmpl-")
+    assert choice.finish_reason == ("length" if plain.usage.completion_tokens == GREEDY["max_tokens"] else "stop")
+    assert plain.usage.total_tokens == plain.usage.prompt_tokens + plain.usage.completion_tokens
+    stream = client.chat.completions.create(model=model_id, messages=CHAT, stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY)
+    text, finish, usage, chunks = stream_text(stream, chat=True)
+    assert text == choice.message.content and finish == choice.finish_reason
+    assert usage.model_dump() == plain.usage.model_dump()
+    assert chunks > 1  # streamed piece by piece, not in one block
+
+
+def test_completion_streamed_equals_plain_for_greedy(server, model_id):
+    client = server.client()
+    plain = client.completions.create(model=model_id, prompt=PROMPT, **GREEDY)
+    assert plain.object == "text_completion" and plain.usage.completion_tokens <= GREEDY["max_tokens"]
+    stream = client.completions.create(model=model_id, prompt=PROMPT, stream=True, **GREEDY)
+    text, finish, usage, chunks = stream_text(stream, chat=False)
+    assert text == plain.choices[0].text and finish == plain.choices[0].finish_reason and chunks > 1
+    assert usage is None  # only with stream_options.include_usage, as OpenAI does
+    # one log line per request, with tokens, tokens/s and the sparsity
+    assert re.search(r"POST /v1/completions 200 finish \w+, prompt \d+ \+ completion \d+ tokens in [\d.]+ s, "
+                     r"prefill \d+ tokens/s, decode [\d.]+ tokens/s, dense", server.log_text())
+
+
+def _cli_generate(capsys, prompt: str, n: int, chat: bool) -> str:
+    """The text `spqt generate` prints for a prompt (greedy, CPU)."""
+    capsys.readouterr()
+    argv = ["generate", "default-model", "-p", prompt, "-n", str(n), "--device", "cpu"] + (["--chat"] if chat else [])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    body = out.split("\n", 1)[1]  # after the [kind, device, sparsity] line
+    body = body[: body.rindex("\nprompt: ")]
+    return body if chat else body.removeprefix(prompt)
+
+
+def test_text_equals_spqt_generate(server, model_id, capsys, monkeypatch, loaded):
+    monkeypatch.setattr(cli, "_load", lambda args: loaded)  # the server's model, not a second load of it
+    client = server.client()
+    n = 16
+    ours = client.completions.create(model=model_id, prompt=PROMPT, temperature=0, max_tokens=n)
+    assert ours.choices[0].finish_reason == "length"  # no end-of-text token inside, so the texts compare whole
+    assert _cli_generate(capsys, PROMPT, n, chat=False) == ours.choices[0].text
+    chat = client.chat.completions.create(model=model_id, messages=CHAT, temperature=0, max_tokens=n)
+    theirs = _cli_generate(capsys, CHAT[0]["content"], n, chat=True)
+    # spqt generate prints the end-of-sequence token's text too; the API answer leaves it out
+    assert theirs.removesuffix("<|im_end|>") == chat.choices[0].message.content
+
+
+def test_stop_strings_and_seeded_sampling(server, model_id):
+    client = server.client()
+    full = client.completions.create(model=model_id, prompt=PROMPT, **GREEDY).choices[0].text
+    stop = full[6:9]
+    assert len(stop) == 3 and full.index(stop) >= 1
+    for stream in (False, True):
+        r = client.completions.create(model=model_id, prompt=PROMPT, stop=[stop, "@@never@@"], stream=stream, **GREEDY)
+        text, finish = stream_text(r, chat=False)[:2] if stream else (r.choices[0].text, r.choices[0].finish_reason)
+        assert (text, finish) == (full[: full.index(stop)], "stop"), stream
+    sampled = {"temperature": 0.9, "top_p": 0.9, "seed": 1234, "max_tokens": 10, "extra_body": {"top_k": 40}}
+    a = client.chat.completions.create(model=model_id, messages=CHAT, **sampled).choices[0].message.content
+    b = client.chat.completions.create(model=model_id, messages=CHAT, **sampled).choices[0].message.content
+    assert a == b
+
+
+def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model_id):
+    def error(status, fragment, call):
+        with pytest.raises(openai.APIStatusError) as e:
+            call()
+        assert e.value.status_code == status, e.value
+        body = e.value.body
+        assert set(body) >= {"message", "type", "code"} and fragment in body["message"], body
+
+    client = server.client()
+    error(401, "API key", lambda: server.client(key="wrong").chat.completions.create(model=model_id, messages=CHAT))
+    error(404, "does not exist", lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT))
+    error(422, "max_tokens", lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=0))
+    error(422, "n = 1", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=2))
+    error(422, "seed", lambda: client.completions.create(model=model_id, prompt=PROMPT, seed=2**70))
+    error(422, "temperature", lambda: client.completions.create(model=model_id, prompt=PROMPT, temperature=-1))
+    long_prompt = "colors " * (2 * CTX)
+    error(413, "context", lambda: client.completions.create(model=model_id, prompt=long_prompt, max_tokens=4))
+    error(413, "context", lambda: client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=CTX))
+    error(413, "context", lambda: client.chat.completions.create(model=model_id, stream=True, max_tokens=4,
+                                                                 messages=[{"role": "user", "content": long_prompt}]))
+    status, body = server.raw("/v1/chat/completions", b'{"messages": [')
+    assert status == 400 and "parse the JSON" in body["error"]["message"], body
+    status, body = server.raw("/v1/chat/completions", json.dumps({"model": model_id}).encode())
+    assert status == 422 and body["error"]["param"] == "messages", body
+    status, body = server.raw("/v1/chat/completions", b" " * (5 * 2**20))
+    assert status == 413 and body["error"]["code"] == "request_too_large", body
+    status, body = server.raw("/v1/nothing-here")
+    assert status == 404 and "error" in body, body
+    status, body = server.raw("/v1/models", key="wrong")
+    assert status == 401 and body["error"]["code"] == "invalid_api_key", body
+    assert server.raw("/health", key="wrong")[0] == 200  # health needs no key
+    ok = client.completions.create(model=model_id, prompt=PROMPT, temperature=0, max_tokens=2)
+    assert ok.choices[0].text
+    assert server.health()["failed"] == 0
+
+
+def test_disconnect_mid_stream_frees_the_model(server, model_id):
+    client = server.client()
+    expected = client.completions.create(model=model_id, prompt=PROMPT, **GREEDY).choices[0].text
+    before = server.health()["cancelled"]
+    long = client.completions.create(model=model_id, prompt="Once upon a time", temperature=0, stream=True,
+                                     max_tokens=CTX - 8)
+    got = [c.choices[0].text for _, c in zip(range(3), long)]
+    assert len(got) == 3
+    long.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 30
+    while (h := server.health())["cancelled"] == before or h["running"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    line = [ln for ln in server.log_text().splitlines() if "cancelled (client gone" in ln][-1]
+    produced = int(re.search(r"completion (\d+) tokens", line).group(1))
+    assert produced < 40, line  # of CTX - 8 asked: it stopped when the client left, not at max_tokens
+    after = client.completions.create(model=model_id, prompt=PROMPT, **GREEDY).choices[0].text
+    assert after == expected
+
+
+@pytest.mark.slow
+def test_load_script_concurrent_clients_get_their_own_answers(server, model_id):
+    """A small run of scripts/load_test.py (the full 16 x 4 run is in docs/RESULTS.md)."""
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), "--url", server.url,
+                          "--api-key", KEY, "--clients", "4", "--requests", "2", "--max-tokens", "4"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert re.search(r"8 requests, 0 errors, 0 mismatches", out.stdout), out.stdout
+    assert re.search(r"latency p50 [\d.]+ s, p99 [\d.]+ s", out.stdout), out.stdout
+
+
+def test_cli_errors_before_serving(tiny_hf, capsys):
+    def error(argv, fragment):
+        capsys.readouterr()
+        assert main(["serve", str(tiny_hf), "--device", "cpu", *argv]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("spqt: error:") and fragment in err[-1], err
+
+    error(["--sparsity", "1.5"], "sparsity must be in")
+    error(["--sparsity", "half"], "--sparsity takes a number")
+    error(["--sparsity", "0.5", "--port", "0"], "no unified thresholds")
+    error(["--port", "70000"], "--port must be in")
+    error(["--ctx", "1", "--port", "0"], "--ctx must be in")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        error(["--port", str(taken.getsockname()[1])], "cannot listen on 127.0.0.1")
+
+
+def test_sparsity_auto_is_the_recommended_level_else_dense(tiny_hf):
+    from spqt.checkpoint import load_model
+    from spqt.serve.engine import parse_sparsity, recommended_sparsity
+
+    loaded = load_model(tiny_hf)
+    assert parse_sparsity("auto") is None and parse_sparsity("0.25") == 0.25
+    assert recommended_sparsity(loaded) is None  # no recommendation: auto serves dense
+    loaded.thresholds = {"recommended": {"sparsity": 0.4, "mode": "greedy"}}
+    assert recommended_sparsity(loaded) == (0.4, "greedy")
+    loaded.thresholds = {"recommended": 0.25}
+    assert recommended_sparsity(loaded) == (0.25, "unified")
+
+
+def test_sigterm_stops_the_server_cleanly_mid_stream(tiny_hf, tmp_path):
+    """SIGINT takes the same path (one handler for both); one process start is enough for the suite."""
+    sig = signal.SIGTERM
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-m", "spqt.cli", "serve", str(tiny_hf), "--port", "0", "--device", "cpu"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (found := re.search(r"listening on (\S+)", log.read_text(errors="replace"))):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")
+            time.sleep(0.2)
+        client = openai.OpenAI(base_url=found.group(1) + "/v1", api_key="none", max_retries=0, timeout=60)
+        stream = client.completions.create(model="model", prompt="once upon a time", max_tokens=2000, stream=True)
+        next(iter(stream))  # generating now (2000 tokens would take seconds)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        rest = list(stream)  # the stream ends instead of running to max_tokens
+        rc = proc.wait(30)
+        seconds = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    assert rc == 0, text
+    assert len(rest) < 1999 and f"stopped ({sig.name})" in text and "cancelled" in text, text
+    assert seconds < 10, f"{seconds:.1f} s to stop"
+
+
+def test_text_stream_holds_back_stop_strings_and_split_characters():
+    from spqt.serve.text import TextStream
+
+    vocab = [b"Hel", b"lo ", b"wo", b"rld", b"!", b" E", b"ND", b"\xc3", b"\xa9", b" E", b"x"]
+
+    def decode(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    def run(ids, stops):
+        ts = TextStream(decode, stops)
+        pieces = [ts.feed(i) for i in ids]
+        return pieces, ts.flush(), ts.stopped
+
+    # " E" could start " END": held until "ND" completes it, and nothing of the stop string comes out
+    pieces, tail, stopped = run([0, 1, 2, 3, 5, 6, 4], ["rld END", " END"])
+    assert "".join(pieces) == "Hello wo" and tail == "" and stopped
+    assert pieces == ["Hel", "lo", " wo", "", "", "", ""]  # a trailing " " might start " END" too
+    # a held " E" that turns out not to be a stop is released with what follows
+    pieces, tail, stopped = run([0, 9, 10, 4], [" END"])
+    assert pieces == ["Hel", "", " Ex", "!"] and tail == "" and not stopped
+    # a character split over two tokens comes out whole; what is held at the end is flushed
+    pieces, tail, stopped = run([7, 8, 5], [" END"])
+    assert pieces == ["", "\u00e9", ""] and tail == " E" and not stopped
+
+
+def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
+    import asyncio
+
+    from spqt.serve.scheduler import Job, Scheduler
+
+    ran, overlap, busy = [], [], threading.Lock()
+    gate = threading.Event()
+
+    def run(job: Job) -> str:
+        if not busy.acquire(blocking=False):
+            overlap.append(job.label)
+        try:
+            gate.wait(10)  # the first job holds the worker until the others are queued
+            ran.append(job.label)
+            job.emit("text", job.label)
+            job.emit("done", None)
+            return "completed"
+        finally:
+            busy.release()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(run)
+        jobs = [Job([1], 1, None, [], f"job{i}", loop) for i in range(4)]
+        for job in jobs:
+            scheduler.submit(job)
+        jobs[2].cancel()  # still queued behind job0: dropped unrun
+        gate.set()
+        events = [[await job.events.get() for _ in range(1 if job is jobs[2] else 2)] for job in jobs]
+        scheduler.close()
+        return events, scheduler.stats()
+
+    events, stats = asyncio.run(scenario())
+    assert ran == ["job0", "job1", "job3"] and not overlap
+    assert events[2] == [("cancelled", None)]
+    assert events[3] == [("text", "job3"), ("done", None)]
+    assert stats["completed"] == 3 and stats["cancelled"] == 1 and stats["waiting"] == 0 and not stats["running"]
