@@ -192,17 +192,43 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise
     except Exception as e:
         raise SpqtError(f"{path}: not a valid .spqt file ({type(e).__name__}: {e})") from None
+    try:
+        return _from_metadata(meta, tensors, path)
+    except SpqtError:
+        raise
+    except KeyError as e:
+        raise SpqtError(f"{path}: not a valid .spqt file (its metadata lacks {e})") from None
+    except (AttributeError, TypeError, ValueError) as e:  # fields of the wrong kind
+        raise SpqtError(f"{path}: not a valid .spqt file ({e})") from None
+
+
+def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
+    """The LoadedModel a .spqt file's metadata and tensors describe, every declared field checked
+    against the tensors before use."""
+    from spqt.sparsity import check_thresholds
+
+    if not isinstance(meta, dict):
+        raise SpqtError(f"{path}: not a valid .spqt file (metadata is not a JSON object)")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         raise SpqtError(f"{path}: .spqt format version {version} is not supported (this spqt reads {FORMAT_VERSION})")
     config = ModelConfig.from_dict(meta["config"])
+    linears = meta["linears"]
+    if not isinstance(linears, dict):
+        raise SpqtError(f"{path}: not a valid .spqt file (linears is not a JSON object)")
     weights, parts = {}, {}
     for name, t in tensors.items():
-        info = meta["linears"].get(name)
+        info = linears.get(name)
         if info is None:
+            if not t.is_floating_point():
+                raise SpqtError(f"{path}: tensor {name} is {t.dtype}, expected a floating-point type")
             weights[name] = t
             continue
-        fmt, layout, shape = info["format"], info["layout"], tuple(info["shape"])
+        fmt, layout, shape = info["format"], info["layout"], info["shape"]
+        if not isinstance(fmt, str) or not isinstance(shape, list) or len(shape) != 2 or \
+                any(type(d) is not int or d < 1 for d in shape):
+            raise SpqtError(f"{path}: tensor {name}: format {fmt!r} and shape {shape!r} are not a format name and (N, K)")
+        shape = tuple(shape)
         spec = get_format(fmt)
         expect = (*grid_shape(layout, shape, spec.block_size), spec.block_bytes)
         if t.dtype != torch.uint8 or tuple(t.shape) != expect:
@@ -217,8 +243,15 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         got = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)
         if tuple(got) != shape:
             raise SpqtError(f"{path}: tensor {name} has shape {tuple(got)}, expected {shape}")
-    return LoadedModel(config=config, tokenizer=TokenizerSpec(**meta["tokenizer"]), weights=weights, parts=parts,
-                       thresholds=meta.get("thresholds", {}), provenance=meta.get("provenance", {}), path=path)
+    tokenizer = TokenizerSpec(**meta["tokenizer"])
+    if not isinstance(tokenizer.tokenizer_json, str) or not isinstance(json.loads(tokenizer.tokenizer_json), dict):
+        raise SpqtError(f"{path}: not a valid .spqt file (the tokenizer is not a serialized tokenizers JSON)")
+    thresholds = meta.get("thresholds", {})
+    check_thresholds(thresholds, config.n_layers, str(path))
+    provenance = meta.get("provenance", {})
+    return LoadedModel(config=config, tokenizer=tokenizer, weights=weights, parts=parts,
+                       thresholds=thresholds, provenance=provenance if isinstance(provenance, dict) else {},
+                       path=path)
 
 
 def _expected_shapes(c: ModelConfig) -> dict:

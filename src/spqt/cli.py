@@ -105,6 +105,9 @@ def _load(args):
             loaded.thresholds = doc["thresholds"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SpqtError(f"{path}: not a thresholds file written by spqt calibrate --json ({e})") from None
+        from spqt.sparsity import check_thresholds
+
+        check_thresholds(loaded.thresholds, loaded.config.n_layers, str(path))
     return loaded
 
 

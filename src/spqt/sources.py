@@ -118,7 +118,9 @@ def _open_gguf(path: Path) -> SourceModel:
     import gguf
 
     try:
-        reader = gguf.GGUFReader(str(path))
+        # a damaged offset overflows uint64 inside the reader: our own checks below refuse it
+        with np.errstate(over="ignore"):
+            reader = gguf.GGUFReader(str(path))
     except Exception as e:  # the reader raises many kinds on a damaged file
         raise SpqtError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
 
@@ -134,19 +136,16 @@ def _open_gguf(path: Path) -> SourceModel:
     arch = field_value("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise SpqtError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
-    file_size = path.stat().st_size
-    tensors = {}
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > file_size or t.data.nbytes != int(t.n_bytes):
-            raise SpqtError(f"{path}: truncated GGUF file (tensor {t.name} ends at byte {end}, file has {file_size})")
-        tensors[t.name] = t
-    n_layers = int(field_value(f"{arch}.block_count"))
-    n_heads = int(field_value(f"{arch}.attention.head_count"))
-    n_kv = int(field_value(f"{arch}.attention.head_count_kv", n_heads))
-    dim = int(field_value(f"{arch}.embedding_length"))
+    tensors = _gguf_tensor_table(reader, path)
     if "token_embd.weight" not in tensors:
         raise SpqtError(f"{path}: GGUF has no token_embd.weight")
+    try:
+        n_layers = int(field_value(f"{arch}.block_count"))
+        n_heads = int(field_value(f"{arch}.attention.head_count"))
+        n_kv = int(field_value(f"{arch}.attention.head_count_kv", n_heads))
+        dim = int(field_value(f"{arch}.embedding_length"))
+    except (TypeError, ValueError) as e:  # a key absent (None) or of the wrong kind
+        raise SpqtError(f"{path}: GGUF lacks or garbles the {arch} size keys ({e})") from None
     vocab = int(tensors["token_embd.weight"].shape[-1])
     rope_scaling = None
     if field_value(f"{arch}.rope.scaling.type") not in (None, "none"):
@@ -154,23 +153,27 @@ def _open_gguf(path: Path) -> SourceModel:
     if "rope_freqs.weight" in tensors:
         raise SpqtError(f"{path}: GGUF with rope_freqs (Llama-3.1 scaling) is not supported yet; convert from the HF checkpoint")
     eos = field_value("tokenizer.ggml.eos_token_id")
-    config = ModelConfig(
-        vocab_size=vocab,
-        dim=dim,
-        n_layers=n_layers,
-        n_heads=n_heads,
-        n_kv_heads=n_kv,
-        ffn_dim=int(field_value(f"{arch}.feed_forward_length")),
-        head_dim=int(field_value(f"{arch}.attention.key_length", dim // n_heads)),
-        norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=rope_scaling,
-        max_seq_len=int(field_value(f"{arch}.context_length", 4096)),
-        tie_embeddings="output.weight" not in tensors,
-        bos_id=field_value("tokenizer.ggml.bos_token_id"),
-        eos_ids=() if eos is None else (int(eos),),
-        add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
-    )
+    bos = field_value("tokenizer.ggml.bos_token_id")
+    try:
+        config = ModelConfig(
+            vocab_size=vocab,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv,
+            ffn_dim=int(field_value(f"{arch}.feed_forward_length")),
+            head_dim=int(field_value(f"{arch}.attention.key_length", dim // max(n_heads, 1))),
+            norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=rope_scaling,
+            max_seq_len=int(field_value(f"{arch}.context_length", 4096)),
+            tie_embeddings="output.weight" not in tensors,
+            bos_id=None if bos is None else int(bos),
+            eos_ids=() if eos is None else (int(eos),),
+            add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
+        )
+    except (TypeError, ValueError) as e:
+        raise SpqtError(f"{path}: {e}") from None
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
     for i in range(n_layers):
@@ -180,6 +183,8 @@ def _open_gguf(path: Path) -> SourceModel:
     missing = [gguf_name[n] for n in names if gguf_name[n] not in tensors]
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+    _check_shapes(path, config, {n: tuple(int(d) for d in reversed(tensors[gguf_name[n]].shape)) for n in names},
+                  {n: gguf_name[n] for n in names})
 
     def load(name: str) -> torch.Tensor:
         t = tensors[gguf_name[name]]
@@ -199,6 +204,52 @@ def _open_gguf(path: Path) -> SourceModel:
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256([path]),
                   "source_file_type": field_value("general.file_type")}
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+
+
+def _gguf_tensor_table(reader, path: Path) -> dict:
+    """name -> ReaderTensor, after checking what a damaged file could declare: a floating-point or
+    block-quantized type, aligned data inside the file, no two tensors over the same bytes."""
+    file_size = path.stat().st_size
+    tensors, spans = {}, []
+    for t in reader.tensors:
+        start, n_bytes = int(t.data_offset), int(t.n_bytes)
+        if t.tensor_type.name.startswith("I"):  # I8 .. I64: no weights of ours are integers
+            raise SpqtError(f"{path}: tensor {t.name} has integer type {t.tensor_type.name}")
+        # offsets are relative to the data section and aligned (llama.cpp refuses others too)
+        if start < reader.data_offset or (start - reader.data_offset) % reader.alignment:
+            raise SpqtError(f"{path}: damaged GGUF file (tensor {t.name} at byte {start}, outside the data "
+                            f"section or not aligned to {reader.alignment})")
+        if n_bytes <= 0 or start + n_bytes > file_size or t.data.nbytes != n_bytes:
+            raise SpqtError(f"{path}: truncated or damaged GGUF file (tensor {t.name}: {n_bytes} bytes at byte "
+                            f"{start}, the file has {file_size})")
+        tensors[t.name] = t
+        spans.append((start, start + n_bytes, t.name))
+    spans.sort()
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise SpqtError(f"{path}: damaged GGUF file (tensors {name} and {other} overlap)")
+    return tensors
+
+
+def _expected_shapes(c: ModelConfig) -> dict:
+    """Canonical source name -> (out_features, in_features) or (D,), from the configuration."""
+    shapes = {"tok_embeddings": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim), "norm": (c.dim,)}
+    for i in range(c.n_layers):
+        shapes |= {f"layers.{i}.attention_norm": (c.dim,), f"layers.{i}.ffn_norm": (c.dim,),
+                   f"layers.{i}.wq": (c.q_dim, c.dim), f"layers.{i}.wk": (c.kv_dim, c.dim),
+                   f"layers.{i}.wv": (c.kv_dim, c.dim), f"layers.{i}.wo": (c.dim, c.q_dim),
+                   f"layers.{i}.w1": (c.ffn_dim, c.dim), f"layers.{i}.w3": (c.ffn_dim, c.dim),
+                   f"layers.{i}.w2": (c.dim, c.ffn_dim)}
+    return shapes
+
+
+def _check_shapes(path: Path, config: ModelConfig, declared: dict, file_names: dict) -> None:
+    """Every declared tensor shape must be the one the configuration implies (before any read)."""
+    expected = _expected_shapes(config)
+    for name, shape in declared.items():
+        if name in expected and shape != expected[name]:
+            raise SpqtError(f"{path}: tensor {file_names[name]} has shape {shape}, the configuration implies "
+                            f"{expected[name]}")
 
 
 def _gguf_tokenizer(path: Path) -> TokenizerSpec:
@@ -234,6 +285,8 @@ def _open_hf(folder: Path) -> SourceModel:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SpqtError(f"{cfg_path}: invalid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise SpqtError(f"{cfg_path}: not a JSON object")
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_TYPES:
         raise SpqtError(f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_HF_TYPES)}")
@@ -242,34 +295,44 @@ def _open_hf(folder: Path) -> SourceModel:
     files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise SpqtError(f"{folder}: no .safetensors files (PyTorch .bin checkpoints are not read)")
-    where = {}
+    where, declared = {}, {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
                     where[k] = f
-        except Exception as e:
+                    piece = st.get_slice(k)
+                    declared[k] = (tuple(piece.get_shape()), piece.get_dtype())
+        except Exception as e:  # the safetensors library raises its own error kinds
             raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
+    for k, (_, dtype) in declared.items():
+        if dtype not in ("F64", "F32", "F16", "BF16"):
+            raise SpqtError(f"{where[k]}: tensor {k} has dtype {dtype}; weights must be floating point")
     scaling = cfg.get("rope_scaling")
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind not in ("llama3", "default"):
-            raise SpqtError(f"{folder}: rope scaling {kind!r} is not supported (llama3 is)")
-        scaling = None if kind == "default" else {k: float(scaling[k]) for k in
-                                                  ("factor", "low_freq_factor", "high_freq_factor",
-                                                   "original_max_position_embeddings")}
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-    n_heads = cfg["num_attention_heads"]
-    tie = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in where
-    config = ModelConfig(
-        vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
-        n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads", n_heads),
-        ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
-        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
-        rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie,
-        bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
-    )
+    try:
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise SpqtError(f"{folder}: rope scaling {kind!r} is not supported (llama3 is)")
+            scaling = None if kind == "default" else {k: float(scaling[k]) for k in
+                                                      ("factor", "low_freq_factor", "high_freq_factor",
+                                                       "original_max_position_embeddings")}
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        n_heads = cfg["num_attention_heads"]
+        tie = bool(cfg.get("tie_word_embeddings", False)) or "lm_head.weight" not in where
+        config = ModelConfig(
+            vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads", n_heads),
+            ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or 0,
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=scaling, max_seq_len=cfg.get("max_position_embeddings", 4096), tie_embeddings=tie,
+            bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
+        )
+    except KeyError as e:
+        raise SpqtError(f"{cfg_path}: lacks {e}") from None
+    except (AttributeError, TypeError, ValueError) as e:
+        raise SpqtError(f"{cfg_path}: {e}") from None
     hf_name = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
     names = ["tok_embeddings", "norm"] + ([] if tie else ["output"])
     for i in range(config.n_layers):
@@ -279,6 +342,7 @@ def _open_hf(folder: Path) -> SourceModel:
     missing = [hf_name[n] for n in names if hf_name[n] not in where]
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
+    _check_shapes(folder, config, {n: declared[hf_name[n]][0] for n in names}, hf_name)
 
     def load(name: str) -> torch.Tensor:
         key = hf_name[name]
