@@ -30,7 +30,8 @@ def check_sparsity(sparsity: float) -> float:
 
 
 def check_thresholds(thresholds, n_layers: int, where: str) -> None:
-    """SpqtError unless thresholds is {mode: {level: (n_layers, 4) finite numbers}} (read from a file)."""
+    """SpqtError unless every mode in thresholds is {level: (n_layers, 4) finite numbers} (read from a
+    file; other keys, such as calibrate's records, are not read)."""
     import math
 
     def bad(why: str):
@@ -38,9 +39,10 @@ def check_thresholds(thresholds, n_layers: int, where: str) -> None:
 
     if not isinstance(thresholds, dict):
         bad("not a JSON object")
-    for mode, levels in thresholds.items():
-        if mode not in MODES or not isinstance(levels, dict):
-            bad(f"mode {mode!r}")
+    for mode in MODES:
+        levels = thresholds.get(mode, {})
+        if not isinstance(levels, dict):
+            bad(f"mode {mode!r} is not a JSON object")
         for key, table in levels.items():
             rows_ok = isinstance(table, list) and len(table) == n_layers and all(
                 isinstance(r, list) and len(r) == len(INPUT_KINDS) and
