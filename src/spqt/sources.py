@@ -205,6 +205,10 @@ def _open_gguf(path: Path) -> SourceModel:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     _check_shapes(path, config, {n: tuple(int(d) for d in reversed(tensors[gguf_name[n]].shape)) for n in names},
                   {n: gguf_name[n] for n in names})
+    for n in names:
+        kind = tensors[gguf_name[n]].tensor_type.name
+        if kind.startswith("I"):  # I8 .. I64: weights are floating point or block-quantized
+            raise SpqtError(f"{path}: tensor {gguf_name[n]} has integer type {kind}")
 
     def load(name: str) -> torch.Tensor:
         t = tensors[gguf_name[name]]
@@ -227,14 +231,12 @@ def _open_gguf(path: Path) -> SourceModel:
 
 
 def _gguf_tensor_table(reader, path: Path) -> dict:
-    """name -> ReaderTensor, after checking what a damaged file could declare: a floating-point or
-    block-quantized type, aligned data inside the file, no two tensors over the same bytes."""
+    """name -> ReaderTensor, after checking what a damaged file could declare: aligned data inside
+    the file, no two tensors over the same bytes."""
     file_size = path.stat().st_size
     tensors, spans = {}, []
     for t in reader.tensors:
         start, n_bytes = int(t.data_offset), int(t.n_bytes)
-        if t.tensor_type.name.startswith("I"):  # I8 .. I64: no weights of ours are integers
-            raise SpqtError(f"{path}: tensor {t.name} has integer type {t.tensor_type.name}")
         # offsets are relative to the data section and aligned (llama.cpp refuses others too)
         if start < reader.data_offset or (start - reader.data_offset) % reader.alignment:
             raise SpqtError(f"{path}: damaged GGUF file (tensor {t.name} at byte {start}, outside the data "
