@@ -15,11 +15,43 @@ def _error(capsys, argv, fragment):
     assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
 
 
-def test_generate_streams_and_reports(tiny_spqt, capsys):
-    assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "8", "--device", "cpu"]) == 0
-    out = capsys.readouterr().out
-    assert out.splitlines()[1].startswith("once upon a time")
-    assert "decode:" in out and "tokens/s" in out
+def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
+    """stdout holds the generated text alone (as `> out.txt` would keep it); the model line, the
+    timing and the sparsity go to stderr; --json writes the same text with the figures."""
+    record = tmp_path / "gen.json"
+    assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "8", "--device", "cpu",
+                 "--json", str(record)]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(record.read_text())
+    assert captured.out == doc["text"] + "\n" and doc["text"]
+    assert "once upon a time" not in captured.out and "tokens/s" not in captured.out and "[" not in captured.out
+    err = captured.err.splitlines()
+    assert any(line.startswith("[q4_k-zigzag, cpu, sparsity 0]") for line in err), err
+    assert any("decode:" in line and "tokens/s" in line for line in err), err
+    assert doc["prompt_tokens"] > 0 and 1 <= doc["generated_tokens"] <= 8
+    assert doc["prefill_tokens_per_s"] > 0 and doc["decode_tokens_per_s"] > 0
+    assert doc["mode"] == "dense" and doc["achieved_sparsity"] is None and doc["kind"] == "q4_k-zigzag"
+    assert [p.name for p in tmp_path.iterdir()] == ["gen.json"]  # no temporary left behind
+
+
+def test_generate_json_reports_achieved_sparsity(tiny_spqt, capsys, tmp_path):
+    """At a sparsity level the record carries the achieved sparsity per input kind."""
+    from spqt.checkpoint import load_spqt, save_spqt
+
+    model = load_spqt(tiny_spqt)
+    n_layers = model.config.n_layers
+    model.thresholds = {"unified": {"0.5": [[0.05, 0.05, 0.05, 0.05]] * n_layers}}
+    sparse_model = tmp_path / "sparse.spqt"
+    save_spqt(model, sparse_model)
+    record = tmp_path / "gen.json"
+    assert main(["generate", str(sparse_model), "-p", "hello world", "-n", "6", "--device", "cpu",
+                 "--sparsity", "0.5", "--json", str(record)]) == 0
+    captured = capsys.readouterr()
+    doc = json.loads(record.read_text())
+    assert captured.out == doc["text"] + "\n"
+    assert "achieved sparsity" in captured.err and "achieved" not in captured.out
+    achieved = doc["achieved_sparsity"]
+    assert set(achieved) == {"qkv", "o", "gate_up", "down", "all"} and 0 < achieved["all"] < 1, achieved
 
 
 def test_generate_errors(tiny_spqt, capsys, tmp_path):

@@ -73,3 +73,26 @@ def test_each_weight_takes_its_nearest_level(rng):
     step = (d * sc)[..., None]
     worst = ((err - nearest) / step).max()
     assert bool((err <= nearest + 1e-5 * step).all()), f"worst excess over the nearest level: {worst:.2e} steps"
+
+
+def test_sequential_sum_is_the_c_order(rng):
+    """The encoder's sums run element by element in order (float32), as llama.cpp's loops do."""
+    g = 1001
+    terms = torch.from_numpy((rng.standard_normal((32, 3, g)) * rng.uniform(1e-3, 1e3, (1, 1, g))).astype(np.float32))
+    expect = terms[0].clone()
+    for i in range(1, 32):
+        expect = expect + terms[i]
+    got = q4_k._sequential_sum(terms[:, 1:])  # a non-contiguous view too
+    assert torch.equal(got.view(torch.int32), expect[1:].view(torch.int32))
+
+
+def test_quantize_in_parallel_chunks_equals_one_call(rng):
+    """spqt.quantize splits the blocks into chunks over worker threads; the bytes are those of one
+    encode call over all blocks (2,200 blocks: three chunks)."""
+    from spqt.layouts import matrix_to_blocks
+    from spqt.quant import quantize
+
+    w = torch.from_numpy(rng.standard_normal((300, 1100)).astype(np.float32))
+    blocks = quantize(w, "q4_k", "zigzag")
+    whole = q4_k.encode(matrix_to_blocks(w, "zigzag", 256))
+    assert blocks.shape == (2, 1100, 144) and torch.equal(blocks.reshape(-1, 144), whole)

@@ -25,6 +25,7 @@ import datetime
 import json
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,13 +134,30 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     if not cfg.tie_embeddings:
         weights["output"] = source.tensor("output").to(torch.float16)
     parts = {}
-    for i in tqdm(range(cfg.n_layers), desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress):
-        weights.update(_layer_extras(source, i))
+
+    def read_layer(i: int) -> dict:
+        layer = _layer_extras(source, i)  # norms, q/k norms, biases: stored as they are
         for group, members in LINEAR_GROUPS.items():
-            w = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
-            blocks = quantize(w.to(device), fmt, layout).cpu()
-            weights[f"layers.{i}.{group}"] = QuantizedWeight(blocks, fmt, layout, tuple(w.shape))
-            parts[f"layers.{i}.{group}"] = _parts(cfg)[group]
+            layer[f"layers.{i}.{group}"] = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
+        return layer
+
+    # The next layer is read (and dequantized from the source format) while this one is encoded:
+    # the encoder's worker threads would otherwise wait on it (about 4 s of the default model's
+    # conversion on 2 cores).
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read_layer, 0) if cfg.n_layers else None
+        for i in tqdm(range(cfg.n_layers), desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress):
+            layer = pending.result()
+            if i + 1 < cfg.n_layers:
+                pending = reader.submit(read_layer, i + 1)
+            for name, w in layer.items():
+                group = name.rsplit(".", 1)[1]
+                if group not in LINEAR_GROUPS:
+                    weights[name] = w
+                    continue
+                blocks = quantize(w.to(device), fmt, layout).cpu()
+                weights[name] = QuantizedWeight(blocks, fmt, layout, tuple(w.shape))
+                parts[name] = _parts(cfg)[group]
     provenance = dict(source.provenance)
     provenance.update({"tool": f"spqt {spqt.__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     return LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance)
@@ -212,6 +230,23 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise
     except Exception as e:
         raise SpqtError(f"{path}: not a valid .spqt file ({type(e).__name__}: {e})") from None
+    try:
+        return _from_metadata(meta, tensors, path)
+    except SpqtError:
+        raise
+    except KeyError as e:
+        raise SpqtError(f"{path}: not a valid .spqt file (its metadata lacks {e})") from None
+    except (AttributeError, TypeError, ValueError) as e:  # fields of the wrong kind
+        raise SpqtError(f"{path}: not a valid .spqt file ({e})") from None
+
+
+def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
+    """The LoadedModel a .spqt file's metadata and tensors describe, every declared field checked
+    against the tensors before use."""
+    from spqt.sparsity import check_thresholds
+
+    if not isinstance(meta, dict):
+        raise SpqtError(f"{path}: not a valid .spqt file (metadata is not a JSON object)")
     version = meta.get("format_version")
     if version not in READABLE_VERSIONS:
         raise SpqtError(f"{path}: .spqt format version {version} is not supported "
@@ -220,13 +255,22 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         config = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
         raise SpqtError(f"{path}: invalid model config in the metadata ({type(e).__name__}: {e})") from None
+    linears = meta["linears"]
+    if not isinstance(linears, dict):
+        raise SpqtError(f"{path}: not a valid .spqt file (linears is not a JSON object)")
     weights, parts = {}, {}
     for name, t in tensors.items():
-        info = meta["linears"].get(name)
+        info = linears.get(name)
         if info is None:
+            if not t.is_floating_point():
+                raise SpqtError(f"{path}: tensor {name} is {t.dtype}, expected a floating-point type")
             weights[name] = t
             continue
-        fmt, layout, shape = info["format"], info["layout"], tuple(info["shape"])
+        fmt, layout, shape = info["format"], info["layout"], info["shape"]
+        if not isinstance(fmt, str) or not isinstance(shape, list) or len(shape) != 2 or \
+                any(type(d) is not int or d < 1 for d in shape):
+            raise SpqtError(f"{path}: tensor {name}: format {fmt!r} and shape {shape!r} are not a format name and (N, K)")
+        shape = tuple(shape)
         spec = get_format(fmt)
         expect = (*grid_shape(layout, shape, spec.block_size), spec.block_bytes)
         if t.dtype != torch.uint8 or tuple(t.shape) != expect:
@@ -241,8 +285,15 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         got = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)
         if tuple(got) != shape:
             raise SpqtError(f"{path}: tensor {name} has shape {tuple(got)}, expected {shape}")
-    return LoadedModel(config=config, tokenizer=TokenizerSpec(**meta["tokenizer"]), weights=weights, parts=parts,
-                       thresholds=meta.get("thresholds", {}), provenance=meta.get("provenance", {}), path=path)
+    tokenizer = TokenizerSpec(**meta["tokenizer"])
+    if not isinstance(tokenizer.tokenizer_json, str) or not isinstance(json.loads(tokenizer.tokenizer_json), dict):
+        raise SpqtError(f"{path}: not a valid .spqt file (the tokenizer is not a serialized tokenizers JSON)")
+    thresholds = meta.get("thresholds", {})
+    check_thresholds(thresholds, config.n_layers, str(path))
+    provenance = meta.get("provenance", {})
+    return LoadedModel(config=config, tokenizer=tokenizer, weights=weights, parts=parts,
+                       thresholds=thresholds, provenance=provenance if isinstance(provenance, dict) else {},
+                       path=path)
 
 
 def _expected_shapes(c: ModelConfig) -> dict:

@@ -108,6 +108,9 @@ def _load(args):
             loaded.thresholds = doc["thresholds"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SpqtError(f"{path}: not a thresholds file written by spqt calibrate --json ({e})") from None
+        from spqt.sparsity import check_thresholds
+
+        check_thresholds(loaded.thresholds, loaded.config.n_layers, str(path))
     return loaded
 
 
@@ -119,25 +122,30 @@ def cmd_generate(args) -> int:
     check_sparsity(args.sparsity)
     if args.n < 1:
         raise SpqtError("-n must be at least 1")
+    if args.json:
+        from spqt.checkpoint import check_writable
+
+        check_writable(Path(args.json))  # before the (slow) load
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     device = resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
+    dtype = _dtype(args.dtype, device)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
     if len(prompt) + args.n > loaded.config.max_seq_len:
         raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
                         f"{loaded.config.max_seq_len} tokens")
-    gen = Generator(loaded, device, sparsity=args.sparsity, mode=args.mode,
+    gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=args.mode,
                     max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback)
+    # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
+    # stderr, as llama.cpp does
     label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{' ' + args.mode if args.sparsity else ''}]"
-    print(label, flush=True)
+    print(label, file=sys.stderr, flush=True)
     dense = gen.dense_fallbacks()
     if dense:
         print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
               f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
               file=sys.stderr, flush=True)
-    if not args.chat:
-        sys.stdout.write(args.prompt)
     shown = [""]
     produced: list[int] = []
 
@@ -150,13 +158,29 @@ def cmd_generate(args) -> int:
             shown[0] = text
 
     result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream)
-    print()
+    text = tok.decode(produced)
+    sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
+    sys.stdout.flush()
     first = f" (first step {1e3 * result.step_seconds[0]:.0f} ms)" if result.step_seconds else ""
     print(f"prompt: {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tokens/s | "
-          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}")
+          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}", file=sys.stderr)
     if result.sparsity:
         parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.sparsity.items())
-        print(f"achieved sparsity (target {100 * args.sparsity:g}%): {parts}")
+        print(f"achieved sparsity (target {100 * args.sparsity:g}%): {parts}", file=sys.stderr)
+    if args.json:
+        from spqt.checkpoint import atomic_write
+
+        record = {"model": str(args.model or "default"), "kind": loaded.kind, "device": gen.device,
+                  "prompt": args.prompt, "chat": args.chat, "text": text,
+                  "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
+                  "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
+                  "prefill_tokens_per_s": result.prefill_tokens_per_s,
+                  "decode_tokens_per_s": result.decode_tokens_per_s,
+                  "target_sparsity": args.sparsity, "mode": args.mode if args.sparsity else "dense",
+                  "achieved_sparsity": result.sparsity or None,
+                  "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
+                               "seed": args.seed}}
+        atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return 0
 
 
@@ -297,10 +321,12 @@ def cmd_tune(args) -> int:
 
 
 def _dtype(name: str, device: str):
+    """The compute dtype for a --dtype choice: auto is fp32 on the CPU (torch's fp16 GEMV was 7x
+    slower than fp32 on 2 threads of the busy 2-core machine, though faster on one) and fp16 on CUDA."""
     import torch
 
     if name == "auto":
-        return torch.float32 if device == "cpu" else torch.float16
+        name = "fp32" if device == "cpu" else "fp16"
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name not in table:
         raise SpqtError(f"unknown dtype {name!r}; choose auto, fp32, fp16 or bf16")
@@ -329,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("generate", help="generate text (streams tokens, then prints tokens/s)")
+    p = sub.add_parser("generate", help="generate text: the text alone on stdout, everything else on stderr")
     p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
@@ -344,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense (GPU)")
+    p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")

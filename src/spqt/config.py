@@ -5,10 +5,17 @@ switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNor
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF).
 """
 
+import math
 from dataclasses import asdict, dataclass, field
 
 # The per-layer linear maps, q|k|v and gate|up stacked (model.py builds them under these names).
 LINEAR_KINDS = ("qkv", "o", "gate_up", "down")
+
+# Bounds a configuration read from a file must respect before anything is allocated from it; the
+# largest models we know stay far inside (Llama-3.1-405B: 126 layers, dim 16384, ffn 53248,
+# 128 heads; Gemma: vocabulary 262,144; contexts up to 1M).
+_LIMITS = {"vocab_size": 1 << 22, "dim": 1 << 16, "n_layers": 1024, "n_heads": 1024, "n_kv_heads": 1024,
+           "ffn_dim": 1 << 18, "head_dim": 1024, "max_seq_len": 1 << 20}
 
 
 @dataclass(frozen=True)
@@ -45,10 +52,37 @@ class ModelConfig:
     qk_norm: bool = False
 
     def __post_init__(self):
+        """Checks every field (ValueError naming the field): a configuration comes from a file."""
+        for name, limit in _LIMITS.items():
+            value = getattr(self, name)
+            if name == "head_dim" and value in (0, None):
+                continue
+            if type(value) is not int or not 1 <= value <= limit:
+                raise ValueError(f"model configuration: {name} must be an integer in [1, {limit}], got {value!r}")
         if not self.head_dim:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
-        # tuples, also when read back from JSON lists
+        if self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"model configuration: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model configuration: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"model configuration: {name} must be a positive number, got {value!r}")
+        if not isinstance(self.eos_ids, (tuple, list)):
+            raise ValueError(f"model configuration: eos_ids must be a list, got {self.eos_ids!r}")
         object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
+        for name, ids in (("bos_id", () if self.bos_id is None else (self.bos_id,)), ("eos_ids", self.eos_ids)):
+            if any(type(i) is not int or not 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"model configuration: {name} {ids} lies outside the vocabulary of {self.vocab_size}")
+        if self.rope_scaling is not None:
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            ok = isinstance(self.rope_scaling, dict) and all(
+                type(self.rope_scaling.get(k)) in (int, float) and self.rope_scaling[k] > 0 for k in keys)
+            if not ok or self.rope_scaling["high_freq_factor"] <= self.rope_scaling["low_freq_factor"]:
+                raise ValueError(f"model configuration: rope_scaling needs positive {', '.join(keys)} "
+                                 f"(high above low), got {self.rope_scaling!r}")
+        # tuples, also when read back from JSON lists
         object.__setattr__(self, "linear_biases", tuple(self.linear_biases))
         if self.rope_freq_factors is not None:
             object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
@@ -71,5 +105,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
+        """ValueError or TypeError when d is not a valid configuration."""
+        if not isinstance(d, dict):
+            raise TypeError(f"model configuration must be a JSON object, got {type(d).__name__}")
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -327,6 +327,9 @@ class Generator:
         track: count the achieved sparsity (a few small kernels per linear map; off for timing)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
+        if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
+            raise SpqtError(f"the tokenizer gave token id {max(prompt)}, beyond the model's vocabulary of "
+                            f"{self.loaded.config.vocab_size}")
         if len(prompt) + max_new_tokens > self.max_len:
             raise SpqtError(f"prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceed the context "
                             f"of {self.max_len} tokens")

@@ -29,6 +29,28 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def check_thresholds(thresholds, n_layers: int, where: str) -> None:
+    """SpqtError unless every mode in thresholds is {level: (n_layers, 4) finite numbers} (read from a
+    file; other keys, such as calibrate's records, are not read)."""
+    import math
+
+    def bad(why: str):
+        raise SpqtError(f"{where}: invalid thresholds ({why})")
+
+    if not isinstance(thresholds, dict):
+        bad("not a JSON object")
+    for mode in MODES:
+        levels = thresholds.get(mode, {})
+        if not isinstance(levels, dict):
+            bad(f"mode {mode!r} is not a JSON object")
+        for key, table in levels.items():
+            rows_ok = isinstance(table, list) and len(table) == n_layers and all(
+                isinstance(r, list) and len(r) == len(INPUT_KINDS) and
+                all(type(t) in (int, float) and math.isfinite(t) for t in r) for r in table)
+            if not rows_ok:
+                bad(f"{mode} {key} is not {n_layers} rows of {len(INPUT_KINDS)} numbers")
+
+
 def select(thresholds: dict, sparsity: float, mode: str, n_layers: int) -> torch.Tensor | None:
     """(n_layers, 4) float32 thresholds for a level, None for sparsity 0; SpqtError when absent."""
     check_sparsity(sparsity)

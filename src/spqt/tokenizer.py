@@ -12,7 +12,10 @@ class TextTokenizer:
 
         self.spec = spec
         self.config = config
-        self.backend = Tokenizer.from_str(spec.tokenizer_json)
+        try:
+            self.backend = Tokenizer.from_str(spec.tokenizer_json)
+        except Exception as e:  # tokenizers raises a plain Exception on bad data
+            raise SpqtError(f"the model's tokenizer data is not valid ({str(e)[:200]})") from None
         self._hf = None
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
