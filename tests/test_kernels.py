@@ -125,6 +125,34 @@ def test_collect_equals_nonzero(rng, device, sparsity):
         assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_collect_wina_scale_equals_reference(rng, device, dtype):
+    """WINA: collect with the per-input scale keeps exactly the indices the reference path keeps
+    (|x| * ||W[:, k]|| > t), thresholds at several quantiles of the score."""
+    for k in ([37, 1024, 2100] if device == "cpu" else [192, 4096, 11008, 30001]):
+        w = torch.from_numpy(rng.standard_normal((61, k)).astype(np.float32)) * torch.from_numpy(
+            rng.uniform(0.1, 3.0, k).astype(np.float32))
+        scale = torch.linalg.vector_norm(w.double(), dim=0).float().to(device)
+        x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
+        score = x.float().abs() * scale
+        for q in (0.0, 0.3, 0.5, 0.9):
+            t = torch.quantile(score.cpu(), q).to(device) if q else torch.tensor(-1.0, device=device)
+            for segment in (256, 1024):
+                idx = torch.full((k,), -7777, dtype=torch.int32, device=device)
+                count = torch.full((), -1, dtype=torch.int32, device=device)
+                collect(x, t, idx, count, segment=segment, scale=scale)
+                ref_idx, ref_count = reference.collect(x, t, scale)
+                n = int(ref_count)
+                assert int(count) == n, f"K={k} q={q}: count {int(count)} vs reference {n}"
+                assert torch.equal(idx[:n], ref_idx[:n]), f"K={k} q={q}: indices differ"
+                assert torch.equal(idx[:n].long(), torch.nonzero(reference.keep_mask(x, t, scale)).flatten())
+            # the scale changes the choice: TEAL's indices at the same count differ
+            if 0 < q < 0.9:
+                teal = torch.nonzero(x.float().abs() > torch.quantile(x.float().abs().cpu(), q).to(device)).flatten()
+                assert not torch.equal(teal, idx[: int(count)].long())
+
+
 def _zigzag_configs(device):
     """(split, launch config): the interpreter runs 1, 2 and 4 warps (the lane and warp index
     logic), 1 or 2 chunks a step and both finishes (fused, reduction kernel) at small shapes; the

@@ -1,11 +1,22 @@
-"""Activation-sparsity thresholds as data.
+"""Activation-sparsity thresholds as data, for two selection criteria.
 
 Per layer, four thresholded inputs (INPUT_KINDS): the q/k/v input (attention RMSNorm output), the
 o input (attention output), the gate/up input (MLP RMSNorm output) and the down input
-(SiLU(gate) * up). A threshold t zeroes the entries with |x| <= t.
+(SiLU(gate) * up). Criteria (CRITERIA):
 
-Stored in .spqt metadata as ``{mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}}``,
-mode "unified" or "greedy", level the target sparsity written as "0.5".
+* teal: keep x_i when |x_i| > t (TEAL, Liu et al. 2024).
+* wina: keep x_i when |x_i| * c_i > t, c_i = ||W[:, i]||_2 the norm of the column of the stored
+  (dequantized) matrix that x_i multiplies; for q|k|v and gate|up the stacked matrix, so one
+  index list still serves the fused matrix (WINA, Chen et al. 2025).
+
+Stored in .spqt metadata as::
+
+    {criterion: {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}},
+     "recommended": {...}}     # written by spqt calibrate, see recommend()
+
+mode "unified" or "greedy", level the target sparsity written as "0.5". Files written before
+criteria existed hold ``{mode: {level: ...}}`` at the top: those are TEAL thresholds.
+The column norms live in the .spqt as tensors ``layers.{i}.{kind}.column_norm`` (K,) fp32.
 """
 
 import json
@@ -17,6 +28,10 @@ from spqt.errors import SpqtError
 
 INPUT_KINDS = ("qkv", "o", "gate_up", "down")
 MODES = ("unified", "greedy")
+CRITERIA = ("teal", "wina")
+DEFAULT_CRITERION = "wina"
+# The loss a recommended level may cost on held-out calibration text: perplexity at most 5 % above dense.
+MAX_LOSS = 0.05
 
 
 def level_key(sparsity: float) -> str:
@@ -29,22 +44,84 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
-def select(thresholds: dict, sparsity: float, mode: str, n_layers: int) -> torch.Tensor | None:
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise SpqtError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    return criterion
+
+
+def by_criterion(thresholds: dict) -> dict:
+    """The thresholds in the current layout (a legacy ``{mode: ...}`` dict read as TEAL's)."""
+    if any(m in thresholds for m in MODES):
+        legacy = {k: v for k, v in thresholds.items() if k not in CRITERIA and k != "recommended"}
+        return {**{k: v for k, v in thresholds.items() if k in CRITERIA or k == "recommended"}, "teal": legacy}
+    return thresholds
+
+
+def default_criterion(thresholds: dict) -> str:
+    """The criterion the model recommends, else DEFAULT_CRITERION when present, else the one it has."""
+    t = by_criterion(thresholds)
+    rec = t.get("recommended", {}).get("criterion")
+    if rec in t:
+        return rec
+    if DEFAULT_CRITERION in t or not any(c in t for c in CRITERIA):
+        return DEFAULT_CRITERION
+    return next(c for c in CRITERIA if c in t)
+
+
+def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterion: str = DEFAULT_CRITERION) -> torch.Tensor | None:
     """(n_layers, 4) float32 thresholds for a level, None for sparsity 0; SpqtError when absent."""
     check_sparsity(sparsity)
+    check_criterion(criterion)
     if sparsity == 0:
         return None
     if mode not in MODES:
         raise SpqtError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
-    levels = thresholds.get(mode, {})
+    levels = by_criterion(thresholds).get(criterion, {}).get(mode, {})
     key = level_key(sparsity)
     if key not in levels:
         have = ", ".join(sorted(levels)) or "none"
-        raise SpqtError(f"the model has no {mode} thresholds for sparsity {key} (it has: {have}); run spqt calibrate")
+        raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}); "
+                        "run spqt calibrate")
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
     return table
+
+
+def recommend(rows: list[dict], dense_ppl: float, max_loss: float = MAX_LOSS) -> dict:
+    """rows: [{criterion, mode, sparsity, ppl}] measured on held-out text. The highest level whose
+    perplexity is within (1 + max_loss) x dense (the lower perplexity among ties); level 0 (dense)
+    when none is."""
+    ok = [r for r in rows if r["ppl"] <= dense_ppl * (1 + max_loss)]
+    if not ok:
+        return {"criterion": None, "mode": None, "sparsity": 0.0}
+    best = max(ok, key=lambda r: (r["sparsity"], -r["ppl"]))
+    return {"criterion": best["criterion"], "mode": best["mode"], "sparsity": best["sparsity"]}
+
+
+def auto_level(thresholds: dict, criterion: str | None, mode: str | None) -> tuple[str, str, float]:
+    """(criterion, mode, sparsity) for ``--sparsity auto``: the calibrated recommendation, restricted
+    to the criterion / mode given (None: the recommendation's own)."""
+    rec = by_criterion(thresholds).get("recommended")
+    if not rec:
+        raise SpqtError("the model has no recommended sparsity level; run spqt calibrate (or give --sparsity a number)")
+    if criterion in (None, rec["criterion"]) and mode in (None, rec["mode"]):
+        return rec["criterion"] or criterion or DEFAULT_CRITERION, rec["mode"] or mode or "unified", float(rec["sparsity"])
+    criterion = criterion or rec["criterion"] or DEFAULT_CRITERION
+    mode = mode or rec["mode"] or "unified"
+    rows = [r for r in rec.get("held_out", []) if r["criterion"] == criterion and r["mode"] == mode]
+    if not rows:
+        raise SpqtError(f"the calibration measured no {criterion} {mode} levels; run spqt calibrate --criterion {criterion}")
+    pick = recommend(rows, rec["dense_ppl"], rec["max_loss"])
+    return criterion, mode, float(pick["sparsity"])
+
+
+def column_norms(weight) -> torch.Tensor:
+    """||W[:, i]||_2 of an (N, K) float tensor or QuantizedWeight (dequantized): (K,) float32,
+    summed in float64 so the stored value does not depend on the summation order."""
+    w = weight.dequantize() if hasattr(weight, "dequantize") else weight
+    return torch.linalg.vector_norm(w.double(), dim=0).float().cpu()
 
 
 def shipped_thresholds(config) -> dict:
