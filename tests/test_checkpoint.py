@@ -138,6 +138,42 @@ def test_spqt_rewrite_replaces_atomically(tiny_spqt, tmp_path):
     assert os.listdir(tmp_path) == ["m.spqt"]
 
 
+def test_thresholds_and_column_norms_round_trip(tiny_spqt, tmp_path, capsys):
+    """WINA's column norms (computed from the dequantized stored matrices, stacked ones whole) and
+    thresholds of both criteria survive a save / load bit for bit; a wrong-shaped norm is one
+    clear error; files from before criteria read as TEAL thresholds."""
+    from spqt import sparsity as sp
+
+    model = load_spqt(tiny_spqt)
+    assert model.column_norms, "quantize stores the column norms"
+    for name, norms in model.column_norms.items():
+        w = model.weights[name].dequantize().double()
+        expect = w.pow(2).sum(0).sqrt().float()  # ||W[:, k]||_2 over all rows (q|k|v, gate|up stacked)
+        torch.testing.assert_close(norms, expect, rtol=1e-6, atol=0)
+    g = torch.Generator().manual_seed(7)
+    table = lambda: torch.rand(model.config.n_layers, 4, generator=g).tolist()  # noqa: E731
+    model.thresholds = {"teal": {"unified": {"0.5": table()}}, "wina": {"greedy": {"0.4": table()}},
+                        "recommended": {"criterion": "wina", "mode": "greedy", "sparsity": 0.4, "max_loss": 0.05,
+                                        "dense_ppl": 12.5, "held_out": []}}
+    copy = tmp_path / "m.spqt"
+    save_spqt(model, copy)
+    back = load_spqt(copy)
+    assert back.thresholds == model.thresholds
+    assert back.column_norms.keys() == model.column_norms.keys()
+    for name in model.column_norms:
+        assert torch.equal(back.column_norms[name], model.column_norms[name])
+    assert "column_norm" not in " ".join(back.weights)
+    assert sp.auto_level(back.thresholds, None, None) == ("wina", "greedy", 0.4)
+    assert torch.equal(sp.select(back.thresholds, 0.4, "greedy", model.config.n_layers, "wina"),
+                       torch.tensor(model.thresholds["wina"]["greedy"]["0.4"]))
+    legacy = {"unified": {"0.5": table()}}
+    assert sp.by_criterion(legacy)["teal"] == legacy and sp.default_criterion(legacy) == "teal"
+
+    model.column_norms["layers.0.qkv"] = model.column_norms["layers.0.qkv"][:-1]
+    save_spqt(model, copy)
+    _expect_error(capsys, ["inspect", str(copy)], "column norms")
+
+
 def _dithered_gguf_weight(tensor, generator) -> torch.Tensor:
     """A Q4_1 GGUF matrix with the rounding of its source restored as uniform noise.
 

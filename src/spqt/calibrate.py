@@ -126,7 +126,8 @@ def _input_sizes(config) -> list[int]:
 
 
 @torch.inference_mode()
-def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device: str, progress: bool = False) -> dict:
+def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device: str, progress: bool = False,
+                      step_size: float = STEP) -> dict:
     """TEAL's greedy allocation per block, on cached block inputs of `windows` (dense)."""
     from tqdm.auto import tqdm
 
@@ -172,7 +173,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
         targets = list(levels)
         while targets:
             current = float((s_vec * share).sum())
-            step = min(STEP, targets[0] - current)
+            step = min(step_size, targets[0] - current)
             best = None
             for j in range(4):
                 trial = s_vec.clone()
@@ -189,7 +190,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
                 key = sp.level_key(targets.pop(0))
                 result[key].append([hists[(i, k)].quantile(float(s)) if s > 0 else -1.0
                                     for k, s in zip(sp.INPUT_KINDS, s_vec)])
-                result.setdefault("_allocations", {}).setdefault(key, []).append([round(float(v), 4) for v in s_vec])
+                result.setdefault("_allocations", {}).setdefault(key, []).append([float(v) for v in s_vec])
         for lin in linears:
             lin.set_threshold(None)
     model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)
@@ -198,7 +199,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
 
 def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", "greedy"), device: str = "cpu",
               max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False,
-              criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192) -> dict:
+              criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192, step: float = STEP) -> dict:
     """Thresholds {criterion: {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]},
     "greedy_allocations": {level: per-input sparsities per layer}}, "_calibration": {...},
     "recommended": {...}} (sparsity.py's layout). The model runs dense, in float32.
@@ -225,12 +226,12 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     if "unified" in modes:
         out["unified"] = unified_thresholds(hists, loaded.config.n_layers, levels)
     if "greedy" in modes:
-        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], levels, device, progress)
+        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], levels, device, progress, step)
         out["greedy_allocations"] = g.pop("_allocations", {})
         out["greedy"] = g
     result = {criterion: out,
               "_calibration": {"tokens": int(windows.numel()), "greedy_tokens": int(min(windows.shape[0], max(1, greedy_tokens // ctx)) * ctx),
-                               "ctx": ctx, "hist_bins": HIST_BINS, "step": STEP, "error_fraction": ERROR_FRACTION}}
+                               "ctx": ctx, "hist_bins": HIST_BINS, "step": step, "error_fraction": ERROR_FRACTION}}
     if held_out:
         result["recommended"] = _held_out_check(gen, out, held_out, levels, modes, criterion, ctx, progress)
     return result

@@ -242,6 +242,8 @@ def cmd_calibrate(args) -> int:
             raise SpqtError(f"no such file: {f}")
     modes = ("unified", "greedy") if args.mode == "both" else (args.mode,)
     criterion = sp.check_criterion(args.criterion)
+    if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
+        raise SpqtError("--greedy-step must be in (0, 0.25]")
     if args.held_out_tokens < 0:
         raise SpqtError("--held-out-tokens must be at least 0")
     loaded = load_model(_model_path(args.model))
@@ -253,7 +255,7 @@ def cmd_calibrate(args) -> int:
         tokens += tok.encode(Path(f).read_text(encoding="utf-8"), add_bos=False)
     result = calibrate(loaded, tokens, args.sparsity, modes, resolve_device(args.device), max_tokens=args.tokens,
                        greedy_tokens=args.greedy_tokens, progress=True, criterion=criterion,
-                       held_out_tokens=args.held_out_tokens)
+                       held_out_tokens=args.held_out_tokens, **({"step": args.greedy_step} if args.greedy_step else {}))
     thresholds = merge(loaded.thresholds, result)
     rec = thresholds.get("recommended")
     if rec:
@@ -392,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy-tokens", type=int, default=2048, help="tokens whose block outputs the greedy search measures")
     p.add_argument("--mode", choices=["unified", "greedy", "both"], default="both")
     p.add_argument("--criterion", default=sp_default_criterion(), help="teal (|x| > t) or wina (|x| * column norm > t)")
+    p.add_argument("--greedy-step", type=float, default=None,
+                   help="block sparsity added per greedy step (default: calibrate.STEP, 0.0125)")
     p.add_argument("--held-out-tokens", type=int, default=8192,
                    help="the last tokens of the calibration text, kept out and scored per level for the recommendation (0: skip)")
     p.add_argument("--sparsity", type=_floats, default=[0.25, 0.4, 0.5, 0.65])
