@@ -263,7 +263,8 @@ def test_zigzag_fused_epilogues(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_linear_matches_reference(rng, device):
     """The GPU linear map (one token: fused epilogues; several tokens: dequantize + matmul, epilogue
-    in torch), dense and sparse, with a residual or SwiGLU, against the reference linear map."""
+    in torch), dense and sparse (TEAL, and WINA with the column norms as scale), with a residual or
+    SwiGLU, against the reference linear map."""
     from spqt.kernels.gpu_linear import TritonLinear
     from spqt.kernels.reference import ReferenceLinear
 
@@ -272,13 +273,17 @@ def test_triton_linear_matches_reference(rng, device):
         qw, _ = _weights(rng, shape, layout, device)
         fast, ref = TritonLinear(qw, torch.float32, device), ReferenceLinear(qw, torch.float32, device)
         t = torch.tensor(0.5, device=device)
+        c = torch.linalg.vector_norm(qw.dequantize().double(), dim=0).float().to(device)
+        t_wina = t * c.median()  # about as many kept as TEAL's
         for tokens in (1, 3):
             x = torch.from_numpy(rng.standard_normal((1, tokens, 130)).astype(np.float32)).to(device)
             r = torch.from_numpy(rng.standard_normal((1, tokens, 300)).astype(np.float32)).to(device)
             for kw in ({}, {"residual": r}, {"swiglu": True}):
                 # (outputs live in the map's workspace until its next call: copied at once)
                 for name, a, b in (("dense", fast.dense(x, **kw).clone(), ref.dense(x, **kw)),
-                                   ("sparse", fast.sparse(x, t, **kw).clone(), ref.sparse(x, t, **kw))):
+                                   ("sparse", fast.sparse(x, t, **kw).clone(), ref.sparse(x, t, **kw)),
+                                   ("sparse-wina", fast.sparse(x, t_wina, scale=c, **kw).clone(),
+                                    ref.sparse(x, t_wina, scale=c, **kw))):
                     assert a.shape == b.shape, f"{layout} {tokens} tokens {name} {list(kw)}"
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                                msg=f"{layout} {tokens} tokens {name} {list(kw)}")
