@@ -115,3 +115,24 @@ def test_missing_level_is_a_clear_error(calibrated):
         Generator(loaded, "cpu", sparsity=0.4, max_len=64, criterion=criterion)
     with pytest.raises(SpqtError, match="sparsity must be in"):
         Generator(loaded, "cpu", sparsity=1.5, max_len=64)
+
+
+def test_merge_recommends_across_criteria():
+    """A second criterion's calibration on the same held-out tokens joins the first's rows; one
+    without a held-out check drops its own stale rows; legacy thresholds become TEAL's."""
+    from spqt.calibrate import merge
+
+    def rec(crit, ppls, sha="abc"):
+        rows = [{"criterion": crit, "mode": "unified", "sparsity": s, "ppl": p} for s, p in ppls]
+        return {**sp.recommend(rows, 10.0), "max_loss": 0.05, "dense_ppl": 10.0, "held_out_sha256": sha, "ctx": 512,
+                "held_out": rows}
+
+    first = merge({"unified": {"0.5": [[1.0] * 4]}}, {"wina": {"unified": {}}, "recommended": rec("wina", [(0.25, 10.3), (0.5, 10.9)])})
+    assert first["teal"] == {"unified": {"0.5": [[1.0] * 4]}} and first["recommended"]["sparsity"] == 0.25
+    both = merge(first, {"teal": {"unified": {}}, "recommended": rec("teal", [(0.25, 10.1), (0.4, 10.45)])})
+    assert (both["recommended"]["criterion"], both["recommended"]["sparsity"]) == ("teal", 0.4)
+    assert len(both["recommended"]["held_out"]) == 4
+    other_text = merge(first, {"teal": {"unified": {}}, "recommended": rec("teal", [(0.25, 10.1)], sha="def")})
+    assert len(other_text["recommended"]["held_out"]) == 1
+    unchecked = merge(both, {"teal": {"unified": {}}})
+    assert (unchecked["recommended"]["criterion"], unchecked["recommended"]["sparsity"]) == ("wina", 0.25)

@@ -27,8 +27,13 @@ def test_generate_errors(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "tpu"], "unknown device")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "1.5", "--device", "cpu"], "sparsity must be in")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--device", "cpu"], "no wina unified thresholds")
-    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "auto", "--device", "cpu"], "no recommended sparsity")
     _error(capsys, ["generate", str(tmp_path / "nope.spqt"), "-p", "hi"], "no such file")
+
+
+def test_auto_without_a_recommendation_decodes_dense(tiny_spqt, capsys):
+    assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--sparsity", "auto", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "sparsity 0]" in out and "no recommended sparsity level" in err
 
 
 def test_bad_criterion_is_one_line(tiny_spqt, capsys, tmp_path):

@@ -273,8 +273,11 @@ def merge(existing: dict, new: dict) -> dict:
     old_rec = out.get("recommended")
     out.update(new)
     rec = new.get("recommended")
+    crits = {c for c in new if c in sp.CRITERIA}
     if rec and old_rec and old_rec.get("held_out_sha256") == rec["held_out_sha256"] and old_rec.get("ctx") == rec["ctx"]:
-        crits = {r["criterion"] for r in rec["held_out"]}
         rows = [r for r in old_rec["held_out"] if r["criterion"] not in crits] + rec["held_out"]
         out["recommended"] = {**rec, **sp.recommend(rows, rec["dense_ppl"], rec["max_loss"]), "held_out": rows}
+    elif not rec and old_rec:  # the replaced criterion's measurements no longer describe its thresholds
+        rows = [r for r in old_rec.get("held_out", []) if r["criterion"] not in crits]
+        out["recommended"] = {**old_rec, **sp.recommend(rows, old_rec["dense_ppl"], old_rec["max_loss"]), "held_out": rows}
     return out

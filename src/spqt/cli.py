@@ -154,9 +154,12 @@ def cmd_generate(args) -> int:
     criterion = _criterion(args, loaded)
     mode = args.mode
     if args.sparsity == "auto":
-        from spqt.sparsity import auto_level
+        from spqt.sparsity import auto_level, by_criterion
 
         criterion, mode, args.sparsity = auto_level(loaded.thresholds, args.criterion and criterion, mode)
+        if not by_criterion(loaded.thresholds).get("recommended"):
+            print("spqt: note: the model has no recommended sparsity level (spqt calibrate measures one); "
+                  "--sparsity auto decodes dense", file=sys.stderr)
     mode = mode or "unified"
     gen = Generator(loaded, device, sparsity=args.sparsity, mode=mode, criterion=criterion,
                     max_len=len(prompt) + args.n)

@@ -102,10 +102,11 @@ def recommend(rows: list[dict], dense_ppl: float, max_loss: float = MAX_LOSS) ->
 
 def auto_level(thresholds: dict, criterion: str | None, mode: str | None) -> tuple[str, str, float]:
     """(criterion, mode, sparsity) for ``--sparsity auto``: the calibrated recommendation, restricted
-    to the criterion / mode given (None: the recommendation's own)."""
+    to the criterion / mode given (None: the recommendation's own); sparsity 0 (dense) for a model
+    without one."""
     rec = by_criterion(thresholds).get("recommended")
-    if not rec:
-        raise SpqtError("the model has no recommended sparsity level; run spqt calibrate (or give --sparsity a number)")
+    if not rec:  # nothing measured: the one level known to keep the text is dense (the caller says so)
+        return criterion or default_criterion(thresholds), mode or "unified", 0.0
     if criterion in (None, rec["criterion"]) and mode in (None, rec["mode"]):
         return rec["criterion"] or criterion or DEFAULT_CRITERION, rec["mode"] or mode or "unified", float(rec["sparsity"])
     criterion = criterion or rec["criterion"] or DEFAULT_CRITERION
