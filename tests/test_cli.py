@@ -26,7 +26,7 @@ def test_generate_errors(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hello " * 3000, "-n", "8", "--device", "cpu"], "exceed the model's context")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "tpu"], "unknown device")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "1.5", "--device", "cpu"], "sparsity must be in")
-    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--device", "cpu"], "no wina unified thresholds")
+    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--device", "cpu"], "no teal unified thresholds")
     _error(capsys, ["generate", str(tmp_path / "nope.spqt"), "-p", "hi"], "no such file")
 
 

@@ -364,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
     p.add_argument("--mode", choices=["unified", "greedy"], default=None,
                    help="which calibrated thresholds (default unified; with --sparsity auto the recommended)")
-    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else wina)")
+    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
     p.add_argument("--mode", choices=["unified", "greedy"], default="unified")
-    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else wina)")
+    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")
     p.add_argument("--batch", type=int, default=0, help="chunks per forward (default 16 on cuda, 1 on cpu)")
