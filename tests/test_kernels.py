@@ -280,10 +280,12 @@ def test_triton_linear_matches_reference(rng, device):
             r = torch.from_numpy(rng.standard_normal((1, tokens, 300)).astype(np.float32)).to(device)
             for kw in ({}, {"residual": r}, {"swiglu": True}):
                 # (outputs live in the map's workspace until its next call: copied at once)
-                for name, a, b in (("dense", fast.dense(x, **kw).clone(), ref.dense(x, **kw)),
-                                   ("sparse", fast.sparse(x, t, **kw).clone(), ref.sparse(x, t, **kw)),
-                                   ("sparse-wina", fast.sparse(x, t_wina, scale=c, **kw).clone(),
-                                    ref.sparse(x, t_wina, scale=c, **kw))):
+                cases = [("dense", fast.dense(x, **kw).clone(), ref.dense(x, **kw)),
+                         ("sparse", fast.sparse(x, t, **kw).clone(), ref.sparse(x, t, **kw))]
+                if layout == "zigzag" and tokens == 1:  # the one path where the scale reaches a kernel (collect)
+                    cases.append(("sparse-wina", fast.sparse(x, t_wina, scale=c, **kw).clone(),
+                                  ref.sparse(x, t_wina, scale=c, **kw)))
+                for name, a, b in cases:
                     assert a.shape == b.shape, f"{layout} {tokens} tokens {name} {list(kw)}"
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                                msg=f"{layout} {tokens} tokens {name} {list(kw)}")
