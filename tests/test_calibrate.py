@@ -53,8 +53,9 @@ def test_unified_hits_target_on_held_out_data(calibrated):
         a = x.abs()
         return a * norms[f"layers.{layer}.{kind}"] if criterion == "wina" else a
 
-    hooks = [lin.input_tap.register_forward_pre_hook(lambda mod, args, key=(layer, kind): seen.setdefault(key, []).append(
-        score(args[0], *key))) for layer, kind, lin in sparse_linears(model)]
+    hooks = [lin.input_tap.register_forward_pre_hook(
+        lambda mod, args, key=(layer, kind): seen.setdefault(key, []).append(score(args[0], *key)))
+        for layer, kind, lin in sparse_linears(model)]
     model.setup_cache(64, 256, torch.float32)
     with torch.no_grad():
         model(held_out, torch.arange(256))

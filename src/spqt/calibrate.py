@@ -99,7 +99,9 @@ def gather_histograms(model, windows: torch.Tensor, device: str, progress: bool 
     for layer, kind, lin in sparse_linears(model):
         h = MagnitudeHistogram(device)
         hists[(layer, kind)] = h
-        handles.append(lin.input_tap.register_forward_pre_hook(lambda mod, args, h=h, lin=lin: h.add(_score(lin, args[0]))))
+        # on the tap: the map's actual input (after the norm), scored with the map's own scale
+        handles.append(lin.input_tap.register_forward_pre_hook(
+            lambda mod, args, h=h, lin=lin: h.add(_score(lin, args[0]))))
     set_sparse(model, False)
     ctx = windows.shape[1]
     model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)

@@ -176,7 +176,8 @@ def cmd_generate(args) -> int:
                     max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback)
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
-    label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{f' {criterion} {mode}' if args.sparsity else ''}]"
+    setting = f" {criterion} {mode}" if args.sparsity else ""
+    label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
     dense = gen.dense_fallbacks()
     if dense:
