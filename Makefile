@@ -21,7 +21,7 @@ setup: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/spqt generate -p "The three primary colors are" -n 48 --sparsity 0
-	$(VENV)/bin/spqt generate -p "The three primary colors are" -n 48 --sparsity 0.5
+	$(VENV)/bin/spqt generate -p "The three primary colors are" -n 48 --sparsity auto
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not gpu"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The default model on the GPU: convert (row, zigzag), calibrate on the calibration books, and
-# the perplexity table (original / row-Q4_K / zigzag-Q4_K x dense / unified / greedy x levels).
+# The default model on the GPU: convert (row, zigzag), calibrate on the calibration books (TEAL and
+# WINA criteria), and the perplexity table (original / row-Q4_K / zigzag-Q4_K x teal / wina x
+# dense / unified / greedy x levels). `shipped` regenerates src/spqt/data/smollm2-135m-thresholds.json.
 # Needs ../shared/data copied into .carry/data (calibration books, WikiText-2 test) or DATA set.
 set -uo pipefail
 DATA=${DATA:-.carry/data}
@@ -15,18 +16,27 @@ if [ "$part" = convert ] || [ "$part" = all ]; then
   for L in zigzag row; do
     /usr/bin/time -f "quantize $L on GPU: %e s" python3 -m spqt.cli quantize $G -o $M/smol-$L.spqt --layout $L --device cuda 2>&1 | tail -2
   done
-  python3 -m spqt.cli calibrate $G --data $CAL --device cuda --json $OUT/thresholds-original.json 2>&1 | tail -1
-  for L in zigzag row; do
-    python3 -m spqt.cli calibrate $M/smol-$L.spqt --data $CAL --device cuda --json $OUT/thresholds-$L.json 2>&1 | tail -1
+  for C in ${CRITERIA:-teal wina}; do  # the GGUF's float weights: one JSON per criterion
+    python3 -m spqt.cli calibrate $G --data $CAL --criterion $C --device cuda --json $OUT/thresholds-original-$C.json 2>&1 | tail -14
+  done
+  for L in zigzag row; do  # into the .spqt: the second criterion is merged with the first
+    for C in ${CRITERIA:-teal wina}; do
+      python3 -m spqt.cli calibrate $M/smol-$L.spqt --data $CAL --criterion $C --device cuda --json $OUT/thresholds-$L.json 2>&1 | tail -14
+    done
   done
 fi
+if [ "$part" = shipped ]; then  # after convert: the default model's shipped thresholds, both criteria
+  cp $OUT/thresholds-zigzag.json src/spqt/data/smollm2-135m-thresholds.json
+fi
 if [ "$part" = ppl ] || [ "$part" = all ]; then
-  for name in ${NAMES:-original zigzag row}; do
-    if [ $name = original ]; then src="$G --thresholds ${THRESHOLDS:-$OUT}/thresholds-original.json"; else src=$M/smol-$name.spqt; fi
-    for mode in unified greedy; do
-      lv=0.25,0.4,0.5,0.65; [ $mode = unified ] && lv=0,$lv
-      spqt perplexity $src --data $W --device cuda --dtype fp32 --batch 32 --sparsity $lv --mode $mode \
-        --json $OUT/ppl-$name-$mode.json 2>&1 | grep -E "^ +[0-9]+%" | sed "s/^/$name /"
+  for name in ${NAMES:-zigzag original row}; do
+    for C in ${CRITERIA:-wina teal}; do
+      if [ $name = original ]; then src="$G --thresholds ${THRESHOLDS:-$OUT}/thresholds-original-$C.json"; else src=$M/smol-$name.spqt; fi
+      for mode in unified greedy; do
+        lv=0.25,0.4,0.5,0.65; [ $mode = unified ] && [ $C = wina ] && lv=0,$lv
+        spqt perplexity $src --data $W --device cuda --dtype fp32 --batch 32 --sparsity $lv --mode $mode --criterion $C \
+          --json $OUT/ppl-$name-$C-$mode.json 2>&1 | grep -E "^ +[0-9]+%" | sed "s/^/$name /"
+      done
     done
   done
 fi

@@ -138,6 +138,75 @@ def test_spqt_rewrite_replaces_atomically(tiny_spqt, tmp_path):
     assert os.listdir(tmp_path) == ["m.spqt"]
 
 
+def test_thresholds_and_column_norms_round_trip(tiny_spqt, tmp_path, capsys):
+    """WINA's column norms (computed from the dequantized stored matrices, stacked ones whole) and
+    thresholds of both criteria survive a save / load bit for bit; a wrong-shaped norm is one
+    clear error; files from before criteria read as TEAL thresholds."""
+    from spqt import sparsity as sp
+
+    model = load_spqt(tiny_spqt)
+    assert model.column_norms, "quantize stores the column norms"
+    for name, norms in model.column_norms.items():
+        w = model.weights[name].dequantize().double()
+        expect = w.pow(2).sum(0).sqrt().float()  # ||W[:, k]||_2 over all rows (q|k|v, gate|up stacked)
+        torch.testing.assert_close(norms, expect, rtol=1e-6, atol=0)
+    g = torch.Generator().manual_seed(7)
+    table = lambda: torch.rand(model.config.n_layers, 4, generator=g).tolist()  # noqa: E731
+    model.thresholds = {"teal": {"unified": {"0.5": table()}}, "wina": {"greedy": {"0.4": table()}},
+                        "recommended": {"criterion": "wina", "mode": "greedy", "sparsity": 0.4, "max_loss": 0.05,
+                                        "dense_ppl": 12.5, "held_out": []}}
+    copy = tmp_path / "m.spqt"
+    save_spqt(model, copy)
+    back = load_spqt(copy)
+    assert back.thresholds == model.thresholds
+    assert back.column_norms.keys() == model.column_norms.keys()
+    for name in model.column_norms:
+        assert torch.equal(back.column_norms[name], model.column_norms[name])
+    assert "column_norm" not in " ".join(back.weights)
+    assert sp.auto_level(back.thresholds, None, None) == ("wina", "greedy", 0.4)
+    assert torch.equal(sp.select(back.thresholds, 0.4, "greedy", model.config.n_layers, "wina"),
+                       torch.tensor(model.thresholds["wina"]["greedy"]["0.4"]))
+    legacy = {"unified": {"0.5": table()}}
+    assert sp.by_criterion(legacy)["teal"] == legacy and sp.default_criterion(legacy) == "teal"
+
+    model.column_norms["layers.0.qkv"] = model.column_norms["layers.0.qkv"][:-1]
+    save_spqt(model, copy)
+    _expect_error(capsys, ["inspect", str(copy)], "column norms")
+    model.column_norms["layers.0.qkv"] = torch.full_like(back.column_norms["layers.0.qkv"], float("nan"))
+    save_spqt(model, copy)
+    _expect_error(capsys, ["inspect", str(copy)], "non-finite column norms")
+
+
+def test_check_thresholds_reads_the_nested_layout():
+    """The hardened reader's check covers every criterion's tables, greedy allocations and the
+    recommendation; the flat layout of older files is read as TEAL's; greedy levels come from the
+    criterion's own allocations."""
+    from spqt import sparsity as sp
+    from spqt.errors import SpqtError
+
+    rows = [[0.1, 0.2, 0.3, 0.4]] * 2
+    alloc = [[0.5, 0.25, 0.5, 0.75]] * 2
+    rec = {"criterion": "wina", "mode": "greedy", "sparsity": 0.5, "max_loss": 0.05, "dense_ppl": 9.0,
+           "held_out": [{"criterion": "wina", "mode": "greedy", "sparsity": 0.5, "ppl": 9.2, "achieved": 0.5}]}
+    good = {"teal": {"unified": {"0.5": rows}}, "wina": {"greedy": {"0.5": rows}, "greedy_allocations": {"0.5": alloc}},
+            "recommended": rec}
+    sp.check_thresholds(good, 2, "m")
+    sp.check_thresholds({"unified": {"0.5": rows}, "greedy_allocations": {"0.5": alloc}}, 2, "m")  # legacy
+    assert sp.levels(good, 0.5, "greedy", 2, "wina").tolist() == alloc
+    assert sp.levels(good, 0.5, "greedy", 2, "teal").tolist() == [[0.5] * 4] * 2  # no teal allocation
+    assert sp.levels({"greedy_allocations": {"0.5": alloc}, "greedy": {}}, 0.5, "greedy", 2).tolist() == alloc
+    bad = [({**good, "wina": {"unified": {"0.5": rows[:1]}}}, "wina unified 0.5"),
+           ({**good, "wina": {"greedy_allocations": {"0.5": [[float("inf")] * 4] * 2}}}, "greedy_allocations"),
+           ({**good, "teal": [1]}, "criterion 'teal'"),
+           ({**good, "recommended": {**rec, "criterion": "magnitude"}}, "unknown criterion"),
+           ({**good, "recommended": {**rec, "sparsity": 1.5}}, "recommended sparsity"),
+           ({**good, "recommended": {k: v for k, v in rec.items() if k != "dense_ppl"}}, "dense_ppl"),
+           ({**good, "recommended": {**rec, "held_out": [{"ppl": "x"}]}}, "held_out")]
+    for thresholds, why in bad:
+        with pytest.raises(SpqtError, match=why):
+            sp.check_thresholds(thresholds, 2, "m")
+
+
 def _dithered_gguf_weight(tensor, generator) -> torch.Tensor:
     """A Q4_1 GGUF matrix with the rounding of its source restored as uniform noise.
 

@@ -58,8 +58,23 @@ def test_generate_errors(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hello " * 3000, "-n", "8", "--device", "cpu"], "exceed the model's context")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "tpu"], "unknown device")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "1.5", "--device", "cpu"], "sparsity must be in")
-    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--device", "cpu"], "no unified thresholds")
+    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--device", "cpu"], "no teal unified thresholds")
     _error(capsys, ["generate", str(tmp_path / "nope.spqt"), "-p", "hi"], "no such file")
+
+
+def test_auto_without_a_recommendation_decodes_dense(tiny_spqt, capsys):
+    assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--sparsity", "auto", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert "sparsity 0]" in err and "no recommended sparsity level" in err
+
+
+def test_bad_criterion_is_one_line(tiny_spqt, capsys, tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox. " * 50)
+    for argv in (["calibrate", str(tiny_spqt), "--data", str(text), "--criterion", "magnitude"],
+                 ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--criterion", "wine", "--device", "cpu"],
+                 ["perplexity", str(tiny_spqt), "--data", str(text), "--criterion", "TEAL", "--device", "cpu"]):
+        _error(capsys, argv, "unknown criterion")
 
 
 def test_cuda_where_there_is_none(tiny_spqt, capsys):
@@ -75,7 +90,9 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
     model = tmp_path / "m.spqt"
     assert main(["calibrate", str(tiny_spqt), "--data", str(text), "--tokens", "1024", "--greedy-tokens", "512",
-                 "--sparsity", "0.5", "--device", "cpu", "-o", str(model)]) == 0
+                 "--sparsity", "0.5", "--device", "cpu", "-o", str(model), "--held-out-tokens", "512", "--greedy-step", "0.05"]) == 0
+    assert "recommended (highest level within +5 %)" in capsys.readouterr().out
+    assert main(["generate", str(model), "-p", "once upon", "-n", "4", "--sparsity", "auto", "--device", "cpu"]) == 0
     evaluation = tmp_path / "eval.txt"
     evaluation.write_text("once upon a time there was a king. hello world, sparse decoding. " * 200)
     report = tmp_path / "ppl.json"

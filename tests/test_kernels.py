@@ -125,6 +125,34 @@ def test_collect_equals_nonzero(rng, device, sparsity):
         assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_collect_wina_scale_equals_reference(rng, device, dtype):
+    """WINA: collect with the per-input scale keeps exactly the indices the reference path keeps
+    (|x| * ||W[:, k]|| > t), thresholds at several quantiles of the score."""
+    for k in ([37, 1024, 2100] if device == "cpu" else [192, 4096, 11008, 30001]):
+        w = torch.from_numpy(rng.standard_normal((61, k)).astype(np.float32)) * torch.from_numpy(
+            rng.uniform(0.1, 3.0, k).astype(np.float32))
+        scale = torch.linalg.vector_norm(w.double(), dim=0).float().to(device)
+        x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
+        score = x.float().abs() * scale
+        for q in (0.0, 0.3, 0.5, 0.9):
+            t = torch.quantile(score.cpu(), q).to(device) if q else torch.tensor(-1.0, device=device)
+            for segment in (256, 1024):
+                idx = torch.full((k,), -7777, dtype=torch.int32, device=device)
+                count = torch.full((), -1, dtype=torch.int32, device=device)
+                collect(x, t, idx, count, segment=segment, scale=scale)
+                ref_idx, ref_count = reference.collect(x, t, scale)
+                n = int(ref_count)
+                assert int(count) == n, f"K={k} q={q}: count {int(count)} vs reference {n}"
+                assert torch.equal(idx[:n], ref_idx[:n]), f"K={k} q={q}: indices differ"
+                assert torch.equal(idx[:n].long(), torch.nonzero(reference.keep_mask(x, t, scale)).flatten())
+            # the scale changes the choice: TEAL's indices at the same count differ
+            if 0 < q < 0.9:
+                teal = torch.nonzero(x.float().abs() > torch.quantile(x.float().abs().cpu(), q).to(device)).flatten()
+                assert not torch.equal(teal, idx[: int(count)].long())
+
+
 def _zigzag_configs(device):
     """(split, launch config): the interpreter runs 1, 2 and 4 warps (the lane and warp index
     logic), 1 or 2 chunks a step and both finishes (fused, reduction kernel) at small shapes; the
@@ -240,7 +268,8 @@ def test_zigzag_fused_epilogues(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_triton_linear_matches_reference(rng, device):
     """The GPU linear map (one token: fused epilogues; several tokens: dequantize + matmul, epilogue
-    in torch), dense and sparse, with a residual or SwiGLU, against the reference linear map."""
+    in torch), dense and sparse (TEAL, and WINA with the column norms as scale), with a residual or
+    SwiGLU, against the reference linear map."""
     from spqt.kernels.gpu_linear import TritonLinear
     from spqt.kernels.reference import ReferenceLinear
 
@@ -249,13 +278,19 @@ def test_triton_linear_matches_reference(rng, device):
         qw, _ = _weights(rng, shape, layout, device)
         fast, ref = TritonLinear(qw, torch.float32, device), ReferenceLinear(qw, torch.float32, device)
         t = torch.tensor(0.5, device=device)
+        c = torch.linalg.vector_norm(qw.dequantize().double(), dim=0).float().to(device)
+        t_wina = t * c.median()  # about as many kept as TEAL's
         for tokens in (1, 3):
             x = torch.from_numpy(rng.standard_normal((1, tokens, 130)).astype(np.float32)).to(device)
             r = torch.from_numpy(rng.standard_normal((1, tokens, 300)).astype(np.float32)).to(device)
             for kw in ({}, {"residual": r}, {"swiglu": True}):
                 # (outputs live in the map's workspace until its next call: copied at once)
-                for name, a, b in (("dense", fast.dense(x, **kw).clone(), ref.dense(x, **kw)),
-                                   ("sparse", fast.sparse(x, t, **kw).clone(), ref.sparse(x, t, **kw))):
+                cases = [("dense", fast.dense(x, **kw).clone(), ref.dense(x, **kw)),
+                         ("sparse", fast.sparse(x, t, **kw).clone(), ref.sparse(x, t, **kw))]
+                if layout == "zigzag" and tokens == 1:  # the one path where the scale reaches a kernel (collect)
+                    cases.append(("sparse-wina", fast.sparse(x, t_wina, scale=c, **kw).clone(),
+                                  ref.sparse(x, t_wina, scale=c, **kw)))
+                for name, a, b in cases:
                     assert a.shape == b.shape, f"{layout} {tokens} tokens {name} {list(kw)}"
                     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()),
                                                msg=f"{layout} {tokens} tokens {name} {list(kw)}")
@@ -367,6 +402,22 @@ def test_dense_fallback_below_the_crossover(rng, device):
     lin.impl.cfg_sparse["crossover"] = None  # B4 never won: always dense
     lin.set_threshold(t, level=0.9)
     torch.testing.assert_close(lin(x).clone(), dense, **tol)
+    # WINA through the fused norm + collection: Linear hands its column norms to the kernel, and the
+    # achieved-sparsity count (the unfused path) applies the same mask
+    # (a spread-out scale: random matrices have nearly equal column norms, which would hide a lost scale)
+    c = torch.from_numpy(rng.uniform(0.2, 3.0, 130).astype(np.float32)).to(device)
+    for m in (lin, ref):
+        m.set_scale(c)
+        m.set_threshold(t * float(c.median()), level=0.5)
+    lin.dense_fallback = False
+    want = ref(x, norm=norm).clone()
+    assert not torch.allclose(want, ref.impl.dense(norm(x)), **tol)  # the criterion drops something
+    torch.testing.assert_close(lin(x, norm=norm).clone(), want, **tol)
+    for m in (lin, ref):
+        m.track = True
+        m.counts.zero_()
+        m(x, norm=norm)
+    assert torch.equal(lin.counts, ref.counts) and 0 < float(lin.counts[0]) < 130
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -170,9 +170,7 @@ def _cli_generate(capsys, prompt: str, n: int, chat: bool) -> str:
     argv = ["generate", "default-model", "-p", prompt, "-n", str(n), "--device", "cpu"] + (["--chat"] if chat else [])
     assert main(argv) == 0
     out = capsys.readouterr().out
-    body = out.split("\n", 1)[1]  # after the [kind, device, sparsity] line
-    body = body[: body.rindex("\nprompt: ")]
-    return body if chat else body.removeprefix(prompt)
+    return out.removesuffix("\n")  # stdout holds the generated text alone, then a newline
 
 
 def test_text_equals_spqt_generate(server, model_id, capsys, monkeypatch, loaded):
@@ -279,7 +277,8 @@ def test_cli_errors_before_serving(tiny_hf, capsys):
 
     error(["--sparsity", "1.5"], "sparsity must be in")
     error(["--sparsity", "half"], "--sparsity takes a number")
-    error(["--sparsity", "0.5", "--port", "0"], "no unified thresholds")
+    error(["--sparsity", "0.5", "--port", "0"], "no teal unified thresholds")
+    error(["--criterion", "magnitude"], "unknown criterion")
     error(["--port", "70000"], "--port must be in")
     error(["--ctx", "1", "--port", "0"], "--ctx must be in")
     with socket.socket() as taken:
@@ -290,15 +289,22 @@ def test_cli_errors_before_serving(tiny_hf, capsys):
 
 def test_sparsity_auto_is_the_recommended_level_else_dense(tiny_hf):
     from spqt.checkpoint import load_model
+    from spqt import sparsity as sp
     from spqt.serve.engine import parse_sparsity, recommended_sparsity
 
     loaded = load_model(tiny_hf)
     assert parse_sparsity("auto") is None and parse_sparsity("0.25") == 0.25
-    assert recommended_sparsity(loaded) is None  # no recommendation: auto serves dense
-    loaded.thresholds = {"recommended": {"sparsity": 0.4, "mode": "greedy"}}
-    assert recommended_sparsity(loaded) == (0.4, "greedy")
-    loaded.thresholds = {"recommended": 0.25}
-    assert recommended_sparsity(loaded) == (0.25, "unified")
+    assert recommended_sparsity(loaded) == ("teal", "unified", 0.0)  # no recommendation: auto serves dense
+    rows = [{"criterion": c, "mode": m, "sparsity": s, "ppl": p} for c, m, s, p in
+            [("teal", "unified", 0.4, 10.2), ("teal", "greedy", 0.4, 10.1), ("wina", "unified", 0.5, 10.4),
+             ("teal", "unified", 0.5, 11.0)]]
+    loaded.thresholds = {"recommended": {**sp.recommend(rows, 10.0), "dense_ppl": 10.0, "max_loss": sp.MAX_LOSS,
+                                         "held_out": rows}}
+    assert recommended_sparsity(loaded) == ("wina", "unified", 0.5)
+    # the same pick as spqt generate --sparsity auto, also when restricted to a criterion or mode
+    for criterion, mode in [(None, None), ("teal", None), ("teal", "greedy"), ("wina", "unified")]:
+        assert recommended_sparsity(loaded, criterion, mode) == sp.auto_level(loaded.thresholds, criterion, mode)
+    assert recommended_sparsity(loaded, "teal", None) == ("teal", "unified", 0.4)
 
 
 def test_sigterm_stops_the_server_cleanly_mid_stream(tiny_hf, tmp_path):

@@ -116,7 +116,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
             if s == 0:
                 gen.set_sparsity(0.0)
             elif model_arg.startswith("synthetic:"):
-                gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s))
+                gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s), criterion="teal")
             else:
                 gen.set_sparsity(s, getattr(args, "mode", None) or "unified")
             torch.cuda.synchronize()

@@ -1,17 +1,28 @@
-"""TEAL-style calibration of activation-sparsity thresholds (unified and greedy).
+"""Calibration of activation-sparsity thresholds (unified and greedy) for a criterion (TEAL's |x|
+or WINA's |x| * column norm, sparsity.py), and a recommended level from held-out text.
 
-The dense model runs over calibration text; a histogram of |x| is gathered for every thresholded
-input (per layer: qkv, o, gate_up, down). Memory: HIST_BINS log-spaced bins of float64 per input,
+The dense model runs over calibration text; a histogram of the criterion's score (|x| or
+|x| * c) is gathered for every thresholded input (per layer: qkv, o, gate_up, down). Memory: HIST_BINS log-spaced bins of float64 per input,
 8,192 x 8 B x 4 inputs x layers (7.9 MB for 30 layers), whatever the token count. A bin spans a
 factor 2^(40/8192) = 1.0034 of |x|, so a threshold is exact to 0.34 % of its value; inside a bin
 we interpolate in log space.
 
 * unified: the threshold of sparsity s for an input is the s-quantile of its |x|.
-* greedy (TEAL): inside each block, starting from 0, repeatedly raise the sparsity of the input
-  whose raise adds the least error to the block's output (measured on cached block inputs of
-  calibration text), each step raising the size-weighted block sparsity by STEP (an input's
-  weight is the number of weights it gates), until it reaches each target exactly; every block
-  gets the same target. q/k/v share one input and gate/up one, so each group keeps one index list.
+* greedy (TEAL's greedyopt.py, checked step by step): inside each block, starting from 0,
+  repeatedly raise the sparsity of the input whose raise adds the least error to the block's
+  output, each step raising the block's weight-weighted sparsity by STEP, until it reaches each
+  target exactly; every block gets the same target, blocks are independent (each sees the dense
+  model's block inputs). As in TEAL: an input's share is the number of weights it gates (all its
+  entries: rows x K of the matrices it feeds; TEAL's weight_dict), its step is STEP / share,
+  the error is measured on the last quarter of each window's positions (tokens with a long
+  context, like decode steps; TEAL's last_fraction 0.25), all positions thresholded. Where we
+  differ by design: q/k/v share one input and gate/up one (one index list per fused matrix),
+  where TEAL thresholds q, k, v (and gate, up) separately; and the error is the mean squared
+  error (TEAL: the mean over channels of the norm over positions).
+
+Held-out check: the last `held_out_tokens` of the calibration text are kept out of the
+histograms and the greedy search; perplexity on them (llama.cpp's way, evaluate.py) is measured
+dense and at every level, and sparsity.recommend picks the highest level within MAX_LOSS.
 
 Everything runs in a fixed order on fixed data: the same text gives the same thresholds.
 """
@@ -21,11 +32,15 @@ import torch
 from spqt import sparsity as sp
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
-from spqt.generate import build_model, set_sparse, sparse_linears
+from spqt.generate import Generator, set_scales, set_sparse, sparse_linears
 
 HIST_BINS = 8192
 LOG2_LO, LOG2_HI = -30.0, 10.0  # |x| from 2^-30 to 2^10; smaller values count as 2^-30
-STEP = 0.025
+# Weight-weighted block sparsity added per greedy step. TEAL steps 0.05 / (sum of its weights) =
+# 0.004 (Llama-3-8B); 0.0125 keeps a calibration of the default model on a 2-core CPU within
+# minutes (each step runs 4 block forwards).
+STEP = 0.0125
+ERROR_FRACTION = 0.25  # greedy error on the last quarter of each window's positions (TEAL's last_fraction)
 
 
 class MagnitudeHistogram:
@@ -68,16 +83,25 @@ def _chunks(tokens: list[int], ctx: int, limit: int) -> torch.Tensor:
     return torch.tensor(tokens[: n * ctx], dtype=torch.int64).view(n, ctx)
 
 
+def _score(lin, x: torch.Tensor) -> torch.Tensor:
+    """The criterion's score of x, the quantity compared with the threshold (keep_mask)."""
+    a = x.float().abs()
+    return a if lin.scale is None else a * lin.scale
+
+
 @torch.inference_mode()
 def gather_histograms(model, windows: torch.Tensor, device: str, progress: bool = False) -> dict:
-    """(layer, kind) -> MagnitudeHistogram of the inputs of that linear map, dense model."""
+    """(layer, kind) -> MagnitudeHistogram of the criterion's score of the inputs of that linear map
+    (|x|, or |x| * c when the model's linear maps carry WINA scales), dense model."""
     from tqdm.auto import tqdm
 
     hists, handles = {}, []
     for layer, kind, lin in sparse_linears(model):
         h = MagnitudeHistogram(device)
         hists[(layer, kind)] = h
-        handles.append(lin.input_tap.register_forward_pre_hook(lambda mod, args, h=h: h.add(args[0])))
+        # on the tap: the map's actual input (after the norm), scored with the map's own scale
+        handles.append(lin.input_tap.register_forward_pre_hook(
+            lambda mod, args, h=h, lin=lin: h.add(_score(lin, args[0]))))
     set_sparse(model, False)
     ctx = windows.shape[1]
     model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)
@@ -96,13 +120,16 @@ def unified_thresholds(hists: dict, n_layers: int, levels) -> dict:
 
 
 def _input_sizes(config) -> list[int]:
-    """Weights gated by one entry of each input: rows of the matrices that consume it."""
+    """Weights gated by all entries of each input (rows x inputs of the matrices that consume it):
+    a block's sparsity counts skipped weights, as TEAL's weight_dict does. (Before issue 16 this
+    counted rows only, which under-weighted down, K = ffn_dim, by ffn_dim / dim = 2.7x.)"""
     c = config
-    return [c.q_dim + 2 * c.kv_dim, c.dim, 2 * c.ffn_dim, c.dim]
+    return [(c.q_dim + 2 * c.kv_dim) * c.dim, c.dim * c.q_dim, 2 * c.ffn_dim * c.dim, c.dim * c.ffn_dim]
 
 
 @torch.inference_mode()
-def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device: str, progress: bool = False) -> dict:
+def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device: str, progress: bool = False,
+                      step_size: float = STEP) -> dict:
     """TEAL's greedy allocation per block, on cached block inputs of `windows` (dense)."""
     from tqdm.auto import tqdm
 
@@ -125,6 +152,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
             h.remove()
     rope = model.rope
     mask = positions[None, :] <= positions[:, None]
+    scored = slice(int(ctx * (1 - ERROR_FRACTION)), ctx)
     result = {sp.level_key(s): [] for s in levels}
     for i, block in enumerate(tqdm(model.layers, desc="greedy allocation", unit="block", disable=not progress)):
         x = inputs[i]
@@ -139,15 +167,15 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
             y = block(x, rope, positions, mask)
             for lin in linears:
                 lin.sparse = False
-            return float((y.float() - dense).pow(2).mean())
+            return float((y[:, scored].float() - dense).pow(2).mean())
 
         set_sparse(model, False)
-        dense = block(x, rope, positions, mask).float()
+        dense = block(x, rope, positions, mask)[:, scored].float()
         s_vec = torch.zeros(4, dtype=torch.float64)
         targets = list(levels)
         while targets:
             current = float((s_vec * share).sum())
-            step = min(STEP, targets[0] - current)
+            step = min(step_size, targets[0] - current)
             best = None
             for j in range(4):
                 trial = s_vec.clone()
@@ -164,7 +192,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
                 key = sp.level_key(targets.pop(0))
                 result[key].append([hists[(i, k)].quantile(float(s)) if s > 0 else -1.0
                                     for k, s in zip(sp.INPUT_KINDS, s_vec)])
-                result.setdefault("_allocations", {}).setdefault(key, []).append([round(float(v), 4) for v in s_vec])
+                result.setdefault("_allocations", {}).setdefault(key, []).append([float(v) for v in s_vec])
         for lin in linears:
             lin.set_threshold(None)
     model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)
@@ -172,27 +200,86 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
 
 
 def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", "greedy"), device: str = "cpu",
-              max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False) -> dict:
-    """Thresholds {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}} (greedy also
-    records its per-input sparsities under "_allocations"). The model runs dense, in float32."""
+              max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False,
+              criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192, step: float = STEP) -> dict:
+    """Thresholds {criterion: {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]},
+    "greedy_allocations": {level: per-input sparsities per layer}}, "_calibration": {...},
+    "recommended": {...}} (sparsity.py's layout). The model runs dense, in float32.
+
+    tokens: the calibration text; its last held_out_tokens are kept out of the thresholds and
+    scored (perplexity, dense and per level) for the recommendation; 0 skips that."""
+    sp.check_criterion(criterion)
     for s in levels:
         if not 0 < s < 1:
             raise SpqtError(f"calibration levels must be in (0, 1), got {s}")
     for m in modes:
         if m not in sp.MODES:
             raise SpqtError(f"unknown mode {m!r}; choose unified or greedy")
-    model = build_model(loaded, device, torch.float32, backend="reference")
-    windows = _chunks(tokens, ctx, max_tokens)
+    if held_out_tokens and len(tokens) < held_out_tokens + ctx:
+        raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out_tokens} held-out "
+                        f"tokens and one window of {ctx}")
+    fit, held_out = (tokens[:-held_out_tokens], tokens[-held_out_tokens:]) if held_out_tokens else (tokens, [])
+    gen = Generator(loaded, device, torch.float32, max_len=ctx, backend="reference", criterion=criterion)
+    model = gen.model
+    set_scales(model, loaded.ensure_column_norms() if criterion == "wina" else None)
+    windows = _chunks(fit, ctx, max_tokens)
     hists = gather_histograms(model, windows, device, progress)
     out = {}
     if "unified" in modes:
         out["unified"] = unified_thresholds(hists, loaded.config.n_layers, levels)
     if "greedy" in modes:
-        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], levels, device, progress)
-        allocations = g.pop("_allocations", {})
+        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], levels, device, progress, step)
+        out["greedy_allocations"] = g.pop("_allocations", {})
         out["greedy"] = g
-        out["greedy_allocations"] = allocations
-    out["_calibration"] = {"tokens": int(windows.numel()), "greedy_tokens": int(min(windows.shape[0], max(1, greedy_tokens // ctx)) * ctx),
-                           "ctx": ctx, "hist_bins": HIST_BINS, "step": STEP}
-    return out
+    result = {criterion: out,
+              "_calibration": {"tokens": int(windows.numel()), "greedy_tokens": int(min(windows.shape[0], max(1, greedy_tokens // ctx)) * ctx),
+                               "ctx": ctx, "hist_bins": HIST_BINS, "step": step, "error_fraction": ERROR_FRACTION}}
+    if held_out:
+        result["recommended"] = _held_out_check(gen, out, held_out, levels, modes, criterion, ctx, progress)
+    return result
 
+
+def _held_out_check(gen: Generator, thresholds: dict, held_out: list[int], levels, modes, criterion: str, ctx: int,
+                    progress: bool) -> dict:
+    """Perplexity on held-out calibration text (llama.cpp's way: dense first half of each window,
+    the scored second half thresholded), dense and per (mode, level); the recommendation."""
+    import hashlib
+
+    from spqt.evaluate import perplexity
+
+    bos = gen.loaded.config.bos_id if gen.loaded.config.add_bos else None
+    ctx = min(ctx, len(held_out))
+    gen.set_sparsity(0.0, criterion=criterion)
+    dense = perplexity(gen, held_out, ctx, bos_id=bos).ppl
+    rows = []
+    for mode in modes:
+        for s in levels:
+            table = torch.tensor(thresholds[mode][sp.level_key(s)], dtype=torch.float32)
+            gen.set_sparsity(s, mode, table=table, criterion=criterion)
+            r = perplexity(gen, held_out, ctx, bos_id=bos)
+            rows.append({"criterion": criterion, "mode": mode, "sparsity": float(s), "ppl": r.ppl,
+                         "achieved": r.achieved.get("all", 0.0)})
+            if progress:
+                print(f"held-out {criterion} {mode} {s:g}: ppl {r.ppl:.3f} (dense {dense:.3f}, "
+                      f"{100 * (r.ppl / dense - 1):+.1f} %), achieved {100 * rows[-1]['achieved']:.1f} %", flush=True)
+    gen.set_sparsity(0.0, criterion=criterion)
+    digest = hashlib.sha256(torch.tensor(held_out, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
+    return {**sp.recommend(rows, dense), "max_loss": sp.MAX_LOSS, "dense_ppl": dense, "held_out_tokens": len(held_out),
+            "held_out_sha256": digest, "ctx": ctx, "held_out": rows}
+
+
+def merge(existing: dict, new: dict) -> dict:
+    """Thresholds of a new calibration merged into a model's: the new criterion replaces its old
+    entry, and the recommendation spans every criterion measured on the same held-out tokens."""
+    out = dict(sp.by_criterion(existing))
+    old_rec = out.get("recommended")
+    out.update(new)
+    rec = new.get("recommended")
+    crits = {c for c in new if c in sp.CRITERIA}
+    if rec and old_rec and old_rec.get("held_out_sha256") == rec["held_out_sha256"] and old_rec.get("ctx") == rec["ctx"]:
+        rows = [r for r in old_rec["held_out"] if r["criterion"] not in crits] + rec["held_out"]
+        out["recommended"] = {**rec, **sp.recommend(rows, rec["dense_ppl"], rec["max_loss"]), "held_out": rows}
+    elif not rec and old_rec:  # the replaced criterion's measurements no longer describe its thresholds
+        rows = [r for r in old_rec.get("held_out", []) if r["criterion"] not in crits]
+        out["recommended"] = {**old_rec, **sp.recommend(rows, old_rec["dense_ppl"], old_rec["max_loss"]), "held_out": rows}
+    return out

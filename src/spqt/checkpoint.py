@@ -12,6 +12,8 @@ A .spqt file is a safetensors container. Tensors::
         o       = wo                      (D, q_dim)
         gate_up = rows of w1 | w3         (2 F, D)                  one input, one index list
         down    = w2                      (D, F)
+    layers.{i}.{qkv,o,gate_up,down}.column_norm  (K,) fp32: ||W[:, k]||_2 of the dequantized
+        stored matrix, the WINA criterion's per-input scale (sparsity.py); absent in older files
 
 The safetensors metadata key ``spqt`` holds versioned JSON: format_version, config
 (ModelConfig), tokenizer (tokenizers JSON, chat template), linears (format, layout, shape, parts
@@ -41,6 +43,7 @@ from spqt.sources import SourceModel, TokenizerSpec, open_source
 
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
+NORM_SUFFIX = ".column_norm"
 
 # Fused linear maps: canonical name -> the source matrices stacked along rows (outputs).
 LINEAR_GROUPS = {"qkv": ("wq", "wk", "wv"), "o": ("wo",), "gate_up": ("w1", "w3"), "down": ("w2",)}
@@ -75,6 +78,17 @@ class LoadedModel:
     thresholds: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)
     path: Path | None = None
+    column_norms: dict = field(default_factory=dict)  # linear name -> (K,) fp32, see ensure_column_norms
+
+    def ensure_column_norms(self) -> dict:
+        """The column norms of every thresholded linear map (computed from the stored weights where
+        the file had none): linear name -> (K,) fp32 on the CPU."""
+        from spqt.sparsity import column_norms
+
+        for name in self.parts:
+            if name not in self.column_norms:
+                self.column_norms[name] = column_norms(self.weights[name])
+        return self.column_norms
 
     @property
     def kind(self) -> str:
@@ -160,7 +174,9 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 parts[name] = _parts(cfg)[group]
     provenance = dict(source.provenance)
     provenance.update({"tool": f"spqt {spqt.__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
-    return LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance)
+    model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance)
+    model.ensure_column_norms()
+    return model
 
 
 def check_writable(path: Path) -> None:
@@ -204,6 +220,8 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
             linears[name] = {"format": w.fmt, "layout": w.layout, "shape": list(w.shape), "parts": model.parts[name]}
         else:
             tensors[name] = w.contiguous()
+    for name, norms in model.column_norms.items():
+        tensors[f"{name}{NORM_SUFFIX}"] = norms.to(torch.float32).contiguous()
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
     meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
@@ -258,8 +276,11 @@ def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
     linears = meta["linears"]
     if not isinstance(linears, dict):
         raise SpqtError(f"{path}: not a valid .spqt file (linears is not a JSON object)")
-    weights, parts = {}, {}
+    weights, parts, norms = {}, {}, {}
     for name, t in tensors.items():
+        if name.endswith(NORM_SUFFIX):
+            norms[name[: -len(NORM_SUFFIX)]] = t
+            continue
         info = linears.get(name)
         if info is None:
             if not t.is_floating_point():
@@ -285,6 +306,13 @@ def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
         got = w.shape if isinstance(w, QuantizedWeight) else tuple(w.shape)
         if tuple(got) != shape:
             raise SpqtError(f"{path}: tensor {name} has shape {tuple(got)}, expected {shape}")
+    for name, t in norms.items():
+        w = weights.get(name)
+        if name not in parts or t.dtype != torch.float32 or tuple(t.shape) != (w.shape[1],):
+            raise SpqtError(f"{path}: tensor {name}{NORM_SUFFIX} is {t.dtype} {tuple(t.shape)}, "
+                            f"expected the float32 column norms of a linear map")
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
+            raise SpqtError(f"{path}: tensor {name}{NORM_SUFFIX} holds negative or non-finite column norms")
     tokenizer = TokenizerSpec(**meta["tokenizer"])
     if not isinstance(tokenizer.tokenizer_json, str) or not isinstance(json.loads(tokenizer.tokenizer_json), dict):
         raise SpqtError(f"{path}: not a valid .spqt file (the tokenizer is not a serialized tokenizers JSON)")
@@ -293,7 +321,7 @@ def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
     provenance = meta.get("provenance", {})
     return LoadedModel(config=config, tokenizer=tokenizer, weights=weights, parts=parts,
                        thresholds=thresholds, provenance=provenance if isinstance(provenance, dict) else {},
-                       path=path)
+                       path=path, column_norms=norms)
 
 
 def _expected_shapes(c: ModelConfig) -> dict:

@@ -22,6 +22,22 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _level(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or auto, got {text!r}") from None
+
+
+def _criterion(args, loaded) -> str:
+    """--criterion checked (one clear error line), or the model's default criterion."""
+    from spqt import sparsity as sp
+
+    return sp.check_criterion(args.criterion) if args.criterion else sp.default_criterion(loaded.thresholds)
+
+
 def _model_path(arg: str | None) -> Path:
     from spqt.default_model import default_spqt
 
@@ -82,11 +98,21 @@ def cmd_inspect(args) -> int:
               f"{8 * quant_bytes / quant_weights:.3f} bits per weight (zero padding included)")
     print(f"other        {other_bytes / 1e6:.2f} MB (embedding, head, norms)")
     if model.thresholds:
-        for mode in ("unified", "greedy"):
-            levels = model.thresholds.get(mode, {})
-            print(f"thresholds   {mode}: sparsity {', '.join(sorted(levels)) or 'none'}")
+        from spqt import sparsity as sp
+
+        t = sp.by_criterion(model.thresholds)
+        for criterion in sp.CRITERIA:
+            for mode in sp.MODES:
+                levels = t.get(criterion, {}).get(mode, {})
+                print(f"thresholds   {criterion} {mode}: sparsity {', '.join(sorted(levels)) or 'none'}")
+        rec = t.get("recommended")
+        if rec:
+            print(f"recommended  {rec['criterion']} {rec['mode']} sparsity {rec['sparsity']:g} (held-out perplexity "
+                  f"within +{100 * rec['max_loss']:g} % of dense)")
     else:
         print("thresholds   none (run spqt calibrate)")
+    if model.column_norms:
+        print(f"column norms {len(model.column_norms)} linear maps (WINA criterion)")
     if model.provenance:
         print(f"provenance   {json.dumps(model.provenance)}")
     return 0
@@ -119,7 +145,8 @@ def cmd_generate(args) -> int:
     from spqt.sparsity import check_sparsity
     from spqt.tokenizer import TextTokenizer
 
-    check_sparsity(args.sparsity)
+    if args.sparsity != "auto":
+        check_sparsity(args.sparsity)
     if args.n < 1:
         raise SpqtError("-n must be at least 1")
     if args.json:
@@ -135,11 +162,22 @@ def cmd_generate(args) -> int:
     if len(prompt) + args.n > loaded.config.max_seq_len:
         raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
                         f"{loaded.config.max_seq_len} tokens")
-    gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=args.mode,
+    criterion = _criterion(args, loaded)
+    mode = args.mode
+    if args.sparsity == "auto":
+        from spqt.sparsity import auto_level, by_criterion
+
+        criterion, mode, args.sparsity = auto_level(loaded.thresholds, args.criterion and criterion, mode)
+        if not by_criterion(loaded.thresholds).get("recommended"):
+            print("spqt: note: the model has no recommended sparsity level (spqt calibrate measures one); "
+                  "--sparsity auto decodes dense", file=sys.stderr)
+    mode = mode or "unified"
+    gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=mode, criterion=criterion,
                     max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback)
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
-    label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{' ' + args.mode if args.sparsity else ''}]"
+    setting = f" {criterion} {mode}" if args.sparsity else ""
+    label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
     dense = gen.dense_fallbacks()
     if dense:
@@ -176,7 +214,8 @@ def cmd_generate(args) -> int:
                   "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                   "prefill_tokens_per_s": result.prefill_tokens_per_s,
                   "decode_tokens_per_s": result.decode_tokens_per_s,
-                  "target_sparsity": args.sparsity, "mode": args.mode if args.sparsity else "dense",
+                  "target_sparsity": args.sparsity, "mode": mode if args.sparsity else "dense",
+                  "criterion": criterion if args.sparsity else None,
                   "achieved_sparsity": result.sparsity or None,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                                "seed": args.seed}}
@@ -192,6 +231,10 @@ def cmd_serve(args) -> int:
     from spqt.serve.server import bind, serve, setup_logging
 
     sparsity = parse_sparsity(args.sparsity)
+    if args.criterion:
+        from spqt.sparsity import check_criterion
+
+        check_criterion(args.criterion)  # before the (slow) load
     if not 0 <= args.port < 65536:
         raise SpqtError(f"--port must be in [0, 65535], got {args.port}")
     device = resolve_device(args.device)
@@ -199,8 +242,8 @@ def cmd_serve(args) -> int:
     try:
         setup_logging()
         loaded = _load(args)
-        name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v1
-        engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name)
+        name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
+        engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion)
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
     finally:
         sock.close()
@@ -226,17 +269,20 @@ def cmd_perplexity(args) -> int:
     bos = loaded.config.bos_id if loaded.config.add_bos else None
     batch = args.batch or (16 if device == "cuda" else 1)
     rows = []
-    gen = Generator(loaded, device, dtype=_dtype(args.dtype, device), max_len=args.ctx)
+    criterion = _criterion(args, loaded)
+    gen = Generator(loaded, device, dtype=_dtype(args.dtype, device), max_len=args.ctx, criterion=criterion)
     for s in levels:
-        gen.set_sparsity(s, args.mode)
+        gen.set_sparsity(s, args.mode, criterion=criterion)
         r = perplexity(gen, tokens, args.ctx, args.method, args.chunks, batch, bos, progress=True)
-        rows.append({"sparsity": s, "mode": args.mode if s else "dense", "ppl": r.ppl, "scored_tokens": r.scored,
+        rows.append({"sparsity": s, "mode": args.mode if s else "dense", "criterion": criterion if s else "dense",
+                     "ppl": r.ppl, "scored_tokens": r.scored,
                      "chunks": r.chunks, "achieved": r.achieved})
         print(f"sparsity {s:5.2f}  ppl {r.ppl:9.4f}  achieved {100 * r.achieved.get('all', 0):5.1f}%", flush=True)
-    print(f"\n{'target':>7s} {'mode':>8s} {'ppl':>10s} {'achieved':>9s} {'qkv':>6s} {'o':>6s} {'gate_up':>8s} {'down':>6s}")
+    print(f"\n{'target':>7s} {'criterion':>9s} {'mode':>8s} {'ppl':>10s} {'achieved':>9s} {'qkv':>6s} {'o':>6s} "
+          f"{'gate_up':>8s} {'down':>6s}   (achieved: fraction of thresholded weights skipped; per input: of entries)")
     for row in rows:
         a = row["achieved"]
-        print(f"{100 * row['sparsity']:6.0f}% {row['mode']:>8s} {row['ppl']:10.4f} {100 * a.get('all', 0):8.1f}% "
+        print(f"{100 * row['sparsity']:6.0f}% {row['criterion']:>9s} {row['mode']:>8s} {row['ppl']:10.4f} {100 * a.get('all', 0):8.1f}% "
               + " ".join(f"{100 * a.get(k, 0):{w}.1f}" for k, w in (("qkv", 6), ("o", 6), ("gate_up", 8), ("down", 6))))
     if args.json:
         from spqt.checkpoint import atomic_write
@@ -249,7 +295,8 @@ def cmd_perplexity(args) -> int:
 
 
 def cmd_calibrate(args) -> int:
-    from spqt.calibrate import calibrate
+    from spqt import sparsity as sp
+    from spqt.calibrate import calibrate, merge
     from spqt.generate import resolve_device
     from spqt.checkpoint import atomic_write, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
@@ -258,6 +305,11 @@ def cmd_calibrate(args) -> int:
         if not Path(f).is_file():
             raise SpqtError(f"no such file: {f}")
     modes = ("unified", "greedy") if args.mode == "both" else (args.mode,)
+    criterion = sp.check_criterion(args.criterion)
+    if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
+        raise SpqtError("--greedy-step must be in (0, 0.25]")
+    if args.held_out_tokens < 0:
+        raise SpqtError("--held-out-tokens must be at least 0")
     loaded = load_model(_model_path(args.model))
     if loaded.kind == "float" and not args.json:
         raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json to write them alone")
@@ -266,9 +318,18 @@ def cmd_calibrate(args) -> int:
     for f in args.data:  # each file tokenized on its own, then concatenated in the order given
         tokens += tok.encode(Path(f).read_text(encoding="utf-8"), add_bos=False)
     result = calibrate(loaded, tokens, args.sparsity, modes, resolve_device(args.device), max_tokens=args.tokens,
-                       greedy_tokens=args.greedy_tokens, progress=True)
-    thresholds = dict(loaded.thresholds)
-    thresholds.update(result)
+                       greedy_tokens=args.greedy_tokens, progress=True, criterion=criterion,
+                       held_out_tokens=args.held_out_tokens, **({"step": args.greedy_step} if args.greedy_step else {}))
+    thresholds = merge(loaded.thresholds, result)
+    rec = thresholds.get("recommended")
+    if rec:
+        print(f"\nheld-out calibration text ({rec['held_out_tokens']} tokens), perplexity vs dense {rec['dense_ppl']:.3f}:")
+        print(f"{'criterion':>9s} {'mode':>8s} {'target':>7s} {'achieved':>9s} {'ppl':>9s} {'vs dense':>9s}")
+        for r in rec["held_out"]:
+            print(f"{r['criterion']:>9s} {r['mode']:>8s} {100 * r['sparsity']:6.0f}% {100 * r.get('achieved', float('nan')):8.1f}% "
+                  f"{r['ppl']:9.3f} {100 * (r['ppl'] / rec['dense_ppl'] - 1):+8.1f}%")
+        print(f"recommended (highest level within +{100 * rec['max_loss']:g} %): "
+              + (f"{rec['criterion']} {rec['mode']} {rec['sparsity']:g}" if rec["criterion"] else "dense (no level qualifies)"))
     if args.json:
         doc = {"n_layers": loaded.config.n_layers, "dim": loaded.config.dim, "data": [Path(f).name for f in args.data],
                "thresholds": thresholds}
@@ -278,7 +339,7 @@ def cmd_calibrate(args) -> int:
         loaded.thresholds = thresholds
         target = Path(args.output) if args.output else loaded.path
         save_spqt(loaded, target)
-        print(f"wrote thresholds ({', '.join(modes)}: {', '.join(f'{s:g}' for s in args.sparsity)}) into {target}")
+        print(f"wrote {criterion} thresholds ({', '.join(modes)}: {', '.join(f'{s:g}' for s in args.sparsity)}) into {target}")
     return 0
 
 
@@ -336,6 +397,12 @@ def _dtype(name: str, device: str):
 # ---------------------------------------------------------------- parser
 
 
+def sp_default_criterion() -> str:
+    from spqt.sparsity import DEFAULT_CRITERION
+
+    return DEFAULT_CRITERION
+
+
 def build_parser() -> argparse.ArgumentParser:
     from spqt import __version__
 
@@ -359,8 +426,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
-    p.add_argument("--sparsity", type=float, default=0.0, help="target activation sparsity in [0, 1)")
-    p.add_argument("--mode", choices=["unified", "greedy"], default="unified", help="which calibrated thresholds")
+    p.add_argument("--sparsity", type=_level, default=0.0,
+                   help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
+    p.add_argument("--mode", choices=["unified", "greedy"], default=None,
+                   help="which calibrated thresholds (default unified; with --sparsity auto the recommended)")
+    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
@@ -381,7 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: a free one, printed at start)")
     p.add_argument("--sparsity", default="0", help="target activation sparsity in [0, 1), or auto: the model's "
                    "recommended level (dense when its metadata has none)")
-    p.add_argument("--mode", choices=["unified", "greedy"], default="unified", help="which calibrated thresholds")
+    p.add_argument("--mode", choices=["unified", "greedy"], default=None,
+                   help="which calibrated thresholds (default unified; with --sparsity auto the recommended)")
+    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--ctx", type=int, default=None, help="tokens of context per request, prompt plus completion "
                    "(default: the model's)")
@@ -399,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
     p.add_argument("--mode", choices=["unified", "greedy"], default="unified")
+    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")
     p.add_argument("--batch", type=int, default=0, help="chunks per forward (default 16 on cuda, 1 on cpu)")
@@ -412,6 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens", type=int, default=65536, help="calibration tokens for the histograms")
     p.add_argument("--greedy-tokens", type=int, default=2048, help="tokens whose block outputs the greedy search measures")
     p.add_argument("--mode", choices=["unified", "greedy", "both"], default="both")
+    p.add_argument("--criterion", default=sp_default_criterion(), help="teal (|x| > t) or wina (|x| * column norm > t)")
+    p.add_argument("--greedy-step", type=float, default=None,
+                   help="block sparsity added per greedy step (default: calibrate.STEP, 0.0125)")
+    p.add_argument("--held-out-tokens", type=int, default=8192,
+                   help="the last tokens of the calibration text, kept out and scored per level for the recommendation (0: skip)")
     p.add_argument("--sparsity", type=_floats, default=[0.25, 0.4, 0.5, 0.65])
     p.add_argument("--device", default="auto")
     p.add_argument("-o", "--output", help="write the calibrated model here instead of in place")

@@ -32,12 +32,13 @@ def cache_dir() -> Path:
 
 
 def default_spqt(progress: bool = True) -> Path:
-    """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds)."""
+    """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds;
+    v2: with the column norms of the WINA criterion)."""
     from spqt.checkpoint import quantize_source, save_spqt
     from spqt.sources import open_source
 
     gguf = default_gguf()
-    target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v1.spqt"
+    target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v2.spqt"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

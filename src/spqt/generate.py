@@ -87,6 +87,11 @@ def dense_fallbacks(model: Transformer) -> list[str]:
             if not lin.impl.sparse_pays(lin.level, norm_fed):
                 out.append(f"layers.{layer}.{kind}")
     return out
+def set_scales(model: Transformer, norms: dict | None) -> None:
+    """norms: linear name -> (K,) column norms (the WINA criterion), or None (TEAL's |x|)."""
+    for layer, kind, lin in sparse_linears(model):
+        lin.set_scale(None if norms is None else norms[f"layers.{layer}.{kind}"])
+    model.switches = {**getattr(model, "switches", {}), "scaled": norms is not None}
 
 
 def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
@@ -99,10 +104,12 @@ def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
 
 
 def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
-    """Fraction of inputs dropped per input kind (and 'all', size-weighted by input count)."""
+    """Fraction of inputs dropped per input kind, and 'all': the fraction of the thresholded
+    weights skipped (each dropped input skips a column of out_features weights), the fraction
+    of weight bytes a sparse GEMV does not read, as TEAL counts a model's sparsity."""
     sums = {k: torch.zeros(2, dtype=torch.float64) for k in sp.INPUT_KINDS}
     for _, kind, lin in sparse_linears(model):
-        sums[kind] += lin.counts.cpu()
+        sums[kind] += lin.counts.cpu() * lin.out_features
         if reset:
             lin.counts.zero_()
     out = {k: float(v[0] / v[1]) if v[1] > 0 else 0.0 for k, v in sums.items()}
@@ -167,17 +174,18 @@ class Generator:
 
     def __init__(self, loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype | None = None,
                  sparsity: float = 0.0, mode: str = "unified", max_len: int | None = None,
-                 backend: str | None = None, dense_fallback: bool = True):
+                 backend: str | None = None, dense_fallback: bool = True, criterion: str | None = None):
         """dense_fallback: maps whose sparse kernel is not faster than the dense one at their level
         (the tuned crossover of their shape on this GPU) run dense; off, every map runs as asked
-        (the semantics of the CPU reference, which always runs sparse)."""
+        (the semantics of the CPU reference, which always runs sparse). criterion: teal or wina
+        (None: the model's default, sparsity.default_criterion)."""
         self.loaded = loaded
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
         backend = backend or ("triton" if self.device == "cuda" and loaded.kind != "float" else "reference")
         self.model = build_model(loaded, self.device, self.dtype, backend)
         set_dense_fallback(self.model, dense_fallback)
-        self.set_sparsity(sparsity, mode)
+        self.set_sparsity(sparsity, mode, criterion=criterion)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
         # CUDA graphs of one decode step, captured at first use per sparsity setting and per
@@ -199,15 +207,20 @@ class Generator:
             self._token_host = torch.zeros(1, dtype=torch.int64, pin_memory=True)
             self._reader = torch.cuda.Stream()
 
-    def set_sparsity(self, sparsity: float, mode: str = "unified", table: torch.Tensor | None = None) -> None:
-        """Choose the calibrated thresholds of a level (0: dense), or an explicit (layers, 4) table."""
+    def set_sparsity(self, sparsity: float, mode: str = "unified", table: torch.Tensor | None = None,
+                     criterion: str | None = None) -> None:
+        """Choose the calibrated thresholds of a level (0: dense), or an explicit (layers, 4) table,
+        for a criterion (None: the model's default, sparsity.default_criterion)."""
+        criterion = sp.check_criterion(criterion or sp.default_criterion(self.loaded.thresholds))
         if table is None:
-            table = sp.select(self.loaded.thresholds, sparsity, mode, self.loaded.config.n_layers)
+            table = sp.select(self.loaded.thresholds, sparsity, mode, self.loaded.config.n_layers, criterion)
         levels = None
         if table is not None:
-            levels = sp.levels(self.loaded.thresholds, sparsity, mode, table.shape[0])
+            levels = sp.levels(self.loaded.thresholds, sparsity, mode, table.shape[0], criterion)
+        set_scales(self.model, self.loaded.ensure_column_norms() if criterion == "wina" and table is not None else None)
         set_thresholds(self.model, table, levels)
         self.sparsity = sparsity
+        self.criterion = criterion
 
     def dense_fallbacks(self) -> list[str]:
         """Maps running dense at this level because their sparse kernel would be slower."""

@@ -1,10 +1,11 @@
 """The linear map of the runtime: holds a stored matrix (float or quantized blocks), applies the
 activation-sparsity threshold when told to, and calls the kernel that the dispatcher picks.
 
-Sparse semantics (the reference that every kernel matches): ``y = W (x * (|x| > t))``, only
-while ``sparse`` is on (the runtime turns it on for decode steps and off for prefill). An output
-bias b (Qwen2's q, k, v) is added after the GEMV, ``y = W (x * (|x| > t)) + b``: it never meets
-the threshold, and the epilogue (residual, SwiGLU) follows it.
+Sparse semantics (the reference that every kernel matches): ``y = W (x * (|x| > t))`` (TEAL),
+or ``y = W (x * (|x| * c > t))`` when a per-input scale c is set (WINA: c_i = ||W[:, i]||_2, the
+column norms of the stored matrix), only while ``sparse`` is on (the runtime turns it on for
+decode steps and off for prefill). An output bias b (Qwen2's q, k, v) is added after the GEMV,
+``y = W (x * keep) + b``: it never meets the threshold, and the epilogue (residual, SwiGLU) follows it.
 
 Sparsity that pays: an implementation may know, per shape and device, the lowest sparsity at
 which its sparse kernel beats its dense one (`spqt tune` measures it). Below it, with
@@ -16,6 +17,7 @@ from torch import nn
 
 from spqt.functional import linear_epilogue
 from spqt.kernels import dispatch
+from spqt.kernels.reference import keep_mask
 
 
 class Linear(nn.Module):
@@ -36,6 +38,7 @@ class Linear(nn.Module):
         # implementation cannot run faster than dense runs dense instead.
         self.level: float | None = None
         self.dense_fallback = False
+        self.register_buffer("scale", None, persistent=False)  # (K,) fp32 or None
         # Achieved sparsity, counted on device without host synchronisation: [dropped, seen].
         self.register_buffer("counts", torch.zeros(2, dtype=torch.float64, device=device), persistent=False)
         self.track = False
@@ -51,6 +54,19 @@ class Linear(nn.Module):
             self.threshold = torch.tensor(float(t), dtype=torch.float32, device=self.counts.device)
         else:
             self.threshold.fill_(float(t))
+
+    def set_scale(self, scale: torch.Tensor | None) -> None:
+        """scale: (K,) column norms for the WINA criterion, or None for TEAL's |x|. Updated in
+        place when one is already set, so a captured CUDA graph sees the new value."""
+        if scale is None:
+            self.scale = None
+            return
+        if tuple(scale.shape) != (self.in_features,):
+            raise ValueError(f"scale of shape {tuple(scale.shape)} for a linear map with {self.in_features} inputs")
+        if self.scale is None:
+            self.scale = scale.to(device=self.counts.device, dtype=torch.float32).contiguous()
+        else:
+            self.scale.copy_(scale)
 
     def runs_sparse(self, norm_fed: bool = False) -> bool:
         """Whether the next forward thresholds its input (sparse on, a threshold, and it pays).
@@ -76,16 +92,16 @@ class Linear(nn.Module):
         sparse = self.runs_sparse(norm_fed=fused is not None)
         if norm is not None:
             if sparse and not self.track and fused is not None and x.numel() == self.in_features:
-                y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu)
+                y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
                 self.input_tap(normed)
                 return y
             x = norm(x)
         x = self.input_tap(x)
         if sparse:
             if self.track:
-                self.counts[0] += (x.float().abs() <= self.threshold).sum(dtype=torch.float64)
+                self.counts[0] += (~keep_mask(x, self.threshold, self.scale)).sum(dtype=torch.float64)
                 self.counts[1] += x.numel()
-            return self.impl.sparse(x, self.threshold, residual, swiglu)
+            return self.impl.sparse(x, self.threshold, residual, swiglu, scale=self.scale)
         if self.track:
             self.counts[1] += x.numel()
         return self.impl.dense(x, residual, swiglu)

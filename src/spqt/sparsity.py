@@ -1,11 +1,22 @@
-"""Activation-sparsity thresholds as data.
+"""Activation-sparsity thresholds as data, for two selection criteria.
 
 Per layer, four thresholded inputs (INPUT_KINDS): the q/k/v input (attention RMSNorm output), the
 o input (attention output), the gate/up input (MLP RMSNorm output) and the down input
-(SiLU(gate) * up). A threshold t zeroes the entries with |x| <= t.
+(SiLU(gate) * up). Criteria (CRITERIA):
 
-Stored in .spqt metadata as ``{mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}}``,
-mode "unified" or "greedy", level the target sparsity written as "0.5".
+* teal: keep x_i when |x_i| > t (TEAL, Liu et al. 2024).
+* wina: keep x_i when |x_i| * c_i > t, c_i = ||W[:, i]||_2 the norm of the column of the stored
+  (dequantized) matrix that x_i multiplies; for q|k|v and gate|up the stacked matrix, so one
+  index list still serves the fused matrix (WINA, Chen et al. 2025).
+
+Stored in .spqt metadata as::
+
+    {criterion: {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}},
+     "recommended": {...}}     # written by spqt calibrate, see recommend()
+
+mode "unified" or "greedy", level the target sparsity written as "0.5". Files written before
+criteria existed hold ``{mode: {level: ...}}`` at the top: those are TEAL thresholds.
+The column norms live in the .spqt as tensors ``layers.{i}.{kind}.column_norm`` (K,) fp32.
 """
 
 import json
@@ -17,6 +28,13 @@ from spqt.errors import SpqtError
 
 INPUT_KINDS = ("qkv", "o", "gate_up", "down")
 MODES = ("unified", "greedy")
+CRITERIA = ("teal", "wina")
+# TEAL stays the default: on the default model (original GGUF weights, unified, 6 WikiText-2 chunks,
+# docs/RESULTS.md issue 16) WINA's column norms did not lower perplexity at equal sparsity
+# (50 %: 34.72 vs TEAL 34.49; 40 %: 25.88 vs 25.95; dense 23.20).
+DEFAULT_CRITERION = "teal"
+# The loss a recommended level may cost on held-out calibration text: perplexity at most 5 % above dense.
+MAX_LOSS = 0.05
 
 
 def level_key(sparsity: float) -> str:
@@ -29,54 +47,151 @@ def check_sparsity(sparsity: float) -> float:
     return float(sparsity)
 
 
+def check_criterion(criterion: str) -> str:
+    if criterion not in CRITERIA:
+        raise SpqtError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+    return criterion
+
+
+def by_criterion(thresholds: dict) -> dict:
+    """The thresholds in the current layout (a legacy ``{mode: ...}`` dict read as TEAL's)."""
+    if any(m in thresholds for m in MODES):
+        legacy = {k: v for k, v in thresholds.items() if k not in CRITERIA and k != "recommended"}
+        return {**{k: v for k, v in thresholds.items() if k in CRITERIA or k == "recommended"}, "teal": legacy}
+    return thresholds
+
+
+def default_criterion(thresholds: dict) -> str:
+    """The criterion the model recommends, else DEFAULT_CRITERION when present, else the one it has."""
+    t = by_criterion(thresholds)
+    rec = t.get("recommended", {}).get("criterion")
+    if rec in t:
+        return rec
+    if DEFAULT_CRITERION in t or not any(c in t for c in CRITERIA):
+        return DEFAULT_CRITERION
+    return next(c for c in CRITERIA if c in t)
+
+
 def check_thresholds(thresholds, n_layers: int, where: str) -> None:
-    """SpqtError unless every mode in thresholds is {level: (n_layers, 4) finite numbers} (read from a
-    file; other keys, such as calibrate's records, are not read)."""
+    """SpqtError unless thresholds (read from a file) hold, per criterion, every mode as {level:
+    (n_layers, 4) finite numbers} and greedy allocations of the same shape, and a recommendation (when
+    present) of the types auto_level reads; the legacy flat layout is read as TEAL's. Other keys, such
+    as calibrate's records, are not read."""
     import math
 
     def bad(why: str):
         raise SpqtError(f"{where}: invalid thresholds ({why})")
 
+    def is_num(v) -> bool:
+        return type(v) in (int, float) and math.isfinite(v)
+
+    def check_tables(tables, what: str) -> None:
+        if not isinstance(tables, dict):
+            bad(f"{what} is not a JSON object")
+        for key, table in tables.items():
+            rows_ok = isinstance(table, list) and len(table) == n_layers and all(
+                isinstance(r, list) and len(r) == len(INPUT_KINDS) and all(is_num(t) for t in r) for r in table)
+            if not rows_ok:
+                bad(f"{what} {key} is not {n_layers} rows of {len(INPUT_KINDS)} numbers")
+
     if not isinstance(thresholds, dict):
         bad("not a JSON object")
-    for mode in MODES:
-        levels = thresholds.get(mode, {})
-        if not isinstance(levels, dict):
-            bad(f"mode {mode!r} is not a JSON object")
-        for key, table in levels.items():
-            rows_ok = isinstance(table, list) and len(table) == n_layers and all(
-                isinstance(r, list) and len(r) == len(INPUT_KINDS) and
-                all(type(t) in (int, float) and math.isfinite(t) for t in r) for r in table)
-            if not rows_ok:
-                bad(f"{mode} {key} is not {n_layers} rows of {len(INPUT_KINDS)} numbers")
+    nested = by_criterion(thresholds)
+    for criterion in CRITERIA:
+        per_mode = nested.get(criterion, {})
+        if not isinstance(per_mode, dict):
+            bad(f"criterion {criterion!r} is not a JSON object")
+        for mode in MODES:
+            check_tables(per_mode.get(mode, {}), f"{criterion} {mode}")
+        check_tables(per_mode.get("greedy_allocations", {}), f"{criterion} greedy_allocations")
+    rec = nested.get("recommended")
+    if rec is None:
+        return
+    if not isinstance(rec, dict):
+        bad("recommended is not a JSON object")
+    if "criterion" not in rec or "mode" not in rec or \
+            rec["criterion"] not in (None, *CRITERIA) or rec["mode"] not in (None, *MODES):
+        bad("recommended names an unknown criterion or mode")
+    if not (is_num(rec.get("sparsity")) and 0 <= rec["sparsity"] < 1):
+        bad("recommended sparsity is not a number in [0, 1)")
+    for key in ("dense_ppl", "max_loss"):  # what calibrate writes beside the pick, and inspect prints
+        if not is_num(rec.get(key)):
+            bad(f"recommended {key} is not a number")
+    rows = rec.get("held_out", [])
+    rows_ok = isinstance(rows, list) and all(
+        isinstance(r, dict) and r.get("criterion") in CRITERIA and r.get("mode") in MODES and
+        is_num(r.get("sparsity")) and is_num(r.get("ppl")) for r in rows)
+    if not rows_ok:
+        bad("recommended held_out is not a list of {criterion, mode, sparsity, ppl}")
 
 
-def select(thresholds: dict, sparsity: float, mode: str, n_layers: int) -> torch.Tensor | None:
+def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterion: str = DEFAULT_CRITERION) -> torch.Tensor | None:
     """(n_layers, 4) float32 thresholds for a level, None for sparsity 0; SpqtError when absent."""
     check_sparsity(sparsity)
+    check_criterion(criterion)
     if sparsity == 0:
         return None
     if mode not in MODES:
         raise SpqtError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
-    levels = thresholds.get(mode, {})
+    levels = by_criterion(thresholds).get(criterion, {}).get(mode, {})
     key = level_key(sparsity)
     if key not in levels:
         have = ", ".join(sorted(levels)) or "none"
-        raise SpqtError(f"the model has no {mode} thresholds for sparsity {key} (it has: {have}); run spqt calibrate")
+        raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}); "
+                        "run spqt calibrate")
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
     return table
 
 
-def levels(thresholds: dict, sparsity: float, mode: str, n_layers: int) -> torch.Tensor:
+def levels(thresholds: dict, sparsity: float, mode: str, n_layers: int,
+           criterion: str = DEFAULT_CRITERION) -> torch.Tensor:
     """(n_layers, 4) float32: the sparsity each input's threshold was calibrated for. Unified: the
-    level itself; greedy: the allocation calibrate recorded (``greedy_allocations``), else the level."""
+    level itself; greedy: the allocation calibrate recorded under the criterion
+    (``{criterion: {"greedy_allocations": {level: ...}}}``), else the level."""
     table = torch.full((n_layers, len(INPUT_KINDS)), float(sparsity))
-    alloc = thresholds.get("greedy_allocations", {}).get(level_key(sparsity)) if mode == "greedy" else None
+    per_mode = by_criterion(thresholds).get(criterion, {}) if mode == "greedy" else {}
+    alloc = per_mode.get("greedy_allocations", {}).get(level_key(sparsity))
     if alloc is not None and len(alloc) == n_layers:
         table = torch.tensor(alloc, dtype=torch.float32)
     return table
+
+
+def recommend(rows: list[dict], dense_ppl: float, max_loss: float = MAX_LOSS) -> dict:
+    """rows: [{criterion, mode, sparsity, ppl}] measured on held-out text. The highest level whose
+    perplexity is within (1 + max_loss) x dense (the lower perplexity among ties); level 0 (dense)
+    when none is."""
+    ok = [r for r in rows if r["ppl"] <= dense_ppl * (1 + max_loss)]
+    if not ok:
+        return {"criterion": None, "mode": None, "sparsity": 0.0}
+    best = max(ok, key=lambda r: (r["sparsity"], -r["ppl"]))
+    return {"criterion": best["criterion"], "mode": best["mode"], "sparsity": best["sparsity"]}
+
+
+def auto_level(thresholds: dict, criterion: str | None, mode: str | None) -> tuple[str, str, float]:
+    """(criterion, mode, sparsity) for ``--sparsity auto``: the calibrated recommendation, restricted
+    to the criterion / mode given (None: the recommendation's own); sparsity 0 (dense) for a model
+    without one."""
+    rec = by_criterion(thresholds).get("recommended")
+    if not rec:  # nothing measured: the one level known to keep the text is dense (the caller says so)
+        return criterion or default_criterion(thresholds), mode or "unified", 0.0
+    if criterion in (None, rec["criterion"]) and mode in (None, rec["mode"]):
+        return rec["criterion"] or criterion or DEFAULT_CRITERION, rec["mode"] or mode or "unified", float(rec["sparsity"])
+    criterion = criterion or rec["criterion"] or DEFAULT_CRITERION
+    mode = mode or rec["mode"] or "unified"
+    rows = [r for r in rec.get("held_out", []) if r["criterion"] == criterion and r["mode"] == mode]
+    if not rows:
+        raise SpqtError(f"the calibration measured no {criterion} {mode} levels; run spqt calibrate --criterion {criterion}")
+    pick = recommend(rows, rec["dense_ppl"], rec["max_loss"])
+    return criterion, mode, float(pick["sparsity"])
+
+
+def column_norms(weight) -> torch.Tensor:
+    """||W[:, i]||_2 of an (N, K) float tensor or QuantizedWeight (dequantized): (K,) float32,
+    summed in float64 so the stored value does not depend on the summation order."""
+    w = weight.dequantize() if hasattr(weight, "dequantize") else weight
+    return torch.linalg.vector_norm(w.double(), dim=0).float().cpu()
 
 
 def shipped_thresholds(config) -> dict:

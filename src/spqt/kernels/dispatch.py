@@ -10,7 +10,7 @@ BACKENDS = ("reference", "triton")
 
 
 def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
-    """An object with .dense(x, residual, swiglu) and .sparse(x, t, residual, swiglu), (..., K) -> (..., N)."""
+    """An object with .dense(x, residual, swiglu) and .sparse(x, t, residual, swiglu, scale), (..., K) -> (..., N)."""
     if backend == "reference":
         from spqt.kernels.reference import ReferenceLinear
 

@@ -80,12 +80,13 @@ class TritonLinear:
         return y.view(*x.shape[:-1], y.numel()), self.normed.view(x.shape)
 
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
-               swiglu: bool = False) -> torch.Tensor:
+               swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """scale: (K,) fp32 or None, WINA's column norms (keep |x| * scale > t)."""
         fused = self._gemv_epilogue(residual, swiglu) if x.numel() == self.k else None
         if fused is None:
-            return self.dense(sparsify(x, threshold), residual, swiglu)
+            return self.dense(sparsify(x, threshold, scale), residual, swiglu)
         v = x.reshape(self.k)
         ws, c = self.ws_sparse, self.cfg_sparse
-        idx, count = collect(v, threshold, ws.idx, ws.count)
+        idx, count = collect(v, threshold, ws.idx, ws.count, scale=scale)
         y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(c), idx=idx, count=count, **fused)
         return y.view(*x.shape[:-1], y.numel())

@@ -1,7 +1,8 @@
 """The served model: one Generator (weights, KV cache) and its tokenizer, and how a Job runs on it.
 
-The sparsity level is fixed for the server's life. `auto` takes the level recorded in the model's
-metadata as recommended, and dense when there is none (see recommended_sparsity).
+The sparsity level is fixed for the server's life. `auto` takes the level spqt calibrate recorded in
+the model's metadata as recommended, as spqt generate does, and dense when there is none (see
+recommended_sparsity).
 """
 
 import logging
@@ -14,24 +15,19 @@ from spqt.errors import SpqtError
 from spqt.generate import Generator
 from spqt.serve.scheduler import Job
 from spqt.serve.text import TextStream
+from spqt import sparsity as sp
 from spqt.sparsity import check_sparsity
 from spqt.tokenizer import TextTokenizer
 
 log = logging.getLogger("spqt.serve")
 
 
-def recommended_sparsity(loaded: LoadedModel) -> tuple[float, str] | None:
-    """(level, mode) the model's metadata recommends, or None. Read from thresholds["recommended"],
-    either a number (unified mode) or {"sparsity": s, "mode": m}; issue 16's calibration is to write it."""
-    rec = loaded.thresholds.get("recommended")
-    if rec is None:
-        return None
-    if isinstance(rec, (int, float)):
-        return check_sparsity(float(rec)), "unified"
-    try:
-        return check_sparsity(float(rec["sparsity"])), str(rec.get("mode", "unified"))
-    except (KeyError, TypeError, ValueError):
-        raise SpqtError(f"the model's recommended sparsity is not understood: {rec!r}") from None
+def recommended_sparsity(loaded: LoadedModel, criterion: str | None = None,
+                         mode: str | None = None) -> tuple[str, str, float]:
+    """(criterion, mode, level) for --sparsity auto, as spqt generate picks it (sparsity.auto_level):
+    the level spqt calibrate recommended (held-out perplexity within MAX_LOSS of dense), restricted to
+    the criterion / mode given; level 0 (dense) when the model has no recommendation."""
+    return sp.auto_level(loaded.thresholds, criterion and sp.check_criterion(criterion), mode)
 
 
 def parse_sparsity(text: str) -> float | None:
@@ -50,35 +46,44 @@ class EngineInfo:
     device: str
     sparsity: float
     mode: str
+    criterion: str
     ctx: int
     created: int
 
 
 class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
-                 mode: str = "unified", ctx: int | None = None, name: str | None = None):
-        """sparsity None: the recommended level (dense when the model has none). ctx: the KV cache
-        length, which bounds prompt plus completion (default: the model's context)."""
+                 mode: str | None = None, ctx: int | None = None, name: str | None = None,
+                 criterion: str | None = None):
+        """sparsity None: the recommended level (dense when the model has none). mode, criterion:
+        None for unified / the model's default criterion, or with auto the recommendation's own.
+        ctx: the KV cache length, which bounds prompt plus completion (default: the model's context)."""
         if sparsity is None:
-            sparsity, mode = recommended_sparsity(loaded) or (0.0, mode)
+            criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
+            if not sp.by_criterion(loaded.thresholds).get("recommended"):
+                log.info("the model has no recommended sparsity level (spqt calibrate measures one); "
+                         "--sparsity auto serves dense")
+        criterion = sp.check_criterion(criterion or sp.default_criterion(loaded.thresholds))
+        mode = mode or "unified"
         ctx = ctx or loaded.config.max_seq_len
         if not 1 < ctx <= loaded.config.max_seq_len:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
         self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
-        self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx)
+        self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx, criterion=criterion)
         self.stop_ids = self.tokenizer.stop_ids
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
         # costs little, so GPU timings in the log are the plain decode.
         self.track = self.generator.device == "cpu" and sparsity > 0
         path = Path(loaded.path) if loaded.path else None
         self.info = EngineInfo(model_id=name or (path.stem if path else "model"), device=self.generator.device,
-                               sparsity=sparsity, mode=mode if sparsity else "dense", ctx=ctx, created=int(time.time()))
+                               sparsity=sparsity, mode=mode if sparsity else "dense",
+                               criterion=criterion if sparsity else "dense", ctx=ctx, created=int(time.time()))
         if self.tokenizer.spec.chat_template:
             self.tokenizer.chat_messages([{"role": "user", "content": "hi"}])  # builds the template once, now
 
     def sparsity_label(self) -> str:
         i = self.info
-        return f"sparsity {i.sparsity:g} {i.mode}" if i.sparsity else "dense"
+        return f"sparsity {i.sparsity:g} {i.criterion} {i.mode}" if i.sparsity else "dense"
 
     def run(self, job: Job) -> str:
         """Generate on the worker thread, posting ("text", piece) events and a final ("done", result)
