@@ -23,109 +23,66 @@ both give the same bytes.
 
 import torch
 
+from spqt.formats.search import f32, make_qkx2_quants, nearest_int, sequential_sum
+
 BLOCK_SIZE = 256
 BLOCK_BYTES = 144
 SUB_BLOCKS = 8
 SUB_BLOCK_SIZE = 32
 
-_NMAX = 15.0
+# make_qkx2_quants' search for Q4_K: 21 candidate scales, (nmax + rmin + rdelta * i) / range.
+_NMAX = 15
 _RMIN = -1.0
 _RDELTA = 0.1
 _NSTEP = 20
 
 
-def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
-
-
-def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 one element at a time, in order, as the C loops do. terms: (n, G)."""
-    total = terms[0].clone()
-    for i in range(1, terms.shape[0]):
-        total = total + terms[i]
-    return total
-
-
-def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor):
-    """llama.cpp's scale/min search for groups of 32. x, weights: (32, G) float32.
-
-    Returns (scale (G,), the_min (G,), levels (32, G) float32 in 0..15).
-    """
-    one = _f32(1.0, x)
-    nmax = _f32(_NMAX, x)
-    lo = x.min(dim=0).values
-    hi = x.max(dim=0).values
-    sum_w = _sequential_sum(weights)
-    sum_x = _sequential_sum(weights * x)
-    lo = torch.where(lo > 0, torch.zeros_like(lo), lo)
-    flat = hi == lo
-    span = torch.where(flat, one, hi - lo)
-
-    iscale = nmax / span
-    scale = one / iscale
-    levels = torch.clamp(torch.round(iscale * (x - lo)), 0, _NMAX)
-    diff = scale * levels + lo - x
-    best_error = _sequential_sum(weights * (diff * diff))
-
-    for step in range(_NSTEP + 1):
-        # C evaluates (rmin + rdelta*is) + nmax in float32.
-        numerator = (_f32(_RMIN, x) + _f32(_RDELTA, x) * _f32(float(step), x)) + nmax
-        # The C code reads the running `min` here, which earlier steps may have replaced.
-        span = torch.where(flat, one, hi - lo)
-        iscale = numerator / span
-        trial = torch.clamp(torch.round(iscale * (x - lo)), 0, _NMAX)
-        wl = weights * trial
-        sum_l = _sequential_sum(wl)
-        sum_l2 = _sequential_sum(wl * trial)
-        sum_xl = _sequential_sum(wl * x)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        usable = det > 0
-        safe_det = torch.where(usable, det, one)
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
-        positive_min = this_min > 0
-        safe_l2 = torch.where(sum_l2 > 0, sum_l2, one)
-        this_scale = torch.where(positive_min, sum_xl / safe_l2, this_scale)
-        this_min = torch.where(positive_min, torch.zeros_like(this_min), this_min)
-        diff = this_scale * trial + this_min - x
-        cur_error = _sequential_sum(weights * (diff * diff))
-        better = usable & ~flat & (cur_error < best_error)
-        levels = torch.where(better, trial, levels)
-        best_error = torch.where(better, cur_error, best_error)
-        scale = torch.where(better, this_scale, scale)
-        lo = torch.where(better, this_min, lo)
-
-    levels = torch.where(flat, torch.zeros_like(levels), levels)
-    scale = torch.where(flat, torch.zeros_like(scale), scale)
-    return scale, -lo, levels
-
-
 def _nearest_uint8(x: torch.Tensor) -> torch.Tensor:
     """C's ``(uint8_t) nearest_int(x)``: round half to even, wrap to 8 bits."""
-    return torch.round(x).to(torch.int64) & 0xFF
+    return nearest_int(x) & 0xFF
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:
     """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 144) uint8."""
     if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
         raise ValueError(f"q4_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
+    d16, dmin16, ls, lm, q = encode_levels(x, _NMAX, _RMIN, _RDELTA, _NSTEP)
+    n_blocks = x.shape[0]
+    out = torch.empty((n_blocks, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
+    out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)
+    out[:, 2:4] = dmin16.reshape(n_blocks, 1).view(torch.uint8)
+    out[:, 4:16] = pack_scales(ls, lm)
+    q = q.to(torch.uint8).reshape(n_blocks, 4, 2, SUB_BLOCK_SIZE)
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
+    return out
+
+
+def encode_levels(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The scale / min part shared by Q4_K and Q5_K (their reference quantizers differ only in
+    nmax and the search's candidates): per sub-block of 32 a make_qkx2_quants search with
+    importance ``rms + |x|``, 6-bit scales and mins under fp16 d and dmin, then every weight
+    requantized against the stored values.
+
+    x: (n_blocks, 256). Returns d16 (n,) fp16, dmin16 (n,) fp16, ls (n, 8) and lm (n, 8) int64
+    in 0..63, q (n, 8, 32) int64 in 0..nmax.
+    """
     x = x.to(torch.float32)
     n_blocks = x.shape[0]
     # (32, n_blocks * 8): one column per sub-block, so sums over dim 0 run in the C order.
     groups = x.reshape(n_blocks * SUB_BLOCKS, SUB_BLOCK_SIZE).t().contiguous()
-    sum_x2 = _sequential_sum(groups * groups)
+    sum_x2 = sequential_sum(groups * groups)
     # sqrtf is correctly rounded; torch's float32 CPU sqrt is not always, float64 sqrt rounded to
     # float32 is (53 >= 2*24 + 2 bits), on CPU and GPU alike.
-    av_x = torch.sqrt((sum_x2 / _f32(32.0, x)).double()).float()
+    av_x = torch.sqrt((sum_x2 / f32(32.0, x)).double()).float()
     weights = av_x + groups.abs()
-    scales, mins, levels = _make_qkx2_quants(groups, weights)
+    scales, mins, levels = make_qkx2_quants(groups, weights, nmax, rmin, rdelta, nstep, use_mad=False)
     scales = scales.reshape(n_blocks, SUB_BLOCKS)
     mins = mins.reshape(n_blocks, SUB_BLOCKS)
 
     zero = torch.zeros((), dtype=torch.float32, device=x.device)
     max_scale = torch.maximum(scales.max(dim=1).values, zero)
     max_min = torch.maximum(mins.max(dim=1).values, zero)
-    c63 = _f32(63.0, x)
+    c63 = f32(63.0, x)
     inv_scale = torch.where(max_scale > 0, c63 / torch.where(max_scale > 0, max_scale, c63), zero)
     inv_min = torch.where(max_min > 0, c63 / torch.where(max_min > 0, max_min, c63), zero)
     ls = torch.clamp(_nearest_uint8(inv_scale[:, None] * scales), max=63)
@@ -138,17 +95,10 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     dm_sub = dmin16.float()[:, None] * lm.float()
     xs = x.reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
     safe_d = torch.where(d_sub != 0, d_sub, torch.ones_like(d_sub))
-    requant = torch.clamp(torch.round((xs + dm_sub[..., None]) / safe_d[..., None]), 0, 15)
-    first_pass = levels.t().reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
-    q = torch.where((d_sub != 0)[..., None], requant, first_pass).to(torch.uint8)
-
-    out = torch.empty((n_blocks, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
-    out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)
-    out[:, 2:4] = dmin16.reshape(n_blocks, 1).view(torch.uint8)
-    out[:, 4:16] = pack_scales(ls, lm)
-    q = q.reshape(n_blocks, 4, 2, SUB_BLOCK_SIZE)
-    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
-    return out
+    requant = torch.clamp(nearest_int((xs + dm_sub[..., None]) / safe_d[..., None]), 0, nmax)
+    first_pass = levels.t().reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE).to(torch.int64)
+    q = torch.where((d_sub != 0)[..., None], requant, first_pass)
+    return d16, dmin16, ls, lm, q
 
 
 def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
