@@ -111,3 +111,12 @@ def test_cuda_runs_other_types_through_dequantize(rng):
         cpu = Linear(qw, torch.float32, "cpu")(x)
         gpu = Linear(qw, torch.float32, "cuda", backend="triton")(x.cuda()).cpu()
         torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TYPES)
+def test_gpu_encoder_gives_cpu_bytes(rng, name):
+    w = torch.from_numpy((rng.standard_normal((300, 530)) * rng.uniform(1e-3, 10, (300, 1))).astype(np.float32))
+    cpu = spqt.quantize(w, name, layout="zigzag")
+    gpu = spqt.quantize(w.cuda(), name, layout="zigzag").cpu()
+    assert torch.equal(cpu, gpu), f"{(cpu != gpu).any(-1).sum()} blocks differ"
