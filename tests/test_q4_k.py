@@ -9,6 +9,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 
 from spqt.formats import Q4_K, q4_k
+from spqt.formats.search import sequential_sum
 
 GOLDEN = Path(__file__).parent / "data" / "q4_k_llamacpp_golden.npz"
 
@@ -82,8 +83,11 @@ def test_sequential_sum_is_the_c_order(rng):
     expect = terms[0].clone()
     for i in range(1, 32):
         expect = expect + terms[i]
-    got = q4_k._sequential_sum(terms[:, 1:])  # a non-contiguous view too
+    got = sequential_sum(terms[:, 1:])  # a non-contiguous view too
     assert torch.equal(got.view(torch.int32), expect[1:].view(torch.int32))
+    for narrow in (1, 5):  # few columns: numpy would fold these into its pairwise 1-D sum
+        got = sequential_sum(terms[:, 0, :narrow])
+        assert torch.equal(got.view(torch.int32), expect[0, :narrow].view(torch.int32))
 
 
 def test_quantize_in_parallel_chunks_equals_one_call(rng):

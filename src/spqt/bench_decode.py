@@ -104,6 +104,9 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
 
             path = default_spqt() if model_arg == "default" else model_arg
             loaded = load_model(path)
+            if loaded.kind.rsplit("-", 1)[0] != "q4_k":
+                raise SpqtError(f"spqt bench decode times the Triton kernels, which exist for q4_k only; "
+                                f"{path} is {loaded.kind}")
             if loaded.kind.split("-")[-1] != layout:
                 log(f"skipping layout {layout}: {path} is {loaded.kind}")
                 continue

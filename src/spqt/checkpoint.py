@@ -17,10 +17,10 @@ A .spqt file is a safetensors container. Tensors::
 
 The safetensors metadata key ``spqt`` holds versioned JSON: format_version, config
 (ModelConfig), tokenizer (tokenizers JSON, chat template), linears (format, layout, shape, parts
-per tensor), thresholds (sparsity.py) and provenance (source hash, tool version, date).
-Files are written to a temporary name in the target folder and renamed. Version 2 added the
-family switches (biases, q/k norms, RoPE frequency factors); version 1 files are Llama-family
-files without them and read as such.
+per tensor: a mix stores each matrix in its own format), thresholds (sparsity.py) and provenance
+(source hash, tool version, date, quantization type or mix). Files are written to a temporary name
+in the target folder and renamed. Version 2 added the family switches (biases, q/k norms, RoPE
+frequency factors); version 1 files are Llama-family files without them and read as such.
 """
 
 import datetime
@@ -36,8 +36,9 @@ import torch
 import spqt
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
-from spqt.formats import get_format
+from spqt.formats import FORMATS, get_format
 from spqt.layouts import check_layout, grid_shape
+from spqt.mixes import check_quant_type, group_types
 from spqt.quant import dequantize, quantize
 from spqt.sources import SourceModel, TokenizerSpec, open_source
 
@@ -92,10 +93,13 @@ class LoadedModel:
 
     @property
     def kind(self) -> str:
-        """'q4_k-zigzag', 'q4_k-row' or 'float'."""
+        """'q4_k-zigzag', 'q6_k-row', 'q6_k+q4_k-zigzag' (a mix: its types, widest first) or 'float'."""
         w = self.weights.get("layers.0.qkv")
         # QuantizedWeight, or the kernels' GpuQ4K (synthetic models); a float tensor has no fmt
-        return f"{w.fmt}-{w.layout}" if hasattr(w, "fmt") else "float"
+        if not hasattr(w, "fmt"):
+            return "float"
+        used = {v.fmt for v in self.weights.values() if hasattr(v, "fmt")}
+        return f"{'+'.join(f for f in FORMATS if f in used)}-{w.layout}"
 
 
 def _parts(config: ModelConfig) -> dict:
@@ -137,12 +141,16 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
 
 def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigzag",
                     device: str = "cpu", progress: bool = False) -> LoadedModel:
-    """Quantize every linear map of a source model; embeddings fp16, norms fp32."""
+    """Quantize every linear map of a source model; embeddings fp16, norms fp32.
+
+    fmt: one type for every linear map (q8_0, q6_k, q5_k, q4_k, q3_k, q2_k) or a mix (mixes.py:
+    q4_k_m, q5_k_m, q3_k_m), whose per-matrix types the .spqt metadata records."""
     from tqdm.auto import tqdm
 
-    get_format(fmt)
+    fmt = check_quant_type(fmt)
     check_layout(layout)
     cfg = source.config
+    types = group_types(fmt, cfg.n_layers)
     weights = {"tok_embeddings": source.tensor("tok_embeddings").to(torch.float16),
                "norm": source.tensor("norm")}
     if not cfg.tie_embeddings:
@@ -169,11 +177,12 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 if group not in LINEAR_GROUPS:
                     weights[name] = w
                     continue
-                blocks = quantize(w.to(device), fmt, layout).cpu()
-                weights[name] = QuantizedWeight(blocks, fmt, layout, tuple(w.shape))
+                blocks = quantize(w.to(device), types[name], layout).cpu()
+                weights[name] = QuantizedWeight(blocks, types[name], layout, tuple(w.shape))
                 parts[name] = _parts(cfg)[group]
     provenance = dict(source.provenance)
-    provenance.update({"tool": f"spqt {spqt.__version__}", "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+    provenance.update({"quantization": fmt, "tool": f"spqt {spqt.__version__}",
+                       "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance)
     model.ensure_column_norms()
     return model

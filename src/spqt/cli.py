@@ -52,6 +52,11 @@ def cmd_quantize(args) -> int:
     from spqt.generate import resolve_device
     from spqt.sources import open_source
 
+    from spqt.layouts import check_layout
+    from spqt.mixes import check_quant_type
+
+    check_quant_type(args.type)  # before the (slow) load, so a bad type fails at once
+    check_layout(args.layout)
     out = Path(args.output)
     check_writable(out)
     device = resolve_device(args.device)
@@ -90,9 +95,15 @@ def cmd_inspect(args) -> int:
             other_bytes += w.numel() * w.element_size()
             if not name.startswith("layers.") or name.startswith("layers.0."):
                 rows.append((name, str(w.dtype).replace("torch.", ""), "x".join(map(str, w.shape)), ""))
-    print(f"{'tensor':28s} {'format':16s} {'shape':>12s} {'bits/w':>7s}   (layer 0 shown; all layers alike)")
+    per_group = _types_per_group(model.weights)
+    alike = all(len(by_type) == 1 for by_type in per_group.values())
+    print(f"{'tensor':28s} {'format':16s} {'shape':>12s} {'bits/w':>7s}   "
+          f"(layer 0 shown; {'all layers alike' if alike else 'types per layer below'})")
     for r in rows:
         print(f"{r[0]:28s} {r[1]:16s} {r[2]:>12s} {r[3]:>7s}")
+    if not alike:
+        for group, by_type in per_group.items():
+            print(f"types        {group:8s} " + "; ".join(f"{fmt} in layers {_ranges(layers)}" for fmt, layers in by_type.items()))
     if quant_weights:
         print(f"quantized    {quant_bytes / 1e6:.2f} MB for {quant_weights / 1e6:.2f} M weights: "
               f"{8 * quant_bytes / quant_weights:.3f} bits per weight (zero padding included)")
@@ -116,6 +127,30 @@ def cmd_inspect(args) -> int:
     if model.provenance:
         print(f"provenance   {json.dumps(model.provenance)}")
     return 0
+
+
+def _types_per_group(weights: dict) -> dict:
+    """'qkv' -> {format: [layers stored in it]}, widest format first, for every quantized group."""
+    from spqt.formats import FORMATS
+
+    out: dict = {}
+    for name, w in weights.items():
+        parts = name.split(".")
+        if hasattr(w, "fmt") and len(parts) == 3 and parts[0] == "layers":
+            out.setdefault(parts[2], {}).setdefault(w.fmt, []).append(int(parts[1]))
+    order = list(FORMATS)
+    return {g: dict(sorted(by.items(), key=lambda kv: order.index(kv[0]))) for g, by in out.items()}
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 8] -> '0-2, 5, 8'."""
+    spans: list[list[int]] = []
+    for i in sorted(layers):
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
 
 
 # ---------------------------------------------------------------- generate / perplexity
@@ -414,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a .gguf file or a Hugging Face checkpoint folder")
     p.add_argument("-o", "--output", required=True, help="the .spqt file to write")
     p.add_argument("--layout", choices=["zigzag", "row"], default="zigzag")
-    p.add_argument("--type", default="q4_k", help="quantization format (q4_k)")
+    p.add_argument("--type", default="q4_k",
+                   help="q8_0, q6_k, q5_k, q4_k (default), q3_k, q2_k, or a llama.cpp-style mix: q4_k_m, q5_k_m, q3_k_m")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present; same bytes)")
     p.set_defaults(func=cmd_quantize)
 

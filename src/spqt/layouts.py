@@ -1,10 +1,11 @@
 """Where each quantization block's weights come from in the matrix: the row and zigzag layouts.
 
-For W of shape (N, K) and blocks of B = 256 weights:
+For W of shape (N, K) and blocks of B weights (256 for the K-quants, 32 for Q8_0: a Q8_0 zigzag
+block runs down 32 rows of one column):
 
 * ``row`` (llama.cpp's): block (n, b) holds ``W[n, B*b : B*b + B]``; blocks are stored n-major,
   as an array of shape (N, ceil(K / B), bytes). K is padded with zero columns.
-* ``zigzag`` (SpQt's): block (r, k) holds ``W[B*r : B*r + B, k]``, 256 weights running DOWN
+* ``zigzag`` (SpQt's): block (r, k) holds ``W[B*r : B*r + B, k]``, B weights running DOWN
   column k; blocks are stored superblock-row-major, as (ceil(N / B), K, bytes): all K blocks of
   superblock row r, then row r + 1. N is padded with zero rows. Skipping input k skips block
   (r, k) for every r, and the outputs of one superblock row stay contiguous.

@@ -5,17 +5,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from spqt.formats import get_format
-from spqt.formats import q4_k
+from spqt.formats import codec, get_format
 from spqt.layouts import blocks_to_matrix, check_layout, grid_shape, matrix_to_blocks
 
-_CODECS = {"q4_k": (q4_k.encode, q4_k.decode)}
-
-# Blocks encoded per call. The GPU takes big chunks to keep its ~7,000 small launches per chunk
-# few. On the CPU a chunk's ~10 live (32, 8 * chunk) float32 temporaries stay in cache at 1024
-# blocks (measured 2,000 blocks/s per thread on a loaded 2-core EPYC, against 1,300 at 4096 and
+# Weights encoded per call, so that every format (32- or 256-weight blocks) gets the same working
+# set. The GPU takes big chunks to keep its ~7,000 small launches per chunk few. On the CPU a
+# chunk's ~10 live float32 temporaries stay in cache at 1024 Q4_K blocks = 262,144 weights
+# (measured 2,000 blocks/s per thread on a loaded 2-core EPYC, against 1,300 at 4096 blocks and
 # 700 at 256, where the ~2,500 small ops per chunk dominate).
-_CHUNK_BLOCKS = {"cpu": 1024, "cuda": 262144}
+_CHUNK_WEIGHTS = {"cpu": 1024 * 256, "cuda": 262144 * 256}
 
 
 def _encode_chunks(encode, values: torch.Tensor, out: torch.Tensor, chunk: int) -> None:
@@ -53,18 +51,20 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row"):
     """Quantize a float matrix into blocks.
 
     w: (N, K) float numpy array or torch tensor (a CUDA tensor is quantized on its GPU, same bytes).
-    Returns uint8 blocks of the same kind: (N, ceil(K/256), 144) for ``row``,
-    (ceil(N/256), K, 144) for ``zigzag``. Padding (to a multiple of 256) is zero weights.
+    Returns uint8 blocks of the same kind: (N, ceil(K/B), bytes) for ``row``, (ceil(N/B), K, bytes)
+    for ``zigzag`` (B = 256, or 32 for q8_0; bytes per block in spqt.formats). Padding (to a
+    multiple of B) is zero weights.
     """
     spec = get_format(fmt)
     check_layout(layout)
     tensor, was_numpy = _as_tensor(w)
     if tensor.dim() != 2:
         raise ValueError(f"quantize expects a 2-D matrix, got shape {tuple(tensor.shape)}")
-    encode, _ = _CODECS[spec.name]
+    encode, _ = codec(spec.name)
     values = matrix_to_blocks(tensor, layout, spec.block_size)
     out = torch.empty((values.shape[0], spec.block_bytes), dtype=torch.uint8, device=values.device)
-    _encode_chunks(encode, values, out, _CHUNK_BLOCKS.get(values.device.type, 1024))
+    chunk = max(1, _CHUNK_WEIGHTS.get(values.device.type, _CHUNK_WEIGHTS["cpu"]) // spec.block_size)
+    _encode_chunks(encode, values, out, chunk)
     out = out.reshape(*grid_shape(layout, tuple(tensor.shape), spec.block_size), spec.block_bytes)
     return out.cpu().numpy() if was_numpy else out
 
@@ -76,7 +76,7 @@ def dequantize(blocks, fmt: str = "q4_k", layout: str = "row", shape: tuple[int,
     if shape is None:
         raise ValueError("dequantize needs the matrix shape=(N, K)")
     tensor, was_numpy = _as_tensor(blocks)
-    _, decode = _CODECS[spec.name]
+    _, decode = codec(spec.name)
     flat = tensor.reshape(-1, spec.block_bytes)
     values = decode(flat)
     w = blocks_to_matrix(values, layout, tuple(shape), spec.block_size)

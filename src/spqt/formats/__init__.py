@@ -1,8 +1,16 @@
 """Quantization formats: block sizes as data, encode/decode on (n_blocks, bytes_per_block) arrays.
 
-| format | weights per block | bytes per block | bits per weight |
-|--------|-------------------|-----------------|-----------------|
-| q4_k   | 256               | 144             | 4.5             |
+| format | weights per block | bytes per block                              | bits per weight |
+|--------|-------------------|----------------------------------------------|-----------------|
+| q8_0   | 32                | 2 + 32 = 34                                  | 8.5             |
+| q6_k   | 256               | 128 + 64 + 16 + 2 = 210                      | 6.5625          |
+| q5_k   | 256               | 2 + 2 + 12 + 32 + 128 = 176                  | 5.5             |
+| q4_k   | 256               | 2 + 2 + 12 + 128 = 144                       | 4.5             |
+| q3_k   | 256               | 32 + 64 + 12 + 2 = 110                       | 3.4375          |
+| q2_k   | 256               | 16 + 64 + 2 + 2 = 84                         | 2.625           |
+
+Each format's module (q8_0.py, ...) draws its block and holds ``encode`` / ``decode``;
+:func:`codec` returns that pair.
 """
 
 from dataclasses import dataclass
@@ -21,9 +29,15 @@ class BlockFormat:
         return 8.0 * self.block_bytes / self.block_size
 
 
+Q8_0 = BlockFormat("q8_0", block_size=32, block_bytes=2 + 32)
+Q6_K = BlockFormat("q6_k", block_size=256, block_bytes=128 + 64 + 16 + 2)
+Q5_K = BlockFormat("q5_k", block_size=256, block_bytes=2 + 2 + 12 + 32 + 128)
 Q4_K = BlockFormat("q4_k", block_size=256, block_bytes=2 + 2 + 12 + 128)
+Q3_K = BlockFormat("q3_k", block_size=256, block_bytes=32 + 64 + 12 + 2)
+Q2_K = BlockFormat("q2_k", block_size=256, block_bytes=16 + 64 + 2 + 2)
 
-FORMATS = {Q4_K.name: Q4_K}
+# Widest first: the order mixes use to pick the wider of two types.
+FORMATS = {f.name: f for f in (Q8_0, Q6_K, Q5_K, Q4_K, Q3_K, Q2_K)}
 
 
 def get_format(name: str) -> BlockFormat:
@@ -33,3 +47,11 @@ def get_format(name: str) -> BlockFormat:
         return FORMATS[name.lower()]
     except KeyError:
         raise SpqtError(f"unsupported quantization type {name!r}; supported: {', '.join(FORMATS)}") from None
+
+
+def codec(name: str):
+    """(encode, decode) of a format: (n_blocks, block_size) float32 <-> (n_blocks, block_bytes) uint8."""
+    import importlib
+
+    module = importlib.import_module(f"spqt.formats.{get_format(name).name}")
+    return module.encode, module.decode

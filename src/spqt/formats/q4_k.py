@@ -21,135 +21,61 @@ no multiply-add is fused. Eager torch does the same IEEE float32 operations on C
 both give the same bytes.
 """
 
-import numpy as np
 import torch
+
+from spqt.formats.search import f32, make_qkx2_quants, nearest_int, sequential_sum
 
 BLOCK_SIZE = 256
 BLOCK_BYTES = 144
 SUB_BLOCKS = 8
 SUB_BLOCK_SIZE = 32
 
-_NMAX = 15.0
+# make_qkx2_quants' search for Q4_K: 21 candidate scales, (nmax + rmin + rdelta * i) / range.
+_NMAX = 15
 _RMIN = -1.0
 _RDELTA = 0.1
 _NSTEP = 20
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23
-
-
-def _f32(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(value, dtype=torch.float32, device=like.device)
-
-
-def _sequential_sum(terms: torch.Tensor) -> torch.Tensor:
-    """Sum over dim 0 one element at a time, in order, as the C loops do. terms: (n, ...) -> (...).
-
-    torch's sum (cascaded) and CPU cumsum (float64 accumulator) change the last bit. On the CPU,
-    numpy's add.reduce over the leading axis of a C-ordered array runs the binary add row by row,
-    which is this order, in one call instead of n - 1 (tests/test_q4_k.py checks it bitwise)."""
-    if terms.device.type == "cpu":
-        return torch.from_numpy(np.add.reduce(terms.contiguous().numpy(), axis=0))
-    total = terms[0].clone()
-    for i in range(1, terms.shape[0]):
-        total.add_(terms[i])
-    return total
-
-
-def _round_levels_(t: torch.Tensor) -> torch.Tensor:
-    """In place: t -> clamp(round_half_even(t), 0, 15), C's ``MAX(0, MIN(15, nearest_int(t)))``.
-
-    Adding and removing 1.5 * 2^23 rounds a float32 to the nearest integer, ties to even, exactly
-    for |t| < 2^22 (larger values clamp to the same level): the C code's own trick, and about 20x
-    cheaper than torch.round on the CPU (1.1 ms against 51 us per 262,144 floats, measured)."""
-    return t.add_(_ROUND_MAGIC).sub_(_ROUND_MAGIC).clamp_(0, _NMAX)
-
-
-def _make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor):
-    """llama.cpp's scale/min search for groups of 32. x, weights: (32, G) float32.
-
-    Returns (scale (G,), the_min (G,), levels (32, G) float32 in 0..15).
-
-    Every (32, G) temporary is allocated once and reused in place across the 21 candidate scales
-    (fresh 16 MB temporaries cost more in page faults than in arithmetic), and the three sums of
-    a candidate run as one sequential sum over a stacked (32, 3, G) buffer.
-    """
-    one = _f32(1.0, x)
-    nmax = _f32(_NMAX, x)
-    zero = torch.zeros((), dtype=torch.float32, device=x.device)
-    n, g = x.shape
-    lo = x.amin(dim=0)
-    hi = x.amax(dim=0)
-    stacked = torch.empty((n, 3, g), dtype=torch.float32, device=x.device)
-    stacked[:, 0] = weights
-    torch.mul(weights, x, out=stacked[:, 1])
-    sum_w, sum_x = _sequential_sum(stacked[:, :2])
-    lo = torch.where(lo > 0, zero, lo)
-    flat = hi == lo
-    keep_going = ~flat
-    span = torch.where(flat, one, hi - lo)
-
-    iscale = nmax / span
-    scale = one / iscale
-    levels = _round_levels_(torch.sub(x, lo).mul_(iscale))
-    diff = torch.mul(scale, levels)
-    diff.add_(lo).sub_(x)
-    diff.mul_(diff).mul_(weights)
-    best_error = _sequential_sum(diff)
-
-    trial = torch.empty_like(x)
-    for step in range(_NSTEP + 1):
-        # C evaluates (rmin + rdelta*is) + nmax in float32.
-        numerator = (_f32(_RMIN, x) + _f32(_RDELTA, x) * _f32(float(step), x)) + nmax
-        # The C code reads the running `min` here, which earlier steps may have replaced.
-        span = torch.where(flat, one, hi - lo)
-        iscale = numerator / span
-        _round_levels_(torch.sub(x, lo, out=trial).mul_(iscale))
-        wl = torch.mul(weights, trial, out=stacked[:, 0])
-        torch.mul(wl, trial, out=stacked[:, 1])
-        torch.mul(wl, x, out=stacked[:, 2])
-        sum_l, sum_l2, sum_xl = _sequential_sum(stacked)
-        det = sum_w * sum_l2 - sum_l * sum_l
-        usable = det > 0
-        safe_det = torch.where(usable, det, one)
-        this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
-        this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
-        positive_min = this_min > 0
-        safe_l2 = torch.where(sum_l2 > 0, sum_l2, one)
-        this_scale = torch.where(positive_min, sum_xl / safe_l2, this_scale)
-        this_min = torch.where(positive_min, zero, this_min)
-        torch.mul(this_scale, trial, out=diff)
-        diff.add_(this_min).sub_(x)
-        diff.mul_(diff).mul_(weights)
-        cur_error = _sequential_sum(diff)
-        better = usable & keep_going & (cur_error < best_error)
-        torch.where(better, trial, levels, out=levels)
-        best_error = torch.where(better, cur_error, best_error)
-        scale = torch.where(better, this_scale, scale)
-        lo = torch.where(better, this_min, lo)
-
-    levels.masked_fill_(flat, 0.0)
-    scale = torch.where(flat, zero, scale)
-    return scale, -lo, levels
 
 
 def _nearest_uint8(x: torch.Tensor) -> torch.Tensor:
     """C's ``(uint8_t) nearest_int(x)``: round half to even, wrap to 8 bits."""
-    return torch.round(x).to(torch.int64) & 0xFF
+    return nearest_int(x) & 0xFF
 
 
 def encode(x: torch.Tensor) -> torch.Tensor:
     """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 144) uint8."""
     if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
         raise ValueError(f"q4_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
+    d16, dmin16, ls, lm, q = encode_levels(x, _NMAX, _RMIN, _RDELTA, _NSTEP)
+    n_blocks = x.shape[0]
+    out = torch.empty((n_blocks, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
+    out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)
+    out[:, 2:4] = dmin16.reshape(n_blocks, 1).view(torch.uint8)
+    out[:, 4:16] = pack_scales(ls, lm)
+    q = q.to(torch.uint8).reshape(n_blocks, 4, 2, SUB_BLOCK_SIZE)
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
+    return out
+
+
+def encode_levels(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """The scale / min part shared by Q4_K and Q5_K (their reference quantizers differ only in
+    nmax and the search's candidates): per sub-block of 32 a make_qkx2_quants search with
+    importance ``rms + |x|``, 6-bit scales and mins under fp16 d and dmin, then every weight
+    requantized against the stored values.
+
+    x: (n_blocks, 256). Returns d16 (n,) fp16, dmin16 (n,) fp16, ls (n, 8) and lm (n, 8) int64
+    in 0..63, q (n, 8, 32) int64 in 0..nmax.
+    """
     x = x.to(torch.float32)
     n_blocks = x.shape[0]
     # (32, n_blocks * 8): one column per sub-block, so sums over dim 0 run in the C order.
     groups = x.reshape(n_blocks * SUB_BLOCKS, SUB_BLOCK_SIZE).t().contiguous()
-    sum_x2 = _sequential_sum(groups * groups)
+    sum_x2 = sequential_sum(groups * groups)
     # sqrtf is correctly rounded; torch's float32 CPU sqrt is not always, float64 sqrt rounded to
     # float32 is (53 >= 2*24 + 2 bits), on CPU and GPU alike.
-    av_x = torch.sqrt((sum_x2 / _f32(32.0, x)).double()).float()
+    av_x = torch.sqrt((sum_x2 / f32(32.0, x)).double()).float()
     weights = groups.abs().add_(av_x)
-    scales, mins, levels = _make_qkx2_quants(groups, weights)
+    scales, mins, levels = make_qkx2_quants(groups, weights, nmax, rmin, rdelta, nstep, use_mad=False)
     scales = scales.reshape(n_blocks, SUB_BLOCKS)
     mins = mins.reshape(n_blocks, SUB_BLOCKS)
 
@@ -159,7 +85,7 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     max_scale = torch.where(max_scale > 0, max_scale, zero)
     max_min = mins.max(dim=1).values
     max_min = torch.where(max_min > 0, max_min, zero)
-    c63 = _f32(63.0, x)
+    c63 = f32(63.0, x)
     inv_scale = torch.where(max_scale > 0, c63 / torch.where(max_scale > 0, max_scale, c63), zero)
     inv_min = torch.where(max_min > 0, c63 / torch.where(max_min > 0, max_min, c63), zero)
     ls = torch.clamp(_nearest_uint8(inv_scale[:, None] * scales), max=63)
@@ -172,17 +98,10 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     dm_sub = dmin16.float()[:, None] * lm.float()
     xs = x.reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
     safe_d = torch.where(d_sub != 0, d_sub, torch.ones_like(d_sub))
-    requant = torch.clamp(torch.round((xs + dm_sub[..., None]) / safe_d[..., None]), 0, 15)
-    first_pass = levels.t().reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
-    q = torch.where((d_sub != 0)[..., None], requant, first_pass).to(torch.uint8)
-
-    out = torch.empty((n_blocks, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
-    out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)
-    out[:, 2:4] = dmin16.reshape(n_blocks, 1).view(torch.uint8)
-    out[:, 4:16] = pack_scales(ls, lm)
-    q = q.reshape(n_blocks, 4, 2, SUB_BLOCK_SIZE)
-    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
-    return out
+    requant = torch.clamp(nearest_int((xs + dm_sub[..., None]) / safe_d[..., None]), 0, nmax)
+    first_pass = levels.t().reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE).to(torch.int64)
+    q = torch.where((d_sub != 0)[..., None], requant, first_pass)
+    return d16, dmin16, ls, lm, q
 
 
 def pack_scales(ls: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,8 @@ import torch
 from spqt.errors import SpqtError
 
 BACKENDS = ("reference", "triton")
+# Formats with Triton GEMV kernels; other formats run dequantize + cuBLAS on the GPU.
+TRITON_FORMATS = ("q4_k",)
 
 
 def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
@@ -18,6 +20,15 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
     if backend == "triton":
         if not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise SpqtError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
+        from spqt.checkpoint import QuantizedWeight
+
+        if isinstance(weight, QuantizedWeight) and weight.fmt not in TRITON_FORMATS:
+            # No kernels for this format yet: dequantize once into the compute dtype and let cuBLAS
+            # multiply (correct and graph-capturable, but a float copy of W: no memory or
+            # bandwidth saving, and sparsity only masks).
+            from spqt.kernels.reference import ReferenceLinear
+
+            return ReferenceLinear(weight, dtype, device)
         from spqt.kernels.gpu_linear import TritonLinear
 
         return TritonLinear(weight, dtype, device)

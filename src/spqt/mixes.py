@@ -1,0 +1,74 @@
+"""Which quantization type each linear map gets: one type for all, or a named mix.
+
+The mixes follow llama.cpp's recipes (``llama_tensor_get_type`` in llama-quant.cpp) for a dense
+Llama: every matrix gets the mix's base type except
+
+* Q4_K_M (base Q4_K) and Q5_K_M (base Q5_K): attn_v and ffn_down get Q6_K in the "more bits"
+  layers: the first eighth, the last eighth, and every third layer in between (layer i with
+  i < n/8, or i >= 7n/8, or (i - n/8) mod 3 == 2; 14 of SmolLM2's 30 layers).
+* Q3_K_M (base Q3_K): attn_v gets Q5_K in layers 0 and 1 and Q4_K elsewhere; ffn_down Q5_K in
+  the first sixteenth of the layers and Q4_K elsewhere; attn_output Q4_K.
+
+Where we differ from llama.cpp, and why:
+
+* q, k and v are stored as one fused matrix (one input, one index list, one kernel), so the fused
+  matrix takes the WIDEST type of its members: where llama.cpp widens attn_v, our q|k|v widens
+  with it (more bits than llama.cpp spends, never fewer). gate|up have no recipe of their own.
+* llama.cpp also stores the output head (and a tied embedding) in Q6_K; ours stay fp16.
+* llama.cpp falls back to a legacy type (Q5_0, Q8_0, ...) for matrices whose rows are not a
+  multiple of 256 (SmolLM2's 576); we pad with zeros instead (layouts.py), so every matrix keeps
+  its K-quant.
+"""
+
+from spqt.errors import SpqtError
+from spqt.formats import FORMATS
+
+MIXES = ("q4_k_m", "q5_k_m", "q3_k_m")
+
+# Canonical fused groups (checkpoint.LINEAR_GROUPS) and the llama.cpp tensors inside them.
+_MEMBERS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
+            "down": ("ffn_down",)}
+
+
+def _more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth, and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def _member_type(mix: str, tensor: str, layer: int, n_layers: int) -> str:
+    if mix in ("q4_k_m", "q5_k_m"):
+        base = "q4_k" if mix == "q4_k_m" else "q5_k"
+        if tensor in ("attn_v", "ffn_down") and _more_bits(layer, n_layers):
+            return "q6_k"
+        return base
+    # q3_k_m
+    if tensor == "attn_v":
+        return "q5_k" if layer < 2 else "q4_k"
+    if tensor == "ffn_down":
+        return "q5_k" if layer < n_layers // 16 else "q4_k"
+    if tensor == "attn_output":
+        return "q4_k"
+    return "q3_k"
+
+
+def check_quant_type(name: str) -> str:
+    """A type (q8_0, q6_k, ...) or a mix (q4_k_m, ...), lower-cased; anything else: SpqtError."""
+    key = name.lower()
+    if key not in FORMATS and key not in MIXES:
+        raise SpqtError(f"unknown quantization type or mix {name!r}; types: {', '.join(FORMATS)}; "
+                        f"mixes: {', '.join(MIXES)}")
+    return key
+
+
+def group_types(name: str, n_layers: int) -> dict[str, str]:
+    """'layers.{i}.{qkv,o,gate_up,down}' -> the format that matrix is stored in."""
+    key = check_quant_type(name)
+    out = {}
+    for i in range(n_layers):
+        for group, members in _MEMBERS.items():
+            if key in FORMATS:
+                out[f"layers.{i}.{group}"] = key
+                continue
+            types = [_member_type(key, m, i, n_layers) for m in members]
+            out[f"layers.{i}.{group}"] = min(types, key=list(FORMATS).index)  # FORMATS runs widest first
+    return out
