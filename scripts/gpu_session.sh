@@ -30,6 +30,20 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (gguf; fastapi,
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# The 7B step profile, dense and at 50 %, of this tree and (where carried) of the round's starting
+# commit in .old; $1: the sed script that picks the lines to print.
+profile_7b() {
+  for s in 0 0.5; do
+    for tree in now before; do
+      [ $tree = before ] && [ ! -d .old/src ] && continue
+      tag=$s$([ $tree = before ] && echo -before)
+      PYTHONPATH="$([ $tree = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH")" timeout 90 \
+        python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$tag.json" \
+        2>&1 | grep -v WARN > "$OUT/profile-7b-$tag.txt"
+      sed -n "$1" "$OUT/profile-7b-$tag.txt"
+    done
+  done
+}
 stage=${1:-kernels}
 case "$stage" in
   kernels)
@@ -83,15 +97,7 @@ case "$stage" in
     timeout 120 python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
       --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | tail -3
     cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
-    for s in 0 0.5; do
-      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
-        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"; sed -n '1p;/^kind/,$p' "$OUT/profile-7b-$s.txt"
-      if [ -d .old/src ]; then
-        PYTHONPATH="$PWD/.old/src:/tmp/site" timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b \
-          --sparsity $s --json "$OUT/profile-7b-$s-before.json" 2>&1 | grep -v WARN > "$OUT/profile-7b-$s-before.txt"
-        sed -n '1p;/^kind/,$p' "$OUT/profile-7b-$s-before.txt"
-      fi
-    done
+    profile_7b "1p;/^kind/,\$p"
     for m in ${DECODE_MODELS:-llama2-7b}; do
       timeout 150 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
         2>&1 | grep -v WARN | tail -6
@@ -106,10 +112,7 @@ case "$stage" in
   measure)
     # Profiles of the 7B step (dense, 50 %) and the decode benchmark (DECODE_MODELS), no tuning, no tests.
     export SPQT_CACHE=/tmp/spqt-cache
-    for s in 0 0.5; do
-      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
-        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"; grep -E "graph replay|^kind|^[A-Za-z].* [0-9.]+$" "$OUT/profile-7b-$s.txt" | tail -12
-    done
+    profile_7b "/graph replay/p;/^kind/,\$p"
     for m in ${DECODE_MODELS:-llama2-7b}; do
       timeout 200 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
         2>&1 | grep -v WARN | tail -6
@@ -128,15 +131,7 @@ case "$stage" in
     timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
       | grep -E "passed|failed|FAILED|Error" | tail -25
     echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
-    for s in 0 0.5; do
-      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
-        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"; grep -E "graph replay" "$OUT/profile-7b-$s.txt"
-      if [ -d .old/src ]; then
-        PYTHONPATH="$PWD/.old/src:/tmp/site" timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b \
-          --sparsity $s --json "$OUT/profile-7b-$s-before.json" 2>&1 | grep -v WARN > "$OUT/profile-7b-$s-before.txt"
-        grep -E "graph replay" "$OUT/profile-7b-$s-before.txt"
-      fi
-    done
+    profile_7b "/graph replay/p"
     timeout 120 python3 -m spqt.cli bench decode --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-default.json" 2>&1 \
       | grep -v WARN | tail -6
     for s in 0 0.5; do

@@ -280,6 +280,11 @@ def plot_speedups(report: dict, path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _at_least_16(calls: list) -> list:
+    """The calls repeated to at least 16 launches per graph (the tuner's timing unit)."""
+    return (calls * -(-16 // len(calls)))[: max(16, len(calls))]
+
+
 CROSSOVER_LEVELS = (0.1, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 CROSSOVER_MARGIN = 0.97  # sparse must be at least 3 % faster: the spread of repeated timings is ~1-2 %
 
@@ -295,8 +300,7 @@ def crossover(ops: Operands, dense_cfg: dict, sparse_cfg: dict) -> dict:
     ws_s = kg.ZigzagWorkspace(ops.zig[0], sparse_cfg["split"], torch.float16)
 
     def timed(call):
-        seq = [(lambda w=w: call(w)) for w in ops.zig]
-        return time_graph((seq * -(-16 // len(seq)))[: max(16, len(seq))], replays=10, warmup=2)
+        return time_graph(_at_least_16([(lambda w=w: call(w)) for w in ops.zig]), replays=10, warmup=2)
 
     dense = timed(lambda w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, **tuning.launch_args(dense_cfg)))
     wins = {"crossover": [], "crossover_fused": []}
@@ -348,8 +352,7 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
                                              kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws, idx=ws.idx, count=ws.count,
                                                             **tuning.launch_args(cfg))))
                                for w in ops.zig]
-                seq = (seq * -(-16 // len(seq)))[: max(16, len(seq))]
-                us = time_graph(seq, replays=10, warmup=2) * 1e6
+                us = time_graph(_at_least_16(seq), replays=10, warmup=2) * 1e6
                 if best is None or us < best[0]:
                     best = (us, cfg)
             entries[variant][f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}

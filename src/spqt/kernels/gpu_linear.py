@@ -72,12 +72,16 @@ class TritonLinear:
                       residual: torch.Tensor | None = None, swiglu: bool = False, scale: torch.Tensor | None = None):
         """W sparsify(rms_norm(x)) for one token, the norm and the collection in one launch (scale:
         as sparse()'s). Returns (y, the normed x (..., K)). Zigzag only (the row layout has no sparse kernel)."""
-        v = x.reshape(self.k)
-        ws, c = self.ws_sparse, self.cfg_sparse
-        kf.rms_norm_collect(v, norm_weight, eps, threshold, self.normed, ws.idx, ws.count, scale=scale)
-        y = kg.gemv_zigzag(self.w, self.normed, kg.MODE_INDEXED, ws, **tuning.launch_args(c), idx=ws.idx,
-                           count=ws.count, **self._gemv_epilogue(residual, swiglu))
+        ws = self.ws_sparse
+        kf.rms_norm_collect(x.reshape(self.k), norm_weight, eps, threshold, self.normed, ws.idx, ws.count, scale=scale)
+        y = self._gemv_indexed(self.normed, self._gemv_epilogue(residual, swiglu))
         return y.view(*x.shape[:-1], y.numel()), self.normed.view(x.shape)
+
+    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> torch.Tensor:
+        """B4 over v (K,) with the index list already in the sparse workspace."""
+        ws = self.ws_sparse
+        return kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(self.cfg_sparse), idx=ws.idx,
+                              count=ws.count, **epilogue)
 
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -86,7 +90,6 @@ class TritonLinear:
         if fused is None:
             return self.dense(sparsify(x, threshold, scale), residual, swiglu)
         v = x.reshape(self.k)
-        ws, c = self.ws_sparse, self.cfg_sparse
-        idx, count = collect(v, threshold, ws.idx, ws.count, scale=scale)
-        y = kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(c), idx=idx, count=count, **fused)
+        collect(v, threshold, self.ws_sparse.idx, self.ws_sparse.count, scale=scale)
+        y = self._gemv_indexed(v, fused)
         return y.view(*x.shape[:-1], y.numel())
