@@ -161,7 +161,8 @@ def _zigzag_configs(device):
     B4's past the list's; the interpreter has no L2 and runs without it), and one config with its
     registers capped (spills)."""
     if device == "cpu":
-        return [(1, {"num_warps": 1, "chunks": 1, "fused": False}), (3, {"num_warps": 2, "chunks": 1, "fused": False}),
+        return [(1, {"num_warps": 1, "chunks": 1, "fused": False}),
+                (3, {"num_warps": 2, "chunks": 1, "acc": 4, "fused": False}),
                 (2, {"num_warps": 4, "chunks": 2, "fused": True})]
     # every (warps, chunks, ahead) the tuner may pick once (each is a compile: a fresh GPU machine
     # spent most of 9 minutes compiling when every split met every config), 4 and 8 warps once
@@ -169,7 +170,7 @@ def _zigzag_configs(device):
             (7, {"num_warps": 2, "chunks": 2, "ahead": 0, "fused": True}),
             (64, {"num_warps": 1, "chunks": 2, "ahead": 0, "maxnreg": 96, "fused": False}),
             (64, {"num_warps": 2, "chunks": 1, "ahead": 1, "fused": False}),
-            (7, {"num_warps": 4, "chunks": 2, "ahead": 2, "fused": False}),
+            (7, {"num_warps": 4, "chunks": 2, "ahead": 2, "acc": 4, "fused": False}),
             (64, {"num_warps": 8, "chunks": 1, "ahead": 1, "fused": True})]
 
 

@@ -59,12 +59,17 @@ def _tile_asm(m: int, btype: int) -> str:
     """PTX of tile m (rows 16 m .. 16 m + 15), one instance per lane (pack 4, operands $n):
     0-3 out C (fp32); 4-19 the 4 words of slots 0-3 (int32; word m // 4, byte m % 4 is this
     tile's); per B term i two packed 16-bit pairs, each broadcast 4-fold: slots 0|1 at 20 + 8 i,
-    slots 2|3 at 24 + 8 i; then the 4 C inputs."""
+    slots 2|3 at 24 + 8 i; then the 4 C inputs; then the lane's group g (int32, 4-fold).
+    B goes in only where g = m // 2 (the tile's sub-block): zero elsewhere, so that the tile adds
+    into C's column m // 2 alone and several tiles share one accumulator (module docstring)."""
     terms = TERMS[btype]
     q, b = m // 4, m % 4
     c0 = 20 + 8 * terms
-    lines = ["{", ".reg .b32 p, q, a0, a1, a2, a3;",
-             f"prmt.b32 p, ${4 + q}, ${8 + q}, {_SEL[b]};", f"prmt.b32 q, ${12 + q}, ${16 + q}, {_SEL[b]};"]
+    lines = ["{", ".reg .b32 p, q, a0, a1, a2, a3;", ".reg .pred own;",
+             ".reg .b32 " + ", ".join(f"s{i}, t{i}" for i in range(terms)) + ";",
+             f"setp.eq.u32 own, ${c0 + 4}, {m // 2};"]
+    lines += [f"selp.b32 s{i}, ${20 + 8 * i}, 0, own;\nselp.b32 t{i}, ${24 + 8 * i}, 0, own;" for i in range(terms)]
+    lines += [f"prmt.b32 p, ${4 + q}, ${8 + q}, {_SEL[b]};", f"prmt.b32 q, ${12 + q}, ${16 + q}, {_SEL[b]};"]
     if btype == BTYPE_FP16:
         lines += ["and.b32 a0, p, 0x000F000F;", "and.b32 a1, p, 0x00F000F0;",
                   "and.b32 a2, q, 0x000F000F;", "and.b32 a3, q, 0x00F000F0;"]
@@ -79,7 +84,7 @@ def _tile_asm(m: int, btype: int) -> str:
     acc = f"{{${c0}, ${c0 + 1}, ${c0 + 2}, ${c0 + 3}}}"
     for i in range(terms):
         lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.f32 {{$0, $1, $2, $3}}, {{a0, a1, a2, a3}}, "
-                     f"{{${20 + 8 * i}, ${24 + 8 * i}}}, {acc};")
+                     f"{{s{i}, t{i}}}, {acc};")
         acc = "{$0, $1, $2, $3}"
     lines.append("}")
     return "\n".join(lines)
@@ -103,9 +108,10 @@ def _slots_kt(v0, v1, v2, v3, W: tl.constexpr):
 
 
 @triton.jit
-def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, M: tl.constexpr, W: tl.constexpr):
+def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M: tl.constexpr, W: tl.constexpr):
     """Interpreter twin of one tile's mma over all lanes: the C fragment increment (32 W, 4 regs).
-    w*: the slots' words (32 W, 4); e*: the slots' B values (32 W,) fp32; row 32 w + 4 g + t.
+    w*: the slots' words (32 W, 4); e*: the slots' B values (32 W,) fp32, kept only in lanes of
+    group gi = M // 2 (as the PTX does); row 32 w + 4 g + t.
     Fragments (PTX m16n8k16): lane (g, t) holds A rows g, g + 8 at k = 2t, 2t+1, 2t+8, 2t+9,
     B at n = g for the same k, and C at rows g, g + 8 (r = 0, 1 | 2, 3), n = 2t, 2t+1."""
     word = tl.arange(0, 4)[None, :]
@@ -115,6 +121,11 @@ def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, M: tl.constexpr, W: tl.constex
     v2 = tl.reshape(tl.sum(tl.where(word == M // 4, w2, 0), axis=1), (W, 8, 4))
     v3 = tl.reshape(tl.sum(tl.where(word == M // 4, w3, 0), axis=1), (W, 8, 4))
     a = _slots_kt(v0, v1, v2, v3, W)  # [w, g, k]
+    own = gi == M // 2
+    e0 = tl.where(own, e0, 0.0)
+    e1 = tl.where(own, e1, 0.0)
+    e2 = tl.where(own, e2, 0.0)
+    e3 = tl.where(own, e3, 0.0)
     b = _slots_kt(tl.reshape(e0, (W, 8, 4)), tl.reshape(e1, (W, 8, 4)), tl.reshape(e2, (W, 8, 4)),
                   tl.reshape(e3, (W, 8, 4)), W)  # [w, n, k]
     a_lo = ((a >> SH) & 15).to(tl.float32)
@@ -126,23 +137,24 @@ def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, M: tl.constexpr, W: tl.constex
 
 
 @triton.jit
-def _tile(c, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, M: tl.constexpr, ASMS: tl.constexpr,
+def _tile(c, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M: tl.constexpr, ASMS: tl.constexpr,
           BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr):
-    """C of tile M (32 W lanes, 4 regs) += A_M B, every lane's mma.sync (or its emulation).
+    """C (32 W lanes, 4 regs) += A_M B_M, every lane's mma.sync (or its emulation); B_M is B in
+    the lanes of group gi = M // 2 and zero in the others.
     p/q/u: the B terms as packed 16-bit pairs (32 W, 1) int32 (only the B type's terms are
     passed to the PTX); e*: the B values in fp32, for the emulation."""
     if EMULATE:
-        c = c + _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, M, W)
+        c = c + _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M, W)
     elif BTYPE == 0:
-        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 24 + "f,f,f,f",
-                                      [w0, w1, w2, w3, p01, p23, c], dtype=tl.float32, is_pure=True, pack=4)
+        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 24 + "f,f,f,f,r,r,r,r",
+                                      [w0, w1, w2, w3, p01, p23, c, gi[:, None]], dtype=tl.float32, is_pure=True, pack=4)
     elif BTYPE == 1:
-        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 32 + "f,f,f,f",
-                                      [w0, w1, w2, w3, p01, p23, q01, q23, c], dtype=tl.float32, is_pure=True,
+        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 32 + "f,f,f,f,r,r,r,r",
+                                      [w0, w1, w2, w3, p01, p23, q01, q23, c, gi[:, None]], dtype=tl.float32, is_pure=True,
                                       pack=4)
     else:
-        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 40 + "f,f,f,f",
-                                      [w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, c], dtype=tl.float32,
+        c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 40 + "f,f,f,f,r,r,r,r",
+                                      [w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, c, gi[:, None]], dtype=tl.float32,
                                       is_pure=True, pack=4)
     return c
 
@@ -243,10 +255,26 @@ def _chunk_loads(q_ptr, h_ptr, x_ptr, t, r, k0, k1, k2, k3, pos, hi, K, gi, li, 
 
 
 @triton.jit
-def _chunk(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
-           w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi,
-           ASMS: tl.constexpr, BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr):
-    """Add one chunk (16 columns per warp): B of the 4 slots, then the 16 tiles' mma."""
+def _acc_tile(c0, c1, c2, c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M: tl.constexpr,
+              ASMS: tl.constexpr, BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
+    """Tile M into accumulator M % ACC (ACC 2 or 4: its tiles have distinct sub-blocks M // 2)."""
+    A: tl.constexpr = M % ACC
+    if A == 0:
+        c0 = _tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
+    elif A == 1:
+        c1 = _tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
+    elif A == 2:
+        c2 = _tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
+    else:
+        c3 = _tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _chunk(c0, c1, c2, c3, bias, w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi,
+           ASMS: tl.constexpr, BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
+    """Add one chunk (16 columns per warp): B of the 4 slots, then the 16 tiles' mma into the ACC
+    accumulators."""
     DT: tl.constexpr = tl.float16 if BTYPE == 0 else tl.bfloat16
     a0, b0, z0, m0 = _slot_b(hl0, hh0, x0, gi, BTYPE)
     a1, b1, z1, m1 = _slot_b(hl1, hh1, x1, gi, BTYPE)
@@ -263,37 +291,23 @@ def _chunk(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
     e1 = a1 + b1 + z1
     e2 = a2 + b2 + z2
     e3 = a3 + b3 + z3
-    c0 = _tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 0, ASMS, BTYPE, EMULATE, W)
-    c1 = _tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 1, ASMS, BTYPE, EMULATE, W)
-    c2 = _tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 2, ASMS, BTYPE, EMULATE, W)
-    c3 = _tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 3, ASMS, BTYPE, EMULATE, W)
-    c4 = _tile(c4, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 4, ASMS, BTYPE, EMULATE, W)
-    c5 = _tile(c5, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 5, ASMS, BTYPE, EMULATE, W)
-    c6 = _tile(c6, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 6, ASMS, BTYPE, EMULATE, W)
-    c7 = _tile(c7, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 7, ASMS, BTYPE, EMULATE, W)
-    c8 = _tile(c8, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 8, ASMS, BTYPE, EMULATE, W)
-    c9 = _tile(c9, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 9, ASMS, BTYPE, EMULATE, W)
-    c10 = _tile(c10, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 10, ASMS, BTYPE, EMULATE, W)
-    c11 = _tile(c11, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 11, ASMS, BTYPE, EMULATE, W)
-    c12 = _tile(c12, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 12, ASMS, BTYPE, EMULATE, W)
-    c13 = _tile(c13, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 13, ASMS, BTYPE, EMULATE, W)
-    c14 = _tile(c14, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 14, ASMS, BTYPE, EMULATE, W)
-    c15 = _tile(c15, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, 15, ASMS, BTYPE, EMULATE, W)
-    return c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias
+    for m in tl.static_range(16):
+        c0, c1, c2, c3 = _acc_tile(c0, c1, c2, c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3,
+                                   gi, m, ASMS, BTYPE, EMULATE, W, ACC)
+    return c0, c1, c2, c3, bias
 
 
 @triton.jit
-def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr,
-             W: tl.constexpr):
-    """Lane (g, t) holds tile 4 t + MQ's wanted column n = its sub-block j = (4 t + MQ) // 2 in
-    regs n % 2 (row g) and 2 + n % 2 (row g + 8): those two values (32 W,) each, scaled; warp 0
-    also subtracts the sub-block's min term bj[j] (so the sum over warps has it once)."""
+def _quarter(c, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, W: tl.constexpr):
+    """Lane (g, t) holds tile 4 t + MQ in accumulator c = MQ % ACC, at its column n = the tile's
+    sub-block j = 2 t + MQ // 2, i.e. in regs MQ // 2 (row g) and 2 + MQ // 2 (row g + 8): those two
+    values (32 W,) each, scaled; warp 0 also subtracts the sub-block's min term bj[j] (so the sum
+    over warps has it once)."""
     lanes = tl.arange(0, 32 * W)
     ti = lanes % 4
     reg = tl.arange(0, 4)[None, :]
-    c = tl.where(ti[:, None] == 0, ca, tl.where(ti[:, None] == 1, cb, tl.where(ti[:, None] == 2, cc, cd)))
-    E: tl.constexpr = (MQ // 2) % 2
-    j = 2 * ti + MQ // 2
+    E: tl.constexpr = MQ // 2
+    j = 2 * ti + E
     bsel = tl.sum(tl.where(tl.arange(0, 8)[None, :] == j[:, None], bj[None, :], 0.0), axis=1)
     bsel = tl.where(lanes < 32, bsel, 0.0)
     lo = tl.sum(tl.where(reg == E, c, 0.0), axis=1) * SCALE_LO - bsel
@@ -369,7 +383,7 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                        NP, SPLIT, MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr,
                        EMULATE: tl.constexpr, W: tl.constexpr, CHUNKS: tl.constexpr, EPILOGUE: tl.constexpr,
                        SB: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, PDL: tl.constexpr,
-                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0):
+                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0, ACC: tl.constexpr = 2):
     """Program (r, s): superblock row r, share s of its columns -> part[s, 256 r : 256 r + 256]
     (fp32); FUSED: the last program to finish an output tile sums its partials into y
     (_finish_tile), else a second kernel does (gemv._reduce_kernel, the default: gemv.py says why).
@@ -418,8 +432,7 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
             kp = _list_columns(idx_ptr, first + AHEAD * stride + ahead_pos, K)
         hi = tl.load(count_ptr)
     zero = tl.zeros((32 * W, 4), dtype=tl.float32)
-    c0, c1, c2, c3, c4, c5, c6, c7 = zero, zero, zero, zero, zero, zero, zero, zero
-    c8, c9, c10, c11, c12, c13, c14, c15 = zero, zero, zero, zero, zero, zero, zero, zero
+    c0, c1, c2, c3 = zero, zero, zero, zero
     bias = tl.zeros((32 * W,), dtype=tl.float32)
     t = 0.0
     if MODE == 1:
@@ -446,20 +459,22 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
             ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa + stride, K, MODE)
             if CHUNKS == 2:
                 kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + stride + STEP, K, MODE)
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
-            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
-            wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3, gi,
-            ASMS, BTYPE, EMULATE, W)
+        c0, c1, c2, c3, bias = _chunk(
+            c0, c1, c2, c3, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
+            xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
         if CHUNKS == 2:
-            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
-                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
-                wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3, gi,
-                ASMS, BTYPE, EMULATE, W)
+            c0, c1, c2, c3, bias = _chunk(
+                c0, c1, c2, c3, bias, wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
+                hhb3, xb3, gi, ASMS, BTYPE, EMULATE, W, ACC)
     bj = tl.sum(tl.sum(tl.reshape(bias, (W, 8, 4)), axis=0), axis=1)  # (8,) the min term of sub-block j
-    v0 = _quarter(c0, c4, c8, c12, bj, 0, SCALE_LO, SCALE_HI, W)
-    v1 = _quarter(c1, c5, c9, c13, bj, 1, SCALE_LO, SCALE_HI, W)
-    v2 = _quarter(c2, c6, c10, c14, bj, 2, SCALE_LO, SCALE_HI, W)
-    v3 = _quarter(c3, c7, c11, c15, bj, 3, SCALE_LO, SCALE_HI, W)
+    v0 = _quarter(c0, bj, 0, SCALE_LO, SCALE_HI, W)
+    v1 = _quarter(c1, bj, 1, SCALE_LO, SCALE_HI, W)
+    if ACC == 4:
+        v2 = _quarter(c2, bj, 2, SCALE_LO, SCALE_HI, W)
+        v3 = _quarter(c3, bj, 3, SCALE_LO, SCALE_HI, W)
+    else:
+        v2 = _quarter(c0, bj, 2, SCALE_LO, SCALE_HI, W)
+        v3 = _quarter(c1, bj, 3, SCALE_LO, SCALE_HI, W)
     # one sum over the warps for all 8 values of a lane, then one store of the 256 rows;
     # value i = 4 h + 2 a + b of lane (g, t) is tile 4 t + MQ (MQ = a + 2 b), row 8 h + g of it
     vals = tl.sum(tl.reshape(tl.join(tl.join(v0, v1), tl.join(v2, v3)), (W, 32, 8)), axis=0)
@@ -510,7 +525,7 @@ def uses_pdl(device: torch.device) -> bool:
 
 
 def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", chunks: int = 1, epilogue: int = 0,
-                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0):
+                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0, acc: int = 2):
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the compiled
     object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and scripts/sass_report.py; needs
     TRITON_INTERPRET unset."""
@@ -524,7 +539,7 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", ch
     const = {"MODE": mode, "BTYPE": btype, "ASMS": tile_asms(btype), "EMULATE": False, "W": num_warps,
              "CHUNKS": chunks, "EPILOGUE": epilogue, "SB": reduce_block(num_warps),
              "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1], "PDL": pdl,
-             "FUSED": fused, "AHEAD": ahead}
+             "FUSED": fused, "AHEAD": ahead, "ACC": acc}
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(_zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(10)})
     options = {"num_warps": num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
@@ -537,7 +552,7 @@ def reduce_block(num_warps: int) -> int:
 
 
 def launch(quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, k, np_, split, mode,
-           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0):
+           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0, acc=2):
     """Grid (rows, split) of the tensor-core kernel: partials (split, NP) fp32 get every row;
     fused: y (N,) or (N / 2,) for SwiGLU the finished outputs, counters (rows,) int32, zero before
     and after; pdl: uses_pdl(x.device); maxnreg: registers per thread at most (0: the compiler's
@@ -552,4 +567,4 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
         quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
         MODE=mode, BTYPE=btype, ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
         EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl, FUSED=fused,
-        AHEAD=0 if emulate else ahead, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)
+        AHEAD=0 if emulate else ahead, ACC=acc, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)
