@@ -26,20 +26,23 @@ args = parser.parse_args()
 
 knobs = inspect.signature(kg.gemv_zigzag).parameters
 has_acc = "acc" in knobs
+has_pipe = "pipe" in knobs
 
 
 def candidates(variant, n, k):
-    base = tuning.candidates(variant, n, k)
-    splits = sorted({c["split"] for c in base})
+    rows = -(-n // 256)
+    base = -(-132 // rows)
+    splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24)})
     out = []
     for s, w, c, a in itertools.product(splits, (1, 2), (1, 2), (0, 1)):
         for acc in ((2, 4) if has_acc else (None,)):
-            cfg = {"split": s, "num_warps": w, "chunks": c, "ahead": a}
-            if acc:
-                cfg["acc"] = acc
-            out.append(cfg)
-            if acc == 2 and c == 1 and w == 1:
-                out.append({**cfg, "maxnreg": 64})
+            for pipe in ((0, 1) if has_pipe and c == 1 else (None,)):
+                cfg = {"split": s, "num_warps": w, "chunks": c, "ahead": a}
+                if acc:
+                    cfg["acc"] = acc
+                if pipe is not None:
+                    cfg["pipe"] = pipe
+                out.append(cfg)
     return out
 
 

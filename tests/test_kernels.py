@@ -162,14 +162,15 @@ def _zigzag_configs(device):
     registers capped (spills)."""
     if device == "cpu":
         return [(1, {"num_warps": 1, "chunks": 1, "fused": False}),
-                (3, {"num_warps": 2, "chunks": 1, "acc": 4, "fused": False}),
+                (3, {"num_warps": 2, "chunks": 1, "acc": 4, "pipe": 1, "fused": False}),
                 (2, {"num_warps": 4, "chunks": 2, "fused": True})]
     # every (warps, chunks, ahead) the tuner may pick once (each is a compile: a fresh GPU machine
     # spent most of 9 minutes compiling when every split met every config), 4 and 8 warps once
     return [(1, {"num_warps": 1, "chunks": 1, "ahead": 1, "fused": False}),
             (7, {"num_warps": 2, "chunks": 2, "ahead": 0, "fused": True}),
             (64, {"num_warps": 1, "chunks": 2, "ahead": 0, "maxnreg": 96, "fused": False}),
-            (64, {"num_warps": 2, "chunks": 1, "ahead": 1, "fused": False}),
+            (64, {"num_warps": 2, "chunks": 1, "ahead": 1, "pipe": 1, "fused": False}),
+            (5, {"num_warps": 1, "chunks": 1, "ahead": 0, "acc": 4, "pipe": 1, "fused": True}),
             (7, {"num_warps": 4, "chunks": 2, "ahead": 2, "acc": 4, "fused": False}),
             (64, {"num_warps": 8, "chunks": 1, "ahead": 1, "fused": True})]
 

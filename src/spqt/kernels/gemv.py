@@ -171,11 +171,12 @@ class ZigzagWorkspace:
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
-                num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 2, fused: bool = False,
+                num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 2, pipe: int = 0,
+                fused: bool = False,
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
-    num_warps, chunks, maxnreg, ahead, acc (and ws.split): the tuned config. fused: the last program of a row
+    num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
@@ -196,6 +197,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
     if acc not in (2, 4):
         raise ValueError(f"acc must be 2 or 4 accumulators, not {acc}")
+    if pipe not in (0, 1) or (pipe and chunks != 1):
+        raise ValueError(f"pipe (loads one step ahead) is 0 or 1, and 1 only with one chunk a step: {pipe}, {chunks}")
     n, k = w.shape
     if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
@@ -209,7 +212,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                       idx if idx is not None else dummy, count if count is not None else dummy, ws.partials, ws.y,
                       residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
-                      num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc)
+                      num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
     if not fused:
         split_p2 = triton.next_power_of_2(ws.split)
         block = max(16, min(256, 4096 // split_p2))

@@ -62,7 +62,7 @@ def default_config(variant: str, n: int, k: int) -> dict:
 def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
-            "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 2)}
+            "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 2), "pipe": cfg.get("pipe", 0)}
 
 
 def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:

@@ -383,7 +383,8 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                        NP, SPLIT, MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr,
                        EMULATE: tl.constexpr, W: tl.constexpr, CHUNKS: tl.constexpr, EPILOGUE: tl.constexpr,
                        SB: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, PDL: tl.constexpr,
-                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0, ACC: tl.constexpr = 2):
+                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0, ACC: tl.constexpr = 2,
+                       PIPE: tl.constexpr = 0):
     """Program (r, s): superblock row r, share s of its columns -> part[s, 256 r : 256 r + 256]
     (fp32); FUSED: the last program to finish an output tile sums its partials into y
     (_finish_tile), else a second kernel does (gemv._reduce_kernel, the default: gemv.py says why).
@@ -437,35 +438,64 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
     t = 0.0
     if MODE == 1:
         t = tl.load(t_ptr)
-    for j in range(first, hi, stride):
-        pa = j + base
-        if AHEAD > 0 and MODE != 1:  # step j + AHEAD's blocks into L2 (no register waits for them)
-            if MODE == 2:
-                _prefetch_l2(q_ptr, h_ptr, r, kp, K)
-                kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
-            else:
-                # within the share: past its end are the next program's blocks, which it fetches itself
-                _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
+    if PIPE:
+        # one step ahead in registers: step j + stride's loads are issued before step j's arithmetic
+        # (the list entries of MODE 2 are then read two steps ahead)
         if MODE != 2:
-            ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa, K, MODE)
+            ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, first + base, K, MODE)
         wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = _chunk_loads(
-            q_ptr, h_ptr, x_ptr, t, r, ka0, ka1, ka2, ka3, pa, hi, K, gi, li, MODE)
-        if CHUNKS == 2:
+            q_ptr, h_ptr, x_ptr, t, r, ka0, ka1, ka2, ka3, first + base, hi, K, gi, li, MODE)
+        if MODE == 2:
+            ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, first + stride + base, K, MODE)
+        for j in range(first, hi, stride):
+            pn = j + stride + base
+            if AHEAD > 0 and MODE != 1:
+                if MODE == 2:
+                    _prefetch_l2(q_ptr, h_ptr, r, kp, K)
+                    kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
+                else:
+                    _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
             if MODE != 2:
-                kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + STEP, K, MODE)
+                ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pn, K, MODE)
             wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3 = _chunk_loads(
-                q_ptr, h_ptr, x_ptr, t, r, kb0, kb1, kb2, kb3, pa + STEP, hi, K, gi, li, MODE)
-        if MODE == 2:  # the next step's list entries, read ahead
-            ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa + stride, K, MODE)
-            if CHUNKS == 2:
-                kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + stride + STEP, K, MODE)
-        c0, c1, c2, c3, bias = _chunk(
-            c0, c1, c2, c3, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
-            xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
-        if CHUNKS == 2:
+                q_ptr, h_ptr, x_ptr, t, r, ka0, ka1, ka2, ka3, pn, hi, K, gi, li, MODE)
+            if MODE == 2:
+                ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pn + stride, K, MODE)
             c0, c1, c2, c3, bias = _chunk(
-                c0, c1, c2, c3, bias, wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
-                hhb3, xb3, gi, ASMS, BTYPE, EMULATE, W, ACC)
+                c0, c1, c2, c3, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3,
+                hha3, xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
+            wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1 = wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1
+            wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3
+    else:
+        for j in range(first, hi, stride):
+            pa = j + base
+            if AHEAD > 0 and MODE != 1:  # step j + AHEAD's blocks into L2 (no register waits for them)
+                if MODE == 2:
+                    _prefetch_l2(q_ptr, h_ptr, r, kp, K)
+                    kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
+                else:
+                    # within the share: past its end are the next program's blocks, which it fetches itself
+                    _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
+            if MODE != 2:
+                ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa, K, MODE)
+            wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = _chunk_loads(
+                q_ptr, h_ptr, x_ptr, t, r, ka0, ka1, ka2, ka3, pa, hi, K, gi, li, MODE)
+            if CHUNKS == 2:
+                if MODE != 2:
+                    kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + STEP, K, MODE)
+                wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3 = _chunk_loads(
+                    q_ptr, h_ptr, x_ptr, t, r, kb0, kb1, kb2, kb3, pa + STEP, hi, K, gi, li, MODE)
+            if MODE == 2:  # the next step's list entries, read ahead
+                ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa + stride, K, MODE)
+                if CHUNKS == 2:
+                    kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + stride + STEP, K, MODE)
+            c0, c1, c2, c3, bias = _chunk(
+                c0, c1, c2, c3, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
+                xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
+            if CHUNKS == 2:
+                c0, c1, c2, c3, bias = _chunk(
+                    c0, c1, c2, c3, bias, wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
+                    hhb3, xb3, gi, ASMS, BTYPE, EMULATE, W, ACC)
     bj = tl.sum(tl.sum(tl.reshape(bias, (W, 8, 4)), axis=0), axis=1)  # (8,) the min term of sub-block j
     v0 = _quarter(c0, bj, 0, SCALE_LO, SCALE_HI, W)
     v1 = _quarter(c1, bj, 1, SCALE_LO, SCALE_HI, W)
@@ -525,7 +555,8 @@ def uses_pdl(device: torch.device) -> bool:
 
 
 def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", chunks: int = 1, epilogue: int = 0,
-                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0, acc: int = 2):
+                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0, acc: int = 2,
+                 pipe: int = 0):
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the compiled
     object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and scripts/sass_report.py; needs
     TRITON_INTERPRET unset."""
@@ -539,7 +570,7 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", ch
     const = {"MODE": mode, "BTYPE": btype, "ASMS": tile_asms(btype), "EMULATE": False, "W": num_warps,
              "CHUNKS": chunks, "EPILOGUE": epilogue, "SB": reduce_block(num_warps),
              "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1], "PDL": pdl,
-             "FUSED": fused, "AHEAD": ahead, "ACC": acc}
+             "FUSED": fused, "AHEAD": ahead, "ACC": acc, "PIPE": pipe}
     sig.update({name: "constexpr" for name in const})
     src = ASTSource(_zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(10)})
     options = {"num_warps": num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
@@ -552,7 +583,7 @@ def reduce_block(num_warps: int) -> int:
 
 
 def launch(quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, k, np_, split, mode,
-           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0, acc=2):
+           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0, acc=2, pipe=0):
     """Grid (rows, split) of the tensor-core kernel: partials (split, NP) fp32 get every row;
     fused: y (N,) or (N / 2,) for SwiGLU the finished outputs, counters (rows,) int32, zero before
     and after; pdl: uses_pdl(x.device); maxnreg: registers per thread at most (0: the compiler's
@@ -567,4 +598,4 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
         quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
         MODE=mode, BTYPE=btype, ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
         EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl, FUSED=fused,
-        AHEAD=0 if emulate else ahead, ACC=acc, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)
+        AHEAD=0 if emulate else ahead, ACC=acc, PIPE=pipe, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)
