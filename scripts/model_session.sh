@@ -11,17 +11,21 @@ W=$DATA/wikitext-2-raw-v1-test.txt
 CAL="$DATA/calibration/grimms-fairy-tales-gutenberg-52521.txt $DATA/calibration/japanese-fairy-tales-gutenberg-4018.txt"
 M=/tmp/models; mkdir -p $M
 spqt() { python3 -m spqt.cli "$@"; }
+# timed LABEL CMD...: runs CMD, then prints its wall time (the device image has no /usr/bin/time)
+timed() { local label=$1 t0; shift; t0=$(date +%s.%N); "$@"; echo "$label: $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"; }
 part=${1:-all}
 if [ "$part" = convert ] || [ "$part" = all ]; then
-  for L in zigzag row; do
-    /usr/bin/time -f "quantize $L on GPU: %e s" python3 -m spqt.cli quantize $G -o $M/smol-$L.spqt --layout $L --device cuda 2>&1 | tail -2
+  for L in ${LAYOUTS:-zigzag row}; do
+    timed "quantize $L on GPU" python3 -m spqt.cli quantize $G -o $M/smol-$L.spqt --layout $L --device cuda 2>&1 | tail -2
   done
   for C in ${CRITERIA:-teal wina}; do  # the GGUF's float weights: one JSON per criterion
-    python3 -m spqt.cli calibrate $G --data $CAL --criterion $C --device cuda --json $OUT/thresholds-original-$C.json 2>&1 | tail -14
+    timed "calibrate original $C" python3 -m spqt.cli calibrate $G --data $CAL --criterion $C --device cuda \
+      --json $OUT/thresholds-original-$C.json 2>&1 | tail -14
   done
-  for L in zigzag row; do  # into the .spqt: the second criterion is merged with the first
+  for L in ${LAYOUTS:-zigzag row}; do  # into the .spqt: the second criterion is merged with the first
     for C in ${CRITERIA:-teal wina}; do
-      python3 -m spqt.cli calibrate $M/smol-$L.spqt --data $CAL --criterion $C --device cuda --json $OUT/thresholds-$L.json 2>&1 | tail -14
+      timed "calibrate $L $C" python3 -m spqt.cli calibrate $M/smol-$L.spqt --data $CAL --criterion $C \
+        --device cuda --json $OUT/thresholds-$L.json 2>&1 | tail -14
     done
   done
 fi
