@@ -137,3 +137,11 @@ def test_merge_recommends_across_criteria():
     assert len(other_text["recommended"]["held_out"]) == 1
     unchecked = merge(both, {"teal": {"unified": {}}})
     assert (unchecked["recommended"]["criterion"], unchecked["recommended"]["sparsity"]) == ("wina", 0.25)
+
+
+def test_default_mode_is_greedy_where_calibrated():
+    table = [[0.1, 0.1, 0.1, 0.1]]
+    both = {"teal": {"unified": {"0.5": table}, "greedy": {"0.5": table}}, "wina": {"unified": {"0.5": table}}}
+    assert sp.default_mode(both, "teal") == "greedy"
+    assert sp.default_mode(both, "wina") == "unified"  # no greedy tables for this criterion
+    assert sp.default_mode({"unified": {"0.5": table}}, "teal") == "unified"  # legacy TEAL layout

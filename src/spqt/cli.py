@@ -206,7 +206,10 @@ def cmd_generate(args) -> int:
         if not by_criterion(loaded.thresholds).get("recommended"):
             print("spqt: note: the model has no recommended sparsity level (spqt calibrate measures one); "
                   "--sparsity auto decodes dense", file=sys.stderr)
-    mode = mode or "unified"
+    if not mode:
+        from spqt.sparsity import default_mode
+
+        mode = default_mode(loaded.thresholds, criterion)
     gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=mode, criterion=criterion,
                     max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback)
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
@@ -309,10 +312,13 @@ def cmd_perplexity(args) -> int:
     # run sparse here (the dense fallback is a speed choice of generate, not of accuracy).
     gen = Generator(loaded, device, dtype=_dtype(args.dtype, device), max_len=args.ctx, criterion=criterion,
                     dense_fallback=False)
+    from spqt.sparsity import default_mode
+
+    mode = args.mode or default_mode(loaded.thresholds, criterion)
     for s in levels:
-        gen.set_sparsity(s, args.mode, criterion=criterion)
+        gen.set_sparsity(s, mode, criterion=criterion)
         r = perplexity(gen, tokens, args.ctx, args.method, args.chunks, batch, bos, progress=True)
-        rows.append({"sparsity": s, "mode": args.mode if s else "dense", "criterion": criterion if s else "dense",
+        rows.append({"sparsity": s, "mode": mode if s else "dense", "criterion": criterion if s else "dense",
                      "ppl": r.ppl, "scored_tokens": r.scored,
                      "chunks": r.chunks, "achieved": r.achieved})
         print(f"sparsity {s:5.2f}  ppl {r.ppl:9.4f}  achieved {100 * r.achieved.get('all', 0):5.1f}%", flush=True)
@@ -468,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_level, default=0.0,
                    help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
     p.add_argument("--mode", choices=["unified", "greedy"], default=None,
-                   help="which calibrated thresholds (default unified; with --sparsity auto the recommended)")
+                   help="which calibrated thresholds (default greedy where the model has them, else unified; "
+                        "with --sparsity auto the recommended)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -491,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", default="0", help="target activation sparsity in [0, 1), or auto: the model's "
                    "recommended level (dense when its metadata has none)")
     p.add_argument("--mode", choices=["unified", "greedy"], default=None,
-                   help="which calibrated thresholds (default unified; with --sparsity auto the recommended)")
+                   help="which calibrated thresholds (default greedy where the model has them, else unified; "
+                        "with --sparsity auto the recommended)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--ctx", type=int, default=None, help="tokens of context per request, prompt plus completion "
@@ -509,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
     p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
-    p.add_argument("--mode", choices=["unified", "greedy"], default="unified")
+    p.add_argument("--mode", choices=["unified", "greedy"], default=None,
+                   help="which calibrated thresholds (default greedy where the model has them, else unified)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")

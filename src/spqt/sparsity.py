@@ -29,10 +29,14 @@ from spqt.errors import SpqtError
 INPUT_KINDS = ("qkv", "o", "gate_up", "down")
 MODES = ("unified", "greedy")
 CRITERIA = ("teal", "wina")
-# TEAL stays the default: on the default model (original GGUF weights, unified, 6 WikiText-2 chunks,
-# docs/RESULTS.md issue 16) WINA's column norms did not lower perplexity at equal sparsity
-# (50 %: 34.72 vs TEAL 34.49; 40 %: 25.88 vs 25.95; dense 23.20).
+# TEAL stays the default: on the default model (zigzag Q4_K, full WikiText-2 test, H200, docs/RESULTS.md
+# issue 16) WINA's column norms did not lower perplexity at equal sparsity (greedy 50 %: TEAL 35.42,
+# WINA 35.93; unified 50 %: 40.60 vs 41.22; dense 26.51): SmolLM2's column norms are nearly equal.
 DEFAULT_CRITERION = "teal"
+# Greedy is the default mode where a model has greedy thresholds: same full test, TEAL, greedy against
+# unified at 25 / 40 / 50 %: 27.19 / 29.86 / 35.42 against 27.41 / 31.48 / 40.60 (achieved 24.5 /
+# 39.3 / 49.4 % against 24.5 / 39.7 / 50.6 % of the thresholded weights).
+DEFAULT_MODE = "greedy"
 # The loss a recommended level may cost on held-out calibration text: perplexity at most 5 % above dense.
 MAX_LOSS = 0.05
 
@@ -167,6 +171,12 @@ def recommend(rows: list[dict], dense_ppl: float, max_loss: float = MAX_LOSS) ->
         return {"criterion": None, "mode": None, "sparsity": 0.0}
     best = max(ok, key=lambda r: (r["sparsity"], -r["ppl"]))
     return {"criterion": best["criterion"], "mode": best["mode"], "sparsity": best["sparsity"]}
+
+
+def default_mode(thresholds: dict, criterion: str) -> str:
+    """DEFAULT_MODE when the model holds thresholds of that mode for the criterion, else unified."""
+    have = by_criterion(thresholds).get(criterion, {}).get(DEFAULT_MODE)
+    return DEFAULT_MODE if have else "unified"
 
 
 def auto_level(thresholds: dict, criterion: str | None, mode: str | None) -> tuple[str, str, float]:

@@ -56,7 +56,7 @@ class Engine:
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
                  criterion: str | None = None):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
-        None for unified / the model's default criterion, or with auto the recommendation's own.
+        None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context)."""
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
@@ -64,7 +64,7 @@ class Engine:
                 log.info("the model has no recommended sparsity level (spqt calibrate measures one); "
                          "--sparsity auto serves dense")
         criterion = sp.check_criterion(criterion or sp.default_criterion(loaded.thresholds))
-        mode = mode or "unified"
+        mode = mode or sp.default_mode(loaded.thresholds, criterion)
         ctx = ctx or loaded.config.max_seq_len
         if not 1 < ctx <= loaded.config.max_seq_len:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
