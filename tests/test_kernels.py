@@ -159,18 +159,18 @@ def _zigzag_configs(device):
     GPU every warp count, chunk count and prefetch distance, with splits that leave some programs
     without columns, both finishes, the L2 prefetch 0-2 steps ahead (clamped at the share's end,
     B4's past the list's; the interpreter has no L2 and runs without it), and one config with its
-    registers capped (spills)."""
+    registers capped (spills); both run 2, 4 and 16 accumulators (B masked by lane group or not)
+    and the loads one step ahead (pipe) with and without the masked B."""
     if device == "cpu":
-        return [(1, {"num_warps": 1, "chunks": 1, "fused": False}),
+        return [(1, {"num_warps": 1, "chunks": 1, "acc": 2, "fused": False}),
                 (3, {"num_warps": 2, "chunks": 1, "acc": 4, "pipe": 1, "fused": False}),
                 (2, {"num_warps": 4, "chunks": 2, "fused": True})]
     # every (warps, chunks, ahead) the tuner may pick once (each is a compile: a fresh GPU machine
     # spent most of 9 minutes compiling when every split met every config), 4 and 8 warps once
-    return [(1, {"num_warps": 1, "chunks": 1, "ahead": 1, "fused": False}),
+    return [(1, {"num_warps": 1, "chunks": 1, "ahead": 1, "acc": 2, "pipe": 1, "fused": False}),
             (7, {"num_warps": 2, "chunks": 2, "ahead": 0, "fused": True}),
             (64, {"num_warps": 1, "chunks": 2, "ahead": 0, "maxnreg": 96, "fused": False}),
             (64, {"num_warps": 2, "chunks": 1, "ahead": 1, "pipe": 1, "fused": False}),
-            (5, {"num_warps": 1, "chunks": 1, "ahead": 0, "acc": 4, "pipe": 1, "fused": True}),
             (7, {"num_warps": 4, "chunks": 2, "ahead": 2, "acc": 4, "fused": False}),
             (64, {"num_warps": 8, "chunks": 1, "ahead": 1, "fused": True})]
 
@@ -506,8 +506,12 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
         for c in tuning.candidates("zigzag_dense", n, k) + [tuning.default_config("zigzag_dense", n, k)]:
             assert c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k and c["chunks"] in (1, 2)
-            assert c["ahead"] in (0, 1)
-            assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead")}
+            assert c["ahead"] in (0, 1) and c["acc"] in (2, 4, 16) and c["pipe"] in (0, 1)
+            assert not (c["pipe"] and c["chunks"] != 1)  # gemv_zigzag refuses pipe with 2 chunks
+            assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
+                                                                            "acc", "pipe")}
+        # a table entry without the acc / pipe knobs was tuned with the 16-accumulator kernel
+        assert tuning.launch_args({"num_warps": 1, "chunks": 1})["acc"] == 16
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
             assert c["block_n"] >= 4 * c["num_warps"]
     path = tmp_path / "table.json"
@@ -532,7 +536,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
 _COMPILE_SM90 = """
 import sys
 from spqt.kernels import zigzag_mma
-print(zigzag_mma.compile_sm90(int(sys.argv[1]), int(sys.argv[2])).asm["ttgir"])
+print(zigzag_mma.compile_sm90(int(sys.argv[1]), int(sys.argv[2]), acc=int(sys.argv[3])).asm["ttgir"])
 """
 
 
@@ -549,8 +553,8 @@ def test_mma_lane_layout(num_warps):
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    for mode in (0, 2):  # dense, indexed
-        run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, str(num_warps), str(mode)], env=env,
+    for mode, acc in ((0, 16), (2, 16), (0, 2)):  # dense, indexed; 16 accumulators, 2 (B masked by lane group)
+        run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, str(num_warps), str(mode), str(acc)], env=env,
                              capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-2000:]
         ttgir = run.stdout
@@ -561,8 +565,9 @@ def test_mma_lane_layout(num_warps):
         want = (f"sizePerThread = [1, 4], threadsPerWarp = [32, 1], warpsPerCTA = [{num_warps}, 1], "
                 "order = [1, 0]")
         for ln in asm_ops:
-            types = re.findall(r"tensor<(\d+)x4x(?:i32|f32), (#\w+)>", ln)  # 7 operands and the result
-            assert len(types) == 8 and {rows for rows, _ in types} == {str(32 * num_warps)}, ln[-300:]
+            # 8 operands (4 slots' words, the B pairs, C, the lane's group g) and the result
+            types = re.findall(r"tensor<(\d+)x4x(?:i32|f32), (#\w+)>", ln)
+            assert len(types) == 9 and {rows for rows, _ in types} == {str(32 * num_warps)}, ln[-300:]
             encodings = {enc for _, enc in types}
             assert len(encodings) == 1, f"operands in more than one layout: {encodings}"
             assert want in layouts[encodings.pop()], ln[-300:]

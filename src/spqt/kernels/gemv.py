@@ -171,7 +171,7 @@ class ZigzagWorkspace:
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
-                num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 2, pipe: int = 0,
+                num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
                 fused: bool = False,
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
@@ -195,8 +195,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                          f"{chunks}, {maxnreg}")
     if ahead not in (0, 1, 2, 3, 4):
         raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
-    if acc not in (2, 4):
-        raise ValueError(f"acc must be 2 or 4 accumulators, not {acc}")
+    if acc not in (2, 4, 16):
+        raise ValueError(f"acc must be 2, 4 or 16 accumulators, not {acc}")
     if pipe not in (0, 1) or (pipe and chunks != 1):
         raise ValueError(f"pipe (loads one step ahead) is 0 or 1, and 1 only with one chunk a step: {pipe}, {chunks}")
     n, k = w.shape

@@ -56,13 +56,13 @@ def default_config(variant: str, n: int, k: int) -> dict:
         return {"block_n": 8, "num_warps": 2}
     rows = -(-n // 256)
     split = max(1, min(-(-8 * sm_count() // rows), -(-k // 32)))
-    return {"split": split, "num_warps": 2, "chunks": 1, "ahead": 0}
+    return {"split": split, "num_warps": 2, "chunks": 1, "ahead": 0, "acc": 16, "pipe": 0}
 
 
 def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
-            "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 2), "pipe": cfg.get("pipe", 0)}
+            "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0)}
 
 
 def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
@@ -105,9 +105,11 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 6, 8, 12, 16)})
     # 4 warps a program won no shape of either shipped table (KERNEL_VERSION 4); ahead 2 and 3 lost
-    # to 1 on the H100 (benchmarks/results/ahead-probe-h100.txt)
-    return [{"split": s, "num_warps": w, "chunks": c, "ahead": a} for s in splits for w in (1, 2) for c in (1, 2)
-            for a in (0, 1)]
+    # to 1 on the H100 (benchmarks/results/ahead-probe-h100.txt); acc 2 and 4 and pipe 0 and 1 each won
+    # some of the 7 shapes of the H200 probe (benchmarks/results/decode-floor/probe-pipe-eb5065c.log)
+    return [{"split": s, "num_warps": w, "chunks": c, "ahead": a, "acc": acc, "pipe": p}
+            for s in splits for w in (1, 2) for c in (1, 2) for a in (0, 1) for acc in (2, 4, 16)
+            for p in ((0, 1) if c == 1 else (0,))]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

@@ -55,20 +55,22 @@ _SEL = [b | (b << 4) | ((4 + b) << 8) | ((4 + b) << 12) for b in range(4)]
 
 
 
-def _tile_asm(m: int, btype: int) -> str:
+def _tile_asm(m: int, btype: int, masked: bool = True) -> str:
     """PTX of tile m (rows 16 m .. 16 m + 15), one instance per lane (pack 4, operands $n):
     0-3 out C (fp32); 4-19 the 4 words of slots 0-3 (int32; word m // 4, byte m % 4 is this
     tile's); per B term i two packed 16-bit pairs, each broadcast 4-fold: slots 0|1 at 20 + 8 i,
     slots 2|3 at 24 + 8 i; then the 4 C inputs; then the lane's group g (int32, 4-fold).
-    B goes in only where g = m // 2 (the tile's sub-block): zero elsewhere, so that the tile adds
-    into C's column m // 2 alone and several tiles share one accumulator (module docstring)."""
+    masked: B goes in only where g = m // 2 (the tile's sub-block), zero elsewhere, so that the tile
+    adds into C's column m // 2 alone and several tiles share one accumulator (module docstring);
+    else B goes in whole and the tile has an accumulator of its own (ACC 16)."""
     terms = TERMS[btype]
     q, b = m // 4, m % 4
     c0 = 20 + 8 * terms
     lines = ["{", ".reg .b32 p, q, a0, a1, a2, a3;", ".reg .pred own;",
              ".reg .b32 " + ", ".join(f"s{i}, t{i}" for i in range(terms)) + ";",
-             f"setp.eq.u32 own, ${c0 + 4}, {m // 2};"]
-    lines += [f"selp.b32 s{i}, ${20 + 8 * i}, 0, own;\nselp.b32 t{i}, ${24 + 8 * i}, 0, own;" for i in range(terms)]
+             f"setp.eq.u32 own, ${c0 + 4}, {m // 2};" if masked else "setp.eq.u32 own, 0, 0;"]
+    lines += [f"selp.b32 s{i}, ${20 + 8 * i}, 0, own;\nselp.b32 t{i}, ${24 + 8 * i}, 0, own;" if masked else
+              f"mov.b32 s{i}, ${20 + 8 * i};\nmov.b32 t{i}, ${24 + 8 * i};" for i in range(terms)]
     lines += [f"prmt.b32 p, ${4 + q}, ${8 + q}, {_SEL[b]};", f"prmt.b32 q, ${12 + q}, ${16 + q}, {_SEL[b]};"]
     if btype == BTYPE_FP16:
         lines += ["and.b32 a0, p, 0x000F000F;", "and.b32 a1, p, 0x00F000F0;",
@@ -91,9 +93,10 @@ def _tile_asm(m: int, btype: int) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def tile_asms(btype: int) -> tuple:
-    """The 16 tiles' PTX for one B type (a constexpr kernel argument; built once, not per launch)."""
-    return tuple(_tile_asm(m, btype) for m in range(16))
+def tile_asms(btype: int, acc: int = 2) -> tuple:
+    """The 16 tiles' PTX for one B type and accumulator count (a constexpr kernel argument; built
+    once, not per launch)."""
+    return tuple(_tile_asm(m, btype, acc < 16) for m in range(16))
 
 
 # Per-row factor that undoes the A encoding: (row g, row g + 8) of a tile.
@@ -108,10 +111,10 @@ def _slots_kt(v0, v1, v2, v3, W: tl.constexpr):
 
 
 @triton.jit
-def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M: tl.constexpr, W: tl.constexpr):
+def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
     """Interpreter twin of one tile's mma over all lanes: the C fragment increment (32 W, 4 regs).
     w*: the slots' words (32 W, 4); e*: the slots' B values (32 W,) fp32, kept only in lanes of
-    group gi = M // 2 (as the PTX does); row 32 w + 4 g + t.
+    group gi = M // 2 if MASKED (as the PTX does); row 32 w + 4 g + t.
     Fragments (PTX m16n8k16): lane (g, t) holds A rows g, g + 8 at k = 2t, 2t+1, 2t+8, 2t+9,
     B at n = g for the same k, and C at rows g, g + 8 (r = 0, 1 | 2, 3), n = 2t, 2t+1."""
     word = tl.arange(0, 4)[None, :]
@@ -121,7 +124,7 @@ def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M: tl.constexpr, W: tl.con
     v2 = tl.reshape(tl.sum(tl.where(word == M // 4, w2, 0), axis=1), (W, 8, 4))
     v3 = tl.reshape(tl.sum(tl.where(word == M // 4, w3, 0), axis=1), (W, 8, 4))
     a = _slots_kt(v0, v1, v2, v3, W)  # [w, g, k]
-    own = gi == M // 2
+    own = (gi == M // 2) | (not MASKED)
     e0 = tl.where(own, e0, 0.0)
     e1 = tl.where(own, e1, 0.0)
     e2 = tl.where(own, e2, 0.0)
@@ -138,13 +141,13 @@ def _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M: tl.constexpr, W: tl.con
 
 @triton.jit
 def _tile(c, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M: tl.constexpr, ASMS: tl.constexpr,
-          BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr):
+          BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr, MASKED: tl.constexpr):
     """C (32 W lanes, 4 regs) += A_M B_M, every lane's mma.sync (or its emulation); B_M is B in
-    the lanes of group gi = M // 2 and zero in the others.
+    the lanes of group gi = M // 2 and zero in the others (MASKED), else B.
     p/q/u: the B terms as packed 16-bit pairs (32 W, 1) int32 (only the B type's terms are
     passed to the PTX); e*: the B values in fp32, for the emulation."""
     if EMULATE:
-        c = c + _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M, W)
+        c = c + _emulate_tile(w0, w1, w2, w3, e0, e1, e2, e3, gi, M, W, MASKED)
     elif BTYPE == 0:
         c = tl.inline_asm_elementwise(ASMS[M], "=f,=f,=f,=f," + "r," * 24 + "f,f,f,f,r,r,r,r",
                                       [w0, w1, w2, w3, p01, p23, c, gi[:, None]], dtype=tl.float32, is_pure=True, pack=4)
@@ -255,26 +258,19 @@ def _chunk_loads(q_ptr, h_ptr, x_ptr, t, r, k0, k1, k2, k3, pos, hi, K, gi, li, 
 
 
 @triton.jit
-def _acc_tile(c0, c1, c2, c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M: tl.constexpr,
+def _acc_tile(c, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M: tl.constexpr,
               ASMS: tl.constexpr, BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
-    """Tile M into accumulator M % ACC (ACC 2 or 4: its tiles have distinct sub-blocks M // 2)."""
-    A: tl.constexpr = M % ACC
-    if A == 0:
-        c0 = _tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
-    elif A == 1:
-        c1 = _tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
-    elif A == 2:
-        c2 = _tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
-    else:
-        c3 = _tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W)
-    return c0, c1, c2, c3
+    """Tile M into its accumulator c = accumulator M % ACC (ACC 2 or 4: the tiles sharing one have
+    distinct sub-blocks M // 2, B masked; ACC 16: one a tile, B whole)."""
+    return _tile(c, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, M, ASMS, BTYPE, EMULATE, W,
+                 ACC < 16)
 
 
 @triton.jit
-def _chunk(c0, c1, c2, c3, bias, w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi,
+def _chunk(c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh2, x2, w3, hl3, hh3, x3, gi,
            ASMS: tl.constexpr, BTYPE: tl.constexpr, EMULATE: tl.constexpr, W: tl.constexpr, ACC: tl.constexpr):
     """Add one chunk (16 columns per warp): B of the 4 slots, then the 16 tiles' mma into the ACC
-    accumulators."""
+    accumulators c0 .. c{ACC - 1} (the others pass through)."""
     DT: tl.constexpr = tl.float16 if BTYPE == 0 else tl.bfloat16
     a0, b0, z0, m0 = _slot_b(hl0, hh0, x0, gi, BTYPE)
     a1, b1, z1, m1 = _slot_b(hl1, hh1, x1, gi, BTYPE)
@@ -291,21 +287,117 @@ def _chunk(c0, c1, c2, c3, bias, w0, hl0, hh0, x0, w1, hl1, hh1, x1, w2, hl2, hh
     e1 = a1 + b1 + z1
     e2 = a2 + b2 + z2
     e3 = a3 + b3 + z3
-    for m in tl.static_range(16):
-        c0, c1, c2, c3 = _acc_tile(c0, c1, c2, c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3,
-                                   gi, m, ASMS, BTYPE, EMULATE, W, ACC)
-    return c0, c1, c2, c3, bias
+    A: tl.constexpr = ACC
+    if A == 16:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 0, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 0, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 0, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 1, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 1, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 1, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c2 = _acc_tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 2, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c2 = _acc_tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 2, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 2, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c3 = _acc_tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 3, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c3 = _acc_tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 3, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 3, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c4 = _acc_tile(c4, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 4, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 4, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 4, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c5 = _acc_tile(c5, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 5, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 5, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 5, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c6 = _acc_tile(c6, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 6, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c2 = _acc_tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 6, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 6, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c7 = _acc_tile(c7, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 7, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c3 = _acc_tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 7, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 7, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c8 = _acc_tile(c8, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 8, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 8, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 8, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c9 = _acc_tile(c9, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 9, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 9, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 9, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c10 = _acc_tile(c10, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 10, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c2 = _acc_tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 10, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 10, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c11 = _acc_tile(c11, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 11, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c3 = _acc_tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 11, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 11, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c12 = _acc_tile(c12, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 12, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 12, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 12, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c13 = _acc_tile(c13, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 13, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 13, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 13, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c14 = _acc_tile(c14, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 14, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c2 = _acc_tile(c2, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 14, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c0 = _acc_tile(c0, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 14, ASMS, BTYPE, EMULATE, W, ACC)
+    if A == 16:
+        c15 = _acc_tile(c15, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 15, ASMS, BTYPE, EMULATE, W, ACC)
+    elif A == 4:
+        c3 = _acc_tile(c3, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 15, ASMS, BTYPE, EMULATE, W, ACC)
+    else:
+        c1 = _acc_tile(c1, w0, w1, w2, w3, p01, p23, q01, q23, u01, u23, e0, e1, e2, e3, gi, 15, ASMS, BTYPE, EMULATE, W, ACC)
+    return c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias
 
 
 @triton.jit
-def _quarter(c, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, W: tl.constexpr):
-    """Lane (g, t) holds tile 4 t + MQ in accumulator c = MQ % ACC, at its column n = the tile's
-    sub-block j = 2 t + MQ // 2, i.e. in regs MQ // 2 (row g) and 2 + MQ // 2 (row g + 8): those two
-    values (32 W,) each, scaled; warp 0 also subtracts the sub-block's min term bj[j] (so the sum
-    over warps has it once)."""
+def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, W: tl.constexpr):
+    """Lane (g, t) holds tile 4 t + MQ's wanted column n = its sub-block j = 2 t + MQ // 2 in regs
+    MQ // 2 (row g) and 2 + MQ // 2 (row g + 8) of the tile's accumulator: ca when ACC < 16 (the
+    accumulator MQ % ACC, the same for every t), else ca, cb, cc, cd for t = 0..3 (tiles MQ, 4 + MQ,
+    8 + MQ, 12 + MQ). Returns those two values (32 W,) each, scaled; warp 0 also subtracts the
+    sub-block's min term bj[j] (so the sum over warps has it once)."""
     lanes = tl.arange(0, 32 * W)
     ti = lanes % 4
     reg = tl.arange(0, 4)[None, :]
+    c = tl.where(ti[:, None] == 0, ca, tl.where(ti[:, None] == 1, cb, tl.where(ti[:, None] == 2, cc, cd)))
     E: tl.constexpr = MQ // 2
     j = 2 * ti + E
     bsel = tl.sum(tl.where(tl.arange(0, 8)[None, :] == j[:, None], bj[None, :], 0.0), axis=1)
@@ -383,7 +475,7 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                        NP, SPLIT, MODE: tl.constexpr, BTYPE: tl.constexpr, ASMS: tl.constexpr,
                        EMULATE: tl.constexpr, W: tl.constexpr, CHUNKS: tl.constexpr, EPILOGUE: tl.constexpr,
                        SB: tl.constexpr, SCALE_LO: tl.constexpr, SCALE_HI: tl.constexpr, PDL: tl.constexpr,
-                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0, ACC: tl.constexpr = 2,
+                       FUSED: tl.constexpr, AHEAD: tl.constexpr = 0, ACC: tl.constexpr = 16,
                        PIPE: tl.constexpr = 0):
     """Program (r, s): superblock row r, share s of its columns -> part[s, 256 r : 256 r + 256]
     (fp32); FUSED: the last program to finish an output tile sums its partials into y
@@ -433,7 +525,8 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
             kp = _list_columns(idx_ptr, first + AHEAD * stride + ahead_pos, K)
         hi = tl.load(count_ptr)
     zero = tl.zeros((32 * W, 4), dtype=tl.float32)
-    c0, c1, c2, c3 = zero, zero, zero, zero
+    c0, c1, c2, c3, c4, c5, c6, c7 = zero, zero, zero, zero, zero, zero, zero, zero
+    c8, c9, c10, c11, c12, c13, c14, c15 = zero, zero, zero, zero, zero, zero, zero, zero
     bias = tl.zeros((32 * W,), dtype=tl.float32)
     t = 0.0
     if MODE == 1:
@@ -461,8 +554,8 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                 q_ptr, h_ptr, x_ptr, t, r, ka0, ka1, ka2, ka3, pn, hi, K, gi, li, MODE)
             if MODE == 2:
                 ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pn + stride, K, MODE)
-            c0, c1, c2, c3, bias = _chunk(
-                c0, c1, c2, c3, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3,
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3,
                 hha3, xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
             wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1 = wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1
             wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3
@@ -489,22 +582,28 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                 ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa + stride, K, MODE)
                 if CHUNKS == 2:
                     kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + stride + STEP, K, MODE)
-            c0, c1, c2, c3, bias = _chunk(
-                c0, c1, c2, c3, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
                 xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
             if CHUNKS == 2:
-                c0, c1, c2, c3, bias = _chunk(
-                    c0, c1, c2, c3, bias, wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
+                    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
                     hhb3, xb3, gi, ASMS, BTYPE, EMULATE, W, ACC)
     bj = tl.sum(tl.sum(tl.reshape(bias, (W, 8, 4)), axis=0), axis=1)  # (8,) the min term of sub-block j
-    v0 = _quarter(c0, bj, 0, SCALE_LO, SCALE_HI, W)
-    v1 = _quarter(c1, bj, 1, SCALE_LO, SCALE_HI, W)
-    if ACC == 4:
-        v2 = _quarter(c2, bj, 2, SCALE_LO, SCALE_HI, W)
-        v3 = _quarter(c3, bj, 3, SCALE_LO, SCALE_HI, W)
+    if ACC == 16:
+        v0 = _quarter(c0, c4, c8, c12, bj, 0, SCALE_LO, SCALE_HI, W)
+        v1 = _quarter(c1, c5, c9, c13, bj, 1, SCALE_LO, SCALE_HI, W)
+        v2 = _quarter(c2, c6, c10, c14, bj, 2, SCALE_LO, SCALE_HI, W)
+        v3 = _quarter(c3, c7, c11, c15, bj, 3, SCALE_LO, SCALE_HI, W)
     else:
-        v2 = _quarter(c0, bj, 2, SCALE_LO, SCALE_HI, W)
-        v3 = _quarter(c1, bj, 3, SCALE_LO, SCALE_HI, W)
+        v0 = _quarter(c0, c0, c0, c0, bj, 0, SCALE_LO, SCALE_HI, W)
+        v1 = _quarter(c1, c1, c1, c1, bj, 1, SCALE_LO, SCALE_HI, W)
+        if ACC == 4:
+            v2 = _quarter(c2, c2, c2, c2, bj, 2, SCALE_LO, SCALE_HI, W)
+            v3 = _quarter(c3, c3, c3, c3, bj, 3, SCALE_LO, SCALE_HI, W)
+        else:
+            v2 = _quarter(c0, c0, c0, c0, bj, 2, SCALE_LO, SCALE_HI, W)
+            v3 = _quarter(c1, c1, c1, c1, bj, 3, SCALE_LO, SCALE_HI, W)
     # one sum over the warps for all 8 values of a lane, then one store of the 256 rows;
     # value i = 4 h + 2 a + b of lane (g, t) is tile 4 t + MQ (MQ = a + 2 b), row 8 h + g of it
     vals = tl.sum(tl.reshape(tl.join(tl.join(v0, v1), tl.join(v2, v3)), (W, 32, 8)), axis=0)
@@ -555,7 +654,7 @@ def uses_pdl(device: torch.device) -> bool:
 
 
 def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", chunks: int = 1, epilogue: int = 0,
-                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0, acc: int = 2,
+                 pdl: bool = True, fused: bool = True, maxnreg: int = 0, ahead: int = 0, acc: int = 16,
                  pipe: int = 0):
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the compiled
     object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and scripts/sass_report.py; needs
@@ -567,7 +666,7 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", ch
     sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": f"*{dtype}", "t_ptr": "*fp32", "idx_ptr": "*i32",
            "count_ptr": "*i32", "part_ptr": "*fp32", "y_ptr": f"*{dtype}", "r_ptr": f"*{dtype}", "cnt_ptr": "*i32",
            "N": "i32", "F": "i32", "K": "i32", "NP": "i32", "SPLIT": "i32"}
-    const = {"MODE": mode, "BTYPE": btype, "ASMS": tile_asms(btype), "EMULATE": False, "W": num_warps,
+    const = {"MODE": mode, "BTYPE": btype, "ASMS": tile_asms(btype, acc), "EMULATE": False, "W": num_warps,
              "CHUNKS": chunks, "EPILOGUE": epilogue, "SB": reduce_block(num_warps),
              "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1], "PDL": pdl,
              "FUSED": fused, "AHEAD": ahead, "ACC": acc, "PIPE": pipe}
@@ -583,7 +682,7 @@ def reduce_block(num_warps: int) -> int:
 
 
 def launch(quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, k, np_, split, mode,
-           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0, acc=2, pipe=0):
+           num_warps, chunks, epilogue, fused, pdl, maxnreg=0, ahead=0, acc=16, pipe=0):
     """Grid (rows, split) of the tensor-core kernel: partials (split, NP) fp32 get every row;
     fused: y (N,) or (N / 2,) for SwiGLU the finished outputs, counters (rows,) int32, zero before
     and after; pdl: uses_pdl(x.device); maxnreg: registers per thread at most (0: the compiler's
@@ -596,6 +695,6 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
     lo, hi = (1.0, 1.0) if emulate else ROW_SCALES[btype]
     _zigzag_mma_kernel[(quants.shape[0], split)](
         quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
-        MODE=mode, BTYPE=btype, ASMS=tile_asms(btype), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
+        MODE=mode, BTYPE=btype, ASMS=tile_asms(btype, acc), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
         EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl, FUSED=fused,
         AHEAD=0 if emulate else ahead, ACC=acc, PIPE=pipe, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)
