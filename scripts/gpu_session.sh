@@ -58,7 +58,7 @@ case "$stage" in
     ;;
   tests)
     export SPQT_CACHE=/tmp/spqt-cache
-    python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+    python3 -m pytest -q -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
     ;;
   runtime)
     export SPQT_CACHE=/tmp/spqt-cache
@@ -104,8 +104,8 @@ case "$stage" in
     done
     echo "measurements: $(( $(date +%s) - start )) s"
     tstart=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error" | tail -25
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
     echo "gpu tests: $(( $(date +%s) - tstart )) s; floor stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.log' -delete)
     ;;
@@ -128,8 +128,8 @@ case "$stage" in
     # the OpenAI server probe), all packed into results.tgz.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error" | tail -25
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
     echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
     profile_7b "/graph replay/p"
     timeout 120 python3 -m spqt.cli bench decode --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-default.json" 2>&1 \
