@@ -104,7 +104,7 @@ case "$stage" in
     done
     echo "measurements: $(( $(date +%s) - start )) s"
     tstart=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
       | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
     echo "gpu tests: $(( $(date +%s) - tstart )) s; floor stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.log' -delete)
@@ -128,7 +128,7 @@ case "$stage" in
     # the OpenAI server probe), all packed into results.tgz.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -q -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
       | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
     echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
     profile_7b "/graph replay/p"
