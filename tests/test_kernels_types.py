@@ -1,0 +1,219 @@
+"""Zigzag GEMV kernels of Q8_0, Q6_K and Q5_K (kernels/zigzag_types.py) against the float64
+product of the dequantized matrix (QuantizedWeight.dequantize): on the CPU through the Triton
+interpreter (small shapes, few configs) and the same tests on the GPU (`gpu` marker, larger
+shapes and more configs). Fresh random weights and inputs, shapes that are not multiples of the
+block size, outputs and partials poisoned with NaN before every launch."""
+
+import numpy as np
+import pytest
+import torch
+
+import spqt
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import reference
+from spqt.kernels import zigzag_types as zt
+from spqt.kernels.collect import collect
+from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, dequantize_kernel_layout, repack
+
+DEVICES = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
+SPARSITIES = [0.0, 0.25, 0.5, 0.9, 1.0]
+# CPU: 300 rows (not a multiple of 32 or 256), K = 75 (not a multiple of a step); a one-row edge
+CPU_SHAPES = [(300, 75), (1, 37)]
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2311, 777), (1, 4096)]
+
+
+def _shapes(device):
+    return CPU_SHAPES if device == "cpu" else GPU_SHAPES
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _configs(fmt, device):
+    """(split, launch kwargs). CPU: the default-like config everywhere, a second one (1 split,
+    8-column steps, 2 warps, Q8_0 with 2 block rows a program) at 50 % only. GPU: splits that
+    leave programs without columns, every block_k and warp count once, Q8_0 every row count."""
+    rows = {"rows": 2} if fmt == "q8_0" else {}
+    if device == "cpu":
+        return [(3, {"num_warps": 4, "block_k": 16}), (1, {"num_warps": 2, "block_k": 8, **rows})]
+    cfgs = [(1, {"num_warps": 4, "block_k": 16}), (64, {"num_warps": 4, "block_k": 32}),
+            (7, {"num_warps": 2, "block_k": 8}), (200, {"num_warps": 8, "block_k": 64}),
+            (33, {"num_warps": 1, "block_k": 16})]
+    if fmt == "q8_0":
+        cfgs += [(16, {"num_warps": 4, "block_k": 16, "rows": r}) for r in (1, 2, 4)]
+    return cfgs
+
+
+def _weights(rng, fmt, shape, device):
+    w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(device)
+    qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
+    return qw, repack(qw, device)
+
+
+def _x(rng, k, dtype, device, sparsity):
+    x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
+    if sparsity >= 1.0:
+        t = x.abs().max().float() + 1
+    elif sparsity == 0.0:
+        t = torch.tensor(-1.0)
+    else:
+        t = torch.quantile(x.abs().float().cpu(), sparsity)
+    return x, torch.as_tensor(t, dtype=torch.float32).to(device)
+
+
+def _min_part(qw: QuantizedWeight) -> torch.Tensor:
+    """Q5_K: -dmin*m of every weight (its levels zeroed), (N, K) float32; other types: zeros."""
+    if qw.fmt != "q5_k":
+        return torch.zeros(qw.shape, device=qw.blocks.device)
+    blocks = qw.blocks.clone()
+    blocks[..., 16:] = 0
+    return QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize()
+
+
+def _references(qw):
+    """(W, |W| + 2 |dmin m|) in float64: the matrix and the magnitudes the kernel adds per weight
+    (its scale part d sc q and min part dmin m are each at most |w| + |dmin m|)."""
+    w_ref = qw.dequantize().double()
+    return w_ref, w_ref.abs() + 2 * _min_part(qw).double().abs()
+
+
+def assert_close_fp32_accum(y, refs, x_used, what):
+    """|y - W x| within the worst case of fp32 arithmetic: (K + 4) 2^-24 times the sum of the
+    magnitudes added (K sums, and up to three roundings in a product x d sc q), plus one rounding
+    to y's dtype; reference in float64."""
+    w_ref, w_mag = refs
+    ref = w_ref @ x_used.double()
+    magnitude = w_mag @ x_used.double().abs()
+    out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
+    tol = (w_ref.shape[1] + 4) * 2.0**-24 * magnitude + out_eps * ref.abs() + 1e-30
+    err = (y.double() - ref).abs()
+    assert not torch.isnan(y).any(), f"{what}: NaN in output (an element not written?)"
+    worst = int((err / tol).argmax())
+    assert not (err > tol).any(), (f"{what}: {int((err > tol).sum())} of {y.numel()} outside tolerance; worst at "
+                                   f"{worst}: got {float(y[worst]):.6g}, want {float(ref[worst]):.6g}")
+
+
+def _launch(gw, x, mode, ws, cfg, t=None):
+    """One launch on a poisoned workspace (B4: a poisoned list, then collect())."""
+    ws.y.fill_(float("nan"))
+    ws.partials.fill_(float("nan"))
+    kw = dict(cfg)
+    if mode == zt.MODE_INDEXED:
+        ws.idx.fill_(-7777)
+        ws.count.fill_(-1)
+        kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+    return zt.gemv(gw, x, mode, ws, **kw).clone(), kw
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", TYPES)
+def test_repack_is_exact(rng, device, fmt):
+    """The kernel layout holds the same weights (its torch decode equals the format's) and every
+    block's arrays are contiguous, its level bytes 16-byte aligned; Q8_0's rows padded with zeros."""
+    for shape in _shapes(device)[:2] + [(513, 5)]:
+        qw, gw = _weights(rng, fmt, shape, device)
+        assert torch.equal(dequantize_kernel_layout(gw), qw.dequantize()), f"{fmt} {shape}"
+        assert torch.equal(zt.dequantize(gw, torch.float32), qw.dequantize())
+        rows = -(-shape[0] // (32 if fmt == "q8_0" else 256))
+        for a in (gw.quants, gw.high, gw.scales, gw.head, gw.d):
+            if a is not None:
+                assert a.is_contiguous() and a.shape[1] == shape[1]
+        assert gw.quants[0, 0].numel() * gw.quants.element_size() % 16 == 0
+        if fmt == "q8_0":
+            assert gw.rows % Q8_ROW_GROUP == 0 and gw.rows >= rows
+            assert not gw.quants[rows:].any() and not gw.d[rows:].float().any()
+        else:
+            assert gw.rows == rows
+        assert gw.nbytes == qw.nbytes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", TYPES)
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_zigzag_types_b2_b4(rng, device, fmt, sparsity):
+    """B4 at every sparsity (0 %: the list holds every column; 100 %: none) and B2 against
+    W x in float64; two launches equal (deterministic); the torch twin within the same bound.
+    The interpreter runs B2 once (it does not depend on the sparsity) and the second config at
+    50 % only."""
+    for shape in _shapes(device):
+        qw, gw = _weights(rng, fmt, shape, device)
+        refs = _references(qw)
+        for dtype in _dtypes(device):
+            x, t = _x(rng, shape[1], dtype, device, sparsity)
+            x_sparse = reference.sparsify(x, t).float()
+            configs = _configs(fmt, device)
+            if device == "cpu" and sparsity != 0.5:
+                configs = configs[:1]
+            for split, cfg in configs:
+                ws = zt.TypesWorkspace(gw, split, dtype)
+                modes = [(zt.MODE_INDEXED, x_sparse, "B4")]
+                if device == "cuda" or sparsity in (0.0, 0.5):
+                    modes.append((zt.MODE_DENSE, x.float(), "B2"))
+                for mode, x_used, name in modes:
+                    what = f"{fmt} {name} {shape} {dtype} split {split} {cfg} s={sparsity}"
+                    y, kw = _launch(gw, x, mode, ws, cfg, t)
+                    assert y.shape == (shape[0],) and y.dtype == dtype
+                    assert_close_fp32_accum(y, refs, x_used, what)
+                    again = zt.gemv(gw, x, mode, ws, **kw)
+                    assert torch.equal(y, again), f"{what}: not deterministic"
+                    if split == configs[0][0]:
+                        twin = zt.gemv_twin(gw, x, mode, kw.get("idx"), kw.get("count"))
+                        assert_close_fp32_accum(twin, refs, x_used, f"twin of {what}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt", TYPES)
+def test_zigzag_types_epilogues(rng, device, fmt):
+    """residual + W x and silu(gate) * up from the reduction kernel equal the same launch's fp32
+    partial sums with the epilogue in torch, within one rounding of the output dtype (and a
+    different summation order of the splits); B2 and B4. N / 2 = 150 (GPU 1155): gate and up
+    share a block row."""
+    n, k = (300, 75) if device == "cpu" else (2310, 777)
+    qw, gw = _weights(rng, fmt, (n, k), device)
+    for dtype in _dtypes(device)[:1] if device == "cpu" else _dtypes(device):
+        x, t = _x(rng, k, dtype, device, 0.5)
+        r = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(device, dtype)
+        eps = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+        ws = zt.TypesWorkspace(gw, 3, dtype)
+        for mode in (zt.MODE_DENSE, zt.MODE_INDEXED):
+            what = f"{fmt} {dtype} mode {mode}"
+            kw = {}
+            if mode == zt.MODE_INDEXED:
+                kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+            zt.gemv(gw, x, mode, ws, **kw)
+            y32 = ws.partials[:, :n].sum(0)
+            ws.y.fill_(float("nan"))
+            got = zt.gemv(gw, x, mode, ws, residual=r, **kw)
+            want = (r.float() + y32).to(dtype)
+            torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()), msg=f"residual {what}")
+            torch.testing.assert_close(zt.gemv_twin(gw, x, mode, residual=r, **kw), want, rtol=8 * eps,
+                                       atol=8 * eps * float(want.abs().max()), msg=f"twin residual {what}")
+            ws.y.fill_(float("nan"))
+            got = zt.gemv(gw, x, mode, ws, swiglu=True, **kw)
+            want = torch.nn.functional.silu(y32[: n // 2]) * y32[n // 2:]
+            assert got.shape == (n // 2,)
+            torch.testing.assert_close(got.float(), want, rtol=eps, atol=eps * float(want.abs().max()),
+                                       msg=f"swiglu {what}")
+
+
+def test_zigzag_types_bad_input(rng):
+    """Wrong layouts, shapes, dtypes and options are refused before any launch."""
+    qw, gw = _weights(rng, "q6_k", (40, 20), "cpu")
+    ws = zt.TypesWorkspace(gw, 2, torch.float32)
+    x = torch.ones(20)
+    for bad, match in ((lambda: zt.gemv(gw, torch.ones(21), zt.MODE_DENSE, ws), "one token"),
+                       (lambda: zt.gemv(gw, x.half(), zt.MODE_DENSE, ws), "workspace output"),
+                       (lambda: zt.gemv(gw, x.long(), zt.MODE_DENSE, ws), "fp16/bf16/fp32"),
+                       (lambda: zt.gemv(gw, x, zt.MODE_INDEXED, ws), "B4 needs"),
+                       (lambda: zt.gemv(gw, x, 1, ws), "mode must be"),
+                       (lambda: zt.gemv(gw, x, zt.MODE_DENSE, ws, block_k=12), "block_k"),
+                       (lambda: zt.gemv(gw, x, zt.MODE_DENSE, ws, swiglu=True, residual=torch.ones(40)), "swiglu"),
+                       (lambda: zt.TypesWorkspace(gw, 0, torch.float32), "split")):
+        with pytest.raises(ValueError, match=match):
+            bad()
+    row = QuantizedWeight(spqt.quantize(torch.ones(40, 20), "q6_k", "row"), "q6_k", "row", (40, 20))
+    with pytest.raises(ValueError, match="zigzag"):
+        repack(row, "cpu")
+    with pytest.raises(ValueError, match="zigzag"):
+        repack(QuantizedWeight(spqt.quantize(torch.ones(40, 20), "q4_k", "zigzag"), "q4_k", "zigzag", (40, 20)), "cpu")
