@@ -217,3 +217,65 @@ def test_zigzag_types_bad_input(rng):
         repack(row, "cpu")
     with pytest.raises(ValueError, match="zigzag"):
         repack(QuantizedWeight(spqt.quantize(torch.ones(40, 20), "q4_k", "zigzag"), "q4_k", "zigzag", (40, 20)), "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_linear_runs_the_types(rng, device):
+    """Linear on the triton backend picks these kernels for zigzag Q8_0 / Q6_K / Q5_K (row layout:
+    dequantize + matmul) and equals the reference backend: dense, sparse with a residual, SwiGLU,
+    the norm fused with the collection (WINA scale included), and several tokens (the GEMM path)."""
+    from spqt.kernels.gpu_linear import TritonZigzagTypesLinear
+    from spqt.kernels.reference import ReferenceLinear
+    from spqt.linear import Linear
+    from spqt.model import RMSNorm
+
+    n, k = (300, 75) if device == "cpu" else (2310, 777)
+    for fmt in TYPES:
+        w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+        qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", (n, k))
+        lin = Linear(qw, torch.float32, device, backend="triton")
+        ref = Linear(qw, torch.float32, device, backend="reference")
+        assert isinstance(lin.impl, TritonZigzagTypesLinear) and lin.impl.cfg_dense["split"] >= 1
+        row = QuantizedWeight(spqt.quantize(w, fmt, "row"), fmt, "row", (n, k))
+        assert isinstance(Linear(row, torch.float32, device, backend="triton").impl, ReferenceLinear)
+        x = torch.from_numpy(rng.standard_normal((1, 1, k)).astype(np.float32)).to(device)
+        r = torch.from_numpy(rng.standard_normal((1, 1, n)).astype(np.float32)).to(device)
+        tol = dict(rtol=1e-4, atol=1e-4 * float(ref(x).abs().max()))
+        torch.testing.assert_close(lin(x).clone(), ref(x), **tol, msg=f"{fmt} dense")
+        torch.testing.assert_close(lin(x, swiglu=True).clone(), ref(x, swiglu=True), **tol, msg=f"{fmt} swiglu")
+        t = float(torch.quantile(x.abs().flatten().cpu(), 0.5))
+        norm = RMSNorm(k, 1e-5).to(device)
+        for m in (lin, ref):
+            m.set_threshold(t, level=0.5)
+            m.sparse = True
+        want = ref(x, residual=r).clone()
+        assert not torch.allclose(want, ref.impl.dense(x, r), **tol)  # the threshold drops something
+        torch.testing.assert_close(lin(x, residual=r).clone(), want, **tol, msg=f"{fmt} sparse + residual")
+        torch.testing.assert_close(lin(x, norm=norm).clone(), ref(x, norm=norm), **tol, msg=f"{fmt} norm + sparse")
+        c = torch.from_numpy(rng.uniform(0.2, 3.0, k).astype(np.float32)).to(device)
+        for m in (lin, ref):
+            m.set_scale(c)
+        torch.testing.assert_close(lin(x, norm=norm).clone(), ref(x, norm=norm), **tol, msg=f"{fmt} WINA")
+        xs = torch.from_numpy(rng.standard_normal((2, 3, k)).astype(np.float32)).to(device)
+        lin.sparse = ref.sparse = False
+        torch.testing.assert_close(lin(xs), ref(xs), **tol, msg=f"{fmt} several tokens")
+
+
+def test_type_variants_fall_back_to_defaults():
+    """The tuned table has no entry for the new variants: config() gives default_config, whose
+    launch arguments zigzag_types.gemv accepts; every candidate the tuner would time is valid;
+    the Q4_K variants (what `spqt tune` times) are unchanged."""
+    from spqt.kernels import tuning
+
+    assert tuning.VARIANTS == ("zigzag_dense", "zigzag_sparse", "row_dense")
+    for fmt in TYPES:
+        for kind in ("dense", "sparse"):
+            variant = f"zigzag_{kind}_{fmt}"
+            for n, k in [(4096, 4096), (28672, 8192), (1, 37), (300, 75)]:
+                cfg = tuning.config(variant, n, k)
+                assert cfg == tuning.default_config(variant, n, k)
+                for c in tuning.candidates(variant, n, k) + [cfg]:
+                    args = tuning.types_launch_args(c)
+                    assert 1 <= c["split"] <= max(1, -(-k // 16)) and args["num_warps"] in (1, 2, 4, 8)
+                    assert args["block_k"] in (8, 16, 32, 64) and args.get("rows", 8) in (1, 2, 4, 8)
+                    assert ("rows" in args) == (fmt == "q8_0")
