@@ -2,8 +2,7 @@
 
 The table is JSON, one file per GPU and Triton version (``tuned/<gpu>--triton-<ver>.json``),
 shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense"; TYPE_VARIANTS
-for the other zigzag types) and the
-exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
+for the other zigzag types) and the exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
 same K, else to :func:`default_config`; nothing re-tunes silently (``spqt tune`` does, on request).
 """
 
