@@ -279,3 +279,44 @@ def test_type_variants_fall_back_to_defaults():
                     assert 1 <= c["split"] <= max(1, -(-k // 16)) and args["num_warps"] in (1, 2, 4, 8)
                     assert args["block_k"] in (8, 16, 32, 64) and args.get("rows", 8) in (1, 2, 4, 8)
                     assert ("rows" in args) == (fmt == "q8_0")
+
+
+_COMPILE_SM90 = """
+import collections, json, os, re, subprocess, sys, tempfile
+import triton
+from spqt.kernels import zigzag_types as zt
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+for fmt in ("q8_0", "q6_k", "q5_k"):
+    for mode in (zt.MODE_DENSE, zt.MODE_INDEXED):
+        ptx = zt.compile_sm90(fmt, mode, sys.argv[1]).asm["ptx"]
+        with tempfile.TemporaryDirectory() as d:
+            open(os.path.join(d, "k.ptx"), "w").write(ptx)
+            v = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
+                                os.path.join(d, "k.cubin")], capture_output=True, text=True)
+        assert v.returncode == 0, v.stderr[-2000:]
+        loads = collections.Counter(re.findall(r"ld[.]global[.][.\\w]*", ptx))
+        print(json.dumps({"what": f"{fmt} mode {mode}", "regs": re.findall(r"Used (\\d+) registers", v.stderr),
+                          "spills": re.findall(r"(\\d+) bytes spill stores", v.stderr),
+                          "v4_loads": sum(n for k, n in loads.items() if ".v4." in k)}))
+"""
+
+
+def test_kernels_compile_for_sm90():
+    """The GPU code, which the interpreter does not build: every type's B2 and B4 compile for
+    sm_90 (Triton's bundled ptxas, in a child process: TRITON_INTERPRET replaces the compiler)
+    without register spills, and read the level bytes with 16-byte loads."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, "fp16"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    import json
+
+    reports = [json.loads(ln) for ln in run.stdout.splitlines()]
+    assert len(reports) == 6, run.stdout
+    for r in reports:
+        assert len(r["regs"]) == 1 and set(r["spills"]) <= {"0"}, r
+        assert r["v4_loads"] >= 1, f"no 16-byte load: {r}"

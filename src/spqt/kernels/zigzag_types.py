@@ -140,7 +140,8 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
     word = 32 * tl.arange(0, 2)[:, None] + tl.arange(0, 32)[None, :]  # (2, 32)
     sub = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]  # (2, 4): sub-block 4 jq + c
     acc = tl.zeros((BLOCK_K, 2, 32, 4), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_K, 2, 4), dtype=tl.float32)
+    # the min term in the levels' tile shape (one layout: the head is then loaded once)
+    bias = tl.zeros((BLOCK_K, 2, 1, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = r * K + col
@@ -151,8 +152,8 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
         sc, mn = unpack_scales(w1[:, None, None], w2[:, None, None], w3[:, None, None], sub[None, :, :])
         q = ((lo[:, :, :, None] >> (4 * c[None])) & 15) | (((hb[:, None, :, None] >> sub[None, :, None, :]) & 1) << 4)
         acc += q.to(tl.float32) * (sc * (x * d)[:, None, None])[:, :, None, :]
-        bias += mn * (x * dmin)[:, None, None]
-    y = tl.sum(acc, axis=0) - tl.sum(bias, axis=0)[:, None, :]  # (2 jq, 32 l, 4 c)
+        bias += (mn * (x * dmin)[:, None, None])[:, :, None, :]
+    y = tl.sum(acc, axis=0) - tl.sum(bias, axis=0)  # (2 jq, 32 l, 4 c)
     tl.store(part_ptr + s * NP + r * 256 + 128 * jq + 32 * c + lq, y)
 
 
@@ -259,3 +260,25 @@ def gemv_twin(w: GpuZigzag, x: torch.Tensor, mode: int, idx: torch.Tensor | None
 def dequantize(w: GpuZigzag, dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """The whole matrix (N, K) in `dtype` (prefill's GEMM), decoded by torch ops on w's device."""
     return dequantize_kernel_layout(w).to(dtype)
+
+
+def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warps: int = 4, block_k: int = 16,
+                 rows: int = Q8_ROW_GROUP):
+    """One type's kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the
+    compiled object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and probes; needs
+    TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    common = {"x_ptr": f"*{dtype}", "idx_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32",
+              "NP": "i32", "SPLIT": "i32"}
+    kernel, sig, const = {
+        "q8_0": (_q8_0_kernel, {"q_ptr": "*i8", "d_ptr": "*fp16"}, {"RB": rows}),
+        "q6_k": (_q6_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
+        "q5_k": (_q5_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "h_ptr": "*i64"}, {}),
+    }[fmt]
+    const = {"MODE": mode, "BLOCK_K": block_k, "PDL": True, **const}
+    sig = {**sig, **common, **{name: "constexpr" for name in const}}
+    n_ptrs = sum(1 for v in sig.values() if v.startswith("*"))
+    src = ASTSource(kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(n_ptrs)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
