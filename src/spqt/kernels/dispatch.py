@@ -9,7 +9,7 @@ from spqt.errors import SpqtError
 BACKENDS = ("reference", "triton")
 # Formats with Triton GEMV kernels: Q4_K in both layouts, the others in the zigzag layout only
 # (zigzag_types.py; no row kernels). Everything else runs dequantize + cuBLAS on the GPU.
-TRITON_FORMATS = ("q4_k", "q8_0", "q6_k", "q5_k")
+TRITON_FORMATS = ("q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
 
 
 def has_kernels(fmt: str, layout: str) -> bool:

@@ -15,7 +15,7 @@ from pathlib import Path
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
 # The plain-Triton zigzag kernels of the other types (zigzag_types.py): "zigzag_<dense|sparse>_<type>".
 # `spqt tune` does not time them yet: until it does, they run default_config.
-TYPE_FORMATS = ("q8_0", "q6_k", "q5_k")
+TYPE_FORMATS = ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
 TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in ("dense", "sparse"))
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
 # version is not used (defaults apply) until `spqt tune` writes a new one.
@@ -61,9 +61,12 @@ def default_config(variant: str, n: int, k: int) -> dict:
     rows = -(-n // 256)
     if variant in TYPE_VARIANTS:
         # one program per 256 outputs (Q8_0: 8 block rows of 32) and about 8 programs per SM, each
-        # at least one 16-column step (not timed on a GPU: a start for the tuner)
+        # at least one 16-column step; warps so that a thread loads 16 level bytes a step (16 columns
+        # of 64-byte Q3_K / Q2_K levels over 2 warps; 128 bytes of Q6_K / Q5_K, 8 x 32 of Q8_0 over 4).
+        # Not timed on a GPU: a start for the tuner.
         split = max(1, min(-(-8 * sm_count() // rows), -(-k // 16)))
-        return {"split": split, "num_warps": 4, "block_k": 16} | ({"rows": 8} if variant.endswith("q8_0") else {})
+        warps = 2 if variant.endswith(("q3_k", "q2_k")) else 4
+        return {"split": split, "num_warps": warps, "block_k": 16} | ({"rows": 8} if variant.endswith("q8_0") else {})
     split = max(1, min(-(-8 * sm_count() // rows), -(-k // 32)))
     return {"split": split, "num_warps": 2, "chunks": 1, "ahead": 0}
 

@@ -157,6 +157,79 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
     tl.store(part_ptr + s * NP + r * 256 + 128 * jq + 32 * c + lq, y)
 
 
+@triton.jit
+def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                 MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256].
+    Tile (BLOCK_K, 4 jq, 16 l, 4 c) as Q6_K's: low 2 bits from byte 16 jq + l, the 3rd bit from
+    bit 4 jq + c of word l; the 6-bit scales unpacked from GGUF's three packed words."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    jq = tl.arange(0, 4)[:, None, None]
+    lq = tl.arange(0, 16)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    sub = 4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): sub-block j = 4 jq + c
+    # scale j: low nibble j // 8 of byte j % 8 (words 0, 1), top 2 bits at 2 (j // 4) of byte 8 + j % 4 (word 2)
+    shift_lo = (8 * (sub % 4) + 4 * (sub // 8))[None, :, :]
+    shift_hi = (8 * (sub % 4) + 2 * (sub // 4))[None, :, :]
+    first_word = (sub % 8 < 4)[None, :, :]
+    acc = tl.zeros((BLOCK_K, 4, 16, 4), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        blk = r * K + col
+        lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+        hw = tl.load(hb_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32)  # (BLOCK_K, 16)
+        w0 = tl.load(sc_ptr + blk * 3)[:, None, None]
+        w1 = tl.load(sc_ptr + blk * 3 + 1)[:, None, None]
+        w2 = tl.load(sc_ptr + blk * 3 + 2)[:, None, None]
+        d = tl.load(d_ptr + blk).to(tl.float32)
+        sc = ((tl.where(first_word, w0, w1) >> shift_lo) & 15) | (((w2 >> shift_hi) & 3) << 4)  # (BLOCK_K, 4, 4)
+        f = (sc - 32).to(tl.float32) * (x * d)[:, None, None]
+        q = ((lo[:, :, :, None] >> (2 * c[None])) & 3) | (((hw[:, None, :, None] >> sub[None, :, None, :]) & 1) << 2)
+        acc += (q - 4).to(tl.float32) * f[:, :, None, :]
+    y = tl.sum(acc, axis=0)  # (4 jq, 16 l, 4 c)
+    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, y)
+
+
+@triton.jit
+def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                 MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256].
+    Tile (BLOCK_K, 4 jq, 16 l, 4 c) as Q6_K's: the 2-bit level from byte 16 jq + l; scale and
+    min nibbles of sub-block 4 jq + c; d and dmin as one int32."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    jq = tl.arange(0, 4)[:, None, None]
+    lq = tl.arange(0, 16)[None, :, None]
+    c = tl.arange(0, 4)[None, None, :]
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    acc = tl.zeros((BLOCK_K, 4, 16, 4), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_K, 4, 1, 4), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        blk = r * K + col
+        qb = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+        sm = tl.reshape(tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32),
+                        (BLOCK_K, 4, 4))  # [k, jq, c]
+        dd = tl.load(dd_ptr + blk)
+        d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        q = (qb[:, :, :, None] >> (2 * c[None])) & 3
+        acc += q.to(tl.float32) * ((sm & 15).to(tl.float32) * (x * d)[:, None, None])[:, :, None, :]
+        bias += ((sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])[:, :, None, :]
+    y = tl.sum(acc, axis=0) - tl.sum(bias, axis=0)  # (4 jq, 16 l, 4 c)
+    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, y)
+
+
 # ---------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -225,6 +298,12 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     elif w.fmt == "q6_k":
         _q6_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
                                          ws.split, **common)
+    elif w.fmt == "q3_k":
+        _q3_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
+                                         ws.split, **common)
+    elif w.fmt == "q2_k":
+        _q2_k_kernel[(w.rows, ws.split)](w.quants, w.scales, w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
+                                         **common)
     else:
         _q5_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.head.view(torch.int64), x, idx, count, ws.partials, k,
                                          ws.np, ws.split, **common)
@@ -276,6 +355,8 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
         "q8_0": (_q8_0_kernel, {"q_ptr": "*i8", "d_ptr": "*fp16"}, {"RB": rows}),
         "q6_k": (_q6_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
         "q5_k": (_q5_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "h_ptr": "*i64"}, {}),
+        "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
+        "q2_k": (_q2_k_kernel, {"q_ptr": "*u8", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
     }[fmt]
     const = {"MODE": mode, "BLOCK_K": block_k, "PDL": True, **const}
     sig = {**sig, **common, **{name: "constexpr" for name in const}}
