@@ -303,7 +303,7 @@ def test_triton_linear_runs_the_types(rng, device):
 def test_type_variants_fall_back_to_defaults():
     """The tuned table has no entry for the new variants: config() gives default_config, whose
     launch arguments zigzag_types.gemv accepts; every candidate the tuner would time is valid;
-    the Q4_K variants (what `spqt tune` times) are unchanged."""
+    the Q4_K variants (what `spqt tune` times by default) are unchanged."""
     from spqt.kernels import tuning
 
     assert tuning.VARIANTS == ("zigzag_dense", "zigzag_sparse", "row_dense")
@@ -362,3 +362,24 @@ def test_kernels_compile_for_sm90():
     for r in reports:
         assert len(r["regs"]) == 1 and set(r["spills"]) <= {"0"}, r
         assert r["v4_loads"] >= 1, f"no 16-byte load: {r}"
+
+
+@pytest.mark.gpu
+def test_bench_and_tune_types(tmp_path):
+    """`spqt bench gemv --types` and `spqt tune --types` for the other types: the tuner times
+    (two) candidates of B2 and B4 per type and shape and returns table entries; the benchmark
+    reports B2 and B4 rows per type next to Q4_K's."""
+    from spqt import bench
+    from spqt.kernels import tuning
+
+    shapes = [(576, 192)]
+    entries = bench.tune_types(shapes, ["q8_0", "q2_k"], log=lambda *a: None,
+                               candidates=lambda v, n, k: tuning.candidates(v, n, k)[:2])
+    assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k")}
+    for found in entries.values():
+        assert found["576x192"]["us"] > 0 and found["576x192"]["split"] >= 1
+    report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",
+                                      log=lambda *a: None, types=["q4_k", "q6_k"])
+    rows = {(r["type"], r["variant"], r["sparsity"]) for r in report["rows"]}
+    assert {("q6_k", "B2", 0.0), ("q6_k", "B4", 0.0), ("q6_k", "B4", 0.5), ("q4_k", "B4", 0.5)} <= rows
+    assert all(r["us"] > 0 and r["gbps"] > 0 for r in report["rows"]) and (tmp_path / "gemv.json").is_file()

@@ -425,6 +425,37 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
     return entries
 
 
+def tune_types(shapes, types, log=print, candidates=tuning.candidates) -> dict:
+    """The other zigzag types' B2 and B4 (at 50 % sparsity, collect included): the candidate
+    configs of "zigzag_{dense,sparse}_<type>" timed per shape; returns the winners as table entries."""
+    props = torch.cuda.get_device_properties(0)
+    entries = {}
+    for n, k in shapes:
+        for fmt in types:
+            pool, x = make_type_operands((n, k), fmt, props.L2_cache_size)
+            t = torch.quantile(x.float().abs(), 0.5).reshape(())
+            for kind in ("dense", "sparse"):
+                variant = f"zigzag_{kind}_{fmt}"
+                best = None
+                for cfg in candidates(variant, n, k):
+                    ws = zt.TypesWorkspace(pool[0], cfg["split"], torch.float16)
+                    args = tuning.types_launch_args(cfg)
+                    if kind == "dense":
+                        seq = [(lambda w=w: zt.gemv(w, x, zt.MODE_DENSE, ws, **args)) for w in pool]
+                    else:
+                        seq = [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                                             zt.gemv(w, x, zt.MODE_INDEXED, ws, idx=ws.idx, count=ws.count, **args)))
+                               for w in pool]
+                    us = time_graph(_at_least_16(seq), replays=10, warmup=2) * 1e6
+                    if best is None or us < best[0]:
+                        best = (us, cfg)
+                entries.setdefault(variant, {})[f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
+                log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
+            del pool
+            torch.cuda.empty_cache()
+    return entries
+
+
 def tune_crossover(shapes, log=print) -> dict:
     """This GPU's table with every zigzag_sparse entry's crossover measured anew (the configs kept:
     shapes the table lacks get their nearest neighbour's or the default)."""

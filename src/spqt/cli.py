@@ -415,15 +415,26 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from spqt.bench import parse_shapes, tune, tune_crossover
+    from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
     from spqt.generate import resolve_device
     from spqt.kernels import tuning
 
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    if not types or any(t not in GEMV_TYPES for t in types):
+        raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
     resolve_device("cuda")
     if args.crossover_only:
         entries = tune_crossover(parse_shapes(args.shapes))
     else:
-        entries = tune(parse_shapes(args.shapes))
+        # the variants not re-tuned keep this GPU's entries (q4_k's are replaced as a whole, as before)
+        entries = {v: dict(tuning.table_entries(v)) for v in tuning.VARIANTS + tuning.TYPE_VARIANTS}
+        if "q4_k" in types:
+            entries.update(tune(parse_shapes(args.shapes)))
+        others = [t for t in types if t != "q4_k"]
+        if others:
+            for variant, found in tune_types(parse_shapes(args.shapes), others).items():
+                entries[variant].update(found)
+        entries = {v: e for v, e in entries.items() if e}
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0
@@ -569,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
     p.add_argument("--crossover-only", action="store_true",
                    help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
+    p.add_argument("--types", default="q4_k", help="weight types to tune, comma-separated: q4_k (its B0, B2, B4), "
+                   "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
     p.set_defaults(func=cmd_tune)
     return parser
 
