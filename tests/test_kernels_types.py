@@ -183,6 +183,8 @@ def test_zigzag_types_b2_b4(rng, device, fmt, sparsity):
             configs = _configs(fmt, device)
             if device == "cpu" and (sparsity != 0.5 or shape != CPU_SHAPES[0] or dtype != torch.float32):
                 configs = configs[:1]
+            elif device == "cuda" and (sparsity != 0.5 or dtype == torch.bfloat16):
+                configs = configs[:2]  # each config is a compile per dtype and mode: all of them at 50 % only
             for split, cfg in configs:
                 ws = zt.TypesWorkspace(gw, split, dtype)
                 modes = [(zt.MODE_INDEXED, x_sparse, "B4")]
