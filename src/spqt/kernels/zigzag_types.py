@@ -1,8 +1,8 @@
-"""Zigzag GEMV for one token on Q8_0, Q6_K and Q5_K weights: B2 (dense) and B4 (load-balanced
-sparse, driven by collect()'s active-index list), in plain Triton.
+"""Zigzag GEMV for one token on Q8_0, Q6_K, Q5_K, Q3_K and Q2_K weights: B2 (dense) and B4
+(load-balanced sparse, driven by collect()'s active-index list), in plain Triton.
 
 Structure of the Q4_K kernel (zigzag_mma.py), without its tensor cores: program (g, s) takes
-the outputs of row group g (one 256-row block row for Q6_K / Q5_K; `rows` 32-row block rows
+the outputs of row group g (one 256-row block row for the K-quants; `rows` 32-row block rows
 for Q8_0, 8 by default = 256 outputs) and share s of the columns, and writes fp32 partial sums
 into part[s, outputs] of a (split, NP) workspace; gemv._reduce_kernel then adds the split
 partials in a fixed order (deterministic) and applies the epilogue (none, residual, SwiGLU).
@@ -12,11 +12,17 @@ whatever their place in the matrix. A position past the share's end (B2) or past
 (B4) reads column 0's blocks against x = 0: weight loads carry no mask.
 
 Decoding: a lane turns its weights into fp32 with shifts and ANDs on the words of the kernel
-layout (gpu_layout_types.py) and adds level * (x d sc) in fp32; Q5_K's min term
-x dmin m is summed per sub-block and subtracted once at the end. Each block's bytes are read
+layout (gpu_layout_types.py) and adds level * (x d sc) in fp32; the min term x dmin m of Q5_K
+and Q2_K is summed per sub-block and subtracted once at the end. Each block's bytes are read
 once: Q8_0 32 level bytes, Q6_K 128 + 64 bytes of levels and 16 scale bytes, Q5_K 128 + 32
-bytes of levels and its 16-byte head, plus the fp16 d of Q8_0 / Q6_K, loaded for block_k
-neighbouring columns together.
+bytes of levels and its 16-byte head, Q3_K 64 + 32 bytes of levels and 12 scale bytes, Q2_K 64
+bytes of levels and 16 scale bytes, plus the fp16 factors, loaded for block_k neighbouring
+columns together.
+
+A step's products are summed over its block_k columns right away (a tree in registers) into one
+accumulator per output: fewer registers and instructions than an accumulator per column and
+output summed at the end (sm_90 ptxas, B4 at 4 warps, registers / SASS instructions: Q6_K 80 /
+607 against 96 / 647, Q5_K 124 / 1200 against 156 / 1264, Q2_K 122 / 1032 against 158 / 1088).
 
 x is (K,) fp16/bf16/fp32 and y x's dtype; every product and sum is in fp32.
 Not tuned: the defaults (tuning.default_config, variants "zigzag_dense_<type>" and
@@ -79,15 +85,14 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     rb = g * RB + tl.arange(0, RB)
     lv = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_K, RB, 32), dtype=tl.float32)
+    acc = tl.zeros((RB, 32), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = rb[None, :] * K + col[:, None]  # (BLOCK_K, RB)
         q = tl.load(q_ptr + blk[:, :, None] * 32 + lv[None, None, :])
         d = tl.load(d_ptr + blk).to(tl.float32)
-        acc += q.to(tl.float32) * (x[:, None] * d)[:, :, None]
-    y = tl.sum(acc, axis=0)  # (RB, 32)
-    tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], y)
+        acc += tl.sum(q.to(tl.float32) * (x[:, None] * d)[:, :, None], axis=0)
+    tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], acc)
 
 
 @triton.jit
@@ -106,7 +111,7 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
     lq = tl.arange(0, 16)[None, :, None]
     c = tl.arange(0, 4)[None, None, :]
     word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
-    acc = tl.zeros((BLOCK_K, 4, 16, 4), dtype=tl.float32)
+    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = r * K + col
@@ -116,9 +121,8 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
         d = tl.load(d_ptr + blk).to(tl.float32)
         q = ((lo[:, :, :, None] >> (4 * c[None])) & 15) | (((hb[:, :, :, None] >> (2 * c[None])) & 3) << 4)
         f = tl.reshape(sc * (x * d)[:, None], (BLOCK_K, 4, 4))  # [k, jq, c]: x d sc of sub-block 4 jq + c
-        acc += (q - 32).to(tl.float32) * f[:, :, None, :]
-    y = tl.sum(acc, axis=0)  # (4 jq, 16 l, 4 c)
-    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, y)
+        acc += tl.sum((q - 32).to(tl.float32) * f[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, acc)  # acc: (4 jq, 16 l, 4 c)
 
 
 @triton.jit
@@ -139,9 +143,9 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
     c = tl.arange(0, 4)[None, None, :]
     word = 32 * tl.arange(0, 2)[:, None] + tl.arange(0, 32)[None, :]  # (2, 32)
     sub = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]  # (2, 4): sub-block 4 jq + c
-    acc = tl.zeros((BLOCK_K, 2, 32, 4), dtype=tl.float32)
+    acc = tl.zeros((2, 32, 4), dtype=tl.float32)
     # the min term in the levels' tile shape (one layout: the head is then loaded once)
-    bias = tl.zeros((BLOCK_K, 2, 1, 4), dtype=tl.float32)
+    bias = tl.zeros((2, 1, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = r * K + col
@@ -151,9 +155,9 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
         d, dmin, w1, w2, w3 = split_head(hlo, hhi)
         sc, mn = unpack_scales(w1[:, None, None], w2[:, None, None], w3[:, None, None], sub[None, :, :])
         q = ((lo[:, :, :, None] >> (4 * c[None])) & 15) | (((hb[:, None, :, None] >> sub[None, :, None, :]) & 1) << 4)
-        acc += q.to(tl.float32) * (sc * (x * d)[:, None, None])[:, :, None, :]
-        bias += (mn * (x * dmin)[:, None, None])[:, :, None, :]
-    y = tl.sum(acc, axis=0) - tl.sum(bias, axis=0)  # (2 jq, 32 l, 4 c)
+        acc += tl.sum(q.to(tl.float32) * (sc * (x * d)[:, None, None])[:, :, None, :], axis=0)
+        bias += tl.sum((mn * (x * dmin)[:, None, None])[:, :, None, :], axis=0)
+    y = acc - bias  # (2 jq, 32 l, 4 c)
     tl.store(part_ptr + s * NP + r * 256 + 128 * jq + 32 * c + lq, y)
 
 
@@ -178,7 +182,7 @@ def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
     shift_lo = (8 * (sub % 4) + 4 * (sub // 8))[None, :, :]
     shift_hi = (8 * (sub % 4) + 2 * (sub // 4))[None, :, :]
     first_word = (sub % 8 < 4)[None, :, :]
-    acc = tl.zeros((BLOCK_K, 4, 16, 4), dtype=tl.float32)
+    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = r * K + col
@@ -191,9 +195,8 @@ def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
         sc = ((tl.where(first_word, w0, w1) >> shift_lo) & 15) | (((w2 >> shift_hi) & 3) << 4)  # (BLOCK_K, 4, 4)
         f = (sc - 32).to(tl.float32) * (x * d)[:, None, None]
         q = ((lo[:, :, :, None] >> (2 * c[None])) & 3) | (((hw[:, None, :, None] >> sub[None, :, None, :]) & 1) << 2)
-        acc += (q - 4).to(tl.float32) * f[:, :, None, :]
-    y = tl.sum(acc, axis=0)  # (4 jq, 16 l, 4 c)
-    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, y)
+        acc += tl.sum((q - 4).to(tl.float32) * f[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, acc)  # acc: (4 jq, 16 l, 4 c)
 
 
 @triton.jit
@@ -212,8 +215,8 @@ def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, 
     lq = tl.arange(0, 16)[None, :, None]
     c = tl.arange(0, 4)[None, None, :]
     word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
-    acc = tl.zeros((BLOCK_K, 4, 16, 4), dtype=tl.float32)
-    bias = tl.zeros((BLOCK_K, 4, 1, 4), dtype=tl.float32)
+    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
+    bias = tl.zeros((4, 1, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = r * K + col
@@ -224,9 +227,9 @@ def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, 
         d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
         q = (qb[:, :, :, None] >> (2 * c[None])) & 3
-        acc += q.to(tl.float32) * ((sm & 15).to(tl.float32) * (x * d)[:, None, None])[:, :, None, :]
-        bias += ((sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])[:, :, None, :]
-    y = tl.sum(acc, axis=0) - tl.sum(bias, axis=0)  # (4 jq, 16 l, 4 c)
+        acc += tl.sum(q.to(tl.float32) * ((sm & 15).to(tl.float32) * (x * d)[:, None, None])[:, :, None, :], axis=0)
+        bias += tl.sum(((sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])[:, :, None, :], axis=0)
+    y = acc - bias  # (4 jq, 16 l, 4 c)
     tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, y)
 
 
