@@ -1,8 +1,8 @@
-"""Zigzag GEMV kernels of Q8_0, Q6_K and Q5_K (kernels/zigzag_types.py) against the float64
-product of the dequantized matrix (QuantizedWeight.dequantize): on the CPU through the Triton
-interpreter (small shapes, few configs) and the same tests on the GPU (`gpu` marker, larger
-shapes and more configs). Fresh random weights and inputs, shapes that are not multiples of the
-block size, outputs and partials poisoned with NaN before every launch."""
+"""Zigzag GEMV kernels of Q8_0, Q6_K, Q5_K, Q3_K and Q2_K (kernels/zigzag_types.py) against the
+float64 product of the dequantized matrix (QuantizedWeight.dequantize): on the CPU through the
+Triton interpreter (small shapes, few configs) and the same tests on the GPU (`gpu` marker,
+larger shapes and more configs). Fresh random blocks and inputs, shapes that are not multiples
+of the block size, outputs and partials poisoned with NaN before every launch."""
 
 import numpy as np
 import pytest
