@@ -297,6 +297,20 @@ def test_triton_linear_runs_the_types(rng, device):
         for m in (lin, ref):
             m.set_scale(c)
         torch.testing.assert_close(lin(x, norm=norm).clone(), ref(x, norm=norm), **tol, msg=f"{fmt} WINA")
+        if device == "cuda":  # a decode step is a CUDA graph: nothing here may synchronise with the host
+            static = x.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                lin(static, norm=norm, residual=r)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = lin(static, norm=norm, residual=r)
+            x2 = torch.from_numpy(rng.standard_normal((1, 1, k)).astype(np.float32)).to(device)
+            static.copy_(x2)
+            graph.replay()
+            torch.testing.assert_close(out, ref(x2, norm=norm, residual=r), **tol, msg=f"{fmt} CUDA graph")
         xs = torch.from_numpy(rng.standard_normal((2, 3, k)).astype(np.float32)).to(device)
         lin.sparse = ref.sparse = False
         torch.testing.assert_close(lin(xs), ref(xs), **tol, msg=f"{fmt} several tokens")
