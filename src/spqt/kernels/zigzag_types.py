@@ -19,8 +19,8 @@ bytes of levels and its 16-byte head, Q3_K 64 + 32 bytes of levels and 12 scale 
 bytes of levels and 16 scale bytes, plus the fp16 factors, loaded for block_k neighbouring
 columns together.
 
-A step's products are summed over its block_k columns right away (a tree in registers) into one
-accumulator per output: fewer registers and instructions than an accumulator per column and
+K-quants: a step's products are summed over its block_k columns right away (a tree in registers)
+into one accumulator per output: fewer registers and instructions than an accumulator per column and
 output summed at the end (sm_90 ptxas, B4 at 4 warps, registers / SASS instructions: Q6_K 80 /
 607 against 96 / 647, Q5_K 124 / 1200 against 156 / 1264, Q2_K 122 / 1032 against 158 / 1088).
 
@@ -85,14 +85,16 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     rb = g * RB + tl.arange(0, RB)
     lv = tl.arange(0, 32)
-    acc = tl.zeros((RB, 32), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, RB, 32), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
         blk = rb[None, :] * K + col[:, None]  # (BLOCK_K, RB)
         q = tl.load(q_ptr + blk[:, :, None] * 32 + lv[None, None, :])
         d = tl.load(d_ptr + blk).to(tl.float32)
-        acc += tl.sum(q.to(tl.float32) * (x[:, None] * d)[:, :, None], axis=0)
-    tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], acc)
+        acc += q.to(tl.float32) * (x[:, None] * d)[:, :, None]
+    # one accumulator per column: Triton spreads the columns over lanes, so a sum over them each
+    # step would be 4 shuffles a weight (sm_90 SASS: 128 SHFL a step at 4 warps); summed once here
+    tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], tl.sum(acc, axis=0))
 
 
 @triton.jit
