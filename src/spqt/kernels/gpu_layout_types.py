@@ -48,8 +48,8 @@ Q8_ROW_GROUP = 8  # Q8_0 block rows padded to a multiple of this: programs of up
 
 @dataclass
 class GpuZigzag:
-    """A zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K matrix in kernel layout (module docstring). Arrays a format
-    lacks are None."""
+    """A zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K matrix in kernel layout (module docstring).
+    Arrays a format lacks are None."""
 
     fmt: str
     shape: tuple[int, int]

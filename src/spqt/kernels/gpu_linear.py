@@ -3,7 +3,7 @@ for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for sev
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
-TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K on the kernels of zigzag_types.py."""
+TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py)."""
 
 import torch
 
@@ -100,7 +100,7 @@ class TritonLinear:
 
 
 class TritonZigzagTypesLinear(TritonLinear):
-    """A zigzag Q8_0 / Q6_K / Q5_K map: one token through zigzag_types.gemv (B2 dense, B4 on the
+    """A zigzag Q8_0 ... Q2_K map: one token through zigzag_types.gemv (B2 dense, B4 on the
     collected index list, the residual / SwiGLU epilogue in its reduction, the RMSNorm fused with
     the collection as for Q4_K); several tokens: the matrix decoded by torch ops into x's dtype,
     then cuBLAS (no Triton dequantize kernel yet). Configs: tuning variants

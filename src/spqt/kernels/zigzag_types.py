@@ -286,8 +286,8 @@ def _check(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, idx, co
 def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps: int = 4, block_k: int = 16,
          rows: int = Q8_ROW_GROUP, idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
          residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-    """B2 (MODE_DENSE) or B4 (MODE_INDEXED: idx, count from collect) of a zigzag Q8_0 / Q6_K /
-    Q5_K matrix. num_warps, block_k (columns a step), rows (Q8_0: 32-row block rows a program)
+    """B2 (MODE_DENSE) or B4 (MODE_INDEXED: idx, count from collect) of a zigzag Q8_0, Q6_K,
+    Q5_K, Q3_K or Q2_K matrix. num_warps, block_k (columns a step), rows (Q8_0: 32-row block rows a program)
     and ws.split: the launch config. Returns ws.y (N,) in x's dtype (overwritten by the next call
     on this workspace); residual (N,) -> residual + W x; swiglu (W = gate|up stacked) ->
     silu(gate) * up, a view ws.y[:N / 2]."""
