@@ -356,12 +356,13 @@ for fmt in ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
         print(json.dumps({"what": f"{fmt} mode {mode}", "regs": re.findall(r"Used (\\d+) registers", v.stderr),
                           "spills": re.findall(r"(\\d+) bytes spill stores", v.stderr),
                           "v4_loads": sum(n for k, n in loads.items() if ".v4." in k)}))
+    zt.compile_dequant_sm90(fmt)  # prefill's dequantize kernel builds too
 """
 
 
 def test_kernels_compile_for_sm90():
-    """The GPU code, which the interpreter does not build: every type's B4 (and Q5_K's B2) compiles
-    for sm_90 at its default warps (Triton's bundled ptxas, in a child process: TRITON_INTERPRET
+    """The GPU code, which the interpreter does not build: every type's B4 (and Q5_K's B2) and
+    dequantize kernel compile for sm_90 at the default warps (Triton's bundled ptxas, in a child process: TRITON_INTERPRET
     replaces the compiler) without register spills, and reads the level bytes with 16-byte loads."""
     import os
     import subprocess

@@ -102,8 +102,8 @@ class TritonLinear:
 class TritonZigzagTypesLinear(TritonLinear):
     """A zigzag Q8_0 ... Q2_K map: one token through zigzag_types.gemv (B2 dense, B4 on the
     collected index list, the residual / SwiGLU epilogue in its reduction, the RMSNorm fused with
-    the collection as for Q4_K); several tokens: the matrix decoded by torch ops into x's dtype,
-    then cuBLAS (no Triton dequantize kernel yet). Configs: tuning variants
+    the collection as for Q4_K); several tokens: zigzag_types.dequantize into x's dtype, then
+    cuBLAS. Configs: tuning variants
     "zigzag_{dense,sparse}_<type>" (defaults until `spqt tune` times them)."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):

@@ -73,6 +73,14 @@ def _columns(idx_ptr, x_ptr, pos, hi, K, MODE: tl.constexpr):
 
 
 @triton.jit
+def _q8_0_step(q_ptr, d_ptr, blk, x):
+    """Blocks blk (BLOCK_K, RB): levels (BLOCK_K, RB, 32) as fp32 and x d (BLOCK_K, RB)."""
+    q = tl.load(q_ptr + blk[:, :, None] * 32 + tl.arange(0, 32)[None, None, :])
+    d = tl.load(d_ptr + blk).to(tl.float32)
+    return q.to(tl.float32), x[:, None] * d
+
+
+@triton.jit
 def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, MODE: tl.constexpr,
                  RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
@@ -88,151 +96,213 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
     acc = tl.zeros((BLOCK_K, RB, 32), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        blk = rb[None, :] * K + col[:, None]  # (BLOCK_K, RB)
-        q = tl.load(q_ptr + blk[:, :, None] * 32 + lv[None, None, :])
-        d = tl.load(d_ptr + blk).to(tl.float32)
-        acc += q.to(tl.float32) * (x[:, None] * d)[:, :, None]
+        qf, f = _q8_0_step(q_ptr, d_ptr, rb[None, :] * K + col[:, None], x)
+        acc += qf * f[:, :, None]
     # one accumulator per column: Triton spreads the columns over lanes, so a sum over them each
     # step would be 4 shuffles a weight (sm_90 SASS: 128 SHFL a step at 4 warps); summed once here
     tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], tl.sum(acc, axis=0))
 
 
 @triton.jit
+def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels - 32 as fp32 (BLOCK_K, 4 jq, 16 l, 4 c) and x d sc
+    (BLOCK_K, 4 jq, 4 c). Weight 64 jq + 16 c + l of sub-block 4 jq + c, from word 16 jq + l."""
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    c = tl.arange(0, 4)[None, None, None, :]
+    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+    hb = tl.load(hb_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)
+    sc = tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.float32)  # (BLOCK_K, 16)
+    d = tl.load(d_ptr + blk).to(tl.float32)
+    q = ((lo[:, :, :, None] >> (4 * c)) & 15) | (((hb[:, :, :, None] >> (2 * c)) & 3) << 4)
+    return (q - 32).to(tl.float32), tl.reshape(sc * (x * d)[:, None], (BLOCK_K, 4, 4))
+
+
+@triton.jit
 def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256].
-    Tile (BLOCK_K, 4 jq, 16 l, 4 c): weight 64 jq + 16 c + l of sub-block 4 jq + c, from word
-    16 jq + l of the column's block."""
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    jq = tl.arange(0, 4)[:, None, None]
-    lq = tl.arange(0, 16)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
     acc = tl.zeros((4, 16, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        blk = r * K + col
-        lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
-        hb = tl.load(hb_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)
-        sc = tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.float32)  # (BLOCK_K, 16)
-        d = tl.load(d_ptr + blk).to(tl.float32)
-        q = ((lo[:, :, :, None] >> (4 * c[None])) & 15) | (((hb[:, :, :, None] >> (2 * c[None])) & 3) << 4)
-        f = tl.reshape(sc * (x * d)[:, None], (BLOCK_K, 4, 4))  # [k, jq, c]: x d sc of sub-block 4 jq + c
-        acc += tl.sum((q - 32).to(tl.float32) * f[:, :, None, :], axis=0)
-    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, acc)  # acc: (4 jq, 16 l, 4 c)
+        qf, f = _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc)
+
+
+@triton.jit
+def _rows_4x16x4():
+    """Row 64 jq + 16 c + l of the block for tile position (jq, l, c), (4, 16, 4)."""
+    return (64 * tl.arange(0, 4)[:, None, None] + 16 * tl.arange(0, 4)[None, None, :]
+            + tl.arange(0, 16)[None, :, None])
+
+
+@triton.jit
+def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels as fp32 (BLOCK_K, 2 jq, 32 l, 4 c), x d sc and x dmin m
+    (BLOCK_K, 2 jq, 4 c). Weight 128 jq + 32 c + l of sub-block j = 4 jq + c: low bits from word
+    32 jq + l, 5th bit from bit j of byte l; the head as two int64 (one 16-byte load)."""
+    word = 32 * tl.arange(0, 2)[:, None] + tl.arange(0, 32)[None, :]  # (2, 32)
+    sub = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]  # (2, 4): sub-block 4 jq + c
+    c = tl.arange(0, 4)[None, None, None, :]
+    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 2, 32)
+    hb = tl.load(hb_ptr + blk[:, None] * 32 + tl.arange(0, 32)[None, :]).to(tl.int32)  # (BLOCK_K, 32)
+    hlo, hhi = tl.split(tl.load(h_ptr + blk[:, None] * 2 + tl.arange(0, 2)[None, :]))
+    d, dmin, w1, w2, w3 = split_head(hlo, hhi)
+    sc, mn = unpack_scales(w1[:, None, None], w2[:, None, None], w3[:, None, None], sub[None, :, :])
+    q = ((lo[:, :, :, None] >> (4 * c)) & 15) | (((hb[:, None, :, None] >> sub[None, :, None, :]) & 1) << 4)
+    return q.to(tl.float32), sc * (x * d)[:, None, None], mn * (x * dmin)[:, None, None]
 
 
 @triton.jit
 def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256].
-    Tile (BLOCK_K, 2 jq, 32 l, 4 c): weight 128 jq + 32 c + l of sub-block j = 4 jq + c, low
-    bits from word 32 jq + l, 5th bit from bit j of byte l; the head as two int64 (one 16-byte
-    load)."""
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    jq = tl.arange(0, 2)[:, None, None]
-    lq = tl.arange(0, 32)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    word = 32 * tl.arange(0, 2)[:, None] + tl.arange(0, 32)[None, :]  # (2, 32)
-    sub = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]  # (2, 4): sub-block 4 jq + c
     acc = tl.zeros((2, 32, 4), dtype=tl.float32)
     # the min term in the levels' tile shape (one layout: the head is then loaded once)
     bias = tl.zeros((2, 1, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        blk = r * K + col
-        lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 2, 32)
-        hb = tl.load(hb_ptr + blk[:, None] * 32 + tl.arange(0, 32)[None, :]).to(tl.int32)  # (BLOCK_K, 32)
-        hlo, hhi = tl.split(tl.load(h_ptr + blk[:, None] * 2 + tl.arange(0, 2)[None, :]))
-        d, dmin, w1, w2, w3 = split_head(hlo, hhi)
-        sc, mn = unpack_scales(w1[:, None, None], w2[:, None, None], w3[:, None, None], sub[None, :, :])
-        q = ((lo[:, :, :, None] >> (4 * c[None])) & 15) | (((hb[:, None, :, None] >> sub[None, :, None, :]) & 1) << 4)
-        acc += tl.sum(q.to(tl.float32) * (sc * (x * d)[:, None, None])[:, :, None, :], axis=0)
-        bias += tl.sum((mn * (x * dmin)[:, None, None])[:, :, None, :], axis=0)
-    y = acc - bias  # (2 jq, 32 l, 4 c)
-    tl.store(part_ptr + s * NP + r * 256 + 128 * jq + 32 * c + lq, y)
+        qf, f, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+        bias += tl.sum(mb[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_2x32x4(), acc - bias)
+
+
+@triton.jit
+def _rows_2x32x4():
+    """Row 128 jq + 32 c + l of the block for tile position (jq, l, c), (2, 32, 4)."""
+    return (128 * tl.arange(0, 2)[:, None, None] + 32 * tl.arange(0, 4)[None, None, :]
+            + tl.arange(0, 32)[None, :, None])
+
+
+@triton.jit
+def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels - 4 as fp32 (BLOCK_K, 4 jq, 16 l, 4 c) and x d (s - 32)
+    (BLOCK_K, 4 jq, 4 c). As Q6_K's tile: low 2 bits from byte 16 jq + l, the 3rd bit from bit
+    4 jq + c of word l; the 6-bit scales unpacked from GGUF's three packed words."""
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    sub = 4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): sub-block j = 4 jq + c
+    c = tl.arange(0, 4)[None, None, None, :]
+    # scale j: low nibble j // 8 of byte j % 8 (words 0, 1), top 2 bits at 2 (j // 4) of byte 8 + j % 4 (word 2)
+    shift_lo = (8 * (sub % 4) + 4 * (sub // 8))[None, :, :]
+    shift_hi = (8 * (sub % 4) + 2 * (sub // 4))[None, :, :]
+    first_word = (sub % 8 < 4)[None, :, :]
+    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+    hw = tl.load(hb_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32)  # (BLOCK_K, 16)
+    w0 = tl.load(sc_ptr + blk * 3)[:, None, None]
+    w1 = tl.load(sc_ptr + blk * 3 + 1)[:, None, None]
+    w2 = tl.load(sc_ptr + blk * 3 + 2)[:, None, None]
+    d = tl.load(d_ptr + blk).to(tl.float32)
+    sc = ((tl.where(first_word, w0, w1) >> shift_lo) & 15) | (((w2 >> shift_hi) & 3) << 4)  # (BLOCK_K, 4, 4)
+    q = ((lo[:, :, :, None] >> (2 * c)) & 3) | (((hw[:, None, :, None] >> sub[None, :, None, :]) & 1) << 2)
+    return (q - 4).to(tl.float32), (sc - 32).to(tl.float32) * (x * d)[:, None, None]
 
 
 @triton.jit
 def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256].
-    Tile (BLOCK_K, 4 jq, 16 l, 4 c) as Q6_K's: low 2 bits from byte 16 jq + l, the 3rd bit from
-    bit 4 jq + c of word l; the 6-bit scales unpacked from GGUF's three packed words."""
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    jq = tl.arange(0, 4)[:, None, None]
-    lq = tl.arange(0, 16)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
-    sub = 4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): sub-block j = 4 jq + c
-    # scale j: low nibble j // 8 of byte j % 8 (words 0, 1), top 2 bits at 2 (j // 4) of byte 8 + j % 4 (word 2)
-    shift_lo = (8 * (sub % 4) + 4 * (sub // 8))[None, :, :]
-    shift_hi = (8 * (sub % 4) + 2 * (sub // 4))[None, :, :]
-    first_word = (sub % 8 < 4)[None, :, :]
     acc = tl.zeros((4, 16, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        blk = r * K + col
-        lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
-        hw = tl.load(hb_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32)  # (BLOCK_K, 16)
-        w0 = tl.load(sc_ptr + blk * 3)[:, None, None]
-        w1 = tl.load(sc_ptr + blk * 3 + 1)[:, None, None]
-        w2 = tl.load(sc_ptr + blk * 3 + 2)[:, None, None]
-        d = tl.load(d_ptr + blk).to(tl.float32)
-        sc = ((tl.where(first_word, w0, w1) >> shift_lo) & 15) | (((w2 >> shift_hi) & 3) << 4)  # (BLOCK_K, 4, 4)
-        f = (sc - 32).to(tl.float32) * (x * d)[:, None, None]
-        q = ((lo[:, :, :, None] >> (2 * c[None])) & 3) | (((hw[:, None, :, None] >> sub[None, :, None, :]) & 1) << 2)
-        acc += tl.sum((q - 4).to(tl.float32) * f[:, :, None, :], axis=0)
-    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, acc)  # acc: (4 jq, 16 l, 4 c)
+        qf, f = _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc)
+
+
+@triton.jit
+def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels as fp32 (BLOCK_K, 4 jq, 16 l, 4 c), x d sc and x dmin m
+    (BLOCK_K, 4 jq, 4 c). As Q6_K's tile: the 2-bit level from byte 16 jq + l; scale and min
+    nibbles of sub-block 4 jq + c; d and dmin as one int32."""
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    c = tl.arange(0, 4)[None, None, None, :]
+    qb = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+    sm = tl.reshape(tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32),
+                    (BLOCK_K, 4, 4))  # [k, jq, c]
+    dd = tl.load(dd_ptr + blk)
+    d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    q = (qb[:, :, :, None] >> (2 * c)) & 3
+    return (q.to(tl.float32), (sm & 15).to(tl.float32) * (x * d)[:, None, None],
+            (sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])
 
 
 @triton.jit
 def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
-    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256].
-    Tile (BLOCK_K, 4 jq, 16 l, 4 c) as Q6_K's: the 2-bit level from byte 16 jq + l; scale and
-    min nibbles of sub-block 4 jq + c; d and dmin as one int32."""
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
     s = tl.program_id(1)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    jq = tl.arange(0, 4)[:, None, None]
-    lq = tl.arange(0, 16)[None, :, None]
-    c = tl.arange(0, 4)[None, None, :]
-    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
     acc = tl.zeros((4, 16, 4), dtype=tl.float32)
     bias = tl.zeros((4, 1, 4), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        blk = r * K + col
-        qb = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
-        sm = tl.reshape(tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32),
-                        (BLOCK_K, 4, 4))  # [k, jq, c]
-        dd = tl.load(dd_ptr + blk)
-        d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        q = (qb[:, :, :, None] >> (2 * c[None])) & 3
-        acc += tl.sum(q.to(tl.float32) * ((sm & 15).to(tl.float32) * (x * d)[:, None, None])[:, :, None, :], axis=0)
-        bias += tl.sum(((sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])[:, :, None, :], axis=0)
-    y = acc - bias  # (4 jq, 16 l, 4 c)
-    tl.store(part_ptr + s * NP + r * 256 + 64 * jq + 16 * c + lq, y)
+        qf, f, mb = _q2_k_step(q_ptr, sc_ptr, dd_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+        bias += tl.sum(mb[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc - bias)
+
+
+@triton.jit
+def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (r, b): block row r (Q8_0: 8 block rows), columns BLOCK_K b .. -> out (N, K)
+    row-major in out's dtype; the GEMV's decode with x = 1 (each weight as its format's decode
+    computes it: d sc exact in fp32, one rounding of the product). Arrays a..d: the type's, in
+    the order of its GEMV kernel."""
+    r = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = col < K
+    blk = r * K + tl.where(ok, col, 0)
+    one = tl.full((BLOCK_K,), 1.0, tl.float32)
+    if FMT == 0:  # q8_0: 8 block rows of 32
+        rb = r * 8 + tl.arange(0, 8)
+        qf, f = _q8_0_step(a_ptr, b_ptr, rb[None, :] * K + tl.where(ok, col, 0)[:, None], one)
+        w = qf * f[:, :, None]  # (BLOCK_K, 8, 32)
+        rows = (32 * rb[:, None] + tl.arange(0, 32)[None, :])[None, :, :]
+        tl.store(out_ptr + rows * K + col[:, None, None], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None] & (rows < N))
+    elif FMT == 2:  # q5_k
+        qf, f, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, blk, one, BLOCK_K)
+        w = qf * f[:, :, None, :] - mb[:, :, None, :]
+        rows = (256 * r + _rows_2x32x4())[None]
+        tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None, None] & (rows < N))
+    else:
+        if FMT == 1:  # q6_k
+            qf, f = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
+            w = qf * f[:, :, None, :]
+        elif FMT == 3:  # q3_k
+            qf, f = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
+            w = qf * f[:, :, None, :]
+        else:  # q2_k
+            qf, f, mb = _q2_k_step(a_ptr, b_ptr, c_ptr, blk, one, BLOCK_K)
+            w = qf * f[:, :, None, :] - mb[:, :, None, :]
+        rows = (256 * r + _rows_4x16x4())[None]
+        tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None, None] & (rows < N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -341,9 +411,28 @@ def gemv_twin(w: GpuZigzag, x: torch.Tensor, mode: int, idx: torch.Tensor | None
     return y.to(x.dtype)
 
 
-def dequantize(w: GpuZigzag, dtype: torch.dtype = torch.float16) -> torch.Tensor:
-    """The whole matrix (N, K) in `dtype` (prefill's GEMM), decoded by torch ops on w's device."""
-    return dequantize_kernel_layout(w).to(dtype)
+_FMT_IDS = {"q8_0": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4}
+
+
+def _arrays(w: GpuZigzag) -> tuple:
+    """The kernel arrays of a type in the order its kernels take them (unused slots: quants)."""
+    return {"q8_0": (w.quants, w.d, w.quants, w.quants), "q6_k": (w.quants, w.high, w.scales, w.d),
+            "q5_k": (w.quants, w.high, w.head.view(torch.int64) if w.head is not None else None, w.quants),
+            "q3_k": (w.quants, w.high, w.scales, w.d), "q2_k": (w.quants, w.scales, w.d, w.quants)}[w.fmt]
+
+
+def dequantize(w: GpuZigzag, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
+               block_k: int = 16) -> torch.Tensor:
+    """The whole matrix (N, K) in `dtype`, row-major (prefill's GEMM): one launch, each weight
+    equal to QuantizedWeight.dequantize's (fp32) rounded once to dtype."""
+    n, k = w.shape
+    out = torch.empty((n, k), dtype=dtype, device=w.device) if out is None else out
+    if out.shape != (n, k) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({n}, {k}) tensor")
+    rows = w.rows // Q8_ROW_GROUP if w.fmt == "q8_0" else w.rows
+    _dequant_kernel[(rows, triton.cdiv(k, block_k))](*_arrays(w), out, n, k, FMT=_FMT_IDS[w.fmt], BLOCK_K=block_k,
+                                                     num_warps=4)
+    return out
 
 
 def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warps: int = 4, block_k: int = 16,
@@ -368,3 +457,18 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     n_ptrs = sum(1 for v in sig.values() if v.startswith("*"))
     src = ASTSource(kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(n_ptrs)})
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
+    """The dequantize kernel of one type compiled for Hopper without a GPU (as compile_sm90)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptrs = {"q8_0": ("*i8", "*fp16", "*i8", "*i8"), "q6_k": ("*i16", "*u8", "*i8", "*fp16"),
+            "q5_k": ("*i16", "*u8", "*i64", "*i16"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
+            "q2_k": ("*u8", "*u8", "*i32", "*u8")}[fmt]
+    sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32",
+                                                                   "FMT": "constexpr", "BLOCK_K": "constexpr"}
+    src = ASTSource(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
