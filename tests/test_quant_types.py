@@ -104,11 +104,12 @@ def test_cli_bad_type(tiny_hf, tmp_path, capsys, bad):
 
 @pytest.mark.gpu
 def test_cuda_runs_other_types_through_dequantize(rng):
-    """Types without Triton kernels run dequantize + cuBLAS on CUDA, equal to the CPU path."""
+    """Several tokens (and the row layout of types without row kernels) run dequantize + cuBLAS
+    on CUDA, equal to the CPU path (one token of zigzag Q8_0 / Q6_K / Q5_K: tests/test_kernels_types.py)."""
     w = rng.standard_normal((300, 70)).astype(np.float32)
     x = torch.from_numpy(rng.standard_normal((2, 70)).astype(np.float32))
-    for name in ("q6_k", "q8_0"):
-        qw = QuantizedWeight(torch.from_numpy(spqt.quantize(w, name, "zigzag")), name, "zigzag", w.shape)
+    for name, layout in (("q6_k", "zigzag"), ("q8_0", "zigzag"), ("q3_k", "zigzag"), ("q6_k", "row")):
+        qw = QuantizedWeight(torch.from_numpy(spqt.quantize(w, name, layout)), name, layout, w.shape)
         cpu = Linear(qw, torch.float32, "cpu")(x)
         gpu = Linear(qw, torch.float32, "cuda", backend="triton")(x.cuda()).cpu()
         torch.testing.assert_close(gpu, cpu, rtol=1e-4, atol=1e-4)

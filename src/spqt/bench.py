@@ -1,4 +1,5 @@
-"""GEMV benchmark (B0..B4 and torch fp16) and the kernel tuner, on a CUDA GPU.
+"""GEMV benchmark (B0..B4 and torch fp16; B2 and B4 of the other zigzag types) and the kernel
+tuner, on a CUDA GPU.
 
 Timing: each variant's call sequence (collect + GEMV + reduce where it has them) is captured in a
 CUDA graph of `calls` consecutive calls over rotating weight copies whose total size exceeds 4x
@@ -8,6 +9,7 @@ active blocks only for sparse variants, x and y included) and are compared with 
 device copy measured in the same run (bytes read + written).
 """
 
+import dataclasses
 import datetime
 import json
 import statistics
@@ -20,8 +22,11 @@ import spqt
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
+from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import GpuQ4K, repack
+from spqt.kernels.gpu_layout_types import GpuZigzag
+from spqt.kernels.gpu_layout_types import repack as repack_types
 from spqt.kernels.reference import sparsify
 
 MODEL_SHAPES = {
@@ -31,6 +36,7 @@ MODEL_SHAPES = {
     "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
 VARIANTS = ("B0", "B1", "B2", "B3", "B4", "fp16")
+GEMV_TYPES = ("q4_k",) + tuning.TYPE_FORMATS  # the other types have B2 and B4 only (zigzag_types.py)
 # SmolLM2-135M, the default model: what `runtime` adds besides the synthetic models
 DEFAULT_MODEL_DIMS = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536)
 
@@ -190,6 +196,49 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
     return out
 
 
+def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[list[GpuZigzag], torch.Tensor]:
+    """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x."""
+    n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
+    gw = repack_types(QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape), "cuda")
+    del w
+    arrays = [f for f in ("quants", "d", "high", "scales", "head") if getattr(gw, f) is not None]
+    copies = [gw] + [dataclasses.replace(gw, **{f: getattr(gw, f).clone() for f in arrays})
+                     for _ in range(max(2, -(-4 * l2_bytes // gw.nbytes)) - 1)]
+    return copies, torch.randn(k, device="cuda", generator=g).half()
+
+
+def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants) -> list[dict]:
+    """B2 (once) and B4 (collect included) at every sparsity of one shape in one type, on the
+    default or tuned configs of its variants."""
+    n, k = ws[0].shape
+    fmt = ws[0].fmt
+    cd = tuning.config(f"zigzag_dense_{fmt}", n, k)
+    cs = tuning.config(f"zigzag_sparse_{fmt}", n, k)
+    ws_d = zt.TypesWorkspace(ws[0], cd["split"], torch.float16)
+    ws_s = zt.TypesWorkspace(ws[0], cs["split"], torch.float16)
+    out = []
+    for s in sparsities:
+        t = torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.tensor(-1.0, device="cuda")
+        active = float((x.float().abs() > t).float().mean())
+        calls = {
+            "B2": lambda w: zt.gemv(w, x, zt.MODE_DENSE, ws_d, **tuning.types_launch_args(cd)),
+            "B4": lambda w: (collect(x, t, ws_s.idx, ws_s.count),
+                             zt.gemv(w, x, zt.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
+                                     **tuning.types_launch_args(cs))),
+        }
+        for v in ("B2", "B4"):
+            if v not in variants or (s > 0 and v == "B2"):
+                continue
+            seq = [(lambda f=calls[v], w=ws[i % len(ws)]: f(w)) for i in range(max(len(ws), 16))]
+            sec = time_graph(seq)
+            nbytes = ws[0].nbytes * (active if v == "B4" else 1.0) + 2 * k + 2 * n
+            out.append({"shape": f"{n}x{k}", "n": n, "k": k, "type": fmt, "variant": v, "sparsity": s,
+                        "active": active, "us": sec * 1e6, "bytes": nbytes, "gbps": nbytes / sec / 1e9})
+    return out
+
+
 def git_commit() -> str:
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -200,7 +249,9 @@ def git_commit() -> str:
         return "unknown"
 
 
-def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=None, log=print) -> dict:
+def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=None, log=print,
+                       types=("q4_k",)) -> dict:
+    """types: "q4_k" runs every variant; the other GEMV_TYPES run B2 and B4 (those in variants)."""
     import triton
 
     torch.manual_seed(0)
@@ -211,17 +262,22 @@ def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=N
         f"copy {copy_gbps:.0f} GB/s (read+write), triton {triton.__version__}, torch {torch.__version__}")
     rows = []
     for shape in shapes:
-        ops = make_operands(shape, l2)
-        res = bench_shape(ops, sparsities, variants)
-        dense = {r["variant"]: r["us"] for r in res if r["sparsity"] == 0}
-        for r in res:
-            r["frac_copy_bw"] = r["gbps"] / copy_gbps
-            r["speedup_vs_B0"] = dense.get("B0", float("nan")) / r["us"]
-            r["speedup_vs_B2"] = dense.get("B2", float("nan")) / r["us"]
-        rows += res
-        del ops
-        torch.cuda.empty_cache()
-        _print_shape(res, log)
+        for fmt in types:
+            if fmt == "q4_k":
+                ops = make_operands(shape, l2)
+                res = [dict(r, type="q4_k") for r in bench_shape(ops, sparsities, variants)]
+            else:
+                ops, x = make_type_operands(shape, fmt, l2)
+                res = bench_type_shape(ops, x, sparsities, variants)
+            dense = {r["variant"]: r["us"] for r in res if r["sparsity"] == 0}
+            for r in res:
+                r["frac_copy_bw"] = r["gbps"] / copy_gbps
+                r["speedup_vs_B0"] = dense.get("B0", float("nan")) / r["us"]
+                r["speedup_vs_B2"] = dense.get("B2", float("nan")) / r["us"]
+            rows += res
+            del ops
+            torch.cuda.empty_cache()
+            _print_shape(res, log)
     report = {"benchmark": "gemv", "device": torch.cuda.get_device_name(), "sms": props.multi_processor_count,
               "l2_bytes": l2, "copy_gbps": copy_gbps, "torch": torch.__version__, "triton": triton.__version__,
               "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
@@ -239,10 +295,12 @@ def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=N
 
 
 def _print_shape(res, log) -> None:
-    log(f"{'shape':>12s} {'var':>4s} {'sparse':>6s} {'us':>8s} {'MB':>7s} {'GB/s':>6s} {'xB0':>5s} {'xB2':>5s}")
+    log(f"{'shape':>12s} {'type':>4s} {'var':>4s} {'sparse':>6s} {'us':>8s} {'MB':>7s} {'GB/s':>6s} {'xB0':>5s} "
+        f"{'xB2':>5s}")
     dense = {r["variant"]: r["us"] for r in res if r["sparsity"] == 0}
     for r in res:
-        log(f"{r['shape']:>12s} {r['variant']:>4s} {r['sparsity']:6.2f} {r['us']:8.2f} {r['bytes'] / 1e6:7.2f} "
+        log(f"{r['shape']:>12s} {r['type']:>4s} {r['variant']:>4s} {r['sparsity']:6.2f} {r['us']:8.2f} "
+            f"{r['bytes'] / 1e6:7.2f} "
             f"{r['gbps']:6.0f} {dense.get('B0', float('nan')) / r['us']:5.2f} {dense.get('B2', float('nan')) / r['us']:5.2f}")
 
 
@@ -253,6 +311,7 @@ def plot_speedups(report: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    report = dict(report, rows=[r for r in report["rows"] if r.get("type", "q4_k") == "q4_k"])
     shapes = list(dict.fromkeys(r["shape"] for r in report["rows"]))
     cols = 4
     fig, axes = plt.subplots(-(-len(shapes) // cols), cols, figsize=(4 * cols, 3.2 * -(-len(shapes) // cols)), squeeze=False)
@@ -363,6 +422,37 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
             log(f"{n}x{k} crossover (B4 beats B2 from): {cross}")
         del ops
         torch.cuda.empty_cache()
+    return entries
+
+
+def tune_types(shapes, types, log=print, candidates=tuning.candidates) -> dict:
+    """The other zigzag types' B2 and B4 (at 50 % sparsity, collect included): the candidate
+    configs of "zigzag_{dense,sparse}_<type>" timed per shape; returns the winners as table entries."""
+    props = torch.cuda.get_device_properties(0)
+    entries = {}
+    for n, k in shapes:
+        for fmt in types:
+            pool, x = make_type_operands((n, k), fmt, props.L2_cache_size)
+            t = torch.quantile(x.float().abs(), 0.5).reshape(())
+            for kind in ("dense", "sparse"):
+                variant = f"zigzag_{kind}_{fmt}"
+                best = None
+                for cfg in candidates(variant, n, k):
+                    ws = zt.TypesWorkspace(pool[0], cfg["split"], torch.float16)
+                    args = tuning.types_launch_args(cfg)
+                    if kind == "dense":
+                        seq = [(lambda w=w: zt.gemv(w, x, zt.MODE_DENSE, ws, **args)) for w in pool]
+                    else:
+                        seq = [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                                             zt.gemv(w, x, zt.MODE_INDEXED, ws, idx=ws.idx, count=ws.count, **args)))
+                               for w in pool]
+                    us = time_graph(_at_least_16(seq), replays=10, warmup=2) * 1e6
+                    if best is None or us < best[0]:
+                        best = (us, cfg)
+                entries.setdefault(variant, {})[f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
+                log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
+            del pool
+            torch.cuda.empty_cache()
     return entries
 
 

@@ -396,13 +396,17 @@ def cmd_bench(args) -> int:
         if not 0 <= s < 1:
             raise SpqtError(f"sparsity must be in [0, 1), got {s}")
     if args.what == "gemv":
-        from spqt.bench import VARIANTS, parse_shapes, run_gemv_benchmark
+        from spqt.bench import GEMV_TYPES, VARIANTS, parse_shapes, run_gemv_benchmark
 
         variants = [v.strip() for v in args.variants.split(",")]
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise SpqtError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-        run_gemv_benchmark(parse_shapes(args.shapes), args.sparsity, variants, args.json, args.plot)
+        types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+        unknown = [t for t in types if t not in GEMV_TYPES]
+        if unknown or not types:
+            raise SpqtError(f"unknown GEMV types {unknown}; choose from {', '.join(GEMV_TYPES)}")
+        run_gemv_benchmark(parse_shapes(args.shapes), args.sparsity, variants, args.json, args.plot, types=types)
         return 0
     from spqt.bench_decode import run_decode_benchmark
 
@@ -411,15 +415,26 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from spqt.bench import parse_shapes, tune, tune_crossover
+    from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
     from spqt.generate import resolve_device
     from spqt.kernels import tuning
 
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    if not types or any(t not in GEMV_TYPES for t in types):
+        raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
     resolve_device("cuda")
     if args.crossover_only:
         entries = tune_crossover(parse_shapes(args.shapes))
     else:
-        entries = tune(parse_shapes(args.shapes))
+        # the variants not re-tuned keep this GPU's entries (q4_k's are replaced as a whole, as before)
+        entries = {v: dict(tuning.table_entries(v)) for v in tuning.VARIANTS + tuning.TYPE_VARIANTS}
+        if "q4_k" in types:
+            entries.update(tune(parse_shapes(args.shapes)))
+        others = [t for t in types if t != "q4_k"]
+        if others:
+            for variant, found in tune_types(parse_shapes(args.shapes), others).items():
+                entries[variant].update(found)
+        entries = {v: e for v, e in entries.items() if e}
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0
@@ -549,6 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b", help="model names or NxK, comma-separated")
     p.add_argument("--sparsity", type=_floats, default=[0, 0.25, 0.4, 0.5, 0.65])
     p.add_argument("--variants", default="B0,B1,B2,B3,B4,fp16")
+    p.add_argument("--types", default="q4_k", help="gemv: weight types, comma-separated: q4_k (every variant), "
+                   "q8_0, q6_k, q5_k (zigzag B2 and B4)")
     p.add_argument("--model", default=None, help="decode: a model file or synthetic:llama2-7b etc.")
     p.add_argument("--layouts", default="row,zigzag")
     p.add_argument("--prompt-tokens", type=int, default=10)
@@ -563,6 +580,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
     p.add_argument("--crossover-only", action="store_true",
                    help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
+    p.add_argument("--types", default="q4_k", help="weight types to tune, comma-separated: q4_k (its B0, B2, B4), "
+                   "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
     p.set_defaults(func=cmd_tune)
     return parser
 

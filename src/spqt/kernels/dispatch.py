@@ -7,8 +7,14 @@ import torch
 from spqt.errors import SpqtError
 
 BACKENDS = ("reference", "triton")
-# Formats with Triton GEMV kernels; other formats run dequantize + cuBLAS on the GPU.
-TRITON_FORMATS = ("q4_k",)
+# Formats with Triton GEMV kernels: Q4_K in both layouts, the others in the zigzag layout only
+# (zigzag_types.py; no row kernels). Everything else runs dequantize + cuBLAS on the GPU.
+TRITON_FORMATS = ("q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
+
+
+def has_kernels(fmt: str, layout: str) -> bool:
+    """Whether a matrix of this format and layout runs on Triton kernels."""
+    return fmt in TRITON_FORMATS and (fmt == "q4_k" or layout == "zigzag")
 
 
 def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
@@ -22,14 +28,18 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
             raise SpqtError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
         from spqt.checkpoint import QuantizedWeight
 
-        if isinstance(weight, QuantizedWeight) and weight.fmt not in TRITON_FORMATS:
+        if isinstance(weight, QuantizedWeight) and not has_kernels(weight.fmt, weight.layout):
             # No kernels for this format yet: dequantize once into the compute dtype and let cuBLAS
             # multiply (correct and graph-capturable, but a float copy of W: no memory or
             # bandwidth saving, and sparsity only masks).
             from spqt.kernels.reference import ReferenceLinear
 
             return ReferenceLinear(weight, dtype, device)
-        from spqt.kernels.gpu_linear import TritonLinear
+        from spqt.kernels.gpu_linear import TritonLinear, TritonZigzagTypesLinear
 
+        from spqt.kernels.gpu_layout_types import GpuZigzag
+
+        if isinstance(weight, GpuZigzag) or (isinstance(weight, QuantizedWeight) and weight.fmt != "q4_k"):
+            return TritonZigzagTypesLinear(weight, dtype, device)
         return TritonLinear(weight, dtype, device)
     raise SpqtError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")

@@ -2,7 +2,8 @@
 for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for several tokens.
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
-sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2)."""
+sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
+TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py)."""
 
 import torch
 
@@ -11,8 +12,11 @@ from spqt.functional import linear_epilogue
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels import fused as kf
+from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import GpuQ4K, repack
+from spqt.kernels.gpu_layout_types import GpuZigzag
+from spqt.kernels.gpu_layout_types import repack as repack_types
 from spqt.kernels.reference import sparsify
 
 
@@ -93,3 +97,41 @@ class TritonLinear:
         collect(v, threshold, self.ws_sparse.idx, self.ws_sparse.count, scale=scale)
         y = self._gemv_indexed(v, fused)
         return y.view(*x.shape[:-1], y.numel())
+
+
+class TritonZigzagTypesLinear(TritonLinear):
+    """A zigzag Q8_0 ... Q2_K map: one token through zigzag_types.gemv (B2 dense, B4 on the
+    collected index list, the residual / SwiGLU epilogue in its reduction, the RMSNorm fused with
+    the collection as for Q4_K); several tokens: zigzag_types.dequantize into x's dtype, then
+    cuBLAS. Configs: tuning variants
+    "zigzag_{dense,sparse}_<type>" (defaults until `spqt tune` times them)."""
+
+    def __init__(self, weight, dtype: torch.dtype, device: str):
+        if isinstance(weight, GpuZigzag):
+            self.w = weight
+        elif isinstance(weight, QuantizedWeight):
+            self.w = repack_types(weight, device)
+        else:
+            raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
+        self.n, self.k = weight.shape
+        self.fuses_norm = True
+        self.cfg_dense = tuning.config(f"zigzag_dense_{self.w.fmt}", self.n, self.k)
+        self.cfg_sparse = tuning.config(f"zigzag_sparse_{self.w.fmt}", self.n, self.k)
+        self.ws_dense = zt.TypesWorkspace(self.w, self.cfg_dense["split"], dtype)
+        self.ws_sparse = zt.TypesWorkspace(self.w, self.cfg_sparse["split"], dtype)
+        self.normed = torch.empty(self.k, dtype=dtype, device=device)  # sparse_normed's norm output
+
+    def _gemm(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, zt.dequantize(self.w, x.dtype))
+
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        if x.numel() != self.k:
+            return linear_epilogue(self._gemm(x), residual, swiglu)
+        y = zt.gemv(self.w, x.reshape(self.k), zt.MODE_DENSE, self.ws_dense, **tuning.types_launch_args(self.cfg_dense),
+                    **self._gemv_epilogue(residual, swiglu))
+        return y.view(*x.shape[:-1], y.numel())
+
+    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> torch.Tensor:
+        ws = self.ws_sparse
+        return zt.gemv(self.w, v, zt.MODE_INDEXED, ws, **tuning.types_launch_args(self.cfg_sparse), idx=ws.idx,
+                       count=ws.count, **epilogue)

@@ -1,8 +1,8 @@
 """Kernel parameters per GPU and shape: the tuned table, its defaults, and the tuner.
 
 The table is JSON, one file per GPU and Triton version (``tuned/<gpu>--triton-<ver>.json``),
-shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense") and the
-exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
+shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense"; TYPE_VARIANTS
+for the other zigzag types) and the exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
 same K, else to :func:`default_config`; nothing re-tunes silently (``spqt tune`` does, on request).
 """
 
@@ -13,6 +13,10 @@ from importlib import resources
 from pathlib import Path
 
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
+# The plain-Triton zigzag kernels of the other types (zigzag_types.py): "zigzag_<dense|sparse>_<type>".
+# `spqt tune` does not time them yet: until it does, they run default_config.
+TYPE_FORMATS = ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
+TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in ("dense", "sparse"))
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
 # version is not used (defaults apply) until `spqt tune` writes a new one.
 KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks, ahead), PDL
@@ -55,6 +59,14 @@ def default_config(variant: str, n: int, k: int) -> dict:
     if variant == "row_dense":
         return {"block_n": 8, "num_warps": 2}
     rows = -(-n // 256)
+    if variant in TYPE_VARIANTS:
+        # one program per 256 outputs (Q8_0: 8 block rows of 32) and about 8 programs per SM, each
+        # at least one 16-column step; warps so that a thread loads 16 level bytes a step (16 columns
+        # of 64-byte Q3_K / Q2_K levels over 2 warps; 128 bytes of Q6_K / Q5_K, 8 x 32 of Q8_0 over 4).
+        # Not timed on a GPU: a start for the tuner.
+        split = max(1, min(-(-8 * sm_count() // rows), -(-k // 16)))
+        warps = 2 if variant.endswith(("q3_k", "q2_k")) else 4
+        return {"split": split, "num_warps": warps, "block_k": 16} | ({"rows": 8} if variant.endswith("q8_0") else {})
     split = max(1, min(-(-8 * sm_count() // rows), -(-k // 32)))
     return {"split": split, "num_warps": 2, "chunks": 1, "ahead": 0, "acc": 16, "pipe": 0}
 
@@ -63,6 +75,11 @@ def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0)}
+
+
+def types_launch_args(cfg: dict) -> dict:
+    """The keyword arguments of zigzag_types.gemv in a TYPE_VARIANTS config (the split is the workspace's)."""
+    return {key: cfg[key] for key in ("num_warps", "block_k", "rows") if key in cfg}
 
 
 def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
@@ -88,7 +105,7 @@ def table_entries(variant: str) -> dict:
 def config(variant: str, n: int, k: int) -> dict:
     """The tuned config of this GPU for the shape, else its nearest tuned neighbour, else the default.
     zigzag_sparse entries may also hold "crossover" and "crossover_fused" (bench.crossover)."""
-    if variant not in VARIANTS:
+    if variant not in VARIANTS + TYPE_VARIANTS:
         raise ValueError(f"unknown kernel variant {variant}")
     entries = _load_table(device_key()).get(variant, {})
     entry = entries.get(f"{n}x{k}") or _nearest_entry(entries, variant, n, k)
@@ -103,6 +120,11 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
         return [{"block_n": b, "num_warps": w} for w in (1, 2, 4) for b in (4 * w, 8 * w)]
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
+    if variant in TYPE_VARIANTS:
+        splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 8, 16)})
+        q8 = [{"rows": r} for r in (2, 4, 8)] if variant.endswith("q8_0") else [{}]
+        return [{"split": s, "num_warps": w, "block_k": b} | extra for s in splits for w in (2, 4, 8)
+                for b in (16, 32) for extra in q8]
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 6, 8, 12, 16)})
     # 4 warps a program won no shape of either shipped table (KERNEL_VERSION 4); ahead 2 and 3 lost
     # to 1 on the H100 (benchmarks/results/ahead-probe-h100.txt); acc 2 and 4 and pipe 0 and 1 each won

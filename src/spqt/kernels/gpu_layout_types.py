@@ -1,0 +1,219 @@
+"""The kernels' copy of a zigzag Q8_0, Q6_K, Q5_K, Q3_K or Q2_K matrix: GGUF's blocks split into arrays so
+that the GEMV kernels (zigzag_types.py) read each block's bytes once, in 16-byte pieces.
+
+On disk a block is GGUF's (formats/). At load time (torch, any device, exact: the same levels,
+scales and fp16 factors) every block (r, k) of the zigzag grid (ceil(N / B), K) becomes, with
+``R`` rows of blocks and one column's block contiguous in each array:
+
+* Q8_0 (B = 32 rows of one column), 34 bytes:
+  ``quants`` (R8, K, 32) int8 the levels, weight order (32 bytes: two 16-byte loads);
+  ``d`` (R8, K) fp16. R8 = R rounded up to Q8_ROW_GROUP with zero blocks, so that a program
+  that takes 1-8 block rows (256 outputs at 8) reads no block without a mask.
+* Q6_K (B = 256), 210 bytes: weight ``w = 64 jq + 16 c + l`` (jq, c < 4, l < 16) is in
+  sub-block ``j = 4 jq + c`` (16 weights each) and in word ``16 jq + l``:
+  ``quants`` (R, K, 64) int16, bits 4c..4c+3 of word (jq, l) = low 4 bits of its level;
+  ``high`` (R, K, 64) uint8, bits 2c..2c+1 of byte (jq, l) = the level's top 2 bits;
+  ``scales`` (R, K, 16) int8 (GGUF's, sub-block order); ``d`` (R, K) fp16.
+  A lane that holds word (jq, l) decodes four weights of four sub-blocks with shifts only.
+* Q5_K (B = 256), 176 bytes: weight ``w = 128 jq + 32 c + l`` (jq < 2, c < 4, l < 32) is in
+  sub-block ``j = 4 jq + c`` (32 weights each):
+  ``quants`` (R, K, 64) int16, bits 4c..4c+3 of word 32 jq + l = low 4 bits of its level;
+  ``high`` (R, K, 32) uint8 = GGUF's qh unchanged (bit j of byte l is weight 32 j + l's 5th bit);
+  ``head`` (R, K, 4) int32 = GGUF's first 16 bytes (d | dmin << 16, the packed 6-bit scales and
+  mins, as Q4_K's head, decoded by q4k_bits).
+
+* Q3_K (B = 256), 110 bytes, and Q2_K (B = 256), 84 bytes: weight ``w = 64 jq + 16 c + l`` as in
+  Q6_K (sub-block ``j = 4 jq + c``, 16 weights each):
+  ``quants`` (R, K, 64) uint8, bits 2c..2c+1 of byte 16 jq + l = the level's low 2 bits;
+  Q3_K: ``high`` (R, K, 16) int16, bit 4 jq + c of word l = the level's 3rd bit (GGUF's hmask);
+  ``scales`` (R, K, 3) int32 = GGUF's 12 packed 6-bit scales; ``d`` (R, K) fp16.
+  Q2_K: ``scales`` (R, K, 16) uint8 = GGUF's (scale | min << 4, sub-block order);
+  ``d`` (R, K) int32 = d | dmin << 16 (fp16 bits).
+
+Every array's per-block slice is a multiple of 16 bytes except the fp16 ``d``, which the kernels
+read for 16 neighbouring columns at once (32 contiguous bytes).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from spqt.checkpoint import QuantizedWeight
+from spqt.formats import get_format
+from spqt.layouts import blocks_to_matrix
+
+TYPES = ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
+Q8_ROW_GROUP = 8  # Q8_0 block rows padded to a multiple of this: programs of up to 8 x 32 outputs
+
+
+@dataclass
+class GpuZigzag:
+    """A zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K matrix in kernel layout (module docstring).
+    Arrays a format lacks are None."""
+
+    fmt: str
+    shape: tuple[int, int]
+    quants: torch.Tensor
+    d: torch.Tensor | None = None
+    high: torch.Tensor | None = None
+    scales: torch.Tensor | None = None
+    head: torch.Tensor | None = None
+    layout: str = "zigzag"
+
+    @property
+    def rows(self) -> int:
+        """Block rows in the arrays (Q8_0: padded to Q8_ROW_GROUP)."""
+        return self.quants.shape[0]
+
+    @property
+    def block_size(self) -> int:
+        return get_format(self.fmt).block_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the blocks of the matrix (GGUF's block size each; Q8_0's padding rows not counted)."""
+        spec = get_format(self.fmt)
+        return spec.block_bytes * -(-self.shape[0] // spec.block_size) * self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.quants.device
+
+
+def _to_int16(v: torch.Tensor) -> torch.Tensor:
+    """Values 0..65535 (int64) -> int16 of the same 16 bits."""
+    return torch.where(v >= 32768, v - 65536, v).to(torch.int16)
+
+
+def q6_k_levels(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q6_K blocks (n, 210) uint8 -> levels (n, 256) int64 0..63 in weight order."""
+    n = blocks.shape[0]
+    ql = blocks[:, 0:128].to(torch.int64).reshape(n, 2, 2, 32)
+    qh = blocks[:, 128:192].to(torch.int64).reshape(n, 2, 1, 32)
+    low = torch.cat([ql & 0xF, ql >> 4], dim=2)
+    high = (qh >> (2 * torch.arange(4, device=blocks.device)).reshape(1, 1, 4, 1)) & 3
+    return (low | (high << 4)).reshape(n, 256)
+
+
+def _low_bits_by_word(lv: torch.Tensor) -> torch.Tensor:
+    """Levels (n, 256) in weight order -> (n, 64) uint8: byte 16 jq + l holds the low 2 bits of
+    weight 64 jq + 16 c + l at bits 2c."""
+    by_word = lv.reshape(-1, 4, 4, 16).permute(0, 1, 3, 2)  # [block, jq, l, c]
+    shifts = 2 * torch.arange(4, device=lv.device)
+    return ((by_word & 3) << shifts).sum(dim=3).reshape(-1, 64).to(torch.uint8)
+
+
+def q3_k_levels(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q3_K blocks (n, 110) uint8 -> levels (n, 256) int64 0..7 in weight order (the weight
+    is d (s - 32) (level - 4))."""
+    n = blocks.shape[0]
+    hm = blocks[:, 0:32].to(torch.int64).reshape(n, 1, 32)
+    high = (hm >> torch.arange(8, device=blocks.device).reshape(1, 8, 1)) & 1  # (n, 8, 32)
+    qs = blocks[:, 32:96].to(torch.int64).reshape(n, 2, 1, 32)
+    low = ((qs >> (2 * torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1))) & 3).reshape(n, 8, 32)
+    return (low | (high << 2)).reshape(n, 256)
+
+
+def q2_k_levels(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q2_K blocks (n, 84) uint8 -> levels (n, 256) int64 0..3 in weight order."""
+    n = blocks.shape[0]
+    qs = blocks[:, 16:80].to(torch.int64).reshape(n, 2, 1, 32)
+    return ((qs >> (2 * torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1))) & 3).reshape(n, 256)
+
+
+def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
+    """Canonical zigzag blocks -> kernel layout on `device` (exact)."""
+    if weight.fmt not in TYPES or weight.layout != "zigzag":
+        raise ValueError(f"gpu_layout_types repacks zigzag {', '.join(TYPES)}, not {weight.layout} {weight.fmt}")
+    blocks = weight.blocks.to(device)
+    rows, cols, nbytes = blocks.shape
+    flat = blocks.reshape(-1, nbytes)
+    shape = tuple(weight.shape)
+    if weight.fmt == "q8_0":
+        pad = -rows % Q8_ROW_GROUP
+        if pad:
+            blocks = torch.cat([blocks, blocks.new_zeros(pad, cols, nbytes)])
+        quants = blocks[..., 2:].contiguous().view(torch.int8)
+        d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows + pad, cols)
+        return GpuZigzag("q8_0", shape, quants, d=d)
+    if weight.fmt == "q6_k":
+        lv = q6_k_levels(flat).reshape(-1, 4, 4, 16).permute(0, 1, 3, 2)  # [block, jq, l, c]
+        shifts = torch.arange(4, device=lv.device)
+        lo = ((lv & 0xF) << (4 * shifts)).sum(dim=3)
+        hi = ((lv >> 4) << (2 * shifts)).sum(dim=3)
+        return GpuZigzag("q6_k", shape, _to_int16(lo).reshape(rows, cols, 64).contiguous(),
+                         d=flat[:, 208:210].contiguous().view(torch.float16).reshape(rows, cols),
+                         high=hi.to(torch.uint8).reshape(rows, cols, 64).contiguous(),
+                         scales=flat[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols, 16))
+    if weight.fmt == "q3_k":
+        lv = q3_k_levels(flat)
+        bits = (lv >> 2).reshape(-1, 4, 4, 16).permute(0, 3, 1, 2).reshape(-1, 16, 16)  # [block, l, 4 jq + c]
+        hi = (bits << torch.arange(16, device=lv.device)).sum(dim=2)
+        return GpuZigzag("q3_k", shape, _low_bits_by_word(lv).reshape(rows, cols, 64),
+                         d=flat[:, 108:110].contiguous().view(torch.float16).reshape(rows, cols),
+                         high=_to_int16(hi).reshape(rows, cols, 16).contiguous(),
+                         scales=flat[:, 96:108].contiguous().view(torch.int32).reshape(rows, cols, 3))
+    if weight.fmt == "q2_k":
+        return GpuZigzag("q2_k", shape, _low_bits_by_word(q2_k_levels(flat)).reshape(rows, cols, 64),
+                         d=flat[:, 80:84].contiguous().view(torch.int32).reshape(rows, cols),
+                         scales=flat[:, 0:16].reshape(rows, cols, 16).contiguous())
+    # q5_k: word (jq, l) = qs byte (group 2 jq, l) | qs byte (group 2 jq + 1, l) << 8
+    qs = flat[:, 48:176].reshape(-1, 2, 2, 32)  # [block, jq, group parity, l]
+    lo = qs.permute(0, 1, 3, 2).contiguous().view(torch.int16).reshape(rows, cols, 64)
+    return GpuZigzag("q5_k", shape, lo,
+                     high=flat[:, 16:48].reshape(rows, cols, 32).contiguous(),
+                     head=flat[:, 0:16].contiguous().view(torch.int32).reshape(rows, cols, 4))
+
+
+def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
+    """Torch twin of the kernels' decode: kernel layout -> float32 (N, K), from the kernel arrays
+    alone (not the GGUF blocks), each weight as its format defines it."""
+    if w.fmt == "q8_0":
+        rows = -(-w.shape[0] // 32)
+        values = w.d[:rows].float()[..., None] * w.quants[:rows].float()  # (R, K, 32)
+        return blocks_to_matrix(values.reshape(-1, 32), "zigzag", w.shape, 32)
+    shifts = torch.arange(4, device=w.device)
+    lo = w.quants.to(torch.int64) & 0xFFFF
+    if w.fmt == "q6_k":
+        rows, cols = w.quants.shape[:2]
+        lo = lo.reshape(rows, cols, 4, 16, 1)
+        hi = w.high.to(torch.int64).reshape(rows, cols, 4, 16, 1)
+        q = ((lo >> (4 * shifts)) & 0xF) | (((hi >> (2 * shifts)) & 3) << 4)  # [r, k, jq, l, c]
+        sc = w.scales.float().reshape(rows, cols, 4, 1, 4)  # sub-block 4 jq + c
+        v = w.d.float()[..., None, None, None] * sc * (q - 32).float()
+        values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
+        return blocks_to_matrix(values, "zigzag", w.shape, 256)
+    if w.fmt in ("q3_k", "q2_k"):
+        rows, cols = w.quants.shape[:2]
+        q = (w.quants.to(torch.int64).reshape(rows, cols, 4, 16, 1) >> (2 * shifts)) & 3  # [r, k, jq, l, c]
+        if w.fmt == "q3_k":
+            from spqt.formats import q3_k
+
+            bit = torch.arange(4, device=w.device).reshape(4, 1, 1) * 4 + shifts  # (4, 1, 4): 4 jq + c
+            q = q | (((w.high.to(torch.int64).reshape(rows, cols, 1, 16, 1) >> bit) & 1) << 2)
+            s = (q3_k.unpack_scales(w.scales.reshape(-1, 3).contiguous().view(torch.uint8)) - 32).float()
+            v = (w.d.float().reshape(rows, cols, 1, 1, 1) * s.reshape(rows, cols, 4, 1, 4)) * (q - 4).float()
+        else:
+            dd = w.d.reshape(-1, 1).contiguous().view(torch.float16).float()  # (n, 2): d, dmin
+            sc = w.scales.to(torch.int64).reshape(rows, cols, 4, 1, 4)
+            d = dd[:, 0].reshape(rows, cols, 1, 1, 1)
+            dmin = dd[:, 1].reshape(rows, cols, 1, 1, 1)
+            v = (d * (sc & 0xF).float()) * q.float() - dmin * (sc >> 4).float()
+        values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
+        return blocks_to_matrix(values, "zigzag", w.shape, 256)
+    from spqt.formats import q4_k
+
+    rows, cols = w.quants.shape[:2]
+    lo = lo.reshape(rows, cols, 2, 32, 1)
+    bit = torch.arange(2, device=w.device).reshape(2, 1, 1) * 4 + shifts  # (2, 1, 4): j = 4 jq + c
+    hi = (w.high.to(torch.int64).reshape(rows, cols, 1, 32, 1) >> bit) & 1
+    q = ((lo >> (4 * shifts)) & 0xF) | (hi << 4)  # [r, k, jq, l, c]
+    head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
+    d = head[:, 0:2].contiguous().view(torch.float16).float().reshape(rows, cols, 1, 1, 1)
+    dmin = head[:, 2:4].contiguous().view(torch.float16).float().reshape(rows, cols, 1, 1, 1)
+    sc, mn = q4_k.unpack_scales(head[:, 4:16])
+    sc = sc.float().reshape(rows, cols, 2, 1, 4)
+    mn = mn.float().reshape(rows, cols, 2, 1, 4)
+    v = d * sc * q.float() - dmin * mn
+    values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 128 jq + 32 c + l
+    return blocks_to_matrix(values, "zigzag", w.shape, 256)

@@ -1,0 +1,474 @@
+"""Zigzag GEMV for one token on Q8_0, Q6_K, Q5_K, Q3_K and Q2_K weights: B2 (dense) and B4
+(load-balanced sparse, driven by collect()'s active-index list), in plain Triton.
+
+Structure of the Q4_K kernel (zigzag_mma.py), without its tensor cores: program (g, s) takes
+the outputs of row group g (one 256-row block row for the K-quants; `rows` 32-row block rows
+for Q8_0, 8 by default = 256 outputs) and share s of the columns, and writes fp32 partial sums
+into part[s, outputs] of a (split, NP) workspace; gemv._reduce_kernel then adds the split
+partials in a fixed order (deterministic) and applies the epilogue (none, residual, SwiGLU).
+Shares: B2 takes a contiguous range of columns; B4 takes the list's steps s, s + split, ...
+(a step = block_k list positions), so every share gets the same number of active columns
+whatever their place in the matrix. A position past the share's end (B2) or past the count
+(B4) reads column 0's blocks against x = 0: weight loads carry no mask.
+
+Decoding: a lane turns its weights into fp32 with shifts and ANDs on the words of the kernel
+layout (gpu_layout_types.py) and adds level * (x d sc) in fp32; the min term x dmin m of Q5_K
+and Q2_K is summed per sub-block and subtracted once at the end. Each block's bytes are read
+once: Q8_0 32 level bytes, Q6_K 128 + 64 bytes of levels and 16 scale bytes, Q5_K 128 + 32
+bytes of levels and its 16-byte head, Q3_K 64 + 32 bytes of levels and 12 scale bytes, Q2_K 64
+bytes of levels and 16 scale bytes, plus the fp16 factors, loaded for block_k neighbouring
+columns together.
+
+K-quants: a step's products are summed over its block_k columns right away (a tree in registers)
+into one accumulator per output: fewer registers and instructions than an accumulator per column and
+output summed at the end (sm_90 ptxas, B4 at 4 warps, registers / SASS instructions: Q6_K 80 /
+607 against 96 / 647, Q5_K 124 / 1200 against 156 / 1264, Q2_K 122 / 1032 against 158 / 1088).
+
+x is (K,) fp16/bf16/fp32 and y x's dtype; every product and sum is in fp32.
+Not tuned: the defaults (tuning.default_config, variants "zigzag_dense_<type>" and
+"zigzag_sparse_<type>") have not been timed on a GPU.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from spqt.kernels import gemv as kg
+from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, GpuZigzag, dequantize_kernel_layout
+from spqt.kernels.q4k_bits import split_head, unpack_scales
+from spqt.kernels.zigzag_mma import uses_pdl
+
+MODE_DENSE, MODE_INDEXED = kg.MODE_DENSE, kg.MODE_INDEXED  # B2, B4
+
+
+@triton.jit
+def _share(s, SPLIT, K, count_ptr, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Share s: (first position, step between positions, end). B2 a contiguous column range,
+    B4 the list steps s, s + SPLIT, ... up to the count."""
+    if MODE == 2:
+        first = s * BLOCK_K
+        stride = SPLIT * BLOCK_K
+        hi = tl.load(count_ptr)
+    else:
+        per = tl.cdiv(tl.cdiv(K, SPLIT), BLOCK_K) * BLOCK_K
+        first = s * per
+        stride = BLOCK_K
+        hi = tl.minimum(K, first + per)
+    return first, stride, hi
+
+
+@triton.jit
+def _columns(idx_ptr, x_ptr, pos, hi, K, MODE: tl.constexpr):
+    """The columns at positions pos (BLOCK_K,) and x there in fp32. B4 reads the list (the
+    position clamped into [0, K): entries past the count were never written). A position >= hi
+    is column 0 with x = 0."""
+    ok = pos < hi
+    if MODE == 2:
+        col = tl.load(idx_ptr + tl.minimum(pos, K - 1))
+        col = tl.where(ok & (col >= 0) & (col < K), col, 0)
+    else:
+        col = tl.where(ok, pos, 0)
+    x = tl.load(x_ptr + col, mask=ok, other=0.0).to(tl.float32)
+    return col, x
+
+
+@triton.jit
+def _q8_0_step(q_ptr, d_ptr, blk, x):
+    """Blocks blk (BLOCK_K, RB): levels (BLOCK_K, RB, 32) as fp32 and x d (BLOCK_K, RB)."""
+    q = tl.load(q_ptr + blk[:, :, None] * 32 + tl.arange(0, 32)[None, None, :])
+    d = tl.load(d_ptr + blk).to(tl.float32)
+    return q.to(tl.float32), x[:, None] * d
+
+
+@triton.jit
+def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, MODE: tl.constexpr,
+                 RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
+    -> part[s, 32 RB g : 32 RB (g + 1)]. Tile (BLOCK_K columns, RB block rows, 32 levels)."""
+    g = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:  # launched while the kernel before it finishes: x, the list and the count come after
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    rb = g * RB + tl.arange(0, RB)
+    lv = tl.arange(0, 32)
+    acc = tl.zeros((BLOCK_K, RB, 32), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        qf, f = _q8_0_step(q_ptr, d_ptr, rb[None, :] * K + col[:, None], x)
+        acc += qf * f[:, :, None]
+    # one accumulator per column: Triton spreads the columns over lanes, so a sum over them each
+    # step would be 4 shuffles a weight (sm_90 SASS: 128 SHFL a step at 4 warps); summed once here
+    tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels - 32 as fp32 (BLOCK_K, 4 jq, 16 l, 4 c) and x d sc
+    (BLOCK_K, 4 jq, 4 c). Weight 64 jq + 16 c + l of sub-block 4 jq + c, from word 16 jq + l."""
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    c = tl.arange(0, 4)[None, None, None, :]
+    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+    hb = tl.load(hb_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)
+    sc = tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.float32)  # (BLOCK_K, 16)
+    d = tl.load(d_ptr + blk).to(tl.float32)
+    q = ((lo[:, :, :, None] >> (4 * c)) & 15) | (((hb[:, :, :, None] >> (2 * c)) & 3) << 4)
+    return (q - 32).to(tl.float32), tl.reshape(sc * (x * d)[:, None], (BLOCK_K, 4, 4))
+
+
+@triton.jit
+def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                 MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        qf, f = _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc)
+
+
+@triton.jit
+def _rows_4x16x4():
+    """Row 64 jq + 16 c + l of the block for tile position (jq, l, c), (4, 16, 4)."""
+    return (64 * tl.arange(0, 4)[:, None, None] + 16 * tl.arange(0, 4)[None, None, :]
+            + tl.arange(0, 16)[None, :, None])
+
+
+@triton.jit
+def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels as fp32 (BLOCK_K, 2 jq, 32 l, 4 c), x d sc and x dmin m
+    (BLOCK_K, 2 jq, 4 c). Weight 128 jq + 32 c + l of sub-block j = 4 jq + c: low bits from word
+    32 jq + l, 5th bit from bit j of byte l; the head as two int64 (one 16-byte load)."""
+    word = 32 * tl.arange(0, 2)[:, None] + tl.arange(0, 32)[None, :]  # (2, 32)
+    sub = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]  # (2, 4): sub-block 4 jq + c
+    c = tl.arange(0, 4)[None, None, None, :]
+    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 2, 32)
+    hb = tl.load(hb_ptr + blk[:, None] * 32 + tl.arange(0, 32)[None, :]).to(tl.int32)  # (BLOCK_K, 32)
+    hlo, hhi = tl.split(tl.load(h_ptr + blk[:, None] * 2 + tl.arange(0, 2)[None, :]))
+    d, dmin, w1, w2, w3 = split_head(hlo, hhi)
+    sc, mn = unpack_scales(w1[:, None, None], w2[:, None, None], w3[:, None, None], sub[None, :, :])
+    q = ((lo[:, :, :, None] >> (4 * c)) & 15) | (((hb[:, None, :, None] >> sub[None, :, None, :]) & 1) << 4)
+    return q.to(tl.float32), sc * (x * d)[:, None, None], mn * (x * dmin)[:, None, None]
+
+
+@triton.jit
+def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                 MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    acc = tl.zeros((2, 32, 4), dtype=tl.float32)
+    # the min term in the levels' tile shape (one layout: the head is then loaded once)
+    bias = tl.zeros((2, 1, 4), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        qf, f, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+        bias += tl.sum(mb[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_2x32x4(), acc - bias)
+
+
+@triton.jit
+def _rows_2x32x4():
+    """Row 128 jq + 32 c + l of the block for tile position (jq, l, c), (2, 32, 4)."""
+    return (128 * tl.arange(0, 2)[:, None, None] + 32 * tl.arange(0, 4)[None, None, :]
+            + tl.arange(0, 32)[None, :, None])
+
+
+@triton.jit
+def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels - 4 as fp32 (BLOCK_K, 4 jq, 16 l, 4 c) and x d (s - 32)
+    (BLOCK_K, 4 jq, 4 c). As Q6_K's tile: low 2 bits from byte 16 jq + l, the 3rd bit from bit
+    4 jq + c of word l; the 6-bit scales unpacked from GGUF's three packed words."""
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    sub = 4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): sub-block j = 4 jq + c
+    c = tl.arange(0, 4)[None, None, None, :]
+    # scale j: low nibble j // 8 of byte j % 8 (words 0, 1), top 2 bits at 2 (j // 4) of byte 8 + j % 4 (word 2)
+    shift_lo = (8 * (sub % 4) + 4 * (sub // 8))[None, :, :]
+    shift_hi = (8 * (sub % 4) + 2 * (sub // 4))[None, :, :]
+    first_word = (sub % 8 < 4)[None, :, :]
+    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+    hw = tl.load(hb_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32)  # (BLOCK_K, 16)
+    w0 = tl.load(sc_ptr + blk * 3)[:, None, None]
+    w1 = tl.load(sc_ptr + blk * 3 + 1)[:, None, None]
+    w2 = tl.load(sc_ptr + blk * 3 + 2)[:, None, None]
+    d = tl.load(d_ptr + blk).to(tl.float32)
+    sc = ((tl.where(first_word, w0, w1) >> shift_lo) & 15) | (((w2 >> shift_hi) & 3) << 4)  # (BLOCK_K, 4, 4)
+    q = ((lo[:, :, :, None] >> (2 * c)) & 3) | (((hw[:, None, :, None] >> sub[None, :, None, :]) & 1) << 2)
+    return (q - 4).to(tl.float32), (sc - 32).to(tl.float32) * (x * d)[:, None, None]
+
+
+@triton.jit
+def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                 MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        qf, f = _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc)
+
+
+@triton.jit
+def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, BLOCK_K: tl.constexpr):
+    """Blocks blk (BLOCK_K,): levels as fp32 (BLOCK_K, 4 jq, 16 l, 4 c), x d sc and x dmin m
+    (BLOCK_K, 4 jq, 4 c). As Q6_K's tile: the 2-bit level from byte 16 jq + l; scale and min
+    nibbles of sub-block 4 jq + c; d and dmin as one int32."""
+    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
+    c = tl.arange(0, 4)[None, None, None, :]
+    qb = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
+    sm = tl.reshape(tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32),
+                    (BLOCK_K, 4, 4))  # [k, jq, c]
+    dd = tl.load(dd_ptr + blk)
+    d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    q = (qb[:, :, :, None] >> (2 * c)) & 3
+    return (q.to(tl.float32), (sm & 15).to(tl.float32) * (x * d)[:, None, None],
+            (sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])
+
+
+@triton.jit
+def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+                 MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
+    r = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
+    bias = tl.zeros((4, 1, 4), dtype=tl.float32)
+    for j in range(first, hi, stride):
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
+        qf, f, mb = _q2_k_step(q_ptr, sc_ptr, dd_ptr, r * K + col, x, BLOCK_K)
+        acc += tl.sum(qf * f[:, :, None, :], axis=0)
+        bias += tl.sum(mb[:, :, None, :], axis=0)
+    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc - bias)
+
+
+@triton.jit
+def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (r, b): block row r (Q8_0: 8 block rows), columns BLOCK_K b .. -> out (N, K)
+    row-major in out's dtype; the GEMV's decode with x = 1 (each weight as its format's decode
+    computes it: d sc exact in fp32, one rounding of the product). Arrays a..d: the type's, in
+    the order of its GEMV kernel."""
+    r = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = col < K
+    blk = r * K + tl.where(ok, col, 0)
+    one = tl.full((BLOCK_K,), 1.0, tl.float32)
+    if FMT == 0:  # q8_0: 8 block rows of 32
+        rb = r * 8 + tl.arange(0, 8)
+        qf, f = _q8_0_step(a_ptr, b_ptr, rb[None, :] * K + tl.where(ok, col, 0)[:, None], one)
+        w = qf * f[:, :, None]  # (BLOCK_K, 8, 32)
+        rows = (32 * rb[:, None] + tl.arange(0, 32)[None, :])[None, :, :]
+        tl.store(out_ptr + rows * K + col[:, None, None], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None] & (rows < N))
+    elif FMT == 2:  # q5_k
+        qf, f, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, blk, one, BLOCK_K)
+        w = qf * f[:, :, None, :] - mb[:, :, None, :]
+        rows = (256 * r + _rows_2x32x4())[None]
+        tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None, None] & (rows < N))
+    else:
+        if FMT == 1:  # q6_k
+            qf, f = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
+            w = qf * f[:, :, None, :]
+        elif FMT == 3:  # q3_k
+            qf, f = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
+            w = qf * f[:, :, None, :]
+        else:  # q2_k
+            qf, f, mb = _q2_k_step(a_ptr, b_ptr, c_ptr, blk, one, BLOCK_K)
+            w = qf * f[:, :, None, :] - mb[:, :, None, :]
+        rows = (256 * r + _rows_4x16x4())[None]
+        tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
+                 mask=ok[:, None, None, None] & (rows < N))
+
+
+# ---------------------------------------------------------------- launchers
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+class TypesWorkspace:
+    """Preallocated buffers of one matrix's GEMV (so that a decode step can be a CUDA graph):
+    partials (split, NP) fp32, NP = the block rows' outputs; the index list and count; y."""
+
+    def __init__(self, w: GpuZigzag, split: int, dtype: torch.dtype):
+        n, k = w.shape
+        if split < 1:
+            raise ValueError(f"split must be at least 1, not {split}")
+        dev = w.device
+        self.split = split
+        self.np = w.rows * w.block_size
+        self.partials = torch.empty((split, self.np), dtype=torch.float32, device=dev)
+        self.idx = torch.empty(k, dtype=torch.int32, device=dev)
+        self.count = torch.empty((), dtype=torch.int32, device=dev)
+        self.y = torch.empty(n, dtype=dtype, device=dev)
+
+
+def _check(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, idx, count, residual, swiglu,
+           num_warps: int, block_k: int, rows: int) -> None:
+    n, k = w.shape
+    if w.fmt not in TYPES or w.layout != "zigzag":
+        raise ValueError(f"zigzag_types runs zigzag {', '.join(TYPES)}, not {w.layout} {w.fmt}")
+    if x.dim() != 1 or x.shape[0] != k:
+        raise ValueError(f"GEMV takes one token: x must be ({k},), got {tuple(x.shape)}")
+    if x.dtype not in _DTYPES or not x.is_contiguous():
+        raise ValueError(f"x must be a contiguous fp16/bf16/fp32 vector, got {x.dtype}")
+    if x.device != w.device:
+        raise ValueError("x and the weights must be on the same device")
+    if ws.y.dtype != x.dtype:
+        raise ValueError(f"workspace output is {ws.y.dtype}, x is {x.dtype}")
+    if mode not in (MODE_DENSE, MODE_INDEXED):
+        raise ValueError(f"mode must be MODE_DENSE (B2) or MODE_INDEXED (B4), not {mode}")
+    if mode == MODE_INDEXED and (idx is None or count is None or idx.numel() < k):
+        raise ValueError(f"B4 needs idx (K = {k} entries) and count from collect()")
+    if num_warps not in (1, 2, 4, 8) or block_k not in (8, 16, 32, 64) or rows not in (1, 2, 4, 8):
+        raise ValueError(f"num_warps must be 1-8, block_k 8-64 and rows 1-8 (powers of two), not {num_warps}, "
+                         f"{block_k}, {rows}")
+    if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
+        raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
+    if swiglu and (n % 2 or residual is not None):
+        raise ValueError("swiglu needs an even N (gate|up stacked) and no residual")
+
+
+def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps: int = 4, block_k: int = 16,
+         rows: int = Q8_ROW_GROUP, idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
+         residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+    """B2 (MODE_DENSE) or B4 (MODE_INDEXED: idx, count from collect) of a zigzag Q8_0, Q6_K,
+    Q5_K, Q3_K or Q2_K matrix. num_warps, block_k (columns a step), rows (Q8_0: 32-row block rows a program)
+    and ws.split: the launch config. Returns ws.y (N,) in x's dtype (overwritten by the next call
+    on this workspace); residual (N,) -> residual + W x; swiglu (W = gate|up stacked) ->
+    silu(gate) * up, a view ws.y[:N / 2]."""
+    _check(w, x, mode, ws, idx, count, residual, swiglu, num_warps, block_k, rows)
+    n, k = w.shape
+    pdl = uses_pdl(x.device)
+    idx = idx if idx is not None else ws.idx
+    count = count if count is not None else ws.count
+    common = dict(MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+    if w.fmt == "q8_0":
+        _q8_0_kernel[(w.rows // rows, ws.split)](w.quants, w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
+                                                 RB=rows, **common)
+    elif w.fmt == "q6_k":
+        _q6_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
+                                         ws.split, **common)
+    elif w.fmt == "q3_k":
+        _q3_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
+                                         ws.split, **common)
+    elif w.fmt == "q2_k":
+        _q2_k_kernel[(w.rows, ws.split)](w.quants, w.scales, w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
+                                         **common)
+    else:
+        _q5_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.head.view(torch.int64), x, idx, count, ws.partials, k,
+                                         ws.np, ws.split, **common)
+    epilogue = kg.EPILOGUE_SWIGLU if swiglu else kg.EPILOGUE_RESIDUAL if residual is not None else kg.EPILOGUE_NONE
+    split_p2 = triton.next_power_of_2(ws.split)
+    block = max(16, min(256, 4096 // split_p2))
+    kg._reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
+        ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
+        SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    return ws.y[: n // 2] if swiglu else ws.y
+
+
+def gemv_twin(w: GpuZigzag, x: torch.Tensor, mode: int, idx: torch.Tensor | None = None,
+              count: torch.Tensor | None = None, residual: torch.Tensor | None = None,
+              swiglu: bool = False) -> torch.Tensor:
+    """Torch twin of gemv: the same result from the kernel layout, in fp32 (any device). B4 uses
+    the columns idx[:count] of x (the others count as zero)."""
+    wf = dequantize_kernel_layout(w)
+    xf = x.float()
+    if mode == MODE_INDEXED:
+        keep = torch.zeros_like(xf, dtype=torch.bool)
+        keep[idx[: int(count)].long()] = True
+        xf = torch.where(keep, xf, torch.zeros_like(xf))
+    y = wf @ xf
+    if swiglu:
+        f = y.shape[0] // 2
+        y = torch.nn.functional.silu(y[:f]) * y[f:]
+    elif residual is not None:
+        y = residual.float() + y
+    return y.to(x.dtype)
+
+
+_FMT_IDS = {"q8_0": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4}
+
+
+def _arrays(w: GpuZigzag) -> tuple:
+    """The kernel arrays of a type in the order its kernels take them (unused slots: quants)."""
+    return {"q8_0": (w.quants, w.d, w.quants, w.quants), "q6_k": (w.quants, w.high, w.scales, w.d),
+            "q5_k": (w.quants, w.high, w.head.view(torch.int64) if w.head is not None else None, w.quants),
+            "q3_k": (w.quants, w.high, w.scales, w.d), "q2_k": (w.quants, w.scales, w.d, w.quants)}[w.fmt]
+
+
+def dequantize(w: GpuZigzag, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
+               block_k: int = 16) -> torch.Tensor:
+    """The whole matrix (N, K) in `dtype`, row-major (prefill's GEMM): one launch, each weight
+    equal to QuantizedWeight.dequantize's (fp32) rounded once to dtype."""
+    n, k = w.shape
+    out = torch.empty((n, k), dtype=dtype, device=w.device) if out is None else out
+    if out.shape != (n, k) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous ({n}, {k}) tensor")
+    rows = w.rows // Q8_ROW_GROUP if w.fmt == "q8_0" else w.rows
+    _dequant_kernel[(rows, triton.cdiv(k, block_k))](*_arrays(w), out, n, k, FMT=_FMT_IDS[w.fmt], BLOCK_K=block_k,
+                                                     num_warps=4)
+    return out
+
+
+def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warps: int = 4, block_k: int = 16,
+                 rows: int = Q8_ROW_GROUP):
+    """One type's kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the
+    compiled object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and probes; needs
+    TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    common = {"x_ptr": f"*{dtype}", "idx_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32",
+              "NP": "i32", "SPLIT": "i32"}
+    kernel, sig, const = {
+        "q8_0": (_q8_0_kernel, {"q_ptr": "*i8", "d_ptr": "*fp16"}, {"RB": rows}),
+        "q6_k": (_q6_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
+        "q5_k": (_q5_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "h_ptr": "*i64"}, {}),
+        "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
+        "q2_k": (_q2_k_kernel, {"q_ptr": "*u8", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
+    }[fmt]
+    const = {"MODE": mode, "BLOCK_K": block_k, "PDL": True, **const}
+    sig = {**sig, **common, **{name: "constexpr" for name in const}}
+    n_ptrs = sum(1 for v in sig.values() if v.startswith("*"))
+    src = ASTSource(kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(n_ptrs)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+
+
+def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
+    """The dequantize kernel of one type compiled for Hopper without a GPU (as compile_sm90)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ptrs = {"q8_0": ("*i8", "*fp16", "*i8", "*i8"), "q6_k": ("*i16", "*u8", "*i8", "*fp16"),
+            "q5_k": ("*i16", "*u8", "*i64", "*i16"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
+            "q2_k": ("*u8", "*u8", "*i32", "*u8")}[fmt]
+    sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32",
+                                                                   "FMT": "constexpr", "BLOCK_K": "constexpr"}
+    src = ASTSource(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k},
+                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
