@@ -33,12 +33,13 @@ def cache_dir() -> Path:
 
 def default_spqt(progress: bool = True) -> Path:
     """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds;
-    v2: with the column norms of the WINA criterion)."""
+    v2: with the column norms of the WINA criterion; v3: thresholds with greedy allocations and the
+    held-out recommendation that --sparsity auto uses)."""
     from spqt.checkpoint import quantize_source, save_spqt
     from spqt.sources import open_source
 
     gguf = default_gguf()
-    target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v2.spqt"
+    target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v3.spqt"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
