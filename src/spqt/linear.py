@@ -97,6 +97,15 @@ class Linear(nn.Module):
                 return y
             x = norm(x)
         x = self.input_tap(x)
+        if sparse and getattr(self.impl, "masks", False) and x.device.type == "cpu":
+            # A map whose sparse product is the dense product of the masked input (the CPU's): one
+            # mask for both the count and the product, counted on the host (no synchronisation
+            # to avoid on the CPU): 8 small ops instead of 14 per map and step.
+            keep = keep_mask(x, self.threshold, self.scale)
+            if self.track:
+                n = keep.numel()
+                self.counts.add_(torch.tensor((n - int(keep.sum()), n), dtype=torch.float64))
+            return self.impl.dense(x * keep, residual, swiglu)
         if sparse:
             if self.track:
                 self.counts[0] += (~keep_mask(x, self.threshold, self.scale)).sum(dtype=torch.float64)

@@ -68,6 +68,8 @@ class ReferenceLinear:
             return linear_epilogue(self.product(x), None, True)
         return self.product(x, residual)
 
+    masks = True  # sparse(x) is dense(sparsify(x)): Linear may mask once and call dense
+
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
         return self.dense(sparsify(x, threshold, scale), residual, swiglu)
