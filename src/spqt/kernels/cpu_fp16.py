@@ -31,7 +31,10 @@ class HalfGemvLinear:
         self.dtype = dtype
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x.to(torch.float16), self.weight).to(self.dtype)
+        y = F.linear(x.to(torch.float16), self.weight)
+        if residual is not None and residual.dtype == self.dtype:
+            return residual + y  # the add widens y exactly: one op fewer than widening first
+        y = y.to(self.dtype)
         return y if residual is None else residual + y
 
     def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
