@@ -67,18 +67,24 @@ def test_half_gemv_within_fp16_rounding(rng, n, k):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu-fp16"])
-def test_one_mask_sparse_path_equals_sparse_and_counts(rng, backend):
-    """Linear masks once on the CPU: the product of impl.sparse, and the dropped inputs counted."""
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_one_mask_sparse_path_equals_sparse_and_counts(rng, backend, criterion):
+    """Linear masks once on the CPU (hardshrink for TEAL): the product of impl.sparse, and the
+    dropped inputs counted, over two steps."""
     w, x = _data(rng, 48, 40)
     lin = Linear(w, torch.float32, "cpu", backend=backend)
-    t = float(x.abs().median())
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, 40)).float() if criterion == "wina" else None
+    lin.set_scale(scale)
+    score = x.abs() * (1 if scale is None else scale)
+    t = float(score.median())
     lin.set_threshold(t)
     lin.sparse, lin.track = True, True
     residual = torch.randn(1, 1, 48)
-    y = lin(x, residual=residual)
-    assert torch.equal(y, lin.impl.sparse(x, lin.threshold, residual))
-    dropped = int((x.abs() <= t).sum())
-    assert lin.counts.tolist() == [dropped, 40] and 0 < dropped < 40
+    for _ in range(2):
+        y = lin(x, residual=residual)
+        assert torch.equal(y, lin.impl.sparse(x, lin.threshold, residual, scale=lin.scale))
+    dropped = int((score <= t).sum())
+    assert lin.counts.tolist() == [2 * dropped, 80] and 0 < dropped < 40
 
 
 def test_fast_model_close_to_reference(tiny_spqt):
