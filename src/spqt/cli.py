@@ -430,8 +430,8 @@ def _gemv_backend(name: str, device: str) -> str | None:
 
 
 def _dtype(name: str, device: str):
-    """The compute dtype for a --dtype choice: auto is fp32 on the CPU (torch's fp16 GEMV was 7x
-    slower than fp32 on 2 threads of the busy 2-core machine, though faster on one) and fp16 on CUDA."""
+    """The compute dtype for a --dtype choice: auto is fp32 on the CPU (whose speed comes from the
+    fp16 GEMV alone, --gemv) and fp16 on CUDA."""
     import torch
 
     if name == "auto":
