@@ -38,6 +38,7 @@ def test_reference_layouts_equal_plain_products(rng, n, k, tokens):
     w, x = _data(rng, n, k, tokens)
     ref = ReferenceLinear(w, torch.float32, "cpu")
     assert ref.transposed == (n > k)
+    assert not ReferenceLinear(w, torch.float16, "cpu").transposed  # fp16 reads (N, K) faster
     exact = (x.double() @ w.double().t()).float()
     residual = torch.from_numpy(rng.standard_normal((1, tokens, n))).float()
     tol = _bound(w, x, 0) + FP32_U * residual.abs()

@@ -9,8 +9,8 @@ fp16 17.5 ms on 2 threads, 29.8 on 1; fp32 36 ms best layout, either thread coun
 Numerics (what the tests bound): W rounded to fp16 (the default model's tied head is stored
 fp16, so it stays exact; dequantized Q4_K weights move by at most 2^-11 relative), the input
 rounded to fp16, products summed in fp32, the output rounded to fp16, then returned in the
-compute dtype. Sparse: the reference's mask (x * keep), then the same GEMV; the mask is
-decided on the fp32 input, as the reference decides it.
+compute dtype. Sparse: the reference's mask, decided on the fp32 input as the reference decides
+it (Linear applies it on the CPU), then the same GEMV.
 """
 
 import torch
