@@ -141,6 +141,14 @@ def test_decode_threads_keep_the_faster_count(slow_at):
         assert choice.choose() == (1 if slow_at == "all" else 2) == torch.get_num_threads()
         choice.check(3)  # not a probing step: unchanged
         assert torch.get_num_threads() == choice.threads
+        if slow_at == "one":
+            # a core gets busy: a stalled step on 2 threads probes again at once
+            choice.observe(0.01)
+            choice.observe(0.012)
+            assert choice.threads == 2
+            slow_at = "all"
+            choice.observe(0.5)
+            assert choice.threads == 1 == torch.get_num_threads()
         choice.restore()
         assert torch.get_num_threads() == 2
     finally:

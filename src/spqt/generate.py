@@ -404,6 +404,8 @@ class Generator:
                 token = self.greedy_token if greedy_in_graph else sample(logits[:, -1], sampling, gen)
                 self._sync()
                 steps.append(time.perf_counter() - t0)
+                if threads:
+                    threads.observe(steps[-1])
                 pos += 1
         finally:
             if threads:
