@@ -26,12 +26,20 @@ def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
     assert captured.out == doc["text"] + "\n" and doc["text"]
     assert "once upon a time" not in captured.out and "tokens/s" not in captured.out and "[" not in captured.out
     err = captured.err.splitlines()
-    assert any(line.startswith("[q4_k-zigzag, cpu, sparsity 0]") for line in err), err
+    assert any(line.startswith("[q4_k-zigzag, cpu fp16-gemv, sparsity 0]") for line in err), err
     assert any("decode:" in line and "tokens/s" in line for line in err), err
     assert doc["prompt_tokens"] > 0 and 1 <= doc["generated_tokens"] <= 8
     assert doc["prefill_tokens_per_s"] > 0 and doc["decode_tokens_per_s"] > 0
     assert doc["mode"] == "dense" and doc["achieved_sparsity"] is None and doc["kind"] == "q4_k-zigzag"
     assert [p.name for p in tmp_path.iterdir()] == ["gen.json"]  # no temporary left behind
+
+
+def test_generate_gemv_choice(tiny_spqt, capsys):
+    """--gemv fp32 runs the torch reference on the CPU (the label says which GEMV ran)."""
+    assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "4", "--device", "cpu",
+                 "--gemv", "fp32"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert any(line.startswith("[q4_k-zigzag, cpu, sparsity 0]") for line in err), err
 
 
 def test_generate_json_reports_achieved_sparsity(tiny_spqt, capsys, tmp_path):

@@ -191,6 +191,7 @@ def cmd_generate(args) -> int:
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     device = resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
     dtype = _dtype(args.dtype, device)
+    backend = _gemv_backend(args.gemv, device)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
@@ -211,11 +212,12 @@ def cmd_generate(args) -> int:
 
         mode = default_mode(loaded.thresholds, criterion)
     gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=mode, criterion=criterion,
-                    max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback)
+                    max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback, backend=backend)
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
     setting = f" {criterion} {mode}" if args.sparsity else ""
-    label = f"[{loaded.kind}, {gen.device}, sparsity {args.sparsity:g}{setting}]"
+    gemv = " fp16-gemv" if backend == "cpu-fp16" else ""
+    label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
     dense = gen.dense_fallbacks()
     if dense:
@@ -440,9 +442,20 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def _gemv_backend(name: str, device: str) -> str | None:
+    """The linear maps' backend for a --gemv choice: on the CPU, fp16 (the default: an fp16 copy of
+    the weights, fp32 sums, about twice fp32's tokens/s on 2 free cores) or the fp32 reference;
+    on CUDA the kernels decide (None)."""
+    if device == "cuda":
+        if name != "auto":
+            raise SpqtError("--gemv chooses the CPU's GEMV; on CUDA the Triton kernels run")
+        return None
+    return "reference" if name == "fp32" else "cpu-fp16"
+
+
 def _dtype(name: str, device: str):
-    """The compute dtype for a --dtype choice: auto is fp32 on the CPU (torch's fp16 GEMV was 7x
-    slower than fp32 on 2 threads of the busy 2-core machine, though faster on one) and fp16 on CUDA."""
+    """The compute dtype for a --dtype choice: auto is fp32 on the CPU (whose speed comes from the
+    fp16 GEMV alone, --gemv) and fp16 on CUDA."""
     import torch
 
     if name == "auto":
@@ -504,6 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
+    p.add_argument("--gemv", choices=["auto", "fp16", "fp32"], default="auto",
+                   help="CPU matrix-vector products: fp16 weights with fp32 sums (auto: the fast default) "
+                        "or fp32 (the torch reference)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")

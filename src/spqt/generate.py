@@ -12,6 +12,7 @@ import torch
 
 from spqt import sparsity as sp
 from spqt.checkpoint import LoadedModel
+from spqt.cpu_threads import DecodeThreads
 from spqt.errors import SpqtError
 from spqt.linear import Linear
 from spqt.model import Transformer
@@ -37,7 +38,9 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
     def make_linear(name: str, out_features: int, in_features: int):
         if name == "output":
             head = weights["tok_embeddings"] if loaded.config.tie_embeddings else weights["output"]
-            return Linear(head.to(torch.float32), dtype, device, backend="reference")
+            # the head is a float matrix: the reference map, or the CPU's fp16 GEMV in that mode
+            head_backend = backend if backend == "cpu-fp16" else "reference"
+            return Linear(head.to(torch.float32), dtype, device, backend=head_backend)
         return Linear(weights[name], dtype, device, backend, bias=weights.get(f"{name}.bias"))
 
     model = Transformer(loaded.config, make_linear)
@@ -178,11 +181,14 @@ class Generator:
         """dense_fallback: maps whose sparse kernel is not faster than the dense one at their level
         (the tuned crossover of their shape on this GPU) run dense; off, every map runs as asked
         (the semantics of the CPU reference, which always runs sparse). criterion: teal or wina
-        (None: the model's default, sparsity.default_criterion)."""
+        (None: the model's default, sparsity.default_criterion). backend: None picks triton on
+        CUDA for a quantized model, else the fp32 reference; "cpu-fp16" is the CPU's fast GEMV
+        (kernels/cpu_fp16.py: fp16 weights, fp32 sums)."""
         self.loaded = loaded
         self.device = resolve_device(device)
         self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
         backend = backend or ("triton" if self.device == "cuda" and loaded.kind != "float" else "reference")
+        self.backend = backend
         self.model = build_model(loaded, self.device, self.dtype, backend)
         set_dense_fallback(self.model, dense_fallback)
         self.set_sparsity(sparsity, mode, criterion=criterion)
@@ -326,6 +332,12 @@ class Generator:
         torch.cuda.synchronize()
         return out, steps, "length"
 
+    def _decode_threads(self) -> DecodeThreads:
+        """The CPU's intra-op thread count for decode steps, probed on layer 0's gate|up GEMV."""
+        lin = self.model.layers[0].feed_forward.gate_up
+        x = torch.randn(1, 1, lin.in_features, generator=torch.Generator().manual_seed(0)).to(self.dtype)
+        return DecodeThreads(lambda: lin.impl.dense(x))
+
     def _sync(self):
         if self.device == "cuda":
             torch.cuda.synchronize()
@@ -371,24 +383,33 @@ class Generator:
                 more, steps, finish = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
                 out += more
             max_new_tokens = 0  # done: the loop below is the host-driven path
-        for _ in range(max_new_tokens):
-            t = int(token)
-            out.append(t)
-            halt = bool(on_token(t)) if on_token else False
-            if halt or t in stop_ids:
-                finish = "stop"
-                break
-            if len(out) == max_new_tokens:
-                break
-            t0 = time.perf_counter()
-            logits = self.decode_step(t, pos)
-            if on_logits:
-                on_logits(logits[:, -1].float().cpu())
-            greedy_in_graph = self.use_graph and sampling.temperature == 0
-            token = self.greedy_token if greedy_in_graph else sample(logits[:, -1], sampling, gen)
-            self._sync()
-            steps.append(time.perf_counter() - t0)
-            pos += 1
+        threads = self._decode_threads() if self.device == "cpu" and max_new_tokens > 1 else None
+        try:
+            for _ in range(max_new_tokens):
+                t = int(token)
+                out.append(t)
+                halt = bool(on_token(t)) if on_token else False
+                if halt or t in stop_ids:
+                    finish = "stop"
+                    break
+                if len(out) == max_new_tokens:
+                    break
+                t0 = time.perf_counter()
+                if threads:
+                    threads.check(len(steps))  # timed with the step it precedes
+                logits = self.decode_step(t, pos)
+                if on_logits:
+                    on_logits(logits[:, -1].float().cpu())
+                greedy_in_graph = self.use_graph and sampling.temperature == 0
+                token = self.greedy_token if greedy_in_graph else sample(logits[:, -1], sampling, gen)
+                self._sync()
+                steps.append(time.perf_counter() - t0)
+                if threads:
+                    threads.observe(steps[-1])
+                pos += 1
+        finally:
+            if threads:
+                threads.restore()
         achieved = achieved_sparsity(self.model) if self.sparsity > 0 and track else {}
         set_sparse(self.model, False)
         return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved, finish)

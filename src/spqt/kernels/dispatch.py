@@ -6,7 +6,7 @@ import torch
 
 from spqt.errors import SpqtError
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", "triton", "cpu-fp16")
 # Formats with Triton GEMV kernels: Q4_K in both layouts, the others in the zigzag layout only
 # (zigzag_types.py; no row kernels). Everything else runs dequantize + cuBLAS on the GPU.
 TRITON_FORMATS = ("q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
@@ -23,6 +23,12 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
         from spqt.kernels.reference import ReferenceLinear
 
         return ReferenceLinear(weight, dtype, device)
+    if backend == "cpu-fp16":
+        if str(device) != "cpu":
+            raise SpqtError("the cpu-fp16 backend runs on the CPU")
+        from spqt.kernels.cpu_fp16 import HalfGemvLinear
+
+        return HalfGemvLinear(weight, dtype, device)
     if backend == "triton":
         if not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise SpqtError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")

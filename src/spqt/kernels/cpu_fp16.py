@@ -1,0 +1,53 @@
+"""The CPU's fast linear map (backend "cpu-fp16"): an fp16 copy of W and torch's fp16 GEMV.
+
+One decode token on the CPU reads every weight once, so bytes decide: the fp32 reference
+(ReferenceLinear) reads 525 MB a token for the default model, this map half that. torch's CPU
+fp16 GEMV accumulates in fp32 and splits its rows over the intra-op threads; MKL's fp32 GEMV
+runs on one thread. On the 2-core AVX2 EPYC (idle), one token's GEMVs of the default model:
+fp16 17.5 ms on 2 threads, 29.8 on 1; fp32 36 ms best layout, either thread count (issue 18).
+
+Numerics (what the tests bound): W rounded to fp16 (the default model's tied head is stored
+fp16, so it stays exact; dequantized Q4_K weights move by at most 2^-11 relative), the input
+rounded to fp16, products summed in fp32, the output rounded to fp16, then returned in the
+compute dtype. Sparse: the reference's mask, decided on the fp32 input as the reference decides
+it (Linear applies it on the CPU), then the same GEMV.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from spqt.checkpoint import QuantizedWeight
+from spqt.functional import linear_epilogue
+from spqt.kernels.reference import sparsify
+
+
+class HalfGemvLinear:
+    """W (N, K) fp16 on the CPU; x (..., K) in the compute dtype -> (..., N) same dtype."""
+
+    def __init__(self, weight, dtype: torch.dtype, device: str):
+        w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
+        # (N, K): torch's fp16 GEMV reads this layout 10-60x faster than (K, N) here
+        self.weight = w.to(dtype=torch.float16).contiguous()
+        self.dtype = dtype
+
+    def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x.to(torch.float16), self.weight)
+        if residual is not None and residual.dtype == self.dtype:
+            return residual + y  # the add widens y exactly: one op fewer than widening first
+        y = y.to(self.dtype)
+        return y if residual is None else residual + y
+
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+        if swiglu:
+            return linear_epilogue(self.product(x), None, True)
+        return self.product(x, residual)
+
+    masks = True  # sparse(x) is dense(sparsify(x)): Linear may mask once and call dense
+
+    def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
+               swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dense(sparsify(x, threshold, scale), residual, swiglu)
+
+    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Masking costs the same either way: it runs what it is asked to, like the reference."""
+        return True

@@ -1,0 +1,155 @@
+"""The CPU decode path (issue 18): the reference's GEMV layouts, the fp16 fast path against exact
+products and against the reference, the one-mask sparse path, the decode thread choice."""
+
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spqt.cpu_threads import DecodeThreads
+from spqt.generate import Generator, build_model
+from spqt.kernels.cpu_fp16 import HalfGemvLinear
+from spqt.kernels.reference import ReferenceLinear, sparsify
+from spqt.linear import Linear
+
+FP32_U = 2.0 ** -24  # unit roundoff of fp32
+FP16_U = 2.0 ** -11  # unit roundoff of fp16
+# odd shapes, both sides of the transposed layout (N > K) and square
+SHAPES = [(37, 19), (19, 37), (64, 64), (96, 40)]
+
+
+def _data(rng, n, k, tokens=1):
+    w = torch.from_numpy(rng.standard_normal((n, k))).float() / k ** 0.5
+    x = torch.from_numpy(rng.standard_normal((1, tokens, k))).float()
+    return w, x
+
+
+def _bound(w, x, unit):
+    """|sum of products| error bound per output: unit * sum_k |w_nk| |x_k|, plus fp32's own summation."""
+    mag = x.abs().double() @ w.abs().double().t()
+    return ((unit + w.shape[1] * FP32_U) * mag).float()
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_reference_layouts_equal_plain_products(rng, n, k, tokens):
+    """W^T stored for N > K (what MKL's one-token GEMV reads faster) changes only the summation order."""
+    w, x = _data(rng, n, k, tokens)
+    ref = ReferenceLinear(w, torch.float32, "cpu")
+    assert ref.transposed == (n > k)
+    assert not ReferenceLinear(w, torch.float16, "cpu").transposed  # fp16 reads (N, K) faster
+    exact = (x.double() @ w.double().t()).float()
+    residual = torch.from_numpy(rng.standard_normal((1, tokens, n))).float()
+    tol = _bound(w, x, 0) + FP32_U * residual.abs()
+    assert ((ref.dense(x) - exact).abs() <= tol).all()
+    assert ((ref.dense(x, residual) - (residual + exact)).abs() <= tol + FP32_U * exact.abs()).all()
+    if n % 2 == 0:
+        want = F.silu(exact[..., : n // 2]) * exact[..., n // 2:]
+        torch.testing.assert_close(ref.dense(x, swiglu=True), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_half_gemv_within_fp16_rounding(rng, n, k):
+    """W, x and the output each rounded to fp16 once, products summed in fp32: within 3 fp16 units of
+    sum |w||x| of the exact product (plus fp16's subnormal spacing for tiny weights)."""
+    w, x = _data(rng, n, k)
+    fast = HalfGemvLinear(w, torch.float32, "cpu")
+    exact = (x.double() @ w.double().t()).float()
+    y = fast.dense(x)
+    assert y.dtype == torch.float32 and y.shape == exact.shape
+    tol = _bound(w, x, 3 * FP16_U) + 2.0 ** -24 * x.abs().sum()
+    assert ((y - exact).abs() <= tol).all()
+    assert (y - exact).abs().max() > 0  # it does round: the test can tell fp16 from fp32
+    residual = torch.from_numpy(rng.standard_normal((1, 1, n))).float()
+    assert torch.equal(fast.dense(x, residual), residual + y)
+    t = torch.tensor(float(x.abs().median()))
+    assert torch.equal(fast.sparse(x, t), fast.dense(sparsify(x, t)))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu-fp16"])
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_one_mask_sparse_path_equals_sparse_and_counts(rng, backend, criterion):
+    """Linear masks once on the CPU (hardshrink for TEAL): the product of impl.sparse, and the
+    dropped inputs counted, over two steps."""
+    w, x = _data(rng, 48, 40)
+    lin = Linear(w, torch.float32, "cpu", backend=backend)
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, 40)).float() if criterion == "wina" else None
+    lin.set_scale(scale)
+    score = x.abs() * (1 if scale is None else scale)
+    t = float(score.median())
+    lin.set_threshold(t)
+    lin.sparse, lin.track = True, True
+    residual = torch.randn(1, 1, 48)
+    for _ in range(2):
+        y = lin(x, residual=residual)
+        assert torch.equal(y, lin.impl.sparse(x, lin.threshold, residual, scale=lin.scale))
+    dropped = int((score <= t).sum())
+    assert lin.counts.tolist() == [2 * dropped, 80] and 0 < dropped < 40
+
+
+def test_fast_model_close_to_reference(tiny_spqt):
+    """The whole tiny model, prefill and then decode steps fed the same tokens: logits within a few
+    fp16 units of the logit range; torch's thread count unchanged after a generation."""
+    from spqt.checkpoint import load_spqt
+
+    loaded = load_spqt(tiny_spqt)
+    ids = torch.randint(0, loaded.config.vocab_size, (1, 38), generator=torch.Generator().manual_seed(7))
+    logits = {}
+    for backend in ("reference", "cpu-fp16"):
+        model = build_model(loaded, "cpu", torch.float32, backend)
+        model.setup_cache(1, 38, torch.float32)
+        with torch.no_grad():
+            steps = [model(ids[:, :30], torch.arange(30), kv_len=30)]
+            steps += [model(ids[:, p:p + 1], torch.tensor([p]), kv_len=p + 1) for p in range(30, 38)]
+        logits[backend] = torch.cat(steps, dim=1)
+    ref, fast = logits["reference"], logits["cpu-fp16"]
+    span = float(ref.max() - ref.min())
+    # each GEMV output is within 3 fp16 units; 2 layers of 4 maps and the head: 8 units of the range
+    err = float((fast - ref).abs().max())
+    assert 0 < err <= 8 * FP16_U * span, f"max |diff| {err:.3e}, logit range {span:.2f}"
+    threads = torch.get_num_threads()
+    Generator(loaded, "cpu", backend="cpu-fp16", max_len=40).generate(ids[0, :30].tolist(), 4)
+    assert torch.get_num_threads() == threads
+
+
+@pytest.mark.slow
+def test_default_model_fast_greedy_equals_reference(default_gguf):
+    """The default model's weights: the fp16 fast path decodes the demo prompt's greedy tokens of the
+    fp32 reference."""
+    from spqt.checkpoint import load_model
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_model(default_gguf)
+    ids = TextTokenizer(loaded.tokenizer, loaded.config).encode("The three primary colors are")
+    tokens = {b: Generator(loaded, "cpu", backend=b, max_len=64).generate(ids, 32).tokens
+              for b in ("reference", "cpu-fp16")}
+    assert tokens["cpu-fp16"] == tokens["reference"]
+
+
+@pytest.mark.parametrize("slow_at", ["all", "one"])
+def test_decode_threads_keep_the_faster_count(slow_at):
+    """The probe decides: all threads when they are faster, one when a busy core stalls them."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        def probe():
+            if (torch.get_num_threads() > 1) == (slow_at == "all"):
+                time.sleep(0.003)
+
+        choice = DecodeThreads(probe, every=4)
+        assert choice.choose() == (1 if slow_at == "all" else 2) == torch.get_num_threads()
+        choice.check(3)  # not a probing step: unchanged
+        assert torch.get_num_threads() == choice.threads
+        if slow_at == "one":
+            # a core gets busy: a stalled step on 2 threads probes again at once
+            choice.observe(0.01)
+            choice.observe(0.012)
+            assert choice.threads == 2
+            slow_at = "all"
+            choice.observe(0.5)
+            assert choice.threads == 1 == torch.get_num_threads()
+        choice.restore()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
