@@ -9,6 +9,7 @@
 #   scripts/gpu_session.sh roofline  the read ceiling (scripts/stream_probe.py), Nsight Compute bytes/stalls of B2/B4
 #   scripts/gpu_session.sh floor     gpu tests (8 workers), crossovers, 7B step profile now and before (.old), decode
 #   scripts/gpu_session.sh measure   7B step profiles, decode (DECODE_MODELS), GEMV table (GEMV=1); results.tgz
+#   scripts/gpu_session.sh types     every gpu test on a fresh machine (timed), then the GEMV table of every weight type
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
@@ -140,6 +141,27 @@ case "$stage" in
     done
     timeout 120 python3 scripts/serve_probe.py --device cuda --sparsity 0,0.5 --max-tokens 128 2>&1 | tee "$OUT/serve-probe.log" | tail -8
     echo "final stage: $(( $(date +%s) - start )) s"
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log -delete)
+    ;;
+  types)
+    # Every gpu test first, timed (on a fresh machine: the one-call bar), then B2 and B4 of every
+    # weight type with the shipped table (TYPES_TUNE=1: tune the other types first, into $OUT).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${TEST_TIMEOUT:-470} python3 -m pytest -v -m gpu tests -n ${WORKERS:-12} -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
+    echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
+    shapes=${TYPE_SHAPES:-4096x4096,11008x4096,28672x8192,8192x28672}
+    if [ -n "${TYPES_TUNE:-}" ]; then
+      timeout 300 python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
+        | grep -v WARN > "$OUT/tune-types.log"; tail -3 "$OUT/tune-types.log"
+      cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    fi
+    left=$(( ${CALL_BUDGET:-575} - ($(date +%s) - start) ))
+    [ $left -gt 20 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k,q8_0,q6_k,q5_k,q3_k,q2_k --variants B2,B4 \
+      --shapes $shapes --sparsity 0,0.25,0.5 --json "$OUT/bench-gemv-types.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"
+    tail -40 "$OUT/bench-gemv-types.log"
+    echo "types stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log -delete)
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
