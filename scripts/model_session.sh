@@ -36,12 +36,20 @@ if [ "$part" = ppl ] || [ "$part" = all ]; then
   for name in ${NAMES:-zigzag original row}; do
     for C in ${CRITERIA:-wina teal}; do
       if [ $name = original ]; then src="$G --thresholds ${THRESHOLDS:-$OUT}/thresholds-original-$C.json"; else src=$M/smol-$name.spqt; fi
-      for mode in unified greedy; do
+      for mode in ${MODES:-unified greedy}; do
         lv=0.25,0.4,0.5,0.65; [ $mode = unified ] && [ $C = wina ] && lv=0,$lv
         spqt perplexity $src --data $W --device cuda --dtype fp32 --batch 32 --sparsity $lv --mode $mode --criterion $C \
           --json $OUT/ppl-$name-$C-$mode.json 2>&1 | grep -E "^ +[0-9]+%" | sed "s/^/$name /"
       done
     done
+  done
+fi
+if [ "$part" = types ]; then  # zigzag of the wider K-quant types: dense perplexity, full test (issue 15)
+  for T in ${TYPES:-q6_k q5_k}; do
+    timed "quantize zigzag $T on GPU" python3 -m spqt.cli quantize $G -o $M/smol-$T.spqt --layout zigzag --type $T \
+      --device cuda 2>&1 | tail -1
+    spqt perplexity $M/smol-$T.spqt --data $W --device cuda --dtype fp32 --batch 32 --sparsity 0 \
+      --json $OUT/ppl-zigzag-$T.json 2>&1 | grep -E "^ +[0-9]+%" | sed "s/^/zigzag-$T /"
   done
 fi
 if [ "$part" = gen ] || [ "$part" = all ]; then
