@@ -417,6 +417,21 @@ def _prefetch_l2(q_ptr, h_ptr, r, col, K):
 
 
 @triton.jit
+def _prefetch_ahead(q_ptr, h_ptr, idx_ptr, r, kp, j, stride, hi, ahead_pos, K, MODE: tl.constexpr,
+                    AHEAD: tl.constexpr):
+    """At step j, ask L2 for the blocks of step j + AHEAD stride (no register waits for them), one
+    column a lane. B4: kp holds that step's columns, read a step earlier; returns the next step's.
+    B2: the columns stay within the share (past its end are the next program's blocks, which it
+    fetches itself); kp passes through."""
+    if MODE == 2:
+        _prefetch_l2(q_ptr, h_ptr, r, kp, K)
+        kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
+    else:
+        _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
+    return kp
+
+
+@triton.jit
 def _finish_tile(part_ptr, y_ptr, r_ptr, cnt_ptr, g, N, F, NP, SPLIT, EPILOGUE: tl.constexpr, SB: tl.constexpr):
     """Output tile g (rows 256 g ...), run by the last program to finish its inputs: y = the sum
     of the SPLIT partials of each row in a fixed order (SB shares at a time, each a fixed tree),
@@ -515,6 +530,7 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     ahead_pos = lanes % STEPS  # AHEAD: lane i asks L2 for column i of a step (the blocks' lines)
+    kp = ahead_pos  # B4 with AHEAD: the columns of the step AHEAD on (read from the list below)
     if MODE == 2:
         first = s * STEPS
         stride = SPLIT * STEPS
@@ -543,11 +559,7 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
         for j in range(first, hi, stride):
             pn = j + stride + base
             if AHEAD > 0 and MODE != 1:
-                if MODE == 2:
-                    _prefetch_l2(q_ptr, h_ptr, r, kp, K)
-                    kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
-                else:
-                    _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
+                kp = _prefetch_ahead(q_ptr, h_ptr, idx_ptr, r, kp, j, stride, hi, ahead_pos, K, MODE, AHEAD)
             if MODE != 2:
                 ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pn, K, MODE)
             wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3 = _chunk_loads(
@@ -555,20 +567,16 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
             if MODE == 2:
                 ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pn + stride, K, MODE)
             c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
-                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3,
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
+                wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3,
                 hha3, xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
             wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1 = wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1
             wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = wb2, hlb2, hhb2, xb2, wb3, hlb3, hhb3, xb3
     else:
         for j in range(first, hi, stride):
             pa = j + base
-            if AHEAD > 0 and MODE != 1:  # step j + AHEAD's blocks into L2 (no register waits for them)
-                if MODE == 2:
-                    _prefetch_l2(q_ptr, h_ptr, r, kp, K)
-                    kp = _list_columns(idx_ptr, j + (AHEAD + 1) * stride + ahead_pos, K)
-                else:
-                    # within the share: past its end are the next program's blocks, which it fetches itself
-                    _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(j + AHEAD * stride + ahead_pos, hi - 1), K)
+            if AHEAD > 0 and MODE != 1:
+                kp = _prefetch_ahead(q_ptr, h_ptr, idx_ptr, r, kp, j, stride, hi, ahead_pos, K, MODE, AHEAD)
             if MODE != 2:
                 ka0, ka1, ka2, ka3 = _chunk_columns(idx_ptr, pa, K, MODE)
             wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3, xa3 = _chunk_loads(
@@ -583,11 +591,13 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
                 if CHUNKS == 2:
                     kb0, kb1, kb2, kb3 = _chunk_columns(idx_ptr, pa + stride + STEP, K, MODE)
             c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
-                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
+                c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
+                wa0, hla0, hha0, xa0, wa1, hla1, hha1, xa1, wa2, hla2, hha2, xa2, wa3, hla3, hha3,
                 xa3, gi, ASMS, BTYPE, EMULATE, W, ACC)
             if CHUNKS == 2:
                 c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias = _chunk(
-                    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias, wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
+                    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, bias,
+                    wb0, hlb0, hhb0, xb0, wb1, hlb1, hhb1, xb1, wb2, hlb2, hhb2, xb2, wb3, hlb3,
                     hhb3, xb3, gi, ASMS, BTYPE, EMULATE, W, ACC)
     bj = tl.sum(tl.sum(tl.reshape(bias, (W, 8, 4)), axis=0), axis=1)  # (8,) the min term of sub-block j
     if ACC == 16:
