@@ -145,3 +145,56 @@ def test_default_mode_is_greedy_where_calibrated():
     assert sp.default_mode(both, "teal") == "greedy"
     assert sp.default_mode(both, "wina") == "unified"  # no greedy tables for this criterion
     assert sp.default_mode({"unified": {"0.5": table}}, "teal") == "unified"  # legacy TEAL layout
+
+
+def test_allocate_finds_the_least_cost_levels():
+    """The knapsack over block levels: mean exactly the target, and no other choice of levels
+    with that mean costs less (brute force over 4 blocks x 6 levels)."""
+    import itertools
+
+    from spqt.calibrate import allocate
+
+    g = np.random.default_rng(5)
+    costs = torch.from_numpy(np.cumsum(g.random((4, 6)), axis=1))
+    costs[:, 0] = 0.0
+    for target in (0.05, 0.1, 0.125):
+        pick = allocate(costs, target, step=0.05)
+        assert sum(pick) * 0.05 / 4 == pytest.approx(target)
+        best = min(sum(float(costs[b, l]) for b, l in enumerate(ls))
+                   for ls in itertools.product(range(6), repeat=4) if sum(ls) == sum(pick))
+        assert sum(float(costs[b, l]) for b, l in enumerate(pick)) == pytest.approx(best)
+    with pytest.raises(Exception, match="cannot reach"):
+        allocate(costs, 0.3, step=0.05)
+
+
+def test_global_mode_allocates_blocks_to_the_target(tiny_spqt):
+    """Global: every block's level is one of the grid's, they average exactly to the target, each
+    block's thresholds and per-input allocation are greedy's at that block level, and the measured
+    costs start at 0 (dense) and never fall as the level rises."""
+    from spqt.calibrate import GLOBAL_STEP, global_grid
+
+    loaded = load_spqt(tiny_spqt)
+    calib = np.random.default_rng(7).integers(0, loaded.config.vocab_size, 4096).tolist()
+    levels = [0.25, 0.5]
+    result = calibrate(loaded, calib, levels, modes=("greedy", "global"), device="cpu", max_tokens=4096,
+                       greedy_tokens=256, ctx=256, criterion="teal", held_out_tokens=0, step=0.05,
+                       sensitivity_tokens=512)
+    out, record = result["teal"], result["_calibration"]["global"]
+    share = np.array(_input_sizes(loaded.config), dtype=np.float64)
+    share /= share.sum()
+    rise = np.array(record["nll_rise"])
+    assert rise.shape == (loaded.config.n_layers, 1 + len(global_grid()))
+    assert (rise[:, 0] == 0).all() and (np.diff(rise, axis=1) >= 0).all()
+    for s in levels:
+        key = sp.level_key(s)
+        block_levels = record["block_levels"][key]
+        assert np.mean(block_levels) == pytest.approx(s)
+        assert all(lv == 0 or round(lv / GLOBAL_STEP, 6).is_integer() for lv in block_levels)
+        np.testing.assert_allclose(np.array(out["global_allocations"][key]) @ share, block_levels, atol=1e-9)
+        for b, lv in enumerate(block_levels):
+            if sp.level_key(lv) in out["greedy"]:
+                assert out["global"][key][b] == out["greedy"][sp.level_key(lv)][b]
+        table = sp.select(result, s, "global", loaded.config.n_layers, "teal")
+        assert table.shape == (loaded.config.n_layers, 4)
+        assert sp.levels(result, s, "global", loaded.config.n_layers, "teal").tolist() == \
+            [[float(np.float32(v)) for v in row] for row in out["global_allocations"][key]]

@@ -20,6 +20,13 @@ we interpolate in log space.
   where TEAL thresholds q, k, v (and gate, up) separately; and the error is the mean squared
   error (TEAL: the mean over channels of the norm over positions).
 
+* global: the block levels themselves chosen per block, to meet the model's level at the least
+  estimated loss (TEAL gives every block the same level). Each block's cost of running at block
+  level l (its greedy thresholds of l) is the rise of the calibration text's mean NLL when that
+  block alone runs sparse (block_sensitivities: one pass per block and grid level, from cached
+  dense block inputs); the blocks' levels on a GLOBAL_STEP grid, averaging exactly the target,
+  minimize the summed costs (allocate, a knapsack over the grid). Costs are taken as additive.
+
 Held-out check: the last `held_out_tokens` of the calibration text are kept out of the
 histograms and the greedy search; perplexity on them (llama.cpp's way, evaluate.py) is measured
 dense and at every level, and sparsity.recommend picks the highest level within MAX_LOSS.
@@ -41,6 +48,10 @@ LOG2_LO, LOG2_HI = -30.0, 10.0  # |x| from 2^-30 to 2^10; smaller values count a
 # minutes (each step runs 4 block forwards).
 STEP = 0.0125
 ERROR_FRACTION = 0.25  # greedy error on the last quarter of each window's positions (TEAL's last_fraction)
+# global: the block levels chosen among 0, GLOBAL_STEP, ..., GLOBAL_MAX (the greedy thresholds of each);
+# a target that is a multiple of GLOBAL_STEP / n_layers is met exactly (25, 40, 50, 65 % with 30 layers)
+GLOBAL_STEP = 0.05
+GLOBAL_MAX = 0.8
 
 
 class MagnitudeHistogram:
@@ -199,11 +210,111 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
     return result
 
 
+def global_grid(step: float = GLOBAL_STEP, top: float = GLOBAL_MAX) -> list[float]:
+    """The block levels global allocation chooses among, besides 0 (dense)."""
+    return [round(i * step, 6) for i in range(1, int(round(top / step)) + 1)]
+
+
+@torch.inference_mode()
+def block_sensitivities(model, block_tables: list, windows: torch.Tensor, device: str,
+                        progress: bool = False) -> torch.Tensor:
+    """(n_layers, 1 + len(block_tables)) the rise of the mean NLL of the second half of each window
+    when block b alone runs sparse with block_tables[g][b] (its 4 thresholds; column 0: dense, 0),
+    made non-decreasing along g. Dense block inputs are computed once; a pass runs blocks b.. only."""
+    from tqdm.auto import tqdm
+
+    batch, ctx = windows.shape
+    half = ctx // 2
+    model.setup_cache(batch, ctx, model.tok_embeddings.weight.dtype)
+    positions = torch.arange(ctx, device=device)
+    mask = positions[None, :] <= positions[:, None]
+    tokens = windows.to(device)
+    targets = tokens[:, half + 1 :].reshape(-1)
+    set_sparse(model, False)
+
+    def nll_from(b: int, x: torch.Tensor) -> float:
+        for block in model.layers[b:]:
+            x = block(x, model.rope, positions, mask)
+        logits = model.output(model.norm(x[:, half:-1])).float()
+        return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets))
+
+    inputs = []
+    x = model.tok_embeddings(tokens)
+    for block in model.layers:
+        inputs.append(x)
+        x = block(x, model.rope, positions, mask)
+    dense = nll_from(len(model.layers), x)
+    costs = torch.zeros(len(model.layers), 1 + len(block_tables), dtype=torch.float64)
+    for b, block in enumerate(tqdm(model.layers, desc="block sensitivity", unit="block", disable=not progress)):
+        linears = [block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down]
+        for g, table in enumerate(block_tables):
+            for lin, t in zip(linears, table[b]):
+                lin.set_threshold(t if t >= 0 else None)
+                lin.sparse = True
+            costs[b, g + 1] = nll_from(b, inputs[b]) - dense
+            for lin in linears:
+                lin.sparse = False
+                lin.set_threshold(None)
+    model.setup_cache(1, ctx, model.tok_embeddings.weight.dtype)
+    return torch.cummax(costs.clamp_min(0.0), dim=1).values
+
+
+def allocate(costs: torch.Tensor, target: float, step: float = GLOBAL_STEP) -> list[int]:
+    """costs (n_blocks, n_levels): the cost of block b at level g step. The level index of each block
+    whose mean level is the target (rounded to the nearest step / n_blocks) at the least summed cost
+    (an exact knapsack over the grid: blocks x total steps x levels)."""
+    n, n_levels = costs.shape
+    total = int(round(target * n / step))
+    if not 0 <= total <= n * (n_levels - 1):
+        raise SpqtError(f"global allocation cannot reach sparsity {target} with block levels up to "
+                        f"{(n_levels - 1) * step:g}")
+    c = costs.tolist()
+    inf = float("inf")
+    best = [0.0] + [inf] * total  # best[u]: least cost of the blocks so far with u steps in all
+    choice = []
+    for b in range(n):
+        new, pick = [inf] * (total + 1), [0] * (total + 1)
+        for u in range(total + 1):
+            for g in range(min(n_levels - 1, u) + 1):
+                v = best[u - g] + c[b][g]
+                if v < new[u]:
+                    new[u], pick[u] = v, g
+        best = new
+        choice.append(pick)
+    levels, u = [0] * n, total
+    for b in reversed(range(n)):
+        levels[b] = choice[b][u]
+        u -= levels[b]
+    return levels
+
+
+def global_thresholds(model, hists: dict, windows: torch.Tensor, greedy: dict, allocations: dict, levels,
+                      device: str, progress: bool = False) -> tuple[dict, dict, dict]:
+    """Global allocation on top of greedy's per-block thresholds at the grid levels (greedy and
+    allocations as greedy_thresholds returns them, keyed by level). Returns the thresholds and the
+    per-input allocations per target level, and the record (block levels, costs)."""
+    grid = global_grid()
+    n_layers = len(model.layers)
+    tables = [greedy[sp.level_key(g)] for g in grid]
+    costs = block_sensitivities(model, tables, windows, device, progress)
+    thresholds, allocs, record = {}, {}, {"grid_step": GLOBAL_STEP, "nll_rise": costs.tolist(), "block_levels": {}}
+    for s in levels:
+        pick = allocate(costs, s)
+        key = sp.level_key(s)
+        thresholds[key] = [[-1.0] * 4 if g == 0 else greedy[sp.level_key(grid[g - 1])][b] for b, g in enumerate(pick)]
+        allocs[key] = [[0.0] * 4 if g == 0 else allocations[sp.level_key(grid[g - 1])][b] for b, g in enumerate(pick)]
+        record["block_levels"][key] = [0.0 if g == 0 else grid[g - 1] for g in pick]
+    assert all(len(t) == n_layers for t in thresholds.values())
+    return thresholds, allocs, record
+
+
 def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", "greedy"), device: str = "cpu",
               max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False,
-              criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192, step: float = STEP) -> dict:
+              criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192, step: float = STEP,
+              sensitivity_tokens: int = 4096) -> dict:
     """Thresholds {criterion: {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]},
-    "greedy_allocations": {level: per-input sparsities per layer}}, "_calibration": {...},
+    "greedy_allocations" / "global_allocations": {level: per-input sparsities per layer}},
+    "_calibration": {...},
     "recommended": {...}} (sparsity.py's layout). The model runs dense, in float32.
 
     tokens: the calibration text; its last held_out_tokens are kept out of the thresholds and
@@ -214,7 +325,7 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
             raise SpqtError(f"calibration levels must be in (0, 1), got {s}")
     for m in modes:
         if m not in sp.MODES:
-            raise SpqtError(f"unknown mode {m!r}; choose unified or greedy")
+            raise SpqtError(f"unknown mode {m!r}; choose one of {', '.join(sp.MODES)}")
     if held_out_tokens and len(tokens) < held_out_tokens + ctx:
         raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out_tokens} held-out "
                         f"tokens and one window of {ctx}")
@@ -227,13 +338,23 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     out = {}
     if "unified" in modes:
         out["unified"] = unified_thresholds(hists, loaded.config.n_layers, levels)
-    if "greedy" in modes:
-        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], levels, device, progress, step)
-        out["greedy_allocations"] = g.pop("_allocations", {})
-        out["greedy"] = g
+    records = {}
+    if "greedy" in modes or "global" in modes:
+        wanted = sorted(set(levels) | (set(global_grid()) if "global" in modes else set()))
+        g = greedy_thresholds(model, hists, windows[: max(1, greedy_tokens // ctx)], wanted, device, progress, step)
+        allocations = g.pop("_allocations", {})
+        if "greedy" in modes:
+            out["greedy_allocations"] = {sp.level_key(s): allocations[sp.level_key(s)] for s in levels}
+            out["greedy"] = {sp.level_key(s): g[sp.level_key(s)] for s in levels}
+        if "global" in modes:
+            sens = windows[: max(1, sensitivity_tokens // ctx)]
+            out["global"], out["global_allocations"], records["global"] = global_thresholds(
+                model, hists, sens, g, allocations, levels, device, progress)
+            records["global"]["tokens"] = int(sens.numel())
     result = {criterion: out,
               "_calibration": {"tokens": int(windows.numel()), "greedy_tokens": int(min(windows.shape[0], max(1, greedy_tokens // ctx)) * ctx),
-                               "ctx": ctx, "hist_bins": HIST_BINS, "step": step, "error_fraction": ERROR_FRACTION}}
+                               "ctx": ctx, "hist_bins": HIST_BINS, "step": step, "error_fraction": ERROR_FRACTION,
+                               **records}}
     if held_out:
         result["recommended"] = _held_out_check(gen, out, held_out, levels, modes, criterion, ctx, progress)
     return result

@@ -115,6 +115,8 @@ def cmd_inspect(args) -> int:
         for criterion in sp.CRITERIA:
             for mode in sp.MODES:
                 levels = t.get(criterion, {}).get(mode, {})
+                if mode == "global" and not levels:
+                    continue
                 print(f"thresholds   {criterion} {mode}: sparsity {', '.join(sorted(levels)) or 'none'}")
         rec = t.get("recommended")
         if rec:
@@ -350,7 +352,7 @@ def cmd_calibrate(args) -> int:
     for f in args.data:
         if not Path(f).is_file():
             raise SpqtError(f"no such file: {f}")
-    modes = ("unified", "greedy") if args.mode == "both" else (args.mode,)
+    modes = {"both": ("unified", "greedy"), "all": sp.MODES}.get(args.mode, (args.mode,))
     criterion = sp.check_criterion(args.criterion)
     if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
@@ -501,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
     p.add_argument("--sparsity", type=_level, default=0.0,
                    help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
-    p.add_argument("--mode", choices=["unified", "greedy"], default=None,
+    p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
                    help="which calibrated thresholds (default greedy where the model has them, else unified; "
                         "with --sparsity auto the recommended)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
@@ -528,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: a free one, printed at start)")
     p.add_argument("--sparsity", default="0", help="target activation sparsity in [0, 1), or auto: the model's "
                    "recommended level (dense when its metadata has none)")
-    p.add_argument("--mode", choices=["unified", "greedy"], default=None,
+    p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
                    help="which calibrated thresholds (default greedy where the model has them, else unified; "
                         "with --sparsity auto the recommended)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
@@ -548,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
     p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
     p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
-    p.add_argument("--mode", choices=["unified", "greedy"], default=None,
+    p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
                    help="which calibrated thresholds (default greedy where the model has them, else unified)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto")
@@ -563,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", required=True, help="calibration text files (never the evaluation text)")
     p.add_argument("--tokens", type=int, default=65536, help="calibration tokens for the histograms")
     p.add_argument("--greedy-tokens", type=int, default=2048, help="tokens whose block outputs the greedy search measures")
-    p.add_argument("--mode", choices=["unified", "greedy", "both"], default="both")
+    p.add_argument("--mode", choices=["unified", "greedy", "global", "both", "all"], default="both",
+                   help="both: unified and greedy (default); global: levels per block chosen by measured loss "
+                        "(one pass per block and level: minutes on a GPU, long on a CPU); all: the three")
     p.add_argument("--criterion", default=sp_default_criterion(), help="teal (|x| > t) or wina (|x| * column norm > t)")
     p.add_argument("--greedy-step", type=float, default=None,
                    help="block sparsity added per greedy step (default: calibrate.STEP, 0.0125)")

@@ -14,8 +14,9 @@ Stored in .spqt metadata as::
     {criterion: {mode: {level: [[t_qkv, t_o, t_gate_up, t_down] per layer]}},
      "recommended": {...}}     # written by spqt calibrate, see recommend()
 
-mode "unified" or "greedy", level the target sparsity written as "0.5". Files written before
-criteria existed hold ``{mode: {level: ...}}`` at the top: those are TEAL thresholds.
+mode "unified", "greedy" or "global" (calibrate.py), level the target sparsity written as "0.5";
+greedy and global also store ``{mode}_allocations``, the sparsity of each input per layer. Files
+written before criteria existed hold ``{mode: {level: ...}}`` at the top: those are TEAL thresholds.
 The column norms live in the .spqt as tensors ``layers.{i}.{kind}.column_norm`` (K,) fp32.
 """
 
@@ -27,7 +28,8 @@ import torch
 from spqt.errors import SpqtError
 
 INPUT_KINDS = ("qkv", "o", "gate_up", "down")
-MODES = ("unified", "greedy")
+MODES = ("unified", "greedy", "global")
+ALLOCATED_MODES = ("greedy", "global")  # modes whose inputs have levels of their own, kept as {mode}_allocations
 CRITERIA = ("teal", "wina")
 # TEAL stays the default: on the default model (zigzag Q4_K, full WikiText-2 test, H200, docs/RESULTS.md
 # issue 16) WINA's column norms did not lower perplexity at equal sparsity (greedy 50 %: TEAL 35.42,
@@ -107,7 +109,8 @@ def check_thresholds(thresholds, n_layers: int, where: str) -> None:
             bad(f"criterion {criterion!r} is not a JSON object")
         for mode in MODES:
             check_tables(per_mode.get(mode, {}), f"{criterion} {mode}")
-        check_tables(per_mode.get("greedy_allocations", {}), f"{criterion} greedy_allocations")
+        for mode in ALLOCATED_MODES:
+            check_tables(per_mode.get(f"{mode}_allocations", {}), f"{criterion} {mode}_allocations")
     rec = nested.get("recommended")
     if rec is None:
         return
@@ -152,11 +155,11 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
 def levels(thresholds: dict, sparsity: float, mode: str, n_layers: int,
            criterion: str = DEFAULT_CRITERION) -> torch.Tensor:
     """(n_layers, 4) float32: the sparsity each input's threshold was calibrated for. Unified: the
-    level itself; greedy: the allocation calibrate recorded under the criterion
-    (``{criterion: {"greedy_allocations": {level: ...}}}``), else the level."""
+    level itself; greedy and global: the allocation calibrate recorded under the criterion
+    (``{criterion: {"<mode>_allocations": {level: ...}}}``), else the level."""
     table = torch.full((n_layers, len(INPUT_KINDS)), float(sparsity))
-    per_mode = by_criterion(thresholds).get(criterion, {}) if mode == "greedy" else {}
-    alloc = per_mode.get("greedy_allocations", {}).get(level_key(sparsity))
+    per_mode = by_criterion(thresholds).get(criterion, {}) if mode in ALLOCATED_MODES else {}
+    alloc = per_mode.get(f"{mode}_allocations", {}).get(level_key(sparsity))
     if alloc is not None and len(alloc) == n_layers:
         table = torch.tensor(alloc, dtype=torch.float32)
     return table
