@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 from spqt.checkpoint import QuantizedWeight
-from spqt.functional import linear_epilogue
-from spqt.kernels.reference import sparsify
+from spqt.kernels.reference import ReferenceLinear
 
 
-class HalfGemvLinear:
-    """W (N, K) fp16 on the CPU; x (..., K) in the compute dtype -> (..., N) same dtype."""
+class HalfGemvLinear(ReferenceLinear):
+    """W (N, K) fp16 on the CPU; x (..., K) in the compute dtype -> (..., N) same dtype. The
+    dense / sparse / SwiGLU dispatch is the reference's; only the product differs."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         w = weight.dequantize() if isinstance(weight, QuantizedWeight) else weight
@@ -36,18 +36,3 @@ class HalfGemvLinear:
             return residual + y  # the add widens y exactly: one op fewer than widening first
         y = y.to(self.dtype)
         return y if residual is None else residual + y
-
-    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
-        if swiglu:
-            return linear_epilogue(self.product(x), None, True)
-        return self.product(x, residual)
-
-    masks = True  # sparse(x) is dense(sparsify(x)): Linear may mask once and call dense
-
-    def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
-               swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
-        return self.dense(sparsify(x, threshold, scale), residual, swiglu)
-
-    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
-        """Masking costs the same either way: it runs what it is asked to, like the reference."""
-        return True
