@@ -10,6 +10,8 @@
 #   scripts/gpu_session.sh floor     gpu tests (8 workers), crossovers, 7B step profile now and before (.old), decode
 #   scripts/gpu_session.sh measure   7B step profiles, decode (DECODE_MODELS), GEMV table (GEMV=1); results.tgz
 #   scripts/gpu_session.sh types     every gpu test on a fresh machine (timed), then the GEMV table of every weight type
+#   scripts/gpu_session.sh last      gpu tests on a fresh machine, decode (DECODE_MODELS), the 7B step's GPU time at 50 %,
+#                                    the GEMV table of every weight type, then (time left) the other types tuned
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
@@ -163,6 +165,42 @@ case "$stage" in
     tail -40 "$OUT/bench-gemv-types.log"
     echo "types stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log -delete)
+    ;;
+  last)
+    # One call at the end of a session, on a fresh machine: every gpu test (timed: the one-call
+    # bar), decode of the synthetic models, the 7B step's graph replay at 50 % (GPU time, against
+    # the decode benchmark's host-received step time), B2/B4 of every weight type, then, in the
+    # time left, `spqt tune --types` on the largest shapes and their B2/B4 again.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    budget=${CALL_BUDGET:-570}
+    left() { echo $(( budget - ($(date +%s) - start) )); }
+    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -m gpu tests -n ${WORKERS:-12} -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -30
+    echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
+    for m in ${DECODE_MODELS:-llama2-7b llama3-8b llama2-70b}; do
+      timeout 100 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
+        2>&1 | grep -v WARN | tail -5
+    done
+    timeout 60 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity 0.5 --json "$OUT/profile-7b-0.5.json" \
+      2>&1 | grep -v WARN > "$OUT/profile-7b-0.5.txt"; grep -E "graph replay|^kind" -A9 "$OUT/profile-7b-0.5.txt" | head -12
+    types=q4_k,q8_0,q6_k,q5_k,q3_k,q2_k
+    [ $(left) -gt 30 ] && timeout $(left) python3 -m spqt.cli bench gemv --types $types --variants B2,B4 \
+      --shapes ${TYPE_SHAPES:-4096x4096,11008x4096,28672x8192,8192x28672} --sparsity 0,0.5 --json "$OUT/bench-gemv-types.json" \
+      2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"; tail -30 "$OUT/bench-gemv-types.log"
+    echo "before tuning: $(( $(date +%s) - start )) s"
+    if [ $(left) -gt 90 ]; then
+      timeout $(( $(left) - 40 )) python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes ${TUNE_SHAPES:-8192x28672} \
+        --output "$OUT/tuned.json" 2>&1 | grep -v WARN > "$OUT/tune-types.log"; tail -12 "$OUT/tune-types.log"
+      if [ -f "$OUT/tuned.json" ]; then
+        cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+        [ $(left) -gt 15 ] && timeout $(left) python3 -m spqt.cli bench gemv --types $types --variants B2,B4 \
+          --shapes ${TUNE_SHAPES:-8192x28672} --sparsity 0,0.5 --json "$OUT/bench-gemv-types-tuned.json" 2>&1 | grep -v WARN \
+          > "$OUT/bench-gemv-types-tuned.log"; tail -24 "$OUT/bench-gemv-types-tuned.log"
+      fi
+    fi
+    echo "last stage: $(( $(date +%s) - start )) s"
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log ! -name tuned.json -delete)
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
