@@ -85,6 +85,11 @@ def _to_int16(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 32768, v - 65536, v).to(torch.int16)
 
 
+def _to_int32(v: torch.Tensor) -> torch.Tensor:
+    """Values 0..2^32 - 1 (int64) -> int32 of the same 32 bits."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32).contiguous()
+
+
 def q6_k_levels(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q6_K blocks (n, 210) uint8 -> levels (n, 256) int64 0..63 in weight order."""
     n = blocks.shape[0]
@@ -137,13 +142,14 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
         d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows + pad, cols)
         return GpuZigzag("q8_0", shape, quants, d=d)
     if weight.fmt == "q6_k":
-        lv = q6_k_levels(flat).reshape(-1, 4, 4, 16).permute(0, 1, 3, 2)  # [block, jq, l, c]
-        shifts = torch.arange(4, device=lv.device)
-        lo = ((lv & 0xF) << (4 * shifts)).sum(dim=3)
-        hi = ((lv >> 4) << (2 * shifts)).sum(dim=3)
-        return GpuZigzag("q6_k", shape, _to_int16(lo).reshape(rows, cols, 64).contiguous(),
+        lv = q6_k_levels(flat).reshape(-1, 16, 2, 2, 4)  # [block, sub-block s, j >> 1, j & 1, m]: weight 16 s + 4 j + m
+        m8 = 8 * torch.arange(4, device=lv.device)
+        lo = ((lv & 15) << (m8 + 4 * torch.arange(2, device=lv.device)[:, None])).sum(dim=(3, 4))  # (n, 16, 2)
+        top = (torch.arange(4, device=lv.device) + 2) % 4  # j -> 2-bit slot of its byte
+        hi = ((lv >> 4).reshape(-1, 16, 4, 4) << (m8 + 2 * top[:, None])).sum(dim=(2, 3))  # (n, 16)
+        return GpuZigzag("q6_k", shape, _to_int32(lo).reshape(rows, cols, 32),
                          d=flat[:, 208:210].contiguous().view(torch.float16).reshape(rows, cols),
-                         high=hi.to(torch.uint8).reshape(rows, cols, 64).contiguous(),
+                         high=_to_int32(hi).reshape(rows, cols, 16),
                          scales=flat[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols, 16))
     if weight.fmt == "q3_k":
         lv = q3_k_levels(flat)
@@ -176,13 +182,14 @@ def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
     lo = w.quants.to(torch.int64) & 0xFFFF
     if w.fmt == "q6_k":
         rows, cols = w.quants.shape[:2]
-        lo = lo.reshape(rows, cols, 4, 16, 1)
-        hi = w.high.to(torch.int64).reshape(rows, cols, 4, 16, 1)
-        q = ((lo >> (4 * shifts)) & 0xF) | (((hi >> (2 * shifts)) & 3) << 4)  # [r, k, jq, l, c]
-        sc = w.scales.float().reshape(rows, cols, 4, 1, 4)  # sub-block 4 jq + c
-        v = w.d.float()[..., None, None, None] * sc * (q - 32).float()
-        values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
-        return blocks_to_matrix(values, "zigzag", w.shape, 256)
+        j = torch.arange(4, device=w.device)[:, None]  # [j, m]: weight 4 j + m of a sub-block
+        m8 = 8 * torch.arange(4, device=w.device)[None, :]
+        words = w.quants.to(torch.int64).reshape(rows, cols, 16, 2).repeat_interleave(2, dim=3)[..., None]
+        low = (words >> (m8 + 4 * (j % 2))) & 15  # word 2 s + j // 2
+        top = (w.high.to(torch.int64).reshape(rows, cols, 16, 1, 1) >> (m8 + 2 * ((j + 2) % 4))) & 3
+        q = low | (top << 4)  # [r, k, s, j, m]
+        v = w.d.float().reshape(rows, cols, 1, 1, 1) * w.scales.float().reshape(rows, cols, 16, 1, 1) * (q - 32).float()
+        return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
     if w.fmt in ("q3_k", "q2_k"):
         rows, cols = w.quants.shape[:2]
         q = (w.quants.to(torch.int64).reshape(rows, cols, 4, 16, 1) >> (2 * shifts)) & 3  # [r, k, jq, l, c]

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from spqt.kernels import gemv as kg
 from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, GpuZigzag, dequantize_kernel_layout
-from spqt.kernels.q4k_bits import split_head, unpack_scales
+from spqt.kernels.q4k_bits import MAGIC, split_head, unpack_scales
 from spqt.kernels.zigzag_mma import uses_pdl
 
 MODE_DENSE, MODE_INDEXED = kg.MODE_DENSE, kg.MODE_INDEXED  # B2, B4
@@ -81,7 +81,7 @@ def _q8_0_step(q_ptr, d_ptr, blk, x):
 
 
 @triton.jit
-def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, MODE: tl.constexpr,
+def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic, MODE: tl.constexpr,
                  RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
     -> part[s, 32 RB g : 32 RB (g + 1)]. Tile (BLOCK_K columns, RB block rows, 32 levels)."""
@@ -104,21 +104,89 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
 
 
 @triton.jit
-def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
-    """Blocks blk (BLOCK_K,): levels - 32 as fp32 (BLOCK_K, 4 jq, 16 l, 4 c) and x d sc
-    (BLOCK_K, 4 jq, 4 c). Weight 64 jq + 16 c + l of sub-block 4 jq + c, from word 16 jq + l."""
-    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
-    c = tl.arange(0, 4)[None, None, None, :]
-    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
-    hb = tl.load(hb_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)
-    sc = tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.float32)  # (BLOCK_K, 16)
-    d = tl.load(d_ptr + blk).to(tl.float32)
-    q = ((lo[:, :, :, None] >> (4 * c)) & 15) | (((hb[:, :, :, None] >> (2 * c)) & 3) << 4)
-    return (q - 32).to(tl.float32), tl.reshape(sc * (x * d)[:, None], (BLOCK_K, 4, 4))
+def _field(t, P: tl.constexpr, MASK: tl.constexpr, magic, OFFSET: tl.constexpr):
+    """Bits P.. of int32 words t under MASK << P (P + width <= 23) as the exact float32 value minus
+    OFFSET, without an int->float conversion: one AND-OR puts them where they are into the mantissa
+    of 2^(23 - P) (bit P is then worth 1), one subtraction removes 2^(23 - P) + OFFSET. magic = the
+    bits of 2^23 (0x4B000000, a kernel argument: a register, so that the AND-OR is one LOP3)."""
+    m = magic - (P << 23)
+    return ((t & (MASK << P)) | m).to(tl.float32, bitcast=True) - (m.to(tl.float32, bitcast=True) + OFFSET)
 
 
 @triton.jit
-def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+def _in_register(VALUE: tl.constexpr, magic):
+    """VALUE computed from the kernel argument magic (= 0x4B000000), so that the compiler keeps it
+    in a register: a LOP3 takes one immediate, and a mask that is a literal next to another literal
+    (or its own complement) costs a second LOP3."""
+    return magic + (VALUE - 0x4B000000)
+
+
+@triton.jit
+def _select(a, b, mask):
+    """Bits of a under mask, of b elsewhere (mask in a register: one LOP3)."""
+    return b ^ ((a ^ b) & mask)
+
+
+@triton.jit
+def _join4(a, b, c, d):
+    """Four tensors of one shape -> one with two more (in-thread) dimensions of 2."""
+    return tl.join(tl.join(a, b), tl.join(c, d))
+
+
+@triton.jit
+def _bytes6(t, f, magic):
+    """The four 6-bit levels in bytes 0-3 of t (bits 0-5 each) as (level - 32) f, joined."""
+    return _join4(_field(t, 0, 63, magic, 32.0) * f, _field(t, 8, 63, magic, 32.0) * f,
+                  _field(t, 16, 63, magic, 32.0) * f, _field(t >> 16, 8, 63, magic, 32.0) * f)
+
+
+@triton.jit
+def _q6_k_sub(la, lb, hw, f, magic):
+    """One 16-weight sub-block (kernel layout, gpu_layout_types) as its products (level - 32) f,
+    joined (..., 2, 2, 2, 2): the low nibbles of words la, lb and the top bits of hw merged into
+    one byte a weight (bits 6-7 left over, masked by _field)."""
+    nib = _in_register(0x0F0F0F0F, magic)
+    t0 = _select(la, hw, nib)
+    t1 = _select(la >> 4, hw >> 2, nib)
+    t2 = _select(lb, hw << 4, nib)
+    t3 = _select(lb >> 4, hw << 2, nib)
+    return _join4(_bytes6(t0, f, magic), _bytes6(t1, f, magic), _bytes6(t2, f, magic), _bytes6(t3, f, magic))
+
+
+@triton.jit
+def _q6_k_rows(r2):
+    """Rows of the slots of _q6_k_sub for sub-block rows r2 = 16 sub-block: 16 sb + 4 j + m."""
+    return _join4(_join4(r2, r2 + 1, r2 + 2, r2 + 3), _join4(r2 + 4, r2 + 5, r2 + 6, r2 + 7),
+                  _join4(r2 + 8, r2 + 9, r2 + 10, r2 + 11), _join4(r2 + 12, r2 + 13, r2 + 14, r2 + 15))
+
+
+@triton.jit
+def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, magic):
+    """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks 2p, 2p + 1: 16
+    level bytes, 8 top-bit bytes, 2 scales) of one column -> the products (BLOCK_K, 8, 2, 2, 2, 2,
+    2, 2), slots as _q6_k_slot_rows."""
+    p = tl.arange(0, 8)[None, :]
+    lo = tl.load(q_ptr + (blk * 32 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 8, 4)
+    hw = tl.load(hb_ptr + (blk * 16 + 2 * p)[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BLOCK_K, 8, 2)
+    sc = tl.load(sc_ptr + (blk * 16 + 2 * p)[:, :, None] + tl.arange(0, 2)[None, None, :]).to(tl.float32)
+    xd = x * tl.load(d_ptr + blk).to(tl.float32)
+    la, lb = tl.split(tl.reshape(lo, (lo.shape[0], 8, 2, 2)))  # words 0, 2 and 1, 3
+    la0, la1 = tl.split(la)
+    lb0, lb1 = tl.split(lb)
+    h0, h1 = tl.split(hw)
+    s0, s1 = tl.split(sc)
+    return tl.join(_q6_k_sub(la0, lb0, h0, s0 * xd, magic), _q6_k_sub(la1, lb1, h1, s1 * xd, magic))
+
+
+@triton.jit
+def _q6_k_slot_rows():
+    """(1, 8, 2, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q6_k_step."""
+    p = tl.arange(0, 8)[None, :]
+    return tl.join(_q6_k_rows(32 * p), _q6_k_rows(32 * p + 16))
+
+
+@triton.jit
+def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
@@ -127,12 +195,11 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
     for j in range(first, hi, stride):
-        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        qf, f = _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, BLOCK_K)
-        acc += tl.sum(qf * f[:, :, None, :], axis=0)
-    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc)
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
+        acc += _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, magic)
+    tl.store(part_ptr + s * NP + r * 256 + _q6_k_slot_rows()[None], tl.sum(acc, axis=0)[None])
 
 
 @triton.jit
@@ -160,7 +227,7 @@ def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
@@ -211,7 +278,7 @@ def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
@@ -247,7 +314,7 @@ def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT,
+def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
     r = tl.program_id(0)
@@ -267,7 +334,7 @@ def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, 
 
 
 @triton.jit
-def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
     """Program (r, b): block row r (Q8_0: 8 block rows), columns BLOCK_K b .. -> out (N, K)
     row-major in out's dtype; the GEMV's decode with x = 1 (each weight as its format's decode
     computes it: d sc exact in fp32, one rounding of the product). Arrays a..d: the type's, in
@@ -290,11 +357,14 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, FMT: tl.constexpr
         rows = (256 * r + _rows_2x32x4())[None]
         tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None, None, None] & (rows < N))
+    elif FMT == 1:  # q6_k
+        cq = tl.where(ok, col, 0)[:, None]
+        w = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32), magic)
+        rows = 256 * r + _q6_k_slot_rows()
+        cols = col[:, None, None, None, None, None, None]
+        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
     else:
-        if FMT == 1:  # q6_k
-            qf, f = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
-            w = qf * f[:, :, None, :]
-        elif FMT == 3:  # q3_k
+        if FMT == 3:  # q3_k
             qf, f = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
             w = qf * f[:, :, None, :]
         else:  # q2_k
@@ -366,7 +436,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     pdl = uses_pdl(x.device)
     idx = idx if idx is not None else ws.idx
     count = count if count is not None else ws.count
-    common = dict(MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
+    common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     if w.fmt == "q8_0":
         _q8_0_kernel[(w.rows // rows, ws.split)](w.quants, w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
                                                  RB=rows, **common)
@@ -430,7 +500,7 @@ def dequantize(w: GpuZigzag, dtype: torch.dtype = torch.float16, out: torch.Tens
     if out.shape != (n, k) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({n}, {k}) tensor")
     rows = w.rows // Q8_ROW_GROUP if w.fmt == "q8_0" else w.rows
-    _dequant_kernel[(rows, triton.cdiv(k, block_k))](*_arrays(w), out, n, k, FMT=_FMT_IDS[w.fmt], BLOCK_K=block_k,
+    _dequant_kernel[(rows, triton.cdiv(k, block_k))](*_arrays(w), out, n, k, MAGIC, FMT=_FMT_IDS[w.fmt], BLOCK_K=block_k,
                                                      num_warps=4)
     return out
 
@@ -444,10 +514,10 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     from triton.compiler import ASTSource
 
     common = {"x_ptr": f"*{dtype}", "idx_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32",
-              "NP": "i32", "SPLIT": "i32"}
+              "NP": "i32", "SPLIT": "i32", "magic": "i32"}
     kernel, sig, const = {
         "q8_0": (_q8_0_kernel, {"q_ptr": "*i8", "d_ptr": "*fp16"}, {"RB": rows}),
-        "q6_k": (_q6_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
+        "q6_k": (_q6_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
         "q5_k": (_q5_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "h_ptr": "*i64"}, {}),
         "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
         "q2_k": (_q2_k_kernel, {"q_ptr": "*u8", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
@@ -464,10 +534,10 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptrs = {"q8_0": ("*i8", "*fp16", "*i8", "*i8"), "q6_k": ("*i16", "*u8", "*i8", "*fp16"),
+    ptrs = {"q8_0": ("*i8", "*fp16", "*i8", "*i8"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
             "q5_k": ("*i16", "*u8", "*i64", "*i16"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
             "q2_k": ("*u8", "*u8", "*i32", "*u8")}[fmt]
-    sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32",
+    sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "magic": "i32",
                                                                    "FMT": "constexpr", "BLOCK_K": "constexpr"}
     src = ASTSource(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k},
                     attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
