@@ -108,6 +108,18 @@ def _low_bits_by_word(lv: torch.Tensor) -> torch.Tensor:
     return ((by_word & 3) << shifts).sum(dim=3).reshape(-1, 64).to(torch.uint8)
 
 
+def q5_k_levels(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q5_K blocks (n, 176) uint8 -> levels (n, 256) int64 0..31 in weight order (sub-block
+    s = weights 32 s ..: low nibbles of qs byte 32 (s // 2) + l (high nibble for odd s), fifth bit =
+    bit s of qh byte l)."""
+    n = blocks.shape[0]
+    qs = blocks[:, 48:176].to(torch.int64).reshape(n, 4, 1, 32)
+    low = torch.cat([qs & 15, qs >> 4], dim=2).reshape(n, 8, 32)
+    qh = blocks[:, 16:48].to(torch.int64).reshape(n, 1, 32)
+    fifth = (qh >> torch.arange(8, device=blocks.device).reshape(1, 8, 1)) & 1
+    return (low | (fifth << 4)).reshape(n, 256)
+
+
 def q3_k_levels(blocks: torch.Tensor) -> torch.Tensor:
     """GGUF Q3_K blocks (n, 110) uint8 -> levels (n, 256) int64 0..7 in weight order (the weight
     is d (s - 32) (level - 4))."""
@@ -163,11 +175,13 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
         return GpuZigzag("q2_k", shape, _low_bits_by_word(q2_k_levels(flat)).reshape(rows, cols, 64),
                          d=flat[:, 80:84].contiguous().view(torch.int32).reshape(rows, cols),
                          scales=flat[:, 0:16].reshape(rows, cols, 16).contiguous())
-    # q5_k: word (jq, l) = qs byte (group 2 jq, l) | qs byte (group 2 jq + 1, l) << 8
-    qs = flat[:, 48:176].reshape(-1, 2, 2, 32)  # [block, jq, group parity, l]
-    lo = qs.permute(0, 1, 3, 2).contiguous().view(torch.int16).reshape(rows, cols, 64)
-    return GpuZigzag("q5_k", shape, lo,
-                     high=flat[:, 16:48].reshape(rows, cols, 32).contiguous(),
+    # q5_k: sub-block s = weights 32 s .. 32 s + 31, weight 4 j + m of it (j < 8, m < 4)
+    lv = q5_k_levels(flat).reshape(-1, 8, 4, 2, 4)  # [block, s, j >> 1, j & 1, m]
+    m8 = 8 * torch.arange(4, device=lv.device)
+    lo = ((lv & 15) << (m8 + 4 * torch.arange(2, device=lv.device)[:, None])).sum(dim=(3, 4))  # (n, 8, 4)
+    fifth = (torch.arange(8, device=lv.device) + 4) % 8  # j -> its bit in each byte of the fifth-bit word
+    hi = ((lv >> 4).reshape(-1, 8, 8, 4) << (m8 + fifth[:, None])).sum(dim=(2, 3))  # (n, 8)
+    return GpuZigzag("q5_k", shape, _to_int32(lo).reshape(rows, cols, 32), high=_to_int32(hi).reshape(rows, cols, 8),
                      head=flat[:, 0:16].contiguous().view(torch.int32).reshape(rows, cols, 4))
 
 
@@ -211,16 +225,15 @@ def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
     from spqt.formats import q4_k
 
     rows, cols = w.quants.shape[:2]
-    lo = lo.reshape(rows, cols, 2, 32, 1)
-    bit = torch.arange(2, device=w.device).reshape(2, 1, 1) * 4 + shifts  # (2, 1, 4): j = 4 jq + c
-    hi = (w.high.to(torch.int64).reshape(rows, cols, 1, 32, 1) >> bit) & 1
-    q = ((lo >> (4 * shifts)) & 0xF) | (hi << 4)  # [r, k, jq, l, c]
+    j = torch.arange(8, device=w.device)[:, None]  # [j, m]: weight 4 j + m of a sub-block
+    m8 = 8 * torch.arange(4, device=w.device)[None, :]
+    words = w.quants.to(torch.int64).reshape(rows, cols, 8, 4).repeat_interleave(2, dim=3)[..., None]
+    low = (words >> (m8 + 4 * (j % 2))) & 15  # word 4 s + j // 2
+    fifth = (w.high.to(torch.int64).reshape(rows, cols, 8, 1, 1) >> (m8 + (j + 4) % 8)) & 1
+    q = low | (fifth << 4)  # [r, k, s, j, m]
     head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
     d = head[:, 0:2].contiguous().view(torch.float16).float().reshape(rows, cols, 1, 1, 1)
     dmin = head[:, 2:4].contiguous().view(torch.float16).float().reshape(rows, cols, 1, 1, 1)
     sc, mn = q4_k.unpack_scales(head[:, 4:16])
-    sc = sc.float().reshape(rows, cols, 2, 1, 4)
-    mn = mn.float().reshape(rows, cols, 2, 1, 4)
-    v = d * sc * q.float() - dmin * mn
-    values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 128 jq + 32 c + l
-    return blocks_to_matrix(values, "zigzag", w.shape, 256)
+    v = d * sc.float().reshape(rows, cols, 8, 1, 1) * q.float() - dmin * mn.float().reshape(rows, cols, 8, 1, 1)
+    return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)

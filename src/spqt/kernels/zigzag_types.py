@@ -199,7 +199,7 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
         acc += _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, magic)
-    tl.store(part_ptr + s * NP + r * 256 + _q6_k_slot_rows()[None], tl.sum(acc, axis=0)[None])
+    tl.store(part_ptr + s * NP + r * 256 + _q6_k_slot_rows(), tl.sum(acc, axis=0, keep_dims=True))
 
 
 @triton.jit
@@ -210,20 +210,41 @@ def _rows_4x16x4():
 
 
 @triton.jit
-def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, BLOCK_K: tl.constexpr):
-    """Blocks blk (BLOCK_K,): levels as fp32 (BLOCK_K, 2 jq, 32 l, 4 c), x d sc and x dmin m
-    (BLOCK_K, 2 jq, 4 c). Weight 128 jq + 32 c + l of sub-block j = 4 jq + c: low bits from word
-    32 jq + l, 5th bit from bit j of byte l; the head as two int64 (one 16-byte load)."""
-    word = 32 * tl.arange(0, 2)[:, None] + tl.arange(0, 32)[None, :]  # (2, 32)
-    sub = 4 * tl.arange(0, 2)[:, None] + tl.arange(0, 4)[None, :]  # (2, 4): sub-block 4 jq + c
-    c = tl.arange(0, 4)[None, None, None, :]
-    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 2, 32)
-    hb = tl.load(hb_ptr + blk[:, None] * 32 + tl.arange(0, 32)[None, :]).to(tl.int32)  # (BLOCK_K, 32)
-    hlo, hhi = tl.split(tl.load(h_ptr + blk[:, None] * 2 + tl.arange(0, 2)[None, :]))
+def _bytes5(t, f, magic):
+    """The four 5-bit levels in bytes 0-3 of t (bits 0-4 each) as level f, joined."""
+    return _join4(_field(t, 0, 31, magic, 0.0) * f, _field(t, 8, 31, magic, 0.0) * f,
+                  _field(t, 16, 31, magic, 0.0) * f, _field(t >> 16, 8, 31, magic, 0.0) * f)
+
+
+@triton.jit
+def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, magic):
+    """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p = sub-block p (16 level
+    bytes, its 4 fifth-bit bytes, the block's 16-byte head) of one column -> the products level
+    x d sc (BLOCK_K, 8, 2, 2, 2, 2, 2), slots as _q5_k_slot_rows, and x dmin m (BLOCK_K, 8)."""
+    p = tl.arange(0, 8)[None, :]
+    lo = tl.reshape(tl.load(q_ptr + blk * 32 + tl.arange(0, 32)[None, :]), (blk.shape[0], 8, 4))
+    hw = tl.load(hb_ptr + blk * 8 + p)  # (BLOCK_K, 8)
+    hlo, hhi = tl.split(tl.load(h_ptr + (blk * 2)[:, :, None] + tl.arange(0, 2)[None, None, :]))  # (BLOCK_K, 1)
     d, dmin, w1, w2, w3 = split_head(hlo, hhi)
-    sc, mn = unpack_scales(w1[:, None, None], w2[:, None, None], w3[:, None, None], sub[None, :, :])
-    q = ((lo[:, :, :, None] >> (4 * c)) & 15) | (((hb[:, None, :, None] >> sub[None, :, None, :]) & 1) << 4)
-    return q.to(tl.float32), sc * (x * d)[:, None, None], mn * (x * dmin)[:, None, None]
+    sc, mn = unpack_scales(w1, w2, w3, p)
+    f = sc * (x * d)
+    nib = _in_register(0x0F0F0F0F, magic)
+    la, lb = tl.split(tl.reshape(lo, (lo.shape[0], 8, 2, 2)))  # words 0, 2 and 1, 3
+    l0, l2 = tl.split(la)
+    l1, l3 = tl.split(lb)
+    # weight 4 j + m: low nibble at 8 m + 4 (j % 2) of word j // 2, fifth bit at 8 m + (j + 4) % 8 of hw
+    return (tl.join(_join4(_bytes5(_select(l0, hw, nib), f, magic), _bytes5(_select(l0 >> 4, hw >> 1, nib), f, magic),
+                           _bytes5(_select(l1, hw >> 2, nib), f, magic), _bytes5(_select(l1 >> 4, hw >> 3, nib), f, magic)),
+                    _join4(_bytes5(_select(l2, hw << 4, nib), f, magic), _bytes5(_select(l2 >> 4, hw << 3, nib), f, magic),
+                           _bytes5(_select(l3, hw << 2, nib), f, magic), _bytes5(_select(l3 >> 4, hw << 1, nib), f, magic))),
+            mn * (x * dmin))
+
+
+@triton.jit
+def _q5_k_slot_rows():
+    """(1, 8, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q5_k_step: 32 p + 4 j + m."""
+    r = 32 * tl.arange(0, 8)[None, :]
+    return tl.join(_q6_k_rows(r), _q6_k_rows(r + 16))
 
 
 @triton.jit
@@ -236,22 +257,15 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    acc = tl.zeros((2, 32, 4), dtype=tl.float32)
-    # the min term in the levels' tile shape (one layout: the head is then loaded once)
-    bias = tl.zeros((2, 1, 4), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_K, 8), dtype=tl.float32)  # the min term x dmin m of each lane's sub-block
     for j in range(first, hi, stride):
-        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        qf, f, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, BLOCK_K)
-        acc += tl.sum(qf * f[:, :, None, :], axis=0)
-        bias += tl.sum(mb[:, :, None, :], axis=0)
-    tl.store(part_ptr + s * NP + r * 256 + _rows_2x32x4(), acc - bias)
-
-
-@triton.jit
-def _rows_2x32x4():
-    """Row 128 jq + 32 c + l of the block for tile position (jq, l, c), (2, 32, 4)."""
-    return (128 * tl.arange(0, 2)[:, None, None] + 32 * tl.arange(0, 4)[None, None, :]
-            + tl.arange(0, 32)[None, :, None])
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
+        w, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, magic)
+        acc += w
+        bias += mb
+    y = tl.sum(acc, axis=0, keep_dims=True) - tl.sum(bias, axis=0, keep_dims=True)[:, :, None, None, None, None, None]
+    tl.store(part_ptr + s * NP + r * 256 + _q5_k_slot_rows(), y)
 
 
 @triton.jit
@@ -352,11 +366,12 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.co
         tl.store(out_ptr + rows * K + col[:, None, None], w.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None, None] & (rows < N))
     elif FMT == 2:  # q5_k
-        qf, f, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, blk, one, BLOCK_K)
-        w = qf * f[:, :, None, :] - mb[:, :, None, :]
-        rows = (256 * r + _rows_2x32x4())[None]
-        tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None, None, None] & (rows < N))
+        cq = tl.where(ok, col, 0)[:, None]
+        w, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32), magic)
+        w = w - mb[:, :, None, None, None, None, None]
+        rows = 256 * r + _q5_k_slot_rows()
+        cols = col[:, None, None, None, None, None, None]
+        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
     elif FMT == 1:  # q6_k
         cq = tl.where(ok, col, 0)[:, None]
         w = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32), magic)
@@ -518,7 +533,7 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     kernel, sig, const = {
         "q8_0": (_q8_0_kernel, {"q_ptr": "*i8", "d_ptr": "*fp16"}, {"RB": rows}),
         "q6_k": (_q6_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
-        "q5_k": (_q5_k_kernel, {"q_ptr": "*i16", "hb_ptr": "*u8", "h_ptr": "*i64"}, {}),
+        "q5_k": (_q5_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}, {}),
         "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
         "q2_k": (_q2_k_kernel, {"q_ptr": "*u8", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
     }[fmt]
@@ -535,7 +550,7 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
     from triton.compiler import ASTSource
 
     ptrs = {"q8_0": ("*i8", "*fp16", "*i8", "*i8"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
-            "q5_k": ("*i16", "*u8", "*i64", "*i16"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
+            "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
             "q2_k": ("*u8", "*u8", "*i32", "*u8")}[fmt]
     sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "magic": "i32",
                                                                    "FMT": "constexpr", "BLOCK_K": "constexpr"}
