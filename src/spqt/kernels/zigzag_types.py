@@ -104,16 +104,6 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
 
 
 @triton.jit
-def _field(t, P: tl.constexpr, MASK: tl.constexpr, magic, OFFSET: tl.constexpr):
-    """Bits P.. of int32 words t under MASK << P (P + width <= 23) as the exact float32 value minus
-    OFFSET, without an int->float conversion: one AND-OR puts them where they are into the mantissa
-    of 2^(23 - P) (bit P is then worth 1), one subtraction removes 2^(23 - P) + OFFSET. magic = the
-    bits of 2^23 (0x4B000000, a kernel argument: a register, so that the AND-OR is one LOP3)."""
-    m = magic - (P << 23)
-    return ((t & (MASK << P)) | m).to(tl.float32, bitcast=True) - (m.to(tl.float32, bitcast=True) + OFFSET)
-
-
-@triton.jit
 def _in_register(VALUE: tl.constexpr, magic):
     """VALUE computed from the kernel argument magic (= 0x4B000000), so that the compiler keeps it
     in a register: a LOP3 takes one immediate, and a mask that is a literal next to another literal
@@ -129,42 +119,62 @@ def _select(a, b, mask):
 
 @triton.jit
 def _join4(a, b, c, d):
-    """Four tensors of one shape -> one with two more (in-thread) dimensions of 2."""
+    """Four tensors of one shape -> one with two more (in-thread) dimensions of 2: [..., i, j] is
+    (a, b, c, d)[2 j + i]."""
     return tl.join(tl.join(a, b), tl.join(c, d))
 
 
 @triton.jit
-def _bytes6(t, f, magic):
-    """The four 6-bit levels in bytes 0-3 of t (bits 0-5 each) as (level - 32) f, joined."""
-    return _join4(_field(t, 0, 63, magic, 32.0) * f, _field(t, 8, 63, magic, 32.0) * f,
-                  _field(t, 16, 63, magic, 32.0) * f, _field(t >> 16, 8, 63, magic, 32.0) * f)
+def _byte_consts(z, BITS: tl.constexpr, magic, OFFSET: tl.constexpr):
+    """The constants of _byte_levels for z (int32 zeros, (1, ...) of the words' rank): per byte slot m
+    (two trailing dimensions of 2) the field mask, the magic word and the value to subtract."""
+    pos = _join4(z, z + 8, z + 16, z + 8)  # byte 3 is read at bits 8.. of the word >> 16
+    mag = magic - (pos << 23)  # 2^(23 - pos): its mantissa bit pos is worth 1
+    return ((1 << BITS) - 1) << pos, mag, mag.to(tl.float32, bitcast=True) + OFFSET
 
 
 @triton.jit
-def _q6_k_sub(la, lb, hw, f, magic):
-    """One 16-weight sub-block (kernel layout, gpu_layout_types) as its products (level - 32) f,
-    joined (..., 2, 2, 2, 2): the low nibbles of words la, lb and the top bits of hw merged into
-    one byte a weight (bits 6-7 left over, masked by _field)."""
-    nib = _in_register(0x0F0F0F0F, magic)
-    t0 = _select(la, hw, nib)
-    t1 = _select(la >> 4, hw >> 2, nib)
-    t2 = _select(lb, hw << 4, nib)
-    t3 = _select(lb >> 4, hw << 2, nib)
-    return _join4(_bytes6(t0, f, magic), _bytes6(t1, f, magic), _bytes6(t2, f, magic), _bytes6(t3, f, magic))
+def _byte_levels(t, c):
+    """int32 words t (...) -> the BITS-bit fields at bits 0, 8, 16, 24 (m = 0..3) as exact float32
+    minus OFFSET, (..., 2, 2) (c = _byte_consts(.., BITS, magic, OFFSET)), without an int->float
+    conversion: one AND-OR (LOP3) puts a field where it is into the mantissa of 2^(23 - 8 m), one
+    subtraction removes that power of two and the offset (byte 3 after one shift: a field must end
+    below bit 23)."""
+    mask, mag, sub = c
+    return ((_join4(t, t, t, t >> 16) & mask) | mag).to(tl.float32, bitcast=True) - sub
 
 
 @triton.jit
-def _q6_k_rows(r2):
-    """Rows of the slots of _q6_k_sub for sub-block rows r2 = 16 sub-block: 16 sb + 4 j + m."""
-    return _join4(_join4(r2, r2 + 1, r2 + 2, r2 + 3), _join4(r2 + 4, r2 + 5, r2 + 6, r2 + 7),
-                  _join4(r2 + 8, r2 + 9, r2 + 10, r2 + 11), _join4(r2 + 12, r2 + 13, r2 + 14, r2 + 15))
+def _slot_rows(z, J: tl.constexpr, M_FIRST: tl.constexpr):
+    """Row 4 j + m of a sub-block for the slots (j: words, m: bytes) of _byte_levels on 4 words
+    joined by _join4 (J = 4) or 8 by tl.join(_join4, _join4) (J = 8); the byte dimensions last, or
+    (M_FIRST) _byte_levels applied to each word before the words are joined."""
+    if M_FIRST:
+        r = _join4(z, z + 1, z + 2, z + 3)
+    else:
+        r = z
+    rj = _join4(r, r + 4, r + 8, r + 12)
+    if J == 8:
+        rj = tl.join(rj, rj + 16)
+    if not M_FIRST:
+        rj = _join4(rj, rj + 1, rj + 2, rj + 3)
+    return rj
 
 
 @triton.jit
-def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, magic):
+def _q6_k_sub(la, lb, hw, f, nib, c):
+    """One 16-weight sub-block (kernel layout, gpu_layout_types) -> its products (level - 32) f,
+    (..., 2, 2, 2, 2), slots as _slot_rows(.., 4): the low nibbles of words la, lb and the top bits
+    of hw merged into one byte a weight (one LOP3 per 4 weights; bits 6-7 left over, masked later)."""
+    t = _select(_join4(la, la >> 4, lb, lb >> 4), _join4(hw, hw >> 2, hw << 4, hw << 2), nib)
+    return _byte_levels(t, c) * f[:, :, None, None, None, None]
+
+
+@triton.jit
+def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, nib, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks 2p, 2p + 1: 16
     level bytes, 8 top-bit bytes, 2 scales) of one column -> the products (BLOCK_K, 8, 2, 2, 2, 2,
-    2, 2), slots as _q6_k_slot_rows."""
+    2), slots as _q6_k_slot_rows."""
     p = tl.arange(0, 8)[None, :]
     lo = tl.load(q_ptr + (blk * 32 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 8, 4)
     hw = tl.load(hb_ptr + (blk * 16 + 2 * p)[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BLOCK_K, 8, 2)
@@ -175,14 +185,14 @@ def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, magic):
     lb0, lb1 = tl.split(lb)
     h0, h1 = tl.split(hw)
     s0, s1 = tl.split(sc)
-    return tl.join(_q6_k_sub(la0, lb0, h0, s0 * xd, magic), _q6_k_sub(la1, lb1, h1, s1 * xd, magic))
+    return tl.join(_q6_k_sub(la0, lb0, h0, s0 * xd, nib, c), _q6_k_sub(la1, lb1, h1, s1 * xd, nib, c))
 
 
 @triton.jit
 def _q6_k_slot_rows():
-    """(1, 8, 2, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q6_k_step."""
-    p = tl.arange(0, 8)[None, :]
-    return tl.join(_q6_k_rows(32 * p), _q6_k_rows(32 * p + 16))
+    """(1, 8, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q6_k_step."""
+    r = 32 * tl.arange(0, 8)[None, :, None, None, None, None]
+    return tl.join(r + _slot_rows(tl.zeros((1, 1), tl.int32), 4, False), r + 16 + _slot_rows(tl.zeros((1, 1), tl.int32), 4, False))
 
 
 @triton.jit
@@ -196,9 +206,11 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
+    nib = _in_register(0x0F0F0F0F, magic)
+    c = _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 6, magic, 32.0)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
-        acc += _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, magic)
+        acc += _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, nib, c)
     tl.store(part_ptr + s * NP + r * 256 + _q6_k_slot_rows(), tl.sum(acc, axis=0, keep_dims=True))
 
 
@@ -210,14 +222,7 @@ def _rows_4x16x4():
 
 
 @triton.jit
-def _bytes5(t, f, magic):
-    """The four 5-bit levels in bytes 0-3 of t (bits 0-4 each) as level f, joined."""
-    return _join4(_field(t, 0, 31, magic, 0.0) * f, _field(t, 8, 31, magic, 0.0) * f,
-                  _field(t, 16, 31, magic, 0.0) * f, _field(t >> 16, 8, 31, magic, 0.0) * f)
-
-
-@triton.jit
-def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, magic):
+def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, nib, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p = sub-block p (16 level
     bytes, its 4 fifth-bit bytes, the block's 16-byte head) of one column -> the products level
     x d sc (BLOCK_K, 8, 2, 2, 2, 2, 2), slots as _q5_k_slot_rows, and x dmin m (BLOCK_K, 8)."""
@@ -228,23 +233,23 @@ def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, magic):
     d, dmin, w1, w2, w3 = split_head(hlo, hhi)
     sc, mn = unpack_scales(w1, w2, w3, p)
     f = sc * (x * d)
-    nib = _in_register(0x0F0F0F0F, magic)
     la, lb = tl.split(tl.reshape(lo, (lo.shape[0], 8, 2, 2)))  # words 0, 2 and 1, 3
     l0, l2 = tl.split(la)
     l1, l3 = tl.split(lb)
     # weight 4 j + m: low nibble at 8 m + 4 (j % 2) of word j // 2, fifth bit at 8 m + (j + 4) % 8 of hw
-    return (tl.join(_join4(_bytes5(_select(l0, hw, nib), f, magic), _bytes5(_select(l0 >> 4, hw >> 1, nib), f, magic),
-                           _bytes5(_select(l1, hw >> 2, nib), f, magic), _bytes5(_select(l1 >> 4, hw >> 3, nib), f, magic)),
-                    _join4(_bytes5(_select(l2, hw << 4, nib), f, magic), _bytes5(_select(l2 >> 4, hw << 3, nib), f, magic),
-                           _bytes5(_select(l3, hw << 2, nib), f, magic), _bytes5(_select(l3 >> 4, hw << 1, nib), f, magic))),
+    # (moved to 8 m + 4, next to the nibble)
+    f = _join4(f, f, f, f)  # as the slots of _byte_levels
+    return (tl.join(_join4(_byte_levels(_select(l0, hw, nib), c) * f, _byte_levels(_select(l0 >> 4, hw >> 1, nib), c) * f,
+                           _byte_levels(_select(l1, hw >> 2, nib), c) * f, _byte_levels(_select(l1 >> 4, hw >> 3, nib), c) * f),
+                    _join4(_byte_levels(_select(l2, hw << 4, nib), c) * f, _byte_levels(_select(l2 >> 4, hw << 3, nib), c) * f,
+                           _byte_levels(_select(l3, hw << 2, nib), c) * f, _byte_levels(_select(l3 >> 4, hw << 1, nib), c) * f)),
             mn * (x * dmin))
 
 
 @triton.jit
 def _q5_k_slot_rows():
     """(1, 8, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q5_k_step: 32 p + 4 j + m."""
-    r = 32 * tl.arange(0, 8)[None, :]
-    return tl.join(_q6_k_rows(r), _q6_k_rows(r + 16))
+    return 32 * tl.arange(0, 8)[None, :, None, None, None, None, None] + _slot_rows(tl.zeros((1, 1), tl.int32), 8, True)
 
 
 @triton.jit
@@ -259,9 +264,11 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
     bias = tl.zeros((BLOCK_K, 8), dtype=tl.float32)  # the min term x dmin m of each lane's sub-block
+    nib = _in_register(0x0F0F0F0F, magic)
+    c = _byte_consts(tl.zeros((1, 1), tl.int32), 5, magic, 0.0)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
-        w, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, magic)
+        w, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, nib, c)
         acc += w
         bias += mb
     y = tl.sum(acc, axis=0, keep_dims=True) - tl.sum(bias, axis=0, keep_dims=True)[:, :, None, None, None, None, None]
@@ -367,14 +374,16 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.co
                  mask=ok[:, None, None] & (rows < N))
     elif FMT == 2:  # q5_k
         cq = tl.where(ok, col, 0)[:, None]
-        w, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32), magic)
+        w, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
+                           _in_register(0x0F0F0F0F, magic), _byte_consts(tl.zeros((1, 1), tl.int32), 5, magic, 0.0))
         w = w - mb[:, :, None, None, None, None, None]
         rows = 256 * r + _q5_k_slot_rows()
         cols = col[:, None, None, None, None, None, None]
         tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
     elif FMT == 1:  # q6_k
         cq = tl.where(ok, col, 0)[:, None]
-        w = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32), magic)
+        w = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
+                       _in_register(0x0F0F0F0F, magic), _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 6, magic, 32.0))
         rows = 256 * r + _q6_k_slot_rows()
         cols = col[:, None, None, None, None, None, None]
         tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
