@@ -73,34 +73,49 @@ def _columns(idx_ptr, x_ptr, pos, hi, K, MODE: tl.constexpr):
 
 
 @triton.jit
-def _q8_0_step(q_ptr, d_ptr, blk, x):
-    """Blocks blk (BLOCK_K, RB): levels (BLOCK_K, RB, 32) as fp32 and x d (BLOCK_K, RB)."""
-    q = tl.load(q_ptr + blk[:, :, None] * 32 + tl.arange(0, 32)[None, None, :])
-    d = tl.load(d_ptr + blk).to(tl.float32)
-    return q.to(tl.float32), x[:, None] * d
+def _q8_0_step(q_ptr, d_ptr, blk, x, c):
+    """Blocks blk (BLOCK_K, 2 RB) (each block row twice: a lane takes half a block, 16 level
+    bytes), x (BLOCK_K, 1) -> the products level x d (BLOCK_K, 2 RB, 2, 2, 2, 2), slots as
+    _q8_0_slot_rows."""
+    half = tl.arange(0, blk.shape[1])[None, :] % 2
+    lo = tl.load(q_ptr + (blk * 8 + 4 * half)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 2 RB, 4)
+    f = x * tl.load(d_ptr + blk).to(tl.float32)
+    f = _join4(f, f, f, f)
+    return _byte_levels(tl.reshape(lo, (lo.shape[0], lo.shape[1], 2, 2)), c, 8) * _join4(f, f, f, f)
+
+
+@triton.jit
+def _q8_0_slot_rows(RB: tl.constexpr):
+    """(1, 2 RB, 2, 2, 2, 2): the row (0 .. 32 RB - 1) of each slot of _q8_0_step: byte 4 w + m of
+    half h of block row i, lane 2 i + h; word w = 2 a + b ([a, b] = the reshape), m as _join4."""
+    q = tl.arange(0, 2 * RB)[None, :, None, None, None, None]
+    a = tl.arange(0, 2)[None, None, :, None, None, None]
+    b = tl.arange(0, 2)[None, None, None, :, None, None]
+    i = tl.arange(0, 2)[None, None, None, None, :, None]
+    k = tl.arange(0, 2)[None, None, None, None, None, :]
+    return 16 * q + 8 * a + 4 * b + 2 * k + i
 
 
 @triton.jit
 def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic, MODE: tl.constexpr,
                  RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
-    -> part[s, 32 RB g : 32 RB (g + 1)]. Tile (BLOCK_K columns, RB block rows, 32 levels)."""
+    -> part[s, 32 RB g : 32 RB (g + 1)]. q_ptr: the levels as int32 words (R8, K, 8)."""
     g = tl.program_id(0)
     s = tl.program_id(1)
     if PDL:  # launched while the kernel before it finishes: x, the list and the count come after
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    rb = g * RB + tl.arange(0, RB)
-    lv = tl.arange(0, 32)
-    acc = tl.zeros((BLOCK_K, RB, 32), dtype=tl.float32)
+    rb = g * RB + tl.arange(0, 2 * RB)[None, :] // 2  # (1, 2 RB): a lane's block row
+    c = _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 8, magic, 128.0)
+    # one accumulator per slot and column: Triton spreads the columns over lanes, so a sum over them
+    # each step would be shuffles; summed once at the end
+    acc = tl.zeros((BLOCK_K, 2 * RB, 2, 2, 2, 2), dtype=tl.float32)
     for j in range(first, hi, stride):
-        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        qf, f = _q8_0_step(q_ptr, d_ptr, rb[None, :] * K + col[:, None], x)
-        acc += qf * f[:, :, None]
-    # one accumulator per column: Triton spreads the columns over lanes, so a sum over them each
-    # step would be 4 shuffles a weight (sm_90 SASS: 128 SHFL a step at 4 warps); summed once here
-    tl.store(part_ptr + s * NP + (rb * 32)[:, None] + lv[None, :], tl.sum(acc, axis=0))
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
+        acc += _q8_0_step(q_ptr, d_ptr, rb * K + col, x, c)
+    tl.store(part_ptr + s * NP + g * RB * 32 + _q8_0_slot_rows(RB), tl.sum(acc, axis=0, keep_dims=True))
 
 
 @triton.jit
@@ -127,21 +142,33 @@ def _join4(a, b, c, d):
 @triton.jit
 def _byte_consts(z, BITS: tl.constexpr, magic, OFFSET: tl.constexpr):
     """The constants of _byte_levels for z (int32 zeros, (1, ...) of the words' rank): per byte slot m
-    (two trailing dimensions of 2) the field mask, the magic word and the value to subtract."""
-    pos = _join4(z, z + 8, z + 16, z + 8)  # byte 3 is read at bits 8.. of the word >> 16
-    mag = magic - (pos << 23)  # 2^(23 - pos): its mantissa bit pos is worth 1
-    return ((1 << BITS) - 1) << pos, mag, mag.to(tl.float32, bitcast=True) + OFFSET
+    (two trailing dimensions of 2) the field mask, the word to XOR in and the value to subtract.
+    BITS = 8: signed bytes (OFFSET 128: the sign bit flipped, so the field holds level + 128)."""
+    if BITS == 8:
+        pos = _join4(z, z + 8, z, z + 8)  # bytes 2, 3 at bits 0.. and 8.. of the word >> 16
+        mag = magic - (pos << 23)  # 2^(23 - pos): its mantissa bit pos is worth 1
+        flip = mag + (128 << pos)  # an add, not an OR: LLVM would fold the OR into the AND-XOR as a second immediate
+    else:
+        pos = _join4(z, z + 8, z + 16, z + 8)  # byte 3 at bits 8.. of the word >> 16
+        mag = magic - (pos << 23)
+        flip = mag
+    return ((1 << BITS) - 1) << pos, flip, mag.to(tl.float32, bitcast=True) + OFFSET
 
 
 @triton.jit
-def _byte_levels(t, c):
-    """int32 words t (...) -> the BITS-bit fields at bits 0, 8, 16, 24 (m = 0..3) as exact float32
+def _byte_levels(t, c, BITS: tl.constexpr):
+    """int32 words t (...) -> the BITS-bit fields of bytes m = 0..3 (bits 8 m ..) as exact float32
     minus OFFSET, (..., 2, 2) (c = _byte_consts(.., BITS, magic, OFFSET)), without an int->float
-    conversion: one AND-OR (LOP3) puts a field where it is into the mantissa of 2^(23 - 8 m), one
-    subtraction removes that power of two and the offset (byte 3 after one shift: a field must end
-    below bit 23)."""
-    mask, mag, sub = c
-    return ((_join4(t, t, t, t >> 16) & mask) | mag).to(tl.float32, bitcast=True) - sub
+    conversion: one AND-XOR (LOP3) puts a field where it is into the mantissa of 2^(23 - pos), one
+    subtraction removes that power of two and the offset. A field must end below bit 23: bytes 2-3
+    of 8-bit fields and byte 3 of narrower ones are read from t >> 16 (one shift per word)."""
+    mask, flip, sub = c
+    hi = t >> 16
+    if BITS == 8:
+        tt = _join4(t, t, hi, hi)
+    else:
+        tt = _join4(t, t, t, hi)
+    return ((tt & mask) ^ flip).to(tl.float32, bitcast=True) - sub
 
 
 @triton.jit
@@ -167,7 +194,7 @@ def _q6_k_sub(la, lb, hw, f, nib, c):
     (..., 2, 2, 2, 2), slots as _slot_rows(.., 4): the low nibbles of words la, lb and the top bits
     of hw merged into one byte a weight (one LOP3 per 4 weights; bits 6-7 left over, masked later)."""
     t = _select(_join4(la, la >> 4, lb, lb >> 4), _join4(hw, hw >> 2, hw << 4, hw << 2), nib)
-    return _byte_levels(t, c) * f[:, :, None, None, None, None]
+    return _byte_levels(t, c, 6) * f[:, :, None, None, None, None]
 
 
 @triton.jit
@@ -239,10 +266,10 @@ def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, nib, c):
     # weight 4 j + m: low nibble at 8 m + 4 (j % 2) of word j // 2, fifth bit at 8 m + (j + 4) % 8 of hw
     # (moved to 8 m + 4, next to the nibble)
     f = _join4(f, f, f, f)  # as the slots of _byte_levels
-    return (tl.join(_join4(_byte_levels(_select(l0, hw, nib), c) * f, _byte_levels(_select(l0 >> 4, hw >> 1, nib), c) * f,
-                           _byte_levels(_select(l1, hw >> 2, nib), c) * f, _byte_levels(_select(l1 >> 4, hw >> 3, nib), c) * f),
-                    _join4(_byte_levels(_select(l2, hw << 4, nib), c) * f, _byte_levels(_select(l2 >> 4, hw << 3, nib), c) * f,
-                           _byte_levels(_select(l3, hw << 2, nib), c) * f, _byte_levels(_select(l3 >> 4, hw << 1, nib), c) * f)),
+    return (tl.join(_join4(_byte_levels(_select(l0, hw, nib), c, 5) * f, _byte_levels(_select(l0 >> 4, hw >> 1, nib), c, 5) * f,
+                           _byte_levels(_select(l1, hw >> 2, nib), c, 5) * f, _byte_levels(_select(l1 >> 4, hw >> 3, nib), c, 5) * f),
+                    _join4(_byte_levels(_select(l2, hw << 4, nib), c, 5) * f, _byte_levels(_select(l2 >> 4, hw << 3, nib), c, 5) * f,
+                           _byte_levels(_select(l3, hw << 2, nib), c, 5) * f, _byte_levels(_select(l3 >> 4, hw << 1, nib), c, 5) * f)),
             mn * (x * dmin))
 
 
@@ -364,14 +391,14 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.co
     col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = col < K
     blk = r * K + tl.where(ok, col, 0)
-    one = tl.full((BLOCK_K,), 1.0, tl.float32)
-    if FMT == 0:  # q8_0: 8 block rows of 32
-        rb = r * 8 + tl.arange(0, 8)
-        qf, f = _q8_0_step(a_ptr, b_ptr, rb[None, :] * K + tl.where(ok, col, 0)[:, None], one)
-        w = qf * f[:, :, None]  # (BLOCK_K, 8, 32)
-        rows = (32 * rb[:, None] + tl.arange(0, 32)[None, :])[None, :, :]
-        tl.store(out_ptr + rows * K + col[:, None, None], w.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None, None] & (rows < N))
+    if FMT == 0:  # q8_0: 8 block rows of 32 (the levels as int32 words)
+        rb = r * 8 + tl.arange(0, 16)[None, :] // 2
+        cq = tl.where(ok, col, 0)[:, None]
+        w = _q8_0_step(a_ptr, b_ptr, rb * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
+                       _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 8, magic, 128.0))
+        rows = 256 * r + _q8_0_slot_rows(8)
+        cols = col[:, None, None, None, None, None]
+        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
     elif FMT == 2:  # q5_k
         cq = tl.where(ok, col, 0)[:, None]
         w, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
@@ -462,7 +489,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     count = count if count is not None else ws.count
     common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     if w.fmt == "q8_0":
-        _q8_0_kernel[(w.rows // rows, ws.split)](w.quants, w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
+        _q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
                                                  RB=rows, **common)
     elif w.fmt == "q6_k":
         _q6_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
@@ -510,7 +537,8 @@ _FMT_IDS = {"q8_0": 0, "q6_k": 1, "q5_k": 2, "q3_k": 3, "q2_k": 4}
 
 def _arrays(w: GpuZigzag) -> tuple:
     """The kernel arrays of a type in the order its kernels take them (unused slots: quants)."""
-    return {"q8_0": (w.quants, w.d, w.quants, w.quants), "q6_k": (w.quants, w.high, w.scales, w.d),
+    q8 = w.quants.view(torch.int32) if w.fmt == "q8_0" else None
+    return {"q8_0": (q8, w.d, q8, q8), "q6_k": (w.quants, w.high, w.scales, w.d),
             "q5_k": (w.quants, w.high, w.head.view(torch.int64) if w.head is not None else None, w.quants),
             "q3_k": (w.quants, w.high, w.scales, w.d), "q2_k": (w.quants, w.scales, w.d, w.quants)}[w.fmt]
 
@@ -540,7 +568,7 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     common = {"x_ptr": f"*{dtype}", "idx_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32",
               "NP": "i32", "SPLIT": "i32", "magic": "i32"}
     kernel, sig, const = {
-        "q8_0": (_q8_0_kernel, {"q_ptr": "*i8", "d_ptr": "*fp16"}, {"RB": rows}),
+        "q8_0": (_q8_0_kernel, {"q_ptr": "*i32", "d_ptr": "*fp16"}, {"RB": rows}),
         "q6_k": (_q6_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
         "q5_k": (_q5_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}, {}),
         "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
@@ -558,7 +586,7 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    ptrs = {"q8_0": ("*i8", "*fp16", "*i8", "*i8"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
+    ptrs = {"q8_0": ("*i32", "*fp16", "*i32", "*i32"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
             "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
             "q2_k": ("*u8", "*u8", "*i32", "*u8")}[fmt]
     sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "magic": "i32",
