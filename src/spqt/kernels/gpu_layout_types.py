@@ -171,8 +171,10 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
                          d=flat[:, 108:110].contiguous().view(torch.float16).reshape(rows, cols),
                          high=_to_int16(hi).reshape(rows, cols, 16).contiguous(),
                          scales=flat[:, 96:108].contiguous().view(torch.int32).reshape(rows, cols, 3))
-    if weight.fmt == "q2_k":
-        return GpuZigzag("q2_k", shape, _low_bits_by_word(q2_k_levels(flat)).reshape(rows, cols, 64),
+    if weight.fmt == "q2_k":  # word s: weight 16 s + n at bits 2 n
+        lv = q2_k_levels(flat).reshape(-1, 16, 16)
+        words = (lv << (2 * torch.arange(16, device=lv.device))).sum(dim=2)
+        return GpuZigzag("q2_k", shape, _to_int32(words).reshape(rows, cols, 16),
                          d=flat[:, 80:84].contiguous().view(torch.int32).reshape(rows, cols),
                          scales=flat[:, 0:16].reshape(rows, cols, 16).contiguous())
     # q5_k: sub-block s = weights 32 s .. 32 s + 31, weight 4 j + m of it (j < 8, m < 4)
@@ -204,22 +206,24 @@ def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
         q = low | (top << 4)  # [r, k, s, j, m]
         v = w.d.float().reshape(rows, cols, 1, 1, 1) * w.scales.float().reshape(rows, cols, 16, 1, 1) * (q - 32).float()
         return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
-    if w.fmt in ("q3_k", "q2_k"):
+    if w.fmt == "q2_k":
+        rows, cols = w.quants.shape[:2]
+        q = (w.quants.to(torch.int64).reshape(rows, cols, 16, 1) >> (2 * torch.arange(16, device=w.device))) & 3
+        dd = w.d.reshape(-1, 1).contiguous().view(torch.float16).float()  # (n, 2): d, dmin
+        sc = w.scales.to(torch.int64).reshape(rows, cols, 16, 1)
+        d = dd[:, 0].reshape(rows, cols, 1, 1)
+        dmin = dd[:, 1].reshape(rows, cols, 1, 1)
+        v = (d * (sc & 0xF).float()) * q.float() - dmin * (sc >> 4).float()  # [r, k, s, n]: weight 16 s + n
+        return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
+    if w.fmt == "q3_k":
         rows, cols = w.quants.shape[:2]
         q = (w.quants.to(torch.int64).reshape(rows, cols, 4, 16, 1) >> (2 * shifts)) & 3  # [r, k, jq, l, c]
-        if w.fmt == "q3_k":
-            from spqt.formats import q3_k
+        from spqt.formats import q3_k
 
-            bit = torch.arange(4, device=w.device).reshape(4, 1, 1) * 4 + shifts  # (4, 1, 4): 4 jq + c
-            q = q | (((w.high.to(torch.int64).reshape(rows, cols, 1, 16, 1) >> bit) & 1) << 2)
-            s = (q3_k.unpack_scales(w.scales.reshape(-1, 3).contiguous().view(torch.uint8)) - 32).float()
-            v = (w.d.float().reshape(rows, cols, 1, 1, 1) * s.reshape(rows, cols, 4, 1, 4)) * (q - 4).float()
-        else:
-            dd = w.d.reshape(-1, 1).contiguous().view(torch.float16).float()  # (n, 2): d, dmin
-            sc = w.scales.to(torch.int64).reshape(rows, cols, 4, 1, 4)
-            d = dd[:, 0].reshape(rows, cols, 1, 1, 1)
-            dmin = dd[:, 1].reshape(rows, cols, 1, 1, 1)
-            v = (d * (sc & 0xF).float()) * q.float() - dmin * (sc >> 4).float()
+        bit = torch.arange(4, device=w.device).reshape(4, 1, 1) * 4 + shifts  # (4, 1, 4): 4 jq + c
+        q = q | (((w.high.to(torch.int64).reshape(rows, cols, 1, 16, 1) >> bit) & 1) << 2)
+        s = (q3_k.unpack_scales(w.scales.reshape(-1, 3).contiguous().view(torch.uint8)) - 32).float()
+        v = (w.d.float().reshape(rows, cols, 1, 1, 1) * s.reshape(rows, cols, 4, 1, 4)) * (q - 4).float()
         values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
         return blocks_to_matrix(values, "zigzag", w.shape, 256)
     from spqt.formats import q4_k

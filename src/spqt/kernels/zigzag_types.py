@@ -35,7 +35,7 @@ import triton.language as tl
 
 from spqt.kernels import gemv as kg
 from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, GpuZigzag, dequantize_kernel_layout
-from spqt.kernels.q4k_bits import MAGIC, split_head, unpack_scales
+from spqt.kernels.q4k_bits import MAGIC, small_to_float, split_head, unpack_scales
 from spqt.kernels.zigzag_mma import uses_pdl
 
 MODE_DENSE, MODE_INDEXED = kg.MODE_DENSE, kg.MODE_INDEXED  # B2, B4
@@ -344,21 +344,69 @@ def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
 
 
 @triton.jit
-def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, BLOCK_K: tl.constexpr):
-    """Blocks blk (BLOCK_K,): levels as fp32 (BLOCK_K, 4 jq, 16 l, 4 c), x d sc and x dmin m
-    (BLOCK_K, 4 jq, 4 c). As Q6_K's tile: the 2-bit level from byte 16 jq + l; scale and min
-    nibbles of sub-block 4 jq + c; d and dmin as one int32."""
-    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
-    c = tl.arange(0, 4)[None, None, None, :]
-    qb = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
-    sm = tl.reshape(tl.load(sc_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32),
-                    (BLOCK_K, 4, 4))  # [k, jq, c]
+def _join16(v, STEP: tl.constexpr):
+    """v + STEP n for n = 0..15 joined (..., 2, 2, 2, 2): n = 4 (2 k2 + i2) + 2 k1 + i1 at
+    [..., i1, k1, i2, k2] (as _join4 of _join4s)."""
+    return _join4(_join4(v, v + STEP, v + 2 * STEP, v + 3 * STEP),
+                  _join4(v + 4 * STEP, v + 5 * STEP, v + 6 * STEP, v + 7 * STEP),
+                  _join4(v + 8 * STEP, v + 9 * STEP, v + 10 * STEP, v + 11 * STEP),
+                  _join4(v + 12 * STEP, v + 13 * STEP, v + 14 * STEP, v + 15 * STEP))
+
+
+@triton.jit
+def _crumb_consts(z, magic):
+    """The constants of _crumb_levels for z (int32 zeros, (1, ...) of the words' rank): per 2-bit
+    slot n (four trailing dimensions of 2, as _join16) the field mask, magic word and subtrahend."""
+    n = _join16(z, 1)
+    pos = tl.where(n < 11, 2 * n, 2 * n - 22)  # slots 11-15 at bits 0.. of the word >> 22
+    mag = magic - (pos << 23)
+    return 3 << pos, mag, mag.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _crumb_levels(t, c):
+    """int32 words t (...) -> their 16 2-bit fields (bits 2 n ..) as exact float32 (..., 2, 2, 2, 2),
+    slot n as _join16: one AND-OR into the mantissa of 2^(23 - pos) and one subtraction a field
+    (the fields from bit 22 on after one shift per word, so that each ends below bit 23)."""
+    mask, mag, sub = c
+    hi = t >> 22
+    tt = _join4(_join4(t, t, t, t), _join4(t, t, t, t), _join4(t, t, t, hi), _join4(hi, hi, hi, hi))
+    return ((tt & mask) | mag).to(tl.float32, bitcast=True) - sub
+
+
+@triton.jit
+def _bcast16(v):
+    """v (...) repeated into the 16 slots (..., 2, 2, 2, 2) by joins (the layout of _crumb_levels)."""
+    v = _join4(v, v, v, v)
+    return _join4(v, v, v, v)
+
+
+@triton.jit
+def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, c):
+    """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks 4p .. 4p + 3: 16
+    level bytes, 4 scale bytes) of one column -> the products level x d sc (BLOCK_K, 4, 2, 2, 2, 2,
+    2, 2), slots as _q2_k_slot_rows, and x dmin m (BLOCK_K, 4, 2, 2)."""
+    p = tl.arange(0, 4)[None, :]
+    lo = tl.load(q_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 4, 4)
+    sm = tl.load(sc_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :]).to(tl.int32)
     dd = tl.load(dd_ptr + blk)
     d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    q = (qb[:, :, :, None] >> (2 * c)) & 3
-    return (q.to(tl.float32), (sm & 15).to(tl.float32) * (x * d)[:, None, None],
-            (sm >> 4).to(tl.float32) * (x * dmin)[:, None, None])
+    lo = tl.reshape(lo, (lo.shape[0], 4, 2, 2))  # word 2 a + b of the piece at [a, b]
+    sm = tl.reshape(sm, (sm.shape[0], 4, 2, 2))
+    xd = (x * d)[:, :, None, None]
+    f = small_to_float(sm & 15) * xd
+    return (_crumb_levels(lo, c) * _bcast16(f),
+            small_to_float(sm >> 4) * (x * dmin)[:, :, None, None])
+
+
+@triton.jit
+def _q2_k_slot_rows():
+    """(1, 4, 2, 2, 2, 2, 2, 2): the block row of each slot of _q2_k_step: 16 (4 p + 2 a + b) + n."""
+    p = tl.arange(0, 4)[None, :, None, None]
+    a = tl.arange(0, 2)[None, None, :, None]
+    b = tl.arange(0, 2)[None, None, None, :]
+    return _join16(16 * (4 * p + 2 * a + b), 1)
 
 
 @triton.jit
@@ -371,14 +419,16 @@ def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, 
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
-    bias = tl.zeros((4, 1, 4), dtype=tl.float32)
+    c = _crumb_consts(tl.zeros((1, 1, 1, 1), tl.int32), magic)
+    acc = tl.zeros((BLOCK_K, 4, 2, 2, 2, 2, 2, 2), dtype=tl.float32)
+    bias = tl.zeros((BLOCK_K, 4, 2, 2), dtype=tl.float32)  # the min term x dmin m of each sub-block
     for j in range(first, hi, stride):
-        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        qf, f, mb = _q2_k_step(q_ptr, sc_ptr, dd_ptr, r * K + col, x, BLOCK_K)
-        acc += tl.sum(qf * f[:, :, None, :], axis=0)
-        bias += tl.sum(mb[:, :, None, :], axis=0)
-    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc - bias)
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
+        w, mb = _q2_k_step(q_ptr, sc_ptr, dd_ptr, r * K + col, x, c)
+        acc += w
+        bias += mb
+    y = tl.sum(acc, axis=0, keep_dims=True) - _bcast16(tl.sum(bias, axis=0, keep_dims=True))
+    tl.store(part_ptr + s * NP + r * 256 + _q2_k_slot_rows(), y)
 
 
 @triton.jit
@@ -414,16 +464,21 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.co
         rows = 256 * r + _q6_k_slot_rows()
         cols = col[:, None, None, None, None, None, None]
         tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
-    else:
-        if FMT == 3:  # q3_k
-            qf, f = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
-            w = qf * f[:, :, None, :]
-        else:  # q2_k
-            qf, f, mb = _q2_k_step(a_ptr, b_ptr, c_ptr, blk, one, BLOCK_K)
-            w = qf * f[:, :, None, :] - mb[:, :, None, :]
+    elif FMT == 3:  # q3_k
+        one = tl.full((BLOCK_K,), 1.0, tl.float32)
+        qf, f = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
+        w = qf * f[:, :, None, :]
         rows = (256 * r + _rows_4x16x4())[None]
         tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
                  mask=ok[:, None, None, None] & (rows < N))
+    else:  # q2_k
+        cq = tl.where(ok, col, 0)[:, None]
+        w, mb = _q2_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
+                           _crumb_consts(tl.zeros((1, 1, 1, 1), tl.int32), magic))
+        w = w - _bcast16(mb)
+        rows = 256 * r + _q2_k_slot_rows()
+        cols = col[:, None, None, None, None, None, None, None]
+        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -572,7 +627,7 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
         "q6_k": (_q6_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
         "q5_k": (_q5_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}, {}),
         "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
-        "q2_k": (_q2_k_kernel, {"q_ptr": "*u8", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
+        "q2_k": (_q2_k_kernel, {"q_ptr": "*i32", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
     }[fmt]
     const = {"MODE": mode, "BLOCK_K": block_k, "PDL": True, **const}
     sig = {**sig, **common, **{name: "constexpr" for name in const}}
@@ -588,7 +643,7 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
 
     ptrs = {"q8_0": ("*i32", "*fp16", "*i32", "*i32"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
             "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
-            "q2_k": ("*u8", "*u8", "*i32", "*u8")}[fmt]
+            "q2_k": ("*i32", "*u8", "*i32", "*i32")}[fmt]
     sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "magic": "i32",
                                                                    "FMT": "constexpr", "BLOCK_K": "constexpr"}
     src = ASTSource(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k},
