@@ -138,6 +138,15 @@ def q2_k_levels(blocks: torch.Tensor) -> torch.Tensor:
     return ((qs >> (2 * torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1))) & 3).reshape(n, 256)
 
 
+def _q3_k_bit(device) -> torch.Tensor:
+    """(16 s, 16 e): the bit of weight e of sub-block s in its third-bit word 2 (s % 4) + s // 8,
+    which holds sub-blocks s0 = s % 4 + 8 (s // 8) and s0 + 4: s0's even e at 2 e + 2, odd e at
+    2 e + 1; s0 + 4's at 2 e and 2 e - 1 (each next to its low bits once merged, zigzag_types)."""
+    s = torch.arange(16, device=device)[:, None]
+    e = torch.arange(16, device=device)[None, :]
+    return 2 * e + 2 - e % 2 - 2 * ((s // 4) % 2)
+
+
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
     """Canonical zigzag blocks -> kernel layout on `device` (exact)."""
     if weight.fmt not in TYPES or weight.layout != "zigzag":
@@ -164,12 +173,13 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
                          high=_to_int32(hi).reshape(rows, cols, 16),
                          scales=flat[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols, 16))
     if weight.fmt == "q3_k":
-        lv = q3_k_levels(flat)
-        bits = (lv >> 2).reshape(-1, 4, 4, 16).permute(0, 3, 1, 2).reshape(-1, 16, 16)  # [block, l, 4 jq + c]
-        hi = (bits << torch.arange(16, device=lv.device)).sum(dim=2)
-        return GpuZigzag("q3_k", shape, _low_bits_by_word(lv).reshape(rows, cols, 64),
+        lv = q3_k_levels(flat).reshape(-1, 16, 16)  # [block, sub-block s, weight e]
+        e2 = 2 * torch.arange(16, device=lv.device)
+        low = ((lv & 3) << e2).sum(dim=2)  # (n, 16): word of sub-block s
+        high = ((lv >> 2) << _q3_k_bit(lv.device)).sum(dim=2).reshape(-1, 2, 2, 4).sum(dim=2)  # [k, p]
+        return GpuZigzag("q3_k", shape, _to_int32(low.reshape(-1, 4, 4).transpose(1, 2)).reshape(rows, cols, 16),
                          d=flat[:, 108:110].contiguous().view(torch.float16).reshape(rows, cols),
-                         high=_to_int16(hi).reshape(rows, cols, 16).contiguous(),
+                         high=_to_int32(high.transpose(1, 2)).reshape(rows, cols, 8),
                          scales=flat[:, 96:108].contiguous().view(torch.int32).reshape(rows, cols, 3))
     if weight.fmt == "q2_k":  # word s: weight 16 s + n at bits 2 n
         lv = q2_k_levels(flat).reshape(-1, 16, 16)
@@ -216,16 +226,17 @@ def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
         v = (d * (sc & 0xF).float()) * q.float() - dmin * (sc >> 4).float()  # [r, k, s, n]: weight 16 s + n
         return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
     if w.fmt == "q3_k":
-        rows, cols = w.quants.shape[:2]
-        q = (w.quants.to(torch.int64).reshape(rows, cols, 4, 16, 1) >> (2 * shifts)) & 3  # [r, k, jq, l, c]
         from spqt.formats import q3_k
 
-        bit = torch.arange(4, device=w.device).reshape(4, 1, 1) * 4 + shifts  # (4, 1, 4): 4 jq + c
-        q = q | (((w.high.to(torch.int64).reshape(rows, cols, 1, 16, 1) >> bit) & 1) << 2)
+        rows, cols = w.quants.shape[:2]
+        sb = torch.arange(16, device=w.device)
+        low = w.quants.to(torch.int64)[..., 4 * (sb % 4) + sb // 4]  # (rows, cols, 16 s)
+        high = w.high.to(torch.int64)[..., 2 * (sb % 4) + sb // 8]
+        e2 = 2 * torch.arange(16, device=w.device)
+        q = ((low[..., None] >> e2) & 3) | (((high[..., None] >> _q3_k_bit(w.device)) & 1) << 2)  # [r, k, s, e]
         s = (q3_k.unpack_scales(w.scales.reshape(-1, 3).contiguous().view(torch.uint8)) - 32).float()
-        v = (w.d.float().reshape(rows, cols, 1, 1, 1) * s.reshape(rows, cols, 4, 1, 4)) * (q - 4).float()
-        values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
-        return blocks_to_matrix(values, "zigzag", w.shape, 256)
+        v = (w.d.float().reshape(rows, cols, 1, 1) * s.reshape(rows, cols, 16, 1)) * (q - 4).float()
+        return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
     from spqt.formats import q4_k
 
     rows, cols = w.quants.shape[:2]

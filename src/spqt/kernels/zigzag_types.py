@@ -242,13 +242,6 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
 
 
 @triton.jit
-def _rows_4x16x4():
-    """Row 64 jq + 16 c + l of the block for tile position (jq, l, c), (4, 16, 4)."""
-    return (64 * tl.arange(0, 4)[:, None, None] + 16 * tl.arange(0, 4)[None, None, :]
-            + tl.arange(0, 16)[None, :, None])
-
-
-@triton.jit
 def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, nib, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p = sub-block p (16 level
     bytes, its 4 fifth-bit bytes, the block's 16-byte head) of one column -> the products level
@@ -303,26 +296,79 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
 
 
 @triton.jit
-def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, BLOCK_K: tl.constexpr):
-    """Blocks blk (BLOCK_K,): levels - 4 as fp32 (BLOCK_K, 4 jq, 16 l, 4 c) and x d (s - 32)
-    (BLOCK_K, 4 jq, 4 c). As Q6_K's tile: low 2 bits from byte 16 jq + l, the 3rd bit from bit
-    4 jq + c of word l; the 6-bit scales unpacked from GGUF's three packed words."""
-    word = 16 * tl.arange(0, 4)[:, None] + tl.arange(0, 16)[None, :]  # (4, 16)
-    sub = 4 * tl.arange(0, 4)[:, None] + tl.arange(0, 4)[None, :]  # (4, 4): sub-block j = 4 jq + c
-    c = tl.arange(0, 4)[None, None, None, :]
-    # scale j: low nibble j // 8 of byte j % 8 (words 0, 1), top 2 bits at 2 (j // 4) of byte 8 + j % 4 (word 2)
-    shift_lo = (8 * (sub % 4) + 4 * (sub // 8))[None, :, :]
-    shift_hi = (8 * (sub % 4) + 2 * (sub // 4))[None, :, :]
-    first_word = (sub % 8 < 4)[None, :, :]
-    lo = tl.load(q_ptr + blk[:, None, None] * 64 + word[None, :, :]).to(tl.int32)  # (BLOCK_K, 4, 16)
-    hw = tl.load(hb_ptr + blk[:, None] * 16 + tl.arange(0, 16)[None, :]).to(tl.int32)  # (BLOCK_K, 16)
-    w0 = tl.load(sc_ptr + blk * 3)[:, None, None]
-    w1 = tl.load(sc_ptr + blk * 3 + 1)[:, None, None]
-    w2 = tl.load(sc_ptr + blk * 3 + 2)[:, None, None]
-    d = tl.load(d_ptr + blk).to(tl.float32)
-    sc = ((tl.where(first_word, w0, w1) >> shift_lo) & 15) | (((w2 >> shift_hi) & 3) << 4)  # (BLOCK_K, 4, 4)
-    q = ((lo[:, :, :, None] >> (2 * c)) & 3) | (((hw[:, None, :, None] >> sub[None, :, None, :]) & 1) << 2)
-    return (q - 4).to(tl.float32), (sc - 32).to(tl.float32) * (x * d)[:, None, None]
+def _join8(v, STEP: tl.constexpr):
+    """v + STEP n for n = 0..7 joined (..., 2, 2, 2): n = 4 g + 2 k + i at [..., i, k, g]."""
+    return tl.join(_join4(v, v + STEP, v + 2 * STEP, v + 3 * STEP),
+                   _join4(v + 4 * STEP, v + 5 * STEP, v + 6 * STEP, v + 7 * STEP))
+
+
+@triton.jit
+def _nibble_consts(z, magic, OFFSET: tl.constexpr):
+    """The constants of _nibble_levels for z (int32 zeros, (1, ...) of the words' rank): per 3-bit
+    slot n (three trailing dimensions of 2, as _join8) the field mask, magic word and subtrahend."""
+    n = _join8(z, 1)
+    pos = tl.where(n < 6, 4 * n, 4 * n - 24)  # slots 6, 7 at bits 0.., 4.. of the word >> 24
+    mag = magic - (pos << 23)
+    return 7 << pos, mag, mag.to(tl.float32, bitcast=True) + OFFSET
+
+
+@triton.jit
+def _nibble_levels(t, c):
+    """int32 words t (...) -> the 3-bit fields at bits 4 n (n = 0..7) as exact float32 minus OFFSET,
+    (..., 2, 2, 2) as _join8 (c = _nibble_consts): one AND-OR and one subtraction a field, the top
+    two after one shift per word."""
+    mask, mag, sub = c
+    hi = t >> 24
+    tt = tl.join(_join4(t, t, t, t), _join4(t, t, hi, hi))
+    return ((tt & mask) | mag).to(tl.float32, bitcast=True) - sub
+
+
+@triton.jit
+def _bcast8(v):
+    """v (...) repeated into 8 slots (..., 2, 2, 2) by joins (the layout of _nibble_levels)."""
+    return tl.join(_join4(v, v, v, v), _join4(v, v, v, v))
+
+
+@triton.jit
+def _q3_k_scale(lo4, hi2):
+    """A 6-bit scale from its low nibble and top 2 bits (int32, above them other bits) -> s - 32
+    as float32 (exact, no int->float conversion)."""
+    return (((lo4 & 15) | ((hi2 & 3) << 4)) | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0
+
+
+@triton.jit
+def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, m33, c):
+    """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks p, p + 4, p + 8,
+    p + 12: 16 low-bit bytes, 8 third-bit bytes) of one column and the block's packed scales ->
+    the products (level - 4) x d (s - 32) (BLOCK_K, 4, 2, 2, 2, 2, 2, 2), slots as _q3_k_slot_rows."""
+    p = tl.arange(0, 4)[None, :]
+    lo = tl.load(q_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 4, 4)
+    hw = tl.load(hb_ptr + (blk * 8 + 2 * p)[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BLOCK_K, 4, 2)
+    xd = x * tl.load(d_ptr + blk).to(tl.float32)
+    # scale p + 4 i: low nibble i // 2 of byte p of word i % 2, top 2 bits at 2 i of byte p of word 2
+    b0 = tl.load(sc_ptr + blk * 3) >> (8 * p)
+    b1 = tl.load(sc_ptr + blk * 3 + 1) >> (8 * p)
+    b2 = tl.load(sc_ptr + blk * 3 + 2) >> (8 * p)
+    f = _join4(_q3_k_scale(b0, b2) * xd, _q3_k_scale(b1, b2 >> 2) * xd, _q3_k_scale(b0 >> 4, b2 >> 4) * xd,
+               _q3_k_scale(b1 >> 4, b2 >> 6) * xd)
+    la, lb = tl.split(tl.reshape(lo, (lo.shape[0], 4, 2, 2)))  # words 0, 2 and 1, 3
+    l0, l2 = tl.split(la)
+    l1, l3 = tl.split(lb)
+    h0, h1 = tl.split(hw)
+    # weight e of sub-block i: low bits at 2 e of word i; third bit (hw word i // 2) moved next to
+    # them at 4 (e // 2) + 2: even e from words 0, 1, 2, 3, odd e from the words >> 2
+    ll = _join4(l0, l1, l2, l3)
+    t = tl.join(_select(ll, _join4(h0, h0 << 2, h1, h1 << 2), m33),
+                _select(ll >> 2, _join4(h0 >> 1, h0 << 1, h1 >> 1, h1 << 1), m33))
+    return _nibble_levels(t, c) * _bcast8(tl.join(f, f))
+
+
+@triton.jit
+def _q3_k_slot_rows():
+    """(1, 4, 2, 2, 2, 2, 2, 2): the block row of each slot of _q3_k_step: 16 (p + 4 i) + 2 n + e % 2."""
+    r = 16 * tl.arange(0, 4)[None, :]
+    r = _join4(r, r + 64, r + 128, r + 192)
+    return _join8(tl.join(r, r + 1), 2)
 
 
 @triton.jit
@@ -335,12 +381,13 @@ def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    acc = tl.zeros((4, 16, 4), dtype=tl.float32)
+    m33 = _in_register(0x33333333, magic)
+    c = _nibble_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), magic, 4.0)
+    acc = tl.zeros((BLOCK_K, 4, 2, 2, 2, 2, 2, 2), dtype=tl.float32)
     for j in range(first, hi, stride):
-        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K), hi, K, MODE)
-        qf, f = _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, BLOCK_K)
-        acc += tl.sum(qf * f[:, :, None, :], axis=0)
-    tl.store(part_ptr + s * NP + r * 256 + _rows_4x16x4(), acc)
+        col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
+        acc += _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, m33, c)
+    tl.store(part_ptr + s * NP + r * 256 + _q3_k_slot_rows(), tl.sum(acc, axis=0, keep_dims=True))
 
 
 @triton.jit
@@ -465,12 +512,12 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.co
         cols = col[:, None, None, None, None, None, None]
         tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
     elif FMT == 3:  # q3_k
-        one = tl.full((BLOCK_K,), 1.0, tl.float32)
-        qf, f = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, blk, one, BLOCK_K)
-        w = qf * f[:, :, None, :]
-        rows = (256 * r + _rows_4x16x4())[None]
-        tl.store(out_ptr + rows * K + col[:, None, None, None], w.to(out_ptr.dtype.element_ty),
-                 mask=ok[:, None, None, None] & (rows < N))
+        cq = tl.where(ok, col, 0)[:, None]
+        w = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
+                       _in_register(0x33333333, magic), _nibble_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), magic, 4.0))
+        rows = 256 * r + _q3_k_slot_rows()
+        cols = col[:, None, None, None, None, None, None, None]
+        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
     else:  # q2_k
         cq = tl.where(ok, col, 0)[:, None]
         w, mb = _q2_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
@@ -626,7 +673,7 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
         "q8_0": (_q8_0_kernel, {"q_ptr": "*i32", "d_ptr": "*fp16"}, {"RB": rows}),
         "q6_k": (_q6_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
         "q5_k": (_q5_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}, {}),
-        "q3_k": (_q3_k_kernel, {"q_ptr": "*u8", "hb_ptr": "*i16", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
+        "q3_k": (_q3_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
         "q2_k": (_q2_k_kernel, {"q_ptr": "*i32", "sc_ptr": "*u8", "dd_ptr": "*i32"}, {}),
     }[fmt]
     const = {"MODE": mode, "BLOCK_K": block_k, "PDL": True, **const}
@@ -642,7 +689,7 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
     from triton.compiler import ASTSource
 
     ptrs = {"q8_0": ("*i32", "*fp16", "*i32", "*i32"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
-            "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*u8", "*i16", "*i32", "*fp16"),
+            "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*i32", "*i32", "*i32", "*fp16"),
             "q2_k": ("*i32", "*u8", "*i32", "*i32")}[fmt]
     sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "magic": "i32",
                                                                    "FMT": "constexpr", "BLOCK_K": "constexpr"}
