@@ -9,26 +9,27 @@ scales and fp16 factors) every block (r, k) of the zigzag grid (ceil(N / B), K) 
   ``quants`` (R8, K, 32) int8 the levels, weight order (32 bytes: two 16-byte loads);
   ``d`` (R8, K) fp16. R8 = R rounded up to Q8_ROW_GROUP with zero blocks, so that a program
   that takes 1-8 block rows (256 outputs at 8) reads no block without a mask.
-* Q6_K (B = 256), 210 bytes: weight ``w = 64 jq + 16 c + l`` (jq, c < 4, l < 16) is in
-  sub-block ``j = 4 jq + c`` (16 weights each) and in word ``16 jq + l``:
-  ``quants`` (R, K, 64) int16, bits 4c..4c+3 of word (jq, l) = low 4 bits of its level;
-  ``high`` (R, K, 64) uint8, bits 2c..2c+1 of byte (jq, l) = the level's top 2 bits;
+* Q6_K (B = 256), 210 bytes: weight ``16 s + 4 j + m`` (sub-block s < 16, j, m < 4):
+  ``quants`` (R, K, 32) int32: the low nibble at bit 8 m + 4 (j % 2) of word 2 s + j // 2;
+  ``high`` (R, K, 16) int32: the top 2 bits at bit 8 m + 2 ((j + 2) % 4) of word s;
   ``scales`` (R, K, 16) int8 (GGUF's, sub-block order); ``d`` (R, K) fp16.
-  A lane that holds word (jq, l) decodes four weights of four sub-blocks with shifts only.
-* Q5_K (B = 256), 176 bytes: weight ``w = 128 jq + 32 c + l`` (jq < 2, c < 4, l < 32) is in
-  sub-block ``j = 4 jq + c`` (32 weights each):
-  ``quants`` (R, K, 64) int16, bits 4c..4c+3 of word 32 jq + l = low 4 bits of its level;
-  ``high`` (R, K, 32) uint8 = GGUF's qh unchanged (bit j of byte l is weight 32 j + l's 5th bit);
+  A lane takes words 4p..4p+3 and 2p, 2p+1 (sub-blocks 2p, 2p+1); one LOP3 on (low word >> 4 (j % 2),
+  high word shifted) puts weight (j, m)'s 6 bits at byte m.
+* Q5_K (B = 256), 176 bytes: weight ``32 s + 4 j + m`` (sub-block s < 8, j < 8, m < 4):
+  ``quants`` (R, K, 32) int32: the low nibble at bit 8 m + 4 (j % 2) of word 4 s + j // 2;
+  ``high`` (R, K, 8) int32: the fifth bit at bit 8 m + (j + 4) % 8 of word s;
   ``head`` (R, K, 4) int32 = GGUF's first 16 bytes (d | dmin << 16, the packed 6-bit scales and
-  mins, as Q4_K's head, decoded by q4k_bits).
-
-* Q3_K (B = 256), 110 bytes, and Q2_K (B = 256), 84 bytes: weight ``w = 64 jq + 16 c + l`` as in
-  Q6_K (sub-block ``j = 4 jq + c``, 16 weights each):
-  ``quants`` (R, K, 64) uint8, bits 2c..2c+1 of byte 16 jq + l = the level's low 2 bits;
-  Q3_K: ``high`` (R, K, 16) int16, bit 4 jq + c of word l = the level's 3rd bit (GGUF's hmask);
+  mins, as Q4_K's head, decoded by q4k_bits). A lane takes one sub-block.
+* Q3_K (B = 256), 110 bytes: weight ``16 s + e`` (sub-block s < 16, e < 16):
+  ``quants`` (R, K, 16) int32: the low 2 bits at bit 2 e of word 4 (s % 4) + s // 4;
+  ``high`` (R, K, 8) int32: the third bit in word 2 (s % 4) + s // 8, which holds sub-blocks
+  s0 = s % 4 + 8 (s // 8) and s0 + 4: s0's at bit 2 e + 2 - e % 2, s0 + 4's two bits lower (_q3_k_bit);
   ``scales`` (R, K, 3) int32 = GGUF's 12 packed 6-bit scales; ``d`` (R, K) fp16.
-  Q2_K: ``scales`` (R, K, 16) uint8 = GGUF's (scale | min << 4, sub-block order);
-  ``d`` (R, K) int32 = d | dmin << 16 (fp16 bits).
+  A lane takes sub-blocks p, p + 4, p + 8, p + 12 (their scales are byte p of the packed words).
+* Q2_K (B = 256), 84 bytes: weight ``16 s + n`` (s, n < 16):
+  ``quants`` (R, K, 16) int32: the level at bit 2 n of word s;
+  ``scales`` (R, K, 16) uint8 = GGUF's (scale | min << 4, sub-block order);
+  ``d`` (R, K) int32 = d | dmin << 16 (fp16 bits). A lane takes 4 sub-blocks.
 
 Every array's per-block slice is a multiple of 16 bytes except the fp16 ``d``, which the kernels
 read for 16 neighbouring columns at once (32 contiguous bytes).
@@ -80,11 +81,6 @@ class GpuZigzag:
         return self.quants.device
 
 
-def _to_int16(v: torch.Tensor) -> torch.Tensor:
-    """Values 0..65535 (int64) -> int16 of the same 16 bits."""
-    return torch.where(v >= 32768, v - 65536, v).to(torch.int16)
-
-
 def _to_int32(v: torch.Tensor) -> torch.Tensor:
     """Values 0..2^32 - 1 (int64) -> int32 of the same 32 bits."""
     return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32).contiguous()
@@ -98,14 +94,6 @@ def q6_k_levels(blocks: torch.Tensor) -> torch.Tensor:
     low = torch.cat([ql & 0xF, ql >> 4], dim=2)
     high = (qh >> (2 * torch.arange(4, device=blocks.device)).reshape(1, 1, 4, 1)) & 3
     return (low | (high << 4)).reshape(n, 256)
-
-
-def _low_bits_by_word(lv: torch.Tensor) -> torch.Tensor:
-    """Levels (n, 256) in weight order -> (n, 64) uint8: byte 16 jq + l holds the low 2 bits of
-    weight 64 jq + 16 c + l at bits 2c."""
-    by_word = lv.reshape(-1, 4, 4, 16).permute(0, 1, 3, 2)  # [block, jq, l, c]
-    shifts = 2 * torch.arange(4, device=lv.device)
-    return ((by_word & 3) << shifts).sum(dim=3).reshape(-1, 64).to(torch.uint8)
 
 
 def q5_k_levels(blocks: torch.Tensor) -> torch.Tensor:
@@ -204,8 +192,6 @@ def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
         rows = -(-w.shape[0] // 32)
         values = w.d[:rows].float()[..., None] * w.quants[:rows].float()  # (R, K, 32)
         return blocks_to_matrix(values.reshape(-1, 32), "zigzag", w.shape, 32)
-    shifts = torch.arange(4, device=w.device)
-    lo = w.quants.to(torch.int64) & 0xFFFF
     if w.fmt == "q6_k":
         rows, cols = w.quants.shape[:2]
         j = torch.arange(4, device=w.device)[:, None]  # [j, m]: weight 4 j + m of a sub-block

@@ -11,18 +11,23 @@ Shares: B2 takes a contiguous range of columns; B4 takes the list's steps s, s +
 whatever their place in the matrix. A position past the share's end (B2) or past the count
 (B4) reads column 0's blocks against x = 0: weight loads carry no mask.
 
-Decoding: a lane turns its weights into fp32 with shifts and ANDs on the words of the kernel
-layout (gpu_layout_types.py) and adds level * (x d sc) in fp32; the min term x dmin m of Q5_K
-and Q2_K is summed per sub-block and subtracted once at the end. Each block's bytes are read
-once: Q8_0 32 level bytes, Q6_K 128 + 64 bytes of levels and 16 scale bytes, Q5_K 128 + 32
-bytes of levels and its 16-byte head, Q3_K 64 + 32 bytes of levels and 12 scale bytes, Q2_K 64
-bytes of levels and 16 scale bytes, plus the fp16 factors, loaded for block_k neighbouring
-columns together.
-
-K-quants: a step's products are summed over its block_k columns right away (a tree in registers)
-into one accumulator per output: fewer registers and instructions than an accumulator per column and
-output summed at the end (sm_90 ptxas, B4 at 4 warps, registers / SASS instructions: Q6_K 80 /
-607 against 96 / 647, Q5_K 124 / 1200 against 156 / 1264, Q2_K 122 / 1032 against 158 / 1088).
+Decoding (these kernels are bound by instructions per weight, not by bytes: issue 15): a lane takes one
+piece a step, 16 level bytes of one column's block (one 16-byte load) with the bits and scales
+that go with them (Q8_0 half a block; Q6_K two 16-weight sub-blocks; Q5_K one 32-weight
+sub-block; Q3_K and Q2_K four 16-weight sub-blocks; layouts in gpu_layout_types.py), and keeps one
+fp32 accumulator per weight slot and column: every product is one FFMA, no shuffles, no layout
+conversion (the column sum of a program is taken once, at the end). A level becomes fp32 without
+an int->float conversion (I2F runs at a quarter of the rate): its bits are merged where the
+layout put them (one LOP3 per 4-8 weights: Q6_K's top 2 bits, Q5_K's fifth, Q3_K's third bit
+next to the low bits), then one AND-OR (AND-XOR for Q8_0's signed bytes) puts the field, in
+place, into the mantissa of the power of two whose mantissa bit there is worth 1, and one
+subtraction removes that power and the level offset (exact). Q5_K and Q2_K sum their min term
+x dmin m per sub-block and subtract it once at the end. sm_90 SASS, main loop per weight (B2, default
+configs; before: 3.9 Q8_0, 13.0 Q6_K, 28.7 Q5_K, 26.2 Q3_K, 16.7 Q2_K): 4.5, 5.1, 5.5, 4.6, 4.3
+(scripts/types_sass.py). Constants the AND-ORs need are derived from the kernel argument magic
+(0x4B000000) so that they stay in registers: a LOP3 takes one immediate.
+Products and sums in fp32, the same products as before (level x (sc (x d))); each program
+adds its columns in a fixed order (deterministic).
 
 x is (K,) fp16/bf16/fp32 and y x's dtype; every product and sum is in fp32.
 Not tuned: the defaults (tuning.default_config, variants "zigzag_dense_<type>" and
