@@ -81,24 +81,18 @@ def _columns(idx_ptr, x_ptr, pos, hi, K, MODE: tl.constexpr):
 def _q8_0_step(q_ptr, d_ptr, blk, x, c):
     """Blocks blk (BLOCK_K, 2 RB) (each block row twice: a lane takes half a block, 16 level
     bytes), x (BLOCK_K, 1) -> the products level x d (BLOCK_K, 2 RB, 2, 2, 2, 2), slots as
-    _q8_0_slot_rows."""
+    _q8_0_in_rows."""
     half = tl.arange(0, blk.shape[1])[None, :] % 2
     lo = tl.load(q_ptr + (blk * 8 + 4 * half)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 2 RB, 4)
     f = x * tl.load(d_ptr + blk).to(tl.float32)
-    f = _join4(f, f, f, f)
-    return _byte_levels(tl.reshape(lo, (lo.shape[0], lo.shape[1], 2, 2)), c, 8) * _join4(f, f, f, f)
+    return _fields(tl.reshape(lo, (lo.shape[0], lo.shape[1], 2, 2)), c, 4) * _repeat(f, 16)
 
 
 @triton.jit
-def _q8_0_slot_rows(RB: tl.constexpr):
-    """(1, 2 RB, 2, 2, 2, 2): the row (0 .. 32 RB - 1) of each slot of _q8_0_step: byte 4 w + m of
-    half h of block row i, lane 2 i + h; word w = 2 a + b ([a, b] = the reshape), m as _join4."""
-    q = tl.arange(0, 2 * RB)[None, :, None, None, None, None]
-    a = tl.arange(0, 2)[None, None, :, None, None, None]
-    b = tl.arange(0, 2)[None, None, None, :, None, None]
-    i = tl.arange(0, 2)[None, None, None, None, :, None]
-    k = tl.arange(0, 2)[None, None, None, None, None, :]
-    return 16 * q + 8 * a + 4 * b + 2 * k + i
+def _q8_0_in_rows(v):
+    """(n, 2 RB, 2, 2, 2, 2) from _q8_0_step -> (n, 32 RB) in row order: byte 4 w + m of half h of
+    block row i is at lane q = 2 i + h; word w = 2 a + b ([a, b] = the reshape), m = i1 + 2 i2."""
+    return tl.reshape(tl.permute(v, (0, 1, 2, 3, 5, 4)), (v.shape[0], 16 * v.shape[1]))
 
 
 @triton.jit
@@ -113,14 +107,15 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     rb = g * RB + tl.arange(0, 2 * RB)[None, :] // 2  # (1, 2 RB): a lane's block row
-    c = _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 8, magic, 128.0)
+    c = _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 4, 8, 8, 2, 16, magic, 0.0, 128)
     # one accumulator per slot and column: Triton spreads the columns over lanes, so a sum over them
     # each step would be shuffles; summed once at the end
     acc = tl.zeros((BLOCK_K, 2 * RB, 2, 2, 2, 2), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
         acc += _q8_0_step(q_ptr, d_ptr, rb * K + col, x, c)
-    tl.store(part_ptr + s * NP + g * RB * 32 + _q8_0_slot_rows(RB), tl.sum(acc, axis=0, keep_dims=True))
+    tl.store(part_ptr + s * NP + g * RB * 32 + tl.arange(0, 32 * RB)[None, :],
+             _q8_0_in_rows(tl.sum(acc, axis=0, keep_dims=True)))
 
 
 @triton.jit
@@ -145,68 +140,73 @@ def _join4(a, b, c, d):
 
 
 @triton.jit
-def _byte_consts(z, BITS: tl.constexpr, magic, OFFSET: tl.constexpr):
-    """The constants of _byte_levels for z (int32 zeros, (1, ...) of the words' rank): per byte slot m
-    (two trailing dimensions of 2) the field mask, the word to XOR in and the value to subtract.
-    BITS = 8: signed bytes (OFFSET 128: the sign bit flipped, so the field holds level + 128)."""
-    if BITS == 8:
-        pos = _join4(z, z + 8, z, z + 8)  # bytes 2, 3 at bits 0.. and 8.. of the word >> 16
-        mag = magic - (pos << 23)  # 2^(23 - pos): its mantissa bit pos is worth 1
-        flip = mag + (128 << pos)  # an add, not an OR: LLVM would fold the OR into the AND-XOR as a second immediate
-    else:
-        pos = _join4(z, z + 8, z + 16, z + 8)  # byte 3 at bits 8.. of the word >> 16
-        mag = magic - (pos << 23)
-        flip = mag
-    return ((1 << BITS) - 1) << pos, flip, mag.to(tl.float32, bitcast=True) + OFFSET
+def _count(v, STEP: tl.constexpr, N: tl.constexpr):
+    """v + STEP n for n < N (2, 4, 8 or 16) in log2 N trailing dimensions of 2, n = i1 + 2 i2 +
+    4 i3 + 8 i4 at [..., i1, i2, i3, i4] (the order of _join4 and of joins of _join4s)."""
+    r = tl.join(v, v + STEP)
+    if N >= 4:
+        r = tl.join(r, r + 2 * STEP)
+    if N >= 8:
+        r = tl.join(r, r + 4 * STEP)
+    if N >= 16:
+        r = tl.join(r, r + 8 * STEP)
+    return r
 
 
 @triton.jit
-def _byte_levels(t, c, BITS: tl.constexpr):
-    """int32 words t (...) -> the BITS-bit fields of bytes m = 0..3 (bits 8 m ..) as exact float32
-    minus OFFSET, (..., 2, 2) (c = _byte_consts(.., BITS, magic, OFFSET)), without an int->float
-    conversion: one AND-XOR (LOP3) puts a field where it is into the mantissa of 2^(23 - pos), one
-    subtraction removes that power of two and the offset. A field must end below bit 23: bytes 2-3
-    of 8-bit fields and byte 3 of narrower ones are read from t >> 16 (one shift per word)."""
-    mask, flip, sub = c
-    hi = t >> 16
-    if BITS == 8:
-        tt = _join4(t, t, hi, hi)
-    else:
-        tt = _join4(t, t, t, hi)
-    return ((tt & mask) ^ flip).to(tl.float32, bitcast=True) - sub
+def _repeat(v, N: tl.constexpr):
+    """v repeated into N (2-16) slots, log2 N trailing dimensions of 2, by joins: the layout of the
+    decoded levels (expand_dims + broadcast can cost a layout conversion through shared memory)."""
+    r = tl.join(v, v)
+    if N >= 4:
+        r = tl.join(r, r)
+    if N >= 8:
+        r = tl.join(r, r)
+    if N >= 16:
+        r = tl.join(r, r)
+    return r
 
 
 @triton.jit
-def _slot_rows(z, J: tl.constexpr, M_FIRST: tl.constexpr):
-    """Row 4 j + m of a sub-block for the slots (j: words, m: bytes) of _byte_levels on 4 words
-    joined by _join4 (J = 4) or 8 by tl.join(_join4, _join4) (J = 8); the byte dimensions last, or
-    (M_FIRST) _byte_levels applied to each word before the words are joined."""
-    if M_FIRST:
-        r = _join4(z, z + 1, z + 2, z + 3)
-    else:
-        r = z
-    rj = _join4(r, r + 4, r + 8, r + 12)
-    if J == 8:
-        rj = tl.join(rj, rj + 16)
-    if not M_FIRST:
-        rj = _join4(rj, rj + 1, rj + 2, rj + 3)
-    return rj
+def _field_consts(z, N: tl.constexpr, WIDTH: tl.constexpr, STRIDE: tl.constexpr, SPLIT: tl.constexpr,
+                  SHIFT: tl.constexpr, magic, OFFSET: tl.constexpr, SIGN: tl.constexpr):
+    """The constants of _fields for words of z's rank (int32 zeros (1, ...)): N fields of WIDTH bits
+    at bits STRIDE n of a word, those from SPLIT on read from the word >> SHIFT (a field must end
+    below bit 23); per slot (log2 N trailing dimensions of 2, as _count) the shift, the mask, the
+    word to XOR in (SIGN: the sign bit of a signed field, flipped) and the value to subtract."""
+    n = _count(z, 1, N)
+    shift = tl.where(n < SPLIT, 0, SHIFT)
+    pos = STRIDE * n - shift
+    mag = magic - (pos << 23)  # 2^(23 - pos): its mantissa bit pos is worth 1
+    # an add, not an OR: LLVM would fold an OR into the AND-XOR as a second immediate
+    flip = mag + (SIGN << pos)
+    return shift, ((1 << WIDTH) - 1) << pos, flip, mag.to(tl.float32, bitcast=True) + OFFSET + SIGN
+
+
+@triton.jit
+def _fields(t, c, N: tl.constexpr):
+    """int32 words t (...) -> their N fields as exact float32 minus the offset, (..., 2, ...) with
+    log2 N dimensions of 2 (c = _field_consts), without an int->float conversion: one AND-XOR (LOP3)
+    puts a field where it is into the mantissa of 2^(23 - pos), one subtraction removes that power
+    of two and the offset (the fields past SPLIT after one shift a word: LLVM keeps one t >> SHIFT)."""
+    shift, mask, flip, sub = c
+    return (((_repeat(t, N) >> shift) & mask) ^ flip).to(tl.float32, bitcast=True) - sub
 
 
 @triton.jit
 def _q6_k_sub(la, lb, hw, f, nib, c):
     """One 16-weight sub-block (kernel layout, gpu_layout_types) -> its products (level - 32) f,
-    (..., 2, 2, 2, 2), slots as _slot_rows(.., 4): the low nibbles of words la, lb and the top bits
+    (..., 2, 2, 2, 2), slots as _q6_k_in_rows: the low nibbles of words la, lb and the top bits
     of hw merged into one byte a weight (one LOP3 per 4 weights; bits 6-7 left over, masked later)."""
     t = _select(_join4(la, la >> 4, lb, lb >> 4), _join4(hw, hw >> 2, hw << 4, hw << 2), nib)
-    return _byte_levels(t, c, 6) * f[:, :, None, None, None, None]
+    return _fields(t, c, 4) * f[:, :, None, None, None, None]
 
 
 @triton.jit
 def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, nib, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks 2p, 2p + 1: 16
     level bytes, 8 top-bit bytes, 2 scales) of one column -> the products (BLOCK_K, 8, 2, 2, 2, 2,
-    2), slots as _q6_k_slot_rows."""
+    2), slots as _q6_k_in_rows."""
     p = tl.arange(0, 8)[None, :]
     lo = tl.load(q_ptr + (blk * 32 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 8, 4)
     hw = tl.load(hb_ptr + (blk * 16 + 2 * p)[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BLOCK_K, 8, 2)
@@ -221,10 +221,10 @@ def _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, nib, c):
 
 
 @triton.jit
-def _q6_k_slot_rows():
-    """(1, 8, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q6_k_step."""
-    r = 32 * tl.arange(0, 8)[None, :, None, None, None, None]
-    return tl.join(r + _slot_rows(tl.zeros((1, 1), tl.int32), 4, False), r + 16 + _slot_rows(tl.zeros((1, 1), tl.int32), 4, False))
+def _q6_k_in_rows(v):
+    """(n, 8, 2, 2, 2, 2, 2) from _q6_k_step -> (n, 256) in row order: weight 4 j + m of sub-block
+    2 p + h at [p, j % 2, j // 2, m % 2, m // 2, h] (_fields on the joined words, then the halves)."""
+    return tl.reshape(tl.permute(v, (0, 1, 6, 3, 2, 5, 4)), (v.shape[0], 256))
 
 
 @triton.jit
@@ -239,18 +239,18 @@ def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
     nib = _in_register(0x0F0F0F0F, magic)
-    c = _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 6, magic, 32.0)
+    c = _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 4, 6, 8, 3, 16, magic, 32.0, 0)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
         acc += _q6_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, nib, c)
-    tl.store(part_ptr + s * NP + r * 256 + _q6_k_slot_rows(), tl.sum(acc, axis=0, keep_dims=True))
+    tl.store(part_ptr + s * NP + r * 256 + tl.arange(0, 256)[None, :], _q6_k_in_rows(tl.sum(acc, axis=0, keep_dims=True)))
 
 
 @triton.jit
 def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, nib, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p = sub-block p (16 level
     bytes, its 4 fifth-bit bytes, the block's 16-byte head) of one column -> the products level
-    x d sc (BLOCK_K, 8, 2, 2, 2, 2, 2), slots as _q5_k_slot_rows, and x dmin m (BLOCK_K, 8)."""
+    x d sc (BLOCK_K, 8, 2, 2, 2, 2, 2), slots as _q5_k_in_rows, and x dmin m (BLOCK_K, 8)."""
     p = tl.arange(0, 8)[None, :]
     lo = tl.reshape(tl.load(q_ptr + blk * 32 + tl.arange(0, 32)[None, :]), (blk.shape[0], 8, 4))
     hw = tl.load(hb_ptr + blk * 8 + p)  # (BLOCK_K, 8)
@@ -263,18 +263,23 @@ def _q5_k_step(q_ptr, hb_ptr, h_ptr, blk, x, nib, c):
     l1, l3 = tl.split(lb)
     # weight 4 j + m: low nibble at 8 m + 4 (j % 2) of word j // 2, fifth bit at 8 m + (j + 4) % 8 of hw
     # (moved to 8 m + 4, next to the nibble)
-    f = _join4(f, f, f, f)  # as the slots of _byte_levels
-    return (tl.join(_join4(_byte_levels(_select(l0, hw, nib), c, 5) * f, _byte_levels(_select(l0 >> 4, hw >> 1, nib), c, 5) * f,
-                           _byte_levels(_select(l1, hw >> 2, nib), c, 5) * f, _byte_levels(_select(l1 >> 4, hw >> 3, nib), c, 5) * f),
-                    _join4(_byte_levels(_select(l2, hw << 4, nib), c, 5) * f, _byte_levels(_select(l2 >> 4, hw << 3, nib), c, 5) * f,
-                           _byte_levels(_select(l3, hw << 2, nib), c, 5) * f, _byte_levels(_select(l3 >> 4, hw << 1, nib), c, 5) * f)),
-            mn * (x * dmin))
+    f = _repeat(f, 4)  # as the slots of _fields
+    v0 = _fields(_select(l0, hw, nib), c, 4) * f
+    v1 = _fields(_select(l0 >> 4, hw >> 1, nib), c, 4) * f
+    v2 = _fields(_select(l1, hw >> 2, nib), c, 4) * f
+    v3 = _fields(_select(l1 >> 4, hw >> 3, nib), c, 4) * f
+    v4 = _fields(_select(l2, hw << 4, nib), c, 4) * f
+    v5 = _fields(_select(l2 >> 4, hw << 3, nib), c, 4) * f
+    v6 = _fields(_select(l3, hw << 2, nib), c, 4) * f
+    v7 = _fields(_select(l3 >> 4, hw << 1, nib), c, 4) * f
+    return tl.join(_join4(v0, v1, v2, v3), _join4(v4, v5, v6, v7)), mn * (x * dmin)
 
 
 @triton.jit
-def _q5_k_slot_rows():
-    """(1, 8, 2, 2, 2, 2, 2): the block row (0..255) of each slot of _q5_k_step: 32 p + 4 j + m."""
-    return 32 * tl.arange(0, 8)[None, :, None, None, None, None, None] + _slot_rows(tl.zeros((1, 1), tl.int32), 8, True)
+def _q5_k_in_rows(v):
+    """(n, 8, 2, 2, 2, 2, 2) from _q5_k_step -> (n, 256) in row order: weight 4 j + m of sub-block
+    p at [p, m % 2, m // 2, j % 2, (j // 2) % 2, j // 4] (_fields on each word, then the words joined)."""
+    return tl.reshape(tl.permute(v, (0, 1, 6, 5, 4, 3, 2)), (v.shape[0], 256))
 
 
 @triton.jit
@@ -290,48 +295,14 @@ def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, N
     acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
     bias = tl.zeros((BLOCK_K, 8), dtype=tl.float32)  # the min term x dmin m of each lane's sub-block
     nib = _in_register(0x0F0F0F0F, magic)
-    c = _byte_consts(tl.zeros((1, 1), tl.int32), 5, magic, 0.0)
+    c = _field_consts(tl.zeros((1, 1), tl.int32), 4, 5, 8, 3, 16, magic, 0.0, 0)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
         w, mb = _q5_k_step(q_ptr, hb_ptr, h_ptr, r * K + col, x, nib, c)
         acc += w
         bias += mb
     y = tl.sum(acc, axis=0, keep_dims=True) - tl.sum(bias, axis=0, keep_dims=True)[:, :, None, None, None, None, None]
-    tl.store(part_ptr + s * NP + r * 256 + _q5_k_slot_rows(), y)
-
-
-@triton.jit
-def _join8(v, STEP: tl.constexpr):
-    """v + STEP n for n = 0..7 joined (..., 2, 2, 2): n = 4 g + 2 k + i at [..., i, k, g]."""
-    return tl.join(_join4(v, v + STEP, v + 2 * STEP, v + 3 * STEP),
-                   _join4(v + 4 * STEP, v + 5 * STEP, v + 6 * STEP, v + 7 * STEP))
-
-
-@triton.jit
-def _nibble_consts(z, magic, OFFSET: tl.constexpr):
-    """The constants of _nibble_levels for z (int32 zeros, (1, ...) of the words' rank): per 3-bit
-    slot n (three trailing dimensions of 2, as _join8) the field mask, magic word and subtrahend."""
-    n = _join8(z, 1)
-    pos = tl.where(n < 6, 4 * n, 4 * n - 24)  # slots 6, 7 at bits 0.., 4.. of the word >> 24
-    mag = magic - (pos << 23)
-    return 7 << pos, mag, mag.to(tl.float32, bitcast=True) + OFFSET
-
-
-@triton.jit
-def _nibble_levels(t, c):
-    """int32 words t (...) -> the 3-bit fields at bits 4 n (n = 0..7) as exact float32 minus OFFSET,
-    (..., 2, 2, 2) as _join8 (c = _nibble_consts): one AND-OR and one subtraction a field, the top
-    two after one shift per word."""
-    mask, mag, sub = c
-    hi = t >> 24
-    tt = tl.join(_join4(t, t, t, t), _join4(t, t, hi, hi))
-    return ((tt & mask) | mag).to(tl.float32, bitcast=True) - sub
-
-
-@triton.jit
-def _bcast8(v):
-    """v (...) repeated into 8 slots (..., 2, 2, 2) by joins (the layout of _nibble_levels)."""
-    return tl.join(_join4(v, v, v, v), _join4(v, v, v, v))
+    tl.store(part_ptr + s * NP + r * 256 + tl.arange(0, 256)[None, :], _q5_k_in_rows(y))
 
 
 @triton.jit
@@ -345,7 +316,7 @@ def _q3_k_scale(lo4, hi2):
 def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, m33, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks p, p + 4, p + 8,
     p + 12: 16 low-bit bytes, 8 third-bit bytes) of one column and the block's packed scales ->
-    the products (level - 4) x d (s - 32) (BLOCK_K, 4, 2, 2, 2, 2, 2, 2), slots as _q3_k_slot_rows."""
+    the products (level - 4) x d (s - 32) (BLOCK_K, 4, 2, 2, 2, 2, 2, 2), slots as _q3_k_in_rows."""
     p = tl.arange(0, 4)[None, :]
     lo = tl.load(q_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 4, 4)
     hw = tl.load(hb_ptr + (blk * 8 + 2 * p)[:, :, None] + tl.arange(0, 2)[None, None, :])  # (BLOCK_K, 4, 2)
@@ -365,15 +336,14 @@ def _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, blk, x, m33, c):
     ll = _join4(l0, l1, l2, l3)
     t = tl.join(_select(ll, _join4(h0, h0 << 2, h1, h1 << 2), m33),
                 _select(ll >> 2, _join4(h0 >> 1, h0 << 1, h1 >> 1, h1 << 1), m33))
-    return _nibble_levels(t, c) * _bcast8(tl.join(f, f))
+    return _fields(t, c, 8) * _repeat(tl.join(f, f), 8)
 
 
 @triton.jit
-def _q3_k_slot_rows():
-    """(1, 4, 2, 2, 2, 2, 2, 2): the block row of each slot of _q3_k_step: 16 (p + 4 i) + 2 n + e % 2."""
-    r = 16 * tl.arange(0, 4)[None, :]
-    r = _join4(r, r + 64, r + 128, r + 192)
-    return _join8(tl.join(r, r + 1), 2)
+def _q3_k_in_rows(v):
+    """(n, 4, 2, 2, 2, 2, 2, 2) from _q3_k_step -> (n, 256) in row order: weight 2 n' + e % 2 of
+    sub-block p + 4 i at [p, i % 2, i // 2, e % 2, n' % 2, (n' // 2) % 2, n' // 4]."""
+    return tl.reshape(tl.permute(v, (0, 3, 2, 1, 7, 6, 5, 4)), (v.shape[0], 256))
 
 
 @triton.jit
@@ -387,57 +357,19 @@ def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_p
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
     m33 = _in_register(0x33333333, magic)
-    c = _nibble_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), magic, 4.0)
+    c = _field_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), 8, 3, 4, 6, 24, magic, 4.0, 0)
     acc = tl.zeros((BLOCK_K, 4, 2, 2, 2, 2, 2, 2), dtype=tl.float32)
     for j in range(first, hi, stride):
         col, x = _columns(idx_ptr, x_ptr, j + tl.arange(0, BLOCK_K)[:, None], hi, K, MODE)
         acc += _q3_k_step(q_ptr, hb_ptr, sc_ptr, d_ptr, r * K + col, x, m33, c)
-    tl.store(part_ptr + s * NP + r * 256 + _q3_k_slot_rows(), tl.sum(acc, axis=0, keep_dims=True))
-
-
-@triton.jit
-def _join16(v, STEP: tl.constexpr):
-    """v + STEP n for n = 0..15 joined (..., 2, 2, 2, 2): n = 4 (2 k2 + i2) + 2 k1 + i1 at
-    [..., i1, k1, i2, k2] (as _join4 of _join4s)."""
-    return _join4(_join4(v, v + STEP, v + 2 * STEP, v + 3 * STEP),
-                  _join4(v + 4 * STEP, v + 5 * STEP, v + 6 * STEP, v + 7 * STEP),
-                  _join4(v + 8 * STEP, v + 9 * STEP, v + 10 * STEP, v + 11 * STEP),
-                  _join4(v + 12 * STEP, v + 13 * STEP, v + 14 * STEP, v + 15 * STEP))
-
-
-@triton.jit
-def _crumb_consts(z, magic):
-    """The constants of _crumb_levels for z (int32 zeros, (1, ...) of the words' rank): per 2-bit
-    slot n (four trailing dimensions of 2, as _join16) the field mask, magic word and subtrahend."""
-    n = _join16(z, 1)
-    pos = tl.where(n < 11, 2 * n, 2 * n - 22)  # slots 11-15 at bits 0.. of the word >> 22
-    mag = magic - (pos << 23)
-    return 3 << pos, mag, mag.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _crumb_levels(t, c):
-    """int32 words t (...) -> their 16 2-bit fields (bits 2 n ..) as exact float32 (..., 2, 2, 2, 2),
-    slot n as _join16: one AND-OR into the mantissa of 2^(23 - pos) and one subtraction a field
-    (the fields from bit 22 on after one shift per word, so that each ends below bit 23)."""
-    mask, mag, sub = c
-    hi = t >> 22
-    tt = _join4(_join4(t, t, t, t), _join4(t, t, t, t), _join4(t, t, t, hi), _join4(hi, hi, hi, hi))
-    return ((tt & mask) | mag).to(tl.float32, bitcast=True) - sub
-
-
-@triton.jit
-def _bcast16(v):
-    """v (...) repeated into the 16 slots (..., 2, 2, 2, 2) by joins (the layout of _crumb_levels)."""
-    v = _join4(v, v, v, v)
-    return _join4(v, v, v, v)
+    tl.store(part_ptr + s * NP + r * 256 + tl.arange(0, 256)[None, :], _q3_k_in_rows(tl.sum(acc, axis=0, keep_dims=True)))
 
 
 @triton.jit
 def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, c):
     """Blocks blk (BLOCK_K, 1), x (BLOCK_K, 1): a lane takes piece p (sub-blocks 4p .. 4p + 3: 16
     level bytes, 4 scale bytes) of one column -> the products level x d sc (BLOCK_K, 4, 2, 2, 2, 2,
-    2, 2), slots as _q2_k_slot_rows, and x dmin m (BLOCK_K, 4, 2, 2)."""
+    2, 2), slots as _q2_k_in_rows, and x dmin m (BLOCK_K, 4, 2, 2)."""
     p = tl.arange(0, 4)[None, :]
     lo = tl.load(q_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 4, 4)
     sm = tl.load(sc_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :]).to(tl.int32)
@@ -448,17 +380,15 @@ def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, c):
     sm = tl.reshape(sm, (sm.shape[0], 4, 2, 2))
     xd = (x * d)[:, :, None, None]
     f = small_to_float(sm & 15) * xd
-    return (_crumb_levels(lo, c) * _bcast16(f),
+    return (_fields(lo, c, 16) * _repeat(f, 16),
             small_to_float(sm >> 4) * (x * dmin)[:, :, None, None])
 
 
 @triton.jit
-def _q2_k_slot_rows():
-    """(1, 4, 2, 2, 2, 2, 2, 2): the block row of each slot of _q2_k_step: 16 (4 p + 2 a + b) + n."""
-    p = tl.arange(0, 4)[None, :, None, None]
-    a = tl.arange(0, 2)[None, None, :, None]
-    b = tl.arange(0, 2)[None, None, None, :]
-    return _join16(16 * (4 * p + 2 * a + b), 1)
+def _q2_k_in_rows(v):
+    """(n, 4, 2, 2, 2, 2, 2, 2) from _q2_k_step -> (n, 256) in row order: weight n' of sub-block
+    4 p + 2 a + b at [p, a, b, n' % 2, (n' // 2) % 2, (n' // 4) % 2, n' // 8]."""
+    return tl.reshape(tl.permute(v, (0, 1, 2, 3, 7, 6, 5, 4)), (v.shape[0], 256))
 
 
 @triton.jit
@@ -471,7 +401,7 @@ def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, 
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
-    c = _crumb_consts(tl.zeros((1, 1, 1, 1), tl.int32), magic)
+    c = _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 16, 2, 2, 11, 22, magic, 0.0, 0)
     acc = tl.zeros((BLOCK_K, 4, 2, 2, 2, 2, 2, 2), dtype=tl.float32)
     bias = tl.zeros((BLOCK_K, 4, 2, 2), dtype=tl.float32)  # the min term x dmin m of each sub-block
     for j in range(first, hi, stride):
@@ -479,8 +409,8 @@ def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, 
         w, mb = _q2_k_step(q_ptr, sc_ptr, dd_ptr, r * K + col, x, c)
         acc += w
         bias += mb
-    y = tl.sum(acc, axis=0, keep_dims=True) - _bcast16(tl.sum(bias, axis=0, keep_dims=True))
-    tl.store(part_ptr + s * NP + r * 256 + _q2_k_slot_rows(), y)
+    y = tl.sum(acc, axis=0, keep_dims=True) - _repeat(tl.sum(bias, axis=0, keep_dims=True), 16)
+    tl.store(part_ptr + s * NP + r * 256 + tl.arange(0, 256)[None, :], _q2_k_in_rows(y))
 
 
 @triton.jit
@@ -492,45 +422,39 @@ def _dequant_kernel(a_ptr, b_ptr, c_ptr, d_ptr, out_ptr, N, K, magic, FMT: tl.co
     r = tl.program_id(0)
     col = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = col < K
-    blk = r * K + tl.where(ok, col, 0)
     if FMT == 0:  # q8_0: 8 block rows of 32 (the levels as int32 words)
         rb = r * 8 + tl.arange(0, 16)[None, :] // 2
         cq = tl.where(ok, col, 0)[:, None]
         w = _q8_0_step(a_ptr, b_ptr, rb * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
-                       _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 8, magic, 128.0))
-        rows = 256 * r + _q8_0_slot_rows(8)
-        cols = col[:, None, None, None, None, None]
-        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
+                       _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 4, 8, 8, 2, 16, magic, 0.0, 128))
+        w = _q8_0_in_rows(w)
     elif FMT == 2:  # q5_k
         cq = tl.where(ok, col, 0)[:, None]
         w, mb = _q5_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
-                           _in_register(0x0F0F0F0F, magic), _byte_consts(tl.zeros((1, 1), tl.int32), 5, magic, 0.0))
+                           _in_register(0x0F0F0F0F, magic),
+                           _field_consts(tl.zeros((1, 1), tl.int32), 4, 5, 8, 3, 16, magic, 0.0, 0))
         w = w - mb[:, :, None, None, None, None, None]
-        rows = 256 * r + _q5_k_slot_rows()
-        cols = col[:, None, None, None, None, None, None]
-        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
+        w = _q5_k_in_rows(w)
     elif FMT == 1:  # q6_k
         cq = tl.where(ok, col, 0)[:, None]
         w = _q6_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
-                       _in_register(0x0F0F0F0F, magic), _byte_consts(tl.zeros((1, 1, 1, 1), tl.int32), 6, magic, 32.0))
-        rows = 256 * r + _q6_k_slot_rows()
-        cols = col[:, None, None, None, None, None, None]
-        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
+                       _in_register(0x0F0F0F0F, magic),
+                       _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 4, 6, 8, 3, 16, magic, 32.0, 0))
+        w = _q6_k_in_rows(w)
     elif FMT == 3:  # q3_k
         cq = tl.where(ok, col, 0)[:, None]
         w = _q3_k_step(a_ptr, b_ptr, c_ptr, d_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
-                       _in_register(0x33333333, magic), _nibble_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), magic, 4.0))
-        rows = 256 * r + _q3_k_slot_rows()
-        cols = col[:, None, None, None, None, None, None, None]
-        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
+                       _in_register(0x33333333, magic),
+                       _field_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), 8, 3, 4, 6, 24, magic, 4.0, 0))
+        w = _q3_k_in_rows(w)
     else:  # q2_k
         cq = tl.where(ok, col, 0)[:, None]
         w, mb = _q2_k_step(a_ptr, b_ptr, c_ptr, r * K + cq, tl.full((BLOCK_K, 1), 1.0, tl.float32),
-                           _crumb_consts(tl.zeros((1, 1, 1, 1), tl.int32), magic))
-        w = w - _bcast16(mb)
-        rows = 256 * r + _q2_k_slot_rows()
-        cols = col[:, None, None, None, None, None, None, None]
-        tl.store(out_ptr + rows * K + cols, w.to(out_ptr.dtype.element_ty), mask=(cols < K) & (rows < N))
+                           _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 16, 2, 2, 11, 22, magic, 0.0, 0))
+        w = w - _repeat(mb, 16)
+        w = _q2_k_in_rows(w)
+    rows = 256 * r + tl.arange(0, 256)[None, :]  # (Q8_0: 8 block rows of 32)
+    tl.store(out_ptr + rows * K + col[:, None], w.to(out_ptr.dtype.element_ty), mask=ok[:, None] & (rows < N))
 
 
 # ---------------------------------------------------------------- launchers
@@ -596,7 +520,8 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     count = count if count is not None else ws.count
     common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     if w.fmt == "q8_0":
-        _q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np, ws.split,
+        _q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np,
+                                                 ws.split,
                                                  RB=rows, **common)
     elif w.fmt == "q6_k":
         _q6_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
@@ -659,7 +584,8 @@ def dequantize(w: GpuZigzag, dtype: torch.dtype = torch.float16, out: torch.Tens
     if out.shape != (n, k) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous ({n}, {k}) tensor")
     rows = w.rows // Q8_ROW_GROUP if w.fmt == "q8_0" else w.rows
-    _dequant_kernel[(rows, triton.cdiv(k, block_k))](*_arrays(w), out, n, k, MAGIC, FMT=_FMT_IDS[w.fmt], BLOCK_K=block_k,
+    _dequant_kernel[(rows, triton.cdiv(k, block_k))](*_arrays(w), out, n, k, MAGIC, FMT=_FMT_IDS[w.fmt],
+                                                     BLOCK_K=block_k,
                                                      num_warps=4)
     return out
 
@@ -696,7 +622,8 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 16):
     ptrs = {"q8_0": ("*i32", "*fp16", "*i32", "*i32"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
             "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*i32", "*i32", "*i32", "*fp16"),
             "q2_k": ("*i32", "*u8", "*i32", "*i32")}[fmt]
-    sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32", "magic": "i32",
+    sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32",
+                                                                   "magic": "i32",
                                                                    "FMT": "constexpr", "BLOCK_K": "constexpr"}
     src = ASTSource(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k},
                     attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
