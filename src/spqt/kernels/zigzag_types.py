@@ -180,7 +180,9 @@ def _field_consts(z, N: tl.constexpr, WIDTH: tl.constexpr, STRIDE: tl.constexpr,
     mag = magic - (pos << 23)  # 2^(23 - pos): its mantissa bit pos is worth 1
     # an add, not an OR: LLVM would fold an OR into the AND-XOR as a second immediate
     flip = mag + (SIGN << pos)
-    return shift, ((1 << WIDTH) - 1) << pos, flip, mag.to(tl.float32, bitcast=True) + OFFSET + SIGN
+    # the subtrahend from literals (an FADD immediate: no register), the AND-XOR's word from magic
+    sub = (0x4B000000 - (pos << 23)).to(tl.float32, bitcast=True) + (OFFSET + SIGN)
+    return shift, ((1 << WIDTH) - 1) << pos, flip, sub
 
 
 @triton.jit
