@@ -23,7 +23,7 @@ next to the low bits), then one AND-OR (AND-XOR for Q8_0's signed bytes) puts th
 place, into the mantissa of the power of two whose mantissa bit there is worth 1, and one
 subtraction removes that power and the level offset (exact). Q5_K and Q2_K sum their min term
 x dmin m per sub-block and subtract it once at the end. sm_90 SASS, main loop per weight (B2, default
-configs; before: 3.9 Q8_0, 13.0 Q6_K, 28.7 Q5_K, 26.2 Q3_K, 16.7 Q2_K): 4.5, 5.1, 5.5, 4.7, 4.3
+configs; before: 3.9 Q8_0, 13.0 Q6_K, 28.7 Q5_K, 26.2 Q3_K, 16.7 Q2_K): 4.5, 5.1, 5.5, 4.7, 4.4
 (scripts/types_sass.py). Constants the AND-ORs need are derived from the kernel argument magic
 (0x4B000000) so that they stay in registers: a LOP3 takes one immediate.
 Products and sums in fp32, the same products as before (level x (sc (x d))); each program
