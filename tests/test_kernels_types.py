@@ -340,22 +340,43 @@ _COMPILE_SM90 = """
 import collections, json, os, re, subprocess, sys, tempfile
 import triton
 from spqt.kernels import zigzag_types as zt
-ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 from spqt.kernels import tuning
+def main_loop(sass):  # the longest loop (a backward branch closes it), as scripts/types_sass.py
+    lines, labels, best = [], {}, []
+    for ln in sass.splitlines():
+        label = re.match(r"^(\\.L_\\w+):", ln.strip())
+        if label:
+            labels[label.group(1)] = len(lines)
+        elif re.search(r"/\\*[0-9a-f]{4}\\*/", ln):
+            lines.append(ln)
+            target = re.search(r"BRA\\s+(?:`\\()?(\\.L_\\w+)", ln)
+            if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
+                best = lines[labels[target.group(1)]:]
+    return best
 for fmt in ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
     # B4 for every type; B2 (which differs only in the column shares) for Q5_K
     for mode in ((zt.MODE_DENSE, zt.MODE_INDEXED) if fmt == "q5_k" else (zt.MODE_INDEXED,)):
         warps = tuning.default_config(f"zigzag_dense_{fmt}", 4096, 4096)["num_warps"]
-        ptx = zt.compile_sm90(fmt, mode, sys.argv[1], num_warps=warps).asm["ptx"]
+        compiled = zt.compile_sm90(fmt, mode, sys.argv[1], num_warps=warps)
+        ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as d:
             open(os.path.join(d, "k.ptx"), "w").write(ptx)
-            v = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"), "-o",
-                                os.path.join(d, "k.cubin")], capture_output=True, text=True)
-        assert v.returncode == 0, v.stderr[-2000:]
+            v = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"),
+                                "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
+            assert v.returncode == 0, v.stderr[-2000:]
+            sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", os.path.join(d, "k.cubin")],
+                                  capture_output=True, text=True).stdout
+        loop = main_loop(sass)
+        ops = collections.Counter(m.group(1) for m in (re.search(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9]*)", ln)
+                                                        for ln in loop) if m)
         loads = collections.Counter(re.findall(r"ld[.]global[.][.\\w]*", ptx))
         print(json.dumps({"what": f"{fmt} mode {mode}", "regs": re.findall(r"Used (\\d+) registers", v.stderr),
                           "spills": re.findall(r"(\\d+) bytes spill stores", v.stderr),
-                          "v4_loads": sum(n for k, n in loads.items() if ".v4." in k)}))
+                          "v4_loads": sum(n for k, n in loads.items() if ".v4." in k),
+                          "per_weight": len(loop) * 32 * warps / (16 * 256),
+                          "slow": {op: n for op, n in ops.items()
+                                   if op in ("I2F", "I2FP", "SHFL", "BAR", "LDS", "STS")}}))
     zt.compile_dequant_sm90(fmt)  # prefill's dequantize kernel builds too
 """
 
@@ -363,7 +384,9 @@ for fmt in ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
 def test_kernels_compile_for_sm90():
     """The GPU code, which the interpreter does not build: every type's B4 (and Q5_K's B2) and
     dequantize kernel compile for sm_90 at the default warps (Triton's bundled ptxas, in a child process: TRITON_INTERPRET
-    replaces the compiler) without register spills, and reads the level bytes with 16-byte loads."""
+    replaces the compiler) without register spills, and reads the level bytes with 16-byte loads; the main loop
+    (nvdisasm) stays within 6.5 SASS instructions a weight (issue 15: 4.4-5.8 today, 13-33 before) with at most
+    2 I2F (Q6_K's two scales), no I2FP and no shuffle, barrier or shared-memory access."""
     import os
     import subprocess
     import sys
@@ -379,6 +402,7 @@ def test_kernels_compile_for_sm90():
     for r in reports:
         assert len(r["regs"]) == 1 and set(r["spills"]) <= {"0"}, r
         assert r["v4_loads"] >= 1, f"no 16-byte load: {r}"
+        assert r["per_weight"] <= 6.5 and r["slow"].get("I2F", 0) <= 2 and set(r["slow"]) <= {"I2F"}, r
 
 
 @pytest.mark.gpu

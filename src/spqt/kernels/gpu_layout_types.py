@@ -9,26 +9,27 @@ scales and fp16 factors) every block (r, k) of the zigzag grid (ceil(N / B), K) 
   ``quants`` (R8, K, 32) int8 the levels, weight order (32 bytes: two 16-byte loads);
   ``d`` (R8, K) fp16. R8 = R rounded up to Q8_ROW_GROUP with zero blocks, so that a program
   that takes 1-8 block rows (256 outputs at 8) reads no block without a mask.
-* Q6_K (B = 256), 210 bytes: weight ``w = 64 jq + 16 c + l`` (jq, c < 4, l < 16) is in
-  sub-block ``j = 4 jq + c`` (16 weights each) and in word ``16 jq + l``:
-  ``quants`` (R, K, 64) int16, bits 4c..4c+3 of word (jq, l) = low 4 bits of its level;
-  ``high`` (R, K, 64) uint8, bits 2c..2c+1 of byte (jq, l) = the level's top 2 bits;
+* Q6_K (B = 256), 210 bytes: weight ``16 s + 4 j + m`` (sub-block s < 16, j, m < 4):
+  ``quants`` (R, K, 32) int32: the low nibble at bit 8 m + 4 (j % 2) of word 2 s + j // 2;
+  ``high`` (R, K, 16) int32: the top 2 bits at bit 8 m + 2 ((j + 2) % 4) of word s;
   ``scales`` (R, K, 16) int8 (GGUF's, sub-block order); ``d`` (R, K) fp16.
-  A lane that holds word (jq, l) decodes four weights of four sub-blocks with shifts only.
-* Q5_K (B = 256), 176 bytes: weight ``w = 128 jq + 32 c + l`` (jq < 2, c < 4, l < 32) is in
-  sub-block ``j = 4 jq + c`` (32 weights each):
-  ``quants`` (R, K, 64) int16, bits 4c..4c+3 of word 32 jq + l = low 4 bits of its level;
-  ``high`` (R, K, 32) uint8 = GGUF's qh unchanged (bit j of byte l is weight 32 j + l's 5th bit);
+  A lane takes words 4p..4p+3 and 2p, 2p+1 (sub-blocks 2p, 2p+1); one LOP3 on (low word >> 4 (j % 2),
+  high word shifted) puts weight (j, m)'s 6 bits at byte m.
+* Q5_K (B = 256), 176 bytes: weight ``32 s + 4 j + m`` (sub-block s < 8, j < 8, m < 4):
+  ``quants`` (R, K, 32) int32: the low nibble at bit 8 m + 4 (j % 2) of word 4 s + j // 2;
+  ``high`` (R, K, 8) int32: the fifth bit at bit 8 m + (j + 4) % 8 of word s;
   ``head`` (R, K, 4) int32 = GGUF's first 16 bytes (d | dmin << 16, the packed 6-bit scales and
-  mins, as Q4_K's head, decoded by q4k_bits).
-
-* Q3_K (B = 256), 110 bytes, and Q2_K (B = 256), 84 bytes: weight ``w = 64 jq + 16 c + l`` as in
-  Q6_K (sub-block ``j = 4 jq + c``, 16 weights each):
-  ``quants`` (R, K, 64) uint8, bits 2c..2c+1 of byte 16 jq + l = the level's low 2 bits;
-  Q3_K: ``high`` (R, K, 16) int16, bit 4 jq + c of word l = the level's 3rd bit (GGUF's hmask);
+  mins, as Q4_K's head, decoded by q4k_bits). A lane takes one sub-block.
+* Q3_K (B = 256), 110 bytes: weight ``16 s + e`` (sub-block s < 16, e < 16):
+  ``quants`` (R, K, 16) int32: the low 2 bits at bit 2 e of word 4 (s % 4) + s // 4;
+  ``high`` (R, K, 8) int32: the third bit in word 2 (s % 4) + s // 8, which holds sub-blocks
+  s0 = s % 4 + 8 (s // 8) and s0 + 4: s0's at bit 2 e + 2 - e % 2, s0 + 4's two bits lower (_q3_k_bit);
   ``scales`` (R, K, 3) int32 = GGUF's 12 packed 6-bit scales; ``d`` (R, K) fp16.
-  Q2_K: ``scales`` (R, K, 16) uint8 = GGUF's (scale | min << 4, sub-block order);
-  ``d`` (R, K) int32 = d | dmin << 16 (fp16 bits).
+  A lane takes sub-blocks p, p + 4, p + 8, p + 12 (their scales are byte p of the packed words).
+* Q2_K (B = 256), 84 bytes: weight ``16 s + n`` (s, n < 16):
+  ``quants`` (R, K, 16) int32: the level at bit 2 n of word s;
+  ``scales`` (R, K, 16) uint8 = GGUF's (scale | min << 4, sub-block order);
+  ``d`` (R, K) int32 = d | dmin << 16 (fp16 bits). A lane takes 4 sub-blocks.
 
 Every array's per-block slice is a multiple of 16 bytes except the fp16 ``d``, which the kernels
 read for 16 neighbouring columns at once (32 contiguous bytes).
@@ -80,9 +81,9 @@ class GpuZigzag:
         return self.quants.device
 
 
-def _to_int16(v: torch.Tensor) -> torch.Tensor:
-    """Values 0..65535 (int64) -> int16 of the same 16 bits."""
-    return torch.where(v >= 32768, v - 65536, v).to(torch.int16)
+def _to_int32(v: torch.Tensor) -> torch.Tensor:
+    """Values 0..2^32 - 1 (int64) -> int32 of the same 32 bits."""
+    return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32).contiguous()
 
 
 def q6_k_levels(blocks: torch.Tensor) -> torch.Tensor:
@@ -95,12 +96,16 @@ def q6_k_levels(blocks: torch.Tensor) -> torch.Tensor:
     return (low | (high << 4)).reshape(n, 256)
 
 
-def _low_bits_by_word(lv: torch.Tensor) -> torch.Tensor:
-    """Levels (n, 256) in weight order -> (n, 64) uint8: byte 16 jq + l holds the low 2 bits of
-    weight 64 jq + 16 c + l at bits 2c."""
-    by_word = lv.reshape(-1, 4, 4, 16).permute(0, 1, 3, 2)  # [block, jq, l, c]
-    shifts = 2 * torch.arange(4, device=lv.device)
-    return ((by_word & 3) << shifts).sum(dim=3).reshape(-1, 64).to(torch.uint8)
+def q5_k_levels(blocks: torch.Tensor) -> torch.Tensor:
+    """GGUF Q5_K blocks (n, 176) uint8 -> levels (n, 256) int64 0..31 in weight order (sub-block
+    s = weights 32 s ..: low nibbles of qs byte 32 (s // 2) + l (high nibble for odd s), fifth bit =
+    bit s of qh byte l)."""
+    n = blocks.shape[0]
+    qs = blocks[:, 48:176].to(torch.int64).reshape(n, 4, 1, 32)
+    low = torch.cat([qs & 15, qs >> 4], dim=2).reshape(n, 8, 32)
+    qh = blocks[:, 16:48].to(torch.int64).reshape(n, 1, 32)
+    fifth = (qh >> torch.arange(8, device=blocks.device).reshape(1, 8, 1)) & 1
+    return (low | (fifth << 4)).reshape(n, 256)
 
 
 def q3_k_levels(blocks: torch.Tensor) -> torch.Tensor:
@@ -121,6 +126,15 @@ def q2_k_levels(blocks: torch.Tensor) -> torch.Tensor:
     return ((qs >> (2 * torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1))) & 3).reshape(n, 256)
 
 
+def _q3_k_bit(device) -> torch.Tensor:
+    """(16 s, 16 e): the bit of weight e of sub-block s in its third-bit word 2 (s % 4) + s // 8,
+    which holds sub-blocks s0 = s % 4 + 8 (s // 8) and s0 + 4: s0's even e at 2 e + 2, odd e at
+    2 e + 1; s0 + 4's at 2 e and 2 e - 1 (each next to its low bits once merged, zigzag_types)."""
+    s = torch.arange(16, device=device)[:, None]
+    e = torch.arange(16, device=device)[None, :]
+    return 2 * e + 2 - e % 2 - 2 * ((s // 4) % 2)
+
+
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
     """Canonical zigzag blocks -> kernel layout on `device` (exact)."""
     if weight.fmt not in TYPES or weight.layout != "zigzag":
@@ -137,31 +151,37 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuZigzag:
         d = blocks[..., 0:2].contiguous().view(torch.float16).reshape(rows + pad, cols)
         return GpuZigzag("q8_0", shape, quants, d=d)
     if weight.fmt == "q6_k":
-        lv = q6_k_levels(flat).reshape(-1, 4, 4, 16).permute(0, 1, 3, 2)  # [block, jq, l, c]
-        shifts = torch.arange(4, device=lv.device)
-        lo = ((lv & 0xF) << (4 * shifts)).sum(dim=3)
-        hi = ((lv >> 4) << (2 * shifts)).sum(dim=3)
-        return GpuZigzag("q6_k", shape, _to_int16(lo).reshape(rows, cols, 64).contiguous(),
+        lv = q6_k_levels(flat).reshape(-1, 16, 2, 2, 4)  # [block, sub-block s, j >> 1, j & 1, m]: weight 16 s + 4 j + m
+        m8 = 8 * torch.arange(4, device=lv.device)
+        lo = ((lv & 15) << (m8 + 4 * torch.arange(2, device=lv.device)[:, None])).sum(dim=(3, 4))  # (n, 16, 2)
+        top = (torch.arange(4, device=lv.device) + 2) % 4  # j -> 2-bit slot of its byte
+        hi = ((lv >> 4).reshape(-1, 16, 4, 4) << (m8 + 2 * top[:, None])).sum(dim=(2, 3))  # (n, 16)
+        return GpuZigzag("q6_k", shape, _to_int32(lo).reshape(rows, cols, 32),
                          d=flat[:, 208:210].contiguous().view(torch.float16).reshape(rows, cols),
-                         high=hi.to(torch.uint8).reshape(rows, cols, 64).contiguous(),
+                         high=_to_int32(hi).reshape(rows, cols, 16),
                          scales=flat[:, 192:208].contiguous().view(torch.int8).reshape(rows, cols, 16))
     if weight.fmt == "q3_k":
-        lv = q3_k_levels(flat)
-        bits = (lv >> 2).reshape(-1, 4, 4, 16).permute(0, 3, 1, 2).reshape(-1, 16, 16)  # [block, l, 4 jq + c]
-        hi = (bits << torch.arange(16, device=lv.device)).sum(dim=2)
-        return GpuZigzag("q3_k", shape, _low_bits_by_word(lv).reshape(rows, cols, 64),
+        lv = q3_k_levels(flat).reshape(-1, 16, 16)  # [block, sub-block s, weight e]
+        e2 = 2 * torch.arange(16, device=lv.device)
+        low = ((lv & 3) << e2).sum(dim=2)  # (n, 16): word of sub-block s
+        high = ((lv >> 2) << _q3_k_bit(lv.device)).sum(dim=2).reshape(-1, 2, 2, 4).sum(dim=2)  # [k, p]
+        return GpuZigzag("q3_k", shape, _to_int32(low.reshape(-1, 4, 4).transpose(1, 2)).reshape(rows, cols, 16),
                          d=flat[:, 108:110].contiguous().view(torch.float16).reshape(rows, cols),
-                         high=_to_int16(hi).reshape(rows, cols, 16).contiguous(),
+                         high=_to_int32(high.transpose(1, 2)).reshape(rows, cols, 8),
                          scales=flat[:, 96:108].contiguous().view(torch.int32).reshape(rows, cols, 3))
-    if weight.fmt == "q2_k":
-        return GpuZigzag("q2_k", shape, _low_bits_by_word(q2_k_levels(flat)).reshape(rows, cols, 64),
+    if weight.fmt == "q2_k":  # word s: weight 16 s + n at bits 2 n
+        lv = q2_k_levels(flat).reshape(-1, 16, 16)
+        words = (lv << (2 * torch.arange(16, device=lv.device))).sum(dim=2)
+        return GpuZigzag("q2_k", shape, _to_int32(words).reshape(rows, cols, 16),
                          d=flat[:, 80:84].contiguous().view(torch.int32).reshape(rows, cols),
                          scales=flat[:, 0:16].reshape(rows, cols, 16).contiguous())
-    # q5_k: word (jq, l) = qs byte (group 2 jq, l) | qs byte (group 2 jq + 1, l) << 8
-    qs = flat[:, 48:176].reshape(-1, 2, 2, 32)  # [block, jq, group parity, l]
-    lo = qs.permute(0, 1, 3, 2).contiguous().view(torch.int16).reshape(rows, cols, 64)
-    return GpuZigzag("q5_k", shape, lo,
-                     high=flat[:, 16:48].reshape(rows, cols, 32).contiguous(),
+    # q5_k: sub-block s = weights 32 s .. 32 s + 31, weight 4 j + m of it (j < 8, m < 4)
+    lv = q5_k_levels(flat).reshape(-1, 8, 4, 2, 4)  # [block, s, j >> 1, j & 1, m]
+    m8 = 8 * torch.arange(4, device=lv.device)
+    lo = ((lv & 15) << (m8 + 4 * torch.arange(2, device=lv.device)[:, None])).sum(dim=(3, 4))  # (n, 8, 4)
+    fifth = (torch.arange(8, device=lv.device) + 4) % 8  # j -> its bit in each byte of the fifth-bit word
+    hi = ((lv >> 4).reshape(-1, 8, 8, 4) << (m8 + fifth[:, None])).sum(dim=(2, 3))  # (n, 8)
+    return GpuZigzag("q5_k", shape, _to_int32(lo).reshape(rows, cols, 32), high=_to_int32(hi).reshape(rows, cols, 8),
                      head=flat[:, 0:16].contiguous().view(torch.int32).reshape(rows, cols, 4))
 
 
@@ -172,48 +192,49 @@ def dequantize_kernel_layout(w: GpuZigzag) -> torch.Tensor:
         rows = -(-w.shape[0] // 32)
         values = w.d[:rows].float()[..., None] * w.quants[:rows].float()  # (R, K, 32)
         return blocks_to_matrix(values.reshape(-1, 32), "zigzag", w.shape, 32)
-    shifts = torch.arange(4, device=w.device)
-    lo = w.quants.to(torch.int64) & 0xFFFF
     if w.fmt == "q6_k":
         rows, cols = w.quants.shape[:2]
-        lo = lo.reshape(rows, cols, 4, 16, 1)
-        hi = w.high.to(torch.int64).reshape(rows, cols, 4, 16, 1)
-        q = ((lo >> (4 * shifts)) & 0xF) | (((hi >> (2 * shifts)) & 3) << 4)  # [r, k, jq, l, c]
-        sc = w.scales.float().reshape(rows, cols, 4, 1, 4)  # sub-block 4 jq + c
-        v = w.d.float()[..., None, None, None] * sc * (q - 32).float()
-        values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
-        return blocks_to_matrix(values, "zigzag", w.shape, 256)
-    if w.fmt in ("q3_k", "q2_k"):
+        j = torch.arange(4, device=w.device)[:, None]  # [j, m]: weight 4 j + m of a sub-block
+        m8 = 8 * torch.arange(4, device=w.device)[None, :]
+        words = w.quants.to(torch.int64).reshape(rows, cols, 16, 2).repeat_interleave(2, dim=3)[..., None]
+        low = (words >> (m8 + 4 * (j % 2))) & 15  # word 2 s + j // 2
+        top = (w.high.to(torch.int64).reshape(rows, cols, 16, 1, 1) >> (m8 + 2 * ((j + 2) % 4))) & 3
+        q = low | (top << 4)  # [r, k, s, j, m]
+        v = w.d.float().reshape(rows, cols, 1, 1, 1) * w.scales.float().reshape(rows, cols, 16, 1, 1) * (q - 32).float()
+        return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
+    if w.fmt == "q2_k":
         rows, cols = w.quants.shape[:2]
-        q = (w.quants.to(torch.int64).reshape(rows, cols, 4, 16, 1) >> (2 * shifts)) & 3  # [r, k, jq, l, c]
-        if w.fmt == "q3_k":
-            from spqt.formats import q3_k
+        q = (w.quants.to(torch.int64).reshape(rows, cols, 16, 1) >> (2 * torch.arange(16, device=w.device))) & 3
+        dd = w.d.reshape(-1, 1).contiguous().view(torch.float16).float()  # (n, 2): d, dmin
+        sc = w.scales.to(torch.int64).reshape(rows, cols, 16, 1)
+        d = dd[:, 0].reshape(rows, cols, 1, 1)
+        dmin = dd[:, 1].reshape(rows, cols, 1, 1)
+        v = (d * (sc & 0xF).float()) * q.float() - dmin * (sc >> 4).float()  # [r, k, s, n]: weight 16 s + n
+        return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
+    if w.fmt == "q3_k":
+        from spqt.formats import q3_k
 
-            bit = torch.arange(4, device=w.device).reshape(4, 1, 1) * 4 + shifts  # (4, 1, 4): 4 jq + c
-            q = q | (((w.high.to(torch.int64).reshape(rows, cols, 1, 16, 1) >> bit) & 1) << 2)
-            s = (q3_k.unpack_scales(w.scales.reshape(-1, 3).contiguous().view(torch.uint8)) - 32).float()
-            v = (w.d.float().reshape(rows, cols, 1, 1, 1) * s.reshape(rows, cols, 4, 1, 4)) * (q - 4).float()
-        else:
-            dd = w.d.reshape(-1, 1).contiguous().view(torch.float16).float()  # (n, 2): d, dmin
-            sc = w.scales.to(torch.int64).reshape(rows, cols, 4, 1, 4)
-            d = dd[:, 0].reshape(rows, cols, 1, 1, 1)
-            dmin = dd[:, 1].reshape(rows, cols, 1, 1, 1)
-            v = (d * (sc & 0xF).float()) * q.float() - dmin * (sc >> 4).float()
-        values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 64 jq + 16 c + l
-        return blocks_to_matrix(values, "zigzag", w.shape, 256)
+        rows, cols = w.quants.shape[:2]
+        sb = torch.arange(16, device=w.device)
+        low = w.quants.to(torch.int64)[..., 4 * (sb % 4) + sb // 4]  # (rows, cols, 16 s)
+        high = w.high.to(torch.int64)[..., 2 * (sb % 4) + sb // 8]
+        e2 = 2 * torch.arange(16, device=w.device)
+        q = ((low[..., None] >> e2) & 3) | (((high[..., None] >> _q3_k_bit(w.device)) & 1) << 2)  # [r, k, s, e]
+        s = (q3_k.unpack_scales(w.scales.reshape(-1, 3).contiguous().view(torch.uint8)) - 32).float()
+        v = (w.d.float().reshape(rows, cols, 1, 1) * s.reshape(rows, cols, 16, 1)) * (q - 4).float()
+        return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)
     from spqt.formats import q4_k
 
     rows, cols = w.quants.shape[:2]
-    lo = lo.reshape(rows, cols, 2, 32, 1)
-    bit = torch.arange(2, device=w.device).reshape(2, 1, 1) * 4 + shifts  # (2, 1, 4): j = 4 jq + c
-    hi = (w.high.to(torch.int64).reshape(rows, cols, 1, 32, 1) >> bit) & 1
-    q = ((lo >> (4 * shifts)) & 0xF) | (hi << 4)  # [r, k, jq, l, c]
+    j = torch.arange(8, device=w.device)[:, None]  # [j, m]: weight 4 j + m of a sub-block
+    m8 = 8 * torch.arange(4, device=w.device)[None, :]
+    words = w.quants.to(torch.int64).reshape(rows, cols, 8, 4).repeat_interleave(2, dim=3)[..., None]
+    low = (words >> (m8 + 4 * (j % 2))) & 15  # word 4 s + j // 2
+    fifth = (w.high.to(torch.int64).reshape(rows, cols, 8, 1, 1) >> (m8 + (j + 4) % 8)) & 1
+    q = low | (fifth << 4)  # [r, k, s, j, m]
     head = w.head.reshape(-1, 4).contiguous().view(torch.uint8)  # (n, 16)
     d = head[:, 0:2].contiguous().view(torch.float16).float().reshape(rows, cols, 1, 1, 1)
     dmin = head[:, 2:4].contiguous().view(torch.float16).float().reshape(rows, cols, 1, 1, 1)
     sc, mn = q4_k.unpack_scales(head[:, 4:16])
-    sc = sc.float().reshape(rows, cols, 2, 1, 4)
-    mn = mn.float().reshape(rows, cols, 2, 1, 4)
-    v = d * sc * q.float() - dmin * mn
-    values = v.permute(0, 1, 2, 4, 3).reshape(-1, 256)  # weight 128 jq + 32 c + l
-    return blocks_to_matrix(values, "zigzag", w.shape, 256)
+    v = d * sc.float().reshape(rows, cols, 8, 1, 1) * q.float() - dmin * mn.float().reshape(rows, cols, 8, 1, 1)
+    return blocks_to_matrix(v.reshape(-1, 256), "zigzag", w.shape, 256)

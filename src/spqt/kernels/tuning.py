@@ -61,9 +61,9 @@ def default_config(variant: str, n: int, k: int) -> dict:
     rows = -(-n // 256)
     if variant in TYPE_VARIANTS:
         # one program per 256 outputs (Q8_0: 8 block rows of 32) and about 8 programs per SM, each
-        # at least one 16-column step; warps so that a thread loads 16 level bytes a step (16 columns
-        # of 64-byte Q3_K / Q2_K levels over 2 warps; 128 bytes of Q6_K / Q5_K, 8 x 32 of Q8_0 over 4).
-        # Not timed on a GPU: a start for the tuner.
+        # at least one 16-column step; warps so that a lane decodes one piece a step (16 level bytes:
+        # 16 columns x 8 pieces of Q6_K / Q5_K over 4 warps, x 4 of Q3_K / Q2_K over 2; Q8_0 2 pieces
+        # a lane, zigzag_types). Not timed on a GPU: a start for the tuner.
         split = max(1, min(-(-8 * sm_count() // rows), -(-k // 16)))
         warps = 2 if variant.endswith(("q3_k", "q2_k")) else 4
         return {"split": split, "num_warps": warps, "block_k": 16} | ({"rows": 8} if variant.endswith("q8_0") else {})
@@ -123,8 +123,12 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
     if variant in TYPE_VARIANTS:
         splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 8, 16)})
         q8 = [{"rows": r} for r in (2, 4, 8)] if variant.endswith("q8_0") else [{}]
-        return [{"split": s, "num_warps": w, "block_k": b} | extra for s in splits for w in (2, 4, 8)
-                for b in (16, 32) for extra in q8]
+        # block_k and warps that give a lane one or two pieces of 16 level bytes a step (zigzag_types:
+        # 8 pieces a column of Q6_K / Q5_K, 4 of Q3_K / Q2_K, 2 per block row of Q8_0)
+        per_col = 4 if variant.endswith(("q3_k", "q2_k")) else 8
+        return [{"split": s, "num_warps": w, "block_k": b} | extra for s in splits for extra in q8
+                for b in (8, 16, 32, 64) for w in (1, 2, 4, 8)
+                if b * extra.get("rows", per_col // 2) * 2 // (32 * w) in (1, 2)]
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 4, 6, 8, 12, 16)})
     # 4 warps a program won no shape of either shipped table (KERNEL_VERSION 4); ahead 2 and 3 lost
     # to 1 on the H100 (benchmarks/results/ahead-probe-h100.txt); acc 2 and 4 and pipe 0 and 1 each won
