@@ -38,7 +38,7 @@ import torch
 
 from spqt.config import LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
-from spqt.tokenizer_spec import CHILD_MIN_BYTES, ChildTokenizer, TokenizerSpec, gguf_tokenizer, spec_from_hf_tokenizer
+from spqt.tokenizer_spec import ChildTokenizer, TokenizerSpec, gguf_tokenizer, spec_from_hf_tokenizer, start_gguf_tokenizer
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -115,8 +115,11 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def open_source(path: str | os.PathLike) -> SourceModel:
-    """A GGUF file or a Hugging Face checkpoint folder -> SourceModel; anything else: SpqtError."""
+def open_source(path: str | os.PathLike, tokenizer: ChildTokenizer | None = None) -> SourceModel:
+    """A GGUF file or a Hugging Face checkpoint folder -> SourceModel; anything else: SpqtError.
+
+    tokenizer: the GGUF's tokenizer already being built (tokenizer_spec.start_gguf_tokenizer);
+    otherwise a big GGUF's is started here."""
     p = Path(path)
     if not p.exists():
         raise SpqtError(f"no such file or directory: {p}")
@@ -125,7 +128,7 @@ def open_source(path: str | os.PathLike) -> SourceModel:
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return _open_gguf(p)
+        return _open_gguf(p, tokenizer)
     if p.suffix == ".spqt":
         raise SpqtError(f"{p} is already a .spqt model")
     raise SpqtError(f"{p} is neither a GGUF file nor a Hugging Face checkpoint folder")
@@ -160,10 +163,10 @@ def _plain_gguf_reader():
     return PlainGGUFReader
 
 
-def _open_gguf(path: Path) -> SourceModel:
-    # A big model's tokenizer is built in a child process from here on, beside gguf's reader and
-    # then the conversion (tokenizer_spec.py says why and what it costs).
-    child = ChildTokenizer(path) if path.stat().st_size >= CHILD_MIN_BYTES else None
+def _open_gguf(path: Path, child: ChildTokenizer | None) -> SourceModel:
+    # A big model's tokenizer is built in a child process from here on (if not already), beside
+    # gguf's reader and then the conversion (tokenizer_spec.py says why and what it costs).
+    child = child or start_gguf_tokenizer(path)
     try:
         return _gguf_source(path, child)
     except BaseException:

@@ -122,6 +122,22 @@ class ChildTokenizer:
             self._finalizer()
 
 
+def start_gguf_tokenizer(path) -> "ChildTokenizer | None":
+    """A ChildTokenizer for a GGUF file of at least CHILD_MIN_BYTES, else None (a smaller file, not
+    a GGUF, not readable: open_source builds or refuses it in-process). Called before torch is
+    imported (default_model.py), the child's start overlaps the parent's imports too."""
+    path = Path(path)
+    try:
+        if path.stat().st_size < CHILD_MIN_BYTES:
+            return None
+        with open(path, "rb") as f:
+            if f.read(4) != b"GGUF":
+                return None
+    except OSError:
+        return None
+    return ChildTokenizer(path)
+
+
 def _stop(proc: subprocess.Popen) -> None:
     proc.kill()
     proc.communicate()  # reaps it and closes the pipes
