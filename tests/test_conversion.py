@@ -1,19 +1,12 @@
-"""The conversion pipeline (checkpoint.quantize_source) against the plain functions it runs, and the
-tokenizer built in a child process (tokenizer_spec.ChildTokenizer) against the in-process build."""
+"""The conversion pipeline (checkpoint.quantize_source) against the plain functions it runs."""
 
-import json
-import os
-
-import pytest
 import torch
 
 from spqt.checkpoint import LINEAR_GROUPS, QuantizedWeight, quantize_source
-from spqt.errors import SpqtError
 from spqt.mixes import group_types
 from spqt.quant import quantize
 from spqt.sources import open_source
 from spqt.sparsity import column_norms
-from spqt.tokenizer_spec import CHILD_MIN_BYTES, ChildTokenizer, _child_main, gguf_tokenizer, start_gguf_tokenizer
 from conftest import make_hf_checkpoint
 
 
@@ -41,35 +34,3 @@ def test_pipeline_equals_the_plain_functions(tmp_path):
         assert (q.fmt, q.layout, q.shape) == (fmt, "zigzag", tuple(w.shape))
         assert torch.equal(q.blocks, quantize(w, fmt, "zigzag")), name
         assert torch.equal(model.column_norms[name], column_norms(QuantizedWeight(q.blocks, fmt, "zigzag", q.shape)))
-
-
-def test_small_or_other_files_build_their_tokenizer_in_process(tmp_path):
-    small = tmp_path / "small.gguf"
-    small.write_bytes(b"GGUF" + bytes(100))
-    other = tmp_path / "big.bin"
-    with open(other, "wb") as f:
-        f.truncate(CHILD_MIN_BYTES)  # sparse: no disk used
-    assert start_gguf_tokenizer(small) is None and start_gguf_tokenizer(other) is None
-    assert start_gguf_tokenizer(tmp_path / "missing.gguf") is None
-
-
-@pytest.mark.slow
-def test_child_tokenizer_equals_in_process(default_gguf, tmp_path, capsys):
-    """The default model's tokenizer from the child process is the in-process one; a file the
-    child cannot read, or a child that dies, ends in one SpqtError line."""
-    child = start_gguf_tokenizer(default_gguf)
-    assert isinstance(child, ChildTokenizer)
-    assert gguf_tokenizer(default_gguf) == child()
-    junk = tmp_path / "junk.gguf"
-    junk.write_bytes(b"GGUF" + os.urandom(300))
-    assert _child_main([str(junk)]) == 2  # what the child answers, run here
-    answer = json.loads(capsys.readouterr().out)
-    assert answer["error"].startswith(f"{junk}: cannot build the tokenizer from its GGUF metadata")
-    killed = ChildTokenizer(junk)
-    killed._proc.kill()
-    with pytest.raises(SpqtError, match="exited with code -9") as e:
-        killed()
-    assert "\n" not in str(e.value)
-    dropped = ChildTokenizer(junk)
-    dropped.cancel()
-    assert dropped._proc.returncode is not None  # killed and reaped

@@ -35,19 +35,15 @@ def default_spqt(progress: bool = True) -> Path:
     """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds;
     v2: with the column norms of the WINA criterion; v3: thresholds with greedy allocations and the
     held-out recommendation that --sparsity auto uses)."""
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
+
     gguf = default_gguf()
     target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v3.spqt"
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    from spqt.tokenizer_spec import start_gguf_tokenizer
-
-    # first, so that its process runs beside our own imports (torch: ~2 s) and gguf's reader
-    tokenizer = start_gguf_tokenizer(gguf)
-    from spqt.checkpoint import quantize_source, save_spqt
-    from spqt.sources import open_source
-
-    model = quantize_source(open_source(gguf, tokenizer), "q4_k", "zigzag", progress=progress)
+    model = quantize_source(open_source(gguf), "q4_k", "zigzag", progress=progress)
     from spqt.sparsity import shipped_thresholds
 
     model.thresholds = shipped_thresholds(model.config)

@@ -38,7 +38,6 @@ import torch
 
 from spqt.config import LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
-from spqt.tokenizer_spec import ChildTokenizer, TokenizerSpec, gguf_tokenizer, spec_from_hf_tokenizer, start_gguf_tokenizer
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -88,18 +87,26 @@ def _switches(extras) -> dict:
 
 
 @dataclass
+class TokenizerSpec:
+    """What is needed to rebuild the tokenizer without the source: serialized and plain data."""
+
+    tokenizer_json: str
+    chat_template: str | None = None
+    bos_token: str | None = None
+    eos_token: str | None = None
+
+    def to_dict(self) -> dict:
+        return {"tokenizer_json": self.tokenizer_json, "chat_template": self.chat_template,
+                "bos_token": self.bos_token, "eos_token": self.eos_token}
+
+
+@dataclass
 class SourceModel:
     config: ModelConfig
-    _tokenizer: object  # TokenizerSpec, or a function that waits for it (tokenizer_spec.ChildTokenizer)
+    tokenizer: TokenizerSpec
     provenance: dict
     _loader: object = field(repr=False)
     names: list[str] = field(default_factory=list)
-
-    @property
-    def tokenizer(self) -> TokenizerSpec:
-        if not isinstance(self._tokenizer, TokenizerSpec):
-            self._tokenizer = self._tokenizer()
-        return self._tokenizer
 
     def tensor(self, name: str) -> torch.Tensor:
         """The float32 tensor under a canonical name (read on demand, not cached)."""
@@ -115,11 +122,8 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def open_source(path: str | os.PathLike, tokenizer: ChildTokenizer | None = None) -> SourceModel:
-    """A GGUF file or a Hugging Face checkpoint folder -> SourceModel; anything else: SpqtError.
-
-    tokenizer: the GGUF's tokenizer already being built (tokenizer_spec.start_gguf_tokenizer);
-    otherwise a big GGUF's is started here."""
+def open_source(path: str | os.PathLike) -> SourceModel:
+    """A GGUF file or a Hugging Face checkpoint folder -> SourceModel; anything else: SpqtError."""
     p = Path(path)
     if not p.exists():
         raise SpqtError(f"no such file or directory: {p}")
@@ -128,7 +132,7 @@ def open_source(path: str | os.PathLike, tokenizer: ChildTokenizer | None = None
     with open(p, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
-        return _open_gguf(p, tokenizer)
+        return _open_gguf(p)
     if p.suffix == ".spqt":
         raise SpqtError(f"{p} is already a .spqt model")
     raise SpqtError(f"{p} is neither a GGUF file nor a Hugging Face checkpoint folder")
@@ -163,19 +167,7 @@ def _plain_gguf_reader():
     return PlainGGUFReader
 
 
-def _open_gguf(path: Path, child: ChildTokenizer | None) -> SourceModel:
-    # A big model's tokenizer is built in a child process from here on (if not already), beside
-    # gguf's reader and then the conversion (tokenizer_spec.py says why and what it costs).
-    child = child or start_gguf_tokenizer(path)
-    try:
-        return _gguf_source(path, child)
-    except BaseException:
-        if child is not None:
-            child.cancel()
-        raise
-
-
-def _gguf_source(path: Path, child: ChildTokenizer | None) -> SourceModel:
+def _open_gguf(path: Path) -> SourceModel:
     import gguf
 
     try:
@@ -296,10 +288,10 @@ def _gguf_source(path: Path, child: ChildTokenizer | None) -> SourceModel:
             w = _unpermute_rope_rows(w, n_kv)
         return w
 
-    tokenizer = child if child is not None else gguf_tokenizer(path)
+    tokenizer = _gguf_tokenizer(path)
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256([path]),
                   "source_file_type": field_value("general.file_type")}
-    return SourceModel(config=config, _tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
 
 
 def _gguf_tensor_table(reader, path: Path) -> dict:
@@ -344,6 +336,45 @@ def _check_shapes(path: Path, config: ModelConfig, declared: dict, file_names: d
         if name in expected and shape != expected[name]:
             raise SpqtError(f"{path}: tensor {file_names[name]} has shape {shape}, the configuration implies "
                             f"{expected[name]}")
+
+
+def _gguf_tokenizer(path: Path) -> TokenizerSpec:
+    """The tokenizer a GGUF's metadata describes, built by transformers' GGUF converter.
+
+    transformers >= 5 exposes the converter itself, which reads only the tokenizer keys (1.2 s for
+    the default model); AutoTokenizer(gguf_file=...) also parses every field with gguf's reader to
+    build a model config first (about 7 s more on the 2-core machine). Both give the same
+    tokenizer JSON (checked on the default model)."""
+    import logging
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+    except ImportError:  # transformers 4.x has only the AutoTokenizer route
+        get_gguf_tokenizer = None
+    try:
+        if get_gguf_tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        else:
+            from transformers import PreTrainedTokenizerFast
+
+            architecture, tokenizer_dict, special = get_gguf_tokenizer(str(path))
+            backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+            tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=special.get("chat_template"),
+                                          **{k: special.get(k) for k in ("bos_token", "eos_token", "unk_token",
+                                                                         "pad_token")})
+    except Exception as e:
+        raise SpqtError(f"{path}: cannot build the tokenizer from its GGUF metadata ({type(e).__name__}: {e})") from None
+    return _spec_from_hf_tokenizer(tok)
+
+
+def _spec_from_hf_tokenizer(tok) -> TokenizerSpec:
+    if not getattr(tok, "is_fast", False):
+        raise SpqtError("only fast (tokenizers-backed) tokenizers are supported")
+    return TokenizerSpec(tokenizer_json=tok.backend_tokenizer.to_str(), chat_template=tok.chat_template,
+                         bos_token=tok.bos_token, eos_token=tok.eos_token)
 
 
 # ---------------------------------------------------------------- Hugging Face
@@ -427,12 +458,12 @@ def _open_hf(folder: Path) -> SourceModel:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
         raise SpqtError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
-    tokenizer = spec_from_hf_tokenizer(tok)
+    tokenizer = _spec_from_hf_tokenizer(tok)
     # add_bos: whether the tokenizer's post-processor prepends BOS to plain text.
     ids = tok("a", add_special_tokens=True)["input_ids"]
     config = ModelConfig(**{**config.to_dict(), "add_bos": bool(ids) and ids[0] == config.bos_id})
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
-    return SourceModel(config=config, _tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
 
 
 def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
