@@ -174,12 +174,13 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         return q, column_norms(q)
 
     # One worker thread per core, each running its torch ops on one thread (quant.py says why),
-    # takes whole matrices from one queue: no core waits at the end of each matrix, as it did when
-    # each matrix was split over the cores (its last chunks on one of them). A worker also computes
-    # its matrix's column norms: on torch's 2 threads these took 12.4 s of the default model's
-    # conversion on the busy 2-core machine, on one thread 2.4 s. The main thread reads the next
-    # layer (dequantized from the source format) meanwhile; at most two layers of float weights
-    # are held. The GPU takes one matrix at a time.
+    # takes whole matrices from one queue: no core waits at the end of each matrix, as one did
+    # when each matrix was split over the cores (o: 1,024 + 272 blocks). A worker also computes
+    # its matrix's column norms: afterwards on torch's 2 threads they took 1.0-1.3 s of the
+    # default model's conversion at load 2 on the 2-core machine and 12.4 s when another job held
+    # a core, against 2.4 s of CPU on one thread. The main thread reads the next layer
+    # (dequantized from the source format) meanwhile; at most two layers of float weights are
+    # held. The GPU takes one matrix at a time.
     threads = torch.get_num_threads()
     workers = threads if device == "cpu" else 1
     pending = collections.deque()  # per layer read: {name: future of (QuantizedWeight, norms) or tensor}
