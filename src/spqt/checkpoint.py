@@ -23,11 +23,12 @@ in the target folder and renamed. Version 2 added the family switches (biases, q
 frequency factors); version 1 files are Llama-family files without them and read as such.
 """
 
+import collections
 import datetime
 import json
 import os
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,15 +148,19 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     q4_k_m, q5_k_m, q3_k_m), whose per-matrix types the .spqt metadata records."""
     from tqdm.auto import tqdm
 
+    from spqt.sparsity import column_norms
+
     fmt = check_quant_type(fmt)
     check_layout(layout)
     cfg = source.config
     types = group_types(fmt, cfg.n_layers)
-    weights = {"tok_embeddings": source.tensor("tok_embeddings").to(torch.float16),
-               "norm": source.tensor("norm")}
-    if not cfg.tie_embeddings:
-        weights["output"] = source.tensor("output").to(torch.float16)
-    parts = {}
+    embedding_names = ("tok_embeddings",) + (() if cfg.tie_embeddings else ("output",))
+    # the embeddings come first in the file; their values arrive from a worker below
+    weights = {"tok_embeddings": None, "norm": source.tensor("norm")} | {name: None for name in embedding_names}
+    parts, norms = {}, {}
+
+    def read_embeddings() -> dict:
+        return {name: source.tensor(name).to(torch.float16) for name in embedding_names}
 
     def read_layer(i: int) -> dict:
         layer = _layer_extras(source, i)  # norms, q/k norms, biases: stored as they are
@@ -163,27 +168,53 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
             layer[f"layers.{i}.{group}"] = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
         return layer
 
-    # The next layer is read (and dequantized from the source format) while this one is encoded:
-    # the encoder's worker threads would otherwise wait on it (about 4 s of the default model's
-    # conversion on 2 cores).
-    with ThreadPoolExecutor(max_workers=1) as reader:
-        pending = reader.submit(read_layer, 0) if cfg.n_layers else None
-        for i in tqdm(range(cfg.n_layers), desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress):
-            layer = pending.result()
-            if i + 1 < cfg.n_layers:
-                pending = reader.submit(read_layer, i + 1)
-            for name, w in layer.items():
-                group = name.rsplit(".", 1)[1]
-                if group not in LINEAR_GROUPS:
-                    weights[name] = w
-                    continue
-                blocks = quantize(w.to(device), types[name], layout).cpu()
-                weights[name] = QuantizedWeight(blocks, types[name], layout, tuple(w.shape))
-                parts[name] = _parts(cfg)[group]
+    def encode(w: torch.Tensor, fmt: str) -> tuple:
+        blocks = quantize(w.to(device), fmt, layout).cpu()
+        q = QuantizedWeight(blocks, fmt, layout, tuple(w.shape))
+        return q, column_norms(q)
+
+    # One worker thread per core, each running its torch ops on one thread (quant.py says why),
+    # takes whole matrices from one queue: no core waits at the end of each matrix, as one did
+    # when each matrix was split over the cores (o: 1,024 + 272 blocks). A worker also computes
+    # its matrix's column norms: afterwards on torch's 2 threads they took 1.0-1.3 s of the
+    # default model's conversion at load 2 on the 2-core machine and 12.4 s when another job held
+    # a core, against 2.4 s of CPU on one thread. The main thread reads the next layer
+    # (dequantized from the source format) meanwhile; at most two layers of float weights are
+    # held. The GPU takes one matrix at a time.
+    threads = torch.get_num_threads()
+    workers = threads if device == "cpu" else 1
+    pending = collections.deque()  # per layer read: {name: future of (QuantizedWeight, norms) or tensor}
+
+    def collect() -> None:
+        for name, value in pending.popleft().items():
+            if isinstance(value, Future):
+                weights[name], norms[name] = value.result()
+                parts[name] = _parts(cfg)[name.rsplit(".", 1)[1]]
+            else:
+                weights[name] = value
+
+    pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        embeddings = pool.submit(read_embeddings)
+        with tqdm(total=cfg.n_layers, desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress) as bar:
+            for i in range(cfg.n_layers):
+                pending.append({name: pool.submit(encode, w, types[name]) if name.rsplit(".", 1)[1] in LINEAR_GROUPS
+                                else w for name, w in read_layer(i).items()})
+                if len(pending) == 2:
+                    collect()
+                    bar.update()
+            while pending:
+                collect()
+                bar.update()
+        weights.update(embeddings.result())
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        torch.set_num_threads(threads)  # new threads take their count from the last setting
     provenance = dict(source.provenance)
     provenance.update({"quantization": fmt, "tool": f"spqt {spqt.__version__}",
                        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
-    model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance)
+    model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance,
+                        column_norms=norms)
     model.ensure_column_norms()
     return model
 
