@@ -1,0 +1,74 @@
+"""Is a decode step bound by the host's graph launch? (device machine; prints a table, writes JSON)
+
+    python3 scripts/launch_probe.py [--model synthetic:llama2-7b] [--sparsity 0,0.5] [--json OUT]
+
+For the runtime's CUDA graph of one decode step (as scripts/profile_decode.py captures it): the
+device time of one replay (CUDA events around a replay, after a sync), the host time of the
+replay call itself (N calls back to back, timed before the sync that waits for them), and the
+wall time per replay of those N (host and device overlapped). If the host time per call is at
+or above the device time, the step is launch-bound: fewer graph nodes, not fewer bytes, would
+speed it up.
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from spqt.bench_decode import calibrate_on_own_activations, synthetic_model
+from spqt.generate import Generator
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="synthetic:llama2-7b")
+    ap.add_argument("--sparsity", default="0,0.5")
+    ap.add_argument("--replays", type=int, default=50)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
+    gen = Generator(loaded, "cuda", max_len=64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
+    rows = []
+    for s in (float(v) for v in args.sparsity.split(",")):
+        if s > 0:
+            gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s))
+        else:
+            gen.set_sparsity(0.0)
+        gen.generate(prompt.tolist(), 8, track=False)  # captures the graph with this setting
+        graph = gen._graph
+        dev = []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            graph.replay()
+            b.record()
+            b.synchronize()
+            dev.append(a.elapsed_time(b) * 1e3)
+        host, wall = [], []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.replays):
+                graph.replay()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            host.append((t1 - t0) / args.replays * 1e6)
+            wall.append((t2 - t0) / args.replays * 1e6)
+        row = {"sparsity": s, "device_us": statistics.median(dev), "host_call_us": statistics.median(host),
+               "wall_per_replay_us": statistics.median(wall), "dense_maps": len(gen.dense_fallbacks()) if s else 0}
+        rows.append(row)
+        print(f"{args.model} s={s:.2f}: device {row['device_us']:8.1f} us/replay, host {row['host_call_us']:8.1f} us/call, "
+              f"{args.replays} back to back {row['wall_per_replay_us']:8.1f} us/replay ({row['dense_maps']} maps dense)",
+              flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "device": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
