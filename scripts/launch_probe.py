@@ -33,10 +33,8 @@ def main():
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
     rows = []
     for s in (float(v) for v in args.sparsity.split(",")):
-        if s > 0:
-            gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s))
-        else:
-            gen.set_sparsity(0.0)
+        if s > 0:  # as spqt bench decode: thresholds from the prompt's own activations, TEAL
+            gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s), criterion="teal")
         gen.generate(prompt.tolist(), 8, track=False)  # captures the graph with this setting
         graph = gen._graph
         dev = []
