@@ -13,6 +13,7 @@
 #   scripts/gpu_session.sh last      gpu tests on a fresh machine, decode (DECODE_MODELS), the 7B step's GPU time at 50 %,
 #                                    the GEMV table of every weight type, then (time left) the other types tuned
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
+# Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.

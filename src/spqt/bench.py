@@ -241,6 +241,12 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
 
 
 def git_commit() -> str:
+    """The commit the benchmark ran on: $SPQT_COMMIT when set (the device machine's copy of the tree
+    carries git metadata of an older commit: pass the hash in the command), else git's HEAD."""
+    import os
+
+    if os.environ.get("SPQT_COMMIT"):
+        return os.environ["SPQT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True,
