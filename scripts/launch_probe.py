@@ -33,8 +33,9 @@ def main():
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
     rows = []
     for s in (float(v) for v in args.sparsity.split(",")):
-        if s > 0:  # as spqt bench decode: thresholds from the prompt's own activations, TEAL
-            gen.set_sparsity(s, table=calibrate_on_own_activations(gen, prompt, s), criterion="teal")
+        # as spqt bench decode: thresholds from the prompt's own activations, TEAL (0: dense)
+        table = calibrate_on_own_activations(gen, prompt, s) if s > 0 else None
+        gen.set_sparsity(s, table=table, criterion="teal")
         gen.generate(prompt.tolist(), 8, track=False)  # captures the graph with this setting
         graph = gen._graph
         # each replay feeds itself (token and position + 1 on the device): start every run at

@@ -27,9 +27,9 @@ from spqt.kernels.reference import keep_mask
 from spqt.tokenizer import TextTokenizer
 
 
-def drop_fractions(gen: Generator, windows: torch.Tensor, sparse: bool) -> torch.Tensor:
-    """(layers,) weight-weighted fraction of inputs at or below the threshold, second half of each
-    window, with the thresholds applied (sparse) or only measured (dense)."""
+def drop_fractions(gen: Generator, windows: torch.Tensor, sparse: bool) -> tuple[torch.Tensor, float]:
+    """((layers,) weight-weighted fraction of inputs at or below the threshold, the same over all
+    layers), second half of each window, with the thresholds applied (sparse) or only measured (dense)."""
     model, n_layers = gen.model, gen.loaded.config.n_layers
     sums = torch.zeros(n_layers, 2, dtype=torch.float64)
     state = {"on": False}
@@ -84,8 +84,9 @@ def main() -> None:
     n, ctx = args.windows, args.ctx
 
     def windows(path: str) -> torch.Tensor:
-        ids = tok.encode(Path(path).read_text(encoding="utf-8"), add_bos=False)[: n * ctx]
-        return torch.tensor(ids, dtype=torch.int64).view(-1, ctx)
+        ids = tok.encode(Path(path).read_text(encoding="utf-8"), add_bos=False)
+        whole = min(n, len(ids) // ctx) * ctx  # whole windows only
+        return torch.tensor(ids[:whole], dtype=torch.int64).view(-1, ctx)
 
     test, calib = windows(args.data), windows(args.calib)
     gen = Generator(loaded, args.device, dtype=torch.float32, max_len=ctx, dense_fallback=False,

@@ -145,6 +145,7 @@ def test_default_mode_is_greedy_where_calibrated():
     assert sp.default_mode(both, "teal") == "greedy"
     assert sp.default_mode(both, "wina") == "unified"  # no greedy tables for this criterion
     assert sp.default_mode({"unified": {"0.5": table}}, "teal") == "unified"  # legacy TEAL layout
+    assert sp.default_mode({"teal": {"global": {"0.5": table}}}, "teal") == "global"  # --mode global alone
 
 
 def test_allocate_finds_the_least_cost_levels():
@@ -153,6 +154,7 @@ def test_allocate_finds_the_least_cost_levels():
     import itertools
 
     from spqt.calibrate import allocate
+    from spqt.errors import SpqtError
 
     g = np.random.default_rng(5)
     costs = torch.from_numpy(np.cumsum(g.random((4, 6)), axis=1))
@@ -163,22 +165,25 @@ def test_allocate_finds_the_least_cost_levels():
         best = min(sum(float(costs[b, l]) for b, l in enumerate(ls))
                    for ls in itertools.product(range(6), repeat=4) if sum(ls) == sum(pick))
         assert sum(float(costs[b, l]) for b, l in enumerate(pick)) == pytest.approx(best)
-    with pytest.raises(Exception, match="cannot reach"):
+    with pytest.raises(SpqtError, match="cannot reach"):
         allocate(costs, 0.3, step=0.05)
 
 
 def test_global_mode_allocates_blocks_to_the_target(tiny_spqt):
     """Global: every block's level is one of the grid's, they average exactly to the target, each
     block's thresholds and per-input allocation are greedy's at that block level, and the measured
-    costs start at 0 (dense) and never fall as the level rises."""
-    from spqt.calibrate import GLOBAL_STEP, global_grid
+    costs start at 0 (dense) and never fall as the level rises. (Greedy is asked for every grid
+    level, so that every block's thresholds can be compared; global's targets are 0.25 and 0.5.)"""
+    from spqt.calibrate import GLOBAL_MAX, GLOBAL_STEP, global_grid
+    from spqt.errors import SpqtError
 
     loaded = load_spqt(tiny_spqt)
     calib = np.random.default_rng(7).integers(0, loaded.config.vocab_size, 4096).tolist()
-    levels = [0.25, 0.5]
-    result = calibrate(loaded, calib, levels, modes=("greedy", "global"), device="cpu", max_tokens=4096,
+    grid = global_grid()
+    result = calibrate(loaded, calib, grid, modes=("greedy", "global"), device="cpu", max_tokens=4096,
                        greedy_tokens=256, ctx=256, criterion="teal", held_out_tokens=0, step=0.05,
                        sensitivity_tokens=512)
+    levels = [0.25, 0.5]
     out, record = result["teal"], result["_calibration"]["global"]
     share = np.array(_input_sizes(loaded.config), dtype=np.float64)
     share /= share.sum()
@@ -192,9 +197,11 @@ def test_global_mode_allocates_blocks_to_the_target(tiny_spqt):
         assert all(lv == 0 or round(lv / GLOBAL_STEP, 6).is_integer() for lv in block_levels)
         np.testing.assert_allclose(np.array(out["global_allocations"][key]) @ share, block_levels, atol=1e-9)
         for b, lv in enumerate(block_levels):
-            if sp.level_key(lv) in out["greedy"]:
-                assert out["global"][key][b] == out["greedy"][sp.level_key(lv)][b]
+            expected = [-1.0] * 4 if lv == 0 else out["greedy"][sp.level_key(lv)][b]
+            assert out["global"][key][b] == expected
         table = sp.select(result, s, "global", loaded.config.n_layers, "teal")
         assert table.shape == (loaded.config.n_layers, 4)
         assert sp.levels(result, s, "global", loaded.config.n_layers, "teal").tolist() == \
             [[float(np.float32(v)) for v in row] for row in out["global_allocations"][key]]
+    with pytest.raises(SpqtError, match="cannot reach sparsity 0.9"):  # refused before any pass
+        calibrate(loaded, calib, [GLOBAL_MAX + 0.1], modes=("global",), device="cpu", held_out_tokens=0)

@@ -479,7 +479,7 @@ def tune_crossover(shapes, log=print) -> dict:
     """This GPU's table with every zigzag_sparse entry's crossover measured anew (the configs kept:
     shapes the table lacks get their nearest neighbour's or the default)."""
     props = torch.cuda.get_device_properties(0)
-    entries = {v: dict(tuning.table_entries(v)) for v in tuning.VARIANTS + tuning.TYPE_VARIANTS}
+    entries = tuning.all_entries()
     for n, k in shapes:
         key = f"{n}x{k}"
         for v in ("zigzag_dense", "zigzag_sparse", "row_dense"):

@@ -138,6 +138,29 @@ def _input_sizes(config) -> list[int]:
     return [(c.q_dim + 2 * c.kv_dim) * c.dim, c.dim * c.q_dim, 2 * c.ffn_dim * c.dim, c.dim * c.ffn_dim]
 
 
+def _block_linears(block) -> list:
+    """A block's thresholded maps in sparsity.INPUT_KINDS order."""
+    return [block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down]
+
+
+def _dense_block_inputs(model, tokens: torch.Tensor, device: str) -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The dense model's forward over tokens (B, T) on the device: (the input of every block,
+    positions (T,), the causal mask (T, T) bool for running blocks on them). The KV cache is set
+    up for (B, T); the caller restores it."""
+    batch, ctx = tokens.shape
+    inputs = []
+    handles = [b.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone())) for b in model.layers]
+    set_sparse(model, False)
+    model.setup_cache(batch, ctx, model.tok_embeddings.weight.dtype)
+    positions = torch.arange(ctx, device=device)
+    try:
+        model(tokens, positions, kv_len=ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs, positions, positions[None, :] <= positions[:, None]
+
+
 @torch.inference_mode()
 def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device: str, progress: bool = False,
                       step_size: float = STEP) -> dict:
@@ -149,25 +172,13 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
     sizes = torch.tensor(_input_sizes(config), dtype=torch.float64)
     share = sizes / sizes.sum()
     ctx = windows.shape[1]
-    batch = windows.shape[0]
-    inputs = {}
-    handles = [b.register_forward_pre_hook(lambda mod, args, i=i: inputs.__setitem__(i, args[0].clone()))
-               for i, b in enumerate(model.layers)]
-    set_sparse(model, False)
-    model.setup_cache(batch, ctx, model.tok_embeddings.weight.dtype)
-    positions = torch.arange(ctx, device=device)
-    try:
-        model(windows.to(device), positions, kv_len=ctx)
-    finally:
-        for h in handles:
-            h.remove()
+    inputs, positions, mask = _dense_block_inputs(model, windows.to(device), device)
     rope = model.rope
-    mask = positions[None, :] <= positions[:, None]
     scored = slice(int(ctx * (1 - ERROR_FRACTION)), ctx)
     result = {sp.level_key(s): [] for s in levels}
     for i, block in enumerate(tqdm(model.layers, desc="greedy allocation", unit="block", disable=not progress)):
         x = inputs[i]
-        linears = [block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down]
+        linears = _block_linears(block)
 
         def block_error(s_vec) -> float:
             for lin, kind, s in zip(linears, sp.INPUT_KINDS, s_vec):
@@ -223,14 +234,11 @@ def block_sensitivities(model, block_tables: list, windows: torch.Tensor, device
     made non-decreasing along g. Dense block inputs are computed once; a pass runs blocks b.. only."""
     from tqdm.auto import tqdm
 
-    batch, ctx = windows.shape
+    ctx = windows.shape[1]
     half = ctx // 2
-    model.setup_cache(batch, ctx, model.tok_embeddings.weight.dtype)
-    positions = torch.arange(ctx, device=device)
-    mask = positions[None, :] <= positions[:, None]
     tokens = windows.to(device)
     targets = tokens[:, half + 1 :].reshape(-1)
-    set_sparse(model, False)
+    inputs, positions, mask = _dense_block_inputs(model, tokens, device)
 
     def nll_from(b: int, x: torch.Tensor) -> float:
         for block in model.layers[b:]:
@@ -238,15 +246,10 @@ def block_sensitivities(model, block_tables: list, windows: torch.Tensor, device
         logits = model.output(model.norm(x[:, half:-1])).float()
         return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets))
 
-    inputs = []
-    x = model.tok_embeddings(tokens)
-    for block in model.layers:
-        inputs.append(x)
-        x = block(x, model.rope, positions, mask)
-    dense = nll_from(len(model.layers), x)
+    dense = nll_from(0, inputs[0])  # the same path as the sparse passes: their differences are the costs
     costs = torch.zeros(len(model.layers), 1 + len(block_tables), dtype=torch.float64)
     for b, block in enumerate(tqdm(model.layers, desc="block sensitivity", unit="block", disable=not progress)):
-        linears = [block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down]
+        linears = _block_linears(block)
         for g, table in enumerate(block_tables):
             for lin, t in zip(linears, table[b]):
                 lin.set_threshold(t if t >= 0 else None)
@@ -288,8 +291,8 @@ def allocate(costs: torch.Tensor, target: float, step: float = GLOBAL_STEP) -> l
     return levels
 
 
-def global_thresholds(model, hists: dict, windows: torch.Tensor, greedy: dict, allocations: dict, levels,
-                      device: str, progress: bool = False) -> tuple[dict, dict, dict]:
+def global_thresholds(model, windows: torch.Tensor, greedy: dict, allocations: dict, levels, device: str,
+                      progress: bool = False) -> tuple[dict, dict, dict]:
     """Global allocation on top of greedy's per-block thresholds at the grid levels (greedy and
     allocations as greedy_thresholds returns them, keyed by level). Returns the thresholds and the
     per-input allocations per target level, and the record (block levels, costs)."""
@@ -304,6 +307,8 @@ def global_thresholds(model, hists: dict, windows: torch.Tensor, greedy: dict, a
         thresholds[key] = [[-1.0] * 4 if g == 0 else greedy[sp.level_key(grid[g - 1])][b] for b, g in enumerate(pick)]
         allocs[key] = [[0.0] * 4 if g == 0 else allocations[sp.level_key(grid[g - 1])][b] for b, g in enumerate(pick)]
         record["block_levels"][key] = [0.0 if g == 0 else grid[g - 1] for g in pick]
+        # the mean reached: the target rounded to the grid (GLOBAL_STEP / n_layers)
+        record.setdefault("mean_level", {})[key] = sum(record["block_levels"][key]) / n_layers
     assert all(len(t) == n_layers for t in thresholds.values())
     return thresholds, allocs, record
 
@@ -326,6 +331,9 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     for m in modes:
         if m not in sp.MODES:
             raise SpqtError(f"unknown mode {m!r}; choose one of {', '.join(sp.MODES)}")
+    if "global" in modes and max(levels) > GLOBAL_MAX:
+        raise SpqtError(f"--mode global allocates block levels up to {GLOBAL_MAX:g}: it cannot reach sparsity "
+                        f"{max(levels):g}")
     if held_out_tokens and len(tokens) < held_out_tokens + ctx:
         raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out_tokens} held-out "
                         f"tokens and one window of {ctx}")
@@ -349,7 +357,7 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
         if "global" in modes:
             sens = windows[: max(1, sensitivity_tokens // ctx)]
             out["global"], out["global_allocations"], records["global"] = global_thresholds(
-                model, hists, sens, g, allocations, levels, device, progress)
+                model, sens, g, allocations, levels, device, progress)
             records["global"]["tokens"] = int(sens.numel())
     result = {criterion: out,
               "_calibration": {"tokens": int(windows.numel()), "greedy_tokens": int(min(windows.shape[0], max(1, greedy_tokens // ctx)) * ctx),

@@ -431,7 +431,7 @@ def cmd_tune(args) -> int:
         entries = tune_crossover(parse_shapes(args.shapes))
     else:
         # the variants not re-tuned keep this GPU's entries (q4_k's are replaced as a whole, as before)
-        entries = {v: dict(tuning.table_entries(v)) for v in tuning.VARIANTS + tuning.TYPE_VARIANTS}
+        entries = tuning.all_entries()
         if "q4_k" in types:
             entries.update(tune(parse_shapes(args.shapes)))
         others = [t for t in types if t != "q4_k"]

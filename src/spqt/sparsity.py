@@ -177,9 +177,10 @@ def recommend(rows: list[dict], dense_ppl: float, max_loss: float = MAX_LOSS) ->
 
 
 def default_mode(thresholds: dict, criterion: str) -> str:
-    """DEFAULT_MODE when the model holds thresholds of that mode for the criterion, else unified."""
-    have = by_criterion(thresholds).get(criterion, {}).get(DEFAULT_MODE)
-    return DEFAULT_MODE if have else "unified"
+    """The first of DEFAULT_MODE, unified, global that the model holds thresholds of for the
+    criterion (a model calibrated with --mode global alone has only those); unified when none."""
+    per_mode = by_criterion(thresholds).get(criterion, {})
+    return next((m for m in (DEFAULT_MODE, "unified", "global") if per_mode.get(m)), "unified")
 
 
 def auto_level(thresholds: dict, criterion: str | None, mode: str | None) -> tuple[str, str, float]:

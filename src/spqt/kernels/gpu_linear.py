@@ -20,25 +20,34 @@ from spqt.kernels.gpu_layout_types import repack as repack_types
 from spqt.kernels.reference import sparsify
 
 
+def _kernel_weight(weight, kernel_type, repack_fn, device: str):
+    """weight as kernel_type (kept if it is one; a QuantizedWeight repacked onto the device)."""
+    if isinstance(weight, kernel_type):
+        return weight
+    if isinstance(weight, QuantizedWeight):
+        return repack_fn(weight, device)
+    raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
+
+
 class TritonLinear:
     def __init__(self, weight, dtype: torch.dtype, device: str):
-        if isinstance(weight, GpuQ4K):
-            self.w = weight
-        elif isinstance(weight, QuantizedWeight):
-            self.w = repack(weight, device)
-        else:
-            raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
+        self.w = _kernel_weight(weight, GpuQ4K, repack, device)
         self.n, self.k = weight.shape
         self.fuses_norm = self.w.layout == "zigzag"  # sparse_normed: the row layout has no sparse kernel
         if self.w.layout == "zigzag":
-            self.cfg_dense = tuning.config("zigzag_dense", self.n, self.k)
-            self.cfg_sparse = tuning.config("zigzag_sparse", self.n, self.k)
-            self.ws_dense = kg.ZigzagWorkspace(self.w, self.cfg_dense["split"], dtype)
-            self.ws_sparse = kg.ZigzagWorkspace(self.w, self.cfg_sparse["split"], dtype)
-            self.normed = torch.empty(self.k, dtype=dtype, device=device)  # sparse_normed's norm output
+            self._zigzag_setup("", kg.ZigzagWorkspace, dtype, device)
         else:
             self.cfg_row = tuning.config("row_dense", self.n, self.k)
             self.y = torch.empty(self.n, dtype=dtype, device=device)
+
+    def _zigzag_setup(self, suffix: str, workspace, dtype: torch.dtype, device: str) -> None:
+        """The tuned configs of "zigzag_dense<suffix>" / "zigzag_sparse<suffix>" for this shape, their
+        preallocated workspaces, and sparse_normed's norm output (K,)."""
+        self.cfg_dense = tuning.config(f"zigzag_dense{suffix}", self.n, self.k)
+        self.cfg_sparse = tuning.config(f"zigzag_sparse{suffix}", self.n, self.k)
+        self.ws_dense = workspace(self.w, self.cfg_dense["split"], dtype)
+        self.ws_sparse = workspace(self.w, self.cfg_sparse["split"], dtype)
+        self.normed = torch.empty(self.k, dtype=dtype, device=device)
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         w = kg.dequantize(self.w, x.dtype)
@@ -107,19 +116,10 @@ class TritonZigzagTypesLinear(TritonLinear):
     "zigzag_{dense,sparse}_<type>" (defaults until `spqt tune` times them)."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
-        if isinstance(weight, GpuZigzag):
-            self.w = weight
-        elif isinstance(weight, QuantizedWeight):
-            self.w = repack_types(weight, device)
-        else:
-            raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
+        self.w = _kernel_weight(weight, GpuZigzag, repack_types, device)
         self.n, self.k = weight.shape
         self.fuses_norm = True
-        self.cfg_dense = tuning.config(f"zigzag_dense_{self.w.fmt}", self.n, self.k)
-        self.cfg_sparse = tuning.config(f"zigzag_sparse_{self.w.fmt}", self.n, self.k)
-        self.ws_dense = zt.TypesWorkspace(self.w, self.cfg_dense["split"], dtype)
-        self.ws_sparse = zt.TypesWorkspace(self.w, self.cfg_sparse["split"], dtype)
-        self.normed = torch.empty(self.k, dtype=dtype, device=device)  # sparse_normed's norm output
+        self._zigzag_setup(f"_{self.w.fmt}", zt.TypesWorkspace, dtype, device)
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, zt.dequantize(self.w, x.dtype))

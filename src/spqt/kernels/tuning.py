@@ -102,6 +102,12 @@ def table_entries(variant: str) -> dict:
     return _load_table(device_key()).get(variant, {})
 
 
+def all_entries() -> dict:
+    """Every variant's entries of this GPU's table (a copy to update; a re-tune keeps what it does
+    not time), {variant: {"NxK": config}}."""
+    return {v: dict(table_entries(v)) for v in VARIANTS + TYPE_VARIANTS}
+
+
 def config(variant: str, n: int, k: int) -> dict:
     """The tuned config of this GPU for the shape, else its nearest tuned neighbour, else the default.
     zigzag_sparse entries may also hold "crossover" and "crossover_fused" (bench.crossover)."""
