@@ -26,10 +26,12 @@ def main():
     ap.add_argument("--model", default="synthetic:llama2-7b")
     ap.add_argument("--sparsity", default="0,0.5")
     ap.add_argument("--replays", type=int, default=20)
+    ap.add_argument("--max-len", type=int, default=64, help="the cache (spqt bench decode: 10 + 128 + 8 = 146)")
+    ap.add_argument("--new-tokens", type=int, default=40, help="the decode loop's tokens after a 10-token prompt")
     ap.add_argument("--json")
     args = ap.parse_args()
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
+    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", args.max_len)
+    gen = Generator(loaded, "cuda", max_len=args.max_len)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
     rows = []
     for s in (float(v) for v in args.sparsity.split(",")):
@@ -63,15 +65,16 @@ def main():
             host.append((t1 - t0) / args.replays * 1e6)
             wall.append((t2 - t0) / args.replays * 1e6)
         # the runtime's own decode loop (spqt bench decode's step time), over the same positions
-        res = gen.generate(prompt.tolist(), 40, track=False)
+        res = gen.generate(prompt.tolist(), args.new_tokens, track=False)
         loop_us = 1e6 * statistics.median(res.step_seconds[2:])
+        last_us = 1e6 * statistics.median(res.step_seconds[-32:])  # the last 32 positions
         row = {"sparsity": s, "device_us": statistics.median(dev), "host_call_us": statistics.median(host),
-               "wall_per_replay_us": statistics.median(wall), "decode_loop_us": loop_us,
+               "wall_per_replay_us": statistics.median(wall), "decode_loop_us": loop_us, "decode_last32_us": last_us,
                "dense_maps": len(gen.dense_fallbacks()) if s else 0}
         rows.append(row)
         print(f"{args.model} s={s:.2f}: device {row['device_us']:8.1f} us/replay, host {row['host_call_us']:8.1f} us/call, "
               f"{args.replays} back to back {row['wall_per_replay_us']:8.1f} us/replay, decode loop "
-              f"{row['decode_loop_us']:8.1f} us/step ({row['dense_maps']} maps dense)",
+              f"{row['decode_loop_us']:8.1f} us/step (last 32: {row['decode_last32_us']:.1f}) ({row['dense_maps']} maps dense)",
               flush=True)
     if args.json:
         with open(args.json, "w") as f:
