@@ -48,6 +48,15 @@ profile_7b() {
     done
   done
 }
+# Every gpu test, verbose (a call cut short still names the tests that finished), logged in
+# $OUT/pytest-gpu.log; $1: time limit (s), $2: pytest workers. Prints the summary and the time taken.
+gpu_tests() {
+  local t0
+  t0=$(date +%s)
+  timeout "$1" python3 -m pytest -v -m gpu tests -n "$2" -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+    | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
+  echo "gpu tests on this machine: $(( $(date +%s) - t0 )) s"
+}
 stage=${1:-kernels}
 case "$stage" in
   kernels)
@@ -107,10 +116,8 @@ case "$stage" in
         2>&1 | grep -v WARN | tail -6
     done
     echo "measurements: $(( $(date +%s) - start )) s"
-    tstart=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
-    echo "gpu tests: $(( $(date +%s) - tstart )) s; floor stage: $(( $(date +%s) - start )) s"
+    gpu_tests ${TEST_TIMEOUT:-330} 8
+    echo "floor stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.log' -delete)
     ;;
   measure)
@@ -132,9 +139,7 @@ case "$stage" in
     # the OpenAI server probe), all packed into results.tgz.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
-    echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
+    gpu_tests ${TEST_TIMEOUT:-330} 8
     profile_7b "/graph replay/p"
     timeout 120 python3 -m spqt.cli bench decode --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-default.json" 2>&1 \
       | grep -v WARN | tail -6
@@ -151,9 +156,7 @@ case "$stage" in
     # weight type with the shipped table (TYPES_TUNE=1: tune the other types first, into $OUT).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-470} python3 -m pytest -v -m gpu tests -n ${WORKERS:-12} -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
-    echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
+    gpu_tests ${TEST_TIMEOUT:-470} ${WORKERS:-12}
     shapes=${TYPE_SHAPES:-4096x4096,11008x4096,28672x8192,8192x28672}
     if [ -n "${TYPES_TUNE:-}" ]; then
       timeout 300 python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
@@ -176,9 +179,7 @@ case "$stage" in
     start=$(date +%s)
     budget=${CALL_BUDGET:-570}
     left() { echo $(( budget - ($(date +%s) - start) )); }
-    timeout ${TEST_TIMEOUT:-330} python3 -m pytest -v -m gpu tests -n ${WORKERS:-12} -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -30
-    echo "gpu tests on this machine: $(( $(date +%s) - start )) s"
+    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     for m in ${DECODE_MODELS:-llama2-7b llama3-8b llama2-70b}; do
       timeout 100 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
         2>&1 | grep -v WARN | tail -5

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from spqt.bench_decode import calibrate_on_own_activations, synthetic_model
+from spqt.bench_decode import calibrate_on_own_activations, replay_device_us, synthetic_model
 from spqt.generate import Generator
 
 
@@ -42,16 +42,7 @@ def main():
         graph = gen._graph
         # each replay feeds itself (token and position + 1 on the device): start every run at
         # position 16, so that the replays stay inside the 64-token cache the graph was made for
-        dev = []
-        for _ in range(20):
-            gen._set_io(1, 16)
-            torch.cuda.synchronize()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            graph.replay()
-            b.record()
-            b.synchronize()
-            dev.append(a.elapsed_time(b) * 1e3)
+        dev = replay_device_us(graph, 20, before=lambda: gen._set_io(1, 16))
         host, wall = [], []
         for _ in range(5):
             gen._set_io(1, 16)

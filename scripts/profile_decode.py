@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from spqt.bench_decode import calibrate_on_own_activations, synthetic_model
+from spqt.bench_decode import calibrate_on_own_activations, replay_device_us, synthetic_model
 from spqt.generate import Generator
 
 
@@ -55,15 +55,7 @@ def main():
         gen.set_sparsity(args.sparsity, table=table)
     gen.generate(prompt.tolist(), 8, track=False)  # captures the graph with the chosen setting
     graph = gen._graph
-    times = []
-    for _ in range(30):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    step_us = statistics.median(times)
+    step_us = statistics.median(replay_device_us(graph, 30))
     reps = 5
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(reps):

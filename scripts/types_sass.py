@@ -10,52 +10,22 @@ the loop's global loads by width and its I2F, SHFL and shared-memory / barrier c
 
 import argparse
 import collections
-import re
-import subprocess
-import tempfile
-from pathlib import Path
 
 import triton
 
 from spqt.kernels import tuning
 from spqt.kernels import zigzag_types as zt
-
-BIN = Path(triton.__file__).parent / "backends/nvidia/bin"
-
-
-def main_loop(sass: str) -> list[str]:
-    """The instructions of the longest loop (a backward branch closes a loop) of nvdisasm's listing."""
-    lines, labels, best = [], {}, []
-    for ln in sass.splitlines():
-        label = re.match(r"^(\.L_\w+):", ln.strip())
-        if label:
-            labels[label.group(1)] = len(lines)
-        elif re.search(r"/\*[0-9a-f]{4}\*/", ln):
-            lines.append(ln)
-            target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
-            if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
-                best = lines[labels[target.group(1)]:]
-    return best
+from spqt.kernels.sass import disassemble, main_loop, opcode
 
 
 def report(fmt: str, mode: int, warps: int, block_k: int, dtype: str) -> dict:
     compiled = zt.compile_sm90(fmt, mode, dtype, num_warps=warps, block_k=block_k)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True,
-                              check=True).stdout
-        usage = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
-                               text=True, check=True).stdout
+    sass, regs, stack = disassemble(compiled.asm["cubin"])
     loop = main_loop(sass)
-    ops = collections.Counter()
-    for ln in loop:
-        m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", ln)
-        if m:
-            ops[m.group(1)] += 1
+    ops = collections.Counter(op for op in map(opcode, loop) if op)
     loads = collections.Counter({op: n for op, n in ops.items() if op.startswith(("LDG", "LD."))})
     weights = block_k * 256  # a step: block_k columns of one 256-output block row (Q8_0: rows x 32)
-    return {"regs": re.search(r"REG:(\d+)", usage).group(1), "spills": re.search(r"STACK:(\d+)", usage).group(1),
+    return {"regs": regs, "spills": stack,
             "loop": len(loop),
             "per_weight": len(loop) * 32 * warps / weights,
             "loads": ", ".join(f"{op} {n}" for op, n in sorted(loads.items())),

@@ -13,6 +13,8 @@ from spqt.kernels import reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
+from kernel_inputs import assert_within_fp32_sum, random_x as _x
+
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
 SPARSITIES = [0.0, 0.25, 0.5, 0.9, 1.0]
@@ -32,17 +34,6 @@ def _weights(rng, shape, layout, device):
     w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(device)
     qw = QuantizedWeight(spqt.quantize(w, "q4_k", layout), "q4_k", layout, shape)
     return qw, repack(qw, device)
-
-
-def _x(rng, k, dtype, device, sparsity):
-    x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
-    if sparsity >= 1.0:
-        t = x.abs().max().float() + 1
-    elif sparsity == 0.0:
-        t = torch.tensor(-1.0)
-    else:
-        t = torch.quantile(x.abs().float().cpu(), sparsity)
-    return x, torch.as_tensor(t, dtype=torch.float32).to(device)
 
 
 def min_part(qw: QuantizedWeight) -> torch.Tensor:
@@ -71,21 +62,11 @@ ZIGZAG_INPUT_EPS = {torch.float16: 2.0**-11, torch.bfloat16: 2.0**-17, torch.flo
 
 
 def assert_close_fp32_accum(y, qw, x_used, what, input_eps=0.0):
-    """|y - W x| within the worst-case fp32 error of summing K products: (K + 4) * 2^-24 times
-    the sum of the magnitudes the kernel adds (its scale part d*sc*q and min part dmin*m, each
-    at most |w| + |dmin*m|), plus input_eps times the same sum (the kernel's rounding of each
-    product's factors), plus one rounding of the output dtype. Reference in float64."""
+    """|y - W x| within the worst-case fp32 error of summing K products (kernel_inputs), the
+    magnitudes added being the kernel's scale part d*sc*q and min part dmin*m, each at most
+    |w| + |dmin*m|; input_eps: the kernel's rounding of each product's factors."""
     w_ref, w_mag = _reference_matrices(qw)
-    ref = w_ref @ x_used.double()
-    magnitude = w_mag @ x_used.double().abs()
-    k = w_ref.shape[1] + 4
-    out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
-    tol = (k * 2.0**-24 + input_eps) * magnitude + out_eps * ref.abs() + 1e-30
-    err = (y.double() - ref).abs()
-    bad = err > tol
-    assert not torch.isnan(y).any(), f"{what}: NaN in output (unwritten element?)"
-    assert not bad.any(), (f"{what}: {int(bad.sum())} of {y.numel()} outside tolerance; worst at {int((err / tol).argmax())}: "
-                           f"got {float(y.flatten()[int((err / tol).argmax())]):.6g}, want {float(ref[int((err / tol).argmax())]):.6g}")
+    assert_within_fp32_sum(y, w_ref, w_mag, x_used, what, input_eps)
 
 
 @pytest.mark.parametrize("device", DEVICES)

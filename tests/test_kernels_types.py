@@ -15,6 +15,8 @@ from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, dequantize_kernel_layout, repack
 
+from kernel_inputs import assert_within_fp32_sum, random_x as _x
+
 DEVICES = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
 SPARSITIES = [0.0, 0.25, 0.5, 0.9, 1.0]
 # CPU: 300 rows (not a multiple of 32 or 256), K = 75 (not a multiple of a step); a one-row edge
@@ -83,17 +85,6 @@ def _weights(rng, fmt, shape, device):
     return qw, repack(qw, device)
 
 
-def _x(rng, k, dtype, device, sparsity):
-    x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
-    if sparsity >= 1.0:
-        t = x.abs().max().float() + 1
-    elif sparsity == 0.0:
-        t = torch.tensor(-1.0)
-    else:
-        t = torch.quantile(x.abs().float().cpu(), sparsity)
-    return x, torch.as_tensor(t, dtype=torch.float32).to(device)
-
-
 LEVEL_BYTES = {"q5_k": slice(16, 176), "q2_k": slice(16, 80)}  # the types with a min term
 
 
@@ -114,19 +105,8 @@ def _references(qw):
 
 
 def assert_close_fp32_accum(y, refs, x_used, what):
-    """|y - W x| within the worst case of fp32 arithmetic: (K + 4) 2^-24 times the sum of the
-    magnitudes added (K sums, and up to three roundings in a product x d sc q), plus one rounding
-    to y's dtype; reference in float64."""
-    w_ref, w_mag = refs
-    ref = w_ref @ x_used.double()
-    magnitude = w_mag @ x_used.double().abs()
-    out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
-    tol = (w_ref.shape[1] + 4) * 2.0**-24 * magnitude + out_eps * ref.abs() + 1e-30
-    err = (y.double() - ref).abs()
-    assert not torch.isnan(y).any(), f"{what}: NaN in output (an element not written?)"
-    worst = int((err / tol).argmax())
-    assert not (err > tol).any(), (f"{what}: {int((err > tol).sum())} of {y.numel()} outside tolerance; worst at "
-                                   f"{worst}: got {float(y[worst]):.6g}, want {float(ref[worst]):.6g}")
+    """|y - W x| within the worst case of fp32 arithmetic (kernel_inputs); refs: _references(qw)."""
+    assert_within_fp32_sum(y, *refs, x_used, what)
 
 
 def _launch(gw, x, mode, ws, cfg, t=None):
@@ -338,22 +318,9 @@ def test_type_variants_fall_back_to_defaults():
 
 _COMPILE_SM90 = """
 import collections, json, os, re, subprocess, sys, tempfile
-import triton
 from spqt.kernels import zigzag_types as zt
-bindir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 from spqt.kernels import tuning
-def main_loop(sass):  # the longest loop (a backward branch closes it), as scripts/types_sass.py
-    lines, labels, best = [], {}, []
-    for ln in sass.splitlines():
-        label = re.match(r"^(\\.L_\\w+):", ln.strip())
-        if label:
-            labels[label.group(1)] = len(lines)
-        elif re.search(r"/\\*[0-9a-f]{4}\\*/", ln):
-            lines.append(ln)
-            target = re.search(r"BRA\\s+(?:`\\()?(\\.L_\\w+)", ln)
-            if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
-                best = lines[labels[target.group(1)]:]
-    return best
+from spqt.kernels.sass import main_loop, opcode, tool
 for fmt in ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
     # B4 for every type; B2 (which differs only in the column shares) for Q5_K
     for mode in ((zt.MODE_DENSE, zt.MODE_INDEXED) if fmt == "q5_k" else (zt.MODE_INDEXED,)):
@@ -362,14 +329,13 @@ for fmt in ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
         ptx = compiled.asm["ptx"]
         with tempfile.TemporaryDirectory() as d:
             open(os.path.join(d, "k.ptx"), "w").write(ptx)
-            v = subprocess.run([os.path.join(bindir, "ptxas"), "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"),
+            v = subprocess.run([tool("ptxas"), "-v", "--gpu-name", "sm_90a", os.path.join(d, "k.ptx"),
                                 "-o", os.path.join(d, "k.cubin")], capture_output=True, text=True)
             assert v.returncode == 0, v.stderr[-2000:]
-            sass = subprocess.run([os.path.join(bindir, "nvdisasm"), "-c", os.path.join(d, "k.cubin")],
+            sass = subprocess.run([tool("nvdisasm"), "-c", os.path.join(d, "k.cubin")],
                                   capture_output=True, text=True).stdout
         loop = main_loop(sass)
-        ops = collections.Counter(m.group(1) for m in (re.search(r"\\*/\\s+(?:@!?U?P\\w+\\s+)?([A-Z][A-Z0-9]*)", ln)
-                                                        for ln in loop) if m)
+        ops = collections.Counter(op.split(".")[0] for op in map(opcode, loop) if op)
         loads = collections.Counter(re.findall(r"ld[.]global[.][.\\w]*", ptx))
         print(json.dumps({"what": f"{fmt} mode {mode}", "regs": re.findall(r"Used (\\d+) registers", v.stderr),
                           "spills": re.findall(r"(\\d+) bytes spill stores", v.stderr),

@@ -403,6 +403,17 @@ def crossover(ops: Operands, dense_cfg: dict, sparse_cfg: dict) -> dict:
     return out
 
 
+def _fastest(configs, calls) -> tuple[float, dict]:
+    """(microseconds, config) of the fastest of configs; calls(config): the launches of one timing
+    (one per rotated weight copy, repeated to at least 16 in the CUDA graph)."""
+    best = None
+    for cfg in configs:
+        us = time_graph(_at_least_16(calls(cfg)), replays=10, warmup=2) * 1e6
+        if best is None or us < best[0]:
+            best = (us, cfg)
+    return best
+
+
 def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidates) -> dict:
     """Time the candidate configs of every variant per shape; return the winners as table entries.
     zigzag_sparse is chosen at 50 % sparsity (collect included). candidates(variant, n, k): the
@@ -416,30 +427,26 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
         t = torch.quantile(x.float().abs(), 0.5).reshape(())
         y = torch.empty(n, dtype=torch.float16, device="cuda")
         for variant in variants:
-            best = None
-            for cfg in candidates(variant, n, k):
+            def calls(cfg, variant=variant):
                 if variant == "row_dense":
-                    seq = [(lambda w=w: kg.gemv_row(w, x, out=y, **cfg)) for w in ops.row]
-                else:
-                    ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
-                    if variant == "zigzag_dense":
-                        seq = [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **tuning.launch_args(cfg)))
-                               for w in ops.zig]
-                    else:
-                        seq = [(lambda w=w: (collect(x, t, ws.idx, ws.count),
-                                             kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws, idx=ws.idx, count=ws.count,
-                                                            **tuning.launch_args(cfg))))
-                               for w in ops.zig]
-                us = time_graph(_at_least_16(seq), replays=10, warmup=2) * 1e6
-                if best is None or us < best[0]:
-                    best = (us, cfg)
+                    return [(lambda w=w: kg.gemv_row(w, x, out=y, **cfg)) for w in ops.row]
+                ws = kg.ZigzagWorkspace(ops.zig[0], cfg["split"], torch.float16)
+                if variant == "zigzag_dense":
+                    return [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **tuning.launch_args(cfg)))
+                            for w in ops.zig]
+                return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                                      kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws, idx=ws.idx, count=ws.count,
+                                                     **tuning.launch_args(cfg))))
+                        for w in ops.zig]
+
+            best = _fastest(candidates(variant, n, k), calls)
             entries[variant][f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
             log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
         if "zigzag_dense" in entries and "zigzag_sparse" in entries:
             cross = crossover(ops, entries["zigzag_dense"][f"{n}x{k}"], entries["zigzag_sparse"][f"{n}x{k}"])
             entries["zigzag_sparse"][f"{n}x{k}"].update(cross)
             log(f"{n}x{k} crossover (B4 beats B2 from): {cross}")
-        del ops
+        ops = None  # this shape's weights freed before the next shape's (calls() holds no other reference)
         torch.cuda.empty_cache()
     return entries
 
@@ -455,22 +462,20 @@ def tune_types(shapes, types, log=print, candidates=tuning.candidates) -> dict:
             t = torch.quantile(x.float().abs(), 0.5).reshape(())
             for kind in ("dense", "sparse"):
                 variant = f"zigzag_{kind}_{fmt}"
-                best = None
-                for cfg in candidates(variant, n, k):
+
+                def calls(cfg, kind=kind):
                     ws = zt.TypesWorkspace(pool[0], cfg["split"], torch.float16)
                     args = tuning.types_launch_args(cfg)
                     if kind == "dense":
-                        seq = [(lambda w=w: zt.gemv(w, x, zt.MODE_DENSE, ws, **args)) for w in pool]
-                    else:
-                        seq = [(lambda w=w: (collect(x, t, ws.idx, ws.count),
-                                             zt.gemv(w, x, zt.MODE_INDEXED, ws, idx=ws.idx, count=ws.count, **args)))
-                               for w in pool]
-                    us = time_graph(_at_least_16(seq), replays=10, warmup=2) * 1e6
-                    if best is None or us < best[0]:
-                        best = (us, cfg)
+                        return [(lambda w=w: zt.gemv(w, x, zt.MODE_DENSE, ws, **args)) for w in pool]
+                    return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                                          zt.gemv(w, x, zt.MODE_INDEXED, ws, idx=ws.idx, count=ws.count, **args)))
+                            for w in pool]
+
+                best = _fastest(candidates(variant, n, k), calls)
                 entries.setdefault(variant, {})[f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
                 log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
-            del pool
+            pool = None  # freed before the next type's copies
             torch.cuda.empty_cache()
     return entries
 

@@ -78,6 +78,24 @@ def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity:
     return table
 
 
+def replay_device_us(graph, reps: int, before=None) -> list[float]:
+    """Device microseconds of `reps` replays of a CUDA graph, each alone between two CUDA events
+    (the GPU idle before it); before(), if given, runs ahead of each (a decode step's graph
+    advances its own position: the caller may reset it)."""
+    times = []
+    for _ in range(reps):
+        if before is not None:
+            before()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3)
+    return times
+
+
 def decode_run(gen: Generator, prompt: list[int], new_tokens: int) -> dict:
     """Greedy decode; per-step wall time of graph replays (each synchronised)."""
     res = gen.generate(prompt, new_tokens, track=False)

@@ -47,9 +47,16 @@ MODE_DENSE, MODE_INDEXED = kg.MODE_DENSE, kg.MODE_INDEXED  # B2, B4
 
 
 @triton.jit
-def _share(s, SPLIT, K, count_ptr, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Share s: (first position, step between positions, end). B2 a contiguous column range,
-    B4 the list steps s, s + SPLIT, ... up to the count."""
+def _start(SPLIT, K, count_ptr, MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    """Every GEMV program's start: (its row group, its share s, first position, step between
+    positions, end). PDL: launched while the kernel before it finishes, so x, the list and the
+    count are read only after the wait. Shares: B2 a contiguous column range, B4 the list steps
+    s, s + SPLIT, ... up to the count."""
+    g = tl.program_id(0)
+    s = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if MODE == 2:
         first = s * BLOCK_K
         stride = SPLIT * BLOCK_K
@@ -59,7 +66,7 @@ def _share(s, SPLIT, K, count_ptr, MODE: tl.constexpr, BLOCK_K: tl.constexpr):
         first = s * per
         stride = BLOCK_K
         hi = tl.minimum(K, first + per)
-    return first, stride, hi
+    return g, s, first, stride, hi
 
 
 @triton.jit
@@ -100,12 +107,7 @@ def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT
                  RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
     -> part[s, 32 RB g : 32 RB (g + 1)]. q_ptr: the levels as int32 words (R8, K, 8)."""
-    g = tl.program_id(0)
-    s = tl.program_id(1)
-    if PDL:  # launched while the kernel before it finishes: x, the list and the count come after
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    g, s, first, stride, hi = _start(SPLIT, K, count_ptr, MODE, BLOCK_K, PDL)
     rb = g * RB + tl.arange(0, 2 * RB)[None, :] // 2  # (1, 2 RB): a lane's block row
     c = _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 4, 8, 8, 2, 16, magic, 0.0, 128)
     # one accumulator per slot and column: Triton spreads the columns over lanes, so a sum over them
@@ -233,12 +235,7 @@ def _q6_k_in_rows(v):
 def _q6_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
-    r = tl.program_id(0)
-    s = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    r, s, first, stride, hi = _start(SPLIT, K, count_ptr, MODE, BLOCK_K, PDL)
     acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
     nib = _in_register(0x0F0F0F0F, magic)
     c = _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 4, 6, 8, 3, 16, magic, 32.0, 0)
@@ -289,12 +286,7 @@ def _q5_k_in_rows(v):
 def _q5_k_kernel(q_ptr, hb_ptr, h_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
-    r = tl.program_id(0)
-    s = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    r, s, first, stride, hi = _start(SPLIT, K, count_ptr, MODE, BLOCK_K, PDL)
     acc = tl.zeros((BLOCK_K, 8, 2, 2, 2, 2, 2), dtype=tl.float32)
     bias = tl.zeros((BLOCK_K, 8), dtype=tl.float32)  # the min term x dmin m of each lane's sub-block
     nib = _in_register(0x0F0F0F0F, magic)
@@ -353,12 +345,7 @@ def _q3_k_in_rows(v):
 def _q3_k_kernel(q_ptr, hb_ptr, sc_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
-    r = tl.program_id(0)
-    s = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    r, s, first, stride, hi = _start(SPLIT, K, count_ptr, MODE, BLOCK_K, PDL)
     m33 = _in_register(0x33333333, magic)
     c = _field_consts(tl.zeros((1, 1, 1, 1, 1), tl.int32), 8, 3, 4, 6, 24, magic, 4.0, 0)
     acc = tl.zeros((BLOCK_K, 4, 2, 2, 2, 2, 2, 2), dtype=tl.float32)
@@ -399,12 +386,7 @@ def _q2_k_in_rows(v):
 def _q2_k_kernel(q_ptr, sc_ptr, dd_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic,
                  MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (r, s): block row r (256 outputs), share s -> part[s, 256 r : 256 r + 256]."""
-    r = tl.program_id(0)
-    s = tl.program_id(1)
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    first, stride, hi = _share(s, SPLIT, K, count_ptr, MODE, BLOCK_K)
+    r, s, first, stride, hi = _start(SPLIT, K, count_ptr, MODE, BLOCK_K, PDL)
     c = _field_consts(tl.zeros((1, 1, 1, 1), tl.int32), 16, 2, 2, 11, 22, magic, 0.0, 0)
     acc = tl.zeros((BLOCK_K, 4, 2, 2, 2, 2, 2, 2), dtype=tl.float32)
     bias = tl.zeros((BLOCK_K, 4, 2, 2), dtype=tl.float32)  # the min term x dmin m of each sub-block

@@ -1,0 +1,52 @@
+"""SASS of a kernel compiled for Hopper without a GPU (zigzag_mma.compile_sm90,
+zigzag_types.compile_sm90), read with Triton's bundled nvdisasm and cuobjdump: the listing, the
+registers and stack, the instructions of the main loop. For scripts and tests."""
+
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def tool(name: str) -> str:
+    """Path of one of Triton's bundled CUDA tools (ptxas, nvdisasm, cuobjdump)."""
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def disassemble(cubin: bytes) -> tuple[str, int, int]:
+    """(nvdisasm's listing, registers a thread, stack bytes a thread) of a cubin."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        sass = subprocess.run([tool("nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return sass, int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def instructions(sass: str) -> list[str]:
+    """The instruction lines of an nvdisasm listing."""
+    return [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+
+
+def main_loop(sass: str) -> list[str]:
+    """The instruction lines of the longest loop of an nvdisasm listing (a backward branch closes a loop)."""
+    lines, labels, best = [], {}, []
+    for ln in sass.splitlines():
+        label = re.match(r"^(\.L_\w+):", ln.strip())
+        if label:
+            labels[label.group(1)] = len(lines)
+        elif re.search(r"/\*[0-9a-f]{4}\*/", ln):
+            lines.append(ln)
+            target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
+            if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
+                best = lines[labels[target.group(1)]:]
+    return best
+
+
+def opcode(line: str) -> str | None:
+    """The mnemonic of an instruction line with its modifiers (LDG.E.128), its predicate dropped."""
+    m = re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+    return m.group(1) if m else None

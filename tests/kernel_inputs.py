@@ -1,0 +1,33 @@
+"""Inputs shared by the kernel tests (test_kernels.py, test_kernels_types.py)."""
+
+import numpy as np
+import torch
+
+
+def random_x(rng, k, dtype, device, sparsity):
+    """x (k,) standard normal in dtype and the fp32 threshold that drops that fraction of it
+    (sparsity 0: -1, nothing dropped; 1: above max |x|, everything dropped)."""
+    x = torch.from_numpy(rng.standard_normal(k).astype(np.float32)).to(device=device, dtype=dtype)
+    if sparsity >= 1.0:
+        t = x.abs().max().float() + 1
+    elif sparsity == 0.0:
+        t = torch.tensor(-1.0)
+    else:
+        t = torch.quantile(x.abs().float().cpu(), sparsity)
+    return x, torch.as_tensor(t, dtype=torch.float32).to(device)
+
+
+def assert_within_fp32_sum(y, w_ref, w_mag, x_used, what, input_eps=0.0):
+    """|y - W x| within the worst case of a GEMV in fp32: (K + 4) 2^-24 times the sum of the
+    magnitudes the kernel adds (w_mag: per weight, (N, K) float64), plus input_eps times the same
+    sum (the kernel's rounding of each product's factors), plus one rounding to y's dtype;
+    reference w_ref (N, K) float64 times x_used."""
+    ref = w_ref @ x_used.double()
+    magnitude = w_mag @ x_used.double().abs()
+    out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
+    tol = ((w_ref.shape[1] + 4) * 2.0**-24 + input_eps) * magnitude + out_eps * ref.abs() + 1e-30
+    err = (y.double() - ref).abs()
+    assert not torch.isnan(y).any(), f"{what}: NaN in output (an element not written?)"
+    worst = int((err / tol).argmax())
+    assert not (err > tol).any(), (f"{what}: {int((err > tol).sum())} of {y.numel()} outside tolerance; worst at "
+                                   f"{worst}: got {float(y.flatten()[worst]):.6g}, want {float(ref[worst]):.6g}")
