@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.kernels import zigzag_mma
+from spqt.kernels import zigzag_cuda, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
 from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
 
@@ -172,12 +172,14 @@ class ZigzagWorkspace:
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
-                fused: bool = False,
+                fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
+    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, unfused, num_warps and
+    pipe; elsewhere Triton); the environment's SPQT_GEMV=cuda|triton overrides it.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]."""
@@ -209,10 +211,17 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     dummy = ws.count
     pdl = zigzag_mma.uses_pdl(x.device)
     epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
-    zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
-                      idx if idx is not None else dummy, count if count is not None else dummy, ws.partials, ws.y,
-                      residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
-                      num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
+    if impl not in ("triton", "cuda"):
+        raise ValueError(f"impl must be triton or cuda, not {impl}")
+    if (zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode):
+        fused = False
+        zigzag_cuda.launch(w.quants, w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
+                           ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe)
+    else:
+        zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
+                          idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
+                          ws.y, residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
+                          num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
     if not fused:
         split_p2 = triton.next_power_of_2(ws.split)
         block = max(16, min(256, 4096 // split_p2))

@@ -31,8 +31,9 @@ def instructions(sass: str) -> list[str]:
     return [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
 
 
-def main_loop(sass: str) -> list[str]:
-    """The instruction lines of the longest loop of an nvdisasm listing (a backward branch closes a loop)."""
+def main_loop(sass: str, containing: str = "") -> list[str]:
+    """The instruction lines of the longest loop of an nvdisasm listing (a backward branch closes a
+    loop) among those whose text contains `containing` (e.g. "HMMA": not an epilogue's loop)."""
     lines, labels, best = [], {}, []
     for ln in sass.splitlines():
         label = re.match(r"^(\.L_\w+):", ln.strip())
@@ -42,7 +43,9 @@ def main_loop(sass: str) -> list[str]:
             lines.append(ln)
             target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
             if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
-                best = lines[labels[target.group(1)]:]
+                loop = lines[labels[target.group(1)]:]
+                if any(containing in ln for ln in loop):
+                    best = loop
     return best
 
 

@@ -74,7 +74,8 @@ def default_config(variant: str, n: int, k: int) -> dict:
 def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
-            "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0)}
+            "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
+            "impl": cfg.get("impl", "triton")}
 
 
 def types_launch_args(cfg: dict) -> dict:
@@ -139,9 +140,25 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
     # 4 warps a program won no shape of either shipped table (KERNEL_VERSION 4); ahead 2 and 3 lost
     # to 1 on the H100 (benchmarks/results/ahead-probe-h100.txt); acc 2 and 4 and pipe 0 and 1 each won
     # some of the 7 shapes of the H200 probe (benchmarks/results/decode-floor/probe-pipe-eb5065c.log)
-    return [{"split": s, "num_warps": w, "chunks": c, "ahead": a, "acc": acc, "pipe": p}
-            for s in splits for w in (1, 2) for c in (1, 2) for a in (0, 1) for acc in (2, 4, 16)
-            for p in ((0, 1) if c == 1 else (0,))]
+    triton_configs = [{"split": s, "num_warps": w, "chunks": c, "ahead": a, "acc": acc, "pipe": p}
+                      for s in splits for w in (1, 2) for c in (1, 2) for a in (0, 1) for acc in (2, 4, 16)
+                      for p in ((0, 1) if c == 1 else (0,))]
+    return triton_configs + cuda_candidates(variant, n, k)
+
+
+def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
+    """The CUDA C++ GEMV's configs (zigzag_cuda.py) for zigzag_dense / zigzag_sparse, where NVRTC and
+    the driver are usable; [] elsewhere."""
+    from spqt.kernels import nvrtc
+
+    if variant not in ("zigzag_dense", "zigzag_sparse") or not nvrtc.available():
+        return []
+    rows = -(-n // 256)
+    base = -(-sm_count() // rows)
+    splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 3, 4, 6, 8, 12, 16)})
+    pipes = (0, 1) if variant == "zigzag_dense" else (0,)
+    return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p}
+            for s in splits for w in (1, 2, 4, 8) for p in pipes]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

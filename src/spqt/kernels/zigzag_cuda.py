@@ -1,0 +1,60 @@
+"""The zigzag Q4_K GEMV (B2 dense, B4 indexed) as CUDA C++ (zigzag_q4k.cu, compiled by NVRTC):
+the same contract and arithmetic as zigzag_mma.py's kernel, unfused, for fp16 x, with fewer
+instructions per weight (the .cu file says where they go).
+
+Selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
+by SPQT_GEMV=cuda; SPQT_GEMV=triton never uses it. Needs a CUDA GPU and cuda-bindings with NVRTC
+(nvrtc.available()); the GPU tests compare it with the torch reference like the Triton kernel.
+"""
+
+import functools
+import os
+from pathlib import Path
+
+import torch
+
+from spqt.kernels import nvrtc
+
+SOURCE = Path(__file__).with_name("zigzag_q4k.cu")
+MODE_DENSE, MODE_INDEXED = 0, 2
+
+
+def options(warps: int, mode: int, pipe: int) -> tuple:
+    """NVRTC options of one configuration (the .cu file's macros)."""
+    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(arch: str, warps: int, mode: int, pipe: int) -> nvrtc.Kernel:
+    return nvrtc.Kernel(nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe), arch), "zigzag_q4k_gemv")
+
+
+def choice() -> str:
+    """SPQT_GEMV: "cuda" forces this kernel, "triton" the Triton one, else the tuned config decides."""
+    return os.environ.get("SPQT_GEMV", "").lower()
+
+
+def supports(x: torch.Tensor, mode: int) -> bool:
+    """This kernel runs fp16 x, B2 and B4, on a CUDA device with NVRTC."""
+    return x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED) and nvrtc.available()
+
+
+def share(k: int, split: int, warps: int) -> int:
+    """B2: columns a program takes, a multiple of its step (16 columns a warp)."""
+    step = 16 * warps
+    return -(-(-(-k // split)) // step) * step
+
+
+def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
+           partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
+           pipe: int = 0) -> None:
+    """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, K, 32)
+    int32 zigzag kernel layout, head (ceil(rows / 4), K, 4, 4) int32 (gpu_layout.group_heads); x (K,)
+    fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by B2)."""
+    if warps not in (1, 2, 4, 8):
+        raise ValueError(f"warps must be 1, 2, 4 or 8, not {warps}")
+    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe if mode == MODE_DENSE else 0)
+    args = (quants.data_ptr(), head.data_ptr(), x.data_ptr(), idx.data_ptr(), count.data_ptr(), partials.data_ptr(),
+            k, np_, share(k, split, warps), split)
+    types = (nvrtc.POINTER,) * 6 + (nvrtc.INT,) * 4
+    kernel.launch((quants.shape[0], split), 32 * warps, args, types, torch.cuda.current_stream(x.device), pdl)

@@ -1,0 +1,258 @@
+// Zigzag Q4_K GEMV on the tensor cores in CUDA C++, compiled at run time by NVRTC (zigzag_cuda.py).
+//
+// The contract of zigzag_mma.py's kernel, unfused, fp16 x: program (r, s) = superblock row r (256
+// outputs), share s of its columns -> part[s * NP + 256 r + i], i < 256, fp32, every row written;
+// a second kernel (gemv._reduce_kernel) sums the shares in a fixed order. The arithmetic is the
+// Triton kernel's (its module docstring): a warp takes 16 columns (a chunk) and runs 16
+// mma.m16n8k16, one per 16-row tile m, A = the levels as fp16 subnormals (q 2^-24, high nibble
+// q 2^-20), B[k, n] = x_k d_k sc[k, n] in fp16, products and sums in fp32; the min term
+// x_k dmin_k m[k, g] is summed per lane in fp32.
+//
+// What is different from the Triton kernel is the instruction count per weight: 32-bit column
+// arithmetic, one base pointer per lane with the slots at constant offsets, no masks in the
+// full chunks (a tail chunk takes the masked path), 16 accumulators.
+//
+// MODE 0 (B2): share s = columns [s per, min(K, (s + 1) per)), per a multiple of 16 WARPS.
+// MODE 2 (B4): the active-column list idx[0 .. count) in steps of 16 WARPS positions; share s
+// takes steps s, s + SPLIT, ... (stride = 16 WARPS SPLIT positions).
+// PDL: the weights of the first chunk are loaded before griddepcontrol.wait (no kernel writes
+// them); x, the list, the count and the partials only after it.
+//
+// Lane (g, t) = 4 g + t (the mma fragment's groupID, threadID_in_group) owns the chunk's columns
+// 2t, 2t+1, 2t+8, 2t+9 (slots 0-3) and of each the 16 level bytes 16 g .. 16 g + 15 of its block
+// (gpu_layout.py, zigzag: byte 16 g + m = level[16 m + g] | level[16 m + 8 + g] << 4).
+
+#ifndef WARPS
+#define WARPS 4
+#endif
+#ifndef MODE
+#define MODE 0
+#endif
+#ifndef PIPE
+#define PIPE 0  // 1: the next chunk's weights are loaded before this chunk's arithmetic (B2)
+#endif
+
+typedef unsigned int u32;
+
+__device__ __forceinline__ float f16_lo_to_f32(u32 bits) {  // the fp16 in bits 0-15
+  float f;
+  asm("{.reg .b16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, lo;}" : "=f"(f) : "r"(bits));
+  return f;
+}
+
+__device__ __forceinline__ float f16_hi_to_f32(u32 bits) {  // the fp16 in bits 16-31
+  float f;
+  asm("{.reg .b16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, hi;}" : "=f"(f) : "r"(bits));
+  return f;
+}
+
+__device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+__device__ __forceinline__ void mma_tile(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// A lane's constants for decoding the 6-bit scale and min of its sub-block g from a head's words
+// 1-3 (the 12 packed bytes q[0..11] of GGUF's Q4_K; jj = g % 4):
+//   g < 4:  sc = q[jj] & 63,                        mn = q[jj + 4] & 63
+//   g >= 4: sc = (q[jj + 8] & 15) | (q[jj] >> 6) << 4, mn = (q[jj + 8] >> 4) | (q[jj + 4] >> 6) << 4
+// One byte permute per value puts the byte(s) it needs at bytes 0 (and 1), then masks that depend
+// on the lane only: v = prmt -> ((v >> shift) & low_mask) | ((v >> 10) & high_mask).
+struct ScaleDecoder {
+  u32 sel_sc, sel_mn, shift_mn, low_mask, high_mask;
+  __device__ explicit ScaleDecoder(int g) {
+    const u32 jj = g & 3;
+    if (g < 4) {
+      sel_sc = jj;             // byte 0 = q[jj] (word 1)
+      sel_mn = jj;             // byte 0 = q[jj + 4] (word 2)
+      shift_mn = 0;
+      low_mask = 63;
+      high_mask = 0;
+    } else {
+      sel_sc = (4 + jj) | (jj << 4);  // byte 0 = q[jj + 8] (word 3), byte 1 = q[jj] (word 1)
+      sel_mn = (4 + jj) | (jj << 4);  // byte 0 = q[jj + 8], byte 1 = q[jj + 4] (word 2)
+      shift_mn = 4;
+      low_mask = 15;
+      high_mask = 48;
+    }
+  }
+  // sc and mn as exact floats (OR into 2^23's mantissa, subtract 2^23)
+  __device__ __forceinline__ void decode(const uint4& hd, float& sc, float& mn) const {
+    const u32 vs = __byte_perm(hd.y, hd.w, sel_sc);
+    const u32 vm = __byte_perm(hd.z, hd.w, sel_mn);
+    const u32 isc = (vs & low_mask) | ((vs >> 10) & high_mask) | 0x4B000000u;
+    const u32 imn = ((vm >> shift_mn) & low_mask) | ((vm >> 10) & high_mask) | 0x4B000000u;
+    sc = __int_as_float(isc) - 8388608.0f;
+    mn = __int_as_float(imn) - 8388608.0f;
+  }
+};
+
+struct Chunk {  // one lane's loads of one chunk: slot i's level words and head, x of slots 0|1, 2|3 (fp16x2)
+  uint4 w[4];
+  uint4 h[4];
+  u32 x01, x23;
+};
+
+// The chunk's 16 tiles into c[16][4]; B at n = g for the lane's 4 slots; the min term into bias.
+__device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& bias, const ScaleDecoder& dec) {
+  const float xs[4] = {f16_lo_to_f32(ch.x01), f16_hi_to_f32(ch.x01), f16_lo_to_f32(ch.x23), f16_hi_to_f32(ch.x23)};
+  float b[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float sc, mn;
+    dec.decode(ch.h[i], sc, mn);
+    b[i] = xs[i] * f16_lo_to_f32(ch.h[i].x) * sc;
+    bias = fmaf(xs[i] * f16_hi_to_f32(ch.h[i].x), mn, bias);
+  }
+  const u32 b01 = pack_f16x2(b[0], b[1]);
+  const u32 b23 = pack_f16x2(b[2], b[3]);
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {
+    const int q = m >> 2, sh = m & 3;
+    const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
+    const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
+    const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
+    mma_tile(c[m], p & 0x000F000Fu, p & 0x00F000F0u, pq & 0x000F000Fu, pq & 0x00F000F0u, b01, b23);
+  }
+}
+
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 8, heads hr + col 4.
+__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const int* col) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ch.w[i] = __ldg(qr + col[i] * 8);
+    ch.h[i] = __ldg(hr + col[i] * 4);
+  }
+}
+
+__device__ __forceinline__ u32 x_pair(const unsigned short* x, int c0, int c1, bool ok0, bool ok1) {
+  const u32 lo = ok0 ? (u32)__ldg(x + c0) : 0u;
+  const u32 hi = ok1 ? (u32)__ldg(x + c1) : 0u;
+  return lo | (hi << 16);
+}
+
+// Weights of the full chunk whose slot 0 is at qp / hp (the slots at +1, +8, +9 columns).
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp) {
+  ch.w[0] = __ldg(qp);
+  ch.w[1] = __ldg(qp + 8);
+  ch.w[2] = __ldg(qp + 64);
+  ch.w[3] = __ldg(qp + 72);
+  ch.h[0] = __ldg(hp);
+  ch.h[1] = __ldg(hp + 4);
+  ch.h[2] = __ldg(hp + 32);
+  ch.h[3] = __ldg(hp + 36);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WARPS)
+zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
+                const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
+                int NP, int per, int split) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int r = blockIdx.x, s = blockIdx.y;
+  // block (r, col): quants uint4 (r K + col) 8 + g; head uint4 ((r / 4) K + col) 4 + r % 4
+  const uint4* qr = q + (size_t)r * K * 8 + g;
+  const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  const int slot_pos[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+  const ScaleDecoder dec(g);
+  float c[16][4];
+#pragma unroll
+  for (int m = 0; m < 16; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+  float bias = 0.0f;
+  Chunk ch;
+#if MODE == 0
+  const int first = s * per, hi = min(K, first + per);
+  const int step = 16 * WARPS;
+  int j = first + 16 * warp;
+  const int full_end = hi - 15;  // chunk j lies wholly inside the share iff j < full_end
+  // slot 0 of the lane's chunk: column j + 2 t; pointers advance by a step of columns
+  const uint4* qp = qr + (j + 2 * t) * 8;
+  const uint4* hp = hr + (j + 2 * t) * 4;
+  const u32* xp = reinterpret_cast<const u32*>(x + j + 2 * t);  // j and 2 t even: 4-byte aligned
+  if (j < full_end) load_contiguous(ch, qp, hp);
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+  for (; j < full_end; j += step) {
+    ch.x01 = __ldg(xp);
+    ch.x23 = __ldg(xp + 4);
+    qp += step * 8;
+    hp += step * 4;
+    xp += step / 2;
+#if PIPE
+    Chunk next;
+    if (j + step < full_end) load_contiguous(next, qp, hp);
+    compute(ch, c, bias, dec);
+    ch = next;
+#else
+    compute(ch, c, bias, dec);
+    if (j + step < full_end) load_contiguous(ch, qp, hp);
+#endif
+  }
+  if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
+    int col[4];
+    bool ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ok[i] = j + slot_pos[i] < hi;
+      col[i] = ok[i] ? j + slot_pos[i] : j;
+    }
+    load_gathered(ch, qr, hr, col);
+    ch.x01 = x_pair(x, col[0], col[1], ok[0], ok[1]);
+    ch.x23 = x_pair(x, col[2], col[3], ok[2], ok[3]);
+    compute(ch, c, bias, dec);
+  }
+#else
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+  const int n = min(__ldg(count), K);
+  const int stride = 16 * WARPS * split;
+  for (int j = s * 16 * WARPS + 16 * warp; j < n; j += stride) {
+    int col[4];
+    bool ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int pos = j + slot_pos[i];
+      ok[i] = pos < n;
+      const int v = __ldg(idx + min(pos, K - 1));
+      col[i] = (ok[i] && v >= 0 && v < K) ? v : 0;
+    }
+    load_gathered(ch, qr, hr, col);
+    ch.x01 = x_pair(x, col[0], col[1], ok[0], ok[1]);
+    ch.x23 = x_pair(x, col[2], col[3], ok[2], ok[3]);
+    compute(ch, c, bias, dec);
+  }
+#endif
+  // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
+  // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
+  __shared__ float rows_sum[WARPS][256];
+  __shared__ float bias_sum[WARPS][8];
+  float bsum = bias;
+  bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
+  bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
+  if (t == 0) bias_sum[warp][g] = bsum;
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {
+    if ((m >> 2) == t) {
+      const int e = (m >> 1) & 1;
+      rows_sum[warp][16 * m + g] = c[m][e] * 16777216.0f;
+      rows_sum[warp][16 * m + 8 + g] = c[m][2 + e] * 1048576.0f;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+    float v = 0.0f, bj = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      v += rows_sum[w][i];
+      bj += bias_sum[w][i >> 5];
+    }
+    part[(size_t)s * NP + 256 * r + i] = v - bj;
+  }
+}
