@@ -172,14 +172,15 @@ class ZigzagWorkspace:
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
-                fused: bool = False, impl: str = "triton",
+                fused: bool = False, impl: str = "triton", stages: int = 4,
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
-    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, unfused, num_warps and
-    pipe; elsewhere Triton); the environment's SPQT_GEMV=cuda|triton overrides it.
+    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, unfused, num_warps,
+    pipe 0-2 and stages; elsewhere Triton, pipe 2 as 1); the environment's SPQT_GEMV=cuda|triton
+    overrides it.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]."""
@@ -199,8 +200,9 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
     if acc not in (2, 4, 16):
         raise ValueError(f"acc must be 2, 4 or 16 accumulators, not {acc}")
-    if pipe not in (0, 1) or (pipe and chunks != 1):
-        raise ValueError(f"pipe (loads one step ahead) is 0 or 1, and 1 only with one chunk a step: {pipe}, {chunks}")
+    if pipe not in (0, 1, 2) or (pipe and chunks != 1):
+        raise ValueError(f"pipe (loads ahead) is 0, 1 or 2 (CUDA), and not 0 only with one chunk a step: {pipe}, "
+                         f"{chunks}")
     n, k = w.shape
     if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
@@ -216,12 +218,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if (zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode):
         fused = False
         zigzag_cuda.launch(w.quants, w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
-                           ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe)
+                           ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe, stages)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
                           ws.y, residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
-                          num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
+                          num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, min(pipe, 1))
     if not fused:
         split_p2 = triton.next_power_of_2(ws.split)
         block = max(16, min(256, 4096 // split_p2))

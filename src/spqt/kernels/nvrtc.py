@@ -110,15 +110,21 @@ class Kernel:
         err, self.function = driver.cuModuleGetFunction(self.module, name.encode())
         _check(err, f"cuModuleGetFunction({name})")
         self._driver = driver
+        self._shared_allowed = 48 * 1024  # dynamic shared memory a launch may use without opting in
 
     def launch(self, grid: tuple, block: int, args: tuple, types: tuple, stream: torch.cuda.Stream,
-               pdl: bool = False) -> None:
-        """args: ints (pointers as data_ptr()) with their ctypes types (ctypes.c_void_p, c_int)."""
+               pdl: bool = False, shared: int = 0) -> None:
+        """args: ints (pointers as data_ptr()) with their ctypes types (ctypes.c_void_p, c_int);
+        shared: bytes of dynamic shared memory (above 48 KB the function opts in once)."""
         driver = self._driver
+        if shared > self._shared_allowed:
+            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+            _check(driver.cuFuncSetAttribute(self.function, attr, shared)[0], "cuFuncSetAttribute")
+            self._shared_allowed = shared
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
         config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-        config.sharedMemBytes = 0
+        config.sharedMemBytes = shared
         config.hStream = driver.CUstream(stream.cuda_stream)
         if pdl:
             attr = driver.CUlaunchAttribute()

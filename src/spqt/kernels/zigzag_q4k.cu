@@ -29,7 +29,10 @@
 #define MODE 0
 #endif
 #ifndef PIPE
-#define PIPE 0  // 1: the next chunk's weights are loaded before this chunk's arithmetic (B2)
+#define PIPE 0  // B2: 1 the next chunk's weights are loaded into registers before this chunk's arithmetic;
+#endif          // 2 they are copied STAGES - 1 chunks ahead into shared memory (cp.async, no registers held)
+#ifndef STAGES
+#define STAGES 4
 #endif
 
 typedef unsigned int u32;
@@ -150,6 +153,29 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, cons
   ch.h[3] = __ldg(hp + 36);
 }
 
+// PIPE 2: each lane copies the 8 pieces of 16 bytes it will read (slot i's level words at piece i, its
+// head at 4 + i) and its two x pairs into its own places of a ring of STAGES chunks in shared
+// memory, and reads back only those: no barrier, each thread waits for its own copies
+// (cp.async.wait_group). Ring layout [stage][warp][piece][lane] (a warp's 16-byte reads are
+// consecutive, conflict-free); x [stage][warp][pair][lane]. Dynamic shared memory, RING_BYTES.
+#define RING_PIECES (STAGES * WARPS * 8 * 32)
+#define RING_BYTES (RING_PIECES * 16 + STAGES * WARPS * 2 * 32 * 4)
+
+__device__ __forceinline__ void cp_async16(const void* smem, const void* gmem) {
+  const u32 dst = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async4(const void* smem, const void* gmem) {
+  const u32 dst = (u32)__cvta_generic_to_shared(smem);
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
+
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
@@ -176,6 +202,62 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* qp = qr + (j + 2 * t) * 8;
   const uint4* hp = hr + (j + 2 * t) * 4;
   const u32* xp = reinterpret_cast<const u32*>(x + j + 2 * t);  // j and 2 t even: 4-byte aligned
+#if PIPE == 2
+  {
+    extern __shared__ uint4 ring[];
+    u32* xring = reinterpret_cast<u32*>(ring + RING_PIECES);
+    const int chunks = j < full_end ? (full_end - 1 - j) / step + 1 : 0;
+    // chunk i of this warp: slot 0 at qp + i step 8 (and hp, xp alike); ring stage i % STAGES
+    auto issue = [&](int i) {
+      const uint4* qi = qp + i * step * 8;
+      const uint4* hi4 = hp + i * step * 4;
+      uint4* dst = ring + ((i % STAGES) * WARPS + warp) * 8 * 32 + lane;
+      cp_async16(dst + 0 * 32, qi);
+      cp_async16(dst + 1 * 32, qi + 8);
+      cp_async16(dst + 2 * 32, qi + 64);
+      cp_async16(dst + 3 * 32, qi + 72);
+      cp_async16(dst + 4 * 32, hi4);
+      cp_async16(dst + 5 * 32, hi4 + 4);
+      cp_async16(dst + 6 * 32, hi4 + 32);
+      cp_async16(dst + 7 * 32, hi4 + 36);
+    };
+    auto issue_x = [&](int i) {
+      u32* xdst = xring + ((i % STAGES) * WARPS + warp) * 2 * 32 + lane;
+      cp_async4(xdst, xp + i * step / 2);
+      cp_async4(xdst + 32, xp + i * step / 2 + 4);
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {  // the weights of the first chunks before the wait
+      if (i < chunks) issue(i);
+    }
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) {  // then their x: one group per chunk, weights in the first
+      if (i < chunks) issue_x(i);
+      cp_async_commit();
+    }
+    for (int i = 0; i < chunks; ++i) {
+      if (i + STAGES - 1 < chunks) {
+        issue(i + STAGES - 1);
+        issue_x(i + STAGES - 1);
+      }
+      cp_async_commit();
+      cp_async_wait<STAGES - 1>();  // chunk i's group (and every older one) has landed
+      const uint4* src = ring + ((i % STAGES) * WARPS + warp) * 8 * 32 + lane;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        ch.w[e] = src[e * 32];
+        ch.h[e] = src[(4 + e) * 32];
+      }
+      const u32* xsrc = xring + ((i % STAGES) * WARPS + warp) * 2 * 32 + lane;
+      ch.x01 = xsrc[0];
+      ch.x23 = xsrc[32];
+      compute(ch, c, bias, dec);
+    }
+    j += chunks * step;
+  }
+#else
   if (j < full_end) load_contiguous(ch, qp, hp);
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
@@ -195,6 +277,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     if (j + step < full_end) load_contiguous(ch, qp, hp);
 #endif
   }
+#endif
   if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
     int col[4];
     bool ok[4];
