@@ -597,14 +597,18 @@ def test_zigzag_cuda_kernel(rng, sparsity):
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
-        if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config)
-            r = torch.randn(shape[0], device="cuda", dtype=torch.float16)
-            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=warps, impl="cuda", residual=r).clone()
-            want = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=warps, impl="triton", residual=r).clone()
-            torch.testing.assert_close(y.float(), want.float(), rtol=4e-3, atol=4e-3)
-            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=warps, impl="cuda", swiglu=True).clone()
-            want = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=warps, impl="triton", swiglu=True).clone()
-            torch.testing.assert_close(y.float(), want.float(), rtol=4e-3, atol=4e-3)
+        if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config): the same reduction's
+            # finish against torch on the plain output (one more fp16 rounding there; SwiGLU's silu can
+            # amplify a relative error up to ~10x where the gate is very negative)
+            kw = {"num_warps": warps, "pipe": pipe, "stages": stages, "impl": "cuda"}
+            plain = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw).float()
+            r = torch.randn(shape[0], device="cuda", dtype=torch.float16) * plain.abs().mean().half()
+            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, residual=r).float()
+            torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
+            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, swiglu=True).float()
+            f = shape[0] // 2
+            want = torch.nn.functional.silu(plain[:f]) * plain[f:]
+            torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()))
 
 
 def test_cuda_gemv_compiles_for_sm90():

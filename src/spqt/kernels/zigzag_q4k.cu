@@ -34,6 +34,15 @@
 #ifndef STAGES
 #define STAGES 4
 #endif
+#ifndef QLOAD
+#define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
+#endif
+#ifndef HLOAD
+#define HLOAD 0  // heads: the same choices
+#endif
+#ifndef PROBE_HEADS
+#define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads
+#endif
 
 typedef unsigned int u32;
 
@@ -97,6 +106,20 @@ struct ScaleDecoder {
   }
 };
 
+template <int OP>
+__device__ __forceinline__ uint4 load16(const uint4* p) {
+  uint4 v;
+  if (OP == 1) {
+    asm volatile("ld.global.cg.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  } else if (OP == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  } else {
+    v = __ldg(p);
+  }
+  return v;
+}
+
 struct Chunk {  // one lane's loads of one chunk: slot i's level words and head, x of slots 0|1, 2|3 (fp16x2)
   uint4 w[4];
   uint4 h[4];
@@ -130,8 +153,8 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
 __device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = __ldg(qr + col[i] * 8);
-    ch.h[i] = __ldg(hr + col[i] * 4);
+    ch.w[i] = load16<QLOAD>(qr + col[i] * 8);
+    ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
   }
 }
 
@@ -143,14 +166,14 @@ __device__ __forceinline__ u32 x_pair(const unsigned short* x, int c0, int c1, b
 
 // Weights of the full chunk whose slot 0 is at qp / hp (the slots at +1, +8, +9 columns).
 __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp) {
-  ch.w[0] = __ldg(qp);
-  ch.w[1] = __ldg(qp + 8);
-  ch.w[2] = __ldg(qp + 64);
-  ch.w[3] = __ldg(qp + 72);
-  ch.h[0] = __ldg(hp);
-  ch.h[1] = __ldg(hp + 4);
-  ch.h[2] = __ldg(hp + 32);
-  ch.h[3] = __ldg(hp + 36);
+  ch.w[0] = load16<QLOAD>(qp);
+  ch.w[1] = load16<QLOAD>(qp + 8);
+  ch.w[2] = load16<QLOAD>(qp + 64);
+  ch.w[3] = load16<QLOAD>(qp + 72);
+  ch.h[0] = load16<HLOAD>(hp);
+  ch.h[1] = load16<HLOAD>(hp + 4);
+  ch.h[2] = load16<HLOAD>(hp + 32);
+  ch.h[3] = load16<HLOAD>(hp + 36);
 }
 
 // PIPE 2: each lane copies the 8 pieces of 16 bytes it will read (slot i's level words at piece i, its
@@ -265,7 +288,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     ch.x01 = __ldg(xp);
     ch.x23 = __ldg(xp + 4);
     qp += step * 8;
-    hp += step * 4;
+    hp += PROBE_HEADS ? 0 : step * 4;
     xp += step / 2;
 #if PIPE
     Chunk next;
