@@ -35,7 +35,7 @@ for spec, (split, warps, pipe) in SHAPES.items():
     for name, extra in VARIANTS.items():
         def calls(_cfg, extra=extra):
             return [(lambda w=w: zigzag_cuda.launch(w.quants, w.head, ops.x, ws.idx, ws.count, ws.partials, k, ws.np,
-                                                    split, zigzag_cuda.MODE_DENSE, warps, True, pipe, 4, extra))
+                                                    split, zigzag_cuda.MODE_DENSE, warps, True, pipe, extra))
                     for w in ops.zig]
         us, _ = bench._fastest([{}], calls)
         rows.append({"shape": spec, "variant": name, "us": round(us, 2), "pct_copy": round(100 * mb * 1e3 / us / copy, 1)})

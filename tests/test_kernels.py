@@ -11,6 +11,7 @@ from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
 from spqt.kernels import reference
 from spqt.kernels.collect import collect
+from spqt.kernels import gpu_layout
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from kernel_inputs import assert_within_fp32_sum, random_x as _x
@@ -79,7 +80,14 @@ def test_gpu_layout_repack_is_exact(rng, device):
             kg.dequantize(gw, torch.float32, out=out)
             assert torch.equal(out, qw.dequantize()), f"dequant kernel {layout} {shape}"
             if layout == "zigzag":  # heads of 4 superblock rows of a column side by side, padding rows zero
-                rows, cols = gw.quants.shape[:2]
+                rows, cols = gw.grid
+                # quants in sector planes: plane s holds bytes 32 s .. 32 s + 31 of each block's levels
+                assert gw.quants.shape == (rows, 4, cols, 8)
+                blocks = gpu_layout.from_planes(gw.quants).contiguous().view(torch.uint8).reshape(rows, cols, 128)
+                assert torch.equal(gpu_layout.to_planes(gpu_layout.from_planes(gw.quants)), gw.quants)
+                for s in range(4):
+                    plane = gw.quants[:, s].contiguous().view(torch.uint8).reshape(rows, cols, 32)
+                    assert torch.equal(plane, blocks[:, :, 32 * s: 32 * s + 32])
                 canonical = qw.blocks.to(device)[..., :16].contiguous().view(torch.int32)  # (rows, cols, 4)
                 assert gw.head.shape == (-(-rows // 4), cols, 4, 4)
                 for r in range(rows):
@@ -484,7 +492,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     (defaults apply), a current one is used."""
     import json
 
-    from spqt.kernels import nvrtc, tuning, zigzag_cuda
+    from spqt.kernels import nvrtc, tuning
 
     for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
         for c in tuning.candidates("zigzag_dense", n, k) + [tuning.default_config("zigzag_dense", n, k)]:
@@ -492,16 +500,14 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert c["ahead"] in (0, 1) and c["acc"] in (2, 4, 16) and c["pipe"] in (0, 1)
             assert not (c["pipe"] and c["chunks"] != 1)  # gemv_zigzag refuses pipe with 2 chunks
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
-                                                                            "acc", "pipe")} | {"impl": "triton",
-                                                                                               "stages": 4}
+                                                                            "acc", "pipe")} | {"impl": "triton"}
         monkeypatch.setattr(nvrtc, "available", lambda: True)  # the configs a GPU machine would time
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
         monkeypatch.undo()
         assert cuda_configs
         for c in cuda_configs:
             assert c["impl"] == "cuda" and c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
-            assert tuning.launch_args(c)["impl"] == "cuda" and c["pipe"] in (0, 1, 2)
-            assert zigzag_cuda.ring_bytes(c["num_warps"], c["pipe"], c["stages"]) <= 227 * 1024  # H100/H200 opt-in
+            assert tuning.launch_args(c)["impl"] == "cuda" and c["pipe"] in (0, 1)
         # a table entry without the acc / pipe knobs was tuned with the 16-accumulator kernel
         assert tuning.launch_args({"num_warps": 1, "chunks": 1})["acc"] == 16
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
@@ -565,10 +571,10 @@ def test_mma_lane_layout(num_warps):
             assert want in layouts[encodings.pop()], ln[-300:]
 
 
-# (split, warps, pipe, stages) of the CUDA C++ GEMV on the GPU: one warp with one program a row, splits
-# that leave programs without columns or a partial last chunk, every warp count, the next chunks
-# loaded ahead or not, in registers or shared memory (B4 ignores pipe)
-CUDA_CONFIGS = [(1, 1, 0, 4), (7, 2, 1, 4), (64, 4, 0, 4), (33, 8, 1, 4), (5, 4, 2, 4), (64, 2, 2, 2), (1, 4, 2, 6)]
+# (split, warps, pipe) of the CUDA C++ GEMV on the GPU: one warp with one program a row, splits that
+# leave programs without columns or a partial last chunk, every warp count, the next chunk loaded
+# ahead or not (B4 ignores pipe)
+CUDA_CONFIGS = [(1, 1, 0), (7, 2, 1), (64, 4, 0), (33, 8, 1)]
 
 
 @pytest.mark.gpu
@@ -584,49 +590,47 @@ def test_zigzag_cuda_kernel(rng, sparsity):
         x, t = _x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, stages in CUDA_CONFIGS:
+        for split, warps, pipe in CUDA_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
                 ws.y.fill_(float("nan"))
                 ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "stages": stages, "impl": "cuda"}
+                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda"}
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe}/{stages} s={sparsity}"
+                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} s={sparsity}"
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
         if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config): the same reduction's
             # finish against torch on the plain output (one more fp16 rounding there; SwiGLU's silu can
             # amplify a relative error up to ~10x where the gate is very negative)
-            kw = {"num_warps": warps, "pipe": pipe, "stages": stages, "impl": "cuda"}
+            kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda"}
             plain = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw).float()
             r = torch.randn(shape[0], device="cuda", dtype=torch.float16) * plain.abs().mean().half()
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, residual=r).float()
             torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, swiglu=True).float()
             f = shape[0] // 2
-            want = torch.nn.functional.silu(plain[:f]) * plain[f:]
-            torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()))
+            want = (torch.nn.functional.silu(plain[:f]) * plain[f:]).half().float()  # overflows to inf as y does
+            torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want[want.isfinite()].abs().max()))
 
 
 def test_cuda_gemv_compiles_for_sm90():
     """zigzag_q4k.cu compiles with NVRTC for sm_90 (no GPU needed) in every configuration the tuner
     may pick, without spills, and its B2 loop stays lean: at most 240 instructions per chunk and
     lane (223 when written; the Triton kernel's is 335), 16 of them mma; 260 with the next chunk's
-    loads ahead in registers (249: the copy of the loaded registers at the end of the loop), 290
-    through shared memory (276-280: the ring's addresses, 10 copies and 10 reads)."""
+    loads ahead in registers (249: the copy of the loaded registers at the end of the loop)."""
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, main_loop
 
     for warps in (1, 2, 4, 8):
-        for mode, pipe in ((zigzag_cuda.MODE_DENSE, 0), (zigzag_cuda.MODE_DENSE, 1), (zigzag_cuda.MODE_DENSE, 2),
-                           (zigzag_cuda.MODE_INDEXED, 0)):
+        for mode, pipe in ((zigzag_cuda.MODE_DENSE, 0), (zigzag_cuda.MODE_DENSE, 1), (zigzag_cuda.MODE_INDEXED, 0)):
             cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, pipe), "sm_90")
             sass, regs, stack = disassemble(cubin)
             assert stack == 0, f"warps {warps} mode {mode} pipe {pipe}: {stack} bytes of stack (spills)"
             loop = main_loop(sass, "HMMA")
             assert sum("HMMA" in ln for ln in loop) == 16
             if mode == zigzag_cuda.MODE_DENSE:
-                assert len(loop) <= (240, 260, 290)[pipe], f"warps {warps} pipe {pipe}: B2 loop of {len(loop)} instructions"
+                assert len(loop) <= (240, 260)[pipe], f"warps {warps} pipe {pipe}: B2 loop of {len(loop)} instructions"

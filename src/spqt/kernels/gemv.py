@@ -125,7 +125,11 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
     else:
         word = e // 8
         shift = 4 * (e % 8)
-    words = tl.load(q_ptr + bid[:, None, None] * 32 + word, mask=mb[:, None, None], other=0)
+    if ZIGZAG:  # sector planes (gpu_layout.to_planes): word w of block (rr, cc) in plane w // 8
+        words = tl.load(q_ptr + ((rr[:, None, None] * 4 + word // 8) * COLS + cc[:, None, None]) * 8 + word % 8,
+                        mask=mb[:, None, None], other=0)
+    else:
+        words = tl.load(q_ptr + bid[:, None, None] * 32 + word, mask=mb[:, None, None], other=0)
     level = (words >> shift) & 15
     d, dmin, w1, w2, w3 = load_head(h_ptr, zigzag_mma.head_index(rr, cc, COLS) if ZIGZAG else bid, mb)
     sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
@@ -162,25 +166,24 @@ class ZigzagWorkspace:
         n, k = w.shape
         dev = w.quants.device
         self.split = split
-        self.np = w.quants.shape[0] * 256
+        self.np = w.grid[0] * 256
         self.partials = torch.empty((split, self.np), dtype=torch.float32, device=dev)
         self.idx = torch.empty(k, dtype=torch.int32, device=dev)
         self.count = torch.empty((), dtype=torch.int32, device=dev)
-        self.counters = torch.zeros(w.quants.shape[0], dtype=torch.int32, device=dev)  # zero between launches
+        self.counters = torch.zeros(w.grid[0], dtype=torch.int32, device=dev)  # zero between launches
         self.y = torch.empty(n, dtype=dtype, device=dev)
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
-                fused: bool = False, impl: str = "triton", stages: int = 4,
+                fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
-    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, unfused, num_warps,
-    pipe 0-2 and stages; elsewhere Triton, pipe 2 as 1); the environment's SPQT_GEMV=cuda|triton
-    overrides it.
+    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, unfused, num_warps and
+    pipe; elsewhere Triton); the environment's SPQT_GEMV=cuda|triton overrides it.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]."""
@@ -200,9 +203,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
     if acc not in (2, 4, 16):
         raise ValueError(f"acc must be 2, 4 or 16 accumulators, not {acc}")
-    if pipe not in (0, 1, 2) or (pipe and chunks != 1):
-        raise ValueError(f"pipe (loads ahead) is 0, 1 or 2 (CUDA), and not 0 only with one chunk a step: {pipe}, "
-                         f"{chunks}")
+    if pipe not in (0, 1) or (pipe and chunks != 1):
+        raise ValueError(f"pipe (loads one step ahead) is 0 or 1, and 1 only with one chunk a step: {pipe}, {chunks}")
     n, k = w.shape
     if residual is not None and (residual.shape != (n,) or residual.dtype != x.dtype or not residual.is_contiguous()):
         raise ValueError(f"the residual must be a contiguous ({n},) {x.dtype} vector")
@@ -218,12 +220,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if (zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode):
         fused = False
         zigzag_cuda.launch(w.quants, w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
-                           ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe, stages)
+                           ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
                           ws.y, residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
-                          num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, min(pipe, 1))
+                          num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
     if not fused:
         split_p2 = triton.next_power_of_2(ws.split)
         block = max(16, min(256, 4096 // split_p2))
@@ -252,8 +254,8 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
-    cols = w.quants.shape[1]
-    total = w.quants.shape[0] * cols
+    rows, cols = w.grid
+    total = rows * cols
     block_b = 16
     _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
                                                      ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4)

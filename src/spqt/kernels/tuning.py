@@ -75,7 +75,7 @@ def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
-            "impl": cfg.get("impl", "triton"), "stages": cfg.get("stages", 4)}
+            "impl": cfg.get("impl", "triton")}
 
 
 def types_launch_args(cfg: dict) -> dict:
@@ -156,10 +156,9 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 3, 4, 6, 8, 12, 16)})
-    # B2: plain loads, the next chunk in registers, or 1-5 chunks ahead in shared memory (pipe 2)
-    pipes = [(0, 4), (1, 4), (2, 2), (2, 4), (2, 6)] if variant == "zigzag_dense" else [(0, 4)]
-    return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "stages": st}
-            for s in splits for w in (1, 2, 4, 8) for p, st in pipes if st * w <= 24]
+    pipes = (0, 1) if variant == "zigzag_dense" else (0,)
+    return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p}
+            for s in splits for w in (1, 2, 4, 8) for p in pipes]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

@@ -19,19 +19,14 @@ SOURCE = Path(__file__).with_name("zigzag_q4k.cu")
 MODE_DENSE, MODE_INDEXED = 0, 2
 
 
-def options(warps: int, mode: int, pipe: int, stages: int = 4, extra: tuple = ()) -> tuple:
+def options(warps: int, mode: int, pipe: int, extra: tuple = ()) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; extra: more -D options, for probes)."""
-    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DSTAGES={stages}") + tuple(extra)
-
-
-def ring_bytes(warps: int, pipe: int, stages: int) -> int:
-    """Dynamic shared memory of a launch: pipe 2's ring (the .cu file's RING_BYTES), else 0."""
-    return stages * warps * (8 * 32 * 16 + 2 * 32 * 4) if pipe == 2 else 0
+    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}") + tuple(extra)
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(arch: str, warps: int, mode: int, pipe: int, stages: int, extra: tuple = ()) -> nvrtc.Kernel:
-    cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, stages, extra), arch)
+def _kernel(arch: str, warps: int, mode: int, pipe: int, extra: tuple = ()) -> nvrtc.Kernel:
+    cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, extra), arch)
     return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
@@ -53,19 +48,16 @@ def share(k: int, split: int, warps: int) -> int:
 
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
-           pipe: int = 0, stages: int = 4, extra: tuple = ()) -> None:
-    """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, K, 32)
-    int32 zigzag kernel layout, head (ceil(rows / 4), K, 4, 4) int32 (gpu_layout.group_heads); x (K,)
-    fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by B2). pipe (B2): 0 plain loads, 1
-    the next chunk's loads ahead in registers, 2 stages - 1 chunks ahead in shared memory. extra:
-    more -D options of the .cu file (scripts/cuda_variants.py's load and probe variants)."""
-    if warps not in (1, 2, 4, 8) or pipe not in (0, 1, 2) or stages not in (2, 3, 4, 6, 8):
-        raise ValueError(f"warps 1, 2, 4 or 8, pipe 0-2, stages 2-8: not {warps}, {pipe}, {stages}")
-    pipe = pipe if mode == MODE_DENSE else 0
-    stages = stages if pipe == 2 else 4
-    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe, stages, tuple(extra))
+           pipe: int = 0, extra: tuple = ()) -> None:
+    """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 4, K, 8)
+    int32 zigzag kernel layout (sector planes), head (ceil(rows / 4), K, 4, 4) int32
+    (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
+    B2). pipe (B2): 1 loads the next chunk before this one's arithmetic. extra: more -D options of
+    the .cu file (scripts/cuda_variants.py's load variants and probes)."""
+    if warps not in (1, 2, 4, 8) or pipe not in (0, 1):
+        raise ValueError(f"warps 1, 2, 4 or 8 and pipe 0 or 1, not {warps}, {pipe}")
+    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe if mode == MODE_DENSE else 0, tuple(extra))
     args = (quants.data_ptr(), head.data_ptr(), x.data_ptr(), idx.data_ptr(), count.data_ptr(), partials.data_ptr(),
             k, np_, share(k, split, warps), split)
     types = (nvrtc.POINTER,) * 6 + (nvrtc.INT,) * 4
-    kernel.launch((quants.shape[0], split), 32 * warps, args, types, torch.cuda.current_stream(x.device), pdl,
-                  ring_bytes(warps, pipe, stages))
+    kernel.launch((quants.shape[0], split), 32 * warps, args, types, torch.cuda.current_stream(x.device), pdl)

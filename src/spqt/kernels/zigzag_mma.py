@@ -19,7 +19,7 @@ Lanes. Lane (g, t) = 4 g + t of a warp (the mma fragment's groupID and threadID_
 the chunk's columns 2t, 2t+1, 2t+8, 2t+9 ("slots" 0..3), computes B for them at sub-block
 n = g, and of each column loads the 16 bytes holding rows {16m + g, 16m + 8 + g : m < 16}: in
 the kernel layout (gpu_layout.py, zigzag) byte 16 g + m of a column's 128 level bytes is
-level[16 m + g] | level[16 m + 8 + g] << 4. Every tensor is (32 W, ...) with row 32 w + 4 g + t,
+level[16 m + g] | level[16 m + 8 + g] << 4 (bytes 32 s .. 32 s + 31 in sector plane s). Every tensor is (32 W, ...) with row 32 w + 4 g + t,
 so Triton's layout gives row i to thread i and the trailing 4 to its registers
 (tests/test_kernels.py::test_mma_lane_layout checks the compiled TTGIR).
 
@@ -207,7 +207,7 @@ def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr)
         x = tl.where(m, x, 0.0)
     elif MODE == 0:
         col = tl.where(m, col, 0)
-    q_ptrs = q_ptr + ((r * K + col) * 32 + gi * 4)[:, None] + li[None, :]
+    q_ptrs = q_ptr + (((r * 4 + gi // 2) * K + col) * 8 + (gi % 2) * 4)[:, None] + li[None, :]  # sector planes
     h_ptrs = h_ptr + (head_index(r, col, K) * 2)[:, None] + tl.arange(0, 2)[None, :]  # one 16-byte load
     if MODE == 1:
         words = tl.load(q_ptrs, mask=m[:, None], other=0)
@@ -409,9 +409,12 @@ def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE
 
 @triton.jit
 def _prefetch_l2(q_ptr, h_ptr, r, col, K):
-    """Ask L2 for the level bytes (one 128-byte line) and the head of blocks (r, col (32 W,))."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; mov.u32 $0, 0;", "=r,l,l",
-                              [(q_ptr + (r * K + col) * 32).to(tl.int64),
+    """Ask L2 for the level bytes (its 4 sectors, one a plane) and the head of blocks (r, col (32 W,))."""
+    plane = (r * 4 * K + col) * 8  # plane 0's sector; plane s is s K 8 words on
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; prefetch.global.L2 [$3]; "
+                              "prefetch.global.L2 [$4]; prefetch.global.L2 [$5]; mov.u32 $0, 0;", "=r,l,l,l,l,l",
+                              [(q_ptr + plane).to(tl.int64), (q_ptr + plane + K * 8).to(tl.int64),
+                               (q_ptr + plane + 2 * K * 8).to(tl.int64), (q_ptr + plane + 3 * K * 8).to(tl.int64),
                                (h_ptr + head_index(r, col, K) * 2).to(tl.int64)], dtype=tl.int32,
                               is_pure=False, pack=1)
 
@@ -698,7 +701,7 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
     and after; pdl: uses_pdl(x.device); maxnreg: registers per thread at most (0: the compiler's
     choice; fewer registers, more warps on an SM, more loads in flight); ahead: a step asks L2 for
     the blocks `ahead` steps on (0: none; not under the interpreter, which has no L2).
-    quants (rows, K, 32) int32 in the zigzag kernel layout, head64 (ceil(rows / 4), K, 4, 2) int64
+    quants (rows, 4, K, 8) int32 in the zigzag kernel layout (sector planes), head64 (ceil(rows / 4), K, 4, 2) int64
     (gpu_layout.group_heads)."""
     btype = btype_for(x.dtype)
     emulate = interpreting()

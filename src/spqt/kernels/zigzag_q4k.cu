@@ -19,8 +19,11 @@
 // them); x, the list, the count and the partials only after it.
 //
 // Lane (g, t) = 4 g + t (the mma fragment's groupID, threadID_in_group) owns the chunk's columns
-// 2t, 2t+1, 2t+8, 2t+9 (slots 0-3) and of each the 16 level bytes 16 g .. 16 g + 15 of its block
-// (gpu_layout.py, zigzag: byte 16 g + m = level[16 m + g] | level[16 m + 8 + g] << 4).
+// t, 4 + t, 8 + t, 12 + t (slots 0-3, the mma's k = 2t, 2t+1, 2t+8, 2t+9: any one-to-one map of
+// columns to k serves, A and B agree) and of each the 16 level bytes 16 g .. 16 g + 15 of its block
+// (gpu_layout.py, zigzag: byte 16 g + m = level[16 m + g] | level[16 m + 8 + g] << 4, in sector
+// plane g / 2). So the 8 lanes of a 16-byte load's phase (groups 2 p, 2 p + 1 of 4 consecutive
+// columns) read one 128-byte line of plane p.
 
 #ifndef WARPS
 #define WARPS 4
@@ -29,10 +32,7 @@
 #define MODE 0
 #endif
 #ifndef PIPE
-#define PIPE 0  // B2: 1 the next chunk's weights are loaded into registers before this chunk's arithmetic;
-#endif          // 2 they are copied STAGES - 1 chunks ahead into shared memory (cp.async, no registers held)
-#ifndef STAGES
-#define STAGES 4
+#define PIPE 0  // B2: 1 the next chunk's weights are loaded into registers before this chunk's arithmetic
 #endif
 #ifndef QLOAD
 #define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
@@ -120,15 +120,16 @@ __device__ __forceinline__ uint4 load16(const uint4* p) {
   return v;
 }
 
-struct Chunk {  // one lane's loads of one chunk: slot i's level words and head, x of slots 0|1, 2|3 (fp16x2)
+struct Chunk {  // one lane's loads of one chunk: slot i's level words, head and x (fp16 bits)
   uint4 w[4];
   uint4 h[4];
-  u32 x01, x23;
+  unsigned short x[4];
 };
 
 // The chunk's 16 tiles into c[16][4]; B at n = g for the lane's 4 slots; the min term into bias.
 __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& bias, const ScaleDecoder& dec) {
-  const float xs[4] = {f16_lo_to_f32(ch.x01), f16_hi_to_f32(ch.x01), f16_lo_to_f32(ch.x23), f16_hi_to_f32(ch.x23)};
+  const float xs[4] = {f16_lo_to_f32(ch.x[0]), f16_lo_to_f32(ch.x[1]), f16_lo_to_f32(ch.x[2]),
+                       f16_lo_to_f32(ch.x[3])};
   float b[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -149,55 +150,28 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
   }
 }
 
-// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 8, heads hr + col 4.
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 2 (the lane's plane), heads hr + col 4.
 __device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qr + col[i] * 8);
+    ch.w[i] = load16<QLOAD>(qr + col[i] * 2);
     ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
   }
 }
 
-__device__ __forceinline__ u32 x_pair(const unsigned short* x, int c0, int c1, bool ok0, bool ok1) {
-  const u32 lo = ok0 ? (u32)__ldg(x + c0) : 0u;
-  const u32 hi = ok1 ? (u32)__ldg(x + c1) : 0u;
-  return lo | (hi << 16);
+__device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const int* col, const bool* ok) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? __ldg(x + col[i]) : (unsigned short)0;
 }
 
-// Weights of the full chunk whose slot 0 is at qp / hp (the slots at +1, +8, +9 columns).
+// Weights of the full chunk whose slot 0 is at qp / hp (slot i is 4 i columns on).
 __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp) {
-  ch.w[0] = load16<QLOAD>(qp);
-  ch.w[1] = load16<QLOAD>(qp + 8);
-  ch.w[2] = load16<QLOAD>(qp + 64);
-  ch.w[3] = load16<QLOAD>(qp + 72);
-  ch.h[0] = load16<HLOAD>(hp);
-  ch.h[1] = load16<HLOAD>(hp + 4);
-  ch.h[2] = load16<HLOAD>(hp + 32);
-  ch.h[3] = load16<HLOAD>(hp + 36);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ch.w[i] = load16<QLOAD>(qp + 8 * i);
+    ch.h[i] = load16<HLOAD>(hp + 16 * i);
+  }
 }
-
-// PIPE 2: each lane copies the 8 pieces of 16 bytes it will read (slot i's level words at piece i, its
-// head at 4 + i) and its two x pairs into its own places of a ring of STAGES chunks in shared
-// memory, and reads back only those: no barrier, each thread waits for its own copies
-// (cp.async.wait_group). Ring layout [stage][warp][piece][lane] (a warp's 16-byte reads are
-// consecutive, conflict-free); x [stage][warp][pair][lane]. Dynamic shared memory, RING_BYTES.
-#define RING_PIECES (STAGES * WARPS * 8 * 32)
-#define RING_BYTES (RING_PIECES * 16 + STAGES * WARPS * 2 * 32 * 4)
-
-__device__ __forceinline__ void cp_async16(const void* smem, const void* gmem) {
-  const u32 dst = (u32)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_async4(const void* smem, const void* gmem) {
-  const u32 dst = (u32)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(gmem) : "memory");
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory"); }
 
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
@@ -206,10 +180,11 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int r = blockIdx.x, s = blockIdx.y;
-  // block (r, col): quants uint4 (r K + col) 8 + g; head uint4 ((r / 4) K + col) 4 + r % 4
-  const uint4* qr = q + (size_t)r * K * 8 + g;
+  // block (r, col): the lane's 16 level bytes at uint4 ((4 r + g / 2) K + col) 2 + g % 2 (sector
+  // planes); head uint4 ((r / 4) K + col) 4 + r % 4
+  const uint4* qr = q + (size_t)(4 * r + (g >> 1)) * K * 2 + (g & 1);
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
-  const int slot_pos[4] = {2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9};
+  const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
   float c[16][4];
 #pragma unroll
@@ -221,75 +196,19 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const int step = 16 * WARPS;
   int j = first + 16 * warp;
   const int full_end = hi - 15;  // chunk j lies wholly inside the share iff j < full_end
-  // slot 0 of the lane's chunk: column j + 2 t; pointers advance by a step of columns
-  const uint4* qp = qr + (j + 2 * t) * 8;
-  const uint4* hp = hr + (j + 2 * t) * 4;
-  const u32* xp = reinterpret_cast<const u32*>(x + j + 2 * t);  // j and 2 t even: 4-byte aligned
-#if PIPE == 2
-  {
-    extern __shared__ uint4 ring[];
-    u32* xring = reinterpret_cast<u32*>(ring + RING_PIECES);
-    const int chunks = j < full_end ? (full_end - 1 - j) / step + 1 : 0;
-    // chunk i of this warp: slot 0 at qp + i step 8 (and hp, xp alike); ring stage i % STAGES
-    auto issue = [&](int i) {
-      const uint4* qi = qp + i * step * 8;
-      const uint4* hi4 = hp + i * step * 4;
-      uint4* dst = ring + ((i % STAGES) * WARPS + warp) * 8 * 32 + lane;
-      cp_async16(dst + 0 * 32, qi);
-      cp_async16(dst + 1 * 32, qi + 8);
-      cp_async16(dst + 2 * 32, qi + 64);
-      cp_async16(dst + 3 * 32, qi + 72);
-      cp_async16(dst + 4 * 32, hi4);
-      cp_async16(dst + 5 * 32, hi4 + 4);
-      cp_async16(dst + 6 * 32, hi4 + 32);
-      cp_async16(dst + 7 * 32, hi4 + 36);
-    };
-    auto issue_x = [&](int i) {
-      u32* xdst = xring + ((i % STAGES) * WARPS + warp) * 2 * 32 + lane;
-      cp_async4(xdst, xp + i * step / 2);
-      cp_async4(xdst + 32, xp + i * step / 2 + 4);
-    };
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) {  // the weights of the first chunks before the wait
-      if (i < chunks) issue(i);
-    }
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-    asm volatile("griddepcontrol.launch_dependents;");
-#pragma unroll
-    for (int i = 0; i < STAGES - 1; ++i) {  // then their x: one group per chunk, weights in the first
-      if (i < chunks) issue_x(i);
-      cp_async_commit();
-    }
-    for (int i = 0; i < chunks; ++i) {
-      if (i + STAGES - 1 < chunks) {
-        issue(i + STAGES - 1);
-        issue_x(i + STAGES - 1);
-      }
-      cp_async_commit();
-      cp_async_wait<STAGES - 1>();  // chunk i's group (and every older one) has landed
-      const uint4* src = ring + ((i % STAGES) * WARPS + warp) * 8 * 32 + lane;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        ch.w[e] = src[e * 32];
-        ch.h[e] = src[(4 + e) * 32];
-      }
-      const u32* xsrc = xring + ((i % STAGES) * WARPS + warp) * 2 * 32 + lane;
-      ch.x01 = xsrc[0];
-      ch.x23 = xsrc[32];
-      compute(ch, c, bias, dec);
-    }
-    j += chunks * step;
-  }
-#else
+  // slot 0 of the lane's chunk: column j + t; pointers advance by a step of columns
+  const uint4* qp = qr + (j + t) * 2;
+  const uint4* hp = hr + (j + t) * 4;
+  const unsigned short* xp = x + j + t;
   if (j < full_end) load_contiguous(ch, qp, hp);
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
   for (; j < full_end; j += step) {
-    ch.x01 = __ldg(xp);
-    ch.x23 = __ldg(xp + 4);
-    qp += step * 8;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ch.x[i] = __ldg(xp + 4 * i);
+    qp += step * 2;
     hp += PROBE_HEADS ? 0 : step * 4;
-    xp += step / 2;
+    xp += step;
 #if PIPE
     Chunk next;
     if (j + step < full_end) load_contiguous(next, qp, hp);
@@ -300,7 +219,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     if (j + step < full_end) load_contiguous(ch, qp, hp);
 #endif
   }
-#endif
   if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
     int col[4];
     bool ok[4];
@@ -310,8 +228,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       col[i] = ok[i] ? j + slot_pos[i] : j;
     }
     load_gathered(ch, qr, hr, col);
-    ch.x01 = x_pair(x, col[0], col[1], ok[0], ok[1]);
-    ch.x23 = x_pair(x, col[2], col[3], ok[2], ok[3]);
+    load_x(ch, x, col, ok);
     compute(ch, c, bias, dec);
   }
 #else
@@ -330,8 +247,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       col[i] = (ok[i] && v >= 0 && v < K) ? v : 0;
     }
     load_gathered(ch, qr, hr, col);
-    ch.x01 = x_pair(x, col[0], col[1], ok[0], ok[1]);
-    ch.x23 = x_pair(x, col[2], col[3], ok[2], ok[3]);
+    load_x(ch, x, col, ok);
     compute(ch, c, bias, dec);
   }
 #endif
