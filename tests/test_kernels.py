@@ -81,13 +81,14 @@ def test_gpu_layout_repack_is_exact(rng, device):
             assert torch.equal(out, qw.dequantize()), f"dequant kernel {layout} {shape}"
             if layout == "zigzag":  # heads of 4 superblock rows of a column side by side, padding rows zero
                 rows, cols = gw.grid
-                # quants in sector planes: plane s holds bytes 32 s .. 32 s + 31 of each block's levels
-                assert gw.quants.shape == (rows, 4, cols, 8)
+                # quants in planes: plane p holds bytes pb p .. pb (p + 1) of each block's levels
+                planes, pb = gpu_layout.PLANES, 128 // gpu_layout.PLANES
+                assert gw.quants.shape == (rows, planes, cols, pb // 4)
                 blocks = gpu_layout.from_planes(gw.quants).contiguous().view(torch.uint8).reshape(rows, cols, 128)
                 assert torch.equal(gpu_layout.to_planes(gpu_layout.from_planes(gw.quants)), gw.quants)
-                for s in range(4):
-                    plane = gw.quants[:, s].contiguous().view(torch.uint8).reshape(rows, cols, 32)
-                    assert torch.equal(plane, blocks[:, :, 32 * s: 32 * s + 32])
+                for p in range(planes):
+                    plane = gw.quants[:, p].contiguous().view(torch.uint8).reshape(rows, cols, pb)
+                    assert torch.equal(plane, blocks[:, :, pb * p: pb * (p + 1)])
                 canonical = qw.blocks.to(device)[..., :16].contiguous().view(torch.int32)  # (rows, cols, 4)
                 assert gw.head.shape == (-(-rows // 4), cols, 4, 4)
                 for r in range(rows):

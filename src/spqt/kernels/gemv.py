@@ -29,6 +29,7 @@ import triton.language as tl
 
 from spqt.kernels import zigzag_cuda, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
+from spqt.kernels.zigzag_mma import PLANES
 from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = zigzag_mma.MODE_DENSE, zigzag_mma.MODE_STATIC, zigzag_mma.MODE_INDEXED
@@ -125,8 +126,9 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
     else:
         word = e // 8
         shift = 4 * (e % 8)
-    if ZIGZAG:  # sector planes (gpu_layout.to_planes): word w of block (rr, cc) in plane w // 8
-        words = tl.load(q_ptr + ((rr[:, None, None] * 4 + word // 8) * COLS + cc[:, None, None]) * 8 + word % 8,
+    if ZIGZAG:  # planes (gpu_layout.to_planes): word w of block (rr, cc) in plane w // PW, PW = 32 / PLANES
+        PW: tl.constexpr = 32 // PLANES
+        words = tl.load(q_ptr + ((rr[:, None, None] * PLANES + word // PW) * COLS + cc[:, None, None]) * PW + word % PW,
                         mask=mb[:, None, None], other=0)
     else:
         words = tl.load(q_ptr + bid[:, None, None] * 32 + word, mask=mb[:, None, None], other=0)

@@ -13,18 +13,20 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
     nibble), g < 8, m < 16: the 16 bytes of group g are lane group g's share of every 16-row
     tile of the tensor-core kernels (zigzag_mma.py, zigzag_q4k.cu), one 16-byte load per column.
 
-Zigzag quants are stored in sector planes, (R, 4, K, 8) int32: plane s of superblock row r holds
-bytes 32 s .. 32 s + 31 (groups 2 s, 2 s + 1) of every column's block, column after column. A
-column's block is still 4 whole 32-byte sectors (a sparse kernel skips it as a unit), and a
-kernel whose 8 lanes of a load phase (lane groups 2 s, 2 s + 1 of 4 consecutive columns) read
-one plane touches one 128-byte line where the (R, K, 32) order made it touch four (H200, Nsight
-Compute, 57344x8192: the L1's load wavefronts at 76 % of peak for 61 % of DRAM's bandwidth).
+Zigzag quants are stored in PLANES = 2 planes, (R, 2, K, 16) int32: plane p of superblock row r
+holds bytes 64 p .. 64 p + 63 (lane groups 4 p .. 4 p + 3) of every column's block, column after
+column. A dense kernel's 16-byte load phase (8 lanes: groups 2 s, 2 s + 1 of 4 consecutive
+columns) then touches two 128-byte lines where the (R, K, 32) order made it touch four (H200,
+Nsight Compute, 57344x8192: the L1's load wavefronts at 76 % of peak for 61 % of DRAM's
+bandwidth), and a sparse kernel still reads a column's block as whole 64-byte pieces. (Four
+planes of 32 bytes, one line a phase: B2 another 3-5 % faster, but B4 at 50 % 15-23 % slower,
+a lone 32-byte sector costing DRAM more than its bytes; benchmarks/results/session4.)
 Row layout blocks keep their 128 bytes together. Heads: row layout
 (N, Kb, 4), neighbouring blocks of a row side by side. Zigzag (ceil(R / 4), K, 4, 4): the heads
 of HEAD_GROUP = 4 superblock rows of one column are one 64-byte unit (DRAM's access size), all
 needed whenever the column is active; side by side by column, a sparse kernel read the heads of
 inactive neighbours too (H100, 28672x8192 at 50 %: 72.5 MB read for 66.1 MB of active blocks).
-Shapes: zigzag quants (R, 4, K, 8), row (N, Kb, 32); GpuQ4K.grid = (R, K) or (N, Kb).
+Shapes: zigzag quants (R, PLANES, K, 32 / PLANES), row (N, Kb, 32); GpuQ4K.grid = (R, K) or (N, Kb).
 """
 
 from dataclasses import dataclass
@@ -34,12 +36,13 @@ import torch
 from spqt.checkpoint import QuantizedWeight
 
 HEAD_GROUP = 4  # zigzag: superblock rows whose heads of one column are stored together
+PLANES = 2  # zigzag: planes a block's 128 level bytes are split into (to_planes)
 
 
 @dataclass
 class GpuQ4K:
-    """A Q4_K matrix in kernel layout. quants int32, row layout (rows, cols, 32), zigzag sector
-    planes (rows, 4, cols, 8); head int32, row layout (rows, cols, 4), zigzag (ceil(rows / 4), cols,
+    """A Q4_K matrix in kernel layout. quants int32, row layout (rows, cols, 32), zigzag planes
+    (rows, PLANES, cols, 32 / PLANES); head int32, row layout (rows, cols, 4), zigzag (ceil(rows / 4), cols,
     4, 4) (group_heads)."""
 
     quants: torch.Tensor
@@ -81,9 +84,9 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ4K:
 
 
 def to_planes(quants: torch.Tensor) -> torch.Tensor:
-    """Zigzag block words (R, K, 32) int32 -> sector planes (R, 4, K, 8)."""
+    """Zigzag block words (R, K, 32) int32 -> planes (R, PLANES, K, 32 / PLANES)."""
     rows, cols, _ = quants.shape
-    return quants.reshape(rows, cols, 4, 8).permute(0, 2, 1, 3).contiguous()
+    return quants.reshape(rows, cols, PLANES, 32 // PLANES).permute(0, 2, 1, 3).contiguous()
 
 
 def from_planes(planes: torch.Tensor) -> torch.Tensor:

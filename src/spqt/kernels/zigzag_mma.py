@@ -19,7 +19,7 @@ Lanes. Lane (g, t) = 4 g + t of a warp (the mma fragment's groupID and threadID_
 the chunk's columns 2t, 2t+1, 2t+8, 2t+9 ("slots" 0..3), computes B for them at sub-block
 n = g, and of each column loads the 16 bytes holding rows {16m + g, 16m + 8 + g : m < 16}: in
 the kernel layout (gpu_layout.py, zigzag) byte 16 g + m of a column's 128 level bytes is
-level[16 m + g] | level[16 m + 8 + g] << 4 (bytes 32 s .. 32 s + 31 in sector plane s). Every tensor is (32 W, ...) with row 32 w + 4 g + t,
+level[16 m + g] | level[16 m + 8 + g] << 4 (bytes 64 p .. 64 p + 63 in plane p). Every tensor is (32 W, ...) with row 32 w + 4 g + t,
 so Triton's layout gives row i to thread i and the trailing 4 to its registers
 (tests/test_kernels.py::test_mma_lane_layout checks the compiled TTGIR).
 
@@ -46,6 +46,7 @@ from spqt.kernels.q4k_bits import split_head, unpack_scales
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = 0, 1, 2  # B2, B3, B4
 HEAD_GROUP = tl.constexpr(gpu_layout.HEAD_GROUP)
+PLANES = tl.constexpr(gpu_layout.PLANES)  # a block's level bytes in PLANES planes (gpu_layout.to_planes)
 CHUNK = tl.constexpr(16)  # columns per warp step = the mma's k
 BTYPE_FP16, BTYPE_BF16, BTYPE_BF16X3 = 0, 1, 2
 TERMS = {BTYPE_FP16: 1, BTYPE_BF16: 2, BTYPE_BF16X3: 3}  # 16-bit terms of B per input dtype
@@ -207,7 +208,8 @@ def _slot_load(q_ptr, h_ptr, x_ptr, t, r, col, m, K, gi, li, MODE: tl.constexpr)
         x = tl.where(m, x, 0.0)
     elif MODE == 0:
         col = tl.where(m, col, 0)
-    q_ptrs = q_ptr + (((r * 4 + gi // 2) * K + col) * 8 + (gi % 2) * 4)[:, None] + li[None, :]  # sector planes
+    PG: tl.constexpr = 8 // PLANES  # lane groups a plane holds
+    q_ptrs = q_ptr + (((r * PLANES + gi // PG) * K + col) * (4 * PG) + (gi % PG) * 4)[:, None] + li[None, :]
     h_ptrs = h_ptr + (head_index(r, col, K) * 2)[:, None] + tl.arange(0, 2)[None, :]  # one 16-byte load
     if MODE == 1:
         words = tl.load(q_ptrs, mask=m[:, None], other=0)
@@ -409,12 +411,12 @@ def _quarter(ca, cb, cc, cd, bj, MQ: tl.constexpr, SCALE_LO: tl.constexpr, SCALE
 
 @triton.jit
 def _prefetch_l2(q_ptr, h_ptr, r, col, K):
-    """Ask L2 for the level bytes (its 4 sectors, one a plane) and the head of blocks (r, col (32 W,))."""
-    plane = (r * 4 * K + col) * 8  # plane 0's sector; plane s is s K 8 words on
+    """Ask L2 for the level bytes (one piece a plane; PLANES = 2) and the head of blocks (r, col (32 W,))."""
+    PW: tl.constexpr = 32 // PLANES
+    plane = (r * PLANES * K + col) * PW  # plane 0's piece; plane p is p K PW words on
     tl.inline_asm_elementwise("prefetch.global.L2 [$1]; prefetch.global.L2 [$2]; prefetch.global.L2 [$3]; "
-                              "prefetch.global.L2 [$4]; prefetch.global.L2 [$5]; mov.u32 $0, 0;", "=r,l,l,l,l,l",
-                              [(q_ptr + plane).to(tl.int64), (q_ptr + plane + K * 8).to(tl.int64),
-                               (q_ptr + plane + 2 * K * 8).to(tl.int64), (q_ptr + plane + 3 * K * 8).to(tl.int64),
+                              "mov.u32 $0, 0;", "=r,l,l,l",
+                              [(q_ptr + plane).to(tl.int64), (q_ptr + plane + K * PW).to(tl.int64),
                                (h_ptr + head_index(r, col, K) * 2).to(tl.int64)], dtype=tl.int32,
                               is_pure=False, pack=1)
 
@@ -701,7 +703,7 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
     and after; pdl: uses_pdl(x.device); maxnreg: registers per thread at most (0: the compiler's
     choice; fewer registers, more warps on an SM, more loads in flight); ahead: a step asks L2 for
     the blocks `ahead` steps on (0: none; not under the interpreter, which has no L2).
-    quants (rows, 4, K, 8) int32 in the zigzag kernel layout (sector planes), head64 (ceil(rows / 4), K, 4, 2) int64
+    quants (rows, PLANES, K, 32 / PLANES) int32 in the zigzag kernel layout, head64 (ceil(rows / 4), K, 4, 2) int64
     (gpu_layout.group_heads)."""
     btype = btype_for(x.dtype)
     emulate = interpreting()

@@ -21,9 +21,9 @@
 // Lane (g, t) = 4 g + t (the mma fragment's groupID, threadID_in_group) owns the chunk's columns
 // t, 4 + t, 8 + t, 12 + t (slots 0-3, the mma's k = 2t, 2t+1, 2t+8, 2t+9: any one-to-one map of
 // columns to k serves, A and B agree) and of each the 16 level bytes 16 g .. 16 g + 15 of its block
-// (gpu_layout.py, zigzag: byte 16 g + m = level[16 m + g] | level[16 m + 8 + g] << 4, in sector
-// plane g / 2). So the 8 lanes of a 16-byte load's phase (groups 2 p, 2 p + 1 of 4 consecutive
-// columns) read one 128-byte line of plane p.
+// (gpu_layout.py, zigzag: byte 16 g + m = level[16 m + g] | level[16 m + 8 + g] << 4, in plane
+// g / 4). So the 8 lanes of a 16-byte load's phase (groups 2 s, 2 s + 1 of 4 consecutive columns)
+// read two 128-byte lines of one plane.
 
 #ifndef WARPS
 #define WARPS 4
@@ -35,7 +35,8 @@
 #define PIPE 0  // B2: 1 the next chunk's weights are loaded into registers before this chunk's arithmetic
 #endif
 #ifndef QLOAD
-#define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
+#define QLOAD 1  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
+                 // (H200, B2: cg 7-14 % faster than nc, benchmarks/results/session4/cuda-variants-*)
 #endif
 #ifndef HLOAD
 #define HLOAD 0  // heads: the same choices
@@ -150,11 +151,11 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
   }
 }
 
-// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 2 (the lane's plane), heads hr + col 4.
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4.
 __device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qr + col[i] * 2);
+    ch.w[i] = load16<QLOAD>(qr + col[i] * 4);
     ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
   }
 }
@@ -168,7 +169,7 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
 __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qp + 8 * i);
+    ch.w[i] = load16<QLOAD>(qp + 16 * i);
     ch.h[i] = load16<HLOAD>(hp + 16 * i);
   }
 }
@@ -180,9 +181,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int r = blockIdx.x, s = blockIdx.y;
-  // block (r, col): the lane's 16 level bytes at uint4 ((4 r + g / 2) K + col) 2 + g % 2 (sector
+  // block (r, col): the lane's 16 level bytes at uint4 ((2 r + g / 4) K + col) 4 + g % 4 (two
   // planes); head uint4 ((r / 4) K + col) 4 + r % 4
-  const uint4* qr = q + (size_t)(4 * r + (g >> 1)) * K * 2 + (g & 1);
+  const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
@@ -197,7 +198,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   int j = first + 16 * warp;
   const int full_end = hi - 15;  // chunk j lies wholly inside the share iff j < full_end
   // slot 0 of the lane's chunk: column j + t; pointers advance by a step of columns
-  const uint4* qp = qr + (j + t) * 2;
+  const uint4* qp = qr + (j + t) * 4;
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
   if (j < full_end) load_contiguous(ch, qp, hp);
@@ -206,7 +207,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   for (; j < full_end; j += step) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = __ldg(xp + 4 * i);
-    qp += step * 2;
+    qp += step * 4;
     hp += PROBE_HEADS ? 0 : step * 4;
     xp += step;
 #if PIPE
