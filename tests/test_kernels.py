@@ -604,6 +604,13 @@ def test_zigzag_cuda_kernel(rng, sparsity):
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+                if split == 7:  # launched inside a CUDA graph (as decode runs it), replayed: the same bits
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                    ws.y.fill_(float("nan"))
+                    graph.replay()
+                    assert torch.equal(out, y), f"{what}: graph replay differs"
         if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config): the same reduction's
             # finish against torch on the plain output (one more fp16 rounding there; SwiGLU's silu can
             # amplify a relative error up to ~10x where the gate is very negative)

@@ -429,6 +429,12 @@ def cmd_tune(args) -> int:
     resolve_device("cuda")
     if args.crossover_only:
         entries = tune_crossover(parse_shapes(args.shapes))
+    elif args.cuda_against_table:
+        entries = tuning.all_entries()
+        found = tune(parse_shapes(args.shapes), variants=("zigzag_dense", "zigzag_sparse"),
+                     candidates=tuning.table_and_cuda_candidates)
+        for variant, by_shape in found.items():
+            entries[variant].update(by_shape)
     else:
         # the variants not re-tuned keep this GPU's entries (q4_k's are replaced as a whole, as before)
         entries = tuning.all_entries()
@@ -600,6 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
     p.add_argument("--crossover-only", action="store_true",
                    help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
+    p.add_argument("--cuda-against-table", action="store_true",
+                   help="time the CUDA C++ GEMV's configs against this GPU's tuned entry per shape (B2, B4), keep the "
+                        "faster and measure the crossover anew")
     p.add_argument("--types", default="q4_k", help="weight types to tune, comma-separated: q4_k (its B0, B2, B4), "
                    "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
     p.set_defaults(func=cmd_tune)

@@ -146,6 +146,15 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
     return triton_configs + cuda_candidates(variant, n, k)
 
 
+def table_and_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
+    """This GPU's config of the shape (tuned, else its neighbour's or the default) and a short list of
+    the CUDA GEMV's (splits about 1-12 programs an SM, 2-8 warps, plain loads): `spqt tune
+    --cuda-against-table`."""
+    table = {key: v for key, v in config(variant, n, k).items() if not key.startswith("crossover")}
+    short = [c for c in cuda_candidates(variant, n, k) if c["num_warps"] > 1 and c["pipe"] == 0]
+    return [table] + short
+
+
 def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     """The CUDA C++ GEMV's configs (zigzag_cuda.py) for zigzag_dense / zigzag_sparse, where NVRTC and
     the driver are usable; [] elsewhere."""

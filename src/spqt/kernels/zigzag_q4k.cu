@@ -35,8 +35,8 @@
 #define PIPE 0  // B2: 1 the next chunk's weights are loaded into registers before this chunk's arithmetic
 #endif
 #ifndef QLOAD
-#define QLOAD 1  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
-                 // (H200, B2: cg 7-14 % faster than nc, benchmarks/results/session4/cuda-variants-*)
+#define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
+                 // (H200, B2: the three within 2 % of each other, benchmarks/results/session4/cuda-variants-*)
 #endif
 #ifndef HLOAD
 #define HLOAD 0  // heads: the same choices
