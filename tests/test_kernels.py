@@ -573,8 +573,8 @@ def test_mma_lane_layout(num_warps):
 
 
 # (split, warps, pipe) of the CUDA C++ GEMV on the GPU: one warp with one program a row, splits that
-# leave programs without columns or a partial last chunk, every warp count, the next chunk loaded
-# ahead or not (B4 ignores pipe)
+# leave programs without columns or a partial last chunk, every warp count, the next chunk (B4: step)
+# loaded ahead or not
 CUDA_CONFIGS = [(1, 1, 0), (7, 2, 1), (64, 4, 0), (33, 8, 1)]
 
 
@@ -634,7 +634,8 @@ def test_cuda_gemv_compiles_for_sm90():
     from spqt.kernels.sass import disassemble, main_loop
 
     for warps in (1, 2, 4, 8):
-        for mode, pipe in ((zigzag_cuda.MODE_DENSE, 0), (zigzag_cuda.MODE_DENSE, 1), (zigzag_cuda.MODE_INDEXED, 0)):
+        for mode, pipe in ((zigzag_cuda.MODE_DENSE, 0), (zigzag_cuda.MODE_DENSE, 1), (zigzag_cuda.MODE_INDEXED, 0),
+                           (zigzag_cuda.MODE_INDEXED, 1)):
             cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, pipe), "sm_90")
             sass, regs, stack = disassemble(cubin)
             assert stack == 0, f"warps {warps} mode {mode} pipe {pipe}: {stack} bytes of stack (spills)"

@@ -151,7 +151,7 @@ def table_and_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     the CUDA GEMV's (splits about 1-12 programs an SM, 2-8 warps, plain loads): `spqt tune
     --cuda-against-table`."""
     table = {key: v for key, v in config(variant, n, k).items() if not key.startswith("crossover")}
-    short = [c for c in cuda_candidates(variant, n, k) if c["num_warps"] > 1 and c["pipe"] == 0]
+    short = [c for c in cuda_candidates(variant, n, k) if c["num_warps"] > 1 and (c["pipe"] == 0 or variant == "zigzag_sparse")]
     return [table] + short
 
 
@@ -165,7 +165,7 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 3, 4, 6, 8, 12, 16)})
-    pipes = (0, 1) if variant == "zigzag_dense" else (0,)
+    pipes = (0, 1)
     return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p}
             for s in splits for w in (1, 2, 4, 8) for p in pipes]
 

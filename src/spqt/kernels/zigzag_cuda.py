@@ -52,11 +52,11 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 4, K, 8)
     int32 zigzag kernel layout (sector planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
-    B2). pipe (B2): 1 loads the next chunk before this one's arithmetic. extra: more -D options of
+    B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. extra: more -D options of
     the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1):
         raise ValueError(f"warps 1, 2, 4 or 8 and pipe 0 or 1, not {warps}, {pipe}")
-    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe if mode == MODE_DENSE else 0, tuple(extra))
+    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe, tuple(extra))
     args = (quants.data_ptr(), head.data_ptr(), x.data_ptr(), idx.data_ptr(), count.data_ptr(), partials.data_ptr(),
             k, np_, share(k, split, warps), split)
     types = (nvrtc.POINTER,) * 6 + (nvrtc.INT,) * 4

@@ -233,24 +233,58 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     compute(ch, c, bias, dec);
   }
 #else
+  // B4: the list entries of a step are read one step ahead (PIPE 1: two steps ahead, and the next
+  // step's weights are loaded before this step's arithmetic), so no load waits on another
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;");
   const int n = min(__ldg(count), K);
   const int stride = 16 * WARPS * split;
-  for (int j = s * 16 * WARPS + 16 * warp; j < n; j += stride) {
-    int col[4];
-    bool ok[4];
+  int j = s * 16 * WARPS + 16 * warp;
+  int entry[4];  // list entries of step j (PIPE 1: of step j + stride)
+  auto read_entries = [&](int jj) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) entry[i] = __ldg(idx + min(jj + slot_pos[i], K - 1));
+  };
+  // columns of step jj from its entries: past the count (entries never written) column 0, x = 0
+  auto columns = [&](int jj, int* col, bool* ok) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int pos = j + slot_pos[i];
-      ok[i] = pos < n;
-      const int v = __ldg(idx + min(pos, K - 1));
-      col[i] = (ok[i] && v >= 0 && v < K) ? v : 0;
+      ok[i] = jj + slot_pos[i] < n;
+      col[i] = (ok[i] && entry[i] >= 0 && entry[i] < K) ? entry[i] : 0;
     }
+  };
+  int col[4];
+  bool ok[4];
+  if (j < n) read_entries(j);
+#if PIPE
+  if (j < n) {
+    columns(j, col, ok);
     load_gathered(ch, qr, hr, col);
     load_x(ch, x, col, ok);
+    read_entries(j + stride);
+  }
+  for (; j < n; j += stride) {
+    Chunk next;
+    if (j + stride < n) {
+      int ncol[4];
+      bool nok[4];
+      columns(j + stride, ncol, nok);
+      load_gathered(next, qr, hr, ncol);
+      load_x(next, x, ncol, nok);
+      read_entries(j + 2 * stride);
+    }
+    compute(ch, c, bias, dec);
+    ch = next;
+  }
+#else
+  for (; j < n; j += stride) {
+    columns(j, col, ok);
+    load_gathered(ch, qr, hr, col);
+    load_x(ch, x, col, ok);
+    if (j + stride < n) read_entries(j + stride);
     compute(ch, c, bias, dec);
   }
+#endif
 #endif
   // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
   // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
