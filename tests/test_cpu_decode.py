@@ -153,3 +153,24 @@ def test_decode_threads_keep_the_faster_count(slow_at):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_levels_are_part_of_the_graph_key(tiny_spqt):
+    """Which maps run dense (below their crossover) is decided when a decode step is captured as a
+    CUDA graph, from each map's level: set_thresholds puts the levels into model.switches, which
+    Generator._graph_at keys its graphs by, so a new level gets new graphs (a graph captured at
+    one level was replayed at another before) and the same level keeps them."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import set_thresholds
+
+    loaded = load_spqt(tiny_spqt)
+    model = build_model(loaded, "cpu", torch.float32, "reference")
+    n = loaded.config.n_layers
+    table = torch.full((n, 4), 0.1)
+    keys = []
+    for level in (0.25, 0.5, 0.5):
+        set_thresholds(model, table, torch.full((n, 4), level))
+        keys.append(tuple(sorted(model.switches.items())))
+    assert keys[0] != keys[1] and keys[1] == keys[2]
+    set_thresholds(model, None)
+    assert dict(model.switches)["levels"] is None

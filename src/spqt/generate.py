@@ -71,7 +71,11 @@ def set_thresholds(model: Transformer, table: torch.Tensor | None, levels: torch
         j = sp.INPUT_KINDS.index(kind)
         lin.set_threshold(None if table is None else float(table[layer, j]),
                           None if levels is None else float(levels[layer, j]))
-    model.switches = {**getattr(model, "switches", {}), "thresholds": table is not None}
+    # The levels decide which maps run dense (below their crossover) when a decode step is captured,
+    # so they are part of the graphs' key (Generator._graph_at): before, graphs captured at 25 %
+    # (every 7B map dense) were replayed at 40 and 50 % (H200: 2.20 ms a token instead of 2.04)
+    level_key = None if table is None or levels is None else tuple(levels.flatten().tolist())
+    model.switches = {**getattr(model, "switches", {}), "thresholds": table is not None, "levels": level_key}
 
 
 def set_dense_fallback(model: Transformer, active: bool) -> None:
