@@ -20,11 +20,12 @@ from spqt.bench_decode import calibrate_on_own_activations, replay_device_us, sy
 from spqt.generate import Generator
 
 
-KINDS = (("_rms_norm_collect", "norm + collection"), ("_zigzag_mma", "GEMV"), ("_reduce_kernel", "reduction"),
+KINDS = (("_rms_norm_collect", "norm + collection"), ("_zigzag_mma", "GEMV"), ("zigzag_q4k_gemv", "GEMV"),
+         ("_reduce_kernel", "reduction"),
          ("_collect", "collection"), ("_rms_norm", "norm"), ("_rope_attention", "attention (+RoPE, KV write)"),
          ("_rope_kv", "RoPE + KV write"), ("attention", "attention"), ("fmha", "attention"), ("flash", "attention"),
          ("softmax", "attention"), ("gemv", "head (cuBLAS)"), ("gemm", "head (cuBLAS)"), ("xmma", "head (cuBLAS)"),
-         ("cutlass", "head (cuBLAS)"), ("_row_kernel", "GEMV"))
+         ("cutlass", "head (cuBLAS)"), ("nvjet", "head (cuBLAS)"), ("_row_kernel", "GEMV"))
 
 
 def kind_of(name: str) -> str:

@@ -501,7 +501,8 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert c["ahead"] in (0, 1) and c["acc"] in (2, 4, 16) and c["pipe"] in (0, 1)
             assert not (c["pipe"] and c["chunks"] != 1)  # gemv_zigzag refuses pipe with 2 chunks
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
-                                                                            "acc", "pipe")} | {"impl": "triton"}
+                                                                            "acc", "pipe")} | {"impl": "triton",
+                                                                                               "fused": False}
         monkeypatch.setattr(nvrtc, "available", lambda: True)  # the configs a GPU machine would time
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
         monkeypatch.undo()
@@ -509,6 +510,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         for c in cuda_configs:
             assert c["impl"] == "cuda" and c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
             assert tuning.launch_args(c)["impl"] == "cuda" and c["pipe"] in (0, 1)
+            assert tuning.launch_args(c)["fused"] == c["fused"]
         # a table entry without the acc / pipe knobs was tuned with the 16-accumulator kernel
         assert tuning.launch_args({"num_warps": 1, "chunks": 1})["acc"] == 16
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
@@ -572,10 +574,10 @@ def test_mma_lane_layout(num_warps):
             assert want in layouts[encodings.pop()], ln[-300:]
 
 
-# (split, warps, pipe) of the CUDA C++ GEMV on the GPU: one warp with one program a row, splits that
-# leave programs without columns or a partial last chunk, every warp count, the next chunk (B4: step)
-# loaded ahead or not
-CUDA_CONFIGS = [(1, 1, 0), (7, 2, 1), (64, 4, 0), (33, 8, 1)]
+# (split, warps, pipe, fused) of the CUDA C++ GEMV on the GPU: one warp with one program a row, splits
+# that leave programs without columns or a partial last chunk, every warp count, the next chunk (B4:
+# step) loaded ahead or not, finished by the reduction kernel or by the last program of a tile
+CUDA_CONFIGS = [(1, 1, 0, False), (7, 2, 1, True), (64, 4, 0, False), (33, 8, 1, True)]
 
 
 @pytest.mark.gpu
@@ -591,19 +593,20 @@ def test_zigzag_cuda_kernel(rng, sparsity):
         x, t = _x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe in CUDA_CONFIGS:
+        for split, warps, pipe, fused in CUDA_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
                 ws.y.fill_(float("nan"))
                 ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda"}
+                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused}
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} s={sparsity}"
+                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} fused {fused} s={sparsity}"
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+                assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
                 if split == 7:  # launched inside a CUDA graph (as decode runs it), replayed: the same bits
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
@@ -611,10 +614,10 @@ def test_zigzag_cuda_kernel(rng, sparsity):
                     ws.y.fill_(float("nan"))
                     graph.replay()
                     assert torch.equal(out, y), f"{what}: graph replay differs"
-        if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config): the same reduction's
-            # finish against torch on the plain output (one more fp16 rounding there; SwiGLU's silu can
+        if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config, fused where N / 2 % 256 == 0):
+            # the finish against torch on the plain output (one more fp16 rounding there; SwiGLU's silu can
             # amplify a relative error up to ~10x where the gate is very negative)
-            kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda"}
+            kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused}
             plain = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw).float()
             r = torch.randn(shape[0], device="cuda", dtype=torch.float16) * plain.abs().mean().half()
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, residual=r).float()
@@ -627,16 +630,17 @@ def test_zigzag_cuda_kernel(rng, sparsity):
 
 def test_cuda_gemv_compiles_for_sm90():
     """zigzag_q4k.cu compiles with NVRTC for sm_90 (no GPU needed) in every configuration the tuner
-    may pick, without spills, and its B2 loop stays lean: at most 240 instructions per chunk and
+    may pick (each finish: partials, plain, residual, SwiGLU), without spills, and its B2 loop stays lean: at most 240 instructions per chunk and
     lane (223 when written; the Triton kernel's is 335), 16 of them mma; 260 with the next chunk's
     loads ahead in registers (249: the copy of the loaded registers at the end of the loop)."""
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, main_loop
 
     for warps in (1, 2, 4, 8):
-        for mode, pipe in ((zigzag_cuda.MODE_DENSE, 0), (zigzag_cuda.MODE_DENSE, 1), (zigzag_cuda.MODE_INDEXED, 0),
-                           (zigzag_cuda.MODE_INDEXED, 1)):
-            cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, pipe), "sm_90")
+        for mode, pipe, epilogue in ((zigzag_cuda.MODE_DENSE, 0, -1), (zigzag_cuda.MODE_DENSE, 1, 0),
+                                     (zigzag_cuda.MODE_INDEXED, 0, 1), (zigzag_cuda.MODE_INDEXED, 1, 2)):
+            options = zigzag_cuda.options(warps, mode, pipe, epilogue)
+            cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options, "sm_90")
             sass, regs, stack = disassemble(cubin)
             assert stack == 0, f"warps {warps} mode {mode} pipe {pipe}: {stack} bytes of stack (spills)"
             loop = main_loop(sass, "HMMA")

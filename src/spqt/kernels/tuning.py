@@ -75,7 +75,7 @@ def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
-            "impl": cfg.get("impl", "triton")}
+            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False)}
 
 
 def types_launch_args(cfg: dict) -> dict:
@@ -148,10 +148,10 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
 
 def table_and_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     """This GPU's config of the shape (tuned, else its neighbour's or the default) and a short list of
-    the CUDA GEMV's (splits about 1-12 programs an SM, 2-8 warps, plain loads): `spqt tune
-    --cuda-against-table`."""
+    the CUDA GEMV's (splits about 1-12 programs an SM, 2-8 warps, plain loads for B2, finished by the
+    reduction kernel or by the GEMV's last program): `spqt tune --cuda-against-table`."""
     table = {key: v for key, v in config(variant, n, k).items() if not key.startswith("crossover")}
-    short = [c for c in cuda_candidates(variant, n, k) if c["num_warps"] > 1 and (c["pipe"] == 0 or variant == "zigzag_sparse")]
+    short = [c for c in cuda_candidates(variant, n, k) if c["num_warps"] > 1 and c["pipe"] == 0]
     return [table] + short
 
 
@@ -165,9 +165,9 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     rows = -(-n // 256)
     base = -(-sm_count() // rows)
     splits = sorted({max(1, min(int(base * f), -(-k // 16))) for f in (1, 2, 3, 4, 6, 8, 12, 16)})
-    pipes = (0, 1)
-    return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p}
-            for s in splits for w in (1, 2, 4, 8) for p in pipes]
+    # fused: the last program of an output tile finishes it (no reduction launch)
+    return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f}
+            for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True)]
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

@@ -19,14 +19,20 @@ SOURCE = Path(__file__).with_name("zigzag_q4k.cu")
 MODE_DENSE, MODE_INDEXED = 0, 2
 
 
-def options(warps: int, mode: int, pipe: int, extra: tuple = ()) -> tuple:
+def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; extra: more -D options, for probes)."""
-    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}") + tuple(extra)
+    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}") + tuple(extra)
+
+
+def fusable(n: int, epilogue: int) -> bool:
+    """Whether the kernel can finish y itself: SwiGLU needs F = N / 2 a multiple of 256 (an output
+    tile's up rows then lie in one superblock row)."""
+    return epilogue != 2 or (n // 2) % 256 == 0
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(arch: str, warps: int, mode: int, pipe: int, extra: tuple = ()) -> nvrtc.Kernel:
-    cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, extra), arch)
+def _kernel(arch: str, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> nvrtc.Kernel:
+    cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra), arch)
     return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
@@ -48,16 +54,24 @@ def share(k: int, split: int, warps: int) -> int:
 
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
-           pipe: int = 0, extra: tuple = ()) -> None:
-    """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 4, K, 8)
-    int32 zigzag kernel layout (sector planes), head (ceil(rows / 4), K, 4, 4) int32
+           pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
+           residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0) -> None:
+    """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
+    int32 zigzag kernel layout (64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
-    B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. extra: more -D options of
-    the .cu file (scripts/cuda_variants.py's load variants and probes)."""
+    B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. epilogue -1: the
+    partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
+    fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
+    counters (rows,) int32 zero before and after. extra: more -D options of the .cu file
+    (scripts/cuda_variants.py's load variants and probes)."""
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1):
         raise ValueError(f"warps 1, 2, 4 or 8 and pipe 0 or 1, not {warps}, {pipe}")
-    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe, tuple(extra))
+    if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
+        raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
+    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe, epilogue, tuple(extra))
+    out = y if y is not None else x
     args = (quants.data_ptr(), head.data_ptr(), x.data_ptr(), idx.data_ptr(), count.data_ptr(), partials.data_ptr(),
-            k, np_, share(k, split, warps), split)
-    types = (nvrtc.POINTER,) * 6 + (nvrtc.INT,) * 4
+            k, np_, share(k, split, warps), split, out.data_ptr(), (residual if residual is not None else out).data_ptr(),
+            (counters if counters is not None else count).data_ptr(), n, n // 2)
+    types = (nvrtc.POINTER,) * 6 + (nvrtc.INT,) * 4 + (nvrtc.POINTER,) * 3 + (nvrtc.INT,) * 2
     kernel.launch((quants.shape[0], split), 32 * warps, args, types, torch.cuda.current_stream(x.device), pdl)

@@ -34,6 +34,9 @@
 #ifndef PIPE
 #define PIPE 0  // B2: 1 the next chunk's weights are loaded into registers before this chunk's arithmetic
 #endif
+#ifndef EPILOGUE
+#define EPILOGUE -1  // -1: partials only (gemv._reduce_kernel finishes); 0 plain, 1 residual, 2 SwiGLU:
+#endif               // the last program to arrive at an output tile sums its partials (fixed order) and finishes it
 #ifndef QLOAD
 #define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
                  // (H200, B2: the three within 2 % of each other, benchmarks/results/session4/cuda-variants-*)
@@ -177,7 +180,8 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, cons
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
-                int NP, int per, int split) {
+                int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
+                int* __restrict__ counters, int N, int F) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int r = blockIdx.x, s = blockIdx.y;
@@ -312,4 +316,50 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     }
     part[(size_t)s * NP + 256 * r + i] = v - bj;
   }
+#if EPILOGUE >= 0
+  // Output tile (256 rows of y) finished by the program whose arrival completes it: SPLIT programs
+  // of its superblock row (SwiGLU, F a multiple of 256: also the SPLIT of the row holding its up
+  // rows F + 256 tile ...). Release: every thread fences its partials before the barrier and the
+  // arrival; acquire: the finisher fences after it. The sum runs over the shares in order
+  // (deterministic; the atomic only elects who adds).
+  __shared__ int finisher;
+  __threadfence();
+  __syncthreads();
+#if EPILOGUE == 2
+  const int tile = r < F / 256 ? r : r - F / 256;
+  const int target = 2 * split;
+#else
+  const int tile = r;
+  const int target = split;
+#endif
+  if (threadIdx.x == 0) finisher = atomicAdd(counters + tile, 1) == target - 1;
+  __syncthreads();
+  if (!finisher) return;
+  __threadfence();
+  if (threadIdx.x == 0) counters[tile] = 0;  // zero for the next launch
+  for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+    const int n = 256 * tile + i;
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int sh = 0; sh < split; ++sh) acc += __ldcg(part + (size_t)sh * NP + n);
+#if EPILOGUE == 2
+    float up = 0.0f;
+#pragma unroll 8
+    for (int sh = 0; sh < split; ++sh) up += __ldcg(part + (size_t)sh * NP + F + n);
+    const float out = acc / (1.0f + expf(-acc)) * up;
+    const int limit = F;
+#else
+    float out = acc;
+    const int limit = N;
+#if EPILOGUE == 1
+    if (n < N) out += f16_lo_to_f32(res[n]);
+#endif
+#endif
+    if (n < limit) {
+      unsigned short bits;
+      asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(out));
+      y[n] = bits;
+    }
+  }
+#endif
 }
