@@ -495,9 +495,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="reference",
                    help="the encoder's search: reference (default; llama.cpp's quantize_row_*_ref, same bytes) "
                         "or mse (Q4_K and Q5_K matrices: a search for the lowest plain squared error per block, "
-                        "~5 %% lower RMSE on zigzag Q5_K, about twice the encoding time; other types of a mix "
-                        "keep the reference)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present; same bytes)")
+                        "never above the reference's; ~5.5 %% lower RMSE on zigzag Q5_K, 3-4x the encoding "
+                        "time; a mix's other types keep the reference)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or auto (cuda when present; same bytes with the reference search)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="describe a model file")
