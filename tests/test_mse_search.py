@@ -13,6 +13,7 @@ from spqt.checkpoint import QuantizedWeight, load_spqt
 from spqt.cli import main
 from spqt.errors import SpqtError
 from spqt.formats import codec
+from spqt.layouts import matrix_to_blocks
 
 TYPES = ["q5_k", "q4_k"]
 
@@ -109,3 +110,23 @@ def test_cli_bad_search_is_one_line(tiny_hf, tmp_path, capsys, argv, fragment):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
     assert not out.exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", TYPES)
+def test_gpu_mse_search_never_worse_than_reference(rng, name):
+    """On CUDA (the encoder runs on the matrix's device): still never above the reference's error
+    per block, and within float32 noise of the CPU search overall (the bytes may differ in ties).
+    Errors are per whole block, zero padding included (600 rows pad to 768), as the search sees them."""
+    w = torch.from_numpy((rng.standard_normal((600, 300)) * rng.uniform(1e-3, 10, (600, 1))).astype(np.float32))
+    x = matrix_to_blocks(w, "zigzag", 256)
+    _, decode = codec(name)
+
+    def block_error(blocks: torch.Tensor) -> torch.Tensor:
+        return _block_error(x, decode(blocks.cpu().reshape(x.shape[0], -1)))
+
+    ref = block_error(spqt.quantize(w, name, "zigzag"))
+    gpu = block_error(spqt.quantize(w.cuda(), name, "zigzag", search="mse"))
+    cpu = block_error(spqt.quantize(w, name, "zigzag", search="mse"))
+    assert bool((gpu <= ref * (1 + 1e-6)).all()), f"{int((gpu > ref * (1 + 1e-6)).sum())} blocks worse"
+    assert abs(float(gpu.sum() / cpu.sum()) - 1) < 1e-3
