@@ -26,8 +26,9 @@ The float (scale, min) of step 1, before any 6-bit code, would give 0.918: the c
 
 Values are decoded as q4_k / q5_k decode them (``(d * sc) * q - (dmin * m)`` in float32), so the
 errors compared here are those of the stored blocks (zero padding inside a sub-block, where a
-zigzag matrix has N not a multiple of 32, counts like any weight, as in the reference). Unlike the reference path, the bytes may
-differ between CPU and GPU in near ties (sums run in torch's own order).
+zigzag matrix has N not a multiple of 32, counts like any weight, as in the reference). Unlike
+the reference path, the bytes may differ between CPU and GPU in near ties (sums run in torch's
+own order).
 """
 
 import torch
@@ -68,9 +69,9 @@ def _block_error(xs, d, dmin, ls, lm, q) -> torch.Tensor:
     return diff.mul_(diff).sum(dim=-1)
 
 
-def _best_code_pairs(xs, d, dmin, ls, lm, q, err, nmax):
-    """Per sub-block, the best (ls, lm) within +-_WINDOW of the current pair (current kept on ties).
-    The candidates' levels are not kept: those of the winners are computed once at the end."""
+def _best_code_pairs(xs, d, dmin, ls, lm, err, nmax):
+    """Per sub-block, the best (ls, lm) within +-_WINDOW of the current pair (current kept on ties;
+    err: its error). The candidates' levels are not kept: the winners' are computed once at the end."""
     best_ls, best_lm = ls, lm
     for a in range(-_WINDOW, _WINDOW + 1):
         ls_try = (ls + a).clamp_(0, CODE_MAX)
@@ -144,13 +145,15 @@ def search_levels(x: torch.Tensor, nmax: int, reference):
     d, dmin, ls, lm = _unweighted_start(x, nmax)
     q, err = _levels_and_error(xs, d[:, None] * ls, dmin[:, None] * lm, nmax)
     for _ in range(_ROUNDS):
-        ls, lm, q, err = _best_code_pairs(xs, d, dmin, ls, lm, q, err, nmax)
+        ls, lm, q, err = _best_code_pairs(xs, d, dmin, ls, lm, err, nmax)
         d, dmin, q, err = _refit_super_scales(xs, d, dmin, ls, lm, q, err, nmax)
-    ls, lm, q, err = _best_code_pairs(xs, d, dmin, ls, lm, q, err, nmax)
+    ls, lm, q, err = _best_code_pairs(xs, d, dmin, ls, lm, err, nmax)
 
     ref_d16, ref_dmin16, ref_ls, ref_lm, ref_q = reference
     ref_err = _block_error(xs, ref_d16.float(), ref_dmin16.float(), ref_ls.float(), ref_lm.float(), ref_q.float())
     ours = err.sum(1) < ref_err.sum(1)
-    return (torch.where(ours, d.to(torch.float16), ref_d16), torch.where(ours, dmin.to(torch.float16), ref_dmin16),
-            torch.where(ours[:, None], ls.to(torch.int64), ref_ls), torch.where(ours[:, None], lm.to(torch.int64), ref_lm),
-            torch.where(ours[:, None, None], q.to(torch.int64), ref_q))
+
+    def pick(mine: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+        return torch.where(ours.reshape(-1, *[1] * (theirs.dim() - 1)), mine.to(theirs.dtype), theirs)
+
+    return (pick(d, ref_d16), pick(dmin, ref_dmin16), pick(ls, ref_ls), pick(lm, ref_lm), pick(q, ref_q))
