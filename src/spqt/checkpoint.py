@@ -37,7 +37,7 @@ import torch
 import spqt
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
-from spqt.formats import FORMATS, get_format
+from spqt.formats import FORMATS, SEARCHES, check_search, get_format
 from spqt.layouts import check_layout, grid_shape
 from spqt.mixes import check_quant_type, group_types
 from spqt.quant import dequantize, quantize
@@ -141,11 +141,14 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
 
 
 def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigzag",
-                    device: str = "cpu", progress: bool = False) -> LoadedModel:
+                    device: str = "cpu", progress: bool = False, search: str = "reference") -> LoadedModel:
     """Quantize every linear map of a source model; embeddings fp16, norms fp32.
 
     fmt: one type for every linear map (q8_0, q6_k, q5_k, q4_k, q3_k, q2_k) or a mix (mixes.py:
-    q4_k_m, q5_k_m, q3_k_m), whose per-matrix types the .spqt metadata records."""
+    q4_k_m, q5_k_m, q3_k_m), whose per-matrix types the .spqt metadata records.
+    search: the encoder search (spqt.formats.SEARCHES): "reference" gives llama.cpp's bytes; "mse"
+    searches the Q4_K and Q5_K matrices for a lower squared error (a mix's other types keep the
+    reference encoder; a single type without that search is an error). The provenance records it."""
     from tqdm.auto import tqdm
 
     from spqt.sparsity import column_norms
@@ -154,6 +157,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     check_layout(layout)
     cfg = source.config
     types = group_types(fmt, cfg.n_layers)
+    check_search(search, fmt if fmt in FORMATS else None)
     embedding_names = ("tok_embeddings",) + (() if cfg.tie_embeddings else ("output",))
     # the embeddings come first in the file; their values arrive from a worker below
     weights = {"tok_embeddings": None, "norm": source.tensor("norm")} | {name: None for name in embedding_names}
@@ -169,7 +173,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         return layer
 
     def encode(w: torch.Tensor, fmt: str) -> tuple:
-        blocks = quantize(w.to(device), fmt, layout).cpu()
+        served = SEARCHES[search]
+        blocks = quantize(w.to(device), fmt, layout, search if served is None or fmt in served else "reference").cpu()
         q = QuantizedWeight(blocks, fmt, layout, tuple(w.shape))
         return q, column_norms(q)
 
@@ -211,6 +216,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)  # new threads take their count from the last setting
     provenance = dict(source.provenance)
+    if search != "reference":
+        provenance["encoder_search"] = search
     provenance.update({"quantization": fmt, "tool": f"spqt {spqt.__version__}",
                        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance,

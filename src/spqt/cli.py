@@ -52,17 +52,19 @@ def cmd_quantize(args) -> int:
     from spqt.generate import resolve_device
     from spqt.sources import open_source
 
+    from spqt.formats import FORMATS, check_search
     from spqt.layouts import check_layout
     from spqt.mixes import check_quant_type
 
-    check_quant_type(args.type)  # before the (slow) load, so a bad type fails at once
+    fmt = check_quant_type(args.type)  # before the (slow) load, so a bad type fails at once
     check_layout(args.layout)
+    check_search(args.search, fmt if fmt in FORMATS else None)
     out = Path(args.output)
     check_writable(out)
     device = resolve_device(args.device)
     start = time.perf_counter()
     source = open_source(args.source)
-    model = quantize_source(source, args.type, args.layout, device=device, progress=True)
+    model = quantize_source(source, args.type, args.layout, device=device, progress=True, search=args.search)
     save_spqt(model, out)
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s on {device}")
@@ -496,7 +498,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["zigzag", "row"], default="zigzag")
     p.add_argument("--type", default="q4_k",
                    help="q8_0, q6_k, q5_k, q4_k (default), q3_k, q2_k, or a llama.cpp-style mix: q4_k_m, q5_k_m, q3_k_m")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present; same bytes)")
+    p.add_argument("--search", default="reference",
+                   help="the encoder's search: reference (default; llama.cpp's quantize_row_*_ref, same bytes) "
+                        "or mse (Q4_K and Q5_K matrices: a search for the lowest plain squared error per block, "
+                        "never above the reference's; ~5.5 %% lower RMSE on zigzag Q5_K, 3-4x the encoding "
+                        "time; a mix's other types keep the reference)")
+    p.add_argument("--device", default="auto",
+                   help="cpu, cuda or auto (cuda when present; same bytes with the reference search)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="describe a model file")

@@ -47,20 +47,22 @@ def _as_tensor(a) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"expected a numpy array or torch tensor, got {type(a).__name__}")
 
 
-def quantize(w, fmt: str = "q4_k", layout: str = "row"):
+def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference"):
     """Quantize a float matrix into blocks.
 
     w: (N, K) float numpy array or torch tensor (a CUDA tensor is quantized on its GPU, same bytes).
+    search: the encoder's search, "reference" (llama.cpp's bytes) or "mse" (q4_k and q5_k only:
+    a lower plain squared error per block, spqt.formats.mse_search).
     Returns uint8 blocks of the same kind: (N, ceil(K/B), bytes) for ``row``, (ceil(N/B), K, bytes)
     for ``zigzag`` (B = 256, or 32 for q8_0; bytes per block in spqt.formats). Padding (to a
     multiple of B) is zero weights.
     """
     spec = get_format(fmt)
     check_layout(layout)
+    encode, _ = codec(spec.name, search)
     tensor, was_numpy = _as_tensor(w)
     if tensor.dim() != 2:
         raise ValueError(f"quantize expects a 2-D matrix, got shape {tuple(tensor.shape)}")
-    encode, _ = codec(spec.name)
     values = matrix_to_blocks(tensor, layout, spec.block_size)
     out = torch.empty((values.shape[0], spec.block_bytes), dtype=torch.uint8, device=values.device)
     chunk = max(1, _CHUNK_WEIGHTS.get(values.device.type, _CHUNK_WEIGHTS["cpu"]) // spec.block_size)

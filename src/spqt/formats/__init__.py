@@ -11,6 +11,10 @@
 
 Each format's module (q8_0.py, ...) draws its block and holds ``encode`` / ``decode``;
 :func:`codec` returns that pair.
+
+Encoder searches: every format's default, ``reference``, writes the bytes of llama.cpp's
+``quantize_row_<type>_ref``; ``mse`` (Q4_K and Q5_K only, mse_search.py) searches for a lower
+plain squared error per block and writes other bytes, read by the same decoders.
 """
 
 from dataclasses import dataclass
@@ -49,9 +53,30 @@ def get_format(name: str) -> BlockFormat:
         raise SpqtError(f"unsupported quantization type {name!r}; supported: {', '.join(FORMATS)}") from None
 
 
-def codec(name: str):
-    """(encode, decode) of a format: (n_blocks, block_size) float32 <-> (n_blocks, block_bytes) uint8."""
+# The encoder searches, and the formats each one serves (None: all).
+SEARCHES = {"reference": None, "mse": ("q5_k", "q4_k")}
+
+
+def check_search(search: str, name: str | None = None) -> str:
+    """`search` if it names an encoder search (that format `name` has, when given), else SpqtError."""
+    from spqt.errors import SpqtError
+
+    if search not in SEARCHES:
+        raise SpqtError(f"unknown encoder search {search!r}; choose one of {', '.join(SEARCHES)}")
+    served = SEARCHES[search]
+    if name is not None and served is not None and name.lower() not in served:
+        raise SpqtError(f"the {search} encoder search exists for {', '.join(served)} only, not {name}")
+    return search
+
+
+def codec(name: str, search: str = "reference"):
+    """(encode, decode) of a format: (n_blocks, block_size) float32 <-> (n_blocks, block_bytes) uint8.
+
+    search: the encoder's search (see above); SpqtError if the format has no such search."""
+    import functools
     import importlib
 
     module = importlib.import_module(f"spqt.formats.{get_format(name).name}")
-    return module.encode, module.decode
+    check_search(search, name)
+    encode = module.encode if search == "reference" else functools.partial(module.encode, search=search)
+    return encode, module.decode

@@ -18,11 +18,14 @@ The encoder follows llama.cpp's reference algorithm (``quantize_row_q4_K_ref`` w
 least-squares refit of scale and min), written as vectorized float32 tensor ops that reproduce
 the C code's operation order: every sum is accumulated element by element in the C order, and
 no multiply-add is fused. Eager torch does the same IEEE float32 operations on CPU and GPU, so
-both give the same bytes.
+both give the same bytes. ``search="mse"`` runs the optional search of mse_search.py on top of
+it instead (lower plain squared error, other bytes).
 """
 
 import torch
 
+from spqt.formats import check_search
+from spqt.formats.mse_search import search_levels
 from spqt.formats.search import f32, make_qkx2_quants, nearest_int, sequential_sum
 
 BLOCK_SIZE = 256
@@ -42,11 +45,17 @@ def _nearest_uint8(x: torch.Tensor) -> torch.Tensor:
     return nearest_int(x) & 0xFF
 
 
-def encode(x: torch.Tensor) -> torch.Tensor:
-    """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 144) uint8."""
+def encode(x: torch.Tensor, search: str = "reference") -> torch.Tensor:
+    """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 144) uint8.
+
+    search: "reference" (llama.cpp's bytes) or "mse" (formats/mse_search.py)."""
+    check_search(search, "q4_k")
     if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
         raise ValueError(f"q4_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
-    d16, dmin16, ls, lm, q = encode_levels(x, _NMAX, _RMIN, _RDELTA, _NSTEP)
+    levels = encode_levels(x, _NMAX, _RMIN, _RDELTA, _NSTEP)
+    if search == "mse":
+        levels = search_levels(x, _NMAX, levels)
+    d16, dmin16, ls, lm, q = levels
     n_blocks = x.shape[0]
     out = torch.empty((n_blocks, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
     out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)

@@ -10,12 +10,14 @@
 Weight i of sub-block j (32 weights each) is ``d * sc_j * q_i - dmin * m_j``, q_i in 0..31.
 
 The encoder is llama.cpp's ``quantize_row_q5_K_ref``: Q4_K's algorithm with nmax 31 and the
-make_qkx2_quants candidates (31 - 0.5 + 0.1 i) / range, i = 0..15.
+make_qkx2_quants candidates (31 - 0.5 + 0.1 i) / range, i = 0..15. ``search="mse"`` runs the
+optional search of mse_search.py on top of it instead (lower plain squared error, other bytes).
 """
 
 import torch
 
-from spqt.formats import q4_k
+from spqt.formats import check_search, q4_k
+from spqt.formats.mse_search import search_levels
 
 BLOCK_SIZE = 256
 BLOCK_BYTES = 176
@@ -23,11 +25,17 @@ SUB_BLOCKS = 8
 SUB_BLOCK_SIZE = 32
 
 
-def encode(x: torch.Tensor) -> torch.Tensor:
-    """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 176) uint8."""
+def encode(x: torch.Tensor, search: str = "reference") -> torch.Tensor:
+    """Quantize blocks. x: (n_blocks, 256) float32 (any device) -> (n_blocks, 176) uint8.
+
+    search: "reference" (llama.cpp's bytes) or "mse" (formats/mse_search.py)."""
+    check_search(search, "q5_k")
     if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
         raise ValueError(f"q5_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
-    d16, dmin16, ls, lm, q = q4_k.encode_levels(x, 31, -0.5, 0.1, 15)
+    levels = q4_k.encode_levels(x, 31, -0.5, 0.1, 15)
+    if search == "mse":
+        levels = search_levels(x, 31, levels)
+    d16, dmin16, ls, lm, q = levels
     n = x.shape[0]
     out = torch.empty((n, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
     out[:, 0:2] = d16.reshape(n, 1).view(torch.uint8)
