@@ -46,10 +46,10 @@ if [ "$part" = ppl ] || [ "$part" = all ]; then
 fi
 if [ "$part" = types ]; then  # zigzag of the wider K-quant types: dense perplexity, full test (issue 15)
   for T in ${TYPES:-q6_k q5_k}; do
-    timed "quantize zigzag $T on GPU" python3 -m spqt.cli quantize $G -o $M/smol-$T.spqt --layout zigzag --type $T \
-      --device cuda 2>&1 | tail -1
+    timed "quantize zigzag $T on GPU (search ${SEARCH:-reference})" python3 -m spqt.cli quantize $G -o $M/smol-$T.spqt \
+      --layout zigzag --type $T --search ${SEARCH:-reference} --device cuda 2>&1 | tail -1
     spqt perplexity $M/smol-$T.spqt --data $W --device cuda --dtype fp32 --batch 32 --sparsity 0 \
-      --json $OUT/ppl-zigzag-$T.json 2>&1 | grep -E "^ +[0-9]+%" | sed "s/^/zigzag-$T /"
+      --json $OUT/ppl-zigzag-$T-${SEARCH:-reference}.json 2>&1 | grep -E "^ +[0-9]+%" | sed "s/^/zigzag-$T /"
   done
 fi
 if [ "$part" = gen ] || [ "$part" = all ]; then
