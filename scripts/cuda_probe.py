@@ -43,7 +43,7 @@ for spec in args.shapes.split(","):
 
     res = {}
     for variant in ("zigzag_dense", "zigzag_sparse"):
-        shipped = tuning.config(variant, n, k)
+        shipped = tuning.triton_config(variant, n, k)  # the table's Triton entry (a CUDA entry's fallback)
         res[variant, "triton"] = bench._fastest([shipped], lambda c: calls(c, variant))
         res[variant, "cuda"] = bench._fastest(tuning.cuda_candidates(variant, n, k), lambda c: calls(c, variant))
     mb = 144 * -(-n // 256) * k / 1e6

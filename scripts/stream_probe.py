@@ -55,8 +55,8 @@ def _pattern_kernel(q_ptr, h_ptr, out_ptr, K, SPLIT, W: tl.constexpr, CHUNKS: tl
             for off in tl.static_range(4):
                 col = j + c * STEP + base + (off // 2) * 8 + off % 2
                 col = tl.where(col < hi, col, 0)
-                blk = r * K + col
-                acc ^= tl.load(q_ptr + (blk * 32 + gi * 4)[:, None] + li[None, :])
+                # the zigzag planes (gpu_layout.to_planes: (R, 2, K, 16) int32), as the GEMV reads them
+                acc ^= tl.load(q_ptr + (((r * 2 + gi // 4) * K + col) * 16 + (gi % 4) * 4)[:, None] + li[None, :])
                 hb = zigzag_mma.head_index(r, col, K)
                 hacc ^= tl.load(h_ptr + hb * 2) ^ tl.load(h_ptr + hb * 2 + 1)
     v = tl.xor_sum(acc, axis=1) ^ (hacc & 0xFFFFFFFF).to(tl.int32) ^ (hacc >> 32).to(tl.int32)

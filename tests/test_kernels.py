@@ -9,9 +9,8 @@ import torch
 import spqt
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
-from spqt.kernels import reference
+from spqt.kernels import gpu_layout, reference
 from spqt.kernels.collect import collect
-from spqt.kernels import gpu_layout
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from kernel_inputs import assert_within_fp32_sum, random_x as _x
@@ -493,9 +492,10 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     (defaults apply), a current one is used."""
     import json
 
-    from spqt.kernels import nvrtc, tuning
+    from spqt.kernels import tuning
 
     for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
+        monkeypatch.setattr(tuning, "_cuda_usable", lambda: False)  # the Triton candidates alone (a GPU adds CUDA's)
         for c in tuning.candidates("zigzag_dense", n, k) + [tuning.default_config("zigzag_dense", n, k)]:
             assert c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k and c["chunks"] in (1, 2)
             assert c["ahead"] in (0, 1) and c["acc"] in (2, 4, 16) and c["pipe"] in (0, 1)
@@ -503,7 +503,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
                                                                             "acc", "pipe")} | {"impl": "triton",
                                                                                                "fused": False}
-        monkeypatch.setattr(nvrtc, "available", lambda: True)  # the configs a GPU machine would time
+        monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
         monkeypatch.undo()
         assert cuda_configs
@@ -531,6 +531,17 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     assert tuning.config("zigzag_dense", 11008, 4096) == {"split": 13, "num_warps": 4, "chunks": 2}
     assert tuning.config("zigzag_dense", 4096, 4096)["split"] == 40
     assert tuning.config("zigzag_dense", 4096, 8192) == tuning.default_config("zigzag_dense", 4096, 8192)
+    # a CUDA entry: run where the CUDA GEMV can, else its Triton fallback (the crossovers kept)
+    fallback = {"split": 9, "num_warps": 1, "chunks": 1}
+    cuda = {"impl": "cuda", "split": 3, "num_warps": 8, "chunks": 1, "pipe": 0, "fallback": fallback, "us": 2.0}
+    entries = {"zigzag_sparse": {"64x64": dict(cuda, crossover=0.4)}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
+    tuning._load_table.cache_clear()
+    monkeypatch.setattr(tuning, "_cuda_usable", lambda: False)
+    assert tuning.config("zigzag_sparse", 64, 64) == dict(fallback, crossover=0.4)
+    monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)
+    assert tuning.config("zigzag_sparse", 64, 64)["impl"] == "cuda"
+    assert tuning.triton_config("zigzag_sparse", 64, 64) == fallback
     tuning._load_table.cache_clear()
 
 
@@ -582,11 +593,13 @@ CUDA_CONFIGS = [(1, 1, 0, False), (7, 2, 1, True), (64, 4, 0, False), (33, 8, 1,
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_zigzag_cuda_kernel(rng, sparsity):
+def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
     """The CUDA C++ GEMV (zigzag_cuda.py, B2 and B4, fp16 x) against the reference, with the
-    Triton kernel's tolerance; partials and y poisoned; deterministic; the residual and SwiGLU
-    finishes through the same reduction."""
+    Triton kernel's tolerance; partials and y poisoned; deterministic; inside a CUDA graph; the
+    residual and SwiGLU finishes, by the reduction kernel and by the GEMV's last program."""
     from spqt.kernels import zigzag_cuda
+
+    monkeypatch.delenv("SPQT_GEMV", raising=False)  # SPQT_GEMV=triton would test the Triton kernel
 
     for shape in GPU_SHAPES:
         qw, gw = _weights(rng, shape, "zigzag", "cuda")
@@ -628,13 +641,19 @@ def test_zigzag_cuda_kernel(rng, sparsity):
             torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want[want.isfinite()].abs().max()))
 
 
-def test_cuda_gemv_compiles_for_sm90():
+def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     """zigzag_q4k.cu compiles with NVRTC for sm_90 (no GPU needed): every warp count, each mode, pipe
     and finish (partials, plain, residual, SwiGLU), without spills, and its B2 loop stays lean: at most 240 instructions per chunk and
     lane (223 when written; the Triton kernel's is 335), 16 of them mma; 260 with the next chunk's
     loads ahead in registers (249: the copy of the loaded registers at the end of the loop)."""
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, main_loop
+
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path))  # compiled here, not read from a cache
+    nvrtc.compile_cubin.cache_clear()
+    # sm_80 and sm_89 too (the kernel's floor; PDL compiled out below sm_90)
+    for arch in ("sm_80", "sm_89"):
+        nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2), arch)
 
     variants = ((zigzag_cuda.MODE_DENSE, 0, -1), (zigzag_cuda.MODE_DENSE, 1, 0), (zigzag_cuda.MODE_INDEXED, 0, 1),
                 (zigzag_cuda.MODE_INDEXED, 1, 2))

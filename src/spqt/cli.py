@@ -429,13 +429,24 @@ def cmd_tune(args) -> int:
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
     resolve_device("cuda")
+    if args.crossover_only and args.cuda_against_table:
+        raise SpqtError("--crossover-only and --cuda-against-table exclude each other")
     if args.crossover_only:
         entries = tune_crossover(parse_shapes(args.shapes))
     elif args.cuda_against_table:
+        from spqt.kernels import zigzag_cuda
+
+        if not zigzag_cuda.usable():
+            raise SpqtError("--cuda-against-table needs an sm_80+ GPU and NVRTC (pip install 'spqt[cuda]')")
+        shapes = parse_shapes(args.shapes)
         entries = tuning.all_entries()
-        found = tune(parse_shapes(args.shapes), variants=("zigzag_dense", "zigzag_sparse"),
-                     candidates=tuning.table_and_cuda_candidates)
+        fallbacks = {(v, f"{n}x{k}"): tuning.triton_config(v, n, k) for v in ("zigzag_dense", "zigzag_sparse")
+                     for n, k in shapes}
+        found = tune(shapes, variants=("zigzag_dense", "zigzag_sparse"), candidates=tuning.table_and_cuda_candidates)
         for variant, by_shape in found.items():
+            for key, entry in by_shape.items():
+                if entry.get("impl") == "cuda":  # what a machine without the CUDA GEMV runs instead
+                    entry["fallback"] = fallbacks[variant, key]
             entries[variant].update(by_shape)
     else:
         # the variants not re-tuned keep this GPU's entries (q4_k's are replaced as a whole, as before)

@@ -6,7 +6,8 @@
   B3 zigzag_sparse_static zigzag, columns split statically, a block skipped when |x_k| <= t
   B4 zigzag_sparse        zigzag, the active-index list split evenly among the programs (SpQt)
 
-The zigzag variants are one tensor-core kernel (zigzag_mma.py) in three modes. Superblock row r
+The zigzag variants are one tensor-core kernel (zigzag_mma.py) in three modes; for fp16 x, B2 and
+B4 also run as CUDA C++ (zigzag_cuda.py), where the tuned config says "impl": "cuda". Superblock row r
 (256 outputs) gets SPLIT programs of WARPS warps; each program writes fp32 partial sums. Fused
 (one launch): each program counts its arrival on the row's counter and the last program of a
 row adds the SPLIT partials in a fixed order (deterministic: the atomic only elects who adds,
@@ -29,8 +30,8 @@ import triton.language as tl
 
 from spqt.kernels import zigzag_cuda, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
-from spqt.kernels.zigzag_mma import PLANES
 from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
+from spqt.kernels.zigzag_mma import PLANES
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = zigzag_mma.MODE_DENSE, zigzag_mma.MODE_STATIC, zigzag_mma.MODE_INDEXED
 EPILOGUE_NONE, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2

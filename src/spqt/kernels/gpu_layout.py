@@ -4,8 +4,9 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
 
 * ``head``: (..., 4) int32 per block = the first 16 bytes unchanged: word 0 = d | dmin << 16
   (fp16 bits), words 1-3 = the 12 packed 6-bit scale/min bytes.
-* ``quants``: (..., 32) int32 per block, the 256 4-bit levels in an order that depends on the
-  layout (``pack_levels`` and ``unpack_levels`` convert from and to weight order):
+* ``quants``: 32 int32 words per block, the 256 4-bit levels in an order that depends on the
+  layout (``pack_levels`` and ``unpack_levels`` convert from and to weight order; zigzag blocks
+  are then split into planes, below):
   - row: nibble n (bits 4n..4n+3) of word p holds weight ``8 p + n``, eight to a word. Word p
     lies in sub-block ``p // 4``, so a thread that owns four consecutive words (one 16-byte load)
     needs one scale for 32 weights (the row kernels).
@@ -15,8 +16,9 @@ On disk a block is GGUF's 144 bytes. For the kernels we repack at load time (tor
 
 Zigzag quants are stored in PLANES = 2 planes, (R, 2, K, 16) int32: plane p of superblock row r
 holds bytes 64 p .. 64 p + 63 (lane groups 4 p .. 4 p + 3) of every column's block, column after
-column. A dense kernel's 16-byte load phase (8 lanes: groups 2 s, 2 s + 1 of 4 consecutive
-columns) then touches two 128-byte lines where the (R, K, 32) order made it touch four (H200,
+column. The CUDA kernel's dense 16-byte load phase (8 lanes: groups 2 s, 2 s + 1 of 4
+consecutive columns) then touches two 128-byte lines where the (R, K, 32) order made it touch
+four (the Triton kernel's lanes take columns 2 t, 2 t + 1, ...: still four; H200,
 Nsight Compute, 57344x8192: the L1's load wavefronts at 76 % of peak for 61 % of DRAM's
 bandwidth), and a sparse kernel still reads a column's block as whole 64-byte pieces. (Four
 planes of 32 bytes, one line a phase: B2 another 3-5 % faster, but B4 at 50 % 15-23 % slower,

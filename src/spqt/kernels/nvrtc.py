@@ -2,10 +2,11 @@
 NVIDIA's `cuda-bindings` package (no compiler on the user's machine; `pip install spqt[cuda]`).
 
 compile_cubin(source, options, arch) -> cubin bytes, cached in memory and on disk
-($SPQT_CACHE/cuda or ~/.cache/spqt/cuda, keyed by the source, options, arch and NVRTC version;
-written to a temporary name and renamed). Kernel(cubin, name).launch(grid, block, args, stream,
-pdl) enqueues one launch on a torch stream (capturable in a CUDA graph); pdl: programmatic
-dependent launch (sm_90), as Triton's launch_pdl.
+($SPQT_CACHE/cuda or ~/.cache/spqt/cuda, keyed by the source, every compiler option and the NVRTC
+version; written to a temporary name and renamed). Kernel(cubin, name) loads it into the current
+CUDA context; Kernel.launch(grid, block, args, stream, pdl) enqueues one launch on a torch stream
+(capturable in a CUDA graph), args as (value, ctypes type) pairs; pdl: programmatic dependent
+launch (sm_90), as Triton's launch_pdl.
 """
 
 import ctypes
@@ -43,14 +44,17 @@ def _driver():
     return driver
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """NVRTC and the driver both usable (a GPU machine with cuda-bindings)."""
+    """NVRTC and the driver both usable (a GPU machine with cuda-bindings), and the driver at least
+    NVRTC's major version (a cubin of NVRTC 13 does not load on a CUDA 12 driver)."""
     try:
-        _nvrtc()
-        _driver()
-        return True
+        nvrtc = _nvrtc()
+        driver = _driver()
     except NvrtcUnavailable:
         return False
+    err, driver_version = driver.cuDriverGetVersion()  # e.g. 13000 for CUDA 13.0
+    return int(err) == 0 and driver_version // 1000 >= nvrtc.nvrtcVersion()[1]
 
 
 def _check(err, what: str) -> None:
@@ -67,13 +71,13 @@ def compile_cubin(source: str, options: tuple, arch: str) -> bytes:
     """source compiled for arch ("sm_90") with options (tuple of str, e.g. "-DWARPS=4")."""
     nvrtc = _nvrtc()
     version = nvrtc.nvrtcVersion()[1:]
-    key = hashlib.sha256(repr((source, options, arch, version)).encode()).hexdigest()[:24]
+    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [o.encode() for o in options]
+    key = hashlib.sha256(repr((source, opts, version)).encode()).hexdigest()[:24]
     path = _cache_dir() / f"{key}.cubin"
     if path.is_file():
         return path.read_bytes()
     err, prog = nvrtc.nvrtcCreateProgram(source.encode(), b"spqt.cu", 0, [], [])
     _check(err, "nvrtcCreateProgram")
-    opts = [f"--gpu-architecture={arch}".encode(), b"-std=c++17"] + [o.encode() for o in options]
     (err,) = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
     if int(err) != 0:
         _, size = nvrtc.nvrtcGetProgramLogSize(prog)
@@ -110,21 +114,15 @@ class Kernel:
         err, self.function = driver.cuModuleGetFunction(self.module, name.encode())
         _check(err, f"cuModuleGetFunction({name})")
         self._driver = driver
-        self._shared_allowed = 48 * 1024  # dynamic shared memory a launch may use without opting in
 
-    def launch(self, grid: tuple, block: int, args: tuple, types: tuple, stream: torch.cuda.Stream,
-               pdl: bool = False, shared: int = 0) -> None:
-        """args: ints (pointers as data_ptr()) with their ctypes types (ctypes.c_void_p, c_int);
-        shared: bytes of dynamic shared memory (above 48 KB the function opts in once)."""
+    def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False) -> None:
+        """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
+        with POINTER, ints with INT)."""
         driver = self._driver
-        if shared > self._shared_allowed:
-            attr = driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
-            _check(driver.cuFuncSetAttribute(self.function, attr, shared)[0], "cuFuncSetAttribute")
-            self._shared_allowed = shared
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
         config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-        config.sharedMemBytes = shared
+        config.sharedMemBytes = 0
         config.hStream = driver.CUstream(stream.cuda_stream)
         if pdl:
             attr = driver.CUlaunchAttribute()
@@ -134,7 +132,8 @@ class Kernel:
             config.numAttrs = 1
         else:
             config.numAttrs = 0
-        (err,) = driver.cuLaunchKernelEx(config, self.function, (args, types), 0)
+        values, types = zip(*args)
+        (err,) = driver.cuLaunchKernelEx(config, self.function, (values, types), 0)
         _check(err, "cuLaunchKernelEx")
 
 

@@ -118,7 +118,26 @@ def config(variant: str, n: int, k: int) -> dict:
     entry = entries.get(f"{n}x{k}") or _nearest_entry(entries, variant, n, k)
     if not entry:
         return default_config(variant, n, k)
-    return {key: value for key, value in entry.items() if key != "us"}  # "us": the tuner's timing
+    cfg = {key: value for key, value in entry.items() if key != "us"}  # "us": the tuner's timing
+    if cfg.get("impl") == "cuda" and not _cuda_usable():
+        # the CUDA GEMV won here, but this machine cannot run it: the Triton config timed against it
+        fallback = cfg.get("fallback") or default_config(variant, n, k)
+        return fallback | {key: value for key, value in cfg.items() if key.startswith("crossover")}
+    return cfg
+
+
+def _cuda_usable() -> bool:
+    from spqt.kernels import zigzag_cuda
+
+    return zigzag_cuda.usable()
+
+
+def triton_config(variant: str, n: int, k: int) -> dict:
+    """The Triton kernel's config of a shape: the tuned entry, or a CUDA entry's fallback."""
+    cfg = {key: value for key, value in config(variant, n, k).items() if not key.startswith("crossover")}
+    if cfg.get("impl") == "cuda":
+        return cfg.get("fallback") or default_config(variant, n, k)
+    return cfg
 
 
 def candidates(variant: str, n: int, k: int) -> list[dict]:
@@ -147,20 +166,17 @@ def candidates(variant: str, n: int, k: int) -> list[dict]:
 
 
 def table_and_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
-    """This GPU's config of the shape (tuned, else its neighbour's or the default) and a short list of
+    """This GPU's Triton config of the shape (tuned, else its neighbour's or the default) and a short list of
     the CUDA GEMV's (splits about 1-12 programs an SM, 2-8 warps, plain loads for B2, finished by the
     reduction kernel or by the GEMV's last program): `spqt tune --cuda-against-table`."""
-    table = {key: v for key, v in config(variant, n, k).items() if not key.startswith("crossover")}
     short = [c for c in cuda_candidates(variant, n, k) if c["num_warps"] > 1 and c["pipe"] == 0]
-    return [table] + short
+    return [triton_config(variant, n, k)] + short
 
 
 def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
-    """The CUDA C++ GEMV's configs (zigzag_cuda.py) for zigzag_dense / zigzag_sparse, where NVRTC and
-    the driver are usable; [] elsewhere."""
-    from spqt.kernels import nvrtc
-
-    if variant not in ("zigzag_dense", "zigzag_sparse") or not nvrtc.available():
+    """The CUDA C++ GEMV's configs (zigzag_cuda.py) for zigzag_dense / zigzag_sparse, where it can run
+    (zigzag_cuda.usable); [] elsewhere."""
+    if variant not in ("zigzag_dense", "zigzag_sparse") or not _cuda_usable():
         return []
     rows = -(-n // 256)
     base = -(-sm_count() // rows)

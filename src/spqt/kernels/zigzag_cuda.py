@@ -1,10 +1,12 @@
 """The zigzag Q4_K GEMV (B2 dense, B4 indexed) as CUDA C++ (zigzag_q4k.cu, compiled by NVRTC):
-the same contract and arithmetic as zigzag_mma.py's kernel, unfused, for fp16 x, with fewer
-instructions per weight (the .cu file says where they go).
+the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer instructions per
+weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
+program of each output tile (fused).
 
 Selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
-by SPQT_GEMV=cuda; SPQT_GEMV=triton never uses it. Needs a CUDA GPU and cuda-bindings with NVRTC
-(nvrtc.available()); the GPU tests compare it with the torch reference like the Triton kernel.
+by SPQT_GEMV=cuda; SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and cuda-bindings with
+NVRTC (usable()); elsewhere the Triton kernel runs (tuning.config then picks an entry's Triton
+fallback). The GPU tests compare it with the torch reference like the Triton kernel.
 """
 
 import functools
@@ -13,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from spqt.kernels import nvrtc
+from spqt.kernels import gpu_layout, nvrtc
 
 SOURCE = Path(__file__).with_name("zigzag_q4k.cu")
 MODE_DENSE, MODE_INDEXED = 0, 2
+MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from sm_90
 
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> tuple:
@@ -31,9 +34,25 @@ def fusable(n: int, epilogue: int) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(arch: str, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> nvrtc.Kernel:
-    cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra), arch)
-    return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
+def _capable(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
+
+
+def usable(device: torch.device | None = None) -> bool:
+    """NVRTC and the driver usable and the GPU (default: the current one) sm_80 or newer."""
+    if not torch.cuda.is_available() or not nvrtc.available():
+        return False
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _capable(index)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> nvrtc.Kernel:
+    """The compiled function for device `index`, loaded into its primary context (made current)."""
+    with torch.cuda.device(index):
+        arch = nvrtc.device_arch(torch.device("cuda", index))
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra), arch)
+        return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
 def choice() -> str:
@@ -42,14 +61,18 @@ def choice() -> str:
 
 
 def supports(x: torch.Tensor, mode: int) -> bool:
-    """This kernel runs fp16 x, B2 and B4, on a CUDA device with NVRTC."""
-    return x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED) and nvrtc.available()
+    """This kernel runs fp16 x, B2 and B4, on an sm_80+ CUDA device with NVRTC."""
+    return x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED) and usable(x.device)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 def share(k: int, split: int, warps: int) -> int:
-    """B2: columns a program takes, a multiple of its step (16 columns a warp)."""
+    """B2: columns a program takes, K / split rounded up to a multiple of its step (16 columns a warp)."""
     step = 16 * warps
-    return -(-(-(-k // split)) // step) * step
+    return _cdiv(_cdiv(k, split), step) * step
 
 
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
@@ -57,21 +80,30 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
-    int32 zigzag kernel layout (64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
+    int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
     B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. epilogue -1: the
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
     counters (rows,) int32 zero before and after. extra: more -D options of the .cu file
     (scripts/cuda_variants.py's load variants and probes)."""
+    rows = quants.shape[0]
+    if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
+        raise ValueError(f"the CUDA GEMV reads two 64-byte planes (rows, 2, K, 16) and grouped heads; got "
+                         f"{tuple(quants.shape)}, {tuple(head.shape)}")
+    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters) if t is not None]
+    if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
+        raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1):
         raise ValueError(f"warps 1, 2, 4 or 8 and pipe 0 or 1, not {warps}, {pipe}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
-    kernel = _kernel(nvrtc.device_arch(x.device), warps, mode, pipe, epilogue, tuple(extra))
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra))
     out = y if y is not None else x
-    args = (quants.data_ptr(), head.data_ptr(), x.data_ptr(), idx.data_ptr(), count.data_ptr(), partials.data_ptr(),
-            k, np_, share(k, split, warps), split, out.data_ptr(), (residual if residual is not None else out).data_ptr(),
-            (counters if counters is not None else count).data_ptr(), n, n // 2)
-    types = (nvrtc.POINTER,) * 6 + (nvrtc.INT,) * 4 + (nvrtc.POINTER,) * 3 + (nvrtc.INT,) * 2
-    kernel.launch((quants.shape[0], split), 32 * warps, args, types, torch.cuda.current_stream(x.device), pdl)
+    P, I = nvrtc.POINTER, nvrtc.INT
+    args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
+            (count.data_ptr(), P), (partials.data_ptr(), P), (k, I), (np_, I), (share(k, split, warps), I), (split, I),
+            (out.data_ptr(), P), ((residual if residual is not None else out).data_ptr(), P),
+            ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I)]
+    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl)

@@ -1,12 +1,14 @@
-// Zigzag Q4_K GEMV on the tensor cores in CUDA C++, compiled at run time by NVRTC (zigzag_cuda.py).
+// Zigzag Q4_K GEMV on the tensor cores in CUDA C++, compiled at run time by NVRTC (zigzag_cuda.py),
+// sm_80 and newer (programmatic dependent launch on sm_90).
 //
-// The contract of zigzag_mma.py's kernel, unfused, fp16 x: program (r, s) = superblock row r (256
+// The contract of zigzag_mma.py's kernel for fp16 x: program (r, s) = superblock row r (256
 // outputs), share s of its columns -> part[s * NP + 256 r + i], i < 256, fp32, every row written;
-// a second kernel (gemv._reduce_kernel) sums the shares in a fixed order. The arithmetic is the
-// Triton kernel's (its module docstring): a warp takes 16 columns (a chunk) and runs 16
-// mma.m16n8k16, one per 16-row tile m, A = the levels as fp16 subnormals (q 2^-24, high nibble
-// q 2^-20), B[k, n] = x_k d_k sc[k, n] in fp16, products and sums in fp32; the min term
-// x_k dmin_k m[k, g] is summed per lane in fp32.
+// then either a second kernel (gemv._reduce_kernel) sums the shares, or (EPILOGUE >= 0) the last
+// program to arrive at an output tile does, in a fixed order. The arithmetic is the Triton
+// kernel's (its module docstring): a warp takes 16 columns (a chunk) and runs 16 mma.m16n8k16,
+// one per 16-row tile m, A = the levels as fp16 subnormals (q 2^-24, high nibble q 2^-20),
+// B[k, n] = x_k d_k sc[k, n] in fp16, products and sums in fp32; the min term x_k dmin_k m[k, g]
+// is summed per lane in fp32.
 //
 // What is different from the Triton kernel is the instruction count per weight: 32-bit column
 // arithmetic, one base pointer per lane with the slots at constant offsets, no masks in the
@@ -49,6 +51,29 @@
 #endif
 
 typedef unsigned int u32;
+
+// Programmatic dependent launch (sm_90): wait for the kernel before this one, then let the next
+// one start its launch. Below sm_90 kernels are launched without it and this is empty.
+__device__ __forceinline__ void pdl_wait_then_release() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+// x, the list and its count are written by the kernels before this one, which may still run
+// while this grid starts (PDL): plain coherent loads, after pdl_wait_then_release(), not .nc.
+__device__ __forceinline__ unsigned short load_x_bits(const unsigned short* p) {
+  unsigned short v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ int load_int(const int* p) {
+  int v;
+  asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
 
 __device__ __forceinline__ float f16_lo_to_f32(u32 bits) {  // the fp16 in bits 0-15
   float f;
@@ -165,7 +190,7 @@ __device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const 
 
 __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const int* col, const bool* ok) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? __ldg(x + col[i]) : (unsigned short)0;
+  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp (slot i is 4 i columns on).
@@ -206,11 +231,10 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
   if (j < full_end) load_contiguous(ch, qp, hp);
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
+  pdl_wait_then_release();
   for (; j < full_end; j += step) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ch.x[i] = __ldg(xp + 4 * i);
+    for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
     hp += PROBE_HEADS ? 0 : step * 4;
     xp += step;
@@ -239,15 +263,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #else
   // B4: the list entries of a step are read one step ahead (PIPE 1: two steps ahead, and the next
   // step's weights are loaded before this step's arithmetic), so no load waits on another
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;");
-  const int n = min(__ldg(count), K);
+  pdl_wait_then_release();
+  const int n = min(load_int(count), K);
   const int stride = 16 * WARPS * split;
   int j = s * 16 * WARPS + 16 * warp;
   int entry[4];  // list entries of step j (PIPE 1: of step j + stride)
   auto read_entries = [&](int jj) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) entry[i] = __ldg(idx + min(jj + slot_pos[i], K - 1));
+    for (int i = 0; i < 4; ++i) entry[i] = load_int(idx + min(jj + slot_pos[i], K - 1));
   };
   // columns of step jj from its entries: past the count (entries never written) column 0, x = 0
   auto columns = [&](int jj, int* col, bool* ok) {
