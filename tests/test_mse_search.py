@@ -53,9 +53,10 @@ def test_mse_never_worse_than_reference_and_lower_on_average(rng, name):
         assert worse.numel() == 0, (f"{kind}: {worse.numel()} blocks worse, first {int(worse[0])}: "
                                     f"{float(ours[worse[0]]):.6g} > {float(ref[worse[0]]):.6g}")
         if kind in ("normal", "student_t3", "scaled"):
-            # measured on such blocks: RMSE 0.94 (Q5_K) and 0.97-0.98 (Q4_K) of the reference's
-            ratio = float((ours.sum() / ref.sum()).sqrt())
-            assert ratio < {"q5_k": 0.96, "q4_k": 0.99}[name], f"{kind}: RMSE only {ratio:.4f} of the reference's"
+            # every block counts alike (a sum would follow the few largest blocks of "scaled");
+            # over 40 seeds the mean share was 0.921-0.953 (Q5_K) and 0.963-0.981 (Q4_K)
+            ratio = float((ours / ref).sqrt().mean())
+            assert ratio < {"q5_k": 0.97, "q4_k": 0.99}[name], f"{kind}: RMSE only {ratio:.4f} of the reference's"
     zeros = torch.zeros(3, 256)
     assert torch.equal(decode(encode_mse(zeros)), zeros)
 
