@@ -12,6 +12,7 @@
 #   scripts/gpu_session.sh types     every gpu test on a fresh machine (timed), then the GEMV table of every weight type
 #   scripts/gpu_session.sh last      gpu tests on a fresh machine, decode (DECODE_MODELS), the 7B step's GPU time at 50 %,
 #                                    the GEMV table of every weight type, then (time left) the other types tuned
+#   scripts/gpu_session.sh knobs     gpu tests on a fresh machine, the CUDA GEMV's -D knobs alone and in 7B decode steps
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -203,6 +204,25 @@ case "$stage" in
     fi
     echo "last stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log ! -name tuned.json -delete)
+    ;;
+  knobs)
+    # Every gpu test on a fresh machine (timed), then the CUDA GEMV's -D knobs: alone
+    # (scripts/cuda_variants.py) and through whole 7B decode steps (scripts/launch_probe.py with
+    # SPQT_CUDA_DEFINES, each setting in its own process: KNOB_SETS, ";"-separated).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    [ -z "${SKIP_TESTS:-}" ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    timeout ${VARIANTS_TIMEOUT:-200} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" 2>&1 | grep -v WARN \
+      | tee "$OUT/cuda-variants.log"
+    IFS=';' read -ra sets <<< "${KNOB_SETS:-;-DL2FIRST=8;-DL2AHEAD=2;-DL2FIRST=8 -DL2AHEAD=2}"
+    for m in ${PROBE_MODELS:-llama2-7b}; do
+      for d in "${sets[@]}"; do
+        echo "== $m SPQT_CUDA_DEFINES='$d'"
+        SPQT_CUDA_DEFINES="$d" timeout 120 python3 scripts/launch_probe.py --model synthetic:$m --sparsity 0,0.5 \
+          --max-len 146 --new-tokens 128 2>&1 | grep -v WARN | tail -2
+      done
+    done 2>&1 | tee "$OUT/launch-knobs.log"
+    echo "knobs stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

@@ -55,6 +55,13 @@ def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, ex
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
+@functools.lru_cache(maxsize=None)
+def env_defines() -> tuple:
+    """SPQT_CUDA_DEFINES: -D options added to every launch (measurement: e.g. "-DL2FIRST=4 -DL2AHEAD=2"
+    through a whole decode step, scripts/launch_probe.py); read once per process."""
+    return tuple(os.environ.get("SPQT_CUDA_DEFINES", "").split())
+
+
 def choice() -> str:
     """SPQT_GEMV: "cuda" forces this kernel, "triton" the Triton one, else the tuned config decides."""
     return os.environ.get("SPQT_GEMV", "").lower()
@@ -99,7 +106,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra))
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines())
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),

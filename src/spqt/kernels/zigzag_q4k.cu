@@ -46,6 +46,12 @@
 #ifndef HLOAD
 #define HLOAD 0  // heads: the same choices
 #endif
+#ifndef L2FIRST
+#define L2FIRST 0  // B2: chunks 1 .. L2FIRST of a warp's share prefetched into L2 before griddepcontrol.wait
+#endif           // (weights only: they stream while the kernel before this one still runs)
+#ifndef L2AHEAD
+#define L2AHEAD 0  // chunks (B4: steps) ahead whose weights a warp prefetches into L2 in its loop (0: none)
+#endif
 #ifndef PROBE_HEADS
 #define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads
 #endif
@@ -149,6 +155,19 @@ __device__ __forceinline__ uint4 load16(const uint4* p) {
   return v;
 }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// B2: the lines of the full chunk whose column 0 is at quants qc (plane 0 of superblock row r) and
+// heads hc: 8 lines of each plane, 8 of heads (16 columns x 64 bytes); lanes 0-23 one line each.
+__device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc, size_t plane_stride, int lane) {
+  const int line = lane & 7, part = lane >> 3;
+  if (part == 0) prefetch_l2(qc + 8 * line);
+  else if (part == 1) prefetch_l2(qc + plane_stride + 8 * line);
+  else if (part == 2) prefetch_l2(hc + 8 * line);
+}
+
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head and x (fp16 bits)
   uint4 w[4];
   uint4 h[4];
@@ -231,8 +250,23 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
   if (j < full_end) load_contiguous(ch, qp, hp);
+  // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
+#if L2FIRST > 0 || L2AHEAD > 0
+  const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
+  const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
+  const size_t plane_stride = (size_t)K * 4;
+#endif
+#if L2FIRST > 0
+#pragma unroll 1
+  for (int ahead = 1; ahead <= L2FIRST && j + ahead * step < full_end; ++ahead)
+    prefetch_chunk(q0 + ahead * step * 4, h0 + ahead * step * 4, plane_stride, lane);
+#endif
   pdl_wait_then_release();
-  for (; j < full_end; j += step) {
+  for (int done = 0; j < full_end; j += step, ++done) {  // done: chunks of the warp finished
+#if L2AHEAD > 0
+    if (j + L2AHEAD * step < full_end)
+      prefetch_chunk(q0 + (done + L2AHEAD) * step * 4, h0 + (done + L2AHEAD) * step * 4, plane_stride, lane);
+#endif
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
@@ -305,6 +339,17 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   }
 #else
   for (; j < n; j += stride) {
+#if L2AHEAD > 0
+    // the listed columns L2AHEAD steps on: lane (g < 3, t) prefetches part g (plane 0, plane 1, head) of its 4
+    if (g < 3 && j + L2AHEAD * stride < n) {
+      const uint4* base = g == 2 ? h + (size_t)(r >> 2) * K * 4 + (r & 3) : q + (size_t)(2 * r + g) * K * 4;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int e = load_int(idx + min(j + L2AHEAD * stride + slot_pos[i], K - 1));
+        if (e >= 0 && e < K) prefetch_l2(base + (size_t)e * 4);
+      }
+    }
+#endif
     columns(j, col, ok);
     load_gathered(ch, qr, hr, col);
     load_x(ch, x, col, ok);
