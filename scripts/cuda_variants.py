@@ -3,6 +3,13 @@ shape's shipped H200 config: which part of the kernel holds the streaming rate (
 leave a stage out or change how it loads; PROBE_* variants compute wrong results, they only time).
 B4's list is collected once before its timings (the GEMV alone is timed, no reduction).
 
+Then the read ceiling of the same bytes ("ideal read"): a kernel that only reads the listed
+columns' blocks (both 64-byte planes and the head of superblock row r) with 8 lanes a column, so
+each 8-lane phase reads one column's 128 quant bytes, XOR-folded; the list is every column (the
+bytes B2 reads, in order) or B4's list at 50 %. ideal 50 % over ideal dense is what gathering
+64-byte pieces costs the memory system, whatever the kernel does; PROBE xor against it is what
+B2's / B4's per-lane address pattern costs; base against PROBE xor what the arithmetic costs.
+
     python scripts/cuda_variants.py [--shapes 4096x4096,...] [--json out.json]
 """
 
@@ -16,17 +23,75 @@ from spqt.kernels import gemv as kg
 from spqt.kernels import tuning, zigzag_cuda
 from spqt.kernels.collect import collect
 
-SHAPES = "4096x4096,12288x4096,22016x4096,4096x11008,57344x8192,8192x28672"
+SHAPES = "4096x4096,12288x4096,22016x4096,4096x11008,28672x8192,57344x8192,8192x28672"
 # "warm-up" first: the first variant timed on a shape measured 5-10 % slow in every run (the same
 # kernel timed again right after it was not), so a throwaway run of the base kernel leads
 VARIANTS = {
-    zigzag_cuda.MODE_DENSE: {"warm-up": (), "base": (), "L2FIRST=2": ("-DL2FIRST=2",), "L2FIRST=8": ("-DL2FIRST=8",),
-                             "L2AHEAD=1": ("-DL2AHEAD=1",), "L2AHEAD=2": ("-DL2AHEAD=2",),
-                             "L2AHEAD=4": ("-DL2AHEAD=4",), "L2FIRST=8 L2AHEAD=2": ("-DL2FIRST=8", "-DL2AHEAD=2"),
-                             "PROBE heads fixed": ("-DPROBE_HEADS=1",)},
-    zigzag_cuda.MODE_INDEXED: {"warm-up": (), "base": (), "L2AHEAD=1": ("-DL2AHEAD=1",),
-                               "L2AHEAD=2": ("-DL2AHEAD=2",), "L2AHEAD=4": ("-DL2AHEAD=4",)},
+    zigzag_cuda.MODE_DENSE: {"warm-up": (), "base": (), "L2FIRST=2": ("-DL2FIRST=2",),
+                             "PROBE heads fixed": ("-DPROBE_HEADS=1",), "PROBE xor": ("-DPROBE_XOR=1",)},
+    zigzag_cuda.MODE_INDEXED: {"warm-up": (), "base": (),
+                               "PROBE xor": ("-DPROBE_XOR=1",)},
 }
+
+IDEAL_READ = r"""
+typedef unsigned int u32;
+// grid (rows, split), 128 threads; program (r, s) reads list positions [s per, min(n, (s + 1) per)):
+// warp w takes groups of 4 positions (lane: position 4 u + lane / 8 of the group, piece lane % 8 =
+// plane piece / 4, uint4 piece % 4 of it; piece 0 also the head), UNROLL groups in flight.
+extern "C" __global__ void __launch_bounds__(128) ideal_read(const uint4* __restrict__ q, const uint4* __restrict__ h,
+    const int* __restrict__ idx, int n, int K, int per, u32* __restrict__ out) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int r = blockIdx.x, s = blockIdx.y;
+  const int first = s * per, hi = min(n, first + per);
+  const int piece = lane & 7, sub = lane >> 3;
+  const uint4* qr = q + (size_t)(2 * r + (piece >> 2)) * K * 4 + (piece & 3);
+  const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  u32 acc = 0;
+  for (int p = first + warp * 4 * UNROLL; p < hi; p += 16 * UNROLL) {
+    uint4 v[UNROLL], hv[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int pos = p + 4 * u + sub;
+      const int col = pos < hi ? __ldg(idx + pos) : -1;
+      v[u] = make_uint4(0, 0, 0, 0);
+      hv[u] = v[u];
+      if (col >= 0) {
+        v[u] = __ldg(qr + (size_t)col * 4);
+        if (piece == 0) hv[u] = __ldg(hr + (size_t)col * 4);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w ^ hv[u].x ^ hv[u].y ^ hv[u].z ^ hv[u].w;
+  }
+  if (acc == 0x9E3779B9u) out[(blockIdx.y * gridDim.x + blockIdx.x) * 128 + threadIdx.x] = acc;  // keeps the loads
+}
+"""
+
+
+def ideal_read_us(ops, idx, n_listed: int, k: int) -> tuple[float, dict]:
+    """Fastest (us, config) of the ideal read of the listed columns over a few grids and unrolls."""
+    from spqt.kernels import nvrtc
+
+    rows = ops.zig[0].quants.shape[0]
+    out = torch.empty(rows * 2048 * 128, dtype=torch.int32, device="cuda")
+    kernels = {u: nvrtc.Kernel(nvrtc.compile_cubin(IDEAL_READ, (f"-DUNROLL={u}",), nvrtc.device_arch(out.device)),
+                               "ideal_read") for u in (2, 4, 8)}
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    configs = []
+    for u in kernels:
+        for ctas_per_sm in (4, 8, 16):
+            split = max(1, min(2048, -(-ctas_per_sm * sms // rows)))
+            per = -(-(-(-n_listed // split)) // (16 * u)) * 16 * u
+            configs.append({"unroll": u, "split": -(-n_listed // per), "per": per})
+    P, I = nvrtc.POINTER, nvrtc.INT
+
+    def calls(cfg):
+        return [(lambda w=w: kernels[cfg["unroll"]].launch(
+            (rows, cfg["split"]), 128, [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (idx.data_ptr(), P),
+                                        (n_listed, I), (k, I), (cfg["per"], I), (out.data_ptr(), P)],
+            torch.cuda.current_stream())) for w in ops.zig]
+    return bench._fastest(configs, calls)
+
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shapes", default=SHAPES)
@@ -54,12 +119,23 @@ for spec in args.shapes.split(","):
                 return [(lambda w=w: zigzag_cuda.launch(w.quants, w.head, ops.x, ws.idx, ws.count, ws.partials, k, ws.np,
                                                         split, mode, warps, True, pipe, extra)) for w in ops.zig]
             us, _ = bench._fastest([{}], calls)
-            share = 1.0 if mode == zigzag_cuda.MODE_DENSE else 0.5
+            share = 1.0 if mode == zigzag_cuda.MODE_DENSE else int(ws.count.item()) / k
             rows.append({"shape": spec, "mode": "B2" if mode == zigzag_cuda.MODE_DENSE else "B4 50%", "variant": name,
                          "config": [split, warps, pipe], "us": round(us, 2),
                          "pct_copy_of_bytes_read": round(100 * share * mb * 1e3 / us / copy, 1)})
             print(f"{spec:11s} {rows[-1]['mode']:6s} {name:20s} {us:7.2f} us {rows[-1]['pct_copy_of_bytes_read']:5.1f} % "
                   f"of copy (bytes it reads; split {split}, warps {warps}, pipe {pipe})", flush=True)
+        if mode == zigzag_cuda.MODE_INDEXED:
+            n_listed = int(ws.count.item())
+            lists = {"ideal read, every column": (torch.arange(k, dtype=torch.int32, device="cuda"), k),
+                     "ideal read, B4 list": (ws.idx, n_listed)}
+            for name, (idx, listed) in lists.items():
+                us, cfg = ideal_read_us(ops, idx, listed, k)
+                share = listed / k
+                rows.append({"shape": spec, "mode": f"read {100 * share:.0f}%", "variant": name, "config": cfg,
+                             "us": round(us, 2), "pct_copy_of_bytes_read": round(100 * share * mb * 1e3 / us / copy, 1)})
+                print(f"{spec:11s} {rows[-1]['mode']:6s} {name:20s} {us:7.2f} us {rows[-1]['pct_copy_of_bytes_read']:5.1f} % "
+                      f"of copy (bytes it reads; {cfg})", flush=True)
     ops = None
     torch.cuda.empty_cache()
 if args.json:

@@ -224,6 +224,12 @@ case "$stage" in
     done 2>&1 | tee "$OUT/launch-knobs.log"
     echo "knobs stage: $(( $(date +%s) - start )) s"
     ;;
+  variants)
+    # the CUDA GEMV's knobs and probes against the ideal read of the same bytes (scripts/cuda_variants.py)
+    export SPQT_CACHE=/tmp/spqt-cache
+    timeout ${VARIANTS_TIMEOUT:-400} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" 2>&1 | grep -v WARN \
+      | tee "$OUT/cuda-variants.log"
+    ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift

@@ -52,6 +52,9 @@
 #ifndef L2AHEAD
 #define L2AHEAD 0  // chunks (B4: steps) ahead whose weights a warp prefetches into L2 in its loop (0: none)
 #endif
+#ifndef PROBE_XOR
+#define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
+#endif
 #ifndef PROBE_HEADS
 #define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads
 #endif
@@ -176,6 +179,14 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head and
 
 // The chunk's 16 tiles into c[16][4]; B at n = g for the lane's 4 slots; the min term into bias.
 __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& bias, const ScaleDecoder& dec) {
+#if PROBE_XOR
+  u32 v = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+    v ^= ch.w[i].x ^ ch.w[i].y ^ ch.w[i].z ^ ch.w[i].w ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i];
+  bias += (float)(v & 1u);
+  return;
+#endif
   const float xs[4] = {f16_lo_to_f32(ch.x[0]), f16_lo_to_f32(ch.x[1]), f16_lo_to_f32(ch.x[2]),
                        f16_lo_to_f32(ch.x[3])};
   float b[4];
