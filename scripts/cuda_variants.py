@@ -26,15 +26,11 @@ from spqt.kernels.collect import collect
 SHAPES = "4096x4096,12288x4096,22016x4096,4096x11008,28672x8192,57344x8192,8192x28672"
 # "warm-up" first: the first variant timed on a shape measured 5-10 % slow in every run (the same
 # kernel timed again right after it was not), so a throwaway run of the base kernel leads
-# name -> (-D options, stages of the shared-memory ring; 0: none)
 VARIANTS = {
-    zigzag_cuda.MODE_DENSE: {"warm-up": ((), 0), "base": ((), 0), "L2FIRST=2": (("-DL2FIRST=2",), 0),
-                             "ring 2": ((), 2), "ring 3": ((), 3), "ring 4": ((), 4), "ring 6": ((), 6),
-                             "PROBE heads fixed": (("-DPROBE_HEADS=1",), 0), "PROBE xor": (("-DPROBE_XOR=1",), 0),
-                             "PROBE xor ring 4": (("-DPROBE_XOR=1",), 4)},
-    zigzag_cuda.MODE_INDEXED: {"warm-up": ((), 0), "base": ((), 0), "ring 2": ((), 2), "ring 3": ((), 3),
-                               "ring 4": ((), 4), "ring 6": ((), 6), "PROBE xor": (("-DPROBE_XOR=1",), 0),
-                               "PROBE xor ring 4": (("-DPROBE_XOR=1",), 4)},
+    zigzag_cuda.MODE_DENSE: {"warm-up": (), "base": (), "L2FIRST=2": ("-DL2FIRST=2",),
+                             "PROBE heads fixed": ("-DPROBE_HEADS=1",), "PROBE xor": ("-DPROBE_XOR=1",)},
+    zigzag_cuda.MODE_INDEXED: {"warm-up": (), "base": (),
+                               "PROBE xor": ("-DPROBE_XOR=1",)},
 }
 
 IDEAL_READ = r"""
@@ -100,9 +96,6 @@ def ideal_read_us(ops, idx, n_listed: int, k: int) -> tuple[float, dict]:
 parser = argparse.ArgumentParser()
 parser.add_argument("--shapes", default=SHAPES)
 parser.add_argument("--json")
-parser.add_argument("--skip-ideal", action="store_true", help="leave out the ideal reads")
-parser.add_argument("--sweep-stages", type=int, default=0,
-                    help="also the best split and warps (tuning.cuda_candidates) with a ring of this many stages")
 args = parser.parse_args()
 copy = bench.copy_bandwidth()
 print(f"copy {copy:.0f} GB/s", flush=True)
@@ -121,11 +114,10 @@ for spec in args.shapes.split(","):
         ws = kg.ZigzagWorkspace(ops.zig[0], split, torch.float16)
         if mode == zigzag_cuda.MODE_INDEXED:
             collect(ops.x, torch.quantile(ops.x.float().abs(), 0.5).reshape(()), ws.idx, ws.count)
-        for name, (extra, stages) in variants.items():
-            def calls(_cfg, extra=extra, stages=stages):
+        for name, extra in variants.items():
+            def calls(_cfg, extra=extra):
                 return [(lambda w=w: zigzag_cuda.launch(w.quants, w.head, ops.x, ws.idx, ws.count, ws.partials, k, ws.np,
-                                                        split, mode, warps, True, pipe, extra, stages=stages))
-                        for w in ops.zig]
+                                                        split, mode, warps, True, pipe, extra)) for w in ops.zig]
             us, _ = bench._fastest([{}], calls)
             share = 1.0 if mode == zigzag_cuda.MODE_DENSE else int(ws.count.item()) / k
             rows.append({"shape": spec, "mode": "B2" if mode == zigzag_cuda.MODE_DENSE else "B4 50%", "variant": name,
@@ -133,28 +125,7 @@ for spec in args.shapes.split(","):
                          "pct_copy_of_bytes_read": round(100 * share * mb * 1e3 / us / copy, 1)})
             print(f"{spec:11s} {rows[-1]['mode']:6s} {name:20s} {us:7.2f} us {rows[-1]['pct_copy_of_bytes_read']:5.1f} % "
                   f"of copy (bytes it reads; split {split}, warps {warps}, pipe {pipe})", flush=True)
-        if args.sweep_stages:
-            cands = [c for c in tuning.cuda_candidates(variant, n, k) if not c["pipe"] and not c["fused"]]
-            wss = {c["split"]: kg.ZigzagWorkspace(ops.zig[0], c["split"], torch.float16) for c in cands}
-            if mode == zigzag_cuda.MODE_INDEXED:
-                for w_ in wss.values():
-                    collect(ops.x, torch.quantile(ops.x.float().abs(), 0.5).reshape(()), w_.idx, w_.count)
-
-            def sweep_calls(c, stages):
-                w_ = wss[c["split"]]
-                return [(lambda w=w: zigzag_cuda.launch(w.quants, w.head, ops.x, w_.idx, w_.count, w_.partials, k, w_.np,
-                                                        c["split"], mode, c["num_warps"], True, 0, stages=stages))
-                        for w in ops.zig]
-            for label, stages in ((f"best ring {args.sweep_stages}", args.sweep_stages), ("best no ring", 0)):
-                us, c = bench._fastest(cands, lambda c, stages=stages: sweep_calls(c, stages))
-                share = 1.0 if mode == zigzag_cuda.MODE_DENSE else int(ws.count.item()) / k
-                rows.append({"shape": spec, "mode": "B2" if mode == zigzag_cuda.MODE_DENSE else "B4 50%",
-                             "variant": label, "config": [c["split"], c["num_warps"], 0], "us": round(us, 2),
-                             "pct_copy_of_bytes_read": round(100 * share * mb * 1e3 / us / copy, 1)})
-                print(f"{spec:11s} {rows[-1]['mode']:6s} {label:20s} {us:7.2f} us "
-                      f"{rows[-1]['pct_copy_of_bytes_read']:5.1f} % of copy (split {c['split']}, warps {c['num_warps']})",
-                      flush=True)
-        if mode == zigzag_cuda.MODE_INDEXED and not args.skip_ideal:
+        if mode == zigzag_cuda.MODE_INDEXED:
             n_listed = int(ws.count.item())
             lists = {"ideal read, every column": (torch.arange(k, dtype=torch.int32, device="cuda"), k),
                      "ideal read, B4 list": (ws.idx, n_listed)}

@@ -114,22 +114,15 @@ class Kernel:
         err, self.function = driver.cuModuleGetFunction(self.module, name.encode())
         _check(err, f"cuModuleGetFunction({name})")
         self._driver = driver
-        self._smem_allowed = 48 * 1024
 
-    def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
-               smem: int = 0) -> None:
+    def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
-        with POINTER, ints with INT); smem: bytes of dynamic shared memory (extern __shared__)."""
+        with POINTER, ints with INT)."""
         driver = self._driver
-        if smem > self._smem_allowed:  # above 48 KiB a function must opt in
-            (err,) = driver.cuFuncSetAttribute(
-                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-            _check(err, f"cuFuncSetAttribute(max dynamic shared memory {smem})")
-            self._smem_allowed = smem
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
         config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-        config.sharedMemBytes = smem
+        config.sharedMemBytes = 0
         config.hStream = driver.CUstream(stream.cuda_stream)
         if pdl:
             attr = driver.CUlaunchAttribute()

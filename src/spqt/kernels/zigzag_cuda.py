@@ -22,18 +22,9 @@ MODE_DENSE, MODE_INDEXED = 0, 2
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from sm_90
 
 
-STAGE_BYTES = 2304  # one chunk in a warp's shared-memory ring (STAGES >= 2): 16 columns x (128 + 16) bytes
-
-
-def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), stages: int = 0) -> tuple:
+def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; extra: more -D options, for probes)."""
-    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}",
-            f"-DSTAGES={stages}") + tuple(extra)
-
-
-def ring_bytes(warps: int, stages: int) -> int:
-    """Dynamic shared memory of a launch: each warp's ring of `stages` chunks (0 without one)."""
-    return warps * stages * STAGE_BYTES if stages >= 2 else 0
+    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}") + tuple(extra)
 
 
 def fusable(n: int, epilogue: int) -> bool:
@@ -56,12 +47,11 @@ def usable(device: torch.device | None = None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            stages: int = 0) -> nvrtc.Kernel:
+def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> nvrtc.Kernel:
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, stages), arch)
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra), arch)
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
@@ -95,17 +85,15 @@ def share(k: int, split: int, warps: int) -> int:
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
-           stages: int = 0) -> None:
+           residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
     B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. epilogue -1: the
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
-    counters (rows,) int32 zero before and after. stages >= 2: the weights go through a shared-memory
-    ring of that many chunks per warp (cp.async; pipe then unused), 0: straight into registers.
-    extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
+    counters (rows,) int32 zero before and after. extra: more -D options of the .cu file
+    (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
         raise ValueError(f"the CUDA GEMV reads two 64-byte planes (rows, 2, K, 16) and grouped heads; got "
@@ -113,16 +101,16 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
-    if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or stages not in (0, 2, 3, 4, 5, 6):
-        raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and stages 0 or 2-6, not {warps}, {pipe}, {stages}")
+    if warps not in (1, 2, 4, 8) or pipe not in (0, 1):
+        raise ValueError(f"warps 1, 2, 4 or 8 and pipe 0 or 1, not {warps}, {pipe}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, 0 if stages else pipe, epilogue, tuple(extra) + env_defines(), stages)
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines())
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
             (count.data_ptr(), P), (partials.data_ptr(), P), (k, I), (np_, I), (share(k, split, warps), I), (split, I),
             (out.data_ptr(), P), ((residual if residual is not None else out).data_ptr(), P),
             ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I)]
-    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, ring_bytes(warps, stages))
+    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl)

@@ -49,9 +49,9 @@
 #ifndef L2FIRST
 #define L2FIRST 0  // B2: chunks 1 .. L2FIRST of a warp's share prefetched into L2 before griddepcontrol.wait
 #endif           // (weights only: they stream while the kernel before this one still runs)
-#ifndef STAGES
-#define STAGES 0  // >= 2: the weights of a warp's chunks copied STAGES - 1 chunks ahead into a ring in shared
-#endif          // memory by cp.async (2,304 bytes a chunk), read from there; 0: loaded into registers (PIPE)
+#ifndef L2AHEAD
+#define L2AHEAD 0  // chunks (B4: steps) ahead whose weights a warp prefetches into L2 in its loop (0: none)
+#endif
 #ifndef PROBE_XOR
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
@@ -171,24 +171,6 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
   else if (part == 2) prefetch_l2(hc + 8 * line);
 }
 
-#if STAGES >= 2
-#define STAGE_U4 144  // one chunk in a warp's ring: slot i's level words of lane place p at 32 i + p, then the heads
-                      // of the chunk's 16 positions at 128 + position
-__device__ __forceinline__ void cp_async16(uint4* smem, const uint4* gmem) {
-  const u32 dst = (u32)__cvta_generic_to_shared(smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-// The ring place of lane (g, t)'s level words: 4 g + (t ^ g / 2), so the 8 lanes of a reading phase (lanes
-// 8 k .. 8 k + 7) and the 8 copying lanes of one column (B4: g = 0 .. 7, one t) each hit 8 different 16-byte
-// bank groups.
-__device__ __forceinline__ int ring_place(int g, int t) { return 4 * g + (t ^ (g >> 1)); }
-#endif
-
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head and x (fp16 bits)
   uint4 w[4];
   uint4 h[4];
@@ -278,65 +260,24 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* qp = qr + (j + t) * 4;
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
-#if STAGES >= 2
-  // the warp's full chunks a = 0 .. chunks - 1 (columns j + a step): each lane copies its own level words
-  // and lanes g < 4 the head of slot g, into ring stage a % STAGES; weights before the PDL wait, x after
-  extern __shared__ uint4 ring[];
-  uint4* my_ring = ring + warp * STAGES * STAGE_U4;
-  const int place = ring_place(g, t);
-  const int chunks = j < full_end ? (full_end - j + step - 1) / step : 0;
-  auto issue = [&](int a) {
-    uint4* st = my_ring + (a % STAGES) * STAGE_U4;
-    const uint4* qa = qp + (size_t)a * step * 4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) cp_async16(st + 32 * i + place, qa + 16 * i);
-    if (g < 4) cp_async16(st + 128 + 4 * g + t, hp + (size_t)a * step * 4 + 16 * g);
-  };
-#pragma unroll
-  for (int a = 0; a < STAGES - 1; ++a) {
-    if (a < chunks) issue(a);
-    cp_async_commit();  // one group per chunk, empty ones included, so wait_group counts chunks
-  }
-  pdl_wait_then_release();
-  unsigned short xr[4] = {0, 0, 0, 0}, xn[4] = {0, 0, 0, 0};
-  if (chunks > 0) {
-#pragma unroll
-    for (int i = 0; i < 4; ++i) xr[i] = load_x_bits(xp + 4 * i);
-  }
-  for (int a = 0; a < chunks; ++a) {
-    __syncwarp();  // every lane has read stage (a - 1) % STAGES, which issue(a + STAGES - 1) refills
-    if (a + STAGES - 1 < chunks) issue(a + STAGES - 1);
-    cp_async_commit();
-    if (a + 1 < chunks) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) xn[i] = load_x_bits(xp + (a + 1) * step + 4 * i);
-    }
-    cp_async_wait<STAGES - 1>();  // this lane's copies of chunk a have landed ...
-    __syncwarp();                 // ... and every other lane's (the heads)
-    const uint4* st = my_ring + (a % STAGES) * STAGE_U4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      ch.w[i] = st[32 * i + place];
-      ch.h[i] = st[128 + 4 * i + t];
-      ch.x[i] = xr[i];
-      xr[i] = xn[i];
-    }
-    compute(ch, c, bias, dec);
-  }
-  j += chunks * step;
-#else
   if (j < full_end) load_contiguous(ch, qp, hp);
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
-#if L2FIRST > 0
+#if L2FIRST > 0 || L2AHEAD > 0
   const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
   const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
   const size_t plane_stride = (size_t)K * 4;
+#endif
+#if L2FIRST > 0
 #pragma unroll 1
   for (int ahead = 1; ahead <= L2FIRST && j + ahead * step < full_end; ++ahead)
     prefetch_chunk(q0 + ahead * step * 4, h0 + ahead * step * 4, plane_stride, lane);
 #endif
   pdl_wait_then_release();
-  for (; j < full_end; j += step) {
+  for (int done = 0; j < full_end; j += step, ++done) {  // done: chunks of the warp finished
+#if L2AHEAD > 0
+    if (j + L2AHEAD * step < full_end)
+      prefetch_chunk(q0 + (done + L2AHEAD) * step * 4, h0 + (done + L2AHEAD) * step * 4, plane_stride, lane);
+#endif
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
@@ -352,7 +293,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     if (j + step < full_end) load_contiguous(ch, qp, hp);
 #endif
   }
-#endif  // STAGES
   if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
     int col[4];
     bool ok[4];
@@ -387,72 +327,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   };
   int col[4];
   bool ok[4];
-#if STAGES >= 2
-  // the warp's chunks a = 0 .. chunks - 1 (list positions j + a stride + 0 .. 15), copied into ring stage
-  // a % STAGES by position: copying lane (ct, cg) = (lane / 8, lane % 8) takes piece cg (plane cg / 4, uint4
-  // cg % 4) of the column at position 4 u + ct, u = 0 .. 3 (one column's 128 level bytes a phase), and cg = 0
-  // its head; it writes them where the lane using them reads (ring_place; position 4 u + ct = slot u of t = ct)
-  extern __shared__ uint4 ring[];
-  uint4* my_ring = ring + warp * STAGES * STAGE_U4;
-  const int place = ring_place(g, t);
-  const int chunks = j < n ? (n - j + stride - 1) / stride : 0;
-  const int ct = lane >> 3, cg = lane & 7;
-  const uint4* qc = q + (size_t)(2 * r + (cg >> 2)) * K * 4 + (cg & 3);
-  const int cplace = ring_place(cg, ct);
-  int centry[4];  // the list entries of the chunk issued next, at positions 4 u + ct
-  auto read_copy_entries = [&](int a) {
-#pragma unroll
-    for (int u = 0; u < 4; ++u) centry[u] = load_int(idx + min(j + a * stride + 4 * u + ct, K - 1));
-  };
-  auto issue = [&](int a) {
-    uint4* st = my_ring + (a % STAGES) * STAGE_U4;
-#pragma unroll
-    for (int u = 0; u < 4; ++u) {
-      const bool in_list = j + a * stride + 4 * u + ct < n;
-      const int cc = (in_list && centry[u] >= 0 && centry[u] < K) ? centry[u] : 0;
-      cp_async16(st + 32 * u + cplace, qc + (size_t)cc * 4);
-      if (cg == 0) cp_async16(st + 128 + 4 * u + ct, hr + (size_t)cc * 4);
-    }
-  };
-  // the using lane's x at its positions 4 i + t (0 past the count, as the copied column 0 there)
-  auto read_x = [&](int a, unsigned short* xv) {
-    read_entries(j + a * stride);
-    columns(j + a * stride, col, ok);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) xv[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
-  };
-#pragma unroll
-  for (int a = 0; a < STAGES - 1; ++a) {
-    if (a < chunks) {
-      read_copy_entries(a);
-      issue(a);
-    }
-    cp_async_commit();
-  }
-  if (STAGES - 1 < chunks) read_copy_entries(STAGES - 1);
-  unsigned short xr[4] = {0, 0, 0, 0}, xn[4] = {0, 0, 0, 0};
-  if (chunks > 0) read_x(0, xr);
-  for (int a = 0; a < chunks; ++a) {
-    __syncwarp();  // every lane has read stage (a - 1) % STAGES, which issue(a + STAGES - 1) refills
-    if (a + STAGES - 1 < chunks) {
-      issue(a + STAGES - 1);
-      if (a + STAGES < chunks) read_copy_entries(a + STAGES);
-    }
-    cp_async_commit();
-    if (a + 1 < chunks) read_x(a + 1, xn);
-    cp_async_wait<STAGES - 1>();
-    __syncwarp();
-    const uint4* st = my_ring + (a % STAGES) * STAGE_U4;
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      ch.w[i] = st[32 * i + place];
-      ch.h[i] = st[128 + 4 * i + t];
-      ch.x[i] = xr[i];
-      xr[i] = xn[i];
-    }
-    compute(ch, c, bias, dec);
-  }
-#else
   if (j < n) read_entries(j);
 #if PIPE
   if (j < n) {
@@ -476,6 +350,17 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   }
 #else
   for (; j < n; j += stride) {
+#if L2AHEAD > 0
+    // the listed columns L2AHEAD steps on: lane (g < 3, t) prefetches part g (plane 0, plane 1, head) of its 4
+    if (g < 3 && j + L2AHEAD * stride < n) {
+      const uint4* base = g == 2 ? h + (size_t)(r >> 2) * K * 4 + (r & 3) : q + (size_t)(2 * r + g) * K * 4;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int e = load_int(idx + min(j + L2AHEAD * stride + slot_pos[i], K - 1));
+        if (e >= 0 && e < K) prefetch_l2(base + (size_t)e * 4);
+      }
+    }
+#endif
     columns(j, col, ok);
     load_gathered(ch, qr, hr, col);
     load_x(ch, x, col, ok);
@@ -483,7 +368,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     compute(ch, c, bias, dec);
   }
 #endif
-#endif  // STAGES
 #endif
   // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
   // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
