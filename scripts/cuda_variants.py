@@ -96,6 +96,9 @@ def ideal_read_us(ops, idx, n_listed: int, k: int) -> tuple[float, dict]:
 parser = argparse.ArgumentParser()
 parser.add_argument("--shapes", default=SHAPES)
 parser.add_argument("--json")
+parser.add_argument("--skip-ideal", action="store_true", help="leave out the ideal reads")
+parser.add_argument("--sweep", default="",
+                    help="acc:pipe pairs (e.g. 16:0,4:1,2:1): each one's best split and warps (2, 4, 8) per shape")
 args = parser.parse_args()
 copy = bench.copy_bandwidth()
 print(f"copy {copy:.0f} GB/s", flush=True)
@@ -125,7 +128,31 @@ for spec in args.shapes.split(","):
                          "pct_copy_of_bytes_read": round(100 * share * mb * 1e3 / us / copy, 1)})
             print(f"{spec:11s} {rows[-1]['mode']:6s} {name:20s} {us:7.2f} us {rows[-1]['pct_copy_of_bytes_read']:5.1f} % "
                   f"of copy (bytes it reads; split {split}, warps {warps}, pipe {pipe})", flush=True)
-        if mode == zigzag_cuda.MODE_INDEXED:
+        sweep = [tuple(int(v) for v in pair.split(":")) for pair in args.sweep.split(",") if pair]
+        if sweep:
+            cands = [c for c in tuning.cuda_candidates(variant, n, k)
+                     if not c["pipe"] and not c["fused"] and c["num_warps"] > 1 and c.get("acc", 16) == 16]
+            wss = {c["split"]: kg.ZigzagWorkspace(ops.zig[0], c["split"], torch.float16) for c in cands}
+            if mode == zigzag_cuda.MODE_INDEXED:
+                for w_ in wss.values():
+                    collect(ops.x, torch.quantile(ops.x.float().abs(), 0.5).reshape(()), w_.idx, w_.count)
+
+            def sweep_calls(c, acc, pipe):
+                w_ = wss[c["split"]]
+                return [(lambda w=w: zigzag_cuda.launch(w.quants, w.head, ops.x, w_.idx, w_.count, w_.partials, k, w_.np,
+                                                        c["split"], mode, c["num_warps"], True, pipe, acc=acc))
+                        for w in ops.zig]
+            for acc, pipe in sweep:
+                us, c = bench._fastest(cands, lambda c, acc=acc, pipe=pipe: sweep_calls(c, acc, pipe))
+                share = 1.0 if mode == zigzag_cuda.MODE_DENSE else int(ws.count.item()) / k
+                label = f"best acc {acc} pipe {pipe}"
+                rows.append({"shape": spec, "mode": "B2" if mode == zigzag_cuda.MODE_DENSE else "B4 50%", "variant": label,
+                             "config": [c["split"], c["num_warps"], pipe, acc], "us": round(us, 2),
+                             "pct_copy_of_bytes_read": round(100 * share * mb * 1e3 / us / copy, 1)})
+                print(f"{spec:11s} {rows[-1]['mode']:6s} {label:20s} {us:7.2f} us "
+                      f"{rows[-1]['pct_copy_of_bytes_read']:5.1f} % of copy (split {c['split']}, warps {c['num_warps']})",
+                      flush=True)
+        if mode == zigzag_cuda.MODE_INDEXED and not args.skip_ideal:
             n_listed = int(ws.count.item())
             lists = {"ideal read, every column": (torch.arange(k, dtype=torch.int32, device="cuda"), k),
                      "ideal read, B4 list": (ws.idx, n_listed)}

@@ -227,8 +227,12 @@ case "$stage" in
   variants)
     # the CUDA GEMV's knobs and probes against the ideal read of the same bytes (scripts/cuda_variants.py)
     export SPQT_CACHE=/tmp/spqt-cache
-    timeout ${VARIANTS_TIMEOUT:-400} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" 2>&1 | grep -v WARN \
-      | tee "$OUT/cuda-variants.log"
+    if [ -n "${TESTS_K:-}" ]; then
+      timeout 300 python3 -m pytest -v -m gpu tests -k "$TESTS_K" -x > "$OUT/pytest-gpu-k.log" 2>&1
+      grep -E "passed|failed|FAILED|Error" "$OUT/pytest-gpu-k.log" | tail -8
+    fi
+    timeout ${VARIANTS_TIMEOUT:-400} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} \
+      2>&1 | grep -v WARN | tee "$OUT/cuda-variants.log"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

@@ -588,7 +588,10 @@ def test_mma_lane_layout(num_warps):
 # (split, warps, pipe, fused) of the CUDA C++ GEMV on the GPU: one warp with one program a row, splits
 # that leave programs without columns or a partial last chunk, every warp count, the next chunk (B4:
 # step) loaded ahead or not, finished by the reduction kernel or by the last program of a tile
-CUDA_CONFIGS = [(1, 1, 0, False), (7, 2, 1, True), (64, 4, 0, False), (33, 8, 1, True)]
+CUDA_CONFIGS = [(1, 1, 0, False, 16), (7, 2, 1, True, 16), (64, 4, 0, False, 16),
+                # fewer accumulator tiles (tiles share one, B masked to the column their rows want)
+                (1, 4, 0, False, 2), (7, 8, 1, False, 4), (64, 2, 1, True, 2),
+                (33, 8, 1, True, 16)]  # the last one also runs the epilogues below
 
 
 @pytest.mark.gpu
@@ -606,16 +609,16 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
         x, t = _x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, fused in CUDA_CONFIGS:
+        for split, warps, pipe, fused, acc in CUDA_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
                 ws.y.fill_(float("nan"))
                 ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused}
+                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused, "acc": acc}
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} fused {fused} s={sparsity}"
+                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} fused {fused} acc {acc} s={sparsity}"
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
@@ -654,15 +657,19 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     # sm_80 too (the kernel's floor; PDL compiled out below sm_90)
     nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2), "sm_80")
 
-    variants = ((zigzag_cuda.MODE_DENSE, 0, -1), (zigzag_cuda.MODE_DENSE, 1, 0), (zigzag_cuda.MODE_INDEXED, 0, 1),
-                (zigzag_cuda.MODE_INDEXED, 1, 2))
+    variants = ((zigzag_cuda.MODE_DENSE, 0, -1, 16), (zigzag_cuda.MODE_DENSE, 1, 0, 16),
+                (zigzag_cuda.MODE_INDEXED, 0, 1, 16), (zigzag_cuda.MODE_INDEXED, 1, 2, 16),
+                (zigzag_cuda.MODE_DENSE, 0, -1, 2), (zigzag_cuda.MODE_INDEXED, 1, 0, 4))
     for warps in (1, 2, 4, 8):  # every variant at 4 warps, the plain B2 at the others (NVRTC: ~1 s a compile)
-        for mode, pipe, epilogue in (variants if warps == 4 else variants[:1]):
-            options = zigzag_cuda.options(warps, mode, pipe, epilogue)
+        for mode, pipe, epilogue, acc in (variants if warps == 4 else variants[:1]):
+            options = zigzag_cuda.options(warps, mode, pipe, epilogue, acc=acc)
             cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options, "sm_90")
             sass, regs, stack = disassemble(cubin)
             assert stack == 0, f"warps {warps} mode {mode} pipe {pipe}: {stack} bytes of stack (spills)"
             loop = main_loop(sass, "HMMA")
             assert sum("HMMA" in ln for ln in loop) == 16
-            if mode == zigzag_cuda.MODE_DENSE:
-                assert len(loop) <= (240, 260)[pipe], f"warps {warps} pipe {pipe}: B2 loop of {len(loop)} instructions"
+            if mode == zigzag_cuda.MODE_DENSE:  # fewer accumulators: 2 selects more a tile, 20 a chunk as written
+                limit = (240, 260)[pipe] + (0 if acc == 16 else 24)
+                assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
+                if acc < 16:
+                    assert regs <= 80, f"acc {acc}: {regs} registers a thread (125 with 16 accumulators)"

@@ -185,7 +185,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
-    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, num_warps, pipe and
+    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, num_warps, pipe, acc and
     fused (a SwiGLU map whose N / 2 is not a multiple of 256 unfused); elsewhere Triton); the
     environment's SPQT_GEMV=cuda|triton overrides it.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
@@ -225,7 +225,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         fused = fused and zigzag_cuda.fusable(n, epilogue)
         zigzag_cuda.launch(w.quants, w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
-                           epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n)
+                           epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
+                           acc=acc)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

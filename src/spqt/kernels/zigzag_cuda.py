@@ -22,9 +22,12 @@ MODE_DENSE, MODE_INDEXED = 0, 2
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from sm_90
 
 
-def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> tuple:
+ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
+
+
+def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; extra: more -D options, for probes)."""
-    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}") + tuple(extra)
+    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}") + tuple(extra)
 
 
 def fusable(n: int, epilogue: int) -> bool:
@@ -47,11 +50,12 @@ def usable(device: torch.device | None = None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = ()) -> nvrtc.Kernel:
+def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
+            acc: int = 16) -> nvrtc.Kernel:
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra), arch)
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc), arch)
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
@@ -85,14 +89,16 @@ def share(k: int, split: int, warps: int) -> int:
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
-           residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0) -> None:
+           residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
+           acc: int = 16) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
     B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. epilogue -1: the
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
-    counters (rows,) int32 zero before and after. extra: more -D options of the .cu file
+    counters (rows,) int32 zero before and after. acc: accumulator tiles a lane holds (ACCS; fewer
+    registers, more occupancy, 2 selects a tile below 16). extra: more -D options of the .cu file
     (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
@@ -101,12 +107,12 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
-    if warps not in (1, 2, 4, 8) or pipe not in (0, 1):
-        raise ValueError(f"warps 1, 2, 4 or 8 and pipe 0 or 1, not {warps}, {pipe}")
+    if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
+        raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and acc one of {ACCS}, not {warps}, {pipe}, {acc}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines())
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),

@@ -39,6 +39,10 @@
 #ifndef EPILOGUE
 #define EPILOGUE -1  // -1: partials only (gemv._reduce_kernel finishes); 0 plain, 1 residual, 2 SwiGLU:
 #endif               // the last program to arrive at an output tile sums its partials (fixed order) and finishes it
+#ifndef ACC
+#define ACC 16  // accumulator tiles a lane holds (16, 8, 4 or 2: 4 ACC registers). Below 16, tiles m and m + ACC share
+#endif          // one: tile m's B keeps only column n = m / 2 (the one its rows want; zero in lanes g != m / 2), so
+                // the tiles sharing an accumulator fill different columns of it (64 -> 4 ACC registers, 2 SEL a tile)
 #ifndef QLOAD
 #define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
                  // (H200, B2: the three within 2 % of each other, benchmarks/results/session4/cuda-variants-*)
@@ -49,9 +53,6 @@
 #ifndef L2FIRST
 #define L2FIRST 0  // B2: chunks 1 .. L2FIRST of a warp's share prefetched into L2 before griddepcontrol.wait
 #endif           // (weights only: they stream while the kernel before this one still runs)
-#ifndef L2AHEAD
-#define L2AHEAD 0  // chunks (B4: steps) ahead whose weights a warp prefetches into L2 in its loop (0: none)
-#endif
 #ifndef PROBE_XOR
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
@@ -177,8 +178,10 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head and
   unsigned short x[4];
 };
 
-// The chunk's 16 tiles into c[16][4]; B at n = g for the lane's 4 slots; the min term into bias.
-__device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& bias, const ScaleDecoder& dec) {
+// The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]); B at n = g (lane_g) for the lane's 4 slots;
+// the min term into bias.
+__device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& bias, const ScaleDecoder& dec,
+                                        int lane_g) {
 #if PROBE_XOR
   u32 v = 0;
 #pragma unroll
@@ -205,7 +208,13 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
     const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
     const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
     const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
+#if ACC == 16
     mma_tile(c[m], p & 0x000F000Fu, p & 0x00F000F0u, pq & 0x000F000Fu, pq & 0x00F000F0u, b01, b23);
+#else
+    const bool mine = (m >> 1) == lane_g;
+    mma_tile(c[m % ACC], p & 0x000F000Fu, p & 0x00F000F0u, pq & 0x000F000Fu, pq & 0x00F000F0u, mine ? b01 : 0u,
+             mine ? b23 : 0u);
+#endif
   }
 }
 
@@ -246,9 +255,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
-  float c[16][4];
+  float c[ACC][4];
 #pragma unroll
-  for (int m = 0; m < 16; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+  for (int m = 0; m < ACC; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
   float bias = 0.0f;
   Chunk ch;
 #if MODE == 0
@@ -262,7 +271,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const unsigned short* xp = x + j + t;
   if (j < full_end) load_contiguous(ch, qp, hp);
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
-#if L2FIRST > 0 || L2AHEAD > 0
+#if L2FIRST > 0
   const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
   const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
   const size_t plane_stride = (size_t)K * 4;
@@ -273,11 +282,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     prefetch_chunk(q0 + ahead * step * 4, h0 + ahead * step * 4, plane_stride, lane);
 #endif
   pdl_wait_then_release();
-  for (int done = 0; j < full_end; j += step, ++done) {  // done: chunks of the warp finished
-#if L2AHEAD > 0
-    if (j + L2AHEAD * step < full_end)
-      prefetch_chunk(q0 + (done + L2AHEAD) * step * 4, h0 + (done + L2AHEAD) * step * 4, plane_stride, lane);
-#endif
+  for (; j < full_end; j += step) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
@@ -286,10 +291,10 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #if PIPE
     Chunk next;
     if (j + step < full_end) load_contiguous(next, qp, hp);
-    compute(ch, c, bias, dec);
+    compute(ch, c, bias, dec, g);
     ch = next;
 #else
-    compute(ch, c, bias, dec);
+    compute(ch, c, bias, dec, g);
     if (j + step < full_end) load_contiguous(ch, qp, hp);
 #endif
   }
@@ -303,7 +308,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     }
     load_gathered(ch, qr, hr, col);
     load_x(ch, x, col, ok);
-    compute(ch, c, bias, dec);
+    compute(ch, c, bias, dec, g);
   }
 #else
   // B4: the list entries of a step are read one step ahead (PIPE 1: two steps ahead, and the next
@@ -345,27 +350,16 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       load_x(next, x, ncol, nok);
       read_entries(j + 2 * stride);
     }
-    compute(ch, c, bias, dec);
+    compute(ch, c, bias, dec, g);
     ch = next;
   }
 #else
   for (; j < n; j += stride) {
-#if L2AHEAD > 0
-    // the listed columns L2AHEAD steps on: lane (g < 3, t) prefetches part g (plane 0, plane 1, head) of its 4
-    if (g < 3 && j + L2AHEAD * stride < n) {
-      const uint4* base = g == 2 ? h + (size_t)(r >> 2) * K * 4 + (r & 3) : q + (size_t)(2 * r + g) * K * 4;
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int e = load_int(idx + min(j + L2AHEAD * stride + slot_pos[i], K - 1));
-        if (e >= 0 && e < K) prefetch_l2(base + (size_t)e * 4);
-      }
-    }
-#endif
     columns(j, col, ok);
     load_gathered(ch, qr, hr, col);
     load_x(ch, x, col, ok);
     if (j + stride < n) read_entries(j + stride);
-    compute(ch, c, bias, dec);
+    compute(ch, c, bias, dec, g);
   }
 #endif
 #endif
@@ -381,8 +375,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   for (int m = 0; m < 16; ++m) {
     if ((m >> 2) == t) {
       const int e = (m >> 1) & 1;
-      rows_sum[warp][16 * m + g] = c[m][e] * 16777216.0f;
-      rows_sum[warp][16 * m + 8 + g] = c[m][2 + e] * 1048576.0f;
+      rows_sum[warp][16 * m + g] = c[m % ACC][e] * 16777216.0f;
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * 1048576.0f;
     }
   }
   __syncthreads();
