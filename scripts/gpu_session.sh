@@ -234,6 +234,24 @@ case "$stage" in
     timeout ${VARIANTS_TIMEOUT:-400} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} \
       2>&1 | grep -v WARN | tee "$OUT/cuda-variants.log"
     ;;
+  tune14)
+    # On a fresh machine: every gpu test (timed: the one-call bar), then `spqt tune --cuda-against-table`
+    # on the decode models' shapes, in groups (each group's entries saved into the table before the next),
+    # the table copied to $OUT.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    [ -z "${SKIP_TESTS:-}" ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    IFS=';' read -ra groups <<< "${TUNE_GROUPS:-llama2-70b,28672x8192;llama2-7b;llama3-8b}"
+    for grp in "${groups[@]}"; do
+      left=$(( ${CALL_BUDGET:-570} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $grp"; break; }
+      timeout $left python3 -m spqt.cli tune --cuda-against-table --shapes "$grp" --output "$table" 2>&1 | grep -v WARN \
+        | tee -a "$OUT/tune.log" | grep -v "^wrote"
+    done
+    cp "$table" "$OUT/tuned.json"
+    echo "tune14 stage: $(( $(date +%s) - start )) s"
+    ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift
