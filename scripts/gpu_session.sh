@@ -252,6 +252,23 @@ case "$stage" in
     cp "$table" "$OUT/tuned.json"
     echo "tune14 stage: $(( $(date +%s) - start )) s"
     ;;
+  measure5)
+    # The GEMV table of the decode models' shapes with the shipped table (spqt bench gemv, B2 / B4), whole 7B
+    # steps with and without every map finished by its GEMV (SPQT_GEMV_FUSED=1), the 7B step's kernels at 50 %.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 200 python3 -m spqt.cli bench gemv --variants B2,B4 --sparsity 0,0.25,0.4,0.5 \
+      --shapes ${GEMV_SHAPES:-4096x4096,12288x4096,22016x4096,4096x11008,28672x8192,57344x8192,8192x28672} \
+      --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -40 "$OUT/bench-gemv.log"
+    for f in "" 1; do
+      echo "== SPQT_GEMV_FUSED='$f'"
+      SPQT_GEMV_FUSED=$f timeout 100 python3 scripts/launch_probe.py --model synthetic:llama2-7b --sparsity 0,0.5 \
+        --max-len 146 --new-tokens 128 2>&1 | grep -v WARN | tail -2
+    done 2>&1 | tee "$OUT/launch-fused.log"
+    timeout 80 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity 0.5 --json "$OUT/profile-7b-0.5.json" \
+      2>&1 | grep -v WARN > "$OUT/profile-7b-0.5.txt"; grep -E "graph replay|^kind" -A12 "$OUT/profile-7b-0.5.txt" | head -16
+    echo "measure5 stage: $(( $(date +%s) - start )) s"
+    ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift

@@ -673,3 +673,14 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
                 assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
                 if acc < 16:
                     assert regs <= 80, f"acc {acc}: {regs} registers a thread (125 with 16 accumulators)"
+
+
+def test_fused_choice_env(monkeypatch):
+    """SPQT_GEMV_FUSED overrides the tuned config's fused finish both ways; unset, the config decides."""
+    from spqt.kernels import zigzag_cuda
+
+    for value, want in (("1", (True, True)), ("0", (False, False)), ("", (True, False))):
+        monkeypatch.setenv("SPQT_GEMV_FUSED", value)
+        zigzag_cuda._fused_env.cache_clear()
+        assert (zigzag_cuda.fused_choice(True), zigzag_cuda.fused_choice(False)) == want, value
+    zigzag_cuda._fused_env.cache_clear()

@@ -222,7 +222,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
     if (zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode):
-        fused = fused and zigzag_cuda.fusable(n, epilogue)
+        fused = zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue)
         zigzag_cuda.launch(w.quants, w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,

@@ -66,6 +66,17 @@ def env_defines() -> tuple:
     return tuple(os.environ.get("SPQT_CUDA_DEFINES", "").split())
 
 
+@functools.lru_cache(maxsize=None)
+def _fused_env() -> str:
+    return os.environ.get("SPQT_GEMV_FUSED", "")
+
+
+def fused_choice(fused: bool) -> bool:
+    """SPQT_GEMV_FUSED=1 / 0 overrides the tuned config's fused finish (measurement: a whole decode step
+    with every map finished by its GEMV, scripts/launch_probe.py); unset, the config decides. Read once."""
+    return {"1": True, "0": False}.get(_fused_env(), fused)
+
+
 def choice() -> str:
     """SPQT_GEMV: "cuda" forces this kernel, "triton" the Triton one, else the tuned config decides."""
     return os.environ.get("SPQT_GEMV", "").lower()
