@@ -260,7 +260,7 @@ case "$stage" in
     timeout 200 python3 -m spqt.cli bench gemv --variants B2,B4 --sparsity 0,0.25,0.4,0.5 \
       --shapes ${GEMV_SHAPES:-4096x4096,12288x4096,22016x4096,4096x11008,28672x8192,57344x8192,8192x28672} \
       --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -40 "$OUT/bench-gemv.log"
-    for f in "" 1; do
+    for f in ${FUSED_SETS:-"" 1}; do
       echo "== SPQT_GEMV_FUSED='$f'"
       SPQT_GEMV_FUSED=$f timeout 100 python3 scripts/launch_probe.py --model synthetic:llama2-7b --sparsity 0,0.5 \
         --max-len 146 --new-tokens 128 2>&1 | grep -v WARN | tail -2
