@@ -269,6 +269,17 @@ case "$stage" in
       2>&1 | grep -v WARN > "$OUT/profile-7b-0.5.txt"; grep -E "graph replay|^kind" -A12 "$OUT/profile-7b-0.5.txt" | head -16
     echo "measure5 stage: $(( $(date +%s) - start )) s"
     ;;
+  final5)
+    # On a fresh machine: every gpu test (timed: the one-call bar), then the Q5_K CUDA GEMV against the
+    # Triton type kernel (scripts/cuda_q5k_probe.py).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
+    [ $left -gt 20 ] && timeout $left python3 scripts/cuda_q5k_probe.py --shapes ${Q5_SHAPES:-28672x8192,8192x28672,57344x8192,22016x4096,4096x4096} \
+      --json "$OUT/cuda-q5k-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-q5k-probe.log"
+    echo "final5 stage: $(( $(date +%s) - start )) s"
+    ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
     shift

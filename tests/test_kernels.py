@@ -663,6 +663,11 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     for warps in (1, 2, 4, 8):  # every variant at 4 warps, the plain B2 at the others (NVRTC: ~1 s a compile)
         for mode, pipe, epilogue, acc in (variants if warps == 4 else variants[:1]):
             options = zigzag_cuda.options(warps, mode, pipe, epilogue, acc=acc)
+            if warps == 4 and pipe == 0 and acc == 2:  # Q5_K (TYPE 5: the fifth bits), without spills
+                q5 = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, 0, -1, acc=2,
+                                                                                            bits=5), "sm_90")
+                q5_sass, _, q5_stack = disassemble(q5)
+                assert q5_stack == 0 and sum("HMMA" in ln for ln in main_loop(q5_sass, "HMMA")) == 16
             cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options, "sm_90")
             sass, regs, stack = disassemble(cubin)
             assert stack == 0, f"warps {warps} mode {mode} pipe {pipe}: {stack} bytes of stack (spills)"

@@ -25,9 +25,12 @@ MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from s
 ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
 
 
-def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16) -> tuple:
-    """NVRTC options of one configuration (the .cu file's macros; extra: more -D options, for probes)."""
-    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}") + tuple(extra)
+def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
+            bits: int = 4) -> tuple:
+    """NVRTC options of one configuration (the .cu file's macros; bits 4: Q4_K, 5: Q5_K; extra: more -D
+    options, for probes)."""
+    return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
+            f"-DTYPE={bits}") + tuple(extra)
 
 
 def fusable(n: int, epilogue: int) -> bool:
@@ -51,11 +54,11 @@ def usable(device: torch.device | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            acc: int = 16) -> nvrtc.Kernel:
+            acc: int = 16, bits: int = 4) -> nvrtc.Kernel:
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc), arch)
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc, bits), arch)
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
 
 
@@ -101,7 +104,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
-           acc: int = 16) -> None:
+           acc: int = 16, fifth: torch.Tensor | None = None) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -109,13 +112,17 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
     counters (rows,) int32 zero before and after. acc: accumulator tiles a lane holds (ACCS; fewer
-    registers, more occupancy, 2 selects a tile below 16). extra: more -D options of the .cu file
+    registers, more occupancy, 2 selects a tile below 16). fifth: Q5_K's fifth bits (rows, K, 8) int32
+    (gpu_layout_q5k.py; quants and head then hold the levels' low nibbles and Q5_K's 16-byte heads).
+    extra: more -D options of the .cu file
     (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
         raise ValueError(f"the CUDA GEMV reads two 64-byte planes (rows, 2, K, 16) and grouped heads; got "
                          f"{tuple(quants.shape)}, {tuple(head.shape)}")
-    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters) if t is not None]
+    if fifth is not None and tuple(fifth.shape) != (rows, k, 8):
+        raise ValueError(f"Q5_K's fifth bits are (rows, K, 8) = {(rows, k, 8)}, not {tuple(fifth.shape)}")
+    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, fifth) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
@@ -123,11 +130,12 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc)
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, 4 if fifth is None else 5)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
             (count.data_ptr(), P), (partials.data_ptr(), P), (k, I), (np_, I), (share(k, split, warps), I), (split, I),
             (out.data_ptr(), P), ((residual if residual is not None else out).data_ptr(), P),
-            ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I)]
+            ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I),
+            ((fifth if fifth is not None else quants).data_ptr(), P)]
     kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl)

@@ -43,6 +43,9 @@
 #define ACC 16  // accumulator tiles a lane holds (16, 8, 4 or 2: 4 ACC registers). Below 16, tiles m and m + ACC share
 #endif          // one: tile m's B keeps only column n = m / 2 (the one its rows want; zero in lanes g != m / 2), so
                 // the tiles sharing an accumulator fill different columns of it (64 -> 4 ACC registers, 2 SEL a tile)
+#ifndef TYPE
+#define TYPE 4  // 4: Q4_K; 5: Q5_K (the same planes of low nibbles and heads, plus a word of fifth bits per
+#endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s)
 #ifndef QLOAD
 #define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
                  // (H200, B2: the three within 2 % of each other, benchmarks/results/session4/cuda-variants-*)
@@ -172,10 +175,13 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
   else if (part == 2) prefetch_l2(hc + 8 * line);
 }
 
-struct Chunk {  // one lane's loads of one chunk: slot i's level words, head and x (fp16 bits)
+struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
   uint4 w[4];
   uint4 h[4];
   unsigned short x[4];
+#if TYPE == 5
+  u32 hb[4];
+#endif
 };
 
 // The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]); B at n = g (lane_g) for the lane's 4 slots;
@@ -186,7 +192,11 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
   u32 v = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    v ^= ch.w[i].x ^ ch.w[i].y ^ ch.w[i].z ^ ch.w[i].w ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i];
+    v ^= ch.w[i].x ^ ch.w[i].y ^ ch.w[i].z ^ ch.w[i].w ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i]
+#if TYPE == 5
+         ^ ch.hb[i]
+#endif
+        ;
   bias += (float)(v & 1u);
   return;
 #endif
@@ -208,22 +218,36 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
     const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
     const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
     const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
+#if TYPE == 5
+    // fifth bits: byte q of slots 0 / 1 (2 / 3) at bytes 0 and 2, shifted so bit sh lands at 4 (row g's fp16
+    // subnormal q 2^-24: bit 4) and bit sh + 4 at 8 (row g + 8's, q 2^-20); +16 for the second slot
+    const u32 selq = q | (q << 4) | ((4 + q) << 8) | ((4 + q) << 12);
+    const u32 t01 = __byte_perm(ch.hb[0], ch.hb[1], selq) << (4 - sh);
+    const u32 t23 = __byte_perm(ch.hb[2], ch.hb[3], selq) << (4 - sh);
+    const u32 a0 = (p & 0x000F000Fu) | (t01 & 0x00100010u), a1 = (p & 0x00F000F0u) | (t01 & 0x01000100u);
+    const u32 a2 = (pq & 0x000F000Fu) | (t23 & 0x00100010u), a3 = (pq & 0x00F000F0u) | (t23 & 0x01000100u);
+#else
+    const u32 a0 = p & 0x000F000Fu, a1 = p & 0x00F000F0u, a2 = pq & 0x000F000Fu, a3 = pq & 0x00F000F0u;
+#endif
 #if ACC == 16
-    mma_tile(c[m], p & 0x000F000Fu, p & 0x00F000F0u, pq & 0x000F000Fu, pq & 0x00F000F0u, b01, b23);
+    mma_tile(c[m], a0, a1, a2, a3, b01, b23);
 #else
     const bool mine = (m >> 1) == lane_g;
-    mma_tile(c[m % ACC], p & 0x000F000Fu, p & 0x00F000F0u, pq & 0x000F000Fu, pq & 0x00F000F0u, mine ? b01 : 0u,
-             mine ? b23 : 0u);
+    mma_tile(c[m % ACC], a0, a1, a2, a3, mine ? b01 : 0u, mine ? b23 : 0u);
 #endif
   }
 }
 
-// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4.
-__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const int* col) {
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4,
+// (Q5_K) fifth bits hq + col 8.
+__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const u32* hq, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load16<QLOAD>(qr + col[i] * 4);
     ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
+#if TYPE == 5
+    ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
+#endif
   }
 }
 
@@ -232,12 +256,15 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
   for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
 }
 
-// Weights of the full chunk whose slot 0 is at qp / hp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp) {
+// Weights of the full chunk whose slot 0 is at qp / hp / hqp (slot i is 4 i columns on).
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp, const u32* hqp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load16<QLOAD>(qp + 16 * i);
     ch.h[i] = load16<HLOAD>(hp + 16 * i);
+#if TYPE == 5
+    ch.hb[i] = __ldg(hqp + 32 * i);
+#endif
   }
 }
 
@@ -245,7 +272,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
                 int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
-                int* __restrict__ counters, int N, int F) {
+                int* __restrict__ counters, int N, int F, const u32* __restrict__ qh) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int r = blockIdx.x, s = blockIdx.y;
@@ -253,6 +280,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // planes); head uint4 ((r / 4) K + col) 4 + r % 4
   const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  const u32* hq = qh + (size_t)r * K * 8 + g;  // (Q5_K) the lane's fifth-bit word of column col: hq[8 col]
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
   float c[ACC][4];
@@ -269,7 +297,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* qp = qr + (j + t) * 4;
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
-  if (j < full_end) load_contiguous(ch, qp, hp);
+  const u32* hqp = hq + (size_t)(j + t) * 8;
+  if (j < full_end) load_contiguous(ch, qp, hp, hqp);
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
 #if L2FIRST > 0
   const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
@@ -287,15 +316,16 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
     hp += PROBE_HEADS ? 0 : step * 4;
+    hqp += step * 8;
     xp += step;
 #if PIPE
     Chunk next;
-    if (j + step < full_end) load_contiguous(next, qp, hp);
+    if (j + step < full_end) load_contiguous(next, qp, hp, hqp);
     compute(ch, c, bias, dec, g);
     ch = next;
 #else
     compute(ch, c, bias, dec, g);
-    if (j + step < full_end) load_contiguous(ch, qp, hp);
+    if (j + step < full_end) load_contiguous(ch, qp, hp, hqp);
 #endif
   }
   if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
@@ -306,7 +336,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       ok[i] = j + slot_pos[i] < hi;
       col[i] = ok[i] ? j + slot_pos[i] : j;
     }
-    load_gathered(ch, qr, hr, col);
+    load_gathered(ch, qr, hr, hq, col);
     load_x(ch, x, col, ok);
     compute(ch, c, bias, dec, g);
   }
@@ -336,7 +366,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #if PIPE
   if (j < n) {
     columns(j, col, ok);
-    load_gathered(ch, qr, hr, col);
+    load_gathered(ch, qr, hr, hq, col);
     load_x(ch, x, col, ok);
     read_entries(j + stride);
   }
@@ -346,7 +376,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       int ncol[4];
       bool nok[4];
       columns(j + stride, ncol, nok);
-      load_gathered(next, qr, hr, ncol);
+      load_gathered(next, qr, hr, hq, ncol);
       load_x(next, x, ncol, nok);
       read_entries(j + 2 * stride);
     }
@@ -356,7 +386,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #else
   for (; j < n; j += stride) {
     columns(j, col, ok);
-    load_gathered(ch, qr, hr, col);
+    load_gathered(ch, qr, hr, hq, col);
     load_x(ch, x, col, ok);
     if (j + stride < n) read_entries(j + stride);
     compute(ch, c, bias, dec, g);

@@ -1,0 +1,86 @@
+"""Zigzag Q5_K: the CUDA GEMV (zigzag_q4k.cu, TYPE 5) against the Triton type kernel (zigzag_types.py,
+its shipped or default config), B2 dense and B4 at 50 % (collection and reduction included, as
+`spqt bench gemv` times them), on the same random matrices (the Q5_K encoder on N(0, 1/K) weights):
+the best CUDA config of a sweep (splits of tuning.cuda_candidates, 2-8 warps, 16 or 2 accumulators),
+us, GB/s of the bytes read, % of copy, B4 over B2.
+
+    python scripts/cuda_q5k_probe.py [--shapes 28672x8192,...] [--json out.json]
+"""
+
+import argparse
+import dataclasses
+import json
+
+import torch
+
+import spqt
+from spqt import bench
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemv as kg
+from spqt.kernels import gpu_layout_q5k, tuning
+from spqt.kernels.collect import collect
+from spqt.kernels.gpu_layout_types import repack as repack_types
+
+SHAPES = "4096x4096,22016x4096,4096x11008,28672x8192,8192x28672,57344x8192"
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--shapes", default=SHAPES)
+parser.add_argument("--json")
+args = parser.parse_args()
+copy = bench.copy_bandwidth()
+print(f"copy {copy:.0f} GB/s", flush=True)
+l2 = torch.cuda.get_device_properties(0).L2_cache_size
+rows = []
+print("shape        MB | triton B2 us %copy  B4 us B4/B2 | cuda B2 us %copy  B4 us B4/B2 | B2 x  B4 x | cuda B2 / B4 config")
+for spec in args.shapes.split(","):
+    n, k = (int(v) for v in spec.split("x"))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
+    qw = QuantizedWeight(spqt.quantize(w, "q5_k", "zigzag"), "q5_k", "zigzag", (n, k))
+    del w
+    x = torch.randn(k, device="cuda", generator=g).half()
+    tri = repack_types(qw, "cuda")
+    copies = max(2, -(-4 * l2 // tri.nbytes))
+    arrays = [f for f in ("quants", "d", "high", "scales", "head") if getattr(tri, f) is not None]
+    tris = [tri] + [dataclasses.replace(tri, **{f: getattr(tri, f).clone() for f in arrays}) for _ in range(copies - 1)]
+    res = {}
+    for r in bench.bench_type_shape(tris, x, [0.0, 0.5], ("B2", "B4")):
+        res["triton", r["variant"]] = r["us"]
+    tris = None
+    cu = gpu_layout_q5k.repack(qw, "cuda")
+    cus = [cu] + [dataclasses.replace(cu, quants=cu.quants.clone(), head=cu.head.clone(), fifth=cu.fifth.clone())
+                  for _ in range(copies - 1)]
+    t = torch.quantile(x.float().abs(), 0.5).reshape(())
+    cands = [dict(c, pipe=0) for c in tuning.cuda_candidates("zigzag_dense", n, k)
+             if c["num_warps"] > 1 and not c["pipe"] and not c["fused"]]
+    wss = {c["split"]: kg.ZigzagWorkspace(cu, c["split"], torch.float16) for c in cands}
+
+    def calls(cfg, mode):
+        ws = wss[cfg["split"]]
+        kw = {"num_warps": cfg["num_warps"], "acc": cfg["acc"], "impl": "cuda"}
+        if mode == kg.MODE_DENSE:
+            return [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **kw)) for w in cus]
+        return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                              kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws, idx=ws.idx, count=ws.count, **kw))) for w in cus]
+
+    for mode, name in ((kg.MODE_DENSE, "B2"), (kg.MODE_INDEXED, "B4")):
+        us, cfg = bench._fastest(cands, lambda c, mode=mode: calls(c, mode))
+        res["cuda", name] = us
+        res["cuda", name, "cfg"] = {key: cfg[key] for key in ("split", "num_warps", "acc")}
+    mb = cu.nbytes / 1e6
+    row = {"shape": spec, "mb": mb}
+    for impl in ("triton", "cuda"):
+        b2, b4 = res[impl, "B2"], res[impl, "B4"]
+        row[impl] = {"b2_us": round(b2, 2), "b4_us": round(b4, 2), "b2_pct_copy": round(100 * mb * 1e3 / b2 / copy, 1),
+                     "b4_over_b2": round(b2 / b4, 3)}
+    row["cuda"]["b2_cfg"], row["cuda"]["b4_cfg"] = res["cuda", "B2", "cfg"], res["cuda", "B4", "cfg"]
+    rows.append(row)
+    tr, c = row["triton"], row["cuda"]
+    print(f"{spec:11s} {mb:6.1f} | {tr['b2_us']:9.2f} {tr['b2_pct_copy']:5.1f} {tr['b4_us']:6.2f} {tr['b4_over_b2']:5.2f} | "
+          f"{c['b2_us']:10.2f} {c['b2_pct_copy']:5.1f} {c['b4_us']:6.2f} {c['b4_over_b2']:5.2f} | "
+          f"{tr['b2_us'] / c['b2_us']:4.2f} {tr['b4_us'] / c['b4_us']:5.2f} | {c['b2_cfg']} / {c['b4_cfg']}", flush=True)
+    cus = wss = None
+    torch.cuda.empty_cache()
+if args.json:
+    with open(args.json, "w") as f:
+        json.dump({"copy_gbs": copy, "commit": bench.git_commit(), "rows": rows}, f, indent=1)
