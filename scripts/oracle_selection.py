@@ -10,6 +10,12 @@ k = ceil((1 - s) K) inputs of largest score and zeroes the rest. Scores (spqt.sp
 * wina: |x_i| * ||W[:, i]||_2, the column norms of the stored (dequantized) matrix, as the .spqt holds
   them (LoadedModel.ensure_column_norms), for q|k|v and gate|up the stacked matrix.
 
+Scope: "token" (the oracle above: the same k for every token) or "chunk": per chunk and map, the
+ceil((1 - s) T K) entries of largest score among all T scored tokens of the chunk, so a token keeps
+more or fewer inputs as its scores stand against the chunk's. Chunk scope is a threshold fitted
+exactly to the chunk's own (sparse-model) activations: it isolates what calibration on other text
+loses, where token scope tests whether a fixed budget per token would do better than a threshold.
+
 Allocation: "uniform" gives every map the level s; "greedy" gives each (layer, map) the level that
 greedy calibration allocated it (the model's ``greedy_allocations``), so the oracle row is the
 per-token twin of the greedy threshold row, with the same share of each map.
@@ -45,6 +51,7 @@ from spqt.generate import Generator, achieved_sparsity, set_thresholds, sparse_l
 
 DEFAULT_DATA = "/work/shared/data/wikitext-2-raw-v1-test.txt"
 ALLOCATIONS = ("uniform", "greedy")
+SCOPES = ("token", "chunk")
 
 
 def keep_count(in_features: int, level: float) -> int:
@@ -66,15 +73,19 @@ def topk_keep(x: torch.Tensor, keep: int, scale: torch.Tensor | None = None) -> 
 
 
 class OracleMasks:
-    """Per-token top-k masks on every thresholded map of gen's model while installed (a context manager).
+    """Top-k masks on every thresholded map of gen's model while installed (a context manager).
 
-    keeps: {(layer, kind): k}; scales: {(layer, kind): (K,) fp32} or None (teal). counts[(layer, kind)]
-    = [kept, seen] entries of the masked (scored) tokens; rows[(layer, kind)] the tokens masked."""
+    levels: {(layer, kind): level}; scales: {(layer, kind): (K,) fp32} or None (teal); scope "token"
+    (k = keep_count(K, level) per token) or "chunk" (keep_count(T K, level) per sequence of the batch
+    over its T tokens). counts[(layer, kind)] = [kept, seen] entries of the masked (scored) tokens,
+    expected[(layer, kind)] the entries the scope's k says should have been kept."""
 
-    def __init__(self, model, keeps: dict, scales: dict | None = None):
-        self.model, self.keeps, self.scales = model, keeps, scales
-        self.counts = {key: [0, 0] for key in keeps}
-        self.rows = {key: 0 for key in keeps}
+    def __init__(self, model, levels: dict, scales: dict | None = None, scope: str = "token"):
+        if scope not in SCOPES:
+            raise SpqtError(f"unknown oracle scope {scope!r}; choose one of {', '.join(SCOPES)}")
+        self.model, self.levels, self.scales, self.scope = model, levels, scales, scope
+        self.counts = {key: [0, 0] for key in levels}
+        self.expected = {key: 0 for key in levels}
         self._handles = []
 
     def __enter__(self):
@@ -89,17 +100,25 @@ class OracleMasks:
         self._handles = []
 
     def _hook(self, lin, key):
-        keep = self.keeps[key]
+        level = self.levels[key]
         scale = None if self.scales is None else self.scales[key]
 
         def hook(module, inputs, x):
             if not lin.sparse:  # the dense prefill
                 return None
-            mask = topk_keep(x, keep, scale)
+            if self.scope == "token":
+                keep = keep_count(x.shape[-1], level)
+                mask = topk_keep(x, keep, scale)
+                self.expected[key] += keep * (x.numel() // x.shape[-1])
+            else:  # x (B, T, K): one pool per sequence
+                pool = x.reshape(x.shape[0], -1)
+                keep = keep_count(pool.shape[-1], level)
+                wide = None if scale is None else scale.repeat(pool.shape[-1] // scale.shape[0])
+                mask = topk_keep(pool, keep, wide).view(x.shape)
+                self.expected[key] += keep * x.shape[0]
             kept = int(mask.sum())
             self.counts[key][0] += kept
             self.counts[key][1] += mask.numel()
-            self.rows[key] += mask.numel() // mask.shape[-1]
             if lin.track:  # achieved_sparsity reads [dropped, seen]; the dense product adds seen
                 lin.counts[0] += mask.numel() - kept
             return x * mask
@@ -107,11 +126,10 @@ class OracleMasks:
         return hook
 
     def check(self) -> None:
-        """Every masked token kept exactly k inputs of every map (AssertionError otherwise)."""
+        """Every mask kept exactly its scope's k (AssertionError otherwise)."""
         for key, (kept, seen) in self.counts.items():
-            if kept != self.rows[key] * self.keeps[key]:
-                raise AssertionError(f"layers.{key[0]}.{key[1]}: kept {kept} inputs over {self.rows[key]} tokens, "
-                                     f"expected {self.keeps[key]} per token")
+            if kept != self.expected[key]:
+                raise AssertionError(f"layers.{key[0]}.{key[1]}: kept {kept} of {seen} inputs, expected {self.expected[key]}")
 
 
 def map_levels(loaded, level: float, allocation: str, criterion: str) -> dict:
@@ -126,23 +144,20 @@ def map_levels(loaded, level: float, allocation: str, criterion: str) -> dict:
 
 
 def oracle_perplexity(gen: Generator, tokens: list[int], level: float, criterion: str, allocation: str = "uniform",
-                      ctx: int = 512, chunks: int | None = None, batch: int = 1, bos_id: int | None = None,
-                      progress: bool = False) -> dict:
-    """Perplexity with the per-token oracle masks at `level` (see the module docstring)."""
+                      scope: str = "token", ctx: int = 512, chunks: int | None = None, batch: int = 1,
+                      bos_id: int | None = None, progress: bool = False) -> dict:
+    """Perplexity with the oracle masks at `level` (see the module docstring)."""
     loaded = gen.loaded
     levels = map_levels(loaded, level, allocation, criterion)
-    keeps = {}
-    for layer, kind, lin in sparse_linears(gen.model):
-        keeps[(layer, kind)] = keep_count(lin.in_features, levels[(layer, kind)])
     scales = None
     if criterion == "wina":
         norms = loaded.ensure_column_norms()
-        scales = {key: norms[f"layers.{key[0]}.{key[1]}"].to(device=gen.device, dtype=torch.float32) for key in keeps}
+        scales = {key: norms[f"layers.{key[0]}.{key[1]}"].to(device=gen.device, dtype=torch.float32) for key in levels}
     gen.set_sparsity(0.0)  # no thresholds: every map runs its dense product (on the masked input)
     set_thresholds(gen.model, None)
     gen.sparsity = level  # perplexity turns the maps' sparse switches on for the scored half
     try:
-        with OracleMasks(gen.model, keeps, scales) as masks:
+        with OracleMasks(gen.model, levels, scales, scope) as masks:
             r = perplexity(gen, tokens, ctx, "llamacpp", chunks, batch, bos_id, progress=progress)
     finally:
         gen.set_sparsity(0.0)
@@ -150,7 +165,7 @@ def oracle_perplexity(gen: Generator, tokens: list[int], level: float, criterion
     kept = sum(c[0] for c in masks.counts.values())
     seen = sum(c[1] for c in masks.counts.values())
     return {"ppl": r.ppl, "scored_tokens": r.scored, "chunks": r.chunks, "achieved": r.achieved,
-            "achieved_entries": 1 - kept / seen, "keep_per_token": {f"layers.{k[0]}.{k[1]}": v for k, v in keeps.items()}}
+            "achieved_entries": 1 - kept / seen}
 
 
 def threshold_perplexity(gen: Generator, tokens: list[int], level: float, criterion: str, mode: str,
@@ -163,13 +178,17 @@ def threshold_perplexity(gen: Generator, tokens: list[int], level: float, criter
     return {"ppl": r.ppl, "scored_tokens": r.scored, "chunks": r.chunks, "achieved": r.achieved}
 
 
-def _pairs(text: str, first: tuple, second: tuple, what: str) -> list[tuple[str, str]]:
+def _items(text: str, choices: tuple, what: str) -> list[tuple]:
+    """'a:b[:c],...' -> [(a, b[, c])], each part from its tuple of choices (trailing parts optional
+    where choices has a default at index 0 of the extra tuples)."""
     out = []
     for item in filter(None, text.split(",")):
-        a, _, b = item.partition(":")
-        if a not in first or b not in second:
-            raise SpqtError(f"{what} {item!r}: expected {'|'.join(first)}:{'|'.join(second)}")
-        out.append((a, b))
+        parts = item.split(":")
+        if len(parts) == len(choices) - 1 and len(choices) == 3:
+            parts.append(choices[2][0])
+        if len(parts) != len(choices) or any(p not in c for p, c in zip(parts, choices)):
+            raise SpqtError(f"{what} {item!r}: expected {':'.join('|'.join(c) for c in choices)}")
+        out.append(tuple(parts))
     return out
 
 
@@ -179,7 +198,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=DEFAULT_DATA, help="the text (default: WikiText-2 raw test)")
     p.add_argument("--levels", default="0.25,0.4,0.5,0.65")
     p.add_argument("--oracles", default="teal:uniform,wina:uniform",
-                   help="criterion:allocation pairs, comma-separated (allocation uniform or greedy)")
+                   help="criterion:allocation[:scope], comma-separated (allocation uniform or greedy; scope token "
+                      "(default) or chunk)")
     p.add_argument("--baselines", default="teal:greedy,wina:greedy",
                    help="criterion:mode threshold rows on the same chunks (empty: none)")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
@@ -204,8 +224,8 @@ def _run(args) -> int:
     from spqt.tokenizer import TextTokenizer
 
     levels = [sp.check_sparsity(float(s)) for s in args.levels.split(",") if s]
-    oracles = _pairs(args.oracles, sp.CRITERIA, ALLOCATIONS, "--oracles")
-    baselines = _pairs(args.baselines, sp.CRITERIA, sp.MODES, "--baselines")
+    oracles = _items(args.oracles, (sp.CRITERIA, ALLOCATIONS, SCOPES), "--oracles")
+    baselines = _items(args.baselines, (sp.CRITERIA, sp.MODES), "--baselines")
     data = Path(args.data)
     if not data.is_file():
         raise SpqtError(f"no such file: {data}")
@@ -213,14 +233,18 @@ def _run(args) -> int:
     model_path = Path(args.model) if args.model else default_spqt()
     loaded = load_model(model_path)
     if args.thresholds:
-        doc = json.loads(Path(args.thresholds).read_text())
-        sp.check_thresholds(doc["thresholds"], loaded.config.n_layers, args.thresholds)
-        loaded.thresholds = doc["thresholds"]
+        try:
+            doc = json.loads(Path(args.thresholds).read_text())
+            thresholds = doc["thresholds"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SpqtError(f"{args.thresholds}: not a thresholds file written by spqt calibrate --json ({e})") from None
+        sp.check_thresholds(thresholds, loaded.config.n_layers, args.thresholds)
+        loaded.thresholds = thresholds
     n = loaded.config.n_layers
     for s in levels:  # every asked row must be runnable before hours of computing start
         for criterion, mode in baselines:
             sp.select(loaded.thresholds, s, mode, n, criterion)
-        for criterion, allocation in oracles:
+        for criterion, allocation, _ in oracles:
             map_levels(loaded, s, allocation, criterion)
     tokens = TextTokenizer(loaded.tokenizer, loaded.config).encode(data.read_text(encoding="utf-8"), add_bos=False)
     bos = loaded.config.bos_id if loaded.config.add_bos else None
@@ -237,7 +261,7 @@ def _run(args) -> int:
         dense = rows[0]["ppl"]
         row["increase"] = row["ppl"] / dense - 1
         a = row.get("achieved", {}).get("all", 0.0)
-        print(f"{row['kind']:>9s} {row['criterion']:>6s} {row['mode']:>8s} {100 * row['level']:5.0f}%  ppl {row['ppl']:9.4f}"
+        print(f"{row['kind']:>12s} {row['criterion']:>6s} {row['mode']:>8s} {100 * row['level']:5.0f}%  ppl {row['ppl']:9.4f}"
               f"  {100 * row['increase']:+7.2f}%  achieved {100 * a:5.2f}%  ({row['seconds']:.0f} s)", flush=True)
         if args.json:
             report = {"model": str(model_path), "kind": loaded.kind, "data": str(data), "method": "llamacpp",
@@ -250,10 +274,10 @@ def _run(args) -> int:
     r = threshold_perplexity(gen, tokens, 0.0, sp.DEFAULT_CRITERION, "unified", **common)
     emit({"kind": "dense", "criterion": "-", "mode": "-", "level": 0.0, **r, "seconds": time.perf_counter() - t0})
     for s in levels:
-        for criterion, allocation in oracles:
+        for criterion, allocation, scope in oracles:
             t0 = time.perf_counter()
-            r = oracle_perplexity(gen, tokens, s, criterion, allocation, **common)
-            emit({"kind": "oracle", "criterion": criterion, "mode": allocation, "level": s, **r,
+            r = oracle_perplexity(gen, tokens, s, criterion, allocation, scope, **common)
+            emit({"kind": f"oracle-{scope}", "criterion": criterion, "mode": allocation, "level": s, **r,
                   "seconds": time.perf_counter() - t0})
         for criterion, mode in baselines:
             t0 = time.perf_counter()

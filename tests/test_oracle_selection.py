@@ -50,29 +50,38 @@ def test_topk_keep_is_the_top_k_of_each_token(oracle, rng, wina):
 
 
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
-def test_masked_map_equals_direct_product(oracle, gen, rng, criterion):
-    """One map under the hook: W (x * top-k mask) from the dequantized weights and column norms."""
+@pytest.mark.parametrize("scope", ["token", "chunk"])
+def test_masked_map_equals_direct_product(oracle, gen, rng, criterion, scope):
+    """One map under the hook: W (x * top-k mask) from the dequantized weights and column norms;
+    token scope ranks each token's inputs, chunk scope all entries of a sequence's tokens together."""
     lin = gen.model.layers[1].feed_forward.down
     w = gen.loaded.weights["layers.1.down"].dequantize().float()
     norms = gen.loaded.ensure_column_norms()["layers.1.down"]
     assert torch.allclose(norms, torch.linalg.vector_norm(w.double(), dim=0).float())
-    keep = oracle.keep_count(lin.in_features, 0.5)
-    keeps = {(layer, kind): keep if (layer, kind) == (1, "down") else lin2.in_features
-             for layer, kind, lin2 in sparse_linears(gen.model)}
-    scales = {(layer, kind): gen.loaded.ensure_column_norms()[f"layers.{layer}.{kind}"] for layer, kind in keeps} \
+    levels = {(layer, kind): 0.5 if (layer, kind) == (1, "down") else 0.0 for layer, kind, _ in sparse_linears(gen.model)}
+    scales = {(layer, kind): gen.loaded.ensure_column_norms()[f"layers.{layer}.{kind}"] for layer, kind in levels} \
         if criterion == "wina" else None
-    x = torch.from_numpy(rng.standard_normal((1, 7, lin.in_features))).float()
+    x = torch.from_numpy(rng.standard_normal((2, 7, lin.in_features))).float()
     score = x.abs() * (norms if criterion == "wina" else 1)
-    mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, score.argsort(-1, descending=True)[..., :keep], True)
+    if scope == "token":
+        keep = oracle.keep_count(lin.in_features, 0.5)
+        order = score.argsort(-1, descending=True)[..., :keep]
+        mask = torch.zeros_like(x, dtype=torch.bool).scatter_(-1, order, True)
+    else:
+        keep = oracle.keep_count(7 * lin.in_features, 0.5)
+        order = score.reshape(2, -1).argsort(-1, descending=True)[:, :keep]
+        mask = torch.zeros((2, 7 * lin.in_features), dtype=torch.bool).scatter_(-1, order, True).view(x.shape)
+        assert mask.sum(-1).min() < mask.sum(-1).max()  # tokens keep different counts
     expect = (x * mask) @ w.t()
-    with oracle.OracleMasks(gen.model, keeps, scales) as masks:
+    with oracle.OracleMasks(gen.model, levels, scales, scope) as masks:
         lin.sparse, lin.track = True, False
         try:
             y = lin(x)
         finally:
             lin.sparse = False
     masks.check()
-    assert masks.counts[(1, "down")] == [7 * keep, 7 * lin.in_features]
+    assert masks.counts[(1, "down")] == [int(mask.sum()), x.numel()]
+    assert int(mask.sum()) == x.numel() // 2
     torch.testing.assert_close(y, expect, rtol=1e-5, atol=1e-5)
 
 
@@ -81,8 +90,8 @@ def test_level_zero_is_the_dense_model(oracle, gen):
     pos = torch.arange(12)
     gen.model.setup_cache(1, 64, torch.float32)
     dense = gen.model(tokens, pos, kv_len=12)
-    keeps = {(layer, kind): lin.in_features for layer, kind, lin in sparse_linears(gen.model)}
-    with oracle.OracleMasks(gen.model, keeps) as masks:
+    levels = {(layer, kind): 0.0 for layer, kind, _ in sparse_linears(gen.model)}
+    with oracle.OracleMasks(gen.model, levels) as masks:
         set_sparse(gen.model, True)
         try:
             masked = gen.model(tokens, pos, kv_len=12)
@@ -92,10 +101,12 @@ def test_level_zero_is_the_dense_model(oracle, gen):
     assert torch.equal(dense, masked)
 
 
-def test_oracle_perplexity_counts_exactly_the_level(oracle, gen):
+@pytest.mark.parametrize("scope", ["token", "chunk"])
+def test_oracle_perplexity_counts_exactly_the_level(oracle, gen, scope):
     tokens = torch.randint(0, gen.loaded.config.vocab_size, (100,), generator=torch.Generator().manual_seed(1)).tolist()
-    r = oracle.oracle_perplexity(gen, tokens, 0.4, "wina", ctx=32, chunks=3)
-    expect = {kind: 1 - oracle.keep_count(lin.in_features, 0.4) / lin.in_features
+    r = oracle.oracle_perplexity(gen, tokens, 0.4, "wina", scope=scope, ctx=32, chunks=3)
+    width = 1 if scope == "token" else 16  # a chunk's scored half: 16 tokens ranked together
+    expect = {kind: 1 - oracle.keep_count(width * lin.in_features, 0.4) / (width * lin.in_features)
               for _, kind, lin in sparse_linears(gen.model)}
     for kind, value in expect.items():
         assert r["achieved"][kind] == pytest.approx(value, abs=1e-12)
