@@ -115,3 +115,11 @@ def test_oracle_perplexity_counts_exactly_the_level(oracle, gen, scope):
     dense = oracle.threshold_perplexity(gen, tokens, 0.0, "teal", "unified", ctx=32, chunks=3)
     assert r["ppl"] != dense["ppl"]
     assert all(lin.threshold is None and not lin.sparse for _, _, lin in sparse_linears(gen.model))
+
+
+@pytest.mark.parametrize("argv", [["--oracles", "teal:uniform:everything"], ["--baselines", "teal:best"],
+                                  ["--levels", "0.5,1.5"], ["--data", "/nonexistent/wiki.txt"]])
+def test_bad_options_are_one_error_line(oracle, capsys, argv):
+    assert oracle.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("spqt: error: ")
