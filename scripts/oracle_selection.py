@@ -4,7 +4,9 @@ score gives, against the calibrated thresholds that stand in for it (issue 16).
 Thresholds keep x_i when score_i > t with t fixed per map, so how many inputs a token keeps varies
 from token to token. The oracle keeps, for every token and every thresholded linear map (the q|k|v
 input, the o input, the gate|up input, the down input: spqt.generate.sparse_linears), exactly the
-k = ceil((1 - s) K) inputs of largest score and zeroes the rest. Scores (spqt.sparsity.CRITERIA):
+k = ceil((1 - s) K) inputs of largest score and zeroes the rest. (A fixed budget per token is a
+constraint that a threshold does not have: measured, it loses to the thresholds; docs/RESULTS.md,
+"Issue 16: the per-token oracle bound".) Scores (spqt.sparsity.CRITERIA):
 
 * teal: |x_i|
 * wina: |x_i| * ||W[:, i]||_2, the column norms of the stored (dequantized) matrix, as the .spqt holds
@@ -26,13 +28,14 @@ hooks on each map's ``input_tap`` (the map's actual input, after the fused norm)
 returns a tensor replaces the input the map multiplies, so the runtime stays untouched. They act only
 while the map's ``sparse`` switch is on (the scored half), and the maps have no thresholds then, so
 each runs its dense product on the masked input. Achieved sparsity is counted from the masks
-themselves and checked against k per token.
+themselves and checked against the scope's k.
 
-Not part of the runtime (a measurement); the rows of the shipped thresholds (`--baselines`) run on the
+Not part of the runtime (a measurement); the rows of the model's calibrated thresholds (or
+`--thresholds`; `--baselines`) run on the
 same chunks through the same Generator, so the rows compare on identical tokens. On CUDA every map
 runs the torch reference path (dequantized weights, `--dtype`, fp32 by default as the issue-16 table).
 
-    PYTHONPATH=src python scripts/oracle_selection.py --chunks 32 --device cpu --json out.json
+    PYTHONPATH=src python scripts/oracle_selection.py --chunks 24 --device cpu --json out.json
 """
 
 import argparse
@@ -47,7 +50,7 @@ import torch
 from spqt import sparsity as sp
 from spqt.errors import SpqtError
 from spqt.evaluate import perplexity
-from spqt.generate import Generator, achieved_sparsity, set_thresholds, sparse_linears
+from spqt.generate import Generator, set_thresholds, sparse_linears
 
 DEFAULT_DATA = "/work/shared/data/wikitext-2-raw-v1-test.txt"
 ALLOCATIONS = ("uniform", "greedy")
