@@ -73,9 +73,8 @@ def ideal_read_us(ops, idx, n_listed: int, k: int) -> tuple[float, dict]:
     from spqt.kernels import nvrtc
 
     rows = ops.zig[0].quants.shape[0]
-    out = torch.empty(rows * 2048 * 128, dtype=torch.int32, device="cuda")
-    kernels = {u: nvrtc.Kernel(nvrtc.compile_cubin(IDEAL_READ, (f"-DUNROLL={u}",), nvrtc.device_arch(out.device)),
-                               "ideal_read") for u in (2, 4, 8)}
+    arch = nvrtc.device_arch(idx.device)
+    kernels = {u: nvrtc.Kernel(nvrtc.compile_cubin(IDEAL_READ, (f"-DUNROLL={u}",), arch), "ideal_read") for u in (2, 4, 8)}
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     configs = []
     for u in kernels:
@@ -83,6 +82,7 @@ def ideal_read_us(ops, idx, n_listed: int, k: int) -> tuple[float, dict]:
             split = max(1, min(2048, -(-ctas_per_sm * sms // rows)))
             per = -(-(-(-n_listed // split)) // (16 * u)) * 16 * u
             configs.append({"unroll": u, "split": -(-n_listed // per), "per": per})
+    out = torch.empty(rows * max(c["split"] for c in configs) * 128, dtype=torch.int32, device="cuda")  # never written
     P, I = nvrtc.POINTER, nvrtc.INT
 
     def calls(cfg):

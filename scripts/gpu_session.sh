@@ -58,6 +58,11 @@ gpu_tests() {
     | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
   echo "gpu tests on this machine: $(( $(date +%s) - t0 )) s"
 }
+# scripts/cuda_variants.py (VARIANTS_ARGS: its options) within $1 seconds, logged in $OUT/cuda-variants.*
+cuda_variants() {
+  timeout "$1" python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v WARN \
+    | tee "$OUT/cuda-variants.log"
+}
 stage=${1:-kernels}
 case "$stage" in
   kernels)
@@ -212,9 +217,8 @@ case "$stage" in
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     [ -z "${SKIP_TESTS:-}" ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    timeout ${VARIANTS_TIMEOUT:-200} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" 2>&1 | grep -v WARN \
-      | tee "$OUT/cuda-variants.log"
-    IFS=';' read -ra sets <<< "${KNOB_SETS:-;-DL2FIRST=8;-DL2AHEAD=2;-DL2FIRST=8 -DL2AHEAD=2}"
+    cuda_variants ${VARIANTS_TIMEOUT:-200}
+    IFS=';' read -ra sets <<< "${KNOB_SETS:-;-DL2FIRST=2;-DL2FIRST=8}"
     for m in ${PROBE_MODELS:-llama2-7b}; do
       for d in "${sets[@]}"; do
         echo "== $m SPQT_CUDA_DEFINES='$d'"
@@ -231,8 +235,7 @@ case "$stage" in
       timeout 300 python3 -m pytest -v -m gpu tests -k "$TESTS_K" -x > "$OUT/pytest-gpu-k.log" 2>&1
       grep -E "passed|failed|FAILED|Error" "$OUT/pytest-gpu-k.log" | tail -8
     fi
-    timeout ${VARIANTS_TIMEOUT:-400} python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} \
-      2>&1 | grep -v WARN | tee "$OUT/cuda-variants.log"
+    cuda_variants ${VARIANTS_TIMEOUT:-400}
     ;;
   tune14)
     # On a fresh machine: every gpu test (timed: the one-call bar), then `spqt tune --cuda-against-table`

@@ -44,23 +44,23 @@ class GpuQ5KPlanes:
         return 176 * rows * cols
 
 
+def _shifts(device) -> torch.Tensor:
+    """(1, q, s, h, 1): the bit of word g that holds weight 16 (4 q + s) + 8 h + g's fifth bit."""
+    return (8 * torch.arange(4, device=device).reshape(1, 4, 1, 1, 1) + torch.arange(4, device=device).reshape(1, 1, 4, 1, 1)
+            + 4 * torch.arange(2, device=device).reshape(1, 1, 1, 2, 1))
+
+
 def pack_fifth(levels: torch.Tensor) -> torch.Tensor:
     """Levels (n, 256) 0..31 in weight order -> (n, 8) int32 fifth-bit words (module docstring)."""
     top = (levels.to(torch.int64) >> 4).reshape(-1, 4, 4, 2, 8)  # [block, q, s, h, g] = weight 16 (4 q + s) + 8 h + g
-    shifts = (8 * torch.arange(4, device=levels.device)).reshape(1, 4, 1, 1, 1) \
-        + torch.arange(4, device=levels.device).reshape(1, 1, 4, 1, 1) \
-        + 4 * torch.arange(2, device=levels.device).reshape(1, 1, 1, 2, 1)
-    words = (top << shifts).sum(dim=(1, 2, 3))  # (n, 8): bits do not overlap
+    words = (top << _shifts(levels.device)).sum(dim=(1, 2, 3))  # (n, 8): bits do not overlap
     return words.to(torch.uint32).view(torch.int32)
 
 
 def unpack_fifth(words: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_fifth: (n, 8) int32 -> the fifth bits (n, 256) int64 in weight order."""
     w64 = words.to(torch.int64).reshape(-1, 1, 1, 1, 8) & 0xFFFFFFFF
-    shifts = (8 * torch.arange(4, device=words.device)).reshape(1, 4, 1, 1, 1) \
-        + torch.arange(4, device=words.device).reshape(1, 1, 4, 1, 1) \
-        + 4 * torch.arange(2, device=words.device).reshape(1, 1, 1, 2, 1)
-    return ((w64 >> shifts) & 1).reshape(-1, 256)
+    return ((w64 >> _shifts(words.device)) & 1).reshape(-1, 256)
 
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ5KPlanes:

@@ -299,13 +299,11 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const unsigned short* xp = x + j + t;
   const u32* hqp = hq + (size_t)(j + t) * 8;
   if (j < full_end) load_contiguous(ch, qp, hp, hqp);
-  // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
 #if L2FIRST > 0
+  // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
   const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
   const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
   const size_t plane_stride = (size_t)K * 4;
-#endif
-#if L2FIRST > 0
 #pragma unroll 1
   for (int ahead = 1; ahead <= L2FIRST && j + ahead * step < full_end; ++ahead)
     prefetch_chunk(q0 + ahead * step * 4, h0 + ahead * step * 4, plane_stride, lane);
