@@ -190,13 +190,14 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     environment's SPQT_GEMV=cuda|triton overrides it.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
-    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K matrix in the CUDA GEMV's
-    layout (gpu_layout_q5k.GpuQ5KPlanes: B2 / B4, fp16 x, sm_80+ with NVRTC; no Triton twin)."""
+    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K or Q6_K matrix in the CUDA GEMV's
+    layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes: B2 / B4, fp16 x, sm_80+ with NVRTC;
+    no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    fifth = getattr(w, "fifth", None)  # Q5_K for the CUDA GEMV
-    if fifth is not None and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
-        raise ValueError("a Q5_K matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
+    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6}[w.fmt]  # Q5_K / Q6_K: their CUDA layouts (gpu_layout_q5k / _q6k)
+    if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
+        raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
     if mode == MODE_STATIC and threshold is None:
         raise ValueError("B3 needs the threshold")
@@ -225,12 +226,13 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
-    if fifth is not None or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
+    if bits != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
         fused = zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue)
-        zigzag_cuda.launch(w.quants, w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
+        zigzag_cuda.launch(w.quants, w.scales if bits == 6 else w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
-                           acc=acc, fifth=fifth)
+                           acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)), d=getattr(w, "d", None),
+                           bits=bits)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

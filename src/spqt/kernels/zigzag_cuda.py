@@ -104,7 +104,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
-           acc: int = 16, fifth: torch.Tensor | None = None) -> None:
+           acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -112,17 +112,21 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
     counters (rows,) int32 zero before and after. acc: accumulator tiles a lane holds (ACCS; fewer
-    registers, more occupancy, 2 selects a tile below 16). fifth: Q5_K's fifth bits (rows, K, 8) int32
-    (gpu_layout_q5k.py; quants and head then hold the levels' low nibbles and Q5_K's 16-byte heads).
-    extra: more -D options of the .cu file
+    registers, more occupancy, 2 selects a tile below 16). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
+    fifth bits (rows, K, 8) int32, quants and head the levels' low nibbles and Q5_K's 16-byte heads; bits 6
+    (Q6_K, gpu_layout_q6k.py): high = the top bit pairs (rows, K, 16) int32, head the grouped scales, d
+    (rows, K) fp16. extra: more -D options of the .cu file
     (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
         raise ValueError(f"the CUDA GEMV reads two 64-byte planes (rows, 2, K, 16) and grouped heads; got "
                          f"{tuple(quants.shape)}, {tuple(head.shape)}")
-    if fifth is not None and tuple(fifth.shape) != (rows, k, 8):
-        raise ValueError(f"Q5_K's fifth bits are (rows, K, 8) = {(rows, k, 8)}, not {tuple(fifth.shape)}")
-    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, fifth) if t is not None]
+    words = {5: 8, 6: 16}.get(bits)
+    if bits not in (4, 5, 6) or (words and (high is None or tuple(high.shape) != (rows, k, words))) \
+            or (bits == 6 and (d is None or tuple(d.shape) != (rows, k) or d.dtype != torch.float16)):
+        raise ValueError(f"bits 4 (Q4_K), 5 (Q5_K: high (rows, K, 8)) or 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16); "
+                         f"got bits {bits}, high {None if high is None else tuple(high.shape)}")
+    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
@@ -130,12 +134,12 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, 4 if fifth is None else 5)
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
             (count.data_ptr(), P), (partials.data_ptr(), P), (k, I), (np_, I), (share(k, split, warps), I), (split, I),
             (out.data_ptr(), P), ((residual if residual is not None else out).data_ptr(), P),
             ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I),
-            ((fifth if fifth is not None else quants).data_ptr(), P)]
+            ((high if high is not None else quants).data_ptr(), P), ((d if d is not None else x).data_ptr(), P)]
     kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl)

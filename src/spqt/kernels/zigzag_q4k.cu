@@ -45,7 +45,10 @@
                 // the tiles sharing an accumulator fill different columns of it (64 -> 4 ACC registers, 2 SEL a tile)
 #ifndef TYPE
 #define TYPE 4  // 4: Q4_K; 5: Q5_K (the same planes of low nibbles and heads, plus a word of fifth bits per
-#endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s)
+#endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s);
+                // 6: Q6_K (gpu_layout_q6k.py: the planes, two words of top bit pairs per column and lane group in qh,
+                // the 16 signed scales in h (grouped as Q4_K's heads), d in dq; w = d sc (q - 32), the -32 d sc x
+                // term summed per tile pair into the min term's place)
 #ifndef QLOAD
 #define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
                  // (H200, B2: the three within 2 % of each other, benchmarks/results/session4/cuda-variants-*)
@@ -181,12 +184,15 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x 
   unsigned short x[4];
 #if TYPE == 5
   u32 hb[4];
+#elif TYPE == 6
+  uint2 hb[4];  // words 2 g, 2 g + 1 of the slot's top bit pairs
+  unsigned short d[4];
 #endif
 };
 
 // The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]); B at n = g (lane_g) for the lane's 4 slots;
-// the min term into bias.
-__device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& bias, const ScaleDecoder& dec,
+// the min term into bias[0] (Q6_K: the -32 d sc x term of tile 2 g into bias[0], of tile 2 g + 1 into bias[1]).
+__device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* bias, const ScaleDecoder& dec,
                                         int lane_g) {
 #if PROBE_XOR
   u32 v = 0;
@@ -195,23 +201,44 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
     v ^= ch.w[i].x ^ ch.w[i].y ^ ch.w[i].z ^ ch.w[i].w ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i]
 #if TYPE == 5
          ^ ch.hb[i]
+#elif TYPE == 6
+         ^ ch.hb[i].x ^ ch.hb[i].y ^ ch.d[i]
 #endif
         ;
-  bias += (float)(v & 1u);
+  bias[0] += (float)(v & 1u);
   return;
 #endif
   const float xs[4] = {f16_lo_to_f32(ch.x[0]), f16_lo_to_f32(ch.x[1]), f16_lo_to_f32(ch.x[2]),
                        f16_lo_to_f32(ch.x[3])};
+#if TYPE == 6
+  // lane g's scales: bytes 2 g (tile 2 g) and 2 g + 1 (tile 2 g + 1) of the 16: word g / 2, bits 16 (g % 2) ..
+  float be[4], bo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4& hv = ch.h[i];
+    const u32 wv = (lane_g & 4) ? ((lane_g & 2) ? hv.w : hv.z) : ((lane_g & 2) ? hv.y : hv.x);
+    const u32 pair = wv >> (16 * (lane_g & 1));  // scale 2 g in bits 0-7, 2 g + 1 in 8-15 (signed bytes)
+    const float xd = xs[i] * f16_lo_to_f32(ch.d[i]);
+    be[i] = xd * (float)((int)(pair << 24) >> 24);
+    bo[i] = xd * (float)((int)(pair << 16) >> 24);
+  }
+  const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
+  const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
+  // the offset term from the same fp16 values the tensor cores multiply: y = sum (q - 32) b exactly as summed
+  bias[0] += 32.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
+  bias[1] += 32.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+#else
   float b[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     float sc, mn;
     dec.decode(ch.h[i], sc, mn);
     b[i] = xs[i] * f16_lo_to_f32(ch.h[i].x) * sc;
-    bias = fmaf(xs[i] * f16_hi_to_f32(ch.h[i].x), mn, bias);
+    bias[0] = fmaf(xs[i] * f16_hi_to_f32(ch.h[i].x), mn, bias[0]);
   }
   const u32 b01 = pack_f16x2(b[0], b[1]);
   const u32 b23 = pack_f16x2(b[2], b[3]);
+#endif
 #pragma unroll
   for (int m = 0; m < 16; ++m) {
     const int q = m >> 2, sh = m & 3;
@@ -226,6 +253,18 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
     const u32 t23 = __byte_perm(ch.hb[2], ch.hb[3], selq) << (4 - sh);
     const u32 a0 = (p & 0x000F000Fu) | (t01 & 0x00100010u), a1 = (p & 0x00F000F0u) | (t01 & 0x01000100u);
     const u32 a2 = (pq & 0x000F000Fu) | (t23 & 0x00100010u), a3 = (pq & 0x00F000F0u) | (t23 & 0x01000100u);
+#elif TYPE == 6
+    // top bit pairs: byte (m / 2) % 4 of word m / 8 of slots 0 / 1 (2 / 3) at bytes 0 and 2, shifted by
+    // 4 - 2 n (n = m % 2) so row g's pair lands at bits 4-5 and row g + 8's at 8-9 (+16 for the second slot)
+    const int bq = (m >> 1) & 3, n = m & 1;
+    const u32 selb = bq | (bq << 4) | ((4 + bq) << 8) | ((4 + bq) << 12);
+    const u32 t01 = __byte_perm((m >> 3) ? ch.hb[0].y : ch.hb[0].x, (m >> 3) ? ch.hb[1].y : ch.hb[1].x, selb)
+                    << (4 - 2 * n);
+    const u32 t23 = __byte_perm((m >> 3) ? ch.hb[2].y : ch.hb[2].x, (m >> 3) ? ch.hb[3].y : ch.hb[3].x, selb)
+                    << (4 - 2 * n);
+    const u32 a0 = (p & 0x000F000Fu) | (t01 & 0x00300030u), a1 = (p & 0x00F000F0u) | (t01 & 0x03000300u);
+    const u32 a2 = (pq & 0x000F000Fu) | (t23 & 0x00300030u), a3 = (pq & 0x00F000F0u) | (t23 & 0x03000300u);
+    const u32 b01 = n ? b01o : b01e, b23 = n ? b23o : b23e;
 #else
     const u32 a0 = p & 0x000F000Fu, a1 = p & 0x00F000F0u, a2 = pq & 0x000F000Fu, a3 = pq & 0x00F000F0u;
 #endif
@@ -238,15 +277,25 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float& b
   }
 }
 
+#if TYPE == 6
+typedef uint2 HighWord;  // the lane's top bit pairs of one column
+#else
+typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
+#endif
+
 // Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4,
-// (Q5_K) fifth bits hq + col 8.
-__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const u32* hq, const int* col) {
+// (Q5_K, Q6_K) high bits hq + col 8, (Q6_K) d dr + col.
+__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const HighWord* hq,
+                                              const unsigned short* dr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load16<QLOAD>(qr + col[i] * 4);
     ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
-#if TYPE == 5
+#if TYPE == 5 || TYPE == 6
     ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
+#endif
+#if TYPE == 6
+    ch.d[i] = __ldg(dr + col[i]);
 #endif
   }
 }
@@ -256,14 +305,18 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
   for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
 }
 
-// Weights of the full chunk whose slot 0 is at qp / hp / hqp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp, const u32* hqp) {
+// Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp, const HighWord* hqp,
+                                                const unsigned short* dp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load16<QLOAD>(qp + 16 * i);
     ch.h[i] = load16<HLOAD>(hp + 16 * i);
-#if TYPE == 5
+#if TYPE == 5 || TYPE == 6
     ch.hb[i] = __ldg(hqp + 32 * i);
+#endif
+#if TYPE == 6
+    ch.d[i] = __ldg(dp + 4 * i);
 #endif
   }
 }
@@ -272,7 +325,8 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
                 int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
-                int* __restrict__ counters, int N, int F, const u32* __restrict__ qh) {
+                int* __restrict__ counters, int N, int F, const u32* __restrict__ qh,
+                const unsigned short* __restrict__ dq) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int r = blockIdx.x, s = blockIdx.y;
@@ -280,13 +334,15 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // planes); head uint4 ((r / 4) K + col) 4 + r % 4
   const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
-  const u32* hq = qh + (size_t)r * K * 8 + g;  // (Q5_K) the lane's fifth-bit word of column col: hq[8 col]
+  // (Q5_K / Q6_K) the lane's high bits of column col: hq[8 col]; (Q6_K) its d: dr[col]
+  const HighWord* hq = reinterpret_cast<const HighWord*>(qh) + (size_t)r * K * 8 + g;
+  const unsigned short* dr = dq + (size_t)r * K;
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
   float c[ACC][4];
 #pragma unroll
   for (int m = 0; m < ACC; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
-  float bias = 0.0f;
+  float bias[2] = {0.0f, 0.0f};
   Chunk ch;
 #if MODE == 0
   const int first = s * per, hi = min(K, first + per);
@@ -297,8 +353,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* qp = qr + (j + t) * 4;
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
-  const u32* hqp = hq + (size_t)(j + t) * 8;
-  if (j < full_end) load_contiguous(ch, qp, hp, hqp);
+  const HighWord* hqp = hq + (size_t)(j + t) * 8;
+  const unsigned short* dp = dr + j + t;
+  if (j < full_end) load_contiguous(ch, qp, hp, hqp, dp);
 #if L2FIRST > 0
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
   const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
@@ -315,15 +372,16 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     qp += step * 4;
     hp += PROBE_HEADS ? 0 : step * 4;
     hqp += step * 8;
+    dp += step;
     xp += step;
 #if PIPE
     Chunk next;
-    if (j + step < full_end) load_contiguous(next, qp, hp, hqp);
+    if (j + step < full_end) load_contiguous(next, qp, hp, hqp, dp);
     compute(ch, c, bias, dec, g);
     ch = next;
 #else
     compute(ch, c, bias, dec, g);
-    if (j + step < full_end) load_contiguous(ch, qp, hp, hqp);
+    if (j + step < full_end) load_contiguous(ch, qp, hp, hqp, dp);
 #endif
   }
   if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
@@ -334,7 +392,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       ok[i] = j + slot_pos[i] < hi;
       col[i] = ok[i] ? j + slot_pos[i] : j;
     }
-    load_gathered(ch, qr, hr, hq, col);
+    load_gathered(ch, qr, hr, hq, dr, col);
     load_x(ch, x, col, ok);
     compute(ch, c, bias, dec, g);
   }
@@ -364,7 +422,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #if PIPE
   if (j < n) {
     columns(j, col, ok);
-    load_gathered(ch, qr, hr, hq, col);
+    load_gathered(ch, qr, hr, hq, dr, col);
     load_x(ch, x, col, ok);
     read_entries(j + stride);
   }
@@ -374,7 +432,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       int ncol[4];
       bool nok[4];
       columns(j + stride, ncol, nok);
-      load_gathered(next, qr, hr, hq, ncol);
+      load_gathered(next, qr, hr, hq, dr, ncol);
       load_x(next, x, ncol, nok);
       read_entries(j + 2 * stride);
     }
@@ -384,7 +442,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #else
   for (; j < n; j += stride) {
     columns(j, col, ok);
-    load_gathered(ch, qr, hr, hq, col);
+    load_gathered(ch, qr, hr, hq, dr, col);
     load_x(ch, x, col, ok);
     if (j + stride < n) read_entries(j + stride);
     compute(ch, c, bias, dec, g);
@@ -394,11 +452,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
   // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
   __shared__ float rows_sum[WARPS][256];
-  __shared__ float bias_sum[WARPS][8];
-  float bsum = bias;
-  bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
-  bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
-  if (t == 0) bias_sum[warp][g] = bsum;
+  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K; 0 otherwise)][32-row group]
+#pragma unroll
+  for (int e = 0; e < (TYPE == 6 ? 2 : 1); ++e) {
+    float bsum = bias[e];
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
+    if (t == 0) bias_sum[warp][e][g] = bsum;
+  }
 #pragma unroll
   for (int m = 0; m < 16; ++m) {
     if ((m >> 2) == t) {
@@ -413,7 +474,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       v += rows_sum[w][i];
-      bj += bias_sum[w][i >> 5];
+      bj += bias_sum[w][TYPE == 6 ? (i >> 4) & 1 : 0][i >> 5];
     }
     part[(size_t)s * NP + 256 * r + i] = v - bj;
   }
