@@ -104,3 +104,38 @@ def test_zigzag_cuda_q5k(rng, sparsity):
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+def test_q5k_planes_dequant_kernel(rng, device, monkeypatch):
+    """kg.dequantize on the Q5_K CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
+        qw = _random_blocks(rng, "q5_k", shape)
+        qw = type(qw)(qw.blocks.to(device), "q5_k", "zigzag", shape)
+        gw = gpu_layout_q5k.repack(qw, device)
+        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        kg.dequantize(gw, torch.float32, out=out)
+        assert torch.equal(out, qw.dequantize()), shape
+
+
+@pytest.mark.gpu
+def test_q5k_linear_runs_on_the_cuda_gemv(rng):
+    """A zigzag Q5_K map on CUDA in fp16 runs on the CUDA GEMV (CudaQ5KLinear): one token (B2) and
+    several (dequantize + cuBLAS) equal the float64 product within fp16's rounding of x, W x and y."""
+    import spqt
+    from spqt.checkpoint import QuantizedWeight
+    from spqt.kernels.gpu_linear import CudaQ5KLinear
+    from spqt.linear import Linear
+
+    w = rng.standard_normal((1000, 777)).astype(np.float32) / 28
+    qw = QuantizedWeight(torch.from_numpy(spqt.quantize(w, "q5_k", "zigzag")), "q5_k", "zigzag", w.shape)
+    lin = Linear(qw, torch.float16, "cuda", backend="triton")
+    assert isinstance(lin.impl, CudaQ5KLinear)
+    ref = qw.dequantize().double()
+    for tokens in (1, 3):
+        x = torch.from_numpy(rng.standard_normal((tokens, 777)).astype(np.float32)).half()
+        y = lin(x.cuda()).double().cpu()
+        want = x.double() @ ref.T
+        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))

@@ -198,13 +198,18 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
 
 
 def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[list[GpuZigzag], torch.Tensor]:
-    """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x."""
+    """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x.
+    Q5_K where the CUDA GEMV runs: its layout (gpu_layout_q5k), as the runtime runs it (CudaQ5KLinear)."""
+    from spqt.kernels import gpu_layout_q5k, zigzag_cuda
+
     n, k = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
-    gw = repack_types(QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape), "cuda")
+    qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
+    cuda_q5k = fmt == "q5_k" and zigzag_cuda.choice() != "triton" and zigzag_cuda.usable()
+    gw = gpu_layout_q5k.repack(qw, "cuda") if cuda_q5k else repack_types(qw, "cuda")
     del w
-    arrays = [f for f in ("quants", "d", "high", "scales", "head") if getattr(gw, f) is not None]
+    arrays = [f for f in ("quants", "d", "high", "scales", "head", "fifth") if getattr(gw, f, None) is not None]
     copies = [gw] + [dataclasses.replace(gw, **{f: getattr(gw, f).clone() for f in arrays})
                      for _ in range(max(2, -(-4 * l2_bytes // gw.nbytes)) - 1)]
     return copies, torch.randn(k, device="cuda", generator=g).half()
@@ -215,19 +220,28 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
     default or tuned configs of its variants."""
     n, k = ws[0].shape
     fmt = ws[0].fmt
-    cd = tuning.config(f"zigzag_dense_{fmt}", n, k)
-    cs = tuning.config(f"zigzag_sparse_{fmt}", n, k)
-    ws_d = zt.TypesWorkspace(ws[0], cd["split"], torch.float16)
-    ws_s = zt.TypesWorkspace(ws[0], cs["split"], torch.float16)
+    if hasattr(ws[0], "fifth"):  # Q5_K in the CUDA GEMV's layout: the Q4_K table's configs, as CudaQ5KLinear
+        cd, cs = tuning.config("zigzag_dense", n, k), tuning.config("zigzag_sparse", n, k)
+        ws_d, ws_s = kg.ZigzagWorkspace(ws[0], cd["split"], torch.float16), kg.ZigzagWorkspace(ws[0], cs["split"], torch.float16)
+
+        def gemv(w, mode, wsp, cfg, **kw):
+            return kg.gemv_zigzag(w, x, mode, wsp, **tuning.launch_args(cfg), **kw)
+    else:
+        cd = tuning.config(f"zigzag_dense_{fmt}", n, k)
+        cs = tuning.config(f"zigzag_sparse_{fmt}", n, k)
+        ws_d = zt.TypesWorkspace(ws[0], cd["split"], torch.float16)
+        ws_s = zt.TypesWorkspace(ws[0], cs["split"], torch.float16)
+
+        def gemv(w, mode, wsp, cfg, **kw):
+            return zt.gemv(w, x, mode, wsp, **tuning.types_launch_args(cfg), **kw)
     out = []
     for s in sparsities:
         t = torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.tensor(-1.0, device="cuda")
         active = float((x.float().abs() > t).float().mean())
         calls = {
-            "B2": lambda w: zt.gemv(w, x, zt.MODE_DENSE, ws_d, **tuning.types_launch_args(cd)),
-            "B4": lambda w: (collect(x, t, ws_s.idx, ws_s.count),
-                             zt.gemv(w, x, zt.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
-                                     **tuning.types_launch_args(cs))),
+            "B2": lambda w: gemv(w, zt.MODE_DENSE, ws_d, cd),
+            "B4": lambda w, t=t: (collect(x, t, ws_s.idx, ws_s.count),
+                                  gemv(w, zt.MODE_INDEXED, ws_s, cs, idx=ws_s.idx, count=ws_s.count)),
         }
         for v in ("B2", "B4"):
             if v not in variants or (s > 0 and v == "B2"):

@@ -109,12 +109,14 @@ def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, magic, SPARSE: tl.c
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr):
+def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr,
+                    f_ptr=None, FIFTH: tl.constexpr = False):
     """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc);
     weight e = 32 j + i of a block (sub-block j) sits in the word and bit the layout says
     (gpu_layout.py): row layout word e // 8, bits 4 (e % 8); zigzag byte 16 g + m for
     e = 16 m + 8 h + g, bits 4 h of that byte. Heads: row layout block bid, zigzag grouped
-    (zigzag_mma.head_index)."""
+    (zigzag_mma.head_index). FIFTH (zigzag Q5_K, gpu_layout_q5k.py): the level's fifth bit from
+    word g of the block's fifth-bit words, bit 8 (m // 4) + m % 4 + 4 h."""
     bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mb = bid < TOTAL
     rr = bid // COLS
@@ -134,6 +136,10 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
     else:
         words = tl.load(q_ptr + bid[:, None, None] * 32 + word, mask=mb[:, None, None], other=0)
     level = (words >> shift) & 15
+    if FIFTH:
+        fw = tl.load(f_ptr + bid[:, None, None] * 8 + e % 8, mask=mb[:, None, None], other=0)
+        m16 = e // 16
+        level = level | (((fw >> (8 * (m16 // 4) + m16 % 4 + 4 * ((e // 8) % 2))) & 1) << 4)
     d, dmin, w1, w2, w3 = load_head(h_ptr, zigzag_mma.head_index(rr, cc, COLS) if ZIGZAG else bid, mb)
     sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
     w = (d[:, None] * sc)[:, :, None] * level.to(tl.float32) - (dmin[:, None] * mn)[:, :, None]
@@ -263,12 +269,15 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
 
 
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM."""
+    """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
+    zigzag Q5_K in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
     total = rows * cols
     block_b = 16
+    fifth = getattr(w, "fifth", None)
     _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
-                                                     ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4)
+                                                     ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4,
+                                                     f_ptr=fifth, FIFTH=fifth is not None)
     return out

@@ -3,7 +3,8 @@ for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for sev
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
-TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py)."""
+TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
+CudaQ5KLinear: zigzag Q5_K on the CUDA GEMV (zigzag_q4k.cu TYPE 5) where it runs (fp16, sm_80+, NVRTC)."""
 
 import torch
 
@@ -135,3 +136,20 @@ class TritonZigzagTypesLinear(TritonLinear):
         ws = self.ws_sparse
         return zt.gemv(self.w, v, zt.MODE_INDEXED, ws, **tuning.types_launch_args(self.cfg_sparse), idx=ws.idx,
                        count=ws.count, **epilogue)
+
+
+class CudaQ5KLinear(TritonLinear):
+    """A zigzag Q5_K map on the CUDA GEMV (gpu_layout_q5k.py; dispatch picks it for fp16 where
+    zigzag_cuda.usable()): one token through gemv_zigzag, which runs this layout on the CUDA kernel
+    whatever impl the config names; the configs and crossovers are the Q4_K table's of the shape
+    (the same kernel, 176-byte instead of 144-byte blocks); several tokens: the dequant kernel, cuBLAS."""
+
+    def __init__(self, weight, dtype: torch.dtype, device: str):
+        from spqt.kernels import gpu_layout_q5k
+
+        if dtype != torch.float16:
+            raise ValueError("the Q5_K CUDA GEMV takes fp16 activations")
+        self.w = _kernel_weight(weight, gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q5k.repack, device)
+        self.n, self.k = weight.shape
+        self.fuses_norm = True
+        self._zigzag_setup("", kg.ZigzagWorkspace, dtype, device)
