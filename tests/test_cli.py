@@ -93,6 +93,12 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "cuda"], "no CUDA GPU")
 
 
+def test_bench_unknown_type_is_one_line(capsys):
+    """Checked before the GPU is looked for, so it runs here."""
+    for what in ("gemv", "decode"):
+        _error(capsys, ["bench", what, "--types", "q4_k,q9_k", "--model", "synthetic:llama2-7b"], "unknown weight types ['q9_k']")
+
+
 def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)

@@ -32,7 +32,10 @@ SYNTHETIC = {
 }
 
 
-def synthetic_model(name: str, layout: str, max_seq_len: int = 512) -> LoadedModel:
+def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "q4_k") -> LoadedModel:
+    """fmt q4_k: each layer's maps in the Q4_K kernel layout (GpuQ4K); another type (zigzag only): each layer
+    holds the same QuantizedWeight (blocks on the GPU) and its Linear repacks it into a buffer of its own, in
+    the layout the runtime's dispatch picks for the type."""
     if name not in SYNTHETIC:
         raise SpqtError(f"unknown synthetic model {name!r}; choose one of {', '.join(SYNTHETIC)}")
     cfg = ModelConfig(**SYNTHETIC[name], max_seq_len=max_seq_len)
@@ -42,7 +45,8 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512) -> LoadedMod
     prototypes = {}
     for kind, shape in shapes.items():
         w = torch.randn(*shape, device="cuda", generator=g) * shape[1] ** -0.5
-        prototypes[kind] = repack(QuantizedWeight(spqt.quantize(w, "q4_k", layout), "q4_k", layout, shape), "cuda")
+        qw = QuantizedWeight(spqt.quantize(w, fmt, layout), fmt, layout, shape)
+        prototypes[kind] = repack(qw, "cuda") if fmt == "q4_k" else qw
         del w
     weights = {"tok_embeddings": torch.randn(cfg.vocab_size, cfg.dim, device="cuda", generator=g).half(),
                "output": (torch.randn(cfg.vocab_size, cfg.dim, device="cuda", generator=g) * cfg.dim**-0.5).half(),
@@ -51,7 +55,7 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512) -> LoadedMod
         weights[f"layers.{i}.attention_norm"] = torch.ones(cfg.dim, device="cuda")
         weights[f"layers.{i}.ffn_norm"] = torch.ones(cfg.dim, device="cuda")
         for kind, p in prototypes.items():
-            weights[f"layers.{i}.{kind}"] = GpuQ4K(p.quants.clone(), p.head.clone(), layout, p.shape)
+            weights[f"layers.{i}.{kind}"] = GpuQ4K(p.quants.clone(), p.head.clone(), layout, p.shape) if fmt == "q4_k" else p
     tok = TokenizerSpec(tokenizer_json="{}")
     return LoadedModel(config=cfg, tokenizer=tok, weights=weights, parts={}, provenance={"synthetic": name})
 
@@ -114,13 +118,16 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
 
     model_arg = args.model or "default"
     layouts = [v.strip() for v in args.layouts.split(",")]
+    types = [v.strip() for v in (getattr(args, "types", None) or "q4_k").split(",")]
+    if types != ["q4_k"] and not model_arg.startswith("synthetic:"):
+        raise SpqtError("spqt bench decode --types: other types than q4_k run on synthetic models only")
     levels = [s for s in args.sparsity]
     copy_gbps = copy_bandwidth()
     log(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (read+write)")
     rows = []
-    for layout in layouts:
+    for fmt, layout in [(f, lay) for f in types for lay in layouts if f == "q4_k" or lay == "zigzag"]:
         if model_arg.startswith("synthetic:"):
-            loaded = synthetic_model(model_arg.split(":", 1)[1], layout, args.prompt_tokens + args.new_tokens + 8)
+            loaded = synthetic_model(model_arg.split(":", 1)[1], layout, args.prompt_tokens + args.new_tokens + 8, fmt)
         else:
             from spqt.default_model import default_spqt
 
@@ -150,13 +157,13 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
             needed = head + sum(lin.impl.w.nbytes * (1 - s if s > 0 and f"layers.{i}.{kind}" not in dense_maps else 1)
                                 for i, kind, lin in sparse_linears(gen.model))  # bytes a token must read
             sec = r["ms_per_token"] / 1e3
-            row = {"model": model_arg, "layout": layout, "variant": f"{layout}-{'sparse' if s else 'dense'}",
+            row = {"model": model_arg, "type": fmt, "layout": layout, "variant": f"{layout}-{'sparse' if s else 'dense'}",
                    "sparsity": s, **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps)}
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
-            log(f"{model_arg:20s} {row['variant']:14s} s={s:4.2f} {r['ms_per_token']:8.3f} ms/token "
+            log(f"{model_arg:20s} {fmt} {row['variant']:14s} s={s:4.2f} {r['ms_per_token']:8.3f} ms/token "
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")

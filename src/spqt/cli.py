@@ -394,24 +394,26 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from spqt.bench import GEMV_TYPES
     from spqt.generate import resolve_device
 
+    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    unknown = [t for t in types if t not in GEMV_TYPES]
+    if unknown or not types:
+        raise SpqtError(f"unknown weight types {unknown}; choose from {', '.join(GEMV_TYPES)}")
+    args.types = ",".join(types)
     if resolve_device("cuda") != "cuda":
         raise SpqtError("spqt bench needs a CUDA GPU")
     for s in args.sparsity:
         if not 0 <= s < 1:
             raise SpqtError(f"sparsity must be in [0, 1), got {s}")
     if args.what == "gemv":
-        from spqt.bench import GEMV_TYPES, VARIANTS, parse_shapes, run_gemv_benchmark
+        from spqt.bench import VARIANTS, parse_shapes, run_gemv_benchmark
 
         variants = [v.strip() for v in args.variants.split(",")]
         unknown = [v for v in variants if v not in VARIANTS]
         if unknown:
             raise SpqtError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-        types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
-        unknown = [t for t in types if t not in GEMV_TYPES]
-        if unknown or not types:
-            raise SpqtError(f"unknown GEMV types {unknown}; choose from {', '.join(GEMV_TYPES)}")
         run_gemv_benchmark(parse_shapes(args.shapes), args.sparsity, variants, args.json, args.plot, types=types)
         return 0
     from spqt.bench_decode import run_decode_benchmark
@@ -609,8 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b", help="model names or NxK, comma-separated")
     p.add_argument("--sparsity", type=_floats, default=[0, 0.25, 0.4, 0.5, 0.65])
     p.add_argument("--variants", default="B0,B1,B2,B3,B4,fp16")
-    p.add_argument("--types", default="q4_k", help="gemv: weight types, comma-separated: q4_k (every variant), "
-                   "q8_0, q6_k, q5_k (zigzag B2 and B4)")
+    p.add_argument("--types", default="q4_k", help="weight types, comma-separated: q4_k (gemv: every variant), "
+                   "q8_0, q6_k, q5_k (gemv: zigzag B2 and B4; decode: synthetic models, zigzag)")
     p.add_argument("--model", default=None, help="decode: a model file or synthetic:llama2-7b etc.")
     p.add_argument("--layouts", default="row,zigzag")
     p.add_argument("--prompt-tokens", type=int, default=10)
