@@ -150,7 +150,8 @@ class CudaKQuantLinear(TritonLinear):
 
         layout = zigzag_cuda.kquant_layout(weight.fmt)
         if layout is None or weight.layout != "zigzag":
-            raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q5_k / q6_k, not {weight.layout} {weight.fmt}")
+            raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q5_k / q6_k, not {weight.layout} "
+                             f"{weight.fmt}")
         if dtype != torch.float16:
             raise ValueError(f"the {weight.fmt} CUDA GEMV takes fp16 activations")
         self.w = _kernel_weight(weight, *layout, device)
