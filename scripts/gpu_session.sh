@@ -273,14 +273,17 @@ case "$stage" in
     echo "measure5 stage: $(( $(date +%s) - start )) s"
     ;;
   final5)
-    # On a fresh machine: every gpu test (timed: the one-call bar), then the Q5_K CUDA GEMV against the
-    # Triton type kernel (scripts/cuda_q5k_probe.py).
+    # On a fresh machine: every gpu test (timed: the one-call bar), then the Q5_K and Q6_K CUDA GEMV against
+    # the Triton type kernel (scripts/cuda_types_probe.py; PROBE_TYPES picks the types, in that order).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
-    [ $left -gt 20 ] && timeout $left python3 scripts/cuda_q5k_probe.py --shapes ${Q5_SHAPES:-28672x8192,8192x28672,57344x8192,22016x4096,4096x4096} \
-      --json "$OUT/cuda-q5k-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-q5k-probe.log"
+    for t in ${PROBE_TYPES:-q5_k q6_k}; do
+      left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
+      [ $left -gt 20 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t \
+        --shapes ${Q5_SHAPES:-28672x8192,8192x28672,57344x8192,22016x4096,4096x4096} \
+        --json "$OUT/cuda-${t/_/}-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-${t/_/}-probe.log"
+    done
     echo "final5 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;

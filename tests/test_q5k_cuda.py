@@ -1,7 +1,8 @@
 """Zigzag Q5_K on the CUDA GEMV (zigzag_q4k.cu, TYPE 5; kernels/gpu_layout_q5k.py): the layout is
 exact, the kernel's assembly of each tensor-core fragment from it gives every lane the right five
 bits (emulated here bit for bit, on the CPU), and on the GPU (`gpu`) B2 and B4 against the float64
-product of the dequantized matrix, with poisoned outputs, as the Q4_K CUDA test."""
+product of the dequantized matrix, with poisoned outputs, as the Q4_K CUDA test. The runtime's
+CudaKQuantLinear (Q5_K and Q6_K) on the CPU interpreter (several tokens) and on the GPU (`gpu`)."""
 
 import numpy as np
 import pytest
@@ -121,21 +122,40 @@ def test_q5k_planes_dequant_kernel(rng, device, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_q5k_linear_runs_on_the_cuda_gemv(rng):
-    """A zigzag Q5_K map on CUDA in fp16 runs on the CUDA GEMV (CudaQ5KLinear): one token (B2) and
+@pytest.mark.parametrize("fmt", ["q5_k", "q6_k"])
+def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
+    """A zigzag Q5_K / Q6_K map on CUDA in fp16 runs on the CUDA GEMV (CudaKQuantLinear): one token (B2) and
     several (dequantize + cuBLAS) equal the float64 product within fp16's rounding of x, W x and y."""
     import spqt
     from spqt.checkpoint import QuantizedWeight
-    from spqt.kernels.gpu_linear import CudaQ5KLinear
+    from spqt.kernels import zigzag_cuda
+    from spqt.kernels.gpu_linear import CudaKQuantLinear
     from spqt.linear import Linear
 
     w = rng.standard_normal((1000, 777)).astype(np.float32) / 28
-    qw = QuantizedWeight(torch.from_numpy(spqt.quantize(w, "q5_k", "zigzag")), "q5_k", "zigzag", w.shape)
+    qw = QuantizedWeight(torch.from_numpy(spqt.quantize(w, fmt, "zigzag")), fmt, "zigzag", w.shape)
     lin = Linear(qw, torch.float16, "cuda", backend="triton")
-    assert isinstance(lin.impl, CudaQ5KLinear)
+    assert isinstance(lin.impl, CudaKQuantLinear) and isinstance(lin.impl.w, zigzag_cuda.kquant_layout(fmt)[0])
     ref = qw.dequantize().double()
     for tokens in (1, 3):
         x = torch.from_numpy(rng.standard_normal((tokens, 777)).astype(np.float32)).half()
         y = lin(x.cuda()).double().cpu()
         want = x.double() @ ref.T
         torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("fmt", ["q5_k", "q6_k"])
+def test_kquant_linear_prefill_interp(rng, fmt, monkeypatch):
+    """CudaKQuantLinear on the CPU (interpreter): the weight lands in its type's CUDA layout, and several
+    tokens (the dequant kernel, then the GEMM) equal the GEMM on the format's own decode exactly."""
+    from spqt.kernels import zigzag_cuda
+    from spqt.kernels.gpu_linear import CudaKQuantLinear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    qw = _random_blocks(rng, fmt, (300, 77))
+    lin = CudaKQuantLinear(qw, torch.float16, "cpu")
+    assert zigzag_cuda.in_kquant_layout(lin.w) and lin.w.fmt == fmt
+    x = torch.from_numpy(rng.standard_normal((3, 77)).astype(np.float32)).half()
+    assert torch.equal(lin.dense(x), torch.nn.functional.linear(x, qw.dequantize().half()))
+    with pytest.raises(ValueError, match="fp16"):
+        CudaKQuantLinear(qw, torch.float32, "cpu")

@@ -119,3 +119,17 @@ def test_zigzag_cuda_q6k(rng, sparsity):
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+def test_q6k_planes_dequant_kernel(rng, device, monkeypatch):
+    """kg.dequantize on the Q6_K CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
+        qw = _random_blocks(rng, "q6_k", shape)
+        qw = type(qw)(qw.blocks.to(device), "q6_k", "zigzag", shape)
+        gw = gpu_layout_q6k.repack(qw, device)
+        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        kg.dequantize(gw, torch.float32, out=out)
+        assert torch.equal(out, qw.dequantize()), shape

@@ -22,6 +22,7 @@ import spqt
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
+from spqt.kernels import zigzag_cuda
 from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
 from spqt.kernels.fused import rms_norm, rms_norm_collect
@@ -197,22 +198,25 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
     return out
 
 
+def weight_copies(w, count: int) -> list:
+    """w and count - 1 copies of it (every tensor field of its dataclass cloned): rotated so that a
+    timed sequence reads weights that are not in L2."""
+    tensors = [f.name for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)]
+    return [w] + [dataclasses.replace(w, **{f: getattr(w, f).clone() for f in tensors}) for _ in range(count - 1)]
+
+
 def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[list[GpuZigzag], torch.Tensor]:
     """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x.
-    Q5_K where the CUDA GEMV runs: its layout (gpu_layout_q5k), as the runtime runs it (CudaQ5KLinear)."""
-    from spqt.kernels import gpu_layout_q5k, zigzag_cuda
-
+    Q5_K / Q6_K where the CUDA GEMV runs: its layouts (zigzag_cuda.kquant_layout), as the runtime runs
+    them (CudaKQuantLinear)."""
     n, k = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
     qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
-    cuda_q5k = fmt == "q5_k" and zigzag_cuda.choice() != "triton" and zigzag_cuda.usable()
-    gw = gpu_layout_q5k.repack(qw, "cuda") if cuda_q5k else repack_types(qw, "cuda")
+    layout = zigzag_cuda.kquant_layout(fmt) if zigzag_cuda.choice() != "triton" and zigzag_cuda.usable() else None
+    gw = layout[1](qw, "cuda") if layout is not None else repack_types(qw, "cuda")
     del w
-    arrays = [f for f in ("quants", "d", "high", "scales", "head", "fifth") if getattr(gw, f, None) is not None]
-    copies = [gw] + [dataclasses.replace(gw, **{f: getattr(gw, f).clone() for f in arrays})
-                     for _ in range(max(2, -(-4 * l2_bytes // gw.nbytes)) - 1)]
-    return copies, torch.randn(k, device="cuda", generator=g).half()
+    return weight_copies(gw, max(2, -(-4 * l2_bytes // gw.nbytes))), torch.randn(k, device="cuda", generator=g).half()
 
 
 def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants) -> list[dict]:
@@ -220,7 +224,7 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
     default or tuned configs of its variants."""
     n, k = ws[0].shape
     fmt = ws[0].fmt
-    if hasattr(ws[0], "fifth"):  # Q5_K in the CUDA GEMV's layout: the Q4_K table's configs, as CudaQ5KLinear
+    if zigzag_cuda.in_kquant_layout(ws[0]):  # Q5_K / Q6_K on the CUDA GEMV: the Q4_K table's configs, as the runtime
         cd, cs = tuning.config("zigzag_dense", n, k), tuning.config("zigzag_sparse", n, k)
         ws_d, ws_s = kg.ZigzagWorkspace(ws[0], cd["split"], torch.float16), kg.ZigzagWorkspace(ws[0], cs["split"], torch.float16)
 

@@ -41,16 +41,17 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
             from spqt.kernels.reference import ReferenceLinear
 
             return ReferenceLinear(weight, dtype, device)
-        from spqt.kernels.gpu_linear import CudaQ5KLinear, TritonLinear, TritonZigzagTypesLinear
+        from spqt.kernels.gpu_linear import CudaKQuantLinear, TritonLinear, TritonZigzagTypesLinear
 
         from spqt.kernels.gpu_layout_types import GpuZigzag
 
-        if (isinstance(weight, QuantizedWeight) and weight.fmt == "q5_k" and weight.layout == "zigzag"
-                and dtype == torch.float16 and str(device).startswith("cuda")):
+        if (isinstance(weight, QuantizedWeight) and weight.layout == "zigzag" and dtype == torch.float16
+                and str(device).startswith("cuda")):
             from spqt.kernels import zigzag_cuda
 
-            if zigzag_cuda.choice() != "triton" and zigzag_cuda.usable(torch.device(device)):
-                return CudaQ5KLinear(weight, dtype, device)
+            if (zigzag_cuda.kquant_layout(weight.fmt) is not None and zigzag_cuda.choice() != "triton"
+                    and zigzag_cuda.usable(torch.device(device))):
+                return CudaKQuantLinear(weight, dtype, device)
         if isinstance(weight, GpuZigzag) or (isinstance(weight, QuantizedWeight) and weight.fmt != "q4_k"):
             return TritonZigzagTypesLinear(weight, dtype, device)
         return TritonLinear(weight, dtype, device)

@@ -110,13 +110,16 @@ def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, magic, SPARSE: tl.c
 
 @triton.jit
 def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr,
-                    f_ptr=None, FIFTH: tl.constexpr = False):
+                    f_ptr=None, FIFTH: tl.constexpr = False, d_ptr=None, SIX: tl.constexpr = False):
     """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc);
     weight e = 32 j + i of a block (sub-block j) sits in the word and bit the layout says
     (gpu_layout.py): row layout word e // 8, bits 4 (e % 8); zigzag byte 16 g + m for
     e = 16 m + 8 h + g, bits 4 h of that byte. Heads: row layout block bid, zigzag grouped
     (zigzag_mma.head_index). FIFTH (zigzag Q5_K, gpu_layout_q5k.py): the level's fifth bit from
-    word g of the block's fifth-bit words, bit 8 (m // 4) + m % 4 + 4 h."""
+    word g of the block's fifth-bit words, bit 8 (m // 4) + m % 4 + 4 h. SIX (zigzag Q6_K,
+    gpu_layout_q6k.py): the top bit pair from word 2 g + m // 8 of f_ptr's (R, K, 16) int32, bits
+    8 ((m // 2) % 4) + 2 (m % 2) + 4 h; h_ptr the grouped scales as int8 (16 a block at unit head_index),
+    d_ptr (R, K) fp16; w = d sc[m] (q - 32)."""
     bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mb = bid < TOTAL
     rr = bid // COLS
@@ -140,9 +143,18 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
         fw = tl.load(f_ptr + bid[:, None, None] * 8 + e % 8, mask=mb[:, None, None], other=0)
         m16 = e // 16
         level = level | (((fw >> (8 * (m16 // 4) + m16 % 4 + 4 * ((e // 8) % 2))) & 1) << 4)
-    d, dmin, w1, w2, w3 = load_head(h_ptr, zigzag_mma.head_index(rr, cc, COLS) if ZIGZAG else bid, mb)
-    sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
-    w = (d[:, None] * sc)[:, :, None] * level.to(tl.float32) - (dmin[:, None] * mn)[:, :, None]
+    if SIX:
+        m16 = e // 16
+        hw = tl.load(f_ptr + bid[:, None, None] * 16 + 2 * (e % 8) + m16 // 8, mask=mb[:, None, None], other=0)
+        level = level | (((hw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3) << 4)
+        unit = zigzag_mma.head_index(rr, cc, COLS)
+        sc6 = tl.load(h_ptr + unit[:, None, None] * 16 + m16, mask=mb[:, None, None], other=0).to(tl.float32)
+        d6 = tl.load(d_ptr + bid, mask=mb, other=0.0).to(tl.float32)
+        w = (d6[:, None, None] * sc6) * (level - 32).to(tl.float32)  # formats/q6_k.decode's order: exact
+    else:
+        d, dmin, w1, w2, w3 = load_head(h_ptr, zigzag_mma.head_index(rr, cc, COLS) if ZIGZAG else bid, mb)
+        sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
+        w = (d[:, None] * sc)[:, :, None] * level.to(tl.float32) - (dmin[:, None] * mn)[:, :, None]
     if ZIGZAG:
         row = rr[:, None, None] * 256 + e
         col = cc[:, None, None] + e * 0
@@ -270,14 +282,19 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
 
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
-    zigzag Q5_K in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes)."""
+    zigzag Q5_K / Q6_K in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
     total = rows * cols
     block_b = 16
+    grid = (triton.cdiv(total, block_b),)
+    if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
+        _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,
+                              BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True)
+        return out
     fifth = getattr(w, "fifth", None)
-    _dequant_kernel[(triton.cdiv(total, block_b),)](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
-                                                     ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4,
-                                                     f_ptr=fifth, FIFTH=fifth is not None)
+    _dequant_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
+                          ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4,
+                          f_ptr=fifth, FIFTH=fifth is not None)
     return out

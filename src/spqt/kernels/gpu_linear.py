@@ -4,7 +4,7 @@ A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (on
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
-CudaQ5KLinear: zigzag Q5_K on the CUDA GEMV (zigzag_q4k.cu TYPE 5) where it runs (fp16, sm_80+, NVRTC)."""
+CudaKQuantLinear: zigzag Q5_K / Q6_K on the CUDA GEMV (zigzag_q4k.cu TYPE 5 / 6) where it runs (fp16, sm_80+, NVRTC)."""
 
 import torch
 
@@ -138,18 +138,23 @@ class TritonZigzagTypesLinear(TritonLinear):
                        count=ws.count, **epilogue)
 
 
-class CudaQ5KLinear(TritonLinear):
-    """A zigzag Q5_K map on the CUDA GEMV (gpu_layout_q5k.py; dispatch picks it for fp16 where
-    zigzag_cuda.usable()): one token through gemv_zigzag, which runs this layout on the CUDA kernel
-    whatever impl the config names; the configs and crossovers are the Q4_K table's of the shape
-    (the same kernel, 176-byte instead of 144-byte blocks); several tokens: the dequant kernel, cuBLAS."""
+class CudaKQuantLinear(TritonLinear):
+    """A zigzag Q5_K or Q6_K map on the CUDA GEMV (its layout by weight.fmt: zigzag_cuda.kquant_layout;
+    dispatch picks it for fp16 where zigzag_cuda.usable()): one token through gemv_zigzag, which runs
+    these layouts on the CUDA kernel whatever impl the config names; the configs and crossovers are the
+    Q4_K table's of the shape (the same kernel, 176- / 210-byte instead of 144-byte blocks); several
+    tokens: the dequant kernel, cuBLAS."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
-        from spqt.kernels import gpu_layout_q5k
+        from spqt.kernels import zigzag_cuda
 
+        layout = zigzag_cuda.kquant_layout(weight.fmt)
+        if layout is None or weight.layout != "zigzag":
+            raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q5_k / q6_k, not {weight.layout} "
+                             f"{weight.fmt}")
         if dtype != torch.float16:
-            raise ValueError("the Q5_K CUDA GEMV takes fp16 activations")
-        self.w = _kernel_weight(weight, gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q5k.repack, device)
+            raise ValueError(f"the {weight.fmt} CUDA GEMV takes fp16 activations")
+        self.w = _kernel_weight(weight, *layout, device)
         self.n, self.k = weight.shape
         self.fuses_norm = True
         self._zigzag_setup("", kg.ZigzagWorkspace, dtype, device)

@@ -33,6 +33,21 @@ def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple =
             f"-DTYPE={bits}") + tuple(extra)
 
 
+def kquant_layout(fmt: str | None):
+    """(planes class, repack) of this GEMV's own layout of a zigzag Q5_K / Q6_K matrix (gpu_layout_q5k,
+    gpu_layout_q6k; TYPE 5 / 6), or None for another format (Q4_K: gpu_layout's GpuQ4K)."""
+    from spqt.kernels import gpu_layout_q5k, gpu_layout_q6k
+
+    return {"q5_k": (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q5k.repack),
+            "q6_k": (gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q6k.repack)}.get(fmt)
+
+
+def in_kquant_layout(w) -> bool:
+    """Whether w is a zigzag Q5_K / Q6_K matrix already in this GEMV's layout (kquant_layout)."""
+    layout = kquant_layout(getattr(w, "fmt", None))
+    return layout is not None and isinstance(w, layout[0])
+
+
 def fusable(n: int, epilogue: int) -> bool:
     """Whether the kernel can finish y itself: SwiGLU needs F = N / 2 a multiple of 256 (an output
     tile's up rows then lie in one superblock row)."""

@@ -1,14 +1,13 @@
-"""Zigzag Q5_K: the CUDA GEMV (zigzag_q4k.cu, TYPE 5) against the Triton type kernel (zigzag_types.py,
-its shipped or default config), B2 dense and B4 at 50 % (collection and reduction included, as
-`spqt bench gemv` times them), on the same random matrices (the Q5_K encoder on N(0, 1/K) weights):
-the best CUDA config of a sweep (splits of tuning.cuda_candidates, 2-8 warps, 16 or 2 accumulators),
-us, GB/s of the bytes read, % of copy, B4 over B2.
+"""Zigzag Q5_K or Q6_K: the CUDA GEMV (zigzag_q4k.cu, TYPE 5 / 6) against the Triton type kernel
+(zigzag_types.py, its shipped or default config), B2 dense and B4 at 50 % (collection and reduction
+included, as `spqt bench gemv` times them), on the same random matrices (the type's encoder on
+N(0, 1/K) weights): the best CUDA config of a sweep (splits of tuning.cuda_candidates, 2-8 warps,
+16 or 2 accumulators), us, GB/s of the bytes read, % of copy, B4 over B2.
 
-    python scripts/cuda_q5k_probe.py [--shapes 28672x8192,...] [--json out.json]
+    python scripts/cuda_types_probe.py [--type q5_k|q6_k] [--shapes 28672x8192,...] [--json out.json]
 """
 
 import argparse
-import dataclasses
 import json
 
 import torch
@@ -17,13 +16,14 @@ import spqt
 from spqt import bench
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout_q5k, tuning
+from spqt.kernels import tuning, zigzag_cuda
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout_types import repack as repack_types
 
 SHAPES = "4096x4096,22016x4096,4096x11008,28672x8192,8192x28672,57344x8192"
 
 parser = argparse.ArgumentParser()
+parser.add_argument("--type", default="q5_k", choices=("q5_k", "q6_k"))
 parser.add_argument("--shapes", default=SHAPES)
 parser.add_argument("--json")
 args = parser.parse_args()
@@ -36,20 +36,18 @@ for spec in args.shapes.split(","):
     n, k = (int(v) for v in spec.split("x"))
     g = torch.Generator(device="cuda").manual_seed(0)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
-    qw = QuantizedWeight(spqt.quantize(w, "q5_k", "zigzag"), "q5_k", "zigzag", (n, k))
+    qw = QuantizedWeight(spqt.quantize(w, args.type, "zigzag"), args.type, "zigzag", (n, k))
     del w
     x = torch.randn(k, device="cuda", generator=g).half()
     tri = repack_types(qw, "cuda")
     copies = max(2, -(-4 * l2 // tri.nbytes))
-    arrays = [f for f in ("quants", "d", "high", "scales", "head") if getattr(tri, f) is not None]
-    tris = [tri] + [dataclasses.replace(tri, **{f: getattr(tri, f).clone() for f in arrays}) for _ in range(copies - 1)]
+    tris = bench.weight_copies(tri, copies)
     res = {}
     for r in bench.bench_type_shape(tris, x, [0.0, 0.5], ("B2", "B4")):
         res["triton", r["variant"]] = r["us"]
     tris = None
-    cu = gpu_layout_q5k.repack(qw, "cuda")
-    cus = [cu] + [dataclasses.replace(cu, quants=cu.quants.clone(), head=cu.head.clone(), fifth=cu.fifth.clone())
-                  for _ in range(copies - 1)]
+    cu = zigzag_cuda.kquant_layout(args.type)[1](qw, "cuda")
+    cus = bench.weight_copies(cu, copies)
     t = torch.quantile(x.float().abs(), 0.5).reshape(())
     cands = [dict(c, pipe=0) for c in tuning.cuda_candidates("zigzag_dense", n, k)
              if c["num_warps"] > 1 and not c["pipe"] and not c["fused"]]
@@ -83,4 +81,4 @@ for spec in args.shapes.split(","):
     torch.cuda.empty_cache()
 if args.json:
     with open(args.json, "w") as f:
-        json.dump({"copy_gbs": copy, "commit": bench.git_commit(), "rows": rows}, f, indent=1)
+        json.dump({"type": args.type, "copy_gbs": copy, "commit": bench.git_commit(), "rows": rows}, f, indent=1)
