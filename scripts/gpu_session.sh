@@ -13,6 +13,7 @@
 #   scripts/gpu_session.sh last      gpu tests on a fresh machine, decode (DECODE_MODELS), the 7B step's GPU time at 50 %,
 #                                    the GEMV table of every weight type, then (time left) the other types tuned
 #   scripts/gpu_session.sh knobs     gpu tests on a fresh machine, the CUDA GEMV's -D knobs alone and in 7B decode steps
+#   scripts/gpu_session.sh types6    gpu tests on a fresh machine, the Q6_K CUDA GEMV probe, synthetic decode per type
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -285,6 +286,22 @@ case "$stage" in
         --json "$OUT/cuda-${t/_/}-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-${t/_/}-probe.log"
     done
     echo "final5 stage: $(( $(date +%s) - start )) s"
+    ;;
+  types6)
+    # On a fresh machine: every gpu test (timed), the Q6_K CUDA GEMV against the Triton type kernel, then
+    # synthetic decode per type (DECODE_TYPES) on the CUDA GEMV (Q5_K / Q6_K) or the Triton type kernels.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+    [ $left -gt 20 ] && timeout $(( left / 2 )) python3 scripts/cuda_types_probe.py --type q6_k \
+      --shapes ${Q6_SHAPES:-28672x8192,8192x28672,57344x8192,22016x4096} \
+      --json "$OUT/cuda-q6k-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-q6k-probe.log"
+    left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+    [ $left -gt 20 ] && timeout $left python3 -m spqt.cli bench decode --model synthetic:${DECODE_MODEL:-llama2-7b} \
+      --types ${DECODE_TYPES:-q6_k,q5_k,q4_k} --layouts zigzag --sparsity 0,0.5 --json "$OUT/decode-types.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/decode-types.log"
+    echo "types6 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
