@@ -14,6 +14,7 @@
 #                                    the GEMV table of every weight type, then (time left) the other types tuned
 #   scripts/gpu_session.sh knobs     gpu tests on a fresh machine, the CUDA GEMV's -D knobs alone and in 7B decode steps
 #   scripts/gpu_session.sh types6    gpu tests on a fresh machine, the Q6_K CUDA GEMV probe, synthetic decode per type
+#   scripts/gpu_session.sh cluster6  the cluster finish's gpu test, 7B steps before / after re-tuning with cluster configs
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -302,6 +303,26 @@ case "$stage" in
       --types ${DECODE_TYPES:-q6_k,q5_k,q4_k} --layouts zigzag --sparsity 0,0.5 --json "$OUT/decode-types.json" 2>&1 \
       | grep -v WARN | tee "$OUT/decode-types.log"
     echo "types6 stage: $(( $(date +%s) - start )) s"
+    ;;
+  cluster6)
+    # The cluster finish: its gpu test, whole 7B steps with the table as shipped, `spqt tune --cuda-against-table`
+    # on the 7B runtime shapes (cluster configs among the candidates), whole 7B steps again; the table to $OUT.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_kernels.py -k "${TESTS_K:-zigzag_cuda_kernel}" \
+      -n ${WORKERS:-5} -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|FAILED|Error" | tail -15
+    probe() {
+      echo "== $1"
+      timeout 100 python3 scripts/launch_probe.py --model synthetic:llama2-7b --sparsity 0,0.5 --max-len 146 \
+        --new-tokens 128 2>&1 | grep -v WARN | tail -2
+    }
+    probe "table as shipped" | tee "$OUT/launch-cluster.log"
+    timeout ${TUNE_TIMEOUT:-300} python3 -m spqt.cli tune --cuda-against-table --shapes "${TUNE_SHAPES:-12288x4096,4096x4096,22016x4096,4096x11008}" \
+      --output "$table" 2>&1 | grep -v WARN | tee "$OUT/tune.log" | grep -v "^wrote"
+    cp "$table" "$OUT/tuned.json"
+    probe "re-tuned, cluster candidates" | tee -a "$OUT/launch-cluster.log"
+    echo "cluster6 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

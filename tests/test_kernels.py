@@ -182,6 +182,8 @@ def test_zigzag_variants(rng, device, sparsity):
                 ws = kg.ZigzagWorkspace(gw, split, dtype)
                 for mode, x_used, name in ((kg.MODE_DENSE, x_dense, "B2"), (kg.MODE_STATIC, x_sparse, "B3"),
                                            (kg.MODE_INDEXED, x_sparse, "B4")):
+                    if device == "cpu" and name == "B2" and sparsity not in (0.0, 0.5):
+                        continue  # B2 ignores the level: the interpreter runs it at 0 and 50 % (every config)
                     ws.y.fill_(float("nan"))
                     ws.partials.fill_(float("nan"))
                     kw = dict(cfg)
@@ -201,11 +203,15 @@ def test_zigzag_variants(rng, device, sparsity):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_row_variants(rng, device, sparsity):
+    level = SPARSITIES.index(sparsity)
     for shape in shapes_for(device):
         qw, gw = _weights(rng, shape, "row", device)
-        for dtype in dtypes_for(device):
+        dtypes = dtypes_for(device)
+        for dtype in dtypes if device != "cpu" else dtypes[level % 2:][:1]:  # interpreter: one dtype a level, alternating
             x, t = _x(rng, shape[1], dtype, device, sparsity)
             for threshold, x_used, name in ((None, x.float(), "B0"), (t, reference.sparsify(x, t).float(), "B1")):
+                if device == "cpu" and name == "B0" and level > 1:
+                    continue  # B0 ignores the level: the interpreter runs it at the first two levels (each dtype once)
                 for cfg in ([{}] if device == "cpu" else [{"block_n": b * w, "num_warps": w} for w in (1, 2, 4)
                                                           for b in (4, 8)]):
                     out = torch.full((shape[0],), float("nan"), dtype=dtype, device=device)
@@ -492,7 +498,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     (defaults apply), a current one is used."""
     import json
 
-    from spqt.kernels import tuning
+    from spqt.kernels import tuning, zigzag_cuda
 
     for n, k in [(4096, 4096), (28672, 8192), (576, 192)]:
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: False)  # the Triton candidates alone (a GPU adds CUDA's)
@@ -502,15 +508,20 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert not (c["pipe"] and c["chunks"] != 1)  # gemv_zigzag refuses pipe with 2 chunks
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
                                                                             "acc", "pipe")} | {"impl": "triton",
-                                                                                               "fused": False}
+                                                                                               "fused": False,
+                                                                                               "cluster": False}
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
+        monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
         monkeypatch.undo()
-        assert cuda_configs
+        assert cuda_configs and any(c.get("cluster") for c in cuda_configs)
         for c in cuda_configs:
             assert c["impl"] == "cuda" and c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
             assert tuning.launch_args(c)["impl"] == "cuda" and c["pipe"] in (0, 1)
             assert tuning.launch_args(c)["fused"] == c["fused"]
+            assert tuning.launch_args(c)["cluster"] == c.get("cluster", False)
+            if c.get("cluster"):  # SwiGLU's cluster (2 x split) within the 16 programs sm_90 allows
+                assert not c["fused"] and zigzag_cuda.cluster_dims(2 * 256, 2, c["split"]) is not None
         # a table entry without the acc / pipe knobs was tuned with the 16-accumulator kernel
         assert tuning.launch_args({"num_warps": 1, "chunks": 1})["acc"] == 16
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
@@ -592,6 +603,8 @@ CUDA_CONFIGS = [(1, 1, 0, False, 16), (7, 2, 1, True, 16), (64, 4, 0, False, 16)
                 # fewer accumulator tiles (tiles share one, B masked to the column their rows want)
                 (1, 4, 0, False, 2), (7, 8, 1, False, 4), (64, 2, 1, True, 2),
                 (33, 8, 1, True, 16)]  # the last one also runs the epilogues below
+# thread block cluster finish (sm_90): (split, warps, pipe, acc); split 7: SwiGLU's cluster of 14 (non-portable)
+CLUSTER_CONFIGS = [(7, 4, 0, 2), (2, 8, 1, 16), (8, 2, 0, 16)]
 
 
 @pytest.mark.gpu
@@ -609,16 +622,21 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
         x, t = _x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, fused, acc in CUDA_CONFIGS:
+        clusters = zigzag_cuda.clusters_run(x.device)
+        for split, warps, pipe, fused, acc, cluster in ([c + (False,) for c in CUDA_CONFIGS]
+                                                        + [(s, w, p, False, a, True) for s, w, p, a in CLUSTER_CONFIGS]):
+            if cluster and not clusters:
+                continue  # below sm_90 (the H200 runs them; the CPU test compiles them)
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
                 ws.y.fill_(float("nan"))
                 ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused, "acc": acc}
+                kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused, "acc": acc, "cluster": cluster}
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} fused {fused} acc {acc} s={sparsity}"
+                what = (f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} fused {fused} acc {acc} "
+                        f"cluster {cluster} s={sparsity}")
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
@@ -630,14 +648,24 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
                     ws.y.fill_(float("nan"))
                     graph.replay()
                     assert torch.equal(out, y), f"{what}: graph replay differs"
-        if shape[0] % 2 == 0:  # the epilogues once per shape (B2, the last config, fused where N / 2 % 256 == 0):
-            # the finish against torch on the plain output (one more fp16 rounding there; SwiGLU's silu can
-            # amplify a relative error up to ~10x where the gate is very negative)
-            kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused}
+        # the epilogues once per shape (B2, the last CUDA_CONFIGS entry, fused where N / 2 % 256 == 0, and the first
+        # cluster config, a cluster where N / 2 % 256 == 0 for SwiGLU): the finish against torch on the plain output
+        # (one more fp16 rounding there; SwiGLU's silu can amplify a relative error up to ~10x where the gate is
+        # very negative)
+        finishes = [(CUDA_CONFIGS[-1][0], {"num_warps": CUDA_CONFIGS[-1][1], "pipe": CUDA_CONFIGS[-1][2], "fused": True})]
+        if clusters:
+            split, warps, pipe, acc = CLUSTER_CONFIGS[0]
+            finishes.append((split, {"num_warps": warps, "pipe": pipe, "acc": acc, "cluster": True}))
+        for split, kw in finishes if shape[0] % 2 == 0 else []:
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            kw = kw | {"impl": "cuda"}
+            ws.y.fill_(float("nan"))
             plain = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw).float()
             r = torch.randn(shape[0], device="cuda", dtype=torch.float16) * plain.abs().mean().half()
+            ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, residual=r).float()
             torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
+            ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, swiglu=True).float()
             f = shape[0] // 2
             want = (torch.nn.functional.silu(plain[:f]) * plain[f:]).half().float()  # overflows to inf as y does
@@ -678,6 +706,16 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
                 assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
                 if acc < 16:
                     assert regs <= 80, f"acc {acc}: {regs} registers a thread (125 with 16 accumulators)"
+    for mode, epilogue in ((zigzag_cuda.MODE_DENSE, 2), (zigzag_cuda.MODE_INDEXED, 1)):  # the cluster finish
+        cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(4, mode, 0, epilogue, acc=2,
+                                                                                        cluster=True), "sm_90")
+        sass, regs, stack = disassemble(cubin)
+        assert stack == 0 and sum("HMMA" in ln for ln in main_loop(sass, "HMMA")) == 16
+        assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
+    # cluster shapes: (1, split), SwiGLU (2, split) where N / 2 is a multiple of 256, at most 16 programs
+    assert zigzag_cuda.cluster_dims(4096, 0, 16) == (1, 16) and zigzag_cuda.cluster_dims(4096, 2, 8) == (2, 8)
+    assert zigzag_cuda.cluster_dims(4096, 2, 9) is None and zigzag_cuda.cluster_dims(4096, -1, 4) is None
+    assert zigzag_cuda.cluster_dims(1000, 2, 2) is None and zigzag_cuda.cluster_dims(1000, 1, 2) == (1, 2)
 
 
 def test_fused_choice_env(monkeypatch):

@@ -199,13 +199,15 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
+                residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
     impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, num_warps, pipe, acc and
     fused (a SwiGLU map whose N / 2 is not a multiple of 256 unfused); elsewhere Triton); the
-    environment's SPQT_GEMV=cuda|triton overrides it.
+    environment's SPQT_GEMV=cuda|triton overrides it. cluster (CUDA GEMV, sm_90): the split programs of an
+    output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
+    fused / reduction finish as configured).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K or Q6_K matrix in the CUDA GEMV's
@@ -245,12 +247,14 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
     if bits != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
-        fused = zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue)
+        cluster = (cluster and zigzag_cuda.clusters_run(x.device)
+                   and zigzag_cuda.cluster_dims(n, epilogue, ws.split) is not None)
+        fused = cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
         zigzag_cuda.launch(w.quants, w.scales if bits == 6 else w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)), d=getattr(w, "d", None),
-                           bits=bits)
+                           bits=bits, cluster=cluster)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

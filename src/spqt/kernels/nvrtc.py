@@ -106,32 +106,44 @@ def device_arch(device: torch.device) -> str:
 class Kernel:
     """One __global__ function of a cubin, loaded into the current CUDA context (torch's)."""
 
-    def __init__(self, cubin: bytes, name: str):
+    def __init__(self, cubin: bytes, name: str, large_clusters: bool = False):
+        """large_clusters: allow clusters of more than 8 programs (sm_90: up to 16)."""
         driver = _driver()
         torch.cuda.init()
         err, self.module = driver.cuModuleLoadData(cubin)
         _check(err, "cuModuleLoadData")
         err, self.function = driver.cuModuleGetFunction(self.module, name.encode())
         _check(err, f"cuModuleGetFunction({name})")
+        if large_clusters:
+            (err,) = driver.cuFuncSetAttribute(
+                self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
+            _check(err, "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
         self._driver = driver
 
-    def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False) -> None:
+    def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
+               cluster: tuple | None = None) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
-        with POINTER, ints with INT)."""
+        with POINTER, ints with INT); cluster: (x, y) programs a thread block cluster (sm_90), dividing grid."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
         config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
         config.sharedMemBytes = 0
         config.hStream = driver.CUstream(stream.cuda_stream)
+        attrs = []
         if pdl:
             attr = driver.CUlaunchAttribute()
             attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
             attr.value.programmaticStreamSerializationAllowed = 1
-            config.attrs = [attr]
-            config.numAttrs = 1
-        else:
-            config.numAttrs = 0
+            attrs.append(attr)
+        if cluster is not None:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster[0], cluster[1], 1
+            attrs.append(attr)
+        if attrs:
+            config.attrs = attrs
+        config.numAttrs = len(attrs)
         values, types = zip(*args)
         (err,) = driver.cuLaunchKernelEx(config, self.function, (values, types), 0)
         _check(err, "cuLaunchKernelEx")

@@ -75,7 +75,7 @@ def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
-            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False)}
+            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False)}
 
 
 def types_launch_args(cfg: dict) -> dict:
@@ -184,8 +184,20 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     # fused: the last program of an output tile finishes it (no reduction launch); acc 2: two accumulator
     # tiles a lane (72 registers instead of 125, more warps an SM; H200, 57344x8192 B2 at 88 % of copy
     # against 77 % with 16, 8192x28672 80 against 75 %; a little slower on 4096x4096, cuda-variants-a5374cf)
-    return [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
-            for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
+    configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
+               for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
+    # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
+    # memory by its rank 0 (no reduction launch); at most 8 a cluster, so SwiGLU's 2 x split fits 16
+    import torch
+
+    from spqt.kernels import zigzag_cuda
+
+    if zigzag_cuda.clusters_run(torch.device("cuda")):
+        configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": False, "acc": a,
+                     "cluster": True}
+                    for s in sorted({min(s, 8) for s in splits} | {2, 4, 8}) if s <= -(-k // 16)
+                    for w in (2, 4, 8) for p in (0, 1) for a in (16, 2)]
+    return configs
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

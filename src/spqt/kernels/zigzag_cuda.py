@@ -26,11 +26,31 @@ ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
 
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
-            bits: int = 4) -> tuple:
-    """NVRTC options of one configuration (the .cu file's macros; bits 4: Q4_K, 5: Q5_K; extra: more -D
-    options, for probes)."""
+            bits: int = 4, cluster: bool = False) -> tuple:
+    """NVRTC options of one configuration (the .cu file's macros; bits 4: Q4_K, 5: Q5_K, 6: Q6_K; extra: more
+    -D options, for probes)."""
     return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
-            f"-DTYPE={bits}") + tuple(extra)
+            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}") + tuple(extra)
+
+
+MAX_CLUSTER = 16  # programs a cluster may hold on sm_90 (above 8 with the non-portable size allowed)
+
+
+def cluster_dims(n: int, epilogue: int, split: int) -> tuple[int, int] | None:
+    """The cluster (x, y) of a cluster finish (the .cu file's CLUSTER): (1, split), SwiGLU (2, split); None
+    where it cannot run: no epilogue, SwiGLU with N / 2 not a multiple of 256, or more than MAX_CLUSTER."""
+    if epilogue < 0 or not fusable(n, epilogue):
+        return None
+    dims = (2 if epilogue == 2 else 1, split)
+    return dims if dims[0] * dims[1] <= MAX_CLUSTER else None
+
+
+def clusters_run(device: torch.device) -> bool:
+    """Thread block clusters: a CUDA device of sm_90 or newer."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)
 
 
 def kquant_layout(fmt: str | None):
@@ -69,12 +89,13 @@ def usable(device: torch.device | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            acc: int = 16, bits: int = 4) -> nvrtc.Kernel:
+            acc: int = 16, bits: int = 4, cluster: bool = False) -> nvrtc.Kernel:
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc, bits), arch)
-        return nvrtc.Kernel(cubin, "zigzag_q4k_gemv")
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc, bits, cluster),
+                                    arch)
+        return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
 
 
 @functools.lru_cache(maxsize=None)
@@ -119,7 +140,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
-           acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4) -> None:
+           acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4,
+           cluster: bool = False) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -130,7 +152,9 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     registers, more occupancy, 2 selects a tile below 16). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
     fifth bits (rows, K, 8) int32, quants and head the levels' low nibbles and Q5_K's 16-byte heads; bits 6
     (Q6_K, gpu_layout_q6k.py): high = the top bit pairs (rows, K, 16) int32, head the grouped scales, d
-    (rows, K) fp16. extra: more -D options of the .cu file
+    (rows, K) fp16. cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
+    thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
+    unused). extra: more -D options of the .cu file
     (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
@@ -148,8 +172,12 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
         raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and acc one of {ACCS}, not {warps}, {pipe}, {acc}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
+    dims = cluster_dims(n, epilogue, split) if cluster else None
+    if cluster and (dims is None or y is None or not clusters_run(x.device)):
+        raise ValueError(f"a cluster finish needs sm_90, y and an epilogue, and at most {MAX_CLUSTER} programs a "
+                         f"cluster (SwiGLU: 2 split, N / 2 a multiple of 256); got epilogue {epilogue}, split {split}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits)
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
@@ -157,4 +185,4 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
             (out.data_ptr(), P), ((residual if residual is not None else out).data_ptr(), P),
             ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I),
             ((high if high is not None else quants).data_ptr(), P), ((d if d is not None else x).data_ptr(), P)]
-    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl)
+    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims)

@@ -49,6 +49,11 @@
                 // 6: Q6_K (gpu_layout_q6k.py: the planes, two words of top bit pairs per column and lane group in qh,
                 // the 16 signed scales in h (grouped as Q4_K's heads), d in dq; w = d sc (q - 32), the -32 d sc x
                 // term summed per tile pair into the min term's place)
+#ifndef CLUSTER
+#define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
+#endif             // (SwiGLU: its gate and up rows' 2 SPLIT programs, x 2 of the grid); each keeps its 256 sums in
+                   // shared memory and cluster rank 0 adds them in rank order over DSMEM and finishes the tile
+                   // (no partials in global memory, no reduction launch, no counters)
 #ifndef QLOAD
 #define QLOAD 0  // level words: 0 ld.global.nc (L1), 1 ld.global.cg (L2 only), 2 .nc with L1::no_allocate
                  // (H200, B2: the three within 2 % of each other, benchmarks/results/session4/cuda-variants-*)
@@ -90,6 +95,29 @@ __device__ __forceinline__ int load_int(const int* p) {
   asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
+
+#if CLUSTER
+// Thread block clusters (sm_90): a barrier over the cluster's threads (release / acquire: shared
+// memory written before it is visible to the cluster after it), this program's rank in its cluster
+// (x fastest), and a float of rank q's shared memory at the address of `local` in this program's.
+__device__ __forceinline__ void cluster_barrier() {
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
+}
+
+__device__ __forceinline__ u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+__device__ __forceinline__ float load_cluster_f32(const float* local, u32 q) {
+  u32 remote;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"((u32)__cvta_generic_to_shared(local)), "r"(q));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(remote) : "memory");
+  return v;
+}
+#endif
 
 __device__ __forceinline__ float f16_lo_to_f32(u32 bits) {  // the fp16 in bits 0-15
   float f;
@@ -329,7 +357,12 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 const unsigned short* __restrict__ dq) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
+#if CLUSTER && EPILOGUE == 2
+  // a cluster's two grid columns 2 i, 2 i + 1: gate rows of superblock row i and their up rows, F / 256 further
+  const int r = (blockIdx.x >> 1) + (blockIdx.x & 1) * (F >> 8), s = blockIdx.y;
+#else
   const int r = blockIdx.x, s = blockIdx.y;
+#endif
   // block (r, col): the lane's 16 level bytes at uint4 ((2 r + g / 4) K + col) 4 + g % 4 (two
   // planes); head uint4 ((r / 4) K + col) 4 + r % 4
   const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
@@ -468,6 +501,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * 1048576.0f;
     }
   }
+#if CLUSTER
+  __shared__ float tile_sum[256];
+#endif
   __syncthreads();
   for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
     float v = 0.0f, bj = 0.0f;
@@ -476,9 +512,45 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       v += rows_sum[w][i];
       bj += bias_sum[w][TYPE == 6 ? (i >> 4) & 1 : 0][i >> 5];
     }
+#if CLUSTER
+    tile_sum[i] = v - bj;
+#else
     part[(size_t)s * NP + 256 * r + i] = v - bj;
+#endif
   }
-#if EPILOGUE >= 0
+#if CLUSTER
+  // Rank 0 (the gate program of share 0) reads every rank's sums after the first barrier; the second keeps
+  // each program's shared memory alive until it has. Ranks: share s = rank s (SwiGLU: gate 2 s, up 2 s + 1).
+  cluster_barrier();
+  if (cluster_rank() == 0) {
+    for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+      const int n = 256 * r + i;
+      float acc = 0.0f;
+#if EPILOGUE == 2
+      float up = 0.0f;
+      for (int sh = 0; sh < split; ++sh) {
+        acc += load_cluster_f32(tile_sum + i, 2 * sh);
+        up += load_cluster_f32(tile_sum + i, 2 * sh + 1);
+      }
+      const float out = acc / (1.0f + expf(-acc)) * up;
+      const int limit = F;
+#else
+      for (int sh = 0; sh < split; ++sh) acc += load_cluster_f32(tile_sum + i, sh);
+      float out = acc;
+      const int limit = N;
+#if EPILOGUE == 1
+      if (n < N) out += f16_lo_to_f32(res[n]);
+#endif
+#endif
+      if (n < limit) {
+        unsigned short bits;
+        asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(out));
+        y[n] = bits;
+      }
+    }
+  }
+  cluster_barrier();
+#elif EPILOGUE >= 0
   // Output tile (256 rows of y) finished by the program whose arrival completes it: SPLIT programs
   // of its superblock row (SwiGLU, F a multiple of 256: also the SPLIT of the row holding its up
   // rows F + 256 tile ...). Release: every thread fences its partials before the barrier and the
