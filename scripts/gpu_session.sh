@@ -15,6 +15,7 @@
 #   scripts/gpu_session.sh knobs     gpu tests on a fresh machine, the CUDA GEMV's -D knobs alone and in 7B decode steps
 #   scripts/gpu_session.sh types6    gpu tests on a fresh machine, the Q6_K CUDA GEMV probe, synthetic decode per type
 #   scripts/gpu_session.sh cluster6  the cluster finish's gpu test, 7B steps before / after re-tuning with cluster configs
+#   scripts/gpu_session.sh final6    gpu tests on a fresh machine, the 70B shapes re-tuned with cluster candidates, decode
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -323,6 +324,25 @@ case "$stage" in
     cp "$table" "$OUT/tuned.json"
     probe "re-tuned, cluster candidates" | tee -a "$OUT/launch-cluster.log"
     echo "cluster6 stage: $(( $(date +%s) - start )) s"
+    ;;
+  final6)
+    # On a fresh machine: every gpu test (timed: the one-call bar), the 70B runtime shapes re-tuned with the
+    # cluster candidates (TUNE_SHAPES), the table to $OUT, then synthetic decode (DECODE_MODELS) with it.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    timeout ${TUNE_TIMEOUT:-100} python3 -m spqt.cli tune --cuda-against-table \
+      --shapes "${TUNE_SHAPES:-10240x8192,8192x8192,57344x8192,8192x28672}" --output "$table" 2>&1 | grep -v WARN \
+      | tee "$OUT/tune.log" | grep -v "^wrote"
+    cp "$table" "$OUT/tuned.json"
+    for m in ${DECODE_MODELS:-llama2-7b llama2-70b}; do
+      left=$(( ${CALL_BUDGET:-580} - ($(date +%s) - start) ))
+      [ $left -lt 30 ] && { echo "no time left for $m"; break; }
+      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0,0.25,0.4,0.5 \
+        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
+    done | tee "$OUT/decode.log"
+    echo "final6 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
