@@ -349,6 +349,29 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, cons
   }
 }
 
+#if EPILOGUE >= 0
+// Output row n of a finished tile from its sums over the shares (acc; SwiGLU: acc of the gate row, up of
+// its up row): silu(acc) up (n < F), acc + res[n] (EPILOGUE 1) or acc (n < N), rounded to fp16 into y[n].
+__device__ __forceinline__ void finish_output(unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
+                                              int n, int N, int F, float acc, float up) {
+#if EPILOGUE == 2
+  const float out = acc / (1.0f + expf(-acc)) * up;
+  const int limit = F;
+#else
+  float out = acc;
+  const int limit = N;
+#if EPILOGUE == 1
+  if (n < N) out += f16_lo_to_f32(res[n]);
+#endif
+#endif
+  if (n < limit) {
+    unsigned short bits;
+    asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(out));
+    y[n] = bits;
+  }
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
@@ -525,28 +548,16 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   if (cluster_rank() == 0) {
     for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
       const int n = 256 * r + i;
-      float acc = 0.0f;
+      float acc = 0.0f, up = 0.0f;
 #if EPILOGUE == 2
-      float up = 0.0f;
       for (int sh = 0; sh < split; ++sh) {
         acc += load_cluster_f32(tile_sum + i, 2 * sh);
         up += load_cluster_f32(tile_sum + i, 2 * sh + 1);
       }
-      const float out = acc / (1.0f + expf(-acc)) * up;
-      const int limit = F;
 #else
       for (int sh = 0; sh < split; ++sh) acc += load_cluster_f32(tile_sum + i, sh);
-      float out = acc;
-      const int limit = N;
-#if EPILOGUE == 1
-      if (n < N) out += f16_lo_to_f32(res[n]);
 #endif
-#endif
-      if (n < limit) {
-        unsigned short bits;
-        asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(out));
-        y[n] = bits;
-      }
+      finish_output(y, res, n, N, F, acc, up);
     }
   }
   cluster_barrier();
@@ -573,27 +584,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   if (threadIdx.x == 0) counters[tile] = 0;  // zero for the next launch
   for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
     const int n = 256 * tile + i;
-    float acc = 0.0f;
+    float acc = 0.0f, up = 0.0f;
 #pragma unroll 8
     for (int sh = 0; sh < split; ++sh) acc += __ldcg(part + (size_t)sh * NP + n);
 #if EPILOGUE == 2
-    float up = 0.0f;
 #pragma unroll 8
     for (int sh = 0; sh < split; ++sh) up += __ldcg(part + (size_t)sh * NP + F + n);
-    const float out = acc / (1.0f + expf(-acc)) * up;
-    const int limit = F;
-#else
-    float out = acc;
-    const int limit = N;
-#if EPILOGUE == 1
-    if (n < N) out += f16_lo_to_f32(res[n]);
 #endif
-#endif
-    if (n < limit) {
-      unsigned short bits;
-      asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(out));
-      y[n] = bits;
-    }
+    finish_output(y, res, n, N, F, acc, up);
   }
 #endif
 }
