@@ -60,11 +60,6 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
     return LoadedModel(config=cfg, tokenizer=tok, weights=weights, parts={}, provenance={"synthetic": name})
 
 
-def weight_bytes(gen: Generator) -> int:
-    """Bytes of every quantized linear map (kernel layout)."""
-    return sum(lin.impl.w.nbytes for _, _, lin in sparse_linears(gen.model))
-
-
 def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity: float) -> torch.Tensor:
     """(layers, 4) thresholds: the s-quantile of each input's |x| over the prompt's dense prefill."""
     from spqt.sparsity import INPUT_KINDS
@@ -142,7 +137,6 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
         gen = Generator(loaded, "cuda", max_len=args.prompt_tokens + args.new_tokens + 8)
         g = torch.Generator(device="cuda").manual_seed(1)
         prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,), device="cuda", generator=g)
-        total = weight_bytes(gen)
         head = loaded.config.vocab_size * loaded.config.dim * 2
         for s in (levels if layout == "zigzag" else [0.0]):
             if s == 0:
