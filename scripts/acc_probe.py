@@ -10,11 +10,9 @@ import inspect
 import itertools
 import json
 
-import torch
 
 from spqt import bench
 from spqt.kernels import gemv as kg
-from spqt.kernels import tuning
 
 SHAPES = "4096x4096,12288x4096,22016x4096,4096x11008,28672x8192,57344x8192,8192x28672"
 
