@@ -380,9 +380,10 @@ def test_bench_and_tune_types(tmp_path):
     from spqt.kernels import tuning
 
     shapes = [(576, 192)]
-    entries = bench.tune_types(shapes, ["q8_0", "q2_k"], log=lambda *a: None,
+    # q6_k: the Triton type kernel's own layout, also where the runtime runs Q6_K on the CUDA GEMV
+    entries = bench.tune_types(shapes, ["q8_0", "q2_k", "q6_k"], log=lambda *a: None,
                                candidates=lambda v, n, k: tuning.candidates(v, n, k)[:2])
-    assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k")}
+    assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k", "q6_k")}
     for found in entries.values():
         assert found["576x192"]["us"] > 0 and found["576x192"]["split"] >= 1
     report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",

@@ -205,15 +205,17 @@ def weight_copies(w, count: int) -> list:
     return [w] + [dataclasses.replace(w, **{f: getattr(w, f).clone() for f in tensors}) for _ in range(count - 1)]
 
 
-def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[list[GpuZigzag], torch.Tensor]:
+def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0,
+                       cuda_layout: bool = True) -> tuple[list[GpuZigzag], torch.Tensor]:
     """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x.
-    Q5_K / Q6_K where the CUDA GEMV runs: its layouts (zigzag_cuda.kquant_layout), as the runtime runs
-    them (CudaKQuantLinear)."""
+    Q5_K / Q6_K where the CUDA GEMV runs and cuda_layout: its layouts (zigzag_cuda.kquant_layout), as the
+    runtime runs them (CudaKQuantLinear); else the Triton type kernels' (gpu_layout_types)."""
     n, k = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
     qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
-    layout = zigzag_cuda.kquant_layout(fmt) if zigzag_cuda.choice() != "triton" and zigzag_cuda.usable() else None
+    runs_cuda = cuda_layout and zigzag_cuda.choice() != "triton" and zigzag_cuda.usable()
+    layout = zigzag_cuda.kquant_layout(fmt) if runs_cuda else None
     gw = layout[1](qw, "cuda") if layout is not None else repack_types(qw, "cuda")
     del w
     return weight_copies(gw, max(2, -(-4 * l2_bytes // gw.nbytes))), torch.randn(k, device="cuda", generator=g).half()
@@ -480,7 +482,9 @@ def tune_types(shapes, types, log=print, candidates=tuning.candidates) -> dict:
     entries = {}
     for n, k in shapes:
         for fmt in types:
-            pool, x = make_type_operands((n, k), fmt, props.L2_cache_size)
+            # the Triton type kernels' own configs: their layout even where the runtime runs Q5_K / Q6_K on the
+            # CUDA GEMV (with Q4_K's table)
+            pool, x = make_type_operands((n, k), fmt, props.L2_cache_size, cuda_layout=False)
             t = torch.quantile(x.float().abs(), 0.5).reshape(())
             for kind in ("dense", "sparse"):
                 variant = f"zigzag_{kind}_{fmt}"

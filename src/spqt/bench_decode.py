@@ -120,7 +120,10 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     copy_gbps = copy_bandwidth()
     log(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (read+write)")
     rows = []
-    for fmt, layout in [(f, lay) for f in types for lay in layouts if f == "q4_k" or lay == "zigzag"]:
+    runs = [(f, lay) for f in types for lay in layouts if f == "q4_k" or lay == "zigzag"]
+    if not runs:
+        raise SpqtError("spqt bench decode: types other than q4_k run in the zigzag layout only (--layouts zigzag)")
+    for fmt, layout in runs:
         if model_arg.startswith("synthetic:"):
             loaded = synthetic_model(model_arg.split(":", 1)[1], layout, args.prompt_tokens + args.new_tokens + 8, fmt)
         else:

@@ -248,7 +248,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError(f"impl must be triton or cuda, not {impl}")
     if bits != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
         # the cluster finish has run on a GPU for Q4_K only (Q5_K / Q6_K: the reduction or fused finish)
-        cluster = (cluster and bits == 4 and zigzag_cuda.clusters_run(x.device)
+        cluster = (cluster and bits == 4 and zigzag_cuda.fused_choice(True) and zigzag_cuda.clusters_run(x.device)
                    and zigzag_cuda.cluster_dims(n, epilogue, ws.split) is not None)
         fused = cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
         zigzag_cuda.launch(w.quants, w.scales if bits == 6 else w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,

@@ -112,7 +112,8 @@ def _fused_env() -> str:
 
 def fused_choice(fused: bool) -> bool:
     """SPQT_GEMV_FUSED=1 / 0 overrides the tuned config's fused finish (measurement: a whole decode step
-    with every map finished by its GEMV, scripts/launch_probe.py); unset, the config decides. Read once."""
+    with every map finished by its GEMV, scripts/launch_probe.py; 0 also turns the cluster finish off, so
+    every map ends in the reduction kernel); unset, the config decides. Read once."""
     return {"1": True, "0": False}.get(_fused_env(), fused)
 
 

@@ -4,7 +4,9 @@
 // The contract of zigzag_mma.py's kernel for fp16 x: program (r, s) = superblock row r (256
 // outputs), share s of its columns -> part[s * NP + 256 r + i], i < 256, fp32, every row written;
 // then either a second kernel (gemv._reduce_kernel) sums the shares, or (EPILOGUE >= 0) the last
-// program to arrive at an output tile does, in a fixed order. The arithmetic is the Triton
+// program to arrive at an output tile does, in a fixed order. With CLUSTER (sm_90) neither: the shares
+// of a tile are one thread block cluster (SwiGLU: grid column 2 i + j is row i + j F / 256), no partials
+// or counters are written, and cluster rank 0 finishes the tile from the others' shared memory. The arithmetic is the Triton
 // kernel's (its module docstring): a warp takes 16 columns (a chunk) and runs 16 mma.m16n8k16,
 // one per 16-row tile m, A = the levels as fp16 subnormals (q 2^-24, high nibble q 2^-20),
 // B[k, n] = x_k d_k sc[k, n] in fp16, products and sums in fp32; the min term x_k dmin_k m[k, g]
