@@ -80,15 +80,16 @@ def _gpu_weights(rng, shape):
 CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_zigzag_cuda_q5k(rng, sparsity):
+def check_cuda_gemv_layout(rng, sparsity, fmt, gpu_weights, repack, references):
+    """B2 and B4 of the CUDA GEMV on a K-quant layout (repack) against references(qw) (float64 W and the
+    magnitudes that bound the fp32 sum) on GPU_SHAPES x CONFIGS: outputs and partials poisoned, the list
+    poisoned before collect, deterministic. gpu_weights(rng, shape): the random QuantizedWeight on the GPU."""
     from spqt.kernels import zigzag_cuda
 
     for shape in GPU_SHAPES:
-        qw = _gpu_weights(rng, shape)
-        gw = gpu_layout_q5k.repack(qw, "cuda")
-        refs = _references(qw)
+        qw = gpu_weights(rng, shape)
+        gw = repack(qw, "cuda")
+        refs = references(qw)
         x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
@@ -101,24 +102,36 @@ def test_zigzag_cuda_q5k(rng, sparsity):
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"q5_k cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
+                what = f"{fmt} cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
-def test_q5k_planes_dequant_kernel(rng, device, monkeypatch):
-    """kg.dequantize on the Q5_K CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+def test_zigzag_cuda_q5k(rng, sparsity):
+    check_cuda_gemv_layout(rng, sparsity, "q5_k", _gpu_weights, gpu_layout_q5k.repack, _references)
+
+
+def check_planes_dequant(rng, device, monkeypatch, fmt, repack):
+    """kg.dequantize on a K-quant CUDA layout (repack; the prefill GEMM's first half) equals the format's own
+    decode, into a NaN-poisoned fp32 output."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
-        qw = _random_blocks(rng, "q5_k", shape)
-        qw = type(qw)(qw.blocks.to(device), "q5_k", "zigzag", shape)
-        gw = gpu_layout_q5k.repack(qw, device)
+        qw = _random_blocks(rng, fmt, shape)
+        qw = type(qw)(qw.blocks.to(device), fmt, "zigzag", shape)
+        gw = repack(qw, device)
         out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
         kg.dequantize(gw, torch.float32, out=out)
         assert torch.equal(out, qw.dequantize()), shape
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+def test_q5k_planes_dequant_kernel(rng, device, monkeypatch):
+    """kg.dequantize on the Q5_K CUDA layout equals the format's own decode."""
+    check_planes_dequant(rng, device, monkeypatch, "q5_k", gpu_layout_q5k.repack)
 
 
 @pytest.mark.gpu

@@ -8,14 +8,11 @@ import pytest
 import torch
 
 from spqt.checkpoint import QuantizedWeight
-from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout, gpu_layout_q6k, reference
-from spqt.kernels.collect import collect
+from spqt.kernels import gpu_layout, gpu_layout_q6k
 from spqt.kernels.gpu_layout_types import q6_k_levels
 
-from kernel_inputs import assert_within_fp32_sum, random_x
 from test_kernels_types import _random_blocks
-from test_q5k_cuda import FP16_X_EPS, _byte_perm
+from test_q5k_cuda import _byte_perm, check_cuda_gemv_layout, check_planes_dequant
 
 
 def test_q6k_cuda_layout_is_exact(rng):
@@ -72,10 +69,6 @@ def test_q6k_cuda_fragment_bits_and_scales(rng):
                         assert (a_g8 >> (16 * half)) & 0xFFFF == levels[c, 16 * m + 8 + g] << 4, (g, t, m, slot)
 
 
-GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
-CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16)]  # (split, warps, pipe, acc)
-
-
 def _gpu_weights(rng, shape):
     """Random Q6_K blocks with d in 2^-12 .. 2^-9 (weights up to ~4 x 63 x 2^-9 ... as the encoder's)."""
     qw = _random_blocks(rng, "q6_k", shape)
@@ -97,39 +90,10 @@ def _magnitudes(qw):
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
 def test_zigzag_cuda_q6k(rng, sparsity):
-    from spqt.kernels import zigzag_cuda
-
-    for shape in GPU_SHAPES:
-        qw = _gpu_weights(rng, shape)
-        gw = gpu_layout_q6k.repack(qw, "cuda")
-        refs = _magnitudes(qw)
-        x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
-        x_sparse = reference.sparsify(x, t).float()
-        assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, acc in CONFIGS:
-            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
-                ws.y.fill_(float("nan"))
-                ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
-                if mode == kg.MODE_INDEXED:
-                    ws.idx.fill_(-7777)
-                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"q6_k cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
-                y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
-                assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
-                assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+    check_cuda_gemv_layout(rng, sparsity, "q6_k", _gpu_weights, gpu_layout_q6k.repack, _magnitudes)
 
 
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
 def test_q6k_planes_dequant_kernel(rng, device, monkeypatch):
-    """kg.dequantize on the Q6_K CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
-        qw = _random_blocks(rng, "q6_k", shape)
-        qw = type(qw)(qw.blocks.to(device), "q6_k", "zigzag", shape)
-        gw = gpu_layout_q6k.repack(qw, device)
-        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-        kg.dequantize(gw, torch.float32, out=out)
-        assert torch.equal(out, qw.dequantize()), shape
+    """kg.dequantize on the Q6_K CUDA layout equals the format's own decode."""
+    check_planes_dequant(rng, device, monkeypatch, "q6_k", gpu_layout_q6k.repack)

@@ -24,7 +24,7 @@ from spqt.kernels.gpu_layout_types import q5_k_levels
 
 
 @dataclass
-class GpuQ5KPlanes:
+class GpuQ5KPlanes(gpu_layout.ZigzagPlanesGrid):
     """A zigzag Q5_K matrix for zigzag_q4k.cu (TYPE 5); quants and head as GpuQ4K's zigzag arrays."""
 
     quants: torch.Tensor
@@ -34,14 +34,7 @@ class GpuQ5KPlanes:
     layout: str = "zigzag"
     fmt: str = "q5_k"
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.quants.shape[0], self.quants.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        rows, cols = self.grid
-        return 176 * rows * cols
+    BYTES = 176
 
 
 def _shifts(device) -> torch.Tensor:

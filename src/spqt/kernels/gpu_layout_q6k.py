@@ -25,7 +25,7 @@ from spqt.kernels.gpu_layout_types import q6_k_levels
 
 
 @dataclass
-class GpuQ6KPlanes:
+class GpuQ6KPlanes(gpu_layout.ZigzagPlanesGrid):
     """A zigzag Q6_K matrix for zigzag_q4k.cu (TYPE 6); quants as GpuQ4K's zigzag planes, scales grouped
     as its heads."""
 
@@ -37,14 +37,7 @@ class GpuQ6KPlanes:
     layout: str = "zigzag"
     fmt: str = "q6_k"
 
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.quants.shape[0], self.quants.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        rows, cols = self.grid
-        return 210 * rows * cols
+    BYTES = 210
 
 
 def _shifts(device) -> torch.Tensor:
