@@ -165,6 +165,33 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
     tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Zigzag Q8_0 in the CUDA GEMV's layout (gpu_layout_q8_0.py) -> out (N, K) row-major in out's dtype.
+    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group
+    g) is byte 16 (g % 4) + 2 (m % 8) + h of the column's 64 bytes in plane 2 (m // 8) + g // 4 (q_ptr int32),
+    u = q + 128; d of block e // 32 at fp16 8 head_index + e // 32 (d_ptr, grouped as Q4_K's heads);
+    w = d (u - 128), formats/q8_0.decode's product."""
+    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = bid < TOTAL
+    rr = bid // COLS
+    cc = bid % COLS
+    e = (tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]  # (1, 8 blocks, 32)
+    m16 = e // 16
+    g8 = e % 8
+    byte = 16 * (g8 % 4) + 2 * (m16 % 8) + (e // 8) % 2
+    plane = 2 * (m16 // 8) + g8 // 4
+    words = tl.load(q_ptr + ((rr[:, None, None] * 4 + plane) * COLS + cc[:, None, None]) * 16 + byte // 4,
+                    mask=mb[:, None, None], other=0)
+    u = (words >> (8 * (byte % 4))) & 255
+    unit = zigzag_mma.head_index(rr, cc, COLS)
+    d = tl.load(d_ptr + unit[:, None, None] * 8 + e // 32, mask=mb[:, None, None], other=0.0).to(tl.float32)
+    w = d * (u - 128).to(tl.float32)
+    row = rr[:, None, None] * 256 + e
+    col = cc[:, None, None] + e * 0
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mb[:, None, None] & (row < N))
+
+
 # ---------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -210,12 +237,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     fused / reduction finish as configured).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
-    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K or Q6_K matrix in the CUDA GEMV's
-    layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes: B2 / B4, fp16 x, sm_80+ with NVRTC;
-    no Triton twin)."""
+    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K, Q6_K or Q8_0 matrix in the CUDA
+    GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4,
+    fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6}[w.fmt]  # Q5_K / Q6_K: their CUDA layouts (gpu_layout_q5k / _q6k)
+    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # Q5_K / Q6_K / Q8_0: their CUDA layouts (gpu_layout_q*)
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
@@ -251,11 +278,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         cluster = (cluster and bits == 4 and zigzag_cuda.clusters_run(x.device)
                    and zigzag_cuda.cluster_dims(n, epilogue, ws.split) is not None)
         fused = cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
-        zigzag_cuda.launch(w.quants, w.scales if bits == 6 else w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
+        head = {6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(bits, getattr(w, "head", None))
+        zigzag_cuda.launch(w.quants, head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
-                           acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)), d=getattr(w, "d", None),
-                           bits=bits, cluster=cluster)
+                           acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
+                           d=getattr(w, "d", None) if bits == 6 else None, bits=bits, cluster=cluster)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
@@ -287,13 +315,17 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
 
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
-    zigzag Q5_K / Q6_K in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes)."""
+    zigzag Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes,
+    gpu_layout_q8_0.GpuQ8_0Planes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
     total = rows * cols
     block_b = 16
     grid = (triton.cdiv(total, block_b),)
+    if w.fmt == "q8_0":  # the four level planes and the grouped d
+        _dequant_q8_0_kernel[grid](w.quants, w.d, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
+        return out
     if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
         _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,
                               BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True)

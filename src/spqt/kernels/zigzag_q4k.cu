@@ -48,7 +48,15 @@
 #endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s);
                 // 6: Q6_K (gpu_layout_q6k.py: the planes, two words of top bit pairs per column and lane group in qh,
                 // the 16 signed scales in h (grouped as Q4_K's heads), d in dq; w = d sc (q - 32), the -32 d sc x
-                // term summed per tile pair into the min term's place)
+                // term summed per tile pair into the min term's place);
+                // 8: Q8_0 (gpu_layout_q8_0.py: unsigned levels u = q + 128 a byte each in four planes, tile half
+                // H of lane group g in plane 2 H + g / 4, byte 2 (m % 8) + h = row 16 m + 8 h + g; the 8 d of a
+                // column grouped as Q4_K's heads and read through h; w = d (u - 128): B = x d[g] (block g = tiles
+                // 2 g, 2 g + 1, the two whose column n = g is kept, as Q4_K's sub-block scales), rows g and g + 8
+                // both u 2^-24, the -128 d x term per block in the min term's place)
+#if TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
+#error "TYPE is 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
+#endif
 #ifndef CLUSTER
 #define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
 #endif             // (SwiGLU: its gate and up rows' 2 SPLIT programs, x 2 of the grid); each keeps its 256 sums in
@@ -68,7 +76,7 @@
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
 #ifndef PROBE_HEADS
-#define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads
+#define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads (not TYPE 8)
 #endif
 
 typedef unsigned int u32;
@@ -201,6 +209,10 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // heads hc: 8 lines of each plane, 8 of heads (16 columns x 64 bytes); lanes 0-23 one line each.
 __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc, size_t plane_stride, int lane) {
   const int line = lane & 7, part = lane >> 3;
+#if TYPE == 8
+  prefetch_l2(qc + part * plane_stride + 8 * line);  // Q8_0: the four level planes, one a lane octet (d not)
+  return;
+#endif
   if (part == 0) prefetch_l2(qc + 8 * line);
   else if (part == 1) prefetch_l2(qc + plane_stride + 8 * line);
   else if (part == 2) prefetch_l2(hc + 8 * line);
@@ -208,13 +220,15 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
 
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
   uint4 w[4];
-  uint4 h[4];
+  uint4 h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
   unsigned short x[4];
 #if TYPE == 5
   u32 hb[4];
 #elif TYPE == 6
   uint2 hb[4];  // words 2 g, 2 g + 1 of the slot's top bit pairs
   unsigned short d[4];
+#elif TYPE == 8
+  unsigned short d[4];  // d of the slot's block g
 #endif
 };
 
@@ -231,6 +245,8 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
          ^ ch.hb[i]
 #elif TYPE == 6
          ^ ch.hb[i].x ^ ch.hb[i].y ^ ch.d[i]
+#elif TYPE == 8
+         ^ ch.d[i]
 #endif
         ;
   bias[0] += (float)(v & 1u);
@@ -255,6 +271,15 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   // the offset term from the same fp16 values the tensor cores multiply: y = sum (q - 32) b exactly as summed
   bias[0] += 32.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
   bias[1] += 32.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+#elif TYPE == 8
+  // B[k, g] = x_k d[g] (lane g's d: block g's); the -128 d x term of block g (rows 32 g ..) from the same fp16
+  // values the tensor cores multiply, as Q6_K's
+  float b[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) b[i] = xs[i] * f16_lo_to_f32(ch.d[i]);
+  const u32 b01 = pack_f16x2(b[0], b[1]);
+  const u32 b23 = pack_f16x2(b[2], b[3]);
+  bias[0] += 128.0f * (f16_lo_to_f32(b01) + f16_hi_to_f32(b01) + f16_lo_to_f32(b23) + f16_hi_to_f32(b23));
 #else
   float b[4];
 #pragma unroll
@@ -269,11 +294,25 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #endif
 #pragma unroll
   for (int m = 0; m < 16; ++m) {
+#if TYPE == 8
+    // tile m: word (m / 2) % 4 of tile half m / 8 (w or h), bytes 2 (m % 2) (row g) and 2 (m % 2) + 1 (row g + 8);
+    // one permute puts them for slots 0 / 1 (2 / 3) side by side, p = [row g, row g + 8] x 2 slots, and two more
+    // make the fp16 pairs u 2^-24 (a zero high byte each): a0 / a2 row g, a1 / a3 row g + 8
+    const uint4* wh = (m >> 3) ? ch.h : ch.w;
+    const int q = (m >> 1) & 3;
+    const u32 sel = (m & 1) ? 0x7632u : 0x5410u;
+    const u32 p = __byte_perm((&wh[0].x)[q], (&wh[1].x)[q], sel);
+    const u32 pq = __byte_perm((&wh[2].x)[q], (&wh[3].x)[q], sel);
+    const u32 a0 = p & 0x00FF00FFu, a1 = __byte_perm(p, 0u, 0x4341u);
+    const u32 a2 = pq & 0x00FF00FFu, a3 = __byte_perm(pq, 0u, 0x4341u);
+#else
     const int q = m >> 2, sh = m & 3;
     const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
     const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
     const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
-#if TYPE == 5
+#endif
+#if TYPE == 8  // a0-a3 above
+#elif TYPE == 5
     // fifth bits: byte q of slots 0 / 1 (2 / 3) at bytes 0 and 2, shifted so bit sh lands at 4 (row g's fp16
     // subnormal q 2^-24: bit 4) and bit sh + 4 at 8 (row g + 8's, q 2^-20); +16 for the second slot
     const u32 selq = q | (q << 4) | ((4 + q) << 8) | ((4 + q) << 12);
@@ -305,25 +344,28 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   }
 }
 
+// d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column)
+#define D_STRIDE (TYPE == 8 ? 32 : 1)
+
 #if TYPE == 6
 typedef uint2 HighWord;  // the lane's top bit pairs of one column
 #else
 typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 #endif
 
-// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4,
-// (Q5_K, Q6_K) high bits hq + col 8, (Q6_K) d dr + col.
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
+// (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
 __device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const HighWord* hq,
                                               const unsigned short* dr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load16<QLOAD>(qr + col[i] * 4);
-    ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
+    ch.h[i] = load16<TYPE == 8 ? QLOAD : HLOAD>(hr + col[i] * 4);
 #if TYPE == 5 || TYPE == 6
     ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
 #endif
-#if TYPE == 6
-    ch.d[i] = __ldg(dr + col[i]);
+#if TYPE == 6 || TYPE == 8
+    ch.d[i] = __ldg(dr + col[i] * D_STRIDE);
 #endif
   }
 }
@@ -339,12 +381,12 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, cons
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load16<QLOAD>(qp + 16 * i);
-    ch.h[i] = load16<HLOAD>(hp + 16 * i);
+    ch.h[i] = load16<TYPE == 8 ? QLOAD : HLOAD>(hp + 16 * i);
 #if TYPE == 5 || TYPE == 6
     ch.hb[i] = __ldg(hqp + 32 * i);
 #endif
-#if TYPE == 6
-    ch.d[i] = __ldg(dp + 4 * i);
+#if TYPE == 6 || TYPE == 8
+    ch.d[i] = __ldg(dp + 4 * D_STRIDE * i);
 #endif
   }
 }
@@ -386,6 +428,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #else
   const int r = blockIdx.x, s = blockIdx.y;
 #endif
+#if TYPE == 8
+  // Q8_0 block row (r, col): the lane's tile half H at uint4 ((4 r + 2 H + g / 4) K + col) 4 + g % 4, H = 1 through
+  // hr; its d (block g) at fp16 ((r / 4) K + col) 32 + 8 (r % 4) + g of h (gpu_layout_q8_0.py)
+  const uint4* qr = q + (size_t)(4 * r + (g >> 2)) * K * 4 + (g & 3);
+  const uint4* hr = qr + (size_t)K * 8;
+  const HighWord* hq = reinterpret_cast<const HighWord*>(qh);  // unused
+  const unsigned short* dr = reinterpret_cast<const unsigned short*>(h) + (size_t)(r >> 2) * K * 32 + (r & 3) * 8 + g;
+#else
   // block (r, col): the lane's 16 level bytes at uint4 ((2 r + g / 4) K + col) 4 + g % 4 (two
   // planes); head uint4 ((r / 4) K + col) 4 + r % 4
   const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
@@ -393,6 +443,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // (Q5_K / Q6_K) the lane's high bits of column col: hq[8 col]; (Q6_K) its d: dr[col]
   const HighWord* hq = reinterpret_cast<const HighWord*>(qh) + (size_t)r * K * 8 + g;
   const unsigned short* dr = dq + (size_t)r * K;
+#endif
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
   float c[ACC][4];
@@ -410,11 +461,15 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
   const HighWord* hqp = hq + (size_t)(j + t) * 8;
+#if TYPE == 8
+  const unsigned short* dp = dr + (j + t) * D_STRIDE;
+#else
   const unsigned short* dp = dr + j + t;
+#endif
   if (j < full_end) load_contiguous(ch, qp, hp, hqp, dp);
 #if L2FIRST > 0
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
-  const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
+  const uint4* q0 = q + (size_t)((TYPE == 8 ? 4 : 2) * r) * K * 4 + (size_t)j * 4;
   const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
   const size_t plane_stride = (size_t)K * 4;
 #pragma unroll 1
@@ -426,9 +481,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
-    hp += PROBE_HEADS ? 0 : step * 4;
+    hp += (PROBE_HEADS && TYPE != 8) ? 0 : step * 4;
     hqp += step * 8;
-    dp += step;
+    dp += step * D_STRIDE;
     xp += step;
 #if PIPE
     Chunk next;
@@ -521,7 +576,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     if ((m >> 2) == t) {
       const int e = (m >> 1) & 1;
       rows_sum[warp][16 * m + g] = c[m % ACC][e] * 16777216.0f;
-      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * 1048576.0f;
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * (TYPE == 8 ? 16777216.0f : 1048576.0f);
     }
   }
 #if CLUSTER
