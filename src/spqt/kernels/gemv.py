@@ -192,6 +192,45 @@ def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.c
     tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mb[:, None, None] & (row < N))
 
 
+@triton.jit
+def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Zigzag Q3_K in the CUDA GEMV's layout (gpu_layout_q3k.py) -> out (N, K) row-major in out's dtype.
+    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group g):
+    low pair in word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h,
+    u = (m // 2) % 4; third bit in word g of hb_ptr (R, K, 8) at bit 8 u + 2 + 4 h (even m) or 8 u + 4 / 8 (u + 1)
+    % 4 (odd m, h = 0 / 1), plus 1 for m >= 8; scale s[m] and d from the grouped head (h_ptr int32, unit
+    head_index): s[2 j] = byte j & 63, s[2 j + 1] = byte j >> 6 | nibble j of word 2 << 2, d word 3's low half;
+    w = (d (s - 32)) (q - 4), formats/q3_k.decode's order."""
+    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = bid < TOTAL
+    rr = bid // COLS
+    cc = bid % COLS
+    e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
+    m16 = e // 16
+    g8 = e % 8
+    h = (e // 8) % 2
+    u = (m16 // 2) % 4
+    odd = m16 % 2
+    mbk = mb[:, None, None]
+    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
+                 mask=mbk, other=0)
+    low = (lw >> (8 * u + 2 * odd + 4 * h)) & 3
+    hw = tl.load(hb_ptr + (rr[:, None, None] * COLS + cc[:, None, None]) * 8 + g8, mask=mbk, other=0)
+    hbit = tl.where(odd == 0, 8 * u + 2 + 4 * h, tl.where(h == 0, 8 * u + 4, 8 * ((u + 1) % 4))) + m16 // 8
+    q = low | (((hw >> hbit) & 1) << 2)
+    unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
+    j = m16 // 2
+    pair = (tl.load(h_ptr + unit + j // 4, mask=mbk, other=0) >> (8 * (j % 4))) & 255
+    top = (tl.load(h_ptr + unit + 2, mask=mbk, other=0) >> (4 * j)) & 15
+    s = tl.where(odd == 0, pair & 63, (pair >> 6) | (top << 2))
+    dw = tl.load(h_ptr + unit + 3, mask=mbk, other=0)
+    d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    w = (d * (s - 32).to(tl.float32)) * (q - 4).to(tl.float32)
+    row = rr[:, None, None] * 256 + e
+    col = cc[:, None, None] + e * 0
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
+
+
 # ---------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -237,12 +276,13 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     fused / reduction finish as configured).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
-    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K, Q6_K or Q8_0 matrix in the CUDA
-    GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4,
+    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
+    GEMV's layout (gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes,
+    gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4,
     fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # Q5_K / Q6_K / Q8_0: their CUDA layouts (gpu_layout_q*)
+    bits = {"q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # Q3_K / Q5_K / Q6_K / Q8_0: CUDA layouts
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
@@ -315,8 +355,8 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
 
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
-    zigzag Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes,
-    gpu_layout_q8_0.GpuQ8_0Planes)."""
+    zigzag Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
+    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
@@ -325,6 +365,9 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     grid = (triton.cdiv(total, block_b),)
     if w.fmt == "q8_0":  # the four level planes and the grouped d
         _dequant_q8_0_kernel[grid](w.quants, w.d, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
+        return out
+    if w.fmt == "q3_k":  # the low-pair planes, the third bits, the grouped heads
+        _dequant_q3k_kernel[grid](w.quants, w.high, w.head, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
         return out
     if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
         _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,

@@ -53,9 +53,14 @@
                 // H of lane group g in plane 2 H + g / 4, byte 2 (m % 8) + h = row 16 m + 8 h + g; the 8 d of a
                 // column grouped as Q4_K's heads and read through h; w = d (u - 128): B = x d[g] (block g = tiles
                 // 2 g, 2 g + 1, the two whose column n = g is kept, as Q4_K's sub-block scales), rows g and g + 8
-                // both u 2^-24, the -128 d x term per block in the min term's place)
-#if TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
-#error "TYPE is 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
+                // both u 2^-24, the -128 d x term per block in the min term's place);
+                // 3: Q3_K (gpu_layout_q3k.py: the low bit pairs in two planes of 32 bytes a column, a uint2 per lane,
+                // a word of third bits per column and lane group in qh (as Q5_K's fifth bits), the 16 scales and d in
+                // a 16-byte head grouped as Q4_K's; w = d (s - 32) (q - 4): two bit selects per slot and word complete
+                // the levels, then Q4_K's permute + AND per tile; odd tiles' levels 4x higher in A (2^22 / 2^18 in
+                // the epilogue); the -4 d (s - 32) x term per tile pair in the min term's place, as Q6_K's)
+#if TYPE != 3 && TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
+#error "TYPE is 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
 #endif
 #ifndef CLUSTER
 #define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
@@ -161,6 +166,12 @@ __device__ __forceinline__ void mma_tile(float* c, u32 a0, u32 a1, u32 a2, u32 a
 struct ScaleDecoder {
   u32 sel_sc, sel_mn, shift_mn, low_mask, high_mask;
   __device__ explicit ScaleDecoder(int g) {
+#if TYPE == 3
+    // Q3_K's head (gpu_layout_q3k.py): byte g of words 0-1 at bytes 0 and 3, nibble g of word 2 at bit 0
+    sel_sc = g | (g << 12);
+    shift_mn = 4 * g;
+    sel_mn = low_mask = high_mask = 0;
+#else
     const u32 jj = g & 3;
     if (g < 4) {
       sel_sc = jj;             // byte 0 = q[jj] (word 1)
@@ -175,6 +186,7 @@ struct ScaleDecoder {
       low_mask = 15;
       high_mask = 48;
     }
+#endif
   }
   // sc and mn as exact floats (OR into 2^23's mantissa, subtract 2^23)
   __device__ __forceinline__ void decode(const uint4& hd, float& sc, float& mn) const {
@@ -201,6 +213,48 @@ __device__ __forceinline__ uint4 load16(const uint4* p) {
   return v;
 }
 
+#if TYPE == 3
+// (a & M) | (b & ~M): one LOP3 (written as C, ptxas makes it an AND and a LOP3)
+template <u32 M>
+__device__ __forceinline__ u32 bit_select(u32 a, u32 b) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "n"(M));
+  return r;
+}
+#endif
+
+template <int OP>
+__device__ __forceinline__ uint2 load8(const uint2* p) {
+  uint2 v;
+  if (OP == 1) {
+    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  } else if (OP == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  } else {
+    v = __ldg(p);
+  }
+  return v;
+}
+
+// A lane's level words of one column: 16 bytes (uint4), Q3_K 8 (uint2: its low bit pairs)
+template <int OP>
+__device__ __forceinline__ uint4 load_levels(const uint4* p) {
+  return load16<OP>(p);
+}
+
+template <int OP>
+__device__ __forceinline__ uint2 load_levels(const uint2* p) {
+  return load8<OP>(p);
+}
+
+#if TYPE == 3
+typedef uint2 LevelWords;
+#define QV 2  // uint4 of a column in a level plane
+#else
+typedef uint4 LevelWords;
+#define QV 4
+#endif
+
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
@@ -212,6 +266,10 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
 #if TYPE == 8
   prefetch_l2(qc + part * plane_stride + 8 * line);  // Q8_0: the four level planes, one a lane octet (d not)
   return;
+#elif TYPE == 3
+  if (part == 0) prefetch_l2(qc + (line >> 2) * plane_stride + 8 * (line & 3));  // Q3_K: 4 lines a plane
+  else if (part == 1) prefetch_l2(hc + 8 * line);
+  return;
 #endif
   if (part == 0) prefetch_l2(qc + 8 * line);
   else if (part == 1) prefetch_l2(qc + plane_stride + 8 * line);
@@ -219,11 +277,11 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
 }
 
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
-  uint4 w[4];
+  LevelWords w[4];  // Q3_K: the low bit pairs
   uint4 h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
   unsigned short x[4];
-#if TYPE == 5
-  u32 hb[4];
+#if TYPE == 5 || TYPE == 3
+  u32 hb[4];  // Q3_K: the third bits
 #elif TYPE == 6
   uint2 hb[4];  // words 2 g, 2 g + 1 of the slot's top bit pairs
   unsigned short d[4];
@@ -240,8 +298,12 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   u32 v = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    v ^= ch.w[i].x ^ ch.w[i].y ^ ch.w[i].z ^ ch.w[i].w ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i]
-#if TYPE == 5
+    v ^= ch.w[i].x ^ ch.w[i].y
+#if TYPE != 3
+         ^ ch.w[i].z ^ ch.w[i].w
+#endif
+         ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i]
+#if TYPE == 5 || TYPE == 3
          ^ ch.hb[i]
 #elif TYPE == 6
          ^ ch.hb[i].x ^ ch.hb[i].y ^ ch.d[i]
@@ -271,6 +333,38 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   // the offset term from the same fp16 values the tensor cores multiply: y = sum (q - 32) b exactly as summed
   bias[0] += 32.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
   bias[1] += 32.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+#elif TYPE == 3
+  // lane g's scales s[2 g] (tile 2 g: byte g of words 0-1, bits 0-5) and s[2 g + 1] (its bits 6-7, then nibble g
+  // of word 2), each s - 32 exactly (OR into 2^23's mantissa, subtract 2^23 + 32); d in word 3
+  float be[4], bo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4& hv = ch.h[i];
+    const u32 v = __byte_perm(hv.x, hv.y, dec.sel_sc);  // byte g at bytes 0 and 3
+    const u32 f = __funnelshift_r(v, hv.z >> dec.shift_mn, 30);
+    const float se = __int_as_float((v & 63u) | 0x4B000000u) - 8388640.0f;
+    const float so = __int_as_float((f & 63u) | 0x4B000000u) - 8388640.0f;
+    const float xd = xs[i] * f16_lo_to_f32(hv.w);
+    be[i] = xd * se;
+    bo[i] = xd * so;
+  }
+  const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
+  const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
+  // the -4 offset from the same fp16 values the tensor cores multiply, per tile parity, as Q6_K's
+  bias[0] += 4.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
+  bias[1] += 4.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+  // the levels, per slot: word 0 / 1 (tiles 0-7, even / odd) from L0 and the third bits H, 2 / 3 (tiles 8-15) from
+  // L1 and H >> 1; even tiles: byte u bits 0-2 row g, 4-6 row g + 8; odd: bits 2-4 row g, 6-7 + byte u + 1's bit 0
+  // row g + 8 (bits 3 / 7 of an even byte and 1 / 5 of an odd one are another tile's, masked per tile)
+  u32 lv[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 hs = ch.hb[i] >> 1;
+    lv[i][0] = bit_select<0x33333333u>(ch.w[i].x, ch.hb[i]);
+    lv[i][1] = bit_select<0xCCCCCCCCu>(ch.w[i].x, ch.hb[i]);
+    lv[i][2] = bit_select<0x33333333u>(ch.w[i].y, hs);
+    lv[i][3] = bit_select<0xCCCCCCCCu>(ch.w[i].y, hs);
+  }
 #elif TYPE == 8
   // B[k, g] = x_k d[g] (lane g's d: block g's); the -128 d x term of block g (rows 32 g ..) from the same fp16
   // values the tensor cores multiply, as Q6_K's
@@ -305,13 +399,22 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     const u32 pq = __byte_perm((&wh[2].x)[q], (&wh[3].x)[q], sel);
     const u32 a0 = p & 0x00FF00FFu, a1 = __byte_perm(p, 0u, 0x4341u);
     const u32 a2 = pq & 0x00FF00FFu, a3 = __byte_perm(pq, 0u, 0x4341u);
+#elif TYPE == 3
+    // tile m: word 2 (m / 8) + m % 2 of lv, byte u = (m / 2) % 4 (odd: and byte u + 1 for row g + 8's top bit)
+    const int q = 2 * (m >> 3) + (m & 1), u = (m >> 1) & 3, u1 = (m & 1) ? (u + 1) & 3 : u;
+    const u32 sel = u | (u1 << 4) | ((4 + u) << 8) | ((4 + u1) << 12);
+    const u32 p = __byte_perm(lv[0][q], lv[1][q], sel);
+    const u32 pq = __byte_perm(lv[2][q], lv[3][q], sel);
+    const u32 mg = (m & 1) ? 0x001C001Cu : 0x00070007u, mg8 = (m & 1) ? 0x01C001C0u : 0x00700070u;
+    const u32 a0 = p & mg, a1 = p & mg8, a2 = pq & mg, a3 = pq & mg8;
+    const u32 b01 = (m & 1) ? b01o : b01e, b23 = (m & 1) ? b23o : b23e;
 #else
     const int q = m >> 2, sh = m & 3;
     const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
     const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
     const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
 #endif
-#if TYPE == 8  // a0-a3 above
+#if TYPE == 8 || TYPE == 3  // a0-a3 above
 #elif TYPE == 5
     // fifth bits: byte q of slots 0 / 1 (2 / 3) at bytes 0 and 2, shifted so bit sh lands at 4 (row g's fp16
     // subnormal q 2^-24: bit 4) and bit sh + 4 at 8 (row g + 8's, q 2^-20); +16 for the second slot
@@ -355,13 +458,13 @@ typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 
 // Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
 // (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
-__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const HighWord* hq,
+__device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const uint4* hr, const HighWord* hq,
                                               const unsigned short* dr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qr + col[i] * 4);
+    ch.w[i] = load_levels<QLOAD>(qr + col[i] * 4);
     ch.h[i] = load16<TYPE == 8 ? QLOAD : HLOAD>(hr + col[i] * 4);
-#if TYPE == 5 || TYPE == 6
+#if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
 #endif
 #if TYPE == 6 || TYPE == 8
@@ -376,13 +479,13 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp, const HighWord* hqp,
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const uint4* hp, const HighWord* hqp,
                                                 const unsigned short* dp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qp + 16 * i);
+    ch.w[i] = load_levels<QLOAD>(qp + 16 * i);
     ch.h[i] = load16<TYPE == 8 ? QLOAD : HLOAD>(hp + 16 * i);
-#if TYPE == 5 || TYPE == 6
+#if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hqp + 32 * i);
 #endif
 #if TYPE == 6 || TYPE == 8
@@ -437,8 +540,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const unsigned short* dr = reinterpret_cast<const unsigned short*>(h) + (size_t)(r >> 2) * K * 32 + (r & 3) * 8 + g;
 #else
   // block (r, col): the lane's 16 level bytes at uint4 ((2 r + g / 4) K + col) 4 + g % 4 (two
-  // planes); head uint4 ((r / 4) K + col) 4 + r % 4
-  const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
+  // planes; Q3_K its 8 bytes of low bit pairs at uint2 the same index); head uint4 ((r / 4) K + col) 4 + r % 4
+  const LevelWords* qr = reinterpret_cast<const LevelWords*>(q) + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
   // (Q5_K / Q6_K) the lane's high bits of column col: hq[8 col]; (Q6_K) its d: dr[col]
   const HighWord* hq = reinterpret_cast<const HighWord*>(qh) + (size_t)r * K * 8 + g;
@@ -457,7 +560,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   int j = first + 16 * warp;
   const int full_end = hi - 15;  // chunk j lies wholly inside the share iff j < full_end
   // slot 0 of the lane's chunk: column j + t; pointers advance by a step of columns
-  const uint4* qp = qr + (j + t) * 4;
+  const LevelWords* qp = qr + (j + t) * 4;
   const uint4* hp = hr + (j + t) * 4;
   const unsigned short* xp = x + j + t;
   const HighWord* hqp = hq + (size_t)(j + t) * 8;
@@ -469,12 +572,12 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   if (j < full_end) load_contiguous(ch, qp, hp, hqp, dp);
 #if L2FIRST > 0
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
-  const uint4* q0 = q + (size_t)((TYPE == 8 ? 4 : 2) * r) * K * 4 + (size_t)j * 4;
+  const uint4* q0 = q + (size_t)((TYPE == 8 ? 4 : 2) * r) * K * QV + (size_t)j * QV;
   const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
-  const size_t plane_stride = (size_t)K * 4;
+  const size_t plane_stride = (size_t)K * QV;
 #pragma unroll 1
   for (int ahead = 1; ahead <= L2FIRST && j + ahead * step < full_end; ++ahead)
-    prefetch_chunk(q0 + ahead * step * 4, h0 + ahead * step * 4, plane_stride, lane);
+    prefetch_chunk(q0 + ahead * step * QV, h0 + ahead * step * 4, plane_stride, lane);
 #endif
   pdl_wait_then_release();
   for (; j < full_end; j += step) {
@@ -563,9 +666,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
   // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
   __shared__ float rows_sum[WARPS][256];
-  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K; 0 otherwise)][32-row group]
+  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K, Q3_K; 0 otherwise)][32-row group]
 #pragma unroll
-  for (int e = 0; e < (TYPE == 6 ? 2 : 1); ++e) {
+  for (int e = 0; e < (TYPE == 6 || TYPE == 3 ? 2 : 1); ++e) {
     float bsum = bias[e];
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
@@ -575,8 +678,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   for (int m = 0; m < 16; ++m) {
     if ((m >> 2) == t) {
       const int e = (m >> 1) & 1;
+#if TYPE == 3
+      // odd tiles' levels sit two bits higher in A (gpu_layout_q3k.py)
+      rows_sum[warp][16 * m + g] = c[m % ACC][e] * ((m & 1) ? 4194304.0f : 16777216.0f);
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * ((m & 1) ? 262144.0f : 1048576.0f);
+#else
       rows_sum[warp][16 * m + g] = c[m % ACC][e] * 16777216.0f;
       rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * (TYPE == 8 ? 16777216.0f : 1048576.0f);
+#endif
     }
   }
 #if CLUSTER
@@ -588,7 +697,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       v += rows_sum[w][i];
-      bj += bias_sum[w][TYPE == 6 ? (i >> 4) & 1 : 0][i >> 5];
+      bj += bias_sum[w][TYPE == 6 || TYPE == 3 ? (i >> 4) & 1 : 0][i >> 5];
     }
 #if CLUSTER
     tile_sum[i] = v - bj;
