@@ -231,6 +231,35 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_
     tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
 
 
+@triton.jit
+def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Zigzag Q2_K in the CUDA GEMV's layout (gpu_layout_q2k.py) -> out (N, K) row-major in out's dtype.
+    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g: level in word
+    2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h, u = (m // 2) % 4;
+    scale byte m of the grouped unit head_index (s_ptr int32: sc low nibble, mn high); d | dmin << 16 at d_ptr
+    bid; w = (d sc) q - dmin mn, formats/q2_k.decode's order."""
+    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mb = bid < TOTAL
+    rr = bid // COLS
+    cc = bid % COLS
+    e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
+    m16 = e // 16
+    g8 = e % 8
+    mbk = mb[:, None, None]
+    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
+                 mask=mbk, other=0)
+    q = (lw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3
+    unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
+    byte = (tl.load(s_ptr + unit + m16 // 4, mask=mbk, other=0) >> (8 * (m16 % 4))) & 255
+    dw = tl.load(d_ptr + bid, mask=mb, other=0)[:, None, None]
+    d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((dw >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    w = (d * (byte & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (byte >> 4).to(tl.float32)
+    row = rr[:, None, None] * 256 + e
+    col = cc[:, None, None] + e * 0
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
+
+
 # ---------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -276,13 +305,13 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     fused / reduction finish as configured).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
-    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
-    GEMV's layout (gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes,
+    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
+    GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes, gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes,
     gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4,
     fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    bits = {"q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # Q3_K / Q5_K / Q6_K / Q8_0: CUDA layouts
+    bits = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # all but Q4_K: CUDA layouts only
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
@@ -318,12 +347,13 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         cluster = (cluster and bits == 4 and zigzag_cuda.clusters_run(x.device)
                    and zigzag_cuda.cluster_dims(n, epilogue, ws.split) is not None)
         fused = cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
-        head = {6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(bits, getattr(w, "head", None))
+        head = {2: getattr(w, "scales", None), 6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(
+            bits, getattr(w, "head", None))
         zigzag_cuda.launch(w.quants, head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
-                           d=getattr(w, "d", None) if bits == 6 else None, bits=bits, cluster=cluster)
+                           d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
@@ -355,7 +385,8 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
 
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
-    zigzag Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
+    zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes,
+    gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
     gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
@@ -365,6 +396,9 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     grid = (triton.cdiv(total, block_b),)
     if w.fmt == "q8_0":  # the four level planes and the grouped d
         _dequant_q8_0_kernel[grid](w.quants, w.d, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
+        return out
+    if w.fmt == "q2_k":  # the level planes, the grouped scales, d | dmin
+        _dequant_q2k_kernel[grid](w.quants, w.scales, w.d, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
         return out
     if w.fmt == "q3_k":  # the low-pair planes, the third bits, the grouped heads
         _dequant_q3k_kernel[grid](w.quants, w.high, w.head, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)

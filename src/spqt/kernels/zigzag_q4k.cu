@@ -58,9 +58,12 @@
                 // a word of third bits per column and lane group in qh (as Q5_K's fifth bits), the 16 scales and d in
                 // a 16-byte head grouped as Q4_K's; w = d (s - 32) (q - 4): two bit selects per slot and word complete
                 // the levels, then Q4_K's permute + AND per tile; odd tiles' levels 4x higher in A (2^22 / 2^18 in
-                // the epilogue); the -4 d (s - 32) x term per tile pair in the min term's place, as Q6_K's)
-#if TYPE != 3 && TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
-#error "TYPE is 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
+                // the epilogue); the -4 d (s - 32) x term per tile pair in the min term's place, as Q6_K's);
+                // 2: Q2_K (gpu_layout_q2k.py: the levels as Q3_K's low bit pairs, GGUF's 16 scale | min << 4 bytes grouped
+                // as Q4_K's heads, a lane reading the 8 bytes of its half through h, d | dmin << 16 (R, K) in dq;
+                // w = d sc q - dmin mn: Q4_K's arithmetic with Q3_K's tiles and Q6_K's per-tile-pair scales)
+#if TYPE != 2 && TYPE != 3 && TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
+#error "TYPE is 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
 #endif
 #ifndef CLUSTER
 #define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
@@ -171,6 +174,10 @@ struct ScaleDecoder {
     sel_sc = g | (g << 12);
     shift_mn = 4 * g;
     sel_mn = low_mask = high_mask = 0;
+#elif TYPE == 2
+    // Q2_K: bytes 2 g, 2 g + 1 of the 16 (the lane's half of them loaded: bytes 2 (g % 4), + 1) at bytes 0 and 1
+    sel_sc = (2 * (g & 3)) | ((2 * (g & 3) + 1) << 4);
+    sel_mn = shift_mn = low_mask = high_mask = 0;
 #else
     const u32 jj = g & 3;
     if (g < 4) {
@@ -236,23 +243,32 @@ __device__ __forceinline__ uint2 load8(const uint2* p) {
   return v;
 }
 
-// A lane's level words of one column: 16 bytes (uint4), Q3_K 8 (uint2: its low bit pairs)
+// A lane's level words or head of one column: 16 bytes (uint4), Q3_K / Q2_K levels and Q2_K heads 8 (uint2)
 template <int OP>
-__device__ __forceinline__ uint4 load_levels(const uint4* p) {
+__device__ __forceinline__ uint4 load_vec(const uint4* p) {
   return load16<OP>(p);
 }
 
 template <int OP>
-__device__ __forceinline__ uint2 load_levels(const uint2* p) {
+__device__ __forceinline__ uint2 load_vec(const uint2* p) {
   return load8<OP>(p);
 }
 
-#if TYPE == 3
+#if TYPE == 3 || TYPE == 2
 typedef uint2 LevelWords;
 #define QV 2  // uint4 of a column in a level plane
 #else
 typedef uint4 LevelWords;
 #define QV 4
+#endif
+#if TYPE == 2
+typedef uint2 HeadWords;  // the lane's half of the 16 scale bytes
+typedef u32 DWord;        // d | dmin << 16
+#define HV 8              // HeadWords of a column's 64-byte head unit
+#else
+typedef uint4 HeadWords;
+typedef unsigned short DWord;
+#define HV 4
 #endif
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
@@ -266,8 +282,8 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
 #if TYPE == 8
   prefetch_l2(qc + part * plane_stride + 8 * line);  // Q8_0: the four level planes, one a lane octet (d not)
   return;
-#elif TYPE == 3
-  if (part == 0) prefetch_l2(qc + (line >> 2) * plane_stride + 8 * (line & 3));  // Q3_K: 4 lines a plane
+#elif TYPE == 3 || TYPE == 2
+  if (part == 0) prefetch_l2(qc + (line >> 2) * plane_stride + 8 * (line & 3));  // Q3_K / Q2_K: 4 lines a plane
   else if (part == 1) prefetch_l2(hc + 8 * line);
   return;
 #endif
@@ -277,8 +293,8 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
 }
 
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
-  LevelWords w[4];  // Q3_K: the low bit pairs
-  uint4 h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
+  LevelWords w[4];  // Q3_K / Q2_K: the low bit pairs
+  HeadWords h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
   unsigned short x[4];
 #if TYPE == 5 || TYPE == 3
   u32 hb[4];  // Q3_K: the third bits
@@ -287,6 +303,8 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x 
   unsigned short d[4];
 #elif TYPE == 8
   unsigned short d[4];  // d of the slot's block g
+#elif TYPE == 2
+  u32 d[4];  // d | dmin << 16
 #endif
 };
 
@@ -299,15 +317,19 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #pragma unroll
   for (int i = 0; i < 4; ++i)
     v ^= ch.w[i].x ^ ch.w[i].y
-#if TYPE != 3
+#if TYPE != 3 && TYPE != 2
          ^ ch.w[i].z ^ ch.w[i].w
 #endif
-         ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i]
+         ^ ch.h[i].x ^ ch.h[i].y
+#if TYPE != 2
+         ^ ch.h[i].z ^ ch.h[i].w
+#endif
+         ^ ch.x[i]
 #if TYPE == 5 || TYPE == 3
          ^ ch.hb[i]
 #elif TYPE == 6
          ^ ch.hb[i].x ^ ch.hb[i].y ^ ch.d[i]
-#elif TYPE == 8
+#elif TYPE == 8 || TYPE == 2
          ^ ch.d[i]
 #endif
         ;
@@ -365,6 +387,25 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     lv[i][2] = bit_select<0x33333333u>(ch.w[i].y, hs);
     lv[i][3] = bit_select<0xCCCCCCCCu>(ch.w[i].y, hs);
   }
+#elif TYPE == 2
+  // lane g's scales and mins of tiles 2 g (byte 0 of v) and 2 g + 1 (byte 1): sc low nibble, mn high, exact floats
+  // through 2^23's mantissa; B = x d sc per tile parity, the min term x dmin mn per tile parity in fp32 (Q4_K's)
+  float be[4], bo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 v = __byte_perm(ch.h[i].x, ch.h[i].y, dec.sel_sc);
+    const float sce = __int_as_float((v & 15u) | 0x4B000000u) - 8388608.0f;
+    const float mne = __int_as_float(((v >> 4) & 15u) | 0x4B000000u) - 8388608.0f;
+    const float sco = __int_as_float(((v >> 8) & 15u) | 0x4B000000u) - 8388608.0f;
+    const float mno = __int_as_float(((v >> 12) & 15u) | 0x4B000000u) - 8388608.0f;
+    const float xd = xs[i] * f16_lo_to_f32(ch.d[i]), xm = xs[i] * f16_hi_to_f32(ch.d[i]);
+    be[i] = xd * sce;
+    bo[i] = xd * sco;
+    bias[0] = fmaf(xm, mne, bias[0]);
+    bias[1] = fmaf(xm, mno, bias[1]);
+  }
+  const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
+  const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
 #elif TYPE == 8
   // B[k, g] = x_k d[g] (lane g's d: block g's); the -128 d x term of block g (rows 32 g ..) from the same fp16
   // values the tensor cores multiply, as Q6_K's
@@ -408,13 +449,23 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     const u32 mg = (m & 1) ? 0x001C001Cu : 0x00070007u, mg8 = (m & 1) ? 0x01C001C0u : 0x00700070u;
     const u32 a0 = p & mg, a1 = p & mg8, a2 = pq & mg, a3 = pq & mg8;
     const u32 b01 = (m & 1) ? b01o : b01e, b23 = (m & 1) ? b23o : b23e;
+#elif TYPE == 2
+    // tile m: byte u = (m / 2) % 4 of word m / 8 (Q3_K's low pairs: even m row g bits 0-1, row g + 8 bits 4-5; odd
+    // m bits 2-3, 6-7), no third bits
+    const int u = (m >> 1) & 3;
+    const u32 sel = u | (u << 4) | ((4 + u) << 8) | ((4 + u) << 12);
+    const u32 p = __byte_perm((m >> 3) ? ch.w[0].y : ch.w[0].x, (m >> 3) ? ch.w[1].y : ch.w[1].x, sel);
+    const u32 pq = __byte_perm((m >> 3) ? ch.w[2].y : ch.w[2].x, (m >> 3) ? ch.w[3].y : ch.w[3].x, sel);
+    const u32 mg = (m & 1) ? 0x000C000Cu : 0x00030003u, mg8 = (m & 1) ? 0x00C000C0u : 0x00300030u;
+    const u32 a0 = p & mg, a1 = p & mg8, a2 = pq & mg, a3 = pq & mg8;
+    const u32 b01 = (m & 1) ? b01o : b01e, b23 = (m & 1) ? b23o : b23e;
 #else
     const int q = m >> 2, sh = m & 3;
     const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
     const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
     const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
 #endif
-#if TYPE == 8 || TYPE == 3  // a0-a3 above
+#if TYPE == 8 || TYPE == 3 || TYPE == 2  // a0-a3 above
 #elif TYPE == 5
     // fifth bits: byte q of slots 0 / 1 (2 / 3) at bytes 0 and 2, shifted so bit sh lands at 4 (row g's fp16
     // subnormal q 2^-24: bit 4) and bit sh + 4 at 8 (row g + 8's, q 2^-20); +16 for the second slot
@@ -447,7 +498,7 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   }
 }
 
-// d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column)
+// d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column; Q2_K: (R, K) d | dmin << 16)
 #define D_STRIDE (TYPE == 8 ? 32 : 1)
 
 #if TYPE == 6
@@ -458,16 +509,16 @@ typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 
 // Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
 // (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
-__device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const uint4* hr, const HighWord* hq,
-                                              const unsigned short* dr, const int* col) {
+__device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const HeadWords* hr, const HighWord* hq,
+                                              const DWord* dr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load_levels<QLOAD>(qr + col[i] * 4);
-    ch.h[i] = load16<TYPE == 8 ? QLOAD : HLOAD>(hr + col[i] * 4);
+    ch.w[i] = load_vec<QLOAD>(qr + col[i] * 4);
+    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(hr + col[i] * HV);
 #if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
 #endif
-#if TYPE == 6 || TYPE == 8
+#if TYPE == 6 || TYPE == 8 || TYPE == 2
     ch.d[i] = __ldg(dr + col[i] * D_STRIDE);
 #endif
   }
@@ -479,16 +530,16 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const uint4* hp, const HighWord* hqp,
-                                                const unsigned short* dp) {
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const HeadWords* hp, const HighWord* hqp,
+                                                const DWord* dp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load_levels<QLOAD>(qp + 16 * i);
-    ch.h[i] = load16<TYPE == 8 ? QLOAD : HLOAD>(hp + 16 * i);
+    ch.w[i] = load_vec<QLOAD>(qp + 16 * i);
+    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(hp + 4 * HV * i);
 #if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hqp + 32 * i);
 #endif
-#if TYPE == 6 || TYPE == 8
+#if TYPE == 6 || TYPE == 8 || TYPE == 2
     ch.d[i] = __ldg(dp + 4 * D_STRIDE * i);
 #endif
   }
@@ -542,10 +593,15 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // block (r, col): the lane's 16 level bytes at uint4 ((2 r + g / 4) K + col) 4 + g % 4 (two
   // planes; Q3_K its 8 bytes of low bit pairs at uint2 the same index); head uint4 ((r / 4) K + col) 4 + r % 4
   const LevelWords* qr = reinterpret_cast<const LevelWords*>(q) + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
-  const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  // (Q2_K: the lane's 8 of the 16 bytes, uint2 2 (((r / 4) K + col) 4 + r % 4) + g / 4)
+#if TYPE == 2
+  const HeadWords* hr = reinterpret_cast<const HeadWords*>(h) + ((size_t)(r >> 2) * K * 4 + (r & 3)) * 2 + (g >> 2);
+#else
+  const HeadWords* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+#endif
   // (Q5_K / Q6_K) the lane's high bits of column col: hq[8 col]; (Q6_K) its d: dr[col]
   const HighWord* hq = reinterpret_cast<const HighWord*>(qh) + (size_t)r * K * 8 + g;
-  const unsigned short* dr = dq + (size_t)r * K;
+  const DWord* dr = reinterpret_cast<const DWord*>(dq) + (size_t)r * K;
 #endif
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
@@ -561,13 +617,13 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const int full_end = hi - 15;  // chunk j lies wholly inside the share iff j < full_end
   // slot 0 of the lane's chunk: column j + t; pointers advance by a step of columns
   const LevelWords* qp = qr + (j + t) * 4;
-  const uint4* hp = hr + (j + t) * 4;
+  const HeadWords* hp = hr + (j + t) * HV;
   const unsigned short* xp = x + j + t;
   const HighWord* hqp = hq + (size_t)(j + t) * 8;
 #if TYPE == 8
   const unsigned short* dp = dr + (j + t) * D_STRIDE;
 #else
-  const unsigned short* dp = dr + j + t;
+  const DWord* dp = dr + j + t;
 #endif
   if (j < full_end) load_contiguous(ch, qp, hp, hqp, dp);
 #if L2FIRST > 0
@@ -584,7 +640,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
-    hp += (PROBE_HEADS && TYPE != 8) ? 0 : step * 4;
+    hp += (PROBE_HEADS && TYPE != 8) ? 0 : step * HV;
     hqp += step * 8;
     dp += step * D_STRIDE;
     xp += step;
@@ -666,9 +722,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
   // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
   __shared__ float rows_sum[WARPS][256];
-  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K, Q3_K; 0 otherwise)][32-row group]
+  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K, Q3_K, Q2_K; 0 otherwise)][32-row group]
 #pragma unroll
-  for (int e = 0; e < (TYPE == 6 || TYPE == 3 ? 2 : 1); ++e) {
+  for (int e = 0; e < (TYPE == 6 || TYPE == 3 || TYPE == 2 ? 2 : 1); ++e) {
     float bsum = bias[e];
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
@@ -678,8 +734,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   for (int m = 0; m < 16; ++m) {
     if ((m >> 2) == t) {
       const int e = (m >> 1) & 1;
-#if TYPE == 3
-      // odd tiles' levels sit two bits higher in A (gpu_layout_q3k.py)
+#if TYPE == 3 || TYPE == 2
+      // odd tiles' levels sit two bits higher in A (gpu_layout_q3k.py, gpu_layout_q2k.py)
       rows_sum[warp][16 * m + g] = c[m % ACC][e] * ((m & 1) ? 4194304.0f : 16777216.0f);
       rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * ((m & 1) ? 262144.0f : 1048576.0f);
 #else
@@ -697,7 +753,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       v += rows_sum[w][i];
-      bj += bias_sum[w][TYPE == 6 || TYPE == 3 ? (i >> 4) & 1 : 0][i >> 5];
+      bj += bias_sum[w][TYPE == 6 || TYPE == 3 || TYPE == 2 ? (i >> 4) & 1 : 0][i >> 5];
     }
 #if CLUSTER
     tile_sum[i] = v - bj;
