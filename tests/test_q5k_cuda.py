@@ -2,7 +2,7 @@
 exact, the kernel's assembly of each tensor-core fragment from it gives every lane the right five
 bits (emulated here bit for bit, on the CPU), and on the GPU (`gpu`) B2 and B4 against the float64
 product of the dequantized matrix, with poisoned outputs, as the Q4_K CUDA test. The runtime's
-CudaKQuantLinear (Q3_K, Q5_K, Q6_K and Q8_0) on the CPU interpreter (several tokens) and on the GPU (`gpu`)."""
+CudaKQuantLinear (Q2_K, Q3_K, Q5_K, Q6_K and Q8_0) on the CPU interpreter (several tokens) and on the GPU (`gpu`)."""
 
 import numpy as np
 import pytest
@@ -122,9 +122,9 @@ def test_q5k_planes_dequant_kernel(rng, device, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["q3_k", "q5_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
 def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
-    """A zigzag Q3_K / Q5_K / Q6_K / Q8_0 map on CUDA in fp16 runs on the CUDA GEMV (CudaKQuantLinear): one token (B2) and
+    """A zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map on CUDA in fp16 runs on the CUDA GEMV (CudaKQuantLinear): one token (B2) and
     several (dequantize + cuBLAS) equal the float64 product within fp16's rounding of x, W x and y."""
     import spqt
     from spqt.checkpoint import QuantizedWeight
@@ -144,7 +144,7 @@ def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
         torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("fmt", ["q3_k", "q5_k", "q6_k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
 def test_kquant_linear_prefill_interp(rng, fmt, monkeypatch):
     """CudaKQuantLinear on the CPU (interpreter): the weight lands in its type's CUDA layout, and several
     tokens (the dequant kernel, then the GEMM) equal the GEMM on the format's own decode exactly."""
