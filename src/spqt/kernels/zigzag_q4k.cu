@@ -388,16 +388,17 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     lv[i][3] = bit_select<0xCCCCCCCCu>(ch.w[i].y, hs);
   }
 #elif TYPE == 2
-  // lane g's scales and mins of tiles 2 g (byte 0 of v) and 2 g + 1 (byte 1): sc low nibble, mn high, exact floats
-  // through 2^23's mantissa; B = x d sc per tile parity, the min term x dmin mn per tile parity in fp32 (Q4_K's)
+  // lane g's scales and mins of tiles 2 g (byte 0 of v) and 2 g + 1 (byte 1): sc low nibble, mn high, converted by
+  // I2FP (one instruction each; 2^23's mantissa takes an OR, an FADD and a constant ptxas rematerializes: 242
+  // instructions a B2 chunk against 223); B = x d sc per tile parity, the min term x dmin mn per parity in fp32
   float be[4], bo[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const u32 v = __byte_perm(ch.h[i].x, ch.h[i].y, dec.sel_sc);
-    const float sce = __int_as_float((v & 15u) | 0x4B000000u) - 8388608.0f;
-    const float mne = __int_as_float(((v >> 4) & 15u) | 0x4B000000u) - 8388608.0f;
-    const float sco = __int_as_float(((v >> 8) & 15u) | 0x4B000000u) - 8388608.0f;
-    const float mno = __int_as_float(((v >> 12) & 15u) | 0x4B000000u) - 8388608.0f;
+    const float sce = (float)(v & 15u);
+    const float mne = (float)((v >> 4) & 15u);
+    const float sco = (float)((v >> 8) & 15u);
+    const float mno = (float)((v >> 12) & 15u);
     const float xd = xs[i] * f16_lo_to_f32(ch.d[i]), xm = xs[i] * f16_hi_to_f32(ch.d[i]);
     be[i] = xd * sce;
     bo[i] = xd * sco;
