@@ -3,7 +3,7 @@ whole SASS listing (addresses dropped: equal hashes = the same code), the main l
 of 16 columns per lane), its HMMA count, registers and stack, for a set of configurations (B2 / B4, PIPE,
 ACC, finishes, cluster). Compare two commits' JSON to show that a change leaves a type's code alone.
 
-    python scripts/cuda_sass_types.py [--types 4,5,6,8] [--json out.json]
+    python scripts/cuda_sass_types.py [--types 2,3,4,5,6,8] [--json out.json]
 """
 
 import argparse
@@ -19,7 +19,7 @@ CONFIGS = [(0, 0, -1, 16, 0), (0, 1, -1, 16, 0), (0, 0, 0, 2, 0), (0, 1, 2, 16, 
            (2, 1, 1, 2, 0), (2, 0, -1, 4, 0), (0, 0, 1, 8, 0), (0, 0, 2, 2, 1), (2, 0, 1, 16, 1)]
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--types", default="4,5,6,8")
+parser.add_argument("--types", default="2,3,4,5,6,8")
 parser.add_argument("--json")
 args = parser.parse_args()
 source = zigzag_cuda.SOURCE.read_text()
