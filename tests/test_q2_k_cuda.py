@@ -11,7 +11,7 @@ import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout, gpu_layout_q2k, reference
+from spqt.kernels import gpu_layout_q2k, reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
@@ -57,23 +57,27 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
     """zigzag_q4k.cu's compute() and epilogue at TYPE 2 for superblock row `row` of one chunk (16 columns), bit for
     bit on the register values: (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
     rows, cols = gw.grid
-    quants = gw.quants.numpy().view(np.uint32)  # (R, 2 planes, 16 columns, 8 words)
-    scales = gpu_layout.ungroup_heads(gw.scales, rows).numpy().view(np.uint32)  # (R, 16, 4)
-    dd = gw.d.numpy().view(np.uint32)  # (R, 16)
+    # the kernel's flat arrays and pointer formulas (uint2 / u32 units), for the chunk of columns 0-15
+    q2 = gw.quants.numpy().reshape(-1).view(np.uint32).reshape(-1, 2)  # uint2
+    s2 = gw.scales.numpy().reshape(-1).view(np.uint32).reshape(-1, 2)  # uint2
+    dd = gw.d.numpy().reshape(-1).view(np.uint32)
     levels = gpu_layout_q2k.levels_of(gw).reshape(rows, cols, 256).numpy() if check_levels else None
     a_regs, b_regs, bias = {}, {}, np.zeros((2, 8))
-    b_fp16 = np.zeros((2, 8, cols))
+    b_fp16 = np.zeros((2, 8, 16))
     for g in range(8):
+        qr = (2 * row + (g >> 2)) * cols * 4 + (g & 3)
+        hr = ((row >> 2) * cols * 4 + (row & 3)) * 2 + (g >> 2) * k["half"]  # the lane's 8 of the 16 scale bytes
+        dr = row * cols
         for t in range(4):
             cols_ = [4 * i + t for i in range(4)]
-            w = [quants[row, g >> 2, c, 2 * (g & 3): 2 * (g & 3) + 2] for c in cols_]
-            half = (g >> 2) * k["half"]  # the lane's uint2 of the 16 scale bytes
-            hv = [scales[row, c, 2 * half: 2 * half + 2] for c in cols_]
+            w = [q2[qr + c * 4] for c in cols_]
+            hv = [s2[hr + c * 8] for c in cols_]
             be, bo = [], []
             for i in range(4):
                 v = _byte_perm(int(hv[i][0]), int(hv[i][1]), k["sel"](g))
                 sce, mne, sco, mno = v & 15, (v >> 4) & 15, (v >> 8) & 15, (v >> 12) & 15
-                f16 = np.array([dd[row, cols_[i]] & 0xFFFF, dd[row, cols_[i]] >> 16], dtype=np.uint16).view(np.float16)
+                dw = int(dd[dr + cols_[i]])
+                f16 = np.array([dw & 0xFFFF, dw >> 16], dtype=np.uint16).view(np.float16)
                 xd = np.float32(x[cols_[i]]) * f16[0].astype(np.float32)
                 xm = np.float32(x[cols_[i]]) * f16[1].astype(np.float32)
                 be.append(np.float32(xd * np.float32(sce)))
@@ -123,8 +127,7 @@ def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
     """Asserts the emulated outputs of superblock row `row` equal sum_c q fp16(x d sc) - x dmin mn (float64), the
     fp16 B values checked against the format's scales and d."""
     y, b16 = _emulate(gw, x, row, k, check_levels)
-    cols = gw.grid[1]
-    blocks = qw.blocks[row].numpy()  # (16 columns, 84)
+    blocks = qw.blocks[row, :16].numpy()  # (16 columns, 84)
     sc, mn = (blocks[:, 0:16] & 15).astype(np.float32), (blocks[:, 0:16] >> 4).astype(np.float64)
     d = blocks[:, 80:82].copy().view(np.float16)[:, 0].astype(np.float32)
     dmin = blocks[:, 82:84].copy().view(np.float16)[:, 0].astype(np.float32)
@@ -132,23 +135,24 @@ def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
     b_want = ((x32 * d)[:, None] * sc).astype(np.float16).astype(np.float64)  # (16 columns, 16 tiles)
     for e in range(2):  # lane g's B of parity e is tile 2 g + e's
         np.testing.assert_array_equal(b16[e], b_want[:, e::2].T, err_msg=f"B of parity {e}")
-    q = q2_k_levels(qw.blocks[row].reshape(-1, 84)).numpy().reshape(cols, 16, 16).astype(np.float64)
+    q = q2_k_levels(qw.blocks[row, :16].reshape(-1, 84)).numpy().reshape(16, 16, 16).astype(np.float64)
     mins = ((x32 * dmin).astype(np.float64)[:, None] * mn).sum(axis=0)  # (16 tiles)
     want = (np.einsum("cmi,cm->mi", q, b_want) - mins[:, None]).reshape(256)
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12 * np.abs(want).max(), err_msg=f"row {row}")
 
 
 def test_q2_k_cuda_fragments_emulated(rng):
-    """Every lane (g, t), tile m and slot of one chunk of every superblock row (5: the last 76 rows): each A half holds
+    """Every lane (g, t), tile m and slot of one chunk (columns 0-15 of 19, read through the kernel's pointer formulas)
+    of every superblock row (5: the last 76 rows): each A half holds
     the slot's 2-bit level at the kernel's bits (even tiles row g at 0, row g + 8 at 4; odd at 2 and 6), each lane's B
     of parity e is fp16(x d sc[2 g + e]) and its min term x dmin mn[2 g + e]; the emulated mma products, the
     epilogue's per-parity scales and the min term per tile give sum q b - x dmin mn exactly (float64). Broken
     variants (the lane's half of the scale bytes, the scale permute, the odd tiles' masks, their epilogue scale,
     their B) fail."""
-    shape = (1100, 16)
+    shape = (1100, 19)
     qw = _random_blocks(rng, "q2_k", shape)
     gw = gpu_layout_q2k.repack(qw, "cpu")
-    x = rng.standard_normal(16).astype(np.float16)
+    x = rng.standard_normal(16).astype(np.float16)  # the chunk's columns
     for row in range(gw.grid[0]):
         _emulation_error(gw, x, qw, row)
     broken = [{"half": 0}, {"sel": lambda g: (2 * (g & 3) + 1) | ((2 * (g & 3)) << 4)},
@@ -284,7 +288,8 @@ def test_zigzag_cuda_q2_k_finishes(rng):
             r = torch.randn(n, device="cuda", dtype=torch.float16) * plain.abs().mean().half()
             ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True, residual=r).float()
-            torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=atol, msg=lambda m: f"{what} residual: {m}")
+            torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=atol,
+                                       msg=lambda m: f"{what} residual: {m}")
             ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True, swiglu=True).float()
             want = (torch.nn.functional.silu(plain[: n // 2]) * plain[n // 2:]).half().float()

@@ -11,7 +11,7 @@ import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout, gpu_layout_q3k, reference
+from spqt.kernels import gpu_layout_q3k, reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout_types import q3_k_levels
 
@@ -62,18 +62,22 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
     bit on the register values: (the 256 outputs in float64, the fp16 B values b[parity][g][column]). With
     check_levels every A half is also checked against the format's level of its row and column."""
     rows, cols = gw.grid
-    quants = gw.quants.numpy().view(np.uint32)  # (R, 2 planes, 16 columns, 8 words)
-    high = gw.high.numpy().view(np.uint32)  # (R, 16, 8)
-    heads = gpu_layout.ungroup_heads(gw.head, rows).numpy().view(np.uint32)  # (R, 16, 4)
+    # the kernel's flat arrays and pointer formulas (uint2 / u32 / uint4 units), for the chunk of columns 0-15
+    q2 = gw.quants.numpy().reshape(-1).view(np.uint32).reshape(-1, 2)  # uint2
+    high = gw.high.numpy().reshape(-1).view(np.uint32)
+    heads = gw.head.numpy().reshape(-1).view(np.uint32).reshape(-1, 4)  # uint4
     levels = gpu_layout_q3k.levels_of(gw).reshape(rows, cols, 256).numpy() if check_levels else None
     a_regs, b_regs, bias = {}, {}, np.zeros((2, 8))
-    b_fp16 = np.zeros((2, 8, cols))
+    b_fp16 = np.zeros((2, 8, 16))
     for g in range(8):
+        qr = (2 * row + (g >> 2)) * cols * 4 + (g & 3)
+        hq = row * cols * 8 + g
+        hr = (row >> 2) * cols * 4 + (row & 3)
         for t in range(4):
             cols_ = [4 * i + t for i in range(4)]
-            w = [quants[row, g >> 2, c, 2 * (g & 3): 2 * (g & 3) + 2] for c in cols_]
-            hb = [int(high[row, c, g]) for c in cols_]
-            hv = [heads[row, c] for c in cols_]
+            w = [q2[qr + c * 4] for c in cols_]
+            hb = [int(high[hq + c * 8]) for c in cols_]
+            hv = [heads[hr + c * 4] for c in cols_]
             be, bo = [], []
             for i in range(4):
                 hx, hy, hz, hw = (int(v) for v in hv[i])
@@ -136,8 +140,7 @@ def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
     """Asserts the emulated outputs of superblock row `row` equal sum_c (q - 4) fp16(x d (s - 32)) (float64), the
     fp16 B values checked against the format's scales and d."""
     y, b16 = _emulate(gw, x, row, k, check_levels)
-    cols = gw.grid[1]
-    blocks = qw.blocks[row].numpy()  # (16 columns, 110)
+    blocks = qw.blocks[row, :16].numpy()  # (16 columns, 110)
     from spqt.formats import q3_k
 
     s = q3_k.unpack_scales(torch.from_numpy(blocks[:, 96:108].copy())).numpy() - 32  # (16 columns, 16 tiles)
@@ -145,25 +148,27 @@ def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
     b_want = ((x.astype(np.float32) * d)[:, None] * s.astype(np.float32)).astype(np.float16).astype(np.float64)
     for e in range(2):  # lane g's B of parity e is tile 2 g + e's
         np.testing.assert_array_equal(b16[e], b_want[:, e::2].T, err_msg=f"B of parity {e}")
-    q = q3_k_levels(qw.blocks[row].reshape(-1, 110)).numpy().reshape(cols, 16, 16)  # [column, tile, row in tile]
+    q = q3_k_levels(qw.blocks[row, :16].reshape(-1, 110)).numpy().reshape(16, 16, 16)  # [column, tile, row in tile]
     want = np.einsum("cmi,cm->mi", (q - 4).astype(np.float64), b_want).reshape(256)
     np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12 * np.abs(want).max(), err_msg=f"row {row}")
 
 
 def test_q3_k_cuda_fragments_emulated(rng):
-    """Every lane (g, t), tile m and slot of one chunk of every superblock row (5: the last 76 rows): each A half holds
+    """Every lane (g, t), tile m and slot of one chunk (columns 0-15 of 19, read through the kernel's pointer formulas)
+    of every superblock row (5: the last 76 rows): each A half holds
     the slot's 3-bit level at the kernel's bits (even tiles row g at 0, row g + 8 at 4; odd at 2 and 6), each lane's B
     of parity e is fp16(x d (s[2 g + e] - 32)); the emulated mma products, the epilogue's per-parity scales and the
     -4 term per tile give sum (q - 4) b exactly (float64). Broken variants (the third bits' shift for tiles 8-15, the
-    odd tiles' next byte, their masks, their epilogue scale, the scale funnel shift, the offset, swapped selects) fail."""
-    shape = (1100, 16)
+    odd tiles' next byte, their masks, their epilogue scale, the scale funnel shift, the offset, swapped selects)
+    fail."""
+    shape = (1100, 19)
     qw = _random_blocks(rng, "q3_k", shape)
     gw = gpu_layout_q3k.repack(qw, "cpu")
-    x = rng.standard_normal(16).astype(np.float16)
+    x = rng.standard_normal(16).astype(np.float16)  # the chunk's columns
     for row in range(gw.grid[0]):
         _emulation_error(gw, x, qw, row)
-    broken = [{"h_shift": 2}, {"odd_next": 0}, {"odd_mask": (0x000C000C, 0x01C001C0)}, {"odd_scale": (2.0**24, 2.0**18)},
-              {"funnel": 28}, {"offset": 3.0}, {"even_select": 0xCCCCCCCC}]
+    broken = [{"h_shift": 2}, {"odd_next": 0}, {"odd_mask": (0x000C000C, 0x01C001C0)},
+              {"odd_scale": (2.0**24, 2.0**18)}, {"funnel": 28}, {"offset": 3.0}, {"even_select": 0xCCCCCCCC}]
     for change in broken:
         with pytest.raises(AssertionError):
             _emulation_error(gw, x, qw, 1, dict(KERNEL, **change), check_levels=False)
@@ -297,7 +302,8 @@ def test_zigzag_cuda_q3_k_finishes(rng):
             r = torch.randn(n, device="cuda", dtype=torch.float16) * plain.abs().mean().half()
             ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True, residual=r).float()
-            torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=atol, msg=lambda m: f"{what} residual: {m}")
+            torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=atol,
+                                       msg=lambda m: f"{what} residual: {m}")
             ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True, swiglu=True).float()
             want = (torch.nn.functional.silu(plain[: n // 2]) * plain[n // 2:]).half().float()

@@ -27,8 +27,8 @@ ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
             bits: int = 4, cluster: bool = False) -> tuple:
-    """NVRTC options of one configuration (the .cu file's macros; bits 2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K, 8: Q8_0; extra:
-    more -D options, for probes)."""
+    """NVRTC options of one configuration (the .cu file's macros; bits 2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K,
+    8: Q8_0; extra: more -D options, for probes)."""
     return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
             f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}") + tuple(extra)
 
@@ -176,7 +176,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
             or (bits == 6 and (d is None or tuple(d.shape) != (rows, k) or d.dtype != torch.float16)) \
             or (bits == 2 and (d is None or tuple(d.shape) != (rows, k) or d.dtype != torch.int32)) \
             or (bits == 8 and (tuple(head.shape) != (-(-rows // 4), k, 4, 8) or head.dtype != torch.float16)):
-        raise ValueError(f"bits 2 (Q2_K: d (rows, K) int32), 3 (Q3_K: high (rows, K, 8)), 4 (Q4_K), 5 (Q5_K: high (rows, K, 8)), 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16) "
+        raise ValueError(f"bits 2 (Q2_K: d (rows, K) int32), 3 (Q3_K: high (rows, K, 8)), 4 (Q4_K), 5 (Q5_K: high "
+                         f"(rows, K, 8)), 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16) "
                          f"or 8 (Q8_0: head the grouped d (ceil(rows / 4), K, 4, 8) fp16); got bits {bits}, high "
                          f"{None if high is None else tuple(high.shape)}, head {tuple(head.shape)} {head.dtype}")
     tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d) if t is not None]

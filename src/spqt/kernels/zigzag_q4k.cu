@@ -59,8 +59,8 @@
                 // a 16-byte head grouped as Q4_K's; w = d (s - 32) (q - 4): two bit selects per slot and word complete
                 // the levels, then Q4_K's permute + AND per tile; odd tiles' levels 4x higher in A (2^22 / 2^18 in
                 // the epilogue); the -4 d (s - 32) x term per tile pair in the min term's place, as Q6_K's);
-                // 2: Q2_K (gpu_layout_q2k.py: the levels as Q3_K's low bit pairs, GGUF's 16 scale | min << 4 bytes grouped
-                // as Q4_K's heads, a lane reading the 8 bytes of its half through h, d | dmin << 16 (R, K) in dq;
+                // 2: Q2_K (gpu_layout_q2k.py: the levels as Q3_K's low bit pairs, GGUF's 16 scale | min << 4 bytes
+                // grouped as Q4_K's heads, a lane reading the 8 bytes of its half through h, d | dmin << 16 (R, K) in dq;
                 // w = d sc q - dmin mn: Q4_K's arithmetic with Q3_K's tiles and Q6_K's per-tile-pair scales)
 #if TYPE != 2 && TYPE != 3 && TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
 #error "TYPE is 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
@@ -499,7 +499,8 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   }
 }
 
-// d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column; Q2_K: (R, K) d | dmin << 16)
+// d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column; Q2_K: (R, K)
+// d | dmin << 16)
 #define D_STRIDE (TYPE == 8 ? 32 : 1)
 
 #if TYPE == 6
@@ -531,8 +532,8 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const HeadWords* hp, const HighWord* hqp,
-                                                const DWord* dp) {
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const HeadWords* hp,
+                                                const HighWord* hqp, const DWord* dp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     ch.w[i] = load_vec<QLOAD>(qp + 16 * i);
