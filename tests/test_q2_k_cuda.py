@@ -1,24 +1,18 @@
 """Zigzag Q2_K on the CUDA GEMV (zigzag_q4k.cu, TYPE 2; kernels/gpu_layout_q2k.py): the layout is
 exact (the blocks come back byte for byte), the kernel's assembly of each tensor-core fragment and of
 each lane's two scales and mins gives the right 2-bit levels and factors (emulated bit for bit on the
-CPU, and deliberately broken variants of it fail), TYPE 2 compiles for sm_90 without spills, the
-dequant kernel (interpreter) equals the format's decode, and on the GPU (`gpu`) B2 and B4 against the
-float64 product of the dequantized matrix, with poisoned outputs."""
+CPU, and deliberately broken variants of it fail), TYPE 2 compiles for sm_90 without spills; the
+dequant kernel, B2 / B4 and the finishes on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
 import pytest
 import torch
 
-from spqt.checkpoint import QuantizedWeight
-from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout_q2k, reference
-from spqt.kernels.collect import collect
+from spqt.kernels import gpu_layout_q2k
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
-from kernel_inputs import assert_within_fp32_sum, random_x
+from cuda_emulation import assert_type_compiles, byte_perm, mma_kept_columns
 from test_kernels_types import _random_blocks
-from test_q5k_cuda import FP16_X_EPS, _byte_perm
-from test_q8_0_cuda import _fp16_halves
 
 
 def test_q2_k_cuda_layout_is_exact(rng):
@@ -31,21 +25,6 @@ def test_q2_k_cuda_layout_is_exact(rng):
         assert gw.scales.shape == (-(-rows // 4), cols, 4, 4) and gw.nbytes == flat.numel() == 84 * rows * cols
         assert torch.equal(gpu_layout_q2k.levels_of(gw), q2_k_levels(flat)), shape
         assert torch.equal(gpu_layout_q2k.blocks_of(gw), qw.blocks), shape
-
-
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
-                                    pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
-def test_q2_k_planes_dequant_kernel(rng, device, monkeypatch):
-    """kg.dequantize on the Q2_K CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
-        qw = _random_blocks(rng, "q2_k", shape)
-        qw = QuantizedWeight(qw.blocks.to(device), "q2_k", "zigzag", shape)
-        gw = gpu_layout_q2k.repack(qw, device)
-        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-        kg.dequantize(gw, torch.float32, out=out)
-        assert torch.equal(out, qw.dequantize()), shape
 
 
 # the kernel's constants (zigzag_q4k.cu, TYPE 2); the broken variants below change one each
@@ -74,7 +53,7 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
             hv = [s2[hr + c * 8] for c in cols_]
             be, bo = [], []
             for i in range(4):
-                v = _byte_perm(int(hv[i][0]), int(hv[i][1]), k["sel"](g))
+                v = byte_perm(int(hv[i][0]), int(hv[i][1]), k["sel"](g))
                 sce, mne, sco, mno = v & 15, (v >> 4) & 15, (v >> 8) & 15, (v >> 12) & 15
                 dw = int(dd[dr + cols_[i]])
                 f16 = np.array([dw & 0xFFFF, dw >> 16], dtype=np.uint16).view(np.float16)
@@ -94,7 +73,7 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
                 mg, mg8 = k["odd_mask"] if m & 1 else (0x00030003, 0x00300030)
                 regs = []
                 for pair in (0, 2):
-                    p = _byte_perm(int(w[pair][m >> 3]), int(w[pair + 1][m >> 3]), sel)
+                    p = byte_perm(int(w[pair][m >> 3]), int(w[pair + 1][m >> 3]), sel)
                     regs += [p & mg, p & mg8]
                 a_regs[g, t, m] = regs
                 if check_levels:
@@ -104,20 +83,12 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
                             c = cols_[pair + hf]
                             want = int(levels[row, c, 16 * m + 8 * h + g]) << shift[h]
                             assert (reg >> (16 * hf)) & 0xFFFF == want, (row, g, t, m, pair + hf, h)
+    kept = mma_kept_columns(a_regs, lambda g, t, m: b_regs[g, t, (m & 1) * k["odd_b"]])  # (tile m, row)
     y = np.zeros(256)
-    for m in range(16):  # the mma: A (16 rows, k), B (k, 8 columns n = g), k = 2 t + slot (+ 6 for slots 2, 3)
-        a_mat, b_mat = np.zeros((16, 16)), np.zeros((16, 8))
-        for g in range(8):
-            for t in range(4):
-                a0, a1, a2, a3 = a_regs[g, t, m]
-                a_mat[g, 2 * t: 2 * t + 2], a_mat[g + 8, 2 * t: 2 * t + 2] = _fp16_halves(a0), _fp16_halves(a1)
-                a_mat[g, 2 * t + 8: 2 * t + 10] = _fp16_halves(a2)
-                a_mat[g + 8, 2 * t + 8: 2 * t + 10] = _fp16_halves(a3)
-                b_mat[[2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9], g] = b_regs[g, t, (m & 1) * k["odd_b"]]
+    for m in range(16):
         scale = k["odd_scale"] if m & 1 else (2.0**24, 2.0**20)
-        out = (a_mat @ b_mat)[:, m // 2]
-        y[16 * m: 16 * m + 8] = out[:8] * scale[0]
-        y[16 * m + 8: 16 * m + 16] = out[8:] * scale[1]
+        y[16 * m: 16 * m + 8] = kept[m, :8] * scale[0]
+        y[16 * m + 8: 16 * m + 16] = kept[m, 8:] * scale[1]
     i = np.arange(256)
     y -= bias[(i >> 4) & 1, i >> 5]
     return y, b_fp16
@@ -167,132 +138,4 @@ def test_q2_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):
     included, without spills, 16 mma in the main loop; its B2 loop (PIPE 0, 16 accumulators) holds 223 instructions
     a chunk and lane when written, 127 registers (Q4_K's: 224, 125): 80 of them assemble the A fragments (one
     permute per tile pair and slot pair, four ANDs a tile)."""
-    from spqt.kernels import nvrtc, zigzag_cuda
-    from spqt.kernels.sass import disassemble, main_loop, opcode
-
-    monkeypatch.setenv("SPQT_CACHE", str(tmp_path))  # compiled here, not read from a cache
-    nvrtc.compile_cubin.cache_clear()
-    source = zigzag_cuda.SOURCE.read_text()
-    nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2, bits=2), "sm_80")
-    dense, indexed = zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED
-    # (mode, pipe, epilogue, acc, cluster, B2 loop limit)
-    for mode, pipe, epilogue, acc, cluster, limit in ((dense, 0, -1, 16, False, 230), (dense, 1, 0, 16, False, 235),
-                                                      (dense, 0, 2, 2, True, 285), (indexed, 0, 1, 16, False, None),
-                                                      (indexed, 1, 2, 2, False, None)):
-        options = zigzag_cuda.options(4, mode, pipe, epilogue, acc=acc, bits=2, cluster=cluster)
-        sass, regs, stack = disassemble(nvrtc.compile_cubin(source, options, "sm_90"))
-        what = f"mode {mode} pipe {pipe} epilogue {epilogue} acc {acc} cluster {cluster}"
-        assert stack == 0, f"{what}: {stack} bytes of stack (spills)"
-        loop = main_loop(sass, "HMMA")
-        assert sum("HMMA" in ln for ln in loop) == 16, what
-        if limit is not None:
-            assert len(loop) <= limit, f"{what}: B2 loop of {len(loop)} instructions"
-        if (mode, pipe, acc) == (dense, 0, 16):
-            assembly = sum(opcode(ln) in ("PRMT", "LOP3.LUT") for ln in loop)
-            assert assembly <= 110 and regs <= 128, f"{assembly} permutes and logic ops, {regs} registers"
-        if cluster:
-            assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
-
-
-GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
-CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16)]  # (split, warps, pipe, acc)
-
-
-def _gpu_weights(rng, shape):
-    """Random Q2_K blocks with d and dmin in 2^-9 .. 2^-6 (x d sc a normal fp16 for most x, as in a real matrix;
-    _random_blocks' smaller factors would test fp16's subnormals instead)."""
-    qw = _random_blocks(rng, "q2_k", shape)
-    blocks = qw.blocks.numpy()
-    for at in (80, 82):
-        v = np.exp2(rng.uniform(-9, -6, blocks.shape[:2]))
-        blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)
-    return QuantizedWeight(torch.from_numpy(blocks).cuda(), "q2_k", "zigzag", shape)
-
-
-def _magnitudes(qw):
-    """(W, |W| + 2 dmin mn) in float64: the kernel adds q d sc x and -dmin mn x apart, each at most |w| + dmin mn."""
-    blocks = qw.blocks.clone()
-    blocks[..., 16:80] = 0  # levels 0: every weight -dmin mn
-    offset = QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize().double()
-    w_ref = qw.dequantize().double()
-    return w_ref, w_ref.abs() + 2 * offset.abs()
-
-
-def _assert_near_model(y, qw, x_used, w_mag, what):
-    """The kernel's arithmetic with its input rounding kept: sum_k q fp16(x_k d sc) - x_k dmin mn in float64; y within
-    the fp32 sums' worst case and y's rounding."""
-    n, k = qw.shape
-    flat = qw.blocks.reshape(-1, 84)
-    q = q2_k_levels(flat).reshape(-1, k, 256).permute(0, 2, 1).reshape(-1, k)[:n].double()
-    sb = flat[:, 0:16].to(torch.int64).reshape(-1, k, 16)
-    dd = flat[:, 80:84].contiguous().view(torch.float16).float().reshape(-1, k, 2)
-    b = ((x_used.float()[None, :] * dd[..., 0])[..., None] * (sb & 15).float()).half().double()  # (R, K, 16)
-    mins = (x_used.float()[None, :] * dd[..., 1]).double()[..., None] * (sb >> 4).double()
-    rows_of = lambda v: v.permute(0, 2, 1).repeat_interleave(16, dim=1).reshape(-1, k)[:n]  # noqa: E731
-    model = (q * rows_of(b)).sum(dim=1) - rows_of(mins).sum(dim=1)
-    tol = (k + 4) * 2.0**-24 * (w_mag @ x_used.double().abs()) + 2.0**-11 * model.abs() + 1e-30
-    err = (y.double() - model).abs()
-    assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} outputs off the fp16-B model"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_zigzag_cuda_q2_k(rng, sparsity):
-    """B2 and B4 of every config on poisoned workspaces against the float64 product and the fp16-B model, then
-    bit-identical on a rerun."""
-    from spqt.kernels import zigzag_cuda
-
-    for shape in GPU_SHAPES:
-        qw = _gpu_weights(rng, shape)
-        gw = gpu_layout_q2k.repack(qw, "cuda")
-        refs = _magnitudes(qw)
-        x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
-        x_sparse = reference.sparsify(x, t).float()
-        assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, acc in CONFIGS:
-            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
-                ws.y.fill_(float("nan"))
-                ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
-                if mode == kg.MODE_INDEXED:
-                    ws.idx.fill_(-7777)
-                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"q2_k cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
-                y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
-                assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
-                _assert_near_model(y, qw, x_used, refs[1], what)
-                assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
-
-
-@pytest.mark.gpu
-def test_zigzag_cuda_q2_k_finishes(rng):
-    """TYPE 2's own finishes (the last program's; B2 and B4 at 50 %): plain, residual and SwiGLU against torch on the
-    reduction kernel's plain output (gemv_zigzag runs the cluster finish for Q4_K only)."""
-    n, k = 2048, 1000  # SwiGLU: F = 1024, a multiple of 256
-    gw = gpu_layout_q2k.repack(_gpu_weights(rng, (n, k)), "cuda")
-    x, t = random_x(rng, k, torch.float16, "cuda", 0.5)
-    for split, acc in ((1, 16), (7, 2)):
-        ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-        for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
-            kw = {"num_warps": 4, "acc": acc, "impl": "cuda"}
-            if mode == kg.MODE_INDEXED:
-                kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-            what = f"q2_k cuda fused split {split} mode {mode}"
-            ws.y.fill_(float("nan"))
-            plain = kg.gemv_zigzag(gw, x, mode, ws, **kw).float().clone()
-            atol = 2e-3 * float(plain.abs().max())
-            ws.y.fill_(float("nan"))
-            y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True).float()
-            torch.testing.assert_close(y, plain, rtol=2e-3, atol=atol, msg=lambda m: f"{what} plain: {m}")
-            r = torch.randn(n, device="cuda", dtype=torch.float16) * plain.abs().mean().half()
-            ws.y.fill_(float("nan"))
-            y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True, residual=r).float()
-            torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=atol,
-                                       msg=lambda m: f"{what} residual: {m}")
-            ws.y.fill_(float("nan"))
-            y = kg.gemv_zigzag(gw, x, mode, ws, **kw, fused=True, swiglu=True).float()
-            want = (torch.nn.functional.silu(plain[: n // 2]) * plain[n // 2:]).half().float()
-            torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()),
-                                       msg=lambda m: f"{what} swiglu: {m}")
-            assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
+    assert_type_compiles(2, (230, 235, 285), 110, 128, tmp_path, monkeypatch)

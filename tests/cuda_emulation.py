@@ -1,0 +1,70 @@
+"""What the per-type tests of the CUDA GEMV (zigzag_q4k.cu; tests/test_q*_cuda.py) share on the CPU: the
+register operations its fragment assembly uses (emulated bit for bit), the m16n8k16 product of emulated
+fragments, and the sm_90 compile check of one TYPE."""
+
+import numpy as np
+
+
+def byte_perm(x: int, y: int, sel: int) -> int:
+    """CUDA's __byte_perm without the sign modes: byte i of the result = byte (nibble i of sel) of y:x."""
+    both = (y << 32) | x
+    return sum(((both >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+
+
+def fp16_halves(v: int) -> np.ndarray:
+    """A 32-bit register's two fp16 (bits 0-15, 16-31) as float64."""
+    return np.array([v & 0xFFFF, v >> 16], dtype=np.uint16).view(np.float16).astype(np.float64)
+
+
+def mma_kept_columns(a_regs: dict, b_of) -> np.ndarray:
+    """The emulated mma of one chunk: (16 tiles m, 16 rows) float64, tile m's product A_m B_m at the column
+    n = m // 2 the kernel keeps. a_regs[g, t, m]: lane (g, t)'s four A registers of tile m (a0 / a2 rows g,
+    a1 / a3 rows g + 8); b_of(g, t, m): its four B values (slots 0-3). A (16 rows, k), B (k, 8 columns n = g),
+    k = 2 t + slot (+ 6 for slots 2, 3)."""
+    out = np.zeros((16, 16))
+    for m in range(16):
+        a_mat, b_mat = np.zeros((16, 16)), np.zeros((16, 8))
+        for g in range(8):
+            for t in range(4):
+                a0, a1, a2, a3 = a_regs[g, t, m]
+                a_mat[g, 2 * t: 2 * t + 2], a_mat[g + 8, 2 * t: 2 * t + 2] = fp16_halves(a0), fp16_halves(a1)
+                a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves(a2)
+                a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves(a3)
+                b_mat[[2 * t, 2 * t + 1, 2 * t + 8, 2 * t + 9], g] = b_of(g, t, m)
+        out[m] = (a_mat @ b_mat)[:, m // 2]
+    return out
+
+
+def assert_type_compiles(bits: int, b2_limits: tuple[int, int, int], assembly_max: int, regs_max: int,
+                         tmp_path, monkeypatch) -> None:
+    """TYPE `bits` of zigzag_q4k.cu compiles with NVRTC for sm_80 and sm_90 in each mode, pipe, accumulator count
+    and finish, cluster included, without spills, 16 mma in the main loop; the B2 loops (PIPE 0 plain, PIPE 1
+    fused, PIPE 0 cluster) hold at most b2_limits instructions; the plain one (16 accumulators) at most
+    assembly_max permutes and logic ops and regs_max registers."""
+    from spqt.kernels import nvrtc, zigzag_cuda
+    from spqt.kernels.sass import disassemble, main_loop, opcode
+
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path))  # compiled here, not read from a cache
+    nvrtc.compile_cubin.cache_clear()
+    source = zigzag_cuda.SOURCE.read_text()
+    nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2, bits=bits), "sm_80")
+    dense, indexed = zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED
+    plain, piped, clustered = b2_limits
+    # (mode, pipe, epilogue, acc, cluster, B2 loop limit)
+    for mode, pipe, epilogue, acc, cluster, limit in ((dense, 0, -1, 16, False, plain), (dense, 1, 0, 16, False, piped),
+                                                      (dense, 0, 2, 2, True, clustered),
+                                                      (indexed, 0, 1, 16, False, None),
+                                                      (indexed, 1, 2, 2, False, None)):
+        options = zigzag_cuda.options(4, mode, pipe, epilogue, acc=acc, bits=bits, cluster=cluster)
+        sass, regs, stack = disassemble(nvrtc.compile_cubin(source, options, "sm_90"))
+        what = f"mode {mode} pipe {pipe} epilogue {epilogue} acc {acc} cluster {cluster}"
+        assert stack == 0, f"{what}: {stack} bytes of stack (spills)"
+        loop = main_loop(sass, "HMMA")
+        assert sum("HMMA" in ln for ln in loop) == 16, what
+        if limit is not None:
+            assert len(loop) <= limit, f"{what}: B2 loop of {len(loop)} instructions"
+        if (mode, pipe, acc) == (dense, 0, 16):
+            assembly = sum(opcode(ln) in ("PRMT", "LOP3.LUT") for ln in loop)
+            assert assembly <= assembly_max and regs <= regs_max, f"{assembly} permutes and logic ops, {regs} registers"
+        if cluster:
+            assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
