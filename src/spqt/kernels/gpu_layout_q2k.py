@@ -18,17 +18,19 @@ d, dmin) runs down 256 rows of one column, w = d sc[m] q - dmin mn[m], q = 0..3,
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gpu_layout
-from spqt.kernels.gpu_layout_q3k import _low_shift, _to_int32
+from spqt.kernels.gpu_layout_planes import ColumnSuperblocks, zigzag_blocks
+from spqt.kernels.gpu_layout_q3k import low_pairs_of, pack_low_pairs
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
 
 @dataclass
-class GpuQ2KPlanes:
+class GpuQ2KPlanes(ColumnSuperblocks):
     """A zigzag Q2_K matrix for zigzag_q4k.cu (TYPE 2): level planes, grouped scales, d | dmin."""
 
     quants: torch.Tensor
@@ -37,40 +39,22 @@ class GpuQ2KPlanes:
     shape: tuple[int, int]
     layout: str = "zigzag"
     fmt: str = "q2_k"
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(superblock rows R, columns K)."""
-        return self.quants.shape[0], self.quants.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernel reads for the whole matrix (84 a column-superblock)."""
-        rows, cols = self.grid
-        return 84 * rows * cols
+    BYTES: ClassVar[int] = 84  # GGUF's block
 
 
 def pack_levels(levels: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """Levels (R * K, 256) 0..3 in weight order -> (R, 2, K, 8) int32 (module docstring)."""
-    lv = levels.to(torch.int64).reshape(-1, 16, 2, 8)  # [block, m, h, g]
-    low = (lv << _low_shift(lv.device)[None, :, :, None]).reshape(-1, 2, 8, 2, 8).sum(dim=(2, 3))  # [block, word, g]
-    quants = _to_int32(low.permute(0, 2, 1)).reshape(rows, cols, 2, 8)
-    return quants.permute(0, 2, 1, 3).contiguous()
+    """Levels (R * K, 256) 0..3 in weight order -> (R, 2, K, 8) int32: Q3_K's low-pair planes (module docstring)."""
+    return pack_low_pairs(levels, rows, cols)
 
 
 def levels_of(w: GpuQ2KPlanes) -> torch.Tensor:
     """The levels (R * K, 256) int64 0..3 in weight order, from the kernel arrays alone."""
-    low = (w.quants.to(torch.int64) & 0xFFFFFFFF).permute(0, 2, 1, 3).reshape(-1, 8, 2)  # [block, g, word]
-    words = low[:, :, torch.arange(16, device=low.device) >> 3]  # [block, g, m]
-    pairs = (words[:, :, :, None] >> _low_shift(low.device)[None, None]) & 3  # [block, g, m, h]
-    return pairs.permute(0, 2, 3, 1).reshape(-1, 256)
+    return low_pairs_of(w.quants)
 
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ2KPlanes:
     """Zigzag Q2_K blocks (ceil(N / 256), K, 84) -> the CUDA GEMV's arrays (exact)."""
-    if weight.fmt != "q2_k" or weight.layout != "zigzag":
-        raise ValueError(f"the Q2_K CUDA layout takes zigzag q2_k, not {weight.layout} {weight.fmt}")
-    blocks = weight.blocks.to(device)
+    blocks = zigzag_blocks(weight, "q2_k", device)
     rows, cols, _ = blocks.shape
     flat = blocks.reshape(-1, 84)
     quants = pack_levels(q2_k_levels(flat), rows, cols)

@@ -28,11 +28,13 @@ tile) needs 32 levels of a column: 12 bytes. The kernel reads (exact: the same l
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gpu_layout
+from spqt.kernels.gpu_layout_planes import ColumnSuperblocks, zigzag_blocks
 from spqt.kernels.gpu_layout_types import q3_k_levels
 
 BYTES = 112  # a column-superblock: 64 low-pair bytes, 32 third-bit bytes, a 16-byte head
@@ -59,8 +61,25 @@ def _to_int32(v: torch.Tensor) -> torch.Tensor:
     return torch.where(v >= 2**31, v - 2**32, v).to(torch.int32)
 
 
+def pack_low_pairs(pairs: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """Bit pairs (R * K, 256) 0..3 in weight order -> the ``quants`` planes (R, 2, K, 8) int32 (module docstring;
+    Q2_K's levels too, gpu_layout_q2k.py)."""
+    lv = pairs.to(torch.int64).reshape(-1, 16, 2, 8)  # [block, m, h, g]: weight 16 m + 8 h + g
+    low = (lv << _low_shift(lv.device)[None, :, :, None]).reshape(-1, 2, 8, 2, 8).sum(dim=(2, 3))  # [block, word, g]
+    quants = _to_int32(low.permute(0, 2, 1)).reshape(rows, cols, 2, 8)  # [r, c, p, 2 (g % 4) + word]
+    return quants.permute(0, 2, 1, 3).contiguous()
+
+
+def low_pairs_of(quants: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_low_pairs: (R, 2, K, 8) int32 -> the bit pairs (R * K, 256) int64 in weight order."""
+    low = (quants.to(torch.int64) & 0xFFFFFFFF).permute(0, 2, 1, 3).reshape(-1, 8, 2)  # [block, g, word]
+    words = low[:, :, torch.arange(16, device=low.device) >> 3]  # [block, g, m]
+    pairs = (words[:, :, :, None] >> _low_shift(low.device)[None, None]) & 3  # [block, g, m, h]
+    return pairs.permute(0, 2, 3, 1).reshape(-1, 256)
+
+
 @dataclass
-class GpuQ3KPlanes:
+class GpuQ3KPlanes(ColumnSuperblocks):
     """A zigzag Q3_K matrix for zigzag_q4k.cu (TYPE 3): low-pair planes, third-bit words, grouped heads."""
 
     quants: torch.Tensor
@@ -69,17 +88,7 @@ class GpuQ3KPlanes:
     shape: tuple[int, int]
     layout: str = "zigzag"
     fmt: str = "q3_k"
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(superblock rows R, columns K)."""
-        return self.quants.shape[0], self.quants.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernel reads for the whole matrix (112 a column-superblock, module docstring)."""
-        rows, cols = self.grid
-        return BYTES * rows * cols
+    BYTES: ClassVar[int] = BYTES  # the module's (112)
 
 
 def pack_head(scales: torch.Tensor, d_bits: torch.Tensor) -> torch.Tensor:
@@ -109,17 +118,13 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ3KPlanes:
     """Zigzag Q3_K blocks (ceil(N / 256), K, 110) -> the CUDA GEMV's arrays (exact)."""
     from spqt.formats import q3_k
 
-    if weight.fmt != "q3_k" or weight.layout != "zigzag":
-        raise ValueError(f"the Q3_K CUDA layout takes zigzag q3_k, not {weight.layout} {weight.fmt}")
-    blocks = weight.blocks.to(device)
+    blocks = zigzag_blocks(weight, "q3_k", device)
     rows, cols, _ = blocks.shape
     flat = blocks.reshape(-1, 110)
-    lv = q3_k_levels(flat).reshape(-1, 16, 2, 8)  # [block, m, h, g]: weight 16 m + 8 h + g
-    dev = lv.device
-    low = ((lv & 3) << _low_shift(dev)[None, :, :, None]).reshape(-1, 2, 8, 2, 8).sum(dim=(2, 3))  # [block, word, g]
-    high = ((lv >> 2) << _high_bit(dev)[None, :, :, None]).sum(dim=(1, 2))  # [block, g]
-    quants = _to_int32(low.permute(0, 2, 1)).reshape(rows, cols, 2, 8)  # [r, c, p, 2 (g % 4) + word]
-    quants = quants.permute(0, 2, 1, 3).contiguous()  # (R, 2, K, 8)
+    levels = q3_k_levels(flat)
+    quants = pack_low_pairs(levels & 3, rows, cols)
+    lv = levels.reshape(-1, 16, 2, 8)  # [block, m, h, g]: weight 16 m + 8 h + g
+    high = ((lv >> 2) << _high_bit(lv.device)[None, :, :, None]).sum(dim=(1, 2))  # [block, g]
     head = pack_head(q3_k.unpack_scales(flat[:, 96:108]), flat[:, 108:110].contiguous().view(torch.int16)[:, 0])
     head = gpu_layout.group_heads(head.reshape(rows, cols, 4))
     return GpuQ3KPlanes(quants, _to_int32(high).reshape(rows, cols, 8).contiguous(), head, tuple(weight.shape))
@@ -127,14 +132,9 @@ def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ3KPlanes:
 
 def levels_of(w: GpuQ3KPlanes) -> torch.Tensor:
     """The levels (R * K, 256) int64 0..7 in weight order, from the kernel arrays alone."""
-    dev = w.quants.device
-    low = (w.quants.to(torch.int64) & 0xFFFFFFFF).permute(0, 2, 1, 3).reshape(-1, 8, 2)  # [block, g, word]
-    m = torch.arange(16, device=dev)
-    words = low[:, :, m >> 3]  # [block, g, m]
-    pairs = (words[:, :, :, None] >> _low_shift(dev)[None, None]) & 3  # [block, g, m, h]
     hw = (w.high.to(torch.int64) & 0xFFFFFFFF).reshape(-1, 8)
-    third = (hw[:, :, None, None] >> _high_bit(dev)[None, None]) & 1
-    return (pairs | (third << 2)).permute(0, 2, 3, 1).reshape(-1, 256)
+    third = (hw[:, :, None, None] >> _high_bit(hw.device)[None, None]) & 1  # [block, g, m, h]
+    return low_pairs_of(w.quants) | (third.permute(0, 2, 3, 1).reshape(-1, 256) << 2)
 
 
 def scales_of(w: GpuQ3KPlanes) -> tuple[torch.Tensor, torch.Tensor]:

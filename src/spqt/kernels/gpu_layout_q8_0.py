@@ -22,17 +22,19 @@ Block rows are padded to a multiple of 8 with zero blocks (d = 0: outputs past N
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gpu_layout
+from spqt.kernels.gpu_layout_planes import ColumnSuperblocks, zigzag_blocks
 
 ROWS = 8  # Q8_0 block rows (32 rows each) in a superblock row of the kernel (256 outputs)
 
 
 @dataclass
-class GpuQ8_0Planes:
+class GpuQ8_0Planes(ColumnSuperblocks):
     """A zigzag Q8_0 matrix for zigzag_q4k.cu (TYPE 8): level planes and grouped d (module docstring)."""
 
     quants: torch.Tensor
@@ -40,24 +42,12 @@ class GpuQ8_0Planes:
     shape: tuple[int, int]
     layout: str = "zigzag"
     fmt: str = "q8_0"
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(superblock rows R, columns K)."""
-        return self.quants.shape[0], self.quants.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes the kernel reads for the whole matrix: 8 blocks of 34 bytes per superblock row and column."""
-        rows, cols = self.grid
-        return 34 * ROWS * rows * cols
+    BYTES: ClassVar[int] = 34 * ROWS  # 8 GGUF blocks
 
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ8_0Planes:
     """Zigzag Q8_0 blocks (ceil(N / 32), K, 34) -> the CUDA GEMV's arrays (exact)."""
-    if weight.fmt != "q8_0" or weight.layout != "zigzag":
-        raise ValueError(f"the Q8_0 CUDA layout takes zigzag q8_0, not {weight.layout} {weight.fmt}")
-    blocks = weight.blocks.to(device)
+    blocks = zigzag_blocks(weight, "q8_0", device)
     brows, cols, _ = blocks.shape
     pad = -brows % ROWS
     if pad:
