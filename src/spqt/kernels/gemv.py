@@ -166,16 +166,42 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
 
 
 @triton.jit
+def _column_superblocks(COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """The program's BLOCK_B column-superblocks bid = (superblock row rr, column cc) of a CUDA GEMV type layout,
+    and the mask bid < TOTAL: (bid, mask, rr, cc)."""
+    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    return bid, bid < TOTAL, bid // COLS, bid % COLS
+
+
+@triton.jit
+def _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K):
+    """w (BLOCK_B, ...): weight e of column-superblock (rr, cc) -> out[256 rr + e, cc] in out's dtype (rows past N
+    and masked superblocks skipped; mbk the mask broadcast as e)."""
+    row = rr[:, None, None] * 256 + e
+    col = cc[:, None, None] + e * 0
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
+
+
+@triton.jit
+def _low_pairs(q_ptr, rr, cc, COLS, e, mbk):
+    """The bit pair of weight e = 16 m + 8 h + g (tile m, lane group g) in Q3_K's low-pair planes (Q2_K's levels;
+    gpu_layout_q3k.py): word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2)
+    + 4 h, u = (m // 2) % 4."""
+    m16 = e // 16
+    g8 = e % 8
+    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
+                 mask=mbk, other=0)
+    return (lw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3
+
+
+@triton.jit
 def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
     """Zigzag Q8_0 in the CUDA GEMV's layout (gpu_layout_q8_0.py) -> out (N, K) row-major in out's dtype.
     Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group
     g) is byte 16 (g % 4) + 2 (m % 8) + h of the column's 64 bytes in plane 2 (m // 8) + g // 4 (q_ptr int32),
     u = q + 128; d of block e // 32 at fp16 8 head_index + e // 32 (d_ptr, grouped as Q4_K's heads);
     w = d (u - 128), formats/q8_0.decode's product."""
-    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = bid < TOTAL
-    rr = bid // COLS
-    cc = bid % COLS
+    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
     e = (tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]  # (1, 8 blocks, 32)
     m16 = e // 16
     g8 = e % 8
@@ -187,9 +213,7 @@ def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.c
     unit = zigzag_mma.head_index(rr, cc, COLS)
     d = tl.load(d_ptr + unit[:, None, None] * 8 + e // 32, mask=mb[:, None, None], other=0.0).to(tl.float32)
     w = d * (u - 128).to(tl.float32)
-    row = rr[:, None, None] * 256 + e
-    col = cc[:, None, None] + e * 0
-    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mb[:, None, None] & (row < N))
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mb[:, None, None], N, K)
 
 
 @triton.jit
@@ -201,10 +225,7 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_
     % 4 (odd m, h = 0 / 1), plus 1 for m >= 8; scale s[m] and d from the grouped head (h_ptr int32, unit
     head_index): s[2 j] = byte j & 63, s[2 j + 1] = byte j >> 6 | nibble j of word 2 << 2, d word 3's low half;
     w = (d (s - 32)) (q - 4), formats/q3_k.decode's order."""
-    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = bid < TOTAL
-    rr = bid // COLS
-    cc = bid % COLS
+    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
     e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
     m16 = e // 16
     g8 = e % 8
@@ -212,9 +233,7 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_
     u = (m16 // 2) % 4
     odd = m16 % 2
     mbk = mb[:, None, None]
-    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
-                 mask=mbk, other=0)
-    low = (lw >> (8 * u + 2 * odd + 4 * h)) & 3
+    low = _low_pairs(q_ptr, rr, cc, COLS, e, mbk)
     hw = tl.load(hb_ptr + (rr[:, None, None] * COLS + cc[:, None, None]) * 8 + g8, mask=mbk, other=0)
     hbit = tl.where(odd == 0, 8 * u + 2 + 4 * h, tl.where(h == 0, 8 * u + 4, 8 * ((u + 1) % 4))) + m16 // 8
     q = low | (((hw >> hbit) & 1) << 2)
@@ -226,9 +245,7 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_
     dw = tl.load(h_ptr + unit + 3, mask=mbk, other=0)
     d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     w = (d * (s - 32).to(tl.float32)) * (q - 4).to(tl.float32)
-    row = rr[:, None, None] * 256 + e
-    col = cc[:, None, None] + e * 0
-    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
 
 
 @triton.jit
@@ -238,26 +255,18 @@ def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B
     2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h, u = (m // 2) % 4;
     scale byte m of the grouped unit head_index (s_ptr int32: sc low nibble, mn high); d | dmin << 16 at d_ptr
     bid; w = (d sc) q - dmin mn, formats/q2_k.decode's order."""
-    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    mb = bid < TOTAL
-    rr = bid // COLS
-    cc = bid % COLS
+    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
     e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
     m16 = e // 16
-    g8 = e % 8
     mbk = mb[:, None, None]
-    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
-                 mask=mbk, other=0)
-    q = (lw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3
+    q = _low_pairs(q_ptr, rr, cc, COLS, e, mbk)
     unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
     byte = (tl.load(s_ptr + unit + m16 // 4, mask=mbk, other=0) >> (8 * (m16 % 4))) & 255
     dw = tl.load(d_ptr + bid, mask=mb, other=0)[:, None, None]
     d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((dw >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     w = (d * (byte & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (byte >> 4).to(tl.float32)
-    row = rr[:, None, None] * 256 + e
-    col = cc[:, None, None] + e * 0
-    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
 
 
 # ---------------------------------------------------------------- launchers
@@ -382,6 +391,14 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
     return out
 
 
+# The CUDA GEMV layouts with a dequant kernel of their own: (kernel, the arrays it takes before out). Q8_0: the four
+# level planes and the grouped d; Q2_K: the level planes, the grouped scales, d | dmin; Q3_K: the low-pair planes,
+# the third bits, the grouped heads (Q5_K and Q6_K: _dequant_kernel's FIFTH / SIX).
+_PLANES_DEQUANT = {"q8_0": (_dequant_q8_0_kernel, ("quants", "d")),
+                   "q2_k": (_dequant_q2k_kernel, ("quants", "scales", "d")),
+                   "q3_k": (_dequant_q3k_kernel, ("quants", "high", "head"))}
+
+
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
     zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes,
@@ -393,14 +410,9 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     total = rows * cols
     block_b = 16
     grid = (triton.cdiv(total, block_b),)
-    if w.fmt == "q8_0":  # the four level planes and the grouped d
-        _dequant_q8_0_kernel[grid](w.quants, w.d, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
-        return out
-    if w.fmt == "q2_k":  # the level planes, the grouped scales, d | dmin
-        _dequant_q2k_kernel[grid](w.quants, w.scales, w.d, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
-        return out
-    if w.fmt == "q3_k":  # the low-pair planes, the third bits, the grouped heads
-        _dequant_q3k_kernel[grid](w.quants, w.high, w.head, out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
+    if w.fmt in _PLANES_DEQUANT:
+        kernel, arrays = _PLANES_DEQUANT[w.fmt]
+        kernel[grid](*(getattr(w, a) for a in arrays), out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
         return out
     if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
         _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,
