@@ -1,8 +1,12 @@
 """What the per-type tests of the CUDA GEMV (zigzag_q4k.cu; tests/test_q*_cuda.py) share on the CPU: the
 register operations its fragment assembly uses (emulated bit for bit), the m16n8k16 product of emulated
-fragments, and the sm_90 compile check of one TYPE."""
+fragments, the low-pair types' (Q3_K, Q2_K) level check, epilogue and emulation test, and the sm_90 compile
+check of one TYPE."""
 
 import numpy as np
+import pytest
+
+from test_kernels_types import _random_blocks
 
 
 def byte_perm(x: int, y: int, sel: int) -> int:
@@ -68,3 +72,43 @@ def assert_type_compiles(bits: int, b2_limits: tuple[int, int, int], assembly_ma
             assert assembly <= assembly_max and regs <= regs_max, f"{assembly} permutes and logic ops, {regs} registers"
         if cluster:
             assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
+
+
+def assert_pair_levels(regs: list, levels: np.ndarray, row: int, cols_: list, g: int, t: int, m: int) -> None:
+    """Lane (g, t)'s A registers of tile m in the low-pair formats (Q3_K, Q2_K) hold the levels (R, K, 256) of their
+    rows and slots: regs[0] / regs[2] (slot pairs 0, 2) rows g, regs[1] / regs[3] rows g + 8, each half's level at
+    bits 0 / 4 (even tiles) or 2 / 6 (odd tiles); cols_ the slots' columns."""
+    shift = (2, 6) if m & 1 else (0, 4)
+    for reg, h, pair in ((regs[0], 0, 0), (regs[1], 1, 0), (regs[2], 0, 2), (regs[3], 1, 2)):
+        for half in (0, 1):
+            c = cols_[pair + half]
+            want = int(levels[row, c, 16 * m + 8 * h + g]) << shift[h]
+            assert (reg >> (16 * half)) & 0xFFFF == want, (row, g, t, m, pair + half, h)
+
+
+def parity_epilogue(a_regs: dict, b_of, odd_scale: tuple[float, float], bias: np.ndarray) -> np.ndarray:
+    """The 256 outputs (float64) of a chunk whose lanes carry a B per tile parity (Q3_K, Q2_K): the emulated mma
+    (mma_kept_columns), rows g / g + 8 of even tiles times 2^24 / 2^20 and of odd tiles times odd_scale, minus the
+    offset term bias[parity, g] of output i (parity (i // 16) % 2, lane group i // 32)."""
+    kept = mma_kept_columns(a_regs, b_of)  # (tile m, row)
+    y = np.zeros(256)
+    for m in range(16):
+        scale = odd_scale if m & 1 else (2.0**24, 2.0**20)
+        y[16 * m: 16 * m + 8] = kept[m, :8] * scale[0]
+        y[16 * m + 8: 16 * m + 16] = kept[m, 8:] * scale[1]
+    i = np.arange(256)
+    return y - bias[(i >> 4) & 1, i >> 5]
+
+
+def check_emulation(rng, fmt: str, repack, emulation_error, kernel: dict, broken: list[dict]) -> None:
+    """The fragment emulation of one chunk (columns 0-15 of 19) on random `fmt` blocks of 1100 rows (5 superblock
+    rows, the last 76 rows): emulation_error(gw, x, qw, row, kernel, check_levels) passes for every superblock
+    row, and fails on row 1 for each broken variant (the kernel's constants with one changed)."""
+    qw = _random_blocks(rng, fmt, (1100, 19))
+    gw = repack(qw, "cpu")
+    x = rng.standard_normal(16).astype(np.float16)  # the chunk's columns
+    for row in range(gw.grid[0]):
+        emulation_error(gw, x, qw, row, kernel)
+    for change in broken:
+        with pytest.raises(AssertionError):
+            emulation_error(gw, x, qw, 1, dict(kernel, **change), check_levels=False)

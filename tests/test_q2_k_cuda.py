@@ -5,13 +5,12 @@ CPU, and deliberately broken variants of it fail), TYPE 2 compiles for sm_90 wit
 dequant kernel, B2 / B4 and the finishes on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
-import pytest
 import torch
 
 from spqt.kernels import gpu_layout_q2k
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
-from cuda_emulation import assert_type_compiles, byte_perm, mma_kept_columns
+from cuda_emulation import assert_pair_levels, assert_type_compiles, byte_perm, check_emulation, parity_epilogue
 from test_kernels_types import _random_blocks
 
 
@@ -77,21 +76,8 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
                     regs += [p & mg, p & mg8]
                 a_regs[g, t, m] = regs
                 if check_levels:
-                    shift = (2, 6) if m & 1 else (0, 4)
-                    for (reg, h, pair) in ((regs[0], 0, 0), (regs[1], 1, 0), (regs[2], 0, 2), (regs[3], 1, 2)):
-                        for hf in (0, 1):
-                            c = cols_[pair + hf]
-                            want = int(levels[row, c, 16 * m + 8 * h + g]) << shift[h]
-                            assert (reg >> (16 * hf)) & 0xFFFF == want, (row, g, t, m, pair + hf, h)
-    kept = mma_kept_columns(a_regs, lambda g, t, m: b_regs[g, t, (m & 1) * k["odd_b"]])  # (tile m, row)
-    y = np.zeros(256)
-    for m in range(16):
-        scale = k["odd_scale"] if m & 1 else (2.0**24, 2.0**20)
-        y[16 * m: 16 * m + 8] = kept[m, :8] * scale[0]
-        y[16 * m + 8: 16 * m + 16] = kept[m, 8:] * scale[1]
-    i = np.arange(256)
-    y -= bias[(i >> 4) & 1, i >> 5]
-    return y, b_fp16
+                    assert_pair_levels(regs, levels, row, cols_, g, t, m)
+    return parity_epilogue(a_regs, lambda g, t, m: b_regs[g, t, (m & 1) * k["odd_b"]], k["odd_scale"], bias), b_fp16
 
 
 def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
@@ -120,17 +106,9 @@ def test_q2_k_cuda_fragments_emulated(rng):
     epilogue's per-parity scales and the min term per tile give sum q b - x dmin mn exactly (float64). Broken
     variants (the lane's half of the scale bytes, the scale permute, the odd tiles' masks, their epilogue scale,
     their B) fail."""
-    shape = (1100, 19)
-    qw = _random_blocks(rng, "q2_k", shape)
-    gw = gpu_layout_q2k.repack(qw, "cpu")
-    x = rng.standard_normal(16).astype(np.float16)  # the chunk's columns
-    for row in range(gw.grid[0]):
-        _emulation_error(gw, x, qw, row)
     broken = [{"half": 0}, {"sel": lambda g: (2 * (g & 3) + 1) | ((2 * (g & 3)) << 4)},
               {"odd_mask": (0x00030003, 0x00C000C0)}, {"odd_scale": (2.0**24, 2.0**18)}, {"odd_b": 0}]
-    for change in broken:
-        with pytest.raises(AssertionError):
-            _emulation_error(gw, x, qw, 1, dict(KERNEL, **change), check_levels=False)
+    check_emulation(rng, "q2_k", gpu_layout_q2k.repack, _emulation_error, KERNEL, broken)
 
 
 def test_q2_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):

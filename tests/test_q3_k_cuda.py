@@ -5,13 +5,12 @@ and deliberately broken variants of it fail), TYPE 3 compiles for sm_90 without 
 kernel, B2 / B4 and the finishes on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
-import pytest
 import torch
 
 from spqt.kernels import gpu_layout_q3k
 from spqt.kernels.gpu_layout_types import q3_k_levels
 
-from cuda_emulation import assert_type_compiles, byte_perm, mma_kept_columns
+from cuda_emulation import assert_pair_levels, assert_type_compiles, byte_perm, check_emulation, parity_epilogue
 from test_kernels_types import _random_blocks
 
 
@@ -90,21 +89,8 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
                     regs += [p & mg, p & mg8]
                 a_regs[g, t, m] = regs
                 if check_levels:
-                    shift = (2, 6) if m & 1 else (0, 4)
-                    for (reg, h, pair) in ((regs[0], 0, 0), (regs[1], 1, 0), (regs[2], 0, 2), (regs[3], 1, 2)):
-                        for half in (0, 1):
-                            c = cols_[pair + half]
-                            want = int(levels[row, c, 16 * m + 8 * h + g]) << shift[h]
-                            assert (reg >> (16 * half)) & 0xFFFF == want, (row, g, t, m, pair + half, h)
-    kept = mma_kept_columns(a_regs, lambda g, t, m: b_regs[g, t, m & 1])  # (tile m, row)
-    y = np.zeros(256)
-    for m in range(16):
-        scale = k["odd_scale"] if m & 1 else (2.0**24, 2.0**20)
-        y[16 * m: 16 * m + 8] = kept[m, :8] * scale[0]
-        y[16 * m + 8: 16 * m + 16] = kept[m, 8:] * scale[1]
-    i = np.arange(256)
-    y -= bias[(i >> 4) & 1, i >> 5]
-    return y, b_fp16
+                    assert_pair_levels(regs, levels, row, cols_, g, t, m)
+    return parity_epilogue(a_regs, lambda g, t, m: b_regs[g, t, m & 1], k["odd_scale"], bias), b_fp16
 
 
 def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
@@ -132,17 +118,9 @@ def test_q3_k_cuda_fragments_emulated(rng):
     -4 term per tile give sum (q - 4) b exactly (float64). Broken variants (the third bits' shift for tiles 8-15, the
     odd tiles' next byte, their masks, their epilogue scale, the scale funnel shift, the offset, swapped selects)
     fail."""
-    shape = (1100, 19)
-    qw = _random_blocks(rng, "q3_k", shape)
-    gw = gpu_layout_q3k.repack(qw, "cpu")
-    x = rng.standard_normal(16).astype(np.float16)  # the chunk's columns
-    for row in range(gw.grid[0]):
-        _emulation_error(gw, x, qw, row)
     broken = [{"h_shift": 2}, {"odd_next": 0}, {"odd_mask": (0x000C000C, 0x01C001C0)},
               {"odd_scale": (2.0**24, 2.0**18)}, {"funnel": 28}, {"offset": 3.0}, {"even_select": 0xCCCCCCCC}]
-    for change in broken:
-        with pytest.raises(AssertionError):
-            _emulation_error(gw, x, qw, 1, dict(KERNEL, **change), check_levels=False)
+    check_emulation(rng, "q3_k", gpu_layout_q3k.repack, _emulation_error, KERNEL, broken)
 
 
 def test_q3_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):
