@@ -1,7 +1,8 @@
 """Zigzag Q5_K on the CUDA GEMV (zigzag_q4k.cu, TYPE 5; kernels/gpu_layout_q5k.py): the layout is
 exact, the kernel's assembly of each tensor-core fragment from it gives every lane the right five
 bits (emulated here bit for bit, on the CPU); the dequant kernel and B2 / B4 on the GPU:
-test_kquant_cuda.py. The runtime's CudaKQuantLinear (Q2_K, Q3_K, Q5_K, Q6_K and Q8_0) on the CPU interpreter (several tokens) and on the GPU (`gpu`)."""
+test_kquant_cuda.py. The runtime's CudaKQuantLinear (Q2_K, Q3_K, Q5_K, Q6_K and Q8_0) on the CPU
+interpreter (several tokens) and on the GPU (`gpu`)."""
 
 import numpy as np
 import pytest
