@@ -1,10 +1,10 @@
-"""Zigzag Q5_K or Q6_K: the CUDA GEMV (zigzag_q4k.cu, TYPE 5 / 6) against the Triton type kernel
+"""Zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0: the CUDA GEMV (zigzag_q4k.cu, TYPE 2 / 3 / 5 / 6 / 8) against the Triton type kernel
 (zigzag_types.py, its shipped or default config), B2 dense and B4 at 50 % (collection and reduction
 included, as `spqt bench gemv` times them), on the same random matrices (the type's encoder on
 N(0, 1/K) weights): the best CUDA config of a sweep (splits of tuning.cuda_candidates, 2-8 warps,
 16 or 2 accumulators), us, GB/s of the bytes read, % of copy, B4 over B2.
 
-    python scripts/cuda_types_probe.py [--type q5_k|q6_k] [--shapes 28672x8192,...] [--json out.json]
+    python scripts/cuda_types_probe.py [--type q2_k|q3_k|q5_k|q6_k|q8_0] [--shapes 28672x8192,...] [--json out.json]
 """
 
 import argparse
@@ -23,7 +23,7 @@ from spqt.kernels.gpu_layout_types import repack as repack_types
 SHAPES = "4096x4096,22016x4096,4096x11008,28672x8192,8192x28672,57344x8192"
 
 parser = argparse.ArgumentParser()
-parser.add_argument("--type", default="q5_k", choices=("q5_k", "q6_k"))
+parser.add_argument("--type", default="q5_k", choices=("q2_k", "q3_k", "q5_k", "q6_k", "q8_0"))
 parser.add_argument("--shapes", default=SHAPES)
 parser.add_argument("--json")
 args = parser.parse_args()

@@ -16,6 +16,7 @@
 #   scripts/gpu_session.sh types6    gpu tests on a fresh machine, the Q6_K CUDA GEMV probe, synthetic decode per type
 #   scripts/gpu_session.sh cluster6  the cluster finish's gpu test, 7B steps before / after re-tuning with cluster configs
 #   scripts/gpu_session.sh final6    gpu tests on a fresh machine, the 70B shapes re-tuned with cluster candidates, decode
+#   scripts/gpu_session.sh kq7       the Q8_0 / Q3_K / Q2_K gpu tests and probes, the later-capture order effect (clocks beside)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -343,6 +344,35 @@ case "$stage" in
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
     done | tee "$OUT/decode.log"
     echo "final6 stage: $(( $(date +%s) - start )) s"
+    ;;
+  kq7)
+    # Q8_0 / Q3_K / Q2_K on the CUDA GEMV (branch h/kq3 merged): the per-type gpu tests, each type's CUDA GEMV
+    # against its Triton kernel on the large shapes (TYPES7, Q7_SHAPES), then the later-capture order effect:
+    # launch_probe with the first graph timed again after the others, and after a pause, the GPU's clocks
+    # sampled every 200 ms beside it ($OUT/clocks.csv).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${TEST_TIMEOUT:-240} python3 -m pytest -v -m gpu tests/test_kquant_cuda.py tests/test_q5k_cuda.py \
+      tests/test_q6k_cuda.py tests/test_q8_0_cuda.py tests/test_q3_k_cuda.py tests/test_q2_k_cuda.py -n ${WORKERS:-8} -rxX \
+      2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|FAILED|Error" | tail -25
+    echo "type tests: $(( $(date +%s) - start )) s"
+    for t in ${TYPES7:-q8_0 q3_k q2_k}; do
+      left=$(( ${CALL_BUDGET:-420} - 150 - ($(date +%s) - start) ))
+      [ $left -gt 20 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t \
+        --shapes ${Q7_SHAPES:-28672x8192,8192x28672,57344x8192} --json "$OUT/cuda-${t/_/}-probe.json" 2>&1 | grep -v WARN \
+        | tee "$OUT/cuda-${t/_/}-probe.log"
+    done
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 200 > "$OUT/clocks.csv" &
+    smi=$!
+    for args in "--sparsity 0,0.25,0 --again-first" "--sparsity 0.25,0 --again-first --pause 10"; do
+      left=$(( ${CALL_BUDGET:-420} - ($(date +%s) - start) ))
+      [ $left -lt 30 ] && { echo "no time left for launch_probe $args"; break; }
+      echo "== launch_probe $args"
+      timeout $left python3 scripts/launch_probe.py --model synthetic:llama2-7b --max-len 146 --new-tokens 128 $args \
+        2>&1 | grep -v WARN
+    done | tee "$OUT/order-effect.log"
+    kill $smi
+    echo "kq7 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

@@ -1,26 +1,18 @@
 """Zigzag Q5_K on the CUDA GEMV (zigzag_q4k.cu, TYPE 5; kernels/gpu_layout_q5k.py): the layout is
 exact, the kernel's assembly of each tensor-core fragment from it gives every lane the right five
-bits (emulated here bit for bit, on the CPU), and on the GPU (`gpu`) B2 and B4 against the float64
-product of the dequantized matrix, with poisoned outputs, as the Q4_K CUDA test. The runtime's
-CudaKQuantLinear (Q5_K and Q6_K) on the CPU interpreter (several tokens) and on the GPU (`gpu`)."""
+bits (emulated here bit for bit, on the CPU); the dequant kernel and B2 / B4 on the GPU:
+test_kquant_cuda.py. The runtime's CudaKQuantLinear (Q2_K, Q3_K, Q5_K, Q6_K and Q8_0) on the CPU
+interpreter (several tokens) and on the GPU (`gpu`)."""
 
 import numpy as np
 import pytest
 import torch
 
-from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout, gpu_layout_q5k, reference
-from spqt.kernels.collect import collect
+from spqt.kernels import gpu_layout, gpu_layout_q5k
 from spqt.kernels.gpu_layout_types import q5_k_levels
 
-from kernel_inputs import assert_within_fp32_sum, random_x
-from test_kernels_types import _random_blocks, _references
-
-
-def _byte_perm(x: int, y: int, sel: int) -> int:
-    """CUDA's __byte_perm without the sign modes: byte i of the result = byte (nibble i of sel) of y:x."""
-    both = (y << 32) | x
-    return sum(((both >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+from cuda_emulation import byte_perm
+from test_kernels_types import _random_blocks
 
 
 def test_q5k_cuda_layout_is_exact(rng):
@@ -53,8 +45,8 @@ def test_q5k_cuda_fragment_bits(rng):
                 sel = s | (s << 4) | ((4 + s) << 8) | ((4 + s) << 12)
                 selq = q | (q << 4) | ((4 + q) << 8) | ((4 + q) << 12)
                 for pair in (0, 2):
-                    p = _byte_perm(int(w[pair][q]), int(w[pair + 1][q]), sel)
-                    tt = (_byte_perm(hb[pair], hb[pair + 1], selq) << (4 - s)) & 0xFFFFFFFF
+                    p = byte_perm(int(w[pair][q]), int(w[pair + 1][q]), sel)
+                    tt = (byte_perm(hb[pair], hb[pair + 1], selq) << (4 - s)) & 0xFFFFFFFF
                     a_g = (p & 0x000F000F) | (tt & 0x00100010)
                     a_g8 = (p & 0x00F000F0) | (tt & 0x01000100)
                     for half, slot in ((0, pair), (1, pair + 1)):
@@ -63,81 +55,10 @@ def test_q5k_cuda_fragment_bits(rng):
                         assert (a_g8 >> (16 * half)) & 0xFFFF == levels[c, 16 * m + 8 + g] << 4, (g, t, m, slot)
 
 
-GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
-FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
-
-
-def _gpu_weights(rng, shape):
-    """Random Q5_K blocks with d and dmin in 2^-9 .. 2^-6 (weights up to ~30, x d sc normal fp16 for most
-    x, as a real matrix has it; _random_blocks' smaller factors would test fp16's subnormals instead)."""
-    qw = _random_blocks(rng, "q5_k", shape)
-    blocks = qw.blocks.numpy()
-    for at in (0, 2):
-        v = np.exp2(rng.uniform(-9, -6, blocks.shape[:2])).astype(np.float16)
-        blocks[..., at:at + 2] = v[..., None].view(np.uint8)
-    return type(qw)(torch.from_numpy(blocks).cuda(), "q5_k", "zigzag", shape)
-# (split, warps, pipe, acc)
-CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16)]
-
-
-def check_cuda_gemv_layout(rng, sparsity, fmt, gpu_weights, repack, references):
-    """B2 and B4 of the CUDA GEMV on a K-quant layout (repack) against references(qw) (float64 W and the
-    magnitudes that bound the fp32 sum) on GPU_SHAPES x CONFIGS: outputs and partials poisoned, the list
-    poisoned before collect, deterministic. gpu_weights(rng, shape): the random QuantizedWeight on the GPU."""
-    from spqt.kernels import zigzag_cuda
-
-    for shape in GPU_SHAPES:
-        qw = gpu_weights(rng, shape)
-        gw = repack(qw, "cuda")
-        refs = references(qw)
-        x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
-        x_sparse = reference.sparsify(x, t).float()
-        assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, acc in CONFIGS:
-            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
-                ws.y.fill_(float("nan"))
-                ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
-                if mode == kg.MODE_INDEXED:
-                    ws.idx.fill_(-7777)
-                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"{fmt} cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
-                y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
-                assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
-                assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
-
-
 @pytest.mark.gpu
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_zigzag_cuda_q5k(rng, sparsity):
-    check_cuda_gemv_layout(rng, sparsity, "q5_k", _gpu_weights, gpu_layout_q5k.repack, _references)
-
-
-def check_planes_dequant(rng, device, monkeypatch, fmt, repack):
-    """kg.dequantize on a K-quant CUDA layout (repack; the prefill GEMM's first half) equals the format's own
-    decode, into a NaN-poisoned fp32 output."""
-    if device == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
-        qw = _random_blocks(rng, fmt, shape)
-        qw = type(qw)(qw.blocks.to(device), fmt, "zigzag", shape)
-        gw = repack(qw, device)
-        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-        kg.dequantize(gw, torch.float32, out=out)
-        assert torch.equal(out, qw.dequantize()), shape
-
-
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
-def test_q5k_planes_dequant_kernel(rng, device, monkeypatch):
-    """kg.dequantize on the Q5_K CUDA layout equals the format's own decode."""
-    check_planes_dequant(rng, device, monkeypatch, "q5_k", gpu_layout_q5k.repack)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["q5_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
 def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
-    """A zigzag Q5_K / Q6_K map on CUDA in fp16 runs on the CUDA GEMV (CudaKQuantLinear): one token (B2) and
+    """A zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map on CUDA in fp16 runs on the CUDA GEMV (CudaKQuantLinear): one token (B2) and
     several (dequantize + cuBLAS) equal the float64 product within fp16's rounding of x, W x and y."""
     import spqt
     from spqt.checkpoint import QuantizedWeight
@@ -157,7 +78,7 @@ def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
         torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
 
 
-@pytest.mark.parametrize("fmt", ["q5_k", "q6_k"])
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
 def test_kquant_linear_prefill_interp(rng, fmt, monkeypatch):
     """CudaKQuantLinear on the CPU (interpreter): the weight lands in its type's CUDA layout, and several
     tokens (the dequant kernel, then the GEMM) equal the GEMM on the format's own decode exactly."""

@@ -1,18 +1,16 @@
 """Zigzag Q6_K on the CUDA GEMV (zigzag_q4k.cu, TYPE 6; kernels/gpu_layout_q6k.py): the layout is
 exact, the kernel's assembly of each tensor-core fragment and of each lane's two scales gives the
-right six-bit levels and signed scales (emulated bit for bit on the CPU), and on the GPU (`gpu`) B2
-and B4 against the float64 product of the dequantized matrix, with poisoned outputs."""
+right six-bit levels and signed scales (emulated bit for bit on the CPU); the dequant kernel and B2 / B4
+on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
-import pytest
 import torch
 
-from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gpu_layout, gpu_layout_q6k
 from spqt.kernels.gpu_layout_types import q6_k_levels
 
+from cuda_emulation import byte_perm
 from test_kernels_types import _random_blocks
-from test_q5k_cuda import _byte_perm, check_cuda_gemv_layout, check_planes_dequant
 
 
 def test_q6k_cuda_layout_is_exact(rng):
@@ -59,41 +57,11 @@ def test_q6k_cuda_fragment_bits_and_scales(rng):
                 bq, n = (m >> 1) & 3, m & 1
                 selb = bq | (bq << 4) | ((4 + bq) << 8) | ((4 + bq) << 12)
                 for pair_ in (0, 2):
-                    p = _byte_perm(int(w[pair_][q]), int(w[pair_ + 1][q]), sel)
-                    tt = (_byte_perm(hb[pair_][m >> 3], hb[pair_ + 1][m >> 3], selb) << (4 - 2 * n)) & 0xFFFFFFFF
+                    p = byte_perm(int(w[pair_][q]), int(w[pair_ + 1][q]), sel)
+                    tt = (byte_perm(hb[pair_][m >> 3], hb[pair_ + 1][m >> 3], selb) << (4 - 2 * n)) & 0xFFFFFFFF
                     a_g = (p & 0x000F000F) | (tt & 0x00300030)
                     a_g8 = (p & 0x00F000F0) | (tt & 0x03000300)
                     for half, slot in ((0, pair_), (1, pair_ + 1)):
                         c = cols[slot]
                         assert (a_g >> (16 * half)) & 0xFFFF == levels[c, 16 * m + g], (g, t, m, slot)
                         assert (a_g8 >> (16 * half)) & 0xFFFF == levels[c, 16 * m + 8 + g] << 4, (g, t, m, slot)
-
-
-def _gpu_weights(rng, shape):
-    """Random Q6_K blocks with d in 2^-12 .. 2^-9 (weights up to ~4 x 63 x 2^-9 ... as the encoder's)."""
-    qw = _random_blocks(rng, "q6_k", shape)
-    blocks = qw.blocks.numpy()
-    v = np.exp2(rng.uniform(-12, -9, blocks.shape[:2])).astype(np.float16) * rng.choice([-1, 1], blocks.shape[:2])
-    blocks[..., 208:210] = v.astype(np.float16)[..., None].view(np.uint8)
-    return QuantizedWeight(torch.from_numpy(blocks).cuda(), "q6_k", "zigzag", shape)
-
-
-def _magnitudes(qw):
-    """|W| + 2 |-32 d sc| in float64: the kernel adds q d sc x and -32 d sc x apart, each at most |w| + 32 |d sc|."""
-    blocks = qw.blocks.clone()
-    blocks[..., 0:192] = 0  # levels 0: every weight -32 d sc
-    offset = QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize().double()
-    w_ref = qw.dequantize().double()
-    return w_ref, w_ref.abs() + 2 * offset.abs()
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
-def test_zigzag_cuda_q6k(rng, sparsity):
-    check_cuda_gemv_layout(rng, sparsity, "q6_k", _gpu_weights, gpu_layout_q6k.repack, _magnitudes)
-
-
-@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
-def test_q6k_planes_dequant_kernel(rng, device, monkeypatch):
-    """kg.dequantize on the Q6_K CUDA layout equals the format's own decode."""
-    check_planes_dequant(rng, device, monkeypatch, "q6_k", gpu_layout_q6k.repack)

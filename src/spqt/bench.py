@@ -208,8 +208,9 @@ def weight_copies(w, count: int) -> list:
 def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0,
                        cuda_layout: bool = True) -> tuple[list[GpuZigzag], torch.Tensor]:
     """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x.
-    Q5_K / Q6_K where the CUDA GEMV runs and cuda_layout: its layouts (zigzag_cuda.kquant_layout), as the
-    runtime runs them (CudaKQuantLinear); else the Triton type kernels' (gpu_layout_types)."""
+    Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 where the CUDA GEMV runs and cuda_layout: its layouts
+    (zigzag_cuda.kquant_layout), as the runtime runs them (CudaKQuantLinear); else the Triton type kernels'
+    (gpu_layout_types)."""
     n, k = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
@@ -226,7 +227,7 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
     default or tuned configs of its variants."""
     n, k = ws[0].shape
     fmt = ws[0].fmt
-    if zigzag_cuda.in_kquant_layout(ws[0]):  # Q5_K / Q6_K on the CUDA GEMV: the Q4_K table's configs, as the runtime
+    if zigzag_cuda.in_kquant_layout(ws[0]):  # Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV: the Q4_K table's configs, as runtime
         cd, cs = tuning.config("zigzag_dense", n, k), tuning.config("zigzag_sparse", n, k)
         ws_d, ws_s = kg.ZigzagWorkspace(ws[0], cd["split"], torch.float16), kg.ZigzagWorkspace(ws[0], cs["split"], torch.float16)
 

@@ -165,6 +165,110 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
     tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _column_superblocks(COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """The program's BLOCK_B column-superblocks bid = (superblock row rr, column cc) of a CUDA GEMV type layout,
+    and the mask bid < TOTAL: (bid, mask, rr, cc)."""
+    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    return bid, bid < TOTAL, bid // COLS, bid % COLS
+
+
+@triton.jit
+def _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K):
+    """w (BLOCK_B, ...): weight e of column-superblock (rr, cc) -> out[256 rr + e, cc] in out's dtype (rows past N
+    and masked superblocks skipped; mbk the mask broadcast as e)."""
+    row = rr[:, None, None] * 256 + e
+    col = cc[:, None, None] + e * 0
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
+
+
+@triton.jit
+def _low_pairs(q_ptr, rr, cc, COLS, e, mbk):
+    """The bit pair of weight e = 16 m + 8 h + g (tile m, lane group g) in Q3_K's low-pair planes (Q2_K's levels;
+    gpu_layout_q3k.py): word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2)
+    + 4 h, u = (m // 2) % 4."""
+    m16 = e // 16
+    g8 = e % 8
+    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
+                 mask=mbk, other=0)
+    return (lw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3
+
+
+@triton.jit
+def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Zigzag Q8_0 in the CUDA GEMV's layout (gpu_layout_q8_0.py) -> out (N, K) row-major in out's dtype.
+    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group
+    g) is byte 16 (g % 4) + 2 (m % 8) + h of the column's 64 bytes in plane 2 (m // 8) + g // 4 (q_ptr int32),
+    u = q + 128; d of block e // 32 at fp16 8 head_index + e // 32 (d_ptr, grouped as Q4_K's heads);
+    w = d (u - 128), formats/q8_0.decode's product."""
+    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
+    e = (tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]  # (1, 8 blocks, 32)
+    m16 = e // 16
+    g8 = e % 8
+    byte = 16 * (g8 % 4) + 2 * (m16 % 8) + (e // 8) % 2
+    plane = 2 * (m16 // 8) + g8 // 4
+    words = tl.load(q_ptr + ((rr[:, None, None] * 4 + plane) * COLS + cc[:, None, None]) * 16 + byte // 4,
+                    mask=mb[:, None, None], other=0)
+    u = (words >> (8 * (byte % 4))) & 255
+    unit = zigzag_mma.head_index(rr, cc, COLS)
+    d = tl.load(d_ptr + unit[:, None, None] * 8 + e // 32, mask=mb[:, None, None], other=0.0).to(tl.float32)
+    w = d * (u - 128).to(tl.float32)
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mb[:, None, None], N, K)
+
+
+@triton.jit
+def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Zigzag Q3_K in the CUDA GEMV's layout (gpu_layout_q3k.py) -> out (N, K) row-major in out's dtype.
+    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group g):
+    low pair in word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h,
+    u = (m // 2) % 4; third bit in word g of hb_ptr (R, K, 8) at bit 8 u + 2 + 4 h (even m) or 8 u + 4 / 8 (u + 1)
+    % 4 (odd m, h = 0 / 1), plus 1 for m >= 8; scale s[m] and d from the grouped head (h_ptr int32, unit
+    head_index): s[2 j] = byte j & 63, s[2 j + 1] = byte j >> 6 | nibble j of word 2 << 2, d word 3's low half;
+    w = (d (s - 32)) (q - 4), formats/q3_k.decode's order."""
+    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
+    e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
+    m16 = e // 16
+    g8 = e % 8
+    h = (e // 8) % 2
+    u = (m16 // 2) % 4
+    odd = m16 % 2
+    mbk = mb[:, None, None]
+    low = _low_pairs(q_ptr, rr, cc, COLS, e, mbk)
+    hw = tl.load(hb_ptr + (rr[:, None, None] * COLS + cc[:, None, None]) * 8 + g8, mask=mbk, other=0)
+    hbit = tl.where(odd == 0, 8 * u + 2 + 4 * h, tl.where(h == 0, 8 * u + 4, 8 * ((u + 1) % 4))) + m16 // 8
+    q = low | (((hw >> hbit) & 1) << 2)
+    unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
+    j = m16 // 2
+    pair = (tl.load(h_ptr + unit + j // 4, mask=mbk, other=0) >> (8 * (j % 4))) & 255
+    top = (tl.load(h_ptr + unit + 2, mask=mbk, other=0) >> (4 * j)) & 15
+    s = tl.where(odd == 0, pair & 63, (pair >> 6) | (top << 2))
+    dw = tl.load(h_ptr + unit + 3, mask=mbk, other=0)
+    d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    w = (d * (s - 32).to(tl.float32)) * (q - 4).to(tl.float32)
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
+
+
+@triton.jit
+def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Zigzag Q2_K in the CUDA GEMV's layout (gpu_layout_q2k.py) -> out (N, K) row-major in out's dtype.
+    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g: level in word
+    2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h, u = (m // 2) % 4;
+    scale byte m of the grouped unit head_index (s_ptr int32: sc low nibble, mn high); d | dmin << 16 at d_ptr
+    bid; w = (d sc) q - dmin mn, formats/q2_k.decode's order."""
+    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
+    e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
+    m16 = e // 16
+    mbk = mb[:, None, None]
+    q = _low_pairs(q_ptr, rr, cc, COLS, e, mbk)
+    unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
+    byte = (tl.load(s_ptr + unit + m16 // 4, mask=mbk, other=0) >> (8 * (m16 % 4))) & 255
+    dw = tl.load(d_ptr + bid, mask=mb, other=0)[:, None, None]
+    d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((dw >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    w = (d * (byte & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (byte >> 4).to(tl.float32)
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
+
+
 # ---------------------------------------------------------------- launchers
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -210,12 +314,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     fused / reduction finish as configured).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
-    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q5_K or Q6_K matrix in the CUDA GEMV's
-    layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes: B2 / B4, fp16 x, sm_80+ with NVRTC;
-    no Triton twin)."""
+    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
+    GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes, gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
+    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4, fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    bits = {"q4_k": 4, "q5_k": 5, "q6_k": 6}[w.fmt]  # Q5_K / Q6_K: their CUDA layouts (gpu_layout_q5k / _q6k)
+    bits = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # all but Q4_K: CUDA layouts only
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
@@ -251,11 +355,13 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         cluster = (cluster and bits == 4 and zigzag_cuda.fused_choice(True) and zigzag_cuda.clusters_run(x.device)
                    and zigzag_cuda.cluster_dims(n, epilogue, ws.split) is not None)
         fused = cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
-        zigzag_cuda.launch(w.quants, w.scales if bits == 6 else w.head, x, idx if idx is not None else dummy, count if count is not None else dummy,
+        head = {2: getattr(w, "scales", None), 6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(
+            bits, getattr(w, "head", None))
+        zigzag_cuda.launch(w.quants, head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
-                           acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)), d=getattr(w, "d", None),
-                           bits=bits, cluster=cluster)
+                           acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
+                           d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
@@ -285,15 +391,29 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
     return out
 
 
+# The CUDA GEMV layouts with a dequant kernel of their own: (kernel, the arrays it takes before out). Q8_0: the four
+# level planes and the grouped d; Q2_K: the level planes, the grouped scales, d | dmin; Q3_K: the low-pair planes,
+# the third bits, the grouped heads (Q5_K and Q6_K: _dequant_kernel's FIFTH / SIX).
+_PLANES_DEQUANT = {"q8_0": (_dequant_q8_0_kernel, ("quants", "d")),
+                   "q2_k": (_dequant_q2k_kernel, ("quants", "scales", "d")),
+                   "q3_k": (_dequant_q3k_kernel, ("quants", "high", "head"))}
+
+
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
-    zigzag Q5_K / Q6_K in the CUDA GEMV's layout (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes)."""
+    zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes,
+    gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
+    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
     total = rows * cols
     block_b = 16
     grid = (triton.cdiv(total, block_b),)
+    if w.fmt in _PLANES_DEQUANT:
+        kernel, arrays = _PLANES_DEQUANT[w.fmt]
+        kernel[grid](*(getattr(w, a) for a in arrays), out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
+        return out
     if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
         _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,
                               BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True)

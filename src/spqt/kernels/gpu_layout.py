@@ -32,7 +32,6 @@ Shapes: zigzag quants (R, PLANES, K, 32 / PLANES), row (N, Kb, 32); GpuQ4K.grid 
 """
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
@@ -40,22 +39,6 @@ from spqt.checkpoint import QuantizedWeight
 
 HEAD_GROUP = 4  # zigzag: superblock rows whose heads of one column are stored together
 PLANES = 2  # zigzag: planes a block's 128 level bytes are split into (to_planes)
-
-
-class ZigzagPlanesGrid:
-    """grid and nbytes of a zigzag matrix whose quants are GpuQ4K's zigzag planes (rows, 2, K, 16): the CUDA
-    GEMV's other K-quant layouts (gpu_layout_q5k, gpu_layout_q6k); BYTES: one block's GGUF bytes."""
-
-    BYTES: ClassVar[int]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        return self.quants.shape[0], self.quants.shape[2]
-
-    @property
-    def nbytes(self) -> int:
-        rows, cols = self.grid
-        return self.BYTES * rows * cols
 
 
 @dataclass

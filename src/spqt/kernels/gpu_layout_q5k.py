@@ -15,16 +15,18 @@ zigzag_q4k.cu runs it with TYPE 5 from (exact: the same levels, scales and fp16 
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gpu_layout
+from spqt.kernels.gpu_layout_planes import ColumnSuperblocks, zigzag_blocks
 from spqt.kernels.gpu_layout_types import q5_k_levels
 
 
 @dataclass
-class GpuQ5KPlanes(gpu_layout.ZigzagPlanesGrid):
+class GpuQ5KPlanes(ColumnSuperblocks):
     """A zigzag Q5_K matrix for zigzag_q4k.cu (TYPE 5); quants and head as GpuQ4K's zigzag arrays."""
 
     quants: torch.Tensor
@@ -33,8 +35,7 @@ class GpuQ5KPlanes(gpu_layout.ZigzagPlanesGrid):
     shape: tuple[int, int]
     layout: str = "zigzag"
     fmt: str = "q5_k"
-
-    BYTES = 176
+    BYTES: ClassVar[int] = 176  # GGUF's block
 
 
 def _shifts(device) -> torch.Tensor:
@@ -58,9 +59,7 @@ def unpack_fifth(words: torch.Tensor) -> torch.Tensor:
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ5KPlanes:
     """Zigzag Q5_K blocks -> the CUDA GEMV's arrays (exact)."""
-    if weight.fmt != "q5_k" or weight.layout != "zigzag":
-        raise ValueError(f"the Q5_K CUDA layout takes zigzag q5_k, not {weight.layout} {weight.fmt}")
-    blocks = weight.blocks.to(device)
+    blocks = zigzag_blocks(weight, "q5_k", device)
     rows, cols, _ = blocks.shape
     flat = blocks.reshape(-1, 176)
     levels = q5_k_levels(flat)

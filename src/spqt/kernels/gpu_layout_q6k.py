@@ -16,16 +16,18 @@ reads (exact: the same levels, scales and d):
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gpu_layout
+from spqt.kernels.gpu_layout_planes import ColumnSuperblocks, zigzag_blocks
 from spqt.kernels.gpu_layout_types import q6_k_levels
 
 
 @dataclass
-class GpuQ6KPlanes(gpu_layout.ZigzagPlanesGrid):
+class GpuQ6KPlanes(ColumnSuperblocks):
     """A zigzag Q6_K matrix for zigzag_q4k.cu (TYPE 6); quants as GpuQ4K's zigzag planes, scales grouped
     as its heads."""
 
@@ -36,8 +38,7 @@ class GpuQ6KPlanes(gpu_layout.ZigzagPlanesGrid):
     shape: tuple[int, int]
     layout: str = "zigzag"
     fmt: str = "q6_k"
-
-    BYTES = 210
+    BYTES: ClassVar[int] = 210  # GGUF's block
 
 
 def _shifts(device) -> torch.Tensor:
@@ -63,9 +64,7 @@ def unpack_high(words: torch.Tensor) -> torch.Tensor:
 
 def repack(weight: QuantizedWeight, device: str | torch.device) -> GpuQ6KPlanes:
     """Zigzag Q6_K blocks -> the CUDA GEMV's arrays (exact)."""
-    if weight.fmt != "q6_k" or weight.layout != "zigzag":
-        raise ValueError(f"the Q6_K CUDA layout takes zigzag q6_k, not {weight.layout} {weight.fmt}")
-    blocks = weight.blocks.to(device)
+    blocks = zigzag_blocks(weight, "q6_k", device)
     rows, cols, _ = blocks.shape
     flat = blocks.reshape(-1, 210)
     levels = q6_k_levels(flat)

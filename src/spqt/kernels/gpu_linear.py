@@ -4,7 +4,8 @@ A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (on
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
-CudaKQuantLinear: zigzag Q5_K / Q6_K on the CUDA GEMV (zigzag_q4k.cu TYPE 5 / 6) where it runs (fp16, sm_80+, NVRTC)."""
+CudaKQuantLinear: zigzag Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 5 / 6 / 8) where it runs (fp16, sm_80+,
+NVRTC)."""
 
 import torch
 
@@ -139,10 +140,10 @@ class TritonZigzagTypesLinear(TritonLinear):
 
 
 class CudaKQuantLinear(TritonLinear):
-    """A zigzag Q5_K or Q6_K map on the CUDA GEMV (its layout by weight.fmt: zigzag_cuda.kquant_layout;
+    """A zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 map on the CUDA GEMV (its layout by weight.fmt: zigzag_cuda.kquant_layout;
     dispatch picks it for fp16 where zigzag_cuda.usable()): one token through gemv_zigzag, which runs
     these layouts on the CUDA kernel whatever impl the config names; the configs and crossovers are the
-    Q4_K table's of the shape (the same kernel, 176- / 210-byte instead of 144-byte blocks); several
+    Q4_K table's of the shape (the same kernel, 84 / 112 / 176 / 210 / 272 bytes a column-superblock instead of 144); several
     tokens: the dequant kernel, cuBLAS."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
@@ -150,7 +151,7 @@ class CudaKQuantLinear(TritonLinear):
 
         layout = zigzag_cuda.kquant_layout(weight.fmt)
         if layout is None or weight.layout != "zigzag":
-            raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q5_k / q6_k, not {weight.layout} "
+            raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q2_k / q3_k / q5_k / q6_k / q8_0, not {weight.layout} "
                              f"{weight.fmt}")
         if dtype != torch.float16:
             raise ValueError(f"the {weight.fmt} CUDA GEMV takes fp16 activations")

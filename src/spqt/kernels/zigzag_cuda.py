@@ -27,8 +27,8 @@ ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
             bits: int = 4, cluster: bool = False) -> tuple:
-    """NVRTC options of one configuration (the .cu file's macros; bits 4: Q4_K, 5: Q5_K, 6: Q6_K; extra: more
-    -D options, for probes)."""
+    """NVRTC options of one configuration (the .cu file's macros; bits 2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K,
+    8: Q8_0; extra: more -D options, for probes)."""
     return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
             f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}") + tuple(extra)
 
@@ -54,16 +54,20 @@ def clusters_run(device: torch.device) -> bool:
 
 
 def kquant_layout(fmt: str | None):
-    """(planes class, repack) of this GEMV's own layout of a zigzag Q5_K / Q6_K matrix (gpu_layout_q5k,
-    gpu_layout_q6k; TYPE 5 / 6), or None for another format (Q4_K: gpu_layout's GpuQ4K)."""
-    from spqt.kernels import gpu_layout_q5k, gpu_layout_q6k
+    """(planes class, repack) of this GEMV's own layout of a zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 matrix
+    (gpu_layout_q2k, gpu_layout_q3k, gpu_layout_q5k, gpu_layout_q6k, gpu_layout_q8_0; TYPE 2 / 3 / 5 / 6 / 8), or None
+    for another format (Q4_K: gpu_layout's GpuQ4K)."""
+    from spqt.kernels import gpu_layout_q2k, gpu_layout_q3k, gpu_layout_q5k, gpu_layout_q6k, gpu_layout_q8_0
 
-    return {"q5_k": (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q5k.repack),
-            "q6_k": (gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q6k.repack)}.get(fmt)
+    return {"q2_k": (gpu_layout_q2k.GpuQ2KPlanes, gpu_layout_q2k.repack),
+            "q3_k": (gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q3k.repack),
+            "q5_k": (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q5k.repack),
+            "q6_k": (gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q6k.repack),
+            "q8_0": (gpu_layout_q8_0.GpuQ8_0Planes, gpu_layout_q8_0.repack)}.get(fmt)
 
 
 def in_kquant_layout(w) -> bool:
-    """Whether w is a zigzag Q5_K / Q6_K matrix already in this GEMV's layout (kquant_layout)."""
+    """Whether w is a zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 matrix already in this GEMV's layout (kquant_layout)."""
     layout = kquant_layout(getattr(w, "fmt", None))
     return layout is not None and isinstance(w, layout[0])
 
@@ -144,7 +148,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4,
            cluster: bool = False) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
-    int32 zigzag kernel layout (two 64-byte planes), head (ceil(rows / 4), K, 4, 4) int32
+    int32 zigzag kernel layout (two 64-byte planes; bits 8: (rows, 4, K, 16)), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
     B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. epilogue -1: the
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
@@ -153,19 +157,30 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     registers, more occupancy, 2 selects a tile below 16). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
     fifth bits (rows, K, 8) int32, quants and head the levels' low nibbles and Q5_K's 16-byte heads; bits 6
     (Q6_K, gpu_layout_q6k.py): high = the top bit pairs (rows, K, 16) int32, head the grouped scales, d
-    (rows, K) fp16. cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
+    (rows, K) fp16; bits 8 (Q8_0, gpu_layout_q8_0.py): quants the four planes of levels + 128 (rows, 4, K, 16), head
+    the grouped d (ceil(rows / 4), K, 4, 8) fp16, no high or d; bits 3 (Q3_K, gpu_layout_q3k.py): quants the low bit
+    pairs (rows, 2, K, 8), high the third bits (rows, K, 8) int32, head its 16-byte heads grouped as Q4_K's; bits 2
+    (Q2_K, gpu_layout_q2k.py): quants the levels as Q3_K's low pairs, head the grouped scale bytes, d (rows, K) int32
+    d | dmin << 16, no high.
+    cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
     unused). extra: more -D options of the .cu file
     (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
-    if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, 2, k, 16) or head.shape[:2] != (-(-rows // 4), k):
-        raise ValueError(f"the CUDA GEMV reads two 64-byte planes (rows, 2, K, 16) and grouped heads; got "
+    planes = 4 if bits == 8 else 2
+    per = 8 if bits in (2, 3) else 16  # int32 a column in a plane
+    if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, planes, k, per) or head.shape[:2] != (-(-rows // 4), k):
+        raise ValueError(f"the CUDA GEMV reads {planes} planes (rows, {planes}, K, {per}) and grouped heads; got "
                          f"{tuple(quants.shape)}, {tuple(head.shape)}")
-    words = {5: 8, 6: 16}.get(bits)
-    if bits not in (4, 5, 6) or (words and (high is None or tuple(high.shape) != (rows, k, words))) \
-            or (bits == 6 and (d is None or tuple(d.shape) != (rows, k) or d.dtype != torch.float16)):
-        raise ValueError(f"bits 4 (Q4_K), 5 (Q5_K: high (rows, K, 8)) or 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16); "
-                         f"got bits {bits}, high {None if high is None else tuple(high.shape)}")
+    words = {3: 8, 5: 8, 6: 16}.get(bits)
+    if bits not in (2, 3, 4, 5, 6, 8) or (words and (high is None or tuple(high.shape) != (rows, k, words))) \
+            or (bits == 6 and (d is None or tuple(d.shape) != (rows, k) or d.dtype != torch.float16)) \
+            or (bits == 2 and (d is None or tuple(d.shape) != (rows, k) or d.dtype != torch.int32)) \
+            or (bits == 8 and (tuple(head.shape) != (-(-rows // 4), k, 4, 8) or head.dtype != torch.float16)):
+        raise ValueError(f"bits 2 (Q2_K: d (rows, K) int32), 3 (Q3_K: high (rows, K, 8)), 4 (Q4_K), 5 (Q5_K: high "
+                         f"(rows, K, 8)), 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16) "
+                         f"or 8 (Q8_0: head the grouped d (ceil(rows / 4), K, 4, 8) fp16); got bits {bits}, high "
+                         f"{None if high is None else tuple(high.shape)}, head {tuple(head.shape)} {head.dtype}")
     tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")

@@ -50,7 +50,23 @@
 #endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s);
                 // 6: Q6_K (gpu_layout_q6k.py: the planes, two words of top bit pairs per column and lane group in qh,
                 // the 16 signed scales in h (grouped as Q4_K's heads), d in dq; w = d sc (q - 32), the -32 d sc x
-                // term summed per tile pair into the min term's place)
+                // term summed per tile pair into the min term's place);
+                // 8: Q8_0 (gpu_layout_q8_0.py: unsigned levels u = q + 128 a byte each in four planes, tile half
+                // H of lane group g in plane 2 H + g / 4, byte 2 (m % 8) + h = row 16 m + 8 h + g; the 8 d of a
+                // column grouped as Q4_K's heads and read through h; w = d (u - 128): B = x d[g] (block g = tiles
+                // 2 g, 2 g + 1, the two whose column n = g is kept, as Q4_K's sub-block scales), rows g and g + 8
+                // both u 2^-24, the -128 d x term per block in the min term's place);
+                // 3: Q3_K (gpu_layout_q3k.py: the low bit pairs in two planes of 32 bytes a column, a uint2 per lane,
+                // a word of third bits per column and lane group in qh (as Q5_K's fifth bits), the 16 scales and d in
+                // a 16-byte head grouped as Q4_K's; w = d (s - 32) (q - 4): two bit selects per slot and word complete
+                // the levels, then Q4_K's permute + AND per tile; odd tiles' levels 4x higher in A (2^22 / 2^18 in
+                // the epilogue); the -4 d (s - 32) x term per tile pair in the min term's place, as Q6_K's);
+                // 2: Q2_K (gpu_layout_q2k.py: the levels as Q3_K's low bit pairs, GGUF's 16 scale | min << 4 bytes
+                // grouped as Q4_K's heads, a lane reading the 8 bytes of its half through h, d | dmin << 16 (R, K) in dq;
+                // w = d sc q - dmin mn: Q4_K's arithmetic with Q3_K's tiles and Q6_K's per-tile-pair scales)
+#if TYPE != 2 && TYPE != 3 && TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
+#error "TYPE is 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
+#endif
 #ifndef CLUSTER
 #define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
 #endif             // (SwiGLU: its gate and up rows' 2 SPLIT programs, x 2 of the grid); each keeps its 256 sums in
@@ -70,7 +86,7 @@
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
 #ifndef PROBE_HEADS
-#define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads
+#define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads (not TYPE 8)
 #endif
 
 typedef unsigned int u32;
@@ -155,6 +171,16 @@ __device__ __forceinline__ void mma_tile(float* c, u32 a0, u32 a1, u32 a2, u32 a
 struct ScaleDecoder {
   u32 sel_sc, sel_mn, shift_mn, low_mask, high_mask;
   __device__ explicit ScaleDecoder(int g) {
+#if TYPE == 3
+    // Q3_K's head (gpu_layout_q3k.py): byte g of words 0-1 at bytes 0 and 3, nibble g of word 2 at bit 0
+    sel_sc = g | (g << 12);
+    shift_mn = 4 * g;
+    sel_mn = low_mask = high_mask = 0;
+#elif TYPE == 2
+    // Q2_K: bytes 2 g, 2 g + 1 of the 16 (the lane's half of them loaded: bytes 2 (g % 4), + 1) at bytes 0 and 1
+    sel_sc = (2 * (g & 3)) | ((2 * (g & 3) + 1) << 4);
+    sel_mn = shift_mn = low_mask = high_mask = 0;
+#else
     const u32 jj = g & 3;
     if (g < 4) {
       sel_sc = jj;             // byte 0 = q[jj] (word 1)
@@ -169,6 +195,7 @@ struct ScaleDecoder {
       low_mask = 15;
       high_mask = 48;
     }
+#endif
   }
   // sc and mn as exact floats (OR into 2^23's mantissa, subtract 2^23)
   __device__ __forceinline__ void decode(const uint4& hd, float& sc, float& mn) const {
@@ -195,6 +222,57 @@ __device__ __forceinline__ uint4 load16(const uint4* p) {
   return v;
 }
 
+#if TYPE == 3
+// (a & M) | (b & ~M): one LOP3 (written as C, ptxas makes it an AND and a LOP3)
+template <u32 M>
+__device__ __forceinline__ u32 bit_select(u32 a, u32 b) {
+  u32 r;
+  asm("lop3.b32 %0, %1, %2, %3, 0xE4;" : "=r"(r) : "r"(a), "r"(b), "n"(M));
+  return r;
+}
+#endif
+
+template <int OP>
+__device__ __forceinline__ uint2 load8(const uint2* p) {
+  uint2 v;
+  if (OP == 1) {
+    asm volatile("ld.global.cg.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  } else if (OP == 2) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(v.x), "=r"(v.y) : "l"(p));
+  } else {
+    v = __ldg(p);
+  }
+  return v;
+}
+
+// A lane's level words or head of one column: 16 bytes (uint4), Q3_K / Q2_K levels and Q2_K heads 8 (uint2)
+template <int OP>
+__device__ __forceinline__ uint4 load_vec(const uint4* p) {
+  return load16<OP>(p);
+}
+
+template <int OP>
+__device__ __forceinline__ uint2 load_vec(const uint2* p) {
+  return load8<OP>(p);
+}
+
+#if TYPE == 3 || TYPE == 2
+typedef uint2 LevelWords;
+#define QV 2  // uint4 of a column in a level plane
+#else
+typedef uint4 LevelWords;
+#define QV 4
+#endif
+#if TYPE == 2
+typedef uint2 HeadWords;  // the lane's half of the 16 scale bytes
+typedef u32 DWord;        // d | dmin << 16
+#define HV 8              // HeadWords of a column's 64-byte head unit
+#else
+typedef uint4 HeadWords;
+typedef unsigned short DWord;
+#define HV 4
+#endif
+
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
@@ -203,20 +281,32 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 // heads hc: 8 lines of each plane, 8 of heads (16 columns x 64 bytes); lanes 0-23 one line each.
 __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc, size_t plane_stride, int lane) {
   const int line = lane & 7, part = lane >> 3;
+#if TYPE == 8
+  prefetch_l2(qc + part * plane_stride + 8 * line);  // Q8_0: the four level planes, one a lane octet (d not)
+  return;
+#elif TYPE == 3 || TYPE == 2
+  if (part == 0) prefetch_l2(qc + (line >> 2) * plane_stride + 8 * (line & 3));  // Q3_K / Q2_K: 4 lines a plane
+  else if (part == 1) prefetch_l2(hc + 8 * line);
+  return;
+#endif
   if (part == 0) prefetch_l2(qc + 8 * line);
   else if (part == 1) prefetch_l2(qc + plane_stride + 8 * line);
   else if (part == 2) prefetch_l2(hc + 8 * line);
 }
 
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
-  uint4 w[4];
-  uint4 h[4];
+  LevelWords w[4];  // Q3_K / Q2_K: the low bit pairs
+  HeadWords h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
   unsigned short x[4];
-#if TYPE == 5
-  u32 hb[4];
+#if TYPE == 5 || TYPE == 3
+  u32 hb[4];  // Q3_K: the third bits
 #elif TYPE == 6
   uint2 hb[4];  // words 2 g, 2 g + 1 of the slot's top bit pairs
   unsigned short d[4];
+#elif TYPE == 8
+  unsigned short d[4];  // d of the slot's block g
+#elif TYPE == 2
+  u32 d[4];  // d | dmin << 16
 #endif
 };
 
@@ -228,11 +318,21 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   u32 v = 0;
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    v ^= ch.w[i].x ^ ch.w[i].y ^ ch.w[i].z ^ ch.w[i].w ^ ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w ^ ch.x[i]
-#if TYPE == 5
+    v ^= ch.w[i].x ^ ch.w[i].y
+#if TYPE != 3 && TYPE != 2
+         ^ ch.w[i].z ^ ch.w[i].w
+#endif
+         ^ ch.h[i].x ^ ch.h[i].y
+#if TYPE != 2
+         ^ ch.h[i].z ^ ch.h[i].w
+#endif
+         ^ ch.x[i]
+#if TYPE == 5 || TYPE == 3
          ^ ch.hb[i]
 #elif TYPE == 6
          ^ ch.hb[i].x ^ ch.hb[i].y ^ ch.d[i]
+#elif TYPE == 8 || TYPE == 2
+         ^ ch.d[i]
 #endif
         ;
   bias[0] += (float)(v & 1u);
@@ -257,6 +357,67 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   // the offset term from the same fp16 values the tensor cores multiply: y = sum (q - 32) b exactly as summed
   bias[0] += 32.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
   bias[1] += 32.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+#elif TYPE == 3
+  // lane g's scales s[2 g] (tile 2 g: byte g of words 0-1, bits 0-5) and s[2 g + 1] (its bits 6-7, then nibble g
+  // of word 2), each s - 32 exactly (OR into 2^23's mantissa, subtract 2^23 + 32); d in word 3
+  float be[4], bo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint4& hv = ch.h[i];
+    const u32 v = __byte_perm(hv.x, hv.y, dec.sel_sc);  // byte g at bytes 0 and 3
+    const u32 f = __funnelshift_r(v, hv.z >> dec.shift_mn, 30);
+    const float se = __int_as_float((v & 63u) | 0x4B000000u) - 8388640.0f;
+    const float so = __int_as_float((f & 63u) | 0x4B000000u) - 8388640.0f;
+    const float xd = xs[i] * f16_lo_to_f32(hv.w);
+    be[i] = xd * se;
+    bo[i] = xd * so;
+  }
+  const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
+  const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
+  // the -4 offset from the same fp16 values the tensor cores multiply, per tile parity, as Q6_K's
+  bias[0] += 4.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
+  bias[1] += 4.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+  // the levels, per slot: word 0 / 1 (tiles 0-7, even / odd) from L0 and the third bits H, 2 / 3 (tiles 8-15) from
+  // L1 and H >> 1; even tiles: byte u bits 0-2 row g, 4-6 row g + 8; odd: bits 2-4 row g, 6-7 + byte u + 1's bit 0
+  // row g + 8 (bits 3 / 7 of an even byte and 1 / 5 of an odd one are another tile's, masked per tile)
+  u32 lv[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 hs = ch.hb[i] >> 1;
+    lv[i][0] = bit_select<0x33333333u>(ch.w[i].x, ch.hb[i]);
+    lv[i][1] = bit_select<0xCCCCCCCCu>(ch.w[i].x, ch.hb[i]);
+    lv[i][2] = bit_select<0x33333333u>(ch.w[i].y, hs);
+    lv[i][3] = bit_select<0xCCCCCCCCu>(ch.w[i].y, hs);
+  }
+#elif TYPE == 2
+  // lane g's scales and mins of tiles 2 g (byte 0 of v) and 2 g + 1 (byte 1): sc low nibble, mn high, converted by
+  // I2FP (one instruction each; 2^23's mantissa takes an OR, an FADD and a constant ptxas rematerializes: 242
+  // instructions a B2 chunk against 223); B = x d sc per tile parity, the min term x dmin mn per parity in fp32
+  float be[4], bo[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const u32 v = __byte_perm(ch.h[i].x, ch.h[i].y, dec.sel_sc);
+    const float sce = (float)(v & 15u);
+    const float mne = (float)((v >> 4) & 15u);
+    const float sco = (float)((v >> 8) & 15u);
+    const float mno = (float)((v >> 12) & 15u);
+    const float xd = xs[i] * f16_lo_to_f32(ch.d[i]), xm = xs[i] * f16_hi_to_f32(ch.d[i]);
+    be[i] = xd * sce;
+    bo[i] = xd * sco;
+    bias[0] = fmaf(xm, mne, bias[0]);
+    bias[1] = fmaf(xm, mno, bias[1]);
+  }
+  const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
+  const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
+#elif TYPE == 8
+  // B[k, g] = x_k d[g] (lane g's d: block g's); the -128 d x term of block g (rows 32 g ..) from the same fp16
+  // values the tensor cores multiply, as Q6_K's
+  float b[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) b[i] = xs[i] * f16_lo_to_f32(ch.d[i]);
+  const u32 b01 = pack_f16x2(b[0], b[1]);
+  const u32 b23 = pack_f16x2(b[2], b[3]);
+  bias[0] += 128.0f * (f16_lo_to_f32(b01) + f16_hi_to_f32(b01) + f16_lo_to_f32(b23) + f16_hi_to_f32(b23));
 #else
   float b[4];
 #pragma unroll
@@ -271,11 +432,44 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #endif
 #pragma unroll
   for (int m = 0; m < 16; ++m) {
+#if TYPE == 8
+    // tile m: word (m / 2) % 4 of tile half m / 8 (w or h), bytes 2 (m % 2) (row g) and 2 (m % 2) + 1 (row g + 8);
+    // one permute puts them for slots 0 / 1 (2 / 3) side by side, p = [row g, row g + 8] x 2 slots, and two more
+    // make the fp16 pairs u 2^-24 (a zero high byte each): a0 / a2 row g, a1 / a3 row g + 8
+    const uint4* wh = (m >> 3) ? ch.h : ch.w;
+    const int q = (m >> 1) & 3;
+    const u32 sel = (m & 1) ? 0x7632u : 0x5410u;
+    const u32 p = __byte_perm((&wh[0].x)[q], (&wh[1].x)[q], sel);
+    const u32 pq = __byte_perm((&wh[2].x)[q], (&wh[3].x)[q], sel);
+    const u32 a0 = p & 0x00FF00FFu, a1 = __byte_perm(p, 0u, 0x4341u);
+    const u32 a2 = pq & 0x00FF00FFu, a3 = __byte_perm(pq, 0u, 0x4341u);
+#elif TYPE == 3
+    // tile m: word 2 (m / 8) + m % 2 of lv, byte u = (m / 2) % 4 (odd: and byte u + 1 for row g + 8's top bit)
+    const int q = 2 * (m >> 3) + (m & 1), u = (m >> 1) & 3, u1 = (m & 1) ? (u + 1) & 3 : u;
+    const u32 sel = u | (u1 << 4) | ((4 + u) << 8) | ((4 + u1) << 12);
+    const u32 p = __byte_perm(lv[0][q], lv[1][q], sel);
+    const u32 pq = __byte_perm(lv[2][q], lv[3][q], sel);
+    const u32 mg = (m & 1) ? 0x001C001Cu : 0x00070007u, mg8 = (m & 1) ? 0x01C001C0u : 0x00700070u;
+    const u32 a0 = p & mg, a1 = p & mg8, a2 = pq & mg, a3 = pq & mg8;
+    const u32 b01 = (m & 1) ? b01o : b01e, b23 = (m & 1) ? b23o : b23e;
+#elif TYPE == 2
+    // tile m: byte u = (m / 2) % 4 of word m / 8 (Q3_K's low pairs: even m row g bits 0-1, row g + 8 bits 4-5; odd
+    // m bits 2-3, 6-7), no third bits
+    const int u = (m >> 1) & 3;
+    const u32 sel = u | (u << 4) | ((4 + u) << 8) | ((4 + u) << 12);
+    const u32 p = __byte_perm((m >> 3) ? ch.w[0].y : ch.w[0].x, (m >> 3) ? ch.w[1].y : ch.w[1].x, sel);
+    const u32 pq = __byte_perm((m >> 3) ? ch.w[2].y : ch.w[2].x, (m >> 3) ? ch.w[3].y : ch.w[3].x, sel);
+    const u32 mg = (m & 1) ? 0x000C000Cu : 0x00030003u, mg8 = (m & 1) ? 0x00C000C0u : 0x00300030u;
+    const u32 a0 = p & mg, a1 = p & mg8, a2 = pq & mg, a3 = pq & mg8;
+    const u32 b01 = (m & 1) ? b01o : b01e, b23 = (m & 1) ? b23o : b23e;
+#else
     const int q = m >> 2, sh = m & 3;
     const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
     const u32 p = __byte_perm((&ch.w[0].x)[q], (&ch.w[1].x)[q], sel);
     const u32 pq = __byte_perm((&ch.w[2].x)[q], (&ch.w[3].x)[q], sel);
-#if TYPE == 5
+#endif
+#if TYPE == 8 || TYPE == 3 || TYPE == 2  // a0-a3 above
+#elif TYPE == 5
     // fifth bits: byte q of slots 0 / 1 (2 / 3) at bytes 0 and 2, shifted so bit sh lands at 4 (row g's fp16
     // subnormal q 2^-24: bit 4) and bit sh + 4 at 8 (row g + 8's, q 2^-20); +16 for the second slot
     const u32 selq = q | (q << 4) | ((4 + q) << 8) | ((4 + q) << 12);
@@ -307,25 +501,29 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   }
 }
 
+// d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column; Q2_K: (R, K)
+// d | dmin << 16)
+#define D_STRIDE (TYPE == 8 ? 32 : 1)
+
 #if TYPE == 6
 typedef uint2 HighWord;  // the lane's top bit pairs of one column
 #else
 typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 #endif
 
-// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4,
-// (Q5_K, Q6_K) high bits hq + col 8, (Q6_K) d dr + col.
-__device__ __forceinline__ void load_gathered(Chunk& ch, const uint4* qr, const uint4* hr, const HighWord* hq,
-                                              const unsigned short* dr, const int* col) {
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
+// (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
+__device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const HeadWords* hr, const HighWord* hq,
+                                              const DWord* dr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qr + col[i] * 4);
-    ch.h[i] = load16<HLOAD>(hr + col[i] * 4);
-#if TYPE == 5 || TYPE == 6
+    ch.w[i] = load_vec<QLOAD>(qr + col[i] * 4);
+    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(hr + col[i] * HV);
+#if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
 #endif
-#if TYPE == 6
-    ch.d[i] = __ldg(dr + col[i]);
+#if TYPE == 6 || TYPE == 8 || TYPE == 2
+    ch.d[i] = __ldg(dr + col[i] * D_STRIDE);
 #endif
   }
 }
@@ -336,17 +534,17 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const uint4* qp, const uint4* hp, const HighWord* hqp,
-                                                const unsigned short* dp) {
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const HeadWords* hp,
+                                                const HighWord* hqp, const DWord* dp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load16<QLOAD>(qp + 16 * i);
-    ch.h[i] = load16<HLOAD>(hp + 16 * i);
-#if TYPE == 5 || TYPE == 6
+    ch.w[i] = load_vec<QLOAD>(qp + 16 * i);
+    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(hp + 4 * HV * i);
+#if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hqp + 32 * i);
 #endif
-#if TYPE == 6
-    ch.d[i] = __ldg(dp + 4 * i);
+#if TYPE == 6 || TYPE == 8 || TYPE == 2
+    ch.d[i] = __ldg(dp + 4 * D_STRIDE * i);
 #endif
   }
 }
@@ -388,13 +586,27 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #else
   const int r = blockIdx.x, s = blockIdx.y;
 #endif
+#if TYPE == 8
+  // Q8_0 block row (r, col): the lane's tile half H at uint4 ((4 r + 2 H + g / 4) K + col) 4 + g % 4, H = 1 through
+  // hr; its d (block g) at fp16 ((r / 4) K + col) 32 + 8 (r % 4) + g of h (gpu_layout_q8_0.py)
+  const uint4* qr = q + (size_t)(4 * r + (g >> 2)) * K * 4 + (g & 3);
+  const uint4* hr = qr + (size_t)K * 8;
+  const HighWord* hq = reinterpret_cast<const HighWord*>(qh);  // unused
+  const unsigned short* dr = reinterpret_cast<const unsigned short*>(h) + (size_t)(r >> 2) * K * 32 + (r & 3) * 8 + g;
+#else
   // block (r, col): the lane's 16 level bytes at uint4 ((2 r + g / 4) K + col) 4 + g % 4 (two
-  // planes); head uint4 ((r / 4) K + col) 4 + r % 4
-  const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
-  const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  // planes; Q3_K its 8 bytes of low bit pairs at uint2 the same index); head uint4 ((r / 4) K + col) 4 + r % 4
+  const LevelWords* qr = reinterpret_cast<const LevelWords*>(q) + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
+  // (Q2_K: the lane's 8 of the 16 bytes, uint2 2 (((r / 4) K + col) 4 + r % 4) + g / 4)
+#if TYPE == 2
+  const HeadWords* hr = reinterpret_cast<const HeadWords*>(h) + ((size_t)(r >> 2) * K * 4 + (r & 3)) * 2 + (g >> 2);
+#else
+  const HeadWords* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+#endif
   // (Q5_K / Q6_K) the lane's high bits of column col: hq[8 col]; (Q6_K) its d: dr[col]
   const HighWord* hq = reinterpret_cast<const HighWord*>(qh) + (size_t)r * K * 8 + g;
-  const unsigned short* dr = dq + (size_t)r * K;
+  const DWord* dr = reinterpret_cast<const DWord*>(dq) + (size_t)r * K;
+#endif
   const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
   const ScaleDecoder dec(g);
   float c[ACC][4];
@@ -408,29 +620,33 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   int j = first + 16 * warp;
   const int full_end = hi - 15;  // chunk j lies wholly inside the share iff j < full_end
   // slot 0 of the lane's chunk: column j + t; pointers advance by a step of columns
-  const uint4* qp = qr + (j + t) * 4;
-  const uint4* hp = hr + (j + t) * 4;
+  const LevelWords* qp = qr + (j + t) * 4;
+  const HeadWords* hp = hr + (j + t) * HV;
   const unsigned short* xp = x + j + t;
   const HighWord* hqp = hq + (size_t)(j + t) * 8;
-  const unsigned short* dp = dr + j + t;
+#if TYPE == 8
+  const unsigned short* dp = dr + (j + t) * D_STRIDE;
+#else
+  const DWord* dp = dr + j + t;
+#endif
   if (j < full_end) load_contiguous(ch, qp, hp, hqp, dp);
 #if L2FIRST > 0
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
-  const uint4* q0 = q + (size_t)(2 * r) * K * 4 + (size_t)j * 4;
+  const uint4* q0 = q + (size_t)((TYPE == 8 ? 4 : 2) * r) * K * QV + (size_t)j * QV;
   const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j * 4;
-  const size_t plane_stride = (size_t)K * 4;
+  const size_t plane_stride = (size_t)K * QV;
 #pragma unroll 1
   for (int ahead = 1; ahead <= L2FIRST && j + ahead * step < full_end; ++ahead)
-    prefetch_chunk(q0 + ahead * step * 4, h0 + ahead * step * 4, plane_stride, lane);
+    prefetch_chunk(q0 + ahead * step * QV, h0 + ahead * step * 4, plane_stride, lane);
 #endif
   pdl_wait_then_release();
   for (; j < full_end; j += step) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
     qp += step * 4;
-    hp += PROBE_HEADS ? 0 : step * 4;
+    hp += (PROBE_HEADS && TYPE != 8) ? 0 : step * HV;
     hqp += step * 8;
-    dp += step;
+    dp += step * D_STRIDE;
     xp += step;
 #if PIPE
     Chunk next;
@@ -510,9 +726,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
   // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
   __shared__ float rows_sum[WARPS][256];
-  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K; 0 otherwise)][32-row group]
+  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K, Q3_K, Q2_K; 0 otherwise)][32-row group]
 #pragma unroll
-  for (int e = 0; e < (TYPE == 6 ? 2 : 1); ++e) {
+  for (int e = 0; e < (TYPE == 6 || TYPE == 3 || TYPE == 2 ? 2 : 1); ++e) {
     float bsum = bias[e];
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
@@ -522,8 +738,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   for (int m = 0; m < 16; ++m) {
     if ((m >> 2) == t) {
       const int e = (m >> 1) & 1;
+#if TYPE == 3 || TYPE == 2
+      // odd tiles' levels sit two bits higher in A (gpu_layout_q3k.py, gpu_layout_q2k.py)
+      rows_sum[warp][16 * m + g] = c[m % ACC][e] * ((m & 1) ? 4194304.0f : 16777216.0f);
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * ((m & 1) ? 262144.0f : 1048576.0f);
+#else
       rows_sum[warp][16 * m + g] = c[m % ACC][e] * 16777216.0f;
-      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * 1048576.0f;
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * (TYPE == 8 ? 16777216.0f : 1048576.0f);
+#endif
     }
   }
 #if CLUSTER
@@ -535,7 +757,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
     for (int w = 0; w < WARPS; ++w) {
       v += rows_sum[w][i];
-      bj += bias_sum[w][TYPE == 6 ? (i >> 4) & 1 : 0][i >> 5];
+      bj += bias_sum[w][TYPE == 6 || TYPE == 3 || TYPE == 2 ? (i >> 4) & 1 : 0][i >> 5];
     }
 #if CLUSTER
     tile_sum[i] = v - bj;

@@ -1,0 +1,206 @@
+"""Zigzag Q2_K, Q3_K, Q5_K, Q6_K and Q8_0 on the CUDA GEMV (zigzag_q4k.cu, TYPE 2 / 3 / 5 / 6 / 8; their layouts
+zigzag_cuda.kquant_layout), the tests every type has, parametrized over the types (each type's layout, fragment
+emulation and compile tests: tests/test_q*_cuda.py): the dequant kernel (the prefill GEMM's first half, interpreter
+and `gpu`) equals the format's decode; on the GPU (`gpu`) B2 and B4 of every config on poisoned workspaces against
+the float64 product of the dequantized matrix (and, for Q2_K / Q3_K / Q8_0, the kernel's fp16-B model), then
+bit-identical on a rerun; Q2_K / Q3_K / Q8_0's own finishes (plain, residual, SwiGLU)."""
+
+import numpy as np
+import pytest
+import torch
+
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemv as kg
+from spqt.kernels import reference
+from spqt.kernels.collect import collect
+from spqt.kernels.gpu_layout_types import q2_k_levels, q3_k_levels
+
+from kernel_inputs import assert_within_fp32_sum, random_x
+from test_kernels_types import FP16_FIELDS, _random_blocks
+
+TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
+CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16)]  # (split, warps, pipe, acc)
+FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
+# The fp16 factors' exponent range on the GPU (x d sc a normal fp16 for most x, as in a real matrix;
+# _random_blocks' smaller factors would test fp16's subnormals instead); Q6_K's d smaller (weights up to
+# ~4 x 63 x 2^-9, as the encoder's)
+GPU_EXPONENTS = {"q6_k": (-12, -9)}
+# The level bytes and the byte that puts every weight at the offset term the kernel adds apart (levels 0:
+# Q2_K / Q5_K -dmin mn, Q6_K -32 d sc, Q3_K -4 d (s - 32); Q8_0 q = -128: -128 d)
+OFFSET_BYTES = {"q2_k": (slice(16, 80), 0), "q3_k": (slice(0, 96), 0), "q5_k": (slice(16, 176), 0),
+                "q6_k": (slice(0, 192), 0), "q8_0": (slice(2, 34), 0x80)}
+
+
+def _planes(qw: QuantizedWeight, device):
+    """The matrix in its type's CUDA GEMV layout (zigzag_cuda.kquant_layout)."""
+    from spqt.kernels import zigzag_cuda
+
+    return zigzag_cuda.kquant_layout(qw.fmt)[1](qw, device)
+
+
+def _gpu_weights(rng, fmt, shape):
+    """Random blocks (on CUDA) with the fp16 factors in 2^GPU_EXPONENTS (2^-9 .. 2^-6 unless listed), d of the
+    signed types of either sign."""
+    qw = _random_blocks(rng, fmt, shape)
+    blocks = qw.blocks.numpy()
+    lo, hi = GPU_EXPONENTS.get(fmt, (-9, -6))
+    signed, unsigned = FP16_FIELDS[fmt]
+    for at, sign in [(a, True) for a in signed] + [(a, False) for a in unsigned]:
+        v = np.exp2(rng.uniform(lo, hi, blocks.shape[:2]))
+        if sign:
+            v = v * rng.choice([-1, 1], blocks.shape[:2])
+        blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)
+    return QuantizedWeight(torch.from_numpy(blocks).cuda(), fmt, "zigzag", shape)
+
+
+def _magnitudes(qw):
+    """(W, |W| + 2 |offset|) in float64: the kernel adds the level term and the offset term (OFFSET_BYTES) of a
+    weight apart, each at most |w| + |offset|."""
+    levels, fill = OFFSET_BYTES[qw.fmt]
+    blocks = qw.blocks.clone()
+    blocks[..., levels] = fill
+    offset = QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize().double()
+    w_ref = qw.dequantize().double()
+    return w_ref, w_ref.abs() + 2 * offset.abs()
+
+
+def _q8_0_model(qw, x_used):
+    """sum_k q fp16(x_k d) (B as the tensor cores get it, the -128 term from the same values) in float64. Tighter
+    than the float64 product's test (no 2^-11 of the 128 |d x| offset: the B rounding cancels in q = u - 128)."""
+    n, k = qw.shape
+    blocks = qw.blocks.reshape(-1, k, 34)
+    q = blocks[..., 2:].contiguous().view(torch.int8).permute(0, 2, 1).reshape(-1, k)[:n].double()
+    d = blocks[..., :2].contiguous().view(torch.float16).reshape(-1, k).repeat_interleave(32, dim=0)[:n]
+    b = (x_used.float()[None, :] * d.float()).half().double()
+    return (q * b).sum(dim=1)
+
+
+def _q3_k_model(qw, x_used):
+    """sum_k (q - 4) fp16(x_k d (s - 32)) (B as the tensor cores get it, the -4 term from the same values) in
+    float64."""
+    from spqt.formats import q3_k
+
+    n, k = qw.shape
+    flat = qw.blocks.reshape(-1, 110)
+    q = q3_k_levels(flat).reshape(-1, k, 256).permute(0, 2, 1).reshape(-1, k)[:n].double()
+    s = (q3_k.unpack_scales(flat[:, 96:108]) - 32).float().reshape(-1, k, 16)  # (R, K, 16)
+    d = flat[:, 108:110].contiguous().view(torch.float16).float().reshape(-1, k)
+    xd = x_used.float()[None, :] * d  # (R, K), fp32 as the kernel
+    b = (xd[..., None] * s).half().double()  # (R, K, 16)
+    b = b.permute(0, 2, 1).repeat_interleave(16, dim=1).reshape(-1, k)[:n]  # row 16 m + i of superblock row r
+    return ((q - 4) * b).sum(dim=1)
+
+
+def _q2_k_model(qw, x_used):
+    """sum_k q fp16(x_k d sc) - x_k dmin mn in float64."""
+    n, k = qw.shape
+    flat = qw.blocks.reshape(-1, 84)
+    q = q2_k_levels(flat).reshape(-1, k, 256).permute(0, 2, 1).reshape(-1, k)[:n].double()
+    sb = flat[:, 0:16].to(torch.int64).reshape(-1, k, 16)
+    dd = flat[:, 80:84].contiguous().view(torch.float16).float().reshape(-1, k, 2)
+    b = ((x_used.float()[None, :] * dd[..., 0])[..., None] * (sb & 15).float()).half().double()  # (R, K, 16)
+    mins = (x_used.float()[None, :] * dd[..., 1]).double()[..., None] * (sb >> 4).double()
+    rows_of = lambda v: v.permute(0, 2, 1).repeat_interleave(16, dim=1).reshape(-1, k)[:n]  # noqa: E731
+    return (q * rows_of(b)).sum(dim=1) - rows_of(mins).sum(dim=1)
+
+
+# The kernel's arithmetic with its input rounding kept (the fp16-B model), for the types that have one
+FP16_B_MODELS = {"q2_k": _q2_k_model, "q3_k": _q3_k_model, "q8_0": _q8_0_model}
+
+
+def _assert_near_model(y, model, x_used, w_mag, what):
+    """y within the fp32 sums' worst case and y's rounding of the fp16-B model (float64, (N,))."""
+    k = x_used.shape[0]
+    tol = (k + 4) * 2.0**-24 * (w_mag @ x_used.double().abs()) + 2.0**-11 * model.abs() + 1e-30
+    err = (y.double() - model).abs()
+    assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} outputs off the fp16-B model"
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
+                                    pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("fmt", TYPES)
+def test_cuda_planes_dequant_kernel(rng, fmt, device, monkeypatch):
+    """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
+    if device == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
+        qw = _random_blocks(rng, fmt, shape)
+        qw = QuantizedWeight(qw.blocks.to(device), fmt, "zigzag", shape)
+        gw = _planes(qw, device)
+        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        kg.dequantize(gw, torch.float32, out=out)
+        assert torch.equal(out, qw.dequantize()), shape
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("fmt", TYPES)
+def test_zigzag_cuda_types(rng, fmt, sparsity):
+    """B2 and B4 of every config on poisoned workspaces against the float64 product (and the fp16-B model where
+    the type has one), then bit-identical on a rerun."""
+    from spqt.kernels import zigzag_cuda
+
+    for shape in GPU_SHAPES:
+        qw = _gpu_weights(rng, fmt, shape)
+        gw = _planes(qw, "cuda")
+        refs = _magnitudes(qw)
+        x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
+        x_sparse = reference.sparsify(x, t).float()
+        assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
+        for split, warps, pipe, acc in CONFIGS:
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
+                ws.y.fill_(float("nan"))
+                ws.partials.fill_(float("nan"))
+                kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
+                if mode == kg.MODE_INDEXED:
+                    ws.idx.fill_(-7777)
+                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                what = f"{fmt} cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
+                assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
+                if fmt in FP16_B_MODELS:
+                    _assert_near_model(y, FP16_B_MODELS[fmt](qw, x_used), x_used, refs[1], what)
+                assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q8_0"])
+def test_zigzag_cuda_types_finishes(rng, fmt):
+    """The type's own finishes (the last program's; B2 and B4 at 50 %): plain, residual and SwiGLU against torch on
+    the reduction kernel's plain output, as the Q4_K CUDA test. Q8_0 also with cluster=True on sm_90 (gemv_zigzag
+    runs the cluster finish for Q4_K only: the finish as configured)."""
+    from spqt.kernels import zigzag_cuda
+
+    n, k = 2048, 1000  # SwiGLU: F = 1024, a multiple of 256
+    gw = _planes(_gpu_weights(rng, fmt, (n, k)), "cuda")
+    x, t = random_x(rng, k, torch.float16, "cuda", 0.5)
+    finishes = [{"fused": True}]
+    if fmt == "q8_0" and zigzag_cuda.clusters_run(x.device):
+        finishes.append({"cluster": True})
+    for finish in finishes:
+        for split, acc in ((1, 16), (7, 2)):  # split 7: SwiGLU's cluster of 14 programs
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
+                kw = {"num_warps": 4, "acc": acc, "impl": "cuda"}
+                if mode == kg.MODE_INDEXED:
+                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                what = f"{fmt} cuda {finish} split {split} mode {mode}"
+                ws.y.fill_(float("nan"))
+                plain = kg.gemv_zigzag(gw, x, mode, ws, **kw).float().clone()
+                atol = 2e-3 * float(plain.abs().max())
+                ws.y.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **finish).float()
+                torch.testing.assert_close(y, plain, rtol=2e-3, atol=atol, msg=lambda m: f"{what} plain: {m}")
+                r = torch.randn(n, device="cuda", dtype=torch.float16) * plain.abs().mean().half()
+                ws.y.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **finish, residual=r).float()
+                torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=atol,
+                                           msg=lambda m: f"{what} residual: {m}")
+                ws.y.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **finish, swiglu=True).float()
+                want = (torch.nn.functional.silu(plain[: n // 2]) * plain[n // 2:]).half().float()
+                torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()),
+                                           msg=lambda m: f"{what} swiglu: {m}")
+                assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
