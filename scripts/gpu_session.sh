@@ -17,6 +17,7 @@
 #   scripts/gpu_session.sh cluster6  the cluster finish's gpu test, 7B steps before / after re-tuning with cluster configs
 #   scripts/gpu_session.sh final6    gpu tests on a fresh machine, the 70B shapes re-tuned with cluster candidates, decode
 #   scripts/gpu_session.sh kq7       the Q8_0 / Q3_K / Q2_K gpu tests and probes, the later-capture order effect (clocks beside)
+#   scripts/gpu_session.sh types7    the order effect's cause, the CUDA GEMV tuned per type, synthetic 7B decode per type
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -373,6 +374,29 @@ case "$stage" in
     done | tee "$OUT/order-effect.log"
     kill $smi
     echo "kq7 stage: $(( $(date +%s) - start )) s"
+    ;;
+  types7)
+    # The order effect's cause (scripts/order_probe.py), the CUDA GEMV tuned per type (`spqt tune --types`, one
+    # process a type, written into the package table; TUNE_SHAPES: the 7B runtime shapes and the three large
+    # ones), the table to $OUT, then synthetic 7B decode per type (DECODE_TYPES) with it.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    timeout 120 python3 scripts/order_probe.py --json "$OUT/order-probe.json" 2>&1 | grep -v WARN | tee "$OUT/order-probe.log"
+    for t in ${TUNE_TYPES:-q8_0 q6_k q5_k q3_k q2_k}; do
+      left=$(( ${CALL_BUDGET:-520} - 150 - ($(date +%s) - start) ))
+      [ $left -lt 30 ] && { echo "no time left to tune $t"; break; }
+      timeout $left python3 -m spqt.cli tune --types $t --output "$table" \
+        --shapes "${TUNE_SHAPES:-12288x4096,4096x4096,22016x4096,4096x11008,28672x8192,8192x28672,57344x8192}" 2>&1 \
+        | grep -v WARN | grep -v "^wrote"
+      echo "tuned $t: $(( $(date +%s) - start )) s"
+    done | tee "$OUT/tune-types.log"
+    cp "$table" "$OUT/tuned.json"
+    left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
+    [ $left -gt 30 ] && timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b \
+      --types ${DECODE_TYPES:-q4_k,q8_0,q6_k,q5_k,q3_k,q2_k} --layouts zigzag --sparsity 0,0.5 --json "$OUT/decode-types.json" \
+      2>&1 | grep -v WARN | tee "$OUT/decode-types.log"
+    echo "types7 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)

@@ -554,6 +554,15 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)
     assert tuning.config("zigzag_sparse", 64, 64)["impl"] == "cuda"
     assert tuning.triton_config("zigzag_sparse", 64, 64) == fallback
+    # a type's CUDA GEMV: its own CUDA entry (crossover kept), else Q4_K's config; its Triton kernel: the fallback
+    type_fallback = {"split": 7, "num_warps": 2, "block_k": 16}
+    entries["zigzag_sparse_q3_k"] = {"64x64": dict(cuda, split=5, fallback=type_fallback, crossover=0.25)}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
+    tuning._load_table.cache_clear()
+    want = {k: v for k, v in cuda.items() if k != "us"} | {"split": 5, "fallback": type_fallback, "crossover": 0.25}
+    assert tuning.cuda_type_config("sparse", "q3_k", 64, 64) == want
+    assert tuning.cuda_type_config("sparse", "q8_0", 64, 64) == tuning.config("zigzag_sparse", 64, 64)
+    assert tuning.triton_config("zigzag_sparse_q3_k", 64, 64) == type_fallback
     tuning._load_table.cache_clear()
 
 

@@ -374,18 +374,28 @@ def test_kernels_compile_for_sm90():
 @pytest.mark.gpu
 def test_bench_and_tune_types(tmp_path):
     """`spqt bench gemv --types` and `spqt tune --types` for the other types: the tuner times
-    (two) candidates of B2 and B4 per type and shape and returns table entries; the benchmark
-    reports B2 and B4 rows per type next to Q4_K's."""
+    (two) candidates of B2 and B4 per type and shape and returns table entries (where the CUDA GEMV
+    runs: its configs, the Triton fallback and the crossovers); the benchmark reports B2 and B4 rows
+    per type next to Q4_K's."""
     from spqt import bench
-    from spqt.kernels import tuning
+    from spqt.kernels import tuning, zigzag_cuda
 
     shapes = [(576, 192)]
-    # q6_k: the Triton type kernel's own layout, also where the runtime runs Q6_K on the CUDA GEMV
-    entries = bench.tune_types(shapes, ["q8_0", "q2_k", "q6_k"], log=lambda *a: None,
-                               candidates=lambda v, n, k: tuning.candidates(v, n, k)[:2])
+    timed = []
+
+    def two(variant, n, k, on_cuda):
+        timed.append(on_cuda)
+        return (tuning.type_cuda_candidates if on_cuda else tuning.candidates)(variant, n, k)[:2]
+
+    entries = bench.tune_types(shapes, ["q8_0", "q2_k", "q6_k"], log=lambda *a: None, candidates=two)
     assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k", "q6_k")}
-    for found in entries.values():
-        assert found["576x192"]["us"] > 0 and found["576x192"]["split"] >= 1
+    assert timed == [zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"] * 6
+    for variant, found in entries.items():
+        entry = found["576x192"]
+        assert entry["us"] > 0 and entry["split"] >= 1
+        if timed[0]:
+            assert entry["impl"] == "cuda" and "block_k" in entry["fallback"], entry
+            assert ("crossover" in entry) == ("sparse" in variant), entry
     report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",
                                       log=lambda *a: None, types=["q4_k", "q6_k"])
     rows = {(r["type"], r["variant"], r["sparsity"]) for r in report["rows"]}

@@ -15,6 +15,7 @@ import json
 import statistics
 import subprocess
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -205,17 +206,15 @@ def weight_copies(w, count: int) -> list:
     return [w] + [dataclasses.replace(w, **{f: getattr(w, f).clone() for f in tensors}) for _ in range(count - 1)]
 
 
-def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0,
-                       cuda_layout: bool = True) -> tuple[list[GpuZigzag], torch.Tensor]:
+def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[list[GpuZigzag], torch.Tensor]:
     """Random zigzag weights of one shape in another type (kernel layout), rotated copies, an fp16 x.
-    Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 where the CUDA GEMV runs and cuda_layout: its layouts
-    (zigzag_cuda.kquant_layout), as the runtime runs them (CudaKQuantLinear); else the Triton type kernels'
-    (gpu_layout_types)."""
+    Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 where the CUDA GEMV runs: its layouts (zigzag_cuda.kquant_layout), as the
+    runtime runs them (CudaKQuantLinear); else the Triton type kernels' (gpu_layout_types)."""
     n, k = shape
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
     qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
-    runs_cuda = cuda_layout and zigzag_cuda.choice() != "triton" and zigzag_cuda.usable()
+    runs_cuda = zigzag_cuda.choice() != "triton" and zigzag_cuda.usable()
     layout = zigzag_cuda.kquant_layout(fmt) if runs_cuda else None
     gw = layout[1](qw, "cuda") if layout is not None else repack_types(qw, "cuda")
     del w
@@ -227,8 +226,8 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
     default or tuned configs of its variants."""
     n, k = ws[0].shape
     fmt = ws[0].fmt
-    if zigzag_cuda.in_kquant_layout(ws[0]):  # Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV: the Q4_K table's configs, as runtime
-        cd, cs = tuning.config("zigzag_dense", n, k), tuning.config("zigzag_sparse", n, k)
+    if zigzag_cuda.in_kquant_layout(ws[0]):  # Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV: configs as the runtime's
+        cd, cs = tuning.cuda_type_config("dense", fmt, n, k), tuning.cuda_type_config("sparse", fmt, n, k)
         ws_d, ws_s = kg.ZigzagWorkspace(ws[0], cd["split"], torch.float16), kg.ZigzagWorkspace(ws[0], cs["split"], torch.float16)
 
         def gemv(w, mode, wsp, cfg, **kw):
@@ -476,32 +475,56 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
     return entries
 
 
-def tune_types(shapes, types, log=print, candidates=tuning.candidates) -> dict:
-    """The other zigzag types' B2 and B4 (at 50 % sparsity, collect included): the candidate
-    configs of "zigzag_{dense,sparse}_<type>" timed per shape; returns the winners as table entries."""
+def tune_types(shapes, types, log=print, candidates=None) -> dict:
+    """The other zigzag types' B2 and B4 (at 50 % sparsity, collect included): the candidate configs of
+    "zigzag_{dense,sparse}_<type>" timed per shape; returns the winners as table entries. Where the CUDA GEMV
+    runs the type (as CudaKQuantLinear does): its configs (tuning.type_cuda_candidates) in the type's CUDA
+    layout, entries with impl "cuda", the Triton type kernel's config as "fallback" and the crossovers
+    (crossover(), on this type's weights); elsewhere the Triton type kernels' (tuning.candidates) in their own
+    layout. candidates(variant, n, k, on_cuda): the configs to time instead (scripts and tests narrow them)."""
     props = torch.cuda.get_device_properties(0)
     entries = {}
     for n, k in shapes:
         for fmt in types:
-            # the Triton type kernels' own configs: their layout even where the runtime runs Q5_K / Q6_K on the
-            # CUDA GEMV (with Q4_K's table)
-            pool, x = make_type_operands((n, k), fmt, props.L2_cache_size, cuda_layout=False)
+            pool, x = make_type_operands((n, k), fmt, props.L2_cache_size)
             t = torch.quantile(x.float().abs(), 0.5).reshape(())
+            on_cuda = zigzag_cuda.in_kquant_layout(pool[0])
             for kind in ("dense", "sparse"):
                 variant = f"zigzag_{kind}_{fmt}"
 
                 def calls(cfg, kind=kind):
-                    ws = zt.TypesWorkspace(pool[0], cfg["split"], torch.float16)
-                    args = tuning.types_launch_args(cfg)
-                    if kind == "dense":
-                        return [(lambda w=w: zt.gemv(w, x, zt.MODE_DENSE, ws, **args)) for w in pool]
-                    return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
-                                          zt.gemv(w, x, zt.MODE_INDEXED, ws, idx=ws.idx, count=ws.count, **args)))
-                            for w in pool]
+                    if on_cuda:
+                        ws = kg.ZigzagWorkspace(pool[0], cfg["split"], torch.float16)
+                        args = tuning.launch_args(cfg)
 
-                best = _fastest(candidates(variant, n, k), calls)
-                entries.setdefault(variant, {})[f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
+                        def gemv(w, mode, **kw):
+                            return kg.gemv_zigzag(w, x, mode, ws, **args, **kw)
+                    else:
+                        ws = zt.TypesWorkspace(pool[0], cfg["split"], torch.float16)
+                        args = tuning.types_launch_args(cfg)
+
+                        def gemv(w, mode, **kw):
+                            return zt.gemv(w, x, mode, ws, **args, **kw)
+                    if kind == "dense":
+                        return [(lambda w=w: gemv(w, zt.MODE_DENSE)) for w in pool]
+                    return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
+                                          gemv(w, zt.MODE_INDEXED, idx=ws.idx, count=ws.count))) for w in pool]
+
+                if candidates is not None:
+                    configs = candidates(variant, n, k, on_cuda)
+                else:
+                    configs = (tuning.type_cuda_candidates if on_cuda else tuning.candidates)(variant, n, k)
+                best = _fastest(configs, calls)
+                entry = {**best[1], "us": round(best[0], 2)}
+                if on_cuda:  # what a machine without the CUDA GEMV runs instead (the Triton type kernel)
+                    entry["fallback"] = tuning.triton_config(variant, n, k)
+                entries.setdefault(variant, {})[f"{n}x{k}"] = entry
                 log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
+            if on_cuda:
+                cross = crossover(SimpleNamespace(shape=(n, k), zig=pool), entries[f"zigzag_dense_{fmt}"][f"{n}x{k}"],
+                                  entries[f"zigzag_sparse_{fmt}"][f"{n}x{k}"])
+                entries[f"zigzag_sparse_{fmt}"][f"{n}x{k}"].update(cross)
+                log(f"{n}x{k} {fmt} crossover (B4 beats B2 from): {cross}")
             pool = None  # freed before the next type's copies
             torch.cuda.empty_cache()
     return entries

@@ -4,8 +4,8 @@ A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (on
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
-CudaKQuantLinear: zigzag Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 5 / 6 / 8) where it runs (fp16, sm_80+,
-NVRTC)."""
+CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
+runs (fp16, sm_80+, NVRTC)."""
 
 import torch
 
@@ -37,16 +37,16 @@ class TritonLinear:
         self.n, self.k = weight.shape
         self.fuses_norm = self.w.layout == "zigzag"  # sparse_normed: the row layout has no sparse kernel
         if self.w.layout == "zigzag":
-            self._zigzag_setup("", kg.ZigzagWorkspace, dtype, device)
+            self._zigzag_setup(lambda kind: tuning.config(f"zigzag_{kind}", self.n, self.k), kg.ZigzagWorkspace,
+                               dtype, device)
         else:
             self.cfg_row = tuning.config("row_dense", self.n, self.k)
             self.y = torch.empty(self.n, dtype=dtype, device=device)
 
-    def _zigzag_setup(self, suffix: str, workspace, dtype: torch.dtype, device: str) -> None:
-        """The tuned configs of "zigzag_dense<suffix>" / "zigzag_sparse<suffix>" for this shape, their
-        preallocated workspaces, and sparse_normed's norm output (K,)."""
-        self.cfg_dense = tuning.config(f"zigzag_dense{suffix}", self.n, self.k)
-        self.cfg_sparse = tuning.config(f"zigzag_sparse{suffix}", self.n, self.k)
+    def _zigzag_setup(self, config, workspace, dtype: torch.dtype, device: str) -> None:
+        """The tuned configs config(kind) (kind "dense" / "sparse") for this shape, their preallocated
+        workspaces, and sparse_normed's norm output (K,)."""
+        self.cfg_dense, self.cfg_sparse = config("dense"), config("sparse")
         self.ws_dense = workspace(self.w, self.cfg_dense["split"], dtype)
         self.ws_sparse = workspace(self.w, self.cfg_sparse["split"], dtype)
         self.normed = torch.empty(self.k, dtype=dtype, device=device)
@@ -121,7 +121,9 @@ class TritonZigzagTypesLinear(TritonLinear):
         self.w = _kernel_weight(weight, GpuZigzag, repack_types, device)
         self.n, self.k = weight.shape
         self.fuses_norm = True
-        self._zigzag_setup(f"_{self.w.fmt}", zt.TypesWorkspace, dtype, device)
+        # the Triton type kernel's config (a CUDA entry's fallback where the CUDA GEMV won the shape)
+        self._zigzag_setup(lambda kind: tuning.triton_config(f"zigzag_{kind}_{self.w.fmt}", self.n, self.k),
+                           zt.TypesWorkspace, dtype, device)
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, zt.dequantize(self.w, x.dtype))
@@ -142,9 +144,10 @@ class TritonZigzagTypesLinear(TritonLinear):
 class CudaKQuantLinear(TritonLinear):
     """A zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 map on the CUDA GEMV (its layout by weight.fmt: zigzag_cuda.kquant_layout;
     dispatch picks it for fp16 where zigzag_cuda.usable()): one token through gemv_zigzag, which runs
-    these layouts on the CUDA kernel whatever impl the config names; the configs and crossovers are the
-    Q4_K table's of the shape (the same kernel, 84 / 112 / 176 / 210 / 272 bytes a column-superblock instead of 144); several
-    tokens: the dequant kernel, cuBLAS."""
+    these layouts on the CUDA kernel whatever impl the config names; the configs and crossovers are the type's
+    tuned CUDA entries (`spqt tune --types`), else the Q4_K table's of the shape (the same kernel, 84 / 112 / 176 /
+    210 / 272 bytes a column-superblock instead of 144): tuning.cuda_type_config; several tokens: the dequant kernel,
+    cuBLAS."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         from spqt.kernels import zigzag_cuda
@@ -158,4 +161,5 @@ class CudaKQuantLinear(TritonLinear):
         self.w = _kernel_weight(weight, *layout, device)
         self.n, self.k = weight.shape
         self.fuses_norm = True
-        self._zigzag_setup("", kg.ZigzagWorkspace, dtype, device)
+        self._zigzag_setup(lambda kind: tuning.cuda_type_config(kind, self.w.fmt, self.n, self.k), kg.ZigzagWorkspace,
+                           dtype, device)

@@ -13,8 +13,9 @@ from importlib import resources
 from pathlib import Path
 
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
-# The plain-Triton zigzag kernels of the other types (zigzag_types.py): "zigzag_<dense|sparse>_<type>".
-# `spqt tune` does not time them yet: until it does, they run default_config.
+# The other zigzag types: "zigzag_<dense|sparse>_<type>". Where the CUDA GEMV runs the type (zigzag_cuda.kquant_layout),
+# `spqt tune --types` times its configs in the type's CUDA layout and writes them with impl "cuda" (the Triton type
+# kernel's config as "fallback"); elsewhere the plain-Triton type kernels' (zigzag_types.py) configs.
 TYPE_FORMATS = ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
 TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in ("dense", "sparse"))
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
@@ -124,6 +125,23 @@ def config(variant: str, n: int, k: int) -> dict:
         fallback = cfg.get("fallback") or default_config(variant, n, k)
         return fallback | {key: value for key, value in cfg.items() if key.startswith("crossover")}
     return cfg
+
+
+def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
+    """The CUDA GEMV's config of a zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map (kind "dense" or "sparse"): the type's
+    own tuned CUDA entry ("zigzag_<kind>_<fmt>", impl "cuda"; its nearest neighbour of the same K), else Q4_K's
+    config of the shape (the same kernel; what ran before the types were tuned)."""
+    cfg = config(f"zigzag_{kind}_{fmt}", n, k)
+    return cfg if cfg.get("impl") == "cuda" else config(f"zigzag_{kind}", n, k)
+
+
+def type_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
+    """The CUDA GEMV's configs `spqt tune --types` times for a type variant ("zigzag_<kind>_<fmt>") in the type's
+    CUDA layout: Q4_K's candidates of the kind with 2-8 warps and plain loads (cuda_variants' sweep), no clusters
+    (gemv_zigzag runs the cluster finish for Q4_K only)."""
+    kind = variant.split("_")[1]
+    return [c for c in cuda_candidates(f"zigzag_{kind}", n, k)
+            if c["num_warps"] > 1 and c["pipe"] == 0 and not c.get("cluster")]
 
 
 def _cuda_usable() -> bool:
