@@ -382,6 +382,7 @@ case "$stage" in
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_types.py -k bench_and_tune_types 2>&1 | tail -2
     timeout 120 python3 scripts/order_probe.py --json "$OUT/order-probe.json" 2>&1 | grep -v WARN | tee "$OUT/order-probe.log"
     for t in ${TUNE_TYPES:-q8_0 q6_k q5_k q3_k q2_k}; do
       left=$(( ${CALL_BUDGET:-520} - 150 - ($(date +%s) - start) ))
