@@ -612,7 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sparsity", type=_floats, default=[0, 0.25, 0.4, 0.5, 0.65])
     p.add_argument("--variants", default="B0,B1,B2,B3,B4,fp16")
     p.add_argument("--types", default="q4_k", help="weight types, comma-separated: q4_k (gemv: every variant), "
-                   "q8_0, q6_k, q5_k (gemv: zigzag B2 and B4; decode: synthetic models, zigzag)")
+                   "q8_0, q6_k, q5_k, q3_k, q2_k (gemv: zigzag B2 and B4; decode: synthetic models, zigzag)")
     p.add_argument("--model", default=None, help="decode: a model file or synthetic:llama2-7b etc.")
     p.add_argument("--layouts", default="row,zigzag")
     p.add_argument("--prompt-tokens", type=int, default=10)
