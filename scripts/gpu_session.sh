@@ -18,7 +18,7 @@
 #   scripts/gpu_session.sh final6    gpu tests on a fresh machine, the 70B shapes re-tuned with cluster candidates, decode
 #   scripts/gpu_session.sh kq7       the Q8_0 / Q3_K / Q2_K gpu tests and probes, the later-capture order effect (clocks beside)
 #   scripts/gpu_session.sh types7    the order effect's cause, the CUDA GEMV tuned per type, synthetic 7B decode per type
-#   scripts/gpu_session.sh final7    gpu tests on a fresh machine, the GEMV table of every type, order probes, 70B decode
+#   scripts/gpu_session.sh final7    gpu tests on a fresh machine, the GEMV table of every type, 7B and 70B decode
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -402,8 +402,8 @@ case "$stage" in
     ;;
   final7)
     # On a fresh machine: every gpu test (timed: the one-call bar), the GEMV table of every type with the shipped
-    # table (GEMV_SHAPES, B2 and B4 at 25 / 40 / 50 %), the order effect's two remaining probes (graphs destroyed
-    # without a capture; a capture with every earlier graph alive), then synthetic decode (DECODE_MODELS).
+    # table (GEMV_SHAPES, B2 and B4 at 25 / 40 / 50 %), then synthetic decode (DECODE_MODELS, each level in a
+    # process of its own).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
@@ -411,13 +411,10 @@ case "$stage" in
       --shapes ${GEMV_SHAPES:-28672x8192,8192x28672,57344x8192,12288x4096,4096x4096,22016x4096,4096x11008} \
       --sparsity 0,0.25,0.4,0.5 --json "$OUT/bench-gemv-types.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"
     tail -50 "$OUT/bench-gemv-types.log"
-    for steps in first,drop first,capture-keep; do
-      timeout 90 python3 scripts/order_probe.py --steps $steps 2>&1 | grep -v WARN
-    done | tee "$OUT/order-probe.log"
-    for m in ${DECODE_MODELS:-llama2-70b}; do
+    for m in ${DECODE_MODELS:-llama2-7b llama2-70b}; do
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${DECODE_LEVELS:-0,0.5} \
+      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${DECODE_LEVELS:-0,0.25,0.5} \
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
     done | tee "$OUT/decode.log"
     echo "final7 stage: $(( $(date +%s) - start )) s"

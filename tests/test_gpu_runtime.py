@@ -130,3 +130,26 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
             assert worst < (0.01 if dtype == torch.float32 else 0.02)
         elif dtype == torch.float32:
             assert median <= max(0.01, 2 * floor_median) and same_top >= floor_top - 0.1
+
+
+def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
+    """`spqt bench decode` runs every level in a child `--one-process` run and reads its JSON back: one row a
+    level, in order, each with its own copy bandwidth; a row that fails is one error line."""
+    import json
+    from argparse import Namespace
+
+    from spqt.bench_decode import run_decode_benchmark
+    from spqt.errors import SpqtError
+
+    args = Namespace(model="synthetic:tiny", layouts="zigzag", types="q4_k", sparsity=[0.0, 0.5], prompt_tokens=10,
+                     new_tokens=16, one_process=False)
+    lines = []
+    report = run_decode_benchmark(args, tmp_path / "decode.json", log=lines.append)
+    rows = report["rows"]
+    assert [(r["type"], r["sparsity"]) for r in rows] == [("q4_k", 0.0), ("q4_k", 0.5)]
+    assert all(r["tokens_per_s"] > 0 and r["copy_gbps"] > 0 and r["model"] == "synthetic:tiny" for r in rows)
+    assert sum("tok/s" in line for line in lines) == 2, lines
+    assert json.loads((tmp_path / "decode.json").read_text())["rows"] == rows
+    args.model = "synthetic:nope"
+    with pytest.raises(SpqtError, match="row at sparsity 0.0 failed: unknown synthetic model 'nope'"):
+        run_decode_benchmark(args, log=lines.append)
