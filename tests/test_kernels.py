@@ -510,19 +510,17 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
                                                                             "acc", "pipe")} | {"impl": "triton",
                                                                                                "fused": False,
-                                                                                               "cluster": False,
-                                                                                               "l2first": 0}
+                                                                                               "cluster": False}
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
         monkeypatch.undo()
-        assert cuda_configs and any(c.get("cluster") for c in cuda_configs) and any(c.get("l2first") for c in cuda_configs)
+        assert cuda_configs and any(c.get("cluster") for c in cuda_configs)
         for c in cuda_configs:
             assert c["impl"] == "cuda" and c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
             assert tuning.launch_args(c)["impl"] == "cuda" and c["pipe"] in (0, 1)
             assert tuning.launch_args(c)["fused"] == c["fused"]
             assert tuning.launch_args(c)["cluster"] == c.get("cluster", False)
-            assert tuning.launch_args(c)["l2first"] == c.get("l2first", 0) and not (c.get("l2first") and c["pipe"])
             if c.get("cluster"):  # SwiGLU's cluster (2 x split) within the 16 programs sm_90 allows
                 assert not c["fused"] and zigzag_cuda.cluster_dims(2 * 256, 2, c["split"]) is not None
         # a table entry without the acc / pipe knobs was tuned with the 16-accumulator kernel
@@ -660,14 +658,6 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
                     ws.y.fill_(float("nan"))
                     graph.replay()
                     assert torch.equal(out, y), f"{what}: graph replay differs"
-        # the L2 prefetch ahead of the PDL wait (B2): the same sums, bit for bit
-        split, warps, pipe, fused, acc = CUDA_CONFIGS[2]
-        ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-        kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused, "acc": acc}
-        plain = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw).clone()
-        ws.y.fill_(float("nan"))
-        ahead = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, l2first=2)
-        assert torch.equal(ahead, plain), f"cuda B2 {shape} l2first 2 differs from l2first 0"
         # the epilogues once per shape (B2, the last CUDA_CONFIGS entry, fused where N / 2 % 256 == 0, and the first
         # cluster config, a cluster where N / 2 % 256 == 0 for SwiGLU): the finish against torch on the plain output
         # (one more fp16 rounding there; SwiGLU's silu can amplify a relative error up to ~10x where the gate is
@@ -704,9 +694,6 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     nvrtc.compile_cubin.cache_clear()
     # sm_80 too (the kernel's floor; PDL compiled out below sm_90)
     nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2), "sm_80")
-    # the L2 prefetch of B2 (tuner candidate l2first)
-    nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(),
-                        zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, 0, -1, ("-DL2FIRST=2",), 2), "sm_90")
 
     variants = ((zigzag_cuda.MODE_DENSE, 0, -1, 16), (zigzag_cuda.MODE_DENSE, 1, 0, 16),
                 (zigzag_cuda.MODE_INDEXED, 0, 1, 16), (zigzag_cuda.MODE_INDEXED, 1, 2, 16),

@@ -303,8 +303,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
-                l2first: int = 0) -> torch.Tensor:
+                residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
@@ -312,8 +311,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     fused (a SwiGLU map whose N / 2 is not a multiple of 256 unfused); elsewhere Triton); the
     environment's SPQT_GEMV=cuda|triton overrides it. cluster (CUDA GEMV, sm_90): the split programs of an
     output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
-    fused / reduction finish as configured). l2first (CUDA GEMV, Q4_K B2): each warp's next l2first chunks
-    prefetched into L2 before the PDL wait (zigzag_q4k.cu L2FIRST; the sums unchanged).
+    fused / reduction finish as configured).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
@@ -338,8 +336,6 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
     if acc not in (2, 4, 16):
         raise ValueError(f"acc must be 2, 4 or 16 accumulators, not {acc}")
-    if l2first not in range(9):
-        raise ValueError(f"l2first must be 0-8 chunks, not {l2first}")
     if pipe not in (0, 1) or (pipe and chunks != 1):
         raise ValueError(f"pipe (loads one step ahead) is 0 or 1, and 1 only with one chunk a step: {pipe}, {chunks}")
     n, k = w.shape
@@ -365,8 +361,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
-                           d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster,
-                           extra=(f"-DL2FIRST={l2first}",) if l2first and bits == 4 and mode == MODE_DENSE else ())
+                           d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

@@ -76,8 +76,7 @@ def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
-            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False),
-            "l2first": cfg.get("l2first", 0)}
+            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False)}
 
 
 def types_launch_args(cfg: dict) -> dict:
@@ -139,10 +138,10 @@ def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
 def type_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     """The CUDA GEMV's configs `spqt tune --types` times for a type variant ("zigzag_<kind>_<fmt>") in the type's
     CUDA layout: Q4_K's candidates of the kind with 2-8 warps and plain loads (cuda_variants' sweep), no clusters
-    (gemv_zigzag runs the cluster finish and the L2 prefetch for Q4_K only)."""
+    (gemv_zigzag runs the cluster finish for Q4_K only)."""
     kind = variant.split("_")[1]
     return [c for c in cuda_candidates(f"zigzag_{kind}", n, k)
-            if c["num_warps"] > 1 and c["pipe"] == 0 and not c.get("cluster") and not c.get("l2first")]
+            if c["num_warps"] > 1 and c["pipe"] == 0 and not c.get("cluster")]
 
 
 def _cuda_usable() -> bool:
@@ -205,11 +204,6 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     # against 77 % with 16, 8192x28672 80 against 75 %; a little slower on 4096x4096, cuda-variants-a5374cf)
     configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
                for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
-    if variant == "zigzag_dense":
-        # l2first: B2 with each warp's next 2 chunks prefetched into L2 before the PDL wait; alone (fifth session,
-        # every shape at once through SPQT_CUDA_DEFINES) it won 2-8 % on 4096x11008 and the large shapes and lost
-        # 0.5-4 % on 12288x4096 / 22016x4096: a candidate per shape
-        configs += [dict(c, l2first=2) for c in configs if c["pipe"] == 0 and c["num_warps"] > 1]
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
     # gate|up map runs SwiGLU's (2, split): split <= 4 keeps that within the portable 8 programs (16 are allowed
