@@ -409,7 +409,7 @@ case "$stage" in
     for m in ${DECODE_MODELS:-llama2-70b llama2-7b}; do
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${DECODE_LEVELS:-0,0.5} \
+      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${DECODE_LEVELS:-0,0.25,0.5} \
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
     done | tee "$OUT/decode.log"
     left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
