@@ -25,6 +25,9 @@ SHAPES = "4096x4096,22016x4096,4096x11008,28672x8192,8192x28672,57344x8192"
 parser = argparse.ArgumentParser()
 parser.add_argument("--type", default="q5_k", choices=("q2_k", "q3_k", "q5_k", "q6_k", "q8_0"))
 parser.add_argument("--shapes", default=SHAPES)
+parser.add_argument("--xor", action="store_true",
+                    help="also B2 at its best config with the arithmetic replaced by an XOR of the loaded words "
+                         "(-DPROBE_XOR=1: the same loads, wrong sums): what the arithmetic costs")
 parser.add_argument("--json")
 args = parser.parse_args()
 copy = bench.copy_bandwidth()
@@ -65,6 +68,13 @@ for spec in args.shapes.split(","):
         us, cfg = bench._fastest(cands, lambda c, mode=mode: calls(c, mode))
         res["cuda", name] = us
         res["cuda", name, "cfg"] = {key: cfg[key] for key in ("split", "num_warps", "acc")}
+    if args.xor:
+        best = res["cuda", "B2", "cfg"]
+        for name, extra in (("base", ()), ("xor", ("-DPROBE_XOR=1",))):
+            ws = wss[best["split"]]
+            kw = {"num_warps": best["num_warps"], "acc": best["acc"], "impl": "cuda", "extra": extra}
+            seq = bench._at_least_16([(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **kw)) for w in cus])
+            res["cuda", "B2", name] = bench.time_graph(seq, replays=10, warmup=2) * 1e6
     mb = cu.nbytes / 1e6
     row = {"shape": spec, "mb": mb}
     for impl in ("triton", "cuda"):
@@ -72,6 +82,13 @@ for spec in args.shapes.split(","):
         row[impl] = {"b2_us": round(b2, 2), "b4_us": round(b4, 2), "b2_pct_copy": round(100 * mb * 1e3 / b2 / copy, 1),
                      "b4_over_b2": round(b2 / b4, 3)}
     row["cuda"]["b2_cfg"], row["cuda"]["b4_cfg"] = res["cuda", "B2", "cfg"], res["cuda", "B4", "cfg"]
+    if args.xor:  # the same config timed again, and with its arithmetic out
+        for name in ("base", "xor"):
+            us = res["cuda", "B2", name]
+            row["cuda"][f"b2_{name}_us"], row["cuda"][f"b2_{name}_pct_copy"] = round(us, 2), round(100 * mb * 1e3 / us / copy, 1)
+        print(f"{spec:11s} B2 at its config again {row['cuda']['b2_base_us']:.2f} us ({row['cuda']['b2_base_pct_copy']} % of "
+              f"copy); arithmetic out (PROBE_XOR) {row['cuda']['b2_xor_us']:.2f} us ({row['cuda']['b2_xor_pct_copy']} %)",
+              flush=True)
     rows.append(row)
     tr, c = row["triton"], row["cuda"]
     print(f"{spec:11s} {mb:6.1f} | {tr['b2_us']:9.2f} {tr['b2_pct_copy']:5.1f} {tr['b4_us']:6.2f} {tr['b4_over_b2']:5.2f} | "

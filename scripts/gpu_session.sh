@@ -402,7 +402,8 @@ case "$stage" in
     ;;
   final7)
     # On a fresh machine: every gpu test (timed: the one-call bar), synthetic decode (DECODE_MODELS, each level in a
-    # process of its own), then in the time left the GEMV table of every type (GEMV_SHAPES, B2 and B4 at 25 / 40 / 50 %).
+    # process of its own), Q2_K / Q3_K B2 with the arithmetic out (PROBE_XOR), then in the time left the GEMV table of
+    # every type (GEMV_SHAPES, B2 and B4 at 25 / 40 / 50 %).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
@@ -412,6 +413,11 @@ case "$stage" in
       timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${DECODE_LEVELS:-0,0.25,0.5} \
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
     done | tee "$OUT/decode.log"
+    for t in q2_k q3_k; do  # what the arithmetic costs the narrow types' B2 (PROBE_XOR)
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -gt 30 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t --xor --shapes 57344x8192,28672x8192 \
+        --json "$OUT/cuda-${t/_/}-xor.json" 2>&1 | grep -v WARN
+    done | tee "$OUT/cuda-types-xor.log"
     left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
     [ $left -gt 30 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k,q8_0,q6_k,q5_k,q3_k,q2_k --variants B2,B4 \
       --shapes ${GEMV_SHAPES:-28672x8192,8192x28672,57344x8192,12288x4096,4096x4096,22016x4096,4096x11008} \

@@ -303,7 +303,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False) -> torch.Tensor:
+                residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
+                extra: tuple = ()) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
@@ -311,7 +312,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     fused (a SwiGLU map whose N / 2 is not a multiple of 256 unfused); elsewhere Triton); the
     environment's SPQT_GEMV=cuda|triton overrides it. cluster (CUDA GEMV, sm_90): the split programs of an
     output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
-    fused / reduction finish as configured).
+    fused / reduction finish as configured). extra: more -D options of the CUDA GEMV (probes, e.g.
+    "-DPROBE_XOR=1": its arithmetic replaced by an XOR of the loaded words, wrong sums, for timing only).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
@@ -361,7 +363,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
-                           d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster)
+                           d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster,
+                           extra=extra)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
