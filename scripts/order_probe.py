@@ -47,8 +47,7 @@ def main():
     rows, kept = [], []
 
     def drop():
-        gen._graph_key = None  # the runtime's graphs dropped: the next step captures anew
-        gen._graphs = {}
+        gen.drop_graphs()
         gc.collect()
 
     def capture():
@@ -69,8 +68,8 @@ def main():
         elif step == "drop":
             drop()
         elif step == "capture-keep":
-            kept.append(dict(gen._graphs))
-            gen._graph_key = None
+            kept.append(dict(gen._graphs))  # every earlier graph stays alive
+            gen.drop_graphs()
             latest = capture()
         elif step == "recapture":
             drop()

@@ -136,6 +136,7 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     """`spqt bench decode` runs every level in a child `--one-process` run and reads its JSON back: one row a
     level, in order, each with its own copy bandwidth; a row that fails is one error line."""
     import json
+    import os
     from argparse import Namespace
 
     from spqt.bench_decode import run_decode_benchmark
@@ -148,6 +149,8 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     rows = report["rows"]
     assert [(r["type"], r["sparsity"]) for r in rows] == [("q4_k", 0.0), ("q4_k", 0.5)]
     assert all(r["tokens_per_s"] > 0 and r["copy_gbps"] > 0 and r["model"] == "synthetic:tiny" for r in rows)
+    processes = {r["process"] for r in rows}
+    assert len(processes) == 2 and os.getpid() not in processes, processes  # a process of its own each
     assert sum("tok/s" in line for line in lines) == 2, lines
     assert json.loads((tmp_path / "decode.json").read_text())["rows"] == rows
     args.model = "synthetic:nope"

@@ -93,3 +93,35 @@ def test_kquant_linear_prefill_interp(rng, fmt, monkeypatch):
     assert torch.equal(lin.dense(x), torch.nn.functional.linear(x, qw.dequantize().half()))
     with pytest.raises(ValueError, match="fp16"):
         CudaKQuantLinear(qw, torch.float32, "cpu")
+
+
+def test_type_linears_take_their_tuned_configs(rng, tmp_path, monkeypatch):
+    """A type's tuned CUDA entry reaches CudaKQuantLinear (config and crossover), its "fallback" the Triton type
+    kernel's linear; a shape without a type entry runs Q4_K's config of the shape (the same CUDA kernel)."""
+    import json
+
+    from spqt.kernels import tuning
+    from spqt.kernels.gpu_linear import CudaKQuantLinear, TritonZigzagTypesLinear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    fallback = {"split": 7, "num_warps": 2, "block_k": 16}
+    cuda = {"impl": "cuda", "split": 5, "num_warps": 8, "chunks": 1, "pipe": 0, "fused": False, "acc": 2,
+            "fallback": fallback, "us": 1.0}
+    q4k = {"impl": "cuda", "split": 3, "num_warps": 4, "chunks": 1, "pipe": 0, "fused": False, "acc": 16, "us": 2.0}
+    entries = {"zigzag_dense_q3_k": {"300x77": cuda}, "zigzag_sparse_q3_k": {"300x77": dict(cuda, crossover=0.25)},
+               "zigzag_dense": {"300x77": q4k}, "zigzag_sparse": {"300x77": dict(q4k, crossover=0.4)}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # as on a GPU machine with NVRTC
+    tuning._load_table.cache_clear()
+    try:
+        for fmt, want, crossover in (("q3_k", cuda, 0.25), ("q2_k", q4k, 0.4)):
+            lin = CudaKQuantLinear(_random_blocks(rng, fmt, (300, 77)), torch.float16, "cpu")
+            assert lin.cfg_dense["split"] == want["split"] and lin.cfg_dense["acc"] == want["acc"], (fmt, lin.cfg_dense)
+            assert lin.cfg_sparse["crossover"] == crossover and lin.sparse_pays(0.25) == (crossover <= 0.25)
+        triton = TritonZigzagTypesLinear(_random_blocks(rng, "q3_k", (300, 77)), torch.float16, "cpu")
+        assert triton.cfg_dense == fallback and triton.cfg_sparse == fallback
+    finally:
+        tuning._load_table.cache_clear()

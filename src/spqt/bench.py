@@ -15,7 +15,6 @@ import json
 import statistics
 import subprocess
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -233,8 +232,8 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
         def gemv(w, mode, wsp, cfg, **kw):
             return kg.gemv_zigzag(w, x, mode, wsp, **tuning.launch_args(cfg), **kw)
     else:
-        cd = tuning.config(f"zigzag_dense_{fmt}", n, k)
-        cs = tuning.config(f"zigzag_sparse_{fmt}", n, k)
+        cd = tuning.triton_config(f"zigzag_dense_{fmt}", n, k)  # the Triton type kernel's, as the runtime's
+        cs = tuning.triton_config(f"zigzag_sparse_{fmt}", n, k)
         ws_d = zt.TypesWorkspace(ws[0], cd["split"], torch.float16)
         ws_s = zt.TypesWorkspace(ws[0], cs["split"], torch.float16)
 
@@ -375,19 +374,20 @@ CROSSOVER_LEVELS = (0.1, 0.25, 0.4, 0.5, 0.65, 0.8, 0.9)
 CROSSOVER_MARGIN = 0.97  # sparse must be at least 3 % faster: the spread of repeated timings is ~1-2 %
 
 
-def crossover(ops: Operands, dense_cfg: dict, sparse_cfg: dict) -> dict:
+def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     """The lowest of CROSSOVER_LEVELS from which the tuned B4 beats the tuned B2 at every higher
     level, with the collection launch ("crossover": collect + B4 against B2) and with the collection
     done by the norm before the map ("crossover_fused": rms_norm_collect + B4 against rms_norm + B2:
     the fused norm costs more than the plain one, which B4 must win back; on the H200 the 7B step at
     25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins.
-    Runtime maps below their crossover run dense (Linear.dense_fallback)."""
-    n, k = ops.shape
-    ws_d = kg.ZigzagWorkspace(ops.zig[0], dense_cfg["split"], torch.float16)
-    ws_s = kg.ZigzagWorkspace(ops.zig[0], sparse_cfg["split"], torch.float16)
+    Runtime maps below their crossover run dense (Linear.dense_fallback). weights: rotated copies of one zigzag
+    matrix in a layout gemv_zigzag runs (Q4_K's, or a type's CUDA layout)."""
+    n, k = weights[0].shape
+    ws_d = kg.ZigzagWorkspace(weights[0], dense_cfg["split"], torch.float16)
+    ws_s = kg.ZigzagWorkspace(weights[0], sparse_cfg["split"], torch.float16)
 
     def timed(call):
-        return time_graph(_at_least_16([(lambda w=w: call(w)) for w in ops.zig]), replays=10, warmup=2)
+        return time_graph(_at_least_16([(lambda w=w: call(w)) for w in weights]), replays=10, warmup=2)
 
     # the norm-fed case: x is the RMSNorm of h (weight 1), made by rms_norm (dense) or rms_norm_collect
     h = torch.randn(k, device="cuda", dtype=torch.float16)
@@ -467,7 +467,7 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
             entries[variant][f"{n}x{k}"] = {**best[1], "us": round(best[0], 2)}
             log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
         if "zigzag_dense" in entries and "zigzag_sparse" in entries:
-            cross = crossover(ops, entries["zigzag_dense"][f"{n}x{k}"], entries["zigzag_sparse"][f"{n}x{k}"])
+            cross = crossover(ops.zig, entries["zigzag_dense"][f"{n}x{k}"], entries["zigzag_sparse"][f"{n}x{k}"])
             entries["zigzag_sparse"][f"{n}x{k}"].update(cross)
             log(f"{n}x{k} crossover (B4 beats B2 from): {cross}")
         ops = None  # this shape's weights freed before the next shape's (calls() holds no other reference)
@@ -478,8 +478,9 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
 def tune_types(shapes, types, log=print, candidates=None) -> dict:
     """The other zigzag types' B2 and B4 (at 50 % sparsity, collect included): the candidate configs of
     "zigzag_{dense,sparse}_<type>" timed per shape; returns the winners as table entries. Where the CUDA GEMV
-    runs the type (as CudaKQuantLinear does): its configs (tuning.type_cuda_candidates) in the type's CUDA
-    layout, entries with impl "cuda", the Triton type kernel's config as "fallback" and the crossovers
+    runs the type (as CudaKQuantLinear does): its configs (tuning.cuda_type_candidates) in the type's CUDA
+    layout, entries with impl "cuda", the Triton type kernel's config as the table has it (untimed here) as
+    "fallback", and the crossovers
     (crossover(), on this type's weights); elsewhere the Triton type kernels' (tuning.candidates) in their own
     layout. candidates(variant, n, k, on_cuda): the configs to time instead (scripts and tests narrow them)."""
     props = torch.cuda.get_device_properties(0)
@@ -513,7 +514,7 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
                 if candidates is not None:
                     configs = candidates(variant, n, k, on_cuda)
                 else:
-                    configs = (tuning.type_cuda_candidates if on_cuda else tuning.candidates)(variant, n, k)
+                    configs = (tuning.cuda_type_candidates if on_cuda else tuning.candidates)(variant, n, k)
                 best = _fastest(configs, calls)
                 entry = {**best[1], "us": round(best[0], 2)}
                 if on_cuda:  # what a machine without the CUDA GEMV runs instead (the Triton type kernel)
@@ -521,7 +522,7 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
                 entries.setdefault(variant, {})[f"{n}x{k}"] = entry
                 log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
             if on_cuda:
-                cross = crossover(SimpleNamespace(shape=(n, k), zig=pool), entries[f"zigzag_dense_{fmt}"][f"{n}x{k}"],
+                cross = crossover(pool, entries[f"zigzag_dense_{fmt}"][f"{n}x{k}"],
                                   entries[f"zigzag_sparse_{fmt}"][f"{n}x{k}"])
                 entries[f"zigzag_sparse_{fmt}"][f"{n}x{k}"].update(cross)
                 log(f"{n}x{k} {fmt} crossover (B4 beats B2 from): {cross}")
@@ -540,7 +541,7 @@ def tune_crossover(shapes, log=print) -> dict:
         for v in ("zigzag_dense", "zigzag_sparse", "row_dense"):
             entries[v].setdefault(key, tuning.config(v, n, k))
         ops = make_operands((n, k), props.L2_cache_size)
-        cross = crossover(ops, entries["zigzag_dense"][key], entries["zigzag_sparse"][key])
+        cross = crossover(ops.zig, entries["zigzag_dense"][key], entries["zigzag_sparse"][key])
         entries["zigzag_sparse"][key] = {**entries["zigzag_sparse"][key], **cross}
         log(f"{key} crossover (B4 beats B2 from): {cross}")
         del ops

@@ -11,6 +11,7 @@ floor (bytes / copy bandwidth measured in the same run).
 
 import datetime
 import json
+import os
 import statistics
 
 import torch
@@ -146,7 +147,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                                 for i, kind, lin in sparse_linears(gen.model))  # bytes a token must read
             sec = r["ms_per_token"] / 1e3
             row = {"model": model_arg, "type": fmt, "layout": layout, "variant": f"{layout}-{'sparse' if s else 'dense'}",
-                   "sparsity": s, **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
+                   "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps)}
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
@@ -163,8 +164,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
 
 def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, log) -> dict:
     """One (type, layout, level) timed by `spqt bench decode --one-process` in a fresh process: its report
-    (rows, copy_gbps); its lines passed to log."""
-    import os
+    (rows, copy_gbps); its stdout lines passed to log as they come, its stderr kept for the error line."""
     import subprocess
     import sys
     import tempfile
@@ -174,16 +174,24 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
         cmd = [sys.executable, "-m", "spqt.cli", "bench", "decode", "--one-process", "--model", model_arg,
                "--types", fmt, "--layouts", layout, "--sparsity", str(sparsity), "--prompt-tokens",
                str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--json", out]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        lines = []
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if lines[-1] and "WARN" not in lines[-1]:
-                log(lines[-1])
-        if proc.wait() != 0:
-            errors = [ln for ln in lines if ln.startswith("spqt: error:")] or [ln for ln in lines if ln.strip()]
-            why = (errors or ["no output"])[-1].removeprefix("spqt: error: ")
-            raise SpqtError(f"spqt bench decode: the {fmt} {layout} row at sparsity {sparsity} failed: {why}")
+        with open(os.path.join(tmp, "stderr"), "w+") as err:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            try:
+                for line in proc.stdout:
+                    if line.strip():
+                        log(line.rstrip("\n"))
+                code = proc.wait()
+            finally:  # interrupted: the child goes with the parent
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            if code != 0:
+                err.seek(0)
+                lines = [ln.strip() for ln in err.read().splitlines() if ln.strip()]
+                errors = [ln for ln in lines if ln.startswith("spqt: error:")] or lines or ["no output"]
+                raise SpqtError(f"spqt bench decode: the {fmt} {layout} row at sparsity {sparsity} failed: "
+                                f"{errors[-1].removeprefix('spqt: error: ')}")
         with open(out) as f:
             return json.load(f)
 

@@ -458,7 +458,14 @@ def cmd_tune(args) -> int:
         others = [t for t in types if t != "q4_k"]
         if others:
             for variant, found in tune_types(parse_shapes(args.shapes), others).items():
-                entries[variant].update(found)
+                for key, entry in found.items():
+                    old = entries[variant].get(key)
+                    if entry.get("impl") != "cuda" and old and old.get("impl") == "cuda":
+                        # the Triton type kernel timed (no CUDA GEMV here, or SPQT_GEMV=triton): the CUDA entry stays,
+                        # this becomes what runs where the CUDA GEMV cannot
+                        entries[variant][key] = dict(old, fallback={k: v for k, v in entry.items() if k != "us"})
+                    else:
+                        entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")

@@ -263,6 +263,10 @@ class Generator:
             self._io[1:2].add_(1)
         return graph, logits, greedy
 
+    def drop_graphs(self) -> None:
+        """Forget the captured decode graphs: the next CUDA step captures anew (measurement: scripts/order_probe.py)."""
+        self._graphs, self._graph_key = {}, None
+
     def _graph_at(self, pos: int):
         """The decode graph for a step at position pos (captured on first use; all re-captured when
         the switches change or the KV cache was re-allocated, as perplexity does). Sets

@@ -14,8 +14,9 @@ from pathlib import Path
 
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
 # The other zigzag types: "zigzag_<dense|sparse>_<type>". Where the CUDA GEMV runs the type (zigzag_cuda.kquant_layout),
-# `spqt tune --types` times its configs in the type's CUDA layout and writes them with impl "cuda" (the Triton type
-# kernel's config as "fallback"); elsewhere the plain-Triton type kernels' (zigzag_types.py) configs.
+# `spqt tune --types` times its configs in the type's CUDA layout and writes them with impl "cuda" (as "fallback" the
+# Triton type kernel's config as the table had it: its default, untimed, unless a machine without the CUDA GEMV tuned
+# it); elsewhere the plain-Triton type kernels' (zigzag_types.py) configs, into a CUDA entry's "fallback".
 TYPE_FORMATS = ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
 TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in ("dense", "sparse"))
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
@@ -93,9 +94,16 @@ def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
     if not same_k:
         return None
     n_near, entry = min(same_k, key=lambda item: abs(math.log(item[0] / n)))
-    entry = dict(entry)
-    if variant != "row_dense":
-        entry["split"] = max(1, min(round(entry["split"] * -(-n_near // 256) / -(-n // 256)), -(-k // 4)))
+
+    def scaled(cfg: dict) -> dict:
+        if variant == "row_dense":
+            return dict(cfg)
+        split = max(1, min(round(cfg["split"] * -(-n_near // 256) / -(-n // 256)), -(-k // 4)))
+        return dict(cfg, split=split)
+
+    entry = scaled(entry)
+    if isinstance(entry.get("fallback"), dict):  # a CUDA entry's Triton config borrows the same way
+        entry["fallback"] = scaled(entry["fallback"])
     return entry
 
 
@@ -129,13 +137,17 @@ def config(variant: str, n: int, k: int) -> dict:
 
 def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     """The CUDA GEMV's config of a zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map (kind "dense" or "sparse"): the type's
-    own tuned CUDA entry ("zigzag_<kind>_<fmt>", impl "cuda"; its nearest neighbour of the same K), else Q4_K's
-    config of the shape (the same kernel; what ran before the types were tuned)."""
+    own tuned CUDA entry of the shape ("zigzag_<kind>_<fmt>", impl "cuda"), else Q4_K's entry of the shape (the same
+    kernel, tuned there), else the type's CUDA entry of the nearest N with the same K, else Q4_K's config (its
+    neighbour or default): an exact shape's tuning is the better guess than a neighbour's of another size."""
+    exact = table_entries(f"zigzag_{kind}_{fmt}").get(f"{n}x{k}")
+    if not (exact and exact.get("impl") == "cuda") and f"{n}x{k}" in table_entries(f"zigzag_{kind}"):
+        return config(f"zigzag_{kind}", n, k)
     cfg = config(f"zigzag_{kind}_{fmt}", n, k)
     return cfg if cfg.get("impl") == "cuda" else config(f"zigzag_{kind}", n, k)
 
 
-def type_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
+def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
     """The CUDA GEMV's configs `spqt tune --types` times for a type variant ("zigzag_<kind>_<fmt>") in the type's
     CUDA layout: Q4_K's candidates of the kind with 2-8 warps and plain loads (cuda_variants' sweep), no clusters
     (gemv_zigzag runs the cluster finish for Q4_K only)."""
