@@ -15,10 +15,17 @@ which its sparse kernel beats its dense one (`spqt tune` measures it). Below it,
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as torch_module
 
-from spqt.functional import linear_epilogue
+from spqt.functional import linear_epilogue, rms_norm
 from spqt.kernels import dispatch
 from spqt.kernels.reference import keep_mask
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling the module would run a hook (its own or a global one)."""
+    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
+                or torch_module._global_forward_hooks)
 
 
 class Linear(nn.Module):
@@ -96,8 +103,10 @@ class Linear(nn.Module):
                 y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
                 self.input_tap(normed)
                 return y
-            x = norm(x)
-        x = self.input_tap(x)
+            # the norm's function, not its module call (~5 us of Python each on the 2-core VM, 61 a step)
+            x = rms_norm(x, norm.weight, norm.eps)
+        if _hooked(self.input_tap):  # an unobserved tap is skipped: 120 module calls a CPU decode step
+            x = self.input_tap(x)
         if sparse and getattr(self.impl, "masks", False) and x.device.type == "cpu":
             return self._masked_on_cpu(x, residual, swiglu)
         if sparse:
