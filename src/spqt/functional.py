@@ -45,24 +45,26 @@ _ROTATIONS: dict[int, tuple] = {}
 def _rotation(table: torch.Tensor) -> torch.Tensor:
     """(L, hd) [cos | sin] -> (L, 2, hd): [cos | cos] and [-sin | sin] of every position, so RoPE
     is x * row[0] + roll(x, hd/2) * row[1] (the same products and sums as x1 cos - x2 sin,
-    x2 cos + x1 sin: negation is exact). Cached per table (rebuilt if the table is changed in place)."""
+    x2 cos + x1 sin: negation is exact). Cached per table (rebuilt if the table is changed in place,
+    unless it is an inference tensor)."""
     key = id(table)
+    version = None if table.is_inference() else table._version  # inference tensors keep no version
     known = _ROTATIONS.get(key)
-    if known is not None and known[0]() is table and known[1] == table._version:
+    if known is not None and known[0]() is table and known[1] == version:
         return known[2]
     cos, sin = table.chunk(2, dim=-1)
     rotation = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)
-    _ROTATIONS[key] = (weakref.ref(table, lambda _: _ROTATIONS.pop(key, None)), table._version, rotation)
+    _ROTATIONS[key] = (weakref.ref(table, lambda _: _ROTATIONS.pop(key, None)), version, rotation)
     return rotation
 
 
-def _rope(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x (B, T, heads, hd); rows (T, 2, hd) float32 from _rotation. Half-split (rotate_half) RoPE
-    in 4 ops (a CPU decode step runs it in each layer; each op costs 3-8 us on the 2-core VM)."""
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, hd); cos, sin: (1, T, 1, hd), the _rotation rows of x's positions. Half-split
+    (rotate_half) RoPE in 4 ops (a CPU decode step runs it in each layer; each op costs 3-12 us on
+    the 2-core VM)."""
     xf = x if x.dtype == torch.float32 else x.float()
-    rows = rows[None, :, None]  # (1, T, 1, 2, hd)
-    y = xf * rows[..., 0, :]
-    y.add_(xf.roll(x.shape[-1] // 2, -1).mul_(rows[..., 1, :]))
+    y = xf * cos
+    y.add_(xf.roll(x.shape[-1] // 2, -1).mul_(sin))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -79,11 +81,11 @@ def rope_kv(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cac
     hd = cache_k.shape[-1]
     qk_dim = (n_heads + n_kv) * hd
     # q and k heads rotated in one pass (half the small ops of a CPU decode step's RoPE)
-    qk = _rope(qkv[..., :qk_dim].reshape(b, t, n_heads + n_kv, hd), _rotation(table).index_select(0, positions))
-    q, k = qk.split([n_heads, n_kv], dim=2)
-    cache_k.index_copy_(2, positions, k.transpose(1, 2))
+    rows = _rotation(table).index_select(0, positions)[None, :, None]  # (1, T, 1, 2, hd)
+    qk = _rope(qkv[..., :qk_dim].reshape(b, t, n_heads + n_kv, hd), rows[..., 0, :], rows[..., 1, :])
+    cache_k.index_copy_(2, positions, qk[:, :, n_heads:].transpose(1, 2))
     cache_v.index_copy_(2, positions, qkv[..., qk_dim:].reshape(b, t, n_kv, hd).transpose(1, 2))
-    return q
+    return qk[:, :, :n_heads]
 
 
 def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
@@ -92,8 +94,7 @@ def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
         from spqt.kernels import fused
 
         return fused.silu_mul(gate_up, ffn_dim)
-    gate, up = gate_up.split(ffn_dim, dim=-1)
-    return F.silu(gate).mul_(up)
+    return F.silu(gate_up[..., :ffn_dim]).mul_(gate_up[..., ffn_dim:])  # slices: Tensor.split is Python
 
 
 def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:

@@ -15,20 +15,14 @@ which its sparse kernel beats its dense one (`spqt tune` measures it). Below it,
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as torch_module
 
+from spqt.direct_call import DirectCallModule, hooked
 from spqt.functional import linear_epilogue, rms_norm
 from spqt.kernels import dispatch
 from spqt.kernels.reference import keep_mask
 
 
-def _hooked(module: nn.Module) -> bool:
-    """Whether calling the module would run a hook (its own or a global one)."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or torch_module._global_forward_pre_hooks
-                or torch_module._global_forward_hooks)
-
-
-class Linear(nn.Module):
+class Linear(DirectCallModule):
     """y = W x (+ b) for W (N, K). x: (..., K) in the compute dtype -> y: (..., N) same dtype.
     bias: (N,) float or None, kept in the compute dtype."""
 
@@ -105,7 +99,7 @@ class Linear(nn.Module):
                 return y
             # the norm's function, not its module call (~5 us of Python each on the 2-core VM, 61 a step)
             x = rms_norm(x, norm.weight, norm.eps)
-        if _hooked(self.input_tap):  # an unobserved tap is skipped: 120 module calls a CPU decode step
+        if hooked(self.input_tap):  # an unobserved tap is skipped: 120 module calls a CPU decode step
             x = self.input_tap(x)
         if sparse and getattr(self.impl, "masks", False) and x.device.type == "cpu":
             return self._masked_on_cpu(x, residual, swiglu)
