@@ -28,11 +28,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
         return fused.rms_norm(x, weight, eps)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        # torch's rms_norm's own steps (its mean is sum / n), bit-identical to it: it runs 24 aten
-        # calls on the CPU, converting its scalars each time; these 7 ops with fp32 constants run 9
-        # (a CPU decode step runs 61 norms)
+        # torch's rms_norm's own arithmetic (x^2 is x * x in its pow kernel, its mean is sum / n, then
+        # + eps: eps + 1 * (sum / n) in one addcdiv), bit-identical to it: it runs 24 aten calls on
+        # the CPU, converting its scalars each time; these run 7 (a CPU decode step runs 61 norms)
         n, e = _norm_constants(x.shape[-1], eps)
-        return (x * x.pow(2).sum(-1, keepdim=True).div_(n).add_(e).rsqrt_()).mul_(weight)
+        return (x * torch.addcdiv(e, (x * x).sum(-1, keepdim=True), n).rsqrt_()).mul_(weight)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
