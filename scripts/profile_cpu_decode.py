@@ -90,9 +90,11 @@ def main():
     wall = sum(profiled) * 1e6 / n
     gemv = sum(per_op[k][1] for k in GEMV_OPS) / n
     calls = sum(c for c, _ in per_op.values()) / n
+    others = sum(us for k, (_, us) in per_op.items() if k not in GEMV_OPS) / n
     print(f"{args.backend}, {args.threads} threads: plain step median {1e3 * statistics.median(plain):.2f} ms "
           f"({1 / statistics.median(plain):.1f} tokens/s); profiled step {wall / 1e3:.2f} ms, "
-          f"GEMVs {gemv / 1e3:.2f} ms, outside them {(wall - gemv) / 1e3:.2f} ms, {calls:.0f} aten calls a token")
+          f"GEMVs {gemv / 1e3:.2f} ms, outside them {(wall - gemv) / 1e3:.2f} ms (the other aten ops' self time "
+          f"{others / 1e3:.2f} ms, the rest Python and the profiler's own cost), {calls:.0f} aten calls a token")
     print(f"{'op':40s} {'calls/token':>11s} {'self us/token':>13s} {'us/call':>8s}")
     for key, (c, us) in sorted(per_op.items(), key=lambda kv: -kv[1][1])[:args.top]:
         print(f"{key[:40]:40s} {c / n:11.1f} {us / n:13.1f} {us / max(c, 1):8.2f}")
