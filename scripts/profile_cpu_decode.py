@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from spqt.checkpoint import load_spqt
 from spqt.default_model import default_spqt
-from spqt.generate import Generator, Sampling, sample
+from spqt.generate import Generator, Sampling, sample, set_sparse
 from spqt.tokenizer import TextTokenizer
 
 GEMV_OPS = ("aten::mm", "aten::addmm")
@@ -61,14 +61,16 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--stub", action="store_true", help="GEMVs replaced by stored outputs")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--sparsity", type=float, default=0.0, help="a calibrated level (achieved sparsity counted)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load_spqt(default_spqt(progress=False))
     prompt = TextTokenizer(loaded.tokenizer, loaded.config).encode("The three primary colors are")
     n = args.steps
-    gen = Generator(loaded, "cpu", backend=args.backend, max_len=len(prompt) + 3 * n + 8)
+    gen = Generator(loaded, "cpu", backend=args.backend, max_len=len(prompt) + 3 * n + 8, sparsity=args.sparsity)
     with torch.inference_mode():
         logits = gen.model(torch.tensor([prompt]), torch.arange(len(prompt)), kv_len=len(prompt))
+        set_sparse(gen.model, args.sparsity > 0, track=args.sparsity > 0)  # as generate() decodes
         token, pos = sample(logits[:, -1], Sampling(), None), len(prompt)
         token, pos, _ = steps(gen, token, pos, 4)  # warm
         token, pos, plain = steps(gen, token, pos, n)
