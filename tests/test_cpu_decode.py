@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from spqt import functional
 from spqt.cpu_threads import DecodeThreads
 from spqt.generate import Generator, build_model
 from spqt.kernels.cpu_fp16 import HalfGemvLinear
@@ -65,6 +66,38 @@ def test_half_gemv_within_fp16_rounding(rng, n, k):
     assert torch.equal(fast.dense(x, residual), residual + y)
     t = torch.tensor(float(x.abs().median()))
     assert torch.equal(fast.sparse(x, t), fast.dense(sparsify(x, t)))
+
+
+@pytest.mark.parametrize("dim", [7, 64, 576])
+def test_cpu_norm_is_torch_rms_norm_bit_for_bit(rng, dim):
+    """functional.rms_norm on the CPU (torch's arithmetic in 7 aten calls, not 24) equals F.rms_norm
+    bit for bit: decode rows and prefill rows, small and large magnitudes, two eps."""
+    for tokens, scale, eps in [(1, 1.0, 1e-5), (5, 1e-3, 1e-6), (3, 40.0, 1e-5)]:
+        x = torch.from_numpy(rng.standard_normal((1, tokens, dim)) * scale).float()
+        w = torch.from_numpy(rng.uniform(0.1, 2.0, dim)).float()
+        assert torch.equal(functional.rms_norm(x, w, eps), F.rms_norm(x, (dim,), w, eps))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cpu_rope_is_the_rotate_half_formula_bit_for_bit(rng, dtype):
+    """rope_kv on the CPU (x * [cos|cos] + roll(x) * [-sin|sin] from a rotation table cached per RoPE
+    table) returns q and writes k and v exactly as x1 cos - x2 sin | x2 cos + x1 sin in fp32 would,
+    prefill and decode, and follows an in-place change of the table."""
+    heads, kv, hd, length = 3, 1, 16, 12
+    table = torch.from_numpy(rng.standard_normal((length, hd))).float()
+    for step in range(3):
+        positions = torch.arange(5) if step == 0 else torch.tensor([4 + step])
+        qkv = torch.from_numpy(rng.standard_normal((1, len(positions), (heads + 2 * kv) * hd)) * 3).to(dtype)
+        caches = [torch.zeros(1, kv, length, hd, dtype=dtype) for _ in range(2)]
+        q = functional.rope_kv(qkv, table, positions, *caches, heads, kv)
+        x = qkv.float().reshape(1, len(positions), heads + 2 * kv, hd)
+        cos, sin = table[positions][None, :, None].chunk(2, dim=-1)
+        x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+        want = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(dtype)
+        assert torch.equal(q, want[:, :, :heads])
+        assert torch.equal(caches[0][:, :, positions].transpose(1, 2), want[:, :, heads:heads + kv])
+        assert torch.equal(caches[1][:, :, positions].transpose(1, 2), qkv.reshape(x.shape)[:, :, heads + kv:])
+        table.mul_(0.5)  # the cached rotation table must follow
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu-fp16"])

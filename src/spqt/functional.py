@@ -1,12 +1,24 @@
 """The few elementwise/row operations of the network, each with a torch definition (CPU, and the
 reference) and a fused Triton kernel on CUDA (spqt.kernels.fused). model.py calls these."""
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
 
 def _fused(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+_NORM_CONSTANTS: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _norm_constants(n: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, eps) as 0-dim fp32 CPU tensors, made once: the values torch's own ops convert them to."""
+    if (n, eps) not in _NORM_CONSTANTS:
+        _NORM_CONSTANTS[(n, eps)] = (torch.tensor(float(n)), torch.tensor(eps, dtype=torch.float32))
+    return _NORM_CONSTANTS[(n, eps)]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -16,21 +28,43 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
         return fused.rms_norm(x, weight, eps)
     if x.dtype == torch.float32 and weight.dtype == torch.float32:
-        # torch's own op: the same formula in one call (the CPU decode step runs 61 norms)
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        # torch's rms_norm's own arithmetic (x^2 is x * x in its pow kernel, its mean is sum / n, then
+        # + eps: eps + 1 * (sum / n) in one addcdiv), bit-identical to it: it runs 24 aten calls on
+        # the CPU, converting its scalars each time; these run 7 (a CPU decode step runs 61 norms)
+        n, e = _norm_constants(x.shape[-1], eps)
+        return (x * torch.addcdiv(e, (x * x).sum(-1, keepdim=True), n).rsqrt_()).mul_(weight)
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
 
 
-def _rope(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """x (B, T, heads, hd); rows (T, hd) float32 [cos | sin]. Half-split (rotate_half) RoPE."""
-    half = x.shape[-1] // 2
-    cos = rows[:, :half][None, :, None, :]
-    sin = rows[:, half:][None, :, None, :]
-    x1, x2 = x[..., :half], x[..., half:]
-    if x.dtype != torch.float32:
-        x1, x2 = x1.float(), x2.float()
-    y = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+# id(table) -> (a weak reference to it, its _version, its rotation table): built once per RoPE
+# table, dropped with it (a WeakKeyDictionary would compare tensors with ==)
+_ROTATIONS: dict[int, tuple] = {}
+
+
+def _rotation(table: torch.Tensor) -> torch.Tensor:
+    """(L, hd) [cos | sin] -> (L, 2, hd): [cos | cos] and [-sin | sin] of every position, so RoPE
+    is x * row[0] + roll(x, hd/2) * row[1] (the same products and sums as x1 cos - x2 sin,
+    x2 cos + x1 sin: negation is exact). Cached per table (rebuilt if the table is changed in place,
+    unless it is an inference tensor)."""
+    key = id(table)
+    version = None if table.is_inference() else table._version  # inference tensors keep no version
+    known = _ROTATIONS.get(key)
+    if known is not None and known[0]() is table and known[1] == version:
+        return known[2]
+    cos, sin = table.chunk(2, dim=-1)
+    rotation = torch.stack([torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1)], dim=1)
+    _ROTATIONS[key] = (weakref.ref(table, lambda _: _ROTATIONS.pop(key, None)), version, rotation)
+    return rotation
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, T, heads, hd); cos, sin: (1, T, 1, hd), the _rotation rows of x's positions. Half-split
+    (rotate_half) RoPE in 4 ops (a CPU decode step runs it in each layer; each op costs 3-12 us on
+    the 2-core VM)."""
+    xf = x if x.dtype == torch.float32 else x.float()
+    y = xf * cos
+    y.add_(xf.roll(x.shape[-1] // 2, -1).mul_(sin))
     return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
@@ -47,11 +81,11 @@ def rope_kv(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cac
     hd = cache_k.shape[-1]
     qk_dim = (n_heads + n_kv) * hd
     # q and k heads rotated in one pass (half the small ops of a CPU decode step's RoPE)
-    qk = _rope(qkv[..., :qk_dim].reshape(b, t, n_heads + n_kv, hd), table[positions])
-    q, k = qk.split([n_heads, n_kv], dim=2)
-    cache_k.index_copy_(2, positions, k.transpose(1, 2))
+    rows = _rotation(table).index_select(0, positions)[None, :, None]  # (1, T, 1, 2, hd)
+    qk = _rope(qkv[..., :qk_dim].reshape(b, t, n_heads + n_kv, hd), rows[..., 0, :], rows[..., 1, :])
+    cache_k.index_copy_(2, positions, qk[:, :, n_heads:].transpose(1, 2))
     cache_v.index_copy_(2, positions, qkv[..., qk_dim:].reshape(b, t, n_kv, hd).transpose(1, 2))
-    return q
+    return qk[:, :, :n_heads]
 
 
 def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
@@ -60,8 +94,7 @@ def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
         from spqt.kernels import fused
 
         return fused.silu_mul(gate_up, ffn_dim)
-    gate, up = gate_up.split(ffn_dim, dim=-1)
-    return F.silu(gate).mul_(up)
+    return F.silu(gate_up[..., :ffn_dim]).mul_(gate_up[..., ffn_dim:])  # slices: Tensor.split is Python
 
 
 def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:

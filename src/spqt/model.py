@@ -7,7 +7,8 @@ It knows no formats, kernels or thresholds: every linear map comes from ``make_l
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
 with ``norm=`` it applies that RMSNorm to its input first (so an implementation may fuse the two). The four
 per-layer maps are ``layers.{i}.qkv`` (q|k|v stacked), ``layers.{i}.o``, ``layers.{i}.gate_up``
-(gate|up stacked) and ``layers.{i}.down``.
+(gate|up stacked) and ``layers.{i}.down``. Blocks, attention, feed-forward and norms are DirectCallModules
+(a call without torch's hook dispatch unless a hook is registered: the CPU decode step's Python).
 
 One forward handles both prefill (T prompt tokens) and decode (T = 1): tokens (B, T) int64 at
 positions ``start_pos .. start_pos+T-1`` attend to the cache up to their own position.
@@ -20,9 +21,10 @@ from torch import nn
 
 from spqt import functional
 from spqt.config import ModelConfig
+from spqt.direct_call import DirectCallModule
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(DirectCallModule):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
@@ -70,7 +72,7 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
-class Attention(nn.Module):
+class Attention(DirectCallModule):
     def __init__(self, config: ModelConfig, layer: int, make_linear):
         super().__init__()
         c = config
@@ -102,7 +104,7 @@ class Attention(nn.Module):
         return self.o(out.reshape(b, t, self.n_heads * self.hd), residual=x)
 
 
-class FeedForward(nn.Module):
+class FeedForward(DirectCallModule):
     def __init__(self, config: ModelConfig, layer: int, make_linear):
         super().__init__()
         self.ffn_dim = config.ffn_dim
@@ -114,7 +116,7 @@ class FeedForward(nn.Module):
         return self.down(self.gate_up(x, norm=norm, swiglu=True), residual=x)
 
 
-class Block(nn.Module):
+class Block(DirectCallModule):
     def __init__(self, config: ModelConfig, layer: int, make_linear):
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
