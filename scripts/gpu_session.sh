@@ -401,17 +401,19 @@ case "$stage" in
     echo "types7 stage: $(( $(date +%s) - start )) s"
     ;;
   final7)
-    # On a fresh machine: every gpu test (timed: the one-call bar), synthetic decode (DECODE_MODELS, each level in a
+    # On a fresh machine: every gpu test (timed: the one-call bar), synthetic decode (DECODE_RUNS, each level in a
     # process of its own), Q2_K / Q3_K B2 with the arithmetic out (PROBE_XOR), then in the time left the GEMV table of
     # every type (GEMV_SHAPES, B2 and B4 at 25 / 40 / 50 %).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    for m in ${DECODE_MODELS:-llama2-70b llama2-7b}; do
+    for run in ${DECODE_RUNS:-llama2-70b:0,0.5 llama2-7b:0,0.25,0.5}; do  # model:levels
+      m=${run%%:*}
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${DECODE_LEVELS:-0,0.25,0.5} \
+      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${run#*:} \
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
+      echo "decode $m done: $(( $(date +%s) - start )) s"
     done | tee "$OUT/decode.log"
     for t in q2_k q3_k; do  # what the arithmetic costs the narrow types' B2 (PROBE_XOR)
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
