@@ -198,10 +198,11 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
 
 def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     """spqt bench decode: every (type, layout, level) row in a process of its own (`spqt bench decode` with one
-    type, layout and level, its JSON read back), unless args.one_process. On the H200 a process's decode graphs
-    replay about 3 % slower, the earlier ones included, once it has captured a second graph of one KV bucket
-    (scripts/order_probe.py; the clocks stay at their maximum, dropping graphs alone does not do it): rows timed
-    after the first in one process would read slow against it."""
+    type, layout and level, its JSON read back), unless args.one_process. On the H200 a row's time depends on what
+    its process ran before it: a dense graph replays 3 % slower, the earlier ones included, once the process has
+    captured a second graph of one KV bucket (scripts/order_probe.py), and the 7B at 50 % ran 2.4 % faster after a
+    dense row than in a fresh process (docs/RESULTS.md, issue 14, seventh session). A fresh process per row is what
+    a user's run at that setting gets."""
     from spqt.bench import copy_bandwidth, git_commit
 
     model_arg = args.model or "default"

@@ -627,9 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="gemv: write a PNG of speedup vs sparsity here")
     p.add_argument("--one-process", action="store_true",
-                   help="decode: time every row in this process (a process's decode graphs captured after its first "
-                        "ones replay about 3 %% slower on the H200; by default each type, layout and level runs in a "
-                        "process of its own)")
+                   help="decode: time every row in this process (on the H200 a row's time depends on what its process "
+                        "ran before it, up to 3 %% either way; by default each type, layout and level runs in a process "
+                        "of its own, as a user's run at that setting)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
