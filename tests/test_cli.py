@@ -91,6 +91,8 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU; the error is for machines without one")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "cuda"], "no CUDA GPU")
+    _error(capsys, ["bench", "decode", "--model", "synthetic:llama2-7b"], "spqt bench needs a CUDA GPU")
+    _error(capsys, ["tune", "--shapes", "64x64"], "spqt tune needs a CUDA GPU")
 
 
 def test_bench_unknown_type_is_one_line(capsys):

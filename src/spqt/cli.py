@@ -394,16 +394,17 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import torch
+
     from spqt.bench import GEMV_TYPES
-    from spqt.generate import resolve_device
 
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     unknown = [t for t in types if t not in GEMV_TYPES]
     if unknown or not types:
         raise SpqtError(f"unknown weight types {unknown}; choose from {', '.join(GEMV_TYPES)}")
     args.types = ",".join(types)
-    if resolve_device("cuda") != "cuda":
-        raise SpqtError("spqt bench needs a CUDA GPU")
+    if not torch.cuda.is_available():
+        raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
     for s in args.sparsity:
         if not 0 <= s < 1:
             raise SpqtError(f"sparsity must be in [0, 1), got {s}")
@@ -423,14 +424,16 @@ def cmd_bench(args) -> int:
 
 
 def cmd_tune(args) -> int:
+    import torch
+
     from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
-    from spqt.generate import resolve_device
     from spqt.kernels import tuning
 
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
-    resolve_device("cuda")
+    if not torch.cuda.is_available():
+        raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     if args.crossover_only and args.cuda_against_table:
         raise SpqtError("--crossover-only and --cuda-against-table exclude each other")
     if args.crossover_only:
