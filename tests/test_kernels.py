@@ -197,6 +197,9 @@ def test_zigzag_variants(rng, device, sparsity):
                     assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} split {split} {cfg} s={sparsity}",
                                             ZIGZAG_INPUT_EPS[dtype])
                     assert not ws.counters.any(), f"{name}: the arrival counters are not reset"
+                    if device == "cpu" and ci != configs[0][0]:
+                        continue  # the interpreter runs programs one by one: the second call (the workspace reused,
+                        # the same bits) once a level, for the level's first config (-110 s of CI)
                     again = kg.gemv_zigzag(gw, x, mode, ws, **kw)
                     assert torch.equal(y, again), f"{name} not deterministic"
 
