@@ -381,19 +381,18 @@ def test_bench_and_tune_types(tmp_path):
     from spqt.kernels import tuning, zigzag_cuda
 
     shapes = [(576, 192)]
-    timed = []
+    on_cuda = zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"  # the H200: the CUDA GEMV runs the types
 
-    def two(variant, n, k, on_cuda):
-        timed.append(on_cuda)
+    def two(variant, n, k):
         return (tuning.cuda_type_candidates if on_cuda else tuning.candidates)(variant, n, k)[:2]
 
     entries = bench.tune_types(shapes, ["q8_0", "q2_k", "q6_k"], log=lambda *a: None, candidates=two)
     assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k", "q6_k")}
-    assert timed == [zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"] * 6
     for variant, found in entries.items():
         entry = found["576x192"]
         assert entry["us"] > 0 and entry["split"] >= 1
-        if timed[0]:  # the Triton type kernel's config as the table had it (untimed here)
+        assert (entry.get("impl") == "cuda") == on_cuda, entry  # timed on the kernel the runtime runs here
+        if on_cuda:  # the Triton type kernel's config as the table had it (untimed here)
             assert entry["impl"] == "cuda" and entry["fallback"] == tuning.triton_config(variant, 576, 192), entry
             assert ("crossover" in entry) == ("sparse" in variant), entry
     report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",

@@ -482,7 +482,8 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
     layout, entries with impl "cuda", the Triton type kernel's config as the table has it (untimed here) as
     "fallback", and the crossovers
     (crossover(), on this type's weights); elsewhere the Triton type kernels' (tuning.candidates) in their own
-    layout. candidates(variant, n, k, on_cuda): the configs to time instead (scripts and tests narrow them)."""
+    layout. candidates(variant, n, k): the configs to time instead, for the kernel that runs here (scripts and
+    tests narrow them)."""
     props = torch.cuda.get_device_properties(0)
     entries = {}
     for n, k in shapes:
@@ -511,10 +512,7 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
                     return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
                                           gemv(w, zt.MODE_INDEXED, idx=ws.idx, count=ws.count))) for w in pool]
 
-                if candidates is not None:
-                    configs = candidates(variant, n, k, on_cuda)
-                else:
-                    configs = (tuning.cuda_type_candidates if on_cuda else tuning.candidates)(variant, n, k)
+                configs = (candidates or (tuning.cuda_type_candidates if on_cuda else tuning.candidates))(variant, n, k)
                 best = _fastest(configs, calls)
                 entry = {**best[1], "us": round(best[0], 2)}
                 if on_cuda:  # what a machine without the CUDA GEMV runs instead (the Triton type kernel)
