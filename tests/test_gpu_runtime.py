@@ -154,5 +154,5 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     assert sum("tok/s" in line for line in lines) == 2, lines
     assert json.loads((tmp_path / "decode.json").read_text())["rows"] == rows
     args.model = "synthetic:nope"
-    with pytest.raises(SpqtError, match="row at sparsity 0.0 failed: unknown synthetic model 'nope'"):
+    with pytest.raises(SpqtError, match=r"\(q4_k, zigzag layout, sparsity 0.0\): unknown synthetic model 'nope'"):
         run_decode_benchmark(args, log=lines.append)

@@ -190,7 +190,7 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
                 err.seek(0)
                 lines = [ln.strip() for ln in err.read().splitlines() if ln.strip()]
                 errors = [ln for ln in lines if ln.startswith("spqt: error:")] or lines or ["no output"]
-                raise SpqtError(f"spqt bench decode: the {fmt} {layout} row at sparsity {sparsity} failed: "
+                raise SpqtError(f"spqt bench decode ({fmt}, {layout} layout, sparsity {sparsity}): "
                                 f"{errors[-1].removeprefix('spqt: error: ')}")
         with open(out) as f:
             return json.load(f)
