@@ -213,8 +213,7 @@ def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[l
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
     qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
-    runs_cuda = zigzag_cuda.choice() != "triton" and zigzag_cuda.usable()
-    layout = zigzag_cuda.kquant_layout(fmt) if runs_cuda else None
+    layout = zigzag_cuda.kquant_layout(fmt) if zigzag_cuda.choice() != "triton" and zigzag_cuda.usable() else None
     gw = layout[1](qw, "cuda") if layout is not None else repack_types(qw, "cuda")
     del w
     return weight_copies(gw, max(2, -(-4 * l2_bytes // gw.nbytes))), torch.randn(k, device="cuda", generator=g).half()

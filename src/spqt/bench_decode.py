@@ -110,10 +110,13 @@ def decode_run(gen: Generator, prompt: list[int], new_tokens: int) -> dict:
             "achieved": achieved}
 
 
+def _levels(args, layout: str) -> list[float]:
+    """The sparsity levels a layout is timed at: args.sparsity for zigzag, dense only for row (no sparse kernel)."""
+    return list(args.sparsity) if layout == "zigzag" else [0.0]
+
+
 def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[dict]:
-    """The rows of every (type, layout) in runs at every level of args.sparsity (the row layout: dense only),
-    timed one after another in this process."""
-    levels = [s for s in args.sparsity]
+    """The rows of every (type, layout) in runs at each of its _levels, timed one after another in this process."""
     rows = []
     for fmt, layout in runs:
         if model_arg.startswith("synthetic:"):
@@ -133,7 +136,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
         g = torch.Generator(device="cuda").manual_seed(1)
         prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,), device="cuda", generator=g)
         head = loaded.config.vocab_size * loaded.config.dim * 2
-        for s in (levels if layout == "zigzag" else [0.0]):
+        for s in _levels(args, layout):
             if s == 0:
                 gen.set_sparsity(0.0)
             elif model_arg.startswith("synthetic:"):
@@ -213,14 +216,15 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     runs = [(f, lay) for f in types for lay in layouts if f == "q4_k" or lay == "zigzag"]
     if not runs:
         raise SpqtError("spqt bench decode: types other than q4_k run in the zigzag layout only (--layouts zigzag)")
-    if getattr(args, "one_process", False):
+    one_process = getattr(args, "one_process", False)
+    if one_process:
         copy_gbps = copy_bandwidth()
         log(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (read+write)")
         rows = _rows_in_process(args, model_arg, runs, copy_gbps, log)
     else:
         rows, copies = [], []
         for fmt, layout in runs:
-            for s in (args.sparsity if layout == "zigzag" else [0.0]):
+            for s in _levels(args, layout):
                 child = _row_in_child(args, model_arg, fmt, layout, s, log)
                 copies.append(child["copy_gbps"])
                 rows += [dict(r, copy_gbps=child["copy_gbps"]) for r in child["rows"]]
@@ -229,7 +233,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
               "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "method": "greedy decode, CUDA graph per step, median of per-step synchronised wall times; "
                         "floor = bytes needed / copy GB/s (bytes read + written, as the GEMV benchmark); "
-                        + ("rows one after another in one process" if getattr(args, "one_process", False)
+                        + ("rows one after another in one process" if one_process
                            else "each row in a process of its own (its copy GB/s in the row)"),
               "rows": rows}
     if json_path:

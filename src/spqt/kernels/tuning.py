@@ -140,11 +140,11 @@ def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     own tuned CUDA entry of the shape ("zigzag_<kind>_<fmt>", impl "cuda"), else Q4_K's entry of the shape (the same
     kernel, tuned there), else the type's CUDA entry of the nearest N with the same K, else Q4_K's config (its
     neighbour or default): an exact shape's tuning is the better guess than a neighbour's of another size."""
-    exact = table_entries(f"zigzag_{kind}_{fmt}").get(f"{n}x{k}")
-    if not (exact and exact.get("impl") == "cuda") and f"{n}x{k}" in table_entries(f"zigzag_{kind}"):
-        return config(f"zigzag_{kind}", n, k)
-    cfg = config(f"zigzag_{kind}_{fmt}", n, k)
-    return cfg if cfg.get("impl") == "cuda" else config(f"zigzag_{kind}", n, k)
+    key, own, q4k = f"{n}x{k}", f"zigzag_{kind}_{fmt}", f"zigzag_{kind}"
+    if table_entries(own).get(key, {}).get("impl") != "cuda" and key in table_entries(q4k):
+        return config(q4k, n, k)
+    cfg = config(own, n, k)
+    return cfg if cfg.get("impl") == "cuda" else config(q4k, n, k)
 
 
 def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
