@@ -100,7 +100,7 @@ def test_cpu_rope_is_the_rotate_half_formula_bit_for_bit(rng, dtype):
         table.mul_(0.5)  # the cached rotation table must follow
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu-fp16"])
+@pytest.mark.parametrize("backend", ["reference", "cpu-fp16", "cpu-native"])
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
 def test_one_mask_sparse_path_equals_sparse_and_counts(rng, backend, criterion):
     """Linear masks once on the CPU (hardshrink for TEAL): the product of impl.sparse, and the
@@ -129,7 +129,7 @@ def test_fast_model_close_to_reference(tiny_spqt):
     loaded = load_spqt(tiny_spqt)
     ids = torch.randint(0, loaded.config.vocab_size, (1, 38), generator=torch.Generator().manual_seed(7))
     logits = {}
-    for backend in ("reference", "cpu-fp16"):
+    for backend in ("reference", "cpu-fp16", "cpu-native"):
         model = build_model(loaded, "cpu", torch.float32, backend)
         model.setup_cache(1, 38, torch.float32)
         with torch.no_grad():
@@ -141,6 +141,9 @@ def test_fast_model_close_to_reference(tiny_spqt):
     # each GEMV output is within 3 fp16 units; 2 layers of 4 maps and the head: 8 units of the range
     err = float((fast - ref).abs().max())
     assert 0 < err <= 8 * FP16_U * span, f"max |diff| {err:.3e}, logit range {span:.2f}"
+    # the native maps sum the Q4_K values themselves in fp32 (only the tied head is rounded to fp16)
+    err = float((logits["cpu-native"] - ref).abs().max())
+    assert 0 < err <= 2 * FP16_U * span, f"native: max |diff| {err:.3e}, logit range {span:.2f}"
     threads = torch.get_num_threads()
     Generator(loaded, "cpu", backend="cpu-fp16", max_len=40).generate(ids[0, :30].tolist(), 4)
     assert torch.get_num_threads() == threads
@@ -148,16 +151,17 @@ def test_fast_model_close_to_reference(tiny_spqt):
 
 @pytest.mark.slow
 def test_default_model_fast_greedy_equals_reference(default_gguf):
-    """The default model's weights: the fp16 fast path decodes the demo prompt's greedy tokens of the
-    fp32 reference."""
+    """The default model's weights: the fp16 and native fast paths decode the demo prompt's greedy
+    tokens of the fp32 reference."""
     from spqt.checkpoint import load_model
     from spqt.tokenizer import TextTokenizer
 
     loaded = load_model(default_gguf)
     ids = TextTokenizer(loaded.tokenizer, loaded.config).encode("The three primary colors are")
     tokens = {b: Generator(loaded, "cpu", backend=b, max_len=64).generate(ids, 32).tokens
-              for b in ("reference", "cpu-fp16")}
+              for b in ("reference", "cpu-fp16", "cpu-native")}
     assert tokens["cpu-fp16"] == tokens["reference"]
+    assert tokens["cpu-native"] == tokens["reference"]
 
 
 @pytest.mark.parametrize("slow_at", ["all", "one"])

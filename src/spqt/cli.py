@@ -220,7 +220,7 @@ def cmd_generate(args) -> int:
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
     setting = f" {criterion} {mode}" if args.sparsity else ""
-    gemv = " fp16-gemv" if backend == "cpu-fp16" else ""
+    gemv = {"cpu-fp16": " fp16-gemv", "cpu-native": " native-gemv"}.get(backend, "")
     label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
     dense = gen.dense_fallbacks()
@@ -287,7 +287,8 @@ def cmd_serve(args) -> int:
         setup_logging()
         loaded = _load(args)
         name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
-        engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion)
+        engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
+                        backend=_gemv_backend(args.gemv, device))
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
     finally:
         sock.close()
@@ -476,14 +477,27 @@ def cmd_tune(args) -> int:
 
 
 def _gemv_backend(name: str, device: str) -> str | None:
-    """The linear maps' backend for a --gemv choice: on the CPU, fp16 (the default: an fp16 copy of
-    the weights, fp32 sums, about twice fp32's tokens/s on 2 free cores) or the fp32 reference;
-    on CUDA the kernels decide (None)."""
+    """The linear maps' backend for a --gemv choice: on the CPU, native (the default: zigzag Q4_K
+    blocks read as stored and an fp16 head, in C compiled on first use; kernels/cpu_native.py),
+    fp16 (an fp16 copy of the weights, fp32 sums; auto falls back to it, with a note, where no C
+    compiler works) or the fp32 reference; on CUDA the kernels decide (None)."""
     if device == "cuda":
         if name != "auto":
             raise SpqtError("--gemv chooses the CPU's GEMV; on CUDA the Triton kernels run")
         return None
-    return "reference" if name == "fp32" else "cpu-fp16"
+    if name == "fp32":
+        return "reference"
+    if name == "fp16":
+        return "cpu-fp16"
+    from spqt.kernels import cpu_native
+
+    why = cpu_native.available()
+    if why is None:
+        return "cpu-native"
+    if name == "native":
+        raise SpqtError(f"--gemv native cannot run here: {why}")
+    print(f"spqt: note: the native CPU GEMV cannot run here ({why}); using the fp16 GEMV", file=sys.stderr)
+    return "cpu-fp16"
 
 
 def _dtype(name: str, device: str):
@@ -556,9 +570,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
-    p.add_argument("--gemv", choices=["auto", "fp16", "fp32"], default="auto",
-                   help="CPU matrix-vector products: fp16 weights with fp32 sums (auto: the fast default) "
-                        "or fp32 (the torch reference)")
+    p.add_argument("--gemv", choices=["auto", "native", "fp16", "fp32"], default="auto",
+                   help="CPU matrix-vector products: native (auto's choice: Q4_K blocks as stored, in C compiled "
+                        "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")
@@ -572,6 +586,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --sparsity auto the recommended)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--gemv", choices=["auto", "native", "fp16", "fp32"], default="auto",
+                   help="CPU matrix-vector products, as for generate (auto: native where a C compiler works)")
     p.add_argument("--ctx", type=int, default=None, help="tokens of context per request, prompt plus completion "
                    "(default: the model's)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPQT_API_KEY, "

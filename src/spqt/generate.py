@@ -39,7 +39,7 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
         if name == "output":
             head = weights["tok_embeddings"] if loaded.config.tie_embeddings else weights["output"]
             # the head is a float matrix: the reference map, or the CPU's fp16 GEMV in that mode
-            head_backend = backend if backend == "cpu-fp16" else "reference"
+            head_backend = backend if backend in ("cpu-fp16", "cpu-native") else "reference"
             return Linear(head.to(torch.float32), dtype, device, backend=head_backend)
         return Linear(weights[name], dtype, device, backend, bias=weights.get(f"{name}.bias"))
 

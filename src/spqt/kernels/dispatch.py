@@ -6,7 +6,7 @@ import torch
 
 from spqt.errors import SpqtError
 
-BACKENDS = ("reference", "triton", "cpu-fp16")
+BACKENDS = ("reference", "triton", "cpu-fp16", "cpu-native")
 # Formats with Triton GEMV kernels: Q4_K in both layouts, the others in the zigzag layout only
 # (zigzag_types.py; no row kernels). Everything else runs dequantize + cuBLAS on the GPU.
 TRITON_FORMATS = ("q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
@@ -29,6 +29,15 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
         from spqt.kernels.cpu_fp16 import HalfGemvLinear
 
         return HalfGemvLinear(weight, dtype, device)
+    if backend == "cpu-native":
+        if str(device) != "cpu":
+            raise SpqtError("the cpu-native backend runs on the CPU")
+        from spqt.kernels import cpu_native
+
+        why = cpu_native.available()
+        if why:
+            raise SpqtError(f"the cpu-native backend cannot run here: {why}")
+        return cpu_native.make_native_linear(weight, dtype, device)
     if backend == "triton":
         if not str(device).startswith("cuda") and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             raise SpqtError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")

@@ -54,10 +54,11 @@ class EngineInfo:
 class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
-                 criterion: str | None = None):
+                 criterion: str | None = None, backend: str | None = None):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
-        ctx: the KV cache length, which bounds prompt plus completion (default: the model's context)."""
+        ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
+        backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU)."""
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):
@@ -69,7 +70,8 @@ class Engine:
         if not 1 < ctx <= loaded.config.max_seq_len:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
         self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
-        self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx, criterion=criterion)
+        self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx, criterion=criterion,
+                                   backend=backend)
         self.stop_ids = self.tokenizer.stop_ids
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
         # costs little, so GPU timings in the log are the plain decode.

@@ -1,0 +1,266 @@
+/* SpQt's CPU GEMVs in C: zigzag Q4_K blocks read as they are stored (4.5 bits a weight instead of
+ * an fp16 copy's 16), and an fp16 GEMV for float matrices (the tied head). Compiled on first use
+ * by kernels/cpu_native.py with the machine's C compiler (-O3 -march=native, OpenMP when it has
+ * it) and called through ctypes.
+ *
+ * Layouts (layouts.py, formats/q4_k.py):
+ *   zigzag Q4_K: blocks (R = ceil(N / 256), K, 144) uint8, block (r, k) holding W[256 r .. 256 r + 255, k]
+ *                (d fp16, dmin fp16, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles).
+ *   fp16:        W (N, K) row-major.
+ *   x:           (M, K) fp32 row-major; y, residual: (M, N) fp32 row-major (residual may be NULL).
+ *
+ * Numerics: every output is a sum over k in ascending order, in fp32, whatever the thread count
+ * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
+ * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
+ * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
+ * masked inputs cost no reads of their blocks' nibbles).
+ */
+#include <stdint.h>
+#include <string.h>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+#if defined(__F16C__) && defined(__AVX2__) && defined(__FMA__)
+#define SPQT_F16C 1
+#endif
+
+
+#define Q4K_BYTES 144
+
+static float half_to_float(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: renormalise */
+            exp = 127 - 15 + 1;
+            while ((man & 0x400u) == 0) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float load_half(const uint8_t *p)
+{
+    uint16_t v;
+    memcpy(&v, p, sizeof v);
+#ifdef SPQT_F16C
+    return _cvtsh_ss(v);
+#else
+    return half_to_float(v);
+#endif
+}
+
+/* The 6-bit scale and min of sub-block j (0..7) from a block's 12 scale bytes (q4_k.py's table). */
+static inline __attribute__((always_inline)) void scale_min(int j, const uint8_t *s, int *sc, int *m)
+{
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *m = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
+        *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+#ifdef SPQT_F16C
+#define TILE 32 /* blocks a pass: 4.6 KB of blocks and 1 KB of scales, in L1 for the second pass */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 32
+#endif
+
+/* Outputs 64 c0 .. 64 (c0 + groups) - 1 (groups: 1 or 2, c0 + groups <= 4) of one superblock row (its
+ * blocks row_blocks[k]) for one row of x: quant group c holds outputs 64 c + 0..31 in its low nibbles
+ * and 64 c + 32..63 in its high ones. Per tile of blocks:
+ * first the blocks' scales, x folded in (x_k d sc_j for the 8 sub-blocks, and the mins' sums), then
+ * each group's nibbles against them. out[i] = sum_k x_k (d sc)_k q_ik - sum_k x_k (dmin m)_k. */
+static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[128])
+{
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    __m256 mins = _mm256_setzero_ps(); /* sum_k x_k dmin_k m_kj, sub-block j in lane j */
+    float acc[2][64];
+    memset(acc, 0, sizeof acc);
+    float scales[TILE][8];
+    int32_t active[TILE];
+    for (int64_t k0 = 0; k0 < k; k0 += TILE) {
+        int tile = k - k0 < TILE ? (int)(k - k0) : TILE, count = 0;
+        for (int t = 0; t < tile; t++) {
+            const uint8_t *b = row_blocks + (k0 + t) * Q4K_BYTES;
+            /* the block a tile ahead requested now (prefetches never fault past the end): one
+             * thread's demand misses alone stream ~3 GB/s here */
+            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES);
+            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 64);
+            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 128);
+            float xv = x[k0 + t];
+            if (xv == 0.0f)
+                continue; /* a zero input adds nothing: its nibbles are never read */
+            uint32_t w0, w1, w2;
+            memcpy(&w0, b + 4, 4);
+            memcpy(&w1, b + 8, 4);
+            memcpy(&w2, b + 12, 4);
+            /* the 6-bit scales and mins of sub-blocks 0..7, one byte each (q4_k.py's packing) */
+            uint32_t sc_lo = w0 & 0x3f3f3f3fu, sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
+            uint32_t m_lo = w1 & 0x3f3f3f3fu, m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
+            __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+            __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
+            _mm256_storeu_ps(scales[count], _mm256_mul_ps(_mm256_set1_ps(xv * load_half(b)), sc));
+            mins = _mm256_fmadd_ps(_mm256_set1_ps(xv * load_half(b + 2)), mn, mins);
+            active[count++] = t;
+        }
+        for (int g = 0; g < groups; g++) {
+            int c = c0 + g;
+            __m256 a0 = _mm256_loadu_ps(acc[g]), a1 = _mm256_loadu_ps(acc[g] + 8), a2 = _mm256_loadu_ps(acc[g] + 16),
+                   a3 = _mm256_loadu_ps(acc[g] + 24), a4 = _mm256_loadu_ps(acc[g] + 32), a5 = _mm256_loadu_ps(acc[g] + 40),
+                   a6 = _mm256_loadu_ps(acc[g] + 48), a7 = _mm256_loadu_ps(acc[g] + 56);
+            for (int i = 0; i < count; i++) {
+                const uint8_t *q = row_blocks + (k0 + active[i]) * Q4K_BYTES + 16 + 32 * c;
+                __m256 s_lo = _mm256_broadcast_ss(&scales[i][2 * c]), s_hi = _mm256_broadcast_ss(&scales[i][2 * c + 1]);
+#define GROUP(G, LO, HI)                                                                               \
+    do {                                                                                               \
+        __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * (G))));             \
+        LO = _mm256_fmadd_ps(s_lo, _mm256_cvtepi32_ps(_mm256_and_si256(w, low4)), LO);                 \
+        HI = _mm256_fmadd_ps(s_hi, _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4)), HI);                   \
+    } while (0)
+                GROUP(0, a0, a4);
+                GROUP(1, a1, a5);
+                GROUP(2, a2, a6);
+                GROUP(3, a3, a7);
+#undef GROUP
+            }
+            _mm256_storeu_ps(acc[g], a0);
+            _mm256_storeu_ps(acc[g] + 8, a1);
+            _mm256_storeu_ps(acc[g] + 16, a2);
+            _mm256_storeu_ps(acc[g] + 24, a3);
+            _mm256_storeu_ps(acc[g] + 32, a4);
+            _mm256_storeu_ps(acc[g] + 40, a5);
+            _mm256_storeu_ps(acc[g] + 48, a6);
+            _mm256_storeu_ps(acc[g] + 56, a7);
+        }
+    }
+    float min_sum[8];
+    _mm256_storeu_ps(min_sum, mins);
+    for (int g = 0; g < groups; g++)
+        for (int i = 0; i < 64; i++)
+            out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
+}
+#else
+/* The same outputs without AVX2: scalar loops, the same sums in the same order. */
+static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[128])
+{
+    float acc[128] = {0}, min_sum[4] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q4K_BYTES;
+        float xv = x[kk];
+        if (xv == 0.0f)
+            continue;
+        float d = load_half(b), dmin = load_half(b + 2);
+        for (int j = 0; j < 2 * groups; j++) {
+            int sc, mn;
+            scale_min(2 * c0 + j, b + 4, &sc, &mn);
+            float s = xv * (d * (float)sc);
+            min_sum[j] += xv * (dmin * (float)mn);
+            const uint8_t *q = b + 16 + 32 * (c0 + j / 2);
+            for (int l = 0; l < 32; l++)
+                acc[32 * j + l] += s * (float)(j % 2 ? q[l] >> 4 : q[l] & 0x0f);
+        }
+    }
+    for (int i = 0; i < 64 * groups; i++)
+        out[i] = acc[i] - min_sum[i / 32];
+}
+#endif
+
+/* y (M, N) = [residual +] x (M, K) W^T for zigzag Q4_K blocks (R, K, 144) of W (N, K).
+ * The work is split by quant groups (64 outputs; groups past N are never read): each thread takes
+ * an equal run of them and reads a row's blocks once for two neighbouring groups where it can. */
+void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
+                     float *y, const float *residual, int threads)
+{
+    int64_t groups = (n + 63) / 64, total = groups * m;
+    if (threads < 1)
+        threads = 1;
+    if (threads > total)
+        threads = (int)total;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int t = 0; t < threads; t++) {
+        int64_t first = total * t / threads, last = total * (t + 1) / threads;
+        for (int64_t j = first; j < last;) { /* j = row * groups + group */
+            int64_t row = j / groups, group = j % groups;
+            int c = (int)(group % 4);
+            int count = (c % 2 == 0 && j + 1 < last && group + 1 < groups) ? 2 : 1;
+            float out[128];
+            q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, c, count, x + row * k, out);
+            int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
+            float *yr = y + row * n + n0;
+            const float *rr = residual ? residual + row * n + n0 : 0;
+            for (int64_t i = 0; i < n_valid; i++)
+                yr[i] = rr ? rr[i] + out[i] : out[i];
+            j += count;
+        }
+    }
+}
+
+/* The dot product of fp16 w[0..k) with fp32 x[0..k): 8 lanes x 4 partial sums over k in a fixed
+ * order, then the lanes added in a fixed order. */
+static inline float half_dot(const uint16_t *w, const float *x, int64_t k)
+{
+    int64_t kk = 0;
+    float tail = 0.0f;
+#ifdef SPQT_F16C
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(), s3 = _mm256_setzero_ps();
+    for (; kk + 32 <= k; kk += 32) {
+        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + kk))), _mm256_loadu_ps(x + kk), s0);
+        s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + kk + 8))), _mm256_loadu_ps(x + kk + 8), s1);
+        s2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + kk + 16))), _mm256_loadu_ps(x + kk + 16), s2);
+        s3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + kk + 24))), _mm256_loadu_ps(x + kk + 24), s3);
+    }
+    for (; kk + 8 <= k; kk += 8)
+        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + kk))), _mm256_loadu_ps(x + kk), s0);
+    __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, s);
+    float total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+#else
+    float total = 0.0f;
+#endif
+    for (; kk < k; kk++)
+        tail += half_to_float(w[kk]) * x[kk];
+    return total + tail;
+}
+
+/* y (M, N) = [residual +] x (M, K) W^T for fp16 W (N, K) row-major. */
+void spqt_half_gemm(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+                    const float *residual, int threads)
+{
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t row = 0; row < m; row++) {
+            float v = half_dot(w + i * k, x + row * k, k);
+            y[row * n + i] = residual ? residual[row * n + i] + v : v;
+        }
+    }
+}
+
+/* 1 when this build runs its loops on OpenMP threads (the `threads` arguments count). */
+int spqt_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}

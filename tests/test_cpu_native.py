@@ -1,0 +1,132 @@
+"""The CPU's native maps (kernels/cpu_native.c): zigzag Q4_K blocks and fp16 matrices against float64
+products of the same weights, on fresh random data, odd shapes, poisoned outputs; the AVX2 build
+and the portable build; thread counts; the fallback when no compiler works."""
+
+import pytest
+import torch
+
+from spqt.checkpoint import QuantizedWeight
+from spqt.formats import q4_k
+from spqt.kernels import cpu_native
+from spqt.layouts import grid_shape, matrix_to_blocks
+
+# (N, K): N not a multiple of 64 / 128 / 256 (partial quant groups and superblock rows), K odd,
+# K = 1, one superblock row, several
+SHAPES = [(300, 77), (64, 1), (576, 576), (960, 33), (1000, 45)]
+
+
+def _q4k(rng, n: int, k: int) -> QuantizedWeight:
+    w = torch.from_numpy(rng.standard_normal((n, k)) * rng.uniform(0.01, 0.5, (1, k))).float()
+    rows, cols = grid_shape("zigzag", (n, k), q4_k.BLOCK_SIZE)
+    blocks = q4_k.encode(matrix_to_blocks(w, "zigzag", q4_k.BLOCK_SIZE)).reshape(rows, cols, q4_k.BLOCK_BYTES)
+    return QuantizedWeight(blocks, "q4_k", "zigzag", (n, k))
+
+
+def _input(rng, m: int, k: int, zeros: float) -> torch.Tensor:
+    x = torch.from_numpy(rng.standard_normal((m, k))).float()
+    x[torch.from_numpy(rng.random((m, k)) < zeros)] = 0.0  # a sparse step's masked inputs
+    return x
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory):
+    """The build the runtime uses (-march=native, OpenMP) and a portable one (no SIMD paths)."""
+    why = cpu_native.available()
+    if why:
+        pytest.skip(f"no native CPU build here: {why}")
+    folder = tmp_path_factory.mktemp("native")
+    portable = cpu_native.build("cc", ("-O2", "-shared", "-fPIC", "-std=c11", "-fopenmp"), folder / "portable.so")
+    return {"native": cpu_native._library(), "portable": portable}
+
+
+def _run(lib, fn: str, weight_ptr: int, n: int, k: int, x: torch.Tensor, residual, threads: int) -> torch.Tensor:
+    y = torch.full((x.shape[0], n), float("nan"))  # poisoned: an output left unwritten fails
+    getattr(lib, fn)(weight_ptr, n, k, x.data_ptr(), x.shape[0], y.data_ptr(),
+                     None if residual is None else residual.data_ptr(), threads)
+    return y
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_q4k_zigzag_matches_float64(builds, rng, build, n, k):
+    """y = residual + x W^T within fp32 rounding of the float64 product of the format's own
+    values; every thread count gives the same bits; zero inputs skipped change nothing."""
+    qw = _q4k(rng, n, k)
+    w64 = qw.dequantize().double()
+    for m, zeros in ((1, 0.0), (3, 0.5)):
+        x = _input(rng, m, k, zeros)
+        residual = torch.from_numpy(rng.standard_normal((m, n))).float()
+        want = residual.double() + x.double() @ w64.t()
+        bound = 1e-5 * float((x.double().abs() @ w64.abs().t()).max()) + 1e-6
+        outs = [_run(builds[build], "spqt_q4k_zigzag", qw.blocks.data_ptr(), n, k, x, residual, t) for t in (1, 2, 3)]
+        err = float((outs[0].double() - want).abs().max())
+        assert err <= bound, f"max |diff| {err:.3e} > {bound:.3e}"
+        assert all(torch.equal(outs[0], o) for o in outs[1:])
+        plain = _run(builds[build], "spqt_q4k_zigzag", qw.blocks.data_ptr(), n, k, x, None, 2)
+        assert torch.allclose(plain.double(), want - residual.double(), rtol=0, atol=2 * bound)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("n,k", [(37, 77), (130, 8), (64, 1), (200, 96)])
+def test_half_gemm_matches_float64(builds, rng, build, n, k):
+    """fp16 W (N, K): y = residual + x W^T within fp32 rounding, any thread count the same bits."""
+    w = torch.from_numpy(rng.standard_normal((n, k))).half()
+    x = _input(rng, 3, k, 0.2)
+    residual = torch.from_numpy(rng.standard_normal((3, n))).float()
+    want = residual.double() + x.double() @ w.double().t()
+    bound = 1e-5 * float((x.double().abs() @ w.double().abs().t()).max()) + 1e-6
+    outs = [_run(builds[build], "spqt_half_gemm", w.data_ptr(), n, k, x, residual, t) for t in (1, 2)]
+    assert float((outs[0].double() - want).abs().max()) <= bound
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_native_maps_through_linear(rng):
+    """The runtime's maps: (..., K) inputs, a residual, SwiGLU, the sparse mask, fp16 compute dtype."""
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    from spqt.linear import Linear
+
+    qw = _q4k(rng, 2 * 130, 70)
+    w64 = qw.dequantize().double()
+    lin = Linear(qw, torch.float32, "cpu", backend="cpu-native")
+    assert isinstance(lin.impl, cpu_native.NativeQ4KLinear)
+    x = torch.from_numpy(rng.standard_normal((1, 2, 70))).float()
+    res = torch.from_numpy(rng.standard_normal((1, 2, 260))).float()
+    full = x.double() @ w64.t()
+    assert torch.allclose(lin(x, residual=res).double(), res.double() + full, atol=1e-4)
+    gate, up = full[..., :130], full[..., 130:]
+    assert torch.allclose(lin(x, swiglu=True).double(), torch.nn.functional.silu(gate) * up, atol=1e-4)
+    lin.set_threshold(float(x.abs().median()))
+    lin.sparse = True
+    masked = x * (x.abs() > lin.threshold)
+    assert torch.allclose(lin(x).double(), masked.double() @ w64.t(), atol=1e-4)
+    half = Linear(qw, torch.float16, "cpu", backend="cpu-native")
+    assert half(x.half()).dtype == torch.float16
+    head = Linear(torch.randn(50, 70), torch.float32, "cpu", backend="cpu-native")
+    assert isinstance(head.impl, cpu_native.NativeHalfLinear)
+
+
+def test_no_compiler_is_one_line_and_the_cli_falls_back(tiny_spqt, monkeypatch, capsys):
+    """Without a C compiler: --gemv auto notes it and runs the fp16 GEMV; --gemv native is one error line."""
+    from spqt.cli import main
+
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert "no C compiler" in cpu_native.available()
+    assert main(["generate", str(tiny_spqt), "-p", "once upon", "-n", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    assert "using the fp16 GEMV" in err and "fp16-gemv" in err
+    assert main(["generate", str(tiny_spqt), "-p", "once upon", "-n", "2", "--device", "cpu", "--gemv", "native"]) == 2
+    assert "--gemv native cannot run here: no C compiler" in capsys.readouterr().err
+
+
+def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
+    """A compiler that fails: the reason in one line, nothing left in the cache."""
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'cc: error: no such option' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path / "cache"))
+    assert cpu_native.available() == "the C compiler failed: cc: error: no such option"
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
