@@ -84,16 +84,16 @@ static inline __attribute__((always_inline)) void scale_min(int j, const uint8_t
 #define PREFETCH_AHEAD 32
 #endif
 
-/* Outputs 64 c0 .. 64 (c0 + groups) - 1 (groups: 1 or 2, c0 + groups <= 4) of one superblock row (its
+/* Outputs 64 c0 .. 64 (c0 + groups) - 1 (c0 + groups <= 4) of one superblock row (its
  * blocks row_blocks[k]) for one row of x: quant group c holds outputs 64 c + 0..31 in its low nibbles
  * and 64 c + 32..63 in its high ones. Per tile of blocks:
  * first the blocks' scales, x folded in (x_k d sc_j for the 8 sub-blocks, and the mins' sums), then
  * each group's nibbles against them. out[i] = sum_k x_k (d sc)_k q_ik - sum_k x_k (dmin m)_k. */
-static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[128])
+static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[256])
 {
     const __m256i low4 = _mm256_set1_epi32(0x0f);
     __m256 mins = _mm256_setzero_ps(); /* sum_k x_k dmin_k m_kj, sub-block j in lane j */
-    float acc[2][64];
+    float acc[4][64];
     memset(acc, 0, sizeof acc);
     float scales[TILE][8];
     int32_t active[TILE];
@@ -160,9 +160,9 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 }
 #else
 /* The same outputs without AVX2: scalar loops, the same sums in the same order. */
-static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[128])
+static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[256])
 {
-    float acc[128] = {0}, min_sum[4] = {0};
+    float acc[256] = {0}, min_sum[8] = {0};
     for (int64_t kk = 0; kk < k; kk++) {
         const uint8_t *b = row_blocks + kk * Q4K_BYTES;
         float xv = x[kk];
@@ -186,7 +186,7 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 
 /* y (M, N) = [residual +] x (M, K) W^T for zigzag Q4_K blocks (R, K, 144) of W (N, K).
  * The work is split by quant groups (64 outputs; groups past N are never read): each thread takes
- * an equal run of them and reads a row's blocks once for two neighbouring groups where it can. */
+ * an equal run of them and decodes a superblock row's scales once for the groups of it in its run. */
 void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
                      float *y, const float *residual, int threads)
 {
@@ -201,9 +201,13 @@ void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x
         for (int64_t j = first; j < last;) { /* j = row * groups + group */
             int64_t row = j / groups, group = j % groups;
             int c = (int)(group % 4);
-            int count = (c % 2 == 0 && j + 1 < last && group + 1 < groups) ? 2 : 1;
-            float out[128];
-            q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, c, count, x + row * k, out);
+            int64_t count = 4 - c; /* the rest of this superblock row, within the run and N */
+            if (count > last - j)
+                count = last - j;
+            if (count > groups - group)
+                count = groups - group;
+            float out[256];
+            q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, c, (int)count, x + row * k, out);
             int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
             float *yr = y + row * n + n0;
             const float *rr = residual ? residual + row * n + n0 : 0;
