@@ -19,6 +19,7 @@
 #   scripts/gpu_session.sh kq7       the Q8_0 / Q3_K / Q2_K gpu tests and probes, the later-capture order effect (clocks beside)
 #   scripts/gpu_session.sh types7    the order effect's cause, the CUDA GEMV tuned per type, synthetic 7B decode per type
 #   scripts/gpu_session.sh final7    gpu tests on a fresh machine, the GEMV table of every type, 7B and 70B decode
+#   scripts/gpu_session.sh explore8  the native CPU maps' tests there, the 70B step per kernel kind, 70B decode fused finish
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -426,6 +427,27 @@ case "$stage" in
       --sparsity 0,0.25,0.4,0.5 --json "$OUT/bench-gemv-types.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"
     tail -45 "$OUT/bench-gemv-types.log"
     echo "final7 stage: $(( $(date +%s) - start )) s"
+    ;;
+  explore8)
+    # The native CPU maps' tests on this machine's CPU and compiler; where the 70B dense step goes per kernel kind
+    # (PROFILE_MODELS); the 70B decode with every map finished by its GEMV (SPQT_GEMV_FUSED=1) against the table's
+    # finish, each in a process of its own.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    (cc --version | head -1; timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cpu_native.py 2>&1 | tail -3) \
+      | tee "$OUT/cpu-native-tests.log"
+    for m in ${PROFILE_MODELS:-llama2-70b}; do
+      timeout 150 python3 scripts/profile_decode.py --model synthetic:$m --sparsity 0 --json "$OUT/profile-$m.json" \
+        2>&1 | grep -v WARN | tee "$OUT/profile-$m.txt"
+    done
+    for fused in table 1; do
+      left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
+      [ $left -lt 50 ] && { echo "no time left for fused=$fused"; break; }
+      ( [ $fused = 1 ] && export SPQT_GEMV_FUSED=1; timeout $left python3 -m spqt.cli bench decode \
+        --model synthetic:llama2-70b --layouts zigzag --sparsity 0 --json "$OUT/decode-70b-fused-$fused.json" 2>&1 \
+        | grep -v WARN | grep "tok/s" | sed "s/^/fused=$fused /" )
+    done | tee "$OUT/decode-fused.log"
+    echo "explore8 stage: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
