@@ -106,6 +106,64 @@ def test_native_maps_through_linear(rng):
     assert isinstance(head.impl, cpu_native.NativeHalfLinear)
 
 
+def test_norm_and_swiglu_in_c(rng):
+    """The native maps' RMSNorm in front (Linear's norm=) and SwiGLU after, dense and sparse, against the
+    torch formulas in float64; the norm alone within fp32 rounding of torch's."""
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    from spqt.linear import Linear
+    from spqt.model import RMSNorm
+
+    k, f = 77, 70
+    qw = _q4k(rng, 2 * f, k)
+    w64 = qw.dequantize().double()
+    norm = RMSNorm(k, 1e-5)
+    norm.weight.data = torch.from_numpy(rng.uniform(0.5, 1.5, k)).float()
+    lin = Linear(qw, torch.float32, "cpu", backend="cpu-native")
+    x = torch.from_numpy(rng.standard_normal((1, 3, k)) * 3).float()
+    x64 = x.double()
+    normed = x64 / torch.sqrt(1e-5 + (x64 * x64).mean(-1, keepdim=True)) * norm.weight.double()
+    c_normed = lin.impl.rms_norm(x, norm.weight, 1e-5)
+    assert torch.allclose(c_normed.double(), normed, rtol=1e-6, atol=0)
+    full = normed @ w64.t()
+    want = torch.nn.functional.silu(full[..., :f]) * full[..., f:]
+    bound = 1e-5 * float(want.abs().max())
+    assert float((lin(x, norm=norm, swiglu=True).double() - want).abs().max()) <= bound
+    lin.set_threshold(0.5)
+    lin.sparse = True
+    kept = normed * (c_normed.abs() > 0.5)  # the mask as the C norm's values decide it
+    full = kept @ w64.t()
+    want = torch.nn.functional.silu(full[..., :f]) * full[..., f:]
+    assert float((lin(x, norm=norm, swiglu=True).double() - want).abs().max()) <= bound
+
+
+@pytest.mark.parametrize("n_heads,n_kv", [(6, 2), (4, 4)])
+def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv):
+    """One token's RoPE, KV-cache write and attention in C against functional.attention's torch path:
+    the caches' new rows and the output within fp32 rounding, the other cache rows untouched; a
+    masked key ignored; prefill (T > 1) is not taken."""
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    from spqt.functional import attention
+
+    hd, max_len, pos = 16, 12, 8
+    table = torch.from_numpy(rng.standard_normal((max_len, hd))).float()
+    qkv = torch.from_numpy(rng.standard_normal((1, 1, (n_heads + 2 * n_kv) * hd))).float()
+    caches = [torch.from_numpy(rng.standard_normal((1, n_kv, max_len, hd))).float() for _ in range(2)]
+    mask = torch.zeros(1, pos + 1)
+    mask[0, 3] = float("-inf")
+    positions = torch.tensor([pos])
+    ref_k, ref_v = caches[0].clone(), caches[1].clone()
+    want = attention(qkv, table, positions, ref_k, ref_v, n_heads, n_kv, mask, pos + 1)
+    assert cpu_native.decode_attention_runs(qkv, caches[0], mask)
+    got = attention(qkv, table, positions, caches[0], caches[1], n_heads, n_kv, mask, pos + 1, native=True)
+    assert got.shape == want.shape and got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(caches[0], ref_k, rtol=1e-6, atol=1e-6) and torch.equal(caches[1], ref_v)
+    two = torch.cat([qkv, qkv], dim=1)
+    assert not cpu_native.decode_attention_runs(two, caches[0], mask)
+
+
 def test_no_compiler_is_one_line_and_the_cli_falls_back(tiny_spqt, monkeypatch, capsys):
     """Without a C compiler: --gemv auto notes it and runs the fp16 GEMV; --gemv native is one error line."""
     from spqt.cli import main

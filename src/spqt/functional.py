@@ -110,12 +110,20 @@ DECODE_ATTENTION_MAX_SPAN = 2048
 
 
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-              cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int) -> torch.Tensor:
+              cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int,
+              native: bool = False) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
-    Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch."""
+    Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch; with native
+    (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
     hd = cache_k.shape[-1]
+    if native:
+        from spqt.kernels import cpu_native
+
+        if cpu_native.decode_attention_runs(qkv, cache_k, mask):
+            return cpu_native.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask,
+                                                    length)
     if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and length <= DECODE_ATTENTION_MAX_SPAN:
         from spqt.kernels import fused
 

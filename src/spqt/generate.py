@@ -47,6 +47,7 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
     model.tok_embeddings.weight.data = weights["tok_embeddings"].to(device=device, dtype=dtype)
     model.norm.weight.data = weights["norm"].to(device=device, dtype=torch.float32)
     for i, block in enumerate(model.layers):
+        block.attention.native = backend == "cpu-native"
         norms = {"attention_norm": block.attention_norm, "ffn_norm": block.ffn_norm,
                  "q_norm": block.attention.q_norm, "k_norm": block.attention.k_norm}
         for name, norm in norms.items():

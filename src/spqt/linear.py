@@ -97,7 +97,9 @@ class Linear(DirectCallModule):
                 y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
                 self.input_tap(normed)
                 return y
-            x = norm(x)
+            # an implementation with its own RMSNorm (the CPU's native maps) runs it; else the module
+            native_norm = getattr(self.impl, "rms_norm", None)
+            x = native_norm(x, norm.weight, norm.eps) if native_norm is not None else norm(x)
         if hooked(self.input_tap):  # an unobserved tap is skipped: 120 module calls a CPU decode step
             x = self.input_tap(x)
         if sparse and getattr(self.impl, "masks", False) and x.device.type == "cpu":

@@ -82,6 +82,7 @@ class Attention(DirectCallModule):
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.cache: KVCache | None = None
+        self.native = False  # the CPU's native maps: a decode token's attention in C too (build_model sets it)
 
     def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv (B, T, (H + 2 Hkv) hd) -> the same with every head of q and of k RMS-normalized (Qwen3)."""
@@ -100,7 +101,7 @@ class Attention(DirectCallModule):
         if self.q_norm is not None:
             qkv = self._norm_heads(qkv)
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
-                                   mask.shape[-1])
+                                   mask.shape[-1], native=self.native)
         return self.o(out.reshape(b, t, self.n_heads * self.hd), residual=x)
 
 

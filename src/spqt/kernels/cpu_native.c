@@ -15,7 +15,9 @@
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
  * masked inputs cost no reads of their blocks' nibbles).
  */
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__AVX2__)
@@ -257,6 +259,98 @@ void spqt_half_gemm(const uint16_t *w, int64_t n, int64_t k, const float *x, int
             y[row * n + i] = residual ? residual[row * n + i] + v : v;
         }
     }
+}
+
+/* out (M, K) = x / sqrt(eps + mean(x^2)) * w per row (RMSNorm; w (K,)): 8 partial sums of squares over k
+ * in a fixed order, then eps + sum / K as torch's addcdiv forms it. */
+void spqt_rms_norm(const float *x, int64_t m, int64_t k, const float *w, float eps, float *out)
+{
+    for (int64_t row = 0; row < m; row++) {
+        const float *xr = x + row * k;
+        float part[8] = {0};
+        int64_t kk = 0;
+        for (; kk + 8 <= k; kk += 8)
+            for (int l = 0; l < 8; l++)
+                part[l] += xr[kk + l] * xr[kk + l];
+        float ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+        for (; kk < k; kk++)
+            ss += xr[kk] * xr[kk];
+        float rstd = 1.0f / sqrtf(eps + ss / (float)k);
+        for (kk = 0; kk < k; kk++)
+            out[row * k + kk] = (xr[kk] * rstd) * w[kk];
+    }
+}
+
+/* out (M, F) = silu(y[:, :F]) * y[:, F:] for y (M, 2F): SwiGLU, silu(g) = g / (1 + exp(-g)). */
+void spqt_silu_mul(const float *y, int64_t m, int64_t f, float *out)
+{
+    for (int64_t row = 0; row < m; row++)
+        for (int64_t i = 0; i < f; i++) {
+            float g = y[row * 2 * f + i];
+            out[row * f + i] = g / (1.0f + expf(-g)) * y[row * 2 * f + f + i];
+        }
+}
+
+/* dst[0..hd) = RoPE of x[0..hd) with cs = [cos | sin] (hd / 2 each) of its position, rotate-half:
+ * dst[i] = x[i] cos_i - x[i + hd/2] sin_i, dst[i + hd/2] = x[i + hd/2] cos_i + x[i] sin_i. */
+static void rope_head(const float *x, const float *cs, int64_t hd, float *dst)
+{
+    int64_t half = hd / 2;
+    for (int64_t i = 0; i < half; i++) {
+        float c = cs[i], s = cs[half + i];
+        dst[i] = x[i] * c - x[half + i] * s;
+        dst[half + i] = x[half + i] * c + x[i] * s;
+    }
+}
+
+/* One decode token's attention after its q|k|v projection (batch 1): RoPE of q and k at position pos,
+ * k and v written into the caches at pos, then per query head h (kv head h / (n_heads / n_kv))
+ * softmax(q k_j / sqrt(hd) + mask_j) over keys j < length, times v.
+ *   qkv: ((n_heads + 2 n_kv) hd) fp32; table: (max positions, hd) fp32 [cos | sin];
+ *   cache_k, cache_v: (n_kv, max_len, hd) fp32; mask: (length) additive fp32; out: (n_heads hd) fp32.
+ * Returns 0, or -1 when no memory could be had for the scores. */
+int spqt_rope_attention_decode(const float *qkv, const float *table, int64_t pos, float *cache_k, float *cache_v,
+                               int64_t n_heads, int64_t n_kv, int64_t hd, int64_t max_len, int64_t length,
+                               const float *mask, float *out)
+{
+    const float *cs = table + pos * hd;
+    for (int64_t g = 0; g < n_kv; g++) {
+        rope_head(qkv + (n_heads + g) * hd, cs, hd, cache_k + (g * max_len + pos) * hd);
+        memcpy(cache_v + (g * max_len + pos) * hd, qkv + (n_heads + n_kv + g) * hd, (size_t)hd * sizeof(float));
+    }
+    float *scores = malloc((size_t)length * sizeof(float) + (size_t)hd * sizeof(float));
+    if (!scores)
+        return -1;
+    float *q = scores + length;
+    float scale = 1.0f / sqrtf((float)hd);
+    int64_t group = n_heads / n_kv;
+    for (int64_t h = 0; h < n_heads; h++) {
+        const float *keys = cache_k + (h / group) * max_len * hd, *values = cache_v + (h / group) * max_len * hd;
+        rope_head(qkv + h * hd, cs, hd, q);
+        float top = -INFINITY;
+        for (int64_t j = 0; j < length; j++) {
+            float dot = 0.0f;
+            for (int64_t i = 0; i < hd; i++)
+                dot += q[i] * keys[j * hd + i];
+            scores[j] = dot * scale + mask[j];
+            top = scores[j] > top ? scores[j] : top;
+        }
+        float total = 0.0f;
+        for (int64_t j = 0; j < length; j++) {
+            scores[j] = expf(scores[j] - top);
+            total += scores[j];
+        }
+        float *o = out + h * hd;
+        for (int64_t i = 0; i < hd; i++)
+            o[i] = 0.0f;
+        for (int64_t j = 0; j < length; j++) {
+            float p = scores[j] / total;
+            for (int64_t i = 0; i < hd; i++)
+                o[i] += p * values[j * hd + i];
+        }
+    }
+    free(scores);
+    return 0;
 }
 
 /* 1 when this build runs its loops on OpenMP threads (the `threads` arguments count). */
