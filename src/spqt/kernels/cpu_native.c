@@ -281,6 +281,23 @@ void spqt_rms_norm(const float *x, int64_t m, int64_t k, const float *w, float e
     }
 }
 
+/* out = x * (|x| > t) (TEAL), or x * (|x| scale_i > t) (WINA; scale (K,) fp32 repeated per row of K),
+ * for `count` fp32 values: the reference's keep_mask, one fp32 product; a dropped input becomes +0.
+ * Returns how many were kept. */
+int64_t spqt_mask(const float *x, int64_t count, int64_t k, float t, const float *scale, float *out)
+{
+    int64_t kept = 0;
+    for (int64_t i = 0; i < count; i++) {
+        float a = fabsf(x[i]);
+        if (scale)
+            a *= scale[i % k];
+        int keep = a > t;
+        out[i] = keep ? x[i] : 0.0f;
+        kept += keep;
+    }
+    return kept;
+}
+
 /* out (M, F) = silu(y[:, :F]) * y[:, F:] for y (M, 2F): SwiGLU, silu(g) = g / (1 + exp(-g)). */
 void spqt_silu_mul(const float *y, int64_t m, int64_t f, float *out)
 {

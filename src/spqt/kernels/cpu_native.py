@@ -72,6 +72,8 @@ def build(compiler: str, flags: tuple, path: Path) -> ctypes.CDLL:
         getattr(lib, name).restype = None
     lib.spqt_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.spqt_rms_norm.restype = None
+    lib.spqt_mask.argtypes = [p, i64, i64, ctypes.c_float, p, p]
+    lib.spqt_mask.restype = i64
     lib.spqt_silu_mul.argtypes = [p, i64, i64, p]
     lib.spqt_silu_mul.restype = None
     lib.spqt_rope_attention_decode.argtypes = [p, p, i64, p, p, i64, i64, i64, i64, i64, p, p]
@@ -131,6 +133,18 @@ class _NativeMap(ReferenceLinear):
         _library().spqt_rms_norm(x.data_ptr(), x.numel() // x.shape[-1], x.shape[-1], weight.data_ptr(), eps,
                                  out.data_ptr())
         return out
+
+    def mask(self, x: torch.Tensor, threshold: float, scale: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:
+        """(x * keep_mask(x, t, scale), how many inputs were kept) in one C call (Linear's CPU sparse path:
+        4-5 torch ops and a count otherwise); None where it does not apply (x not fp32, t < 0)."""
+        if x.dtype != torch.float32 or not x.is_contiguous() or threshold < 0:
+            return None
+        if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+            return None
+        out = torch.empty_like(x)
+        kept = _library().spqt_mask(x.data_ptr(), x.numel(), x.shape[-1], threshold,
+                                    None if scale is None else scale.data_ptr(), out.data_ptr())
+        return out, kept
 
     def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         if not swiglu:
