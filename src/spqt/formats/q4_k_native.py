@@ -36,8 +36,10 @@ def encode(x: torch.Tensor) -> torch.Tensor | None:
     uint8, or None where the C encoder cannot serve (no compiler; a GPU tensor; a non-finite
     weight, whose NaN paths are left to the torch code). Runs on torch's current thread count
     (quantize_source's workers set 1 each)."""
+    if x.device.type != "cpu":
+        return None
     lib = library()
-    if isinstance(lib, str) or x.device.type != "cpu":
+    if isinstance(lib, str):
         return None
     x = x.to(torch.float32).contiguous()
     if not bool(torch.isfinite(x).all()):
