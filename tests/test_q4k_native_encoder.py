@@ -1,6 +1,6 @@
 """The Q4_K encoder in C (formats/q4_k_encode.c) against the torch encoder (formats/q4_k.py):
 the same bytes on fresh random blocks of many scales and shapes of trouble, on real weights of
-the default model, for any thread count; the torch encoder alone still matches llama.cpp; the
+the default model, for any thread count, from the native and a portable build; the torch encoder alone still matches llama.cpp; the
 fallback to torch without a compiler; the fp16 rounding of d and dmin against torch's."""
 
 import ctypes
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from spqt import native as build_cache
 from spqt.formats import q4_k, q4_k_native
 
 GOLDEN = Path(__file__).parent / "data" / "q4_k_llamacpp_golden.npz"
@@ -62,7 +63,7 @@ def _hard_blocks(rng) -> np.ndarray:
     return np.concatenate(blocks).astype(np.float32)
 
 
-def test_same_bytes_as_torch_on_random_blocks(native, rng):
+def test_same_bytes_as_torch_on_random_blocks(native, rng, tmp_path):
     x = torch.from_numpy(np.concatenate([_hard_blocks(rng),
                                          (rng.standard_normal((700, 256)) * rng.uniform(1e-3, 3, (700, 1))).astype(np.float32)]))
     expected = torch_encode(x)
@@ -74,8 +75,16 @@ def test_same_bytes_as_torch_on_random_blocks(native, rng):
             _assert_same_bytes(q4_k_native.encode(x), expected)
     finally:
         torch.set_num_threads(threads)
+    # a portable build (-O2, no -march=native: other instructions, no OpenMP) writes them too
+    portable = build_cache.build("cc", q4_k_native.SOURCE, ("-O2", "-ffp-contract=off", "-shared", "-fPIC", "-std=c11"),
+                                 tmp_path / "portable.so")
+    q4_k_native._declare(portable)
+    out = torch.empty_like(expected)
+    portable.spqt_q4k_encode(x.data_ptr(), x.shape[0], out.data_ptr(), 1)
+    _assert_same_bytes(out, expected)
 
 
+@pytest.mark.slow
 def test_same_bytes_as_torch_on_default_model_weights(native, default_gguf):
     """A few real matrices (Q4_1 in the GGUF, dequantized), zigzag and row blocks."""
     import gguf
@@ -84,7 +93,7 @@ def test_same_bytes_as_torch_on_default_model_weights(native, default_gguf):
 
     tensors = {t.name: t for t in gguf.GGUFReader(str(default_gguf)).tensors}
     for name, layout in (("blk.0.attn_k.weight", "zigzag"), ("blk.17.attn_v.weight", "row"),
-                         ("blk.29.ffn_down.weight", "zigzag")):
+                         ("blk.29.attn_output.weight", "zigzag")):
         t = tensors[name]
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))))
         values = spqt.layouts.matrix_to_blocks(w.float(), layout, q4_k.BLOCK_SIZE)
@@ -133,8 +142,6 @@ def test_fp16_rounding_of_d_and_dmin(native, rng):
 def test_a_build_with_fused_multiply_adds_is_caught(native, rng, tmp_path):
     """The same source built with FMA contraction (-ffp-contract=fast) writes other bytes for some
     blocks: the comparisons above can tell, and q4_k_native.FLAGS must keep contraction off."""
-    from spqt import native as build_cache
-
     if "fma" not in open("/proc/cpuinfo").read().split():
         pytest.skip("this CPU has no fused multiply-add: contraction changes nothing here")
     assert "-ffp-contract=off" in q4_k_native.FLAGS

@@ -99,14 +99,24 @@ static inline float half_to_float(uint16_t h)
     return f;
 }
 
+/* Per lane, t[0] + t[1] + ... + t[31] in this order (q4_k.py's sequential_sum). */
+static inline void sum_rows(const float t[SUB][LANES], float total[LANES])
+{
+    for (int j = 0; j < LANES; j++)
+        total[j] = t[0][j];
+    for (int i = 1; i < SUB; i++)
+        for (int j = 0; j < LANES; j++)
+            total[j] += t[i][j];
+}
+
 /* search.py's make_qkx2_quants for the 8 sub-blocks of one block (nmax 15, candidates
  * (-1 + 0.1 i + 15) / range for i = 0..20, squared error): x, w [32][8] -> scale[8],
  * the_min[8] (the min as subtracted, >= 0 unless -0), levels [32][8] in 0..15. */
 static void make_qkx2_quants(const float x[SUB][LANES], const float w[SUB][LANES], float scale[LANES],
                              float the_min[LANES], float levels[SUB][LANES])
 {
-    float lo[LANES], hi[LANES], sum_w[LANES], sum_x[LANES], best[LANES], iscale[LANES], err[LANES];
-    float trial[SUB][LANES];
+    float lo[LANES], hi[LANES], sum_w[LANES], sum_x[LANES], best[LANES], cur[LANES], iscale[LANES];
+    float trial[SUB][LANES], err[SUB][LANES], wl[SUB][LANES], wl2[SUB][LANES], wxl[SUB][LANES];
     int flat[LANES];
 
     for (int j = 0; j < LANES; j++) {
@@ -133,9 +143,9 @@ static void make_qkx2_quants(const float x[SUB][LANES], const float w[SUB][LANES
         for (int j = 0; j < LANES; j++) {
             levels[i][j] = round_level((x[i][j] - lo[j]) * iscale[j]);
             float diff = ((scale[j] * levels[i][j]) + lo[j]) - x[i][j];
-            float e = (diff * diff) * w[i][j];
-            best[j] = i == 0 ? e : best[j] + e;
+            err[i][j] = (diff * diff) * w[i][j];
         }
+    sum_rows(err, best);
 
     for (int step = 0; step <= NSTEP; step++) {
         /* C evaluates (rmin + rdelta * step) + nmax in float32 */
@@ -148,13 +158,13 @@ static void make_qkx2_quants(const float x[SUB][LANES], const float w[SUB][LANES
             for (int j = 0; j < LANES; j++) {
                 float l = round_level((x[i][j] - lo[j]) * iscale[j]);
                 trial[i][j] = l;
-                float wl = w[i][j] * l;
-                float wl2 = wl * l;
-                float wxl = wl * x[i][j];
-                sum_l[j] = i == 0 ? wl : sum_l[j] + wl;
-                sum_l2[j] = i == 0 ? wl2 : sum_l2[j] + wl2;
-                sum_xl[j] = i == 0 ? wxl : sum_xl[j] + wxl;
+                wl[i][j] = w[i][j] * l;
+                wl2[i][j] = wl[i][j] * l;
+                wxl[i][j] = wl[i][j] * x[i][j];
             }
+        sum_rows(wl, sum_l);
+        sum_rows(wl2, sum_l2);
+        sum_rows(wxl, sum_xl);
         for (int j = 0; j < LANES; j++) {
             float det = sum_w[j] * sum_l2[j] - sum_l[j] * sum_l[j];
             usable[j] = det > 0.0f;
@@ -171,19 +181,19 @@ static void make_qkx2_quants(const float x[SUB][LANES], const float w[SUB][LANES
         for (int i = 0; i < SUB; i++)
             for (int j = 0; j < LANES; j++) {
                 float diff = ((this_scale[j] * trial[i][j]) + this_min[j]) - x[i][j];
-                float e = (diff * diff) * w[i][j];
-                err[j] = i == 0 ? e : err[j] + e;
+                err[i][j] = (diff * diff) * w[i][j];
             }
+        sum_rows(err, cur);
+        int better[LANES];
         for (int j = 0; j < LANES; j++) {
-            int better = usable[j] && !flat[j] && err[j] < best[j];
-            if (better) {
-                for (int i = 0; i < SUB; i++)
-                    levels[i][j] = trial[i][j];
-                best[j] = err[j];
-                scale[j] = this_scale[j];
-                lo[j] = this_min[j];
-            }
+            better[j] = usable[j] && !flat[j] && cur[j] < best[j];
+            best[j] = better[j] ? cur[j] : best[j];
+            scale[j] = better[j] ? this_scale[j] : scale[j];
+            lo[j] = better[j] ? this_min[j] : lo[j];
         }
+        for (int i = 0; i < SUB; i++)
+            for (int j = 0; j < LANES; j++)
+                levels[i][j] = better[j] ? trial[i][j] : levels[i][j];
     }
     for (int j = 0; j < LANES; j++) {
         if (flat[j]) {
@@ -211,10 +221,9 @@ static void encode_block(const float *xb, uint8_t *out)
         for (int i = 0; i < SUB; i++)
             x[i][j] = xb[SUB * j + i];
     for (int i = 0; i < SUB; i++)
-        for (int j = 0; j < LANES; j++) {
-            float sq = x[i][j] * x[i][j];
-            sum_x2[j] = i == 0 ? sq : sum_x2[j] + sq;
-        }
+        for (int j = 0; j < LANES; j++)
+            levels[i][j] = x[i][j] * x[i][j]; /* the squares, before levels holds levels */
+    sum_rows(levels, sum_x2);
     for (int j = 0; j < LANES; j++) {
         /* correctly rounded, as q4_k.py's float64 sqrt rounded to float32 */
         float av_x = (float)sqrt((double)(sum_x2[j] / 32.0f));
@@ -253,15 +262,14 @@ static void encode_block(const float *xb, uint8_t *out)
     for (int j = 0; j < LANES; j++) {
         float d_sub = d * (float)ls[j];
         float dm_sub = dmin * (float)lm[j];
-        for (int i = 0; i < SUB; i++) {
-            int l;
-            if (d_sub != 0.0f) {
-                l = nearest_int((x[i][j] + dm_sub) / d_sub);
-                l = l < 0 ? 0 : (l > NMAX ? NMAX : l);
-            } else {
-                l = (int)levels[i][j];
+        if (d_sub != 0.0f) {
+            for (int i = 0; i < SUB; i++) {
+                int l = nearest_int((xb[SUB * j + i] + dm_sub) / d_sub);
+                q[j][i] = (uint8_t)(l < 0 ? 0 : (l > NMAX ? NMAX : l));
             }
-            q[j][i] = (uint8_t)l;
+        } else {
+            for (int i = 0; i < SUB; i++)
+                q[j][i] = (uint8_t)levels[i][j];
         }
     }
 
