@@ -54,7 +54,7 @@ def encode(x: torch.Tensor, search: str = "reference") -> torch.Tensor:
     if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
         raise ValueError(f"q4_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
     if search == "reference":
-        # the same bytes from C, ~N x faster on the CPU, where a compiler is at hand
+        # the same bytes from C, 5x faster a thread (docs/RESULTS.md, issue 18), where a compiler works
         native = q4_k_native.encode(x)
         if native is not None:
             return native
