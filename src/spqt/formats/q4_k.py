@@ -19,12 +19,13 @@ least-squares refit of scale and min), written as vectorized float32 tensor ops 
 the C code's operation order: every sum is accumulated element by element in the C order, and
 no multiply-add is fused. Eager torch does the same IEEE float32 operations on CPU and GPU, so
 both give the same bytes. ``search="mse"`` runs the optional search of mse_search.py on top of
-it instead (lower plain squared error, other bytes).
+it instead (lower plain squared error, other bytes). On the CPU, the reference search runs in C
+where a compiler is at hand (q4_k_native.py: the same operations, the same bytes).
 """
 
 import torch
 
-from spqt.formats import check_search
+from spqt.formats import check_search, q4_k_native
 from spqt.formats.mse_search import search_levels
 from spqt.formats.search import f32, make_qkx2_quants, nearest_int, sequential_sum
 
@@ -52,6 +53,11 @@ def encode(x: torch.Tensor, search: str = "reference") -> torch.Tensor:
     check_search(search, "q4_k")
     if x.dim() != 2 or x.shape[1] != BLOCK_SIZE:
         raise ValueError(f"q4_k.encode expects (n_blocks, {BLOCK_SIZE}), got {tuple(x.shape)}")
+    if search == "reference":
+        # the same bytes from C, 5x faster a thread (docs/RESULTS.md, issue 18), where a compiler works
+        native = q4_k_native.encode(x)
+        if native is not None:
+            return native
     levels = encode_levels(x, _NMAX, _RMIN, _RDELTA, _NSTEP)
     if search == "mse":
         levels = search_levels(x, _NMAX, levels)

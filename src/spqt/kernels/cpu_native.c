@@ -369,13 +369,3 @@ int spqt_rope_attention_decode(const float *qkv, const float *table, int64_t pos
     free(scores);
     return 0;
 }
-
-/* 1 when this build runs its loops on OpenMP threads (the `threads` arguments count). */
-int spqt_openmp(void)
-{
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}

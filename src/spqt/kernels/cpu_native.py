@@ -5,28 +5,20 @@ A decode token reads every weight once, and torch's fp16 GEMV on the 2-core AVX2
 rate the CPU converts fp16 (8-9 GB/s of weights: docs/RESULTS.md, issue 18), so an fp16 copy of
 the default model costs >= 31 ms a token. Read as Q4_K blocks, the same maps are 3.6x fewer bytes.
 
-The C source is compiled on first use with the machine's C compiler (``$CC``, else ``cc``):
-``-O3 -march=native``, with OpenMP when the compiler has it, into the cache
-($SPQT_CACHE/cpu or ~/.cache/spqt/cpu, keyed by the source, the flags and the machine), written
-under a temporary name and renamed. Without a compiler, ``available()`` says why and the CLI
-falls back to the fp16 GEMV (cpu_fp16.py).
+The C source is compiled on first use with the machine's C compiler (spqt/native.py):
+``-O3 -march=native``, with OpenMP when the compiler has it, cached. Without a compiler,
+``available()`` says why and the CLI falls back to the fp16 GEMV (cpu_fp16.py).
 
 Numerics: sums over k in ascending order in fp32, the same for any thread count; Q4_K weights
 are the format's exact values (no fp16 rounding of W); the output stays fp32.
 """
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
-from spqt import functional
+from spqt import functional, native
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels.cpu_fp16 import HalfGemvLinear
 from spqt.kernels.reference import ReferenceLinear
@@ -36,36 +28,7 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 _state: dict = {}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("SPQT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spqt"
-    return Path(root) / "cpu"
-
-
-def _machine() -> str:
-    """What -march=native compiles for: the architecture, and on Linux the CPU's model and flags
-    (a cache shared by two machines must not hand one the other's instructions)."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    cpu = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))][:3]
-    return repr((platform.machine(), platform.processor(), cpu))
-
-
-def build(compiler: str, flags: tuple, path: Path) -> ctypes.CDLL:
-    """Compile cpu_native.c with these flags into path (unless it is there) and load it. Raises
-    OSError or subprocess.CalledProcessError (its stderr the compiler's) when either fails."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp, "-lm"], check=True, capture_output=True, text=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    lib = ctypes.CDLL(str(path))
+def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     for name in ("spqt_q4k_zigzag", "spqt_half_gemm"):
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, i32]
@@ -78,34 +41,19 @@ def build(compiler: str, flags: tuple, path: Path) -> ctypes.CDLL:
     lib.spqt_silu_mul.restype = None
     lib.spqt_rope_attention_decode.argtypes = [p, p, i64, p, p, i64, i64, i64, i64, i64, p, p]
     lib.spqt_rope_attention_decode.restype = i32
-    lib.spqt_openmp.restype = i32
+
+
+def build(compiler: str, flags: tuple, path: Path) -> ctypes.CDLL:
+    """Compile cpu_native.c with these flags into path (unless it is there) and load it. Raises
+    OSError or subprocess.CalledProcessError (its stderr the compiler's) when either fails."""
+    lib = native.build(compiler, SOURCE, flags, path)
+    _declare(lib)
     return lib
 
 
 def _library():
     """The loaded library (built once per process), or a string saying why there is none."""
-    if _state:
-        return _state["lib"]
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        _state["lib"] = f"no C compiler ({compiler!r} not found)"
-        return _state["lib"]
-    source = SOURCE.read_bytes()
-    why = ""
-    for flags in (FLAGS + ("-fopenmp",), FLAGS):  # OpenMP when the compiler has it
-        key = hashlib.sha256(source + repr((compiler, flags, _machine())).encode())
-        try:
-            lib = build(compiler, flags, _cache_dir() / f"spqt_cpu-{key.hexdigest()[:16]}.so")
-        except subprocess.CalledProcessError as e:
-            why = f"the C compiler failed: {(e.stderr.strip().splitlines() or [str(e)])[-1]}"
-            continue
-        except OSError as e:
-            why = f"the compiled library did not load: {e}"
-            continue
-        _state["lib"], _state["openmp"] = lib, bool(lib.spqt_openmp())
-        return lib
-    _state["lib"] = why
-    return why
+    return native.load(SOURCE, FLAGS, _declare, _state)
 
 
 def available() -> str | None:
