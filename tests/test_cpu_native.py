@@ -67,6 +67,30 @@ def test_q4k_zigzag_matches_float64(builds, rng, build, n, k):
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("criterion", ["teal", "wina"])
+def test_q4k_zigzag_sparse_masks_as_it_reads(builds, rng, build, criterion):
+    """The sparse product: the dense product of the reference's masked input, bit for bit, and the
+    count of kept inputs, any thread count."""
+    n, k, m = 300, 77, 2
+    qw = _q4k(rng, n, k)
+    x = _input(rng, m, k, 0.1)
+    scale = torch.from_numpy(rng.uniform(0.5, 2.0, k)).float() if criterion == "wina" else None
+    score = x.abs() * (1 if scale is None else scale)
+    t = float(score.median())
+    keep = score > torch.tensor(t, dtype=torch.float32)
+    masked = x * keep
+    residual = torch.from_numpy(rng.standard_normal((m, n))).float()
+    want = _run(builds[build], "spqt_q4k_zigzag", qw.blocks.data_ptr(), n, k, masked, residual, 1)
+    for threads in (1, 2, 3):
+        y = torch.full((m, n), float("nan"))
+        kept = builds[build].spqt_q4k_zigzag_sparse(qw.blocks.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(),
+                                                     residual.data_ptr(), threads, t,
+                                                     None if scale is None else scale.data_ptr())
+        assert kept == int(keep.sum()) and 0 < kept < m * k
+        assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
 @pytest.mark.parametrize("n,k", [(37, 77), (130, 8), (64, 1), (200, 96)])
 def test_half_gemm_matches_float64(builds, rng, build, n, k):
     """fp16 W (N, K): y = residual + x W^T within fp32 rounding, any thread count the same bits."""

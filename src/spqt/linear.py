@@ -36,6 +36,8 @@ class Linear(DirectCallModule):
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype), persistent=False)
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
+        self._threshold_value: float | None = None
+        self._counts_view = None  # (counts, its numpy view) on the CPU
         # The sparsity the threshold was calibrated for (None: unknown), and whether a level the
         # implementation cannot run faster than dense runs dense instead.
         self.level: float | None = None
@@ -50,6 +52,8 @@ class Linear(DirectCallModule):
     def set_threshold(self, t: float | None, level: float | None = None) -> None:
         """Thresholds are updated in place, so a captured CUDA graph sees the new value."""
         self.level = level
+        # the threshold's fp32 value, which the CPU's masked path reads without a tensor .item()
+        self._threshold_value = None if t is None else float(torch.tensor(float(t), dtype=torch.float32))
         if t is None:
             self.threshold = None
         elif self.threshold is None:
@@ -116,28 +120,38 @@ class Linear(DirectCallModule):
     def _masked_on_cpu(self, x: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
         """The sparse forward of a map whose sparse product is the dense product of the masked
         input (the CPU's maps), in few small ops: each costs 3-8 us on the 2-core machine, and a
-        decode step runs 120 of these maps. TEAL's mask x * (|x| > t) is torch's hardshrink (the
-        same values; a dropped input becomes +0); a threshold is never negative, so the kept inputs
-        are the nonzero ones and one count_nonzero counts them, added to the counters through
-        their numpy view (1.5 us; a torch.tensor of the two numbers and an add_ took 13 us)."""
-        t = float(self.threshold)
+        decode step runs 120 of these maps. The native Q4_K maps mask as they read, in one C call
+        that also counts; other native maps mask and count in C, then multiply. Otherwise TEAL's
+        mask x * (|x| > t) is torch's hardshrink (the same values; a dropped input becomes +0); a
+        threshold is never negative, so the kept inputs are the nonzero ones, counted by one
+        count_nonzero."""
+        t = self._threshold_value
+        counted = getattr(self.impl, "sparse_counted", None)  # the CPU's native Q4_K maps: one C call
+        done = counted(x, t, self.scale, residual, swiglu) if counted is not None else None
+        if done is not None:
+            self._count(x.numel(), done[1])
+            return done[0]
         native = getattr(self.impl, "mask", None)
         masked = native(x, t, self.scale) if native is not None else None
-        if masked is not None:  # the CPU's native maps: mask and count in one C call
-            xs, kept = masked
-            if self.track:
-                counts = self.counts.numpy()
-                counts[0] += xs.numel() - kept
-                counts[1] += xs.numel()
-            return self.impl.dense(xs, residual, swiglu)
+        if masked is not None:  # the CPU's other native maps: mask and count in one C call
+            self._count(x.numel(), masked[1])
+            return self.impl.dense(masked[0], residual, swiglu)
         if self.scale is None and t >= 0:
             xs = F.hardshrink(x, t)
         else:
             xs = x * keep_mask(x, self.threshold, self.scale)
         if self.track:
-            n = xs.numel()
             kept = int(torch.count_nonzero(xs)) if t >= 0 else int(keep_mask(x, self.threshold, self.scale).sum())
-            counts = self.counts.numpy()
-            counts[0] += n - kept
-            counts[1] += n
+            self._count(xs.numel(), kept)
         return self.impl.dense(xs, residual, swiglu)
+
+    def _count(self, seen: int, kept: int) -> None:
+        """Add to the achieved-sparsity counters (CPU) when tracking, through their numpy view (1.5 us;
+        a torch.tensor of the two numbers and an add_ took 13 us), kept while the buffer is the same."""
+        if not self.track:
+            return
+        if self._counts_view is None or self._counts_view[0] is not self.counts:
+            self._counts_view = (self.counts, self.counts.numpy())
+        view = self._counts_view[1]
+        view[0] += seen - kept
+        view[1] += seen

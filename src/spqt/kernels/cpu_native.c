@@ -80,6 +80,23 @@ static inline __attribute__((always_inline)) void scale_min(int j, const uint8_t
     }
 }
 
+/* Which inputs a product reads: dense (rule NULL) every nonzero one; sparse (TEAL / WINA) those with
+ * |x| > t, or |x| scale_k > t (the reference's keep_mask: one fp32 product), at their own value. */
+struct sparse_rule {
+    float t;
+    const float *scale; /* (K,) or NULL */
+};
+
+static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rule)
+{
+    if (!rule)
+        return xv != 0.0f; /* a zero input adds nothing: its nibbles are never read */
+    float a = fabsf(xv);
+    if (rule->scale)
+        a *= rule->scale[kk];
+    return a > rule->t;
+}
+
 #ifdef SPQT_F16C
 #define TILE 32 /* blocks a pass: 4.6 KB of blocks and 1 KB of scales, in L1 for the second pass */
 #ifndef PREFETCH_AHEAD
@@ -91,7 +108,8 @@ static inline __attribute__((always_inline)) void scale_min(int j, const uint8_t
  * and 64 c + 32..63 in its high ones. Per tile of blocks:
  * first the blocks' scales, x folded in (x_k d sc_j for the 8 sub-blocks, and the mins' sums), then
  * each group's nibbles against them. out[i] = sum_k x_k (d sc)_k q_ik - sum_k x_k (dmin m)_k. */
-static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[256])
+static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
 {
     const __m256i low4 = _mm256_set1_epi32(0x0f);
     __m256 mins = _mm256_setzero_ps(); /* sum_k x_k dmin_k m_kj, sub-block j in lane j */
@@ -109,8 +127,8 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
             __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 64);
             __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 128);
             float xv = x[k0 + t];
-            if (xv == 0.0f)
-                continue; /* a zero input adds nothing: its nibbles are never read */
+            if (!kept_input(xv, k0 + t, rule))
+                continue;
             uint32_t w0, w1, w2;
             memcpy(&w0, b + 4, 4);
             memcpy(&w1, b + 8, 4);
@@ -162,13 +180,14 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 }
 #else
 /* The same outputs without AVX2: scalar loops, the same sums in the same order. */
-static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x, float out[256])
+static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
 {
     float acc[256] = {0}, min_sum[8] = {0};
     for (int64_t kk = 0; kk < k; kk++) {
         const uint8_t *b = row_blocks + kk * Q4K_BYTES;
         float xv = x[kk];
-        if (xv == 0.0f)
+        if (!kept_input(xv, kk, rule))
             continue;
         float d = load_half(b), dmin = load_half(b + 2);
         for (int j = 0; j < 2 * groups; j++) {
@@ -186,11 +205,11 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 }
 #endif
 
-/* y (M, N) = [residual +] x (M, K) W^T for zigzag Q4_K blocks (R, K, 144) of W (N, K).
- * The work is split by quant groups (64 outputs; groups past N are never read): each thread takes
- * an equal run of them and decodes a superblock row's scales once for the groups of it in its run. */
-void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
-                     float *y, const float *residual, int threads)
+/* The Q4_K product with a sparse rule (or NULL): the work is split by quant groups (64 outputs;
+ * groups past N are never read): each thread takes an equal run of them and decodes a superblock
+ * row's scales once for the groups of it in its run. */
+static void q4k_product(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+                        const float *residual, int threads, const struct sparse_rule *rule)
 {
     int64_t groups = (n + 63) / 64, total = groups * m;
     if (threads < 1)
@@ -209,7 +228,7 @@ void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x
             if (count > groups - group)
                 count = groups - group;
             float out[256];
-            q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, c, (int)count, x + row * k, out);
+            q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, c, (int)count, x + row * k, rule, out);
             int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
             float *yr = y + row * n + n0;
             const float *rr = residual ? residual + row * n + n0 : 0;
@@ -218,6 +237,27 @@ void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x
             j += count;
         }
     }
+}
+
+/* y (M, N) = [residual +] x (M, K) W^T for zigzag Q4_K blocks (R, K, 144) of W (N, K). */
+void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
+                     float *y, const float *residual, int threads)
+{
+    q4k_product(blocks, n, k, x, m, y, residual, threads, 0);
+}
+
+/* The sparse product y = [residual +] (x * keep) W^T, keep = |x| > t or |x| scale_k > t (scale (K,) or
+ * NULL): the masked input is never formed, its dropped inputs' blocks never read. Returns how many of
+ * the M K inputs were kept. */
+int64_t spqt_q4k_zigzag_sparse(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
+                               float *y, const float *residual, int threads, float t, const float *scale)
+{
+    struct sparse_rule rule = {t, scale};
+    int64_t kept = 0;
+    for (int64_t i = 0; i < m * k; i++)
+        kept += kept_input(x[i], i % k, &rule);
+    q4k_product(blocks, n, k, x, m, y, residual, threads, &rule);
+    return kept;
 }
 
 /* The dot product of fp16 w[0..k) with fp32 x[0..k): 8 lanes x 4 partial sums over k in a fixed

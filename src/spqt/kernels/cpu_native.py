@@ -33,6 +33,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     for name in ("spqt_q4k_zigzag", "spqt_half_gemm"):
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, i32]
         getattr(lib, name).restype = None
+    lib.spqt_q4k_zigzag_sparse.argtypes = [p, i64, i64, p, i64, p, p, i32, ctypes.c_float, p]
+    lib.spqt_q4k_zigzag_sparse.restype = i64
     lib.spqt_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.spqt_rms_norm.restype = None
     lib.spqt_mask.argtypes = [p, i64, i64, ctypes.c_float, p, p]
@@ -98,8 +100,11 @@ class _NativeMap(ReferenceLinear):
         if not swiglu:
             return self.product(x, residual)
         y = self.product(x)
-        if y.dtype != torch.float32:
-            return functional.linear_epilogue(y, None, True)
+        return self._silu_mul(y) if y.dtype == torch.float32 else functional.linear_epilogue(y, None, True)
+
+    @staticmethod
+    def _silu_mul(y: torch.Tensor) -> torch.Tensor:
+        """(..., 2F) fp32 stacked gate|up -> silu(gate) * up (..., F), in C."""
         f = y.shape[-1] // 2
         out = torch.empty(y.shape[:-1] + (f,), dtype=torch.float32)
         _library().spqt_silu_mul(y.data_ptr(), y.numel() // y.shape[-1], f, out.data_ptr())
@@ -131,6 +136,29 @@ class NativeQ4KLinear(_NativeMap):
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._call(_library().spqt_q4k_zigzag, self.blocks.data_ptr(), x, residual)
+
+    def sparse_counted(self, x: torch.Tensor, threshold: float, scale: torch.Tensor | None,
+                       residual: torch.Tensor | None, swiglu: bool) -> tuple[torch.Tensor, int] | None:
+        """(sparse(x, t, residual, swiglu, scale), how many inputs were kept) in one C call that masks as
+        it reads (Linear's CPU sparse path); None where it does not apply (x or scale not fp32)."""
+        if x.dtype != torch.float32 or not x.is_contiguous() or threshold < 0:
+            return None
+        if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+            return None
+        y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
+        res = None
+        if residual is not None and not swiglu:
+            if residual.dtype != torch.float32 or not residual.is_contiguous():
+                residual = residual.to(torch.float32).contiguous()
+            res = residual.data_ptr()
+        kept = _library().spqt_q4k_zigzag_sparse(
+            self.blocks.data_ptr(), self.out_features, self.in_features, x.data_ptr(), x.numel() // self.in_features,
+            y.data_ptr(), res, _threads(), threshold, None if scale is None else scale.data_ptr())
+        if swiglu:
+            y = self._silu_mul(y)
+        elif residual is not None and res is None:
+            y = residual + y
+        return (y if self.dtype == torch.float32 else y.to(self.dtype)), kept
 
 
 class NativeHalfLinear(_NativeMap):
