@@ -121,6 +121,26 @@ def test_one_mask_sparse_path_equals_sparse_and_counts(rng, backend, criterion):
     assert lin.counts.tolist() == [2 * dropped, 80] and 0 < dropped < 40
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu-fp16", "cpu-native"])
+@pytest.mark.parametrize("stored", ["float", "q4_k"])
+def test_cpu_sparse_path_follows_a_threshold_changed_in_place(rng, backend, stored):
+    """A threshold changed in place (as a captured CUDA graph needs, and as tests nudge it) is what
+    the next CPU forward masks with."""
+    import spqt
+    from spqt.checkpoint import QuantizedWeight
+
+    w, x = _data(rng, 48, 40)
+    if stored == "q4_k":
+        w = QuantizedWeight(spqt.quantize(w, "q4_k", layout="zigzag"), "q4_k", "zigzag", tuple(w.shape))
+    lin = Linear(w, torch.float32, "cpu", backend=backend)
+    lin.set_threshold(float(x.abs().min()) / 2)
+    lin.sparse = True
+    low = lin(x)
+    lin.threshold.fill_(float(x.abs().median()))
+    assert torch.equal(lin(x), lin.impl.dense(x * (x.abs() > lin.threshold)))
+    assert not torch.equal(lin(x), low)
+
+
 def test_fast_model_close_to_reference(tiny_spqt):
     """The whole tiny model, prefill and then decode steps fed the same tokens: logits within a few
     fp16 units of the logit range; torch's thread count unchanged after a generation."""

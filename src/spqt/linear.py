@@ -36,7 +36,6 @@ class Linear(DirectCallModule):
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype), persistent=False)
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
-        self._threshold_value: float | None = None
         self._counts_view = None  # (counts, its numpy view) on the CPU
         # The sparsity the threshold was calibrated for (None: unknown), and whether a level the
         # implementation cannot run faster than dense runs dense instead.
@@ -52,8 +51,6 @@ class Linear(DirectCallModule):
     def set_threshold(self, t: float | None, level: float | None = None) -> None:
         """Thresholds are updated in place, so a captured CUDA graph sees the new value."""
         self.level = level
-        # the threshold's fp32 value, which the CPU's masked path reads without a tensor .item()
-        self._threshold_value = None if t is None else float(torch.tensor(float(t), dtype=torch.float32))
         if t is None:
             self.threshold = None
         elif self.threshold is None:
@@ -125,7 +122,7 @@ class Linear(DirectCallModule):
         mask x * (|x| > t) is torch's hardshrink (the same values; a dropped input becomes +0); a
         threshold is never negative, so the kept inputs are the nonzero ones, counted by one
         count_nonzero."""
-        t = self._threshold_value
+        t = float(self.threshold)  # read each call: thresholds may be changed in place
         counted = getattr(self.impl, "sparse_counted", None)  # the CPU's native Q4_K maps: one C call
         done = counted(x, t, self.scale, residual, swiglu) if counted is not None else None
         if done is not None:
