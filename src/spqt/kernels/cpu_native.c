@@ -179,7 +179,8 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
             out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
 }
 #else
-/* The same outputs without AVX2: scalar loops, the same sums in the same order. */
+/* The same outputs without AVX2: scalar loops, the sums over k in the same order (a product's
+ * rounding may differ from the AVX2 path's: x (d sc) here, (x d) sc there). */
 static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups, const float *x,
                        const struct sparse_rule *rule, float out[256])
 {
