@@ -14,12 +14,12 @@ from spqt.layouts import grid_shape
 # (N, K): N not a multiple of 32 / 64 / 256 (partial groups and superblock rows; 90: a last Q8_0
 # group of one 32-row block row), K odd, K = 1, one superblock row, several
 SHAPES = [(300, 77), (64, 1), (576, 576), (90, 33), (1000, 45)]
-TYPES = ["q4_k", "q8_0", "q6_k", "q5_k"]
+TYPES = ["q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k"]
 
 
 # where each format keeps its fp16 scales (d, dmin) in a block, and its largest |sub-block scale x quant|
-HALVES = {"q4_k": (0, 2), "q8_0": (0,), "q6_k": (208,), "q5_k": (0, 2)}
-LARGEST = {"q4_k": 63 * 15, "q8_0": 128, "q6_k": 128 * 32, "q5_k": 63 * 31}
+HALVES = {"q4_k": (0, 2), "q8_0": (0,), "q6_k": (208,), "q5_k": (0, 2), "q3_k": (108,), "q2_k": (80, 82)}
+LARGEST = {"q4_k": 63 * 15, "q8_0": 128, "q6_k": 128 * 32, "q5_k": 63 * 31, "q3_k": 32 * 4, "q2_k": 15 * 3}
 
 
 def _zigzag(rng, fmt: str, n: int, k: int) -> QuantizedWeight:

@@ -296,6 +296,13 @@ static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t gro
 /* A 16-bit-lane shift by a constant (left for s > 0): the quants are assembled 32 bytes at a time and
  * masked after the shift, so the bits a shift carries across bytes never count. In 32-bit lanes
  * (8 weights an op) Q6_K took 18 against Q4_K's 9.4 ms for the default model's 120 maps. */
+/* acc[0..63] = the 8 accumulators a0..a7 */
+#define STORE_ACC(acc)                                                                                    \
+    do {                                                                                                  \
+        _mm256_storeu_ps(acc, a0), _mm256_storeu_ps(acc + 8, a1), _mm256_storeu_ps(acc + 16, a2);         \
+        _mm256_storeu_ps(acc + 24, a3), _mm256_storeu_ps(acc + 32, a4), _mm256_storeu_ps(acc + 40, a5);   \
+        _mm256_storeu_ps(acc + 48, a6), _mm256_storeu_ps(acc + 56, a7);                                   \
+    } while (0)
 #define SHIFT16(v, s) ((s) >= 0 ? _mm256_slli_epi16((v), (s)) : _mm256_srli_epi16((v), -(s)))
 
 /* Q6_K group c (outputs 64 c .. 64 c + 63 of a superblock row: half h = c / 2, quarters 2p and 2p + 1,
@@ -324,14 +331,7 @@ static inline __attribute__((always_inline)) void q6k_group(const int c, const u
         WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
         WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
     }
-    _mm256_storeu_ps(acc, a0);
-    _mm256_storeu_ps(acc + 8, a1);
-    _mm256_storeu_ps(acc + 16, a2);
-    _mm256_storeu_ps(acc + 24, a3);
-    _mm256_storeu_ps(acc + 32, a4);
-    _mm256_storeu_ps(acc + 40, a5);
-    _mm256_storeu_ps(acc + 48, a6);
-    _mm256_storeu_ps(acc + 56, a7);
+    STORE_ACC(acc);
 }
 
 static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
@@ -387,14 +387,7 @@ static inline __attribute__((always_inline)) void q5k_group(const int c, const u
         WIDEN_FMA(lo, a0, a1, a2, a3, s_lo, s_lo);
         WIDEN_FMA(hi, a4, a5, a6, a7, s_hi, s_hi);
     }
-    _mm256_storeu_ps(acc, a0);
-    _mm256_storeu_ps(acc + 8, a1);
-    _mm256_storeu_ps(acc + 16, a2);
-    _mm256_storeu_ps(acc + 24, a3);
-    _mm256_storeu_ps(acc + 32, a4);
-    _mm256_storeu_ps(acc + 40, a5);
-    _mm256_storeu_ps(acc + 48, a6);
-    _mm256_storeu_ps(acc + 56, a7);
+    STORE_ACC(acc);
 }
 
 static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
@@ -439,6 +432,141 @@ static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t grou
         for (int i = 0; i < 64; i++)
             out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
 }
+/* The 6-bit Q3_K scale of sub-block j (0..15) as stored (s + 32) from a block's 12 scale bytes
+ * (q3_k.py's packing). */
+static inline int q3k_scale(int j, const uint8_t *s)
+{
+    int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
+    return low | ((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
+}
+
+/* Q3_K and Q2_K group c: half h = c / 2, quarters 2p and 2p + 1 (p = c % 2) of it, as Q6_K's: quarter
+ * 2p + j (outputs 64 c + 32 j + l) has its low 2 bits at bits 2 (2p + j) of qs[32 h + l], sub-block
+ * 4 c + 2 j + l / 16. Q3_K: the third bit at bit 4 h + 2p + j of hmask[l], the value low + 4 bit - 4.
+ * scales[i][s] = x_k d sc_s (Q3_K: sc = stored - 32). */
+static inline __attribute__((always_inline)) void q3k_group(const int c, const uint8_t *row_blocks, int64_t k0,
+                                                            const int32_t *active, int count,
+                                                            float (*scales)[16], float acc[64])
+{
+    const int h = c / 2, p = c % 2;
+    const __m256i two = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
+    __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8), a2 = _mm256_loadu_ps(acc + 16),
+           a3 = _mm256_loadu_ps(acc + 24), a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40),
+           a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
+    for (int i = 0; i < count; i++) {
+        const uint8_t *b = row_blocks + (k0 + active[i]) * Q3K_BYTES;
+        const float *s = scales[i] + 4 * c;
+        __m256i qs = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * h)), hm = _mm256_loadu_si256((const __m256i *)b);
+        __m256i qa = _mm256_or_si256(_mm256_and_si256(SHIFT16(qs, -4 * p), two),
+                                     _mm256_and_si256(SHIFT16(hm, 2 - (4 * h + 2 * p)), bit2));
+        __m256i qb = _mm256_or_si256(_mm256_and_si256(SHIFT16(qs, -4 * p - 2), two),
+                                     _mm256_and_si256(SHIFT16(hm, 2 - (4 * h + 2 * p + 1)), bit2));
+        qa = _mm256_sub_epi8(qa, bit2);
+        qb = _mm256_sub_epi8(qb, bit2);
+        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
+               s3 = _mm256_broadcast_ss(s + 3);
+        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
+        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+    }
+    STORE_ACC(acc);
+}
+
+static inline __attribute__((always_inline)) void q2k_group(const int c, const uint8_t *row_blocks, int64_t k0,
+                                                            const int32_t *active, int count,
+                                                            float (*scales)[16], float acc[64])
+{
+    const int h = c / 2, p = c % 2;
+    const __m256i two = _mm256_set1_epi8(3);
+    __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8), a2 = _mm256_loadu_ps(acc + 16),
+           a3 = _mm256_loadu_ps(acc + 24), a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40),
+           a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56);
+    for (int i = 0; i < count; i++) {
+        const uint8_t *b = row_blocks + (k0 + active[i]) * Q2K_BYTES;
+        const float *s = scales[i] + 4 * c;
+        __m256i qs = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h));
+        __m256i qa = _mm256_and_si256(SHIFT16(qs, -4 * p), two), qb = _mm256_and_si256(SHIFT16(qs, -4 * p - 2), two);
+        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
+               s3 = _mm256_broadcast_ss(s + 3);
+        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
+        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+    }
+    STORE_ACC(acc);
+}
+
+static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q3K_BYTES;
+    int c0 = (int)(group % 4);
+    float acc[4][64];
+    memset(acc, 0, sizeof acc);
+    float scales[TILE][16];
+    int32_t active[TILE];
+    for (int64_t k0 = 0; k0 < k; k0 += TILE) {
+        int tile = k - k0 < TILE ? (int)(k - k0) : TILE;
+        int count = tile_kept(row_blocks, 1, 0, Q3K_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++) {
+            const uint8_t *b = row_blocks + (k0 + active[i]) * Q3K_BYTES;
+            float xd = x[k0 + active[i]] * load_half(b + 108);
+            for (int j = 0; j < 16; j++)
+                scales[i][j] = xd * (float)(q3k_scale(j, b + 96) - 32);
+        }
+        for (int g = 0; g < groups; g++)
+            switch (c0 + g) {
+            case 0: q3k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 1: q3k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 2: q3k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
+            default: q3k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
+            }
+    }
+    memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+/* Q2_K: weight d sc q - dmin m (4-bit sc, m per sub-block of 16); the mins' sums subtracted at the end. */
+static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q2K_BYTES;
+    int c0 = (int)(group % 4);
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    __m256 mins0 = _mm256_setzero_ps(), mins1 = _mm256_setzero_ps(); /* sum_k x_k dmin m_j, j = 0..7, 8..15 */
+    float acc[4][64];
+    memset(acc, 0, sizeof acc);
+    float scales[TILE][16];
+    int32_t active[TILE];
+    for (int64_t k0 = 0; k0 < k; k0 += TILE) {
+        int tile = k - k0 < TILE ? (int)(k - k0) : TILE;
+        int count = tile_kept(row_blocks, 1, 0, Q2K_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++) {
+            const uint8_t *b = row_blocks + (k0 + active[i]) * Q2K_BYTES;
+            float xv = x[k0 + active[i]];
+            __m256 xd = _mm256_set1_ps(xv * load_half(b + 80)), xm = _mm256_set1_ps(xv * load_half(b + 82));
+            __m128i sm = _mm_loadu_si128((const __m128i *)b);
+            __m128i sc = _mm_and_si128(sm, low4), mn = _mm_and_si128(_mm_srli_epi16(sm, 4), low4);
+            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc))));
+            _mm256_storeu_ps(scales[i] + 8,
+                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)))));
+            mins0 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), mins0);
+            mins1 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))), mins1);
+        }
+        for (int g = 0; g < groups; g++)
+            switch (c0 + g) {
+            case 0: q2k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 1: q2k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 2: q2k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
+            default: q2k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
+            }
+    }
+    float min_sum[16];
+    _mm256_storeu_ps(min_sum, mins0);
+    _mm256_storeu_ps(min_sum + 8, mins1);
+    for (int g = 0; g < groups; g++)
+        for (int i = 0; i < 64; i++)
+            out[64 * g + i] = acc[g][i] - min_sum[4 * (c0 + g) + i / 16];
+}
+
 #else
 /* Without AVX2: scalar loops, each output's sum over k ascending. */
 static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
@@ -511,6 +639,63 @@ static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t grou
     for (int i = 0; i < 64 * groups; i++)
         out[i] = acc[i] - min_sum[i / 32];
 }
+/* The 6-bit Q3_K scale of sub-block j (0..15) as stored (s + 32) from a block's 12 scale bytes
+ * (q3_k.py's packing). */
+static inline int q3k_scale(int j, const uint8_t *s)
+{
+    int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
+    return low | ((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
+}
+
+/* Q3_K and Q2_K: weight i of a superblock row is quarter j = (i % 128) / 32 of half h = i / 128, its
+ * low 2 bits at bits 2j of qs[32 h + i % 32], sub-block i / 16. */
+static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q3K_BYTES;
+    int i0 = 64 * (int)(group % 4);
+    float acc[256] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q3K_BYTES;
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        float d = load_half(b + 108);
+        for (int i = i0; i < i0 + 64 * groups; i++) {
+            int h = i / 128, j = (i % 128) / 32, l = i % 32;
+            int low = b[32 + 32 * h + l] >> (2 * j) & 3, bit = b[l] >> (4 * h + j) & 1;
+            acc[i - i0] += xv * (d * (float)(q3k_scale(i / 16, b + 96) - 32)) * (float)(low + 4 * bit - 4);
+        }
+    }
+    memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q2K_BYTES;
+    int i0 = 64 * (int)(group % 4);
+    float acc[256] = {0}, min_sum[16] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q2K_BYTES;
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        float d = load_half(b + 80), dmin = load_half(b + 82);
+        for (int sub = i0 / 16; sub < (i0 + 64 * groups) / 16; sub++) {
+            float s = xv * (d * (float)(b[sub] & 0x0f));
+            min_sum[sub - i0 / 16] += xv * (dmin * (float)(b[sub] >> 4));
+            for (int i = 16 * sub; i < 16 * sub + 16; i++) {
+                int h = i / 128, j = (i % 128) / 32, l = i % 32;
+                acc[i - i0] += s * (float)(b[16 + 32 * h + l] >> (2 * j) & 3);
+            }
+        }
+    }
+    for (int i = 0; i < 64 * groups; i++)
+        out[i] = acc[i] - min_sum[i / 16];
+}
 #endif
 
 static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
@@ -531,7 +716,8 @@ struct zigzag_type {
     zigzag_groups_fn groups;
 };
 static const struct zigzag_type ZIGZAG_TYPES[] = {
-    {"q4_k", 4, q4k_call}, {"q8_0", 1, q8_0_groups}, {"q6_k", 4, q6k_groups}, {"q5_k", 4, q5k_groups},
+    {"q4_k", 4, q4k_call}, {"q8_0", 1, q8_0_groups}, {"q6_k", 4, q6k_groups},
+    {"q5_k", 4, q5k_groups}, {"q3_k", 4, q3k_groups}, {"q2_k", 4, q2k_groups},
 };
 #define N_ZIGZAG_TYPES ((int)(sizeof ZIGZAG_TYPES / sizeof ZIGZAG_TYPES[0]))
 
