@@ -1,6 +1,6 @@
-"""The CPU's native maps (kernels/cpu_native.c): zigzag Q4_K blocks and fp16 matrices against float64
-products of the same weights, on fresh random data, odd shapes, poisoned outputs; the AVX2 build
-and the portable build; thread counts; the fallback when no compiler works."""
+"""The CPU's native maps (kernels/cpu_native.c): zigzag blocks of every type and fp16 matrices against
+float64 products of the same weights, on fresh random data, odd shapes, poisoned outputs; the AVX2
+build and the portable build; thread counts; the fallback when no compiler works."""
 
 import numpy as np
 import pytest

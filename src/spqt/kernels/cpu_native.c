@@ -1,11 +1,12 @@
-/* SpQt's CPU GEMVs in C: zigzag Q4_K blocks read as they are stored (4.5 bits a weight instead of
- * an fp16 copy's 16), and an fp16 GEMV for float matrices (the tied head). Compiled on first use
- * by kernels/cpu_native.py with the machine's C compiler (-O3 -march=native, OpenMP when it has
- * it) and called through ctypes.
+/* SpQt's CPU GEMVs in C: zigzag blocks of every type read as they are stored (Q4_K: 4.5 bits a
+ * weight instead of an fp16 copy's 16), and an fp16 GEMV for float matrices (the tied head).
+ * Compiled on first use by kernels/cpu_native.py with the machine's C compiler (-O3 -march=native,
+ * OpenMP when it has it) and called through ctypes.
  *
- * Layouts (layouts.py, formats/q4_k.py):
- *   zigzag Q4_K: blocks (R = ceil(N / 256), K, 144) uint8, block (r, k) holding W[256 r .. 256 r + 255, k]
- *                (d fp16, dmin fp16, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles).
+ * Layouts (layouts.py, formats/<type>.py, whose docstrings draw the bytes):
+ *   zigzag:      blocks (R = ceil(N / B), K, bytes) uint8, block (r, k) holding W[B r .. B r + B - 1, k];
+ *                B = 256 (Q6_K 210 bytes, Q5_K 176, Q4_K 144 (d fp16, dmin fp16, 12 bytes of 6-bit
+ *                scales and mins, 128 bytes of nibbles), Q3_K 110, Q2_K 84), B = 32 for Q8_0 (34).
  *   fp16:        W (N, K) row-major.
  *   x:           (M, K) fp32 row-major; y, residual: (M, N) fp32 row-major (residual may be NULL).
  *
@@ -13,7 +14,9 @@
  * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
  * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
- * masked inputs cost no reads of their blocks' nibbles).
+ * masked inputs cost no reads of their blocks' nibbles). The other types likewise: each weight the
+ * value decode gives (d sc (q - 32) for Q6_K, d sc q - dmin m for Q5_K and Q2_K, ...), x folded into
+ * the scales first. One driver (zigzag_product) serves every type through its `groups` routine.
  */
 #include <math.h>
 #include <stdint.h>

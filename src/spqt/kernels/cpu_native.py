@@ -1,5 +1,5 @@
-"""The CPU's native linear maps (backend "cpu-native"): zigzag Q4_K, Q8_0, Q6_K and Q5_K blocks
-multiplied as stored, and an fp16 GEMV for float matrices, in C (cpu_native.c).
+"""The CPU's native linear maps (backend "cpu-native"): zigzag blocks of every type (Q8_0, Q6_K,
+Q5_K, Q4_K, Q3_K, Q2_K) multiplied as stored, and an fp16 GEMV for float matrices, in C (cpu_native.c).
 
 A decode token reads every weight once, and torch's fp16 GEMV on the 2-core AVX2 EPYC runs at the
 rate the CPU converts fp16 (8-9 GB/s of weights: docs/RESULTS.md, issue 18), so an fp16 copy of
