@@ -62,8 +62,8 @@ def main() -> None:
             times["fp16"].append(token_ms(half, inputs))
         mb = sum(w.nbytes for w in weights) / 1e6
         line = ", ".join(f"{name} median {statistics.median(t):.2f} ms min {min(t):.2f}" for name, t in times.items())
-        print(f"{fmt}: {mb:.1f} MB of blocks; {line}; fp16 / native {statistics.median(times['fp16']) / statistics.median(times['native']):.2f}x",
-              flush=True)
+        ratio = statistics.median(times["fp16"]) / statistics.median(times["native"])
+        print(f"{fmt}: {mb:.1f} MB of blocks; {line}; fp16 / native {ratio:.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -166,8 +166,9 @@ class NativeZigzagLinear(_NativeMap):
                 residual = residual.to(torch.float32).contiguous()
             res = residual.data_ptr()
         kept = _library().spqt_zigzag_sparse(
-            self.type, self.blocks.data_ptr(), self.out_features, self.in_features, x.data_ptr(), x.numel() // self.in_features,
-            y.data_ptr(), res, _threads(), threshold, None if scale is None else scale.data_ptr())
+            self.type, self.blocks.data_ptr(), self.out_features, self.in_features, x.data_ptr(),
+            x.numel() // self.in_features, y.data_ptr(), res, _threads(), threshold,
+            None if scale is None else scale.data_ptr())
         if swiglu:
             y = self._silu_mul(y)
         elif residual is not None and res is None:
