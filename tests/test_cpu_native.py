@@ -1,25 +1,37 @@
-"""The CPU's native maps (kernels/cpu_native.c): zigzag Q4_K blocks and fp16 matrices against float64
-products of the same weights, on fresh random data, odd shapes, poisoned outputs; the AVX2 build
-and the portable build; thread counts; the fallback when no compiler works."""
+"""The CPU's native maps (kernels/cpu_native.c): zigzag blocks of every type and fp16 matrices against
+float64 products of the same weights, on fresh random data, odd shapes, poisoned outputs; the AVX2
+build and the portable build; thread counts; the fallback when no compiler works."""
 
+import numpy as np
 import pytest
 import torch
 
 from spqt.checkpoint import QuantizedWeight
-from spqt.formats import q4_k
+from spqt.formats import get_format
 from spqt.kernels import cpu_native
-from spqt.layouts import grid_shape, matrix_to_blocks
+from spqt.layouts import grid_shape
 
-# (N, K): N not a multiple of 64 / 128 / 256 (partial quant groups and superblock rows), K odd,
-# K = 1, one superblock row, several
-SHAPES = [(300, 77), (64, 1), (576, 576), (960, 33), (1000, 45)]
+# (N, K): N not a multiple of 32 / 64 / 256 (partial groups and superblock rows; 90: a last Q8_0
+# group of one 32-row block row), K odd, K = 1, one superblock row, several
+SHAPES = [(300, 77), (64, 1), (576, 576), (90, 33), (1000, 45)]
+TYPES = ["q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k"]
 
 
-def _q4k(rng, n: int, k: int) -> QuantizedWeight:
-    w = torch.from_numpy(rng.standard_normal((n, k)) * rng.uniform(0.01, 0.5, (1, k))).float()
-    rows, cols = grid_shape("zigzag", (n, k), q4_k.BLOCK_SIZE)
-    blocks = q4_k.encode(matrix_to_blocks(w, "zigzag", q4_k.BLOCK_SIZE)).reshape(rows, cols, q4_k.BLOCK_BYTES)
-    return QuantizedWeight(blocks, "q4_k", "zigzag", (n, k))
+# where each format keeps its fp16 scales (d, dmin) in a block, and its largest |sub-block scale x quant|
+HALVES = {"q4_k": (0, 2), "q8_0": (0,), "q6_k": (208,), "q5_k": (0, 2), "q3_k": (108,), "q2_k": (80, 82)}
+LARGEST = {"q4_k": 63 * 15, "q8_0": 128, "q6_k": 128 * 32, "q5_k": 63 * 31, "q3_k": 32 * 4, "q2_k": 15 * 3}
+
+
+def _zigzag(rng, fmt: str, n: int, k: int) -> QuantizedWeight:
+    """Zigzag blocks of `fmt` for W (N, K): random bytes (every quant and sub-block scale pattern) with
+    finite fp16 scales of either sign and different sizes (|W| < 1); their values are what decode says."""
+    block = get_format(fmt)
+    rows, cols = grid_shape("zigzag", (n, k), block.block_size)
+    blocks = rng.integers(0, 256, (rows, cols, block.block_bytes), dtype=np.uint8)
+    for at in HALVES[fmt]:
+        d = rng.uniform(-1, 1, (rows, cols)) * 10.0 ** rng.uniform(-3, 0, (1, cols)) / LARGEST[fmt]
+        blocks[:, :, at:at + 2] = d.astype(np.float16)[..., None].view(np.uint8)
+    return QuantizedWeight(torch.from_numpy(blocks), fmt, "zigzag", (n, k))
 
 
 def _input(rng, m: int, k: int, zeros: float) -> torch.Tensor:
@@ -39,40 +51,44 @@ def builds(tmp_path_factory):
     return {"native": cpu_native._library(), "portable": portable}
 
 
-def _run(lib, fn: str, weight_ptr: int, n: int, k: int, x: torch.Tensor, residual, threads: int) -> torch.Tensor:
+def _run(lib, fn: str, weight_ptr: int, n: int, k: int, x: torch.Tensor, residual, threads: int,
+         fmt: str | None = None) -> torch.Tensor:
     y = torch.full((x.shape[0], n), float("nan"))  # poisoned: an output left unwritten fails
-    getattr(lib, fn)(weight_ptr, n, k, x.data_ptr(), x.shape[0], y.data_ptr(),
+    head = () if fmt is None else (lib.spqt_zigzag_type(fmt.encode()),)
+    getattr(lib, fn)(*head, weight_ptr, n, k, x.data_ptr(), x.shape[0], y.data_ptr(),
                      None if residual is None else residual.data_ptr(), threads)
     return y
 
 
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("n,k", SHAPES)
-def test_q4k_zigzag_matches_float64(builds, rng, build, n, k):
-    """y = residual + x W^T within fp32 rounding of the float64 product of the format's own
-    values; every thread count gives the same bits; zero inputs skipped change nothing."""
-    qw = _q4k(rng, n, k)
+def test_zigzag_matches_float64(builds, rng, fmt, n, k):
+    """Both builds: y = residual + x W^T within fp32 rounding of the float64 product of the format's
+    own values; every thread count gives the same bits; zero inputs skipped change nothing."""
+    qw = _zigzag(rng, fmt, n, k)
     w64 = qw.dequantize().double()
-    for m, zeros in ((1, 0.0), (3, 0.5)):
-        x = _input(rng, m, k, zeros)
-        residual = torch.from_numpy(rng.standard_normal((m, n))).float()
-        want = residual.double() + x.double() @ w64.t()
-        bound = 1e-5 * float((x.double().abs() @ w64.abs().t()).max()) + 1e-6
-        outs = [_run(builds[build], "spqt_q4k_zigzag", qw.blocks.data_ptr(), n, k, x, residual, t) for t in (1, 2, 3)]
-        err = float((outs[0].double() - want).abs().max())
-        assert err <= bound, f"max |diff| {err:.3e} > {bound:.3e}"
-        assert all(torch.equal(outs[0], o) for o in outs[1:])
-        plain = _run(builds[build], "spqt_q4k_zigzag", qw.blocks.data_ptr(), n, k, x, None, 2)
-        assert torch.allclose(plain.double(), want - residual.double(), rtol=0, atol=2 * bound)
+    for lib in builds.values():
+        assert lib.spqt_zigzag_type(fmt.encode()) >= 0
+        for m, zeros in ((1, 0.0), (3, 0.5)):
+            x = _input(rng, m, k, zeros)
+            residual = torch.from_numpy(rng.standard_normal((m, n))).float()
+            want = residual.double() + x.double() @ w64.t()
+            bound = 1e-5 * float((x.double().abs() @ w64.abs().t()).max()) + 1e-6
+            outs = [_run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x, residual, t, fmt) for t in (1, 2, 3)]
+            err = float((outs[0].double() - want).abs().max())
+            assert err <= bound, f"max |diff| {err:.3e} > {bound:.3e}"
+            assert all(torch.equal(outs[0], o) for o in outs[1:])
+            plain = _run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x, None, 2, fmt)
+            assert torch.allclose(plain.double(), want - residual.double(), rtol=0, atol=2 * bound)
 
 
-@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
-def test_q4k_zigzag_sparse_masks_as_it_reads(builds, rng, build, criterion):
-    """The sparse product: the dense product of the reference's masked input, bit for bit, and the
-    count of kept inputs, any thread count."""
+def test_zigzag_sparse_masks_as_it_reads(builds, rng, fmt, criterion):
+    """Both builds: the sparse product is the dense product of the reference's masked input, bit for
+    bit, and the count of kept inputs, any thread count."""
     n, k, m = 300, 77, 2
-    qw = _q4k(rng, n, k)
+    qw = _zigzag(rng, fmt, n, k)
     x = _input(rng, m, k, 0.1)
     scale = torch.from_numpy(rng.uniform(0.5, 2.0, k)).float() if criterion == "wina" else None
     score = x.abs() * (1 if scale is None else scale)
@@ -80,14 +96,15 @@ def test_q4k_zigzag_sparse_masks_as_it_reads(builds, rng, build, criterion):
     keep = score > torch.tensor(t, dtype=torch.float32)
     masked = x * keep
     residual = torch.from_numpy(rng.standard_normal((m, n))).float()
-    want = _run(builds[build], "spqt_q4k_zigzag", qw.blocks.data_ptr(), n, k, masked, residual, 1)
-    for threads in (1, 2, 3):
-        y = torch.full((m, n), float("nan"))
-        kept = builds[build].spqt_q4k_zigzag_sparse(qw.blocks.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(),
-                                                     residual.data_ptr(), threads, t,
-                                                     None if scale is None else scale.data_ptr())
-        assert kept == int(keep.sum()) and 0 < kept < m * k
-        assert torch.equal(y, want)
+    for lib in builds.values():
+        code = lib.spqt_zigzag_type(fmt.encode())
+        want = _run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, masked, residual, 1, fmt)
+        for threads in (1, 2, 3):
+            y = torch.full((m, n), float("nan"))
+            kept = lib.spqt_zigzag_sparse(code, qw.blocks.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(),
+                                          residual.data_ptr(), threads, t, None if scale is None else scale.data_ptr())
+            assert kept == int(keep.sum()) and 0 < kept < m * k
+            assert torch.equal(y, want)
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
@@ -104,16 +121,22 @@ def test_half_gemm_matches_float64(builds, rng, build, n, k):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_native_maps_through_linear(rng):
-    """The runtime's maps: (..., K) inputs, a residual, SwiGLU, the sparse mask, fp16 compute dtype."""
+@pytest.mark.parametrize("fmt", TYPES)
+def test_native_maps_through_linear(rng, fmt):
+    """The runtime's maps: (..., K) inputs, a residual, SwiGLU, the sparse mask, fp16 compute dtype;
+    a row-layout matrix keeps the fp16 GEMV."""
     if cpu_native.available():
         pytest.skip(cpu_native.available())
+    from spqt.kernels.cpu_fp16 import HalfGemvLinear
     from spqt.linear import Linear
 
-    qw = _q4k(rng, 2 * 130, 70)
+    qw = _zigzag(rng, fmt, 2 * 130, 70)
     w64 = qw.dequantize().double()
     lin = Linear(qw, torch.float32, "cpu", backend="cpu-native")
-    assert isinstance(lin.impl, cpu_native.NativeQ4KLinear)
+    assert isinstance(lin.impl, cpu_native.NativeZigzagLinear)
+    rows, cols = qw.blocks.shape[:2]  # the same bytes read as a row-layout matrix
+    row = QuantizedWeight(qw.blocks, fmt, "row", (rows, cols * get_format(fmt).block_size))
+    assert isinstance(cpu_native.make_native_linear(row, torch.float32, "cpu"), HalfGemvLinear)
     x = torch.from_numpy(rng.standard_normal((1, 2, 70))).float()
     res = torch.from_numpy(rng.standard_normal((1, 2, 260))).float()
     full = x.double() @ w64.t()
@@ -139,7 +162,7 @@ def test_norm_and_swiglu_in_c(rng):
     from spqt.model import RMSNorm
 
     k, f = 77, 70
-    qw = _q4k(rng, 2 * f, k)
+    qw = _zigzag(rng, "q4_k", 2 * f, k)
     w64 = qw.dequantize().double()
     norm = RMSNorm(k, 1e-5)
     norm.weight.data = torch.from_numpy(rng.uniform(0.5, 1.5, k)).float()

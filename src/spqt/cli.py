@@ -477,8 +477,8 @@ def cmd_tune(args) -> int:
 
 
 def _gemv_backend(name: str, device: str) -> str | None:
-    """The linear maps' backend for a --gemv choice: on the CPU, native (the default: zigzag Q4_K
-    blocks read as stored and an fp16 head, in C compiled on first use; kernels/cpu_native.py),
+    """The linear maps' backend for a --gemv choice: on the CPU, native (the default: zigzag K-quant
+    and Q8_0 blocks read as stored and an fp16 head, in C compiled on first use; kernels/cpu_native.py),
     fp16 (an fp16 copy of the weights, fp32 sums; auto falls back to it, with a note, where no C
     compiler works) or the fp32 reference; on CUDA the kernels decide (None)."""
     if device == "cuda":
@@ -571,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
     p.add_argument("--gemv", choices=["auto", "native", "fp16", "fp32"], default="auto",
-                   help="CPU matrix-vector products: native (auto's choice: Q4_K blocks as stored, in C compiled "
+                   help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
                         "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
     p.set_defaults(func=cmd_generate)
 

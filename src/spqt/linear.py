@@ -117,13 +117,13 @@ class Linear(DirectCallModule):
     def _masked_on_cpu(self, x: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
         """The sparse forward of a map whose sparse product is the dense product of the masked
         input (the CPU's maps), in few small ops: each costs 3-8 us on the 2-core machine, and a
-        decode step runs 120 of these maps. The native Q4_K maps mask as they read, in one C call
+        decode step runs 120 of these maps. The native zigzag maps mask as they read, in one C call
         that also counts; other native maps mask and count in C, then multiply. Otherwise TEAL's
         mask x * (|x| > t) is torch's hardshrink (the same values; a dropped input becomes +0); a
         threshold is never negative, so the kept inputs are the nonzero ones, counted by one
         count_nonzero."""
         t = float(self.threshold)  # read each call: thresholds may be changed in place
-        counted = getattr(self.impl, "sparse_counted", None)  # the CPU's native Q4_K maps: one C call
+        counted = getattr(self.impl, "sparse_counted", None)  # the CPU's native zigzag maps: one C call
         done = counted(x, t, self.scale, residual, swiglu) if counted is not None else None
         if done is not None:
             self._count(x.numel(), done[1])

@@ -1,11 +1,12 @@
-/* SpQt's CPU GEMVs in C: zigzag Q4_K blocks read as they are stored (4.5 bits a weight instead of
- * an fp16 copy's 16), and an fp16 GEMV for float matrices (the tied head). Compiled on first use
- * by kernels/cpu_native.py with the machine's C compiler (-O3 -march=native, OpenMP when it has
- * it) and called through ctypes.
+/* SpQt's CPU GEMVs in C: zigzag blocks of every type read as they are stored (Q4_K: 4.5 bits a
+ * weight instead of an fp16 copy's 16), and an fp16 GEMV for float matrices (the tied head).
+ * Compiled on first use by kernels/cpu_native.py with the machine's C compiler (-O3 -march=native,
+ * OpenMP when it has it) and called through ctypes.
  *
- * Layouts (layouts.py, formats/q4_k.py):
- *   zigzag Q4_K: blocks (R = ceil(N / 256), K, 144) uint8, block (r, k) holding W[256 r .. 256 r + 255, k]
- *                (d fp16, dmin fp16, 12 bytes of 6-bit scales and mins, 128 bytes of nibbles).
+ * Layouts (layouts.py, formats/<type>.py, whose docstrings draw the bytes):
+ *   zigzag:      blocks (R = ceil(N / B), K, bytes) uint8, block (r, k) holding W[B r .. B r + B - 1, k];
+ *                B = 256 (Q6_K 210 bytes, Q5_K 176, Q4_K 144 (d fp16, dmin fp16, 12 bytes of 6-bit
+ *                scales and mins, 128 bytes of nibbles), Q3_K 110, Q2_K 84), B = 32 for Q8_0 (34).
  *   fp16:        W (N, K) row-major.
  *   x:           (M, K) fp32 row-major; y, residual: (M, N) fp32 row-major (residual may be NULL).
  *
@@ -13,7 +14,9 @@
  * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
  * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
- * masked inputs cost no reads of their blocks' nibbles).
+ * masked inputs cost no reads of their blocks' nibbles). The other types likewise: each weight the
+ * value decode gives (d sc (q - 32) for Q6_K, d sc q - dmin m for Q5_K and Q2_K, ...), x folded into
+ * the scales first. One driver (zigzag_product) serves every type through its `groups` routine.
  */
 #include <math.h>
 #include <stdint.h>
@@ -101,6 +104,9 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
 #define TILE 32 /* blocks a pass: 4.6 KB of blocks and 1 KB of scales, in L1 for the second pass */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 32
+#endif
+#ifndef PREFETCH_BYTES
+#define PREFETCH_BYTES (PREFETCH_AHEAD * Q4K_BYTES)
 #endif
 
 /* Outputs 64 c0 .. 64 (c0 + groups) - 1 (c0 + groups <= 4) of one superblock row (its
@@ -206,11 +212,542 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 }
 #endif
 
-/* The Q4_K product with a sparse rule (or NULL): the work is split by quant groups (64 outputs;
- * groups past N are never read): each thread takes an equal run of them and decodes a superblock
- * row's scales once for the groups of it in its run. */
-static void q4k_product(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m, float *y,
-                        const float *residual, int threads, const struct sparse_rule *rule)
+/* The other zigzag types. Each has a `groups` routine with the signature of zigzag_groups_fn below: the
+ * outputs 64 g .. 64 (g + count) - 1 (g = group, at most `unit` groups from a multiple of `unit`) for one
+ * row of x, each a sum over k ascending in fp32 of x_k times the format's value (the value as decode
+ * forms it, up to where x is folded in), kept inputs only. Per tile of blocks, first each kept block's
+ * scales with x folded in, then every group's quants against them. */
+#define Q8_0_BYTES 34
+#define Q6K_BYTES 210
+#define Q5K_BYTES 176
+#define Q3K_BYTES 110
+#define Q2K_BYTES 84
+
+#ifdef SPQT_F16C
+/* Blocks a pass for these types: 8 (1.7 KB of Q6_K) took 14 against 18 ms at 32 for the default model's
+ * 120 Q6_K maps, Q5_K 14 against 18, Q8_0 and Q2_K alike at 8, 16 and 32 (scripts/cpu_types_bench.py's
+ * maps, 2 threads, busy 2-core VM). */
+#ifndef KTILE
+#define KTILE 8
+#endif
+
+/* The kept blocks of the tile k0 .. k0 + tile - 1 (their offsets in the tile into active; returns how
+ * many), the blocks PREFETCH_BYTES further requested now (Q4_K's distance in bytes; 0, 2.3, 4.6 and
+ * 9.2 KB measured alike for Q8_0, Q6_K and Q5_K), all their cache lines, in `rows` block rows `stride`
+ * bytes apart. */
+static inline __attribute__((always_inline)) int tile_kept(const uint8_t *row_blocks, int rows, int64_t stride,
+                                                           int bytes, int64_t k0, int tile, const float *x,
+                                                           const struct sparse_rule *rule, int32_t *active)
+{
+    int count = 0;
+    for (int t = 0; t < tile; t++) {
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *ahead = row_blocks + r * stride + (k0 + t) * bytes + PREFETCH_BYTES;
+            for (int off = 0; off < bytes; off += 64)
+                __builtin_prefetch(ahead + off);
+        }
+        if (kept_input(x[k0 + t], k0 + t, rule))
+            active[count++] = t;
+    }
+    return count;
+}
+
+/* Q8_0: a group is 2 superblock rows of 32 (blocks 2g and 2g + 1, K Q8_0_BYTES apart), the second
+ * only where N has it. out[32 r + l] = sum_k (x_k d_rk) q_rkl. */
+static inline __attribute__((always_inline)) void q8_0_rows(const int rows, const uint8_t *blocks, int64_t k,
+                                                            const float *x, const struct sparse_rule *rule,
+                                                            float out[64])
+{
+    __m256 a[8];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm256_setzero_ps();
+    float scales[KTILE][2];
+    int32_t active[KTILE];
+    int64_t stride = k * Q8_0_BYTES;
+    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
+        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
+        int count = tile_kept(blocks, rows, stride, Q8_0_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++)
+            for (int r = 0; r < rows; r++)
+                scales[i][r] = x[k0 + active[i]] * load_half(blocks + r * stride + (k0 + active[i]) * Q8_0_BYTES);
+        for (int i = 0; i < count; i++)
+            for (int r = 0; r < rows; r++) {
+                const uint8_t *q = blocks + r * stride + (k0 + active[i]) * Q8_0_BYTES + 2;
+                __m256 s = _mm256_broadcast_ss(&scales[i][r]);
+                for (int c = 0; c < 4; c++) {
+                    __m256i w = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * c)));
+                    a[4 * r + c] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(w), a[4 * r + c]);
+                }
+            }
+    }
+    for (int i = 0; i < 8; i++)
+        _mm256_storeu_ps(out + 8 * i, a[i]);
+}
+
+static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                        const struct sparse_rule *rule, float out[256])
+{
+    (void)groups; /* unit 1 */
+    const uint8_t *rows = blocks + 2 * group * k * Q8_0_BYTES;
+    if (n - 64 * group > 32)
+        q8_0_rows(2, rows, k, x, rule, out);
+    else
+        q8_0_rows(1, rows, k, x, rule, out);
+}
+
+/* acc A0..A3 += S01 x int8 bytes 0..15 of V, S23 x bytes 16..31 (8 fp32 lanes each, bytes in order). */
+#define WIDEN_FMA(V, A0, A1, A2, A3, S01, S23)                                                            \
+    do {                                                                                                  \
+        __m128i lo_ = _mm256_castsi256_si128(V), hi_ = _mm256_extracti128_si256(V, 1);                   \
+        A0 = _mm256_fmadd_ps(S01, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(lo_)), A0);                    \
+        A1 = _mm256_fmadd_ps(S01, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(lo_, 8))), A1); \
+        A2 = _mm256_fmadd_ps(S23, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi_)), A2);                    \
+        A3 = _mm256_fmadd_ps(S23, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi_, 8))), A3); \
+    } while (0)
+/* The 8 accumulators a0..a7 of a group's 64 outputs, from acc[0..63] and back. */
+#define LOAD_ACC(acc)                                                                                     \
+    __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8), a2 = _mm256_loadu_ps(acc + 16),     \
+           a3 = _mm256_loadu_ps(acc + 24), a4 = _mm256_loadu_ps(acc + 32), a5 = _mm256_loadu_ps(acc + 40), \
+           a6 = _mm256_loadu_ps(acc + 48), a7 = _mm256_loadu_ps(acc + 56)
+#define STORE_ACC(acc)                                                                                    \
+    do {                                                                                                  \
+        _mm256_storeu_ps(acc, a0), _mm256_storeu_ps(acc + 8, a1), _mm256_storeu_ps(acc + 16, a2);         \
+        _mm256_storeu_ps(acc + 24, a3), _mm256_storeu_ps(acc + 32, a4), _mm256_storeu_ps(acc + 40, a5);   \
+        _mm256_storeu_ps(acc + 48, a6), _mm256_storeu_ps(acc + 56, a7);                                   \
+    } while (0)
+/* A 16-bit-lane shift by a constant (left for s > 0): the quants are assembled 32 bytes at a time and
+ * masked after the shift, so the bits a shift carries across bytes never count. In 32-bit lanes
+ * (8 weights an op) Q6_K took 18 against Q4_K's 9.4 ms for the default model's 120 maps. */
+#define SHIFT16(v, s) ((s) >= 0 ? _mm256_slli_epi16((v), (s)) : _mm256_srli_epi16((v), -(s)))
+
+/* Q6_K group c (outputs 64 c .. 64 c + 63 of a superblock row: half h = c / 2, quarters 2p and 2p + 1,
+ * p = c % 2): quarter 2p + j (outputs 64 c + 32 j + l) is nibble p of ql[64 h + 32 j + l] with bits 4p + 2j
+ * of qh[32 h + l] above it, minus 32; sub-block 4 c + 2 j + l / 16. scales[i][s] = x_k d sc_s. */
+static inline __attribute__((always_inline)) void q6k_group(const int c, const uint8_t *row_blocks, int64_t k0,
+                                                            const int32_t *active, int count,
+                                                            float (*scales)[16], float acc[64])
+{
+    const int h = c / 2, p = c % 2;
+    const __m256i low4 = _mm256_set1_epi8(0x0f), top2 = _mm256_set1_epi8(0x30), bias = _mm256_set1_epi8(32);
+    LOAD_ACC(acc);
+    for (int i = 0; i < count; i++) {
+        const uint8_t *b = row_blocks + (k0 + active[i]) * Q6K_BYTES, *ql = b + 64 * h, *qh = b + 128 + 32 * h;
+        const float *s = scales[i] + 4 * c;
+        __m256i hw = _mm256_loadu_si256((const __m256i *)qh), wa = _mm256_loadu_si256((const __m256i *)ql),
+                wb = _mm256_loadu_si256((const __m256i *)(ql + 32));
+        __m256i na = _mm256_and_si256(p ? _mm256_srli_epi16(wa, 4) : wa, low4);
+        __m256i nb = _mm256_and_si256(p ? _mm256_srli_epi16(wb, 4) : wb, low4);
+        __m256i qa = _mm256_sub_epi8(_mm256_or_si256(na, _mm256_and_si256(SHIFT16(hw, 4 - 4 * p), top2)), bias);
+        __m256i qb = _mm256_sub_epi8(_mm256_or_si256(nb, _mm256_and_si256(SHIFT16(hw, 2 - 4 * p), top2)), bias);
+        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
+               s3 = _mm256_broadcast_ss(s + 3);
+        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
+        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+    }
+    STORE_ACC(acc);
+}
+
+static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q6K_BYTES;
+    int c0 = (int)(group % 4);
+    float acc[4][64];
+    memset(acc, 0, sizeof acc);
+    float scales[KTILE][16];
+    int32_t active[KTILE];
+    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
+        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
+        int count = tile_kept(row_blocks, 1, 0, Q6K_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++) {
+            const uint8_t *b = row_blocks + (k0 + active[i]) * Q6K_BYTES;
+            __m256 xd = _mm256_set1_ps(x[k0 + active[i]] * load_half(b + 208));
+            __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
+            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+            _mm256_storeu_ps(scales[i] + 8,
+                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+        }
+        for (int g = 0; g < groups; g++)
+            switch (c0 + g) { /* constant group numbers: immediate shifts */
+            case 0: q6k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 1: q6k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 2: q6k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
+            default: q6k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
+            }
+    }
+    memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+/* Q5_K group c (sub-blocks 2c, 2c + 1): Q4_K's nibbles (qs[32 c + l]: low -> output 64 c + l, high ->
+ * 64 c + 32 + l) with bits 2c and 2c + 1 of qh[l] as their 5th bits. The same scales and mins as Q4_K:
+ * scales[i][j] = x_k d sc_j, and the mins' sums subtracted at the end. */
+static inline __attribute__((always_inline)) void q5k_group(const int c, const uint8_t *row_blocks, int64_t k0,
+                                                            const int32_t *active, int count,
+                                                            float (*scales)[8], float acc[64])
+{
+    const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
+    LOAD_ACC(acc);
+    for (int i = 0; i < count; i++) {
+        const uint8_t *b = row_blocks + (k0 + active[i]) * Q5K_BYTES;
+        __m256i w = _mm256_loadu_si256((const __m256i *)(b + 48 + 32 * c));
+        __m256i hw = _mm256_loadu_si256((const __m256i *)(b + 16));
+        __m256i lo = _mm256_or_si256(_mm256_and_si256(w, low4), _mm256_and_si256(SHIFT16(hw, 4 - 2 * c), bit4));
+        __m256i hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(w, 4), low4),
+                                     _mm256_and_si256(SHIFT16(hw, 3 - 2 * c), bit4));
+        __m256 s_lo = _mm256_broadcast_ss(&scales[i][2 * c]), s_hi = _mm256_broadcast_ss(&scales[i][2 * c + 1]);
+        WIDEN_FMA(lo, a0, a1, a2, a3, s_lo, s_lo);
+        WIDEN_FMA(hi, a4, a5, a6, a7, s_hi, s_hi);
+    }
+    STORE_ACC(acc);
+}
+
+static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q5K_BYTES;
+    int c0 = (int)(group % 4);
+    __m256 mins = _mm256_setzero_ps(); /* sum_k x_k dmin_k m_kj, sub-block j in lane j */
+    float acc[4][64];
+    memset(acc, 0, sizeof acc);
+    float scales[KTILE][8];
+    int32_t active[KTILE];
+    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
+        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
+        int count = tile_kept(row_blocks, 1, 0, Q5K_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++) {
+            const uint8_t *b = row_blocks + (k0 + active[i]) * Q5K_BYTES;
+            float xv = x[k0 + active[i]];
+            uint32_t w0, w1, w2;
+            memcpy(&w0, b + 4, 4);
+            memcpy(&w1, b + 8, 4);
+            memcpy(&w2, b + 12, 4);
+            uint32_t sc_lo = w0 & 0x3f3f3f3fu, sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
+            uint32_t m_lo = w1 & 0x3f3f3f3fu, m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
+            __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+            __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
+            _mm256_storeu_ps(scales[i], _mm256_mul_ps(_mm256_set1_ps(xv * load_half(b)), sc));
+            mins = _mm256_fmadd_ps(_mm256_set1_ps(xv * load_half(b + 2)), mn, mins);
+        }
+        for (int g = 0; g < groups; g++)
+            switch (c0 + g) {
+            case 0: q5k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 1: q5k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 2: q5k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
+            default: q5k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
+            }
+    }
+    float min_sum[8];
+    _mm256_storeu_ps(min_sum, mins);
+    for (int g = 0; g < groups; g++)
+        for (int i = 0; i < 64; i++)
+            out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
+}
+
+/* Q3_K and Q2_K group c: half h = c / 2, quarters 2p and 2p + 1 (p = c % 2) of it, as Q6_K's: quarter
+ * 2p + j (outputs 64 c + 32 j + l) has its low 2 bits at bits 2 (2p + j) of qs[32 h + l], sub-block
+ * 4 c + 2 j + l / 16. Q3_K: the third bit at bit 4 h + 2p + j of hmask[l], the value low + 4 bit - 4.
+ * scales[i][s] = x_k d sc_s (Q3_K: sc = stored - 32). */
+static inline __attribute__((always_inline)) void q3k_group(const int c, const uint8_t *row_blocks, int64_t k0,
+                                                            const int32_t *active, int count,
+                                                            float (*scales)[16], float acc[64])
+{
+    const int h = c / 2, p = c % 2;
+    const __m256i two = _mm256_set1_epi8(3), bit2 = _mm256_set1_epi8(4);
+    LOAD_ACC(acc);
+    for (int i = 0; i < count; i++) {
+        const uint8_t *b = row_blocks + (k0 + active[i]) * Q3K_BYTES;
+        const float *s = scales[i] + 4 * c;
+        __m256i qs = _mm256_loadu_si256((const __m256i *)(b + 32 + 32 * h));
+        __m256i hm = _mm256_loadu_si256((const __m256i *)b);
+        __m256i qa = _mm256_or_si256(_mm256_and_si256(SHIFT16(qs, -4 * p), two),
+                                     _mm256_and_si256(SHIFT16(hm, 2 - (4 * h + 2 * p)), bit2));
+        __m256i qb = _mm256_or_si256(_mm256_and_si256(SHIFT16(qs, -4 * p - 2), two),
+                                     _mm256_and_si256(SHIFT16(hm, 2 - (4 * h + 2 * p + 1)), bit2));
+        qa = _mm256_sub_epi8(qa, bit2);
+        qb = _mm256_sub_epi8(qb, bit2);
+        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
+               s3 = _mm256_broadcast_ss(s + 3);
+        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
+        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+    }
+    STORE_ACC(acc);
+}
+
+static inline __attribute__((always_inline)) void q2k_group(const int c, const uint8_t *row_blocks, int64_t k0,
+                                                            const int32_t *active, int count,
+                                                            float (*scales)[16], float acc[64])
+{
+    const int h = c / 2, p = c % 2;
+    const __m256i two = _mm256_set1_epi8(3);
+    LOAD_ACC(acc);
+    for (int i = 0; i < count; i++) {
+        const uint8_t *b = row_blocks + (k0 + active[i]) * Q2K_BYTES;
+        const float *s = scales[i] + 4 * c;
+        __m256i qs = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h));
+        __m256i qa = _mm256_and_si256(SHIFT16(qs, -4 * p), two), qb = _mm256_and_si256(SHIFT16(qs, -4 * p - 2), two);
+        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
+               s3 = _mm256_broadcast_ss(s + 3);
+        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
+        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+    }
+    STORE_ACC(acc);
+}
+
+static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q3K_BYTES;
+    int c0 = (int)(group % 4);
+    float acc[4][64];
+    memset(acc, 0, sizeof acc);
+    float scales[KTILE][16];
+    int32_t active[KTILE];
+    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
+        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
+        int count = tile_kept(row_blocks, 1, 0, Q3K_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++) {
+            const uint8_t *b = row_blocks + (k0 + active[i]) * Q3K_BYTES;
+            __m256 xd = _mm256_set1_ps(x[k0 + active[i]] * load_half(b + 108));
+            /* the 16 stored scales (q3_k.py's packing), one byte each: low nibbles from bytes 0..7, top
+             * 2 bits of scale 4 t + m at bits 2 t of byte 8 + m */
+            __m128i lows = _mm_loadl_epi64((const __m128i *)(b + 96)), low4 = _mm_set1_epi8(0x0f);
+            lows = _mm_unpacklo_epi64(_mm_and_si128(lows, low4), _mm_and_si128(_mm_srli_epi16(lows, 4), low4));
+            uint32_t top;
+            memcpy(&top, b + 104, 4);
+            __m128i tops = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)top), _mm_setr_epi32(0, 2, 4, 6)),
+                                         _mm_set1_epi8(3));
+            __m128i sc = _mm_sub_epi8(_mm_or_si128(lows, _mm_slli_epi16(tops, 4)), _mm_set1_epi8(32));
+            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+            _mm256_storeu_ps(scales[i] + 8,
+                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+        }
+        for (int g = 0; g < groups; g++)
+            switch (c0 + g) {
+            case 0: q3k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 1: q3k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 2: q3k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
+            default: q3k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
+            }
+    }
+    memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+/* Q2_K: weight d sc q - dmin m (4-bit sc, m per sub-block of 16); the mins' sums subtracted at the end. */
+static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q2K_BYTES;
+    int c0 = (int)(group % 4);
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    __m256 mins0 = _mm256_setzero_ps(), mins1 = _mm256_setzero_ps(); /* sum_k x_k dmin m_j, j = 0..7, 8..15 */
+    float acc[4][64];
+    memset(acc, 0, sizeof acc);
+    float scales[KTILE][16];
+    int32_t active[KTILE];
+    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
+        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
+        int count = tile_kept(row_blocks, 1, 0, Q2K_BYTES, k0, tile, x, rule, active);
+        for (int i = 0; i < count; i++) {
+            const uint8_t *b = row_blocks + (k0 + active[i]) * Q2K_BYTES;
+            float xv = x[k0 + active[i]];
+            __m256 xd = _mm256_set1_ps(xv * load_half(b + 80)), xm = _mm256_set1_ps(xv * load_half(b + 82));
+            __m128i sm = _mm_loadu_si128((const __m128i *)b);
+            __m128i sc = _mm_and_si128(sm, low4), mn = _mm_and_si128(_mm_srli_epi16(sm, 4), low4);
+            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc))));
+            _mm256_storeu_ps(scales[i] + 8,
+                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)))));
+            mins0 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), mins0);
+            mins1 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))), mins1);
+        }
+        for (int g = 0; g < groups; g++)
+            switch (c0 + g) {
+            case 0: q2k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 1: q2k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
+            case 2: q2k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
+            default: q2k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
+            }
+    }
+    float min_sum[16];
+    _mm256_storeu_ps(min_sum, mins0);
+    _mm256_storeu_ps(min_sum + 8, mins1);
+    for (int g = 0; g < groups; g++)
+        for (int i = 0; i < 64; i++)
+            out[64 * g + i] = acc[g][i] - min_sum[4 * (c0 + g) + i / 16];
+}
+
+#else
+/* Without AVX2: scalar loops, each output's sum over k ascending. */
+static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                        const struct sparse_rule *rule, float out[256])
+{
+    (void)groups;
+    int rows = n - 64 * group > 32 ? 2 : 1;
+    float acc[64] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        for (int r = 0; r < rows; r++) {
+            const uint8_t *b = blocks + ((2 * group + r) * k + kk) * Q8_0_BYTES;
+            float s = xv * load_half(b);
+            for (int l = 0; l < 32; l++)
+                acc[32 * r + l] += s * (float)(int8_t)b[2 + l];
+        }
+    }
+    memcpy(out, acc, sizeof acc);
+}
+
+static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q6K_BYTES;
+    int i0 = 64 * (int)(group % 4);
+    float acc[256] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q6K_BYTES;
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        float d = load_half(b + 208);
+        for (int i = i0; i < i0 + 64 * groups; i++) { /* weight i: half h, quarter j, byte l */
+            int h = i / 128, j = (i % 128) / 32, l = i % 32;
+            int low = b[64 * h + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0x0f, high = b[128 + 32 * h + l] >> (2 * j) & 3;
+            acc[i - i0] += xv * (d * (float)(int8_t)b[192 + i / 16]) * (float)((low | high << 4) - 32);
+        }
+    }
+    memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q5K_BYTES;
+    int c0 = (int)(group % 4);
+    float acc[256] = {0}, min_sum[8] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q5K_BYTES;
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        float d = load_half(b), dmin = load_half(b + 2);
+        for (int j = 0; j < 2 * groups; j++) { /* sub-block 2 c0 + j */
+            int sub = 2 * c0 + j, sc, mn;
+            scale_min(sub, b + 4, &sc, &mn);
+            float s = xv * (d * (float)sc);
+            min_sum[j] += xv * (dmin * (float)mn);
+            const uint8_t *q = b + 48 + 32 * (sub / 2);
+            for (int l = 0; l < 32; l++) {
+                int low = sub % 2 ? q[l] >> 4 : q[l] & 0x0f;
+                acc[32 * j + l] += s * (float)(low | (b[16 + l] >> sub & 1) << 4);
+            }
+        }
+    }
+    for (int i = 0; i < 64 * groups; i++)
+        out[i] = acc[i] - min_sum[i / 32];
+}
+/* The 6-bit Q3_K scale of sub-block j (0..15) as stored (s + 32) from a block's 12 scale bytes
+ * (q3_k.py's packing). */
+static inline int q3k_scale(int j, const uint8_t *s)
+{
+    int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
+    return low | ((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
+}
+
+/* Q3_K and Q2_K: weight i of a superblock row is quarter j = (i % 128) / 32 of half h = i / 128, its
+ * low 2 bits at bits 2j of qs[32 h + i % 32], sub-block i / 16. */
+static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q3K_BYTES;
+    int i0 = 64 * (int)(group % 4);
+    float acc[256] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q3K_BYTES;
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        float d = load_half(b + 108);
+        for (int i = i0; i < i0 + 64 * groups; i++) {
+            int h = i / 128, j = (i % 128) / 32, l = i % 32;
+            int low = b[32 + 32 * h + l] >> (2 * j) & 3, bit = b[l] >> (4 * h + j) & 1;
+            acc[i - i0] += xv * (d * (float)(q3k_scale(i / 16, b + 96) - 32)) * (float)(low + 4 * bit - 4);
+        }
+    }
+    memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q2K_BYTES;
+    int i0 = 64 * (int)(group % 4);
+    float acc[256] = {0}, min_sum[16] = {0};
+    for (int64_t kk = 0; kk < k; kk++) {
+        const uint8_t *b = row_blocks + kk * Q2K_BYTES;
+        float xv = x[kk];
+        if (!kept_input(xv, kk, rule))
+            continue;
+        float d = load_half(b + 80), dmin = load_half(b + 82);
+        for (int sub = i0 / 16; sub < (i0 + 64 * groups) / 16; sub++) {
+            float s = xv * (d * (float)(b[sub] & 0x0f));
+            min_sum[sub - i0 / 16] += xv * (dmin * (float)(b[sub] >> 4));
+            for (int i = 16 * sub; i < 16 * sub + 16; i++) {
+                int h = i / 128, j = (i % 128) / 32, l = i % 32;
+                acc[i - i0] += s * (float)(b[16 + 32 * h + l] >> (2 * j) & 3);
+            }
+        }
+    }
+    for (int i = 0; i < 64 * groups; i++)
+        out[i] = acc[i] - min_sum[i / 16];
+}
+#endif
+
+static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                     const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, (int)(group % 4), groups, x, rule, out);
+}
+
+/* One zigzag type: `groups` computes outputs 64 group .. 64 (group + count) - 1 (see above) for one row of
+ * x from the blocks (ceil(N / B), K, bytes), count <= unit - group % unit; `unit` groups share their
+ * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
+typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
+                                 const float *x, const struct sparse_rule *rule, float out[256]);
+struct zigzag_type {
+    const char *name;
+    int unit;
+    zigzag_groups_fn groups;
+};
+static const struct zigzag_type ZIGZAG_TYPES[] = {
+    {"q4_k", 4, q4k_call}, {"q8_0", 1, q8_0_groups}, {"q6_k", 4, q6k_groups},
+    {"q5_k", 4, q5k_groups}, {"q3_k", 4, q3k_groups}, {"q2_k", 4, q2k_groups},
+};
+#define N_ZIGZAG_TYPES ((int)(sizeof ZIGZAG_TYPES / sizeof ZIGZAG_TYPES[0]))
+
+/* The index of a zigzag type by its name ("q4_k", ...) for spqt_zigzag, or -1 where there is none here. */
+int spqt_zigzag_type(const char *name)
+{
+    for (int i = 0; i < N_ZIGZAG_TYPES; i++)
+        if (!strcmp(ZIGZAG_TYPES[i].name, name))
+            return i;
+    return -1;
+}
+
+/* A zigzag product with a sparse rule (or NULL): the work is split by groups of 64 outputs (groups past N
+ * are never read): each thread takes an equal run of them, and within a run the groups of one unit are
+ * computed in one call (their blocks' scales decoded once). */
+static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks, int64_t n, int64_t k,
+                           const float *x, int64_t m, float *y, const float *residual, int threads,
+                           const struct sparse_rule *rule)
 {
     int64_t groups = (n + 63) / 64, total = groups * m;
     if (threads < 1)
@@ -222,14 +759,13 @@ static void q4k_product(const uint8_t *blocks, int64_t n, int64_t k, const float
         int64_t first = total * t / threads, last = total * (t + 1) / threads;
         for (int64_t j = first; j < last;) { /* j = row * groups + group */
             int64_t row = j / groups, group = j % groups;
-            int c = (int)(group % 4);
-            int64_t count = 4 - c; /* the rest of this superblock row, within the run and N */
+            int64_t count = type->unit - group % type->unit; /* the rest of this unit, within the run and N */
             if (count > last - j)
                 count = last - j;
             if (count > groups - group)
                 count = groups - group;
             float out[256];
-            q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, c, (int)count, x + row * k, rule, out);
+            type->groups(blocks, n, k, group, (int)count, x + row * k, rule, out);
             int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
             float *yr = y + row * n + n0;
             const float *rr = residual ? residual + row * n + n0 : 0;
@@ -240,24 +776,25 @@ static void q4k_product(const uint8_t *blocks, int64_t n, int64_t k, const float
     }
 }
 
-/* y (M, N) = [residual +] x (M, K) W^T for zigzag Q4_K blocks (R, K, 144) of W (N, K). */
-void spqt_q4k_zigzag(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
-                     float *y, const float *residual, int threads)
+/* y (M, N) = [residual +] x (M, K) W^T for the zigzag blocks (ceil(N / B), K, bytes) of W (N, K) in the
+ * type spqt_zigzag_type named. */
+void spqt_zigzag(int type, const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m, float *y,
+                 const float *residual, int threads)
 {
-    q4k_product(blocks, n, k, x, m, y, residual, threads, 0);
+    zigzag_product(&ZIGZAG_TYPES[type], blocks, n, k, x, m, y, residual, threads, 0);
 }
 
 /* The sparse product y = [residual +] (x * keep) W^T, keep = |x| > t or |x| scale_k > t (scale (K,) or
  * NULL): the masked input is never formed, its dropped inputs' blocks never read. Returns how many of
  * the M K inputs were kept. */
-int64_t spqt_q4k_zigzag_sparse(const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
-                               float *y, const float *residual, int threads, float t, const float *scale)
+int64_t spqt_zigzag_sparse(int type, const uint8_t *blocks, int64_t n, int64_t k, const float *x, int64_t m,
+                           float *y, const float *residual, int threads, float t, const float *scale)
 {
     struct sparse_rule rule = {t, scale};
     int64_t kept = 0;
     for (int64_t i = 0; i < m * k; i++)
         kept += kept_input(x[i], i % k, &rule);
-    q4k_product(blocks, n, k, x, m, y, residual, threads, &rule);
+    zigzag_product(&ZIGZAG_TYPES[type], blocks, n, k, x, m, y, residual, threads, &rule);
     return kept;
 }
 

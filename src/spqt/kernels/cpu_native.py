@@ -1,5 +1,5 @@
-"""The CPU's native linear maps (backend "cpu-native"): zigzag Q4_K blocks multiplied as stored,
-and an fp16 GEMV for float matrices, in C (cpu_native.c).
+"""The CPU's native linear maps (backend "cpu-native"): zigzag blocks of every type (Q8_0, Q6_K,
+Q5_K, Q4_K, Q3_K, Q2_K) multiplied as stored, and an fp16 GEMV for float matrices, in C (cpu_native.c).
 
 A decode token reads every weight once, and torch's fp16 GEMV on the 2-core AVX2 EPYC runs at the
 rate the CPU converts fp16 (8-9 GB/s of weights: docs/RESULTS.md, issue 18), so an fp16 copy of
@@ -9,11 +9,12 @@ The C source is compiled on first use with the machine's C compiler (spqt/native
 ``-O3 -march=native``, with OpenMP when the compiler has it, cached. Without a compiler,
 ``available()`` says why and the CLI falls back to the fp16 GEMV (cpu_fp16.py).
 
-Numerics: sums over k in ascending order in fp32, the same for any thread count; Q4_K weights
-are the format's exact values (no fp16 rounding of W); the output stays fp32.
+Numerics: sums over k in ascending order in fp32, the same for any thread count; quantized
+weights are the format's exact values (no fp16 rounding of W); the output stays fp32.
 """
 
 import ctypes
+import functools
 from pathlib import Path
 
 import torch
@@ -30,11 +31,14 @@ _state: dict = {}
 
 def _declare(lib: ctypes.CDLL) -> None:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for name in ("spqt_q4k_zigzag", "spqt_half_gemm"):
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, p, i32]
-        getattr(lib, name).restype = None
-    lib.spqt_q4k_zigzag_sparse.argtypes = [p, i64, i64, p, i64, p, p, i32, ctypes.c_float, p]
-    lib.spqt_q4k_zigzag_sparse.restype = i64
+    lib.spqt_zigzag_type.argtypes = [ctypes.c_char_p]
+    lib.spqt_zigzag_type.restype = i32
+    lib.spqt_zigzag.argtypes = [i32, p, i64, i64, p, i64, p, p, i32]
+    lib.spqt_zigzag.restype = None
+    lib.spqt_zigzag_sparse.argtypes = [i32, p, i64, i64, p, i64, p, p, i32, ctypes.c_float, p]
+    lib.spqt_zigzag_sparse.restype = i64
+    lib.spqt_half_gemm.argtypes = [p, i64, i64, p, i64, p, p, i32]
+    lib.spqt_half_gemm.restype = None
     lib.spqt_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_float, p]
     lib.spqt_rms_norm.restype = None
     lib.spqt_mask.argtypes = [p, i64, i64, ctypes.c_float, p, p]
@@ -125,17 +129,27 @@ class _NativeMap(ReferenceLinear):
         return y if self.dtype == torch.float32 else y.to(self.dtype)
 
 
-class NativeQ4KLinear(_NativeMap):
-    """Zigzag Q4_K W (N, K), its blocks (ceil(N / 256), K, 144) uint8 as stored; x (..., K) -> (..., N)."""
+def zigzag_type(fmt: str) -> int:
+    """The C routines' index of a zigzag format ("q4_k", "q8_0", ...), -1 where they have none."""
+    return _library().spqt_zigzag_type(fmt.encode())
+
+
+class NativeZigzagLinear(_NativeMap):
+    """Zigzag W (N, K) of a type the C routines have (zigzag_type), its blocks (ceil(N / B), K, bytes)
+    uint8 as stored; x (..., K) -> (..., N)."""
 
     def __init__(self, weight: QuantizedWeight, dtype: torch.dtype, device: str):
         self.blocks = weight.blocks.contiguous()
         self.out_features, self.in_features = weight.shape
         self.dtype = dtype
         self.transposed = False
+        self.type = zigzag_type(weight.fmt)
+        if weight.layout != "zigzag" or self.type < 0:
+            raise ValueError(f"no native map for {weight.layout} {weight.fmt}")
+        self._product = functools.partial(_library().spqt_zigzag, self.type)
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._call(_library().spqt_q4k_zigzag, self.blocks.data_ptr(), x, residual)
+        return self._call(self._product, self.blocks.data_ptr(), x, residual)
 
     def sparse_counted(self, x: torch.Tensor, threshold: float, scale: torch.Tensor | None,
                        residual: torch.Tensor | None, swiglu: bool) -> tuple[torch.Tensor, int] | None:
@@ -151,9 +165,10 @@ class NativeQ4KLinear(_NativeMap):
             if residual.dtype != torch.float32 or not residual.is_contiguous():
                 residual = residual.to(torch.float32).contiguous()
             res = residual.data_ptr()
-        kept = _library().spqt_q4k_zigzag_sparse(
-            self.blocks.data_ptr(), self.out_features, self.in_features, x.data_ptr(), x.numel() // self.in_features,
-            y.data_ptr(), res, _threads(), threshold, None if scale is None else scale.data_ptr())
+        kept = _library().spqt_zigzag_sparse(
+            self.type, self.blocks.data_ptr(), self.out_features, self.in_features, x.data_ptr(),
+            x.numel() // self.in_features, y.data_ptr(), res, _threads(), threshold,
+            None if scale is None else scale.data_ptr())
         if swiglu:
             y = self._silu_mul(y)
         elif residual is not None and res is None:
@@ -200,11 +215,12 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
 
 
 def make_native_linear(weight, dtype: torch.dtype, device: str):
-    """The native map for zigzag Q4_K and float matrices; other formats get the fp16 GEMV."""
+    """The native map for zigzag matrices of the types the C routines have (zigzag_type) and float
+    matrices; other formats and layouts get the fp16 GEMV."""
     if str(device) != "cpu":
         raise ValueError("the cpu-native backend runs on the CPU")
     if isinstance(weight, QuantizedWeight):
-        if weight.fmt == "q4_k" and weight.layout == "zigzag":
-            return NativeQ4KLinear(weight, dtype, device)
+        if weight.layout == "zigzag" and zigzag_type(weight.fmt) >= 0:
+            return NativeZigzagLinear(weight, dtype, device)
         return HalfGemvLinear(weight, dtype, device)
     return NativeHalfLinear(weight, dtype, device)
