@@ -101,7 +101,10 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
 }
 
 #ifdef SPQT_F16C
-#define TILE 32 /* blocks a pass: 4.6 KB of blocks and 1 KB of scales, in L1 for the second pass */
+/* Blocks a pass (2.3 KB of blocks and 0.5 KB of scales, in L1 for the second pass); the order of every sum
+ * is the same for any tile. The default model's 120 Q4_K maps, 2 threads, means of 40 tokens, three rounds
+ * alternating: 32 blocks 11.0 / 9.1 / 8.6 ms, 16 blocks 8.3 / 7.8 / 8.0, 8 blocks 7.8 / 7.6 / 8.6. */
+#define TILE 16
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 32
 #endif
