@@ -235,3 +235,19 @@ def test_a_failing_compiler_is_reported(monkeypatch, tmp_path):
     monkeypatch.setenv("SPQT_CACHE", str(tmp_path / "cache"))
     assert cpu_native.available() == "the C compiler failed: cc: error: no such option"
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
+def test_a_hanging_compiler_times_out(monkeypatch, tmp_path):
+    """A compiler that does not finish: one line saying so, nothing left in the cache."""
+    from spqt import native
+
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\nexec sleep 30\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(native, "COMPILE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(cpu_native, "_state", {})
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path / "cache"))
+    assert cpu_native.available() == "the C compiler did not finish in 0.5 s"
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+

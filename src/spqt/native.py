@@ -20,6 +20,8 @@ from pathlib import Path
 
 # quantize_source's worker threads may ask for a library at the same moment: one compiles it.
 _lock = threading.Lock()
+# A compile takes 1-2 s here (gcc 12, 2-core VM); a compiler that hangs must not hang the first run.
+COMPILE_TIMEOUT_S = 300
 
 
 def cache_dir() -> Path:
@@ -47,7 +49,7 @@ def build(compiler: str, source: Path, flags: tuple, path: Path) -> ctypes.CDLL:
         os.close(fd)
         try:
             subprocess.run([compiler, *flags, str(source), "-o", tmp, "-lm"], check=True, capture_output=True,
-                           text=True)
+                           text=True, timeout=COMPILE_TIMEOUT_S)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -75,6 +77,9 @@ def load(source: Path, flags: tuple, declare, state: dict):
             key = hashlib.sha256(text + repr((compiler, tried, machine())).encode())
             try:
                 lib = build(compiler, source, tried, cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so")
+            except subprocess.TimeoutExpired:
+                why = f"the C compiler did not finish in {COMPILE_TIMEOUT_S} s"
+                continue
             except subprocess.CalledProcessError as e:
                 why = f"the C compiler failed: {(e.stderr.strip().splitlines() or [str(e)])[-1]}"
                 continue
