@@ -36,7 +36,6 @@ class Linear(DirectCallModule):
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype), persistent=False)
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
-        self._counts_view = None  # (counts, its numpy view) on the CPU
         # The sparsity the threshold was calibrated for (None: unknown), and whether a level the
         # implementation cannot run faster than dense runs dense instead.
         self.level: float | None = None
@@ -144,11 +143,9 @@ class Linear(DirectCallModule):
 
     def _count(self, seen: int, kept: int) -> None:
         """Add to the achieved-sparsity counters (CPU) when tracking, through their numpy view (1.5 us;
-        a torch.tensor of the two numbers and an add_ took 13 us), kept while the buffer is the same."""
+        a torch.tensor of the two numbers and an add_ took 13 us)."""
         if not self.track:
             return
-        if self._counts_view is None or self._counts_view[0] is not self.counts:
-            self._counts_view = (self.counts, self.counts.numpy())
-        view = self._counts_view[1]
-        view[0] += seen - kept
-        view[1] += seen
+        counts = self.counts.numpy()
+        counts[0] += seen - kept
+        counts[1] += seen

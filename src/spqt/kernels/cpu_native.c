@@ -112,6 +112,23 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
 #define PREFETCH_BYTES (PREFETCH_AHEAD * Q4K_BYTES)
 #endif
 
+/* A Q4_K or Q5_K block's header (d, dmin, the 12 bytes of 6-bit scales and mins: q4_k.py's packing) with
+ * the input xv folded in: scales[j] = xv d sc_j for the 8 sub-blocks, and mins (lane j) += xv dmin m_j. */
+static inline __attribute__((always_inline)) void kquant_header(const uint8_t *b, float xv, float scales[8],
+                                                                __m256 *mins)
+{
+    uint32_t w0, w1, w2;
+    memcpy(&w0, b + 4, 4);
+    memcpy(&w1, b + 8, 4);
+    memcpy(&w2, b + 12, 4);
+    uint32_t sc_lo = w0 & 0x3f3f3f3fu, sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
+    uint32_t m_lo = w1 & 0x3f3f3f3fu, m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
+    __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
+    __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
+    _mm256_storeu_ps(scales, _mm256_mul_ps(_mm256_set1_ps(xv * load_half(b)), sc));
+    *mins = _mm256_fmadd_ps(_mm256_set1_ps(xv * load_half(b + 2)), mn, *mins);
+}
+
 /* Outputs 64 c0 .. 64 (c0 + groups) - 1 (c0 + groups <= 4) of one superblock row (its
  * blocks row_blocks[k]) for one row of x: quant group c holds outputs 64 c + 0..31 in its low nibbles
  * and 64 c + 32..63 in its high ones. Per tile of blocks:
@@ -138,17 +155,7 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
             float xv = x[k0 + t];
             if (!kept_input(xv, k0 + t, rule))
                 continue;
-            uint32_t w0, w1, w2;
-            memcpy(&w0, b + 4, 4);
-            memcpy(&w1, b + 8, 4);
-            memcpy(&w2, b + 12, 4);
-            /* the 6-bit scales and mins of sub-blocks 0..7, one byte each (q4_k.py's packing) */
-            uint32_t sc_lo = w0 & 0x3f3f3f3fu, sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
-            uint32_t m_lo = w1 & 0x3f3f3f3fu, m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
-            __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
-            __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
-            _mm256_storeu_ps(scales[count], _mm256_mul_ps(_mm256_set1_ps(xv * load_half(b)), sc));
-            mins = _mm256_fmadd_ps(_mm256_set1_ps(xv * load_half(b + 2)), mn, mins);
+            kquant_header(b, xv, scales[count], &mins);
             active[count++] = t;
         }
         for (int g = 0; g < groups; g++) {
@@ -307,6 +314,15 @@ static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t gro
         A2 = _mm256_fmadd_ps(S23, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(hi_)), A2);                    \
         A3 = _mm256_fmadd_ps(S23, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(hi_, 8))), A3); \
     } while (0)
+/* A group's two 32-output quarters: a0..a3 += the int8 quants QA with sub-block scales S[0], S[1] (16
+ * outputs each), a4..a7 += QB with S[2], S[3]. */
+#define FMA_QUARTERS(QA, QB, S)                                                                           \
+    do {                                                                                                  \
+        __m256 s0_ = _mm256_broadcast_ss(S), s1_ = _mm256_broadcast_ss((S) + 1),                          \
+               s2_ = _mm256_broadcast_ss((S) + 2), s3_ = _mm256_broadcast_ss((S) + 3);                      \
+        WIDEN_FMA(QA, a0, a1, a2, a3, s0_, s1_);                                                          \
+        WIDEN_FMA(QB, a4, a5, a6, a7, s2_, s3_);                                                          \
+    } while (0)
 /* The 8 accumulators a0..a7 of a group's 64 outputs, from acc[0..63] and back. */
 #define LOAD_ACC(acc)                                                                                     \
     __m256 a0 = _mm256_loadu_ps(acc), a1 = _mm256_loadu_ps(acc + 8), a2 = _mm256_loadu_ps(acc + 16),     \
@@ -322,6 +338,17 @@ static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t gro
  * masked after the shift, so the bits a shift carries across bytes never count. In 32-bit lanes
  * (8 weights an op) Q6_K took 18 against Q4_K's 9.4 ms for the default model's 120 maps. */
 #define SHIFT16(v, s) ((s) >= 0 ? _mm256_slli_epi16((v), (s)) : _mm256_srli_epi16((v), -(s)))
+
+/* FN(c, ARGS...) with the group number c as a constant (its shifts become immediates), c = C in 0..3. */
+#define CALL_GROUP(C, FN, ...)                  \
+    do {                                        \
+        switch (C) {                            \
+        case 0: FN(0, __VA_ARGS__); break;      \
+        case 1: FN(1, __VA_ARGS__); break;      \
+        case 2: FN(2, __VA_ARGS__); break;      \
+        default: FN(3, __VA_ARGS__); break;     \
+        }                                       \
+    } while (0)
 
 /* Q6_K group c (outputs 64 c .. 64 c + 63 of a superblock row: half h = c / 2, quarters 2p and 2p + 1,
  * p = c % 2): quarter 2p + j (outputs 64 c + 32 j + l) is nibble p of ql[64 h + 32 j + l] with bits 4p + 2j
@@ -342,44 +369,9 @@ static inline __attribute__((always_inline)) void q6k_group(const int c, const u
         __m256i nb = _mm256_and_si256(p ? _mm256_srli_epi16(wb, 4) : wb, low4);
         __m256i qa = _mm256_sub_epi8(_mm256_or_si256(na, _mm256_and_si256(SHIFT16(hw, 4 - 4 * p), top2)), bias);
         __m256i qb = _mm256_sub_epi8(_mm256_or_si256(nb, _mm256_and_si256(SHIFT16(hw, 2 - 4 * p), top2)), bias);
-        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
-               s3 = _mm256_broadcast_ss(s + 3);
-        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
-        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+        FMA_QUARTERS(qa, qb, s);
     }
     STORE_ACC(acc);
-}
-
-static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
-{
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q6K_BYTES;
-    int c0 = (int)(group % 4);
-    float acc[4][64];
-    memset(acc, 0, sizeof acc);
-    float scales[KTILE][16];
-    int32_t active[KTILE];
-    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
-        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
-        int count = tile_kept(row_blocks, 1, 0, Q6K_BYTES, k0, tile, x, rule, active);
-        for (int i = 0; i < count; i++) {
-            const uint8_t *b = row_blocks + (k0 + active[i]) * Q6K_BYTES;
-            __m256 xd = _mm256_set1_ps(x[k0 + active[i]] * load_half(b + 208));
-            __m128i sc = _mm_loadu_si128((const __m128i *)(b + 192));
-            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-            _mm256_storeu_ps(scales[i] + 8,
-                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
-        }
-        for (int g = 0; g < groups; g++)
-            switch (c0 + g) { /* constant group numbers: immediate shifts */
-            case 0: q6k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 1: q6k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 2: q6k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
-            default: q6k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
-            }
-    }
-    memcpy(out, acc, sizeof(float) * 64 * groups);
 }
 
 /* Q5_K group c (sub-blocks 2c, 2c + 1): Q4_K's nibbles (qs[32 c + l]: low -> output 64 c + l, high ->
@@ -421,25 +413,10 @@ static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t grou
         int count = tile_kept(row_blocks, 1, 0, Q5K_BYTES, k0, tile, x, rule, active);
         for (int i = 0; i < count; i++) {
             const uint8_t *b = row_blocks + (k0 + active[i]) * Q5K_BYTES;
-            float xv = x[k0 + active[i]];
-            uint32_t w0, w1, w2;
-            memcpy(&w0, b + 4, 4);
-            memcpy(&w1, b + 8, 4);
-            memcpy(&w2, b + 12, 4);
-            uint32_t sc_lo = w0 & 0x3f3f3f3fu, sc_hi = (w2 & 0x0f0f0f0fu) | ((w0 >> 2) & 0x30303030u);
-            uint32_t m_lo = w1 & 0x3f3f3f3fu, m_hi = ((w2 >> 4) & 0x0f0f0f0fu) | ((w1 >> 2) & 0x30303030u);
-            __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)sc_hi, (int)sc_lo)));
-            __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_set_epi32(0, 0, (int)m_hi, (int)m_lo)));
-            _mm256_storeu_ps(scales[i], _mm256_mul_ps(_mm256_set1_ps(xv * load_half(b)), sc));
-            mins = _mm256_fmadd_ps(_mm256_set1_ps(xv * load_half(b + 2)), mn, mins);
+            kquant_header(b, x[k0 + active[i]], scales[i], &mins);
         }
         for (int g = 0; g < groups; g++)
-            switch (c0 + g) {
-            case 0: q5k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 1: q5k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 2: q5k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
-            default: q5k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
-            }
+            CALL_GROUP(c0 + g, q5k_group, row_blocks, k0, active, count, scales, acc[g]);
     }
     float min_sum[8];
     _mm256_storeu_ps(min_sum, mins);
@@ -470,10 +447,7 @@ static inline __attribute__((always_inline)) void q3k_group(const int c, const u
                                      _mm256_and_si256(SHIFT16(hm, 2 - (4 * h + 2 * p + 1)), bit2));
         qa = _mm256_sub_epi8(qa, bit2);
         qb = _mm256_sub_epi8(qb, bit2);
-        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
-               s3 = _mm256_broadcast_ss(s + 3);
-        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
-        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+        FMA_QUARTERS(qa, qb, s);
     }
     STORE_ACC(acc);
 }
@@ -490,19 +464,32 @@ static inline __attribute__((always_inline)) void q2k_group(const int c, const u
         const float *s = scales[i] + 4 * c;
         __m256i qs = _mm256_loadu_si256((const __m256i *)(b + 16 + 32 * h));
         __m256i qa = _mm256_and_si256(SHIFT16(qs, -4 * p), two), qb = _mm256_and_si256(SHIFT16(qs, -4 * p - 2), two);
-        __m256 s0 = _mm256_broadcast_ss(s), s1 = _mm256_broadcast_ss(s + 1), s2 = _mm256_broadcast_ss(s + 2),
-               s3 = _mm256_broadcast_ss(s + 3);
-        WIDEN_FMA(qa, a0, a1, a2, a3, s0, s1);
-        WIDEN_FMA(qb, a4, a5, a6, a7, s2, s3);
+        FMA_QUARTERS(qa, qb, s);
     }
     STORE_ACC(acc);
 }
 
-static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
+/* Q3_K's 16 scales of a block (q3_k.py's packing), as signed bytes: low nibbles from bytes 96..103, the
+ * top 2 bits of scale 4 t + m at bits 2 t of byte 104 + m, minus 32. */
+static inline __attribute__((always_inline)) __m128i q3k_scales(const uint8_t *b)
 {
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q3K_BYTES;
+    __m128i lows = _mm_loadl_epi64((const __m128i *)(b + 96)), low4 = _mm_set1_epi8(0x0f);
+    lows = _mm_unpacklo_epi64(_mm_and_si128(lows, low4), _mm_and_si128(_mm_srli_epi16(lows, 4), low4));
+    uint32_t top;
+    memcpy(&top, b + 104, 4);
+    __m128i tops = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)top), _mm_setr_epi32(0, 2, 4, 6)),
+                                 _mm_set1_epi8(3));
+    return _mm_sub_epi8(_mm_or_si128(lows, _mm_slli_epi16(tops, 4)), _mm_set1_epi8(32));
+}
+
+/* Q6_K (q3 = 0) or Q3_K (q3 = 1), a constant: weight d sc q with 16 signed 8-bit sub-block scales and no
+ * mins. Per tile: scales[i][s] = x_k d sc_s of each kept block, then each group's quants against them. */
+static inline __attribute__((always_inline)) void signed_scale_groups(const int q3, const uint8_t *blocks, int64_t k,
+                                                                      int64_t group, int groups, const float *x,
+                                                                      const struct sparse_rule *rule, float out[256])
+{
+    const int bytes = q3 ? Q3K_BYTES : Q6K_BYTES, d_at = q3 ? 108 : 208;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * bytes;
     int c0 = (int)(group % 4);
     float acc[4][64];
     memset(acc, 0, sizeof acc);
@@ -510,32 +497,37 @@ static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t grou
     int32_t active[KTILE];
     for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
         int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
-        int count = tile_kept(row_blocks, 1, 0, Q3K_BYTES, k0, tile, x, rule, active);
+        int count = tile_kept(row_blocks, 1, 0, bytes, k0, tile, x, rule, active);
         for (int i = 0; i < count; i++) {
-            const uint8_t *b = row_blocks + (k0 + active[i]) * Q3K_BYTES;
-            __m256 xd = _mm256_set1_ps(x[k0 + active[i]] * load_half(b + 108));
-            /* the 16 stored scales (q3_k.py's packing), one byte each: low nibbles from bytes 0..7, top
-             * 2 bits of scale 4 t + m at bits 2 t of byte 8 + m */
-            __m128i lows = _mm_loadl_epi64((const __m128i *)(b + 96)), low4 = _mm_set1_epi8(0x0f);
-            lows = _mm_unpacklo_epi64(_mm_and_si128(lows, low4), _mm_and_si128(_mm_srli_epi16(lows, 4), low4));
-            uint32_t top;
-            memcpy(&top, b + 104, 4);
-            __m128i tops = _mm_and_si128(_mm_srlv_epi32(_mm_set1_epi32((int)top), _mm_setr_epi32(0, 2, 4, 6)),
-                                         _mm_set1_epi8(3));
-            __m128i sc = _mm_sub_epi8(_mm_or_si128(lows, _mm_slli_epi16(tops, 4)), _mm_set1_epi8(32));
+            const uint8_t *b = row_blocks + (k0 + active[i]) * bytes;
+            __m256 xd = _mm256_set1_ps(x[k0 + active[i]] * load_half(b + d_at));
+            __m128i sc = q3 ? q3k_scales(b) : _mm_loadu_si128((const __m128i *)(b + 192));
             _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
             _mm256_storeu_ps(scales[i] + 8,
                              _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
         }
-        for (int g = 0; g < groups; g++)
-            switch (c0 + g) {
-            case 0: q3k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 1: q3k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 2: q3k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
-            default: q3k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
-            }
+        for (int g = 0; g < groups; g++) {
+            if (q3)
+                CALL_GROUP(c0 + g, q3k_group, row_blocks, k0, active, count, scales, acc[g]);
+            else
+                CALL_GROUP(c0 + g, q6k_group, row_blocks, k0, active, count, scales, acc[g]);
+        }
     }
     memcpy(out, acc, sizeof(float) * 64 * groups);
+}
+
+static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    signed_scale_groups(0, blocks, k, group, groups, x, rule, out);
+}
+
+static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                       const struct sparse_rule *rule, float out[256])
+{
+    (void)n;
+    signed_scale_groups(1, blocks, k, group, groups, x, rule, out);
 }
 
 /* Q2_K: weight d sc q - dmin m (4-bit sc, m per sub-block of 16); the mins' sums subtracted at the end. */
@@ -567,12 +559,7 @@ static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t grou
             mins1 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))), mins1);
         }
         for (int g = 0; g < groups; g++)
-            switch (c0 + g) {
-            case 0: q2k_group(0, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 1: q2k_group(1, row_blocks, k0, active, count, scales, acc[g]); break;
-            case 2: q2k_group(2, row_blocks, k0, active, count, scales, acc[g]); break;
-            default: q2k_group(3, row_blocks, k0, active, count, scales, acc[g]); break;
-            }
+            CALL_GROUP(c0 + g, q2k_group, row_blocks, k0, active, count, scales, acc[g]);
     }
     float min_sum[16];
     _mm256_storeu_ps(min_sum, mins0);

@@ -91,9 +91,7 @@ class _NativeMap(ReferenceLinear):
     def mask(self, x: torch.Tensor, threshold: float, scale: torch.Tensor | None) -> tuple[torch.Tensor, int] | None:
         """(x * keep_mask(x, t, scale), how many inputs were kept) in one C call (Linear's CPU sparse path:
         4-5 torch ops and a count otherwise); None where it does not apply (x not fp32, t < 0)."""
-        if x.dtype != torch.float32 or not x.is_contiguous() or threshold < 0:
-            return None
-        if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
+        if not _rule_applies(x, threshold, scale):
             return None
         out = torch.empty_like(x)
         kept = _library().spqt_mask(x.data_ptr(), x.numel(), x.shape[-1], threshold,
@@ -114,8 +112,9 @@ class _NativeMap(ReferenceLinear):
         _library().spqt_silu_mul(y.data_ptr(), y.numel() // y.shape[-1], f, out.data_ptr())
         return out
 
-    def _call(self, fn, weight_ptr: int, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        # a decode step makes 121 of these calls: each torch op here costs 1-3 us on the 2-core VM
+    def _call(self, fn, weight_ptr: int, x: torch.Tensor, residual: torch.Tensor | None, *rule):
+        """fn(weight, N, K, x, M, y, residual, threads, *rule) on x (..., K) -> (y (..., N) fp32, fn's
+        result). A decode step makes 121 of these calls: each torch op here costs 1-3 us on the 2-core VM."""
         if x.dtype != torch.float32 or not x.is_contiguous():
             x = x.to(torch.float32).contiguous()
         y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
@@ -124,9 +123,19 @@ class _NativeMap(ReferenceLinear):
             if residual.dtype != torch.float32 or not residual.is_contiguous():
                 residual = residual.to(torch.float32).contiguous()
             res = residual.data_ptr()
-        fn(weight_ptr, self.out_features, self.in_features, x.data_ptr(), x.numel() // self.in_features,
-           y.data_ptr(), res, _threads())
+        result = fn(weight_ptr, self.out_features, self.in_features, x.data_ptr(), x.numel() // self.in_features,
+                    y.data_ptr(), res, _threads(), *rule)
+        return y, result
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.dtype == torch.float32 else y.to(self.dtype)
+
+
+def _rule_applies(x: torch.Tensor, threshold: float, scale: torch.Tensor | None) -> bool:
+    """Whether the C sparse rule takes this input: fp32 contiguous x and scale, a threshold >= 0."""
+    if x.dtype != torch.float32 or not x.is_contiguous() or threshold < 0:
+        return False
+    return scale is None or (scale.dtype == torch.float32 and scale.is_contiguous())
 
 
 def zigzag_type(fmt: str) -> int:
@@ -147,33 +156,21 @@ class NativeZigzagLinear(_NativeMap):
         if weight.layout != "zigzag" or self.type < 0:
             raise ValueError(f"no native map for {weight.layout} {weight.fmt}")
         self._product = functools.partial(_library().spqt_zigzag, self.type)
+        self._sparse = functools.partial(_library().spqt_zigzag_sparse, self.type)
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._call(self._product, self.blocks.data_ptr(), x, residual)
+        return self._output(self._call(self._product, self.blocks.data_ptr(), x, residual)[0])
 
     def sparse_counted(self, x: torch.Tensor, threshold: float, scale: torch.Tensor | None,
                        residual: torch.Tensor | None, swiglu: bool) -> tuple[torch.Tensor, int] | None:
         """(sparse(x, t, residual, swiglu, scale), how many inputs were kept) in one C call that masks as
         it reads (Linear's CPU sparse path); None where it does not apply (x or scale not fp32)."""
-        if x.dtype != torch.float32 or not x.is_contiguous() or threshold < 0:
+        if not _rule_applies(x, threshold, scale):
             return None
-        if scale is not None and (scale.dtype != torch.float32 or not scale.is_contiguous()):
-            return None
-        y = torch.empty(x.shape[:-1] + (self.out_features,), dtype=torch.float32)
-        res = None
-        if residual is not None and not swiglu:
-            if residual.dtype != torch.float32 or not residual.is_contiguous():
-                residual = residual.to(torch.float32).contiguous()
-            res = residual.data_ptr()
-        kept = _library().spqt_zigzag_sparse(
-            self.type, self.blocks.data_ptr(), self.out_features, self.in_features, x.data_ptr(),
-            x.numel() // self.in_features, y.data_ptr(), res, _threads(), threshold,
-            None if scale is None else scale.data_ptr())
-        if swiglu:
-            y = self._silu_mul(y)
-        elif residual is not None and res is None:
-            y = residual + y
-        return (y if self.dtype == torch.float32 else y.to(self.dtype)), kept
+        # SwiGLU's map has no residual (linear_epilogue drops it), so the C adds any residual itself
+        y, kept = self._call(self._sparse, self.blocks.data_ptr(), x, None if swiglu else residual, threshold,
+                             None if scale is None else scale.data_ptr())
+        return self._output(self._silu_mul(y) if swiglu else y), kept
 
 
 class NativeHalfLinear(_NativeMap):
@@ -187,7 +184,7 @@ class NativeHalfLinear(_NativeMap):
         self.transposed = False
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return self._call(_library().spqt_half_gemm, self.weight.data_ptr(), x, residual)
+        return self._output(self._call(_library().spqt_half_gemm, self.weight.data_ptr(), x, residual)[0])
 
 
 def decode_attention_runs(qkv: torch.Tensor, cache_k: torch.Tensor, mask: torch.Tensor) -> bool:
