@@ -41,7 +41,7 @@ def stub_gemvs():
     torch.mm = lambda x, w: product(x, w, n=w.shape[1])
     from spqt.kernels import cpu_native  # the native maps' C call (backend cpu-native)
 
-    cpu_native._NativeMap._call = lambda self, fn, ptr, x, residual: product(x, None, n=self.out_features)
+    cpu_native._NativeMap._call = lambda self, fn, ptr, x, residual, *rule: (product(x, None, n=self.out_features), 0)
 
 
 def steps(gen, token, pos, n):

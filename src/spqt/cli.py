@@ -476,6 +476,9 @@ def cmd_tune(args) -> int:
     return 0
 
 
+GEMV_CHOICES = ("auto", "native", "fp16", "fp32")  # --gemv of generate and serve (_gemv_backend)
+
+
 def _gemv_backend(name: str, device: str) -> str | None:
     """The linear maps' backend for a --gemv choice: on the CPU, native (the default: zigzag K-quant
     and Q8_0 blocks read as stored and an fp16 head, in C compiled on first use; kernels/cpu_native.py),
@@ -570,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
-    p.add_argument("--gemv", choices=["auto", "native", "fp16", "fp32"], default="auto",
+    p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
                         "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
     p.set_defaults(func=cmd_generate)
@@ -586,7 +589,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --sparsity auto the recommended)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--gemv", choices=["auto", "native", "fp16", "fp32"], default="auto",
+    p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products, as for generate (auto: native where a C compiler works)")
     p.add_argument("--ctx", type=int, default=None, help="tokens of context per request, prompt plus completion "
                    "(default: the model's)")

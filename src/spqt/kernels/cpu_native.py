@@ -213,9 +213,7 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
 
 def make_native_linear(weight, dtype: torch.dtype, device: str):
     """The native map for zigzag matrices of the types the C routines have (zigzag_type) and float
-    matrices; other formats and layouts get the fp16 GEMV."""
-    if str(device) != "cpu":
-        raise ValueError("the cpu-native backend runs on the CPU")
+    matrices; other formats and layouts get the fp16 GEMV. (dispatch.make_linear_impl checks the device.)"""
     if isinstance(weight, QuantizedWeight):
         if weight.layout == "zigzag" and zigzag_type(weight.fmt) >= 0:
             return NativeZigzagLinear(weight, dtype, device)
