@@ -20,6 +20,7 @@
 #   scripts/gpu_session.sh types7    the order effect's cause, the CUDA GEMV tuned per type, synthetic 7B decode per type
 #   scripts/gpu_session.sh final7    gpu tests on a fresh machine, the GEMV table of every type, 7B and 70B decode
 #   scripts/gpu_session.sh explore8  the native CPU maps' tests there, the 70B step per kernel kind, 70B decode fused finish
+#   scripts/gpu_session.sh fold9     the folded norm's gpu tests, the 7B / 70B step with launched / folded / no norms, decode
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -145,6 +146,23 @@ case "$stage" in
       timeout 300 python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -20 "$OUT/bench-gemv.log"
     fi
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.txt' -delete)
+    ;;
+  fold9)
+    # The RMSNorms folded into the CUDA B2 (ninth session): their gpu tests, the step's device time with a launch per
+    # norm, folded, and without norms (scripts/norm_ceiling_probe.py), then decode (DECODE_MODELS) dense and at 50 %.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -n 4 -rxX \
+      -k "norm or sums_of_squares or zigzag_cuda_kernel or graph_replay" 2>&1 | tee "$OUT/pytest-fold.log" | tail -4
+    echo "tests: $(( $(date +%s) - start )) s"
+    for m in ${PROBE_MODELS:-llama2-7b llama2-70b}; do
+      timeout 200 python3 scripts/norm_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/norm-probe.log"
+    done
+    for m in ${DECODE_MODELS:-llama2-7b llama2-70b}; do
+      timeout 200 python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0,0.5 \
+        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -4
+    done
+    echo "fold9 stage: $(( $(date +%s) - start )) s"
     ;;
   final)
     # On a fresh machine: every gpu test first (the bar: one call, under 8 minutes), then the 7B

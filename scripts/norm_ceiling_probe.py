@@ -1,6 +1,7 @@
-"""What the RMSNorm launches cost a decode step: the step's CUDA graph replayed with the norms, then
-with every RMSNorm replaced by the identity (wrong outputs, the same GEMVs), alternating, in one
-process (device machine; issue 14: the ceiling of folding the norms into their neighbours).
+"""What the RMSNorm launches cost a decode step, and what folding them into the GEMVs takes back: the
+step's CUDA graph replayed with a launch per norm (SPQT_NORM_FOLD's off), with the norms folded into the
+CUDA B2 of the maps after them (the runtime's default), and with every RMSNorm replaced by the identity
+(wrong outputs, the same GEMVs: the ceiling), alternating, in one process (device machine; issue 14).
 
     python3 scripts/norm_ceiling_probe.py [--model synthetic:llama2-70b] [--rounds 2] [--reps 30]
 
@@ -16,6 +17,7 @@ import torch
 from spqt import model as model_module
 from spqt.bench_decode import replay_device_us, synthetic_model
 from spqt.generate import Generator
+from spqt.kernels import gpu_linear
 
 
 def main():
@@ -28,24 +30,29 @@ def main():
     gen = Generator(loaded, "cuda", max_len=64)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
     norm_forward = model_module.RMSNorm.forward
+    fold_on = gpu_linear.norm_fold_on
+    variants = {"launched": (True, False), "folded": (True, True), "identity": (False, False)}  # (norms, fold)
 
-    def step_us(with_norms: bool) -> float:
+    def step_us(variant: str) -> float:
+        with_norms, fold = variants[variant]
         model_module.RMSNorm.forward = norm_forward if with_norms else (lambda self, x: x)
+        gpu_linear.norm_fold_on = lambda: fold
         gen.drop_graphs()
         gen.generate(prompt, 8, track=False)  # captures a graph with this setting
         return statistics.median(replay_device_us(gen._graph, args.reps))
 
-    step_us(True)  # the first capture: a warm-up (it replays faster than any later one)
-    results = {True: [], False: []}
+    step_us("launched")  # the first capture: a warm-up (it replays faster than any later one)
+    results = {v: [] for v in variants}
     for _ in range(args.rounds):
-        for with_norms in (True, False):
-            results[with_norms].append(step_us(with_norms))
-    model_module.RMSNorm.forward = norm_forward
-    a, b = statistics.median(results[True]), statistics.median(results[False])
-    print(f"{args.model} dense: step with norms {', '.join(f'{x:.1f}' for x in results[True])} us, "
-          f"norms as identity {', '.join(f'{x:.1f}' for x in results[False])} us: the norms cost {a - b:.1f} us "
-          f"({100 * (a - b) / a:.1f} %)")
-
+        for variant in variants:
+            results[variant].append(step_us(variant))
+    model_module.RMSNorm.forward, gpu_linear.norm_fold_on = norm_forward, fold_on
+    median = {v: statistics.median(r) for v, r in results.items()}
+    print(f"{args.model} dense, step device time (us): " + "; ".join(
+        f"{v} {', '.join(f'{x:.1f}' for x in r)}" for v, r in results.items()))
+    launched = median["launched"]
+    for v in ("folded", "identity"):
+        print(f"  {v}: {launched - median[v]:.1f} us less than launched ({100 * (launched - median[v]) / launched:.1f} %)")
 
 if __name__ == "__main__":
     main()

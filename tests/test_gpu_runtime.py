@@ -39,6 +39,39 @@ def test_graphs_per_attention_span_equal_eager(tiny_spqt):
     assert a == b, f"first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}"
 
 
+def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
+    """fp16 CUDA decode with the RMSNorms folded into the CUDA B2 of the maps after them: each step's logits
+    within 2 % of the logit range of the decode with a launch per norm (SPQT_NORM_FOLD=0), compared while the
+    greedy tokens agree (at least 8 steps), and the fold did run (every map forced onto the CUDA GEMV)."""
+    from spqt.kernels import gpu_linear
+
+    monkeypatch.setenv("SPQT_GEMV", "cuda")
+    loaded = load_spqt(tiny_spqt)
+    prompt = [3, 17, 42, 5, 9]
+    folds = []
+    real = gpu_linear.TritonLinear.dense_normed
+    monkeypatch.setattr(gpu_linear.TritonLinear, "dense_normed",
+                        lambda self, *a, **kw: folds.append(real(self, *a, **kw)) or folds[-1])
+    runs = {}
+    for fold in ("1", "0"):
+        monkeypatch.setenv("SPQT_NORM_FOLD", fold)
+        gpu_linear.norm_fold_on.cache_clear()
+        folds.clear()
+        logits = []
+        gen = Generator(loaded, "cuda", dtype=torch.float16, max_len=64)
+        runs[fold] = (gen.generate(prompt, 24, track=False, on_logits=logits.append).tokens, logits)
+        ran = sum(f is not None for f in folds)
+        assert ran >= 2 * loaded.config.n_layers - 1 if fold == "1" else ran == 0, f"fold {fold}: {ran} folded norms"
+    gpu_linear.norm_fold_on.cache_clear()
+    (a_tokens, a_logits), (b_tokens, b_logits) = runs["1"], runs["0"]
+    same = next((i for i, (x, y) in enumerate(zip(a_tokens, b_tokens)) if x != y), len(a_tokens))
+    assert same >= 8, f"folded and launched norms diverge at token {same}"
+    for step in range(same + 1):  # logits[step] chose token step: equal inputs up to there
+        span = float(b_logits[step].max() - b_logits[step].min())
+        err = float((a_logits[step] - b_logits[step]).abs().max())
+        assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
+
+
 def _default_loaded(default_gguf):
     from spqt.default_model import default_spqt
 

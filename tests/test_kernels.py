@@ -269,6 +269,33 @@ def test_zigzag_fused_epilogues(rng, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_reduction_writes_sums_of_squares(rng, device):
+    """The reduction kernel of a residual map also writes each program's sum of its stored outputs' squares
+    (the next map's folded RMSNorm reads them): poisoned first, every entry written, equal to torch's sums over
+    the same blocks of y; the finishes that cannot write them refuse."""
+    shape = (300, 130) if device == "cpu" else (4099, 4096)
+    qw, gw = _weights(rng, shape, "zigzag", device)
+    n, k = shape
+    x, _ = _x(rng, k, torch.float16, device, 0.0)
+    r = torch.from_numpy(rng.standard_normal(n).astype(np.float32) * 4).to(device, torch.float16)
+    split = 3
+    ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+    ws.sumsq.fill_(float("nan"))
+    y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=2, chunks=2, residual=r, sumsq=True).float()
+    block = kg.reduce_block(split)
+    assert ws.sumsq.numel() == -(-n // block)
+    want = torch.nn.functional.pad(y * y, (0, ws.sumsq.numel() * block - n)).reshape(-1, block).sum(1)
+    torch.testing.assert_close(ws.sumsq, want, rtol=1e-5, atol=0.0)
+    with pytest.raises(ValueError, match="sums of squares"):
+        kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=2, chunks=2, swiglu=True, sumsq=True)
+    with pytest.raises(ValueError, match="sums of squares"):
+        kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, num_warps=2, chunks=2, residual=r, fused=True, sumsq=True)
+    if device == "cpu":  # the Triton GEMV does not fold a norm
+        with pytest.raises(ValueError, match="folded RMSNorm"):
+            kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, norm=(x, ws.sumsq, 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_triton_linear_matches_reference(rng, device):
     """The GPU linear map (one token: fused epilogues; several tokens: dequantize + matmul, epilogue
     in torch), dense and sparse (TEAL, and WINA with the column norms as scale), with a residual or
@@ -685,6 +712,96 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
             torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want[want.isfinite()].abs().max()))
 
 
+NORM_CONFIGS = [(1, 4, 16), (7, 2, 16), (24, 4, 2), (64, 8, 2), (2, 1, 16)]  # split, warps, acc
+
+
+@pytest.mark.gpu
+def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
+    """B2 on the CUDA GEMV with the RMSNorm folded in (NORM: rstd from partial sums of squares, the share of
+    normed inputs in shared memory) equals B2 on the input normed in torch with that rstd, within one fp16
+    unit of an input where the two rstd differ in the last bit, and the fp32 accumulation bound; y poisoned;
+    deterministic; in a CUDA graph; with a fused SwiGLU finish; a share wider than NORM_SHARE refused."""
+    from spqt.kernels import zigzag_cuda
+
+    monkeypatch.delenv("SPQT_GEMV", raising=False)
+    eps = 1e-5
+    for shape in ((4096, 4096), (11008, 4096), (2311, 777), (1024, 11008)):
+        qw, gw = _weights(rng, shape, "zigzag", "cuda")
+        n, k = shape
+        x = torch.from_numpy(rng.standard_normal(k).astype(np.float32) * 6).to("cuda", torch.float16)
+        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda", torch.float16)
+        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])  # any partition of the squares
+        rstd = 1.0 / torch.sqrt(sq.sum() / k + eps)
+        normed = ((x.float() * rstd) * gamma.float()).half()
+        for split, warps, acc in NORM_CONFIGS:
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            kw = {"num_warps": warps, "acc": acc, "impl": "cuda"}
+            what = f"{shape} split {split} warps {warps} acc {acc}"
+            if zigzag_cuda.share(k, split, warps) > zigzag_cuda.NORM_SHARE:
+                assert not zigzag_cuda.norm_fits(k, split, warps, x, gamma)
+                with pytest.raises(ValueError, match="folded norm"):
+                    kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps))
+                continue
+            plain = kg.gemv_zigzag(gw, normed, kg.MODE_DENSE, ws, **kw).clone()
+            ws.y.fill_(float("nan"))
+            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps)).clone()
+            assert_close_fp32_accum(y, qw, normed.float(), what, 2 * ZIGZAG_INPUT_EPS[torch.float16])
+            torch.testing.assert_close(y, plain, rtol=2e-3, atol=2e-3 * float(plain.abs().max()), msg=what)
+            assert torch.equal(y, kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps))), what
+            if split == 7:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps))
+                ws.y.fill_(float("nan"))
+                graph.replay()
+                assert torch.equal(out, y), f"{what}: graph replay differs"
+            if split == 24 and n % 512 == 0:  # the norm with the GEMV's own SwiGLU finish
+                want = kg.gemv_zigzag(gw, normed, kg.MODE_DENSE, ws, **kw, fused=True, swiglu=True).float().clone()
+                ws.y.fill_(float("nan"))
+                got = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, fused=True, swiglu=True,
+                                     norm=(gamma, sq, eps)).float()
+                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3 * float(want.abs().max()), msg=what)
+
+
+@pytest.mark.gpu
+def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
+    """A residual map's output carries its reduction's sums of squares; the next map, handed the RMSNorm,
+    runs it inside its CUDA B2 (no norm launch) and gives what it gives on the norm module's output;
+    SPQT_NORM_FOLD=0 runs the module."""
+    from spqt.functional import NORM_SUMS
+    from spqt.kernels import gpu_linear
+    from spqt.linear import Linear
+    from spqt.model import RMSNorm
+
+    monkeypatch.setenv("SPQT_GEMV", "cuda")
+    dim = 4096
+    producer = Linear(_weights(rng, (dim, 2048), "zigzag", "cuda")[0], torch.float16, "cuda", backend="triton")
+    consumer = Linear(_weights(rng, (3072, dim), "zigzag", "cuda")[0], torch.float16, "cuda", backend="triton")
+    norm = RMSNorm(dim, 1e-5).to("cuda", torch.float16)
+    norm.weight.copy_(torch.from_numpy(1 + 0.3 * rng.standard_normal(dim).astype(np.float32)))
+    x = torch.from_numpy(rng.standard_normal((1, 1, 2048)).astype(np.float32)).to("cuda", torch.float16)
+    r = torch.from_numpy(rng.standard_normal((1, 1, dim)).astype(np.float32) * 4).to("cuda", torch.float16)
+    folds = []
+    real = gpu_linear.TritonLinear.dense_normed
+    monkeypatch.setattr(gpu_linear.TritonLinear, "dense_normed",
+                        lambda self, *a, **kw: folds.append(real(self, *a, **kw)) or folds[-1])
+    for fold in ("1", "0"):
+        monkeypatch.setenv("SPQT_NORM_FOLD", fold)
+        gpu_linear.norm_fold_on.cache_clear()
+        folds.clear()
+        h = producer(x, residual=r)
+        sums = getattr(h, NORM_SUMS, None)
+        if fold == "1":
+            torch.testing.assert_close(sums.sum(), (h.float() ** 2).sum(), rtol=1e-5, atol=0.0)
+        else:
+            assert sums is None
+        y = consumer(h, norm=norm).clone()
+        want = consumer(norm(h)).clone()  # the module's output carries no sums: plain B2
+        assert (len(folds) == 1 and folds[0] is not None) if fold == "1" else not folds
+        torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
+    gpu_linear.norm_fold_on.cache_clear()
+
+
 def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     """zigzag_q4k.cu compiles with NVRTC for sm_90 (no GPU needed): every warp count, each mode, pipe
     and finish (partials, plain, residual, SwiGLU), without spills, and its B2 loop stays lean: at most 240 instructions per chunk and
@@ -719,6 +836,15 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
                 assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
                 if acc < 16:
                     assert regs <= 80, f"acc {acc}: {regs} registers a thread (125 with 16 accumulators)"
+    for warps, acc in ((4, 2), (1, 16)):  # the folded norm: no spills, the B2 loop no longer (x from shared memory)
+        sass, _, stack = disassemble(nvrtc.compile_cubin(
+            zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, zigzag_cuda.MODE_DENSE, 0, -1, acc=acc, norm=True),
+            "sm_90"))
+        loop = main_loop(sass, "HMMA")
+        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16 and len(loop) <= 240 + (0 if acc == 16 else 24)
+    with pytest.raises(RuntimeError, match="NORM folds the RMSNorm into B2"):  # B4's norm runs with its collection
+        nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(),
+                            zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 0, -1, norm=True), "sm_90")
     for mode, epilogue in ((zigzag_cuda.MODE_DENSE, 2), (zigzag_cuda.MODE_INDEXED, 1)):  # the cluster finish
         cubin = nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(4, mode, 0, epilogue, acc=2,
                                                                                         cluster=True), "sm_90")

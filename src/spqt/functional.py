@@ -11,6 +11,11 @@ def _fused(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
+# The attribute a residual map's output may carry on the GPU: the fp32 sums of squares of its stored values,
+# one per program of the reduction that wrote it, so that the next map can fold the RMSNorm of it into its
+# GEMV (kernels/gpu_linear.py). The values are the tensor's as long as nothing writes it in between.
+NORM_SUMS = "spqt_norm_sums"
+
 _NORM_CONSTANTS: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
 

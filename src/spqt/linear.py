@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from spqt.direct_call import DirectCallModule, hooked
-from spqt.functional import linear_epilogue
+from spqt.functional import NORM_SUMS, linear_epilogue
 from spqt.kernels import dispatch
 from spqt.kernels.reference import keep_mask
 
@@ -97,6 +97,9 @@ class Linear(DirectCallModule):
                 y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
                 self.input_tap(normed)
                 return y
+            folded = None if sparse else self._norm_folded(x, norm, residual, swiglu)
+            if folded is not None:
+                return folded
             # an implementation with its own RMSNorm (the CPU's native maps) runs it; else the module
             native_norm = getattr(self.impl, "rms_norm", None)
             x = native_norm(x, norm.weight, norm.eps) if native_norm is not None else norm(x)
@@ -112,6 +115,19 @@ class Linear(DirectCallModule):
         if self.track:
             self.counts[1] += x.numel()
         return self.impl.dense(x, residual, swiglu)
+
+    def _norm_folded(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None,
+                     swiglu: bool) -> torch.Tensor | None:
+        """W norm(x) with the norm inside the GEMV (the GPU's CUDA B2), where x carries the sums of squares of
+        the reduction that wrote it (functional.NORM_SUMS) and nothing observes the normed input; else None."""
+        sums = getattr(x, NORM_SUMS, None)
+        fold = getattr(self.impl, "dense_normed", None)
+        if sums is None or fold is None or hooked(self.input_tap):
+            return None
+        y = fold(x, norm.weight, norm.eps, sums, residual, swiglu)
+        if y is not None and self.track:
+            self.counts[1] += x.numel()
+        return y
 
     def _masked_on_cpu(self, x: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
         """The sparse forward of a map whose sparse product is the dense product of the masked

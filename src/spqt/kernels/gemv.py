@@ -39,12 +39,14 @@ EPILOGUE_NONE, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
 
 @triton.jit
 def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr, SPLIT_P2: tl.constexpr,
-                   EPILOGUE: tl.constexpr, PDL: tl.constexpr):
+                   EPILOGUE: tl.constexpr, PDL: tl.constexpr, sq_ptr=None, SUMSQ: tl.constexpr = False):
     """The unfused finish of a zigzag GEMV: y[n] = sum over s of part[s, n], one (SPLIT, BLOCK)
     tile, a fixed reduction tree (deterministic), all partial loads in flight at once; then the
     epilogue in fp32: RESIDUAL y[n] = r[n] + sum, n < N; SWIGLU (rows gate|up stacked, F = N / 2)
     y[n] = silu(sum[n]) * sum[F + n], n < F. One rounding to y's dtype at the end. PDL: launched
-    while the GEMV finishes; reads the partials after it has."""
+    while the GEMV finishes; reads the partials after it has. SUMSQ (not SWIGLU): program p also
+    writes sq[p], the sum of its stored y's squares in fp32 (fixed order): the next map's RMSNorm,
+    folded into its GEMV (fold_norm), adds the programs' sums instead of reading y twice."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
@@ -55,7 +57,10 @@ def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr,
     up = acc
     if EPILOGUE == 2:
         up = tl.sum(tl.load(part_ptr + s[:, None] * NP + F + n[None, :], mask=m, other=0.0), axis=0)
-    zigzag_mma.store_epilogue(y_ptr, r_ptr, n, acc, up, N, F, EPILOGUE)
+    out = zigzag_mma.store_epilogue(y_ptr, r_ptr, n, acc, up, N, F, EPILOGUE)
+    if SUMSQ:
+        v = tl.where(n < N, out.to(tl.float32), 0.0)
+        tl.store(sq_ptr + tl.program_id(0), tl.sum(v * v, axis=0))
 
 
 @triton.jit
@@ -284,14 +289,21 @@ def _check_x(w: GpuQ4K, x: torch.Tensor) -> None:
         raise ValueError("x and the weights must be on the same device")
 
 
+def reduce_block(split: int) -> int:
+    """Outputs a program of _reduce_kernel finishes: its (SPLIT, BLOCK) tile holds about 4096 partial sums."""
+    return max(16, min(256, 4096 // triton.next_power_of_2(split)))
+
+
 class ZigzagWorkspace:
-    """Preallocated buffers of one zigzag matrix (so a decode step can be a CUDA graph)."""
+    """Preallocated buffers of one zigzag matrix (so a decode step can be a CUDA graph). sumsq: the
+    reduction programs' sums of squares of y (gemv_zigzag's sumsq)."""
 
     def __init__(self, w: GpuQ4K, split: int, dtype: torch.dtype):
         n, k = w.shape
         dev = w.quants.device
         self.split = split
         self.np = w.grid[0] * 256
+        self.sumsq = torch.empty(triton.cdiv(n, reduce_block(split)), dtype=torch.float32, device=dev)
         self.partials = torch.empty((split, self.np), dtype=torch.float32, device=dev)
         self.idx = torch.empty(k, dtype=torch.int32, device=dev)
         self.count = torch.empty((), dtype=torch.int32, device=dev)
@@ -299,12 +311,28 @@ class ZigzagWorkspace:
         self.y = torch.empty(n, dtype=dtype, device=dev)
 
 
+_BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}  # all but Q4_K: CUDA layouts only
+
+
+def finish_plan(w: GpuQ4K, x: torch.Tensor, mode: int, split: int, epilogue: int, impl: str = "triton",
+                fused: bool = False, cluster: bool = False) -> tuple[bool, bool, bool]:
+    """How gemv_zigzag runs these arguments: (the CUDA GEMV runs, its programs finish as a cluster, the GEMV
+    finishes y itself); where the last is False, _reduce_kernel finishes y (and can write the sums of squares)."""
+    n = w.shape[0]
+    if _BITS[w.fmt] != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
+        # the cluster finish has run on a GPU for Q4_K only (Q5_K / Q6_K: the reduction or fused finish)
+        cluster = (cluster and w.fmt == "q4_k" and zigzag_cuda.fused_choice(True) and zigzag_cuda.clusters_run(x.device)
+                   and zigzag_cuda.cluster_dims(n, epilogue, split) is not None)
+        return True, cluster, cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
+    return False, False, fused
+
+
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
-                extra: tuple = ()) -> torch.Tensor:
+                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
@@ -314,6 +342,10 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
     fused / reduction finish as configured). extra: more -D options of the CUDA GEMV (probes, e.g.
     "-DPROBE_XOR=1": its arithmetic replaced by an XOR of the loaded words, wrong sums, for timing only).
+    norm (B2 on the CUDA GEMV): (gamma (K,) fp16, sq (P,) fp32, eps): x is an RMSNorm's input, and W multiplies
+    rms_norm(x) * gamma, its rstd from the sums of squares sq that the reduction before wrote (sumsq).
+    sumsq (no SwiGLU, finish_plan's reduction finish): the reduction also writes ws.sumsq, its programs' sums of
+    y's squares (ws.sumsq[p] over outputs p BLOCK ..., reduce_block).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
@@ -321,7 +353,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4, fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    bits = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}[w.fmt]  # all but Q4_K: CUDA layouts only
+    bits = _BITS[w.fmt]
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
@@ -352,11 +384,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     epilogue = EPILOGUE_SWIGLU if swiglu else EPILOGUE_RESIDUAL if residual is not None else EPILOGUE_NONE
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
-    if bits != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
-        # the cluster finish has run on a GPU for Q4_K only (Q5_K / Q6_K: the reduction or fused finish)
-        cluster = (cluster and bits == 4 and zigzag_cuda.fused_choice(True) and zigzag_cuda.clusters_run(x.device)
-                   and zigzag_cuda.cluster_dims(n, epilogue, ws.split) is not None)
-        fused = cluster or (zigzag_cuda.fused_choice(fused) and zigzag_cuda.fusable(n, epilogue))
+    cuda, cluster, fused = finish_plan(w, x, mode, ws.split, epilogue, impl, fused, cluster)
+    if norm is not None and not (cuda and mode == MODE_DENSE):
+        raise ValueError("a folded RMSNorm runs B2 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
+    if sumsq and (fused or swiglu):
+        raise ValueError("the sums of squares come from the reduction kernel's finish, not SwiGLU's or a fused one")
+    if cuda:
         head = {2: getattr(w, "scales", None), 6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(
             bits, getattr(w, "head", None))
         zigzag_cuda.launch(w.quants, head, x, idx if idx is not None else dummy, count if count is not None else dummy,
@@ -364,18 +397,18 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
                            d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster,
-                           extra=extra)
+                           extra=extra, norm=norm)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,
                           ws.y, residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
                           num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
     if not fused:
-        split_p2 = triton.next_power_of_2(ws.split)
-        block = max(16, min(256, 4096 // split_p2))
+        block = reduce_block(ws.split)
         _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
             ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
-            SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            SPLIT_P2=triton.next_power_of_2(ws.split), EPILOGUE=epilogue, PDL=pdl, sq_ptr=ws.sumsq if sumsq else None,
+            SUMSQ=sumsq, num_warps=4, launch_pdl=pdl)
     return ws.y[: n // 2] if swiglu else ws.y
 
 

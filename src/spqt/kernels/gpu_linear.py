@@ -1,25 +1,46 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
 for one token (B2 / B4 for zigzag, B0 for row), dequantize + cuBLAS GEMM for several tokens.
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
-an RMSNorm in front of a sparse map runs with the map's index collection (one launch less).
+an RMSNorm in front of a sparse map runs with the map's index collection (one launch less); in front of a dense
+map on the CUDA GEMV it runs inside the GEMV (dense_normed: no launch), where the map that wrote its input finished
+in the reduction kernel, which then also wrote its output's sums of squares (the output tensor carries them as
+functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
 
+import functools
+import os
+
 import torch
 
 from spqt.checkpoint import QuantizedWeight
-from spqt.functional import linear_epilogue
+from spqt.functional import NORM_SUMS, linear_epilogue
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels import fused as kf
+from spqt.kernels import zigzag_cuda
 from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.kernels.gpu_layout_types import GpuZigzag
 from spqt.kernels.gpu_layout_types import repack as repack_types
 from spqt.kernels.reference import sparsify
+
+
+@functools.lru_cache(maxsize=None)
+def norm_fold_on() -> bool:
+    """SPQT_NORM_FOLD=0 keeps every RMSNorm a launch of its own (measurement); read once."""
+    return os.environ.get("SPQT_NORM_FOLD", "1") != "0"
+
+
+def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
+    """y viewed as (..., N) of x's shape, carrying its sums of squares (NORM_SUMS) where they were written."""
+    out = y.view(*shape[:-1], y.numel())
+    if sums is not None:
+        setattr(out, NORM_SUMS, sums)
+    return out
 
 
 def _kernel_weight(weight, kernel_type, repack_fn, device: str):
@@ -61,16 +82,44 @@ class TritonLinear:
             return None
         return {"residual": None if residual is None else residual.reshape(self.n).contiguous(), "swiglu": swiglu}
 
+    def _gemv(self, v: torch.Tensor, mode: int, ws: kg.ZigzagWorkspace, cfg: dict, epilogue: dict, **more):
+        """gemv_zigzag of v (K,) with a config and workspace -> (y, ws.sumsq where the reduction wrote the
+        sums of squares of a residual map's output, else None)."""
+        args = tuning.launch_args(cfg)
+        sums = (epilogue["residual"] is not None and norm_fold_on()
+                and not kg.finish_plan(self.w, v, mode, ws.split, kg.EPILOGUE_RESIDUAL, args["impl"], args["fused"],
+                                       args["cluster"])[2])
+        y = kg.gemv_zigzag(self.w, v, mode, ws, **args, **epilogue, sumsq=sums, **more)
+        return y, ws.sumsq if sums else None
+
     def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         if x.numel() != self.k:
             return linear_epilogue(self._gemm(x), residual, swiglu)
         v = x.reshape(self.k)
         fused = self._gemv_epilogue(residual, swiglu)
         if fused is not None:
-            y = kg.gemv_zigzag(self.w, v, kg.MODE_DENSE, self.ws_dense, **tuning.launch_args(self.cfg_dense), **fused)
-            return y.view(*x.shape[:-1], y.numel())
+            y, sums = self._gemv(v, kg.MODE_DENSE, self.ws_dense, self.cfg_dense, fused)
+            return _with_sums(y, x.shape, sums)
         y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
         return linear_epilogue(y.view(*x.shape[:-1], self.n), residual, swiglu)
+
+    def dense_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sums: torch.Tensor,
+                     residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor | None:
+        """W rms_norm(x) for one token x (..., K) fp16 with the norm inside the CUDA B2, its rstd from x's sums
+        of squares `sums` (fp32, written by the reduction that finished x); None where this map cannot fold it
+        (the row layout, the Triton GEMV, not fp16, a share too wide or x unaligned: zigzag_cuda.norm_fits)."""
+        if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
+                or norm_weight.dtype != torch.float16 or not norm_fold_on()):
+            return None
+        v = x.reshape(self.k)
+        gamma = norm_weight.reshape(self.k)
+        args = tuning.launch_args(self.cfg_dense)
+        if not (kg.finish_plan(self.w, v, kg.MODE_DENSE, self.ws_dense.split, kg.EPILOGUE_NONE, args["impl"])[0]
+                and zigzag_cuda.norm_fits(self.k, self.ws_dense.split, args["num_warps"], v, gamma)):
+            return None
+        y, out_sums = self._gemv(v, kg.MODE_DENSE, self.ws_dense, self.cfg_dense, self._gemv_epilogue(residual, swiglu),
+                                 norm=(gamma, sums, eps))
+        return _with_sums(y, x.shape, out_sums)
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether B4 at this sparsity beat B2 for this shape when tuned (collection included,
@@ -89,14 +138,13 @@ class TritonLinear:
         as sparse()'s). Returns (y, the normed x (..., K)). Zigzag only (the row layout has no sparse kernel)."""
         ws = self.ws_sparse
         kf.rms_norm_collect(x.reshape(self.k), norm_weight, eps, threshold, self.normed, ws.idx, ws.count, scale=scale)
-        y = self._gemv_indexed(self.normed, self._gemv_epilogue(residual, swiglu))
-        return y.view(*x.shape[:-1], y.numel()), self.normed.view(x.shape)
+        y, sums = self._gemv_indexed(self.normed, self._gemv_epilogue(residual, swiglu))
+        return _with_sums(y, x.shape, sums), self.normed.view(x.shape)
 
-    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> torch.Tensor:
-        """B4 over v (K,) with the index list already in the sparse workspace."""
+    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """B4 over v (K,) with the index list already in the sparse workspace: (y, its sums of squares or None)."""
         ws = self.ws_sparse
-        return kg.gemv_zigzag(self.w, v, kg.MODE_INDEXED, ws, **tuning.launch_args(self.cfg_sparse), idx=ws.idx,
-                              count=ws.count, **epilogue)
+        return self._gemv(v, kg.MODE_INDEXED, ws, self.cfg_sparse, epilogue, idx=ws.idx, count=ws.count)
 
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,8 +154,8 @@ class TritonLinear:
             return self.dense(sparsify(x, threshold, scale), residual, swiglu)
         v = x.reshape(self.k)
         collect(v, threshold, self.ws_sparse.idx, self.ws_sparse.count, scale=scale)
-        y = self._gemv_indexed(v, fused)
-        return y.view(*x.shape[:-1], y.numel())
+        y, sums = self._gemv_indexed(v, fused)
+        return _with_sums(y, x.shape, sums)
 
 
 class TritonZigzagTypesLinear(TritonLinear):
@@ -135,10 +183,14 @@ class TritonZigzagTypesLinear(TritonLinear):
                     **self._gemv_epilogue(residual, swiglu))
         return y.view(*x.shape[:-1], y.numel())
 
-    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> torch.Tensor:
+    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> tuple[torch.Tensor, None]:
         ws = self.ws_sparse
         return zt.gemv(self.w, v, zt.MODE_INDEXED, ws, **tuning.types_launch_args(self.cfg_sparse), idx=ws.idx,
-                       count=ws.count, **epilogue)
+                       count=ws.count, **epilogue), None
+
+    def dense_normed(self, x, norm_weight, eps, sums, residual=None, swiglu=False) -> None:
+        """The Triton type kernels do not fold the norm (the module runs it)."""
+        return None
 
 
 class CudaKQuantLinear(TritonLinear):
@@ -150,7 +202,6 @@ class CudaKQuantLinear(TritonLinear):
     cuBLAS."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
-        from spqt.kernels import zigzag_cuda
 
         layout = zigzag_cuda.kquant_layout(weight.fmt)
         if layout is None or weight.layout != "zigzag":

@@ -123,7 +123,7 @@ class Kernel:
     def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
                cluster: tuple | None = None) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
-        with POINTER, ints with INT); cluster: (x, y) programs a thread block cluster (sm_90), dividing grid."""
+        with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90), dividing grid."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
@@ -149,4 +149,4 @@ class Kernel:
         _check(err, "cuLaunchKernelEx")
 
 
-POINTER, INT = ctypes.c_void_p, ctypes.c_int
+POINTER, INT, FLOAT = ctypes.c_void_p, ctypes.c_int, ctypes.c_float

@@ -26,11 +26,11 @@ ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
 
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
-            bits: int = 4, cluster: bool = False) -> tuple:
+            bits: int = 4, cluster: bool = False, norm: bool = False) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; bits 2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K,
-    8: Q8_0; extra: more -D options, for probes)."""
+    8: Q8_0; norm: the RMSNorm folded into B2; extra: more -D options, for probes)."""
     return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
-            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}") + tuple(extra)
+            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}", f"-DNORM={int(norm)}") + tuple(extra)
 
 
 MAX_CLUSTER = 16  # programs a cluster may hold on sm_90 (above 8 with the non-portable size allowed)
@@ -93,11 +93,11 @@ def usable(device: torch.device | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            acc: int = 16, bits: int = 4, cluster: bool = False) -> nvrtc.Kernel:
+            acc: int = 16, bits: int = 4, cluster: bool = False, norm: bool = False) -> nvrtc.Kernel:
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc, bits, cluster),
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm),
                                     arch)
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
 
@@ -141,12 +141,21 @@ def share(k: int, split: int, warps: int) -> int:
     return _cdiv(_cdiv(k, split), step) * step
 
 
+NORM_SHARE = 4096  # the .cu file's: columns of the normed input a program holds in shared memory (8 KB)
+
+
+def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tensor) -> bool:
+    """Whether B2 can fold an RMSNorm here: a program's share of at most NORM_SHARE columns, x and gamma
+    16-byte aligned (read 8 fp16 at a time)."""
+    return share(k, split, warps) <= NORM_SHARE and x.data_ptr() % 16 == 0 and gamma.data_ptr() % 16 == 0
+
+
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
            acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4,
-           cluster: bool = False) -> None:
+           cluster: bool = False, norm: tuple | None = None) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes; bits 8: (rows, 4, K, 16)), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -164,8 +173,9 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     d | dmin << 16, no high.
     cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
-    unused). extra: more -D options of the .cu file
-    (scripts/cuda_variants.py's load variants and probes)."""
+    unused). norm (B2 only): (gamma (K,) fp16, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
+    read with the rstd of sq's partial sums of squares (the reduction before wrote them; fold_norm).
+    extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     planes = 4 if bits == 8 else 2
     per = 8 if bits in (2, 3) else 16  # int32 a column in a plane
@@ -181,7 +191,15 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
                          f"(rows, K, 8)), 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16) "
                          f"or 8 (Q8_0: head the grouped d (ceil(rows / 4), K, 4, 8) fp16); got bits {bits}, high "
                          f"{None if high is None else tuple(high.shape)}, head {tuple(head.shape)} {head.dtype}")
-    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d) if t is not None]
+    if norm is not None and (mode != MODE_DENSE or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float16
+                             or norm[1].dtype != torch.float32 or norm[1].dim() != 1
+                             or not norm_fits(k, split, warps, x, norm[0])):
+        raise ValueError(f"a folded norm runs B2 with gamma ({k},) fp16, a vector of fp32 sums of squares, a share of "
+                         f"at most {NORM_SHARE} columns and x, gamma 16-byte aligned; got mode {mode}, gamma "
+                         f"{tuple(norm[0].shape)} {norm[0].dtype}, sums {norm[1].dtype}, share {share(k, split, warps)}")
+    gamma, sq, eps = norm if norm is not None else (None, None, 0.0)
+    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d, gamma, sq)
+               if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
@@ -193,12 +211,15 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
         raise ValueError(f"a cluster finish needs sm_90, y and an epilogue, and at most {MAX_CLUSTER} programs a "
                          f"cluster (SwiGLU: 2 split, N / 2 a multiple of 256); got epilogue {epilogue}, split {split}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster)
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster,
+                     norm is not None)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
             (count.data_ptr(), P), (partials.data_ptr(), P), (k, I), (np_, I), (share(k, split, warps), I), (split, I),
             (out.data_ptr(), P), ((residual if residual is not None else out).data_ptr(), P),
             ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I),
-            ((high if high is not None else quants).data_ptr(), P), ((d if d is not None else x).data_ptr(), P)]
+            ((high if high is not None else quants).data_ptr(), P), ((d if d is not None else x).data_ptr(), P),
+            ((gamma if gamma is not None else x).data_ptr(), P), ((sq if sq is not None else partials).data_ptr(), P),
+            (0 if sq is None else sq.numel(), I), (float(eps), nvrtc.FLOAT)]
     kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims)

@@ -461,13 +461,17 @@ def _finish_tile(part_ptr, y_ptr, r_ptr, cnt_ptr, g, N, F, NP, SPLIT, EPILOGUE: 
 def store_epilogue(y_ptr, r_ptr, n, acc, up, N, F, EPILOGUE: tl.constexpr):
     """y[n] from the fp32 sums acc (rows n) and, for SWIGLU, up (rows F + n): NONE acc, n < N;
     RESIDUAL r[n] + acc, n < N; SWIGLU silu(acc) * up, n < F. One rounding to y's dtype. Both
-    finishes (the fused one here, gemv._reduce_kernel) end with it."""
+    finishes (the fused one here, gemv._reduce_kernel) end with it. Returns the stored values
+    (y's dtype; masked lanes hold garbage)."""
     if EPILOGUE == 2:
-        tl.store(y_ptr + n, (acc / (1.0 + tl.exp(-acc)) * up).to(y_ptr.dtype.element_ty), mask=n < F)
+        out = (acc / (1.0 + tl.exp(-acc)) * up).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + n, out, mask=n < F)
     else:
         if EPILOGUE == 1:
             acc += tl.load(r_ptr + n, mask=n < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + n, acc.to(y_ptr.dtype.element_ty), mask=n < N)
+        out = acc.to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + n, out, mask=n < N)
+    return out
 
 
 @triton.jit

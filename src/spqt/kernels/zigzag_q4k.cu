@@ -20,7 +20,7 @@
 // MODE 2 (B4): the active-column list idx[0 .. count) in steps of 16 WARPS positions; share s
 // takes steps s, s + SPLIT, ... (stride = 16 WARPS SPLIT positions).
 // PDL: the weights of the first chunk are loaded before griddepcontrol.wait (no kernel writes
-// them); x, the list, the count and the partials only after it.
+// them); x, the list, the count and the partials (NORM: the sums of squares) only after it.
 //
 // Lane (g, t) = 4 g + t (the mma fragment's groupID, threadID_in_group) owns the chunk's columns
 // t, 4 + t, 8 + t, 12 + t (slots 0-3, the mma's k = 2t, 2t+1, 2t+8, 2t+9: any one-to-one map of
@@ -82,6 +82,17 @@
 #ifndef L2FIRST
 #define L2FIRST 0  // B2: chunks 1 .. L2FIRST of a warp's share prefetched into L2 before griddepcontrol.wait
 #endif           // (weights only: they stream while the kernel before this one still runs)
+#ifndef NORM
+#define NORM 0  // B2: 1 x is the RMSNorm's input: each program first writes its share of the normed input,
+#endif          // fp16((x_k rstd) gamma_k), into shared memory (NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
+                // eps), S the sum of the nsq partial sums of squares sq[] (the reduction before wrote them) added in
+                // one fixed order by every warp (the same rstd everywhere, every run); the chunks read x from there
+#ifndef NORM_SHARE
+#define NORM_SHARE 4096
+#endif
+#if NORM && MODE != 0
+#error "NORM folds the RMSNorm into B2 (MODE 0) only: a sparse map's norm runs with its index collection"
+#endif
 #ifndef PROBE_XOR
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
@@ -105,6 +116,12 @@ __device__ __forceinline__ void pdl_wait_then_release() {
 __device__ __forceinline__ unsigned short load_x_bits(const unsigned short* p) {
   unsigned short v;
   asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ float load_f32(const float* p) {
+  float v;
+  asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
   return v;
 }
 
@@ -148,6 +165,67 @@ __device__ __forceinline__ float f16_hi_to_f32(u32 bits) {  // the fp16 in bits 
   asm("{.reg .b16 lo, hi; mov.b32 {lo, hi}, %1; cvt.f32.f16 %0, hi;}" : "=f"(f) : "r"(bits));
   return f;
 }
+
+__device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {  // round to nearest even
+  unsigned short bits;
+  asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(v));
+  return bits;
+}
+
+#if NORM
+// rstd of the RMSNorm over K inputs from the nsq partial sums of squares at sq (written by the kernel
+// before this one: read after pdl_wait_then_release): lane l adds entries l, l + 32, ... in order, then a
+// butterfly, whose every lane ends with the same sum (a + b = b + a), so every warp of every program agrees.
+__device__ __forceinline__ float norm_rstd(const float* sq, int nsq, int K, float eps) {
+  float v = 0.0f;
+  for (int i = threadIdx.x & 31; i < nsq; i += 32) v += load_f32(sq + i);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return 1.0f / sqrtf(v / (float)K + eps);
+}
+
+// The normed input as the RMSNorm kernel writes it: fp16((x rstd) gamma), fp32 products.
+__device__ __forceinline__ unsigned short normed_x(unsigned short x, unsigned short gamma, float rstd) {
+  return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * f16_lo_to_f32(gamma));
+}
+
+__device__ __forceinline__ u32 normed_pair(u32 x, u32 gamma, float rstd) {  // two fp16 of a word
+  return normed_x(x & 0xFFFFu, gamma & 0xFFFFu, rstd) | (u32)normed_x(x >> 16, gamma >> 16, rstd) << 16;
+}
+
+__device__ __forceinline__ uint4 load_x_vec(const uint4* p) {  // 8 fp16 of x (written by the kernel before)
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// Columns [first, hi) of the normed input into xn[0 .. hi - first), by all threads of the program (x and
+// gamma 16-byte aligned, first a multiple of 8); the first 8 columns of each thread are loaded before the
+// sums of squares are added, so that both loads are in flight together.
+__device__ __forceinline__ void normed_share(unsigned short* xn, const unsigned short* x, const unsigned short* gamma,
+                                             const float* sq, int nsq, int K, float eps, int first, int hi) {
+  const int cols = max(hi - first, 0), vectors = cols >> 3;
+  const uint4* xv = reinterpret_cast<const uint4*>(x + first);
+  const uint4* gv = reinterpret_cast<const uint4*>(gamma + first);
+  uint4 a = make_uint4(0, 0, 0, 0), b = a;
+  if ((int)threadIdx.x < vectors) {
+    a = load_x_vec(xv + threadIdx.x);
+    b = __ldg(gv + threadIdx.x);
+  }
+  const float rstd = norm_rstd(sq, nsq, K, eps);
+  for (int u = threadIdx.x; u < vectors; u += 32 * WARPS) {
+    if (u != (int)threadIdx.x) {
+      a = load_x_vec(xv + u);
+      b = __ldg(gv + u);
+    }
+    reinterpret_cast<uint4*>(xn)[u] = make_uint4(normed_pair(a.x, b.x, rstd), normed_pair(a.y, b.y, rstd),
+                                                 normed_pair(a.z, b.z, rstd), normed_pair(a.w, b.w, rstd));
+  }
+  for (int c = 8 * vectors + threadIdx.x; c < cols; c += 32 * WARPS)
+    xn[c] = normed_x(load_x_bits(x + first + c), __ldg(gamma + first + c), rstd);
+  __syncthreads();
+}
+#endif
 
 __device__ __forceinline__ u32 pack_f16x2(float lo, float hi) {
   u32 r;
@@ -564,11 +642,7 @@ __device__ __forceinline__ void finish_output(unsigned short* __restrict__ y, co
   if (n < N) out += f16_lo_to_f32(res[n]);
 #endif
 #endif
-  if (n < limit) {
-    unsigned short bits;
-    asm("{.reg .b16 h; cvt.rn.f16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(out));
-    y[n] = bits;
-  }
+  if (n < limit) y[n] = f32_to_f16_bits(out);
 }
 #endif
 
@@ -577,7 +651,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
                 int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
                 int* __restrict__ counters, int N, int F, const u32* __restrict__ qh,
-                const unsigned short* __restrict__ dq) {
+                const unsigned short* __restrict__ dq, const unsigned short* __restrict__ gamma,
+                const float* __restrict__ sq, int nsq, float eps) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 #if CLUSTER && EPILOGUE == 2
@@ -622,7 +697,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // slot 0 of the lane's chunk: column j + t; pointers advance by a step of columns
   const LevelWords* qp = qr + (j + t) * 4;
   const HeadWords* hp = hr + (j + t) * HV;
-  const unsigned short* xp = x + j + t;
+  const unsigned short* xp = x + j + t;  // (NORM: reset below into the normed share)
   const HighWord* hqp = hq + (size_t)(j + t) * 8;
 #if TYPE == 8
   const unsigned short* dp = dr + (j + t) * D_STRIDE;
@@ -640,9 +715,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     prefetch_chunk(q0 + ahead * step * QV, h0 + ahead * step * 4, plane_stride, lane);
 #endif
   pdl_wait_then_release();
+#if NORM
+  __shared__ __align__(16) unsigned short x_normed[NORM_SHARE];
+  normed_share(x_normed, x, gamma, sq, nsq, K, eps, first, hi);
+  xp = x_normed + (j - first) + t;  // the chunks' x from the normed share
+#endif
   for (; j < full_end; j += step) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ch.x[i] = load_x_bits(xp + 4 * i);
+    for (int i = 0; i < 4; ++i) ch.x[i] = NORM ? xp[4 * i] : load_x_bits(xp + 4 * i);
     qp += step * 4;
     hp += (PROBE_HEADS && TYPE != 8) ? 0 : step * HV;
     hqp += step * 8;
@@ -667,7 +747,12 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
       col[i] = ok[i] ? j + slot_pos[i] : j;
     }
     load_gathered(ch, qr, hr, hq, dr, col);
+#if NORM
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? x_normed[col[i] - first] : (unsigned short)0;
+#else
     load_x(ch, x, col, ok);
+#endif
     compute(ch, c, bias, dec, g);
   }
 #else
