@@ -105,11 +105,11 @@ class TritonLinear:
 
     def dense_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sums: torch.Tensor,
                      residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor | None:
-        """W rms_norm(x) for one token x (..., K) fp16 with the norm inside the CUDA B2, its rstd from x's sums
-        of squares `sums` (fp32, written by the reduction that finished x); None where this map cannot fold it
-        (the row layout, the Triton GEMV, not fp16, a share too wide or x unaligned: zigzag_cuda.norm_fits)."""
+        """W rms_norm(x) for one token x (..., K) fp16 (norm_weight fp32, as the runtime keeps it) with the norm
+        inside the CUDA B2, its rstd from x's sums of squares `sums` (fp32, written by the reduction that finished
+        x); None where this map cannot fold it (the row layout, the Triton GEMV, not fp16, a share too wide or x unaligned: zigzag_cuda.norm_fits)."""
         if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
-                or norm_weight.dtype != torch.float16 or not norm_fold_on()):
+                or norm_weight.dtype != torch.float32 or not norm_fold_on()):
             return None
         v = x.reshape(self.k)
         gamma = norm_weight.reshape(self.k)

@@ -173,7 +173,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     d | dmin << 16, no high.
     cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
-    unused). norm (B2 only): (gamma (K,) fp16, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
+    unused). norm (B2 only): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
     read with the rstd of sq's partial sums of squares (the reduction before wrote them; fold_norm).
     extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
@@ -191,10 +191,10 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
                          f"(rows, K, 8)), 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16) "
                          f"or 8 (Q8_0: head the grouped d (ceil(rows / 4), K, 4, 8) fp16); got bits {bits}, high "
                          f"{None if high is None else tuple(high.shape)}, head {tuple(head.shape)} {head.dtype}")
-    if norm is not None and (mode != MODE_DENSE or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float16
+    if norm is not None and (mode != MODE_DENSE or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32
                              or norm[1].dtype != torch.float32 or norm[1].dim() != 1
                              or not norm_fits(k, split, warps, x, norm[0])):
-        raise ValueError(f"a folded norm runs B2 with gamma ({k},) fp16, a vector of fp32 sums of squares, a share of "
+        raise ValueError(f"a folded norm runs B2 with gamma ({k},) fp32, a vector of fp32 sums of squares, a share of "
                          f"at most {NORM_SHARE} columns and x, gamma 16-byte aligned; got mode {mode}, gamma "
                          f"{tuple(norm[0].shape)} {norm[0].dtype}, sums {norm[1].dtype}, share {share(k, split, warps)}")
     gamma, sq, eps = norm if norm is not None else (None, None, 0.0)

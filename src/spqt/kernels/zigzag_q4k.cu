@@ -84,7 +84,7 @@
 #endif           // (weights only: they stream while the kernel before this one still runs)
 #ifndef NORM
 #define NORM 0  // B2: 1 x is the RMSNorm's input: each program first writes its share of the normed input,
-#endif          // fp16((x_k rstd) gamma_k), into shared memory (NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
+#endif          // fp16((x_k rstd) gamma_k) (gamma fp32), into shared memory (NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
                 // eps), S the sum of the nsq partial sums of squares sq[] (the reduction before wrote them) added in
                 // one fixed order by every warp (the same rstd everywhere, every run); the chunks read x from there
 #ifndef NORM_SHARE
@@ -174,23 +174,35 @@ __device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {  // round t
 
 #if NORM
 // rstd of the RMSNorm over K inputs from the nsq partial sums of squares at sq (written by the kernel
-// before this one: read after pdl_wait_then_release): lane l adds entries l, l + 32, ... in order, then a
-// butterfly, whose every lane ends with the same sum (a + b = b + a), so every warp of every program agrees.
+// before this one: read after pdl_wait_then_release): lane l adds entries l, l + 32, ... in order (4 loads in
+// flight at a time), then a butterfly, whose every lane ends with the same sum (a + b = b + a), so every warp
+// of every program agrees.
 __device__ __forceinline__ float norm_rstd(const float* sq, int nsq, int K, float eps) {
+  const int lane = threadIdx.x & 31;
   float v = 0.0f;
-  for (int i = threadIdx.x & 31; i < nsq; i += 32) v += load_f32(sq + i);
+  for (int base = 0; base < nsq; base += 32 * 4) {
+    float part[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const int i = base + 32 * u + lane;
+      part[u] = i < nsq ? load_f32(sq + i) : 0.0f;
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) v += part[u];
+  }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return 1.0f / sqrtf(v / (float)K + eps);
 }
 
-// The normed input as the RMSNorm kernel writes it: fp16((x rstd) gamma), fp32 products.
-__device__ __forceinline__ unsigned short normed_x(unsigned short x, unsigned short gamma, float rstd) {
-  return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * f16_lo_to_f32(gamma));
+// The normed input as the RMSNorm kernel writes it: fp16((x rstd) gamma), fp32 products (gamma fp32, the
+// runtime's norm weights).
+__device__ __forceinline__ unsigned short normed_x(unsigned short x, float gamma, float rstd) {
+  return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * gamma);
 }
 
-__device__ __forceinline__ u32 normed_pair(u32 x, u32 gamma, float rstd) {  // two fp16 of a word
-  return normed_x(x & 0xFFFFu, gamma & 0xFFFFu, rstd) | (u32)normed_x(x >> 16, gamma >> 16, rstd) << 16;
+__device__ __forceinline__ u32 normed_pair(u32 x, float g0, float g1, float rstd) {  // the two fp16 of a word
+  return normed_x(x & 0xFFFFu, g0, rstd) | (u32)normed_x(x >> 16, g1, rstd) << 16;
 }
 
 __device__ __forceinline__ uint4 load_x_vec(const uint4* p) {  // 8 fp16 of x (written by the kernel before)
@@ -200,26 +212,29 @@ __device__ __forceinline__ uint4 load_x_vec(const uint4* p) {  // 8 fp16 of x (w
 }
 
 // Columns [first, hi) of the normed input into xn[0 .. hi - first), by all threads of the program (x and
-// gamma 16-byte aligned, first a multiple of 8); the first 8 columns of each thread are loaded before the
-// sums of squares are added, so that both loads are in flight together.
-__device__ __forceinline__ void normed_share(unsigned short* xn, const unsigned short* x, const unsigned short* gamma,
+// gamma 16-byte aligned, first a multiple of 8); each thread's first 8 columns are loaded before the sums
+// of squares, so that both loads are in flight together.
+__device__ __forceinline__ void normed_share(unsigned short* xn, const unsigned short* x, const float* gamma,
                                              const float* sq, int nsq, int K, float eps, int first, int hi) {
   const int cols = max(hi - first, 0), vectors = cols >> 3;
   const uint4* xv = reinterpret_cast<const uint4*>(x + first);
-  const uint4* gv = reinterpret_cast<const uint4*>(gamma + first);
-  uint4 a = make_uint4(0, 0, 0, 0), b = a;
+  const float4* gv = reinterpret_cast<const float4*>(gamma + first);
+  uint4 a = make_uint4(0, 0, 0, 0);
+  float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
   if ((int)threadIdx.x < vectors) {
     a = load_x_vec(xv + threadIdx.x);
-    b = __ldg(gv + threadIdx.x);
+    b0 = __ldg(gv + 2 * threadIdx.x);
+    b1 = __ldg(gv + 2 * threadIdx.x + 1);
   }
   const float rstd = norm_rstd(sq, nsq, K, eps);
   for (int u = threadIdx.x; u < vectors; u += 32 * WARPS) {
     if (u != (int)threadIdx.x) {
       a = load_x_vec(xv + u);
-      b = __ldg(gv + u);
+      b0 = __ldg(gv + 2 * u);
+      b1 = __ldg(gv + 2 * u + 1);
     }
-    reinterpret_cast<uint4*>(xn)[u] = make_uint4(normed_pair(a.x, b.x, rstd), normed_pair(a.y, b.y, rstd),
-                                                 normed_pair(a.z, b.z, rstd), normed_pair(a.w, b.w, rstd));
+    reinterpret_cast<uint4*>(xn)[u] = make_uint4(normed_pair(a.x, b0.x, b0.y, rstd), normed_pair(a.y, b0.z, b0.w, rstd),
+                                                 normed_pair(a.z, b1.x, b1.y, rstd), normed_pair(a.w, b1.z, b1.w, rstd));
   }
   for (int c = 8 * vectors + threadIdx.x; c < cols; c += 32 * WARPS)
     xn[c] = normed_x(load_x_bits(x + first + c), __ldg(gamma + first + c), rstd);
@@ -651,7 +666,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
                 int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
                 int* __restrict__ counters, int N, int F, const u32* __restrict__ qh,
-                const unsigned short* __restrict__ dq, const unsigned short* __restrict__ gamma,
+                const unsigned short* __restrict__ dq, const float* __restrict__ gamma,
                 const float* __restrict__ sq, int nsq, float eps) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
