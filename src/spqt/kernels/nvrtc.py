@@ -121,14 +121,15 @@ class Kernel:
         self._driver = driver
 
     def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
-               cluster: tuple | None = None) -> None:
+               cluster: tuple | None = None, shared: int = 0) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
-        with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90), dividing grid."""
+        with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90),
+        dividing grid; shared: bytes of dynamic shared memory a program (at most 48 KB)."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
         config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1
-        config.sharedMemBytes = 0
+        config.sharedMemBytes = shared
         config.hStream = driver.CUstream(stream.cuda_stream)
         attrs = []
         if pdl:

@@ -141,7 +141,8 @@ def share(k: int, split: int, warps: int) -> int:
     return _cdiv(_cdiv(k, split), step) * step
 
 
-NORM_SHARE = 4096  # the .cu file's: columns of the normed input a program holds in shared memory (8 KB)
+NORM_SHARE = 4096  # columns of the normed input a program holds in shared memory (with gamma's: 24 KB at most)
+NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed input fp16
 
 
 def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tensor) -> bool:
@@ -222,4 +223,5 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
             ((high if high is not None else quants).data_ptr(), P), ((d if d is not None else x).data_ptr(), P),
             ((gamma if gamma is not None else x).data_ptr(), P), ((sq if sq is not None else partials).data_ptr(), P),
             (0 if sq is None else sq.numel(), I), (float(eps), nvrtc.FLOAT)]
-    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims)
+    kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims,
+                  shared=NORM_BYTES * share(k, split, warps) if norm is not None else 0)

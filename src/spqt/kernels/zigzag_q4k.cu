@@ -84,12 +84,10 @@
 #endif           // (weights only: they stream while the kernel before this one still runs)
 #ifndef NORM
 #define NORM 0  // B2: 1 x is the RMSNorm's input: each program first writes its share of the normed input,
-#endif          // fp16((x_k rstd) gamma_k) (gamma fp32), into shared memory (NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
+#endif          // fp16((x_k rstd) gamma_k) (gamma fp32), into dynamic shared memory (6 bytes a column: launch with
+                // 6 per bytes; zigzag_cuda.NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
                 // eps), S the sum of the nsq partial sums of squares sq[] (the reduction before wrote them) added in
                 // one fixed order by every warp (the same rstd everywhere, every run); the chunks read x from there
-#ifndef NORM_SHARE
-#define NORM_SHARE 4096
-#endif
 #if NORM && MODE != 0
 #error "NORM folds the RMSNorm into B2 (MODE 0) only: a sparse map's norm runs with its index collection"
 #endif
@@ -205,34 +203,30 @@ __device__ __forceinline__ u32 normed_pair(u32 x, float g0, float g1, float rstd
   return normed_x(x & 0xFFFFu, g0, rstd) | (u32)normed_x(x >> 16, g1, rstd) << 16;
 }
 
-__device__ __forceinline__ uint4 load_x_vec(const uint4* p) {  // 8 fp16 of x (written by the kernel before)
-  uint4 v;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
+// 16 bytes global -> shared without registers (through L2: x was written by the kernel before this one).
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem)
+               : "memory");
 }
 
-// Columns [first, hi) of the normed input into xn[0 .. hi - first), by all threads of the program (x and
-// gamma 16-byte aligned, first a multiple of 8); each thread's first 8 columns are loaded before the sums
-// of squares, so that both loads are in flight together.
-__device__ __forceinline__ void normed_share(unsigned short* xn, const unsigned short* x, const float* gamma,
-                                             const float* sq, int nsq, int K, float eps, int first, int hi) {
+// Columns [first, hi) of the normed input into xn[0 .. hi - first) (dynamic shared memory: gamma's share gs
+// as fp32, then xn), by all threads of the program (x and gamma 16-byte aligned, first a multiple of 8). The
+// copies of x and gamma fly while the sums of squares are added (no registers held for them); each thread
+// then normalizes the 8-column vectors it copied, in place.
+__device__ __forceinline__ void normed_share(unsigned short* xn, float* gs, const unsigned short* x,
+                                             const float* gamma, const float* sq, int nsq, int K, float eps,
+                                             int first, int hi) {
   const int cols = max(hi - first, 0), vectors = cols >> 3;
-  const uint4* xv = reinterpret_cast<const uint4*>(x + first);
-  const float4* gv = reinterpret_cast<const float4*>(gamma + first);
-  uint4 a = make_uint4(0, 0, 0, 0);
-  float4 b0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b1 = b0;
-  if ((int)threadIdx.x < vectors) {
-    a = load_x_vec(xv + threadIdx.x);
-    b0 = __ldg(gv + 2 * threadIdx.x);
-    b1 = __ldg(gv + 2 * threadIdx.x + 1);
+  for (int u = threadIdx.x; u < vectors; u += 32 * WARPS) {
+    copy16_async(xn + 8 * u, x + first + 8 * u);
+    copy16_async(gs + 8 * u, gamma + first + 8 * u);
+    copy16_async(gs + 8 * u + 4, gamma + first + 8 * u + 4);
   }
   const float rstd = norm_rstd(sq, nsq, K, eps);
+  asm volatile("cp.async.wait_all;" ::: "memory");
   for (int u = threadIdx.x; u < vectors; u += 32 * WARPS) {
-    if (u != (int)threadIdx.x) {
-      a = load_x_vec(xv + u);
-      b0 = __ldg(gv + 2 * u);
-      b1 = __ldg(gv + 2 * u + 1);
-    }
+    const uint4 a = reinterpret_cast<const uint4*>(xn)[u];
+    const float4 b0 = reinterpret_cast<const float4*>(gs)[2 * u], b1 = reinterpret_cast<const float4*>(gs)[2 * u + 1];
     reinterpret_cast<uint4*>(xn)[u] = make_uint4(normed_pair(a.x, b0.x, b0.y, rstd), normed_pair(a.y, b0.z, b0.w, rstd),
                                                  normed_pair(a.z, b1.x, b1.y, rstd), normed_pair(a.w, b1.z, b1.w, rstd));
   }
@@ -731,8 +725,10 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
   pdl_wait_then_release();
 #if NORM
-  __shared__ __align__(16) unsigned short x_normed[NORM_SHARE];
-  normed_share(x_normed, x, gamma, sq, nsq, K, eps, first, hi);
+  // dynamic shared memory, 6 bytes a column of the share (per): gamma's fp32, then the normed fp16
+  extern __shared__ __align__(16) float norm_smem[];
+  unsigned short* x_normed = reinterpret_cast<unsigned short*>(norm_smem + per);
+  normed_share(x_normed, norm_smem, x, gamma, sq, nsq, K, eps, first, hi);
   xp = x_normed + (j - first) + t;  // the chunks' x from the normed share
 #endif
   for (; j < full_end; j += step) {
