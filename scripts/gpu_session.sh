@@ -21,6 +21,7 @@
 #   scripts/gpu_session.sh final7    gpu tests on a fresh machine, the GEMV table of every type, 7B and 70B decode
 #   scripts/gpu_session.sh explore8  the native CPU maps' tests there, the 70B step per kernel kind, 70B decode fused finish
 #   scripts/gpu_session.sh fold9     the folded norm's gpu tests, the 7B / 70B step with launched / folded / no norms, decode
+#   scripts/gpu_session.sh final9    gpu tests on a fresh machine, 7B and 70B decode, the Q4_K GEMV table in the time left
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -445,6 +446,27 @@ case "$stage" in
       --sparsity 0,0.25,0.4,0.5 --json "$OUT/bench-gemv-types.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"
     tail -45 "$OUT/bench-gemv-types.log"
     echo "final7 stage: $(( $(date +%s) - start )) s"
+    ;;
+  final9)
+    # On a fresh machine: every gpu test (timed: the one-call bar), synthetic decode (DECODE_RUNS, each level in a
+    # process of its own), then in the time left (CALL_BUDGET) the Q4_K GEMV table (GEMV_SHAPES, B2 / B4).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    for run in ${DECODE_RUNS:-llama2-70b:0,0.5 llama2-7b:0,0.25,0.5}; do  # model:levels
+      m=${run%%:*}
+      left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $m"; break; }
+      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${run#*:} \
+        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
+      echo "decode $m done: $(( $(date +%s) - start )) s"
+    done | tee "$OUT/decode.log"
+    left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
+    [ $left -gt 40 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k --variants B2,B4 \
+      --shapes ${GEMV_SHAPES:-28672x8192,8192x28672,57344x8192,4096x4096,12288x4096} --sparsity 0,0.25,0.4,0.5 \
+      --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"
+    tail -25 "$OUT/bench-gemv.log" 2>/dev/null
+    echo "final9 stage: $(( $(date +%s) - start )) s"
     ;;
   explore8)
     # The native CPU maps' tests on this machine's CPU and compiler; where the 70B dense step goes per kernel kind

@@ -204,3 +204,32 @@ def test_zigzag_cuda_types_finishes(rng, fmt):
                 torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()),
                                            msg=lambda m: f"{what} swiglu: {m}")
                 assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", TYPES)
+def test_zigzag_cuda_types_fold_the_norm(rng, fmt):
+    """B2 with the RMSNorm folded in (NORM, as the Q4_K test in test_kernels.py): y poisoned, close to B2 on the
+    input normed in torch with the same rstd, within the fp32 sum's bound on that input (inputs at most one fp16
+    unit apart where the two rstd differ in the last bit), and bit-identical on a rerun; K not a multiple of 8
+    (the share's scalar tail)."""
+    eps = 1e-5
+    for shape in ((4096, 4096), (2311, 777)):
+        qw = _gpu_weights(rng, fmt, shape)
+        gw = _planes(qw, "cuda")
+        refs = _magnitudes(qw)
+        k = shape[1]
+        x = torch.from_numpy(rng.standard_normal(k).astype(np.float32) * 6).to("cuda", torch.float16)
+        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
+        sq = torch.stack([(x[i::29].float() ** 2).sum() for i in range(29)])
+        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
+        for split, warps, pipe, acc in CONFIGS:
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
+            what = f"{fmt} {shape} split {split} warps {warps} pipe {pipe} acc {acc}"
+            plain = kg.gemv_zigzag(gw, normed, kg.MODE_DENSE, ws, **kw).clone()
+            ws.y.fill_(float("nan"))
+            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps)).clone()
+            assert_within_fp32_sum(y, *refs, normed.float(), what, 2 * FP16_X_EPS)
+            torch.testing.assert_close(y, plain, rtol=2e-3, atol=2e-3 * float(plain.abs().max()), msg=what)
+            assert torch.equal(y, kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps))), what

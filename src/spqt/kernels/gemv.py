@@ -46,7 +46,7 @@ def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr,
     y[n] = silu(sum[n]) * sum[F + n], n < F. One rounding to y's dtype at the end. PDL: launched
     while the GEMV finishes; reads the partials after it has. SUMSQ (not SWIGLU): program p also
     writes sq[p], the sum of its stored y's squares in fp32 (fixed order): the next map's RMSNorm,
-    folded into its GEMV (fold_norm), adds the programs' sums instead of reading y twice."""
+    folded into its GEMV (gpu_linear's dense_normed), adds the programs' sums instead of reading y twice."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -107,7 +107,8 @@ class TritonLinear:
                      residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor | None:
         """W rms_norm(x) for one token x (..., K) fp16 (norm_weight fp32, as the runtime keeps it) with the norm
         inside the CUDA B2, its rstd from x's sums of squares `sums` (fp32, written by the reduction that finished
-        x); None where this map cannot fold it (the row layout, the Triton GEMV, not fp16, a share too wide or x unaligned: zigzag_cuda.norm_fits)."""
+        x); None where this map cannot fold it (the row layout, the Triton GEMV, not fp16, a share too wide or x
+        unaligned: zigzag_cuda.norm_fits)."""
         if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
                 or norm_weight.dtype != torch.float32 or not norm_fold_on()):
             return None
@@ -202,7 +203,6 @@ class CudaKQuantLinear(TritonLinear):
     cuBLAS."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
-
         layout = zigzag_cuda.kquant_layout(weight.fmt)
         if layout is None or weight.layout != "zigzag":
             raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q2_k / q3_k / q5_k / q6_k / q8_0, not {weight.layout} "

@@ -97,8 +97,8 @@ def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, ex
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(), options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm),
-                                    arch)
+        cubin = nvrtc.compile_cubin(SOURCE.read_text(),
+                                    options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm), arch)
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
 
 
@@ -147,7 +147,7 @@ NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed in
 
 def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tensor) -> bool:
     """Whether B2 can fold an RMSNorm here: a program's share of at most NORM_SHARE columns, x and gamma
-    16-byte aligned (read 8 fp16 at a time)."""
+    16-byte aligned (copied 16 bytes at a time)."""
     return share(k, split, warps) <= NORM_SHARE and x.data_ptr() % 16 == 0 and gamma.data_ptr() % 16 == 0
 
 
