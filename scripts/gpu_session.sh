@@ -72,6 +72,18 @@ cuda_variants() {
   timeout "$1" python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v WARN \
     | tee "$OUT/cuda-variants.log"
 }
+# Synthetic decode of DECODE_RUNS (model:levels, each level in a process of its own) while the stage's time
+# (since $start) stays under CALL_BUDGET, default $1 seconds; logged in $OUT/decode.log.
+decode_runs() {
+  for run in ${DECODE_RUNS:-llama2-70b:0,0.5 llama2-7b:0,0.25,0.5}; do
+    m=${run%%:*}
+    left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
+    [ $left -lt 40 ] && { echo "no time left for $m"; break; }
+    timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${run#*:} \
+      --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
+    echo "decode $m done: $(( $(date +%s) - start )) s"
+  done | tee "$OUT/decode.log"
+}
 stage=${1:-kernels}
 case "$stage" in
   kernels)
@@ -427,14 +439,7 @@ case "$stage" in
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    for run in ${DECODE_RUNS:-llama2-70b:0,0.5 llama2-7b:0,0.25,0.5}; do  # model:levels
-      m=${run%%:*}
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${run#*:} \
-        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
-      echo "decode $m done: $(( $(date +%s) - start )) s"
-    done | tee "$OUT/decode.log"
+    decode_runs 560
     for t in q2_k q3_k; do  # what the arithmetic costs the narrow types' B2 (PROBE_XOR)
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -gt 30 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t --xor --shapes 57344x8192,28672x8192 \
@@ -453,14 +458,7 @@ case "$stage" in
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    for run in ${DECODE_RUNS:-llama2-70b:0,0.5 llama2-7b:0,0.25,0.5}; do  # model:levels
-      m=${run%%:*}
-      left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${run#*:} \
-        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
-      echo "decode $m done: $(( $(date +%s) - start )) s"
-    done | tee "$OUT/decode.log"
+    decode_runs 520
     left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
     [ $left -gt 40 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k --variants B2,B4 \
       --shapes ${GEMV_SHAPES:-28672x8192,8192x28672,57344x8192,4096x4096,12288x4096} --sparsity 0,0.25,0.4,0.5 \
