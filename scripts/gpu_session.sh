@@ -22,6 +22,7 @@
 #   scripts/gpu_session.sh explore8  the native CPU maps' tests there, the 70B step per kernel kind, 70B decode fused finish
 #   scripts/gpu_session.sh fold9     the folded norm's gpu tests, the 7B / 70B step with launched / folded / no norms, decode
 #   scripts/gpu_session.sh final9    gpu tests on a fresh machine, 7B and 70B decode, the Q4_K GEMV table in the time left
+#   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -465,6 +466,21 @@ case "$stage" in
       --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"
     tail -25 "$OUT/bench-gemv.log" 2>/dev/null
     echo "final9 stage: $(( $(date +%s) - start )) s"
+    ;;
+  profile9)
+    # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and
+    # launched (SPQT_NORM_FOLD=0: the session's starting path), for PROFILE_RUNS (model:sparsity:fold), within CALL_BUDGET.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for run in ${PROFILE_RUNS:-llama2-7b:0:1 llama2-7b:0:0 llama2-7b:0.5:1 llama2-7b:0.5:0 llama2-70b:0:1 llama2-70b:0:0}; do
+      IFS=: read -r m s fold <<< "$run"
+      left=$(( ${CALL_BUDGET:-240} - ($(date +%s) - start) ))
+      [ $left -lt 30 ] && { echo "no time left for $run"; break; }
+      SPQT_NORM_FOLD=$fold timeout $left python3 scripts/profile_decode.py --model synthetic:$m --sparsity $s \
+        --json "$OUT/profile-$m-$s-fold$fold.json" 2>&1 | grep -v WARN > "$OUT/profile-$m-$s-fold$fold.txt"
+      echo "== $run ($(( $(date +%s) - start )) s)"; sed -n '/graph replay/p;/^kind/,$p' "$OUT/profile-$m-$s-fold$fold.txt"
+    done
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz profile-* && rm -f profile-*)
     ;;
   explore8)
     # The native CPU maps' tests on this machine's CPU and compiler; where the 70B dense step goes per kernel kind
