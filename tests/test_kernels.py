@@ -543,8 +543,17 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
                                                                                                "cluster": False}
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
+        # the H200's programs an SM (4 warps: 7 with 2 accumulators, 72 registers; 4 with 16, 125)
+        monkeypatch.setattr(zigzag_cuda, "programs_per_sm", lambda warps, mode, acc: {2: 14, 4: 7, 8: 3}[warps]
+                            if acc == 2 else {2: 8, 4: 4, 8: 2}[warps])
+        monkeypatch.setattr(tuning, "sm_count", lambda: 132)
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
+        fitting = tuning.cuda_candidates("zigzag_dense", 10240, 8192)
         monkeypatch.undo()
+        # a whole wave of 4-warp, 2-accumulator programs: 924 slots / 40 rows -> split 23 (24, a multiple, overflows)
+        assert any((c["split"], c["num_warps"], c["acc"], c["pipe"], c["fused"]) == (23, 4, 2, 0, False) for c in fitting)
+        assert len({(c["split"], c["num_warps"], c["acc"], c["pipe"], c["fused"], c.get("cluster", False))
+                    for c in fitting}) == len(fitting), "a candidate twice"
         assert cuda_configs and any(c.get("cluster") for c in cuda_configs)
         for c in cuda_configs:
             assert c["impl"] == "cuda" and c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
@@ -800,6 +809,19 @@ def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
         assert (len(folds) == 1 and folds[0] is not None) if fold == "1" else not folds
         torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
     gpu_linear.norm_fold_on.cache_clear()
+
+
+@pytest.mark.gpu
+def test_cuda_programs_per_sm():
+    """What the tuner's wave-fitting splits count in: the programs an SM holds, from the driver's occupancy of the
+    compiled kernel; at least one, never fewer with fewer warps or with 2 accumulators (72 registers, not 125)."""
+    from spqt.kernels import zigzag_cuda
+
+    for mode in (zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED):
+        held = {(w, a): zigzag_cuda.programs_per_sm(w, mode, a) for w in (2, 4, 8) for a in (16, 2)}
+        assert all(1 <= h <= 32 for h in held.values()), held
+        assert all(held[w, 2] >= held[w, 16] for w in (2, 4, 8)), held
+        assert held[2, 2] >= held[4, 2] >= held[8, 2] and held[2, 16] >= held[4, 16] >= held[8, 16], held
 
 
 def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):

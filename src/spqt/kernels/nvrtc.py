@@ -120,6 +120,12 @@ class Kernel:
             _check(err, "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
         self._driver = driver
 
+    def blocks_per_sm(self, block: int, shared: int = 0) -> int:
+        """Programs of `block` threads (and `shared` bytes of dynamic shared memory) an SM holds at once."""
+        err, count = self._driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, block, shared)
+        _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
+        return int(count)
+
     def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
                cluster: tuple | None = None, shared: int = 0) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()

@@ -216,6 +216,7 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     # against 77 % with 16, 8192x28672 80 against 75 %; a little slower on 4096x4096, cuda-variants-a5374cf)
     configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
                for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
+    configs += _wave_fitting(variant, rows, k, splits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
     # gate|up map runs SwiGLU's (2, split): split <= 4 keeps that within the portable 8 programs (16 are allowed
@@ -230,6 +231,28 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
                     for s in sorted({min(s, 4) for s in splits} | {2, 4}) if s <= -(-k // 16)
                     for w in (2, 4, 8) for p in (0, 1) for a in (16, 2)]
     return configs
+
+
+def _wave_fitting(variant: str, rows: int, k: int, splits: list[int]) -> list[dict]:
+    """More CUDA candidates: at 2, 4 and 8 warps and 16 or 2 accumulators, the largest splits whose rows x split
+    programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm), where the
+    multiples of the SM count above do not already. Those can leave a few programs for a last, nearly empty wave:
+    the 70B's 10240x8192 at split 24 launches 960 programs of 4 warps where 924 fit (7 an SM at 72 registers), its
+    8192x8192 at split 30 also 960. Plain loads, the reduction's finish."""
+    from spqt.kernels import zigzag_cuda
+
+    mode = zigzag_cuda.MODE_DENSE if variant == "zigzag_dense" else zigzag_cuda.MODE_INDEXED
+    found = []
+    for warps in (2, 4, 8):
+        for acc in (16, 2):
+            slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc)
+            for waves in (1, 2, 3):
+                split = min(slots * waves // rows, -(-k // 16))
+                if split >= 1 and split not in splits and all(c["split"] != split or c["num_warps"] != warps
+                                                              or c["acc"] != acc for c in found):
+                    found.append({"impl": "cuda", "split": split, "num_warps": warps, "chunks": 1, "pipe": 0,
+                                  "fused": False, "acc": acc})
+    return found
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

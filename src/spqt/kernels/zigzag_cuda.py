@@ -102,6 +102,13 @@ def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, ex
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
 
 
+def programs_per_sm(warps: int, mode: int, acc: int, device: torch.device | None = None) -> int:
+    """Programs of the Q4_K GEMV (B2 / B4 by mode, no pipe, the reduction's finish) an SM of the GPU holds at once
+    at this warp and accumulator count (its registers decide): what a launch's waves are counted in."""
+    index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
+    return _kernel(index, warps, mode, 0, -1, (), acc).blocks_per_sm(32 * warps)
+
+
 @functools.lru_cache(maxsize=None)
 def env_defines() -> tuple:
     """SPQT_CUDA_DEFINES: -D options added to every launch (measurement: e.g. "-DL2FIRST=4 -DL2AHEAD=2"
