@@ -544,7 +544,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
         # the H200's programs an SM (4 warps: 7 with 2 accumulators, 72 registers; 4 with 16, 125)
-        monkeypatch.setattr(zigzag_cuda, "programs_per_sm", lambda warps, mode, acc: {2: 14, 4: 7, 8: 3}[warps]
+        monkeypatch.setattr(zigzag_cuda, "programs_per_sm", lambda warps, mode, acc, bits: {2: 14, 4: 7, 8: 3}[warps]
                             if acc == 2 else {2: 8, 4: 4, 8: 2}[warps])
         monkeypatch.setattr(tuning, "sm_count", lambda: 132)
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
@@ -819,6 +819,7 @@ def test_cuda_programs_per_sm():
 
     for mode in (zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED):
         held = {(w, a): zigzag_cuda.programs_per_sm(w, mode, a) for w in (2, 4, 8) for a in (16, 2)}
+        assert zigzag_cuda.programs_per_sm(4, mode, 2, bits=6) >= 1  # another type's kernel
         assert all(1 <= h <= 32 for h in held.values()), held
         assert all(held[w, 2] >= held[w, 16] for w in (2, 4, 8)), held
         assert held[2, 2] >= held[4, 2] >= held[8, 2] and held[2, 16] >= held[4, 16] >= held[8, 16], held

@@ -151,8 +151,9 @@ def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
     """The CUDA GEMV's configs `spqt tune --types` times for a type variant ("zigzag_<kind>_<fmt>") in the type's
     CUDA layout: Q4_K's candidates of the kind with 2-8 warps and plain loads (cuda_variants' sweep), no clusters
     (gemv_zigzag runs the cluster finish for Q4_K only)."""
-    kind = variant.split("_")[1]
-    return [c for c in cuda_candidates(f"zigzag_{kind}", n, k)
+    kind, fmt = variant.split("_")[1], variant.split("_", 2)[2]
+    bits = {"q2_k": 2, "q3_k": 3, "q5_k": 5, "q6_k": 6, "q8_0": 8}[fmt]
+    return [c for c in cuda_candidates(f"zigzag_{kind}", n, k, bits)
             if c["num_warps"] > 1 and c["pipe"] == 0 and not c.get("cluster")]
 
 
@@ -203,9 +204,9 @@ def table_and_cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     return [triton_config(variant, n, k)] + short
 
 
-def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
+def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     """The CUDA C++ GEMV's configs (zigzag_cuda.py) for zigzag_dense / zigzag_sparse, where it can run
-    (zigzag_cuda.usable); [] elsewhere."""
+    (zigzag_cuda.usable); [] elsewhere. bits: the weight type whose occupancy the wave-fitting splits count."""
     if variant not in ("zigzag_dense", "zigzag_sparse") or not _cuda_usable():
         return []
     rows = -(-n // 256)
@@ -216,7 +217,7 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     # against 77 % with 16, 8192x28672 80 against 75 %; a little slower on 4096x4096, cuda-variants-a5374cf)
     configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
                for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
-    configs += _wave_fitting(variant, rows, k, splits)
+    configs += _wave_fitting(variant, rows, k, splits, bits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
     # gate|up map runs SwiGLU's (2, split): split <= 4 keeps that within the portable 8 programs (16 are allowed
@@ -233,10 +234,11 @@ def cuda_candidates(variant: str, n: int, k: int) -> list[dict]:
     return configs
 
 
-def _wave_fitting(variant: str, rows: int, k: int, splits: list[int]) -> list[dict]:
+def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
     """More CUDA candidates: at 2, 4 and 8 warps and 16 or 2 accumulators, the largest splits whose rows x split
-    programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm), where the
-    multiples of the SM count above do not already. Those can leave a few programs for a last, nearly empty wave:
+    programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm of the type of
+    `bits`), where the multiples of the SM count above do not already. Those can leave a few programs for a last,
+    nearly empty wave:
     the 70B's 10240x8192 at split 24 launches 960 programs of 4 warps where 924 fit (7 an SM at 72 registers), its
     8192x8192 at split 30 also 960. Plain loads, the reduction's finish."""
     from spqt.kernels import zigzag_cuda
@@ -245,7 +247,7 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int]) -> list[di
     found = []
     for warps in (2, 4, 8):
         for acc in (16, 2):
-            slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc)
+            slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc, bits)
             for waves in (1, 2, 3):
                 split = min(slots * waves // rows, -(-k // 16))
                 if split >= 1 and split not in splits and all(c["split"] != split or c["num_warps"] != warps

@@ -102,11 +102,12 @@ def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, ex
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
 
 
-def programs_per_sm(warps: int, mode: int, acc: int, device: torch.device | None = None) -> int:
-    """Programs of the Q4_K GEMV (B2 / B4 by mode, no pipe, the reduction's finish) an SM of the GPU holds at once
-    at this warp and accumulator count (its registers decide): what a launch's waves are counted in."""
+def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None) -> int:
+    """Programs of the GEMV of a type (bits as launch's; B2 / B4 by mode, no pipe, the reduction's finish) an SM of
+    the GPU holds at once at this warp and accumulator count (its registers decide): what a launch's waves are
+    counted in."""
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _kernel(index, warps, mode, 0, -1, (), acc).blocks_per_sm(32 * warps)
+    return _kernel(index, warps, mode, 0, -1, (), acc, bits).blocks_per_sm(32 * warps)
 
 
 @functools.lru_cache(maxsize=None)
