@@ -48,10 +48,10 @@ def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
     monkeypatch.setenv("SPQT_GEMV", "cuda")
     loaded = load_spqt(tiny_spqt)
     prompt = [3, 17, 42, 5, 9]
-    folds = []
+    folds = []  # (the implementation, its result)
     real = gpu_linear.TritonLinear.dense_normed
     monkeypatch.setattr(gpu_linear.TritonLinear, "dense_normed",
-                        lambda self, *a, **kw: folds.append(real(self, *a, **kw)) or folds[-1])
+                        lambda self, *a, **kw: folds.append((self, real(self, *a, **kw))) or folds[-1][1])
     runs = {}
     for fold in ("1", "0"):
         monkeypatch.setenv("SPQT_NORM_FOLD", fold)
@@ -60,8 +60,11 @@ def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
         logits = []
         gen = Generator(loaded, "cuda", dtype=torch.float16, max_len=64)
         runs[fold] = (gen.generate(prompt, 24, track=False, on_logits=logits.append).tokens, logits)
-        ran = sum(f is not None for f in folds)
-        assert ran >= 2 * loaded.config.n_layers - 1 if fold == "1" else ran == 0, f"fold {fold}: {ran} folded norms"
+        folded = {id(impl) for impl, y in folds if y is not None}
+        # every gate|up map, and every q|k|v map but layer 0's (its input is the embedding: no sums)
+        want = {id(b.feed_forward.gate_up.impl) for b in gen.model.layers} | {
+            id(b.attention.qkv.impl) for b in gen.model.layers[1:]}
+        assert folded == (want if fold == "1" else set()), f"fold {fold}: {len(folded)} maps folded their norm"
     gpu_linear.norm_fold_on.cache_clear()
     (a_tokens, a_logits), (b_tokens, b_logits) = runs["1"], runs["0"]
     same = next((i for i, (x, y) in enumerate(zip(a_tokens, b_tokens)) if x != y), len(a_tokens))

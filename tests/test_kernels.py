@@ -729,7 +729,8 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
     """B2 on the CUDA GEMV with the RMSNorm folded in (NORM: rstd from partial sums of squares, the share of
     normed inputs in shared memory) equals B2 on the input normed in torch with that rstd, within one fp16
     unit of an input where the two rstd differ in the last bit, and the fp32 accumulation bound; y poisoned;
-    deterministic; in a CUDA graph; with a fused SwiGLU finish; a share wider than NORM_SHARE refused."""
+    deterministic; in a CUDA graph; with a fused and a cluster SwiGLU finish; a share wider than NORM_SHARE
+    refused."""
     from spqt.kernels import zigzag_cuda
 
     monkeypatch.delenv("SPQT_GEMV", raising=False)
@@ -764,12 +765,16 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
                 ws.y.fill_(float("nan"))
                 graph.replay()
                 assert torch.equal(out, y), f"{what}: graph replay differs"
-            if split == 24 and n % 512 == 0:  # the norm with the GEMV's own SwiGLU finish
-                want = kg.gemv_zigzag(gw, normed, kg.MODE_DENSE, ws, **kw, fused=True, swiglu=True).float().clone()
-                ws.y.fill_(float("nan"))
-                got = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, fused=True, swiglu=True,
-                                     norm=(gamma, sq, eps)).float()
-                torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3 * float(want.abs().max()), msg=what)
+            if split == 24 and n % 512 == 0:  # the norm with the GEMV's own SwiGLU finish, and a cluster's
+                finishes = [{"fused": True}] + ([{"cluster": True}] if zigzag_cuda.clusters_run(x.device) else [])
+                for finish in finishes:
+                    fws = ws if "fused" in finish else kg.ZigzagWorkspace(gw, 4, torch.float16)
+                    want = kg.gemv_zigzag(gw, normed, kg.MODE_DENSE, fws, **kw, **finish, swiglu=True).float().clone()
+                    fws.y.fill_(float("nan"))
+                    got = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, fws, **kw, **finish, swiglu=True,
+                                         norm=(gamma, sq, eps)).float()
+                    torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3 * float(want.abs().max()),
+                                               msg=f"{what} {finish}")
 
 
 @pytest.mark.gpu
@@ -865,6 +870,11 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
             "sm_90"))
         loop = main_loop(sass, "HMMA")
         assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16 and len(loop) <= 240 + (0 if acc == 16 else 24)
+    # with the cluster finish (the 7B gate|up's table entry): dynamic shared memory beside the cluster's
+    sass, _, stack = disassemble(nvrtc.compile_cubin(
+        zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(8, zigzag_cuda.MODE_DENSE, 0, 2, acc=2, cluster=True,
+                                                            norm=True), "sm_90"))
+    assert stack == 0 and "UCGABAR_WAIT" in sass
     with pytest.raises(RuntimeError, match="NORM folds the RMSNorm into B2"):  # B4's norm runs with its collection
         nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(),
                             zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 0, -1, norm=True), "sm_90")

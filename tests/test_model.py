@@ -134,3 +134,50 @@ def test_default_model_tokenizer_matches_transformers(default_gguf):
     assert ours.decode(ours.encode(text)) == text
     chat = ours.chat("Hi there")
     assert theirs.decode(chat).startswith("<|im_start|>system")
+
+
+def test_norm_fold_is_taken_only_where_nothing_observes_it():
+    """Linear hands a norm to its implementation's dense_normed (the GPU's folded RMSNorm) only for an input
+    that carries sums of squares (functional.NORM_SUMS) and while no hook watches the norm or the map's input;
+    a hooked module call drops the sums from its output (a hook may have changed it in place)."""
+    from spqt import quantize
+    from spqt.checkpoint import QuantizedWeight
+    from spqt.direct_call import DirectCallModule
+    from spqt.functional import NORM_SUMS
+    from spqt.linear import Linear
+    from spqt.model import RMSNorm
+
+    w = torch.randn(64, 32)
+    lin = Linear(QuantizedWeight(quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (64, 32)), torch.float32, "cpu")
+    folded = []
+
+    def dense_normed(x, weight, eps, sums, residual, swiglu):  # what the GPU's fold returns: W norm(x)
+        folded.append(sums)
+        return lin.impl.dense(torch.nn.functional.rms_norm(x, (32,), weight, eps))
+
+    lin.impl.dense_normed = dense_normed
+    norm = RMSNorm(32, 1e-5)
+    x = torch.randn(1, 1, 32)
+    want = lin(norm(x))
+    assert torch.equal(lin(x, norm=norm), want) and not folded  # no sums: the module runs
+    setattr(x, NORM_SUMS, torch.ones(1))
+    torch.testing.assert_close(lin(x, norm=norm), want)
+    assert len(folded) == 1
+    seen = []
+    handle = norm.register_forward_hook(lambda module, args, out: seen.append(out))
+    assert torch.equal(lin(x, norm=norm), want) and len(folded) == 1 and len(seen) == 1  # the hook saw the norm
+    handle.remove()
+    handle = lin.input_tap.register_forward_hook(lambda module, args, out: seen.append(out))
+    assert torch.equal(lin(x, norm=norm), want) and len(folded) == 1 and len(seen) == 2
+    handle.remove()
+
+    class Tagging(DirectCallModule):
+        def forward(self, t):
+            out = t * 2
+            setattr(out, NORM_SUMS, torch.ones(1))
+            return out
+
+    tagging = Tagging()
+    assert hasattr(tagging(x), NORM_SUMS)
+    tagging.register_forward_hook(lambda module, args, out: out.add_(1))  # changes the output in place
+    assert not hasattr(tagging(x), NORM_SUMS)

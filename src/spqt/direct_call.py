@@ -5,10 +5,14 @@ wrapper, tracing-state and hook checks); a CPU decode step of the default model 
 calls (Block, Attention, FeedForward and four linear maps a layer): 0.8 ms of a 12 ms step
 outside the GEMVs (issue 18). DirectCallModule calls forward at once unless a hook is registered
 (on it, or globally), and then goes through torch's call as before, so calibration's hooks run.
+A hooked call's output no longer carries the sums of squares of its values (functional.NORM_SUMS):
+a hook may have changed it in place, and the next map would fold its norm with stale sums.
 """
 
 from torch import nn
 from torch.nn.modules import module as torch_module
+
+from spqt.functional import NORM_SUMS
 
 
 def hooked(module: nn.Module) -> bool:
@@ -22,5 +26,8 @@ def hooked(module: nn.Module) -> bool:
 class DirectCallModule(nn.Module):
     def __call__(self, *args, **kwargs):
         if hooked(self):
-            return super().__call__(*args, **kwargs)
+            out = super().__call__(*args, **kwargs)
+            if hasattr(out, NORM_SUMS):
+                delattr(out, NORM_SUMS)
+            return out
         return self.forward(*args, **kwargs)

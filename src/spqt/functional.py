@@ -13,7 +13,8 @@ def _fused(x: torch.Tensor) -> bool:
 
 # The attribute a residual map's output may carry on the GPU: the fp32 sums of squares of its stored values,
 # one per program of the reduction that wrote it, so that the next map can fold the RMSNorm of it into its
-# GEMV (kernels/gpu_linear.py). The values are the tensor's as long as nothing writes it in between.
+# GEMV (kernels/gpu_linear.py). The values are the tensor's as long as nothing writes it in between: code that
+# changes such a tensor in place must drop the attribute (a hooked module call does: direct_call.py).
 NORM_SUMS = "spqt_norm_sums"
 
 _NORM_CONSTANTS: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}

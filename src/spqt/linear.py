@@ -119,10 +119,11 @@ class Linear(DirectCallModule):
     def _norm_folded(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None,
                      swiglu: bool) -> torch.Tensor | None:
         """W norm(x) with the norm inside the GEMV (the GPU's CUDA B2), where x carries the sums of squares of
-        the reduction that wrote it (functional.NORM_SUMS) and nothing observes the normed input; else None."""
+        the reduction that wrote it (functional.NORM_SUMS) and no hook observes the norm or the normed input;
+        else None."""
         sums = getattr(x, NORM_SUMS, None)
         fold = getattr(self.impl, "dense_normed", None)
-        if sums is None or fold is None or hooked(self.input_tap):
+        if sums is None or fold is None or hooked(self.input_tap) or hooked(norm):
             return None
         y = fold(x, norm.weight, norm.eps, sums, residual, swiglu)
         if y is not None and self.track:
