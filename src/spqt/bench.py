@@ -376,7 +376,8 @@ CROSSOVER_MARGIN = 0.97  # sparse must be at least 3 % faster: the spread of rep
 def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     """The lowest of CROSSOVER_LEVELS from which the tuned B4 beats the tuned B2 at every higher
     level, with the collection launch ("crossover": collect + B4 against B2) and with the collection
-    done by the norm before the map ("crossover_fused": rms_norm_collect + B4 against rms_norm + B2:
+    done by the norm before the map ("crossover_fused": rms_norm_collect + B4 against rms_norm + B2, or
+    against B2 with the norm folded in where the runtime folds it (the CUDA B2, gpu_linear.dense_normed):
     the fused norm costs more than the plain one, which B4 must win back; on the H200 the 7B step at
     25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins.
     Runtime maps below their crossover run dense (Linear.dense_fallback). weights: rotated copies of one zigzag
@@ -404,7 +405,15 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
 
     timed(b2)  # untimed first (_fastest says why)
     dense = timed(b2)
-    dense_norm = timed(lambda w: (rms_norm(h, norm_w, eps), b2(w)))
+    from spqt.kernels.gpu_linear import norm_fold_on
+
+    args = tuning.launch_args(dense_cfg)
+    if (norm_fold_on() and kg.finish_plan(weights[0], h, kg.MODE_DENSE, ws_d.split, kg.EPILOGUE_NONE, args["impl"])[0]
+            and zigzag_cuda.norm_fits(k, ws_d.split, args["num_warps"], h, norm_w)):
+        sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
+        dense_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_DENSE, ws_d, **args, norm=(norm_w, sums, eps)))
+    else:
+        dense_norm = timed(lambda w: (rms_norm(h, norm_w, eps), b2(w)))
     wins = {"crossover": [], "crossover_fused": []}
     for s in CROSSOVER_LEVELS:
         t = torch.quantile(x.float().abs(), s).reshape(())
