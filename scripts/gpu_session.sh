@@ -477,7 +477,7 @@ case "$stage" in
     key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
     cp "src/spqt/kernels/tuned/$key.json" "$OUT/table-before.json"
     timeout ${TUNE_TIMEOUT:-300} python3 -m spqt.cli tune --cuda-against-table \
-      --shapes ${WAVE_SHAPES:-10240x8192,8192x8192,8192x28672,57344x8192,12288x4096,4096x4096,4096x11008,22016x4096} \
+      --shapes ${WAVE_SHAPES:-10240x8192,8192x8192,12288x4096,8192x28672} \
       --output "$OUT/table-after.json" 2>&1 | grep -v WARN | tee "$OUT/tune-waves.log" | tail -20
     cp "$OUT/table-after.json" "src/spqt/kernels/tuned/$key.json"
     echo "tune: $(( $(date +%s) - start )) s"
