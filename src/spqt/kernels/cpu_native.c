@@ -591,56 +591,59 @@ static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t gro
     memcpy(out, acc, sizeof acc);
 }
 
-static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
+/* One block's terms for one input xv: weights i0 .. i0 + count - 1 of the superblock row into acc[i - i0], and
+ * (types with an offset term) the offset of each sub-block of `min_every` weights into min_sum[(i - i0) / min_every]. */
+typedef void (*portable_block_fn)(const uint8_t *b, float xv, int i0, int count, float *acc, float *min_sum);
+
+/* The portable driver of the superblock types: outputs 64 group .. 64 (group + groups) - 1 from the kept inputs'
+ * blocks, k ascending; out = acc - min_sum (min_every 0: no offset term). Inlined with its block routine. */
+static inline __attribute__((always_inline)) void portable_groups(const uint8_t *blocks, int64_t k, int64_t group,
+                                                                   int groups, const float *x,
+                                                                   const struct sparse_rule *rule, int64_t bytes,
+                                                                   int min_every, portable_block_fn add,
+                                                                   float out[256])
 {
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q6K_BYTES;
-    int i0 = 64 * (int)(group % 4);
-    float acc[256] = {0};
+    const uint8_t *row_blocks = blocks + (group / 4) * k * bytes;
+    int i0 = 64 * (int)(group % 4), count = 64 * groups;
+    float acc[256] = {0}, min_sum[16] = {0};
     for (int64_t kk = 0; kk < k; kk++) {
-        const uint8_t *b = row_blocks + kk * Q6K_BYTES;
         float xv = x[kk];
-        if (!kept_input(xv, kk, rule))
-            continue;
-        float d = load_half(b + 208);
-        for (int i = i0; i < i0 + 64 * groups; i++) { /* weight i: half h, quarter j, byte l */
-            int h = i / 128, j = (i % 128) / 32, l = i % 32;
-            int low = b[64 * h + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0x0f, high = b[128 + 32 * h + l] >> (2 * j) & 3;
-            acc[i - i0] += xv * (d * (float)(int8_t)b[192 + i / 16]) * (float)((low | high << 4) - 32);
-        }
+        if (kept_input(xv, kk, rule))
+            add(row_blocks + kk * bytes, xv, i0, count, acc, min_sum);
     }
-    memcpy(out, acc, sizeof(float) * 64 * groups);
+    for (int i = 0; i < count; i++)
+        out[i] = min_every ? acc[i] - min_sum[i / min_every] : acc[i];
 }
 
-static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
+static inline __attribute__((always_inline)) void q6k_block(const uint8_t *b, float xv, int i0, int count,
+                                                            float *acc, float *min_sum)
 {
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q5K_BYTES;
-    int c0 = (int)(group % 4);
-    float acc[256] = {0}, min_sum[8] = {0};
-    for (int64_t kk = 0; kk < k; kk++) {
-        const uint8_t *b = row_blocks + kk * Q5K_BYTES;
-        float xv = x[kk];
-        if (!kept_input(xv, kk, rule))
-            continue;
-        float d = load_half(b), dmin = load_half(b + 2);
-        for (int j = 0; j < 2 * groups; j++) { /* sub-block 2 c0 + j */
-            int sub = 2 * c0 + j, sc, mn;
-            scale_min(sub, b + 4, &sc, &mn);
-            float s = xv * (d * (float)sc);
-            min_sum[j] += xv * (dmin * (float)mn);
-            const uint8_t *q = b + 48 + 32 * (sub / 2);
-            for (int l = 0; l < 32; l++) {
-                int low = sub % 2 ? q[l] >> 4 : q[l] & 0x0f;
-                acc[32 * j + l] += s * (float)(low | (b[16 + l] >> sub & 1) << 4);
-            }
+    (void)min_sum;
+    float d = load_half(b + 208);
+    for (int i = i0; i < i0 + count; i++) { /* weight i: half h, quarter j, byte l */
+        int h = i / 128, j = (i % 128) / 32, l = i % 32;
+        int low = b[64 * h + 32 * (j % 2) + l] >> (4 * (j / 2)) & 0x0f, high = b[128 + 32 * h + l] >> (2 * j) & 3;
+        acc[i - i0] += xv * (d * (float)(int8_t)b[192 + i / 16]) * (float)((low | high << 4) - 32);
+    }
+}
+
+static inline __attribute__((always_inline)) void q5k_block(const uint8_t *b, float xv, int i0, int count,
+                                                            float *acc, float *min_sum)
+{
+    float d = load_half(b), dmin = load_half(b + 2);
+    for (int j = 0; j < count / 32; j++) { /* sub-block i0 / 32 + j */
+        int sub = i0 / 32 + j, sc, mn;
+        scale_min(sub, b + 4, &sc, &mn);
+        float s = xv * (d * (float)sc);
+        min_sum[j] += xv * (dmin * (float)mn);
+        const uint8_t *q = b + 48 + 32 * (sub / 2);
+        for (int l = 0; l < 32; l++) {
+            int low = sub % 2 ? q[l] >> 4 : q[l] & 0x0f;
+            acc[32 * j + l] += s * (float)(low | (b[16 + l] >> sub & 1) << 4);
         }
     }
-    for (int i = 0; i < 64 * groups; i++)
-        out[i] = acc[i] - min_sum[i / 32];
 }
+
 /* The 6-bit Q3_K scale of sub-block j (0..15) as stored (s + 32) from a block's 12 scale bytes
  * (q3_k.py's packing). */
 static inline int q3k_scale(int j, const uint8_t *s)
@@ -651,53 +654,43 @@ static inline int q3k_scale(int j, const uint8_t *s)
 
 /* Q3_K and Q2_K: weight i of a superblock row is quarter j = (i % 128) / 32 of half h = i / 128, its
  * low 2 bits at bits 2j of qs[32 h + i % 32], sub-block i / 16. */
-static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
+static inline __attribute__((always_inline)) void q3k_block(const uint8_t *b, float xv, int i0, int count,
+                                                            float *acc, float *min_sum)
 {
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q3K_BYTES;
-    int i0 = 64 * (int)(group % 4);
-    float acc[256] = {0};
-    for (int64_t kk = 0; kk < k; kk++) {
-        const uint8_t *b = row_blocks + kk * Q3K_BYTES;
-        float xv = x[kk];
-        if (!kept_input(xv, kk, rule))
-            continue;
-        float d = load_half(b + 108);
-        for (int i = i0; i < i0 + 64 * groups; i++) {
-            int h = i / 128, j = (i % 128) / 32, l = i % 32;
-            int low = b[32 + 32 * h + l] >> (2 * j) & 3, bit = b[l] >> (4 * h + j) & 1;
-            acc[i - i0] += xv * (d * (float)(q3k_scale(i / 16, b + 96) - 32)) * (float)(low + 4 * bit - 4);
-        }
+    (void)min_sum;
+    float d = load_half(b + 108);
+    for (int i = i0; i < i0 + count; i++) {
+        int h = i / 128, j = (i % 128) / 32, l = i % 32;
+        int low = b[32 + 32 * h + l] >> (2 * j) & 3, bit = b[l] >> (4 * h + j) & 1;
+        acc[i - i0] += xv * (d * (float)(q3k_scale(i / 16, b + 96) - 32)) * (float)(low + 4 * bit - 4);
     }
-    memcpy(out, acc, sizeof(float) * 64 * groups);
 }
 
-static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
+static inline __attribute__((always_inline)) void q2k_block(const uint8_t *b, float xv, int i0, int count,
+                                                            float *acc, float *min_sum)
 {
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q2K_BYTES;
-    int i0 = 64 * (int)(group % 4);
-    float acc[256] = {0}, min_sum[16] = {0};
-    for (int64_t kk = 0; kk < k; kk++) {
-        const uint8_t *b = row_blocks + kk * Q2K_BYTES;
-        float xv = x[kk];
-        if (!kept_input(xv, kk, rule))
-            continue;
-        float d = load_half(b + 80), dmin = load_half(b + 82);
-        for (int sub = i0 / 16; sub < (i0 + 64 * groups) / 16; sub++) {
-            float s = xv * (d * (float)(b[sub] & 0x0f));
-            min_sum[sub - i0 / 16] += xv * (dmin * (float)(b[sub] >> 4));
-            for (int i = 16 * sub; i < 16 * sub + 16; i++) {
-                int h = i / 128, j = (i % 128) / 32, l = i % 32;
-                acc[i - i0] += s * (float)(b[16 + 32 * h + l] >> (2 * j) & 3);
-            }
+    float d = load_half(b + 80), dmin = load_half(b + 82);
+    for (int sub = i0 / 16; sub < (i0 + count) / 16; sub++) {
+        float s = xv * (d * (float)(b[sub] & 0x0f));
+        min_sum[sub - i0 / 16] += xv * (dmin * (float)(b[sub] >> 4));
+        for (int i = 16 * sub; i < 16 * sub + 16; i++) {
+            int h = i / 128, j = (i % 128) / 32, l = i % 32;
+            acc[i - i0] += s * (float)(b[16 + 32 * h + l] >> (2 * j) & 3);
         }
     }
-    for (int i = 0; i < 64 * groups; i++)
-        out[i] = acc[i] - min_sum[i / 16];
 }
+
+#define PORTABLE_GROUPS(NAME, BYTES, MIN_EVERY, BLOCK)                                                           \
+    static void NAME(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,  \
+                     const struct sparse_rule *rule, float out[256])                                           \
+    {                                                                                                          \
+        (void)n;                                                                                               \
+        portable_groups(blocks, k, group, groups, x, rule, BYTES, MIN_EVERY, BLOCK, out);                      \
+    }
+PORTABLE_GROUPS(q6k_groups, Q6K_BYTES, 0, q6k_block)
+PORTABLE_GROUPS(q5k_groups, Q5K_BYTES, 32, q5k_block)
+PORTABLE_GROUPS(q3k_groups, Q3K_BYTES, 0, q3k_block)
+PORTABLE_GROUPS(q2k_groups, Q2K_BYTES, 16, q2k_block)
 #endif
 
 static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,

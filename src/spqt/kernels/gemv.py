@@ -311,7 +311,8 @@ class ZigzagWorkspace:
         self.y = torch.empty(n, dtype=dtype, device=dev)
 
 
-_BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}  # all but Q4_K: CUDA layouts only
+# the CUDA GEMV's TYPE of each format (zigzag_cuda.launch's bits); all but Q4_K run in CUDA layouts only
+TYPE_BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}
 
 
 def finish_plan(w: GpuQ4K, x: torch.Tensor, mode: int, split: int, epilogue: int, impl: str = "triton",
@@ -319,7 +320,7 @@ def finish_plan(w: GpuQ4K, x: torch.Tensor, mode: int, split: int, epilogue: int
     """How gemv_zigzag runs these arguments: (the CUDA GEMV runs, its programs finish as a cluster, the GEMV
     finishes y itself); where the last is False, _reduce_kernel finishes y (and can write the sums of squares)."""
     n = w.shape[0]
-    if _BITS[w.fmt] != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
+    if TYPE_BITS[w.fmt] != 4 or ((zigzag_cuda.choice() or impl) == "cuda" and zigzag_cuda.supports(x, mode)):
         # the cluster finish has run on a GPU for Q4_K only (Q5_K / Q6_K: the reduction or fused finish)
         cluster = (cluster and w.fmt == "q4_k" and zigzag_cuda.fused_choice(True) and zigzag_cuda.clusters_run(x.device)
                    and zigzag_cuda.cluster_dims(n, epilogue, split) is not None)
@@ -353,7 +354,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4, fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
-    bits = _BITS[w.fmt]
+    bits = TYPE_BITS[w.fmt]
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)

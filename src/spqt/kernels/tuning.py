@@ -151,9 +151,10 @@ def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
     """The CUDA GEMV's configs `spqt tune --types` times for a type variant ("zigzag_<kind>_<fmt>") in the type's
     CUDA layout: Q4_K's candidates of the kind with 2-8 warps and plain loads (cuda_variants' sweep), no clusters
     (gemv_zigzag runs the cluster finish for Q4_K only)."""
+    from spqt.kernels.gemv import TYPE_BITS
+
     kind, fmt = variant.split("_")[1], variant.split("_", 2)[2]
-    bits = {"q2_k": 2, "q3_k": 3, "q5_k": 5, "q6_k": 6, "q8_0": 8}[fmt]
-    return [c for c in cuda_candidates(f"zigzag_{kind}", n, k, bits)
+    return [c for c in cuda_candidates(f"zigzag_{kind}", n, k, TYPE_BITS[fmt])
             if c["num_warps"] > 1 and c["pipe"] == 0 and not c.get("cluster")]
 
 
