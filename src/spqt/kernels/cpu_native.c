@@ -379,7 +379,7 @@ static inline __attribute__((always_inline)) void q6k_group(const int c, const u
  * scales[i][j] = x_k d sc_j, and the mins' sums subtracted at the end. */
 static inline __attribute__((always_inline)) void q5k_group(const int c, const uint8_t *row_blocks, int64_t k0,
                                                             const int32_t *active, int count,
-                                                            float (*scales)[8], float acc[64])
+                                                            float (*scales)[16], float acc[64])
 {
     const __m256i low4 = _mm256_set1_epi8(0x0f), bit4 = _mm256_set1_epi8(0x10);
     LOAD_ACC(acc);
@@ -395,34 +395,6 @@ static inline __attribute__((always_inline)) void q5k_group(const int c, const u
         WIDEN_FMA(hi, a4, a5, a6, a7, s_hi, s_hi);
     }
     STORE_ACC(acc);
-}
-
-static void q5k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
-{
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q5K_BYTES;
-    int c0 = (int)(group % 4);
-    __m256 mins = _mm256_setzero_ps(); /* sum_k x_k dmin_k m_kj, sub-block j in lane j */
-    float acc[4][64];
-    memset(acc, 0, sizeof acc);
-    float scales[KTILE][8];
-    int32_t active[KTILE];
-    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
-        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
-        int count = tile_kept(row_blocks, 1, 0, Q5K_BYTES, k0, tile, x, rule, active);
-        for (int i = 0; i < count; i++) {
-            const uint8_t *b = row_blocks + (k0 + active[i]) * Q5K_BYTES;
-            kquant_header(b, x[k0 + active[i]], scales[i], &mins);
-        }
-        for (int g = 0; g < groups; g++)
-            CALL_GROUP(c0 + g, q5k_group, row_blocks, k0, active, count, scales, acc[g]);
-    }
-    float min_sum[8];
-    _mm256_storeu_ps(min_sum, mins);
-    for (int g = 0; g < groups; g++)
-        for (int i = 0; i < 64; i++)
-            out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
 }
 
 /* Q3_K and Q2_K group c: half h = c / 2, quarters 2p and 2p + 1 (p = c % 2) of it, as Q6_K's: quarter
@@ -482,15 +454,46 @@ static inline __attribute__((always_inline)) __m128i q3k_scales(const uint8_t *b
     return _mm_sub_epi8(_mm_or_si128(lows, _mm_slli_epi16(tops, 4)), _mm_set1_epi8(32));
 }
 
-/* Q6_K (q3 = 0) or Q3_K (q3 = 1), a constant: weight d sc q with 16 signed 8-bit sub-block scales and no
- * mins. Per tile: scales[i][s] = x_k d sc_s of each kept block, then each group's quants against them. */
-static inline __attribute__((always_inline)) void signed_scale_groups(const int q3, const uint8_t *blocks, int64_t k,
-                                                                      int64_t group, int groups, const float *x,
-                                                                      const struct sparse_rule *rule, float out[256])
+/* The superblock types' tiled driver, fmt a constant (Q6_K, Q3_K: weight d sc q, 16 signed 8-bit sub-block
+ * scales, no mins; Q5_K: Q4_K's header, 8 sub-blocks with mins; Q2_K: weight d sc q - dmin m, 4-bit sc and m per
+ * sub-block of 16). Per tile: each kept block's scales[i][s] = x_k d sc_s (and the mins' sums x_k dmin m_s in
+ * mins0 (s 0..7) and mins1 (8..15)), then each group's quants against them; at the end the mins' sums
+ * subtracted, per sub-block of min_every outputs. */
+enum { TILED_Q6K, TILED_Q3K, TILED_Q5K, TILED_Q2K };
+
+static inline __attribute__((always_inline)) void tile_header(const int fmt, const uint8_t *b, float xv,
+                                                              float scales[16], __m256 *mins0, __m256 *mins1)
 {
-    const int bytes = q3 ? Q3K_BYTES : Q6K_BYTES, d_at = q3 ? 108 : 208;
+    if (fmt == TILED_Q5K) {
+        kquant_header(b, xv, scales, mins0);
+    } else if (fmt == TILED_Q2K) {
+        const __m128i low4 = _mm_set1_epi8(0x0f);
+        __m256 xd = _mm256_set1_ps(xv * load_half(b + 80)), xm = _mm256_set1_ps(xv * load_half(b + 82));
+        __m128i sm = _mm_loadu_si128((const __m128i *)b);
+        __m128i sc = _mm_and_si128(sm, low4), mn = _mm_and_si128(_mm_srli_epi16(sm, 4), low4);
+        _mm256_storeu_ps(scales, _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc))));
+        _mm256_storeu_ps(scales + 8, _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)))));
+        *mins0 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), *mins0);
+        *mins1 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))), *mins1);
+    } else {
+        const int q3 = fmt == TILED_Q3K;
+        __m256 xd = _mm256_set1_ps(xv * load_half(b + (q3 ? 108 : 208)));
+        __m128i sc = q3 ? q3k_scales(b) : _mm_loadu_si128((const __m128i *)(b + 192));
+        _mm256_storeu_ps(scales, _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
+        _mm256_storeu_ps(scales + 8, _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
+    }
+}
+
+static inline __attribute__((always_inline)) void tiled_groups(const int fmt, const uint8_t *blocks, int64_t k,
+                                                               int64_t group, int groups, const float *x,
+                                                               const struct sparse_rule *rule, float out[256])
+{
+    const int bytes = fmt == TILED_Q6K ? Q6K_BYTES : fmt == TILED_Q3K ? Q3K_BYTES : fmt == TILED_Q5K ? Q5K_BYTES
+                                                                                                     : Q2K_BYTES;
+    const int min_every = fmt == TILED_Q5K ? 32 : fmt == TILED_Q2K ? 16 : 0;
     const uint8_t *row_blocks = blocks + (group / 4) * k * bytes;
     int c0 = (int)(group % 4);
+    __m256 mins0 = _mm256_setzero_ps(), mins1 = _mm256_setzero_ps();
     float acc[4][64];
     memset(acc, 0, sizeof acc);
     float scales[KTILE][16];
@@ -498,76 +501,38 @@ static inline __attribute__((always_inline)) void signed_scale_groups(const int 
     for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
         int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
         int count = tile_kept(row_blocks, 1, 0, bytes, k0, tile, x, rule, active);
-        for (int i = 0; i < count; i++) {
-            const uint8_t *b = row_blocks + (k0 + active[i]) * bytes;
-            __m256 xd = _mm256_set1_ps(x[k0 + active[i]] * load_half(b + d_at));
-            __m128i sc = q3 ? q3k_scales(b) : _mm_loadu_si128((const __m128i *)(b + 192));
-            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(sc))));
-            _mm256_storeu_ps(scales[i] + 8,
-                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(sc, 8)))));
-        }
+        for (int i = 0; i < count; i++)
+            tile_header(fmt, row_blocks + (k0 + active[i]) * bytes, x[k0 + active[i]], scales[i], &mins0, &mins1);
         for (int g = 0; g < groups; g++) {
-            if (q3)
-                CALL_GROUP(c0 + g, q3k_group, row_blocks, k0, active, count, scales, acc[g]);
-            else
+            if (fmt == TILED_Q6K)
                 CALL_GROUP(c0 + g, q6k_group, row_blocks, k0, active, count, scales, acc[g]);
+            else if (fmt == TILED_Q3K)
+                CALL_GROUP(c0 + g, q3k_group, row_blocks, k0, active, count, scales, acc[g]);
+            else if (fmt == TILED_Q5K)
+                CALL_GROUP(c0 + g, q5k_group, row_blocks, k0, active, count, scales, acc[g]);
+            else
+                CALL_GROUP(c0 + g, q2k_group, row_blocks, k0, active, count, scales, acc[g]);
         }
-    }
-    memcpy(out, acc, sizeof(float) * 64 * groups);
-}
-
-static void q6k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
-{
-    (void)n;
-    signed_scale_groups(0, blocks, k, group, groups, x, rule, out);
-}
-
-static void q3k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
-{
-    (void)n;
-    signed_scale_groups(1, blocks, k, group, groups, x, rule, out);
-}
-
-/* Q2_K: weight d sc q - dmin m (4-bit sc, m per sub-block of 16); the mins' sums subtracted at the end. */
-static void q2k_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
-                       const struct sparse_rule *rule, float out[256])
-{
-    (void)n;
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q2K_BYTES;
-    int c0 = (int)(group % 4);
-    const __m128i low4 = _mm_set1_epi8(0x0f);
-    __m256 mins0 = _mm256_setzero_ps(), mins1 = _mm256_setzero_ps(); /* sum_k x_k dmin m_j, j = 0..7, 8..15 */
-    float acc[4][64];
-    memset(acc, 0, sizeof acc);
-    float scales[KTILE][16];
-    int32_t active[KTILE];
-    for (int64_t k0 = 0; k0 < k; k0 += KTILE) {
-        int tile = k - k0 < KTILE ? (int)(k - k0) : KTILE;
-        int count = tile_kept(row_blocks, 1, 0, Q2K_BYTES, k0, tile, x, rule, active);
-        for (int i = 0; i < count; i++) {
-            const uint8_t *b = row_blocks + (k0 + active[i]) * Q2K_BYTES;
-            float xv = x[k0 + active[i]];
-            __m256 xd = _mm256_set1_ps(xv * load_half(b + 80)), xm = _mm256_set1_ps(xv * load_half(b + 82));
-            __m128i sm = _mm_loadu_si128((const __m128i *)b);
-            __m128i sc = _mm_and_si128(sm, low4), mn = _mm_and_si128(_mm_srli_epi16(sm, 4), low4);
-            _mm256_storeu_ps(scales[i], _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(sc))));
-            _mm256_storeu_ps(scales[i] + 8,
-                             _mm256_mul_ps(xd, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(sc, 8)))));
-            mins0 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn)), mins0);
-            mins1 = _mm256_fmadd_ps(xm, _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn, 8))), mins1);
-        }
-        for (int g = 0; g < groups; g++)
-            CALL_GROUP(c0 + g, q2k_group, row_blocks, k0, active, count, scales, acc[g]);
     }
     float min_sum[16];
     _mm256_storeu_ps(min_sum, mins0);
     _mm256_storeu_ps(min_sum + 8, mins1);
     for (int g = 0; g < groups; g++)
         for (int i = 0; i < 64; i++)
-            out[64 * g + i] = acc[g][i] - min_sum[4 * (c0 + g) + i / 16];
+            out[64 * g + i] = min_every ? acc[g][i] - min_sum[(64 * (c0 + g) + i) / min_every] : acc[g][i];
 }
+
+#define TILED_GROUPS(NAME, FMT)                                                                               \
+    static void NAME(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x, \
+                     const struct sparse_rule *rule, float out[256])                                          \
+    {                                                                                                         \
+        (void)n;                                                                                              \
+        tiled_groups(FMT, blocks, k, group, groups, x, rule, out);                                            \
+    }
+TILED_GROUPS(q6k_groups, TILED_Q6K)
+TILED_GROUPS(q5k_groups, TILED_Q5K)
+TILED_GROUPS(q3k_groups, TILED_Q3K)
+TILED_GROUPS(q2k_groups, TILED_Q2K)
 
 #else
 /* Without AVX2: scalar loops, each output's sum over k ascending. */
