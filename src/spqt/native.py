@@ -18,6 +18,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from spqt import default_model
+
 # quantize_source's worker threads may ask for a library at the same moment: one compiles it.
 _lock = threading.Lock()
 # A compile takes 1-2 s here (gcc 12, 2-core VM); a compiler that hangs must not hang the first run.
@@ -25,8 +27,7 @@ COMPILE_TIMEOUT_S = 300
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SPQT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spqt"
-    return Path(root) / "cpu"
+    return default_model.cache_dir() / "cpu"
 
 
 def machine() -> str:
