@@ -22,7 +22,7 @@
 #   scripts/gpu_session.sh explore8  the native CPU maps' tests there, the 70B step per kernel kind, 70B decode fused finish
 #   scripts/gpu_session.sh fold9     the folded norm's gpu tests, the 7B / 70B step with launched / folded / no norms, decode
 #   scripts/gpu_session.sh final9    gpu tests on a fresh machine, 7B and 70B decode, the Q4_K GEMV table in the time left
-#   scripts/gpu_session.sh waves10   the tuner's wave-fitting splits on the decode shapes, then decode on the new table
+#   scripts/gpu_session.sh waves10   the tuner's wave-fitting splits on the decode shapes, the step on the old / new table
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -470,18 +470,23 @@ case "$stage" in
     ;;
   waves10)
     # The tuner's wave-fitting splits (c517478, not yet run on a GPU): the CUDA configs of the decode shapes timed
-    # against the table (WAVE_SHAPES), the new table in $OUT (and in place: the decode below runs it), then decode
-    # (DECODE_RUNS) on it. Run the gpu tests in a call of their own first (this stage changes the table in place).
+    # against the table (WAVE_SHAPES), the new table in $OUT, then the step with the old and the new table
+    # alternating in one process (scripts/table_probe.py; PROBE_MODELS) within CALL_BUDGET.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
     cp "src/spqt/kernels/tuned/$key.json" "$OUT/table-before.json"
-    timeout ${TUNE_TIMEOUT:-300} python3 -m spqt.cli tune --cuda-against-table \
+    timeout ${TUNE_TIMEOUT:-280} python3 -m spqt.cli tune --cuda-against-table \
       --shapes ${WAVE_SHAPES:-10240x8192,8192x8192,12288x4096,8192x28672} \
       --output "$OUT/table-after.json" 2>&1 | grep -v WARN | tee "$OUT/tune-waves.log" | tail -20
-    cp "$OUT/table-after.json" "src/spqt/kernels/tuned/$key.json"
     echo "tune: $(( $(date +%s) - start )) s"
-    decode_runs ${CALL_BUDGET:-540}
+    for m in ${PROBE_MODELS:-llama2-70b llama2-7b}; do
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $m"; break; }
+      timeout $left python3 scripts/table_probe.py --a "$OUT/table-before.json" --b "$OUT/table-after.json" \
+        --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/table-probe.log"
+      echo "probe $m done: $(( $(date +%s) - start )) s"
+    done
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

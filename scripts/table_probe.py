@@ -1,0 +1,76 @@
+"""Two tuned tables in one decode step: the step's CUDA graph captured with every linear map configured from
+table A, then from table B, alternating, in one process (device machine; issue 14). Run-to-run noise of
+`spqt bench decode` on the 70B (72-74.6 % of the floor on one commit) is larger than a re-tune's effect;
+captures alternating in one process share the machine's state.
+
+    python3 scripts/table_probe.py --a before.json --b after.json [--model synthetic:llama2-70b] [--rounds 2]
+
+A process's first captured graph replays ~3 % faster than later ones (seventh session's order effect), so the
+first capture is a warm-up and only later captures are compared.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+
+from spqt.bench_decode import replay_device_us, synthetic_model
+from spqt.generate import Generator, sparse_linears
+from spqt.kernels import gemv as kg
+from spqt.kernels import tuning
+
+
+def table_entries(path: str) -> dict:
+    doc = json.loads(open(path).read())
+    if doc.get("kernel_version") != tuning.KERNEL_VERSION:
+        raise SystemExit(f"{path}: kernel_version {doc.get('kernel_version')}, not {tuning.KERNEL_VERSION}")
+    return doc["entries"]
+
+
+def configure(gen: Generator, entries: dict) -> None:
+    """Every zigzag Q4_K map of gen's model re-configured (configs, split workspaces) from the table entries."""
+    tuning._load_table = lambda key: entries  # tuning.config reads the table through this name
+    for _, _, lin in sparse_linears(gen.model):
+        impl = lin.impl
+        impl._zigzag_setup(lambda kind: tuning.config(f"zigzag_{kind}", impl.n, impl.k), kg.ZigzagWorkspace,
+                           torch.float16, "cuda")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--a", required=True, help="table A (a tuned/<device>.json)")
+    ap.add_argument("--b", required=True, help="table B")
+    ap.add_argument("--model", default="synthetic:llama2-70b")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    tables = {"A": table_entries(args.a), "B": table_entries(args.b)}
+    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
+    gen = Generator(loaded, "cuda", max_len=64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    changed = [f"{lin.impl.n}x{lin.impl.k}" for _, _, lin in sparse_linears(gen.model)][:4]
+    for name, entries in tables.items():
+        print(f"table {name}: " + ", ".join(
+            f"{shape} {dict((k, v) for k, v in entries.get('zigzag_dense', {}).get(shape, {}).items() if k in ('split', 'num_warps', 'acc', 'cluster', 'us'))}"
+            for shape in changed))
+
+    def step_us(name: str) -> float:
+        configure(gen, tables[name])
+        gen.drop_graphs()
+        gen.generate(prompt, 8, track=False)  # captures a graph with this table
+        return statistics.median(replay_device_us(gen._graph, args.reps))
+
+    step_us("A")  # the first capture: a warm-up (it replays faster than any later one)
+    results = {name: [] for name in tables}
+    for _ in range(args.rounds):
+        for name in tables:
+            results[name].append(step_us(name))
+    median = {name: statistics.median(r) for name, r in results.items()}
+    print(f"{args.model} dense, step device time (us): " + "; ".join(
+        f"{name} {', '.join(f'{x:.1f}' for x in r)}" for name, r in results.items()))
+    print(f"  B: {median['A'] - median['B']:.1f} us less than A ({100 * (median['A'] - median['B']) / median['A']:.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
