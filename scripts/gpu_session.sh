@@ -23,6 +23,7 @@
 #   scripts/gpu_session.sh fold9     the folded norm's gpu tests, the 7B / 70B step with launched / folded / no norms, decode
 #   scripts/gpu_session.sh final9    gpu tests on a fresh machine, 7B and 70B decode, the Q4_K GEMV table in the time left
 #   scripts/gpu_session.sh waves10   the tuner's wave-fitting splits on the decode shapes, the step on the old / new table
+#   scripts/gpu_session.sh explore10 the step's time at short / long spans (bench vs replay), every decode shape's crossover
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -487,6 +488,22 @@ case "$stage" in
         --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/table-probe.log"
       echo "probe $m done: $(( $(date +%s) - start )) s"
     done
+    ;;
+  explore10)
+    # Where bench decode's step exceeds the replay (scripts/span_probe.py: pipelined steps and lone replays at short
+    # and long spans; SPAN_MODELS), then the crossovers of every decode shape measured anew against the folded norm
+    # (spqt tune --crossover-only; the table in $OUT), within CALL_BUDGET.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in ${SPAN_MODELS:-llama2-70b llama2-7b}; do
+      timeout 150 python3 scripts/span_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/span-probe.log"
+      echo "span $m done: $(( $(date +%s) - start )) s"
+    done
+    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+    timeout $left python3 -m spqt.cli tune --crossover-only \
+      --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
+      --output "$OUT/table-crossover.json" 2>&1 | grep -v WARN | tee "$OUT/tune-crossover.log" | tail -40
+    echo "explore10 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and
