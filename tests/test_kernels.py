@@ -484,9 +484,11 @@ def test_rms_norm_collect(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode(rng, device):
     """The one-launch decode attention equals rope_kv + torch's attention over the masked cache
-    (grouped-query and plain, a position inside the second key block); cache rows at and past the
-    position are NaN before the call (they must not be read), row pos is written with the torch
-    twin's k and v, no other row changes; a longer span gives the same bits (fixed key blocks)."""
+    (grouped-query and plain, a position inside the second and the fourth key block, whose blocks are
+    combined by the last to finish); cache rows at and past the position are NaN before the call (they
+    must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
+    span gives the same bits (fixed key blocks; the second call also needs the first's arrival counters
+    reset)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -494,7 +496,7 @@ def test_rope_attention_decode(rng, device):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2)) + (
+    for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2)) + (
             ((32, 8, 128, 1500, 1),) if device == "cuda" else ()):
         cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
                           max_seq_len=2048)

@@ -110,8 +110,8 @@ def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool
     return y if residual is None else residual + y
 
 
-# Spans up to this many keys run the one-launch decode attention (one program per query head);
-# longer ones go to torch's attention, which splits the keys over more programs.
+# Spans up to this many keys run the one-launch decode attention (a program per query head and block of
+# fused.ATTN_BLOCK_N keys, at most fused.ATTN_MAX_SPLITS blocks); longer ones go to torch's attention.
 DECODE_ATTENTION_MAX_SPAN = 2048
 
 

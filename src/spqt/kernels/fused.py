@@ -174,8 +174,8 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
     return out
 
 
-ATTN_BLOCK_N = 64  # keys per step of the decode attention; fixed, so any span adds in the same order
-ATTN_PREFETCH_ROWS = tl.constexpr(512)  # cached keys (and values) asked of L2 before the wait, at most
+ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any span adds in the same order
+ATTN_MAX_SPLITS = 32  # programs a query head's keys take at most: spans up to 2048 keys (functional's limit)
 
 
 @triton.jit
@@ -188,80 +188,125 @@ def _prefetch_rows(ptr, rows, W: tl.constexpr):
 
 
 @triton.jit
-def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, H, HKV, L, length, sx, scale,
-                                  HALF: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
-    """Program (b, h): query head h of sequence b at position pos (one new token). RoPE of its q,
-    its kv head's new k (RoPE) and v (the first query head of a group writes them into the cache);
-    then softmax(q k^T scale) v over keys 0 .. pos: the cached keys below pos, the new one at pos,
-    in steps of BLOCK_N keys with a running max (every span adds in the same order).
+def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
+                                  length, sx, scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  SPLITS: tl.constexpr, PDL: tl.constexpr):
+    """Program (h, s, b): query head h of sequence b at position pos (one new token), keys
+    s BLOCK_N .. (s + 1) BLOCK_N - 1 of the span 0 .. pos (flash-decoding: the key blocks of a head
+    run side by side). RoPE of its q, its kv head's new k (RoPE) and v (the block holding pos of the
+    group's first query head writes them into the cache); the block's scores softmax(q k^T scale)
+    with its own max m and sum l, and its unnormalized sum of p v. A span of one block stores the
+    output; else each block stores (m, l, sum) into the head's scratch row and counts its arrival,
+    and the last to arrive combines the blocks, all of them at once in one fixed shape (SPLITS
+    blocks, the missing ones masked), so that the result depends on the position only.
     PDL: until griddepcontrol.wait it reads only what earlier steps wrote (the position, copied in
-    before the step, and the cached keys and values below it, asked of L2), then q|k|v."""
+    before the step, and the block's cached keys and values, asked of L2), then q|k|v."""
     h = tl.program_id(0)
-    b = tl.program_id(1)
+    blk = tl.program_id(1)
+    b = tl.program_id(2)
     group = H // HKV
     j = h // group
     d = tl.arange(0, HALF)
     pos = tl.load(pos_ptr)
-    if PDL:
-        row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
-        if row_bytes % 128 == 0:
-            cached = ((b * HKV + j) * L) * 2 * HALF
-            span = tl.minimum(tl.minimum(pos, length), ATTN_PREFETCH_ROWS)
-            _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), span, row_bytes)
-            _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), span, row_bytes)
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
-    cos = tl.load(t_ptr + pos * 2 * HALF + d)
-    sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
-    base = x_ptr + b * sx
-    q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
-    q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
-    dt = o_ptr.dtype.element_ty
-    # rounded to the cache dtype as the unfused path stores q and k before attending
-    r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
-    r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
-    k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
-    k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
-    kn1 = (k1 * cos - k2 * sin).to(dt)
-    kn2 = (k2 * cos + k1 * sin).to(dt)
-    vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
-    vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+    blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
+    first = blk * BLOCK_N
     cache = ((b * HKV + j) * L) * 2 * HALF
-    if h % group == 0:
-        tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
-        tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
-        tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
-        tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
-    m_i = tl.full((), -float("inf"), tl.float32)
-    l_i = tl.zeros((), tl.float32)
-    acc1 = tl.zeros((HALF,), dtype=tl.float32)
-    acc2 = tl.zeros((HALF,), dtype=tl.float32)
-    n0 = tl.arange(0, BLOCK_N)
-    for start in range(0, tl.minimum(pos + 1, length), BLOCK_N):
-        n = start + n0
+    if blk < blocks:
+        if PDL:
+            row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
+            if row_bytes % 128 == 0:
+                cached = cache + first * 2 * HALF  # the block's cached rows: first .. min(first + BLOCK_N, pos)
+                rows = tl.minimum(tl.maximum(pos - first, 0), BLOCK_N)
+                _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+                _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+        cos = tl.load(t_ptr + pos * 2 * HALF + d)
+        sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+        base = x_ptr + b * sx
+        q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
+        q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
+        dt = o_ptr.dtype.element_ty
+        # rounded to the cache dtype as the unfused path stores q and k before attending
+        r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
+        r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
+        k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
+        k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
+        kn1 = (k1 * cos - k2 * sin).to(dt)
+        kn2 = (k2 * cos + k1 * sin).to(dt)
+        vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
+        vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+        if (h % group == 0) & (blk == blocks - 1):
+            tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
+            tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
+            tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
+            tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+        n = first + tl.arange(0, BLOCK_N)
         old = n < pos  # cached keys; the key at pos is the new one (the cache row may be in flight)
         rows = cache + n[:, None] * 2 * HALF + d[None, :]
         c1 = tl.load(k_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
         c2 = tl.load(k_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
+        u1 = tl.load(v_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
+        u2 = tl.load(v_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
         new = (n == pos)[:, None]
         c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1)
         c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2)
-        s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
-        s = tl.where(n <= pos, s, -float("inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=0))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new)
-        u1 = tl.load(v_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
-        u2 = tl.load(v_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
         u1 = tl.where(new, vn1.to(tl.float32)[None, :], u1)
         u2 = tl.where(new, vn2.to(tl.float32)[None, :], u2)
-        acc1 = acc1 * alpha + tl.sum(p[:, None] * u1, axis=0)
-        acc2 = acc2 * alpha + tl.sum(p[:, None] * u2, axis=0)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        m_i = m_new
-    out = o_ptr + (b * H + h) * 2 * HALF
-    tl.store(out + d, (acc1 / l_i).to(dt))
-    tl.store(out + HALF + d, (acc2 / l_i).to(dt))
+        s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
+        s = tl.where(n <= pos, s, -float("inf"))
+        m = tl.max(s, axis=0)
+        p = tl.exp(s - m)
+        l_sum = tl.sum(p, axis=0)
+        acc1 = tl.sum(p[:, None] * u1, axis=0)
+        acc2 = tl.sum(p[:, None] * u2, axis=0)
+        head = b * H + h
+        out = o_ptr + head * 2 * HALF
+        if blocks == 1:
+            tl.store(out + d, (acc1 / l_sum).to(dt))
+            tl.store(out + HALF + d, (acc2 / l_sum).to(dt))
+        else:
+            slot = head * SPLITS + blk
+            tl.store(part_ptr + slot * 2 * HALF + d, acc1)
+            tl.store(part_ptr + slot * 2 * HALF + HALF + d, acc2)
+            tl.store(ml_ptr + 2 * slot, m)
+            tl.store(ml_ptr + 2 * slot + 1, l_sum)
+            # acq_rel at GPU scope after a barrier (zigzag_mma._arrive's): every block's stores are seen by the last
+            tl.debug_barrier()
+            ticket = tl.atomic_add(cnt_ptr + head, 1, sem="acq_rel", scope="gpu")
+            if ticket == blocks - 1:
+                tl.debug_barrier()
+                tl.store(cnt_ptr + head, 0)  # zero for the next launch
+                i = tl.arange(0, SPLITS)
+                got = i < blocks
+                slots = head * SPLITS + i
+                # .cg: from L2, where the other programs' stores are (never a stale L1 line)
+                mi = tl.load(ml_ptr + 2 * slots, mask=got, other=-float("inf"), cache_modifier=".cg")
+                li = tl.load(ml_ptr + 2 * slots + 1, mask=got, other=0.0, cache_modifier=".cg")
+                w = tl.exp(mi - tl.max(mi, axis=0))
+                total = tl.sum(li * w, axis=0)
+                a1 = tl.load(part_ptr + slots[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
+                             cache_modifier=".cg")
+                a2 = tl.load(part_ptr + slots[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None], other=0.0,
+                             cache_modifier=".cg")
+                tl.store(out + d, (tl.sum(a1 * w[:, None], axis=0) / total).to(dt))
+                tl.store(out + HALF + d, (tl.sum(a2 * w[:, None], axis=0) / total).to(dt))
+
+
+_ATTENTION_SCRATCH: dict = {}
+
+
+def _attention_scratch(device: torch.device, heads: int, hd: int) -> tuple:
+    """The decode attention's per-head scratch on a device, kept between calls (a CUDA graph replays the
+    addresses its capture saw; allocated by the eager warm-up before it): each head's ATTN_MAX_SPLITS block
+    sums (fp32, hd each) and (max, sum) pairs, and its arrival counter (int32, zero between launches: the
+    last arrival resets it). Calls on one device share it in stream order (one decode at a time)."""
+    key = (str(device), heads, hd)
+    if key not in _ATTENTION_SCRATCH:
+        _ATTENTION_SCRATCH[key] = (torch.empty(heads * ATTN_MAX_SPLITS * hd, dtype=torch.float32, device=device),
+                                   torch.empty(heads * ATTN_MAX_SPLITS * 2, dtype=torch.float32, device=device),
+                                   torch.zeros(heads, dtype=torch.int32, device=device))
+    return _ATTENTION_SCRATCH[key]
 
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
@@ -269,19 +314,25 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
-    length: keys the caller attends to at most (> pos). Returns (B, 1, H, hd) in qkv's dtype.
-    Needs hd a power of two (functional.attention picks it for short spans only)."""
+    length: keys the caller attends to at most (> pos), ATTN_BLOCK_N ATTN_MAX_SPLITS at most.
+    Returns (B, 1, H, hd) in qkv's dtype. Needs hd a power of two (functional.attention picks it
+    for short spans only)."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd & (hd - 1):
         raise ValueError("rope_attention_decode takes one token and a power-of-two head_dim")
+    blocks = triton.cdiv(length, ATTN_BLOCK_N)
+    if blocks > ATTN_MAX_SPLITS:
+        raise ValueError(f"rope_attention_decode attends to {ATTN_BLOCK_N * ATTN_MAX_SPLITS} keys at most; got {length}")
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
 
     out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device)
+    part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
     pdl = uses_pdl(qkv.device)
-    _rope_attention_decode_kernel[(n_heads, b)](
-        qkv, table, positions, cache_k, cache_v, out, n_heads, n_kv, cache_k.shape[2], length, qkv.stride(0),
-        hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    _rope_attention_decode_kernel[(n_heads, blocks, b)](
+        qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
+        qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     return out
