@@ -24,6 +24,7 @@
 #   scripts/gpu_session.sh final9    gpu tests on a fresh machine, 7B and 70B decode, the Q4_K GEMV table in the time left
 #   scripts/gpu_session.sh waves10   the tuner's wave-fitting splits on the decode shapes, the step on the old / new table
 #   scripts/gpu_session.sh explore10 the step's time at short / long spans (bench vs replay), every decode shape's crossover
+#   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -504,6 +505,25 @@ case "$stage" in
       --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
       --output "$OUT/table-crossover.json" 2>&1 | grep -v WARN | tee "$OUT/tune-crossover.log" | tail -40
     echo "explore10 stage: $(( $(date +%s) - start )) s"
+    ;;
+  attn10)
+    # The split decode attention: its gpu tests (kernel, graph replay against eager on synthetic models), then the
+    # span probe of this tree and of .old (the tree before it, carried) alternating, a process each (SPAN_MODELS).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "attention or graph or replay" \
+      -n 8 -rxXs 2>&1 | tee "$OUT/pytest-attn.log" | grep -E "passed|failed|FAILED|Error" | tail -15
+    echo "tests: $(( $(date +%s) - start )) s"
+    for m in ${SPAN_MODELS:-llama2-70b llama2-7b}; do
+      for tree in before now before now; do
+        left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for $m $tree"; break; }
+        PYTHONPATH="$([ $tree = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH")" timeout $left \
+          python3 scripts/span_probe.py --model synthetic:$m 2>&1 | grep -v WARN | sed "s/^/$tree: /" \
+          | tee -a "$OUT/span-probe.log"
+      done
+    done
+    echo "attn10 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and
