@@ -482,13 +482,13 @@ def test_rms_norm_collect(rng, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_rope_attention_decode(rng, device):
+def test_rope_attention_decode(rng, device, monkeypatch):
     """The one-launch decode attention equals rope_kv + torch's attention over the masked cache
     (grouped-query and plain, a position inside the second and the fourth key block, whose blocks are
     combined by the last to finish); cache rows at and past the position are NaN before the call (they
     must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
-    span gives the same bits (fixed key blocks; the second call also needs the first's arrival counters
-    reset)."""
+    span, or fewer programs a head, give the same bits (fixed key blocks; the later calls also need the
+    first's arrival counters reset)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -523,6 +523,14 @@ def test_rope_attention_decode(rng, device):
             assert c[:, :, pos + 1:].isnan().all(), f"wrote past the position, {what}"
         again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, min(L, 2 * length))
         assert torch.equal(again, got), f"a longer span changed the result, {what}"
+        for programs in (1, 3):  # fewer programs than blocks: each walks several, the same bits
+            monkeypatch.setattr(fused, "attention_programs", lambda blocks, *_: min(blocks, programs))
+            for part, ml, _ in fused._ATTENTION_SCRATCH.values():  # the blocks' sums poisoned: each must be written
+                part.fill_(float("nan"))
+                ml.fill_(float("nan"))
+            fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
+            assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
+        monkeypatch.undo()
 
 
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
