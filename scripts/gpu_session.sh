@@ -25,6 +25,7 @@
 #   scripts/gpu_session.sh waves10   the tuner's wave-fitting splits on the decode shapes, the step on the old / new table
 #   scripts/gpu_session.sh explore10 the step's time at short / long spans (bench vs replay), every decode shape's crossover
 #   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
+#   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -524,6 +525,21 @@ case "$stage" in
       done
     done
     echo "attn10 stage: $(( $(date +%s) - start )) s"
+    ;;
+  final10)
+    # The span probe of this tree and of .old (carried) alternating, a process each (SPAN_MODELS), every gpu test
+    # (the default model parked by the call before), then synthetic decode (DECODE_RUNS) within CALL_BUDGET.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for run in ${SPAN_RUNS:-llama2-70b:before llama2-70b:now llama2-70b:before llama2-70b:now llama2-7b:before llama2-7b:now}; do
+      m=${run%%:*}; tree=${run#*:}
+      PYTHONPATH="$([ $tree = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH")" timeout 90 \
+        python3 scripts/span_probe.py --model synthetic:$m 2>&1 | grep -v WARN | sed "s/^/$tree: /" | tee -a "$OUT/span-probe.log"
+    done
+    echo "span probes: $(( $(date +%s) - start )) s"
+    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    decode_runs ${CALL_BUDGET:-570}
+    echo "final10 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and
