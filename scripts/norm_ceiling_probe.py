@@ -15,7 +15,7 @@ import statistics
 import torch
 
 from spqt import model as model_module
-from spqt.bench_decode import replay_device_us, synthetic_model
+from spqt.bench_decode import alternating_step_us, synthetic_model
 from spqt.generate import Generator
 from spqt.kernels import gpu_linear
 
@@ -33,19 +33,14 @@ def main():
     fold_on = gpu_linear.norm_fold_on
     variants = {"launched": (True, False), "folded": (True, True), "identity": (False, False)}  # (norms, fold)
 
-    def step_us(variant: str) -> float:
-        with_norms, fold = variants[variant]
-        model_module.RMSNorm.forward = norm_forward if with_norms else (lambda self, x: x)
-        gpu_linear.norm_fold_on = lambda: fold
-        gen.drop_graphs()
-        gen.generate(prompt, 8, track=False)  # captures a graph with this setting
-        return statistics.median(replay_device_us(gen._graph, args.reps))
+    def setup(with_norms: bool, fold: bool):
+        def apply():
+            model_module.RMSNorm.forward = norm_forward if with_norms else (lambda self, x: x)
+            gpu_linear.norm_fold_on = lambda: fold
+        return apply
 
-    step_us("launched")  # the first capture: a warm-up (it replays faster than any later one)
-    results = {v: [] for v in variants}
-    for _ in range(args.rounds):
-        for variant in variants:
-            results[variant].append(step_us(variant))
+    results = alternating_step_us(gen, prompt, {v: setup(*flags) for v, flags in variants.items()}, args.rounds,
+                                  args.reps)
     model_module.RMSNorm.forward, gpu_linear.norm_fold_on = norm_forward, fold_on
     median = {v: statistics.median(r) for v, r in results.items()}
     print(f"{args.model} dense, step device time (us): " + "; ".join(

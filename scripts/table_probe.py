@@ -5,8 +5,7 @@ captures alternating in one process share the machine's state.
 
     python3 scripts/table_probe.py --a before.json --b after.json [--model synthetic:llama2-70b] [--rounds 2]
 
-A process's first captured graph replays ~3 % faster than later ones (seventh session's order effect), so the
-first capture is a warm-up and only later captures are compared.
+The first capture is a warm-up (bench_decode.alternating_step_us).
 """
 
 import argparse
@@ -15,7 +14,7 @@ import statistics
 
 import torch
 
-from spqt.bench_decode import replay_device_us, synthetic_model
+from spqt.bench_decode import alternating_step_us, synthetic_model
 from spqt.generate import Generator, sparse_linears
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
@@ -49,23 +48,15 @@ def main():
     loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
     gen = Generator(loaded, "cuda", max_len=64)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
-    changed = [f"{lin.impl.n}x{lin.impl.k}" for _, _, lin in sparse_linears(gen.model)][:4]
+    shapes = [f"{lin.impl.n}x{lin.impl.k}" for _, _, lin in sparse_linears(gen.model)][:4]  # layer 0's maps
+    keys = ("split", "num_warps", "acc", "cluster", "us")
     for name, entries in tables.items():
-        print(f"table {name}: " + ", ".join(
-            f"{shape} {dict((k, v) for k, v in entries.get('zigzag_dense', {}).get(shape, {}).items() if k in ('split', 'num_warps', 'acc', 'cluster', 'us'))}"
-            for shape in changed))
+        dense = entries.get("zigzag_dense", {})
+        print(f"table {name}: " + ", ".join(f"{shape} {({k: v for k, v in dense.get(shape, {}).items() if k in keys})}"
+                                            for shape in shapes))
 
-    def step_us(name: str) -> float:
-        configure(gen, tables[name])
-        gen.drop_graphs()
-        gen.generate(prompt, 8, track=False)  # captures a graph with this table
-        return statistics.median(replay_device_us(gen._graph, args.reps))
-
-    step_us("A")  # the first capture: a warm-up (it replays faster than any later one)
-    results = {name: [] for name in tables}
-    for _ in range(args.rounds):
-        for name in tables:
-            results[name].append(step_us(name))
+    setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
+    results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
     median = {name: statistics.median(r) for name, r in results.items()}
     print(f"{args.model} dense, step device time (us): " + "; ".join(
         f"{name} {', '.join(f'{x:.1f}' for x in r)}" for name, r in results.items()))

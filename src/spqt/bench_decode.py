@@ -97,6 +97,26 @@ def replay_device_us(graph, reps: int, before=None) -> list[float]:
     return times
 
 
+def alternating_step_us(gen: Generator, prompt: list[int], setups: dict, rounds: int, reps: int) -> dict:
+    """The decode step's graph device time under each setup (name -> a function that configures gen), the graph
+    captured anew for each (a short greedy decode of prompt), the setups alternating for `rounds` rounds in this
+    process: {name: [median us of `reps` replays, a round each]}. A process's first captured graph replays ~3 %
+    faster than later ones (docs/RESULTS.md, the seventh session's order effect), so a capture of the first setup
+    before the rounds is a warm-up and is not counted."""
+    def step_us(name: str) -> float:
+        setups[name]()
+        gen.drop_graphs()
+        gen.generate(prompt, 8, track=False)  # captures a graph with this setup
+        return statistics.median(replay_device_us(gen._graph, reps))
+
+    step_us(next(iter(setups)))
+    results = {name: [] for name in setups}
+    for _ in range(rounds):
+        for name in setups:
+            results[name].append(step_us(name))
+    return results
+
+
 def decode_run(gen: Generator, prompt: list[int], new_tokens: int) -> dict:
     """Greedy decode; per-step wall time of graph replays (each synchronised). Then the same decode
     again with the dropped inputs counted (the counting kernels kept out of the timed run): the
