@@ -484,11 +484,12 @@ def test_rms_norm_collect(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode(rng, device, monkeypatch):
     """The one-launch decode attention equals rope_kv + torch's attention over the masked cache
-    (grouped-query and plain, a position inside the second and the fourth key block, whose blocks are
-    combined by the last to finish); cache rows at and past the position are NaN before the call (they
+    (grouped-query and plain, positions 0, 64 (a block holding only the new key) and inside the second and
+    the fourth key block, whose blocks are combined by the last to finish; spans with more blocks than the
+    position has: idle programs); cache rows at and past the position are NaN before the call (they
     must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
     span, or fewer programs a head, give the same bits (fixed key blocks; the later calls also need the
-    first's arrival counters reset)."""
+    first's arrival counters reset, which are zero after each call); spans past 2048 keys are refused."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -496,12 +497,13 @@ def test_rope_attention_decode(rng, device, monkeypatch):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2)) + (
+    for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
+                                      (1, 1, 32, 64, 1)) + (
             ((32, 8, 128, 1500, 1),) if device == "cuda" else ()):
         cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
                           max_seq_len=2048)
         table = rope_table(cfg, 2048).to(device)
-        L = pos + 40
+        L = pos + 100  # more blocks than the position's: idle programs
         qkv = torch.from_numpy(rng.standard_normal((batch, 1, (heads + 2 * kv) * hd)).astype(np.float32)).to(device, dtype)
         caches = []
         for _ in range(2):
@@ -521,7 +523,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         for c, r in zip(caches, ref):
             torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
             assert c[:, :, pos + 1:].isnan().all(), f"wrote past the position, {what}"
-        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, min(L, 2 * length))
+        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L)
+        assert not any(c.any() for *_, c in fused._ATTENTION_SCRATCH.values()), f"counters not reset, {what}"
         assert torch.equal(again, got), f"a longer span changed the result, {what}"
         for programs in (1, 3):  # fewer programs than blocks: each walks several, the same bits
             monkeypatch.setattr(fused, "attention_programs", lambda blocks, *_: min(blocks, programs))
@@ -531,6 +534,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
             fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
             assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
         monkeypatch.undo()
+    with pytest.raises(ValueError, match="2048 keys"):
+        fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, 2049)
 
 
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):

@@ -225,7 +225,10 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     blocks, all at once in one fixed shape (SPLITS slots, the missing ones masked): a block's sums
     and the combination depend on the position only, not on P or the span's bucket.
     PDL: until griddepcontrol.wait it reads only what earlier steps wrote (the position, copied in
-    before the step, and its blocks' cached keys and values, asked of L2), then q|k|v."""
+    before the step, and its blocks' cached keys and values, asked of L2), then q|k|v. The position
+    decides which programs work, so it must never be written by a kernel of the same step. Program 0
+    always has a block and waits: that keeps the PDL chain (a launch completes only after its wait,
+    hence after the launch before it), on which the scratch's reuse by the next layer relies."""
     h = tl.program_id(0)
     prog = tl.program_id(1)
     b = tl.program_id(2)
@@ -312,9 +315,15 @@ def _attention_scratch(device: torch.device, heads: int, hd: int) -> tuple:
     """The decode attention's per-head scratch on a device, kept between calls (a CUDA graph replays the
     addresses its capture saw; allocated by the eager warm-up before it): each head's ATTN_MAX_SPLITS block
     sums (fp32, hd each) and (max, sum) pairs, and its arrival counter (int32, zero between launches: the
-    last arrival resets it). Calls on one device share it in stream order (one decode at a time)."""
+    last arrival resets it). Calls on one device share it in stream order: one decode at a time (serve's single
+    worker, Generator's capture ordered after its warm-up); two streams attending at once would race on the
+    counters."""
     key = (str(device), heads, hd)
     if key not in _ATTENTION_SCRATCH:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a capture would only record the counters' zero fill: outside a replay they would hold garbage
+            raise RuntimeError("rope_attention_decode: run it once before capturing a CUDA graph (its scratch and "
+                               "zeroed counters are made then)")
         _ATTENTION_SCRATCH[key] = (torch.empty(heads * ATTN_MAX_SPLITS * hd, dtype=torch.float32, device=device),
                                    torch.empty(heads * ATTN_MAX_SPLITS * 2, dtype=torch.float32, device=device),
                                    torch.zeros(heads, dtype=torch.int32, device=device))
