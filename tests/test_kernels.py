@@ -534,6 +534,7 @@ def test_rope_attention_decode(rng, device, monkeypatch):
             fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
             assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
         monkeypatch.undo()
+    assert functional.DECODE_ATTENTION_MAX_SPAN <= fused.ATTN_BLOCK_N * fused.ATTN_MAX_SPLITS  # the span it is given
     with pytest.raises(ValueError, match="2048 keys"):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, 2049)
 
