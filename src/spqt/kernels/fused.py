@@ -175,7 +175,7 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
 
 
 ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any span adds in the same order
-ATTN_MAX_SPLITS = 32  # programs a query head's keys take at most: spans up to 2048 keys (functional's limit)
+ATTN_MAX_SPLITS = 32  # key blocks (scratch slots) a query head has at most: spans up to 2048 keys (functional's limit)
 
 
 @triton.jit
