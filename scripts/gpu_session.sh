@@ -49,6 +49,16 @@ if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (gguf; fastapi,
 fi
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# PYTHONPATH of a tree: "before" the round's starting commit, carried in .old; else this one.
+tree_path() { [ "$1" = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH"; }
+# scripts/span_probe.py for each of $1 (model:tree ...), a process each within $2 seconds, its lines tagged
+# with the tree, into $OUT/span-probe.log.
+span_probes() {
+  for run in $1; do
+    PYTHONPATH="$(tree_path "${run#*:}")" timeout "$2" python3 scripts/span_probe.py --model "synthetic:${run%%:*}" \
+      2>&1 | grep -v WARN | sed "s/^/${run#*:}: /" | tee -a "$OUT/span-probe.log"
+  done
+}
 # The 7B step profile, dense and at 50 %, of this tree and (where carried) of the round's starting
 # commit in .old; $1: the sed script that picks the lines to print.
 profile_7b() {
@@ -56,7 +66,7 @@ profile_7b() {
     for tree in now before; do
       [ $tree = before ] && [ ! -d .old/src ] && continue
       tag=$s$([ $tree = before ] && echo -before)
-      PYTHONPATH="$([ $tree = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH")" timeout 90 \
+      PYTHONPATH="$(tree_path $tree)" timeout 90 \
         python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$tag.json" \
         2>&1 | grep -v WARN > "$OUT/profile-7b-$tag.txt"
       sed -n "$1" "$OUT/profile-7b-$tag.txt"
@@ -493,14 +503,12 @@ case "$stage" in
     ;;
   explore10)
     # Where bench decode's step exceeds the replay (scripts/span_probe.py: pipelined steps and lone replays at short
-    # and long spans; SPAN_MODELS), then the crossovers of every decode shape measured anew against the folded norm
+    # and long spans; SPAN_RUNS), then the crossovers of every decode shape measured anew against the folded norm
     # (spqt tune --crossover-only; the table in $OUT), within CALL_BUDGET.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for m in ${SPAN_MODELS:-llama2-70b llama2-7b}; do
-      timeout 150 python3 scripts/span_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/span-probe.log"
-      echo "span $m done: $(( $(date +%s) - start )) s"
-    done
+    span_probes "${SPAN_RUNS:-llama2-70b:now llama2-7b:now}" 150
+    echo "span probes: $(( $(date +%s) - start )) s"
     left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
     timeout $left python3 -m spqt.cli tune --crossover-only \
       --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
@@ -509,33 +517,23 @@ case "$stage" in
     ;;
   attn10)
     # The split decode attention: its gpu tests (kernel, graph replay against eager on synthetic models), then the
-    # span probe of this tree and of .old (the tree before it, carried) alternating, a process each (SPAN_MODELS).
+    # span probe of this tree and of .old (the tree before it, carried) alternating, a process each (SPAN_RUNS).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "attention or graph or replay" \
       -n 8 -rxXs 2>&1 | tee "$OUT/pytest-attn.log" | grep -E "passed|failed|FAILED|Error" | tail -15
     echo "tests: $(( $(date +%s) - start )) s"
-    for m in ${SPAN_MODELS:-llama2-70b llama2-7b}; do
-      for tree in before now before now; do
-        left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for $m $tree"; break; }
-        PYTHONPATH="$([ $tree = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH")" timeout $left \
-          python3 scripts/span_probe.py --model synthetic:$m 2>&1 | grep -v WARN | sed "s/^/$tree: /" \
-          | tee -a "$OUT/span-probe.log"
-      done
-    done
+    span_probes "${SPAN_RUNS:-llama2-70b:before llama2-70b:now llama2-70b:before llama2-70b:now llama2-7b:before \
+llama2-7b:now llama2-7b:before llama2-7b:now}" 60
     echo "attn10 stage: $(( $(date +%s) - start )) s"
     ;;
   final10)
-    # The span probe of this tree and of .old (carried) alternating, a process each (SPAN_MODELS), every gpu test
+    # The span probe of this tree and of .old (carried) alternating, a process each (SPAN_RUNS), every gpu test
     # (the default model parked by the call before), then synthetic decode (DECODE_RUNS) within CALL_BUDGET.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for run in ${SPAN_RUNS:-llama2-70b:before llama2-70b:now llama2-70b:before llama2-70b:now llama2-7b:before llama2-7b:now}; do
-      m=${run%%:*}; tree=${run#*:}
-      PYTHONPATH="$([ $tree = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH")" timeout 90 \
-        python3 scripts/span_probe.py --model synthetic:$m 2>&1 | grep -v WARN | sed "s/^/$tree: /" | tee -a "$OUT/span-probe.log"
-    done
+    span_probes "${SPAN_RUNS:-llama2-70b:before llama2-70b:now llama2-70b:before llama2-70b:now llama2-7b:before \
+llama2-7b:now}" 90
     echo "span probes: $(( $(date +%s) - start )) s"
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     decode_runs ${CALL_BUDGET:-570}

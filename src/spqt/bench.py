@@ -396,8 +396,10 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     x = rms_norm(h, norm_w, eps)
     normed = torch.empty_like(x)
 
+    args = tuning.launch_args(dense_cfg)
+
     def b2(w):
-        return kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, **tuning.launch_args(dense_cfg))
+        return kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, **args)
 
     def b4(w):
         return kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
@@ -405,11 +407,9 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
 
     timed(b2)  # untimed first (_fastest says why)
     dense = timed(b2)
-    from spqt.kernels.gpu_linear import norm_fold_on
+    from spqt.kernels.gpu_linear import norm_foldable
 
-    args = tuning.launch_args(dense_cfg)
-    if (norm_fold_on() and kg.finish_plan(weights[0], h, kg.MODE_DENSE, ws_d.split, kg.EPILOGUE_NONE, args["impl"])[0]
-            and zigzag_cuda.norm_fits(k, ws_d.split, args["num_warps"], h, norm_w)):
+    if norm_foldable(weights[0], h, ws_d.split, args, norm_w):
         sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
         dense_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_DENSE, ws_d, **args, norm=(norm_w, sums, eps)))
     else:

@@ -35,6 +35,13 @@ def norm_fold_on() -> bool:
     return os.environ.get("SPQT_NORM_FOLD", "1") != "0"
 
 
+def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tensor) -> bool:
+    """Whether w's B2 (this split, the launch args of its config) can run the RMSNorm of its input v inside it:
+    SPQT_NORM_FOLD on, the CUDA GEMV runs it, and zigzag_cuda.norm_fits (the share, the alignment)."""
+    return (norm_fold_on() and kg.finish_plan(w, v, kg.MODE_DENSE, split, kg.EPILOGUE_NONE, args["impl"])[0]
+            and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
+
+
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
     """y viewed as (..., N) of x's shape, carrying its sums of squares (NORM_SUMS) where they were written."""
     out = y.view(*shape[:-1], y.numel())
@@ -110,13 +117,11 @@ class TritonLinear:
         x); None where this map cannot fold it (the row layout, the Triton GEMV, not fp16, a share too wide or x
         unaligned: zigzag_cuda.norm_fits)."""
         if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
-                or norm_weight.dtype != torch.float32 or not norm_fold_on()):
+                or norm_weight.dtype != torch.float32):
             return None
         v = x.reshape(self.k)
         gamma = norm_weight.reshape(self.k)
-        args = tuning.launch_args(self.cfg_dense)
-        if not (kg.finish_plan(self.w, v, kg.MODE_DENSE, self.ws_dense.split, kg.EPILOGUE_NONE, args["impl"])[0]
-                and zigzag_cuda.norm_fits(self.k, self.ws_dense.split, args["num_warps"], v, gamma)):
+        if not norm_foldable(self.w, v, self.ws_dense.split, tuning.launch_args(self.cfg_dense), gamma):
             return None
         y, out_sums = self._gemv(v, kg.MODE_DENSE, self.ws_dense, self.cfg_dense, self._gemv_epilogue(residual, swiglu),
                                  norm=(gamma, sums, eps))

@@ -245,17 +245,16 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int)
     from spqt.kernels import zigzag_cuda
 
     mode = zigzag_cuda.MODE_DENSE if variant == "zigzag_dense" else zigzag_cuda.MODE_INDEXED
-    found = []
+    found = {}  # (split, warps, acc) -> config
     for warps in (2, 4, 8):
         for acc in (16, 2):
             slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc, bits)
             for waves in (1, 2, 3):
                 split = min(slots * waves // rows, -(-k // 16))
-                if split >= 1 and split not in splits and all(c["split"] != split or c["num_warps"] != warps
-                                                              or c["acc"] != acc for c in found):
-                    found.append({"impl": "cuda", "split": split, "num_warps": warps, "chunks": 1, "pipe": 0,
-                                  "fused": False, "acc": acc})
-    return found
+                if split >= 1 and split not in splits:
+                    found[split, warps, acc] = {"impl": "cuda", "split": split, "num_warps": warps, "chunks": 1,
+                                                "pipe": 0, "fused": False, "acc": acc}
+    return list(found.values())
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:

@@ -183,7 +183,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
     unused). norm (B2 only): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
-    read with the rstd of sq's partial sums of squares (the reduction before wrote them; fold_norm).
+    read with the rstd of sq's partial sums of squares (the reduction before wrote them: gemv_zigzag's sumsq).
     extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     planes = 4 if bits == 8 else 2
