@@ -27,7 +27,6 @@
 #   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
 #   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
 #   scripts/gpu_session.sh bulk11    B2's ring of bulk copies: its gpu tests, then scripts/bulk_probe.py (BULK_ARGS)
-#   scripts/gpu_session.sh pdl11     the step with kernels releasing the next at their start / after their wait, tests
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -553,20 +552,6 @@ llama2-7b:now}" 90
     timeout $left python3 scripts/bulk_probe.py --json "$OUT/bulk-probe.json" ${BULK_ARGS:-} 2>&1 | grep -v WARN \
       | tee "$OUT/bulk-probe.log"
     echo "bulk11 stage: $(( $(date +%s) - start )) s"
-    ;;
-  pdl11)
-    # scripts/pdl_probe.py (PDL_MODELS, a process each), then the graph / decode / kernel gpu tests with
-    # SPQT_PDL_EARLY=1 (PDL_TESTS: pytest -k) within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    for m in ${PDL_MODELS:-llama2-70b llama2-7b}; do
-      timeout 150 python3 scripts/pdl_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/pdl-probe.log"
-      echo "probe $m: $(( $(date +%s) - start )) s"
-    done
-    left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-    SPQT_PDL_EARLY=1 timeout $left python3 -m pytest -v -m gpu tests -n ${WORKERS:-12} -k "${PDL_TESTS:-(graph or replay or decode or cuda) and not default}" \
-      2>&1 | tee "$OUT/pytest-pdl-early.log" | grep -E "passed|failed|FAILED|Error" | tail -20
-    echo "pdl11 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

@@ -16,15 +16,16 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.kernels.zigzag_mma import pdl_code, pdl_release_early, pdl_wait, uses_pdl
+from spqt.kernels.zigzag_mma import uses_pdl
 
 
 @triton.jit
 def _collect_kernel(x_ptr, t_ptr, idx_ptr, count_ptr, K, scale_ptr, SEGMENT: tl.constexpr, K_P2: tl.constexpr,
                     PDL: tl.constexpr, HAS_SCALE: tl.constexpr):
     pid = tl.program_id(0)
-    pdl_release_early(PDL)
-    pdl_wait(PDL)  # launched while the kernel before it finishes: x is read after it is written
+    if PDL:  # launched while the kernel before it finishes: x is read after it is written
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.load(t_ptr)
     start = pid * SEGMENT
     # kept entries before this segment: one masked load of the whole vector (L2-resident), so
@@ -63,6 +64,6 @@ def collect(x: torch.Tensor, threshold: torch.Tensor, idx: torch.Tensor | None =
     k_p2 = triton.next_power_of_2(K)
     pdl = uses_pdl(x.device)
     _collect_kernel[(triton.cdiv(K, segment),)](x, threshold, idx, count, K, x if scale is None else scale,
-                                                SEGMENT=segment, K_P2=k_p2, PDL=pdl_code(pdl), HAS_SCALE=scale is not None,
+                                                SEGMENT=segment, K_P2=k_p2, PDL=pdl, HAS_SCALE=scale is not None,
                                                 num_warps=max(4, min(16, k_p2 // 2048)), launch_pdl=pdl)
     return idx, count

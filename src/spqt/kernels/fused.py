@@ -13,8 +13,6 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.kernels.zigzag_mma import pdl_code, pdl_release_early, pdl_wait, uses_pdl
-
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
@@ -119,8 +117,9 @@ def _rms_norm_collect_kernel(x_ptr, w_ptr, out_ptr, t_ptr, idx_ptr, count_ptr, D
     the kept entries before its segment: no atomics, one round trip, the same list every run.
     The last program writes the count."""
     pid = tl.program_id(0)
-    pdl_release_early(PDL)
-    pdl_wait(PDL)  # launched while the kernel before it finishes: x is read after it is written
+    if PDL:  # launched while the kernel before it finishes: x is read after it is written
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     offs = tl.arange(0, BLOCK)
     m = offs < D
     x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
@@ -159,6 +158,8 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
     (D,) fp32 or None, as collect()'s. Returns out.
     (Saves the collect launch of the q|k|v and gate|up inputs, 2.5 us a call on the H200. One
     program for the whole row took 5.5 us at D = 4096: the scan of 4096 entries in one program.)"""
+    from spqt.kernels.zigzag_mma import uses_pdl
+
     d = x.shape[-1]
     if x.numel() != d or out.numel() != d or idx.numel() < d:
         raise ValueError(f"rms_norm_collect takes one row of {d}: x {tuple(x.shape)}, out {tuple(out.shape)}, "
@@ -169,7 +170,7 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
         raise ValueError(f"rms_norm_collect expects a contiguous fp32 ({d},) scale")
     _rms_norm_collect_kernel[(triton.cdiv(d, segment),)](
         x, w, out, threshold, idx, count, d, eps, w if scale is None else scale, BLOCK=block, SEGMENT=segment,
-        PDL=pdl_code(pdl), HAS_SCALE=scale is not None, num_warps=norm_warps(block), launch_pdl=pdl)
+        PDL=pdl, HAS_SCALE=scale is not None, num_warps=norm_warps(block), launch_pdl=pdl)
     return out
 
 
@@ -239,7 +240,6 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     cache = ((b * HKV + j) * L) * 2 * HALF
     if prog < blocks:
-        pdl_release_early(PDL)
         if PDL:
             row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
             if row_bytes % 128 == 0:
@@ -248,7 +248,8 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
                     rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
                     _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
                     _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
-        pdl_wait(PDL)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         cos = tl.load(t_ptr + pos * 2 * HALF + d)
         sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
         base = x_ptr + b * sx
@@ -354,12 +355,14 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         raise ValueError(f"rope_attention_decode attends to {ATTN_BLOCK_N * ATTN_MAX_SPLITS} keys at most; got {length}")
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
+    from spqt.kernels.zigzag_mma import uses_pdl
+
     out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device)
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
     pdl = uses_pdl(qkv.device)
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl_code(pdl), num_warps=4,
+        qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     return out

@@ -31,7 +31,7 @@ import triton.language as tl
 from spqt.kernels import zigzag_cuda, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
 from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
-from spqt.kernels.zigzag_mma import PLANES, pdl_code, pdl_release_early, pdl_wait
+from spqt.kernels.zigzag_mma import PLANES
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = zigzag_mma.MODE_DENSE, zigzag_mma.MODE_STATIC, zigzag_mma.MODE_INDEXED
 EPILOGUE_NONE, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
@@ -47,8 +47,9 @@ def _reduce_kernel(part_ptr, y_ptr, r_ptr, N, NP, SPLIT, F, BLOCK: tl.constexpr,
     while the GEMV finishes; reads the partials after it has. SUMSQ (not SWIGLU): program p also
     writes sq[p], the sum of its stored y's squares in fp32 (fixed order): the next map's RMSNorm,
     folded into its GEMV (gpu_linear's dense_normed), adds the programs' sums instead of reading y twice."""
-    pdl_release_early(PDL)
-    pdl_wait(PDL)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     s = tl.arange(0, SPLIT_P2)
     m = (s[:, None] < SPLIT) & (n[None, :] < (F if EPILOGUE == 2 else N))
@@ -410,7 +411,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
         block = reduce_block(ws.split)
         _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
             ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
-            SPLIT_P2=triton.next_power_of_2(ws.split), EPILOGUE=epilogue, PDL=pdl_code(pdl), sq_ptr=ws.sumsq if sumsq else None,
+            SPLIT_P2=triton.next_power_of_2(ws.split), EPILOGUE=epilogue, PDL=pdl, sq_ptr=ws.sumsq if sumsq else None,
             SUMSQ=sumsq, num_warps=4, launch_pdl=pdl)
     return ws.y[: n // 2] if swiglu else ws.y
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from spqt.kernels import gpu_layout, nvrtc, zigzag_mma
+from spqt.kernels import gpu_layout, nvrtc
 
 SOURCE = Path(__file__).with_name("zigzag_q4k.cu")
 MODE_DENSE, MODE_INDEXED = 0, 2
@@ -241,8 +241,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
         raise ValueError(f"a cluster finish needs sm_90, y and an epilogue, and at most {MAX_CLUSTER} programs a "
                          f"cluster (SwiGLU: 2 split, N / 2 a multiple of 256); got epilogue {epilogue}, split {split}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    early = ("-DPDL_EARLY=1",) if pdl and zigzag_mma.pdl_early() else ()
-    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines() + early, acc, bits, cluster,
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster,
                      norm is not None, bulk)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT

@@ -533,11 +533,11 @@ def _zigzag_mma_kernel(q_ptr, h_ptr, x_ptr, t_ptr, idx_ptr, count_ptr, part_ptr,
         first = s * per
         stride = STEPS
         hi = tl.minimum(K, first + per)
-    pdl_release_early(PDL)
     if PDL:
         if MODE != 2:
             _prefetch_l2(q_ptr, h_ptr, r, tl.minimum(first + lanes, K - 1), K)
-    pdl_wait(PDL)
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     ahead_pos = lanes % STEPS  # AHEAD: lane i asks L2 for column i of a step (the blocks' lines)
     kp = ahead_pos  # B4 with AHEAD: the columns of the step AHEAD on (read from the list below)
     if MODE == 2:
@@ -664,39 +664,6 @@ def _capability(index: int) -> tuple:
     return torch.cuda.get_device_capability(index)
 
 
-PDL_LATE, PDL_EARLY = 1, 2  # a kernel's PDL constexpr: 0 none; 1 wait, then let the next launch; 2 the other way
-
-
-@functools.lru_cache(maxsize=None)
-def pdl_early() -> bool:
-    """SPQT_PDL_EARLY=1: every kernel lets the next one launch at its start, before its griddepcontrol.wait, so a
-    kernel's successor launches while the kernel before it still runs (its pre-wait part reads only weights and what
-    earlier steps wrote); read once (cache_clear to change it)."""
-    return os.environ.get("SPQT_PDL_EARLY", "0") == "1"
-
-
-def pdl_code(pdl: bool) -> int:
-    """The PDL constexpr of a launch: 0 without PDL, else PDL_EARLY or PDL_LATE (pdl_early)."""
-    return (PDL_EARLY if pdl_early() else PDL_LATE) if pdl else 0
-
-
-@triton.jit
-def pdl_release_early(PDL: tl.constexpr):
-    """A kernel's first statement: with PDL_EARLY, let the next kernel launch now."""
-    if PDL == 2:
-        tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def pdl_wait(PDL: tl.constexpr):
-    """Where a kernel first reads what the kernel before it wrote: wait for that kernel (with PDL_LATE, then let the
-    next one launch)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        if PDL == 1:
-            tl.extra.cuda.gdc_launch_dependents()
-
-
 def uses_pdl(device: torch.device) -> bool:
     """Programmatic dependent launch for the kernels on this device: compiled GPU code on sm_90+
     (SPQT_PDL=0 turns it off, for comparisons)."""
@@ -748,5 +715,5 @@ def launch(quants, head64, x, threshold, idx, count, partials, y, residual, coun
     _zigzag_mma_kernel[(quants.shape[0], split)](
         quants, head64, x, threshold, idx, count, partials, y, residual, counters, n, n // 2, k, np_, split,
         MODE=mode, BTYPE=btype, ASMS=tile_asms(btype, acc), EMULATE=emulate, W=num_warps, CHUNKS=chunks,
-        EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl_code(pdl), FUSED=fused,
+        EPILOGUE=epilogue, SB=reduce_block(num_warps), SCALE_LO=lo, SCALE_HI=hi, PDL=pdl, FUSED=fused,
         AHEAD=0 if emulate else ahead, ACC=acc, PIPE=pipe, num_warps=num_warps, launch_pdl=pdl, maxnreg=maxnreg or None)

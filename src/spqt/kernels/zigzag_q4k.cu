@@ -114,25 +114,12 @@
 
 typedef unsigned int u32;
 
-#ifndef PDL_EARLY
-#define PDL_EARLY 0  // 1: let the next kernel launch at this one's start (pdl_release_early), not after its wait
-#endif
-
-// Programmatic dependent launch (sm_90): the kernel's first statement (PDL_EARLY: let the next one launch now).
-__device__ __forceinline__ void pdl_release_early() {
-#if __CUDA_ARCH__ >= 900 && PDL_EARLY
-  asm volatile("griddepcontrol.launch_dependents;");
-#endif
-}
-
-// Wait for the kernel before this one, then (not PDL_EARLY) let the next one start its launch. Below sm_90
-// kernels are launched without it and this is empty.
+// Programmatic dependent launch (sm_90): wait for the kernel before this one, then let the next
+// one start its launch. Below sm_90 kernels are launched without it and this is empty.
 __device__ __forceinline__ void pdl_wait_then_release() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-#if !PDL_EARLY
   asm volatile("griddepcontrol.launch_dependents;");
-#endif
 #endif
 }
 
@@ -759,7 +746,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 int* __restrict__ counters, int N, int F, const u32* __restrict__ qh,
                 const unsigned short* __restrict__ dq, const float* __restrict__ gamma,
                 const float* __restrict__ sq, int nsq, float eps) {
-  pdl_release_early();
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 #if CLUSTER && EPILOGUE == 2

@@ -41,7 +41,7 @@ import triton.language as tl
 from spqt.kernels import gemv as kg
 from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, GpuZigzag, dequantize_kernel_layout
 from spqt.kernels.q4k_bits import MAGIC, small_to_float, split_head, unpack_scales
-from spqt.kernels.zigzag_mma import pdl_code, pdl_release_early, pdl_wait, uses_pdl
+from spqt.kernels.zigzag_mma import uses_pdl
 
 MODE_DENSE, MODE_INDEXED = kg.MODE_DENSE, kg.MODE_INDEXED  # B2, B4
 
@@ -54,8 +54,9 @@ def _start(SPLIT, K, count_ptr, MODE: tl.constexpr, BLOCK_K: tl.constexpr, PDL: 
     s, s + SPLIT, ... up to the count."""
     g = tl.program_id(0)
     s = tl.program_id(1)
-    pdl_release_early(PDL)
-    pdl_wait(PDL)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     if MODE == 2:
         first = s * BLOCK_K
         stride = SPLIT * BLOCK_K
@@ -503,7 +504,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     pdl = uses_pdl(x.device)
     idx = idx if idx is not None else ws.idx
     count = count if count is not None else ws.count
-    common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl_code(pdl), num_warps=num_warps, launch_pdl=pdl)
+    common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     if w.fmt == "q8_0":
         _q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np,
                                                  ws.split,
@@ -525,7 +526,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     block = max(16, min(256, 4096 // split_p2))
     kg._reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
         ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
-        SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl_code(pdl), num_warps=4, launch_pdl=pdl)
+        SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return ws.y[: n // 2] if swiglu else ws.y
 
 
