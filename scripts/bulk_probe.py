@@ -19,7 +19,7 @@ from spqt import bench
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning, zigzag_cuda
 
-SHAPES = "57344x8192,8192x28672,28672x8192,10240x8192,8192x8192,12288x4096,4096x4096"
+SHAPES = "10240x8192,8192x8192,57344x8192,8192x28672,28672x8192,12288x4096,22016x4096,4096x11008,4096x4096"
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--shapes", default=SHAPES)
@@ -46,12 +46,11 @@ for fmt in args.types.split(","):
         nbytes = weights[0].nbytes
         workspaces = {}
 
-        def calls(c, extra=()):
+        def calls(c):
             if c["split"] not in workspaces:
                 workspaces[c["split"]] = kg.ZigzagWorkspace(weights[0], c["split"], torch.float16)
             ws = workspaces[c["split"]]
-            return [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **tuning.launch_args(c), extra=extra))
-                    for w in weights]
+            return [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **tuning.launch_args(c))) for w in weights]
 
         def record(label, us, c):
             rows.append({"type": fmt, "shape": spec, "mb": round(nbytes / 1e6, 1), "variant": label,
@@ -65,10 +64,6 @@ for fmt in args.types.split(","):
         base_us, _ = bench._fastest([cfg], calls)
         record("shipped", base_us, cfg)
         best = (base_us, cfg)
-        for depth in (0, 2, 4):  # the arithmetic replaced by an XOR of the loaded words (wrong sums): the load path
-            c = cfg | {"bulk": depth}
-            us, _ = bench._fastest([c], lambda c: calls(c, ("-DPROBE_XOR=1",)))
-            record(f"PROBE xor, ring {depth}", us, c)
         for depth in (2, 3, 4, 6):
             for pipe in (0, 1):
                 c = cfg | {"bulk": depth, "pipe": pipe}
