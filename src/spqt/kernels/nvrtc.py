@@ -119,11 +119,10 @@ class Kernel:
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
             _check(err, "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
         self._driver = driver
-        self._shared_limit = 0  # the function's dynamic shared memory limit as this object last set it
+        self._shared_limit = 48 * 1024  # dynamic shared memory a launch may use before cuFuncSetAttribute raises it
 
     def _allow_shared(self, shared: int) -> None:
-        """Raise the function's dynamic shared memory limit to `shared` bytes (a launch whose static and dynamic
-        shared memory exceed 48 KB needs it; sm_80+)."""
+        """Raise the function's dynamic shared memory limit to `shared` bytes where it is above 48 KB (sm_80+)."""
         if shared > self._shared_limit:
             (err,) = self._driver.cuFuncSetAttribute(
                 self.function, self._driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
@@ -141,7 +140,8 @@ class Kernel:
                cluster: tuple | None = None, shared: int = 0) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
         with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90),
-        dividing grid; shared: bytes of dynamic shared memory a program (the function's limit raised to it first)."""
+        dividing grid; shared: bytes of dynamic shared memory a program (above 48 KB the function's limit is
+        raised first)."""
         driver = self._driver
         self._allow_shared(shared)
         config = driver.CUlaunchConfig()
