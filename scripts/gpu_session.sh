@@ -26,7 +26,6 @@
 #   scripts/gpu_session.sh explore10 the step's time at short / long spans (bench vs replay), every decode shape's crossover
 #   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
 #   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
-#   scripts/gpu_session.sh bulk11    B2's ring of bulk copies: its gpu tests, then scripts/bulk_probe.py (BULK_ARGS)
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -539,19 +538,6 @@ llama2-7b:now}" 90
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     decode_runs ${CALL_BUDGET:-570}
     echo "final10 stage: $(( $(date +%s) - start )) s"
-    ;;
-  bulk11)
-    # B2 with the level planes streamed through a warp's ring of bulk copies (zigzag_q4k.cu's BULK): its gpu tests
-    # (Q4_K and every type), then scripts/bulk_probe.py (BULK_ARGS) within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-150} python3 -m pytest -v -m gpu tests/test_kernels.py tests/test_kquant_cuda.py -k bulk -x \
-      -n ${WORKERS:-6} 2>&1 | tee "$OUT/pytest-bulk.log" | grep -E "passed|failed|FAILED|Error|assert" | tail -20
-    echo "bulk tests: $(( $(date +%s) - start )) s"
-    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-    timeout $left python3 scripts/bulk_probe.py --json "$OUT/bulk-probe.json" ${BULK_ARGS:-} 2>&1 | grep -v WARN \
-      | tee "$OUT/bulk-probe.log"
-    echo "bulk11 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

@@ -556,8 +556,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
                                                                             "acc", "pipe")} | {"impl": "triton",
                                                                                                "fused": False,
-                                                                                               "cluster": False,
-                                                                                               "bulk": 0}
+                                                                                               "cluster": False}
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
         # the H200's programs an SM (4 warps: 7 with 2 accumulators, 72 registers; 4 with 16, 125)
@@ -794,69 +793,6 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
                                                msg=f"{what} {finish}")
 
 
-# B2 through a warp's ring of bulk copies (BULK, sm_90): (split, warps, pipe, acc, ring chunks): one program a row
-# (the ring wraps many times), the next chunk's heads ahead, warps with fewer chunks than the ring, a deep ring, 1 warp
-BULK_CONFIGS = [(1, 4, 0, 16, 2), (7, 2, 1, 2, 3), (64, 8, 0, 2, 4), (33, 4, 1, 16, 6), (3, 1, 0, 2, 8)]
-
-
-@pytest.mark.gpu
-def test_cuda_gemv_bulk_ring(rng, monkeypatch):
-    """B2 with the level planes streamed through a warp's ring of bulk copies (zigzag_q4k.cu's BULK, sm_90) against
-    the reference (y and partials poisoned), and bit for bit against the same config without the ring (the same
-    arithmetic); replayed in a CUDA graph; with the folded norm and the fused and cluster finishes; a ring asked of
-    B4 refused."""
-    from spqt.kernels import zigzag_cuda
-
-    monkeypatch.delenv("SPQT_GEMV", raising=False)
-    assert zigzag_cuda.bulk_runs(torch.device("cuda")), "the H200 runs the ring: sm_90 expected"
-    for shape in GPU_SHAPES:
-        qw, gw = _weights(rng, shape, "zigzag", "cuda")
-        x, _ = _x(rng, shape[1], torch.float16, "cuda", 0.0)
-        for split, warps, pipe, acc, bulk in BULK_CONFIGS:
-            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
-            what = f"cuda B2 {shape} split {split} warps {warps} pipe {pipe} acc {acc} ring {bulk}"
-            ws.y.fill_(float("nan"))
-            ws.partials.fill_(float("nan"))
-            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, bulk=bulk).clone()
-            assert_close_fp32_accum(y, qw, x.float(), what, ZIGZAG_INPUT_EPS[torch.float16])
-            ws.y.fill_(float("nan"))
-            assert torch.equal(y, kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw)), f"{what}: differs without the ring"
-            if split == 7:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    out = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, bulk=bulk)
-                ws.y.fill_(float("nan"))
-                graph.replay()
-                assert torch.equal(out, y), f"{what}: graph replay differs"
-    # the finishes and the folded norm, with and without the ring: the same bits
-    n, k = 4096, 4096
-    qw, gw = _weights(rng, (n, k), "zigzag", "cuda")
-    x = torch.from_numpy(rng.standard_normal(k).astype(np.float32) * 6).to("cuda", torch.float16)
-    gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
-    sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])
-    r = torch.randn(n, device="cuda", dtype=torch.float16)
-    for split, warps, pipe, acc, bulk in BULK_CONFIGS[:3]:
-        for more in ({"fused": True, "residual": r}, {"fused": True, "swiglu": True}, {"cluster": True, "swiglu": True},
-                     {"norm": (gamma, sq, 1e-5)}, {"norm": (gamma, sq, 1e-5), "fused": True, "swiglu": True}):
-            if "cluster" in more and split > 8:
-                continue  # SwiGLU's cluster is 2 split programs, at most 16
-            if "norm" in more and zigzag_cuda.share(k, split, warps) > zigzag_cuda.NORM_SHARE:
-                continue
-            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"} | more
-            ws.y.fill_(float("nan"))
-            want = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw).clone()
-            ws.y.fill_(float("nan"))
-            got = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, bulk=bulk)
-            assert bool(want.isfinite().any()) and torch.equal(got, want), f"split {split} ring {bulk} {sorted(more)}"
-            assert not ws.counters.any()
-    ws = kg.ZigzagWorkspace(gw, 7, torch.float16)
-    with pytest.raises(ValueError, match="bulk ring"):
-        zigzag_cuda.launch(gw.quants, gw.head, x, ws.idx, ws.count, ws.partials, k, ws.np, 7, zigzag_cuda.MODE_INDEXED,
-                           4, False, bulk=2)
-
-
 @pytest.mark.gpu
 def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
     """A residual map's output carries its reduction's sums of squares; the next map, handed the RMSNorm,
@@ -968,16 +904,6 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     assert zigzag_cuda.cluster_dims(4096, 0, 16) == (1, 16) and zigzag_cuda.cluster_dims(4096, 2, 8) == (2, 8)
     assert zigzag_cuda.cluster_dims(4096, 2, 9) is None and zigzag_cuda.cluster_dims(4096, -1, 4) is None
     assert zigzag_cuda.cluster_dims(1000, 2, 2) is None and zigzag_cuda.cluster_dims(1000, 1, 2) == (1, 2)
-    # B2's ring of bulk copies (sm_90): every type, with and without the next chunk's heads ahead, and with the
-    # folded norm: no spills, the copies issued by the TMA (UBLKCP) and waited on by mbarrier (SYNCS.PHASECHK)
-    for bits in (4, 5, 6, 8, 3, 2):
-        for pipe, norm in ((0, False), (1, bits == 4)):
-            options = zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, pipe, -1, acc=2, bits=bits, norm=norm, bulk=4)
-            sass, _, stack = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options, "sm_90"))
-            assert stack == 0 and "UBLKCP" in sass and "SYNCS.PHASECHK" in sass, f"bits {bits} pipe {pipe}: {stack}"
-    with pytest.raises(RuntimeError, match="BULK"):  # B4 has no ring
-        nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 0, bulk=2),
-                            "sm_90")
 
 
 def test_fused_choice_env(monkeypatch):

@@ -166,29 +166,6 @@ def test_zigzag_cuda_types(rng, fmt, sparsity):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", TYPES)
-def test_zigzag_cuda_types_bulk_ring(rng, fmt):
-    """B2 with the level planes through a warp's ring of bulk copies (BULK, sm_90; (split, warps, pipe, acc, ring
-    chunks) as the Q4_K test's) on poisoned workspaces against the float64 product, and bit for bit against the same
-    config without the ring."""
-    for shape in ((4096, 4096), (2311, 777)):
-        qw = _gpu_weights(rng, fmt, shape)
-        gw = _planes(qw, "cuda")
-        refs = _magnitudes(qw)
-        x, _ = random_x(rng, shape[1], torch.float16, "cuda", 0.0)
-        for split, warps, pipe, acc, bulk in ((1, 4, 0, 16, 2), (7, 2, 1, 2, 3), (33, 4, 1, 16, 6)):
-            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
-            what = f"{fmt} cuda B2 {shape} split {split} warps {warps} pipe {pipe} acc {acc} ring {bulk}"
-            ws.y.fill_(float("nan"))
-            ws.partials.fill_(float("nan"))
-            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, bulk=bulk).clone()
-            assert_within_fp32_sum(y, *refs, x.float(), what, FP16_X_EPS)
-            ws.y.fill_(float("nan"))
-            assert torch.equal(y, kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw)), f"{what}: differs without the ring"
-
-
-@pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q8_0"])
 def test_zigzag_cuda_types_finishes(rng, fmt):
     """The type's own finishes (the last program's; B2 and B4 at 50 %): plain, residual and SwiGLU against torch on

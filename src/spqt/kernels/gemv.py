@@ -333,7 +333,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
-                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False, bulk: int = 0) -> torch.Tensor:
+                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
@@ -347,8 +347,6 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     rms_norm(x) * gamma, its rstd from the sums of squares sq that the reduction before wrote (sumsq).
     sumsq (no SwiGLU, finish_plan's reduction finish): the reduction also writes ws.sumsq, its programs' sums of
     y's squares (ws.sumsq[p] over outputs p BLOCK ..., reduce_block).
-    bulk (B2 on the CUDA GEMV, sm_90): the chunks' level planes stream through a ring of `bulk` chunks a warp in shared
-    memory, filled by bulk copies (zigzag_cuda.launch); ignored by B4 and where the CUDA GEMV or sm_90 is not there.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
@@ -395,13 +393,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if cuda:
         head = {2: getattr(w, "scales", None), 6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(
             bits, getattr(w, "head", None))
-        bulk = bulk if mode == MODE_DENSE and zigzag_cuda.bulk_runs(x.device) else 0
         zigzag_cuda.launch(w.quants, head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
                            d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster,
-                           extra=extra, norm=norm, bulk=bulk)
+                           extra=extra, norm=norm)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

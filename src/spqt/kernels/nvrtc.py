@@ -119,19 +119,9 @@ class Kernel:
                 self.function, driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED, 1)
             _check(err, "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
         self._driver = driver
-        self._shared_limit = 48 * 1024  # dynamic shared memory a launch may use before cuFuncSetAttribute raises it
-
-    def _allow_shared(self, shared: int) -> None:
-        """Raise the function's dynamic shared memory limit to `shared` bytes where it is above 48 KB (sm_80+)."""
-        if shared > self._shared_limit:
-            (err,) = self._driver.cuFuncSetAttribute(
-                self.function, self._driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
-            _check(err, "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
-            self._shared_limit = shared
 
     def blocks_per_sm(self, block: int, shared: int = 0) -> int:
         """Programs of `block` threads (and `shared` bytes of dynamic shared memory) an SM holds at once."""
-        self._allow_shared(shared)
         err, count = self._driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, block, shared)
         _check(err, "cuOccupancyMaxActiveBlocksPerMultiprocessor")
         return int(count)
@@ -140,10 +130,8 @@ class Kernel:
                cluster: tuple | None = None, shared: int = 0) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
         with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90),
-        dividing grid; shared: bytes of dynamic shared memory a program (above 48 KB the function's limit is
-        raised first)."""
+        dividing grid; shared: bytes of dynamic shared memory a program (at most 48 KB)."""
         driver = self._driver
-        self._allow_shared(shared)
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
         config.blockDimX, config.blockDimY, config.blockDimZ = block, 1, 1

@@ -26,26 +26,11 @@ ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
 
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
-            bits: int = 4, cluster: bool = False, norm: bool = False, bulk: int = 0) -> tuple:
+            bits: int = 4, cluster: bool = False, norm: bool = False) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; bits 2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K,
-    8: Q8_0; norm: the RMSNorm folded into B2; bulk: B2's ring depth of bulk copies (BULK), 0 off; extra: more -D
-    options, for probes)."""
+    8: Q8_0; norm: the RMSNorm folded into B2; extra: more -D options, for probes)."""
     return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
-            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}", f"-DNORM={int(norm)}", f"-DBULK={bulk}") + tuple(extra)
-
-
-BULK_DEPTHS = (0, 2, 3, 4, 6, 8)  # chunks a warp's ring holds (0: no ring, level words straight into registers)
-
-
-def stage_bytes(bits: int) -> int:
-    """Bytes of one chunk's level planes in a BULK ring (16 columns: 2 planes of 64 bytes a column; Q3_K / Q2_K
-    2 of 32; Q8_0 4 of 64)."""
-    return {2: 1024, 3: 1024, 8: 4096}.get(bits, 2048)
-
-
-def bulk_runs(device: torch.device) -> bool:
-    """Bulk copies into shared memory (cp.async.bulk with mbarrier transaction counts): sm_90 or newer."""
-    return clusters_run(device)
+            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}", f"-DNORM={int(norm)}") + tuple(extra)
 
 
 MAX_CLUSTER = 16  # programs a cluster may hold on sm_90 (above 8 with the non-portable size allowed)
@@ -108,23 +93,21 @@ def usable(device: torch.device | None = None) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            acc: int = 16, bits: int = 4, cluster: bool = False, norm: bool = False, bulk: int = 0) -> nvrtc.Kernel:
+            acc: int = 16, bits: int = 4, cluster: bool = False, norm: bool = False) -> nvrtc.Kernel:
     """The compiled function for device `index`, loaded into its primary context (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
         cubin = nvrtc.compile_cubin(SOURCE.read_text(),
-                                    options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm, bulk), arch)
+                                    options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm), arch)
         return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
 
 
-def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None,
-                    bulk: int = 0) -> int:
+def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None) -> int:
     """Programs of the GEMV of a type (bits as launch's; B2 / B4 by mode, no pipe, the reduction's finish) an SM of
-    the GPU holds at once at this warp and accumulator count (its registers decide; with a BULK ring of `bulk`
-    chunks also its shared memory): what a launch's waves are counted in."""
+    the GPU holds at once at this warp and accumulator count (its registers decide): what a launch's waves are
+    counted in."""
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _kernel(index, warps, mode, 0, -1, (), acc, bits, bulk=bulk).blocks_per_sm(
-        32 * warps, warps * bulk * stage_bytes(bits))
+    return _kernel(index, warps, mode, 0, -1, (), acc, bits).blocks_per_sm(32 * warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -181,7 +164,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
            acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4,
-           cluster: bool = False, norm: tuple | None = None, bulk: int = 0) -> None:
+           cluster: bool = False, norm: tuple | None = None) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes; bits 8: (rows, 4, K, 16)), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -201,8 +184,6 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
     unused). norm (B2 only): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
     read with the rstd of sq's partial sums of squares (the reduction before wrote them: gemv_zigzag's sumsq).
-    bulk (B2, sm_90): each warp streams its chunks' level planes through a ring of `bulk` chunks in shared memory
-    filled by bulk copies (the .cu file's BULK; 0: loads into registers).
     extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     planes = 4 if bits == 8 else 2
@@ -232,8 +213,6 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
         raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and acc one of {ACCS}, not {warps}, {pipe}, {acc}")
-    if bulk not in BULK_DEPTHS or (bulk and (mode != MODE_DENSE or not bulk_runs(x.device))):
-        raise ValueError(f"a bulk ring is B2's on sm_90, of one of {BULK_DEPTHS[1:]} chunks; got {bulk}, mode {mode}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     dims = cluster_dims(n, epilogue, split) if cluster else None
@@ -242,7 +221,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
                          f"cluster (SwiGLU: 2 split, N / 2 a multiple of 256); got epilogue {epilogue}, split {split}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster,
-                     norm is not None, bulk)
+                     norm is not None)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),
@@ -253,5 +232,4 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
             ((gamma if gamma is not None else x).data_ptr(), P), ((sq if sq is not None else partials).data_ptr(), P),
             (0 if sq is None else sq.numel(), I), (float(eps), nvrtc.FLOAT)]
     kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims,
-                  shared=(NORM_BYTES * share(k, split, warps) if norm is not None else 0)
-                  + warps * bulk * stage_bytes(bits))
+                  shared=NORM_BYTES * share(k, split, warps) if norm is not None else 0)

@@ -91,20 +91,6 @@
 #if NORM && MODE != 0
 #error "NORM folds the RMSNorm into B2 (MODE 0) only: a sparse map's norm runs with its index collection"
 #endif
-#ifndef BULK
-#define BULK 0  // B2 (sm_90): 0 a chunk's level words loaded into registers; n >= 2: each warp keeps a ring of n
-#endif          // chunks' level planes in dynamic shared memory (STAGE_BYTES a chunk, after NORM's share), filled by
-                // bulk copies (cp.async.bulk, the TMA: one lane issues a chunk's planes, 1 KB each for Q4_K, and an
-                // mbarrier counts their bytes), the first n before griddepcontrol.wait; the lanes read their words
-                // from the ring, and a chunk's stage is refilled with chunk + n once the warp has computed it. So
-                // the bytes in flight are held by shared memory, not registers. Heads, high bits, d and x are loaded
-                // as without it (PIPE 1: the next chunk's before this chunk's arithmetic).
-#if BULK && (MODE != 0 || BULK < 2)
-#error "BULK is B2's ring of at least 2 chunks"
-#endif
-#if BULK && defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#error "BULK needs sm_90 (cp.async.bulk, mbarrier transaction counts)"
-#endif
 #ifndef PROBE_XOR
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
@@ -395,45 +381,6 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
   else if (part == 2) prefetch_l2(hc + 8 * line);
 }
 
-#if BULK
-#define RING_PLANES (TYPE == 8 ? 4 : 2)  // level planes a chunk's columns span
-#define PLANE_BYTES (256 * QV)         // a chunk's 16 columns of one plane
-#define STAGE_BYTES (RING_PLANES * PLANE_BYTES)
-
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void mbar_init(u32 bar) {  // one arrival (the issuing lane's) a phase
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-}
-
-// The issuing lane arrives and announces the bytes of the copies that complete the phase.
-__device__ __forceinline__ void mbar_expect_bytes(u32 bar, u32 bytes) {
-  asm volatile("{\n\t.reg .b64 state;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n\t}" ::"r"(bar),
-               "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
-  u32 done;
-  asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-               : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  return done;
-}
-
-// bytes (a multiple of 16, both addresses 16-byte aligned) global -> shared by the TMA, counted on bar.
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-
-// The full chunk at column col of superblock row r (every plane's 16 columns) into the stage at dst.
-__device__ __forceinline__ void bulk_chunk(u32 dst, u32 bar, const uint4* q, int r, int K, int col) {
-  mbar_expect_bytes(bar, STAGE_BYTES);
-#pragma unroll
-  for (int p = 0; p < RING_PLANES; ++p)
-    bulk_copy(dst + p * PLANE_BYTES, q + ((size_t)(RING_PLANES * r + p) * K + col) * QV, PLANE_BYTES, bar);
-}
-#endif
-
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
   LevelWords w[4];  // Q3_K / Q2_K: the low bit pairs
   HeadWords h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
@@ -673,15 +620,13 @@ __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const
   for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
 }
 
-// What of the full chunk whose slot 0 is at hp / hqp / dp is not in its level planes (slot i is 4 i columns on):
-// heads, (Q5_K, Q6_K, Q3_K) high bits, (Q6_K, Q8_0, Q2_K) d.
-__device__ __forceinline__ void load_beside_levels(Chunk& ch, const HeadWords* hp, const HighWord* hqp,
-                                                   const DWord* dp) {
+// Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
+__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const HeadWords* hp,
+                                                const HighWord* hqp, const DWord* dp) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-#if TYPE != 8
-    ch.h[i] = load_vec<HLOAD>(hp + 4 * HV * i);
-#endif
+    ch.w[i] = load_vec<QLOAD>(qp + 16 * i);
+    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(hp + 4 * HV * i);
 #if TYPE == 5 || TYPE == 6 || TYPE == 3
     ch.hb[i] = __ldg(hqp + 32 * i);
 #endif
@@ -690,35 +635,6 @@ __device__ __forceinline__ void load_beside_levels(Chunk& ch, const HeadWords* h
 #endif
   }
 }
-
-// Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
-__device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp, const HeadWords* hp,
-                                                const HighWord* hqp, const DWord* dp) {
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load_vec<QLOAD>(qp + 16 * i);
-#if TYPE == 8
-    ch.h[i] = load_vec<QLOAD>(hp + 4 * HV * i);  // tile half 1's level words
-#endif
-  }
-  load_beside_levels(ch, hp, hqp, dp);
-}
-
-#if BULK
-// The lane's level words of the chunk in the stage at `stage` (plane p at p PLANE_BYTES, column c of the chunk at
-// 16 QV c in its plane, the lane's word (g % 4) of it): slot i is column 4 i + t, plane g / 4 (Q8_0: tile half 1
-// in planes 2 + g / 4, through h).
-__device__ __forceinline__ void load_ring(Chunk& ch, const unsigned char* stage, int g, int t) {
-  const unsigned char* base = stage + (g >> 2) * PLANE_BYTES + t * 16 * QV + (g & 3) * sizeof(LevelWords);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    ch.w[i] = *reinterpret_cast<const LevelWords*>(base + i * 64 * QV);
-#if TYPE == 8
-    ch.h[i] = *reinterpret_cast<const uint4*>(base + 2 * PLANE_BYTES + i * 64 * QV);
-#endif
-  }
-}
-#endif
 
 #if EPILOGUE >= 0
 // Output row n of a finished tile from its sums over the shares (acc; SwiGLU: acc of the gate row, up of
@@ -797,27 +713,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #else
   const DWord* dp = dr + j + t;
 #endif
-#if BULK
-  // the warp's ring after NORM's share; its chunks n = 0, 1, ... (column j + n step) in stage n % BULK, phase
-  // (n / BULK) % 2 of that stage's mbarrier
-  extern __shared__ __align__(128) unsigned char bulk_smem[];
-  const unsigned char* ring = bulk_smem + (NORM ? 6 * per : 0) + warp * BULK * STAGE_BYTES;
-  __shared__ __align__(8) unsigned long long ring_bars[WARPS][BULK];
-  const u32 ring_s = smem_u32(ring), bars_s = smem_u32(&ring_bars[warp][0]);
-  const int chunks = j < full_end ? (full_end - 1 - j) / step + 1 : 0;  // the warp's full chunks
-  if (lane == 0) {
-#pragma unroll
-    for (int b = 0; b < BULK; ++b) mbar_init(bars_s + 8 * b);
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    for (int b = 0; b < min(BULK, chunks); ++b) bulk_chunk(ring_s + b * STAGE_BYTES, bars_s + 8 * b, q, r, K, j + b * step);
-  }
-  __syncwarp();
-  int stage = 0, chunk = 0;
-  u32 parity = 0;
-  if (j < full_end) load_beside_levels(ch, hp, hqp, dp);
-#else
   if (j < full_end) load_contiguous(ch, qp, hp, hqp, dp);
-#endif
 #if L2FIRST > 0
   // the warp's chunk a (column j + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + 4 a step
   const uint4* q0 = q + (size_t)((TYPE == 8 ? 4 : 2) * r) * K * QV + (size_t)j * QV;
@@ -843,28 +739,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     hqp += step * 8;
     dp += step * D_STRIDE;
     xp += step;
-#if BULK
-    while (!mbar_try_wait(bars_s + 8 * stage, parity)) {
-    }
-    load_ring(ch, ring + stage * STAGE_BYTES, g, t);
 #if PIPE
-    Chunk next;
-    if (j + step < full_end) load_beside_levels(next, hp, hqp, dp);
-    compute(ch, c, bias, dec, g);
-    ch = next;
-#else
-    compute(ch, c, bias, dec, g);
-    if (j + step < full_end) load_beside_levels(ch, hp, hqp, dp);
-#endif
-    __syncwarp();  // every lane's reads of the stage are done (their words computed with): refill it
-    if (lane == 0 && chunk + BULK < chunks)
-      bulk_chunk(ring_s + stage * STAGE_BYTES, bars_s + 8 * stage, q, r, K, j + BULK * step);
-    ++chunk;
-    if (++stage == BULK) {
-      stage = 0;
-      parity ^= 1u;
-    }
-#elif PIPE
     Chunk next;
     if (j + step < full_end) load_contiguous(next, qp, hp, hqp, dp);
     compute(ch, c, bias, dec, g);
