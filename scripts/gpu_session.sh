@@ -26,6 +26,7 @@
 #   scripts/gpu_session.sh explore10 the step's time at short / long spans (bench vs replay), every decode shape's crossover
 #   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
 #   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
+#   scripts/gpu_session.sh head11    the Q6_K output heads tuned (HEAD_SHAPES), decode with an fp16 / a Q6_K head alternating
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -538,6 +539,29 @@ llama2-7b:now}" 90
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     decode_runs ${CALL_BUDGET:-570}
     echo "final10 stage: $(( $(date +%s) - start )) s"
+    ;;
+  head11)
+    # The output head stored as spqt quantize now stores it (Q6_K): its shapes tuned for the CUDA GEMV (the table
+    # written in the tree and to $OUT), then synthetic decode with an fp16 head and with the Q6_K head, a process
+    # each, alternating (HEAD_RUNS: model:levels), within CALL_BUDGET.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
+    timeout ${TUNE_TIMEOUT:-200} python3 -m spqt.cli tune --types q6_k \
+      --shapes ${HEAD_SHAPES:-32000x4096,128256x4096,32000x8192,32000x5120} 2>&1 | grep -v WARN | tee "$OUT/tune-heads.log" | tail -4
+    cp "src/spqt/kernels/tuned/$key.json" "$OUT/table-after.json"
+    echo "tune: $(( $(date +%s) - start )) s"
+    for run in ${HEAD_RUNS:-llama3-8b:0 llama2-7b:0 llama2-70b:0 llama3-8b:0.5 llama2-7b:0.5}; do
+      for head in fp16 auto; do
+        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for $run $head"; break 2; }
+        timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag --head $head \
+          --sparsity ${run#*:} --json "$OUT/decode-${run%%:*}-${run#*:}-$head.json" 2>&1 | grep -v WARN | grep "tok/s" \
+          | sed "s/^/head $head: /" | tee -a "$OUT/decode-heads.log"
+      done
+      echo "$run done: $(( $(date +%s) - start )) s"
+    done
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz decode-*.json && rm -f decode-*.json)
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

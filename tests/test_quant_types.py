@@ -12,7 +12,9 @@ from spqt.checkpoint import QuantizedWeight, load_spqt
 from spqt.cli import main
 from spqt.formats import FORMATS
 from spqt.linear import Linear
-from spqt.mixes import group_types
+from spqt.errors import SpqtError
+from spqt.generate import build_model
+from spqt.mixes import group_types, head_type
 from conftest import sqnr_db
 
 TYPES = list(FORMATS)
@@ -81,7 +83,7 @@ def test_cli_mix_quantize_inspect_and_cpu_run(tiny_hf, tmp_path, capsys):
     assert main(["quantize", str(tiny_hf), "-o", str(out), "--type", "Q4_K_M", "--device", "cpu"]) == 0
     loaded = load_spqt(out)
     types = {name: w.fmt for name, w in loaded.weights.items() if isinstance(w, QuantizedWeight)}
-    assert types == group_types("q4_k_m", 2)
+    assert types == group_types("q4_k_m", 2) | {"output": "q6_k"}  # the head: llama.cpp's recipe
     assert types["layers.1.down"] == "q6_k" and types["layers.0.down"] == "q4_k"
     assert loaded.kind == "q6_k+q4_k-zigzag" and loaded.provenance["quantization"] == "q4_k_m"
     capsys.readouterr()
@@ -91,6 +93,45 @@ def test_cli_mix_quantize_inspect_and_cpu_run(tiny_hf, tmp_path, capsys):
     assert main(["generate", str(out), "-p", "the quick", "-n", "4", "--device", "cpu"]) == 0
     err = capsys.readouterr().err  # generate's model line and speeds go to stderr
     assert "q6_k+q4_k-zigzag" in err and "decode: 4 tokens" in err
+
+
+def test_head_type_follows_llamacpp():
+    """llama.cpp's output.weight: Q6_K, Q8_0 in a Q8_0 model; --head fp16 keeps it float, a type as given."""
+    assert head_type("q4_k") == head_type("Q4_K_M") == head_type("q2_k") == head_type("q6_k") == "q6_k"
+    assert head_type("q8_0") == "q8_0" and head_type("q4_k", "fp16") is None and head_type("q4_k", "Q5_K") == "q5_k"
+    with pytest.raises(SpqtError, match="unknown head type"):
+        head_type("q4_k", "q9_k")
+
+
+def test_cli_quantized_head(tiny_hf, tmp_path, capsys):
+    """spqt quantize stores an untied head as --head says (auto: Q6_K, in the model's layout), inspect shows it, and
+    the runtime's head multiplies by its dequantized blocks; --head fp16 keeps the float head, the layers alike; a
+    bad --head is one error line and exit 2, nothing written."""
+    quant, flt, bad = tmp_path / "q.spqt", tmp_path / "f.spqt", tmp_path / "bad.spqt"
+    assert main(["quantize", str(tiny_hf), "-o", str(quant), "--device", "cpu"]) == 0
+    assert main(["quantize", str(tiny_hf), "-o", str(flt), "--device", "cpu", "--head", "fp16"]) == 0
+    q, f = load_spqt(quant), load_spqt(flt)
+    c = q.config
+    assert not c.tie_embeddings
+    head = q.weights["output"]
+    assert isinstance(head, QuantizedWeight) and (head.fmt, head.layout, head.shape) == ("q6_k", "zigzag",
+                                                                                     (c.vocab_size, c.dim))
+    assert f.weights["output"].dtype == torch.float16
+    assert (q.provenance["head"], f.provenance["head"]) == ("q6_k", "fp16") and q.kind == f.kind == "q4_k-zigzag"
+    assert all(torch.equal(q.weights[n].blocks, f.weights[n].blocks) for n in q.parts if n.startswith("layers."))
+    assert "output" not in q.ensure_column_norms()  # never thresholded
+    float_head = f.weights["output"].float()
+    assert sqnr_db(float_head, head.dequantize()) > MIN_SQNR["q6_k"] - 6  # a 64-column matrix: fewer blocks
+    x = torch.randn(2, c.dim)
+    torch.testing.assert_close(build_model(q).output(x), x @ head.dequantize().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(build_model(f).output(x), x @ float_head.T, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["inspect", str(quant)]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("output ")]
+    assert len(line) == 1 and "q6_k zigzag" in line[0] and f"{c.vocab_size}x{c.dim}" in line[0], line
+    assert main(["quantize", str(tiny_hf), "-o", str(bad), "--head", "q9_k"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown head type" in err[0] and not bad.exists(), err
 
 
 @pytest.mark.parametrize("bad", ["q9_k", "q4_k_x"])

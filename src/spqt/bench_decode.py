@@ -22,6 +22,7 @@ from spqt.config import ModelConfig
 from spqt.errors import SpqtError
 from spqt.generate import Generator, sparse_linears
 from spqt.kernels.gpu_layout import GpuQ4K, repack
+from spqt.mixes import head_type
 from spqt.sources import TokenizerSpec
 
 SYNTHETIC = {
@@ -34,10 +35,12 @@ SYNTHETIC = {
 }
 
 
-def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "q4_k") -> LoadedModel:
+def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "q4_k",
+                    head: str = "auto") -> LoadedModel:
     """fmt q4_k: each layer's maps in the Q4_K kernel layout (GpuQ4K); another type (zigzag only): each layer
     holds the same QuantizedWeight (blocks on the GPU) and its Linear repacks it into a buffer of its own, in
-    the layout the runtime's dispatch picks for the type."""
+    the layout the runtime's dispatch picks for the type. head: the output head's type as spqt quantize stores it
+    (mixes.head_type: "auto" Q6_K, Q8_0 in a Q8_0 model; "fp16")."""
     if name not in SYNTHETIC:
         raise SpqtError(f"unknown synthetic model {name!r}; choose one of {', '.join(SYNTHETIC)}")
     cfg = ModelConfig(**SYNTHETIC[name], max_seq_len=max_seq_len)
@@ -50,9 +53,13 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
         qw = QuantizedWeight(spqt.quantize(w, fmt, layout), fmt, layout, shape)
         prototypes[kind] = repack(qw, "cuda") if fmt == "q4_k" else qw
         del w
+    output = torch.randn(cfg.vocab_size, cfg.dim, device="cuda", generator=g) * cfg.dim**-0.5
+    head_fmt = head_type(fmt, head)
     weights = {"tok_embeddings": torch.randn(cfg.vocab_size, cfg.dim, device="cuda", generator=g).half(),
-               "output": (torch.randn(cfg.vocab_size, cfg.dim, device="cuda", generator=g) * cfg.dim**-0.5).half(),
+               "output": QuantizedWeight(spqt.quantize(output, head_fmt, layout), head_fmt, layout, tuple(output.shape))
+               if head_fmt else output.half(),
                "norm": torch.ones(cfg.dim, device="cuda")}
+    del output
     for i in range(cfg.n_layers):
         weights[f"layers.{i}.attention_norm"] = torch.ones(cfg.dim, device="cuda")
         weights[f"layers.{i}.ffn_norm"] = torch.ones(cfg.dim, device="cuda")
@@ -60,6 +67,13 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
             weights[f"layers.{i}.{kind}"] = GpuQ4K(p.quants.clone(), p.head.clone(), layout, p.shape) if fmt == "q4_k" else p
     tok = TokenizerSpec(tokenizer_json="{}")
     return LoadedModel(config=cfg, tokenizer=tok, weights=weights, parts={}, provenance={"synthetic": name})
+
+
+def head_bytes(loaded: LoadedModel) -> int:
+    """Bytes a decode step reads of the output head: its quantized blocks, or the fp16 matrix (tied: the embedding)."""
+    c = loaded.config
+    w = loaded.weights["tok_embeddings"] if c.tie_embeddings else loaded.weights["output"]
+    return w.nbytes if hasattr(w, "fmt") else c.vocab_size * c.dim * 2
 
 
 def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -140,7 +154,8 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
     rows = []
     for fmt, layout in runs:
         if model_arg.startswith("synthetic:"):
-            loaded = synthetic_model(model_arg.split(":", 1)[1], layout, args.prompt_tokens + args.new_tokens + 8, fmt)
+            loaded = synthetic_model(model_arg.split(":", 1)[1], layout, args.prompt_tokens + args.new_tokens + 8, fmt,
+                                     getattr(args, "head", "auto"))
         else:
             from spqt.default_model import default_spqt
 
@@ -155,7 +170,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
         gen = Generator(loaded, "cuda", max_len=args.prompt_tokens + args.new_tokens + 8)
         g = torch.Generator(device="cuda").manual_seed(1)
         prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,), device="cuda", generator=g)
-        head = loaded.config.vocab_size * loaded.config.dim * 2
+        head = head_bytes(loaded)
         for s in _levels(args, layout):
             if s == 0:
                 gen.set_sparsity(0.0)

@@ -2,7 +2,8 @@
 
 A .spqt file is a safetensors container. Tensors::
 
-    tok_embeddings (V, D) fp16        output (V, D) fp16, absent when tied to the embedding
+    tok_embeddings (V, D) fp16        output (V, D) quantized blocks (mixes.head_type), or fp16 (files
+                                      before the eleventh session, --head fp16); absent when tied
     norm, layers.{i}.attention_norm, layers.{i}.ffn_norm (D,) fp32
     layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3)
     layers.{i}.{group}.bias (rows,) fp32                  only for groups in config.linear_biases
@@ -39,7 +40,7 @@ from spqt.config import ModelConfig
 from spqt.errors import SpqtError
 from spqt.formats import FORMATS, SEARCHES, check_search, get_format
 from spqt.layouts import check_layout, grid_shape
-from spqt.mixes import check_quant_type, group_types
+from spqt.mixes import check_quant_type, group_types, head_type
 from spqt.quant import dequantize, quantize
 from spqt.sources import SourceModel, TokenizerSpec, open_source
 
@@ -88,7 +89,7 @@ class LoadedModel:
         from spqt.sparsity import column_norms
 
         for name in self.parts:
-            if name not in self.column_norms:
+            if name.startswith("layers.") and name not in self.column_norms:  # not the head: never thresholded
                 self.column_norms[name] = column_norms(self.weights[name])
         return self.column_norms
 
@@ -99,7 +100,7 @@ class LoadedModel:
         # QuantizedWeight, or the kernels' GpuQ4K (synthetic models); a float tensor has no fmt
         if not hasattr(w, "fmt"):
             return "float"
-        used = {v.fmt for v in self.weights.values() if hasattr(v, "fmt")}
+        used = {v.fmt for name, v in self.weights.items() if hasattr(v, "fmt") and name.startswith("layers.")}
         return f"{'+'.join(f for f in FORMATS if f in used)}-{w.layout}"
 
 
@@ -141,14 +142,17 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
 
 
 def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigzag",
-                    device: str = "cpu", progress: bool = False, search: str = "reference") -> LoadedModel:
-    """Quantize every linear map of a source model; embeddings fp16, norms fp32.
+                    device: str = "cpu", progress: bool = False, search: str = "reference",
+                    head: str = "auto") -> LoadedModel:
+    """Quantize every linear map of a source model and its output head; embeddings fp16, norms fp32.
 
     fmt: one type for every linear map (q8_0, q6_k, q5_k, q4_k, q3_k, q2_k) or a mix (mixes.py:
     q4_k_m, q5_k_m, q3_k_m), whose per-matrix types the .spqt metadata records.
     search: the encoder search (spqt.formats.SEARCHES): "reference" gives llama.cpp's bytes; "mse"
     searches the Q4_K and Q5_K matrices for a lower squared error (a mix's other types keep the
-    reference encoder; a single type without that search is an error). The provenance records it."""
+    reference encoder; a single type without that search is an error). The provenance records it.
+    head: the output head's type (mixes.head_type: "auto" is llama.cpp's recipe, "fp16" keeps it float); a head
+    tied to the embedding stays fp16."""
     from tqdm.auto import tqdm
 
     from spqt.sparsity import column_norms
@@ -158,9 +162,12 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     cfg = source.config
     types = group_types(fmt, cfg.n_layers)
     check_search(search, fmt if fmt in FORMATS else None)
-    embedding_names = ("tok_embeddings",) + (() if cfg.tie_embeddings else ("output",))
+    head_fmt = None if cfg.tie_embeddings else head_type(fmt, head)
+    embedding_names = ("tok_embeddings",) + (() if cfg.tie_embeddings or head_fmt else ("output",))
     # the embeddings come first in the file; their values arrive from a worker below
     weights = {"tok_embeddings": None, "norm": source.tensor("norm")} | {name: None for name in embedding_names}
+    if head_fmt:
+        weights["output"] = None
     parts, norms = {}, {}
 
     def read_embeddings() -> dict:
@@ -199,8 +206,13 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 weights[name] = value
 
     pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
+    def encode_head() -> QuantizedWeight:
+        w = source.tensor("output")
+        return QuantizedWeight(quantize(w.to(device), head_fmt, layout).cpu(), head_fmt, layout, tuple(w.shape))
+
     try:
         embeddings = pool.submit(read_embeddings)
+        quantized_head = pool.submit(encode_head) if head_fmt else None
         with tqdm(total=cfg.n_layers, desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress) as bar:
             for i in range(cfg.n_layers):
                 pending.append({name: pool.submit(encode, w, types[name]) if name.rsplit(".", 1)[1] in LINEAR_GROUPS
@@ -212,13 +224,16 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 collect()
                 bar.update()
         weights.update(embeddings.result())
+        if quantized_head is not None:
+            weights["output"] = quantized_head.result()
+            parts["output"] = [cfg.vocab_size]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
         torch.set_num_threads(threads)  # new threads take their count from the last setting
     provenance = dict(source.provenance)
     if search != "reference":
         provenance["encoder_search"] = search
-    provenance.update({"quantization": fmt, "tool": f"spqt {spqt.__version__}",
+    provenance.update({"quantization": fmt, "head": head_fmt or "fp16", "tool": f"spqt {spqt.__version__}",
                        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance,
                         column_norms=norms)

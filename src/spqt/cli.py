@@ -54,9 +54,10 @@ def cmd_quantize(args) -> int:
 
     from spqt.formats import FORMATS, check_search
     from spqt.layouts import check_layout
-    from spqt.mixes import check_quant_type
+    from spqt.mixes import check_quant_type, head_type
 
     fmt = check_quant_type(args.type)  # before the (slow) load, so a bad type fails at once
+    head_type(fmt, args.head)
     check_layout(args.layout)
     check_search(args.search, fmt if fmt in FORMATS else None)
     out = Path(args.output)
@@ -64,7 +65,8 @@ def cmd_quantize(args) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     source = open_source(args.source)
-    model = quantize_source(source, args.type, args.layout, device=device, progress=True, search=args.search)
+    model = quantize_source(source, args.type, args.layout, device=device, progress=True, search=args.search,
+                            head=args.head)
     save_spqt(model, out)
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s on {device}")
@@ -91,7 +93,7 @@ def cmd_inspect(args) -> int:
             n, k = w.shape
             quant_bytes += w.nbytes
             quant_weights += n * k
-            if name.startswith("layers.0."):
+            if name.startswith("layers.0.") or not name.startswith("layers."):  # layer 0's maps and the head
                 rows.append((name, f"{w.fmt} {w.layout}", f"{n}x{k}", f"{8 * w.nbytes / (n * k):.2f}"))
         else:
             other_bytes += w.numel() * w.element_size()
@@ -109,7 +111,8 @@ def cmd_inspect(args) -> int:
     if quant_weights:
         print(f"quantized    {quant_bytes / 1e6:.2f} MB for {quant_weights / 1e6:.2f} M weights: "
               f"{8 * quant_bytes / quant_weights:.3f} bits per weight (zero padding included)")
-    print(f"other        {other_bytes / 1e6:.2f} MB (embedding, head, norms)")
+    float_head = not c.tie_embeddings and not hasattr(model.weights.get("output"), "fmt")
+    print(f"other        {other_bytes / 1e6:.2f} MB (embedding, {'head, ' if float_head else ''}norms)")
     if model.thresholds:
         from spqt import sparsity as sp
 
@@ -543,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "or mse (Q4_K and Q5_K matrices: a search for the lowest plain squared error per block, "
                         "never above the reference's; ~5.5 %% lower RMSE on zigzag Q5_K, 3-4x the encoding "
                         "time; a mix's other types keep the reference)")
+    p.add_argument("--head", default="auto",
+                   help="the output head's type: auto (default; llama.cpp's recipe: q6_k, q8_0 in a q8_0 model), fp16, "
+                        "or a type; a head tied to the embedding stays fp16")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or auto (cuda when present; same bytes with the reference search)")
     p.set_defaults(func=cmd_quantize)
@@ -644,6 +650,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "q8_0, q6_k, q5_k, q3_k, q2_k (gemv: zigzag B2 and B4; decode: synthetic models, zigzag)")
     p.add_argument("--model", default=None, help="decode: a model file or synthetic:llama2-7b etc.")
     p.add_argument("--layouts", default="row,zigzag")
+    p.add_argument("--head", default="auto",
+                   help="decode, synthetic models: the output head's type, as spqt quantize's --head (default auto: q6_k)")
     p.add_argument("--prompt-tokens", type=int, default=10)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--json", help="write the results here")

@@ -32,13 +32,16 @@ def resolve_device(name: str) -> str:
 
 def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = torch.float32,
                 backend: str = "reference") -> Transformer:
-    """The Transformer with every linear map built from the loaded weights (head: dense, fp)."""
+    """The Transformer with every linear map built from the loaded weights (the head dense: a quantized head on the
+    backend's kernels, a float one on the reference map or the CPU's fp16 GEMV)."""
     weights = loaded.weights
 
     def make_linear(name: str, out_features: int, in_features: int):
         if name == "output":
             head = weights["tok_embeddings"] if loaded.config.tie_embeddings else weights["output"]
-            # the head is a float matrix: the reference map, or the CPU's fp16 GEMV in that mode
+            if hasattr(head, "fmt"):  # quantized (mixes.head_type): the backend's kernels, as a layer's map
+                return Linear(head, dtype, device, backend)
+            # a float head: the reference map, or the CPU's fp16 GEMV in that mode
             head_backend = backend if backend in ("cpu-fp16", "cpu-native") else "reference"
             return Linear(head.to(torch.float32), dtype, device, backend=head_backend)
         return Linear(weights[name], dtype, device, backend, bias=weights.get(f"{name}.bias"))

@@ -14,7 +14,9 @@ Where we differ from llama.cpp, and why:
 * q, k and v are stored as one fused matrix (one input, one index list, one kernel), so the fused
   matrix takes the WIDEST type of its members: where llama.cpp widens attn_v, our q|k|v widens
   with it (more bits than llama.cpp spends, never fewer). gate|up have no recipe of their own.
-* llama.cpp also stores the output head (and a tied embedding) in Q6_K; ours stay fp16.
+* The output head follows llama.cpp's recipe for output.weight (head_type: Q6_K, or Q8_0 in a Q8_0
+  model). A tied embedding stays fp16, head included: its lookups read fp16 rows, and a quantized copy
+  of the head beside it would add memory (llama.cpp quantizes the shared matrix itself).
 * llama.cpp falls back to a legacy type (Q5_0, Q8_0, ...) for matrices whose rows are not a
   multiple of 256 (SmolLM2's 576); we pad with zeros instead (layouts.py), so every matrix keeps
   its K-quant.
@@ -57,6 +59,23 @@ def check_quant_type(name: str) -> str:
     if key not in FORMATS and key not in MIXES:
         raise SpqtError(f"unknown quantization type or mix {name!r}; types: {', '.join(FORMATS)}; "
                         f"mixes: {', '.join(MIXES)}")
+    return key
+
+
+HEAD_CHOICES = ("auto", "fp16")  # besides a format name
+
+
+def head_type(quant: str, head: str = "auto") -> str | None:
+    """The format the output head is stored in for a model of type or mix `quant`: None (fp16) for head "fp16",
+    a format name as given, or for "auto" llama.cpp's choice for output.weight (llama_tensor_get_type: Q6_K unless
+    the model is Q8_0, then Q8_0). Anything else: SpqtError."""
+    key = head.lower()
+    if key == "fp16":
+        return None
+    if key == "auto":
+        return "q8_0" if check_quant_type(quant) == "q8_0" else "q6_k"
+    if key not in FORMATS:
+        raise SpqtError(f"unknown head type {head!r}; choose {', '.join(HEAD_CHOICES)} or one of {', '.join(FORMATS)}")
     return key
 
 
