@@ -541,13 +541,14 @@ llama2-7b:now}" 90
     echo "final10 stage: $(( $(date +%s) - start )) s"
     ;;
   head11)
+    # (HEAD_TUNE=0: no tuning; HEAD_TESTS=1: then every gpu test, the default model parked by the call before.)
     # The output head stored as spqt quantize now stores it (Q6_K): its shapes tuned for the CUDA GEMV (the table
     # written in the tree and to $OUT), then synthetic decode with an fp16 head and with the Q6_K head, a process
     # each, alternating (HEAD_RUNS: model:levels), within CALL_BUDGET.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
-    timeout ${TUNE_TIMEOUT:-200} python3 -m spqt.cli tune --types q6_k \
+    [ "${HEAD_TUNE:-1}" = 1 ] && timeout ${TUNE_TIMEOUT:-200} python3 -m spqt.cli tune --types q6_k \
       --shapes ${HEAD_SHAPES:-32000x4096,128256x4096,32000x8192,32000x5120} 2>&1 | grep -v WARN | tee "$OUT/tune-heads.log" | tail -4
     cp "src/spqt/kernels/tuned/$key.json" "$OUT/table-after.json"
     echo "tune: $(( $(date +%s) - start )) s"
@@ -562,6 +563,8 @@ llama2-7b:now}" 90
       echo "$run done: $(( $(date +%s) - start )) s"
     done
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz decode-*.json && rm -f decode-*.json)
+    [ "${HEAD_TESTS:-0}" = 1 ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
+    echo "head11 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

@@ -24,9 +24,12 @@ def test_pipeline_equals_the_plain_functions(tmp_path):
     for i in range(2):
         order += [f"layers.{i}.attention_norm", f"layers.{i}.ffn_norm"] + [f"layers.{i}.{g}" for g in LINEAR_GROUPS]
     assert list(model.weights) == order
-    assert list(model.column_norms) == list(model.parts) == [n for n in order if n in types]
-    for name in ("tok_embeddings", "output"):
-        assert torch.equal(model.weights[name], source.tensor(name).to(torch.float16))
+    assert list(model.column_norms) == [n for n in order if n in types]
+    assert list(model.parts) == [n for n in order if n in types] + ["output"]  # the head, quantized last
+    assert torch.equal(model.weights["tok_embeddings"], source.tensor("tok_embeddings").to(torch.float16))
+    head = model.weights["output"]  # llama.cpp's output.weight recipe: Q6_K
+    assert (head.fmt, head.layout) == ("q6_k", "zigzag")
+    assert torch.equal(head.blocks, quantize(source.tensor("output"), "q6_k", "zigzag"))
     for name, fmt in types.items():
         i, group = name.split(".")[1], name.split(".")[2]
         w = torch.cat([source.tensor(f"layers.{i}.{m}") for m in LINEAR_GROUPS[group]])

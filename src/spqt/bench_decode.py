@@ -184,13 +184,16 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
             needed = head + sum(lin.impl.w.nbytes * (1 - s if s > 0 and f"layers.{i}.{kind}" not in dense_maps else 1)
                                 for i, kind, lin in sparse_linears(gen.model))  # bytes a token must read
             sec = r["ms_per_token"] / 1e3
-            row = {"model": model_arg, "type": fmt, "layout": layout, "variant": f"{layout}-{'sparse' if s else 'dense'}",
+            c = loaded.config
+            stored_head = loaded.weights["tok_embeddings" if c.tie_embeddings else "output"]
+            row = {"model": model_arg, "type": fmt, "head": getattr(stored_head, "fmt", "fp16"), "layout": layout,
+                   "variant": f"{layout}-{'sparse' if s else 'dense'}",
                    "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps)}
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
-            log(f"{model_arg:20s} {fmt} {row['variant']:14s} s={s:4.2f} {r['ms_per_token']:8.3f} ms/token "
+            log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} s={s:4.2f} {r['ms_per_token']:8.3f} ms/token "
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")
@@ -211,7 +214,8 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
         out = os.path.join(tmp, "row.json")
         cmd = [sys.executable, "-m", "spqt.cli", "bench", "decode", "--one-process", "--model", model_arg,
                "--types", fmt, "--layouts", layout, "--sparsity", str(sparsity), "--prompt-tokens",
-               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--json", out]
+               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--head", getattr(args, "head", "auto"),
+               "--json", out]
         with open(os.path.join(tmp, "stderr"), "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1"})
