@@ -99,6 +99,7 @@ def test_head_type_follows_llamacpp():
     """llama.cpp's output.weight: Q6_K, Q8_0 in a Q8_0 model; --head fp16 keeps it float, a type as given."""
     assert head_type("q4_k") == head_type("Q4_K_M") == head_type("q2_k") == head_type("q6_k") == "q6_k"
     assert head_type("q8_0") == "q8_0" and head_type("q4_k", "fp16") is None and head_type("q4_k", "Q5_K") == "q5_k"
+    assert head_type("q4_k", tied=True) is None and head_type("q4_k", "q6_k", tied=True) == "q6_k"
     with pytest.raises(SpqtError, match="unknown head type"):
         head_type("q4_k", "q9_k")
 
@@ -132,6 +133,28 @@ def test_cli_quantized_head(tiny_hf, tmp_path, capsys):
     assert main(["quantize", str(tiny_hf), "-o", str(bad), "--head", "q9_k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown head type" in err[0] and not bad.exists(), err
+
+
+def test_tied_head_stays_fp16_unless_a_type_is_named(tmp_path, capsys):
+    """A head tied to the embedding: no head tensor by default (the fp16 embedding is the head); --head q6_k stores a
+    quantized copy beside the fp16 embedding, which the runtime's head multiplies by and inspect shows."""
+    from conftest import make_hf_checkpoint
+
+    hf = make_hf_checkpoint(tmp_path / "tied", n_layers=1, tie=True)
+    plain, copy = tmp_path / "p.spqt", tmp_path / "c.spqt"
+    assert main(["quantize", str(hf), "-o", str(plain), "--device", "cpu"]) == 0
+    assert main(["quantize", str(hf), "-o", str(copy), "--device", "cpu", "--head", "q6_k"]) == 0
+    p, c = load_spqt(plain), load_spqt(copy)
+    assert p.config.tie_embeddings and "output" not in p.weights and p.head() is p.weights["tok_embeddings"]
+    head = c.weights["output"]
+    assert (head.fmt, head.shape) == ("q6_k", (c.config.vocab_size, c.config.dim)) and c.head() is head
+    assert torch.equal(c.weights["tok_embeddings"], p.weights["tok_embeddings"])  # the lookups' fp16 rows kept
+    x = torch.randn(2, c.config.dim)
+    torch.testing.assert_close(build_model(c).output(x), x @ head.dequantize().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(build_model(p).output(x), x @ p.weights["tok_embeddings"].float().T, rtol=1e-5, atol=1e-5)
+    capsys.readouterr()
+    assert main(["inspect", str(copy)]) == 0
+    assert any(ln.startswith("output ") and "q6_k" in ln for ln in capsys.readouterr().out.splitlines())
 
 
 @pytest.mark.parametrize("bad", ["q9_k", "q4_k_x"])

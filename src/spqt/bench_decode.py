@@ -71,9 +71,8 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
 
 def head_bytes(loaded: LoadedModel) -> int:
     """Bytes a decode step reads of the output head: its quantized blocks, or the fp16 matrix (tied: the embedding)."""
-    c = loaded.config
-    w = loaded.weights["tok_embeddings"] if c.tie_embeddings else loaded.weights["output"]
-    return w.nbytes if hasattr(w, "fmt") else c.vocab_size * c.dim * 2
+    w = loaded.head()
+    return w.nbytes if hasattr(w, "fmt") else loaded.config.vocab_size * loaded.config.dim * 2
 
 
 def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -184,9 +183,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
             needed = head + sum(lin.impl.w.nbytes * (1 - s if s > 0 and f"layers.{i}.{kind}" not in dense_maps else 1)
                                 for i, kind, lin in sparse_linears(gen.model))  # bytes a token must read
             sec = r["ms_per_token"] / 1e3
-            c = loaded.config
-            stored_head = loaded.weights["tok_embeddings" if c.tie_embeddings else "output"]
-            row = {"model": model_arg, "type": fmt, "head": getattr(stored_head, "fmt", "fp16"), "layout": layout,
+            row = {"model": model_arg, "type": fmt, "head": getattr(loaded.head(), "fmt", "fp16"), "layout": layout,
                    "variant": f"{layout}-{'sparse' if s else 'dense'}",
                    "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),

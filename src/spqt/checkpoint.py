@@ -3,7 +3,8 @@
 A .spqt file is a safetensors container. Tensors::
 
     tok_embeddings (V, D) fp16        output (V, D) quantized blocks (mixes.head_type), or fp16 (files
-                                      before the eleventh session, --head fp16); absent when tied
+                                      before the eleventh session, --head fp16); when tied, absent, or a
+                                      quantized copy of the embedding (--head TYPE), which the head reads
     norm, layers.{i}.attention_norm, layers.{i}.ffn_norm (D,) fp32
     layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3)
     layers.{i}.{group}.bias (rows,) fp32                  only for groups in config.linear_biases
@@ -93,6 +94,11 @@ class LoadedModel:
                 self.column_norms[name] = column_norms(self.weights[name])
         return self.column_norms
 
+    def head(self):
+        """The matrix the output head multiplies by: "output" (quantized, or an untied fp16 head), else the tied
+        embedding."""
+        return self.weights.get("output", self.weights["tok_embeddings"])
+
     @property
     def kind(self) -> str:
         """'q4_k-zigzag', 'q6_k-row', 'q6_k+q4_k-zigzag' (a mix: its types, widest first) or 'float'."""
@@ -152,7 +158,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     searches the Q4_K and Q5_K matrices for a lower squared error (a mix's other types keep the
     reference encoder; a single type without that search is an error). The provenance records it.
     head: the output head's type (mixes.head_type: "auto" is llama.cpp's recipe, "fp16" keeps it float); a head
-    tied to the embedding stays fp16."""
+    tied to the embedding stays the fp16 embedding unless a type is named: then a quantized copy is stored."""
     from tqdm.auto import tqdm
 
     from spqt.sparsity import column_norms
@@ -162,7 +168,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     cfg = source.config
     types = group_types(fmt, cfg.n_layers)
     check_search(search, fmt if fmt in FORMATS else None)
-    head_fmt = None if cfg.tie_embeddings else head_type(fmt, head)
+    head_fmt = head_type(fmt, head, cfg.tie_embeddings)
     embedding_names = ("tok_embeddings",) + (() if cfg.tie_embeddings or head_fmt else ("output",))
     # the embeddings come first in the file; their values arrive from a worker below
     weights = {"tok_embeddings": None, "norm": source.tensor("norm")} | {name: None for name in embedding_names}
@@ -206,8 +212,9 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 weights[name] = value
 
     pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
+
     def encode_head() -> QuantizedWeight:
-        w = source.tensor("output")
+        w = source.tensor("tok_embeddings" if cfg.tie_embeddings else "output")
         return QuantizedWeight(quantize(w.to(device), head_fmt, layout).cpu(), head_fmt, layout, tuple(w.shape))
 
     try:
@@ -361,6 +368,8 @@ def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
         weights[name] = QuantizedWeight(t, fmt, layout, shape)
         parts[name] = info["parts"]
     expected = _expected_shapes(config)
+    if config.tie_embeddings and "output" in weights:  # a quantized copy of the tied head
+        expected["output"] = (config.vocab_size, config.dim)
     for name, shape in expected.items():
         w = weights.get(name)
         if w is None:

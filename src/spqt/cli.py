@@ -111,7 +111,7 @@ def cmd_inspect(args) -> int:
     if quant_weights:
         print(f"quantized    {quant_bytes / 1e6:.2f} MB for {quant_weights / 1e6:.2f} M weights: "
               f"{8 * quant_bytes / quant_weights:.3f} bits per weight (zero padding included)")
-    float_head = not c.tie_embeddings and not hasattr(model.weights.get("output"), "fmt")
+    float_head = "output" in model.weights and not hasattr(model.weights["output"], "fmt")
     print(f"other        {other_bytes / 1e6:.2f} MB (embedding, {'head, ' if float_head else ''}norms)")
     if model.thresholds:
         from spqt import sparsity as sp
@@ -548,7 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "time; a mix's other types keep the reference)")
     p.add_argument("--head", default="auto",
                    help="the output head's type: auto (default; llama.cpp's recipe: q6_k, q8_0 in a q8_0 model), fp16, "
-                        "or a type; a head tied to the embedding stays fp16")
+                        "or a type; a head tied to the embedding stays fp16 unless a type is named (a quantized copy "
+                        "beside the fp16 embedding)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or auto (cuda when present; same bytes with the reference search)")
     p.set_defaults(func=cmd_quantize)

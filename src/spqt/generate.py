@@ -38,7 +38,7 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
 
     def make_linear(name: str, out_features: int, in_features: int):
         if name == "output":
-            head = weights["tok_embeddings"] if loaded.config.tie_embeddings else weights["output"]
+            head = loaded.head()
             if hasattr(head, "fmt"):  # quantized (mixes.head_type): the backend's kernels, as a layer's map
                 return Linear(head, dtype, device, backend)
             # a float head: the reference map, or the CPU's fp16 GEMV in that mode

@@ -15,8 +15,9 @@ Where we differ from llama.cpp, and why:
   matrix takes the WIDEST type of its members: where llama.cpp widens attn_v, our q|k|v widens
   with it (more bits than llama.cpp spends, never fewer). gate|up have no recipe of their own.
 * The output head follows llama.cpp's recipe for output.weight (head_type: Q6_K, or Q8_0 in a Q8_0
-  model). A tied embedding stays fp16, head included: its lookups read fp16 rows, and a quantized copy
-  of the head beside it would add memory (llama.cpp quantizes the shared matrix itself).
+  model). A head tied to the embedding stays fp16 by default: the embedding's lookups read fp16 rows, so
+  a quantized head is a copy beside it (more memory; llama.cpp quantizes the shared matrix itself); a
+  type named for it (--head q6_k) stores that copy, which the runtime's head then reads.
 * llama.cpp falls back to a legacy type (Q5_0, Q8_0, ...) for matrices whose rows are not a
   multiple of 256 (SmolLM2's 576); we pad with zeros instead (layouts.py), so every matrix keeps
   its K-quant.
@@ -65,12 +66,13 @@ def check_quant_type(name: str) -> str:
 HEAD_CHOICES = ("auto", "fp16")  # besides a format name
 
 
-def head_type(quant: str, head: str = "auto") -> str | None:
+def head_type(quant: str, head: str = "auto", tied: bool = False) -> str | None:
     """The format the output head is stored in for a model of type or mix `quant`: None (fp16) for head "fp16",
     a format name as given, or for "auto" llama.cpp's choice for output.weight (llama_tensor_get_type: Q6_K unless
-    the model is Q8_0, then Q8_0). Anything else: SpqtError."""
+    the model is Q8_0, then Q8_0), which a head tied to the embedding does not take (None: no copy). Anything
+    else: SpqtError."""
     key = head.lower()
-    if key == "fp16":
+    if key == "fp16" or (key == "auto" and tied):
         return None
     if key == "auto":
         return "q8_0" if check_quant_type(quant) == "q8_0" else "q6_k"
