@@ -188,27 +188,31 @@ def _prefetch_rows(ptr, rows, W: tl.constexpr):
 
 
 @triton.jit
-def _attend_block(k_ptr, v_ptr, cache, first, pos, d, r1, r2, kn1, kn2, vn1, vn2, scale, HALF: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
-    """Keys first .. first + BLOCK_N - 1 (those <= pos) of one query: the scores' max m, sum l of
-    exp(score - m) and the unnormalized sums of p v (two halves of hd). The key at pos is the new one
-    (kn, vn; its cache row may be in flight), the ones below it come from the cache."""
+def _load_block(k_ptr, v_ptr, cache, first, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cached keys and values first .. first + BLOCK_N - 1 below pos (0 elsewhere), in the cache dtype: the
+    two halves of hd of each."""
     n = first + tl.arange(0, BLOCK_N)
-    old = n < pos
+    old = (n < pos)[:, None]
     rows = cache + n[:, None] * 2 * HALF + d[None, :]
-    c1 = tl.load(k_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
-    c2 = tl.load(k_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
+    return (tl.load(k_ptr + rows, mask=old, other=0.0), tl.load(k_ptr + rows + HALF, mask=old, other=0.0),
+            tl.load(v_ptr + rows, mask=old, other=0.0), tl.load(v_ptr + rows + HALF, mask=old, other=0.0))
+
+
+@triton.jit
+def _attend_loaded(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr):
+    """Keys first .. first + BLOCK_N - 1 (those <= pos) of one query, the cached ones loaded (_load_block): the
+    scores' max m, sum l of exp(score - m) and the unnormalized sums of p v (two halves of hd). The key at pos is the
+    new one (kn, vn; its cache row may be in flight)."""
+    n = first + tl.arange(0, BLOCK_N)
     new = (n == pos)[:, None]
-    c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1)
-    c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2)
+    c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1.to(tl.float32))
+    c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2.to(tl.float32))
     s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
     s = tl.where(n <= pos, s, -float("inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)
-    u1 = tl.load(v_ptr + rows, mask=old[:, None], other=0.0).to(tl.float32)
-    u2 = tl.load(v_ptr + rows + HALF, mask=old[:, None], other=0.0).to(tl.float32)
-    u1 = tl.where(new, vn1.to(tl.float32)[None, :], u1)
-    u2 = tl.where(new, vn2.to(tl.float32)[None, :], u2)
+    u1 = tl.where(new, vn1.to(tl.float32)[None, :], u1.to(tl.float32))
+    u2 = tl.where(new, vn2.to(tl.float32)[None, :], u2.to(tl.float32))
     return m, tl.sum(p, axis=0), tl.sum(p[:, None] * u1, axis=0), tl.sum(p[:, None] * u2, axis=0)
 
 
@@ -225,7 +229,8 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     blocks, all at once in one fixed shape (SPLITS slots, the missing ones masked): a block's sums
     and the combination depend on the position only, not on P or the span's bucket.
     PDL: until griddepcontrol.wait it reads only what earlier steps wrote (the position, copied in
-    before the step, and its blocks' cached keys and values, asked of L2), then q|k|v. The position
+    before the step, its first block's cached keys and values, into registers, and its later blocks', asked
+    of L2), then q|k|v: after the wait, one round trip for q|k|v before the first block's scores, not three. The position
     decides which programs work, so it must never be written by a kernel of the same step. Program 0
     always has a block and waits: that keeps the PDL chain (a launch completes only after its wait,
     hence after the launch before it), on which the scratch's reuse by the next layer relies."""
@@ -240,10 +245,11 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     cache = ((b * HKV + j) * L) * 2 * HALF
     if prog < blocks:
+        kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
         if PDL:
             row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
             if row_bytes % 128 == 0:
-                for blk in range(prog, tl.minimum(blocks, prog + 8 * programs), programs):  # 8 blocks at most
+                for blk in range(prog + programs, tl.minimum(blocks, prog + 8 * programs), programs):  # 7 at most
                     cached = cache + blk * BLOCK_N * 2 * HALF  # the block's cached rows, below pos
                     rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
                     _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
@@ -272,15 +278,17 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
             tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
         head = b * H + h
         out = o_ptr + head * 2 * HALF
+        m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, prog * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
+                                              scale, BLOCK_N)  # block prog (blocks == 1: 0, the whole span)
         if blocks == 1:
-            m, l_sum, acc1, acc2 = _attend_block(k_ptr, v_ptr, cache, 0, pos, d, r1, r2, kn1, kn2, vn1, vn2, scale,
-                                                 HALF, BLOCK_N)
             tl.store(out + d, (acc1 / l_sum).to(dt))
             tl.store(out + HALF + d, (acc2 / l_sum).to(dt))
         else:
             for blk in range(prog, blocks, programs):
-                m, l_sum, acc1, acc2 = _attend_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, r1, r2, kn1, kn2,
-                                                     vn1, vn2, scale, HALF, BLOCK_N)
+                if blk != prog:
+                    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
+                    m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2,
+                                                          vn1, vn2, scale, BLOCK_N)
                 slot = head * SPLITS + blk
                 tl.store(part_ptr + slot * 2 * HALF + d, acc1)
                 tl.store(part_ptr + slot * 2 * HALF + HALF + d, acc2)
