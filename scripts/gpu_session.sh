@@ -27,6 +27,7 @@
 #   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
 #   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
 #   scripts/gpu_session.sh head11    the Q6_K output heads tuned (HEAD_SHAPES), decode with an fp16 / a Q6_K head alternating
+#   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -565,6 +566,21 @@ llama2-7b:now}" 90
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz decode-*.json && rm -f decode-*.json)
     [ "${HEAD_TESTS:-0}" = 1 ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     echo "head11 stage: $(( $(date +%s) - start )) s"
+    ;;
+  attn11)
+    # The decode attention with its first block loaded before the PDL wait: its gpu tests, then the span probe of
+    # .old (carried) and of this tree alternating, a process each (SPAN_RUNS), within CALL_BUDGET.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "attention or graph or replay" \
+      2>&1 | tee "$OUT/pytest-attn.log" | grep -E "passed|failed|FAILED|Error" | tail -5
+    echo "attention tests: $(( $(date +%s) - start )) s"
+    for run in ${SPAN_RUNS:-llama2-7b:before llama2-7b:now llama2-7b:before llama2-7b:now llama2-70b:before llama2-70b:now}; do
+      left=$(( ${CALL_BUDGET:-330} - ($(date +%s) - start) ))
+      [ $left -lt 45 ] && { echo "no time left for $run"; break; }
+      span_probes "$run" $left
+    done
+    echo "attn11 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and
