@@ -23,7 +23,7 @@ def squared_errors(source, path: str) -> dict[str, tuple[float, int]]:
     model = load_spqt(path)
     out = {}
     for name, w in model.weights.items():
-        if not isinstance(w, QuantizedWeight):
+        if not isinstance(w, QuantizedWeight) or not name.startswith("layers."):  # the layers' maps, not the head
             continue
         layer, group = name.split(".")[1], name.split(".")[2]
         ref = torch.cat([source.tensor(f"layers.{layer}.{m}") for m in LINEAR_GROUPS[group]], dim=0).double()

@@ -130,7 +130,14 @@ def test_cli_quantized_head(tiny_hf, tmp_path, capsys):
     assert main(["inspect", str(quant)]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("output ")]
     assert len(line) == 1 and "q6_k zigzag" in line[0] and f"{c.vocab_size}x{c.dim}" in line[0], line
-    assert main(["quantize", str(tiny_hf), "-o", str(bad), "--head", "q9_k"]) == 2
+    # the head's format is version 3 (an older spqt refuses it with its one error line); a float head's stays 2
+    from safetensors import safe_open
+    import json
+
+    versions = [json.loads(safe_open(str(f_), "pt").metadata()["spqt"])["format_version"] for f_ in (quant, flt)]
+    assert versions == [3, 2]
+    # a bad --head is refused before the source is read (a missing source would be the other error)
+    assert main(["quantize", str(tmp_path / "missing"), "-o", str(bad), "--head", "q9_k"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown head type" in err[0] and not bad.exists(), err
 

@@ -22,7 +22,7 @@ from spqt.config import ModelConfig
 from spqt.errors import SpqtError
 from spqt.generate import Generator, sparse_linears
 from spqt.kernels.gpu_layout import GpuQ4K, repack
-from spqt.mixes import head_type
+from spqt.mixes import check_quant_type, head_type
 from spqt.sources import TokenizerSpec
 
 SYNTHETIC = {
@@ -70,9 +70,14 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
 
 
 def head_bytes(loaded: LoadedModel) -> int:
-    """Bytes a decode step reads of the output head: its quantized blocks, or the fp16 matrix (tied: the embedding)."""
+    """Bytes a decode step reads of the output head: its quantized blocks where the GPU has kernels for its type and
+    layout, else the fp16 matrix the runtime multiplies by (a float head, the tied embedding, or a dequantized copy)."""
+    from spqt.kernels.dispatch import has_kernels
+
     w = loaded.head()
-    return w.nbytes if hasattr(w, "fmt") else loaded.config.vocab_size * loaded.config.dim * 2
+    if hasattr(w, "fmt") and has_kernels(w.fmt, w.layout):
+        return w.nbytes
+    return loaded.config.vocab_size * loaded.config.dim * 2
 
 
 def calibrate_on_own_activations(gen: Generator, prompt: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -249,6 +254,12 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     types = [v.strip() for v in (getattr(args, "types", None) or "q4_k").split(",")]
     if types != ["q4_k"] and not model_arg.startswith("synthetic:"):
         raise SpqtError("spqt bench decode --types: other types than q4_k run on synthetic models only")
+    head = getattr(args, "head", "auto")
+    if head != "auto" and not model_arg.startswith("synthetic:"):
+        raise SpqtError("spqt bench decode --head: a model file brings its own head; --head is for synthetic models")
+    for fmt in types:
+        check_quant_type(fmt)
+        head_type(fmt, head)  # before any child process starts
     runs = [(f, lay) for f in types for lay in layouts if f == "q4_k" or lay == "zigzag"]
     if not runs:
         raise SpqtError("spqt bench decode: types other than q4_k run in the zigzag layout only (--layouts zigzag)")

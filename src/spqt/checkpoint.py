@@ -22,7 +22,8 @@ The safetensors metadata key ``spqt`` holds versioned JSON: format_version, conf
 per tensor: a mix stores each matrix in its own format), thresholds (sparsity.py) and provenance
 (source hash, tool version, date, quantization type or mix). Files are written to a temporary name
 in the target folder and renamed. Version 2 added the family switches (biases, q/k norms, RoPE
-frequency factors); version 1 files are Llama-family files without them and read as such.
+frequency factors); version 1 files are Llama-family files without them and read as such. Version 3 is
+version 2 with a quantized output head (mixes.head_type); files with a float head stay version 2.
 """
 
 import collections
@@ -45,8 +46,9 @@ from spqt.mixes import check_quant_type, group_types, head_type
 from spqt.quant import dequantize, quantize
 from spqt.sources import SourceModel, TokenizerSpec, open_source
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 2  # written for files whose head is float; 3 where it is quantized (an older spqt refuses those)
+QUANTIZED_HEAD_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 NORM_SUFFIX = ".column_norm"
 
 # Fused linear maps: canonical name -> the source matrices stacked along rows (outputs).
@@ -293,7 +295,8 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
         tensors[f"{name}{NORM_SUFFIX}"] = norms.to(torch.float32).contiguous()
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
-    meta = {"format_version": FORMAT_VERSION, "config": model.config.to_dict(),
+    version = QUANTIZED_HEAD_VERSION if isinstance(model.weights.get("output"), QuantizedWeight) else FORMAT_VERSION
+    meta = {"format_version": version, "config": model.config.to_dict(),
             "tokenizer": model.tokenizer.to_dict(), "linears": linears,
             "thresholds": model.thresholds, "provenance": model.provenance}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"spqt": json.dumps(meta)}))
