@@ -179,7 +179,15 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     parts, norms = {}, {}
 
     def read_embeddings() -> dict:
-        return {name: source.tensor(name).to(torch.float16) for name in embedding_names}
+        """The fp16 embeddings, and the quantized head where head_fmt asks for one (a tied head from the embedding
+        read here, not read again)."""
+        read = {name: source.tensor(name) for name in embedding_names}
+        out = {name: w.to(torch.float16) for name, w in read.items()}
+        if head_fmt:
+            w = read["tok_embeddings"] if cfg.tie_embeddings else source.tensor("output")
+            out["output"] = QuantizedWeight(quantize(w.to(device), head_fmt, layout).cpu(), head_fmt, layout,
+                                            tuple(w.shape))
+        return out
 
     def read_layer(i: int) -> dict:
         layer = _layer_extras(source, i)  # norms, q/k norms, biases: stored as they are
@@ -214,14 +222,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 weights[name] = value
 
     pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
-
-    def encode_head() -> QuantizedWeight:
-        w = source.tensor("tok_embeddings" if cfg.tie_embeddings else "output")
-        return QuantizedWeight(quantize(w.to(device), head_fmt, layout).cpu(), head_fmt, layout, tuple(w.shape))
-
     try:
         embeddings = pool.submit(read_embeddings)
-        quantized_head = pool.submit(encode_head) if head_fmt else None
         with tqdm(total=cfg.n_layers, desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress) as bar:
             for i in range(cfg.n_layers):
                 pending.append({name: pool.submit(encode, w, types[name]) if name.rsplit(".", 1)[1] in LINEAR_GROUPS
@@ -233,8 +235,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 collect()
                 bar.update()
         weights.update(embeddings.result())
-        if quantized_head is not None:
-            weights["output"] = quantized_head.result()
+        if head_fmt:
             parts["output"] = [cfg.vocab_size]
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
