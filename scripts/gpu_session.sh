@@ -28,6 +28,7 @@
 #   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
 #   scripts/gpu_session.sh head11    the Q6_K output heads tuned (HEAD_SHAPES), decode with an fp16 / a Q6_K head alternating
 #   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
+#   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -581,6 +582,23 @@ llama2-7b:now}" 90
       span_probes "$run" $left
     done
     echo "attn11 stage: $(( $(date +%s) - start )) s"
+    ;;
+  reduce12)
+    # What the split-K reductions cost the step (scripts/reduce_ceiling_probe.py: shipped, q|k|v and gate|up's skipped,
+    # all skipped; a process a model, REDUCE_MODELS), then the gpu tests of the runtime (the default model parked by
+    # the call before: CUDA greedy tokens against the CPU reference), then decode (DECODE_RUNS) within CALL_BUDGET.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in ${REDUCE_MODELS:-llama2-7b llama2-70b}; do
+      timeout 150 python3 scripts/reduce_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN \
+        | tee -a "$OUT/reduce-probe.log"
+      echo "reduce probe $m: $(( $(date +%s) - start )) s"
+    done
+    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_runtime.py 2>&1 | tee "$OUT/pytest-runtime.log" \
+      | grep -E "passed|failed|FAILED|Error" | tail -8
+    echo "runtime tests: $(( $(date +%s) - start )) s"
+    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
+    echo "reduce12 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

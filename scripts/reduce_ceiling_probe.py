@@ -1,0 +1,63 @@
+"""What the split-K reduction launches cost a decode step: the step's CUDA graph replayed as shipped, with the
+reductions of the maps without a residual skipped (q|k|v and gate|up: what folding them into their consumers, the
+attention and down's GEMV, could take back at most), and with every reduction skipped (wrong outputs, the same
+GEMVs: the ceiling), alternating, in one process (device machine; issue 14). Timing only: a skipped reduction leaves
+its output stale, so the tokens are wrong.
+
+    python3 scripts/reduce_ceiling_probe.py [--model synthetic:llama2-7b] [--rounds 2] [--reps 30]
+
+The first capture is a warm-up (the seventh session's order effect: a process's first graph replays faster).
+"""
+
+import argparse
+import statistics
+
+import torch
+
+from spqt.bench_decode import alternating_step_us, synthetic_model
+from spqt.generate import Generator
+from spqt.kernels import gemv as kg
+
+
+class _SkippingReduce:
+    """Stands in for gemv._reduce_kernel: launches it unless skip(its keyword arguments) holds."""
+
+    def __init__(self, kernel, skip):
+        self.kernel, self.skip = kernel, skip
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+        return lambda *a, **kw: None if self.skip(kw) else launch(*a, **kw)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="synthetic:llama2-7b")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
+    gen = Generator(loaded, "cuda", max_len=64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    shipped = kg._reduce_kernel
+    skips = {"shipped": lambda kw: False,
+             "no q|k|v, gate|up reductions": lambda kw: kw["EPILOGUE"] != kg.EPILOGUE_RESIDUAL,
+             "no reductions": lambda kw: True}
+
+    def setup(skip):
+        def apply():
+            kg._reduce_kernel = shipped if skip is skips["shipped"] else _SkippingReduce(shipped, skip)
+        return apply
+
+    results = alternating_step_us(gen, prompt, {v: setup(s) for v, s in skips.items()}, args.rounds, args.reps)
+    kg._reduce_kernel = shipped
+    median = {v: statistics.median(r) for v, r in results.items()}
+    print(f"{args.model} dense, step device time (us): " + "; ".join(
+        f"{v} {', '.join(f'{x:.1f}' for x in r)}" for v, r in results.items()))
+    base = median["shipped"]
+    for v in list(skips)[1:]:
+        print(f"  {v}: {base - median[v]:.1f} us less than shipped ({100 * (base - median[v]) / base:.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
