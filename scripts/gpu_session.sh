@@ -29,6 +29,7 @@
 #   scripts/gpu_session.sh head11    the Q6_K output heads tuned (HEAD_SHAPES), decode with an fp16 / a Q6_K head alternating
 #   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
 #   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
+#   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -599,6 +600,19 @@ llama2-7b:now}" 90
     echo "runtime tests: $(( $(date +%s) - start )) s"
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
     echo "reduce12 stage: $(( $(date +%s) - start )) s"
+    ;;
+  finish12)
+    # Map finishes in the step's chain (scripts/finish_probe.py): the shipped table against variants with cluster
+    # finishes / other splits, alternating in one process a model (FINISH_7B, FINISH_70B: the variants' JSON).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in llama2-7b llama2-70b; do
+      v=$([ $m = llama2-7b ] && echo "${FINISH_7B:-}" || echo "${FINISH_70B:-}")
+      [ -z "$v" ] && continue
+      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 240 python3 scripts/finish_probe.py --model synthetic:$m \
+        --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
+      echo "finish probe $m: $(( $(date +%s) - start )) s"
+    done
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

@@ -1,0 +1,53 @@
+"""Map finishes in the chain of a decode step: the step's CUDA graph captured with the shipped table and with
+variants of it (some dense entries overridden: another split, a cluster finish), alternating, in one process
+(device machine; issue 14). The tuner times a map alone, where a reduction launch costs ~1-2 us; in a step the
+reductions of q|k|v and gate|up cost the 70B ~4 us each (scripts/reduce_ceiling_probe.py), so a finish is judged
+here, in the step.
+
+    python3 scripts/finish_probe.py --model synthetic:llama2-70b \
+        --variants '{"qkv c16": {"10240x8192": {"split": 16, "cluster": true}}}' [--rounds 2] [--reps 30]
+
+The first capture is a warm-up (bench_decode.alternating_step_us).
+"""
+
+import argparse
+import copy
+import json
+import statistics
+
+import torch
+
+from spqt.bench_decode import alternating_step_us, synthetic_model
+from spqt.generate import Generator
+from spqt.kernels import tuning
+from table_probe import configure
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="synthetic:llama2-70b")
+    ap.add_argument("--variants", required=True, help="JSON: name -> {shape: dense entry keys overridden}")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    shipped = tuning._load_table(tuning.device_key())
+    tables = {"shipped": shipped}
+    for name, overrides in json.loads(args.variants).items():
+        entries = copy.deepcopy(shipped)
+        for shape, keys in overrides.items():
+            entries["zigzag_dense"][shape] = {**entries["zigzag_dense"][shape], **keys}
+        tables[name] = entries
+    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
+    gen = Generator(loaded, "cuda", max_len=64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
+    results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
+    median = {name: statistics.median(r) for name, r in results.items()}
+    base = median["shipped"]
+    print(f"{args.model} dense, step device time (us), median of {args.reps} replays a round:")
+    for name, r in results.items():
+        print(f"  {name:<24} {', '.join(f'{x:.1f}' for x in r)}  ({base - median[name]:+.1f} us less than shipped)")
+
+
+if __name__ == "__main__":
+    main()
