@@ -30,7 +30,6 @@
 #   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
 #   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
 #   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
-#   scripts/gpu_session.sh prefetch12 the attention's L2 prefetch of the o weights: its gpu tests, the step with / without
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -614,21 +613,6 @@ llama2-7b:now}" 90
         --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
       echo "finish probe $m: $(( $(date +%s) - start )) s"
     done
-    ;;
-  prefetch12)
-    # The decode attention asking L2 for the o projection's weights: its gpu tests, then the step with and without
-    # the prefetch alternating in one process a model (scripts/prefetch_probe.py), then decode (DECODE_RUNS).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "attention or graph or replay" \
-      2>&1 | tee "$OUT/pytest-attn.log" | grep -E "passed|failed|FAILED|Error" | tail -5
-    echo "attention tests: $(( $(date +%s) - start )) s"
-    for m in ${PREFETCH_MODELS:-llama2-7b llama2-70b}; do
-      timeout 150 python3 scripts/prefetch_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/prefetch-probe.log"
-      echo "prefetch probe $m: $(( $(date +%s) - start )) s"
-    done
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
-    echo "prefetch12 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

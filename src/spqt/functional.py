@@ -1,8 +1,6 @@
 """The few elementwise/row operations of the network, each with a torch definition (CPU, and the
 reference) and a fused Triton kernel on CUDA (spqt.kernels.fused). model.py calls these."""
 
-import functools
-import os
 import weakref
 
 import torch
@@ -112,13 +110,6 @@ def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool
     return y if residual is None else residual + y
 
 
-@functools.lru_cache(maxsize=None)
-def l2_prefetch_on() -> bool:
-    """SPQT_L2_PREFETCH=0 keeps the decode attention from asking L2 for the next map's weights (comparisons); read
-    once."""
-    return os.environ.get("SPQT_L2_PREFETCH", "1") != "0"
-
-
 # Spans up to this many keys run the one-launch decode attention (a program per query head and block of
 # fused.ATTN_BLOCK_N keys, at most fused.ATTN_MAX_SPLITS blocks); longer ones go to torch's attention.
 DECODE_ATTENTION_MAX_SPAN = 2048
@@ -126,13 +117,12 @@ DECODE_ATTENTION_MAX_SPAN = 2048
 
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
               cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int,
-              native: bool = False, prefetch: tuple = ()) -> torch.Tensor:
+              native: bool = False) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
     Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch; with native
-    (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py). prefetch: tensors the GPU's
-    decode attention asks L2 for while it runs (the next map's weights; a hint, no result changes)."""
+    (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
     hd = cache_k.shape[-1]
     if native:
         from spqt.kernels import cpu_native
@@ -143,8 +133,7 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and length <= DECODE_ATTENTION_MAX_SPAN:
         from spqt.kernels import fused
 
-        return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length,
-                                           prefetch if l2_prefetch_on() else ())
+        return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
     q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],
                                          attn_mask=mask, enable_gqa=n_kv != n_heads)

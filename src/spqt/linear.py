@@ -47,13 +47,6 @@ class Linear(DirectCallModule):
         # Called with the map's actual input (after the norm): hooks on it observe what W multiplies.
         self.input_tap = nn.Identity()
 
-    def weight_tensors(self) -> tuple:
-        """The arrays the next forward of one token streams whole (the implementation's weight_tensors: a GPU
-        kernel layout's), or () (none known, or it runs sparse and reads only the active columns): what a kernel
-        running before this map may ask L2 for ahead of it."""
-        tensors = getattr(self.impl, "weight_tensors", None)
-        return tensors() if tensors is not None and not self.runs_sparse() else ()
-
     def set_threshold(self, t: float | None, level: float | None = None) -> None:
         """Thresholds are updated in place, so a captured CUDA graph sees the new value."""
         self.level = level

@@ -101,7 +101,7 @@ class Attention(DirectCallModule):
         if self.q_norm is not None:
             qkv = self._norm_heads(qkv)
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
-                                   mask.shape[-1], native=self.native, prefetch=self.o.weight_tensors())
+                                   mask.shape[-1], native=self.native)
         return self.o(out.reshape(b, t, self.n_heads * self.hd), residual=x)
 
 

@@ -188,21 +188,6 @@ def _prefetch_rows(ptr, rows, W: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_share(ptr, nbytes, part, parts, WARPS: tl.constexpr):
-    """Ask L2 for share `part` of `parts` of the nbytes at ptr (16-byte aligned): a bulk prefetch a warp (sm_90's
-    cp.async.bulk.prefetch.L2: no register or barrier held) of a quarter of the share (WARPS 4). Its address is the
-    same in a warp's lanes (the warp's index), so the uniform-register instruction runs once a warp."""
-    ptr = ptr.to(tl.pointer_type(tl.int8))
-    per = tl.cdiv(tl.cdiv(nbytes, parts), 16 * WARPS) * 16 * WARPS  # a program's bytes, 16 WARPS | per
-    piece = per // WARPS
-    start = part * per + (tl.arange(0, 32 * WARPS) // 32) * piece
-    size = tl.minimum(piece, nbytes - start)  # <= 0 past the end: no prefetch
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [(ptr + start).to(tl.int64), size], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _load_block(k_ptr, v_ptr, cache, first, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
     """The cached keys and values first .. first + BLOCK_N - 1 below pos (0 elsewhere), in the cache dtype: the
     two halves of hd of each."""
@@ -233,9 +218,8 @@ def _attend_loaded(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
-                                  length, sx, scale, pf0, nb0, pf1, nb1, pf2, nb2, pf3, nb3, HALF: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
-                                  PREFETCH: tl.constexpr):
+                                  length, sx, scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     p, p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos (flash-decoding).
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
@@ -249,24 +233,11 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     of L2), then q|k|v: after the wait, one round trip for q|k|v before the first block's scores, not three. The position
     decides which programs work, so it must never be written by a kernel of the same step. Program 0
     always has a block and waits: that keeps the PDL chain (a launch completes only after its wait,
-    hence after the launch before it), on which the scratch's reuse by the next layer relies.
-    PREFETCH (sm_90, PDL): the first thing every program does is ask L2 for its share of the PREFETCH byte
-    ranges (pf_i, nb_i bytes): the next map's weights (the o projection's), streamed into L2 while this
-    kernel's latency-bound work leaves the memory idle."""
+    hence after the launch before it), on which the scratch's reuse by the next layer relies."""
     h = tl.program_id(0)
     prog = tl.program_id(1)
     b = tl.program_id(2)
     programs = tl.num_programs(1)
-    if PREFETCH > 0:
-        part = (b * H + h) * programs + prog
-        parts = H * programs * tl.num_programs(2)
-        _prefetch_share(pf0, nb0, part, parts, 4)
-        if PREFETCH > 1:
-            _prefetch_share(pf1, nb1, part, parts, 4)
-        if PREFETCH > 2:
-            _prefetch_share(pf2, nb2, part, parts, 4)
-        if PREFETCH > 3:
-            _prefetch_share(pf3, nb3, part, parts, 4)
     group = H // HKV
     j = h // group
     d = tl.arange(0, HALF)
@@ -375,33 +346,14 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
     return max(1, min(blocks, sms // heads))
 
 
-PREFETCH_REGIONS = 4  # byte ranges the decode attention may ask L2 for (the next map's weight arrays)
-
-
-def prefetch_ranges(tensors, device: torch.device) -> list[tuple[torch.Tensor, int]]:
-    """(tensor, bytes) of up to PREFETCH_REGIONS of the tensors (contiguous, 16-byte aligned, on the device), the
-    largest first, each's bytes rounded down to a multiple of 16 (the bulk prefetch's unit), none empty; [] where
-    the bulk L2 prefetch does not run (needs sm_90: PDL's devices)."""
-    from spqt.kernels.zigzag_mma import uses_pdl
-
-    if device.type != "cuda" or not uses_pdl(device):
-        return []
-    sized = [(t, t.numel() * t.element_size() // 16 * 16) for t in tensors
-             if t.device == device and t.is_contiguous() and t.data_ptr() % 16 == 0]
-    sized = sorted((r for r in sized if r[1] > 0), key=lambda r: -r[1])
-    return sized[:PREFETCH_REGIONS]
-
-
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int,
-                          prefetch: tuple = ()) -> torch.Tensor:
+                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int) -> torch.Tensor:
     """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), ATTN_BLOCK_N ATTN_MAX_SPLITS at most.
     Returns (B, 1, H, hd) in qkv's dtype. Needs hd a power of two (functional.attention picks it
-    for short spans only). prefetch: tensors (the next map's weights) asked of L2 while it runs (sm_90;
-    prefetch_ranges), a hint that changes no result."""
+    for short spans only)."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd & (hd - 1):
@@ -417,10 +369,8 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
     pdl = uses_pdl(qkv.device)
     programs = attention_programs(blocks, b * n_heads, qkv.device)
-    ranges = prefetch_ranges(prefetch, qkv.device) if pdl else []
-    regions = [a for r in ranges + [(qkv, 0)] * (PREFETCH_REGIONS - len(ranges)) for a in r]
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        qkv.stride(0), hd**-0.5, *regions, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl,
-        PREFETCH=len(ranges), num_warps=4, launch_pdl=pdl)
+        qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     return out

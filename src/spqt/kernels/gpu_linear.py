@@ -10,7 +10,6 @@ TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (z
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
 
-import dataclasses
 import functools
 import os
 
@@ -71,11 +70,6 @@ class TritonLinear:
         else:
             self.cfg_row = tuning.config("row_dense", self.n, self.k)
             self.y = torch.empty(self.n, dtype=dtype, device=device)
-
-    def weight_tensors(self) -> tuple:
-        """The kernel layout's arrays of the matrix (quants, heads, ...: what a GEMV of one token streams)."""
-        return tuple(getattr(self.w, f.name) for f in dataclasses.fields(self.w)
-                     if isinstance(getattr(self.w, f.name), torch.Tensor))
 
     def _zigzag_setup(self, config, workspace, dtype: torch.dtype, device: str) -> None:
         """The tuned configs config(kind) (kind "dense" / "sparse") for this shape, their preallocated
