@@ -1,0 +1,56 @@
+"""What one of the runtime's on/off switches (a module function returning a bool, read once from the environment,
+e.g. spqt.functional:unreduced_qkv_on) is worth to a decode step: the step's CUDA graph captured with the switch off
+and on, alternating, in one process (device machine; issue 14).
+
+    python3 scripts/switch_probe.py --switch spqt.functional:unreduced_qkv_on [--model synthetic:llama2-7b]
+        [--sparsity 0] [--rounds 2] [--reps 30]
+
+The first capture is a warm-up (bench_decode.alternating_step_us).
+"""
+
+import argparse
+import importlib
+import statistics
+
+import torch
+
+from spqt.bench_decode import alternating_step_us, synthetic_model
+from spqt.generate import Generator
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--switch", required=True, help="module:function")
+    ap.add_argument("--model", default="synthetic:llama2-7b")
+    ap.add_argument("--sparsity", type=float, default=0.0)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    args = ap.parse_args()
+    module_name, name = args.switch.split(":")
+    module = importlib.import_module(module_name)
+    shipped = getattr(module, name)
+    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
+    gen = Generator(loaded, "cuda", max_len=64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    if args.sparsity > 0:
+        from spqt.bench_decode import calibrate_on_own_activations
+
+        gen.set_sparsity(args.sparsity, table=calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"),
+                                                                           args.sparsity))
+
+    def setup(on: bool):
+        def apply():
+            setattr(module, name, lambda: on)
+        return apply
+
+    results = alternating_step_us(gen, prompt, {"off": setup(False), "on": setup(True)}, args.rounds, args.reps)
+    setattr(module, name, shipped)
+    median = {v: statistics.median(r) for v, r in results.items()}
+    print(f"{args.model} sparsity {args.sparsity}, {args.switch}, step device time (us): " + "; ".join(
+        f"{v} {', '.join(f'{x:.1f}' for x in r)}" for v, r in results.items()))
+    less = median["off"] - median["on"]
+    print(f"  on: {less:.1f} us less than off ({100 * less / median['off']:.1f} %)")
+
+
+if __name__ == "__main__":
+    main()
