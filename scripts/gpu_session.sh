@@ -30,7 +30,6 @@
 #   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
 #   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
 #   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
-#   scripts/gpu_session.sh fold12    q|k|v's partial sums added by the attention: gpu tests, the step off / on, (all tests), decode
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -614,24 +613,6 @@ llama2-7b:now}" 90
         --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
       echo "finish probe $m: $(( $(date +%s) - start )) s"
     done
-    ;;
-  fold12)
-    # The decode attention adding the q|k|v GEMV's partial sums itself: its gpu tests (kernel and runtime), then the
-    # step with it off and on alternating in one process (scripts/switch_probe.py, SWITCH_RUNS: model:sparsity),
-    # then (GPU_TESTS=1) every gpu test, then decode (DECODE_RUNS) within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "unreduced or attention or graph" \
-      2>&1 | tee "$OUT/pytest-fold.log" | grep -E "passed|failed|FAILED|Error" | tail -8
-    echo "fold tests: $(( $(date +%s) - start )) s"
-    for run in ${SWITCH_RUNS:-llama2-7b:0 llama2-70b:0}; do
-      timeout 150 python3 scripts/switch_probe.py --switch spqt.functional:unreduced_qkv_on --model synthetic:${run%%:*} \
-        --sparsity ${run#*:} 2>&1 | grep -v WARN | tee -a "$OUT/switch-probe.log"
-      echo "switch probe $run: $(( $(date +%s) - start )) s"
-    done
-    [ "${GPU_TESTS:-0}" = 1 ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-570}
-    echo "fold12 stage: $(( $(date +%s) - start )) s"
     ;;
   profile9)
     # Where the decode step goes per kernel kind (scripts/profile_decode.py), with the norms folded (the default) and

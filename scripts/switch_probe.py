@@ -1,8 +1,8 @@
 """What one of the runtime's on/off switches (a module function returning a bool, read once from the environment,
-e.g. spqt.functional:unreduced_qkv_on) is worth to a decode step: the step's CUDA graph captured with the switch off
+e.g. spqt.kernels.gpu_linear:norm_fold_on) is worth to a decode step: the step's CUDA graph captured with the switch off
 and on, alternating, in one process (device machine; issue 14).
 
-    python3 scripts/switch_probe.py --switch spqt.functional:unreduced_qkv_on [--model synthetic:llama2-7b]
+    python3 scripts/switch_probe.py --switch spqt.kernels.gpu_linear:norm_fold_on [--model synthetic:llama2-7b]
         [--sparsity 0] [--rounds 2] [--reps 30]
 
 The first capture is a warm-up (bench_decode.alternating_step_us).

@@ -539,47 +539,6 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, 2049)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_decode_attention_adds_unreduced_qkv(rng, device):
-    """q|k|v left before its reduction by the zigzag GEMV (gemv_zigzag(reduce=False): split 3 / 7, the Triton and
-    on the GPU the CUDA GEMV): the decode attention adding the partial sums itself gives the attention of the
-    reduced q|k|v (within one rounding of q|k|v to its dtype) and writes the same k, v rows (within that rounding);
-    finish() then gives the reduced output bit for bit (the partials untouched by the attention); with an epilogue
-    the GEMV comes back finished."""
-    from spqt.config import ModelConfig
-    from spqt.kernels import fused
-    from spqt.model import rope_table
-
-    heads, kv, hd, pos, k = (4, 2, 32, 70, 130) if device == "cpu" else (32, 8, 128, 70, 4096)
-    n = (heads + 2 * kv) * hd
-    qw, w = _weights(rng, (n, k), "zigzag", device)
-    cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
-                      max_seq_len=256)
-    table = rope_table(cfg, 256).to(device)
-    positions = torch.tensor([pos], device=device)
-    for dtype in dtypes_for(device)[:1] + [torch.float16] if device == "cpu" else [torch.float16]:
-        tol = 1e-5 if dtype == torch.float32 else 4e-3
-        x, _ = _x(rng, k, dtype, device, 0.0)
-        cache = torch.from_numpy(rng.standard_normal((2, 1, kv, pos + 30, hd)).astype(np.float32)).to(device, dtype)
-        for impl in ("triton", "cuda") if device == "cuda" else ("triton",):
-            for split in (3, 7):
-                what = f"{dtype} {impl} split {split}"
-                ws = kg.ZigzagWorkspace(w, split, dtype)
-                reduced = kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, impl=impl).clone()
-                ws.y.fill_(float("nan"))
-                parts = kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, impl=impl, reduce=False)
-                assert isinstance(parts, kg.Unreduced) and parts.split == split and torch.isnan(ws.y).all(), what
-                caches_a, caches_b = cache.clone(), cache.clone()
-                want = fused.rope_attention_decode(reduced.view(1, 1, n), table, positions, *caches_a, heads, kv, pos + 1)
-                got = fused.rope_attention_decode(parts, table, positions, *caches_b, heads, kv, pos + 1)
-                torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol, msg=what)
-                torch.testing.assert_close(caches_b.float(), caches_a.float(), atol=tol, rtol=tol, msg=what)
-                assert torch.equal(parts.finish(), reduced), what
-        residual = torch.randn(n, device=device).to(dtype)
-        done = kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, residual=residual, reduce=False)
-        assert isinstance(done, torch.Tensor) and not torch.isnan(done).any()
-
-
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     """Every config the tuner may pick is launchable (row: 4 words per thread, block >= 4 * warps;
     zigzag: 1-8 warps, 1 <= split <= K); a table written for another kernel version is ignored

@@ -1,8 +1,6 @@
 """The few elementwise/row operations of the network, each with a torch definition (CPU, and the
 reference) and a fused Triton kernel on CUDA (spqt.kernels.fused). model.py calls these."""
 
-import functools
-import os
 import weakref
 
 import torch
@@ -112,13 +110,6 @@ def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool
     return y if residual is None else residual + y
 
 
-@functools.lru_cache(maxsize=None)
-def unreduced_qkv_on() -> bool:
-    """SPQT_UNREDUCED_QKV=0: the q|k|v GEMV's reduction is launched before the decode attention, which otherwise
-    adds its partial sums itself (comparisons); read once."""
-    return os.environ.get("SPQT_UNREDUCED_QKV", "1") != "0"
-
-
 # Spans up to this many keys run the one-launch decode attention (a program per query head and block of
 # fused.ATTN_BLOCK_N keys, at most fused.ATTN_MAX_SPLITS blocks); longer ones go to torch's attention.
 DECODE_ATTENTION_MAX_SPAN = 2048
@@ -129,18 +120,10 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
               native: bool = False) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
-    qkv (B, T, (H + 2 Hkv) hd), or one token's q|k|v left before its GEMV's reduction (kernels.gemv.Unreduced: the
-    decode attention adds its partial sums; elsewhere it is finished first); mask (T, length) additive, -inf above
-    each token's position.
+    qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
     Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch; with native
     (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
     hd = cache_k.shape[-1]
-    if not isinstance(qkv, torch.Tensor):  # a GPU GEMV's unreduced output
-        if hd & (hd - 1) == 0 and length <= DECODE_ATTENTION_MAX_SPAN:
-            from spqt.kernels import fused
-
-            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
-        qkv = qkv.finish().view(1, 1, -1)
     if native:
         from spqt.kernels import cpu_native
 

@@ -78,30 +78,26 @@ class Linear(DirectCallModule):
         return not self.dense_fallback or self.impl.sparse_pays(self.level, norm_fed)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False,
-                norm: nn.Module | None = None, unreduced: bool = False):
+                norm: nn.Module | None = None) -> torch.Tensor:
         """residual (..., N): returns residual + W x. swiglu: W is gate|up stacked (N = 2F); returns
         silu(gate) * up, (..., F). norm: an RMSNorm applied to x first. Kernels may fuse the norm with
         the sparse index collection, and the residual or SwiGLU into the GEMV's last step (not when
         a bias must come first: then W x comes back plain, and the bias and epilogue run in torch,
-        which a CUDA graph captures like any other op). unreduced (no residual, no SwiGLU): the caller also takes a
-        split GEMV's output before its reduction (kernels.gemv.Unreduced: it adds the partial sums itself, or calls
-        finish()), where the implementation gives one (one token on the GPU's zigzag GEMV, no bias)."""
+        which a CUDA graph captures like any other op)."""
         if self.bias is not None:
             return linear_epilogue(self._product(x, None, False, norm) + self.bias, residual, swiglu)
-        return self._product(x, residual, swiglu, norm, unreduced)
+        return self._product(x, residual, swiglu, norm)
 
     def _product(self, x: torch.Tensor, residual: torch.Tensor | None, swiglu: bool,
-                 norm: nn.Module | None, unreduced: bool = False):
-        # the implementation's calls take `unreduced` where it can leave a GEMV unreduced
-        more = {"unreduced": True} if unreduced and getattr(self.impl, "unreduces", False) else {}
+                 norm: nn.Module | None) -> torch.Tensor:
         fused = self.impl.sparse_normed if norm is not None and getattr(self.impl, "fuses_norm", False) else None
         sparse = self.runs_sparse(norm_fed=fused is not None)
         if norm is not None:
             if sparse and not self.track and fused is not None and x.numel() == self.in_features:
-                y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale, **more)
+                y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
                 self.input_tap(normed)
                 return y
-            folded = None if sparse else self._norm_folded(x, norm, residual, swiglu, more)
+            folded = None if sparse else self._norm_folded(x, norm, residual, swiglu)
             if folded is not None:
                 return folded
             # an implementation with its own RMSNorm (the CPU's native maps) runs it; else the module
@@ -115,21 +111,21 @@ class Linear(DirectCallModule):
             if self.track:
                 self.counts[0] += (~keep_mask(x, self.threshold, self.scale)).sum(dtype=torch.float64)
                 self.counts[1] += x.numel()
-            return self.impl.sparse(x, self.threshold, residual, swiglu, scale=self.scale, **more)
+            return self.impl.sparse(x, self.threshold, residual, swiglu, scale=self.scale)
         if self.track:
             self.counts[1] += x.numel()
-        return self.impl.dense(x, residual, swiglu, **more)
+        return self.impl.dense(x, residual, swiglu)
 
     def _norm_folded(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None,
-                     swiglu: bool, more: dict):
+                     swiglu: bool) -> torch.Tensor | None:
         """W norm(x) with the norm inside the GEMV (the GPU's CUDA B2), where x carries the sums of squares of
         the reduction that wrote it (functional.NORM_SUMS) and no hook observes the norm or the normed input;
-        else None. more: the implementation's further arguments (unreduced)."""
+        else None."""
         sums = getattr(x, NORM_SUMS, None)
         fold = getattr(self.impl, "dense_normed", None)
         if sums is None or fold is None or hooked(self.input_tap) or hooked(norm):
             return None
-        y = fold(x, norm.weight, norm.eps, sums, residual, swiglu, **more)
+        y = fold(x, norm.weight, norm.eps, sums, residual, swiglu)
         if y is not None and self.track:
             self.counts[1] += x.numel()
         return y

@@ -97,8 +97,7 @@ class Attention(DirectCallModule):
         """x + attention(norm(x)); rope: the model's whole (max_seq_len, hd) table. The norm is
         handed to the q|k|v map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
-        # the decode attention adds a split q|k|v GEMV's partial sums itself (one launch less a layer)
-        qkv = self.qkv(x, norm=norm, unreduced=self.q_norm is None and functional.unreduced_qkv_on())
+        qkv = self.qkv(x, norm=norm)
         if self.q_norm is not None:
             qkv = self._norm_heads(qkv)
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,

@@ -188,18 +188,6 @@ def _prefetch_rows(ptr, rows, W: tl.constexpr):
 
 
 @triton.jit
-def _qkv_half(x_ptr, off, d, np_, split, DT: tl.constexpr, PARTS: tl.constexpr):
-    """Elements off + d of one token's q|k|v in fp32, as stored in DT: loaded, or (PARTS > 0) the sum of the `split`
-    partial rows (stride np_, fp32) that a GEMV left unreduced, PARTS the next power of two (gemv._reduce_kernel's
-    tile), rounded to DT as that kernel stores y."""
-    if PARTS > 0:
-        s = tl.arange(0, PARTS)
-        rows = tl.load(x_ptr + s[:, None] * np_ + off + d[None, :], mask=(s < split)[:, None], other=0.0)
-        return tl.sum(rows, axis=0).to(DT).to(tl.float32)
-    return tl.load(x_ptr + off + d).to(tl.float32)
-
-
-@triton.jit
 def _load_block(k_ptr, v_ptr, cache, first, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
     """The cached keys and values first .. first + BLOCK_N - 1 below pos (0 elsewhere), in the cache dtype: the
     two halves of hd of each."""
@@ -230,8 +218,8 @@ def _attend_loaded(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
-                                  length, sx, scale, np_, split, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  SPLITS: tl.constexpr, PDL: tl.constexpr, PARTS: tl.constexpr):
+                                  length, sx, scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  SPLITS: tl.constexpr, PDL: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     p, p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos (flash-decoding).
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
@@ -245,8 +233,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     of L2), then q|k|v: after the wait, one round trip for q|k|v before the first block's scores, not three. The position
     decides which programs work, so it must never be written by a kernel of the same step. Program 0
     always has a block and waits: that keeps the PDL chain (a launch completes only after its wait,
-    hence after the launch before it), on which the scratch's reuse by the next layer relies.
-    PARTS > 0: x holds q|k|v's `split` partial sums (fp32 rows of np_, one token: _qkv_half adds them)."""
+    hence after the launch before it), on which the scratch's reuse by the next layer relies."""
     h = tl.program_id(0)
     prog = tl.program_id(1)
     b = tl.program_id(2)
@@ -272,18 +259,18 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         cos = tl.load(t_ptr + pos * 2 * HALF + d)
         sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
         base = x_ptr + b * sx
-        dt: tl.constexpr = o_ptr.dtype.element_ty
-        q1 = _qkv_half(base, h * 2 * HALF, d, np_, split, dt, PARTS)
-        q2 = _qkv_half(base, h * 2 * HALF + HALF, d, np_, split, dt, PARTS)
+        q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
+        q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
+        dt = o_ptr.dtype.element_ty
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
         r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
-        k1 = _qkv_half(base, (H + j) * 2 * HALF, d, np_, split, dt, PARTS)
-        k2 = _qkv_half(base, (H + j) * 2 * HALF + HALF, d, np_, split, dt, PARTS)
+        k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
+        k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
         kn1 = (k1 * cos - k2 * sin).to(dt)
         kn2 = (k2 * cos + k1 * sin).to(dt)
-        vn1 = _qkv_half(base, (H + HKV + j) * 2 * HALF, d, np_, split, dt, PARTS).to(dt)
-        vn2 = _qkv_half(base, (H + HKV + j) * 2 * HALF + HALF, d, np_, split, dt, PARTS).to(dt)
+        vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
+        vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
         if (h % group == 0) & ((blocks - 1) % programs == prog):
             tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
             tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
@@ -362,34 +349,28 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                           cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int) -> torch.Tensor:
     """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
-    qkv (B, 1, (H + 2 Hkv) hd) unit last stride, or one token's q|k|v left unreduced by its GEMV (gemv.Unreduced:
-    its partial sums added here, B = 1); table (L_max, hd) fp32 [cos | sin]; positions (1,)
+    qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), ATTN_BLOCK_N ATTN_MAX_SPLITS at most.
     Returns (B, 1, H, hd) in qkv's dtype. Needs hd a power of two (functional.attention picks it
     for short spans only)."""
-    parts = None if isinstance(qkv, torch.Tensor) else qkv
-    b, t, dtype, device = (1, 1, parts.dtype, parts.partials.device) if parts is not None else (*qkv.shape[:2],
-                                                                                                qkv.dtype, qkv.device)
+    b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd & (hd - 1):
         raise ValueError("rope_attention_decode takes one token and a power-of-two head_dim")
-    if parts is not None and parts.n != (n_heads + 2 * n_kv) * hd:
-        raise ValueError(f"unreduced q|k|v of {parts.n} outputs for {n_heads} + 2 x {n_kv} heads of {hd}")
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
     if blocks > ATTN_MAX_SPLITS:
         raise ValueError(f"rope_attention_decode attends to {ATTN_BLOCK_N * ATTN_MAX_SPLITS} keys at most; got {length}")
-    if parts is None and qkv.stride(2) != 1:
+    if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
 
-    out = torch.empty((b, 1, n_heads, hd), dtype=dtype, device=device)
-    part, ml, counters = _attention_scratch(device, b * n_heads, hd)
-    pdl = uses_pdl(device)
-    programs = attention_programs(blocks, b * n_heads, device)
-    x, sx, np_, split = (parts.partials, 0, parts.np, parts.split) if parts is not None else (qkv, qkv.stride(0), 0, 1)
+    out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device)
+    part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
+    pdl = uses_pdl(qkv.device)
+    programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
-        x, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        sx, hd**-0.5, np_, split, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl,
-        PARTS=triton.next_power_of_2(split) if parts is not None else 0, num_warps=4, launch_pdl=pdl)
+        qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
+        qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl, num_warps=4,
+        launch_pdl=pdl)
     return out

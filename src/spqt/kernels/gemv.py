@@ -311,33 +311,6 @@ class ZigzagWorkspace:
         self.y = torch.empty(n, dtype=dtype, device=dev)
 
 
-class Unreduced:
-    """A zigzag GEMV's output left before its reduction (gemv_zigzag(..., reduce=False)): y[n] = the sum over
-    s < split of partials[s, n] (fp32, (split, NP), the workspace's), n < N, rounded to `dtype` as
-    _reduce_kernel rounds it. A consumer that adds the partials itself (fused.rope_attention_decode: q|k|v) saves
-    the reduction's launch; any other calls finish(), which launches it and returns y (N,). Valid until the map's
-    next call (the workspace is reused)."""
-
-    def __init__(self, ws: ZigzagWorkspace, n: int, dtype: torch.dtype, pdl: bool):
-        self.partials, self.split, self.np, self.n, self.dtype = ws.partials, ws.split, ws.np, n, dtype
-        self._ws, self._pdl = ws, pdl
-
-    def finish(self) -> torch.Tensor:
-        """y (N,): the reduction kernel launched into the workspace's y."""
-        _reduce(self._ws, self.n, None, EPILOGUE_NONE, self._pdl, False)
-        return self._ws.y
-
-
-def _reduce(ws: ZigzagWorkspace, n: int, residual: torch.Tensor | None, epilogue: int, pdl: bool, sumsq: bool) -> None:
-    """_reduce_kernel over ws.partials into ws.y (and ws.sumsq where sumsq)."""
-    block = reduce_block(ws.split)
-    swiglu = epilogue == EPILOGUE_SWIGLU
-    _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
-        ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
-        SPLIT_P2=triton.next_power_of_2(ws.split), EPILOGUE=epilogue, PDL=pdl, sq_ptr=ws.sumsq if sumsq else None,
-        SUMSQ=sumsq, num_warps=4, launch_pdl=pdl)
-
-
 # the CUDA GEMV's TYPE of each format (zigzag_cuda.launch's bits); all but Q4_K run in CUDA layouts only
 TYPE_BITS = {"q2_k": 2, "q3_k": 3, "q4_k": 4, "q5_k": 5, "q6_k": 6, "q8_0": 8}
 
@@ -360,8 +333,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
-                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False,
-                reduce: bool = True) -> "torch.Tensor | Unreduced":
+                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
@@ -377,9 +349,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     y's squares (ws.sumsq[p] over outputs p BLOCK ..., reduce_block).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
-    -> silu(gate) * up, a view ws.y[:N / 2]. reduce False (no epilogue, no sumsq): where the reduction kernel would
-    finish y, it is not launched and an Unreduced comes back instead (the caller adds the partials or finishes it).
-    w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
+    -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
     GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes, gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
     gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4, fp16 x, sm_80+ with NVRTC; no Triton twin)."""
     if w.layout != "zigzag":
@@ -435,9 +405,11 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                           ws.y, residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
                           num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
     if not fused:
-        if not reduce and epilogue == EPILOGUE_NONE and not sumsq:
-            return Unreduced(ws, n, x.dtype, pdl)
-        _reduce(ws, n, residual, epilogue, pdl, sumsq)
+        block = reduce_block(ws.split)
+        _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
+            ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
+            SPLIT_P2=triton.next_power_of_2(ws.split), EPILOGUE=epilogue, PDL=pdl, sq_ptr=ws.sumsq if sumsq else None,
+            SUMSQ=sumsq, num_warps=4, launch_pdl=pdl)
     return ws.y[: n // 2] if swiglu else ws.y
 
 

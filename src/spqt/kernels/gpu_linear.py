@@ -42,11 +42,8 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
             and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
 
 
-def _with_sums(y, shape: torch.Size, sums: torch.Tensor | None):
-    """y viewed as (..., N) of x's shape, carrying its sums of squares (NORM_SUMS) where they were written; an
-    unreduced output (gemv.Unreduced) as it is."""
-    if isinstance(y, kg.Unreduced):
-        return y
+def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
+    """y viewed as (..., N) of x's shape, carrying its sums of squares (NORM_SUMS) where they were written."""
     out = y.view(*shape[:-1], y.numel())
     if sums is not None:
         setattr(out, NORM_SUMS, sums)
@@ -63,8 +60,6 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 
 
 class TritonLinear:
-    unreduces = True  # dense / dense_normed / sparse / sparse_normed take unreduced (gemv.Unreduced outputs)
-
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)
         self.n, self.k = weight.shape
@@ -96,8 +91,7 @@ class TritonLinear:
 
     def _gemv(self, v: torch.Tensor, mode: int, ws: kg.ZigzagWorkspace, cfg: dict, epilogue: dict, **more):
         """gemv_zigzag of v (K,) with a config and workspace -> (y, ws.sumsq where the reduction wrote the
-        sums of squares of a residual map's output, else None); more: gemv_zigzag's other arguments (reduce False:
-        y may be a gemv.Unreduced)."""
+        sums of squares of a residual map's output, else None)."""
         args = tuning.launch_args(cfg)
         sums = (epilogue["residual"] is not None and norm_fold_on()
                 and not kg.finish_plan(self.w, v, mode, ws.split, kg.EPILOGUE_RESIDUAL, args["impl"], args["fused"],
@@ -105,25 +99,23 @@ class TritonLinear:
         y = kg.gemv_zigzag(self.w, v, mode, ws, **args, **epilogue, sumsq=sums, **more)
         return y, ws.sumsq if sums else None
 
-    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False,
-              unreduced: bool = False):
-        """W x (+ the epilogue); unreduced: one token's zigzag GEMV may come back as a gemv.Unreduced (no epilogue)."""
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         if x.numel() != self.k:
             return linear_epilogue(self._gemm(x), residual, swiglu)
         v = x.reshape(self.k)
         fused = self._gemv_epilogue(residual, swiglu)
         if fused is not None:
-            y, sums = self._gemv(v, kg.MODE_DENSE, self.ws_dense, self.cfg_dense, fused, reduce=not unreduced)
+            y, sums = self._gemv(v, kg.MODE_DENSE, self.ws_dense, self.cfg_dense, fused)
             return _with_sums(y, x.shape, sums)
         y = kg.gemv_row(self.w, v, out=self.y, **self.cfg_row)
         return linear_epilogue(y.view(*x.shape[:-1], self.n), residual, swiglu)
 
     def dense_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sums: torch.Tensor,
-                     residual: torch.Tensor | None = None, swiglu: bool = False, unreduced: bool = False):
+                     residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor | None:
         """W rms_norm(x) for one token x (..., K) fp16 (norm_weight fp32, as the runtime keeps it) with the norm
         inside the CUDA B2, its rstd from x's sums of squares `sums` (fp32, written by the reduction that finished
         x); None where this map cannot fold it (the row layout, the Triton GEMV, not fp16, a share too wide or x
-        unaligned: zigzag_cuda.norm_fits). unreduced: as dense's."""
+        unaligned: zigzag_cuda.norm_fits)."""
         if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
                 or norm_weight.dtype != torch.float32):
             return None
@@ -132,7 +124,7 @@ class TritonLinear:
         if not norm_foldable(self.w, v, self.ws_dense.split, tuning.launch_args(self.cfg_dense), gamma):
             return None
         y, out_sums = self._gemv(v, kg.MODE_DENSE, self.ws_dense, self.cfg_dense, self._gemv_epilogue(residual, swiglu),
-                                 norm=(gamma, sums, eps), reduce=not unreduced)
+                                 norm=(gamma, sums, eps))
         return _with_sums(y, x.shape, out_sums)
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
@@ -147,31 +139,28 @@ class TritonLinear:
         return crossover is not None and level >= crossover
 
     def sparse_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, threshold: torch.Tensor,
-                      residual: torch.Tensor | None = None, swiglu: bool = False, scale: torch.Tensor | None = None,
-                      unreduced: bool = False):
+                      residual: torch.Tensor | None = None, swiglu: bool = False, scale: torch.Tensor | None = None):
         """W sparsify(rms_norm(x)) for one token, the norm and the collection in one launch (scale:
-        as sparse()'s; unreduced: as dense's). Returns (y, the normed x (..., K)). Zigzag only (the row layout has no
-        sparse kernel)."""
+        as sparse()'s). Returns (y, the normed x (..., K)). Zigzag only (the row layout has no sparse kernel)."""
         ws = self.ws_sparse
         kf.rms_norm_collect(x.reshape(self.k), norm_weight, eps, threshold, self.normed, ws.idx, ws.count, scale=scale)
-        y, sums = self._gemv_indexed(self.normed, self._gemv_epilogue(residual, swiglu), unreduced)
+        y, sums = self._gemv_indexed(self.normed, self._gemv_epilogue(residual, swiglu))
         return _with_sums(y, x.shape, sums), self.normed.view(x.shape)
 
-    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict, unreduced: bool = False) -> tuple:
+    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """B4 over v (K,) with the index list already in the sparse workspace: (y, its sums of squares or None)."""
         ws = self.ws_sparse
-        return self._gemv(v, kg.MODE_INDEXED, ws, self.cfg_sparse, epilogue, idx=ws.idx, count=ws.count,
-                          reduce=not unreduced)
+        return self._gemv(v, kg.MODE_INDEXED, ws, self.cfg_sparse, epilogue, idx=ws.idx, count=ws.count)
 
     def sparse(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
-               swiglu: bool = False, scale: torch.Tensor | None = None, unreduced: bool = False):
-        """scale: (K,) fp32 or None, WINA's column norms (keep |x| * scale > t); unreduced: as dense's."""
+               swiglu: bool = False, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """scale: (K,) fp32 or None, WINA's column norms (keep |x| * scale > t)."""
         fused = self._gemv_epilogue(residual, swiglu) if x.numel() == self.k else None
         if fused is None:
             return self.dense(sparsify(x, threshold, scale), residual, swiglu)
         v = x.reshape(self.k)
         collect(v, threshold, self.ws_sparse.idx, self.ws_sparse.count, scale=scale)
-        y, sums = self._gemv_indexed(v, fused, unreduced)
+        y, sums = self._gemv_indexed(v, fused)
         return _with_sums(y, x.shape, sums)
 
 
@@ -193,21 +182,19 @@ class TritonZigzagTypesLinear(TritonLinear):
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x, zt.dequantize(self.w, x.dtype))
 
-    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False,
-              unreduced: bool = False) -> torch.Tensor:
-        """unreduced: ignored (the Triton type kernels always finish y)."""
+    def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         if x.numel() != self.k:
             return linear_epilogue(self._gemm(x), residual, swiglu)
         y = zt.gemv(self.w, x.reshape(self.k), zt.MODE_DENSE, self.ws_dense, **tuning.types_launch_args(self.cfg_dense),
                     **self._gemv_epilogue(residual, swiglu))
         return y.view(*x.shape[:-1], y.numel())
 
-    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict, unreduced: bool = False) -> tuple[torch.Tensor, None]:
+    def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> tuple[torch.Tensor, None]:
         ws = self.ws_sparse
         return zt.gemv(self.w, v, zt.MODE_INDEXED, ws, **tuning.types_launch_args(self.cfg_sparse), idx=ws.idx,
                        count=ws.count, **epilogue), None
 
-    def dense_normed(self, x, norm_weight, eps, sums, residual=None, swiglu=False, unreduced=False) -> None:
+    def dense_normed(self, x, norm_weight, eps, sums, residual=None, swiglu=False) -> None:
         """The Triton type kernels do not fold the norm (the module runs it)."""
         return None
 
