@@ -30,6 +30,7 @@
 #   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
 #   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
 #   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
+#   scripts/gpu_session.sh rblock12  the split-K reduction's tile (programs) in the step's chain
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -612,6 +613,16 @@ llama2-7b:now}" 90
       PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 240 python3 scripts/finish_probe.py --model synthetic:$m \
         --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
       echo "finish probe $m: $(( $(date +%s) - start )) s"
+    done
+    ;;
+  rblock12)
+    # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in ${RBLOCK_MODELS:-llama2-70b llama2-7b}; do
+      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 150 python3 scripts/reduce_block_probe.py --model synthetic:$m \
+        --sums ${RBLOCK_SUMS:-4096,512,1024,2048} 2>&1 | grep -v WARN | tee -a "$OUT/reduce-block-probe.log"
+      echo "reduce block probe $m: $(( $(date +%s) - start )) s"
     done
     ;;
   profile9)
