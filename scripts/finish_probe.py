@@ -15,10 +15,7 @@ import copy
 import json
 import statistics
 
-import torch
-
-from spqt.bench_decode import alternating_step_us, synthetic_model
-from spqt.generate import Generator
+from spqt.bench_decode import alternating_step_us, probe_generator
 from spqt.kernels import tuning
 from table_probe import configure
 
@@ -37,9 +34,7 @@ def main():
         for shape, keys in overrides.items():
             entries["zigzag_dense"][shape] = {**entries["zigzag_dense"][shape], **keys}
         tables[name] = entries
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    gen, prompt = probe_generator(args.model)
     setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
     results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
     median = {name: statistics.median(r) for name, r in results.items()}

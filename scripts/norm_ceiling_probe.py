@@ -12,11 +12,8 @@ effect), so the first capture is a warm-up and only later captures are compared.
 import argparse
 import statistics
 
-import torch
-
 from spqt import model as model_module
-from spqt.bench_decode import alternating_step_us, synthetic_model
-from spqt.generate import Generator
+from spqt.bench_decode import alternating_step_us, probe_generator
 from spqt.kernels import gpu_linear
 
 
@@ -26,9 +23,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    gen, prompt = probe_generator(args.model)
     norm_forward = model_module.RMSNorm.forward
     fold_on = gpu_linear.norm_fold_on
     variants = {"launched": (True, False), "folded": (True, True), "identity": (False, False)}  # (norms, fold)

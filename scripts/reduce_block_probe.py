@@ -11,11 +11,9 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 import argparse
 import statistics
 
-import torch
 import triton
 
-from spqt.bench_decode import alternating_step_us, synthetic_model
-from spqt.generate import Generator
+from spqt.bench_decode import alternating_step_us, probe_generator
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from table_probe import configure
@@ -30,9 +28,7 @@ def main():
     args = ap.parse_args()
     shipped = kg.reduce_block
     entries = tuning._load_table(tuning.device_key())
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    gen, prompt = probe_generator(args.model)
 
     def setup(sums: int):
         def apply():

@@ -12,10 +12,7 @@ The first capture is a warm-up (the seventh session's order effect: a process's 
 import argparse
 import statistics
 
-import torch
-
-from spqt.bench_decode import alternating_step_us, synthetic_model
-from spqt.generate import Generator
+from spqt.bench_decode import alternating_step_us, probe_generator
 from spqt.kernels import gemv as kg
 
 
@@ -36,9 +33,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    gen, prompt = probe_generator(args.model)
     shipped = kg._reduce_kernel
     skips = {"shipped": lambda kw: False,
              "no q|k|v, gate|up reductions": lambda kw: kw["EPILOGUE"] != kg.EPILOGUE_RESIDUAL,

@@ -14,8 +14,7 @@ import statistics
 
 import torch
 
-from spqt.bench_decode import alternating_step_us, synthetic_model
-from spqt.generate import Generator
+from spqt.bench_decode import alternating_step_us, probe_generator
 
 
 def main():
@@ -29,9 +28,7 @@ def main():
     module_name, name = args.switch.split(":")
     module = importlib.import_module(module_name)
     shipped = getattr(module, name)
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    gen, prompt = probe_generator(args.model)
     if args.sparsity > 0:
         from spqt.bench_decode import calibrate_on_own_activations
 

@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from spqt.bench_decode import alternating_step_us, synthetic_model
+from spqt.bench_decode import alternating_step_us, probe_generator
 from spqt.generate import Generator, sparse_linears
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
@@ -45,9 +45,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     tables = {"A": table_entries(args.a), "B": table_entries(args.b)}
-    loaded = synthetic_model(args.model.split(":", 1)[1], "zigzag", 64)
-    gen = Generator(loaded, "cuda", max_len=64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    gen, prompt = probe_generator(args.model)
     shapes = [f"{lin.impl.n}x{lin.impl.k}" for _, _, lin in sparse_linears(gen.model)][:4]  # layer 0's maps
     keys = ("split", "num_warps", "acc", "cluster", "us")
     for name, entries in tables.items():

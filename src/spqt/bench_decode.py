@@ -135,6 +135,14 @@ def alternating_step_us(gen: Generator, prompt: list[int], setups: dict, rounds:
     return results
 
 
+def probe_generator(model: str) -> tuple[Generator, list[int]]:
+    """The decode probes' setting (scripts/*_probe.py): "synthetic:NAME"'s zigzag Q4_K model on CUDA behind a
+    Generator of 64 positions, and a random 10-token prompt."""
+    loaded = synthetic_model(model.split(":", 1)[1], "zigzag", 64)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
+    return Generator(loaded, "cuda", max_len=64), prompt
+
+
 def decode_run(gen: Generator, prompt: list[int], new_tokens: int) -> dict:
     """Greedy decode; per-step wall time of graph replays (each synchronised). Then the same decode
     again with the dropped inputs counted (the counting kernels kept out of the timed run): the
