@@ -5,7 +5,8 @@
 The step is the CUDA graph the runtime replays. We time replays with CUDA events (the step's
 device time, no host work), then record a few replays under torch.profiler and group the
 kernels by name: calls per step and device microseconds per step. The difference between the
-replay time and the kernels' sum is the gap between kernels (launch latency inside the graph).
+replay time and the kernels' sum is the gap between kernels (launch latency inside the graph). The
+output head's GEMV (quantized heads run on the layers' kernels) is the step's last GEMV: its own kind.
 """
 
 import argparse
@@ -32,6 +33,18 @@ def kind_of(name: str) -> str:
     """The part of the step a kernel belongs to, by its name (what the issue's table groups by)."""
     low = name.lower()
     return next((kind for key, kind in KINDS if key in low), "other (mask, argmax, embedding, ...)")
+
+
+def step_kinds(names: list[str]) -> list[str]:
+    """The kinds (kind_of) of one step's kernels in launch order, the output head's told apart: the step's last GEMV
+    is the head's (after the final norm) and a reduction right after it finishes the head."""
+    kinds = [kind_of(n) for n in names]
+    last = max((i for i, k in enumerate(kinds) if k == "GEMV"), default=None)
+    if last is not None:
+        kinds[last] = "head (GEMV)"
+        if last + 1 < len(kinds) and kinds[last + 1] == "reduction":
+            kinds[last + 1] = "head (reduction)"
+    return kinds
 
 
 def main():
@@ -63,15 +76,19 @@ def main():
             graph.replay()
         torch.cuda.synchronize()
     per_name = defaultdict(lambda: [0, 0.0])
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_name[ev.name][0] += 1
-            per_name[ev.name][1] += ev.device_time
+    events = sorted((ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA),
+                    key=lambda ev: ev.time_range.start)
+    for ev in events:
+        per_name[ev.name][0] += 1
+        per_name[ev.name][1] += ev.device_time
     rows = sorted(((name, n / reps, us / reps) for name, (n, us) in per_name.items()), key=lambda r: -r[2])
     kinds = defaultdict(lambda: [0.0, 0.0])
-    for name, n, us in rows:
-        kinds[kind_of(name)][0] += n
-        kinds[kind_of(name)][1] += us
+    per_step = len(events) // reps  # the replays launch the same kernels in the same order
+    for start in range(0, per_step * reps, per_step):
+        step = events[start:start + per_step]
+        for ev, kind in zip(step, step_kinds([ev.name for ev in step])):
+            kinds[kind][0] += 1 / reps
+            kinds[kind][1] += ev.device_time / reps
     kernel_us = sum(r[2] for r in rows)
     launches = sum(r[1] for r in rows)
     print(f"{args.model} {args.layout} sparsity {args.sparsity}: graph replay {step_us:.1f} us/step (median of 30), "
