@@ -31,6 +31,7 @@
 #   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
 #   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
 #   scripts/gpu_session.sh rblock12  the split-K reduction's tile (programs) in the step's chain
+#   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -623,6 +624,21 @@ llama2-7b:now}" 90
       PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 150 python3 scripts/reduce_block_probe.py --model synthetic:$m \
         --sums ${RBLOCK_SUMS:-4096,512,1024,2048} 2>&1 | grep -v WARN | tee -a "$OUT/reduce-block-probe.log"
       echo "reduce block probe $m: $(( $(date +%s) - start )) s"
+    done
+    ;;
+  overlap13)
+    # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
+    # streams, a copy of the bytes; OVERLAP_MODELS), then the step per kernel kind (scripts/profile_decode.py, 7B).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in ${OVERLAP_MODELS:-llama2-7b llama2-70b}; do
+      timeout 200 python3 scripts/overlap_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/overlap-probe.log"
+      echo "overlap probe $m: $(( $(date +%s) - start )) s"
+    done
+    for s in 0 0.5; do
+      timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \
+        2>&1 | grep -v WARN > "$OUT/profile-7b-$s.txt"
+      sed -n '/graph replay/p;/^kind/,$p' "$OUT/profile-7b-$s.txt"
     done
     ;;
   profile9)
