@@ -628,12 +628,17 @@ llama2-7b:now}" 90
     ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
-    # streams, a copy of the bytes; OVERLAP_MODELS), then the step per kernel kind (scripts/profile_decode.py, 7B).
+    # streams, a copy of the bytes; OVERLAP_MODELS), the CUDA GEMV releasing the next launch after its stores
+    # (scripts/defines_probe.py, -DRELEASE_LATE=1; DEFINES_RUNS), then the step per kernel kind (profile_decode.py, 7B).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for m in ${OVERLAP_MODELS:-llama2-7b llama2-70b}; do
       timeout 200 python3 scripts/overlap_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/overlap-probe.log"
       echo "overlap probe $m: $(( $(date +%s) - start )) s"
+    done
+    for run in ${DEFINES_RUNS:-llama2-7b:0 llama2-70b:0 llama2-7b:0.5}; do  # the GEMV releasing the next launch late
+      timeout 150 python3 scripts/defines_probe.py --defines "" "-DRELEASE_LATE=1" --model synthetic:${run%%:*} \
+        --sparsity ${run#*:} 2>&1 | grep -v WARN | tee -a "$OUT/defines-probe.log"
     done
     for s in 0 0.5; do
       timeout 90 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$s.json" \

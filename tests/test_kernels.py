@@ -848,7 +848,8 @@ def test_cuda_programs_per_sm():
 
 def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     """zigzag_q4k.cu compiles with NVRTC for sm_90 (no GPU needed): every warp count, each mode, pipe
-    and finish (partials, plain, residual, SwiGLU), without spills, and its B2 loop stays lean: at most 240 instructions per chunk and
+    and finish (partials, plain, residual, SwiGLU), without spills (PDL's release after the wait, or with the
+    RELEASE_LATE probe after the last store), and its B2 loop stays lean: at most 240 instructions per chunk and
     lane (223 when written; the Triton kernel's is 335), 16 of them mma; 260 with the next chunk's
     loads ahead in registers (249: the copy of the loaded registers at the end of the loop)."""
     from spqt.kernels import nvrtc, zigzag_cuda
@@ -900,6 +901,14 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
         sass, regs, stack = disassemble(cubin)
         assert stack == 0 and sum("HMMA" in ln for ln in main_loop(sass, "HMMA")) == 16
         assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
+    for mode in (zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED):  # PDL's release (PREEXIT): after the wait, or
+        for late in (0, 1):  # (RELEASE_LATE, a probe) after the program's last store of its sums
+            sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(
+                4, mode, 0, -1, (f"-DRELEASE_LATE={late}",), acc=2), "sm_90"))
+            listing = [ln for ln in sass.splitlines() if "/*" in ln and "*/" in ln]
+            release = next(i for i, ln in enumerate(listing) if "PREEXIT" in ln)
+            last_store = max(i for i, ln in enumerate(listing) if "STG" in ln)
+            assert (release > last_store) == bool(late), f"mode {mode}, RELEASE_LATE={late}: PREEXIT at {release}"
     # cluster shapes: (1, split), SwiGLU (2, split) where N / 2 is a multiple of 256, at most 16 programs
     assert zigzag_cuda.cluster_dims(4096, 0, 16) == (1, 16) and zigzag_cuda.cluster_dims(4096, 2, 8) == (2, 8)
     assert zigzag_cuda.cluster_dims(4096, 2, 9) is None and zigzag_cuda.cluster_dims(4096, -1, 4) is None

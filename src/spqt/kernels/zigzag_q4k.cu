@@ -91,6 +91,9 @@
 #if NORM && MODE != 0
 #error "NORM folds the RMSNorm into B2 (MODE 0) only: a sparse map's norm runs with its index collection"
 #endif
+#ifndef RELEASE_LATE
+#define RELEASE_LATE 0  // 1 (probe): griddepcontrol.launch_dependents once a program has stored its sums, not right
+#endif                  // after its wait, so the next kernel's programs take no SM slot this grid's later programs need
 #ifndef PROBE_XOR
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
@@ -105,7 +108,9 @@ typedef unsigned int u32;
 __device__ __forceinline__ void pdl_wait_then_release() {
 #if __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
+#if !RELEASE_LATE
   asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #endif
 }
 
@@ -861,6 +866,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     part[(size_t)s * NP + 256 * r + i] = v - bj;
 #endif
   }
+#if RELEASE_LATE && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;");  // (the next kernel's wait still waits for this grid's end)
+#endif
 #if CLUSTER
   // Rank 0 (the gate program of share 0) reads every rank's sums after the first barrier; the second keeps
   // each program's shared memory alive until it has. Ranks: share s = rank s (SwiGLU: gate 2 s, up 2 s + 1).
