@@ -11,9 +11,7 @@ import argparse
 import os
 import statistics
 
-import torch
-
-from spqt.bench_decode import alternating_step_us, calibrate_on_own_activations, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_generator
 from spqt.kernels import zigzag_cuda
 
 
@@ -25,10 +23,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model)
-    if args.sparsity > 0:
-        gen.set_sparsity(args.sparsity, table=calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"),
-                                                                           args.sparsity))
+    gen, prompt = probe_generator(args.model, args.sparsity)
 
     def setup(defines: str):
         def apply():

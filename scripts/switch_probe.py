@@ -12,8 +12,6 @@ import argparse
 import importlib
 import statistics
 
-import torch
-
 from spqt.bench_decode import alternating_step_us, probe_generator
 
 
@@ -28,12 +26,7 @@ def main():
     module_name, name = args.switch.split(":")
     module = importlib.import_module(module_name)
     shipped = getattr(module, name)
-    gen, prompt = probe_generator(args.model)
-    if args.sparsity > 0:
-        from spqt.bench_decode import calibrate_on_own_activations
-
-        gen.set_sparsity(args.sparsity, table=calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"),
-                                                                           args.sparsity))
+    gen, prompt = probe_generator(args.model, args.sparsity)
 
     def setup(on: bool):
         def apply():

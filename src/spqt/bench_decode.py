@@ -135,12 +135,16 @@ def alternating_step_us(gen: Generator, prompt: list[int], setups: dict, rounds:
     return results
 
 
-def probe_generator(model: str) -> tuple[Generator, list[int]]:
+def probe_generator(model: str, sparsity: float = 0.0) -> tuple[Generator, list[int]]:
     """The decode probes' setting (scripts/*_probe.py): "synthetic:NAME"'s zigzag Q4_K model on CUDA behind a
-    Generator of 64 positions, and a random 10-token prompt."""
+    Generator of 64 positions (at a sparsity above 0: thresholds from its own activations on the prompt), and a
+    random 10-token prompt."""
     loaded = synthetic_model(model.split(":", 1)[1], "zigzag", 64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda").tolist()
-    return Generator(loaded, "cuda", max_len=64), prompt
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
+    gen = Generator(loaded, "cuda", max_len=64)
+    if sparsity > 0:
+        gen.set_sparsity(sparsity, table=calibrate_on_own_activations(gen, prompt, sparsity))
+    return gen, prompt.tolist()
 
 
 def decode_run(gen: Generator, prompt: list[int], new_tokens: int) -> dict:
