@@ -39,6 +39,8 @@ def step_kinds(names: list[str]) -> list[str]:
     """The kinds (kind_of) of one step's kernels in launch order, the output head's told apart: the step's last GEMV
     is the head's (after the final norm) and a reduction right after it finishes the head."""
     kinds = [kind_of(n) for n in names]
+    if any(k.startswith("head") for k in kinds):  # a head on its own kernels (cuBLAS) is known by name
+        return kinds
     last = max((i for i, k in enumerate(kinds) if k == "GEMV"), default=None)
     if last is not None:
         kinds[last] = "head (GEMV)"
@@ -84,8 +86,10 @@ def main():
     rows = sorted(((name, n / reps, us / reps) for name, (n, us) in per_name.items()), key=lambda r: -r[2])
     kinds = defaultdict(lambda: [0.0, 0.0])
     per_step = len(events) // reps  # the replays launch the same kernels in the same order
-    for start in range(0, per_step * reps, per_step):
-        step = events[start:start + per_step]
+    steps = [events[start:start + per_step] for start in range(0, len(events), per_step)]
+    if len(events) != per_step * reps or any([e.name for e in st] != [e.name for e in steps[0]] for st in steps):
+        raise SystemExit(f"the profiler's {len(events)} kernels do not split into {reps} equal replays")
+    for step in steps:
         for ev, kind in zip(step, step_kinds([ev.name for ev in step])):
             kinds[kind][0] += 1 / reps
             kinds[kind][1] += ev.device_time / reps

@@ -901,14 +901,26 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
         sass, regs, stack = disassemble(cubin)
         assert stack == 0 and sum("HMMA" in ln for ln in main_loop(sass, "HMMA")) == 16
         assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
-    for mode in (zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED):  # PDL's release (PREEXIT): after the wait, or
-        for late in (0, 1):  # (RELEASE_LATE, a probe) after the program's last store of its sums
+    # PDL's release (PREEXIT): after the wait, or (RELEASE_LATE, a probe) after the program's stores of its sums:
+    # the partials (B2, B4), the sums before the fused finish's arrival (ATOMG) or the cluster's (shared memory)
+    # before its first barrier
+    for mode, epilogue, cluster, after in ((zigzag_cuda.MODE_DENSE, -1, False, None),
+                                           (zigzag_cuda.MODE_INDEXED, -1, False, None),
+                                           (zigzag_cuda.MODE_DENSE, 1, False, "ATOMG"),
+                                           (zigzag_cuda.MODE_DENSE, 0, True, "UCGABAR")):
+        for late in (0, 1):
             sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(
-                4, mode, 0, -1, (f"-DRELEASE_LATE={late}",), acc=2), "sm_90"))
+                4, mode, 0, epilogue, (f"-DRELEASE_LATE={late}",), acc=2, cluster=cluster), "sm_90"))
             listing = [ln for ln in sass.splitlines() if "/*" in ln and "*/" in ln]
-            release = next(i for i, ln in enumerate(listing) if "PREEXIT" in ln)
-            last_store = max(i for i, ln in enumerate(listing) if "STG" in ln)
-            assert (release > last_store) == bool(late), f"mode {mode}, RELEASE_LATE={late}: PREEXIT at {release}"
+            what = f"mode {mode} epilogue {epilogue} cluster {cluster}, RELEASE_LATE={late}"
+            release = next((i for i, ln in enumerate(listing) if "PREEXIT" in ln), None)
+            assert release is not None, f"{what}: no PREEXIT"
+            if after is None:  # the partials are the program's last stores
+                assert (release > max(i for i, ln in enumerate(listing) if "STG" in ln)) == bool(late), what
+            else:
+                finish = next(i for i, ln in enumerate(listing) if after in ln)
+                stores = [i for i, ln in enumerate(listing) if ("STG" in ln or "STS" in ln) and i < finish]
+                assert (release > max(stores, default=-1)) == bool(late) and release < finish, f"{what}: {release}"
     # cluster shapes: (1, split), SwiGLU (2, split) where N / 2 is a multiple of 256, at most 16 programs
     assert zigzag_cuda.cluster_dims(4096, 0, 16) == (1, 16) and zigzag_cuda.cluster_dims(4096, 2, 8) == (2, 8)
     assert zigzag_cuda.cluster_dims(4096, 2, 9) is None and zigzag_cuda.cluster_dims(4096, -1, 4) is None

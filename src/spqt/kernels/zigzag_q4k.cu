@@ -867,7 +867,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
   }
 #if RELEASE_LATE && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;");  // (the next kernel's wait still waits for this grid's end)
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // after the stores (the next kernel's wait still
+                                                                  // waits for this grid's end)
 #endif
 #if CLUSTER
   // Rank 0 (the gate program of share 0) reads every rank's sums after the first barrier; the second keeps
