@@ -11,17 +11,15 @@ import argparse
 import os
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 from spqt.kernels import zigzag_cuda
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--defines", nargs="+", required=True, help="SPQT_CUDA_DEFINES values (first: the baseline)")
-    ap.add_argument("--model", default="synthetic:llama2-7b")
+    probe_arguments(ap, "synthetic:llama2-7b")
     ap.add_argument("--sparsity", type=float, default=0.0)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     gen, prompt = probe_generator(args.model, args.sparsity)
 

@@ -15,17 +15,15 @@ import copy
 import json
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 from spqt.kernels import tuning
 from table_probe import configure
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="synthetic:llama2-70b")
+    probe_arguments(ap, "synthetic:llama2-70b")
     ap.add_argument("--variants", required=True, help="JSON: name -> {shape: dense entry keys overridden}")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     shipped = tuning._load_table(tuning.device_key())
     tables = {"shipped": shipped}

@@ -13,15 +13,13 @@ import argparse
 import statistics
 
 from spqt import model as model_module
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 from spqt.kernels import gpu_linear
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="synthetic:llama2-70b")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
+    probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
     gen, prompt = probe_generator(args.model)
     norm_forward = model_module.RMSNorm.forward

@@ -11,9 +11,7 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 import argparse
 import statistics
 
-import triton
-
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from table_probe import configure
@@ -21,10 +19,8 @@ from table_probe import configure
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="synthetic:llama2-70b")
+    probe_arguments(ap, "synthetic:llama2-70b")
     ap.add_argument("--sums", default="4096,1024,2048,16384", help="partial sums a reduction program adds (first: shipped)")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     shipped = kg.reduce_block
     entries = tuning._load_table(tuning.device_key())
@@ -32,7 +28,7 @@ def main():
 
     def setup(sums: int):
         def apply():
-            kg.reduce_block = lambda split: max(16, min(256, sums // triton.next_power_of_2(split)))
+            kg.reduce_block = lambda split: shipped(split, sums)
             configure(gen, entries)  # workspaces (the sums of squares' length) for this tile
         return apply
 

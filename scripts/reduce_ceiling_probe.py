@@ -13,7 +13,7 @@ The first capture is a warm-up (the seventh session's order effect: a process's 
 import argparse
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 from spqt.kernels import gemv as kg
 
 
@@ -30,9 +30,7 @@ class _SkippingReduce:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", default="synthetic:llama2-7b")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
+    probe_arguments(ap, "synthetic:llama2-7b")
     args = ap.parse_args()
     gen, prompt = probe_generator(args.model)
     shipped = kg._reduce_kernel

@@ -12,16 +12,14 @@ import argparse
 import importlib
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--switch", required=True, help="module:function")
-    ap.add_argument("--model", default="synthetic:llama2-7b")
+    probe_arguments(ap, "synthetic:llama2-7b")
     ap.add_argument("--sparsity", type=float, default=0.0)
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
     args = ap.parse_args()
     module_name, name = args.switch.split(":")
     module = importlib.import_module(module_name)

@@ -14,7 +14,7 @@ import statistics
 
 import torch
 
-from spqt.bench_decode import alternating_step_us, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
 from spqt.generate import Generator, sparse_linears
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
@@ -40,9 +40,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--a", required=True, help="table A (a tuned/<device>.json)")
     ap.add_argument("--b", required=True, help="table B")
-    ap.add_argument("--model", default="synthetic:llama2-70b")
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=30)
+    probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
     tables = {"A": table_entries(args.a), "B": table_entries(args.b)}
     gen, prompt = probe_generator(args.model)

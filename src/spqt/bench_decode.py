@@ -135,6 +135,13 @@ def alternating_step_us(gen: Generator, prompt: list[int], setups: dict, rounds:
     return results
 
 
+def probe_arguments(parser, model: str) -> None:
+    """The decode probes' common options (scripts/*_probe.py): --model (default `model`), --rounds, --reps."""
+    parser.add_argument("--model", default=model)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=30)
+
+
 def probe_generator(model: str, sparsity: float = 0.0) -> tuple[Generator, list[int]]:
     """The decode probes' setting (scripts/*_probe.py): "synthetic:NAME"'s zigzag Q4_K model on CUDA behind a
     Generator of 64 positions (at a sparsity above 0: thresholds from its own activations on the prompt), and a

@@ -289,9 +289,10 @@ def _check_x(w: GpuQ4K, x: torch.Tensor) -> None:
         raise ValueError("x and the weights must be on the same device")
 
 
-def reduce_block(split: int) -> int:
-    """Outputs a program of _reduce_kernel finishes: its (SPLIT, BLOCK) tile holds about 4096 partial sums."""
-    return max(16, min(256, 4096 // triton.next_power_of_2(split)))
+def reduce_block(split: int, sums: int = 4096) -> int:
+    """Outputs a program of _reduce_kernel finishes: its (SPLIT, BLOCK) tile holds about `sums` partial sums (16-256
+    outputs)."""
+    return max(16, min(256, sums // triton.next_power_of_2(split)))
 
 
 class ZigzagWorkspace:
