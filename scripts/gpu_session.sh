@@ -31,6 +31,7 @@
 #   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
 #   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
 #   scripts/gpu_session.sh rblock12  the split-K reduction's tile (programs) in the step's chain
+#   scripts/gpu_session.sh chain13   every layer's maps as launched against one persistent launch (chain kernel)
 #   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -626,6 +627,17 @@ llama2-7b:now}" 90
       echo "reduce block probe $m: $(( $(date +%s) - start )) s"
     done
     ;;
+  chain13)
+    # One persistent launch for every layer's maps (scripts/chain_probe.py: the runtime's launches without the
+    # attention against the chain kernel, its variants; CHAIN_MODELS, CHAIN_VARIANTS)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in ${CHAIN_MODELS:-llama2-7b llama2-70b}; do
+      timeout 240 python3 scripts/chain_probe.py --model synthetic:$m ${CHAIN_VARIANTS:+--variants $CHAIN_VARIANTS} \
+        2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
+      echo "chain probe $m: $(( $(date +%s) - start )) s"
+    done
+    ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
     # streams, a copy of the bytes; OVERLAP_MODELS), the CUDA GEMV releasing the next launch after its stores
@@ -637,7 +649,7 @@ llama2-7b:now}" 90
       echo "overlap probe $m: $(( $(date +%s) - start )) s"
     done
     for run in ${DEFINES_RUNS:-llama2-7b:0 llama2-70b:0 llama2-7b:0.5}; do  # the GEMV releasing the next launch late
-      timeout 150 python3 scripts/defines_probe.py --defines "" "-DRELEASE_LATE=1" --model synthetic:${run%%:*} \
+      timeout 150 python3 scripts/defines_probe.py --defines "" " -DRELEASE_LATE=1" --model synthetic:${run%%:*} \
         --sparsity ${run#*:} 2>&1 | grep -v WARN | tee -a "$OUT/defines-probe.log"
     done
     for s in 0 0.5; do

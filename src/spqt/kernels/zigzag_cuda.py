@@ -92,14 +92,19 @@ def usable(device: torch.device | None = None) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            acc: int = 16, bits: int = 4, cluster: bool = False, norm: bool = False) -> nvrtc.Kernel:
-    """The compiled function for device `index`, loaded into its primary context (made current)."""
+def compiled(index: int, opts: tuple, name: str, large_clusters: bool = False) -> nvrtc.Kernel:
+    """Function `name` of the .cu file compiled with opts for device `index`, loaded into its primary context
+    (made current)."""
     with torch.cuda.device(index):
         arch = nvrtc.device_arch(torch.device("cuda", index))
-        cubin = nvrtc.compile_cubin(SOURCE.read_text(),
-                                    options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm), arch)
-        return nvrtc.Kernel(cubin, "zigzag_q4k_gemv", large_clusters=cluster)
+        return nvrtc.Kernel(nvrtc.compile_cubin(SOURCE.read_text(), opts, arch), name, large_clusters=large_clusters)
+
+
+def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
+            acc: int = 16, bits: int = 4, cluster: bool = False, norm: bool = False) -> nvrtc.Kernel:
+    """The GEMV compiled for device `index` (compiled())."""
+    return compiled(index, options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm), "zigzag_q4k_gemv",
+                    cluster)
 
 
 def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None) -> int:

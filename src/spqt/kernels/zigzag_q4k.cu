@@ -175,6 +175,12 @@ __device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {  // round t
   return bits;
 }
 
+// The normed input as the RMSNorm kernel writes it: fp16((x rstd) gamma), fp32 products (gamma fp32, the
+// runtime's norm weights).
+__device__ __forceinline__ unsigned short normed_x(unsigned short x, float gamma, float rstd) {
+  return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * gamma);
+}
+
 #if NORM
 // rstd of the RMSNorm over K inputs from the nsq partial sums of squares at sq (written by the kernel
 // before this one: read after pdl_wait_then_release): lane l adds entries l, l + 32, ... in order (4 loads in
@@ -198,11 +204,6 @@ __device__ __forceinline__ float norm_rstd(const float* sq, int nsq, int K, floa
   return 1.0f / sqrtf(v / (float)K + eps);
 }
 
-// The normed input as the RMSNorm kernel writes it: fp16((x rstd) gamma), fp32 products (gamma fp32, the
-// runtime's norm weights).
-__device__ __forceinline__ unsigned short normed_x(unsigned short x, float gamma, float rstd) {
-  return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * gamma);
-}
 
 __device__ __forceinline__ u32 normed_pair(u32 x, float g0, float g1, float rstd) {  // the two fp16 of a word
   return normed_x(x & 0xFFFFu, g0, rstd) | (u32)normed_x(x >> 16, g1, rstd) << 16;
@@ -641,6 +642,47 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp,
   }
 }
 
+// The program's 256 row sums over its warps, the min term subtracted, handed to store(i, sum) for row i < 256
+// (after a barrier; rows_sum and bias_sum: the program's shared scratch). Tile m's wanted column n = m / 2 sits in
+// lanes t = m / 4, register (m / 2) % 2 (row g) and 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g;
+// the row scales undo A's encoding.
+template <typename Store>
+__device__ __forceinline__ void program_sums(float (*c)[4], const float* bias, int warp, int g, int t,
+                                             float (*rows_sum)[256], float (*bias_sum)[2][8], Store store) {
+  // bias_sum[warp][tile parity (Q6_K, Q3_K, Q2_K; 0 otherwise)][32-row group]
+#pragma unroll
+  for (int e = 0; e < (TYPE == 6 || TYPE == 3 || TYPE == 2 ? 2 : 1); ++e) {
+    float bsum = bias[e];
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
+    bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
+    if (t == 0) bias_sum[warp][e][g] = bsum;
+  }
+#pragma unroll
+  for (int m = 0; m < 16; ++m) {
+    if ((m >> 2) == t) {
+      const int e = (m >> 1) & 1;
+#if TYPE == 3 || TYPE == 2
+      // odd tiles' levels sit two bits higher in A (gpu_layout_q3k.py, gpu_layout_q2k.py)
+      rows_sum[warp][16 * m + g] = c[m % ACC][e] * ((m & 1) ? 4194304.0f : 16777216.0f);
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * ((m & 1) ? 262144.0f : 1048576.0f);
+#else
+      rows_sum[warp][16 * m + g] = c[m % ACC][e] * 16777216.0f;
+      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * (TYPE == 8 ? 16777216.0f : 1048576.0f);
+#endif
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+    float v = 0.0f, bj = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      v += rows_sum[w][i];
+      bj += bias_sum[w][TYPE == 6 || TYPE == 3 || TYPE == 2 ? (i >> 4) & 1 : 0][i >> 5];
+    }
+    store(i, v - bj);
+  }
+}
+
 #if EPILOGUE >= 0
 // Output row n of a finished tile from its sums over the shares (acc; SwiGLU: acc of the gate row, up of
 // its up row): silu(acc) up (n < F), acc + res[n] (EPILOGUE 1) or acc (n < N), rounded to fp16 into y[n].
@@ -824,48 +866,14 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   }
 #endif
 #endif
-  // Tile m's wanted column n = m / 2 sits in lanes t = m / 4, register (m / 2) % 2 (row g) and
-  // 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g; the row scales undo A's encoding.
   __shared__ float rows_sum[WARPS][256];
-  __shared__ float bias_sum[WARPS][2][8];  // [warp][tile parity (Q6_K, Q3_K, Q2_K; 0 otherwise)][32-row group]
-#pragma unroll
-  for (int e = 0; e < (TYPE == 6 || TYPE == 3 || TYPE == 2 ? 2 : 1); ++e) {
-    float bsum = bias[e];
-    bsum += __shfl_xor_sync(0xffffffffu, bsum, 1);
-    bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
-    if (t == 0) bias_sum[warp][e][g] = bsum;
-  }
-#pragma unroll
-  for (int m = 0; m < 16; ++m) {
-    if ((m >> 2) == t) {
-      const int e = (m >> 1) & 1;
-#if TYPE == 3 || TYPE == 2
-      // odd tiles' levels sit two bits higher in A (gpu_layout_q3k.py, gpu_layout_q2k.py)
-      rows_sum[warp][16 * m + g] = c[m % ACC][e] * ((m & 1) ? 4194304.0f : 16777216.0f);
-      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * ((m & 1) ? 262144.0f : 1048576.0f);
-#else
-      rows_sum[warp][16 * m + g] = c[m % ACC][e] * 16777216.0f;
-      rows_sum[warp][16 * m + 8 + g] = c[m % ACC][2 + e] * (TYPE == 8 ? 16777216.0f : 1048576.0f);
-#endif
-    }
-  }
+  __shared__ float bias_sum[WARPS][2][8];
 #if CLUSTER
   __shared__ float tile_sum[256];
-#endif
-  __syncthreads();
-  for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
-    float v = 0.0f, bj = 0.0f;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      v += rows_sum[w][i];
-      bj += bias_sum[w][TYPE == 6 || TYPE == 3 || TYPE == 2 ? (i >> 4) & 1 : 0][i >> 5];
-    }
-#if CLUSTER
-    tile_sum[i] = v - bj;
+  program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { tile_sum[i] = v; });
 #else
-    part[(size_t)s * NP + 256 * r + i] = v - bj;
+  program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { part[(size_t)s * NP + 256 * r + i] = v; });
 #endif
-  }
 #if RELEASE_LATE && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");  // after the stores (the next kernel's wait still
                                                                   // waits for this grid's end)
@@ -924,3 +932,215 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   }
 #endif
 }
+
+#if CHAIN
+// ---- The chain (issue 14): dense B2 maps one after another in ONE persistent launch ----
+// A launch per map pays its fixed costs (start, tail, the reduction's launch) in every map; here a grid of programs
+// that all fit on the GPU at once walks the work items of every stage in order: item i of the chain goes to
+// program i % gridDim.x, stage by stage, item (r, s) of a stage = superblock row r = i % rows, share s = i / rows
+// (the launched grid's order). A program streams an item's weights (its first chunk into registers, the rest of the
+// share asked of L2 when CHAIN_PREFETCH) BEFORE it waits for the stage's input: the chain's `done` counter of the
+// stage it reads from has counted every output tile of that stage. The last program to arrive at an output tile
+// (arrival counters as EPILOGUE >= 0) finishes it: the sum over the shares in order (deterministic), the epilogue
+// (plain, residual, SwiGLU), its sums of squares (sq_out, the next stage's RMSNorm), then counts it in done.
+// Waiting only on earlier items of programs that are all resident cannot deadlock: the grid must fit the GPU at
+// once (chain.py sizes it by the occupancy). Data written in this launch (x, the residual, partials, sums of
+// squares) is read through L2 (ld.cg), never L1 (not coherent across SMs). Q4_K, B2 only.
+#if TYPE != 4 || MODE != 0 || EPILOGUE != -1 || NORM || CLUSTER
+#error "CHAIN: Q4_K, MODE 0, no compile-time epilogue, norm or cluster (the stages carry them)"
+#endif
+#ifndef CHAIN_BLOCKS
+#define CHAIN_BLOCKS 1  // programs an SM must hold at once (__launch_bounds__: caps the registers)
+#endif
+#ifndef CHAIN_PREFETCH
+#define CHAIN_PREFETCH 1  // 1: an item's whole share of levels and heads asked of L2 (sm_90 bulk prefetch) before the wait
+#endif
+
+struct ChainStage {  // 128 bytes (chain.py packs it)
+  const uint4* q;             // levels (rows, 2, K, 16) int32, kernel layout
+  const uint4* h;             // grouped heads (ceil(rows / 4), K, 4, 4) int32
+  const unsigned short* x;    // input (K,) fp16 (the folded norm's input where gamma)
+  unsigned short* y;          // output (N,) fp16; SwiGLU (F,)
+  const unsigned short* res;  // residual (N,) fp16 (epilogue 1; may be y: each row read, then written, by one thread)
+  float* part;                // partial sums (split, NP) fp32
+  int* counters;              // arrivals a superblock row (rows,) int32, zero before and after
+  const float* gamma;         // the RMSNorm's weights (K,) fp32, or null: x used as it is
+  const float* sq_in;         // sums of squares of x (nsq_in,) fp32 (with gamma)
+  float* sq_out;              // sums of squares of y, one an output tile, or null
+  int K, NP, per, split, N, F, epilogue, rows, tiles, nsq_in, after, after_tiles;
+  // epilogue 0 plain, 1 residual, 2 SwiGLU (gate rows then up rows, F = N / 2 a multiple of 256); tiles: output
+  // tiles (ceil(N / 256), SwiGLU F / 256); after: the stage whose output x is (-1: written before the launch),
+  // after_tiles: its tiles
+};
+
+__device__ __forceinline__ unsigned short load_x_l2(const unsigned short* p) {
+  unsigned short v;
+  asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return v;
+}
+
+__device__ __forceinline__ int load_acquire(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {  // 16-byte aligned, bytes % 16 == 0
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+
+// x of slot columns col (ok: inside the share), normed (gamma non-null) as the RMSNorm kernel writes it
+__device__ __forceinline__ unsigned short chain_x(const unsigned short* x, const float* gamma, float rstd, int col,
+                                                  bool ok) {
+  if (!ok) return 0;
+  const unsigned short v = load_x_l2(x + col);
+  return gamma ? normed_x(v, __ldg(gamma + col), rstd) : v;
+}
+
+// rstd from the nsq sums of squares at sq, through L2, every lane adding them in the same order
+__device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, float eps) {
+  const int lane = threadIdx.x & 31;
+  float v = 0.0f;
+  for (int i = lane; i < nsq; i += 32) v += __ldcg(sq + i);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return 1.0f / sqrtf(v / (float)K + eps);
+}
+
+__device__ __forceinline__ void chain_item(const ChainStage& st, int stage, int item, int* done, float eps,
+                           float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq, int* finisher) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3;
+  const int r = item % st.rows, s = item / st.rows, K = st.K;
+  const LevelWords* qr = reinterpret_cast<const LevelWords*>(st.q) + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
+  const HeadWords* hr = st.h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  const int slot_pos[4] = {t, 4 + t, 8 + t, 12 + t};
+  const ScaleDecoder dec(g);
+  float c[ACC][4];
+#pragma unroll
+  for (int m = 0; m < ACC; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.0f;
+  float bias[2] = {0.0f, 0.0f};
+  Chunk ch;
+  const int first = s * st.per, hi = min(K, first + st.per);
+  const int step = 16 * WARPS;
+  int j = first + 16 * warp;
+  const int full_end = hi - 15;
+  const LevelWords* qp = qr + (j + t) * 4;
+  const HeadWords* hp = hr + (j + t) * HV;
+  if (j < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
+#if CHAIN_PREFETCH
+  if (threadIdx.x == 0 && hi > first) {  // the share's two level planes and its heads' 64-byte units
+    const u32 bytes = 64u * (u32)(hi - first);
+    bulk_prefetch_l2(st.q + ((size_t)(2 * r) * K + first) * 4, bytes);
+    bulk_prefetch_l2(st.q + ((size_t)(2 * r + 1) * K + first) * 4, bytes);
+    bulk_prefetch_l2(st.h + ((size_t)(r >> 2) * K + first) * 4, bytes);
+  }
+#endif
+  if (st.after >= 0) {  // the input's stage has finished every output tile
+    if (threadIdx.x == 0)
+      while (load_acquire(done + st.after) < st.after_tiles) {
+      }
+    __syncthreads();
+  }
+  const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+  for (; j < full_end; j += step) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, j + slot_pos[i], true);
+    qp += step * 4;
+    hp += step * HV;
+#if PIPE
+    Chunk next;
+    if (j + step < full_end) load_contiguous(next, qp, hp, nullptr, nullptr);
+    compute(ch, c, bias, dec, g);
+    ch = next;
+#else
+    compute(ch, c, bias, dec, g);
+    if (j + step < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
+#endif
+  }
+  if (j < hi) {  // the share's last, partial chunk
+    int col[4];
+    bool ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ok[i] = j + slot_pos[i] < hi;
+      col[i] = ok[i] ? j + slot_pos[i] : j;
+    }
+    load_gathered(ch, qr, hr, nullptr, nullptr, col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, col[i], ok[i]);
+    compute(ch, c, bias, dec, g);
+  }
+  float* part = st.part;
+  const int NP = st.NP;
+  program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { part[(size_t)s * NP + 256 * r + i] = v; });
+  // arrival: release the partials (every thread fences, then the barrier), elect the tile's last program
+  __threadfence();
+  __syncthreads();
+  const int half = st.F >> 8;
+  const int tile = (st.epilogue == 2 && r >= half) ? r - half : r;
+  const int target = st.epilogue == 2 ? 2 * st.split : st.split;
+  if (threadIdx.x == 0) *finisher = atomicAdd(st.counters + tile, 1) == target - 1;
+  __syncthreads();
+  if (*finisher) {
+    __threadfence();
+    if (threadIdx.x == 0) st.counters[tile] = 0;  // zero for the next use
+    const int limit = st.epilogue == 2 ? st.F : st.N;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
+      const int n = 256 * tile + i;
+      float acc = 0.0f, up = 0.0f;
+#pragma unroll 8
+      for (int sh = 0; sh < st.split; ++sh) acc += __ldcg(part + (size_t)sh * NP + n);
+      if (st.epilogue == 2) {
+#pragma unroll 8
+        for (int sh = 0; sh < st.split; ++sh) up += __ldcg(part + (size_t)sh * NP + st.F + n);
+      }
+      if (n < limit) {
+        float out = acc;
+        if (st.epilogue == 2) out = acc / (1.0f + expf(-acc)) * up;
+        else if (st.epilogue == 1) out += f16_lo_to_f32(load_x_l2(st.res + n));
+        const unsigned short bits = f32_to_f16_bits(out);
+        st.y[n] = bits;
+        const float stored = f16_lo_to_f32(bits);
+        sq += stored * stored;
+      }
+    }
+    if (st.sq_out) {  // the tile's sum of squares in a fixed order: lanes by butterfly, then warps in order
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
+      if (lane == 0) warp_sq[warp] = sq;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float total = 0.0f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w) total += warp_sq[w];
+        st.sq_out[tile] = total;
+      }
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd(done + stage, 1);  // after the fence: the tile is visible to whoever sees this
+  }
+  __syncthreads();  // the shared scratch and *finisher free for the next item
+}
+
+// stages[0 .. nstages) in order; done (nstages,) int32 zero before the launch (counts output tiles finished)
+extern "C" __global__ void __launch_bounds__(32 * WARPS, CHAIN_BLOCKS)
+zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, float eps) {
+  __shared__ float rows_sum[WARPS][256];
+  __shared__ float bias_sum[WARPS][2][8];
+  __shared__ float warp_sq[WARPS];
+  __shared__ int finisher;
+  int base = 0, item = blockIdx.x;
+  for (int k = 0; k < nstages; ++k) {
+    const ChainStage& st = stages[k];
+    const int items = st.rows * st.split;
+    for (; item < base + items; item += gridDim.x)
+      chain_item(st, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher);
+    base += items;
+  }
+}
+#endif
