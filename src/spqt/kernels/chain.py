@@ -48,13 +48,40 @@ def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int) -> tupl
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}")
 
 
+def check(stages: list[Stage]) -> None:
+    """ValueError unless the stages make a chain the kernel runs (each stage's shapes, dtypes and finish)."""
+    if not stages:
+        raise ValueError("a chain needs at least one stage")
+    for i, st in enumerate(stages):
+        n, k = st.w.shape
+        rows = st.w.quants.shape[0]
+        swiglu = st.epilogue == EPILOGUE_SWIGLU
+        if (getattr(st.w, "layout", None) != "zigzag" or getattr(st.w, "fmt", None) != "q4_k"
+                or tuple(st.w.quants.shape) != (rows, 2, k, 16)):
+            raise ValueError(f"stage {i}: a zigzag Q4_K matrix in the CUDA GEMV's layout")
+        if st.x.numel() != k or st.y.numel() != (n // 2 if swiglu else n) or (swiglu and (n // 2) % 256):
+            raise ValueError(f"stage {i}: x ({k},), y ({n // 2 if swiglu else n},) (SwiGLU: N / 2 a multiple of 256)")
+        if any(t is not None and (t.dtype != torch.float16 or not t.is_contiguous()) for t in (st.x, st.y, st.res)):
+            raise ValueError(f"stage {i}: x, y and res contiguous fp16")
+        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
+               for t in (st.gamma, st.sq_in, st.sq_out)) or (st.gamma is not None and st.gamma.numel() != k):
+            raise ValueError(f"stage {i}: gamma ({k},), sq_in and sq_out contiguous fp32")
+        if not -1 <= st.after < i or (st.gamma is None) != (st.sq_in is None) or (
+                st.epilogue == EPILOGUE_RESIDUAL) != (st.res is not None) or st.epilogue not in (0, 1, 2):
+            raise ValueError(f"stage {i}: after an earlier stage (or -1), gamma with sq_in, res with the residual "
+                             f"epilogue (0, 1 or 2)")
+        if st.sq_out is not None and st.sq_out.numel() < st.tiles():
+            raise ValueError(f"stage {i}: sq_out holds one sum a tile ({st.tiles()})")
+        if st.split < 1:
+            raise ValueError(f"stage {i}: split at least 1")
+
+
 class Chain:
     """The stages' descriptors on the device, their partial sums and arrival counters, the done counters."""
 
     def __init__(self, stages: list[Stage], eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
                  prefetch: int = 1, blocks: int = 1):
-        if not stages:
-            raise ValueError("a chain needs at least one stage")
+        check(stages)
         device = stages[0].x.device
         self.index = device.index if device.index is not None else torch.cuda.current_device()
         self.kernel = zigzag_cuda.compiled(self.index, options(warps, pipe, acc, prefetch, blocks), "zigzag_chain")
@@ -69,16 +96,6 @@ class Chain:
     def _pack(self, st: Stage, i: int, stages: list[Stage]) -> bytes:
         n, k = st.w.shape
         rows = st.w.quants.shape[0]
-        swiglu = st.epilogue == EPILOGUE_SWIGLU
-        if st.w.layout != "zigzag" or st.w.fmt != "q4_k" or tuple(st.w.quants.shape) != (rows, 2, k, 16):
-            raise ValueError("a chain stage is a zigzag Q4_K matrix in the CUDA GEMV's layout")
-        if st.x.numel() != k or st.y.numel() != (n // 2 if swiglu else n) or (swiglu and (n // 2) % 256):
-            raise ValueError(f"stage {i}: x ({k},), y ({n // 2 if swiglu else n},) (SwiGLU: N / 2 a multiple of 256)")
-        if st.after >= i or (st.gamma is None) != (st.sq_in is None) or (st.epilogue == EPILOGUE_RESIDUAL) != (
-                st.res is not None):
-            raise ValueError(f"stage {i}: after an earlier stage, gamma with sq_in, res with the residual epilogue")
-        if st.sq_out is not None and st.sq_out.numel() < st.tiles():
-            raise ValueError(f"stage {i}: sq_out holds one sum a tile ({st.tiles()})")
         part = torch.empty((st.split, rows * 256), dtype=torch.float32, device=st.x.device)
         counters = torch.zeros(rows, dtype=torch.int32, device=st.x.device)
         self.buffers += [part, counters]

@@ -1,0 +1,131 @@
+"""The chain kernel (spqt.kernels.chain, zigzag_q4k.cu CHAIN): dense zigzag Q4_K maps in one persistent launch,
+against torch stage by stage (GPU), and what the CPU can check (the sm_90 compile, the stage checks)."""
+
+import numpy as np
+import pytest
+import torch
+
+from spqt.kernels import chain as kc
+from test_kernels import _weights
+
+EPS = 1e-5
+
+
+def _layer_shapes(d: int, qkv: int, f: int, attn: int) -> list[tuple[int, int]]:
+    """(N, K) of a layer's four maps: q|k|v, o (reads the first `attn` q|k|v outputs), gate|up, down."""
+    return [(qkv, d), (d, attn), (2 * f, d), (d, f)]
+
+
+def _stages(rng, device: str, layers: int, d: int = 640, qkv: int = 1000, f: int = 512, attn: int = 600):
+    """`layers` layers of chain stages over fresh random weights and norm weights, hidden updated in place (as
+    scripts/chain_probe.py): returns (stages, dequantized weights, gammas, buffers)."""
+    bufs = {"h": torch.empty(d, dtype=torch.float16, device=device),
+            "qkv": torch.empty(qkv, dtype=torch.float16, device=device),
+            "act": torch.empty(f, dtype=torch.float16, device=device),
+            "sq": torch.empty(-(-d // 256), dtype=torch.float32, device=device),
+            "sq0": torch.empty(5, dtype=torch.float32, device=device)}
+    stages, dense, gammas = [], [], []
+    for _ in range(layers):
+        ws = [_weights(rng, shape, "zigzag", device) for shape in _layer_shapes(d, qkv, f, attn)]
+        dense += [qw.dequantize().to(device) for qw, _ in ws]
+        g1, g2 = (torch.from_numpy(1 + 0.3 * rng.standard_normal(d).astype(np.float32)).to(device) for _ in range(2))
+        gammas += [g1, g2]
+        n = len(stages)
+        stages += [kc.Stage(ws[0][1], bufs["h"], bufs["qkv"], 3, gamma=g1, sq_in=bufs["sq0"] if n == 0 else bufs["sq"],
+                            after=n - 1),
+                   kc.Stage(ws[1][1], bufs["qkv"][:attn], bufs["h"], 5, kc.EPILOGUE_RESIDUAL, res=bufs["h"],
+                            sq_out=bufs["sq"], after=n),
+                   kc.Stage(ws[2][1], bufs["h"], bufs["act"], 2, kc.EPILOGUE_SWIGLU, gamma=g2, sq_in=bufs["sq"],
+                            after=n + 1),
+                   kc.Stage(ws[3][1], bufs["act"], bufs["h"], 7, kc.EPILOGUE_RESIDUAL, res=bufs["h"],
+                            sq_out=bufs["sq"], after=n + 2)]
+    return stages, dense, gammas, bufs
+
+
+def _normed(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+    """The folded norm as the kernel reads x: fp16((x rstd) gamma), rstd from the fp32 sum of x's squares."""
+    xf = x.float()
+    rstd = 1.0 / torch.sqrt((xf * xf).sum() / x.numel() + EPS)
+    return (xf * rstd * gamma).half().float()
+
+
+def _reference(h0: torch.Tensor, dense: list, gammas: list, attn: int) -> torch.Tensor:
+    """The chain's arithmetic in torch (fp32 products and sums, fp16 outputs): the final hidden state."""
+    h = h0.clone()
+    for layer in range(len(dense) // 4):
+        w_qkv, w_o, w_gu, w_down = dense[4 * layer: 4 * layer + 4]
+        qkv = (w_qkv @ _normed(h, gammas[2 * layer])).half()
+        h = (h.float() + w_o @ qkv[:attn].float()).half()
+        gu = w_gu @ _normed(h, gammas[2 * layer + 1])
+        f = gu.numel() // 2
+        act = (torch.nn.functional.silu(gu[:f]) * gu[f:]).half()
+        h = (h.float() + w_down @ act.float()).half()
+    return h
+
+
+@pytest.mark.gpu
+def test_chain_matches_torch(rng):
+    """Two layers (eight stages: norms folded, residual and SwiGLU finishes, sums of squares handed on, buffers
+    reused by the second layer) in one launch: the final hidden state within the fp32 accumulation's and one fp16
+    rounding's error of torch, the stages' outputs poisoned first; deterministic; the counters back at zero; the
+    same bits replayed from a CUDA graph; with and without the L2 prefetch and the pipelined loads."""
+    stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
+    h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
+    sq0 = h0.float().pow(2)
+    bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))  # any partition of the squares
+    want = _reference(h0, dense, gammas, 600).float()
+    results = []
+    for pipe, prefetch in ((1, 1), (0, 0)):
+        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch)
+
+        def run():
+            for name in ("qkv", "act", "sq"):
+                bufs[name].fill_(float("nan"))
+            bufs["h"].copy_(h0)
+            chain.launch()
+            return bufs["h"].clone()
+
+        got = run()
+        what = f"pipe {pipe} prefetch {prefetch}"
+        assert torch.isfinite(got).all(), what
+        err = float((got.float() - want).abs().max() / want.abs().max())
+        assert err < 4e-3, f"{what}: max |chain - torch| / max |torch| = {err:.2e}"
+        assert torch.equal(run(), got), f"{what}: not deterministic"
+        assert torch.equal(chain.done.cpu(), torch.tensor([st.tiles() for st in stages], dtype=torch.int32)), what
+        assert not any(b.any() for b in chain.buffers[1::2]), f"{what}: arrival counters not reset"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            bufs["h"].copy_(h0)
+            chain.launch()
+        bufs["h"].fill_(float("nan"))
+        graph.replay()
+        assert torch.equal(bufs["h"], got), f"{what}: graph replay differs"
+        results.append(got)
+    assert torch.equal(results[0], results[1]), "the loads' schedule changed the sums"
+
+
+def test_chain_compiles_for_sm90():
+    """The chain kernel compiles for sm_90 without a stack (no spills)."""
+    from spqt.kernels import nvrtc, zigzag_cuda
+    from spqt.kernels.sass import disassemble
+
+    source = zigzag_cuda.SOURCE.read_text()
+    _, _, stack = disassemble(nvrtc.compile_cubin(source, kc.options(4, 1, 16, 1, 1), "sm_90"))
+    assert stack == 0, f"{stack} stack bytes"
+
+
+def test_chain_checks_its_stages(rng):
+    """A stage the kernel cannot run is refused before anything compiles or launches."""
+    stages, _, _, bufs = _stages(rng, "cpu", layers=1, d=256, qkv=512, f=256, attn=256)
+    kc.check(stages)
+    with pytest.raises(ValueError, match="earlier stage"):
+        kc.check([stages[0], kc.Stage(stages[1].w, stages[1].x, stages[1].y, 2, kc.EPILOGUE_RESIDUAL,
+                                      res=bufs["h"], after=1)])
+    with pytest.raises(ValueError, match="x \\(256,\\)"):
+        kc.check([kc.Stage(stages[0].w, bufs["qkv"], bufs["qkv"], 2)])
+    with pytest.raises(ValueError, match="SwiGLU"):
+        kc.check([kc.Stage(stages[1].w, bufs["h"], bufs["act"][:128], 2, kc.EPILOGUE_SWIGLU)])  # N / 2 = 128
+    with pytest.raises(ValueError, match="gamma with sq_in"):
+        kc.check([kc.Stage(stages[0].w, bufs["h"], bufs["qkv"], 2, gamma=stages[0].gamma)])
+    with pytest.raises(ValueError, match="at least one stage"):
+        kc.check([])
