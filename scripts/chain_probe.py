@@ -5,9 +5,11 @@ a launch or two a map) against the same arithmetic as ONE launch of the chain ke
 variants (pipe, L2 prefetch, programs an SM, splits scaled). Both in CUDA graphs, alternating rounds, device time
 of the replays (median); the chain's final hidden state against the launched one's.
 
-    python3 scripts/chain_probe.py [--model synthetic:llama2-7b] [--variants 1,1,1,1 0,1,1,1 ...]
+    python3 scripts/chain_probe.py [--model synthetic:llama2-7b] [--variants pipe=1,acc=2 waves=2 ...]
 
-A variant is pipe,prefetch,blocks,split-scale (split: the map's tuned split times the scale, at least 1).
+A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
+blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, and the splits: scale (the
+map's tuned split times it) or waves (each map's split such that its items are about waves x the programs).
 """
 
 import argparse
@@ -32,18 +34,15 @@ def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor) -> torch.Te
     return x
 
 
-def chain_stages(model, hidden: torch.Tensor, sq0: torch.Tensor, scale: float) -> tuple[list[Stage], dict]:
-    """The same layers as chain stages over buffers (hidden updated in place), and those buffers."""
+def chain_stages(model, hidden: torch.Tensor, sq0: torch.Tensor, split) -> tuple[list[Stage], dict]:
+    """The same layers as chain stages over buffers (hidden updated in place), and those buffers; split(linear)
+    gives a map's split."""
     d, dev = hidden.numel(), hidden.device
     first = model.layers[0]
     bufs = {"qkv": torch.empty(first.attention.qkv.impl.n, dtype=torch.float16, device=dev),
             "act": torch.empty(first.feed_forward.gate_up.impl.n // 2, dtype=torch.float16, device=dev),
             "sq": torch.empty(-(-d // 256), dtype=torch.float32, device=dev)}
     stages = []
-
-    def split(lin) -> int:
-        return max(1, round(lin.impl.cfg_dense["split"] * scale))
-
     for block in model.layers:
         att, ff = block.attention, block.feed_forward
         qkv_w = att.qkv.impl.w
@@ -71,7 +70,8 @@ def captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
 def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-7b")
-    ap.add_argument("--variants", nargs="+", default=["1,1,1,1", "0,1,1,1", "1,0,1,1", "0,1,1,2"])
+    ap.add_argument("--variants", nargs="+", default=["pipe=1", "pipe=0,acc=2", "pipe=0,acc=2,waves=2",
+                                                      "pipe=0,acc=2,prefetch=0", "pipe=1,acc=2,waves=1"])
     args = ap.parse_args()
     gen, _ = probe_generator(args.model)
     model = gen.model
@@ -82,12 +82,20 @@ def main():
     graphs, outs = {}, {}
     graphs["launched"], outs["launched"] = captured(lambda: launched_layers(model, hidden0, sq0))
     hidden = torch.empty_like(hidden0)
-    chains = {}
+    sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
     for spec in args.variants:
-        pipe, prefetch, blocks, scale = spec.split(",")
-        stages, _ = chain_stages(model, hidden, sq0, float(scale))
-        chain = Chain(stages, eps, pipe=int(pipe), prefetch=int(prefetch), blocks=int(blocks))
-        chains[spec] = chain
+        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
+            key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
+        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
+        programs = Chain.programs_for(hidden0.device, **kernel_args)
+
+        def split(lin, v=v, programs=programs) -> int:
+            if "waves" in v:
+                return max(1, round(v["waves"] * programs / lin.impl.w.grid[0]))
+            return max(1, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
+
+        stages, _ = chain_stages(model, hidden, sq0, split)
+        chain = Chain(stages, eps, **kernel_args)
 
         def run(chain=chain):
             hidden.copy_(hidden0)
@@ -95,7 +103,8 @@ def main():
             return hidden
 
         graphs[f"chain {spec}"], outs[f"chain {spec}"] = captured(run)
-        print(f"chain {spec}: {chain.programs} programs, {sum(st.w.grid[0] * st.split for st in stages)} items")
+        print(f"chain {spec}: {chain.programs} programs ({chain.programs / sms:.0f} an SM), "
+              f"{sum(st.w.grid[0] * st.split for st in stages) / len(model.layers):.0f} items a layer")
     ref = None
     times = {name: [] for name in graphs}
     for _ in range(args.rounds):
@@ -109,7 +118,7 @@ def main():
                 print(f"  {name}: max |chain - launched| / max |launched| = {err:.2e}")
     base = statistics.median(times["launched"])
     print(f"{args.model}: {len(model.layers)} layers without attention, device time (us), median of {args.reps} "
-          f"replays a round (variant = pipe,prefetch,blocks,split-scale):")
+          f"replays a round:")
     for name, t in times.items():
         print(f"  {name:<22} {', '.join(f'{x:.1f}' for x in t)}  ({base - statistics.median(t):+.1f} us less than "
               f"launched)")

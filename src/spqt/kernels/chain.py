@@ -76,6 +76,11 @@ def check(stages: list[Stage]) -> None:
             raise ValueError(f"stage {i}: split at least 1")
 
 
+def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int) -> nvrtc.Kernel:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks), "zigzag_chain")
+
+
 class Chain:
     """The stages' descriptors on the device, their partial sums and arrival counters, the done counters."""
 
@@ -83,15 +88,21 @@ class Chain:
                  prefetch: int = 1, blocks: int = 1):
         check(stages)
         device = stages[0].x.device
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-        self.kernel = zigzag_cuda.compiled(self.index, options(warps, pipe, acc, prefetch, blocks), "zigzag_chain")
+        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks)
         self.warps, self.eps, self.stages = warps, float(eps), stages
-        self.programs = self.kernel.blocks_per_sm(32 * warps) * torch.cuda.get_device_properties(device).multi_processor_count
+        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks)
         packed, self.buffers = b"", []
         for i, st in enumerate(stages):
             packed += self._pack(st, i, stages)
         self.table = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(device)
         self.done = torch.zeros(len(stages), dtype=torch.int32, device=device)
+
+    @staticmethod
+    def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
+                     blocks: int = 1) -> int:
+        """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
+        return (_kernel(device, warps, pipe, acc, prefetch, blocks).blocks_per_sm(32 * warps)
+                * torch.cuda.get_device_properties(device).multi_processor_count)
 
     def _pack(self, st: Stage, i: int, stages: list[Stage]) -> bytes:
         n, k = st.w.shape
