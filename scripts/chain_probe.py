@@ -1,11 +1,12 @@
-"""What one persistent launch for a whole step's maps takes back (issue 14; device machine): every layer of a
-synthetic model without its attention (o reads the first D outputs of q|k|v instead), as the runtime launches it
-(q|k|v and gate|up with the RMSNorm folded, o and down with the residual, gate|up with SwiGLU; its tuned configs,
-a launch or two a map) against the same arithmetic as ONE launch of the chain kernel (spqt.kernels.chain), in
-variants (pipe, L2 prefetch, programs an SM, splits scaled). Both in CUDA graphs, alternating rounds, device time
-of the replays (median); the chain's final hidden state against the launched one's.
+"""What one persistent launch for a whole step's layers takes back (issue 14; device machine): every layer of a
+synthetic model as the runtime launches it (q|k|v and gate|up with the RMSNorm folded, o and down with the residual,
+gate|up with SwiGLU, the fused decode attention at position --pos; its tuned configs, a launch or two a map)
+against the same arithmetic as ONE launch of the chain kernel (spqt.kernels.chain), in variants (pipe, L2
+prefetch, programs an SM, accumulators, splits). --no-attention: o reads the first D outputs of q|k|v instead of
+the attention (the maps alone). Both in CUDA graphs, alternating rounds, device time of the replays (median); the
+chain's final hidden state against the launched one's.
 
-    python3 scripts/chain_probe.py [--model synthetic:llama2-7b] [--variants pipe=1,acc=2 waves=2 ...]
+    python3 scripts/chain_probe.py [--model synthetic:llama2-7b] [--no-attention] [--variants acc=2,blocks=4 ...]
 
 A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, and the splits: scale (the
@@ -19,37 +20,54 @@ import torch
 
 from spqt.bench_decode import probe_arguments, probe_generator, replay_device_us
 from spqt.functional import NORM_SUMS
-from spqt.kernels.chain import EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU, Chain, Stage
+from spqt.kernels.chain import ATTN_BLOCK, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU, AttentionStage, Chain, Stage
 
 
-def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor) -> torch.Tensor:
-    """The runtime's calls for every layer, attention left out: (1, 1, D) fp16 out."""
+def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor, pos: torch.Tensor | None,
+                    length: int) -> torch.Tensor:
+    """The runtime's calls for every layer (the model's blocks at position pos over `length` keys; pos None: the
+    attention left out): (1, 1, D) fp16 out."""
     d = hidden0.numel()
     x = hidden0.view(1, 1, d)
     setattr(x, NORM_SUMS, sq0)
+    mask = None
+    if pos is not None:
+        mask = torch.zeros((1, length), dtype=x.dtype, device=x.device).masked_fill_(
+            torch.arange(length, device=x.device)[None, :] > pos[:, None], float("-inf"))
     for block in model.layers:
+        if pos is not None:
+            x = block(x, model.rope, pos, mask)
+            continue
         qkv = block.attention.qkv(x, norm=block.attention_norm)
         h = block.attention.o(qkv[..., :d], residual=x)
         x = block.feed_forward(h, block.ffn_norm)
     return x
 
 
-def chain_stages(model, hidden: torch.Tensor, sq0: torch.Tensor, split) -> tuple[list[Stage], dict]:
+def chain_stages(model, hidden: torch.Tensor, sq0: torch.Tensor, split, pos: torch.Tensor | None, length: int,
+                 programs: int) -> tuple[list, dict]:
     """The same layers as chain stages over buffers (hidden updated in place), and those buffers; split(linear)
-    gives a map's split."""
+    gives a map's split; the attention (pos not None) over `length` keys, its heads' programs from the chain's."""
     d, dev = hidden.numel(), hidden.device
     first = model.layers[0]
+    heads = first.attention.n_heads
     bufs = {"qkv": torch.empty(first.attention.qkv.impl.n, dtype=torch.float16, device=dev),
+            "attn": torch.empty(d, dtype=torch.float16, device=dev),
             "act": torch.empty(first.feed_forward.gate_up.impl.n // 2, dtype=torch.float16, device=dev),
             "sq": torch.empty(-(-d // 256), dtype=torch.float32, device=dev)}
     stages = []
+    per_head = max(1, min(-(-length // ATTN_BLOCK), programs // heads))
     for block in model.layers:
         att, ff = block.attention, block.feed_forward
         qkv_w = att.qkv.impl.w
         stages.append(Stage(qkv_w, hidden, bufs["qkv"], split(att.qkv), gamma=block.attention_norm.weight,
                             sq_in=sq0 if not stages else bufs["sq"], after=len(stages) - 1))
-        stages.append(Stage(att.o.impl.w, bufs["qkv"][:d], hidden, split(att.o), EPILOGUE_RESIDUAL, res=hidden,
-                            sq_out=bufs["sq"], after=len(stages) - 1))
+        if pos is not None:
+            cache = att.cache
+            stages.append(AttentionStage(bufs["qkv"], model.rope, pos, cache.k[0], cache.v[0], bufs["attn"], heads,
+                                         length, per_head, after=len(stages) - 1))
+        stages.append(Stage(att.o.impl.w, bufs["attn"] if pos is not None else bufs["qkv"][:d], hidden, split(att.o),
+                            EPILOGUE_RESIDUAL, res=hidden, sq_out=bufs["sq"], after=len(stages) - 1))
         stages.append(Stage(ff.gate_up.impl.w, hidden, bufs["act"], split(ff.gate_up), EPILOGUE_SWIGLU,
                             gamma=block.ffn_norm.weight, sq_in=bufs["sq"], after=len(stages) - 1))
         stages.append(Stage(ff.down.impl.w, bufs["act"], hidden, split(ff.down), EPILOGUE_RESIDUAL, res=hidden,
@@ -70,8 +88,10 @@ def captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
 def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-7b")
-    ap.add_argument("--variants", nargs="+", default=["pipe=1", "pipe=0,acc=2", "pipe=0,acc=2,waves=2",
-                                                      "pipe=0,acc=2,prefetch=0", "pipe=1,acc=2,waves=1"])
+    ap.add_argument("--variants", nargs="+", default=["pipe=0,acc=2,blocks=4", "pipe=0,acc=2,blocks=4,waves=1",
+                                                      "pipe=0,acc=2,blocks=4,prefetch=0"])
+    ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--pos", type=int, default=40, help="the token's position (the synthetic model holds 64)")
     args = ap.parse_args()
     gen, _ = probe_generator(args.model)
     model = gen.model
@@ -79,22 +99,24 @@ def main():
     eps = model.layers[0].attention_norm.eps
     hidden0 = torch.randn(d, device="cuda", dtype=torch.float16)
     sq0 = (hidden0.float() ** 2).sum().reshape(1)
+    pos = None if args.no_attention else torch.tensor([args.pos], device="cuda")
+    length = gen.max_len
     graphs, outs = {}, {}
-    graphs["launched"], outs["launched"] = captured(lambda: launched_layers(model, hidden0, sq0))
+    graphs["launched"], outs["launched"] = captured(lambda: launched_layers(model, hidden0, sq0, pos, length))
     hidden = torch.empty_like(hidden0)
     sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
     for spec in args.variants:
         v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
         kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
-        programs = Chain.programs_for(hidden0.device, **kernel_args)
+        programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:
             if "waves" in v:
                 return max(1, round(v["waves"] * programs / lin.impl.w.grid[0]))
             return max(1, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
 
-        stages, _ = chain_stages(model, hidden, sq0, split)
+        stages, _ = chain_stages(model, hidden, sq0, split, pos, length, programs)
         chain = Chain(stages, eps, **kernel_args)
 
         def run(chain=chain):
@@ -104,7 +126,7 @@ def main():
 
         graphs[f"chain {spec}"], outs[f"chain {spec}"] = captured(run)
         print(f"chain {spec}: {chain.programs} programs ({chain.programs / sms:.0f} an SM), "
-              f"{sum(st.w.grid[0] * st.split for st in stages) / len(model.layers):.0f} items a layer")
+              f"{sum(st.items() for st in stages) / len(model.layers):.0f} items a layer")
     ref = None
     times = {name: [] for name in graphs}
     for _ in range(args.rounds):
@@ -117,7 +139,8 @@ def main():
                 err = float((out - ref).abs().max() / ref.abs().max())
                 print(f"  {name}: max |chain - launched| / max |launched| = {err:.2e}")
     base = statistics.median(times["launched"])
-    print(f"{args.model}: {len(model.layers)} layers without attention, device time (us), median of {args.reps} "
+    what = "without attention" if pos is None else f"at position {args.pos} over {length} keys"
+    print(f"{args.model}: {len(model.layers)} layers {what}, device time (us), median of {args.reps} "
           f"replays a round:")
     for name, t in times.items():
         print(f"  {name:<22} {', '.join(f'{x:.1f}' for x in t)}  ({base - statistics.median(t):+.1f} us less than "

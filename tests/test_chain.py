@@ -75,8 +75,8 @@ def test_chain_matches_torch(rng):
     bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))  # any partition of the squares
     want = _reference(h0, dense, gammas, 600).float()
     results = []
-    for pipe, prefetch in ((1, 1), (0, 0)):
-        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch)
+    for pipe, prefetch in ((0, 1), (1, 0)):
+        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4)
 
         def run():
             for name in ("qkv", "act", "sq"):
@@ -92,7 +92,7 @@ def test_chain_matches_torch(rng):
         assert err < 4e-3, f"{what}: max |chain - torch| / max |torch| = {err:.2e}"
         assert torch.equal(run(), got), f"{what}: not deterministic"
         assert torch.equal(chain.done.cpu(), torch.tensor([st.tiles() for st in stages], dtype=torch.int32)), what
-        assert not any(b.any() for b in chain.buffers[1::2]), f"{what}: arrival counters not reset"
+        assert not any(c.any() for c in chain.counters()), f"{what}: arrival counters not reset"
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             bufs["h"].copy_(h0)
@@ -110,7 +110,7 @@ def test_chain_compiles_for_sm90():
     from spqt.kernels.sass import disassemble
 
     source = zigzag_cuda.SOURCE.read_text()
-    _, _, stack = disassemble(nvrtc.compile_cubin(source, kc.options(4, 1, 16, 1, 1), "sm_90"))
+    _, _, stack = disassemble(nvrtc.compile_cubin(source, kc.options(4, 0, 2, 1, 4), "sm_90"))
     assert stack == 0, f"{stack} stack bytes"
 
 

@@ -1,11 +1,13 @@
-"""The chain: dense zigzag Q4_K maps one after another in ONE persistent launch of the CUDA GEMV
-(zigzag_q4k.cu, CHAIN): no launch, tail or reduction launch between them (issue 14's fixed costs).
+"""The chain: a decode step's layers as ONE persistent launch of the CUDA GEMV's source (zigzag_q4k.cu, CHAIN):
+no launch, tail or reduction launch between the maps (issue 14's fixed costs).
 
-A stage is one map y = W x with its finish: plain, a residual add, or SwiGLU (gate|up stacked), optionally the
-RMSNorm of x folded in (gamma and x's sums of squares) and the sums of squares of y written for the next
-stage's norm. A stage waits for the stage that wrote its input (after); every program streams its item's
-weights before it waits. Chain(stages).launch() enqueues the launch on the current stream (capturable in a CUDA
-graph): a zeroing of the done counters, then the kernel over a grid that fits the GPU at once (occupancy x SMs).
+Stages run in order. A GEMV stage (Stage) is one dense zigzag Q4_K map y = W x with its finish: plain, a residual
+add, or SwiGLU (gate|up stacked), optionally the RMSNorm of x folded in (gamma and x's sums of squares) and the sums
+of squares of y written for the next stage's norm. An attention stage (AttentionStage) is one decode token's RoPE,
+KV-cache write and attention over the q|k|v stage's output (fused.rope_attention_decode's contract). A stage waits
+for the stage that wrote its input (after); every program streams its item's weights (or cached keys and values)
+before it waits. Chain(stages).launch() enqueues the launch on the current stream (capturable in a CUDA graph): a
+zeroing of the done counters, then the kernel over a grid that fits the GPU at once (occupancy x SMs).
 
 Stage tensors (all CUDA, contiguous, kept alive by the Chain): x (K,) fp16, y (N,) or SwiGLU (N / 2,) fp16, res
 (N,) fp16 (may be y), gamma (K,) fp32, sq_in / sq_out fp32 (sq_out: one a 256-row output tile).
@@ -20,7 +22,11 @@ from spqt.kernels import nvrtc, zigzag_cuda
 from spqt.kernels.gpu_layout import GpuQ4K
 
 EPILOGUE_PLAIN, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
-STAGE_FORMAT = "<10Q12i"  # the .cu file's ChainStage: ten pointers, twelve ints (128 bytes)
+KIND_GEMV, KIND_ATTENTION = 0, 1
+# the .cu file's ChainStage: a header of eight ints (kind, items, tiles, after, after_tiles, 3 unused), then a union
+# of GemvStage (ten pointers, nine ints) and AttentionStage (nine pointers, five ints, a float): 152 bytes
+HEADER, GEMV, ATTENTION, STAGE_BYTES = "<8i", "<10Q9i", "<9Q5if", 152
+ATTN_BLOCK, ATTN_SLOTS = 64, 32  # keys a block, blocks a head at most (the .cu file's; fused.py's ATTN_BLOCK_N, ..)
 
 
 @dataclass
@@ -41,82 +47,157 @@ class Stage:
         n = self.w.shape[0]
         return (n // 2 if self.epilogue == EPILOGUE_SWIGLU else n + 255) // 256
 
+    def items(self) -> int:
+        return self.w.quants.shape[0] * self.split
 
-def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int) -> tuple:
-    """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold)."""
+
+@dataclass
+class AttentionStage:
+    qkv: torch.Tensor  # ((H + 2 Hkv) hd,) fp16: the q|k|v stage's output
+    table: torch.Tensor  # (L_max, hd) fp32 RoPE: cos | sin
+    pos: torch.Tensor  # () or (1,) int64: the token's position, written before the launch
+    cache_k: torch.Tensor  # (Hkv, L, hd) fp16
+    cache_v: torch.Tensor
+    out: torch.Tensor  # (H hd,) fp16
+    heads: int
+    length: int  # keys attended at most (> pos)
+    programs: int  # programs a head (its key blocks p, p + programs, ...)
+    after: int = -1
+
+    def tiles(self) -> int:
+        return self.heads
+
+    def items(self) -> int:
+        return self.heads * self.programs
+
+
+def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_dim: int = 128) -> tuple:
+    """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
+    the attention stages')."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
-        "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}")
+        "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}")
 
 
-def check(stages: list[Stage]) -> None:
+def _check_gemv(i: int, st: Stage) -> None:
+    n, k = st.w.shape
+    rows = st.w.quants.shape[0]
+    swiglu = st.epilogue == EPILOGUE_SWIGLU
+    if (getattr(st.w, "layout", None) != "zigzag" or getattr(st.w, "fmt", None) != "q4_k"
+            or tuple(st.w.quants.shape) != (rows, 2, k, 16)):
+        raise ValueError(f"stage {i}: a zigzag Q4_K matrix in the CUDA GEMV's layout")
+    if st.x.numel() != k or st.y.numel() != (n // 2 if swiglu else n) or (swiglu and (n // 2) % 256):
+        raise ValueError(f"stage {i}: x ({k},), y ({n // 2 if swiglu else n},) (SwiGLU: N / 2 a multiple of 256)")
+    if any(t is not None and (t.dtype != torch.float16 or not t.is_contiguous()) for t in (st.x, st.y, st.res)):
+        raise ValueError(f"stage {i}: x, y and res contiguous fp16")
+    if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
+           for t in (st.gamma, st.sq_in, st.sq_out)) or (st.gamma is not None and st.gamma.numel() != k):
+        raise ValueError(f"stage {i}: gamma ({k},), sq_in and sq_out contiguous fp32")
+    if (st.gamma is None) != (st.sq_in is None) or (st.epilogue == EPILOGUE_RESIDUAL) != (st.res is not None) \
+            or st.epilogue not in (0, 1, 2):
+        raise ValueError(f"stage {i}: gamma with sq_in, res with the residual epilogue (0, 1 or 2)")
+    if st.sq_out is not None and st.sq_out.numel() < st.tiles():
+        raise ValueError(f"stage {i}: sq_out holds one sum a tile ({st.tiles()})")
+    if st.split < 1:
+        raise ValueError(f"stage {i}: split at least 1")
+
+
+def _check_attention(i: int, st: AttentionStage) -> None:
+    kv, cache_len, hd = st.cache_k.shape
+    if st.cache_v.shape != st.cache_k.shape or hd % 64 or hd > 256 or st.heads % kv:
+        raise ValueError(f"stage {i}: caches (Hkv, L, hd), hd a multiple of 64 up to 256, Hkv dividing the heads")
+    if st.qkv.numel() != (st.heads + 2 * kv) * hd or st.out.numel() != st.heads * hd or st.table.shape[1] != hd:
+        raise ValueError(f"stage {i}: q|k|v ({(st.heads + 2 * kv) * hd},), out ({st.heads * hd},), the RoPE table "
+                         f"(L, {hd})")
+    if any(t.dtype != torch.float16 or not t.is_contiguous() for t in (st.qkv, st.cache_k, st.cache_v, st.out)) \
+            or st.table.dtype != torch.float32 or st.pos.dtype != torch.int64 or st.pos.numel() != 1:
+        raise ValueError(f"stage {i}: fp16 q|k|v, caches and out, an fp32 table, one int64 position")
+    if not 0 < st.length <= min(cache_len, ATTN_BLOCK * ATTN_SLOTS) or st.programs < 1:
+        raise ValueError(f"stage {i}: a span of 1 to {min(cache_len, ATTN_BLOCK * ATTN_SLOTS)} keys, a program a head")
+
+
+def check(stages: list) -> None:
     """ValueError unless the stages make a chain the kernel runs (each stage's shapes, dtypes and finish)."""
     if not stages:
         raise ValueError("a chain needs at least one stage")
+    dims = {st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)}
+    if len(dims) > 1:
+        raise ValueError(f"the attention stages of a chain share one head dim, not {sorted(dims)}")
     for i, st in enumerate(stages):
-        n, k = st.w.shape
-        rows = st.w.quants.shape[0]
-        swiglu = st.epilogue == EPILOGUE_SWIGLU
-        if (getattr(st.w, "layout", None) != "zigzag" or getattr(st.w, "fmt", None) != "q4_k"
-                or tuple(st.w.quants.shape) != (rows, 2, k, 16)):
-            raise ValueError(f"stage {i}: a zigzag Q4_K matrix in the CUDA GEMV's layout")
-        if st.x.numel() != k or st.y.numel() != (n // 2 if swiglu else n) or (swiglu and (n // 2) % 256):
-            raise ValueError(f"stage {i}: x ({k},), y ({n // 2 if swiglu else n},) (SwiGLU: N / 2 a multiple of 256)")
-        if any(t is not None and (t.dtype != torch.float16 or not t.is_contiguous()) for t in (st.x, st.y, st.res)):
-            raise ValueError(f"stage {i}: x, y and res contiguous fp16")
-        if any(t is not None and (t.dtype != torch.float32 or not t.is_contiguous())
-               for t in (st.gamma, st.sq_in, st.sq_out)) or (st.gamma is not None and st.gamma.numel() != k):
-            raise ValueError(f"stage {i}: gamma ({k},), sq_in and sq_out contiguous fp32")
-        if not -1 <= st.after < i or (st.gamma is None) != (st.sq_in is None) or (
-                st.epilogue == EPILOGUE_RESIDUAL) != (st.res is not None) or st.epilogue not in (0, 1, 2):
-            raise ValueError(f"stage {i}: after an earlier stage (or -1), gamma with sq_in, res with the residual "
-                             f"epilogue (0, 1 or 2)")
-        if st.sq_out is not None and st.sq_out.numel() < st.tiles():
-            raise ValueError(f"stage {i}: sq_out holds one sum a tile ({st.tiles()})")
-        if st.split < 1:
-            raise ValueError(f"stage {i}: split at least 1")
+        if not -1 <= st.after < i:
+            raise ValueError(f"stage {i}: after an earlier stage (or -1)")
+        if isinstance(st, AttentionStage):
+            _check_attention(i, st)
+        else:
+            _check_gemv(i, st)
 
 
-def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int) -> nvrtc.Kernel:
+def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int,
+            head_dim: int) -> nvrtc.Kernel:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks), "zigzag_chain")
+    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim), "zigzag_chain")
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
 
 
 class Chain:
     """The stages' descriptors on the device, their partial sums and arrival counters, the done counters."""
 
-    def __init__(self, stages: list[Stage], eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
+    def __init__(self, stages: list, eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
                  prefetch: int = 1, blocks: int = 1):
         check(stages)
-        device = stages[0].x.device
-        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks)
+        device = _first_tensor(stages[0]).device
+        hds = [st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)]
+        self.head_dim = hds[0] if hds else 128
+        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim)
         self.warps, self.eps, self.stages = warps, float(eps), stages
-        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks)
-        packed, self.buffers = b"", []
-        for i, st in enumerate(stages):
-            packed += self._pack(st, i, stages)
+        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim)
+        self.buffers = []
+        packed = b"".join(self._pack(st, stages) for st in stages)
         self.table = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(device)
         self.done = torch.zeros(len(stages), dtype=torch.int32, device=device)
 
     @staticmethod
     def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
-                     blocks: int = 1) -> int:
+                     blocks: int = 1, head_dim: int = 128) -> int:
         """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
-        return (_kernel(device, warps, pipe, acc, prefetch, blocks).blocks_per_sm(32 * warps)
+        return (_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim).blocks_per_sm(32 * warps)
                 * torch.cuda.get_device_properties(device).multi_processor_count)
 
-    def _pack(self, st: Stage, i: int, stages: list[Stage]) -> bytes:
-        n, k = st.w.shape
-        rows = st.w.quants.shape[0]
-        part = torch.empty((st.split, rows * 256), dtype=torch.float32, device=st.x.device)
-        counters = torch.zeros(rows, dtype=torch.int32, device=st.x.device)
-        self.buffers += [part, counters]
-        per = zigzag_cuda.share(k, st.split, self.warps)
-        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
-        after = stages[st.after].tiles() if st.after >= 0 else 0
-        return struct.pack(STAGE_FORMAT, ptr(st.w.quants), ptr(st.w.head), ptr(st.x), ptr(st.y), ptr(st.res),
-                           ptr(part), ptr(counters), ptr(st.gamma), ptr(st.sq_in), ptr(st.sq_out),
-                           k, rows * 256, per, st.split, n, n // 2, st.epilogue, rows, st.tiles(),
-                           0 if st.sq_in is None else st.sq_in.numel(), st.after, after)
+    def _scratch(self, shape, dtype, device, zero: bool = False) -> torch.Tensor:
+        t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
+        self.buffers.append(t)
+        return t
+
+    def _pack(self, st, stages: list) -> bytes:
+        after_tiles = stages[st.after].tiles() if st.after >= 0 else 0
+        if isinstance(st, AttentionStage):
+            kv, cache_len, hd = st.cache_k.shape
+            dev = st.qkv.device
+            part = self._scratch(st.heads * ATTN_SLOTS * hd, torch.float32, dev)
+            ml = self._scratch(st.heads * ATTN_SLOTS * 2, torch.float32, dev)
+            counters = self._scratch(st.heads, torch.int32, dev, zero=True)
+            body = struct.pack(ATTENTION, _ptr(st.qkv), _ptr(st.table), _ptr(st.pos), _ptr(st.cache_k),
+                               _ptr(st.cache_v), _ptr(st.out), _ptr(part), _ptr(ml), _ptr(counters),
+                               st.heads, kv, cache_len, st.length, st.programs, hd ** -0.5)
+            kind = KIND_ATTENTION
+        else:
+            n, k = st.w.shape
+            rows = st.w.quants.shape[0]
+            part = self._scratch((st.split, rows * 256), torch.float32, st.x.device)
+            counters = self._scratch(rows, torch.int32, st.x.device, zero=True)
+            body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
+                               _ptr(part), _ptr(counters), _ptr(st.gamma), _ptr(st.sq_in), _ptr(st.sq_out),
+                               k, rows * 256, zigzag_cuda.share(k, st.split, self.warps), st.split, n, n // 2,
+                               st.epilogue, rows, 0 if st.sq_in is None else st.sq_in.numel())
+            kind = KIND_GEMV
+        header = struct.pack(HEADER, kind, st.items(), st.tiles(), st.after, after_tiles, 0, 0, 0)
+        return (header + body).ljust(STAGE_BYTES, b"\0")
+
+    def counters(self) -> list[torch.Tensor]:
+        """The stages' arrival counters (zero between launches)."""
+        return [t for t in self.buffers if t.dtype == torch.int32]
 
     def launch(self) -> None:
         """The chain on the current stream: done zeroed, then one launch of `programs` programs."""
@@ -124,3 +205,7 @@ class Chain:
         P, I = nvrtc.POINTER, nvrtc.INT
         args = [(self.table.data_ptr(), P), (len(self.stages), I), (self.done.data_ptr(), P), (self.eps, nvrtc.FLOAT)]
         self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device))
+
+
+def _first_tensor(st) -> torch.Tensor:
+    return st.qkv if isinstance(st, AttentionStage) else st.x

@@ -956,7 +956,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #define CHAIN_PREFETCH 1  // 1: an item's whole share of levels and heads asked of L2 (sm_90 bulk prefetch) before the wait
 #endif
 
-struct ChainStage {  // 128 bytes (chain.py packs it)
+struct GemvStage {  // y = W x and its finish (chain.py packs it)
   const uint4* q;             // levels (rows, 2, K, 16) int32, kernel layout
   const uint4* h;             // grouped heads (ceil(rows / 4), K, 4, 4) int32
   const unsigned short* x;    // input (K,) fp16 (the folded norm's input where gamma)
@@ -967,11 +967,37 @@ struct ChainStage {  // 128 bytes (chain.py packs it)
   const float* gamma;         // the RMSNorm's weights (K,) fp32, or null: x used as it is
   const float* sq_in;         // sums of squares of x (nsq_in,) fp32 (with gamma)
   float* sq_out;              // sums of squares of y, one an output tile, or null
-  int K, NP, per, split, N, F, epilogue, rows, tiles, nsq_in, after, after_tiles;
-  // epilogue 0 plain, 1 residual, 2 SwiGLU (gate rows then up rows, F = N / 2 a multiple of 256); tiles: output
-  // tiles (ceil(N / 256), SwiGLU F / 256); after: the stage whose output x is (-1: written before the launch),
-  // after_tiles: its tiles
+  int K, NP, per, split, N, F, epilogue, rows, nsq_in;
+  // epilogue 0 plain, 1 residual, 2 SwiGLU (gate rows then up rows, F = N / 2 a multiple of 256); items rows x split
 };
+
+struct AttentionStage {  // one decode token's RoPE, KV-cache write and attention (fused.py's decode attention)
+  const unsigned short* qkv;  // (H + 2 HKV) hd fp16: the q|k|v stage's output
+  const float* table;         // RoPE (L_max, hd) fp32: the cos of the hd / 2 frequencies, then their sin
+  const long long* pos;       // the token's position (written before the launch)
+  unsigned short* cache_k;    // (HKV, L, hd) fp16: rows below pos cached by earlier steps; row pos written here
+  unsigned short* cache_v;
+  unsigned short* out;        // (H hd) fp16
+  float* part;                // per head ATTN_SLOTS block sums (hd fp32 each)
+  float* ml;                  // per head ATTN_SLOTS (max, sum) pairs
+  int* counters;              // arrivals a head (H,), zero before and after
+  int H, HKV, L, length, programs;  // length: keys attended at most (> pos); items H x programs
+  float scale;
+};
+
+struct ChainStage {  // 160 bytes (chain.py packs it)
+  int kind;         // 0 GEMV, 1 attention
+  int items;        // work items (GEMV rows x split, attention H x programs)
+  int tiles;        // outputs counted in done when finished: GEMV output tiles (ceil(N / 256), SwiGLU F / 256), heads
+  int after;        // the stage whose output this one reads (-1: written before the launch)
+  int after_tiles;  // its tiles
+  int pad[3];
+  union {
+    GemvStage gemv;
+    AttentionStage attn;
+  };
+};
+static_assert(sizeof(ChainStage) == 152, "chain.py packs ChainStage in 152 bytes");
 
 __device__ __forceinline__ unsigned short load_x_l2(const unsigned short* p) {
   unsigned short v;
@@ -1009,8 +1035,20 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
   return 1.0f / sqrtf(v / (float)K + eps);
 }
 
-__device__ __forceinline__ void chain_item(const ChainStage& st, int stage, int item, int* done, float eps,
-                           float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq, int* finisher) {
+// Wait until stage cs.after has finished all its tiles (thread 0 spins, acquire; then the program's barrier).
+__device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done) {
+  if (cs.after >= 0) {
+    if (threadIdx.x == 0)
+      while (load_acquire(done + cs.after) < cs.after_tiles) {
+      }
+    __syncthreads();
+  }
+}
+
+__device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int item, int* done, float eps,
+                                          float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq,
+                                          int* finisher) {
+  const GemvStage& st = cs.gemv;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
   const int r = item % st.rows, s = item / st.rows, K = st.K;
@@ -1038,12 +1076,7 @@ __device__ __forceinline__ void chain_item(const ChainStage& st, int stage, int 
     bulk_prefetch_l2(st.h + ((size_t)(r >> 2) * K + first) * 4, bytes);
   }
 #endif
-  if (st.after >= 0) {  // the input's stage has finished every output tile
-    if (threadIdx.x == 0)
-      while (load_acquire(done + st.after) < st.after_tiles) {
-      }
-    __syncthreads();
-  }
+  wait_input(cs, done);
   const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
   for (; j < full_end; j += step) {
 #pragma unroll
@@ -1127,7 +1160,185 @@ __device__ __forceinline__ void chain_item(const ChainStage& st, int stage, int 
   __syncthreads();  // the shared scratch and *finisher free for the next item
 }
 
-// stages[0 .. nstages) in order; done (nstages,) int32 zero before the launch (counts output tiles finished)
+#ifndef CHAIN_HD
+#define CHAIN_HD 128  // the attention's head dim: a multiple of 64, at most 256
+#endif
+#if CHAIN_HD % 64 || CHAIN_HD > 256
+#error "CHAIN_HD: a multiple of 64, at most 256"
+#endif
+#define ATTN_BLOCK 64  // keys a block (fused.ATTN_BLOCK_N)
+#define ATTN_SLOTS 32  // blocks a head at most (fused.ATTN_MAX_SPLITS)
+#define HE (CHAIN_HD / 32)  // elements of a head a lane holds: e = lane + 32 i; i and i + HE / 2 rotate together
+
+__device__ __forceinline__ float f16_round(float v) { return f16_lo_to_f32(f32_to_f16_bits(v)); }
+
+// The softmax-weighted sum of the values of one key block of one head: the keys b ATTN_BLOCK + warp + WARPS u (u <
+// ATTN_BLOCK / WARPS, those <= pos) of each warp with an online softmax, then the warps merged by warp 0 in order,
+// which returns m (the max score), l (the sum of exp(score - m)) and a[HE] (the lane's sums of p v). The key at pos
+// is the new one (kn, vn: its cache row is written in this launch); the rows below were cached by earlier steps.
+__device__ __forceinline__ void attend_block(const AttentionStage& st, const unsigned short* kc,
+                                             const unsigned short* vc, int b, int pos, const float* r,
+                                             const float* kn, const float* vn, float (*scratch)[256],
+                                             float (*ml_w)[2][8], float& m, float& l, float* a) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  float mw = -__int_as_float(0x7f800000), lw = 0.0f, aw[HE];
+#pragma unroll
+  for (int i = 0; i < HE; ++i) aw[i] = 0.0f;
+#pragma unroll 2
+  for (int u = 0; u < ATTN_BLOCK / WARPS; ++u) {
+    const int n = b * ATTN_BLOCK + warp + WARPS * u;
+    if (n > pos) break;
+    float kf[HE], vf[HE];
+#pragma unroll
+    for (int i = 0; i < HE; ++i) {
+      kf[i] = n == pos ? kn[i] : f16_lo_to_f32(kc[(size_t)n * CHAIN_HD + lane + 32 * i]);
+      vf[i] = n == pos ? vn[i] : f16_lo_to_f32(vc[(size_t)n * CHAIN_HD + lane + 32 * i]);
+    }
+    float sc = 0.0f;
+#pragma unroll
+    for (int i = 0; i < HE; ++i) sc += r[i] * kf[i];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o);
+    sc *= st.scale;
+    const float mn = fmaxf(mw, sc), corr = expf(mw - mn), pr = expf(sc - mn);
+    lw = lw * corr + pr;
+#pragma unroll
+    for (int i = 0; i < HE; ++i) aw[i] = aw[i] * corr + pr * vf[i];
+    mw = mn;
+  }
+#pragma unroll
+  for (int i = 0; i < HE; ++i) scratch[warp][lane + 32 * i] = aw[i];
+  if (lane == 0) {
+    ml_w[warp][0][0] = mw;
+    ml_w[warp][0][1] = lw;
+  }
+  __syncthreads();
+  if (warp == 0) {  // warp 0 has key b ATTN_BLOCK <= pos: m is finite; a warp without keys weighs 0
+    m = -__int_as_float(0x7f800000);
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) m = fmaxf(m, ml_w[w][0][0]);
+    l = 0.0f;
+#pragma unroll
+    for (int i = 0; i < HE; ++i) a[i] = 0.0f;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      const float f = expf(ml_w[w][0][0] - m);
+      l += ml_w[w][0][1] * f;
+#pragma unroll
+      for (int i = 0; i < HE; ++i) a[i] += scratch[w][lane + 32 * i] * f;
+    }
+  }
+  __syncthreads();  // scratch free again
+}
+
+// Item (h, p) of an attention stage: query head h, key blocks p, p + programs, ... of the span 0 .. pos. RoPE of q
+// and of the head's new k (rounded to fp16 as the cache stores them), the new k and v written into the cache by the
+// program of the block holding pos of the group's first query head; one block: softmax(q k^T scale) v stored, else
+// each block's (m, l, sums) into the head's slots and the last program to arrive combines them in block order.
+__device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int item, int* done,
+                                               float (*scratch)[256], float (*ml_w)[2][8], int* finisher) {
+  const AttentionStage& st = cs.attn;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int h = item % st.H, p = item / st.H, P = st.programs;
+  const int group = st.H / st.HKV, j = h / group;
+  const int pos = (int)*st.pos;
+  const int blocks = (min(pos + 1, st.length) + ATTN_BLOCK - 1) / ATTN_BLOCK;
+  if (p >= blocks) return;  // no block: no arrival (a head's arrivals count min(blocks, programs))
+  const unsigned short* kc = st.cache_k + (size_t)j * st.L * CHAIN_HD;
+  const unsigned short* vc = st.cache_v + (size_t)j * st.L * CHAIN_HD;
+#if CHAIN_PREFETCH
+  if (threadIdx.x == 0)  // the cached rows of the program's blocks, before the wait
+    for (int b = p; b < blocks; b += P) {
+      const int rows = min(pos - b * ATTN_BLOCK, ATTN_BLOCK);
+      if (rows > 0) {
+        bulk_prefetch_l2(kc + (size_t)b * ATTN_BLOCK * CHAIN_HD, (u32)rows * CHAIN_HD * 2);
+        bulk_prefetch_l2(vc + (size_t)b * ATTN_BLOCK * CHAIN_HD, (u32)rows * CHAIN_HD * 2);
+      }
+    }
+#endif
+  wait_input(cs, done);
+  const float* rope = st.table + (size_t)pos * CHAIN_HD;
+  const unsigned short* qp = st.qkv + (size_t)h * CHAIN_HD;
+  const unsigned short* kp = st.qkv + (size_t)(st.H + j) * CHAIN_HD;
+  const unsigned short* vp = st.qkv + (size_t)(st.H + st.HKV + j) * CHAIN_HD;
+  float r[HE], kn[HE], vn[HE];
+  unsigned short kbits[HE], vbits[HE];
+#pragma unroll
+  for (int i = 0; i < HE / 2; ++i) {
+    const int d = lane + 32 * i, d2 = d + CHAIN_HD / 2;
+    const float c = __ldg(rope + d), sn = __ldg(rope + CHAIN_HD / 2 + d);
+    const float q1 = f16_lo_to_f32(load_x_l2(qp + d)), q2 = f16_lo_to_f32(load_x_l2(qp + d2));
+    const float k1 = f16_lo_to_f32(load_x_l2(kp + d)), k2 = f16_lo_to_f32(load_x_l2(kp + d2));
+    r[i] = f16_round(q1 * c - q2 * sn);
+    r[i + HE / 2] = f16_round(q2 * c + q1 * sn);
+    kbits[i] = f32_to_f16_bits(k1 * c - k2 * sn);
+    kbits[i + HE / 2] = f32_to_f16_bits(k2 * c + k1 * sn);
+    vbits[i] = load_x_l2(vp + d);
+    vbits[i + HE / 2] = load_x_l2(vp + d2);
+  }
+#pragma unroll
+  for (int i = 0; i < HE; ++i) {
+    kn[i] = f16_lo_to_f32(kbits[i]);
+    vn[i] = f16_lo_to_f32(vbits[i]);
+  }
+  if (h % group == 0 && (blocks - 1) % P == p && warp == 0) {
+#pragma unroll
+    for (int i = 0; i < HE; ++i) {
+      st.cache_k[((size_t)j * st.L + pos) * CHAIN_HD + lane + 32 * i] = kbits[i];
+      st.cache_v[((size_t)j * st.L + pos) * CHAIN_HD + lane + 32 * i] = vbits[i];
+    }
+  }
+  unsigned short* out = st.out + (size_t)h * CHAIN_HD;
+  float m, l, a[HE];
+  for (int b = p; b < blocks; b += P) {
+    attend_block(st, kc, vc, b, pos, r, kn, vn, scratch, ml_w, m, l, a);
+    if (warp == 0) {
+      if (blocks == 1) {
+#pragma unroll
+        for (int i = 0; i < HE; ++i) out[lane + 32 * i] = f32_to_f16_bits(a[i] / l);
+      } else {
+        const int slot = h * ATTN_SLOTS + b;
+#pragma unroll
+        for (int i = 0; i < HE; ++i) st.part[(size_t)slot * CHAIN_HD + lane + 32 * i] = a[i];
+        if (lane == 0) {
+          st.ml[2 * slot] = m;
+          st.ml[2 * slot + 1] = l;
+        }
+      }
+    }
+  }
+  if (blocks > 1) {  // arrival; the last program of the head combines its blocks in order
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) *finisher = atomicAdd(st.counters + h, 1) == min(blocks, P) - 1;
+    __syncthreads();
+    if (!*finisher) return;
+    __threadfence();
+    if (threadIdx.x == 0) st.counters[h] = 0;
+    if (warp == 0) {
+      m = -__int_as_float(0x7f800000);
+      for (int b = 0; b < blocks; ++b) m = fmaxf(m, __ldcg(st.ml + 2 * (h * ATTN_SLOTS + b)));
+      l = 0.0f;
+#pragma unroll
+      for (int i = 0; i < HE; ++i) a[i] = 0.0f;
+      for (int b = 0; b < blocks; ++b) {
+        const int slot = h * ATTN_SLOTS + b;
+        const float f = expf(__ldcg(st.ml + 2 * slot) - m);
+        l += __ldcg(st.ml + 2 * slot + 1) * f;
+#pragma unroll
+        for (int i = 0; i < HE; ++i) a[i] += __ldcg(st.part + (size_t)slot * CHAIN_HD + lane + 32 * i) * f;
+      }
+#pragma unroll
+      for (int i = 0; i < HE; ++i) out[lane + 32 * i] = f32_to_f16_bits(a[i] / l);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(done + stage, 1);  // the head is finished
+  __syncthreads();
+}
+
+// stages[0 .. nstages) in order; done (nstages,) int32 zero before the launch (counts a stage's finished tiles)
 extern "C" __global__ void __launch_bounds__(32 * WARPS, CHAIN_BLOCKS)
 zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, float eps) {
   __shared__ float rows_sum[WARPS][256];
@@ -1136,11 +1347,14 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   __shared__ int finisher;
   int base = 0, item = blockIdx.x;
   for (int k = 0; k < nstages; ++k) {
-    const ChainStage& st = stages[k];
-    const int items = st.rows * st.split;
-    for (; item < base + items; item += gridDim.x)
-      chain_item(st, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher);
-    base += items;
+    const ChainStage& cs = stages[k];
+    for (; item < base + cs.items; item += gridDim.x) {
+      if (cs.kind == 0)
+        gemv_item(cs, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher);
+      else
+        attention_item(cs, k, item - base, done, rows_sum, bias_sum, &finisher);
+    }
+    base += cs.items;
   }
 }
 #endif
