@@ -628,13 +628,15 @@ llama2-7b:now}" 90
     done
     ;;
   chain13)
-    # One persistent launch for every layer's maps (scripts/chain_probe.py: the runtime's launches without the
-    # attention against the chain kernel, its variants; CHAIN_MODELS, CHAIN_VARIANTS)
+    # One persistent launch for every layer (scripts/chain_probe.py: the runtime's launches against the chain kernel,
+    # its variants; CHAIN_MODELS, CHAIN_VARIANTS, CHAIN_ARGS e.g. --no-attention), after the chain's gpu tests
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
+    timeout 200 python3 -m pytest -q -m gpu tests/test_chain.py 2>&1 | tail -15 | tee "$OUT/chain-tests.log"
+    echo "chain tests: $(( $(date +%s) - start )) s"
     for m in ${CHAIN_MODELS:-llama2-7b llama2-70b}; do
       timeout 240 python3 scripts/chain_probe.py --model synthetic:$m ${CHAIN_VARIANTS:+--variants $CHAIN_VARIANTS} \
-        2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
+        ${CHAIN_ARGS:-} 2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
       echo "chain probe $m: $(( $(date +%s) - start )) s"
     done
     ;;
