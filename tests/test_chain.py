@@ -129,3 +129,55 @@ def test_chain_checks_its_stages(rng):
         kc.check([kc.Stage(stages[0].w, bufs["h"], bufs["qkv"], 2, gamma=stages[0].gamma)])
     with pytest.raises(ValueError, match="at least one stage"):
         kc.check([])
+
+
+def _rope(table: torch.Tensor, pos: int, v: torch.Tensor) -> torch.Tensor:
+    """v (heads, hd) fp32 rotated by the table's row pos (cos | sin halves)."""
+    half = v.shape[-1] // 2
+    cos, sin = table[pos, :half], table[pos, half:]
+    v1, v2 = v[..., :half], v[..., half:]
+    return torch.cat([v1 * cos - v2 * sin, v2 * cos + v1 * sin], dim=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads, kv, hd", [(8, 2, 128), (9, 3, 64)])
+def test_chain_attention_matches_torch(rng, heads, kv, hd):
+    """An attention stage alone (RoPE, the KV-cache write, the split-key attention and its merge) against torch at
+    positions inside one key block, on a block's edge and across several blocks of a program: the output within fp32
+    softmax error, the cache row at pos written (rounded as the cache stores it), no other row touched; the output
+    poisoned first; deterministic."""
+    cache_len, length = 320, 256
+    freqs = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    angles = torch.outer(torch.arange(cache_len, dtype=torch.float64), freqs)
+    table = torch.cat([angles.cos(), angles.sin()], dim=-1).float().cuda()
+    for pos, programs in ((5, 1), (63, 1), (64, 2), (200, 2), (255, 1)):
+        qkv = torch.from_numpy(rng.standard_normal((heads + 2 * kv) * hd).astype(np.float32)).to("cuda", torch.float16)
+        cache_k = torch.from_numpy(rng.standard_normal((kv, cache_len, hd)).astype(np.float32)).to("cuda", torch.float16)
+        cache_v = torch.from_numpy(rng.standard_normal((kv, cache_len, hd)).astype(np.float32)).to("cuda", torch.float16)
+        k_before, v_before = cache_k.clone(), cache_v.clone()
+        out = torch.full((heads * hd,), float("nan"), dtype=torch.float16, device="cuda")
+        position = torch.tensor([pos], device="cuda")
+        stage = kc.AttentionStage(qkv, table, position, cache_k, cache_v, out, heads, length, programs)
+        chain = kc.Chain([stage], EPS, pipe=0, acc=2, blocks=4)
+        chain.launch()
+        got = out.float().clone()
+        what = f"H {heads} Hkv {kv} hd {hd} pos {pos} programs {programs}"
+        x = qkv.float().view(heads + 2 * kv, hd)
+        q = _rope(table, pos, x[:heads]).half().float()
+        k_new = _rope(table, pos, x[heads: heads + kv]).half()
+        v_new = x[heads + kv:].half()
+        keys, values = k_before[:, : pos + 1].clone(), v_before[:, : pos + 1].clone()
+        keys[:, pos], values[:, pos] = k_new, v_new
+        group = heads // kv
+        scores = torch.einsum("hd,hnd->hn", q, keys.float().repeat_interleave(group, 0)) * hd ** -0.5
+        want = torch.einsum("hn,hnd->hd", scores.softmax(-1), values.float().repeat_interleave(group, 0)).reshape(-1)
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=2e-3, msg=what)
+        assert torch.equal(cache_k[:, pos], k_new) and torch.equal(cache_v[:, pos], v_new), f"{what}: new k, v"
+        others = torch.ones(cache_len, dtype=torch.bool)
+        others[pos] = False
+        assert torch.equal(cache_k[:, others], k_before[:, others]), f"{what}: other cache rows written"
+        assert torch.equal(cache_v[:, others], v_before[:, others]), f"{what}: other cache rows written"
+        out.fill_(float("nan"))
+        chain.launch()
+        assert torch.equal(out.float(), got), f"{what}: not deterministic"
+        assert not any(c.any() for c in chain.counters()), f"{what}: arrival counters not reset"
