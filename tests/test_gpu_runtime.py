@@ -75,6 +75,57 @@ def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
         assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
 
 
+@pytest.fixture(scope="module")
+def chain_spqt(tmp_path_factory):
+    """A random Llama checkpoint whose layers the decode chain runs (head dim 64, FFN width a multiple of 256)."""
+    from conftest import make_hf_checkpoint
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
+
+    hf = make_hf_checkpoint(tmp_path_factory.mktemp("chain_hf") / "model", dim=256, n_heads=4, n_kv_heads=2,
+                            ffn_dim=512, n_layers=3)
+    out = tmp_path_factory.mktemp("chain_spqt") / "chain.spqt"
+    save_spqt(quantize_source(open_source(hf), "q4_k", "zigzag"), out)
+    return out
+
+
+def test_chain_decodes_like_launched_layers(chain_spqt, monkeypatch):
+    """fp16 CUDA decode with every layer in one chain launch (decode_chain.py) against the launched layers
+    (SPQT_CHAIN=0), over 300 steps that cross the 256- and 512-key graphs (attention of several key blocks a head):
+    each step's logits within 2 % of the logit range while the greedy tokens agree (at least 8 steps); the chain ran
+    every decode step (and never with SPQT_CHAIN=0); the chain's graph replays give eager decoding's tokens."""
+    from spqt import decode_chain
+
+    loaded = load_spqt(chain_spqt)
+    prompt = [3, 17, 42, 5, 9]
+    calls = []
+    real = decode_chain.DecodeChain.__call__
+    monkeypatch.setattr(decode_chain.DecodeChain, "__call__", lambda self, *a: calls.append(a[2]) or real(self, *a))
+    runs = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv("SPQT_CHAIN", on)
+        decode_chain.chain_on.cache_clear()
+        calls.clear()
+        logits = []
+        gen = Generator(loaded, "cuda", dtype=torch.float16, max_len=600)
+        assert gen.chain_off_because is None, gen.chain_off_because
+        runs[on] = (gen.generate(prompt, 300, track=False, on_logits=logits.append).tokens, logits)
+        # the warm-ups and captures call the model too; eager replays none
+        assert (len(calls) > 0) == (on == "1") and set(calls) <= {256, 512}, (on, sorted(set(calls)))
+        if on == "1":
+            eager = Generator(loaded, "cuda", dtype=torch.float16, max_len=600)
+            eager.use_graph = False
+            assert eager.generate(prompt, 300, track=False).tokens == runs[on][0], "chain: graph and eager differ"
+    decode_chain.chain_on.cache_clear()
+    (a_tokens, a_logits), (b_tokens, b_logits) = runs["1"], runs["0"]
+    same = next((i for i, (x, y) in enumerate(zip(a_tokens, b_tokens)) if x != y), len(a_tokens))
+    assert same >= 8, f"chain and launched layers diverge at token {same}"
+    for step in range(min(same + 1, len(a_logits))):
+        span = float(b_logits[step].max() - b_logits[step].min())
+        err = float((a_logits[step] - b_logits[step]).abs().max())
+        assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
+
+
 def _default_loaded(default_gguf):
     from spqt.default_model import default_spqt
 

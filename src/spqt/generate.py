@@ -13,6 +13,7 @@ import torch
 from spqt import sparsity as sp
 from spqt.checkpoint import LoadedModel
 from spqt.cpu_threads import DecodeThreads
+from spqt.decode_chain import DecodeChain, why_not
 from spqt.errors import SpqtError
 from spqt.linear import Linear
 from spqt.model import Transformer
@@ -202,6 +203,10 @@ class Generator:
         self.set_sparsity(sparsity, mode, criterion=criterion)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
+        # a dense decode step's layers in one launch where the model allows it (decode_chain.py)
+        self.chain_off_because = why_not(self.model) if self.dtype == torch.float16 else "not fp16"
+        if self.chain_off_because is None:
+            self.model.decode_chain = DecodeChain(self.model)
         # CUDA graphs of one decode step, captured at first use per sparsity setting and per
         # attention length (see _kv_bucket); self._graph is the one replayed last
         self.use_graph = self.device == "cuda"

@@ -142,6 +142,7 @@ class Transformer(nn.Module):
         self.output = make_linear("output", config.vocab_size, config.dim)
         self.register_buffer("rope", rope_table(config, config.max_seq_len), persistent=False)
         self.max_len = 0
+        self.decode_chain = None  # a DecodeChain (decode_chain.py) where the Generator set one up
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> None:
         """Allocate the KV cache for `batch` sequences of up to `max_len` tokens."""
@@ -159,11 +160,14 @@ class Transformer(nn.Module):
         caller knows the largest position, and must exceed it).
         """
         length = kv_len or self.max_len
-        key_pos = torch.arange(length, device=tokens.device)
         x = self.tok_embeddings(tokens)
-        # (T, length) additive mask, made once per forward (a bool mask is converted in every layer)
-        mask = torch.zeros((positions.shape[0], length), dtype=x.dtype, device=x.device).masked_fill_(
-            key_pos[None, :] > positions[:, None], float("-inf"))
-        for block in self.layers:
-            x = block(x, self.rope, positions, mask)
+        if self.decode_chain is not None and self.decode_chain.runs(x, positions, length):
+            x = self.decode_chain(x, positions, length)  # every layer in one launch (decode_chain.py)
+        else:
+            # (T, length) additive mask, made once per forward (a bool mask is converted in every layer)
+            key_pos = torch.arange(length, device=tokens.device)
+            mask = torch.zeros((positions.shape[0], length), dtype=x.dtype, device=x.device).masked_fill_(
+                key_pos[None, :] > positions[:, None], float("-inf"))
+            for block in self.layers:
+                x = block(x, self.rope, positions, mask)
         return self.output(self.norm(x)).float()

@@ -1,0 +1,127 @@
+"""A dense decode step's layers as ONE launch of the chain kernel (kernels/chain.py), where the model allows it:
+per layer q|k|v (its RMSNorm folded), the attention (RoPE, KV-cache write), o (+ residual), gate|up (its RMSNorm
+folded, SwiGLU) and down (+ residual), all zigzag Q4_K maps in fp16 on an sm_80+ GPU with NVRTC. Everything else
+(the embedding, the final norm, the head, sampling) runs as before.
+
+Transformer.forward asks DecodeChain.runs() for every call: one token, CUDA, fp16, the thresholds off (a sparse step
+runs its launched B4 maps), no hook observing a map's input or a norm, a span of at most 2048 keys. SPQT_CHAIN=0
+turns it off (the launched step, for comparisons).
+"""
+
+import functools
+import os
+
+import torch
+
+from spqt.direct_call import hooked
+from spqt.kernels import chain as kc
+from spqt.kernels import zigzag_cuda
+
+CHAIN_WAVES = 1.0  # a map's split: its items about this many times the chain's programs (scripts/chain_probe.py)
+CHAIN_KERNEL = {"warps": 4, "pipe": 0, "acc": 2, "prefetch": 1, "blocks": 4}  # the chain kernel's configuration
+
+
+@functools.lru_cache(maxsize=None)
+def chain_on() -> bool:
+    """SPQT_CHAIN=0 keeps every map a launch of its own (measurement); read once."""
+    return os.environ.get("SPQT_CHAIN", "1") != "0"
+
+
+def why_not(model) -> str | None:
+    """Why the model's layers cannot run as a chain (None: they can)."""
+    c = model.config
+    if not torch.cuda.is_available() or not zigzag_cuda.usable():
+        return "no GPU the CUDA GEMV runs on"
+    if c.head_dim % 64 or c.head_dim > 256 or c.qk_norm:
+        return f"head dim {c.head_dim} (a multiple of 64 up to 256) or q/k norms"
+    for block in model.layers:
+        att, ff = block.attention, block.feed_forward
+        for lin in (att.qkv, att.o, ff.gate_up, ff.down):
+            w = getattr(lin.impl, "w", None)
+            if (lin.bias is not None or getattr(w, "fmt", None) != "q4_k" or getattr(w, "layout", None) != "zigzag"
+                    or not w.quants.is_cuda):
+                return "a map that is not zigzag Q4_K on the GPU without a bias"
+        if (ff.gate_up.impl.n // 2) % 256:
+            return f"an FFN width {ff.gate_up.impl.n // 2} that is not a multiple of 256"
+    return None
+
+
+def split_for(rows: int, programs: int) -> int:
+    """A map's split in the chain: about CHAIN_WAVES x programs items of `rows` superblock rows."""
+    return max(1, round(CHAIN_WAVES * programs / rows))
+
+
+class DecodeChain:
+    """The chain of a model's layers, one per (attention span, position tensor), over its own buffers: the hidden
+    state h (D,) fp16, updated in place, and its sums of squares."""
+
+    def __init__(self, model):
+        self.model = model
+        c = model.config
+        dev = model.layers[0].attention.qkv.impl.w.quants.device
+        att, ff = model.layers[0].attention, model.layers[0].feed_forward
+        self.dim = c.dim
+        self.h = torch.empty(c.dim, dtype=torch.float16, device=dev)
+        self.qkv = torch.empty(att.qkv.impl.n, dtype=torch.float16, device=dev)
+        self.attn = torch.empty(att.o.impl.k, dtype=torch.float16, device=dev)
+        self.act = torch.empty(ff.gate_up.impl.n // 2, dtype=torch.float16, device=dev)
+        self.sq = torch.empty(-(-c.dim // 256), dtype=torch.float32, device=dev)
+        self.sq0 = torch.empty(1, dtype=torch.float32, device=dev)
+        self.programs = kc.Chain.programs_for(dev, **CHAIN_KERNEL, head_dim=c.head_dim)
+        self._chains: dict = {}
+
+    def runs(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> bool:
+        """Whether this forward call can run the chain (the module docstring's conditions)."""
+        if not chain_on() or x.shape != (1, 1, self.dim) or x.dtype != torch.float16 or not x.is_cuda:
+            return False
+        if positions.numel() != 1 or length > kc.ATTN_BLOCK * kc.ATTN_SLOTS:
+            return False
+        for block in self.model.layers:
+            if hooked(block.attention_norm) or hooked(block.ffn_norm):
+                return False
+            for lin in (block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down):
+                if lin.sparse or lin.track or hooked(lin.input_tap):
+                    return False
+        return True
+
+    def _stages(self, positions: torch.Tensor, length: int) -> list:
+        heads = self.model.config.n_heads
+        per_head = max(1, min(-(-length // kc.ATTN_BLOCK), self.programs // heads))
+        stages = []
+        for block in self.model.layers:
+            att, ff = block.attention, block.feed_forward
+            n = len(stages)
+
+            def split(lin) -> int:
+                return split_for(lin.impl.w.quants.shape[0], self.programs)
+
+            stages += [kc.Stage(att.qkv.impl.w, self.h, self.qkv, split(att.qkv), gamma=block.attention_norm.weight,
+                                sq_in=self.sq0 if n == 0 else self.sq, after=n - 1),
+                       kc.AttentionStage(self.qkv, self.model.rope, positions, att.cache.k[0], att.cache.v[0],
+                                         self.attn, heads, length, per_head, after=n),
+                       kc.Stage(att.o.impl.w, self.attn, self.h, split(att.o), kc.EPILOGUE_RESIDUAL, res=self.h,
+                                sq_out=self.sq, after=n + 1),
+                       kc.Stage(ff.gate_up.impl.w, self.h, self.act, split(ff.gate_up), kc.EPILOGUE_SWIGLU,
+                                gamma=block.ffn_norm.weight, sq_in=self.sq, after=n + 2),
+                       kc.Stage(ff.down.impl.w, self.act, self.h, split(ff.down), kc.EPILOGUE_RESIDUAL, res=self.h,
+                                sq_out=self.sq, after=n + 3)]
+        return stages
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """The layers over x (1, 1, D) fp16 at position positions (1,) int64 (on the device) over `length` keys:
+        the hidden state after the last layer (1, 1, D), a view of the chain's buffer (the next call overwrites it)."""
+        cache = self.model.layers[0].attention.cache.k
+        # a power of two from 64 (the cache's length at most): eager steps (pos + 1 keys) reuse a few chains; the
+        # sums do not depend on it (each key block's arithmetic and their in-order merge depend on pos only)
+        length = min(cache.shape[2], max(kc.ATTN_BLOCK, 1 << (length - 1).bit_length()))
+        cache = cache.data_ptr()
+        key = (length, positions.data_ptr(), cache)
+        if any(k[2] != cache for k in self._chains):  # the caches were allocated anew: the old chains hold the old
+            self._chains = {}
+        if key not in self._chains:
+            eps = self.model.layers[0].attention_norm.eps
+            self._chains[key] = kc.Chain(self._stages(positions, length), eps, **CHAIN_KERNEL)
+        self.h.copy_(x.view(-1))
+        torch.sum(self.h.float().square(), dim=0, keepdim=True, out=self.sq0)
+        self._chains[key].launch()
+        return self.h.view(1, 1, self.dim)
