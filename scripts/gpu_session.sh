@@ -632,7 +632,7 @@ llama2-7b:now}" 90
     # its variants; CHAIN_MODELS, CHAIN_VARIANTS, CHAIN_ARGS e.g. --no-attention), after the chain's gpu tests
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_chain.py 2>&1 | tail -15 | tee "$OUT/chain-tests.log"
+    timeout 240 python3 -m pytest -q -m gpu tests/test_chain.py tests/test_gpu_runtime.py -k chain 2>&1 | tail -25 | tee "$OUT/chain-tests.log"
     echo "chain tests: $(( $(date +%s) - start )) s"
     for m in ${CHAIN_MODELS:-llama2-7b llama2-70b}; do
       timeout 240 python3 scripts/chain_probe.py --model synthetic:$m ${CHAIN_VARIANTS:+--variants $CHAIN_VARIANTS} \
