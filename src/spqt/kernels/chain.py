@@ -24,8 +24,9 @@ from spqt.kernels.gpu_layout import GpuQ4K
 EPILOGUE_PLAIN, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
 KIND_GEMV, KIND_ATTENTION = 0, 1
 # the .cu file's ChainStage: a header of eight ints (kind, items, tiles, after, after_tiles, 3 unused), then a union
-# of GemvStage (ten pointers, nine ints) and AttentionStage (nine pointers, five ints, a float): 152 bytes
-HEADER, GEMV, ATTENTION, STAGE_BYTES = "<8i", "<10Q9i", "<9Q5if", 152
+# of GemvStage (twelve pointers, nine ints) and AttentionStage (nine pointers, five ints, a float): 168 bytes
+HEADER, GEMV, ATTENTION, STAGE_BYTES = "<8i", "<12Q9i", "<9Q5if", 168
+CHAIN_SHARE = 4096  # columns a sparse stage's share holds at most (the .cu file's)
 ATTN_BLOCK, ATTN_SLOTS = 64, 32  # keys a block, blocks a head at most (the .cu file's; fused.py's ATTN_BLOCK_N, ..)
 
 
@@ -41,6 +42,8 @@ class Stage:
     sq_in: torch.Tensor | None = None
     sq_out: torch.Tensor | None = None
     after: int = -1  # index of the stage that writes x (-1: written before the launch)
+    threshold: torch.Tensor | None = None  # () fp32: sparse, y = W (x * (|x| (scale) > t)), x the normed input
+    scale: torch.Tensor | None = None  # (K,) fp32 (WINA) or None
 
     def tiles(self) -> int:
         """Output tiles (256 rows) of y."""
@@ -99,6 +102,12 @@ def _check_gemv(i: int, st: Stage) -> None:
         raise ValueError(f"stage {i}: sq_out holds one sum a tile ({st.tiles()})")
     if st.split < 1:
         raise ValueError(f"stage {i}: split at least 1")
+    if st.threshold is not None and (st.threshold.numel() != 1 or st.threshold.dtype != torch.float32
+                                     or (st.scale is not None and (st.scale.numel() != k
+                                                                   or st.scale.dtype != torch.float32))):
+        raise ValueError(f"stage {i}: a sparse stage's threshold is one fp32, its scale ({k},) fp32")
+    if st.scale is not None and st.threshold is None:
+        raise ValueError(f"stage {i}: a scale without a threshold")
 
 
 def _check_attention(i: int, st: AttentionStage) -> None:
@@ -185,11 +194,15 @@ class Chain:
         else:
             n, k = st.w.shape
             rows = st.w.quants.shape[0]
+            per = zigzag_cuda.share(k, st.split, self.warps)
+            if st.threshold is not None and per > CHAIN_SHARE:
+                raise ValueError(f"a sparse stage's share holds {CHAIN_SHARE} columns at most; split {st.split} of "
+                                 f"K = {k} gives {per}")
             part = self._scratch((st.split, rows * 256), torch.float32, st.x.device)
             counters = self._scratch(rows, torch.int32, st.x.device, zero=True)
             body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
                                _ptr(part), _ptr(counters), _ptr(st.gamma), _ptr(st.sq_in), _ptr(st.sq_out),
-                               k, rows * 256, zigzag_cuda.share(k, st.split, self.warps), st.split, n, n // 2,
+                               _ptr(st.threshold), _ptr(st.scale), k, rows * 256, per, st.split, n, n // 2,
                                st.epilogue, rows, 0 if st.sq_in is None else st.sq_in.numel())
             kind = KIND_GEMV
         header = struct.pack(HEADER, kind, st.items(), st.tiles(), st.after, after_tiles, 0, 0, 0)

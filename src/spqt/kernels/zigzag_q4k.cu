@@ -967,6 +967,8 @@ struct GemvStage {  // y = W x and its finish (chain.py packs it)
   const float* gamma;         // the RMSNorm's weights (K,) fp32, or null: x used as it is
   const float* sq_in;         // sums of squares of x (nsq_in,) fp32 (with gamma)
   float* sq_out;              // sums of squares of y, one an output tile, or null
+  const float* threshold;     // () fp32: sparse (B4 inside): only the share's columns k with |x_k| (scale_k) > t
+  const float* scale;         // (K,) fp32 per-input scale (WINA) or null                  (null: dense, B2)
   int K, NP, per, split, N, F, epilogue, rows, nsq_in;
   // epilogue 0 plain, 1 residual, 2 SwiGLU (gate rows then up rows, F = N / 2 a multiple of 256); items rows x split
 };
@@ -985,7 +987,7 @@ struct AttentionStage {  // one decode token's RoPE, KV-cache write and attentio
   float scale;
 };
 
-struct ChainStage {  // 160 bytes (chain.py packs it)
+struct ChainStage {  // 168 bytes (chain.py packs it)
   int kind;         // 0 GEMV, 1 attention
   int items;        // work items (GEMV rows x split, attention H x programs)
   int tiles;        // outputs counted in done when finished: GEMV output tiles (ceil(N / 256), SwiGLU F / 256), heads
@@ -997,7 +999,7 @@ struct ChainStage {  // 160 bytes (chain.py packs it)
     AttentionStage attn;
   };
 };
-static_assert(sizeof(ChainStage) == 152, "chain.py packs ChainStage in 152 bytes");
+static_assert(sizeof(ChainStage) == 168, "chain.py packs ChainStage in 168 bytes");
 
 __device__ __forceinline__ unsigned short load_x_l2(const unsigned short* p) {
   unsigned short v;
@@ -1045,9 +1047,51 @@ __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done
   }
 }
 
+#ifndef CHAIN_SHARE
+#define CHAIN_SHARE 4096  // columns a sparse stage's share may hold (its kept list in shared memory)
+#endif
+
+// The kept columns of the share [first, hi) in ascending order into col[0 ..) and their (normed) x into xs: |x_k|
+// (times scale_k) > threshold, x_k rounded to fp16 first (collect()'s and rms_norm_collect's test). Each round of
+// 32 WARPS columns: a ballot a warp, the warps' counts in shared memory, positions by prefix. Returns the count (the
+// lists complete after its last barrier).
+__device__ __forceinline__ int kept_columns(const GemvStage& st, int first, int hi, float rstd, int* col,
+                                            unsigned short* xs, int* warp_kept) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float t = *st.threshold;
+  int total = 0;
+  for (int base = first; base < hi; base += 32 * WARPS) {
+    const int k = base + threadIdx.x;
+    unsigned short v = 0;
+    bool keep = false;
+    if (k < hi) {
+      v = chain_x(st.x, st.gamma, rstd, k, true);
+      const float a = fabsf(f16_lo_to_f32(v));
+      keep = (st.scale ? a * __ldg(st.scale + k) : a) > t;
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) warp_kept[warp] = __popc(ballot);
+    __syncthreads();
+    int before = total, round = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      before += w < warp ? warp_kept[w] : 0;
+      round += warp_kept[w];
+    }
+    if (keep) {
+      const int at = before + __popc(ballot & ((1u << lane) - 1u));
+      col[at] = k;
+      xs[at] = v;
+    }
+    total += round;
+    __syncthreads();  // warp_kept free again; the lists written
+  }
+  return total;
+}
+
 __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int item, int* done, float eps,
                                           float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq,
-                                          int* finisher) {
+                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept) {
   const GemvStage& st = cs.gemv;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -1067,17 +1111,37 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   const int full_end = hi - 15;
   const LevelWords* qp = qr + (j + t) * 4;
   const HeadWords* hp = hr + (j + t) * HV;
-  if (j < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
+  if (st.threshold) {  // sparse: the share's kept columns, in order, 16 a chunk (B4's gathered loads)
+    wait_input(cs, done);
+    const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+    const int kept = kept_columns(st, first, hi, rstd, kept_col, kept_x, warp_kept);
+    for (int jj = 16 * warp; jj < kept; jj += step) {
+      int col[4];
+      bool ok[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        ok[i] = jj + slot_pos[i] < kept;
+        col[i] = kept_col[ok[i] ? jj + slot_pos[i] : jj];
+      }
+      load_gathered(ch, qr, hr, nullptr, nullptr, col);
+#pragma unroll
+      for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? kept_x[jj + slot_pos[i]] : (unsigned short)0;
+      compute(ch, c, bias, dec, g);
+    }
+    j = hi;  // no dense chunks
+  } else {
+    if (j < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
 #if CHAIN_PREFETCH
-  if (threadIdx.x == 0 && hi > first) {  // the share's two level planes and its heads' 64-byte units
-    const u32 bytes = 64u * (u32)(hi - first);
-    bulk_prefetch_l2(st.q + ((size_t)(2 * r) * K + first) * 4, bytes);
-    bulk_prefetch_l2(st.q + ((size_t)(2 * r + 1) * K + first) * 4, bytes);
-    bulk_prefetch_l2(st.h + ((size_t)(r >> 2) * K + first) * 4, bytes);
-  }
+    if (threadIdx.x == 0 && hi > first) {  // the share's two level planes and its heads' 64-byte units
+      const u32 bytes = 64u * (u32)(hi - first);
+      bulk_prefetch_l2(st.q + ((size_t)(2 * r) * K + first) * 4, bytes);
+      bulk_prefetch_l2(st.q + ((size_t)(2 * r + 1) * K + first) * 4, bytes);
+      bulk_prefetch_l2(st.h + ((size_t)(r >> 2) * K + first) * 4, bytes);
+    }
 #endif
-  wait_input(cs, done);
-  const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+    wait_input(cs, done);
+  }
+  const float rstd = st.gamma && !st.threshold ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
   for (; j < full_end; j += step) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, j + slot_pos[i], true);
@@ -1345,12 +1409,16 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   __shared__ float bias_sum[WARPS][2][8];
   __shared__ float warp_sq[WARPS];
   __shared__ int finisher;
+  __shared__ int kept_col[CHAIN_SHARE];
+  __shared__ unsigned short kept_x[CHAIN_SHARE];
+  __shared__ int warp_kept[WARPS];
   int base = 0, item = blockIdx.x;
   for (int k = 0; k < nstages; ++k) {
     const ChainStage& cs = stages[k];
     for (; item < base + cs.items; item += gridDim.x) {
       if (cs.kind == 0)
-        gemv_item(cs, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher);
+        gemv_item(cs, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher, kept_col, kept_x,
+                  warp_kept);
       else
         attention_item(cs, k, item - base, done, rows_sum, bias_sum, &finisher);
     }
