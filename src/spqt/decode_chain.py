@@ -1,11 +1,13 @@
-"""A dense decode step's layers as ONE launch of the chain kernel (kernels/chain.py), where the model allows it:
-per layer q|k|v (its RMSNorm folded), the attention (RoPE, KV-cache write), o (+ residual), gate|up (its RMSNorm
-folded, SwiGLU) and down (+ residual), all zigzag Q4_K maps in fp16 on an sm_80+ GPU with NVRTC. Everything else
-(the embedding, the final norm, the head, sampling) runs as before.
+"""A decode step's layers as ONE launch of the chain kernel (kernels/chain.py), where the model allows it: per
+layer q|k|v (its RMSNorm folded), the attention (RoPE, KV-cache write), o (+ residual), gate|up (its RMSNorm
+folded, SwiGLU) and down (+ residual), all zigzag Q4_K maps in fp16 on an sm_80+ GPU with NVRTC. A map whose
+thresholds are on runs sparse inside the chain (its kept inputs found by the GEMV: y = W (x * (|x| > t)), WINA's
+scale too), every sparse map: the launched step's dense fallbacks (crossovers of the launched kernels) do not apply.
+Everything else (the embedding, the final norm, the head, sampling) runs as before.
 
-Transformer.forward asks DecodeChain.runs() for every call: one token, CUDA, fp16, the thresholds off (a sparse step
-runs its launched B4 maps), no hook observing a map's input or a norm, a span of at most 2048 keys. SPQT_CHAIN=0
-turns it off (the launched step, for comparisons).
+Transformer.forward asks DecodeChain.runs() for every call: one token, CUDA, fp16, no achieved-sparsity counting,
+no hook observing a map's input or a norm, a span of at most 2048 keys. SPQT_CHAIN=0 turns it off (the launched
+step, for comparisons).
 """
 
 import functools
@@ -35,8 +37,8 @@ def why_not(model) -> str | None:
     if c.head_dim % 64 or c.head_dim > 256 or c.qk_norm:
         return f"head dim {c.head_dim} (a multiple of 64 up to 256) or q/k norms"
     for block in model.layers:
-        att, ff = block.attention, block.feed_forward
-        for lin in (att.qkv, att.o, ff.gate_up, ff.down):
+        ff = block.feed_forward
+        for lin in _maps(block):
             w = getattr(lin.impl, "w", None)
             if (lin.bias is not None or getattr(w, "fmt", None) != "q4_k" or getattr(w, "layout", None) != "zigzag"
                     or not w.quants.is_cuda):
@@ -46,9 +48,20 @@ def why_not(model) -> str | None:
     return None
 
 
-def split_for(rows: int, programs: int) -> int:
-    """A map's split in the chain: about CHAIN_WAVES x programs items of `rows` superblock rows."""
-    return max(1, round(CHAIN_WAVES * programs / rows))
+def split_for(rows: int, k: int, programs: int) -> int:
+    """A map's split in the chain: about CHAIN_WAVES x programs items of `rows` superblock rows, and shares of at
+    most kc.CHAIN_SHARE of its k columns (what a sparse stage lists)."""
+    return max(1, round(CHAIN_WAVES * programs / rows), -(-k // kc.CHAIN_SHARE))
+
+
+def _maps(block) -> tuple:
+    """A layer's four maps in the chain's order."""
+    return block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down
+
+
+def _sparse(lin) -> bool:
+    """Whether the map runs sparse: its thresholds on (a sparse stage in the chain)."""
+    return lin.sparse and lin.threshold is not None
 
 
 class DecodeChain:
@@ -79,8 +92,8 @@ class DecodeChain:
         for block in self.model.layers:
             if hooked(block.attention_norm) or hooked(block.ffn_norm):
                 return False
-            for lin in (block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down):
-                if lin.sparse or lin.track or hooked(lin.input_tap):
+            for lin in _maps(block):
+                if lin.track or hooked(lin.input_tap):
                     return False
         return True
 
@@ -93,7 +106,7 @@ class DecodeChain:
             n = len(stages)
 
             def split(lin) -> int:
-                return split_for(lin.impl.w.quants.shape[0], self.programs)
+                return split_for(lin.impl.w.quants.shape[0], lin.in_features, self.programs)
 
             stages += [kc.Stage(att.qkv.impl.w, self.h, self.qkv, split(att.qkv), gamma=block.attention_norm.weight,
                                 sq_in=self.sq0 if n == 0 else self.sq, after=n - 1),
@@ -105,6 +118,9 @@ class DecodeChain:
                                 gamma=block.ffn_norm.weight, sq_in=self.sq, after=n + 2),
                        kc.Stage(ff.down.impl.w, self.act, self.h, split(ff.down), kc.EPILOGUE_RESIDUAL, res=self.h,
                                 sq_out=self.sq, after=n + 3)]
+            for st, lin in zip((stages[n], stages[n + 2], stages[n + 3], stages[n + 4]), _maps(block)):
+                if _sparse(lin):
+                    st.threshold, st.scale = lin.threshold, lin.scale
         return stages
 
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -115,7 +131,9 @@ class DecodeChain:
         # sums do not depend on it (each key block's arithmetic and their in-order merge depend on pos only)
         length = min(cache.shape[2], max(kc.ATTN_BLOCK, 1 << (length - 1).bit_length()))
         cache = cache.data_ptr()
-        key = (length, positions.data_ptr(), cache)
+        sparse = tuple((lin.threshold.data_ptr(), lin.scale.data_ptr() if lin.scale is not None else 0)
+                       if _sparse(lin) else None for block in self.model.layers for lin in _maps(block))
+        key = (length, positions.data_ptr(), cache, sparse)
         if any(k[2] != cache for k in self._chains):  # the caches were allocated anew: the old chains hold the old
             self._chains = {}
         if key not in self._chains:
