@@ -639,6 +639,7 @@ llama2-7b:now}" 90
         ${CHAIN_ARGS:-} 2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
       echo "chain probe $m: $(( $(date +%s) - start )) s"
     done
+    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}  # the runtime's decode (the chain where it runs)
     ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
