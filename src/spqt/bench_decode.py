@@ -211,10 +211,12 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "variant": f"{layout}-{'sparse' if s else 'dense'}",
                    "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
-                   "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps)}
+                   "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
+                   "step": "chain" if gen.chain_runs() else "launched"}
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
-            log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} s={s:4.2f} {r['ms_per_token']:8.3f} ms/token "
+            log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
+                f"{r['ms_per_token']:8.3f} ms/token "
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")

@@ -13,7 +13,7 @@ import torch
 from spqt import sparsity as sp
 from spqt.checkpoint import LoadedModel
 from spqt.cpu_threads import DecodeThreads
-from spqt.decode_chain import DecodeChain, why_not
+from spqt.decode_chain import DecodeChain, chain_on, why_not
 from spqt.errors import SpqtError
 from spqt.linear import Linear
 from spqt.model import Transformer
@@ -242,8 +242,14 @@ class Generator:
         self.criterion = criterion
 
     def dense_fallbacks(self) -> list[str]:
-        """Maps running dense at this level because their sparse kernel would be slower."""
-        return dense_fallbacks(self.model)
+        """Maps running dense at this level because their sparse kernel would be slower (none in the chain: it runs
+        every thresholded map sparse)."""
+        return [] if self.chain_runs() else dense_fallbacks(self.model)
+
+    def chain_runs(self) -> bool:
+        """Whether a decode step runs its layers as one chain launch (decode_chain.py; not while counting the
+        achieved sparsity)."""
+        return self.model.decode_chain is not None and chain_on()
 
     def _kv_bucket(self, pos: int) -> int:
         """Keys a step at position pos attends to in a graph: the smallest power of two above pos,
