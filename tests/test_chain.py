@@ -102,6 +102,7 @@ def test_chain_matches_torch(rng, sparse):
         def run():
             for name in ("qkv", "act", "sq"):
                 bufs[name].fill_(float("nan"))
+            chain.scratch.poison()
             bufs["h"].copy_(h0)
             chain.launch()
             return bufs["h"].clone()
@@ -118,7 +119,9 @@ def test_chain_matches_torch(rng, sparse):
         with torch.cuda.graph(graph):
             bufs["h"].copy_(h0)
             chain.launch()
-        bufs["h"].fill_(float("nan"))
+        for name in ("h", "qkv", "act", "sq"):
+            bufs[name].fill_(float("nan"))
+        chain.scratch.poison()
         graph.replay()
         assert torch.equal(bufs["h"], got), f"{what}: graph replay differs"
         results.append(got)
@@ -190,7 +193,8 @@ def test_chain_attention_matches_torch(rng, heads, kv, hd):
     freqs = 1.0 / (10000 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     angles = torch.outer(torch.arange(cache_len, dtype=torch.float64), freqs)
     table = torch.cat([angles.cos(), angles.sin()], dim=-1).float().cuda()
-    for pos, programs in ((5, 1), (63, 1), (64, 2), (200, 2), (255, 1)):
+    # one block; a block's edge; programs > blocks > 1 (idle programs); programs not dividing the blocks
+    for pos, programs in ((5, 1), (63, 1), (64, 2), (70, 4), (200, 2), (200, 3), (255, 1)):
         qkv = torch.from_numpy(rng.standard_normal((heads + 2 * kv) * hd).astype(np.float32)).to("cuda", torch.float16)
         cache_k = torch.from_numpy(rng.standard_normal((kv, cache_len, hd)).astype(np.float32)).to("cuda", torch.float16)
         cache_v = torch.from_numpy(rng.standard_normal((kv, cache_len, hd)).astype(np.float32)).to("cuda", torch.float16)
@@ -199,6 +203,7 @@ def test_chain_attention_matches_torch(rng, heads, kv, hd):
         position = torch.tensor([pos], device="cuda")
         stage = kc.AttentionStage(qkv, table, position, cache_k, cache_v, out, heads, length, programs)
         chain = kc.Chain([stage], EPS, pipe=0, acc=2, blocks=4)
+        chain.scratch.poison()
         chain.launch()
         got = out.float().clone()
         what = f"H {heads} Hkv {kv} hd {hd} pos {pos} programs {programs}"
@@ -218,6 +223,7 @@ def test_chain_attention_matches_torch(rng, heads, kv, hd):
         assert torch.equal(cache_k[:, others], k_before[:, others]), f"{what}: other cache rows written"
         assert torch.equal(cache_v[:, others], v_before[:, others]), f"{what}: other cache rows written"
         out.fill_(float("nan"))
+        chain.scratch.poison()
         chain.launch()
         assert torch.equal(out.float(), got), f"{what}: not deterministic"
         assert not any(c.any() for c in chain.counters()), f"{what}: arrival counters not reset"

@@ -80,22 +80,40 @@ class DecodeChain:
         self.act = torch.empty(ff.gate_up.impl.n // 2, dtype=torch.float16, device=dev)
         self.sq = torch.empty(-(-c.dim // 256), dtype=torch.float32, device=dev)
         self.sq0 = torch.empty(1, dtype=torch.float32, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)  # the step's position, copied in by each call
         self.programs = kc.Chain.programs_for(dev, **CHAIN_KERNEL, head_dim=c.head_dim)
+        self.scratch: kc.Scratch | None = None  # shared by all chains (made with the first)
         self._chains: dict = {}
 
+    def forget(self) -> None:
+        """Drop the chains (they hold the KV caches: Transformer.setup_cache allocates new ones)."""
+        self._chains = {}
+
     def runs(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> bool:
-        """Whether this forward call can run the chain (the module docstring's conditions)."""
+        """Whether this forward call can run the chain (the module docstring's conditions; under a CUDA graph's
+        capture only a chain made before it, by the warm-up)."""
         if not chain_on() or x.shape != (1, 1, self.dim) or x.dtype != torch.float16 or not x.is_cuda:
             return False
-        if positions.numel() != 1 or length > kc.ATTN_BLOCK * kc.ATTN_SLOTS:
+        if positions.numel() != 1 or positions.dtype != torch.int64 or length > kc.ATTN_BLOCK * kc.ATTN_SLOTS:
             return False
         for block in self.model.layers:
-            if hooked(block.attention_norm) or hooked(block.ffn_norm):
+            modules = (block, block.attention, block.feed_forward, block.attention_norm, block.ffn_norm)
+            if any(hooked(m) for m in modules):
                 return False
             for lin in _maps(block):
-                if lin.track or hooked(lin.input_tap):
+                if lin.track or hooked(lin) or hooked(lin.input_tap):
                     return False
-        return True
+        return not torch.cuda.is_current_stream_capturing() or self._key(length) in self._chains
+
+    def _key(self, length: int) -> tuple:
+        """The chain of a call over `length` keys: its span (a power of two from 64, the cache's length at most:
+        eager steps (pos + 1 keys) reuse a few chains; the sums do not depend on it, each key block's arithmetic and
+        their in-order merge depend on pos only), the caches and the sparse maps' thresholds and scales."""
+        cache = self.model.layers[0].attention.cache.k
+        span = min(cache.shape[2], max(kc.ATTN_BLOCK, 1 << (length - 1).bit_length()))
+        sparse = tuple((lin.threshold.data_ptr(), lin.scale.data_ptr() if lin.scale is not None else 0)
+                       if _sparse(lin) else None for block in self.model.layers for lin in _maps(block))
+        return span, cache.data_ptr(), sparse
 
     def _stages(self, positions: torch.Tensor, length: int) -> list:
         heads = self.model.config.n_heads
@@ -126,19 +144,14 @@ class DecodeChain:
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """The layers over x (1, 1, D) fp16 at position positions (1,) int64 (on the device) over `length` keys:
         the hidden state after the last layer (1, 1, D), a view of the chain's buffer (the next call overwrites it)."""
-        cache = self.model.layers[0].attention.cache.k
-        # a power of two from 64 (the cache's length at most): eager steps (pos + 1 keys) reuse a few chains; the
-        # sums do not depend on it (each key block's arithmetic and their in-order merge depend on pos only)
-        length = min(cache.shape[2], max(kc.ATTN_BLOCK, 1 << (length - 1).bit_length()))
-        cache = cache.data_ptr()
-        sparse = tuple((lin.threshold.data_ptr(), lin.scale.data_ptr() if lin.scale is not None else 0)
-                       if _sparse(lin) else None for block in self.model.layers for lin in _maps(block))
-        key = (length, positions.data_ptr(), cache, sparse)
-        if any(k[2] != cache for k in self._chains):  # the caches were allocated anew: the old chains hold the old
-            self._chains = {}
+        key = self._key(length)
         if key not in self._chains:
+            stages = self._stages(self.pos, key[0])
+            if self.scratch is None:
+                self.scratch = kc.Scratch(stages)
             eps = self.model.layers[0].attention_norm.eps
-            self._chains[key] = kc.Chain(self._stages(positions, length), eps, **CHAIN_KERNEL)
+            self._chains[key] = kc.Chain(stages, eps, **CHAIN_KERNEL, scratch=self.scratch)
+        self.pos.copy_(positions.view(-1))
         self.h.copy_(x.view(-1))
         torch.sum(self.h.float().square(), dim=0, keepdim=True, out=self.sq0)
         self._chains[key].launch()

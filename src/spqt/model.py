@@ -150,6 +150,8 @@ class Transformer(nn.Module):
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.config.max_seq_len}")
         self.max_len = max_len
+        if self.decode_chain is not None:
+            self.decode_chain.forget()  # its chains hold the old caches
         for block in self.layers:
             block.attention.cache = KVCache(batch, self.config.n_kv_heads, max_len, self.config.head_dim, dtype, device)
 

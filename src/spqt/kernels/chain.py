@@ -150,11 +150,46 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+class Scratch:
+    """What a chain's stages write and read back within a launch: the GEMV partial sums and arrival counters, the
+    attention's block sums, (max, sum) pairs and arrival counters, sized for `stages`. One set serves every stage (a
+    stage starts after the one before has finished: its finishers have read their partials and zeroed their
+    counters) and every chain launched on one stream after another whose stages it fits (decode_chain.py keeps one
+    for all its chains)."""
+
+    def __init__(self, stages: list):
+        self.sizes = _scratch_sizes(stages)
+        part, rows, heads, hd = self.sizes
+        device = _first_tensor(stages[0]).device
+        self.part = torch.empty(max(part, 1), dtype=torch.float32, device=device)
+        self.counters = torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
+        self.attn_part = torch.empty(max(heads * ATTN_SLOTS * hd, 1), dtype=torch.float32, device=device)
+        self.attn_ml = torch.empty(max(heads * ATTN_SLOTS * 2, 1), dtype=torch.float32, device=device)
+        self.attn_counters = torch.zeros(max(heads, 1), dtype=torch.int32, device=device)
+
+    def fits(self, stages: list) -> bool:
+        return all(a <= b for a, b in zip(_scratch_sizes(stages), self.sizes))
+
+    def poison(self) -> None:
+        """The float scratch set to NaN (tests: a sum read before it was written shows)."""
+        for t in (self.part, self.attn_part, self.attn_ml):
+            t.fill_(float("nan"))
+
+
+def _scratch_sizes(stages: list) -> tuple[int, int, int, int]:
+    """(partial sums, arrival counters of GEMV rows, attention heads, head dim) the stages need at most."""
+    gemv = [st for st in stages if isinstance(st, Stage)]
+    attn = [st for st in stages if isinstance(st, AttentionStage)]
+    return (max((st.split * st.w.quants.shape[0] * 256 for st in gemv), default=0),
+            max((st.w.quants.shape[0] for st in gemv), default=0), max((st.heads for st in attn), default=0),
+            max((st.cache_k.shape[2] for st in attn), default=0))
+
+
 class Chain:
-    """The stages' descriptors on the device, their partial sums and arrival counters, the done counters."""
+    """The stages' descriptors on the device and the done counters; the scratch (Scratch) its stages share."""
 
     def __init__(self, stages: list, eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
-                 prefetch: int = 1, blocks: int = 1):
+                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None):
         check(stages)
         device = _first_tensor(stages[0]).device
         hds = [st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)]
@@ -162,7 +197,9 @@ class Chain:
         self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim)
         self.warps, self.eps, self.stages = warps, float(eps), stages
         self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim)
-        self.buffers = []
+        self.scratch = scratch if scratch is not None else Scratch(stages)
+        if not self.scratch.fits(stages):
+            raise ValueError("the shared scratch is smaller than these stages need")
         packed = b"".join(self._pack(st, stages) for st in stages)
         self.table = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(device)
         self.done = torch.zeros(len(stages), dtype=torch.int32, device=device)
@@ -174,21 +211,14 @@ class Chain:
         return (_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim).blocks_per_sm(32 * warps)
                 * torch.cuda.get_device_properties(device).multi_processor_count)
 
-    def _scratch(self, shape, dtype, device, zero: bool = False) -> torch.Tensor:
-        t = (torch.zeros if zero else torch.empty)(shape, dtype=dtype, device=device)
-        self.buffers.append(t)
-        return t
-
     def _pack(self, st, stages: list) -> bytes:
         after_tiles = stages[st.after].tiles() if st.after >= 0 else 0
         if isinstance(st, AttentionStage):
             kv, cache_len, hd = st.cache_k.shape
-            dev = st.qkv.device
-            part = self._scratch(st.heads * ATTN_SLOTS * hd, torch.float32, dev)
-            ml = self._scratch(st.heads * ATTN_SLOTS * 2, torch.float32, dev)
-            counters = self._scratch(st.heads, torch.int32, dev, zero=True)
+            sc = self.scratch
             body = struct.pack(ATTENTION, _ptr(st.qkv), _ptr(st.table), _ptr(st.pos), _ptr(st.cache_k),
-                               _ptr(st.cache_v), _ptr(st.out), _ptr(part), _ptr(ml), _ptr(counters),
+                               _ptr(st.cache_v), _ptr(st.out), _ptr(sc.attn_part), _ptr(sc.attn_ml),
+                               _ptr(sc.attn_counters),
                                st.heads, kv, cache_len, st.length, st.programs, hd ** -0.5)
             kind = KIND_ATTENTION
         else:
@@ -198,10 +228,8 @@ class Chain:
             if st.threshold is not None and per > CHAIN_SHARE:
                 raise ValueError(f"a sparse stage's share holds {CHAIN_SHARE} columns at most; split {st.split} of "
                                  f"K = {k} gives {per}")
-            part = self._scratch((st.split, rows * 256), torch.float32, st.x.device)
-            counters = self._scratch(rows, torch.int32, st.x.device, zero=True)
             body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
-                               _ptr(part), _ptr(counters), _ptr(st.gamma), _ptr(st.sq_in), _ptr(st.sq_out),
+                               _ptr(self.scratch.part), _ptr(self.scratch.counters), _ptr(st.gamma), _ptr(st.sq_in), _ptr(st.sq_out),
                                _ptr(st.threshold), _ptr(st.scale), k, rows * 256, per, st.split, n, n // 2,
                                st.epilogue, rows, 0 if st.sq_in is None else st.sq_in.numel())
             kind = KIND_GEMV
@@ -210,14 +238,16 @@ class Chain:
 
     def counters(self) -> list[torch.Tensor]:
         """The stages' arrival counters (zero between launches)."""
-        return [t for t in self.buffers if t.dtype == torch.int32]
+        return [self.scratch.counters, self.scratch.attn_counters]
 
     def launch(self) -> None:
-        """The chain on the current stream: done zeroed, then one launch of `programs` programs."""
+        """The chain on the current stream: done zeroed, then one launch of `programs` programs, cooperative (all
+        resident at once, or the launch fails: its programs wait on each other)."""
         self.done.zero_()
         P, I = nvrtc.POINTER, nvrtc.INT
         args = [(self.table.data_ptr(), P), (len(self.stages), I), (self.done.data_ptr(), P), (self.eps, nvrtc.FLOAT)]
-        self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device))
+        self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device),
+                           cooperative=True)
 
 
 def _first_tensor(st) -> torch.Tensor:

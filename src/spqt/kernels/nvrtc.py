@@ -127,10 +127,11 @@ class Kernel:
         return int(count)
 
     def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
-               cluster: tuple | None = None, shared: int = 0) -> None:
+               cluster: tuple | None = None, shared: int = 0, cooperative: bool = False) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
         with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90),
-        dividing grid; shared: bytes of dynamic shared memory a program (at most 48 KB)."""
+        dividing grid; shared: bytes of dynamic shared memory a program (at most 48 KB); cooperative: every program
+        resident at once, or the launch fails (a grid whose programs wait on each other)."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
@@ -147,6 +148,11 @@ class Kernel:
             attr = driver.CUlaunchAttribute()
             attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
             attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster[0], cluster[1], 1
+            attrs.append(attr)
+        if cooperative:
+            attr = driver.CUlaunchAttribute()
+            attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_COOPERATIVE
+            attr.value.cooperative = 1
             attrs.append(attr)
         if attrs:
             config.attrs = attrs

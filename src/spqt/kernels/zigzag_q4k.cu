@@ -1333,10 +1333,11 @@ __device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int
     const float c = __ldg(rope + d), sn = __ldg(rope + CHAIN_HD / 2 + d);
     const float q1 = f16_lo_to_f32(load_x_l2(qp + d)), q2 = f16_lo_to_f32(load_x_l2(qp + d2));
     const float k1 = f16_lo_to_f32(load_x_l2(kp + d)), k2 = f16_lo_to_f32(load_x_l2(kp + d2));
-    r[i] = f16_round(q1 * c - q2 * sn);
-    r[i + HE / 2] = f16_round(q2 * c + q1 * sn);
-    kbits[i] = f32_to_f16_bits(k1 * c - k2 * sn);
-    kbits[i + HE / 2] = f32_to_f16_bits(k2 * c + k1 * sn);
+    // each product rounded before the sum (no FMA contraction): the unfused path's and torch's rotation
+    r[i] = f16_round(__fsub_rn(__fmul_rn(q1, c), __fmul_rn(q2, sn)));
+    r[i + HE / 2] = f16_round(__fadd_rn(__fmul_rn(q2, c), __fmul_rn(q1, sn)));
+    kbits[i] = f32_to_f16_bits(__fsub_rn(__fmul_rn(k1, c), __fmul_rn(k2, sn)));
+    kbits[i + HE / 2] = f32_to_f16_bits(__fadd_rn(__fmul_rn(k2, c), __fmul_rn(k1, sn)));
     vbits[i] = load_x_l2(vp + d);
     vbits[i + HE / 2] = load_x_l2(vp + d2);
   }
