@@ -9,7 +9,8 @@ chain's final hidden state against the launched one's.
     python3 scripts/chain_probe.py [--model synthetic:llama2-7b] [--no-attention] [--variants acc=2,blocks=4 ...]
 
 A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
-blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, and the splits: scale (the
+blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
+of a waiting program), and the splits: scale (the
 map's tuned split times it) or waves (each map's split such that its items are about waves x the programs).
 """
 
@@ -88,8 +89,10 @@ def captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
 def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-7b")
-    ap.add_argument("--variants", nargs="+", default=["pipe=0,acc=2,blocks=4", "pipe=0,acc=2,blocks=4,waves=1",
-                                                      "pipe=0,acc=2,blocks=4,prefetch=0"])
+    ap.add_argument("--variants", nargs="+", default=["pipe=0,acc=2,blocks=4,waves=1",
+                                                      "pipe=0,acc=2,blocks=4,waves=1,sleep=0",
+                                                      "pipe=0,acc=2,blocks=4,waves=1,sleep=500",
+                                                      "pipe=0,acc=2,blocks=4,waves=1,prefetch=0"])
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--pos", type=int, default=40, help="the token's position (the synthetic model holds 64)")
     args = ap.parse_args()
@@ -108,7 +111,7 @@ def main():
     for spec in args.variants:
         v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
-        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
+        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps", "sleep") if key in v}
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:

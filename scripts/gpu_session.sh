@@ -628,18 +628,19 @@ llama2-7b:now}" 90
     done
     ;;
   chain13)
-    # One persistent launch for every layer (scripts/chain_probe.py: the runtime's launches against the chain kernel,
-    # its variants; CHAIN_MODELS, CHAIN_VARIANTS, CHAIN_ARGS e.g. --no-attention), after the chain's gpu tests
+    # One persistent launch for every layer: the chain's gpu tests, the runtime's decode (DECODE_RUNS: the chain
+    # where it runs), then scripts/chain_probe.py (the runtime's launches against the chain kernel's variants;
+    # CHAIN_MODELS, CHAIN_VARIANTS, CHAIN_ARGS e.g. --no-attention)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 240 python3 -m pytest -q -m gpu tests/test_chain.py tests/test_gpu_runtime.py -k chain 2>&1 | tail -25 | tee "$OUT/chain-tests.log"
     echo "chain tests: $(( $(date +%s) - start )) s"
+    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
     for m in ${CHAIN_MODELS:-llama2-7b llama2-70b}; do
       timeout 240 python3 scripts/chain_probe.py --model synthetic:$m ${CHAIN_VARIANTS:+--variants $CHAIN_VARIANTS} \
         ${CHAIN_ARGS:-} 2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
       echo "chain probe $m: $(( $(date +%s) - start )) s"
     done
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}  # the runtime's decode (the chain where it runs)
     ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four

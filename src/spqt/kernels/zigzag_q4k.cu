@@ -1007,11 +1007,15 @@ __device__ __forceinline__ unsigned short load_x_l2(const unsigned short* p) {
   return v;
 }
 
-__device__ __forceinline__ int load_acquire(const int* p) {
+__device__ __forceinline__ int load_relaxed(const int* p) {  // no L1 invalidation (an acquire load does one)
   int v;
-  asm volatile("ld.acquire.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  asm volatile("ld.relaxed.gpu.global.s32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
   return v;
 }
+
+#ifndef CHAIN_SLEEP
+#define CHAIN_SLEEP 100  // ns a waiting program sleeps between two polls (0: none): keeps the polls of every
+#endif                   // waiting program off the L2 slice that holds the counter, which streams weights too
 
 __device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {  // 16-byte aligned, bytes % 16 == 0
 #if __CUDA_ARCH__ >= 900
@@ -1037,13 +1041,29 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
   return 1.0f / sqrtf(v / (float)K + eps);
 }
 
-// Wait until stage cs.after has finished all its tiles (thread 0 spins, acquire; then the program's barrier).
+// Wait until stage cs.after has finished all its tiles: thread 0 polls (relaxed, a sleep between polls), then a
+// fence (the acquire of the finishers' release: their fence before their count), then the program's barrier.
 __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done) {
   if (cs.after >= 0) {
-    if (threadIdx.x == 0)
-      while (load_acquire(done + cs.after) < cs.after_tiles) {
+    if (threadIdx.x == 0) {
+      while (load_relaxed(done + cs.after) < cs.after_tiles) {
+#if CHAIN_SLEEP
+        __nanosleep(CHAIN_SLEEP);
+#endif
       }
+      __threadfence();
+    }
     __syncthreads();
+  }
+}
+
+// Count one finished tile of `stage` in done after the program's stores: the barrier orders them before thread 0's
+// fence (cumulative at GPU scope), whose count then releases them (the waiters' fence acquires).
+__device__ __forceinline__ void count_done(int* done, int stage) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(done + stage, 1);
   }
 }
 
@@ -1173,16 +1193,19 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   float* part = st.part;
   const int NP = st.NP;
   program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { part[(size_t)s * NP + 256 * r + i] = v; });
-  // arrival: release the partials (every thread fences, then the barrier), elect the tile's last program
-  __threadfence();
+  // arrival: the partials released (barrier, then thread 0's fence and count), the tile's last program elected;
+  // it acquires the others' partials (its fence after the count)
   __syncthreads();
   const int half = st.F >> 8;
   const int tile = (st.epilogue == 2 && r >= half) ? r - half : r;
   const int target = st.epilogue == 2 ? 2 * st.split : st.split;
-  if (threadIdx.x == 0) *finisher = atomicAdd(st.counters + tile, 1) == target - 1;
+  if (threadIdx.x == 0) {
+    __threadfence();
+    *finisher = atomicAdd(st.counters + tile, 1) == target - 1;
+    if (*finisher) __threadfence();
+  }
   __syncthreads();
   if (*finisher) {
-    __threadfence();
     if (threadIdx.x == 0) st.counters[tile] = 0;  // zero for the next use
     const int limit = st.epilogue == 2 ? st.F : st.N;
     float sq = 0.0f;
@@ -1217,9 +1240,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
         st.sq_out[tile] = total;
       }
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) atomicAdd(done + stage, 1);  // after the fence: the tile is visible to whoever sees this
+    count_done(done, stage);  // the tile's outputs and sums of squares released
   }
   __syncthreads();  // the shared scratch and *finisher free for the next item
 }
@@ -1372,13 +1393,15 @@ __device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int
       }
     }
   }
-  if (blocks > 1) {  // arrival; the last program of the head combines its blocks in order
-    __threadfence();
+  if (blocks > 1) {  // arrival (as a GEMV tile's); the last program of the head combines its blocks in order
     __syncthreads();
-    if (threadIdx.x == 0) *finisher = atomicAdd(st.counters + h, 1) == min(blocks, P) - 1;
+    if (threadIdx.x == 0) {
+      __threadfence();
+      *finisher = atomicAdd(st.counters + h, 1) == min(blocks, P) - 1;
+      if (*finisher) __threadfence();
+    }
     __syncthreads();
     if (!*finisher) return;
-    __threadfence();
     if (threadIdx.x == 0) st.counters[h] = 0;
     if (warp == 0) {
       m = -__int_as_float(0x7f800000);
@@ -1397,9 +1420,7 @@ __device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int
       for (int i = 0; i < HE; ++i) out[lane + 32 * i] = f32_to_f16_bits(a[i] / l);
     }
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(done + stage, 1);  // the head is finished
+  count_done(done, stage);  // the head is finished
   __syncthreads();
 }
 
