@@ -635,7 +635,9 @@ llama2-7b:now}" 90
     start=$(date +%s)
     timeout 240 python3 -m pytest -q -m gpu tests/test_chain.py tests/test_gpu_runtime.py -k chain 2>&1 | tail -25 | tee "$OUT/chain-tests.log"
     echo "chain tests: $(( $(date +%s) - start )) s"
+    export SPQT_CHAIN=1  # the runtime's decode with the chain (off by default)
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
+    unset SPQT_CHAIN
     for m in ${CHAIN_MODELS:-llama2-7b llama2-70b}; do
       timeout 240 python3 scripts/chain_probe.py --model synthetic:$m ${CHAIN_VARIANTS:+--variants $CHAIN_VARIANTS} \
         ${CHAIN_ARGS:-} 2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"

@@ -6,8 +6,8 @@ scale too), every sparse map: the launched step's dense fallbacks (crossovers of
 Everything else (the embedding, the final norm, the head, sampling) runs as before.
 
 Transformer.forward asks DecodeChain.runs() for every call: one token, CUDA, fp16, no achieved-sparsity counting,
-no hook observing a map's input or a norm, a span of at most 2048 keys. SPQT_CHAIN=0 turns it off (the launched
-step, for comparisons).
+no hook observing a map's input or a norm, a span of at most 2048 keys, and SPQT_CHAIN=1 (off by default: see
+chain_on).
 """
 
 import functools
@@ -25,8 +25,9 @@ CHAIN_KERNEL = {"warps": 4, "pipe": 0, "acc": 2, "prefetch": 1, "blocks": 4}  # 
 
 @functools.lru_cache(maxsize=None)
 def chain_on() -> bool:
-    """SPQT_CHAIN=0 keeps every map a launch of its own (measurement); read once."""
-    return os.environ.get("SPQT_CHAIN", "1") != "0"
+    """SPQT_CHAIN=1 runs the chain where it can; unset or 0 keeps every map a launch of its own (the default until
+    the chain measures faster: docs/RESULTS.md, thirteenth session); read once."""
+    return os.environ.get("SPQT_CHAIN", "0") == "1"
 
 
 def why_not(model) -> str | None:

@@ -204,7 +204,8 @@ class Generator:
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
         # a dense decode step's layers in one launch where the model allows it (decode_chain.py)
-        self.chain_off_because = why_not(self.model) if self.dtype == torch.float16 else "not fp16"
+        self.chain_off_because = (why_not(self.model) if self.dtype == torch.float16 else "not fp16") if chain_on() \
+            else "SPQT_CHAIN is not 1"
         if self.chain_off_because is None:
             self.model.decode_chain = DecodeChain(self.model)
         # CUDA graphs of one decode step, captured at first use per sparsity setting and per
