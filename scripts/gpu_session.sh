@@ -32,6 +32,7 @@
 #   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
 #   scripts/gpu_session.sh rblock12  the split-K reduction's tile (programs) in the step's chain
 #   scripts/gpu_session.sh chain13   every layer's maps as launched against one persistent launch (chain kernel)
+#   scripts/gpu_session.sh chaindiag the chain's error over two layers, its variants over all
 #   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -643,6 +644,16 @@ llama2-7b:now}" 90
         ${CHAIN_ARGS:-} 2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
       echo "chain probe $m: $(( $(date +%s) - start )) s"
     done
+    ;;
+  chaindiag)
+    # The chain's error over the first two layers (random layers amplify rounding over many), then its variants over
+    # all layers: the L2 prefetch off, a longer sleep between polls
+    export SPQT_CACHE=/tmp/spqt-cache
+    v=pipe=0,acc=2,blocks=4,waves=1
+    timeout 80 python3 scripts/chain_probe.py --layers 2 --variants $v --rounds 1 --reps 10 2>&1 | grep -v WARN \
+      | tee "$OUT/chain-diag.log"
+    timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,sleep=1000 2>&1 | grep -v WARN \
+      | tee -a "$OUT/chain-diag.log"
     ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
