@@ -1,8 +1,6 @@
 """The chain kernel (spqt.kernels.chain, zigzag_q4k.cu CHAIN): dense zigzag Q4_K maps in one persistent launch,
 against torch stage by stage (GPU), and what the CPU can check (the sm_90 compile, the stage checks)."""
 
-import re
-
 import numpy as np
 import pytest
 import torch
@@ -164,28 +162,19 @@ def test_chain_compiles_for_sm90():
     in registers (the few spilled values are the item loop's, outside them)."""
     from spqt.decode_chain import CHAIN_KERNEL
     from spqt.kernels import nvrtc, zigzag_cuda
-    from spqt.kernels.sass import disassemble
+    from spqt.kernels.sass import disassemble, loops
 
     opts = kc.options(CHAIN_KERNEL["warps"], CHAIN_KERNEL["pipe"], CHAIN_KERNEL["acc"], CHAIN_KERNEL["prefetch"],
                       CHAIN_KERNEL["blocks"])
     sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), opts, "sm_90"))
     chain = sass[sass.index(".text.zigzag_chain:"):]
     chain = chain[: chain.index(".text.", 1)] if ".text." in chain[1:] else chain
-    lines, labels, spans = [], {}, []  # spans: (first, last) instruction of each loop (a backward branch)
-    for ln in chain.splitlines():
-        label = re.match(r"^(\.L_\w+):", ln.strip())
-        if label:
-            labels[label.group(1)] = len(lines)
-        elif re.search(r"/\*[0-9a-f]{4}\*/", ln):
-            lines.append(ln)
-            target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
-            if target and target.group(1) in labels:
-                spans.append((labels[target.group(1)], len(lines) - 1))
-    mma = [sp for sp in spans if any("HMMA" in ln for ln in lines[sp[0]: sp[1] + 1])]
-    inner = [sp for sp in mma if not any(o != sp and sp[0] <= o[0] and o[1] <= sp[1] for o in mma)]
-    assert len(inner) >= 2, f"the dense and sparse chunk loops: {inner}"
-    for first, last in inner:
-        assert not [ln for ln in lines[first: last + 1] if "LDL" in ln or "STL" in ln], "local memory in a chunk loop"
+    mma = [loop for loop in loops(chain) if any("HMMA" in ln for ln in loop)]
+    # the innermost of them (a loop's lines are a contiguous run of the listing: inner loops are sublists)
+    inner = [loop for loop in mma if not any(o is not loop and len(o) < len(loop) and o[0] in loop for o in mma)]
+    assert len(inner) >= 2, f"the dense and sparse chunk loops: {len(inner)} found"
+    for loop in inner:
+        assert not [ln for ln in loop if "LDL" in ln or "STL" in ln], "local memory in a chunk loop"
 
 
 def test_chain_checks_its_stages(rng):

@@ -31,10 +31,10 @@ def instructions(sass: str) -> list[str]:
     return [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
 
 
-def main_loop(sass: str, containing: str = "") -> list[str]:
-    """The instruction lines of the longest loop of an nvdisasm listing (a backward branch closes a
-    loop) among those whose text contains `containing` (e.g. "HMMA": not an epilogue's loop)."""
-    lines, labels, best = [], {}, []
+def loops(sass: str) -> list[list[str]]:
+    """The instruction lines of every loop of an nvdisasm listing (a backward branch closes one: from its target
+    label to the branch), in the order their branches appear."""
+    lines, labels, found = [], {}, []
     for ln in sass.splitlines():
         label = re.match(r"^(\.L_\w+):", ln.strip())
         if label:
@@ -42,11 +42,15 @@ def main_loop(sass: str, containing: str = "") -> list[str]:
         elif re.search(r"/\*[0-9a-f]{4}\*/", ln):
             lines.append(ln)
             target = re.search(r"BRA\s+(?:`\()?(\.L_\w+)", ln)
-            if target and target.group(1) in labels and len(lines) - labels[target.group(1)] > len(best):
-                loop = lines[labels[target.group(1)]:]
-                if any(containing in ln for ln in loop):
-                    best = loop
-    return best
+            if target and target.group(1) in labels:
+                found.append(lines[labels[target.group(1)]:])
+    return found
+
+
+def main_loop(sass: str, containing: str = "") -> list[str]:
+    """The instruction lines of the longest loop of an nvdisasm listing among those whose text contains
+    `containing` (e.g. "HMMA": not an epilogue's loop)."""
+    return max((loop for loop in loops(sass) if any(containing in ln for ln in loop)), key=len, default=[])
 
 
 def opcode(line: str) -> str | None:
