@@ -66,8 +66,9 @@ def _sparse(lin) -> bool:
 
 
 class DecodeChain:
-    """The chain of a model's layers, one per (attention span, position tensor), over its own buffers: the hidden
-    state h (D,) fp16, updated in place, and its sums of squares."""
+    """The chains of a model's layers, one per (attention span, KV caches, sparse maps' thresholds: _key), over one
+    set of buffers: the hidden state h (D,) fp16, updated in place, its sums of squares, the position, the maps'
+    outputs, and the scratch (kernels/chain.py's Scratch) all chains share."""
 
     def __init__(self, model):
         self.model = model

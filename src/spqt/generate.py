@@ -203,7 +203,7 @@ class Generator:
         self.set_sparsity(sparsity, mode, criterion=criterion)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         self.model.setup_cache(1, self.max_len, self.dtype)
-        # a dense decode step's layers in one launch where the model allows it (decode_chain.py)
+        # a decode step's layers in one launch where the model allows it and SPQT_CHAIN=1 (decode_chain.py)
         self.chain_off_because = (why_not(self.model) if self.dtype == torch.float16 else "not fp16") if chain_on() \
             else "SPQT_CHAIN is not 1"
         if self.chain_off_because is None:
@@ -248,8 +248,8 @@ class Generator:
         return [] if self.chain_runs() else dense_fallbacks(self.model)
 
     def chain_runs(self) -> bool:
-        """Whether a decode step runs its layers as one chain launch (decode_chain.py; not while counting the
-        achieved sparsity)."""
+        """Whether decode steps run their layers as one chain launch (decode_chain.py; a step that counts the
+        achieved sparsity, generate(track=True), still launches them)."""
         return self.model.decode_chain is not None and chain_on()
 
     def _kv_bucket(self, pos: int) -> int:

@@ -1,13 +1,15 @@
 """The chain: a decode step's layers as ONE persistent launch of the CUDA GEMV's source (zigzag_q4k.cu, CHAIN):
 no launch, tail or reduction launch between the maps (issue 14's fixed costs).
 
-Stages run in order. A GEMV stage (Stage) is one dense zigzag Q4_K map y = W x with its finish: plain, a residual
-add, or SwiGLU (gate|up stacked), optionally the RMSNorm of x folded in (gamma and x's sums of squares) and the sums
-of squares of y written for the next stage's norm. An attention stage (AttentionStage) is one decode token's RoPE,
+Stages run in order. A GEMV stage (Stage) is one zigzag Q4_K map y = W x, dense or sparse (a threshold: each
+program lists its share's kept inputs in shared memory and runs B4's gathered chunks over them), with its finish:
+plain, a residual add, or SwiGLU (gate|up stacked), optionally the RMSNorm of x folded in (gamma and x's sums of
+squares) and the sums of squares of y written for the next stage's norm. An attention stage (AttentionStage) is one decode token's RoPE,
 KV-cache write and attention over the q|k|v stage's output (fused.rope_attention_decode's contract). A stage waits
 for the stage that wrote its input (after); every program streams its item's weights (or cached keys and values)
 before it waits. Chain(stages).launch() enqueues the launch on the current stream (capturable in a CUDA graph): a
-zeroing of the done counters, then the kernel over a grid that fits the GPU at once (occupancy x SMs).
+zeroing of the done counters, then the kernel over a grid that fits the GPU at once (occupancy x SMs), launched
+cooperative (all its programs resident, or the launch fails).
 
 Stage tensors (all CUDA, contiguous, kept alive by the Chain): x (K,) fp16, y (N,) or SwiGLU (N / 2,) fp16, res
 (N,) fp16 (may be y), gamma (K,) fp32, sq_in / sq_out fp32 (sq_out: one a 256-row output tile).
