@@ -647,12 +647,12 @@ llama2-7b:now}" 90
     ;;
   chaindiag)
     # The chain's error over the first two layers (random layers amplify rounding over many), then its variants over
-    # all layers: the L2 prefetch off, a longer sleep between polls
+    # all layers: the L2 prefetch off, the finishers' one-pass sums, a longer sleep between polls
     export SPQT_CACHE=/tmp/spqt-cache
     v=pipe=0,acc=2,blocks=4,waves=1
     timeout 80 python3 scripts/chain_probe.py --layers 2 --variants $v --rounds 1 --reps 10 2>&1 | grep -v WARN \
       | tee "$OUT/chain-diag.log"
-    timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,sleep=1000 2>&1 | grep -v WARN \
+    timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,finish=1 $v,sleep=1000 2>&1 | grep -v WARN \
       | tee -a "$OUT/chain-diag.log"
     ;;
   overlap13)

@@ -77,12 +77,12 @@ class AttentionStage:
 
 
 def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_dim: int = 128,
-            sleep: int | None = None) -> tuple:
+            defines: tuple = ()) -> tuple:
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
-    the attention stages'; sleep: ns between two polls of a waiting program, None the .cu file's default)."""
+    the attention stages'; defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
+    program, -DCHAIN_FINISH=1 a finisher's partial sums all in flight)."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
-        "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}") + (
-        () if sleep is None else (f"-DCHAIN_SLEEP={sleep}",))
+        "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}") + tuple(defines)
 
 
 def _check_gemv(i: int, st: Stage) -> None:
@@ -145,9 +145,9 @@ def check(stages: list) -> None:
 
 
 def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int,
-            head_dim: int, sleep: int | None) -> nvrtc.Kernel:
+            head_dim: int, defines: tuple) -> nvrtc.Kernel:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, sleep), "zigzag_chain")
+    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines), "zigzag_chain")
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -193,14 +193,14 @@ class Chain:
     """The stages' descriptors on the device and the done counters; the scratch (Scratch) its stages share."""
 
     def __init__(self, stages: list, eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
-                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, sleep: int | None = None):
+                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = ()):
         check(stages)
         device = _first_tensor(stages[0]).device
         hds = [st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)]
         self.head_dim = hds[0] if hds else 128
-        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, sleep)
+        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
         self.warps, self.eps, self.stages = warps, float(eps), stages
-        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, sleep)
+        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
         self.scratch = scratch if scratch is not None else Scratch(stages)
         if not self.scratch.fits(stages):
             raise ValueError("the shared scratch is smaller than these stages need")
@@ -210,9 +210,9 @@ class Chain:
 
     @staticmethod
     def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
-                     blocks: int = 1, head_dim: int = 128, sleep: int | None = None) -> int:
+                     blocks: int = 1, head_dim: int = 128, defines: tuple = ()) -> int:
         """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
-        return (_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, sleep).blocks_per_sm(32 * warps)
+        return (_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines)).blocks_per_sm(32 * warps)
                 * torch.cuda.get_device_properties(device).multi_processor_count)
 
     def _pack(self, st, stages: list) -> bytes:

@@ -1013,6 +1013,9 @@ __device__ __forceinline__ int load_relaxed(const int* p) {  // no L1 invalidati
   return v;
 }
 
+#ifndef CHAIN_FINISH
+#define CHAIN_FINISH 0  // 1 (probe): a finisher sums all its outputs in one pass over the shares, loads in flight together
+#endif
 #ifndef CHAIN_SLEEP
 #define CHAIN_SLEEP 100  // ns a waiting program sleeps between two polls (0: none): keeps the polls of every
 #endif                   // waiting program off the L2 slice that holds the counter, which streams weights too
@@ -1209,6 +1212,27 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     if (threadIdx.x == 0) st.counters[tile] = 0;  // zero for the next use
     const int limit = st.epilogue == 2 ? st.F : st.N;
     float sq = 0.0f;
+#if CHAIN_FINISH
+    // every output of the thread summed in one pass over the shares (their loads in flight together); the same
+    // order of additions for each output as below, so the same bits
+    constexpr int OUTS = 256 / (32 * WARPS);
+    float accs[OUTS], ups[OUTS];
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) accs[o] = ups[o] = 0.0f;
+    const float* tile_part = part + 256 * tile + threadIdx.x;
+#pragma unroll 4
+    for (int sh = 0; sh < st.split; ++sh) {
+#pragma unroll
+      for (int o = 0; o < OUTS; ++o) {
+        accs[o] += __ldcg(tile_part + (size_t)sh * NP + 32 * WARPS * o);
+        if (st.epilogue == 2) ups[o] += __ldcg(tile_part + (size_t)sh * NP + st.F + 32 * WARPS * o);
+      }
+    }
+#pragma unroll
+    for (int o = 0; o < OUTS; ++o) {
+      const int n = 256 * tile + threadIdx.x + 32 * WARPS * o;
+      const float acc = accs[o], up = ups[o];
+#else
     for (int i = threadIdx.x; i < 256; i += 32 * WARPS) {
       const int n = 256 * tile + i;
       float acc = 0.0f, up = 0.0f;
@@ -1218,6 +1242,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
 #pragma unroll 8
         for (int sh = 0; sh < st.split; ++sh) up += __ldcg(part + (size_t)sh * NP + st.F + n);
       }
+#endif
       if (n < limit) {
         float out = acc;
         if (st.epilogue == 2) out = acc / (1.0f + expf(-acc)) * up;
