@@ -1165,6 +1165,8 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     wait_input(cs, done);
   }
   const float rstd = st.gamma && !st.threshold ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+  // zigzag_q4k_gemv's B2 loop, x through L2 (normed as read): written out again, since one helper for both loops
+  // changed both kernels' SASS (PIPE 1 and Q6_K's loops scheduled differently), which the GPU has not measured
   for (; j < full_end; j += step) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, j + slot_pos[i], true);
