@@ -248,3 +248,22 @@ def test_chain_attention_matches_torch(rng, heads, kv, hd):
         chain.launch()
         assert torch.equal(out.float(), got), f"{what}: not deterministic"
         assert not any(c.any() for c in chain.counters()), f"{what}: arrival counters not reset"
+
+
+def test_chain_steps_aside_for_observers(tiny_spqt):
+    """The chain runs only where nothing watches the layers (decode_chain.observed): a hook on a block, its
+    attention, a norm, a map or a map's input tap, or a map counting its achieved sparsity, makes it step aside."""
+    from spqt.checkpoint import load_spqt
+    from spqt.decode_chain import observed
+    from spqt.generate import build_model
+
+    model = build_model(load_spqt(tiny_spqt), "cpu")
+    assert not observed(model)
+    block = model.layers[-1]
+    for module in (block, block.attention, block.ffn_norm, block.feed_forward.down, block.attention.qkv.input_tap):
+        handle = module.register_forward_hook(lambda *a: None)
+        assert observed(model), type(module).__name__
+        handle.remove()
+        assert not observed(model)
+    block.attention.o.track = True
+    assert observed(model)

@@ -55,6 +55,18 @@ def split_for(rows: int, k: int, programs: int) -> int:
     return max(1, round(CHAIN_WAVES * programs / rows), -(-k // kc.CHAIN_SHARE))
 
 
+def observed(model) -> bool:
+    """Whether something watches the layers as the launched step runs them (a hook on a block, its attention or
+    feed-forward, a norm, a map or a map's input tap; or a map counting its achieved sparsity): the chain would
+    skip it."""
+    for block in model.layers:
+        if any(hooked(m) for m in (block, block.attention, block.feed_forward, block.attention_norm, block.ffn_norm)):
+            return True
+        if any(lin.track or hooked(lin) or hooked(lin.input_tap) for lin in _maps(block)):
+            return True
+    return False
+
+
 def _maps(block) -> tuple:
     """A layer's four maps in the chain's order."""
     return block.attention.qkv, block.attention.o, block.feed_forward.gate_up, block.feed_forward.down
@@ -98,13 +110,8 @@ class DecodeChain:
             return False
         if positions.numel() != 1 or positions.dtype != torch.int64 or length > kc.ATTN_BLOCK * kc.ATTN_SLOTS:
             return False
-        for block in self.model.layers:
-            modules = (block, block.attention, block.feed_forward, block.attention_norm, block.ffn_norm)
-            if any(hooked(m) for m in modules):
-                return False
-            for lin in _maps(block):
-                if lin.track or hooked(lin) or hooked(lin.input_tap):
-                    return False
+        if observed(self.model):
+            return False
         return not torch.cuda.is_current_stream_capturing() or self._key(length) in self._chains
 
     def _key(self, length: int) -> tuple:
