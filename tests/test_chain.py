@@ -267,3 +267,22 @@ def test_chain_steps_aside_for_observers(tiny_spqt):
         assert not observed(model)
     block.attention.o.track = True
     assert observed(model)
+
+
+def test_new_caches_drop_the_chains(tiny_spqt):
+    """Transformer.setup_cache (new KV caches, as perplexity allocates) makes the decode chain forget its chains,
+    which hold the old caches."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import build_model
+
+    class Recorder:
+        forgotten = 0
+
+        def forget(self):
+            self.forgotten += 1
+
+    model = build_model(load_spqt(tiny_spqt), "cpu")
+    model.decode_chain = Recorder()
+    model.setup_cache(1, 32, torch.float32)
+    model.setup_cache(1, 64, torch.float32)
+    assert model.decode_chain.forgotten == 2
