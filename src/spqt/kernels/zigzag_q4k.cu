@@ -934,18 +934,21 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 }
 
 #if CHAIN
-// ---- The chain (issue 14): dense B2 maps one after another in ONE persistent launch ----
+// ---- The chain (issue 14): a decode step's layers in ONE persistent launch ----
 // A launch per map pays its fixed costs (start, tail, the reduction's launch) in every map; here a grid of programs
 // that all fit on the GPU at once walks the work items of every stage in order: item i of the chain goes to
-// program i % gridDim.x, stage by stage, item (r, s) of a stage = superblock row r = i % rows, share s = i / rows
-// (the launched grid's order). A program streams an item's weights (its first chunk into registers, the rest of the
-// share asked of L2 when CHAIN_PREFETCH) BEFORE it waits for the stage's input: the chain's `done` counter of the
-// stage it reads from has counted every output tile of that stage. The last program to arrive at an output tile
-// (arrival counters as EPILOGUE >= 0) finishes it: the sum over the shares in order (deterministic), the epilogue
-// (plain, residual, SwiGLU), its sums of squares (sq_out, the next stage's RMSNorm), then counts it in done.
-// Waiting only on earlier items of programs that are all resident cannot deadlock: the grid must fit the GPU at
-// once (chain.py sizes it by the occupancy). Data written in this launch (x, the residual, partials, sums of
-// squares) is read through L2 (ld.cg), never L1 (not coherent across SMs). Q4_K, B2 only.
+// program i % gridDim.x, stage by stage. A GEMV stage's item (r, s) = superblock row r = i % rows, share s = i / rows
+// (the launched grid's order); an attention stage's item (h, p) = query head h = i % H, its key blocks p, p + P, ....
+// A program streams an item's weights (its first chunk into registers, the rest of the share asked of L2 when
+// CHAIN_PREFETCH; an attention item its cached keys and values) BEFORE it waits for the stage's input: the chain's
+// `done` counter of the stage it reads from has counted every output tile (head) of that stage. The last program to
+// arrive at an output tile (arrival counters as EPILOGUE >= 0) finishes it: the sum over the shares in order
+// (deterministic), the epilogue (plain, residual, SwiGLU), its sums of squares (sq_out, the next stage's RMSNorm),
+// then counts it in done. A sparse GEMV stage lists its share's kept inputs in shared memory first (kept_columns).
+// Waiting only on earlier items of programs that are all resident cannot deadlock: the grid fits the GPU at once
+// (chain.py sizes it by the occupancy and launches it cooperative, which fails rather than run it otherwise). Data
+// written in this launch (x, the residual, partials, sums of squares, q|k|v) is read through L2 (ld.cg), never L1
+// (not coherent across SMs). Q4_K, fp16.
 #if TYPE != 4 || MODE != 0 || EPILOGUE != -1 || NORM || CLUSTER
 #error "CHAIN: Q4_K, MODE 0, no compile-time epilogue, norm or cluster (the stages carry them)"
 #endif
