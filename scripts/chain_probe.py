@@ -20,8 +20,9 @@ import statistics
 import torch
 
 from spqt.bench_decode import probe_arguments, probe_generator, replay_device_us
+from spqt.decode_chain import ChainBuffers, layer_stages, programs_a_head
 from spqt.functional import NORM_SUMS
-from spqt.kernels.chain import ATTN_BLOCK, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU, AttentionStage, Chain, Stage
+from spqt.kernels.chain import Chain
 
 
 def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor, pos: torch.Tensor | None,
@@ -45,37 +46,6 @@ def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor, pos: torch.
     return x
 
 
-def chain_stages(model, hidden: torch.Tensor, sq0: torch.Tensor, split, pos: torch.Tensor | None, length: int,
-                 programs: int, layers: int) -> tuple[list, dict]:
-    """The same layers as chain stages over buffers (hidden updated in place), and those buffers; split(linear)
-    gives a map's split; the attention (pos not None) over `length` keys, its heads' programs from the chain's."""
-    d, dev = hidden.numel(), hidden.device
-    first = model.layers[0]
-    heads = first.attention.n_heads
-    bufs = {"qkv": torch.empty(first.attention.qkv.impl.n, dtype=torch.float16, device=dev),
-            "attn": torch.empty(d, dtype=torch.float16, device=dev),
-            "act": torch.empty(first.feed_forward.gate_up.impl.n // 2, dtype=torch.float16, device=dev),
-            "sq": torch.empty(-(-d // 256), dtype=torch.float32, device=dev)}
-    stages = []
-    per_head = max(1, min(-(-length // ATTN_BLOCK), programs // heads))
-    for block in model.layers[:layers]:
-        att, ff = block.attention, block.feed_forward
-        qkv_w = att.qkv.impl.w
-        stages.append(Stage(qkv_w, hidden, bufs["qkv"], split(att.qkv), gamma=block.attention_norm.weight,
-                            sq_in=sq0 if not stages else bufs["sq"], after=len(stages) - 1))
-        if pos is not None:
-            cache = att.cache
-            stages.append(AttentionStage(bufs["qkv"], model.rope, pos, cache.k[0], cache.v[0], bufs["attn"], heads,
-                                         length, per_head, after=len(stages) - 1))
-        stages.append(Stage(att.o.impl.w, bufs["attn"] if pos is not None else bufs["qkv"][:d], hidden, split(att.o),
-                            EPILOGUE_RESIDUAL, res=hidden, sq_out=bufs["sq"], after=len(stages) - 1))
-        stages.append(Stage(ff.gate_up.impl.w, hidden, bufs["act"], split(ff.gate_up), EPILOGUE_SWIGLU,
-                            gamma=block.ffn_norm.weight, sq_in=bufs["sq"], after=len(stages) - 1))
-        stages.append(Stage(ff.down.impl.w, bufs["act"], hidden, split(ff.down), EPILOGUE_RESIDUAL, res=hidden,
-                            sq_out=bufs["sq"], after=len(stages) - 1))
-    return stages, bufs
-
-
 def captured(call) -> tuple[torch.cuda.CUDAGraph, object]:
     """A CUDA graph of call() (run once first) and its output."""
     call()
@@ -95,27 +65,31 @@ def main():
                                                       "pipe=0,acc=2,blocks=4,waves=1,prefetch=0"])
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--pos", type=int, default=40, help="the token's position (the synthetic model holds 64)")
-    ap.add_argument("--layers", type=int, default=0, help="the first N layers only (0: all): the error check over a few "
-                    "layers (random synthetic layers amplify rounding differences over many)")
+    ap.add_argument("--layers", type=int, default=0, help="the first N layers only (0: all): the error check over "
+                    "a few layers (random synthetic layers amplify rounding differences over many)")
     args = ap.parse_args()
     gen, _ = probe_generator(args.model)
     model = gen.model
     d = model.config.dim
     eps = model.layers[0].attention_norm.eps
     hidden0 = torch.randn(d, device="cuda", dtype=torch.float16)
-    sq0 = (hidden0.float() ** 2).sum().reshape(1)
-    pos = None if args.no_attention else torch.tensor([args.pos], device="cuda")
+    bufs = ChainBuffers.for_model(model)  # the chains' (hidden updated in place, copied from hidden0 each run)
+    bufs.sq0.copy_((hidden0.float() ** 2).sum().reshape(1))
+    bufs.pos.fill_(args.pos)
+    pos = None if args.no_attention else bufs.pos
     length = gen.max_len
     graphs, outs = {}, {}
     layers = args.layers or len(model.layers)
-    graphs["launched"], outs["launched"] = captured(lambda: launched_layers(model, hidden0, sq0, pos, length, layers))
-    hidden = torch.empty_like(hidden0)
+    graphs["launched"], outs["launched"] = captured(
+        lambda: launched_layers(model, hidden0, bufs.sq0, pos, length, layers))
+    hidden = bufs.h
     sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
     for spec in args.variants:
         v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
         kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
-        kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}" for key in ("sleep", "finish") if key in v)
+        kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
+                                       for key in ("sleep", "finish") if key in v)
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:
@@ -123,7 +97,8 @@ def main():
                 return max(1, round(v["waves"] * programs / lin.impl.w.grid[0]))
             return max(1, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
 
-        stages, _ = chain_stages(model, hidden, sq0, split, pos, length, programs, layers)
+        stages = layer_stages(model, bufs, split, length, programs_a_head(length, programs, model.config.n_heads),
+                              layers, attention=pos is not None)
         chain = Chain(stages, eps, **kernel_args)
 
         def run(chain=chain):

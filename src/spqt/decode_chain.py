@@ -12,6 +12,7 @@ chain_on).
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -77,26 +78,79 @@ def _sparse(lin) -> bool:
     return lin.sparse and lin.threshold is not None
 
 
+@dataclass
+class ChainBuffers:
+    """What a chain of a model's layers reads and writes besides the weights and caches: the hidden state h (D,)
+    fp16, updated in place; the maps' outputs q|k|v, the attention's and SwiGLU's (fp16); the sums of squares of h
+    (one a 256-row tile, fp32) and of the layers' input (sq0, one); the step's position (int64)."""
+
+    h: torch.Tensor
+    qkv: torch.Tensor
+    attn: torch.Tensor
+    act: torch.Tensor
+    sq: torch.Tensor
+    sq0: torch.Tensor
+    pos: torch.Tensor
+
+    @classmethod
+    def for_model(cls, model) -> "ChainBuffers":
+        att, ff = model.layers[0].attention, model.layers[0].feed_forward
+        dev, dim = att.qkv.impl.w.quants.device, model.config.dim
+        half = {"dtype": torch.float16, "device": dev}
+        return cls(torch.empty(dim, **half), torch.empty(att.qkv.impl.n, **half), torch.empty(att.o.impl.k, **half),
+                   torch.empty(ff.gate_up.impl.n // 2, **half),
+                   torch.empty(-(-dim // 256), dtype=torch.float32, device=dev),
+                   torch.empty(1, dtype=torch.float32, device=dev), torch.zeros(1, dtype=torch.int64, device=dev))
+
+
+def programs_a_head(length: int, programs: int, heads: int) -> int:
+    """Programs an attention stage gives a head: one a key block of `length` keys, no more than the chain's programs
+    shared among the heads (as fused.attention_programs does with SMs), at least one."""
+    return max(1, min(-(-length // kc.ATTN_BLOCK), programs // heads))
+
+
+def layer_stages(model, bufs: ChainBuffers, split, length: int, per_head: int, layers: int | None = None,
+                 attention: bool = True) -> list:
+    """The chain stages of the model's first `layers` layers (all: None) over bufs: per layer q|k|v (the attention
+    norm folded), the attention at bufs.pos over `length` keys (per_head programs a head), o (+ residual, the sums
+    of squares), gate|up (the FFN norm folded, SwiGLU), down (+ residual, the sums of squares); a map whose thresholds
+    are on runs sparse. split(linear) gives a map's split. attention=False (probes): o reads the first D outputs of
+    q|k|v instead of the attention's."""
+    heads = model.config.n_heads
+    stages = []
+    for block in model.layers[:layers]:
+        att, ff = block.attention, block.feed_forward
+        n = len(stages)
+        qkv = kc.Stage(att.qkv.impl.w, bufs.h, bufs.qkv, split(att.qkv), gamma=block.attention_norm.weight,
+                       sq_in=bufs.sq0 if n == 0 else bufs.sq, after=n - 1)
+        stages.append(qkv)
+        if attention:
+            stages.append(kc.AttentionStage(bufs.qkv, model.rope, bufs.pos, att.cache.k[0], att.cache.v[0], bufs.attn,
+                                            heads, length, per_head, after=len(stages) - 1))
+        o_in = bufs.attn if attention else bufs.qkv[: bufs.h.numel()]
+        o = kc.Stage(att.o.impl.w, o_in, bufs.h, split(att.o), kc.EPILOGUE_RESIDUAL, res=bufs.h, sq_out=bufs.sq,
+                     after=len(stages) - 1)
+        gate_up = kc.Stage(ff.gate_up.impl.w, bufs.h, bufs.act, split(ff.gate_up), kc.EPILOGUE_SWIGLU,
+                           gamma=block.ffn_norm.weight, sq_in=bufs.sq, after=len(stages))
+        down = kc.Stage(ff.down.impl.w, bufs.act, bufs.h, split(ff.down), kc.EPILOGUE_RESIDUAL, res=bufs.h,
+                        sq_out=bufs.sq, after=len(stages) + 1)
+        stages += [o, gate_up, down]
+        for st, lin in zip((qkv, o, gate_up, down), _maps(block)):
+            if _sparse(lin):
+                st.threshold, st.scale = lin.threshold, lin.scale
+    return stages
+
+
 class DecodeChain:
     """The chains of a model's layers, one per (attention span, KV caches, sparse maps' thresholds: _key), over one
-    set of buffers: the hidden state h (D,) fp16, updated in place, its sums of squares, the position, the maps'
-    outputs, and the scratch (kernels/chain.py's Scratch) all chains share."""
+    set of buffers (ChainBuffers) and one scratch (kernels/chain.py's Scratch) that all its chains share."""
 
     def __init__(self, model):
         self.model = model
-        c = model.config
-        dev = model.layers[0].attention.qkv.impl.w.quants.device
-        att, ff = model.layers[0].attention, model.layers[0].feed_forward
-        self.dim = c.dim
-        self.h = torch.empty(c.dim, dtype=torch.float16, device=dev)
-        self.qkv = torch.empty(att.qkv.impl.n, dtype=torch.float16, device=dev)
-        self.attn = torch.empty(att.o.impl.k, dtype=torch.float16, device=dev)
-        self.act = torch.empty(ff.gate_up.impl.n // 2, dtype=torch.float16, device=dev)
-        self.sq = torch.empty(-(-c.dim // 256), dtype=torch.float32, device=dev)
-        self.sq0 = torch.empty(1, dtype=torch.float32, device=dev)
-        self.pos = torch.zeros(1, dtype=torch.int64, device=dev)  # the step's position, copied in by each call
-        self.programs = kc.Chain.programs_for(dev, **CHAIN_KERNEL, head_dim=c.head_dim)
-        self.scratch: kc.Scratch | None = None  # shared by all chains (made with the first)
+        self.bufs = ChainBuffers.for_model(model)
+        dev = self.bufs.h.device
+        self.programs = kc.Chain.programs_for(dev, **CHAIN_KERNEL, head_dim=model.config.head_dim)
+        self.scratch: kc.Scratch | None = None  # made with the first chain
         self._chains: dict = {}
 
     def forget(self) -> None:
@@ -106,7 +160,7 @@ class DecodeChain:
     def runs(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> bool:
         """Whether this forward call can run the chain (the module docstring's conditions; under a CUDA graph's
         capture only a chain made before it, by the warm-up)."""
-        if not chain_on() or x.shape != (1, 1, self.dim) or x.dtype != torch.float16 or not x.is_cuda:
+        if not chain_on() or x.shape != (1, 1, self.model.config.dim) or x.dtype != torch.float16 or not x.is_cuda:
             return False
         if positions.numel() != 1 or positions.dtype != torch.int64 or length > kc.ATTN_BLOCK * kc.ATTN_SLOTS:
             return False
@@ -124,44 +178,22 @@ class DecodeChain:
                        if _sparse(lin) else None for block in self.model.layers for lin in _maps(block))
         return span, cache.data_ptr(), sparse
 
-    def _stages(self, positions: torch.Tensor, length: int) -> list:
-        heads = self.model.config.n_heads
-        per_head = max(1, min(-(-length // kc.ATTN_BLOCK), self.programs // heads))
-        stages = []
-        for block in self.model.layers:
-            att, ff = block.attention, block.feed_forward
-            n = len(stages)
-
-            def split(lin) -> int:
-                return split_for(lin.impl.w.quants.shape[0], lin.in_features, self.programs)
-
-            stages += [kc.Stage(att.qkv.impl.w, self.h, self.qkv, split(att.qkv), gamma=block.attention_norm.weight,
-                                sq_in=self.sq0 if n == 0 else self.sq, after=n - 1),
-                       kc.AttentionStage(self.qkv, self.model.rope, positions, att.cache.k[0], att.cache.v[0],
-                                         self.attn, heads, length, per_head, after=n),
-                       kc.Stage(att.o.impl.w, self.attn, self.h, split(att.o), kc.EPILOGUE_RESIDUAL, res=self.h,
-                                sq_out=self.sq, after=n + 1),
-                       kc.Stage(ff.gate_up.impl.w, self.h, self.act, split(ff.gate_up), kc.EPILOGUE_SWIGLU,
-                                gamma=block.ffn_norm.weight, sq_in=self.sq, after=n + 2),
-                       kc.Stage(ff.down.impl.w, self.act, self.h, split(ff.down), kc.EPILOGUE_RESIDUAL, res=self.h,
-                                sq_out=self.sq, after=n + 3)]
-            for st, lin in zip((stages[n], stages[n + 2], stages[n + 3], stages[n + 4]), _maps(block)):
-                if _sparse(lin):
-                    st.threshold, st.scale = lin.threshold, lin.scale
-        return stages
-
     def __call__(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         """The layers over x (1, 1, D) fp16 at position positions (1,) int64 (on the device) over `length` keys:
         the hidden state after the last layer (1, 1, D), a view of the chain's buffer (the next call overwrites it)."""
         key = self._key(length)
         if key not in self._chains:
-            stages = self._stages(self.pos, key[0])
+            span = key[0]
+            stages = layer_stages(self.model, self.bufs,
+                                  lambda lin: split_for(lin.impl.w.quants.shape[0], lin.in_features, self.programs),
+                                  span, programs_a_head(span, self.programs, self.model.config.n_heads))
             if self.scratch is None:
                 self.scratch = kc.Scratch(stages)
             eps = self.model.layers[0].attention_norm.eps
             self._chains[key] = kc.Chain(stages, eps, **CHAIN_KERNEL, scratch=self.scratch)
-        self.pos.copy_(positions.view(-1))
-        self.h.copy_(x.view(-1))
-        torch.sum(self.h.float().square(), dim=0, keepdim=True, out=self.sq0)
+        b = self.bufs
+        b.pos.copy_(positions.view(-1))
+        b.h.copy_(x.view(-1))
+        torch.sum(b.h.float().square(), dim=0, keepdim=True, out=b.sq0)
         self._chains[key].launch()
-        return self.h.view(1, 1, self.dim)
+        return b.h.view(x.shape)

@@ -4,12 +4,12 @@ no launch, tail or reduction launch between the maps (issue 14's fixed costs).
 Stages run in order. A GEMV stage (Stage) is one zigzag Q4_K map y = W x, dense or sparse (a threshold: each
 program lists its share's kept inputs in shared memory and runs B4's gathered chunks over them), with its finish:
 plain, a residual add, or SwiGLU (gate|up stacked), optionally the RMSNorm of x folded in (gamma and x's sums of
-squares) and the sums of squares of y written for the next stage's norm. An attention stage (AttentionStage) is one decode token's RoPE,
-KV-cache write and attention over the q|k|v stage's output (fused.rope_attention_decode's contract). A stage waits
-for the stage that wrote its input (after); every program streams its item's weights (or cached keys and values)
-before it waits. Chain(stages).launch() enqueues the launch on the current stream (capturable in a CUDA graph): a
-zeroing of the done counters, then the kernel over a grid that fits the GPU at once (occupancy x SMs), launched
-cooperative (all its programs resident, or the launch fails).
+squares) and the sums of squares of y written for the next stage's norm. An attention stage (AttentionStage) is
+one decode token's RoPE, KV-cache write and attention over the q|k|v stage's output (fused.rope_attention_decode's
+contract). A stage waits for the stage that wrote its input (after); every program streams its item's weights (or
+cached keys and values) before it waits. Chain(stages).launch() enqueues the launch on the current stream
+(capturable in a CUDA graph): a zeroing of the done counters, then the kernel over a grid that fits the GPU at once
+(occupancy x SMs), launched cooperative (all its programs resident, or the launch fails).
 
 Stage tensors (all CUDA, contiguous, kept alive by the Chain): x (K,) fp16, y (N,) or SwiGLU (N / 2,) fp16, res
 (N,) fp16 (may be y), gamma (K,) fp32, sq_in / sq_out fp32 (sq_out: one a 256-row output tile).
@@ -82,7 +82,8 @@ def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_di
     the attention stages'; defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
     program, -DCHAIN_FINISH=1 a finisher's partial sums all in flight)."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
-        "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}") + tuple(defines)
+        "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
+        *defines)
 
 
 def _check_gemv(i: int, st: Stage) -> None:
@@ -132,9 +133,9 @@ def check(stages: list) -> None:
     """ValueError unless the stages make a chain the kernel runs (each stage's shapes, dtypes and finish)."""
     if not stages:
         raise ValueError("a chain needs at least one stage")
-    dims = {st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)}
+    dims = _head_dims(stages)
     if len(dims) > 1:
-        raise ValueError(f"the attention stages of a chain share one head dim, not {sorted(dims)}")
+        raise ValueError(f"the attention stages of a chain share one head dim, not {dims}")
     for i, st in enumerate(stages):
         if not -1 <= st.after < i:
             raise ValueError(f"stage {i}: after an earlier stage (or -1)")
@@ -196,8 +197,7 @@ class Chain:
                  prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = ()):
         check(stages)
         device = _first_tensor(stages[0]).device
-        hds = [st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)]
-        self.head_dim = hds[0] if hds else 128
+        self.head_dim = (_head_dims(stages) or [128])[0]
         self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
         self.warps, self.eps, self.stages = warps, float(eps), stages
         self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
@@ -233,7 +233,8 @@ class Chain:
                 raise ValueError(f"a sparse stage's share holds {CHAIN_SHARE} columns at most; split {st.split} of "
                                  f"K = {k} gives {per}")
             body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
-                               _ptr(self.scratch.part), _ptr(self.scratch.counters), _ptr(st.gamma), _ptr(st.sq_in), _ptr(st.sq_out),
+                               _ptr(self.scratch.part), _ptr(self.scratch.counters), _ptr(st.gamma), _ptr(st.sq_in),
+                               _ptr(st.sq_out),
                                _ptr(st.threshold), _ptr(st.scale), k, rows * 256, per, st.split, n, n // 2,
                                st.epilogue, rows, 0 if st.sq_in is None else st.sq_in.numel())
             kind = KIND_GEMV
@@ -252,6 +253,11 @@ class Chain:
         args = [(self.table.data_ptr(), P), (len(self.stages), I), (self.done.data_ptr(), P), (self.eps, nvrtc.FLOAT)]
         self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device),
                            cooperative=True)
+
+
+def _head_dims(stages: list) -> list[int]:
+    """The attention stages' head dims, each once, ascending."""
+    return sorted({st.cache_k.shape[2] for st in stages if isinstance(st, AttentionStage)})
 
 
 def _first_tensor(st) -> torch.Tensor:
