@@ -10,8 +10,9 @@ chain's final hidden state against the launched one's.
 
 A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
-of a waiting program), finish (1: a finisher's partial sums all in flight), and the splits: scale (the
-map's tuned split times it) or waves (each map's split such that its items are about waves x the programs).
+of a waiting program), finish (1: a finisher's partial sums all in flight), nowait (1: no stage waits for its
+input: wrong outputs, the items' own time), and the splits: scale (the map's tuned split times it) or waves (each
+map's split such that its items are about waves x the programs).
 """
 
 import argparse
@@ -89,7 +90,7 @@ def main():
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
         kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
         kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
-                                       for key in ("sleep", "finish") if key in v)
+                                       for key in ("sleep", "finish", "nowait") if key in v)
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:

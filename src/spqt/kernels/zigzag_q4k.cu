@@ -1049,8 +1049,11 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
 
 // Wait until stage cs.after has finished all its tiles: thread 0 polls (relaxed, a sleep between polls), then a
 // fence (the acquire of the finishers' release: their fence before their count), then the program's barrier.
+#ifndef CHAIN_NOWAIT
+#define CHAIN_NOWAIT 0  // 1 (probe, wrong outputs): no stage waits for its input: the items' streaming and arithmetic alone
+#endif
 __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done) {
-  if (cs.after >= 0) {
+  if (cs.after >= 0 && !CHAIN_NOWAIT) {
     if (threadIdx.x == 0) {
       while (load_relaxed(done + cs.after) < cs.after_tiles) {
 #if CHAIN_SLEEP
