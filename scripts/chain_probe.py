@@ -11,7 +11,8 @@ chain's final hidden state against the launched one's.
 A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
 of a waiting program), finish (1: a finisher's partial sums all in flight), nowait (1: no stage waits for its
-input: wrong outputs, the items' own time), and the splits: scale (the map's tuned split times it) or waves (each
+input: wrong outputs, the items' own time), stage (columns a share holds at most, a dense item's weights copied
+into shared memory before its wait; the splits at least what that needs), and the splits: scale (the map's tuned split times it) or waves (each
 map's split such that its items are about waves x the programs).
 """
 
@@ -23,7 +24,7 @@ import torch
 from spqt.bench_decode import probe_arguments, probe_generator, replay_device_us
 from spqt.decode_chain import ChainBuffers, layer_stages, programs_a_head
 from spqt.functional import NORM_SUMS
-from spqt.kernels.chain import Chain
+from spqt.kernels.chain import Chain, stage_split
 
 
 def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor, pos: torch.Tensor | None,
@@ -86,17 +87,18 @@ def main():
     hidden = bufs.h
     sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
     for spec in args.variants:
-        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
+        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4, "stage": 0} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
-        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
+        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps", "stage")}
         kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
                                        for key in ("sleep", "finish", "nowait") if key in v)
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:
+            least = stage_split(lin.in_features, int(v["stage"]), int(v["warps"])) if v["stage"] else 1
             if "waves" in v:
-                return max(1, round(v["waves"] * programs / lin.impl.w.grid[0]))
-            return max(1, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
+                return max(least, round(v["waves"] * programs / lin.impl.w.grid[0]))
+            return max(least, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
 
         stages = layer_stages(model, bufs, split, length, programs_a_head(length, programs, model.config.n_heads),
                               layers, attention=pos is not None)

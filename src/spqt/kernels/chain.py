@@ -77,13 +77,25 @@ class AttentionStage:
 
 
 def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_dim: int = 128,
-            defines: tuple = ()) -> tuple:
+            defines: tuple = (), stage: int = 0) -> tuple:
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
-    the attention stages'; defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
-    program, -DCHAIN_FINISH=1 a finisher's partial sums all in flight)."""
+    the attention stages'; stage: columns a share holds at most, its weights copied into shared memory (0: off);
+    defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting program,
+    -DCHAIN_FINISH=1 a finisher's partial sums all in flight, -DCHAIN_NOWAIT=1 no stage waits (timing only))."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
-        *defines)
+        *((f"-DCHAIN_STAGE={stage}",) if stage else ()), *defines)
+
+
+STAGE_BYTES_A_COLUMN = 2 * 9 * 16  # dynamic shared memory a staged column takes: two buffers of 144 bytes
+
+
+def stage_split(k: int, stage: int, warps: int) -> int:
+    """The least split of k columns whose shares (zigzag_cuda.share) hold at most `stage` columns."""
+    split = -(-k // stage)
+    while zigzag_cuda.share(k, split, warps) > stage:
+        split += 1
+    return split
 
 
 def _check_gemv(i: int, st: Stage) -> None:
@@ -146,9 +158,13 @@ def check(stages: list) -> None:
 
 
 def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int,
-            head_dim: int, defines: tuple) -> nvrtc.Kernel:
+            head_dim: int, defines: tuple, stage: int = 0) -> nvrtc.Kernel:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines), "zigzag_chain")
+    kernel = zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines, stage),
+                                  "zigzag_chain")
+    if stage:
+        kernel.allow_shared(STAGE_BYTES_A_COLUMN * stage)
+    return kernel
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -157,10 +173,11 @@ def _ptr(t: torch.Tensor | None) -> int:
 
 class Scratch:
     """What a chain's stages write and read back within a launch: the GEMV partial sums and arrival counters, the
-    attention's block sums, (max, sum) pairs and arrival counters, sized for `stages`. One set serves every stage (a
-    stage starts after the one before has finished: its finishers have read their partials and zeroed their
-    counters) and every chain launched on one stream after another whose stages it fits (decode_chain.py keeps one
-    for all its chains)."""
+    attention's block sums, (max, sum) pairs and arrival counters, sized for `stages`. The sums serve every stage (a
+    stage starts after the one before has finished: its finishers have read their partials); each stage has its own
+    arrival counters (zeroed by its finishers), so an output's finisher is elected once a launch however the stages
+    run (the NOWAIT probe too). One set serves every chain launched on one stream after another whose stages it fits
+    (decode_chain.py keeps one for all its chains)."""
 
     def __init__(self, stages: list):
         self.sizes = _scratch_sizes(stages)
@@ -168,8 +185,9 @@ class Scratch:
         device = _first_tensor(stages[0]).device
         self.part = torch.empty(max(part, 1), dtype=torch.float32, device=device)
         self.counters = torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
-        self.attn_part = torch.empty(max(heads * ATTN_SLOTS * hd, 1), dtype=torch.float32, device=device)
-        self.attn_ml = torch.empty(max(heads * ATTN_SLOTS * 2, 1), dtype=torch.float32, device=device)
+        most = max((st.heads for st in stages if isinstance(st, AttentionStage)), default=0)
+        self.attn_part = torch.empty(max(most * ATTN_SLOTS * hd, 1), dtype=torch.float32, device=device)
+        self.attn_ml = torch.empty(max(most * ATTN_SLOTS * 2, 1), dtype=torch.float32, device=device)
         self.attn_counters = torch.zeros(max(heads, 1), dtype=torch.int32, device=device)
 
     def fits(self, stages: list) -> bool:
@@ -182,11 +200,12 @@ class Scratch:
 
 
 def _scratch_sizes(stages: list) -> tuple[int, int, int, int]:
-    """(partial sums, arrival counters of GEMV rows, attention heads, head dim) the stages need at most."""
+    """(partial sums, arrival counters of GEMV rows, attention heads' arrival counters, head dim) the stages need
+    at most (the counters: every stage's own)."""
     gemv = [st for st in stages if isinstance(st, Stage)]
     attn = [st for st in stages if isinstance(st, AttentionStage)]
     return (max((st.split * st.w.quants.shape[0] * 256 for st in gemv), default=0),
-            max((st.w.quants.shape[0] for st in gemv), default=0), max((st.heads for st in attn), default=0),
+            sum(st.w.quants.shape[0] for st in gemv), sum(st.heads for st in attn),
             max((st.cache_k.shape[2] for st in attn), default=0))
 
 
@@ -194,35 +213,45 @@ class Chain:
     """The stages' descriptors on the device and the done counters; the scratch (Scratch) its stages share."""
 
     def __init__(self, stages: list, eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
-                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = ()):
+                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = (),
+                 stage: int = 0):
+        """stage: columns a share holds at most, a dense item's weights copied into shared memory before its wait
+        (0: off; a multiple of 16 warps; every GEMV stage's split then at least stage_split())."""
         check(stages)
         device = _first_tensor(stages[0]).device
         self.head_dim = (_head_dims(stages) or [128])[0]
-        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
-        self.warps, self.eps, self.stages = warps, float(eps), stages
-        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
+        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines), stage)
+        self.warps, self.eps, self.stages, self.stage = warps, float(eps), stages, stage
+        self.shared = STAGE_BYTES_A_COLUMN * stage
+        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines),
+                                          stage)
         self.scratch = scratch if scratch is not None else Scratch(stages)
         if not self.scratch.fits(stages):
             raise ValueError("the shared scratch is smaller than these stages need")
-        packed = b"".join(self._pack(st, stages) for st in stages)
+        rows = [st.w.quants.shape[0] if isinstance(st, Stage) else 0 for st in stages]
+        heads = [st.heads if isinstance(st, AttentionStage) else 0 for st in stages]
+        self._counter_at = [sum(rows[:i]) for i in range(len(stages))]  # each stage's own arrival counters
+        self._attn_counter_at = [sum(heads[:i]) for i in range(len(stages))]
+        packed = b"".join(self._pack(i, st, stages) for i, st in enumerate(stages))
         self.table = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(device)
         self.done = torch.zeros(len(stages), dtype=torch.int32, device=device)
 
     @staticmethod
     def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
-                     blocks: int = 1, head_dim: int = 128, defines: tuple = ()) -> int:
+                     blocks: int = 1, head_dim: int = 128, defines: tuple = (), stage: int = 0) -> int:
         """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
-        return (_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines)).blocks_per_sm(32 * warps)
+        kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines), stage)
+        return (kernel.blocks_per_sm(32 * warps, STAGE_BYTES_A_COLUMN * stage)
                 * torch.cuda.get_device_properties(device).multi_processor_count)
 
-    def _pack(self, st, stages: list) -> bytes:
+    def _pack(self, i: int, st, stages: list) -> bytes:
         after_tiles = stages[st.after].tiles() if st.after >= 0 else 0
         if isinstance(st, AttentionStage):
             kv, cache_len, hd = st.cache_k.shape
             sc = self.scratch
             body = struct.pack(ATTENTION, _ptr(st.qkv), _ptr(st.table), _ptr(st.pos), _ptr(st.cache_k),
                                _ptr(st.cache_v), _ptr(st.out), _ptr(sc.attn_part), _ptr(sc.attn_ml),
-                               _ptr(sc.attn_counters),
+                               _ptr(sc.attn_counters) + 4 * self._attn_counter_at[i],
                                st.heads, kv, cache_len, st.length, st.programs, hd ** -0.5)
             kind = KIND_ATTENTION
         else:
@@ -232,8 +261,12 @@ class Chain:
             if st.threshold is not None and per > CHAIN_SHARE:
                 raise ValueError(f"a sparse stage's share holds {CHAIN_SHARE} columns at most; split {st.split} of "
                                  f"K = {k} gives {per}")
+            if self.stage and per > self.stage:
+                raise ValueError(f"stage {i}: a staged share holds {self.stage} columns at most; split {st.split} of "
+                                 f"K = {k} gives {per}")
             body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
-                               _ptr(self.scratch.part), _ptr(self.scratch.counters), _ptr(st.gamma), _ptr(st.sq_in),
+                               _ptr(self.scratch.part), _ptr(self.scratch.counters) + 4 * self._counter_at[i],
+                               _ptr(st.gamma), _ptr(st.sq_in),
                                _ptr(st.sq_out),
                                _ptr(st.threshold), _ptr(st.scale), k, rows * 256, per, st.split, n, n // 2,
                                st.epilogue, rows, 0 if st.sq_in is None else st.sq_in.numel())
@@ -252,7 +285,7 @@ class Chain:
         P, I = nvrtc.POINTER, nvrtc.INT
         args = [(self.table.data_ptr(), P), (len(self.stages), I), (self.done.data_ptr(), P), (self.eps, nvrtc.FLOAT)]
         self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device),
-                           cooperative=True)
+                           shared=self.shared, cooperative=True)
 
 
 def _head_dims(stages: list) -> list[int]:

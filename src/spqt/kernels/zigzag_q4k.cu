@@ -1118,9 +1118,50 @@ __device__ __forceinline__ int kept_columns(const GemvStage& st, int first, int 
   return total;
 }
 
+#ifndef CHAIN_STAGE
+#define CHAIN_STAGE 0  // > 0 (probe): columns an item's share holds at most; a dense item's weights copied into shared
+#endif                 // memory (cp.async), the program's next dense item's copies in flight while it runs this one
+#if CHAIN_STAGE
+#if CHAIN_STAGE % 64
+#error "CHAIN_STAGE: a multiple of 64 columns"
+#endif
+#define STAGE_WORDS (9 * CHAIN_STAGE)  // uint4 a buffer: level planes 0 and 1 (4 a column each), then the heads (1)
+
+__device__ __forceinline__ void copy16(void* to, const void* from) {  // cp.async, 16 bytes, past L1
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(to)), "l"(from)
+               : "memory");
+}
+__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int PENDING>
+__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
+
+// A dense item's share of weights into buf: column c's level words w of plane p at p 4 CHAIN_STAGE + 4 c + (w ^ (c &
+// 2)) (the XOR: a quarter warp's eight 16-byte reads of a chunk fall in eight bank groups), its head at 8 CHAIN_STAGE
+// + c. Issued by every thread, not waited for.
+__device__ __forceinline__ void stage_item(const GemvStage& st, int item, uint4* buf) {
+  const int r = item % st.rows, s = item / st.rows, K = st.K;
+  const int first = s * st.per, n = min(K, first + st.per) - first;
+  const uint4* q0 = st.q + ((size_t)(2 * r) * K + first) * 4;
+  const uint4* q1 = st.q + ((size_t)(2 * r + 1) * K + first) * 4;
+  const uint4* hd = st.h + ((size_t)(r >> 2) * K + first) * 4 + (r & 3);
+  for (int i = threadIdx.x; i < 4 * n; i += 32 * WARPS) {
+    const int c = i >> 2, at = 4 * c + ((i & 3) ^ (c & 2));
+    copy16(buf + at, q0 + i);
+    copy16(buf + 4 * CHAIN_STAGE + at, q1 + i);
+  }
+  for (int c = threadIdx.x; c < n; c += 32 * WARPS) copy16(buf + 8 * CHAIN_STAGE + c, hd + 4 * c);
+}
+
+__device__ __forceinline__ bool staged_kind(const ChainStage& cs) { return cs.kind == 0 && !cs.gemv.threshold; }
+#endif
+
 __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int item, int* done, float eps,
                                           float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq,
-                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept) {
+                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept
+#if CHAIN_STAGE
+                                          , const uint4* staged, unsigned short* stage_x
+#endif
+) {
   const GemvStage& st = cs.gemv;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -1140,6 +1181,31 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   const int full_end = hi - 15;
   const LevelWords* qp = qr + (j + t) * 4;
   const HeadWords* hp = hr + (j + t) * HV;
+#if CHAIN_STAGE
+  if (staged) {  // dense, the share's weights in shared memory (stage_item): x staged once, then no global load
+    wait_input(cs, done);
+    const float rs = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+    const int n = hi - first;
+    for (int cc = threadIdx.x; cc < n; cc += 32 * WARPS) stage_x[cc] = chain_x(st.x, st.gamma, rs, first + cc, true);
+    copy_wait<1>();  // this item's copies (the next item's, committed after them, may still be in flight)
+    __syncthreads();
+    const uint4* plane = staged + (g >> 2) * 4 * CHAIN_STAGE;
+    const uint4* heads = staged + 8 * CHAIN_STAGE;
+    for (int jj = 16 * warp; jj < n; jj += step) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int cc = jj + slot_pos[i];
+        const bool ok = cc < n;
+        const int col = ok ? cc : jj;
+        ch.w[i] = plane[4 * col + ((g & 3) ^ (col & 2))];
+        ch.h[i] = heads[col];
+        ch.x[i] = ok ? stage_x[cc] : (unsigned short)0;
+      }
+      compute(ch, c, bias, dec, g);
+    }
+    j = hi;  // no chunks left
+  } else
+#endif
   if (st.threshold) {  // sparse: the share's kept columns, in order, 16 a chunk (B4's gathered loads)
     wait_input(cs, done);
     const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
@@ -1170,7 +1236,11 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
 #endif
     wait_input(cs, done);
   }
+#if CHAIN_STAGE
+  const float rstd = st.gamma && !st.threshold && !staged ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+#else
   const float rstd = st.gamma && !st.threshold ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+#endif
   // zigzag_q4k_gemv's B2 loop, x through L2 (normed as read): written out again, since one helper for both loops
   // changed both kernels' SASS (PIPE 1 and Q6_K's loops scheduled differently), which the GPU has not measured
   for (; j < full_end; j += step) {
@@ -1464,20 +1534,64 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   __shared__ float bias_sum[WARPS][2][8];
   __shared__ float warp_sq[WARPS];
   __shared__ int finisher;
+#if !CHAIN_STAGE
   __shared__ int kept_col[CHAIN_SHARE];
   __shared__ unsigned short kept_x[CHAIN_SHARE];
+#endif
   __shared__ int warp_kept[WARPS];
+#if CHAIN_STAGE
+  // two buffers of STAGE_WORDS: the dense item being computed (consumed & 1) and the program's next one being
+  // copied; a sparse item's kept lists (6 bytes a column of its share, at most CHAIN_STAGE) in the one not copied to
+  extern __shared__ uint4 stage_buf[];
+  __shared__ unsigned short stage_x[CHAIN_STAGE];
+  int issued = 0, consumed = 0;
+  {  // the program's first item staged if dense
+    int fk = 0, fbase = 0;
+    while (fk < nstages && (int)blockIdx.x >= fbase + stages[fk].items) fbase += stages[fk++].items;
+    if (fk < nstages && staged_kind(stages[fk])) {
+      stage_item(stages[fk].gemv, blockIdx.x - fbase, stage_buf);
+      issued = 1;
+    }
+    copy_commit();
+  }
+#endif
   int base = 0, item = blockIdx.x;
   for (int k = 0; k < nstages; ++k) {
     const ChainStage& cs = stages[k];
     for (; item < base + cs.items; item += gridDim.x) {
+#if CHAIN_STAGE
+      {  // the program's next item staged now if dense (a later stage's too): its copies run while this one waits
+        int nk = k, nbase = base;
+        const int next = item + gridDim.x;
+        while (nk < nstages && next >= nbase + stages[nk].items) nbase += stages[nk++].items;
+        if (nk < nstages && staged_kind(stages[nk])) {
+          stage_item(stages[nk].gemv, next - nbase, stage_buf + (issued & 1) * STAGE_WORDS);
+          ++issued;
+        }
+        copy_commit();  // a group each item, empty or not: an item's copies are always one group back
+      }
+      const bool mine = staged_kind(cs);
+      uint4* other = stage_buf + ((consumed & 1) ^ 1) * STAGE_WORDS;
+      int* kept_col = reinterpret_cast<int*>(other);
+      unsigned short* kept_x = reinterpret_cast<unsigned short*>(kept_col + CHAIN_STAGE);
+#endif
       if (cs.kind == 0)
         gemv_item(cs, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher, kept_col, kept_x,
-                  warp_kept);
+                  warp_kept
+#if CHAIN_STAGE
+                  , mine ? stage_buf + (consumed & 1) * STAGE_WORDS : nullptr, stage_x
+#endif
+        );
       else
         attention_item(cs, k, item - base, done, rows_sum, bias_sum, &finisher);
+#if CHAIN_STAGE
+      consumed += mine;
+#endif
     }
     base += cs.items;
   }
+#if CHAIN_STAGE
+  copy_wait<0>();
+#endif
 }
 #endif
