@@ -86,6 +86,7 @@ def main():
         lambda: launched_layers(model, hidden0, bufs.sq0, pos, length, layers))
     hidden = bufs.h
     sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
+    chains = []
     for spec in args.variants:
         v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4, "stage": 0} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
@@ -103,6 +104,7 @@ def main():
         stages = layer_stages(model, bufs, split, length, programs_a_head(length, programs, model.config.n_heads),
                               layers, attention=pos is not None)
         chain = Chain(stages, eps, **kernel_args)
+        chains.append(chain)  # a graph holds no reference to the chain's table, done counters and scratch
 
         def run(chain=chain):
             hidden.copy_(hidden0)
