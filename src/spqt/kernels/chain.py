@@ -81,7 +81,7 @@ def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_di
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
     the attention stages'; stage: columns a share holds at most, its weights copied into shared memory (0: off);
     defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting program,
-    -DCHAIN_FINISH=1 a finisher's partial sums all in flight, -DCHAIN_NOWAIT=1 no stage waits (timing only))."""
+    -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing only))."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
         *((f"-DCHAIN_STAGE={stage}",) if stage else ()), *defines)

@@ -958,6 +958,12 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #ifndef CHAIN_PREFETCH
 #define CHAIN_PREFETCH 1  // 1: an item's whole share of levels and heads asked of L2 (sm_90 bulk prefetch) before the wait
 #endif
+#ifndef CHAIN_STAGE
+#define CHAIN_STAGE 0  // > 0 (probe): columns an item's share holds at most; a dense item's weights copied into shared
+#endif                 // memory (cp.async), the program's next dense item's copies in flight while it runs this one
+// The thread that polls, fences and counts: one that issues no copies when staged (lane 0 of the last warp; a fence
+// may wait for the thread's copies in flight)
+#define SIGNAL (CHAIN_STAGE ? 32 * (WARPS - 1) : 0)
 
 struct GemvStage {  // y = W x and its finish (chain.py packs it)
   const uint4* q;             // levels (rows, 2, K, 16) int32, kernel layout
@@ -1017,7 +1023,8 @@ __device__ __forceinline__ int load_relaxed(const int* p) {  // no L1 invalidati
 }
 
 #ifndef CHAIN_FINISH
-#define CHAIN_FINISH 0  // 1 (probe): a finisher sums all its outputs in one pass over the shares, loads in flight together
+#define CHAIN_FINISH 1  // a finisher sums all its outputs in one pass over the shares, loads in flight together (0: one
+                        // output at a time, the shares in turn: same sums; 654 us more a 7B step, fourteenth session)
 #endif
 #ifndef CHAIN_SLEEP
 #define CHAIN_SLEEP 100  // ns a waiting program sleeps between two polls (0: none): keeps the polls of every
@@ -1054,7 +1061,7 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
 #endif
 __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done) {
   if (cs.after >= 0 && !CHAIN_NOWAIT) {
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == SIGNAL) {
       while (load_relaxed(done + cs.after) < cs.after_tiles) {
 #if CHAIN_SLEEP
         __nanosleep(CHAIN_SLEEP);
@@ -1070,7 +1077,7 @@ __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done
 // fence (cumulative at GPU scope), whose count then releases them (the waiters' fence acquires).
 __device__ __forceinline__ void count_done(int* done, int stage) {
   __syncthreads();
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == SIGNAL) {
     __threadfence();
     atomicAdd(done + stage, 1);
   }
@@ -1118,12 +1125,9 @@ __device__ __forceinline__ int kept_columns(const GemvStage& st, int first, int 
   return total;
 }
 
-#ifndef CHAIN_STAGE
-#define CHAIN_STAGE 0  // > 0 (probe): columns an item's share holds at most; a dense item's weights copied into shared
-#endif                 // memory (cp.async), the program's next dense item's copies in flight while it runs this one
 #if CHAIN_STAGE
-#if CHAIN_STAGE % 64
-#error "CHAIN_STAGE: a multiple of 64 columns"
+#if CHAIN_STAGE % 64 || WARPS < 2
+#error "CHAIN_STAGE: a multiple of 64 columns, two warps at least"
 #endif
 #define STAGE_WORDS (9 * CHAIN_STAGE)  // uint4 a buffer: level planes 0 and 1 (4 a column each), then the heads (1)
 
@@ -1144,12 +1148,14 @@ __device__ __forceinline__ void stage_item(const GemvStage& st, int item, uint4*
   const uint4* q0 = st.q + ((size_t)(2 * r) * K + first) * 4;
   const uint4* q1 = st.q + ((size_t)(2 * r + 1) * K + first) * 4;
   const uint4* hd = st.h + ((size_t)(r >> 2) * K + first) * 4 + (r & 3);
-  for (int i = threadIdx.x; i < 4 * n; i += 32 * WARPS) {
+  constexpr int copiers = 32 * (WARPS - 1);  // every warp but the last (SIGNAL's)
+  if (threadIdx.x >= copiers) return;
+  for (int i = threadIdx.x; i < 4 * n; i += copiers) {
     const int c = i >> 2, at = 4 * c + ((i & 3) ^ (c & 2));
     copy16(buf + at, q0 + i);
     copy16(buf + 4 * CHAIN_STAGE + at, q1 + i);
   }
-  for (int c = threadIdx.x; c < n; c += 32 * WARPS) copy16(buf + 8 * CHAIN_STAGE + c, hd + 4 * c);
+  for (int c = threadIdx.x; c < n; c += copiers) copy16(buf + 8 * CHAIN_STAGE + c, hd + 4 * c);
 }
 
 __device__ __forceinline__ bool staged_kind(const ChainStage& cs) { return cs.kind == 0 && !cs.gemv.threshold; }
@@ -1183,10 +1189,21 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   const HeadWords* hp = hr + (j + t) * HV;
 #if CHAIN_STAGE
   if (staged) {  // dense, the share's weights in shared memory (stage_item): x staged once, then no global load
-    wait_input(cs, done);
-    const float rs = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+    constexpr int XPER = (CHAIN_STAGE + 32 * WARPS - 1) / (32 * WARPS);  // x values a thread stages
     const int n = hi - first;
-    for (int cc = threadIdx.x; cc < n; cc += 32 * WARPS) stage_x[cc] = chain_x(st.x, st.gamma, rs, first + cc, true);
+    wait_input(cs, done);
+    unsigned short raw[XPER];  // x and the sums of squares asked of L2 together: one round trip
+#pragma unroll
+    for (int u = 0; u < XPER; ++u) {
+      const int cc = threadIdx.x + 32 * WARPS * u;
+      raw[u] = cc < n ? load_x_l2(st.x + first + cc) : (unsigned short)0;
+    }
+    const float rs = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
+#pragma unroll
+    for (int u = 0; u < XPER; ++u) {
+      const int cc = threadIdx.x + 32 * WARPS * u;
+      if (cc < n) stage_x[cc] = st.gamma ? normed_x(raw[u], __ldg(st.gamma + first + cc), rs) : raw[u];
+    }
     copy_wait<1>();  // this item's copies (the next item's, committed after them, may still be in flight)
     __syncthreads();
     const uint4* plane = staged + (g >> 2) * 4 * CHAIN_STAGE;
@@ -1280,7 +1297,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   const int half = st.F >> 8;
   const int tile = (st.epilogue == 2 && r >= half) ? r - half : r;
   const int target = st.epilogue == 2 ? 2 * st.split : st.split;
-  if (threadIdx.x == 0) {
+  if (threadIdx.x == SIGNAL) {
     __threadfence();
     *finisher = atomicAdd(st.counters + tile, 1) == target - 1;
     if (*finisher) __threadfence();
@@ -1336,7 +1353,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
       for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
       if (lane == 0) warp_sq[warp] = sq;
       __syncthreads();
-      if (threadIdx.x == 0) {
+      if (threadIdx.x == SIGNAL) {
         float total = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) total += warp_sq[w];
@@ -1498,7 +1515,7 @@ __device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int
   }
   if (blocks > 1) {  // arrival (as a GEMV tile's); the last program of the head combines its blocks in order
     __syncthreads();
-    if (threadIdx.x == 0) {
+    if (threadIdx.x == SIGNAL) {
       __threadfence();
       *finisher = atomicAdd(st.counters + h, 1) == min(blocks, P) - 1;
       if (*finisher) __threadfence();
