@@ -33,6 +33,7 @@
 #   scripts/gpu_session.sh rblock12  the split-K reduction's tile (programs) in the step's chain
 #   scripts/gpu_session.sh chain13   every layer's maps as launched against one persistent launch (chain kernel)
 #   scripts/gpu_session.sh chaindiag the chain's error over two layers, its variants over all
+#   scripts/gpu_session.sh chainncu  where the chain's programs stall (ncu: warp states, stalls per SASS line)
 #   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -654,6 +655,22 @@ llama2-7b:now}" 90
       | tee "$OUT/chain-diag.log"
     timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,finish=1 $v,sleep=1000 2>&1 | grep -v WARN \
       | tee -a "$OUT/chain-diag.log"
+    ;;
+  chainncu)
+    # Where the chain's programs stall: ncu on one eager launch of each variant (NCU_VARIANTS; the 7B's layers), the
+    # warp states, the stall samples per SASS instruction (source page, csv) and the memory rates
+    export SPQT_CACHE=/tmp/spqt-cache
+    n=0
+    for spec in ${NCU_VARIANTS:-pipe=0,acc=2,blocks=4,waves=1 pipe=0,acc=2,blocks=4,waves=1,stage=128,nowait=1}; do
+      n=$((n + 1))
+      timeout 200 ncu --clock-control none -k regex:zigzag_chain -s 0 -c 1 --section WarpStateStats \
+        --section SourceCounters --section SpeedOfLight --section MemoryWorkloadAnalysis -f -o "$OUT/ncu-$n" \
+        python3 scripts/chain_probe.py --variants $spec --rounds 1 --reps 1 2>&1 | grep -v WARN | tail -5
+      echo "variant $n: $spec" | tee -a "$OUT/ncu-$n.txt"
+      ncu -i "$OUT/ncu-$n.ncu-rep" --page details >> "$OUT/ncu-$n.txt" 2>&1
+      ncu -i "$OUT/ncu-$n.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu-$n-sass.csv" 2>&1
+      rm -f "$OUT/ncu-$n.ncu-rep"
+    done
     ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
