@@ -11,7 +11,7 @@ chain's final hidden state against the launched one's.
 A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
 of a waiting program), finish (0: a finisher sums one output at a time; 1, the default: all in flight), nowait (1: no stage waits for its
-input: wrong outputs, the items' own time), stage (columns a share holds at most, a dense item's weights copied
+input: wrong outputs, the items' own time), fence (1: release / acquire operations instead of SC fences), stage (columns a share holds at most, a dense item's weights copied
 into shared memory before its wait; the splits at least what that needs), and the splits: scale (the map's tuned split times it) or waves (each
 map's split such that its items are about waves x the programs).
 """
@@ -92,7 +92,7 @@ def main():
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
         kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps", "stage")}
         kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
-                                       for key in ("sleep", "finish", "nowait") if key in v)
+                                       for key in ("sleep", "finish", "nowait", "fence") if key in v)
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:

@@ -69,8 +69,9 @@ def test_chain_matches_torch(rng):
     reused by the second layer) in one launch: the final hidden state within the fp32 accumulation's and one fp16
     rounding's error of torch, the stages' outputs poisoned first; deterministic; the counters back at zero; the
     same bits replayed from a CUDA graph; the same bits with and without the L2 prefetch and the pipelined loads,
-    with the finishers summing an output at a time (CHAIN_FINISH=0), and with dense items staged in shared memory
-    (stage: shares of up to 320 columns, every split here fits)."""
+    with the finishers summing an output at a time (CHAIN_FINISH=0), with dense items staged in shared memory
+    (stage: shares of up to 320 columns, every split here fits), and with release / acquire operations for the
+    fences (CHAIN_FENCE=1)."""
     stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
     h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
     sq0 = h0.float().pow(2)
@@ -78,7 +79,7 @@ def test_chain_matches_torch(rng):
     want = _reference(h0, dense, gammas, 600).float()
     results = []
     for pipe, prefetch, defines, stage in ((0, 1, (), 0), (1, 0, (), 0), (0, 1, ("-DCHAIN_FINISH=0",), 0),
-                                           (0, 1, (), 320)):
+                                           (0, 1, (), 320), (0, 0, ("-DCHAIN_FENCE=1",), 0)):
         chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4, defines=defines, stage=stage)
 
         def run():

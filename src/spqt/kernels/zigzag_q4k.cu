@@ -1022,6 +1022,42 @@ __device__ __forceinline__ int load_relaxed(const int* p) {  // no L1 invalidati
   return v;
 }
 
+#ifndef CHAIN_FENCE
+#define CHAIN_FENCE 0  // 1 (probe): release / acquire operations (fence.acq_rel, atom.acq_rel, red.release) where 0 uses
+#endif             // __threadfence (fence.sc.gpu, MEMBAR.SC: ordered against every other SC fence of the GPU)
+
+__device__ __forceinline__ void fence_acquire() {  // after a strong read that saw the count: the acquire pattern
+#if CHAIN_FENCE
+  asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#else
+  __threadfence();
+#endif
+}
+
+__device__ __forceinline__ void count_release(int* p) {  // +1, releasing what the program wrote (after its barrier)
+#if CHAIN_FENCE
+  asm volatile("red.release.gpu.global.add.s32 [%0], 1;" ::"l"(p) : "memory");
+#else
+  __threadfence();
+  atomicAdd(p, 1);
+#endif
+}
+
+// +1, releasing the program's writes (after its barrier); whether this was the `last` arrival, which then acquires
+// every other arrival's writes
+__device__ __forceinline__ bool arrive(int* p, int last) {
+#if CHAIN_FENCE
+  int old;
+  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+  return old == last;
+#else
+  __threadfence();
+  const bool is_last = atomicAdd(p, 1) == last;
+  if (is_last) __threadfence();
+  return is_last;
+#endif
+}
+
 #ifndef CHAIN_FINISH
 #define CHAIN_FINISH 1  // a finisher sums all its outputs in one pass over the shares, loads in flight together (0: one
                         // output at a time, the shares in turn: same sums; 654 us more a 7B step, fourteenth session)
@@ -1067,7 +1103,7 @@ __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done
         __nanosleep(CHAIN_SLEEP);
 #endif
       }
-      __threadfence();
+      fence_acquire();
     }
     __syncthreads();
   }
@@ -1077,10 +1113,7 @@ __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done
 // fence (cumulative at GPU scope), whose count then releases them (the waiters' fence acquires).
 __device__ __forceinline__ void count_done(int* done, int stage) {
   __syncthreads();
-  if (threadIdx.x == SIGNAL) {
-    __threadfence();
-    atomicAdd(done + stage, 1);
-  }
+  if (threadIdx.x == SIGNAL) count_release(done + stage);
 }
 
 #ifndef CHAIN_SHARE
@@ -1298,9 +1331,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   const int tile = (st.epilogue == 2 && r >= half) ? r - half : r;
   const int target = st.epilogue == 2 ? 2 * st.split : st.split;
   if (threadIdx.x == SIGNAL) {
-    __threadfence();
-    *finisher = atomicAdd(st.counters + tile, 1) == target - 1;
-    if (*finisher) __threadfence();
+    *finisher = arrive(st.counters + tile, target - 1);
   }
   __syncthreads();
   if (*finisher) {
@@ -1516,9 +1547,7 @@ __device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int
   if (blocks > 1) {  // arrival (as a GEMV tile's); the last program of the head combines its blocks in order
     __syncthreads();
     if (threadIdx.x == SIGNAL) {
-      __threadfence();
-      *finisher = atomicAdd(st.counters + h, 1) == min(blocks, P) - 1;
-      if (*finisher) __threadfence();
+      *finisher = arrive(st.counters + h, min(blocks, P) - 1);
     }
     __syncthreads();
     if (!*finisher) return;
