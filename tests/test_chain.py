@@ -107,6 +107,8 @@ def test_chain_matches_torch(rng):
         chain.scratch.poison()
         graph.replay()
         assert torch.equal(bufs["h"], got), f"{what}: graph replay differs"
+        chain.programs = 7  # a smaller grid: every program runs several items a stage (staged: both buffers)
+        assert torch.equal(run(), got), f"{what}: 7 programs differ"
         results.append(got)
     assert all(torch.equal(results[0], r) for r in results[1:]), "the loads' schedule or the finish changed the sums"
 
@@ -162,6 +164,7 @@ def test_chain_sparse_stage_matches_torch(rng, shape, epilogue, norm, wina):
         assert torch.equal(y.float(), got), f"{what}: not deterministic"
         if split > 1:  # shares of at most 320 columns
             staged = kc.Chain([stage], EPS, pipe=0, acc=2, blocks=4, stage=320)
+            staged.programs = 3  # several items a program
             y.fill_(float("nan"))
             staged.launch()
             assert torch.equal(y.float(), got), f"{what}: staged differs"
@@ -306,3 +309,6 @@ def test_stage_split_is_the_least_that_fits():
         split = kc.stage_split(k, stage, warps)
         assert zigzag_cuda.share(k, split, warps) <= stage
         assert split == 1 or zigzag_cuda.share(k, split - 1, warps) > stage
+    for stage, warps in ((64, 8), (96, 4), (0, 4)):  # below a share's step, not a multiple of 64
+        with pytest.raises(ValueError):
+            kc.stage_split(4096, stage, warps)

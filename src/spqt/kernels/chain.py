@@ -81,7 +81,8 @@ def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_di
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
     the attention stages'; stage: columns a share holds at most, its weights copied into shared memory (0: off);
     defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting program,
-    -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing only))."""
+    -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing only),
+    -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
         *((f"-DCHAIN_STAGE={stage}",) if stage else ()), *defines)
@@ -91,7 +92,10 @@ STAGE_BYTES_A_COLUMN = 2 * 9 * 16  # dynamic shared memory a staged column takes
 
 
 def stage_split(k: int, stage: int, warps: int) -> int:
-    """The least split of k columns whose shares (zigzag_cuda.share) hold at most `stage` columns."""
+    """The least split of k columns whose shares (zigzag_cuda.share) hold at most `stage` columns (a multiple of
+    64, at least 16 warps: a share is a multiple of that)."""
+    if stage % 64 or stage < 16 * warps:
+        raise ValueError(f"stage: a multiple of 64 columns, at least {16 * warps} for {warps} warps")
     split = -(-k // stage)
     while zigzag_cuda.share(k, split, warps) > stage:
         split += 1
@@ -181,11 +185,10 @@ class Scratch:
 
     def __init__(self, stages: list):
         self.sizes = _scratch_sizes(stages)
-        part, rows, heads, hd = self.sizes
+        part, rows, most, heads, hd = self.sizes
         device = _first_tensor(stages[0]).device
         self.part = torch.empty(max(part, 1), dtype=torch.float32, device=device)
         self.counters = torch.zeros(max(rows, 1), dtype=torch.int32, device=device)
-        most = max((st.heads for st in stages if isinstance(st, AttentionStage)), default=0)
         self.attn_part = torch.empty(max(most * ATTN_SLOTS * hd, 1), dtype=torch.float32, device=device)
         self.attn_ml = torch.empty(max(most * ATTN_SLOTS * 2, 1), dtype=torch.float32, device=device)
         self.attn_counters = torch.zeros(max(heads, 1), dtype=torch.int32, device=device)
@@ -199,14 +202,27 @@ class Scratch:
             t.fill_(float("nan"))
 
 
-def _scratch_sizes(stages: list) -> tuple[int, int, int, int]:
-    """(partial sums, arrival counters of GEMV rows, attention heads' arrival counters, head dim) the stages need
-    at most (the counters: every stage's own)."""
+def _scratch_sizes(stages: list) -> tuple[int, int, int, int, int]:
+    """(partial sums, arrival counters of GEMV rows, heads of the largest attention stage (its block sums), the
+    attention heads' arrival counters, head dim) the stages need at most (the counters: every stage's own)."""
     gemv = [st for st in stages if isinstance(st, Stage)]
     attn = [st for st in stages if isinstance(st, AttentionStage)]
     return (max((st.split * st.w.quants.shape[0] * 256 for st in gemv), default=0),
-            sum(st.w.quants.shape[0] for st in gemv), sum(st.heads for st in attn),
-            max((st.cache_k.shape[2] for st in attn), default=0))
+            sum(st.w.quants.shape[0] for st in gemv), max((st.heads for st in attn), default=0),
+            sum(st.heads for st in attn), max((st.cache_k.shape[2] for st in attn), default=0))
+
+
+def _counter_offsets(stages: list) -> tuple[list[int], list[int]]:
+    """Where each stage's own arrival counters start: in the GEMV rows' counters, in the attention heads'."""
+    rows, heads, at_rows, at_heads = 0, 0, [], []
+    for st in stages:
+        at_rows.append(rows)
+        at_heads.append(heads)
+        if isinstance(st, AttentionStage):
+            heads += st.heads
+        else:
+            rows += st.w.quants.shape[0]
+    return at_rows, at_heads
 
 
 class Chain:
@@ -216,8 +232,10 @@ class Chain:
                  prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = (),
                  stage: int = 0):
         """stage: columns a share holds at most, a dense item's weights copied into shared memory before its wait
-        (0: off; a multiple of 16 warps; every GEMV stage's split then at least stage_split())."""
+        (0: off; a multiple of 64, at least 16 warps; every GEMV stage's split then at least stage_split())."""
         check(stages)
+        if stage:
+            stage_split(1, stage, warps)  # checks stage
         device = _first_tensor(stages[0]).device
         self.head_dim = (_head_dims(stages) or [128])[0]
         self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines), stage)
@@ -228,10 +246,7 @@ class Chain:
         self.scratch = scratch if scratch is not None else Scratch(stages)
         if not self.scratch.fits(stages):
             raise ValueError("the shared scratch is smaller than these stages need")
-        rows = [st.w.quants.shape[0] if isinstance(st, Stage) else 0 for st in stages]
-        heads = [st.heads if isinstance(st, AttentionStage) else 0 for st in stages]
-        self._counter_at = [sum(rows[:i]) for i in range(len(stages))]  # each stage's own arrival counters
-        self._attn_counter_at = [sum(heads[:i]) for i in range(len(stages))]
+        self._counter_at, self._attn_counter_at = _counter_offsets(stages)
         packed = b"".join(self._pack(i, st, stages) for i, st in enumerate(stages))
         self.table = torch.frombuffer(bytearray(packed), dtype=torch.uint8).to(device)
         self.done = torch.zeros(len(stages), dtype=torch.int32, device=device)

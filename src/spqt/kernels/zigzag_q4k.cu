@@ -952,6 +952,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #if TYPE != 4 || MODE != 0 || EPILOGUE != -1 || NORM || CLUSTER
 #error "CHAIN: Q4_K, MODE 0, no compile-time epilogue, norm or cluster (the stages carry them)"
 #endif
+#if 256 % (32 * WARPS)
+#error "CHAIN: 1, 2, 4 or 8 warps (a finisher's threads share a tile's 256 outputs evenly)"
+#endif
 #ifndef CHAIN_BLOCKS
 #define CHAIN_BLOCKS 1  // programs an SM must hold at once (__launch_bounds__: caps the registers)
 #endif
@@ -1048,7 +1051,8 @@ __device__ __forceinline__ void count_release(int* p) {  // +1, releasing what t
 __device__ __forceinline__ bool arrive(int* p, int last) {
 #if CHAIN_FENCE
   int old;
-  asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+  asm volatile("atom.release.gpu.global.add.s32 %0, [%1], 1;" : "=r"(old) : "l"(p) : "memory");
+  if (old == last) fence_acquire();  // only the last arrival reads the others' writes
   return old == last;
 #else
   __threadfence();
