@@ -1094,11 +1094,11 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
   return 1.0f / sqrtf(v / (float)K + eps);
 }
 
-// Wait until stage cs.after has finished all its tiles: thread 0 polls (relaxed, a sleep between polls), then a
-// fence (the acquire of the finishers' release: their fence before their count), then the program's barrier.
 #ifndef CHAIN_NOWAIT
 #define CHAIN_NOWAIT 0  // 1 (probe, wrong outputs): no stage waits for its input: the items' streaming and arithmetic alone
 #endif
+// Wait until stage cs.after has finished all its tiles: SIGNAL polls (relaxed, a sleep between polls), then
+// fence_acquire (the acquire of the finishers' count_release), then the program's barrier.
 __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done) {
   if (cs.after >= 0 && !CHAIN_NOWAIT) {
     if (threadIdx.x == SIGNAL) {
@@ -1113,8 +1113,8 @@ __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done
   }
 }
 
-// Count one finished tile of `stage` in done after the program's stores: the barrier orders them before thread 0's
-// fence (cumulative at GPU scope), whose count then releases them (the waiters' fence acquires).
+// Count one finished tile of `stage` in done after the program's stores: the barrier orders them before SIGNAL's
+// count_release (cumulative at GPU scope), which releases them (the waiters' fence_acquire acquires).
 __device__ __forceinline__ void count_done(int* done, int stage) {
   __syncthreads();
   if (threadIdx.x == SIGNAL) count_release(done + stage);
@@ -1178,7 +1178,7 @@ __device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group 
 
 // A dense item's share of weights into buf: column c's level words w of plane p at p 4 CHAIN_STAGE + 4 c + (w ^ (c &
 // 2)) (the XOR: a quarter warp's eight 16-byte reads of a chunk fall in eight bank groups), its head at 8 CHAIN_STAGE
-// + c. Issued by every thread, not waited for.
+// + c. Issued by every thread but the last warp's (SIGNAL's), not waited for.
 __device__ __forceinline__ void stage_item(const GemvStage& st, int item, uint4* buf) {
   const int r = item % st.rows, s = item / st.rows, K = st.K;
   const int first = s * st.per, n = min(K, first + st.per) - first;
@@ -1196,6 +1196,16 @@ __device__ __forceinline__ void stage_item(const GemvStage& st, int item, uint4*
 }
 
 __device__ __forceinline__ bool staged_kind(const ChainStage& cs) { return cs.kind == 0 && !cs.gemv.threshold; }
+
+// Chain item i (stage k starts at item base, i at or after it) staged into buffer issued & 1 if it is dense
+__device__ __forceinline__ void stage_if_dense(const ChainStage* stages, int nstages, int k, int base, int i,
+                                               uint4* stage_buf, int& issued) {
+  while (k < nstages && i >= base + stages[k].items) base += stages[k++].items;
+  if (k < nstages && staged_kind(stages[k])) {
+    stage_item(stages[k].gemv, i - base, stage_buf + (issued & 1) * STAGE_WORDS);
+    ++issued;
+  }
+}
 #endif
 
 __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int item, int* done, float eps,
@@ -1328,8 +1338,8 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   float* part = st.part;
   const int NP = st.NP;
   program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { part[(size_t)s * NP + 256 * r + i] = v; });
-  // arrival: the partials released (barrier, then thread 0's fence and count), the tile's last program elected;
-  // it acquires the others' partials (its fence after the count)
+  // arrival: the partials released (barrier, then SIGNAL's arrive), the tile's last program elected; it acquires
+  // the others' partials
   __syncthreads();
   const int half = st.F >> 8;
   const int tile = (st.epilogue == 2 && r >= half) ? r - half : r;
@@ -1595,31 +1605,17 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   extern __shared__ uint4 stage_buf[];
   __shared__ unsigned short stage_x[CHAIN_STAGE];
   int issued = 0, consumed = 0;
-  {  // the program's first item staged if dense
-    int fk = 0, fbase = 0;
-    while (fk < nstages && (int)blockIdx.x >= fbase + stages[fk].items) fbase += stages[fk++].items;
-    if (fk < nstages && staged_kind(stages[fk])) {
-      stage_item(stages[fk].gemv, blockIdx.x - fbase, stage_buf);
-      issued = 1;
-    }
-    copy_commit();
-  }
+  stage_if_dense(stages, nstages, 0, 0, blockIdx.x, stage_buf, issued);  // the program's first item
+  copy_commit();
 #endif
   int base = 0, item = blockIdx.x;
   for (int k = 0; k < nstages; ++k) {
     const ChainStage& cs = stages[k];
     for (; item < base + cs.items; item += gridDim.x) {
 #if CHAIN_STAGE
-      {  // the program's next item staged now if dense (a later stage's too): its copies run while this one waits
-        int nk = k, nbase = base;
-        const int next = item + gridDim.x;
-        while (nk < nstages && next >= nbase + stages[nk].items) nbase += stages[nk++].items;
-        if (nk < nstages && staged_kind(stages[nk])) {
-          stage_item(stages[nk].gemv, next - nbase, stage_buf + (issued & 1) * STAGE_WORDS);
-          ++issued;
-        }
-        copy_commit();  // a group each item, empty or not: an item's copies are always one group back
-      }
+      // the program's next item staged now if dense (a later stage's too): its copies run while this one waits
+      stage_if_dense(stages, nstages, k, base, item + gridDim.x, stage_buf, issued);
+      copy_commit();  // a group each item, empty or not: an item's copies are always one group back
       const bool mine = staged_kind(cs);
       uint4* other = stage_buf + ((consumed & 1) ^ 1) * STAGE_WORDS;
       int* kept_col = reinterpret_cast<int*>(other);
