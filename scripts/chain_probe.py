@@ -10,9 +10,10 @@ chain's final hidden state against the launched one's.
 
 A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's share asked of L2 before its wait),
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
-of a waiting program), finish (0: a finisher sums one output at a time; 1, the default: all in flight), nowait (1: no stage waits for its
-input: wrong outputs, the items' own time), fence (1: release / acquire operations instead of SC fences), stage (columns a share holds at most, a dense item's weights copied
-into shared memory before its wait; the splits at least what that needs), and the splits: scale (the map's tuned split times it) or waves (each
+of a waiting program), finish (0: a finisher sums one output at a time; 1, the default: all in flight), nowait (1:
+no stage waits for its input: wrong outputs, the items' own time), fence (1: release / acquire operations instead
+of SC fences), stage (columns a share holds at most, a dense item's weights copied into shared memory before its
+wait; the splits at least what that needs), and the splits: scale (the map's tuned split times it) or waves (each
 map's split such that its items are about waves x the programs).
 """
 

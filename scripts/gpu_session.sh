@@ -648,12 +648,12 @@ llama2-7b:now}" 90
     ;;
   chaindiag)
     # The chain's error over the first two layers (random layers amplify rounding over many), then its variants over
-    # all layers: the L2 prefetch off, the finishers' one-pass sums, a longer sleep between polls
+    # all layers: the L2 prefetch off, the finishers summing one output at a time, a longer sleep between polls
     export SPQT_CACHE=/tmp/spqt-cache
     v=pipe=0,acc=2,blocks=4,waves=1
     timeout 80 python3 scripts/chain_probe.py --layers 2 --variants $v --rounds 1 --reps 10 2>&1 | grep -v WARN \
       | tee "$OUT/chain-diag.log"
-    timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,finish=1 $v,sleep=1000 2>&1 | grep -v WARN \
+    timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,finish=0 $v,sleep=1000 2>&1 | grep -v WARN \
       | tee -a "$OUT/chain-diag.log"
     ;;
   chainncu)
@@ -661,14 +661,14 @@ llama2-7b:now}" 90
     # warp states, the stall samples per SASS instruction (source page, csv) and the memory rates
     export SPQT_CACHE=/tmp/spqt-cache
     n=0
-    for spec in ${NCU_VARIANTS:-pipe=0,acc=2,blocks=4,waves=1 pipe=0,acc=2,blocks=4,waves=1,stage=128,nowait=1}; do
+    for spec in ${NCU_VARIANTS:-pipe=0,acc=2,warps=8,blocks=2,prefetch=0,waves=1 pipe=0,acc=2,blocks=4,waves=1,stage=128,nowait=1}; do
       n=$((n + 1))
       timeout 200 ncu --clock-control none -k regex:zigzag_chain -s 0 -c 1 --section WarpStateStats \
         --section SourceCounters --section SpeedOfLight --section MemoryWorkloadAnalysis -f -o "$OUT/ncu-$n" \
         python3 scripts/chain_probe.py --variants $spec --rounds 1 --reps 1 2>&1 | grep -v WARN | tail -5
       echo "variant $n: $spec" | tee -a "$OUT/ncu-$n.txt"
       ncu -i "$OUT/ncu-$n.ncu-rep" --page details >> "$OUT/ncu-$n.txt" 2>&1
-      ncu -i "$OUT/ncu-$n.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu-$n-sass.csv" 2>&1
+      ncu -i "$OUT/ncu-$n.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu-$n-sass.csv"
       rm -f "$OUT/ncu-$n.ncu-rep"
     done
     ;;

@@ -21,7 +21,8 @@ from spqt.kernels import chain as kc
 from spqt.kernels import zigzag_cuda
 
 CHAIN_WAVES = 1.0  # a map's split: its items about this many times the chain's programs (scripts/chain_probe.py)
-CHAIN_KERNEL = {"warps": 8, "pipe": 0, "acc": 2, "prefetch": 0, "blocks": 2}  # the chain kernel (fourteenth session sweep)
+# the chain kernel's configuration (the fourteenth session's sweep, docs/RESULTS.md)
+CHAIN_KERNEL = {"warps": 8, "pipe": 0, "acc": 2, "prefetch": 0, "blocks": 2}
 
 
 @functools.lru_cache(maxsize=None)

@@ -136,8 +136,9 @@ class Kernel:
                cluster: tuple | None = None, shared: int = 0, cooperative: bool = False) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
         with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90),
-        dividing grid; shared: bytes of dynamic shared memory a program (above 48 KB: allow_shared first); cooperative: every program
-        resident at once, or the launch fails (a grid whose programs wait on each other)."""
+        dividing grid; shared: bytes of dynamic shared memory a program (above 48 KB: allow_shared first);
+        cooperative: every program resident at once, or the launch fails (a grid whose programs wait on each
+        other)."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
