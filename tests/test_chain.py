@@ -170,6 +170,33 @@ def test_chain_sparse_stage_matches_torch(rng, shape, epilogue, norm, wina):
             assert torch.equal(y.float(), got), f"{what}: staged differs"
 
 
+@pytest.mark.gpu
+def test_chain_staged_mixes_sparse_and_dense(rng):
+    """Staged weights with sparse stages between dense ones (o and down thresholded): a sparse item's kept lists
+    share the shared memory with the next dense item's copies in flight; on a small grid (several items a program,
+    both buffers), the same bits as the unstaged chain, finite, deterministic."""
+    stages, _, _, bufs = _stages(rng, "cuda", layers=2)
+    for st in stages[1::2]:  # o and down
+        st.threshold = torch.tensor(0.5, device="cuda")
+    h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
+    sq0 = h0.float().pow(2)
+    bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))
+    outs = []
+    for stage, programs in ((0, None), (320, 5), (320, 2)):
+        chain = kc.Chain(stages, EPS, pipe=0, acc=2, blocks=4, stage=stage)
+        if programs:
+            chain.programs = programs
+        for _ in range(2):
+            for name in ("qkv", "act", "sq"):
+                bufs[name].fill_(float("nan"))
+            chain.scratch.poison()
+            bufs["h"].copy_(h0)
+            chain.launch()
+            outs.append(bufs["h"].clone())
+        assert torch.isfinite(outs[-1]).all(), f"stage {stage}"
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), "staged or smaller grids changed the sums"
+
+
 @pytest.mark.parametrize("stage", [0, 128])
 def test_chain_compiles_for_sm90(stage):
     """The chain kernel (the runtime's configuration; with staged weights) compiles for sm_90, and its loops over
