@@ -12,9 +12,8 @@ A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's sha
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
 of a waiting program), finish (0: a finisher sums one output at a time; 1, the default: all in flight), nowait (1:
 no stage waits for its input: wrong outputs, the items' own time), fence (1: release / acquire operations instead
-of SC fences), stage (columns a share holds at most, a dense item's weights copied into shared memory before its
-wait; the splits at least what that needs), and the splits: scale (the map's tuned split times it) or waves (each
-map's split such that its items are about waves x the programs).
+of SC fences), and the splits: scale (the map's tuned split times it) or waves (each map's split such that its
+items are about waves x the programs).
 """
 
 import argparse
@@ -25,7 +24,7 @@ import torch
 from spqt.bench_decode import probe_arguments, probe_generator, replay_device_us
 from spqt.decode_chain import ChainBuffers, layer_stages, programs_a_head
 from spqt.functional import NORM_SUMS
-from spqt.kernels.chain import Chain, stage_split
+from spqt.kernels.chain import Chain
 
 
 def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor, pos: torch.Tensor | None,
@@ -89,18 +88,17 @@ def main():
     sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
     chains = []
     for spec in args.variants:
-        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4, "stage": 0} | {
+        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
-        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps", "stage")}
+        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
         kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
                                        for key in ("sleep", "finish", "nowait", "fence") if key in v)
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)
 
         def split(lin, v=v, programs=programs) -> int:
-            least = stage_split(lin.in_features, int(v["stage"]), int(v["warps"])) if v["stage"] else 1
             if "waves" in v:
-                return max(least, round(v["waves"] * programs / lin.impl.w.grid[0]))
-            return max(least, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
+                return max(1, round(v["waves"] * programs / lin.impl.w.grid[0]))
+            return max(1, round(lin.impl.cfg_dense["split"] * v.get("scale", 1.0)))
 
         stages = layer_stages(model, bufs, split, length, programs_a_head(length, programs, model.config.n_heads),
                               layers, attention=pos is not None)

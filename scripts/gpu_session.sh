@@ -661,7 +661,7 @@ llama2-7b:now}" 90
     # warp states, the stall samples per SASS instruction (source page, csv) and the memory rates
     export SPQT_CACHE=/tmp/spqt-cache
     n=0
-    for spec in ${NCU_VARIANTS:-pipe=0,acc=2,warps=8,blocks=2,prefetch=0,waves=1 pipe=0,acc=2,blocks=4,waves=1,stage=128,nowait=1}; do
+    for spec in ${NCU_VARIANTS:-pipe=0,acc=2,warps=8,blocks=2,prefetch=0,waves=1 pipe=0,acc=2,warps=8,blocks=2,prefetch=0,waves=1,nowait=1}; do
       n=$((n + 1))
       timeout 200 ncu --clock-control none -k regex:zigzag_chain -s 0 -c 1 --section WarpStateStats \
         --section SourceCounters --section SpeedOfLight --section MemoryWorkloadAnalysis -f -o "$OUT/ncu-$n" \

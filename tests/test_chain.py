@@ -69,18 +69,17 @@ def test_chain_matches_torch(rng):
     reused by the second layer) in one launch: the final hidden state within the fp32 accumulation's and one fp16
     rounding's error of torch, the stages' outputs poisoned first; deterministic; the counters back at zero; the
     same bits replayed from a CUDA graph; the same bits with and without the L2 prefetch and the pipelined loads,
-    with the finishers summing an output at a time (CHAIN_FINISH=0), with dense items staged in shared memory
-    (stage: shares of up to 320 columns, every split here fits), and with release / acquire operations for the
-    fences (CHAIN_FENCE=1)."""
+    with the finishers summing an output at a time (CHAIN_FINISH=0), with release / acquire operations for the
+    fences (CHAIN_FENCE=1), and on a grid of 7 programs (several items a program)."""
     stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
     h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
     sq0 = h0.float().pow(2)
     bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))  # any partition of the squares
     want = _reference(h0, dense, gammas, 600).float()
     results = []
-    for pipe, prefetch, defines, stage in ((0, 1, (), 0), (1, 0, (), 0), (0, 1, ("-DCHAIN_FINISH=0",), 0),
-                                           (0, 1, (), 320), (0, 0, ("-DCHAIN_FENCE=1",), 0)):
-        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4, defines=defines, stage=stage)
+    for pipe, prefetch, defines in ((0, 1, ()), (1, 0, ()), (0, 1, ("-DCHAIN_FINISH=0",)),
+                                    (0, 0, ("-DCHAIN_FENCE=1",))):
+        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4, defines=defines)
 
         def run():
             for name in ("qkv", "act", "sq"):
@@ -91,7 +90,7 @@ def test_chain_matches_torch(rng):
             return bufs["h"].clone()
 
         got = run()
-        what = f"pipe {pipe} prefetch {prefetch} stage {stage} {' '.join(defines)}"
+        what = f"pipe {pipe} prefetch {prefetch} {' '.join(defines)}"
         assert torch.isfinite(got).all(), what
         err = float((got.float() - want).abs().max() / want.abs().max())
         assert err < 4e-3, f"{what}: max |chain - torch| / max |torch| = {err:.2e}"
@@ -107,7 +106,7 @@ def test_chain_matches_torch(rng):
         chain.scratch.poison()
         graph.replay()
         assert torch.equal(bufs["h"], got), f"{what}: graph replay differs"
-        chain.programs = 7  # a smaller grid: every program runs several items a stage (staged: both buffers)
+        chain.programs = 7  # a smaller grid: every program runs several items a stage
         assert torch.equal(run(), got), f"{what}: 7 programs differ"
         results.append(got)
     assert all(torch.equal(results[0], r) for r in results[1:]), "the loads' schedule or the finish changed the sums"
@@ -121,8 +120,7 @@ def test_chain_sparse_stage_matches_torch(rng, shape, epilogue, norm, wina):
     """A sparse GEMV stage (its kept inputs found inside it: |x| (times WINA's scale) > t, x the normed input where
     a norm is folded) against torch on the same kept inputs, its finish included; no input within 2 % of the
     threshold (so the kernel's and torch's rstd, which may differ in the last bit, keep the same inputs); y poisoned;
-    deterministic; several splits (shares of 1 to 4 chunk rounds); the same bits where the chain stages dense
-    items' weights in shared memory (the kept lists then live in its free buffer)."""
+    deterministic; several splits (shares of 1 to 4 chunk rounds); the same bits on a grid of 3 programs."""
     n, k = shape
     qw, gw = _weights(rng, shape, "zigzag", "cuda")
     w = qw.dequantize().cuda()
@@ -162,19 +160,17 @@ def test_chain_sparse_stage_matches_torch(rng, shape, epilogue, norm, wina):
         y.fill_(float("nan"))
         chain.launch()
         assert torch.equal(y.float(), got), f"{what}: not deterministic"
-        if split > 1:  # shares of at most 320 columns
-            staged = kc.Chain([stage], EPS, pipe=0, acc=2, blocks=4, stage=320)
-            staged.programs = 3  # several items a program
-            y.fill_(float("nan"))
-            staged.launch()
-            assert torch.equal(y.float(), got), f"{what}: staged differs"
+        chain.programs = 3  # several items a program
+        y.fill_(float("nan"))
+        chain.launch()
+        assert torch.equal(y.float(), got), f"{what}: 3 programs differ"
 
 
 @pytest.mark.gpu
-def test_chain_staged_mixes_sparse_and_dense(rng):
-    """Staged weights with sparse stages between dense ones (o and down thresholded): a sparse item's kept lists
-    share the shared memory with the next dense item's copies in flight; on a small grid (several items a program,
-    both buffers), the same bits as the unstaged chain, finite, deterministic."""
+def test_chain_mixes_sparse_and_dense_on_small_grids(rng):
+    """Sparse stages between dense ones (o and down thresholded), each stage's own arrival counters: on grids of 5
+    and 2 programs (several items a program, of several stages) the same bits as on the full grid, finite,
+    deterministic."""
     stages, _, _, bufs = _stages(rng, "cuda", layers=2)
     for st in stages[1::2]:  # o and down
         st.threshold = torch.tensor(0.5, device="cuda")
@@ -182,10 +178,9 @@ def test_chain_staged_mixes_sparse_and_dense(rng):
     sq0 = h0.float().pow(2)
     bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))
     outs = []
-    for stage, programs in ((0, None), (320, 5), (320, 2)):
-        chain = kc.Chain(stages, EPS, pipe=0, acc=2, blocks=4, stage=stage)
-        if programs:
-            chain.programs = programs
+    chain = kc.Chain(stages, EPS, pipe=0, acc=2, blocks=4)
+    for programs in (chain.programs, 5, 2):
+        chain.programs = programs
         for _ in range(2):
             for name in ("qkv", "act", "sq"):
                 bufs[name].fill_(float("nan"))
@@ -193,27 +188,26 @@ def test_chain_staged_mixes_sparse_and_dense(rng):
             bufs["h"].copy_(h0)
             chain.launch()
             outs.append(bufs["h"].clone())
-        assert torch.isfinite(outs[-1]).all(), f"stage {stage}"
-    assert all(torch.equal(outs[0], o) for o in outs[1:]), "staged or smaller grids changed the sums"
+        assert torch.isfinite(outs[-1]).all(), f"{programs} programs"
+    assert all(torch.equal(outs[0], o) for o in outs[1:]), "smaller grids changed the sums"
 
 
-@pytest.mark.parametrize("stage", [0, 128])
-def test_chain_compiles_for_sm90(stage):
-    """The chain kernel (the runtime's configuration; with staged weights) compiles for sm_90, and its loops over
-    chunks keep everything in registers (the few spilled values are the item loop's, outside them)."""
+def test_chain_compiles_for_sm90():
+    """The chain kernel (the runtime's configuration) compiles for sm_90, and its loops over chunks keep everything
+    in registers (the few spilled values are the item loop's, outside them)."""
     from spqt.decode_chain import CHAIN_KERNEL
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, loops
 
     opts = kc.options(CHAIN_KERNEL["warps"], CHAIN_KERNEL["pipe"], CHAIN_KERNEL["acc"], CHAIN_KERNEL["prefetch"],
-                      CHAIN_KERNEL["blocks"], stage=stage)
+                      CHAIN_KERNEL["blocks"])
     sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), opts, "sm_90"))
     chain = sass[sass.index(".text.zigzag_chain:"):]
     chain = chain[: chain.index(".text.", 1)] if ".text." in chain[1:] else chain
     mma = [loop for loop in loops(chain) if any("HMMA" in ln for ln in loop)]
     # the innermost of them (a loop's lines are a contiguous run of the listing: inner loops are sublists)
     inner = [loop for loop in mma if not any(o is not loop and len(o) < len(loop) and o[0] in loop for o in mma)]
-    assert len(inner) >= (3 if stage else 2), f"the dense, sparse (and staged) chunk loops: {len(inner)} found"
+    assert len(inner) >= 2, f"the dense and sparse chunk loops: {len(inner)} found"
     for loop in inner:
         assert not [ln for ln in loop if "LDL" in ln or "STL" in ln], "local memory in a chunk loop"
 
@@ -327,15 +321,3 @@ def test_new_caches_drop_the_chains(tiny_spqt):
     model.setup_cache(1, 64, torch.float32)
     assert model.decode_chain.forgotten == 2
 
-
-def test_stage_split_is_the_least_that_fits():
-    """stage_split: the least split whose shares (as the kernel cuts them) hold at most `stage` columns."""
-    from spqt.kernels import zigzag_cuda
-
-    for k, stage, warps in ((4096, 128, 4), (11008, 192, 4), (777, 320, 4), (8192, 256, 8), (600, 128, 4)):
-        split = kc.stage_split(k, stage, warps)
-        assert zigzag_cuda.share(k, split, warps) <= stage
-        assert split == 1 or zigzag_cuda.share(k, split - 1, warps) > stage
-    for stage, warps in ((64, 8), (96, 4), (0, 4)):  # below a share's step, not a multiple of 64
-        with pytest.raises(ValueError):
-            kc.stage_split(4096, stage, warps)

@@ -77,29 +77,14 @@ class AttentionStage:
 
 
 def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_dim: int = 128,
-            defines: tuple = (), stage: int = 0) -> tuple:
+            defines: tuple = ()) -> tuple:
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
-    the attention stages'; stage: columns a share holds at most, its weights copied into shared memory (0: off);
-    defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting program,
-    -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing only),
-    -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
+    the attention stages'; defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
+    program, -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing
+    only), -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
-        *((f"-DCHAIN_STAGE={stage}",) if stage else ()), *defines)
-
-
-STAGE_BYTES_A_COLUMN = 2 * 9 * 16  # dynamic shared memory a staged column takes: two buffers of 144 bytes
-
-
-def stage_split(k: int, stage: int, warps: int) -> int:
-    """The least split of k columns whose shares (zigzag_cuda.share) hold at most `stage` columns (a multiple of
-    64, at least 16 warps: a share is a multiple of that)."""
-    if stage % 64 or stage < 16 * warps:
-        raise ValueError(f"stage: a multiple of 64 columns, at least {16 * warps} for {warps} warps")
-    split = -(-k // stage)
-    while zigzag_cuda.share(k, split, warps) > stage:
-        split += 1
-    return split
+        *defines)
 
 
 def _check_gemv(i: int, st: Stage) -> None:
@@ -162,13 +147,9 @@ def check(stages: list) -> None:
 
 
 def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int,
-            head_dim: int, defines: tuple, stage: int = 0) -> nvrtc.Kernel:
+            head_dim: int, defines: tuple) -> nvrtc.Kernel:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines, stage),
-                                  "zigzag_chain")
-    if stage:
-        kernel.allow_shared(STAGE_BYTES_A_COLUMN * stage)
-    return kernel
+    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines), "zigzag_chain")
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -229,20 +210,13 @@ class Chain:
     """The stages' descriptors on the device and the done counters; the scratch (Scratch) its stages share."""
 
     def __init__(self, stages: list, eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
-                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = (),
-                 stage: int = 0):
-        """stage: columns a share holds at most, a dense item's weights copied into shared memory before its wait
-        (0: off; a multiple of 64, at least 16 warps; every GEMV stage's split then at least stage_split())."""
+                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = ()):
         check(stages)
-        if stage:
-            stage_split(1, stage, warps)  # checks stage
         device = _first_tensor(stages[0]).device
         self.head_dim = (_head_dims(stages) or [128])[0]
-        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines), stage)
-        self.warps, self.eps, self.stages, self.stage = warps, float(eps), stages, stage
-        self.shared = STAGE_BYTES_A_COLUMN * stage
-        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines),
-                                          stage)
+        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
+        self.warps, self.eps, self.stages = warps, float(eps), stages
+        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
         self.scratch = scratch if scratch is not None else Scratch(stages)
         if not self.scratch.fits(stages):
             raise ValueError("the shared scratch is smaller than these stages need")
@@ -253,10 +227,9 @@ class Chain:
 
     @staticmethod
     def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
-                     blocks: int = 1, head_dim: int = 128, defines: tuple = (), stage: int = 0) -> int:
+                     blocks: int = 1, head_dim: int = 128, defines: tuple = ()) -> int:
         """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
-        kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines), stage)
-        return (kernel.blocks_per_sm(32 * warps, STAGE_BYTES_A_COLUMN * stage)
+        return (_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines)).blocks_per_sm(32 * warps)
                 * torch.cuda.get_device_properties(device).multi_processor_count)
 
     def _pack(self, i: int, st, stages: list) -> bytes:
@@ -275,9 +248,6 @@ class Chain:
             per = zigzag_cuda.share(k, st.split, self.warps)
             if st.threshold is not None and per > CHAIN_SHARE:
                 raise ValueError(f"a sparse stage's share holds {CHAIN_SHARE} columns at most; split {st.split} of "
-                                 f"K = {k} gives {per}")
-            if self.stage and per > self.stage:
-                raise ValueError(f"stage {i}: a staged share holds {self.stage} columns at most; split {st.split} of "
                                  f"K = {k} gives {per}")
             body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
                                _ptr(self.scratch.part), _ptr(self.scratch.counters) + 4 * self._counter_at[i],
@@ -300,7 +270,7 @@ class Chain:
         P, I = nvrtc.POINTER, nvrtc.INT
         args = [(self.table.data_ptr(), P), (len(self.stages), I), (self.done.data_ptr(), P), (self.eps, nvrtc.FLOAT)]
         self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device),
-                           shared=self.shared, cooperative=True)
+                           cooperative=True)
 
 
 def _head_dims(stages: list) -> list[int]:

@@ -961,12 +961,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #ifndef CHAIN_PREFETCH
 #define CHAIN_PREFETCH 1  // 1: an item's whole share of levels and heads asked of L2 (sm_90 bulk prefetch) before the wait
 #endif
-#ifndef CHAIN_STAGE
-#define CHAIN_STAGE 0  // > 0 (probe): columns an item's share holds at most; a dense item's weights copied into shared
-#endif                 // memory (cp.async), the program's next dense item's copies in flight while it runs this one
-// The thread that polls, fences and counts: one that issues no copies when staged (lane 0 of the last warp; a fence
-// may wait for the thread's copies in flight)
-#define SIGNAL (CHAIN_STAGE ? 32 * (WARPS - 1) : 0)
 
 struct GemvStage {  // y = W x and its finish (chain.py packs it)
   const uint4* q;             // levels (rows, 2, K, 16) int32, kernel layout
@@ -1026,7 +1020,7 @@ __device__ __forceinline__ int load_relaxed(const int* p) {  // no L1 invalidati
 }
 
 #ifndef CHAIN_FENCE
-#define CHAIN_FENCE 0  // 1 (probe): release / acquire operations (fence.acq_rel, atom.acq_rel, red.release) where 0 uses
+#define CHAIN_FENCE 0  // 1 (probe): release / acquire operations (fence.acq_rel, atom.release, red.release) where 0 uses
 #endif             // __threadfence (fence.sc.gpu, MEMBAR.SC: ordered against every other SC fence of the GPU)
 
 __device__ __forceinline__ void fence_acquire() {  // after a strong read that saw the count: the acquire pattern
@@ -1097,11 +1091,11 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
 #ifndef CHAIN_NOWAIT
 #define CHAIN_NOWAIT 0  // 1 (probe, wrong outputs): no stage waits for its input: the items' streaming and arithmetic alone
 #endif
-// Wait until stage cs.after has finished all its tiles: SIGNAL polls (relaxed, a sleep between polls), then
+// Wait until stage cs.after has finished all its tiles: thread 0 polls (relaxed, a sleep between polls), then
 // fence_acquire (the acquire of the finishers' count_release), then the program's barrier.
 __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done) {
   if (cs.after >= 0 && !CHAIN_NOWAIT) {
-    if (threadIdx.x == SIGNAL) {
+    if (threadIdx.x == 0) {
       while (load_relaxed(done + cs.after) < cs.after_tiles) {
 #if CHAIN_SLEEP
         __nanosleep(CHAIN_SLEEP);
@@ -1113,11 +1107,11 @@ __device__ __forceinline__ void wait_input(const ChainStage& cs, const int* done
   }
 }
 
-// Count one finished tile of `stage` in done after the program's stores: the barrier orders them before SIGNAL's
+// Count one finished tile of `stage` in done after the program's stores: the barrier orders them before thread 0's
 // count_release (cumulative at GPU scope), which releases them (the waiters' fence_acquire acquires).
 __device__ __forceinline__ void count_done(int* done, int stage) {
   __syncthreads();
-  if (threadIdx.x == SIGNAL) count_release(done + stage);
+  if (threadIdx.x == 0) count_release(done + stage);
 }
 
 #ifndef CHAIN_SHARE
@@ -1162,59 +1156,9 @@ __device__ __forceinline__ int kept_columns(const GemvStage& st, int first, int 
   return total;
 }
 
-#if CHAIN_STAGE
-#if CHAIN_STAGE % 64 || WARPS < 2
-#error "CHAIN_STAGE: a multiple of 64 columns, two warps at least"
-#endif
-#define STAGE_WORDS (9 * CHAIN_STAGE)  // uint4 a buffer: level planes 0 and 1 (4 a column each), then the heads (1)
-
-__device__ __forceinline__ void copy16(void* to, const void* from) {  // cp.async, 16 bytes, past L1
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(to)), "l"(from)
-               : "memory");
-}
-__device__ __forceinline__ void copy_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int PENDING>
-__device__ __forceinline__ void copy_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(PENDING) : "memory"); }
-
-// A dense item's share of weights into buf: column c's level words w of plane p at p 4 CHAIN_STAGE + 4 c + (w ^ (c &
-// 2)) (the XOR: a quarter warp's eight 16-byte reads of a chunk fall in eight bank groups), its head at 8 CHAIN_STAGE
-// + c. Issued by every thread but the last warp's (SIGNAL's), not waited for.
-__device__ __forceinline__ void stage_item(const GemvStage& st, int item, uint4* buf) {
-  const int r = item % st.rows, s = item / st.rows, K = st.K;
-  const int first = s * st.per, n = min(K, first + st.per) - first;
-  const uint4* q0 = st.q + ((size_t)(2 * r) * K + first) * 4;
-  const uint4* q1 = st.q + ((size_t)(2 * r + 1) * K + first) * 4;
-  const uint4* hd = st.h + ((size_t)(r >> 2) * K + first) * 4 + (r & 3);
-  constexpr int copiers = 32 * (WARPS - 1);  // every warp but the last (SIGNAL's)
-  if (threadIdx.x >= copiers) return;
-  for (int i = threadIdx.x; i < 4 * n; i += copiers) {
-    const int c = i >> 2, at = 4 * c + ((i & 3) ^ (c & 2));
-    copy16(buf + at, q0 + i);
-    copy16(buf + 4 * CHAIN_STAGE + at, q1 + i);
-  }
-  for (int c = threadIdx.x; c < n; c += copiers) copy16(buf + 8 * CHAIN_STAGE + c, hd + 4 * c);
-}
-
-__device__ __forceinline__ bool staged_kind(const ChainStage& cs) { return cs.kind == 0 && !cs.gemv.threshold; }
-
-// Chain item i (stage k starts at item base, i at or after it) staged into buffer issued & 1 if it is dense
-__device__ __forceinline__ void stage_if_dense(const ChainStage* stages, int nstages, int k, int base, int i,
-                                               uint4* stage_buf, int& issued) {
-  while (k < nstages && i >= base + stages[k].items) base += stages[k++].items;
-  if (k < nstages && staged_kind(stages[k])) {
-    stage_item(stages[k].gemv, i - base, stage_buf + (issued & 1) * STAGE_WORDS);
-    ++issued;
-  }
-}
-#endif
-
 __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int item, int* done, float eps,
                                           float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq,
-                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept
-#if CHAIN_STAGE
-                                          , const uint4* staged, unsigned short* stage_x
-#endif
-) {
+                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept) {
   const GemvStage& st = cs.gemv;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -1234,42 +1178,6 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   const int full_end = hi - 15;
   const LevelWords* qp = qr + (j + t) * 4;
   const HeadWords* hp = hr + (j + t) * HV;
-#if CHAIN_STAGE
-  if (staged) {  // dense, the share's weights in shared memory (stage_item): x staged once, then no global load
-    constexpr int XPER = (CHAIN_STAGE + 32 * WARPS - 1) / (32 * WARPS);  // x values a thread stages
-    const int n = hi - first;
-    wait_input(cs, done);
-    unsigned short raw[XPER];  // x and the sums of squares asked of L2 together: one round trip
-#pragma unroll
-    for (int u = 0; u < XPER; ++u) {
-      const int cc = threadIdx.x + 32 * WARPS * u;
-      raw[u] = cc < n ? load_x_l2(st.x + first + cc) : (unsigned short)0;
-    }
-    const float rs = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
-#pragma unroll
-    for (int u = 0; u < XPER; ++u) {
-      const int cc = threadIdx.x + 32 * WARPS * u;
-      if (cc < n) stage_x[cc] = st.gamma ? normed_x(raw[u], __ldg(st.gamma + first + cc), rs) : raw[u];
-    }
-    copy_wait<1>();  // this item's copies (the next item's, committed after them, may still be in flight)
-    __syncthreads();
-    const uint4* plane = staged + (g >> 2) * 4 * CHAIN_STAGE;
-    const uint4* heads = staged + 8 * CHAIN_STAGE;
-    for (int jj = 16 * warp; jj < n; jj += step) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int cc = jj + slot_pos[i];
-        const bool ok = cc < n;
-        const int col = ok ? cc : jj;
-        ch.w[i] = plane[4 * col + ((g & 3) ^ (col & 2))];
-        ch.h[i] = heads[col];
-        ch.x[i] = ok ? stage_x[cc] : (unsigned short)0;
-      }
-      compute(ch, c, bias, dec, g);
-    }
-    j = hi;  // no chunks left
-  } else
-#endif
   if (st.threshold) {  // sparse: the share's kept columns, in order, 16 a chunk (B4's gathered loads)
     wait_input(cs, done);
     const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
@@ -1300,11 +1208,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
 #endif
     wait_input(cs, done);
   }
-#if CHAIN_STAGE
-  const float rstd = st.gamma && !st.threshold && !staged ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
-#else
   const float rstd = st.gamma && !st.threshold ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
-#endif
   // zigzag_q4k_gemv's B2 loop, x through L2 (normed as read): written out again, since one helper for both loops
   // changed both kernels' SASS (PIPE 1 and Q6_K's loops scheduled differently), which the GPU has not measured
   for (; j < full_end; j += step) {
@@ -1338,13 +1242,13 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   float* part = st.part;
   const int NP = st.NP;
   program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { part[(size_t)s * NP + 256 * r + i] = v; });
-  // arrival: the partials released (barrier, then SIGNAL's arrive), the tile's last program elected; it acquires
+  // arrival: the partials released (barrier, then thread 0's arrive), the tile's last program elected; it acquires
   // the others' partials
   __syncthreads();
   const int half = st.F >> 8;
   const int tile = (st.epilogue == 2 && r >= half) ? r - half : r;
   const int target = st.epilogue == 2 ? 2 * st.split : st.split;
-  if (threadIdx.x == SIGNAL) {
+  if (threadIdx.x == 0) {
     *finisher = arrive(st.counters + tile, target - 1);
   }
   __syncthreads();
@@ -1398,7 +1302,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
       for (int o = 16; o > 0; o >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, o);
       if (lane == 0) warp_sq[warp] = sq;
       __syncthreads();
-      if (threadIdx.x == SIGNAL) {
+      if (threadIdx.x == 0) {
         float total = 0.0f;
 #pragma unroll
         for (int w = 0; w < WARPS; ++w) total += warp_sq[w];
@@ -1560,7 +1464,7 @@ __device__ __noinline__ void attention_item(const ChainStage& cs, int stage, int
   }
   if (blocks > 1) {  // arrival (as a GEMV tile's); the last program of the head combines its blocks in order
     __syncthreads();
-    if (threadIdx.x == SIGNAL) {
+    if (threadIdx.x == 0) {
       *finisher = arrive(st.counters + h, min(blocks, P) - 1);
     }
     __syncthreads();
@@ -1594,50 +1498,20 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   __shared__ float bias_sum[WARPS][2][8];
   __shared__ float warp_sq[WARPS];
   __shared__ int finisher;
-#if !CHAIN_STAGE
   __shared__ int kept_col[CHAIN_SHARE];
   __shared__ unsigned short kept_x[CHAIN_SHARE];
-#endif
   __shared__ int warp_kept[WARPS];
-#if CHAIN_STAGE
-  // two buffers of STAGE_WORDS: the dense item being computed (consumed & 1) and the program's next one being
-  // copied; a sparse item's kept lists (6 bytes a column of its share, at most CHAIN_STAGE) in the one not copied to
-  extern __shared__ uint4 stage_buf[];
-  __shared__ unsigned short stage_x[CHAIN_STAGE];
-  int issued = 0, consumed = 0;
-  stage_if_dense(stages, nstages, 0, 0, blockIdx.x, stage_buf, issued);  // the program's first item
-  copy_commit();
-#endif
   int base = 0, item = blockIdx.x;
   for (int k = 0; k < nstages; ++k) {
     const ChainStage& cs = stages[k];
     for (; item < base + cs.items; item += gridDim.x) {
-#if CHAIN_STAGE
-      // the program's next item staged now if dense (a later stage's too): its copies run while this one waits
-      stage_if_dense(stages, nstages, k, base, item + gridDim.x, stage_buf, issued);
-      copy_commit();  // a group each item, empty or not: an item's copies are always one group back
-      const bool mine = staged_kind(cs);
-      uint4* other = stage_buf + ((consumed & 1) ^ 1) * STAGE_WORDS;
-      int* kept_col = reinterpret_cast<int*>(other);
-      unsigned short* kept_x = reinterpret_cast<unsigned short*>(kept_col + CHAIN_STAGE);
-#endif
       if (cs.kind == 0)
         gemv_item(cs, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher, kept_col, kept_x,
-                  warp_kept
-#if CHAIN_STAGE
-                  , mine ? stage_buf + (consumed & 1) * STAGE_WORDS : nullptr, stage_x
-#endif
-        );
+                  warp_kept);
       else
         attention_item(cs, k, item - base, done, rows_sum, bias_sum, &finisher);
-#if CHAIN_STAGE
-      consumed += mine;
-#endif
     }
     base += cs.items;
   }
-#if CHAIN_STAGE
-  copy_wait<0>();
-#endif
 }
 #endif
