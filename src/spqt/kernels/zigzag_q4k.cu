@@ -1020,8 +1020,8 @@ __device__ __forceinline__ int load_relaxed(const int* p) {  // no L1 invalidati
 }
 
 #ifndef CHAIN_FENCE
-#define CHAIN_FENCE 0  // 1 (probe): release / acquire operations (fence.acq_rel, atom.release, red.release) where 0 uses
-#endif             // __threadfence (fence.sc.gpu, MEMBAR.SC: ordered against every other SC fence of the GPU)
+#define CHAIN_FENCE 0  // 1 (probe): release / acquire operations (fence.acq_rel, atom.release, red.release)
+#endif                 // where 0 uses __threadfence (fence.sc.gpu: MEMBAR.SC, ordered against every SC fence)
 
 __device__ __forceinline__ void fence_acquire() {  // after a strong read that saw the count: the acquire pattern
 #if CHAIN_FENCE
@@ -1089,7 +1089,7 @@ __device__ __forceinline__ float chain_rstd(const float* sq, int nsq, int K, flo
 }
 
 #ifndef CHAIN_NOWAIT
-#define CHAIN_NOWAIT 0  // 1 (probe, wrong outputs): no stage waits for its input: the items' streaming and arithmetic alone
+#define CHAIN_NOWAIT 0  // 1 (probe, wrong outputs): no stage waits for its input (the items' own time)
 #endif
 // Wait until stage cs.after has finished all its tiles: thread 0 polls (relaxed, a sleep between polls), then
 // fence_acquire (the acquire of the finishers' count_release), then the program's barrier.
@@ -1178,8 +1178,9 @@ __device__ __forceinline__ void mbar_expect_bytes(u32 bar, u32 bytes) {  // lane
 
 __device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
   u32 done;
-  asm volatile("{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-               : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  asm volatile(
+      "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
   return done;
 }
 
