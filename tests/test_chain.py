@@ -70,8 +70,8 @@ def test_chain_matches_torch(rng):
     rounding's error of torch, the stages' outputs poisoned first; deterministic; the counters back at zero; the
     same bits replayed from a CUDA graph; the same bits with and without the L2 prefetch and the pipelined loads,
     with the finishers summing an output at a time (CHAIN_FINISH=0), with release / acquire operations for the
-    fences (CHAIN_FENCE=1), with each warp's ring of 3 bulk-copied chunks (CHAIN_RING: shares of 2 to 4 chunks a
-    warp here, rings partly used and refilled), and on a grid of 7 programs (several items a program)."""
+    fences (CHAIN_FENCE=1), with each warp's ring of 3 bulk-copied chunks (CHAIN_RING: shares of 0 to 5 chunks a
+    warp here and a partial chunk, rings partly used and refilled), and on a grid of 7 programs (several items a program)."""
     stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
     h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
     sq0 = h0.float().pow(2)

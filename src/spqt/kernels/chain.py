@@ -79,7 +79,8 @@ class AttentionStage:
 def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_dim: int = 128,
             defines: tuple = (), ring: int = 0) -> tuple:
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
-    the attention stages'; ring: chunks a warp's ring of bulk copies holds (sm_90; 0: loads into registers);
+    the attention stages'; ring: chunks a warp's ring of bulk copies holds (sm_90; 0: loads into registers; with a
+    ring, prefetch has no effect);
     defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
     program, -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing
     only), -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""

@@ -1163,6 +1163,9 @@ __device__ __forceinline__ int kept_columns(const GemvStage& st, int first, int 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
 #error "CHAIN_RING needs sm_90 (cp.async.bulk, mbarrier transaction counts)"
 #endif
+#if CHAIN_RING > 32
+#error "CHAIN_RING: at most 32 chunks (a warp's phase bits in one word)"
+#endif
 #define RING_STAGE 2304  // bytes a chunk takes: level planes 0 and 1 (1 KB each: 16 columns of 64 bytes), 16 heads
 
 __device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -1281,7 +1284,9 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
       }
       load_ring(ch, ring + b * RING_STAGE, g, t);
       compute(ch, c, bias, dec, g);
-      __syncwarp();  // every lane's reads of the stage done: refill it
+      // every lane's reads of the stage done (generic proxy) before the TMA (async proxy) refills it
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+      __syncwarp();
       if (chunk + CHAIN_RING < chunks)
         ring_chunk(ring_s + b * RING_STAGE, bars + 8 * b, st, r, j + CHAIN_RING * step, lane);
       ring_parity ^= 1u << b;
