@@ -387,6 +387,15 @@ __device__ __forceinline__ void prefetch_chunk(const uint4* qc, const uint4* hc,
   else if (part == 2) prefetch_l2(hc + 8 * line);
 }
 
+// The partial chunk at column j of a share ending at hi: slot i's column col[i] (j where ok[i] is false: past hi)
+__device__ __forceinline__ void partial_columns(int j, int hi, const int* slot_pos, int* col, bool* ok) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ok[i] = j + slot_pos[i] < hi;
+    col[i] = ok[i] ? j + slot_pos[i] : j;
+  }
+}
+
 struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
   LevelWords w[4];  // Q3_K / Q2_K: the low bit pairs
   HeadWords h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
@@ -799,11 +808,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   if (j < hi) {  // the share's last, partial chunk (K or the share not a multiple of 16)
     int col[4];
     bool ok[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      ok[i] = j + slot_pos[i] < hi;
-      col[i] = ok[i] ? j + slot_pos[i] : j;
-    }
+    partial_columns(j, hi, slot_pos, col, ok);
     load_gathered(ch, qr, hr, hq, dr, col);
 #if NORM
 #pragma unroll
@@ -1295,11 +1300,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     if (j < hi) {  // the share's last, partial chunk: gathered loads, x from the staged share
       int col[4];
       bool ok[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        ok[i] = j + slot_pos[i] < hi;
-        col[i] = ok[i] ? j + slot_pos[i] : j;
-      }
+      partial_columns(j, hi, slot_pos, col, ok);
       load_gathered(ch, qr, hr, nullptr, nullptr, col);
 #pragma unroll
       for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? kept_x[col[i] - first] : (unsigned short)0;
@@ -1341,11 +1342,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   if (j < hi) {  // the share's last, partial chunk
     int col[4];
     bool ok[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      ok[i] = j + slot_pos[i] < hi;
-      col[i] = ok[i] ? j + slot_pos[i] : j;
-    }
+    partial_columns(j, hi, slot_pos, col, ok);
     load_gathered(ch, qr, hr, nullptr, nullptr, col);
 #pragma unroll
     for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, col[i], ok[i]);
