@@ -80,10 +80,9 @@ def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_di
             defines: tuple = (), ring: int = 0) -> tuple:
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
     the attention stages'; ring: chunks a warp's ring of bulk copies holds (sm_90; 0: loads into registers; with a
-    ring, prefetch has no effect);
-    defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
-    program, -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing
-    only), -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
+    ring, prefetch has no effect); defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a
+    waiting program, -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits
+    (timing only), -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
         *((f"-DCHAIN_RING={ring}",) if ring else ()), *defines)
