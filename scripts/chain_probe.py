@@ -13,8 +13,8 @@ blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), 
 of a waiting program), finish (0: a finisher sums one output at a time; 1, the default: all in flight), nowait (1:
 no stage waits for its input: wrong outputs, the items' own time), fence (1: release / acquire operations instead
 of SC fences), ring (n: each warp's ring of n chunks filled by bulk copies, the first n before the wait), and the
-splits: scale (the map's tuned split times it) or waves (each map's split such that its
-items are about waves x the programs).
+splits: scale (the map's tuned split times it) or waves (each map's split such that its items are about waves x
+the programs).
 """
 
 import argparse

@@ -71,7 +71,8 @@ def test_chain_matches_torch(rng):
     same bits replayed from a CUDA graph; the same bits with and without the L2 prefetch and the pipelined loads,
     with the finishers summing an output at a time (CHAIN_FINISH=0), with release / acquire operations for the
     fences (CHAIN_FENCE=1), with each warp's ring of 3 bulk-copied chunks (CHAIN_RING: shares of 0 to 5 chunks a
-    warp here and a partial chunk, rings partly used and refilled), and on a grid of 7 programs (several items a program)."""
+    warp here and a partial chunk, rings partly used and refilled), and on a grid of 7 programs (several items a
+    program)."""
     stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
     h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
     sq0 = h0.float().pow(2)
@@ -322,4 +323,3 @@ def test_new_caches_drop_the_chains(tiny_spqt):
     model.setup_cache(1, 32, torch.float32)
     model.setup_cache(1, 64, torch.float32)
     assert model.decode_chain.forgotten == 2
-

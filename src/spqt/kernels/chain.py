@@ -165,6 +165,12 @@ def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int
     return kernel
 
 
+def _programs(kernel: nvrtc.Kernel, device: torch.device, warps: int, ring: int) -> int:
+    """As many programs of the chain kernel as the GPU holds at once (its occupancy x SMs)."""
+    return (kernel.blocks_per_sm(32 * warps, ring_bytes(warps, ring))
+            * torch.cuda.get_device_properties(device).multi_processor_count)
+
+
 def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -233,8 +239,7 @@ class Chain:
         self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines), ring)
         self.warps, self.eps, self.stages, self.ring = warps, float(eps), stages, ring
         self.shared = ring_bytes(warps, ring)
-        self.programs = self.programs_for(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines),
-                                          ring)
+        self.programs = _programs(self.kernel, device, warps, ring)
         self.scratch = scratch if scratch is not None else Scratch(stages)
         if not self.scratch.fits(stages):
             raise ValueError("the shared scratch is smaller than these stages need")
@@ -247,9 +252,8 @@ class Chain:
     def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
                      blocks: int = 1, head_dim: int = 128, defines: tuple = (), ring: int = 0) -> int:
         """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
-        kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines), ring)
-        return (kernel.blocks_per_sm(32 * warps, ring_bytes(warps, ring))
-                * torch.cuda.get_device_properties(device).multi_processor_count)
+        return _programs(_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines), ring), device,
+                         warps, ring)
 
     def _pack(self, i: int, st, stages: list) -> bytes:
         after_tiles = stages[st.after].tiles() if st.after >= 0 else 0

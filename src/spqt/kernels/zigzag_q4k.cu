@@ -1297,16 +1297,6 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
       ring_parity ^= 1u << b;
       if (++b == CHAIN_RING) b = 0;
     }
-    if (j < hi) {  // the share's last, partial chunk: gathered loads, x from the staged share
-      int col[4];
-      bool ok[4];
-      partial_columns(j, hi, slot_pos, col, ok);
-      load_gathered(ch, qr, hr, nullptr, nullptr, col);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? kept_x[col[i] - first] : (unsigned short)0;
-      compute(ch, c, bias, dec, g);
-      j = hi;
-    }
 #else
     if (j < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
 #if CHAIN_PREFETCH
@@ -1339,16 +1329,21 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     if (j + step < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
 #endif
   }
-  if (j < hi) {  // the share's last, partial chunk
+#endif
+  if (j < hi) {  // the share's last, partial chunk (with a ring: x from the staged share)
     int col[4];
     bool ok[4];
     partial_columns(j, hi, slot_pos, col, ok);
     load_gathered(ch, qr, hr, nullptr, nullptr, col);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, col[i], ok[i]);
+    for (int i = 0; i < 4; ++i)
+#if CHAIN_RING
+      ch.x[i] = ok[i] ? kept_x[col[i] - first] : (unsigned short)0;
+#else
+      ch.x[i] = chain_x(st.x, st.gamma, rstd, col[i], ok[i]);
+#endif
     compute(ch, c, bias, dec, g);
   }
-#endif
   float* part = st.part;
   const int NP = st.NP;
   program_sums(c, bias, warp, g, t, rows_sum, bias_sum, [&](int i, float v) { part[(size_t)s * NP + 256 * r + i] = v; });
