@@ -36,6 +36,8 @@
 #   scripts/gpu_session.sh chainncu  where the chain's programs stall (ncu: warp states, stalls per SASS line)
 #   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
+#   scripts/gpu_session.sh kept15    MODE_KEPT's gpu tests (kernel, runtime, chain), the step with sparse maps in one
+#                                    launch (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -655,6 +657,24 @@ llama2-7b:now}" 90
       | tee "$OUT/chain-diag.log"
     timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,finish=0 $v,sleep=1000 2>&1 | grep -v WARN \
       | tee -a "$OUT/chain-diag.log"
+    ;;
+  kept15)
+    # A sparse map in one launch (MODE_KEPT): its gpu tests, then the step with and without it (kept_probe.py), then
+    # the runtime's decode with it on (DECODE_RUNS; SPQT_SPARSE_KEPT=1)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py tests/test_chain.py \
+      -k "kept or compiles or chain" -n 4 2>&1 | tail -25 | tee "$OUT/kept-tests.log"
+    echo "kept tests: $(( $(date +%s) - start )) s"
+    for m in ${KEPT_MODELS:-llama2-7b}; do
+      left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $m"; break; }
+      timeout $left python3 scripts/kept_probe.py --model synthetic:$m --levels ${KEPT_LEVELS:-0.5 0.25} 2>&1 \
+        | grep -v WARN | tee -a "$OUT/kept-probe.log"
+      echo "kept probe $m: $(( $(date +%s) - start )) s"
+    done
+    export SPQT_SPARSE_KEPT=1
+    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-520}
     ;;
   chainncu)
     # Where the chain's programs stall: ncu on one eager launch of each variant (NCU_VARIANTS; the 7B's layers), the

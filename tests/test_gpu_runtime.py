@@ -75,6 +75,46 @@ def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
         assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
 
 
+def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
+    """fp16 CUDA decode at 50 % with every thresholded map sparse: with SPQT_SPARSE_KEPT=1 (one MODE_KEPT launch a map,
+    each program listing its share's kept inputs, norms folded) each step's logits within 2 % of the logit range of
+    the decode with the collections launched, compared while the greedy tokens agree (at least 8 steps); MODE_KEPT
+    ran every o and down map, and norm-fed maps with their norm folded (every map forced onto the CUDA GEMV)."""
+    from spqt.calibrate import calibrate
+    from spqt.kernels import gpu_linear
+
+    monkeypatch.setenv("SPQT_GEMV", "cuda")
+    loaded = load_spqt(tiny_spqt)
+    calib = torch.randint(0, loaded.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(1)).tolist()
+    loaded.thresholds = calibrate(loaded, calib, [0.5], modes=("unified",), max_tokens=2048, ctx=256, held_out_tokens=0)
+    prompt = [3, 17, 42, 5, 9]
+    runs = {}
+    real = gpu_linear.TritonLinear.sparse_kept
+    for kept in ("1", "0"):
+        monkeypatch.setenv("SPQT_SPARSE_KEPT", kept)
+        calls = []  # (the implementation, normed, ran)
+        monkeypatch.setattr(gpu_linear.TritonLinear, "sparse_kept", lambda self, *a, **kw: calls.append(
+            (id(self), kw.get("norm") is not None, real(self, *a, **kw))) or calls[-1][2])
+        logits = []
+        gen = Generator(loaded, "cuda", dtype=torch.float16, sparsity=0.5, max_len=64, dense_fallback=False)
+        runs[kept] = (gen.generate(prompt, 24, track=False, on_logits=logits.append).tokens, logits)
+        ran = {impl for impl, _, y in calls if y is not None}
+        if kept == "1":
+            residual_maps = {id(b.attention.o.impl) for b in gen.model.layers} | {
+                id(b.feed_forward.down.impl) for b in gen.model.layers}
+            assert residual_maps <= ran, f"{len(residual_maps - ran)} o / down maps did not run MODE_KEPT"
+            assert any(normed and y is not None for _, normed, y in calls), "no norm-fed map ran MODE_KEPT"
+        else:
+            assert not ran, "MODE_KEPT ran with SPQT_SPARSE_KEPT=0"
+    (a_tokens, a_logits), (b_tokens, b_logits) = runs["1"], runs["0"]
+    same = next((i for i, (x, y) in enumerate(zip(a_tokens, b_tokens)) if x != y), len(a_tokens))
+    assert same >= 8, f"MODE_KEPT and collected sparse maps diverge at token {same}"
+    for step in range(min(same + 1, len(a_logits))):
+        span = float(b_logits[step].max() - b_logits[step].min())
+        err = float((a_logits[step] - b_logits[step]).abs().max())
+        assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
+
+
 @pytest.fixture(scope="module")
 def chain_spqt(tmp_path_factory):
     """A random Llama checkpoint whose layers the decode chain runs (head dim 64, FFN width a multiple of 256)."""

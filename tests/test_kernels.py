@@ -793,6 +793,86 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
                                                msg=f"{what} {finish}")
 
 
+# MODE_KEPT (split, warps, pipe, acc): one program a row, a partial last chunk (777 = 48 x 16 + 9), every warp count,
+# the next chunk loaded ahead or not, 16 or 2 accumulators
+KEPT_CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (24, 8, 0, 2), (64, 1, 1, 16)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", SPARSITIES)
+def test_cuda_kept_mode(rng, sparsity, monkeypatch):
+    """MODE_KEPT (each program lists its share's inputs with |x| (scale) > t and multiplies those) against the
+    reference on the sparsified input, with B4's tolerance; y and partials poisoned; deterministic; in a CUDA graph;
+    WINA's scale; the fused residual and the cluster SwiGLU finishes; with the RMSNorm folded (the kept inputs
+    chosen on the normed values) against the norm in torch; a share over NORM_SHARE refused."""
+    from spqt.kernels import zigzag_cuda
+
+    monkeypatch.delenv("SPQT_GEMV", raising=False)
+    eps = 1e-5
+    for shape in ((4096, 4096), (11008, 4096), (2311, 777), (1024, 11008), (576, 192)):
+        qw, gw = _weights(rng, shape, "zigzag", "cuda")
+        n, k = shape
+        x, t = _x(rng, k, torch.float16, "cuda", sparsity)
+        scale = torch.from_numpy(0.5 + rng.random(k).astype(np.float32)).to("cuda")
+        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
+        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])  # any partition of the squares
+        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
+        for split, warps, pipe, acc in KEPT_CONFIGS:
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "threshold": t}
+            what = f"kept {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
+            if zigzag_cuda.share(k, split, warps) > zigzag_cuda.NORM_SHARE:
+                assert not zigzag_cuda.kept_fits(k, split, warps)
+                with pytest.raises(ValueError, match="MODE_KEPT"):
+                    kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw)
+                continue
+            cases = [({}, reference.sparsify(x, t).float(), ZIGZAG_INPUT_EPS[torch.float16]),
+                     ({"scale": scale}, reference.sparsify(x, t, scale).float(), ZIGZAG_INPUT_EPS[torch.float16]),
+                     ({"norm": (gamma, sq, eps)}, reference.sparsify(normed, t).float(),
+                      2 * ZIGZAG_INPUT_EPS[torch.float16])]
+            for more, x_used, input_eps in cases:
+                ws.y.fill_(float("nan"))
+                ws.partials.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, **more).clone()
+                case = f"{what} {sorted(more)}"
+                if "norm" in more:  # the kernel's rstd may differ from torch's in the last bit: a normed input
+                    # next to t may be kept on one side only; compare where both keep the same inputs
+                    plain = kg.gemv_zigzag(gw, normed, kg.MODE_KEPT, ws, **kw).float()
+                    torch.testing.assert_close(y.float(), plain, rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-6,
+                                               msg=case)
+                else:
+                    assert_close_fp32_accum(y, qw, x_used, case, input_eps)
+                again = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, **more)
+                assert torch.equal(y, again), f"{case}: not deterministic"
+            if split == 7:  # in a CUDA graph, replayed: the same bits
+                want = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw).clone()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw)
+                ws.y.fill_(float("nan"))
+                graph.replay()
+                assert torch.equal(out, want), f"{what}: graph replay differs"
+            if split == 24 and n % 512 == 0:  # the finishes: residual by the last program, SwiGLU by a cluster
+                plain = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw).float().clone()
+                r = torch.randn(n, device="cuda", dtype=torch.float16) * (plain.abs().mean().half() + 1e-3)
+                ws.y.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, fused=True, residual=r).float()
+                assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
+                torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-3,
+                                           msg=f"{what} residual")
+                if zigzag_cuda.clusters_run(x.device):
+                    cws = kg.ZigzagWorkspace(gw, 4, torch.float16)
+                    ckw = kw | {"cluster": True}
+                    want = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, cws, **kw).float().clone()
+                    cws.y.fill_(float("nan"))
+                    got = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, cws, **ckw, swiglu=True).float()
+                    f = n // 2
+                    silu = (torch.nn.functional.silu(want[:f]) * want[f:]).half().float()
+                    torch.testing.assert_close(got, silu, rtol=2e-2,
+                                               atol=1e-3 * float(silu[silu.isfinite()].abs().max()) + 1e-4,
+                                               msg=f"{what} cluster swiglu")
+
+
 @pytest.mark.gpu
 def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
     """A residual map's output carries its reduction's sums of squares; the next map, handed the RMSNorm,
@@ -892,6 +972,13 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
         zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(8, zigzag_cuda.MODE_DENSE, 0, 2, acc=2, cluster=True,
                                                             norm=True), "sm_90"))
     assert stack == 0 and "UCGABAR_WAIT" in sass
+    # MODE_KEPT (the share's own list): plain, the next chunk ahead with the residual finish and the norm, the SwiGLU
+    # cluster finish with the norm; no spills, one mma a tile in its loop
+    for warps, pipe, epilogue, acc, norm, cluster in ((4, 0, -1, 16, False, False), (8, 1, 1, 2, True, False),
+                                                      (8, 0, 2, 2, True, True)):
+        sass, _, stack = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(
+            warps, zigzag_cuda.MODE_KEPT, pipe, epilogue, acc=acc, norm=norm, cluster=cluster), "sm_90"))
+        assert stack == 0 and sum("HMMA" in ln for ln in main_loop(sass, "HMMA")) == 16, (warps, pipe, epilogue)
     with pytest.raises(RuntimeError, match="NORM folds the RMSNorm into B2"):  # B4's norm runs with its collection
         nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(),
                             zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 0, -1, norm=True), "sm_90")

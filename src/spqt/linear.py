@@ -92,6 +92,10 @@ class Linear(DirectCallModule):
                  norm: nn.Module | None) -> torch.Tensor:
         fused = self.impl.sparse_normed if norm is not None and getattr(self.impl, "fuses_norm", False) else None
         sparse = self.runs_sparse(norm_fed=fused is not None)
+        if sparse and not self.track:
+            kept = self._sparse_kept(x, norm, residual, swiglu)
+            if kept is not None:
+                return kept
         if norm is not None:
             if sparse and not self.track and fused is not None and x.numel() == self.in_features:
                 y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
@@ -115,6 +119,21 @@ class Linear(DirectCallModule):
         if self.track:
             self.counts[1] += x.numel()
         return self.impl.dense(x, residual, swiglu)
+
+    def _sparse_kept(self, x: torch.Tensor, norm: nn.Module | None, residual: torch.Tensor | None,
+                     swiglu: bool) -> torch.Tensor | None:
+        """The sparse map in one launch where the implementation can (the GPU's MODE_KEPT: each program lists its
+        share's kept inputs, the norm folded where x carries its sums of squares) and no hook observes the input
+        or the norm; else None."""
+        run = getattr(self.impl, "sparse_kept", None)
+        if run is None or hooked(self.input_tap) or (norm is not None and hooked(norm)):
+            return None
+        if norm is None:
+            return run(x, self.threshold, residual, swiglu, scale=self.scale)
+        sums = getattr(x, NORM_SUMS, None)
+        if sums is None:
+            return None
+        return run(x, self.threshold, residual, swiglu, scale=self.scale, norm=(norm.weight, norm.eps, sums))
 
     def _norm_folded(self, x: torch.Tensor, norm: nn.Module, residual: torch.Tensor | None,
                      swiglu: bool) -> torch.Tensor | None:

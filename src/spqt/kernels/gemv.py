@@ -34,6 +34,7 @@ from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
 from spqt.kernels.zigzag_mma import PLANES
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = zigzag_mma.MODE_DENSE, zigzag_mma.MODE_STATIC, zigzag_mma.MODE_INDEXED
+MODE_KEPT = zigzag_cuda.MODE_KEPT  # B4 over each program's own list of its share's kept inputs (the CUDA GEMV only)
 EPILOGUE_NONE, EPILOGUE_RESIDUAL, EPILOGUE_SWIGLU = 0, 1, 2
 
 
@@ -334,8 +335,11 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
-                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False) -> torch.Tensor:
-    """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect).
+                extra: tuple = (), norm: tuple | None = None, sumsq: bool = False,
+                scale: torch.Tensor | None = None) -> torch.Tensor:
+    """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect), B4 over each
+    program's own list (MODE_KEPT, the CUDA GEMV only: threshold () fp32 and scale (K,) fp32 or None, WINA's column
+    norms; B2's split, grid and finishes, norm allowed; no collection).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
     impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, num_warps, pipe, acc and
@@ -344,7 +348,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
     fused / reduction finish as configured). extra: more -D options of the CUDA GEMV (probes, e.g.
     "-DPROBE_XOR=1": its arithmetic replaced by an XOR of the loaded words, wrong sums, for timing only).
-    norm (B2 on the CUDA GEMV): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, and W multiplies
+    norm (B2 or MODE_KEPT on the CUDA GEMV): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, and W multiplies
     rms_norm(x) * gamma, its rstd from the sums of squares sq that the reduction before wrote (sumsq).
     sumsq (no SwiGLU, finish_plan's reduction finish): the reduction also writes ws.sumsq, its programs' sums of
     y's squares (ws.sumsq[p] over outputs p BLOCK ..., reduce_block).
@@ -356,11 +360,11 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
     bits = TYPE_BITS[w.fmt]
-    if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED) and zigzag_cuda.supports(x, mode)):
+    if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED, MODE_KEPT) and zigzag_cuda.supports(x, mode)):
         raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
     _check_x(w, x)
-    if mode == MODE_STATIC and threshold is None:
-        raise ValueError("B3 needs the threshold")
+    if mode in (MODE_STATIC, MODE_KEPT) and threshold is None:
+        raise ValueError("B3 and MODE_KEPT need the threshold")
     if mode == MODE_INDEXED and (idx is None or count is None):
         raise ValueError("B4 needs idx and count from collect()")
     if ws.y.dtype != x.dtype:
@@ -387,8 +391,10 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
     cuda, cluster, fused = finish_plan(w, x, mode, ws.split, epilogue, impl, fused, cluster)
-    if norm is not None and not (cuda and mode == MODE_DENSE):
-        raise ValueError("a folded RMSNorm runs B2 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
+    if norm is not None and not (cuda and mode in (MODE_DENSE, MODE_KEPT)):
+        raise ValueError("a folded RMSNorm runs B2 or MODE_KEPT on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
+    if mode == MODE_KEPT and not cuda:
+        raise ValueError("MODE_KEPT runs on the CUDA GEMV only (impl cuda, fp16 x, sm_80+, NVRTC)")
     if sumsq and (fused or swiglu):
         raise ValueError("the sums of squares come from the reduction kernel's finish, not SwiGLU's or a fused one")
     if cuda:
@@ -399,7 +405,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
                            d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster,
-                           extra=extra, norm=norm)
+                           extra=extra, norm=norm, threshold=threshold if mode == MODE_KEPT else None,
+                           scale=scale)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

@@ -6,6 +6,8 @@ map on the CUDA GEMV it runs inside the GEMV (dense_normed: no launch), where th
 in the reduction kernel, which then also wrote its output's sums of squares (the output tensor carries them as
 functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
 sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
+sparse_kept (SPQT_SPARSE_KEPT=1): a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each
+program lists its share's kept inputs itself (no collection launch), the norm folded as in B2.
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -40,6 +42,12 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
     SPQT_NORM_FOLD on, the CUDA GEMV runs it, and zigzag_cuda.norm_fits (the share, the alignment)."""
     return (norm_fold_on() and kg.finish_plan(w, v, kg.MODE_DENSE, split, kg.EPILOGUE_NONE, args["impl"])[0]
             and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
+
+
+def kept_on() -> bool:
+    """SPQT_SPARSE_KEPT=1 runs sparse maps as MODE_KEPT where they can (sparse_kept); read at each call, so a probe
+    can capture the step under each setting."""
+    return os.environ.get("SPQT_SPARSE_KEPT", "0") == "1"
 
 
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
@@ -147,6 +155,34 @@ class TritonLinear:
         y, sums = self._gemv_indexed(self.normed, self._gemv_epilogue(residual, swiglu))
         return _with_sums(y, x.shape, sums), self.normed.view(x.shape)
 
+    def sparse_kept(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
+                    swiglu: bool = False, scale: torch.Tensor | None = None,
+                    norm: tuple | None = None) -> torch.Tensor | None:
+        """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config and
+        workspace (each program lists its share's inputs with |x_k| (scale_k) > threshold); norm (gamma (K,) fp32,
+        eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x) instead, the norm folded as
+        in dense_normed. None where it cannot run here (kept_on() off, the row layout, not fp16, the CUDA GEMV not
+        configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
+        if (not kept_on() or self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
+                or threshold.dtype != torch.float32 or threshold.numel() != 1):
+            return None
+        v = x.reshape(self.k)
+        args = tuning.launch_args(self.cfg_dense)
+        split = self.ws_dense.split
+        epilogue = self._gemv_epilogue(residual, swiglu)
+        if (not kg.finish_plan(self.w, v, kg.MODE_KEPT, split, kg.EPILOGUE_NONE, args["impl"])[0]
+                or not zigzag_cuda.kept_fits(self.k, split, args["num_warps"])):
+            return None
+        more = {"threshold": threshold.reshape(()), "scale": scale}
+        if norm is not None:
+            gamma, eps, sums = norm
+            gamma = gamma.reshape(self.k)
+            if gamma.dtype != torch.float32 or not zigzag_cuda.norm_fits(self.k, split, args["num_warps"], v, gamma):
+                return None
+            more["norm"] = (gamma, sums, eps)
+        y, out_sums = self._gemv(v, kg.MODE_KEPT, self.ws_dense, self.cfg_dense, epilogue, **more)
+        return _with_sums(y, x.shape, out_sums)
+
     def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
         """B4 over v (K,) with the index list already in the sparse workspace: (y, its sums of squares or None)."""
         ws = self.ws_sparse
@@ -196,6 +232,10 @@ class TritonZigzagTypesLinear(TritonLinear):
 
     def dense_normed(self, x, norm_weight, eps, sums, residual=None, swiglu=False) -> None:
         """The Triton type kernels do not fold the norm (the module runs it)."""
+        return None
+
+    def sparse_kept(self, *args, **kwargs) -> None:
+        """The Triton type kernels have no MODE_KEPT (the collection runs)."""
         return None
 
 

@@ -1,4 +1,4 @@
-"""The zigzag Q4_K GEMV (B2 dense, B4 indexed) as CUDA C++ (zigzag_q4k.cu, compiled by NVRTC):
+"""The zigzag Q4_K GEMV (B2 dense, B4 indexed, B4 over each program's own list) as CUDA C++ (zigzag_q4k.cu, compiled by NVRTC):
 the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer instructions per
 weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
 program of each output tile (fused).
@@ -19,6 +19,7 @@ from spqt.kernels import gpu_layout, nvrtc
 
 SOURCE = Path(__file__).with_name("zigzag_q4k.cu")
 MODE_DENSE, MODE_INDEXED = 0, 2
+MODE_KEPT = 3  # B4 over each program's own list of its share's kept inputs (no collection launch; B2's grid)
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from sm_90
 
 
@@ -141,7 +142,8 @@ def choice() -> str:
 
 def supports(x: torch.Tensor, mode: int) -> bool:
     """This kernel runs fp16 x, B2 and B4, on an sm_80+ CUDA device with NVRTC."""
-    return x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED) and usable(x.device)
+    return (x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED, MODE_KEPT)
+            and usable(x.device))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -156,6 +158,18 @@ def share(k: int, split: int, warps: int) -> int:
 
 NORM_SHARE = 4096  # columns of the normed input a program holds in shared memory (with gamma's: 24 KB at most)
 NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed input fp16
+KEPT_BYTES = 4  # MODE_KEPT's shared memory a column of the share: the kept offset and its x (2 bytes each)
+
+
+def kept_fits(k: int, split: int, warps: int) -> bool:
+    """Whether MODE_KEPT can run a share of this config: at most NORM_SHARE columns (its list in shared memory)."""
+    return share(k, split, warps) <= NORM_SHARE
+
+
+def shared_bytes(k: int, split: int, warps: int, mode: int, norm: bool) -> int:
+    """Dynamic shared memory of a launch: the normed share (norm), MODE_KEPT's list."""
+    per = share(k, split, warps)
+    return (NORM_BYTES * per if norm else 0) + (KEPT_BYTES * per if mode == MODE_KEPT else 0)
 
 
 def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tensor) -> bool:
@@ -169,7 +183,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
            acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4,
-           cluster: bool = False, norm: tuple | None = None) -> None:
+           cluster: bool = False, norm: tuple | None = None, threshold: torch.Tensor | None = None,
+           scale: torch.Tensor | None = None) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes; bits 8: (rows, 4, K, 16)), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -189,6 +204,9 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
     unused). norm (B2 only): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
     read with the rstd of sq's partial sums of squares (the reduction before wrote them: gemv_zigzag's sumsq).
+    MODE_KEPT (B2's grid and finishes, norm allowed): threshold () fp32 and scale None or (K,) fp32 (WINA's column
+    norms): each program lists the columns of its share with |x_k| (scale_k) > threshold (x_k the fp16 input, normed
+    with norm) and multiplies those only (idx and count unused).
     extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     planes = 4 if bits == 8 else 2
@@ -205,15 +223,22 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
                          f"(rows, K, 8)), 6 (Q6_K: high (rows, K, 16), d (rows, K) fp16) "
                          f"or 8 (Q8_0: head the grouped d (ceil(rows / 4), K, 4, 8) fp16); got bits {bits}, high "
                          f"{None if high is None else tuple(high.shape)}, head {tuple(head.shape)} {head.dtype}")
-    if norm is not None and (mode != MODE_DENSE or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32
+    if mode == MODE_KEPT and (threshold is None or threshold.numel() != 1 or threshold.dtype != torch.float32
+                              or (scale is not None and (tuple(scale.shape) != (k,) or scale.dtype != torch.float32))
+                              or not kept_fits(k, split, warps)):
+        raise ValueError(f"MODE_KEPT needs a () fp32 threshold, scale None or ({k},) fp32 and a share of at most "
+                         f"{NORM_SHARE} columns; got threshold {None if threshold is None else threshold.dtype}, "
+                         f"scale {None if scale is None else (tuple(scale.shape), scale.dtype)}, share "
+                         f"{share(k, split, warps)}")
+    if norm is not None and (mode == MODE_INDEXED or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32
                              or norm[1].dtype != torch.float32 or norm[1].dim() != 1
                              or not norm_fits(k, split, warps, x, norm[0])):
-        raise ValueError(f"a folded norm runs B2 with gamma ({k},) fp32, a vector of fp32 sums of squares, a share of "
+        raise ValueError(f"a folded norm runs B2 or MODE_KEPT with gamma ({k},) fp32, a vector of fp32 sums of squares, a share of "
                          f"at most {NORM_SHARE} columns and x, gamma 16-byte aligned; got mode {mode}, gamma "
                          f"{tuple(norm[0].shape)} {norm[0].dtype}, sums {norm[1].dtype}, share {share(k, split, warps)}")
     gamma, sq, eps = norm if norm is not None else (None, None, 0.0)
-    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d, gamma, sq)
-               if t is not None]
+    tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d, gamma, sq, threshold,
+                           scale) if t is not None]
     if not all(t.is_contiguous() for t in tensors) or quants.data_ptr() % 16 or head.data_ptr() % 16:
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
@@ -235,6 +260,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
             ((counters if counters is not None else count).data_ptr(), P), (n, I), (n // 2, I),
             ((high if high is not None else quants).data_ptr(), P), ((d if d is not None else x).data_ptr(), P),
             ((gamma if gamma is not None else x).data_ptr(), P), ((sq if sq is not None else partials).data_ptr(), P),
-            (0 if sq is None else sq.numel(), I), (float(eps), nvrtc.FLOAT)]
+            (0 if sq is None else sq.numel(), I), (float(eps), nvrtc.FLOAT),
+            ((threshold if threshold is not None else partials).data_ptr(), P),
+            (scale.data_ptr() if scale is not None else 0, P)]
     kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims,
-                  shared=NORM_BYTES * share(k, split, warps) if norm is not None else 0)
+                  shared=shared_bytes(k, split, warps, mode, norm is not None))

@@ -19,6 +19,9 @@
 // MODE 0 (B2): share s = columns [s per, min(K, (s + 1) per)), per a multiple of 16 WARPS.
 // MODE 2 (B4): the active-column list idx[0 .. count) in steps of 16 WARPS positions; share s
 // takes steps s, s + SPLIT, ... (stride = 16 WARPS SPLIT positions).
+// MODE 3 (B4 over the share's own list): share s as B2's; the program first lists the share's kept columns (|x_k|
+// (scale_k) > t, x_k as fp16; NORM: of the normed input) in order in shared memory (list_kept), then its warps take
+// 16 of them a chunk, as B4 takes the collected list's: no collection launch, B2's grid and finishes.
 // PDL: the weights of the first chunk are loaded before griddepcontrol.wait (no kernel writes
 // them); x, the list, the count and the partials (NORM: the sums of squares) only after it.
 //
@@ -88,8 +91,11 @@
                 // 6 per bytes; zigzag_cuda.NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
                 // eps), S the sum of the nsq partial sums of squares sq[] (the reduction before wrote them) added in
                 // one fixed order by every warp (the same rstd everywhere, every run); the chunks read x from there
-#if NORM && MODE != 0
-#error "NORM folds the RMSNorm into B2 (MODE 0) only: a sparse map's norm runs with its index collection"
+#if NORM && MODE == 2
+#error "NORM folds the RMSNorm into B2 (MODE 0) and MODE 3: B4's norm runs with its index collection"
+#endif
+#if MODE != 0 && MODE != 2 && MODE != 3
+#error "MODE is 0 (B2), 2 (B4) or 3 (B4 over the share's own list)"
 #endif
 #ifndef RELEASE_LATE
 #define RELEASE_LATE 0  // 1 (probe): griddepcontrol.launch_dependents once a program has stored its sums, not right
@@ -651,6 +657,45 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp,
   }
 }
 
+// The kept columns of [first, hi) in ascending order: their offsets k - first into off[0 ..) and their x (fp16 bits,
+// x_at(k)) into xs; kept: |x_k| (times scale_k where scale is not null) > t, x_k as fp16 (collect()'s and
+// rms_norm_collect's test). Each round of 32 WARPS columns: a ballot a warp, the warps' counts in shared memory
+// (warp_kept), positions by prefix. Every thread of the program calls it; returns the count (the lists complete after
+// its last barrier). MODE 3 and the chain's sparse stages.
+template <typename Off, typename XAt>
+__device__ __forceinline__ int list_kept(int first, int hi, float t, const float* scale, XAt x_at, Off* off,
+                                         unsigned short* xs, int* warp_kept) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int total = 0;
+  for (int base = first; base < hi; base += 32 * WARPS) {
+    const int k = base + threadIdx.x;
+    unsigned short v = 0;
+    bool keep = false;
+    if (k < hi) {
+      v = x_at(k);
+      const float a = fabsf(f16_lo_to_f32(v));
+      keep = (scale ? a * __ldg(scale + k) : a) > t;
+    }
+    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
+    if (lane == 0) warp_kept[warp] = __popc(ballot);
+    __syncthreads();
+    int before = total, round = 0;
+#pragma unroll
+    for (int w = 0; w < WARPS; ++w) {
+      before += w < warp ? warp_kept[w] : 0;
+      round += warp_kept[w];
+    }
+    if (keep) {
+      const int at = before + __popc(ballot & ((1u << lane) - 1u));
+      off[at] = (Off)(k - first);
+      xs[at] = v;
+    }
+    total += round;
+    __syncthreads();  // warp_kept free again; the lists written
+  }
+  return total;
+}
+
 // The program's 256 row sums over its warps, the min term subtracted, handed to store(i, sum) for row i < 256
 // (after a barrier; rows_sum and bias_sum: the program's shared scratch). Tile m's wanted column n = m / 2 sits in
 // lanes t = m / 4, register (m / 2) % 2 (row g) and 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g;
@@ -717,7 +762,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
                 int* __restrict__ counters, int N, int F, const u32* __restrict__ qh,
                 const unsigned short* __restrict__ dq, const float* __restrict__ gamma,
-                const float* __restrict__ sq, int nsq, float eps) {
+                const float* __restrict__ sq, int nsq, float eps, const float* __restrict__ thr,
+                const float* __restrict__ col_scale) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 #if CLUSTER && EPILOGUE == 2
@@ -818,6 +864,53 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
     compute(ch, c, bias, dec, g);
   }
+#elif MODE == 3
+  // dynamic shared memory: (NORM: gamma's share fp32, the normed share fp16,) the kept offsets and their x (2 bytes a
+  // column each). Nothing is loaded before the wait: which weights a chunk reads depends on x.
+  const int first = s * per, hi = min(K, first + per);
+  extern __shared__ __align__(16) float share_smem[];
+  pdl_wait_then_release();
+#if NORM
+  unsigned short* x_normed = reinterpret_cast<unsigned short*>(share_smem + per);
+  normed_share(x_normed, share_smem, x, gamma, sq, nsq, K, eps, first, hi);
+  unsigned short* kept_off = x_normed + per;
+  auto x_at = [&](int k) { return x_normed[k - first]; };
+#else
+  unsigned short* kept_off = reinterpret_cast<unsigned short*>(share_smem);
+  auto x_at = [&](int k) { return load_x_bits(x + k); };
+#endif
+  unsigned short* kept_x = kept_off + per;
+  __shared__ int warp_kept[WARPS];
+  const int kept = list_kept(first, hi, load_f32(thr), col_scale, x_at, kept_off, kept_x, warp_kept);
+  const int step = 16 * WARPS;
+  // the chunk at list position at: slot i's column and x (past the count: the chunk's first column, x = 0)
+  auto kept_chunk = [&](int at, Chunk& into) {
+    int col[4];
+    bool ok[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      ok[i] = at + slot_pos[i] < kept;
+      col[i] = first + kept_off[ok[i] ? at + slot_pos[i] : at];
+    }
+    load_gathered(into, qr, hr, hq, dr, col);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) into.x[i] = ok[i] ? kept_x[at + slot_pos[i]] : (unsigned short)0;
+  };
+  int jj = 16 * warp;
+#if PIPE
+  if (jj < kept) kept_chunk(jj, ch);
+  for (; jj < kept; jj += step) {
+    Chunk next;
+    if (jj + step < kept) kept_chunk(jj + step, next);
+    compute(ch, c, bias, dec, g);
+    ch = next;
+  }
+#else
+  for (; jj < kept; jj += step) {
+    kept_chunk(jj, ch);
+    compute(ch, c, bias, dec, g);
+  }
+#endif
 #else
   // B4: the list entries of a step are read one step ahead (PIPE 1: two steps ahead, and the next
   // step's weights are loaded before this step's arithmetic), so no load waits on another
@@ -949,7 +1042,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 // `done` counter of the stage it reads from has counted every output tile (head) of that stage. The last program to
 // arrive at an output tile (arrival counters as EPILOGUE >= 0) finishes it: the sum over the shares in order
 // (deterministic), the epilogue (plain, residual, SwiGLU), its sums of squares (sq_out, the next stage's RMSNorm),
-// then counts it in done. A sparse GEMV stage lists its share's kept inputs in shared memory first (kept_columns).
+// then counts it in done. A sparse GEMV stage lists its share's kept inputs in shared memory first (list_kept).
 // Waiting only on earlier items of programs that are all resident cannot deadlock: the grid fits the GPU at once
 // (chain.py sizes it by the occupancy and launches it cooperative, which fails rather than run it otherwise). Data
 // written in this launch (x, the residual, partials, sums of squares, q|k|v) is read through L2 (ld.cg), never L1
@@ -1123,44 +1216,6 @@ __device__ __forceinline__ void count_done(int* done, int stage) {
 #define CHAIN_SHARE 4096  // columns a sparse stage's share may hold (its kept list in shared memory)
 #endif
 
-// The kept columns of the share [first, hi) in ascending order into col[0 ..) and their (normed) x into xs: |x_k|
-// (times scale_k) > threshold, x_k rounded to fp16 first (collect()'s and rms_norm_collect's test). Each round of
-// 32 WARPS columns: a ballot a warp, the warps' counts in shared memory, positions by prefix. Returns the count (the
-// lists complete after its last barrier).
-__device__ __forceinline__ int kept_columns(const GemvStage& st, int first, int hi, float rstd, int* col,
-                                            unsigned short* xs, int* warp_kept) {
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const float t = *st.threshold;
-  int total = 0;
-  for (int base = first; base < hi; base += 32 * WARPS) {
-    const int k = base + threadIdx.x;
-    unsigned short v = 0;
-    bool keep = false;
-    if (k < hi) {
-      v = chain_x(st.x, st.gamma, rstd, k, true);
-      const float a = fabsf(f16_lo_to_f32(v));
-      keep = (st.scale ? a * __ldg(st.scale + k) : a) > t;
-    }
-    const unsigned ballot = __ballot_sync(0xffffffffu, keep);
-    if (lane == 0) warp_kept[warp] = __popc(ballot);
-    __syncthreads();
-    int before = total, round = 0;
-#pragma unroll
-    for (int w = 0; w < WARPS; ++w) {
-      before += w < warp ? warp_kept[w] : 0;
-      round += warp_kept[w];
-    }
-    if (keep) {
-      const int at = before + __popc(ballot & ((1u << lane) - 1u));
-      col[at] = k;
-      xs[at] = v;
-    }
-    total += round;
-    __syncthreads();  // warp_kept free again; the lists written
-  }
-  return total;
-}
-
 #ifndef CHAIN_RING
 #define CHAIN_RING 0  // n > 0 (probe, sm_90): each warp's ring of n chunks in dynamic shared memory, its item's first n
 #endif                // chunks copied by the TMA (cp.async.bulk) BEFORE the wait, x's share staged once after it
@@ -1251,14 +1306,16 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
   if (st.threshold) {  // sparse: the share's kept columns, in order, 16 a chunk (B4's gathered loads)
     wait_input(cs, done);
     const float rstd = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
-    const int kept = kept_columns(st, first, hi, rstd, kept_col, kept_x, warp_kept);
+    const int kept = list_kept(first, hi, *st.threshold, st.scale,
+                               [&](int k) { return chain_x(st.x, st.gamma, rstd, k, true); }, kept_col, kept_x,
+                               warp_kept);
     for (int jj = 16 * warp; jj < kept; jj += step) {
       int col[4];
       bool ok[4];
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
         ok[i] = jj + slot_pos[i] < kept;
-        col[i] = kept_col[ok[i] ? jj + slot_pos[i] : jj];
+        col[i] = first + kept_col[ok[i] ? jj + slot_pos[i] : jj];
       }
       load_gathered(ch, qr, hr, nullptr, nullptr, col);
 #pragma unroll

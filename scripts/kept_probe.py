@@ -1,0 +1,60 @@
+"""What a sparse map in ONE launch gives a decode step (issue 14): the step's CUDA graph at a sparsity level with the
+shipped sparse maps (a collection launch, or the norm fused with it, then B4 and its reduction) against MODE_KEPT
+(SPQT_SPARSE_KEPT=1: each program of the GEMV lists its share's kept inputs itself, B2's grid and finishes, the norm
+folded), with the tuned crossovers and with every thresholded map sparse, and the dense step; alternating in one
+process, device time (device machine).
+
+    python3 scripts/kept_probe.py [--model synthetic:llama2-7b] [--levels 0.5 0.25] [--rounds 2] [--reps 30]
+
+The first capture is a warm-up (the seventh session's order effect: a process's first graph replays faster).
+"""
+
+import argparse
+import os
+import statistics
+
+import torch
+
+from spqt.bench_decode import alternating_step_us, calibrate_on_own_activations, probe_arguments, probe_generator
+from spqt.generate import set_dense_fallback
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    probe_arguments(ap, "synthetic:llama2-7b")
+    ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.25])
+    args = ap.parse_args()
+    gen, prompt = probe_generator(args.model)
+    tables = {level: calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"), level)
+              for level in args.levels}
+
+    def setup(level: float, kept: bool, fallback: bool):
+        def apply():
+            os.environ["SPQT_SPARSE_KEPT"] = "1" if kept else "0"
+            if level > 0:
+                gen.set_sparsity(level, table=tables[level])
+            else:
+                gen.sparsity = 0.0  # generate() turns the thresholds off (set_sparse)
+            set_dense_fallback(gen.model, fallback)
+        return apply
+
+    for level in args.levels:
+        setups = {"collected (shipped)": setup(level, False, True),
+                  "kept": setup(level, True, True),
+                  "kept, every map sparse": setup(level, True, False),
+                  "dense": setup(0.0, False, True)}
+        results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
+        setups["kept"]()
+        dense_maps = len(gen.dense_fallbacks())
+        base = statistics.median(results["collected (shipped)"])
+        print(f"{args.model} at {level:.0%} ({dense_maps} maps dense below their crossover), step device time (us), "
+              f"median of {args.reps} replays a round:")
+        for name, times in results.items():
+            median = statistics.median(times)
+            print(f"  {name:<24} {', '.join(f'{t:.1f}' for t in times)}  ({base - median:+.1f} us less than shipped, "
+                  f"{1e6 / median:.1f} steps/s)")
+    os.environ.pop("SPQT_SPARSE_KEPT", None)
+
+
+if __name__ == "__main__":
+    main()
