@@ -36,8 +36,9 @@
 #   scripts/gpu_session.sh chainncu  where the chain's programs stall (ncu: warp states, stalls per SASS line)
 #   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
-#   scripts/gpu_session.sh kept15    MODE_KEPT's gpu tests (kernel, runtime, chain), the step with sparse maps in one
-#                                    launch (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
+#   scripts/gpu_session.sh kept15    MODE_KEPT's gpu tests (kernel, runtime, chain; KEPT_TESTS=0 skips), the GEMV per
+#                                    shape (KEPT_GEMV: shapes), the step with sparse maps in one launch
+#                                    (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -663,9 +664,16 @@ llama2-7b:now}" 90
     # the runtime's decode with it on (DECODE_RUNS; SPQT_SPARSE_KEPT=1)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py tests/test_chain.py \
-      -k "kept or compiles or chain" -n 4 2>&1 | tail -25 | tee "$OUT/kept-tests.log"
-    echo "kept tests: $(( $(date +%s) - start )) s"
+    if [ "${KEPT_TESTS:-1}" = 1 ]; then
+      timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py tests/test_chain.py \
+        -k "kept or compiles or chain" -n 4 2>&1 | tail -25 | tee "$OUT/kept-tests.log"
+      echo "kept tests: $(( $(date +%s) - start )) s"
+    fi
+    if [ -n "${KEPT_GEMV:-}" ]; then  # the GEMV alone per shape: B2, B4 + collection, MODE_KEPT, each norm-fed too
+      timeout 240 python3 -m spqt.cli bench gemv --variants B2,B4,B4K,B2n,B4n,B4Kn --sparsity ${KEPT_GEMV_LEVELS:-0,0.25,0.5,0.65} \
+        --shapes $KEPT_GEMV --json "$OUT/kept-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/kept-gemv.log"
+      echo "kept gemv: $(( $(date +%s) - start )) s"
+    fi
     for m in ${KEPT_MODELS:-llama2-7b}; do
       left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
       [ $left -lt 60 ] && { echo "no time left for $m"; break; }

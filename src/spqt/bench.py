@@ -37,7 +37,10 @@ MODEL_SHAPES = {
     "llama2-13b": [(5120, 5120), (13824, 5120), (5120, 13824)],
     "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
-VARIANTS = ("B0", "B1", "B2", "B3", "B4", "fp16")
+VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B4K", "B2n", "B4n", "B4Kn", "fp16")
+# B4K: MODE_KEPT (each program lists its share's kept inputs; B2's config on the CUDA GEMV); B2n, B4n, B4Kn: a
+# norm-fed map (x is the RMSNorm of the input): B2 with the norm folded, the norm fused with B4's collection + B4,
+# MODE_KEPT with the norm folded
 GEMV_TYPES = ("q4_k",) + tuning.TYPE_FORMATS  # the other types have B2 and B4 only (zigzag_types.py)
 # SmolLM2-135M, the default model: what `runtime` adds besides the synthetic models
 DEFAULT_MODEL_DIMS = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536)
@@ -169,6 +172,11 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
     block_bytes = ops.zig[0].nbytes
     row_bytes = ops.row[0].nbytes
     out = []
+    args_kept = tuning.launch_args(cz_d) | {"impl": "cuda"}
+    gamma = torch.ones(k, device="cuda", dtype=torch.float32)
+    norm = (gamma, (x.float() ** 2).sum().reshape(1), 1e-5)  # x as the norm's input (weight 1, its sums of squares)
+    normed = torch.empty_like(x)
+    kept_runs = zigzag_cuda.usable(x.device) and zigzag_cuda.kept_fits(k, cz_d["split"], cz_d["num_warps"])
     for s in sparsities:
         t = torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.tensor(-1.0, device="cuda")
         active = float((x.float().abs() > t).float().mean())
@@ -181,18 +189,26 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
             "B4": lambda w: (collect(x, t, ws_s.idx, ws_s.count),
                              kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
                                             **tuning.launch_args(cz_s))),
+            "B4K": lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_d, threshold=t, **args_kept),
+            "B2n": lambda w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws_d, **args_kept, norm=norm),
+            "B4n": lambda w: (rms_norm_collect(x, gamma, norm[2], t, normed, ws_s.idx, ws_s.count),
+                              kg.gemv_zigzag(w, normed, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
+                                             **tuning.launch_args(cz_s))),
+            "B4Kn": lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_d, threshold=t, **args_kept, norm=norm),
             "fp16": lambda w: torch.mv(w, xs if s > 0 else x, out=y16),
         }
-        pools = {"B0": ops.row, "B1": ops.row, "B2": ops.zig, "B3": ops.zig, "B4": ops.zig, "fp16": ops.fp16}
+        pools = {"B0": ops.row, "B1": ops.row, "fp16": ops.fp16}  # the others: zigzag copies
         needed = {"B0": row_bytes, "B1": row_bytes * (active if s > 0 else 1.0), "B2": block_bytes,
-                  "B3": block_bytes * active, "B4": block_bytes * active, "fp16": n * k * 2}
+                  "B2n": block_bytes, "fp16": n * k * 2}  # the others: the kept columns' blocks
         for v in variants:
-            if s > 0 and v in ("B0", "B2"):
+            if s > 0 and v in ("B0", "B2", "B2n"):
                 continue  # dense variants do not depend on sparsity
-            pool = pools[v]
+            if v in ("B4K", "B2n", "B4Kn") and not kept_runs:
+                continue  # the CUDA GEMV does not run here, or a share holds more than NORM_SHARE columns
+            pool = pools.get(v, ops.zig)
             seq = [(lambda f=calls[v], w=pool[i % len(pool)]: f(w)) for i in range(max(len(pool), 16))]
             sec = time_graph(seq)
-            nbytes = needed[v] + 2 * k + 2 * n
+            nbytes = needed.get(v, block_bytes * active) + 2 * k + 2 * n
             out.append({"shape": f"{n}x{k}", "n": n, "k": k, "variant": v, "sparsity": s, "active": active,
                         "us": sec * 1e6, "bytes": nbytes, "gbps": nbytes / sec / 1e9})
     return out
