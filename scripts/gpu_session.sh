@@ -39,6 +39,8 @@
 #   scripts/gpu_session.sh kept15    MODE_KEPT's gpu tests (kernel, runtime, chain; KEPT_TESTS=0 skips), the GEMV per
 #                                    shape (KEPT_GEMV: shapes), the step with sparse maps in one launch
 #                                    (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
+#   scripts/gpu_session.sh keptcross MODE_KEPT's crossovers (spqt tune --crossover-only), the step with the table's
+#                                    choice per map (kept_probe.py), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -683,6 +685,24 @@ llama2-7b:now}" 90
     done
     export SPQT_SPARSE_KEPT=1
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-520}
+    ;;
+  keptcross)
+    # MODE_KEPT's crossovers: spqt tune --crossover-only (CROSS_SHAPES; the table in $OUT and used by what follows),
+    # the step with the table's choice per map (kept_probe.py: KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
+      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
+    cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    echo "crossovers: $(( $(date +%s) - start )) s"
+    for m in ${KEPT_MODELS:-llama2-7b}; do
+      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $m"; break; }
+      timeout $left python3 scripts/kept_probe.py --model synthetic:$m --levels ${KEPT_LEVELS:-0.5 0.25} 2>&1 \
+        | grep -v WARN | tee -a "$OUT/kept-probe.log"
+      echo "kept probe $m: $(( $(date +%s) - start )) s"
+    done
+    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
     ;;
   chainncu)
     # Where the chain's programs stall: ncu on one eager launch of each variant (NCU_VARIANTS; the 7B's layers), the

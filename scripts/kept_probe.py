@@ -1,8 +1,9 @@
 """What a sparse map in ONE launch gives a decode step (issue 14): the step's CUDA graph at a sparsity level with the
 shipped sparse maps (a collection launch, or the norm fused with it, then B4 and its reduction) against MODE_KEPT
 (SPQT_SPARSE_KEPT=1: each program of the GEMV lists its share's kept inputs itself, B2's grid and finishes, the norm
-folded), with the tuned crossovers and with every thresholded map sparse, and the dense step; alternating in one
-process, device time (device machine).
+folded), with the tuned crossovers and with every thresholded map sparse, the table's choice per map (SPQT_SPARSE_KEPT
+unset: MODE_KEPT from its own crossover on), and the dense step; alternating in one process, device time (device
+machine).
 
     python3 scripts/kept_probe.py [--model synthetic:llama2-7b] [--levels 0.5 0.25] [--rounds 2] [--reps 30]
 
@@ -28,9 +29,12 @@ def main():
     tables = {level: calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"), level)
               for level in args.levels}
 
-    def setup(level: float, kept: bool, fallback: bool):
+    def setup(level: float, kept: bool | None, fallback: bool):
         def apply():
-            os.environ["SPQT_SPARSE_KEPT"] = "1" if kept else "0"
+            if kept is None:
+                os.environ.pop("SPQT_SPARSE_KEPT", None)
+            else:
+                os.environ["SPQT_SPARSE_KEPT"] = "1" if kept else "0"
             if level > 0:
                 gen.set_sparsity(level, table=tables[level])
             else:
@@ -42,6 +46,7 @@ def main():
         setups = {"collected (shipped)": setup(level, False, True),
                   "kept": setup(level, True, True),
                   "kept, every map sparse": setup(level, True, False),
+                  "the table's choice": setup(level, None, True),
                   "dense": setup(0.0, False, True)}
         results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
         setups["kept"]()

@@ -397,6 +397,46 @@ def test_fused_ops_match_torch_twins(rng, device):
         torch.testing.assert_close(functional.silu_mul(gu, 1500), fused.silu_mul(gu, 1500))
 
 
+def test_kept_route_from_the_table(rng, monkeypatch):
+    """MODE_KEPT's crossovers in the table: a map tries MODE_KEPT first from "crossover_kept" ("_fused" norm-fed) on,
+    and counts as sparse there (sparse_pays) even below the collected B4's crossover; SPQT_SPARSE_KEPT=1 / 0 force it
+    on / off; where MODE_KEPT cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that pays, else
+    runs dense (the exact dense product)."""
+    from spqt.linear import Linear
+
+    monkeypatch.delenv("SPQT_SPARSE_KEPT", raising=False)
+    qw, _ = _weights(rng, (300, 130), "zigzag", "cpu")
+    lin = Linear(qw, torch.float32, "cpu", backend="triton")
+    ref = Linear(qw, torch.float32, "cpu", backend="reference")
+    x = torch.from_numpy(rng.standard_normal((1, 1, 130)).astype(np.float32))
+    t = float(torch.quantile(x.abs().flatten(), 0.5))
+    for m in (lin, ref):
+        m.set_threshold(t, level=0.5)
+        m.sparse = True
+    impl = lin.impl
+    impl.cfg_sparse = {**impl.cfg_sparse, "crossover": 0.65, "crossover_fused": 0.4, "crossover_kept": 0.25,
+                       "crossover_kept_fused": None}
+    assert impl.kept_pays(0.5) and impl.kept_first(0.5) and impl.sparse_pays(0.5) and not impl.collected_pays(0.5)
+    assert not impl.kept_pays(0.1) and not impl.sparse_pays(0.1)
+    assert not impl.kept_pays(0.9, norm_fed=True) and not impl.kept_first(0.9, norm_fed=True)
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "0")
+    assert not impl.kept_first(0.5) and not impl.sparse_pays(0.5)
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "1")
+    assert impl.kept_first(0.1, norm_fed=True) and not impl.sparse_pays(0.1)  # forced first, not forced sparse
+    monkeypatch.delenv("SPQT_SPARSE_KEPT")
+    calls = []
+    real = type(impl).sparse_kept
+    monkeypatch.setattr(type(impl), "sparse_kept", lambda self, *a, **kw: calls.append(real(self, *a, **kw)))
+    dense = ref.impl.dense(x).clone()
+    tol = dict(rtol=1e-4, atol=1e-3 * float(dense.abs().max()))
+    lin.dense_fallback = True
+    torch.testing.assert_close(lin(x).clone(), dense, **tol)  # MODE_KEPT tried (no GPU: None), B4 does not pay
+    assert calls == [None]
+    impl.cfg_sparse["crossover"] = 0.4  # B4 pays at 0.5: the fallback is the sparse product
+    torch.testing.assert_close(lin(x).clone(), ref(x).clone(), **tol)
+    assert calls == [None, None]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dense_fallback_below_the_crossover(rng, device):
     """With dense_fallback on, a map whose level is below its shape's tuned crossover runs dense

@@ -395,7 +395,9 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     done by the norm before the map ("crossover_fused": rms_norm_collect + B4 against rms_norm + B2, or
     against B2 with the norm folded in where the runtime folds it (the CUDA B2, gpu_linear.dense_normed):
     the fused norm costs more than the plain one, which B4 must win back; on the H200 the 7B step at
-    25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins.
+    25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins. Q4_K on the CUDA
+    GEMV also: "crossover_kept" / "crossover_kept_fused", the lowest level from which MODE_KEPT (B2's config; norm-fed:
+    the norm folded) beats B2 by the margin and the collected B4 at every higher level (TritonLinear.kept_pays).
     Runtime maps below their crossover run dense (Linear.dense_fallback). weights: rotated copies of one zigzag
     matrix in a layout gemv_zigzag runs (Q4_K's, or a type's CUDA layout)."""
     n, k = weights[0].shape
@@ -425,18 +427,27 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     dense = timed(b2)
     from spqt.kernels.gpu_linear import norm_foldable
 
+    sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
+    args_kept = args | {"impl": "cuda"}
+    kept_runs = (weights[0].fmt == "q4_k" and zigzag_cuda.usable(h.device)
+                 and zigzag_cuda.kept_fits(k, ws_d.split, args["num_warps"]))
     if norm_foldable(weights[0], h, ws_d.split, args, norm_w):
-        sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
         dense_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_DENSE, ws_d, **args, norm=(norm_w, sums, eps)))
     else:
         dense_norm = timed(lambda w: (rms_norm(h, norm_w, eps), b2(w)))
-    wins = {"crossover": [], "crossover_fused": []}
+    wins = {"crossover": [], "crossover_fused": [], "crossover_kept": [], "crossover_kept_fused": []}
     for s in CROSSOVER_LEVELS:
         t = torch.quantile(x.float().abs(), s).reshape(())
         both = timed(lambda w: (collect(x, t, ws_s.idx, ws_s.count), b4(w)))
         fused = timed(lambda w: (rms_norm_collect(h, norm_w, eps, t, normed, ws_s.idx, ws_s.count), b4(w)))
         wins["crossover"].append(both < CROSSOVER_MARGIN * dense)
         wins["crossover_fused"].append(fused < CROSSOVER_MARGIN * dense_norm)
+        if kept_runs:  # MODE_KEPT must beat B2 by the margin and the collected B4
+            kept = timed(lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_d, threshold=t, **args_kept))
+            kept_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_KEPT, ws_d, threshold=t, **args_kept,
+                                                       norm=(norm_w, sums, eps)))
+            wins["crossover_kept"].append(kept < CROSSOVER_MARGIN * dense and kept < both)
+            wins["crossover_kept_fused"].append(kept_norm < CROSSOVER_MARGIN * dense_norm and kept_norm < fused)
     out = {}
     for key, won in wins.items():
         level = None

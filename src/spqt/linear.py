@@ -92,10 +92,12 @@ class Linear(DirectCallModule):
                  norm: nn.Module | None) -> torch.Tensor:
         fused = self.impl.sparse_normed if norm is not None and getattr(self.impl, "fuses_norm", False) else None
         sparse = self.runs_sparse(norm_fed=fused is not None)
-        if sparse and not self.track:
+        if sparse and not self.track and getattr(self.impl, "kept_first", lambda *a: False)(self.level, fused is not None):
             kept = self._sparse_kept(x, norm, residual, swiglu)
             if kept is not None:
                 return kept
+            # MODE_KEPT cannot run here (no sums for the norm, a hook): the collected B4 where it pays, else dense
+            sparse = not self.dense_fallback or self.impl.collected_pays(self.level, fused is not None)
         if norm is not None:
             if sparse and not self.track and fused is not None and x.numel() == self.in_features:
                 y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)

@@ -5,9 +5,10 @@ an RMSNorm in front of a sparse map runs with the map's index collection (one la
 map on the CUDA GEMV it runs inside the GEMV (dense_normed: no launch), where the map that wrote its input finished
 in the reduction kernel, which then also wrote its output's sums of squares (the output tensor carries them as
 functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
-sparse_pays: the tuned crossover of the shape (the lowest sparsity at which B4 beat B2).
-sparse_kept (SPQT_SPARSE_KEPT=1): a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each
-program lists its share's kept inputs itself (no collection launch), the norm folded as in B2.
+sparse_pays: the tuned crossovers of the shape (the lowest sparsity from which B4 with its collection, or MODE_KEPT,
+beat B2). sparse_kept: a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each program lists its
+share's kept inputs itself (no collection launch), the norm folded as in B2; kept_first: where the table says it beat
+both B2 and the collected B4 (SPQT_SPARSE_KEPT=1 / 0: always / never, for comparisons).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -44,10 +45,10 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
             and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
 
 
-def kept_on() -> bool:
-    """SPQT_SPARSE_KEPT=1 runs sparse maps as MODE_KEPT where they can (sparse_kept); read at each call, so a probe
-    can capture the step under each setting."""
-    return os.environ.get("SPQT_SPARSE_KEPT", "0") == "1"
+def kept_env() -> bool | None:
+    """SPQT_SPARSE_KEPT=1: every sparse map tries MODE_KEPT first; 0: none does; unset: the tuned table decides
+    (TritonLinear.kept_first). Read at each call, so a probe can capture the step under each setting."""
+    return {"1": True, "0": False}.get(os.environ.get("SPQT_SPARSE_KEPT", ""))
 
 
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
@@ -135,7 +136,7 @@ class TritonLinear:
                                  norm=(gamma, sums, eps))
         return _with_sums(y, x.shape, out_sums)
 
-    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+    def collected_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether B4 at this sparsity beat B2 for this shape when tuned (collection included,
         or fused into the norm for norm_fed inputs); True where the table has no crossover."""
         if self.w.layout != "zigzag" or level is None:
@@ -145,6 +146,25 @@ class TritonLinear:
             return True
         crossover = self.cfg_sparse[key]
         return crossover is not None and level >= crossover
+
+    def kept_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Whether MODE_KEPT at this sparsity beat both B2 and the collected B4 for this shape when tuned
+        ("crossover_kept", norm_fed: "crossover_kept_fused", bench.crossover); False where the table has none."""
+        if self.w.layout != "zigzag" or level is None:
+            return False
+        crossover = self.cfg_sparse.get("crossover_kept_fused" if norm_fed else "crossover_kept")
+        return crossover is not None and level >= crossover
+
+    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT (unless
+        SPQT_SPARSE_KEPT=0)."""
+        return self.collected_pays(level, norm_fed) or (kept_env() is not False and self.kept_pays(level, norm_fed))
+
+    def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: SPQT_SPARSE_KEPT, else
+        kept_pays."""
+        forced = kept_env()
+        return forced if forced is not None else self.kept_pays(level, norm_fed)
 
     def sparse_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, threshold: torch.Tensor,
                       residual: torch.Tensor | None = None, swiglu: bool = False, scale: torch.Tensor | None = None):
@@ -161,9 +181,9 @@ class TritonLinear:
         """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config and
         workspace (each program lists its share's inputs with |x_k| (scale_k) > threshold); norm (gamma (K,) fp32,
         eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x) instead, the norm folded as
-        in dense_normed. None where it cannot run here (kept_on() off, the row layout, not fp16, the CUDA GEMV not
+        in dense_normed. None where it cannot run here (the row layout, not fp16, the CUDA GEMV not
         configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
-        if (not kept_on() or self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
+        if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
                 or threshold.dtype != torch.float32 or threshold.numel() != 1):
             return None
         v = x.reshape(self.k)
@@ -237,6 +257,9 @@ class TritonZigzagTypesLinear(TritonLinear):
     def sparse_kept(self, *args, **kwargs) -> None:
         """The Triton type kernels have no MODE_KEPT (the collection runs)."""
         return None
+
+    def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
+        return False
 
 
 class CudaKQuantLinear(TritonLinear):
