@@ -2,7 +2,7 @@
 shipped sparse maps (a collection launch, or the norm fused with it, then B4 and its reduction) against MODE_KEPT
 (SPQT_SPARSE_KEPT=1: each program of the GEMV lists its share's kept inputs itself, B2's grid and finishes, the norm
 folded), with the tuned crossovers and with every thresholded map sparse, the table's choice per map (SPQT_SPARSE_KEPT
-unset: MODE_KEPT from its own crossover on), and the dense step; alternating in one process, device time (device
+=table: MODE_KEPT from its own crossover on), and the dense step; alternating in one process, device time (device
 machine).
 
     python3 scripts/kept_probe.py [--model synthetic:llama2-7b] [--levels 0.5 0.25] [--rounds 2] [--reps 30]
@@ -31,10 +31,7 @@ def main():
 
     def setup(level: float, kept: bool | None, fallback: bool):
         def apply():
-            if kept is None:
-                os.environ.pop("SPQT_SPARSE_KEPT", None)
-            else:
-                os.environ["SPQT_SPARSE_KEPT"] = "1" if kept else "0"
+            os.environ["SPQT_SPARSE_KEPT"] = "table" if kept is None else "1" if kept else "0"
             if level > 0:
                 gen.set_sparsity(level, table=tables[level])
             else:

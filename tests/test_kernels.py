@@ -398,13 +398,13 @@ def test_fused_ops_match_torch_twins(rng, device):
 
 
 def test_kept_route_from_the_table(rng, monkeypatch):
-    """MODE_KEPT's crossovers in the table: a map tries MODE_KEPT first from "crossover_kept" ("_fused" norm-fed) on,
-    and counts as sparse there (sparse_pays) even below the collected B4's crossover; SPQT_SPARSE_KEPT=1 / 0 force it
-    on / off; where MODE_KEPT cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that pays, else
-    runs dense (the exact dense product)."""
+    """MODE_KEPT's crossovers in the table: with SPQT_SPARSE_KEPT=table a map tries MODE_KEPT first from
+    "crossover_kept" ("_fused" norm-fed) on, and counts as sparse there (sparse_pays) even below the collected B4's
+    crossover; =1 tries it for every sparse map; unset (the default) never; where MODE_KEPT cannot run (here: no CUDA
+    GEMV) the map falls back to the collected B4 if that pays, else runs dense (the exact dense product)."""
     from spqt.linear import Linear
 
-    monkeypatch.delenv("SPQT_SPARSE_KEPT", raising=False)
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")
     qw, _ = _weights(rng, (300, 130), "zigzag", "cpu")
     lin = Linear(qw, torch.float32, "cpu", backend="triton")
     ref = Linear(qw, torch.float32, "cpu", backend="reference")
@@ -419,11 +419,12 @@ def test_kept_route_from_the_table(rng, monkeypatch):
     assert impl.kept_pays(0.5) and impl.kept_first(0.5) and impl.sparse_pays(0.5) and not impl.collected_pays(0.5)
     assert not impl.kept_pays(0.1) and not impl.sparse_pays(0.1)
     assert not impl.kept_pays(0.9, norm_fed=True) and not impl.kept_first(0.9, norm_fed=True)
-    monkeypatch.setenv("SPQT_SPARSE_KEPT", "0")
-    assert not impl.kept_first(0.5) and not impl.sparse_pays(0.5)
+    for off in ("0", ""):
+        monkeypatch.setenv("SPQT_SPARSE_KEPT", off)
+        assert not impl.kept_first(0.5) and not impl.sparse_pays(0.5)
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "1")
     assert impl.kept_first(0.1, norm_fed=True) and not impl.sparse_pays(0.1)  # forced first, not forced sparse
-    monkeypatch.delenv("SPQT_SPARSE_KEPT")
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")
     calls = []
     real = type(impl).sparse_kept
     monkeypatch.setattr(type(impl), "sparse_kept", lambda self, *a, **kw: calls.append(real(self, *a, **kw)))

@@ -7,8 +7,9 @@ in the reduction kernel, which then also wrote its output's sums of squares (the
 functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
 sparse_pays: the tuned crossovers of the shape (the lowest sparsity from which B4 with its collection, or MODE_KEPT,
 beat B2). sparse_kept: a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each program lists its
-share's kept inputs itself (no collection launch), the norm folded as in B2; kept_first: where the table says it beat
-both B2 and the collected B4 (SPQT_SPARSE_KEPT=1 / 0: always / never, for comparisons).
+share's kept inputs itself (no collection launch), the norm folded as in B2. Off by default (in whole decode steps it
+gained 3 % on the 7B at 50 % and lost 8 % on the 70B: docs/RESULTS.md, fifteenth session); SPQT_SPARSE_KEPT=1 runs
+it for every sparse map, =table where the tuned table says it beat both B2 and the collected B4 (kept_first).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -46,9 +47,11 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
 
 
 def kept_env() -> bool | None:
-    """SPQT_SPARSE_KEPT=1: every sparse map tries MODE_KEPT first; 0: none does; unset: the tuned table decides
-    (TritonLinear.kept_first). Read at each call, so a probe can capture the step under each setting."""
-    return {"1": True, "0": False}.get(os.environ.get("SPQT_SPARSE_KEPT", ""))
+    """SPQT_SPARSE_KEPT=1: every sparse map tries MODE_KEPT first; =table: the tuned table decides per map
+    (TritonLinear.kept_first; None here); unset or anything else: none does (the default). Read at each call, so a
+    probe can capture the step under each setting."""
+    value = os.environ.get("SPQT_SPARSE_KEPT", "")
+    return None if value == "table" else value == "1"
 
 
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
@@ -156,9 +159,9 @@ class TritonLinear:
         return crossover is not None and level >= crossover
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
-        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT (unless
-        SPQT_SPARSE_KEPT=0)."""
-        return self.collected_pays(level, norm_fed) or (kept_env() is not False and self.kept_pays(level, norm_fed))
+        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where the
+        table decides it (SPQT_SPARSE_KEPT=table)."""
+        return self.collected_pays(level, norm_fed) or (kept_env() is None and self.kept_pays(level, norm_fed))
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: SPQT_SPARSE_KEPT, else
