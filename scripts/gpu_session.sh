@@ -41,6 +41,8 @@
 #                                    (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh keptcross MODE_KEPT's crossovers (spqt tune --crossover-only), the step with the table's
 #                                    choice per map (kept_probe.py), decode (DECODE_RUNS)
+#   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
+#                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -703,6 +705,26 @@ llama2-7b:now}" 90
       echo "kept probe $m: $(( $(date +%s) - start )) s"
     done
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
+    ;;
+  kept2)
+    # MODE_KEPT with the share of x staged once and B4's config: its gpu tests, the GEMV per shape (KEPT_GEMV), then
+    # bench decode at 50 % per model (KEPT_DECODE) with MODE_KEPT off, on with B2's config, on with B4's
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "kept" -n 4 2>&1 \
+      | tail -5 | tee "$OUT/kept-tests.log"
+    echo "kept tests: $(( $(date +%s) - start )) s"
+    timeout 150 python3 -m spqt.cli bench gemv --variants B2,B4,B4K,B4KS,B2n,B4n,B4Kn,B4KSn --sparsity ${KEPT_GEMV_LEVELS:-0,0.5} \
+      --shapes ${KEPT_GEMV:-runtime} --json "$OUT/kept-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/kept-gemv.log" | tail -80
+    echo "kept gemv: $(( $(date +%s) - start )) s"
+    for m in ${KEPT_DECODE:-llama2-7b llama2-70b}; do
+      for v in 0 1:dense 1:sparse; do
+        export SPQT_SPARSE_KEPT=${v%%:*} SPQT_KEPT_CONFIG=${v#*:}
+        echo "$m SPQT_SPARSE_KEPT=$SPQT_SPARSE_KEPT SPQT_KEPT_CONFIG=$SPQT_KEPT_CONFIG"
+        timeout 100 python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0.5 2>&1 | grep tok/s
+      done
+    done 2>&1 | tee "$OUT/kept-decode.log"
+    echo "kept decode: $(( $(date +%s) - start )) s"
     ;;
   chainncu)
     # Where the chain's programs stall: ncu on one eager launch of each variant (NCU_VARIANTS; the 7B's layers), the

@@ -37,10 +37,10 @@ MODEL_SHAPES = {
     "llama2-13b": [(5120, 5120), (13824, 5120), (5120, 13824)],
     "llama2-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],
 }
-VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B4K", "B2n", "B4n", "B4Kn", "fp16")
-# B4K: MODE_KEPT (each program lists its share's kept inputs; B2's config on the CUDA GEMV); B2n, B4n, B4Kn: a
-# norm-fed map (x is the RMSNorm of the input): B2 with the norm folded, the norm fused with B4's collection + B4,
-# MODE_KEPT with the norm folded
+VARIANTS = ("B0", "B1", "B2", "B3", "B4", "B4K", "B4KS", "B2n", "B4n", "B4Kn", "B4KSn", "fp16")
+# B4K: MODE_KEPT (each program lists its share's kept inputs; B2's config on the CUDA GEMV; B4KS: B4's config); B2n,
+# B4n, B4Kn, B4KSn: a norm-fed map (x is the RMSNorm of the input): B2 with the norm folded, the norm fused with B4's
+# collection + B4, MODE_KEPT with the norm folded
 GEMV_TYPES = ("q4_k",) + tuning.TYPE_FORMATS  # the other types have B2 and B4 only (zigzag_types.py)
 # SmolLM2-135M, the default model: what `runtime` adds besides the synthetic models
 DEFAULT_MODEL_DIMS = dict(vocab_size=49152, dim=576, n_layers=30, n_heads=9, n_kv_heads=3, ffn_dim=1536)
@@ -173,10 +173,12 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
     row_bytes = ops.row[0].nbytes
     out = []
     args_kept = tuning.launch_args(cz_d) | {"impl": "cuda"}
+    args_kept_s = tuning.launch_args(cz_s) | {"impl": "cuda"}
     gamma = torch.ones(k, device="cuda", dtype=torch.float32)
     norm = (gamma, (x.float() ** 2).sum().reshape(1), 1e-5)  # x as the norm's input (weight 1, its sums of squares)
     normed = torch.empty_like(x)
     kept_runs = zigzag_cuda.usable(x.device) and zigzag_cuda.kept_fits(k, cz_d["split"], cz_d["num_warps"])
+    kept_runs_s = zigzag_cuda.usable(x.device) and zigzag_cuda.kept_fits(k, cz_s["split"], cz_s["num_warps"])
     for s in sparsities:
         t = torch.quantile(x.float().abs(), s).reshape(()) if s > 0 else torch.tensor(-1.0, device="cuda")
         active = float((x.float().abs() > t).float().mean())
@@ -195,6 +197,8 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
                               kg.gemv_zigzag(w, normed, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
                                              **tuning.launch_args(cz_s))),
             "B4Kn": lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_d, threshold=t, **args_kept, norm=norm),
+            "B4KS": lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_s, threshold=t, **args_kept_s),
+            "B4KSn": lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_s, threshold=t, **args_kept_s, norm=norm),
             "fp16": lambda w: torch.mv(w, xs if s > 0 else x, out=y16),
         }
         pools = {"B0": ops.row, "B1": ops.row, "fp16": ops.fp16}  # the others: zigzag copies
@@ -203,7 +207,7 @@ def bench_shape(ops: Operands, sparsities, variants, configs: dict | None = None
         for v in variants:
             if s > 0 and v in ("B0", "B2", "B2n"):
                 continue  # dense variants do not depend on sparsity
-            if v in ("B4K", "B2n", "B4Kn") and not kept_runs:
+            if (v in ("B4K", "B2n", "B4Kn") and not kept_runs) or (v in ("B4KS", "B4KSn") and not kept_runs_s):
                 continue  # the CUDA GEMV does not run here, or a share holds more than NORM_SHARE columns
             pool = pools.get(v, ops.zig)
             seq = [(lambda f=calls[v], w=pool[i % len(pool)]: f(w)) for i in range(max(len(pool), 16))]
@@ -336,11 +340,11 @@ def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=N
 
 
 def _print_shape(res, log) -> None:
-    log(f"{'shape':>12s} {'type':>4s} {'var':>4s} {'sparse':>6s} {'us':>8s} {'MB':>7s} {'GB/s':>6s} {'xB0':>5s} "
+    log(f"{'shape':>12s} {'type':>4s} {'var':>5s} {'sparse':>6s} {'us':>8s} {'MB':>7s} {'GB/s':>6s} {'xB0':>5s} "
         f"{'xB2':>5s}")
     dense = {r["variant"]: r["us"] for r in res if r["sparsity"] == 0}
     for r in res:
-        log(f"{r['shape']:>12s} {r['type']:>4s} {r['variant']:>4s} {r['sparsity']:6.2f} {r['us']:8.2f} "
+        log(f"{r['shape']:>12s} {r['type']:>4s} {r['variant']:>5s} {r['sparsity']:6.2f} {r['us']:8.2f} "
             f"{r['bytes'] / 1e6:7.2f} "
             f"{r['gbps']:6.0f} {dense.get('B0', float('nan')) / r['us']:5.2f} {dense.get('B2', float('nan')) / r['us']:5.2f}")
 

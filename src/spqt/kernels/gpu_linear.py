@@ -54,6 +54,12 @@ def kept_env() -> bool | None:
     return None if value == "table" else value == "1"
 
 
+def kept_config() -> str:
+    """SPQT_KEPT_CONFIG=sparse: MODE_KEPT runs the shape's tuned B4 config and workspace; else B2's (the default).
+    Read at each call (a probe compares them)."""
+    return "sparse" if os.environ.get("SPQT_KEPT_CONFIG", "") == "sparse" else "dense"
+
+
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
     """y viewed as (..., N) of x's shape, carrying its sums of squares (NORM_SUMS) where they were written."""
     out = y.view(*shape[:-1], y.numel())
@@ -182,16 +188,17 @@ class TritonLinear:
                     swiglu: bool = False, scale: torch.Tensor | None = None,
                     norm: tuple | None = None) -> torch.Tensor | None:
         """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config and
-        workspace (each program lists its share's inputs with |x_k| (scale_k) > threshold); norm (gamma (K,) fp32,
+        workspace (kept_config(): or B4's; each program lists its share's inputs with |x_k| (scale_k) > threshold); norm (gamma (K,) fp32,
         eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x) instead, the norm folded as
         in dense_normed. None where it cannot run here (the row layout, not fp16, the CUDA GEMV not
         configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
         if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
-                or threshold.dtype != torch.float32 or threshold.numel() != 1):
+                or threshold.dtype != torch.float32 or threshold.numel() != 1 or x.data_ptr() % 16):
             return None
         v = x.reshape(self.k)
-        args = tuning.launch_args(self.cfg_dense)
-        split = self.ws_dense.split
+        cfg, ws = (self.cfg_sparse, self.ws_sparse) if kept_config() == "sparse" else (self.cfg_dense, self.ws_dense)
+        args = tuning.launch_args(cfg)
+        split = ws.split
         epilogue = self._gemv_epilogue(residual, swiglu)
         if (not kg.finish_plan(self.w, v, kg.MODE_KEPT, split, kg.EPILOGUE_NONE, args["impl"])[0]
                 or not zigzag_cuda.kept_fits(self.k, split, args["num_warps"])):
@@ -203,7 +210,7 @@ class TritonLinear:
             if gamma.dtype != torch.float32 or not zigzag_cuda.norm_fits(self.k, split, args["num_warps"], v, gamma):
                 return None
             more["norm"] = (gamma, sums, eps)
-        y, out_sums = self._gemv(v, kg.MODE_KEPT, self.ws_dense, self.cfg_dense, epilogue, **more)
+        y, out_sums = self._gemv(v, kg.MODE_KEPT, ws, cfg, epilogue, **more)
         return _with_sums(y, x.shape, out_sums)
 
     def _gemv_indexed(self, v: torch.Tensor, epilogue: dict) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -158,7 +158,8 @@ def share(k: int, split: int, warps: int) -> int:
 
 NORM_SHARE = 4096  # columns of the normed input a program holds in shared memory (with gamma's: 24 KB at most)
 NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed input fp16
-KEPT_BYTES = 4  # MODE_KEPT's shared memory a column of the share: the kept offset and its x (2 bytes each)
+KEPT_BYTES = 4  # MODE_KEPT's shared memory a column of the share: the kept offset and its x (2 bytes each), besides
+# the share of x (2 bytes a column; with a folded norm the normed share, NORM_BYTES with gamma's)
 
 
 def kept_fits(k: int, split: int, warps: int) -> bool:
@@ -167,9 +168,10 @@ def kept_fits(k: int, split: int, warps: int) -> bool:
 
 
 def shared_bytes(k: int, split: int, warps: int, mode: int, norm: bool) -> int:
-    """Dynamic shared memory of a launch: the normed share (norm), MODE_KEPT's list."""
+    """Dynamic shared memory of a launch: the normed share (norm), MODE_KEPT's share of x and its list."""
     per = share(k, split, warps)
-    return (NORM_BYTES * per if norm else 0) + (KEPT_BYTES * per if mode == MODE_KEPT else 0)
+    return (NORM_BYTES * per if norm else 2 * per if mode == MODE_KEPT else 0) + (KEPT_BYTES * per if mode == MODE_KEPT
+                                                                                  else 0)
 
 
 def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tensor) -> bool:
@@ -225,9 +227,10 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
                          f"{None if high is None else tuple(high.shape)}, head {tuple(head.shape)} {head.dtype}")
     if mode == MODE_KEPT and (threshold is None or threshold.numel() != 1 or threshold.dtype != torch.float32
                               or (scale is not None and (tuple(scale.shape) != (k,) or scale.dtype != torch.float32))
-                              or not kept_fits(k, split, warps)):
-        raise ValueError(f"MODE_KEPT needs a () fp32 threshold, scale None or ({k},) fp32 and a share of at most "
-                         f"{NORM_SHARE} columns; got threshold {None if threshold is None else threshold.dtype}, "
+                              or not kept_fits(k, split, warps) or x.data_ptr() % 16):
+        raise ValueError(f"MODE_KEPT needs a () fp32 threshold, scale None or ({k},) fp32, a share of at most "
+                         f"{NORM_SHARE} columns and x 16-byte aligned; got threshold "
+                         f"{None if threshold is None else threshold.dtype}, "
                          f"scale {None if scale is None else (tuple(scale.shape), scale.dtype)}, share "
                          f"{share(k, split, warps)}")
     if norm is not None and (mode == MODE_INDEXED or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32

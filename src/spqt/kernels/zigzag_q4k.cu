@@ -187,6 +187,23 @@ __device__ __forceinline__ unsigned short normed_x(unsigned short x, float gamma
   return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * gamma);
 }
 
+// 16 bytes global -> shared without registers (through L2: x was written by the kernel before this one).
+__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem)
+               : "memory");
+}
+
+// Columns [first, hi) of x into xs[0 .. hi - first) (shared memory) by all threads of the program: 16-byte copies
+// that hold no registers (x 16-byte aligned, first a multiple of 8), the tail one column at a time; complete after
+// its barrier. (MODE 3 without NORM: the share's x in one round trip, not one a round of the kept list.)
+__device__ __forceinline__ void copy_share(unsigned short* xs, const unsigned short* x, int first, int hi) {
+  const int cols = max(hi - first, 0), vectors = cols >> 3;
+  for (int u = threadIdx.x; u < vectors; u += 32 * WARPS) copy16_async(xs + 8 * u, x + first + 8 * u);
+  for (int c = 8 * vectors + threadIdx.x; c < cols; c += 32 * WARPS) xs[c] = load_x_bits(x + first + c);
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncthreads();
+}
+
 #if NORM
 // rstd of the RMSNorm over K inputs from the nsq partial sums of squares at sq (written by the kernel
 // before this one: read after pdl_wait_then_release): lane l adds entries l, l + 32, ... in order (4 loads in
@@ -213,12 +230,6 @@ __device__ __forceinline__ float norm_rstd(const float* sq, int nsq, int K, floa
 
 __device__ __forceinline__ u32 normed_pair(u32 x, float g0, float g1, float rstd) {  // the two fp16 of a word
   return normed_x(x & 0xFFFFu, g0, rstd) | (u32)normed_x(x >> 16, g1, rstd) << 16;
-}
-
-// 16 bytes global -> shared without registers (through L2: x was written by the kernel before this one).
-__device__ __forceinline__ void copy16_async(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(smem)), "l"(gmem)
-               : "memory");
 }
 
 // Columns [first, hi) of the normed input into xn[0 .. hi - first) (dynamic shared memory: gamma's share gs
@@ -865,8 +876,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     compute(ch, c, bias, dec, g);
   }
 #elif MODE == 3
-  // dynamic shared memory: (NORM: gamma's share fp32, the normed share fp16,) the kept offsets and their x (2 bytes a
-  // column each). Nothing is loaded before the wait: which weights a chunk reads depends on x.
+  // dynamic shared memory: gamma's share fp32 (NORM), the (normed) share of x fp16, the kept offsets and their x (2
+  // bytes a column each). Nothing is loaded before the wait: which weights a chunk reads depends on x.
   const int first = s * per, hi = min(K, first + per);
   extern __shared__ __align__(16) float share_smem[];
   pdl_wait_then_release();
@@ -876,8 +887,10 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   unsigned short* kept_off = x_normed + per;
   auto x_at = [&](int k) { return x_normed[k - first]; };
 #else
-  unsigned short* kept_off = reinterpret_cast<unsigned short*>(share_smem);
-  auto x_at = [&](int k) { return load_x_bits(x + k); };
+  unsigned short* x_share = reinterpret_cast<unsigned short*>(share_smem);
+  copy_share(x_share, x, first, hi);
+  unsigned short* kept_off = x_share + per;
+  auto x_at = [&](int k) { return x_share[k - first]; };
 #endif
   unsigned short* kept_x = kept_off + per;
   __shared__ int warp_kept[WARPS];
