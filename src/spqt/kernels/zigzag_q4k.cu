@@ -707,6 +707,24 @@ __device__ __forceinline__ int list_kept(int first, int hi, float t, const float
   return total;
 }
 
+// The chunk at position at of a kept list (list_kept's off, xs for the share from first, kept entries): slot i's
+// column and x (past the count: the chunk's first column, x = 0), its weights gathered.
+template <typename Off>
+__device__ __forceinline__ void load_kept_chunk(Chunk& ch, int at, int kept, int first, const Off* off,
+                                                const unsigned short* xs, const int* slot_pos, const LevelWords* qr,
+                                                const HeadWords* hr, const HighWord* hq, const DWord* dr) {
+  int col[4];
+  bool ok[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    ok[i] = at + slot_pos[i] < kept;
+    col[i] = first + off[ok[i] ? at + slot_pos[i] : at];
+  }
+  load_gathered(ch, qr, hr, hq, dr, col);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? xs[at + slot_pos[i]] : (unsigned short)0;
+}
+
 // The program's 256 row sums over its warps, the min term subtracted, handed to store(i, sum) for row i < 256
 // (after a barrier; rows_sum and bias_sum: the program's shared scratch). Tile m's wanted column n = m / 2 sits in
 // lanes t = m / 4, register (m / 2) % 2 (row g) and 2 + (m / 2) % 2 (row g + 8); rows 16 m + g and 16 m + 8 + g;
@@ -896,18 +914,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   __shared__ int warp_kept[WARPS];
   const int kept = list_kept(first, hi, load_f32(thr), col_scale, x_at, kept_off, kept_x, warp_kept);
   const int step = 16 * WARPS;
-  // the chunk at list position at: slot i's column and x (past the count: the chunk's first column, x = 0)
   auto kept_chunk = [&](int at, Chunk& into) {
-    int col[4];
-    bool ok[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      ok[i] = at + slot_pos[i] < kept;
-      col[i] = first + kept_off[ok[i] ? at + slot_pos[i] : at];
-    }
-    load_gathered(into, qr, hr, hq, dr, col);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) into.x[i] = ok[i] ? kept_x[at + slot_pos[i]] : (unsigned short)0;
+    load_kept_chunk(into, at, kept, first, kept_off, kept_x, slot_pos, qr, hr, hq, dr);
   };
   int jj = 16 * warp;
 #if PIPE
@@ -1323,16 +1331,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
                                [&](int k) { return chain_x(st.x, st.gamma, rstd, k, true); }, kept_col, kept_x,
                                warp_kept);
     for (int jj = 16 * warp; jj < kept; jj += step) {
-      int col[4];
-      bool ok[4];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        ok[i] = jj + slot_pos[i] < kept;
-        col[i] = first + kept_col[ok[i] ? jj + slot_pos[i] : jj];
-      }
-      load_gathered(ch, qr, hr, nullptr, nullptr, col);
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? kept_x[jj + slot_pos[i]] : (unsigned short)0;
+      load_kept_chunk(ch, jj, kept, first, kept_col, kept_x, slot_pos, qr, hr, nullptr, nullptr);
       compute(ch, c, bias, dec, g);
     }
     j = hi;  // no dense chunks
