@@ -834,9 +834,10 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
                                                msg=f"{what} {finish}")
 
 
-# MODE_KEPT (split, warps, pipe, acc): one program a row, a partial last chunk (777 = 48 x 16 + 9), every warp count,
-# the next chunk loaded ahead or not, 16 or 2 accumulators
-KEPT_CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (24, 8, 0, 2), (64, 1, 1, 16)]
+# MODE_KEPT (split, warps, pipe, acc): one program a row (8 warps: a share of 4096 columns with the norm, the most
+# shared memory beside the largest static), a partial last chunk (777 = 48 x 16 + 9), every warp count, the next chunk
+# loaded ahead or not, 16 or 2 accumulators
+KEPT_CONFIGS = [(1, 8, 0, 16), (7, 2, 1, 2), (24, 4, 0, 2), (64, 1, 1, 16)]
 
 
 @pytest.mark.gpu

@@ -432,8 +432,8 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     from spqt.kernels.gpu_linear import norm_foldable
 
     sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
-    args_kept = args | {"impl": "cuda"}
-    kept_runs = (weights[0].fmt == "q4_k" and zigzag_cuda.usable(h.device)
+    # as the runtime runs it (TritonLinear.sparse_kept): Q4_K, the dense config on the CUDA GEMV
+    kept_runs = (weights[0].fmt == "q4_k" and kg.finish_plan(weights[0], h, kg.MODE_KEPT, ws_d.split, -1, args["impl"])[0]
                  and zigzag_cuda.kept_fits(k, ws_d.split, args["num_warps"]))
     if norm_foldable(weights[0], h, ws_d.split, args, norm_w):
         dense_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_DENSE, ws_d, **args, norm=(norm_w, sums, eps)))
@@ -447,8 +447,8 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
         wins["crossover"].append(both < CROSSOVER_MARGIN * dense)
         wins["crossover_fused"].append(fused < CROSSOVER_MARGIN * dense_norm)
         if kept_runs:  # MODE_KEPT must beat B2 by the margin and the collected B4
-            kept = timed(lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_d, threshold=t, **args_kept))
-            kept_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_KEPT, ws_d, threshold=t, **args_kept,
+            kept = timed(lambda w: kg.gemv_zigzag(w, x, kg.MODE_KEPT, ws_d, threshold=t, **args))
+            kept_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_KEPT, ws_d, threshold=t, **args,
                                                        norm=(norm_w, sums, eps)))
             wins["crossover_kept"].append(kept < CROSSOVER_MARGIN * dense and kept < both)
             wins["crossover_kept_fused"].append(kept_norm < CROSSOVER_MARGIN * dense_norm and kept_norm < fused)

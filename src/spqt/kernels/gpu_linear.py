@@ -48,8 +48,9 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
 
 def kept_env() -> bool | None:
     """SPQT_SPARSE_KEPT=1: every sparse map tries MODE_KEPT first; =table: the tuned table decides per map
-    (TritonLinear.kept_first; None here); unset or anything else: none does (the default). Read at each call, so a
-    probe can capture the step under each setting."""
+    (TritonLinear.kept_first; None here); unset or anything else: none does (the default). Read at each call; a decode
+    step's captured CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as
+    scripts/kept_probe.py does)."""
     value = os.environ.get("SPQT_SPARSE_KEPT", "")
     return None if value == "table" else value == "1"
 
@@ -192,9 +193,10 @@ class TritonLinear:
         eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x) instead, the norm folded as
         in dense_normed. None where it cannot run here (the row layout, not fp16, the CUDA GEMV not
         configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
-        if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
-                or threshold.dtype != torch.float32 or threshold.numel() != 1 or x.data_ptr() % 16):
-            return None
+        if (self.w.layout != "zigzag" or getattr(self.w, "fmt", "q4_k") != "q4_k" or x.numel() != self.k
+                or x.dtype != torch.float16 or threshold.dtype != torch.float32 or threshold.numel() != 1
+                or x.data_ptr() % 16):
+            return None  # (MODE_KEPT's gpu tests run Q4_K only)
         v = x.reshape(self.k)
         cfg, ws = (self.cfg_sparse, self.ws_sparse) if kept_config() == "sparse" else (self.cfg_dense, self.ws_dense)
         args = tuning.launch_args(cfg)

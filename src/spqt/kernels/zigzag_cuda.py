@@ -158,8 +158,8 @@ def share(k: int, split: int, warps: int) -> int:
 
 NORM_SHARE = 4096  # columns of the normed input a program holds in shared memory (with gamma's: 24 KB at most)
 NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed input fp16
-KEPT_BYTES = 4  # MODE_KEPT's shared memory a column of the share: the kept offset and its x (2 bytes each), besides
-# the share of x (2 bytes a column; with a folded norm the normed share, NORM_BYTES with gamma's)
+KEPT_BYTES = 6  # MODE_KEPT's shared memory a column of the share: its x and the kept offset and x (2 bytes each; with
+# a folded norm gamma's fp32 and the normed x, the kept list over gamma's once normalized): 24 KB at most
 
 
 def kept_fits(k: int, split: int, warps: int) -> bool:
@@ -168,10 +168,10 @@ def kept_fits(k: int, split: int, warps: int) -> bool:
 
 
 def shared_bytes(k: int, split: int, warps: int, mode: int, norm: bool) -> int:
-    """Dynamic shared memory of a launch: the normed share (norm), MODE_KEPT's share of x and its list."""
+    """Dynamic shared memory of a launch: the normed share (norm), MODE_KEPT's share of x and its list (at most
+    NORM_SHARE columns: 24 KB, with the kernel's static shared memory within the 48 KB a launch has without opt-in)."""
     per = share(k, split, warps)
-    return (NORM_BYTES * per if norm else 2 * per if mode == MODE_KEPT else 0) + (KEPT_BYTES * per if mode == MODE_KEPT
-                                                                                  else 0)
+    return KEPT_BYTES * per if mode == MODE_KEPT else NORM_BYTES * per if norm else 0
 
 
 def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tensor) -> bool:

@@ -894,15 +894,16 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     compute(ch, c, bias, dec, g);
   }
 #elif MODE == 3
-  // dynamic shared memory: gamma's share fp32 (NORM), the (normed) share of x fp16, the kept offsets and their x (2
-  // bytes a column each). Nothing is loaded before the wait: which weights a chunk reads depends on x.
+  // dynamic shared memory, 6 bytes a column of the share: NORM: gamma's share fp32 (then, once normed_share has used
+  // it, the kept offsets and their x, 2 bytes a column each), the normed share fp16; else the share of x fp16, the kept
+  // offsets and their x. Nothing is loaded before the wait: which weights a chunk reads depends on x.
   const int first = s * per, hi = min(K, first + per);
   extern __shared__ __align__(16) float share_smem[];
   pdl_wait_then_release();
 #if NORM
   unsigned short* x_normed = reinterpret_cast<unsigned short*>(share_smem + per);
   normed_share(x_normed, share_smem, x, gamma, sq, nsq, K, eps, first, hi);
-  unsigned short* kept_off = x_normed + per;
+  unsigned short* kept_off = reinterpret_cast<unsigned short*>(share_smem);  // over gamma's, read no more
   auto x_at = [&](int k) { return x_normed[k - first]; };
 #else
   unsigned short* x_share = reinterpret_cast<unsigned short*>(share_smem);
