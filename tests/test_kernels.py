@@ -30,8 +30,9 @@ def dtypes_for(device):
     return [torch.float32, torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
 
 
-def _weights(rng, shape, layout, device):
-    w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32)).to(device)
+def _weights(rng, shape, layout, device, scale: float = 1.0):
+    """Random (N, K) weights (standard normal times scale) quantized to Q4_K: (QuantizedWeight, kernel layout)."""
+    w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * scale).to(device)
     qw = QuantizedWeight(spqt.quantize(w, "q4_k", layout), "q4_k", layout, shape)
     return qw, repack(qw, device)
 
