@@ -28,7 +28,8 @@ def _stages(rng, device: str, layers: int, d: int = 640, qkv: int = 1000, f: int
     for _ in range(layers):
         # scaled by K^-1/2 as a model's are: unit-scale weights grew the hidden state past fp16's range in the
         # reference itself for some seeds (layer 2's residual reached inf: a failure of the data, not the kernel)
-        ws = [_weights(rng, shape, "zigzag", device, scale=shape[1] ** -0.5) for shape in _layer_shapes(d, qkv, f, attn)]
+        ws = [_weights(rng, shape, "zigzag", device, scale=shape[1] ** -0.5)
+              for shape in _layer_shapes(d, qkv, f, attn)]
         dense += [qw.dequantize().to(device) for qw, _ in ws]
         g1, g2 = (torch.from_numpy(1 + 0.3 * rng.standard_normal(d).astype(np.float32)).to(device) for _ in range(2))
         gammas += [g1, g2]

@@ -92,7 +92,8 @@ class Linear(DirectCallModule):
                  norm: nn.Module | None) -> torch.Tensor:
         fused = self.impl.sparse_normed if norm is not None and getattr(self.impl, "fuses_norm", False) else None
         sparse = self.runs_sparse(norm_fed=fused is not None)
-        if sparse and not self.track and getattr(self.impl, "kept_first", lambda *a: False)(self.level, fused is not None):
+        kept_first = getattr(self.impl, "kept_first", None)
+        if sparse and not self.track and kept_first is not None and kept_first(self.level, fused is not None):
             kept = self._sparse_kept(x, norm, residual, swiglu)
             if kept is not None:
                 return kept

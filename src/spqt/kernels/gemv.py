@@ -348,8 +348,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
     fused / reduction finish as configured). extra: more -D options of the CUDA GEMV (probes, e.g.
     "-DPROBE_XOR=1": its arithmetic replaced by an XOR of the loaded words, wrong sums, for timing only).
-    norm (B2 or MODE_KEPT on the CUDA GEMV): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, and W multiplies
-    rms_norm(x) * gamma, its rstd from the sums of squares sq that the reduction before wrote (sumsq).
+    norm (B2 or MODE_KEPT on the CUDA GEMV): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, and W
+    multiplies rms_norm(x) * gamma, its rstd from the sums of squares sq that the reduction before wrote (sumsq).
     sumsq (no SwiGLU, finish_plan's reduction finish): the reduction also writes ws.sumsq, its programs' sums of
     y's squares (ws.sumsq[p] over outputs p BLOCK ..., reduce_block).
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with

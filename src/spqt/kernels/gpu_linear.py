@@ -189,10 +189,10 @@ class TritonLinear:
                     swiglu: bool = False, scale: torch.Tensor | None = None,
                     norm: tuple | None = None) -> torch.Tensor | None:
         """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config and
-        workspace (kept_config(): or B4's; each program lists its share's inputs with |x_k| (scale_k) > threshold); norm (gamma (K,) fp32,
-        eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x) instead, the norm folded as
-        in dense_normed. None where it cannot run here (the row layout, not fp16, the CUDA GEMV not
-        configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
+        workspace (kept_config(): or B4's), each program listing its share's inputs with |x_k| (scale_k) > threshold;
+        norm (gamma (K,) fp32, eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x)
+        instead, the norm folded as in dense_normed. None where it cannot run here (not Q4_K in the zigzag layout, not
+        fp16, the CUDA GEMV not configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
         if (self.w.layout != "zigzag" or getattr(self.w, "fmt", "q4_k") != "q4_k" or x.numel() != self.k
                 or x.dtype != torch.float16 or threshold.dtype != torch.float32 or threshold.numel() != 1
                 or x.data_ptr() % 16):

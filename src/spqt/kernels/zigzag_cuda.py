@@ -1,6 +1,6 @@
-"""The zigzag Q4_K GEMV (B2 dense, B4 indexed, B4 over each program's own list) as CUDA C++ (zigzag_q4k.cu, compiled by NVRTC):
-the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer instructions per
-weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
+"""The zigzag Q4_K GEMV (B2 dense, B4 indexed, B4 over each program's own list: MODE_KEPT) as CUDA C++
+(zigzag_q4k.cu, compiled by NVRTC): the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer
+instructions per weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
 program of each output tile (fused).
 
 Selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
@@ -204,7 +204,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     d | dmin << 16, no high.
     cluster (sm_90, an epilogue, cluster_dims not None): the programs of an output tile are a
     thread block cluster and its rank 0 finishes the tile from their shared memory (partials and counters
-    unused). norm (B2 only): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
+    unused). norm (B2, MODE_KEPT): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
     read with the rstd of sq's partial sums of squares (the reduction before wrote them: gemv_zigzag's sumsq).
     MODE_KEPT (B2's grid and finishes, norm allowed): threshold () fp32 and scale None or (K,) fp32 (WINA's column
     norms): each program lists the columns of its share with |x_k| (scale_k) > threshold (x_k the fp16 input, normed
@@ -236,8 +236,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     if norm is not None and (mode == MODE_INDEXED or tuple(norm[0].shape) != (k,) or norm[0].dtype != torch.float32
                              or norm[1].dtype != torch.float32 or norm[1].dim() != 1
                              or not norm_fits(k, split, warps, x, norm[0])):
-        raise ValueError(f"a folded norm runs B2 or MODE_KEPT with gamma ({k},) fp32, a vector of fp32 sums of squares, a share of "
-                         f"at most {NORM_SHARE} columns and x, gamma 16-byte aligned; got mode {mode}, gamma "
+        raise ValueError(f"a folded norm runs B2 or MODE_KEPT with gamma ({k},) fp32, a vector of fp32 sums of "
+                         f"squares, a share of at most {NORM_SHARE} columns and x, gamma 16-byte aligned; got mode {mode}, gamma "
                          f"{tuple(norm[0].shape)} {norm[0].dtype}, sums {norm[1].dtype}, share {share(k, split, warps)}")
     gamma, sq, eps = norm if norm is not None else (None, None, 0.0)
     tensors = [t for t in (quants, head, x, idx, count, partials, y, residual, counters, high, d, gamma, sq, threshold,
