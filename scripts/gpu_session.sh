@@ -46,6 +46,7 @@
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
+# Carry .whl (ignored by git, so only a call's carry brings it): the gguf wheel the image lacks.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
 set -uo pipefail
@@ -63,6 +64,8 @@ fi
 if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (gguf; fastapi, uvicorn, openai for serve)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 fi
+python3 -c "import gguf" 2>/dev/null || echo "WARNING: gguf is not importable here: pass .whl in the call's carry (the \
+gguf wheel, see the header), or every test that reads a GGUF file errors (fifteenth session's final call)"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 # PYTHONPATH of a tree: "before" the round's starting commit, carried in .old; else this one.
