@@ -118,6 +118,15 @@ decode_runs() {
     echo "decode $m done: $(( $(date +%s) - start )) s"
   done | tee "$OUT/decode.log"
 }
+kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS within CALL_BUDGET (default $1)
+  for m in ${KEPT_MODELS:-llama2-7b}; do
+    left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
+    [ $left -lt 60 ] && { echo "no time left for $m"; break; }
+    timeout $left python3 scripts/kept_probe.py --model synthetic:$m --levels ${KEPT_LEVELS:-0.5 0.25} 2>&1 \
+      | grep -v WARN | tee -a "$OUT/kept-probe.log"
+    echo "kept probe $m: $(( $(date +%s) - start )) s"
+  done
+}
 stage=${1:-kernels}
 case "$stage" in
   kernels)
@@ -681,13 +690,7 @@ llama2-7b:now}" 90
         --shapes $KEPT_GEMV --json "$OUT/kept-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/kept-gemv.log"
       echo "kept gemv: $(( $(date +%s) - start )) s"
     fi
-    for m in ${KEPT_MODELS:-llama2-7b}; do
-      left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 scripts/kept_probe.py --model synthetic:$m --levels ${KEPT_LEVELS:-0.5 0.25} 2>&1 \
-        | grep -v WARN | tee -a "$OUT/kept-probe.log"
-      echo "kept probe $m: $(( $(date +%s) - start )) s"
-    done
+    kept_probes 520
     export SPQT_SPARSE_KEPT=1
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-520}
     ;;
@@ -700,13 +703,7 @@ llama2-7b:now}" 90
       --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
     cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
     echo "crossovers: $(( $(date +%s) - start )) s"
-    for m in ${KEPT_MODELS:-llama2-7b}; do
-      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 scripts/kept_probe.py --model synthetic:$m --levels ${KEPT_LEVELS:-0.5 0.25} 2>&1 \
-        | grep -v WARN | tee -a "$OUT/kept-probe.log"
-      echo "kept probe $m: $(( $(date +%s) - start )) s"
-    done
+    kept_probes 540
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
     ;;
   kept2)
