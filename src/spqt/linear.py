@@ -70,12 +70,14 @@ class Linear(DirectCallModule):
         else:
             self.scale.copy_(scale)
 
-    def runs_sparse(self, norm_fed: bool = False) -> bool:
+    def runs_sparse(self, norm_fed: bool = False, kept: bool = True) -> bool:
         """Whether the next forward thresholds its input (sparse on, a threshold, and it pays).
-        norm_fed: the input comes through a norm that the implementation may fuse its collection into."""
+        norm_fed: the input comes through a norm that the implementation may fuse its collection into.
+        kept False: whether it pays without MODE_KEPT (the collected B4 only: where MODE_KEPT cannot run)."""
         if not self.sparse or self.threshold is None:
             return False
-        return not self.dense_fallback or self.impl.sparse_pays(self.level, norm_fed)
+        pays = self.impl.sparse_pays if kept else self.impl.collected_pays
+        return not self.dense_fallback or pays(self.level, norm_fed)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False,
                 norm: nn.Module | None = None) -> torch.Tensor:
@@ -98,7 +100,7 @@ class Linear(DirectCallModule):
             if kept is not None:
                 return kept
             # MODE_KEPT cannot run here (no sums for the norm, a hook): the collected B4 where it pays, else dense
-            sparse = not self.dense_fallback or self.impl.collected_pays(self.level, fused is not None)
+            sparse = self.runs_sparse(norm_fed=fused is not None, kept=False)
         if norm is not None:
             if sparse and not self.track and fused is not None and x.numel() == self.in_features:
                 y, normed = fused(x, norm.weight, norm.eps, self.threshold, residual, swiglu, scale=self.scale)
