@@ -2,6 +2,7 @@
 # One call on the device machine: the `gpu` tests and the benchmarks, logs and JSON under $OUT.
 #   scripts/gpu_session.sh kernels   spqt tune, the B4 probe, spqt bench gemv (+ plot)
 #   scripts/gpu_session.sh bench     the B4 probe and spqt bench gemv with the shipped table
+#   scripts/gpu_session.sh decode    synthetic decode of DECODE_RUNS (model:levels) alone
 #   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts)
 #   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
@@ -138,6 +139,12 @@ case "$stage" in
   bench)
     python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.log"
     python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
+    ;;
+  decode)
+    # synthetic decode of DECODE_RUNS (model:levels) within CALL_BUDGET (default 300 s), nothing else
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    decode_runs 300
     ;;
   tests)
     export SPQT_CACHE=/tmp/spqt-cache
