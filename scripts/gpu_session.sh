@@ -725,7 +725,7 @@ llama2-7b:now}" 90
       --shapes ${KEPT_GEMV:-runtime} --json "$OUT/kept-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/kept-gemv.log" | tail -80
     echo "kept gemv: $(( $(date +%s) - start )) s"
     for m in ${KEPT_DECODE:-llama2-7b llama2-70b}; do
-      for v in 0 1:dense 1:sparse; do
+      for v in ${KEPT_VARIANTS:-0 1:dense 1:sparse}; do
         export SPQT_SPARSE_KEPT=${v%%:*} SPQT_KEPT_CONFIG=${v#*:}
         echo "$m SPQT_SPARSE_KEPT=$SPQT_SPARSE_KEPT SPQT_KEPT_CONFIG=$SPQT_KEPT_CONFIG"
         timeout 100 python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0.5 2>&1 | grep tok/s

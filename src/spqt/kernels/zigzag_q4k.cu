@@ -672,8 +672,12 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp,
 // x_at(k)) into xs; kept: |x_k| (times scale_k where scale is not null) > t, x_k as fp16 (collect()'s and
 // rms_norm_collect's test). Each round of 32 WARPS columns: a ballot a warp, the warps' counts in shared memory
 // (warp_kept), positions by prefix. Every thread of the program calls it; returns the count (the lists complete after
-// its last barrier). MODE 3 and the chain's sparse stages.
-template <typename Off, typename XAt>
+// its last barrier). MODE 3 and the chain's sparse stages. LANES (MODE 3): position p is stored at lane_order(p), so a
+// lane's four slots of a chunk are four consecutive entries (one 8-byte load each of off and xs), and the list is padded
+// to whole chunks with offset 0, x 0 (a padded slot reads column `first` and adds nothing).
+__device__ __forceinline__ int lane_order(int p) { return (p & ~15) | ((p & 3) << 2) | ((p >> 2) & 3); }
+
+template <bool LANES = false, typename Off, typename XAt>
 __device__ __forceinline__ int list_kept(int first, int hi, float t, const float* scale, XAt x_at, Off* off,
                                          unsigned short* xs, int* warp_kept) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -698,13 +702,36 @@ __device__ __forceinline__ int list_kept(int first, int hi, float t, const float
     }
     if (keep) {
       const int at = before + __popc(ballot & ((1u << lane) - 1u));
-      off[at] = (Off)(k - first);
-      xs[at] = v;
+      off[LANES ? lane_order(at) : at] = (Off)(k - first);
+      xs[LANES ? lane_order(at) : at] = v;
     }
     total += round;
     __syncthreads();  // warp_kept free again; the lists written
   }
+  if (LANES) {
+    const int pad = total + threadIdx.x;
+    if (pad < ((total + 15) & ~15)) {
+      off[lane_order(pad)] = (Off)0;
+      xs[lane_order(pad)] = 0;
+    }
+    __syncthreads();
+  }
   return total;
+}
+
+// MODE 3's chunk at position at (a multiple of 16) of a list in lane order (list_kept<true>): lane (g, t) reads its
+// four slots' offsets and x as one 8-byte load each; weights gathered from the share's first column's pointers.
+__device__ __forceinline__ void load_kept_lanes(Chunk& ch, int at, int t, const unsigned short* off,
+                                                const unsigned short* xs, const LevelWords* qf, const HeadWords* hf,
+                                                const HighWord* hqf, const DWord* df) {
+  const uint2 o = *reinterpret_cast<const uint2*>(off + at + 4 * t);
+  const uint2 xv = *reinterpret_cast<const uint2*>(xs + at + 4 * t);
+  const int col[4] = {(int)(o.x & 0xffffu), (int)(o.x >> 16), (int)(o.y & 0xffffu), (int)(o.y >> 16)};
+  load_gathered(ch, qf, hf, hqf, df, col);
+  ch.x[0] = (unsigned short)(xv.x & 0xffffu);
+  ch.x[1] = (unsigned short)(xv.x >> 16);
+  ch.x[2] = (unsigned short)(xv.y & 0xffffu);
+  ch.x[3] = (unsigned short)(xv.y >> 16);
 }
 
 // The chunk at position at of a kept list (list_kept's off, xs for the share from first, kept entries): slot i's
@@ -913,11 +940,13 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
   unsigned short* kept_x = kept_off + per;
   __shared__ int warp_kept[WARPS];
-  const int kept = list_kept(first, hi, load_f32(thr), col_scale, x_at, kept_off, kept_x, warp_kept);
+  const int kept = list_kept<true>(first, hi, load_f32(thr), col_scale, x_at, kept_off, kept_x, warp_kept);
   const int step = 16 * WARPS;
-  auto kept_chunk = [&](int at, Chunk& into) {
-    load_kept_chunk(into, at, kept, first, kept_off, kept_x, slot_pos, qr, hr, hq, dr);
-  };
+  const LevelWords* qf = qr + first * 4;
+  const HeadWords* hf = hr + first * HV;
+  const HighWord* hqf = hq + (size_t)first * 8;
+  const DWord* df = dr + first * D_STRIDE;
+  auto kept_chunk = [&](int at, Chunk& into) { load_kept_lanes(into, at, t, kept_off, kept_x, qf, hf, hqf, df); };
   int jj = 16 * warp;
 #if PIPE
   if (jj < kept) kept_chunk(jj, ch);
