@@ -42,6 +42,8 @@
 #                                    (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh keptcross MODE_KEPT's crossovers (spqt tune --crossover-only), the step with the table's
 #                                    choice per map (kept_probe.py), decode (DECODE_RUNS)
+#   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES), decode per KEPT_RUNS with SPQT_SPARSE_KEPT
+#                                    each of KEPT_VARIANTS (default 0, table)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -148,7 +150,7 @@ case "$stage" in
     ;;
   tests)
     export SPQT_CACHE=/tmp/spqt-cache
-    python3 -m pytest -q -m gpu tests -n 8 -rxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+    python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
     ;;
   runtime)
     export SPQT_CACHE=/tmp/spqt-cache
@@ -712,6 +714,26 @@ llama2-7b:now}" 90
     echo "crossovers: $(( $(date +%s) - start )) s"
     kept_probes 540
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
+    ;;
+  kepttable)
+    # MODE_KEPT's crossovers measured anew (spqt tune --crossover-only, CROSS_SHAPES; the table to $OUT and into this
+    # tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_VARIANTS in turn
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama2-70b} \
+      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
+    cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    echo "crossovers: $(( $(date +%s) - start )) s"
+    for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
+      for v in ${KEPT_VARIANTS:-0 table}; do
+        left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for ${run%%:*} $v"; break 2; }
+        echo "${run%%:*} SPQT_SPARSE_KEPT=$v"
+        SPQT_SPARSE_KEPT=$v timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag \
+          --sparsity ${run#*:} 2>&1 | grep tok/s
+      done
+    done 2>&1 | tee "$OUT/kept-decode.log"
+    echo "kept decode: $(( $(date +%s) - start )) s"
     ;;
   kept2)
     # MODE_KEPT with the share of x staged once and B4's config: its gpu tests, the GEMV per shape (KEPT_GEMV), then
