@@ -1,6 +1,6 @@
 """The CUDA GEMV (zigzag_q4k.cu) for sm_90 per TYPE, compiled here by NVRTC (no GPU needed): a hash of the
 whole SASS listing (addresses dropped: equal hashes = the same code), the main loop's instructions (a chunk
-of 16 columns per lane), its HMMA count, registers and stack, for a set of configurations (B2 / B4, PIPE,
+of 16 columns per lane), its HMMA count, registers and stack, for a set of configurations (B2 / B4 / MODE_KEPT, PIPE,
 ACC, finishes, cluster). Compare two commits' JSON to show that a change leaves a type's code alone.
 
     python scripts/cuda_sass_types.py [--types 2,3,4,5,6,8] [--opcodes] [--json out.json]
@@ -19,7 +19,8 @@ from spqt.kernels.sass import disassemble, main_loop, opcode
 
 # (mode, pipe, epilogue, acc, cluster)
 CONFIGS = [(0, 0, -1, 16, 0), (0, 1, -1, 16, 0), (0, 0, 0, 2, 0), (0, 1, 2, 16, 0), (2, 0, -1, 16, 0),
-           (2, 1, 1, 2, 0), (2, 0, -1, 4, 0), (0, 0, 1, 8, 0), (0, 0, 2, 2, 1), (2, 0, 1, 16, 1)]
+           (2, 1, 1, 2, 0), (2, 0, -1, 4, 0), (0, 0, 1, 8, 0), (0, 0, 2, 2, 1), (2, 0, 1, 16, 1),
+           (3, 0, -1, 16, 0), (3, 1, 1, 2, 0)]
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--types", default="2,3,4,5,6,8")
