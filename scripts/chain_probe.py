@@ -12,9 +12,8 @@ A variant sets some of pipe (1: loads a chunk ahead), prefetch (1: an item's sha
 blocks (programs an SM must hold: caps the registers), acc (accumulator tiles), warps, sleep (ns between two polls
 of a waiting program), finish (0: a finisher sums one output at a time; 1, the default: all in flight), nowait (1:
 no stage waits for its input: wrong outputs, the items' own time), fence (1: release / acquire operations instead
-of SC fences), ring (n: each warp's ring of n chunks filled by bulk copies, the first n before the wait), and the
-splits: scale (the map's tuned split times it) or waves (each map's split such that its items are about waves x
-the programs).
+of SC fences), and the splits: scale (the map's tuned split times it) or waves (each map's split such that its
+items are about waves x the programs).
 """
 
 import argparse
@@ -89,9 +88,9 @@ def main():
     sms = torch.cuda.get_device_properties(hidden0.device).multi_processor_count
     chains = []
     for spec in args.variants:
-        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4, "ring": 0} | {
+        v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
-        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps", "ring")}
+        kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
         kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
                                        for key in ("sleep", "finish", "nowait", "fence") if key in v)
         programs = Chain.programs_for(hidden0.device, **kernel_args, head_dim=model.config.head_dim)

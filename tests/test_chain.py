@@ -73,18 +73,16 @@ def test_chain_matches_torch(rng):
     rounding's error of torch, the stages' outputs poisoned first; deterministic; the counters back at zero; the
     same bits replayed from a CUDA graph; the same bits with and without the L2 prefetch and the pipelined loads,
     with the finishers summing an output at a time (CHAIN_FINISH=0), with release / acquire operations for the
-    fences (CHAIN_FENCE=1), with each warp's ring of 3 bulk-copied chunks (CHAIN_RING: shares of 0 to 5 chunks a
-    warp here and a partial chunk, rings partly used and refilled), and on a grid of 7 programs (several items a
-    program)."""
+    fences (CHAIN_FENCE=1), and on a grid of 7 programs (several items a program)."""
     stages, dense, gammas, bufs = _stages(rng, "cuda", layers=2)
     h0 = torch.from_numpy(rng.standard_normal(640).astype(np.float32)).to("cuda", torch.float16)
     sq0 = h0.float().pow(2)
     bufs["sq0"].copy_(torch.stack([sq0[i::5].sum() for i in range(5)]))  # any partition of the squares
     want = _reference(h0, dense, gammas, 600).float()
     results = []
-    for pipe, prefetch, defines, ring in ((0, 1, (), 0), (1, 0, (), 0), (0, 1, ("-DCHAIN_FINISH=0",), 0),
-                                          (0, 0, ("-DCHAIN_FENCE=1",), 0), (0, 0, (), 3)):
-        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4, defines=defines, ring=ring)
+    for pipe, prefetch, defines in ((0, 1, ()), (1, 0, ()), (0, 1, ("-DCHAIN_FINISH=0",)),
+                                    (0, 0, ("-DCHAIN_FENCE=1",))):
+        chain = kc.Chain(stages, EPS, pipe=pipe, prefetch=prefetch, acc=2, blocks=4, defines=defines)
 
         def run():
             for name in ("qkv", "act", "sq"):
@@ -95,7 +93,7 @@ def test_chain_matches_torch(rng):
             return bufs["h"].clone()
 
         got = run()
-        what = f"pipe {pipe} prefetch {prefetch} ring {ring} {' '.join(defines)}"
+        what = f"pipe {pipe} prefetch {prefetch} {' '.join(defines)}"
         assert torch.isfinite(got).all(), what
         err = float((got.float() - want).abs().max() / want.abs().max())
         assert err < 4e-3, f"{what}: max |chain - torch| / max |torch| = {err:.2e}"
@@ -197,16 +195,15 @@ def test_chain_mixes_sparse_and_dense_on_small_grids(rng):
     assert all(torch.equal(outs[0], o) for o in outs[1:]), "smaller grids changed the sums"
 
 
-@pytest.mark.parametrize("ring", [0, 4])
-def test_chain_compiles_for_sm90(ring):
-    """The chain kernel (the runtime's configuration; with a ring of bulk copies) compiles for sm_90, and its
-    loops over chunks keep everything in registers (the few spilled values are the item loop's, outside them)."""
+def test_chain_compiles_for_sm90():
+    """The chain kernel (the runtime's configuration) compiles for sm_90, and its loops over chunks keep everything in
+    registers (the few spilled values are the item loop's, outside them)."""
     from spqt.decode_chain import CHAIN_KERNEL
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, loops
 
     opts = kc.options(CHAIN_KERNEL["warps"], CHAIN_KERNEL["pipe"], CHAIN_KERNEL["acc"], CHAIN_KERNEL["prefetch"],
-                      CHAIN_KERNEL["blocks"], ring=ring)
+                      CHAIN_KERNEL["blocks"])
     sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), opts, "sm_90"))
     chain = sass[sass.index(".text.zigzag_chain:"):]
     chain = chain[: chain.index(".text.", 1)] if ".text." in chain[1:] else chain
