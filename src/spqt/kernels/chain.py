@@ -77,23 +77,14 @@ class AttentionStage:
 
 
 def options(warps: int, pipe: int, acc: int, prefetch: int, blocks: int, head_dim: int = 128,
-            defines: tuple = (), ring: int = 0) -> tuple:
+            defines: tuple = ()) -> tuple:
     """NVRTC options of the chain kernel (the .cu file's CHAIN macros; blocks: programs an SM must hold; head_dim:
-    the attention stages'; ring: chunks a warp's ring of bulk copies holds (sm_90; 0: loads into registers; with a
-    ring, prefetch has no effect); defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a
-    waiting program, -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits
-    (timing only), -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
+    the attention stages'; defines: more -D options, for probes: -DCHAIN_SLEEP=ns between two polls of a waiting
+    program, -DCHAIN_FINISH=0 a finisher summing one output at a time, -DCHAIN_NOWAIT=1 no stage waits (timing
+    only), -DCHAIN_FENCE=1 release / acquire operations instead of SC fences)."""
     return zigzag_cuda.options(warps, 0, pipe, -1, acc=acc) + (
         "-DCHAIN=1", f"-DCHAIN_PREFETCH={prefetch}", f"-DCHAIN_BLOCKS={blocks}", f"-DCHAIN_HD={head_dim}",
-        *((f"-DCHAIN_RING={ring}",) if ring else ()), *defines)
-
-
-RING_STAGE_BYTES = 2304  # a ring stage: a Q4_K chunk's two level planes (1 KB each) and its 16 heads
-
-
-def ring_bytes(warps: int, ring: int) -> int:
-    """Dynamic shared memory of a program whose warps each keep a ring of `ring` chunks."""
-    return warps * ring * RING_STAGE_BYTES
+        *defines)
 
 
 def _check_gemv(i: int, st: Stage) -> None:
@@ -156,19 +147,14 @@ def check(stages: list) -> None:
 
 
 def _kernel(device: torch.device, warps: int, pipe: int, acc: int, prefetch: int, blocks: int,
-            head_dim: int, defines: tuple, ring: int = 0) -> nvrtc.Kernel:
+            head_dim: int, defines: tuple) -> nvrtc.Kernel:
     index = device.index if device.index is not None else torch.cuda.current_device()
-    kernel = zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines, ring),
-                                  "zigzag_chain")
-    if ring:
-        kernel.allow_shared(ring_bytes(warps, ring))
-    return kernel
+    return zigzag_cuda.compiled(index, options(warps, pipe, acc, prefetch, blocks, head_dim, defines), "zigzag_chain")
 
 
-def _programs(kernel: nvrtc.Kernel, device: torch.device, warps: int, ring: int) -> int:
+def _programs(kernel: nvrtc.Kernel, device: torch.device, warps: int) -> int:
     """As many programs of the chain kernel as the GPU holds at once (its occupancy x SMs)."""
-    return (kernel.blocks_per_sm(32 * warps, ring_bytes(warps, ring))
-            * torch.cuda.get_device_properties(device).multi_processor_count)
+    return kernel.blocks_per_sm(32 * warps) * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -229,17 +215,13 @@ class Chain:
     """The stages' descriptors on the device and the done counters; the scratch (Scratch) its stages share."""
 
     def __init__(self, stages: list, eps: float, warps: int = 4, pipe: int = 1, acc: int = 16,
-                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = (),
-                 ring: int = 0):
-        """ring: chunks each warp's ring of bulk copies holds, a dense item's first `ring` chunks copied before its
-        wait (sm_90; 0: the loads into registers)."""
+                 prefetch: int = 1, blocks: int = 1, scratch: Scratch | None = None, defines: tuple = ()):
         check(stages)
         device = _first_tensor(stages[0]).device
         self.head_dim = (_head_dims(stages) or [128])[0]
-        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines), ring)
-        self.warps, self.eps, self.stages, self.ring = warps, float(eps), stages, ring
-        self.shared = ring_bytes(warps, ring)
-        self.programs = _programs(self.kernel, device, warps, ring)
+        self.kernel = _kernel(device, warps, pipe, acc, prefetch, blocks, self.head_dim, tuple(defines))
+        self.warps, self.eps, self.stages = warps, float(eps), stages
+        self.programs = _programs(self.kernel, device, warps)
         self.scratch = scratch if scratch is not None else Scratch(stages)
         if not self.scratch.fits(stages):
             raise ValueError("the shared scratch is smaller than these stages need")
@@ -250,10 +232,9 @@ class Chain:
 
     @staticmethod
     def programs_for(device: torch.device, warps: int = 4, pipe: int = 1, acc: int = 16, prefetch: int = 1,
-                     blocks: int = 1, head_dim: int = 128, defines: tuple = (), ring: int = 0) -> int:
+                     blocks: int = 1, head_dim: int = 128, defines: tuple = ()) -> int:
         """The grid of a chain kernel: as many programs as the GPU holds at once (its occupancy x SMs)."""
-        return _programs(_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines), ring), device,
-                         warps, ring)
+        return _programs(_kernel(device, warps, pipe, acc, prefetch, blocks, head_dim, tuple(defines)), device, warps)
 
     def _pack(self, i: int, st, stages: list) -> bytes:
         after_tiles = stages[st.after].tiles() if st.after >= 0 else 0
@@ -269,9 +250,9 @@ class Chain:
             n, k = st.w.shape
             rows = st.w.quants.shape[0]
             per = zigzag_cuda.share(k, st.split, self.warps)
-            if (st.threshold is not None or self.ring) and per > CHAIN_SHARE:
-                raise ValueError(f"a sparse stage's (or a ring's) share holds {CHAIN_SHARE} columns at most; split "
-                                 f"{st.split} of K = {k} gives {per}")
+            if st.threshold is not None and per > CHAIN_SHARE:
+                raise ValueError(f"a sparse stage's share holds {CHAIN_SHARE} columns at most; split {st.split} of "
+                                 f"K = {k} gives {per}")
             body = struct.pack(GEMV, _ptr(st.w.quants), _ptr(st.w.head), _ptr(st.x), _ptr(st.y), _ptr(st.res),
                                _ptr(self.scratch.part), _ptr(self.scratch.counters) + 4 * self._counter_at[i],
                                _ptr(st.gamma), _ptr(st.sq_in),
@@ -293,7 +274,7 @@ class Chain:
         P, I = nvrtc.POINTER, nvrtc.INT
         args = [(self.table.data_ptr(), P), (len(self.stages), I), (self.done.data_ptr(), P), (self.eps, nvrtc.FLOAT)]
         self.kernel.launch((self.programs, 1), 32 * self.warps, args, torch.cuda.current_stream(self.table.device),
-                           shared=self.shared, cooperative=True)
+                           cooperative=True)
 
 
 def _head_dims(stages: list) -> list[int]:

@@ -120,12 +120,6 @@ class Kernel:
             _check(err, "cuFuncSetAttribute(NON_PORTABLE_CLUSTER_SIZE_ALLOWED)")
         self._driver = driver
 
-    def allow_shared(self, shared: int) -> None:
-        """Let a launch ask for `shared` bytes of dynamic shared memory a program (above 48 KB needs this)."""
-        (err,) = self._driver.cuFuncSetAttribute(
-            self.function, self._driver.CUfunction_attribute.CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, shared)
-        _check(err, "cuFuncSetAttribute(MAX_DYNAMIC_SHARED_SIZE_BYTES)")
-
     def blocks_per_sm(self, block: int, shared: int = 0) -> int:
         """Programs of `block` threads (and `shared` bytes of dynamic shared memory) an SM holds at once."""
         err, count = self._driver.cuOccupancyMaxActiveBlocksPerMultiprocessor(self.function, block, shared)
@@ -136,8 +130,8 @@ class Kernel:
                cluster: tuple | None = None, shared: int = 0, cooperative: bool = False) -> None:
         """args: (value, ctypes type) pairs in the kernel's parameter order (pointers as data_ptr()
         with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread block cluster (sm_90),
-        dividing grid; shared: bytes of dynamic shared memory a program (above 48 KB: allow_shared first); cooperative:
-        every program resident at once, or the launch fails (a grid whose programs wait on each other)."""
+        dividing grid; shared: bytes of dynamic shared memory a program (at most 48 KB); cooperative: every program
+        resident at once, or the launch fails (a grid whose programs wait on each other)."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], 1
