@@ -1267,74 +1267,9 @@ __device__ __forceinline__ void count_done(int* done, int stage) {
 #define CHAIN_SHARE 4096  // columns a sparse stage's share may hold (its kept list in shared memory)
 #endif
 
-#ifndef CHAIN_RING
-#define CHAIN_RING 0  // n > 0 (probe, sm_90): each warp's ring of n chunks in dynamic shared memory, its item's first n
-#endif                // chunks copied by the TMA (cp.async.bulk) BEFORE the wait, x's share staged once after it
-#if CHAIN_RING
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#error "CHAIN_RING needs sm_90 (cp.async.bulk, mbarrier transaction counts)"
-#endif
-#if CHAIN_RING > 32
-#error "CHAIN_RING: at most 32 chunks (a warp's phase bits in one word)"
-#endif
-#define RING_STAGE 2304  // bytes a chunk takes: level planes 0 and 1 (1 KB each: 16 columns of 64 bytes), 16 heads
-
-__device__ __forceinline__ u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void mbar_init(u32 bar) {  // one arrival (lane 0's) a phase
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-}
-
-__device__ __forceinline__ void mbar_expect_bytes(u32 bar, u32 bytes) {  // lane 0 arrives, announcing the bytes
-  asm volatile("{\n\t.reg .b64 state;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n\t}" ::"r"(bar),
-               "r"(bytes) : "memory");
-}
-
-__device__ __forceinline__ bool mbar_try_wait(u32 bar, u32 parity) {
-  u32 done;
-  asm volatile(
-      "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-      : "=r"(done) : "r"(bar), "r"(parity) : "memory");
-  return done;
-}
-
-// bytes (a multiple of 16, both addresses 16-byte aligned) global -> shared by the TMA, counted on bar
-__device__ __forceinline__ void bulk_copy(u32 dst, const void* src, u32 bytes, u32 bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               ::"r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
-}
-
-// The full chunk of superblock row r at columns col .. col + 15 into the stage at dst, counted on bar: lane 0 its
-// two level planes (1 KB each), lanes 0-15 a column's head each (16 bytes, at 2048 + 16 c). The whole warp calls it.
-__device__ __forceinline__ void ring_chunk(u32 dst, u32 bar, const GemvStage& st, int r, int col, int lane) {
-  if (lane == 0) mbar_expect_bytes(bar, RING_STAGE);
-  __syncwarp();
-  const size_t K = st.K;
-  if (lane == 0) {
-    bulk_copy(dst, st.q + ((2 * r) * K + col) * 4, 1024, bar);
-    bulk_copy(dst + 1024, st.q + ((2 * r + 1) * K + col) * 4, 1024, bar);
-  }
-  if (lane < 16) bulk_copy(dst + 2048 + 16 * lane, st.h + ((size_t)(r >> 2) * K + col + lane) * 4 + (r & 3), 16, bar);
-}
-
-// The lane's words of the chunk in the stage at `ring`: slot i is column t + 4 i of the chunk, plane g / 4, word g % 4
-__device__ __forceinline__ void load_ring(Chunk& ch, const unsigned char* ring, int g, int t) {
-  const unsigned char* base = ring + (g >> 2) * 1024 + t * 64 + (g & 3) * 16;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    ch.w[i] = *reinterpret_cast<const uint4*>(base + 256 * i);
-    ch.h[i] = *reinterpret_cast<const uint4*>(ring + 2048 + 16 * (t + 4 * i));
-  }
-}
-#endif
-
 __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int item, int* done, float eps,
                                           float (*rows_sum)[256], float (*bias_sum)[2][8], float* warp_sq,
-                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept
-#if CHAIN_RING
-                                          , u32 ring_bars, u32& ring_parity
-#endif
-) {
+                                          int* finisher, int* kept_col, unsigned short* kept_x, int* warp_kept) {
   const GemvStage& st = cs.gemv;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -1366,37 +1301,6 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     }
     j = hi;  // no dense chunks
   } else {
-#if CHAIN_RING
-    // dense: the warp's first CHAIN_RING chunks asked of the TMA, then the wait, x's share staged once; each chunk
-    // from the ring, its stage refilled with the chunk CHAIN_RING on (ring_parity: bit b the phase stage b waits on)
-    extern __shared__ __align__(128) unsigned char ring_smem[];
-    const unsigned char* ring = ring_smem + warp * CHAIN_RING * RING_STAGE;
-    const u32 ring_s = smem_u32(ring), bars = ring_bars + 8 * CHAIN_RING * warp;
-    const int chunks = j < full_end ? (full_end - 1 - j) / step + 1 : 0;  // the warp's full chunks
-    for (int b = 0; b < min(CHAIN_RING, chunks); ++b)
-      ring_chunk(ring_s + b * RING_STAGE, bars + 8 * b, st, r, j + b * step, lane);
-    wait_input(cs, done);
-    const float rs = st.gamma ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
-    for (int cc = threadIdx.x; cc < hi - first; cc += 32 * WARPS)
-      kept_x[cc] = chain_x(st.x, st.gamma, rs, first + cc, true);
-    __syncthreads();
-    int b = 0;
-    for (int chunk = 0; chunk < chunks; ++chunk, j += step) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) ch.x[i] = kept_x[j - first + slot_pos[i]];
-      while (!mbar_try_wait(bars + 8 * b, (ring_parity >> b) & 1u)) {
-      }
-      load_ring(ch, ring + b * RING_STAGE, g, t);
-      compute(ch, c, bias, dec, g);
-      // every lane's reads of the stage done (generic proxy) before the TMA (async proxy) refills it
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-      __syncwarp();
-      if (chunk + CHAIN_RING < chunks)
-        ring_chunk(ring_s + b * RING_STAGE, bars + 8 * b, st, r, j + CHAIN_RING * step, lane);
-      ring_parity ^= 1u << b;
-      if (++b == CHAIN_RING) b = 0;
-    }
-#else
     if (j < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
 #if CHAIN_PREFETCH
     if (threadIdx.x == 0 && hi > first) {  // the share's two level planes and its heads' 64-byte units
@@ -1407,9 +1311,7 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     }
 #endif
     wait_input(cs, done);
-#endif
   }
-#if !CHAIN_RING
   const float rstd = st.gamma && !st.threshold ? chain_rstd(st.sq_in, st.nsq_in, K, eps) : 0.0f;
   // zigzag_q4k_gemv's B2 loop, x through L2 (normed as read): written out again, since one helper for both loops
   // changed both kernels' SASS (PIPE 1 and Q6_K's loops scheduled differently), which the GPU has not measured
@@ -1428,19 +1330,13 @@ __device__ __forceinline__ void gemv_item(const ChainStage& cs, int stage, int i
     if (j + step < full_end) load_contiguous(ch, qp, hp, nullptr, nullptr);
 #endif
   }
-#endif
-  if (j < hi) {  // the share's last, partial chunk (with a ring: x from the staged share)
+  if (j < hi) {  // the share's last, partial chunk
     int col[4];
     bool ok[4];
     partial_columns(j, hi, slot_pos, col, ok);
     load_gathered(ch, qr, hr, nullptr, nullptr, col);
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
-#if CHAIN_RING
-      ch.x[i] = ok[i] ? kept_x[col[i] - first] : (unsigned short)0;
-#else
-      ch.x[i] = chain_x(st.x, st.gamma, rstd, col[i], ok[i]);
-#endif
+    for (int i = 0; i < 4; ++i) ch.x[i] = chain_x(st.x, st.gamma, rstd, col[i], ok[i]);
     compute(ch, c, bias, dec, g);
   }
   float* part = st.part;
@@ -1705,27 +1601,13 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   __shared__ int kept_col[CHAIN_SHARE];
   __shared__ unsigned short kept_x[CHAIN_SHARE];
   __shared__ int warp_kept[WARPS];
-#if CHAIN_RING
-  __shared__ __align__(8) unsigned long long ring_bar[WARPS][CHAIN_RING];
-  const u32 ring_bars = smem_u32(&ring_bar[0][0]);
-  u32 ring_parity = 0;
-  if ((threadIdx.x & 31) == 0) {
-    for (int b = 0; b < CHAIN_RING; ++b) mbar_init(ring_bars + 8 * (CHAIN_RING * (threadIdx.x >> 5) + b));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-  }
-  __syncthreads();
-#endif
   int base = 0, item = blockIdx.x;
   for (int k = 0; k < nstages; ++k) {
     const ChainStage& cs = stages[k];
     for (; item < base + cs.items; item += gridDim.x) {
       if (cs.kind == 0)
         gemv_item(cs, k, item - base, done, eps, rows_sum, bias_sum, warp_sq, &finisher, kept_col, kept_x,
-                  warp_kept
-#if CHAIN_RING
-                  , ring_bars, ring_parity
-#endif
-        );
+                  warp_kept);
       else
         attention_item(cs, k, item - base, done, rows_sum, bias_sum, &finisher);
     }
