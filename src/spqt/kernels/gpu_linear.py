@@ -8,8 +8,9 @@ functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
 sparse_pays: the tuned crossovers of the shape (the lowest sparsity from which B4 with its collection, or MODE_KEPT,
 beat B2). sparse_kept: a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each program lists its
 share's kept inputs itself (no collection launch), the norm folded as in B2. Off by default (in whole decode steps it
-gained 3 % on the 7B at 50 % and lost 8 % on the 70B: docs/RESULTS.md, fifteenth session); SPQT_SPARSE_KEPT=1 runs
-it for every sparse map, =table where the tuned table says it beat both B2 and the collected B4 (kept_first).
+gained 5.7 % on the 7B at 50 % and lost 4.3 % on the 70B; the table's choice, timed per map alone, lost 3 % on the
+70B: docs/RESULTS.md, sixteenth session); SPQT_SPARSE_KEPT=1 runs it for every sparse map, =table where the tuned
+table says it beat both B2 and the collected B4 (kept_first).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
