@@ -42,8 +42,9 @@
 #                                    (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh keptcross MODE_KEPT's crossovers (spqt tune --crossover-only), the step with the table's
 #                                    choice per map (kept_probe.py), decode (DECODE_RUNS)
-#   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES), decode per KEPT_RUNS with SPQT_SPARSE_KEPT
-#                                    each of KEPT_VARIANTS (default 0, table)
+#   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES, default runtime; none: the shipped table),
+#                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_VARIANTS (default 0 table;
+#                                    also 1, norm, plain)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -716,14 +717,16 @@ llama2-7b:now}" 90
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
     ;;
   kepttable)
-    # MODE_KEPT's crossovers measured anew (spqt tune --crossover-only, CROSS_SHAPES; the table to $OUT and into this
-    # tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_VARIANTS in turn
+    # MODE_KEPT's crossovers measured anew (spqt tune --crossover-only, CROSS_SHAPES unless none; the table to $OUT and
+    # into this tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_VARIANTS in turn
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama2-70b} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
-    cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
-    echo "crossovers: $(( $(date +%s) - start )) s"
+    if [ "${CROSS_SHAPES:-runtime}" != none ]; then  # (the runtime's fused maps: "runtime"; "llama2-7b" lists raw matrices)
+      timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
+        --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
+      cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+      echo "crossovers: $(( $(date +%s) - start )) s"
+    fi
     for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
       for v in ${KEPT_VARIANTS:-0 table}; do
         left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))

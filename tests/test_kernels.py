@@ -401,8 +401,9 @@ def test_fused_ops_match_torch_twins(rng, device):
 def test_kept_route_from_the_table(rng, monkeypatch):
     """MODE_KEPT's crossovers in the table: with SPQT_SPARSE_KEPT=table a map tries MODE_KEPT first from
     "crossover_kept" ("_fused" norm-fed) on, and counts as sparse there (sparse_pays) even below the collected B4's
-    crossover; =1 tries it for every sparse map; unset (the default) never; where MODE_KEPT cannot run (here: no CUDA
-    GEMV) the map falls back to the collected B4 if that pays, else runs dense (the exact dense product)."""
+    crossover; =1 tries it for every sparse map, =norm / =plain for the norm-fed maps / the others; unset (the
+    default) never; where MODE_KEPT cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that
+    pays, else runs dense (the exact dense product)."""
     from spqt.linear import Linear
 
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")
@@ -425,6 +426,11 @@ def test_kept_route_from_the_table(rng, monkeypatch):
         assert not impl.kept_first(0.5) and not impl.sparse_pays(0.5)
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "1")
     assert impl.kept_first(0.1, norm_fed=True) and not impl.sparse_pays(0.1)  # forced first, not forced sparse
+    assert impl.kept_first(0.9) and not impl.sparse_pays(0.5)
+    for setting, fed in (("norm", True), ("plain", False)):  # one kind of map first, by what feeds it
+        monkeypatch.setenv("SPQT_SPARSE_KEPT", setting)
+        assert impl.kept_first(0.1, norm_fed=fed) and not impl.kept_first(0.9, norm_fed=not fed)
+        assert not impl.sparse_pays(0.5)
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")
     calls = []
     real = type(impl).sparse_kept

@@ -9,8 +9,8 @@ sparse_pays: the tuned crossovers of the shape (the lowest sparsity from which B
 beat B2). sparse_kept: a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each program lists its
 share's kept inputs itself (no collection launch), the norm folded as in B2. Off by default (in whole decode steps it
 gained 5.7 % on the 7B at 50 % and lost 4.3 % on the 70B; the table's choice, timed per map alone, lost 3 % on the
-70B: docs/RESULTS.md, sixteenth session); SPQT_SPARSE_KEPT=1 runs it for every sparse map, =table where the tuned
-table says it beat both B2 and the collected B4 (kept_first).
+70B: docs/RESULTS.md, sixteenth session); SPQT_SPARSE_KEPT=1 runs it for every sparse map, =norm / =plain for the
+norm-fed maps / the others, =table where the tuned table says it beat both B2 and the collected B4 (kept_first).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -47,13 +47,16 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
             and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
 
 
-def kept_env() -> bool | None:
-    """SPQT_SPARSE_KEPT=1: every sparse map tries MODE_KEPT first; =table: the tuned table decides per map
-    (TritonLinear.kept_first; None here); unset or anything else: none does (the default). Read at each call; a decode
-    step's captured CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as
+KEPT_SETTINGS = {"1": "all", "norm": "norm", "plain": "plain", "table": "table"}
+
+
+def kept_setting() -> str:
+    """Which sparse maps try MODE_KEPT first (SPQT_SPARSE_KEPT): "all" (=1), "norm" (=norm: the maps whose input an
+    RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where the tuned
+    table says it won, TritonLinear.kept_pays); unset or anything else "off" (the default). Read at each call; a
+    decode step's captured CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as
     scripts/kept_probe.py does)."""
-    value = os.environ.get("SPQT_SPARSE_KEPT", "")
-    return None if value == "table" else value == "1"
+    return KEPT_SETTINGS.get(os.environ.get("SPQT_SPARSE_KEPT", ""), "off")
 
 
 def kept_config() -> str:
@@ -169,13 +172,14 @@ class TritonLinear:
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where the
         table decides it (SPQT_SPARSE_KEPT=table)."""
-        return self.collected_pays(level, norm_fed) or (kept_env() is None and self.kept_pays(level, norm_fed))
+        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed))
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
-        """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: SPQT_SPARSE_KEPT, else
-        kept_pays."""
-        forced = kept_env()
-        return forced if forced is not None else self.kept_pays(level, norm_fed)
+        """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4 (kept_setting)."""
+        setting = kept_setting()
+        if setting == "table":
+            return self.kept_pays(level, norm_fed)
+        return setting == "all" or (setting == "norm" and norm_fed) or (setting == "plain" and not norm_fed)
 
     def sparse_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, threshold: torch.Tensor,
                       residual: torch.Tensor | None = None, swiglu: bool = False, scale: torch.Tensor | None = None):
