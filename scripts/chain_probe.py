@@ -90,6 +90,9 @@ def main():
     for spec in args.variants:
         v = {"pipe": 1, "prefetch": 1, "blocks": 1, "acc": 16, "warps": 4} | {
             key: float(val) for key, val in (kv.split("=") for kv in spec.split(","))}
+        unknown = set(v) - {"pipe", "prefetch", "blocks", "acc", "warps", "sleep", "finish", "nowait", "fence", "waves"}
+        if unknown:
+            raise SystemExit(f"chain_probe: unknown variant keys {', '.join(sorted(unknown))} in {spec!r}")
         kernel_args = {key: int(v[key]) for key in ("pipe", "prefetch", "blocks", "acc", "warps")}
         kernel_args["defines"] = tuple(f"-DCHAIN_{key.upper()}={int(v[key])}"
                                        for key in ("sleep", "finish", "nowait", "fence") if key in v)

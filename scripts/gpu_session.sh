@@ -43,7 +43,7 @@
 #   scripts/gpu_session.sh keptcross MODE_KEPT's crossovers (spqt tune --crossover-only), the step with the table's
 #                                    choice per map (kept_probe.py), decode (DECODE_RUNS)
 #   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES, default runtime; none: the shipped table),
-#                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_VARIANTS (default 0 table;
+#                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_SETTINGS (default 0 table;
 #                                    also 1, norm, plain)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
@@ -718,7 +718,7 @@ llama2-7b:now}" 90
     ;;
   kepttable)
     # MODE_KEPT's crossovers measured anew (spqt tune --crossover-only, CROSS_SHAPES unless none; the table to $OUT and
-    # into this tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_VARIANTS in turn
+    # into this tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_SETTINGS in turn
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     if [ "${CROSS_SHAPES:-runtime}" != none ]; then  # (the runtime's fused maps: "runtime"; "llama2-7b" lists raw matrices)
@@ -728,7 +728,7 @@ llama2-7b:now}" 90
       echo "crossovers: $(( $(date +%s) - start )) s"
     fi
     for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
-      for v in ${KEPT_VARIANTS:-0 table}; do
+      for v in ${KEPT_SETTINGS:-0 table}; do
         left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
         [ $left -lt 40 ] && { echo "no time left for ${run%%:*} $v"; break 2; }
         echo "${run%%:*} SPQT_SPARSE_KEPT=$v"

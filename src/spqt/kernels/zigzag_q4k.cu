@@ -940,6 +940,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
   unsigned short* kept_x = kept_off + per;
   __shared__ int warp_kept[WARPS];
+  // per is a multiple of 16 WARPS (zigzag_cuda.share): the list padded to whole chunks stays within its per entries,
+  // and load_kept_lanes' 8-byte reads are aligned
   const int kept = list_kept<true>(first, hi, load_f32(thr), col_scale, x_at, kept_off, kept_x, warp_kept);
   const int step = 16 * WARPS;
   const LevelWords* qf = qr + first * 4;
