@@ -133,3 +133,18 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     assert rows[1]["achieved"]["all"] > 0.3 and rows[0]["ppl"] > 1
     _error(capsys, ["perplexity", str(model), "--data", str(tmp_path / "none.txt")], "no such file")
     _error(capsys, ["perplexity", str(model), "--data", str(evaluation), "--ctx", "100000", "--device", "cpu"], "--ctx")
+
+
+def test_bench_decode_rows_record_the_route_switches(monkeypatch):
+    """A decode row records the SPQT_* variables that change what a step runs (not the cache, commit or API key)."""
+    import os
+
+    from spqt.bench_decode import route_switches
+
+    for name in [k for k in os.environ if k.startswith("SPQT_")]:
+        monkeypatch.delenv(name)
+    assert route_switches() == {}
+    for name, value in (("SPQT_SPARSE_KEPT", "norm"), ("SPQT_CHAIN", "1"), ("SPQT_CACHE", "/tmp/c"),
+                        ("SPQT_COMMIT", "abc"), ("SPQT_API_KEY", "k"), ("OTHER_SPQT_X", "1")):
+        monkeypatch.setenv(name, value)
+    assert route_switches() == {"SPQT_CHAIN": "1", "SPQT_SPARSE_KEPT": "norm"}

@@ -154,6 +154,15 @@ def probe_generator(model: str, sparsity: float = 0.0) -> tuple[Generator, list[
     return gen, prompt.tolist()
 
 
+NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")  # SPQT_* variables that do not change what a step runs
+
+
+def route_switches() -> dict:
+    """The SPQT_* environment variables of this process that change how a decode step runs (SPQT_SPARSE_KEPT,
+    SPQT_CHAIN, SPQT_GEMV, ...: each row records them, so a log says what it timed)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith("SPQT_") and k not in NOT_ROUTES}
+
+
 def decode_run(gen: Generator, prompt: list[int], new_tokens: int) -> dict:
     """Greedy decode; per-step wall time of graph replays (each synchronised). Then the same decode
     again with the dropped inputs counted (the counting kernels kept out of the timed run): the
@@ -212,7 +221,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
-                   "step": "chain" if gen.chain_runs() else "launched"}
+                   "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches()}
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
             log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
@@ -220,7 +229,8 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")
-                + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else ""))
+                + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else "")
+                + "".join(f", {k}={v}" for k, v in row["switches"].items()))
         del gen, loaded
         torch.cuda.empty_cache()
     return rows
