@@ -1,8 +1,9 @@
 """What a sparse map in ONE launch gives a decode step (issue 14): the step's CUDA graph at a sparsity level with the
 shipped sparse maps (a collection launch, or the norm fused with it, then B4 and its reduction) against MODE_KEPT
 (SPQT_SPARSE_KEPT=1: each program of the GEMV lists its share's kept inputs itself, B2's grid and finishes, the norm
-folded), with the tuned crossovers and with every thresholded map sparse, the table's choice per map (SPQT_SPARSE_KEPT
-=table: MODE_KEPT from its own crossover on), and the dense step; alternating in one process, device time (device
+folded), with the tuned crossovers (on every sparse map, on the norm-fed ones, on the others: =norm, =plain) and with
+every thresholded map sparse, the table's choice per map (SPQT_SPARSE_KEPT=table: MODE_KEPT from its own crossover
+on), and the dense step; alternating in one process, device time (device
 machine).
 
     python3 scripts/kept_probe.py [--model synthetic:llama2-7b] [--levels 0.5 0.25] [--rounds 2] [--reps 30]
@@ -29,9 +30,9 @@ def main():
     tables = {level: calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"), level)
               for level in args.levels}
 
-    def setup(level: float, kept: bool | None, fallback: bool):
+    def setup(level: float, kept: str, fallback: bool):
         def apply():
-            os.environ["SPQT_SPARSE_KEPT"] = "table" if kept is None else "1" if kept else "0"
+            os.environ["SPQT_SPARSE_KEPT"] = kept  # gpu_linear.kept_setting
             if level > 0:
                 gen.set_sparsity(level, table=tables[level])
             else:
@@ -40,11 +41,13 @@ def main():
         return apply
 
     for level in args.levels:
-        setups = {"collected (shipped)": setup(level, False, True),
-                  "kept": setup(level, True, True),
-                  "kept, every map sparse": setup(level, True, False),
-                  "the table's choice": setup(level, None, True),
-                  "dense": setup(0.0, False, True)}
+        setups = {"collected (shipped)": setup(level, "0", True),
+                  "kept": setup(level, "1", True),
+                  "kept, norm-fed maps": setup(level, "norm", True),
+                  "kept, the other maps": setup(level, "plain", True),
+                  "kept, every map sparse": setup(level, "1", False),
+                  "the table's choice": setup(level, "table", True),
+                  "dense": setup(0.0, "0", True)}
         results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
         setups["kept"]()
         dense_maps = len(gen.dense_fallbacks())
