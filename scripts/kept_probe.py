@@ -3,8 +3,7 @@ shipped sparse maps (a collection launch, or the norm fused with it, then B4 and
 (SPQT_SPARSE_KEPT=1: each program of the GEMV lists its share's kept inputs itself, B2's grid and finishes, the norm
 folded), with the tuned crossovers (on every sparse map, on the norm-fed ones, on the others: =norm, =plain) and with
 every thresholded map sparse, the table's choice per map (SPQT_SPARSE_KEPT=table: MODE_KEPT from its own crossover
-on), and the dense step; alternating in one process, device time (device
-machine).
+on), and the dense step; alternating in one process, device time (device machine).
 
     python3 scripts/kept_probe.py [--model synthetic:llama2-7b] [--levels 0.5 0.25] [--rounds 2] [--reps 30]
 
