@@ -429,13 +429,11 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
 
     timed(b2)  # untimed first (_fastest says why)
     dense = timed(b2)
-    from spqt.kernels.gpu_linear import norm_foldable
+    from spqt.kernels.gpu_linear import kept_runnable, norm_foldable
 
     sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
     # as the runtime runs it (TritonLinear.sparse_kept): Q4_K, the dense config on the CUDA GEMV
-    kept_runs = (weights[0].fmt == "q4_k"
-                 and kg.finish_plan(weights[0], h, kg.MODE_KEPT, ws_d.split, -1, args["impl"])[0]
-                 and zigzag_cuda.kept_fits(k, ws_d.split, args["num_warps"]))
+    kept_runs = kept_runnable(weights[0], h, ws_d.split, args)
     if norm_foldable(weights[0], h, ws_d.split, args, norm_w):
         dense_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_DENSE, ws_d, **args, norm=(norm_w, sums, eps)))
     else:

@@ -47,6 +47,14 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
             and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
 
 
+def kept_runnable(w, v: torch.Tensor, split: int, args: dict) -> bool:
+    """Whether w's MODE_KEPT can run with this split and the launch args of a config: Q4_K, the CUDA GEMV runs it, and
+    a share of at most NORM_SHARE columns (zigzag_cuda.kept_fits; its list in shared memory)."""
+    return (getattr(w, "fmt", "q4_k") == "q4_k" and kg.finish_plan(w, v, kg.MODE_KEPT, split, kg.EPILOGUE_NONE,
+                                                                   args["impl"])[0]
+            and zigzag_cuda.kept_fits(w.shape[1], split, args["num_warps"]))
+
+
 KEPT_SETTINGS = {"1": "all", "norm": "norm", "plain": "plain", "table": "table"}
 
 
@@ -207,8 +215,7 @@ class TritonLinear:
         args = tuning.launch_args(cfg)
         split = ws.split
         epilogue = self._gemv_epilogue(residual, swiglu)
-        if (not kg.finish_plan(self.w, v, kg.MODE_KEPT, split, kg.EPILOGUE_NONE, args["impl"])[0]
-                or not zigzag_cuda.kept_fits(self.k, split, args["num_warps"])):
+        if not kept_runnable(self.w, v, split, args):
             return None
         more = {"threshold": threshold.reshape(()), "scale": scale}
         if norm is not None:
@@ -271,11 +278,8 @@ class TritonZigzagTypesLinear(TritonLinear):
         """The Triton type kernels do not fold the norm (the module runs it)."""
         return None
 
-    def sparse_kept(self, *args, **kwargs) -> None:
-        """The Triton type kernels have no MODE_KEPT (the collection runs)."""
-        return None
-
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
+        """The Triton type kernels have no MODE_KEPT (the collection runs)."""
         return False
 
 
