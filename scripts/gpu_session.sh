@@ -131,6 +131,14 @@ kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS 
     echo "kept probe $m: $(( $(date +%s) - start )) s"
   done
 }
+# spqt tune --crossover-only for CROSS_SHAPES (default runtime) within CROSS_BUDGET (300 s): the table to $OUT and into
+# this tree (what follows in the call runs it), logged in $OUT/crossover.log
+tune_crossovers() {
+  timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
+    --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
+  cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+  echo "crossovers: $(( $(date +%s) - start )) s"
+}
 stage=${1:-kernels}
 case "$stage" in
   kernels)
@@ -709,10 +717,7 @@ llama2-7b:now}" 90
     # the step with the table's choice per map (kept_probe.py: KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
-    cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
-    echo "crossovers: $(( $(date +%s) - start )) s"
+    tune_crossovers
     kept_probes 540
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
     ;;
@@ -721,12 +726,7 @@ llama2-7b:now}" 90
     # into this tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_SETTINGS in turn
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    if [ "${CROSS_SHAPES:-runtime}" != none ]; then  # (the runtime's fused maps: "runtime"; "llama2-7b" lists raw matrices)
-      timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
-        --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
-      cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
-      echo "crossovers: $(( $(date +%s) - start )) s"
-    fi
+    [ "${CROSS_SHAPES:-runtime}" != none ] && tune_crossovers  # ("runtime": the fused maps; "llama2-7b": raw matrices)
     for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
       for v in ${KEPT_SETTINGS:-0 table}; do
         left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
