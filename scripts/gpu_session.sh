@@ -45,6 +45,8 @@
 #   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES, default runtime; none: the shipped table),
 #                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_SETTINGS (default 0 table;
 #                                    also 1, norm, plain)
+#   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
+#                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -720,6 +722,29 @@ llama2-7b:now}" 90
     tune_crossovers
     kept_probes 540
     [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
+    ;;
+  routes17)
+    # The decode step's MODE_KEPT route tuned per model (spqt tune --routes: a process per route, ROUTE_RUNS of
+    # model[,model]:levels), the table to $OUT and into this tree, then bench decode in the default environment
+    # (ROUTE_CHECK, model:levels) running the tuned route
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
+    for run in ${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5 synthetic:llama2-70b,synthetic:llama3-8b:0.5}; do
+      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
+      timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
+        2>&1 | grep -v WARN | grep "tok/s\|tokens/s ->\|wrote\|error"
+      cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$key.json"
+      echo "routes $run: $(( $(date +%s) - start )) s"
+    done 2>&1 | tee "$OUT/routes.log"
+    for run in ${ROUTE_CHECK:-llama2-7b:0.5}; do
+      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $run"; break; }
+      timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag --sparsity ${run#*:} \
+        --json "$OUT/decode-route-${run%%:*}.json" 2>&1 | grep tok/s
+    done 2>&1 | tee "$OUT/route-decode.log"
+    echo "routes and decode: $(( $(date +%s) - start )) s"
     ;;
   kepttable)
     # MODE_KEPT's crossovers measured anew (spqt tune --crossover-only, CROSS_SHAPES unless none; the table to $OUT and

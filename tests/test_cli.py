@@ -135,6 +135,12 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     _error(capsys, ["perplexity", str(model), "--data", str(evaluation), "--ctx", "100000", "--device", "cpu"], "--ctx")
 
 
+def test_tune_routes_bad_input(capsys):
+    """spqt tune --routes without models, or with levels outside (0, 1): one error line, before any GPU work."""
+    _error(capsys, ["tune", "--routes", ""], "--routes needs models")
+    _error(capsys, ["tune", "--routes", "synthetic:tiny", "--route-levels", "0.5,1.5"], "--route-levels in (0, 1)")
+
+
 def test_bench_decode_rows_record_the_route_switches(monkeypatch):
     """A decode row records the SPQT_* variables that change what a step runs (not the cache, commit or API key)."""
     import os

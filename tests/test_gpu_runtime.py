@@ -79,9 +79,11 @@ def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
     """fp16 CUDA decode at 50 % with every thresholded map sparse: with SPQT_SPARSE_KEPT=1 (one MODE_KEPT launch a map,
     each program listing its share's kept inputs, norms folded) each step's logits within 2 % of the logit range of
     the decode with the collections launched, compared while the greedy tokens agree (at least 8 steps); MODE_KEPT
-    ran every o and down map, and norm-fed maps with their norm folded (every map forced onto the CUDA GEMV)."""
+    ran every o and down map, and norm-fed maps with their norm folded (every map forced onto the CUDA GEMV). With the
+    variable unset the tuned step route of the model's geometry decides (here a table naming "all" at 0.5): the same
+    tokens and logits as =1, bit for bit; =0 overrides that route."""
     from spqt.calibrate import calibrate
-    from spqt.kernels import gpu_linear
+    from spqt.kernels import gpu_linear, tuning
 
     monkeypatch.setenv("SPQT_GEMV", "cuda")
     loaded = load_spqt(tiny_spqt)
@@ -90,7 +92,10 @@ def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
     prompt = [3, 17, 42, 5, 9]
     runs = {}
     real = gpu_linear.TritonLinear.sparse_kept
-    for kept in ("1", "0"):
+    key, real_entries = tuning.model_key(loaded.config, "q4_k"), tuning.table_entries
+    monkeypatch.setattr(tuning, "table_entries", lambda variant: {key: {"levels": {"0.5": {"route": "all"}}}}
+                        if variant == tuning.STEP_VARIANT else real_entries(variant))
+    for kept in ("1", "0", ""):
         monkeypatch.setenv("SPQT_SPARSE_KEPT", kept)
         calls = []  # (the implementation, normed, ran)
         monkeypatch.setattr(gpu_linear.TritonLinear, "sparse_kept", lambda self, *a, **kw: calls.append(
@@ -99,13 +104,15 @@ def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
         gen = Generator(loaded, "cuda", dtype=torch.float16, sparsity=0.5, max_len=64, dense_fallback=False)
         runs[kept] = (gen.generate(prompt, 24, track=False, on_logits=logits.append).tokens, logits)
         ran = {impl for impl, _, y in calls if y is not None}
-        if kept == "1":
+        assert gen.kept_route == "all"  # the route the table names; SPQT_SPARSE_KEPT overrides it where set
+        if kept in ("1", ""):
             residual_maps = {id(b.attention.o.impl) for b in gen.model.layers} | {
                 id(b.feed_forward.down.impl) for b in gen.model.layers}
             assert residual_maps <= ran, f"{len(residual_maps - ran)} o / down maps did not run MODE_KEPT"
             assert any(normed and y is not None for _, normed, y in calls), "no norm-fed map ran MODE_KEPT"
         else:
             assert not ran, "MODE_KEPT ran with SPQT_SPARSE_KEPT=0"
+    assert runs[""][0] == runs["1"][0] and all(torch.equal(a, b) for a, b in zip(runs[""][1], runs["1"][1]))
     (a_tokens, a_logits), (b_tokens, b_logits) = runs["1"], runs["0"]
     same = next((i for i, (x, y) in enumerate(zip(a_tokens, b_tokens)) if x != y), len(a_tokens))
     assert same >= 8, f"MODE_KEPT and collected sparse maps diverge at token {same}"

@@ -431,6 +431,15 @@ def test_kept_route_from_the_table(rng, monkeypatch):
         monkeypatch.setenv("SPQT_SPARSE_KEPT", setting)
         assert impl.kept_first(0.1, norm_fed=fed) and not impl.kept_first(0.9, norm_fed=not fed)
         assert not impl.sparse_pays(0.5)
+    # unset, the model's tuned step route decides (generate.set_kept_route); a set variable overrides it
+    monkeypatch.delenv("SPQT_SPARSE_KEPT")
+    impl.kept_route = "all"
+    assert impl.kept_first(0.1) and impl.kept_first(0.9, norm_fed=True) and not impl.sparse_pays(0.5)
+    impl.kept_route = "norm"
+    assert impl.kept_first(0.5, norm_fed=True) and not impl.kept_first(0.5)
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "0")
+    assert not impl.kept_first(0.5, norm_fed=True)
+    impl.kept_route = "off"
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")
     calls = []
     real = type(impl).sparse_kept
@@ -585,6 +594,37 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     assert functional.DECODE_ATTENTION_MAX_SPAN <= fused.ATTN_BLOCK_N * fused.ATTN_MAX_SPLITS  # the span it is given
     with pytest.raises(ValueError, match="2048 keys"):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, 2049)
+
+
+def test_decode_step_routes(tmp_path, monkeypatch):
+    """The tuned step routes (spqt tune --routes): keyed by the model's geometry; a level runs the route chosen at
+    the highest level timed at or below it, off below them all and for a geometry never timed; a route must beat
+    "off" by the margin to be chosen; a table written by another tune keeps them."""
+    import json
+
+    from spqt.bench_decode import SYNTHETIC, choose_route
+    from spqt.config import ModelConfig
+    from spqt.kernels import tuning
+
+    key = tuning.model_key(ModelConfig(**SYNTHETIC["llama2-7b"]), "q4_k")
+    assert key == "q4_k:4096x11008x32x32x128x32"
+    assert tuning.model_key(ModelConfig(**SYNTHETIC["llama2-70b"]), "q4_k") == "q4_k:8192x28672x64x8x128x80"
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    levels = {"0.4": {"route": "off"}, "0.5": {"route": "all"}, "0.65": {"route": "norm"}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
+                                "entries": {tuning.STEP_VARIANT: {key: {"levels": levels}}}}))
+    tuning._load_table.cache_clear()
+    for level, route in ((0.25, "off"), (0.4, "off"), (0.45, "off"), (0.5, "all"), (0.6, "all"), (0.65, "norm"),
+                         (0.9, "norm")):
+        assert tuning.decode_route(key, level) == route, level
+    assert tuning.decode_route("q4_k:1x2x3x4x5x6", 0.5) == "off"
+    assert key in tuning.all_entries()[tuning.STEP_VARIANT]  # what a kernel re-tune starts from and saves
+    tuning._load_table.cache_clear()
+    assert choose_route({"off": 100.0, "norm": 100.9, "all": 100.5}) == "off"  # within the margin
+    assert choose_route({"off": 100.0, "norm": 103.0, "all": 106.0}) == "all"
+    assert choose_route({"off": 106.4, "norm": 104.1, "all": 102.0}) == "off"
 
 
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from spqt.checkpoint import LoadedModel, QuantizedWeight, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
 from spqt.generate import Generator, sparse_linears
+from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
 from spqt.sources import TokenizerSpec
@@ -154,6 +155,7 @@ def probe_generator(model: str, sparsity: float = 0.0) -> tuple[Generator, list[
     return gen, prompt.tolist()
 
 
+KEPT_ROUTE_NAMES = {"norm": "the norm-fed maps", "all": "every sparse map"}
 NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")  # SPQT_* variables that do not change what a step runs
 
 
@@ -221,7 +223,10 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
-                   "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches()}
+                   "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
+                   "model_key": tuning.model_key(loaded.config, fmt)}
+            # the tuned step route (tuning.decode_route) where SPQT_SPARSE_KEPT does not override it
+            row["kept_route"] = None if "SPQT_SPARSE_KEPT" in row["switches"] else gen.kept_route
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
             log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
@@ -230,15 +235,18 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")
                 + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else "")
+                + (f", MODE_KEPT on {KEPT_ROUTE_NAMES[row['kept_route']]} (tuned route)"
+                   if row["kept_route"] not in (None, "off") else "")
                 + "".join(f", {k}={v}" for k, v in row["switches"].items()))
         del gen, loaded
         torch.cuda.empty_cache()
     return rows
 
 
-def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, log) -> dict:
-    """One (type, layout, level) timed by `spqt bench decode --one-process` in a fresh process: its report
-    (rows, copy_gbps); its stdout lines passed to log as they come, its stderr kept for the error line."""
+def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, log, env: dict | None = None) -> dict:
+    """One (type, layout, level) timed by `spqt bench decode --one-process` in a fresh process (env: variables set
+    for it): its report (rows, copy_gbps); its stdout lines passed to log as they come, its stderr kept for the
+    error line."""
     import subprocess
     import sys
     import tempfile
@@ -251,7 +259,7 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
                "--json", out]
         with open(os.path.join(tmp, "stderr"), "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
             try:
                 for line in proc.stdout:
                     if line.strip():
@@ -322,3 +330,37 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
         atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return report
 
+
+
+ROUTE_MARGIN = 0.01  # a route other than "off" must decode this much faster to be chosen (runs differ by ~0.5 %)
+
+
+def choose_route(tokens_per_s: dict) -> str:
+    """The route of the fastest decode among {route: tokens/s} ("off" among them), "off" unless it beats "off" by
+    ROUTE_MARGIN."""
+    best = max(tokens_per_s, key=tokens_per_s.get)
+    return best if tokens_per_s[best] >= tokens_per_s["off"] * (1 + ROUTE_MARGIN) else "off"
+
+
+def tune_routes(args, models: list[str], levels: list[float], log=print) -> dict:
+    """spqt tune --routes: for each model (synthetic:NAME or a Q4_K zigzag .spqt) and level, greedy decode timed as
+    `spqt bench decode` times it, a process per route with SPQT_SPARSE_KEPT forcing it (off, the norm-fed maps,
+    every sparse map); the fastest by choose_route. Returns {model_key: entry} (tuning.STEP_VARIANT's format) to
+    merge into the table."""
+    from spqt.kernels.gpu_linear import KEPT_ROUTES
+
+    force = {"off": "0", "norm": "norm", "all": "1"}
+    found = {}
+    for model in models:
+        for level in levels:
+            rates, key = {}, None
+            for route in KEPT_ROUTES:
+                child = _row_in_child(args, model, "q4_k", "zigzag", level, log, env={"SPQT_SPARSE_KEPT": force[route]})
+                row = child["rows"][0]
+                rates[route], key = row["tokens_per_s"], row["model_key"]
+            route = choose_route(rates)
+            log(f"{model} at {level:.2f}: " + ", ".join(f"{r} {v:.1f}" for r, v in rates.items())
+                + f" tokens/s -> {route}")
+            entry = found.setdefault(key, {"model": model, "levels": {}})
+            entry["levels"][f"{level:g}"] = {"route": route, "tokens_per_s": {r: round(v, 1) for r, v in rates.items()}}
+    return found

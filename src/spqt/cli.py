@@ -436,11 +436,24 @@ def cmd_tune(args) -> int:
     types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
+    models = [m.strip() for m in (args.routes or "").split(",") if m.strip()]
+    if args.routes is not None and (not models or not args.route_levels
+                                    or any(not 0 < level < 1 for level in args.route_levels)):
+        raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated) and --route-levels "
+                        f"in (0, 1); got {args.routes!r} at {','.join(map(str, args.route_levels))}")
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
-    if args.crossover_only and args.cuda_against_table:
-        raise SpqtError("--crossover-only and --cuda-against-table exclude each other")
-    if args.crossover_only:
+    if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None))) > 1:
+        raise SpqtError("--crossover-only, --cuda-against-table and --routes exclude each other")
+    if args.routes is not None:
+        from spqt.bench_decode import tune_routes
+
+        entries = tuning.all_entries()
+        for key, entry in tune_routes(args, models, args.route_levels).items():
+            old = entries[tuning.STEP_VARIANT].get(key, {})
+            entries[tuning.STEP_VARIANT][key] = {**entry, "levels": {**old.get("levels", {}), **entry["levels"]}}
+        entries = {v: e for v, e in entries.items() if e}
+    elif args.crossover_only:
         entries = tune_crossover(parse_shapes(args.shapes))
     elif args.cuda_against_table:
         from spqt.kernels import zigzag_cuda
@@ -674,6 +687,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "faster and measure the crossover anew")
     p.add_argument("--types", default="q4_k", help="weight types to tune, comma-separated: q4_k (its B0, B2, B4), "
                    "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
+    p.add_argument("--routes", metavar="MODELS",
+                   help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME or a Q4_K "
+                        "zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the norm-fed maps, on "
+                        "every sparse map, and save the fastest per model geometry and level (the runtime's default)")
+    p.add_argument("--route-levels", type=_floats, default=[0.5], help="--routes: sparsity levels, comma-separated (a level "
+                   "runs the route of the highest level timed at or below it; below all of them, off)")
+    p.add_argument("--prompt-tokens", type=int, default=10, help="--routes: as spqt bench decode")
+    p.add_argument("--new-tokens", type=int, default=128, help="--routes: as spqt bench decode")
     p.set_defaults(func=cmd_tune)
     return parser
 

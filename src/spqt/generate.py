@@ -90,6 +90,15 @@ def set_dense_fallback(model: Transformer, active: bool) -> None:
     model.switches = {**getattr(model, "switches", {}), "dense_fallback": active}
 
 
+def set_kept_route(model: Transformer, route: str) -> None:
+    """Which sparse maps run MODE_KEPT (one launch a map) in the model's decode steps: "off", "norm" (q|k|v and
+    gate|up) or "all" (gpu_linear.KEPT_ROUTES; implementations without MODE_KEPT ignore it)."""
+    for _, _, lin in sparse_linears(model):
+        if hasattr(lin.impl, "kept_route"):
+            lin.impl.kept_route = route
+    model.switches = {**getattr(model, "switches", {}), "kept_route": route}
+
+
 def dense_fallbacks(model: Transformer) -> list[str]:
     """The maps that run dense although a threshold is set (their level is below the crossover)."""
     out = []
@@ -241,6 +250,18 @@ class Generator:
         set_thresholds(self.model, table, levels)
         self.sparsity = sparsity
         self.criterion = criterion
+        self.kept_route = self._tuned_kept_route(sparsity if table is not None else 0.0)
+        set_kept_route(self.model, self.kept_route)
+
+    def _tuned_kept_route(self, sparsity: float) -> str:
+        """The decode step's MODE_KEPT route that `spqt tune --routes` measured for this model's geometry at this
+        sparsity on this GPU (tuning.decode_route); "off" when dense, off the GPU, or for other types than Q4_K
+        zigzag (MODE_KEPT is Q4_K's). SPQT_SPARSE_KEPT, when set, overrides it map by map (gpu_linear.kept_setting)."""
+        if sparsity <= 0 or self.device != "cuda" or self.backend != "triton" or self.loaded.kind != "q4_k-zigzag":
+            return "off"
+        from spqt.kernels import tuning
+
+        return tuning.decode_route(tuning.model_key(self.loaded.config, "q4_k"), sparsity)
 
     def dense_fallbacks(self) -> list[str]:
         """Maps running dense at this level because their sparse kernel would be slower (none in the chain: it runs

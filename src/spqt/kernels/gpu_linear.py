@@ -7,10 +7,12 @@ in the reduction kernel, which then also wrote its output's sums of squares (the
 functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
 sparse_pays: the tuned crossovers of the shape (the lowest sparsity from which B4 with its collection, or MODE_KEPT,
 beat B2). sparse_kept: a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each program lists its
-share's kept inputs itself (no collection launch), the norm folded as in B2. Off by default (in whole decode steps it
-gained 5.7 % on the 7B at 50 % and lost 4.3 % on the 70B; the table's choice, timed per map alone, lost 3 % on the
-70B: docs/RESULTS.md, sixteenth session); SPQT_SPARSE_KEPT=1 runs it for every sparse map, =norm / =plain for the
-norm-fed maps / the others, =table where the tuned table says it beat both B2 and the collected B4 (kept_first).
+share's kept inputs itself (no collection launch), the norm folded as in B2. Which maps run it is a property of the whole
+decode step, not of a map timed alone (in whole steps it gained 6 % on the 7B at 50 % and lost 4 % on the 70B; the
+table's per-map choice lost 3 % on the 70B: docs/RESULTS.md, sixteenth session), so by default a model runs the route
+that `spqt tune --routes` measured for its geometry on this GPU (kept_route, set by the Generator; off where none was
+measured). SPQT_SPARSE_KEPT overrides it: =1 every sparse map, =norm / =plain the norm-fed maps / the others, =0 none,
+=table where the tuned table says the map alone beat both B2 and the collected B4 (kept_first).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -56,15 +58,18 @@ def kept_runnable(w, v: torch.Tensor, split: int, args: dict) -> bool:
 
 
 KEPT_SETTINGS = {"1": "all", "norm": "norm", "plain": "plain", "table": "table"}
+KEPT_ROUTES = ("off", "norm", "all")  # what the tuned step routes choose from (tuning.decode_route)
 
 
-def kept_setting() -> str:
-    """Which sparse maps try MODE_KEPT first (SPQT_SPARSE_KEPT): "all" (=1), "norm" (=norm: the maps whose input an
-    RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where the tuned
-    table says it won, TritonLinear.kept_pays); unset or anything else "off" (the default). Read at each call; a
-    decode step's captured CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as
-    scripts/kept_probe.py does)."""
-    return KEPT_SETTINGS.get(os.environ.get("SPQT_SPARSE_KEPT", ""), "off")
+def kept_setting() -> str | None:
+    """Which sparse maps try MODE_KEPT first as SPQT_SPARSE_KEPT asks: "all" (=1), "norm" (=norm: the maps whose input
+    an RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where the tuned
+    table says the map alone won, TritonLinear.kept_pays), anything else set "off"; None where it is unset or empty
+    (the default: the model's tuned step route, TritonLinear.kept_route). Read at each call; a decode step's captured
+    CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as scripts/kept_probe.py
+    does)."""
+    value = os.environ.get("SPQT_SPARSE_KEPT", "")
+    return KEPT_SETTINGS.get(value, "off") if value else None
 
 
 def kept_config() -> str:
@@ -91,6 +96,8 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 
 
 class TritonLinear:
+    kept_route = "off"  # which sparse maps of the model's decode step run MODE_KEPT (KEPT_ROUTES; generate.set_kept_route)
+
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)
         self.n, self.k = weight.shape
@@ -183,8 +190,9 @@ class TritonLinear:
         return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed))
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
-        """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4 (kept_setting)."""
-        setting = kept_setting()
+        """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: as SPQT_SPARSE_KEPT asks
+        (kept_setting), else by the model's tuned step route (kept_route: "off", "norm" or "all")."""
+        setting = kept_setting() or self.kept_route
         if setting == "table":
             return self.kept_pays(level, norm_fed)
         return setting == "all" or (setting == "norm" and norm_fed) or (setting == "plain" and not norm_fed)

@@ -22,6 +22,11 @@ TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
 # version is not used (defaults apply) until `spqt tune` writes a new one.
 KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks, ahead), PDL
+# Per model geometry (model_key), which sparse maps of a decode step run MODE_KEPT (one launch a map), as
+# `spqt tune --routes` measured whole decode steps: {"<model_key>": {"model": what was timed, "levels": {"0.5":
+# {"route": "off" | "norm" | "all", "tokens_per_s": {route: rate}}}}}. Timing a map alone misjudges MODE_KEPT in
+# the step, in both directions (docs/RESULTS.md, sixteenth session), hence whole steps.
+STEP_VARIANT = "decode_step"
 
 
 def device_key() -> str:
@@ -114,8 +119,25 @@ def table_entries(variant: str) -> dict:
 
 def all_entries() -> dict:
     """Every variant's entries of this GPU's table (a copy to update; a re-tune keeps what it does
-    not time), {variant: {"NxK": config}}."""
-    return {v: dict(table_entries(v)) for v in VARIANTS + TYPE_VARIANTS}
+    not time), {variant: {"NxK": config}} (STEP_VARIANT: {model_key: entry})."""
+    return {v: dict(table_entries(v)) for v in VARIANTS + TYPE_VARIANTS + (STEP_VARIANT,)}
+
+
+def model_key(config, fmt: str) -> str:
+    """A decode step's geometry as the step routes are keyed: weight type, then dim x ffn_dim x heads x KV heads x
+    head_dim x layers (the maps' shapes and their count), e.g. "q4_k:4096x11008x32x32x128x32"."""
+    head_dim = config.head_dim or config.dim // config.n_heads
+    return (f"{fmt}:{config.dim}x{config.ffn_dim}x{config.n_heads}x{config.n_kv_heads}x{head_dim}"
+            f"x{config.n_layers}")
+
+
+def decode_route(key: str, level: float) -> str:
+    """Which sparse maps run MODE_KEPT in a decode step at this sparsity, for a model of this model_key on this GPU:
+    the route `spqt tune --routes` chose at the highest level it timed at or below `level` ("off", "norm": the
+    norm-fed q|k|v and gate|up, "all"); "off" where it timed none (the collected B4 and its launches)."""
+    levels = table_entries(STEP_VARIANT).get(key, {}).get("levels", {})
+    below = [lv for lv in levels if float(lv) <= level + 1e-9]
+    return levels[max(below, key=float)]["route"] if below else "off"
 
 
 def config(variant: str, n: int, k: int) -> dict:
