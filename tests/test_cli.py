@@ -37,6 +37,19 @@ def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["gen.json"]  # no temporary left behind
 
 
+def test_generate_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch):
+    """Where the model's tuned decode-step route runs MODE_KEPT (here forced: a CPU has none), generate says so on
+    stderr; SPQT_SPARSE_KEPT set overrides the route, and the line goes."""
+    from spqt.generate import Generator
+
+    monkeypatch.setattr(Generator, "_tuned_kept_route", lambda self, sparsity: "all")
+    for setting, shown in (("", True), ("0", False)):
+        monkeypatch.setenv("SPQT_SPARSE_KEPT", setting)
+        capsys.readouterr()
+        assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu"]) == 0
+        assert ("every sparse map in one launch each" in capsys.readouterr().err) == shown
+
+
 def test_generate_gemv_choice(tiny_spqt, capsys):
     """--gemv fp32 runs the torch reference on the CPU (the label says which GEMV ran)."""
     assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "4", "--device", "cpu",

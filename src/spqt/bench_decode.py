@@ -20,7 +20,7 @@ import spqt
 from spqt.checkpoint import LoadedModel, QuantizedWeight, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
-from spqt.generate import Generator, sparse_linears
+from spqt.generate import KEPT_ROUTE_NAMES, Generator, sparse_linears
 from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
@@ -155,7 +155,6 @@ def probe_generator(model: str, sparsity: float = 0.0) -> tuple[Generator, list[
     return gen, prompt.tolist()
 
 
-KEPT_ROUTE_NAMES = {"norm": "the norm-fed maps", "all": "every sparse map"}
 NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")  # SPQT_* variables that do not change what a step runs
 
 
@@ -225,8 +224,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
                    "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
                    "model_key": tuning.model_key(loaded.config, fmt)}
-            # the tuned step route (tuning.decode_route) where SPQT_SPARSE_KEPT does not override it
-            row["kept_route"] = None if "SPQT_SPARSE_KEPT" in row["switches"] else gen.kept_route
+            row["kept_route"] = gen.tuned_route_runs()  # None: off, or SPQT_SPARSE_KEPT overrides it
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
             log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
@@ -235,8 +233,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")
                 + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else "")
-                + (f", MODE_KEPT on {KEPT_ROUTE_NAMES[row['kept_route']]} (tuned route)"
-                   if row["kept_route"] not in (None, "off") else "")
+                + (f", MODE_KEPT on {KEPT_ROUTE_NAMES[row['kept_route']]} (tuned route)" if row["kept_route"] else "")
                 + "".join(f", {k}={v}" for k, v in row["switches"].items()))
         del gen, loaded
         torch.cuda.empty_cache()

@@ -183,7 +183,7 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    from spqt.generate import Generator, Sampling, resolve_device
+    from spqt.generate import KEPT_ROUTE_NAMES, Generator, Sampling, resolve_device
     from spqt.sparsity import check_sparsity
     from spqt.tokenizer import TextTokenizer
 
@@ -220,6 +220,7 @@ def cmd_generate(args) -> int:
         mode = default_mode(loaded.thresholds, criterion)
     gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=mode, criterion=criterion,
                     max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback, backend=backend)
+
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
     setting = f" {criterion} {mode}" if args.sparsity else ""
@@ -231,6 +232,9 @@ def cmd_generate(args) -> int:
         print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
               f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
               file=sys.stderr, flush=True)
+    if gen.tuned_route_runs():
+        print(f"[{KEPT_ROUTE_NAMES[gen.kept_route]} in one launch each: spqt tune --routes measured it faster for this "
+              f"model on this GPU; SPQT_SPARSE_KEPT=0 turns it off]", file=sys.stderr, flush=True)
     shown = [""]
     produced: list[int] = []
 

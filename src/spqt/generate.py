@@ -90,6 +90,9 @@ def set_dense_fallback(model: Transformer, active: bool) -> None:
     model.switches = {**getattr(model, "switches", {}), "dense_fallback": active}
 
 
+KEPT_ROUTE_NAMES = {"norm": "the norm-fed maps", "all": "every sparse map"}  # the MODE_KEPT routes other than off
+
+
 def set_kept_route(model: Transformer, route: str) -> None:
     """Which sparse maps run MODE_KEPT (one launch a map) in the model's decode steps: "off", "norm" (q|k|v and
     gate|up) or "all" (gpu_linear.KEPT_ROUTES; implementations without MODE_KEPT ignore it)."""
@@ -252,6 +255,15 @@ class Generator:
         self.criterion = criterion
         self.kept_route = self._tuned_kept_route(sparsity if table is not None else 0.0)
         set_kept_route(self.model, self.kept_route)
+
+    def tuned_route_runs(self) -> str | None:
+        """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it, None where it is off or
+        SPQT_SPARSE_KEPT overrides it (for reports)."""
+        if self.kept_route == "off":
+            return None
+        from spqt.kernels.gpu_linear import kept_setting
+
+        return self.kept_route if kept_setting() is None else None
 
     def _tuned_kept_route(self, sparsity: float) -> str:
         """The decode step's MODE_KEPT route that `spqt tune --routes` measured for this model's geometry at this
