@@ -1,5 +1,6 @@
 """What a sparse map in ONE launch gives a decode step (issue 14): the step's CUDA graph at a sparsity level with the
-shipped sparse maps (a collection launch, or the norm fused with it, then B4 and its reduction) against MODE_KEPT
+collected sparse maps (SPQT_SPARSE_KEPT=0: a collection launch, or the norm fused with it, then B4 and its reduction;
+the default where the model has no tuned step route, tuning.decode_route) against MODE_KEPT
 (SPQT_SPARSE_KEPT=1: each program of the GEMV lists its share's kept inputs itself, B2's grid and finishes, the norm
 folded), with the tuned crossovers (on every sparse map, on the norm-fed ones, on the others: =norm, =plain) and with
 every thresholded map sparse, the table's choice per map (SPQT_SPARSE_KEPT=table: MODE_KEPT from its own crossover
@@ -40,7 +41,7 @@ def main():
         return apply
 
     for level in args.levels:
-        setups = {"collected (shipped)": setup(level, "0", True),
+        setups = {"collected (=0)": setup(level, "0", True),
                   "kept": setup(level, "1", True),
                   "kept, norm-fed maps": setup(level, "norm", True),
                   "kept, the other maps": setup(level, "plain", True),
@@ -50,12 +51,12 @@ def main():
         results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
         setups["kept"]()
         dense_maps = len(gen.dense_fallbacks())
-        base = statistics.median(results["collected (shipped)"])
+        base = statistics.median(results["collected (=0)"])
         print(f"{args.model} at {level:.0%} ({dense_maps} maps dense below their crossover), step device time (us), "
               f"median of {args.reps} replays a round:")
         for name, times in results.items():
             median = statistics.median(times)
-            print(f"  {name:<24} {', '.join(f'{t:.1f}' for t in times)}  ({base - median:+.1f} us less than shipped, "
+            print(f"  {name:<24} {', '.join(f'{t:.1f}' for t in times)}  ({base - median:+.1f} us less than collected, "
                   f"{1e6 / median:.1f} steps/s)")
     os.environ.pop("SPQT_SPARSE_KEPT", None)
 

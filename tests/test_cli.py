@@ -37,17 +37,37 @@ def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["gen.json"]  # no temporary left behind
 
 
-def test_generate_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch):
-    """Where the model's tuned decode-step route runs MODE_KEPT (here forced: a CPU has none), generate says so on
-    stderr; SPQT_SPARSE_KEPT set overrides the route, and the line goes."""
+def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch, tmp_path):
+    """Where the model's tuned decode-step route runs MODE_KEPT (Generator.tuned_route_runs: here forced, a CPU has
+    none), generate says so on stderr and in --json and decodes without counting the achieved sparsity (counting
+    runs the collected path); where it does not, it counts as before. tuned_route_runs itself: the route only in
+    fp16, when not counting, and with SPQT_SPARSE_KEPT unset."""
+    import torch
+
+    from spqt.checkpoint import load_spqt
     from spqt.generate import Generator
 
-    monkeypatch.setattr(Generator, "_tuned_kept_route", lambda self, sparsity: "all")
-    for setting, shown in (("", True), ("0", False)):
-        monkeypatch.setenv("SPQT_SPARSE_KEPT", setting)
+    tracked = []
+    real_generate = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **kw: tracked.append(kw["track"]) or real_generate(
+        self, *a, **kw))
+    record = tmp_path / "gen.json"
+    for route in ("all", None):
+        monkeypatch.setattr(Generator, "tuned_route_runs", lambda self, track=False: route)
         capsys.readouterr()
-        assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu"]) == 0
-        assert ("every sparse map in one launch each" in capsys.readouterr().err) == shown
+        assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu", "--json", str(record)]) == 0
+        assert ("every sparse map in one launch each" in capsys.readouterr().err) == (route is not None)
+        assert json.loads(record.read_text())["one_launch_route"] == route
+    assert tracked == [False, True]
+    monkeypatch.undo()
+    monkeypatch.setattr(Generator, "_tuned_kept_route", lambda self, sparsity: "all")
+    gen = Generator(load_spqt(tiny_spqt), "cpu")
+    assert gen.kept_route == "all" and gen.tuned_route_runs() is None  # fp32
+    gen.dtype = torch.float16
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "")
+    assert gen.tuned_route_runs() == "all" and gen.tuned_route_runs(track=True) is None
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "0")
+    assert gen.tuned_route_runs() is None
 
 
 def test_generate_gemv_choice(tiny_spqt, capsys):

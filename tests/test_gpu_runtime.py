@@ -94,7 +94,7 @@ def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
     real = gpu_linear.TritonLinear.sparse_kept
     key, real_entries = tuning.model_key(loaded.config, "q4_k"), tuning.table_entries
     monkeypatch.setattr(tuning, "table_entries", lambda variant: {key: {"levels": {"0.5": {"route": "all"}}}}
-                        if variant == tuning.STEP_VARIANT else real_entries(variant))
+                        if variant == tuning.STEP_ROUTES else real_entries(variant))
     for kept in ("1", "0", ""):
         monkeypatch.setenv("SPQT_SPARSE_KEPT", kept)
         calls = []  # (the implementation, normed, ran)

@@ -402,8 +402,9 @@ def test_kept_route_from_the_table(rng, monkeypatch):
     """MODE_KEPT's crossovers in the table: with SPQT_SPARSE_KEPT=table a map tries MODE_KEPT first from
     "crossover_kept" ("_fused" norm-fed) on, and counts as sparse there (sparse_pays) even below the collected B4's
     crossover; =1 tries it for every sparse map, =norm / =plain for the norm-fed maps / the others; unset (the
-    default) never; where MODE_KEPT cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that
-    pays, else runs dense (the exact dense product)."""
+    default) the model's tuned step route (kept_route, "off" unless set), which a set variable overrides; where MODE_KEPT
+    cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that pays, else runs dense (the exact
+    dense product)."""
     from spqt.linear import Linear
 
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")
@@ -598,13 +599,14 @@ def test_rope_attention_decode(rng, device, monkeypatch):
 
 def test_decode_step_routes(tmp_path, monkeypatch):
     """The tuned step routes (spqt tune --routes): keyed by the model's geometry; a level runs the route chosen at
-    the highest level timed at or below it, off below them all and for a geometry never timed; a route must beat
-    "off" by the margin to be chosen; a table written by another tune keeps them."""
+    the highest level timed at or below it (levels stored exactly), off below them all, for a geometry never timed
+    and where the entry names no route; a kernel re-tune's entries leave them out; a route must beat "off" by the
+    margin; SPQT_SPARSE_KEPT's values."""
     import json
 
     from spqt.bench_decode import SYNTHETIC, choose_route
     from spqt.config import ModelConfig
-    from spqt.kernels import tuning
+    from spqt.kernels import gpu_linear, tuning
 
     key = tuning.model_key(ModelConfig(**SYNTHETIC["llama2-7b"]), "q4_k")
     assert key == "q4_k:4096x11008x32x32x128x32"
@@ -612,19 +614,76 @@ def test_decode_step_routes(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
-    levels = {"0.4": {"route": "off"}, "0.5": {"route": "all"}, "0.65": {"route": "norm"}}
+    levels = {tuning.level_key(0.4): {"route": "off"}, tuning.level_key(0.5): {"route": "all"},
+              tuning.level_key(0.65): {"route": "norm"}, tuning.level_key(0.123456789): {"route": "all"},
+              tuning.level_key(0.8): {"route": "plain"}}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
-                                "entries": {tuning.STEP_VARIANT: {key: {"levels": levels}}}}))
+                                "entries": {tuning.STEP_ROUTES: {key: {"levels": levels}}}}))
     tuning._load_table.cache_clear()
-    for level, route in ((0.25, "off"), (0.4, "off"), (0.45, "off"), (0.5, "all"), (0.6, "all"), (0.65, "norm"),
-                         (0.9, "norm")):
+    for level, route in ((0.1, "off"), (0.123456789, "all"), (0.4, "off"), (0.45, "off"), (0.5, "all"), (0.6, "all"),
+                         (0.65, "norm"), (0.79, "norm"), (0.9, "off")):  # 0.8 names no route of KEPT_ROUTES
         assert tuning.decode_route(key, level) == route, level
     assert tuning.decode_route("q4_k:1x2x3x4x5x6", 0.5) == "off"
-    assert key in tuning.all_entries()[tuning.STEP_VARIANT]  # what a kernel re-tune starts from and saves
+    assert tuning.STEP_ROUTES not in tuning.all_entries()  # a kernel re-tune drops them (cmd_tune says so)
     tuning._load_table.cache_clear()
     assert choose_route({"off": 100.0, "norm": 100.9, "all": 100.5}) == "off"  # within the margin
     assert choose_route({"off": 100.0, "norm": 103.0, "all": 106.0}) == "all"
     assert choose_route({"off": 106.4, "norm": 104.1, "all": 102.0}) == "off"
+    for value, setting in (("", None), ("0", "off"), ("off", "off"), ("1", "all"), ("all", "all"), ("norm", "norm"),
+                           ("plain", "plain"), ("table", "table"), ("junk", "off")):
+        monkeypatch.setenv("SPQT_SPARSE_KEPT", value)
+        assert gpu_linear.kept_setting() == setting, value
+
+
+def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
+    """spqt tune --routes (no GPU here: the child runs faked): a child per route and round with SPQT_SPARSE_KEPT
+    naming the route, the median of the rounds decides; the table keeps the kernel entries and the levels timed
+    before; a model the child skips (not zigzag) is one error line."""
+    import json
+    from argparse import Namespace
+
+    import torch
+
+    from spqt import bench_decode
+    from spqt.cli import main
+    from spqt.kernels import tuning
+
+    rates = {"off": [100.0, 100.0, 100.0], "norm": [90.0, 120.0, 91.0], "all": [104.0, 102.0, 103.0]}
+    asked = []
+
+    def child(args, model, fmt, layout, level, log, env=None):
+        asked.append((model, level, env["SPQT_SPARSE_KEPT"]))
+        if model == "row.spqt":
+            return {"rows": [], "copy_gbps": 1.0}
+        return {"rows": [{"tokens_per_s": rates[env["SPQT_SPARSE_KEPT"]].pop(0), "model_key": "q4_k:" + model}],
+                "copy_gbps": 1.0}
+
+    monkeypatch.setattr(bench_decode, "_row_in_child", child)
+    args = Namespace(prompt_tokens=10, new_tokens=16, head="auto")
+    found = bench_decode.tune_routes(args, ["m"], [0.5], rounds=3, log=lambda line: None)
+    assert asked == [("m", 0.5, r) for r in ("off", "norm", "all")] * 3
+    assert found["q4_k:m"]["levels"]["0.5"]["route"] == "all"  # medians 100, 91, 103: norm's one fast round loses
+    with pytest.raises(bench_decode.SpqtError, match="not a zigzag Q4_K model"):
+        bench_decode.tune_routes(args, ["row.spqt"], [0.5], rounds=1, log=lambda line: None)
+    # the command: the old table's kernel entries and other levels kept, this level replaced
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    kernels = {"zigzag_dense": {"64x64": {"split": 2, "num_warps": 4, "chunks": 1}}}
+    old = {"q4_k:m": {"model": "m", "levels": {"0.4": {"route": "norm"}, "0.5": {"route": "off"}}}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
+                                "entries": {**kernels, tuning.STEP_ROUTES: old}}))
+    tuning._load_table.cache_clear()
+    monkeypatch.setattr(bench_decode, "tune_routes", lambda args, models, levels, rounds: {
+        "q4_k:m": {"model": "m", "levels": {"0.5": {"route": "all", "rounds": rounds}}}})
+    assert main(["tune", "--routes", "m", "--route-levels", "0.5", "--route-rounds", "2"]) == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert entries["zigzag_dense"] == kernels["zigzag_dense"]
+    assert entries[tuning.STEP_ROUTES]["q4_k:m"]["levels"] == {"0.4": {"route": "norm"},
+                                                               "0.5": {"route": "all", "rounds": 2}}
+    tuning._load_table.cache_clear()
 
 
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):

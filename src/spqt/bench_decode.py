@@ -328,7 +328,6 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     return report
 
 
-
 ROUTE_MARGIN = 0.01  # a route other than "off" must decode this much faster to be chosen (runs differ by ~0.5 %)
 
 
@@ -339,25 +338,29 @@ def choose_route(tokens_per_s: dict) -> str:
     return best if tokens_per_s[best] >= tokens_per_s["off"] * (1 + ROUTE_MARGIN) else "off"
 
 
-def tune_routes(args, models: list[str], levels: list[float], log=print) -> dict:
+def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, log=print) -> dict:
     """spqt tune --routes: for each model (synthetic:NAME or a Q4_K zigzag .spqt) and level, greedy decode timed as
-    `spqt bench decode` times it, a process per route with SPQT_SPARSE_KEPT forcing it (off, the norm-fed maps,
-    every sparse map); the fastest by choose_route. Returns {model_key: entry} (tuning.STEP_VARIANT's format) to
-    merge into the table."""
-    from spqt.kernels.gpu_linear import KEPT_ROUTES
-
-    force = {"off": "0", "norm": "norm", "all": "1"}
+    `spqt bench decode` times it, a process per route with SPQT_SPARSE_KEPT forcing it (tuning.KEPT_ROUTES: off, the
+    norm-fed maps, every sparse map), the routes alternating for `rounds` rounds; the fastest by the median of its
+    rounds (choose_route). Returns {model_key: entry} (tuning.STEP_ROUTES' format) to merge into the table."""
     found = {}
     for model in models:
         for level in levels:
-            rates, key = {}, None
-            for route in KEPT_ROUTES:
-                child = _row_in_child(args, model, "q4_k", "zigzag", level, log, env={"SPQT_SPARSE_KEPT": force[route]})
-                row = child["rows"][0]
-                rates[route], key = row["tokens_per_s"], row["model_key"]
+            runs, key = {route: [] for route in tuning.KEPT_ROUTES}, None
+            for _ in range(rounds):
+                for route in tuning.KEPT_ROUTES:
+                    rows = _row_in_child(args, model, "q4_k", "zigzag", level, log,
+                                         env={"SPQT_SPARSE_KEPT": route})["rows"]
+                    if not rows:  # the child skipped it: not the zigzag layout
+                        raise SpqtError(f"spqt tune --routes: {model} is not a zigzag Q4_K model (MODE_KEPT runs on "
+                                        f"zigzag Q4_K maps)")
+                    runs[route].append(rows[0]["tokens_per_s"])
+                    key = rows[0]["model_key"]
+            rates = {route: statistics.median(v) for route, v in runs.items()}
             route = choose_route(rates)
             log(f"{model} at {level:.2f}: " + ", ".join(f"{r} {v:.1f}" for r, v in rates.items())
-                + f" tokens/s -> {route}")
+                + f" tokens/s (median of {rounds}) -> {route}")
             entry = found.setdefault(key, {"model": model, "levels": {}})
-            entry["levels"][f"{level:g}"] = {"route": route, "tokens_per_s": {r: round(v, 1) for r, v in rates.items()}}
+            entry["levels"][tuning.level_key(level)] = {"route": route, "rounds": rounds,
+                                                        "tokens_per_s": {r: round(v, 1) for r, v in rates.items()}}
     return found

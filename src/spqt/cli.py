@@ -12,6 +12,8 @@ from pathlib import Path
 
 from spqt.errors import SpqtError
 
+PROMPT_TOKENS, NEW_TOKENS = 10, 128  # a timed decode's defaults: spqt bench decode, spqt tune --routes
+
 EXIT_USAGE = 2
 
 
@@ -220,7 +222,6 @@ def cmd_generate(args) -> int:
         mode = default_mode(loaded.thresholds, criterion)
     gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=mode, criterion=criterion,
                     max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback, backend=backend)
-
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
     setting = f" {criterion} {mode}" if args.sparsity else ""
@@ -232,9 +233,13 @@ def cmd_generate(args) -> int:
         print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
               f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
               file=sys.stderr, flush=True)
-    if gen.tuned_route_runs():
-        print(f"[{KEPT_ROUTE_NAMES[gen.kept_route]} in one launch each: spqt tune --routes measured it faster for this "
-              f"model on this GPU; SPQT_SPARSE_KEPT=0 turns it off]", file=sys.stderr, flush=True)
+    # the tuned one-launch route runs where the steps do not count the achieved sparsity (counting runs the
+    # collected path): where the route applies, decode fast and do not count
+    route = gen.tuned_route_runs()
+    if route:
+        print(f"[{KEPT_ROUTE_NAMES[route]} in one launch each: spqt tune --routes measured it faster for this model on "
+              f"this GPU (the achieved sparsity is not counted then); SPQT_SPARSE_KEPT=0 turns it off]",
+              file=sys.stderr, flush=True)
     shown = [""]
     produced: list[int] = []
 
@@ -246,7 +251,7 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream)
+    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream, track=route is None)
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
@@ -267,7 +272,7 @@ def cmd_generate(args) -> int:
                   "decode_tokens_per_s": result.decode_tokens_per_s,
                   "target_sparsity": args.sparsity, "mode": mode if args.sparsity else "dense",
                   "criterion": criterion if args.sparsity else None,
-                  "achieved_sparsity": result.sparsity or None,
+                  "achieved_sparsity": result.sparsity or None, "one_launch_route": route,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                                "seed": args.seed}}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
@@ -441,22 +446,24 @@ def cmd_tune(args) -> int:
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
     models = [m.strip() for m in (args.routes or "").split(",") if m.strip()]
-    if args.routes is not None and (not models or not args.route_levels
+    if args.routes is not None and (not models or not args.route_levels or args.route_rounds < 1
                                     or any(not 0 < level < 1 for level in args.route_levels)):
-        raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated) and --route-levels "
-                        f"in (0, 1); got {args.routes!r} at {','.join(map(str, args.route_levels))}")
+        raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated), --route-levels "
+                        f"in (0, 1) and --route-rounds of 1 or more; got {args.routes!r} at "
+                        f"{','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None))) > 1:
         raise SpqtError("--crossover-only, --cuda-against-table and --routes exclude each other")
+    routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     if args.routes is not None:
         from spqt.bench_decode import tune_routes
 
         entries = tuning.all_entries()
-        for key, entry in tune_routes(args, models, args.route_levels).items():
-            old = entries[tuning.STEP_VARIANT].get(key, {})
-            entries[tuning.STEP_VARIANT][key] = {**entry, "levels": {**old.get("levels", {}), **entry["levels"]}}
-        entries = {v: e for v, e in entries.items() if e}
+        for key, entry in tune_routes(args, models, args.route_levels, args.route_rounds).items():
+            timed = routes.get(key, {}).get("levels", {})
+            routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
+        entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
     elif args.crossover_only:
         entries = tune_crossover(parse_shapes(args.shapes))
     elif args.cuda_against_table:
@@ -491,6 +498,9 @@ def cmd_tune(args) -> int:
                     else:
                         entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
+    if args.routes is None and routes:
+        print("spqt: note: the decode-step routes were timed with the old kernel entries and are dropped; "
+              "spqt tune --routes times them again", file=sys.stderr)
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0
@@ -670,8 +680,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", default="row,zigzag")
     p.add_argument("--head", default="auto",
                    help="decode, synthetic models: the output head's type, as spqt quantize's --head (default auto: q6_k)")
-    p.add_argument("--prompt-tokens", type=int, default=10)
-    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="gemv: write a PNG of speedup vs sparsity here")
     p.add_argument("--one-process", action="store_true",
@@ -697,8 +707,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "every sparse map, and save the fastest per model geometry and level (the runtime's default)")
     p.add_argument("--route-levels", type=_floats, default=[0.5], help="--routes: sparsity levels, comma-separated (a level "
                    "runs the route of the highest level timed at or below it; below all of them, off)")
-    p.add_argument("--prompt-tokens", type=int, default=10, help="--routes: as spqt bench decode")
-    p.add_argument("--new-tokens", type=int, default=128, help="--routes: as spqt bench decode")
+    p.add_argument("--route-rounds", type=int, default=2, help="--routes: rounds of the routes in turn (median)")
+    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
+    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--routes: as spqt bench decode")
     p.set_defaults(func=cmd_tune)
     return parser
 

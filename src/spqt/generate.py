@@ -95,7 +95,7 @@ KEPT_ROUTE_NAMES = {"norm": "the norm-fed maps", "all": "every sparse map"}  # t
 
 def set_kept_route(model: Transformer, route: str) -> None:
     """Which sparse maps run MODE_KEPT (one launch a map) in the model's decode steps: "off", "norm" (q|k|v and
-    gate|up) or "all" (gpu_linear.KEPT_ROUTES; implementations without MODE_KEPT ignore it)."""
+    gate|up) or "all" (tuning.KEPT_ROUTES; implementations without MODE_KEPT ignore it)."""
     for _, _, lin in sparse_linears(model):
         if hasattr(lin.impl, "kept_route"):
             lin.impl.kept_route = route
@@ -256,10 +256,11 @@ class Generator:
         self.kept_route = self._tuned_kept_route(sparsity if table is not None else 0.0)
         set_kept_route(self.model, self.kept_route)
 
-    def tuned_route_runs(self) -> str | None:
-        """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it, None where it is off or
-        SPQT_SPARSE_KEPT overrides it (for reports)."""
-        if self.kept_route == "off":
+    def tuned_route_runs(self, track: bool = False) -> str | None:
+        """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it, None where it is off, where
+        SPQT_SPARSE_KEPT overrides it, where the steps run the chain or not in fp16, or (track) where they count the
+        achieved sparsity (which runs the collected path: generate(track=True))."""
+        if self.kept_route == "off" or track or self.dtype != torch.float16 or self.chain_runs():
             return None
         from spqt.kernels.gpu_linear import kept_setting
 
@@ -267,8 +268,9 @@ class Generator:
 
     def _tuned_kept_route(self, sparsity: float) -> str:
         """The decode step's MODE_KEPT route that `spqt tune --routes` measured for this model's geometry at this
-        sparsity on this GPU (tuning.decode_route); "off" when dense, off the GPU, or for other types than Q4_K
-        zigzag (MODE_KEPT is Q4_K's). SPQT_SPARSE_KEPT, when set, overrides it map by map (gpu_linear.kept_setting)."""
+        sparsity on this GPU (tuning.decode_route); "off" when dense (an explicit table at sparsity 0 included), off
+        the GPU, or for other types than Q4_K zigzag (MODE_KEPT is Q4_K's). SPQT_SPARSE_KEPT, when set, overrides it
+        map by map (gpu_linear.kept_setting)."""
         if sparsity <= 0 or self.device != "cuda" or self.backend != "triton" or self.loaded.kind != "q4_k-zigzag":
             return "off"
         from spqt.kernels import tuning

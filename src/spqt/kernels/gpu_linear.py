@@ -57,15 +57,15 @@ def kept_runnable(w, v: torch.Tensor, split: int, args: dict) -> bool:
             and zigzag_cuda.kept_fits(w.shape[1], split, args["num_warps"]))
 
 
-KEPT_SETTINGS = {"1": "all", "norm": "norm", "plain": "plain", "table": "table"}
-KEPT_ROUTES = ("off", "norm", "all")  # what the tuned step routes choose from (tuning.decode_route)
+# SPQT_SPARSE_KEPT's values: the routes by name (tuning.KEPT_ROUTES; "1" and "0" too), "plain", "table"
+KEPT_SETTINGS = {"1": "all", "0": "off", **{r: r for r in tuning.KEPT_ROUTES}, "plain": "plain", "table": "table"}
 
 
 def kept_setting() -> str | None:
-    """Which sparse maps try MODE_KEPT first as SPQT_SPARSE_KEPT asks: "all" (=1), "norm" (=norm: the maps whose input
-    an RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where the tuned
-    table says the map alone won, TritonLinear.kept_pays), anything else set "off"; None where it is unset or empty
-    (the default: the model's tuned step route, TritonLinear.kept_route). Read at each call; a decode step's captured
+    """Which sparse maps try MODE_KEPT first as SPQT_SPARSE_KEPT asks: "all" (=1 or =all), "norm" (=norm: the maps
+    whose input an RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where
+    the tuned table says the map alone won, TritonLinear.kept_pays), anything else set "off" (=0, =off); None where it
+    is unset or empty (the default: the model's tuned step route, TritonLinear.kept_route). Read at each call; a decode step's captured
     CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as scripts/kept_probe.py
     does)."""
     value = os.environ.get("SPQT_SPARSE_KEPT", "")
@@ -96,7 +96,7 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 
 
 class TritonLinear:
-    kept_route = "off"  # which sparse maps of the model's decode step run MODE_KEPT (KEPT_ROUTES; generate.set_kept_route)
+    kept_route = "off"  # which sparse maps of the model's decode step run MODE_KEPT (tuning.KEPT_ROUTES; set_kept_route)
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)

@@ -4,6 +4,8 @@ The table is JSON, one file per GPU and Triton version (``tuned/<gpu>--triton-<v
 shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense"; TYPE_VARIANTS
 for the other zigzag types) and the exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
 same K, else to :func:`default_config`; nothing re-tunes silently (``spqt tune`` does, on request).
+Besides the kernels' entries, STEP_ROUTES holds the decode step's MODE_KEPT route per model geometry (model_key;
+``spqt tune --routes``); a kernel re-tune drops them (they were timed with the old entries).
 """
 
 import json
@@ -24,9 +26,10 @@ TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in
 KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks, ahead), PDL
 # Per model geometry (model_key), which sparse maps of a decode step run MODE_KEPT (one launch a map), as
 # `spqt tune --routes` measured whole decode steps: {"<model_key>": {"model": what was timed, "levels": {"0.5":
-# {"route": "off" | "norm" | "all", "tokens_per_s": {route: rate}}}}}. Timing a map alone misjudges MODE_KEPT in
-# the step, in both directions (docs/RESULTS.md, sixteenth session), hence whole steps.
-STEP_VARIANT = "decode_step"
+# {"route": one of KEPT_ROUTES, "tokens_per_s": {route: rate}}}}}. Timing a map alone misjudges MODE_KEPT in the
+# step, in both directions (docs/RESULTS.md, sixteenth session), hence whole steps.
+STEP_ROUTES = "step_routes"
+KEPT_ROUTES = ("off", "norm", "all")  # MODE_KEPT on no sparse map, on the norm-fed ones (q|k|v, gate|up), on all
 
 
 def device_key() -> str:
@@ -119,25 +122,33 @@ def table_entries(variant: str) -> dict:
 
 def all_entries() -> dict:
     """Every variant's entries of this GPU's table (a copy to update; a re-tune keeps what it does
-    not time), {variant: {"NxK": config}} (STEP_VARIANT: {model_key: entry})."""
-    return {v: dict(table_entries(v)) for v in VARIANTS + TYPE_VARIANTS + (STEP_VARIANT,)}
+    not time), {variant: {"NxK": config}}. Not the step routes (STEP_ROUTES): a kernel re-tune drops them."""
+    return {v: dict(table_entries(v)) for v in VARIANTS + TYPE_VARIANTS}
 
 
 def model_key(config, fmt: str) -> str:
     """A decode step's geometry as the step routes are keyed: weight type, then dim x ffn_dim x heads x KV heads x
-    head_dim x layers (the maps' shapes and their count), e.g. "q4_k:4096x11008x32x32x128x32"."""
+    head_dim x layers (the maps' shapes and their count), e.g. "q4_k:4096x11008x32x32x128x32". Not the head or
+    the vocabulary, nor the thresholds: a route timed on a synthetic model (its own calibration) is assumed to hold
+    for a real model of its geometry."""
     head_dim = config.head_dim or config.dim // config.n_heads
     return (f"{fmt}:{config.dim}x{config.ffn_dim}x{config.n_heads}x{config.n_kv_heads}x{head_dim}"
             f"x{config.n_layers}")
 
 
+def level_key(level: float) -> str:
+    """A sparsity level as the step routes store it (exact: repr of the float)."""
+    return repr(float(level))
+
+
 def decode_route(key: str, level: float) -> str:
     """Which sparse maps run MODE_KEPT in a decode step at this sparsity, for a model of this model_key on this GPU:
-    the route `spqt tune --routes` chose at the highest level it timed at or below `level` ("off", "norm": the
-    norm-fed q|k|v and gate|up, "all"); "off" where it timed none (the collected B4 and its launches)."""
-    levels = table_entries(STEP_VARIANT).get(key, {}).get("levels", {})
-    below = [lv for lv in levels if float(lv) <= level + 1e-9]
-    return levels[max(below, key=float)]["route"] if below else "off"
+    the route `spqt tune --routes` chose at the highest level it timed at or below `level` (KEPT_ROUTES: "off",
+    "norm": the norm-fed q|k|v and gate|up, "all"); "off" where it timed none, or the entry names no route."""
+    levels = table_entries(STEP_ROUTES).get(key, {}).get("levels", {})
+    below = [lv for lv in levels if float(lv) <= level]
+    route = levels[max(below, key=float)].get("route") if below else "off"
+    return route if route in KEPT_ROUTES else "off"
 
 
 def config(variant: str, n: int, k: int) -> dict:
