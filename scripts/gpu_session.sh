@@ -734,7 +734,7 @@ llama2-7b:now}" 90
       left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
       [ $left -lt 60 ] && { echo "no time left for $run"; break; }
       timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
-        2>&1 | grep -v WARN | grep "tok/s\|tokens/s ->\|wrote\|error"
+        2>&1 | grep -v WARN | grep "tok/s\|tokens/s (median\|wrote\|error"
       cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$key.json"
       echo "routes $run: $(( $(date +%s) - start )) s"
     done 2>&1 | tee "$OUT/routes.log"

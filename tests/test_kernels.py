@@ -402,9 +402,9 @@ def test_kept_route_from_the_table(rng, monkeypatch):
     """MODE_KEPT's crossovers in the table: with SPQT_SPARSE_KEPT=table a map tries MODE_KEPT first from
     "crossover_kept" ("_fused" norm-fed) on, and counts as sparse there (sparse_pays) even below the collected B4's
     crossover; =1 tries it for every sparse map, =norm / =plain for the norm-fed maps / the others; unset (the
-    default) the model's tuned step route (kept_route, "off" unless set), which a set variable overrides; where MODE_KEPT
-    cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that pays, else runs dense (the exact
-    dense product)."""
+    default) the model's tuned step route (kept_route, "off" unless set), which a set variable overrides; where
+    MODE_KEPT cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that pays, else runs dense (the
+    exact dense product)."""
     from spqt.linear import Linear
 
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "table")

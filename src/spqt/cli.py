@@ -705,8 +705,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME or a Q4_K "
                         "zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the norm-fed maps, on "
                         "every sparse map, and save the fastest per model geometry and level (the runtime's default)")
-    p.add_argument("--route-levels", type=_floats, default=[0.5], help="--routes: sparsity levels, comma-separated (a level "
-                   "runs the route of the highest level timed at or below it; below all of them, off)")
+    p.add_argument("--route-levels", type=_floats, default=[0.5],
+                   help="--routes: sparsity levels, comma-separated (a level runs the route of the highest level timed "
+                        "at or below it; below all of them, off)")
     p.add_argument("--route-rounds", type=int, default=2, help="--routes: rounds of the routes in turn (median)")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--routes: as spqt bench decode")

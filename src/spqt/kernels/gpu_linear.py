@@ -7,12 +7,12 @@ in the reduction kernel, which then also wrote its output's sums of squares (the
 functional.NORM_SUMS; SPQT_NORM_FOLD=0 turns this off, for comparisons).
 sparse_pays: the tuned crossovers of the shape (the lowest sparsity from which B4 with its collection, or MODE_KEPT,
 beat B2). sparse_kept: a sparse map in ONE launch of the CUDA GEMV's MODE_KEPT on B2's config: each program lists its
-share's kept inputs itself (no collection launch), the norm folded as in B2. Which maps run it is a property of the whole
-decode step, not of a map timed alone (in whole steps it gained 6 % on the 7B at 50 % and lost 4 % on the 70B; the
-table's per-map choice lost 3 % on the 70B: docs/RESULTS.md, sixteenth session), so by default a model runs the route
-that `spqt tune --routes` measured for its geometry on this GPU (kept_route, set by the Generator; off where none was
-measured). SPQT_SPARSE_KEPT overrides it: =1 every sparse map, =norm / =plain the norm-fed maps / the others, =0 none,
-=table where the tuned table says the map alone beat both B2 and the collected B4 (kept_first).
+share's kept inputs itself (no collection launch), the norm folded as in B2. Which maps run it is a property of the
+whole decode step, not of a map timed alone (in whole steps it gained 6 % on the 7B at 50 % and lost 4 % on the 70B;
+the table's per-map choice lost 3 % on the 70B: docs/RESULTS.md, sixteenth session), so by default a model runs the
+route that `spqt tune --routes` measured for its geometry on this GPU (kept_route, set by the Generator; off where
+none was measured). SPQT_SPARSE_KEPT overrides it: =1 every sparse map, =norm / =plain the norm-fed maps / the
+others, =0 none, =table where the tuned table says the map alone beat both B2 and the collected B4 (kept_first).
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -65,9 +65,9 @@ def kept_setting() -> str | None:
     """Which sparse maps try MODE_KEPT first as SPQT_SPARSE_KEPT asks: "all" (=1 or =all), "norm" (=norm: the maps
     whose input an RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where
     the tuned table says the map alone won, TritonLinear.kept_pays), anything else set "off" (=0, =off); None where it
-    is unset or empty (the default: the model's tuned step route, TritonLinear.kept_route). Read at each call; a decode step's captured
-    CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as scripts/kept_probe.py
-    does)."""
+    is unset or empty (the default: the model's tuned step route, TritonLinear.kept_route). Read at each call; a
+    decode step's captured CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as
+    scripts/kept_probe.py does)."""
     value = os.environ.get("SPQT_SPARSE_KEPT", "")
     return KEPT_SETTINGS.get(value, "off") if value else None
 
@@ -96,7 +96,7 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 
 
 class TritonLinear:
-    kept_route = "off"  # which sparse maps of the model's decode step run MODE_KEPT (tuning.KEPT_ROUTES; set_kept_route)
+    kept_route = "off"  # which sparse maps of the decode step run MODE_KEPT (tuning.KEPT_ROUTES; set_kept_route)
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)
