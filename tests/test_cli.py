@@ -38,10 +38,11 @@ def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
 
 
 def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch, tmp_path):
-    """Where the model's tuned decode-step route runs MODE_KEPT (Generator.tuned_route_runs: here forced, a CPU has
-    none), generate says so on stderr and in --json and decodes without counting the achieved sparsity (counting
-    runs the collected path); where it does not, it counts as before. tuned_route_runs itself: the route only in
-    fp16, when not counting, and with SPQT_SPARSE_KEPT unset."""
+    """Where the decode steps run MODE_KEPT (Generator.kept_runs: here forced, a CPU has none), generate decodes without
+    counting the achieved sparsity (counting takes the collected path) and records it in --json; it says so on stderr,
+    naming the tuned route where that is what runs. kept_runs / tuned_route_runs themselves: nothing where MODE_KEPT
+    cannot run (kept_possible); SPQT_SPARSE_KEPT's setting where set, else the tuned route; the tuned route reported
+    only when it is what runs and the steps do not count."""
     import torch
 
     from spqt.checkpoint import load_spqt
@@ -52,22 +53,29 @@ def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatc
     monkeypatch.setattr(Generator, "generate", lambda self, *a, **kw: tracked.append(kw["track"]) or real_generate(
         self, *a, **kw))
     record = tmp_path / "gen.json"
-    for route in ("all", None):
-        monkeypatch.setattr(Generator, "tuned_route_runs", lambda self, track=False: route)
+    for kept, tuned, line in (("all", "all", "every sparse map in one launch each"),
+                              ("plain", None, "SPQT_SPARSE_KEPT=plain asks"), (None, None, None)):
+        monkeypatch.setattr(Generator, "kept_runs", lambda self: kept)
+        monkeypatch.setattr(Generator, "tuned_route_runs", lambda self, track=False: tuned)
         capsys.readouterr()
         assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu", "--json", str(record)]) == 0
-        assert ("every sparse map in one launch each" in capsys.readouterr().err) == (route is not None)
-        assert json.loads(record.read_text())["one_launch_route"] == route
-    assert tracked == [False, True]
+        err = capsys.readouterr().err
+        assert ("in one launch" in err) == (line is not None) and (line is None or line in err)
+        assert json.loads(record.read_text())["one_launch_route"] == kept
+    assert tracked == [False, False, True]
     monkeypatch.undo()
     monkeypatch.setattr(Generator, "_tuned_kept_route", lambda self, sparsity: "all")
     gen = Generator(load_spqt(tiny_spqt), "cpu")
-    assert gen.kept_route == "all" and gen.tuned_route_runs() is None  # fp32
-    gen.dtype = torch.float16
+    assert gen.kept_route == "all" and not gen.kept_possible()  # a CPU: the collected path whatever the route
+    assert gen.kept_runs() is None and gen.tuned_route_runs() is None
+    monkeypatch.setattr(Generator, "kept_possible", lambda self: True)
+    for setting, runs, tuned in (("", "all", "all"), ("0", None, None), ("plain", "plain", None), ("1", "all", None)):
+        monkeypatch.setenv("SPQT_SPARSE_KEPT", setting)
+        assert gen.kept_runs() == runs and gen.tuned_route_runs() == tuned, setting
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "")
-    assert gen.tuned_route_runs() == "all" and gen.tuned_route_runs(track=True) is None
-    monkeypatch.setenv("SPQT_SPARSE_KEPT", "0")
-    assert gen.tuned_route_runs() is None
+    assert gen.tuned_route_runs(track=True) is None
+    gen.kept_route = "off"
+    assert gen.kept_runs() is None and gen.tuned_route_runs() is None
 
 
 def test_generate_gemv_choice(tiny_spqt, capsys):

@@ -233,13 +233,16 @@ def cmd_generate(args) -> int:
         print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
               f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
               file=sys.stderr, flush=True)
-    # the tuned one-launch route runs where the steps do not count the achieved sparsity (counting runs the
-    # collected path): where the route applies, decode fast and do not count
-    route = gen.tuned_route_runs()
+    # MODE_KEPT (sparse maps in one launch) runs where the steps do not count the achieved sparsity (counting takes
+    # the collected path): where it applies, decode fast and do not count
+    kept, route = gen.kept_runs(), gen.tuned_route_runs()
     if route:
         print(f"[{KEPT_ROUTE_NAMES[route]} in one launch each: spqt tune --routes measured it faster for this model on "
               f"this GPU (the achieved sparsity is not counted then); SPQT_SPARSE_KEPT=0 turns it off]",
               file=sys.stderr, flush=True)
+    elif kept:
+        print(f"[sparse maps in one launch where SPQT_SPARSE_KEPT={kept} asks (the achieved sparsity is not counted "
+              f"then)]", file=sys.stderr, flush=True)
     shown = [""]
     produced: list[int] = []
 
@@ -251,7 +254,7 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream, track=route is None)
+    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream, track=kept is None)
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
@@ -272,7 +275,7 @@ def cmd_generate(args) -> int:
                   "decode_tokens_per_s": result.decode_tokens_per_s,
                   "target_sparsity": args.sparsity, "mode": mode if args.sparsity else "dense",
                   "criterion": criterion if args.sparsity else None,
-                  "achieved_sparsity": result.sparsity or None, "one_launch_route": route,
+                  "achieved_sparsity": result.sparsity or None, "one_launch_route": kept,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                                "seed": args.seed}}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))

@@ -256,22 +256,43 @@ class Generator:
         self.kept_route = self._tuned_kept_route(sparsity if table is not None else 0.0)
         set_kept_route(self.model, self.kept_route)
 
-    def tuned_route_runs(self, track: bool = False) -> str | None:
-        """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it, None where it is off, where
-        SPQT_SPARSE_KEPT overrides it, where the steps run the chain or not in fp16, or (track) where they count the
-        achieved sparsity (which runs the collected path: generate(track=True))."""
-        if self.kept_route == "off" or track or self.dtype != torch.float16 or self.chain_runs():
+    def kept_possible(self) -> bool:
+        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag Q4_K maps in fp16 on the CUDA GEMV
+        (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path whatever the route."""
+        if (self.device != "cuda" or self.backend != "triton" or self.loaded.kind != "q4_k-zigzag"
+                or self.dtype != torch.float16):
+            return False
+        from spqt.kernels import zigzag_cuda
+
+        return zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"
+
+    def kept_runs(self) -> str | None:
+        """Which sparse maps the launched decode steps try in one launch (MODE_KEPT) when they do not count the
+        achieved sparsity (counting takes the collected path): SPQT_SPARSE_KEPT's setting where set, else the tuned
+        route ("all", "norm", "plain" or "table"); None where that is off, MODE_KEPT cannot run (kept_possible) or
+        the steps run the chain."""
+        if not self.kept_possible() or self.chain_runs():
             return None
         from spqt.kernels.gpu_linear import kept_setting
 
-        return self.kept_route if kept_setting() is None else None
+        setting = kept_setting() or self.kept_route
+        return None if setting == "off" else setting
+
+    def tuned_route_runs(self, track: bool = False) -> str | None:
+        """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it (kept_runs), None where it is
+        off, where SPQT_SPARSE_KEPT overrides it, or (track) where the steps count the achieved sparsity."""
+        if track or self.kept_route == "off":
+            return None
+        from spqt.kernels.gpu_linear import kept_setting
+
+        return None if kept_setting() is not None else self.kept_runs()
 
     def _tuned_kept_route(self, sparsity: float) -> str:
         """The decode step's MODE_KEPT route that `spqt tune --routes` measured for this model's geometry at this
-        sparsity on this GPU (tuning.decode_route); "off" when dense (an explicit table at sparsity 0 included), off
-        the GPU, or for other types than Q4_K zigzag (MODE_KEPT is Q4_K's). SPQT_SPARSE_KEPT, when set, overrides it
-        map by map (gpu_linear.kept_setting)."""
-        if sparsity <= 0 or self.device != "cuda" or self.backend != "triton" or self.loaded.kind != "q4_k-zigzag":
+        sparsity on this GPU (tuning.decode_route); "off" when dense (an explicit table at sparsity 0 included) or
+        where MODE_KEPT cannot run (kept_possible). SPQT_SPARSE_KEPT, when set, overrides it map by map
+        (gpu_linear.kept_setting)."""
+        if sparsity <= 0 or not self.kept_possible():
             return "off"
         from spqt.kernels import tuning
 
