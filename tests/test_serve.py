@@ -307,6 +307,27 @@ def test_sparsity_auto_is_the_recommended_level_else_dense(tiny_hf):
     assert recommended_sparsity(loaded, "teal", None) == ("teal", "unified", 0.4)
 
 
+def test_engine_logs_dense_maps_and_one_launch_maps(tiny_hf, caplog, monkeypatch):
+    """The server's log says which maps run dense below their crossover and which run in one launch (MODE_KEPT:
+    forced here, a CPU has none; the tuned route named as such), as spqt generate does."""
+    from spqt.checkpoint import load_model
+    from spqt.generate import Generator
+    from spqt.serve.engine import Engine
+
+    loaded = load_model(tiny_hf)
+    monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: ["layers.0.o"])
+    for kept, tuned, said in (("all", "all", "every sparse map (spqt tune --routes)"),
+                              ("plain", None, "as SPQT_SPARSE_KEPT=plain asks"), (None, None, None)):
+        monkeypatch.setattr(Generator, "kept_runs", lambda self: kept)
+        monkeypatch.setattr(Generator, "tuned_route_runs", lambda self, track=False: tuned)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="spqt.serve"):
+            Engine(loaded, "cpu", 0.0, ctx=64)
+        assert any("1 of 8 linear maps run dense" in r.getMessage() for r in caplog.records)
+        one_launch = [r.getMessage() for r in caplog.records if "in one launch" in r.getMessage()]
+        assert one_launch == ([] if said is None else [f"sparse maps in one launch each (MODE_KEPT): {said}"])
+
+
 def test_sigterm_stops_the_server_cleanly_mid_stream(tiny_hf, tmp_path):
     """SIGINT takes the same path (one handler for both); one process start is enough for the suite."""
     sig = signal.SIGTERM

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
-from spqt.generate import Generator
+from spqt.generate import KEPT_ROUTE_NAMES, Generator
 from spqt.serve.scheduler import Job
 from spqt.serve.text import TextStream
 from spqt import sparsity as sp
@@ -76,6 +76,14 @@ class Engine:
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
         # costs little, so GPU timings in the log are the plain decode.
         self.track = self.generator.device == "cpu" and sparsity > 0
+        dense, kept = self.generator.dense_fallbacks(), None if self.track else self.generator.kept_runs()
+        if dense:
+            log.info("%d of %d linear maps run dense: at this level their sparse kernel is not faster on this GPU "
+                     "(spqt tune's crossover)", len(dense), 4 * loaded.config.n_layers)
+        if kept:
+            log.info("sparse maps in one launch each (MODE_KEPT): %s",
+                     KEPT_ROUTE_NAMES[kept] + " (spqt tune --routes)" if self.generator.tuned_route_runs()
+                     else f"as SPQT_SPARSE_KEPT={kept} asks")
         path = Path(loaded.path) if loaded.path else None
         self.info = EngineInfo(model_id=name or (path.stem if path else "model"), device=self.generator.device,
                                sparsity=sparsity, mode=mode if sparsity else "dense",
