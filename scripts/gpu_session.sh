@@ -74,6 +74,8 @@ python3 -c "import gguf" 2>/dev/null || echo "WARNING: gguf is not importable he
 gguf wheel, see the header), or every test that reads a GGUF file errors (fifteenth session's final call)"
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+# This GPU's tuned table in this tree (what the runtime reads; a stage that tunes copies its new table there)
+tuned_table() { echo "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"; }
 # PYTHONPATH of a tree: "before" the round's starting commit, carried in .old; else this one.
 tree_path() { [ "$1" = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH"; }
 # scripts/span_probe.py for each of $1 (model:tree ...), a process each within $2 seconds, its lines tagged
@@ -138,14 +140,14 @@ kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS 
 tune_crossovers() {
   timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
     --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
-  cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+  cp "$OUT/tuned.json" "$(tuned_table)"
   echo "crossovers: $(( $(date +%s) - start )) s"
 }
 stage=${1:-kernels}
 case "$stage" in
   kernels)
     python3 -m spqt.cli tune --output "$OUT/tuned.json" 2>&1 | tee "$OUT/tune.log" | tail -3
-    mkdir -p src/spqt/kernels/tuned && cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    mkdir -p src/spqt/kernels/tuned && cp "$OUT/tuned.json" "$(tuned_table)"
     python3 scripts/kernel_probe.py 2>&1 | tee "$OUT/probe.log"
     python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" --plot "$OUT/bench-gemv.png" 2>&1 | tee "$OUT/bench-gemv.log"
     ;;
@@ -199,7 +201,7 @@ case "$stage" in
     start=$(date +%s)
     timeout 120 python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
       --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | tail -3
-    cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    cp "$OUT/tuned.json" "$(tuned_table)"
     profile_7b "1p;/^kind/,\$p"
     for m in ${DECODE_MODELS:-llama2-7b}; do
       timeout 150 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
@@ -268,7 +270,7 @@ case "$stage" in
     if [ -n "${TYPES_TUNE:-}" ]; then
       timeout 300 python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
         | grep -v WARN > "$OUT/tune-types.log"; tail -3 "$OUT/tune-types.log"
-      cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+      cp "$OUT/tuned.json" "$(tuned_table)"
     fi
     left=$(( ${CALL_BUDGET:-575} - ($(date +%s) - start) ))
     [ $left -gt 20 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k,q8_0,q6_k,q5_k,q3_k,q2_k --variants B2,B4 \
@@ -302,7 +304,7 @@ case "$stage" in
       timeout $(( $(left) - 40 )) python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes ${TUNE_SHAPES:-8192x28672} \
         --output "$OUT/tuned.json" 2>&1 | grep -v WARN > "$OUT/tune-types.log"; tail -12 "$OUT/tune-types.log"
       if [ -f "$OUT/tuned.json" ]; then
-        cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+        cp "$OUT/tuned.json" "$(tuned_table)"
         [ $(left) -gt 15 ] && timeout $(left) python3 -m spqt.cli bench gemv --types $types --variants B2,B4 \
           --shapes ${TUNE_SHAPES:-8192x28672} --sparsity 0,0.5 --json "$OUT/bench-gemv-types-tuned.json" 2>&1 | grep -v WARN \
           > "$OUT/bench-gemv-types-tuned.log"; tail -24 "$OUT/bench-gemv-types-tuned.log"
@@ -344,7 +346,7 @@ case "$stage" in
     # the table copied to $OUT.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    table="$(tuned_table)"
     [ -z "${SKIP_TESTS:-}" ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     IFS=';' read -ra groups <<< "${TUNE_GROUPS:-llama2-70b,28672x8192;llama2-7b;llama3-8b}"
     for grp in "${groups[@]}"; do
@@ -408,7 +410,7 @@ case "$stage" in
     # on the 7B runtime shapes (cluster configs among the candidates), whole 7B steps again; the table to $OUT.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    table="$(tuned_table)"
     timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_kernels.py -k "${TESTS_K:-zigzag_cuda_kernel}" \
       -n ${WORKERS:-5} -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|FAILED|Error" | tail -15
     probe() {
@@ -428,7 +430,7 @@ case "$stage" in
     # cluster candidates (TUNE_SHAPES), the table to $OUT, then synthetic decode (DECODE_MODELS) with it.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    table="$(tuned_table)"
     gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
     timeout ${TUNE_TIMEOUT:-100} python3 -m spqt.cli tune --cuda-against-table \
       --shapes "${TUNE_SHAPES:-10240x8192,8192x8192,57344x8192,8192x28672}" --output "$table" 2>&1 | grep -v WARN \
@@ -477,7 +479,7 @@ case "$stage" in
     # ones), the table to $OUT, then synthetic 7B decode per type (DECODE_TYPES) with it.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    table="src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"
+    table="$(tuned_table)"
     timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_types.py -k bench_and_tune_types 2>&1 | tail -2
     timeout 120 python3 scripts/order_probe.py --json "$OUT/order-probe.json" 2>&1 | grep -v WARN | tee "$OUT/order-probe.log"
     for t in ${TUNE_TYPES:-q8_0 q6_k q5_k q3_k q2_k}; do
@@ -535,8 +537,7 @@ case "$stage" in
     # alternating in one process (scripts/table_probe.py; PROBE_MODELS) within CALL_BUDGET.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
-    cp "src/spqt/kernels/tuned/$key.json" "$OUT/table-before.json"
+    cp "$(tuned_table)" "$OUT/table-before.json"
     timeout ${TUNE_TIMEOUT:-280} python3 -m spqt.cli tune --cuda-against-table \
       --shapes ${WAVE_SHAPES:-10240x8192,8192x8192,12288x4096,8192x28672} \
       --output "$OUT/table-after.json" 2>&1 | grep -v WARN | tee "$OUT/tune-waves.log" | tail -20
@@ -594,10 +595,9 @@ llama2-7b:now}" 90
     # each, alternating (HEAD_RUNS: model:levels), within CALL_BUDGET.
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
     [ "${HEAD_TUNE:-1}" = 1 ] && timeout ${TUNE_TIMEOUT:-200} python3 -m spqt.cli tune --types q6_k \
       --shapes ${HEAD_SHAPES:-32000x4096,128256x4096,32000x8192,32000x5120} 2>&1 | grep -v WARN | tee "$OUT/tune-heads.log" | tail -4
-    cp "src/spqt/kernels/tuned/$key.json" "$OUT/table-after.json"
+    cp "$(tuned_table)" "$OUT/table-after.json"
     echo "tune: $(( $(date +%s) - start )) s"
     for run in ${HEAD_RUNS:-llama3-8b:0 llama2-7b:0 llama2-70b:0 llama3-8b:0.5 llama2-7b:0.5}; do
       for head in fp16 auto; do
@@ -729,13 +729,12 @@ llama2-7b:now}" 90
     # (ROUTE_CHECK, model:levels) running the tuned route
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    key=$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())')
     for run in ${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5 synthetic:llama2-70b,synthetic:llama3-8b:0.5}; do
       left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
       [ $left -lt 60 ] && { echo "no time left for $run"; break; }
       timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
         2>&1 | grep -v WARN | grep "tok/s\|tokens/s (median\|wrote\|error"
-      cp "$OUT/tuned.json" "src/spqt/kernels/tuned/$key.json"
+      cp "$OUT/tuned.json" "$(tuned_table)"
       echo "routes $run: $(( $(date +%s) - start )) s"
     done 2>&1 | tee "$OUT/routes.log"
     for run in ${ROUTE_CHECK:-llama2-7b:0.5}; do
