@@ -704,7 +704,8 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
             assert tuning.launch_args(c) == {key: c.get(key, 0) for key in ("num_warps", "chunks", "maxnreg", "ahead",
                                                                             "acc", "pipe")} | {"impl": "triton",
                                                                                                "fused": False,
-                                                                                               "cluster": False}
+                                                                                               "cluster": False,
+                                                                                               "extra": ()}
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
         # the H200's programs an SM (4 warps: 7 with 2 accumulators, 72 registers; 4 with 16, 125)
@@ -728,6 +729,8 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
                 assert not c["fused"] and zigzag_cuda.cluster_dims(2 * 256, 2, c["split"]) is not None
         # a table entry without the acc / pipe knobs was tuned with the 16-accumulator kernel
         assert tuning.launch_args({"num_warps": 1, "chunks": 1})["acc"] == 16
+        # an entry's L2 prefetch depth reaches the CUDA GEMV as its L2FIRST macro
+        assert tuning.launch_args({"num_warps": 4, "chunks": 1, "l2first": 3})["extra"] == ("-DL2FIRST=3",)
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
             assert c["block_n"] >= 4 * c["num_warps"]
     path = tmp_path / "table.json"

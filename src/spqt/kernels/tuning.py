@@ -82,10 +82,13 @@ def default_config(variant: str, n: int, k: int) -> dict:
 
 
 def launch_args(cfg: dict) -> dict:
-    """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's)."""
+    """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's). "l2first": n > 0
+    (CUDA B2) has each warp prefetch its next n chunks into L2 before the PDL wait (zigzag_q4k.cu's L2FIRST)."""
+    l2first = cfg.get("l2first", 0)
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
-            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False)}
+            "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False),
+            "extra": (f"-DL2FIRST={l2first}",) if l2first else ()}
 
 
 def types_launch_args(cfg: dict) -> dict:
