@@ -856,6 +856,10 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
                 assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+                if mode == kg.MODE_DENSE and split in (7, 33):  # an entry's l2first: prefetches alone, the same bits
+                    ws.y.fill_(float("nan"))
+                    l2first = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=("-DL2FIRST=2",))
+                    assert torch.equal(l2first, y), f"{what}: L2FIRST=2 changed the result"
                 assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
                 if split == 7:  # launched inside a CUDA graph (as decode runs it), replayed: the same bits
                     graph = torch.cuda.CUDAGraph()
@@ -1119,6 +1123,17 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
             "sm_90"))
         loop = main_loop(sass, "HMMA")
         assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16 and len(loop) <= 240 + (0 if acc == 16 else 24)
+    # an entry's l2first (the o maps' table entries): L2 prefetches (CCTL.E.PF2) before the PDL wait, none in the loop,
+    # no spills, the loop no longer
+    for warps, acc in ((8, 16), (4, 16)):
+        sass, _, stack = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(
+            warps, zigzag_cuda.MODE_DENSE, 0, -1, ("-DL2FIRST=1",), acc=acc), "sm_90"))
+        loop = main_loop(sass, "HMMA")
+        listing = [ln for ln in sass.splitlines() if "/*" in ln and "*/" in ln]
+        wait = next(i for i, ln in enumerate(listing) if "ACQBULK" in ln)  # griddepcontrol.wait
+        prefetches = [i for i, ln in enumerate(listing) if "CCTL.E.PF2" in ln]
+        assert stack == 0 and len(loop) <= 240 and not any("CCTL" in ln for ln in loop)
+        assert prefetches and max(prefetches) < wait, f"warps {warps}: the L2 prefetches after the PDL wait"
     # with the cluster finish (the 7B gate|up's table entry): dynamic shared memory beside the cluster's
     sass, _, stack = disassemble(nvrtc.compile_cubin(
         zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(8, zigzag_cuda.MODE_DENSE, 0, 2, acc=2, cluster=True,
