@@ -687,6 +687,94 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
     tuning._load_table.cache_clear()
 
 
+def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
+    """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape's depths against none, the
+    other maps as tuned meanwhile, depths capped by the chunks a warp's share holds, a depth chosen only beyond the
+    margin, a shape judged once over models; the command keeps the kernel entries and the routes, and a kernel re-tune
+    that replaces a prefetching entry says so."""
+    import json
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from spqt import bench_decode
+    from spqt.cli import main
+    from spqt.kernels import tuning
+
+    def impl(n, k, cfg):
+        return NS(n=n, k=k, cfg_dense=dict(cfg))
+
+    cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1}
+    # o: 256 columns in 2 shares of 2 chunks (64 columns a warp step): depth 1 only; down: 1 share of 8 chunks
+    shapes = {"qkv": (768, 256, cuda | {"split": 1}), "o": (256, 256, cuda | {"split": 2}),
+              "gate_up": (1024, 256, {"impl": "triton", "num_warps": 2, "chunks": 1, "split": 4}),
+              "down": (256, 512, cuda | {"split": 1})}
+
+    def model():
+        layer = {kind: impl(*shape) for kind, shape in shapes.items()}
+        return NS(layers=[NS(attention=NS(qkv=NS(impl=layer["qkv"]), o=NS(impl=layer["o"])),
+                             feed_forward=NS(gate_up=NS(impl=layer["gate_up"]), down=NS(impl=layer["down"])))
+                          for _ in range(2)])
+
+    gens = {}
+    monkeypatch.setattr(bench_decode, "probe_generator", lambda name: (gens.setdefault(name, NS(model=model())), [1]))
+    gain = {"768x256": {1: +5.0, 2: +9.0, 3: +20.0}, "256x256": {1: -10.0}, "256x512": {1: -1.0, 2: -2.9, 3: +1.0}}
+    judged = []
+
+    def steps(gen, prompt, setups, rounds, reps):
+        out = {}
+        for depth, configure in setups.items():
+            configure()
+            on = {(f"{m.impl.n}x{m.impl.k}", m.impl.cfg_dense.get("l2first", 0)) for b in gen.model.layers
+                  for m in (b.attention.qkv, b.attention.o, b.feed_forward.gate_up, b.feed_forward.down)}
+            prefetching = {(shape, d) for shape, d in on if d}
+            assert len(prefetching) <= 1, f"more than the judged shape prefetches: {on}"
+            shape = next(iter(prefetching))[0] if prefetching else None
+            out[depth] = [1000.0 + (gain[shape][depth] if shape else 0.0)] * rounds
+        judged.append(sorted(out))
+        return out
+
+    monkeypatch.setattr(bench_decode, "alternating_step_us", steps)
+    found = bench_decode.tune_l2first(["synthetic:a", "synthetic:b"], rounds=3, log=lambda line: None)
+    assert judged == [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3]], "each CUDA shape once, depths capped; Triton's not"
+    assert {s: f["l2first"] for s, f in found.items()} == {"768x256": 0, "256x256": 1, "256x512": 0}  # 2.9 < 3.0
+    assert found["256x256"]["step_us"] == {"0": 1000.0, "1": 990.0} and found["256x256"]["model"] == "synthetic:a"
+    assert all("l2first" not in m.impl.cfg_dense for m in (gens["synthetic:a"].model.layers[0].attention.o,)), \
+        "the maps left as tuned"
+    # the command: kernel entries and routes kept, the depth and its timing saved per shape
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    dense = {"256x256": {"split": 2, "num_warps": 4, "chunks": 1, "impl": "cuda"},
+             "768x256": {"split": 1, "num_warps": 4, "chunks": 1, "impl": "cuda", "l2first": 2}}
+    routes = {"q4_k:m": {"model": "m", "levels": {"0.5": {"route": "all"}}}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
+                                "entries": {"zigzag_dense": dense, tuning.STEP_ROUTES: routes}}))
+    tuning._load_table.cache_clear()
+    monkeypatch.setattr(bench_decode, "tune_l2first", lambda models: {
+        "256x256": {"l2first": 1, "step_us": {"0": 1000.0, "1": 990.0}, "model": models[0]},
+        "768x256": {"l2first": 0, "step_us": {"0": 1000.0, "1": 1005.0}, "model": models[0]}})
+    assert main(["tune", "--l2first", "synthetic:a"]) == 0
+    entries = json.loads(path.read_text())["entries"]
+    assert entries["zigzag_dense"]["256x256"] == dense["256x256"] | {"l2first": 1,
+                                                                      "l2first_step_us": {"0": 1000.0, "1": 990.0}}
+    assert "l2first" not in entries["zigzag_dense"]["768x256"] and entries[tuning.STEP_ROUTES] == routes
+    assert tuning.launch_args(entries["zigzag_dense"]["256x256"])["extra"] == ("-DL2FIRST=1",)
+    assert main(["tune", "--l2first", "model.spqt"]) == 2
+    assert "--l2first needs synthetic models" in capsys.readouterr().err
+    # a kernel re-tune replacing the prefetching entry: dropped, and said
+    tuning._load_table.cache_clear()
+    import spqt.bench
+
+    monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {"256x256": dense["256x256"]}})
+    assert main(["tune", "--shapes", "256x256"]) == 0
+    assert "L2 prefetch depths of re-tuned shapes (256x256) are dropped" in capsys.readouterr().err
+    assert "l2first" not in json.loads(path.read_text())["entries"]["zigzag_dense"]["256x256"]
+    tuning._load_table.cache_clear()
+
+
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     """Every config the tuner may pick is launchable (row: 4 words per thread, block >= 4 * warps;
     zigzag: 1-8 warps, 1 <= split <= K); a table written for another kernel version is ignored

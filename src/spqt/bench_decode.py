@@ -364,3 +364,65 @@ def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, l
             entry["levels"][tuning.level_key(level)] = {"route": route, "rounds": rounds,
                                                         "tokens_per_s": {r: round(v, 1) for r, v in rates.items()}}
     return found
+
+
+L2FIRST_DEPTHS = (1, 2, 3)  # chunks a warp of the CUDA B2 prefetches into L2 before its PDL wait (0: none)
+L2FIRST_MARGIN = 0.003  # a depth must shorten the step's replay by this fraction (rounds differ by up to ~0.6 %)
+
+
+def l2first_depths(cfg: dict, k: int) -> list[int]:
+    """The L2FIRST_DEPTHS that differ for a CUDA dense config of K columns: at most the chunks a warp's share holds
+    after the one it loads into registers (a deeper prefetch has nothing more to ask for)."""
+    from spqt.kernels import zigzag_cuda
+
+    chunks = zigzag_cuda.share(k, cfg["split"], cfg["num_warps"]) // (16 * cfg["num_warps"])
+    return [d for d in L2FIRST_DEPTHS if d <= max(1, chunks - 1)]
+
+
+def tune_l2first(models: list[str], rounds: int = 3, reps: int = 30, margin: float = L2FIRST_MARGIN,
+                 log=print) -> dict:
+    """spqt tune --l2first: for each dense map shape of each synthetic model (synthetic:NAME) whose tuned config runs
+    the CUDA GEMV, the L2 prefetch depth ("l2first", the entry key tuning.launch_args passes as L2FIRST) judged in the
+    decode step: the step's graph with that shape's maps at each depth against none, alternating in one process
+    (alternating_step_us, `rounds` rounds of the median of `reps` replays), the other maps as tuned. A map alone
+    cannot judge it: what the prefetch takes is DRAM time the kernel before it leaves idle (the attention before the
+    o map) or needs (a GEMV's tail before its reduction). A shape is judged in the first model that has it.
+    Returns {shape: {"l2first": depth, "step_us": {depth: median us}, "model": model}}, depth 0 unless it shortens the
+    step by `margin`."""
+    found = {}
+    for model in models:
+        gen, prompt = probe_generator(model)
+        maps = {}
+        for _, _, lin in sparse_linears(gen.model):
+            impl = lin.impl
+            cfg = getattr(impl, "cfg_dense", None)
+            shape = f"{impl.n}x{impl.k}"
+            if cfg is not None and cfg.get("impl") == "cuda" and shape not in found:
+                maps.setdefault(shape, []).append(impl)
+        tuned = {id(m): m.cfg_dense for ms in maps.values() for m in ms}
+
+        def setup(shape: str, depth: int):
+            def configure():
+                for ms in maps.values():
+                    for m in ms:
+                        m.cfg_dense = tuned[id(m)]
+                for m in maps[shape]:
+                    m.cfg_dense = {**tuned[id(m)], "l2first": depth}
+            return configure
+
+        for shape, ms in maps.items():
+            depths = [0] + l2first_depths(ms[0].cfg_dense, ms[0].k)
+            results = alternating_step_us(gen, prompt, {d: setup(shape, d) for d in depths}, rounds, reps)
+            step = {d: statistics.median(r) for d, r in results.items()}
+            best = min(step, key=step.get)
+            depth = best if step[best] <= step[0] * (1 - margin) else 0
+            log(f"{model} {shape}: " + ", ".join(f"l2first {d} {us:.1f}" for d, us in step.items())
+                + f" us a step (median of {rounds} rounds) -> {depth}")
+            found[shape] = {"l2first": depth, "step_us": {str(d): round(us, 1) for d, us in step.items()},
+                            "model": model}
+        for ms in maps.values():
+            for m in ms:
+                m.cfg_dense = tuned[id(m)]
+        del gen
+        torch.cuda.empty_cache()
+    return found

@@ -456,10 +456,24 @@ def cmd_tune(args) -> int:
                         f"{','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
-    if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None))) > 1:
-        raise SpqtError("--crossover-only, --cuda-against-table and --routes exclude each other")
+    prefetched = [m.strip() for m in (args.l2first or "").split(",") if m.strip()]
+    if args.l2first is not None and (not prefetched or any(not m.startswith("synthetic:") for m in prefetched)):
+        raise SpqtError(f"--l2first needs synthetic models (synthetic:NAME, comma-separated); got {args.l2first!r}")
+    if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None,
+                      args.l2first is not None))) > 1:
+        raise SpqtError("--crossover-only, --cuda-against-table, --routes and --l2first exclude each other")
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
-    if args.routes is not None:
+    prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
+    if args.l2first is not None:
+        from spqt.bench_decode import tune_l2first
+
+        entries = tuning.all_entries()
+        for shape, judged in tune_l2first(prefetched).items():
+            entry = {k: v for k, v in entries["zigzag_dense"][shape].items() if k not in ("l2first", "l2first_step_us")}
+            entries["zigzag_dense"][shape] = entry | ({"l2first": judged["l2first"]} if judged["l2first"] else {}) | {
+                "l2first_step_us": judged["step_us"]}
+        entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
+    elif args.routes is not None:
         from spqt.bench_decode import tune_routes
 
         entries = tuning.all_entries()
@@ -501,9 +515,14 @@ def cmd_tune(args) -> int:
                     else:
                         entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
-    if args.routes is None and routes:
+    if args.routes is None and args.l2first is None and routes:
         print("spqt: note: the decode-step routes were timed with the old kernel entries and are dropped; "
               "spqt tune --routes times them again", file=sys.stderr)
+    dropped = sorted(shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first")
+                     and args.l2first is None)
+    if dropped:
+        print(f"spqt: note: the L2 prefetch depths of re-tuned shapes ({', '.join(dropped)}) are dropped; "
+              "spqt tune --l2first judges them again", file=sys.stderr)
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0
@@ -708,6 +727,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME or a Q4_K "
                         "zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the norm-fed maps, on "
                         "every sparse map, and save the fastest per model geometry and level (the runtime's default)")
+    p.add_argument("--l2first", metavar="MODELS",
+                   help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
+                        "comma-separated) how many chunks each dense map's CUDA GEMV prefetches into L2 before it "
+                        "waits for the kernel before it, and save the depth per shape")
     p.add_argument("--route-levels", type=_floats, default=[0.5],
                    help="--routes: sparsity levels, comma-separated (a level runs the route of the highest level timed "
                         "at or below it; below all of them, off)")
