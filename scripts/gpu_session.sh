@@ -47,6 +47,7 @@
 #                                    also 1, norm, plain)
 #   scripts/gpu_session.sh l2first18 the CUDA B2's L2 prefetch before the PDL wait per map in the step (L2F_PROBES), decode with
 #                                    the shipped table and with L2F_SET merged (L2F_DECODE)
+#   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -686,6 +687,26 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     done 2>&1 | tee "$OUT/l2first-decode.log"
     cp /tmp/shipped.json "$(tuned_table)"
     echo "l2first18: $(( $(date +%s) - start )) s"
+    ;;
+  l2tune18)
+    # spqt tune --l2first (L2F_MODELS) into $OUT/tuned.json, then bench decode (L2F_DECODE, model:levels) with the
+    # shipped table and the tuned one in turn, a process a level each
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    cp "$(tuned_table)" /tmp/shipped.json
+    timeout ${L2F_BUDGET:-300} python3 -m spqt.cli tune --l2first ${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b} \
+      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/l2first-tune.log"
+    echo "l2first tune: $(( $(date +%s) - start )) s"
+    for run in ${L2F_DECODE:-llama2-7b:0,0.5}; do
+      for tag in shipped tuned; do
+        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for $run"; break 2; }
+        cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
+        timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag \
+          --sparsity ${run#*:} --json "$OUT/decode-$tag-${run%%:*}.json" 2>&1 | grep tok/s | sed "s/^/$tag: /"
+      done
+    done 2>&1 | tee "$OUT/l2first-decode.log"
+    echo "l2tune18: $(( $(date +%s) - start )) s"
     ;;
   rblock12)
     # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.
