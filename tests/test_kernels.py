@@ -624,7 +624,7 @@ def test_decode_step_routes(tmp_path, monkeypatch):
                          (0.65, "norm"), (0.79, "norm"), (0.9, "off")):  # 0.8 names no route of KEPT_ROUTES
         assert tuning.decode_route(key, level) == route, level
     assert tuning.decode_route("q4_k:1x2x3x4x5x6", 0.5) == "off"
-    assert tuning.STEP_ROUTES not in tuning.all_entries()  # a kernel re-tune drops them (cmd_tune says so)
+    assert tuning.STEP_ROUTES not in tuning.all_entries()  # a kernel re-tune keeps only routes of untouched models
     tuning._load_table.cache_clear()
     assert choose_route({"off": 100.0, "norm": 100.9, "all": 100.5}) == "off"  # within the margin
     assert choose_route({"off": 100.0, "norm": 103.0, "all": 106.0}) == "all"
@@ -691,7 +691,7 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape's depths against none, the
     other maps as tuned meanwhile, depths capped by the chunks a warp's share holds, a depth chosen only beyond the
     margin, a shape judged once over models; the command keeps the kernel entries and the routes, and a kernel re-tune
-    that replaces a prefetching entry says so."""
+    that replaces a prefetching entry says so, dropping only the step routes of models that run a changed shape."""
     import json
     from types import SimpleNamespace as NS
 
@@ -749,7 +749,9 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
     dense = {"256x256": {"split": 2, "num_warps": 4, "chunks": 1, "impl": "cuda"},
              "768x256": {"split": 1, "num_warps": 4, "chunks": 1, "impl": "cuda", "l2first": 2}}
-    routes = {"q4_k:m": {"model": "m", "levels": {"0.5": {"route": "all"}}}}
+    tiny, big = "q4_k:256x768x4x2x64x2", "q4_k:4096x11008x32x32x128x32"  # tiny's o map is 256x256, the 7B's none
+    assert tuning.model_shapes(tiny) == {"512x256", "256x256", "1536x256", "256x768"}
+    routes = {key: {"model": "m", "levels": {"0.5": {"route": "all"}}} for key in (tiny, big, "q4_k:junk")}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
                                 "entries": {"zigzag_dense": dense, tuning.STEP_ROUTES: routes}}))
     tuning._load_table.cache_clear()
@@ -770,8 +772,11 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
 
     monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {"256x256": dense["256x256"]}})
     assert main(["tune", "--shapes", "256x256"]) == 0
-    assert "L2 prefetch depths of re-tuned shapes (256x256) are dropped" in capsys.readouterr().err
-    assert "l2first" not in json.loads(path.read_text())["entries"]["zigzag_dense"]["256x256"]
+    err = capsys.readouterr().err
+    assert "L2 prefetch depths of re-tuned shapes (256x256) are dropped" in err
+    assert "decode-step routes of q4_k:256x768x4x2x64x2, q4_k:junk were timed" in err  # the 7B's maps untouched
+    entries = json.loads(path.read_text())["entries"]
+    assert "l2first" not in entries["zigzag_dense"]["256x256"] and list(entries[tuning.STEP_ROUTES]) == [big]
     tuning._load_table.cache_clear()
 
 

@@ -516,8 +516,17 @@ def cmd_tune(args) -> int:
                         entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
     if args.routes is None and args.l2first is None and routes:
-        print("spqt: note: the decode-step routes were timed with the old kernel entries and are dropped; "
-              "spqt tune --routes times them again", file=sys.stderr)
+        # a route stays where none of its model's maps changed entry (dense or sparse: config, crossovers)
+        old = {v: tuning.table_entries(v) for v in ("zigzag_dense", "zigzag_sparse")}
+        changed = {shape for v, before in old.items() for shape in set(before) | set(entries.get(v, {}))
+                   if before.get(shape) != entries.get(v, {}).get(shape)}
+        stale = sorted(key for key in routes if tuning.routes_touched(key, changed))
+        if stale:
+            print(f"spqt: note: the decode-step routes of {', '.join(stale)} were timed with the old kernel entries "
+                  "and are dropped; spqt tune --routes times them again", file=sys.stderr)
+        kept = {key: entry for key, entry in routes.items() if key not in stale}
+        entries = {v: e for v, e in entries.items() if v != tuning.STEP_ROUTES} | (
+            {tuning.STEP_ROUTES: kept} if kept else {})
     dropped = sorted(shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first")
                      and args.l2first is None)
     if dropped:

@@ -139,6 +139,20 @@ def model_key(config, fmt: str) -> str:
             f"x{config.n_layers}")
 
 
+def model_shapes(key: str) -> set[str]:
+    """The "NxK" shapes of the linear maps a model_key's decode step runs (fused q|k|v, o, gate|up, down)."""
+    dim, ffn, heads, kv, head_dim, _ = (int(v) for v in key.split(":", 1)[1].split("x"))
+    return {f"{(heads + 2 * kv) * head_dim}x{dim}", f"{dim}x{heads * head_dim}", f"{2 * ffn}x{dim}", f"{dim}x{ffn}"}
+
+
+def routes_touched(key: str, shapes: set[str]) -> bool:
+    """Whether a step route's model (its model_key) runs a map of these shapes; True where the key does not parse."""
+    try:
+        return bool(model_shapes(key) & shapes)
+    except ValueError:
+        return True
+
+
 def level_key(level: float) -> str:
     """A sparsity level as the step routes store it (exact: repr of the float)."""
     return repr(float(level))
