@@ -835,12 +835,14 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         path.write_text(json.dumps({"kernel_version": version, "entries": {"zigzag_dense": {"64x64": entry}}}))
         tuning._load_table.cache_clear()
         assert tuning.config("zigzag_dense", 64, 64) == expect
-    # a missing shape borrows the nearest N of the same K, split scaled by the superblock rows
-    entries = {"zigzag_dense": {"4096x4096": dict(entry, split=40), "12288x4096": dict(entry, split=12)}}
+    # a missing shape borrows the nearest N of the same K, split scaled by the superblock rows, not its L2 prefetch
+    entries = {"zigzag_dense": {"4096x4096": dict(entry, split=40, l2first=1),
+                                "12288x4096": dict(entry, split=12, l2first=2, l2first_step_us={"0": 1.0})}}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
     tuning._load_table.cache_clear()
     assert tuning.config("zigzag_dense", 11008, 4096) == {"split": 13, "num_warps": 4, "chunks": 2}
     assert tuning.config("zigzag_dense", 4096, 4096)["split"] == 40
+    assert tuning.config("zigzag_dense", 4096, 4096)["l2first"] == 1  # its own entry's
     assert tuning.config("zigzag_dense", 4096, 8192) == tuning.default_config("zigzag_dense", 4096, 8192)
     # a CUDA entry: run where the CUDA GEMV can, else its Triton fallback (the crossovers kept)
     fallback = {"split": 9, "num_warps": 1, "chunks": 1}

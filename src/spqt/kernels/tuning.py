@@ -98,7 +98,8 @@ def types_launch_args(cfg: dict) -> dict:
 
 def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
     """The tuned entry of the same K with the closest N, its split scaled to launch about as many
-    programs (a shape the table lacks borrows its neighbour's tile and warps)."""
+    programs (a shape the table lacks borrows its neighbour's tile and warps), without its L2 prefetch depth (judged
+    in the step for the neighbour's place there, spqt tune --l2first)."""
     import math
 
     same_k = [(int(key.split("x")[0]), e) for key, e in entries.items() if int(key.split("x")[1]) == k]
@@ -112,7 +113,7 @@ def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
         split = max(1, min(round(cfg["split"] * -(-n_near // 256) / -(-n // 256)), -(-k // 4)))
         return dict(cfg, split=split)
 
-    entry = scaled(entry)
+    entry = {key: v for key, v in scaled(entry).items() if key not in ("l2first", "l2first_step_us")}
     if isinstance(entry.get("fallback"), dict):  # a CUDA entry's Triton config borrows the same way
         entry["fallback"] = scaled(entry["fallback"])
     return entry
@@ -125,7 +126,8 @@ def table_entries(variant: str) -> dict:
 
 def all_entries() -> dict:
     """Every variant's entries of this GPU's table (a copy to update; a re-tune keeps what it does
-    not time), {variant: {"NxK": config}}. Not the step routes (STEP_ROUTES): a kernel re-tune drops them."""
+    not time), {variant: {"NxK": config}}. Not the step routes (STEP_ROUTES): a kernel re-tune keeps those of the
+    models none of whose shapes it changed (cmd_tune)."""
     return {v: dict(table_entries(v)) for v in VARIANTS + TYPE_VARIANTS}
 
 
