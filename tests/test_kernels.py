@@ -864,6 +864,12 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     assert tuning.cuda_type_config("sparse", "q3_k", 64, 64) == want
     assert tuning.cuda_type_config("sparse", "q8_0", 64, 64) == tuning.config("zigzag_sparse", 64, 64)
     assert tuning.triton_config("zigzag_sparse_q3_k", 64, 64) == type_fallback
+    # Q4_K's L2 prefetch depth (judged in Q4_K steps, its planes' addresses) never reaches another type's GEMV
+    entries["zigzag_dense"] = {"64x64": dict(cuda, l2first=1, l2first_step_us={"0": 1.0, "1": 0.9})}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
+    tuning._load_table.cache_clear()
+    assert tuning.config("zigzag_dense", 64, 64)["l2first"] == 1
+    assert tuning.cuda_type_config("dense", "q6_k", 64, 64) == {k: v for k, v in cuda.items() if k != "us"}
     tuning._load_table.cache_clear()
 
 

@@ -191,12 +191,15 @@ def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     """The CUDA GEMV's config of a zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map (kind "dense" or "sparse"): the type's
     own tuned CUDA entry of the shape ("zigzag_<kind>_<fmt>", impl "cuda"), else Q4_K's entry of the shape (the same
     kernel, tuned there), else the type's CUDA entry of the nearest N with the same K, else Q4_K's config (its
-    neighbour or default): an exact shape's tuning is the better guess than a neighbour's of another size."""
+    neighbour or default): an exact shape's tuning is the better guess than a neighbour's of another size. Never an
+    L2 prefetch depth ("l2first": judged in Q4_K decode steps, for Q4_K's planes)."""
     key, own, q4k = f"{n}x{k}", f"zigzag_{kind}_{fmt}", f"zigzag_{kind}"
     if table_entries(own).get(key, {}).get("impl") != "cuda" and key in table_entries(q4k):
-        return config(q4k, n, k)
-    cfg = config(own, n, k)
-    return cfg if cfg.get("impl") == "cuda" else config(q4k, n, k)
+        cfg = config(q4k, n, k)
+    else:
+        cfg = config(own, n, k)
+        cfg = cfg if cfg.get("impl") == "cuda" else config(q4k, n, k)
+    return {key_: v for key_, v in cfg.items() if key_ not in ("l2first", "l2first_step_us")}
 
 
 def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
