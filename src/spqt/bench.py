@@ -54,8 +54,7 @@ def runtime_shapes() -> list[tuple[int, int]]:
 
     shapes = []
     for dims in [*SYNTHETIC.values(), DEFAULT_MODEL_DIMS]:
-        c = ModelConfig(**dims)
-        shapes += [(c.q_dim + 2 * c.kv_dim, c.dim), (c.dim, c.q_dim), (2 * c.ffn_dim, c.dim), (c.dim, c.ffn_dim)]
+        shapes += ModelConfig(**dims).map_shapes()
     return list(dict.fromkeys(shapes))
 
 

@@ -100,6 +100,12 @@ class ModelConfig:
     def kv_dim(self) -> int:
         return self.n_kv_heads * self.head_dim
 
+    def map_shapes(self) -> list[tuple[int, int]]:
+        """(N, K) of the linear maps a decode step runs, as the runtime stores them: q|k|v fused, o, gate|up fused,
+        down."""
+        return [(self.q_dim + 2 * self.kv_dim, self.dim), (self.dim, self.q_dim), (2 * self.ffn_dim, self.dim),
+                (self.dim, self.ffn_dim)]
+
     def to_dict(self) -> dict:
         return asdict(self)
 

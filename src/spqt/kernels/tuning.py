@@ -142,9 +142,14 @@ def model_key(config, fmt: str) -> str:
 
 
 def model_shapes(key: str) -> set[str]:
-    """The "NxK" shapes of the linear maps a model_key's decode step runs (fused q|k|v, o, gate|up, down)."""
-    dim, ffn, heads, kv, head_dim, _ = (int(v) for v in key.split(":", 1)[1].split("x"))
-    return {f"{(heads + 2 * kv) * head_dim}x{dim}", f"{dim}x{heads * head_dim}", f"{2 * ffn}x{dim}", f"{dim}x{ffn}"}
+    """The "NxK" shapes of the linear maps a model_key's decode step runs (ModelConfig.map_shapes); ValueError where
+    the key does not parse."""
+    from spqt.config import ModelConfig
+
+    dim, ffn, heads, kv, head_dim, layers = (int(v) for v in key.split(":", 1)[1].split("x"))
+    config = ModelConfig(vocab_size=1, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
+                         head_dim=head_dim)
+    return {f"{n}x{k}" for n, k in config.map_shapes()}
 
 
 def routes_touched(key: str, shapes: set[str]) -> bool:
