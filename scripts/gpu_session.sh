@@ -48,6 +48,7 @@
 #   scripts/gpu_session.sh l2first18 the CUDA B2's L2 prefetch before the PDL wait per map in the step (L2F_PROBES), decode with
 #                                    the shipped table and with L2F_SET merged (L2F_DECODE)
 #   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
+#   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -707,6 +708,30 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
       done
     done 2>&1 | tee "$OUT/l2first-decode.log"
     echo "l2tune18: $(( $(date +%s) - start )) s"
+    ;;
+  families18)
+    # The other families' synthetic geometries (FAMILY_MODELS): dense decode and at 50 % before, spqt tune --l2first
+    # and --routes (0.5) into the table, decode again; within CALL_BUDGET (default 560 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    models=${FAMILY_MODELS:-llama3.2-1b llama3.2-3b qwen2.5-7b}
+    decode_all() {
+      for m in $models; do
+        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for $m"; break; }
+        timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0,0.5 \
+          --json "$OUT/decode-$1-$m.json" 2>&1 | grep tok/s | sed "s/^/$1: /"
+      done
+    }
+    decode_all before 2>&1 | tee "$OUT/families-decode.log"
+    list=$(echo $models | sed 's/\([^ ]*\)/synthetic:\1/g; s/ /,/g')
+    timeout 150 python3 -m spqt.cli tune --l2first "$list" --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
+      | tee "$OUT/families-l2first.log" && cp "$OUT/tuned.json" "$(tuned_table)"
+    timeout 240 python3 -m spqt.cli tune --routes "$list" --route-levels 0.5 --route-rounds 1 --output "$OUT/tuned.json" \
+      2>&1 | grep -v WARN | grep "tokens/s (median\|wrote\|error" | tee "$OUT/families-routes.log" \
+      && cp "$OUT/tuned.json" "$(tuned_table)"
+    decode_all after 2>&1 | tee -a "$OUT/families-decode.log"
+    echo "families18: $(( $(date +%s) - start )) s"
     ;;
   rblock12)
     # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.
