@@ -130,6 +130,15 @@ decode_runs() {
     echo "decode $m done: $(( $(date +%s) - start )) s"
   done | tee "$OUT/decode.log"
 }
+# bench decode of synthetic:$2 at levels $3 (a process a level) while the stage's time (since $start) stays under
+# CALL_BUDGET (default $1); JSON to $4 where given; the tok/s lines prefixed with "$5: " where given. Returns 1 (and
+# says so) when too little time is left.
+budget_decode() {
+  local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
+  [ $left -lt 40 ] && { echo "no time left for $2 ${5:-}"; return 1; }
+  timeout $left python3 -m spqt.cli bench decode --model synthetic:$2 --layouts zigzag --sparsity $3 \
+    ${4:+--json "$4"} 2>&1 | grep tok/s | sed "s/^/${5:+$5: }/"
+}
 kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS within CALL_BUDGET (default $1)
   for m in ${KEPT_MODELS:-llama2-7b}; do
     left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
@@ -680,10 +689,7 @@ llama2-7b:now}" 90
 for shape, keys in json.loads(sys.argv[1]).items(): t['entries']['zigzag_dense'][shape].update(keys)
 json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table)"
       for run in ${L2F_DECODE:-llama2-7b:0,0.5}; do
-        left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for $run"; break; }
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag \
-          --sparsity ${run#*:} --json "$OUT/decode-$tag-${run%%:*}.json" 2>&1 | grep tok/s | sed "s/^/$tag: /"
+        budget_decode 540 ${run%%:*} ${run#*:} "$OUT/decode-$tag-${run%%:*}.json" $tag || break
       done
     done 2>&1 | tee "$OUT/l2first-decode.log"
     cp /tmp/shipped.json "$(tuned_table)"
@@ -700,11 +706,8 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     echo "l2first tune: $(( $(date +%s) - start )) s"
     for run in ${L2F_DECODE:-llama2-7b:0,0.5}; do
       for tag in shipped tuned; do
-        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for $run"; break 2; }
         cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag \
-          --sparsity ${run#*:} --json "$OUT/decode-$tag-${run%%:*}.json" 2>&1 | grep tok/s | sed "s/^/$tag: /"
+        budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-$tag-${run%%:*}.json" $tag || break 2
       done
     done 2>&1 | tee "$OUT/l2first-decode.log"
     echo "l2tune18: $(( $(date +%s) - start )) s"
@@ -716,12 +719,7 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     start=$(date +%s)
     models=${FAMILY_MODELS:-llama3.2-1b llama3.2-3b qwen2.5-7b}
     decode_all() {
-      for m in $models; do
-        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0,0.5 \
-          --json "$OUT/decode-$1-$m.json" 2>&1 | grep tok/s | sed "s/^/$1: /"
-      done
+      for m in $models; do budget_decode 560 $m 0,0.5 "$OUT/decode-$1-$m.json" $1 || break; done
     }
     decode_all before 2>&1 | tee "$OUT/families-decode.log"
     list=$(echo $models | sed 's/\([^ ]*\)/synthetic:\1/g; s/ /,/g')
@@ -828,11 +826,8 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     [ "${CROSS_SHAPES:-runtime}" != none ] && tune_crossovers  # ("runtime": the fused maps; "llama2-7b": raw matrices)
     for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
       for v in ${KEPT_SETTINGS:-0 table}; do
-        left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for ${run%%:*} $v"; break 2; }
         echo "${run%%:*} SPQT_SPARSE_KEPT=$v"
-        SPQT_SPARSE_KEPT=$v timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag \
-          --sparsity ${run#*:} 2>&1 | grep tok/s
+        SPQT_SPARSE_KEPT=$v budget_decode 540 ${run%%:*} ${run#*:} || break 2
       done
     done 2>&1 | tee "$OUT/kept-decode.log"
     echo "kept decode: $(( $(date +%s) - start )) s"
