@@ -704,12 +704,14 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     timeout ${L2F_BUDGET:-300} python3 -m spqt.cli tune --l2first ${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b} \
       --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/l2first-tune.log"
     echo "l2first tune: $(( $(date +%s) - start )) s"
+    [ -f "$OUT/tuned.json" ] || { echo "no tuned table: the tune failed, nothing to compare"; exit 1; }
     for run in ${L2F_DECODE:-llama2-7b:0,0.5}; do
       for tag in shipped tuned; do
         cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
         budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-$tag-${run%%:*}.json" $tag || break 2
       done
     done 2>&1 | tee "$OUT/l2first-decode.log"
+    cp /tmp/shipped.json "$(tuned_table)"
     echo "l2tune18: $(( $(date +%s) - start )) s"
     ;;
   families18)

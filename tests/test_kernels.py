@@ -688,10 +688,12 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
 
 
 def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
-    """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape's depths against none, the
-    other maps as tuned meanwhile, depths capped by the chunks a warp's share holds, a depth chosen only beyond the
-    margin, a shape judged once over models; the command keeps the kernel entries and the routes, and a kernel re-tune
-    that replaces a prefetching entry says so, dropping only the step routes of models that run a changed shape."""
+    """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape with an entry of its own judged
+    once over models, depths capped by the chunks a warp's share holds (none judged at one chunk, nor a borrowed
+    entry), the shapes judged before running their new depth meanwhile and every map left as tuned after; the depth
+    kept only beyond the margin, the shallowest within it of the best; the command keeps the kernel entries and the
+    routes; a kernel re-tune that replaces a prefetching entry says so and drops only the step routes of models that
+    now run another config (own or borrowed entry)."""
     import json
     from types import SimpleNamespace as NS
 
@@ -701,82 +703,99 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     from spqt.cli import main
     from spqt.kernels import tuning
 
-    def impl(n, k, cfg):
-        return NS(n=n, k=k, cfg_dense=dict(cfg))
-
     cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1}
-    # o: 256 columns in 2 shares of 2 chunks (64 columns a warp step): depth 1 only; down: 1 share of 8 chunks
-    shapes = {"qkv": (768, 256, cuda | {"split": 1}), "o": (256, 256, cuda | {"split": 2}),
-              "gate_up": (1024, 256, {"impl": "triton", "num_warps": 2, "chunks": 1, "split": 4}),
-              "down": (256, 512, cuda | {"split": 1})}
+    triton = {"impl": "triton", "num_warps": 2, "chunks": 1, "split": 4}
+    # chunks a warp (64 columns a step of 4 warps): 768x256 split 1: 4; 256x256 split 2: 2; 256x512 split 8: 1
+    own = {"768x256": cuda | {"split": 1}, "256x256": cuda | {"split": 2}, "256x512": cuda | {"split": 8},
+           "1536x256": cuda | {"split": 1}}
+    shapes = {"synthetic:a": {"qkv": (768, 256), "o": (256, 256), "gate_up": (1024, 256), "down": (256, 512)},
+              "synthetic:b": {"qkv": (640, 256), "o": (256, 256), "gate_up": (1536, 256), "down": (256, 512)}}
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": {"zigzag_dense": own}}))
+    tuning._load_table.cache_clear()
 
-    def model():
-        layer = {kind: impl(*shape) for kind, shape in shapes.items()}
-        return NS(layers=[NS(attention=NS(qkv=NS(impl=layer["qkv"]), o=NS(impl=layer["o"])),
-                             feed_forward=NS(gate_up=NS(impl=layer["gate_up"]), down=NS(impl=layer["down"])))
+    def model(name):
+        def impl(kind):
+            n, k = shapes[name][kind]
+            cfg = triton if kind == "gate_up" and name == "synthetic:a" else own.get(f"{n}x{k}", cuda | {"split": 1})
+            return NS(n=n, k=k, cfg_dense=dict(cfg))  # b's 640x256 borrows a neighbour's CUDA entry
+        return NS(layers=[NS(attention=NS(qkv=NS(impl=impl("qkv")), o=NS(impl=impl("o"))),
+                             feed_forward=NS(gate_up=NS(impl=impl("gate_up")), down=NS(impl=impl("down"))))
                           for _ in range(2)])
 
+    def maps(gen):
+        return [m.impl for b in gen.model.layers
+                for m in (b.attention.qkv, b.attention.o, b.feed_forward.gate_up, b.feed_forward.down)]
+
     gens = {}
-    monkeypatch.setattr(bench_decode, "probe_generator", lambda name: (gens.setdefault(name, NS(model=model())), [1]))
-    gain = {"768x256": {1: +5.0, 2: +9.0, 3: +20.0}, "256x256": {1: -10.0}, "256x512": {1: -1.0, 2: -2.9, 3: +1.0}}
-    judged = []
+    monkeypatch.setattr(bench_decode, "probe_generator", lambda name: (gens.setdefault(name, NS(model=model(name))), [1]))
+    gain = {"768x256": {1: +5.0, 2: +9.0, 3: +20.0}, "256x256": {1: -10.0},
+            "1536x256": {1: -6.0, 2: -7.0, 3: -1.0}}  # b's gate|up: 2 fastest, 1 within the margin of it
+    runs = []
 
     def steps(gen, prompt, setups, rounds, reps):
         out = {}
         for depth, configure in setups.items():
             configure()
-            on = {(f"{m.impl.n}x{m.impl.k}", m.impl.cfg_dense.get("l2first", 0)) for b in gen.model.layers
-                  for m in (b.attention.qkv, b.attention.o, b.feed_forward.gate_up, b.feed_forward.down)}
-            prefetching = {(shape, d) for shape, d in on if d}
-            assert len(prefetching) <= 1, f"more than the judged shape prefetches: {on}"
-            shape = next(iter(prefetching))[0] if prefetching else None
-            out[depth] = [1000.0 + (gain[shape][depth] if shape else 0.0)] * rounds
-        judged.append(sorted(out))
+            on = {(f"{m.n}x{m.k}", m.cfg_dense["l2first"]) for m in maps(gen) if m.cfg_dense.get("l2first")}
+            runs.append((depth, on))
+            out[depth] = [1000.0 + sum(gain[shape][d] for shape, d in on)] * rounds
         return out
 
     monkeypatch.setattr(bench_decode, "alternating_step_us", steps)
-    found = bench_decode.tune_l2first(["synthetic:a", "synthetic:b"], rounds=3, log=lambda line: None)
-    assert judged == [[0, 1, 2, 3], [0, 1], [0, 1, 2, 3]], "each CUDA shape once, depths capped; Triton's not"
-    assert {s: f["l2first"] for s, f in found.items()} == {"768x256": 0, "256x256": 1, "256x512": 0}  # 2.9 < 3.0
+    before = {name: [dict(m.cfg_dense) for m in maps(NS(model=model(name)))] for name in shapes}
+    lines = []
+    found = bench_decode.tune_l2first(["synthetic:a", "synthetic:b"], rounds=3, log=lines.append)
+    assert [d for d, _ in runs] == [0, 1, 2, 3, 0, 1, 0, 1, 2, 3], "768x256, 256x256 in a; 1536x256 in b"
+    assert {s: f["l2first"] for s, f in found.items()} == {"768x256": 0, "256x256": 1, "1536x256": 1}
     assert found["256x256"]["step_us"] == {"0": 1000.0, "1": 990.0} and found["256x256"]["model"] == "synthetic:a"
-    assert all("l2first" not in m.impl.cfg_dense for m in (gens["synthetic:a"].model.layers[0].attention.o,)), \
-        "the maps left as tuned"
+    assert all(("256x256", 1) in on for _, on in runs[6:]), "a's judged o ran its new depth while b's were judged"
+    assert all(len(on - {("256x256", 1)}) <= 1 for _, on in runs), "more than the judged shape prefetched"
+    assert any("256x512: not judged (a warp's share is one chunk)" in line for line in lines)
+    assert any("640x256: not judged (no entry of its own" in line for line in lines)
+    assert {name: [m.cfg_dense for m in maps(gens[name])] for name in shapes} == before, "the maps left as tuned"
     # the command: kernel entries and routes kept, the depth and its timing saved per shape
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
-    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
     dense = {"256x256": {"split": 2, "num_warps": 4, "chunks": 1, "impl": "cuda"},
              "768x256": {"split": 1, "num_warps": 4, "chunks": 1, "impl": "cuda", "l2first": 2}}
-    tiny, big = "q4_k:256x768x4x2x64x2", "q4_k:4096x11008x32x32x128x32"  # tiny's o map is 256x256, the 7B's none
-    assert tuning.model_shapes(tiny) == {"512x256", "256x256", "1536x256", "256x768"}
-    routes = {key: {"model": "m", "levels": {"0.5": {"route": "all"}}} for key in (tiny, big, "q4_k:junk")}
+    # tiny runs 256x256 (its o map); mid's 768x512 maps run the nearest N of K 512 (one entry: 256x512); the 7B none
+    tiny, mid, big = "q4_k:256x768x4x2x64x2", "q4_k:512x256x4x2x64x2", "q4_k:4096x11008x32x32x128x32"
+    assert tuning.model_shapes(tiny) == [(512, 256), (256, 256), (1536, 256), (256, 768)]
+    routes = {key: {"model": "m", "levels": {"0.5": {"route": "all"}}} for key in (tiny, mid, big, "q4_k:junk", "m")}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
-                                "entries": {"zigzag_dense": dense, tuning.STEP_ROUTES: routes}}))
+                                "entries": {"zigzag_dense": dense | {"256x512": cuda | {"split": 3}},
+                                            tuning.STEP_ROUTES: routes}}))
     tuning._load_table.cache_clear()
     monkeypatch.setattr(bench_decode, "tune_l2first", lambda models: {
         "256x256": {"l2first": 1, "step_us": {"0": 1000.0, "1": 990.0}, "model": models[0]},
         "768x256": {"l2first": 0, "step_us": {"0": 1000.0, "1": 1005.0}, "model": models[0]}})
-    assert main(["tune", "--l2first", "synthetic:a"]) == 0
+    assert main(["tune", "--l2first", "synthetic:llama2-7b"]) == 0
     entries = json.loads(path.read_text())["entries"]
     assert entries["zigzag_dense"]["256x256"] == dense["256x256"] | {"l2first": 1,
                                                                       "l2first_step_us": {"0": 1000.0, "1": 990.0}}
     assert "l2first" not in entries["zigzag_dense"]["768x256"] and entries[tuning.STEP_ROUTES] == routes
     assert tuning.launch_args(entries["zigzag_dense"]["256x256"])["extra"] == ("-DL2FIRST=1",)
-    assert main(["tune", "--l2first", "model.spqt"]) == 2
-    assert "--l2first needs synthetic models" in capsys.readouterr().err
-    # a kernel re-tune replacing the prefetching entry: dropped, and said
+    for bad in ("model.spqt", "synthetic:nope"):  # checked before any timing
+        assert main(["tune", "--l2first", bad]) == 2
+        assert "--l2first needs synthetic models" in capsys.readouterr().err
+    # a kernel re-tune replacing the entries: 256x256 the same config but without its depth, 256x512 another split
     tuning._load_table.cache_clear()
     import spqt.bench
 
-    monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {"256x256": dense["256x256"]}})
+    monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {
+        "256x256": dense["256x256"] | {"us": 9.0}, "256x512": cuda | {"split": 8}, "768x256": dense["768x256"]}})
     assert main(["tune", "--shapes", "256x256"]) == 0
     err = capsys.readouterr().err
-    assert "L2 prefetch depths of re-tuned shapes (256x256) are dropped" in err
-    assert "decode-step routes of q4_k:256x768x4x2x64x2, q4_k:junk were timed" in err  # the 7B's maps untouched
+    assert "L2 prefetch depths of the shapes whose entries this replaced (256x256) are dropped" in err
+    # tiny: only its depth and a timing changed (the routes ignore both); mid borrows 256x512's changed entry
+    assert "decode-step routes of m, q4_k:512x256x4x2x64x2, q4_k:junk were timed" in err
     entries = json.loads(path.read_text())["entries"]
-    assert "l2first" not in entries["zigzag_dense"]["256x256"] and list(entries[tuning.STEP_ROUTES]) == [big]
+    assert "l2first" not in entries["zigzag_dense"]["256x256"] and list(entries[tuning.STEP_ROUTES]) == [tiny, big]
+    with pytest.raises(ValueError, match="l2first must be a chunk count"):
+        tuning.launch_args({"num_warps": 4, "chunks": 1, "l2first": True})
     tuning._load_table.cache_clear()
 
 
@@ -929,7 +948,8 @@ CLUSTER_CONFIGS = [(7, 4, 0, 2), (2, 8, 1, 16), (8, 2, 0, 16)]
 def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
     """The CUDA C++ GEMV (zigzag_cuda.py, B2 and B4, fp16 x) against the reference, with the
     Triton kernel's tolerance; partials and y poisoned; deterministic; inside a CUDA graph; the
-    residual and SwiGLU finishes, by the reduction kernel and by the GEMV's last program."""
+    residual and SwiGLU finishes, by the reduction kernel and by the GEMV's last program; B2 with the L2
+    prefetch before the PDL wait (an entry's l2first) bit for bit as without."""
     from spqt.kernels import zigzag_cuda
 
     monkeypatch.delenv("SPQT_GEMV", raising=False)  # SPQT_GEMV=triton would test the Triton kernel
@@ -1226,14 +1246,14 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
         assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16 and len(loop) <= 240 + (0 if acc == 16 else 24)
     # an entry's l2first (the o maps' table entries): L2 prefetches (CCTL.E.PF2) before the PDL wait, none in the loop,
     # no spills, the loop no longer
-    for warps, acc in ((8, 16), (4, 16)):
+    for warps, acc, depth in ((8, 16, 1), (4, 16, 1), (8, 2, 2)):
         sass, _, stack = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(
-            warps, zigzag_cuda.MODE_DENSE, 0, -1, ("-DL2FIRST=1",), acc=acc), "sm_90"))
+            warps, zigzag_cuda.MODE_DENSE, 0, -1, (f"-DL2FIRST={depth}",), acc=acc), "sm_90"))
         loop = main_loop(sass, "HMMA")
         listing = [ln for ln in sass.splitlines() if "/*" in ln and "*/" in ln]
         wait = next(i for i, ln in enumerate(listing) if "ACQBULK" in ln)  # griddepcontrol.wait
         prefetches = [i for i, ln in enumerate(listing) if "CCTL.E.PF2" in ln]
-        assert stack == 0 and len(loop) <= 240 and not any("CCTL" in ln for ln in loop)
+        assert stack == 0 and len(loop) <= 240 + (0 if acc == 16 else 24) and not any("CCTL" in ln for ln in loop)
         assert prefetches and max(prefetches) < wait, f"warps {warps}: the L2 prefetches after the PDL wait"
     # with the cluster finish (the 7B gate|up's table entry): dynamic shared memory beside the cluster's
     sass, _, stack = disassemble(nvrtc.compile_cubin(

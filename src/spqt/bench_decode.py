@@ -374,62 +374,92 @@ def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, l
 
 
 L2FIRST_DEPTHS = (1, 2, 3)  # chunks a warp of the CUDA B2 prefetches into L2 before its PDL wait (0: none)
-L2FIRST_MARGIN = 0.003  # a depth must shorten the step's replay by this fraction (rounds differ by up to ~0.6 %)
+L2FIRST_MARGIN = 0.005  # a depth must shorten the step's replay by this fraction of it (medians of three rounds of
+# one config differed by up to ~0.4 % on the 70B, eighteenth session)
+
+
+def choose_l2first(step_us: dict) -> int:
+    """The depth to keep from {depth: step us} (depth 0 among them): 0 unless one shortens the step by L2FIRST_MARGIN
+    of depth 0's; then the shallowest within that margin of the fastest (a deeper one asks for more for nothing)."""
+    base, best = step_us[0], min(step_us.values())
+    if best > base * (1 - L2FIRST_MARGIN):
+        return 0
+    return min(d for d, us in step_us.items() if d and us <= best + base * L2FIRST_MARGIN)
 
 
 def l2first_depths(cfg: dict, k: int) -> list[int]:
     """The L2FIRST_DEPTHS that differ for a CUDA dense config of K columns: at most the chunks a warp's share holds
-    after the one it loads into registers (a deeper prefetch has nothing more to ask for)."""
+    after the one it loads into registers (none where it holds one: nothing to ask for)."""
     from spqt.kernels import zigzag_cuda
 
     chunks = zigzag_cuda.share(k, cfg["split"], cfg["num_warps"]) // (16 * cfg["num_warps"])
-    return [d for d in L2FIRST_DEPTHS if d <= max(1, chunks - 1)]
+    return [d for d in L2FIRST_DEPTHS if d <= chunks - 1]
 
 
-def tune_l2first(models: list[str], rounds: int = 3, reps: int = 30, margin: float = L2FIRST_MARGIN,
-                 log=print) -> dict:
-    """spqt tune --l2first: for each dense map shape of each synthetic model (synthetic:NAME) whose tuned config runs
-    the CUDA GEMV, the L2 prefetch depth ("l2first", the entry key tuning.launch_args passes as L2FIRST) judged in the
-    decode step: the step's graph with that shape's maps at each depth against none, alternating in one process
-    (alternating_step_us, `rounds` rounds of the median of `reps` replays), the other maps as tuned. A map alone
-    cannot judge it: what the prefetch takes is DRAM time the kernel before it leaves idle (the attention before the
-    o map) or needs (a GEMV's tail before its reduction). A shape is judged in the first model that has it.
-    Returns {shape: {"l2first": depth, "step_us": {depth: median us}, "model": model}}, depth 0 unless it shortens the
-    step by `margin`."""
-    found = {}
-    for model in models:
-        gen, prompt = probe_generator(model)
-        maps = {}
-        for _, _, lin in sparse_linears(gen.model):
-            impl = lin.impl
-            cfg = getattr(impl, "cfg_dense", None)
-            shape = f"{impl.n}x{impl.k}"
-            if cfg is not None and cfg.get("impl") == "cuda" and shape not in found:
-                maps.setdefault(shape, []).append(impl)
-        tuned = {id(m): m.cfg_dense for ms in maps.values() for m in ms}
+def _with_depth(cfg: dict, depth: int) -> dict:
+    return {k: v for k, v in cfg.items() if k != "l2first"} | ({"l2first": depth} if depth else {})
 
-        def setup(shape: str, depth: int):
-            def configure():
-                for ms in maps.values():
-                    for m in ms:
-                        m.cfg_dense = tuned[id(m)]
-                for m in maps[shape]:
-                    m.cfg_dense = {**tuned[id(m)], "l2first": depth}
-            return configure
 
+def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None:
+    """tune_l2first for one model: its shapes not in `found` judged into it, in the order the step runs them."""
+    gen, prompt = probe_generator(model)
+    own = tuning.table_entries("zigzag_dense")
+    maps = {}
+    for _, _, lin in sparse_linears(gen.model):
+        cfg = getattr(lin.impl, "cfg_dense", None)
+        if cfg is not None and cfg.get("impl") == "cuda":
+            maps.setdefault(f"{lin.impl.n}x{lin.impl.k}", []).append(lin.impl)
+    tuned = {id(m): m.cfg_dense for ms in maps.values() for m in ms}
+    # what every map runs while another shape is judged: the depth judged before (this run), else the table's
+    current = {id(m): _with_depth(tuned[id(m)], found[shape]["l2first"]) if shape in found else tuned[id(m)]
+               for shape, ms in maps.items() for m in ms}
+
+    def setup(shape: str, depth: int):
+        def configure():
+            for ms in maps.values():
+                for m in ms:
+                    m.cfg_dense = current[id(m)]
+            for m in maps[shape]:
+                m.cfg_dense = _with_depth(current[id(m)], depth)
+        return configure
+
+    try:
         for shape, ms in maps.items():
-            depths = [0] + l2first_depths(ms[0].cfg_dense, ms[0].k)
-            results = alternating_step_us(gen, prompt, {d: setup(shape, d) for d in depths}, rounds, reps)
+            if shape in found:
+                continue
+            depths = l2first_depths(ms[0].cfg_dense, ms[0].k)
+            if shape not in own or not depths:
+                log(f"{model} {shape}: not judged ("
+                    + ("no entry of its own: it borrows a neighbour's; spqt tune --shapes it first)" if shape not in own
+                       else "a warp's share is one chunk)"))
+                continue
+            results = alternating_step_us(gen, prompt, {d: setup(shape, d) for d in [0] + depths}, rounds, reps)
             step = {d: statistics.median(r) for d, r in results.items()}
-            best = min(step, key=step.get)
-            depth = best if step[best] <= step[0] * (1 - margin) else 0
+            depth = choose_l2first(step)
             log(f"{model} {shape}: " + ", ".join(f"l2first {d} {us:.1f}" for d, us in step.items())
                 + f" us a step (median of {rounds} rounds) -> {depth}")
             found[shape] = {"l2first": depth, "step_us": {str(d): round(us, 1) for d, us in step.items()},
                             "model": model}
+            for m in ms:
+                current[id(m)] = _with_depth(current[id(m)], depth)
+    finally:
         for ms in maps.values():
             for m in ms:
                 m.cfg_dense = tuned[id(m)]
-        del gen
-        torch.cuda.empty_cache()
+
+
+def tune_l2first(models: list[str], rounds: int = 3, reps: int = 30, log=print) -> dict:
+    """spqt tune --l2first: for each dense map shape with a CUDA entry of its own in this GPU's table, of each
+    synthetic model (synthetic:NAME) in turn, the L2 prefetch depth ("l2first", the entry key tuning.launch_args
+    passes as L2FIRST) judged in the decode step: the step's graph with that shape's maps at each depth against none,
+    alternating in one process (alternating_step_us, `rounds` rounds of the median of `reps` replays), chosen by
+    choose_l2first. A map alone cannot judge it: what the prefetch takes is DRAM time the kernel before it leaves
+    idle (the attention before the o map) or needs (a GEMV's tail before its reduction). Shapes are judged one at a
+    time in the order a step runs them, each in the first model that has it; meanwhile the shapes judged before run
+    their new depth, the others the table's. Returns {shape: {"l2first": depth, "step_us": {depth: median us},
+    "model": model}}."""
+    found = {}
+    for model in models:
+        _judge_l2first(model, found, rounds, reps, log)
+        torch.cuda.empty_cache()  # the model's weights, freed with _judge_l2first's frame
     return found

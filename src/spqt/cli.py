@@ -457,8 +457,13 @@ def cmd_tune(args) -> int:
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     prefetched = [m.strip() for m in (args.l2first or "").split(",") if m.strip()]
-    if args.l2first is not None and (not prefetched or any(not m.startswith("synthetic:") for m in prefetched)):
-        raise SpqtError(f"--l2first needs synthetic models (synthetic:NAME, comma-separated); got {args.l2first!r}")
+    if args.l2first is not None:
+        from spqt.bench_decode import SYNTHETIC
+
+        if not prefetched or any(not m.startswith("synthetic:") or m.split(":", 1)[1] not in SYNTHETIC
+                                 for m in prefetched):
+            raise SpqtError(f"--l2first needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
+                            f"{', '.join(SYNTHETIC)}); got {args.l2first!r}")
     if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None,
                       args.l2first is not None))) > 1:
         raise SpqtError("--crossover-only, --cuda-against-table, --routes and --l2first exclude each other")
@@ -516,11 +521,10 @@ def cmd_tune(args) -> int:
                         entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
     if args.routes is None and args.l2first is None and routes:
-        # a route stays where none of its model's maps changed entry (dense or sparse: config, crossovers)
-        old = {v: tuning.table_entries(v) for v in ("zigzag_dense", "zigzag_sparse")}
-        changed = {shape for v, before in old.items() for shape in set(before) | set(entries.get(v, {}))
-                   if before.get(shape) != entries.get(v, {}).get(shape)}
-        stale = sorted(key for key in routes if tuning.routes_touched(key, changed))
+        # a route stays where none of its model's maps runs another config now (dense or sparse: the entry of its
+        # shape, or the neighbour's it borrows; crossovers included, the timings not)
+        before = {v: tuning.table_entries(v) for v in ("zigzag_dense", "zigzag_sparse")}
+        stale = sorted(key for key in routes if tuning.route_touched(key, before, entries))
         if stale:
             print(f"spqt: note: the decode-step routes of {', '.join(stale)} were timed with the old kernel entries "
                   "and are dropped; spqt tune --routes times them again", file=sys.stderr)
@@ -530,8 +534,8 @@ def cmd_tune(args) -> int:
     dropped = sorted(shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first")
                      and args.l2first is None)
     if dropped:
-        print(f"spqt: note: the L2 prefetch depths of re-tuned shapes ({', '.join(dropped)}) are dropped; "
-              "spqt tune --l2first judges them again", file=sys.stderr)
+        print(f"spqt: note: the L2 prefetch depths of the shapes whose entries this replaced ({', '.join(dropped)}) "
+              "are dropped; spqt tune --l2first judges them again", file=sys.stderr)
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0

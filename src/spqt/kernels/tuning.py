@@ -85,6 +85,8 @@ def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's). "l2first": n > 0
     (CUDA B2) has each warp prefetch its next n chunks into L2 before the PDL wait (zigzag_q4k.cu's L2FIRST)."""
     l2first = cfg.get("l2first", 0)
+    if type(l2first) is not int or l2first < 0:
+        raise ValueError(f"a tuned entry's l2first must be a chunk count of 0 or more, not {l2first!r}")
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
             "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False),
@@ -141,23 +143,41 @@ def model_key(config, fmt: str) -> str:
             f"x{config.n_layers}")
 
 
-def model_shapes(key: str) -> set[str]:
-    """The "NxK" shapes of the linear maps a model_key's decode step runs (ModelConfig.map_shapes); ValueError where
-    the key does not parse."""
+def model_shapes(key: str) -> list[tuple[int, int]]:
+    """The (N, K) of the linear maps a model_key's decode step runs (ModelConfig.map_shapes); ValueError where the
+    key does not parse."""
     from spqt.config import ModelConfig
 
-    dim, ffn, heads, kv, head_dim, layers = (int(v) for v in key.split(":", 1)[1].split("x"))
+    try:
+        dim, ffn, heads, kv, head_dim, layers = (int(v) for v in key.split(":", 1)[1].split("x"))
+    except IndexError:
+        raise ValueError(f"not a model key: {key!r}") from None
     config = ModelConfig(vocab_size=1, dim=dim, n_layers=layers, n_heads=heads, n_kv_heads=kv, ffn_dim=ffn,
                          head_dim=head_dim)
-    return {f"{n}x{k}" for n, k in config.map_shapes()}
+    return config.map_shapes()
 
 
-def routes_touched(key: str, shapes: set[str]) -> bool:
-    """Whether a step route's model (its model_key) runs a map of these shapes; True where the key does not parse."""
+TIMINGS = ("us", "l2first_step_us")  # an entry's measurements, not its config
+
+
+def _runs(entries: dict, variant: str, n: int, k: int) -> dict | None:
+    """The config a map of this shape runs from these entries of a variant, as a step route depends on it: its own,
+    else its neighbour's (_nearest_entry), without the timings or the L2 prefetch depth (a dense map's hint, which
+    spqt tune --l2first changes keeping the routes)."""
+    entry = entries.get(f"{n}x{k}") or _nearest_entry(entries, variant, n, k)
+    return None if entry is None else {key: v for key, v in entry.items() if key not in TIMINGS + ("l2first",)}
+
+
+def route_touched(key: str, before: dict, after: dict) -> bool:
+    """Whether a re-tune changed what a step route's model (its model_key) runs: for one of its shapes, the dense or
+    sparse config (own or borrowed, crossovers included) differs between the tables' entries `before` and `after`
+    ({variant: {"NxK": entry}}); True where the key does not parse."""
     try:
-        return bool(model_shapes(key) & shapes)
+        shapes = model_shapes(key)
     except ValueError:
         return True
+    return any(_runs(before.get(v, {}), v, n, k) != _runs(after.get(v, {}), v, n, k)
+               for v in ("zigzag_dense", "zigzag_sparse") for n, k in shapes)
 
 
 def level_key(level: float) -> str:
