@@ -84,7 +84,8 @@
 #endif
 #ifndef L2FIRST
 #define L2FIRST 0  // B2: chunks 1 .. L2FIRST of a warp's share prefetched into L2 before griddepcontrol.wait
-#endif           // (weights only: they stream while the kernel before this one still runs)
+#endif           // (weights only: they stream while the kernel before this one still runs; a table entry's
+                 // "l2first", judged in whole decode steps by spqt tune --l2first)
 #ifndef NORM
 #define NORM 0  // B2: 1 x is the RMSNorm's input: each program first writes its share of the normed input,
 #endif          // fp16((x_k rstd) gamma_k) (gamma fp32), into dynamic shared memory (6 bytes a column: launch with
