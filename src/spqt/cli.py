@@ -474,9 +474,8 @@ def cmd_tune(args) -> int:
 
         entries = tuning.all_entries()
         for shape, judged in tune_l2first(prefetched).items():
-            entry = {k: v for k, v in entries["zigzag_dense"][shape].items() if k not in ("l2first", "l2first_step_us")}
-            entries["zigzag_dense"][shape] = entry | ({"l2first": judged["l2first"]} if judged["l2first"] else {}) | {
-                "l2first_step_us": judged["step_us"]}
+            entries["zigzag_dense"][shape] = tuning.without_prefetch(entries["zigzag_dense"][shape]) | (
+                {"l2first": judged["l2first"]} if judged["l2first"] else {}) | {"l2first_step_us": judged["step_us"]}
         entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
     elif args.routes is not None:
         from spqt.bench_decode import tune_routes
@@ -531,8 +530,8 @@ def cmd_tune(args) -> int:
         kept = {key: entry for key, entry in routes.items() if key not in stale}
         entries = {v: e for v, e in entries.items() if v != tuning.STEP_ROUTES} | (
             {tuning.STEP_ROUTES: kept} if kept else {})
-    dropped = sorted(shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first")
-                     and args.l2first is None)
+    dropped = [] if args.l2first is not None else sorted(
+        shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first"))
     if dropped:
         print(f"spqt: note: the L2 prefetch depths of the shapes whose entries this replaced ({', '.join(dropped)}) "
               "are dropped; spqt tune --l2first judges them again", file=sys.stderr)

@@ -93,6 +93,15 @@ def launch_args(cfg: dict) -> dict:
             "extra": (f"-DL2FIRST={l2first}",) if l2first else ()}
 
 
+PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth and its timings (spqt tune --l2first)
+
+
+def without_prefetch(entry: dict) -> dict:
+    """A copy of a config without its L2 prefetch depth and timings: what a map elsewhere in a step (a borrowed
+    neighbour's entry, another weight type's map) may take from it."""
+    return {key: v for key, v in entry.items() if key not in PREFETCH_KEYS}
+
+
 def types_launch_args(cfg: dict) -> dict:
     """The keyword arguments of zigzag_types.gemv in a TYPE_VARIANTS config (the split is the workspace's)."""
     return {key: cfg[key] for key in ("num_warps", "block_k", "rows") if key in cfg}
@@ -115,7 +124,7 @@ def _nearest_entry(entries: dict, variant: str, n: int, k: int) -> dict | None:
         split = max(1, min(round(cfg["split"] * -(-n_near // 256) / -(-n // 256)), -(-k // 4)))
         return dict(cfg, split=split)
 
-    entry = {key: v for key, v in scaled(entry).items() if key not in ("l2first", "l2first_step_us")}
+    entry = without_prefetch(scaled(entry))
     if isinstance(entry.get("fallback"), dict):  # a CUDA entry's Triton config borrows the same way
         entry["fallback"] = scaled(entry["fallback"])
     return entry
@@ -157,15 +166,12 @@ def model_shapes(key: str) -> list[tuple[int, int]]:
     return config.map_shapes()
 
 
-TIMINGS = ("us", "l2first_step_us")  # an entry's measurements, not its config
-
-
 def _runs(entries: dict, variant: str, n: int, k: int) -> dict | None:
     """The config a map of this shape runs from these entries of a variant, as a step route depends on it: its own,
-    else its neighbour's (_nearest_entry), without the timings or the L2 prefetch depth (a dense map's hint, which
-    spqt tune --l2first changes keeping the routes)."""
+    else its neighbour's (_nearest_entry), without the tuner's time or the L2 prefetch depth (a dense map's hint,
+    which spqt tune --l2first changes keeping the routes)."""
     entry = entries.get(f"{n}x{k}") or _nearest_entry(entries, variant, n, k)
-    return None if entry is None else {key: v for key, v in entry.items() if key not in TIMINGS + ("l2first",)}
+    return None if entry is None else {key: v for key, v in without_prefetch(entry).items() if key != "us"}
 
 
 def route_touched(key: str, before: dict, after: dict) -> bool:
@@ -224,7 +230,7 @@ def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     else:
         cfg = config(own, n, k)
         cfg = cfg if cfg.get("impl") == "cuda" else config(q4k, n, k)
-    return {key_: v for key_, v in cfg.items() if key_ not in ("l2first", "l2first_step_us")}
+    return without_prefetch(cfg)
 
 
 def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
