@@ -49,6 +49,7 @@
 #                                    the shipped table and with L2F_SET merged (L2F_DECODE)
 #   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
 #   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode
+#   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step: shipped / one copy launch / no launch
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -732,6 +733,16 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
       && cp "$OUT/tuned.json" "$(tuned_table)"
     decode_all after 2>&1 | tee -a "$OUT/families-decode.log"
     echo "families18: $(( $(date +%s) - start )) s"
+    ;;
+  attnceil18)
+    # What the decode attention costs the step's chain (scripts/attention_ceiling_probe.py), a process a model
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for m in ${ATTN_MODELS:-llama2-70b llama3-8b llama2-7b}; do
+      timeout 150 python3 scripts/attention_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN \
+        | tee -a "$OUT/attention-ceiling.log"
+      echo "attention ceiling $m: $(( $(date +%s) - start )) s"
+    done
     ;;
   rblock12)
     # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.
