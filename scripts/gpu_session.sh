@@ -49,7 +49,8 @@
 #                                    the shipped table and with L2F_SET merged (L2F_DECODE)
 #   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
 #   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode
-#   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step: shipped / one copy launch / no launch
+#   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch), the
+#                                    attention a program per kv head (SPQT_ATTN_GROUP) against a program per query head
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -735,13 +736,22 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     echo "families18: $(( $(date +%s) - start )) s"
     ;;
   attnceil18)
-    # What the decode attention costs the step's chain (scripts/attention_ceiling_probe.py), a process a model
+    # What the decode attention costs the step's chain (scripts/attention_ceiling_probe.py), then the attention a
+    # program per kv head (SPQT_ATTN_GROUP's switch, scripts/switch_probe.py) on the grouped-query models, its gpu
+    # test first; a process a model
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for m in ${ATTN_MODELS:-llama2-70b llama3-8b llama2-7b}; do
       timeout 150 python3 scripts/attention_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN \
         | tee -a "$OUT/attention-ceiling.log"
       echo "attention ceiling $m: $(( $(date +%s) - start )) s"
+    done
+    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels.py -k rope_attention_decode 2>&1 | tail -2 \
+      | tee "$OUT/pytest-attention.log"
+    for m in ${GROUP_MODELS:-llama2-70b llama3-8b}; do
+      timeout 150 python3 scripts/switch_probe.py --switch spqt.kernels.fused:group_attention_on \
+        --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/attention-group.log"
+      echo "grouped attention $m: $(( $(date +%s) - start )) s"
     done
     ;;
   rblock12)

@@ -539,10 +539,12 @@ def test_rms_norm_collect(rng, device):
                     assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
+@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_rope_attention_decode(rng, device, monkeypatch):
-    """The one-launch decode attention equals rope_kv + torch's attention over the masked cache
-    (grouped-query and plain, positions 0, 64 (a block holding only the new key) and inside the second and
+def test_rope_attention_decode(rng, device, grouped, monkeypatch):
+    """The one-launch decode attention, a program per query head or (grouped: SPQT_ATTN_GROUP's probe) per kv head of
+    a grouped-query model (3 query heads a kv head too: rows masked up to the tile), equals rope_kv + torch's attention
+    over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only the new key) and inside the second and
     the fourth key block, whose blocks are combined by the last to finish; spans with more blocks than the
     position has: idle programs); cache rows at and past the position are NaN before the call (they
     must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
@@ -555,8 +557,10 @@ def test_rope_attention_decode(rng, device, monkeypatch):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    group = (lambda: grouped)
+    monkeypatch.setattr(fused, "group_attention_on", group)
     for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
-                                      (1, 1, 32, 64, 1)) + (
+                                      (1, 1, 32, 64, 1), (6, 2, 32, 130, 1)) + (
             ((32, 8, 128, 1500, 1),) if device == "cuda" else ()):
         cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
                           max_seq_len=2048)
@@ -592,6 +596,7 @@ def test_rope_attention_decode(rng, device, monkeypatch):
             fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
             assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
         monkeypatch.undo()
+        monkeypatch.setattr(fused, "group_attention_on", group)
     assert functional.DECODE_ATTENTION_MAX_SPAN <= fused.ATTN_BLOCK_N * fused.ATTN_MAX_SPLITS  # the span it is given
     with pytest.raises(ValueError, match="2048 keys"):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, 2049)
