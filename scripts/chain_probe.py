@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--layers", type=int, default=0, help="the first N layers only (0: all): the error check over "
                     "a few layers (random synthetic layers amplify rounding differences over many)")
     args = ap.parse_args()
-    gen, _ = probe_generator(args.model)
+    gen, _ = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
     model = gen.model
     d = model.config.dim
     eps = model.layers[0].attention_norm.eps

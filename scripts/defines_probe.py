@@ -21,7 +21,7 @@ def main():
     probe_arguments(ap, "synthetic:llama2-7b")
     ap.add_argument("--sparsity", type=float, default=0.0)
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, args.sparsity)
+    gen, prompt = probe_generator(args.model, args.sparsity, args.prompt_tokens, args.max_len)
 
     def setup(defines: str):
         def apply():

@@ -32,7 +32,7 @@ def main():
         for shape, keys in overrides.items():
             entries["zigzag_dense"][shape] = {**entries["zigzag_dense"][shape], **keys}
         tables[name] = entries
-    gen, prompt = probe_generator(args.model)
+    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
     setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
     results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
     median = {name: statistics.median(r) for name, r in results.items()}

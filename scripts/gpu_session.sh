@@ -134,12 +134,16 @@ decode_runs() {
 }
 # bench decode of synthetic:$2 at levels $3 (a process a level) while the stage's time (since $start) stays under
 # CALL_BUDGET (default $1); JSON to $4 where given; the tok/s lines prefixed with "$5: " where given. Returns 1 (and
-# says so) when too little time is left.
+# says so) only when too little time is left; a run that fails is named with its exit status.
 budget_decode() {
-  local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
+  local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) )) rc
   [ $left -lt 40 ] && { echo "no time left for $2 ${5:-}"; return 1; }
   timeout $left python3 -m spqt.cli bench decode --model synthetic:$2 --layouts zigzag --sparsity $3 \
-    ${4:+--json "$4"} 2>&1 | grep tok/s | sed "s/^/${5:+$5: }/"
+    ${4:+--json "$4"} > /tmp/budget-decode.log 2>&1
+  rc=$?
+  grep tok/s /tmp/budget-decode.log | sed "s/^/${5:+$5: }/"
+  [ $rc = 0 ] || { echo "bench decode $2 $3 ${5:-}: exit $rc"; tail -3 /tmp/budget-decode.log; }
+  return 0
 }
 kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS within CALL_BUDGET (default $1)
   for m in ${KEPT_MODELS:-llama2-7b}; do
@@ -736,22 +740,28 @@ json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table
     echo "families18: $(( $(date +%s) - start )) s"
     ;;
   attnceil18)
-    # What the decode attention costs the step's chain (scripts/attention_ceiling_probe.py), then the attention a
-    # program per kv head (SPQT_ATTN_GROUP's switch, scripts/switch_probe.py) on the grouped-query models, its gpu
-    # test first; a process a model
+    # The decode attention a program per kv head (SPQT_ATTN_GROUP): its gpu test, then its step against a program per
+    # query head (scripts/switch_probe.py) on the grouped-query models at a span of ATTN_SPAN keys (prompt tokens,
+    # max-len 2 x); then what the attention costs the step's chain (scripts/attention_ceiling_probe.py); a process a
+    # model, within CALL_BUDGET (default 560 s)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for m in ${ATTN_MODELS:-llama2-70b llama3-8b llama2-7b}; do
-      timeout 150 python3 scripts/attention_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN \
-        | tee -a "$OUT/attention-ceiling.log"
-      echo "attention ceiling $m: $(( $(date +%s) - start )) s"
-    done
-    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels.py -k rope_attention_decode 2>&1 | tail -2 \
-      | tee "$OUT/pytest-attention.log"
-    for m in ${GROUP_MODELS:-llama2-70b llama3-8b}; do
-      timeout 150 python3 scripts/switch_probe.py --switch spqt.kernels.fused:group_attention_on \
-        --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/attention-group.log"
-      echo "grouped attention $m: $(( $(date +%s) - start )) s"
+    span=${ATTN_SPAN:-300}
+    timeout 150 python3 -m pytest -v -m gpu tests/test_kernels.py -k rope_attention_decode 2>&1 \
+      | tee "$OUT/pytest-attention.log" | grep -E "passed|failed|Error" | tail -6
+    for run in ${GROUP_MODELS:-llama2-70b llama3-8b} ceiling ${ATTN_MODELS:-llama2-70b llama2-7b}; do
+      [ $run = ceiling ] && { probe=ceiling; continue; }
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
+      if [ "${probe:-group}" = group ]; then
+        timeout $left python3 scripts/switch_probe.py --switch spqt.kernels.fused:group_attention_on \
+          --model synthetic:$run --prompt-tokens $span --max-len $(( 2 * span )) 2>&1 | grep -v WARN \
+          | tee -a "$OUT/attention-group.log"
+      else
+        timeout $left python3 scripts/attention_ceiling_probe.py --model synthetic:$run --prompt-tokens $span \
+          --max-len $(( 2 * span )) 2>&1 | grep -v WARN | tee -a "$OUT/attention-ceiling.log"
+      fi
+      echo "${probe:-group} $run: $(( $(date +%s) - start )) s"
     done
     ;;
   rblock12)

@@ -21,7 +21,7 @@ def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model)
+    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
     norm_forward = model_module.RMSNorm.forward
     fold_on = gpu_linear.norm_fold_on
     variants = {"launched": (True, False), "folded": (True, True), "identity": (False, False)}  # (norms, fold)

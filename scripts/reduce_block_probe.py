@@ -24,7 +24,7 @@ def main():
     args = ap.parse_args()
     shipped = kg.reduce_block
     entries = tuning._load_table(tuning.device_key())
-    gen, prompt = probe_generator(args.model)
+    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
 
     def setup(sums: int):
         def apply():

@@ -32,7 +32,7 @@ def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-7b")
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model)
+    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
     shipped = kg._reduce_kernel
     vocab = gen.loaded.config.vocab_size
     # _reduce_kernel's positional arguments: partials, y, residual, N, ...: the output head's (N = vocab) is kept

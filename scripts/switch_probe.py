@@ -24,7 +24,7 @@ def main():
     module_name, name = args.switch.split(":")
     module = importlib.import_module(module_name)
     shipped = getattr(module, name)
-    gen, prompt = probe_generator(args.model, args.sparsity)
+    gen, prompt = probe_generator(args.model, args.sparsity, args.prompt_tokens, args.max_len)
 
     def setup(on: bool):
         def apply():

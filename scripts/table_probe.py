@@ -43,7 +43,7 @@ def main():
     probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
     tables = {"A": table_entries(args.a), "B": table_entries(args.b)}
-    gen, prompt = probe_generator(args.model)
+    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
     shapes = [f"{lin.impl.n}x{lin.impl.k}" for _, _, lin in sparse_linears(gen.model)][:4]  # layer 0's maps
     keys = ("split", "num_warps", "acc", "cluster", "us")
     for name, entries in tables.items():

@@ -543,11 +543,12 @@ def test_rms_norm_collect(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode(rng, device, grouped, monkeypatch):
     """The one-launch decode attention, a program per query head or (grouped: SPQT_ATTN_GROUP's probe) per kv head of
-    a grouped-query model (3 query heads a kv head too: rows masked up to the tile), equals rope_kv + torch's attention
-    over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only the new key) and inside the second and
-    the fourth key block, whose blocks are combined by the last to finish; spans with more blocks than the
-    position has: idle programs); cache rows at and past the position are NaN before the call (they
-    must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
+    a grouped-query model (3 query heads a kv head too: rows masked up to the tile; head dim 16: the per-head kernel,
+    the grouped one's dots need 32), equals rope_kv + torch's attention over the masked cache (grouped-query and
+    plain, positions 0, 64 (a block holding only the new key) and inside the second and the fourth key block, whose
+    blocks are combined by the last to finish; spans with more blocks than the position has: idle programs); the
+    output is NaN before the call (every row written); cache rows at and past the position are NaN before the call
+    (they must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
     span, or fewer programs a head, give the same bits (fixed key blocks; the later calls also need the
     first's arrival counters reset, which are zero after each call); spans past 2048 keys are refused."""
     from spqt import functional
@@ -560,8 +561,8 @@ def test_rope_attention_decode(rng, device, grouped, monkeypatch):
     group = (lambda: grouped)
     monkeypatch.setattr(fused, "group_attention_on", group)
     for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
-                                      (1, 1, 32, 64, 1), (6, 2, 32, 130, 1)) + (
-            ((32, 8, 128, 1500, 1),) if device == "cuda" else ()):
+                                      (1, 1, 32, 64, 1), (6, 2, 32, 130, 1), (4, 2, 16, 70, 1)) + (
+            ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2)) if device == "cuda" else ()):
         cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
                           max_seq_len=2048)
         table = rope_table(cfg, 2048).to(device)
@@ -579,7 +580,8 @@ def test_rope_attention_decode(rng, device, grouped, monkeypatch):
         length = pos + 1
         mask = torch.zeros((1, length))
         want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length)
-        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
+        poisoned = torch.full((batch, 1, heads, hd), float("nan"), dtype=dtype, device=device)  # every row written
+        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, out=poisoned)
         what = f"heads {heads} kv {kv} hd {hd} pos {pos}"
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
         for c, r in zip(caches, ref):

@@ -144,19 +144,25 @@ def alternating_step_us(gen: Generator, prompt: list[int], setups: dict, rounds:
 
 
 def probe_arguments(parser, model: str) -> None:
-    """The decode probes' common options (scripts/*_probe.py): --model (default `model`), --rounds, --reps."""
+    """The decode probes' common options (scripts/*_probe.py): --model (default `model`), --rounds, --reps,
+    --prompt-tokens and --max-len (the span the timed steps attend: the prompt's length on)."""
     parser.add_argument("--model", default=model)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--prompt-tokens", type=int, default=10)
+    parser.add_argument("--max-len", type=int, default=64)
 
 
-def probe_generator(model: str, sparsity: float = 0.0) -> tuple[Generator, list[int]]:
+def probe_generator(model: str, sparsity: float = 0.0, prompt_tokens: int = 10,
+                    max_len: int = 64) -> tuple[Generator, list[int]]:
     """The decode probes' setting (scripts/*_probe.py): "synthetic:NAME"'s zigzag Q4_K model on CUDA behind a
-    Generator of 64 positions (at a sparsity above 0: thresholds from its own activations on the prompt), and a
-    random 10-token prompt."""
-    loaded = synthetic_model(model.split(":", 1)[1], "zigzag", 64)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,), device="cuda")
-    gen = Generator(loaded, "cuda", max_len=64)
+    Generator of max_len positions (at a sparsity above 0: thresholds from its own activations on the prompt), and a
+    random prompt of prompt_tokens (the captured steps attend to about that many keys)."""
+    if prompt_tokens + 16 > max_len:
+        raise SpqtError(f"a probe's prompt of {prompt_tokens} tokens needs --max-len {prompt_tokens + 16} or more")
+    loaded = synthetic_model(model.split(":", 1)[1], "zigzag", max_len)
+    prompt = torch.randint(0, loaded.config.vocab_size, (prompt_tokens,), device="cuda")
+    gen = Generator(loaded, "cuda", max_len=max_len)
     if sparsity > 0:
         gen.set_sparsity(sparsity, table=calibrate_on_own_activations(gen, prompt, sparsity))
     return gen, prompt.tolist()

@@ -477,13 +477,14 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int) -> torch.Tensor:
+                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), ATTN_BLOCK_N ATTN_MAX_SPLITS at most.
-    Returns (B, 1, H, hd) in qkv's dtype. Needs hd a power of two (functional.attention picks it
-    for short spans only)."""
+    Returns (B, 1, H, hd) in qkv's dtype (into `out` where given: the tests poison it). Needs hd a power of two
+    (functional.attention picks it for short spans only)."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd & (hd - 1):
@@ -495,11 +496,11 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
 
-    out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device)
+    out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device) if out is None else out
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
     pdl = uses_pdl(qkv.device)
     group = n_heads // n_kv
-    if group > 1 and group_attention_on():
+    if group > 1 and hd >= 32 and group_attention_on():  # its dots need K = hd / 2 >= 16
         programs = attention_programs(blocks, b * n_kv, qkv.device)
         _rope_attention_decode_group_kernel[(n_kv, programs, b)](
             qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
