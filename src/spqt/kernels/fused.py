@@ -220,6 +220,42 @@ def _attend_loaded(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale
 
 
 @triton.jit
+def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """PDL: ask L2 for a program's later key blocks' cached rows (7 at most, where a row is whole 128-byte lines),
+    then wait for the kernel before this one and release the next."""
+    row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
+    if row_bytes % 128 == 0:
+        for blk in range(prog + programs, tl.minimum(blocks, prog + 8 * programs), programs):  # 7 at most
+            cached = cache + blk * BLOCK_N * 2 * HALF  # the block's cached rows, below pos
+            rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
+            _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+            _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _combine_blocks(part_ptr, ml_ptr, head, blocks, d, out, HALF: tl.constexpr, SPLITS: tl.constexpr):
+    """A query head's output (its two halves at out, out + HALF) from its blocks' scratch sums (slots head SPLITS + i,
+    i < blocks), all at once in one fixed shape."""
+    i = tl.arange(0, SPLITS)
+    got = i < blocks
+    slots = head * SPLITS + i
+    # .cg: from L2, where the other programs' stores are (never a stale L1 line)
+    mi = tl.load(ml_ptr + 2 * slots, mask=got, other=-float("inf"), cache_modifier=".cg")
+    li = tl.load(ml_ptr + 2 * slots + 1, mask=got, other=0.0, cache_modifier=".cg")
+    w = tl.exp(mi - tl.max(mi, axis=0))
+    total = tl.sum(li * w, axis=0)
+    a1 = tl.load(part_ptr + slots[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
+                 cache_modifier=".cg")
+    a2 = tl.load(part_ptr + slots[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None], other=0.0,
+                 cache_modifier=".cg")
+    dt = out.dtype.element_ty
+    tl.store(out + d, (tl.sum(a1 * w[:, None], axis=0) / total).to(dt))
+    tl.store(out + HALF + d, (tl.sum(a2 * w[:, None], axis=0) / total).to(dt))
+
+
+@triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
                                   length, sx, scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                                   SPLITS: tl.constexpr, PDL: tl.constexpr):
@@ -250,15 +286,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     if prog < blocks:
         kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
         if PDL:
-            row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
-            if row_bytes % 128 == 0:
-                for blk in range(prog + programs, tl.minimum(blocks, prog + 8 * programs), programs):  # 7 at most
-                    cached = cache + blk * BLOCK_N * 2 * HALF  # the block's cached rows, below pos
-                    rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
-                    _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
-                    _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N)
         cos = tl.load(t_ptr + pos * 2 * HALF + d)
         sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
         base = x_ptr + b * sx
@@ -303,20 +331,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
             if ticket == tl.minimum(blocks, programs) - 1:
                 tl.debug_barrier()
                 tl.store(cnt_ptr + head, 0)  # zero for the next launch
-                i = tl.arange(0, SPLITS)
-                got = i < blocks
-                slots = head * SPLITS + i
-                # .cg: from L2, where the other programs' stores are (never a stale L1 line)
-                mi = tl.load(ml_ptr + 2 * slots, mask=got, other=-float("inf"), cache_modifier=".cg")
-                li = tl.load(ml_ptr + 2 * slots + 1, mask=got, other=0.0, cache_modifier=".cg")
-                w = tl.exp(mi - tl.max(mi, axis=0))
-                total = tl.sum(li * w, axis=0)
-                a1 = tl.load(part_ptr + slots[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
-                             cache_modifier=".cg")
-                a2 = tl.load(part_ptr + slots[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None], other=0.0,
-                             cache_modifier=".cg")
-                tl.store(out + d, (tl.sum(a1 * w[:, None], axis=0) / total).to(dt))
-                tl.store(out + HALF + d, (tl.sum(a2 * w[:, None], axis=0) / total).to(dt))
+                _combine_blocks(part_ptr, ml_ptr, head, blocks, d, out, HALF, SPLITS)
 
 
 @triton.jit
@@ -366,15 +381,7 @@ def _rope_attention_decode_group_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_p
     if prog < blocks:
         kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
         if PDL:
-            row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
-            if row_bytes % 128 == 0:
-                for blk in range(prog + programs, tl.minimum(blocks, prog + 8 * programs), programs):  # 7 at most
-                    cached = cache + blk * BLOCK_N * 2 * HALF
-                    rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
-                    _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
-                    _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
+            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N)
         cos = tl.load(t_ptr + pos * 2 * HALF + d)
         sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
         base = x_ptr + b * sx
@@ -421,22 +428,9 @@ def _rope_attention_decode_group_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_p
             if ticket == tl.minimum(blocks, programs) - 1:
                 tl.debug_barrier()
                 tl.store(cnt_ptr + group, 0)  # zero for the next launch
-                i = tl.arange(0, SPLITS)
-                got = i < blocks
                 for gg in tl.static_range(G):
                     head = b * H + j * G + gg
-                    slots = head * SPLITS + i
-                    mi = tl.load(ml_ptr + 2 * slots, mask=got, other=-float("inf"), cache_modifier=".cg")
-                    li = tl.load(ml_ptr + 2 * slots + 1, mask=got, other=0.0, cache_modifier=".cg")
-                    w = tl.exp(mi - tl.max(mi, axis=0))
-                    total = tl.sum(li * w, axis=0)
-                    a1 = tl.load(part_ptr + slots[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
-                                 cache_modifier=".cg")
-                    a2 = tl.load(part_ptr + slots[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None],
-                                 other=0.0, cache_modifier=".cg")
-                    row = o_ptr + head * 2 * HALF
-                    tl.store(row + d, (tl.sum(a1 * w[:, None], axis=0) / total).to(dt))
-                    tl.store(row + HALF + d, (tl.sum(a2 * w[:, None], axis=0) / total).to(dt))
+                    _combine_blocks(part_ptr, ml_ptr, head, blocks, d, o_ptr + head * 2 * HALF, HALF, SPLITS)
 
 
 @functools.lru_cache(maxsize=None)
