@@ -11,13 +11,12 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 """
 
 import argparse
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
 from spqt.kernels import fused
 from spqt.kernels.zigzag_mma import uses_pdl
 
@@ -61,12 +60,7 @@ def main():
 
     results = alternating_step_us(gen, prompt, {name: setup(name) for name in variants}, args.rounds, args.reps)
     fused.rope_attention_decode = shipped
-    median = {name: statistics.median(r) for name, r in results.items()}
-    print(f"{args.model} dense, step device time (us): " + "; ".join(
-        f"{name} {', '.join(f'{x:.1f}' for x in r)}" for name, r in results.items()))
-    base = median["attention"]
-    for name in list(variants)[1:]:
-        print(f"  {name}: {base - median[name]:.1f} us less than the attention ({100 * (base - median[name]) / base:.1f} %)")
+    print_step_comparison(f"{args.model} dense", results, "the attention")
 
 
 if __name__ == "__main__":

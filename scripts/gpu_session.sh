@@ -45,8 +45,6 @@
 #   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES, default runtime; none: the shipped table),
 #                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_SETTINGS (default 0 table;
 #                                    also 1, norm, plain)
-#   scripts/gpu_session.sh l2first18 the CUDA B2's L2 prefetch before the PDL wait per map in the step (L2F_PROBES), decode with
-#                                    the shipped table and with L2F_SET merged (L2F_DECODE)
 #   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
 #   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode
 #   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch), the
@@ -676,30 +674,6 @@ llama2-7b:now}" 90
         --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
       echo "finish probe $m: $(( $(date +%s) - start )) s"
     done
-    ;;
-  l2first18)
-    # The CUDA B2's L2 prefetch before its PDL wait (an entry's "l2first") judged in the step: finish_probe.py per
-    # L2F_PROBES (model|variants JSON, ";"-separated, 3 rounds), then bench decode (L2F_DECODE, model:levels) with the
-    # shipped table and with L2F_SET (JSON: shape -> keys) merged into it, a process a level each
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    IFS=';' read -ra probes <<< "${L2F_PROBES:-}"
-    for p in "${probes[@]}"; do
-      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 200 python3 scripts/finish_probe.py --model "synthetic:${p%%|*}" \
-        --rounds 3 --variants "${p#*|}" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
-      echo "finish probe ${p%%|*}: $(( $(date +%s) - start )) s"
-    done
-    cp "$(tuned_table)" /tmp/shipped.json
-    for tag in shipped set; do
-      [ $tag = set ] && python3 -c "import json, sys; t = json.load(open('/tmp/shipped.json'))
-for shape, keys in json.loads(sys.argv[1]).items(): t['entries']['zigzag_dense'][shape].update(keys)
-json.dump(t, open(sys.argv[2], 'w'), indent=1)" "${L2F_SET:-{\}}" "$(tuned_table)"
-      for run in ${L2F_DECODE:-llama2-7b:0,0.5}; do
-        budget_decode 540 ${run%%:*} ${run#*:} "$OUT/decode-$tag-${run%%:*}.json" $tag || break
-      done
-    done 2>&1 | tee "$OUT/l2first-decode.log"
-    cp /tmp/shipped.json "$(tuned_table)"
-    echo "l2first18: $(( $(date +%s) - start )) s"
     ;;
   l2tune18)
     # spqt tune --l2first (L2F_MODELS) into $OUT/tuned.json, then bench decode (L2F_DECODE, model:levels) with the

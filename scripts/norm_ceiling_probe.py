@@ -10,10 +10,9 @@ effect), so the first capture is a warm-up and only later captures are compared.
 """
 
 import argparse
-import statistics
 
 from spqt import model as model_module
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
 from spqt.kernels import gpu_linear
 
 
@@ -35,12 +34,7 @@ def main():
     results = alternating_step_us(gen, prompt, {v: setup(*flags) for v, flags in variants.items()}, args.rounds,
                                   args.reps)
     model_module.RMSNorm.forward, gpu_linear.norm_fold_on = norm_forward, fold_on
-    median = {v: statistics.median(r) for v, r in results.items()}
-    print(f"{args.model} dense, step device time (us): " + "; ".join(
-        f"{v} {', '.join(f'{x:.1f}' for x in r)}" for v, r in results.items()))
-    launched = median["launched"]
-    for v in ("folded", "identity"):
-        print(f"  {v}: {launched - median[v]:.1f} us less than launched ({100 * (launched - median[v]) / launched:.1f} %)")
+    print_step_comparison(f"{args.model} dense", results)
 
 if __name__ == "__main__":
     main()

@@ -11,9 +11,8 @@ The first capture is a warm-up (the seventh session's order effect: a process's 
 """
 
 import argparse
-import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
 from spqt.kernels import gemv as kg
 
 
@@ -47,12 +46,7 @@ def main():
 
     results = alternating_step_us(gen, prompt, {v: setup(s) for v, s in skips.items()}, args.rounds, args.reps)
     kg._reduce_kernel = shipped
-    median = {v: statistics.median(r) for v, r in results.items()}
-    print(f"{args.model} dense, step device time (us): " + "; ".join(
-        f"{v} {', '.join(f'{x:.1f}' for x in r)}" for v, r in results.items()))
-    base = median["shipped"]
-    for v in list(skips)[1:]:
-        print(f"  {v}: {base - median[v]:.1f} us less than shipped ({100 * (base - median[v]) / base:.1f} %)")
+    print_step_comparison(f"{args.model} dense", results)
 
 
 if __name__ == "__main__":

@@ -168,6 +168,20 @@ def probe_generator(model: str, sparsity: float = 0.0, prompt_tokens: int = 10,
     return gen, prompt.tolist()
 
 
+def print_step_comparison(title: str, results: dict, base_label: str | None = None) -> dict:
+    """The decode probes' report of alternating_step_us' {setup: [us a round]}: every setup's rounds, then how much
+    less each later setup took than the first (named base_label, default its own name). Returns the medians."""
+    median = {name: statistics.median(r) for name, r in results.items()}
+    print(f"{title}, step device time (us): " + "; ".join(
+        f"{name} {', '.join(f'{x:.1f}' for x in r)}" for name, r in results.items()))
+    first = next(iter(results))
+    base = median[first]
+    for name in list(results)[1:]:
+        print(f"  {name}: {base - median[name]:.1f} us less than {base_label or first} "
+              f"({100 * (base - median[name]) / base:.1f} %)")
+    return median
+
+
 NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")  # SPQT_* variables that do not change what a step runs
 
 
@@ -402,10 +416,6 @@ def l2first_depths(cfg: dict, k: int) -> list[int]:
     return [d for d in L2FIRST_DEPTHS if d <= chunks - 1]
 
 
-def _with_depth(cfg: dict, depth: int) -> dict:
-    return {k: v for k, v in cfg.items() if k != "l2first"} | ({"l2first": depth} if depth else {})
-
-
 def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None:
     """tune_l2first for one model: its shapes not in `found` judged into it, in the order the step runs them."""
     gen, prompt = probe_generator(model)
@@ -417,7 +427,7 @@ def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None
             maps.setdefault(f"{lin.impl.n}x{lin.impl.k}", []).append(lin.impl)
     tuned = {id(m): m.cfg_dense for ms in maps.values() for m in ms}
     # what every map runs while another shape is judged: the depth judged before (this run), else the table's
-    current = {id(m): _with_depth(tuned[id(m)], found[shape]["l2first"]) if shape in found else tuned[id(m)]
+    current = {id(m): tuning.with_prefetch(tuned[id(m)], found[shape]["l2first"]) if shape in found else tuned[id(m)]
                for shape, ms in maps.items() for m in ms}
 
     def setup(shape: str, depth: int):
@@ -426,7 +436,7 @@ def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None
                 for m in ms:
                     m.cfg_dense = current[id(m)]
             for m in maps[shape]:
-                m.cfg_dense = _with_depth(current[id(m)], depth)
+                m.cfg_dense = tuning.with_prefetch(current[id(m)], depth)
         return configure
 
     try:
@@ -447,7 +457,7 @@ def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None
             found[shape] = {"l2first": depth, "step_us": {str(d): round(us, 1) for d, us in step.items()},
                             "model": model}
             for m in ms:
-                current[id(m)] = _with_depth(current[id(m)], depth)
+                current[id(m)] = tuning.with_prefetch(current[id(m)], depth)
     finally:
         for ms in maps.values():
             for m in ms:

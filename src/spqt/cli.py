@@ -474,8 +474,8 @@ def cmd_tune(args) -> int:
 
         entries = tuning.all_entries()
         for shape, judged in tune_l2first(prefetched).items():
-            entries["zigzag_dense"][shape] = tuning.without_prefetch(entries["zigzag_dense"][shape]) | (
-                {"l2first": judged["l2first"]} if judged["l2first"] else {}) | {"l2first_step_us": judged["step_us"]}
+            entries["zigzag_dense"][shape] = tuning.with_prefetch(entries["zigzag_dense"][shape], judged["l2first"],
+                                                                  judged["step_us"])
         entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
     elif args.routes is not None:
         from spqt.bench_decode import tune_routes

@@ -102,6 +102,12 @@ def without_prefetch(entry: dict) -> dict:
     return {key: v for key, v in entry.items() if key not in PREFETCH_KEYS}
 
 
+def with_prefetch(entry: dict, depth: int, step_us: dict | None = None) -> dict:
+    """A copy of a config with this L2 prefetch depth (none at 0) and, where given, the step timings that chose it."""
+    return without_prefetch(entry) | ({"l2first": depth} if depth else {}) | (
+        {"l2first_step_us": step_us} if step_us is not None else {})
+
+
 def types_launch_args(cfg: dict) -> dict:
     """The keyword arguments of zigzag_types.gemv in a TYPE_VARIANTS config (the split is the workspace's)."""
     return {key: cfg[key] for key in ("num_warps", "block_k", "rows") if key in cfg}
