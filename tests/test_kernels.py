@@ -539,13 +539,10 @@ def test_rms_norm_collect(rng, device):
                     assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
-@pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
-def test_rope_attention_decode(rng, device, grouped, monkeypatch):
-    """The one-launch decode attention, a program per query head or (grouped: SPQT_ATTN_GROUP's probe) per kv head of
-    a grouped-query model (3 query heads a kv head too: rows masked up to the tile; head dim 16: the per-head kernel,
-    the grouped one's dots need 32), equals rope_kv + torch's attention over the masked cache (grouped-query and
-    plain, positions 0, 64 (a block holding only the new key) and inside the second and the fourth key block, whose
+def test_rope_attention_decode(rng, device, monkeypatch):
+    """The one-launch decode attention (3 query heads a kv head too; head dim 16 to 128) equals rope_kv + torch's
+    attention over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only the new key) and inside the second and the fourth key block, whose
     blocks are combined by the last to finish; spans with more blocks than the position has: idle programs); the
     output is NaN before the call (every row written); cache rows at and past the position are NaN before the call
     (they must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
@@ -558,8 +555,6 @@ def test_rope_attention_decode(rng, device, grouped, monkeypatch):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    group = (lambda: grouped)
-    monkeypatch.setattr(fused, "group_attention_on", group)
     for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
                                       (1, 1, 32, 64, 1), (6, 2, 32, 130, 1), (4, 2, 16, 70, 1)) + (
             ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2)) if device == "cuda" else ()):
@@ -598,7 +593,6 @@ def test_rope_attention_decode(rng, device, grouped, monkeypatch):
             fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
             assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
         monkeypatch.undo()
-        monkeypatch.setattr(fused, "group_attention_on", group)
     assert functional.DECODE_ATTENTION_MAX_SPAN <= fused.ATTN_BLOCK_N * fused.ATTN_MAX_SPLITS  # the span it is given
     with pytest.raises(ValueError, match="2048 keys"):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, 2049)

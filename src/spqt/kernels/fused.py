@@ -9,9 +9,6 @@
 Their torch twins are in spqt.functional, which picks one or the other.
 """
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -334,112 +331,6 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
                 _combine_blocks(part_ptr, ml_ptr, head, blocks, d, out, HALF, SPLITS)
 
 
-@triton.jit
-def _attend_group(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr):
-    """_attend_loaded for the GP query rows of a kv head's group at once (r1, r2 (GP, HALF) in the cache dtype; rows
-    past the group's heads are zero and never stored): per row the scores' max m (GP,), sum l (GP,) and the
-    unnormalized sums of p v (GP, HALF) halves, as tensor-core dots with fp32 sums (PREC "ieee" for fp32 caches: no
-    TF32). The scores' products are exact (fp16 / bf16 operands); p is rounded to the cache dtype for p v, as
-    flash attention does (the per-head kernel keeps it in fp32)."""
-    n = first + tl.arange(0, BLOCK_N)
-    new = (n == pos)[:, None]
-    c1 = tl.where(new, kn1[None, :], c1)
-    c2 = tl.where(new, kn2[None, :], c2)
-    s = (tl.dot(r1, tl.trans(c1), input_precision=PREC) + tl.dot(r2, tl.trans(c2), input_precision=PREC)) * scale
-    s = tl.where((n <= pos)[None, :], s, -float("inf"))
-    m = tl.max(s, axis=1)
-    p = tl.exp(s - m[:, None])
-    u1 = tl.where(new, vn1[None, :], u1)
-    u2 = tl.where(new, vn2[None, :], u2)
-    pd = p.to(u1.dtype)
-    return m, tl.sum(p, axis=1), tl.dot(pd, u1, input_precision=PREC), tl.dot(pd, u2, input_precision=PREC)
-
-
-@triton.jit
-def _rope_attention_decode_group_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H,
-                                        HKV, L, length, sx, scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                                        SPLITS: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
-                                        PREC: tl.constexpr, PDL: tl.constexpr):
-    """_rope_attention_decode_kernel with a program per kv head instead of per query head (SPQT_ATTN_GROUP=1, a
-    probe): program (j, p, b) takes the G = H / HKV query heads of kv head j (GP >= 16 rows, a power of two, the
-    ones past G masked) over key blocks p, p + P, ..., so each cached block is read once for the group, not G times,
-    and the grid is G times smaller. The same contract otherwise: block sums per query head into its scratch slots,
-    arrivals counted per kv head (counter b HKV + j), the last one combining every head of the group in the fixed
-    shape; bits independent of P and of the span's bucket (not equal to the per-head kernel's: the sums' order
-    differs)."""
-    j = tl.program_id(0)
-    prog = tl.program_id(1)
-    b = tl.program_id(2)
-    programs = tl.num_programs(1)
-    d = tl.arange(0, HALF)
-    g = tl.arange(0, GP)
-    real = g < G
-    pos = tl.load(pos_ptr)
-    blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
-    cache = ((b * HKV + j) * L) * 2 * HALF
-    if prog < blocks:
-        kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
-        if PDL:
-            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N)
-        cos = tl.load(t_ptr + pos * 2 * HALF + d)
-        sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
-        base = x_ptr + b * sx
-        h = j * G + g
-        rows_q = base + h[:, None] * 2 * HALF + d[None, :]
-        q1 = tl.load(rows_q, mask=real[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(rows_q + HALF, mask=real[:, None], other=0.0).to(tl.float32)
-        dt = o_ptr.dtype.element_ty
-        # rounded to the cache dtype as the unfused path stores q and k before attending
-        r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
-        r2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
-        k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
-        k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
-        kn1 = (k1 * cos - k2 * sin).to(dt)
-        kn2 = (k2 * cos + k1 * sin).to(dt)
-        vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
-        vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
-        if (blocks - 1) % programs == prog:
-            tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
-            tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
-            tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
-            tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
-        heads = b * H + h
-        out = o_ptr + heads[:, None] * 2 * HALF + d[None, :]
-        m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, prog * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
-                                             scale, BLOCK_N, PREC)
-        if blocks == 1:
-            tl.store(out, (acc1 / l_sum[:, None]).to(dt), mask=real[:, None])
-            tl.store(out + HALF, (acc2 / l_sum[:, None]).to(dt), mask=real[:, None])
-        else:
-            for blk in range(prog, blocks, programs):
-                if blk != prog:
-                    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
-                    m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2,
-                                                         vn1, vn2, scale, BLOCK_N, PREC)
-                slot = heads * SPLITS + blk
-                tl.store(part_ptr + slot[:, None] * 2 * HALF + d[None, :], acc1, mask=real[:, None])
-                tl.store(part_ptr + slot[:, None] * 2 * HALF + HALF + d[None, :], acc2, mask=real[:, None])
-                tl.store(ml_ptr + 2 * slot, m, mask=real)
-                tl.store(ml_ptr + 2 * slot + 1, l_sum, mask=real)
-            tl.debug_barrier()
-            group = b * HKV + j
-            ticket = tl.atomic_add(cnt_ptr + group, 1, sem="acq_rel", scope="gpu")
-            if ticket == tl.minimum(blocks, programs) - 1:
-                tl.debug_barrier()
-                tl.store(cnt_ptr + group, 0)  # zero for the next launch
-                for gg in tl.static_range(G):
-                    head = b * H + j * G + gg
-                    _combine_blocks(part_ptr, ml_ptr, head, blocks, d, o_ptr + head * 2 * HALF, HALF, SPLITS)
-
-
-@functools.lru_cache(maxsize=None)
-def group_attention_on() -> bool:
-    """SPQT_ATTN_GROUP=1 (a probe, off): the decode attention runs a program per kv head of a grouped-query model
-    (_rope_attention_decode_group_kernel) instead of one per query head. Read once."""
-    return os.environ.get("SPQT_ATTN_GROUP", "") == "1"
-
-
 _ATTENTION_SCRATCH: dict = {}
 
 
@@ -462,12 +353,15 @@ def _attention_scratch(device: torch.device, heads: int, hd: int) -> tuple:
     return _ATTENTION_SCRATCH[key]
 
 
+ATTN_PROGRAMS_PER_SM = 1  # heads x programs the decode attention launches at most, per SM of the GPU
+
+
 def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
-    """Programs a head's key blocks get: as many as the blocks, but no more heads x programs than the GPU has
-    SMs (a program that finds no block still takes a launch slot: on the H200 the 70B step ran 150 us slower
-    with 4 programs a head, 3 of them idle, at spans of one block; at least one program a head)."""
+    """Programs a head's key blocks get: as many as the blocks, but no more heads x programs than
+    ATTN_PROGRAMS_PER_SM a SM (a program that finds no block still takes a launch slot: on the H200 the 70B step
+    ran 150 us slower with 4 programs a head, 3 of them idle, at spans of one block; at least one program a head)."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 128
-    return max(1, min(blocks, sms // heads))
+    return max(1, min(blocks, ATTN_PROGRAMS_PER_SM * sms // heads))
 
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
@@ -493,15 +387,6 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device) if out is None else out
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
     pdl = uses_pdl(qkv.device)
-    group = n_heads // n_kv
-    if group > 1 and hd >= 32 and group_attention_on():  # its dots need K = hd / 2 >= 16
-        programs = attention_programs(blocks, b * n_kv, qkv.device)
-        _rope_attention_decode_group_kernel[(n_kv, programs, b)](
-            qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-            qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, G=group,
-            GP=max(16, triton.next_power_of_2(group)), PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl,
-            num_warps=4, launch_pdl=pdl)
-        return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
