@@ -47,8 +47,8 @@
 #                                    also 1, norm, plain)
 #   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
 #   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode
-#   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch), the
-#                                    attention a program per kv head (SPQT_ATTN_GROUP) against a program per query head
+#   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch)
+#   scripts/gpu_session.sh programs19 the decode attention's programs a head (ATTN_PROGRAMS_PER_SM) at short / long spans
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -711,31 +711,37 @@ llama2-7b:now}" 90
       2>&1 | grep -v WARN | grep "tokens/s (median\|wrote\|error" | tee "$OUT/families-routes.log" \
       && cp "$OUT/tuned.json" "$(tuned_table)"
     decode_all after 2>&1 | tee -a "$OUT/families-decode.log"
+    (cd "$OUT" && tar czf results.tgz --exclude results.tgz decode-*.json && rm -f decode-*.json)  # 8 files come back
     echo "families18: $(( $(date +%s) - start )) s"
     ;;
   attnceil18)
-    # The decode attention a program per kv head (SPQT_ATTN_GROUP): its gpu test, then its step against a program per
-    # query head (scripts/switch_probe.py) on the grouped-query models at a span of ATTN_SPAN keys (prompt tokens,
-    # max-len 2 x); then what the attention costs the step's chain (scripts/attention_ceiling_probe.py); a process a
-    # model, within CALL_BUDGET (default 560 s)
+    # What the decode attention costs the step's chain (scripts/attention_ceiling_probe.py) on ATTN_MODELS at a span of
+    # ATTN_SPAN keys (prompt tokens, max-len 2 x), a process a model, within CALL_BUDGET (default 560 s). (Its first
+    # run, 2c10808, also timed a program per kv head: slower, removed.)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     span=${ATTN_SPAN:-300}
-    timeout 150 python3 -m pytest -v -m gpu tests/test_kernels.py -k rope_attention_decode 2>&1 \
-      | tee "$OUT/pytest-attention.log" | grep -E "passed|failed|Error" | tail -6
-    for run in ${GROUP_MODELS:-llama2-70b llama3-8b} ceiling ${ATTN_MODELS:-llama2-70b llama2-7b}; do
-      [ $run = ceiling ] && { probe=ceiling; continue; }
+    for run in ${ATTN_MODELS:-llama2-70b llama2-7b}; do
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      if [ "${probe:-group}" = group ]; then
-        timeout $left python3 scripts/switch_probe.py --switch spqt.kernels.fused:group_attention_on \
-          --model synthetic:$run --prompt-tokens $span --max-len $(( 2 * span )) 2>&1 | grep -v WARN \
-          | tee -a "$OUT/attention-group.log"
-      else
-        timeout $left python3 scripts/attention_ceiling_probe.py --model synthetic:$run --prompt-tokens $span \
-          --max-len $(( 2 * span )) 2>&1 | grep -v WARN | tee -a "$OUT/attention-ceiling.log"
-      fi
-      echo "${probe:-group} $run: $(( $(date +%s) - start )) s"
+      timeout $left python3 scripts/attention_ceiling_probe.py --model synthetic:$run --prompt-tokens $span \
+        --max-len $(( 2 * span )) 2>&1 | grep -v WARN | tee -a "$OUT/attention-ceiling.log"
+      echo "ceiling $run: $(( $(date +%s) - start )) s"
+    done
+    ;;
+  programs19)
+    # How many programs the decode attention gives a head's key blocks (scripts/attention_programs_probe.py,
+    # ATTN_PER_SM values of fused.ATTN_PROGRAMS_PER_SM) for each of PROGRAM_RUNS (model:span: prompt tokens, max-len
+    # 2 x), a process each, within CALL_BUDGET (default 400 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for run in ${PROGRAM_RUNS:-llama2-70b:300 llama2-70b:1500 llama2-7b:300 llama2-7b:1500}; do
+      m=${run%%:*} span=${run#*:}
+      left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
+      [ $left -lt 50 ] && { echo "no time left for $run"; break; }
+      timeout $left python3 scripts/attention_programs_probe.py --model synthetic:$m --prompt-tokens $span \
+        --max-len $(( 2 * span )) --per-sm ${ATTN_PER_SM:-1,2,4} 2>&1 | grep -v WARN | tee -a "$OUT/attention-programs.log"
+      echo "programs $run: $(( $(date +%s) - start )) s"
     done
     ;;
   rblock12)

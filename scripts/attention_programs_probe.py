@@ -1,0 +1,38 @@
+"""How many programs the decode attention should give a head's key blocks: the step's CUDA graph captured with
+fused.ATTN_PROGRAMS_PER_SM at each of --per-sm (heads x programs at most that many a SM), alternating, in one
+process (device machine; issue 14). --prompt-tokens / --max-len set the span the timed steps attend; the graph's
+key bucket (Generator._kv_bucket) sets the blocks the launch is sized for.
+
+    python3 scripts/attention_programs_probe.py [--model synthetic:llama2-70b] [--prompt-tokens 300 --max-len 512]
+        [--per-sm 1,2,4] [--rounds 2] [--reps 30]
+
+The first capture is a warm-up (bench_decode.alternating_step_us).
+"""
+
+import argparse
+
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
+from spqt.kernels import fused
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    probe_arguments(ap, "synthetic:llama2-70b")
+    ap.add_argument("--per-sm", default="1,2,4", help="ATTN_PROGRAMS_PER_SM values, comma-separated")
+    args = ap.parse_args()
+    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    shipped = fused.ATTN_PROGRAMS_PER_SM
+
+    def setup(per_sm: int):
+        def apply():
+            fused.ATTN_PROGRAMS_PER_SM = per_sm
+        return apply
+
+    setups = {f"{v} a SM": setup(int(v)) for v in args.per_sm.split(",")}
+    results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
+    fused.ATTN_PROGRAMS_PER_SM = shipped
+    print_step_comparison(f"{args.model} dense, {args.prompt_tokens} prompt tokens", results)
+
+
+if __name__ == "__main__":
+    main()
