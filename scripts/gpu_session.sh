@@ -46,7 +46,8 @@
 #                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_SETTINGS (default 0 table;
 #                                    also 1, norm, plain)
 #   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
-#   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode
+#   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode;
+#                                    results.tgz
 #   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch)
 #   scripts/gpu_session.sh programs19 the decode attention's programs a head (ATTN_PROGRAMS_PER_SM) at short / long spans
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),

@@ -541,13 +541,14 @@ def test_rms_norm_collect(rng, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode(rng, device, monkeypatch):
-    """The one-launch decode attention (3 query heads a kv head too; head dim 16 to 128) equals rope_kv + torch's
-    attention over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only the new key) and inside the second and the fourth key block, whose
-    blocks are combined by the last to finish; spans with more blocks than the position has: idle programs); the
-    output is NaN before the call (every row written); cache rows at and past the position are NaN before the call
-    (they must not be read), row pos is written with the torch twin's k and v, no other row changes; a longer
-    span, or fewer programs a head, give the same bits (fixed key blocks; the later calls also need the
-    first's arrival counters reset, which are zero after each call); spans past 2048 keys are refused."""
+    """The one-launch decode attention (head dims 16 to 128; 3 query heads a kv head among the grouped-query cases)
+    equals rope_kv + torch's attention over the masked cache (grouped-query and plain, positions 0, 64 (a block
+    holding only the new key) and inside the second and the fourth key block, whose blocks are combined by the last
+    to finish; spans with more blocks than the position has: idle programs); the output is NaN before the call (every
+    row written); cache rows at and past the position are NaN before the call (they must not be read), row pos is
+    written with the torch twin's k and v, no other row changes; a longer span, or fewer programs a head, give the
+    same bits (fixed key blocks; the later calls also need the first's arrival counters reset, which are zero after
+    each call); spans past 2048 keys are refused."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused

@@ -106,7 +106,7 @@ class ChainBuffers:
 
 def programs_a_head(length: int, programs: int, heads: int) -> int:
     """Programs an attention stage gives a head: one a key block of `length` keys, no more than the chain's programs
-    shared among the heads (as fused.attention_programs does with SMs), at least one."""
+    shared among the heads (as fused.attention_programs does with ATTN_PROGRAMS_PER_SM a SM), at least one."""
     return max(1, min(-(-length // kc.ATTN_BLOCK), programs // heads))
 
 
