@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
 from spqt.kernels import fused
 from spqt.kernels.zigzag_mma import uses_pdl
 
@@ -36,7 +36,7 @@ def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     shipped = fused.rope_attention_decode
 
     def queries(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length):

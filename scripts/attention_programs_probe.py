@@ -11,7 +11,7 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 
 import argparse
 
-from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
 from spqt.kernels import fused
 
 
@@ -20,7 +20,7 @@ def main():
     probe_arguments(ap, "synthetic:llama2-70b")
     ap.add_argument("--per-sm", default="1,2,4", help="ATTN_PROGRAMS_PER_SM values, comma-separated")
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     shipped = fused.ATTN_PROGRAMS_PER_SM
 
     def setup(per_sm: int):

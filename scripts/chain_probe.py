@@ -21,7 +21,7 @@ import statistics
 
 import torch
 
-from spqt.bench_decode import probe_arguments, probe_generator, replay_device_us
+from spqt.bench_decode import probe_arguments, probe_generator_from, replay_device_us
 from spqt.decode_chain import ChainBuffers, layer_stages, programs_a_head
 from spqt.functional import NORM_SUMS
 from spqt.kernels.chain import Chain
@@ -70,7 +70,7 @@ def main():
     ap.add_argument("--layers", type=int, default=0, help="the first N layers only (0: all): the error check over "
                     "a few layers (random synthetic layers amplify rounding differences over many)")
     args = ap.parse_args()
-    gen, _ = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, _ = probe_generator_from(args)
     model = gen.model
     d = model.config.dim
     eps = model.layers[0].attention_norm.eps

@@ -11,7 +11,7 @@ import argparse
 import os
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator_from
 from spqt.kernels import zigzag_cuda
 
 
@@ -21,7 +21,7 @@ def main():
     probe_arguments(ap, "synthetic:llama2-7b")
     ap.add_argument("--sparsity", type=float, default=0.0)
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, args.sparsity, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args, args.sparsity)
 
     def setup(defines: str):
         def apply():

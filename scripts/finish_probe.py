@@ -15,7 +15,7 @@ import copy
 import json
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator_from
 from spqt.kernels import tuning
 from table_probe import configure
 
@@ -32,7 +32,7 @@ def main():
         for shape, keys in overrides.items():
             entries["zigzag_dense"][shape] = {**entries["zigzag_dense"][shape], **keys}
         tables[name] = entries
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
     results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
     median = {name: statistics.median(r) for name, r in results.items()}

@@ -17,7 +17,7 @@ import statistics
 
 import torch
 
-from spqt.bench_decode import alternating_step_us, calibrate_on_own_activations, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, calibrate_on_own_activations, probe_arguments, probe_generator_from
 from spqt.generate import set_dense_fallback
 
 
@@ -26,7 +26,7 @@ def main():
     probe_arguments(ap, "synthetic:llama2-7b")
     ap.add_argument("--levels", type=float, nargs="+", default=[0.5, 0.25])
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     tables = {level: calibrate_on_own_activations(gen, torch.tensor(prompt, device="cuda"), level)
               for level in args.levels}
 

@@ -12,7 +12,7 @@ effect), so the first capture is a warm-up and only later captures are compared.
 import argparse
 
 from spqt import model as model_module
-from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
 from spqt.kernels import gpu_linear
 
 
@@ -20,7 +20,7 @@ def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     norm_forward = model_module.RMSNorm.forward
     fold_on = gpu_linear.norm_fold_on
     variants = {"launched": (True, False), "folded": (True, True), "identity": (False, False)}  # (norms, fold)

@@ -11,7 +11,7 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 import argparse
 import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator_from
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from table_probe import configure
@@ -24,7 +24,7 @@ def main():
     args = ap.parse_args()
     shipped = kg.reduce_block
     entries = tuning._load_table(tuning.device_key())
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
 
     def setup(sums: int):
         def apply():

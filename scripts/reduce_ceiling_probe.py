@@ -12,7 +12,7 @@ The first capture is a warm-up (the seventh session's order effect: a process's 
 
 import argparse
 
-from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
 from spqt.kernels import gemv as kg
 
 
@@ -31,7 +31,7 @@ def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-7b")
     args = ap.parse_args()
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     shipped = kg._reduce_kernel
     vocab = gen.loaded.config.vocab_size
     # _reduce_kernel's positional arguments: partials, y, residual, N, ...: the output head's (N = vocab) is kept

@@ -10,9 +10,8 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 
 import argparse
 import importlib
-import statistics
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
 
 
 def main():
@@ -24,7 +23,7 @@ def main():
     module_name, name = args.switch.split(":")
     module = importlib.import_module(module_name)
     shipped = getattr(module, name)
-    gen, prompt = probe_generator(args.model, args.sparsity, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args, args.sparsity)
 
     def setup(on: bool):
         def apply():
@@ -33,11 +32,7 @@ def main():
 
     results = alternating_step_us(gen, prompt, {"off": setup(False), "on": setup(True)}, args.rounds, args.reps)
     setattr(module, name, shipped)
-    median = {v: statistics.median(r) for v, r in results.items()}
-    print(f"{args.model} sparsity {args.sparsity}, {args.switch}, step device time (us): " + "; ".join(
-        f"{v} {', '.join(f'{x:.1f}' for x in r)}" for v, r in results.items()))
-    less = median["off"] - median["on"]
-    print(f"  on: {less:.1f} us less than off ({100 * less / median['off']:.1f} %)")
+    print_step_comparison(f"{args.model} sparsity {args.sparsity}, {args.switch}", results)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,10 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 
 import argparse
 import json
-import statistics
 
 import torch
 
-from spqt.bench_decode import alternating_step_us, probe_arguments, probe_generator
+from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
 from spqt.generate import Generator, sparse_linears
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
@@ -43,7 +42,7 @@ def main():
     probe_arguments(ap, "synthetic:llama2-70b")
     args = ap.parse_args()
     tables = {"A": table_entries(args.a), "B": table_entries(args.b)}
-    gen, prompt = probe_generator(args.model, 0.0, args.prompt_tokens, args.max_len)
+    gen, prompt = probe_generator_from(args)
     shapes = [f"{lin.impl.n}x{lin.impl.k}" for _, _, lin in sparse_linears(gen.model)][:4]  # layer 0's maps
     keys = ("split", "num_warps", "acc", "cluster", "us")
     for name, entries in tables.items():
@@ -53,10 +52,7 @@ def main():
 
     setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
     results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
-    median = {name: statistics.median(r) for name, r in results.items()}
-    print(f"{args.model} dense, step device time (us): " + "; ".join(
-        f"{name} {', '.join(f'{x:.1f}' for x in r)}" for name, r in results.items()))
-    print(f"  B: {median['A'] - median['B']:.1f} us less than A ({100 * (median['A'] - median['B']) / median['A']:.1f} %)")
+    print_step_comparison(f"{args.model} dense", results)
 
 
 if __name__ == "__main__":

@@ -195,3 +195,26 @@ def test_bench_decode_rows_record_the_route_switches(monkeypatch):
                         ("SPQT_COMMIT", "abc"), ("SPQT_API_KEY", "k"), ("OTHER_SPQT_X", "1")):
         monkeypatch.setenv(name, value)
     assert route_switches() == {"SPQT_CHAIN": "1", "SPQT_SPARSE_KEPT": "norm"}
+
+
+def test_probe_report_and_options(capsys, monkeypatch):
+    """The decode probes' shared pieces: print_step_comparison prints every round and each later setup's saving
+    against the first (median of its rounds), and returns the medians; probe_arguments' span options default to one
+    key block and reach probe_generator_from's call."""
+    import argparse
+
+    from spqt import bench_decode
+
+    medians = bench_decode.print_step_comparison("m dense", {"A": [100.0, 104.0, 90.0], "B": [95.0, 97.0, 99.0]})
+    assert medians == {"A": 100.0, "B": 97.0}
+    assert capsys.readouterr().out == ("m dense, step device time (us): A 100.0, 104.0, 90.0; B 95.0, 97.0, 99.0\n"
+                                       "  B: 3.0 us less than A (3.0 %)\n")
+    ap = argparse.ArgumentParser()
+    bench_decode.probe_arguments(ap, "synthetic:tiny")
+    args = ap.parse_args(["--prompt-tokens", "300", "--max-len", "600"])
+    assert (args.model, args.prompt_tokens, args.max_len) == ("synthetic:tiny", 300, 600)
+    assert ap.parse_args([]).max_len == 64 and ap.parse_args([]).prompt_tokens == 10
+    calls = []
+    monkeypatch.setattr(bench_decode, "probe_generator", lambda *a: calls.append(a))
+    bench_decode.probe_generator_from(args, 0.5)
+    assert calls == [("synthetic:tiny", 0.5, 300, 600)]

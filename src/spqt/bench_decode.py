@@ -168,6 +168,11 @@ def probe_generator(model: str, sparsity: float = 0.0, prompt_tokens: int = 10,
     return gen, prompt.tolist()
 
 
+def probe_generator_from(args, sparsity: float = 0.0) -> tuple[Generator, list[int]]:
+    """probe_generator with the options probe_arguments added (--model, --prompt-tokens, --max-len)."""
+    return probe_generator(args.model, sparsity, args.prompt_tokens, args.max_len)
+
+
 def print_step_comparison(title: str, results: dict, base_label: str | None = None) -> dict:
     """The decode probes' report of alternating_step_us' {setup: [us a round]}: every setup's rounds, then how much
     less each later setup took than the first (named base_label, default its own name). Returns the medians."""
