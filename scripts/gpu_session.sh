@@ -144,6 +144,15 @@ budget_decode() {
   [ $rc = 0 ] || { echo "bench decode $2 $3 ${5:-}: exit $rc"; tail -3 /tmp/budget-decode.log; }
   return 0
 }
+# scripts/$2 on synthetic:$3 at a span of $4 keys (prompt tokens, max-len 2 x) while the stage's time (since $start)
+# stays under CALL_BUDGET (default $1), its lines appended to $OUT/$5; options after $5 go to the probe. Returns 1 (and
+# says so) when too little time is left.
+budget_probe() {
+  local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
+  [ $left -lt 60 ] && { echo "no time left for $3 at $4 keys"; return 1; }
+  timeout $left python3 scripts/$2 --model synthetic:$3 --prompt-tokens $4 --max-len $(( 2 * $4 )) "${@:6}" 2>&1 \
+    | grep -v WARN | tee -a "$OUT/$5"
+}
 kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS within CALL_BUDGET (default $1)
   for m in ${KEPT_MODELS:-llama2-7b}; do
     left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
@@ -723,10 +732,7 @@ llama2-7b:now}" 90
     start=$(date +%s)
     span=${ATTN_SPAN:-300}
     for run in ${ATTN_MODELS:-llama2-70b llama2-7b}; do
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 scripts/attention_ceiling_probe.py --model synthetic:$run --prompt-tokens $span \
-        --max-len $(( 2 * span )) 2>&1 | grep -v WARN | tee -a "$OUT/attention-ceiling.log"
+      budget_probe 560 attention_ceiling_probe.py $run $span attention-ceiling.log || break
       echo "ceiling $run: $(( $(date +%s) - start )) s"
     done
     ;;
@@ -737,11 +743,8 @@ llama2-7b:now}" 90
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for run in ${PROGRAM_RUNS:-llama2-70b:300 llama2-70b:1500 llama2-7b:300 llama2-7b:1500}; do
-      m=${run%%:*} span=${run#*:}
-      left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
-      [ $left -lt 50 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 scripts/attention_programs_probe.py --model synthetic:$m --prompt-tokens $span \
-        --max-len $(( 2 * span )) --per-sm ${ATTN_PER_SM:-1,2,4} 2>&1 | grep -v WARN | tee -a "$OUT/attention-programs.log"
+      budget_probe 400 attention_programs_probe.py ${run%%:*} ${run#*:} attention-programs.log \
+        --per-sm ${ATTN_PER_SM:-1,2,4} || break
       echo "programs $run: $(( $(date +%s) - start )) s"
     done
     ;;
