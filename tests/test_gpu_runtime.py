@@ -39,6 +39,30 @@ def test_graphs_per_attention_span_equal_eager(tiny_spqt):
     assert a == b, f"first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}"
 
 
+def test_long_spans_decode_like_torch_attention(tiny_spqt, monkeypatch):
+    """Past 2048 keys (a 2400-key cache: 38 key blocks a head, which the attention's last program merges 32 at a time)
+    the graph steps' one-launch attention gives the logits of rope_kv + torch's attention (SPQT_FUSED_ATTENTION=0's
+    path), teacher-forced over 20 steps from position 2100 (fp32)."""
+    import dataclasses
+
+    from spqt import functional
+
+    loaded = load_spqt(tiny_spqt)
+    loaded.config = dataclasses.replace(loaded.config, max_seq_len=2400)
+    ids = torch.randint(0, loaded.config.vocab_size, (2120,), generator=torch.Generator().manual_seed(3)).tolist()
+    first = 2100
+    logits = {}
+    for fused_on in (True, False):
+        monkeypatch.setattr(functional, "fused_decode_attention_on", lambda: fused_on)
+        gen = Generator(loaded, "cuda", dtype=torch.float32, max_len=2400)
+        gen.model(torch.tensor([ids[:first]], device="cuda"), torch.arange(first, device="cuda"), kv_len=first)
+        logits[fused_on] = torch.stack([gen.decode_step(ids[p], p)[0, -1].float().cpu() for p in range(first, len(ids))])
+        assert sorted(gen._graphs) == [2400], sorted(gen._graphs)
+    want = logits[False]
+    span = (want.max(1).values - want.min(1).values).min()
+    torch.testing.assert_close(logits[True], want, rtol=0, atol=1e-4 * float(span))
+
+
 def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
     """fp16 CUDA decode with the RMSNorms folded into the CUDA B2 of the maps after them: each step's logits
     within 2 % of the logit range of the decode with a launch per norm (SPQT_NORM_FOLD=0), compared while the

@@ -1,6 +1,8 @@
 """The few elementwise/row operations of the network, each with a torch definition (CPU, and the
 reference) and a fused Triton kernel on CUDA (spqt.kernels.fused). model.py calls these."""
 
+import functools
+import os
 import weakref
 
 import torch
@@ -110,9 +112,11 @@ def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool
     return y if residual is None else residual + y
 
 
-# Spans up to this many keys run the one-launch decode attention (a program per query head and block of
-# fused.ATTN_BLOCK_N keys, at most fused.ATTN_MAX_SPLITS blocks); longer ones go to torch's attention.
-DECODE_ATTENTION_MAX_SPAN = 2048
+@functools.lru_cache(maxsize=None)
+def fused_decode_attention_on() -> bool:
+    """SPQT_FUSED_ATTENTION=0 runs a CUDA decode token's attention as rope_kv + torch's attention instead of the
+    one-launch kernel (measurement: scripts/switch_probe.py; a way around it); read once."""
+    return os.environ.get("SPQT_FUSED_ATTENTION", "1") != "0"
 
 
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
@@ -121,7 +125,7 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
-    Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch; with native
+    Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch at any span; with native
     (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
     hd = cache_k.shape[-1]
     if native:
@@ -130,7 +134,7 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
         if cpu_native.decode_attention_runs(qkv, cache_k, mask):
             return cpu_native.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask,
                                                     length)
-    if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and length <= DECODE_ATTENTION_MAX_SPAN:
+    if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and fused_decode_attention_on():
         from spqt.kernels import fused
 
         return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)

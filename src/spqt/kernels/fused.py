@@ -175,7 +175,8 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
 
 
 ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any span adds in the same order
-ATTN_MAX_SPLITS = 32  # key blocks (scratch slots) a query head has at most: spans up to 2048 keys (functional's limit)
+ATTN_COMBINE_GROUP = 32  # key blocks the decode attention's combination merges at once (in order, group by group)
+ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of the one it attends to
 
 
 @triton.jit
@@ -217,53 +218,74 @@ def _attend_loaded(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale
 
 
 @triton.jit
-def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """PDL: ask L2 for a program's later key blocks' cached rows (7 at most, where a row is whole 128-byte lines),
-    then wait for the kernel before this one and release the next."""
+def _prefetch_block(k_ptr, v_ptr, cache, blk, pos, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Ask L2 for key block blk's cached keys and values (its rows below pos), where a row is whole 128-byte lines."""
     row_bytes: tl.constexpr = 2 * HALF * k_ptr.dtype.element_ty.primitive_bitwidth // 8
     if row_bytes % 128 == 0:
-        for blk in range(prog + programs, tl.minimum(blocks, prog + 8 * programs), programs):  # 7 at most
-            cached = cache + blk * BLOCK_N * 2 * HALF  # the block's cached rows, below pos
-            rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
-            _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
-            _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+        cached = cache + blk * BLOCK_N * 2 * HALF
+        rows = tl.minimum(pos - blk * BLOCK_N, BLOCK_N)
+        _prefetch_rows((k_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+        _prefetch_rows((v_ptr + cached).to(tl.pointer_type(tl.int8)), rows, row_bytes)
+
+
+@triton.jit
+def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                        AHEAD: tl.constexpr):
+    """PDL: ask L2 for a program's next AHEAD key blocks (_prefetch_block), then wait for the kernel before this one
+    and release the next."""
+    for blk in range(prog + programs, tl.minimum(blocks, prog + (AHEAD + 1) * programs), programs):
+        _prefetch_block(k_ptr, v_ptr, cache, blk, pos, HALF, BLOCK_N)
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
-def _combine_blocks(part_ptr, ml_ptr, head, blocks, d, out, HALF: tl.constexpr, SPLITS: tl.constexpr):
-    """A query head's output (its two halves at out, out + HALF) from its blocks' scratch sums (slots head SPLITS + i,
-    i < blocks), all at once in one fixed shape."""
-    i = tl.arange(0, SPLITS)
-    got = i < blocks
-    slots = head * SPLITS + i
-    # .cg: from L2, where the other programs' stores are (never a stale L1 line)
-    mi = tl.load(ml_ptr + 2 * slots, mask=got, other=-float("inf"), cache_modifier=".cg")
-    li = tl.load(ml_ptr + 2 * slots + 1, mask=got, other=0.0, cache_modifier=".cg")
-    w = tl.exp(mi - tl.max(mi, axis=0))
-    total = tl.sum(li * w, axis=0)
-    a1 = tl.load(part_ptr + slots[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
-                 cache_modifier=".cg")
-    a2 = tl.load(part_ptr + slots[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None], other=0.0,
-                 cache_modifier=".cg")
+def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, d, out, HALF: tl.constexpr, GROUP: tl.constexpr):
+    """A query head's output (its two halves at out, out + HALF) from its blocks' scratch sums (slots head slots + i,
+    i < blocks): GROUP blocks at once in one fixed shape (the missing ones masked), the groups merged in order (a
+    running max). One group (spans up to GROUP blocks) is the group's own sums: the same bits as a single merge."""
+    run_m = -float("inf")
+    total = 0.0
+    s1 = tl.zeros((HALF,), dtype=tl.float32)
+    s2 = tl.zeros((HALF,), dtype=tl.float32)
+    for first in range(0, blocks, GROUP):
+        i = first + tl.arange(0, GROUP)
+        got = i < blocks
+        at = head * slots + i
+        # .cg: from L2, where the other programs' stores are (never a stale L1 line)
+        mi = tl.load(ml_ptr + 2 * at, mask=got, other=-float("inf"), cache_modifier=".cg")
+        li = tl.load(ml_ptr + 2 * at + 1, mask=got, other=0.0, cache_modifier=".cg")
+        mg = tl.max(mi, axis=0)
+        w = tl.exp(mi - mg)
+        a1 = tl.load(part_ptr + at[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
+                     cache_modifier=".cg")
+        a2 = tl.load(part_ptr + at[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None], other=0.0,
+                     cache_modifier=".cg")
+        new_m = tl.maximum(run_m, mg)
+        keep = tl.exp(run_m - new_m)  # 0 for the first group (run_m = -inf; mg is finite: block `first` exists)
+        add = tl.exp(mg - new_m)
+        total = total * keep + tl.sum(li * w, axis=0) * add
+        s1 = s1 * keep + tl.sum(a1 * w[:, None], axis=0) * add
+        s2 = s2 * keep + tl.sum(a2 * w[:, None], axis=0) * add
+        run_m = new_m
     dt = out.dtype.element_ty
-    tl.store(out + d, (tl.sum(a1 * w[:, None], axis=0) / total).to(dt))
-    tl.store(out + HALF + d, (tl.sum(a2 * w[:, None], axis=0) / total).to(dt))
+    tl.store(out + d, (s1 / total).to(dt))
+    tl.store(out + HALF + d, (s2 / total).to(dt))
 
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
-                                  length, sx, scale, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  SPLITS: tl.constexpr, PDL: tl.constexpr):
+                                  length, sx, scale, slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  GROUP: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     p, p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos (flash-decoding).
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
     scale) v is stored. Else each block's max m, sum l and unnormalized sum of p v go to the head's
     scratch slot of that block, each program counts its arrival, and the last to arrive combines the
-    blocks, all at once in one fixed shape (SPLITS slots, the missing ones masked): a block's sums
-    and the combination depend on the position only, not on P or the span's bucket.
+    blocks (_combine_blocks: GROUP at a time, in order; `slots` scratch slots a head): a block's sums
+    and the combination depend on the position only, not on P or the span's bucket. While it attends
+    to a block, a program asks L2 for its block AHEAD on.
     PDL: until griddepcontrol.wait it reads only what earlier steps wrote (the position, copied in
     before the step, its first block's cached keys and values, into registers, and its later blocks', asked
     of L2), then q|k|v: after the wait, one round trip for q|k|v before the first block's scores, not three. The position
@@ -283,7 +305,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     if prog < blocks:
         kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
         if PDL:
-            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N)
+            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
         cos = tl.load(t_ptr + pos * 2 * HALF + d)
         sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
         base = x_ptr + b * sx
@@ -314,10 +336,12 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         else:
             for blk in range(prog, blocks, programs):
                 if blk != prog:
+                    if blk + AHEAD * programs < blocks:
+                        _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
                     kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
                     m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2,
                                                           vn1, vn2, scale, BLOCK_N)
-                slot = head * SPLITS + blk
+                slot = head * slots + blk
                 tl.store(part_ptr + slot * 2 * HALF + d, acc1)
                 tl.store(part_ptr + slot * 2 * HALF + HALF + d, acc2)
                 tl.store(ml_ptr + 2 * slot, m)
@@ -328,27 +352,27 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
             if ticket == tl.minimum(blocks, programs) - 1:
                 tl.debug_barrier()
                 tl.store(cnt_ptr + head, 0)  # zero for the next launch
-                _combine_blocks(part_ptr, ml_ptr, head, blocks, d, out, HALF, SPLITS)
+                _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, d, out, HALF, GROUP)
 
 
 _ATTENTION_SCRATCH: dict = {}
 
 
-def _attention_scratch(device: torch.device, heads: int, hd: int) -> tuple:
-    """The decode attention's per-head scratch on a device, kept between calls (a CUDA graph replays the
-    addresses its capture saw; allocated by the eager warm-up before it): each head's ATTN_MAX_SPLITS block
-    sums (fp32, hd each) and (max, sum) pairs, and its arrival counter (int32, zero between launches: the
+def _attention_scratch(device: torch.device, heads: int, hd: int, slots: int) -> tuple:
+    """The decode attention's per-head scratch on a device for caches of `slots` key blocks, kept between calls (a
+    CUDA graph replays the addresses its capture saw; allocated by the eager warm-up before it): each head's `slots`
+    block sums (fp32, hd each) and (max, sum) pairs, and its arrival counter (int32, zero between launches: the
     last arrival resets it). Calls on one device share it in stream order: one decode at a time (serve's single
     worker, Generator's capture ordered after its warm-up); two streams attending at once would race on the
     counters."""
-    key = (str(device), heads, hd)
+    key = (str(device), heads, hd, slots)
     if key not in _ATTENTION_SCRATCH:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             # a capture would only record the counters' zero fill: outside a replay they would hold garbage
             raise RuntimeError("rope_attention_decode: run it once before capturing a CUDA graph (its scratch and "
                                "zeroed counters are made then)")
-        _ATTENTION_SCRATCH[key] = (torch.empty(heads * ATTN_MAX_SPLITS * hd, dtype=torch.float32, device=device),
-                                   torch.empty(heads * ATTN_MAX_SPLITS * 2, dtype=torch.float32, device=device),
+        _ATTENTION_SCRATCH[key] = (torch.empty(heads * slots * hd, dtype=torch.float32, device=device),
+                                   torch.empty(heads * slots * 2, dtype=torch.float32, device=device),
                                    torch.zeros(heads, dtype=torch.int32, device=device))
     return _ATTENTION_SCRATCH[key]
 
@@ -373,26 +397,28 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
-    length: keys the caller attends to at most (> pos), ATTN_BLOCK_N ATTN_MAX_SPLITS at most.
-    Returns (B, 1, H, hd) in qkv's dtype (into `out` where given: the tests poison it). Needs hd a power of two
-    (functional.attention picks it for short spans only)."""
+    length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
+    block, a scratch slot each). Returns (B, 1, H, hd) in qkv's dtype (into `out` where given: the tests poison
+    it). Needs hd a power of two."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd & (hd - 1):
         raise ValueError("rope_attention_decode takes one token and a power-of-two head_dim")
+    if length > cache_k.shape[2]:
+        raise ValueError(f"rope_attention_decode attends to the cache's {cache_k.shape[2]} keys at most; got {length}")
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
-    if blocks > ATTN_MAX_SPLITS:
-        raise ValueError(f"rope_attention_decode attends to {ATTN_BLOCK_N * ATTN_MAX_SPLITS} keys at most; got {length}")
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
 
     out = torch.empty((b, 1, n_heads, hd), dtype=qkv.dtype, device=qkv.device) if out is None else out
-    part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd)
+    slots = triton.cdiv(cache_k.shape[2], ATTN_BLOCK_N)
+    part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd, slots)
     pdl = uses_pdl(qkv.device)
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        qkv.stride(0), hd**-0.5, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, SPLITS=ATTN_MAX_SPLITS, PDL=pdl, num_warps=4,
+        qkv.stride(0), hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
+        AHEAD=ATTN_PREFETCH_BLOCKS, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     return out
