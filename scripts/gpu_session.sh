@@ -50,8 +50,9 @@
 #                                    results.tgz
 #   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch)
 #   scripts/gpu_session.sh programs19 the decode attention's programs a head (ATTN_PROGRAMS_PER_SM) at short / long spans
-#   scripts/gpu_session.sh longspan20 the decode attention past 2,048 keys: its gpu tests, the step with the one-launch
-#                                    attention against torch's (LONG_RUNS), its cost in the step (LONG_CEILING)
+#   scripts/gpu_session.sh longspan20 the decode attention past 2,048 keys: its gpu tests, the step with it against
+#                                    torch's (LONG_RUNS), its kernels from 1,025 keys (LONG_FROM_RUNS), its cost in the
+#                                    step (LONG_CEILING)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -751,22 +752,28 @@ llama2-7b:now}" 90
     done
     ;;
   longspan20)
-    # The decode attention at spans past 2,048 keys (merged 32 blocks at a time since 2026-12-03; torch's attention
-    # before): its gpu tests, then for each of LONG_RUNS (model:span: prompt tokens, max-len 2 x, so the graph's key
-    # bucket is the next power of two) the step with the one-launch attention against rope_kv + torch's attention
-    # (scripts/switch_probe.py on functional.fused_decode_attention_on), then the attention's cost in the step
-    # (attention_ceiling_probe.py) for LONG_CEILING, within CALL_BUDGET (default 540 s).
+    # The decode attention at spans past 2,048 keys (torch's attention before 2026-12-03): its gpu tests, then for each
+    # of LONG_RUNS (model:span: prompt tokens, max-len 2 x, so the graph's key bucket is the next power of two) the step
+    # with it against rope_kv + torch's attention (scripts/switch_probe.py on functional.fused_decode_attention_on),
+    # the long spans' kernels from 1,025 keys against the per-head kernel (LONG_FROM_RUNS, constant_probe.py on
+    # fused.ATTN_LONG_FROM), and the attention's cost in the step (attention_ceiling_probe.py) for LONG_CEILING, within
+    # CALL_BUDGET (default 540 s).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py \
       -k "rope_attention_decode or long_spans" 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
     echo "tests: $(( $(date +%s) - start )) s"
-    for run in ${LONG_RUNS:-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000}; do
+    for run in ${LONG_RUNS:-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000 llama2-7b:3000}; do
       budget_probe 540 switch_probe.py ${run%%:*} ${run#*:} long-span.log \
         --switch spqt.functional:fused_decode_attention_on --reps 20 || break
       echo "long span $run: $(( $(date +%s) - start )) s"
     done
-    for run in ${LONG_CEILING:-llama3-8b:3000}; do
+    for run in ${LONG_FROM_RUNS:-llama3-8b:1500 llama2-70b:1500}; do  # the long spans' kernels from 1,025 keys
+      budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-from.log \
+        --constant spqt.kernels.fused:ATTN_LONG_FROM --values 2048,1024 --reps 20 || break
+      echo "long from $run: $(( $(date +%s) - start )) s"
+    done
+    for run in ${LONG_CEILING:-}; do
       budget_probe 540 attention_ceiling_probe.py ${run%%:*} ${run#*:} long-span-ceiling.log || break
       echo "ceiling $run: $(( $(date +%s) - start )) s"
     done

@@ -39,16 +39,19 @@ def test_graphs_per_attention_span_equal_eager(tiny_spqt):
     assert a == b, f"first difference at token {next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)}"
 
 
-def test_long_spans_decode_like_torch_attention(tiny_spqt, monkeypatch):
-    """Past 2048 keys (a 2400-key cache: 38 key blocks a head, which the attention's last program merges 32 at a time)
-    the graph steps' one-launch attention gives the logits of rope_kv + torch's attention (SPQT_FUSED_ATTENTION=0's
-    path), teacher-forced over 20 steps from position 2100 (fp32)."""
-    import dataclasses
+def test_long_spans_decode_like_torch_attention(tmp_path, monkeypatch):
+    """Past 2048 keys (a 2400-key cache: 38 key blocks; head dim 64, 2 query heads a kv head: the long spans' launches,
+    a program per kv head and block, then the merge) the graph steps' attention gives the logits of rope_kv + torch's
+    attention (SPQT_FUSED_ATTENTION=0's path), teacher-forced over 20 steps from position 2100 (fp32)."""
+    from conftest import make_hf_checkpoint
 
     from spqt import functional
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
 
-    loaded = load_spqt(tiny_spqt)
-    loaded.config = dataclasses.replace(loaded.config, max_seq_len=2400)
+    hf = make_hf_checkpoint(tmp_path / "hf", dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, max_pos=2400)
+    save_spqt(quantize_source(open_source(hf), "q4_k", "zigzag"), tmp_path / "m.spqt")
+    loaded = load_spqt(tmp_path / "m.spqt")
     ids = torch.randint(0, loaded.config.vocab_size, (2120,), generator=torch.Generator().manual_seed(3)).tolist()
     first = 2100
     logits = {}

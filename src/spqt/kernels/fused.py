@@ -177,6 +177,10 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
 ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any span adds in the same order
 ATTN_COMBINE_GROUP = 32  # key blocks the decode attention's combination merges at once (in order, group by group)
 ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of the one it attends to
+# Spans of more keys than this take the long spans' two launches (a program per kv head and key block, then a merge
+# per query head); a power of two, so that a graph's key bucket (a power of two, or the cache's length) and an eager
+# step's span (pos + 1 keys) pick the same kernels at every position
+ATTN_LONG_FROM = 2048
 
 
 @triton.jit
@@ -336,7 +340,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         else:
             for blk in range(prog, blocks, programs):
                 if blk != prog:
-                    if blk + AHEAD * programs < blocks:
+                    if PDL and blk + AHEAD * programs < blocks:  # (Hopper only; the interpreter has no PTX)
                         _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
                     kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
                     m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2,
@@ -353,6 +357,106 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
                 tl.debug_barrier()
                 tl.store(cnt_ptr + head, 0)  # zero for the next launch
                 _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, d, out, HALF, GROUP)
+
+
+@triton.jit
+def _attend_group(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
+                  PREC: tl.constexpr):
+    """_attend_loaded for the GP query rows of a kv head's group at once (r1, r2 (GP, HALF) in the cache dtype; rows
+    past the group's heads are zero and never stored): per row the scores' max m (GP,), sum l (GP,) and the
+    unnormalized sums of p v (GP, HALF) halves, as tensor-core dots with fp32 sums (PREC "ieee" for fp32 caches: no
+    TF32). The scores' products are exact (fp16 / bf16 operands); p is rounded to the cache dtype for p v, as
+    flash attention does (the per-head kernel keeps it in fp32)."""
+    n = first + tl.arange(0, BLOCK_N)
+    new = (n == pos)[:, None]
+    c1 = tl.where(new, kn1[None, :], c1)
+    c2 = tl.where(new, kn2[None, :], c2)
+    s = (tl.dot(r1, tl.trans(c1), input_precision=PREC) + tl.dot(r2, tl.trans(c2), input_precision=PREC)) * scale
+    s = tl.where((n <= pos)[None, :], s, -float("inf"))
+    m = tl.max(s, axis=1)
+    p = tl.exp(s - m[:, None])
+    u1 = tl.where(new, vn1[None, :], u1)
+    u2 = tl.where(new, vn2[None, :], u2)
+    pd = p.to(u1.dtype)
+    return m, tl.sum(p, axis=1), tl.dot(pd, u1, input_precision=PREC), tl.dot(pd, u2, input_precision=PREC)
+
+
+@triton.jit
+def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, H, HKV, L, length, sx, scale,
+                                  slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                                  AHEAD: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+    """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
+    (GP >= 16 rows, a power of two, the ones past G masked) over key blocks p, p + P, ... of the span 0 .. pos, so
+    each cached block is read once for its group (the per-head kernel reads it G times). RoPE of the group's q, the
+    new k (RoPE) and v, written into the cache by the program of the block holding pos. Every block's max m, sum l
+    and unnormalized sums of p v go to its query heads' scratch slots (`slots` a head); _attention_combine_kernel
+    merges them. A block's sums depend on the position only, not on P or the span's bucket. PDL as the per-head
+    kernel's: the first block loaded and the next AHEAD asked of L2 before the wait."""
+    j = tl.program_id(0)
+    prog = tl.program_id(1)
+    b = tl.program_id(2)
+    programs = tl.num_programs(1)
+    d = tl.arange(0, HALF)
+    g = tl.arange(0, GP)
+    real = g < G
+    pos = tl.load(pos_ptr)
+    blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
+    cache = ((b * HKV + j) * L) * 2 * HALF
+    if prog < blocks:
+        kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
+        if PDL:
+            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
+        cos = tl.load(t_ptr + pos * 2 * HALF + d)
+        sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+        base = x_ptr + b * sx
+        h = j * G + g
+        rows_q = base + h[:, None] * 2 * HALF + d[None, :]
+        q1 = tl.load(rows_q, mask=real[:, None], other=0.0).to(tl.float32)
+        q2 = tl.load(rows_q + HALF, mask=real[:, None], other=0.0).to(tl.float32)
+        dt = k_ptr.dtype.element_ty
+        # rounded to the cache dtype as the unfused path stores q and k before attending
+        r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
+        r2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
+        k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
+        k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
+        kn1 = (k1 * cos - k2 * sin).to(dt)
+        kn2 = (k2 * cos + k1 * sin).to(dt)
+        vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
+        vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+        if (blocks - 1) % programs == prog:
+            tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
+            tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
+            tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
+            tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+        at = (b * H + h) * slots
+        for blk in range(prog, blocks, programs):
+            if blk != prog:
+                if PDL and blk + AHEAD * programs < blocks:
+                    _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
+                kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
+            m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
+                                                 scale, BLOCK_N, PREC)
+            slot = at + blk
+            tl.store(part_ptr + slot[:, None] * 2 * HALF + d[None, :], acc1, mask=real[:, None])
+            tl.store(part_ptr + slot[:, None] * 2 * HALF + HALF + d[None, :], acc2, mask=real[:, None])
+            tl.store(ml_ptr + 2 * slot, m, mask=real)
+            tl.store(ml_ptr + 2 * slot + 1, l_sum, mask=real)
+
+
+@triton.jit
+def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, slots, HALF: tl.constexpr,
+                              BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """The long spans' second launch: program (h, b) merges query head h's block sums (_combine_blocks) into its
+    output row, after _rope_attention_blocks_kernel (PDL: waits for it, then releases the next launch)."""
+    h = tl.program_id(0)
+    b = tl.program_id(1)
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    pos = tl.load(pos_ptr)
+    blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
+    head = b * H + h
+    _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, tl.arange(0, HALF), o_ptr + head * 2 * HALF, HALF, GROUP)
 
 
 _ATTENTION_SCRATCH: dict = {}
@@ -394,7 +498,8 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                           cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step of attention in one launch (replaces rope_kv + the attention kernels):
+    """One decode step of attention in one launch, two past ATTN_LONG_FROM keys (replaces rope_kv + the attention
+    kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
@@ -415,6 +520,18 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     slots = triton.cdiv(cache_k.shape[2], ATTN_BLOCK_N)
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd, slots)
     pdl = uses_pdl(qkv.device)
+    if length > ATTN_LONG_FROM and hd >= 32:  # the group's dots need K = hd / 2 >= 16
+        group = n_heads // n_kv
+        programs = attention_programs(blocks, b * n_kv, qkv.device)
+        _rope_attention_blocks_kernel[(n_kv, programs, b)](
+            qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, qkv.stride(0),
+            hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, G=group, GP=max(16, triton.next_power_of_2(group)),
+            AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
+            launch_pdl=pdl)
+        _attention_combine_kernel[(n_heads, b)](
+            positions, out, part, ml, n_heads, length, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N,
+            GROUP=ATTN_COMBINE_GROUP, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
