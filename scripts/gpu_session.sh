@@ -761,7 +761,7 @@ llama2-7b:now}" 90
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py \
-      -k "rope_attention_decode or long_spans" 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
+      -k "rope_attention_decode or long_spans" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
     echo "tests: $(( $(date +%s) - start )) s"
     for run in ${LONG_RUNS:-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000 llama2-7b:3000}; do
       budget_probe 540 switch_probe.py ${run%%:*} ${run#*:} long-span.log \
@@ -770,7 +770,7 @@ llama2-7b:now}" 90
     done
     for run in ${LONG_FROM_RUNS:-llama3-8b:1500 llama2-70b:1500}; do  # the long spans' kernels from 1,025 keys
       budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-from.log \
-        --constant spqt.kernels.fused:ATTN_LONG_FROM --values 2048,1024 --reps 20 || break
+        --constant spqt.kernels.fused:ATTN_LONG_FROM --values ${LONG_FROM_VALUES:-2048,1024} --reps 20 || break
       echo "long from $run: $(( $(date +%s) - start )) s"
     done
     for run in ${LONG_CEILING:-}; do

@@ -539,19 +539,31 @@ def test_rms_norm_collect(rng, device):
                     assert int(count) == expect.numel() and torch.equal(idx[: int(count)].long(), expect)
 
 
+class _Launches:
+    """A Triton kernel's stand-in that counts its launches (kernel[grid](...))."""
+
+    def __init__(self, kernel):
+        self.kernel, self.count = kernel, 0
+
+    def __getitem__(self, grid):
+        self.count += 1
+        return self.kernel[grid]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode(rng, device, monkeypatch):
     """The decode attention (head dims 16 to 128; 3 query heads a kv head among the grouped-query cases) equals
     rope_kv + torch's attention over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only
     the new key) and inside the second and the fourth key block, whose blocks are combined by the last to finish;
-    past 2048 keys, the long spans' launches (head dim 32 and more: a program per kv head and block, then a merge per
-    query head; head dim 16: the per-head kernel), whose blocks are merged 32 at a time: keys past the first 2048 (or
-    before them) scaled up, so that the later (or the first) group holds the highest score; spans with more blocks
-    than the position has: idle programs); the output is NaN before the call (every row written); cache rows at and
-    past the position are NaN before the call (they must not be read), row pos is written with the torch twin's k
-    and v, no other row changes; a longer span, or fewer programs a head, give the same bits (fixed key blocks; the
-    later calls also need the first's arrival counters reset, which are zero after
-    each call); spans past the cache are refused."""
+    past 2048 keys the long spans' two launches (head dim 32 and more: a program per kv head and block, counted, then
+    a merge per query head and column slice; head dim 16: the per-head kernel), whose blocks are merged in groups
+    (32, and on the CPU 16 for the long spans' merge): keys past the first 2048 (or before them) scaled up, so that
+    the later (or the first) group holds the highest score; spans with more blocks than the position has: idle
+    programs); the output is NaN before the call (every row written); cache rows at and past the position are NaN
+    before the call (they must not be read), row pos is written with the torch twin's k and v, no other row changes;
+    a longer span on the same side of 2048 keys, or fewer programs a head, give the same bits (fixed key blocks; the
+    later calls also need the first's arrival counters reset, which are zero after each call); spans past the cache
+    are refused."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -559,10 +571,15 @@ def test_rope_attention_decode(rng, device, monkeypatch):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    long_group = 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP  # the interpreter's spans: 34 blocks
     for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
-                                      (1, 1, 32, 64, 1), (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1), (3, 1, 32, 2100, 1)) + (
-            ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 1),
+                                      (1, 1, 32, 64, 1), (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1),
+                                      (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2)) + (
+            ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 2),
              (64, 8, 128, 9100, 1)) if device == "cuda" else ()):
+        monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
+        launches = _Launches(fused._rope_attention_blocks_kernel)
+        monkeypatch.setattr(fused, "_rope_attention_blocks_kernel", launches)
         L = pos + 100  # more blocks than the position's: idle programs
         cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
                           max_seq_len=L)
@@ -571,8 +588,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         caches = []
         for _ in range(2):
             c = torch.from_numpy(rng.standard_normal((batch, kv, L, hd)).astype(np.float32)).to(device, dtype)
-            if pos > 2048 and not caches:  # the 32-block groups' merge: the highest score in the later group, or in
-                loud = slice(2048, pos) if pos % 200 == 0 else slice(0, 2048)  # the first (2200, 5000: later)
+            if pos > 2048 and not caches:  # the groups' merge: the highest score in the later keys, or in the first
+                loud = slice(2048, pos) if pos % 200 == 0 else slice(0, 2048)  # (2200, 5000: later)
                 c[:, :, loud] *= 3
             c[:, :, pos:] = float("nan")
             caches.append(c)
@@ -585,7 +602,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length)
         poisoned = torch.full((batch, 1, heads, hd), float("nan"), dtype=dtype, device=device)  # every row written
         got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, out=poisoned)
-        what = f"heads {heads} kv {kv} hd {hd} pos {pos}"
+        what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch}"
+        assert launches.count == (length > fused.ATTN_LONG_FROM and hd >= 32), what
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
         for c, r in zip(caches, ref):
             torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
@@ -603,6 +621,23 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         monkeypatch.undo()
     with pytest.raises(ValueError, match=f"cache's {L} keys"):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L + 1)
+
+
+def test_long_span_kernels_chosen_alike_by_graphs_and_eager_steps():
+    """A decode graph's key bucket (Generator._kv_bucket: a power of two from KV_BUCKET_MIN, the cache's length at
+    most) and an eager step's span (pos + 1 keys) are on the same side of fused.ATTN_LONG_FROM at every position, for
+    every cache length: the graph and the eager step run the same kernels, hence the same bits."""
+    from types import SimpleNamespace
+
+    from spqt.generate import KV_BUCKET_MIN, Generator
+    from spqt.kernels import fused
+
+    edge = fused.ATTN_LONG_FROM
+    assert edge & (edge - 1) == 0 and edge >= KV_BUCKET_MIN
+    for max_len in list(range(1, 2 * edge + 70, 37)) + [edge, edge + 1, 8 * edge + 3]:
+        gen = SimpleNamespace(max_len=max_len)
+        for pos in range(max_len):
+            assert (Generator._kv_bucket(gen, pos) > edge) == (pos + 1 > edge), (max_len, pos)
 
 
 def test_decode_step_routes(tmp_path, monkeypatch):

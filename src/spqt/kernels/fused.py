@@ -176,6 +176,8 @@ def rms_norm_collect(x: torch.Tensor, w: torch.Tensor, eps: float, threshold: to
 
 ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any span adds in the same order
 ATTN_COMBINE_GROUP = 32  # key blocks the decode attention's combination merges at once (in order, group by group)
+# The long spans' merge: a program per query head and slice of this many columns of hd, this many blocks at once
+ATTN_LONG_COMBINE_COLS, ATTN_LONG_COMBINE_GROUP = 32, 128
 ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of the one it attends to
 # Spans of more keys than this take the long spans' two launches (a program per kv head and key block, then a merge
 # per query head); a power of two, so that a graph's key bucket (a power of two, or the cache's length) and an eager
@@ -244,14 +246,13 @@ def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: 
 
 
 @triton.jit
-def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, d, out, HALF: tl.constexpr, GROUP: tl.constexpr):
-    """A query head's output (its two halves at out, out + HALF) from its blocks' scratch sums (slots head slots + i,
-    i < blocks): GROUP blocks at once in one fixed shape (the missing ones masked), the groups merged in order (a
-    running max). One group (spans up to GROUP blocks) is the group's own sums: the same bits as a single merge."""
+def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, cols, out, HD: tl.constexpr, GROUP: tl.constexpr):
+    """Columns `cols` (offsets into the head's HD) of a query head's output at out, from its blocks' scratch sums
+    (slots head slots + i, i < blocks; a slot's sums HD fp32): GROUP blocks at once in one fixed shape (the missing
+    ones masked), the groups merged in order (a running max; the first group's sums exactly as a single merge's)."""
     run_m = -float("inf")
     total = 0.0
-    s1 = tl.zeros((HALF,), dtype=tl.float32)
-    s2 = tl.zeros((HALF,), dtype=tl.float32)
+    acc = tl.zeros(cols.shape, dtype=tl.float32)
     for first in range(0, blocks, GROUP):
         i = first + tl.arange(0, GROUP)
         got = i < blocks
@@ -261,20 +262,14 @@ def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, d, out, HALF: tl.cons
         li = tl.load(ml_ptr + 2 * at + 1, mask=got, other=0.0, cache_modifier=".cg")
         mg = tl.max(mi, axis=0)
         w = tl.exp(mi - mg)
-        a1 = tl.load(part_ptr + at[:, None] * 2 * HALF + d[None, :], mask=got[:, None], other=0.0,
-                     cache_modifier=".cg")
-        a2 = tl.load(part_ptr + at[:, None] * 2 * HALF + HALF + d[None, :], mask=got[:, None], other=0.0,
-                     cache_modifier=".cg")
+        a = tl.load(part_ptr + at[:, None] * HD + cols[None, :], mask=got[:, None], other=0.0, cache_modifier=".cg")
         new_m = tl.maximum(run_m, mg)
         keep = tl.exp(run_m - new_m)  # 0 for the first group (run_m = -inf; mg is finite: block `first` exists)
         add = tl.exp(mg - new_m)
         total = total * keep + tl.sum(li * w, axis=0) * add
-        s1 = s1 * keep + tl.sum(a1 * w[:, None], axis=0) * add
-        s2 = s2 * keep + tl.sum(a2 * w[:, None], axis=0) * add
+        acc = acc * keep + tl.sum(a * w[:, None], axis=0) * add
         run_m = new_m
-    dt = out.dtype.element_ty
-    tl.store(out + d, (s1 / total).to(dt))
-    tl.store(out + HALF + d, (s2 / total).to(dt))
+    tl.store(out + cols, (acc / total).to(out.dtype.element_ty))
 
 
 @triton.jit
@@ -356,7 +351,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
             if ticket == tl.minimum(blocks, programs) - 1:
                 tl.debug_barrier()
                 tl.store(cnt_ptr + head, 0)  # zero for the next launch
-                _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, d, out, HALF, GROUP)
+                _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, tl.arange(0, 2 * HALF), out, 2 * HALF, GROUP)
 
 
 @triton.jit
@@ -444,19 +439,21 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
 
 
 @triton.jit
-def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, slots, HALF: tl.constexpr,
-                              BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
-    """The long spans' second launch: program (h, b) merges query head h's block sums (_combine_blocks) into its
-    output row, after _rope_attention_blocks_kernel (PDL: waits for it, then releases the next launch)."""
+def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, slots, HD: tl.constexpr,
+                              COLS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+    """The long spans' second launch: program (h, c, b) merges COLS columns (slice c) of query head h's block sums
+    (_combine_blocks, GROUP blocks at a time) into its output row, after _rope_attention_blocks_kernel (PDL: waits for
+    it, then releases the next launch)."""
     h = tl.program_id(0)
-    b = tl.program_id(1)
+    c = tl.program_id(1)
+    b = tl.program_id(2)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pos = tl.load(pos_ptr)
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     head = b * H + h
-    _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, tl.arange(0, HALF), o_ptr + head * 2 * HALF, HALF, GROUP)
+    _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, c * COLS + tl.arange(0, COLS), o_ptr + head * HD, HD, GROUP)
 
 
 _ATTENTION_SCRATCH: dict = {}
@@ -528,9 +525,10 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
             hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, G=group, GP=max(16, triton.next_power_of_2(group)),
             AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
             launch_pdl=pdl)
-        _attention_combine_kernel[(n_heads, b)](
-            positions, out, part, ml, n_heads, length, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N,
-            GROUP=ATTN_COMBINE_GROUP, PDL=pdl, num_warps=4, launch_pdl=pdl)
+        cols = min(hd, ATTN_LONG_COMBINE_COLS)
+        _attention_combine_kernel[(n_heads, hd // cols, b)](
+            positions, out, part, ml, n_heads, length, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
+            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
