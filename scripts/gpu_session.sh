@@ -760,9 +760,11 @@ llama2-7b:now}" 90
     # CALL_BUDGET (default 540 s).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py \
-      -k "rope_attention_decode or long_spans" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
-    echo "tests: $(( $(date +%s) - start )) s"
+    if [ "${LONG_TESTS:-1}" = 1 ]; then  # LONG_TESTS=0 after `tests` in the same call
+      timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py \
+        -k "rope_attention_decode or long_spans" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
+      echo "tests: $(( $(date +%s) - start )) s"
+    fi
     for run in ${LONG_RUNS:-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000 llama2-7b:3000}; do
       budget_probe 540 switch_probe.py ${run%%:*} ${run#*:} long-span.log \
         --switch spqt.functional:fused_decode_attention_on --reps 20 || break

@@ -603,7 +603,7 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         poisoned = torch.full((batch, 1, heads, hd), float("nan"), dtype=dtype, device=device)  # every row written
         got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, out=poisoned)
         what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch}"
-        assert launches.count == (length > fused.ATTN_LONG_FROM and hd >= 32), what
+        assert launches.count == (fused.decode_attention_route(length, heads, kv, hd) == "long"), what
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
         for c, r in zip(caches, ref):
             torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
@@ -623,21 +623,25 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L + 1)
 
 
-def test_long_span_kernels_chosen_alike_by_graphs_and_eager_steps():
+def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps():
     """A decode graph's key bucket (Generator._kv_bucket: a power of two from KV_BUCKET_MIN, the cache's length at
-    most) and an eager step's span (pos + 1 keys) are on the same side of fused.ATTN_LONG_FROM at every position, for
-    every cache length: the graph and the eager step run the same kernels, hence the same bits."""
+    most) and an eager step's span (pos + 1 keys) take the same route (fused.decode_attention_route) at every position,
+    for every cache length and kind of model (grouped queries or not, head dims 16 and 128): the graph and the eager
+    step run the same kernels, hence the same bits."""
     from types import SimpleNamespace
 
     from spqt.generate import KV_BUCKET_MIN, Generator
     from spqt.kernels import fused
 
-    edge = fused.ATTN_LONG_FROM
-    assert edge & (edge - 1) == 0 and edge >= KV_BUCKET_MIN
-    for max_len in list(range(1, 2 * edge + 70, 37)) + [edge, edge + 1, 8 * edge + 3]:
+    for edge in (fused.ATTN_LONG_FROM, fused.ATTN_PER_HEAD_MAX):
+        assert edge & (edge - 1) == 0 and edge >= KV_BUCKET_MIN
+    top = 2 * fused.ATTN_PER_HEAD_MAX
+    for max_len in list(range(1, top + 70, 37)) + [fused.ATTN_LONG_FROM + 1, fused.ATTN_PER_HEAD_MAX + 1, 4 * top + 3]:
         gen = SimpleNamespace(max_len=max_len)
         for pos in range(max_len):
-            assert (Generator._kv_bucket(gen, pos) > edge) == (pos + 1 > edge), (max_len, pos)
+            for heads, kv, hd in ((32, 8, 128), (32, 32, 128), (4, 2, 16)):
+                graph = fused.decode_attention_route(Generator._kv_bucket(gen, pos), heads, kv, hd)
+                assert graph == fused.decode_attention_route(pos + 1, heads, kv, hd), (max_len, pos, heads, kv, hd)
 
 
 def test_decode_step_routes(tmp_path, monkeypatch):

@@ -114,8 +114,8 @@ def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool
 
 @functools.lru_cache(maxsize=None)
 def fused_decode_attention_on() -> bool:
-    """SPQT_FUSED_ATTENTION=0 runs a CUDA decode token's attention as rope_kv + torch's attention instead of the
-    one-launch kernel (measurement: scripts/switch_probe.py; a way around it); read once."""
+    """SPQT_FUSED_ATTENTION=0 runs a CUDA decode token's attention as rope_kv + torch's attention at every span
+    instead of the fused kernels (measurement: scripts/switch_probe.py; a way around them); read once."""
     return os.environ.get("SPQT_FUSED_ATTENTION", "1") != "0"
 
 
@@ -125,7 +125,7 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
-    Returns (B, T, H, hd) in qkv's dtype. On CUDA one decode token is one fused launch at any span; with native
+    Returns (B, T, H, hd) in qkv's dtype. On CUDA a decode token runs fused.decode_attention_route's kernels; with native
     (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
     hd = cache_k.shape[-1]
     if native:
@@ -137,7 +137,8 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and fused_decode_attention_on():
         from spqt.kernels import fused
 
-        return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
+        if fused.decode_attention_route(length, n_heads, n_kv, hd) != "torch":
+            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
     q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
     out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],
                                          attn_mask=mask, enable_gqa=n_kv != n_heads)

@@ -29,7 +29,7 @@ KIND_GEMV, KIND_ATTENTION = 0, 1
 # of GemvStage (twelve pointers, nine ints) and AttentionStage (nine pointers, five ints, a float): 168 bytes
 HEADER, GEMV, ATTENTION, STAGE_BYTES = "<8i", "<12Q9i", "<9Q5if", 168
 CHAIN_SHARE = 4096  # columns a sparse stage's share holds at most (the .cu file's)
-ATTN_BLOCK, ATTN_SLOTS = 64, 32  # keys a block, blocks a head at most (the .cu file's; fused.py's ATTN_BLOCK_N, ..)
+ATTN_BLOCK, ATTN_SLOTS = 64, 32  # keys a block (fused.ATTN_BLOCK_N), blocks a head at most (the .cu file's)
 
 
 @dataclass

@@ -179,10 +179,24 @@ ATTN_COMBINE_GROUP = 32  # key blocks the decode attention's combination merges 
 # The long spans' merge: a program per query head and slice of this many columns of hd, this many blocks at once
 ATTN_LONG_COMBINE_COLS, ATTN_LONG_COMBINE_GROUP = 32, 128
 ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of the one it attends to
-# Spans of more keys than this take the long spans' two launches (a program per kv head and key block, then a merge
-# per query head); a power of two, so that a graph's key bucket (a power of two, or the cache's length) and an eager
-# step's span (pos + 1 keys) pick the same kernels at every position
-ATTN_LONG_FROM = 2048
+# Which kernels a decode token's attention runs (decode_attention_route). Both spans are powers of two from
+# generate.KV_BUCKET_MIN, so that a graph's key bucket (a power of two from it, or the cache's length) and an eager
+# step's span (pos + 1 keys) pick the same kernels at every position. H200, step device time (docs/RESULTS.md,
+# twentieth session): grouped-query models past 1,024 keys run the long spans' two launches (a program per kv head and
+# key block, then a merge per query head), -5.7 % (Llama-3-8B) and -8.4 % (70B) against the per-head kernel at 1,500
+# keys, -4.0 % / -1.5 % against torch's attention at 3,000; the others run the per-head kernel up to 2,048 keys and
+# torch's attention past them (there the per-head kernel lost 10 % of the 8B's step, the long spans' +3 % of the 7B's).
+ATTN_LONG_FROM = 1024
+ATTN_PER_HEAD_MAX = 2048
+
+
+def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int) -> str:
+    """The kernels of one decode token's attention over `length` keys: "long" (_rope_attention_blocks_kernel, then
+    _attention_combine_kernel), "per-head" (_rope_attention_decode_kernel) or "torch" (rope_kv and torch's attention,
+    functional.attention's). Long needs grouped queries and hd >= 32 (its dots' K = hd / 2 >= 16)."""
+    if length > ATTN_LONG_FROM and n_heads > n_kv and hd >= 32:
+        return "long"
+    return "per-head" if length <= ATTN_PER_HEAD_MAX else "torch"
 
 
 @triton.jit
@@ -495,8 +509,8 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                           cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int,
                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """One decode step of attention in one launch, two past ATTN_LONG_FROM keys (replaces rope_kv + the attention
-    kernels):
+    """One decode step of attention in one launch, two on the long spans (decode_attention_route; replaces rope_kv +
+    the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
@@ -517,7 +531,7 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     slots = triton.cdiv(cache_k.shape[2], ATTN_BLOCK_N)
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd, slots)
     pdl = uses_pdl(qkv.device)
-    if length > ATTN_LONG_FROM and hd >= 32:  # the group's dots need K = hd / 2 >= 16
+    if decode_attention_route(length, n_heads, n_kv, hd) == "long":
         group = n_heads // n_kv
         programs = attention_programs(blocks, b * n_kv, qkv.device)
         _rope_attention_blocks_kernel[(n_kv, programs, b)](
