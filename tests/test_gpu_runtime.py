@@ -40,10 +40,10 @@ def test_graphs_per_attention_span_equal_eager(tiny_spqt):
 
 
 def test_long_spans_decode_like_torch_attention(tmp_path, monkeypatch):
-    """Across fused.ATTN_LONG_FROM (1024) keys (head dim 64, 2 query heads a kv head: the per-head kernel below, the
+    """Across fused.ATTN_LONG_FROM (512) keys (head dim 64, 2 query heads a kv head: the per-head kernel below, the
     long spans' launches above: a program per kv head and key block, then the merge), teacher-forced over positions
-    1000-1059 (fp32): the graph steps (buckets 1024 and 2048) give the same bits as eager steps (pos + 1 keys: the
-    same kernels at every position) and the logits of rope_kv + torch's attention (SPQT_FUSED_ATTENTION=0's path)."""
+    490-549 (fp32): the graph steps (buckets 512 and 1024) give the same bits as eager steps (pos + 1 keys: the same
+    kernels at every position) and the logits of rope_kv + torch's attention (SPQT_FUSED_ATTENTION=0's path)."""
     from conftest import make_hf_checkpoint
 
     from spqt import functional
@@ -53,8 +53,8 @@ def test_long_spans_decode_like_torch_attention(tmp_path, monkeypatch):
     hf = make_hf_checkpoint(tmp_path / "hf", dim=256, n_heads=4, n_kv_heads=2, ffn_dim=512, max_pos=2400)
     save_spqt(quantize_source(open_source(hf), "q4_k", "zigzag"), tmp_path / "m.spqt")
     loaded = load_spqt(tmp_path / "m.spqt")
-    ids = torch.randint(0, loaded.config.vocab_size, (1060,), generator=torch.Generator().manual_seed(3)).tolist()
-    first = 1000
+    ids = torch.randint(0, loaded.config.vocab_size, (550,), generator=torch.Generator().manual_seed(3)).tolist()
+    first = 490
     logits = {}
     for run, fused_on, graphs in (("graph", True, True), ("eager", True, False), ("torch", False, True)):
         monkeypatch.setattr(functional, "fused_decode_attention_on", lambda: fused_on)
@@ -62,7 +62,7 @@ def test_long_spans_decode_like_torch_attention(tmp_path, monkeypatch):
         gen.use_graph = graphs
         gen.model(torch.tensor([ids[:first]], device="cuda"), torch.arange(first, device="cuda"), kv_len=first)
         logits[run] = torch.stack([gen.decode_step(ids[p], p)[0, -1].float().cpu() for p in range(first, len(ids))])
-        assert sorted(gen._graphs) == ([1024, 2048] if graphs else []), (run, sorted(gen._graphs))
+        assert sorted(gen._graphs) == ([512, 1024] if graphs else []), (run, sorted(gen._graphs))
     assert torch.equal(logits["graph"], logits["eager"])
     want = logits["torch"]
     span = (want.max(1).values - want.min(1).values).min()

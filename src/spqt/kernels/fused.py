@@ -182,11 +182,12 @@ ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of th
 # Which kernels a decode token's attention runs (decode_attention_route). Both spans are powers of two from
 # generate.KV_BUCKET_MIN, so that a graph's key bucket (a power of two from it, or the cache's length) and an eager
 # step's span (pos + 1 keys) pick the same kernels at every position. H200, step device time (docs/RESULTS.md,
-# twentieth session): grouped-query models past 1,024 keys run the long spans' two launches (a program per kv head and
-# key block, then a merge per query head), -5.7 % (Llama-3-8B) and -8.4 % (70B) against the per-head kernel at 1,500
-# keys, -4.0 % / -1.5 % against torch's attention at 3,000; the others run the per-head kernel up to 2,048 keys and
-# torch's attention past them (there the per-head kernel lost 10 % of the 8B's step, the long spans' +3 % of the 7B's).
-ATTN_LONG_FROM = 1024
+# twentieth session): grouped-query models past 512 keys run the long spans' two launches (a program per kv head and
+# key block, then a merge per query head): against the per-head kernel -1.3 % (Llama-3-8B) and -2.7 % (70B) at 700
+# keys, -5.7 % / -8.4 % at 1,500; against torch's attention -5.3 % / -1.1 % at 3,000, -0.8 % (8B) at 7,000. The others
+# run the per-head kernel up to 2,048 keys and torch's attention past them (there the long launches lost 3 % of the
+# 7B's step).
+ATTN_LONG_FROM = 512
 ATTN_PER_HEAD_MAX = 2048
 
 
