@@ -50,9 +50,9 @@
 #                                    results.tgz
 #   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch)
 #   scripts/gpu_session.sh programs19 the decode attention's programs a head (ATTN_PROGRAMS_PER_SM) at short / long spans
-#   scripts/gpu_session.sh longspan20 the decode attention past 2,048 keys: its gpu tests, the step with it against
-#                                    torch's (LONG_RUNS), its kernels from 1,025 keys (LONG_FROM_RUNS), its cost in the
-#                                    step (LONG_CEILING)
+#   scripts/gpu_session.sh longspan20 the decode attention's long spans: its gpu tests, the step with it against
+#                                    torch's (LONG_RUNS), the long spans' kernels from ATTN_LONG_FROM's values
+#                                    (LONG_FROM_RUNS, LONG_FROM_VALUES), its cost in the step (LONG_CEILING)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -752,12 +752,13 @@ llama2-7b:now}" 90
     done
     ;;
   longspan20)
-    # The decode attention at spans past 2,048 keys (torch's attention before 2026-12-03): its gpu tests, then for each
-    # of LONG_RUNS (model:span: prompt tokens, max-len 2 x, so the graph's key bucket is the next power of two) the step
-    # with it against rope_kv + torch's attention (scripts/switch_probe.py on functional.fused_decode_attention_on),
-    # the long spans' kernels from 1,025 keys against the per-head kernel (LONG_FROM_RUNS, constant_probe.py on
-    # fused.ATTN_LONG_FROM), and the attention's cost in the step (attention_ceiling_probe.py) for LONG_CEILING, within
-    # CALL_BUDGET (default 540 s).
+    # The decode attention's long spans (fused.decode_attention_route; torch's attention past 2,048 keys before
+    # 2026-12-03): its gpu tests (LONG_TESTS=0 skips them), then for each of LONG_RUNS (model:span: prompt tokens,
+    # max-len 2 x, so the graph's key bucket is the next power of two; grouped-query models: the others run torch's
+    # attention either way) the step with the shipped kernels against rope_kv + torch's attention
+    # (scripts/switch_probe.py on functional.fused_decode_attention_on), the step with fused.ATTN_LONG_FROM at each of
+    # LONG_FROM_VALUES (constant_probe.py; default: shipped 512, then 256) for LONG_FROM_RUNS, and the attention's cost
+    # in the step (attention_ceiling_probe.py) for LONG_CEILING, within CALL_BUDGET (default 540 s).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     if [ "${LONG_TESTS:-1}" = 1 ]; then  # LONG_TESTS=0 after `tests` in the same call
@@ -765,14 +766,14 @@ llama2-7b:now}" 90
         -k "rope_attention_decode or long_spans" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
       echo "tests: $(( $(date +%s) - start )) s"
     fi
-    for run in ${LONG_RUNS:-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000 llama2-7b:3000}; do
+    for run in ${LONG_RUNS-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000}; do
       budget_probe 540 switch_probe.py ${run%%:*} ${run#*:} long-span.log \
         --switch spqt.functional:fused_decode_attention_on --reps 20 || break
       echo "long span $run: $(( $(date +%s) - start )) s"
     done
-    for run in ${LONG_FROM_RUNS:-llama3-8b:1500 llama2-70b:1500}; do  # the long spans' kernels from 1,025 keys
+    for run in ${LONG_FROM_RUNS-llama3-8b:300 llama2-70b:300}; do
       budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-from.log \
-        --constant spqt.kernels.fused:ATTN_LONG_FROM --values ${LONG_FROM_VALUES:-2048,1024} --reps 20 || break
+        --constant spqt.kernels.fused:ATTN_LONG_FROM --values ${LONG_FROM_VALUES:-512,256} --reps 20 || break
       echo "long from $run: $(( $(date +%s) - start )) s"
     done
     for run in ${LONG_CEILING:-}; do

@@ -555,15 +555,15 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     """The decode attention (head dims 16 to 128; 3 query heads a kv head among the grouped-query cases) equals
     rope_kv + torch's attention over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only
     the new key) and inside the second and the fourth key block, whose blocks are combined by the last to finish;
-    past 2048 keys the long spans' two launches (head dim 32 and more: a program per kv head and block, counted, then
-    a merge per query head and column slice; head dim 16: the per-head kernel), whose blocks are merged in groups
-    (32, and on the CPU 16 for the long spans' merge): keys past the first 2048 (or before them) scaled up, so that
-    the later (or the first) group holds the highest score; spans with more blocks than the position has: idle
-    programs); the output is NaN before the call (every row written); cache rows at and past the position are NaN
-    before the call (they must not be read), row pos is written with the torch twin's k and v, no other row changes;
-    a longer span on the same side of 2048 keys, or fewer programs a head, give the same bits (fixed key blocks; the
-    later calls also need the first's arrival counters reset, which are zero after each call); spans past the cache
-    are refused."""
+    grouped-query cases past fused.ATTN_LONG_FROM (512) keys take the long spans' two launches (head dim 32 and more:
+    a program per kv head and block, counted, then a merge per query head and 32-column slice); past 2048 keys the
+    blocks are merged in groups (the per-head kernel's 32, and on the CPU 16 for the long spans' merge): keys past the
+    first 2048 (or before them) scaled up, so that the later (or the first) group holds the highest score; spans with
+    more blocks than the position has: idle programs); the output is NaN before the call (every row written); cache
+    rows at and past the position are NaN before the call (they must not be read), row pos is written with the torch
+    twin's k and v, no other row changes; a longer span on the same route (fused.decode_attention_route), or fewer
+    programs a head, give the same bits (fixed key blocks; the later calls also need the first's arrival counters
+    reset, which are zero after each call); spans past the cache are refused."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -571,10 +571,10 @@ def test_rope_attention_decode(rng, device, monkeypatch):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    long_group = 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP  # the interpreter's spans: 34 blocks
+    long_group = 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP  # the interpreter's spans: 35 blocks
     for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
                                       (1, 1, 32, 64, 1), (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1),
-                                      (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2)) + (
+                                      (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2), (4, 2, 64, 600, 1)) + (
             ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 2),
              (64, 8, 128, 9100, 1)) if device == "cuda" else ()):
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)

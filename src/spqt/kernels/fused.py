@@ -184,7 +184,7 @@ ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of th
 # step's span (pos + 1 keys) pick the same kernels at every position. H200, step device time (docs/RESULTS.md,
 # twentieth session): grouped-query models past 512 keys run the long spans' two launches (a program per kv head and
 # key block, then a merge per query head): against the per-head kernel -1.3 % (Llama-3-8B) and -2.7 % (70B) at 700
-# keys, -5.7 % / -8.4 % at 1,500; against torch's attention -5.3 % / -1.1 % at 3,000, -0.8 % (8B) at 7,000. The others
+# keys, -5.7 % / -8.4 % at 1,500; against torch's attention -5.3 % / -1.1 % at 3,000, level (8B) at 7,000. The others
 # run the per-head kernel up to 2,048 keys and torch's attention past them (there the long launches lost 3 % of the
 # 7B's step).
 ATTN_LONG_FROM = 512
@@ -540,7 +540,7 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
             hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, G=group, GP=max(16, triton.next_power_of_2(group)),
             AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
             launch_pdl=pdl)
-        cols = min(hd, ATTN_LONG_COMBINE_COLS)
+        cols = min(hd, ATTN_LONG_COMBINE_COLS)  # hd and COLS powers of two: whole slices
         _attention_combine_kernel[(n_heads, hd // cols, b)](
             positions, out, part, ml, n_heads, length, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
             GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, num_warps=4, launch_pdl=pdl)
