@@ -757,8 +757,10 @@ llama2-7b:now}" 90
     # max-len 2 x, so the graph's key bucket is the next power of two; grouped-query models: the others run torch's
     # attention either way) the step with the shipped kernels against rope_kv + torch's attention
     # (scripts/switch_probe.py on functional.fused_decode_attention_on), the step with fused.ATTN_LONG_FROM at each of
-    # LONG_FROM_VALUES (constant_probe.py; default: shipped 512, then 256) for LONG_FROM_RUNS, and the attention's cost
-    # in the step (attention_ceiling_probe.py) for LONG_CEILING, within CALL_BUDGET (default 540 s).
+    # LONG_FROM_VALUES (constant_probe.py; default: shipped 512, then 256) for LONG_FROM_RUNS, models without grouped
+    # queries on their shipped route against the long spans' kernels (LONG_PLAIN_RUNS, fused.ATTN_LONG_GROUPED_ONLY 1 /
+    # 0), and the attention's cost in the step (attention_ceiling_probe.py) for LONG_CEILING, within CALL_BUDGET
+    # (default 540 s).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     if [ "${LONG_TESTS:-1}" = 1 ]; then  # LONG_TESTS=0 after `tests` in the same call
@@ -775,6 +777,11 @@ llama2-7b:now}" 90
       budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-from.log \
         --constant spqt.kernels.fused:ATTN_LONG_FROM --values ${LONG_FROM_VALUES:-512,256} --reps 20 || break
       echo "long from $run: $(( $(date +%s) - start )) s"
+    done
+    for run in ${LONG_PLAIN_RUNS-llama2-7b:3000 llama2-7b:700}; do  # models without grouped queries: long kernels?
+      budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-plain.log \
+        --constant spqt.kernels.fused:ATTN_LONG_GROUPED_ONLY --values 1,0 --reps 20 || break
+      echo "long plain $run: $(( $(date +%s) - start )) s"
     done
     for run in ${LONG_CEILING:-}; do
       budget_probe 540 attention_ceiling_probe.py ${run%%:*} ${run#*:} long-span-ceiling.log || break

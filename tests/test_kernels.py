@@ -623,11 +623,12 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L + 1)
 
 
-def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps():
+def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
     """A decode graph's key bucket (Generator._kv_bucket: a power of two from KV_BUCKET_MIN, the cache's length at
     most) and an eager step's span (pos + 1 keys) take the same route (fused.decode_attention_route) at every position,
-    for every cache length and kind of model (grouped queries or not, head dims 16 and 128): the graph and the eager
-    step run the same kernels, hence the same bits."""
+    for every cache length and kind of model (grouped queries or not, head dims 16 and 128; also with the long spans'
+    kernels for every model, ATTN_LONG_GROUPED_ONLY 0): the graph and the eager step run the same kernels, hence the
+    same bits."""
     from types import SimpleNamespace
 
     from spqt.generate import KV_BUCKET_MIN, Generator
@@ -636,12 +637,15 @@ def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps():
     for edge in (fused.ATTN_LONG_FROM, fused.ATTN_PER_HEAD_MAX):
         assert edge & (edge - 1) == 0 and edge >= KV_BUCKET_MIN
     top = 2 * fused.ATTN_PER_HEAD_MAX
-    for max_len in list(range(1, top + 70, 37)) + [fused.ATTN_LONG_FROM + 1, fused.ATTN_PER_HEAD_MAX + 1, 4 * top + 3]:
-        gen = SimpleNamespace(max_len=max_len)
-        for pos in range(max_len):
-            for heads, kv, hd in ((32, 8, 128), (32, 32, 128), (4, 2, 16)):
-                graph = fused.decode_attention_route(Generator._kv_bucket(gen, pos), heads, kv, hd)
-                assert graph == fused.decode_attention_route(pos + 1, heads, kv, hd), (max_len, pos, heads, kv, hd)
+    for grouped_only in (1, 0):
+        monkeypatch.setattr(fused, "ATTN_LONG_GROUPED_ONLY", grouped_only)
+        edges = [fused.ATTN_LONG_FROM + 1, fused.ATTN_PER_HEAD_MAX + 1, 4 * top + 3]
+        for max_len in list(range(1, top + 70, 37)) + edges:
+            gen = SimpleNamespace(max_len=max_len)
+            for pos in range(max_len):
+                for heads, kv, hd in ((32, 8, 128), (32, 32, 128), (4, 2, 16)):
+                    graph = fused.decode_attention_route(Generator._kv_bucket(gen, pos), heads, kv, hd)
+                    assert graph == fused.decode_attention_route(pos + 1, heads, kv, hd), (max_len, pos, heads, kv)
 
 
 def test_decode_step_routes(tmp_path, monkeypatch):

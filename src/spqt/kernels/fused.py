@@ -189,13 +189,15 @@ ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of th
 # 7B's step).
 ATTN_LONG_FROM = 512
 ATTN_PER_HEAD_MAX = 2048
+ATTN_LONG_GROUPED_ONLY = 1  # 0: models without grouped queries take the long spans' kernels too (a probe's setting)
 
 
 def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int) -> str:
     """The kernels of one decode token's attention over `length` keys: "long" (_rope_attention_blocks_kernel, then
     _attention_combine_kernel), "per-head" (_rope_attention_decode_kernel) or "torch" (rope_kv and torch's attention,
-    functional.attention's). Long needs grouped queries and hd >= 32 (its dots' K = hd / 2 >= 16)."""
-    if length > ATTN_LONG_FROM and n_heads > n_kv and hd >= 32:
+    functional.attention's). Long needs hd >= 32 (its dots' K = hd / 2 >= 16) and grouped queries (unless
+    ATTN_LONG_GROUPED_ONLY is 0)."""
+    if length > ATTN_LONG_FROM and (n_heads > n_kv or not ATTN_LONG_GROUPED_ONLY) and hd >= 32:
         return "long"
     return "per-head" if length <= ATTN_PER_HEAD_MAX else "torch"
 
