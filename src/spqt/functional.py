@@ -125,8 +125,8 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
-    Returns (B, T, H, hd) in qkv's dtype. On CUDA a decode token runs fused.decode_attention_route's kernels; with native
-    (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
+    Returns (B, T, H, hd) in qkv's dtype. On CUDA a decode token runs fused.decode_attention_route's kernels;
+    with native (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py)."""
     hd = cache_k.shape[-1]
     if native:
         from spqt.kernels import cpu_native
