@@ -203,6 +203,28 @@ def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int) -> str
 
 
 @triton.jit
+def _new_kv(base, cos, sin, H, HKV, j, d, HALF: tl.constexpr, dt: tl.constexpr):
+    """Kv head j's new key (RoPE) and value from the q|k|v row at base, in the cache dtype dt: the two halves of hd of
+    each."""
+    k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
+    k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
+    kn1 = (k1 * cos - k2 * sin).to(dt)
+    kn2 = (k2 * cos + k1 * sin).to(dt)
+    vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
+    vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+    return kn1, kn2, vn1, vn2
+
+
+@triton.jit
+def _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF: tl.constexpr):
+    """The new key and value (_new_kv's halves) into the caches' row pos."""
+    tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
+    tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
+    tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
+    tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+
+
+@triton.jit
 def _prefetch_rows(ptr, rows, W: tl.constexpr):
     """Ask L2 for the first `rows` rows of W bytes at ptr (bytes), one 128-byte line a lane."""
     line = tl.arange(0, 128)
@@ -331,17 +353,9 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
         r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
-        k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
-        k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
-        kn1 = (k1 * cos - k2 * sin).to(dt)
-        kn2 = (k2 * cos + k1 * sin).to(dt)
-        vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
-        vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, HALF, dt)
         if (h % group == 0) & ((blocks - 1) % programs == prog):
-            tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
-            tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
-            tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
-            tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+            _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         head = b * H + h
         out = o_ptr + head * 2 * HALF
         m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, prog * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
@@ -429,17 +443,9 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
         r2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
-        k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
-        k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
-        kn1 = (k1 * cos - k2 * sin).to(dt)
-        kn2 = (k2 * cos + k1 * sin).to(dt)
-        vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
-        vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, HALF, dt)
         if (blocks - 1) % programs == prog:
-            tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
-            tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
-            tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
-            tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+            _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         at = (b * H + h) * slots
         for blk in range(prog, blocks, programs):
             if blk != prog:
