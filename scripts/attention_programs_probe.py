@@ -11,7 +11,7 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 
 import argparse
 
-from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
+from spqt.bench_decode import alternating_attribute_us, print_step_comparison, probe_arguments, probe_generator_from
 from spqt.kernels import fused
 
 
@@ -21,16 +21,8 @@ def main():
     ap.add_argument("--per-sm", default="1,2,4", help="ATTN_PROGRAMS_PER_SM values, comma-separated")
     args = ap.parse_args()
     gen, prompt = probe_generator_from(args)
-    shipped = fused.ATTN_PROGRAMS_PER_SM
-
-    def setup(per_sm: int):
-        def apply():
-            fused.ATTN_PROGRAMS_PER_SM = per_sm
-        return apply
-
-    setups = {f"{v} a SM": setup(int(v)) for v in args.per_sm.split(",")}
-    results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
-    fused.ATTN_PROGRAMS_PER_SM = shipped
+    values = {f"{v} a SM": int(v) for v in args.per_sm.split(",")}
+    results = alternating_attribute_us(gen, prompt, fused, "ATTN_PROGRAMS_PER_SM", values, args.rounds, args.reps)
     print_step_comparison(f"{args.model} dense, {args.prompt_tokens} prompt tokens", results)
 
 

@@ -11,7 +11,7 @@ The first capture is a warm-up (bench_decode.alternating_step_us).
 import argparse
 import importlib
 
-from spqt.bench_decode import alternating_step_us, print_step_comparison, probe_arguments, probe_generator_from
+from spqt.bench_decode import alternating_attribute_us, print_step_comparison, probe_arguments, probe_generator_from
 
 
 def main():
@@ -23,17 +23,9 @@ def main():
     args = ap.parse_args()
     module_name, name = args.constant.split(":")
     module = importlib.import_module(module_name)
-    shipped = getattr(module, name)
     gen, prompt = probe_generator_from(args, args.sparsity)
-
-    def setup(value: int):
-        def apply():
-            setattr(module, name, value)
-        return apply
-
-    setups = {f"{name}={v}": setup(int(v)) for v in args.values.split(",")}
-    results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
-    setattr(module, name, shipped)
+    values = {f"{name}={v}": int(v) for v in args.values.split(",")}
+    results = alternating_attribute_us(gen, prompt, module, name, values, args.rounds, args.reps)
     print_step_comparison(f"{args.model} sparsity {args.sparsity}, {args.prompt_tokens} prompt tokens", results)
 
 

@@ -218,3 +218,33 @@ def test_probe_report_and_options(capsys, monkeypatch):
     monkeypatch.setattr(bench_decode, "probe_generator", lambda *a: calls.append(a))
     bench_decode.probe_generator_from(args, 0.5)
     assert calls == [("synthetic:tiny", 0.5, 300, 600)]
+
+
+def test_probe_attribute_setups_restore_the_shipped_value(monkeypatch):
+    """alternating_attribute_us (switch_probe, constant_probe, attention_programs_probe): each setup sets the
+    attribute to its value before its capture, and the shipped value is back afterwards, also when a capture fails."""
+    from types import SimpleNamespace
+
+    from spqt import bench_decode
+
+    owner = SimpleNamespace(KNOB=7)
+    seen = []
+
+    def fake(gen, prompt, setups, rounds, reps):
+        for name, apply in setups.items():
+            apply()
+            seen.append((name, owner.KNOB))
+        return {name: [1.0] for name in setups}
+
+    monkeypatch.setattr(bench_decode, "alternating_step_us", fake)
+    out = bench_decode.alternating_attribute_us(None, [1], owner, "KNOB", {"a": 1, "b": 2}, 2, 3)
+    assert seen == [("a", 1), ("b", 2)] and out == {"a": [1.0], "b": [1.0]} and owner.KNOB == 7
+
+    def failing(gen, prompt, setups, rounds, reps):
+        setups["a"]()
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(bench_decode, "alternating_step_us", failing)
+    with pytest.raises(RuntimeError):
+        bench_decode.alternating_attribute_us(None, [1], owner, "KNOB", {"a": 1}, 2, 3)
+    assert owner.KNOB == 7

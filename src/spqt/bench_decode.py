@@ -143,6 +143,18 @@ def alternating_step_us(gen: Generator, prompt: list[int], setups: dict, rounds:
     return results
 
 
+def alternating_attribute_us(gen: Generator, prompt: list[int], owner, name: str, values: dict, rounds: int,
+                             reps: int) -> dict:
+    """alternating_step_us with each setup setting the attribute `name` of owner (a module) to a value ({setup name:
+    value}), the shipped value restored after: the probes that time a module constant or switch."""
+    shipped = getattr(owner, name)
+    setups = {label: (lambda v=value: setattr(owner, name, v)) for label, value in values.items()}
+    try:
+        return alternating_step_us(gen, prompt, setups, rounds, reps)
+    finally:
+        setattr(owner, name, shipped)
+
+
 def probe_arguments(parser, model: str) -> None:
     """The decode probes' common options (scripts/*_probe.py): --model (default `model`), --rounds, --reps,
     --prompt-tokens and --max-len (the span the timed steps attend: the prompt's length on)."""

@@ -285,6 +285,16 @@ def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: 
 
 
 @triton.jit
+def _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                AHEAD: tl.constexpr, PDL: tl.constexpr):
+    """A program's later key block blk loaded (_load_block), after asking L2 for its block AHEAD on (PDL: Hopper's
+    path; the interpreter has no PTX)."""
+    if PDL and blk + AHEAD * programs < blocks:
+        _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
+    return _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
+
+
+@triton.jit
 def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, cols, out, HD: tl.constexpr, GROUP: tl.constexpr):
     """Columns `cols` (offsets into the head's HD) of a query head's output at out, from its blocks' scratch sums
     (slots head slots + i, i < blocks; a slot's sums HD fp32): GROUP blocks at once in one fixed shape (the missing
@@ -366,9 +376,8 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         else:
             for blk in range(prog, blocks, programs):
                 if blk != prog:
-                    if PDL and blk + AHEAD * programs < blocks:  # (Hopper only; the interpreter has no PTX)
-                        _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
-                    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
+                    kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF, BLOCK_N,
+                                                     AHEAD, PDL)
                     m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2,
                                                           vn1, vn2, scale, BLOCK_N)
                 slot = head * slots + blk
@@ -449,9 +458,8 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         at = (b * H + h) * slots
         for blk in range(prog, blocks, programs):
             if blk != prog:
-                if PDL and blk + AHEAD * programs < blocks:
-                    _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
-                kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
+                kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF, BLOCK_N,
+                                                 AHEAD, PDL)
             m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
                                                  scale, BLOCK_N, PREC)
             slot = at + blk
