@@ -53,6 +53,7 @@
 #   scripts/gpu_session.sh longspan20 the decode attention's long spans: its gpu tests, the step with it against
 #                                    torch's (LONG_RUNS), the long spans' kernels from ATTN_LONG_FROM's values
 #                                    (LONG_FROM_RUNS, LONG_FROM_VALUES), its cost in the step (LONG_CEILING)
+#   scripts/gpu_session.sh cut21     the CUDA GEMV's gpu test, what B2's instructions cost (scripts/b2_cut_probe.py)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -787,6 +788,18 @@ llama2-7b:now}" 90
       budget_probe 540 attention_ceiling_probe.py ${run%%:*} ${run#*:} long-span-ceiling.log || break
       echo "ceiling $run: $(( $(date +%s) - start )) s"
     done
+    ;;
+  cut21)
+    # What B2's instructions cost: the CUDA GEMV's gpu test (accumulator counts 2, 4, 8, 16), then
+    # scripts/b2_cut_probe.py (CUT_ARGS, default --sweep) within CUT_BUDGET (default 300 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "zigzag_cuda_kernel" -p no:cacheprovider 2>&1 \
+      | tee "$OUT/pytest-cut.log" | tail -3
+    echo "tests: $(( $(date +%s) - start )) s"
+    timeout ${CUT_BUDGET:-300} python3 scripts/b2_cut_probe.py ${CUT_ARGS---sweep} --json "$OUT/b2-cut.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/b2-cut.log"
+    echo "probe: $(( $(date +%s) - start )) s"
     ;;
   rblock12)
     # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.

@@ -988,7 +988,7 @@ def test_mma_lane_layout(num_warps):
 # step) loaded ahead or not, finished by the reduction kernel or by the last program of a tile
 CUDA_CONFIGS = [(1, 1, 0, False, 16), (7, 2, 1, True, 16), (64, 4, 0, False, 16),
                 # fewer accumulator tiles (tiles share one, B masked to the column their rows want)
-                (1, 4, 0, False, 2), (7, 8, 1, False, 4), (64, 2, 1, True, 2),
+                (1, 4, 0, False, 2), (7, 8, 1, False, 4), (64, 2, 1, True, 2), (7, 4, 0, False, 8),
                 (33, 8, 1, True, 16)]  # the last one also runs the epilogues below
 # thread block cluster finish (sm_90): (split, warps, pipe, acc); split 7: SwiGLU's cluster of 14 (non-portable)
 CLUSTER_CONFIGS = [(7, 4, 0, 2), (2, 8, 1, 16), (8, 2, 0, 16)]

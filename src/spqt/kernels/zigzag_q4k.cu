@@ -107,6 +107,9 @@
 #ifndef PROBE_HEADS
 #define PROBE_HEADS 0  // measurement only (wrong results): 1 every chunk reads the first chunk's heads (not TYPE 8)
 #endif
+#ifndef PROBE_CUT
+#define PROBE_CUT 0  // measurement only (wrong results; Q4_K, MODE 0): a part of the arithmetic left out, the loads kept:
+#endif             // 1 the B zeroing (ACC < 16), 2 the A masks, 3 A's permutes and masks, 4 the scales' decode and B
 
 typedef unsigned int u32;
 
@@ -538,6 +541,15 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   const u32 b01 = pack_f16x2(b[0], b[1]);
   const u32 b23 = pack_f16x2(b[2], b[3]);
   bias[0] += 128.0f * (f16_lo_to_f32(b01) + f16_hi_to_f32(b01) + f16_lo_to_f32(b23) + f16_hi_to_f32(b23));
+#elif PROBE_CUT == 4
+  // the heads' words folded into the bias (kept loaded), B = x
+  u32 hx = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) hx ^= ch.h[i].x ^ ch.h[i].y ^ ch.h[i].z ^ ch.h[i].w;
+  bias[0] += __int_as_float(hx & 0x3F800000u);
+  const u32 b01 = ch.x[0] | ((u32)ch.x[1] << 16);
+  const u32 b23 = ch.x[2] | ((u32)ch.x[3] << 16);
+  (void)xs;
 #else
   float b[4];
 #pragma unroll
@@ -609,13 +621,22 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     const u32 a0 = (p & 0x000F000Fu) | (t01 & 0x00300030u), a1 = (p & 0x00F000F0u) | (t01 & 0x03000300u);
     const u32 a2 = (pq & 0x000F000Fu) | (t23 & 0x00300030u), a3 = (pq & 0x00F000F0u) | (t23 & 0x03000300u);
     const u32 b01 = n ? b01o : b01e, b23 = n ? b23o : b23e;
+#elif PROBE_CUT == 2
+    const u32 a0 = p, a1 = p, a2 = pq, a3 = pq;
+#elif PROBE_CUT == 3
+    const u32 a0 = (&ch.w[0].x)[q], a1 = (&ch.w[1].x)[q], a2 = (&ch.w[2].x)[q], a3 = (&ch.w[3].x)[q];
+    (void)p;
+    (void)pq;
 #else
     const u32 a0 = p & 0x000F000Fu, a1 = p & 0x00F000F0u, a2 = pq & 0x000F000Fu, a3 = pq & 0x00F000F0u;
 #endif
 #if ACC == 16
     mma_tile(c[m], a0, a1, a2, a3, b01, b23);
 #else
-    const bool mine = (m >> 1) == lane_g;
+    // tiles m, m + ACC, ... share c[m % ACC]; their wanted columns m / 2, m / 2 + ACC / 2, ... lie one in each class of
+    // ACC / 2 lane groups, so only the other classes' lanes must add nothing to tile m (a lane of its own class
+    // adds into a column that no tile of this accumulator wants): one select a class of tiles (16 / ACC of them)
+    const bool mine = PROBE_CUT == 1 || (m / ACC) == (lane_g / (ACC / 2));
     mma_tile(c[m % ACC], a0, a1, a2, a3, mine ? b01 : 0u, mine ? b23 : 0u);
 #endif
   }
