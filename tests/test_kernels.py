@@ -1261,7 +1261,7 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     lane (223 when written; the Triton kernel's is 335), 16 of them mma; 260 with the next chunk's
     loads ahead in registers (249: the copy of the loaded registers at the end of the loop)."""
     from spqt.kernels import nvrtc, zigzag_cuda
-    from spqt.kernels.sass import disassemble, main_loop
+    from spqt.kernels.sass import disassemble, main_loop, opcode
 
     monkeypatch.setenv("SPQT_CACHE", str(tmp_path))  # compiled here, not read from a cache
     nvrtc.compile_cubin.cache_clear()
@@ -1289,6 +1289,18 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
                 assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
                 if acc < 16:
                     assert regs <= 80, f"acc {acc}: {regs} registers a thread (125 with 16 accumulators)"
+    # Q4_K at 8 accumulators (tile pairs): no selects, no permutes in the levels' assembly (the 8 left decode the
+    # scales), 215-217 loop instructions when written, no spills in any mode
+    for warps, mode in ((2, zigzag_cuda.MODE_DENSE), (4, zigzag_cuda.MODE_DENSE), (8, zigzag_cuda.MODE_DENSE),
+                        (4, zigzag_cuda.MODE_INDEXED), (4, zigzag_cuda.MODE_KEPT)):
+        sass, regs, stack = disassemble(nvrtc.compile_cubin(
+            zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, 0, -1, acc=8), "sm_90"))
+        loop = main_loop(sass, "HMMA")
+        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (warps, mode)
+        if mode == zigzag_cuda.MODE_DENSE:
+            ops = [opcode(ln) for ln in loop]
+            assert len(loop) <= 220 and ops.count("SEL") <= 1 and ops.count("PRMT") <= 8 and regs <= 100, \
+                (warps, len(loop), ops.count("SEL"), ops.count("PRMT"), regs)
     for warps, acc in ((4, 2), (1, 16)):  # the folded norm: no spills, the B2 loop no longer (x from shared memory)
         sass, _, stack = disassemble(nvrtc.compile_cubin(
             zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, zigzag_cuda.MODE_DENSE, 0, -1, acc=acc, norm=True),

@@ -374,8 +374,8 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                          f"{chunks}, {maxnreg}")
     if ahead not in (0, 1, 2, 3, 4):
         raise ValueError(f"ahead must be 0-4 steps, not {ahead}")
-    if acc not in (2, 4, 16):
-        raise ValueError(f"acc must be 2, 4 or 16 accumulators, not {acc}")
+    if acc not in ((2, 4, 8, 16) if impl == "cuda" else (2, 4, 16)):
+        raise ValueError(f"acc must be 2, 4 or 16 accumulators (the CUDA GEMV also 8), not {acc}")
     if pipe not in (0, 1) or (pipe and chunks != 1):
         raise ValueError(f"pipe (loads one step ahead) is 0 or 1, and 1 only with one chunk a step: {pipe}, {chunks}")
     n, k = w.shape

@@ -310,6 +310,11 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     # against 77 % with 16, 8192x28672 80 against 75 %; a little slower on 4096x4096, cuda-variants-a5374cf)
     configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
                for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
+    # acc 8 (Q4_K: tile pairs, no selects, 95 registers) and 4 (one select a class of tiles), plain loads only: H200,
+    # the GEMV alone at each one's best split x warps, 8192x28672 38.2 us against 39.5 at acc 2, 10240x8192 15.9
+    # against 16.9, 12288x4096 10.8 at acc 4 against 11.2 (benchmarks/results/session21/b2-cut-80d6977.log)
+    configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": 0, "fused": f, "acc": a}
+                for s in splits for w in (2, 4, 8) for f in (False, True) for a in (8, 4)]
     configs += _wave_fitting(variant, rows, k, splits, bits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
@@ -328,7 +333,7 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
 
 
 def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
-    """More CUDA candidates: at 2, 4 and 8 warps and 16 or 2 accumulators, the largest splits whose rows x split
+    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 or 2 accumulators, the largest splits whose rows x split
     programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm of the type of
     `bits`), where the multiples of the SM count above do not already. Plain loads, the reduction's finish. (Timed
     on the H200, tenth session: the 70B's 10240x8192 at split 23 against 24, 18.69 against 18.73 us. A share is
@@ -339,7 +344,7 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int)
     mode = zigzag_cuda.MODE_DENSE if variant == "zigzag_dense" else zigzag_cuda.MODE_INDEXED
     found = {}  # (split, warps, acc) -> config
     for warps in (2, 4, 8):
-        for acc in (16, 2):
+        for acc in (16, 8, 2):
             slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc, bits)
             for waves in (1, 2, 3):
                 split = min(slots * waves // rows, -(-k // 16))

@@ -23,7 +23,7 @@ MODE_KEPT = 3  # B4 over each program's own list of its share's kept inputs (no 
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from sm_90
 
 
-ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC)
+ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC; Q4_K at 8: tile pairs, no selects)
 
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
