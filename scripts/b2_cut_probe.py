@@ -1,8 +1,8 @@
 """What B2's instructions cost on the device: the CUDA Q4_K B2 (zigzag_q4k.cu, the GEMV alone, no reduction) at each
 shape's shipped config, then with a part of its arithmetic left out (-DPROBE_CUT=n: wrong sums, the same loads; the
-SASS loop's instruction count beside each), then at 4 and 8 accumulator tiles (one select a class of tiles; correct
-sums) at the same split and warps, and (--sweep) the best split x warps of the tuner's candidates at 2, 4 and 8
-accumulators. Each row: us (median of CUDA-graph replays over weight copies larger than L2), % of copy.
+SASS loop's instruction count beside each), then at 4 accumulator tiles (one select a class of tiles) and Q4_K's tile
+pairs at 8 and 2 (-DPAIRS=1; correct sums) at the same split and warps, and (--sweep) the best split x warps of the
+tuner's candidates for each. Each row: us (median of CUDA-graph replays over weight copies larger than L2), % of copy.
 
     python scripts/b2_cut_probe.py [--shapes 57344x8192,...] [--sweep] [--json out.json]
 """
@@ -21,9 +21,9 @@ SHAPES = "57344x8192,8192x28672,28672x8192,10240x8192,8192x8192,12288x4096,4096x
 CUTS = {"base": 0, "cut B zeroing": 1, "cut A masks": 2, "cut A permutes+masks": 3, "cut scales": 4}
 
 
-def loop_length(warps: int, acc: int, cut: int) -> int:
-    """Instructions of the B2 loop (sm_90 SASS) at warps, acc and PROBE_CUT=cut."""
-    opts = zigzag_cuda.options(warps, zigzag_cuda.MODE_DENSE, 0, -1, acc=acc, extra=(f"-DPROBE_CUT={cut}",))
+def loop_length(warps: int, acc: int, cut: int, extra: tuple = ()) -> int:
+    """Instructions of the B2 loop (sm_90 SASS) at warps, acc, PROBE_CUT=cut and the extra defines."""
+    opts = zigzag_cuda.options(warps, zigzag_cuda.MODE_DENSE, 0, -1, acc=acc, extra=(f"-DPROBE_CUT={cut}",) + extra)
     sass, _, _ = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), opts, "sm_90"))
     return len(main_loop(sass, "HMMA"))
 
@@ -66,16 +66,20 @@ def main() -> None:
                 continue
             us, _ = bench._fastest([{}], lambda _c, cut=cut: calls_of(split, warps, acc, (f"-DPROBE_CUT={cut}",)))
             record(spec, label, [split, warps, acc], us, mb, loop_length(warps, acc, cut))
-        for other in (4, 8):
-            us, _ = bench._fastest([{}], lambda _c, other=other: calls_of(split, warps, other))
-            record(spec, f"acc {other}", [split, warps, other], us, mb, loop_length(warps, other, 0))
+        for other, pairs in ((4, False), (8, True), (2, True)):
+            extra = ("-DPAIRS=1",) if pairs else ()
+            us, _ = bench._fastest([{}], lambda _c, other=other, extra=extra: calls_of(split, warps, other, extra))
+            record(spec, f"{'pairs ' if pairs else ''}acc {other}", [split, warps, other], us, mb,
+                   loop_length(warps, other, 0, extra))
         if args.sweep:
             cands = [c for c in tuning.cuda_candidates("zigzag_dense", n, k)
                      if not c["pipe"] and not c["fused"] and not c.get("cluster") and c["num_warps"] > 1
                      and c.get("acc", 16) == 16]
-            for acc_ in (2, 4, 8):
-                us, c = bench._fastest(cands, lambda c, acc_=acc_: calls_of(c["split"], c["num_warps"], acc_))
-                record(spec, f"best acc {acc_}", [c["split"], c["num_warps"], acc_], us, mb)
+            for acc_, pairs in ((2, False), (4, False), (8, True), (2, True)):
+                extra = ("-DPAIRS=1",) if pairs else ()
+                us, c = bench._fastest(cands, lambda c, acc_=acc_, extra=extra: calls_of(c["split"], c["num_warps"],
+                                                                                      acc_, extra))
+                record(spec, f"best {'pairs ' if pairs else ''}acc {acc_}", [c["split"], c["num_warps"], acc_], us, mb)
         ops = None
         torch.cuda.empty_cache()
     if args.json:

@@ -55,6 +55,7 @@
 #                                    (LONG_FROM_RUNS, LONG_FROM_VALUES), its cost in the step (LONG_CEILING)
 #   scripts/gpu_session.sh cut21     the CUDA GEMV's gpu test, what B2's instructions cost (scripts/b2_cut_probe.py)
 #   scripts/gpu_session.sh pairs21   Q4_K's tile pairs: the CUDA GEMV's gpu test, decode before / after the 70B shapes re-tuned
+#   scripts/gpu_session.sh pairs21b  tile pairs at 8 and 2 accumulators: gpu test, probe, the 70B shapes re-tuned, decode
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -824,6 +825,32 @@ llama2-7b:now}" 90
       --json "$OUT/bench-gemv-pairs.json" 2>&1 | grep -v WARN | tee "$OUT/bench-gemv-pairs.log" | tail -12
     for run in ${PAIRS_DECODE-llama2-70b:0}; do
       budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-${run%%:*}-after.json" after || break
+    done | tee -a "$OUT/decode-pairs.log"
+    echo "pairs: $(( $(date +%s) - start )) s"
+    ;;
+  pairs21b)
+    # Q4_K's tile pairs at 8 and 2 accumulators: the CUDA GEMV's gpu test, scripts/b2_cut_probe.py --sweep on
+    # CUT_SHAPES (default the 70B's), bench decode of PAIRS_DECODE on this tree's table, spqt tune --cuda-against-table
+    # for PAIRS_SHAPES (default the 70B's), the same decode on the new table; the new table to $OUT/tuned.json (and
+    # into this tree); eight files at most come back
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    shapes=${PAIRS_SHAPES:-10240x8192,8192x28672,57344x8192,28672x8192}
+    timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py -k "zigzag_cuda_kernel" -p no:cacheprovider 2>&1 \
+      | tee "$OUT/pytest-pairs.log" | tail -3
+    echo "tests: $(( $(date +%s) - start )) s"
+    timeout 150 python3 scripts/b2_cut_probe.py --sweep --shapes ${CUT_SHAPES:-$shapes,8192x8192} \
+      --json "$OUT/b2-cut.json" 2>&1 | grep -v WARN | tee "$OUT/b2-cut.log"
+    echo "probe: $(( $(date +%s) - start )) s"
+    for run in ${PAIRS_DECODE-llama2-70b:0}; do
+      budget_decode 560 ${run%%:*} ${run#*:} "" before || break
+    done | tee "$OUT/decode-pairs.log"
+    timeout 240 python3 -m spqt.cli tune --cuda-against-table --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -20
+    cp "$OUT/tuned.json" "$(tuned_table)"
+    echo "tune: $(( $(date +%s) - start )) s"
+    for run in ${PAIRS_DECODE-llama2-70b:0}; do
+      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-after.json" after || break
     done | tee -a "$OUT/decode-pairs.log"
     echo "pairs: $(( $(date +%s) - start )) s"
     ;;

@@ -880,8 +880,11 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         monkeypatch.undo()
         # a whole wave of 4-warp, 2-accumulator programs: 924 slots / 40 rows -> split 23 (24, a multiple, overflows)
         assert any((c["split"], c["num_warps"], c["acc"], c["pipe"], c["fused"]) == (23, 4, 2, 0, False) for c in fitting)
-        assert len({(c["split"], c["num_warps"], c["acc"], c["pipe"], c["fused"], c.get("cluster", False))
-                    for c in fitting}) == len(fitting), "a candidate twice"
+        assert len({(c["split"], c["num_warps"], c["acc"], c["pipe"], c["fused"], c.get("cluster", False),
+                     c.get("pairs", False)) for c in fitting}) == len(fitting), "a candidate twice"
+        # Q4_K's tile pairs at 8 and 2 accumulators among them, their PAIRS define through launch_args
+        assert {c["acc"] for c in fitting if c.get("pairs")} == {8, 2}
+        assert all("-DPAIRS=1" in tuning.launch_args(c)["extra"] for c in fitting if c.get("pairs"))
         assert cuda_configs and any(c.get("cluster") for c in cuda_configs)
         for c in cuda_configs:
             assert c["impl"] == "cuda" and c["num_warps"] in (1, 2, 4, 8) and 1 <= c["split"] <= k
@@ -894,6 +897,8 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         assert tuning.launch_args({"num_warps": 1, "chunks": 1})["acc"] == 16
         # an entry's L2 prefetch depth reaches the CUDA GEMV as its L2FIRST macro
         assert tuning.launch_args({"num_warps": 4, "chunks": 1, "l2first": 3})["extra"] == ("-DL2FIRST=3",)
+        with pytest.raises(ValueError, match="pairs"):  # tile pairs: the CUDA GEMV at 8 or 2 accumulators only
+            tuning.launch_args({"num_warps": 4, "chunks": 1, "impl": "cuda", "acc": 4, "pairs": True})
         for c in tuning.candidates("row_dense", n, k) + [tuning.default_config("row_dense", n, k)]:
             assert c["block_n"] >= 4 * c["num_warps"]
     path = tmp_path / "table.json"
@@ -990,6 +995,8 @@ CUDA_CONFIGS = [(1, 1, 0, False, 16), (7, 2, 1, True, 16), (64, 4, 0, False, 16)
                 # fewer accumulator tiles (tiles share one, B masked to the column their rows want)
                 (1, 4, 0, False, 2), (7, 8, 1, False, 4), (64, 2, 1, True, 2), (7, 4, 0, False, 8),
                 (33, 8, 1, True, 16)]  # the last one also runs the epilogues below
+# Q4_K's tile pairs (zigzag_q4k.cu's PAIRS; an entry's "pairs"): (split, warps, pipe, fused, acc)
+PAIRS_CONFIGS = [(7, 4, 0, False, 8), (64, 2, 0, True, 2), (1, 8, 1, False, 2), (33, 2, 0, True, 8)]
 # thread block cluster finish (sm_90): (split, warps, pipe, acc); split 7: SwiGLU's cluster of 14 (non-portable)
 CLUSTER_CONFIGS = [(7, 4, 0, 2), (2, 8, 1, 16), (8, 2, 0, 16)]
 
@@ -1011,8 +1018,9 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
         clusters = zigzag_cuda.clusters_run(x.device)
-        for split, warps, pipe, fused, acc, cluster in ([c + (False,) for c in CUDA_CONFIGS]
-                                                        + [(s, w, p, False, a, True) for s, w, p, a in CLUSTER_CONFIGS]):
+        for split, warps, pipe, fused, acc, cluster, pairs in (
+                [c + (False, False) for c in CUDA_CONFIGS] + [c + (False, True) for c in PAIRS_CONFIGS]
+                + [(s, w, p, False, a, True, False) for s, w, p, a in CLUSTER_CONFIGS]):
             if cluster and not clusters:
                 continue  # below sm_90 (the H200 runs them; the CPU test compiles them)
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
@@ -1020,23 +1028,25 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
                 ws.y.fill_(float("nan"))
                 ws.partials.fill_(float("nan"))
                 kw = {"num_warps": warps, "pipe": pipe, "impl": "cuda", "fused": fused, "acc": acc, "cluster": cluster}
+                pairs_define = ("-DPAIRS=1",) if pairs else ()
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
                 what = (f"cuda {name} {shape} split {split} warps {warps} pipe {pipe} fused {fused} acc {acc} "
-                        f"cluster {cluster} s={sparsity}")
-                y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
+                        f"cluster {cluster} pairs {pairs} s={sparsity}")
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define).clone()
                 assert_close_fp32_accum(y, qw, x_used, what, ZIGZAG_INPUT_EPS[torch.float16])
-                assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw)), f"{what}: not deterministic"
+                assert torch.equal(y, kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define)), \
+                    f"{what}: not deterministic"
                 if mode == kg.MODE_DENSE and split in (7, 33):  # an entry's l2first: prefetches alone, the same bits
                     ws.y.fill_(float("nan"))
-                    l2first = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=("-DL2FIRST=2",))
+                    l2first = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define + ("-DL2FIRST=2",))
                     assert torch.equal(l2first, y), f"{what}: L2FIRST=2 changed the result"
                 assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
                 if split == 7:  # launched inside a CUDA graph (as decode runs it), replayed: the same bits
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph):
-                        out = kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                        out = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define)
                     ws.y.fill_(float("nan"))
                     graph.replay()
                     assert torch.equal(out, y), f"{what}: graph replay differs"
@@ -1289,18 +1299,26 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
                 assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
                 if acc < 16:
                     assert regs <= 80, f"acc {acc}: {regs} registers a thread (125 with 16 accumulators)"
-    # Q4_K at 8 accumulators (tile pairs): no selects, no permutes in the levels' assembly (the 8 left decode the
-    # scales), 215-217 loop instructions when written, no spills in any mode
-    for warps, mode in ((2, zigzag_cuda.MODE_DENSE), (4, zigzag_cuda.MODE_DENSE), (8, zigzag_cuda.MODE_DENSE),
-                        (4, zigzag_cuda.MODE_INDEXED), (4, zigzag_cuda.MODE_KEPT)):
+    # Q4_K's tile pairs: no permutes in the levels' assembly (the 8 left decode the scales); at 8 accumulators no
+    # selects (215-217 loop instructions when written), at 2 one a pair q and slot (230, 71 registers); no spills in
+    # any mode or finish
+    for warps, mode, acc, epilogue in ((2, zigzag_cuda.MODE_DENSE, 8, -1), (4, zigzag_cuda.MODE_DENSE, 8, -1),
+                                       (8, zigzag_cuda.MODE_DENSE, 8, -1), (4, zigzag_cuda.MODE_INDEXED, 8, 1),
+                                       (4, zigzag_cuda.MODE_KEPT, 8, -1), (2, zigzag_cuda.MODE_DENSE, 2, -1),
+                                       (4, zigzag_cuda.MODE_DENSE, 2, 2), (4, zigzag_cuda.MODE_INDEXED, 2, -1)):
         sass, regs, stack = disassemble(nvrtc.compile_cubin(
-            zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, 0, -1, acc=8), "sm_90"))
+            zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, mode, 0, epilogue, ("-DPAIRS=1",), acc=acc),
+            "sm_90"))
         loop = main_loop(sass, "HMMA")
-        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (warps, mode)
-        if mode == zigzag_cuda.MODE_DENSE:
+        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (warps, mode, acc)
+        if mode == zigzag_cuda.MODE_DENSE and epilogue == -1:
             ops = [opcode(ln) for ln in loop]
-            assert len(loop) <= 220 and ops.count("SEL") <= 1 and ops.count("PRMT") <= 8 and regs <= 100, \
-                (warps, len(loop), ops.count("SEL"), ops.count("PRMT"), regs)
+            want = (220, 1, 100) if acc == 8 else (236, 16, 80)  # loop, selects, registers at most
+            assert len(loop) <= want[0] and ops.count("SEL") <= want[1] and ops.count("PRMT") <= 8 \
+                and regs <= want[2], (warps, acc, len(loop), ops.count("SEL"), ops.count("PRMT"), regs)
+    with pytest.raises(Exception, match="PAIRS"):  # Q4_K's alone, at 8 or 2 accumulators
+        nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(),
+                            zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, 0, -1, ("-DPAIRS=1",), acc=4), "sm_90")
     for warps, acc in ((4, 2), (1, 16)):  # the folded norm: no spills, the B2 loop no longer (x from shared memory)
         sass, _, stack = disassemble(nvrtc.compile_cubin(
             zigzag_cuda.SOURCE.read_text(), zigzag_cuda.options(warps, zigzag_cuda.MODE_DENSE, 0, -1, acc=acc, norm=True),

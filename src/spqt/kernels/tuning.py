@@ -83,14 +83,18 @@ def default_config(variant: str, n: int, k: int) -> dict:
 
 def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's). "l2first": n > 0
-    (CUDA B2) has each warp prefetch its next n chunks into L2 before the PDL wait (zigzag_q4k.cu's L2FIRST)."""
+    (CUDA B2) has each warp prefetch its next n chunks into L2 before the PDL wait (zigzag_q4k.cu's L2FIRST);
+    "pairs": true (CUDA, Q4_K, acc 8 or 2) multiplies tile pairs (its PAIRS)."""
     l2first = cfg.get("l2first", 0)
     if type(l2first) is not int or l2first < 0:
         raise ValueError(f"a tuned entry's l2first must be a chunk count of 0 or more, not {l2first!r}")
+    pairs = cfg.get("pairs", False)
+    if pairs and (cfg.get("impl") != "cuda" or cfg.get("acc") not in (2, 8)):
+        raise ValueError(f"a tuned entry's tile pairs run on the CUDA GEMV at acc 8 or 2, not {cfg}")
     return {"num_warps": cfg["num_warps"], "chunks": cfg["chunks"], "maxnreg": cfg.get("maxnreg", 0),
             "ahead": cfg.get("ahead", 0), "acc": cfg.get("acc", 16), "pipe": cfg.get("pipe", 0),
             "impl": cfg.get("impl", "triton"), "fused": cfg.get("fused", False), "cluster": cfg.get("cluster", False),
-            "extra": (f"-DL2FIRST={l2first}",) if l2first else ()}
+            "extra": ((f"-DL2FIRST={l2first}",) if l2first else ()) + (("-DPAIRS=1",) if pairs else ())}
 
 
 PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth and its timings (spqt tune --l2first)
@@ -310,11 +314,14 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     # against 77 % with 16, 8192x28672 80 against 75 %; a little slower on 4096x4096, cuda-variants-a5374cf)
     configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
                for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
-    # acc 8 (Q4_K: tile pairs, no selects, 95 registers) and 4 (one select a class of tiles), plain loads only: H200,
-    # the GEMV alone at each one's best split x warps, 8192x28672 38.2 us against 39.5 at acc 2, 10240x8192 15.9
-    # against 16.9, 12288x4096 10.8 at acc 4 against 11.2 (benchmarks/results/session21/b2-cut-80d6977.log)
+    # tile pairs (Q4_K) at acc 8 (no selects, 95 registers) and 2 (71), and acc 4 (one select a class of tiles),
+    # plain loads only: H200, the GEMV alone at each one's best split x warps, 8192x28672 38.2 us with pairs at acc 8
+    # against 39.5 at acc 2, 10240x8192 15.9 against 16.9, 12288x4096 10.8 at acc 4 against 11.2
+    # (benchmarks/results/session21/b2-cut-80d6977.log)
     configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": 0, "fused": f, "acc": a}
-                for s in splits for w in (2, 4, 8) for f in (False, True) for a in (8, 4)]
+                | ({"pairs": True} if pairs else {})
+                for s in splits for w in (2, 4, 8) for f in (False, True)
+                for a, pairs in (((8, True), (2, True), (4, False)) if bits == 4 else ((8, False), (4, False)))]
     configs += _wave_fitting(variant, rows, k, splits, bits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
@@ -333,7 +340,7 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
 
 
 def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
-    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 or 2 accumulators, the largest splits whose rows x split
+    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K: tile pairs) or 2 accumulators, the largest splits whose rows x split
     programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm of the type of
     `bits`), where the multiples of the SM count above do not already. Plain loads, the reduction's finish. (Timed
     on the H200, tenth session: the 70B's 10240x8192 at split 23 against 24, 18.69 against 18.73 us. A share is
@@ -350,7 +357,8 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int)
                 split = min(slots * waves // rows, -(-k // 16))
                 if split >= 1 and split not in splits:
                     found[split, warps, acc] = {"impl": "cuda", "split": split, "num_warps": warps, "chunks": 1,
-                                                "pipe": 0, "fused": False, "acc": acc}
+                                                "pipe": 0, "fused": False, "acc": acc} | (
+                        {"pairs": True} if bits == 4 and acc == 8 else {})
     return list(found.values())
 
 

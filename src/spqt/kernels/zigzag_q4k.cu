@@ -48,7 +48,7 @@
 #define ACC 16  // accumulator tiles a lane holds (16, 8, 4 or 2: 4 ACC registers). Below 16, tiles m and m + ACC share
 #endif          // one: tile m's B is zero in the lanes whose column another tile of its accumulator wants, so the
                 // tiles sharing an accumulator fill different columns of it (64 -> 4 ACC registers, a select a class
-                // of tiles: compute()). Q4_K at 8: tile pairs instead (PAIRS below), no selects
+                // of tiles: compute()). Q4_K's tile pairs: PAIRS below
 #ifndef TYPE
 #define TYPE 4  // 4: Q4_K; 5: Q5_K (the same planes of low nibbles and heads, plus a word of fifth bits per
 #endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s);
@@ -71,12 +71,17 @@
 #if TYPE != 2 && TYPE != 3 && TYPE != 4 && TYPE != 5 && TYPE != 6 && TYPE != 8
 #error "TYPE is 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
 #endif
-// Q4_K at ACC 8: tile pairs. An mma multiplies two tiles of the same 8 columns, T0 = 4 q + e and T1 = T0 + 2 (bytes
-// e and 2 + e of the lane's word q of a column, its fp16 halves once word >> 8 e is masked: no permutes), k = 2 t + j
-// (j: T_j) for the slot pair's first column, 2 t + 8 + j for its second; T_j's rows want column n = T_j / 2 (its
-// sub-block), so lane g's B holds x d sc[g] in half g % 2 (zero in the other) and the pair (q, e) has an accumulator
-// of its own: 8 accumulators, no selects, 80 assembly instructions a chunk instead of 96
-#define PAIRS (TYPE == 4 && ACC == 8)
+#ifndef PAIRS
+#define PAIRS 0  // Q4_K, ACC 8 or 2: tile pairs. An mma multiplies two tiles of the same 8 columns, T0 = 4 q + e and
+#endif           // T1 = T0 + 2 (bytes e and 2 + e of the lane's word q of a column, its fp16 halves once word >> 8 e is
+                 // masked: no permutes), k = 2 t + j (j: T_j) for the slot pair's first column, 2 t + 8 + j for its
+                 // second; T_j's rows want column n = T_j / 2 (its sub-block), so lane g's B holds x d sc[g] in half
+                 // g % 2 (zero in the other). ACC 8: the pair (q, e) has an accumulator of its own, no selects; ACC 2:
+                 // pairs of one e share c[e], B zero outside lanes 2 q, 2 q + 1 (a select a pair q and slot). The
+                 // levels' assembly takes 80 instructions a chunk instead of 96
+#if PAIRS && (TYPE != 4 || (ACC != 8 && ACC != 2))
+#error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2"
+#endif
 #ifndef CLUSTER
 #define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
 #endif             // (SwiGLU: its gate and up rows' 2 SPLIT programs, x 2 of the grid); each keeps its 256 sums in
@@ -579,8 +584,14 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
         const u32 wa = (&ch.w[2 * hs].x)[q] >> (8 * e), wb = (&ch.w[2 * hs + 1].x)[q] >> (8 * e);
+#if ACC == 8
         mma_tile(c[2 * q + e], wa & 0x000F000Fu, wa & 0x00F000F0u, wb & 0x000F000Fu, wb & 0x00F000F0u, bp[2 * hs],
                  bp[2 * hs + 1]);
+#else
+        const bool mine = PROBE_CUT == 1 || (lane_g >> 1) == q;
+        mma_tile(c[e], wa & 0x000F000Fu, wa & 0x00F000F0u, wb & 0x000F000Fu, wb & 0x00F000F0u,
+                 mine ? bp[2 * hs] : 0u, mine ? bp[2 * hs + 1] : 0u);
+#endif
       }
     }
   }
@@ -817,16 +828,17 @@ __device__ __forceinline__ void program_sums(float (*c)[4], const float* bias, i
     if (t == 0) bias_sum[warp][e][g] = bsum;
   }
 #if PAIRS
-  // pair (q, e) = c[2 q + e]: its tiles' columns 2 q (T0 = 4 q + e) and 2 q + 1 (T1 = T0 + 2) sit in lanes t = q,
-  // registers 0 / 2 (T0 rows g / g + 8) and 1 / 3 (T1)
+  // pair (q, e) (in c[2 q + e] at ACC 8, c[e] at ACC 2): its tiles' columns 2 q (T0 = 4 q + e) and 2 q + 1 (T1 =
+  // T0 + 2) sit in lanes t = q, registers 0 / 2 (T0 rows g / g + 8) and 1 / 3 (T1)
 #pragma unroll
   for (int a = 0; a < 8; ++a) {
     if ((a >> 1) == t) {
       const int t0 = 4 * (a >> 1) + (a & 1);
-      rows_sum[warp][16 * t0 + g] = c[a][0] * 16777216.0f;
-      rows_sum[warp][16 * t0 + 8 + g] = c[a][2] * 1048576.0f;
-      rows_sum[warp][16 * (t0 + 2) + g] = c[a][1] * 16777216.0f;
-      rows_sum[warp][16 * (t0 + 2) + 8 + g] = c[a][3] * 1048576.0f;
+      const float* ca = c[ACC == 8 ? a : (a & 1)];
+      rows_sum[warp][16 * t0 + g] = ca[0] * 16777216.0f;
+      rows_sum[warp][16 * t0 + 8 + g] = ca[2] * 1048576.0f;
+      rows_sum[warp][16 * (t0 + 2) + g] = ca[1] * 16777216.0f;
+      rows_sum[warp][16 * (t0 + 2) + 8 + g] = ca[3] * 1048576.0f;
     }
   }
 #else
