@@ -1,5 +1,6 @@
 """What B2's instructions cost on the device: the CUDA Q4_K B2 (zigzag_q4k.cu, the GEMV alone, no reduction) at each
-shape's shipped config, then with a part of its arithmetic left out (-DPROBE_CUT=n: wrong sums, the same loads; the
+shape's shipped config, then its 16-tile assembly at the entry's split, warps and accumulators ("base"), with a part of
+its arithmetic left out (-DPROBE_CUT=n: wrong sums, the same loads; the
 SASS loop's instruction count beside each), then at 4 accumulator tiles (one select a class of tiles) and Q4_K's tile
 pairs at 8 and 2 (-DPAIRS=1; correct sums) at the same split and warps, and (--sweep) the best split x warps of the
 tuner's candidates for each. Each row: us (median of CUDA-graph replays over weight copies larger than L2), % of copy.
@@ -51,8 +52,9 @@ def main() -> None:
         mb = 144 * -(-n // 256) * k / 1e6
         cfg = tuning.config("zigzag_dense", n, k)
         if cfg.get("impl") != "cuda":
-            cfg = {"split": cfg["split"], "num_warps": 4, "acc": 2}
+            cfg = {"split": cfg["split"], "num_warps": 4, "chunks": 1, "impl": "cuda", "acc": 2}
         split, warps, acc = cfg["split"], cfg["num_warps"], cfg.get("acc", 16)
+        shipped = tuning.launch_args(cfg)["extra"]  # its tile pairs and L2 prefetch, where it has them
         workspaces = {}
 
         def calls_of(split_, warps_, acc_, extra=()):
@@ -61,7 +63,9 @@ def main() -> None:
                                                     split_, zigzag_cuda.MODE_DENSE, warps_, True, 0, extra, acc=acc_))
                     for w in ops.zig]
 
-        for label, cut in CUTS.items():
+        us, _ = bench._fastest([{}], lambda _c: calls_of(split, warps, acc, shipped))
+        record(spec, "shipped", [split, warps, acc, *shipped], us, mb)
+        for label, cut in CUTS.items():  # the 16-tile assembly at the entry's accumulators
             if cut == 1 and acc == 16:
                 continue
             us, _ = bench._fastest([{}], lambda _c, cut=cut: calls_of(split, warps, acc, (f"-DPROBE_CUT={cut}",)))

@@ -54,8 +54,9 @@
 #                                    torch's (LONG_RUNS), the long spans' kernels from ATTN_LONG_FROM's values
 #                                    (LONG_FROM_RUNS, LONG_FROM_VALUES), its cost in the step (LONG_CEILING)
 #   scripts/gpu_session.sh cut21     the CUDA GEMV's gpu test, what B2's instructions cost (scripts/b2_cut_probe.py)
-#   scripts/gpu_session.sh pairs21   Q4_K's tile pairs: the CUDA GEMV's gpu test, decode before / after the 70B shapes re-tuned
 #   scripts/gpu_session.sh pairs21b  tile pairs at 8 and 2 accumulators: gpu test, probe, the 70B shapes re-tuned, decode
+#                                    (pairs21, at d611d2b, was this stage without the probe, at 8 accumulators)
+#   scripts/gpu_session.sh final21   every gpu test, bench gemv of the 132 / 264 MB shapes, decode (FINAL_DECODE)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -803,31 +804,6 @@ llama2-7b:now}" 90
       | grep -v WARN | tee "$OUT/b2-cut.log"
     echo "probe: $(( $(date +%s) - start )) s"
     ;;
-  pairs21)
-    # Q4_K's tile pairs (acc 8) and class selects (acc 4): the CUDA GEMV's gpu test, bench decode of PAIRS_DECODE
-    # (model:levels) on the shipped table, spqt tune --cuda-against-table for PAIRS_SHAPES (default: the 70B's; its
-    # decode route is off, so no route is dropped), bench gemv of them and the same decode on the new table, within
-    # CALL_BUDGET (default 560 s); the new table to $OUT/tuned.json and into this tree
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels.py -k "zigzag_cuda_kernel" -p no:cacheprovider 2>&1 \
-      | tee "$OUT/pytest-pairs.log" | tail -3
-    echo "tests: $(( $(date +%s) - start )) s"
-    for run in ${PAIRS_DECODE-llama2-70b:0}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-${run%%:*}-before.json" before || break
-    done | tee "$OUT/decode-pairs.log"
-    shapes=${PAIRS_SHAPES:-10240x8192,8192x28672,57344x8192,28672x8192}
-    timeout 300 python3 -m spqt.cli tune --cuda-against-table --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -20
-    cp "$OUT/tuned.json" "$(tuned_table)"
-    echo "tune: $(( $(date +%s) - start )) s"
-    timeout 120 python3 -m spqt.cli bench gemv --shapes $shapes --sparsity 0.25,0.4,0.5 --variants B2,B4 \
-      --json "$OUT/bench-gemv-pairs.json" 2>&1 | grep -v WARN | tee "$OUT/bench-gemv-pairs.log" | tail -12
-    for run in ${PAIRS_DECODE-llama2-70b:0}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-${run%%:*}-after.json" after || break
-    done | tee -a "$OUT/decode-pairs.log"
-    echo "pairs: $(( $(date +%s) - start )) s"
-    ;;
   pairs21b)
     # Q4_K's tile pairs at 8 and 2 accumulators: the CUDA GEMV's gpu test, scripts/b2_cut_probe.py --sweep on
     # CUT_SHAPES (default the 70B's), bench decode of PAIRS_DECODE on this tree's table, spqt tune --cuda-against-table
@@ -853,6 +829,23 @@ llama2-7b:now}" 90
       budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-after.json" after || break
     done | tee -a "$OUT/decode-pairs.log"
     echo "pairs: $(( $(date +%s) - start )) s"
+    ;;
+  final21)
+    # The session's last call (the default model parked by the call before): every gpu test, then spqt bench gemv of
+    # the 132 / 264 MB Q4_K shapes (B2, B4) and bench decode of FINAL_DECODE (model:levels) within CALL_BUDGET (580 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+    echo "gpu tests: $(( $(date +%s) - start )) s"
+    left=$(( ${CALL_BUDGET:-580} - ($(date +%s) - start) ))
+    [ $left -gt 40 ] && timeout $(( left < 70 ? left : 70 )) python3 -m spqt.cli bench gemv \
+      --shapes 28672x8192,8192x28672,57344x8192 --variants B2,B4 --sparsity 0,0.25,0.4,0.5 \
+      --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/bench-gemv.log" | tail -14
+    for run in ${FINAL_DECODE-llama2-70b:0 llama2-7b:0}; do
+      budget_decode ${CALL_BUDGET:-580} ${run%%:*} ${run#*:} "" ${run%%:*} || break
+    done | tee "$OUT/decode.log"
+    echo "final: $(( $(date +%s) - start )) s"
     ;;
   rblock12)
     # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.

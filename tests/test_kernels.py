@@ -872,7 +872,7 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
         monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)  # the configs a GPU machine would time
         monkeypatch.setattr(zigzag_cuda, "clusters_run", lambda device: True)  # an sm_90 one
         # the H200's programs an SM (4 warps: 7 with 2 accumulators, 72 registers; 4 with 16, 125)
-        monkeypatch.setattr(zigzag_cuda, "programs_per_sm", lambda warps, mode, acc, bits: {2: 14, 4: 7, 8: 3}[warps]
+        monkeypatch.setattr(zigzag_cuda, "programs_per_sm", lambda warps, mode, acc, bits, pairs=False: {2: 14, 4: 7, 8: 3}[warps]
                             if acc == 2 else {2: 8, 4: 4, 8: 2}[warps])
         monkeypatch.setattr(tuning, "sm_count", lambda: 132)
         cuda_configs = tuning.cuda_candidates("zigzag_dense", n, k) + tuning.cuda_candidates("zigzag_sparse", n, k)
@@ -992,7 +992,7 @@ def test_mma_lane_layout(num_warps):
 # that leave programs without columns or a partial last chunk, every warp count, the next chunk (B4:
 # step) loaded ahead or not, finished by the reduction kernel or by the last program of a tile
 CUDA_CONFIGS = [(1, 1, 0, False, 16), (7, 2, 1, True, 16), (64, 4, 0, False, 16),
-                # fewer accumulator tiles (tiles share one, B masked to the column their rows want)
+                # fewer accumulator tiles (tiles share one, B zero in the lanes of the other tiles' columns)
                 (1, 4, 0, False, 2), (7, 8, 1, False, 4), (64, 2, 1, True, 2), (7, 4, 0, False, 8),
                 (33, 8, 1, True, 16)]  # the last one also runs the epilogues below
 # Q4_K's tile pairs (zigzag_q4k.cu's PAIRS; an entry's "pairs"): (split, warps, pipe, fused, acc)
@@ -1074,7 +1074,8 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
             torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want[want.isfinite()].abs().max()))
 
 
-NORM_CONFIGS = [(1, 4, 16), (7, 2, 16), (24, 4, 2), (64, 8, 2), (2, 1, 16)]  # split, warps, acc
+# split, warps, acc (and Q4_K's tile pairs where a fourth element is True)
+NORM_CONFIGS = [(1, 4, 16), (7, 2, 16), (24, 4, 2), (64, 8, 2), (2, 1, 16), (24, 2, 2, True), (7, 4, 8, True)]
 
 
 @pytest.mark.gpu
@@ -1096,10 +1097,10 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
         sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])  # any partition of the squares
         rstd = 1.0 / torch.sqrt(sq.sum() / k + eps)
         normed = ((x.float() * rstd) * gamma).half()
-        for split, warps, acc in NORM_CONFIGS:
+        for split, warps, acc, *pairs in NORM_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            kw = {"num_warps": warps, "acc": acc, "impl": "cuda"}
-            what = f"{shape} split {split} warps {warps} acc {acc}"
+            kw = {"num_warps": warps, "acc": acc, "impl": "cuda", "extra": ("-DPAIRS=1",) if pairs else ()}
+            what = f"{shape} split {split} warps {warps} acc {acc} pairs {bool(pairs)}"
             if zigzag_cuda.share(k, split, warps) > zigzag_cuda.NORM_SHARE:
                 assert not zigzag_cuda.norm_fits(k, split, warps, x, gamma)
                 with pytest.raises(ValueError, match="folded norm"):
@@ -1132,8 +1133,8 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
 
 # MODE_KEPT (split, warps, pipe, acc): one program a row (8 warps: a share of 4096 columns with the norm, the most
 # shared memory beside the largest static), a partial last chunk (777 = 48 x 16 + 9), every warp count, the next chunk
-# loaded ahead or not, 16 or 2 accumulators
-KEPT_CONFIGS = [(1, 8, 0, 16), (7, 2, 1, 2), (24, 4, 0, 2), (64, 1, 1, 16)]
+# loaded ahead or not, 16 or 2 accumulators, Q4_K's tile pairs (a fifth element True)
+KEPT_CONFIGS = [(1, 8, 0, 16), (7, 2, 1, 2), (24, 4, 0, 2), (64, 1, 1, 16), (7, 4, 0, 8, True), (24, 2, 1, 2, True)]
 
 
 @pytest.mark.gpu
@@ -1155,10 +1156,11 @@ def test_cuda_kept_mode(rng, sparsity, monkeypatch):
         gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
         sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])  # any partition of the squares
         normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
-        for split, warps, pipe, acc in KEPT_CONFIGS:
+        for split, warps, pipe, acc, *pairs in KEPT_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "threshold": t}
-            what = f"kept {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "threshold": t,
+                  "extra": ("-DPAIRS=1",) if pairs else ()}
+            what = f"kept {shape} split {split} warps {warps} pipe {pipe} acc {acc} pairs {bool(pairs)} s={sparsity}"
             if zigzag_cuda.share(k, split, warps) > zigzag_cuda.NORM_SHARE:
                 assert not zigzag_cuda.kept_fits(k, split, warps)
                 with pytest.raises(ValueError, match="MODE_KEPT"):
@@ -1259,6 +1261,7 @@ def test_cuda_programs_per_sm():
     for mode in (zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED):
         held = {(w, a): zigzag_cuda.programs_per_sm(w, mode, a) for w in (2, 4, 8) for a in (16, 2)}
         assert zigzag_cuda.programs_per_sm(4, mode, 2, bits=6) >= 1  # another type's kernel
+        assert zigzag_cuda.programs_per_sm(4, mode, 8, pairs=True) >= held[4, 16]  # Q4_K's tile pairs (95 registers)
         assert all(1 <= h <= 32 for h in held.values()), held
         assert all(held[w, 2] >= held[w, 16] for w in (2, 4, 8)), held
         assert held[2, 2] >= held[4, 2] >= held[8, 2] and held[2, 16] >= held[4, 16] >= held[8, 16], held
@@ -1294,7 +1297,7 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
             assert stack == 0, f"warps {warps} mode {mode} pipe {pipe}: {stack} bytes of stack (spills)"
             loop = main_loop(sass, "HMMA")
             assert sum("HMMA" in ln for ln in loop) == 16
-            if mode == zigzag_cuda.MODE_DENSE:  # fewer accumulators: 2 selects more a tile, 20 a chunk as written
+            if mode == zigzag_cuda.MODE_DENSE:  # fewer accumulators: a select a class of tiles (at 2: 24 a chunk)
                 limit = (240, 260)[pipe] + (0 if acc == 16 else 24)
                 assert len(loop) <= limit, f"warps {warps} pipe {pipe} acc {acc}: B2 loop of {len(loop)} instructions"
                 if acc < 16:

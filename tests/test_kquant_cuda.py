@@ -20,7 +20,8 @@ from test_kernels_types import FP16_FIELDS, _random_blocks
 
 TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
-CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16)]  # (split, warps, pipe, acc)
+# (split, warps, pipe, acc): acc 8 and 4 with a select a class of tiles
+CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16), (13, 4, 0, 8), (5, 2, 0, 4)]
 FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
 # The fp16 factors' exponent range on the GPU (x d sc a normal fp16 for most x, as in a real matrix;
 # _random_blocks' smaller factors would test fp16's subnormals instead); Q6_K's d smaller (weights up to

@@ -233,14 +233,15 @@ def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     own tuned CUDA entry of the shape ("zigzag_<kind>_<fmt>", impl "cuda"), else Q4_K's entry of the shape (the same
     kernel, tuned there), else the type's CUDA entry of the nearest N with the same K, else Q4_K's config (its
     neighbour or default): an exact shape's tuning is the better guess than a neighbour's of another size. Never an
-    L2 prefetch depth ("l2first": judged in Q4_K decode steps, for Q4_K's planes)."""
+    L2 prefetch depth ("l2first": judged in Q4_K decode steps, for Q4_K's planes) nor tile pairs ("pairs": Q4_K's
+    assembly alone)."""
     key, own, q4k = f"{n}x{k}", f"zigzag_{kind}_{fmt}", f"zigzag_{kind}"
     if table_entries(own).get(key, {}).get("impl") != "cuda" and key in table_entries(q4k):
         cfg = config(q4k, n, k)
     else:
         cfg = config(own, n, k)
         cfg = cfg if cfg.get("impl") == "cuda" else config(q4k, n, k)
-    return without_prefetch(cfg)
+    return {key: value for key, value in without_prefetch(cfg).items() if key != "pairs"}
 
 
 def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
@@ -340,7 +341,7 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
 
 
 def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
-    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K: tile pairs) or 2 accumulators, the largest splits whose rows x split
+    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K: its tile pairs) or 2 accumulators, the largest splits whose rows x split
     programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm of the type of
     `bits`), where the multiples of the SM count above do not already. Plain loads, the reduction's finish. (Timed
     on the H200, tenth session: the 70B's 10240x8192 at split 23 against 24, 18.69 against 18.73 us. A share is
@@ -352,13 +353,14 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int)
     found = {}  # (split, warps, acc) -> config
     for warps in (2, 4, 8):
         for acc in (16, 8, 2):
-            slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc, bits)
+            pairs = bits == 4 and acc == 8
+            slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc, bits, pairs=pairs)
             for waves in (1, 2, 3):
                 split = min(slots * waves // rows, -(-k // 16))
                 if split >= 1 and split not in splits:
                     found[split, warps, acc] = {"impl": "cuda", "split": split, "num_warps": warps, "chunks": 1,
                                                 "pipe": 0, "fused": False, "acc": acc} | (
-                        {"pairs": True} if bits == 4 and acc == 8 else {})
+                        {"pairs": True} if pairs else {})
     return list(found.values())
 
 

@@ -108,12 +108,13 @@ def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, ex
                     cluster)
 
 
-def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None) -> int:
+def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None,
+                    pairs: bool = False) -> int:
     """Programs of the GEMV of a type (bits as launch's; B2 / B4 by mode, no pipe, the reduction's finish) an SM of
     the GPU holds at once at this warp and accumulator count (its registers decide): what a launch's waves are
     counted in."""
     index = device.index if device is not None and device.index is not None else torch.cuda.current_device()
-    return _kernel(index, warps, mode, 0, -1, (), acc, bits).blocks_per_sm(32 * warps)
+    return _kernel(index, warps, mode, 0, -1, ("-DPAIRS=1",) if pairs else (), acc, bits).blocks_per_sm(32 * warps)
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,7 +195,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
     counters (rows,) int32 zero before and after. acc: accumulator tiles a lane holds (ACCS; fewer
-    registers, more occupancy, 2 selects a tile below 16). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
+    registers, more occupancy, a select a class of tiles below 16; Q4_K's tile pairs: extra -DPAIRS=1 at 8 or
+    2). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
     fifth bits (rows, K, 8) int32, quants and head the levels' low nibbles and Q5_K's 16-byte heads; bits 6
     (Q6_K, gpu_layout_q6k.py): high = the top bit pairs (rows, K, 16) int32, head the grouped scales, d
     (rows, K) fp16; bits 8 (Q8_0, gpu_layout_q8_0.py): quants the four planes of levels + 128 (rows, 4, K, 16), head
@@ -246,6 +248,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
         raise ValueError("the CUDA GEMV needs contiguous tensors, its weights 16-byte aligned (uint4 loads)")
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
         raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and acc one of {ACCS}, not {warps}, {pipe}, {acc}")
+    if "-DPAIRS=1" in extra and (bits != 4 or acc not in (2, 8)):
+        raise ValueError(f"tile pairs are Q4_K's (bits 4) at acc 8 or 2, not bits {bits}, acc {acc}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     dims = cluster_dims(n, epilogue, split) if cluster else None

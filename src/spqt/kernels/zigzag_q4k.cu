@@ -8,7 +8,8 @@
 // of a tile are one thread block cluster (SwiGLU: grid column 2 i + j is row i + j F / 256), no partials
 // or counters are written, and cluster rank 0 finishes the tile from the others' shared memory. The arithmetic is the Triton
 // kernel's (its module docstring): a warp takes 16 columns (a chunk) and runs 16 mma.m16n8k16,
-// one per 16-row tile m, A = the levels as fp16 subnormals (q 2^-24, high nibble q 2^-20),
+// one per 16-row tile m (PAIRS: one per pair of tiles and 8 columns), A = the levels as fp16 subnormals (q 2^-24,
+// high nibble q 2^-20),
 // B[k, n] = x_k d_k sc[k, n] in fp16, products and sums in fp32; the min term x_k dmin_k m[k, g]
 // is summed per lane in fp32.
 //
@@ -81,6 +82,9 @@
                  // levels' assembly takes 80 instructions a chunk instead of 96
 #if PAIRS && (TYPE != 4 || (ACC != 8 && ACC != 2))
 #error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2"
+#endif
+#if PAIRS && PROBE_CUT > 1
+#error "PROBE_CUT 2-4 cut the 16-tile assembly, not PAIRS'"
 #endif
 #ifndef CLUSTER
 #define CLUSTER 0  // sm_90, EPILOGUE >= 0: the SPLIT programs of an output tile are one thread block cluster
@@ -445,7 +449,8 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x 
 #endif
 };
 
-// The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]); B at n = g (lane_g) for the lane's 4 slots;
+// The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]; PAIRS: its pair's, program_sums); B at n = g (lane_g)
+// for the lane's 4 slots;
 // the min term into bias[0] (Q6_K: the -32 d sc x term of tile 2 g into bias[0], of tile 2 g + 1 into bias[1]).
 __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* bias, const ScaleDecoder& dec,
                                         int lane_g) {
@@ -584,22 +589,22 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
         const u32 wa = (&ch.w[2 * hs].x)[q] >> (8 * e), wb = (&ch.w[2 * hs + 1].x)[q] >> (8 * e);
+        const u32 a0 = wa & 0x000F000Fu, a1 = wa & 0x00F000F0u, a2 = wb & 0x000F000Fu, a3 = wb & 0x00F000F0u;
 #if ACC == 8
-        mma_tile(c[2 * q + e], wa & 0x000F000Fu, wa & 0x00F000F0u, wb & 0x000F000Fu, wb & 0x00F000F0u, bp[2 * hs],
-                 bp[2 * hs + 1]);
+        mma_tile(c[2 * q + e], a0, a1, a2, a3, bp[2 * hs], bp[2 * hs + 1]);
 #else
         const bool mine = PROBE_CUT == 1 || (lane_g >> 1) == q;
-        mma_tile(c[e], wa & 0x000F000Fu, wa & 0x00F000F0u, wb & 0x000F000Fu, wb & 0x00F000F0u,
-                 mine ? bp[2 * hs] : 0u, mine ? bp[2 * hs + 1] : 0u);
+        mma_tile(c[e], a0, a1, a2, a3, mine ? bp[2 * hs] : 0u, mine ? bp[2 * hs + 1] : 0u);
 #endif
       }
     }
   }
-  return;
-#endif
+#else
   const u32 b01 = pack_f16x2(b[0], b[1]);
   const u32 b23 = pack_f16x2(b[2], b[3]);
 #endif
+#endif
+#if !PAIRS
 #pragma unroll
   for (int m = 0; m < 16; ++m) {
 #if TYPE == 8
@@ -678,6 +683,7 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     mma_tile(c[m % ACC], a0, a1, a2, a3, mine ? b01 : 0u, mine ? b23 : 0u);
 #endif
   }
+#endif
 }
 
 // d of column col at dr + col D_STRIDE (Q6_K: (R, K) fp16; Q8_0: grouped, 32 fp16 a column; Q2_K: (R, K)
