@@ -32,7 +32,7 @@ def loop_length(warps: int, acc: int, cut: int, extra: tuple = ()) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shapes", default=SHAPES)
-    parser.add_argument("--sweep", action="store_true", help="best split x warps at 2, 4 and 8 accumulators")
+    parser.add_argument("--sweep", action="store_true", help="each kernel's best split x warps of the tuner's candidates")
     parser.add_argument("--json")
     args = parser.parse_args()
     copy = bench.copy_bandwidth()
