@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -134,7 +135,7 @@ def tiny_spqt(tiny_hf, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def rng():
-    """Fresh random data every run; the seed is printed so a failure can be replayed."""
-    seed = int(np.random.SeedSequence().entropy % (1 << 63))
+    """Fresh random data every run; the seed is printed so a failure can be replayed (SPQT_TEST_SEED=<seed>)."""
+    seed = int(os.environ.get("SPQT_TEST_SEED") or np.random.SeedSequence().entropy % (1 << 63))
     print(f"rng seed {seed}")
     return np.random.default_rng(seed)

@@ -1070,8 +1070,12 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
             ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, swiglu=True).float()
             f = shape[0] // 2
-            want = (torch.nn.functional.silu(plain[:f]) * plain[f:]).half().float()  # overflows to inf as y does
-            torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want[want.isfinite()].abs().max()))
+            want = (torch.nn.functional.silu(plain[:f]) * plain[f:]).half().float()
+            # at fp16's largest finite value either side may round to inf where the other does not (the kernel's
+            # product of fp32 sums, want's of their fp16 roundings): both saturated there; a NaN still fails
+            sat = 65504.0
+            torch.testing.assert_close(y.clamp(-sat, sat), want.clamp(-sat, sat), rtol=2e-2,
+                                       atol=1e-3 * float(want.clamp(-sat, sat).abs().max()))
 
 
 # split, warps, acc (and Q4_K's tile pairs where a fourth element is True)
