@@ -285,6 +285,19 @@ def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: 
 
 
 @triton.jit
+def _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                 AHEAD: tl.constexpr, PDL: tl.constexpr):
+    """A program's first key block loaded (its cached rows below pos: no kernel of this step writes them), then (PDL)
+    its next AHEAD blocks asked of L2 and the wait for the kernel before; the RoPE table's cos and sin of pos."""
+    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)
+    if PDL:
+        _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
+    cos = tl.load(t_ptr + pos * 2 * HALF + d)
+    sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+    return kc1, kc2, vc1, vc2, cos, sin
+
+
+@triton.jit
 def _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                 AHEAD: tl.constexpr, PDL: tl.constexpr):
     """A program's later key block blk loaded (_load_block), after asking L2 for its block AHEAD on (PDL: Hopper's
@@ -351,11 +364,8 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     cache = ((b * HKV + j) * L) * 2 * HALF
     if prog < blocks:
-        kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
-        if PDL:
-            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
-        cos = tl.load(t_ptr + pos * 2 * HALF + d)
-        sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+        kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HALF,
+                                                    BLOCK_N, AHEAD, PDL)
         base = x_ptr + b * sx
         q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
         q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
@@ -438,11 +448,8 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     cache = ((b * HKV + j) * L) * 2 * HALF
     if prog < blocks:
-        kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)  # rows < pos
-        if PDL:
-            _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
-        cos = tl.load(t_ptr + pos * 2 * HALF + d)
-        sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+        kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HALF,
+                                                    BLOCK_N, AHEAD, PDL)
         base = x_ptr + b * sx
         h = j * G + g
         rows_q = base + h[:, None] * 2 * HALF + d[None, :]
