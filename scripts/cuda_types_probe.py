@@ -53,7 +53,7 @@ for spec in args.shapes.split(","):
     cus = bench.weight_copies(cu, copies)
     t = torch.quantile(x.float().abs(), 0.5).reshape(())
     cands = [dict(c, pipe=0) for c in tuning.cuda_candidates("zigzag_dense", n, k, bits=kg.TYPE_BITS[args.type])
-             if c["num_warps"] > 1 and not c["pipe"] and not c["fused"] and not c.get("pairs")]
+             if c["num_warps"] > 1 and not c["pipe"] and not c["fused"]]
     wss = {c["split"]: kg.ZigzagWorkspace(cu, c["split"], torch.float16) for c in cands}
 
     def calls(cfg, mode):

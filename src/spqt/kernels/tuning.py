@@ -316,9 +316,9 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     configs = [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": p, "fused": f, "acc": a}
                for s in splits for w in (1, 2, 4, 8) for p in (0, 1) for f in (False, True) for a in (16, 2)]
     # tile pairs (Q4_K) at acc 8 (no selects, 95 registers) and 2 (71), and acc 4 (one select a class of tiles),
-    # plain loads only: H200, the GEMV alone at each one's best split x warps, 8192x28672 38.2 us with pairs at acc 8
-    # against 39.5 at acc 2, 10240x8192 15.9 against 16.9, 12288x4096 10.8 at acc 4 against 11.2
-    # (benchmarks/results/session21/b2-cut-80d6977.log)
+    # plain loads only: H200, the GEMV alone at each one's best split x warps, against the 2-accumulator kernel:
+    # 57344x8192 67.9 us with pairs at 2 against 71.8, 8192x28672 36.5 against 39.1, 10240x8192 15.8 against 17.3
+    # (benchmarks/results/session21/b2-cut-a2c0cfa.log); 12288x4096 10.8 at acc 4 against 11.2 (b2-cut-80d6977.log)
     configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": 0, "fused": f, "acc": a}
                 | ({"pairs": True} if pairs else {})
                 for s in splits for w in (2, 4, 8) for f in (False, True)
@@ -341,9 +341,10 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
 
 
 def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
-    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K: its tile pairs) or 2 accumulators, the largest splits whose rows x split
-    programs fill 1, 2 or 3 whole waves of what the GPU holds at once (zigzag_cuda.programs_per_sm of the type of
-    `bits`), where the multiples of the SM count above do not already. Plain loads, the reduction's finish. (Timed
+    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K: its tile pairs) or 2 accumulators, the largest
+    splits whose rows x split programs fill 1, 2 or 3 whole waves of what the GPU holds at once
+    (zigzag_cuda.programs_per_sm of the type of `bits`), where the multiples of the SM count above do not already.
+    Plain loads, the reduction's finish. (Timed
     on the H200, tenth session: the 70B's 10240x8192 at split 23 against 24, 18.69 against 18.73 us. A share is
     rounded up to 16 columns a warp, so split 24 launches 960 programs of which only 880 hold columns: one wave
     already. Kept as candidates: they cost the tuner a few configs a shape.)"""

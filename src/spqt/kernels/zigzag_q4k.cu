@@ -894,11 +894,7 @@ __device__ __forceinline__ void finish_output(unsigned short* __restrict__ y, co
 }
 #endif
 
-#ifdef MIN_BLOCKS  // probe: programs an SM the registers must allow (__launch_bounds__' second argument; unset: none)
-extern "C" __global__ void __launch_bounds__(32 * WARPS, MIN_BLOCKS)
-#else
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
-#endif
 zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 const int* __restrict__ idx, const int* __restrict__ count, float* __restrict__ part, int K,
                 int NP, int per, int split, unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
