@@ -57,6 +57,8 @@
 #   scripts/gpu_session.sh pairs21b  tile pairs at 8 and 2 accumulators: gpu test, probe, the 70B shapes re-tuned, decode
 #                                    (pairs21, at d611d2b, was this stage without the probe, at 8 accumulators)
 #   scripts/gpu_session.sh final21   every gpu test, bench gemv of the 132 / 264 MB shapes, decode (FINAL_DECODE)
+#   scripts/gpu_session.sh tune22a   decode before, the maps left re-tuned with tile pairs (TUNE_SHAPES), --l2first, decode
+#   scripts/gpu_session.sh tune22b   after tune22a (warm): spqt tune --routes (ROUTE_RUNS), decode (ROUTE_CHECK)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -829,6 +831,51 @@ llama2-7b:now}" 90
       budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-after.json" after || break
     done | tee -a "$OUT/decode-pairs.log"
     echo "pairs: $(( $(date +%s) - start )) s"
+    ;;
+  tune22a)
+    # Tile pairs for the maps not re-tuned yet: decode before (TUNE_BEFORE, model:levels, the shipped table), spqt tune
+    # --cuda-against-table for TUNE_SHAPES, then --l2first for L2F_MODELS, then decode after (TUNE_AFTER); the table to
+    # $OUT/tuned.json, into this tree and to /tmp/tuned22.json (tune22b starts from it on a warm machine)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for run in ${TUNE_BEFORE-llama2-70b:0 llama2-7b:0}; do
+      budget_decode 560 ${run%%:*} ${run#*:} "" before || break
+    done | tee "$OUT/decode-tune.log"
+    timeout 200 python3 -m spqt.cli tune --cuda-against-table \
+      --shapes ${TUNE_SHAPES:-8192x8192,12288x4096,22016x4096,4096x11008,4096x4096} --output "$OUT/tuned.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -24
+    cp "$OUT/tuned.json" "$(tuned_table)"
+    echo "tune: $(( $(date +%s) - start )) s"
+    timeout 150 python3 -m spqt.cli tune --l2first ${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b,synthetic:llama3-8b} \
+      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/l2first-tune.log" | tail -8
+    cp "$OUT/tuned.json" "$(tuned_table)"
+    cp "$OUT/tuned.json" /tmp/tuned22.json
+    echo "l2first: $(( $(date +%s) - start )) s"
+    for run in ${TUNE_AFTER-llama2-70b:0 llama2-70b:0.5}; do
+      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-after-${run%%:*}-${run#*:}.json" after || break
+    done | tee -a "$OUT/decode-tune.log"
+    echo "tune22a: $(( $(date +%s) - start )) s"
+    ;;
+  tune22b)
+    # After tune22a on the same machine: its table (/tmp/tuned22.json, else this tree's), spqt tune --routes for
+    # ROUTE_RUNS (model[,model]:levels), then decode of ROUTE_CHECK (model:levels, a process a level); the table to
+    # $OUT/tuned.json
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    [ -f /tmp/tuned22.json ] && cp /tmp/tuned22.json "$(tuned_table)" && echo "table: tune22a's"
+    cp "$(tuned_table)" "$OUT/tuned.json"
+    for run in ${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5,0.65 synthetic:llama3-8b:0.5}; do
+      left=$(( ${CALL_BUDGET:-560} - 120 - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
+      timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
+        2>&1 | grep -v WARN | grep "tok/s\|tokens/s (median\|wrote\|error"
+      cp "$OUT/tuned.json" "$(tuned_table)"
+      echo "routes $run: $(( $(date +%s) - start )) s"
+    done 2>&1 | tee "$OUT/routes.log"
+    for run in ${ROUTE_CHECK-llama2-7b:0 llama2-7b:0.5}; do
+      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-route-${run%%:*}-${run#*:}.json" after || break
+    done | tee "$OUT/route-decode.log"
+    echo "tune22b: $(( $(date +%s) - start )) s"
     ;;
   final21)
     # The session's last call (the default model parked by the call before): every gpu test, then spqt bench gemv of
