@@ -5,7 +5,7 @@ reductions of q|k|v and gate|up cost the 70B ~4 us each (scripts/reduce_ceiling_
 here, in the step.
 
     python3 scripts/finish_probe.py --model synthetic:llama2-70b \
-        --variants '{"qkv c16": {"10240x8192": {"split": 16, "cluster": true}}}' [--rounds 2] [--reps 30]
+        --variants '{"qkv c16": {"10240x8192": {"split": 16, "cluster": true}}}' [--sparsity 0.5] [--rounds 2]
 
 The first capture is a warm-up (bench_decode.alternating_step_us).
 """
@@ -24,6 +24,7 @@ def main():
     ap = argparse.ArgumentParser()
     probe_arguments(ap, "synthetic:llama2-70b")
     ap.add_argument("--variants", required=True, help="JSON: name -> {shape: dense entry keys overridden}")
+    ap.add_argument("--sparsity", type=float, default=0.0, help="the step's level (thresholds from its own activations)")
     args = ap.parse_args()
     shipped = tuning._load_table(tuning.device_key())
     tables = {"shipped": shipped}
@@ -32,12 +33,12 @@ def main():
         for shape, keys in overrides.items():
             entries["zigzag_dense"][shape] = {**entries["zigzag_dense"][shape], **keys}
         tables[name] = entries
-    gen, prompt = probe_generator_from(args)
+    gen, prompt = probe_generator_from(args, args.sparsity)
     setups = {name: (lambda e=entries: configure(gen, e)) for name, entries in tables.items()}
     results = alternating_step_us(gen, prompt, setups, args.rounds, args.reps)
     median = {name: statistics.median(r) for name, r in results.items()}
     base = median["shipped"]
-    print(f"{args.model} dense, step device time (us), median of {args.reps} replays a round:")
+    print(f"{args.model} at sparsity {args.sparsity:g}, step device time (us), median of {args.reps} replays a round:")
     for name, r in results.items():
         print(f"  {name:<24} {', '.join(f'{x:.1f}' for x in r)}  ({base - median[name]:+.1f} us less than shipped)")
 

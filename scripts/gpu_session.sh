@@ -683,15 +683,19 @@ llama2-7b:now}" 90
     ;;
   finish12)
     # Map finishes in the step's chain (scripts/finish_probe.py): the shipped table against variants with cluster
-    # finishes / other splits, alternating in one process a model (FINISH_7B, FINISH_70B: the variants' JSON).
+    # finishes / other splits, alternating in one process a run (FINISH_RUNS: model:level; FINISH_7B, FINISH_70B: the
+    # variants' JSON).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for m in llama2-7b llama2-70b; do
+    for run in ${FINISH_RUNS:-llama2-7b:0 llama2-70b:0}; do  # model:level
+      m=${run%%:*}
       v=$([ $m = llama2-7b ] && echo "${FINISH_7B:-}" || echo "${FINISH_70B:-}")
       [ -z "$v" ] && continue
-      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 240 python3 scripts/finish_probe.py --model synthetic:$m \
-        --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
-      echo "finish probe $m: $(( $(date +%s) - start )) s"
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
+      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout $(( left < 240 ? left : 240 )) python3 scripts/finish_probe.py \
+        --model synthetic:$m --sparsity ${run#*:} --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
+      echo "finish probe $run: $(( $(date +%s) - start )) s"
     done
     ;;
   l2tune18)
