@@ -124,11 +124,11 @@ def test_type_linears_take_their_tuned_configs(rng, tmp_path, monkeypatch):
         triton = TritonZigzagTypesLinear(_random_blocks(rng, "q3_k", (300, 77)), torch.float16, "cpu")
         assert triton.cfg_dense == fallback and triton.cfg_sparse == fallback
         # Q4_K's tile pairs stay Q4_K's: a type borrowing that entry runs the kernel's own assembly
-        entries["zigzag_dense"]["300x77"] = dict(q4k, acc=8, pairs=True)
+        entries["zigzag_dense"]["300x77"] = dict(q4k, acc=8, pairs=True, pairs_step_us={"0": 2.0, "1": 1.9})
         path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
         tuning._load_table.cache_clear()
         lin = CudaKQuantLinear(_random_blocks(rng, "q2_k", (300, 77)), torch.float16, "cpu")
-        assert lin.cfg_dense["acc"] == 8 and "pairs" not in lin.cfg_dense
+        assert lin.cfg_dense["acc"] == 8 and not set(tuning.PAIRS_KEYS) & set(lin.cfg_dense)
         assert tuning.launch_args(lin.cfg_dense)["extra"] == ()
     finally:
         tuning._load_table.cache_clear()

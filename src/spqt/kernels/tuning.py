@@ -98,6 +98,9 @@ def launch_args(cfg: dict) -> dict:
 
 
 PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth and its timings (spqt tune --l2first)
+# an entry's tile pairs and, where whole decode steps judged them (scripts/finish_probe.py), the step's device time
+# without / with ("0" / "1") them
+PAIRS_KEYS = ("pairs", "pairs_step_us")
 
 
 def without_prefetch(entry: dict) -> dict:
@@ -241,7 +244,7 @@ def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     else:
         cfg = config(own, n, k)
         cfg = cfg if cfg.get("impl") == "cuda" else config(q4k, n, k)
-    return {key: value for key, value in without_prefetch(cfg).items() if key != "pairs"}
+    return {key: value for key, value in without_prefetch(cfg).items() if key not in PAIRS_KEYS}
 
 
 def cuda_type_candidates(variant: str, n: int, k: int) -> list[dict]:
