@@ -2,7 +2,8 @@
 (zigzag_types.py, its shipped or default config), B2 dense and B4 at 50 % (collection and reduction
 included, as `spqt bench gemv` times them), on the same random matrices (the type's encoder on
 N(0, 1/K) weights): the best CUDA config of a sweep (splits of tuning.cuda_candidates, 2-8 warps,
-16 or 2 accumulators), us, GB/s of the bytes read, % of copy, B4 over B2.
+16, 8, 4 or 2 accumulators; Q2_K's tile pairs at 8, and its best with and without them), us, GB/s of the bytes
+read, % of copy, B4 over B2.
 
     python scripts/cuda_types_probe.py [--type q2_k|q3_k|q5_k|q6_k|q8_0] [--shapes 28672x8192,...] [--json out.json]
 """
@@ -58,7 +59,7 @@ for spec in args.shapes.split(","):
 
     def calls(cfg, mode):
         ws = wss[cfg["split"]]
-        kw = {"num_warps": cfg["num_warps"], "acc": cfg["acc"], "impl": "cuda"}
+        kw = {"num_warps": cfg["num_warps"], "acc": cfg["acc"], "impl": "cuda", "extra": tuning.launch_args(cfg)["extra"]}
         if mode == kg.MODE_DENSE:
             return [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **kw)) for w in cus]
         return [(lambda w=w: (collect(x, t, ws.idx, ws.count),
@@ -67,12 +68,21 @@ for spec in args.shapes.split(","):
     for mode, name in ((kg.MODE_DENSE, "B2"), (kg.MODE_INDEXED, "B4")):
         us, cfg = bench._fastest(cands, lambda c, mode=mode: calls(c, mode))
         res["cuda", name] = us
-        res["cuda", name, "cfg"] = {key: cfg[key] for key in ("split", "num_warps", "acc")}
+        res["cuda", name, "cfg"] = {key: cfg[key] for key in ("split", "num_warps", "acc", "pairs") if key in cfg}
+        if any(c.get("pairs") for c in cands):  # the type's tile pairs (Q2_K): the best config with and without
+            for pairs in (False, True):
+                us_p, cfg_p = bench._fastest([c for c in cands if c.get("pairs", False) == pairs],
+                                             lambda c, mode=mode: calls(c, mode))
+                print(f"{spec:11s} {name} best {'with' if pairs else 'without'} tile pairs: {us_p:.2f} us "
+                      f"({100 * cu.nbytes / 1e3 / us_p / copy:.1f} % of copy) split {cfg_p['split']} warps "
+                      f"{cfg_p['num_warps']} acc {cfg_p['acc']}", flush=True)
+                res["cuda", name, "pairs" if pairs else "plain"] = round(us_p, 2)
     if args.xor:
         best = res["cuda", "B2", "cfg"]
         for name, extra in (("base", ()), ("xor", ("-DPROBE_XOR=1",))):
             ws = wss[best["split"]]
-            kw = {"num_warps": best["num_warps"], "acc": best["acc"], "impl": "cuda", "extra": extra}
+            kw = {"num_warps": best["num_warps"], "acc": best["acc"], "impl": "cuda",
+                  "extra": extra + (("-DPAIRS=1",) if best.get("pairs") else ())}
             seq = bench._at_least_16([(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **kw)) for w in cus])
             res["cuda", "B2", name] = bench.time_graph(seq, replays=10, warmup=2) * 1e6
     mb = cu.nbytes / 1e6
@@ -82,6 +92,10 @@ for spec in args.shapes.split(","):
         row[impl] = {"b2_us": round(b2, 2), "b4_us": round(b4, 2), "b2_pct_copy": round(100 * mb * 1e3 / b2 / copy, 1),
                      "b4_over_b2": round(b2 / b4, 3)}
     row["cuda"]["b2_cfg"], row["cuda"]["b4_cfg"] = res["cuda", "B2", "cfg"], res["cuda", "B4", "cfg"]
+    for name in ("B2", "B4"):
+        for kind in ("plain", "pairs"):
+            if ("cuda", name, kind) in res:
+                row["cuda"][f"{name.lower()}_{kind}_us"] = res["cuda", name, kind]
     if args.xor:  # the same config timed again, and with its arithmetic out
         for name in ("base", "xor"):
             us = res["cuda", "B2", name]

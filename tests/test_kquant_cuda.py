@@ -22,6 +22,13 @@ TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
 # (split, warps, pipe, acc): acc 8 and 4 with a select a class of tiles
 CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16), (13, 4, 0, 8), (5, 2, 0, 4)]
+# Q2_K's tile pairs (PAIRS at acc 8): (split, warps, pipe, acc), run with -DPAIRS=1
+Q2K_PAIRS_CONFIGS = [(13, 4, 0, 8), (64, 8, 1, 8), (3, 2, 0, 8)]
+
+
+def _configs(fmt: str) -> list[tuple]:
+    """(split, warps, pipe, acc, extra) of the type's GPU tests: CONFIGS, and for Q2_K its tile pairs."""
+    return [c + ((),) for c in CONFIGS] + [c + (("-DPAIRS=1",),) for c in (Q2K_PAIRS_CONFIGS if fmt == "q2_k" else [])]
 FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
 # The fp16 factors' exponent range on the GPU (x d sc a normal fp16 for most x, as in a real matrix;
 # _random_blocks' smaller factors would test fp16's subnormals instead); Q6_K's d smaller (weights up to
@@ -149,16 +156,16 @@ def test_zigzag_cuda_types(rng, fmt, sparsity):
         x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
-        for split, warps, pipe, acc in CONFIGS:
+        for split, warps, pipe, acc, extra in _configs(fmt):
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4")):
                 ws.y.fill_(float("nan"))
                 ws.partials.fill_(float("nan"))
-                kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
+                kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "extra": extra}
                 if mode == kg.MODE_INDEXED:
                     ws.idx.fill_(-7777)
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"{fmt} cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
+                what = f"{fmt} cuda {name} {shape} split {split} warps {warps} pipe {pipe} acc {acc} {extra} s={sparsity}"
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
                 assert_within_fp32_sum(y, *refs, x_used, what, FP16_X_EPS)
                 if fmt in FP16_B_MODELS:
@@ -181,13 +188,14 @@ def test_zigzag_cuda_types_finishes(rng, fmt):
     if fmt == "q8_0" and zigzag_cuda.clusters_run(x.device):
         finishes.append({"cluster": True})
     for finish in finishes:
-        for split, acc in ((1, 16), (7, 2)):  # split 7: SwiGLU's cluster of 14 programs
+        # split 7: SwiGLU's cluster of 14 programs; Q2_K also with its tile pairs
+        for split, acc, extra in ((1, 16, ()), (7, 2, ())) + (((7, 8, ("-DPAIRS=1",)),) if fmt == "q2_k" else ()):
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
-                kw = {"num_warps": 4, "acc": acc, "impl": "cuda"}
+                kw = {"num_warps": 4, "acc": acc, "impl": "cuda", "extra": extra}
                 if mode == kg.MODE_INDEXED:
                     kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                what = f"{fmt} cuda {finish} split {split} mode {mode}"
+                what = f"{fmt} cuda {finish} split {split} acc {acc} {extra} mode {mode}"
                 ws.y.fill_(float("nan"))
                 plain = kg.gemv_zigzag(gw, x, mode, ws, **kw).float().clone()
                 atol = 2e-3 * float(plain.abs().max())
@@ -224,10 +232,10 @@ def test_zigzag_cuda_types_fold_the_norm(rng, fmt):
         gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
         sq = torch.stack([(x[i::29].float() ** 2).sum() for i in range(29)])
         normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
-        for split, warps, pipe, acc in CONFIGS:
+        for split, warps, pipe, acc, extra in _configs(fmt):
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
-            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda"}
-            what = f"{fmt} {shape} split {split} warps {warps} pipe {pipe} acc {acc}"
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "extra": extra}
+            what = f"{fmt} {shape} split {split} warps {warps} pipe {pipe} acc {acc} {extra}"
             plain = kg.gemv_zigzag(gw, normed, kg.MODE_DENSE, ws, **kw).clone()
             ws.y.fill_(float("nan"))
             y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps)).clone()

@@ -5,12 +5,14 @@ CPU, and deliberately broken variants of it fail), TYPE 2 compiles for sm_90 wit
 dequant kernel, B2 / B4 and the finishes on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
+import pytest
 import torch
 
 from spqt.kernels import gpu_layout_q2k
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
-from cuda_emulation import assert_pair_levels, assert_type_compiles, byte_perm, check_emulation, parity_epilogue
+from cuda_emulation import (assert_pair_levels, assert_type_compiles, byte_perm, check_emulation, fp16_halves,
+                            parity_epilogue)
 from test_kernels_types import _random_blocks
 
 
@@ -31,17 +33,15 @@ KERNEL = {"half": 1, "sel": lambda g: (2 * (g & 3)) | ((2 * (g & 3) + 1) << 4), 
           "odd_scale": (2.0**22, 2.0**18), "odd_b": 1}
 
 
-def _emulate(gw, x, row, k=KERNEL, check_levels=True):
-    """zigzag_q4k.cu's compute() and epilogue at TYPE 2 for superblock row `row` of one chunk (16 columns), bit for
-    bit on the register values: (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
+def _lanes(gw, x, row, k=KERNEL):
+    """Each lane (g, t)'s inputs of one chunk (16 columns) of superblock row `row`, read through the kernel's pointer
+    formulas (uint2 / u32 units) and its scale decode, bit for bit: {(g, t): (slot columns, slot level words (uint2),
+    fp16 B of parity 0 and 1 (4 slots each, float64))}, and the min term bias[parity, g] (float64)."""
     rows, cols = gw.grid
-    # the kernel's flat arrays and pointer formulas (uint2 / u32 units), for the chunk of columns 0-15
     q2 = gw.quants.numpy().reshape(-1).view(np.uint32).reshape(-1, 2)  # uint2
     s2 = gw.scales.numpy().reshape(-1).view(np.uint32).reshape(-1, 2)  # uint2
     dd = gw.d.numpy().reshape(-1).view(np.uint32)
-    levels = gpu_layout_q2k.levels_of(gw).reshape(rows, cols, 256).numpy() if check_levels else None
-    a_regs, b_regs, bias = {}, {}, np.zeros((2, 8))
-    b_fp16 = np.zeros((2, 8, 16))
+    lanes, bias = {}, np.zeros((2, 8))
     for g in range(8):
         qr = (2 * row + (g >> 2)) * cols * 4 + (g & 3)
         hr = ((row >> 2) * cols * 4 + (row & 3)) * 2 + (g >> 2) * k["half"]  # the lane's 8 of the 16 scale bytes
@@ -63,27 +63,83 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
                 bias[0, g] += float(xm) * mne
                 bias[1, g] += float(xm) * mno
             b16 = [np.array(b, dtype=np.float32).astype(np.float16).astype(np.float64) for b in (be, bo)]
-            for e in range(2):
-                b_regs[g, t, e] = b16[e]
-                b_fp16[e, g, cols_] = b16[e]
-            for m in range(16):
-                u = (m >> 1) & 3
-                sel = u | (u << 4) | ((4 + u) << 8) | ((4 + u) << 12)
-                mg, mg8 = k["odd_mask"] if m & 1 else (0x00030003, 0x00300030)
-                regs = []
-                for pair in (0, 2):
-                    p = byte_perm(int(w[pair][m >> 3]), int(w[pair + 1][m >> 3]), sel)
-                    regs += [p & mg, p & mg8]
-                a_regs[g, t, m] = regs
-                if check_levels:
-                    assert_pair_levels(regs, levels, row, cols_, g, t, m)
+            lanes[g, t] = cols_, w, b16
+    return lanes, bias
+
+
+def _emulate(gw, x, row, k=KERNEL, check_levels=True):
+    """zigzag_q4k.cu's compute() and epilogue at TYPE 2 for superblock row `row` of one chunk (16 columns), bit for
+    bit on the register values: (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
+    rows, cols = gw.grid
+    levels = gpu_layout_q2k.levels_of(gw).reshape(rows, cols, 256).numpy() if check_levels else None
+    lanes, bias = _lanes(gw, x, row, k)
+    a_regs, b_regs = {}, {}
+    b_fp16 = np.zeros((2, 8, 16))
+    for (g, t), (cols_, w, b16) in lanes.items():
+        for e in range(2):
+            b_regs[g, t, e] = b16[e]
+            b_fp16[e, g, cols_] = b16[e]
+        for m in range(16):
+            u = (m >> 1) & 3
+            sel = u | (u << 4) | ((4 + u) << 8) | ((4 + u) << 12)
+            mg, mg8 = k["odd_mask"] if m & 1 else (0x00030003, 0x00300030)
+            regs = []
+            for pair in (0, 2):
+                p = byte_perm(int(w[pair][m >> 3]), int(w[pair + 1][m >> 3]), sel)
+                regs += [p & mg, p & mg8]
+            a_regs[g, t, m] = regs
+            if check_levels:
+                assert_pair_levels(regs, levels, row, cols_, g, t, m)
     return parity_epilogue(a_regs, lambda g, t, m: b_regs[g, t, (m & 1) * k["odd_b"]], k["odd_scale"], bias), b_fp16
 
 
-def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
+# the tile pairs' constants (PAIRS at ACC 8); the broken variants below change one each
+PAIRS = {"shift": 8, "upper": lambda g: (g >> 1) & 1, "tile1": 4, "odd_mask": (0x000C000C, 0x00C000C0)}
+
+
+def _emulate_pairs(gw, x, row, k=KERNEL, kp=PAIRS, check_levels=True):
+    """compute() and program_sums() at TYPE 2, PAIRS, ACC 8, bit for bit: pair (W, e, p) multiplies the lanes' words
+    W >> 8 e masked for parity p (tiles T0 = 8 W + 2 e + p, T1 = T0 + 4 in the halves) by B in the lane's half
+    (g / 2) % 2, into c[4 W + 2 e + p]; its rows from lanes t = 2 W (T0), 2 W + 1 (T1), registers e and 2 + e.
+    -> (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
+    lanes, bias = _lanes(gw, x, row, k)
+    b_fp16 = np.zeros((2, 8, 16))
+    c = np.zeros((8, 16, 8))  # (accumulator, C rows, C columns)
+    for wi in range(2):
+        for e in range(2):
+            for hs in range(2):
+                for p in range(2):
+                    mg, mg8 = kp["odd_mask"] if p else (0x00030003, 0x00300030)
+                    a_mat, b_mat = np.zeros((16, 16)), np.zeros((16, 8))
+                    for (g, t), (cols_, w, b16) in lanes.items():
+                        b_fp16[p, g, cols_] = b16[p]
+                        wa = int(w[2 * hs][wi]) >> (kp["shift"] * e)
+                        wb = int(w[2 * hs + 1][wi]) >> (kp["shift"] * e)
+                        a_mat[g, 2 * t: 2 * t + 2] = fp16_halves(wa & mg)
+                        a_mat[g + 8, 2 * t: 2 * t + 2] = fp16_halves(wa & mg8)
+                        a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg)
+                        a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg8)
+                        for k0, slot in ((2 * t, 2 * hs), (2 * t + 8, 2 * hs + 1)):
+                            bits = int(np.float16(b16[p][slot]).view(np.uint16))
+                            b_mat[k0: k0 + 2, g] = fp16_halves(bits << 16 if kp["upper"](g) else bits)
+                    c[4 * wi + 2 * e + p] += a_mat @ b_mat
+    y = np.full(256, np.nan)
+    for a in range(8):
+        wi, e, p = a >> 2, (a >> 1) & 1, a & 1
+        scale = k["odd_scale"] if p else (2.0**24, 2.0**20)
+        for t in (2 * wi, 2 * wi + 1):
+            tile = 8 * wi + 2 * e + p + kp["tile1"] * (t & 1)
+            for g in range(8):
+                y[16 * tile + g] = c[a, g, 2 * t + e] * scale[0]
+                y[16 * tile + 8 + g] = c[a, g + 8, 2 * t + e] * scale[1]
+    i = np.arange(256)
+    return y - bias[(i >> 4) & 1, i >> 5], b_fp16
+
+
+def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True, emulate=_emulate) -> None:
     """Asserts the emulated outputs of superblock row `row` equal sum_c q fp16(x d sc) - x dmin mn (float64), the
     fp16 B values checked against the format's scales and d."""
-    y, b16 = _emulate(gw, x, row, k, check_levels)
+    y, b16 = emulate(gw, x, row, k, check_levels=check_levels)
     blocks = qw.blocks[row, :16].numpy()  # (16 columns, 84)
     sc, mn = (blocks[:, 0:16] & 15).astype(np.float32), (blocks[:, 0:16] >> 4).astype(np.float64)
     d = blocks[:, 80:82].copy().view(np.float16)[:, 0].astype(np.float32)
@@ -111,9 +167,49 @@ def test_q2_k_cuda_fragments_emulated(rng):
     check_emulation(rng, "q2_k", gpu_layout_q2k.repack, _emulation_error, KERNEL, broken)
 
 
+def test_q2_k_cuda_tile_pairs_emulated(rng):
+    """The tile pairs (PAIRS, ACC 8) of every superblock row of one chunk give the same exact sums as the 16-tile
+    assembly (every row written once: a row missed stays NaN); broken variants (the word's shift, the lane's half of
+    B, the pair's second tile, the odd tiles' masks) fail."""
+    for broken in (None, {"shift": 4}, {"upper": lambda g: g & 1}, {"tile1": 2},
+                   {"odd_mask": (0x00030003, 0x00C000C0)}):
+        kp = PAIRS if broken is None else dict(PAIRS, **broken)
+
+        def pairs(gw, x, row, k, check_levels=True, kp=kp):
+            return _emulate_pairs(gw, x, row, k, kp)
+
+        if broken is None:
+            check_emulation(rng, "q2_k", gpu_layout_q2k.repack,
+                            lambda *a, **kw: _emulation_error(*a, **kw, emulate=pairs), KERNEL, [])
+        else:
+            qw = _random_blocks(rng, "q2_k", (600, 19))
+            x = rng.standard_normal(16).astype(np.float16)
+            with pytest.raises(AssertionError):
+                _emulation_error(gpu_layout_q2k.repack(qw, "cpu"), x, qw, 1, emulate=pairs)
+
+
 def test_q2_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):
     """TYPE 2 compiles with NVRTC for sm_90 (and sm_80) in each mode, pipe, accumulator count and finish, cluster
     included, without spills, 16 mma in the main loop; its B2 loop (PIPE 0, 16 accumulators) holds 223 instructions
     a chunk and lane when written, 127 registers (Q4_K's: 224, 125): 80 of them assemble the A fragments (one
-    permute per tile pair and slot pair, four ANDs a tile)."""
+    permute per tile pair and slot pair, four ANDs a tile). Tile pairs at 8 accumulators, below."""
     assert_type_compiles(2, (230, 235, 285), 110, 128, tmp_path, monkeypatch)
+    # tile pairs (PAIRS, ACC 8): no spills in any mode or finish; B2's loop without selects or level permutes (228
+    # instructions at 8 warps, 234 at 4, 93-96 registers when written; 262 at ACC 2 with 32 selects)
+    from spqt.kernels import nvrtc, zigzag_cuda
+    from spqt.kernels.sass import disassemble, main_loop, opcode
+
+    source = zigzag_cuda.SOURCE.read_text()
+    for warps, mode, epilogue in ((8, zigzag_cuda.MODE_DENSE, -1), (4, zigzag_cuda.MODE_DENSE, -1),
+                                  (4, zigzag_cuda.MODE_INDEXED, 1), (4, zigzag_cuda.MODE_DENSE, 2)):
+        sass, regs, stack = disassemble(nvrtc.compile_cubin(
+            source, zigzag_cuda.options(warps, mode, 0, epilogue, ("-DPAIRS=1",), acc=8, bits=2), "sm_90"))
+        loop = main_loop(sass, "HMMA")
+        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (warps, mode, epilogue)
+        if mode == zigzag_cuda.MODE_DENSE and epilogue == -1:
+            ops = [opcode(ln) for ln in loop]
+            assert len(loop) <= 236 and ops.count("SEL") <= 2 and ops.count("PRMT") <= 12 and regs <= 100, (
+                warps, len(loop), ops.count("SEL"), ops.count("PRMT"), regs)
+    with pytest.raises(Exception, match="PAIRS"):  # Q2_K's at 8 accumulators only
+        nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, 0, -1, ("-DPAIRS=1",), acc=2,
+                                                        bits=2), "sm_90")

@@ -130,5 +130,11 @@ def test_type_linears_take_their_tuned_configs(rng, tmp_path, monkeypatch):
         lin = CudaKQuantLinear(_random_blocks(rng, "q2_k", (300, 77)), torch.float16, "cpu")
         assert lin.cfg_dense["acc"] == 8 and not set(tuning.PAIRS_KEYS) & set(lin.cfg_dense)
         assert tuning.launch_args(lin.cfg_dense)["extra"] == ()
+        # a type's own entry keeps its own tile pairs (Q2_K's, at 8 accumulators)
+        entries["zigzag_dense_q2_k"] = {"300x77": dict(cuda, acc=8, pairs=True)}
+        path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
+        tuning._load_table.cache_clear()
+        lin = CudaKQuantLinear(_random_blocks(rng, "q2_k", (300, 77)), torch.float16, "cpu")
+        assert lin.cfg_dense["pairs"] and tuning.launch_args(lin.cfg_dense)["extra"] == ("-DPAIRS=1",)
     finally:
         tuning._load_table.cache_clear()

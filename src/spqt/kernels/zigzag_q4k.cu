@@ -79,9 +79,13 @@
                  // second; T_j's rows want column n = T_j / 2 (its sub-block), so lane g's B holds x d sc[g] in half
                  // g % 2 (zero in the other). ACC 8: the pair (q, e) has an accumulator of its own, no selects; ACC 2:
                  // pairs of one e share c[e], B zero outside lanes 2 q, 2 q + 1 (a select a pair q and slot). The
-                 // levels' assembly takes 80 instructions a chunk instead of 96
-#if PAIRS && (TYPE != 4 || (ACC != 8 && ACC != 2))
-#error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2"
+                 // levels' assembly takes 80 instructions a chunk instead of 96.
+                 // Q2_K, ACC 8: the lane's word W of a column, >> 8 e and masked for tile parity p, holds tiles
+                 // T0 = 8 W + 2 e + p and T1 = T0 + 4 as an fp16 pair (its bytes e and 2 + e); T_j's rows want
+                 // column n = T_j / 2, so lane g's B holds x d sc[2 g + p] in half (g / 2) % 2; the pair (W, e, p)
+                 // has an accumulator of its own: no selects, no byte permutes
+#if PAIRS && !((TYPE == 4 && (ACC == 8 || ACC == 2)) || (TYPE == 2 && ACC == 8))
+#error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2 and Q2_K's (TYPE 2) at ACC 8"
 #endif
 #if PAIRS && PROBE_CUT > 1
 #error "PROBE_CUT 2-4 cut the 16-tile assembly, not PAIRS'"
@@ -549,6 +553,30 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   }
   const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
   const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
+#if PAIRS
+  // slot i's B of parity p alone in the lane's half (g / 2) % 2: a byte permute of the packed pair with zeros
+  const bool upper = (lane_g >> 1) & 1;
+  const u32 sel_lo = upper ? 0x1044u : 0x4410u, sel_hi = upper ? 0x3244u : 0x4432u;
+  const u32 bp[2][4] = {{__byte_perm(b01e, 0u, sel_lo), __byte_perm(b01e, 0u, sel_hi), __byte_perm(b23e, 0u, sel_lo),
+                         __byte_perm(b23e, 0u, sel_hi)},
+                        {__byte_perm(b01o, 0u, sel_lo), __byte_perm(b01o, 0u, sel_hi), __byte_perm(b23o, 0u, sel_lo),
+                         __byte_perm(b23o, 0u, sel_hi)}};
+#pragma unroll
+  for (int wi = 0; wi < 2; ++wi) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
+        const u32 wa = (&ch.w[2 * hs].x)[wi] >> (8 * e), wb = (&ch.w[2 * hs + 1].x)[wi] >> (8 * e);
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const u32 mg = p ? 0x000C000Cu : 0x00030003u, mg8 = p ? 0x00C000C0u : 0x00300030u;
+          mma_tile(c[4 * wi + 2 * e + p], wa & mg, wa & mg8, wb & mg, wb & mg8, bp[p][2 * hs], bp[p][2 * hs + 1]);
+        }
+      }
+    }
+  }
+#endif
 #elif TYPE == 8
   // B[k, g] = x_k d[g] (lane g's d: block g's); the -128 d x term of block g (rows 32 g ..) from the same fp16
   // values the tensor cores multiply, as Q6_K's
@@ -833,7 +861,19 @@ __device__ __forceinline__ void program_sums(float (*c)[4], const float* bias, i
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
     if (t == 0) bias_sum[warp][e][g] = bsum;
   }
-#if PAIRS
+#if PAIRS && TYPE == 2
+  // pair (W, e, p) in c[4 W + 2 e + p]: its tiles' columns 4 W + e (T0 = 8 W + 2 e + p) and 4 W + e + 2 (T1 = T0 + 4)
+  // sit in lanes t = 2 W and 2 W + 1, registers e (row g) and 2 + e (row g + 8); odd tiles' levels two bits higher
+#pragma unroll
+  for (int a = 0; a < 8; ++a) {
+    const int wi = a >> 2, e = (a >> 1) & 1, p = a & 1;
+    if ((t >> 1) == wi) {
+      const int tile = 8 * wi + 2 * e + p + 4 * (t & 1);
+      rows_sum[warp][16 * tile + g] = c[a][e] * (p ? 4194304.0f : 16777216.0f);
+      rows_sum[warp][16 * tile + 8 + g] = c[a][2 + e] * (p ? 262144.0f : 1048576.0f);
+    }
+  }
+#elif PAIRS
   // pair (q, e) (in c[2 q + e] at ACC 8, c[e] at ACC 2): its tiles' columns 2 q (T0 = 4 q + e) and 2 q + 1 (T1 =
   // T0 + 2) sit in lanes t = q, registers 0 / 2 (T0 rows g / g + 8) and 1 / 3 (T1)
 #pragma unroll
