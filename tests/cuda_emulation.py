@@ -1,7 +1,7 @@
 """What the per-type tests of the CUDA GEMV (zigzag_q4k.cu; tests/test_q*_cuda.py) share on the CPU: the
 register operations its fragment assembly uses (emulated bit for bit), the m16n8k16 product of emulated
-fragments, the low-pair types' (Q3_K, Q2_K) level check, epilogue and emulation test, and the sm_90 compile
-check of one TYPE."""
+fragments, the low-pair types' (Q3_K, Q2_K) level check, epilogue, tile pairs and emulation test, and the sm_90
+compile check of one TYPE."""
 
 import numpy as np
 import pytest
@@ -74,6 +74,30 @@ def assert_type_compiles(bits: int, b2_limits: tuple[int, int, int], assembly_ma
             assert "UCGABAR_WAIT" in sass, "no cluster barrier in the cluster finish"
 
 
+def assert_pairs_compile(bits: int, loop_max: int, regs_max: int) -> None:
+    """TYPE `bits` (Q2_K, Q3_K) with tile pairs (-DPAIRS=1) at 8 accumulators compiles for sm_90 without spills in B2,
+    B4 and the SwiGLU finish, 16 mma in the main loop; B2's loop at 8 and 4 warps holds at most loop_max instructions
+    and regs_max registers, no select beyond 2 (none per tile) and 16 permutes at most (scales and B: none for the
+    levels); at 2 accumulators PAIRS does not compile."""
+    from spqt.kernels import nvrtc, zigzag_cuda
+    from spqt.kernels.sass import disassemble, main_loop, opcode
+
+    source = zigzag_cuda.SOURCE.read_text()
+    for warps, mode, epilogue in ((8, zigzag_cuda.MODE_DENSE, -1), (4, zigzag_cuda.MODE_DENSE, -1),
+                                  (4, zigzag_cuda.MODE_INDEXED, 1), (4, zigzag_cuda.MODE_DENSE, 2)):
+        sass, regs, stack = disassemble(nvrtc.compile_cubin(
+            source, zigzag_cuda.options(warps, mode, 0, epilogue, ("-DPAIRS=1",), acc=8, bits=bits), "sm_90"))
+        loop = main_loop(sass, "HMMA")
+        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (bits, warps, mode, epilogue)
+        if mode == zigzag_cuda.MODE_DENSE and epilogue == -1:
+            ops = [opcode(ln) for ln in loop]
+            assert len(loop) <= loop_max and ops.count("SEL") <= 2 and ops.count("PRMT") <= 16 and regs <= regs_max, (
+                bits, warps, len(loop), ops.count("SEL"), ops.count("PRMT"), regs)
+    with pytest.raises(Exception, match="PAIRS"):  # the low-pair types' at 8 accumulators only
+        nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, 0, -1, ("-DPAIRS=1",), acc=2,
+                                                        bits=bits), "sm_90")
+
+
 def assert_pair_levels(regs: list, levels: np.ndarray, row: int, cols_: list, g: int, t: int, m: int) -> None:
     """Lane (g, t)'s A registers of tile m in the low-pair formats (Q3_K, Q2_K) hold the levels (R, K, 256) of their
     rows and slots: regs[0] / regs[2] (slot pairs 0, 2) rows g, regs[1] / regs[3] rows g + 8, each half's level at
@@ -96,6 +120,48 @@ def parity_epilogue(a_regs: dict, b_of, odd_scale: tuple[float, float], bias: np
         scale = odd_scale if m & 1 else (2.0**24, 2.0**20)
         y[16 * m: 16 * m + 8] = kept[m, :8] * scale[0]
         y[16 * m + 8: 16 * m + 16] = kept[m, 8:] * scale[1]
+    i = np.arange(256)
+    return y - bias[(i >> 4) & 1, i >> 5]
+
+
+# the low-pair types' tile pairs (PAIRS at ACC 8); the tests' broken variants change one each
+PAIRS = {"upper": lambda g: (g >> 1) & 1, "tile1": 4}
+
+
+def pairs_outputs(word, b_of, masks: tuple, odd_scale: tuple, bias: np.ndarray, kp: dict = PAIRS) -> np.ndarray:
+    """The 256 outputs (float64) of a chunk at PAIRS, ACC 8 in the low-pair formats (Q2_K, Q3_K), as compute()'s
+    parity_pairs_mma and program_sums() make them: pair (W, e, p) multiplies word(g, t, slot, W, p, e) (lane (g, t)'s
+    register) masked for parity p (masks[p]: row g, row g + 8) by B in the lane's half kp["upper"](g) (b_of(g, t, p,
+    slot): the fp16 value as float64), into c[4 W + 2 e + p]; its rows from lanes t = 2 W (tile T0 = 8 W + 2 e + p) and
+    2 W + 1 (T0 + kp["tile1"]), registers e and 2 + e, times (2^24, 2^20) (even) or odd_scale; minus bias[parity, g]
+    (output i: parity (i // 16) % 2, lane group i // 32). A row no pair writes stays NaN."""
+    c = np.zeros((8, 16, 8))  # (accumulator, C rows, C columns)
+    for wi in range(2):
+        for e in range(2):
+            for hs in range(2):
+                for p in range(2):
+                    mg, mg8 = masks[p]
+                    a_mat, b_mat = np.zeros((16, 16)), np.zeros((16, 8))
+                    for g in range(8):
+                        for t in range(4):
+                            wa, wb = word(g, t, 2 * hs, wi, p, e), word(g, t, 2 * hs + 1, wi, p, e)
+                            a_mat[g, 2 * t: 2 * t + 2] = fp16_halves(wa & mg)
+                            a_mat[g + 8, 2 * t: 2 * t + 2] = fp16_halves(wa & mg8)
+                            a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg)
+                            a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg8)
+                            for k0, slot in ((2 * t, 2 * hs), (2 * t + 8, 2 * hs + 1)):
+                                bits = int(np.float16(b_of(g, t, p, slot)).view(np.uint16))
+                                b_mat[k0: k0 + 2, g] = fp16_halves(bits << 16 if kp["upper"](g) else bits)
+                    c[4 * wi + 2 * e + p] += a_mat @ b_mat
+    y = np.full(256, np.nan)
+    for a in range(8):
+        wi, e, p = a >> 2, (a >> 1) & 1, a & 1
+        scale = odd_scale if p else (2.0**24, 2.0**20)
+        for t in (2 * wi, 2 * wi + 1):
+            tile = 8 * wi + 2 * e + p + kp["tile1"] * (t & 1)
+            for g in range(8):
+                y[16 * tile + g] = c[a, g, 2 * t + e] * scale[0]
+                y[16 * tile + 8 + g] = c[a, g + 8, 2 * t + e] * scale[1]
     i = np.arange(256)
     return y - bias[(i >> 4) & 1, i >> 5]
 

@@ -22,13 +22,14 @@ TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
 # (split, warps, pipe, acc): acc 8 and 4 with a select a class of tiles
 CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16), (13, 4, 0, 8), (5, 2, 0, 4)]
-# Q2_K's tile pairs (PAIRS at acc 8): (split, warps, pipe, acc), run with -DPAIRS=1
-Q2K_PAIRS_CONFIGS = [(13, 4, 0, 8), (64, 8, 1, 8), (3, 2, 0, 8)]
+# the low-pair types' tile pairs (Q2_K, Q3_K; PAIRS at acc 8): (split, warps, pipe, acc), run with -DPAIRS=1
+PAIRS_TYPES = ("q2_k", "q3_k")
+PAIRS_CONFIGS = [(13, 4, 0, 8), (64, 8, 1, 8), (3, 2, 0, 8)]
 
 
 def _configs(fmt: str) -> list[tuple]:
-    """(split, warps, pipe, acc, extra) of the type's GPU tests: CONFIGS, and for Q2_K its tile pairs."""
-    return [c + ((),) for c in CONFIGS] + [c + (("-DPAIRS=1",),) for c in (Q2K_PAIRS_CONFIGS if fmt == "q2_k" else [])]
+    """(split, warps, pipe, acc, extra) of the type's GPU tests: CONFIGS, and for Q2_K / Q3_K their tile pairs."""
+    return [c + ((),) for c in CONFIGS] + [c + (("-DPAIRS=1",),) for c in (PAIRS_CONFIGS if fmt in PAIRS_TYPES else [])]
 FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
 # The fp16 factors' exponent range on the GPU (x d sc a normal fp16 for most x, as in a real matrix;
 # _random_blocks' smaller factors would test fp16's subnormals instead); Q6_K's d smaller (weights up to
@@ -188,8 +189,8 @@ def test_zigzag_cuda_types_finishes(rng, fmt):
     if fmt == "q8_0" and zigzag_cuda.clusters_run(x.device):
         finishes.append({"cluster": True})
     for finish in finishes:
-        # split 7: SwiGLU's cluster of 14 programs; Q2_K also with its tile pairs
-        for split, acc, extra in ((1, 16, ()), (7, 2, ())) + (((7, 8, ("-DPAIRS=1",)),) if fmt == "q2_k" else ()):
+        # split 7: SwiGLU's cluster of 14 programs; Q2_K and Q3_K also with their tile pairs
+        for split, acc, extra in ((1, 16, ()), (7, 2, ())) + (((7, 8, ("-DPAIRS=1",)),) if fmt in PAIRS_TYPES else ()):
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
                 kw = {"num_warps": 4, "acc": acc, "impl": "cuda", "extra": extra}

@@ -11,8 +11,8 @@ import torch
 from spqt.kernels import gpu_layout_q2k
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
-from cuda_emulation import (assert_pair_levels, assert_type_compiles, byte_perm, check_emulation, fp16_halves,
-                            parity_epilogue)
+from cuda_emulation import (PAIRS, assert_pair_levels, assert_pairs_compile, assert_type_compiles, byte_perm,
+                            check_emulation, pairs_outputs, parity_epilogue)
 from test_kernels_types import _random_blocks
 
 
@@ -93,47 +93,22 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
     return parity_epilogue(a_regs, lambda g, t, m: b_regs[g, t, (m & 1) * k["odd_b"]], k["odd_scale"], bias), b_fp16
 
 
-# the tile pairs' constants (PAIRS at ACC 8); the broken variants below change one each
-PAIRS = {"shift": 8, "upper": lambda g: (g >> 1) & 1, "tile1": 4, "odd_mask": (0x000C000C, 0x00C000C0)}
+# Q2_K's tile pairs: the word's shift for e (broken variants change it or cuda_emulation.PAIRS' constants)
+PAIRS_Q2K = dict(PAIRS, shift=8, odd_mask=(0x000C000C, 0x00C000C0))
 
 
-def _emulate_pairs(gw, x, row, k=KERNEL, kp=PAIRS, check_levels=True):
-    """compute() and program_sums() at TYPE 2, PAIRS, ACC 8, bit for bit: pair (W, e, p) multiplies the lanes' words
-    W >> 8 e masked for parity p (tiles T0 = 8 W + 2 e + p, T1 = T0 + 4 in the halves) by B in the lane's half
-    (g / 2) % 2, into c[4 W + 2 e + p]; its rows from lanes t = 2 W (T0), 2 W + 1 (T1), registers e and 2 + e.
-    -> (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
+def _emulate_pairs(gw, x, row, k=KERNEL, kp=PAIRS_Q2K, check_levels=True):
+    """compute() (parity_pairs_mma) and program_sums() at TYPE 2, PAIRS, ACC 8, bit for bit: the word of pair (W, e,
+    p) is the lane's word W >> 8 e (both parities) -> (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
     lanes, bias = _lanes(gw, x, row, k)
     b_fp16 = np.zeros((2, 8, 16))
-    c = np.zeros((8, 16, 8))  # (accumulator, C rows, C columns)
-    for wi in range(2):
-        for e in range(2):
-            for hs in range(2):
-                for p in range(2):
-                    mg, mg8 = kp["odd_mask"] if p else (0x00030003, 0x00300030)
-                    a_mat, b_mat = np.zeros((16, 16)), np.zeros((16, 8))
-                    for (g, t), (cols_, w, b16) in lanes.items():
-                        b_fp16[p, g, cols_] = b16[p]
-                        wa = int(w[2 * hs][wi]) >> (kp["shift"] * e)
-                        wb = int(w[2 * hs + 1][wi]) >> (kp["shift"] * e)
-                        a_mat[g, 2 * t: 2 * t + 2] = fp16_halves(wa & mg)
-                        a_mat[g + 8, 2 * t: 2 * t + 2] = fp16_halves(wa & mg8)
-                        a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg)
-                        a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg8)
-                        for k0, slot in ((2 * t, 2 * hs), (2 * t + 8, 2 * hs + 1)):
-                            bits = int(np.float16(b16[p][slot]).view(np.uint16))
-                            b_mat[k0: k0 + 2, g] = fp16_halves(bits << 16 if kp["upper"](g) else bits)
-                    c[4 * wi + 2 * e + p] += a_mat @ b_mat
-    y = np.full(256, np.nan)
-    for a in range(8):
-        wi, e, p = a >> 2, (a >> 1) & 1, a & 1
-        scale = k["odd_scale"] if p else (2.0**24, 2.0**20)
-        for t in (2 * wi, 2 * wi + 1):
-            tile = 8 * wi + 2 * e + p + kp["tile1"] * (t & 1)
-            for g in range(8):
-                y[16 * tile + g] = c[a, g, 2 * t + e] * scale[0]
-                y[16 * tile + 8 + g] = c[a, g + 8, 2 * t + e] * scale[1]
-    i = np.arange(256)
-    return y - bias[(i >> 4) & 1, i >> 5], b_fp16
+    for (g, t), (cols_, _, b16) in lanes.items():
+        for p in range(2):
+            b_fp16[p, g, cols_] = b16[p]
+    y = pairs_outputs(lambda g, t, slot, wi, p, e: int(lanes[g, t][1][slot][wi]) >> (kp["shift"] * e),
+                      lambda g, t, p, slot: lanes[g, t][2][p][slot], ((0x00030003, 0x00300030), kp["odd_mask"]),
+                      k["odd_scale"], bias, kp)
+    return y, b_fp16
 
 
 def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True, emulate=_emulate) -> None:
@@ -173,7 +148,7 @@ def test_q2_k_cuda_tile_pairs_emulated(rng):
     B, the pair's second tile, the odd tiles' masks) fail."""
     for broken in (None, {"shift": 4}, {"upper": lambda g: g & 1}, {"tile1": 2},
                    {"odd_mask": (0x00030003, 0x00C000C0)}):
-        kp = PAIRS if broken is None else dict(PAIRS, **broken)
+        kp = PAIRS_Q2K if broken is None else dict(PAIRS_Q2K, **broken)
 
         def pairs(gw, x, row, k, check_levels=True, kp=kp):
             return _emulate_pairs(gw, x, row, k, kp)
@@ -194,22 +169,6 @@ def test_q2_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):
     a chunk and lane when written, 127 registers (Q4_K's: 224, 125): 80 of them assemble the A fragments (one
     permute per tile pair and slot pair, four ANDs a tile). Tile pairs at 8 accumulators, below."""
     assert_type_compiles(2, (230, 235, 285), 110, 128, tmp_path, monkeypatch)
-    # tile pairs (PAIRS, ACC 8): no spills in any mode or finish; B2's loop without selects or level permutes (228
-    # instructions at 8 warps, 234 at 4, 93-96 registers when written; 262 at ACC 2 with 32 selects)
-    from spqt.kernels import nvrtc, zigzag_cuda
-    from spqt.kernels.sass import disassemble, main_loop, opcode
-
-    source = zigzag_cuda.SOURCE.read_text()
-    for warps, mode, epilogue in ((8, zigzag_cuda.MODE_DENSE, -1), (4, zigzag_cuda.MODE_DENSE, -1),
-                                  (4, zigzag_cuda.MODE_INDEXED, 1), (4, zigzag_cuda.MODE_DENSE, 2)):
-        sass, regs, stack = disassemble(nvrtc.compile_cubin(
-            source, zigzag_cuda.options(warps, mode, 0, epilogue, ("-DPAIRS=1",), acc=8, bits=2), "sm_90"))
-        loop = main_loop(sass, "HMMA")
-        assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (warps, mode, epilogue)
-        if mode == zigzag_cuda.MODE_DENSE and epilogue == -1:
-            ops = [opcode(ln) for ln in loop]
-            assert len(loop) <= 236 and ops.count("SEL") <= 2 and ops.count("PRMT") <= 12 and regs <= 100, (
-                warps, len(loop), ops.count("SEL"), ops.count("PRMT"), regs)
-    with pytest.raises(Exception, match="PAIRS"):  # Q2_K's at 8 accumulators only
-        nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, 0, -1, ("-DPAIRS=1",), acc=2,
-                                                        bits=2), "sm_90")
+    # tile pairs (ACC 8): 228 loop instructions at 8 warps, 234 at 4, 93-96 registers when written (262 at ACC 2
+    # with 32 selects)
+    assert_pairs_compile(2, 236, 100)

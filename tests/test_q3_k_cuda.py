@@ -5,12 +5,14 @@ and deliberately broken variants of it fail), TYPE 3 compiles for sm_90 without 
 kernel, B2 / B4 and the finishes on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
+import pytest
 import torch
 
 from spqt.kernels import gpu_layout_q3k
 from spqt.kernels.gpu_layout_types import q3_k_levels
 
-from cuda_emulation import assert_pair_levels, assert_type_compiles, byte_perm, check_emulation, parity_epilogue
+from cuda_emulation import (PAIRS, assert_pair_levels, assert_pairs_compile, assert_type_compiles, byte_perm,
+                            check_emulation, pairs_outputs, parity_epilogue)
 from test_kernels_types import _random_blocks
 
 
@@ -35,18 +37,16 @@ KERNEL = {"h_shift": 1, "odd_next": 1, "odd_mask": (0x001C001C, 0x01C001C0), "od
           "funnel": 30, "offset": 4.0, "even_select": 0x33333333}
 
 
-def _emulate(gw, x, row, k=KERNEL, check_levels=True):
-    """zigzag_q4k.cu's compute() and epilogue at TYPE 3 for superblock row `row` of one chunk (16 columns), bit for
-    bit on the register values: (the 256 outputs in float64, the fp16 B values b[parity][g][column]). With
-    check_levels every A half is also checked against the format's level of its row and column."""
+def _lanes(gw, x, row, k=KERNEL):
+    """Each lane (g, t)'s inputs of one chunk (16 columns) of superblock row `row`, read through the kernel's pointer
+    formulas (uint2 / u32 / uint4 units), its scale decode and level words, bit for bit: {(g, t): (slot columns, the
+    slots' four level words lv (even / odd tiles 0-7, 8-15), fp16 B of parity 0 and 1 (4 slots each, float64))}, and
+    the -4 term bias[parity, g] (float64)."""
     rows, cols = gw.grid
-    # the kernel's flat arrays and pointer formulas (uint2 / u32 / uint4 units), for the chunk of columns 0-15
     q2 = gw.quants.numpy().reshape(-1).view(np.uint32).reshape(-1, 2)  # uint2
     high = gw.high.numpy().reshape(-1).view(np.uint32)
     heads = gw.head.numpy().reshape(-1).view(np.uint32).reshape(-1, 4)  # uint4
-    levels = gpu_layout_q3k.levels_of(gw).reshape(rows, cols, 256).numpy() if check_levels else None
-    a_regs, b_regs, bias = {}, {}, np.zeros((2, 8))
-    b_fp16 = np.zeros((2, 8, 16))
+    lanes, bias = {}, np.zeros((2, 8))
     for g in range(8):
         qr = (2 * row + (g >> 2)) * cols * 4 + (g & 3)
         hq = row * cols * 8 + g
@@ -68,35 +68,79 @@ def _emulate(gw, x, row, k=KERNEL, check_levels=True):
                 bo.append(np.float32(xd * np.float32(so)))
             b16 = [np.array(b, dtype=np.float32).astype(np.float16).astype(np.float64) for b in (be, bo)]
             for e in range(2):
-                b_regs[g, t, e] = b16[e]
                 bias[e, g] += k["offset"] * b16[e].sum()
-                b_fp16[e, g, cols_] = b16[e]
             lv = []
             for i in range(4):
                 hs = hb[i] >> k["h_shift"]
                 sel0, sel1 = k["even_select"], ~k["even_select"] & 0xFFFFFFFF
                 lv.append([_lop3_select(int(w[i][0]), hb[i], sel0), _lop3_select(int(w[i][0]), hb[i], sel1),
                            _lop3_select(int(w[i][1]), hs, sel0), _lop3_select(int(w[i][1]), hs, sel1)])
-            for m in range(16):
-                q = 2 * (m >> 3) + (m & 1)
-                u = (m >> 1) & 3
-                u1 = (u + k["odd_next"]) & 3 if m & 1 else u
-                sel = u | (u1 << 4) | ((4 + u) << 8) | ((4 + u1) << 12)
-                mg, mg8 = k["odd_mask"] if m & 1 else (0x00070007, 0x00700070)
-                regs = []
-                for pair in (0, 2):
-                    p = byte_perm(lv[pair][q], lv[pair + 1][q], sel)
-                    regs += [p & mg, p & mg8]
-                a_regs[g, t, m] = regs
-                if check_levels:
-                    assert_pair_levels(regs, levels, row, cols_, g, t, m)
-    return parity_epilogue(a_regs, lambda g, t, m: b_regs[g, t, m & 1], k["odd_scale"], bias), b_fp16
+            lanes[g, t] = cols_, lv, b16
+    return lanes, bias
 
 
-def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True) -> None:
+def _b_fp16(lanes) -> np.ndarray:
+    """The lanes' fp16 B values b[parity][g][column]."""
+    b_fp16 = np.zeros((2, 8, 16))
+    for (g, t), (cols_, _, b16) in lanes.items():
+        for e in range(2):
+            b_fp16[e, g, cols_] = b16[e]
+    return b_fp16
+
+
+def _emulate(gw, x, row, k=KERNEL, check_levels=True):
+    """zigzag_q4k.cu's compute() and epilogue at TYPE 3 for superblock row `row` of one chunk (16 columns), bit for
+    bit on the register values: (the 256 outputs in float64, the fp16 B values b[parity][g][column]). With
+    check_levels every A half is also checked against the format's level of its row and column."""
+    rows, cols = gw.grid
+    levels = gpu_layout_q3k.levels_of(gw).reshape(rows, cols, 256).numpy() if check_levels else None
+    lanes, bias = _lanes(gw, x, row, k)
+    a_regs = {}
+    for (g, t), (cols_, lv, b16) in lanes.items():
+        for m in range(16):
+            q = 2 * (m >> 3) + (m & 1)
+            u = (m >> 1) & 3
+            u1 = (u + k["odd_next"]) & 3 if m & 1 else u
+            sel = u | (u1 << 4) | ((4 + u) << 8) | ((4 + u1) << 12)
+            mg, mg8 = k["odd_mask"] if m & 1 else (0x00070007, 0x00700070)
+            regs = []
+            for pair in (0, 2):
+                p = byte_perm(lv[pair][q], lv[pair + 1][q], sel)
+                regs += [p & mg, p & mg8]
+            a_regs[g, t, m] = regs
+            if check_levels:
+                assert_pair_levels(regs, levels, row, cols_, g, t, m)
+    y = parity_epilogue(a_regs, lambda g, t, m: lanes[g, t][2][m & 1], k["odd_scale"], bias)
+    return y, _b_fp16(lanes)
+
+
+# Q3_K's tile pairs: word 2 W + p rotated by 8 e (broken variants change it or cuda_emulation.PAIRS' constants)
+PAIRS_Q3K = dict(PAIRS, rotate=True)
+
+
+def _rotr(v: int, n: int) -> int:
+    return ((v >> n) | (v << (32 - n))) & 0xFFFFFFFF if n else v
+
+
+def _emulate_pairs(gw, x, row, k=KERNEL, kp=PAIRS_Q3K, check_levels=True):
+    """compute() (parity_pairs_mma) and program_sums() at TYPE 3, PAIRS, ACC 8, bit for bit: the word of pair (W, e,
+    p) is the lane's lv[2 W + p] rotated right by 8 e (an odd tile's row g + 8 takes bit 0 of the next byte, byte 0 for
+    byte 3) -> (the 256 outputs in float64, the fp16 B values b[parity][g][column])."""
+    lanes, bias = _lanes(gw, x, row, k)
+
+    def word(g, t, slot, wi, p, e):
+        v = lanes[g, t][1][slot][2 * wi + p]
+        return _rotr(v, 8 * e) if kp["rotate"] else v >> (8 * e)
+
+    y = pairs_outputs(word, lambda g, t, p, slot: lanes[g, t][2][p][slot], ((0x00070007, 0x00700070), k["odd_mask"]),
+                      k["odd_scale"], bias, kp)
+    return y, _b_fp16(lanes)
+
+
+def _emulation_error(gw, x, qw, row, k=KERNEL, check_levels=True, emulate=_emulate) -> None:
     """Asserts the emulated outputs of superblock row `row` equal sum_c (q - 4) fp16(x d (s - 32)) (float64), the
     fp16 B values checked against the format's scales and d."""
-    y, b16 = _emulate(gw, x, row, k, check_levels)
+    y, b16 = emulate(gw, x, row, k, check_levels=check_levels)
     blocks = qw.blocks[row, :16].numpy()  # (16 columns, 110)
     from spqt.formats import q3_k
 
@@ -123,9 +167,37 @@ def test_q3_k_cuda_fragments_emulated(rng):
     check_emulation(rng, "q3_k", gpu_layout_q3k.repack, _emulation_error, KERNEL, broken)
 
 
+def test_q3_k_cuda_tile_pairs_emulated(rng):
+    """The tile pairs (PAIRS, ACC 8) of every superblock row of one chunk give the same exact sums as the 16-tile
+    assembly (every row written once: a row missed stays NaN); broken variants (a shift instead of the rotation, the
+    lane's half of B, the pair's second tile, the odd tiles' masks) fail."""
+    for broken in (None, {"rotate": False}, {"upper": lambda g: g & 1}, {"tile1": 2}):
+        kp = PAIRS_Q3K if broken is None else dict(PAIRS_Q3K, **broken)
+
+        def pairs(gw, x, row, k, check_levels=True, kp=kp):
+            return _emulate_pairs(gw, x, row, k, kp)
+
+        if broken is None:
+            check_emulation(rng, "q3_k", gpu_layout_q3k.repack,
+                            lambda *a, **kw: _emulation_error(*a, **kw, emulate=pairs), KERNEL, [])
+        else:
+            qw = _random_blocks(rng, "q3_k", (600, 19))
+            x = rng.standard_normal(16).astype(np.float16)
+            with pytest.raises(AssertionError):
+                _emulation_error(gpu_layout_q3k.repack(qw, "cpu"), x, qw, 1, emulate=pairs)
+    qw = _random_blocks(rng, "q3_k", (600, 19))  # the odd tiles' masks: KERNEL's, which the pairs share
+    x = rng.standard_normal(16).astype(np.float16)
+    with pytest.raises(AssertionError):
+        _emulation_error(gpu_layout_q3k.repack(qw, "cpu"), x, qw, 1, dict(KERNEL, odd_mask=(0x000C000C, 0x01C001C0)),
+                         check_levels=False, emulate=_emulate_pairs)
+
+
 def test_q3_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):
     """TYPE 3 compiles with NVRTC for sm_90 (and sm_80) in each mode, pipe, accumulator count and finish, cluster
     included, without spills, 16 mma in the main loop; its B2 loop (PIPE 0, 16 accumulators) holds 250 instructions
     a chunk and lane when written, 133 registers (Q4_K's: 224, 125): 16 bit selects complete the levels, 96
     instructions assemble the A fragments (per tile two permutes and four ANDs, Q4_K's)."""
     assert_type_compiles(3, (256, 290, 285), 135, 140, tmp_path, monkeypatch)
+    # tile pairs (ACC 8): 250 loop instructions at 8 warps, 246 at 4, 97-98 registers when written (282 at ACC 2
+    # with 32 selects, 263 at 8 with class selects)
+    assert_pairs_compile(3, 254, 104)

@@ -80,12 +80,12 @@
                  // g % 2 (zero in the other). ACC 8: the pair (q, e) has an accumulator of its own, no selects; ACC 2:
                  // pairs of one e share c[e], B zero outside lanes 2 q, 2 q + 1 (a select a pair q and slot). The
                  // levels' assembly takes 80 instructions a chunk instead of 96.
-                 // Q2_K, ACC 8: the lane's word W of a column, >> 8 e and masked for tile parity p, holds tiles
-                 // T0 = 8 W + 2 e + p and T1 = T0 + 4 as an fp16 pair (its bytes e and 2 + e); T_j's rows want
-                 // column n = T_j / 2, so lane g's B holds x d sc[2 g + p] in half (g / 2) % 2; the pair (W, e, p)
-                 // has an accumulator of its own: no selects, no byte permutes
-#if PAIRS && !((TYPE == 4 && (ACC == 8 || ACC == 2)) || (TYPE == 2 && ACC == 8))
-#error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2 and Q2_K's (TYPE 2) at ACC 8"
+                 // Q2_K and Q3_K, ACC 8: the lane's word W of a column (Q3_K: of parity p), >> 8 e (Q3_K rotated)
+                 // and masked for tile parity p, holds tiles T0 = 8 W + 2 e + p and T1 = T0 + 4 as an fp16 pair (its
+                 // bytes e and 2 + e); T_j's rows want column n = T_j / 2, so lane g's B holds x d sc[2 g + p] in
+                 // half (g / 2) % 2; the pair (W, e, p) has an accumulator of its own: no selects, no level permutes
+#if PAIRS && !((TYPE == 4 && (ACC == 8 || ACC == 2)) || ((TYPE == 2 || TYPE == 3) && ACC == 8))
+#error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2 and Q2_K's / Q3_K's (TYPE 2 / 3) at ACC 8"
 #endif
 #if PAIRS && PROBE_CUT > 1
 #error "PROBE_CUT 2-4 cut the 16-tile assembly, not PAIRS'"
@@ -453,6 +453,38 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x 
 #endif
 };
 
+#if PAIRS && (TYPE == 2 || TYPE == 3)
+// The low-pair types' (Q2_K, Q3_K) tile pairs at ACC 8: pair (W, e, p) multiplies word(slot, W, p, e) (the lane's
+// level word of tiles 8 W .. 8 W + 7 for parity p, brought to bytes e, e + 2 in its halves) masked for parity p (row g:
+// mg[p], row g + 8: mg8[p]), tiles T0 = 8 W + 2 e + p and T1 = T0 + 4, into c[4 W + 2 e + p]; B: slot i's value of
+// parity p (b01e .. b23o: slots 0, 1 / 2, 3 packed) alone in the lane's half (g / 2) % 2, a byte permute with zeros
+template <typename Word>
+__device__ __forceinline__ void parity_pairs_mma(float (*c)[4], u32 b01e, u32 b23e, u32 b01o, u32 b23o, int lane_g,
+                                                 u32 mg0, u32 mg80, u32 mg1, u32 mg81, Word word) {
+  const bool upper = (lane_g >> 1) & 1;
+  const u32 sel_lo = upper ? 0x1044u : 0x4410u, sel_hi = upper ? 0x3244u : 0x4432u;
+  const u32 bp[2][4] = {{__byte_perm(b01e, 0u, sel_lo), __byte_perm(b01e, 0u, sel_hi), __byte_perm(b23e, 0u, sel_lo),
+                         __byte_perm(b23e, 0u, sel_hi)},
+                        {__byte_perm(b01o, 0u, sel_lo), __byte_perm(b01o, 0u, sel_hi), __byte_perm(b23o, 0u, sel_lo),
+                         __byte_perm(b23o, 0u, sel_hi)}};
+#pragma unroll
+  for (int wi = 0; wi < 2; ++wi) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const u32 wa = word(2 * hs, wi, p, e), wb = word(2 * hs + 1, wi, p, e);
+          const u32 mg = p ? mg1 : mg0, mg8 = p ? mg81 : mg80;
+          mma_tile(c[4 * wi + 2 * e + p], wa & mg, wa & mg8, wb & mg, wb & mg8, bp[p][2 * hs], bp[p][2 * hs + 1]);
+        }
+      }
+    }
+  }
+}
+#endif
+
 // The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]; PAIRS: its pair's, program_sums); B at n = g (lane_g)
 // for the lane's 4 slots;
 // the min term into bias[0] (Q6_K: the -32 d sc x term of tile 2 g into bias[0], of tile 2 g + 1 into bias[1]).
@@ -533,6 +565,15 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
     lv[i][2] = bit_select<0x33333333u>(ch.w[i].y, hs);
     lv[i][3] = bit_select<0xCCCCCCCCu>(ch.w[i].y, hs);
   }
+#if PAIRS
+  // word 2 W + p rotated by 8 e: its halves bytes (e, e + 1) and (e + 2, e + 3 mod 4), an odd tile's row g + 8 taking
+  // bit 0 of the byte after its own
+  parity_pairs_mma(c, b01e, b23e, b01o, b23o, lane_g, 0x00070007u, 0x00700070u, 0x001C001Cu, 0x01C001C0u,
+                   [&](int slot, int wi, int p, int e) {
+                     const u32 v = lv[slot][2 * wi + p];
+                     return __funnelshift_r(v, v, 8 * e);
+                   });
+#endif
 #elif TYPE == 2
   // lane g's scales and mins of tiles 2 g (byte 0 of v) and 2 g + 1 (byte 1): sc low nibble, mn high, converted by
   // I2FP (one instruction each; 2^23's mantissa takes an OR, an FADD and a constant ptxas rematerializes: 242
@@ -554,28 +595,8 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   const u32 b01e = pack_f16x2(be[0], be[1]), b23e = pack_f16x2(be[2], be[3]);
   const u32 b01o = pack_f16x2(bo[0], bo[1]), b23o = pack_f16x2(bo[2], bo[3]);
 #if PAIRS
-  // slot i's B of parity p alone in the lane's half (g / 2) % 2: a byte permute of the packed pair with zeros
-  const bool upper = (lane_g >> 1) & 1;
-  const u32 sel_lo = upper ? 0x1044u : 0x4410u, sel_hi = upper ? 0x3244u : 0x4432u;
-  const u32 bp[2][4] = {{__byte_perm(b01e, 0u, sel_lo), __byte_perm(b01e, 0u, sel_hi), __byte_perm(b23e, 0u, sel_lo),
-                         __byte_perm(b23e, 0u, sel_hi)},
-                        {__byte_perm(b01o, 0u, sel_lo), __byte_perm(b01o, 0u, sel_hi), __byte_perm(b23o, 0u, sel_lo),
-                         __byte_perm(b23o, 0u, sel_hi)}};
-#pragma unroll
-  for (int wi = 0; wi < 2; ++wi) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-#pragma unroll
-      for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
-        const u32 wa = (&ch.w[2 * hs].x)[wi] >> (8 * e), wb = (&ch.w[2 * hs + 1].x)[wi] >> (8 * e);
-#pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const u32 mg = p ? 0x000C000Cu : 0x00030003u, mg8 = p ? 0x00C000C0u : 0x00300030u;
-          mma_tile(c[4 * wi + 2 * e + p], wa & mg, wa & mg8, wb & mg, wb & mg8, bp[p][2 * hs], bp[p][2 * hs + 1]);
-        }
-      }
-    }
-  }
+  parity_pairs_mma(c, b01e, b23e, b01o, b23o, lane_g, 0x00030003u, 0x00300030u, 0x000C000Cu, 0x00C000C0u,
+                   [&](int slot, int wi, int, int e) { return (&ch.w[slot].x)[wi] >> (8 * e); });
 #endif
 #elif TYPE == 8
   // B[k, g] = x_k d[g] (lane g's d: block g's); the -128 d x term of block g (rows 32 g ..) from the same fp16
@@ -861,7 +882,7 @@ __device__ __forceinline__ void program_sums(float (*c)[4], const float* bias, i
     bsum += __shfl_xor_sync(0xffffffffu, bsum, 2);
     if (t == 0) bias_sum[warp][e][g] = bsum;
   }
-#if PAIRS && TYPE == 2
+#if PAIRS && (TYPE == 2 || TYPE == 3)
   // pair (W, e, p) in c[4 W + 2 e + p]: its tiles' columns 4 W + e (T0 = 8 W + 2 e + p) and 4 W + e + 2 (T1 = T0 + 4)
   // sit in lanes t = 2 W and 2 W + 1, registers e (row g) and 2 + e (row g + 8); odd tiles' levels two bits higher
 #pragma unroll
