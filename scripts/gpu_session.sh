@@ -60,6 +60,8 @@
 #   scripts/gpu_session.sh tune22a   decode before, the maps left re-tuned with tile pairs (TUNE_SHAPES), --l2first, decode
 #   scripts/gpu_session.sh tune22b   after tune22a (warm): spqt tune --routes (ROUTE_RUNS), decode (ROUTE_CHECK)
 #   scripts/gpu_session.sh q2k22     Q2_K's tile pairs: gpu tests, the probe with / without, spqt tune --types q2_k, bench gemv
+#   scripts/gpu_session.sh low22a    Q2_K's / Q3_K's tile pairs: the probe with / without (carry the first GGUF part: parks)
+#   scripts/gpu_session.sh final22   every gpu test, decode (FINAL_DECODE), spqt tune --types (FINAL_TYPES) and bench gemv
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -909,6 +911,49 @@ llama2-7b:now}" 90
     done 2>&1 | tee "$OUT/bench-gemv-q2k.log"
     cp /tmp/shipped.json "$(tuned_table)"
     echo "q2k22: $(( $(date +%s) - start )) s"
+    ;;
+  low22a)
+    # The low-pair types' tile pairs: scripts/cuda_types_probe.py (best with / without pairs) for LOW_TYPES on
+    # LOW_SHAPES; carry the first GGUF part here (park), final22 next
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for type in ${LOW_TYPES:-q2_k q3_k}; do
+      left=$(( ${CALL_BUDGET:-300} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $type"; break; }
+      timeout $left python3 scripts/cuda_types_probe.py --type $type --shapes ${LOW_SHAPES:-28672x8192,8192x28672} \
+        --json "$OUT/probe-$type.json" 2>&1 | grep -v WARN | tee -a "$OUT/probe-low.log"
+      echo "probe $type: $(( $(date +%s) - start )) s"
+    done
+    echo "parked $(ls /tmp/parts)"
+    ;;
+  final22)
+    # The session's last call (the default model parked by the call before): every gpu test, bench decode of
+    # FINAL_DECODE (model:levels), then spqt tune --types FINAL_TYPES on FINAL_TYPE_SHAPES into $OUT/tuned.json (not
+    # this tree) and bench gemv of those types on that table, within CALL_BUDGET
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+      | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+    echo "gpu tests: $(( $(date +%s) - start )) s"
+    for run in ${FINAL_DECODE-llama2-7b:0 llama2-7b:0.5}; do
+      budget_decode ${CALL_BUDGET:-560} ${run%%:*} ${run#*:} "" ${run%%:*} || break
+    done | tee "$OUT/decode.log"
+    echo "decode: $(( $(date +%s) - start )) s"
+    shapes=${FINAL_TYPE_SHAPES:-28672x8192,8192x28672,57344x8192}
+    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+    if [ $left -gt 60 ]; then
+      cp "$(tuned_table)" /tmp/shipped.json
+      timeout $(( left - 20 )) python3 -m spqt.cli tune --types ${FINAL_TYPES:-q2_k,q3_k} --shapes $shapes \
+        --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/tune-types.log" | grep -v "^ " | tail -12
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      if [ -f "$OUT/tuned.json" ] && [ $left -gt 30 ]; then
+        cp "$OUT/tuned.json" "$(tuned_table)"
+        timeout $(( left - 5 )) python3 -m spqt.cli bench gemv --types ${FINAL_TYPES:-q2_k,q3_k} --shapes $shapes \
+          --variants B2,B4 --sparsity 0,0.5 2>&1 | grep -v WARN | tee "$OUT/bench-gemv-types.log" | tail -14
+        cp /tmp/shipped.json "$(tuned_table)"
+      fi
+    fi
+    echo "final22: $(( $(date +%s) - start )) s"
     ;;
   final21)
     # The session's last call (the default model parked by the call before): every gpu test, then spqt bench gemv of
