@@ -59,7 +59,6 @@
 #   scripts/gpu_session.sh final21   every gpu test, bench gemv of the 132 / 264 MB shapes, decode (FINAL_DECODE)
 #   scripts/gpu_session.sh tune22a   decode before, the maps left re-tuned with tile pairs (TUNE_SHAPES), --l2first, decode
 #   scripts/gpu_session.sh tune22b   after tune22a (warm): spqt tune --routes (ROUTE_RUNS), decode (ROUTE_CHECK)
-#   scripts/gpu_session.sh q2k22     Q2_K's tile pairs: gpu tests, the probe with / without, spqt tune --types q2_k, bench gemv
 #   scripts/gpu_session.sh low22a    Q2_K's / Q3_K's tile pairs: the probe with / without (carry the first GGUF part: parks)
 #   scripts/gpu_session.sh final22   every gpu test, decode (FINAL_DECODE), spqt tune --types (FINAL_TYPES) and bench gemv
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
@@ -883,34 +882,6 @@ llama2-7b:now}" 90
       budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-route-${run%%:*}-${run#*:}.json" after || break
     done | tee "$OUT/route-decode.log"
     echo "tune22b: $(( $(date +%s) - start )) s"
-    ;;
-  q2k22)
-    # Q2_K's tile pairs: its gpu tests, scripts/cuda_types_probe.py (best with / without pairs, Q2K_SHAPES), spqt tune
-    # --types q2_k (Q2K_TUNE shapes) into $OUT/tuned.json (not this tree), bench gemv --types q2_k on that table
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_kquant_cuda.py -k q2_k -p no:cacheprovider 2>&1 \
-      | tee "$OUT/pytest-q2k.log" | tail -3
-    echo "tests: $(( $(date +%s) - start )) s"
-    timeout 200 python3 scripts/cuda_types_probe.py --type q2_k --shapes ${Q2K_SHAPES:-28672x8192,8192x28672,57344x8192} \
-      --json "$OUT/probe-q2k.json" 2>&1 | grep -v WARN | tee "$OUT/probe-q2k.log"
-    echo "probe: $(( $(date +%s) - start )) s"
-    cp "$(tuned_table)" /tmp/shipped.json
-    timeout 200 python3 -m spqt.cli tune --types q2_k \
-      --shapes ${Q2K_TUNE:-28672x8192,8192x28672,57344x8192,12288x4096,22016x4096,4096x11008,4096x4096} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/tune-q2k.log" | grep -v "^ " | tail -16
-    echo "tune: $(( $(date +%s) - start )) s"
-    for tag in shipped tuned; do
-      cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for bench gemv $tag"; break; }
-      echo "bench gemv, the $tag table:"
-      timeout $(( left < 90 ? left : 90 )) python3 -m spqt.cli bench gemv --types q2_k \
-        --shapes ${Q2K_SHAPES:-28672x8192,8192x28672,57344x8192} --variants B2,B4 --sparsity 0,0.5 2>&1 \
-        | grep -v WARN | tail -8
-    done 2>&1 | tee "$OUT/bench-gemv-q2k.log"
-    cp /tmp/shipped.json "$(tuned_table)"
-    echo "q2k22: $(( $(date +%s) - start )) s"
     ;;
   low22a)
     # The low-pair types' tile pairs: scripts/cuda_types_probe.py (best with / without pairs) for LOW_TYPES on

@@ -124,8 +124,14 @@ def parity_epilogue(a_regs: dict, b_of, odd_scale: tuple[float, float], bias: np
     return y - bias[(i >> 4) & 1, i >> 5]
 
 
-# the low-pair types' tile pairs (PAIRS at ACC 8); the tests' broken variants change one each
-PAIRS = {"upper": lambda g: (g >> 1) & 1, "tile1": 4}
+# the low-pair types' tile pairs (PAIRS at ACC 8): the lane's half of B, the B permutes' selectors (slot parity, upper
+# half) and the pair's second tile; the tests' broken variants change one each
+PAIRS = {"upper": lambda g: (g >> 1) & 1, "sel": {(0, 0): 0x4410, (0, 1): 0x1044, (1, 0): 0x4432, (1, 1): 0x3244},
+         "tile1": 4}
+
+
+def _f16_bits(v: float) -> int:
+    return int(np.float16(v).view(np.uint16))
 
 
 def pairs_outputs(word, b_of, masks: tuple, odd_scale: tuple, bias: np.ndarray, kp: dict = PAIRS) -> np.ndarray:
@@ -150,8 +156,10 @@ def pairs_outputs(word, b_of, masks: tuple, odd_scale: tuple, bias: np.ndarray, 
                             a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg)
                             a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves(wb & mg8)
                             for k0, slot in ((2 * t, 2 * hs), (2 * t + 8, 2 * hs + 1)):
-                                bits = int(np.float16(b_of(g, t, p, slot)).view(np.uint16))
-                                b_mat[k0: k0 + 2, g] = fp16_halves(bits << 16 if kp["upper"](g) else bits)
+                                # the kernel's packed pair of slots (slot & ~1, slot | 1), permuted with zeros
+                                packed = _f16_bits(b_of(g, t, p, slot & ~1)) | (_f16_bits(b_of(g, t, p, slot | 1)) << 16)
+                                reg = byte_perm(packed, 0, kp["sel"][slot & 1, kp["upper"](g)])
+                                b_mat[k0: k0 + 2, g] = fp16_halves(reg)
                     c[4 * wi + 2 * e + p] += a_mat @ b_mat
     y = np.full(256, np.nan)
     for a in range(8):

@@ -1006,6 +1006,32 @@ PAIRS_CONFIGS = [(7, 4, 0, False, 8), (64, 2, 0, True, 2), (1, 8, 1, False, 2), 
 CLUSTER_CONFIGS = [(7, 4, 0, 2), (2, 8, 1, 16), (8, 2, 0, 16)]
 
 
+def test_shipped_tables_launch():
+    """Every zigzag entry of the shipped tuned tables gives the GEMV's launch arguments, and tile pairs only where
+    the weight type's kernel has them at that accumulator count (the twenty-second session edited the H200 table's
+    pairs by hand, from whole-step timings)."""
+    import json
+    from pathlib import Path
+
+    from spqt.kernels import tuning, zigzag_cuda
+    from spqt.kernels.gemv import TYPE_BITS
+
+    paths = sorted((Path(tuning.__file__).parent / "tuned").glob("*.json"))
+    assert paths
+    for path in paths:
+        doc = json.loads(path.read_text())
+        assert doc["kernel_version"] == tuning.KERNEL_VERSION, path.name
+        for variant, entries in doc["entries"].items():
+            if not variant.startswith("zigzag_"):
+                continue
+            fmt = variant.split("_", 2)[2] if variant.count("_") == 2 else "q4_k"
+            for shape, entry in entries.items():
+                args = tuning.launch_args(entry)
+                assert ("-DPAIRS=1" in args["extra"]) == bool(entry.get("pairs")), (path.name, variant, shape)
+                if entry.get("pairs"):
+                    assert zigzag_cuda.pairs_run(TYPE_BITS[fmt], entry["acc"]), (path.name, variant, shape)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sparsity", SPARSITIES)
 def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
@@ -1025,7 +1051,8 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
         clusters = zigzag_cuda.clusters_run(x.device)
         for split, warps, pipe, fused, acc, cluster, pairs in (
                 [c + (False, False) for c in CUDA_CONFIGS] + [c + (False, True) for c in PAIRS_CONFIGS]
-                + [(s, w, p, False, a, True, False) for s, w, p, a in CLUSTER_CONFIGS]):
+                + [(s, w, p, False, a, True, False) for s, w, p, a in CLUSTER_CONFIGS]
+                + [(4, 8, 0, False, 2, True, True)]):  # the 7B gate|up's shipped cluster with pairs (H200 table)
             if cluster and not clusters:
                 continue  # below sm_90 (the H200 runs them; the CPU test compiles them)
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
@@ -1063,6 +1090,7 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
         if clusters:
             split, warps, pipe, acc = CLUSTER_CONFIGS[0]
             finishes.append((split, {"num_warps": warps, "pipe": pipe, "acc": acc, "cluster": True}))
+            finishes.append((4, {"num_warps": 8, "pipe": 0, "acc": 2, "cluster": True, "extra": ("-DPAIRS=1",)}))
         for split, kw in finishes if shape[0] % 2 == 0 else []:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             kw = kw | {"impl": "cuda"}

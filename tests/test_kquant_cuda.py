@@ -30,6 +30,7 @@ PAIRS_CONFIGS = [(13, 4, 0, 8), (64, 8, 1, 8), (3, 2, 0, 8)]
 def _configs(fmt: str) -> list[tuple]:
     """(split, warps, pipe, acc, extra) of the type's GPU tests: CONFIGS, and for Q2_K / Q3_K their tile pairs."""
     return [c + ((),) for c in CONFIGS] + [c + (("-DPAIRS=1",),) for c in (PAIRS_CONFIGS if fmt in PAIRS_TYPES else [])]
+
 FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
 # The fp16 factors' exponent range on the GPU (x d sc a normal fp16 for most x, as in a real matrix;
 # _random_blocks' smaller factors would test fp16's subnormals instead); Q6_K's d smaller (weights up to

@@ -147,6 +147,7 @@ def test_q2_k_cuda_tile_pairs_emulated(rng):
     assembly (every row written once: a row missed stays NaN); broken variants (the word's shift, the lane's half of
     B, the pair's second tile, the odd tiles' masks) fail."""
     for broken in (None, {"shift": 4}, {"upper": lambda g: g & 1}, {"tile1": 2},
+                   {"sel": {**PAIRS["sel"], (1, 1): 0x1044}},
                    {"odd_mask": (0x00030003, 0x00C000C0)}):
         kp = PAIRS_Q2K if broken is None else dict(PAIRS_Q2K, **broken)
 

@@ -171,7 +171,8 @@ def test_q3_k_cuda_tile_pairs_emulated(rng):
     """The tile pairs (PAIRS, ACC 8) of every superblock row of one chunk give the same exact sums as the 16-tile
     assembly (every row written once: a row missed stays NaN); broken variants (a shift instead of the rotation, the
     lane's half of B, the pair's second tile, the odd tiles' masks) fail."""
-    for broken in (None, {"rotate": False}, {"upper": lambda g: g & 1}, {"tile1": 2}):
+    for broken in (None, {"rotate": False}, {"upper": lambda g: g & 1}, {"tile1": 2},
+                   {"sel": {**PAIRS["sel"], (1, 1): 0x1044}}):
         kp = PAIRS_Q3K if broken is None else dict(PAIRS_Q3K, **broken)
 
         def pairs(gw, x, row, k, check_levels=True, kp=kp):

@@ -136,5 +136,7 @@ def test_type_linears_take_their_tuned_configs(rng, tmp_path, monkeypatch):
         tuning._load_table.cache_clear()
         lin = CudaKQuantLinear(_random_blocks(rng, "q2_k", (300, 77)), torch.float16, "cpu")
         assert lin.cfg_dense["pairs"] and tuning.launch_args(lin.cfg_dense)["extra"] == ("-DPAIRS=1",)
+        # MODE_KEPT runs a B2 entry without its pairs (gpu_linear.sparse_kept: the config its routes were timed with)
+        assert tuning.without_pairs(dict(q4k, acc=8, pairs=True, pairs_step_us={"0": 2.0})) == dict(q4k, acc=8)
     finally:
         tuning._load_table.cache_clear()

@@ -469,6 +469,7 @@ def cmd_tune(args) -> int:
         raise SpqtError("--crossover-only, --cuda-against-table, --routes and --l2first exclude each other")
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
+    step_paired = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("pairs_step_us")}
     if args.l2first is not None:
         from spqt.bench_decode import tune_l2first
 
@@ -535,6 +536,11 @@ def cmd_tune(args) -> int:
     if dropped:
         print(f"spqt: note: the L2 prefetch depths of the shapes whose entries this replaced ({', '.join(dropped)}) "
               "are dropped; spqt tune --l2first judges them again", file=sys.stderr)
+    replaced = sorted(shape for shape in step_paired
+                      if not entries.get("zigzag_dense", {}).get(shape, {}).get("pairs_step_us"))
+    if replaced:
+        print(f"spqt: note: the tile pairs judged in whole decode steps of {', '.join(replaced)} are replaced by "
+              "this tune's choice (scripts/finish_probe.py judges them again)", file=sys.stderr)
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0

@@ -84,7 +84,8 @@ def default_config(variant: str, n: int, k: int) -> dict:
 def launch_args(cfg: dict) -> dict:
     """The keyword arguments of gemv_zigzag in a zigzag config (the split is the workspace's). "l2first": n > 0
     (CUDA B2) has each warp prefetch its next n chunks into L2 before the PDL wait (zigzag_q4k.cu's L2FIRST);
-    "pairs": true (CUDA, Q4_K, acc 8 or 2) multiplies tile pairs (its PAIRS)."""
+    "pairs": true (CUDA at acc 8 or 2; zigzag_cuda.pairs_run says which weight types have them at which) multiplies
+    tile pairs (its PAIRS)."""
     l2first = cfg.get("l2first", 0)
     if type(l2first) is not int or l2first < 0:
         raise ValueError(f"a tuned entry's l2first must be a chunk count of 0 or more, not {l2first!r}")
@@ -101,6 +102,12 @@ PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth a
 # an entry's tile pairs and, where whole decode steps judged them (scripts/finish_probe.py), the step's device time
 # without / with ("0" / "1") them
 PAIRS_KEYS = ("pairs", "pairs_step_us")
+
+
+def without_pairs(entry: dict) -> dict:
+    """A copy of a config without tile pairs: what MODE_KEPT runs of a B2 entry (the step routes were timed on it;
+    scripts/finish_probe.py judged the 7B's pairs in dense steps alone)."""
+    return {key: v for key, v in entry.items() if key not in PAIRS_KEYS}
 
 
 def without_prefetch(entry: dict) -> dict:
@@ -328,8 +335,8 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": 0, "fused": f, "acc": a}
                 | ({"pairs": True} if pairs else {})
                 for s in splits for w in (2, 4, 8) for f in (False, True)
-                for a, pairs in {4: ((8, True), (2, True), (4, False)), 2: ((8, True), (4, False)),
-                                 3: ((8, True), (4, False))}.get(bits, ((8, False), (4, False)))]
+                for a, pairs in {4: ((8, True), (2, True), (4, False)), 2: ((8, True), (8, False), (4, False)),
+                                 3: ((8, True), (8, False), (4, False))}.get(bits, ((8, False), (4, False)))]
     configs += _wave_fitting(variant, rows, k, splits, bits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked

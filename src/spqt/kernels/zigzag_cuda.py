@@ -23,7 +23,7 @@ MODE_KEPT = 3  # B4 over each program's own list of its share's kept inputs (no 
 MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from sm_90
 
 
-ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC; Q4_K at 8: tile pairs, no selects)
+ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC; with tile pairs at 8: no selects)
 
 
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
@@ -201,8 +201,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
     fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
     counters (rows,) int32 zero before and after. acc: accumulator tiles a lane holds (ACCS; fewer
-    registers, more occupancy, a select a class of tiles below 16; Q4_K's tile pairs: extra -DPAIRS=1 at 8 or
-    2). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
+    registers, more occupancy, a select a class of tiles below 16; tile pairs: extra -DPAIRS=1 where pairs_run,
+    Q4_K at 8 or 2, Q2_K and Q3_K at 8). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
     fifth bits (rows, K, 8) int32, quants and head the levels' low nibbles and Q5_K's 16-byte heads; bits 6
     (Q6_K, gpu_layout_q6k.py): high = the top bit pairs (rows, K, 16) int32, head the grouped scales, d
     (rows, K) fp16; bits 8 (Q8_0, gpu_layout_q8_0.py): quants the four planes of levels + 128 (rows, 4, K, 16), head
