@@ -885,7 +885,8 @@ llama2-7b:now}" 90
     ;;
   low22a)
     # The low-pair types' tile pairs: scripts/cuda_types_probe.py (best with / without pairs) for LOW_TYPES on
-    # LOW_SHAPES; carry the first GGUF part here (park), final22 next
+    # LOW_SHAPES, then scripts/finish_probe.py (LOW_FINISH_RUNS, model:level; LOW_FINISH_7B: variants' JSON); carry
+    # the first GGUF part here (park), final22 next
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for type in ${LOW_TYPES:-q2_k q3_k}; do
@@ -894,6 +895,12 @@ llama2-7b:now}" 90
       timeout $left python3 scripts/cuda_types_probe.py --type $type --shapes ${LOW_SHAPES:-28672x8192,8192x28672} \
         --json "$OUT/probe-$type.json" 2>&1 | grep -v WARN | tee -a "$OUT/probe-low.log"
       echo "probe $type: $(( $(date +%s) - start )) s"
+    done
+    for run in ${LOW_FINISH_RUNS-llama2-7b:0.5}; do  # the shipped table against LOW_FINISH_7B's variants
+      left=$(( ${CALL_BUDGET:-300} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $run"; break; }
+      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout $left python3 scripts/finish_probe.py --model synthetic:${run%%:*} \
+        --sparsity ${run#*:} --variants "${LOW_FINISH_7B:-{}}" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
     done
     echo "parked $(ls /tmp/parts)"
     ;;
