@@ -896,11 +896,13 @@ llama2-7b:now}" 90
         --json "$OUT/probe-$type.json" 2>&1 | grep -v WARN | tee -a "$OUT/probe-low.log"
       echo "probe $type: $(( $(date +%s) - start )) s"
     done
+    variants=${LOW_FINISH_7B-}
+    [ -z "$variants" ] && variants='{}'  # (not ${..:-{}}: its first } ends the expansion, a } too many followed)
     for run in ${LOW_FINISH_RUNS-llama2-7b:0.5}; do  # the shipped table against LOW_FINISH_7B's variants
       left=$(( ${CALL_BUDGET:-300} - ($(date +%s) - start) ))
       [ $left -lt 40 ] && { echo "no time left for $run"; break; }
       PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout $left python3 scripts/finish_probe.py --model synthetic:${run%%:*} \
-        --sparsity ${run#*:} --variants "${LOW_FINISH_7B:-{}}" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
+        --sparsity ${run#*:} --variants "$variants" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
     done
     echo "parked $(ls /tmp/parts)"
     ;;
