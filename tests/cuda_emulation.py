@@ -174,6 +174,25 @@ def pairs_outputs(word, b_of, masks: tuple, odd_scale: tuple, bias: np.ndarray, 
     return y - bias[(i >> 4) & 1, i >> 5]
 
 
+def check_pairs_emulation(rng, fmt: str, repack, emulate_pairs, emulation_error, kernel: dict, kp: dict,
+                          broken: list[dict]) -> None:
+    """The tile pairs' emulation (emulate_pairs(gw, x, row, k, kp)) through check_emulation: every superblock row's
+    outputs as emulation_error(..., emulate=) requires; each broken variant of the pairs' constants kp fails on row 1."""
+    for change in [None] + broken:
+        kp_used = kp if change is None else dict(kp, **change)
+
+        def pairs(gw, x, row, k, check_levels=True, kp_used=kp_used):
+            return emulate_pairs(gw, x, row, k, kp_used)
+
+        if change is None:
+            check_emulation(rng, fmt, repack, lambda *a, **kw: emulation_error(*a, **kw, emulate=pairs), kernel, [])
+        else:
+            qw = _random_blocks(rng, fmt, (600, 19))
+            x = rng.standard_normal(16).astype(np.float16)
+            with pytest.raises(AssertionError):
+                emulation_error(repack(qw, "cpu"), x, qw, 1, emulate=pairs)
+
+
 def check_emulation(rng, fmt: str, repack, emulation_error, kernel: dict, broken: list[dict]) -> None:
     """The fragment emulation of one chunk (columns 0-15 of 19) on random `fmt` blocks of 1100 rows (5 superblock
     rows, the last 76 rows): emulation_error(gw, x, qw, row, kernel, check_levels) passes for every superblock

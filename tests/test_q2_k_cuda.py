@@ -5,14 +5,13 @@ CPU, and deliberately broken variants of it fail), TYPE 2 compiles for sm_90 wit
 dequant kernel, B2 / B4 and the finishes on the GPU: test_kquant_cuda.py."""
 
 import numpy as np
-import pytest
 import torch
 
 from spqt.kernels import gpu_layout_q2k
 from spqt.kernels.gpu_layout_types import q2_k_levels
 
 from cuda_emulation import (PAIRS, assert_pair_levels, assert_pairs_compile, assert_type_compiles, byte_perm,
-                            check_emulation, pairs_outputs, parity_epilogue)
+                            check_emulation, check_pairs_emulation, pairs_outputs, parity_epilogue)
 from test_kernels_types import _random_blocks
 
 
@@ -145,23 +144,11 @@ def test_q2_k_cuda_fragments_emulated(rng):
 def test_q2_k_cuda_tile_pairs_emulated(rng):
     """The tile pairs (PAIRS, ACC 8) of every superblock row of one chunk give the same exact sums as the 16-tile
     assembly (every row written once: a row missed stays NaN); broken variants (the word's shift, the lane's half of
-    B, the pair's second tile, the odd tiles' masks) fail."""
-    for broken in (None, {"shift": 4}, {"upper": lambda g: g & 1}, {"tile1": 2},
-                   {"sel": {**PAIRS["sel"], (1, 1): 0x1044}},
-                   {"odd_mask": (0x00030003, 0x00C000C0)}):
-        kp = PAIRS_Q2K if broken is None else dict(PAIRS_Q2K, **broken)
-
-        def pairs(gw, x, row, k, check_levels=True, kp=kp):
-            return _emulate_pairs(gw, x, row, k, kp)
-
-        if broken is None:
-            check_emulation(rng, "q2_k", gpu_layout_q2k.repack,
-                            lambda *a, **kw: _emulation_error(*a, **kw, emulate=pairs), KERNEL, [])
-        else:
-            qw = _random_blocks(rng, "q2_k", (600, 19))
-            x = rng.standard_normal(16).astype(np.float16)
-            with pytest.raises(AssertionError):
-                _emulation_error(gpu_layout_q2k.repack(qw, "cpu"), x, qw, 1, emulate=pairs)
+    B, a B selector, the pair's second tile, the odd tiles' masks) fail."""
+    broken = [{"shift": 4}, {"upper": lambda g: g & 1}, {"tile1": 2}, {"sel": {**PAIRS["sel"], (1, 1): 0x1044}},
+              {"odd_mask": (0x00030003, 0x00C000C0)}]
+    check_pairs_emulation(rng, "q2_k", gpu_layout_q2k.repack, _emulate_pairs, _emulation_error, KERNEL, PAIRS_Q2K,
+                          broken)
 
 
 def test_q2_k_cuda_compiles_for_sm90(tmp_path, monkeypatch):

@@ -12,7 +12,7 @@ from spqt.kernels import gpu_layout_q3k
 from spqt.kernels.gpu_layout_types import q3_k_levels
 
 from cuda_emulation import (PAIRS, assert_pair_levels, assert_pairs_compile, assert_type_compiles, byte_perm,
-                            check_emulation, pairs_outputs, parity_epilogue)
+                            check_emulation, check_pairs_emulation, pairs_outputs, parity_epilogue)
 from test_kernels_types import _random_blocks
 
 
@@ -170,22 +170,10 @@ def test_q3_k_cuda_fragments_emulated(rng):
 def test_q3_k_cuda_tile_pairs_emulated(rng):
     """The tile pairs (PAIRS, ACC 8) of every superblock row of one chunk give the same exact sums as the 16-tile
     assembly (every row written once: a row missed stays NaN); broken variants (a shift instead of the rotation, the
-    lane's half of B, the pair's second tile, the odd tiles' masks) fail."""
-    for broken in (None, {"rotate": False}, {"upper": lambda g: g & 1}, {"tile1": 2},
-                   {"sel": {**PAIRS["sel"], (1, 1): 0x1044}}):
-        kp = PAIRS_Q3K if broken is None else dict(PAIRS_Q3K, **broken)
-
-        def pairs(gw, x, row, k, check_levels=True, kp=kp):
-            return _emulate_pairs(gw, x, row, k, kp)
-
-        if broken is None:
-            check_emulation(rng, "q3_k", gpu_layout_q3k.repack,
-                            lambda *a, **kw: _emulation_error(*a, **kw, emulate=pairs), KERNEL, [])
-        else:
-            qw = _random_blocks(rng, "q3_k", (600, 19))
-            x = rng.standard_normal(16).astype(np.float16)
-            with pytest.raises(AssertionError):
-                _emulation_error(gpu_layout_q3k.repack(qw, "cpu"), x, qw, 1, emulate=pairs)
+    lane's half of B, a B selector, the pair's second tile, the odd tiles' masks) fail."""
+    broken = [{"rotate": False}, {"upper": lambda g: g & 1}, {"tile1": 2}, {"sel": {**PAIRS["sel"], (1, 1): 0x1044}}]
+    check_pairs_emulation(rng, "q3_k", gpu_layout_q3k.repack, _emulate_pairs, _emulation_error, KERNEL, PAIRS_Q3K,
+                          broken)
     qw = _random_blocks(rng, "q3_k", (600, 19))  # the odd tiles' masks: KERNEL's, which the pairs share
     x = rng.standard_normal(16).astype(np.float16)
     with pytest.raises(AssertionError):
