@@ -850,6 +850,92 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     tuning._load_table.cache_clear()
 
 
+def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
+    """spqt tune --pairs (no GPU here: the step's timing faked): each CUDA dense shape with an entry of its own at 8 or
+    2 accumulators judged once, pairs on against off (the entry's setting first), the shapes judged before running
+    their choice meanwhile and every map left as tuned after; pairs kept only beyond the margin (also turned off
+    where the entry had them); the command keeps the other keys and the routes, saves the choice and its step
+    timings; a kernel re-tune that replaces step-judged pairs says so."""
+    import json
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    from spqt import bench_decode
+    from spqt.cli import main
+    from spqt.kernels import tuning
+
+    cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1, "split": 2}
+    own = {"768x256": cuda | {"acc": 2}, "256x256": cuda | {"acc": 16}, "1024x256": cuda | {"acc": 8, "pairs": True},
+           "256x512": cuda | {"acc": 2, "l2first": 1}}
+    shapes = {"qkv": (768, 256), "o": (256, 256), "gate_up": (1024, 256), "down": (256, 512)}
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    routes = {"q4_k:256x768x4x2x64x2": {"model": "m", "levels": {"0.5": {"route": "all"}}}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
+                                "entries": {"zigzag_dense": own, tuning.STEP_ROUTES: routes}}))
+    tuning._load_table.cache_clear()
+
+    def impl(kind):
+        n, k = shapes[kind]
+        return NS(n=n, k=k, cfg_dense=dict(own[f"{n}x{k}"]))
+
+    model = NS(layers=[NS(attention=NS(qkv=NS(impl=impl("qkv")), o=NS(impl=impl("o"))),
+                          feed_forward=NS(gate_up=NS(impl=impl("gate_up")), down=NS(impl=impl("down"))))
+                       for _ in range(2)])
+    maps = [m.impl for b in model.layers for m in (b.attention.qkv, b.attention.o, b.feed_forward.gate_up,
+                                                    b.feed_forward.down)]
+    before = [dict(m.cfg_dense) for m in maps]
+    monkeypatch.setattr(bench_decode, "probe_generator", lambda name: (NS(model=model), [1]))
+    gain = {"768x256": -20.0, "1024x256": +3.0, "256x512": -2.0}  # us a step with pairs on (1,000 us: margin 5 us)
+    runs = []
+
+    def steps(gen, prompt, setups, rounds, reps):
+        out = {}
+        for option, configure in setups.items():
+            configure()
+            on = {f"{m.n}x{m.k}" for m in maps if m.cfg_dense.get("pairs")}
+            runs.append((option, on))
+            out[option] = [1000.0 + sum(gain[shape] for shape in on)] * rounds
+        return out
+
+    monkeypatch.setattr(bench_decode, "alternating_step_us", steps)
+    lines = []
+    found = bench_decode.tune_pairs(["synthetic:a"], rounds=3, log=lines.append)
+    assert [o for o, _ in runs] == [False, True, True, False, False, True], "qkv, gate|up (pairs first), down"
+    assert {s: f["pairs"] for s, f in found.items()} == {"768x256": True, "1024x256": False, "256x512": False}
+    assert found["768x256"]["step_us"] == {"0": 1003.0, "1": 983.0}, "gate|up still on as the table has it"
+    assert all("768x256" in on for _, on in runs[2:]) and all("1024x256" not in on for _, on in runs[4:])
+    assert any("256x256: not judged (its accumulator count has no tile pairs)" in line for line in lines)
+    assert [m.cfg_dense for m in maps] == before, "the maps left as tuned"
+    # the command: the choices and their timings saved, the other keys (L2 depth) and the routes kept
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    monkeypatch.setattr(bench_decode, "tune_pairs", lambda models: found)
+    assert main(["tune", "--pairs", "synthetic:llama2-7b"]) == 0
+    entries = json.loads(path.read_text())["entries"]
+    dense = entries["zigzag_dense"]
+    assert dense["768x256"] == own["768x256"] | {"pairs": True, "pairs_step_us": {"0": 1003.0, "1": 983.0}}
+    assert "pairs" not in dense["1024x256"] and dense["256x512"]["l2first"] == 1 and "pairs" not in dense["256x512"]
+    assert dense["256x256"] == own["256x256"] and entries[tuning.STEP_ROUTES] == routes
+    assert tuning.launch_args(dense["768x256"])["extra"] == ("-DPAIRS=1",)
+    for bad in ("model.spqt", "synthetic:nope"):  # checked before any timing
+        assert main(["tune", "--pairs", bad]) == 2
+        assert "--pairs needs synthetic models" in capsys.readouterr().err
+    assert main(["tune", "--pairs", "synthetic:llama2-7b", "--l2first", "synthetic:llama2-7b"]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    # a kernel re-tune (Q4_K's dense entries replaced as a whole) drops the step-judged pairs and says so
+    tuning._load_table.cache_clear()
+    import spqt.bench
+
+    monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {"768x256": cuda | {"acc": 2, "us": 9.0}}})
+    assert main(["tune", "--shapes", "768x256"]) == 0
+    assert "tile pairs judged in whole decode steps of 1024x256, 256x512, 768x256 are replaced" in \
+        capsys.readouterr().err
+    tuning._load_table.cache_clear()
+
+
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     """Every config the tuner may pick is launchable (row: 4 words per thread, block >= 4 * warps;
     zigzag: 1-8 warps, 1 <= split <= K); a table written for another kernel version is ignored

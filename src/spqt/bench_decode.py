@@ -13,6 +13,8 @@ import datetime
 import json
 import os
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -433,8 +435,23 @@ def l2first_depths(cfg: dict, k: int) -> list[int]:
     return [d for d in L2FIRST_DEPTHS if d <= chunks - 1]
 
 
-def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None:
-    """tune_l2first for one model: its shapes not in `found` judged into it, in the order the step runs them."""
+@dataclass(frozen=True)
+class StepChoice:
+    """One entry setting that whole decode steps judge per dense map shape (spqt tune --l2first, --pairs): its name
+    in the logs and results, the settings a config may take (options(cfg, k), the table's default first; none to
+    judge: empty), a config with one applied (apply(cfg, option)), the choice from {option: step us} (choose), and
+    why a shape with no options is not judged (skipped)."""
+
+    name: str
+    options: Callable
+    apply: Callable
+    choose: Callable
+    skipped: str
+
+
+def _judge_in_steps(model: str, found: dict, rounds: int, reps: int, log, choice: StepChoice) -> None:
+    """Judge choice for one model: its CUDA dense shapes not in `found` judged into it, in the order the step runs
+    them (tune_l2first's rules)."""
     gen, prompt = probe_generator(model)
     own = tuning.table_entries("zigzag_dense")
     maps = {}
@@ -443,42 +460,54 @@ def _judge_l2first(model: str, found: dict, rounds: int, reps: int, log) -> None
         if cfg is not None and cfg.get("impl") == "cuda":
             maps.setdefault(f"{lin.impl.n}x{lin.impl.k}", []).append(lin.impl)
     tuned = {id(m): m.cfg_dense for ms in maps.values() for m in ms}
-    # what every map runs while another shape is judged: the depth judged before (this run), else the table's
-    current = {id(m): tuning.with_prefetch(tuned[id(m)], found[shape]["l2first"]) if shape in found else tuned[id(m)]
+    # what every map runs while another shape is judged: the option judged before (this run), else the table's
+    current = {id(m): choice.apply(tuned[id(m)], found[shape][choice.name]) if shape in found else tuned[id(m)]
                for shape, ms in maps.items() for m in ms}
 
-    def setup(shape: str, depth: int):
+    def setup(shape: str, option):
         def configure():
             for ms in maps.values():
                 for m in ms:
                     m.cfg_dense = current[id(m)]
             for m in maps[shape]:
-                m.cfg_dense = tuning.with_prefetch(current[id(m)], depth)
+                m.cfg_dense = choice.apply(current[id(m)], option)
         return configure
 
     try:
         for shape, ms in maps.items():
             if shape in found:
                 continue
-            depths = l2first_depths(ms[0].cfg_dense, ms[0].k)
-            if shape not in own or not depths:
+            options = choice.options(ms[0].cfg_dense, ms[0].k)
+            if shape not in own or len(options) < 2:
                 log(f"{model} {shape}: not judged ("
                     + ("no entry of its own: it borrows a neighbour's; spqt tune --shapes it first)" if shape not in own
-                       else "a warp's share is one chunk)"))
+                       else choice.skipped + ")"))
                 continue
-            results = alternating_step_us(gen, prompt, {d: setup(shape, d) for d in [0] + depths}, rounds, reps)
-            step = {d: statistics.median(r) for d, r in results.items()}
-            depth = choose_l2first(step)
-            log(f"{model} {shape}: " + ", ".join(f"l2first {d} {us:.1f}" for d, us in step.items())
-                + f" us a step (median of {rounds} rounds) -> {depth}")
-            found[shape] = {"l2first": depth, "step_us": {str(d): round(us, 1) for d, us in step.items()},
+            results = alternating_step_us(gen, prompt, {o: setup(shape, o) for o in options}, rounds, reps)
+            step = {o: statistics.median(r) for o, r in results.items()}
+            chosen = choice.choose(step)
+            log(f"{model} {shape}: " + ", ".join(f"{choice.name} {int(o)} {us:.1f}" for o, us in step.items())
+                + f" us a step (median of {rounds} rounds) -> {int(chosen)}")
+            found[shape] = {choice.name: chosen, "step_us": {str(int(o)): round(us, 1) for o, us in step.items()},
                             "model": model}
             for m in ms:
-                current[id(m)] = tuning.with_prefetch(current[id(m)], depth)
+                current[id(m)] = choice.apply(current[id(m)], chosen)
     finally:
         for ms in maps.values():
             for m in ms:
                 m.cfg_dense = tuned[id(m)]
+
+
+def _tune_in_steps(models: list[str], rounds: int, reps: int, log, choice: StepChoice) -> dict:
+    found = {}
+    for model in models:
+        _judge_in_steps(model, found, rounds, reps, log, choice)
+        torch.cuda.empty_cache()  # the model's weights, freed with _judge_in_steps' frame
+    return found
+
+
+L2FIRST = StepChoice("l2first", lambda cfg, k: [0] + l2first_depths(cfg, k), tuning.with_prefetch, choose_l2first,
+                     "a warp's share is one chunk")
 
 
 def tune_l2first(models: list[str], rounds: int = 3, reps: int = 30, log=print) -> dict:
@@ -491,8 +520,34 @@ def tune_l2first(models: list[str], rounds: int = 3, reps: int = 30, log=print) 
     time in the order a step runs them, each in the first model that has it; meanwhile the shapes judged before run
     their new depth, the others the table's. Returns {shape: {"l2first": depth, "step_us": {depth: median us},
     "model": model}}."""
-    found = {}
-    for model in models:
-        _judge_l2first(model, found, rounds, reps, log)
-        torch.cuda.empty_cache()  # the model's weights, freed with _judge_l2first's frame
-    return found
+    return _tune_in_steps(models, rounds, reps, log, L2FIRST)
+
+
+PAIRS_MARGIN = 0.005  # tile pairs must shorten the step's replay by this fraction of it (as L2FIRST_MARGIN)
+
+
+def choose_pairs(step_us: dict) -> bool:
+    """Tile pairs on from {False: step us, True: step us} where they shorten the step by PAIRS_MARGIN of it."""
+    return step_us[True] < step_us[False] * (1 - PAIRS_MARGIN)
+
+
+def pairs_options(cfg: dict, k: int) -> list[bool]:
+    """[the entry's setting, the other] where the CUDA dense config's accumulator count has Q4_K tile pairs (8 or 2),
+    else []."""
+    from spqt.kernels import zigzag_cuda
+
+    on = bool(cfg.get("pairs"))
+    return [on, not on] if zigzag_cuda.pairs_run(4, cfg.get("acc", 16)) else []
+
+
+PAIRS = StepChoice("pairs", pairs_options, tuning.with_pairs, choose_pairs, "its accumulator count has no tile pairs")
+
+
+def tune_pairs(models: list[str], rounds: int = 3, reps: int = 30, log=print) -> dict:
+    """spqt tune --pairs: for each dense map shape with a CUDA entry of its own at 8 or 2 accumulators, of each
+    synthetic model in turn, Q4_K's tile pairs on or off judged in the decode step, as tune_l2first judges depths: the
+    map alone (spqt tune) can choose pairs that lose in the step, where its neighbours' ramps, tails and finishes
+    overlap it (twenty-second session: the 7B's maps re-tuned alone lost, their pairs alone won 3.5-3.9 % of the dense
+    step). MODE_KEPT runs an entry without its pairs, so the dense step judges them. Returns {shape: {"pairs": bool,
+    "step_us": {"0": off us, "1": on us}, "model": model}}."""
+    return _tune_in_steps(models, rounds, reps, log, PAIRS)

@@ -464,9 +464,16 @@ def cmd_tune(args) -> int:
                                  for m in prefetched):
             raise SpqtError(f"--l2first needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
                             f"{', '.join(SYNTHETIC)}); got {args.l2first!r}")
+    paired = [m.strip() for m in (args.pairs or "").split(",") if m.strip()]
+    if args.pairs is not None:
+        from spqt.bench_decode import SYNTHETIC
+
+        if not paired or any(not m.startswith("synthetic:") or m.split(":", 1)[1] not in SYNTHETIC for m in paired):
+            raise SpqtError(f"--pairs needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
+                            f"{', '.join(SYNTHETIC)}); got {args.pairs!r}")
     if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None,
-                      args.l2first is not None))) > 1:
-        raise SpqtError("--crossover-only, --cuda-against-table, --routes and --l2first exclude each other")
+                      args.l2first is not None, args.pairs is not None))) > 1:
+        raise SpqtError("--crossover-only, --cuda-against-table, --routes, --l2first and --pairs exclude each other")
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
     step_paired = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("pairs_step_us")}
@@ -477,6 +484,14 @@ def cmd_tune(args) -> int:
         for shape, judged in tune_l2first(prefetched).items():
             entries["zigzag_dense"][shape] = tuning.with_prefetch(entries["zigzag_dense"][shape], judged["l2first"],
                                                                   judged["step_us"])
+        entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
+    elif args.pairs is not None:
+        from spqt.bench_decode import tune_pairs
+
+        entries = tuning.all_entries()
+        for shape, judged in tune_pairs(paired).items():
+            entries["zigzag_dense"][shape] = tuning.with_pairs(entries["zigzag_dense"][shape], judged["pairs"],
+                                                               judged["step_us"])
         entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
     elif args.routes is not None:
         from spqt.bench_decode import tune_routes
@@ -520,7 +535,7 @@ def cmd_tune(args) -> int:
                     else:
                         entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
-    if args.routes is None and args.l2first is None and routes:
+    if args.routes is None and args.l2first is None and args.pairs is None and routes:
         # a route stays where none of its model's maps runs another config now (dense or sparse: the entry of its
         # shape, or the neighbour's it borrows; crossovers included, the timings not)
         before = {v: tuning.table_entries(v) for v in ("zigzag_dense", "zigzag_sparse")}
@@ -531,16 +546,16 @@ def cmd_tune(args) -> int:
         kept = {key: entry for key, entry in routes.items() if key not in stale}
         entries = {v: e for v, e in entries.items() if v != tuning.STEP_ROUTES} | (
             {tuning.STEP_ROUTES: kept} if kept else {})
-    dropped = [] if args.l2first is not None else sorted(
+    dropped = [] if args.l2first is not None or args.pairs is not None else sorted(
         shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first"))
     if dropped:
         print(f"spqt: note: the L2 prefetch depths of the shapes whose entries this replaced ({', '.join(dropped)}) "
               "are dropped; spqt tune --l2first judges them again", file=sys.stderr)
-    replaced = sorted(shape for shape in step_paired
-                      if not entries.get("zigzag_dense", {}).get(shape, {}).get("pairs_step_us"))
+    replaced = [] if args.pairs is not None else sorted(
+        shape for shape in step_paired if not entries.get("zigzag_dense", {}).get(shape, {}).get("pairs_step_us"))
     if replaced:
         print(f"spqt: note: the tile pairs judged in whole decode steps of {', '.join(replaced)} are replaced by "
-              "this tune's choice (scripts/finish_probe.py judges them again)", file=sys.stderr)
+              "this tune's choice; spqt tune --pairs judges them again", file=sys.stderr)
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     return 0
@@ -749,6 +764,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
                         "comma-separated) how many chunks each dense map's CUDA GEMV prefetches into L2 before it "
                         "waits for the kernel before it, and save the depth per shape")
+    p.add_argument("--pairs", metavar="MODELS",
+                   help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
+                        "comma-separated) whether each dense map's CUDA GEMV (8 or 2 accumulators) multiplies tile "
+                        "pairs, and save the choice per shape")
     p.add_argument("--route-levels", type=_floats, default=[0.5],
                    help="--routes: sparsity levels, comma-separated (a level runs the route of the highest level timed "
                         "at or below it; below all of them, off)")

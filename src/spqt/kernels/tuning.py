@@ -104,6 +104,13 @@ PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth a
 PAIRS_KEYS = ("pairs", "pairs_step_us")
 
 
+def with_pairs(entry: dict, on: bool, step_us: dict | None = None) -> dict:
+    """A copy of a config with tile pairs on or off and, where given, the step timings that chose it (spqt tune
+    --pairs)."""
+    return without_pairs(entry) | ({"pairs": True} if on else {}) | (
+        {"pairs_step_us": step_us} if step_us is not None else {})
+
+
 def without_pairs(entry: dict) -> dict:
     """A copy of a config without tile pairs: what MODE_KEPT runs of a B2 entry (the step routes were timed on it;
     scripts/finish_probe.py judged the 7B's pairs in dense steps alone)."""
