@@ -61,6 +61,7 @@
 #   scripts/gpu_session.sh tune22b   after tune22a (warm): spqt tune --routes (ROUTE_RUNS), decode (ROUTE_CHECK)
 #   scripts/gpu_session.sh low22a    Q2_K's / Q3_K's tile pairs: the probe with / without (carry the first GGUF part: parks)
 #   scripts/gpu_session.sh final22   every gpu test, decode (FINAL_DECODE), spqt tune --types (FINAL_TYPES) and bench gemv
+#   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
@@ -934,6 +935,26 @@ llama2-7b:now}" 90
       fi
     fi
     echo "final22: $(( $(date +%s) - start )) s"
+    ;;
+  pairs23)
+    # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
+    # shipped table and the tuned one in turn, a process a level each
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    cp "$(tuned_table)" /tmp/shipped.json
+    timeout ${PAIRS_BUDGET:-300} python3 -m spqt.cli tune --pairs \
+      ${PAIRS_MODELS:-synthetic:llama2-7b,synthetic:llama3-8b,synthetic:llama2-13b,synthetic:llama2-70b} \
+      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/pairs-tune.log"
+    echo "pairs tune: $(( $(date +%s) - start )) s"
+    [ -f "$OUT/tuned.json" ] || { echo "no tuned table: the tune failed, nothing to compare"; exit 1; }
+    for run in ${PAIRS_RUNS:-llama2-7b:0 llama2-70b:0}; do
+      for tag in shipped tuned; do
+        cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
+        budget_decode 560 ${run%%:*} ${run#*:} "" $tag || break 2
+      done
+    done 2>&1 | tee "$OUT/pairs-decode.log"
+    cp /tmp/shipped.json "$(tuned_table)"
+    echo "pairs23: $(( $(date +%s) - start )) s"
     ;;
   final21)
     # The session's last call (the default model parked by the call before): every gpu test, then spqt bench gemv of
