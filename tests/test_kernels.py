@@ -925,6 +925,11 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
         assert "--pairs needs synthetic models" in capsys.readouterr().err
     assert main(["tune", "--pairs", "synthetic:llama2-7b", "--l2first", "synthetic:llama2-7b"]) == 2
     assert "exclude each other" in capsys.readouterr().err
+    # a route depends on an entry's pairs, not on their step timings
+    key, entry = "q4_k:256x768x4x2x64x2", cuda | {"acc": 2}  # its maps: 512x256, 256x256, 1536x256, 256x768
+    before = {"zigzag_dense": {"256x256": entry}}
+    assert not tuning.route_touched(key, before, {"zigzag_dense": {"256x256": entry | {"pairs_step_us": {"0": 1.0}}}})
+    assert tuning.route_touched(key, before, {"zigzag_dense": {"256x256": entry | {"pairs": True}}})
     # a kernel re-tune (Q4_K's dense entries replaced as a whole) drops the step-judged pairs and says so
     tuning._load_table.cache_clear()
     import spqt.bench
