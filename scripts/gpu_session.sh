@@ -126,6 +126,31 @@ gpu_tests() {
     | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
   echo "gpu tests on this machine: $(( $(date +%s) - t0 )) s"
 }
+# Every gpu test, quiet, 8 workers, at most 420 s (the final calls), logged in $OUT/pytest-gpu.log; prints the summary
+# and the stage's time so far (since $start).
+final_gpu_tests() {
+  timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
+    | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+  echo "gpu tests: $(( $(date +%s) - start )) s"
+}
+# spqt tune $1 $2 (a setting judged in whole steps: --l2first or --pairs, and its models) into $OUT/tuned.json within
+# $3 seconds, then bench decode of $4 (model:levels, a process a level) with the shipped table and the tuned one in
+# turn (decode JSON to $OUT/decode-<tag>-<model>.json where $6 is set); logs $OUT/$5-tune.log, $OUT/$5-decode.log.
+# Returns 1 where the tune wrote no table. The shipped table is back in this tree after.
+tune_and_compare() {
+  cp "$(tuned_table)" /tmp/shipped.json
+  timeout "$3" python3 -m spqt.cli tune "$1" "$2" --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
+    | tee "$OUT/$5-tune.log"
+  echo "$5 tune: $(( $(date +%s) - start )) s"
+  [ -f "$OUT/tuned.json" ] || { echo "no tuned table: the tune failed, nothing to compare"; return 1; }
+  for run in $4; do
+    for tag in shipped tuned; do
+      cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
+      budget_decode 560 ${run%%:*} ${run#*:} "${6:+$OUT/decode-$tag-${run%%:*}.json}" $tag || break 2
+    done
+  done 2>&1 | tee "$OUT/$5-decode.log"
+  cp /tmp/shipped.json "$(tuned_table)"
+}
 # scripts/cuda_variants.py (VARIANTS_ARGS: its options) within $1 seconds, logged in $OUT/cuda-variants.*
 cuda_variants() {
   timeout "$1" python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v WARN \
@@ -706,18 +731,8 @@ llama2-7b:now}" 90
     # shipped table and the tuned one in turn, a process a level each
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    cp "$(tuned_table)" /tmp/shipped.json
-    timeout ${L2F_BUDGET:-300} python3 -m spqt.cli tune --l2first ${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/l2first-tune.log"
-    echo "l2first tune: $(( $(date +%s) - start )) s"
-    [ -f "$OUT/tuned.json" ] || { echo "no tuned table: the tune failed, nothing to compare"; exit 1; }
-    for run in ${L2F_DECODE:-llama2-7b:0,0.5}; do
-      for tag in shipped tuned; do
-        cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
-        budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-$tag-${run%%:*}.json" $tag || break 2
-      done
-    done 2>&1 | tee "$OUT/l2first-decode.log"
-    cp /tmp/shipped.json "$(tuned_table)"
+    tune_and_compare --l2first "${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b}" ${L2F_BUDGET:-300} \
+      "${L2F_DECODE:-llama2-7b:0,0.5}" l2first json || exit 1
     echo "l2tune18: $(( $(date +%s) - start )) s"
     ;;
   families18)
@@ -913,9 +928,7 @@ llama2-7b:now}" 90
     # this tree) and bench gemv of those types on that table, within CALL_BUDGET
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
-    echo "gpu tests: $(( $(date +%s) - start )) s"
+    final_gpu_tests
     for run in ${FINAL_DECODE-llama2-7b:0 llama2-7b:0.5}; do
       budget_decode ${CALL_BUDGET:-560} ${run%%:*} ${run#*:} "" ${run%%:*} || break
     done | tee "$OUT/decode.log"
@@ -941,19 +954,9 @@ llama2-7b:now}" 90
     # shipped table and the tuned one in turn, a process a level each
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    cp "$(tuned_table)" /tmp/shipped.json
-    timeout ${PAIRS_BUDGET:-300} python3 -m spqt.cli tune --pairs \
-      ${PAIRS_MODELS:-synthetic:llama2-7b,synthetic:llama3-8b,synthetic:llama2-13b,synthetic:llama2-70b} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/pairs-tune.log"
-    echo "pairs tune: $(( $(date +%s) - start )) s"
-    [ -f "$OUT/tuned.json" ] || { echo "no tuned table: the tune failed, nothing to compare"; exit 1; }
-    for run in ${PAIRS_RUNS:-llama2-7b:0 llama2-70b:0}; do
-      for tag in shipped tuned; do
-        cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
-        budget_decode 560 ${run%%:*} ${run#*:} "" $tag || break 2
-      done
-    done 2>&1 | tee "$OUT/pairs-decode.log"
-    cp /tmp/shipped.json "$(tuned_table)"
+    tune_and_compare --pairs \
+      "${PAIRS_MODELS:-synthetic:llama2-7b,synthetic:llama3-8b,synthetic:llama2-13b,synthetic:llama2-70b}" \
+      ${PAIRS_BUDGET:-300} "${PAIRS_RUNS:-llama2-7b:0 llama2-70b:0}" pairs || exit 1
     echo "pairs23: $(( $(date +%s) - start )) s"
     ;;
   final21)
@@ -961,9 +964,7 @@ llama2-7b:now}" 90
     # the 132 / 264 MB Q4_K shapes (B2, B4) and bench decode of FINAL_DECODE (model:levels) within CALL_BUDGET (580 s)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
-      | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
-    echo "gpu tests: $(( $(date +%s) - start )) s"
+    final_gpu_tests
     left=$(( ${CALL_BUDGET:-580} - ($(date +%s) - start) ))
     [ $left -gt 40 ] && timeout $(( left < 70 ? left : 70 )) python3 -m spqt.cli bench gemv \
       --shapes 28672x8192,8192x28672,57344x8192 --variants B2,B4 --sparsity 0,0.25,0.4,0.5 \

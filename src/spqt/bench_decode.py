@@ -439,8 +439,8 @@ def l2first_depths(cfg: dict, k: int) -> list[int]:
 class StepChoice:
     """One entry setting that whole decode steps judge per dense map shape (spqt tune --l2first, --pairs): its name
     in the logs and results, the settings a config may take (options(cfg, k), the reference first: L2FIRST depth 0,
-    PAIRS the entry's own setting; fewer than two: nothing to judge), a config with one applied (apply(cfg, option)), the choice from {option: step us} (choose), and
-    why a shape with no options is not judged (skipped)."""
+    PAIRS the entry's own setting; fewer than two: nothing to judge), a config with one applied (apply(cfg, option)),
+    the choice from {option: step us} (choose), and why a shape with no options is not judged (skipped)."""
 
     name: str
     options: Callable

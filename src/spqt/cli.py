@@ -439,6 +439,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _synthetic_models(value: str, flag: str) -> list[str]:
+    """The synthetic models (synthetic:NAME, comma-separated) a step-judged tune option names; one clear error
+    otherwise, before any timing."""
+    from spqt.bench_decode import SYNTHETIC
+
+    models = [m.strip() for m in value.split(",") if m.strip()]
+    if not models or any(not m.startswith("synthetic:") or m.split(":", 1)[1] not in SYNTHETIC for m in models):
+        raise SpqtError(f"{flag} needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
+                        f"{', '.join(SYNTHETIC)}); got {value!r}")
+    return models
+
+
 def cmd_tune(args) -> int:
     import torch
 
@@ -456,42 +468,24 @@ def cmd_tune(args) -> int:
                         f"{','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
-    prefetched = [m.strip() for m in (args.l2first or "").split(",") if m.strip()]
-    if args.l2first is not None:
-        from spqt.bench_decode import SYNTHETIC
-
-        if not prefetched or any(not m.startswith("synthetic:") or m.split(":", 1)[1] not in SYNTHETIC
-                                 for m in prefetched):
-            raise SpqtError(f"--l2first needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
-                            f"{', '.join(SYNTHETIC)}); got {args.l2first!r}")
-    paired = [m.strip() for m in (args.pairs or "").split(",") if m.strip()]
-    if args.pairs is not None:
-        from spqt.bench_decode import SYNTHETIC
-
-        if not paired or any(not m.startswith("synthetic:") or m.split(":", 1)[1] not in SYNTHETIC for m in paired):
-            raise SpqtError(f"--pairs needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
-                            f"{', '.join(SYNTHETIC)}); got {args.pairs!r}")
-    if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None,
-                      args.l2first is not None, args.pairs is not None))) > 1:
+    # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
+    step_judged = [(flag, _synthetic_models(value, flag)) for flag, value in (("--l2first", args.l2first),
+                                                                              ("--pairs", args.pairs))
+                   if value is not None]
+    if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None))) + len(step_judged) > 1:
         raise SpqtError("--crossover-only, --cuda-against-table, --routes, --l2first and --pairs exclude each other")
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
     step_paired = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("pairs_step_us")}
-    if args.l2first is not None:
-        from spqt.bench_decode import tune_l2first
+    if step_judged:
+        from spqt import bench_decode
 
+        (flag, judged_models), = step_judged
+        judge, update, key = {"--l2first": (bench_decode.tune_l2first, tuning.with_prefetch, "l2first"),
+                              "--pairs": (bench_decode.tune_pairs, tuning.with_pairs, "pairs")}[flag]
         entries = tuning.all_entries()
-        for shape, judged in tune_l2first(prefetched).items():
-            entries["zigzag_dense"][shape] = tuning.with_prefetch(entries["zigzag_dense"][shape], judged["l2first"],
-                                                                  judged["step_us"])
-        entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
-    elif args.pairs is not None:
-        from spqt.bench_decode import tune_pairs
-
-        entries = tuning.all_entries()
-        for shape, judged in tune_pairs(paired).items():
-            entries["zigzag_dense"][shape] = tuning.with_pairs(entries["zigzag_dense"][shape], judged["pairs"],
-                                                               judged["step_us"])
+        for shape, judged in judge(judged_models).items():
+            entries["zigzag_dense"][shape] = update(entries["zigzag_dense"][shape], judged[key], judged["step_us"])
         entries = {v: e for v, e in entries.items() if e} | ({tuning.STEP_ROUTES: routes} if routes else {})
     elif args.routes is not None:
         from spqt.bench_decode import tune_routes
@@ -535,7 +529,7 @@ def cmd_tune(args) -> int:
                     else:
                         entries[variant][key] = entry
         entries = {v: e for v, e in entries.items() if e}
-    if args.routes is None and args.l2first is None and args.pairs is None and routes:
+    if args.routes is None and not step_judged and routes:
         # a route stays where none of its model's maps runs another config now (dense or sparse: the entry of its
         # shape, or the neighbour's it borrows; crossovers included, the timings not)
         before = {v: tuning.table_entries(v) for v in ("zigzag_dense", "zigzag_sparse")}
@@ -546,13 +540,15 @@ def cmd_tune(args) -> int:
         kept = {key: entry for key, entry in routes.items() if key not in stale}
         entries = {v: e for v, e in entries.items() if v != tuning.STEP_ROUTES} | (
             {tuning.STEP_ROUTES: kept} if kept else {})
-    dropped = [] if args.l2first is not None or args.pairs is not None else sorted(
+    # (--l2first may judge a depth 0 and remove it; --pairs keeps the depths)
+    dropped = [] if args.l2first is not None else sorted(
         shape for shape in prefetching if not entries.get("zigzag_dense", {}).get(shape, {}).get("l2first"))
     if dropped:
         print(f"spqt: note: the L2 prefetch depths of the shapes whose entries this replaced ({', '.join(dropped)}) "
               "are dropped; spqt tune --l2first judges them again", file=sys.stderr)
-    replaced = [] if args.pairs is not None else sorted(
-        shape for shape in step_paired if not entries.get("zigzag_dense", {}).get(shape, {}).get("pairs_step_us"))
+    # (--pairs and --l2first keep every entry's pairs step timings: nothing replaced there)
+    replaced = sorted(shape for shape in step_paired
+                      if not entries.get("zigzag_dense", {}).get(shape, {}).get("pairs_step_us"))
     if replaced:
         print(f"spqt: note: the tile pairs judged in whole decode steps of {', '.join(replaced)} are replaced by "
               "this tune's choice; spqt tune --pairs judges them again", file=sys.stderr)

@@ -209,8 +209,9 @@ class TritonLinear:
     def sparse_kept(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                     swiglu: bool = False, scale: torch.Tensor | None = None,
                     norm: tuple | None = None) -> torch.Tensor | None:
-        """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config (without
-        tile pairs) and workspace (kept_config(): or B4's), each program listing its share's inputs with |x_k| (scale_k) > threshold;
+        """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config
+        (without tile pairs) and workspace (kept_config(): or B4's), each program listing its share's inputs with
+        |x_k| (scale_k) > threshold;
         norm (gamma (K,) fp32, eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x)
         instead, the norm folded as in dense_normed. None where it cannot run here (not Q4_K in the zigzag layout, not
         fp16, the CUDA GEMV not configured, a share over NORM_SHARE columns, x or gamma unaligned)."""

@@ -255,8 +255,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
         raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and acc one of {ACCS}, not {warps}, {pipe}, {acc}")
     if "-DPAIRS=1" in extra and not pairs_run(bits, acc):
-        raise ValueError(f"tile pairs run Q4_K (bits 4) at acc 8 or 2 and Q2_K / Q3_K (bits 2 / 3) at acc 8, not bits {bits}, "
-                         f"acc {acc}")
+        raise ValueError(f"tile pairs run Q4_K (bits 4) at acc 8 or 2 and Q2_K / Q3_K (bits 2 / 3) at acc 8, not "
+                         f"bits {bits}, acc {acc}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     dims = cluster_dims(n, epilogue, split) if cluster else None
