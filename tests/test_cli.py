@@ -43,8 +43,6 @@ def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatc
     naming the tuned route where that is what runs. kept_runs / tuned_route_runs themselves: nothing where MODE_KEPT
     cannot run (kept_possible); SPQT_SPARSE_KEPT's setting where set, else the tuned route; the tuned route reported
     only when it is what runs and the steps do not count."""
-    import torch
-
     from spqt.checkpoint import load_spqt
     from spqt.generate import Generator
 
@@ -76,6 +74,28 @@ def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatc
     assert gen.tuned_route_runs(track=True) is None
     gen.kept_route = "off"
     assert gen.kept_runs() is None and gen.tuned_route_runs() is None
+    gen.kept_route = "dense"  # a level whose sparse steps were slower: every map dense, nothing in one launch
+    assert gen.kept_runs() is None and gen.tuned_route_runs() is None
+    assert not gen.step_runs_dense()  # dense itself (sparsity 0): no level to run dense
+    gen.sparsity = 0.5
+    monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: ["layers.0.qkv"])
+    assert gen.step_runs_dense()
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "off")
+    assert not gen.step_runs_dense()
+
+
+def test_generate_reports_the_dense_step_route(tiny_spqt, capsys, monkeypatch):
+    """Where the tuned step route of the level is "dense" (Generator.step_runs_dense: faked, a CPU has none), generate
+    says every map runs dense and why, not the crossover's line."""
+    from spqt.generate import Generator
+
+    for step_dense, line in ((True, "every linear map runs dense: spqt tune --routes"), (False, "their sparse kernel")):
+        monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: ["layers.0.qkv", "layers.0.o"])
+        monkeypatch.setattr(Generator, "step_runs_dense", lambda self: step_dense)
+        capsys.readouterr()
+        assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu"]) == 0
+        err = capsys.readouterr().err
+        assert line in err and ("every linear map runs dense" in err) == step_dense
 
 
 def test_generate_gemv_choice(tiny_spqt, capsys):

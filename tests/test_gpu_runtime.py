@@ -111,7 +111,8 @@ def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
     the decode with the collections launched, compared while the greedy tokens agree (at least 8 steps); MODE_KEPT
     ran every o and down map, and norm-fed maps with their norm folded (every map forced onto the CUDA GEMV). With the
     variable unset the tuned step route of the model's geometry decides (here a table naming "all" at 0.5): the same
-    tokens and logits as =1, bit for bit; =0 overrides that route."""
+    tokens and logits as =1, bit for bit; =0 overrides that route. A table naming "dense" there: every map dense, the
+    dense decode's tokens and logits bit for bit."""
     from spqt.calibrate import calibrate
     from spqt.kernels import gpu_linear, tuning
 
@@ -150,6 +151,21 @@ def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
         span = float(b_logits[step].max() - b_logits[step].min())
         err = float((a_logits[step] - b_logits[step]).abs().max())
         assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
+    # a table naming "dense" at 0.5 (no sparse step beat the dense one): every map dense, the dense decode's tokens
+    # and logits bit for bit
+    monkeypatch.delenv("SPQT_SPARSE_KEPT")
+    monkeypatch.setattr(tuning, "table_entries", lambda variant: {key: {"levels": {"0.5": {"route": "dense"}}}}
+                        if variant == tuning.STEP_ROUTES else real_entries(variant))
+    decoded = {}
+    for level in (0.5, 0.0):
+        logits = []
+        gen = Generator(loaded, "cuda", dtype=torch.float16, sparsity=level, max_len=64)
+        decoded[level] = (gen.generate(prompt, 24, track=False, on_logits=logits.append).tokens, logits)
+        if level:
+            assert gen.step_runs_dense() and gen.kept_runs() is None
+            assert len(gen.dense_fallbacks()) == 4 * loaded.config.n_layers
+    assert decoded[0.5][0] == decoded[0.0][0]
+    assert all(torch.equal(a, b) for a, b in zip(decoded[0.5][1], decoded[0.0][1]))
 
 
 @pytest.fixture(scope="module")

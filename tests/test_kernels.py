@@ -453,6 +453,22 @@ def test_kept_route_from_the_table(rng, monkeypatch):
     impl.cfg_sparse["crossover"] = 0.4  # B4 pays at 0.5: the fallback is the sparse product
     torch.testing.assert_close(lin(x).clone(), ref(x).clone(), **tol)
     assert calls == [None, None]
+    # a level whose tuned step route is "dense" (no sparse step beat the dense one): every map dense, MODE_KEPT
+    # not tried; SPQT_SPARSE_KEPT overrides the route (=dense forces it, =off runs the collected B4 where it pays)
+    monkeypatch.delenv("SPQT_SPARSE_KEPT")
+    impl.kept_route = "dense"
+    assert impl.step_dense() and not impl.collected_pays(0.9) and not impl.sparse_pays(0.9)
+    assert not impl.kept_first(0.9) and not impl.kept_first(0.9, norm_fed=True)
+    torch.testing.assert_close(lin(x).clone(), dense, **tol)
+    assert calls == [None, None] and not lin.runs_sparse()
+    lin.dense_fallback = False  # every map as asked: sparse
+    assert lin.runs_sparse()
+    lin.dense_fallback = True
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "off")
+    assert not impl.step_dense() and impl.collected_pays(0.5) and lin.runs_sparse()
+    impl.kept_route = "off"
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "dense")
+    assert impl.step_dense() and not lin.runs_sparse()
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -665,14 +681,16 @@ def test_decode_step_routes(tmp_path, monkeypatch):
     path = tmp_path / "table.json"
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
-    levels = {tuning.level_key(0.4): {"route": "off"}, tuning.level_key(0.5): {"route": "all"},
+    levels = {tuning.level_key(0.3): {"route": "dense"},
+              tuning.level_key(0.4): {"route": "off"}, tuning.level_key(0.5): {"route": "all"},
               tuning.level_key(0.65): {"route": "norm"}, tuning.level_key(0.123456789): {"route": "all"},
               tuning.level_key(0.8): {"route": "plain"}}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
                                 "entries": {tuning.STEP_ROUTES: {key: {"levels": levels}}}}))
     tuning._load_table.cache_clear()
-    for level, route in ((0.1, "off"), (0.123456789, "all"), (0.4, "off"), (0.45, "off"), (0.5, "all"), (0.6, "all"),
-                         (0.65, "norm"), (0.79, "norm"), (0.9, "off")):  # 0.8 names no route of KEPT_ROUTES
+    for level, route in ((0.1, "off"), (0.123456789, "all"), (0.3, "dense"), (0.35, "dense"), (0.4, "off"),
+                         (0.45, "off"), (0.5, "all"), (0.6, "all"), (0.65, "norm"), (0.79, "norm"),
+                         (0.9, "off")):  # 0.8 names no route of STEP_ROUTE_NAMES
         assert tuning.decode_route(key, level) == route, level
     assert tuning.decode_route("q4_k:1x2x3x4x5x6", 0.5) == "off"
     assert tuning.STEP_ROUTES not in tuning.all_entries()  # a kernel re-tune keeps only routes of untouched models
@@ -680,8 +698,13 @@ def test_decode_step_routes(tmp_path, monkeypatch):
     assert choose_route({"off": 100.0, "norm": 100.9, "all": 100.5}) == "off"  # within the margin
     assert choose_route({"off": 100.0, "norm": 103.0, "all": 106.0}) == "all"
     assert choose_route({"off": 106.4, "norm": 104.1, "all": 102.0}) == "off"
+    # timed against the dense step: a sparse route must beat it by the margin too, else the level runs dense
+    assert choose_route({"off": 100.0, "norm": 103.0, "all": 106.0, "dense": 104.0}) == "all"
+    assert choose_route({"off": 100.0, "norm": 103.0, "all": 106.0, "dense": 105.5}) == "dense"
+    assert choose_route({"off": 100.0, "norm": 100.5, "all": 100.2, "dense": 99.5}) == "dense"  # off +0.5 %
+    assert choose_route({"off": 101.0, "norm": 100.5, "all": 100.2, "dense": 99.5}) == "off"
     for value, setting in (("", None), ("0", "off"), ("off", "off"), ("1", "all"), ("all", "all"), ("norm", "norm"),
-                           ("plain", "plain"), ("table", "table"), ("junk", "off")):
+                           ("plain", "plain"), ("table", "table"), ("dense", "dense"), ("junk", "off")):
         monkeypatch.setenv("SPQT_SPARSE_KEPT", value)
         assert gpu_linear.kept_setting() == setting, value
 
@@ -699,22 +722,28 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
     from spqt.cli import main
     from spqt.kernels import tuning
 
-    rates = {"off": [100.0, 100.0, 100.0], "norm": [90.0, 130.0, 91.0], "all": [104.0, 102.0, 103.0]}
+    rates = {(0.4, "off"): [100.0, 100.0, 100.0], (0.4, "norm"): [90.0, 130.0, 91.0],
+             (0.4, "all"): [104.0, 102.0, 103.0], (0.4, "dense"): [100.5, 101.0, 99.0],
+             (0.5, "off"): [95.0] * 3, (0.5, "norm"): [96.0] * 3, (0.5, "all"): [99.0] * 3}
     asked = []
 
     def child(args, model, fmt, layout, level, log, env=None):
         asked.append((model, level, env["SPQT_SPARSE_KEPT"]))
         if model == "row.spqt":
             return {"rows": [], "copy_gbps": 1.0}
-        return {"rows": [{"tokens_per_s": rates[env["SPQT_SPARSE_KEPT"]].pop(0), "model_key": "q4_k:" + model}],
+        return {"rows": [{"tokens_per_s": rates[level, env["SPQT_SPARSE_KEPT"]].pop(0), "model_key": "q4_k:" + model}],
                 "copy_gbps": 1.0}
 
     monkeypatch.setattr(bench_decode, "_row_in_child", child)
     args = Namespace(prompt_tokens=10, new_tokens=16, head="auto")
-    found = bench_decode.tune_routes(args, ["m"], [0.5], rounds=3, log=lambda line: None)
-    assert asked == [("m", 0.5, r) for r in ("off", "norm", "all")] * 3
-    # medians 100, 91, 103 (means 100, 103.7, 103; fastest rounds 100, 130, 104): the median's choice
-    assert found["q4_k:m"]["levels"]["0.5"]["route"] == "all"
+    found = bench_decode.tune_routes(args, ["m"], [0.4, 0.5], rounds=3, log=lambda line: None)
+    # a round: the dense step once (at the first level: the same step at every level), then each level's routes
+    assert asked == ([("m", 0.4, "dense")] + [("m", lv, r) for lv in (0.4, 0.5) for r in ("off", "norm", "all")]) * 3
+    # 0.4: medians 100, 91, 103 (means 100, 103.7, 103; fastest rounds 100, 130, 104): the median's choice, which
+    # beats the dense step's median 100.5 by the margin; 0.5: "all" (99) beats off but not the dense step: dense
+    levels = found["q4_k:m"]["levels"]
+    assert levels["0.4"]["route"] == "all" and levels["0.5"]["route"] == "dense"
+    assert levels["0.5"]["tokens_per_s"] == {"off": 95.0, "norm": 96.0, "all": 99.0, "dense": 100.5}
     with pytest.raises(bench_decode.SpqtError, match="not a zigzag Q4_K model"):
         bench_decode.tune_routes(args, ["row.spqt"], [0.5], rounds=1, log=lambda line: None)
     # the command: the old table's kernel entries and other levels kept, this level replaced
@@ -853,8 +882,8 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
 def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
     """spqt tune --pairs (no GPU here: the step's timing faked): each CUDA dense shape with an entry of its own at 8 or
     2 accumulators judged once, pairs on against off (the entry's setting first), the shapes judged before running
-    their choice meanwhile and every map left as tuned after; pairs kept only beyond the margin (also turned off
-    where the entry had them); the command keeps the other keys and the routes, saves the choice and its step
+    their choice meanwhile and every map left as tuned after; the entry's setting kept unless the other beats it
+    beyond the margin (pairs turned off where the entry had them and they lose); the command keeps the other keys and the routes, saves the choice and its step
     timings; a kernel re-tune that replaces step-judged pairs says so."""
     import json
     from types import SimpleNamespace as NS
@@ -888,7 +917,7 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
                                                     b.feed_forward.down)]
     before = [dict(m.cfg_dense) for m in maps]
     monkeypatch.setattr(bench_decode, "probe_generator", lambda name: (NS(model=model), [1]))
-    gain = {"768x256": -20.0, "1024x256": +3.0, "256x512": -2.0}  # us a step with pairs on (1,000 us: margin 5 us)
+    gain = {"768x256": -20.0, "1024x256": +8.0, "256x512": -2.0}  # us a step with pairs on (1,000 us: margin 5 us)
     runs = []
 
     def steps(gen, prompt, setups, rounds, reps):
@@ -905,7 +934,7 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     found = bench_decode.tune_pairs(["synthetic:a"], rounds=3, log=lines.append)
     assert [o for o, _ in runs] == [False, True, True, False, False, True], "qkv, gate|up (pairs first), down"
     assert {s: f["pairs"] for s, f in found.items()} == {"768x256": True, "1024x256": False, "256x512": False}
-    assert found["768x256"]["step_us"] == {"0": 1003.0, "1": 983.0}, "gate|up still on as the table has it"
+    assert found["768x256"]["step_us"] == {"0": 1008.0, "1": 988.0}, "gate|up still on as the table has it"
     assert all("768x256" in on for _, on in runs[2:]) and all("1024x256" not in on for _, on in runs[4:])
     assert any("256x256: not judged (its accumulator count has no tile pairs)" in line for line in lines)
     assert [m.cfg_dense for m in maps] == before, "the maps left as tuned"
@@ -916,7 +945,11 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     assert main(["tune", "--pairs", "synthetic:llama2-7b"]) == 0
     entries = json.loads(path.read_text())["entries"]
     dense = entries["zigzag_dense"]
-    assert dense["768x256"] == own["768x256"] | {"pairs": True, "pairs_step_us": {"0": 1003.0, "1": 983.0}}
+    assert dense["768x256"] == own["768x256"] | {"pairs": True, "pairs_step_us": {"0": 1008.0, "1": 988.0}}
+    # within the margin the entry's own setting stays, on or off (off the reference turned the 70B's pairs off)
+    assert bench_decode.choose_pairs({True: 1003.0, False: 1000.0}, True) is True
+    assert bench_decode.choose_pairs({True: 997.0, False: 1000.0}, False) is False
+    assert bench_decode.choose_pairs({True: 1006.0, False: 1000.0}, True) is False
     assert "pairs" not in dense["1024x256"] and dense["256x512"]["l2first"] == 1 and "pairs" not in dense["256x512"]
     assert dense["256x256"] == own["256x256"] and entries[tuning.STEP_ROUTES] == routes
     assert tuning.launch_args(dense["768x256"])["extra"] == ("-DPAIRS=1",)

@@ -271,13 +271,16 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
                    "model_key": tuning.model_key(loaded.config, fmt)}
             row["kept_route"] = gen.tuned_route_runs()  # None: off, or SPQT_SPARSE_KEPT overrides it
+            row["step_dense"] = gen.step_runs_dense()  # every map dense: the level's tuned route (or =dense)
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
             log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
                 f"{r['ms_per_token']:8.3f} ms/token "
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
-                + (f", {len(dense_maps)} maps dense (below their crossover)" if dense_maps else "")
+                + (f", {len(dense_maps)} maps dense ("
+                   + ("the step route: no sparse step was faster)" if row["step_dense"] else "below their crossover)")
+                   if dense_maps else "")
                 + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else "")
                 + (f", MODE_KEPT on {KEPT_ROUTE_NAMES[row['kept_route']]} (tuned route)" if row["kept_route"] else "")
                 + "".join(f", {k}={v}" for k, v in row["switches"].items()))
@@ -374,35 +377,43 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     return report
 
 
-ROUTE_MARGIN = 0.01  # a route other than "off" must decode this much faster to be chosen (runs differ by ~0.5 %)
+ROUTE_MARGIN = 0.01  # a route other than "off" must decode this much faster to be chosen (runs differ by ~0.5 %),
+# and a sparse route this much faster than the dense step, else the level runs dense
 
 
 def choose_route(tokens_per_s: dict) -> str:
-    """The route of the fastest decode among {route: tokens/s} ("off" among them), "off" unless it beats "off" by
-    ROUTE_MARGIN."""
-    best = max(tokens_per_s, key=tokens_per_s.get)
-    return best if tokens_per_s[best] >= tokens_per_s["off"] * (1 + ROUTE_MARGIN) else "off"
+    """The step route from {route: tokens/s}: the fastest of tuning.KEPT_ROUTES ("off" among them), "off" unless it
+    beats "off" by ROUTE_MARGIN; then "dense" (where it was timed) unless that route beats the dense step by
+    ROUTE_MARGIN: no level may decode slower than dense (issue 14)."""
+    sparse = {r: v for r, v in tokens_per_s.items() if r in tuning.KEPT_ROUTES}
+    best = max(sparse, key=sparse.get)
+    route = best if sparse[best] >= sparse["off"] * (1 + ROUTE_MARGIN) else "off"
+    dense = tokens_per_s.get(tuning.STEP_DENSE)
+    return tuning.STEP_DENSE if dense is not None and sparse[route] < dense * (1 + ROUTE_MARGIN) else route
 
 
 def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, log=print) -> dict:
     """spqt tune --routes: for each model (synthetic:NAME or a Q4_K zigzag .spqt) and level, greedy decode timed as
     `spqt bench decode` times it, a process per route with SPQT_SPARSE_KEPT forcing it (tuning.KEPT_ROUTES: off, the
-    norm-fed maps, every sparse map), the routes alternating for `rounds` rounds; the fastest by the median of its
-    rounds (choose_route). Returns {model_key: entry} (tuning.STEP_ROUTES' format) to merge into the table."""
+    norm-fed maps, every sparse map), and a process per round with every map dense (SPQT_SPARSE_KEPT=dense, at the
+    first level: the same step at every level), in turn for `rounds` rounds; the fastest by the median of its rounds
+    (choose_route). Returns {model_key: entry} (tuning.STEP_ROUTES' format) to merge into the table."""
     found = {}
     for model in models:
+        runs = {level: {route: [] for route in tuning.STEP_ROUTE_NAMES} for level in levels}
+        key = None
+        for _ in range(rounds):
+            timed = [(levels[0], tuning.STEP_DENSE)] + [(lv, r) for lv in levels for r in tuning.KEPT_ROUTES]
+            for level, route in timed:
+                rows = _row_in_child(args, model, "q4_k", "zigzag", level, log, env={"SPQT_SPARSE_KEPT": route})["rows"]
+                if not rows:  # the child skipped it: not the zigzag layout
+                    raise SpqtError(f"spqt tune --routes: {model} is not a zigzag Q4_K model (MODE_KEPT runs on "
+                                    f"zigzag Q4_K maps)")
+                for lv in (levels if route == tuning.STEP_DENSE else [level]):
+                    runs[lv][route].append(rows[0]["tokens_per_s"])
+                key = rows[0]["model_key"]
         for level in levels:
-            runs, key = {route: [] for route in tuning.KEPT_ROUTES}, None
-            for _ in range(rounds):
-                for route in tuning.KEPT_ROUTES:
-                    rows = _row_in_child(args, model, "q4_k", "zigzag", level, log,
-                                         env={"SPQT_SPARSE_KEPT": route})["rows"]
-                    if not rows:  # the child skipped it: not the zigzag layout
-                        raise SpqtError(f"spqt tune --routes: {model} is not a zigzag Q4_K model (MODE_KEPT runs on "
-                                        f"zigzag Q4_K maps)")
-                    runs[route].append(rows[0]["tokens_per_s"])
-                    key = rows[0]["model_key"]
-            rates = {route: statistics.median(v) for route, v in runs.items()}
+            rates = {route: statistics.median(v) for route, v in runs[level].items()}
             route = choose_route(rates)
             log(f"{model} at {level:.2f}: " + ", ".join(f"{r} {v:.1f}" for r, v in rates.items())
                 + f" tokens/s (median of {rounds}) -> {route}")
@@ -417,12 +428,13 @@ L2FIRST_MARGIN = 0.005  # a depth must shorten the step's replay by this fractio
 # one config differed by up to ~0.4 % on the 70B, eighteenth session)
 
 
-def choose_l2first(step_us: dict) -> int:
-    """The depth to keep from {depth: step us} (depth 0 among them): 0 unless one shortens the step by L2FIRST_MARGIN
-    of depth 0's; then the shallowest within that margin of the fastest (a deeper one asks for more for nothing)."""
-    base, best = step_us[0], min(step_us.values())
+def choose_l2first(step_us: dict, reference: int = 0) -> int:
+    """The depth to keep from {depth: step us} (the reference, depth 0, among them): the reference unless one shortens
+    the step by L2FIRST_MARGIN of its; then the shallowest within that margin of the fastest (a deeper one asks for
+    more for nothing)."""
+    base, best = step_us[reference], min(step_us.values())
     if best > base * (1 - L2FIRST_MARGIN):
-        return 0
+        return reference
     return min(d for d, us in step_us.items() if d and us <= best + base * L2FIRST_MARGIN)
 
 
@@ -440,7 +452,8 @@ class StepChoice:
     """One entry setting that whole decode steps judge per dense map shape (spqt tune --l2first, --pairs): its name
     in the logs and results, the settings a config may take (options(cfg, k), the reference first: L2FIRST depth 0,
     PAIRS the entry's own setting; fewer than two: nothing to judge), a config with one applied (apply(cfg, option)),
-    the choice from {option: step us} (choose), and why a shape with no options is not judged (skipped)."""
+    the choice from {option: step us} and the reference (choose), and why a shape with no options is not judged
+    (skipped)."""
 
     name: str
     options: Callable
@@ -485,7 +498,7 @@ def _judge_in_steps(model: str, found: dict, rounds: int, reps: int, log, choice
                 continue
             results = alternating_step_us(gen, prompt, {o: setup(shape, o) for o in options}, rounds, reps)
             step = {o: statistics.median(r) for o, r in results.items()}
-            chosen = choice.choose(step)
+            chosen = choice.choose(step, options[0])
             log(f"{model} {shape}: " + ", ".join(f"{choice.name} {int(o)} {us:.1f}" for o, us in step.items())
                 + f" us a step (median of {rounds} rounds) -> {int(chosen)}")
             found[shape] = {choice.name: chosen, "step_us": {str(int(o)): round(us, 1) for o, us in step.items()},
@@ -526,9 +539,12 @@ def tune_l2first(models: list[str], rounds: int = 3, reps: int = 30, log=print) 
 PAIRS_MARGIN = 0.005  # tile pairs must shorten the step's replay by this fraction of it (as L2FIRST_MARGIN)
 
 
-def choose_pairs(step_us: dict) -> bool:
-    """Tile pairs on from {False: step us, True: step us} where they shorten the step by PAIRS_MARGIN of it."""
-    return step_us[True] < step_us[False] * (1 - PAIRS_MARGIN)
+def choose_pairs(step_us: dict, reference: bool) -> bool:
+    """Tile pairs on or off from {False: step us, True: step us}: the entry's own setting (reference) unless the other
+    shortens the step by PAIRS_MARGIN of it (with off as the reference, the 70B's 10240x8192 lost its pairs although
+    they ran 0.5 % faster in the step: RESULTS, twenty-third session)."""
+    other = not reference
+    return other if step_us[other] < step_us[reference] * (1 - PAIRS_MARGIN) else reference
 
 
 def pairs_options(cfg: dict, k: int) -> list[bool]:

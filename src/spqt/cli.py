@@ -229,7 +229,11 @@ def cmd_generate(args) -> int:
     label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
     dense = gen.dense_fallbacks()
-    if dense:
+    if dense and gen.step_runs_dense():
+        print("[every linear map runs dense: spqt tune --routes timed no sparse decode step faster than the dense one "
+              "at this level for this model on this GPU; SPQT_SPARSE_KEPT=off runs the sparse maps]",
+              file=sys.stderr, flush=True)
+    elif dense:
         print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
               f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
               file=sys.stderr, flush=True)
@@ -755,7 +759,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--routes", metavar="MODELS",
                    help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME or a Q4_K "
                         "zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the norm-fed maps, on "
-                        "every sparse map, and save the fastest per model geometry and level (the runtime's default)")
+                        "every sparse map, and with every map dense, and save the fastest per model geometry and level "
+                        "(the runtime's default; dense unless a sparse route beats it by 1 %%)")
     p.add_argument("--l2first", metavar="MODELS",
                    help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
                         "comma-separated) how many chunks each dense map's CUDA GEMV prefetches into L2 before it "

@@ -15,6 +15,7 @@ from spqt.checkpoint import LoadedModel
 from spqt.cpu_threads import DecodeThreads
 from spqt.decode_chain import DecodeChain, chain_on, why_not
 from spqt.errors import SpqtError
+from spqt.kernels.tuning import STEP_DENSE
 from spqt.linear import Linear
 from spqt.model import Transformer
 
@@ -276,12 +277,22 @@ class Generator:
         from spqt.kernels.gpu_linear import kept_setting
 
         setting = kept_setting() or self.kept_route
-        return None if setting == "off" else setting
+        return None if setting in ("off", STEP_DENSE) else setting
+
+    def step_runs_dense(self) -> bool:
+        """Whether every map of the decode steps runs dense although a level is set: the tuned step route of this
+        level is "dense" (spqt tune --routes timed no sparse step faster than the dense one here) or
+        SPQT_SPARSE_KEPT=dense asks it; not with dense_fallback off (every map then runs as asked)."""
+        if self.sparsity <= 0 or not self.kept_possible() or self.chain_runs():
+            return False
+        from spqt.kernels.gpu_linear import kept_setting
+
+        return (kept_setting() or self.kept_route) == STEP_DENSE and bool(self.dense_fallbacks())
 
     def tuned_route_runs(self, track: bool = False) -> str | None:
         """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it (kept_runs), None where it is
         off, where SPQT_SPARSE_KEPT overrides it, or (track) where the steps count the achieved sparsity."""
-        if track or self.kept_route == "off":
+        if track or self.kept_route in ("off", STEP_DENSE):
             return None
         from spqt.kernels.gpu_linear import kept_setting
 

@@ -11,8 +11,10 @@ share's kept inputs itself (no collection launch), the norm folded as in B2. Whi
 whole decode step, not of a map timed alone (in whole steps it gained 6 % on the 7B at 50 % and lost 4 % on the 70B;
 the table's per-map choice lost 3 % on the 70B: docs/RESULTS.md, sixteenth session), so by default a model runs the
 route that `spqt tune --routes` measured for its geometry on this GPU (kept_route, set by the Generator; off where
-none was measured). SPQT_SPARSE_KEPT overrides it: =1 every sparse map, =norm / =plain the norm-fed maps / the
-others, =0 none, =table where the tuned table says the map alone beat both B2 and the collected B4 (kept_first).
+none was measured), or every map dense where the tuned route of its level is "dense" (step_dense: no sparse step beat
+the dense one there). SPQT_SPARSE_KEPT overrides it: =1 every sparse map, =norm / =plain the norm-fed maps / the
+others, =0 none, =table where the tuned table says the map alone beat both B2 and the collected B4 (kept_first),
+=dense every map dense.
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
 runs (fp16, sm_80+, NVRTC)."""
@@ -57,14 +59,16 @@ def kept_runnable(w, v: torch.Tensor, split: int, args: dict) -> bool:
             and zigzag_cuda.kept_fits(w.shape[1], split, args["num_warps"]))
 
 
-# SPQT_SPARSE_KEPT's values: the routes by name (tuning.KEPT_ROUTES; "1" and "0" too), "plain", "table"
-KEPT_SETTINGS = {"1": "all", "0": "off", **{r: r for r in tuning.KEPT_ROUTES}, "plain": "plain", "table": "table"}
+# SPQT_SPARSE_KEPT's values: the routes by name (tuning.STEP_ROUTE_NAMES; "1" and "0" too), "plain", "table"
+KEPT_SETTINGS = {"1": "all", "0": "off", **{r: r for r in tuning.STEP_ROUTE_NAMES}, "plain": "plain",
+                 "table": "table"}
 
 
 def kept_setting() -> str | None:
     """Which sparse maps try MODE_KEPT first as SPQT_SPARSE_KEPT asks: "all" (=1 or =all), "norm" (=norm: the maps
     whose input an RMSNorm makes, q|k|v and gate|up), "plain" (=plain: the others, o and down), "table" (=table: where
-    the tuned table says the map alone won, TritonLinear.kept_pays), anything else set "off" (=0, =off); None where it
+    the tuned table says the map alone won, TritonLinear.kept_pays), "dense" (=dense: every map dense, as the tuned
+    route of a level where sparse steps do not pay), anything else set "off" (=0, =off); None where it
     is unset or empty (the default: the model's tuned step route, TritonLinear.kept_route). Read at each call; a
     decode step's captured CUDA graph keeps the routing it was captured with (Generator.drop_graphs after a change, as
     scripts/kept_probe.py does)."""
@@ -96,7 +100,7 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 
 
 class TritonLinear:
-    kept_route = "off"  # which sparse maps of the decode step run MODE_KEPT (tuning.KEPT_ROUTES; set_kept_route)
+    kept_route = "off"  # which sparse maps of the decode step run MODE_KEPT (tuning.STEP_ROUTE_NAMES; set_kept_route)
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)
@@ -167,7 +171,10 @@ class TritonLinear:
 
     def collected_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether B4 at this sparsity beat B2 for this shape when tuned (collection included,
-        or fused into the norm for norm_fed inputs); True where the table has no crossover."""
+        or fused into the norm for norm_fed inputs); True where the table has no crossover; False where the step
+        runs dense (step_dense)."""
+        if self.step_dense():
+            return False
         if self.w.layout != "zigzag" or level is None:
             return True
         key = "crossover_fused" if norm_fed else "crossover"
@@ -184,14 +191,20 @@ class TritonLinear:
         crossover = self.cfg_sparse.get("crossover_kept_fused" if norm_fed else "crossover_kept")
         return crossover is not None and level >= crossover
 
+    def step_dense(self) -> bool:
+        """Whether the decode step runs every map dense at this level: its tuned route is "dense" (sparse steps were
+        slower than the dense step there) or SPQT_SPARSE_KEPT=dense asks it."""
+        return (kept_setting() or self.kept_route) == tuning.STEP_DENSE
+
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where the
-        table decides it (SPQT_SPARSE_KEPT=table)."""
-        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed))
+        table decides it (SPQT_SPARSE_KEPT=table); never where the step runs dense (step_dense)."""
+        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed)
+                                                        and not self.step_dense())
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: as SPQT_SPARSE_KEPT asks
-        (kept_setting), else by the model's tuned step route (kept_route: "off", "norm" or "all")."""
+        (kept_setting), else by the model's tuned step route (kept_route: "off", "norm", "all" or "dense": none)."""
         setting = kept_setting() or self.kept_route
         if setting == "table":
             return self.kept_pays(level, norm_fed)

@@ -26,10 +26,13 @@ TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in
 KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks, ahead), PDL
 # Per model geometry (model_key), which sparse maps of a decode step run MODE_KEPT (one launch a map), as
 # `spqt tune --routes` measured whole decode steps: {"<model_key>": {"model": what was timed, "levels": {"0.5":
-# {"route": one of KEPT_ROUTES, "tokens_per_s": {route: rate}}}}}. Timing a map alone misjudges MODE_KEPT in the
-# step, in both directions (docs/RESULTS.md, sixteenth session), hence whole steps.
+# {"route": one of STEP_ROUTE_NAMES, "tokens_per_s": {route: rate}}}}}. Timing a map alone misjudges MODE_KEPT in
+# the step, in both directions (docs/RESULTS.md, sixteenth session), hence whole steps. Route "dense": no sparse
+# route's step beat the dense step at that level, so every map runs dense there (no level slower than dense).
 STEP_ROUTES = "step_routes"
 KEPT_ROUTES = ("off", "norm", "all")  # MODE_KEPT on no sparse map, on the norm-fed ones (q|k|v, gate|up), on all
+STEP_DENSE = "dense"  # the step route of a level where sparse steps do not pay: every map runs dense
+STEP_ROUTE_NAMES = KEPT_ROUTES + (STEP_DENSE,)
 
 
 def device_key() -> str:
@@ -223,12 +226,13 @@ def level_key(level: float) -> str:
 
 def decode_route(key: str, level: float) -> str:
     """Which sparse maps run MODE_KEPT in a decode step at this sparsity, for a model of this model_key on this GPU:
-    the route `spqt tune --routes` chose at the highest level it timed at or below `level` (KEPT_ROUTES: "off",
-    "norm": the norm-fed q|k|v and gate|up, "all"); "off" where it timed none, or the entry names no route."""
+    the route `spqt tune --routes` chose at the highest level it timed at or below `level` (STEP_ROUTE_NAMES: "off",
+    "norm": the norm-fed q|k|v and gate|up, "all", or "dense": every map dense, the sparse steps were slower); "off"
+    where it timed none, or the entry names no route it knows."""
     levels = table_entries(STEP_ROUTES).get(key, {}).get("levels", {})
     below = [lv for lv in levels if float(lv) <= level]
     route = levels[max(below, key=float)].get("route") if below else "off"
-    return route if route in KEPT_ROUTES else "off"
+    return route if route in STEP_ROUTE_NAMES else "off"
 
 
 def config(variant: str, n: int, k: int) -> dict:
