@@ -202,6 +202,22 @@ def test_tune_routes_bad_input(capsys):
     _error(capsys, ["tune", "--routes", "synthetic:tiny", "--route-levels", "0.5,1.5"], "--route-levels in (0, 1)")
 
 
+def test_bench_decode_compares_each_level_with_dense():
+    """spqt bench decode's rows: each sparse row's speed over its model's, type's and layout's dense row, and a line
+    naming the levels slower than dense beyond the runs' margin (none where a model has no dense row)."""
+    from spqt.bench_decode import compare_with_dense
+
+    def row(model, s, rate, layout="zigzag"):
+        return {"model": model, "type": "q4_k", "layout": layout, "sparsity": s, "tokens_per_s": rate}
+
+    rows = [row("a", 0.0, 100.0), row("a", 0.25, 99.6), row("a", 0.4, 97.0), row("a", 0.5, 150.0),
+            row("a", 0.0, 50.0, "row"), row("b", 0.5, 80.0)]
+    lines = compare_with_dense(rows)
+    assert lines == ["a q4_k zigzag: over dense 0.25 1.00x, 0.4 0.97x, 0.5 1.50x; slower than dense by over 1 %: 0.4"]
+    assert [r.get("over_dense") for r in rows] == [None, 0.996, 0.97, 1.5, None, None]
+    assert compare_with_dense([row("a", 0.0, 100.0), row("a", 0.5, 120.0)])[0].endswith("by over 1 %: none")
+
+
 def test_bench_decode_rows_record_the_route_switches(monkeypatch):
     """A decode row records the SPQT_* variables that change what a step runs (not the cache, commit or API key)."""
     import os

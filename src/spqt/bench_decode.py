@@ -361,6 +361,8 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
                 copies.append(child["copy_gbps"])
                 rows += [dict(r, copy_gbps=child["copy_gbps"]) for r in child["rows"]]
         copy_gbps = statistics.median(copies) if copies else copy_bandwidth()
+    for line in compare_with_dense(rows):
+        log(line)
     report = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,
               "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
               "method": "greedy decode, CUDA graph per step, median of per-step synchronised wall times; "
@@ -375,6 +377,24 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
 
         atomic_write(Path(json_path), lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1)))
     return report
+
+
+def compare_with_dense(rows: list[dict]) -> list[str]:
+    """Each sparse row's speed over the dense row of its model, type and layout ("over_dense", set in the rows) and
+    a line per (model, type, layout) with a dense row: the ratios, and the levels slower than dense by more than
+    ROUTE_MARGIN (runs differ by ~0.5 %), which issue 14 allows none of."""
+    lines = []
+    dense = {(r["model"], r["type"], r["layout"]): r["tokens_per_s"] for r in rows if r["sparsity"] == 0}
+    for key, base in dense.items():
+        sparse = [r for r in rows if (r["model"], r["type"], r["layout"]) == key and r["sparsity"] > 0]
+        for r in sparse:
+            r["over_dense"] = r["tokens_per_s"] / base
+        if sparse:
+            slower = [f"{r['sparsity']:g}" for r in sparse if r["over_dense"] < 1 - ROUTE_MARGIN]
+            lines.append(f"{key[0]} {key[1]} {key[2]}: over dense " + ", ".join(
+                f"{r['sparsity']:g} {r['over_dense']:.2f}x" for r in sparse)
+                + f"; slower than dense by over {100 * ROUTE_MARGIN:.0f} %: {', '.join(slower) or 'none'}")
+    return lines
 
 
 ROUTE_MARGIN = 0.01  # a route other than "off" must decode this much faster to be chosen (runs differ by ~0.5 %),

@@ -769,9 +769,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
                         "comma-separated) whether each dense map's CUDA GEMV (8 or 2 accumulators) multiplies tile "
                         "pairs, and save the choice per shape")
-    p.add_argument("--route-levels", type=_floats, default=[0.5],
+    p.add_argument("--route-levels", type=_floats, default=[0.25, 0.4, 0.5, 0.65],
                    help="--routes: sparsity levels, comma-separated (a level runs the route of the highest level timed "
-                        "at or below it; below all of them, off)")
+                        "at or below it; below all of them, off); default the evaluation's 0.25,0.4,0.5,0.65")
     p.add_argument("--route-rounds", type=int, default=2, help="--routes: rounds of the routes in turn (median)")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--routes: as spqt bench decode")
