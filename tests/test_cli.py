@@ -44,7 +44,7 @@ def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatc
     cannot run (kept_possible); SPQT_SPARSE_KEPT's setting where set, else the tuned route; the tuned route reported
     only when it is what runs and the steps do not count."""
     from spqt.checkpoint import load_spqt
-    from spqt.generate import Generator
+    from spqt.generate import DENSE_STEP_FORCED, Generator, sparse_linears
 
     tracked = []
     real_generate = Generator.generate
@@ -76,26 +76,42 @@ def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatc
     assert gen.kept_runs() is None and gen.tuned_route_runs() is None
     gen.kept_route = "dense"  # a level whose sparse steps were slower: every map dense, nothing in one launch
     assert gen.kept_runs() is None and gen.tuned_route_runs() is None
-    assert not gen.step_runs_dense()  # dense itself (sparsity 0): no level to run dense
+    assert gen.dense_step_reason() is None  # dense itself (sparsity 0): no level to run dense
     gen.sparsity = 0.5
-    monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: ["layers.0.qkv"])
-    assert gen.step_runs_dense()
+    for layer, kind, lin in sparse_linears(gen.model):
+        lin.set_threshold(0.1, level=0.5)
+    every = [f"layers.{layer}.{kind}" for layer, kind, _ in sparse_linears(gen.model)]
+    monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: every)
+    assert "spqt tune --routes timed" in gen.dense_step_reason()
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "off")
-    assert not gen.step_runs_dense()
+    assert gen.dense_step_reason() is None
+    monkeypatch.setenv("SPQT_SPARSE_KEPT", "dense")  # forced, whatever the route and wherever MODE_KEPT cannot run
+    gen.kept_route = "off"
+    monkeypatch.setattr(Generator, "kept_possible", lambda self: False)
+    assert gen.dense_step_reason() == DENSE_STEP_FORCED
+    monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: every[1:])  # a map sparse (--no-dense-fallback
+    assert gen.dense_step_reason() is None  # leaves none dense): not every map dense, no reason
 
 
 def test_generate_reports_the_dense_step_route(tiny_spqt, capsys, monkeypatch):
-    """Where the tuned step route of the level is "dense" (Generator.step_runs_dense: faked, a CPU has none), generate
-    says every map runs dense and why, not the crossover's line."""
+    """Where every map of the level runs dense (Generator.dense_step_reason: faked, a CPU has no step routes), generate
+    says so and why, not the crossover's line, and does not count the achieved sparsity (a kernel a map, to count
+    nothing, in a step meant to run as fast as the dense one)."""
     from spqt.generate import Generator
 
-    for step_dense, line in ((True, "every linear map runs dense: spqt tune --routes"), (False, "their sparse kernel")):
+    tracked = []
+    real_generate = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, *a, **kw: tracked.append(kw["track"]) or real_generate(
+        self, *a, **kw))
+    for reason, line in (("spqt tune --routes timed it", "every linear map runs dense: spqt tune --routes timed it"),
+                         (None, "their sparse kernel")):
         monkeypatch.setattr(Generator, "dense_fallbacks", lambda self: ["layers.0.qkv", "layers.0.o"])
-        monkeypatch.setattr(Generator, "step_runs_dense", lambda self: step_dense)
+        monkeypatch.setattr(Generator, "dense_step_reason", lambda self: reason)
         capsys.readouterr()
         assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu"]) == 0
         err = capsys.readouterr().err
-        assert line in err and ("every linear map runs dense" in err) == step_dense
+        assert line in err and ("every linear map runs dense" in err) == (reason is not None)
+    assert tracked == [False, True]
 
 
 def test_generate_gemv_choice(tiny_spqt, capsys):

@@ -956,6 +956,9 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     for bad in ("model.spqt", "synthetic:nope"):  # checked before any timing
         assert main(["tune", "--pairs", bad]) == 2
         assert "--pairs needs synthetic models" in capsys.readouterr().err
+    assert bench_decode.choose_l2first({0: 1000.0, 1: 990.0, 2: 940.0}) == 2
+    assert bench_decode.choose_l2first({0: 900.0, 1: 1000.0, 2: 1000.0}, reference=2) == 0  # another reference
+    assert bench_decode.choose_l2first({0: 1000.0, 1: 997.0}) == 0
     assert main(["tune", "--pairs", "synthetic:llama2-7b", "--l2first", "synthetic:llama2-7b"]) == 2
     assert "exclude each other" in capsys.readouterr().err
     # a route depends on an entry's pairs, not on their step timings

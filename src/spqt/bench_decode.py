@@ -22,7 +22,7 @@ import spqt
 from spqt.checkpoint import LoadedModel, QuantizedWeight, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
-from spqt.generate import KEPT_ROUTE_NAMES, Generator, sparse_linears
+from spqt.generate import DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, Generator, sparse_linears
 from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
@@ -271,7 +271,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
                    "model_key": tuning.model_key(loaded.config, fmt)}
             row["kept_route"] = gen.tuned_route_runs()  # None: off, or SPQT_SPARSE_KEPT overrides it
-            row["step_dense"] = gen.step_runs_dense()  # every map dense: the level's tuned route (or =dense)
+            row["dense_step"] = gen.dense_step_reason()  # why every map runs dense (the level's route, =dense)
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
             log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
@@ -279,7 +279,9 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
                 + (f", {len(dense_maps)} maps dense ("
-                   + ("the step route: no sparse step was faster)" if row["step_dense"] else "below their crossover)")
+                   + ("SPQT_SPARSE_KEPT=dense)" if row["dense_step"] == DENSE_STEP_FORCED
+                      else "the step route: no sparse step was faster)" if row["dense_step"]
+                      else "below their crossover)")
                    if dense_maps else "")
                 + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else "")
                 + (f", MODE_KEPT on {KEPT_ROUTE_NAMES[row['kept_route']]} (tuned route)" if row["kept_route"] else "")
@@ -425,7 +427,8 @@ def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, l
         for _ in range(rounds):
             timed = [(levels[0], tuning.STEP_DENSE)] + [(lv, r) for lv in levels for r in tuning.KEPT_ROUTES]
             for level, route in timed:
-                rows = _row_in_child(args, model, "q4_k", "zigzag", level, log, env={"SPQT_SPARSE_KEPT": route})["rows"]
+                rows = _row_in_child(args, model, "q4_k", "zigzag", level, log,  # (the chain runs no route)
+                                     env={"SPQT_SPARSE_KEPT": route, "SPQT_CHAIN": "0"})["rows"]
                 if not rows:  # the child skipped it: not the zigzag layout
                     raise SpqtError(f"spqt tune --routes: {model} is not a zigzag Q4_K model (MODE_KEPT runs on "
                                     f"zigzag Q4_K maps)")
@@ -455,7 +458,7 @@ def choose_l2first(step_us: dict, reference: int = 0) -> int:
     base, best = step_us[reference], min(step_us.values())
     if best > base * (1 - L2FIRST_MARGIN):
         return reference
-    return min(d for d, us in step_us.items() if d and us <= best + base * L2FIRST_MARGIN)
+    return min(d for d, us in step_us.items() if d != reference and us <= best + base * L2FIRST_MARGIN)
 
 
 def l2first_depths(cfg: dict, k: int) -> list[int]:

@@ -228,17 +228,16 @@ def cmd_generate(args) -> int:
     gemv = {"cpu-fp16": " fp16-gemv", "cpu-native": " native-gemv"}.get(backend, "")
     label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
-    dense = gen.dense_fallbacks()
-    if dense and gen.step_runs_dense():
-        print("[every linear map runs dense: spqt tune --routes timed no sparse decode step faster than the dense one "
-              "at this level for this model on this GPU; SPQT_SPARSE_KEPT=off runs the sparse maps]",
-              file=sys.stderr, flush=True)
+    dense, dense_step = gen.dense_fallbacks(), gen.dense_step_reason()
+    if dense_step:
+        print(f"[every linear map runs dense: {dense_step}]", file=sys.stderr, flush=True)
     elif dense:
         print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
               f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
               file=sys.stderr, flush=True)
     # MODE_KEPT (sparse maps in one launch) runs where the steps do not count the achieved sparsity (counting takes
-    # the collected path): where it applies, decode fast and do not count
+    # the collected path): where it applies, decode fast and do not count; nor where every map runs dense (counting
+    # would add a kernel a map to a step that should run as fast as the dense one, to count nothing)
     kept, route = gen.kept_runs(), gen.tuned_route_runs()
     if route:
         print(f"[{KEPT_ROUTE_NAMES[route]} in one launch each: spqt tune --routes measured it faster for this model on "
@@ -258,7 +257,8 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream, track=kept is None)
+    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream,
+                          track=kept is None and dense_step is None)
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
@@ -771,7 +771,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "pairs, and save the choice per shape")
     p.add_argument("--route-levels", type=_floats, default=[0.25, 0.4, 0.5, 0.65],
                    help="--routes: sparsity levels, comma-separated (a level runs the route of the highest level timed "
-                        "at or below it; below all of them, off); default the evaluation's 0.25,0.4,0.5,0.65")
+                        "at or below it; below all of them, off); default the evaluation's 0.25,0.4,0.5,0.65 (a process "
+                        "a route and level and one for the dense step, each round: 26 on the 7B, ~5 minutes on an H200)")
     p.add_argument("--route-rounds", type=int, default=2, help="--routes: rounds of the routes in turn (median)")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--routes: as spqt bench decode")

@@ -91,6 +91,7 @@ def set_dense_fallback(model: Transformer, active: bool) -> None:
     model.switches = {**getattr(model, "switches", {}), "dense_fallback": active}
 
 
+DENSE_STEP_FORCED = "SPQT_SPARSE_KEPT=dense asks it"  # Generator.dense_step_reason where the variable forces it
 KEPT_ROUTE_NAMES = {"norm": "the norm-fed maps", "all": "every sparse map"}  # the MODE_KEPT routes other than off
 
 
@@ -279,15 +280,22 @@ class Generator:
         setting = kept_setting() or self.kept_route
         return None if setting in ("off", STEP_DENSE) else setting
 
-    def step_runs_dense(self) -> bool:
-        """Whether every map of the decode steps runs dense although a level is set: the tuned step route of this
-        level is "dense" (spqt tune --routes timed no sparse step faster than the dense one here) or
-        SPQT_SPARSE_KEPT=dense asks it; not with dense_fallback off (every map then runs as asked)."""
-        if self.sparsity <= 0 or not self.kept_possible() or self.chain_runs():
-            return False
+    def dense_step_reason(self) -> str | None:
+        """Why every map of the decode steps runs dense although a level is set, None where they do not: the tuned
+        step route of this level is "dense" (spqt tune --routes timed no sparse step faster than the dense one
+        here), or SPQT_SPARSE_KEPT=dense asks it (any implementation that has crossovers); never with dense_fallback
+        off (every map then runs as asked) or in the chain (it runs every thresholded map sparse)."""
+        thresholded = sum(lin.threshold is not None for _, _, lin in sparse_linears(self.model))
+        if self.sparsity <= 0 or self.chain_runs() or not 0 < thresholded <= len(self.dense_fallbacks()):
+            return None
         from spqt.kernels.gpu_linear import kept_setting
 
-        return (kept_setting() or self.kept_route) == STEP_DENSE and bool(self.dense_fallbacks())
+        if kept_setting() is not None:
+            return DENSE_STEP_FORCED if kept_setting() == STEP_DENSE else None
+        if self.kept_route == STEP_DENSE:
+            return ("spqt tune --routes timed no sparse decode step faster than the dense one at this level for this "
+                    "model on this GPU; SPQT_SPARSE_KEPT=off runs the sparse maps")
+        return None
 
     def tuned_route_runs(self, track: bool = False) -> str | None:
         """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it (kept_runs), None where it is

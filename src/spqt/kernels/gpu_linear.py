@@ -198,9 +198,8 @@ class TritonLinear:
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where the
-        table decides it (SPQT_SPARSE_KEPT=table); never where the step runs dense (step_dense)."""
-        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed)
-                                                        and not self.step_dense())
+        table decides it (SPQT_SPARSE_KEPT=table); never where the step runs dense (step_dense: collected_pays)."""
+        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed))
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: as SPQT_SPARSE_KEPT asks

@@ -77,9 +77,9 @@ class Engine:
         # costs little, so GPU timings in the log are the plain decode.
         self.track = self.generator.device == "cpu" and sparsity > 0
         dense, kept = self.generator.dense_fallbacks(), None if self.track else self.generator.kept_runs()
-        if dense and self.generator.step_runs_dense():
-            log.info("every linear map runs dense: spqt tune --routes timed no sparse decode step faster than the "
-                     "dense one at this level for this model on this GPU")
+        dense_step = self.generator.dense_step_reason()
+        if dense_step:
+            log.info("every linear map runs dense: %s", dense_step)
         elif dense:
             log.info("%d of %d linear maps run dense: at this level their sparse kernel is not faster on this GPU "
                      "(spqt tune's crossover)", len(dense), 4 * loaded.config.n_layers)
