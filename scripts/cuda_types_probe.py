@@ -59,7 +59,8 @@ for spec in args.shapes.split(","):
 
     def calls(cfg, mode):
         ws = wss[cfg["split"]]
-        kw = {"num_warps": cfg["num_warps"], "acc": cfg["acc"], "impl": "cuda", "extra": tuning.launch_args(cfg)["extra"]}
+        kw = {"num_warps": cfg["num_warps"], "acc": cfg["acc"], "impl": "cuda",
+              "extra": tuning.launch_args(cfg)["extra"]}
         if mode == kg.MODE_DENSE:
             return [(lambda w=w: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **kw)) for w in cus]
         return [(lambda w=w: (collect(x, t, ws.idx, ws.count),

@@ -151,6 +151,34 @@ tune_and_compare() {
   done 2>&1 | tee "$OUT/$5-decode.log"
   cp /tmp/shipped.json "$(tuned_table)"
 }
+# spqt tune --routes for each of $1 (model[,model]:levels) while the stage's time (since $start) stays under
+# CALL_BUDGET (default $2) less $3 seconds kept for what follows; the table to $OUT/tuned.json and into this tree after
+# each; logged in $OUT/routes.log.
+tune_route_runs() {
+  for run in $1; do
+    left=$(( ${CALL_BUDGET:-$2} - $3 - ($(date +%s) - start) ))
+    [ $left -lt 60 ] && { echo "no time left for $run"; break; }
+    timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
+      2>&1 | grep -v WARN | grep "tok/s\|tokens/s (median\|wrote\|error"
+    cp "$OUT/tuned.json" "$(tuned_table)"
+    echo "routes $run: $(( $(date +%s) - start )) s"
+  done 2>&1 | tee "$OUT/routes.log"
+}
+# budget_decode (CALL_BUDGET, default 560 s) of each of $1 (model:levels), its lines tagged $2, its JSON to
+# $3-<model>-<levels>.json where $3 is set; stops when the time is out.
+tagged_decodes() {
+  for run in $1; do
+    budget_decode 560 ${run%%:*} ${run#*:} "${3:+$3-${run%%:*}-${run#*:}.json}" $2 || break
+  done
+}
+# spqt tune --cuda-against-table for shapes $1 within $2 seconds into $OUT/tuned.json (log $OUT/tune-pairs.log, its
+# last $3 summary lines shown) and into this tree's table; prints the stage's time so far (since $start).
+retune_against_table() {
+  timeout "$2" python3 -m spqt.cli tune --cuda-against-table --shapes "$1" --output "$OUT/tuned.json" 2>&1 \
+    | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -"$3"
+  cp "$OUT/tuned.json" "$(tuned_table)"
+  echo "tune: $(( $(date +%s) - start )) s"
+}
 # scripts/cuda_variants.py (VARIANTS_ARGS: its options) within $1 seconds, logged in $OUT/cuda-variants.*
 cuda_variants() {
   timeout "$1" python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v WARN \
@@ -842,16 +870,9 @@ llama2-7b:now}" 90
     timeout 150 python3 scripts/b2_cut_probe.py --sweep --shapes ${CUT_SHAPES:-$shapes,8192x8192} \
       --json "$OUT/b2-cut.json" 2>&1 | grep -v WARN | tee "$OUT/b2-cut.log"
     echo "probe: $(( $(date +%s) - start )) s"
-    for run in ${PAIRS_DECODE-llama2-70b:0}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "" before || break
-    done | tee "$OUT/decode-pairs.log"
-    timeout 240 python3 -m spqt.cli tune --cuda-against-table --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -20
-    cp "$OUT/tuned.json" "$(tuned_table)"
-    echo "tune: $(( $(date +%s) - start )) s"
-    for run in ${PAIRS_DECODE-llama2-70b:0}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-after.json" after || break
-    done | tee -a "$OUT/decode-pairs.log"
+    tagged_decodes "${PAIRS_DECODE-llama2-70b:0}" before | tee "$OUT/decode-pairs.log"
+    retune_against_table $shapes 240 20
+    tagged_decodes "${PAIRS_DECODE-llama2-70b:0}" after "$OUT/decode-after" | tee -a "$OUT/decode-pairs.log"
     echo "pairs: $(( $(date +%s) - start )) s"
     ;;
   tune22a)
@@ -860,22 +881,14 @@ llama2-7b:now}" 90
     # $OUT/tuned.json, into this tree and to /tmp/tuned22.json (tune22b starts from it on a warm machine)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for run in ${TUNE_BEFORE-llama2-70b:0 llama2-7b:0}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "" before || break
-    done | tee "$OUT/decode-tune.log"
-    timeout 200 python3 -m spqt.cli tune --cuda-against-table \
-      --shapes ${TUNE_SHAPES:-8192x8192,12288x4096,22016x4096,4096x11008,4096x4096} --output "$OUT/tuned.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -24
-    cp "$OUT/tuned.json" "$(tuned_table)"
-    echo "tune: $(( $(date +%s) - start )) s"
+    tagged_decodes "${TUNE_BEFORE-llama2-70b:0 llama2-7b:0}" before | tee "$OUT/decode-tune.log"
+    retune_against_table ${TUNE_SHAPES:-8192x8192,12288x4096,22016x4096,4096x11008,4096x4096} 200 24
     timeout 150 python3 -m spqt.cli tune --l2first ${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b,synthetic:llama3-8b} \
       --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/l2first-tune.log" | tail -8
     cp "$OUT/tuned.json" "$(tuned_table)"
     cp "$OUT/tuned.json" /tmp/tuned22.json
     echo "l2first: $(( $(date +%s) - start )) s"
-    for run in ${TUNE_AFTER-llama2-70b:0 llama2-70b:0.5}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-after-${run%%:*}-${run#*:}.json" after || break
-    done | tee -a "$OUT/decode-tune.log"
+    tagged_decodes "${TUNE_AFTER-llama2-70b:0 llama2-70b:0.5}" after "$OUT/decode-after" | tee -a "$OUT/decode-tune.log"
     echo "tune22a: $(( $(date +%s) - start )) s"
     ;;
   tune22b)
@@ -886,14 +899,7 @@ llama2-7b:now}" 90
     start=$(date +%s)
     [ -f /tmp/tuned22.json ] && cp /tmp/tuned22.json "$(tuned_table)" && echo "table: tune22a's"
     cp "$(tuned_table)" "$OUT/tuned.json"
-    for run in ${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5,0.65 synthetic:llama3-8b:0.5}; do
-      left=$(( ${CALL_BUDGET:-560} - 120 - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
-        2>&1 | grep -v WARN | grep "tok/s\|tokens/s (median\|wrote\|error"
-      cp "$OUT/tuned.json" "$(tuned_table)"
-      echo "routes $run: $(( $(date +%s) - start )) s"
-    done 2>&1 | tee "$OUT/routes.log"
+    tune_route_runs "${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5,0.65 synthetic:llama3-8b:0.5}" 560 120
     for run in ${ROUTE_CHECK-llama2-7b:0 llama2-7b:0.5}; do
       budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-route-${run%%:*}-${run#*:}.json" after || break
     done | tee "$OUT/route-decode.log"
@@ -1045,14 +1051,7 @@ llama2-7b:now}" 90
     # (ROUTE_CHECK, model:levels) running the tuned route
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for run in ${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5 synthetic:llama2-70b,synthetic:llama3-8b:0.5}; do
-      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 -m spqt.cli tune --routes ${run%:*} --route-levels ${run##*:} --output "$OUT/tuned.json" \
-        2>&1 | grep -v WARN | grep "tok/s\|tokens/s (median\|wrote\|error"
-      cp "$OUT/tuned.json" "$(tuned_table)"
-      echo "routes $run: $(( $(date +%s) - start )) s"
-    done 2>&1 | tee "$OUT/routes.log"
+    tune_route_runs "${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5 synthetic:llama2-70b,synthetic:llama3-8b:0.5}" 540 0
     for run in ${ROUTE_CHECK:-llama2-7b:0.5}; do
       left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
       [ $left -lt 40 ] && { echo "no time left for $run"; break; }

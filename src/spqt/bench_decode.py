@@ -424,8 +424,8 @@ def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, l
     for model in models:
         runs = {level: {route: [] for route in tuning.STEP_ROUTE_NAMES} for level in levels}
         key = None
+        timed = [(levels[0], tuning.STEP_DENSE)] + [(lv, r) for lv in levels for r in tuning.KEPT_ROUTES]  # a round
         for _ in range(rounds):
-            timed = [(levels[0], tuning.STEP_DENSE)] + [(lv, r) for lv in levels for r in tuning.KEPT_ROUTES]
             for level, route in timed:
                 rows = _row_in_child(args, model, "q4_k", "zigzag", level, log,  # (the chain runs no route)
                                      env={"SPQT_SPARSE_KEPT": route, "SPQT_CHAIN": "0"})["rows"]

@@ -290,8 +290,9 @@ class Generator:
             return None
         from spqt.kernels.gpu_linear import kept_setting
 
-        if kept_setting() is not None:
-            return DENSE_STEP_FORCED if kept_setting() == STEP_DENSE else None
+        setting = kept_setting()
+        if setting is not None:
+            return DENSE_STEP_FORCED if setting == STEP_DENSE else None
         if self.kept_route == STEP_DENSE:
             return ("spqt tune --routes timed no sparse decode step faster than the dense one at this level for this "
                     "model on this GPU; SPQT_SPARSE_KEPT=off runs the sparse maps")
@@ -300,7 +301,7 @@ class Generator:
     def tuned_route_runs(self, track: bool = False) -> str | None:
         """The tuned MODE_KEPT route ("norm" or "all") where the decode steps run it (kept_runs), None where it is
         off, where SPQT_SPARSE_KEPT overrides it, or (track) where the steps count the achieved sparsity."""
-        if track or self.kept_route in ("off", STEP_DENSE):
+        if track or self.kept_route == "off":
             return None
         from spqt.kernels.gpu_linear import kept_setting
 
