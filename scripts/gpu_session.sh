@@ -1085,12 +1085,12 @@ llama2-7b:now}" 90
     SPQT_CUDA_DEFINES="-DKEPT_L2=2" timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py -k "cuda_kept_mode" \
       -n 4 2>&1 | tail -3 | tee "$OUT/keptl2-tests.log"
     echo "kept tests with KEPT_L2=2: $(( $(date +%s) - start )) s"
-    values=""
-    for d in ${KEPT_L2_VALUES:-1 2 3}; do values="$values -DKEPT_L2=$d"; done
+    values=()  # (a leading space: argparse takes "-D..." for an option)
+    for d in ${KEPT_L2_VALUES:-1 2 3}; do values+=(" -DKEPT_L2=$d"); done
     for run in ${DEFINES_RUNS:-llama2-7b:0.5 llama2-7b:0.65 llama3-8b:0.5 llama2-70b:0.5}; do
       left=$(( ${CALL_BUDGET:-480} - ($(date +%s) - start) ))
       [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 scripts/defines_probe.py --defines "" $values --model synthetic:${run%%:*} \
+      timeout $left python3 scripts/defines_probe.py --defines "" "${values[@]}" --model synthetic:${run%%:*} \
         --sparsity ${run#*:} 2>&1 | grep -v WARN | tee -a "$OUT/keptl2-probe.log"
       echo "probe $run: $(( $(date +%s) - start )) s"
     done
