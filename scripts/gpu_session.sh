@@ -64,8 +64,6 @@
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
-#   scripts/gpu_session.sh keptl2    MODE_KEPT's first chunks into L2 before the PDL wait (KEPT_L2): its gpu tests, the step
-#                                    with each depth (defines_probe.py: KEPT_L2_VALUES, DEFINES_RUNS)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -1075,25 +1073,6 @@ llama2-7b:now}" 90
       done
     done 2>&1 | tee "$OUT/kept-decode.log"
     echo "kept decode: $(( $(date +%s) - start )) s"
-    ;;
-  keptl2)
-    # MODE_KEPT's first chunks prefetched into L2 before the PDL wait (zigzag_q4k.cu KEPT_L2): its gpu tests with the
-    # define, then the step with each depth (scripts/defines_probe.py, KEPT_L2_VALUES) for DEFINES_RUNS (model:level)
-    # within CALL_BUDGET (default 480 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    SPQT_CUDA_DEFINES="-DKEPT_L2=2" timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py -k "cuda_kept_mode" \
-      -n 4 2>&1 | tail -3 | tee "$OUT/keptl2-tests.log"
-    echo "kept tests with KEPT_L2=2: $(( $(date +%s) - start )) s"
-    values=()  # (a leading space: argparse takes "-D..." for an option)
-    for d in ${KEPT_L2_VALUES:-1 2 3}; do values+=(" -DKEPT_L2=$d"); done
-    for run in ${DEFINES_RUNS:-llama2-7b:0.5 llama2-7b:0.65 llama3-8b:0.5 llama2-70b:0.5}; do
-      left=$(( ${CALL_BUDGET:-480} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 scripts/defines_probe.py --defines "" "${values[@]}" --model synthetic:${run%%:*} \
-        --sparsity ${run#*:} 2>&1 | grep -v WARN | tee -a "$OUT/keptl2-probe.log"
-      echo "probe $run: $(( $(date +%s) - start )) s"
-    done
     ;;
   kept2)
     # MODE_KEPT with the share of x staged once and B4's config: its gpu tests, the GEMV per shape (KEPT_GEMV), then

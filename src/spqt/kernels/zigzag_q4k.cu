@@ -106,10 +106,6 @@
 #define L2FIRST 0  // B2: chunks 1 .. L2FIRST of a warp's share prefetched into L2 before griddepcontrol.wait
 #endif           // (weights only: they stream while the kernel before this one still runs; a table entry's
                  // "l2first", judged in whole decode steps by spqt tune --l2first)
-#ifndef KEPT_L2
-#define KEPT_L2 0  // MODE 3: chunks 0 .. KEPT_L2 - 1 of a warp's share, every column taken as kept, prefetched into L2
-#endif             // before griddepcontrol.wait (which columns are kept is known only after it; the dropped ones'
-                   // bytes are read for nothing)
 #ifndef NORM
 #define NORM 0  // B2: 1 x is the RMSNorm's input: each program first writes its share of the normed input,
 #endif          // fp16((x_k rstd) gamma_k) (gamma fp32), into dynamic shared memory (6 bytes a column: launch with
@@ -1073,16 +1069,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   // offsets and their x. Nothing is loaded before the wait: which weights a chunk reads depends on x.
   const int first = s * per, hi = min(K, first + per);
   extern __shared__ __align__(16) float share_smem[];
-#if KEPT_L2 > 0
-  {  // the warp's dense chunk a (column first + 16 warp + a step): quants of plane 0 at q0 + 4 a step, heads at h0 + ...
-    const int j0 = first + 16 * warp, step0 = 16 * WARPS;
-    const uint4* q0 = q + (size_t)((TYPE == 8 ? 4 : 2) * r) * K * QV + (size_t)j0 * QV;
-    const uint4* h0 = h + (size_t)(r >> 2) * K * 4 + (size_t)j0 * 4;
-#pragma unroll 1
-    for (int a = 0; a < KEPT_L2 && j0 + a * step0 < hi - 15; ++a)
-      prefetch_chunk(q0 + a * step0 * QV, h0 + a * step0 * 4, (size_t)K * QV, lane);
-  }
-#endif
   pdl_wait_then_release();
 #if NORM
   unsigned short* x_normed = reinterpret_cast<unsigned short*>(share_smem + per);
