@@ -61,6 +61,8 @@
 #   scripts/gpu_session.sh tune22b   after tune22a (warm): spqt tune --routes (ROUTE_RUNS), decode (ROUTE_CHECK)
 #   scripts/gpu_session.sh low22a    Q2_K's / Q3_K's tile pairs: the probe with / without (carry the first GGUF part: parks)
 #   scripts/gpu_session.sh final22   every gpu test, decode (FINAL_DECODE), spqt tune --types (FINAL_TYPES) and bench gemv
+#   scripts/gpu_session.sh types24a  the 7B's Q2_K / Q3_K maps: decode, spqt tune --types (TYPES24, TYPE24_SHAPES) to /tmp
+#   scripts/gpu_session.sh final24   every gpu test, then decode and bench gemv of TYPES24 with types24a's table
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -954,6 +956,44 @@ llama2-7b:now}" 90
       fi
     fi
     echo "final22: $(( $(date +%s) - start )) s"
+    ;;
+  types24a)
+    # The 7B's Q2_K / Q3_K maps (carry the first GGUF part: parks): bench decode of TYPES24 at 0 and 50 % with the
+    # shipped table, then spqt tune --types TYPES24 on TYPE24_SHAPES into $OUT/tuned.json and /tmp/tuned-types24.json
+    # (not this tree; final24 decodes with it), within CALL_BUDGET (default 400 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 200 python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag --types ${TYPES24:-q2_k,q3_k} \
+      --sparsity 0,0.5 --json "$OUT/decode-types-before.json" 2>&1 | grep tok/s | tee "$OUT/decode-types-before.log"
+    echo "decode before: $(( $(date +%s) - start )) s"
+    left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
+    timeout $left python3 -m spqt.cli tune --types ${TYPES24:-q2_k,q3_k} \
+      --shapes ${TYPE24_SHAPES:-12288x4096,22016x4096,4096x11008,4096x4096} --output "$OUT/tuned.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/tune-types.log" | grep -v "^ " | tail -20
+    [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" /tmp/tuned-types24.json
+    echo "types24a: $(( $(date +%s) - start )) s"
+    ;;
+  final24)
+    # The session's last call (the default model parked by the call before): every gpu test, then with types24a's
+    # table (/tmp/tuned-types24.json, where the machine kept it) bench decode of TYPES24 at 0 and 50 % and bench gemv
+    # of those types on TYPE24_SHAPES, within CALL_BUDGET (default 560 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    final_gpu_tests
+    if [ -f /tmp/tuned-types24.json ]; then
+      cp /tmp/tuned-types24.json "$(tuned_table)"
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -gt 60 ] && timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag \
+        --types ${TYPES24:-q2_k,q3_k} --sparsity 0,0.5 --json "$OUT/decode-types-after.json" 2>&1 | grep tok/s \
+        | tee "$OUT/decode-types-after.log"
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -gt 40 ] && timeout $left python3 -m spqt.cli bench gemv --types ${TYPES24:-q2_k,q3_k} \
+        --shapes ${TYPE24_SHAPES:-12288x4096,22016x4096,4096x11008,4096x4096} --variants B2,B4 --sparsity 0,0.5 2>&1 \
+        | grep -v WARN | tee "$OUT/bench-gemv-types.log" | tail -14
+    else
+      echo "no /tmp/tuned-types24.json here (a fresh machine): the types' decode and GEMV skipped"
+    fi
+    echo "final24: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
