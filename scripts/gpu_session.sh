@@ -62,6 +62,7 @@
 #   scripts/gpu_session.sh low22a    Q2_K's / Q3_K's tile pairs: the probe with / without (carry the first GGUF part: parks)
 #   scripts/gpu_session.sh final22   every gpu test, decode (FINAL_DECODE), spqt tune --types (FINAL_TYPES) and bench gemv
 #   scripts/gpu_session.sh types24a  the 7B's Q2_K / Q3_K maps: decode, spqt tune --types (TYPES24, TYPE24_SHAPES) to /tmp
+#   scripts/gpu_session.sh types24b  other types' maps re-tuned (TYPE_TUNES), decode before / after (TYPE_DECODE)
 #   scripts/gpu_session.sh final24   every gpu test, then decode and bench gemv of TYPES24 with types24a's table
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
@@ -972,6 +973,32 @@ llama2-7b:now}" 90
       | grep -v WARN | tee "$OUT/tune-types.log" | grep -v "^ " | tail -20
     [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" /tmp/tuned-types24.json
     echo "types24a: $(( $(date +%s) - start )) s"
+    ;;
+  types24b)
+    # Other types' maps re-tuned: bench decode of TYPE_DECODE (model:types:levels, a process a type and level) with the
+    # shipped table, spqt tune --types T --shapes S for each T:S of TYPE_TUNES into one table ($OUT/tuned.json, then
+    # this tree), then the same decodes with it; within CALL_BUDGET (default 500 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    type_decodes() {  # $1: before / after
+      for run in ${TYPE_DECODE:-llama2-7b:q5_k,q6_k,q8_0:0,0.5}; do
+        IFS=: read -r m types levels <<< "$run"
+        left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for $run $1"; break; }
+        timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --types $types \
+          --sparsity $levels --json "$OUT/decode-$1-$m.json" 2>&1 | grep tok/s | sed "s/^/$1: /"
+      done | tee -a "$OUT/decode-types.log"
+      echo "decode $1: $(( $(date +%s) - start )) s"
+    }
+    type_decodes before
+    for run in ${TYPE_TUNES:-q5_k,q6_k,q8_0:12288x4096,22016x4096,4096x11008,4096x4096}; do
+      left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
+      timeout $left python3 -m spqt.cli tune --types ${run%%:*} --shapes ${run#*:} --output "$OUT/tuned.json" 2>&1 \
+        | grep -v WARN | tee -a "$OUT/tune-types.log" | grep -v "^ " | grep "zigzag_dense" | tail -20
+      [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"  # the next tune starts from it
+      echo "tune $run: $(( $(date +%s) - start )) s"
+    done
+    type_decodes after
     ;;
   final24)
     # The session's last call (the default model parked by the call before): every gpu test, then with types24a's
