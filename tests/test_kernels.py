@@ -966,14 +966,91 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     before = {"zigzag_dense": {"256x256": entry}}
     assert not tuning.route_touched(key, before, {"zigzag_dense": {"256x256": entry | {"pairs_step_us": {"0": 1.0}}}})
     assert tuning.route_touched(key, before, {"zigzag_dense": {"256x256": entry | {"pairs": True}}})
-    # a kernel re-tune (Q4_K's dense entries replaced as a whole) drops the step-judged pairs and says so
+    # a kernel re-tune of a shape drops its step-judged pairs and says so; the other shapes keep theirs
     tuning._load_table.cache_clear()
     import spqt.bench
 
     monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {"768x256": cuda | {"acc": 2, "us": 9.0}}})
     assert main(["tune", "--shapes", "768x256"]) == 0
-    assert "tile pairs judged in whole decode steps of 1024x256, 256x512, 768x256 are replaced" in \
-        capsys.readouterr().err
+    assert "tile pairs judged in whole decode steps of 768x256 are replaced" in capsys.readouterr().err
+    retuned = json.loads(path.read_text())["entries"]["zigzag_dense"]
+    assert retuned["1024x256"] == dense["1024x256"] and retuned["256x512"] == dense["256x512"], "the others kept"
+    tuning._load_table.cache_clear()
+
+
+def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tmp_path, monkeypatch, capsys):
+    """spqt tune --model (no GPU here: the timing faked): a mixed .spqt's maps, each type on its own shapes as stored
+    (Q4_K's through tune, Q6_K's with the head through tune_types); the entries timed replace theirs and every other
+    entry stays; bad uses get one clear error before any timing."""
+    import json
+
+    import torch
+
+    import spqt.bench
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.cli import main
+    from spqt.config import ModelConfig
+    from spqt.kernels import tuning
+    from spqt.sources import open_source
+
+    model = tmp_path / "mix.spqt"
+    save_spqt(quantize_source(open_source(tiny_hf), "q4_k_m", "zigzag"), model)  # layer 1's q|k|v and down: q6_k
+    cfg = json.loads((tiny_hf / "config.json").read_text())
+    c = ModelConfig(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                    n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"],
+                    ffn_dim=cfg["intermediate_size"])
+    qkv, o, gate_up, down = c.map_shapes()
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1, "split": 2}
+    other = {"zigzag_dense": {"999x256": cuda | {"us": 1.0}}, "zigzag_dense_q6_k": {"999x256": cuda | {"us": 2.0}},
+             "zigzag_dense_q2_k": {f"{qkv[0]}x{qkv[1]}": cuda | {"us": 3.0}}}
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
+                                "entries": other | {"zigzag_sparse": {f"{o[0]}x{o[1]}": cuda | {"us": 9.9}}}}))
+    tuning._load_table.cache_clear()
+    calls = []
+
+    def fake_tune(shapes):
+        calls.append(("q4_k", list(shapes)))
+        return {"zigzag_dense": {f"{n}x{k}": cuda | {"us": 5.0} for n, k in shapes},
+                "zigzag_sparse": {f"{n}x{k}": cuda | {"us": 4.0, "crossover": 0.4} for n, k in shapes}}
+
+    def fake_tune_types(shapes, types):
+        calls.append((tuple(types), list(shapes)))
+        return {f"zigzag_{kind}_{t}": {f"{n}x{k}": cuda | {"us": 6.0} for n, k in shapes}
+                for t in types for kind in ("dense", "sparse")}
+
+    monkeypatch.setattr(spqt.bench, "tune", fake_tune)
+    monkeypatch.setattr(spqt.bench, "tune_types", fake_tune_types)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    assert main(["tune", "--model", str(model)]) == 0
+    assert [t for t, _ in calls] == ["q4_k", ("q6_k",)]
+    assert sorted(calls[0][1]) == sorted([qkv, o, gate_up, down])  # layer 0: every map q4_k
+    assert sorted(calls[1][1]) == sorted([qkv, down, (c.vocab_size, c.dim)])  # layer 1's q|k|v and down, the head
+    assert "spqt: tuning q4_k on" in capsys.readouterr().err
+    entries = json.loads(path.read_text())["entries"]
+    for name, by_shape in other.items():  # the shapes and types not timed keep their entries
+        assert all(entries[name][key] == entry for key, entry in by_shape.items()), name
+    assert entries["zigzag_sparse"][f"{o[0]}x{o[1]}"]["us"] == 4.0  # a timed shape's entry replaced
+    assert entries["zigzag_dense_q6_k"][f"{down[0]}x{down[1]}"]["us"] == 6.0
+    assert f"{o[0]}x{o[1]}" not in entries["zigzag_dense_q6_k"]  # o is q4_k in every layer
+    # bad uses, each one line before any timing
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    calls.clear()
+    for argv, message in ((["--model", str(model), "--shapes", "64x64"], "leave out --shapes and --types"),
+                          (["--model", str(model), "--types", "q6_k"], "leave out --shapes and --types"),
+                          (["--model", str(model), "--routes", str(model)], "are runs of their own"),
+                          (["--model", str(gguf)], "quantize it first"),
+                          (["--model", str(tiny_hf)], "quantize it first"),
+                          (["--model", str(tmp_path / "none.spqt")], "no such file"),
+                          (["--model", ","], "--model needs .spqt files")):
+        assert main(["tune", *argv]) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("spqt: error:") and message in err[0], (argv, err)
+    assert not calls
     tuning._load_table.cache_clear()
 
 

@@ -15,6 +15,7 @@ import json
 import statistics
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -74,6 +75,29 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
         elif item:
             raise SpqtError(f"unknown shape {item!r}: use NxK, runtime or one of {', '.join(MODEL_SHAPES)}")
     return list(dict.fromkeys(shapes))
+
+
+def model_maps_by_type(paths) -> dict[str, list[tuple[int, int]]]:
+    """The (N, K) of every quantized map of these .spqt models, by weight type ({fmt: [shape, ...]}, first seen
+    first): the maps as stored (q|k|v and gate|up fused), the head where quantized; zigzag maps, and Q4_K's row maps
+    (row_dense). What `spqt tune --model` times. A GGUF, a folder or a bad file: SpqtError."""
+    from spqt.checkpoint import load_spqt
+    from spqt.errors import SpqtError
+
+    def is_gguf(p: Path) -> bool:
+        with open(p, "rb") as f:
+            return f.read(4) == b"GGUF"
+
+    by_type: dict[str, list[tuple[int, int]]] = {}
+    for path in paths:
+        p = Path(path)
+        if p.is_dir() or (p.is_file() and is_gguf(p)):
+            raise SpqtError(f"{p}: spqt tune --model times a .spqt model's maps; quantize it first "
+                            f"(spqt quantize {p} -o model.spqt)")
+        for w in load_spqt(p).weights.values():
+            if isinstance(w, QuantizedWeight) and (w.layout == "zigzag" or w.fmt == "q4_k"):
+                by_type.setdefault(w.fmt, []).append(tuple(w.shape))
+    return {fmt: list(dict.fromkeys(shapes)) for fmt, shapes in by_type.items()}
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:

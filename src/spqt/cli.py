@@ -455,15 +455,33 @@ def _synthetic_models(value: str, flag: str) -> list[str]:
     return models
 
 
+TUNE_SHAPES = "llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime"  # spqt tune's --shapes by default
+
+
 def cmd_tune(args) -> int:
     import torch
 
-    from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
+    from spqt.bench import GEMV_TYPES, model_maps_by_type, parse_shapes, tune, tune_crossover, tune_types
     from spqt.kernels import tuning
 
-    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    types = [t.strip().lower() for t in (args.types or "q4_k").split(",") if t.strip()]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
+    if args.model is not None:
+        if args.shapes is not None or args.types is not None:
+            raise SpqtError("--model takes the shapes and types from the models: leave out --shapes and --types")
+        if args.crossover_only or args.cuda_against_table or any(
+                v is not None for v in (args.routes, args.l2first, args.pairs)):
+            raise SpqtError("--model tunes the kernels of the models' maps; --crossover-only, --cuda-against-table, "
+                            "--routes, --l2first and --pairs are runs of their own")
+        paths = [m.strip() for m in args.model.split(",") if m.strip()]
+        if not paths:
+            raise SpqtError("--model needs .spqt files, comma-separated")
+        plan = model_maps_by_type(paths)  # (checked here, before any timing)
+        if not plan:
+            raise SpqtError(f"{args.model}: no quantized maps to tune")
+    else:
+        plan = None
     models = [m.strip() for m in (args.routes or "").split(",") if m.strip()]
     if args.routes is not None and (not models or not args.route_levels or args.route_rounds < 1
                                     or any(not 0 < level < 1 for level in args.route_levels)):
@@ -500,13 +518,13 @@ def cmd_tune(args) -> int:
             routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
         entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
     elif args.crossover_only:
-        entries = tune_crossover(parse_shapes(args.shapes))
+        entries = tune_crossover(parse_shapes(args.shapes or TUNE_SHAPES))
     elif args.cuda_against_table:
         from spqt.kernels import zigzag_cuda
 
         if not zigzag_cuda.usable():
             raise SpqtError("--cuda-against-table needs an sm_80+ GPU and NVRTC (pip install 'spqt[cuda]')")
-        shapes = parse_shapes(args.shapes)
+        shapes = parse_shapes(args.shapes or TUNE_SHAPES)
         entries = tuning.all_entries()
         fallbacks = {(v, f"{n}x{k}"): tuning.triton_config(v, n, k) for v in ("zigzag_dense", "zigzag_sparse")
                      for n, k in shapes}
@@ -517,13 +535,19 @@ def cmd_tune(args) -> int:
                     entry["fallback"] = fallbacks[variant, key]
             entries[variant].update(by_shape)
     else:
-        # the variants not re-tuned keep this GPU's entries (q4_k's are replaced as a whole, as before)
+        # each (type, shape) timed here replaces its entries; the table's other shapes and types keep theirs
+        if plan is None:
+            shapes = parse_shapes(args.shapes or TUNE_SHAPES)
+            plan = {fmt: shapes for fmt in types}
+        else:
+            print("spqt: tuning " + "; ".join(f"{fmt} on {', '.join(f'{n}x{k}' for n, k in shapes)}"
+                                              for fmt, shapes in plan.items()), file=sys.stderr)
         entries = tuning.all_entries()
-        if "q4_k" in types:
-            entries.update(tune(parse_shapes(args.shapes)))
-        others = [t for t in types if t != "q4_k"]
-        if others:
-            for variant, found in tune_types(parse_shapes(args.shapes), others).items():
+        if "q4_k" in plan:
+            for variant, found in tune(plan["q4_k"]).items():
+                entries.setdefault(variant, {}).update(found)
+        for fmt in [t for t in plan if t != "q4_k"]:
+            for variant, found in tune_types(plan[fmt], [fmt]).items():
                 for key, entry in found.items():
                     old = entries[variant].get(key)
                     if entry.get("impl") != "cuda" and old and old.get("impl") == "cuda":
@@ -558,6 +582,9 @@ def cmd_tune(args) -> int:
               "this tune's choice; spqt tune --pairs judges them again", file=sys.stderr)
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
+    if args.model is not None:
+        print(f"spqt: note: spqt tune --routes {args.model} then times the decode step's sparse routes per level "
+              "(Q4_K zigzag models)", file=sys.stderr)
     return 0
 
 
@@ -746,15 +773,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
-    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime",
-                   help="NxK list or names; runtime = the fused matrices of the synthetic and default models")
+    p.add_argument("--shapes", help="NxK list or names; runtime = the fused matrices of the synthetic and default "
+                   f"models (default {TUNE_SHAPES})")
+    p.add_argument("--model", metavar="FILES",
+                   help="tune the maps of these .spqt models (comma-separated): each map's type on its shapes as "
+                        "stored (the head included), instead of --shapes and --types; the table's other entries stay")
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
     p.add_argument("--crossover-only", action="store_true",
                    help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
     p.add_argument("--cuda-against-table", action="store_true",
                    help="time the CUDA C++ GEMV's configs against this GPU's tuned entry per shape (B2, B4), keep the "
                         "faster and measure the crossover anew")
-    p.add_argument("--types", default="q4_k", help="weight types to tune, comma-separated: q4_k (its B0, B2, B4), "
+    p.add_argument("--types", help="weight types to tune, comma-separated: q4_k (the default; its B0, B2, B4), "
                    "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
     p.add_argument("--routes", metavar="MODELS",
                    help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME or a Q4_K "
