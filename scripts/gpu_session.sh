@@ -993,6 +993,7 @@ llama2-7b:now}" 90
     type_decodes before
     for run in ${TYPE_TUNES:-q5_k,q6_k,q8_0:12288x4096,22016x4096,4096x11008,4096x4096}; do
       left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
+      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
       timeout $left python3 -m spqt.cli tune --types ${run%%:*} --shapes ${run#*:} --output "$OUT/tuned.json" 2>&1 \
         | grep -v WARN | tee -a "$OUT/tune-types.log" | grep -v "^ " | grep "zigzag_dense" | tail -20
       [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"  # the next tune starts from it

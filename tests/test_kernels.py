@@ -861,11 +861,12 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     for bad in ("model.spqt", "synthetic:nope"):  # checked before any timing
         assert main(["tune", "--l2first", bad]) == 2
         assert "--l2first needs synthetic models" in capsys.readouterr().err
-    # a kernel re-tune replacing the entries: 256x256 the same config but without its depth, 256x512 another split
+    # a kernel re-tune (the fake returns more shapes than asked): 256x256 the same config without its depth, 256x512
+    # another split
     tuning._load_table.cache_clear()
     import spqt.bench
 
-    monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {
+    monkeypatch.setattr(spqt.bench, "tune", lambda shapes, variants: {"zigzag_dense": {
         "256x256": dense["256x256"] | {"us": 9.0}, "256x512": cuda | {"split": 8}, "768x256": dense["768x256"]}})
     assert main(["tune", "--shapes", "256x256"]) == 0
     err = capsys.readouterr().err
@@ -970,7 +971,8 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     tuning._load_table.cache_clear()
     import spqt.bench
 
-    monkeypatch.setattr(spqt.bench, "tune", lambda shapes: {"zigzag_dense": {"768x256": cuda | {"acc": 2, "us": 9.0}}})
+    monkeypatch.setattr(spqt.bench, "tune",
+                        lambda shapes, variants: {"zigzag_dense": {"768x256": cuda | {"acc": 2, "us": 9.0}}})
     assert main(["tune", "--shapes", "768x256"]) == 0
     assert "tile pairs judged in whole decode steps of 768x256 are replaced" in capsys.readouterr().err
     retuned = json.loads(path.read_text())["entries"]["zigzag_dense"]
@@ -978,10 +980,12 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     tuning._load_table.cache_clear()
 
 
-def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tmp_path, monkeypatch, capsys):
+def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_path, monkeypatch, capsys):
     """spqt tune --model (no GPU here: the timing faked): a mixed .spqt's maps, each type on its own shapes as stored
-    (Q4_K's through tune, Q6_K's with the head through tune_types); the entries timed replace theirs and every other
-    entry stays; bad uses get one clear error before any timing."""
+    with the variants it runs (Q4_K's zigzag maps dense and sparse through tune, Q6_K's through tune_types, the Q6_K
+    head dense only; a row model's Q4_K maps row_dense); by default only the maps the table has no entries for,
+    --retune all; the entries timed replace theirs and every other entry stays; the routes note for a zigzag Q4_K model
+    only; bad uses get one clear error before any timing."""
     import json
 
     import torch
@@ -993,60 +997,91 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tmp_path, monkey
     from spqt.kernels import tuning
     from spqt.sources import open_source
 
-    model = tmp_path / "mix.spqt"
-    save_spqt(quantize_source(open_source(tiny_hf), "q4_k_m", "zigzag"), model)  # layer 1's q|k|v and down: q6_k
+    def saved(name, fmt, layout):
+        out = tmp_path / name
+        save_spqt(quantize_source(open_source(tiny_hf), fmt, layout), out)
+        return str(out)
+
+    mix = saved("mix.spqt", "q4_k_m", "zigzag")  # layer 1's q|k|v and down q6_k, the head q6_k
     cfg = json.loads((tiny_hf / "config.json").read_text())
     c = ModelConfig(vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
                     n_heads=cfg["num_attention_heads"], n_kv_heads=cfg["num_key_value_heads"],
                     ffn_dim=cfg["intermediate_size"])
     qkv, o, gate_up, down = c.map_shapes()
+    key = lambda shape: f"{shape[0]}x{shape[1]}"  # noqa: E731
     path = tmp_path / "table.json"
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1, "split": 2}
-    other = {"zigzag_dense": {"999x256": cuda | {"us": 1.0}}, "zigzag_dense_q6_k": {"999x256": cuda | {"us": 2.0}},
-             "zigzag_dense_q2_k": {f"{qkv[0]}x{qkv[1]}": cuda | {"us": 3.0}}}
-    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
-                                "entries": other | {"zigzag_sparse": {f"{o[0]}x{o[1]}": cuda | {"us": 9.9}}}}))
-    tuning._load_table.cache_clear()
+    # o has Q4_K entries of its own (not timed by default); the rest of the table is other shapes and types
+    other = {"zigzag_dense": {"999x256": cuda | {"us": 1.0}, key(o): cuda | {"us": 8.8}},
+             "zigzag_sparse": {key(o): cuda | {"us": 9.9}}, "zigzag_dense_q6_k": {"999x256": cuda | {"us": 2.0}},
+             "zigzag_dense_q2_k": {key(qkv): cuda | {"us": 3.0}}}
+
+    def start_table():
+        path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": other}))
+        tuning._load_table.cache_clear()
+
     calls = []
 
-    def fake_tune(shapes):
-        calls.append(("q4_k", list(shapes)))
-        return {"zigzag_dense": {f"{n}x{k}": cuda | {"us": 5.0} for n, k in shapes},
-                "zigzag_sparse": {f"{n}x{k}": cuda | {"us": 4.0, "crossover": 0.4} for n, k in shapes}}
+    def fake_tune(shapes, variants):
+        calls.append(("q4_k", tuple(variants), sorted(shapes)))
+        return {v: {key(s): cuda | {"us": 5.0} for s in shapes} for v in variants}
 
-    def fake_tune_types(shapes, types):
-        calls.append((tuple(types), list(shapes)))
-        return {f"zigzag_{kind}_{t}": {f"{n}x{k}": cuda | {"us": 6.0} for n, k in shapes}
-                for t in types for kind in ("dense", "sparse")}
+    def fake_tune_types(shapes, types, kinds):
+        calls.append((tuple(types), tuple(kinds), sorted(shapes)))
+        return {f"zigzag_{kind}_{t}": {key(s): cuda | {"us": 6.0} for s in shapes} for t in types for kind in kinds}
 
     monkeypatch.setattr(spqt.bench, "tune", fake_tune)
     monkeypatch.setattr(spqt.bench, "tune_types", fake_tune_types)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
-    assert main(["tune", "--model", str(model)]) == 0
-    assert [t for t, _ in calls] == ["q4_k", ("q6_k",)]
-    assert sorted(calls[0][1]) == sorted([qkv, o, gate_up, down])  # layer 0: every map q4_k
-    assert sorted(calls[1][1]) == sorted([qkv, down, (c.vocab_size, c.dim)])  # layer 1's q|k|v and down, the head
-    assert "spqt: tuning q4_k on" in capsys.readouterr().err
+    start_table()
+    assert main(["tune", "--model", mix]) == 0
+    head = (c.vocab_size, c.dim)
+    assert calls == [("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, gate_up, down])),  # o has entries
+                     (("q6_k",), ("dense", "sparse"), sorted([qkv, down])), (("q6_k",), ("dense",), [head])]
+    err = capsys.readouterr().err
+    assert "maps that have entries of their own keep them" in err and "tune --routes" not in err  # a mix: no routes
     entries = json.loads(path.read_text())["entries"]
     for name, by_shape in other.items():  # the shapes and types not timed keep their entries
-        assert all(entries[name][key] == entry for key, entry in by_shape.items()), name
-    assert entries["zigzag_sparse"][f"{o[0]}x{o[1]}"]["us"] == 4.0  # a timed shape's entry replaced
-    assert entries["zigzag_dense_q6_k"][f"{down[0]}x{down[1]}"]["us"] == 6.0
-    assert f"{o[0]}x{o[1]}" not in entries["zigzag_dense_q6_k"]  # o is q4_k in every layer
+        assert entries[name] | by_shape == entries[name], name
+    assert entries["zigzag_sparse"][key(down)]["us"] == 5.0 and entries["zigzag_dense_q6_k"][key(head)]["us"] == 6.0
+    assert key(head) not in entries.get("zigzag_sparse_q6_k", {})  # the head never runs sparse
+    assert "row_dense" not in entries  # no row map
+    # --retune: o too; all timed already: nothing to do
+    calls.clear()
+    start_table()
+    assert main(["tune", "--model", mix, "--retune"]) == 0
+    assert calls[0] == ("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, o, gate_up, down]))
+    calls.clear()
+    assert main(["tune", "--model", mix]) == 0 and not calls
+    assert "every map of" in capsys.readouterr().err
+    # a zigzag Q4_K model: the routes note (with --output); a row model's Q4_K maps: row_dense, no routes note
+    start_table()
+    assert main(["tune", "--model", str(tiny_spqt), "--output", str(tmp_path / "out.json")]) == 0
+    assert f"tune --routes {tiny_spqt} --output" in capsys.readouterr().err
+    calls.clear()
+    start_table()
+    assert main(["tune", "--model", saved("row.spqt", "q4_k", "row")]) == 0
+    # (its Q6_K head is row too: dequantize + cuBLAS, not timed)
+    assert {(v, tuple(s)) for _, v, s in calls} == {(("row_dense",), tuple(sorted([qkv, o, gate_up, down])))}
+    assert "tune --routes" not in capsys.readouterr().err
     # bad uses, each one line before any timing
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
     calls.clear()
-    for argv, message in ((["--model", str(model), "--shapes", "64x64"], "leave out --shapes and --types"),
-                          (["--model", str(model), "--types", "q6_k"], "leave out --shapes and --types"),
-                          (["--model", str(model), "--routes", str(model)], "are runs of their own"),
+    for argv, message in ((["--model", mix, "--shapes", "64x64"], "leave out --shapes and --types"),
+                          (["--model", mix, "--types", "bogus"], "leave out --shapes and --types"),
+                          (["--model", mix, "--routes", mix], "are runs of their own"),
                           (["--model", str(gguf)], "quantize it first"),
                           (["--model", str(tiny_hf)], "quantize it first"),
                           (["--model", str(tmp_path / "none.spqt")], "no such file"),
-                          (["--model", ","], "--model needs .spqt files")):
+                          (["--model", ","], "--model needs .spqt files"),
+                          (["--model", saved("row6.spqt", "q6_k", "row")], "no maps on the tuned kernels"),
+                          (["--retune"], "--retune goes with --model"),
+                          (["--shapes", ","], "--shapes needs NxK or names"),
+                          (["--types", ""], "unknown GEMV types")):
         assert main(["tune", *argv]) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("spqt: error:") and message in err[0], (argv, err)

@@ -77,27 +77,38 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(shapes))
 
 
-def model_maps_by_type(paths) -> dict[str, list[tuple[int, int]]]:
-    """The (N, K) of every quantized map of these .spqt models, by weight type ({fmt: [shape, ...]}, first seen
-    first): the maps as stored (q|k|v and gate|up fused), the head where quantized; zigzag maps, and Q4_K's row maps
-    (row_dense). What `spqt tune --model` times. A GGUF, a folder or a bad file: SpqtError."""
+def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
+    """What `spqt tune --model` times for these .spqt models: {(fmt, table variants): [(N, K), ...]}, the maps as
+    stored (q|k|v and gate|up fused) grouped by the variants they run: zigzag Q4_K (zigzag_dense, zigzag_sparse), row
+    Q4_K (row_dense), another zigzag type (zigzag_dense_<fmt>, zigzag_sparse_<fmt>); a quantized head dense only (it
+    never runs sparse). Maps without tuned kernels (other types in the row layout) are left out. A GGUF, a folder or a
+    bad file: SpqtError."""
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError
+    from spqt.kernels.dispatch import has_kernels
 
     def is_gguf(p: Path) -> bool:
         with open(p, "rb") as f:
             return f.read(4) == b"GGUF"
 
-    by_type: dict[str, list[tuple[int, int]]] = {}
+    plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
     for path in paths:
         p = Path(path)
         if p.is_dir() or (p.is_file() and is_gguf(p)):
             raise SpqtError(f"{p}: spqt tune --model times a .spqt model's maps; quantize it first "
                             f"(spqt quantize {p} -o model.spqt)")
-        for w in load_spqt(p).weights.values():
-            if isinstance(w, QuantizedWeight) and (w.layout == "zigzag" or w.fmt == "q4_k"):
-                by_type.setdefault(w.fmt, []).append(tuple(w.shape))
-    return {fmt: list(dict.fromkeys(shapes)) for fmt, shapes in by_type.items()}
+        for name, w in load_spqt(p).weights.items():
+            if not isinstance(w, QuantizedWeight) or not has_kernels(w.fmt, w.layout):
+                continue
+            kinds = ("dense",) if name == "output" else ("dense", "sparse")
+            variants = (("row_dense",) if w.layout == "row" else tuple(f"zigzag_{kind}" for kind in kinds)
+                        if w.fmt == "q4_k" else tuple(f"zigzag_{kind}_{w.fmt}" for kind in kinds))
+            plan.setdefault((w.fmt, variants), []).append(tuple(w.shape))
+    plan = {group: list(dict.fromkeys(shapes)) for group, shapes in plan.items()}
+    for (fmt, variants), shapes in plan.items():  # a head's shape that a map also has: timed with the map's variants
+        wider = [s for (f, v), ss in plan.items() if f == fmt and set(v) > set(variants) for s in ss]
+        shapes[:] = [s for s in shapes if s not in wider]
+    return {group: shapes for group, shapes in plan.items() if shapes}
 
 
 def copy_bandwidth(nbytes: int = 1 << 30, reps: int = 20) -> float:
@@ -536,7 +547,7 @@ def tune(shapes, log=print, variants=tuning.VARIANTS, candidates=tuning.candidat
     return entries
 
 
-def tune_types(shapes, types, log=print, candidates=None) -> dict:
+def tune_types(shapes, types, log=print, candidates=None, kinds=("dense", "sparse")) -> dict:
     """The other zigzag types' B2 and B4 (at 50 % sparsity, collect included): the candidate configs of
     "zigzag_{dense,sparse}_<type>" timed per shape; returns the winners as table entries. Where the CUDA GEMV
     runs the type (as CudaKQuantLinear does): its configs (tuning.cuda_type_candidates) in the type's CUDA
@@ -544,7 +555,7 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
     "fallback", and the crossovers
     (crossover(), on this type's weights); elsewhere the Triton type kernels' (tuning.candidates) in their own
     layout. candidates(variant, n, k): the configs to time instead, for the kernel that runs here (scripts and
-    tests narrow them)."""
+    tests narrow them). kinds: ("dense",) times B2 alone (an output head; no crossover)."""
     props = torch.cuda.get_device_properties(0)
     entries = {}
     for n, k in shapes:
@@ -552,7 +563,7 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
             pool, x = make_type_operands((n, k), fmt, props.L2_cache_size)
             t = torch.quantile(x.float().abs(), 0.5).reshape(())
             on_cuda = zigzag_cuda.in_kquant_layout(pool[0])
-            for kind in ("dense", "sparse"):
+            for kind in kinds:
                 variant = f"zigzag_{kind}_{fmt}"
 
                 def calls(cfg, kind=kind):
@@ -580,7 +591,7 @@ def tune_types(shapes, types, log=print, candidates=None) -> dict:
                     entry["fallback"] = tuning.triton_config(variant, n, k)
                 entries.setdefault(variant, {})[f"{n}x{k}"] = entry
                 log(f"{n}x{k} {variant}: {best[1]} {best[0]:.2f} us")
-            if on_cuda:
+            if on_cuda and "sparse" in kinds:
                 cross = crossover(pool, entries[f"zigzag_dense_{fmt}"][f"{n}x{k}"],
                                   entries[f"zigzag_sparse_{fmt}"][f"{n}x{k}"])
                 entries[f"zigzag_sparse_{fmt}"][f"{n}x{k}"].update(cross)

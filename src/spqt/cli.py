@@ -458,30 +458,53 @@ def _synthetic_models(value: str, flag: str) -> list[str]:
 TUNE_SHAPES = "llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime"  # spqt tune's --shapes by default
 
 
+def _model_tune_plan(args) -> dict | None:
+    """spqt tune --model's plan (bench.model_tune_plan: {(fmt, variants): shapes}) after its checks, or None without
+    --model; one clear error, before any timing, for a bad use or a model with nothing to tune."""
+    from spqt.bench import model_tune_plan
+
+    if args.model is None:
+        if args.retune:
+            raise SpqtError("--retune goes with --model")
+        return None
+    if args.shapes is not None or args.types is not None:
+        raise SpqtError("--model takes the shapes and types from the models: leave out --shapes and --types")
+    if args.crossover_only or args.cuda_against_table or any(
+            v is not None for v in (args.routes, args.l2first, args.pairs)):
+        raise SpqtError("--model tunes the kernels of the models' maps; --crossover-only, --cuda-against-table, "
+                        "--routes, --l2first and --pairs are runs of their own")
+    paths = [m.strip() for m in args.model.split(",") if m.strip()]
+    if not paths:
+        raise SpqtError("--model needs .spqt files, comma-separated")
+    plan = model_tune_plan(paths)
+    if not plan:
+        raise SpqtError(f"{args.model}: no maps on the tuned kernels (zigzag maps, Q4_K row maps); the other types' "
+                        "row maps run dequantize + cuBLAS")
+    return plan
+
+
+def _untuned(plan: dict) -> dict:
+    """The part of a --model plan that this GPU's table lacks: the shapes of a group with no entry of their own in one
+    of its variants (they run a neighbour's or Q4_K's config)."""
+    from spqt.kernels import tuning
+
+    missing = {group: [(n, k) for n, k in shapes if any(f"{n}x{k}" not in tuning.table_entries(v) for v in group[1])]
+               for group, shapes in plan.items()}
+    return {group: shapes for group, shapes in missing.items() if shapes}
+
+
 def cmd_tune(args) -> int:
     import torch
 
-    from spqt.bench import GEMV_TYPES, model_maps_by_type, parse_shapes, tune, tune_crossover, tune_types
+    from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
     from spqt.kernels import tuning
 
-    types = [t.strip().lower() for t in (args.types or "q4_k").split(",") if t.strip()]
+    plan = _model_tune_plan(args)
+    types = [t.strip().lower() for t in (args.types if args.types is not None else "q4_k").split(",") if t.strip()]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
-    if args.model is not None:
-        if args.shapes is not None or args.types is not None:
-            raise SpqtError("--model takes the shapes and types from the models: leave out --shapes and --types")
-        if args.crossover_only or args.cuda_against_table or any(
-                v is not None for v in (args.routes, args.l2first, args.pairs)):
-            raise SpqtError("--model tunes the kernels of the models' maps; --crossover-only, --cuda-against-table, "
-                            "--routes, --l2first and --pairs are runs of their own")
-        paths = [m.strip() for m in args.model.split(",") if m.strip()]
-        if not paths:
-            raise SpqtError("--model needs .spqt files, comma-separated")
-        plan = model_maps_by_type(paths)  # (checked here, before any timing)
-        if not plan:
-            raise SpqtError(f"{args.model}: no quantized maps to tune")
-    else:
-        plan = None
+    if args.shapes is not None and not parse_shapes(args.shapes):
+        raise SpqtError(f"--shapes needs NxK or names, comma-separated; got {args.shapes!r}")
     models = [m.strip() for m in (args.routes or "").split(",") if m.strip()]
     if args.routes is not None and (not models or not args.route_levels or args.route_rounds < 1
                                     or any(not 0 < level < 1 for level in args.route_levels)):
@@ -518,13 +541,13 @@ def cmd_tune(args) -> int:
             routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
         entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
     elif args.crossover_only:
-        entries = tune_crossover(parse_shapes(args.shapes or TUNE_SHAPES))
+        entries = tune_crossover(parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES))
     elif args.cuda_against_table:
         from spqt.kernels import zigzag_cuda
 
         if not zigzag_cuda.usable():
             raise SpqtError("--cuda-against-table needs an sm_80+ GPU and NVRTC (pip install 'spqt[cuda]')")
-        shapes = parse_shapes(args.shapes or TUNE_SHAPES)
+        shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES)
         entries = tuning.all_entries()
         fallbacks = {(v, f"{n}x{k}"): tuning.triton_config(v, n, k) for v in ("zigzag_dense", "zigzag_sparse")
                      for n, k in shapes}
@@ -537,20 +560,32 @@ def cmd_tune(args) -> int:
     else:
         # each (type, shape) timed here replaces its entries; the table's other shapes and types keep theirs
         if plan is None:
-            shapes = parse_shapes(args.shapes or TUNE_SHAPES)
-            plan = {fmt: shapes for fmt in types}
-        else:
-            print("spqt: tuning " + "; ".join(f"{fmt} on {', '.join(f'{n}x{k}' for n, k in shapes)}"
-                                              for fmt, shapes in plan.items()), file=sys.stderr)
+            shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES)
+            plan = {("q4_k", tuning.VARIANTS) if fmt == "q4_k" else
+                    (fmt, (f"zigzag_dense_{fmt}", f"zigzag_sparse_{fmt}")): shapes for fmt in types}
+        elif not args.retune:
+            timed = plan
+            plan = _untuned(plan)
+            if not plan:
+                print(f"spqt: every map of {args.model} has entries of its own in this GPU's table; --retune times "
+                      "them again", file=sys.stderr)
+                return 0
+            if plan != timed:
+                print("spqt: note: the maps that have entries of their own keep them (--retune times them again)",
+                      file=sys.stderr)
+        if args.model is not None:
+            print("spqt: tuning " + "; ".join(f"{fmt} {'/'.join(variants)} on {', '.join(f'{n}x{k}' for n, k in s)}"
+                                              for (fmt, variants), s in plan.items()), file=sys.stderr)
         entries = tuning.all_entries()
-        if "q4_k" in plan:
-            for variant, found in tune(plan["q4_k"]).items():
-                entries.setdefault(variant, {}).update(found)
-        for fmt in [t for t in plan if t != "q4_k"]:
-            for variant, found in tune_types(plan[fmt], [fmt]).items():
-                for key, entry in found.items():
-                    old = entries[variant].get(key)
-                    if entry.get("impl") != "cuda" and old and old.get("impl") == "cuda":
+        for (fmt, variants), shapes in plan.items():
+            if fmt == "q4_k":
+                found = tune(shapes, variants=variants)
+            else:
+                found = tune_types(shapes, [fmt], kinds=tuple(v.split("_")[1] for v in variants))
+            for variant, by_shape in found.items():
+                for key, entry in by_shape.items():
+                    old = entries.setdefault(variant, {}).get(key)
+                    if fmt != "q4_k" and entry.get("impl") != "cuda" and old and old.get("impl") == "cuda":
                         # the Triton type kernel timed (no CUDA GEMV here, or SPQT_GEMV=triton): the CUDA entry stays,
                         # this becomes what runs where the CUDA GEMV cannot
                         entries[variant][key] = dict(old, fallback={k: v for k, v in entry.items() if k != "us"})
@@ -583,8 +618,13 @@ def cmd_tune(args) -> int:
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     if args.model is not None:
-        print(f"spqt: note: spqt tune --routes {args.model} then times the decode step's sparse routes per level "
-              "(Q4_K zigzag models)", file=sys.stderr)
+        from spqt.checkpoint import load_spqt
+
+        paths = [m.strip() for m in args.model.split(",") if m.strip()]
+        zigzag_q4k = [m for m in paths if load_spqt(m).kind == "q4_k-zigzag"]
+        if zigzag_q4k:
+            print(f"spqt: note: spqt tune --routes {','.join(zigzag_q4k)}{f' --output {path}' if args.output else ''} "
+                  "then times the decode step's sparse routes per level", file=sys.stderr)
     return 0
 
 
@@ -776,9 +816,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shapes", help="NxK list or names; runtime = the fused matrices of the synthetic and default "
                    f"models (default {TUNE_SHAPES})")
     p.add_argument("--model", metavar="FILES",
-                   help="tune the maps of these .spqt models (comma-separated): each map's type on its shapes as "
-                        "stored (the head included), instead of --shapes and --types; the table's other entries stay")
-    p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json)")
+                   help="tune the maps of these .spqt models (comma-separated) that this GPU's table has no entries "
+                        "for: each map's type on its shape as stored (a quantized head dense only), instead of --shapes "
+                        "and --types; the table's other entries stay")
+    p.add_argument("--retune", action="store_true",
+                   help="--model: time every map again, also those with entries (the shipped ones may have been "
+                        "judged in whole decode steps, which a map timed alone can undo)")
+    p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json); written whole: this GPU's "
+                   "package table with this run's entries")
     p.add_argument("--crossover-only", action="store_true",
                    help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
     p.add_argument("--cuda-against-table", action="store_true",
