@@ -752,6 +752,7 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (torch.cuda "available" here, no device properties)
     kernels = {"zigzag_dense": {"64x64": {"split": 2, "num_warps": 4, "chunks": 1}}}
     old = {"q4_k:m": {"model": "m", "levels": {"0.4": {"route": "norm"}, "0.5": {"route": "off"}}}}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
@@ -839,6 +840,7 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     # the command: kernel entries and routes kept, the depth and its timing saved per shape
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (torch.cuda "available" here, no device properties)
     dense = {"256x256": {"split": 2, "num_warps": 4, "chunks": 1, "impl": "cuda"},
              "768x256": {"split": 1, "num_warps": 4, "chunks": 1, "impl": "cuda", "l2first": 2}}
     # tiny runs 256x256 (its o map); mid's 768x512 maps run the nearest N of K 512 (one entry: 256x512); the 7B none
@@ -942,6 +944,7 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     # the command: the choices and their timings saved, the other keys (L2 depth) and the routes kept
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (torch.cuda "available" here, no device properties)
     monkeypatch.setattr(bench_decode, "tune_pairs", lambda models: found)
     assert main(["tune", "--pairs", "synthetic:llama2-7b"]) == 0
     entries = json.loads(path.read_text())["entries"]
@@ -1036,6 +1039,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     monkeypatch.setattr(spqt.bench, "tune_types", fake_tune_types)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (torch.cuda "available" here, no device properties)
     start_table()
     assert main(["tune", "--model", mix]) == 0
     head = (c.vocab_size, c.dim)
@@ -1047,6 +1051,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     for name, by_shape in other.items():  # the shapes and types not timed keep their entries
         assert entries[name] | by_shape == entries[name], name
     assert entries["zigzag_sparse"][key(down)]["us"] == 5.0 and entries["zigzag_dense_q6_k"][key(head)]["us"] == 6.0
+    assert entries["zigzag_dense"][key(down)]["fallback"] == tuning.default_config("zigzag_dense", *down)  # no GPU
     assert key(head) not in entries.get("zigzag_sparse_q6_k", {})  # the head never runs sparse
     assert "row_dense" not in entries  # no row map
     # --retune: o too; all timed already: nothing to do

@@ -585,6 +585,10 @@ def cmd_tune(args) -> int:
             for variant, by_shape in found.items():
                 for key, entry in by_shape.items():
                     old = entries.setdefault(variant, {}).get(key)
+                    if fmt == "q4_k" and entry.get("impl") == "cuda" and "fallback" not in entry:
+                        # what a machine without the CUDA GEMV runs instead: the table's Triton config of the shape
+                        n, k = map(int, key.split("x"))
+                        entry = dict(entry, fallback=tuning.triton_config(variant, n, k))
                     if fmt != "q4_k" and entry.get("impl") != "cuda" and old and old.get("impl") == "cuda":
                         # the Triton type kernel timed (no CUDA GEMV here, or SPQT_GEMV=triton): the CUDA entry stays,
                         # this becomes what runs where the CUDA GEMV cannot

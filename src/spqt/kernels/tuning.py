@@ -199,12 +199,12 @@ def model_shapes(key: str) -> list[tuple[int, int]]:
 def _runs(entries: dict, variant: str, n: int, k: int) -> dict | None:
     """The config a map of this shape runs from these entries of a variant, as a step route depends on it: its own,
     else its neighbour's (_nearest_entry), without the tuner's time, the L2 prefetch depth (a dense map's hint,
-    which spqt tune --l2first changes keeping the routes) or the step timings of its tile pairs (the pairs themselves
+    which spqt tune --l2first changes keeping the routes), the step timings of its tile pairs (the pairs themselves
     count: spqt tune --pairs keeps the routes, MODE_KEPT runs without them, but a dense map below its crossover runs
-    them)."""
+    them) or a CUDA entry's Triton fallback (what a machine without the CUDA GEMV runs)."""
     entry = entries.get(f"{n}x{k}") or _nearest_entry(entries, variant, n, k)
     return None if entry is None else {key: v for key, v in without_prefetch(entry).items()
-                                       if key not in ("us", "pairs_step_us")}
+                                       if key not in ("us", "pairs_step_us", "fallback")}
 
 
 def route_touched(key: str, before: dict, after: dict) -> bool:
