@@ -988,7 +988,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     with the variants it runs (Q4_K's zigzag maps dense and sparse through tune, Q6_K's through tune_types, the Q6_K
     head dense only; a row model's Q4_K maps row_dense); by default only the maps the table has no entries for,
     --retune all; the entries timed replace theirs and every other entry stays; the routes note for a zigzag Q4_K model
-    only; bad uses get one clear error before any timing."""
+    only; generate's note on the maps without entries, gone after; bad uses get one clear error before any timing."""
     import json
 
     import torch
@@ -1041,7 +1041,13 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
     monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (torch.cuda "available" here, no device properties)
     start_table()
+    from spqt.bench import untuned_note
+    from spqt.checkpoint import load_spqt
+
+    note = untuned_note(load_spqt(mix))  # what generate and serve say on CUDA before the tune
+    assert note.startswith("6 of this model's map shapes have no tuned config") and f"tune --model {mix}" in note
     assert main(["tune", "--model", mix]) == 0
+    assert untuned_note(load_spqt(mix)) is None
     head = (c.vocab_size, c.dim)
     assert calls == [("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, gate_up, down])),  # o has entries
                      (("q6_k",), ("dense", "sparse"), sorted([qkv, down])), (("q6_k",), ("dense",), [head])]

@@ -228,6 +228,12 @@ def cmd_generate(args) -> int:
     gemv = {"cpu-fp16": " fp16-gemv", "cpu-native": " native-gemv"}.get(backend, "")
     label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
+    if device == "cuda":
+        from spqt.bench import untuned_note
+
+        note = untuned_note(loaded)
+        if note:
+            print(f"[{note}]", file=sys.stderr, flush=True)
     dense, dense_step = gen.dense_fallbacks(), gen.dense_step_reason()
     if dense_step:
         print(f"[every linear map runs dense: {dense_step}]", file=sys.stderr, flush=True)
@@ -483,16 +489,6 @@ def _model_tune_plan(args) -> dict | None:
     return plan
 
 
-def _untuned(plan: dict) -> dict:
-    """The part of a --model plan that this GPU's table lacks: the shapes of a group with no entry of their own in one
-    of its variants (they run a neighbour's or Q4_K's config)."""
-    from spqt.kernels import tuning
-
-    missing = {group: [(n, k) for n, k in shapes if any(f"{n}x{k}" not in tuning.table_entries(v) for v in group[1])]
-               for group, shapes in plan.items()}
-    return {group: shapes for group, shapes in missing.items() if shapes}
-
-
 def cmd_tune(args) -> int:
     import torch
 
@@ -565,7 +561,7 @@ def cmd_tune(args) -> int:
                     (fmt, (f"zigzag_dense_{fmt}", f"zigzag_sparse_{fmt}")): shapes for fmt in types}
         elif not args.retune:
             timed = plan
-            plan = _untuned(plan)
+            plan = tuning.untuned(plan)
             if not plan:
                 print(f"spqt: every map of {args.model} has entries of its own in this GPU's table; --retune times "
                       "them again", file=sys.stderr)

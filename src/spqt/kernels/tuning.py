@@ -219,6 +219,14 @@ def route_touched(key: str, before: dict, after: dict) -> bool:
                for v in ("zigzag_dense", "zigzag_sparse") for n, k in shapes)
 
 
+def untuned(plan: dict) -> dict:
+    """The part of a tune plan ({(fmt, variants): [(N, K), ...]}, bench.tune_plan) that this GPU's table lacks: the
+    shapes of a group with no entry of their own in one of its variants (they run a neighbour's or Q4_K's config)."""
+    missing = {group: [(n, k) for n, k in shapes if any(f"{n}x{k}" not in table_entries(v) for v in group[1])]
+               for group, shapes in plan.items()}
+    return {group: shapes for group, shapes in missing.items() if shapes}
+
+
 def level_key(level: float) -> str:
     """A sparsity level as the step routes store it (exact: repr of the float)."""
     return repr(float(level))

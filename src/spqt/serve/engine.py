@@ -78,6 +78,12 @@ class Engine:
         self.track = self.generator.device == "cpu" and sparsity > 0
         dense, kept = self.generator.dense_fallbacks(), None if self.track else self.generator.kept_runs()
         dense_step = self.generator.dense_step_reason()
+        if self.generator.device == "cuda":
+            from spqt.bench import untuned_note
+
+            note = untuned_note(loaded)
+            if note:
+                log.info("%s", note)
         if dense_step:
             log.info("every linear map runs dense: %s", dense_step)
         elif dense:
