@@ -186,6 +186,21 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
         run_decode_benchmark(args, log=lambda line: None)
 
 
+def test_bench_decode_takes_a_model_file_of_any_type_on_the_gpu_kernels():
+    """spqt bench decode of a model file: its rows carry the file's types (a mix's too) in its own layout, the other
+    layout skipped; a float model or a non-Q4_K row model (dequantize + cuBLAS) refused with one line."""
+    from spqt.bench_decode import file_rows_type
+    from spqt.errors import SpqtError
+
+    assert file_rows_type("q4_k-zigzag", "zigzag", "m") == "q4_k" and file_rows_type("q4_k-row", "row", "m") == "q4_k"
+    assert file_rows_type("q6_k+q4_k-zigzag", "zigzag", "m") == "q6_k+q4_k"
+    assert file_rows_type("q6_k+q4_k-zigzag", "row", "m") is None and file_rows_type("q4_k-row", "zigzag", "m") is None
+    with pytest.raises(SpqtError, match="m is q6_k-row"):
+        file_rows_type("q6_k-row", "row", "m")
+    with pytest.raises(SpqtError, match="holds float weights"):
+        file_rows_type("float", "zigzag", "m.gguf")
+
+
 def test_bench_unknown_type_is_one_line(capsys):
     """Checked before the GPU is looked for, so it runs here."""
     for what in ("gemv", "decode"):

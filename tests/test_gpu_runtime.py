@@ -307,6 +307,25 @@ def test_default_model_cuda_matches_cpu_reference(default_gguf, sparsity):
             assert median <= max(0.01, 2 * floor_median) and same_top >= floor_top - 0.1
 
 
+def test_bench_decode_times_a_mixed_model_file(tiny_hf, tmp_path):
+    """`spqt bench decode --model FILE` of a Q4_K_M zigzag .spqt (Q6_K and Q4_K maps): one dense row carrying the
+    file's types, its row layout skipped."""
+    from argparse import Namespace
+
+    from spqt.bench_decode import run_decode_benchmark
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
+
+    model = tmp_path / "mix.spqt"
+    save_spqt(quantize_source(open_source(tiny_hf), "q4_k_m", "zigzag"), model)
+    args = Namespace(model=str(model), layouts="row,zigzag", types=None, sparsity=[0.0], prompt_tokens=8,
+                     new_tokens=12, one_process=True)
+    lines = []
+    rows = run_decode_benchmark(args, log=lines.append)["rows"]
+    assert [(r["type"], r["layout"], r["sparsity"]) for r in rows] == [("q6_k+q4_k", "zigzag", 0.0)], rows
+    assert rows[0]["tokens_per_s"] > 0 and any("skipping layout row" in line for line in lines), lines
+
+
 def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     """`spqt bench decode` runs every level in a child `--one-process` run and reads its JSON back: one row a
     level, in order, each with its own copy bandwidth; a row that fails is one error line."""

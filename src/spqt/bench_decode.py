@@ -228,6 +228,19 @@ def _levels(args, layout: str) -> list[float]:
     return list(args.sparsity) if layout == "zigzag" else [0.0]
 
 
+def file_rows_type(kind: str, layout: str, path) -> str | None:
+    """The type a model file's rows carry in spqt bench decode: its kind's types ("q4_k", "q6_k+q4_k" for a mix), or
+    None where the file is in the other layout (skipped). SpqtError where the GPU kernels do not run it: a float model
+    (a GGUF or HF folder: quantize it first) or a type other than Q4_K in the row layout (dequantize + cuBLAS)."""
+    if kind == "float":
+        raise SpqtError(f"spqt bench decode times quantized models; {path} holds float weights (spqt quantize it first)")
+    types, file_layout = kind.rsplit("-", 1)
+    if types != "q4_k" and file_layout != "zigzag":
+        raise SpqtError(f"spqt bench decode times the GPU kernels, which run q4_k in the row layout and every type in "
+                        f"the zigzag layout; {path} is {kind}")
+    return types if file_layout == layout else None
+
+
 def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[dict]:
     """The rows of every (type, layout) in runs at each of its _levels, timed one after another in this process."""
     rows = []
@@ -240,10 +253,8 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
 
             path = default_spqt() if model_arg == "default" else model_arg
             loaded = load_model(path)
-            if loaded.kind.rsplit("-", 1)[0] != "q4_k":
-                raise SpqtError(f"spqt bench decode times the Triton kernels, which exist for q4_k only; "
-                                f"{path} is {loaded.kind}")
-            if loaded.kind.split("-")[-1] != layout:
+            fmt = file_rows_type(loaded.kind, layout, path)
+            if fmt is None:
                 log(f"skipping layout {layout}: {path} is {loaded.kind}")
                 continue
         gen = Generator(loaded, "cuda", max_len=args.prompt_tokens + args.new_tokens + 8)
@@ -340,7 +351,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     layouts = [v.strip() for v in args.layouts.split(",")]
     types = [v.strip() for v in (getattr(args, "types", None) or "q4_k").split(",")]
     if types != ["q4_k"] and not model_arg.startswith("synthetic:"):
-        raise SpqtError("spqt bench decode --types: other types than q4_k run on synthetic models only")
+        raise SpqtError("spqt bench decode --types is for synthetic models; a model file brings its own types")
     head = getattr(args, "head", "auto")
     if head != "auto" and not model_arg.startswith("synthetic:"):
         raise SpqtError("spqt bench decode --head: a model file brings its own head; --head is for synthetic models")
