@@ -709,7 +709,7 @@ def test_decode_step_routes(tmp_path, monkeypatch):
         assert gpu_linear.kept_setting() == setting, value
 
 
-def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
+def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, monkeypatch, capsys):
     """spqt tune --routes (no GPU here: the child runs faked): a child per route and round with SPQT_SPARSE_KEPT
     naming the route, the median of the rounds decides; the table keeps the kernel entries and the levels timed
     before; a model the child skips (not zigzag) is one error line."""
@@ -731,8 +731,10 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
         asked.append((model, level, env["SPQT_SPARSE_KEPT"]))
         if model == "row.spqt":
             return {"rows": [], "copy_gbps": 1.0}
-        return {"rows": [{"tokens_per_s": rates[level, env["SPQT_SPARSE_KEPT"]].pop(0), "model_key": "q4_k:" + model}],
-                "copy_gbps": 1.0}
+        if model == "q6k.spqt":
+            return {"rows": [{"tokens_per_s": 1.0, "model_key": "q6_k:" + model, "type": "q6_k"}], "copy_gbps": 1.0}
+        return {"rows": [{"tokens_per_s": rates[level, env["SPQT_SPARSE_KEPT"]].pop(0), "model_key": "q4_k:" + model,
+                          "type": "q4_k"}], "copy_gbps": 1.0}
 
     monkeypatch.setattr(bench_decode, "_row_in_child", child)
     args = Namespace(prompt_tokens=10, new_tokens=16, head="auto")
@@ -744,8 +746,9 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
     levels = found["q4_k:m"]["levels"]
     assert levels["0.4"]["route"] == "all" and levels["0.5"]["route"] == "dense"
     assert levels["0.5"]["tokens_per_s"] == {"off": 95.0, "norm": 96.0, "all": 99.0, "dense": 100.5}
-    with pytest.raises(bench_decode.SpqtError, match="not a zigzag Q4_K model"):
-        bench_decode.tune_routes(args, ["row.spqt"], [0.5], rounds=1, log=lambda line: None)
+    for other in ("row.spqt", "q6k.spqt"):  # the child skips a row model; another type's rows carry its type
+        with pytest.raises(bench_decode.SpqtError, match="not a zigzag Q4_K model"):
+            bench_decode.tune_routes(args, [other], [0.5], rounds=1, log=lambda line: None)
     # the command: the old table's kernel entries and other levels kept, this level replaced
     path = tmp_path / "table.json"
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
@@ -760,11 +763,20 @@ def test_tune_routes_times_each_route_and_merges(tmp_path, monkeypatch, capsys):
     tuning._load_table.cache_clear()
     monkeypatch.setattr(bench_decode, "tune_routes", lambda args, models, levels, rounds: {
         "q4_k:m": {"model": "m", "levels": {"0.5": {"route": "all", "rounds": rounds}}}})
-    assert main(["tune", "--routes", "m", "--route-levels", "0.5", "--route-rounds", "2"]) == 0
+    assert main(["tune", "--routes", str(tiny_spqt), "--route-levels", "0.5", "--route-rounds", "2"]) == 0
     entries = json.loads(path.read_text())["entries"]
     assert entries["zigzag_dense"] == kernels["zigzag_dense"]
     assert entries[tuning.STEP_ROUTES]["q4_k:m"]["levels"] == {"0.4": {"route": "norm"},
                                                                "0.5": {"route": "all", "rounds": 2}}
+    # a model file that is not zigzag Q4_K: one error line before any timing (its metadata read, not its tensors)
+    from spqt.checkpoint import quantize_source, save_spqt
+    from spqt.sources import open_source
+
+    q6k = tmp_path / "q6k.spqt"
+    save_spqt(quantize_source(open_source(tiny_hf), "q6_k", "zigzag"), q6k)
+    monkeypatch.setattr(bench_decode, "tune_routes", lambda *a, **k: pytest.fail("timed"))
+    assert main(["tune", "--routes", str(q6k)]) == 2
+    assert "is q6_k-zigzag, not a zigzag Q4_K model" in capsys.readouterr().err
     tuning._load_table.cache_clear()
 
 
@@ -1049,8 +1061,10 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     assert main(["tune", "--model", mix]) == 0
     assert untuned_note(load_spqt(mix)) is None
     head = (c.vocab_size, c.dim)
-    assert calls == [("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, gate_up, down])),  # o has entries
-                     (("q6_k",), ("dense", "sparse"), sorted([qkv, down])), (("q6_k",), ("dense",), [head])]
+    assert {(t, v, tuple(s)) for t, v, s in calls} == {
+        ("q4_k", ("zigzag_dense", "zigzag_sparse"), tuple(sorted([qkv, gate_up, down]))),  # (o has entries)
+        (("q6_k",), ("dense", "sparse"), tuple(sorted([qkv, down]))), (("q6_k",), ("dense",), (head,))}
+    assert len(calls) == 3
     err = capsys.readouterr().err
     assert "maps that have entries of their own keep them" in err and "tune --routes" not in err  # a mix: no routes
     entries = json.loads(path.read_text())["entries"]
@@ -1064,14 +1078,15 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     calls.clear()
     start_table()
     assert main(["tune", "--model", mix, "--retune"]) == 0
-    assert calls[0] == ("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, o, gate_up, down]))
+    assert ("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, o, gate_up, down])) in calls
     calls.clear()
     assert main(["tune", "--model", mix]) == 0 and not calls
     assert "every map of" in capsys.readouterr().err
     # a zigzag Q4_K model: the routes note (with --output); a row model's Q4_K maps: row_dense, no routes note
     start_table()
     assert main(["tune", "--model", str(tiny_spqt), "--output", str(tmp_path / "out.json")]) == 0
-    assert f"tune --routes {tiny_spqt} --output" in capsys.readouterr().err
+    err = capsys.readouterr().err  # (the routes run times against the package table: the note says so)
+    assert f"tune --routes {tiny_spqt} then" in err and f"put {tmp_path / 'out.json'} there first" in err
     calls.clear()
     start_table()
     assert main(["tune", "--model", saved("row.spqt", "q4_k", "row")]) == 0
@@ -1081,6 +1096,8 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     # bad uses, each one line before any timing
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"GGUF" + bytes(60))
+    junk = tmp_path / "junk.spqt"
+    junk.write_bytes(bytes(range(256)) * 4)
     calls.clear()
     for argv, message in ((["--model", mix, "--shapes", "64x64"], "leave out --shapes and --types"),
                           (["--model", mix, "--types", "bogus"], "leave out --shapes and --types"),
@@ -1088,6 +1105,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
                           (["--model", str(gguf)], "quantize it first"),
                           (["--model", str(tiny_hf)], "quantize it first"),
                           (["--model", str(tmp_path / "none.spqt")], "no such file"),
+                          (["--model", str(junk)], "not a valid .spqt file"),
                           (["--model", ","], "--model needs .spqt files"),
                           (["--model", saved("row6.spqt", "q6_k", "row")], "no maps on the tuned kernels"),
                           (["--retune"], "--retune goes with --model"),

@@ -77,21 +77,22 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(shapes))
 
 
-def tune_plan(weights: dict) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
-    """The tuned kernels a model's weights ({name: tensor or QuantizedWeight}) run: {(fmt, table variants): [(N, K),
-    ...]}, the maps as stored (q|k|v and gate|up fused) grouped by the variants they run: zigzag Q4_K (zigzag_dense,
-    zigzag_sparse), row Q4_K (row_dense), another zigzag type (zigzag_dense_<fmt>, zigzag_sparse_<fmt>); a quantized
-    head dense only (it never runs sparse). Maps without tuned kernels (other types in the row layout) are left out."""
+def tune_plan(maps) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
+    """The tuned kernels a model's quantized maps run, maps {name: (fmt, layout, (N, K))} (checkpoint.spqt_maps, or
+    weight_maps of a loaded model): {(fmt, table variants): [(N, K), ...]}, the maps as stored (q|k|v and gate|up
+    fused) grouped by the variants they run: zigzag Q4_K (zigzag_dense, zigzag_sparse), row Q4_K (row_dense), another
+    zigzag type (zigzag_dense_<fmt>, zigzag_sparse_<fmt>); a quantized head dense only (it never runs sparse). Maps
+    without tuned kernels (other types in the row layout) are left out."""
     from spqt.kernels.dispatch import has_kernels
 
     plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
-    for name, w in weights.items():
-        if not isinstance(w, QuantizedWeight) or not has_kernels(w.fmt, w.layout):
+    for name, (fmt, layout, shape) in maps.items():
+        if not has_kernels(fmt, layout):
             continue
         kinds = ("dense",) if name == "output" else ("dense", "sparse")
-        variants = (("row_dense",) if w.layout == "row" else tuple(f"zigzag_{kind}" for kind in kinds)
-                    if w.fmt == "q4_k" else tuple(f"zigzag_{kind}_{w.fmt}" for kind in kinds))
-        plan.setdefault((w.fmt, variants), []).append(tuple(w.shape))
+        variants = (("row_dense",) if layout == "row" else tuple(f"zigzag_{kind}" for kind in kinds)
+                    if fmt == "q4_k" else tuple(f"zigzag_{kind}_{fmt}" for kind in kinds))
+        plan.setdefault((fmt, variants), []).append(tuple(shape))
     plan = {group: list(dict.fromkeys(shapes)) for group, shapes in plan.items()}
     for (fmt, variants), shapes in plan.items():  # a head's shape that a map also has: timed with the map's variants
         wider = [s for (f, v), ss in plan.items() if f == fmt and set(v) > set(variants) for s in ss]
@@ -99,24 +100,29 @@ def tune_plan(weights: dict) -> dict[tuple[str, tuple[str, ...]], list[tuple[int
     return {group: shapes for group, shapes in plan.items() if shapes}
 
 
+def weight_maps(weights: dict) -> dict:
+    """A loaded model's quantized maps as tune_plan takes them: {name: (fmt, layout, (N, K))}."""
+    return {name: (w.fmt, w.layout, tuple(w.shape)) for name, w in weights.items() if isinstance(w, QuantizedWeight)}
+
+
 def untuned_note(loaded) -> str | None:
     """For a model about to run on this GPU's CUDA kernels (a LoadedModel): a line saying how many of its maps' (type,
     shape) the tuned table lacks, which run a neighbour's or Q4_K's config (on the H200 up to 15 % slower, the 8B's
     Q6_K maps), and how to time them; None where every map has entries of its own."""
-    missing = tuning.untuned(tune_plan(loaded.weights))
+    missing = tuning.untuned(tune_plan(weight_maps(loaded.weights)))
     if not missing:
         return None
     shapes = sorted({f"{fmt} {n}x{k}" for (fmt, _), group in missing.items() for n, k in group})
     path = loaded.path if str(getattr(loaded, "path", "")).endswith(".spqt") else "MODEL.spqt"
     return (f"{len(shapes)} of this model's map shapes have no tuned config of their type on this GPU "
-            f"({', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}) and run a neighbour's or Q4_K's: "
-            f"spqt tune --model {path} times them")
+            f"({', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}) and run a neighbour's, Q4_K's or the "
+            f"default: spqt tune --model {path} times them")
 
 
 def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
-    """What `spqt tune --model` times for these .spqt models: tune_plan of their weights, merged. A GGUF, a folder or
-    a bad file: SpqtError."""
-    from spqt.checkpoint import load_spqt
+    """What `spqt tune --model` times for these .spqt models: tune_plan of their maps (from the metadata), merged. A
+    GGUF, a folder or a bad file: SpqtError."""
+    from spqt.checkpoint import spqt_maps
     from spqt.errors import SpqtError
 
     def is_gguf(p: Path) -> bool:
@@ -129,7 +135,7 @@ def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, 
         if p.is_dir() or (p.is_file() and is_gguf(p)):
             raise SpqtError(f"{p}: spqt tune --model times a .spqt model's maps; quantize it first "
                             f"(spqt quantize {p} -o model.spqt)")
-        for group, shapes in tune_plan(load_spqt(p).weights).items():
+        for group, shapes in tune_plan(spqt_maps(p).maps).items():
             plan[group] = list(dict.fromkeys(plan.get(group, []) + shapes))
     return plan
 

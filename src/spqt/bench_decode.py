@@ -440,7 +440,7 @@ def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, l
             for level, route in timed:
                 rows = _row_in_child(args, model, "q4_k", "zigzag", level, log,  # (the chain runs no route)
                                      env={"SPQT_SPARSE_KEPT": route, "SPQT_CHAIN": "0"})["rows"]
-                if not rows:  # the child skipped it: not the zigzag layout
+                if not rows or rows[0]["type"] != "q4_k":  # the child skipped it (the row layout), or another type
                     raise SpqtError(f"spqt tune --routes: {model} is not a zigzag Q4_K model (MODE_KEPT runs on "
                                     f"zigzag Q4_K maps)")
                 for lv in (levels if route == tuning.STEP_DENSE else [level]):

@@ -331,6 +331,41 @@ def load_spqt(path: str | os.PathLike, device: str = "cpu") -> LoadedModel:
         raise SpqtError(f"{path}: not a valid .spqt file ({e})") from None
 
 
+@dataclass
+class SpqtMaps:
+    """A .spqt file's quantized maps as its metadata declares them, no tensor read: maps {name: (fmt, layout, (N, K))}
+    and kind (LoadedModel.kind's form: "q4_k-zigzag", "q6_k+q4_k-zigzag")."""
+
+    maps: dict
+    kind: str
+
+
+def spqt_maps(path: str | os.PathLike) -> SpqtMaps:
+    """The maps a .spqt file's metadata declares (what spqt tune plans from, without reading a 40 GB file); the tensors
+    are checked when the model loads. A missing file, another file kind or bad metadata: SpqtError."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SpqtError(f"no such file: {path}")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as st:
+            raw = (st.metadata() or {}).get("spqt")
+        if raw is None:
+            raise SpqtError(f"{path}: a safetensors file without SpQt metadata")
+        maps = {name: (info["format"], info["layout"], tuple(info["shape"]))
+                for name, info in json.loads(raw)["linears"].items()}
+        if not maps or any(type(n) is not int or type(k) is not int for _, _, (n, k) in maps.values()):
+            raise ValueError("no quantized maps of (N, K) shape")
+    except SpqtError:
+        raise
+    except Exception as e:
+        raise SpqtError(f"{path}: not a valid .spqt file ({type(e).__name__}: {e})") from None
+    used = {fmt for name, (fmt, _, _) in maps.items() if name.startswith("layers.")}
+    layout = maps.get("layers.0.qkv", next(iter(maps.values())))[1]
+    return SpqtMaps(maps, f"{'+'.join(f for f in FORMATS if f in used)}-{layout}")
+
+
 def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
     """The LoadedModel a .spqt file's metadata and tensors describe, every declared field checked
     against the tensors before use."""

@@ -507,6 +507,14 @@ def cmd_tune(args) -> int:
         raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated), --route-levels "
                         f"in (0, 1) and --route-rounds of 1 or more; got {args.routes!r} at "
                         f"{','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
+    for m in models:  # a file: zigzag Q4_K (MODE_KEPT's maps, the routes' key), checked before any timing
+        if not m.startswith("synthetic:"):
+            from spqt.checkpoint import spqt_maps
+
+            kind = spqt_maps(m).kind
+            if kind != "q4_k-zigzag":
+                raise SpqtError(f"spqt tune --routes: {m} is {kind}, not a zigzag Q4_K model (MODE_KEPT runs on "
+                                "zigzag Q4_K maps)")
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
@@ -618,13 +626,14 @@ def cmd_tune(args) -> int:
     path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
     print(f"wrote {path}")
     if args.model is not None:
-        from spqt.checkpoint import load_spqt
+        from spqt.checkpoint import spqt_maps
 
         paths = [m.strip() for m in args.model.split(",") if m.strip()]
-        zigzag_q4k = [m for m in paths if load_spqt(m).kind == "q4_k-zigzag"]
+        zigzag_q4k = [m for m in paths if spqt_maps(m).kind == "q4_k-zigzag"]
         if zigzag_q4k:
-            print(f"spqt: note: spqt tune --routes {','.join(zigzag_q4k)}{f' --output {path}' if args.output else ''} "
-                  "then times the decode step's sparse routes per level", file=sys.stderr)
+            print(f"spqt: note: spqt tune --routes {','.join(zigzag_q4k)} then times the decode step's sparse routes "
+                  "per level" + (f" (it times against this GPU's package table: put {path} there first)"
+                                 if args.output else ""), file=sys.stderr)
     return 0
 
 
