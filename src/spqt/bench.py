@@ -124,15 +124,12 @@ def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, 
     GGUF, a folder or a bad file: SpqtError."""
     from spqt.checkpoint import spqt_maps
     from spqt.errors import SpqtError
-
-    def is_gguf(p: Path) -> bool:
-        with open(p, "rb") as f:
-            return f.read(4) == b"GGUF"
+    from spqt.sources import is_gguf
 
     plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
     for path in paths:
         p = Path(path)
-        if p.is_dir() or (p.is_file() and is_gguf(p)):
+        if p.is_dir() or is_gguf(p):
             raise SpqtError(f"{p}: spqt tune --model times a .spqt model's maps; quantize it first "
                             f"(spqt quantize {p} -o model.spqt)")
         for group, shapes in tune_plan(spqt_maps(p).maps).items():

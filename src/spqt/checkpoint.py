@@ -44,7 +44,7 @@ from spqt.formats import FORMATS, SEARCHES, check_search, get_format
 from spqt.layouts import check_layout, grid_shape
 from spqt.mixes import check_quant_type, group_types, head_type
 from spqt.quant import dequantize, quantize
-from spqt.sources import SourceModel, TokenizerSpec, open_source
+from spqt.sources import SourceModel, TokenizerSpec, is_gguf, open_source
 
 FORMAT_VERSION = 2  # written for files whose head is float; 3 where it is quantized (an older spqt refuses those)
 QUANTIZED_HEAD_VERSION = 3
@@ -109,7 +109,13 @@ class LoadedModel:
         if not hasattr(w, "fmt"):
             return "float"
         used = {v.fmt for name, v in self.weights.items() if hasattr(v, "fmt") and name.startswith("layers.")}
-        return f"{'+'.join(f for f in FORMATS if f in used)}-{w.layout}"
+        return model_kind(used, w.layout)
+
+
+def model_kind(formats: set, layout: str) -> str:
+    """A quantized model's kind from its layers' formats and layout: 'q4_k-zigzag', 'q6_k+q4_k-zigzag' (a mix: its
+    types, widest first)."""
+    return f"{'+'.join(f for f in FORMATS if f in formats)}-{layout}"
 
 
 def _parts(config: ModelConfig) -> dict:
@@ -362,8 +368,7 @@ def spqt_maps(path: str | os.PathLike) -> SpqtMaps:
     except Exception as e:
         raise SpqtError(f"{path}: not a valid .spqt file ({type(e).__name__}: {e})") from None
     used = {fmt for name, (fmt, _, _) in maps.items() if name.startswith("layers.")}
-    layout = maps.get("layers.0.qkv", next(iter(maps.values())))[1]
-    return SpqtMaps(maps, f"{'+'.join(f for f in FORMATS if f in used)}-{layout}")
+    return SpqtMaps(maps, model_kind(used, maps.get("layers.0.qkv", next(iter(maps.values())))[1]))
 
 
 def _from_metadata(meta: dict, tensors: dict, path: Path) -> LoadedModel:
@@ -455,9 +460,6 @@ def _expected_shapes(c: ModelConfig) -> dict:
 def load_model(path: str | os.PathLike, progress: bool = False) -> LoadedModel:
     """A .spqt (quantized weights), or a .gguf / HF folder (its own weights, as float32)."""
     p = Path(path)
-    if p.is_file():
-        with open(p, "rb") as f:
-            magic = f.read(4)
-        if magic != b"GGUF":
-            return load_spqt(p)
+    if p.is_file() and not is_gguf(p):
+        return load_spqt(p)
     return fused_float_weights(open_source(p), progress=progress)

@@ -122,6 +122,15 @@ def file_sha256(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
+def is_gguf(path: str | os.PathLike) -> bool:
+    """Whether path is a file that starts with GGUF's magic (whatever its name)."""
+    p = Path(path)
+    if not p.is_file():
+        return False
+    with open(p, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def open_source(path: str | os.PathLike) -> SourceModel:
     """A GGUF file or a Hugging Face checkpoint folder -> SourceModel; anything else: SpqtError."""
     p = Path(path)
@@ -129,9 +138,7 @@ def open_source(path: str | os.PathLike) -> SourceModel:
         raise SpqtError(f"no such file or directory: {p}")
     if p.is_dir():
         return _open_hf(p)
-    with open(p, "rb") as f:
-        magic = f.read(4)
-    if magic == b"GGUF":
+    if is_gguf(p):
         return _open_gguf(p)
     if p.suffix == ".spqt":
         raise SpqtError(f"{p} is already a .spqt model")
