@@ -200,13 +200,14 @@ decode_runs() {
   done | tee "$OUT/decode.log"
 }
 # bench decode of synthetic:$2 at levels $3 (a process a level) while the stage's time (since $start) stays under
-# CALL_BUDGET (default $1); JSON to $4 where given; the tok/s lines prefixed with "$5: " where given. Returns 1 (and
-# says so) only when too little time is left; a run that fails is named with its exit status.
+# CALL_BUDGET (default $1); JSON to $4 where given; the tok/s lines prefixed with "$5: " where given; weight types $6
+# (comma-separated) where given, else Q4_K. Returns 1 (and says so) only when too little time is left; a run that fails
+# is named with its exit status.
 budget_decode() {
   local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) )) rc
   [ $left -lt 40 ] && { echo "no time left for $2 ${5:-}"; return 1; }
   timeout $left python3 -m spqt.cli bench decode --model synthetic:$2 --layouts zigzag --sparsity $3 \
-    ${4:+--json "$4"} > /tmp/budget-decode.log 2>&1
+    ${4:+--json "$4"} ${6:+--types $6} > /tmp/budget-decode.log 2>&1
   rc=$?
   grep tok/s /tmp/budget-decode.log | sed "s/^/${5:+$5: }/"
   [ $rc = 0 ] || { echo "bench decode $2 $3 ${5:-}: exit $rc"; tail -3 /tmp/budget-decode.log; }
@@ -964,8 +965,8 @@ llama2-7b:now}" 90
     # (not this tree; final24 decodes with it), within CALL_BUDGET (default 400 s)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 200 python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag --types ${TYPES24:-q2_k,q3_k} \
-      --sparsity 0,0.5 --json "$OUT/decode-types-before.json" 2>&1 | grep tok/s | tee "$OUT/decode-types-before.log"
+    budget_decode 400 llama2-7b 0,0.5 "$OUT/decode-types-before.json" "" ${TYPES24:-q2_k,q3_k} \
+      | tee "$OUT/decode-types-before.log"
     echo "decode before: $(( $(date +%s) - start )) s"
     left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
     timeout $left python3 -m spqt.cli tune --types ${TYPES24:-q2_k,q3_k} \
@@ -983,10 +984,7 @@ llama2-7b:now}" 90
     type_decodes() {  # $1: before / after
       for run in ${TYPE_DECODE:-llama2-7b:q5_k,q6_k,q8_0:0,0.5}; do
         IFS=: read -r m types levels <<< "$run"
-        left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for $run $1"; break; }
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --types $types \
-          --sparsity $levels --json "$OUT/decode-$1-$m.json" 2>&1 | grep tok/s | sed "s/^/$1: /"
+        budget_decode 500 $m $levels "$OUT/decode-$1-$m.json" $1 $types || break
       done | tee -a "$OUT/decode-types.log"
       echo "decode $1: $(( $(date +%s) - start )) s"
     }
@@ -1010,9 +1008,7 @@ llama2-7b:now}" 90
     final_gpu_tests
     if [ -f /tmp/tuned-types24.json ]; then
       cp /tmp/tuned-types24.json "$(tuned_table)"
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -gt 60 ] && timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag \
-        --types ${TYPES24:-q2_k,q3_k} --sparsity 0,0.5 --json "$OUT/decode-types-after.json" 2>&1 | grep tok/s \
+      budget_decode 560 llama2-7b 0,0.5 "$OUT/decode-types-after.json" "" ${TYPES24:-q2_k,q3_k} \
         | tee "$OUT/decode-types-after.log"
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -gt 40 ] && timeout $left python3 -m spqt.cli bench gemv --types ${TYPES24:-q2_k,q3_k} \
