@@ -123,14 +123,18 @@ def tiny_hf(tmp_path_factory) -> Path:
     return make_hf_checkpoint(tmp_path_factory.mktemp("tiny_hf") / "model")
 
 
-@pytest.fixture(scope="session")
-def tiny_spqt(tiny_hf, tmp_path_factory) -> Path:
+def save_quantized(hf: Path, out: Path, fmt: str = "q4_k", layout: str = "zigzag") -> Path:
+    """An HF checkpoint folder quantized (a type or a mix, in a layout) and saved as the .spqt file out."""
     from spqt.checkpoint import quantize_source, save_spqt
     from spqt.sources import open_source
 
-    out = tmp_path_factory.mktemp("tiny_spqt") / "tiny.spqt"
-    save_spqt(quantize_source(open_source(tiny_hf), "q4_k", "zigzag"), out)
+    save_spqt(quantize_source(open_source(hf), fmt, layout), out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_spqt(tiny_hf, tmp_path_factory) -> Path:
+    return save_quantized(tiny_hf, tmp_path_factory.mktemp("tiny_spqt") / "tiny.spqt")
 
 
 @pytest.fixture

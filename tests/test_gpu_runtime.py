@@ -5,6 +5,7 @@ import torch
 
 from spqt.checkpoint import load_spqt
 from spqt.generate import Generator, sparse_linears
+from conftest import save_quantized
 
 pytestmark = pytest.mark.gpu
 
@@ -313,11 +314,8 @@ def test_bench_decode_times_a_mixed_model_file(tiny_hf, tmp_path):
     from argparse import Namespace
 
     from spqt.bench_decode import run_decode_benchmark
-    from spqt.checkpoint import quantize_source, save_spqt
-    from spqt.sources import open_source
 
-    model = tmp_path / "mix.spqt"
-    save_spqt(quantize_source(open_source(tiny_hf), "q4_k_m", "zigzag"), model)
+    model = save_quantized(tiny_hf, tmp_path / "mix.spqt", "q4_k_m")
     args = Namespace(model=str(model), layouts="row,zigzag", types=None, sparsity=[0.0], prompt_tokens=8,
                      new_tokens=12, one_process=True)
     lines = []

@@ -13,6 +13,7 @@ from spqt.kernels import gpu_layout, reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
+from conftest import save_quantized
 from kernel_inputs import assert_within_fp32_sum, random_x as _x
 
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
@@ -769,11 +770,7 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
     assert entries[tuning.STEP_ROUTES]["q4_k:m"]["levels"] == {"0.4": {"route": "norm"},
                                                                "0.5": {"route": "all", "rounds": 2}}
     # a model file that is not zigzag Q4_K: one error line before any timing (its metadata read, not its tensors)
-    from spqt.checkpoint import quantize_source, save_spqt
-    from spqt.sources import open_source
-
-    q6k = tmp_path / "q6k.spqt"
-    save_spqt(quantize_source(open_source(tiny_hf), "q6_k", "zigzag"), q6k)
+    q6k = save_quantized(tiny_hf, tmp_path / "q6k.spqt", "q6_k")
     monkeypatch.setattr(bench_decode, "tune_routes", lambda *a, **k: pytest.fail("timed"))
     assert main(["tune", "--routes", str(q6k)]) == 2
     assert "is q6_k-zigzag, not a zigzag Q4_K model" in capsys.readouterr().err
@@ -1006,16 +1003,12 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     import torch
 
     import spqt.bench
-    from spqt.checkpoint import quantize_source, save_spqt
     from spqt.cli import main
     from spqt.config import ModelConfig
     from spqt.kernels import tuning
-    from spqt.sources import open_source
 
     def saved(name, fmt, layout):
-        out = tmp_path / name
-        save_spqt(quantize_source(open_source(tiny_hf), fmt, layout), out)
-        return str(out)
+        return str(save_quantized(tiny_hf, tmp_path / name, fmt, layout))
 
     mix = saved("mix.spqt", "q4_k_m", "zigzag")  # layer 1's q|k|v and down q6_k, the head q6_k
     cfg = json.loads((tiny_hf / "config.json").read_text())
