@@ -64,6 +64,8 @@
 #   scripts/gpu_session.sh types24a  the 7B's Q2_K / Q3_K maps: decode, spqt tune --types (TYPES24, TYPE24_SHAPES) to /tmp
 #   scripts/gpu_session.sh types24b  other types' maps re-tuned (TYPE_TUNES), decode before / after (TYPE_DECODE)
 #   scripts/gpu_session.sh final24   every gpu test, then decode and bench gemv of TYPES24 with types24a's table
+#   scripts/gpu_session.sh kept25    MODE_KEPT on the other types: gpu tests, their crossovers (KEPT_TYPES, KEPT_SHAPES), the 7B's
+#                                    decode with SPQT_SPARSE_KEPT off / all (KEPT_LEVELS) (carry the first GGUF part: parks)
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -1018,6 +1020,37 @@ llama2-7b:now}" 90
       echo "no /tmp/tuned-types24.json here (a fresh machine): the types' decode and GEMV skipped"
     fi
     echo "final24: $(( $(date +%s) - start )) s"
+    ;;
+  kept25)
+    # MODE_KEPT on the other types (carry the first GGUF part: parks): its gpu tests (the kernel per type, the runtime on
+    # a Q2_K and a Q3_K_M model, the tuner's MODE_KEPT crossovers, Q4_K's kernel, the mixed file's bench decode), the
+    # types' crossovers on the 7B's shapes (spqt tune --crossover-only --types KEPT_TYPES --shapes KEPT_SHAPES: to
+    # $OUT/tuned.json and this tree's table), then bench decode of the 7B in each type dense and at KEPT_LEVELS with
+    # SPQT_SPARSE_KEPT=off and =all, within CALL_BUDGET (default 540 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 240 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_kquant_cuda.py::test_zigzag_cuda_types_kept_mode \
+      tests/test_gpu_runtime.py::test_kept_sparse_maps_decode_like_collected tests/test_kernels.py::test_cuda_kept_mode \
+      tests/test_kernels_types.py::test_bench_and_tune_types \
+      tests/test_gpu_runtime.py::test_bench_decode_times_a_mixed_model_file 2>&1 | tee "$OUT/kept25-tests.log" \
+      | grep -E "passed|failed|FAILED|Error" | tail -12
+    echo "kept25 tests: $(( $(date +%s) - start )) s"
+    kept_types=${KEPT_TYPES:-q2_k,q3_k}
+    timeout 150 python3 -m spqt.cli tune --crossover-only --types $kept_types \
+      --shapes ${KEPT_SHAPES:-12288x4096,22016x4096,4096x11008,4096x4096} --output "$OUT/tuned.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/kept25-crossover.log" | grep -E "crossover|error"
+    [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
+    echo "kept25 crossovers: $(( $(date +%s) - start )) s"
+    for fmt in ${kept_types//,/ }; do
+      unset SPQT_SPARSE_KEPT
+      budget_decode 540 llama2-7b 0 "" "$fmt" $fmt || break
+      for setting in off all; do
+        export SPQT_SPARSE_KEPT=$setting
+        budget_decode 540 llama2-7b ${KEPT_LEVELS:-0.5,0.65} "" "$fmt SPQT_SPARSE_KEPT=$setting" $fmt || break 2
+      done
+    done 2>&1 | tee "$OUT/kept25-decode.log"
+    unset SPQT_SPARSE_KEPT
+    echo "kept25: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the

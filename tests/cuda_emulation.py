@@ -41,10 +41,10 @@ def mma_kept_columns(a_regs: dict, b_of) -> np.ndarray:
 
 def assert_type_compiles(bits: int, b2_limits: tuple[int, int, int], assembly_max: int, regs_max: int,
                          tmp_path, monkeypatch) -> None:
-    """TYPE `bits` of zigzag_q4k.cu compiles with NVRTC for sm_80 and sm_90 in each mode, pipe, accumulator count
-    and finish, cluster included, without spills, 16 mma in the main loop; the B2 loops (PIPE 0 plain, PIPE 1
-    fused, PIPE 0 cluster) hold at most b2_limits instructions; the plain one (16 accumulators) at most
-    assembly_max permutes and logic ops and regs_max registers."""
+    """TYPE `bits` of zigzag_q4k.cu compiles with NVRTC for sm_80 and sm_90 in each mode (MODE_KEPT with the folded
+    norm), pipe, accumulator count and finish, cluster included, without spills, 16 mma in the main loop; the B2 loops
+    (PIPE 0 plain, PIPE 1 fused, PIPE 0 cluster) hold at most b2_limits instructions; the plain one (16 accumulators)
+    at most assembly_max permutes and logic ops and regs_max registers."""
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, main_loop, opcode
 
@@ -52,16 +52,19 @@ def assert_type_compiles(bits: int, b2_limits: tuple[int, int, int], assembly_ma
     nvrtc.compile_cubin.cache_clear()
     source = zigzag_cuda.SOURCE.read_text()
     nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2, bits=bits), "sm_80")
-    dense, indexed = zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED
+    dense, indexed, kept = zigzag_cuda.MODE_DENSE, zigzag_cuda.MODE_INDEXED, zigzag_cuda.MODE_KEPT
     plain, piped, clustered = b2_limits
-    # (mode, pipe, epilogue, acc, cluster, B2 loop limit)
-    for mode, pipe, epilogue, acc, cluster, limit in ((dense, 0, -1, 16, False, plain), (dense, 1, 0, 16, False, piped),
-                                                      (dense, 0, 2, 2, True, clustered),
-                                                      (indexed, 0, 1, 16, False, None),
-                                                      (indexed, 1, 2, 2, False, None)):
-        options = zigzag_cuda.options(4, mode, pipe, epilogue, acc=acc, bits=bits, cluster=cluster)
+    # (mode, pipe, epilogue, acc, cluster, norm, B2 loop limit); MODE_KEPT as the runtime's sparse_kept runs it on a
+    # type's B2 entry (pipe 0: cuda_type_candidates), the norm folded, a residual map's last-program finish
+    for mode, pipe, epilogue, acc, cluster, norm, limit in ((dense, 0, -1, 16, False, False, plain),
+                                                            (dense, 1, 0, 16, False, False, piped),
+                                                            (dense, 0, 2, 2, True, False, clustered),
+                                                            (indexed, 0, 1, 16, False, False, None),
+                                                            (indexed, 1, 2, 2, False, False, None),
+                                                            (kept, 0, 1, 2, False, True, None)):
+        options = zigzag_cuda.options(4, mode, pipe, epilogue, acc=acc, bits=bits, cluster=cluster, norm=norm)
         sass, regs, stack = disassemble(nvrtc.compile_cubin(source, options, "sm_90"))
-        what = f"mode {mode} pipe {pipe} epilogue {epilogue} acc {acc} cluster {cluster}"
+        what = f"mode {mode} pipe {pipe} epilogue {epilogue} acc {acc} cluster {cluster} norm {norm}"
         assert stack == 0, f"{what}: {stack} bytes of stack (spills)"
         loop = main_loop(sass, "HMMA")
         assert sum("HMMA" in ln for ln in loop) == 16, what

@@ -106,42 +106,46 @@ def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
         assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
 
 
-def test_kept_sparse_maps_decode_like_collected(tiny_spqt, monkeypatch):
+@pytest.mark.parametrize("fmt", ["q4_k", "q2_k", "q3_k_m"])
+def test_kept_sparse_maps_decode_like_collected(tiny_hf, tiny_spqt, tmp_path, fmt, monkeypatch):
     """fp16 CUDA decode at 50 % with every thresholded map sparse: with SPQT_SPARSE_KEPT=1 (one MODE_KEPT launch a map,
     each program listing its share's kept inputs, norms folded) each step's logits within 2 % of the logit range of
     the decode with the collections launched, compared while the greedy tokens agree (at least 8 steps); MODE_KEPT
-    ran every o and down map, and norm-fed maps with their norm folded (every map forced onto the CUDA GEMV). With the
-    variable unset the tuned step route of the model's geometry decides (here a table naming "all" at 0.5): the same
-    tokens and logits as =1, bit for bit; =0 overrides that route. A table naming "dense" there: every map dense, the
-    dense decode's tokens and logits bit for bit."""
+    ran every o and down map, maps of every type the model holds (Q2_K; the Q3_K_M mix: Q3_K, Q4_K and Q5_K maps),
+    and norm-fed maps with their norm folded (every map forced onto the CUDA GEMV). With the variable unset the tuned
+    step route of the model's geometry and types decides (here a table naming "all" at 0.5): the same tokens and
+    logits as =1, bit for bit; =0 overrides that route. A table naming "dense" there: every map dense, the dense
+    decode's tokens and logits bit for bit."""
     from spqt.calibrate import calibrate
     from spqt.kernels import gpu_linear, tuning
 
     monkeypatch.setenv("SPQT_GEMV", "cuda")
-    loaded = load_spqt(tiny_spqt)
+    loaded = load_spqt(tiny_spqt if fmt == "q4_k" else save_quantized(tiny_hf, tmp_path / f"{fmt}.spqt", fmt))
+    types = {lin.impl.w.fmt for _, _, lin in sparse_linears(Generator(loaded, "cuda", dtype=torch.float16).model)}
     calib = torch.randint(0, loaded.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(1)).tolist()
     loaded.thresholds = calibrate(loaded, calib, [0.5], modes=("unified",), max_tokens=2048, ctx=256, held_out_tokens=0)
     prompt = [3, 17, 42, 5, 9]
     runs = {}
     real = gpu_linear.TritonLinear.sparse_kept
-    key, real_entries = tuning.model_key(loaded.config, "q4_k"), tuning.table_entries
+    key, real_entries = tuning.model_key(loaded.config, loaded.kind.rsplit("-", 1)[0]), tuning.table_entries
     monkeypatch.setattr(tuning, "table_entries", lambda variant: {key: {"levels": {"0.5": {"route": "all"}}}}
                         if variant == tuning.STEP_ROUTES else real_entries(variant))
     for kept in ("1", "0", ""):
         monkeypatch.setenv("SPQT_SPARSE_KEPT", kept)
-        calls = []  # (the implementation, normed, ran)
+        calls = []  # (the implementation, normed, ran, its weight type)
         monkeypatch.setattr(gpu_linear.TritonLinear, "sparse_kept", lambda self, *a, **kw: calls.append(
-            (id(self), kw.get("norm") is not None, real(self, *a, **kw))) or calls[-1][2])
+            (id(self), kw.get("norm") is not None, real(self, *a, **kw), self.w.fmt)) or calls[-1][2])
         logits = []
         gen = Generator(loaded, "cuda", dtype=torch.float16, sparsity=0.5, max_len=64, dense_fallback=False)
         runs[kept] = (gen.generate(prompt, 24, track=False, on_logits=logits.append).tokens, logits)
-        ran = {impl for impl, _, y in calls if y is not None}
+        ran = {impl for impl, _, y, _ in calls if y is not None}
         assert gen.kept_route == "all"  # the route the table names; SPQT_SPARSE_KEPT overrides it where set
         if kept in ("1", ""):
             residual_maps = {id(b.attention.o.impl) for b in gen.model.layers} | {
                 id(b.feed_forward.down.impl) for b in gen.model.layers}
             assert residual_maps <= ran, f"{len(residual_maps - ran)} o / down maps did not run MODE_KEPT"
-            assert any(normed and y is not None for _, normed, y in calls), "no norm-fed map ran MODE_KEPT"
+            assert any(normed and y is not None for _, normed, y, _ in calls), "no norm-fed map ran MODE_KEPT"
+            assert {f for _, _, y, f in calls if y is not None} == types, types
         else:
             assert not ran, "MODE_KEPT ran with SPQT_SPARSE_KEPT=0"
     assert runs[""][0] == runs["1"][0] and all(torch.equal(a, b) for a, b in zip(runs[""][1], runs["1"][1]))

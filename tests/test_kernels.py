@@ -402,8 +402,9 @@ def test_fused_ops_match_torch_twins(rng, device):
 def test_kept_route_from_the_table(rng, monkeypatch):
     """MODE_KEPT's crossovers in the table: with SPQT_SPARSE_KEPT=table a map tries MODE_KEPT first from
     "crossover_kept" ("_fused" norm-fed) on, and counts as sparse there (sparse_pays) even below the collected B4's
-    crossover; =1 tries it for every sparse map, =norm / =plain for the norm-fed maps / the others; unset (the
-    default) the model's tuned step route (kept_route, "off" unless set), which a set variable overrides; where
+    crossover; =1 tries it for every sparse map, =norm / =plain for the norm-fed maps / the others, each also sparse
+    from its MODE_KEPT crossover on; unset (the default) the model's tuned step route (kept_route, "off" unless set),
+    which a set variable overrides; where
     MODE_KEPT cannot run (here: no CUDA GEMV) the map falls back to the collected B4 if that pays, else runs dense (the
     exact dense product)."""
     from spqt.linear import Linear
@@ -428,15 +429,19 @@ def test_kept_route_from_the_table(rng, monkeypatch):
         assert not impl.kept_first(0.5) and not impl.sparse_pays(0.5)
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "1")
     assert impl.kept_first(0.1, norm_fed=True) and not impl.sparse_pays(0.1)  # forced first, not forced sparse
-    assert impl.kept_first(0.9) and not impl.sparse_pays(0.5)
+    # sparse from MODE_KEPT's own crossover on (plain 0.25; norm-fed none, and the collected B4's 0.4)
+    assert impl.kept_first(0.9) and impl.sparse_pays(0.5) and not impl.sparse_pays(0.2)
+    assert impl.sparse_pays(0.5, norm_fed=True) and not impl.sparse_pays(0.3, norm_fed=True)
     for setting, fed in (("norm", True), ("plain", False)):  # one kind of map first, by what feeds it
         monkeypatch.setenv("SPQT_SPARSE_KEPT", setting)
         assert impl.kept_first(0.1, norm_fed=fed) and not impl.kept_first(0.9, norm_fed=not fed)
-        assert not impl.sparse_pays(0.5)
+        assert impl.sparse_pays(0.5) == (setting == "plain")  # MODE_KEPT's crossover counts where it runs
     # unset, the model's tuned step route decides (generate.set_kept_route); a set variable overrides it
     monkeypatch.delenv("SPQT_SPARSE_KEPT")
     impl.kept_route = "all"
-    assert impl.kept_first(0.1) and impl.kept_first(0.9, norm_fed=True) and not impl.sparse_pays(0.5)
+    assert impl.kept_first(0.1) and impl.kept_first(0.9, norm_fed=True) and impl.sparse_pays(0.5)
+    impl.kept_route = "off"
+    assert not impl.sparse_pays(0.5)  # the collected B4 alone: from its crossover 0.65
     impl.kept_route = "norm"
     assert impl.kept_first(0.5, norm_fed=True) and not impl.kept_first(0.5)
     monkeypatch.setenv("SPQT_SPARSE_KEPT", "0")
@@ -713,7 +718,8 @@ def test_decode_step_routes(tmp_path, monkeypatch):
 def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, monkeypatch, capsys):
     """spqt tune --routes (no GPU here: the child runs faked): a child per route and round with SPQT_SPARSE_KEPT
     naming the route, the median of the rounds decides; the table keeps the kernel entries and the levels timed
-    before; a model the child skips (not zigzag) is one error line."""
+    before; a model the child skips (not zigzag) or whose rows carry other types is one error line; a synthetic model
+    runs each of --types (its routes keyed by type), a file its own types (a mix's included), never with --types."""
     import json
     from argparse import Namespace
 
@@ -739,7 +745,7 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
 
     monkeypatch.setattr(bench_decode, "_row_in_child", child)
     args = Namespace(prompt_tokens=10, new_tokens=16, head="auto")
-    found = bench_decode.tune_routes(args, ["m"], [0.4, 0.5], rounds=3, log=lambda line: None)
+    found = bench_decode.tune_routes(args, [("m", "q4_k")], [0.4, 0.5], rounds=3, log=lambda line: None)
     # a round: the dense step once (at the first level: the same step at every level), then each level's routes
     assert asked == ([("m", 0.4, "dense")] + [("m", lv, r) for lv in (0.4, 0.5) for r in ("off", "norm", "all")]) * 3
     # 0.4: medians 100, 91, 103 (means 100, 103.7, 103; fastest rounds 100, 130, 104): the median's choice, which
@@ -748,8 +754,10 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
     assert levels["0.4"]["route"] == "all" and levels["0.5"]["route"] == "dense"
     assert levels["0.5"]["tokens_per_s"] == {"off": 95.0, "norm": 96.0, "all": 99.0, "dense": 100.5}
     for other in ("row.spqt", "q6k.spqt"):  # the child skips a row model; another type's rows carry its type
-        with pytest.raises(bench_decode.SpqtError, match="not a zigzag Q4_K model"):
-            bench_decode.tune_routes(args, [other], [0.5], rounds=1, log=lambda line: None)
+        with pytest.raises(bench_decode.SpqtError, match="not a zigzag q4_k model"):
+            bench_decode.tune_routes(args, [(other, "q4_k")], [0.5], rounds=1, log=lambda line: None)
+    q6k_found = bench_decode.tune_routes(args, [("q6k.spqt", "q6_k")], [0.5], rounds=1, log=lambda line: None)
+    assert list(q6k_found) == ["q6_k:q6k.spqt"]
     # the command: the old table's kernel entries and other levels kept, this level replaced
     path = tmp_path / "table.json"
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
@@ -762,18 +770,28 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
                                 "entries": {**kernels, tuning.STEP_ROUTES: old}}))
     tuning._load_table.cache_clear()
-    monkeypatch.setattr(bench_decode, "tune_routes", lambda args, models, levels, rounds: {
+    timed = []
+    monkeypatch.setattr(bench_decode, "tune_routes", lambda args, models, levels, rounds: timed.append(models) or {
         "q4_k:m": {"model": "m", "levels": {"0.5": {"route": "all", "rounds": rounds}}}})
     assert main(["tune", "--routes", str(tiny_spqt), "--route-levels", "0.5", "--route-rounds", "2"]) == 0
+    assert timed == [[(str(tiny_spqt), "q4_k")]]
     entries = json.loads(path.read_text())["entries"]
     assert entries["zigzag_dense"] == kernels["zigzag_dense"]
     assert entries[tuning.STEP_ROUTES]["q4_k:m"]["levels"] == {"0.4": {"route": "norm"},
                                                                "0.5": {"route": "all", "rounds": 2}}
-    # a model file that is not zigzag Q4_K: one error line before any timing (its metadata read, not its tensors)
-    q6k = save_quantized(tiny_hf, tmp_path / "q6k.spqt", "q6_k")
+    # a synthetic model in each of --types; a mix's file with its own types (its metadata read, not its tensors)
+    mix = save_quantized(tiny_hf, tmp_path / "mix.spqt", "q3_k_m")
+    assert main(["tune", "--routes", f"synthetic:llama2-7b,{mix}", "--route-levels", "0.5"]) == 0
+    assert main(["tune", "--routes", "synthetic:llama2-7b", "--types", "q2_k,q6_k", "--route-levels", "0.5"]) == 0
+    assert timed[1:] == [[("synthetic:llama2-7b", "q4_k"), (str(mix), "q5_k+q4_k+q3_k")],
+                         [("synthetic:llama2-7b", "q2_k"), ("synthetic:llama2-7b", "q6_k")]]
+    # a row-layout file, or a file with --types: one error line before any timing
+    row = save_quantized(tiny_hf, tmp_path / "row.spqt", "q6_k", "row")
     monkeypatch.setattr(bench_decode, "tune_routes", lambda *a, **k: pytest.fail("timed"))
-    assert main(["tune", "--routes", str(q6k)]) == 2
-    assert "is q6_k-zigzag, not a zigzag Q4_K model" in capsys.readouterr().err
+    assert main(["tune", "--routes", str(row)]) == 2
+    assert "is q6_k-row, not a zigzag model" in capsys.readouterr().err
+    assert main(["tune", "--routes", str(mix), "--types", "q4_k"]) == 2
+    assert "brings its own types (q5_k+q4_k+q3_k-zigzag); --types is for synthetic models" in capsys.readouterr().err
     tuning._load_table.cache_clear()
 
 
@@ -979,6 +997,10 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     before = {"zigzag_dense": {"256x256": entry}}
     assert not tuning.route_touched(key, before, {"zigzag_dense": {"256x256": entry | {"pairs_step_us": {"0": 1.0}}}})
     assert tuning.route_touched(key, before, {"zigzag_dense": {"256x256": entry | {"pairs": True}}})
+    # another type's or a mix's route also depends on its types' own entries (a Q2_K tune leaves Q4_K's routes)
+    q2k = {"zigzag_dense_q2_k": {"256x256": entry | {"split": 3}}}
+    for types, touched in (("q4_k", False), ("q2_k", True), ("q6_k+q2_k", True), ("q6_k+q4_k", False)):
+        assert tuning.route_touched(f"{types}:256x768x4x2x64x2", before, before | q2k) == touched, types
     # a kernel re-tune of a shape drops its step-judged pairs and says so; the other shapes keep theirs
     tuning._load_table.cache_clear()
     import spqt.bench
@@ -1059,7 +1081,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
         (("q6_k",), ("dense", "sparse"), tuple(sorted([qkv, down]))), (("q6_k",), ("dense",), (head,))}
     assert len(calls) == 3
     err = capsys.readouterr().err
-    assert "maps that have entries of their own keep them" in err and "tune --routes" not in err  # a mix: no routes
+    assert "maps that have entries of their own keep them" in err and f"tune --routes {mix} then" in err  # a mix too
     entries = json.loads(path.read_text())["entries"]
     for name, by_shape in other.items():  # the shapes and types not timed keep their entries
         assert entries[name] | by_shape == entries[name], name

@@ -375,8 +375,8 @@ def test_kernels_compile_for_sm90():
 def test_bench_and_tune_types(tmp_path):
     """`spqt bench gemv --types` and `spqt tune --types` for the other types: the tuner times
     (two) candidates of B2 and B4 per type and shape and returns table entries (where the CUDA GEMV
-    runs: its configs, the Triton fallback and the crossovers); the benchmark reports B2 and B4 rows
-    per type next to Q4_K's."""
+    runs: its configs, the Triton fallback and the crossovers, MODE_KEPT's included; the crossovers alone, the
+    configs kept); the benchmark reports B2 and B4 rows per type next to Q4_K's."""
     from spqt import bench
     from spqt.kernels import tuning, zigzag_cuda
 
@@ -394,7 +394,12 @@ def test_bench_and_tune_types(tmp_path):
         assert (entry.get("impl") == "cuda") == on_cuda, entry  # timed on the kernel the runtime runs here
         if on_cuda:  # the Triton type kernel's config as the table had it (untimed here)
             assert entry["impl"] == "cuda" and entry["fallback"] == tuning.triton_config(variant, 576, 192), entry
-            assert ("crossover" in entry) == ("sparse" in variant), entry
+            assert ("crossover" in entry) == ("sparse" in variant) == ("crossover_kept_fused" in entry), entry
+    if on_cuda:  # the crossovers alone, the configs kept (spqt tune --crossover-only --types)
+        table = bench.tune_crossover(shapes, log=lambda *a: None, types=("q2_k",))
+        entry = table["zigzag_sparse_q2_k"]["576x192"]
+        assert {"crossover", "crossover_fused", "crossover_kept", "crossover_kept_fused"} <= set(entry), entry
+        assert entry["split"] == tuning.cuda_type_config("sparse", "q2_k", 576, 192)["split"]
     report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",
                                       log=lambda *a: None, types=["q4_k", "q6_k"])
     rows = {(r["type"], r["variant"], r["sparsity"]) for r in report["rows"]}

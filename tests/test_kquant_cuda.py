@@ -244,3 +244,97 @@ def test_zigzag_cuda_types_fold_the_norm(rng, fmt):
             assert_within_fp32_sum(y, *refs, normed.float(), what, 2 * FP16_X_EPS)
             torch.testing.assert_close(y, plain, rtol=2e-3, atol=2e-3 * float(plain.abs().max()), msg=what)
             assert torch.equal(y, kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps))), what
+
+
+# MODE_KEPT of the types (split, warps, pipe, acc): one program a row at 8 warps (a share of 4096 columns with the
+# norm), the next chunk loaded ahead, 8 and 2 accumulators; without tile pairs (gpu_linear.sparse_kept runs a B2
+# entry without them)
+KEPT_CONFIGS = [(1, 8, 0, 16), (7, 2, 1, 2), (24, 4, 0, 8)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("fmt", TYPES)
+def test_zigzag_cuda_types_kept_mode(rng, fmt, sparsity):
+    """MODE_KEPT (each program lists its share's inputs with |x| (scale) > t and multiplies those) on the type's layout:
+    y and partials poisoned, within the fp32 sum's bound of the product on the sparsified input (and near the fp16-B
+    model where the type has one), with WINA's scale, with the RMSNorm folded (close to MODE_KEPT on the input normed
+    in torch), bit-identical on a rerun; the residual finished by the last program; a partial last chunk (777
+    columns)."""
+    from spqt.kernels import zigzag_cuda
+
+    eps = 1e-5
+    for shape in ((4096, 4096), (2311, 777), (1024, 11008)):
+        qw = _gpu_weights(rng, fmt, shape)
+        gw = _planes(qw, "cuda")
+        refs = _magnitudes(qw)
+        n, k = shape
+        x, t = random_x(rng, k, torch.float16, "cuda", sparsity)
+        scale = torch.from_numpy(0.5 + rng.random(k).astype(np.float32)).to("cuda")
+        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
+        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])
+        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
+        for split, warps, pipe, acc in KEPT_CONFIGS:
+            if not zigzag_cuda.kept_fits(k, split, warps):
+                continue
+            ws = kg.ZigzagWorkspace(gw, split, torch.float16)
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "threshold": t}
+            what = f"{fmt} kept {shape} split {split} warps {warps} pipe {pipe} acc {acc} s={sparsity}"
+            for more, x_used in (({}, reference.sparsify(x, t).float()),
+                                 ({"scale": scale}, reference.sparsify(x, t, scale).float()),
+                                 ({"norm": (gamma, sq, eps)}, None)):
+                ws.y.fill_(float("nan"))
+                ws.partials.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, **more).clone()
+                case = f"{what} {sorted(more)}"
+                if x_used is None:  # the kernel's rstd may differ from torch's in the last bit: compare with
+                    # MODE_KEPT on torch's normed input, where both keep the same inputs
+                    plain = kg.gemv_zigzag(gw, normed, kg.MODE_KEPT, ws, **kw).float()
+                    torch.testing.assert_close(y.float(), plain, rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-6,
+                                               msg=case)
+                else:
+                    assert_within_fp32_sum(y, *refs, x_used, case, FP16_X_EPS)
+                    if fmt in FP16_B_MODELS:
+                        _assert_near_model(y, FP16_B_MODELS[fmt](qw, x_used), x_used, refs[1], case)
+                again = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, **more)
+                assert torch.equal(y, again), f"{case}: not deterministic"
+            if split == 24:  # the residual finished by the last program of a tile
+                plain = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw).float().clone()
+                r = torch.randn(n, device="cuda", dtype=torch.float16) * (plain.abs().mean().half() + 1e-3)
+                ws.y.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, fused=True, residual=r).float()
+                assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
+                torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-3,
+                                           msg=f"{what} residual")
+
+
+@pytest.mark.parametrize("bits", [5, 6])
+def test_kept_mode_compiles_for_q5_k_and_q6_k(bits, tmp_path, monkeypatch):
+    """MODE_KEPT of TYPE 5 / 6 compiles with NVRTC for sm_90 as the runtime's sparse_kept runs it (pipe 0, the norm
+    folded, the residual's last-program finish) without spills, 16 mma in the main loop (Q2_K, Q3_K, Q8_0:
+    cuda_emulation.assert_type_compiles)."""
+    from spqt.kernels import nvrtc, zigzag_cuda
+    from spqt.kernels.sass import disassemble, main_loop
+
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path))  # compiled here, not read from a cache
+    nvrtc.compile_cubin.cache_clear()
+    options = zigzag_cuda.options(4, zigzag_cuda.MODE_KEPT, 0, 1, acc=2, bits=bits, norm=True)
+    sass, _, stack = disassemble(nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options, "sm_90"))
+    assert stack == 0 and sum("HMMA" in ln for ln in main_loop(sass, "HMMA")) == 16
+
+
+def test_kept_layout_names_the_cuda_gemv_layouts(rng):
+    """MODE_KEPT runs a matrix in a zigzag layout of the CUDA GEMV (gpu_linear.kept_layout): Q4_K's and every type's
+    planes; not the Triton type kernels' layout (no MODE_KEPT there) nor the row layout."""
+    import spqt
+    from spqt.kernels.gpu_layout import repack
+    from spqt.kernels.gpu_layout_types import repack as repack_triton
+    from spqt.kernels.gpu_linear import kept_layout
+
+    for fmt in TYPES:
+        qw = _random_blocks(rng, fmt, (300, 77))
+        assert kept_layout(_planes(qw, "cpu")) and not kept_layout(repack_triton(qw, "cpu")), fmt
+    w = torch.from_numpy(rng.standard_normal((300, 77)).astype(np.float32))
+    for layout in ("zigzag", "row"):
+        q4k = QuantizedWeight(spqt.quantize(w, "q4_k", layout), "q4_k", layout, (300, 77))
+        assert kept_layout(repack(q4k, "cpu")) == (layout == "zigzag")

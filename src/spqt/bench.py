@@ -21,6 +21,7 @@ import torch
 
 import spqt
 from spqt.checkpoint import QuantizedWeight
+from spqt.errors import SpqtError
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels import zigzag_cuda
@@ -60,8 +61,6 @@ def runtime_shapes() -> list[tuple[int, int]]:
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    from spqt.errors import SpqtError
-
     shapes = []
     for item in text.split(","):
         item = item.strip()
@@ -123,7 +122,6 @@ def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, 
     """What `spqt tune --model` times for these .spqt models: tune_plan of their maps (from the metadata), merged. A
     GGUF, a folder or a bad file: SpqtError."""
     from spqt.checkpoint import spqt_maps
-    from spqt.errors import SpqtError
     from spqt.sources import is_gguf
 
     plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
@@ -459,8 +457,8 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     done by the norm before the map ("crossover_fused": rms_norm_collect + B4 against rms_norm + B2, or
     against B2 with the norm folded in where the runtime folds it (the CUDA B2, gpu_linear.dense_normed):
     the fused norm costs more than the plain one, which B4 must win back; on the H200 the 7B step at
-    25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins. Q4_K on the CUDA
-    GEMV also: "crossover_kept" / "crossover_kept_fused", the lowest level from which MODE_KEPT (B2's config; norm-fed:
+    25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins. On the CUDA GEMV
+    (any type in its layouts) also: "crossover_kept" / "crossover_kept_fused", the lowest level from which MODE_KEPT (B2's config; norm-fed:
     the norm folded) beats B2 by the margin and the collected B4 at every higher level (TritonLinear.kept_pays).
     Runtime maps below their crossover run dense (Linear.dense_fallback). weights: rotated copies of one zigzag
     matrix in a layout gemv_zigzag runs (Q4_K's, or a type's CUDA layout)."""
@@ -492,7 +490,7 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     from spqt.kernels.gpu_linear import kept_runnable, norm_foldable
 
     sums = (h.float() ** 2).sum().reshape(1)  # the reduction before would write them (any partition)
-    # as the runtime runs it (TritonLinear.sparse_kept): Q4_K, the dense config on the CUDA GEMV
+    # as the runtime runs it (TritonLinear.sparse_kept): the dense config on the CUDA GEMV
     kept_runs = kept_runnable(weights[0], h, ws_d.split, args)
     if norm_foldable(weights[0], h, ws_d.split, args, norm_w):
         dense_norm = timed(lambda w: kg.gemv_zigzag(w, h, kg.MODE_DENSE, ws_d, **args, norm=(norm_w, sums, eps)))
@@ -627,19 +625,33 @@ def tune_types(shapes, types, log=print, candidates=None, kinds=("dense", "spars
     return entries
 
 
-def tune_crossover(shapes, log=print) -> dict:
+def tune_crossover(shapes, log=print, types=("q4_k",)) -> dict:
     """This GPU's table with every zigzag_sparse entry's crossover measured anew (the configs kept:
-    shapes the table lacks get their nearest neighbour's or the default)."""
+    shapes the table lacks get their nearest neighbour's or the default); for another type (types) the crossovers of
+    its CUDA configs as the runtime runs them (tuning.cuda_type_config: its own entry, else Q4_K's) into the type's
+    zigzag_sparse_<type> entry of the shape (a copy of that config where the type has no entry of its own). SpqtError
+    for a type the CUDA GEMV does not run here."""
     props = torch.cuda.get_device_properties(0)
     entries = tuning.all_entries()
     for n, k in shapes:
         key = f"{n}x{k}"
-        for v in ("zigzag_dense", "zigzag_sparse", "row_dense"):
-            entries[v].setdefault(key, tuning.config(v, n, k))
-        ops = make_operands((n, k), props.L2_cache_size)
-        cross = crossover(ops.zig, entries["zigzag_dense"][key], entries["zigzag_sparse"][key])
-        entries["zigzag_sparse"][key] = {**entries["zigzag_sparse"][key], **cross}
-        log(f"{key} crossover (B4 beats B2 from): {cross}")
-        del ops
-        torch.cuda.empty_cache()
+        for fmt in types:
+            if fmt == "q4_k":
+                for v in ("zigzag_dense", "zigzag_sparse", "row_dense"):
+                    entries[v].setdefault(key, tuning.config(v, n, k))
+                weights = make_operands((n, k), props.L2_cache_size).zig
+                dense, variant = entries["zigzag_dense"][key], "zigzag_sparse"
+                sparse = entries[variant][key]
+            else:
+                weights = make_type_operands((n, k), fmt, props.L2_cache_size)[0]
+                if not zigzag_cuda.in_kquant_layout(weights[0]):
+                    raise SpqtError(f"spqt tune --crossover-only --types {fmt}: the CUDA GEMV does not run here (an "
+                                    "sm_80+ GPU with NVRTC, SPQT_GEMV not triton)")
+                dense, variant = tuning.cuda_type_config("dense", fmt, n, k), f"zigzag_sparse_{fmt}"
+                sparse = entries.setdefault(variant, {}).get(key) or tuning.cuda_type_config("sparse", fmt, n, k)
+            cross = crossover(weights, dense, sparse)
+            entries[variant][key] = {**sparse, **cross}
+            log(f"{key} {fmt} crossover (B4 beats B2 from): {cross}")
+            del weights
+            torch.cuda.empty_cache()
     return {v: e for v, e in entries.items() if e}  # the other types' entries kept as they were

@@ -304,8 +304,8 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
 
 def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, log, env: dict | None = None) -> dict:
     """One (type, layout, level) timed by `spqt bench decode --one-process` in a fresh process (env: variables set
-    for it): its report (rows, copy_gbps); its stdout lines passed to log as they come, its stderr kept for the
-    error line."""
+    for it; fmt: a synthetic model's type, a file brings its own): its report (rows, copy_gbps); its stdout lines
+    passed to log as they come, its stderr kept for the error line."""
     import subprocess
     import sys
     import tempfile
@@ -313,8 +313,9 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
         cmd = [sys.executable, "-m", "spqt.cli", "bench", "decode", "--one-process", "--model", model_arg,
-               "--types", fmt, "--layouts", layout, "--sparsity", str(sparsity), "--prompt-tokens",
-               str(args.prompt_tokens), "--new-tokens", str(args.new_tokens), "--head", getattr(args, "head", "auto"),
+               *(["--types", fmt] if model_arg.startswith("synthetic:") else []), "--layouts", layout,
+               "--sparsity", str(sparsity), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+               str(args.new_tokens), "--head", getattr(args, "head", "auto"),
                "--json", out]
         with open(os.path.join(tmp, "stderr"), "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
@@ -425,31 +426,32 @@ def choose_route(tokens_per_s: dict) -> str:
     return tuning.STEP_DENSE if dense is not None and sparse[route] < dense * (1 + ROUTE_MARGIN) else route
 
 
-def tune_routes(args, models: list[str], levels: list[float], rounds: int = 2, log=print) -> dict:
-    """spqt tune --routes: for each model (synthetic:NAME or a Q4_K zigzag .spqt) and level, greedy decode timed as
-    `spqt bench decode` times it, a process per route with SPQT_SPARSE_KEPT forcing it (tuning.KEPT_ROUTES: off, the
-    norm-fed maps, every sparse map), and a process per round with every map dense (SPQT_SPARSE_KEPT=dense, at the
-    first level: the same step at every level), in turn for `rounds` rounds; the fastest by the median of its rounds
-    (choose_route). Returns {model_key: entry} (tuning.STEP_ROUTES' format) to merge into the table."""
+def tune_routes(args, models: list[tuple[str, str]], levels: list[float], rounds: int = 2, log=print) -> dict:
+    """spqt tune --routes: for each (model, weight types) (synthetic:NAME with one type, or a zigzag .spqt with its
+    kind's types, "q4_k" or a mix's "q5_k+q4_k+q3_k") and level, greedy decode timed as `spqt bench decode` times it,
+    a process per route with SPQT_SPARSE_KEPT forcing it (tuning.KEPT_ROUTES: off, the norm-fed maps, every sparse
+    map), and a process per round with every map dense (SPQT_SPARSE_KEPT=dense, at the first level: the same step at
+    every level), in turn for `rounds` rounds; the fastest by the median of its rounds (choose_route). Returns
+    {model_key: entry} (tuning.STEP_ROUTES' format) to merge into the table."""
     found = {}
-    for model in models:
+    for model, fmt in models:
         runs = {level: {route: [] for route in tuning.STEP_ROUTE_NAMES} for level in levels}
         key = None
         timed = [(levels[0], tuning.STEP_DENSE)] + [(lv, r) for lv in levels for r in tuning.KEPT_ROUTES]  # a round
         for _ in range(rounds):
             for level, route in timed:
-                rows = _row_in_child(args, model, "q4_k", "zigzag", level, log,  # (the chain runs no route)
+                rows = _row_in_child(args, model, fmt, "zigzag", level, log,  # (the chain runs no route)
                                      env={"SPQT_SPARSE_KEPT": route, "SPQT_CHAIN": "0"})["rows"]
-                if not rows or rows[0]["type"] != "q4_k":  # the child skipped it (the row layout), or another type
-                    raise SpqtError(f"spqt tune --routes: {model} is not a zigzag Q4_K model (MODE_KEPT runs on "
-                                    f"zigzag Q4_K maps)")
+                if not rows or rows[0]["type"] != fmt:  # the child skipped it (the row layout), or other types
+                    raise SpqtError(f"spqt tune --routes: {model} is not a zigzag {fmt} model (MODE_KEPT runs on "
+                                    f"zigzag maps)")
                 for lv in (levels if route == tuning.STEP_DENSE else [level]):
                     runs[lv][route].append(rows[0]["tokens_per_s"])
                 key = rows[0]["model_key"]
         for level in levels:
             rates = {route: statistics.median(v) for route, v in runs[level].items()}
             route = choose_route(rates)
-            log(f"{model} at {level:.2f}: " + ", ".join(f"{r} {v:.1f}" for r, v in rates.items())
+            log(f"{model} {fmt} at {level:.2f}: " + ", ".join(f"{r} {v:.1f}" for r, v in rates.items())
                 + f" tokens/s (median of {rounds}) -> {route}")
             entry = found.setdefault(key, {"model": model, "levels": {}})
             entry["levels"][tuning.level_key(level)] = {"route": route, "rounds": rounds,

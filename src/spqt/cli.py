@@ -507,14 +507,19 @@ def cmd_tune(args) -> int:
         raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated), --route-levels "
                         f"in (0, 1) and --route-rounds of 1 or more; got {args.routes!r} at "
                         f"{','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
-    for m in models:  # a file: zigzag Q4_K (MODE_KEPT's maps, the routes' key), checked before any timing
-        if not m.startswith("synthetic:"):
-            from spqt.checkpoint import spqt_maps
+    route_runs = []  # (model, its weight types: the routes' key), a file checked before any timing
+    for m in models:
+        if m.startswith("synthetic:"):
+            route_runs += [(m, fmt) for fmt in types]
+            continue
+        from spqt.checkpoint import spqt_maps
 
-            kind = spqt_maps(m).kind
-            if kind != "q4_k-zigzag":
-                raise SpqtError(f"spqt tune --routes: {m} is {kind}, not a zigzag Q4_K model (MODE_KEPT runs on "
-                                "zigzag Q4_K maps)")
+        kind = spqt_maps(m).kind
+        if not kind.endswith("-zigzag"):
+            raise SpqtError(f"spqt tune --routes: {m} is {kind}, not a zigzag model (MODE_KEPT runs on zigzag maps)")
+        if args.types is not None:
+            raise SpqtError(f"spqt tune --routes: {m} brings its own types ({kind}); --types is for synthetic models")
+        route_runs.append((m, kind.rsplit("-", 1)[0]))
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
@@ -540,12 +545,12 @@ def cmd_tune(args) -> int:
         from spqt.bench_decode import tune_routes
 
         entries = tuning.all_entries()
-        for key, entry in tune_routes(args, models, args.route_levels, args.route_rounds).items():
+        for key, entry in tune_routes(args, route_runs, args.route_levels, args.route_rounds).items():
             timed = routes.get(key, {}).get("levels", {})
             routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
         entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
     elif args.crossover_only:
-        entries = tune_crossover(parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES))
+        entries = tune_crossover(parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES), types=types)
     elif args.cuda_against_table:
         from spqt.kernels import zigzag_cuda
 
@@ -629,9 +634,9 @@ def cmd_tune(args) -> int:
         from spqt.checkpoint import spqt_maps
 
         paths = [m.strip() for m in args.model.split(",") if m.strip()]
-        zigzag_q4k = [m for m in paths if spqt_maps(m).kind == "q4_k-zigzag"]
-        if zigzag_q4k:
-            print(f"spqt: note: spqt tune --routes {','.join(zigzag_q4k)} then times the decode step's sparse routes "
+        zigzag = [m for m in paths if spqt_maps(m).kind.endswith("-zigzag")]
+        if zigzag:
+            print(f"spqt: note: spqt tune --routes {','.join(zigzag)} then times the decode step's sparse routes "
                   "per level" + (f" (it times against this GPU's package table: put {path} there first)"
                                  if args.output else ""), file=sys.stderr)
     return 0
@@ -834,17 +839,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json); written whole: this GPU's "
                    "package table with this run's entries")
     p.add_argument("--crossover-only", action="store_true",
-                   help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape")
+                   help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape "
+                        "(of each of --types)")
     p.add_argument("--cuda-against-table", action="store_true",
                    help="time the CUDA C++ GEMV's configs against this GPU's tuned entry per shape (B2, B4), keep the "
                         "faster and measure the crossover anew")
     p.add_argument("--types", help="weight types to tune, comma-separated: q4_k (the default; its B0, B2, B4), "
                    "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
     p.add_argument("--routes", metavar="MODELS",
-                   help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME or a Q4_K "
-                        "zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the norm-fed maps, on "
-                        "every sparse map, and with every map dense, and save the fastest per model geometry and level "
-                        "(the runtime's default; dense unless a sparse route beats it by 1 %%)")
+                   help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME, in each "
+                        "of --types, or a zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the "
+                        "norm-fed maps, on every sparse map, and with every map dense, and save the fastest per model "
+                        "geometry, weight types and level (the runtime's default; dense unless a sparse route beats it "
+                        "by 1 %%)")
     p.add_argument("--l2first", metavar="MODELS",
                    help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
                         "comma-separated) how many chunks each dense map's CUDA GEMV prefetches into L2 before it "

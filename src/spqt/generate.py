@@ -259,9 +259,10 @@ class Generator:
         set_kept_route(self.model, self.kept_route)
 
     def kept_possible(self) -> bool:
-        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag Q4_K maps in fp16 on the CUDA GEMV
-        (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path whatever the route."""
-        if (self.device != "cuda" or self.backend != "triton" or self.loaded.kind != "q4_k-zigzag"
+        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag maps (any K-quant type or mix) in fp16
+        on the CUDA GEMV (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path
+        whatever the route."""
+        if (self.device != "cuda" or self.backend != "triton" or not self.loaded.kind.endswith("-zigzag")
                 or self.dtype != torch.float16):
             return False
         from spqt.kernels import zigzag_cuda
@@ -316,7 +317,7 @@ class Generator:
             return "off"
         from spqt.kernels import tuning
 
-        return tuning.decode_route(tuning.model_key(self.loaded.config, "q4_k"), sparsity)
+        return tuning.decode_route(tuning.model_key(self.loaded.config, self.loaded.kind.rsplit("-", 1)[0]), sparsity)
 
     def dense_fallbacks(self) -> list[str]:
         """Maps running dense at this level because their sparse kernel would be slower (none in the chain: it runs

@@ -51,11 +51,17 @@ def norm_foldable(w, v: torch.Tensor, split: int, args: dict, gamma: torch.Tenso
             and zigzag_cuda.norm_fits(w.shape[1], split, args["num_warps"], v, gamma))
 
 
+def kept_layout(w) -> bool:
+    """Whether w is a zigzag matrix in a layout of the CUDA GEMV, whose MODE_KEPT runs it: Q4_K's (GpuQ4K), or a
+    Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 one (zigzag_cuda.kquant_layout; not the Triton type kernels' GpuZigzag)."""
+    return w.layout == "zigzag" and (isinstance(w, GpuQ4K) or zigzag_cuda.in_kquant_layout(w))
+
+
 def kept_runnable(w, v: torch.Tensor, split: int, args: dict) -> bool:
-    """Whether w's MODE_KEPT can run with this split and the launch args of a config: Q4_K, the CUDA GEMV runs it, and
-    a share of at most NORM_SHARE columns (zigzag_cuda.kept_fits; its list in shared memory)."""
-    return (getattr(w, "fmt", "q4_k") == "q4_k" and kg.finish_plan(w, v, kg.MODE_KEPT, split, kg.EPILOGUE_NONE,
-                                                                   args["impl"])[0]
+    """Whether w's MODE_KEPT can run with this split and the launch args of a config: a layout of the CUDA GEMV
+    (kept_layout), the CUDA GEMV runs it, and a share of at most NORM_SHARE columns (zigzag_cuda.kept_fits; its list
+    in shared memory)."""
+    return (kept_layout(w) and kg.finish_plan(w, v, kg.MODE_KEPT, split, kg.EPILOGUE_NONE, args["impl"])[0]
             and zigzag_cuda.kept_fits(w.shape[1], split, args["num_warps"]))
 
 
@@ -197,9 +203,11 @@ class TritonLinear:
         return (kept_setting() or self.kept_route) == tuning.STEP_DENSE
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
-        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where the
-        table decides it (SPQT_SPARSE_KEPT=table); never where the step runs dense (step_dense: collected_pays)."""
-        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed))
+        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where this
+        map runs it (kept_first: the step route, or SPQT_SPARSE_KEPT) and it won alone (kept_pays: its crossover);
+        never where the step runs dense (step_dense)."""
+        return self.collected_pays(level, norm_fed) or (
+            not self.step_dense() and self.kept_first(level, norm_fed) and self.kept_pays(level, norm_fed))
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: as SPQT_SPARSE_KEPT asks
@@ -225,12 +233,12 @@ class TritonLinear:
         (without tile pairs) and workspace (kept_config(): or B4's), each program listing its share's inputs with
         |x_k| (scale_k) > threshold;
         norm (gamma (K,) fp32, eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x)
-        instead, the norm folded as in dense_normed. None where it cannot run here (not Q4_K in the zigzag layout, not
-        fp16, the CUDA GEMV not configured, a share over NORM_SHARE columns, x or gamma unaligned)."""
-        if (self.w.layout != "zigzag" or getattr(self.w, "fmt", "q4_k") != "q4_k" or x.numel() != self.k
-                or x.dtype != torch.float16 or threshold.dtype != torch.float32 or threshold.numel() != 1
-                or x.data_ptr() % 16):
-            return None  # (MODE_KEPT's gpu tests run Q4_K only)
+        instead, the norm folded as in dense_normed. None where it cannot run here (not in a zigzag layout of the
+        CUDA GEMV: kept_layout, not fp16, the CUDA GEMV not configured, a share over NORM_SHARE columns, x or gamma
+        unaligned)."""
+        if (not kept_layout(self.w) or x.numel() != self.k or x.dtype != torch.float16
+                or threshold.dtype != torch.float32 or threshold.numel() != 1 or x.data_ptr() % 16):
+            return None
         v = x.reshape(self.k)
         cfg, ws = (self.cfg_sparse, self.ws_sparse) if kept_config() == "sparse" else (self.cfg_dense, self.ws_dense)
         cfg = tuning.without_pairs(cfg)  # the config the step routes were timed with (tuning.without_pairs)

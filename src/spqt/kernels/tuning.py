@@ -210,13 +210,17 @@ def _runs(entries: dict, variant: str, n: int, k: int) -> dict | None:
 def route_touched(key: str, before: dict, after: dict) -> bool:
     """Whether a re-tune changed what a step route's model (its model_key) runs: for one of its shapes, the dense or
     sparse config (own or borrowed, crossovers included) differs between the tables' entries `before` and `after`
-    ({variant: {"NxK": entry}}); True where the key does not parse."""
+    ({variant: {"NxK": entry}}): Q4_K's variants, and for a key with other types (a type or a mix: "q3_k+q4_k:...")
+    also theirs (their maps borrow Q4_K's entries: cuda_type_config); True where the key does not parse."""
     try:
         shapes = model_shapes(key)
     except ValueError:
         return True
-    return any(_runs(before.get(v, {}), v, n, k) != _runs(after.get(v, {}), v, n, k)
-               for v in ("zigzag_dense", "zigzag_sparse") for n, k in shapes)
+    kinds = ("dense", "sparse")
+    variants = [f"zigzag_{kind}" for kind in kinds] + [f"zigzag_{kind}_{fmt}" for fmt in key.split(":", 1)[0].split("+")
+                                                       if fmt != "q4_k" for kind in kinds]
+    return any(_runs(before.get(v, {}), v, n, k) != _runs(after.get(v, {}), v, n, k) for v in variants
+               for n, k in shapes)
 
 
 def untuned(plan: dict) -> dict:
