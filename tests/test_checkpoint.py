@@ -194,6 +194,10 @@ def test_check_thresholds_reads_the_nested_layout():
     sp.check_thresholds({"unified": {"0.5": rows}, "greedy_allocations": {"0.5": alloc}}, 2, "m")  # legacy
     assert sp.levels(good, 0.5, "greedy", 2, "wina").tolist() == alloc
     assert sp.levels(good, 0.5, "greedy", 2, "teal").tolist() == [[0.5] * 4] * 2  # no teal allocation
+    # a level as written, not rounded to float32 (0.65 would then be below a crossover of 0.65)
+    assert sp.levels(good, 0.65, "unified", 2, "teal").tolist() == [[0.65] * 4] * 2
+    assert sp.levels({"wina": {"greedy_allocations": {"0.5": [[0.65, 0.9, 0.1, 0.4]] * 2}}}, 0.5, "greedy", 2,
+                     "wina").tolist() == [[0.65, 0.9, 0.1, 0.4]] * 2
     assert sp.levels({"greedy_allocations": {"0.5": alloc}, "greedy": {}}, 0.5, "greedy", 2).tolist() == alloc
     bad = [({**good, "wina": {"unified": {"0.5": rows[:1]}}}, "wina unified 0.5"),
            ({**good, "wina": {"greedy_allocations": {"0.5": [[float("inf")] * 4] * 2}}}, "greedy_allocations"),

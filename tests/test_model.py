@@ -181,3 +181,19 @@ def test_norm_fold_is_taken_only_where_nothing_observes_it():
     assert hasattr(tagging(x), NORM_SUMS)
     tagging.register_forward_hook(lambda module, args, out: out.add_(1))  # changes the output in place
     assert not hasattr(tagging(x), NORM_SUMS)
+
+
+def test_levels_reach_the_maps_as_written(tiny_spqt):
+    """A level reaches each map as the number it is (0.65, not float32's 0.6499...), so a map whose crossover is that
+    level runs sparse there (at 65 % such maps ran dense)."""
+    from spqt.generate import sparse_linears
+
+    loaded = load_model(tiny_spqt)
+    gen = Generator(loaded, "cpu")
+    gen.set_sparsity(0.65, table=torch.full((loaded.config.n_layers, 4), 0.3), criterion="teal")
+    assert {lin.level for _, _, lin in sparse_linears(gen.model)} == {0.65}
+    lin = next(lin for _, _, lin in sparse_linears(gen.model))
+    lin.dense_fallback = True
+    lin.impl.sparse_pays = lambda level, norm_fed=False: level >= 0.65  # a crossover of 0.65
+    lin.sparse = True
+    assert lin.runs_sparse()

@@ -154,14 +154,15 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
 
 def levels(thresholds: dict, sparsity: float, mode: str, n_layers: int,
            criterion: str = DEFAULT_CRITERION) -> torch.Tensor:
-    """(n_layers, 4) float32: the sparsity each input's threshold was calibrated for. Unified: the
+    """(n_layers, 4) float64: the sparsity each input's threshold was calibrated for. Unified: the
     level itself; greedy and global: the allocation calibrate recorded under the criterion
-    (``{criterion: {"<mode>_allocations": {level: ...}}}``), else the level."""
-    table = torch.full((n_layers, len(INPUT_KINDS)), float(sparsity))
+    (``{criterion: {"<mode>_allocations": {level: ...}}}``), else the level. float64, so a level equals the
+    crossovers it is compared with (0.65 in float32 is below 0.65: a map with that crossover ran dense at 65 %)."""
+    table = torch.full((n_layers, len(INPUT_KINDS)), float(sparsity), dtype=torch.float64)
     per_mode = by_criterion(thresholds).get(criterion, {}) if mode in ALLOCATED_MODES else {}
     alloc = per_mode.get(f"{mode}_allocations", {}).get(level_key(sparsity))
     if alloc is not None and len(alloc) == n_layers:
-        table = torch.tensor(alloc, dtype=torch.float32)
+        table = torch.tensor(alloc, dtype=torch.float64)
     return table
 
 
