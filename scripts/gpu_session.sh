@@ -66,6 +66,8 @@
 #   scripts/gpu_session.sh final24   every gpu test, then decode and bench gemv of TYPES24 with types24a's table
 #   scripts/gpu_session.sh kept25    MODE_KEPT on the other types: gpu tests, their crossovers (KEPT_TYPES, KEPT_SHAPES), the 7B's
 #                                    decode with SPQT_SPARSE_KEPT off / all (KEPT_LEVELS) (carry the first GGUF part: parks)
+#   scripts/gpu_session.sh decodes25 bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]) (parks)
+#   scripts/gpu_session.sh final25   every gpu test, then bench decode of DECODE25 as decodes25
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -232,6 +234,16 @@ kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS 
       | grep -v WARN | tee -a "$OUT/kept-probe.log"
     echo "kept probe $m: $(( $(date +%s) - start )) s"
   done
+}
+# bench decode of each of $1 (model:types:levels[:setting], a process a level; setting: SPQT_SPARSE_KEPT for it, unset
+# where empty) while the stage's time (since $start) stays under CALL_BUDGET (default $2), logged in $OUT/$3
+setting_decodes() {
+  for run in $1; do
+    IFS=: read -r m types levels setting <<< "$run"
+    if [ -n "$setting" ]; then export SPQT_SPARSE_KEPT=$setting; else unset SPQT_SPARSE_KEPT; fi
+    budget_decode $2 $m $levels "" "$m $types${setting:+ SPQT_SPARSE_KEPT=$setting}" $types || break
+  done 2>&1 | tee -a "$OUT/$3"
+  unset SPQT_SPARSE_KEPT
 }
 # spqt tune --crossover-only for CROSS_SHAPES (default runtime) within CROSS_BUDGET (300 s): the table to $OUT and into
 # this tree (what follows in the call runs it), logged in $OUT/crossover.log
@@ -1051,6 +1063,23 @@ llama2-7b:now}" 90
     done 2>&1 | tee "$OUT/kept25-decode.log"
     unset SPQT_SPARSE_KEPT
     echo "kept25: $(( $(date +%s) - start )) s"
+    ;;
+  decodes25)
+    # bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]; carry the first GGUF part: parks) within
+    # CALL_BUDGET (default 540 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    setting_decodes "$DECODE25" 540 decodes25.log
+    echo "decodes25: $(( $(date +%s) - start )) s"
+    ;;
+  final25)
+    # The session's last full call (the default model parked by the call before): every gpu test, then bench decode of
+    # DECODE25 (as decodes25) within CALL_BUDGET (default 560 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    final_gpu_tests
+    setting_decodes "${DECODE25:-}" 560 final25-decode.log
+    echo "final25: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
