@@ -203,11 +203,12 @@ class TritonLinear:
         return (kept_setting() or self.kept_route) == tuning.STEP_DENSE
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
-        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where this
-        map runs it (kept_first: the step route, or SPQT_SPARSE_KEPT) and it won alone (kept_pays: its crossover);
-        never where the step runs dense (step_dense)."""
-        return self.collected_pays(level, norm_fed) or (
-            not self.step_dense() and self.kept_first(level, norm_fed) and self.kept_pays(level, norm_fed))
+        """Whether a sparse kernel beat B2 at this sparsity for this shape: the collected B4, or MODE_KEPT where the
+        table decides it (SPQT_SPARSE_KEPT=table); never where the step runs dense (step_dense: collected_pays). A
+        route ("all", "norm") runs MODE_KEPT on the maps the collected B4 makes sparse, as `spqt tune --routes`
+        timed it: counting MODE_KEPT's own crossover there too made the 13B at 25 % 1 % slower than dense on the H200
+        (docs/RESULTS.md, twenty-fifth session)."""
+        return self.collected_pays(level, norm_fed) or (kept_setting() == "table" and self.kept_pays(level, norm_fed))
 
     def kept_first(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether a sparse forward tries MODE_KEPT (sparse_kept) before the collected B4: as SPQT_SPARSE_KEPT asks
