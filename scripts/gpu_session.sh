@@ -68,6 +68,7 @@
 #                                    decode with SPQT_SPARSE_KEPT off / all (KEPT_LEVELS) (carry the first GGUF part: parks)
 #   scripts/gpu_session.sh decodes25 bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]) (parks)
 #   scripts/gpu_session.sh final25   every gpu test, then bench decode of DECODE25 as decodes25
+#   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the file, kept tests
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -1080,6 +1081,29 @@ llama2-7b:now}" 90
     final_gpu_tests
     setting_decodes "${DECODE25:-}" 560 final25-decode.log
     echo "final25: $(( $(date +%s) - start )) s"
+    ;;
+  tunemodel25)
+    # A model file end to end (TUNE_MODEL, carried: a calibrated .spqt): spqt tune --model (into $OUT/tuned.json and
+    # this tree's table), spqt generate with it on CUDA (no untuned-shape note), spqt tune --model again (nothing
+    # left), spqt tune --routes of the file at ROUTE25_LEVELS (one round, into $OUT/tuned-routes.json), then the
+    # MODE_KEPT gpu tests (kernel and runtime), within CALL_BUDGET (default 500 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 300 python3 -m spqt.cli tune --model "$TUNE_MODEL" --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
+      | tee "$OUT/tune-model.log" | grep -v "^ " | tail -24
+    [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
+    echo "tune --model: $(( $(date +%s) - start )) s"
+    timeout 90 python3 -m spqt.cli generate "$TUNE_MODEL" -p "Once upon a time" -n 24 --device cuda --sparsity 0.5 2>&1 | grep -v WARN | tee "$OUT/generate.log" | tail -6
+    timeout 60 python3 -m spqt.cli tune --model "$TUNE_MODEL" 2>&1 | grep -v WARN | tail -3
+    left=$(( ${CALL_BUDGET:-500} - 90 - ($(date +%s) - start) ))
+    [ $left -gt 40 ] && timeout $left python3 -m spqt.cli tune --routes "$TUNE_MODEL" --route-levels ${ROUTE25_LEVELS:-0.5} \
+      --route-rounds 1 --output "$OUT/tuned-routes.json" 2>&1 | grep -v WARN | tee "$OUT/routes.log" \
+      | grep "tok/s\|tokens/s (median\|wrote\|error"
+    echo "routes: $(( $(date +%s) - start )) s"
+    left=$(( ${CALL_BUDGET:-500} - ($(date +%s) - start) ))
+    [ $left -gt 30 ] && timeout $left python3 -m pytest -q -m gpu -n 4 tests/test_gpu_runtime.py tests/test_kquant_cuda.py \
+      -k "kept" 2>&1 | tail -3
+    echo "tunemodel25: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
