@@ -69,6 +69,7 @@
 #   scripts/gpu_session.sh decodes25 bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]) (parks)
 #   scripts/gpu_session.sh final25   every gpu test, then bench decode of DECODE25 as decodes25
 #   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the file, kept tests
+#   scripts/gpu_session.sh check25   the runtime's gpu tests, tune --routes of the 7B in CHECK25_TYPES at CHECK25_LEVELS
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -1104,6 +1105,20 @@ llama2-7b:now}" 90
     [ $left -gt 30 ] && timeout $left python3 -m pytest -q -m gpu -n 4 tests/test_gpu_runtime.py tests/test_kquant_cuda.py \
       -k "kept" 2>&1 | tail -3
     echo "tunemodel25: $(( $(date +%s) - start )) s"
+    ;;
+  check25)
+    # The runtime's gpu tests (tests/test_gpu_runtime.py), then spqt tune --routes synthetic:llama2-7b --types
+    # CHECK25_TYPES at CHECK25_LEVELS (one round, into $OUT/tuned-routes.json), within CALL_BUDGET (default 280 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 150 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py 2>&1 | tee "$OUT/check25-runtime.log" \
+      | tail -4
+    echo "runtime tests: $(( $(date +%s) - start )) s"
+    left=$(( ${CALL_BUDGET:-280} - ($(date +%s) - start) ))
+    [ $left -gt 60 ] && timeout $left python3 -m spqt.cli tune --routes synthetic:llama2-7b --types ${CHECK25_TYPES:-q3_k} \
+      --route-levels ${CHECK25_LEVELS:-0.65} --route-rounds 1 --output "$OUT/tuned-routes.json" 2>&1 | grep -v WARN \
+      | tee "$OUT/check25-routes.log" | grep "tok/s\|tokens/s (median\|wrote\|error"
+    echo "check25: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
