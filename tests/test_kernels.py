@@ -871,9 +871,12 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     # tiny runs 256x256 (its o map); mid's 768x512 maps run the nearest N of K 512 (one entry: 256x512); the 7B none
     tiny, mid, big = "q4_k:256x768x4x2x64x2", "q4_k:512x256x4x2x64x2", "q4_k:4096x11008x32x32x128x32"
     assert tuning.model_shapes(tiny) == [(512, 256), (256, 256), (1536, 256), (256, 768)]
-    routes = {key: {"model": "m", "levels": {"0.5": {"route": "all"}}} for key in (tiny, mid, big, "q4_k:junk", "m")}
+    q2k_tiny = "q2_k:" + tiny.split(":")[1]  # the same geometry in Q2_K, with an entry of its own type
+    routes = {key: {"model": "m", "levels": {"0.5": {"route": "all"}}}
+              for key in (tiny, q2k_tiny, mid, big, "q4_k:junk", "m")}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
                                 "entries": {"zigzag_dense": dense | {"256x512": cuda | {"split": 3}},
+                                            "zigzag_dense_q2_k": {"256x256": cuda | {"split": 5}},
                                             tuning.STEP_ROUTES: routes}}))
     tuning._load_table.cache_clear()
     monkeypatch.setattr(bench_decode, "tune_l2first", lambda models: {
@@ -898,10 +901,12 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     assert main(["tune", "--shapes", "256x256"]) == 0
     err = capsys.readouterr().err
     assert "L2 prefetch depths of the shapes whose entries this replaced (256x256) are dropped" in err
-    # tiny: only its depth and a timing changed (the routes ignore both); mid borrows 256x512's changed entry
+    # tiny: only its depth and a timing changed (the routes ignore both; its Q2_K twin's own entries did not change
+    # either); mid borrows 256x512's changed entry
     assert "decode-step routes of m, q4_k:512x256x4x2x64x2, q4_k:junk were timed" in err
     entries = json.loads(path.read_text())["entries"]
-    assert "l2first" not in entries["zigzag_dense"]["256x256"] and list(entries[tuning.STEP_ROUTES]) == [tiny, big]
+    assert "l2first" not in entries["zigzag_dense"]["256x256"]
+    assert sorted(entries[tuning.STEP_ROUTES]) == sorted([tiny, q2k_tiny, big])
     with pytest.raises(ValueError, match="l2first must be a chunk count"):
         tuning.launch_args({"num_warps": 4, "chunks": 1, "l2first": True})
     tuning._load_table.cache_clear()

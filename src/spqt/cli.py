@@ -608,7 +608,8 @@ def cmd_tune(args) -> int:
     if args.routes is None and not step_judged and routes:
         # a route stays where none of its model's maps runs another config now (dense or sparse: the entry of its
         # shape, or the neighbour's it borrows; crossovers included, the timings not)
-        before = {v: tuning.table_entries(v) for v in ("zigzag_dense", "zigzag_sparse")}
+        before = {v: tuning.table_entries(v) for v in tuning.VARIANTS + tuning.TYPE_VARIANTS}  # (a type's route
+        # also depends on its type's entries: tuning.route_touched)
         stale = sorted(key for key in routes if tuning.route_touched(key, before, entries))
         if stale:
             print(f"spqt: note: the decode-step routes of {', '.join(stale)} were timed with the old kernel entries "
