@@ -231,6 +231,8 @@ def test_tune_routes_bad_input(capsys):
     """spqt tune --routes without models, or with levels outside (0, 1): one error line, before any GPU work."""
     _error(capsys, ["tune", "--routes", ""], "--routes needs models")
     _error(capsys, ["tune", "--routes", "synthetic:tiny", "--route-levels", "0.5,1.5"], "--route-levels in (0, 1)")
+    for mode in (["--cuda-against-table"], ["--pairs", "synthetic:llama2-7b"], ["--l2first", "synthetic:llama2-7b"]):
+        _error(capsys, ["tune", *mode, "--types", "q2_k"], "--types picks the types of a kernel tune")
 
 
 def test_bench_decode_compares_each_level_with_dense():

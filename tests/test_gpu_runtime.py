@@ -127,7 +127,7 @@ def test_kept_sparse_maps_decode_like_collected(tiny_hf, tiny_spqt, tmp_path, fm
     prompt = [3, 17, 42, 5, 9]
     runs = {}
     real = gpu_linear.TritonLinear.sparse_kept
-    key, real_entries = tuning.model_key(loaded.config, loaded.kind.rsplit("-", 1)[0]), tuning.table_entries
+    key, real_entries = tuning.model_key(loaded.config, "+".join(sorted(types, reverse=True))), tuning.table_entries
     monkeypatch.setattr(tuning, "table_entries", lambda variant: {key: {"levels": {"0.5": {"route": "all"}}}}
                         if variant == tuning.STEP_ROUTES else real_entries(variant))
     for kept in ("1", "0", ""):

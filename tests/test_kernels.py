@@ -793,6 +793,76 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
     tuning._load_table.cache_clear()
 
 
+def test_types_reach_the_crossovers_the_route_children_and_the_route_lookup(tiny_hf, tmp_path, monkeypatch, capsys):
+    """The weight types a run names reach what it does (no GPU here: the timing faked): --crossover-only --types hands
+    them to tune_crossover, which refuses other types before any timing where their CUDA GEMV does not run; a route
+    child gets --types for a synthetic model and none for a file (it brings its own: bench decode refuses --types
+    there); a model's decode steps look their route up under its types' key (a Q2_K model, a Q3_K_M mix)."""
+    import json
+    import subprocess
+    from argparse import Namespace
+
+    import spqt.bench
+    from spqt import bench_decode
+    from spqt.checkpoint import load_spqt
+    from spqt.cli import main
+    from spqt.generate import Generator
+    from spqt.kernels import tuning, zigzag_cuda
+
+    path = tmp_path / "table.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": {}}))
+    tuning._load_table.cache_clear()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
+    monkeypatch.setattr(zigzag_cuda, "usable", lambda *a: False)
+    real = spqt.bench.tune_crossover
+    seen = []
+    monkeypatch.setattr(spqt.bench, "tune_crossover", lambda shapes, types: seen.append((shapes, types)) or {})
+    assert main(["tune", "--crossover-only", "--types", "q2_k,q3_k", "--shapes", "256x256"]) == 0
+    assert seen == [([(256, 256)], ["q2_k", "q3_k"])]
+    monkeypatch.setattr(spqt.bench, "tune_crossover", real)
+    capsys.readouterr()
+    assert main(["tune", "--crossover-only", "--types", "q4_k,q2_k", "--shapes", "256x256"]) == 2
+    assert "the other types' crossovers are their CUDA GEMV's, which does not run here" in capsys.readouterr().err
+    # the route children's command lines
+    cmds = []
+
+    class Child:
+        def __init__(self, cmd):
+            cmds.append(cmd)
+            with open(cmd[cmd.index("--json") + 1], "w") as f:
+                json.dump({"rows": [], "copy_gbps": 1.0}, f)
+            self.stdout = iter(())
+
+        def wait(self):
+            return 0
+
+        def poll(self):
+            return 0
+
+    real_popen = subprocess.Popen  # (other processes, e.g. the platform module's, run as they would)
+    monkeypatch.setattr(subprocess, "Popen", lambda cmd, *a, **kw: Child(cmd) if "spqt.cli" in cmd
+                        else real_popen(cmd, *a, **kw))
+    args = Namespace(prompt_tokens=10, new_tokens=16, head="auto")
+    for model in ("synthetic:llama2-7b", "m.spqt"):
+        bench_decode._row_in_child(args, model, "q2_k", "zigzag", 0.5, log=lambda line: None)
+    assert cmds[0][cmds[0].index("--types") + 1] == "q2_k" and "--types" not in cmds[1]
+    # the route a model's steps run: looked up under its types
+    routes = {}
+    monkeypatch.setattr(tuning, "table_entries", lambda variant: routes if variant == tuning.STEP_ROUTES else {})
+    monkeypatch.setattr(Generator, "kept_possible", lambda self: True)
+    for fmt, types in (("q2_k", "q2_k"), ("q3_k_m", "q5_k+q4_k+q3_k")):
+        loaded = load_spqt(save_quantized(tiny_hf, tmp_path / f"{fmt}.spqt", fmt))
+        routes.clear()
+        routes[f"{types}:{tuning.model_key(loaded.config, 'q4_k').split(':')[1]}"] = {"levels": {"0.5": {"route": "all"}}}
+        gen = Generator(loaded, "cpu")
+        gen.set_sparsity(0.5, table=torch.full((loaded.config.n_layers, 4), 0.1), criterion="teal")
+        assert gen.kept_route == "all", fmt
+    tuning._load_table.cache_clear()
+
+
 def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
     """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape with an entry of its own judged
     once over models, depths capped by the chunks a warp's share holds (none judged at one chunk, nor a borrowed
@@ -1021,8 +1091,8 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     """spqt tune --model (no GPU here: the timing faked): a mixed .spqt's maps, each type on its own shapes as stored
     with the variants it runs (Q4_K's zigzag maps dense and sparse through tune, Q6_K's through tune_types, the Q6_K
     head dense only; a row model's Q4_K maps row_dense); by default only the maps the table has no entries for,
-    --retune all; the entries timed replace theirs and every other entry stays; the routes note for a zigzag Q4_K model
-    only; generate's note on the maps without entries, gone after; bad uses get one clear error before any timing."""
+    --retune all; the entries timed replace theirs and every other entry stays; the routes note for a zigzag model (a
+    mix's included); generate's note on the maps without entries, gone after; bad uses get one clear error before any timing."""
     import json
 
     import torch

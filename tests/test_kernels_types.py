@@ -399,7 +399,9 @@ def test_bench_and_tune_types(tmp_path):
         table = bench.tune_crossover(shapes, log=lambda *a: None, types=("q2_k",))
         entry = table["zigzag_sparse_q2_k"]["576x192"]
         assert {"crossover", "crossover_fused", "crossover_kept", "crossover_kept_fused"} <= set(entry), entry
-        assert entry["split"] == tuning.cuda_type_config("sparse", "q2_k", 576, 192)["split"]
+        assert entry["split"] == tuning.cuda_type_config("sparse", "q2_k", 576, 192)["split"]  # Q4_K's, borrowed:
+        # with the type's Triton config as its fallback, not Q4_K's, and no timing of its own
+        assert entry["fallback"] == tuning.triton_config("zigzag_sparse_q2_k", 576, 192) and "us" not in entry
     report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",
                                       log=lambda *a: None, types=["q4_k", "q6_k"])
     rows = {(r["type"], r["variant"], r["sparsity"]) for r in report["rows"]}

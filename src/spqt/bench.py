@@ -628,9 +628,13 @@ def tune_types(shapes, types, log=print, candidates=None, kinds=("dense", "spars
 def tune_crossover(shapes, log=print, types=("q4_k",)) -> dict:
     """This GPU's table with every zigzag_sparse entry's crossover measured anew (the configs kept:
     shapes the table lacks get their nearest neighbour's or the default); for another type (types) the crossovers of
-    its CUDA configs as the runtime runs them (tuning.cuda_type_config: its own entry, else Q4_K's) into the type's
-    zigzag_sparse_<type> entry of the shape (a copy of that config where the type has no entry of its own). SpqtError
-    for a type the CUDA GEMV does not run here."""
+    its CUDA configs as the runtime runs them (tuning.cuda_type_config: its own CUDA entry, else Q4_K's) into the
+    type's zigzag_sparse_<type> entry of the shape (where the type has no CUDA entry of its own: a copy of that
+    config, with the type's Triton config as its fallback). SpqtError, before any timing, where another type is asked
+    and the CUDA GEMV does not run here."""
+    if any(fmt != "q4_k" for fmt in types) and not (zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"):
+        raise SpqtError(f"spqt tune --crossover-only --types {','.join(types)}: the other types' crossovers are their "
+                        "CUDA GEMV's, which does not run here (an sm_80+ GPU with NVRTC, SPQT_GEMV not triton)")
     props = torch.cuda.get_device_properties(0)
     entries = tuning.all_entries()
     for n, k in shapes:
@@ -644,11 +648,12 @@ def tune_crossover(shapes, log=print, types=("q4_k",)) -> dict:
                 sparse = entries[variant][key]
             else:
                 weights = make_type_operands((n, k), fmt, props.L2_cache_size)[0]
-                if not zigzag_cuda.in_kquant_layout(weights[0]):
-                    raise SpqtError(f"spqt tune --crossover-only --types {fmt}: the CUDA GEMV does not run here (an "
-                                    "sm_80+ GPU with NVRTC, SPQT_GEMV not triton)")
                 dense, variant = tuning.cuda_type_config("dense", fmt, n, k), f"zigzag_sparse_{fmt}"
-                sparse = entries.setdefault(variant, {}).get(key) or tuning.cuda_type_config("sparse", fmt, n, k)
+                sparse = entries.setdefault(variant, {}).get(key)
+                if sparse is None or sparse.get("impl") != "cuda":  # the runtime runs Q4_K's (cuda_type_config)
+                    borrowed = tuning.cuda_type_config("sparse", fmt, n, k)
+                    sparse = {key_: v for key_, v in borrowed.items() if key_ != "us"} | {
+                        "fallback": tuning.triton_config(variant, n, k)}
             cross = crossover(weights, dense, sparse)
             entries[variant][key] = {**sparse, **cross}
             log(f"{key} {fmt} crossover (B4 beats B2 from): {cross}")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 import spqt
-from spqt.checkpoint import LoadedModel, QuantizedWeight, load_model
+from spqt.checkpoint import LoadedModel, QuantizedWeight, kind_types, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
 from spqt.generate import DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, Generator, sparse_linears
@@ -234,7 +234,7 @@ def file_rows_type(kind: str, layout: str, path) -> str | None:
     (a GGUF or HF folder: quantize it first) or a type other than Q4_K in the row layout (dequantize + cuBLAS)."""
     if kind == "float":
         raise SpqtError(f"spqt bench decode times quantized models; {path} holds float weights (spqt quantize it first)")
-    types, file_layout = kind.rsplit("-", 1)
+    types, file_layout = kind_types(kind)
     if types != "q4_k" and file_layout != "zigzag":
         raise SpqtError(f"spqt bench decode times the GPU kernels, which run q4_k in the row layout and every type in "
                         f"the zigzag layout; {path} is {kind}")

@@ -118,6 +118,13 @@ def model_kind(formats: set, layout: str) -> str:
     return f"{'+'.join(f for f in FORMATS if f in formats)}-{layout}"
 
 
+def kind_types(kind: str) -> tuple[str, str]:
+    """A quantized model's kind (model_kind) split into its types and layout: ('q6_k+q4_k', 'zigzag'); the types are
+    what the step routes are keyed by (tuning.model_key)."""
+    types, layout = kind.rsplit("-", 1)
+    return types, layout
+
+
 def _parts(config: ModelConfig) -> dict:
     return {"qkv": [config.q_dim, config.kv_dim, config.kv_dim], "o": [config.dim],
             "gate_up": [config.ffn_dim, config.ffn_dim], "down": [config.dim]}

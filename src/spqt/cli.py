@@ -499,6 +499,9 @@ def cmd_tune(args) -> int:
     types = [t.strip().lower() for t in (args.types if args.types is not None else "q4_k").split(",") if t.strip()]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
+    if args.types is not None and (args.cuda_against_table or args.l2first is not None or args.pairs is not None):
+        raise SpqtError("--types picks the types of a kernel tune, of --crossover-only and of --routes' synthetic "
+                        "models; --cuda-against-table, --l2first and --pairs judge Q4_K's entries")
     if args.shapes is not None and not parse_shapes(args.shapes):
         raise SpqtError(f"--shapes needs NxK or names, comma-separated; got {args.shapes!r}")
     models = [m.strip() for m in (args.routes or "").split(",") if m.strip()]
@@ -512,14 +515,14 @@ def cmd_tune(args) -> int:
         if m.startswith("synthetic:"):
             route_runs += [(m, fmt) for fmt in types]
             continue
-        from spqt.checkpoint import spqt_maps
+        from spqt.checkpoint import kind_types, spqt_maps
 
         kind = spqt_maps(m).kind
-        if not kind.endswith("-zigzag"):
+        if kind == "float" or kind_types(kind)[1] != "zigzag":
             raise SpqtError(f"spqt tune --routes: {m} is {kind}, not a zigzag model (MODE_KEPT runs on zigzag maps)")
         if args.types is not None:
             raise SpqtError(f"spqt tune --routes: {m} brings its own types ({kind}); --types is for synthetic models")
-        route_runs.append((m, kind.rsplit("-", 1)[0]))
+        route_runs.append((m, kind_types(kind)[0]))
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
@@ -846,7 +849,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="time the CUDA C++ GEMV's configs against this GPU's tuned entry per shape (B2, B4), keep the "
                         "faster and measure the crossover anew")
     p.add_argument("--types", help="weight types to tune, comma-separated: q4_k (the default; its B0, B2, B4), "
-                   "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries")
+                   "q8_0, q6_k, q5_k, q3_k, q2_k (zigzag B2 and B4); the others keep their entries. With "
+                   "--crossover-only: the types whose crossovers are measured; with --routes: the types the synthetic "
+                   "models are timed in (a model file brings its own)")
     p.add_argument("--routes", metavar="MODELS",
                    help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME, in each "
                         "of --types, or a zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the "

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spqt import sparsity as sp
-from spqt.checkpoint import LoadedModel
+from spqt.checkpoint import LoadedModel, kind_types
 from spqt.cpu_threads import DecodeThreads
 from spqt.decode_chain import DecodeChain, chain_on, why_not
 from spqt.errors import SpqtError
@@ -259,7 +259,7 @@ class Generator:
         set_kept_route(self.model, self.kept_route)
 
     def kept_possible(self) -> bool:
-        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag maps (any K-quant type or mix) in fp16
+        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag maps (any type or mix) in fp16
         on the CUDA GEMV (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path
         whatever the route."""
         if (self.device != "cuda" or self.backend != "triton" or not self.loaded.kind.endswith("-zigzag")
@@ -317,7 +317,7 @@ class Generator:
             return "off"
         from spqt.kernels import tuning
 
-        return tuning.decode_route(tuning.model_key(self.loaded.config, self.loaded.kind.rsplit("-", 1)[0]), sparsity)
+        return tuning.decode_route(tuning.model_key(self.loaded.config, kind_types(self.loaded.kind)[0]), sparsity)
 
     def dense_fallbacks(self) -> list[str]:
         """Maps running dense at this level because their sparse kernel would be slower (none in the chain: it runs

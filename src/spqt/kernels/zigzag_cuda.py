@@ -1,10 +1,11 @@
-"""The zigzag Q4_K GEMV (B2 dense, B4 indexed, B4 over each program's own list: MODE_KEPT) as CUDA C++
+"""The zigzag GEMV (B2 dense, B4 indexed, B4 over each program's own list: MODE_KEPT) of Q4_K, and of Q2_K, Q3_K,
+Q5_K, Q6_K and Q8_0 in their own layouts (kquant_layout), as CUDA C++
 (zigzag_q4k.cu, compiled by NVRTC): the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer
 instructions per weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
 program of each output tile (fused).
 
-Selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
-by SPQT_GEMV=cuda; SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and cuda-bindings with
+Q4_K: selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
+by SPQT_GEMV=cuda; the other types' layouts always run it. SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and cuda-bindings with
 NVRTC (usable()); elsewhere the Triton kernel runs (tuning.config then picks an entry's Triton
 fallback). The GPU tests compare it with the torch reference like the Triton kernel.
 """
