@@ -64,11 +64,12 @@
 #   scripts/gpu_session.sh types24a  the 7B's Q2_K / Q3_K maps: decode, spqt tune --types (TYPES24, TYPE24_SHAPES) to /tmp
 #   scripts/gpu_session.sh types24b  other types' maps re-tuned (TYPE_TUNES), decode before / after (TYPE_DECODE)
 #   scripts/gpu_session.sh final24   every gpu test, then decode and bench gemv of TYPES24 with types24a's table
-#   scripts/gpu_session.sh kept25    MODE_KEPT on the other types: gpu tests, their crossovers (KEPT_TYPES, KEPT_SHAPES), the 7B's
-#                                    decode with SPQT_SPARSE_KEPT off / all (KEPT_LEVELS) (carry the first GGUF part: parks)
+#   scripts/gpu_session.sh kept25    MODE_KEPT on the other types: gpu tests, their crossovers (KEPT_TYPES,
+#                                    KEPT_SHAPES), the 7B's decode with SPQT_SPARSE_KEPT off / all (KEPT_LEVELS) (parks)
 #   scripts/gpu_session.sh decodes25 bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]) (parks)
 #   scripts/gpu_session.sh final25   every gpu test, then bench decode of DECODE25 as decodes25
-#   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the file, kept tests
+#   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the
+#                                    file, the MODE_KEPT gpu tests
 #   scripts/gpu_session.sh check25   the runtime's gpu tests, tune --routes of the 7B in CHECK25_TYPES at CHECK25_LEVELS
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
@@ -1094,7 +1095,8 @@ llama2-7b:now}" 90
       | tee "$OUT/tune-model.log" | grep -v "^ " | tail -24
     [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
     echo "tune --model: $(( $(date +%s) - start )) s"
-    timeout 90 python3 -m spqt.cli generate "$TUNE_MODEL" -p "Once upon a time" -n 24 --device cuda --sparsity 0.5 2>&1 | grep -v WARN | tee "$OUT/generate.log" | tail -6
+    timeout 90 python3 -m spqt.cli generate "$TUNE_MODEL" -p "Once upon a time" -n 24 --device cuda --sparsity 0.5 \
+      2>&1 | grep -v WARN | tee "$OUT/generate.log" | tail -6
     timeout 60 python3 -m spqt.cli tune --model "$TUNE_MODEL" 2>&1 | grep -v WARN | tail -3
     left=$(( ${CALL_BUDGET:-500} - 90 - ($(date +%s) - start) ))
     [ $left -gt 40 ] && timeout $left python3 -m spqt.cli tune --routes "$TUNE_MODEL" --route-levels ${ROUTE25_LEVELS:-0.5} \

@@ -856,7 +856,8 @@ def test_types_reach_the_crossovers_the_route_children_and_the_route_lookup(tiny
     for fmt, types in (("q2_k", "q2_k"), ("q3_k_m", "q5_k+q4_k+q3_k")):
         loaded = load_spqt(save_quantized(tiny_hf, tmp_path / f"{fmt}.spqt", fmt))
         routes.clear()
-        routes[f"{types}:{tuning.model_key(loaded.config, 'q4_k').split(':')[1]}"] = {"levels": {"0.5": {"route": "all"}}}
+        geometry = tuning.model_key(loaded.config, "q4_k").split(":")[1]
+        routes[f"{types}:{geometry}"] = {"levels": {"0.5": {"route": "all"}}}
         gen = Generator(loaded, "cpu")
         gen.set_sparsity(0.5, table=torch.full((loaded.config.n_layers, 4), 0.1), criterion="teal")
         assert gen.kept_route == "all", fmt
@@ -1092,7 +1093,8 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     with the variants it runs (Q4_K's zigzag maps dense and sparse through tune, Q6_K's through tune_types, the Q6_K
     head dense only; a row model's Q4_K maps row_dense); by default only the maps the table has no entries for,
     --retune all; the entries timed replace theirs and every other entry stays; the routes note for a zigzag model (a
-    mix's included); generate's note on the maps without entries, gone after; bad uses get one clear error before any timing."""
+    mix's included); generate's note on the maps without entries, gone after; bad uses get one clear error before any
+    timing."""
     import json
 
     import torch

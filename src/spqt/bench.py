@@ -458,8 +458,9 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     against B2 with the norm folded in where the runtime folds it (the CUDA B2, gpu_linear.dense_normed):
     the fused norm costs more than the plain one, which B4 must win back; on the H200 the 7B step at
     25 % was 1 % slower than dense when this compared B4 with B2 alone); None where B4 never wins. On the CUDA GEMV
-    (any type in its layouts) also: "crossover_kept" / "crossover_kept_fused", the lowest level from which MODE_KEPT (B2's config; norm-fed:
-    the norm folded) beats B2 by the margin and the collected B4 at every higher level (TritonLinear.kept_pays).
+    (any type in its layouts) also: "crossover_kept" / "crossover_kept_fused", the lowest level from which MODE_KEPT
+    (B2's config; norm-fed: the norm folded) beats B2 by the margin and the collected B4 at every higher level
+    (TritonLinear.kept_pays).
     Runtime maps below their crossover run dense (Linear.dense_fallback). weights: rotated copies of one zigzag
     matrix in a layout gemv_zigzag runs (Q4_K's, or a type's CUDA layout)."""
     n, k = weights[0].shape

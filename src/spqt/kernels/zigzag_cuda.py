@@ -5,8 +5,8 @@ instructions per weight (the .cu file says where they go); finished by gemv._red
 program of each output tile (fused).
 
 Q4_K: selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
-by SPQT_GEMV=cuda; the other types' layouts always run it. SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and cuda-bindings with
-NVRTC (usable()); elsewhere the Triton kernel runs (tuning.config then picks an entry's Triton
+by SPQT_GEMV=cuda; the other types' layouts always run it. SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and
+cuda-bindings with NVRTC (usable()); elsewhere the Triton kernel runs (tuning.config then picks an entry's Triton
 fallback). The GPU tests compare it with the torch reference like the Triton kernel.
 """
 
