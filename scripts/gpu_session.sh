@@ -1056,15 +1056,11 @@ llama2-7b:now}" 90
       | grep -v WARN | tee "$OUT/kept25-crossover.log" | grep -E "crossover|error"
     [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
     echo "kept25 crossovers: $(( $(date +%s) - start )) s"
+    runs=""
     for fmt in ${kept_types//,/ }; do
-      unset SPQT_SPARSE_KEPT
-      budget_decode 540 llama2-7b 0 "" "$fmt" $fmt || break
-      for setting in off all; do
-        export SPQT_SPARSE_KEPT=$setting
-        budget_decode 540 llama2-7b ${KEPT_LEVELS:-0.5,0.65} "" "$fmt SPQT_SPARSE_KEPT=$setting" $fmt || break 2
-      done
-    done 2>&1 | tee "$OUT/kept25-decode.log"
-    unset SPQT_SPARSE_KEPT
+      runs+=" llama2-7b:$fmt:0 llama2-7b:$fmt:${KEPT_LEVELS:-0.5,0.65}:off llama2-7b:$fmt:${KEPT_LEVELS:-0.5,0.65}:all"
+    done
+    setting_decodes "$runs" 540 kept25-decode.log
     echo "kept25: $(( $(date +%s) - start )) s"
     ;;
   decodes25)

@@ -31,3 +31,17 @@ def assert_within_fp32_sum(y, w_ref, w_mag, x_used, what, input_eps=0.0):
     worst = int((err / tol).argmax())
     assert not (err > tol).any(), (f"{what}: {int((err > tol).sum())} of {y.numel()} outside tolerance; worst at "
                                    f"{worst}: got {float(y.flatten()[worst]):.6g}, want {float(ref[worst]):.6g}")
+
+
+def assert_kept_residual_finish(gw, x, ws, kw: dict, what: str) -> None:
+    """MODE_KEPT (on CUDA, kw its launch arguments with the threshold) with the residual added by the last program of
+    each output tile: y poisoned, the arrival counters back at zero, y = MODE_KEPT's plain output + the residual."""
+    from spqt.kernels import gemv as kg
+
+    plain = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw).float().clone()
+    r = torch.randn(gw.shape[0], device="cuda", dtype=torch.float16) * (plain.abs().mean().half() + 1e-3)
+    ws.y.fill_(float("nan"))
+    y = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, fused=True, residual=r).float()
+    assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
+    torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-3,
+                               msg=f"{what} residual")

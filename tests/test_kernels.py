@@ -14,7 +14,7 @@ from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from conftest import save_quantized
-from kernel_inputs import assert_within_fp32_sum, random_x as _x
+from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, random_x as _x
 
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
@@ -1589,13 +1589,7 @@ def test_cuda_kept_mode(rng, sparsity, monkeypatch):
                 graph.replay()
                 assert torch.equal(out, want), f"{what}: graph replay differs"
             if split == 24 and n % 512 == 0:  # the finishes: residual by the last program, SwiGLU by a cluster
-                plain = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw).float().clone()
-                r = torch.randn(n, device="cuda", dtype=torch.float16) * (plain.abs().mean().half() + 1e-3)
-                ws.y.fill_(float("nan"))
-                y = kg.gemv_zigzag(gw, x, kg.MODE_KEPT, ws, **kw, fused=True, residual=r).float()
-                assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
-                torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-3,
-                                           msg=f"{what} residual")
+                assert_kept_residual_finish(gw, x, ws, kw, what)
                 if zigzag_cuda.clusters_run(x.device):
                     cws = kg.ZigzagWorkspace(gw, 4, torch.float16)
                     ckw = kw | {"cluster": True}

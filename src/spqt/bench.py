@@ -291,7 +291,7 @@ def make_type_operands(shape, fmt: str, l2_bytes: int, seed: int = 0) -> tuple[l
     g = torch.Generator(device="cuda").manual_seed(seed)
     w = torch.randn(n, k, device="cuda", generator=g) * k**-0.5
     qw = QuantizedWeight(spqt.quantize(w, fmt, "zigzag"), fmt, "zigzag", shape)
-    layout = zigzag_cuda.kquant_layout(fmt) if zigzag_cuda.choice() != "triton" and zigzag_cuda.usable() else None
+    layout = zigzag_cuda.kquant_layout(fmt) if zigzag_cuda.runs() else None
     gw = layout[1](qw, "cuda") if layout is not None else repack_types(qw, "cuda")
     del w
     return weight_copies(gw, max(2, -(-4 * l2_bytes // gw.nbytes))), torch.randn(k, device="cuda", generator=g).half()
@@ -633,7 +633,7 @@ def tune_crossover(shapes, log=print, types=("q4_k",)) -> dict:
     type's zigzag_sparse_<type> entry of the shape (where the type has no CUDA entry of its own: a copy of that
     config, with the type's Triton config as its fallback). SpqtError, before any timing, where another type is asked
     and the CUDA GEMV does not run here."""
-    if any(fmt != "q4_k" for fmt in types) and not (zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"):
+    if any(fmt != "q4_k" for fmt in types) and not zigzag_cuda.runs():
         raise SpqtError(f"spqt tune --crossover-only --types {','.join(types)}: the other types' crossovers are their "
                         "CUDA GEMV's, which does not run here (an sm_80+ GPU with NVRTC, SPQT_GEMV not triton)")
     props = torch.cuda.get_device_properties(0)

@@ -424,7 +424,7 @@ def cmd_bench(args) -> int:
 
     from spqt.bench import GEMV_TYPES
 
-    types = [t.strip().lower() for t in args.types.split(",") if t.strip()]
+    types = [t.lower() for t in _listed(args.types)]
     unknown = [t for t in types if t not in GEMV_TYPES]
     if unknown or not types:
         raise SpqtError(f"unknown weight types {unknown}; choose from {', '.join(GEMV_TYPES)}")
@@ -449,12 +449,17 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _listed(value: str) -> list[str]:
+    """A comma-separated option's items, stripped, empty ones left out."""
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
 def _synthetic_models(value: str, flag: str) -> list[str]:
     """The synthetic models (synthetic:NAME, comma-separated) a step-judged tune option names; one clear error
     otherwise, before any timing."""
     from spqt.bench_decode import SYNTHETIC
 
-    models = [m.strip() for m in value.split(",") if m.strip()]
+    models = _listed(value)
     if not models or any(not m.startswith("synthetic:") or m.split(":", 1)[1] not in SYNTHETIC for m in models):
         raise SpqtError(f"{flag} needs synthetic models (synthetic:NAME, comma-separated, NAME one of "
                         f"{', '.join(SYNTHETIC)}); got {value!r}")
@@ -464,9 +469,10 @@ def _synthetic_models(value: str, flag: str) -> list[str]:
 TUNE_SHAPES = "llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime"  # spqt tune's --shapes by default
 
 
-def _model_tune_plan(args) -> dict | None:
-    """spqt tune --model's plan (bench.model_tune_plan: {(fmt, variants): shapes}) after its checks, or None without
-    --model; one clear error, before any timing, for a bad use or a model with nothing to tune."""
+def _model_tune_plan(args, paths: list[str]) -> dict | None:
+    """spqt tune --model's plan of its files `paths` (bench.model_tune_plan: {(fmt, variants): shapes}) after its
+    checks, or None without --model; one clear error, before any timing, for a bad use or a model with nothing to
+    tune."""
     from spqt.bench import model_tune_plan
 
     if args.model is None:
@@ -479,7 +485,6 @@ def _model_tune_plan(args) -> dict | None:
             v is not None for v in (args.routes, args.l2first, args.pairs)):
         raise SpqtError("--model tunes the kernels of the models' maps; --crossover-only, --cuda-against-table, "
                         "--routes, --l2first and --pairs are runs of their own")
-    paths = [m.strip() for m in args.model.split(",") if m.strip()]
     if not paths:
         raise SpqtError("--model needs .spqt files, comma-separated")
     plan = model_tune_plan(paths)
@@ -495,8 +500,9 @@ def cmd_tune(args) -> int:
     from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
     from spqt.kernels import tuning
 
-    plan = _model_tune_plan(args)
-    types = [t.strip().lower() for t in (args.types if args.types is not None else "q4_k").split(",") if t.strip()]
+    paths = _listed(args.model or "")  # --model's files
+    plan = _model_tune_plan(args, paths)
+    types = [t.lower() for t in _listed(args.types if args.types is not None else "q4_k")]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
     if args.types is not None and (args.cuda_against_table or args.l2first is not None or args.pairs is not None):
@@ -504,7 +510,7 @@ def cmd_tune(args) -> int:
                         "models; --cuda-against-table, --l2first and --pairs judge Q4_K's entries")
     if args.shapes is not None and not parse_shapes(args.shapes):
         raise SpqtError(f"--shapes needs NxK or names, comma-separated; got {args.shapes!r}")
-    models = [m.strip() for m in (args.routes or "").split(",") if m.strip()]
+    models = _listed(args.routes or "")
     if args.routes is not None and (not models or not args.route_levels or args.route_rounds < 1
                                     or any(not 0 < level < 1 for level in args.route_levels)):
         raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated), --route-levels "
@@ -518,7 +524,7 @@ def cmd_tune(args) -> int:
         from spqt.checkpoint import kind_types, spqt_maps
 
         kind = spqt_maps(m).kind
-        if kind == "float" or kind_types(kind)[1] != "zigzag":
+        if not kind.endswith("-zigzag"):
             raise SpqtError(f"spqt tune --routes: {m} is {kind}, not a zigzag model (MODE_KEPT runs on zigzag maps)")
         if args.types is not None:
             raise SpqtError(f"spqt tune --routes: {m} brings its own types ({kind}); --types is for synthetic models")
@@ -637,7 +643,6 @@ def cmd_tune(args) -> int:
     if args.model is not None:
         from spqt.checkpoint import spqt_maps
 
-        paths = [m.strip() for m in args.model.split(",") if m.strip()]
         zigzag = [m for m in paths if spqt_maps(m).kind.endswith("-zigzag")]
         if zigzag:
             print(f"spqt: note: spqt tune --routes {','.join(zigzag)} then times the decode step's sparse routes "

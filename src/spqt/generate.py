@@ -267,7 +267,7 @@ class Generator:
             return False
         from spqt.kernels import zigzag_cuda
 
-        return zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"
+        return zigzag_cuda.runs()
 
     def kept_runs(self) -> str | None:
         """Which sparse maps the launched decode steps try in one launch (MODE_KEPT) when they do not count the

@@ -58,8 +58,7 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
                 and str(device).startswith("cuda")):
             from spqt.kernels import zigzag_cuda
 
-            if (zigzag_cuda.kquant_layout(weight.fmt) is not None and zigzag_cuda.choice() != "triton"
-                    and zigzag_cuda.usable(torch.device(device))):
+            if zigzag_cuda.kquant_layout(weight.fmt) is not None and zigzag_cuda.runs(torch.device(device)):
                 return CudaKQuantLinear(weight, dtype, device)
         if isinstance(weight, GpuZigzag) or (isinstance(weight, QuantizedWeight) and weight.fmt != "q4_k"):
             return TritonZigzagTypesLinear(weight, dtype, device)

@@ -148,6 +148,12 @@ def choice() -> str:
     return os.environ.get("SPQT_GEMV", "").lower()
 
 
+def runs(device: torch.device | None = None) -> bool:
+    """Whether this kernel runs the zigzag maps here that it may run: usable() on the device (default: the current
+    one) and SPQT_GEMV not "triton" (the other types' layouts, MODE_KEPT)."""
+    return choice() != "triton" and usable(device)
+
+
 def supports(x: torch.Tensor, mode: int) -> bool:
     """This kernel runs fp16 x, B2 and B4, on an sm_80+ CUDA device with NVRTC."""
     return (x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED, MODE_KEPT)
