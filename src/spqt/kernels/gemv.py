@@ -338,10 +338,10 @@ def cuda_head(w) -> torch.Tensor:
         bits, getattr(w, "head", None))
 
 
-def next_map_of(w, split: int, warps: int, columns: int) -> "zigzag_cuda.NextMap":
+def next_map_of(w, split: int, warps: int, columns: int, where: int = 1) -> "zigzag_cuda.NextMap":
     """zigzag_cuda.NextMap of a zigzag matrix w that runs B2 on the CUDA GEMV with (split, warps): the first
-    `columns` of each of its shares."""
-    return zigzag_cuda.NextMap.of(w.quants, cuda_head(w), split, warps, columns)
+    `columns` of each of its shares, asked for where (1-4: zigzag_q4k.cu's NEXT_PF)."""
+    return zigzag_cuda.NextMap.of(w.quants, cuda_head(w), split, warps, columns, where)
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,

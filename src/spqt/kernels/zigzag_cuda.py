@@ -205,20 +205,25 @@ class NextMap:
     split: int
     per: int
     columns: int
+    where: int = 1  # zigzag_q4k.cu's NEXT_PF: 1 / 2 once the program's chunks are done (bulk / line prefetches),
+    # 3 / 4 at its start
 
     NONE = [(0, nvrtc.POINTER), (0, nvrtc.POINTER)] + [(0, nvrtc.INT)] * 8  # the arguments without a next map
 
     @staticmethod
-    def of(quants: torch.Tensor, head: torch.Tensor, split: int, warps: int, columns: int) -> "NextMap":
-        """The next map's B2 (split, warps) shares, `columns` (a positive multiple of 16) of each asked for."""
+    def of(quants: torch.Tensor, head: torch.Tensor, split: int, warps: int, columns: int, where: int = 1) -> "NextMap":
+        """The next map's B2 (split, warps) shares, `columns` (a positive multiple of 16) of each asked for, where
+        (NEXT_PF) 1-4."""
         if columns <= 0 or columns % 16:
             raise ValueError(f"the columns of a share to prefetch are a positive multiple of 16, not {columns}")
+        if where not in (1, 2, 3, 4):
+            raise ValueError(f"the prefetch's place is 1-4 (zigzag_q4k.cu's NEXT_PF), not {where}")
         if quants.dim() != 4 or head.shape[:2] != (-(-quants.shape[0] // 4), quants.shape[2]):
             raise ValueError(f"levels (rows, planes, K, words) and grouped heads (ceil(rows / 4), K, ...) expected, "
                              f"not {tuple(quants.shape)}, {tuple(head.shape)}")
         if quants.data_ptr() % 16 or head.data_ptr() % 16:
             raise ValueError("the next map's arrays must be 16-byte aligned (bulk prefetches)")
-        return NextMap(quants, head, split, share(quants.shape[2], split, warps), columns)
+        return NextMap(quants, head, split, share(quants.shape[2], split, warps), columns, where)
 
     def args(self) -> list:
         rows, planes, k, words = self.quants.shape
@@ -309,7 +314,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     prefetching = next_map is not None and torch.cuda.get_device_capability(index) >= (9, 0)  # bulk prefetch
     kernel = _kernel(index, warps, mode, pipe, epilogue,
-                     tuple(extra) + env_defines() + (("-DNEXT_PF=1",) if prefetching else ()), acc, bits, cluster,
+                     tuple(extra) + env_defines() + ((f"-DNEXT_PF={next_map.where}",) if prefetching else ()), acc,
+                     bits, cluster,
                      norm is not None)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
