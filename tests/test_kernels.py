@@ -1436,9 +1436,9 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
                     assert torch.equal(l2first, y), f"{what}: L2FIRST=2 changed the result"
                     # the next map's first columns asked of L2 (SPQT_NEXT_PREFETCH): more than a share, fewer
                     ws.y.fill_(float("nan"))
-                    for columns, where in ((16, 1), (4096, 2), (64, 3), (4096, 4)):
+                    for columns, where, after in ((16, 1, False), (4096, 2, True), (64, 3, True), (4096, 4, False)):
                         prefetching = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define,
-                                                     next_map=kg.next_map_of(g_next, 5, 4, columns, where))
+                                                     next_map=kg.next_map_of(g_next, 5, 4, columns, where, after))
                         assert torch.equal(prefetching, y), f"{what}: the next map's prefetch changed the result"
                 assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
                 if split == 7:  # launched inside a CUDA graph (as decode runs it), replayed: the same bits
@@ -1686,7 +1686,8 @@ def test_next_map_prefetch_compiles_after_the_chunk_loop(tmp_path, monkeypatch):
     quants = torch.zeros(3, 2, 100, 16, dtype=torch.int32)
     head = torch.zeros(1, 100, 4, 4, dtype=torch.int32)
     made = zigzag_cuda.NextMap.of(quants, head, 4, 2, 32)
-    assert made.per == 32 and [a for a, _ in made.args()[2:]] == [100, 32, 4, 3, 32, 2, 64, 64]
+    assert made.per == 32 and [a for a, _ in made.args()[2:]] == [100, 32, 4, 3, 32, 2, 64, 64, 0]
+    assert zigzag_cuda.NextMap.of(quants, head, 4, 2, 32, 3, after_first=True).args()[-1][0] == 32
     for columns in (0, 24):
         with pytest.raises(ValueError, match="multiple of 16"):
             zigzag_cuda.NextMap.of(quants, head, 4, 2, columns)
@@ -1696,10 +1697,10 @@ def test_next_map_prefetch_compiles_after_the_chunk_loop(tmp_path, monkeypatch):
         zigzag_cuda.NextMap.of(quants, head, 4, 2, 32, 5)
     from spqt.kernels.gpu_linear import next_prefetch
 
-    for value, want in (("0", (0, 1)), ("64", (64, 1)), ("32:4", (32, 4))):
+    for value, want in (("0", (0, 1, False)), ("64", (64, 1, False)), ("32:4", (32, 4, False)), ("32:3:1", (32, 3, True))):
         monkeypatch.setenv("SPQT_NEXT_PREFETCH", value)
         assert next_prefetch() == want
-    for value in ("20", "32:5", "x"):
+    for value in ("20", "32:5", "x", "32:1:2", "32:1:1:1"):
         monkeypatch.setenv("SPQT_NEXT_PREFETCH", value)
         with pytest.raises(ValueError, match="multiple of 16 columns"):
             next_prefetch()

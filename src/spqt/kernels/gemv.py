@@ -338,10 +338,11 @@ def cuda_head(w) -> torch.Tensor:
         bits, getattr(w, "head", None))
 
 
-def next_map_of(w, split: int, warps: int, columns: int, where: int = 1) -> "zigzag_cuda.NextMap":
-    """zigzag_cuda.NextMap of a zigzag matrix w that runs B2 on the CUDA GEMV with (split, warps): the first
-    `columns` of each of its shares, asked for where (1-4: zigzag_q4k.cu's NEXT_PF)."""
-    return zigzag_cuda.NextMap.of(w.quants, cuda_head(w), split, warps, columns, where)
+def next_map_of(w, split: int, warps: int, columns: int, where: int = 1,
+                after_first: bool = False) -> "zigzag_cuda.NextMap":
+    """zigzag_cuda.NextMap of a zigzag matrix w that runs B2 on the CUDA GEMV with (split, warps): `columns` of each
+    of its shares (after_first: after its warps' first chunks), asked for where (1-4: zigzag_q4k.cu's NEXT_PF)."""
+    return zigzag_cuda.NextMap.of(w.quants, cuda_head(w), split, warps, columns, where, after_first)
 
 
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,

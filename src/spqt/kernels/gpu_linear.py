@@ -108,15 +108,19 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 NEXT_PREFETCH_ENV = "SPQT_NEXT_PREFETCH"
 
 
-def next_prefetch() -> tuple[int, int]:
-    """SPQT_NEXT_PREFETCH (a probe switch, unset: off): "columns[:where]", the columns of each share of the step's
-    next map that a CUDA GEMV's programs ask L2 for, and where (zigzag_q4k.cu's NEXT_PF: 1 bulk prefetches once their
-    own chunks are done, the default; 2 line prefetches there; 3 / 4 bulk / lines at their start); columns 0: none."""
+def next_prefetch() -> tuple[int, int, bool]:
+    """SPQT_NEXT_PREFETCH (a probe switch, unset: off): "columns[:where[:after]]", the columns of each share of the
+    step's next map that a CUDA GEMV's programs ask L2 for, where (zigzag_q4k.cu's NEXT_PF: 1 bulk prefetches once
+    their own chunks are done, the default; 2 line prefetches there; 3 / 4 bulk / lines at their start), and with
+    after = 1 from the column after the next map's warps' first chunks (which it loads before its PDL wait anyway);
+    columns 0: none."""
     value = os.environ.get(NEXT_PREFETCH_ENV, "0")
-    columns, _, where = value.partition(":")
-    if not columns.isdigit() or int(columns) % 16 or where not in ("", "1", "2", "3", "4"):
-        raise ValueError(f"{NEXT_PREFETCH_ENV} is a multiple of 16 columns (0: off), then :1-4 where, not {value!r}")
-    return int(columns), int(where or 1)
+    columns, where, after = (value.split(":") + ["", ""])[:3]
+    if (not columns.isdigit() or int(columns) % 16 or where not in ("", "1", "2", "3", "4") or after not in ("", "0", "1")
+            or value.count(":") > 2):
+        raise ValueError(f"{NEXT_PREFETCH_ENV} is a multiple of 16 columns (0: off), then :1-4 where and :0/1 after the "
+                         f"first chunks, not {value!r}")
+    return int(columns), int(where or 1), after == "1"
 
 
 class TritonLinear:
@@ -166,7 +170,7 @@ class TritonLinear:
     def _next_prefetch(self):
         """The next map's prefetch (zigzag_cuda.NextMap) where SPQT_NEXT_PREFETCH asks for one and the next map
         runs B2 on the CUDA GEMV (its dense config), else None."""
-        columns, where = next_prefetch()
+        columns, where, after_first = next_prefetch()
         following = self.next_map
         if not columns or following is None or following.w.layout != "zigzag" or not hasattr(following, "cfg_dense"):
             return None
@@ -175,7 +179,7 @@ class TritonLinear:
                                    kg.EPILOGUE_NONE, args["impl"])[0]
         if not runs_cuda or (following.w.fmt != "q4_k" and not zigzag_cuda.in_kquant_layout(following.w)):
             return None
-        return kg.next_map_of(following.w, following.ws_dense.split, args["num_warps"], columns, where)
+        return kg.next_map_of(following.w, following.ws_dense.split, args["num_warps"], columns, where, after_first)
 
     def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         if x.numel() != self.k:

@@ -207,13 +207,15 @@ class NextMap:
     columns: int
     where: int = 1  # zigzag_q4k.cu's NEXT_PF: 1 / 2 once the program's chunks are done (bulk / line prefetches),
     # 3 / 4 at its start
+    skip: int = 0  # columns of each share not asked for (its warps' first chunks: loaded before the PDL wait anyway)
 
-    NONE = [(0, nvrtc.POINTER), (0, nvrtc.POINTER)] + [(0, nvrtc.INT)] * 8  # the arguments without a next map
+    NONE = [(0, nvrtc.POINTER), (0, nvrtc.POINTER)] + [(0, nvrtc.INT)] * 9  # the arguments without a next map
 
     @staticmethod
-    def of(quants: torch.Tensor, head: torch.Tensor, split: int, warps: int, columns: int, where: int = 1) -> "NextMap":
+    def of(quants: torch.Tensor, head: torch.Tensor, split: int, warps: int, columns: int, where: int = 1,
+           after_first: bool = False) -> "NextMap":
         """The next map's B2 (split, warps) shares, `columns` (a positive multiple of 16) of each asked for, where
-        (NEXT_PF) 1-4."""
+        (NEXT_PF) 1-4; after_first: from the column after its warps' first chunks on (16 warps columns skipped)."""
         if columns <= 0 or columns % 16:
             raise ValueError(f"the columns of a share to prefetch are a positive multiple of 16, not {columns}")
         if where not in (1, 2, 3, 4):
@@ -223,14 +225,15 @@ class NextMap:
                              f"not {tuple(quants.shape)}, {tuple(head.shape)}")
         if quants.data_ptr() % 16 or head.data_ptr() % 16:
             raise ValueError("the next map's arrays must be 16-byte aligned (bulk prefetches)")
-        return NextMap(quants, head, split, share(quants.shape[2], split, warps), columns, where)
+        return NextMap(quants, head, split, share(quants.shape[2], split, warps), columns, where,
+                       16 * warps if after_first else 0)
 
     def args(self) -> list:
         rows, planes, k, words = self.quants.shape
         head_bytes = self.head[0, 0].numel() * self.head.element_size()
         return [(self.quants.data_ptr(), nvrtc.POINTER), (self.head.data_ptr(), nvrtc.POINTER), (k, nvrtc.INT),
                 (self.per, nvrtc.INT), (self.split, nvrtc.INT), (rows, nvrtc.INT), (self.columns, nvrtc.INT),
-                (planes, nvrtc.INT), (4 * words, nvrtc.INT), (head_bytes, nvrtc.INT)]
+                (planes, nvrtc.INT), (4 * words, nvrtc.INT), (head_bytes, nvrtc.INT), (self.skip, nvrtc.INT)]
 
 
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,

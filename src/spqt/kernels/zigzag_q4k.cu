@@ -120,7 +120,7 @@
 #endif
 #ifndef NEXT_PF
 #define NEXT_PF 0  // a program asks L2 for the next map's first columns of its shares (prefetch_next_map; the kernel's
-#endif             // last ten arguments describe that map): 1 once its chunk loop is done, by bulk prefetches (sm_90);
+#endif             // last eleven arguments describe that map): 1 once its chunk loop is done, by bulk prefetches (sm_90);
                    // 2 there, by line prefetches; 3 / 4 at the program's start (bulk / lines), before the PDL wait
 #ifndef RELEASE_LATE
 #define RELEASE_LATE 0  // 1 (probe): griddepcontrol.launch_dependents once a program has stored its sums, not right
@@ -424,19 +424,21 @@ __device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {  //
 #if NEXT_PF
 // The next map's weights asked of L2 (NEXT_PF): the next map (its levels nq (nrows, nplanes, nK, nqcol bytes a
 // column), its grouped heads nh (ceil(nrows / 4), nK, nhcol bytes a column)) runs nsplit shares of nper columns; share
-// s' of superblock row r' starts at column s' nper, and its first ncols columns of every plane and of its head group
-// are what that program reads first. This grid's programs take those items in turn (program b: items b, b + programs,
+// s' of superblock row r' starts at column s' nper; its ncols columns from nskip on (0, or the columns of each warp's
+// first chunk, which that program loads before its PDL wait anyway), within the share, of every plane and of its head
+// group are what that program reads first. This grid's programs take those items in turn (program b: items b, b + programs,
 // ...). LINES 0: one bulk prefetch a plane and the head a lane of warp 0; 1: the 128-byte lines of them
 // (prefetch.global.L2) spread over warp 0's lanes.
 template <bool LINES>
 __device__ __forceinline__ void prefetch_next_map(const unsigned char* nq, const unsigned char* nh, int nK, int nper,
                                                   int nsplit, int nrows, int ncols, int nplanes, int nqcol,
-                                                  int nhcol) {
+                                                  int nhcol, int nskip) {
   const int lane = threadIdx.x & 31;
   if ((threadIdx.x >> 5) != 0 || (!LINES && lane > nplanes)) return;
   const int programs = gridDim.x * gridDim.y, items = nrows * nsplit;
   for (int item = blockIdx.y * gridDim.x + blockIdx.x; item < items; item += programs) {
-    const int r = item % nrows, col = (item / nrows) * nper, cols = min(ncols, nK - col);
+    const int first = (item / nrows) * nper, r = item % nrows, col = first + nskip;
+    const int cols = min(ncols, min(nK, first + nper) - col);
     if (cols <= 0) continue;
     if (LINES) {
       const int plane_lines = (cols * nqcol + 127) >> 7, head_lines = (r & 3) == 0 ? (cols * nhcol + 127) >> 7 : 0;
@@ -1009,11 +1011,11 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 const float* __restrict__ sq, int nsq, float eps, const float* __restrict__ thr,
                 const float* __restrict__ col_scale, const unsigned char* __restrict__ nq,
                 const unsigned char* __restrict__ nh, int nK, int nper, int nsplit, int nrows, int ncols,
-                int nplanes, int nqcol, int nhcol) {
+                int nplanes, int nqcol, int nhcol, int nskip) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
 #if NEXT_PF == 3 || NEXT_PF == 4
-  prefetch_next_map<NEXT_PF == 4>(nq, nh, nK, nper, nsplit, nrows, ncols, nplanes, nqcol, nhcol);
+  prefetch_next_map<NEXT_PF == 4>(nq, nh, nK, nper, nsplit, nrows, ncols, nplanes, nqcol, nhcol, nskip);
 #endif
 #if CLUSTER && EPILOGUE == 2
   // a cluster's two grid columns 2 i, 2 i + 1: gate rows of superblock row i and their up rows, F / 256 further
@@ -1211,7 +1213,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
 #endif
 #if NEXT_PF == 1 || NEXT_PF == 2
-  prefetch_next_map<NEXT_PF == 2>(nq, nh, nK, nper, nsplit, nrows, ncols, nplanes, nqcol, nhcol);
+  prefetch_next_map<NEXT_PF == 2>(nq, nh, nK, nper, nsplit, nrows, ncols, nplanes, nqcol, nhcol, nskip);
 #endif
   __shared__ float rows_sum[WARPS][256];
   __shared__ float bias_sum[WARPS][2][8];
