@@ -71,9 +71,6 @@
 #   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the
 #                                    file, the MODE_KEPT gpu tests
 #   scripts/gpu_session.sh check25   the runtime's gpu tests, tune --routes of the 7B in CHECK25_TYPES at CHECK25_LEVELS
-#   scripts/gpu_session.sh next26    the next map's prefetch: its gpu tests, the step with SPQT_NEXT_PREFETCH values
-#                                    (NEXT_COLUMNS) on NEXT_MODELS (model:sparsity), bench decode of NEXT_DECODE
-#                                    (model:levels:columns) (parks)
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -1120,29 +1117,6 @@ llama2-7b:now}" 90
       --route-levels ${CHECK25_LEVELS:-0.65} --route-rounds 1 --output "$OUT/tuned-routes.json" 2>&1 | grep -v WARN \
       | tee "$OUT/check25-routes.log" | grep "tok/s\|tokens/s (median\|wrote\|error"
     echo "check25: $(( $(date +%s) - start )) s"
-    ;;
-  next26)
-    # The next map's prefetch (carry the first GGUF part: parks): its gpu tests, scripts/next_prefetch_probe.py on
-    # NEXT_MODELS (model:sparsity) with NEXT_COLUMNS, then bench decode of NEXT_DECODE (model:levels:columns, a process
-    # a level) within CALL_BUDGET (default 540 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 200 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_kernels.py::test_zigzag_cuda_kernel \
-      tests/test_gpu_runtime.py::test_next_map_prefetch_decodes_the_same_bits 2>&1 | tee "$OUT/next26-tests.log" \
-      | grep -E "passed|failed|FAILED|Error" | tail -12
-    echo "next26 tests: $(( $(date +%s) - start )) s"
-    for run in ${NEXT_MODELS:-llama2-7b:0}; do
-      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      timeout $left python3 scripts/next_prefetch_probe.py --model synthetic:${run%%:*} --sparsity ${run#*:} \
-        --columns ${NEXT_COLUMNS:-0 32 64 128 256} 2>&1 | grep -v WARN | tee -a "$OUT/next26-probe.log"
-      echo "next26 probe $run: $(( $(date +%s) - start )) s"
-    done
-    for run in ${NEXT_DECODE:-}; do
-      IFS=: read -r m levels columns <<< "$run"
-      SPQT_NEXT_PREFETCH=$columns budget_decode 540 $m $levels "" "$m SPQT_NEXT_PREFETCH=$columns" || break
-    done 2>&1 | tee -a "$OUT/next26-decode.log"
-    echo "next26: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the

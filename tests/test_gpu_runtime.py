@@ -106,40 +106,6 @@ def test_folded_norms_decode_like_norm_launches(tiny_spqt, monkeypatch):
         assert err <= 0.02 * span, f"step {step}: |diff| {err:.4f} of a range of {span:.2f}"
 
 
-@pytest.mark.parametrize("fmt", ["q4_k", "q3_k_m"])
-def test_next_map_prefetch_decodes_the_same_bits(tiny_hf, tmp_path, fmt, monkeypatch):
-    """SPQT_NEXT_PREFETCH (each CUDA GEMV asks L2 for the next map's first columns once its chunks are done): fp16
-    CUDA decode gives the same tokens and logits, bit for bit, as without, and every layer map (on the CUDA GEMV:
-    SPQT_GEMV=cuda) launched a prefetch of the map the step runs after it (the last down map: of a zigzag head)."""
-    from spqt import cli
-    from spqt.kernels import gemv as kg
-    from spqt.kernels import gpu_linear
-
-    monkeypatch.setenv("SPQT_GEMV", "cuda")
-    path = tmp_path / f"{fmt}.spqt"
-    assert cli.main(["quantize", str(tiny_hf), "-o", str(path), "--type", fmt, "--layout", "zigzag"]) == 0
-    loaded = load_spqt(path)
-    prompt = [3, 17, 42, 5, 9]
-    launched = []  # (the map's weights, the next map's levels) of each prefetching launch
-    real = kg.gemv_zigzag
-    monkeypatch.setattr(kg, "gemv_zigzag", lambda w, *a, next_map=None, **kw: (
-        launched.append((w, next_map)), real(w, *a, next_map=next_map, **kw))[1])
-    runs = {}
-    for columns in ("0", "32"):
-        monkeypatch.setenv(gpu_linear.NEXT_PREFETCH_ENV, columns)
-        launched.clear()
-        logits = []
-        gen = Generator(loaded, "cuda", dtype=torch.float16, max_len=64)
-        runs[columns] = (gen.generate(prompt, 16, track=False, on_logits=logits.append).tokens, torch.stack(logits))
-        prefetched = {(id(w), id(m.quants)) for w, m in launched if m is not None}
-        impls = [lin.impl for _, _, lin in sparse_linears(gen.model)] + [gen.model.output.impl]
-        want = {(id(a.w), id(b.w.quants)) for a, b in zip(impls, impls[1:]) if getattr(getattr(b, "w", None), "layout", None) == "zigzag"}
-        assert len(want) >= 4 * len(gen.model.layers) - 1
-        assert prefetched == (want if columns != "0" else set()), f"{columns} columns: {len(prefetched)} prefetches"
-    assert runs["0"][0] == runs["32"][0]
-    assert torch.equal(runs["0"][1], runs["32"][1]), "the prefetch changed the logits"
-
-
 @pytest.mark.parametrize("fmt", ["q4_k", "q2_k", "q3_k_m"])
 def test_kept_sparse_maps_decode_like_collected(tiny_hf, tiny_spqt, tmp_path, fmt, monkeypatch):
     """fp16 CUDA decode at 50 % with every thresholded map sparse: with SPQT_SPARSE_KEPT=1 (one MODE_KEPT launch a map,

@@ -1397,12 +1397,11 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
     """The CUDA C++ GEMV (zigzag_cuda.py, B2 and B4, fp16 x) against the reference, with the
     Triton kernel's tolerance; partials and y poisoned; deterministic; inside a CUDA graph; the
     residual and SwiGLU finishes, by the reduction kernel and by the GEMV's last program; B2 with the L2
-    prefetch before the PDL wait (an entry's l2first) and with the next map's prefetch bit for bit as without."""
+    prefetch before the PDL wait (an entry's l2first) bit for bit as without."""
     from spqt.kernels import zigzag_cuda
 
     monkeypatch.delenv("SPQT_GEMV", raising=False)  # SPQT_GEMV=triton would test the Triton kernel
 
-    _, g_next = _weights(rng, GPU_SHAPES[-1], "zigzag", "cuda")  # a next map for the prefetch
     for shape in GPU_SHAPES:
         qw, gw = _weights(rng, shape, "zigzag", "cuda")
         x, t = _x(rng, shape[1], torch.float16, "cuda", sparsity)
@@ -1434,12 +1433,6 @@ def test_zigzag_cuda_kernel(rng, sparsity, monkeypatch):
                     ws.y.fill_(float("nan"))
                     l2first = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define + ("-DL2FIRST=2",))
                     assert torch.equal(l2first, y), f"{what}: L2FIRST=2 changed the result"
-                    # the next map's first columns asked of L2 (SPQT_NEXT_PREFETCH): more than a share, fewer
-                    ws.y.fill_(float("nan"))
-                    for columns, where, after in ((16, 1, False), (4096, 2, True), (64, 3, True), (4096, 4, False)):
-                        prefetching = kg.gemv_zigzag(gw, x, mode, ws, **kw, extra=pairs_define,
-                                                     next_map=kg.next_map_of(g_next, 5, 4, columns, where, after))
-                        assert torch.equal(prefetching, y), f"{what}: the next map's prefetch changed the result"
                 assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
                 if split == 7:  # launched inside a CUDA graph (as decode runs it), replayed: the same bits
                     graph = torch.cuda.CUDAGraph()
@@ -1647,63 +1640,6 @@ def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
         assert (len(folds) == 1 and folds[0] is not None) if fold == "1" else not folds
         torch.testing.assert_close(y, want, rtol=2e-3, atol=2e-3 * float(want.abs().max()))
     gpu_linear.norm_fold_on.cache_clear()
-
-
-def test_next_map_prefetch_compiles_after_the_chunk_loop(tmp_path, monkeypatch):
-    """NEXT_PF (SPQT_NEXT_PREFETCH): the bulk (UBLKPF) or line (CCTL.E.PF2) prefetches of the next map come after the
-    chunk loop (1, 2), none in it, the loop as long as without and no spills, in B2 (with the folded norm and the
-    cluster finish) and MODE_KEPT; at the start (3, 4) before the PDL wait; NextMap refuses what its prefetches could
-    not read, and SPQT_NEXT_PREFETCH what it does not name."""
-    from spqt.kernels import nvrtc, zigzag_cuda
-    from spqt.kernels.sass import disassemble, main_loop
-
-    monkeypatch.setenv("SPQT_CACHE", str(tmp_path))
-    nvrtc.compile_cubin.cache_clear()
-    source = zigzag_cuda.SOURCE.read_text()
-    for warps, mode, epilogue, acc, norm, cluster in ((8, zigzag_cuda.MODE_DENSE, -1, 2, False, False),
-                                                      (8, zigzag_cuda.MODE_DENSE, 2, 2, True, True),
-                                                      (4, zigzag_cuda.MODE_KEPT, 1, 16, True, False)):
-        loops = []
-        for extra in ((), ("-DNEXT_PF=1",), ("-DNEXT_PF=2",)):
-            sass, _, stack = disassemble(nvrtc.compile_cubin(source, zigzag_cuda.options(
-                warps, mode, 0, epilogue, extra, acc=acc, norm=norm, cluster=cluster), "sm_90"))
-            loop = main_loop(sass, "HMMA")
-            listing = [ln for ln in sass.splitlines() if "/*" in ln and "*/" in ln]
-            kind = "CCTL.E.PF2" if extra == ("-DNEXT_PF=2",) else "UBLKPF"
-            prefetches = [i for i, ln in enumerate(listing) if kind in ln]
-            last_mma = max(i for i, ln in enumerate(listing) if "HMMA" in ln)
-            assert stack == 0 and not any("UBLKPF" in ln or "CCTL" in ln for ln in loop), (warps, mode, extra)
-            assert bool(prefetches) == bool(extra) and all(i > last_mma for i in prefetches), (warps, mode, extra)
-            loops.append(len(loop))
-        assert loops[0] == loops[1] == loops[2], (warps, mode, loops)
-    for where in (3, 4):  # at the program's start: before the PDL wait (ACQBULK)
-        sass, _, stack = disassemble(nvrtc.compile_cubin(source, zigzag_cuda.options(
-            8, zigzag_cuda.MODE_DENSE, 0, -1, (f"-DNEXT_PF={where}",), acc=2), "sm_90"))
-        listing = [ln for ln in sass.splitlines() if "/*" in ln and "*/" in ln]
-        wait = next(i for i, ln in enumerate(listing) if "ACQBULK" in ln)
-        kind = "UBLKPF" if where == 3 else "CCTL.E.PF2"
-        assert stack == 0 and min(i for i, ln in enumerate(listing) if kind in ln) < wait, where
-    quants = torch.zeros(3, 2, 100, 16, dtype=torch.int32)
-    head = torch.zeros(1, 100, 4, 4, dtype=torch.int32)
-    made = zigzag_cuda.NextMap.of(quants, head, 4, 2, 32)
-    assert made.per == 32 and [a for a, _ in made.args()[2:]] == [100, 32, 4, 3, 32, 2, 64, 64, 0]
-    assert zigzag_cuda.NextMap.of(quants, head, 4, 2, 32, 3, after_first=True).args()[-1][0] == 32
-    for columns in (0, 24):
-        with pytest.raises(ValueError, match="multiple of 16"):
-            zigzag_cuda.NextMap.of(quants, head, 4, 2, columns)
-    with pytest.raises(ValueError, match="grouped heads"):
-        zigzag_cuda.NextMap.of(quants, head[:, :99], 4, 2, 32)
-    with pytest.raises(ValueError, match="place is 1-4"):
-        zigzag_cuda.NextMap.of(quants, head, 4, 2, 32, 5)
-    from spqt.kernels.gpu_linear import next_prefetch
-
-    for value, want in (("0", (0, 1, False)), ("64", (64, 1, False)), ("32:4", (32, 4, False)), ("32:3:1", (32, 3, True))):
-        monkeypatch.setenv("SPQT_NEXT_PREFETCH", value)
-        assert next_prefetch() == want
-    for value in ("20", "32:5", "x", "32:1:2", "32:1:1:1"):
-        monkeypatch.setenv("SPQT_NEXT_PREFETCH", value)
-        with pytest.raises(ValueError, match="multiple of 16 columns"):
-            next_prefetch()
 
 
 @pytest.mark.gpu

@@ -70,16 +70,6 @@ def sparse_linears(model: Transformer):
         yield i, "down", block.feed_forward.down
 
 
-def link_step_maps(model: Transformer) -> None:
-    """Tell each layer map's implementation which map a decode step runs after it (q|k|v, o, gate|up, down, the next
-    layer's q|k|v, ...; the last down the output head): the CUDA GEMV's prefetch of the next map reads it
-    (gpu_linear.TritonLinear.next_map, SPQT_NEXT_PREFETCH)."""
-    impls = [lin.impl for _, _, lin in sparse_linears(model)] + [model.output.impl]
-    for impl, following in zip(impls, impls[1:]):
-        if hasattr(type(impl), "next_map"):
-            impl.next_map = following
-
-
 def set_thresholds(model: Transformer, table: torch.Tensor | None, levels: torch.Tensor | None = None) -> None:
     """table: (n_layers, 4) thresholds in INPUT_KINDS order, or None for dense; levels: the same
     shape, the sparsity each threshold was calibrated for (None: unknown)."""
@@ -223,7 +213,6 @@ class Generator:
         backend = backend or ("triton" if self.device == "cuda" and loaded.kind != "float" else "reference")
         self.backend = backend
         self.model = build_model(loaded, self.device, self.dtype, backend)
-        link_step_maps(self.model)
         set_dense_fallback(self.model, dense_fallback)
         self.set_sparsity(sparsity, mode, criterion=criterion)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)

@@ -330,28 +330,13 @@ def finish_plan(w: GpuQ4K, x: torch.Tensor, mode: int, split: int, epilogue: int
     return False, False, fused
 
 
-def cuda_head(w) -> torch.Tensor:
-    """The array the CUDA GEMV reads as a zigzag matrix's heads: the grouped scales (Q2_K, Q6_K), the grouped d
-    (Q8_0), else the grouped heads."""
-    bits = TYPE_BITS[w.fmt]
-    return {2: getattr(w, "scales", None), 6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(
-        bits, getattr(w, "head", None))
-
-
-def next_map_of(w, split: int, warps: int, columns: int, where: int = 1,
-                after_first: bool = False) -> "zigzag_cuda.NextMap":
-    """zigzag_cuda.NextMap of a zigzag matrix w that runs B2 on the CUDA GEMV with (split, warps): `columns` of each
-    of its shares (after_first: after its warps' first chunks), asked for where (1-4: zigzag_q4k.cu's NEXT_PF)."""
-    return zigzag_cuda.NextMap.of(w.quants, cuda_head(w), split, warps, columns, where, after_first)
-
-
 def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, threshold: torch.Tensor | None = None,
                 num_warps: int = 2, chunks: int = 1, maxnreg: int = 0, ahead: int = 0, acc: int = 16, pipe: int = 0,
                 fused: bool = False, impl: str = "triton",
                 idx: torch.Tensor | None = None, count: torch.Tensor | None = None,
                 residual: torch.Tensor | None = None, swiglu: bool = False, cluster: bool = False,
                 extra: tuple = (), norm: tuple | None = None, sumsq: bool = False,
-                scale: torch.Tensor | None = None, next_map: "zigzag_cuda.NextMap | None" = None) -> torch.Tensor:
+                scale: torch.Tensor | None = None) -> torch.Tensor:
     """B2 (MODE_DENSE), B3 (MODE_STATIC: threshold), B4 (MODE_INDEXED: idx, count from collect), B4 over each
     program's own list (MODE_KEPT, the CUDA GEMV only: threshold () fp32 and scale (K,) fp32 or None, WINA's column
     norms; B2's split, grid and finishes, norm allowed; no collection).
@@ -367,7 +352,6 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     multiplies rms_norm(x) * gamma, its rstd from the sums of squares sq that the reduction before wrote (sumsq).
     sumsq (no SwiGLU, finish_plan's reduction finish): the reduction also writes ws.sumsq, its programs' sums of
     y's squares (ws.sumsq[p] over outputs p BLOCK ..., reduce_block).
-    next_map (the CUDA GEMV on sm_90, next_map_of): its programs ask L2 for the next map's first columns once done.
     Returns ws.y (N,) in x's dtype (overwritten by the next call on the same workspace), or with
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
@@ -416,13 +400,15 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if sumsq and (fused or swiglu):
         raise ValueError("the sums of squares come from the reduction kernel's finish, not SwiGLU's or a fused one")
     if cuda:
-        zigzag_cuda.launch(w.quants, cuda_head(w), x, idx if idx is not None else dummy, count if count is not None else dummy,
+        head = {2: getattr(w, "scales", None), 6: getattr(w, "scales", None), 8: getattr(w, "d", None)}.get(
+            bits, getattr(w, "head", None))
+        zigzag_cuda.launch(w.quants, head, x, idx if idx is not None else dummy, count if count is not None else dummy,
                            ws.partials, k, ws.np, ws.split, mode, num_warps, pdl, pipe,
                            epilogue=epilogue if fused else -1, y=ws.y, residual=residual, counters=ws.counters, n=n,
                            acc=acc, high=getattr(w, "fifth", getattr(w, "high", None)),
                            d=getattr(w, "d", None) if bits in (2, 6) else None, bits=bits, cluster=cluster,
                            extra=extra, norm=norm, threshold=threshold if mode == MODE_KEPT else None,
-                           scale=scale, next_map=next_map)
+                           scale=scale)
     else:
         zigzag_mma.launch(w.quants, w.head.view(torch.int64), x, threshold if threshold is not None else x,
                           idx if idx is not None else dummy, count if count is not None else dummy, ws.partials,

@@ -105,27 +105,8 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
     raise ValueError("the triton backend runs quantized weights; float models use the reference backend")
 
 
-NEXT_PREFETCH_ENV = "SPQT_NEXT_PREFETCH"
-
-
-def next_prefetch() -> tuple[int, int, bool]:
-    """SPQT_NEXT_PREFETCH (a probe switch, unset: off): "columns[:where[:after]]", the columns of each share of the
-    step's next map that a CUDA GEMV's programs ask L2 for, where (zigzag_q4k.cu's NEXT_PF: 1 bulk prefetches once
-    their own chunks are done, the default; 2 line prefetches there; 3 / 4 bulk / lines at their start), and with
-    after = 1 from the column after the next map's warps' first chunks (which it loads before its PDL wait anyway);
-    columns 0: none."""
-    value = os.environ.get(NEXT_PREFETCH_ENV, "0")
-    columns, where, after = (value.split(":") + ["", ""])[:3]
-    if (not columns.isdigit() or int(columns) % 16 or where not in ("", "1", "2", "3", "4") or after not in ("", "0", "1")
-            or value.count(":") > 2):
-        raise ValueError(f"{NEXT_PREFETCH_ENV} is a multiple of 16 columns (0: off), then :1-4 where and :0/1 after the "
-                         f"first chunks, not {value!r}")
-    return int(columns), int(where or 1), after == "1"
-
-
 class TritonLinear:
     kept_route = "off"  # which sparse maps of the decode step run MODE_KEPT (tuning.STEP_ROUTE_NAMES; set_kept_route)
-    next_map = None  # the TritonLinear a decode step runs after this one (generate.link_step_maps): its prefetch
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)
@@ -163,23 +144,8 @@ class TritonLinear:
         sums = (epilogue["residual"] is not None and norm_fold_on()
                 and not kg.finish_plan(self.w, v, mode, ws.split, kg.EPILOGUE_RESIDUAL, args["impl"], args["fused"],
                                        args["cluster"])[2])
-        y = kg.gemv_zigzag(self.w, v, mode, ws, **args, **epilogue, sumsq=sums, next_map=self._next_prefetch(),
-                           **more)
+        y = kg.gemv_zigzag(self.w, v, mode, ws, **args, **epilogue, sumsq=sums, **more)
         return y, ws.sumsq if sums else None
-
-    def _next_prefetch(self):
-        """The next map's prefetch (zigzag_cuda.NextMap) where SPQT_NEXT_PREFETCH asks for one and the next map
-        runs B2 on the CUDA GEMV (its dense config), else None."""
-        columns, where, after_first = next_prefetch()
-        following = self.next_map
-        if not columns or following is None or following.w.layout != "zigzag" or not hasattr(following, "cfg_dense"):
-            return None
-        args = tuning.launch_args(following.cfg_dense)
-        runs_cuda = kg.finish_plan(following.w, following.normed, kg.MODE_DENSE, following.ws_dense.split,
-                                   kg.EPILOGUE_NONE, args["impl"])[0]
-        if not runs_cuda or (following.w.fmt != "q4_k" and not zigzag_cuda.in_kquant_layout(following.w)):
-            return None
-        return kg.next_map_of(following.w, following.ws_dense.split, args["num_warps"], columns, where, after_first)
 
     def dense(self, x: torch.Tensor, residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor:
         if x.numel() != self.k:

@@ -12,7 +12,6 @@ fallback). The GPU tests compare it with the torch reference like the Triton ker
 
 import functools
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -195,54 +194,13 @@ def norm_fits(k: int, split: int, warps: int, x: torch.Tensor, gamma: torch.Tens
     return share(k, split, warps) <= NORM_SHARE and x.data_ptr() % 16 == 0 and gamma.data_ptr() % 16 == 0
 
 
-@dataclass(frozen=True)
-class NextMap:
-    """The map a decode step runs after this one, as the CUDA GEMV's prefetch of it reads it (zigzag_q4k.cu's
-    prefetch_next_map): its levels (rows, planes, K, words) int32 and grouped heads (ceil(rows / 4), K, ...), its
-    B2 shares (split of `per` columns), and how many of each share's first columns to ask L2 for."""
-    quants: torch.Tensor
-    head: torch.Tensor
-    split: int
-    per: int
-    columns: int
-    where: int = 1  # zigzag_q4k.cu's NEXT_PF: 1 / 2 once the program's chunks are done (bulk / line prefetches),
-    # 3 / 4 at its start
-    skip: int = 0  # columns of each share not asked for (its warps' first chunks: loaded before the PDL wait anyway)
-
-    NONE = [(0, nvrtc.POINTER), (0, nvrtc.POINTER)] + [(0, nvrtc.INT)] * 9  # the arguments without a next map
-
-    @staticmethod
-    def of(quants: torch.Tensor, head: torch.Tensor, split: int, warps: int, columns: int, where: int = 1,
-           after_first: bool = False) -> "NextMap":
-        """The next map's B2 (split, warps) shares, `columns` (a positive multiple of 16) of each asked for, where
-        (NEXT_PF) 1-4; after_first: from the column after its warps' first chunks on (16 warps columns skipped)."""
-        if columns <= 0 or columns % 16:
-            raise ValueError(f"the columns of a share to prefetch are a positive multiple of 16, not {columns}")
-        if where not in (1, 2, 3, 4):
-            raise ValueError(f"the prefetch's place is 1-4 (zigzag_q4k.cu's NEXT_PF), not {where}")
-        if quants.dim() != 4 or head.shape[:2] != (-(-quants.shape[0] // 4), quants.shape[2]):
-            raise ValueError(f"levels (rows, planes, K, words) and grouped heads (ceil(rows / 4), K, ...) expected, "
-                             f"not {tuple(quants.shape)}, {tuple(head.shape)}")
-        if quants.data_ptr() % 16 or head.data_ptr() % 16:
-            raise ValueError("the next map's arrays must be 16-byte aligned (bulk prefetches)")
-        return NextMap(quants, head, split, share(quants.shape[2], split, warps), columns, where,
-                       16 * warps if after_first else 0)
-
-    def args(self) -> list:
-        rows, planes, k, words = self.quants.shape
-        head_bytes = self.head[0, 0].numel() * self.head.element_size()
-        return [(self.quants.data_ptr(), nvrtc.POINTER), (self.head.data_ptr(), nvrtc.POINTER), (k, nvrtc.INT),
-                (self.per, nvrtc.INT), (self.split, nvrtc.INT), (rows, nvrtc.INT), (self.columns, nvrtc.INT),
-                (planes, nvrtc.INT), (4 * words, nvrtc.INT), (head_bytes, nvrtc.INT), (self.skip, nvrtc.INT)]
-
-
 def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor,
            partials: torch.Tensor, k: int, np_: int, split: int, mode: int, warps: int, pdl: bool,
            pipe: int = 0, extra: tuple = (), epilogue: int = -1, y: torch.Tensor | None = None,
            residual: torch.Tensor | None = None, counters: torch.Tensor | None = None, n: int = 0,
            acc: int = 16, high: torch.Tensor | None = None, d: torch.Tensor | None = None, bits: int = 4,
            cluster: bool = False, norm: tuple | None = None, threshold: torch.Tensor | None = None,
-           scale: torch.Tensor | None = None, next_map: "NextMap | None" = None) -> None:
+           scale: torch.Tensor | None = None) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes; bits 8: (rows, 4, K, 16)), head (ceil(rows / 4), K, 4, 4) int32
     (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
@@ -266,8 +224,6 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     MODE_KEPT (B2's grid and finishes, norm allowed): threshold () fp32 and scale None or (K,) fp32 (WINA's column
     norms): each program lists the columns of its share with |x_k| (scale_k) > threshold (x_k the fp16 input, normed
     with norm) and multiplies those only (idx and count unused).
-    next_map (sm_90; NextMap.of): once its chunk loop is done, each program asks L2 for the first columns of the next
-    map's shares (-DNEXT_PF=1), so the next map's weights stream while this one finishes.
     extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
     planes = 4 if bits == 8 else 2
@@ -315,10 +271,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
         raise ValueError(f"a cluster finish needs sm_90, y and an epilogue, and at most {MAX_CLUSTER} programs a "
                          f"cluster (SwiGLU: 2 split, N / 2 a multiple of 256); got epilogue {epilogue}, split {split}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    prefetching = next_map is not None and torch.cuda.get_device_capability(index) >= (9, 0)  # bulk prefetch
-    kernel = _kernel(index, warps, mode, pipe, epilogue,
-                     tuple(extra) + env_defines() + ((f"-DNEXT_PF={next_map.where}",) if prefetching else ()), acc,
-                     bits, cluster,
+    kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster,
                      norm is not None)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
@@ -330,7 +283,6 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
             ((gamma if gamma is not None else x).data_ptr(), P), ((sq if sq is not None else partials).data_ptr(), P),
             (0 if sq is None else sq.numel(), I), (float(eps), nvrtc.FLOAT),
             ((threshold if threshold is not None else partials).data_ptr(), P),
-            (scale.data_ptr() if scale is not None else 0, P)] + (
-        next_map.args() if prefetching else NextMap.NONE)
+            (scale.data_ptr() if scale is not None else 0, P)]
     kernel.launch((rows, split), 32 * warps, args, torch.cuda.current_stream(x.device), pdl, cluster=dims,
                   shared=shared_bytes(k, split, warps, mode, norm is not None))

@@ -118,10 +118,6 @@
 #if MODE != 0 && MODE != 2 && MODE != 3
 #error "MODE is 0 (B2), 2 (B4) or 3 (B4 over the share's own list)"
 #endif
-#ifndef NEXT_PF
-#define NEXT_PF 0  // a program asks L2 for the next map's first columns of its shares (prefetch_next_map; the kernel's
-#endif             // last eleven arguments describe that map): 1 once its chunk loop is done, by bulk prefetches (sm_90);
-                   // 2 there, by line prefetches; 3 / 4 at the program's start (bulk / lines), before the PDL wait
 #ifndef RELEASE_LATE
 #define RELEASE_LATE 0  // 1 (probe): griddepcontrol.launch_dependents once a program has stored its sums, not right
 #endif                  // after its wait, so the next kernel's programs take no SM slot this grid's later programs need
@@ -414,49 +410,6 @@ typedef unsigned short DWord;
 __device__ __forceinline__ void prefetch_l2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
-
-__device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {  // 16-byte aligned, bytes % 16 == 0
-#if __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#endif
-}
-
-#if NEXT_PF
-// The next map's weights asked of L2 (NEXT_PF): the next map (its levels nq (nrows, nplanes, nK, nqcol bytes a
-// column), its grouped heads nh (ceil(nrows / 4), nK, nhcol bytes a column)) runs nsplit shares of nper columns; share
-// s' of superblock row r' starts at column s' nper; its ncols columns from nskip on (0, or the columns of each warp's
-// first chunk, which that program loads before its PDL wait anyway), within the share, of every plane and of its head
-// group are what that program reads first. This grid's programs take those items in turn (program b: items b, b + programs,
-// ...). LINES 0: one bulk prefetch a plane and the head a lane of warp 0; 1: the 128-byte lines of them
-// (prefetch.global.L2) spread over warp 0's lanes.
-template <bool LINES>
-__device__ __forceinline__ void prefetch_next_map(const unsigned char* nq, const unsigned char* nh, int nK, int nper,
-                                                  int nsplit, int nrows, int ncols, int nplanes, int nqcol,
-                                                  int nhcol, int nskip) {
-  const int lane = threadIdx.x & 31;
-  if ((threadIdx.x >> 5) != 0 || (!LINES && lane > nplanes)) return;
-  const int programs = gridDim.x * gridDim.y, items = nrows * nsplit;
-  for (int item = blockIdx.y * gridDim.x + blockIdx.x; item < items; item += programs) {
-    const int first = (item / nrows) * nper, r = item % nrows, col = first + nskip;
-    const int cols = min(ncols, min(nK, first + nper) - col);
-    if (cols <= 0) continue;
-    if (LINES) {
-      const int plane_lines = (cols * nqcol + 127) >> 7, head_lines = (r & 3) == 0 ? (cols * nhcol + 127) >> 7 : 0;
-      for (int i = lane; i < nplanes * plane_lines + head_lines; i += 32) {
-        const int p = i / plane_lines;
-        if (p < nplanes)
-          prefetch_l2(nq + ((size_t)(r * nplanes + p) * nK + col) * nqcol + 128 * (size_t)(i - p * plane_lines));
-        else
-          prefetch_l2(nh + ((size_t)(r >> 2) * nK + col) * nhcol + 128 * (size_t)(i - nplanes * plane_lines));
-      }
-    } else if (lane < nplanes) {
-      bulk_prefetch_l2(nq + ((size_t)(r * nplanes + lane) * nK + col) * nqcol, (u32)(cols * nqcol));
-    } else if ((r & 3) == 0) {
-      bulk_prefetch_l2(nh + ((size_t)(r >> 2) * nK + col) * nhcol, (u32)(cols * nhcol));
-    }
-  }
-}
-#endif
 
 // B2: the lines of the full chunk whose column 0 is at quants qc (plane 0 of superblock row r) and
 // heads hc: 8 lines of each plane, 8 of heads (16 columns x 64 bytes); lanes 0-23 one line each.
@@ -1009,14 +962,9 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
                 int* __restrict__ counters, int N, int F, const u32* __restrict__ qh,
                 const unsigned short* __restrict__ dq, const float* __restrict__ gamma,
                 const float* __restrict__ sq, int nsq, float eps, const float* __restrict__ thr,
-                const float* __restrict__ col_scale, const unsigned char* __restrict__ nq,
-                const unsigned char* __restrict__ nh, int nK, int nper, int nsplit, int nrows, int ncols,
-                int nplanes, int nqcol, int nhcol, int nskip) {
+                const float* __restrict__ col_scale) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3;
-#if NEXT_PF == 3 || NEXT_PF == 4
-  prefetch_next_map<NEXT_PF == 4>(nq, nh, nK, nper, nsplit, nrows, ncols, nplanes, nqcol, nhcol, nskip);
-#endif
 #if CLUSTER && EPILOGUE == 2
   // a cluster's two grid columns 2 i, 2 i + 1: gate rows of superblock row i and their up rows, F / 256 further
   const int r = (blockIdx.x >> 1) + (blockIdx.x & 1) * (F >> 8), s = blockIdx.y;
@@ -1211,9 +1159,6 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     compute(ch, c, bias, dec, g);
   }
 #endif
-#endif
-#if NEXT_PF == 1 || NEXT_PF == 2
-  prefetch_next_map<NEXT_PF == 2>(nq, nh, nK, nper, nsplit, nrows, ncols, nplanes, nqcol, nhcol, nskip);
 #endif
   __shared__ float rows_sum[WARPS][256];
   __shared__ float bias_sum[WARPS][2][8];
@@ -1412,6 +1357,12 @@ __device__ __forceinline__ bool arrive(int* p, int last) {
 #ifndef CHAIN_SLEEP
 #define CHAIN_SLEEP 100  // ns a waiting program sleeps between two polls (0: none): keeps the polls of every
 #endif                   // waiting program off the L2 slice that holds the counter, which streams weights too
+
+__device__ __forceinline__ void bulk_prefetch_l2(const void* p, u32 bytes) {  // 16-byte aligned, bytes % 16 == 0
+#if __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
 
 // x of slot columns col (ok: inside the share), normed (gamma non-null) as the RMSNorm kernel writes it
 __device__ __forceinline__ unsigned short chain_x(const unsigned short* x, const float* gamma, float rstd, int col,
