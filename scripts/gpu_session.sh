@@ -71,6 +71,8 @@
 #   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the
 #                                    file, the MODE_KEPT gpu tests
 #   scripts/gpu_session.sh check25   the runtime's gpu tests, tune --routes of the 7B in CHECK25_TYPES at CHECK25_LEVELS
+#   scripts/gpu_session.sh cluster26 the sparse GEMVs at 50 % with kept columns in runs (scripts/cluster_probe.py,
+#                                    CLUSTER_SHAPES)
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -1117,6 +1119,13 @@ llama2-7b:now}" 90
       --route-levels ${CHECK25_LEVELS:-0.65} --route-rounds 1 --output "$OUT/tuned-routes.json" 2>&1 | grep -v WARN \
       | tee "$OUT/check25-routes.log" | grep "tok/s\|tokens/s (median\|wrote\|error"
     echo "check25: $(( $(date +%s) - start )) s"
+    ;;
+  cluster26)
+    # scripts/cluster_probe.py on CLUSTER_SHAPES (default: the probe's) within CALL_BUDGET (default 400 s)
+    start=$(date +%s)
+    timeout ${CALL_BUDGET:-400} python3 scripts/cluster_probe.py ${CLUSTER_SHAPES:+--shapes $CLUSTER_SHAPES} 2>&1 \
+      | grep -v WARN | tee "$OUT/cluster26.log"
+    echo "cluster26: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
