@@ -91,12 +91,14 @@ def by_frequency(freq: torch.Tensor, group: int | None = None) -> torch.Tensor:
 
 
 def chunk_stats(mask: torch.Tensor, perm: torch.Tensor) -> list[int]:
-    """[kept, kept in fully kept aligned chunks of each CHUNKS size] of mask (T, K) read in the order perm."""
+    """[kept, kept in fully kept aligned chunks of each CHUNKS size] of mask (T, K) read in the order perm (a last,
+    partial chunk counts as not whole)."""
     m = mask[:, perm]
     t, k = m.shape
     out = [int(m.sum())]
     for c in CHUNKS:
-        out.append(int(m.view(t, k // c, c).all(-1).sum()) * c)
+        whole = k - k % c
+        out.append(int(m[:, :whole].reshape(t, whole // c, c).all(-1).sum()) * c)
     return out
 
 
