@@ -747,24 +747,32 @@ typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 
 // Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
 // (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
+// base's element `per_column` elements a column on for column col (0 <= col, col * per_column * sizeof(T) < 2^32: a
+// row's arrays), the byte offset added as an unsigned 32-bit number (ptxas then adds it to the 64-bit base in two
+// instructions instead of a 64-bit multiply-add and a shift pair: 16-21 fewer a gathered chunk, sm_90).
+template <typename T>
+__device__ __forceinline__ const T* column_at(const T* base, int col, u32 per_column) {
+  return reinterpret_cast<const T*>(reinterpret_cast<const char*>(base) + (u32)col * (per_column * (u32)sizeof(T)));
+}
+
 __device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const HeadWords* hr, const HighWord* hq,
                                               const DWord* dr, const int* col) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
-    ch.w[i] = load_vec<QLOAD>(qr + col[i] * 4);
-    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(hr + col[i] * HV);
+    ch.w[i] = load_vec<QLOAD>(column_at(qr, col[i], 4));
+    ch.h[i] = load_vec<TYPE == 8 ? QLOAD : HLOAD>(column_at(hr, col[i], HV));
 #if TYPE == 5 || TYPE == 6 || TYPE == 3
-    ch.hb[i] = __ldg(hq + (size_t)col[i] * 8);
+    ch.hb[i] = __ldg(column_at(hq, col[i], 8));
 #endif
 #if TYPE == 6 || TYPE == 8 || TYPE == 2
-    ch.d[i] = __ldg(dr + col[i] * D_STRIDE);
+    ch.d[i] = __ldg(column_at(dr, col[i], D_STRIDE));
 #endif
   }
 }
 
 __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const int* col, const bool* ok) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
+  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(column_at(x, col[i], 1)) : (unsigned short)0;
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
