@@ -76,6 +76,7 @@
 #   scripts/gpu_session.sh gather26  the gathered loads' 32-bit offsets: the gpu tests of every gathered path, the GEMVs
 #                                    before (.old, carried) / after (scripts/source_ab_probe.py), decode before / after
 #                                    (GATHER_DECODE: model:levels)
+#   scripts/gpu_session.sh check26   the runtime's, the families' and the folded norm's gpu tests (parks; CHECK26_LIMIT s)
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
@@ -1158,6 +1159,16 @@ llama2-7b:now}" 90
       done
     done 2>&1 | tee "$OUT/gather26-decode.log"
     echo "gather26: $(( $(date +%s) - start )) s"
+    ;;
+  check26)
+    # The runtime's gpu tests (the default model's included: park its first part the call before), the families' and
+    # the folded norm's, within CHECK26_LIMIT seconds (default 150)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${CHECK26_LIMIT:-150} python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py tests/test_families.py \
+      tests/test_kernels.py::test_cuda_gemv_folds_the_norm 2>&1 | tee "$OUT/check26-tests.log" \
+      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    echo "check26: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the

@@ -748,11 +748,24 @@ typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 // Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
 // (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
 // base's element `per_column` elements a column on for column col (0 <= col, col * per_column * sizeof(T) < 2^32: a
-// row's arrays), the byte offset added as an unsigned 32-bit number (ptxas then adds it to the 64-bit base in two
-// instructions instead of a 64-bit multiply-add and a shift pair: 16-21 fewer a gathered chunk, sm_90).
+// row's arrays). OFFSETS32: the byte offset added as an unsigned 32-bit number (ptxas then adds it to the 64-bit base
+// in two instructions instead of a 64-bit multiply-add and a shift pair: 3-13 % fewer instructions in a gathered loop,
+// sm_90). On the H200 that made MODE_KEPT 2-5.5 % and the other types' B4 2-3 % faster, but Q4_K's collected B4 3 %
+// slower on the 132 / 264 MB shapes (docs/RESULTS.md, twenty-sixth session), so that one keeps the signed form.
+#ifndef OFFSETS32
+#if CHAIN || (MODE == 2 && TYPE == 4)  // (the chain, SPQT_CHAIN=1, as it ran on the H200)
+#define OFFSETS32 0
+#else
+#define OFFSETS32 1
+#endif
+#endif
 template <typename T>
 __device__ __forceinline__ const T* column_at(const T* base, int col, u32 per_column) {
+#if OFFSETS32
   return reinterpret_cast<const T*>(reinterpret_cast<const char*>(base) + (u32)col * (per_column * (u32)sizeof(T)));
+#else
+  return base + col * (int)per_column;
+#endif
 }
 
 __device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const HeadWords* hr, const HighWord* hq,
