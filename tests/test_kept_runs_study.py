@@ -1,20 +1,14 @@
 """scripts/kept_runs_study.py: its chunk counts and column orders (a measurement script; the model run is in RESULTS)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "kept_runs_study.py"
+from conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("kept_runs_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("kept_runs_study")
 
 
 def test_chunk_stats_counts_whole_aligned_chunks(study):

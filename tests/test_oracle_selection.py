@@ -1,23 +1,16 @@
 """scripts/oracle_selection.py: the per-token top-k oracle masks (a measurement script, tested on the tiny model)."""
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from spqt.checkpoint import load_model
 from spqt.generate import Generator, set_sparse, sparse_linears
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "oracle_selection.py"
+from conftest import script_module
 
 
 @pytest.fixture(scope="module")
 def oracle():
-    spec = importlib.util.spec_from_file_location("oracle_selection", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module("oracle_selection")
 
 
 @pytest.fixture(scope="module")
