@@ -159,7 +159,7 @@ def main() -> int:
                 ("in-sample per layer (bound)", lambda i, k: by_frequency(eval_freq[(i, k)]))],
         "o": [("own", own),
               ("sorted per layer (not legit)", lambda i, k: by_frequency(freq[(i, k)])),
-              ("sorted within q heads", lambda i, k: by_frequency(freq[(i, k)], c.head_dim)),
+              ("sorted within q heads (GQA: needs v copied)", lambda i, k: by_frequency(freq[(i, k)], c.head_dim)),
               (f"sorted within kv heads (GQA {group}:1)", lambda i, k: kv_grouped(freq[(i, k)])),
               ("in-sample within q heads (bound)", lambda i, k: by_frequency(eval_freq[(i, k)], c.head_dim))],
         "gate_up": [("own", own),
@@ -190,7 +190,7 @@ def main() -> int:
                 m = masks[(i, kind)]
                 tot = [a + b for a, b in zip(tot, chunk_stats(m, order(i, kind)))]
                 seen += m.numel()
-            fracs = " ".join(f"{100 * v / tot[0]:6.2f}%" for v in tot[1:])
+            fracs = " ".join(f"{100 * v / max(tot[0], 1):6.2f}%" for v in tot[1:])  # (nothing kept: 0 %)
             print(f"{kind:8} {name:40} {fracs} {100 * tot[0] / seen:6.2f}%")
     print("\nfit-text kept fraction per kind:",
           ", ".join(f"{k} {float(sum(freq[(i, k)].sum() for i in layers)) / (n_fit * sum(freq[(i, k)].numel() for i in layers)):.4f}"

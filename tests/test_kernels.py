@@ -1643,10 +1643,12 @@ def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
 
 
 def test_gathered_loads_add_32_bit_offsets(tmp_path, monkeypatch):
-    """The gathered loads (MODE_KEPT, the other types' B4, B2's partial chunk) add each column's byte offset to the row's
-    pointer as an unsigned 32-bit number: no shift pair (LEA, LEA.HI.X) or 64-bit multiply-add (IMAD.WIDE; B4's reads of
-    its list keep theirs) per weight load in their loops, and fewer instructions than with the signed form (OFFSETS32=0, what Q4_K's collected B4 keeps: 3 % faster
-    than the offsets on the H200's 132 / 264 MB shapes, docs/RESULTS.md, twenty-sixth session)."""
+    """The gathered loads (MODE_KEPT, the other types' B4, B2's partial chunk) add each column's byte offset to the
+    row's pointer as an unsigned 32-bit number: no shift pair (LEA, LEA.HI.X) or 64-bit multiply-add (IMAD.WIDE; B4's
+    reads of its list keep theirs) per weight load in their loops, and fewer instructions than with the signed form
+    (OFFSETS32=0, what Q4_K's collected B4 keeps: 3 % faster than the offsets on the H200's 132 / 264 MB shapes,
+    docs/RESULTS.md, twenty-sixth session; for the other types the signed form here is close to, not the same as, the
+    code before the change)."""
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, main_loop, opcode
 

@@ -751,7 +751,10 @@ typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 // row's arrays). OFFSETS32: the byte offset added as an unsigned 32-bit number (ptxas then adds it to the 64-bit base
 // in two instructions instead of a 64-bit multiply-add and a shift pair: 3-13 % fewer instructions in a gathered loop,
 // sm_90). On the H200 that made MODE_KEPT 2-5.5 % and the other types' B4 2-3 % faster, but Q4_K's collected B4 3 %
-// slower on the 132 / 264 MB shapes (docs/RESULTS.md, twenty-sixth session), so that one keeps the signed form.
+// slower on the 132 / 264 MB shapes (docs/RESULTS.md, twenty-sixth session), so that one (and the chain) keeps the
+// signed form, the same SASS as before the change (the other types' high bits, hq, were indexed in size_t before: only
+// builds with OFFSETS32 0 of Q3_K / Q5_K / Q6_K would differ, and none runs). x's gathered loads (load_x) would take
+// 2-8 fewer instructions in the signed form (a review's SASS count, not measured on a GPU).
 #ifndef OFFSETS32
 #if CHAIN || (MODE == 2 && TYPE == 4)  // (the chain, SPQT_CHAIN=1, as it ran on the H200)
 #define OFFSETS32 0
