@@ -745,8 +745,6 @@ typedef uint2 HighWord;  // the lane's top bit pairs of one column
 typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 #endif
 
-// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
-// (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
 // base's element `per_column` elements a column on for column col (0 <= col, col * per_column * sizeof(T) < 2^32: a
 // row's arrays). OFFSETS32: the byte offset added as an unsigned 32-bit number (ptxas then adds it to the 64-bit base
 // in two instructions instead of a 64-bit multiply-add and a shift pair: 3-13 % fewer instructions in a gathered loop,
@@ -771,6 +769,8 @@ __device__ __forceinline__ const T* column_at(const T* base, int col, u32 per_co
 #endif
 }
 
+// Weights of a chunk at columns col[i] (any valid columns): quants qr + col 4 (the lane's plane), heads hr + col 4
+// (Q8_0: tile half 1's plane), (Q5_K, Q6_K) high bits hq + col 8, (Q6_K, Q8_0) d dr + col D_STRIDE.
 __device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, const HeadWords* hr, const HighWord* hq,
                                               const DWord* dr, const int* col) {
 #pragma unroll
