@@ -1152,10 +1152,7 @@ llama2-7b:now}" 90
     echo "gather26 probes: $(( $(date +%s) - start )) s"
     for run in ${GATHER_DECODE:-}; do
       for tree in before now; do
-        left=$(( ${CALL_BUDGET:-480} - ($(date +%s) - start) ))
-        [ $left -lt 45 ] && { echo "no time left for $run $tree"; break 2; }
-        PYTHONPATH="$(tree_path $tree)" timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} \
-          --layouts zigzag --sparsity ${run#*:} 2>&1 | grep tok/s | sed "s/^/$tree: /"
+        PYTHONPATH="$(tree_path $tree)" budget_decode 480 ${run%%:*} ${run#*:} "" $tree || break 2
       done
     done 2>&1 | tee "$OUT/gather26-decode.log"
     echo "gather26: $(( $(date +%s) - start )) s"

@@ -151,22 +151,24 @@ def main() -> int:
         return (base + inner.repeat_interleave(group, 0)).flatten()
 
     own = lambda i, k: torch.arange(masks[(i, k)].shape[1])  # noqa: E731
-    orders = {
-        "qkv": [("own", own),
+
+    def residual_stream_orders(other: str) -> list:
+        """The orders of a map fed by the residual stream's norm (q|k|v, gate|up): one order must serve every layer
+        and, strictly, the other such kind too."""
+        return [("own", own),
                 ("sorted per layer (not legit)", lambda i, k: by_frequency(freq[(i, k)])),
                 ("sorted, shared by layers", lambda i, k: by_frequency(shared[k])),
-                ("sorted, shared by layers+gate_up", lambda i, k: by_frequency(stream)),
-                ("in-sample per layer (bound)", lambda i, k: by_frequency(eval_freq[(i, k)]))],
+                (f"sorted, shared by layers+{other}", lambda i, k: by_frequency(stream)),
+                ("in-sample per layer (bound)", lambda i, k: by_frequency(eval_freq[(i, k)]))]
+
+    orders = {
+        "qkv": residual_stream_orders("gate_up"),
         "o": [("own", own),
               ("sorted per layer (not legit)", lambda i, k: by_frequency(freq[(i, k)])),
-              ("sorted within q heads (GQA: needs v copied)", lambda i, k: by_frequency(freq[(i, k)], c.head_dim)),
+              ("sorted within q heads (needs v copied)", lambda i, k: by_frequency(freq[(i, k)], c.head_dim)),
               (f"sorted within kv heads (GQA {group}:1)", lambda i, k: kv_grouped(freq[(i, k)])),
               ("in-sample within q heads (bound)", lambda i, k: by_frequency(eval_freq[(i, k)], c.head_dim))],
-        "gate_up": [("own", own),
-                    ("sorted per layer (not legit)", lambda i, k: by_frequency(freq[(i, k)])),
-                    ("sorted, shared by layers", lambda i, k: by_frequency(shared[k])),
-                    ("sorted, shared by layers+qkv", lambda i, k: by_frequency(stream)),
-                    ("in-sample per layer (bound)", lambda i, k: by_frequency(eval_freq[(i, k)]))],
+        "gate_up": residual_stream_orders("qkv"),
         "down": [("own", own),
                  ("sorted per layer", lambda i, k: by_frequency(freq[(i, k)])),
                  ("in-sample per layer (bound)", lambda i, k: by_frequency(eval_freq[(i, k)]))],

@@ -43,17 +43,18 @@ def main():
         for fmt in args.types.split(","):
             if fmt == "q4_k":
                 ops = make_operands(shape, l2)
-                run = lambda: bench_shape(ops, [0.0, args.sparsity], variants)  # noqa: E731
+                bench = lambda levels, vs: bench_shape(ops, levels, vs)  # noqa: E731
             else:
                 ws, x = make_type_operands(shape, fmt, l2)
-                run = lambda: bench_type_shape(ws, x, [0.0, args.sparsity], variants)  # noqa: E731
+                bench = lambda levels, vs: bench_type_shape(ws, x, levels, vs)  # noqa: E731
+            dense, sparse = [v for v in variants if v == "B2"], [v for v in variants if v != "B2"]
             times = {}  # (variant, sparsity) -> {source: [us a round]}
             for _ in range(args.rounds):
                 for name, path in sources.items():
                     use_source(path)
-                    for r in run():
-                        if r["variant"] == "B2" or r["sparsity"] > 0:
-                            times.setdefault((r["variant"], r["sparsity"]), {}).setdefault(name, []).append(r["us"])
+                    rows = (bench([0.0], dense) if dense else []) + (bench([args.sparsity], sparse) if sparse else [])
+                    for r in rows:
+                        times.setdefault((r["variant"], r["sparsity"]), {}).setdefault(name, []).append(r["us"])
             for (v, s), by in times.items():
                 b, a = statistics.median(by["before"]), statistics.median(by["after"])
                 print(f"{shape[0]}x{shape[1]} {fmt} {v} s={s:.2f}: before {', '.join(f'{t:.2f}' for t in by['before'])}"
