@@ -73,8 +73,9 @@
 #   scripts/gpu_session.sh check25   the runtime's gpu tests, tune --routes of the 7B in CHECK25_TYPES at CHECK25_LEVELS
 #   scripts/gpu_session.sh cluster26 the sparse GEMVs at 50 % with kept columns in runs (scripts/cluster_probe.py,
 #                                    CLUSTER_SHAPES)
-#   scripts/gpu_session.sh gather26  the gathered loads' 32-bit offsets: the gpu tests of every gathered path, the GEMVs
-#                                    before (.old, carried) / after (scripts/source_ab_probe.py), decode before / after
+#   scripts/gpu_session.sh gather26  a change to the gathered loads: the gpu tests of every gathered path, the GEMVs
+#                                    before (.old, carried) / after (scripts/source_ab_probe.py: Q4_K unless GATHER_Q4K=0,
+#                                    then GATHER_TYPES on GATHER_TYPE_SHAPES, GATHER_ROUNDS), decode before / after
 #                                    (GATHER_DECODE: model:levels)
 #   scripts/gpu_session.sh check26   the runtime's, the families' and the folded norm's gpu tests (parks; CHECK26_LIMIT s)
 #   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
@@ -1132,9 +1133,9 @@ llama2-7b:now}" 90
     echo "cluster26: $(( $(date +%s) - start )) s"
     ;;
   gather26)
-    # The gathered loads' change against the tree in .old (carried): the gpu tests of every path that gathers (B4,
-    # MODE_KEPT, the partial chunks; every type), scripts/source_ab_probe.py (Q4_K on its shapes, then GATHER_TYPES on
-    # GATHER_TYPE_SHAPES), bench decode of GATHER_DECODE (model:levels) with each tree, within CALL_BUDGET (480 s)
+    # A gathered loads change against the tree in .old (carried): the gpu tests of every path that gathers (B4,
+    # MODE_KEPT, the partial chunks; every type), scripts/source_ab_probe.py (Q4_K on its shapes unless GATHER_Q4K=0, then
+    # GATHER_TYPES on GATHER_TYPE_SHAPES), bench decode of GATHER_DECODE (model:levels) with each tree, within CALL_BUDGET
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 200 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_kernels.py::test_zigzag_cuda_kernel \
@@ -1143,11 +1144,12 @@ llama2-7b:now}" 90
       tests/test_gpu_runtime.py::test_kept_sparse_maps_decode_like_collected 2>&1 | tee "$OUT/gather26-tests.log" \
       | grep -E "passed|failed|FAILED|Error" | tail -12
     echo "gather26 tests: $(( $(date +%s) - start )) s"
-    timeout 150 python3 scripts/source_ab_probe.py --before .old/src/spqt/kernels/zigzag_q4k.cu 2>&1 | grep -v WARN \
-      | tee "$OUT/gather26-ab.log"
+    [ "${GATHER_Q4K:-1}" = 1 ] && timeout 150 python3 scripts/source_ab_probe.py \
+      --before .old/src/spqt/kernels/zigzag_q4k.cu 2>&1 | grep -v WARN | tee "$OUT/gather26-ab.log"
     left=$(( ${CALL_BUDGET:-480} - 60 - ($(date +%s) - start) ))
     [ $left -gt 40 ] && timeout $left python3 scripts/source_ab_probe.py --before .old/src/spqt/kernels/zigzag_q4k.cu \
-      --types ${GATHER_TYPES:-q3_k,q6_k} --shapes ${GATHER_TYPE_SHAPES:-22016x4096,8192x28672} --variants B2,B4 2>&1 \
+      --types ${GATHER_TYPES:-q3_k,q6_k} --shapes ${GATHER_TYPE_SHAPES:-22016x4096,8192x28672} --variants B2,B4 \
+      --rounds ${GATHER_ROUNDS:-2} 2>&1 \
       | grep -v WARN | tee -a "$OUT/gather26-ab.log"
     echo "gather26 probes: $(( $(date +%s) - start )) s"
     for run in ${GATHER_DECODE:-}; do
