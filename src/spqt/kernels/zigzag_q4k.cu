@@ -751,9 +751,8 @@ typedef u32 HighWord;  // (Q5_K) the lane's fifth bits of one column
 // sm_90). On the H200 that made MODE_KEPT 2-5.5 % and the other types' B4 2-3 % faster, but Q4_K's collected B4 3 %
 // slower on the 132 / 264 MB shapes (docs/RESULTS.md, twenty-sixth session), so that one (and the chain) keeps the
 // signed form, the same SASS as before the change (the other types' high bits, hq, were indexed in size_t before: only
-// builds with OFFSETS32 0 of Q3_K / Q5_K / Q6_K would differ, and none runs). x's gathered loads (load_x) index x in
-// the signed form whatever OFFSETS32 is: 4-8 fewer instructions in the other types' B4 loops than with the offsets
-// (sm_90; Q4_K's B4 and every MODE_KEPT, which reads x from shared memory, unchanged).
+// builds with OFFSETS32 0 of Q3_K / Q5_K / Q6_K would differ, and none runs). x's gathered loads (load_x) would take
+// 2-8 fewer instructions in the signed form (a review's SASS count, not measured on a GPU).
 #ifndef OFFSETS32
 #if CHAIN || (MODE == 2 && TYPE == 4)  // (the chain, SPQT_CHAIN=1, as it ran on the H200)
 #define OFFSETS32 0
@@ -789,7 +788,7 @@ __device__ __forceinline__ void load_gathered(Chunk& ch, const LevelWords* qr, c
 
 __device__ __forceinline__ void load_x(Chunk& ch, const unsigned short* x, const int* col, const bool* ok) {
 #pragma unroll
-  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(x + col[i]) : (unsigned short)0;
+  for (int i = 0; i < 4; ++i) ch.x[i] = ok[i] ? load_x_bits(column_at(x, col[i], 1)) : (unsigned short)0;
 }
 
 // Weights of the full chunk whose slot 0 is at qp / hp / hqp / dp (slot i is 4 i columns on).
