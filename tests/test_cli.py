@@ -150,6 +150,90 @@ def test_generate_errors(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["generate", str(tmp_path / "nope.spqt"), "-p", "hi"], "no such file")
 
 
+def _usage_error(capsys, argv, fragment):
+    """An argparse error: exit code 2, its message on stderr's last line."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert fragment in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
+    """Each of these printed a traceback, ran on silently, or failed only after the whole job (the twenty-seventh
+    session's sweep of the CLI): now one line and exit 2, before any slow work where the input says enough."""
+    model = str(tiny_spqt)
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox. " * 50)
+    for t in ("nan", "inf"):
+        _error(capsys, ["generate", model, "-p", "hi", "-n", "2", "--temperature", t, "--device", "cpu"],
+               "finite temperature")
+    _error(capsys, ["generate", model, "-p", "hi", "-n", "2", "--temperature", "1", "--seed", str(2**70),
+                    "--device", "cpu"], "the seed must be in")
+    _error(capsys, ["perplexity", model, "--data", str(binary), "--device", "cpu"], "not UTF-8 text")
+    _error(capsys, ["calibrate", model, "--data", str(binary), "--device", "cpu"], "not UTF-8 text")
+    _error(capsys, ["calibrate", model, "--data", str(tmp_path), "--device", "cpu"], "is a folder, not a text file")
+    for argv, fragment in ((["perplexity", model, "--data", str(text), "--ctx", "-5"], "--ctx: must be at least 4"),
+                           (["perplexity", model, "--data", str(text), "--chunks", "0"], "--chunks: must be at least 1"),
+                           (["perplexity", model, "--data", str(text), "--batch", "0"], "--batch: must be at least 1"),
+                           (["calibrate", model, "--data", str(text), "--tokens", "-5"], "--tokens: must be at least 1"),
+                           (["calibrate", model, "--data", str(text), "--greedy-tokens", "0"], "must be at least 1"),
+                           (["serve", model, "--ctx", "0"], "--ctx: must be at least 2")):
+        _usage_error(capsys, argv, fragment)
+    # the output's folder checked before the job, named as missing (not a ".probe" file)
+    missing = tmp_path / "nodir"
+    _error(capsys, ["calibrate", model, "--data", str(text), "-o", str(missing / "c.spqt")],
+           f"the folder {missing} does not exist")
+    _error(capsys, ["calibrate", model, "--data", str(text), "--json", str(tmp_path)], "it is a directory")
+    _error(capsys, ["perplexity", model, "--data", str(text), "--json", str(missing / "p.json")], "does not exist")
+    # a quantize onto its own source would have replaced it
+    _error(capsys, ["quantize", model, "-o", model], "is the source itself")
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("not a model")
+    _error(capsys, ["generate", str(fake), "-p", "hi"], "not a GGUF file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "notes.gguf", "text.txt"]  # nothing written
+
+
+def test_written_files_take_the_umask(tmp_path):
+    """atomic_write's files get 0666 less the umask, as open() would make them (mkstemp's are 0600)."""
+    import os
+
+    from spqt.checkpoint import atomic_write
+
+    old = os.umask(0o027)
+    try:
+        atomic_write(tmp_path / "a.json", lambda tmp: open(tmp, "w").write("{}"))
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o640
+
+
+def test_import_spqt_leaves_torch_unloaded():
+    """`import spqt` and the CLI module import no torch (a Ctrl-C while the command starts is then caught by main's
+    handler: one line, exit 130); spqt.quantize still works."""
+    import subprocess
+    import sys
+
+    code = ("import sys, spqt, spqt.cli; assert 'torch' not in sys.modules, 'torch imported'; "
+            "import numpy as np; b = spqt.quantize(np.ones((256, 256), np.float32), 'q4_k'); print(b.shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip()
+
+
+def test_interrupt_while_starting_is_one_line(capsys, monkeypatch):
+    from spqt import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["generate", "-p", "hi"]) == 130
+    assert capsys.readouterr().err.strip().splitlines() == ["spqt: interrupted"]
+
+
 def test_auto_without_a_recommendation_decodes_dense(tiny_spqt, capsys):
     assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--sparsity", "auto", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()

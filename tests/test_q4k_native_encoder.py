@@ -89,14 +89,14 @@ def test_same_bytes_as_torch_on_default_model_weights(native, default_gguf):
     """A few real matrices (Q4_1 in the GGUF, dequantized), zigzag and row blocks."""
     import gguf
 
-    import spqt
+    from spqt import layouts
 
     tensors = {t.name: t for t in gguf.GGUFReader(str(default_gguf)).tensors}
     for name, layout in (("blk.0.attn_k.weight", "zigzag"), ("blk.17.attn_v.weight", "row"),
                          ("blk.29.attn_output.weight", "zigzag")):
         t = tensors[name]
         w = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist()))))
-        values = spqt.layouts.matrix_to_blocks(w.float(), layout, q4_k.BLOCK_SIZE)
+        values = layouts.matrix_to_blocks(w.float(), layout, q4_k.BLOCK_SIZE)
         _assert_same_bytes(q4_k.encode(values), torch_encode(values))
 
 

@@ -269,13 +269,16 @@ def check_writable(path: Path) -> None:
     path = Path(path)
     if path.is_dir():
         raise SpqtError(f"cannot write {path}: it is a directory")
-    atomic_write(path.with_name(path.name + ".probe"), lambda tmp: None, keep=False)
+    atomic_write(path, lambda tmp: None, keep=False)  # a temporary file beside it, removed
 
 
 def atomic_write(path: Path, write, keep: bool = True) -> None:
-    """Call write(tmp_path) for a temporary file beside `path`, then rename it onto `path`."""
+    """Call write(tmp_path) for a temporary file beside `path`, then rename it onto `path` (keep=False: only
+    check that one can be made there). The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
     folder = path.parent
+    if not folder.exists():
+        raise SpqtError(f"cannot write {path}: the folder {folder} does not exist")
     if not folder.is_dir():
         raise SpqtError(f"cannot write {path}: {folder} is not a folder")
     try:
@@ -286,12 +289,20 @@ def atomic_write(path: Path, write, keep: bool = True) -> None:
     try:
         write(tmp)
         if keep:
+            os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
     except OSError as e:
         raise SpqtError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, then set back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
@@ -468,5 +479,7 @@ def load_model(path: str | os.PathLike, progress: bool = False) -> LoadedModel:
     """A .spqt (quantized weights), or a .gguf / HF folder (its own weights, as float32)."""
     p = Path(path)
     if p.is_file() and not is_gguf(p):
+        if p.suffix.lower() == ".gguf":
+            raise SpqtError(f"{p}: not a GGUF file (it does not begin with GGUF's magic bytes)")
         return load_spqt(p)
     return fused_float_weights(open_source(p), progress=progress)

@@ -24,6 +24,34 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _at_least(low: int):
+    """An argparse type: an integer of at least `low` (one clear usage error otherwise)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _read_text(path: str | Path) -> str:
+    """A UTF-8 text file's contents; a missing file, a folder or bytes that are not UTF-8 are SpqtError."""
+    path = Path(path)
+    if path.is_dir():
+        raise SpqtError(f"{path} is a folder, not a text file")
+    if not path.is_file():
+        raise SpqtError(f"no such file: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise SpqtError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def _level(text: str) -> float | str:
     if text == "auto":
         return text
@@ -63,6 +91,8 @@ def cmd_quantize(args) -> int:
     check_layout(args.layout)
     check_search(args.search, fmt if fmt in FORMATS else None)
     out = Path(args.output)
+    if out.resolve() == Path(args.source).resolve():
+        raise SpqtError(f"the output {out} is the source itself: write the .spqt to another path")
     check_writable(out)
     device = resolve_device(args.device)
     start = time.perf_counter()
@@ -168,7 +198,14 @@ def _ranges(layers: list[int]) -> str:
 def _load(args):
     from spqt.checkpoint import load_model
 
-    loaded = load_model(_model_path(args.model), progress=True)
+    path = _model_path(args.model)
+    try:
+        loaded = load_model(path, progress=True)
+    except SpqtError as e:
+        if args.model:
+            raise
+        raise SpqtError(f"{e} (the default model's conversion in the cache: delete {path} and spqt converts it "
+                        f"again)") from None
     if getattr(args, "thresholds", None):
         path = Path(args.thresholds)
         if not path.is_file():
@@ -330,12 +367,17 @@ def cmd_perplexity(args) -> int:
     for s in levels:
         check_sparsity(s)
     data = Path(args.data)
-    if not data.is_file():
-        raise SpqtError(f"no such file: {data}")
+    text = _read_text(data)
+    if args.json:
+        from spqt.checkpoint import check_writable
+
+        check_writable(Path(args.json))  # before the (slow) evaluation
     device = resolve_device(args.device)
     loaded = _load(args)
+    if not 4 <= args.ctx <= loaded.config.max_seq_len:
+        raise SpqtError(f"--ctx must be between 4 and the model's context {loaded.config.max_seq_len}, got {args.ctx}")
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
-    tokens = tok.encode(data.read_text(encoding="utf-8"), add_bos=False)
+    tokens = tok.encode(text, add_bos=False)
     bos = loaded.config.bos_id if loaded.config.add_bos else None
     batch = args.batch or (16 if device == "cuda" else 1)
     rows = []
@@ -377,28 +419,33 @@ def cmd_calibrate(args) -> int:
     from spqt.checkpoint import atomic_write, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
 
-    for f in args.data:
-        if not Path(f).is_file():
-            raise SpqtError(f"no such file: {f}")
+    texts = [_read_text(f) for f in args.data]
     modes = {"both": ("unified", "greedy"), "all": sp.MODES}.get(args.mode, (args.mode,))
     criterion = sp.check_criterion(args.criterion)
     if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
     if args.held_out_tokens < 0:
         raise SpqtError("--held-out-tokens must be at least 0")
+    from spqt.checkpoint import check_writable
+
+    for out in (args.output, args.json):  # before the (slow) calibration
+        if out:
+            check_writable(Path(out))
     loaded = load_model(_model_path(args.model))
     if loaded.kind == "float" and not args.json:
         raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json to write them alone")
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     tokens: list[int] = []
-    for f in args.data:  # each file tokenized on its own, then concatenated in the order given
-        tokens += tok.encode(Path(f).read_text(encoding="utf-8"), add_bos=False)
+    for text in texts:  # each file tokenized on its own, then concatenated in the order given
+        tokens += tok.encode(text, add_bos=False)
     result = calibrate(loaded, tokens, args.sparsity, modes, resolve_device(args.device), max_tokens=args.tokens,
                        greedy_tokens=args.greedy_tokens, progress=True, criterion=criterion,
                        held_out_tokens=args.held_out_tokens, **({"step": args.greedy_step} if args.greedy_step else {}))
     thresholds = merge(loaded.thresholds, result)
     rec = thresholds.get("recommended")
-    if rec:
+    if not args.held_out_tokens:
+        print(f"\nno held-out check (--held-out-tokens 0): no recommended {criterion} level from this run")
+    elif rec and rec.get("held_out"):
         print(f"\nheld-out calibration text ({rec['held_out_tokens']} tokens), perplexity vs dense {rec['dense_ppl']:.3f}:")
         print(f"{'criterion':>9s} {'mode':>8s} {'target':>7s} {'achieved':>9s} {'ppl':>9s} {'vs dense':>9s}")
         for r in rec["held_out"]:
@@ -770,7 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products, as for generate (auto: native where a C compiler works)")
-    p.add_argument("--ctx", type=int, default=None, help="tokens of context per request, prompt plus completion "
+    p.add_argument("--ctx", type=_at_least(2), default=None, help="tokens of context per request, prompt plus completion "
                    "(default: the model's)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPQT_API_KEY, "
                    "else no key)")
@@ -781,16 +828,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
     p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights)")
     p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test)")
-    p.add_argument("--ctx", type=int, default=512)
+    p.add_argument("--ctx", type=_at_least(4), default=512, help="tokens a chunk (default 512; at most the model's context)")
     p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
-    p.add_argument("--chunks", type=int, default=None, help="evaluate only the first N chunks")
+    p.add_argument("--chunks", type=_at_least(1), default=None, help="evaluate only the first N chunks (default: all)")
     p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
     p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
                    help="which calibrated thresholds (default greedy where the model has them, else unified)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")
-    p.add_argument("--batch", type=int, default=0, help="chunks per forward (default 16 on cuda, 1 on cpu)")
+    p.add_argument("--batch", type=_at_least(1), default=None, help="chunks per forward (default 16 on cuda, 1 on cpu)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.set_defaults(func=cmd_perplexity)
@@ -798,8 +845,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="compute activation-sparsity thresholds (TEAL) and store them in the .spqt")
     p.add_argument("model", nargs="?", help="a .spqt file (default: the default model in the cache)")
     p.add_argument("--data", nargs="+", required=True, help="calibration text files (never the evaluation text)")
-    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens for the histograms")
-    p.add_argument("--greedy-tokens", type=int, default=2048, help="tokens whose block outputs the greedy search measures")
+    p.add_argument("--tokens", type=_at_least(1), default=65536,
+                   help="calibration tokens for the histograms (whole windows of 512, at least one)")
+    p.add_argument("--greedy-tokens", type=_at_least(1), default=2048,
+                   help="tokens whose block outputs the greedy search measures (whole windows of 512, at least one)")
     p.add_argument("--mode", choices=["unified", "greedy", "global", "both", "all"], default="both",
                    help="both: unified and greedy (default); global: levels per block chosen by measured loss "
                         "(one pass per block and level: minutes on a GPU, long on a CPU); all: the three")
@@ -883,9 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # (building the parser imports torch: a Ctrl-C can land there)
         return int(args.func(args) or 0)
     except SpqtError as e:
         print(f"spqt: error: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ Prompt tokens go through one dense prefill; each new token is one decode step wi
 thresholds on (when a sparsity level is chosen).
 """
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -152,8 +153,10 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if self.temperature < 0 or not (0 < self.top_p <= 1) or self.top_k < 0:
-            raise SpqtError("sampling needs temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+        if not (0 <= self.temperature < math.inf) or not (0 < self.top_p <= 1) or self.top_k < 0:
+            raise SpqtError("sampling needs a finite temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+        if not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds (the server's range too)
+            raise SpqtError(f"the seed must be in [-2^63, 2^64), got {self.seed}")
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:

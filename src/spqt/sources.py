@@ -182,7 +182,7 @@ def _open_gguf(path: Path) -> SourceModel:
         with np.errstate(over="ignore"):
             reader = _plain_gguf_reader()(str(path))
     except Exception as e:  # the reader raises many kinds on a damaged file
-        raise SpqtError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise SpqtError(f"{path}: not a readable GGUF file: truncated or damaged ({type(e).__name__}: {e})") from None
 
     def field_value(key, default=None):
         f = reader.fields.get(key)

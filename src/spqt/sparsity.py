@@ -145,7 +145,7 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
     if key not in levels:
         have = ", ".join(sorted(levels)) or "none"
         raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}); "
-                        "run spqt calibrate")
+                        "run spqt calibrate on its .spqt (spqt quantize makes one from a GGUF or HF model)")
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
