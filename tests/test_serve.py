@@ -280,7 +280,10 @@ def test_cli_errors_before_serving(tiny_hf, capsys):
     error(["--sparsity", "0.5", "--port", "0"], "no teal unified thresholds")
     error(["--criterion", "magnitude"], "unknown criterion")
     error(["--port", "70000"], "--port must be in")
-    error(["--ctx", "1", "--port", "0"], "--ctx must be in")
+    error(["--ctx", "100000", "--port", "0"], "--ctx must be in")
+    with pytest.raises(SystemExit) as e:  # below 2: argparse's usage error
+        main(["serve", str(tiny_hf), "--device", "cpu", "--ctx", "1"])
+    assert e.value.code == 2 and "--ctx: must be at least 2" in capsys.readouterr().err
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
