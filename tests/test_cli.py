@@ -188,8 +188,16 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
            f"the folder {missing} does not exist")
     _error(capsys, ["calibrate", model, "--data", str(text), "--json", str(tmp_path)], "it is a directory")
     _error(capsys, ["perplexity", model, "--data", str(text), "--json", str(missing / "p.json")], "does not exist")
-    # a quantize onto its own source would have replaced it
-    _error(capsys, ["quantize", model, "-o", model], "is the source itself")
+    # a quantize onto its own source would have replaced it (a GGUF's first bytes: the old code read on and failed later)
+    source = tmp_path / "m.gguf"
+    source.write_bytes(b"GGUF" + bytes(range(256)))
+    _error(capsys, ["quantize", str(source), "-o", str(source)], "is the source itself")
+    assert source.read_bytes() == b"GGUF" + bytes(range(256))
+    source.unlink()
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    _error(capsys, ["quantize", str(loop), "-o", str(tmp_path / "q.spqt")], "no such file or directory")
+    loop.unlink()
     fake = tmp_path / "notes.gguf"
     fake.write_text("not a model")
     _error(capsys, ["generate", str(fake), "-p", "hi"], "not a GGUF file")
@@ -217,7 +225,8 @@ def test_import_spqt_leaves_torch_unloaded():
     import sys
 
     code = ("import sys, spqt, spqt.cli; assert 'torch' not in sys.modules, 'torch imported'; "
-            "import numpy as np; b = spqt.quantize(np.ones((256, 256), np.float32), 'q4_k'); print(b.shape)")
+            "import numpy as np; b = spqt.quantize(np.ones((256, 256), np.float32), 'q4_k'); print(b.shape); "
+            "assert spqt.layouts.matrix_to_blocks and spqt.errors.SpqtError")  # submodules load on first use
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip()

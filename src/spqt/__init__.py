@@ -11,8 +11,12 @@ __all__ = ["quantize", "dequantize", "__version__"]
 
 
 def __getattr__(name: str):
-    if name in ("quantize", "dequantize"):
-        from spqt import quant
+    """spqt.quantize / spqt.dequantize, and any submodule (spqt.layouts, ...), loaded on first use."""
+    import importlib
+    import importlib.util
 
-        return getattr(quant, name)
+    if name in ("quantize", "dequantize"):
+        return getattr(importlib.import_module("spqt.quant"), name)
+    if importlib.util.find_spec(f"spqt.{name}") is not None:
+        return importlib.import_module(f"spqt.{name}")
     raise AttributeError(f"module 'spqt' has no attribute {name!r}")

@@ -274,7 +274,8 @@ def check_writable(path: Path) -> None:
 
 def atomic_write(path: Path, write, keep: bool = True) -> None:
     """Call write(tmp_path) for a temporary file beside `path`, then rename it onto `path` (keep=False: only
-    check that one can be made there). The file gets the usual permissions (0666 less the umask), not mkstemp's 0600."""
+    check that one can be made there). The file gets the usual permissions (0666 less the umask), not mkstemp's 0600,
+    also where it replaces a file of other permissions."""
     path = Path(path)
     folder = path.parent
     if not folder.exists():
@@ -289,7 +290,10 @@ def atomic_write(path: Path, write, keep: bool = True) -> None:
     try:
         write(tmp)
         if keep:
-            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                os.chmod(tmp, 0o666 & ~_umask())
+            except OSError:  # a file system without modes (some FUSE / CIFS mounts): keep mkstemp's
+                pass
             os.replace(tmp, path)
     except OSError as e:
         raise SpqtError(f"cannot write {path}: {e.strerror or e}") from None
@@ -299,7 +303,8 @@ def atomic_write(path: Path, write, keep: bool = True) -> None:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it, then set back)."""
+    """The process's umask (read by setting it, then set back: not thread-safe; the CLI's writes are on its main
+    thread, the server writes no files)."""
     mask = os.umask(0o022)
     os.umask(mask)
     return mask

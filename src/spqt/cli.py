@@ -6,6 +6,7 @@ are SpqtError: one line on stderr, exit code 2, no traceback.
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def _read_text(path: str | Path) -> str:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise SpqtError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+    except OSError as e:
+        raise SpqtError(f"cannot read {path}: {e.strerror or e}") from None
 
 
 def _level(text: str) -> float | str:
@@ -91,7 +94,7 @@ def cmd_quantize(args) -> int:
     check_layout(args.layout)
     check_search(args.search, fmt if fmt in FORMATS else None)
     out = Path(args.output)
-    if out.resolve() == Path(args.source).resolve():
+    if os.path.realpath(out) == os.path.realpath(args.source):  # (realpath: no error on a symlink loop)
         raise SpqtError(f"the output {out} is the source itself: write the .spqt to another path")
     check_writable(out)
     device = resolve_device(args.device)
@@ -444,7 +447,10 @@ def cmd_calibrate(args) -> int:
     thresholds = merge(loaded.thresholds, result)
     rec = thresholds.get("recommended")
     if not args.held_out_tokens:
-        print(f"\nno held-out check (--held-out-tokens 0): no recommended {criterion} level from this run")
+        kept = rec and rec.get("criterion") and rec["criterion"] != criterion
+        print(f"\nno held-out check (--held-out-tokens 0): no recommended {criterion} level from this run"
+              + (f" (the model keeps its {rec['criterion']} {rec['mode']} {rec['sparsity']:g} recommendation)"
+                 if kept else ""))
     elif rec and rec.get("held_out"):
         print(f"\nheld-out calibration text ({rec['held_out_tokens']} tokens), perplexity vs dense {rec['dense_ppl']:.3f}:")
         print(f"{'criterion':>9s} {'mode':>8s} {'target':>7s} {'achieved':>9s} {'ppl':>9s} {'vs dense':>9s}")
