@@ -377,8 +377,6 @@ def cmd_perplexity(args) -> int:
         check_writable(Path(args.json))  # before the (slow) evaluation
     device = resolve_device(args.device)
     loaded = _load(args)
-    if not 4 <= args.ctx <= loaded.config.max_seq_len:
-        raise SpqtError(f"--ctx must be between 4 and the model's context {loaded.config.max_seq_len}, got {args.ctx}")
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     tokens = tok.encode(text, add_bos=False)
     bos = loaded.config.bos_id if loaded.config.add_bos else None
@@ -419,7 +417,7 @@ def cmd_calibrate(args) -> int:
     from spqt import sparsity as sp
     from spqt.calibrate import calibrate, merge
     from spqt.generate import resolve_device
-    from spqt.checkpoint import atomic_write, load_model, save_spqt
+    from spqt.checkpoint import atomic_write, check_writable, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
 
     texts = [_read_text(f) for f in args.data]
@@ -429,8 +427,6 @@ def cmd_calibrate(args) -> int:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
     if args.held_out_tokens < 0:
         raise SpqtError("--held-out-tokens must be at least 0")
-    from spqt.checkpoint import check_writable
-
     for out in (args.output, args.json):  # before the (slow) calibration
         if out:
             check_writable(Path(out))
