@@ -12,7 +12,6 @@ __all__ = ["quantize", "dequantize", "__version__"]
 
 def __getattr__(name: str):
     """spqt.quantize / spqt.dequantize, and any submodule (spqt.layouts, ...), loaded on first use."""
-    import importlib
     import importlib.util
 
     if name in ("quantize", "dequantize"):

@@ -211,10 +211,9 @@ def _load(args):
                         f"again)") from None
     if getattr(args, "thresholds", None):
         path = Path(args.thresholds)
-        if not path.is_file():
-            raise SpqtError(f"no such file: {path}")
+        text = _read_text(path)
         try:
-            doc = json.loads(path.read_text())
+            doc = json.loads(text)
             loaded.thresholds = doc["thresholds"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise SpqtError(f"{path}: not a thresholds file written by spqt calibrate --json ({e})") from None

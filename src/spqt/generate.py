@@ -153,7 +153,7 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if not (0 <= self.temperature < math.inf) or not (0 < self.top_p <= 1) or self.top_k < 0:
+        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not (0 < self.top_p <= 1) or self.top_k < 0:
             raise SpqtError("sampling needs a finite temperature >= 0, 0 < top-p <= 1, top-k >= 0")
         if not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds (the server's range too)
             raise SpqtError(f"the seed must be in [-2^63, 2^64), got {self.seed}")
