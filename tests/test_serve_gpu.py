@@ -1,0 +1,121 @@
+"""`spqt serve --device cuda`: the default model served from a worker thread on the GPU (CUDA graphs
+captured and replayed there), talked to over HTTP with the standard library, its greedy answers
+compared with the same model's Generator run in the test's own thread. Needs no openai client (the
+device machine has none); the API's details are tests/test_serve.py's, on the CPU."""
+
+import http.client
+import json
+import threading
+import time
+
+import pytest
+
+pytestmark = pytest.mark.gpu
+
+CTX = 256
+PROMPT = "The three primary colors are"
+N = 24
+
+
+@pytest.fixture(scope="module")
+def cuda_server():
+    from spqt.checkpoint import load_spqt
+    from spqt.default_model import default_spqt
+    from spqt.serve.engine import Engine
+    from spqt.serve.server import Service, bind
+
+    loaded = load_spqt(default_spqt(progress=False))
+    sock = bind("127.0.0.1", 0)
+    engine = Engine(loaded, "cuda", 0.0, ctx=CTX, name="default")
+    service = Service(engine)
+    thread = threading.Thread(target=service.run, args=(sock,), daemon=True)
+    thread.start()
+    port = sock.getsockname()[1]
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if _request(port, "GET", "/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not answer /health"
+        time.sleep(0.1)
+    yield port, loaded, engine
+    service.stop()
+    thread.join(30)
+    sock.close()
+    assert not thread.is_alive(), "the server did not stop"
+
+
+def _request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        conn.request(method, path, body=json.dumps(body) if body else None,
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def _stream(port: int, body: dict, stop_after: int | None = None) -> tuple[list[str], bool]:
+    """(text pieces, whether `data: [DONE]` came) of a streamed completion; stop_after: hang up after
+    that many pieces (the server should cancel the generation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    pieces, done = [], False
+    try:
+        conn.request("POST", "/v1/completions", body=json.dumps(dict(body, stream=True)),
+                     headers={"Content-Type": "application/json"})
+        r = conn.getresponse()
+        assert r.status == 200
+        for line in r:
+            line = line.decode().strip()
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            piece = json.loads(line[6:])["choices"][0]["text"]
+            pieces.append(piece)
+            if stop_after is not None and len([p for p in pieces if p]) >= stop_after:
+                break
+    finally:
+        conn.close()
+    return pieces, done
+
+
+def _reference_text(loaded, engine, n: int) -> str:
+    """Greedy text of the same model on CUDA from a Generator of this thread (its stop token left out)."""
+    from spqt.generate import Generator
+
+    gen = Generator(loaded, "cuda", sparsity=0.0, max_len=CTX)
+    tokens = gen.generate(engine.tokenizer.encode(PROMPT), n, stop_ids=engine.stop_ids, track=False).tokens
+    return engine.tokenizer.decode([t for t in tokens if t not in engine.stop_ids])
+
+
+def test_cuda_server_greedy_equals_generator(cuda_server):
+    port, loaded, engine = cuda_server
+    status, health = _request(port, "GET", "/health")
+    assert status == 200 and health["device"] == "cuda"
+    body = {"prompt": PROMPT, "temperature": 0, "max_tokens": N}
+    status, plain = _request(port, "POST", "/v1/completions", body)
+    assert status == 200, plain
+    text = plain["choices"][0]["text"]
+    assert text and plain["usage"]["completion_tokens"] <= N
+    assert text == _reference_text(loaded, engine, N)
+    pieces, done = _stream(port, body)
+    assert done and "".join(pieces) == text and len([p for p in pieces if p]) > 1
+
+
+def test_cuda_server_after_a_dropped_stream(cuda_server):
+    """A client that hangs up mid-stream cancels its generation between two graph replays; the next
+    request (a chat, then the first completion again) still answers as the Generator does."""
+    port, loaded, engine = cuda_server
+    body = {"prompt": PROMPT, "temperature": 0, "max_tokens": N}
+    pieces, done = _stream(port, dict(body, max_tokens=CTX - 16), stop_after=3)
+    assert not done and len([p for p in pieces if p]) == 3
+    status, chat = _request(port, "POST", "/v1/chat/completions",
+                            {"messages": [{"role": "user", "content": "Say hi."}], "temperature": 0, "max_tokens": 8})
+    assert status == 200 and chat["choices"][0]["message"]["content"], chat
+    status, plain = _request(port, "POST", "/v1/completions", body)
+    assert status == 200 and plain["choices"][0]["text"] == _reference_text(loaded, engine, N)
