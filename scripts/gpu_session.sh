@@ -84,6 +84,7 @@
 #   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
 #                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh serve28   spqt serve on CUDA: its gpu tests, the openai client's import, scripts/serve_probe.py
+#   scripts/gpu_session.sh prefill28 the dense prefill's time per prompt length and kernel kind (scripts/prefill_probe.py)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1183,6 +1184,15 @@ llama2-7b:now}" 90
     timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
       | tee "$OUT/serve-probe.log" | tail -8
     echo "serve28: $(( $(date +%s) - start )) s"
+    ;;
+  prefill28)
+    # Time to the first token: scripts/prefill_probe.py on PREFILL_MODELS (default,synthetic:llama2-7b; the default
+    # model needs both GGUF parts: park) at PREFILL_TOKENS (8,64,512,2048)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 300 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
+      --tokens "${PREFILL_TOKENS:-8,64,512,2048}" --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
+    echo "prefill28: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
