@@ -1191,7 +1191,7 @@ llama2-7b:now}" 90
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 300 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
-      --tokens "${PREFILL_TOKENS:-8,64,512,2048}" --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
+      --tokens "${PREFILL_TOKENS:-8,64,512,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
     echo "prefill28: $(( $(date +%s) - start )) s"
     ;;
   pairs23)

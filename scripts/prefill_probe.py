@@ -56,6 +56,22 @@ def prefill_row(gen: Generator, tokens: int, reps: int) -> dict:
             "device_ms": busy, "kinds_ms": dict(per_kind)}
 
 
+def host_profile(gen: Generator, tokens: int, top: int) -> None:
+    """The host's functions over one prefill (warm), by own time: what keeps the GPU waiting."""
+    import cProfile
+    import pstats
+
+    prompt = torch.randint(0, gen.loaded.config.vocab_size, (tokens,)).tolist()
+    for _ in range(2):
+        gen.generate(prompt, 1, track=False)
+    prof = cProfile.Profile()
+    prof.enable()
+    gen.generate(prompt, 1, track=False)
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+    pstats.Stats(prof).sort_stats("cumulative").print_stats(top)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="default,synthetic:llama2-7b")
@@ -63,6 +79,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json")
+    ap.add_argument("--cprofile", type=int, default=0, help="also print the host's top N functions of one prefill")
     args = ap.parse_args()
     lengths = [int(t) for t in args.tokens.split(",")]
     rows = []
@@ -70,6 +87,8 @@ def main():
         loaded = load(model, max(lengths) + 8)
         max_len = min(max(lengths) + 8, loaded.config.max_seq_len)
         gen = Generator(loaded, args.device, max_len=max_len)
+        if args.cprofile:
+            host_profile(gen, lengths[0], args.cprofile)
         for tokens in lengths:
             if tokens + 1 > max_len:
                 continue
