@@ -85,6 +85,7 @@
 #                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh serve28   spqt serve on CUDA: its gpu tests, the openai client's import, scripts/serve_probe.py
 #   scripts/gpu_session.sh prefill28 the dense prefill's time per prompt length and kernel kind (scripts/prefill_probe.py)
+#   scripts/gpu_session.sh check28   the runtime's, families' and serve's gpu tests, then prefill28 and the serve probe
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1193,6 +1194,21 @@ llama2-7b:now}" 90
     timeout 300 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
       --tokens "${PREFILL_TOKENS:-8,64,512,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
     echo "prefill28: $(( $(date +%s) - start )) s"
+    ;;
+  check28)
+    # The prefill graphs: the runtime's, the families' and serve's gpu tests (park the default model's first part the
+    # call before; carry .whl), then scripts/prefill_probe.py (as prefill28) and scripts/serve_probe.py (SERVE_LEVELS)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${CHECK28_LIMIT:-200} python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py tests/test_families.py \
+      tests/test_serve_gpu.py 2>&1 | tee "$OUT/check28-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    echo "check28 tests: $(( $(date +%s) - start )) s"
+    timeout 200 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
+      --tokens "${PREFILL_TOKENS:-8,64,512,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN \
+      | tee "$OUT/prefill.log"
+    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
+      | tee "$OUT/serve-probe.log" | tail -8
+    echo "check28: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the

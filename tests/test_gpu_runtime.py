@@ -352,3 +352,36 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     args.model = "synthetic:nope"
     with pytest.raises(SpqtError, match=r"\(q4_k, zigzag layout, sparsity 0.0\): unknown synthetic model 'nope'"):
         run_decode_benchmark(args, log=lines.append)
+
+
+def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
+    """A CUDA prefill runs padded to its bucket (16, 32, ... tokens): eagerly at a bucket's first use, captured at
+    its second, replayed after. Every run's first-token logits are the padded eager prefill's bit for bit and the
+    unpadded forward's within rounding; the tokens after a longer prompt's padded prefill equal a fresh
+    Generator's (the padding's keys in the cache are never read)."""
+    from spqt import generate as g
+
+    loaded = load_spqt(tiny_spqt)
+    gen = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
+    eager = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
+    eager.use_graph = False
+    rng = torch.Generator().manual_seed(3)
+    for n in (5, 20, 16, 17):
+        prompt = torch.randint(0, loaded.config.vocab_size, (n,), generator=rng).tolist()
+        runs = []
+        for gen_ in (gen, gen, gen, eager):
+            first = []
+            runs.append((gen_.generate(prompt, 6, track=False, on_logits=first.append).tokens, first[0]))
+        bucket = g.PREFILL_BUCKET_MIN if n <= g.PREFILL_BUCKET_MIN else 32
+        assert gen._prefills[bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
+        for tokens, logits in runs[1:]:
+            assert torch.equal(logits, runs[0][1]) and tokens == runs[0][0], f"{n} tokens"
+        with torch.inference_mode():
+            eager.model.setup_cache(1, 96, torch.float32)
+            plain = eager.model(torch.tensor([prompt], device="cuda"), torch.arange(n, device="cuda"))[0, -1].cpu()
+        span = float(plain.max() - plain.min())
+        assert float((plain - runs[0][1][0]).abs().max()) < 1e-3 * span, f"{n} tokens: padded vs unpadded"
+    long, short = list(range(3, 40)), [7, 8, 9]
+    gen.generate(long, 4, track=False)
+    fresh = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
+    assert gen.generate(short, 30, track=False).tokens == fresh.generate(short, 30, track=False).tokens

@@ -21,6 +21,12 @@ from spqt.linear import Linear
 from spqt.model import Transformer
 
 KV_BUCKET_MIN = 256  # the shortest attention span a decode graph is captured for
+# A CUDA prefill of n tokens runs padded to a bucket (a power of two, at least PREFILL_BUCKET_MIN) up to
+# PREFILL_GRAPH_MAX tokens, as a CUDA graph from a bucket's second use on: a short prompt's prefill is a few
+# hundred launches whose host time is many times their device time (an H200, the 135M default model: ~33 ms
+# against ~1.4 ms). Longer prompts run as they are: their kernels outlast the host's launches.
+PREFILL_BUCKET_MIN = 16
+PREFILL_GRAPH_MAX = 2048
 
 
 def resolve_device(name: str) -> str:
@@ -231,6 +237,10 @@ class Generator:
         self._graphs: dict[int, tuple] = {}
         self._graph = None
         self._graph_key = None
+        # prefill graphs per bucket (_prefill_at), one memory pool for all of them (they never run at once)
+        self._prefills: dict[int, tuple | None] = {}
+        self._prefill_key = None
+        self._prefill_pool = None
         # The step's inputs, token and position, as one device vector filled by one host copy
         self._io = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._io_host = torch.zeros(2, dtype=torch.int64, pin_memory=self.device == "cuda")
@@ -363,12 +373,77 @@ class Generator:
         """Forget the captured decode graphs: the next CUDA step captures anew (measurement: scripts/order_probe.py)."""
         self._graphs, self._graph_key = {}, None
 
+    def _graphs_key(self) -> tuple:
+        """What a captured graph depends on beyond its inputs: the model's switches and the KV cache's memory."""
+        return (tuple(sorted(getattr(self.model, "switches", {}).items())),
+                self.model.layers[0].attention.cache.k.data_ptr())
+
+    def _prefill_bucket(self, n: int) -> int:
+        """Tokens a CUDA prefill of n <= PREFILL_GRAPH_MAX tokens runs as: a power of two from PREFILL_BUCKET_MIN, at
+        most the cache."""
+        return min(self.max_len, max(PREFILL_BUCKET_MIN, 1 << (n - 1).bit_length()))
+
+    def _prefill_inputs(self, bucket: int) -> tuple:
+        """Static inputs of a bucket's prefill: tokens (1, bucket), positions (bucket,), the last prompt token's
+        index (1,), all int64 on the device."""
+        dev = self.device
+        return (torch.zeros(1, bucket, dtype=torch.int64, device=dev), torch.arange(bucket, device=dev),
+                torch.zeros(1, dtype=torch.int64, device=dev))
+
+    def _prefill_at(self, bucket: int):
+        """(graph or None, tokens, positions, last, logits (1, 1, vocab) or None) of a bucket's prefill: no graph at
+        its first use (it runs eagerly, which warms Triton and cuBLAS up), captured at its second; all forgotten
+        when the switches or the KV cache change."""
+        key = self._graphs_key()
+        if key != self._prefill_key:
+            self._prefills, self._prefill_key = {}, key
+        if bucket not in self._prefills:
+            self._prefills[bucket] = None
+            return (None, *self._prefill_inputs(bucket), None)
+        if self._prefills[bucket] is None:
+            tokens, positions, last = self._prefill_inputs(bucket)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # the warm-up a capture needs, on its own stream
+                self.model(tokens, positions, kv_len=bucket, select=last)
+            torch.cuda.current_stream().wait_stream(stream)
+            self._prefill_pool = self._prefill_pool or torch.cuda.graph_pool_handle()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._prefill_pool):
+                logits = self.model(tokens, positions, kv_len=bucket, select=last)
+            self._prefills[bucket] = (graph, tokens, positions, last, logits)
+        return self._prefills[bucket]
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """The dense prefill of the prompt into the KV cache -> the last token's logits (1, 1, vocab) float32. On CUDA
+        padded to its bucket (_prefill_bucket): the padding's keys and values land in the cache after the prompt,
+        where no later step reads them (each decode step writes its own position first and attends to none
+        after it); graph or not, the same kernels on the same shapes."""
+        dev, n = self.device, len(prompt)
+        if dev != "cuda":
+            return self.model(torch.tensor([prompt]), torch.arange(n), kv_len=n)[:, -1:]
+        if n > PREFILL_GRAPH_MAX:
+            return self.model(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), kv_len=n,
+                              select=torch.tensor([n - 1], device=dev))
+        bucket = self._prefill_bucket(n)
+        graph, tokens, positions, last, logits = self._prefill_at(bucket) if self.use_graph else \
+            (None, *self._prefill_inputs(bucket), None)
+        host = torch.zeros(bucket + 1, dtype=torch.int64)
+        host[:n] = torch.tensor(prompt)
+        host[bucket] = n - 1
+        staged = host.to(dev)
+        tokens.copy_(staged[:bucket].view(1, bucket))
+        last.copy_(staged[bucket:])
+        if graph is None:
+            return self.model(tokens, positions, kv_len=bucket, select=last)
+        graph.replay()
+        return logits
+
     def _graph_at(self, pos: int):
         """The decode graph for a step at position pos (captured on first use; all re-captured when
         the switches change or the KV cache was re-allocated, as perplexity does). Sets
         self._logits and self.greedy_token to its outputs."""
-        key = (tuple(sorted(getattr(self.model, "switches", {}).items())),
-               self.model.layers[0].attention.cache.k.data_ptr())
+        key = self._graphs_key()
         if key != self._graph_key:
             self._graphs, self._graph_key = {}, key
         bucket = self._kv_bucket(pos)
@@ -463,12 +538,10 @@ class Generator:
             raise SpqtError(f"prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceed the context "
                             f"of {self.max_len} tokens")
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
-        dev = self.device
         set_sparse(self.model, False)
         self._sync()
         start = time.perf_counter()
-        positions = torch.arange(len(prompt), device=dev)
-        logits = self.model(torch.tensor([prompt], device=dev), positions, kv_len=len(prompt))
+        logits = self._prefill(prompt)
         if on_logits:
             on_logits(logits[:, -1].float().cpu())
         token = sample(logits[:, -1], sampling, gen)

@@ -155,11 +155,13 @@ class Transformer(nn.Module):
         for block in self.layers:
             block.attention.cache = KVCache(batch, self.config.n_kv_heads, max_len, self.config.head_dim, dtype, device)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
+                select: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) int64; positions: (T,) int64 ascending. Returns logits (B, T, vocab) float32.
 
         kv_len: keys attended (defaults to the whole cache; a smaller value saves work when the
-        caller knows the largest position, and must exceed it).
+        caller knows the largest position, and must exceed it). select: (S,) int64 indices into T, the
+        only positions whose logits are computed (B, S, vocab) (a prefill wants its last token's alone).
         """
         length = kv_len or self.max_len
         x = self.tok_embeddings(tokens)
@@ -172,4 +174,6 @@ class Transformer(nn.Module):
                 key_pos[None, :] > positions[:, None], float("-inf"))
             for block in self.layers:
                 x = block(x, self.rope, positions, mask)
+        if select is not None:
+            x = x.index_select(1, select)
         return self.output(self.norm(x)).float()
