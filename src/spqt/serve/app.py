@@ -1,9 +1,10 @@
 """The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
-API key (401), body size (413), JSON syntax (400), fields (422), model name (404), prompt plus
-max_tokens within the context (413). Then it joins the scheduler's FIFO queue; the answer is one
-JSON body, or with `stream: true` server-sent events, a chunk per text piece and `data: [DONE]`.
+API key (401), body size (413), JSON syntax (400), fields (400, param naming the field), model name
+(404), prompt plus max_tokens within the context (400, code context_length_exceeded). Then it joins the
+scheduler's FIFO queue; the answer is one JSON body, or with `stream: true` server-sent events, a chunk
+per text piece and `data: [DONE]`.
 """
 
 import asyncio
@@ -74,16 +75,13 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         if size > MAX_BODY_BYTES:
             raise too_large
         try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            doc = json.loads(body, parse_constant=not_json)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, not_json
             raise p.ApiError(400, f"We could not parse the JSON body of your request ({e}).") from None
         try:
             req = model.model_validate(doc)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise p.ApiError(422, f"{where or 'body'}: {first['msg']}", param=where or None,
-                             code="invalid_value") from None
+            raise p.invalid_request(e) from None
         if req.model is not None and req.model != info.model_id:
             raise p.ApiError(404, f"The model '{req.model}' does not exist; this server serves '{info.model_id}'.",
                              param="model", code="model_not_found")
@@ -92,7 +90,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     def make_job(request: Request, req: p.SamplingFields, prompt: list[int]) -> Job:
         room = info.ctx - len(prompt)
         if room < 1 or (req.max_tokens or 1) > room:
-            raise p.ApiError(413, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
+            raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
                              f"max_tokens asks for {req.max_tokens or 1} more.",
                              param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
                              code="context_length_exceeded")
@@ -100,7 +98,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
             sampling = Sampling(req.temperature, req.top_k, req.top_p,
                                 req.seed if req.seed is not None else secrets.randbits(63))
         except SpqtError as e:
-            raise p.ApiError(422, str(e), code="invalid_value") from None
+            raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=req.max_tokens or room, sampling=sampling, stops=req.stop,
                    label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop())
 
@@ -119,9 +117,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         try:
             prompt = engine.tokenizer.chat_messages(req.conversation())
         except SpqtError as e:
-            raise p.ApiError(422, str(e), param="messages") from None
+            raise p.ApiError(400, str(e), param="messages") from None
         except jinja2.TemplateError as e:  # the template itself refused the conversation (raise_exception)
-            raise p.ApiError(422, f"the chat template refused these messages: {e}", param="messages") from None
+            raise p.ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
         job = make_job(request, req, prompt)
         rid, created = p.new_id("chatcmpl"), p.now()
         if req.stream:
@@ -205,6 +203,11 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         return "".join(pieces), result
 
     return app
+
+
+def not_json(constant: str):
+    """json.loads takes NaN and Infinity; JSON (and OpenAI) does not."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 async def cancel_on_disconnect(request: Request, job: Job) -> None:
