@@ -39,12 +39,16 @@ class Server:
     def client(self, key: str = KEY, **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
 
-    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict]:
-        """(status, JSON) of a request sent as given, for bodies the openai client would not send."""
+    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict | list]:
+        """(status, JSON) of a request sent as given, for bodies the openai client would not send; for a stream,
+        the list of its events' data (JSON, and "[DONE]" as is)."""
         req = urllib.request.Request(self.url + path, data=body, headers={"Authorization": f"Bearer {key}",
                                                                           "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
+                if r.headers.get_content_type() == "text/event-stream":
+                    data = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+                    return r.status, [d if d == "[DONE]" else json.loads(d) for d in data]
                 return r.status, json.load(r)
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
@@ -276,6 +280,23 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
     for change in accepted:
         status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())
         assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)
+
+
+def test_stream_events_are_openai_chunks(server, model_id):
+    """Role first (chat), text pieces, a finish_reason chunk, with include_usage a usage chunk whose choices are
+    empty, then [DONE]; both endpoints."""
+    for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": PROMPT})):
+        status, events = server.raw(path, json.dumps({**body, "model": model_id, "stream": True, **GREEDY,
+                                                      "stream_options": {"include_usage": True}}).encode())
+        assert status == 200 and events[-1] == "[DONE]", events
+        *pieces, finish, usage = events[:-1]
+        n = usage["usage"]["completion_tokens"]
+        assert usage["choices"] == [] and 1 <= n <= GREEDY["max_tokens"], usage
+        assert finish["choices"][0]["finish_reason"] == ("length" if n == GREEDY["max_tokens"] else "stop"), finish
+        assert all(e["usage"] is None for e in pieces + [finish]), events
+        assert all(e["choices"][0]["finish_reason"] is None for e in pieces), events
+        if "messages" in body:
+            assert pieces[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}, pieces[0]
 
 
 def test_disconnect_mid_stream_frees_the_model(server, model_id):

@@ -152,9 +152,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         job = make_job(request, req, engine.tokenizer.encode(req.prompt))
         rid, created = p.new_id("cmpl"), p.now()
 
-        def body(text: str, finish=None, usage=None) -> p.Completion:
+        def body(text: str, finish=None, usage=None, choices=True) -> p.Completion:
             return p.Completion(id=rid, created=created, model=info.model_id, usage=usage,
-                                choices=[p.CompletionChoice(text=text, finish_reason=finish)])
+                                choices=[p.CompletionChoice(text=text, finish_reason=finish)] if choices else [])
 
         if req.stream:
             async def events():
@@ -164,10 +164,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                         yield body(piece)
                 if result is None:  # cancelled
                     return
-                usage = None
+                yield body("", finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
-                    usage = p.usage(result.prompt_tokens, len(result.tokens))
-                yield body("", finish=result.finish_reason, usage=usage)
+                    yield body("", usage=p.usage(result.prompt_tokens, len(result.tokens)), choices=False)
 
             return sse(events(), job)
         text, result = await collect(request, job)
