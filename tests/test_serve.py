@@ -135,6 +135,9 @@ def stream_text(stream, chat: bool) -> tuple[str, str | None, object, int]:
 
 def test_models_and_health(server, model_id, default_gguf):
     assert model_id == default_gguf.stem
+    assert server.client().models.retrieve(model_id).id == model_id
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4o")
     status, health = server.raw("/health")
     assert status == 200 and health["status"] == "ok" and health["ctx"] == CTX and health["device"] == "cpu"
 

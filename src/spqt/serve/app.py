@@ -111,6 +111,13 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     async def models():
         return p.ModelList(data=[p.ModelCard(id=info.model_id, created=info.created)])
 
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
+    async def model(model_id: str):
+        if model_id != info.model_id:
+            raise p.ApiError(404, f"The model '{model_id}' does not exist; this server serves '{info.model_id}'.",
+                             param="model", code="model_not_found")
+        return p.ModelCard(id=info.model_id, created=info.created)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
         req = await parse(request, p.ChatCompletionRequest)
