@@ -39,12 +39,16 @@ class Server:
     def client(self, key: str = KEY, **kw) -> "openai.OpenAI":
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
 
-    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict]:
-        """(status, JSON) of a request sent as given, for bodies the openai client would not send."""
+    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict | list]:
+        """(status, JSON) of a request sent as given, for bodies the openai client would not send; for a stream,
+        the list of its events' data (JSON, and "[DONE]" as is)."""
         req = urllib.request.Request(self.url + path, data=body, headers={"Authorization": f"Bearer {key}",
                                                                           "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
+                if r.headers.get_content_type() == "text/event-stream":
+                    data = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+                    return r.status, [d if d == "[DONE]" else json.loads(d) for d in data]
                 return r.status, json.load(r)
         except urllib.error.HTTPError as e:
             return e.code, json.load(e)
@@ -131,6 +135,9 @@ def stream_text(stream, chat: bool) -> tuple[str, str | None, object, int]:
 
 def test_models_and_health(server, model_id, default_gguf):
     assert model_id == default_gguf.stem
+    assert server.client().models.retrieve(model_id).id == model_id
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-4o")
     status, health = server.raw("/health")
     assert status == 200 and health["status"] == "ok" and health["ctx"] == CTX and health["device"] == "cpu"
 
@@ -212,19 +219,21 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model
     client = server.client()
     error(401, "API key", lambda: server.client(key="wrong").chat.completions.create(model=model_id, messages=CHAT))
     error(404, "does not exist", lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT))
-    error(422, "max_tokens", lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=0))
-    error(422, "n = 1", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=2))
-    error(422, "seed", lambda: client.completions.create(model=model_id, prompt=PROMPT, seed=2**70))
-    error(422, "temperature", lambda: client.completions.create(model=model_id, prompt=PROMPT, temperature=-1))
+    error(400, "max_tokens", lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=0))
+    error(400, "n = 1", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=2))
+    error(400, "seed", lambda: client.completions.create(model=model_id, prompt=PROMPT, seed=2**70))
+    error(400, "temperature", lambda: client.completions.create(model=model_id, prompt=PROMPT, temperature=-1))
     long_prompt = "colors " * (2 * CTX)
-    error(413, "context", lambda: client.completions.create(model=model_id, prompt=long_prompt, max_tokens=4))
-    error(413, "context", lambda: client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=CTX))
-    error(413, "context", lambda: client.chat.completions.create(model=model_id, stream=True, max_tokens=4,
+    error(400, "context", lambda: client.completions.create(model=model_id, prompt=long_prompt, max_tokens=4))
+    error(400, "context", lambda: client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=CTX))
+    error(400, "context", lambda: client.chat.completions.create(model=model_id, stream=True, max_tokens=4,
                                                                  messages=[{"role": "user", "content": long_prompt}]))
     status, body = server.raw("/v1/chat/completions", b'{"messages": [')
     assert status == 400 and "parse the JSON" in body["error"]["message"], body
     status, body = server.raw("/v1/chat/completions", json.dumps({"model": model_id}).encode())
-    assert status == 422 and body["error"]["param"] == "messages", body
+    assert status == 400 and body["error"]["param"] == "messages", body
+    status, body = server.raw("/v1/completions", b'{"prompt": "x", "temperature": NaN}')
+    assert status == 400 and "NaN" in body["error"]["message"], body
     status, body = server.raw("/v1/chat/completions", b" " * (5 * 2**20))
     assert status == 413 and body["error"]["code"] == "request_too_large", body
     status, body = server.raw("/v1/nothing-here")
@@ -235,6 +244,62 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model
     ok = client.completions.create(model=model_id, prompt=PROMPT, temperature=0, max_tokens=2)
     assert ok.choices[0].text
     assert server.health()["failed"] == 0
+
+
+def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
+    """As OpenAI checks a request: a value of another JSON type than the field's, or one this server would have to
+    ignore, is a 400 naming the field (in param and message); what clients send (an integer temperature, nulls for
+    defaults, a string or a list for stop and content, the fields this server ignores at their defaults) passes."""
+    chat = {"model": model_id, "messages": CHAT, "max_tokens": 1}
+    text = {"model": model_id, "prompt": PROMPT, "max_tokens": 1}
+    one_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
+    refused = [(chat, {"stream": "yes"}, "stream"), (chat, {"stream": 1}, "stream"),
+               (chat, {"max_tokens": "5"}, "max_tokens"), (chat, {"max_tokens": 5.0}, "max_tokens"),
+               (chat, {"temperature": "0.5"}, "temperature"), (chat, {"temperature": True}, "temperature"),
+               (chat, {"n": "1"}, "n"), (chat, {"seed": "3"}, "seed"), (chat, {"stop": 5}, "stop"),
+               (chat, {"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
+               (chat, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+               (chat, {"messages": one_image}, "messages[0].content[0].type"),
+               (chat, {"frequency_penalty": 0.5}, "frequency_penalty"),
+               (chat, {"presence_penalty": -1}, "presence_penalty"), (chat, {"logit_bias": {"50": 10}}, "logit_bias"),
+               (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": True}, "logprobs"),
+               (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
+               (text, {"prompt": [1, 2, 3]}, "prompt"), (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo")]
+    for base, change, param in refused:
+        path = "/v1/chat/completions" if base is chat else "/v1/completions"
+        status, body = server.raw(path, json.dumps({**base, **change}).encode())
+        error = body.get("error") or {}
+        assert (status, error.get("type"), error.get("param")) == (400, "invalid_request_error", param), (change, body)
+        assert param in error["message"], body
+    accepted = [{"temperature": 0}, {"stop": "x"}, {"stop": ["x", "y"]},
+                {"temperature": None, "top_p": None, "n": None, "stream": None, "stop": None, "seed": None,
+                 "logit_bias": None},
+                {"max_tokens": None, "max_completion_tokens": 1, "seed": 7, "top_k": 5, "user": "u",
+                 "metadata": {"k": "v"}},
+                {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
+                 "parallel_tool_calls": False, "tool_choice": "none"},
+                {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
+                              {"role": "assistant", "content": None}, *CHAT]}]
+    for change in accepted:
+        status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())
+        assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)
+
+
+def test_stream_events_are_openai_chunks(server, model_id):
+    """Role first (chat), text pieces, a finish_reason chunk, with include_usage a usage chunk whose choices are
+    empty, then [DONE]; both endpoints."""
+    for path, body in (("/v1/chat/completions", {"messages": CHAT}), ("/v1/completions", {"prompt": PROMPT})):
+        status, events = server.raw(path, json.dumps({**body, "model": model_id, "stream": True, **GREEDY,
+                                                      "stream_options": {"include_usage": True}}).encode())
+        assert status == 200 and events[-1] == "[DONE]", events
+        *pieces, finish, usage = events[:-1]
+        n = usage["usage"]["completion_tokens"]
+        assert usage["choices"] == [] and 1 <= n <= GREEDY["max_tokens"], usage
+        assert finish["choices"][0]["finish_reason"] == ("length" if n == GREEDY["max_tokens"] else "stop"), finish
+        assert all(e["usage"] is None for e in pieces + [finish]), events
+        assert all(e["choices"][0]["finish_reason"] is None for e in pieces), events
+        if "messages" in body:
+            assert pieces[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}, pieces[0]
 
 
 def test_disconnect_mid_stream_frees_the_model(server, model_id):
@@ -418,10 +483,15 @@ def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
         gate.set()
         events = [[await job.events.get() for _ in range(1 if job is jobs[2] else 2)] for job in jobs]
         scheduler.close()
-        return events, scheduler.stats()
+        # the HTTP side cancels a job when it stops reading it, also after its last event: that job stays uncancelled
+        # (else its stream, when the worker had not yet returned, lost its data: [DONE])
+        done = Job([1], 1, None, [], "done", loop)
+        done.emit("done", None)
+        done.cancel()
+        return events, scheduler.stats(), done.cancelled.is_set()
 
-    events, stats = asyncio.run(scenario())
-    assert ran == ["job0", "job1", "job3"] and not overlap
+    events, stats, cancelled_after_done = asyncio.run(scenario())
+    assert ran == ["job0", "job1", "job3"] and not overlap and not cancelled_after_done
     assert events[2] == [("cancelled", None)]
     assert events[3] == [("text", "job3"), ("done", None)]
     assert stats["completed"] == 3 and stats["cancelled"] == 1 and stats["waiting"] == 0 and not stats["running"]

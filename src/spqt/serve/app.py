@@ -1,9 +1,10 @@
 """The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
-API key (401), body size (413), JSON syntax (400), fields (422), model name (404), prompt plus
-max_tokens within the context (413). Then it joins the scheduler's FIFO queue; the answer is one
-JSON body, or with `stream: true` server-sent events, a chunk per text piece and `data: [DONE]`.
+API key (401), body size (413), JSON syntax (400), fields (400, param naming the field), model name
+(404), prompt plus max_tokens within the context (400, code context_length_exceeded). Then it joins the
+scheduler's FIFO queue; the answer is one JSON body, or with `stream: true` server-sent events, a chunk
+per text piece and `data: [DONE]`.
 """
 
 import asyncio
@@ -74,16 +75,13 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         if size > MAX_BODY_BYTES:
             raise too_large
         try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            doc = json.loads(body, parse_constant=not_json)
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, not_json
             raise p.ApiError(400, f"We could not parse the JSON body of your request ({e}).") from None
         try:
             req = model.model_validate(doc)
         except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(x) for x in first["loc"])
-            raise p.ApiError(422, f"{where or 'body'}: {first['msg']}", param=where or None,
-                             code="invalid_value") from None
+            raise p.invalid_request(e) from None
         if req.model is not None and req.model != info.model_id:
             raise p.ApiError(404, f"The model '{req.model}' does not exist; this server serves '{info.model_id}'.",
                              param="model", code="model_not_found")
@@ -92,7 +90,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     def make_job(request: Request, req: p.SamplingFields, prompt: list[int]) -> Job:
         room = info.ctx - len(prompt)
         if room < 1 or (req.max_tokens or 1) > room:
-            raise p.ApiError(413, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
+            raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
                              f"max_tokens asks for {req.max_tokens or 1} more.",
                              param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
                              code="context_length_exceeded")
@@ -100,7 +98,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
             sampling = Sampling(req.temperature, req.top_k, req.top_p,
                                 req.seed if req.seed is not None else secrets.randbits(63))
         except SpqtError as e:
-            raise p.ApiError(422, str(e), code="invalid_value") from None
+            raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=req.max_tokens or room, sampling=sampling, stops=req.stop,
                    label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop())
 
@@ -113,15 +111,22 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     async def models():
         return p.ModelList(data=[p.ModelCard(id=info.model_id, created=info.created)])
 
+    @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
+    async def model(model_id: str):
+        if model_id != info.model_id:
+            raise p.ApiError(404, f"The model '{model_id}' does not exist; this server serves '{info.model_id}'.",
+                             param="model", code="model_not_found")
+        return p.ModelCard(id=info.model_id, created=info.created)
+
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
         req = await parse(request, p.ChatCompletionRequest)
         try:
             prompt = engine.tokenizer.chat_messages(req.conversation())
         except SpqtError as e:
-            raise p.ApiError(422, str(e), param="messages") from None
+            raise p.ApiError(400, str(e), param="messages") from None
         except jinja2.TemplateError as e:  # the template itself refused the conversation (raise_exception)
-            raise p.ApiError(422, f"the chat template refused these messages: {e}", param="messages") from None
+            raise p.ApiError(400, f"the chat template refused these messages: {e}", param="messages") from None
         job = make_job(request, req, prompt)
         rid, created = p.new_id("chatcmpl"), p.now()
         if req.stream:
@@ -154,9 +159,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         job = make_job(request, req, engine.tokenizer.encode(req.prompt))
         rid, created = p.new_id("cmpl"), p.now()
 
-        def body(text: str, finish=None, usage=None) -> p.Completion:
+        def body(text: str, finish=None, usage=None, choices=True) -> p.Completion:
             return p.Completion(id=rid, created=created, model=info.model_id, usage=usage,
-                                choices=[p.CompletionChoice(text=text, finish_reason=finish)])
+                                choices=[p.CompletionChoice(text=text, finish_reason=finish)] if choices else [])
 
         if req.stream:
             async def events():
@@ -166,10 +171,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                         yield body(piece)
                 if result is None:  # cancelled
                     return
-                usage = None
+                yield body("", finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
-                    usage = p.usage(result.prompt_tokens, len(result.tokens))
-                yield body("", finish=result.finish_reason, usage=usage)
+                    yield body("", usage=p.usage(result.prompt_tokens, len(result.tokens)), choices=False)
 
             return sse(events(), job)
         text, result = await collect(request, job)
@@ -205,6 +209,11 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         return "".join(pieces), result
 
     return app
+
+
+def not_json(constant: str):
+    """json.loads takes NaN and Infinity; JSON (and OpenAI) does not."""
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 async def cancel_on_disconnect(request: Request, job: Job) -> None:

@@ -1,15 +1,18 @@
 """The OpenAI wire format: request and response bodies of /v1/chat/completions, /v1/completions and
 /v1/models, as pydantic models, and the JSON error object.
 
-Requests accept the fields OpenAI's clients send; those this server cannot honour (n > 1, logprobs,
-tools) are refused rather than ignored. Extra fields are ignored, as OpenAI-compatible servers do.
+Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
+JSON integer; a number may be either), null meaning the default. What this server cannot honour (n > 1,
+logprobs, tools, penalties, logit_bias, JSON mode) is refused rather than ignored. Other fields are ignored,
+as OpenAI-compatible servers do.
 """
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
 
@@ -26,15 +29,66 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
-class StreamOptions(BaseModel):
+def unsupported(message: str) -> PydanticCustomError:
+    """A valid request this server cannot honour (answered 400, code unsupported_value)."""
+    return PydanticCustomError("unsupported_value", message)
+
+
+def wrong_type(expected: str) -> PydanticCustomError:
+    return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
+
+
+# pydantic's strict type errors -> the JSON type that was expected
+EXPECTED = {"bool_type": "a boolean", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
+            "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
+
+
+def json_type(value: Any) -> str:
+    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
+                       (list, "an array"), (dict, "an object")):
+        if isinstance(value, kind):
+            return name
+    return "null"
+
+
+def invalid_request(e: ValidationError) -> ApiError:
+    """OpenAI's 400 for the first of pydantic's errors, param the field's path (e.g. messages[0].content)."""
+    err = e.errors()[0]
+    param = "".join(f"[{x}]" if isinstance(x, int) else f".{x}" for x in err["loc"]).lstrip(".") or None
+    name, kind = param or "body", err["type"]
+    if kind in EXPECTED or kind == "wrong_type":
+        expected = err["ctx"]["expected"] if kind == "wrong_type" else EXPECTED[kind]
+        return ApiError(400, f"'{name}' must be {expected}, not {json_type(err['input'])}.", param=param,
+                        code="invalid_type")
+    if kind == "missing":
+        return ApiError(400, f"'{name}' is required.", param=param, code="missing_required_parameter")
+    message = str(err["ctx"]["error"]) if kind == "value_error" else err["msg"]
+    return ApiError(400, f"{name}: {message}", param=param,
+                    code="unsupported_value" if kind == "unsupported_value" else "invalid_value")
+
+
+class RequestModel(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class ResponseFormat(RequestModel):
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise unsupported(f"only 'text' is supported, not '{kind}' (no JSON mode)")
+        return kind
+
+
+class SamplingFields(RequestModel):
     """What both endpoints share. Defaults are OpenAI's (temperature 1: sampling; 0 means greedy).
     top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut."""
-
-    model_config = ConfigDict(extra="ignore")
 
     model: str | None = None  # None: the one served model
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
@@ -42,59 +96,113 @@ class SamplingFields(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
-    stop: str | list[str] | None = Field(None, validate_default=True)  # -> list[str]
+    stop: list[str] = Field(default_factory=list)  # a string or up to 4
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    logprobs: bool | int | None = None
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body):
+        """OpenAI's optional fields are nullable: null stands for the default."""
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
 
     @field_validator("n")
     @classmethod
     def _one_choice(cls, n: int) -> int:
         if n != 1:
-            raise ValueError("only n = 1 is supported (one request runs at a time)")
+            raise unsupported("only n = 1 is supported (one request runs at a time)")
         return n
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_list(cls, stop):
+        if isinstance(stop, str):
+            return [stop]
+        if not isinstance(stop, list):
+            raise wrong_type("a string or an array of strings")
+        return stop
 
     @field_validator("stop")
     @classmethod
-    def _stop_list(cls, stop):
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
+    def _stop_count(cls, stops: list[str]) -> list[str]:
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return [s for s in stops if s]
 
-    @field_validator("logprobs")
+    @field_validator("frequency_penalty", "presence_penalty")
     @classmethod
-    def _no_logprobs(cls, value):
+    def _no_penalty(cls, value: float) -> float:
         if value:
-            raise ValueError("logprobs are not supported")
+            raise unsupported("not supported (only 0)")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_bias(cls, bias: dict) -> dict:
+        if bias:
+            raise unsupported("not supported (only an empty map or null)")
+        return bias
 
-class TextPart(BaseModel):
-    type: Literal["text"]
+
+class TextPart(RequestModel):
+    type: str
     text: str
 
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, kind: str) -> str:
+        if kind != "text":
+            raise unsupported(f"only text parts are supported, not '{kind}'")
+        return kind
 
-class ChatMessage(BaseModel):
+
+class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: list[TextPart]  # a string arrives as one part; an assistant's may be null (no parts)
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _parts(cls, content, info):
+        if isinstance(content, str):
+            return [{"type": "text", "text": content}]
+        if content is None and info.data.get("role") == "assistant":
+            return []
+        if not isinstance(content, list):
+            raise wrong_type("a string or an array of text parts")
+        return content
 
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
-    tools: list | None = None
+    logprobs: bool = False
+    top_logprobs: int = Field(0, ge=0, le=20)
+    tools: list = Field(default_factory=list)
+    functions: list = Field(default_factory=list)  # tools' older form
+    tool_choice: Any = "none"
+    function_call: Any = "none"
+    response_format: ResponseFormat | None = None
 
-    @field_validator("tools")
+    @field_validator("logprobs", "top_logprobs", "tools", "functions")
     @classmethod
-    def _no_tools(cls, tools):
-        if tools:
-            raise ValueError("tools are not supported")
-        return tools
+    def _unsupported(cls, value):
+        if value:
+            raise unsupported("not supported")
+        return value
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_calls(cls, choice):
+        if choice not in ("none", "auto"):  # "auto" with no tools is "none"
+            raise unsupported("only 'none' or 'auto' is supported (no tools)")
+        return choice
 
     @model_validator(mode="after")
     def _limit(self):
@@ -107,27 +215,41 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: str  # or an array of one string
     echo: bool = False
-    suffix: str | None = None
+    suffix: str = ""
+    logprobs: int = Field(0, ge=0, le=5)
+    best_of: int = 1
 
-    @field_validator("prompt")
+    @field_validator("prompt", mode="before")
     @classmethod
     def _one_prompt(cls, prompt):
         if isinstance(prompt, list):
-            if len(prompt) != 1:
-                raise ValueError("exactly one prompt is supported")
+            if len(prompt) != 1 or not isinstance(prompt[0], str):
+                raise unsupported("exactly one prompt, as a string, is supported (no batches, no token ids)")
             prompt = prompt[0]
+        return prompt
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, prompt: str) -> str:
         if not prompt:
             raise ValueError("the prompt is empty")
         return prompt
 
-    @field_validator("echo", "suffix")
+    @field_validator("echo", "suffix", "logprobs")
     @classmethod
-    def _unsupported(cls, value, info):
+    def _unsupported(cls, value):
         if value:
-            raise ValueError(f"{info.field_name} is not supported")
+            raise unsupported("not supported")
         return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, best_of: int) -> int:
+        if best_of != 1:
+            raise unsupported("only 1 is supported")
+        return best_of
 
 
 # ---------------------------------------------------------------- responses

@@ -33,7 +33,11 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)
 
     def emit(self, kind: str, value: Any = None) -> None:
-        """Post an event from the worker thread to the HTTP side."""
+        """Post an event from the worker thread to the HTTP side. The last event marks the job finished
+        first, so that the HTTP side, which cancels a job once it stops reading, never cancels one it
+        read to the end (a stream would lose its `data: [DONE]`)."""
+        if kind != "text":
+            self.finished.set()
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
     def cancel(self) -> None:
