@@ -9,6 +9,7 @@ transformers' logits; `spqt quantize` of both sources gives the same blocks and 
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -156,7 +157,8 @@ def family(request, base_tokenizer, tmp_path_factory) -> dict:
     config = getattr(transformers, cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
                                         eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5, **DIMS, **extra)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    seed = int(np.random.SeedSequence().entropy % (1 << 31))  # fresh weights every run, replayable
+    # fresh weights every run, replayable: SPQT_FAMILY_SEED=<the printed seed>
+    seed = int(os.environ.get("SPQT_FAMILY_SEED") or np.random.SeedSequence().entropy % (1 << 31))
     print(f"{name}: weight seed {seed}")
     _randomize(model, seed)
     model.eval()

@@ -385,3 +385,7 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     gen.generate(long, 4, track=False)
     fresh = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
     assert gen.generate(short, 30, track=False).tokens == fresh.generate(short, 30, track=False).tokens
+    # a server's start: every bucket up to the longest prompt captured at once, the same tokens after
+    warm = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
+    assert warm.capture_prefills(40) == 64 and all(warm._prefills[b] is not None for b in (16, 32, 64))
+    assert warm.generate(long, 6, track=False).tokens == fresh.generate(long, 6, track=False).tokens

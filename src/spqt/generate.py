@@ -414,6 +414,24 @@ class Generator:
             self._prefills[bucket] = (graph, tokens, positions, last, logits)
         return self._prefills[bucket]
 
+    def capture_prefills(self, longest: int) -> int:
+        """Capture the prefill graphs of every bucket up to a prompt of `longest` tokens now (a server's start), so no
+        request pays a capture. Returns the largest bucket captured (0 where there is none: the CPU)."""
+        if not self.use_graph:
+            return 0
+        top = self._prefill_bucket(min(longest, PREFILL_GRAPH_MAX, self.max_len))
+        bucket = min(PREFILL_BUCKET_MIN, top)
+        with torch.inference_mode():
+            set_sparse(self.model, False)
+            while True:
+                for _ in range(2):  # the first use runs eagerly, the second captures
+                    self._prefill([0] * bucket)
+                if bucket >= top:
+                    break
+                bucket = min(2 * bucket, top)
+        torch.cuda.synchronize()
+        return top
+
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
         """The dense prefill of the prompt into the KV cache -> the last token's logits (1, 1, vocab) float32. On CUDA
         padded to its bucket (_prefill_bucket): the padding's keys and values land in the cache after the prompt,

@@ -99,6 +99,10 @@ class Engine:
                                criterion=criterion if sparsity else "dense", ctx=ctx, created=int(time.time()))
         if self.tokenizer.spec.chat_template:
             self.tokenizer.chat_messages([{"role": "user", "content": "hi"}])  # builds the template once, now
+        if self.generator.device == "cuda":
+            start = time.perf_counter()
+            top = self.generator.capture_prefills(ctx - 1)
+            log.info("prefill graphs for prompts up to %d tokens captured in %.1f s", top, time.perf_counter() - start)
 
     def sparsity_label(self) -> str:
         i = self.info
