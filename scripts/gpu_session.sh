@@ -86,6 +86,7 @@
 #   scripts/gpu_session.sh serve28   spqt serve on CUDA: its gpu tests, the openai client's import, scripts/serve_probe.py
 #   scripts/gpu_session.sh prefill28 the dense prefill's time per prompt length and kernel kind (scripts/prefill_probe.py)
 #   scripts/gpu_session.sh check28   the runtime's, families' and serve's gpu tests, then prefill28 and the serve probe
+#   scripts/gpu_session.sh check28b  a family test replayed on .old / this tree, the prefill graphs' and serve's gpu tests
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1209,6 +1210,24 @@ llama2-7b:now}" 90
     timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
       | tee "$OUT/serve-probe.log" | tail -8
     echo "check28: $(( $(date +%s) - start )) s"
+    ;;
+  check28b)
+    # A family test's failure replayed (FLAKE_TEST, SPQT_FAMILY_SEED) on the tree in .old and on this one, the prefill
+    # graphs' and serve's gpu tests (park the default model), then scripts/serve_probe.py (SERVE_LEVELS)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    if [ -n "${FLAKE_TEST:-}" ]; then
+      for tree in before after; do
+        PYTHONPATH="$(tree_path $tree)" timeout 120 python3 -m pytest -q -m gpu -rsxX "$FLAKE_TEST" 2>&1 \
+          | tee "$OUT/flake28-$tree.log" | grep -E "^E  .*Error|passed|failed" | head -4 | sed "s/^/$tree: /"
+      done
+    fi
+    timeout 200 python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_serve_gpu.py \
+      "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" 2>&1 | tee "$OUT/check28b-tests.log" \
+      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
+      | tee "$OUT/serve-probe.log" | tail -8
+    echo "check28b: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
     # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
