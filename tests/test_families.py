@@ -318,23 +318,34 @@ def test_decode_steps_equal_full_forward(family, quantized):
 def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
     """The Triton path with a family's switches (bias added and q/k normed in torch around the
     kernels): teacher-forced decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of
-    the logit range of the CPU reference, dense and with every input thresholded at 0.2 (fp32, so
-    an activation lands on the other side of 0.2 only by rounding); graph decoding == eager."""
+    the logit range of the CPU reference, dense and with every input thresholded at 0.2; graph
+    decoding == eager. Thresholded, an activation within rounding of 0.2 may land on the other side
+    of it on one device and move later logits by a few % of the range (seed 1302239109, mistral: 1.8 %
+    on the H200, 1.9 % for the CPU reference itself with the thresholds 0.1 % higher), so there the
+    worst position is held to twice that noise floor, measured here, and the median position to 1 %
+    (a switch left out moves every position)."""
     loaded = load_spqt(quantized["gguf"])
     ids = _ids(32, loaded.config.vocab_size, seed=family["seed"] + 2)
     table = torch.full((loaded.config.n_layers, 4), 0.2)
     logits = {}
-    for device in ("cpu", "cuda"):
+    for device, nudge in (("cpu", 1.0), ("cuda", 1.0), ("cpu", 1.001), ("cpu", 0.999)):
         gen = Generator(loaded, device, dtype=torch.float32, max_len=64, dense_fallback=False)
         assert device == "cpu" or type(gen.model.layers[0].attention.qkv.impl).__name__ == "TritonLinear"
-        gen.set_sparsity(0.5, table=table)
-        for sparse in (False, True):
-            logits[device, sparse] = _stepped_logits(gen, ids, sparse)
+        gen.set_sparsity(0.5, table=table * nudge)
+        for sparse in (False, True) if nudge == 1.0 else (True,):
+            logits[device, nudge, sparse] = _stepped_logits(gen, ids, sparse)
     for sparse in (False, True):
-        ref, got = logits["cpu", sparse], logits["cuda", sparse]
+        ref, got = logits["cpu", 1.0, sparse], logits["cuda", 1.0, sparse]
         span = float(ref.max() - ref.min())
-        err = float((ref - got).abs().max())
-        assert err < 0.01 * span, f"sparse={sparse} (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}"
+        per_position = (ref - got).abs().amax(-1)
+        err = float(per_position.max())
+        bound = 0.01 * span
+        if sparse:
+            floor = max(float((logits["cpu", f, True] - ref).abs().max()) for f in (1.001, 0.999))
+            bound = max(bound, 2 * floor)
+            assert float(per_position.median()) < 0.01 * span, f"seed {family['seed']}: median position error"
+        assert err < bound, (f"sparse={sparse} (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}, "
+                             f"bound {bound:.3e}")
     for sparsity in (0.0, 0.5):
         graph = Generator(loaded, "cuda", max_len=64, dense_fallback=False)
         eager = Generator(loaded, "cuda", max_len=64, dense_fallback=False)
