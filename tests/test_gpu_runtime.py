@@ -388,4 +388,13 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     # a server's start: every bucket up to the longest prompt captured at once, the same tokens after
     warm = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
     assert warm.capture_prefills(40) == 64 and all(warm._prefills[b] is not None for b in (16, 32, 64))
-    assert warm.generate(long, 6, track=False).tokens == fresh.generate(long, 6, track=False).tokens
+    expected = fresh.generate(long, 6, track=False).tokens
+    assert warm.generate(long, 6, track=False).tokens == expected
+    # the prefill runs dense: a new sparsity keeps its graphs; a new KV cache (as perplexity makes) drops them and
+    # their memory pool, and the bucket captures again on a pool of its own
+    warm.set_sparsity(0.0)
+    assert warm._prefills[64] is not None
+    warm.model.setup_cache(1, 96, torch.float32)
+    for _ in range(3):
+        assert warm.generate(long, 6, track=False).tokens == expected
+    assert warm._prefills[64] is not None and set(warm._prefills) == {64}

@@ -264,6 +264,8 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"presence_penalty": -1}, "presence_penalty"), (chat, {"logit_bias": {"50": 10}}, "logit_bias"),
                (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": True}, "logprobs"),
                (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
+               (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
+               (chat, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
                (text, {"prompt": [1, 2, 3]}, "prompt"), (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo")]
     for base, change, param in refused:
         path = "/v1/chat/completions" if base is chat else "/v1/completions"
@@ -279,7 +281,8 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                 {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
                  "parallel_tool_calls": False, "tool_choice": "none"},
                 {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
-                              {"role": "assistant", "content": None}, *CHAT]}]
+                              {"role": "assistant", "content": None}, {"role": "assistant"}, *CHAT],
+                 "stream_options": {"include_usage": None}}]
     for change in accepted:
         status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())
         assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)

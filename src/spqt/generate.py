@@ -8,6 +8,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -21,12 +22,24 @@ from spqt.linear import Linear
 from spqt.model import Transformer
 
 KV_BUCKET_MIN = 256  # the shortest attention span a decode graph is captured for
-# A CUDA prefill of n tokens runs padded to a bucket (a power of two, at least PREFILL_BUCKET_MIN) up to
-# PREFILL_GRAPH_MAX tokens, as a CUDA graph from a bucket's second use on: a short prompt's prefill is a few
-# hundred launches whose host time is many times their device time (an H200, the 135M default model: ~33 ms
-# against ~1.4 ms). Longer prompts run as they are: their kernels outlast the host's launches.
+# A CUDA prefill of n tokens runs padded to a bucket (a power of two from PREFILL_BUCKET_MIN, a multiple of
+# PREFILL_BUCKET_STEP past it) up to PREFILL_GRAPH_MAX tokens, as a CUDA graph from a bucket's second use on: a short
+# prompt's prefill is a few hundred launches whose host time is many times their device time (an H200, the 135M
+# default model: ~33 ms against ~1.4 ms). Longer prompts run as they are: their kernels outlast the host's launches.
 PREFILL_BUCKET_MIN = 16
+PREFILL_BUCKET_STEP = 256  # past it the padding costs device time: at most 255 tokens of it
 PREFILL_GRAPH_MAX = 2048
+
+
+class PrefillGraph(NamedTuple):
+    """A bucket's captured prefill: replaying `graph` reads tokens (1, bucket), positions (bucket,) and last (1,) (the
+    last prompt token's index), all int64, and writes logits (1, 1, vocab) float32, which the next replay overwrites."""
+
+    graph: "torch.cuda.CUDAGraph"
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    last: torch.Tensor
+    logits: torch.Tensor
 
 
 def resolve_device(name: str) -> str:
@@ -238,9 +251,7 @@ class Generator:
         self._graph = None
         self._graph_key = None
         # prefill graphs per bucket (_prefill_at), one memory pool for all of them (they never run at once)
-        self._prefills: dict[int, tuple | None] = {}
-        self._prefill_key = None
-        self._prefill_pool = None
+        self._drop_prefills(None)
         # The step's inputs, token and position, as one device vector filled by one host copy
         self._io = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._io_host = torch.zeros(2, dtype=torch.int64, pin_memory=self.device == "cuda")
@@ -370,18 +381,27 @@ class Generator:
         return graph, logits, greedy
 
     def drop_graphs(self) -> None:
-        """Forget the captured decode graphs: the next CUDA step captures anew (measurement: scripts/order_probe.py)."""
+        """Forget the captured decode and prefill graphs: the next CUDA step and prefill capture anew (measurement:
+        scripts/order_probe.py)."""
         self._graphs, self._graph_key = {}, None
+        self._drop_prefills(None)
+
+    def _drop_prefills(self, key) -> None:
+        """Forget the prefill graphs, and their memory pool with them (a pool's handle is not reused once its graphs
+        are gone: torch's allocator may still hold it, retired)."""
+        self._prefills, self._prefill_key, self._prefill_pool = {}, key, None
 
     def _graphs_key(self) -> tuple:
-        """What a captured graph depends on beyond its inputs: the model's switches and the KV cache's memory."""
-        return (tuple(sorted(getattr(self.model, "switches", {}).items())),
-                self.model.layers[0].attention.cache.k.data_ptr())
+        """What a captured decode graph depends on beyond its inputs: the model's switches and its KV cache."""
+        return tuple(sorted(getattr(self.model, "switches", {}).items())), self.model.cache_generation
 
     def _prefill_bucket(self, n: int) -> int:
-        """Tokens a CUDA prefill of n <= PREFILL_GRAPH_MAX tokens runs as: a power of two from PREFILL_BUCKET_MIN, at
-        most the cache."""
-        return min(self.max_len, max(PREFILL_BUCKET_MIN, 1 << (n - 1).bit_length()))
+        """Tokens a CUDA prefill of n <= PREFILL_GRAPH_MAX tokens runs as: a power of two from PREFILL_BUCKET_MIN up to
+        PREFILL_BUCKET_STEP, a multiple of it past that; at most the cache."""
+        bucket = max(PREFILL_BUCKET_MIN, 1 << (n - 1).bit_length())
+        if bucket > PREFILL_BUCKET_STEP:
+            bucket = -(-n // PREFILL_BUCKET_STEP) * PREFILL_BUCKET_STEP
+        return min(self.max_len, bucket)
 
     def _prefill_inputs(self, bucket: int) -> tuple:
         """Static inputs of a bucket's prefill: tokens (1, bucket), positions (bucket,), the last prompt token's
@@ -390,16 +410,16 @@ class Generator:
         return (torch.zeros(1, bucket, dtype=torch.int64, device=dev), torch.arange(bucket, device=dev),
                 torch.zeros(1, dtype=torch.int64, device=dev))
 
-    def _prefill_at(self, bucket: int):
-        """(graph or None, tokens, positions, last, logits (1, 1, vocab) or None) of a bucket's prefill: no graph at
-        its first use (it runs eagerly, which warms Triton and cuBLAS up), captured at its second; all forgotten
-        when the switches or the KV cache change."""
-        key = self._graphs_key()
+    def _prefill_at(self, bucket: int) -> PrefillGraph | None:
+        """A bucket's prefill graph: None at its first use (the prefill runs eagerly, which warms Triton and cuBLAS
+        up), captured at its second. The prefill runs dense whatever the switches say, so only a new KV cache (or
+        drop_graphs) makes them all stale."""
+        key = self.model.cache_generation
         if key != self._prefill_key:
-            self._prefills, self._prefill_key = {}, key
+            self._drop_prefills(key)
         if bucket not in self._prefills:
             self._prefills[bucket] = None
-            return (None, *self._prefill_inputs(bucket), None)
+            return None
         if self._prefills[bucket] is None:
             tokens, positions, last = self._prefill_inputs(bucket)
             stream = torch.cuda.Stream()
@@ -411,7 +431,7 @@ class Generator:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._prefill_pool):
                 logits = self.model(tokens, positions, kv_len=bucket, select=last)
-            self._prefills[bucket] = (graph, tokens, positions, last, logits)
+            self._prefills[bucket] = PrefillGraph(graph, tokens, positions, last, logits)
         return self._prefills[bucket]
 
     def capture_prefills(self, longest: int) -> int:
@@ -419,24 +439,22 @@ class Generator:
         request pays a capture. Returns the largest bucket captured (0 where there is none: the CPU)."""
         if not self.use_graph:
             return 0
-        top = self._prefill_bucket(min(longest, PREFILL_GRAPH_MAX, self.max_len))
-        bucket = min(PREFILL_BUCKET_MIN, top)
+        top = self._prefill_bucket(max(1, min(longest, PREFILL_GRAPH_MAX, self.max_len)))
+        buckets = sorted({self._prefill_bucket(n) for n in range(1, top + 1)})
         with torch.inference_mode():
             set_sparse(self.model, False)
-            while True:
+            for bucket in buckets:
                 for _ in range(2):  # the first use runs eagerly, the second captures
                     self._prefill([0] * bucket)
-                if bucket >= top:
-                    break
-                bucket = min(2 * bucket, top)
         torch.cuda.synchronize()
         return top
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """The dense prefill of the prompt into the KV cache -> the last token's logits (1, 1, vocab) float32. On CUDA
-        padded to its bucket (_prefill_bucket): the padding's keys and values land in the cache after the prompt,
-        where no later step reads them (each decode step writes its own position first and attends to none
-        after it); graph or not, the same kernels on the same shapes."""
+        """The dense prefill of the prompt into the KV cache -> the last token's logits (1, 1, vocab) float32 (on CUDA
+        a graph's output or a buffer of the head's: read it before the next prefill or step). On CUDA padded to its
+        bucket (_prefill_bucket): the padding's keys and values land in the cache after the prompt, where no later
+        step reads them (each decode step writes its own position first and attends to none after it); graph or
+        not, the same kernels on the same shapes."""
         dev, n = self.device, len(prompt)
         if dev != "cuda":
             return self.model(torch.tensor([prompt]), torch.arange(n), kv_len=n)[:, -1:]
@@ -444,18 +462,18 @@ class Generator:
             return self.model(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), kv_len=n,
                               select=torch.tensor([n - 1], device=dev))
         bucket = self._prefill_bucket(n)
-        graph, tokens, positions, last, logits = self._prefill_at(bucket) if self.use_graph else \
-            (None, *self._prefill_inputs(bucket), None)
+        captured = self._prefill_at(bucket) if self.use_graph else None
+        tokens, positions, last = captured[1:4] if captured else self._prefill_inputs(bucket)
         host = torch.zeros(bucket + 1, dtype=torch.int64)
         host[:n] = torch.tensor(prompt)
         host[bucket] = n - 1
         staged = host.to(dev)
         tokens.copy_(staged[:bucket].view(1, bucket))
         last.copy_(staged[bucket:])
-        if graph is None:
+        if captured is None:
             return self.model(tokens, positions, kv_len=bucket, select=last)
-        graph.replay()
-        return logits
+        captured.graph.replay()
+        return captured.logits
 
     def _graph_at(self, pos: int):
         """The decode graph for a step at position pos (captured on first use; all re-captured when

@@ -142,6 +142,7 @@ class Transformer(nn.Module):
         self.output = make_linear("output", config.vocab_size, config.dim)
         self.register_buffer("rope", rope_table(config, config.max_seq_len), persistent=False)
         self.max_len = 0
+        self.cache_generation = 0  # counts setup_cache calls: a captured CUDA graph holds the caches of its generation
         self.decode_chain = None  # a DecodeChain (decode_chain.py) where the Generator set one up
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> None:
@@ -150,6 +151,7 @@ class Transformer(nn.Module):
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.config.max_seq_len}")
         self.max_len = max_len
+        self.cache_generation += 1
         if self.decode_chain is not None:
             self.decode_chain.forget()  # its chains hold the old caches
         for block in self.layers:

@@ -68,7 +68,15 @@ def invalid_request(e: ValidationError) -> ApiError:
 
 
 class RequestModel(BaseModel):
+    """A request body or a part of one: JSON types checked strictly; null for an optional field, at any depth,
+    stands for its default (OpenAI's optional fields are nullable)."""
+
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, body):
+        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
 
 
 class StreamOptions(RequestModel):
@@ -103,12 +111,6 @@ class SamplingFields(RequestModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] = Field(default_factory=dict)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _null_is_default(cls, body):
-        """OpenAI's optional fields are nullable: null stands for the default."""
-        return {k: v for k, v in body.items() if v is not None} if isinstance(body, dict) else body
 
     @field_validator("n")
     @classmethod
@@ -162,18 +164,23 @@ class TextPart(RequestModel):
 
 class ChatMessage(RequestModel):
     role: Literal["system", "developer", "user", "assistant"]
-    content: list[TextPart]  # a string arrives as one part; an assistant's may be null (no parts)
+    # a string arrives as one part; an assistant's may be absent or null (a message of tool calls: no parts)
+    content: list[TextPart] = Field(default_factory=list)
 
     @field_validator("content", mode="before")
     @classmethod
-    def _parts(cls, content, info):
+    def _parts(cls, content):
         if isinstance(content, str):
             return [{"type": "text", "text": content}]
-        if content is None and info.data.get("role") == "assistant":
-            return []
         if not isinstance(content, list):
             raise wrong_type("a string or an array of text parts")
         return content
+
+    @model_validator(mode="after")
+    def _content_given(self):
+        if not self.content and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs its content")
+        return self
 
     def text(self) -> str:
         return "".join(p.text for p in self.content)
