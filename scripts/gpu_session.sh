@@ -1189,11 +1189,11 @@ llama2-7b:now}" 90
     ;;
   prefill28)
     # Time to the first token: scripts/prefill_probe.py on PREFILL_MODELS (default,synthetic:llama2-7b; the default
-    # model needs both GGUF parts: park) at PREFILL_TOKENS (8,64,512,2048)
+    # model needs both GGUF parts: park) at PREFILL_TOKENS (8,17,64,257,512,1025,2048)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout 300 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
-      --tokens "${PREFILL_TOKENS:-8,64,512,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
+      --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
     echo "prefill28: $(( $(date +%s) - start )) s"
     ;;
   check28)
@@ -1205,7 +1205,7 @@ llama2-7b:now}" 90
       tests/test_serve_gpu.py 2>&1 | tee "$OUT/check28-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
     echo "check28 tests: $(( $(date +%s) - start )) s"
     timeout 200 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
-      --tokens "${PREFILL_TOKENS:-8,64,512,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN \
+      --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN \
       | tee "$OUT/prefill.log"
     timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
       | tee "$OUT/serve-probe.log" | tail -8

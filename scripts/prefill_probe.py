@@ -1,6 +1,6 @@
 """Time to the first token: the dense prefill of a prompt on CUDA, per prompt length, and where it goes.
 
-    python3 scripts/prefill_probe.py [--models default,synthetic:llama2-7b] [--tokens 8,64,512,2048] [--json OUT]
+    python3 scripts/prefill_probe.py [--models default,synthetic:llama2-7b] [--tokens 8,17,64,257,512,1025,2048] [--json OUT]
 
 For each model and prompt length: the prefill as `Generator.generate` times it (the prompt's forward pass and the
 first token's sampling, synchronised; median of --reps after two warm-ups), then one prefill under torch.profiler,
@@ -75,7 +75,7 @@ def host_profile(gen: Generator, tokens: int, top: int) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="default,synthetic:llama2-7b")
-    ap.add_argument("--tokens", default="8,64,512,2048")
+    ap.add_argument("--tokens", default="8,17,64,257,512,1025,2048")  # powers of two and one past
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--json")

@@ -83,9 +83,12 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         except ValidationError as e:
             raise p.invalid_request(e) from None
         if req.model is not None and req.model != info.model_id:
-            raise p.ApiError(404, f"The model '{req.model}' does not exist; this server serves '{info.model_id}'.",
-                             param="model", code="model_not_found")
+            raise model_not_found(req.model)
         return req
+
+    def model_not_found(name: str) -> p.ApiError:
+        return p.ApiError(404, f"The model '{name}' does not exist; this server serves '{info.model_id}'.",
+                          param="model", code="model_not_found")
 
     def make_job(request: Request, req: p.SamplingFields, prompt: list[int]) -> Job:
         room = info.ctx - len(prompt)
@@ -114,8 +117,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     @app.get("/v1/models/{model_id:path}", dependencies=[Depends(check_key)])
     async def model(model_id: str):
         if model_id != info.model_id:
-            raise p.ApiError(404, f"The model '{model_id}' does not exist; this server serves '{info.model_id}'.",
-                             param="model", code="model_not_found")
+            raise model_not_found(model_id)
         return p.ModelCard(id=info.model_id, created=info.created)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])

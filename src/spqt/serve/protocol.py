@@ -34,6 +34,22 @@ def unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", message)
 
 
+def _refuse_if_set(cls, value):
+    """A field validator: a value other than the field's off value (0, false, empty) is not honoured here."""
+    if value:
+        raise unsupported("not supported")
+    return value
+
+
+def _text_kind(what: str):
+    """A field validator of a `type` field that takes "text" alone; what: the refusal's words before the kind."""
+    def check(cls, kind: str) -> str:
+        if kind != "text":
+            raise unsupported(f"{what}, not '{kind}'")
+        return kind
+    return check
+
+
 def wrong_type(expected: str) -> PydanticCustomError:
     return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
 
@@ -86,12 +102,7 @@ class StreamOptions(RequestModel):
 class ResponseFormat(RequestModel):
     type: str
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, kind: str) -> str:
-        if kind != "text":
-            raise unsupported(f"only 'text' is supported, not '{kind}' (no JSON mode)")
-        return kind
+    _text_only = field_validator("type")(_text_kind("only 'text' is supported"))
 
 
 class SamplingFields(RequestModel):
@@ -154,12 +165,7 @@ class TextPart(RequestModel):
     type: str
     text: str
 
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, kind: str) -> str:
-        if kind != "text":
-            raise unsupported(f"only text parts are supported, not '{kind}'")
-        return kind
+    _text_only = field_validator("type")(_text_kind("only text parts are supported"))
 
 
 class ChatMessage(RequestModel):
@@ -197,12 +203,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = "none"
     response_format: ResponseFormat | None = None
 
-    @field_validator("logprobs", "top_logprobs", "tools", "functions")
-    @classmethod
-    def _unsupported(cls, value):
-        if value:
-            raise unsupported("not supported")
-        return value
+    _unsupported = field_validator("logprobs", "top_logprobs", "tools", "functions")(_refuse_if_set)
 
     @field_validator("tool_choice", "function_call")
     @classmethod
@@ -244,12 +245,7 @@ class CompletionRequest(SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    @field_validator("echo", "suffix", "logprobs")
-    @classmethod
-    def _unsupported(cls, value):
-        if value:
-            raise unsupported("not supported")
-        return value
+    _unsupported = field_validator("echo", "suffix", "logprobs")(_refuse_if_set)
 
     @field_validator("best_of")
     @classmethod
