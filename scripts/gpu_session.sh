@@ -150,6 +150,18 @@ gpu_tests() {
 }
 # Every gpu test, quiet, 8 workers, at most 420 s (the final calls), logged in $OUT/pytest-gpu.log; prints the summary
 # and the stage's time so far (since $start).
+# scripts/prefill_probe.py on PREFILL_MODELS at PREFILL_TOKENS (PREFILL_ARGS added) within $1 seconds, into
+# $OUT/prefill.log and prefill.json
+prefill_probe() {
+  timeout "$1" python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
+    --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 \
+    | grep -v WARN | tee "$OUT/prefill.log"
+}
+# scripts/serve_probe.py on CUDA at SERVE_LEVELS (default 0,0.5), into $OUT/serve-probe.log
+serve_probe() {
+  timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
+    | tee "$OUT/serve-probe.log" | tail -8
+}
 final_gpu_tests() {
   timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
     | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
@@ -1183,8 +1195,7 @@ llama2-7b:now}" 90
     timeout 200 python3 -m pytest -q -m gpu -rsxX tests/test_serve_gpu.py 2>&1 | tee "$OUT/serve28-tests.log" \
       | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
     python3 -m pytest -q --collect-only tests/test_serve.py 2>&1 | tail -2
-    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
-      | tee "$OUT/serve-probe.log" | tail -8
+    serve_probe
     echo "serve28: $(( $(date +%s) - start )) s"
     ;;
   prefill28)
@@ -1192,8 +1203,7 @@ llama2-7b:now}" 90
     # model needs both GGUF parts: park) at PREFILL_TOKENS (8,17,64,257,512,1025,2048)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout 300 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
-      --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN | tee "$OUT/prefill.log"
+    prefill_probe 300
     echo "prefill28: $(( $(date +%s) - start )) s"
     ;;
   check28)
@@ -1204,11 +1214,8 @@ llama2-7b:now}" 90
     timeout ${CHECK28_LIMIT:-200} python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py tests/test_families.py \
       tests/test_serve_gpu.py 2>&1 | tee "$OUT/check28-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
     echo "check28 tests: $(( $(date +%s) - start )) s"
-    timeout 200 python3 scripts/prefill_probe.py --models "${PREFILL_MODELS:-default,synthetic:llama2-7b}" \
-      --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 | grep -v WARN \
-      | tee "$OUT/prefill.log"
-    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
-      | tee "$OUT/serve-probe.log" | tail -8
+    prefill_probe 200
+    serve_probe
     echo "check28: $(( $(date +%s) - start )) s"
     ;;
   check28b)
@@ -1225,8 +1232,7 @@ llama2-7b:now}" 90
     timeout 200 python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_serve_gpu.py \
       "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" 2>&1 | tee "$OUT/check28b-tests.log" \
       | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
-      | tee "$OUT/serve-probe.log" | tail -8
+    serve_probe
     echo "check28b: $(( $(date +%s) - start )) s"
     ;;
   pairs23)
