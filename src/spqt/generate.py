@@ -463,7 +463,8 @@ class Generator:
                               select=torch.tensor([n - 1], device=dev))
         bucket = self._prefill_bucket(n)
         captured = self._prefill_at(bucket) if self.use_graph else None
-        tokens, positions, last = captured[1:4] if captured else self._prefill_inputs(bucket)
+        tokens, positions, last = (captured.tokens, captured.positions, captured.last) if captured else \
+            self._prefill_inputs(bucket)
         host = torch.zeros(bucket + 1, dtype=torch.int64)
         host[:n] = torch.tensor(prompt)
         host[bucket] = n - 1
