@@ -231,3 +231,25 @@ def test_levels_are_part_of_the_graph_key(tiny_spqt):
     assert keys[0] != keys[1] and keys[1] == keys[2]
     set_thresholds(model, None)
     assert dict(model.switches)["levels"] is None
+
+
+def test_prefill_buckets():
+    """The CUDA prefill's padded lengths (generate.Generator._prefill_bucket): every prompt fits its bucket, powers of
+    two from 16 to 256, multiples of 256 past that (at most 255 tokens of padding), never past the cache."""
+    from types import SimpleNamespace
+
+    from spqt import generate as g
+
+    for max_len in (10, 300, 4096):
+        stub = SimpleNamespace(max_len=max_len)
+        for n in range(1, min(max_len, g.PREFILL_GRAPH_MAX) + 1):
+            b = g.Generator._prefill_bucket(stub, n)
+            assert n <= b <= max_len, (max_len, n, b)
+            if b < max_len:
+                if b <= g.PREFILL_BUCKET_STEP:
+                    assert b == max(g.PREFILL_BUCKET_MIN, 1 << (n - 1).bit_length()), (n, b)
+                else:
+                    assert b % g.PREFILL_BUCKET_STEP == 0 and b - n < g.PREFILL_BUCKET_STEP, (n, b)
+    stub = SimpleNamespace(max_len=4096)
+    assert sorted({g.Generator._prefill_bucket(stub, n) for n in range(1, 2049)}) == \
+        [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
