@@ -454,10 +454,10 @@ class Generator:
         a graph's output or a buffer of the head's: read it before the next prefill or step). On CUDA padded to its
         bucket (_prefill_bucket): the padding's keys and values land in the cache after the prompt, where no later
         step reads them (each decode step writes its own position first and attends to none after it); graph or
-        not, the same kernels on the same shapes."""
+        not, the same kernels on the same shapes. On the CPU as it is: the head runs for the last token alone."""
         dev, n = self.device, len(prompt)
         if dev != "cuda":
-            return self.model(torch.tensor([prompt]), torch.arange(n), kv_len=n)[:, -1:]
+            return self.model(torch.tensor([prompt]), torch.arange(n), kv_len=n, select=torch.tensor([n - 1]))
         if n > PREFILL_GRAPH_MAX:
             return self.model(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), kv_len=n,
                               select=torch.tensor([n - 1], device=dev))
