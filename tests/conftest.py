@@ -1,8 +1,12 @@
-"""Shared fixtures: tiny random Llama checkpoints, the default model, the shared data folder."""
+"""Shared fixtures: tiny random Llama checkpoints, the default model, the shared data folder; a served engine."""
 
+import contextlib
 import importlib.util
 import json
 import os
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +23,37 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@contextlib.contextmanager
+def serving(engine, api_key: str | None = None):
+    """`engine` served as `spqt serve` serves it (spqt.serve.server.Service) on a free 127.0.0.1 port, in a thread of
+    this process: yields the base URL once /health answers (within 60 s); after the block the service has to stop
+    within 30 s."""
+    from spqt.serve.server import Service, bind
+
+    sock = bind("127.0.0.1", 0)
+    service = Service(engine, api_key=api_key)
+    thread = threading.Thread(target=service.run, args=(sock,), daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=10) as r:
+                if r.status == 200:
+                    break
+        except OSError:  # not listening yet (URLError), or an HTTP error
+            pass
+        assert time.monotonic() < deadline, "the server did not answer /health"
+        time.sleep(0.1)
+    try:
+        yield url
+    finally:
+        service.stop()
+        thread.join(30)
+        sock.close()
+    assert not thread.is_alive(), "the server did not stop"
 
 
 def script_module(name: str):

@@ -26,6 +26,7 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 
 from spqt import cli  # noqa: E402
 from spqt.cli import main  # noqa: E402
+from conftest import serving  # noqa: E402
 
 KEY = "test-key-17"
 CTX = 256
@@ -79,33 +80,17 @@ def loaded(default_gguf):
 @pytest.fixture(scope="module")
 def server(loaded, default_gguf):
     from spqt.serve.engine import Engine
-    from spqt.serve.server import Service, bind
 
     lines: list[str] = []
     handler = _Lines(lines)
     log = logging.getLogger("spqt.serve")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
-    sock = bind("127.0.0.1", 0)
-    service = Service(Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem), api_key=KEY)
-    thread = threading.Thread(target=service.run, args=(sock,), daemon=True)
-    thread.start()
-    srv = Server(f"http://127.0.0.1:{sock.getsockname()[1]}", lines)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if srv.raw("/health")[0] == 200:
-                break
-        except urllib.error.URLError:
-            pass
-        assert time.monotonic() < deadline, "the server did not answer /health"
-        time.sleep(0.1)
-    yield srv
-    service.stop()
-    thread.join(30)
-    sock.close()
-    log.removeHandler(handler)
-    assert not thread.is_alive(), "the server did not stop"
+    try:
+        with serving(Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem), api_key=KEY) as url:
+            yield Server(url, lines)
+    finally:
+        log.removeHandler(handler)
 
 
 @pytest.fixture(scope="module")

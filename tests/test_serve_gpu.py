@@ -5,10 +5,10 @@ device machine has none); the API's details are tests/test_serve.py's, on the CP
 
 import http.client
 import json
-import threading
-import time
 
 import pytest
+
+from conftest import serving
 
 pytestmark = pytest.mark.gpu
 
@@ -22,29 +22,11 @@ def cuda_server():
     from spqt.checkpoint import load_spqt
     from spqt.default_model import default_spqt
     from spqt.serve.engine import Engine
-    from spqt.serve.server import Service, bind
 
     loaded = load_spqt(default_spqt(progress=False))
-    sock = bind("127.0.0.1", 0)
     engine = Engine(loaded, "cuda", 0.0, ctx=CTX, name="default")
-    service = Service(engine)
-    thread = threading.Thread(target=service.run, args=(sock,), daemon=True)
-    thread.start()
-    port = sock.getsockname()[1]
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if _request(port, "GET", "/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        assert time.monotonic() < deadline, "the server did not answer /health"
-        time.sleep(0.1)
-    yield port, loaded, engine
-    service.stop()
-    thread.join(30)
-    sock.close()
-    assert not thread.is_alive(), "the server did not stop"
+    with serving(engine) as url:
+        yield int(url.rsplit(":", 1)[1]), loaded, engine
 
 
 def _request(port: int, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:

@@ -210,13 +210,12 @@ def _load(args):
         raise SpqtError(f"{e} (the default model's conversion in the cache: delete {path} and spqt converts it "
                         f"again)") from None
     if getattr(args, "thresholds", None):
-        path = Path(args.thresholds)
-        text = _read_text(path)
+        table_path = Path(args.thresholds)
         try:
-            doc = json.loads(text)
+            doc = json.loads(_read_text(table_path))
             loaded.thresholds = doc["thresholds"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SpqtError(f"{path}: not a thresholds file written by spqt calibrate --json ({e})") from None
+            raise SpqtError(f"{table_path}: not a thresholds file written by spqt calibrate --json ({e})") from None
         from spqt.sparsity import check_thresholds
 
         check_thresholds(loaded.thresholds, loaded.config.n_layers, str(path))

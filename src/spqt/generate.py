@@ -42,6 +42,17 @@ class PrefillGraph(NamedTuple):
     logits: torch.Tensor
 
 
+def _warm_up(run, times: int) -> None:
+    """Run a CUDA graph's work `times` times on a side stream before its capture (Triton compiles, cuBLAS picks its
+    kernels), ordered after the current stream's work and before what follows."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(times):
+            run()
+    torch.cuda.current_stream().wait_stream(stream)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,7 +183,8 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self):
-        if not (math.isfinite(self.temperature) and self.temperature >= 0) or not (0 < self.top_p <= 1) or self.top_k < 0:
+        temperature_ok = math.isfinite(self.temperature) and self.temperature >= 0
+        if not temperature_ok or not (0 < self.top_p <= 1) or self.top_k < 0:
             raise SpqtError("sampling needs a finite temperature >= 0, 0 < top-p <= 1, top-k >= 0")
         if not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds (the server's range too)
             raise SpqtError(f"the seed must be in [-2^63, 2^64), got {self.seed}")
@@ -363,12 +375,7 @@ class Generator:
         """Capture one decode step (the model's forward over kv_len keys) as a CUDA graph over the
         static inputs: (graph, logits (1, 1, vocab), greedy token (1,))."""
         # The warm-up runs write this step's K/V at this step's position, as the replay will.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):  # warm-up: Triton compiles, cuBLAS picks its kernels
-                self.model(self._tok, self._pos, kv_len=kv_len)
-        torch.cuda.current_stream().wait_stream(stream)
+        _warm_up(lambda: self.model(self._tok, self._pos, kv_len=kv_len), times=2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self.model(self._tok, self._pos, kv_len=kv_len)
@@ -422,11 +429,7 @@ class Generator:
             return None
         if self._prefills[bucket] is None:
             tokens, positions, last = self._prefill_inputs(bucket)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):  # the warm-up a capture needs, on its own stream
-                self.model(tokens, positions, kv_len=bucket, select=last)
-            torch.cuda.current_stream().wait_stream(stream)
+            _warm_up(lambda: self.model(tokens, positions, kv_len=bucket, select=last), times=1)
             self._prefill_pool = self._prefill_pool or torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._prefill_pool):
@@ -456,9 +459,7 @@ class Generator:
         step reads them (each decode step writes its own position first and attends to none after it); graph or
         not, the same kernels on the same shapes. On the CPU as it is: the head runs for the last token alone."""
         dev, n = self.device, len(prompt)
-        if dev != "cuda":
-            return self.model(torch.tensor([prompt]), torch.arange(n), kv_len=n, select=torch.tensor([n - 1]))
-        if n > PREFILL_GRAPH_MAX:
+        if dev != "cuda" or n > PREFILL_GRAPH_MAX:
             return self.model(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), kv_len=n,
                               select=torch.tensor([n - 1], device=dev))
         bucket = self._prefill_bucket(n)

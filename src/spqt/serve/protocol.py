@@ -34,11 +34,22 @@ def unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", message)
 
 
-def _refuse_if_set(cls, value):
+def _off_only(message: str):
     """A field validator: a value other than the field's off value (0, false, empty) is not honoured here."""
-    if value:
-        raise unsupported("not supported")
-    return value
+    def check(cls, value):
+        if value:
+            raise unsupported(message)
+        return value
+    return check
+
+
+def _one_only(message: str):
+    """A field validator: a count other than 1 is not honoured here."""
+    def check(cls, count: int) -> int:
+        if count != 1:
+            raise unsupported(message)
+        return count
+    return check
 
 
 def _text_kind(what: str):
@@ -54,17 +65,14 @@ def wrong_type(expected: str) -> PydanticCustomError:
     return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
 
 
-# pydantic's strict type errors -> the JSON type that was expected
-EXPECTED = {"bool_type": "a boolean", "int_type": "an integer", "float_type": "a number", "string_type": "a string",
-            "list_type": "an array", "dict_type": "an object", "model_type": "an object"}
+# JSON's types: the Python type json.loads gives, pydantic's strict error for another, the name (bool before int)
+JSON_TYPES = ((bool, "bool_type", "a boolean"), (int, "int_type", "an integer"), (float, "float_type", "a number"),
+              (str, "string_type", "a string"), (list, "list_type", "an array"), (dict, "dict_type", "an object"))
+EXPECTED = {error: name for _, error, name in JSON_TYPES} | {"model_type": "an object"}
 
 
 def json_type(value: Any) -> str:
-    for kind, name in ((bool, "a boolean"), (int, "an integer"), (float, "a number"), (str, "a string"),
-                       (list, "an array"), (dict, "an object")):
-        if isinstance(value, kind):
-            return name
-    return "null"
+    return next((name for kind, _, name in JSON_TYPES if isinstance(value, kind)), "null")
 
 
 def invalid_request(e: ValidationError) -> ApiError:
@@ -123,12 +131,7 @@ class SamplingFields(RequestModel):
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] = Field(default_factory=dict)
 
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise unsupported("only n = 1 is supported (one request runs at a time)")
-        return n
+    _one_choice = field_validator("n")(_one_only("only n = 1 is supported (one request runs at a time)"))
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -146,19 +149,8 @@ class SamplingFields(RequestModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return [s for s in stops if s]
 
-    @field_validator("frequency_penalty", "presence_penalty")
-    @classmethod
-    def _no_penalty(cls, value: float) -> float:
-        if value:
-            raise unsupported("not supported (only 0)")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_bias(cls, bias: dict) -> dict:
-        if bias:
-            raise unsupported("not supported (only an empty map or null)")
-        return bias
+    _no_penalty = field_validator("frequency_penalty", "presence_penalty")(_off_only("not supported (only 0)"))
+    _no_bias = field_validator("logit_bias")(_off_only("not supported (only an empty map or null)"))
 
 
 class TextPart(RequestModel):
@@ -203,7 +195,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = "none"
     response_format: ResponseFormat | None = None
 
-    _unsupported = field_validator("logprobs", "top_logprobs", "tools", "functions")(_refuse_if_set)
+    _unsupported = field_validator("logprobs", "top_logprobs", "tools", "functions")(_off_only("not supported"))
 
     @field_validator("tool_choice", "function_call")
     @classmethod
@@ -245,14 +237,9 @@ class CompletionRequest(SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    _unsupported = field_validator("echo", "suffix", "logprobs")(_refuse_if_set)
+    _unsupported = field_validator("echo", "suffix", "logprobs")(_off_only("not supported"))
 
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, best_of: int) -> int:
-        if best_of != 1:
-            raise unsupported("only 1 is supported")
-        return best_of
+    _one_best = field_validator("best_of")(_one_only("only 1 is supported"))
 
 
 # ---------------------------------------------------------------- responses
