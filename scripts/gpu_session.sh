@@ -87,6 +87,8 @@
 #   scripts/gpu_session.sh prefill28 the dense prefill's time per prompt length and kernel kind (scripts/prefill_probe.py)
 #   scripts/gpu_session.sh check28   the runtime's, families' and serve's gpu tests, then prefill28 and the serve probe
 #   scripts/gpu_session.sh check28b  a family test replayed on .old / this tree, the prefill graphs' and serve's gpu tests
+#   scripts/gpu_session.sh gemm29    the prefill GEMM that reads the blocks: its gpu tests and the prefill's, the probe
+#                                    (scripts/prefill_gemm_probe.py, GEMM29_ARGS), prefill_probe dequant / fused
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1217,6 +1219,26 @@ llama2-7b:now}" 90
     prefill_probe 200
     serve_probe
     echo "check28: $(( $(date +%s) - start )) s"
+    ;;
+  gemm29)
+    # The prefill GEMM that reads the blocks (kernels/gemm_q4k.py): its gpu tests, the prefill's (the default model's
+    # with both GGUF parts: park), scripts/prefill_gemm_probe.py (GEMM29_ARGS, default --sweep), then
+    # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (prefill-<setting>.log / .json)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${GEMM29_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
+      "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
+      "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" ${GEMM29_TESTS:-} 2>&1 \
+      | tee "$OUT/gemm29-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    echo "gemm29 tests: $(( $(date +%s) - start )) s"
+    timeout ${GEMM29_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM29_ARGS:---sweep} \
+      --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    echo "gemm29 probe: $(( $(date +%s) - start )) s"
+    for setting in dequant default; do
+      SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe ${GEMM29_PREFILL_LIMIT:-100}
+      mv "$OUT/prefill.log" "$OUT/prefill-$setting.log"; mv "$OUT/prefill.json" "$OUT/prefill-$setting.json"
+    done
+    echo "gemm29: $(( $(date +%s) - start )) s"
     ;;
   check28b)
     # A family test's failure replayed (FLAKE_TEST, SPQT_FAMILY_SEED) on the tree in .old and on this one, the prefill

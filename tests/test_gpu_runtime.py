@@ -398,3 +398,46 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     for _ in range(3):
         assert warm.generate(long, 6, track=False).tokens == expected
     assert warm._prefills[64] is not None and set(warm._prefills) == {64}
+
+
+def test_prompts_past_256_tokens_prefill_padded(tiny_spqt, monkeypatch):
+    """Prompts past PREFILL_BUCKET_STEP tokens run padded to a multiple of it (300 -> 512 tokens, 700 -> 768): a
+    graph's replay gives the eager prefill's first-token logits bit for bit and its tokens, within rounding of the
+    unpadded forward's. In fp16 a prompt of at most gemm_q4k.MAX_TOKENS tokens runs the GEMM that reads the blocks:
+    its first-token logits within fp16 rounding of dequantize + cuBLAS's."""
+    from spqt.kernels import gpu_linear
+
+    loaded = load_spqt(tiny_spqt)
+    gen = Generator(loaded, "cuda", dtype=torch.float32, max_len=800)
+    eager = Generator(loaded, "cuda", dtype=torch.float32, max_len=800)
+    eager.use_graph = False
+    rng = torch.Generator().manual_seed(5)
+    for n, bucket in ((300, 512), (700, 768)):
+        assert gen._prefill_bucket(n) == bucket
+        prompt = torch.randint(0, loaded.config.vocab_size, (n,), generator=rng).tolist()
+        runs = []
+        for gen_ in (gen, gen, gen, eager):
+            first = []
+            runs.append((gen_.generate(prompt, 6, track=False, on_logits=first.append).tokens, first[0]))
+        assert gen._prefills[bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
+        for tokens, logits in runs[1:]:
+            assert torch.equal(logits, runs[0][1]) and tokens == runs[0][0], f"{n} tokens"
+        with torch.inference_mode():
+            eager.model.setup_cache(1, 800, torch.float32)
+            plain = eager.model(torch.tensor([prompt], device="cuda"), torch.arange(n, device="cuda"))[0, -1].cpu()
+        span = float(plain.max() - plain.min())
+        assert float((plain - runs[0][1][0]).abs().max()) < 1e-3 * span, f"{n} tokens: padded vs unpadded"
+    calls = []
+    real = gpu_linear.gemm_q4k
+    monkeypatch.setattr(gpu_linear, "gemm_q4k", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    prompt = torch.randint(0, loaded.config.vocab_size, (200,), generator=rng).tolist()
+    firsts = {}
+    for setting in ("", "dequant"):
+        monkeypatch.setenv("SPQT_PREFILL_GEMM", setting)
+        half = Generator(loaded, "cuda", dtype=torch.float16, max_len=300)
+        half.use_graph = False
+        before = len(calls)
+        half.generate(prompt, 1, track=False, on_logits=lambda logits: firsts.setdefault(setting, logits[0]))
+        assert (len(calls) > before) == (setting == ""), f"SPQT_PREFILL_GEMM={setting!r}: gemm_q4k calls"
+    span = float(firsts["dequant"].max() - firsts["dequant"].min())
+    assert float((firsts[""].float() - firsts["dequant"].float()).abs().max()) < 1e-2 * span

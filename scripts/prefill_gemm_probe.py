@@ -1,0 +1,87 @@
+"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS against the GEMM that reads the
+blocks (kernels/gemm_q4k.py), per map shape and token count; with --sweep, gemm_q4k's rule against one-factor
+variations of its tile (which way each knob pays).
+
+    python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
+        [--tokens 16,32,64,128,256,512,1024] [--sweep] [--json OUT]
+
+Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
+"""
+
+import argparse
+import json
+
+import torch
+import triton
+
+import spqt
+from spqt.bench import git_commit, time_graph, weight_copies
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemm_q4k as gq
+from spqt.kernels import gemv as kg
+from spqt.kernels.gpu_layout import repack
+
+
+def variants(base: dict) -> list[tuple[str, dict]]:
+    """One-factor variations of a config: (label, config)."""
+    out = []
+    for key, values in (("WN", (8, 32)), ("BK", (32, 64, 128)), ("num_warps", (8,)), ("num_stages", (1, 3)),
+                        ("BM", (base["BM"] // 2, base["BM"] * 2)), ("SPLIT", (max(1, base["SPLIT"] // 2),
+                                                                              base["SPLIT"] * 2))):
+        for v in values:
+            if v != base[key] and not (key == "BM" and not 16 <= v <= 128):
+                out.append((f"{key}={v}", base | {key: v}))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="12288x4096,4096x4096,22016x4096,4096x11008")
+    ap.add_argument("--tokens", default="16,32,64,128,256,512,1024")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    l2, sms = props.L2_cache_size, props.multi_processor_count
+    rows = []
+    for shape in args.shapes.split(","):
+        n, k = (int(v) for v in shape.split("x"))
+        w = torch.randn(n, k, device="cuda") * k**-0.5
+        gw = repack(QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k)), "cuda")
+        del w
+        copies = weight_copies(gw, max(2, triton.cdiv(4 * l2, gw.nbytes)))
+        for m in (int(t) for t in args.tokens.split(",")):
+            x = torch.randn(m, k, device="cuda").half()
+            ref = torch.nn.functional.linear(x, kg.dequantize(gw, torch.float16)).float()
+            rule = gq.config(m, n, k, sms)
+            err = float((gq.gemm_q4k(gw, x, rule).float() - ref).abs().max() / ref.abs().max())
+
+            def timed(fn):
+                return 1e6 * time_graph([lambda w=copies[i % len(copies)]: fn(w) for i in range(max(16, len(copies)))])
+
+            base_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
+            rule_us = timed(lambda w: gq.gemm_q4k(w, x, rule))
+            row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us, "gemm_us": rule_us, "rule": rule,
+                   "rel_err": err, "variants": {}}
+            best = ("rule", rule_us)
+            if args.sweep:
+                for label, cfg in variants(rule):
+                    us = timed(lambda w, cfg=cfg: gq.gemm_q4k(w, x, cfg))
+                    row["variants"][label] = us
+                    best = min(best, (label, us), key=lambda b: b[1])
+            rows.append(row)
+            tiles = ",".join(f"{key}={rule[key]}" for key in ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages"))
+            print(f"{shape:>11s} {m:5d} tok: dequant+cuBLAS {base_us:8.1f} us, gemm_q4k {rule_us:8.1f} us "
+                  f"({base_us / rule_us:5.2f}x; {tiles}; err {err:.1e})"
+                  + (f"; best {best[0]} {best[1]:.1f} us" if args.sweep else ""), flush=True)
+            if args.sweep:
+                print("      " + ", ".join(f"{label} {us:.1f}" for label, us in row["variants"].items()), flush=True)
+        copies = gw = None  # freed before the next shape's
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"commit": git_commit(), "device": props.name, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

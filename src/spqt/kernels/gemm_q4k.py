@@ -1,0 +1,129 @@
+"""Zigzag Q4_K times several tokens on the tensor cores, reading the blocks themselves: Y = X W^T.
+
+The prefill's other path dequantizes a whole map to X's dtype and hands it to cuBLAS: for a short prompt it writes
+and reads back 3.6 bytes a weight where the blocks hold 0.56 (a 7B-shaped model: ~8 ms of a 64-token prefill's 13).
+Here each program decodes a tile of the weights in registers, as the dequant kernel would (the same float32
+arithmetic, rounded to X's dtype: the same weights), and multiplies it into its tokens with tl.dot.
+
+Tile. A program owns WN of a block's 32 level words (gpu_layout.py: zigzag quants (R, PLANES, K, 16) int32, the 128
+level bytes of column c's block of superblock row r) for every column of its share of K, so 8 WN output rows, and
+BM tokens. Word w's nibble s (bits 4 s .. 4 s + 3) is tile row t = 8 w + s, which is block byte b = 4 w + s // 2,
+lane group g = b // 16, index m = b % 16, and row e = 16 m + 8 (s % 2) + g of the superblock row (gpu_layout.py's
+zigzag order): the rows are permuted, the weights loaded as they lie (one (BK, WN) int32 load a step, WN words of
+each column contiguous) and the permutation undone in the store. Row t's sub-block (its scale and min) is
+e // 32 = m // 2 = 2 (w % 4) + s // 4, so the (BK, WN, 8) levels reshape to (BK, WN / 4, 4, 2, 4) and meet the
+(BK, 4, 2) scales by broadcasting.
+
+Split-K. Short prompts give few tiles (a 7B's q|k|v at 16 tokens: 96), so the columns are cut into SPLIT shares whose
+float32 partial sums the caller adds in a fixed order (torch's sum over the share axis): deterministic."""
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from spqt.kernels import zigzag_mma
+from spqt.kernels.q4k_bits import load_head, small_to_float, unpack_scales
+
+WORDS = 32  # level words (int32) of a block: 256 4-bit levels
+PLANE_WORDS = 16  # words of a block in one plane (gpu_layout.PLANES = 2)
+MAX_TOKENS = 256  # more tokens: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
+
+
+@triton.jit
+def _gemm_q4k_kernel(x_ptr, q_ptr, h_ptr, out_ptr, M, N, K, SHARE, WN: tl.constexpr, BM: tl.constexpr,
+                     BK: tl.constexpr):
+    """x (M, K) fp16 / bf16 row-major; q the zigzag planes (R, 2, K, 16) int32; h the grouped heads as int64 pairs;
+    out (SPLIT, M, N) row-major (float32 partial sums, or x's dtype when SPLIT is 1). Program (tile, token block,
+    share): words w0 .. w0 + WN - 1 of superblock row r (tile = r * 32 / WN + w0 / WN), tokens BM pid_m ..,
+    columns SHARE s .. SHARE (s + 1) - 1."""
+    GROUPS: tl.constexpr = WORDS // WN
+    tile = tl.program_id(0)
+    r = tile // GROUPS
+    w0 = (tile % GROUPS) * WN
+    tokens = tl.program_id(1) * BM + tl.arange(0, BM)
+    k_lo = tl.program_id(2) * SHARE
+    k_hi = tl.minimum(k_lo + SHARE, K)
+    word = w0 + tl.arange(0, WN)  # the block's words 0..31: plane word // 16, word % 16 in it
+    # the (2 (w % 4) + s // 4)-th sub-block's scale for word w, nibble s: (WN / 4, 4, 2, 4) broadcast shifts
+    nibble = (tl.arange(0, 2)[:, None] * 4 + tl.arange(0, 4)[None, :])  # (2, 4): s = 4 (s // 4) + s % 4
+    shifts = (4 * nibble)[None, None, None, :, :]  # (1, 1, 1, 2, 4)
+    sub = tl.arange(0, 8)
+    acc = tl.zeros((BM, 8 * WN), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        cols = k0 + tl.arange(0, BK)
+        live = cols < k_hi
+        words = tl.load(q_ptr + ((r * 2 + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
+                        + word[None, :] % PLANE_WORDS, mask=live[:, None], other=0)  # (BK, WN)
+        levels = (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
+        d, dmin, h1, h2, h3 = load_head(h_ptr, zigzag_mma.head_index(r, cols, K), live)
+        sc, mn = unpack_scales(h1[:, None], h2[:, None], h3[:, None], sub[None, :])  # (BK, 8) each
+        scale = tl.reshape(d[:, None] * sc, (BK, 1, 4, 2, 1))
+        minimum = tl.reshape(dmin[:, None] * mn, (BK, 1, 4, 2, 1))
+        w = tl.reshape(scale * small_to_float(levels) - minimum, (BK, 8 * WN))  # formats/q4_k.decode's order
+        xs = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=(tokens[:, None] < M) & live[None, :],
+                     other=0.0)
+        acc = tl.dot(xs, w.to(x_ptr.dtype.element_ty), acc)
+    t = tl.arange(0, 8 * WN)
+    b = 4 * (w0 + t // 8) + (t % 8) // 2  # the block byte of tile row t
+    row = r * 256 + 16 * (b % 16) + 8 * (t % 2) + b // 16
+    out = out_ptr + (tl.program_id(2) * M + tokens[:, None]) * N + row[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (row[None, :] < N))
+
+
+def config(m: int, n: int, k: int, sms: int) -> dict:
+    """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: WN (words a tile: 8 WN rows), BM
+    (tokens a program), BK (columns a step), SPLIT (column shares), num_warps, num_stages. SPQT_GEMM_CONFIG=
+    WN,BM,BK,SPLIT,WARPS,STAGES overrides (a 0 keeps the rule's value; scripts/prefill_gemm_probe.py)."""
+    wn = 16
+    bm = min(64, max(16, triton.next_power_of_2(m)))
+    bk = 64 if bm <= 32 else 32
+    tiles = triton.cdiv(n, 256) * (WORDS // wn) * triton.cdiv(m, bm)
+    split = max(1, min(round(2 * sms / tiles), k // (4 * bk)))
+    chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": 2}
+    override = os.environ.get("SPQT_GEMM_CONFIG", "")
+    if override:
+        for key, value in zip(chosen, (int(v) for v in override.split(","))):
+            if value:
+                chosen[key] = value
+    return chosen
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def gemm_q4k(w, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16 or bf16, contiguous, times the zigzag Q4_K matrix w (GpuQ4K, shape (N, K)) transposed:
+    (M, N) in x's dtype. cfg: config()'s keys (tests pick small tiles). partials: the kernel's output
+    (partials_shape; float32 for several shares, else x's dtype), allocated when None (tests poison it)."""
+    n, k = w.shape
+    m = x.shape[0]
+    if w.layout != "zigzag" or w.fmt != "q4_k":
+        raise ValueError(f"gemm_q4k runs zigzag Q4_K, not {w.layout} {w.fmt}")
+    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"gemm_q4k needs x (M, {k}) fp16 or bf16 contiguous, got {tuple(x.shape)} {x.dtype}")
+    cfg = config(m, n, k, _sms(x.device)) if cfg is None else cfg
+    shape, share = partials_shape(w, m, cfg)
+    dtype = torch.float32 if shape[0] > 1 else x.dtype
+    if partials is None:
+        partials = torch.empty(shape, dtype=dtype, device=x.device)
+    elif partials.shape != shape or partials.dtype != dtype or not partials.is_contiguous():
+        raise ValueError(f"gemm_q4k's partials must be {shape} {dtype} contiguous")
+    grid = (w.grid[0] * (WORDS // cfg["WN"]), triton.cdiv(m, cfg["BM"]), shape[0])
+    _gemm_q4k_kernel[grid](x, w.quants, w.head.view(torch.int64), partials, m, n, k, share, WN=cfg["WN"],
+                           BM=cfg["BM"], BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return partials[0] if shape[0] == 1 else partials.sum(0).to(x.dtype)
+
+
+def partials_shape(w, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
+    """((shares, M, N), columns a share) of gemm_q4k's partial sums for M tokens: cfg's SPLIT shares of K rounded
+    up to whole BK steps (fewer shares where the rounding leaves one empty)."""
+    n, k = w.shape
+    share = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), cfg["BK"]) * cfg["BK"]
+    return (triton.cdiv(k, share), m, n), share
