@@ -94,3 +94,31 @@ def test_gemm_q4k_checks_its_contract():
         gq.gemm_q4k(gw, torch.zeros(2, 41, dtype=torch.float16))
     with pytest.raises(ValueError, match="partials"):
         gq.gemm_q4k(gw, torch.zeros(2, 40, dtype=torch.float16), CONFIGS[0], partials=torch.zeros(1, 2, 64))
+
+
+_COMPILE_SM90 = """
+import json, sys
+from spqt.kernels import gemm_q4k as gq
+for m in (16, 64, 256):
+    ptx = gq.compile_sm90(gq.config(m, 12288, 4096, 132), sys.argv[1]).asm["ptx"]
+    print(json.dumps([m, ptx.count("mma.sync"), ptx.count("wgmma.mma_async")]))
+"""
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_gemm_q4k_compiles_for_sm90_on_the_tensor_cores(dtype):
+    """The interpreter runs what the compiler may refuse (a global that is not a constexpr, a layout it cannot
+    convert): the kernel compiled for sm_90 here (no GPU needed; a child process, as TRITON_INTERPRET replaces the
+    compiler) with the rule's tiles at 16, 64 and 256 tokens, its product on the tensor cores (mma or wgmma)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, dtype], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    for line in run.stdout.splitlines():
+        m, mma, wgmma = json.loads(line)
+        assert mma + wgmma > 0, f"{m} tokens: no tensor-core instruction in the PTX"

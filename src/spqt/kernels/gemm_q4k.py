@@ -28,7 +28,8 @@ from spqt.kernels import zigzag_mma
 from spqt.kernels.q4k_bits import load_head, small_to_float, unpack_scales
 
 WORDS = 32  # level words (int32) of a block: 256 4-bit levels
-PLANE_WORDS = 16  # words of a block in one plane (gpu_layout.PLANES = 2)
+BLOCK_WORDS = tl.constexpr(WORDS)  # the same, for the kernel
+PLANE_WORDS = tl.constexpr(16)  # words of a block in one plane (gpu_layout.PLANES = 2)
 MAX_TOKENS = 256  # more tokens: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
 
 
@@ -39,7 +40,7 @@ def _gemm_q4k_kernel(x_ptr, q_ptr, h_ptr, out_ptr, M, N, K, SHARE, WN: tl.conste
     out (SPLIT, M, N) row-major (float32 partial sums, or x's dtype when SPLIT is 1). Program (tile, token block,
     share): words w0 .. w0 + WN - 1 of superblock row r (tile = r * 32 / WN + w0 / WN), tokens BM pid_m ..,
     columns SHARE s .. SHARE (s + 1) - 1."""
-    GROUPS: tl.constexpr = WORDS // WN
+    GROUPS: tl.constexpr = BLOCK_WORDS // WN
     tile = tl.program_id(0)
     r = tile // GROUPS
     w0 = (tile % GROUPS) * WN
@@ -127,3 +128,17 @@ def partials_shape(w, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
     n, k = w.shape
     share = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), cfg["BK"]) * cfg["BK"]
     return (triton.cdiv(k, share), m, n), share
+
+
+def compile_sm90(cfg: dict, dtype: str = "fp16"):
+    """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas), for a config's tiles: the
+    compiled object (.asm["ttgir"], ["ptx"], ["cubin"]). For tests; needs TRITON_INTERPRET unset."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {"x_ptr": f"*{dtype}", "q_ptr": "*i32", "h_ptr": "*i64", "out_ptr": "*fp32", "M": "i32", "N": "i32",
+           "K": "i32", "SHARE": "i32", "WN": "constexpr", "BM": "constexpr", "BK": "constexpr"}
+    const = {"WN": cfg["WN"], "BM": cfg["BM"], "BK": cfg["BK"]}
+    src = ASTSource(_gemm_q4k_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+    options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
