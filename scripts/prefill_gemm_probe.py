@@ -1,4 +1,5 @@
-"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS against the GEMM that reads the
+"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS (the dequantization by the kernel
+of a block a program, SPQT_DEQUANT=blocks, and by gemm_q4k.dequantize's tiles) against the GEMM that reads the
 blocks (kernels/gemm_q4k.py), per map shape and token count; with --sweep, gemm_q4k's rule against one-factor
 variations of its tile (which way each knob pays).
 
@@ -10,6 +11,7 @@ Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cac
 
 import argparse
 import json
+import os
 
 import torch
 import triton
@@ -25,7 +27,7 @@ from spqt.kernels.gpu_layout import repack
 def variants(base: dict) -> list[tuple[str, dict]]:
     """One-factor variations of a config: (label, config)."""
     out = []
-    for key, values in (("WN", (8, 32)), ("BK", (32, 64, 128)), ("num_warps", (8,)), ("num_stages", (1, 3)),
+    for key, values in (("WN", (8, 16)), ("BK", (32, 64, 128)), ("num_warps", (8,)), ("num_stages", (2, 4)),
                         ("BM", (base["BM"] // 2, base["BM"] * 2)), ("SPLIT", (max(1, base["SPLIT"] // 2),
                                                                               base["SPLIT"] * 2))):
         for v in values:
@@ -37,8 +39,9 @@ def variants(base: dict) -> list[tuple[str, dict]]:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="12288x4096,4096x4096,22016x4096,4096x11008")
-    ap.add_argument("--tokens", default="16,32,64,128,256,512,1024")
+    ap.add_argument("--tokens", default="16,32,64,256,1024")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--sweep-max", type=int, default=64, help="sweep token counts up to this")
     ap.add_argument("--json")
     args = ap.parse_args()
     props = torch.cuda.get_device_properties(0)
@@ -50,6 +53,17 @@ def main():
         gw = repack(QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k)), "cuda")
         del w
         copies = weight_copies(gw, max(2, triton.cdiv(4 * l2, gw.nbytes)))
+        out16 = torch.empty(n, k, dtype=torch.float16, device="cuda")
+        dq = {}
+        for tag, env in (("blocks", "blocks"), ("tiles", "")):
+            os.environ["SPQT_DEQUANT"] = env
+            dq[tag] = 1e6 * time_graph([lambda w=copies[i % len(copies)]: kg.dequantize(w, torch.float16, out=out16)
+                                        for i in range(max(16, len(copies)))])
+        del os.environ["SPQT_DEQUANT"]
+        rate = {tag: (gw.nbytes + 2 * n * k) / us / 1e3 for tag, us in dq.items()}
+        print(f"{shape:>11s} dequantize to fp16: blocks {dq['blocks']:.1f} us ({rate['blocks']:.0f} GB/s), tiles "
+              f"{dq['tiles']:.1f} us ({rate['tiles']:.0f} GB/s)", flush=True)
+        rows.append({"shape": shape, "dequant_us": dq, "dequant_gbps": rate})
         for m in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(m, k, device="cuda").half()
             ref = torch.nn.functional.linear(x, kg.dequantize(gw, torch.float16)).float()
@@ -59,22 +73,26 @@ def main():
             def timed(fn):
                 return 1e6 * time_graph([lambda w=copies[i % len(copies)]: fn(w) for i in range(max(16, len(copies)))])
 
+            os.environ["SPQT_DEQUANT"] = "blocks"  # read as the graph is captured
+            blocks_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
+            del os.environ["SPQT_DEQUANT"]
             base_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
             rule_us = timed(lambda w: gq.gemm_q4k(w, x, rule))
-            row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us, "gemm_us": rule_us, "rule": rule,
-                   "rel_err": err, "variants": {}}
+            row = {"shape": shape, "tokens": m, "blocks_dequant_cublas_us": blocks_us, "dequant_cublas_us": base_us,
+                   "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
             best = ("rule", rule_us)
-            if args.sweep:
+            if args.sweep and m <= args.sweep_max:
                 for label, cfg in variants(rule):
                     us = timed(lambda w, cfg=cfg: gq.gemm_q4k(w, x, cfg))
                     row["variants"][label] = us
                     best = min(best, (label, us), key=lambda b: b[1])
             rows.append(row)
             tiles = ",".join(f"{key}={rule[key]}" for key in ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages"))
-            print(f"{shape:>11s} {m:5d} tok: dequant+cuBLAS {base_us:8.1f} us, gemm_q4k {rule_us:8.1f} us "
+            print(f"{shape:>11s} {m:5d} tok: dequant+cuBLAS {blocks_us:8.1f} / {base_us:8.1f} us (block / tile "
+                  f"dequant), gemm_q4k {rule_us:8.1f} us "
                   f"({base_us / rule_us:5.2f}x; {tiles}; err {err:.1e})"
                   + (f"; best {best[0]} {best[1]:.1f} us" if args.sweep else ""), flush=True)
-            if args.sweep:
+            if args.sweep and m <= args.sweep_max:
                 print("      " + ", ".join(f"{label} {us:.1f}" for label, us in row["variants"].items()), flush=True)
         copies = gw = None  # freed before the next shape's
         torch.cuda.empty_cache()

@@ -403,8 +403,8 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
 def test_prompts_past_256_tokens_prefill_padded(tiny_spqt, monkeypatch):
     """Prompts past PREFILL_BUCKET_STEP tokens run padded to a multiple of it (300 -> 512 tokens, 700 -> 768): a
     graph's replay gives the eager prefill's first-token logits bit for bit and its tokens, within rounding of the
-    unpadded forward's. In fp16 a prompt of at most gemm_q4k.MAX_TOKENS tokens runs the GEMM that reads the blocks:
-    its first-token logits within fp16 rounding of dequantize + cuBLAS's."""
+    unpadded forward's. In fp16 a prompt whose bucket holds at most gemm_q4k.MAX_TOKENS tokens runs the GEMM that
+    reads the blocks: its first-token logits within fp16 rounding of dequantize + cuBLAS's."""
     from spqt.kernels import gpu_linear
 
     loaded = load_spqt(tiny_spqt)
@@ -430,7 +430,9 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt, monkeypatch):
     calls = []
     real = gpu_linear.gemm_q4k
     monkeypatch.setattr(gpu_linear, "gemm_q4k", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    prompt = torch.randint(0, loaded.config.vocab_size, (200,), generator=rng).tolist()
+    from spqt.kernels.gemm_q4k import MAX_TOKENS
+
+    prompt = torch.randint(0, loaded.config.vocab_size, (MAX_TOKENS - 5,), generator=rng).tolist()
     firsts = {}
     for setting in ("", "dequant"):
         monkeypatch.setenv("SPQT_PREFILL_GEMM", setting)

@@ -30,7 +30,38 @@ from spqt.kernels.q4k_bits import load_head, small_to_float, unpack_scales
 WORDS = 32  # level words (int32) of a block: 256 4-bit levels
 BLOCK_WORDS = tl.constexpr(WORDS)  # the same, for the kernel
 PLANE_WORDS = tl.constexpr(16)  # words of a block in one plane (gpu_layout.PLANES = 2)
-MAX_TOKENS = 256  # more tokens: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
+MAX_TOKENS = 32  # more tokens: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
+
+
+@triton.jit
+def _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN: tl.constexpr, BK: tl.constexpr):
+    """Words `word` (WN,) of superblock row r's blocks in columns `cols` (BK,; `live` masks them), decoded: (BK, 8 WN)
+    float32, tile row t = 8 (word t // 8) + nibble t % 8 (tile_rows gives their matrix rows). shifts: the (1, 1, 1, 2, 4)
+    nibble shifts 4 s of the module docstring's (WN / 4, 4, 2, 4) view."""
+    words = tl.load(q_ptr + ((r * 2 + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
+                    + word[None, :] % PLANE_WORDS, mask=live[:, None], other=0)  # (BK, WN)
+    levels = (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
+    d, dmin, h1, h2, h3 = load_head(h_ptr, zigzag_mma.head_index(r, cols, K), live)
+    sc, mn = unpack_scales(h1[:, None], h2[:, None], h3[:, None], tl.arange(0, 8)[None, :])  # (BK, 8) each
+    scale = tl.reshape(d[:, None] * sc, (BK, 1, 4, 2, 1))
+    minimum = tl.reshape(dmin[:, None] * mn, (BK, 1, 4, 2, 1))
+    return tl.reshape(scale * small_to_float(levels) - minimum, (BK, 8 * WN))  # formats/q4_k.decode's order
+
+
+@triton.jit
+def _tile_setup(WN: tl.constexpr):
+    """Program axis 0 -> (superblock row r, its words (WN,), the nibble shifts (1, 1, 1, 2, 4) of _decode_tile, the
+    matrix rows (8 WN,) of the tile's rows)."""
+    GROUPS: tl.constexpr = BLOCK_WORDS // WN
+    tile = tl.program_id(0)
+    r = tile // GROUPS
+    w0 = (tile % GROUPS) * WN
+    word = w0 + tl.arange(0, WN)  # the block's words 0..31: plane word // 16, word % 16 in it
+    nibble = (tl.arange(0, 2)[:, None] * 4 + tl.arange(0, 4)[None, :])  # (2, 4): s = 4 (s // 4) + s % 4
+    shifts = (4 * nibble)[None, None, None, :, :]
+    t = tl.arange(0, 8 * WN)
+    b = 4 * (w0 + t // 8) + (t % 8) // 2  # the block byte of tile row t
+    return r, word, shifts, r * 256 + 16 * (b % 16) + 8 * (t % 2) + b // 16
 
 
 @triton.jit
@@ -40,50 +71,53 @@ def _gemm_q4k_kernel(x_ptr, q_ptr, h_ptr, out_ptr, M, N, K, SHARE, WN: tl.conste
     out (SPLIT, M, N) row-major (float32 partial sums, or x's dtype when SPLIT is 1). Program (tile, token block,
     share): words w0 .. w0 + WN - 1 of superblock row r (tile = r * 32 / WN + w0 / WN), tokens BM pid_m ..,
     columns SHARE s .. SHARE (s + 1) - 1."""
-    GROUPS: tl.constexpr = BLOCK_WORDS // WN
-    tile = tl.program_id(0)
-    r = tile // GROUPS
-    w0 = (tile % GROUPS) * WN
+    r, word, shifts, row = _tile_setup(WN)
     tokens = tl.program_id(1) * BM + tl.arange(0, BM)
     k_lo = tl.program_id(2) * SHARE
     k_hi = tl.minimum(k_lo + SHARE, K)
-    word = w0 + tl.arange(0, WN)  # the block's words 0..31: plane word // 16, word % 16 in it
-    # the (2 (w % 4) + s // 4)-th sub-block's scale for word w, nibble s: (WN / 4, 4, 2, 4) broadcast shifts
-    nibble = (tl.arange(0, 2)[:, None] * 4 + tl.arange(0, 4)[None, :])  # (2, 4): s = 4 (s // 4) + s % 4
-    shifts = (4 * nibble)[None, None, None, :, :]  # (1, 1, 1, 2, 4)
-    sub = tl.arange(0, 8)
     acc = tl.zeros((BM, 8 * WN), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         cols = k0 + tl.arange(0, BK)
         live = cols < k_hi
-        words = tl.load(q_ptr + ((r * 2 + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
-                        + word[None, :] % PLANE_WORDS, mask=live[:, None], other=0)  # (BK, WN)
-        levels = (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
-        d, dmin, h1, h2, h3 = load_head(h_ptr, zigzag_mma.head_index(r, cols, K), live)
-        sc, mn = unpack_scales(h1[:, None], h2[:, None], h3[:, None], sub[None, :])  # (BK, 8) each
-        scale = tl.reshape(d[:, None] * sc, (BK, 1, 4, 2, 1))
-        minimum = tl.reshape(dmin[:, None] * mn, (BK, 1, 4, 2, 1))
-        w = tl.reshape(scale * small_to_float(levels) - minimum, (BK, 8 * WN))  # formats/q4_k.decode's order
+        w = _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN, BK)
         xs = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=(tokens[:, None] < M) & live[None, :],
                      other=0.0)
         acc = tl.dot(xs, w.to(x_ptr.dtype.element_ty), acc)
-    t = tl.arange(0, 8 * WN)
-    b = 4 * (w0 + t // 8) + (t % 8) // 2  # the block byte of tile row t
-    row = r * 256 + 16 * (b % 16) + 8 * (t % 2) + b // 16
     out = out_ptr + (tl.program_id(2) * M + tokens[:, None]) * N + row[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (row[None, :] < N))
+
+
+@triton.jit
+def _dequant_q4k_kernel(q_ptr, h_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.constexpr):
+    """The whole matrix, out (N, K) row-major in out's dtype: program (tile, column block) decodes words
+    w0 .. w0 + WN - 1 of superblock row r in columns BK c .. BK c + BK - 1 and stores them (columns contiguous)."""
+    r, word, shifts, row = _tile_setup(WN)
+    cols = tl.program_id(1) * BK + tl.arange(0, BK)
+    live = cols < K
+    w = _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN, BK)
+    tl.store(out_ptr + row[None, :] * K + cols[:, None], w.to(out_ptr.dtype.element_ty),
+             mask=live[:, None] & (row[None, :] < N))
+
+
+def dequantize(w, dtype: torch.dtype, out: torch.Tensor | None = None, wn: int = 16, bk: int = 64) -> torch.Tensor:
+    """The zigzag Q4_K matrix w (GpuQ4K) whole, (N, K) row-major in `dtype`, with the GEMM's decoding (the prefill's
+    product past MAX_TOKENS tokens; gemv.dequantize's Q4_K zigzag path)."""
+    n, k = w.shape
+    out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
+    grid = (w.grid[0] * (WORDS // wn), triton.cdiv(k, bk))
+    _dequant_q4k_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, WN=wn, BK=bk, num_warps=4)
+    return out
 
 
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: WN (words a tile: 8 WN rows), BM
     (tokens a program), BK (columns a step), SPLIT (column shares), num_warps, num_stages. SPQT_GEMM_CONFIG=
     WN,BM,BK,SPLIT,WARPS,STAGES overrides (a 0 keeps the rule's value; scripts/prefill_gemm_probe.py)."""
-    wn = 16
     bm = min(64, max(16, triton.next_power_of_2(m)))
-    bk = 64 if bm <= 32 else 32
+    wn, bk, stages = (8, 64, 3) if bm <= 32 else (16, 32, 2)
     tiles = triton.cdiv(n, 256) * (WORDS // wn) * triton.cdiv(m, bm)
     split = max(1, min(round(2 * sms / tiles), k // (4 * bk)))
-    chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": 2}
+    chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": stages}
     override = os.environ.get("SPQT_GEMM_CONFIG", "")
     if override:
         for key, value in zip(chosen, (int(v) for v in override.split(","))):
