@@ -1223,8 +1223,7 @@ llama2-7b:now}" 90
   gemm29)
     # The prefill GEMM that reads the blocks (kernels/gemm_q4k.py): its gpu tests, the prefill's (the default model's
     # with both GGUF parts: park), scripts/prefill_gemm_probe.py (GEMM29_ARGS, default --sweep), then
-    # scripts/prefill_probe.py with the dequantization by blocks, by tiles (SPQT_PREFILL_GEMM=dequant) and the default
-    # in turn (prefill-<setting>.log / .json)
+    # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and the default in turn (prefill-<setting>.log / .json)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout ${GEMM29_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
@@ -1236,9 +1235,8 @@ llama2-7b:now}" 90
     timeout ${GEMM29_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM29_ARGS:---sweep} \
       --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
     echo "gemm29 probe: $(( $(date +%s) - start )) s"
-    for setting in ${GEMM29_SETTINGS:-blocks dequant default}; do  # dequant by blocks (the start's), by tiles, default
-      SPQT_DEQUANT=$([ $setting = blocks ] && echo blocks) SPQT_PREFILL_GEMM=$([ $setting = default ] || echo dequant) \
-        prefill_probe ${GEMM29_PREFILL_LIMIT:-100}
+    for setting in ${GEMM29_SETTINGS:-dequant default}; do
+      SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe ${GEMM29_PREFILL_LIMIT:-100}
       mv "$OUT/prefill.log" "$OUT/prefill-$setting.log"; mv "$OUT/prefill.json" "$OUT/prefill-$setting.json"
     done
     (cd "$OUT" && tar czf results.tgz prefill-*.json gemm-probe.json && rm prefill-*.json gemm-probe.json)

@@ -1,5 +1,4 @@
-"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS (the dequantization by the kernel
-of a block a program, SPQT_DEQUANT=blocks, and by gemm_q4k.dequantize's tiles) against the GEMM that reads the
+"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS against the GEMM that reads the
 blocks (kernels/gemm_q4k.py), per map shape and token count; with --sweep, gemm_q4k's rule against one-factor
 variations of its tile (which way each knob pays).
 
@@ -11,7 +10,6 @@ Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cac
 
 import argparse
 import json
-import os
 
 import torch
 import triton
@@ -53,17 +51,6 @@ def main():
         gw = repack(QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k)), "cuda")
         del w
         copies = weight_copies(gw, max(2, triton.cdiv(4 * l2, gw.nbytes)))
-        out16 = torch.empty(n, k, dtype=torch.float16, device="cuda")
-        dq = {}
-        for tag, env in (("blocks", "blocks"), ("tiles", "")):
-            os.environ["SPQT_DEQUANT"] = env
-            dq[tag] = 1e6 * time_graph([lambda w=copies[i % len(copies)]: kg.dequantize(w, torch.float16, out=out16)
-                                        for i in range(max(16, len(copies)))])
-        del os.environ["SPQT_DEQUANT"]
-        rate = {tag: (gw.nbytes + 2 * n * k) / us / 1e3 for tag, us in dq.items()}
-        print(f"{shape:>11s} dequantize to fp16: blocks {dq['blocks']:.1f} us ({rate['blocks']:.0f} GB/s), tiles "
-              f"{dq['tiles']:.1f} us ({rate['tiles']:.0f} GB/s)", flush=True)
-        rows.append({"shape": shape, "dequant_us": dq, "dequant_gbps": rate})
         for m in (int(t) for t in args.tokens.split(",")):
             x = torch.randn(m, k, device="cuda").half()
             ref = torch.nn.functional.linear(x, kg.dequantize(gw, torch.float16)).float()
@@ -73,12 +60,9 @@ def main():
             def timed(fn):
                 return 1e6 * time_graph([lambda w=copies[i % len(copies)]: fn(w) for i in range(max(16, len(copies)))])
 
-            os.environ["SPQT_DEQUANT"] = "blocks"  # read as the graph is captured
-            blocks_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
-            del os.environ["SPQT_DEQUANT"]
             base_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
             rule_us = timed(lambda w: gq.gemm_q4k(w, x, rule))
-            row = {"shape": shape, "tokens": m, "blocks_dequant_cublas_us": blocks_us, "dequant_cublas_us": base_us,
+            row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us,
                    "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
             best = ("rule", rule_us)
             if args.sweep and m <= args.sweep_max:
@@ -88,8 +72,7 @@ def main():
                     best = min(best, (label, us), key=lambda b: b[1])
             rows.append(row)
             tiles = ",".join(f"{key}={rule[key]}" for key in ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages"))
-            print(f"{shape:>11s} {m:5d} tok: dequant+cuBLAS {blocks_us:8.1f} / {base_us:8.1f} us (block / tile "
-                  f"dequant), gemm_q4k {rule_us:8.1f} us "
+            print(f"{shape:>11s} {m:5d} tok: dequant+cuBLAS {base_us:8.1f} us, gemm_q4k {rule_us:8.1f} us "
                   f"({base_us / rule_us:5.2f}x; {tiles}; err {err:.1e})"
                   + (f"; best {best[0]} {best[1]:.1f} us" if args.sweep else ""), flush=True)
             if args.sweep and m <= args.sweep_max:

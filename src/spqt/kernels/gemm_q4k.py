@@ -87,36 +87,15 @@ def _gemm_q4k_kernel(x_ptr, q_ptr, h_ptr, out_ptr, M, N, K, SHARE, WN: tl.conste
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(tokens[:, None] < M) & (row[None, :] < N))
 
 
-@triton.jit
-def _dequant_q4k_kernel(q_ptr, h_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.constexpr):
-    """The whole matrix, out (N, K) row-major in out's dtype: program (tile, column block) decodes words
-    w0 .. w0 + WN - 1 of superblock row r in columns BK c .. BK c + BK - 1 and stores them (columns contiguous)."""
-    r, word, shifts, row = _tile_setup(WN)
-    cols = tl.program_id(1) * BK + tl.arange(0, BK)
-    live = cols < K
-    w = _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN, BK)
-    tl.store(out_ptr + row[None, :] * K + cols[:, None], w.to(out_ptr.dtype.element_ty),
-             mask=live[:, None] & (row[None, :] < N))
-
-
-def dequantize(w, dtype: torch.dtype, out: torch.Tensor | None = None, wn: int = 16, bk: int = 64) -> torch.Tensor:
-    """The zigzag Q4_K matrix w (GpuQ4K) whole, (N, K) row-major in `dtype`, with the GEMM's decoding (the prefill's
-    product past MAX_TOKENS tokens; gemv.dequantize's Q4_K zigzag path)."""
-    n, k = w.shape
-    out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
-    grid = (w.grid[0] * (WORDS // wn), triton.cdiv(k, bk))
-    _dequant_q4k_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, WN=wn, BK=bk, num_warps=4)
-    return out
-
-
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: WN (words a tile: 8 WN rows), BM
     (tokens a program), BK (columns a step), SPLIT (column shares), num_warps, num_stages. SPQT_GEMM_CONFIG=
     WN,BM,BK,SPLIT,WARPS,STAGES overrides (a 0 keeps the rule's value; scripts/prefill_gemm_probe.py)."""
     bm = min(64, max(16, triton.next_power_of_2(m)))
-    wn, bk, stages = (8, 64, 3) if bm <= 32 else (16, 32, 2)
+    wn, bk, stages = (8, 128, 3) if bm <= 32 else (16, 32, 2)
     tiles = triton.cdiv(n, 256) * (WORDS // wn) * triton.cdiv(m, bm)
-    split = max(1, min(round(2 * sms / tiles), k // (4 * bk)))
+    # shares where the tiles are too few for the SMs and K is long (a share's partial sums cost a launch to add)
+    split = 1 if k < 2048 else max(1, min(round(2 * sms / tiles), k // (4 * bk)))
     chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": stages}
     override = os.environ.get("SPQT_GEMM_CONFIG", "")
     if override:

@@ -24,13 +24,11 @@ mantissa of 2^23 (q4k_bits.nibble_at).
 Weights come in the kernel layout of gpu_layout.py; x is (K,) fp16/bf16/fp32, y is x's dtype.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from spqt.kernels import gemm_q4k, zigzag_cuda, zigzag_mma
+from spqt.kernels import zigzag_cuda, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
 from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
 from spqt.kernels.zigzag_mma import PLANES
@@ -452,8 +450,7 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
     zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes,
     gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
-    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes). Zigzag Q4_K through gemm_q4k.dequantize (its tiles'
-    rows stored whole); SPQT_DEQUANT=blocks: the kernel of a block a program (comparisons)."""
+    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes)."""
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
@@ -469,8 +466,6 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
                               BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True)
         return out
     fifth = getattr(w, "fifth", None)
-    if w.fmt == "q4_k" and w.layout == "zigzag" and os.environ.get("SPQT_DEQUANT", "") != "blocks":
-        return gemm_q4k.dequantize(w, dtype, out)  # a tile of columns a program: stores 128 bytes of a row at once
     _dequant_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
                           ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4,
                           f_ptr=fifth, FIFTH=fifth is not None)
