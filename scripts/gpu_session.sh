@@ -89,6 +89,7 @@
 #   scripts/gpu_session.sh check28b  a family test replayed on .old / this tree, the prefill graphs' and serve's gpu tests
 #   scripts/gpu_session.sh gemm29    the prefill GEMM that reads the blocks: its gpu tests and the prefill's, the probe
 #                                    (scripts/prefill_gemm_probe.py, GEMM29_ARGS), prefill_probe dequant / fused
+#   scripts/gpu_session.sh final29   every gpu test (park first), the prefill with and without the GEMM, serve probe, decode
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -163,6 +164,14 @@ prefill_probe() {
 serve_probe() {
   timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
     | tee "$OUT/serve-probe.log" | tail -8
+}
+# scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
+# $OUT/prefill-<setting>.log / .json
+prefill_settings() {
+  for setting in ${GEMM29_SETTINGS:-dequant default}; do
+    SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe "$1"
+    mv "$OUT/prefill.log" "$OUT/prefill-$setting.log"; mv "$OUT/prefill.json" "$OUT/prefill-$setting.json"
+  done
 }
 final_gpu_tests() {
   timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
@@ -1235,12 +1244,21 @@ llama2-7b:now}" 90
     timeout ${GEMM29_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM29_ARGS:---sweep} \
       --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
     echo "gemm29 probe: $(( $(date +%s) - start )) s"
-    for setting in ${GEMM29_SETTINGS:-dequant default}; do
-      SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe ${GEMM29_PREFILL_LIMIT:-100}
-      mv "$OUT/prefill.log" "$OUT/prefill-$setting.log"; mv "$OUT/prefill.json" "$OUT/prefill-$setting.json"
-    done
+    prefill_settings ${GEMM29_PREFILL_LIMIT:-100}
     (cd "$OUT" && tar czf results.tgz prefill-*.json gemm-probe.json && rm prefill-*.json gemm-probe.json)
     echo "gemm29: $(( $(date +%s) - start )) s"
+    ;;
+  final29)
+    # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the
+    # serve probe, then bench decode of DECODE29 (model:types:levels, default llama2-7b:q4_k:0,0.5) within CALL_BUDGET
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    final_gpu_tests
+    prefill_settings 90
+    serve_probe
+    setting_decodes "${DECODE29-llama2-7b:q4_k:0,0.5}" 560 final29-decode.log
+    (cd "$OUT" && tar czf results.tgz prefill-*.json && rm prefill-*.json)
+    echo "final29: $(( $(date +%s) - start )) s"
     ;;
   check28b)
     # A family test's failure replayed (FLAKE_TEST, SPQT_FAMILY_SEED) on the tree in .old and on this one, the prefill
