@@ -1237,6 +1237,7 @@ llama2-7b:now}" 90
     start=$(date +%s)
     timeout ${GEMM29_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
       "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
+      "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
       "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" \
       "tests/test_kernels.py::test_gpu_layout_repack_is_exact" ${GEMM29_TESTS:-} 2>&1 \
       | tee "$OUT/gemm29-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12

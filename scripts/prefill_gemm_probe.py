@@ -3,7 +3,7 @@ blocks (kernels/gemm_q4k.py), per map shape and token count; with --sweep, gemm_
 variations of its tile (which way each knob pays).
 
     python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
-        [--tokens 16,32,64,128,256,512,1024] [--sweep] [--json OUT]
+        [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--json OUT]
 
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """

@@ -18,7 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 from spqt.bench_decode import synthetic_model
 from spqt.generate import Generator
 
-KINDS = (("gemm_q4k", "Q4_K GEMM"), ("dequant", "dequantize"), ("gemm", "GEMM"), ("nvjet", "GEMM"), ("cutlass", "GEMM"), ("xmma", "GEMM"),
+KINDS = (("gemm_q4k", "Q4_K GEMM"), ("dequant", "dequantize"), ("gemm", "GEMM"),
+         ("nvjet", "GEMM"), ("cutlass", "GEMM"), ("xmma", "GEMM"),
          ("sm90", "GEMM"), ("flash", "attention"), ("fmha", "attention"), ("attention", "attention"),
          ("softmax", "attention"), ("rope", "RoPE / KV"), ("norm", "norm"))
 

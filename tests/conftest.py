@@ -56,6 +56,13 @@ def serving(engine, api_key: str | None = None):
     assert not thread.is_alive(), "the server did not stop"
 
 
+def count_calls(monkeypatch, module, name: str) -> list:
+    """module.name replaced by a wrapper that appends 1 to the returned list at each call, then calls it."""
+    calls, real = [], getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return calls
+
+
 def script_module(name: str):
     """scripts/<name>.py loaded as a module (the measurement scripts' tests)."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

@@ -23,14 +23,15 @@ def assert_within_fp32_sum(y, w_ref, w_mag, x_used, what, input_eps=0.0):
     sum (the kernel's rounding of each product's factors), plus one rounding to y's dtype;
     reference w_ref (N, K) float64 times x_used."""
     ref = w_ref @ x_used.double()
-    magnitude = w_mag @ x_used.double().abs()  # x_used (K,) or (K, M): y (N,) or (N, M)
+    magnitude = w_mag @ x_used.double().abs()  # x_used (K,) or (K, M), y (N,) or (N, M)
     out_eps = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}[y.dtype]
     tol = ((w_ref.shape[1] + 4) * 2.0**-24 + input_eps) * magnitude + out_eps * ref.abs() + 1e-30
     err = (y.double() - ref).abs()
     assert not torch.isnan(y).any(), f"{what}: NaN in output (an element not written?)"
     worst = int((err / tol).argmax())
+    got, want = float(y.flatten()[worst]), float(ref.flatten()[worst])
     assert not (err > tol).any(), (f"{what}: {int((err > tol).sum())} of {y.numel()} outside tolerance; worst at "
-                                   f"{worst}: got {float(y.flatten()[worst]):.6g}, want {float(ref.flatten()[worst]):.6g}")
+                                   f"{worst}: got {got:.6g}, want {want:.6g}")
 
 
 def assert_kept_residual_finish(gw, x, ws, kw: dict, what: str) -> None:

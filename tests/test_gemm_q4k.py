@@ -11,17 +11,20 @@ from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemm_q4k as gq
 from spqt.kernels.gpu_layout import repack
 
+from conftest import count_calls
 from kernel_inputs import assert_within_fp32_sum
 
 DEVICES = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
 
 # (N, K, tokens): rows past the last whole superblock row, columns not a multiple of BK, one token and odd counts
-CPU_CASES = [(300, 130, 3), (513, 70, 17)]
+CPU_CASES = [(300, 130, 3), (513, 70, 17), (64, 40, 1)]
 GPU_CASES = [(4096, 4096, 16), (4096, 4096, 200), (11008, 4096, 5), (2311, 777, 33), (960, 576, 64)]
-# explicit tiles beside the rule's: every WN (4 .. 32 words: both planes in one program), several shares, BM 32
+# explicit tiles beside the rule's: every WN (4 .. 32 words: both planes in one program), several shares (more than
+# the BK steps: empty shares), BM 32 and 64
 CONFIGS = [dict(WN=32, BM=16, BK=16, SPLIT=3, num_warps=4, num_stages=1),
            dict(WN=4, BM=32, BK=32, SPLIT=2, num_warps=4, num_stages=1),
-           dict(WN=8, BM=16, BK=32, SPLIT=1, num_warps=4, num_stages=2)]
+           dict(WN=8, BM=16, BK=32, SPLIT=1, num_warps=4, num_stages=2),
+           dict(WN=16, BM=64, BK=16, SPLIT=7, num_warps=4, num_stages=2)]
 
 
 def _matrix(rng, n, k, device):
@@ -34,8 +37,7 @@ def _check(gw, x, w_used, cfg, what):
     """gemm_q4k(gw, x) with cfg (None: the rule's) into poisoned partials, against x @ w_used^T (float64)."""
     m = x.shape[0]
     rule = gq.config(m, *gw.shape, 132) if cfg is None else cfg
-    shape, _ = gq.partials_shape(gw, m, rule)
-    dtype = torch.float32 if shape[0] > 1 else x.dtype
+    shape, dtype, _ = gq.partials_spec(gw, m, rule, x.dtype)
     partials = torch.full(shape, float("nan"), dtype=dtype, device=x.device)
     y = gq.gemm_q4k(gw, x, rule, partials=partials)
     assert y.shape == (m, gw.shape[0]) and y.dtype == x.dtype, what
@@ -46,6 +48,7 @@ def _check(gw, x, w_used, cfg, what):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gemm_q4k_equals_dequantized_matmul(rng, device):
     cases = CPU_CASES if device == "cpu" else GPU_CASES
+    # bf16 on the GPU only: Triton 3.6's interpreter multiplies bf16 tl.dot operands as their bit patterns
     dtypes = [torch.float16] if device == "cpu" else [torch.float16, torch.bfloat16]
     for n, k, m in cases:
         qw, gw = _matrix(rng, n, k, device)
@@ -64,9 +67,7 @@ def test_linear_runs_the_gemm_for_short_prompts(rng, device, monkeypatch):
     from spqt.kernels import gpu_linear
     from spqt.kernels.gpu_linear import TritonLinear
 
-    calls = []
-    real = gpu_linear.gemm_q4k
-    monkeypatch.setattr(gpu_linear, "gemm_q4k", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    calls = count_calls(monkeypatch, gpu_linear, "gemm_q4k")
     qw, _ = _matrix(rng, 300, 130, device)
     lin = TritonLinear(qw, torch.float16, device)
     x = torch.from_numpy(rng.standard_normal((1, 5, 130)).astype(np.float32)).to(device=device, dtype=torch.float16)
@@ -86,8 +87,14 @@ def test_linear_runs_the_gemm_for_short_prompts(rng, device, monkeypatch):
 
 
 def test_gemm_q4k_checks_its_contract():
+    """fp32 or mis-shaped x, partials of the wrong shape, tiles the kernel cannot run (a WN past a block's words
+    would launch no program and leave the output unwritten): one ValueError each."""
     rng = np.random.default_rng(3)
     _, gw = _matrix(rng, 64, 40, "cpu")
+    x = torch.zeros(2, 40, dtype=torch.float16)
+    for bad in ({"WN": 64}, {"WN": 2}, {"BK": 24}, {"BM": 8}, {"SPLIT": 0}):
+        with pytest.raises(ValueError, match="cannot run the config"):
+            gq.gemm_q4k(gw, x, CONFIGS[0] | bad)
     with pytest.raises(ValueError, match="fp16 or bf16"):
         gq.gemm_q4k(gw, torch.zeros(2, 40))
     with pytest.raises(ValueError, match="fp16 or bf16"):
@@ -99,9 +106,11 @@ def test_gemm_q4k_checks_its_contract():
 _COMPILE_SM90 = """
 import json, sys
 from spqt.kernels import gemm_q4k as gq
-for m in (16, 64, 256):
-    ptx = gq.compile_sm90(gq.config(m, 12288, 4096, 132), sys.argv[1]).asm["ptx"]
-    print(json.dumps([m, ptx.count("mma.sync"), ptx.count("wgmma.mma_async")]))
+for m, n, k in ((16, 12288, 4096), (32, 4096, 11008), (32, 960, 576), (64, 4096, 4096)):
+    cfg = gq.config(m, n, k, 132)
+    out = "fp32" if cfg["SPLIT"] > 1 else sys.argv[1]
+    ptx = gq.compile_sm90(cfg, sys.argv[1], out).asm["ptx"]
+    print(json.dumps([m, n, k, ptx.count("mma.sync"), ptx.count("wgmma.mma_async")]))
 """
 
 
@@ -109,7 +118,8 @@ for m in (16, 64, 256):
 def test_gemm_q4k_compiles_for_sm90_on_the_tensor_cores(dtype):
     """The interpreter runs what the compiler may refuse (a global that is not a constexpr, a layout it cannot
     convert): the kernel compiled for sm_90 here (no GPU needed; a child process, as TRITON_INTERPRET replaces the
-    compiler) with the rule's tiles at 16, 64 and 256 tokens, its product on the tensor cores (mma or wgmma)."""
+    compiler) with the rule's tiles for 16 and 32 tokens (what the runtime runs; one share and several: the partial
+    sums in x's dtype and in fp32) and 64 (SPQT_PREFILL_GEMM=fused), its product on the tensor cores."""
     import json
     import os
     import subprocess
@@ -119,6 +129,8 @@ def test_gemm_q4k_compiles_for_sm90_on_the_tensor_cores(dtype):
     run = subprocess.run([sys.executable, "-c", _COMPILE_SM90, dtype], env=env, capture_output=True, text=True,
                          timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
-    for line in run.stdout.splitlines():
-        m, mma, wgmma = json.loads(line)
-        assert mma + wgmma > 0, f"{m} tokens: no tensor-core instruction in the PTX"
+    lines = run.stdout.splitlines()
+    assert len(lines) == 4
+    for line in lines:
+        m, n, k, mma, wgmma = json.loads(line)
+        assert mma + wgmma > 0, f"{m} tokens of {n}x{k}: no tensor-core instruction in the PTX"

@@ -24,21 +24,23 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.kernels import zigzag_mma
+from spqt.kernels import gpu_layout, zigzag_mma
+from spqt.kernels.gpu_layout import GpuQ4K
 from spqt.kernels.q4k_bits import load_head, small_to_float, unpack_scales
 
 WORDS = 32  # level words (int32) of a block: 256 4-bit levels
 BLOCK_WORDS = tl.constexpr(WORDS)  # the same, for the kernel
-PLANE_WORDS = tl.constexpr(16)  # words of a block in one plane (gpu_layout.PLANES = 2)
-MAX_TOKENS = 32  # more tokens: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
+PLANES = tl.constexpr(gpu_layout.PLANES)  # planes a block's words are split into
+PLANE_WORDS = tl.constexpr(WORDS // gpu_layout.PLANES)  # words of a block in one plane
+MAX_TOKENS = 32  # more rows: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
 
 
 @triton.jit
 def _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN: tl.constexpr, BK: tl.constexpr):
     """Words `word` (WN,) of superblock row r's blocks in columns `cols` (BK,; `live` masks them), decoded: (BK, 8 WN)
-    float32, tile row t = 8 (word t // 8) + nibble t % 8 (tile_rows gives their matrix rows). shifts: the (1, 1, 1, 2, 4)
-    nibble shifts 4 s of the module docstring's (WN / 4, 4, 2, 4) view."""
-    words = tl.load(q_ptr + ((r * 2 + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
+    float32, tile row t = 8 (word t // 8) + nibble t % 8 (_tile_setup gives their matrix rows). shifts: the
+    (1, 1, 1, 2, 4) nibble shifts 4 s of the module docstring's (WN / 4, 4, 2, 4) view."""
+    words = tl.load(q_ptr + ((r * PLANES + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
                     + word[None, :] % PLANE_WORDS, mask=live[:, None], other=0)  # (BK, WN)
     levels = (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
     d, dmin, h1, h2, h3 = load_head(h_ptr, zigzag_mma.head_index(r, cols, K), live)
@@ -105,17 +107,26 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     return chosen
 
 
+def check_config(cfg: dict) -> None:
+    """A config the kernel tiles correctly, or ValueError: WN 4, 8, 16 or 32 (a tile a whole number of a block's
+    words, its sub-block view whole), BM and BK powers of two from 16 (tl.dot), SPLIT, warps and stages positive."""
+    if cfg["WN"] not in (4, 8, 16, 32) or any(cfg[key] < 16 or cfg[key] & (cfg[key] - 1) for key in ("BM", "BK")) \
+            or min(cfg["SPLIT"], cfg["num_warps"], cfg["num_stages"]) < 1:
+        raise ValueError(f"gemm_q4k cannot run the config {cfg}: WN in 4, 8, 16, 32; BM, BK powers of two >= 16")
+
+
 @functools.lru_cache(maxsize=None)
 def _sms(device: torch.device) -> int:
+    """The device's SMs (config()'s split); 132 (an H100 / H200) off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def gemm_q4k(w, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp16 or bf16, contiguous, times the zigzag Q4_K matrix w (GpuQ4K, shape (N, K)) transposed:
-    (M, N) in x's dtype. cfg: config()'s keys (tests pick small tiles). partials: the kernel's output
-    (partials_shape; float32 for several shares, else x's dtype), allocated when None (tests poison it)."""
+def gemm_q4k(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16 or bf16, contiguous, times the zigzag Q4_K matrix w (shape (N, K)) transposed: (M, N) in x's
+    dtype. cfg: config()'s keys (tests pick small tiles; check_config). partials: the kernel's output (partials_spec),
+    allocated when None (tests poison it)."""
     n, k = w.shape
     m = x.shape[0]
     if w.layout != "zigzag" or w.fmt != "q4_k":
@@ -123,8 +134,8 @@ def gemm_q4k(w, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor
     if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemm_q4k needs x (M, {k}) fp16 or bf16 contiguous, got {tuple(x.shape)} {x.dtype}")
     cfg = config(m, n, k, _sms(x.device)) if cfg is None else cfg
-    shape, share = partials_shape(w, m, cfg)
-    dtype = torch.float32 if shape[0] > 1 else x.dtype
+    check_config(cfg)
+    shape, dtype, share = partials_spec(w, m, cfg, x.dtype)
     if partials is None:
         partials = torch.empty(shape, dtype=dtype, device=x.device)
     elif partials.shape != shape or partials.dtype != dtype or not partials.is_contiguous():
@@ -135,21 +146,24 @@ def gemm_q4k(w, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor
     return partials[0] if shape[0] == 1 else partials.sum(0).to(x.dtype)
 
 
-def partials_shape(w, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
-    """((shares, M, N), columns a share) of gemm_q4k's partial sums for M tokens: cfg's SPLIT shares of K rounded
-    up to whole BK steps (fewer shares where the rounding leaves one empty)."""
+def partials_spec(w: GpuQ4K, m: int, cfg: dict, x_dtype: torch.dtype) -> tuple[tuple[int, int, int], torch.dtype, int]:
+    """((shares, M, N), dtype, columns a share) of gemm_q4k's partial sums for M tokens: cfg's SPLIT shares of K
+    rounded up to whole BK steps (fewer shares where the rounding leaves one empty); float32 for several shares, x's
+    dtype for one (the kernel writes the product itself)."""
     n, k = w.shape
     share = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), cfg["BK"]) * cfg["BK"]
-    return (triton.cdiv(k, share), m, n), share
+    shares = triton.cdiv(k, share)
+    return (shares, m, n), torch.float32 if shares > 1 else x_dtype, share
 
 
-def compile_sm90(cfg: dict, dtype: str = "fp16"):
-    """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas), for a config's tiles: the
-    compiled object (.asm["ttgir"], ["ptx"], ["cubin"]). For tests; needs TRITON_INTERPRET unset."""
+def compile_sm90(cfg: dict, dtype: str = "fp16", out: str = "fp32"):
+    """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas), for a config's tiles, x in
+    `dtype` and the partial sums in `out` (x's dtype for one share): the compiled object (.asm["ttgir"], ["ptx"],
+    ["cubin"]). For tests (tests/test_gemm_q4k.py); needs TRITON_INTERPRET unset."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    sig = {"x_ptr": f"*{dtype}", "q_ptr": "*i32", "h_ptr": "*i64", "out_ptr": "*fp32", "M": "i32", "N": "i32",
+    sig = {"x_ptr": f"*{dtype}", "q_ptr": "*i32", "h_ptr": "*i64", "out_ptr": f"*{out}", "M": "i32", "N": "i32",
            "K": "i32", "SHARE": "i32", "WN": "constexpr", "BM": "constexpr", "BK": "constexpr"}
     const = {"WN": cfg["WN"], "BM": cfg["BM"], "BK": cfg["BK"]}
     src = ASTSource(_gemm_q4k_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})

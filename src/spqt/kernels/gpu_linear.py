@@ -91,10 +91,10 @@ def kept_config() -> str:
 
 
 def fused_gemm_runs(w, dtype: torch.dtype, rows: int) -> bool:
-    """Whether `rows` tokens of x in `dtype` times w run gemm_q4k (the blocks read in the GEMM) rather than dequantize
-    + cuBLAS: a zigzag Q4_K matrix, fp16 / bf16 x, at most gemm_q4k.MAX_TOKENS tokens (where it measured faster;
-    docs/RESULTS.md, twenty-ninth session). SPQT_PREFILL_GEMM=fused / =dequant forces one (measurement); read at
-    each call."""
+    """Whether `rows` rows of x in `dtype` (tokens times batch: a prefill's bucket, a perplexity batch) times w run
+    gemm_q4k (the blocks read in the GEMM) rather than dequantize + cuBLAS: a zigzag Q4_K matrix, fp16 / bf16 x, at
+    most gemm_q4k.MAX_TOKENS rows (where it measured faster; docs/RESULTS.md, twenty-ninth session).
+    SPQT_PREFILL_GEMM=fused / =dequant forces one (measurement); read at each call."""
     setting = os.environ.get("SPQT_PREFILL_GEMM", "")
     if setting == "dequant" or w.layout != "zigzag" or w.fmt != "q4_k" or dtype not in (torch.float16, torch.bfloat16):
         return False
