@@ -89,6 +89,7 @@
 #   scripts/gpu_session.sh check28b  a family test replayed on .old / this tree, the prefill graphs' and serve's gpu tests
 #   scripts/gpu_session.sh gemm29    the prefill GEMM that reads the blocks: its gpu tests and the prefill's, the probe
 #                                    (scripts/prefill_gemm_probe.py, GEMM29_ARGS), prefill_probe dequant / fused
+#   scripts/gpu_session.sh check29   CHECK29_TESTS in one process, in order (a test-order interaction replayed)
 #   scripts/gpu_session.sh final29   every gpu test (park first), the prefill with and without the GEMM, serve probe, decode
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -1248,6 +1249,14 @@ llama2-7b:now}" 90
     prefill_settings ${GEMM29_PREFILL_LIMIT:-100}
     (cd "$OUT" && tar czf results.tgz prefill-*.json gemm-probe.json && rm prefill-*.json gemm-probe.json)
     echo "gemm29: $(( $(date +%s) - start )) s"
+    ;;
+  check29)
+    # CHECK29_TESTS (pytest node ids) in one process, in that order: a test-order interaction replayed
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout 300 python3 -m pytest -q -m gpu -p no:randomly -rsxX $CHECK29_TESTS 2>&1 | tee "$OUT/check29-tests.log" \
+      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    echo "check29: $(( $(date +%s) - start )) s"
     ;;
   final29)
     # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the

@@ -599,6 +599,9 @@ def test_rope_attention_decode(rng, device, monkeypatch):
             ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 2),
              (64, 8, 128, 9100, 1)) if device == "cuda" else ()):
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
+        # a scratch of its own: a Generator's decode in this process made its entries under inference_mode, which the
+        # poisoning below may not write
+        monkeypatch.setattr(fused, "_ATTENTION_SCRATCH", {})
         launches = _Launches(fused._rope_attention_blocks_kernel)
         monkeypatch.setattr(fused, "_rope_attention_blocks_kernel", launches)
         L = pos + 100  # more blocks than the position's: idle programs
