@@ -61,15 +61,17 @@ def test_gemm_q4k_equals_dequantized_matmul(rng, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_linear_runs_the_gemm_for_short_prompts(rng, device, monkeypatch):
-    """TritonLinear's several-token product: gemm_q4k for fp16 zigzag Q4_K up to MAX_TOKENS tokens (the same sums
-    as dequantize + matmul within their roundings), dequantize + matmul for fp32, the row layout, more tokens, or
-    SPQT_PREFILL_GEMM=dequant."""
+    """TritonLinear's several-token product: gemm_q4k for fp16 zigzag Q4_K of at least MIN_WEIGHTS weights up to
+    MAX_TOKENS tokens (the same sums as dequantize + matmul within their roundings), dequantize + matmul for fp32, the
+    row layout, more tokens, a smaller map, or SPQT_PREFILL_GEMM=dequant."""
     from spqt.kernels import gpu_linear
     from spqt.kernels.gpu_linear import TritonLinear
 
-    calls = count_calls(monkeypatch, gpu_linear, "gemm_q4k")
+    calls = count_calls(monkeypatch, gq, "gemm_q4k")
     qw, _ = _matrix(rng, 300, 130, device)
     lin = TritonLinear(qw, torch.float16, device)
+    assert not gpu_linear.fused_gemm_runs(lin.w, torch.float16, 5)  # 39,000 weights
+    monkeypatch.setattr(gq, "MIN_WEIGHTS", 300 * 130)
     x = torch.from_numpy(rng.standard_normal((1, 5, 130)).astype(np.float32)).to(device=device, dtype=torch.float16)
     fused = lin.dense(x).clone()
     assert calls == [1] and fused.shape == (1, 5, 300)

@@ -429,14 +429,15 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_short_prompts_prefill_through_the_q4k_gemm(tiny_spqt, dtype, monkeypatch):
     """In fp16 / bf16 a prompt whose bucket holds at most gemm_q4k.MAX_TOKENS tokens runs the GEMM that reads the
-    blocks (SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS): the first-token logits of the two within rounding."""
-    from spqt.kernels import gpu_linear
-    from spqt.kernels.gemm_q4k import MAX_TOKENS
+    blocks (here for maps of any size; SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS): the first-token logits of the
+    two within rounding."""
+    from spqt.kernels import gemm_q4k
 
     loaded = load_spqt(tiny_spqt)
     rng = torch.Generator().manual_seed(6)
-    calls = count_calls(monkeypatch, gpu_linear, "gemm_q4k")
-    prompt = torch.randint(0, loaded.config.vocab_size, (MAX_TOKENS - 5,), generator=rng).tolist()
+    calls = count_calls(monkeypatch, gemm_q4k, "gemm_q4k")
+    monkeypatch.setattr(gemm_q4k, "MIN_WEIGHTS", 0)  # the tiny model's maps are far below it
+    prompt = torch.randint(0, loaded.config.vocab_size, (gemm_q4k.MAX_TOKENS - 5,), generator=rng).tolist()
     firsts = {}
     for setting in ("", "dequant"):
         monkeypatch.setenv("SPQT_PREFILL_GEMM", setting)

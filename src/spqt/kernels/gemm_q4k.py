@@ -33,6 +33,9 @@ BLOCK_WORDS = tl.constexpr(WORDS)  # the same, for the kernel
 PLANES = tl.constexpr(gpu_layout.PLANES)  # planes a block's words are split into
 PLANE_WORDS = tl.constexpr(WORDS // gpu_layout.PLANES)  # words of a block in one plane
 MAX_TOKENS = 32  # more rows: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
+# smaller maps: dequantize + cuBLAS (at 32 rows the 135M model's maps, 0.3-1.8 M weights, ran slower here: 1.75 against
+# 1.36 ms of a prefill's GPU time; a 7B's, 16.8 M and more, 1.2-2.1x faster; none measured between)
+MIN_WEIGHTS = 1 << 23
 
 
 @triton.jit

@@ -1,6 +1,6 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
 for one token (B2 / B4 for zigzag, B0 for row); several tokens: zigzag Q4_K's blocks read in a GEMM of their own
-(gemm_q4k, up to its MAX_TOKENS tokens), else dequantize + cuBLAS GEMM.
+(gemm_q4k: up to its MAX_TOKENS rows, maps of MIN_WEIGHTS and more), else dequantize + cuBLAS GEMM.
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less); in front of a dense
 map on the CUDA GEMV it runs inside the GEMV (dense_normed: no launch), where the map that wrote its input finished
@@ -33,7 +33,7 @@ from spqt.kernels import fused as kf
 from spqt.kernels import zigzag_cuda
 from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
-from spqt.kernels.gemm_q4k import MAX_TOKENS, gemm_q4k
+from spqt.kernels import gemm_q4k as kq
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.kernels.gpu_layout_types import GpuZigzag
 from spqt.kernels.gpu_layout_types import repack as repack_types
@@ -92,13 +92,14 @@ def kept_config() -> str:
 
 def fused_gemm_runs(w, dtype: torch.dtype, rows: int) -> bool:
     """Whether `rows` rows of x in `dtype` (tokens times batch: a prefill's bucket, a perplexity batch) times w run
-    gemm_q4k (the blocks read in the GEMM) rather than dequantize + cuBLAS: a zigzag Q4_K matrix, fp16 / bf16 x, at
-    most gemm_q4k.MAX_TOKENS rows (where it measured faster; docs/RESULTS.md, twenty-ninth session).
-    SPQT_PREFILL_GEMM=fused / =dequant forces one (measurement); read at each call."""
+    gemm_q4k (the blocks read in the GEMM) rather than dequantize + cuBLAS: a zigzag Q4_K matrix of at least
+    gemm_q4k.MIN_WEIGHTS weights, fp16 / bf16 x, at most gemm_q4k.MAX_TOKENS rows (where it measured faster;
+    docs/RESULTS.md, twenty-ninth session). SPQT_PREFILL_GEMM=fused / =dequant forces one (measurement); read at
+    each call."""
     setting = os.environ.get("SPQT_PREFILL_GEMM", "")
     if setting == "dequant" or w.layout != "zigzag" or w.fmt != "q4_k" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    return setting == "fused" or rows <= MAX_TOKENS
+    return setting == "fused" or (rows <= kq.MAX_TOKENS and w.shape[0] * w.shape[1] >= kq.MIN_WEIGHTS)
 
 
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
@@ -143,7 +144,7 @@ class TritonLinear:
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.k
         if fused_gemm_runs(self.w, x.dtype, rows):
-            return gemm_q4k(self.w, x.reshape(rows, self.k).contiguous()).view(*x.shape[:-1], self.n)
+            return kq.gemm_q4k(self.w, x.reshape(rows, self.k).contiguous()).view(*x.shape[:-1], self.n)
         w = kg.dequantize(self.w, x.dtype)
         return torch.nn.functional.linear(x, w)
 
