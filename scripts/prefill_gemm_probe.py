@@ -25,7 +25,7 @@ from spqt.kernels.gpu_layout import repack
 def variants(base: dict) -> list[tuple[str, dict]]:
     """One-factor variations of a config: (label, config)."""
     out = []
-    for key, values in (("WN", (8, 16)), ("BK", (32, 64, 128)), ("num_warps", (8,)), ("num_stages", (2, 4)),
+    for key, values in (("WN", (4, 8, 16)), ("BK", (32, 64, 128)), ("num_warps", (8,)), ("num_stages", (2, 4)),
                         ("BM", (base["BM"] // 2, base["BM"] * 2)), ("SPLIT", (max(1, base["SPLIT"] // 2),
                                                                               base["SPLIT"] * 2))):
         for v in values:

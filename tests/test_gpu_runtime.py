@@ -354,6 +354,25 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
         run_decode_benchmark(args, log=lines.append)
 
 
+def _check_padded_prefill(gen, eager, prompt: list[int], bucket: int) -> None:
+    """`prompt` generated (6 tokens) three times by `gen` (graphs on: eager, captured, replayed) and once by `eager`
+    (graphs off), fp32: the bucket captured at its second use, every run's tokens and first-token logits the first's
+    bit for bit, and those within 1e-3 of the range of an unpadded forward's."""
+    n = len(prompt)
+    runs = []
+    for gen_ in (gen, gen, gen, eager):
+        first = []
+        runs.append((gen_.generate(prompt, 6, track=False, on_logits=first.append).tokens, first[0]))
+    assert gen._prefills[bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
+    for tokens, logits in runs[1:]:
+        assert torch.equal(logits, runs[0][1]) and tokens == runs[0][0], f"{n} tokens"
+    with torch.inference_mode():
+        eager.model.setup_cache(1, eager.max_len, torch.float32)
+        plain = eager.model(torch.tensor([prompt], device="cuda"), torch.arange(n, device="cuda"))[0, -1].cpu()
+    span = float(plain.max() - plain.min())
+    assert float((plain - runs[0][1][0]).abs().max()) < 1e-3 * span, f"{n} tokens: padded vs unpadded"
+
+
 def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     """A CUDA prefill runs padded to its bucket (16, 32, ... tokens): eagerly at a bucket's first use, captured at
     its second, replayed after. Every run's first-token logits are the padded eager prefill's bit for bit and the
@@ -368,19 +387,7 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     rng = torch.Generator().manual_seed(3)
     for n in (5, 20, 16, 17):
         prompt = torch.randint(0, loaded.config.vocab_size, (n,), generator=rng).tolist()
-        runs = []
-        for gen_ in (gen, gen, gen, eager):
-            first = []
-            runs.append((gen_.generate(prompt, 6, track=False, on_logits=first.append).tokens, first[0]))
-        bucket = g.PREFILL_BUCKET_MIN if n <= g.PREFILL_BUCKET_MIN else 32
-        assert gen._prefills[bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
-        for tokens, logits in runs[1:]:
-            assert torch.equal(logits, runs[0][1]) and tokens == runs[0][0], f"{n} tokens"
-        with torch.inference_mode():
-            eager.model.setup_cache(1, 96, torch.float32)
-            plain = eager.model(torch.tensor([prompt], device="cuda"), torch.arange(n, device="cuda"))[0, -1].cpu()
-        span = float(plain.max() - plain.min())
-        assert float((plain - runs[0][1][0]).abs().max()) < 1e-3 * span, f"{n} tokens: padded vs unpadded"
+        _check_padded_prefill(gen, eager, prompt, g.PREFILL_BUCKET_MIN if n <= g.PREFILL_BUCKET_MIN else 32)
     long, short = list(range(3, 40)), [7, 8, 9]
     gen.generate(long, 4, track=False)
     fresh = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
@@ -412,18 +419,7 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):
     for n, bucket in ((300, 512), (700, 768)):
         assert gen._prefill_bucket(n) == bucket
         prompt = torch.randint(0, loaded.config.vocab_size, (n,), generator=rng).tolist()
-        runs = []
-        for gen_ in (gen, gen, gen, eager):
-            first = []
-            runs.append((gen_.generate(prompt, 6, track=False, on_logits=first.append).tokens, first[0]))
-        assert gen._prefills[bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
-        for tokens, logits in runs[1:]:
-            assert torch.equal(logits, runs[0][1]) and tokens == runs[0][0], f"{n} tokens"
-        with torch.inference_mode():
-            eager.model.setup_cache(1, 800, torch.float32)
-            plain = eager.model(torch.tensor([prompt], device="cuda"), torch.arange(n, device="cuda"))[0, -1].cpu()
-        span = float(plain.max() - plain.min())
-        assert float((plain - runs[0][1][0]).abs().max()) < 1e-3 * span, f"{n} tokens: padded vs unpadded"
+        _check_padded_prefill(gen, eager, prompt, bucket)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

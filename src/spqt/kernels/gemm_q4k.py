@@ -100,7 +100,7 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     wn, bk, stages = (8, 128, 3) if bm <= 32 else (16, 32, 2)
     tiles = triton.cdiv(n, 256) * (WORDS // wn) * triton.cdiv(m, bm)
     # shares where the tiles are too few for the SMs and K is long (a share's partial sums cost a launch to add)
-    split = 1 if k < 2048 else max(1, min(round(2 * sms / tiles), k // (4 * bk)))
+    split = 1 if k < 2048 else max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * bk)))
     chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": stages}
     override = os.environ.get("SPQT_GEMM_CONFIG", "")
     if override:
@@ -169,6 +169,6 @@ def compile_sm90(cfg: dict, dtype: str = "fp16", out: str = "fp32"):
     sig = {"x_ptr": f"*{dtype}", "q_ptr": "*i32", "h_ptr": "*i64", "out_ptr": f"*{out}", "M": "i32", "N": "i32",
            "K": "i32", "SHARE": "i32", "WN": "constexpr", "BM": "constexpr", "BK": "constexpr"}
     const = {"WN": cfg["WN"], "BM": cfg["BM"], "BK": cfg["BK"]}
-    src = ASTSource(_gemm_q4k_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(4)})
+    src = ASTSource(_gemm_q4k_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(8)})
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
