@@ -88,6 +88,15 @@ def test_linear_runs_the_gemm_for_short_prompts(rng, device, monkeypatch):
     assert not gpu_linear.fused_gemm_runs(row.w, torch.float16, 5)
 
 
+def test_rule_splits_the_7b_maps_as_measured():
+    """config()'s shares on an H200 (132 SMs) for the 7B's maps at 16 and 32 tokens: the splits measured fastest
+    (docs/RESULTS.md, twenty-ninth session); the 135M model's short maps (K < 2048) never split."""
+    for (n, k), split in {(12288, 4096): 2, (4096, 4096): 4, (4096, 11008): 4, (22016, 4096): 1, (960, 576): 1,
+                          (3072, 576): 1}.items():
+        for m in (16, 32):
+            assert gq.config(m, n, k, 132)["SPLIT"] == split, f"{n}x{k}, {m} tokens"
+
+
 def test_gemm_q4k_checks_its_contract():
     """fp32 or mis-shaped x, partials of the wrong shape, tiles the kernel cannot run (a WN past a block's words
     would launch no program and leave the output unwritten): one ValueError each."""

@@ -99,8 +99,10 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     bm = min(64, max(16, triton.next_power_of_2(m)))
     wn, bk, stages = (8, 128, 3) if bm <= 32 else (16, 32, 2)
     tiles = triton.cdiv(n, 256) * (WORDS // wn) * triton.cdiv(m, bm)
-    # shares where the tiles are too few for the SMs and K is long (a share's partial sums cost a launch to add)
-    split = 1 if k < 2048 else max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * bk)))
+    # shares where the tiles are too few for 2 programs an SM and K is long (their partial sums cost a launch to add):
+    # a 7B's q|k|v (192 tiles at 16 and 32 tokens) 2, its o and down maps (64 tiles) 4, gate|up (344) 1, the splits
+    # measured fastest on the H200 (ad44689, 687247f: 5 shares of 4096 columns left one short and ran 4-7 % slower)
+    split = 1 if k < 2048 or tiles >= 2 * sms else max(2, min(round(2 * sms / tiles), k // (4 * bk)))
     chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": stages}
     override = os.environ.get("SPQT_GEMM_CONFIG", "")
     if override:
