@@ -97,6 +97,19 @@ def test_rule_splits_the_7b_maps_as_measured():
             assert gq.config(m, n, k, 132)["SPLIT"] == split, f"{n}x{k}, {m} tokens"
 
 
+def test_gemm_config_override(monkeypatch):
+    """SPQT_GEMM_CONFIG replaces the rule's non-zero fields; anything but six integers is one clear error."""
+    from spqt.errors import SpqtError
+
+    rule = gq.config(16, 12288, 4096, 132)
+    monkeypatch.setenv("SPQT_GEMM_CONFIG", "16,0,64,0,8,0")
+    assert gq.config(16, 12288, 4096, 132) == rule | {"WN": 16, "BK": 64, "num_warps": 8}
+    for bad in ("16,0,64", "a,b,c,d,e,f", "1,2,3,4,5,6,7"):
+        monkeypatch.setenv("SPQT_GEMM_CONFIG", bad)
+        with pytest.raises(SpqtError, match="SPQT_GEMM_CONFIG needs 6"):
+            gq.config(16, 12288, 4096, 132)
+
+
 def test_gemm_q4k_checks_its_contract():
     """fp32 or mis-shaped x, partials of the wrong shape, tiles the kernel cannot run (a WN past a block's words
     would launch no program and leave the output unwritten): one ValueError each."""

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from spqt.errors import SpqtError
 from spqt.kernels import gpu_layout, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
 from spqt.kernels.q4k_bits import load_head, small_to_float, unpack_scales
@@ -106,9 +107,14 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": stages}
     override = os.environ.get("SPQT_GEMM_CONFIG", "")
     if override:
-        for key, value in zip(chosen, (int(v) for v in override.split(","))):
-            if value:
-                chosen[key] = value
+        try:
+            values = [int(v) for v in override.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(chosen):
+            raise SpqtError(f"SPQT_GEMM_CONFIG needs {len(chosen)} comma-separated integers (WN,BM,BK,SPLIT,WARPS,"
+                            f"STAGES; 0 keeps the rule's), got {override!r}")
+        chosen |= {key: value for key, value in zip(chosen, values) if value}
     return chosen
 
 
