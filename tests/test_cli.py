@@ -410,3 +410,11 @@ def test_probe_attribute_setups_restore_the_shipped_value(monkeypatch):
     with pytest.raises(RuntimeError):
         bench_decode.alternating_attribute_us(None, [1], owner, "KNOB", {"a": 1}, 2, 3)
     assert owner.KNOB == 7
+
+
+def test_invalid_thresholds_file_is_named(tiny_spqt, capsys, tmp_path):
+    """A --thresholds file of the right keys but wrong shapes: the one error line names that file, not the model."""
+    table = tmp_path / "bad-table.json"
+    table.write_text(json.dumps({"thresholds": {"unified": {"0.5": [[0.1, 0.1]]}}}))
+    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu", "--sparsity", "0.5",
+                    "--thresholds", str(table)], f"{table}: invalid thresholds")

@@ -218,7 +218,7 @@ def _load(args):
             raise SpqtError(f"{table_path}: not a thresholds file written by spqt calibrate --json ({e})") from None
         from spqt.sparsity import check_thresholds
 
-        check_thresholds(loaded.thresholds, loaded.config.n_layers, str(path))
+        check_thresholds(loaded.thresholds, loaded.config.n_layers, str(table_path))
     return loaded
 
 
