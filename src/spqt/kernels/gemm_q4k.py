@@ -171,12 +171,10 @@ def compile_sm90(cfg: dict, dtype: str = "fp16", out: str = "fp32"):
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas), for a config's tiles, x in
     `dtype` and the partial sums in `out` (x's dtype for one share): the compiled object (.asm["ttgir"], ["ptx"],
     ["cubin"]). For tests (tests/test_gemm_q4k.py); needs TRITON_INTERPRET unset."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from spqt.kernels.sass import compile_sm90 as compile_for_sm90
 
     sig = {"x_ptr": f"*{dtype}", "q_ptr": "*i32", "h_ptr": "*i64", "out_ptr": f"*{out}", "M": "i32", "N": "i32",
            "K": "i32", "SHARE": "i32", "WN": "constexpr", "BM": "constexpr", "BK": "constexpr"}
     const = {"WN": cfg["WN"], "BM": cfg["BM"], "BK": cfg["BK"]}
-    src = ASTSource(_gemm_q4k_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(8)})
     options = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_for_sm90(_gemm_q4k_kernel, sig, const, 8, options)

@@ -1,6 +1,6 @@
-"""SASS of a kernel compiled for Hopper without a GPU (zigzag_mma.compile_sm90,
-zigzag_types.compile_sm90), read with Triton's bundled nvdisasm and cuobjdump: the listing, the
-registers and stack, the instructions of the main loop. For scripts and tests."""
+"""Triton kernels compiled for Hopper without a GPU (compile_sm90: zigzag_mma's, zigzag_types', gemm_q4k's), and
+their SASS read with Triton's bundled nvdisasm and cuobjdump: the listing, the registers and stack, the
+instructions of the main loop. For scripts and tests."""
 
 import re
 import subprocess
@@ -13,6 +13,19 @@ def tool(name: str) -> str:
     import triton
 
     return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_sm90(kernel, signature: dict, constants: dict, divisible: int, options: dict):
+    """`kernel` (a triton.jit function) compiled for Hopper (sm_90) here, without a GPU (Triton's bundled ptxas):
+    signature maps each argument to its Triton type or "constexpr", constants the constexprs to their values, the
+    first `divisible` arguments are taken as multiples of 16 (as a launch specializes them), options are Triton's
+    (num_warps, ...). The compiled object: .asm["ttgir"], ["ptx"], ["cubin"]. Needs TRITON_INTERPRET unset."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    src = ASTSource(kernel, signature, constants, attrs={(i,): [["tt.divisibility", 16]] for i in range(divisible)})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def disassemble(cubin: bytes) -> tuple[str, int, int]:

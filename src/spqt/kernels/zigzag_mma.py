@@ -678,8 +678,7 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", ch
     """The kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the compiled
     object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and scripts/sass_report.py; needs
     TRITON_INTERPRET unset."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from spqt.kernels.sass import compile_sm90 as compile_for_sm90
 
     btype = {"fp16": BTYPE_FP16, "bf16": BTYPE_BF16, "fp32": BTYPE_BF16X3}[dtype]
     sig = {"q_ptr": "*i32", "h_ptr": "*i64", "x_ptr": f"*{dtype}", "t_ptr": "*fp32", "idx_ptr": "*i32",
@@ -690,9 +689,8 @@ def compile_sm90(num_warps: int, mode: int = MODE_DENSE, dtype: str = "fp16", ch
              "SCALE_LO": ROW_SCALES[btype][0], "SCALE_HI": ROW_SCALES[btype][1], "PDL": pdl,
              "FUSED": fused, "AHEAD": ahead, "ACC": acc, "PIPE": pipe}
     sig.update({name: "constexpr" for name in const})
-    src = ASTSource(_zigzag_mma_kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(10)})
     options = {"num_warps": num_warps} | ({"maxnreg": maxnreg} if maxnreg else {})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    return compile_for_sm90(_zigzag_mma_kernel, sig, const, 10, options)
 
 
 def reduce_block(num_warps: int) -> int:

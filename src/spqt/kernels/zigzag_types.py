@@ -582,8 +582,7 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     """One type's kernel compiled for Hopper here, without a GPU (Triton's bundled ptxas): the
     compiled object, with .asm["ttgir"], ["ptx"], ["cubin"]. For tests and probes; needs
     TRITON_INTERPRET unset."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from spqt.kernels.sass import compile_sm90 as compile_for_sm90
 
     common = {"x_ptr": f"*{dtype}", "idx_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32",
               "NP": "i32", "SPLIT": "i32", "magic": "i32"}
@@ -597,14 +596,12 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     const = {"MODE": mode, "BLOCK_K": block_k, "PDL": True, **const}
     sig = {**sig, **common, **{name: "constexpr" for name in const}}
     n_ptrs = sum(1 for v in sig.values() if v.startswith("*"))
-    src = ASTSource(kernel, sig, const, attrs={(i,): [["tt.divisibility", 16]] for i in range(n_ptrs)})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+    return compile_for_sm90(kernel, sig, const, n_ptrs, {"num_warps": num_warps})
 
 
 def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 32):
     """The dequantize kernel of one type compiled for Hopper without a GPU (as compile_sm90)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from spqt.kernels.sass import compile_sm90 as compile_for_sm90
 
     ptrs = {"q8_0": ("*i32", "*fp16", "*i32", "*i32"), "q6_k": ("*i32", "*i32", "*i8", "*fp16"),
             "q5_k": ("*i32", "*i32", "*i64", "*i32"), "q3_k": ("*i32", "*i32", "*i32", "*fp16"),
@@ -612,6 +609,4 @@ def compile_dequant_sm90(fmt: str, dtype: str = "fp16", block_k: int = 32):
     sig = dict(zip(("a_ptr", "b_ptr", "c_ptr", "d_ptr"), ptrs)) | {"out_ptr": f"*{dtype}", "N": "i32", "K": "i32",
                                                                    "magic": "i32",
                                                                    "FMT": "constexpr", "BLOCK_K": "constexpr"}
-    src = ASTSource(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k},
-                    attrs={(i,): [["tt.divisibility", 16]] for i in range(5)})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return compile_for_sm90(_dequant_kernel, sig, {"FMT": _FMT_IDS[fmt], "BLOCK_K": block_k}, 5, {"num_warps": 4})
