@@ -91,6 +91,7 @@
 #                                    (scripts/prefill_gemm_probe.py, GEMM29_ARGS), prefill_probe dequant / fused
 #   scripts/gpu_session.sh check29   CHECK29_TESTS in one process, in order (a test-order interaction replayed)
 #   scripts/gpu_session.sh final29   every gpu test (park first), the prefill with and without the GEMM, serve probe, decode
+#   scripts/gpu_session.sh dequant30 the prefill's dequantization: variants timed, Nsight Compute on two, the GEMM's tiles
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1257,6 +1258,30 @@ llama2-7b:now}" 90
     timeout 300 python3 -m pytest -q -m gpu -p no:randomly -rsxX $CHECK29_TESTS 2>&1 | tee "$OUT/check29-tests.log" \
       | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
     echo "check29: $(( $(date +%s) - start )) s"
+    ;;
+  dequant30)
+    # scripts/dequant_probe.py (DEQ30_ARGS), Nsight Compute on one launch of each "variant shape" in DEQ30_NCU (;
+    # between them), then scripts/prefill_gemm_probe.py with GEMM30_ARGS and --configs "$GEMM30_CONFIGS" where set
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${DEQ30_LIMIT:-150} python3 scripts/dequant_probe.py ${DEQ30_ARGS:-} --json "$OUT/dequant-probe.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/dequant-probe.log"
+    echo "dequant30 probe: $(( $(date +%s) - start )) s"
+    IFS=';' read -ra pairs <<< "${DEQ30_NCU-blocks:16:4 22016x4096;tile:4:128:4 22016x4096}"
+    for pair in "${pairs[@]}"; do
+      echo "== $pair" >> "$OUT/ncu-dequant.txt"
+      timeout 100 ncu --clock-control none -k regex:dequant -s 1 -c 1 --section SpeedOfLight --section Occupancy \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
+        python3 scripts/dequant_probe.py --ncu $pair >> "$OUT/ncu-dequant.txt" 2>&1
+    done
+    grep -E "^== |Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall" "$OUT/ncu-dequant.txt" | head -60
+    echo "dequant30 ncu: $(( $(date +%s) - start )) s"
+    if [ -n "${GEMM30_ARGS:-}${GEMM30_CONFIGS:-}" ]; then
+      timeout ${GEMM30_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM30_ARGS:-} --configs "${GEMM30_CONFIGS:-}" \
+        --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    fi
+    (cd "$OUT" && tar czf results.tgz *.json && rm -f *.json)
+    echo "dequant30: $(( $(date +%s) - start )) s"
     ;;
   final29)
     # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the

@@ -1,9 +1,10 @@
 """The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS against the GEMM that reads the
 blocks (kernels/gemm_q4k.py), per map shape and token count; with --sweep, gemm_q4k's rule against one-factor
-variations of its tile (which way each knob pays).
+variations of its tile (which way each knob pays); with --configs, against the tiles listed (six integers each, 0
+keeps the rule's value, as SPQT_GEMM_CONFIG).
 
     python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
-        [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--json OUT]
+        [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--configs WN,BM,BK,SPLIT,WARPS,STAGES;...] [--json OUT]
 
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """
@@ -40,8 +41,12 @@ def main():
     ap.add_argument("--tokens", default="16,32,64,256,1024")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-max", type=int, default=64, help="sweep token counts up to this")
+    ap.add_argument("--configs", default="", help="tiles to time beside the rule: WN,BM,BK,SPLIT,WARPS,STAGES;...")
     ap.add_argument("--json")
     args = ap.parse_args()
+    listed = [[int(v) for v in c.split(",")] for c in args.configs.split(";") if c]
+    if any(len(c) != 6 for c in listed):
+        raise SystemExit("--configs: six integers a tile (WN,BM,BK,SPLIT,WARPS,STAGES), tiles separated by ;")
     props = torch.cuda.get_device_properties(0)
     l2, sms = props.L2_cache_size, props.multi_processor_count
     rows = []
@@ -65,8 +70,13 @@ def main():
             row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us,
                    "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
             best = ("rule", rule_us)
-            if args.sweep and m <= args.sweep_max:
-                for label, cfg in variants(rule):
+            tried = variants(rule) if args.sweep and m <= args.sweep_max else []
+            for c in listed:
+                cfg = rule | {key: v for key, v in zip(("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages"), c) if v}
+                tried.append((",".join(str(cfg[key]) for key in ("WN", "BM", "BK", "SPLIT", "num_warps",
+                                                                  "num_stages")), cfg))
+            if tried:
+                for label, cfg in tried:
                     us = timed(lambda w, cfg=cfg: gq.gemm_q4k(w, x, cfg))
                     row["variants"][label] = us
                     best = min(best, (label, us), key=lambda b: b[1])
@@ -74,8 +84,8 @@ def main():
             tiles = ",".join(f"{key}={rule[key]}" for key in ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages"))
             print(f"{shape:>11s} {m:5d} tok: dequant+cuBLAS {base_us:8.1f} us, gemm_q4k {rule_us:8.1f} us "
                   f"({base_us / rule_us:5.2f}x; {tiles}; err {err:.1e})"
-                  + (f"; best {best[0]} {best[1]:.1f} us" if args.sweep else ""), flush=True)
-            if args.sweep and m <= args.sweep_max:
+                  + (f"; best {best[0]} {best[1]:.1f} us" if tried else ""), flush=True)
+            if tried:
                 print("      " + ", ".join(f"{label} {us:.1f}" for label, us in row["variants"].items()), flush=True)
         copies = gw = None  # freed before the next shape's
         torch.cuda.empty_cache()
