@@ -92,6 +92,8 @@
 #   scripts/gpu_session.sh check29   CHECK29_TESTS in one process, in order (a test-order interaction replayed)
 #   scripts/gpu_session.sh final29   every gpu test (park first), the prefill with and without the GEMM, serve probe, decode
 #   scripts/gpu_session.sh dequant30 the prefill's dequantization: variants timed, Nsight Compute on two, the GEMM's tiles
+#   scripts/gpu_session.sh tile30    the tile dequantization's gpu tests and the prefill's, its probe, the prefill before
+#                                    (.old, carried) / after
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1282,6 +1284,30 @@ llama2-7b:now}" 90
     fi
     (cd "$OUT" && tar czf results.tgz *.json && rm -f *.json)
     echo "dequant30: $(( $(date +%s) - start )) s"
+    ;;
+  tile30)
+    # The tile dequantization (q4k_tiles): its gpu tests, the GEMM's and the prefill's (TILE30_TESTS more; the default
+    # model's with both GGUF parts: park), scripts/dequant_probe.py (DEQ30_ARGS), then scripts/prefill_probe.py on the
+    # session start's tree (.old) and on this one (SPQT_PREFILL_GEMM unset; PREFILL_MODELS, PREFILL_TOKENS)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${TILE30_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
+      "tests/test_kernels.py::test_tile_dequantization_every_tile" "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
+      "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
+      "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
+      "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" ${TILE30_TESTS:-} 2>&1 \
+      | tee "$OUT/tile30-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    echo "tile30 tests: $(( $(date +%s) - start )) s"
+    timeout ${DEQ30_LIMIT:-150} python3 scripts/dequant_probe.py ${DEQ30_ARGS:-} --json "$OUT/dequant-probe.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/dequant-probe.log"
+    echo "tile30 probe: $(( $(date +%s) - start )) s"
+    for tree in before after; do
+      [ $tree = before ] && [ ! -d .old/src ] && continue
+      PYTHONPATH="$(tree_path $tree)" prefill_probe ${TILE30_PREFILL_LIMIT:-120}
+      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"; mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
+    done
+    (cd "$OUT" && tar czf results.tgz *.json && rm -f *.json)
+    echo "tile30: $(( $(date +%s) - start )) s"
     ;;
   final29)
     # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the

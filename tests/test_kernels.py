@@ -9,7 +9,7 @@ import torch
 import spqt
 from spqt.checkpoint import QuantizedWeight
 from spqt.kernels import gemv as kg
-from spqt.kernels import gpu_layout, reference
+from spqt.kernels import gpu_layout, q4k_tiles, reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
@@ -95,6 +95,59 @@ def test_gpu_layout_repack_is_exact(rng, device):
                 for r in range(rows):
                     assert torch.equal(gw.head[r // 4, :, r % 4], canonical[r])
                 assert not gw.head.permute(0, 2, 1, 3).reshape(-1, cols, 4)[rows:].any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_tile_dequantization_every_tile(rng, device):
+    """q4k_tiles.dequantize (gemv.dequantize's zigzag Q4_K path, the prefill's fp16 / bf16 weights for cuBLAS) with
+    every tile width and a short, a partial and a whole column block, into poisoned outputs: the reference's weights
+    rounded to the output's dtype, padding rows cut off (bf16 on the GPU: the interpreter truncates to it)."""
+    shapes = [(300, 130), (513, 24)] if device == "cpu" else [(2311, 777), (4096, 4096), (11008, 4096)]
+    dtypes = (torch.float16, torch.float32) if device == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
+    for shape in shapes:
+        qw, gw = _weights(rng, shape, "zigzag", device)
+        ref = qw.dequantize().to(device)
+        for wn, bk in ((4, 128), (8, 16), (16, 32), (32, 64)):
+            for dtype in dtypes:
+                out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                q4k_tiles.dequantize(gw, dtype, out, wn, bk)
+                assert torch.equal(out, ref.to(dtype)), f"{shape} WN {wn} BK {bk} {dtype}"
+        assert torch.equal(kg.dequantize(gw, dtypes[-2]), ref.to(dtypes[-2]))  # the shipped tile, fp16 / bf16
+    with pytest.raises(ValueError, match="runs zigzag Q4_K"):
+        q4k_tiles.dequantize(_weights(rng, (64, 40), "row", device)[1])
+    with pytest.raises(ValueError, match="contiguous"):
+        q4k_tiles.dequantize(gw, torch.float16, torch.empty(shape[1], shape[0], device=device).t())
+
+
+_DEQUANT_SM90 = """
+import json
+from spqt.kernels import q4k_tiles, sass
+sig = {"q_ptr": "*i32", "h_ptr": "*i64", "out_ptr": "*fp16", "N": "i32", "K": "i32", "WN": "constexpr",
+       "BK": "constexpr"}
+kernel = sass.compile_sm90(q4k_tiles._dequant_kernel, sig, {"WN": q4k_tiles.DEQUANT_WN, "BK": q4k_tiles.DEQUANT_BK}, 5,
+                           {"num_warps": 4})
+listing, registers, stack = sass.disassemble(kernel.asm["cubin"])
+stores = [sass.opcode(line) for line in sass.instructions(listing) if "STG" in line]
+print(json.dumps([registers, stack, stores]))
+"""
+
+
+def test_tile_dequantization_fills_the_sm_for_sm90():
+    """What made the tile dequantization 1.7x the block kernel's rate on the H200 (scripts/dequant_probe.py): the
+    shipped tile compiled for sm_90 here (no GPU; a child process, as TRITON_INTERPRET replaces the compiler; N and K
+    multiples of 16 as a model's maps specialize) takes at most 32 registers a thread (16 programs of 4 warps an SM,
+    every warp slot) and stores 16 bytes a lane at a time, without spills."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _DEQUANT_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    registers, stack, stores = json.loads(run.stdout.splitlines()[-1])
+    assert registers <= 32 and stack == 0, (registers, stack)
+    assert stores and all(op == "STG.E.128" for op in stores), stores
 
 
 @pytest.mark.parametrize("device", DEVICES)

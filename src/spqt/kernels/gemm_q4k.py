@@ -1,18 +1,10 @@
 """Zigzag Q4_K times several tokens on the tensor cores, reading the blocks themselves: Y = X W^T.
 
 The prefill's other path dequantizes a whole map to X's dtype and hands it to cuBLAS: for a short prompt it writes
-and reads back 3.6 bytes a weight where the blocks hold 0.56 (a 7B-shaped model: ~8 ms of a 64-token prefill's 13).
-Here each program decodes a tile of the weights in registers, as the dequant kernel would (the same float32
-arithmetic, rounded to X's dtype: the same weights), and multiplies it into its tokens with tl.dot.
-
-Tile. A program owns WN of a block's 32 level words (gpu_layout.py: zigzag quants (R, PLANES, K, 16) int32, the 128
-level bytes of column c's block of superblock row r) for every column of its share of K, so 8 WN output rows, and
-BM tokens. Word w's nibble s (bits 4 s .. 4 s + 3) is tile row t = 8 w + s, which is block byte b = 4 w + s // 2,
-lane group g = b // 16, index m = b % 16, and row e = 16 m + 8 (s % 2) + g of the superblock row (gpu_layout.py's
-zigzag order): the rows are permuted, the weights loaded as they lie (one (BK, WN) int32 load a step, WN words of
-each column contiguous) and the permutation undone in the store. Row t's sub-block (its scale and min) is
-e // 32 = m // 2 = 2 (w % 4) + s // 4, so the (BK, WN, 8) levels reshape to (BK, WN / 4, 4, 2, 4) and meet the
-(BK, 4, 2) scales by broadcasting.
+and reads back 3.6 bytes a weight where the blocks hold 0.56. Here each program decodes a tile of the weights in
+registers (q4k_tiles: WN of a block's words for every column of its share of K, so 8 WN output rows, permuted; the
+dequantization's float32 arithmetic, rounded to X's dtype: the same weights) and multiplies BM tokens by it with
+tl.dot; the permutation is undone in the store.
 
 Split-K. Short prompts give few tiles (a 7B's q|k|v at 16 tokens: 96), so the columns are cut into SPLIT shares whose
 float32 partial sums the caller adds in a fixed order (torch's sum over the share axis): deterministic."""
@@ -25,49 +17,13 @@ import triton
 import triton.language as tl
 
 from spqt.errors import SpqtError
-from spqt.kernels import gpu_layout, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
-from spqt.kernels.q4k_bits import load_head, small_to_float, unpack_scales
+from spqt.kernels.q4k_tiles import WORDS, decode_tile, tile_setup
 
-WORDS = 32  # level words (int32) of a block: 256 4-bit levels
-BLOCK_WORDS = tl.constexpr(WORDS)  # the same, for the kernel
-PLANES = tl.constexpr(gpu_layout.PLANES)  # planes a block's words are split into
-PLANE_WORDS = tl.constexpr(WORDS // gpu_layout.PLANES)  # words of a block in one plane
 MAX_TOKENS = 32  # more rows: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
 # smaller maps: dequantize + cuBLAS (at 32 rows the 135M model's maps, 0.3-1.8 M weights, ran slower here: 1.75 against
 # 1.36 ms of a prefill's GPU time; a 7B's, 16.8 M and more, 1.2-2.1x faster; none measured between)
 MIN_WEIGHTS = 1 << 23
-
-
-@triton.jit
-def _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN: tl.constexpr, BK: tl.constexpr):
-    """Words `word` (WN,) of superblock row r's blocks in columns `cols` (BK,; `live` masks them), decoded: (BK, 8 WN)
-    float32, tile row t = 8 (word t // 8) + nibble t % 8 (_tile_setup gives their matrix rows). shifts: the
-    (1, 1, 1, 2, 4) nibble shifts 4 s of the module docstring's (WN / 4, 4, 2, 4) view."""
-    words = tl.load(q_ptr + ((r * PLANES + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
-                    + word[None, :] % PLANE_WORDS, mask=live[:, None], other=0)  # (BK, WN)
-    levels = (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
-    d, dmin, h1, h2, h3 = load_head(h_ptr, zigzag_mma.head_index(r, cols, K), live)
-    sc, mn = unpack_scales(h1[:, None], h2[:, None], h3[:, None], tl.arange(0, 8)[None, :])  # (BK, 8) each
-    scale = tl.reshape(d[:, None] * sc, (BK, 1, 4, 2, 1))
-    minimum = tl.reshape(dmin[:, None] * mn, (BK, 1, 4, 2, 1))
-    return tl.reshape(scale * small_to_float(levels) - minimum, (BK, 8 * WN))  # formats/q4_k.decode's order
-
-
-@triton.jit
-def _tile_setup(WN: tl.constexpr):
-    """Program axis 0 -> (superblock row r, its words (WN,), the nibble shifts (1, 1, 1, 2, 4) of _decode_tile, the
-    matrix rows (8 WN,) of the tile's rows)."""
-    GROUPS: tl.constexpr = BLOCK_WORDS // WN
-    tile = tl.program_id(0)
-    r = tile // GROUPS
-    w0 = (tile % GROUPS) * WN
-    word = w0 + tl.arange(0, WN)  # the block's words 0..31: plane word // 16, word % 16 in it
-    nibble = (tl.arange(0, 2)[:, None] * 4 + tl.arange(0, 4)[None, :])  # (2, 4): s = 4 (s // 4) + s % 4
-    shifts = (4 * nibble)[None, None, None, :, :]
-    t = tl.arange(0, 8 * WN)
-    b = 4 * (w0 + t // 8) + (t % 8) // 2  # the block byte of tile row t
-    return r, word, shifts, r * 256 + 16 * (b % 16) + 8 * (t % 2) + b // 16
 
 
 @triton.jit
@@ -77,7 +33,7 @@ def _gemm_q4k_kernel(x_ptr, q_ptr, h_ptr, out_ptr, M, N, K, SHARE, WN: tl.conste
     out (SPLIT, M, N) row-major (float32 partial sums, or x's dtype when SPLIT is 1). Program (tile, token block,
     share): words w0 .. w0 + WN - 1 of superblock row r (tile = r * 32 / WN + w0 / WN), tokens BM pid_m ..,
     columns SHARE s .. SHARE (s + 1) - 1."""
-    r, word, shifts, row = _tile_setup(WN)
+    r, word, shifts, row = tile_setup(WN)
     tokens = tl.program_id(1) * BM + tl.arange(0, BM)
     k_lo = tl.program_id(2) * SHARE
     k_hi = tl.minimum(k_lo + SHARE, K)
@@ -85,7 +41,7 @@ def _gemm_q4k_kernel(x_ptr, q_ptr, h_ptr, out_ptr, M, N, K, SHARE, WN: tl.conste
     for k0 in range(k_lo, k_hi, BK):
         cols = k0 + tl.arange(0, BK)
         live = cols < k_hi
-        w = _decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN, BK)
+        w = decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN, BK)
         xs = tl.load(x_ptr + tokens[:, None] * K + cols[None, :], mask=(tokens[:, None] < M) & live[None, :],
                      other=0.0)
         acc = tl.dot(xs, w.to(x_ptr.dtype.element_ty), acc)
