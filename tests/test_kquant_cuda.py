@@ -131,21 +131,16 @@ def _assert_near_model(y, model, x_used, w_mag, what):
                                     pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fmt", TYPES)
 def test_cuda_planes_dequant_kernel(rng, fmt, device, monkeypatch):
-    """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half) equals the format's own decode, into
-    poisoned row-major and column-major outputs; by default column-major (a transposed view of (K, N)), in fp16."""
+    """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
         qw = _random_blocks(rng, fmt, shape)
         qw = QuantizedWeight(qw.blocks.to(device), fmt, "zigzag", shape)
         gw = _planes(qw, device)
-        ref = qw.dequantize()
-        for out in (torch.full(shape, float("nan"), device=device),
-                    torch.full(shape[::-1], float("nan"), device=device).t()):
-            kg.dequantize(gw, torch.float32, out=out)
-            assert torch.equal(out, ref), (shape, out.stride())
-        default = kg.dequantize(gw, torch.float16)
-        assert default.shape == shape and default.t().is_contiguous() and torch.equal(default, ref.half()), shape
+        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
+        kg.dequantize(gw, torch.float32, out=out)
+        assert torch.equal(out, qw.dequantize()), shape
 
 
 @pytest.mark.gpu
