@@ -8,8 +8,8 @@ time on a 7B-sized model): the shipped block kernel against variants, GB/s read 
 
 Variants: blocks:B:W (gemv._dequant_kernel, B blocks a program, W warps; blocks:16:4 shipped until 2b11204),
 tile:WN:BK:W (q4k_tiles._dequant_kernel, a program WN words x BK columns; tile:4:128:4 ships since); deq:B
-(gemv.dequantize into a row-major (N, K), its block kernels at B blocks a program: every type, the CUDA GEMV's
-layout), deqT:B (the same into a column-major one); --types' other types run the deq / deqT variants only.
+(gemv.dequantize as the runtime calls it, its block kernels at B blocks a program: every type, the CUDA GEMV's
+layout; --types' other types run the deq variants only).
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """
 
@@ -26,14 +26,14 @@ from spqt.kernels import gemv as kg
 from spqt.kernels import q4k_tiles as qt
 from spqt.kernels.gpu_layout import repack
 
-DEFAULT_VARIANTS = "deq:16,deqT:16,deqT:8,deqT:32,blocks:16:4,blocks:32:4,blocks:64:8,tile:16:64:4,tile:8:64:4,tile:4:128:4,tile:4:256:4,tile:16:32:4"
+DEFAULT_VARIANTS = "deq:16,deq:8,deq:4,blocks:16:4,blocks:32:4,blocks:64:8,tile:16:64:4,tile:8:64:4,tile:4:128:4,tile:4:256:4,tile:16:32:4"
 
 
 def launcher(spec: str):
     """A variant's name -> fn(w, out)."""
     kind, *nums = spec.split(":")
     vals = [int(v) for v in nums]
-    if kind in ("deq", "deqT"):
+    if kind == "deq":
 
         def run(w, out):
             kg.DEQUANT_BLOCKS = vals[0]
@@ -69,41 +69,30 @@ def make(shape, fmt: str = "q4_k"):
     return repack(QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k)), "cuda")
 
 
-def time_shape(fmt: str, shape, variants, props, gemm_tokens=()) -> dict:
-    """Every variant (deq / deqT only for a type other than q4_k) on one shape, and (q4_k) cuBLAS's product of
-    gemm_tokens tokens with the dequantized weights row-major and column-major: a row, also printed."""
+def time_shape(fmt: str, shape, variants, props) -> dict:
+    """Every variant (deq only for a type other than q4_k) on one shape: a row, also printed."""
     n, k = shape
     gw = make(shape, fmt)
-    ref = kg.dequantize(gw, torch.float16).contiguous()
+    ref = kg.dequantize(gw, torch.float16)
     copies = weight_copies(gw, max(2, triton.cdiv(4 * props.L2_cache_size, gw.nbytes)))
     outs = [torch.empty((n, k), dtype=torch.float16, device="cuda") for _ in range(2)]
-    outs_t = [torch.empty((k, n), dtype=torch.float16, device="cuda").t() for _ in range(2)]
     nbytes = gw.nbytes + 2 * n * k
     fill_us = 1e6 * time_graph([lambda o=outs[i % 2]: o.fill_(1.0) for i in range(16)])
     row = {"type": fmt, "shape": f"{n}x{k}", "bytes": nbytes, "fill_us": fill_us, "fill_gbps": 2 * n * k / fill_us / 1e3,
            "variants": {}}
     line = [f"{fmt} {n:>5d}x{k:<5d} ({nbytes / 1e6:6.1f} MB): fill {row['fill_gbps']:6.0f} GB/s"]
     for spec in variants:
-        if fmt != "q4_k" and not spec.startswith("deq"):
+        if fmt != "q4_k" and not spec.startswith("deq:"):
             continue
         run = launcher(spec)
-        pool = outs_t if spec.startswith("deqT:") else outs
-        check = torch.full_like(pool[0], float("nan"))
+        check = torch.full((n, k), float("nan"), dtype=torch.float16, device="cuda")
         run(gw, check)
         exact = bool(torch.equal(check, ref))
-        us = 1e6 * time_graph([lambda w=copies[i % len(copies)], o=pool[i % 2]: run(w, o)
+        us = 1e6 * time_graph([lambda w=copies[i % len(copies)], o=outs[i % 2]: run(w, o)
                                for i in range(max(16, len(copies)))])
         row["variants"][spec] = {"us": us, "gbps": nbytes / us / 1e3, "exact": exact}
         line.append(f"{spec} {us:7.1f} us {nbytes / us / 1e3:6.0f} GB/s{'' if exact else ' WRONG'}")
     kg.DEQUANT_BLOCKS = 16
-    for m in gemm_tokens if fmt == "q4_k" else ():  # cuBLAS on the row-major weights against the column-major ones
-        x = torch.randn(m, k, device="cuda").half()
-        for name, pool in (("rows", outs), ("cols", outs_t)):
-            for o in pool:
-                o.copy_(ref)
-            us = 1e6 * time_graph([lambda o=pool[i % 2]: torch.nn.functional.linear(x, o) for i in range(16)])
-            row["variants"][f"gemm{m}-{name}"] = {"us": us}
-            line.append(f"cuBLAS {m} tok {name} {us:6.1f} us")
     print("; ".join(line), flush=True)
     return row
 
@@ -113,7 +102,6 @@ def main():
     ap.add_argument("--shapes", default="12288x4096,4096x4096,22016x4096,4096x11008")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS)
     ap.add_argument("--types", default="q4_k")
-    ap.add_argument("--gemm-tokens", default="", help="q4_k: cuBLAS with row- / column-major weights at these M")
     ap.add_argument("--ncu", nargs=2, metavar=("VARIANT", "SHAPE"))
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -131,8 +119,7 @@ def main():
     rows = []
     for fmt in args.types.split(","):
         for shape in args.shapes.split(","):
-            rows.append(time_shape(fmt, tuple(int(v) for v in shape.split("x")), args.variants.split(","), props,
-                                   [int(m) for m in args.gemm_tokens.split(",") if m]))
+            rows.append(time_shape(fmt, tuple(int(v) for v in shape.split("x")), args.variants.split(","), props))
             torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

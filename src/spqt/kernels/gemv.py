@@ -116,9 +116,8 @@ def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, magic, SPARSE: tl.c
 
 @triton.jit
 def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr,
-                    f_ptr=None, FIFTH: tl.constexpr = False, d_ptr=None, SIX: tl.constexpr = False,
-                    TRANSPOSED: tl.constexpr = False):
-    """Blocks -> out (N, K) row-major in out's dtype (TRANSPOSED: (K, N), a zigzag block's rows contiguous). Block bid = (grid row rr, grid col cc);
+                    f_ptr=None, FIFTH: tl.constexpr = False, d_ptr=None, SIX: tl.constexpr = False):
+    """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc);
     weight e = 32 j + i of a block (sub-block j) sits in the word and bit the layout says
     (gpu_layout.py): row layout word e // 8, bits 4 (e % 8); zigzag byte 16 g + m for
     e = 16 m + 8 h + g, bits 4 h of that byte. Heads: row layout block bid, zigzag grouped
@@ -169,7 +168,7 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constex
         row = rr[:, None, None] + e * 0
         col = cc[:, None, None] * 256 + e
     ok = mb[:, None, None] & (row < N) & (col < K)
-    tl.store(out_ptr + (col * N + row if TRANSPOSED else row * K + col), w.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -181,13 +180,12 @@ def _column_superblocks(COLS, TOTAL, BLOCK_B: tl.constexpr):
 
 
 @triton.jit
-def _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K, TRANSPOSED: tl.constexpr):
-    """w (BLOCK_B, ...): weight e of column-superblock (rr, cc) -> out[256 rr + e, cc] in out's dtype (TRANSPOSED:
-    out[cc, 256 rr + e]; rows past N and masked superblocks skipped; mbk the mask broadcast as e)."""
+def _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K):
+    """w (BLOCK_B, ...): weight e of column-superblock (rr, cc) -> out[256 rr + e, cc] in out's dtype (rows past N
+    and masked superblocks skipped; mbk the mask broadcast as e)."""
     row = rr[:, None, None] * 256 + e
     col = cc[:, None, None] + e * 0
-    tl.store(out_ptr + (col * N + row if TRANSPOSED else row * K + col), w.to(out_ptr.dtype.element_ty),
-             mask=mbk & (row < N))
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
 
 
 @triton.jit
@@ -203,8 +201,7 @@ def _low_pairs(q_ptr, rr, cc, COLS, e, mbk):
 
 
 @triton.jit
-def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr,
-                         TRANSPOSED: tl.constexpr = False):
+def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
     """Zigzag Q8_0 in the CUDA GEMV's layout (gpu_layout_q8_0.py) -> out (N, K) row-major in out's dtype.
     Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group
     g) is byte 16 (g % 4) + 2 (m % 8) + h of the column's 64 bytes in plane 2 (m // 8) + g // 4 (q_ptr int32),
@@ -222,12 +219,11 @@ def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.c
     unit = zigzag_mma.head_index(rr, cc, COLS)
     d = tl.load(d_ptr + unit[:, None, None] * 8 + e // 32, mask=mb[:, None, None], other=0.0).to(tl.float32)
     w = d * (u - 128).to(tl.float32)
-    _store_column_superblocks(out_ptr, w, rr, cc, e, mb[:, None, None], N, K, TRANSPOSED)
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mb[:, None, None], N, K)
 
 
 @triton.jit
-def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr,
-                        TRANSPOSED: tl.constexpr = False):
+def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
     """Zigzag Q3_K in the CUDA GEMV's layout (gpu_layout_q3k.py) -> out (N, K) row-major in out's dtype.
     Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group g):
     low pair in word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h,
@@ -255,12 +251,11 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_
     dw = tl.load(h_ptr + unit + 3, mask=mbk, other=0)
     d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     w = (d * (s - 32).to(tl.float32)) * (q - 4).to(tl.float32)
-    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K, TRANSPOSED)
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
 
 
 @triton.jit
-def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr,
-                        TRANSPOSED: tl.constexpr = False):
+def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
     """Zigzag Q2_K in the CUDA GEMV's layout (gpu_layout_q2k.py) -> out (N, K) row-major in out's dtype.
     Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g: level in word
     2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h, u = (m // 2) % 4;
@@ -277,7 +272,7 @@ def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B
     d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     dmin = ((dw >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
     w = (d * (byte & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (byte >> 4).to(tl.float32)
-    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K, TRANSPOSED)
+    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
 
 
 # ---------------------------------------------------------------- launchers
@@ -456,37 +451,25 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
     zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes,
     gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
-    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes). out, where given: (N, K), row-major or
-    column-major (out.t() contiguous), written in its layout. Else the faster one: row-major for Q4_K (the zigzag
-    tile kernel, the row layout's blocks along rows), column-major for the other zigzag types (a block's 256 rows
-    then lie in 512 contiguous bytes; row-major they lie 2 K bytes apart, and the block kernels wrote 32-byte
-    pieces of rows at ~60 % of the rate: scripts/dequant_probe.py): a transposed view of a (K, N) buffer."""
+    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes)."""
+    if w.fmt == "q4_k" and w.layout == "zigzag":  # a tile of words a program: 1.7x the block kernel's rate here
+        return q4k_tiles.dequantize(w, dtype, out)
     n, k = w.shape
-    device = w.quants.device
-    if out is None:
-        by_rows = w.fmt == "q4_k"
-        out = torch.empty((n, k) if by_rows else (k, n), dtype=dtype, device=device)
-        out = out if by_rows else out.t()
-    if out.shape != (n, k) or not (out.is_contiguous() or out.t().is_contiguous()):
-        raise ValueError(f"dequantize's out must be ({n}, {k}), row- or column-major, got {tuple(out.shape)}")
-    transposed = not out.is_contiguous()
-    if w.fmt == "q4_k" and w.layout == "zigzag" and not transposed:  # a tile of words a program: 1.7x the block
-        return q4k_tiles.dequantize(w, dtype, out)                     # kernel's rate here
+    out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
     total = rows * cols
     block_b = DEQUANT_BLOCKS
     grid = (triton.cdiv(total, block_b),)
     if w.fmt in _PLANES_DEQUANT:
         kernel, arrays = _PLANES_DEQUANT[w.fmt]
-        kernel[grid](*(getattr(w, a) for a in arrays), out, n, k, cols, total, BLOCK_B=block_b, num_warps=4,
-                     TRANSPOSED=transposed)
+        kernel[grid](*(getattr(w, a) for a in arrays), out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
         return out
     if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
         _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,
-                              BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True, TRANSPOSED=transposed)
+                              BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True)
         return out
     fifth = getattr(w, "fifth", None)
     _dequant_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
                           ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4,
-                          f_ptr=fifth, FIFTH=fifth is not None, TRANSPOSED=transposed)
+                          f_ptr=fifth, FIFTH=fifth is not None)
     return out
