@@ -1,6 +1,6 @@
 """Time to the first token: the dense prefill of a prompt on CUDA, per prompt length, and where it goes.
 
-    python3 scripts/prefill_probe.py [--models default,synthetic:llama2-7b] [--tokens 8,17,64,257,512,1025,2048] [--json OUT]
+    python3 scripts/prefill_probe.py [--models default,synthetic:llama2-7b[:TYPE]] [--tokens 8,17,64,257,512,1025,2048] [--json OUT]
 
 For each model and prompt length: the prefill as `Generator.generate` times it (the prompt's forward pass and the
 first token's sampling, synchronised; median of --reps after two warm-ups), then one prefill under torch.profiler,
@@ -35,7 +35,8 @@ def load(model: str, max_len: int):
         from spqt.default_model import default_spqt
 
         return load_spqt(default_spqt(progress=False))
-    return synthetic_model(model.split(":", 1)[1], "zigzag", max_len)
+    _, name, *fmt = model.split(":")  # synthetic:NAME[:TYPE], e.g. synthetic:llama2-7b:q6_k
+    return synthetic_model(name, "zigzag", max_len, *fmt)
 
 
 def prefill_row(gen: Generator, tokens: int, reps: int) -> dict:
