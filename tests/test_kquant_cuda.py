@@ -127,20 +127,75 @@ def _assert_near_model(y, model, x_used, w_mag, what):
     assert not (err > tol).any(), f"{what}: {int((err > tol).sum())} outputs off the fp16-B model"
 
 
+# type_tiles' tiles (lane groups, columns) the dequant test runs beside the shipped one (TILES), with their dtypes
+OTHER_TILES = [((2, 64), (torch.float32,)), ((4, 32), (torch.float16,))]
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", id="interp"),
                                     pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("fmt", TYPES)
 def test_cuda_planes_dequant_kernel(rng, fmt, device, monkeypatch):
-    """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half) equals the format's own decode."""
+    """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half: type_tiles' kernel at its shipped
+    tile) and the kernel at other tiles, into poisoned outputs on shapes that are not multiples of 256 or of a tile,
+    equal the format's own decode rounded to the output's dtype (bf16 on the GPU only: the interpreter truncates)."""
+    from spqt.kernels import type_tiles
+
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    for shape in ((300, 75), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777)):
+    shapes = ((300, 75), (513, 24), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777))
+    dtypes = (torch.float32, torch.float16) if device == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
+    for shape in shapes:
         qw = _random_blocks(rng, fmt, shape)
         qw = QuantizedWeight(qw.blocks.to(device), fmt, "zigzag", shape)
         gw = _planes(qw, device)
-        out = torch.full(shape, float("nan"), dtype=torch.float32, device=device)
-        kg.dequantize(gw, torch.float32, out=out)
-        assert torch.equal(out, qw.dequantize()), shape
+        ref = qw.dequantize()
+        for dtype in dtypes:
+            out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+            kg.dequantize(gw, dtype, out=out)
+            assert torch.equal(out, ref.to(dtype)), f"{shape} shipped tile {type_tiles.TILES[fmt]} {dtype}"
+        for (groups, bk), tile_dtypes in OTHER_TILES:
+            for dtype in tile_dtypes if device == "cpu" else dtypes:
+                out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                type_tiles.dequantize(gw, dtype, out, groups, bk)
+                assert torch.equal(out, ref.to(dtype)), f"{shape} {groups} lane groups x {bk} columns {dtype}"
+    with pytest.raises(ValueError, match="contiguous"):
+        type_tiles.dequantize(gw, torch.float16, torch.empty(shape[0], 2 * shape[1], device=device)[:, ::2])
+    with pytest.raises(ValueError, match="lane groups"):
+        type_tiles.dequantize(gw, torch.float16, groups=8)
+
+
+_TILES_SM90 = """
+import json
+from spqt.kernels import sass, type_tiles
+found = {}
+for fmt in type_tiles.TILES:
+    listing, registers, stack = sass.disassemble(type_tiles.compile_sm90(fmt).asm["cubin"])
+    ops = [sass.opcode(line) for line in sass.instructions(listing)]
+    found[fmt] = [registers, stack, [op for op in ops if op.startswith("STG")], [op for op in ops if op.startswith("LDG")]]
+print(json.dumps(found))
+"""
+
+
+def test_type_tiles_fill_the_sm_for_sm90():
+    """Each type's shipped tile (type_tiles.TILES) compiled for sm_90 here (one child process for all, without
+    TRITON_INTERPRET; pointers, N and K multiples of 16 as a model's maps specialize), what made q4k_tiles' kernel
+    fast on the H200 (tests/test_kernels.py::test_tile_dequantization_fills_the_sm_for_sm90): at most 32 registers a
+    thread (every warp slot of an SM at 4 warps a program), no spills, 16-byte stores only, and each array a column
+    needs read as one vector (at most 4 loads a thread: no load a weight)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _TILES_SM90], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    found = json.loads(run.stdout.splitlines()[-1])
+    assert sorted(found) == sorted(TYPES)
+    for fmt, (registers, stack, stores, loads) in found.items():
+        assert registers <= 32 and stack == 0, (fmt, registers, stack)
+        assert stores and all(op == "STG.E.128" for op in stores), (fmt, stores)
+        assert len(loads) <= 4, (fmt, loads)
 
 
 @pytest.mark.gpu

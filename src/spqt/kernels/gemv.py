@@ -28,10 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.kernels import q4k_tiles, zigzag_cuda, zigzag_mma
+from spqt.kernels import q4k_tiles, type_tiles, zigzag_cuda, zigzag_mma
 from spqt.kernels.gpu_layout import GpuQ4K
 from spqt.kernels.q4k_bits import MAGIC, load_head, nibble_at, unpack_scales
-from spqt.kernels.zigzag_mma import PLANES
 
 MODE_DENSE, MODE_STATIC, MODE_INDEXED = zigzag_mma.MODE_DENSE, zigzag_mma.MODE_STATIC, zigzag_mma.MODE_INDEXED
 MODE_KEPT = zigzag_cuda.MODE_KEPT  # B4 over each program's own list of its share's kept inputs (the CUDA GEMV only)
@@ -115,164 +114,20 @@ def _row_kernel(q_ptr, h_ptr, x_ptr, t_ptr, y_ptr, N, K, KB, magic, SPARSE: tl.c
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, ZIGZAG: tl.constexpr, BLOCK_B: tl.constexpr,
-                    f_ptr=None, FIFTH: tl.constexpr = False, d_ptr=None, SIX: tl.constexpr = False):
-    """Blocks -> out (N, K) row-major in out's dtype. Block bid = (grid row rr, grid col cc);
-    weight e = 32 j + i of a block (sub-block j) sits in the word and bit the layout says
-    (gpu_layout.py): row layout word e // 8, bits 4 (e % 8); zigzag byte 16 g + m for
-    e = 16 m + 8 h + g, bits 4 h of that byte. Heads: row layout block bid, zigzag grouped
-    (zigzag_mma.head_index). FIFTH (zigzag Q5_K, gpu_layout_q5k.py): the level's fifth bit from
-    word g of the block's fifth-bit words, bit 8 (m // 4) + m % 4 + 4 h. SIX (zigzag Q6_K,
-    gpu_layout_q6k.py): the top bit pair from word 2 g + m // 8 of f_ptr's (R, K, 16) int32, bits
-    8 ((m // 2) % 4) + 2 (m % 2) + 4 h; h_ptr the grouped scales as int8 (16 a block at unit head_index),
-    d_ptr (R, K) fp16; w = d sc[m] (q - 32)."""
+def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
+    """Row-layout Q4_K blocks -> out (N, K) row-major in out's dtype. Block bid = (row rr, block column cc) of the
+    (N, COLS) grid: weight e = 32 j + i (sub-block j) in word e // 8 at bits 4 (e % 8) (gpu_layout.py), head bid."""
     bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     mb = bid < TOTAL
-    rr = bid // COLS
-    cc = bid % COLS
     e = (tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]  # (1, 8 j, 32 i)
-    if ZIGZAG:
-        byte = 16 * (e % 8) + e // 16
-        word = byte // 4
-        shift = 8 * (byte % 4) + 4 * ((e // 8) % 2)
-    else:
-        word = e // 8
-        shift = 4 * (e % 8)
-    if ZIGZAG:  # planes (gpu_layout.to_planes): word w of block (rr, cc) in plane w // PW, PW = 32 / PLANES
-        PW: tl.constexpr = 32 // PLANES
-        words = tl.load(q_ptr + ((rr[:, None, None] * PLANES + word // PW) * COLS + cc[:, None, None]) * PW + word % PW,
-                        mask=mb[:, None, None], other=0)
-    else:
-        words = tl.load(q_ptr + bid[:, None, None] * 32 + word, mask=mb[:, None, None], other=0)
-    level = (words >> shift) & 15
-    if FIFTH:
-        fw = tl.load(f_ptr + bid[:, None, None] * 8 + e % 8, mask=mb[:, None, None], other=0)
-        m16 = e // 16
-        level = level | (((fw >> (8 * (m16 // 4) + m16 % 4 + 4 * ((e // 8) % 2))) & 1) << 4)
-    if SIX:
-        m16 = e // 16
-        hw = tl.load(f_ptr + bid[:, None, None] * 16 + 2 * (e % 8) + m16 // 8, mask=mb[:, None, None], other=0)
-        level = level | (((hw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3) << 4)
-        unit = zigzag_mma.head_index(rr, cc, COLS)
-        sc6 = tl.load(h_ptr + unit[:, None, None] * 16 + m16, mask=mb[:, None, None], other=0).to(tl.float32)
-        d6 = tl.load(d_ptr + bid, mask=mb, other=0.0).to(tl.float32)
-        w = (d6[:, None, None] * sc6) * (level - 32).to(tl.float32)  # formats/q6_k.decode's order: exact
-    else:
-        d, dmin, w1, w2, w3 = load_head(h_ptr, zigzag_mma.head_index(rr, cc, COLS) if ZIGZAG else bid, mb)
-        sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
-        w = (d[:, None] * sc)[:, :, None] * level.to(tl.float32) - (dmin[:, None] * mn)[:, :, None]
-    if ZIGZAG:
-        row = rr[:, None, None] * 256 + e
-        col = cc[:, None, None] + e * 0
-    else:
-        row = rr[:, None, None] + e * 0
-        col = cc[:, None, None] * 256 + e
-    ok = mb[:, None, None] & (row < N) & (col < K)
-    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=ok)
-
-
-@triton.jit
-def _column_superblocks(COLS, TOTAL, BLOCK_B: tl.constexpr):
-    """The program's BLOCK_B column-superblocks bid = (superblock row rr, column cc) of a CUDA GEMV type layout,
-    and the mask bid < TOTAL: (bid, mask, rr, cc)."""
-    bid = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
-    return bid, bid < TOTAL, bid // COLS, bid % COLS
-
-
-@triton.jit
-def _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K):
-    """w (BLOCK_B, ...): weight e of column-superblock (rr, cc) -> out[256 rr + e, cc] in out's dtype (rows past N
-    and masked superblocks skipped; mbk the mask broadcast as e)."""
-    row = rr[:, None, None] * 256 + e
-    col = cc[:, None, None] + e * 0
-    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mbk & (row < N))
-
-
-@triton.jit
-def _low_pairs(q_ptr, rr, cc, COLS, e, mbk):
-    """The bit pair of weight e = 16 m + 8 h + g (tile m, lane group g) in Q3_K's low-pair planes (Q2_K's levels;
-    gpu_layout_q3k.py): word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2)
-    + 4 h, u = (m // 2) % 4."""
-    m16 = e // 16
-    g8 = e % 8
-    lw = tl.load(q_ptr + ((rr[:, None, None] * 2 + g8 // 4) * COLS + cc[:, None, None]) * 8 + 2 * (g8 % 4) + m16 // 8,
-                 mask=mbk, other=0)
-    return (lw >> (8 * ((m16 // 2) % 4) + 2 * (m16 % 2) + 4 * ((e // 8) % 2))) & 3
-
-
-@triton.jit
-def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
-    """Zigzag Q8_0 in the CUDA GEMV's layout (gpu_layout_q8_0.py) -> out (N, K) row-major in out's dtype.
-    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group
-    g) is byte 16 (g % 4) + 2 (m % 8) + h of the column's 64 bytes in plane 2 (m // 8) + g // 4 (q_ptr int32),
-    u = q + 128; d of block e // 32 at fp16 8 head_index + e // 32 (d_ptr, grouped as Q4_K's heads);
-    w = d (u - 128), formats/q8_0.decode's product."""
-    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
-    e = (tl.arange(0, 8)[:, None] * 32 + tl.arange(0, 32)[None, :])[None, :, :]  # (1, 8 blocks, 32)
-    m16 = e // 16
-    g8 = e % 8
-    byte = 16 * (g8 % 4) + 2 * (m16 % 8) + (e // 8) % 2
-    plane = 2 * (m16 // 8) + g8 // 4
-    words = tl.load(q_ptr + ((rr[:, None, None] * 4 + plane) * COLS + cc[:, None, None]) * 16 + byte // 4,
-                    mask=mb[:, None, None], other=0)
-    u = (words >> (8 * (byte % 4))) & 255
-    unit = zigzag_mma.head_index(rr, cc, COLS)
-    d = tl.load(d_ptr + unit[:, None, None] * 8 + e // 32, mask=mb[:, None, None], other=0.0).to(tl.float32)
-    w = d * (u - 128).to(tl.float32)
-    _store_column_superblocks(out_ptr, w, rr, cc, e, mb[:, None, None], N, K)
-
-
-@triton.jit
-def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
-    """Zigzag Q3_K in the CUDA GEMV's layout (gpu_layout_q3k.py) -> out (N, K) row-major in out's dtype.
-    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g (tile m, lane group g):
-    low pair in word 2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h,
-    u = (m // 2) % 4; third bit in word g of hb_ptr (R, K, 8) at bit 8 u + 2 + 4 h (even m) or 8 u + 4 / 8 (u + 1)
-    % 4 (odd m, h = 0 / 1), plus 1 for m >= 8; scale s[m] and d from the grouped head (h_ptr int32, unit
-    head_index): s[2 j] = byte j & 63, s[2 j + 1] = byte j >> 6 | nibble j of word 2 << 2, d word 3's low half;
-    w = (d (s - 32)) (q - 4), formats/q3_k.decode's order."""
-    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
-    e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
-    m16 = e // 16
-    g8 = e % 8
-    h = (e // 8) % 2
-    u = (m16 // 2) % 4
-    odd = m16 % 2
-    mbk = mb[:, None, None]
-    low = _low_pairs(q_ptr, rr, cc, COLS, e, mbk)
-    hw = tl.load(hb_ptr + (rr[:, None, None] * COLS + cc[:, None, None]) * 8 + g8, mask=mbk, other=0)
-    hbit = tl.where(odd == 0, 8 * u + 2 + 4 * h, tl.where(h == 0, 8 * u + 4, 8 * ((u + 1) % 4))) + m16 // 8
-    q = low | (((hw >> hbit) & 1) << 2)
-    unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
-    j = m16 // 2
-    pair = (tl.load(h_ptr + unit + j // 4, mask=mbk, other=0) >> (8 * (j % 4))) & 255
-    top = (tl.load(h_ptr + unit + 2, mask=mbk, other=0) >> (4 * j)) & 15
-    s = tl.where(odd == 0, pair & 63, (pair >> 6) | (top << 2))
-    dw = tl.load(h_ptr + unit + 3, mask=mbk, other=0)
-    d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    w = (d * (s - 32).to(tl.float32)) * (q - 4).to(tl.float32)
-    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
-
-
-@triton.jit
-def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, COLS, TOTAL, BLOCK_B: tl.constexpr):
-    """Zigzag Q2_K in the CUDA GEMV's layout (gpu_layout_q2k.py) -> out (N, K) row-major in out's dtype.
-    Column-superblock bid = (superblock row rr, column cc); its weight e = 16 m + 8 h + g: level in word
-    2 (g % 4) + m // 8 of plane g // 4 (q_ptr (R, 2, K, 8) int32) at bit 8 u + 2 (m % 2) + 4 h, u = (m // 2) % 4;
-    scale byte m of the grouped unit head_index (s_ptr int32: sc low nibble, mn high); d | dmin << 16 at d_ptr
-    bid; w = (d sc) q - dmin mn, formats/q2_k.decode's order."""
-    bid, mb, rr, cc = _column_superblocks(COLS, TOTAL, BLOCK_B)
-    e = (tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :])[None, :, :]  # (1, 16 tiles, 16)
-    m16 = e // 16
-    mbk = mb[:, None, None]
-    q = _low_pairs(q_ptr, rr, cc, COLS, e, mbk)
-    unit = zigzag_mma.head_index(rr, cc, COLS)[:, None, None] * 4
-    byte = (tl.load(s_ptr + unit + m16 // 4, mask=mbk, other=0) >> (8 * (m16 % 4))) & 255
-    dw = tl.load(d_ptr + bid, mask=mb, other=0)[:, None, None]
-    d = (dw & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    dmin = ((dw >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    w = (d * (byte & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (byte >> 4).to(tl.float32)
-    _store_column_superblocks(out_ptr, w, rr, cc, e, mbk, N, K)
+    words = tl.load(q_ptr + bid[:, None, None] * 32 + e // 8, mask=mb[:, None, None], other=0)
+    level = (words >> (4 * (e % 8))) & 15
+    d, dmin, w1, w2, w3 = load_head(h_ptr, bid, mb)
+    sc, mn = unpack_scales(w1[:, None], w2[:, None], w3[:, None], tl.arange(0, 8)[None, :])
+    w = (d[:, None] * sc)[:, :, None] * level.to(tl.float32) - (dmin[:, None] * mn)[:, :, None]
+    row = bid[:, None, None] // COLS + e * 0
+    col = (bid[:, None, None] % COLS) * 256 + e
+    tl.store(out_ptr + row * K + col, w.to(out_ptr.dtype.element_ty), mask=mb[:, None, None] & (row < N) & (col < K))
 
 
 # ---------------------------------------------------------------- launchers
@@ -438,38 +293,23 @@ def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, 
     return out
 
 
-# The CUDA GEMV layouts with a dequant kernel of their own: (kernel, the arrays it takes before out). Q8_0: the four
-# level planes and the grouped d; Q2_K: the level planes, the grouped scales, d | dmin; Q3_K: the low-pair planes,
-# the third bits, the grouped heads (Q5_K and Q6_K: _dequant_kernel's FIFTH / SIX).
-DEQUANT_BLOCKS = 16  # blocks a program of the block dequant kernels (every type but zigzag Q4_K)
-_PLANES_DEQUANT = {"q8_0": (_dequant_q8_0_kernel, ("quants", "d")),
-                   "q2_k": (_dequant_q2k_kernel, ("quants", "scales", "d")),
-                   "q3_k": (_dequant_q3k_kernel, ("quants", "high", "head"))}
+DEQUANT_BLOCKS = 16  # blocks a program of the row layout's dequant kernel
 
 
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None) -> torch.Tensor:
     """The whole matrix, (N, K) in `dtype`: the first half of the dense prefill GEMM. w: a GpuQ4K, or a
     zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 in the CUDA GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes,
-    gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
-    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes)."""
+    gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes,
+    gpu_layout_q8_0.GpuQ8_0Planes)."""
     if w.fmt == "q4_k" and w.layout == "zigzag":  # a tile of words a program: 1.7x the block kernel's rate here
         return q4k_tiles.dequantize(w, dtype, out)
+    if type_tiles.supports(w):  # the other zigzag types a tile at a time, as Q4_K
+        return type_tiles.dequantize(w, dtype, out)
+    if w.fmt != "q4_k" or w.layout != "row":
+        raise ValueError(f"dequantize takes Q4_K or a zigzag type in the CUDA GEMV's layout, not {w.layout} {w.fmt}")
     n, k = w.shape
     out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
     rows, cols = w.grid
-    total = rows * cols
-    block_b = DEQUANT_BLOCKS
-    grid = (triton.cdiv(total, block_b),)
-    if w.fmt in _PLANES_DEQUANT:
-        kernel, arrays = _PLANES_DEQUANT[w.fmt]
-        kernel[grid](*(getattr(w, a) for a in arrays), out, n, k, cols, total, BLOCK_B=block_b, num_warps=4)
-        return out
-    if w.fmt == "q6_k":  # no head: the grouped scales as bytes, the top bit pairs, d
-        _dequant_kernel[grid](w.quants, w.scales.view(torch.int8), out, n, k, cols, total, ZIGZAG=True,
-                              BLOCK_B=block_b, num_warps=4, f_ptr=w.high, d_ptr=w.d, SIX=True)
-        return out
-    fifth = getattr(w, "fifth", None)
-    _dequant_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, cols, total,
-                          ZIGZAG=w.layout == "zigzag", BLOCK_B=block_b, num_warps=4,
-                          f_ptr=fifth, FIFTH=fifth is not None)
+    _dequant_kernel[(triton.cdiv(rows * cols, DEQUANT_BLOCKS),)](w.quants, w.head.view(torch.int64), out, n, k, cols,
+                                                                 rows * cols, BLOCK_B=DEQUANT_BLOCKS, num_warps=4)
     return out

@@ -27,18 +27,34 @@ PLANE_WORDS = tl.constexpr(WORDS // gpu_layout.PLANES)  # words of a block in on
 
 
 @triton.jit
-def decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN: tl.constexpr, BK: tl.constexpr):
-    """Words `word` (WN,) of superblock row r's blocks in columns `cols` (BK,; `live` masks them), decoded: (BK, 8 WN)
-    float32, tile row t = 8 (word t // 8) + nibble t % 8 (tile_setup gives their matrix rows). shifts: the
-    (1, 1, 1, 2, 4) nibble shifts 4 s of the (WN / 4, 4, 2, 4) view (module docstring)."""
+def load_nibbles(q_ptr, r, word, cols, live, shifts, K, WN: tl.constexpr, BK: tl.constexpr):
+    """The low nibbles of words `word` (WN,) of superblock row r's blocks in columns `cols` (BK,; `live` masks them):
+    (BK, WN / 4, 4, 2, 4) int32 0..15, one (BK, WN) load of WN contiguous words a column. shifts: the (1, 1, 1, 2, 4)
+    nibble shifts 4 s (module docstring's view; Q5_K's and Q6_K's low nibbles too)."""
     words = tl.load(q_ptr + ((r * PLANES + word[None, :] // PLANE_WORDS) * K + cols[:, None]) * PLANE_WORDS
                     + word[None, :] % PLANE_WORDS, mask=live[:, None], other=0)  # (BK, WN)
-    levels = (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
+    return (tl.reshape(words, (BK, WN // 4, 4, 1, 1)) >> shifts) & 15  # (BK, WN / 4, 4, 2, 4)
+
+
+@triton.jit
+def scale_levels(levels, h_ptr, r, cols, live, K, WN: tl.constexpr, BK: tl.constexpr):
+    """Levels (BK, WN / 4, 4, 2, 4) int32 (Q4_K 0..15, Q5_K 0..31) of superblock row r's blocks in columns `cols`
+    against their grouped Q4_K heads: (BK, 8 WN) float32, d sc q - dmin mn (formats/q4_k.decode's order; exact, so
+    an FFMA rounds as the decode's product and difference)."""
     d, dmin, h1, h2, h3 = load_head(h_ptr, zigzag_mma.head_index(r, cols, K), live)
     sc, mn = unpack_scales(h1[:, None], h2[:, None], h3[:, None], tl.arange(0, 8)[None, :])  # (BK, 8) each
     scale = tl.reshape(d[:, None] * sc, (BK, 1, 4, 2, 1))
     minimum = tl.reshape(dmin[:, None] * mn, (BK, 1, 4, 2, 1))
-    return tl.reshape(scale * small_to_float(levels) - minimum, (BK, 8 * WN))  # formats/q4_k.decode's order
+    return tl.reshape(scale * small_to_float(levels) - minimum, (BK, 8 * WN))
+
+
+@triton.jit
+def decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN: tl.constexpr, BK: tl.constexpr):
+    """Words `word` (WN,) of superblock row r's blocks in columns `cols` (BK,; `live` masks them), decoded: (BK, 8 WN)
+    float32, tile row t = 8 (word t // 8) + nibble t % 8 (tile_setup gives their matrix rows). shifts: the
+    (1, 1, 1, 2, 4) nibble shifts 4 s of the (WN / 4, 4, 2, 4) view (module docstring)."""
+    levels = load_nibbles(q_ptr, r, word, cols, live, shifts, K, WN, BK)
+    return scale_levels(levels, h_ptr, r, cols, live, K, WN, BK)
 
 
 @triton.jit
@@ -73,6 +89,13 @@ def _dequant_kernel(q_ptr, h_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.conste
     cols = tl.program_id(1) * BK + tl.arange(0, BK)
     live = cols < K
     w = decode_tile(q_ptr, h_ptr, r, word, cols, live, shifts, K, WN, BK)
+    store_tile(out_ptr, w, row, cols, live, N, K)
+
+
+@triton.jit
+def store_tile(out_ptr, w, row, cols, live, N, K):
+    """w (BK, T) float32 -> out[row, cols] (out (N, K) row-major in its dtype; row (T,) the tile rows' matrix rows,
+    rows past N and columns past `live` skipped): each row's BK columns contiguous."""
     tl.store(out_ptr + row[None, :] * K + cols[:, None], w.to(out_ptr.dtype.element_ty),
              mask=live[:, None] & (row[None, :] < N))
 
