@@ -248,8 +248,8 @@ def time_shape(fmt: str, shape, variants, props) -> dict:
     outs = [torch.empty((n, k), dtype=torch.float16, device="cuda") for _ in range(2)]
     nbytes = gw.nbytes + 2 * n * k
     fill_us = 1e6 * time_graph([lambda o=outs[i % 2]: o.fill_(1.0) for i in range(16)])
-    row = {"type": fmt, "shape": f"{n}x{k}", "bytes": nbytes, "fill_us": fill_us, "fill_gbps": 2 * n * k / fill_us / 1e3,
-           "variants": {}}
+    row = {"type": fmt, "shape": f"{n}x{k}", "bytes": nbytes, "fill_us": fill_us,
+           "fill_gbps": 2 * n * k / fill_us / 1e3, "variants": {}}
     line = [f"{fmt} {n:>5d}x{k:<5d} ({nbytes / 1e6:6.1f} MB): fill {row['fill_gbps']:6.0f} GB/s"]
     for spec in variants:
         run = launcher(spec)

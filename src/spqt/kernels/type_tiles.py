@@ -32,7 +32,7 @@ GROUPS = 8  # lane groups of a superblock row (32 rows each)
 
 
 @triton.jit
-def _q5k_kernel(q_ptr, h_ptr, f_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.constexpr):
+def _dequant_q5k_kernel(q_ptr, h_ptr, f_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.constexpr):
     """Zigzag Q5_K (gpu_layout_q5k.GpuQ5KPlanes) -> out (N, K) row-major in out's dtype. Program (tile, column block):
     words w0 .. w0 + WN - 1 (lane groups w0 / 4 ..) of superblock row r in BK columns. Word 4 g + j's nibble s
     (weight 16 m + 8 h + g, m = 4 j + s // 2, h = s % 2) has its fifth bit in fifth word g (f_ptr (R, K, 8) int32)
@@ -52,10 +52,10 @@ def _q5k_kernel(q_ptr, h_ptr, f_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _q6k_kernel(q_ptr, hb_ptr, s_ptr, d_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.constexpr):
+def _dequant_q6k_kernel(q_ptr, hb_ptr, s_ptr, d_ptr, out_ptr, N, K, WN: tl.constexpr, BK: tl.constexpr):
     """Zigzag Q6_K (gpu_layout_q6k.GpuQ6KPlanes) -> out (N, K) row-major in out's dtype. Program (tile, column block):
-    words w0 .. w0 + WN - 1 as _q5k_kernel's, viewed (BK, G, 4 j, 4 c, 2 h), s = 2 c + h, m = 4 j + c. The top pair of
-    word 4 g + j's nibble s: top-pair word 2 g + j // 2 (hb_ptr (R, K, 16) int32), bit 16 (j % 2) + 8 (c // 2) +
+    words w0 .. w0 + WN - 1 as _dequant_q5k_kernel's, viewed (BK, G, 4 j, 4 c, 2 h), s = 2 c + h, m = 4 j + c. The top
+    pair of word 4 g + j's nibble s: top-pair word 2 g + j // 2 (hb_ptr (R, K, 16) int32), bit 16 (j % 2) + 8 (c // 2) +
     2 (c % 2) + 4 h; scale m: byte m of the grouped 16-byte unit (s_ptr int8), d at d_ptr (R, K) fp16;
     w = (d sc[m]) (q - 32), formats/q6_k.decode's order."""
     r, word, shifts, row = tile_setup(WN)
@@ -89,7 +89,7 @@ def _tile_start(G: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
+def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
     """Zigzag Q8_0 (gpu_layout_q8_0.GpuQ8_0Planes) -> out (N, K) row-major in out's dtype. Program (tile, column
     block): lane groups g = g0 .. g0 + G - 1 (G <= 4: one p = g // 4) of superblock row r in BK columns. Weight
     16 (8 H + mm) + 8 h + g is byte 2 (mm % 2) + h of word 4 (g % 4) + mm // 2 of plane 2 H + p (q_ptr (R, 4, K, 16)
@@ -153,7 +153,7 @@ def _half_float(bits):
 
 
 @triton.jit
-def _q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
+def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
     """Zigzag Q3_K (gpu_layout_q3k.GpuQ3KPlanes) -> out (N, K) row-major in out's dtype. Program (tile, column block):
     lane groups g0 .. g0 + G - 1 of superblock row r in BK columns. Low pairs: _low_pairs; third bit of row
     16 m + 8 h + g in word g of hb_ptr (R, K, 8) int32 at bit 8 u + 2 + 4 h (even m) or 8 u + 4 / 8 ((u + 1) % 4)
@@ -183,7 +183,7 @@ def _q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.con
 
 
 @triton.jit
-def _q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
+def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
     """Zigzag Q2_K (gpu_layout_q2k.GpuQ2KPlanes) -> out (N, K) row-major in out's dtype. Program (tile, column block):
     lane groups g0 .. g0 + G - 1 of superblock row r in BK columns. Levels: _low_pairs; scale byte m of the grouped
     16-byte unit (s_ptr as int64 pairs: sc low nibble, mn high); d | dmin << 16 at d_ptr (R, K) int32;
@@ -208,27 +208,27 @@ TILES = {"q5_k": (1, 128), "q6_k": (1, 128), "q8_0": (1, 128), "q3_k": (1, 128),
 
 
 def _launch_q5k(w, out, groups, bk):
-    _q5k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
+    _dequant_q5k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
         w.quants, w.head.view(torch.int64), w.fifth, out, *w.shape, WN=4 * groups, BK=bk, num_warps=4)
 
 
 def _launch_q6k(w, out, groups, bk):
-    _q6k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
+    _dequant_q6k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
         w.quants, w.high, w.scales.view(torch.int8), w.d, out, *w.shape, WN=4 * groups, BK=bk, num_warps=4)
 
 
 def _launch_q8_0(w, out, groups, bk):
-    _q8_0_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
+    _dequant_q8_0_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
         w.quants, w.d, out, *w.shape, G=groups, BK=bk, num_warps=4)
 
 
 def _launch_q3k(w, out, groups, bk):
-    _q3k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
+    _dequant_q3k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
         w.quants, w.high, w.head.view(torch.int64), out, *w.shape, G=groups, BK=bk, num_warps=4)
 
 
 def _launch_q2k(w, out, groups, bk):
-    _q2k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
+    _dequant_q2k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
         w.quants, w.scales.view(torch.int64), w.d, out, *w.shape, G=groups, BK=bk, num_warps=4)
 
 
@@ -263,11 +263,11 @@ def dequantize(w, dtype: torch.dtype = torch.float16, out: torch.Tensor | None =
 
 
 # Each kernel's pointer arguments before out (Triton types), in launch order
-_POINTERS = {"q5_k": ("_q5k_kernel", {"q_ptr": "*i32", "h_ptr": "*i64", "f_ptr": "*i32"}),
-             "q6_k": ("_q6k_kernel", {"q_ptr": "*i32", "hb_ptr": "*i32", "s_ptr": "*i8", "d_ptr": "*fp16"}),
-             "q8_0": ("_q8_0_kernel", {"q_ptr": "*i32", "d_ptr": "*fp16"}),
-             "q3_k": ("_q3k_kernel", {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}),
-             "q2_k": ("_q2k_kernel", {"q_ptr": "*i32", "s_ptr": "*i64", "d_ptr": "*i32"})}
+_POINTERS = {"q5_k": ("_dequant_q5k_kernel", {"q_ptr": "*i32", "h_ptr": "*i64", "f_ptr": "*i32"}),
+             "q6_k": ("_dequant_q6k_kernel", {"q_ptr": "*i32", "hb_ptr": "*i32", "s_ptr": "*i8", "d_ptr": "*fp16"}),
+             "q8_0": ("_dequant_q8_0_kernel", {"q_ptr": "*i32", "d_ptr": "*fp16"}),
+             "q3_k": ("_dequant_q3k_kernel", {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}),
+             "q2_k": ("_dequant_q2k_kernel", {"q_ptr": "*i32", "s_ptr": "*i64", "d_ptr": "*i32"})}
 
 
 def compile_sm90(fmt: str, groups: int | None = None, bk: int | None = None, dtype: str = "fp16"):
@@ -280,6 +280,7 @@ def compile_sm90(fmt: str, groups: int | None = None, bk: int | None = None, dty
     shipped_groups, shipped_bk = TILES[fmt]
     groups = groups or shipped_groups
     tile = {"WN": 4 * groups} if fmt in ("q5_k", "q6_k") else {"G": groups}
-    sig = {**pointers, "out_ptr": f"*{dtype}", "N": "i32", "K": "i32", **{c: "constexpr" for c in tile}, "BK": "constexpr"}
+    sig = {**pointers, "out_ptr": f"*{dtype}", "N": "i32", "K": "i32", **{c: "constexpr" for c in tile},
+           "BK": "constexpr"}
     return sass.compile_sm90(globals()[name], sig, {**tile, "BK": bk or shipped_bk}, len(pointers) + 3,
                              {"num_warps": 4})
