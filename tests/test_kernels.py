@@ -14,7 +14,7 @@ from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from conftest import save_quantized
-from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, random_x as _x
+from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, random_x as _x
 
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
@@ -100,7 +100,7 @@ def test_gpu_layout_repack_is_exact(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_tile_dequantization_every_tile(rng, device):
     """q4k_tiles.dequantize (gemv.dequantize's zigzag Q4_K path, the prefill's fp16 / bf16 weights for cuBLAS) with
-    every tile width and a short, a partial and a whole column block, into poisoned outputs: the reference's weights
+    every tile width and a short, a partial and a whole column block, into poisoned outputs with poisoned rows after them: the reference's weights
     rounded to the output's dtype, padding rows cut off (1025 rows: two head groups, the last superblock row one row;
     bf16 on the GPU: the interpreter truncates to it; the interpreter runs each tile in fp32 and the shipped one in
     fp16 too, the rounding being the store's alone)."""
@@ -111,9 +111,10 @@ def test_tile_dequantization_every_tile(rng, device):
         ref = qw.dequantize().to(device)
         for wn, bk in ((4, 128), (8, 16), (16, 32), (32, 64)):
             for dtype in dtypes if device != "cpu" else (torch.float32,):
-                out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                out, guard = guarded_out(shape, dtype, device)
                 q4k_tiles.dequantize(gw, dtype, out, wn, bk)
                 assert torch.equal(out, ref.to(dtype)), f"{shape} WN {wn} BK {bk} {dtype}"
+                assert guard.isnan().all(), f"{shape} WN {wn} BK {bk}: written past row N"
         assert torch.equal(kg.dequantize(gw, dtypes[-2]), ref.to(dtypes[-2]))  # the shipped tile, fp16 / bf16
     with pytest.raises(ValueError, match="runs zigzag Q4_K"):
         q4k_tiles.dequantize(_weights(rng, (64, 40), "row", device)[1])
