@@ -46,3 +46,11 @@ def assert_kept_residual_finish(gw, x, ws, kw: dict, what: str) -> None:
     assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
     torch.testing.assert_close(y, plain + r.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()) + 1e-3,
                                msg=f"{what} residual")
+
+
+def guarded_out(shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A poisoned (NaN) contiguous (N, K) output and the poisoned 256 rows after it in the same buffer (a superblock
+    row's worth: a kernel's unmasked padding rows or columns land there, not past the allocation): (out, guard)."""
+    n, k = shape
+    buf = torch.full((n + 256, k), float("nan"), dtype=dtype, device=device)
+    return buf[:n], buf[n:]

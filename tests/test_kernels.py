@@ -14,7 +14,7 @@ from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from conftest import save_quantized
-from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, random_x as _x
+from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, random_x as _x
 
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
@@ -100,23 +100,33 @@ def test_gpu_layout_repack_is_exact(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_tile_dequantization_every_tile(rng, device):
     """q4k_tiles.dequantize (gemv.dequantize's zigzag Q4_K path, the prefill's fp16 / bf16 weights for cuBLAS) with
-    every tile width and a short, a partial and a whole column block, into poisoned outputs: the reference's weights
-    rounded to the output's dtype, padding rows cut off (bf16 on the GPU: the interpreter truncates to it)."""
-    shapes = [(300, 130), (513, 24)] if device == "cpu" else [(2311, 777), (4096, 4096), (11008, 4096)]
+    every tile width and a short, a partial and a whole column block, into poisoned outputs with poisoned rows after them: the reference's weights
+    rounded to the output's dtype, padding rows cut off (1025 rows: two head groups, the last superblock row one row;
+    bf16 on the GPU: the interpreter truncates to it; the interpreter runs each tile in fp32 and the shipped one in
+    fp16 too, the rounding being the store's alone)."""
+    shapes = [(300, 130), (1025, 24)] if device == "cpu" else [(2311, 777), (4096, 4096), (11008, 4096)]
     dtypes = (torch.float16, torch.float32) if device == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
     for shape in shapes:
         qw, gw = _weights(rng, shape, "zigzag", device)
         ref = qw.dequantize().to(device)
         for wn, bk in ((4, 128), (8, 16), (16, 32), (32, 64)):
-            for dtype in dtypes:
-                out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+            for dtype in dtypes if device != "cpu" else (torch.float32,):
+                out, guard = guarded_out(shape, dtype, device)
                 q4k_tiles.dequantize(gw, dtype, out, wn, bk)
                 assert torch.equal(out, ref.to(dtype)), f"{shape} WN {wn} BK {bk} {dtype}"
+                assert guard.isnan().all(), f"{shape} WN {wn} BK {bk}: written past row N"
         assert torch.equal(kg.dequantize(gw, dtypes[-2]), ref.to(dtypes[-2]))  # the shipped tile, fp16 / bf16
     with pytest.raises(ValueError, match="runs zigzag Q4_K"):
         q4k_tiles.dequantize(_weights(rng, (64, 40), "row", device)[1])
     with pytest.raises(ValueError, match="contiguous"):
         q4k_tiles.dequantize(gw, torch.float16, torch.empty(shape[1], shape[0], device=device).t())
+    with pytest.raises(ValueError, match="contiguous"):
+        q4k_tiles.dequantize(gw, torch.float16, torch.empty(shape[0], shape[1] + 1, device=device))
+    with pytest.raises(ValueError, match="words of a block"):
+        q4k_tiles.dequantize(gw, torch.float16, wn=64)
+    row = _weights(rng, (64, 256), "row", device)[1]
+    with pytest.raises(ValueError, match="contiguous"):  # the row layout's kernel takes the same out
+        kg.dequantize(row, torch.float32, torch.empty(256, 64, device=device).t())
 
 
 _DEQUANT_SM90 = """

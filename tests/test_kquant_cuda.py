@@ -15,7 +15,7 @@ from spqt.kernels import reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout_types import q2_k_levels, q3_k_levels
 
-from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, random_x
+from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, random_x
 from test_kernels_types import FP16_FIELDS, _random_blocks
 
 TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
@@ -136,13 +136,13 @@ OTHER_TILES = [((2, 64), (torch.float32,)), ((4, 32), (torch.float16,))]
 @pytest.mark.parametrize("fmt", TYPES)
 def test_cuda_planes_dequant_kernel(rng, fmt, device, monkeypatch):
     """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half: type_tiles' kernel at its shipped
-    tile) and the kernel at other tiles, into poisoned outputs on shapes that are not multiples of 256 or of a tile,
-    equal the format's own decode rounded to the output's dtype (bf16 on the GPU only: the interpreter truncates)."""
+    tile) and the kernel at other tiles, into poisoned outputs (and rows after them) on shapes that are not multiples of 256 or of a tile
+    (1025 rows: two head groups, the last superblock row one row), equal the format's own decode rounded to the output's dtype (bf16 on the GPU only: the interpreter truncates)."""
     from spqt.kernels import type_tiles
 
     if device == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    shapes = ((300, 75), (513, 24), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777))
+    shapes = ((300, 75), (1025, 24), (1, 37)) if device == "cpu" else ((4096, 4096), (2311, 777))
     dtypes = (torch.float32, torch.float16) if device == "cpu" else (torch.float32, torch.float16, torch.bfloat16)
     for shape in shapes:
         qw = _random_blocks(rng, fmt, shape)
@@ -150,18 +150,21 @@ def test_cuda_planes_dequant_kernel(rng, fmt, device, monkeypatch):
         gw = _planes(qw, device)
         ref = qw.dequantize()
         for dtype in dtypes:
-            out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+            out, guard = guarded_out(shape, dtype, device)
             kg.dequantize(gw, dtype, out=out)
             assert torch.equal(out, ref.to(dtype)), f"{shape} shipped tile {type_tiles.TILES[fmt]} {dtype}"
+            assert guard.isnan().all(), f"{shape} shipped tile: written past row N"
         for (groups, bk), tile_dtypes in OTHER_TILES:
             for dtype in tile_dtypes if device == "cpu" else dtypes:
-                out = torch.full(shape, float("nan"), dtype=dtype, device=device)
+                out, guard = guarded_out(shape, dtype, device)
                 type_tiles.dequantize(gw, dtype, out, groups, bk)
                 assert torch.equal(out, ref.to(dtype)), f"{shape} {groups} lane groups x {bk} columns {dtype}"
+                assert guard.isnan().all(), f"{shape} {groups} lane groups x {bk} columns: written past row N"
     with pytest.raises(ValueError, match="contiguous"):
         type_tiles.dequantize(gw, torch.float16, torch.empty(shape[0], 2 * shape[1], device=device)[:, ::2])
-    with pytest.raises(ValueError, match="lane groups"):
-        type_tiles.dequantize(gw, torch.float16, groups=8)
+    for groups in (0, 8):
+        with pytest.raises(ValueError, match="lane groups"):
+            type_tiles.dequantize(gw, torch.float16, groups=groups)
 
 
 _TILES_SM90 = """

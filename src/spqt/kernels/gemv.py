@@ -306,9 +306,10 @@ def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor 
     if type_tiles.supports(w):  # the other zigzag types a tile at a time, as Q4_K
         return type_tiles.dequantize(w, dtype, out)
     if w.fmt != "q4_k" or w.layout != "row":
-        raise ValueError(f"dequantize takes Q4_K or a zigzag type in the CUDA GEMV's layout, not {w.layout} {w.fmt}")
+        raise ValueError(f"dequantize takes Q4_K or a zigzag type in the CUDA GEMV's layout, not "
+                         f"{type(w).__name__} {w.layout} {w.fmt}")
     n, k = w.shape
-    out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
+    out = q4k_tiles.dequant_out(w, dtype, out)
     rows, cols = w.grid
     _dequant_kernel[(triton.cdiv(rows * cols, DEQUANT_BLOCKS),)](w.quants, w.head.view(torch.int64), out, n, k, cols,
                                                                  rows * cols, BLOCK_B=DEQUANT_BLOCKS, num_warps=4)

@@ -9,8 +9,9 @@ stored. Row t's sub-block (its scale and min) is e // 32 = m // 2 = 2 (w % 4) + 
 reshape to (BK, WN / 4, 4, 2, 4) and meet the (BK, 4, 2) scales by broadcasting. The arithmetic is formats/q4_k's
 decode in float32 (the same weights).
 
-Users: gemm_q4k (the prefill's product for short prompts) and dequantize (the prefill's other path: the whole matrix
-in fp16 / bf16 / fp32 for cuBLAS, gemv.dequantize's zigzag Q4_K path)."""
+Users: gemm_q4k (the prefill's product for short prompts), type_tiles (Q5_K's and Q6_K's nibble planes) and
+dequantize (the prefill's other path: the whole matrix in fp16 / bf16 / fp32 for cuBLAS, gemv.dequantize's zigzag
+Q4_K path)."""
 
 import torch
 import triton
@@ -73,7 +74,6 @@ def tile_setup(WN: tl.constexpr):
     return r, word, shifts, r * 256 + 16 * (b % 16) + 8 * (t % 2) + b // 16
 
 
-
 # The dequantization's tile: 4 words (32 rows) x 128 columns a program, 4 warps: 32 registers, every warp slot of an SM
 # filled, 3.0-3.6 TB/s read plus written on a 7B's maps on the H200, where a program of 16 whole blocks (the block
 # kernel, 64 registers) or of 16 words (90 registers) reached 1.7-2.2 (scripts/dequant_probe.py, 2b11204)
@@ -100,15 +100,28 @@ def store_tile(out_ptr, w, row, cols, live, N, K):
              mask=live[:, None] & (row[None, :] < N))
 
 
+def dequant_out(w, dtype: torch.dtype, out: torch.Tensor | None) -> torch.Tensor:
+    """A dequantization's output for w (N, K): out, checked to be a contiguous (N, K) on w's device (its dtype
+    wins), or a new one in `dtype`."""
+    n, k = w.shape
+    if out is None:
+        return torch.empty((n, k), dtype=dtype, device=w.quants.device)
+    if out.shape != (n, k) or not out.is_contiguous() or out.device != w.quants.device:
+        raise ValueError(f"dequantize's out must be ({n}, {k}) contiguous on {w.quants.device}, got "
+                         f"{tuple(out.shape)} strides {out.stride()} on {out.device}")
+    return out
+
+
 def dequantize(w: GpuQ4K, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None,
                wn: int = DEQUANT_WN, bk: int = DEQUANT_BK) -> torch.Tensor:
-    """The zigzag Q4_K matrix w whole: (N, K) row-major in `dtype` (out's, where given: contiguous (N, K))."""
+    """The zigzag Q4_K matrix w whole: (N, K) row-major in `dtype` (out's, where given: contiguous (N, K)); wn
+    words (4, 8, 16 or 32) x bk columns (a power of two) a program."""
     if w.layout != "zigzag" or w.fmt != "q4_k":
         raise ValueError(f"q4k_tiles.dequantize runs zigzag Q4_K, not {w.layout} {w.fmt}")
+    if wn not in (4, 8, 16, 32):
+        raise ValueError(f"a tile holds 4, 8, 16 or 32 words of a block, not {wn}")
     n, k = w.shape
-    out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
-    if out.shape != (n, k) or not out.is_contiguous():
-        raise ValueError(f"dequantize's out must be ({n}, {k}) contiguous, got {tuple(out.shape)}")
+    out = dequant_out(w, dtype, out)
     grid = (w.grid[0] * (WORDS // wn), triton.cdiv(k, bk))
     _dequant_kernel[grid](w.quants, w.head.view(torch.int64), out, n, k, WN=wn, BK=bk, num_warps=4)
     return out

@@ -18,7 +18,7 @@ its order (the same weights, bit for bit):
   Q2_K  low-pair words as Q3_K's, the 16 scale bytes of the grouped unit, d | dmin: w = (d sc[m]) q - dmin mn[m].
 
 A tile's rows are kept in the order its words hold them (t = 2 m + h within a lane group, lane groups outer; Q8_0:
-tile halves m // 8 outer) and tile_rows gives their matrix rows."""
+tile halves m // 8 outer); _group_rows gives their matrix rows (Q8_0's kernel its own)."""
 
 import torch
 import triton
@@ -26,7 +26,7 @@ import triton.language as tl
 
 from spqt.kernels import zigzag_cuda, zigzag_mma
 from spqt.kernels.q4k_bits import small_to_float
-from spqt.kernels.q4k_tiles import load_nibbles, scale_levels, store_tile, tile_setup
+from spqt.kernels.q4k_tiles import dequant_out, load_nibbles, scale_levels, store_tile, tile_setup
 
 GROUPS = 8  # lane groups of a superblock row (32 rows each)
 
@@ -245,19 +245,16 @@ def dequantize(w, dtype: torch.dtype = torch.float16, out: torch.Tensor | None =
                bk: int | None = None) -> torch.Tensor:
     """The zigzag matrix w (gpu_layout_q5k.GpuQ5KPlanes, gpu_layout_q6k.GpuQ6KPlanes, ...) whole: (N, K) row-major in
     `dtype` (out's, where given: contiguous (N, K)); groups (1, 2, 4 lane groups a tile: Q8_0's, Q3_K's and Q2_K's
-    words of a column lie in one plane) and bk (columns a
-    program, a power of two) default to TILES."""
+    words of a column lie in one plane) and bk (columns a program, a power of two) default to TILES."""
     if not supports(w):
         raise ValueError(f"type_tiles.dequantize runs zigzag {', '.join(_LAUNCH)} in the CUDA GEMV's layouts, not "
                          f"{type(w).__name__} {w.layout} {w.fmt}")
-    n, k = w.shape
     shipped_groups, shipped_bk = TILES[w.fmt]
-    groups, bk = groups or shipped_groups, bk or shipped_bk
+    groups = shipped_groups if groups is None else groups
+    bk = shipped_bk if bk is None else bk
     if groups not in (1, 2, 4):
         raise ValueError(f"a tile holds 1, 2 or 4 lane groups, not {groups}")
-    out = torch.empty((n, k), dtype=dtype, device=w.quants.device) if out is None else out
-    if out.shape != (n, k) or not out.is_contiguous():
-        raise ValueError(f"dequantize's out must be ({n}, {k}) contiguous, got {tuple(out.shape)}")
+    out = dequant_out(w, dtype, out)
     _LAUNCH[w.fmt](w, out, groups, bk)
     return out
 

@@ -103,7 +103,7 @@ def _q8_0_in_rows(v):
 
 
 @triton.jit
-def _dequant_q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic, MODE: tl.constexpr,
+def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic, MODE: tl.constexpr,
                  RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
     -> part[s, 32 RB g : 32 RB (g + 1)]. q_ptr: the levels as int32 words (R8, K, 8)."""
@@ -506,7 +506,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     count = count if count is not None else ws.count
     common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     if w.fmt == "q8_0":
-        _dequant_q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np,
+        _q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np,
                                                  ws.split,
                                                  RB=rows, **common)
     elif w.fmt == "q6_k":
@@ -587,7 +587,7 @@ def compile_sm90(fmt: str, mode: int = MODE_DENSE, dtype: str = "fp16", num_warp
     common = {"x_ptr": f"*{dtype}", "idx_ptr": "*i32", "count_ptr": "*i32", "part_ptr": "*fp32", "K": "i32",
               "NP": "i32", "SPLIT": "i32", "magic": "i32"}
     kernel, sig, const = {
-        "q8_0": (_dequant_q8_0_kernel, {"q_ptr": "*i32", "d_ptr": "*fp16"}, {"RB": rows}),
+        "q8_0": (_q8_0_kernel, {"q_ptr": "*i32", "d_ptr": "*fp16"}, {"RB": rows}),
         "q6_k": (_q6_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i8", "d_ptr": "*fp16"}, {}),
         "q5_k": (_q5_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}, {}),
         "q3_k": (_q3_k_kernel, {"q_ptr": "*i32", "hb_ptr": "*i32", "sc_ptr": "*i32", "d_ptr": "*fp16"}, {}),
