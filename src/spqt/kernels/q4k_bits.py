@@ -36,6 +36,13 @@ def small_to_float(v):
 
 
 @triton.jit
+def small_minus(v, BIAS: tl.constexpr):
+    """Non-negative int32 v below 2^23, less the integer BIAS, as float32, exactly: small_to_float with the bias in
+    its one subtract (Q6_K's q - 32, Q8_0's u - 128, Q3_K's q - 4 and s - 32)."""
+    return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + BIAS)
+
+
+@triton.jit
 def unpack_scales(w1, w2, w3, J):
     """6-bit scale and min of sub-block J (int32 tensor of 0..7, broadcast against the packed head
     words w1..w3 of the same blocks) as float32."""

@@ -20,12 +20,14 @@ its order (the same weights, bit for bit):
 A tile's rows are kept in the order its words hold them (t = 2 m + h within a lane group, lane groups outer; Q8_0:
 tile halves m // 8 outer); _group_rows gives their matrix rows (Q8_0's kernel its own)."""
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from spqt.kernels import zigzag_cuda, zigzag_mma
-from spqt.kernels.q4k_bits import small_to_float
+from spqt.kernels.q4k_bits import small_minus, small_to_float
 from spqt.kernels.q4k_tiles import dequant_out, load_nibbles, scale_levels, store_tile, tile_setup
 
 GROUPS = 8  # lane groups of a superblock row (32 rows each)
@@ -76,7 +78,7 @@ def _dequant_q6k_kernel(q_ptr, hb_ptr, s_ptr, d_ptr, out_ptr, N, K, WN: tl.const
                  mask=live[:, None], other=0).to(tl.float32)  # (BK, 16)
     d = tl.load(d_ptr + r * K + cols, mask=live, other=0.0).to(tl.float32)
     scale = tl.reshape(d[:, None] * sc, (BK, 1, 4, 4, 1))
-    level = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0  # q - 32 exactly: 2^23 + q - (2^23 + 32)
+    level = small_minus(q, 32)
     store_tile(out_ptr, tl.reshape(scale * level, (BK, 8 * WN)), row, cols, live, N, K)
 
 
@@ -105,7 +107,7 @@ def _dequant_q8_0_kernel(q_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.co
     u = (tl.reshape(words, (BK, 2, G, 4, 1, 1)) >> (8 * byte)[None, None, None, None, :, :]) & 255
     d = tl.load(d_ptr + zigzag_mma.head_index(r, cols, K)[:, None] * 8 + tl.arange(0, 8)[None, :],
                 mask=live[:, None], other=0.0).to(tl.float32)  # (BK, 8)
-    level = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0  # u - 128 exactly: 2^23 + u - (2^23 + 128)
+    level = small_minus(u, 128)
     w = tl.reshape(tl.reshape(d, (BK, 2, 1, 4, 1, 1)) * level, (BK, 32 * G))
     t = tl.arange(0, 32 * G)  # (H, i, mm // 2, mm % 2, h)
     mm = (t % 16) // 2
@@ -176,8 +178,8 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, G: tl.constexpr, BK
     j = m // 2
     pair = (tl.where(j < 4, w0[:, None], w1[:, None]) >> (8 * (j % 4))) & 255  # (BK, 16)
     s = tl.where(m % 2 == 0, pair & 63, (pair >> 6) | (((w2[:, None] >> (4 * j)) & 15) << 2))
-    scale = _half_float(w3)[:, None] * ((s | 0x4B000000).to(tl.float32, bitcast=True) - 8388640.0)  # d (s - 32)
-    level = (q | 0x4B000000).to(tl.float32, bitcast=True) - 8388612.0  # q - 4 exactly
+    scale = _half_float(w3)[:, None] * small_minus(s, 32)  # d (s - 32)
+    level = small_minus(q, 4)
     w = tl.reshape(tl.reshape(scale, (BK, 1, 2, 4, 2, 1)) * level, (BK, 32 * G))
     store_tile(out_ptr, w, _group_rows(r, g0, G), cols, live, N, K)
 
@@ -203,42 +205,45 @@ def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK:
     store_tile(out_ptr, tl.reshape(w, (BK, 32 * G)), _group_rows(r, g0, G), cols, live, N, K)
 
 
-# The shipped tiles: (lane groups a tile, columns a program), 4 warps (module docstring; SASS in the tests)
+# The shipped tiles: (lane groups a tile, columns a program), 4 warps: the only tile at 32 registers for every type;
+# 2.9-3.5 TB/s read plus written on a 7B's maps on the H200, 2 lane groups x 64 columns 1.3-3.4
+# (benchmarks/results/session30/dequant-probe-types-30fad11.log)
 TILES = {"q5_k": (1, 128), "q6_k": (1, 128), "q8_0": (1, 128), "q3_k": (1, 128), "q2_k": (1, 128)}
 
 
-def _launch_q5k(w, out, groups, bk):
-    _dequant_q5k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
-        w.quants, w.head.view(torch.int64), w.fifth, out, *w.shape, WN=4 * groups, BK=bk, num_warps=4)
+@dataclass(frozen=True)
+class _Kernel:
+    """A type's kernel and its arguments before out: (w's attribute, the dtype it is viewed as or None) and the Triton
+    type of each (compile_sm90); `words`: its tile is given as WN = 4 lane groups words (the nibble types), else as
+    G lane groups."""
+
+    kernel: object
+    arrays: tuple
+    types: tuple
+    words: bool
 
 
-def _launch_q6k(w, out, groups, bk):
-    _dequant_q6k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
-        w.quants, w.high, w.scales.view(torch.int8), w.d, out, *w.shape, WN=4 * groups, BK=bk, num_warps=4)
+_KERNELS = {
+    "q5_k": _Kernel(_dequant_q5k_kernel, (("quants", None), ("head", torch.int64), ("fifth", None)),
+                    ("*i32", "*i64", "*i32"), True),
+    "q6_k": _Kernel(_dequant_q6k_kernel, (("quants", None), ("high", None), ("scales", torch.int8), ("d", None)),
+                    ("*i32", "*i32", "*i8", "*fp16"), True),
+    "q8_0": _Kernel(_dequant_q8_0_kernel, (("quants", None), ("d", None)), ("*i32", "*fp16"), False),
+    "q3_k": _Kernel(_dequant_q3k_kernel, (("quants", None), ("high", None), ("head", torch.int64)),
+                    ("*i32", "*i32", "*i64"), False),
+    "q2_k": _Kernel(_dequant_q2k_kernel, (("quants", None), ("scales", torch.int64), ("d", None)),
+                    ("*i32", "*i64", "*i32"), False),
+}
 
 
-def _launch_q8_0(w, out, groups, bk):
-    _dequant_q8_0_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
-        w.quants, w.d, out, *w.shape, G=groups, BK=bk, num_warps=4)
-
-
-def _launch_q3k(w, out, groups, bk):
-    _dequant_q3k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
-        w.quants, w.high, w.head.view(torch.int64), out, *w.shape, G=groups, BK=bk, num_warps=4)
-
-
-def _launch_q2k(w, out, groups, bk):
-    _dequant_q2k_kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
-        w.quants, w.scales.view(torch.int64), w.d, out, *w.shape, G=groups, BK=bk, num_warps=4)
-
-
-_LAUNCH = {"q5_k": _launch_q5k, "q6_k": _launch_q6k, "q8_0": _launch_q8_0, "q3_k": _launch_q3k, "q2_k": _launch_q2k}
+def _tile(spec: _Kernel, groups: int) -> dict:
+    return {"WN": 4 * groups} if spec.words else {"G": groups}
 
 
 def supports(w) -> bool:
     """Whether w is a zigzag matrix of a type this module dequantizes, in the CUDA GEMV's layout
     (zigzag_cuda.kquant_layout's classes)."""
-    return zigzag_cuda.in_kquant_layout(w) and w.fmt in _LAUNCH
+    return zigzag_cuda.in_kquant_layout(w) and w.fmt in _KERNELS
 
 
 def dequantize(w, dtype: torch.dtype = torch.float16, out: torch.Tensor | None = None, groups: int | None = None,
@@ -247,7 +252,7 @@ def dequantize(w, dtype: torch.dtype = torch.float16, out: torch.Tensor | None =
     `dtype` (out's, where given: contiguous (N, K)); groups (1, 2, 4 lane groups a tile: Q8_0's, Q3_K's and Q2_K's
     words of a column lie in one plane) and bk (columns a program, a power of two) default to TILES."""
     if not supports(w):
-        raise ValueError(f"type_tiles.dequantize runs zigzag {', '.join(_LAUNCH)} in the CUDA GEMV's layouts, not "
+        raise ValueError(f"type_tiles.dequantize runs zigzag {', '.join(_KERNELS)} in the CUDA GEMV's layouts, not "
                          f"{type(w).__name__} {w.layout} {w.fmt}")
     shipped_groups, shipped_bk = TILES[w.fmt]
     groups = shipped_groups if groups is None else groups
@@ -255,16 +260,11 @@ def dequantize(w, dtype: torch.dtype = torch.float16, out: torch.Tensor | None =
     if groups not in (1, 2, 4):
         raise ValueError(f"a tile holds 1, 2 or 4 lane groups, not {groups}")
     out = dequant_out(w, dtype, out)
-    _LAUNCH[w.fmt](w, out, groups, bk)
+    spec = _KERNELS[w.fmt]
+    arrays = [getattr(w, name) if view is None else getattr(w, name).view(view) for name, view in spec.arrays]
+    spec.kernel[(w.grid[0] * (GROUPS // groups), triton.cdiv(w.shape[1], bk))](
+        *arrays, out, *w.shape, **_tile(spec, groups), BK=bk, num_warps=4)
     return out
-
-
-# Each kernel's pointer arguments before out (Triton types), in launch order
-_POINTERS = {"q5_k": ("_dequant_q5k_kernel", {"q_ptr": "*i32", "h_ptr": "*i64", "f_ptr": "*i32"}),
-             "q6_k": ("_dequant_q6k_kernel", {"q_ptr": "*i32", "hb_ptr": "*i32", "s_ptr": "*i8", "d_ptr": "*fp16"}),
-             "q8_0": ("_dequant_q8_0_kernel", {"q_ptr": "*i32", "d_ptr": "*fp16"}),
-             "q3_k": ("_dequant_q3k_kernel", {"q_ptr": "*i32", "hb_ptr": "*i32", "h_ptr": "*i64"}),
-             "q2_k": ("_dequant_q2k_kernel", {"q_ptr": "*i32", "s_ptr": "*i64", "d_ptr": "*i32"})}
 
 
 def compile_sm90(fmt: str, groups: int | None = None, bk: int | None = None, dtype: str = "fp16"):
@@ -273,11 +273,11 @@ def compile_sm90(fmt: str, groups: int | None = None, bk: int | None = None, dty
     unset."""
     from spqt.kernels import sass
 
-    name, pointers = _POINTERS[fmt]
+    spec = _KERNELS[fmt]
     shipped_groups, shipped_bk = TILES[fmt]
-    groups = groups or shipped_groups
-    tile = {"WN": 4 * groups} if fmt in ("q5_k", "q6_k") else {"G": groups}
+    tile = _tile(spec, shipped_groups if groups is None else groups)
+    pointers = dict(zip(spec.kernel.arg_names, spec.types))
     sig = {**pointers, "out_ptr": f"*{dtype}", "N": "i32", "K": "i32", **{c: "constexpr" for c in tile},
            "BK": "constexpr"}
-    return sass.compile_sm90(globals()[name], sig, {**tile, "BK": bk or shipped_bk}, len(pointers) + 3,
+    return sass.compile_sm90(spec.kernel, sig, {**tile, "BK": shipped_bk if bk is None else bk}, len(pointers) + 3,
                              {"num_warps": 4})
