@@ -233,14 +233,15 @@ def launcher(spec: str):
 def make(shape, fmt: str = "q4_k"):
     """Random zigzag weights of one shape and type in the layout the runtime runs on CUDA."""
     if fmt != "q4_k":
-        return make_type_operands(shape, fmt, 0)[0][0]
+        return make_type_operands(shape, fmt, 0)[0][0]  # (and one copy, dropped: time_shape makes its own)
     n, k = shape
     w = torch.randn(n, k, device="cuda") * k**-0.5
     return repack(QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k)), "cuda")
 
 
 def time_shape(fmt: str, shape, variants, props) -> dict:
-    """Every variant on one shape: a row, also printed."""
+    """Every variant on one shape: a row, also printed. A variant is "exact" where its output equals the shipped
+    gemv.dequantize's bit for bit (whose own equality with the format's decode the tests hold)."""
     n, k = shape
     gw = make(shape, fmt)
     ref = kg.dequantize(gw, torch.float16)

@@ -171,6 +171,12 @@ serve_probe() {
 }
 # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
 # $OUT/prefill-<setting>.log / .json
+# $OUT/results.tgz of the JSON files named that this call wrote ($OUT may hold an earlier call's), then removed
+pack_json() {
+  local have=()
+  for f in "$@"; do [ -f "$OUT/$f" ] && have+=("$f"); done
+  [ ${#have[@]} -gt 0 ] && (cd "$OUT" && tar czf results.tgz "${have[@]}" && rm -f "${have[@]}")
+}
 prefill_settings() {
   for setting in ${GEMM29_SETTINGS:-dequant default}; do
     SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe "$1"
@@ -1282,17 +1288,18 @@ llama2-7b:now}" 90
       timeout ${GEMM30_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM30_ARGS:-} --configs "${GEMM30_CONFIGS:-}" \
         --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
     fi
-    (cd "$OUT" && tar czf results.tgz *.json && rm -f *.json)
+    pack_json dequant-probe.json gemm-probe.json
     echo "dequant30: $(( $(date +%s) - start )) s"
     ;;
   tile30)
-    # The tile dequantization (q4k_tiles): its gpu tests, the GEMM's and the prefill's (TILE30_TESTS more; the default
+    # The tile dequantization (q4k_tiles, type_tiles): its gpu tests, the GEMM's and the prefill's (TILE30_TESTS more; the default
     # model's with both GGUF parts: park), scripts/dequant_probe.py (DEQ30_ARGS), then scripts/prefill_probe.py on the
     # session start's tree (.old) and on this one (SPQT_PREFILL_GEMM unset; PREFILL_MODELS, PREFILL_TOKENS)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     timeout ${TILE30_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
       "tests/test_kernels.py::test_tile_dequantization_every_tile" "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
+      "tests/test_kquant_cuda.py::test_cuda_planes_dequant_kernel" \
       "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
       "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
       "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" ${TILE30_TESTS:-} 2>&1 \
@@ -1304,9 +1311,10 @@ llama2-7b:now}" 90
     for tree in before after; do
       [ $tree = before ] && [ ! -d .old/src ] && continue
       PYTHONPATH="$(tree_path $tree)" prefill_probe ${TILE30_PREFILL_LIMIT:-120}
-      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"; mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
+      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
+      [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
     done
-    (cd "$OUT" && tar czf results.tgz *.json && rm -f *.json)
+    pack_json dequant-probe.json prefill-before.json prefill-after.json
     echo "tile30: $(( $(date +%s) - start )) s"
     ;;
   final29)

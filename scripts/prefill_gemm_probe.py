@@ -44,9 +44,18 @@ def main():
     ap.add_argument("--configs", default="", help="tiles to time beside the rule: WN,BM,BK,SPLIT,WARPS,STAGES;...")
     ap.add_argument("--json")
     args = ap.parse_args()
-    listed = [[int(v) for v in c.split(",")] for c in args.configs.split(";") if c]
+    try:
+        listed = [[int(v) for v in c.split(",")] for c in args.configs.split(";") if c]
+    except ValueError:
+        listed = [[]]
     if any(len(c) != 6 for c in listed):
         raise SystemExit("--configs: six integers a tile (WN,BM,BK,SPLIT,WARPS,STAGES), tiles separated by ;")
+    keys = ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages")
+    for c in listed:  # a tile the kernel cannot run stops here, not after the shapes before it
+        try:
+            gq.check_config({key: v or 16 for key, v in zip(keys, c)})
+        except ValueError as err:
+            raise SystemExit(f"--configs: {err}")
     props = torch.cuda.get_device_properties(0)
     l2, sms = props.L2_cache_size, props.multi_processor_count
     rows = []
@@ -72,9 +81,8 @@ def main():
             best = ("rule", rule_us)
             tried = variants(rule) if args.sweep and m <= args.sweep_max else []
             for c in listed:
-                cfg = rule | {key: v for key, v in zip(("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages"), c) if v}
-                tried.append((",".join(str(cfg[key]) for key in ("WN", "BM", "BK", "SPLIT", "num_warps",
-                                                                  "num_stages")), cfg))
+                cfg = rule | {key: v for key, v in zip(keys, c) if v}
+                tried.append((",".join(str(cfg[key]) for key in keys), cfg))
             if tried:
                 for label, cfg in tried:
                     us = timed(lambda w, cfg=cfg: gq.gemm_q4k(w, x, cfg))

@@ -1,6 +1,7 @@
 """Time to the first token: the dense prefill of a prompt on CUDA, per prompt length, and where it goes.
 
-    python3 scripts/prefill_probe.py [--models default,synthetic:llama2-7b[:TYPE]] [--tokens 8,17,64,257,512,1025,2048] [--json OUT]
+    python3 scripts/prefill_probe.py [--models default,synthetic:llama2-7b[:TYPE]] [--tokens 8,17,64,257,512,1025,2048]
+        [--json OUT]
 
 For each model and prompt length: the prefill as `Generator.generate` times it (the prompt's forward pass and the
 first token's sampling, synchronised; median of --reps after two warm-ups), then one prefill under torch.profiler,
@@ -35,8 +36,10 @@ def load(model: str, max_len: int):
         from spqt.default_model import default_spqt
 
         return load_spqt(default_spqt(progress=False))
-    _, name, *fmt = model.split(":")  # synthetic:NAME[:TYPE], e.g. synthetic:llama2-7b:q6_k
-    return synthetic_model(name, "zigzag", max_len, *fmt)
+    parts = model.split(":")  # synthetic:NAME[:TYPE], e.g. synthetic:llama2-7b:q6_k
+    if parts[0] != "synthetic" or not 2 <= len(parts) <= 3:
+        raise SystemExit(f"--models: default or synthetic:NAME[:TYPE], not {model!r}")
+    return synthetic_model(parts[1], "zigzag", max_len, parts[2] if len(parts) == 3 else "q4_k")
 
 
 def prefill_row(gen: Generator, tokens: int, reps: int) -> dict:
