@@ -82,6 +82,11 @@ def test_linear_runs_the_gemm_for_short_prompts(rng, device, monkeypatch):
     monkeypatch.delenv("SPQT_PREFILL_GEMM")
     assert gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.MAX_TOKENS)
     assert not gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.MAX_TOKENS + 1)
+    monkeypatch.setattr(gq, "LARGE_WEIGHTS", 300 * 130)  # a map this large runs it to LARGE_MAX_TOKENS rows
+    assert gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.LARGE_MAX_TOKENS)
+    assert not gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.LARGE_MAX_TOKENS + 1)
+    monkeypatch.setattr(gq, "LARGE_WEIGHTS", 300 * 130 + 1)
+    assert not gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.MAX_TOKENS + 1)
     assert not gpu_linear.fused_gemm_runs(lin.w, torch.float32, 5)
     row = TritonLinear(QuantizedWeight(spqt.quantize(qw.dequantize(), "q4_k", "row"), "q4_k", "row", (300, 130)),
                        torch.float16, device)
@@ -95,6 +100,25 @@ def test_rule_splits_the_7b_maps_as_measured():
                           (3072, 576): 1}.items():
         for m in (16, 32):
             assert gq.config(m, n, k, 132)["SPLIT"] == split, f"{n}x{k}, {m} tokens"
+
+
+def test_gemm_routes_the_maps_measured_faster():
+    """fused_gemm_runs on real maps' shapes (thirtieth session's measurements): to 32 tokens a 7B's and a 70B's maps,
+    not the 135M model's; from 33 to 64 tokens only the 70B's gate|up (1.22x there; its q|k|v and o 0.79x, down
+    1.01x, a 7B's maps behind the tile dequantization)."""
+    from types import SimpleNamespace
+
+    from spqt.kernels import gpu_linear
+
+    def runs(n, k, rows):
+        return gpu_linear.fused_gemm_runs(SimpleNamespace(layout="zigzag", fmt="q4_k", shape=(n, k)), torch.float16,
+                                          rows)
+
+    for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (10240, 8192), (57344, 8192)):
+        assert runs(n, k, 32) and runs(n, k, 17), f"{n}x{k}"
+        assert runs(n, k, 64) == ((n, k) == (57344, 8192)), f"{n}x{k} at 64 rows"
+        assert not runs(n, k, 65)
+    assert not runs(960, 576, 16) and not runs(1536, 576, 32)
 
 
 def test_gemm_config_override(monkeypatch):

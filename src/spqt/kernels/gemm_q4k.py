@@ -24,6 +24,10 @@ MAX_TOKENS = 32  # more rows: dequantize + cuBLAS (gpu_linear.fused_gemm_runs)
 # smaller maps: dequantize + cuBLAS (at 32 rows the 135M model's maps, 0.3-1.8 M weights, ran slower here: 1.75 against
 # 1.36 ms of a prefill's GPU time; a 7B's, 16.8 M and more, 1.2-2.1x faster; none measured between)
 MIN_WEIGHTS = 1 << 23
+# and up to 64 rows for maps of 2^28 weights and more (a 70B's gate|up, 470 M: 467.5 against 570.4 us at 64 tokens
+# with the tile dequantization; its q|k|v and o ran 0.79x, down 1.01x, a 7B's maps behind: 8c8ac31, thirtieth session)
+LARGE_MAX_TOKENS = 64
+LARGE_WEIGHTS = 1 << 28
 
 
 @triton.jit

@@ -93,13 +93,15 @@ def kept_config() -> str:
 def fused_gemm_runs(w, dtype: torch.dtype, rows: int) -> bool:
     """Whether `rows` rows of x in `dtype` (tokens times batch: a prefill's bucket, a perplexity batch) times w run
     gemm_q4k (the blocks read in the GEMM) rather than dequantize + cuBLAS: a zigzag Q4_K matrix of at least
-    gemm_q4k.MIN_WEIGHTS weights, fp16 / bf16 x, at most gemm_q4k.MAX_TOKENS rows (where it measured faster;
-    docs/RESULTS.md, twenty-ninth session). SPQT_PREFILL_GEMM=fused / =dequant forces one (measurement); read at
-    each call."""
+    gemm_q4k.MIN_WEIGHTS weights, fp16 / bf16 x, at most gemm_q4k.MAX_TOKENS rows, or LARGE_MAX_TOKENS rows for a
+    matrix of LARGE_WEIGHTS or more (where it measured faster; docs/RESULTS.md, twenty-ninth and thirtieth sessions).
+    SPQT_PREFILL_GEMM=fused / =dequant forces one (measurement); read at each call."""
     setting = os.environ.get("SPQT_PREFILL_GEMM", "")
     if setting == "dequant" or w.layout != "zigzag" or w.fmt != "q4_k" or dtype not in (torch.float16, torch.bfloat16):
         return False
-    return setting == "fused" or (rows <= kq.MAX_TOKENS and w.shape[0] * w.shape[1] >= kq.MIN_WEIGHTS)
+    weights = w.shape[0] * w.shape[1]
+    return setting == "fused" or (rows <= kq.MAX_TOKENS and weights >= kq.MIN_WEIGHTS) or (
+        rows <= kq.LARGE_MAX_TOKENS and weights >= kq.LARGE_WEIGHTS)
 
 
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
