@@ -171,6 +171,19 @@ serve_probe() {
 }
 # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
 # $OUT/prefill-<setting>.log / .json
+# The prefill's gpu tests (the GEMM that reads the blocks, the repack and dequantization, the runtime's prefill) and
+# the node ids after $2, within $1 seconds, into $OUT/$2-tests.log; prints the summary and the stage's time so far
+prefill_gpu_tests() {
+  local limit=$1 tag=$2
+  shift 2
+  timeout "$limit" python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
+    "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
+    "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
+    "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
+    "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" "$@" 2>&1 \
+    | tee "$OUT/$tag-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+  echo "$tag tests: $(( $(date +%s) - start )) s"
+}
 # $OUT/results.tgz of the JSON files named that this call wrote ($OUT may hold an earlier call's), then removed
 pack_json() {
   local have=()
@@ -1245,13 +1258,7 @@ llama2-7b:now}" 90
     # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and the default in turn (prefill-<setting>.log / .json)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${GEMM29_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
-      "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
-      "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
-      "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" \
-      "tests/test_kernels.py::test_gpu_layout_repack_is_exact" ${GEMM29_TESTS:-} 2>&1 \
-      | tee "$OUT/gemm29-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    echo "gemm29 tests: $(( $(date +%s) - start )) s"
+    prefill_gpu_tests ${GEMM29_TEST_LIMIT:-200} gemm29 ${GEMM29_TESTS:-}
     timeout ${GEMM29_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM29_ARGS:---sweep} \
       --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
     echo "gemm29 probe: $(( $(date +%s) - start )) s"
@@ -1297,14 +1304,8 @@ llama2-7b:now}" 90
     # session start's tree (.old) and on this one (SPQT_PREFILL_GEMM unset; PREFILL_MODELS, PREFILL_TOKENS)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${TILE30_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
-      "tests/test_kernels.py::test_tile_dequantization_every_tile" "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
-      "tests/test_kquant_cuda.py::test_cuda_planes_dequant_kernel" \
-      "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
-      "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
-      "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" ${TILE30_TESTS:-} 2>&1 \
-      | tee "$OUT/tile30-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    echo "tile30 tests: $(( $(date +%s) - start )) s"
+    prefill_gpu_tests ${TILE30_TEST_LIMIT:-200} tile30 "tests/test_kernels.py::test_tile_dequantization_every_tile" \
+      "tests/test_kquant_cuda.py::test_cuda_planes_dequant_kernel" ${TILE30_TESTS:-}
     timeout ${DEQ30_LIMIT:-150} python3 scripts/dequant_probe.py ${DEQ30_ARGS:-} --json "$OUT/dequant-probe.json" 2>&1 \
       | grep -v WARN | tee "$OUT/dequant-probe.log"
     echo "tile30 probe: $(( $(date +%s) - start )) s"

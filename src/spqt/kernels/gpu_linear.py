@@ -30,10 +30,10 @@ from spqt.functional import NORM_SUMS, linear_epilogue
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels import fused as kf
+from spqt.kernels import gemm_q4k as kq
 from spqt.kernels import zigzag_cuda
 from spqt.kernels import zigzag_types as zt
 from spqt.kernels.collect import collect
-from spqt.kernels import gemm_q4k as kq
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.kernels.gpu_layout_types import GpuZigzag
 from spqt.kernels.gpu_layout_types import repack as repack_types

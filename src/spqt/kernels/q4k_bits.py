@@ -17,22 +17,35 @@ def load_head(h_ptr, blk, m):
 
 
 @triton.jit
+def load_words(h_ptr, blk, m):
+    """The four int32 words of the 16-byte units `blk` (h_ptr viewed as int64 pairs, as load_head; the other
+    K-quants' grouped scales and heads)."""
+    lo = tl.load(h_ptr + blk * 2 + 0, mask=m, other=0)
+    hi = tl.load(h_ptr + blk * 2 + 1, mask=m, other=0)
+    return lo.to(tl.int32), (lo >> 32).to(tl.int32), hi.to(tl.int32), (hi >> 32).to(tl.int32)
+
+
+@triton.jit
 def split_head(lo, hi):
     """A head as two int64 -> d and dmin as float32, and the packed scale words 1-3 (int32)."""
     w0 = lo.to(tl.int32)
     w1 = (lo >> 32).to(tl.int32)
     w2 = hi.to(tl.int32)
     w3 = (hi >> 32).to(tl.int32)
-    d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    return d, dmin, w1, w2, w3
+    return half_to_float(w0), half_to_float(w0 >> 16), w1, w2, w3
+
+
+@triton.jit
+def half_to_float(bits):
+    """The fp16 in the low 16 bits of int32 `bits` as float32."""
+    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
 def small_to_float(v):
     """Non-negative int32 below 2^23 -> the same value as float32, exactly: OR into the mantissa of
     2^23 and subtract 2^23 (two full-rate ops instead of a quarter-rate int->float)."""
-    return (v | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    return small_minus(v, 0)
 
 
 @triton.jit

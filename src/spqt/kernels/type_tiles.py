@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from spqt.kernels import zigzag_cuda, zigzag_mma
-from spqt.kernels.q4k_bits import small_minus, small_to_float
+from spqt.kernels.q4k_bits import half_to_float, load_words, small_minus, small_to_float
 from spqt.kernels.q4k_tiles import dequant_out, load_nibbles, scale_levels, store_tile, tile_setup
 
 GROUPS = 8  # lane groups of a superblock row (32 rows each)
@@ -139,22 +139,6 @@ def _group_rows(r, g0, G: tl.constexpr):
 
 
 @triton.jit
-def _unit_words(h_ptr, r, cols, live, K):
-    """The four int32 words (BK,) each of a column's 16-byte grouped unit (head_index; h_ptr viewed as int64 pairs:
-    two 8-byte loads)."""
-    unit = zigzag_mma.head_index(r, cols, K)
-    lo = tl.load(h_ptr + unit * 2, mask=live, other=0)
-    hi = tl.load(h_ptr + unit * 2 + 1, mask=live, other=0)
-    return lo.to(tl.int32), (lo >> 32).to(tl.int32), hi.to(tl.int32), (hi >> 32).to(tl.int32)
-
-
-@triton.jit
-def _half_float(bits):
-    """The fp16 in the low 16 bits of int32 `bits` as float32."""
-    return (bits & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, G: tl.constexpr, BK: tl.constexpr):
     """Zigzag Q3_K (gpu_layout_q3k.GpuQ3KPlanes) -> out (N, K) row-major in out's dtype. Program (tile, column block):
     lane groups g0 .. g0 + G - 1 of superblock row r in BK columns. Low pairs: _low_pairs; third bit of row
@@ -173,12 +157,12 @@ def _dequant_q3k_kernel(q_ptr, hb_ptr, h_ptr, out_ptr, N, K, G: tl.constexpr, BK
     h = tl.arange(0, 2)[None, None, None, :]
     bit = tl.where(odd == 0, 8 * u + 2 + 4 * h, tl.where(h == 0, 8 * u + 4, 8 * ((u + 1) % 4))) + m8  # (2, 4, 2, 2)
     q = low | (((tl.reshape(third, (BK, G, 1, 1, 1, 1)) >> bit[None, None, :, :, :, :]) & 1) << 2)
-    w0, w1, w2, w3 = _unit_words(h_ptr, r, cols, live, K)
+    w0, w1, w2, w3 = load_words(h_ptr, zigzag_mma.head_index(r, cols, K), live)
     m = tl.arange(0, 16)[None, :]
     j = m // 2
     pair = (tl.where(j < 4, w0[:, None], w1[:, None]) >> (8 * (j % 4))) & 255  # (BK, 16)
     s = tl.where(m % 2 == 0, pair & 63, (pair >> 6) | (((w2[:, None] >> (4 * j)) & 15) << 2))
-    scale = _half_float(w3)[:, None] * small_minus(s, 32)  # d (s - 32)
+    scale = half_to_float(w3)[:, None] * small_minus(s, 32)  # d (s - 32)
     level = small_minus(q, 4)
     w = tl.reshape(tl.reshape(scale, (BK, 1, 2, 4, 2, 1)) * level, (BK, 32 * G))
     store_tile(out_ptr, w, _group_rows(r, g0, G), cols, live, N, K)
@@ -193,13 +177,13 @@ def _dequant_q2k_kernel(q_ptr, s_ptr, d_ptr, out_ptr, N, K, G: tl.constexpr, BK:
     r, g0, cols = _tile_start(G, BK)
     live = cols < K
     q = _low_pairs(q_ptr, r, g0, cols, live, K, G, BK)  # (BK, G, 2, 4, 2, 2)
-    w0, w1, w2, w3 = _unit_words(s_ptr, r, cols, live, K)
+    w0, w1, w2, w3 = load_words(s_ptr, zigzag_mma.head_index(r, cols, K), live)
     m = tl.arange(0, 16)[None, :]
     word = tl.where(m < 8, tl.where(m < 4, w0[:, None], w1[:, None]), tl.where(m < 12, w2[:, None], w3[:, None]))
     byte = (word >> (8 * (m % 4))) & 255  # (BK, 16)
     dd = tl.load(d_ptr + r * K + cols, mask=live, other=0)
-    scale = _half_float(dd)[:, None] * small_to_float(byte & 15)
-    minimum = _half_float(dd >> 16)[:, None] * small_to_float(byte >> 4)
+    scale = half_to_float(dd)[:, None] * small_to_float(byte & 15)
+    minimum = half_to_float(dd >> 16)[:, None] * small_to_float(byte >> 4)
     w = (tl.reshape(scale, (BK, 1, 2, 4, 2, 1)) * small_to_float(q)
          - tl.reshape(minimum, (BK, 1, 2, 4, 2, 1)))
     store_tile(out_ptr, tl.reshape(w, (BK, 32 * G)), _group_rows(r, g0, G), cols, live, N, K)

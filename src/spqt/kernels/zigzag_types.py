@@ -40,7 +40,7 @@ import triton.language as tl
 
 from spqt.kernels import gemv as kg
 from spqt.kernels.gpu_layout_types import Q8_ROW_GROUP, TYPES, GpuZigzag, dequantize_kernel_layout
-from spqt.kernels.q4k_bits import MAGIC, small_to_float, split_head, unpack_scales
+from spqt.kernels.q4k_bits import MAGIC, half_to_float, small_to_float, split_head, unpack_scales
 from spqt.kernels.zigzag_mma import uses_pdl
 
 MODE_DENSE, MODE_INDEXED = kg.MODE_DENSE, kg.MODE_INDEXED  # B2, B4
@@ -365,8 +365,8 @@ def _q2_k_step(q_ptr, sc_ptr, dd_ptr, blk, x, c):
     lo = tl.load(q_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :])  # (BLOCK_K, 4, 4)
     sm = tl.load(sc_ptr + (blk * 16 + 4 * p)[:, :, None] + tl.arange(0, 4)[None, None, :]).to(tl.int32)
     dd = tl.load(dd_ptr + blk)
-    d = (dd & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    dmin = ((dd >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    d = half_to_float(dd)
+    dmin = half_to_float(dd >> 16)
     lo = tl.reshape(lo, (lo.shape[0], 4, 2, 2))  # word 2 a + b of the piece at [a, b]
     sm = tl.reshape(sm, (sm.shape[0], 4, 2, 2))
     xd = (x * d)[:, :, None, None]
