@@ -32,7 +32,10 @@ def split_head(lo, hi):
     w1 = (lo >> 32).to(tl.int32)
     w2 = hi.to(tl.int32)
     w3 = (hi >> 32).to(tl.int32)
-    return half_to_float(w0), half_to_float(w0 >> 16), w1, w2, w3
+    # d and dmin as half_to_float would give them, written out: the row GEMV's registers are allocated as before
+    d = (w0 & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    dmin = ((w0 >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return d, dmin, w1, w2, w3
 
 
 @triton.jit
