@@ -94,6 +94,8 @@
 #   scripts/gpu_session.sh dequant30 the prefill's dequantization: variants timed, Nsight Compute on two, the GEMM's tiles
 #   scripts/gpu_session.sh tile30    the tile dequantization's gpu tests and the prefill's, its probe, the prefill before
 #                                    (.old, carried) / after
+#   scripts/gpu_session.sh gemm31    the CUDA GEMM of the prefill: its gpu tests and the prefill's, the GEMM probe, the prefill
+#                                    before (.old) and after
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1317,6 +1319,25 @@ llama2-7b:now}" 90
     done
     pack_json dequant-probe.json prefill-before.json prefill-after.json
     echo "tile30: $(( $(date +%s) - start )) s"
+    ;;
+  gemm31)
+    # The CUDA GEMM of the prefill (kernels/gemm_cuda.py): its gpu tests and the prefill's (GEMM31_TESTS more; the
+    # default model's with both GGUF parts: park), scripts/prefill_gemm_probe.py (GEMM31_ARGS), then
+    # scripts/prefill_probe.py on the session start's tree (.old) and on this one (PREFILL_MODELS, PREFILL_TOKENS)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    prefill_gpu_tests ${GEMM31_TEST_LIMIT:-200} gemm31 tests/test_gemm_cuda.py ${GEMM31_TESTS:-}
+    timeout ${GEMM31_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM31_ARGS:-} \
+      --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    echo "gemm31 probe: $(( $(date +%s) - start )) s"
+    for tree in ${GEMM31_TREES:-before after}; do
+      [ $tree = before ] && [ ! -d .old/src ] && continue
+      PYTHONPATH="$(tree_path $tree)" prefill_probe ${GEMM31_PREFILL_LIMIT:-120}
+      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
+      [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
+    done
+    pack_json gemm-probe.json prefill-before.json prefill-after.json
+    echo "gemm31: $(( $(date +%s) - start )) s"
     ;;
   final29)
     # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the

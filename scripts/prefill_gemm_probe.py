@@ -1,10 +1,12 @@
-"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS against the GEMM that reads the
-blocks (kernels/gemm_q4k.py), per map shape and token count; with --sweep, gemm_q4k's rule against one-factor
-variations of its tile (which way each knob pays); with --configs, against the tiles listed (six integers each, 0
-keeps the rule's value, as SPQT_GEMM_CONFIG).
+"""The prefill's product on CUDA: zigzag Q4_K times M tokens, dequantize + cuBLAS against the GEMMs that read the
+blocks (kernels/gemm_q4k.py in Triton, kernels/gemm_cuda.py in CUDA), per map shape and token count; with --sweep,
+gemm_q4k's rule against one-factor variations of its tile (which way each knob pays); with --configs, against the
+tiles listed (six integers each, 0 keeps the rule's value, as SPQT_GEMM_CONFIG); with --cuda-configs, the CUDA GEMM's
+rule against the configs listed (TOKT,WARPS,SPLIT,PIPE; 0 keeps the rule's value, PIPE -1 for 0).
 
     python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
-        [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--configs WN,BM,BK,SPLIT,WARPS,STAGES;...] [--json OUT]
+        [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--configs WN,BM,BK,SPLIT,WARPS,STAGES;...]
+        [--cuda-configs TOKT,WARPS,SPLIT,PIPE;...] [--no-triton] [--json OUT]
 
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """
@@ -18,6 +20,7 @@ import triton
 import spqt
 from spqt.bench import git_commit, time_graph, weight_copies
 from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemm_cuda as gc
 from spqt.kernels import gemm_q4k as gq
 from spqt.kernels import gemv as kg
 from spqt.kernels.gpu_layout import repack
@@ -42,8 +45,16 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-max", type=int, default=64, help="sweep token counts up to this")
     ap.add_argument("--configs", default="", help="tiles to time beside the rule: WN,BM,BK,SPLIT,WARPS,STAGES;...")
+    ap.add_argument("--cuda-configs", default="", help="CUDA GEMM configs beside its rule: TOKT,WARPS,SPLIT,PIPE;...")
+    ap.add_argument("--no-triton", action="store_true", help="leave gemm_q4k out (dequantize + cuBLAS and CUDA only)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    try:
+        cuda_listed = [[int(v) for v in c.split(",")] for c in args.cuda_configs.split(";") if c]
+    except ValueError:
+        cuda_listed = [[]]
+    if any(len(c) != 4 for c in cuda_listed):
+        raise SystemExit("--cuda-configs: four integers a config (TOKT,WARPS,SPLIT,PIPE), configs separated by ;")
     try:
         listed = [[int(v) for v in c.split(",")] for c in args.configs.split(";") if c]
     except ValueError:
@@ -75,9 +86,24 @@ def main():
                 return 1e6 * time_graph([lambda w=copies[i % len(copies)]: fn(w) for i in range(max(16, len(copies)))])
 
             base_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
-            rule_us = timed(lambda w: gq.gemm_q4k(w, x, rule))
+            rule_us = float("nan") if args.no_triton else timed(lambda w: gq.gemm_q4k(w, x, rule))
             row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us,
                    "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
+            cuda_rule = gc.config(m, n, k, sms)
+            cuda_cfgs = [("rule", cuda_rule)] + [
+                (",".join(str(v) for v in c), cuda_rule | {key: max(v, 0) for key, v in zip(gc.KEYS, c) if v})
+                for c in cuda_listed]
+            row["cuda"] = {}
+            for label, cfg in cuda_cfgs:
+                cerr = float((gc.gemm(gw, x, cfg).float() - ref).abs().max() / ref.abs().max())
+                cus = timed(lambda w, cfg=cfg: gc.gemm(w, x, cfg))
+                row["cuda"][label] = {"us": cus, "rel_err": cerr, "config": cfg}
+                print(f"{shape:>11s} {m:5d} tok: CUDA GEMM {label:>12s} {cus:8.1f} us ({base_us / cus:5.2f}x over "
+                      f"dequant+cuBLAS {base_us:.1f}; "
+                      + ",".join(f"{key}={cfg[key]}" for key in gc.KEYS) + f"; err {cerr:.1e})", flush=True)
+            if args.no_triton:
+                rows.append(row)
+                continue
             best = ("rule", rule_us)
             tried = variants(rule) if args.sweep and m <= args.sweep_max else []
             for c in listed:

@@ -17,6 +17,15 @@ def random_x(rng, k, dtype, device, sparsity):
     return x, torch.as_tensor(t, dtype=torch.float32).to(device)
 
 
+def min_part(qw) -> torch.Tensor:
+    """-dmin*m of every weight of a Q4_K QuantizedWeight (its blocks with all quants zeroed), (N, K) float32."""
+    from spqt.checkpoint import QuantizedWeight
+
+    blocks = qw.blocks.clone()
+    blocks[..., 16:] = 0
+    return QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize()
+
+
 def assert_within_fp32_sum(y, w_ref, w_mag, x_used, what, input_eps=0.0):
     """|y - W x| within the worst case of a GEMV in fp32: (K + 4) 2^-24 times the sum of the
     magnitudes the kernel adds (w_mag: per weight, (N, K) float64), plus input_eps times the same

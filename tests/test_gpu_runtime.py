@@ -424,24 +424,29 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_short_prompts_prefill_through_the_q4k_gemm(tiny_spqt, dtype, monkeypatch):
-    """In fp16 / bf16 a prompt whose bucket holds at most gemm_q4k.MAX_TOKENS tokens runs the GEMM that reads the
-    blocks (here for maps of any size; SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS): the first-token logits of the
-    two within rounding."""
-    from spqt.kernels import gemm_q4k
+    """A prompt whose bucket holds at most gemm_q4k.MAX_TOKENS tokens runs a GEMM that reads the blocks (here for maps
+    of any size): in fp16 the CUDA GEMM (gemm_cuda; SPQT_PREFILL_GEMM=fused: gemm_q4k), in bf16 gemm_q4k;
+    SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS. The first-token logits of each within rounding of dequantize's."""
+    from spqt.kernels import gemm_cuda, gemm_q4k
 
     loaded = load_spqt(tiny_spqt)
     rng = torch.Generator().manual_seed(6)
-    calls = count_calls(monkeypatch, gemm_q4k, "gemm_q4k")
-    monkeypatch.setattr(gemm_q4k, "MIN_WEIGHTS", 0)  # the tiny model's maps are far below it
+    calls = {"triton": count_calls(monkeypatch, gemm_q4k, "gemm_q4k"),
+             "cuda": count_calls(monkeypatch, gemm_cuda, "gemm")}
+    monkeypatch.setattr(gemm_q4k, "MIN_WEIGHTS", 0)  # the tiny model's maps are far below them
+    monkeypatch.setattr(gemm_cuda, "MIN_WEIGHTS", 0)
     prompt = torch.randint(0, loaded.config.vocab_size, (gemm_q4k.MAX_TOKENS - 5,), generator=rng).tolist()
     firsts = {}
-    for setting in ("", "dequant"):
+    expected = {"": "cuda" if dtype == torch.float16 else "triton", "fused": "triton", "dequant": None}
+    for setting, runs in expected.items():
         monkeypatch.setenv("SPQT_PREFILL_GEMM", setting)
         half = Generator(loaded, "cuda", dtype=dtype, max_len=300)
         half.use_graph = False
-        before = len(calls)
+        before = {kind: len(c) for kind, c in calls.items()}
         half.generate(prompt, 1, track=False, on_logits=lambda logits: firsts.setdefault(setting, logits[0]))
-        assert (len(calls) > before) == (setting == ""), f"SPQT_PREFILL_GEMM={setting!r}: gemm_q4k calls"
+        ran = {kind for kind, c in calls.items() if len(c) > before[kind]}
+        assert ran == ({runs} if runs else set()), f"SPQT_PREFILL_GEMM={setting!r}: ran {ran}"
     span = float(firsts["dequant"].max() - firsts["dequant"].min())
     bound = 0.01 if dtype == torch.float16 else 0.03  # bf16 keeps 8 bits
-    assert float((firsts[""].float() - firsts["dequant"].float()).abs().max()) < bound * span
+    for setting in ("", "fused"):
+        assert float((firsts[setting].float() - firsts["dequant"].float()).abs().max()) < bound * span, setting

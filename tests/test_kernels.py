@@ -14,7 +14,7 @@ from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from conftest import save_quantized
-from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, random_x as _x
+from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, min_part, random_x as _x
 
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
@@ -36,13 +36,6 @@ def _weights(rng, shape, layout, device, scale: float = 1.0):
     w = torch.from_numpy(rng.standard_normal(shape).astype(np.float32) * scale).to(device)
     qw = QuantizedWeight(spqt.quantize(w, "q4_k", layout), "q4_k", layout, shape)
     return qw, repack(qw, device)
-
-
-def min_part(qw: QuantizedWeight) -> torch.Tensor:
-    """-dmin*m of every weight (the blocks with all quants zeroed), (N, K) float32."""
-    blocks = qw.blocks.clone()
-    blocks[..., 16:] = 0
-    return QuantizedWeight(blocks, qw.fmt, qw.layout, qw.shape).dequantize()
 
 
 _REFERENCES = {}

@@ -1,6 +1,7 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
 for one token (B2 / B4 for zigzag, B0 for row); several tokens: zigzag Q4_K's blocks read in a GEMM of their own
-(gemm_q4k: up to its MAX_TOKENS rows, maps of MIN_WEIGHTS and more), else dequantize + cuBLAS GEMM.
+(fp16 on CUDA: gemm_cuda, up to its MAX_TOKENS rows; else gemm_q4k: up to its MAX_TOKENS rows, maps of MIN_WEIGHTS and
+more), else dequantize + cuBLAS GEMM.
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less); in front of a dense
 map on the CUDA GEMV it runs inside the GEMV (dense_normed: no launch), where the map that wrote its input finished
@@ -30,6 +31,7 @@ from spqt.functional import NORM_SUMS, linear_epilogue
 from spqt.kernels import gemv as kg
 from spqt.kernels import tuning
 from spqt.kernels import fused as kf
+from spqt.kernels import gemm_cuda
 from spqt.kernels import gemm_q4k as kq
 from spqt.kernels import zigzag_cuda
 from spqt.kernels import zigzag_types as zt
@@ -104,6 +106,18 @@ def fused_gemm_runs(w, dtype: torch.dtype, rows: int) -> bool:
         rows <= kq.LARGE_MAX_TOKENS and weights >= kq.LARGE_WEIGHTS)
 
 
+def cuda_gemm_runs(w, x: torch.Tensor, rows: int) -> bool:
+    """Whether `rows` rows of x times w run the CUDA GEMM (gemm_cuda: the tokens as the mma's n, the levels its A
+    operand) before gemm_q4k or dequantize + cuBLAS: fp16 x on a GPU where it runs (gemm_cuda.runs), a zigzag Q4_K
+    matrix of at least gemm_cuda.MIN_WEIGHTS weights, at most gemm_cuda.MAX_TOKENS rows (where it measured faster;
+    docs/RESULTS.md, thirty-first session). SPQT_PREFILL_GEMM=cuda forces it where it runs, =fused / =dequant the
+    others (measurement); read at each call."""
+    setting = os.environ.get("SPQT_PREFILL_GEMM", "")
+    if setting in ("dequant", "fused") or not gemm_cuda.runs(w, x):
+        return False
+    return setting == "cuda" or (rows <= gemm_cuda.MAX_TOKENS and w.shape[0] * w.shape[1] >= gemm_cuda.MIN_WEIGHTS)
+
+
 def _with_sums(y: torch.Tensor, shape: torch.Size, sums: torch.Tensor | None) -> torch.Tensor:
     """y viewed as (..., N) of x's shape, carrying its sums of squares (NORM_SUMS) where they were written."""
     out = y.view(*shape[:-1], y.numel())
@@ -145,6 +159,8 @@ class TritonLinear:
 
     def _gemm(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.k
+        if cuda_gemm_runs(self.w, x, rows):
+            return gemm_cuda.gemm(self.w, x.reshape(rows, self.k).contiguous()).view(*x.shape[:-1], self.n)
         if fused_gemm_runs(self.w, x.dtype, rows):
             return kq.gemm_q4k(self.w, x.reshape(rows, self.k).contiguous()).view(*x.shape[:-1], self.n)
         w = kg.dequantize(self.w, x.dtype)

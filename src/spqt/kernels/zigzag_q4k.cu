@@ -1784,3 +1784,191 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
   }
 }
 #endif
+
+#if GEMM
+// ---------------------------------------------------------------------------------------------------------------
+// GEMM (the prefill of a short prompt): Y = X W^T for x (M, K) fp16 and a zigzag Q4_K W (N, K), the tokens as the
+// mma's n. The GEMV above puts the 8 sub-blocks in n (B[k, n] = x_k d_k sc[k, n]); here n is 8 tokens and the tile's
+// sub-block scale moves into B: B[k, n] = x[token n, k] d_k sc_s[k] for the 2 tiles of sub-block s (fp16: the lane's
+// own token pair of columns times the fp16 pair d sc of sub-block s, which lane (s, t) decoded and shuffles), A = the
+// levels as fp16 subnormals as in the GEMV (row g q 2^-24, row g + 8 q 2^-20). The min term is one more mma a chunk
+// and token tile: A's row g = dmin_k mn_g[k] (lane g's own sub-block), B = x, giving sub-block g's term for 8 tokens.
+//
+// Program (b, r, s) = tokens 8 TOKT b .. 8 TOKT b + 8 TOKT - 1, superblock row r (256 outputs), columns [s per,
+// min(K, (s + 1) per)). Its warp w takes part p = w % TOKT of the 16 tiles (16 / TOKT of them: the lane loads the 16 /
+// TOKT level bytes of that part of its 16) for all 8 TOKT tokens, and the chunks (16 columns) cw, cw + CW, ... of the
+// share (cw = w / TOKT, CW = WARPS / TOKT); the CW warps of a part add their sums in shared memory in a fixed order
+// (deterministic), then the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out:
+// one share). Lane (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9).
+#ifndef TOKT
+#define TOKT 1  // token tiles of 8 a program (1, 2 or 4)
+#endif
+#if TYPE != 4 || (TOKT != 1 && TOKT != 2 && TOKT != 4) || WARPS % TOKT != 0 || WARPS > 4
+#error "GEMM runs Q4_K (TYPE 4), TOKT 1, 2 or 4 dividing WARPS, WARPS at most 4 (its shared sums)"
+#endif
+#define GT (16 / TOKT)     // tiles a warp's part
+#define GW (4 / TOKT)      // level words a lane loads of a column (its part's 16 / TOKT bytes)
+#define CW (WARPS / TOKT)  // warps a part: they take the share's chunks in turn
+#define SUM_STRIDE 260     // floats a token's row of the shared sums (256 outputs, padded)
+
+struct GemmChunk {  // a lane's loads of one chunk: its part's level words and the head of each slot
+  u32 w[4][GW];
+  uint4 hd[4];
+};
+
+// Chunk j's slots (columns j + 4 i + t below hi; zeros past it) for part `part`.
+__device__ __forceinline__ void gemm_load(GemmChunk& ch, const uint4* qr, const uint4* hr, int j, int hi, int t,
+                                          int part) {
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int col = j + 4 * i + t;
+    if (col < hi) {
+#if TOKT == 1
+      const uint4 v = __ldg(qr + (size_t)col * 4);
+      ch.w[i][0] = v.x;
+      ch.w[i][1] = v.y;
+      ch.w[i][2] = v.z;
+      ch.w[i][3] = v.w;
+#elif TOKT == 2
+      const uint2 v = __ldg(reinterpret_cast<const uint2*>(qr + (size_t)col * 4) + part);
+      ch.w[i][0] = v.x;
+      ch.w[i][1] = v.y;
+#else
+      ch.w[i][0] = __ldg(reinterpret_cast<const u32*>(qr + (size_t)col * 4) + part);
+#endif
+      ch.hd[i] = __ldg(hr + (size_t)col * 4);
+    } else {
+#pragma unroll
+      for (int u = 0; u < GW; ++u) ch.w[i][u] = 0u;
+      ch.hd[i] = make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
+}
+
+__device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
+  u32 r;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// One chunk into c[GT][TOKT][4] (tile part GT + mi, token tile jt) and the min terms into cm[TOKT][4] (row g =
+// sub-block g). xr[jt]: the row of x of the lane's token 8 jt + g (tok_ok: below M); j, hi as gemm_load's.
+__device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOKT][4], float (*cm)[4],
+                                             const ScaleDecoder& dec, const unsigned short* const* xr,
+                                             const bool* tok_ok, int j, int hi, int t, int part) {
+  float dsc[4], dmn[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    float sc, mn;
+    dec.decode(ch.hd[i], sc, mn);
+    dsc[i] = f16_lo_to_f32(ch.hd[i].x) * sc;
+    dmn[i] = f16_hi_to_f32(ch.hd[i].x) * mn;
+  }
+  const u32 ds01 = pack_f16x2(dsc[0], dsc[1]), ds23 = pack_f16x2(dsc[2], dsc[3]);
+  const u32 am0 = pack_f16x2(dmn[0], dmn[1]), am2 = pack_f16x2(dmn[2], dmn[3]);
+  u32 x01[TOKT], x23[TOKT];
+#pragma unroll
+  for (int jt = 0; jt < TOKT; ++jt) {
+    unsigned short v[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int col = j + 4 * i + t;
+      v[i] = (tok_ok[jt] && col < hi) ? __ldg(xr[jt] + col) : (unsigned short)0;
+    }
+    x01[jt] = v[0] | ((u32)v[1] << 16);
+    x23[jt] = v[2] | ((u32)v[3] << 16);
+    mma_tile(cm[jt], am0, 0u, am2, 0u, x01[jt], x23[jt]);
+  }
+#pragma unroll
+  for (int sl = 0; sl < GT / 2; ++sl) {
+    const int src = 4 * (part * (GT / 2) + sl) + t;  // lane (s, t): sub-block s's d sc of the lane's slots
+    const u32 s01 = __shfl_sync(0xffffffffu, ds01, src), s23 = __shfl_sync(0xffffffffu, ds23, src);
+    u32 b01[TOKT], b23[TOKT];
+#pragma unroll
+    for (int jt = 0; jt < TOKT; ++jt) {
+      b01[jt] = mul_f16x2(x01[jt], s01);
+      b23[jt] = mul_f16x2(x23[jt], s23);
+    }
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int mi = 2 * sl + e, q = mi >> 2, sh = mi & 3;
+      const u32 sel = sh | (sh << 4) | ((4 + sh) << 8) | ((4 + sh) << 12);
+      const u32 p = __byte_perm(ch.w[0][q], ch.w[1][q], sel);
+      const u32 pq = __byte_perm(ch.w[2][q], ch.w[3][q], sel);
+      const u32 a0 = p & 0x000F000Fu, a1 = p & 0x00F000F0u, a2 = pq & 0x000F000Fu, a3 = pq & 0x00F000F0u;
+#pragma unroll
+      for (int jt = 0; jt < TOKT; ++jt) mma_tile(c[mi][jt], a0, a1, a2, a3, b01[jt], b23[jt]);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * WARPS)
+zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
+                void* __restrict__ out, int M, int N, int K, int per, int half_out) {
+  __shared__ float sums[CW][8 * TOKT][SUM_STRIDE];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, t = lane & 3, part = warp % TOKT, cw = warp / TOKT;
+  const int r = blockIdx.y, s = blockIdx.z, tok0 = 8 * TOKT * blockIdx.x;
+  const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
+  const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
+  const ScaleDecoder dec(g);
+  const unsigned short* xr[TOKT];
+  bool tok_ok[TOKT];
+#pragma unroll
+  for (int jt = 0; jt < TOKT; ++jt) {
+    const int tok = tok0 + 8 * jt + g;
+    tok_ok[jt] = tok < M;
+    xr[jt] = x + (size_t)(tok_ok[jt] ? tok : 0) * K;
+  }
+  float c[GT][TOKT][4], cm[TOKT][4];
+#pragma unroll
+  for (int mi = 0; mi < GT; ++mi)
+#pragma unroll
+    for (int jt = 0; jt < TOKT; ++jt) c[mi][jt][0] = c[mi][jt][1] = c[mi][jt][2] = c[mi][jt][3] = 0.0f;
+#pragma unroll
+  for (int jt = 0; jt < TOKT; ++jt) cm[jt][0] = cm[jt][1] = cm[jt][2] = cm[jt][3] = 0.0f;
+  const int first = s * per, hi = min(K, first + per), step = 16 * CW;
+  int j = first + 16 * cw;
+  GemmChunk ch;
+  if (j < hi) gemm_load(ch, qr, hr, j, hi, t, part);
+  for (; j < hi; j += step) {
+#if PIPE
+    GemmChunk next;
+    if (j + step < hi) gemm_load(next, qr, hr, j + step, hi, t, part);
+    gemm_compute(ch, c, cm, dec, xr, tok_ok, j, hi, t, part);
+    ch = next;
+#else
+    gemm_compute(ch, c, cm, dec, xr, tok_ok, j, hi, t, part);
+    if (j + step < hi) gemm_load(ch, qr, hr, j + step, hi, t, part);
+#endif
+  }
+  // the warp's sums less the min terms (sub-block m / 2's, from lane (m / 2, t)), at rows 16 m + g (+ 8), tokens
+  // 8 jt + 2 t (+ 1) of the program
+#pragma unroll
+  for (int mi = 0; mi < GT; ++mi) {
+    const int m = part * GT + mi, src = 4 * (m >> 1) + t;
+#pragma unroll
+    for (int jt = 0; jt < TOKT; ++jt) {
+      const float m0 = __shfl_sync(0xffffffffu, cm[jt][0], src), m1 = __shfl_sync(0xffffffffu, cm[jt][1], src);
+      float* row0 = &sums[cw][8 * jt + 2 * t][16 * m + g];
+      row0[0] = 16777216.0f * c[mi][jt][0] - m0;
+      row0[SUM_STRIDE] = 16777216.0f * c[mi][jt][1] - m1;
+      row0[8] = 1048576.0f * c[mi][jt][2] - m0;
+      row0[SUM_STRIDE + 8] = 1048576.0f * c[mi][jt][3] - m1;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < 8 * TOKT * 256; i += 32 * WARPS) {
+    const int tl = i >> 8, row = i & 255, tok = tok0 + tl, n = 256 * r + row;
+    if (tok < M && n < N) {
+      float v = sums[0][tl][row];
+#pragma unroll
+      for (int u = 1; u < CW; ++u) v += sums[u][tl][row];
+      if (half_out)
+        reinterpret_cast<unsigned short*>(out)[(size_t)tok * N + n] = f32_to_f16_bits(v);
+      else
+        reinterpret_cast<float*>(out)[((size_t)s * M + tok) * N + n] = v;
+    }
+  }
+}
+#endif

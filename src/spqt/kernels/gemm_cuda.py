@@ -1,0 +1,122 @@
+"""Zigzag Q4_K times several fp16 tokens on the tensor cores in CUDA C++ (zigzag_q4k.cu under GEMM, compiled by
+NVRTC): Y = X W^T, the prefill's product for a short prompt.
+
+The tokens are the mma's n (8 a token tile); the weights are its A operand straight from the level bytes, as in the
+decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8 tokens where the Triton GEMM
+(gemm_q4k) decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a
+share of the columns; the shares' float32 partial sums are added by torch in a fixed order (deterministic), or with
+one share the kernel writes fp16 itself. fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
+"""
+
+import functools
+import os
+
+import torch
+
+from spqt.errors import SpqtError
+from spqt.kernels import nvrtc, zigzag_cuda
+from spqt.kernels.gpu_layout import GpuQ4K
+
+TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
+WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
+KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE")
+MAX_TOKENS = 64  # more rows: gemm_q4k or dequantize + cuBLAS (gpu_linear.cuda_gemm_runs)
+MIN_WEIGHTS = 1 << 20  # smaller maps: the same
+
+
+def options(tokt: int, warps: int, pipe: int) -> tuple:
+    """NVRTC options of one configuration."""
+    return ("-DGEMM=1", f"-DTOKT={tokt}", f"-DWARPS={warps}", f"-DPIPE={pipe}", "-DTYPE=4")
+
+
+def config(m: int, n: int, k: int, sms: int) -> dict:
+    """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
+    PIPE. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE overrides (a 0 keeps the rule's value; PIPE -1 for 0)."""
+    tokt = 1 if m <= 8 else 2 if m <= 16 else 4
+    programs = _cdiv(n, 256) * _cdiv(m, 8 * tokt)
+    # shares until the grid holds about 4 programs an SM, each share at least 256 columns
+    split = max(1, min(_cdiv(4 * sms, programs), k // 256))
+    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": split, "PIPE": 1}
+    override = os.environ.get("SPQT_CUDA_GEMM_CONFIG", "")
+    if override:
+        try:
+            values = [int(v) for v in override.split(",")]
+        except ValueError:
+            values = []
+        if len(values) != len(KEYS):
+            raise SpqtError(f"SPQT_CUDA_GEMM_CONFIG needs {len(KEYS)} comma-separated integers (TOKT,WARPS,SPLIT,PIPE; "
+                            f"0 keeps the rule's, PIPE -1 turns it off), got {override!r}")
+        chosen |= {key: max(value, 0) for key, value in zip(KEYS, values) if value}
+    return chosen
+
+
+def check_config(cfg: dict) -> None:
+    """A config the kernel runs, or ValueError: TOKT in TOKTS, WARPS in WARPS and a multiple of TOKT, SPLIT >= 1,
+    PIPE 0 or 1."""
+    if cfg["TOKT"] not in TOKTS or cfg["WARPS"] not in WARPS or cfg["WARPS"] % cfg["TOKT"] or cfg["SPLIT"] < 1 \
+            or cfg["PIPE"] not in (0, 1):
+        raise ValueError(f"the CUDA GEMM cannot run the config {cfg}: TOKT in {TOKTS}, WARPS in {WARPS} and a multiple "
+                         f"of TOKT, SPLIT >= 1, PIPE 0 or 1")
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], torch.dtype, int]:
+    """((shares, M, N), dtype, columns a share) of the kernel's output for M tokens: cfg's SPLIT shares of K in
+    multiples of 16 columns (fewer shares where the rounding leaves one empty); float32 partial sums for several
+    shares, fp16 for one (the product itself)."""
+    n, k = w.shape
+    share = _cdiv(_cdiv(k, cfg["SPLIT"]), 16) * 16
+    shares = _cdiv(k, share)
+    return (shares, m, n), torch.float32 if shares > 1 else torch.float16, share
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def runs(w, x: torch.Tensor) -> bool:
+    """Whether this kernel can run x (M, K) times w here: a zigzag Q4_K GpuQ4K, fp16 x on an sm_80+ CUDA device with
+    NVRTC (zigzag_cuda.usable), SPQT_GEMV not "triton"."""
+    return (isinstance(w, GpuQ4K) and w.layout == "zigzag" and w.fmt == "q4_k" and x.is_cuda
+            and x.dtype == torch.float16 and zigzag_cuda.runs(x.device))
+
+
+def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) fp16. cfg: config()'s keys
+    (check_config); partials: the kernel's output (partials_spec), allocated when None (tests poison it)."""
+    n, k = w.shape
+    m = x.shape[0]
+    if w.layout != "zigzag" or w.fmt != "q4_k":
+        raise ValueError(f"the CUDA GEMM runs zigzag Q4_K, not {w.layout} {w.fmt}")
+    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype != torch.float16 or not x.is_cuda:
+        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got {tuple(x.shape)} {x.dtype}")
+    rows = w.grid[0]
+    if tuple(w.quants.shape) != (rows, 2, k, 16) or tuple(w.head.shape) != (_cdiv(rows, 4), k, 4, 4) \
+            or not (w.quants.is_contiguous() and w.head.is_contiguous()):
+        raise ValueError("the CUDA GEMM reads the zigzag planes (rows, 2, K, 16) and grouped heads, contiguous")
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    cfg = config(m, n, k, _sms(index)) if cfg is None else cfg
+    check_config(cfg)
+    shape, dtype, share = partials_spec(w, m, cfg)
+    if partials is None:
+        partials = torch.empty(shape, dtype=dtype, device=x.device)
+    elif partials.shape != shape or partials.dtype != dtype or not partials.is_contiguous():
+        raise ValueError(f"the CUDA GEMM's partials must be {shape} {dtype} contiguous")
+    kernel = zigzag_cuda.compiled(index, options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]), "zigzag_q4k_gemm")
+    P, I = nvrtc.POINTER, nvrtc.INT
+    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
+            (n, I), (k, I), (share, I), (int(shape[0] == 1), I)]
+    grid = (_cdiv(m, 8 * cfg["TOKT"]), rows, shape[0])
+    kernel.launch(grid, 32 * cfg["WARPS"], args, torch.cuda.current_stream(x.device))
+    return partials[0] if shape[0] == 1 else partials.sum(0).to(torch.float16)
+
+
+def cubin_sm90(cfg: dict) -> bytes:
+    """The kernel of a config compiled for Hopper here (NVRTC needs no GPU): for the CPU tests' SASS checks."""
+    check_config(cfg)
+    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]),
+                               "sm_90")

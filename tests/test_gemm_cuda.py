@@ -1,0 +1,140 @@
+"""The CUDA GEMM of zigzag Q4_K times several fp16 tokens (kernels/gemm_cuda.py, zigzag_q4k.cu under GEMM) against
+x times the dequantized weights: on the GPU (`gpu`) with every token-tile count, warp count, pipe and several shares,
+its output poisoned with a guard after it, shapes and token counts that are not multiples of its tiles; on the CPU the
+kernel compiled for sm_90 by NVRTC (its loop's tensor-core instructions, no local memory), the rule and the checks."""
+
+import numpy as np
+import pytest
+import torch
+
+import spqt
+from spqt.checkpoint import QuantizedWeight
+from spqt.kernels import gemm_cuda as gc
+from spqt.kernels.gpu_layout import repack
+
+from conftest import count_calls
+from kernel_inputs import assert_within_fp32_sum, min_part
+
+# B = fp16(x fp16(d sc)) and A's min row fp16(dmin mn): at most two fp16 roundings of a product's factors
+INPUT_EPS = 2.0**-10
+
+# (N, K, tokens): rows past the last whole superblock row, K not a multiple of 16, one token, token counts past a
+# tile of 8 and past 32 (two programs of TOKT 4 a superblock row), a 7B's map
+CASES = [(300, 130, 3), (513, 777, 17), (2311, 1000, 33), (960, 576, 64), (4096, 4096, 8), (11008, 4096, 1)]
+# beside the rule's: every TOKT and warp count, pipe on and off, more shares than 16-column steps (empty shares)
+CONFIGS = [dict(TOKT=1, WARPS=1, SPLIT=3, PIPE=0), dict(TOKT=1, WARPS=4, SPLIT=1, PIPE=1),
+           dict(TOKT=2, WARPS=2, SPLIT=5, PIPE=1), dict(TOKT=2, WARPS=4, SPLIT=1, PIPE=0),
+           dict(TOKT=4, WARPS=4, SPLIT=7, PIPE=1), dict(TOKT=4, WARPS=4, SPLIT=100, PIPE=0)]
+
+
+def _matrix(rng, n, k, device):
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32)).to(device)
+    qw = QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k))
+    return qw, repack(qw, device)
+
+
+@pytest.mark.gpu
+def test_cuda_gemm_equals_dequantized_matmul(rng):
+    from spqt.kernels import zigzag_cuda
+
+    if not zigzag_cuda.usable():
+        pytest.fail("the CUDA GEMM cannot run on this GPU (NVRTC, sm_80+ needed)")
+    for n, k, m in CASES:
+        qw, gw = _matrix(rng, n, k, "cuda")
+        w_ref = qw.dequantize().double().cuda()
+        w_mag = w_ref.abs() + 2 * min_part(qw).double().abs().cuda()
+        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to("cuda", torch.float16)
+        for cfg in [gc.config(m, n, k, 132)] + CONFIGS:
+            what = f"{n}x{k} {m} tokens {cfg}"
+            shape, dtype, _ = gc.partials_spec(gw, m, cfg)
+            buf = torch.full((shape[0] * shape[1] * shape[2] + 4096,), float("nan"), dtype=dtype, device="cuda")
+            partials, guard = buf[:-4096].view(shape), buf[-4096:]
+            y = gc.gemm(gw, x, cfg, partials=partials)
+            assert y.shape == (m, n) and y.dtype == torch.float16, what
+            assert torch.isnan(guard).all(), f"{what}: written past the output"
+            assert_within_fp32_sum(y.T, w_ref, w_mag, x.T, what, INPUT_EPS)
+            assert torch.equal(gc.gemm(gw, x, cfg), y), f"{what}: not deterministic"
+
+
+@pytest.mark.gpu
+def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
+    """TritonLinear's several-token product: the CUDA GEMM for fp16 zigzag Q4_K of at least MIN_WEIGHTS weights up to
+    MAX_TOKENS tokens (the same sums as dequantize + matmul within their roundings); bf16 and SPQT_PREFILL_GEMM=dequant
+    do not run it."""
+    from spqt.kernels import gpu_linear
+    from spqt.kernels.gpu_linear import TritonLinear
+
+    calls = count_calls(monkeypatch, gc, "gemm")
+    qw, _ = _matrix(rng, 300, 130, "cuda")
+    lin = TritonLinear(qw, torch.float16, "cuda")
+    x = torch.from_numpy(rng.standard_normal((1, 5, 130)).astype(np.float32)).to("cuda", torch.float16)
+    assert not gpu_linear.cuda_gemm_runs(lin.w, x, 5)  # 39,000 weights
+    monkeypatch.setattr(gc, "MIN_WEIGHTS", 300 * 130)
+    assert gpu_linear.cuda_gemm_runs(lin.w, x, gc.MAX_TOKENS)
+    assert not gpu_linear.cuda_gemm_runs(lin.w, x, gc.MAX_TOKENS + 1)
+    assert not gpu_linear.cuda_gemm_runs(lin.w, x.bfloat16(), 5)
+    fused = lin.dense(x).clone()
+    assert calls == [1] and fused.shape == (1, 5, 300)
+    monkeypatch.setenv("SPQT_PREFILL_GEMM", "dequant")
+    plain = lin.dense(x)
+    assert calls == [1]
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
+
+
+def test_cuda_gemm_rule_and_override(monkeypatch):
+    """config(): TOKT by the token count, shares until about 4 programs an SM (at least 256 columns a share);
+    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE -1: off); anything but four integers is one clear
+    error; check_config refuses what the kernel cannot run."""
+    from spqt.errors import SpqtError
+
+    assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 64)] == [1, 1, 2, 2, 4, 4]
+    assert gc.config(8, 12288, 4096, 132)["SPLIT"] == 11  # 48 superblock rows: 528 programs
+    assert gc.config(8, 960, 576, 132)["SPLIT"] == 2  # K // 256
+    assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 2
+    rule = gc.config(16, 12288, 4096, 132)
+    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1")
+    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0}
+    for bad in ("1,2", "a,b,c,d", "1,2,3,4,5"):
+        monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", bad)
+        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 4"):
+            gc.config(16, 12288, 4096, 132)
+    for bad in ({"TOKT": 8}, {"TOKT": 4, "WARPS": 2}, {"WARPS": 8}, {"SPLIT": 0}, {"PIPE": 2}):
+        with pytest.raises(ValueError, match="cannot run the config"):
+            gc.check_config(CONFIGS[1] | bad)
+
+
+def test_cuda_gemm_checks_its_contract():
+    """bf16 or mis-shaped x, x off CUDA, a row-layout matrix, partials of the wrong shape: one ValueError each (before
+    any launch, so on the CPU too)."""
+    rng = np.random.default_rng(5)
+    qw, gw = _matrix(rng, 64, 40, "cpu")
+    with pytest.raises(ValueError, match="fp16 contiguous on CUDA"):
+        gc.gemm(gw, torch.zeros(2, 40, dtype=torch.float16))
+    row = repack(QuantizedWeight(spqt.quantize(qw.dequantize(), "q4_k", "row"), "q4_k", "row", (64, 40)), "cpu")
+    with pytest.raises(ValueError, match="zigzag Q4_K"):
+        gc.gemm(row, torch.zeros(2, 40, dtype=torch.float16))
+    assert not gc.runs(row, torch.zeros(2, 40, dtype=torch.float16))
+    assert not gc.runs(gw, torch.zeros(2, 40, dtype=torch.float16))  # not on CUDA
+
+
+@pytest.mark.parametrize("tokt", gc.TOKTS)
+def test_cuda_gemm_compiles_for_sm90(tokt):
+    """Each TOKT's kernel compiled for sm_90 here (NVRTC needs no GPU), pipe on and off: the chunk loop runs 16 + TOKT
+    mma (16 tiles times TOKT token tiles a warp's part, and the min term's TOKT), shuffles the sub-blocks' scales
+    (16 / TOKT) and keeps everything in registers (no local memory)."""
+    from spqt.kernels import nvrtc
+    from spqt.kernels.sass import disassemble, main_loop, opcode
+
+    for pipe in (0, 1):
+        try:
+            cubin = gc.cubin_sm90(dict(TOKT=tokt, WARPS=4, SPLIT=1, PIPE=pipe))
+        except nvrtc.NvrtcUnavailable as exc:
+            pytest.fail(f"NVRTC is a test dependency here: {exc}")
+        sass, _, _ = disassemble(cubin)
+        gemm = next(part for part in sass.split("//--------------------- .text.")
+                    if part.startswith("zigzag_q4k_gemm "))  # nvdisasm's section of this function
+        loop = main_loop(gemm, "HMMA")
+        ops = [opcode(line) or "" for line in loop]
+        assert sum(op.startswith("HMMA") for op in ops) == 16 + tokt, f"TOKT {tokt} pipe {pipe}"
+        assert sum(op.startswith("SHFL") for op in ops) == 16 // tokt, f"TOKT {tokt} pipe {pipe}"
+        assert not any(op.startswith(("LDL", "STL")) for op in ops), f"TOKT {tokt} pipe {pipe}: local memory"
