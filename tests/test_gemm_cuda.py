@@ -82,15 +82,17 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
 
 
 def test_cuda_gemm_rule_and_override(monkeypatch):
-    """config(): TOKT by the token count, shares until about 4 programs an SM (at least 256 columns a share);
+    """config(): TOKT by the token count, shares until about a wave of RESIDENT programs an SM (at least 256 columns
+    a share, at most max_share: the tokens' x in shared memory);
     SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE -1: off); anything but four integers is one clear
     error; check_config refuses what the kernel cannot run."""
     from spqt.errors import SpqtError
 
     assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 64)] == [1, 1, 2, 2, 4, 4]
-    assert gc.config(8, 12288, 4096, 132)["SPLIT"] == 11  # 48 superblock rows: 528 programs
+    assert gc.config(8, 12288, 4096, 132)["SPLIT"] == 11  # 48 superblock rows: 528 programs, 4 an SM
+    assert gc.config(32, 12288, 4096, 132)["SPLIT"] == 8  # 384 programs, 3 an SM
     assert gc.config(8, 960, 576, 132)["SPLIT"] == 2  # K // 256
-    assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 2
+    assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 11  # 32 tokens' x of 768 columns fill the shared memory
     rule = gc.config(16, 12288, 4096, 132)
     monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1")
     assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0}
@@ -101,6 +103,11 @@ def test_cuda_gemm_rule_and_override(monkeypatch):
     for bad in ({"TOKT": 8}, {"TOKT": 4, "WARPS": 2}, {"WARPS": 8}, {"SPLIT": 0}, {"PIPE": 2}):
         with pytest.raises(ValueError, match="cannot run the config"):
             gc.check_config(CONFIGS[1] | bad)
+    monkeypatch.delenv("SPQT_CUDA_GEMM_CONFIG")
+    for m, n, k in ((64, 4096, 14336), (16, 8192, 28672), (8, 960, 576), (32, 57344, 8192)):
+        cfg = gc.config(m, n, k, 132)
+        share = -(-k // cfg["SPLIT"])
+        assert share <= gc.max_share(cfg["TOKT"]) and gc.shared_bytes(cfg, share) <= gc.MAX_SHARED, (m, n, k)
 
 
 def test_cuda_gemm_checks_its_contract():
@@ -115,13 +122,17 @@ def test_cuda_gemm_checks_its_contract():
         gc.gemm(row, torch.zeros(2, 40, dtype=torch.float16))
     assert not gc.runs(row, torch.zeros(2, 40, dtype=torch.float16))
     assert not gc.runs(gw, torch.zeros(2, 40, dtype=torch.float16))  # not on CUDA
+    _, wide = _matrix(rng, 64, 4000, "cpu")
+    with pytest.raises(ValueError, match="does not fit shared memory"):  # 8 x 4 tokens' x of 4000 columns: 128 KB
+        gc.gemm(wide, torch.zeros(2, 4000, dtype=torch.float16, device="meta"), dict(TOKT=4, WARPS=4, SPLIT=1, PIPE=0))
 
 
 @pytest.mark.parametrize("tokt", gc.TOKTS)
 def test_cuda_gemm_compiles_for_sm90(tokt):
     """Each TOKT's kernel compiled for sm_90 here (NVRTC needs no GPU), pipe on and off: the chunk loop runs 16 + TOKT
     mma (16 tiles times TOKT token tiles a warp's part, and the min term's TOKT), shuffles the sub-blocks' scales
-    (16 / TOKT) and keeps everything in registers (no local memory)."""
+    (16 / TOKT), reads x from shared memory and keeps everything else in registers (no local memory); without the
+    pipe (the rule's) the registers let gemm_cuda.RESIDENT programs of 4 warps share an SM (the rule's waves)."""
     from spqt.kernels import nvrtc
     from spqt.kernels.sass import disassemble, main_loop, opcode
 
@@ -135,6 +146,27 @@ def test_cuda_gemm_compiles_for_sm90(tokt):
                     if part.startswith("zigzag_q4k_gemm "))  # nvdisasm's section of this function
         loop = main_loop(gemm, "HMMA")
         ops = [opcode(line) or "" for line in loop]
-        assert sum(op.startswith("HMMA") for op in ops) == 16 + tokt, f"TOKT {tokt} pipe {pipe}"
-        assert sum(op.startswith("SHFL") for op in ops) == 16 // tokt, f"TOKT {tokt} pipe {pipe}"
-        assert not any(op.startswith(("LDL", "STL")) for op in ops), f"TOKT {tokt} pipe {pipe}: local memory"
+        what = f"TOKT {tokt} pipe {pipe}"
+        assert sum(op.startswith("HMMA") for op in ops) == 16 + tokt, what
+        assert sum(op.startswith("SHFL") for op in ops) == 16 // tokt, what
+        assert sum(op.startswith("LDS") for op in ops) == tokt, what
+        assert not any(op.startswith(("LDL", "STL")) for op in gemm.splitlines()), f"{what}: local memory"
+        if not pipe:
+            assert _registers(cubin, "zigzag_q4k_gemm") * 128 * gc.RESIDENT[tokt] <= 65536, what
+
+
+def _registers(cubin: bytes, name: str) -> int:
+    """Registers a thread of function `name` in a cubin (cuobjdump's resource usage)."""
+    import re
+    import subprocess
+    import tempfile
+
+    from spqt.kernels.sass import tool
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    section = usage[usage.index(f"Function {name}:"):]
+    return int(re.search(r"REG:(\d+)", section).group(1))

@@ -29,14 +29,32 @@ def options(tokt: int, warps: int, pipe: int) -> tuple:
     return ("-DGEMM=1", f"-DTOKT={tokt}", f"-DWARPS={warps}", f"-DPIPE={pipe}", "-DTYPE=4")
 
 
+# programs of 4 warps an SM holds by TOKT, PIPE 0 (sm_90 build: at most 128 registers a thread at TOKT 1 and 2, 168 at
+# 4; tests/test_gemm_cuda.py)
+RESIDENT = {1: 4, 2: 4, 4: 3}
+MAX_SHARED = 48 * 1024  # dynamic shared memory a program may take without opting in
+SUM_BYTES = 8320  # shared memory of a warp's sums (8 tokens x 260 floats a token tile: the .cu file's SUM_STRIDE)
+
+
+def max_share(tokt: int) -> int:
+    """Columns a share may hold: its tokens' x (8 TOKT tokens, 2 bytes a column) in MAX_SHARED."""
+    return MAX_SHARED // (16 * tokt) // 16 * 16
+
+
+def shared_bytes(cfg: dict, share: int) -> int:
+    """Dynamic shared memory of a program: its tokens' share of x, then (the same space) its warps' sums."""
+    return max(16 * cfg["TOKT"] * share, SUM_BYTES * cfg["WARPS"])
+
+
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
     PIPE. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE overrides (a 0 keeps the rule's value; PIPE -1 for 0)."""
     tokt = 1 if m <= 8 else 2 if m <= 16 else 4
     programs = _cdiv(n, 256) * _cdiv(m, 8 * tokt)
-    # shares until the grid holds about 4 programs an SM, each share at least 256 columns
-    split = max(1, min(_cdiv(4 * sms, programs), k // 256))
-    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": split, "PIPE": 1}
+    # shares until the grid is about one wave of RESIDENT programs an SM, a share at least 256 columns and at most
+    # max_share
+    split = max(1, min(round(RESIDENT[tokt] * sms / programs), k // 256), _cdiv(k, max_share(tokt)))
+    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": split, "PIPE": 0}
     override = os.environ.get("SPQT_CUDA_GEMM_CONFIG", "")
     if override:
         try:
@@ -92,16 +110,23 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     m = x.shape[0]
     if w.layout != "zigzag" or w.fmt != "q4_k":
         raise ValueError(f"the CUDA GEMM runs zigzag Q4_K, not {w.layout} {w.fmt}")
-    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype != torch.float16 or not x.is_cuda:
+    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype != torch.float16:
         raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got {tuple(x.shape)} {x.dtype}")
     rows = w.grid[0]
     if tuple(w.quants.shape) != (rows, 2, k, 16) or tuple(w.head.shape) != (_cdiv(rows, 4), k, 4, 4) \
             or not (w.quants.is_contiguous() and w.head.is_contiguous()):
         raise ValueError("the CUDA GEMM reads the zigzag planes (rows, 2, K, 16) and grouped heads, contiguous")
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-    cfg = config(m, n, k, _sms(index)) if cfg is None else cfg
+    index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
+    cfg = config(m, n, k, _sms(index) if x.is_cuda else 132) if cfg is None else cfg
     check_config(cfg)
     shape, dtype, share = partials_spec(w, m, cfg)
+    if share > max_share(cfg["TOKT"]):
+        raise ValueError(f"the CUDA GEMM's share of {share} columns does not fit shared memory at TOKT {cfg['TOKT']} "
+                         f"(at most {max_share(cfg['TOKT'])}: a larger SPLIT)")
+    if not x.is_cuda:
+        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got it on {x.device}")
+    if x.data_ptr() % 16:
+        x = x.clone()  # 16-byte loads of x
     if partials is None:
         partials = torch.empty(shape, dtype=dtype, device=x.device)
     elif partials.shape != shape or partials.dtype != dtype or not partials.is_contiguous():
@@ -111,7 +136,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
             (n, I), (k, I), (share, I), (int(shape[0] == 1), I)]
     grid = (_cdiv(m, 8 * cfg["TOKT"]), rows, shape[0])
-    kernel.launch(grid, 32 * cfg["WARPS"], args, torch.cuda.current_stream(x.device))
+    kernel.launch(grid, 32 * cfg["WARPS"], args, torch.cuda.current_stream(x.device), shared=shared_bytes(cfg, share))
     return partials[0] if shape[0] == 1 else partials.sum(0).to(torch.float16)
 
 

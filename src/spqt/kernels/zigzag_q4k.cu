@@ -1795,16 +1795,19 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 // and token tile: A's row g = dmin_k mn_g[k] (lane g's own sub-block), B = x, giving sub-block g's term for 8 tokens.
 //
 // Program (b, r, s) = tokens 8 TOKT b .. 8 TOKT b + 8 TOKT - 1, superblock row r (256 outputs), columns [s per,
-// min(K, (s + 1) per)). Its warp w takes part p = w % TOKT of the 16 tiles (16 / TOKT of them: the lane loads the 16 /
-// TOKT level bytes of that part of its 16) for all 8 TOKT tokens, and the chunks (16 columns) cw, cw + CW, ... of the
-// share (cw = w / TOKT, CW = WARPS / TOKT); the CW warps of a part add their sums in shared memory in a fixed order
-// (deterministic), then the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out:
-// one share). Lane (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9).
+// min(K, (s + 1) per)), per a multiple of 16. Its warp w takes part p = w % TOKT of the 16 tiles (16 / TOKT of them:
+// the lane loads the 16 / TOKT level bytes of that part of its 16) for all 8 TOKT tokens, and the chunks (16 columns)
+// cw, cw + CW, ... of the share (cw = w / TOKT, CW = WARPS / TOKT). The program first copies its tokens' share of x
+// into shared memory, zero past M and hi, in the order the lanes read it (a lane's 4 slots of a token and chunk: 8
+// contiguous bytes); after the chunks its CW warps of a part add their sums there in a fixed order (deterministic)
+// and the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out: one share). Lane
+// (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9). Dynamic shared memory:
+// max(16 TOKT per, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes).
 #ifndef TOKT
 #define TOKT 1  // token tiles of 8 a program (1, 2 or 4)
 #endif
-#if TYPE != 4 || (TOKT != 1 && TOKT != 2 && TOKT != 4) || WARPS % TOKT != 0 || WARPS > 4
-#error "GEMM runs Q4_K (TYPE 4), TOKT 1, 2 or 4 dividing WARPS, WARPS at most 4 (its shared sums)"
+#if TYPE != 4 || (TOKT != 1 && TOKT != 2 && TOKT != 4) || WARPS % TOKT != 0
+#error "GEMM runs Q4_K (TYPE 4), TOKT 1, 2 or 4 dividing WARPS"
 #endif
 #define GT (16 / TOKT)     // tiles a warp's part
 #define GW (4 / TOKT)      // level words a lane loads of a column (its part's 16 / TOKT bytes)
@@ -1816,27 +1819,34 @@ struct GemmChunk {  // a lane's loads of one chunk: its part's level words and t
   uint4 hd[4];
 };
 
-// Chunk j's slots (columns j + 4 i + t below hi; zeros past it) for part `part`.
+// Slot i's level words (its part's) and head at column col of superblock row r (qr, hr: the lane's column 0).
+__device__ __forceinline__ void gemm_load_slot(GemmChunk& ch, int i, const uint4* qr, const uint4* hr, int col,
+                                               int part) {
+#if TOKT == 1
+  const uint4 v = __ldg(qr + (size_t)col * 4);
+  ch.w[i][0] = v.x;
+  ch.w[i][1] = v.y;
+  ch.w[i][2] = v.z;
+  ch.w[i][3] = v.w;
+#elif TOKT == 2
+  const uint2 v = __ldg(reinterpret_cast<const uint2*>(qr + (size_t)col * 4) + part);
+  ch.w[i][0] = v.x;
+  ch.w[i][1] = v.y;
+#else
+  ch.w[i][0] = __ldg(reinterpret_cast<const u32*>(qr + (size_t)col * 4) + part);
+#endif
+  ch.hd[i] = __ldg(hr + (size_t)col * 4);
+}
+
+// Chunk j: FULL, every slot below hi (no checks); else slots past hi zero.
+template <bool FULL>
 __device__ __forceinline__ void gemm_load(GemmChunk& ch, const uint4* qr, const uint4* hr, int j, int hi, int t,
                                           int part) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const int col = j + 4 * i + t;
-    if (col < hi) {
-#if TOKT == 1
-      const uint4 v = __ldg(qr + (size_t)col * 4);
-      ch.w[i][0] = v.x;
-      ch.w[i][1] = v.y;
-      ch.w[i][2] = v.z;
-      ch.w[i][3] = v.w;
-#elif TOKT == 2
-      const uint2 v = __ldg(reinterpret_cast<const uint2*>(qr + (size_t)col * 4) + part);
-      ch.w[i][0] = v.x;
-      ch.w[i][1] = v.y;
-#else
-      ch.w[i][0] = __ldg(reinterpret_cast<const u32*>(qr + (size_t)col * 4) + part);
-#endif
-      ch.hd[i] = __ldg(hr + (size_t)col * 4);
+    if (FULL || col < hi) {
+      gemm_load_slot(ch, i, qr, hr, col, part);
     } else {
 #pragma unroll
       for (int u = 0; u < GW; ++u) ch.w[i][u] = 0u;
@@ -1852,10 +1862,10 @@ __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
 }
 
 // One chunk into c[GT][TOKT][4] (tile part GT + mi, token tile jt) and the min terms into cm[TOKT][4] (row g =
-// sub-block g). xr[jt]: the row of x of the lane's token 8 jt + g (tok_ok: below M); j, hi as gemm_load's.
+// sub-block g). xl: the lane's 8 bytes of x for token g of token tile 0 and this chunk; token tile jt's lie
+// jt xt uint2 further (xt = 8 chunks of the share).
 __device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOKT][4], float (*cm)[4],
-                                             const ScaleDecoder& dec, const unsigned short* const* xr,
-                                             const bool* tok_ok, int j, int hi, int t, int part) {
+                                             const ScaleDecoder& dec, const uint2* xl, int xt, int t, int part) {
   float dsc[4], dmn[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -1869,14 +1879,9 @@ __device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOK
   u32 x01[TOKT], x23[TOKT];
 #pragma unroll
   for (int jt = 0; jt < TOKT; ++jt) {
-    unsigned short v[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int col = j + 4 * i + t;
-      v[i] = (tok_ok[jt] && col < hi) ? __ldg(xr[jt] + col) : (unsigned short)0;
-    }
-    x01[jt] = v[0] | ((u32)v[1] << 16);
-    x23[jt] = v[2] | ((u32)v[3] << 16);
+    const uint2 v = xl[jt * xt];
+    x01[jt] = v.x;
+    x23[jt] = v.y;
     mma_tile(cm[jt], am0, 0u, am2, 0u, x01[jt], x23[jt]);
   }
 #pragma unroll
@@ -1902,24 +1907,42 @@ __device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOK
   }
 }
 
+// The program's tokens' share of x into xs (shared): token tl < 8 TOKT, column first + cc (cc < per, per a multiple
+// of 16) at unsigned short ((tl per / 16 + cc / 16) 4 + cc % 4) 4 + (cc % 16) / 4 (lane t = cc % 4 of the chunk cc /
+// 16 reads its slots' 4 contiguous), zero past M or hi. 8 columns a 16-byte load where K is a multiple of 8.
+__device__ __forceinline__ void gemm_stage_x(unsigned short* xs, const unsigned short* x, int M, int K, int tok0,
+                                             int first, int hi, int per) {
+  const int vectors = 8 * TOKT * (per >> 3);
+  for (int u = threadIdx.x; u < vectors; u += 32 * WARPS) {
+    const int tl = u / (per >> 3), cc = (u - tl * (per >> 3)) << 3, tok = tok0 + tl, col = first + cc;
+    unsigned short v[8];
+    if (tok < M && col + 8 <= hi && (K & 7) == 0) {
+      const uint4 q = __ldg(reinterpret_cast<const uint4*>(x + (size_t)tok * K + col));
+      const u32 words[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (unsigned short)(words[e >> 1] >> (16 * (e & 1)));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) v[e] = (tok < M && col + e < hi) ? __ldg(x + (size_t)tok * K + col + e) : 0;
+    }
+    unsigned short* base = xs + (size_t)(tl * (per >> 4) + (cc >> 4)) * 16 + ((cc & 15) >> 2);
+#pragma unroll
+    for (int e = 0; e < 8; ++e) base[(e & 3) * 4 + (e >> 2)] = v[e];
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 void* __restrict__ out, int M, int N, int K, int per, int half_out) {
-  __shared__ float sums[CW][8 * TOKT][SUM_STRIDE];
+  extern __shared__ __align__(16) unsigned char gemm_smem[];
+  unsigned short* xs = reinterpret_cast<unsigned short*>(gemm_smem);
+  float (*sums)[8 * TOKT][SUM_STRIDE] = reinterpret_cast<float (*)[8 * TOKT][SUM_STRIDE]>(gemm_smem);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int g = lane >> 2, t = lane & 3, part = warp % TOKT, cw = warp / TOKT;
   const int r = blockIdx.y, s = blockIdx.z, tok0 = 8 * TOKT * blockIdx.x;
   const uint4* qr = q + (size_t)(2 * r + (g >> 2)) * K * 4 + (g & 3);
   const uint4* hr = h + (size_t)(r >> 2) * K * 4 + (r & 3);
   const ScaleDecoder dec(g);
-  const unsigned short* xr[TOKT];
-  bool tok_ok[TOKT];
-#pragma unroll
-  for (int jt = 0; jt < TOKT; ++jt) {
-    const int tok = tok0 + 8 * jt + g;
-    tok_ok[jt] = tok < M;
-    xr[jt] = x + (size_t)(tok_ok[jt] ? tok : 0) * K;
-  }
   float c[GT][TOKT][4], cm[TOKT][4];
 #pragma unroll
   for (int mi = 0; mi < GT; ++mi)
@@ -1930,18 +1953,28 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const int first = s * per, hi = min(K, first + per), step = 16 * CW;
   int j = first + 16 * cw;
   GemmChunk ch;
-  if (j < hi) gemm_load(ch, qr, hr, j, hi, t, part);
-  for (; j < hi; j += step) {
+  if (j + 16 <= hi) gemm_load<true>(ch, qr, hr, j, hi, t, part);  // in flight while x is staged
+  gemm_stage_x(xs, x, M, K, tok0, first, hi, per);
+  __syncthreads();
+  // the lane's x: token g of token tile 0, chunk (j - first) / 16, slot 0 of lane t; a token tile 8 token rows on
+  const uint2* xl = reinterpret_cast<const uint2*>(xs) + (size_t)g * (per >> 2) + ((j - first) >> 4) * 4 + t;
+  const int xt = 8 * (per >> 2), xstep = 4 * CW;
+  for (; j + 16 <= hi; j += step, xl += xstep) {
 #if PIPE
     GemmChunk next;
-    if (j + step < hi) gemm_load(next, qr, hr, j + step, hi, t, part);
-    gemm_compute(ch, c, cm, dec, xr, tok_ok, j, hi, t, part);
+    if (j + step + 16 <= hi) gemm_load<true>(next, qr, hr, j + step, hi, t, part);
+    gemm_compute(ch, c, cm, dec, xl, xt, t, part);
     ch = next;
 #else
-    gemm_compute(ch, c, cm, dec, xr, tok_ok, j, hi, t, part);
-    if (j + step < hi) gemm_load(ch, qr, hr, j + step, hi, t, part);
+    gemm_compute(ch, c, cm, dec, xl, xt, t, part);
+    if (j + step + 16 <= hi) gemm_load<true>(ch, qr, hr, j + step, hi, t, part);
 #endif
   }
+  if (j < hi) {  // the share's last, partial chunk
+    gemm_load<false>(ch, qr, hr, j, hi, t, part);
+    gemm_compute(ch, c, cm, dec, xl, xt, t, part);
+  }
+  __syncthreads();  // x read by every warp: its space takes the sums
   // the warp's sums less the min terms (sub-block m / 2's, from lane (m / 2, t)), at rows 16 m + g (+ 8), tokens
   // 8 jt + 2 t (+ 1) of the program
 #pragma unroll
