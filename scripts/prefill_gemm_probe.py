@@ -97,10 +97,10 @@ def main():
             for label, cfg in cuda_cfgs:
                 try:
                     gc.check_config(cfg)
-                    if gc.partials_spec(gw, m, cfg)[2] > gc.max_share(cfg["TOKT"]):
+                    if gc.partials_spec(gw, m, cfg)[1] > gc.max_share(cfg["TOKT"]):
                         raise ValueError(f"a share past {gc.max_share(cfg['TOKT'])} columns")
-                except ValueError as err:
-                    print(f"{shape:>11s} {m:5d} tok: CUDA GEMM {label:>12s} skipped: {err}", flush=True)
+                except ValueError as why:
+                    print(f"{shape:>11s} {m:5d} tok: CUDA GEMM {label:>12s} skipped: {why}", flush=True)
                     continue
                 cerr = float((gc.gemm(gw, x, cfg).float() - ref).abs().max() / ref.abs().max())
                 cus = timed(lambda w, cfg=cfg: gc.gemm(w, x, cfg))

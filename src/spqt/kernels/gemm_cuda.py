@@ -4,8 +4,8 @@ NVRTC): Y = X W^T, the prefill's product for a short prompt.
 The tokens are the mma's n (8 a token tile); the weights are its A operand straight from the level bytes, as in the
 decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8 tokens where the Triton GEMM
 (gemm_q4k) decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a
-share of the columns; the shares' float32 partial sums are added by torch in a fixed order (deterministic), or with
-one share the kernel writes fp16 itself. fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
+share of the columns; the last share to arrive at an output tile adds the shares' float32 partial sums in share
+order (deterministic; no second launch), or with one share the program writes fp16 itself. fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
 """
 
 import functools
@@ -81,14 +81,23 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], torch.dtype, int]:
-    """((shares, M, N), dtype, columns a share) of the kernel's output for M tokens: cfg's SPLIT shares of K in
-    multiples of 16 columns (fewer shares where the rounding leaves one empty); float32 partial sums for several
-    shares, fp16 for one (the product itself)."""
+def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
+    """((shares, M, N), columns a share) of the kernel's float32 partial sums for M tokens: cfg's SPLIT shares of K in
+    multiples of 16 columns (fewer shares where the rounding leaves one empty; with one share none are written)."""
     n, k = w.shape
     share = _cdiv(_cdiv(k, cfg["SPLIT"]), 16) * 16
-    shares = _cdiv(k, share)
-    return (shares, m, n), torch.float32 if shares > 1 else torch.float16, share
+    return (_cdiv(k, share), m, n), share
+
+
+_COUNTERS: dict = {}
+
+
+def _counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """A zero int32 a tile on the device, kept between calls (the kernel's finisher resets each to zero)."""
+    have = _COUNTERS.get(device)
+    if have is None or have.numel() < tiles:
+        have = _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
+    return have
 
 
 @functools.lru_cache(maxsize=None)
@@ -103,9 +112,11 @@ def runs(w, x: torch.Tensor) -> bool:
             and x.dtype == torch.float16 and zigzag_cuda.runs(x.device))
 
 
-def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) fp16. cfg: config()'s keys
-    (check_config); partials: the kernel's output (partials_spec), allocated when None (tests poison it)."""
+def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None,
+         out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) fp16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) fp16 (into out when given).
+    cfg: config()'s keys (check_config); partials: the kernel's float32 partial sums (partials_spec; tests poison it
+    and out), allocated when None."""
     n, k = w.shape
     m = x.shape[0]
     if w.layout != "zigzag" or w.fmt != "q4_k":
@@ -119,7 +130,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
     cfg = config(m, n, k, _sms(index) if x.is_cuda else 132) if cfg is None else cfg
     check_config(cfg)
-    shape, dtype, share = partials_spec(w, m, cfg)
+    shape, share = partials_spec(w, m, cfg)
     if share > max_share(cfg["TOKT"]):
         raise ValueError(f"the CUDA GEMM's share of {share} columns does not fit shared memory at TOKT {cfg['TOKT']} "
                          f"(at most {max_share(cfg['TOKT'])}: a larger SPLIT)")
@@ -127,17 +138,23 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got it on {x.device}")
     if x.data_ptr() % 16:
         x = x.clone()  # 16-byte loads of x
+    if out is None:
+        out = torch.empty((m, n), dtype=torch.float16, device=x.device)
+    elif out.shape != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
+        raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) fp16 contiguous")
     if partials is None:
-        partials = torch.empty(shape, dtype=dtype, device=x.device)
-    elif partials.shape != shape or partials.dtype != dtype or not partials.is_contiguous():
-        raise ValueError(f"the CUDA GEMM's partials must be {shape} {dtype} contiguous")
+        partials = torch.empty(shape if shape[0] > 1 else (1,), dtype=torch.float32, device=x.device)
+    elif shape[0] > 1 and (partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous()):
+        raise ValueError(f"the CUDA GEMM's partials must be {shape} float32 contiguous")
+    blocks = _cdiv(m, 8 * cfg["TOKT"])
+    counters = _counters(x.device, blocks * rows)
     kernel = zigzag_cuda.compiled(index, options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]), "zigzag_q4k_gemm")
     P, I = nvrtc.POINTER, nvrtc.INT
-    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
-            (n, I), (k, I), (share, I), (int(shape[0] == 1), I)]
-    grid = (_cdiv(m, 8 * cfg["TOKT"]), rows, shape[0])
-    kernel.launch(grid, 32 * cfg["WARPS"], args, torch.cuda.current_stream(x.device), shared=shared_bytes(cfg, share))
-    return partials[0] if shape[0] == 1 else partials.sum(0).to(torch.float16)
+    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P),
+            (out.data_ptr(), P), (counters.data_ptr(), P), (m, I), (n, I), (k, I), (share, I)]
+    kernel.launch((blocks, rows, shape[0]), 32 * cfg["WARPS"], args, torch.cuda.current_stream(x.device),
+                  shared=shared_bytes(cfg, share))
+    return out
 
 
 def cubin_sm90(cfg: dict) -> bytes:
