@@ -4,16 +4,19 @@ NVRTC): Y = X W^T, the prefill's product for a short prompt.
 The tokens are the mma's n (8 a token tile); the weights are its A operand straight from the level bytes, as in the
 decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8 tokens where the Triton GEMM
 (gemm_q4k) decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a
-share of the columns; the last share to arrive at an output tile adds the shares' float32 partial sums in share
-order (deterministic; no second launch), or with one share the program writes fp16 itself. fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
+share of the columns; the shares' float32 partial sums are added by the GEMV's reduction kernel (one launch, a fixed
+tree: deterministic), or with one share the program writes fp16 itself. (The last share to arrive at a tile adding
+them instead ran 1.6-2x slower: docs/RESULTS.md, thirty-first session.) fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
 """
 
 import functools
 import os
 
 import torch
+import triton
 
 from spqt.errors import SpqtError
+from spqt.kernels import gemv as kg
 from spqt.kernels import nvrtc, zigzag_cuda
 from spqt.kernels.gpu_layout import GpuQ4K
 
@@ -89,17 +92,6 @@ def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], i
     return (_cdiv(k, share), m, n), share
 
 
-_COUNTERS: dict = {}
-
-
-def _counters(device: torch.device, tiles: int) -> torch.Tensor:
-    """A zero int32 a tile on the device, kept between calls (the kernel's finisher resets each to zero)."""
-    have = _COUNTERS.get(device)
-    if have is None or have.numel() < tiles:
-        have = _COUNTERS[device] = torch.zeros(max(tiles, 4096), dtype=torch.int32, device=device)
-    return have
-
-
 @functools.lru_cache(maxsize=None)
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
@@ -146,14 +138,18 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         partials = torch.empty(shape if shape[0] > 1 else (1,), dtype=torch.float32, device=x.device)
     elif shape[0] > 1 and (partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous()):
         raise ValueError(f"the CUDA GEMM's partials must be {shape} float32 contiguous")
-    blocks = _cdiv(m, 8 * cfg["TOKT"])
-    counters = _counters(x.device, blocks * rows)
     kernel = zigzag_cuda.compiled(index, options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]), "zigzag_q4k_gemm")
     P, I = nvrtc.POINTER, nvrtc.INT
-    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P),
-            (out.data_ptr(), P), (counters.data_ptr(), P), (m, I), (n, I), (k, I), (share, I)]
-    kernel.launch((blocks, rows, shape[0]), 32 * cfg["WARPS"], args, torch.cuda.current_stream(x.device),
-                  shared=shared_bytes(cfg, share))
+    one = shape[0] == 1
+    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P),
+            ((out if one else partials).data_ptr(), P), (m, I), (n, I), (k, I), (share, I), (int(one), I)]
+    kernel.launch((_cdiv(m, 8 * cfg["TOKT"]), rows, shape[0]), 32 * cfg["WARPS"], args,
+                  torch.cuda.current_stream(x.device), shared=shared_bytes(cfg, share))
+    if not one:
+        block = kg.reduce_block(shape[0])
+        kg._reduce_kernel[(triton.cdiv(m * n, block),)](
+            partials, out, out, m * n, m * n, shape[0], 0, BLOCK=block, SPLIT_P2=triton.next_power_of_2(shape[0]),
+            EPILOGUE=0, PDL=False, num_warps=4)
     return out
 
 

@@ -1800,8 +1800,7 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 // cw, cw + CW, ... of the share (cw = w / TOKT, CW = WARPS / TOKT). The program first copies its tokens' share of x
 // into shared memory, zero past M and hi, in the order the lanes read it (a lane's 4 slots of a token and chunk: 8
 // contiguous bytes); after the chunks its CW warps of a part add their sums there in a fixed order (deterministic)
-// and the program stores them: y (M, N) fp16 (one share), else psum (shares, M, N) float32 partial sums, which the
-// last share to arrive at the tile adds in share order into y (counters: a zero int32 a tile, reset by it). Lane
+// and the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out: one share). Lane
 // (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9). Dynamic shared memory:
 // max(16 TOKT per, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes).
 #ifndef TOKT
@@ -1934,8 +1933,7 @@ __device__ __forceinline__ void gemm_stage_x(unsigned short* xs, const unsigned 
 
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
 zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
-                float* __restrict__ psum, unsigned short* __restrict__ y, int* __restrict__ counters, int M, int N,
-                int K, int per) {
+                void* __restrict__ out, int M, int N, int K, int per, int half_out) {
   extern __shared__ __align__(16) unsigned char gemm_smem[];
   unsigned short* xs = reinterpret_cast<unsigned short*>(gemm_smem);
   float (*sums)[8 * TOKT][SUM_STRIDE] = reinterpret_cast<float (*)[8 * TOKT][SUM_STRIDE]>(gemm_smem);
@@ -1993,40 +1991,16 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     }
   }
   __syncthreads();
-  const int shares = gridDim.z;
   for (int i = threadIdx.x; i < 8 * TOKT * 256; i += 32 * WARPS) {
     const int tl = i >> 8, row = i & 255, tok = tok0 + tl, n = 256 * r + row;
     if (tok < M && n < N) {
       float v = sums[0][tl][row];
 #pragma unroll
       for (int u = 1; u < CW; ++u) v += sums[u][tl][row];
-      if (shares == 1)
-        y[(size_t)tok * N + n] = f32_to_f16_bits(v);
+      if (half_out)
+        reinterpret_cast<unsigned short*>(out)[(size_t)tok * N + n] = f32_to_f16_bits(v);
       else
-        psum[((size_t)s * M + tok) * N + n] = v;
-    }
-  }
-  if (shares == 1) return;
-  // The output tile (these tokens, these 256 rows) finished by the share whose arrival completes it: the shares'
-  // partial sums added in share order (deterministic; the atomic only elects who adds). Release: every thread fences
-  // its partials before the barrier and the arrival; acquire: the finisher fences after it. counters[tile] is zero
-  // before and after the launch.
-  __shared__ int finisher;
-  __threadfence();
-  __syncthreads();
-  const int tile = blockIdx.x * gridDim.y + r;
-  if (threadIdx.x == 0) finisher = atomicAdd(counters + tile, 1) == shares - 1;
-  __syncthreads();
-  if (!finisher) return;
-  __threadfence();
-  if (threadIdx.x == 0) counters[tile] = 0;  // zero for the next launch
-  for (int i = threadIdx.x; i < 8 * TOKT * 256; i += 32 * WARPS) {
-    const int tl = i >> 8, row = i & 255, tok = tok0 + tl, n = 256 * r + row;
-    if (tok < M && n < N) {
-      float v = 0.0f;
-#pragma unroll 4
-      for (int sh = 0; sh < shares; ++sh) v += __ldcg(psum + ((size_t)sh * M + tok) * N + n);
-      y[(size_t)tok * N + n] = f32_to_f16_bits(v);
+        reinterpret_cast<float*>(out)[((size_t)s * M + tok) * N + n] = v;
     }
   }
 }
