@@ -96,6 +96,7 @@
 #                                    (.old, carried) / after
 #   scripts/gpu_session.sh gemm31    the CUDA GEMM of the prefill: its gpu tests and the prefill's, the GEMM probe, the prefill
 #                                    before (.old) and after
+#   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1338,6 +1339,22 @@ llama2-7b:now}" 90
     done
     pack_json gemm-probe.json prefill-before.json prefill-after.json
     echo "gemm31: $(( $(date +%s) - start )) s"
+    ;;
+  final31)
+    # The session's last call (the default model parked by the call before): every gpu test, then scripts/prefill_probe.py
+    # on the session start's tree (.old) and on this one (PREFILL_MODELS, PREFILL_TOKENS), then the serve probe
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    final_gpu_tests
+    for tree in before after; do
+      [ $tree = before ] && [ ! -d .old/src ] && continue
+      PYTHONPATH="$(tree_path $tree)" prefill_probe ${FINAL31_PREFILL_LIMIT:-70}
+      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
+      [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
+    done
+    serve_probe
+    pack_json prefill-before.json prefill-after.json
+    echo "final31: $(( $(date +%s) - start )) s"
     ;;
   final29)
     # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the

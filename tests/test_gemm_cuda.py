@@ -117,6 +117,15 @@ def test_cuda_gemm_rule_and_override(monkeypatch):
         assert share <= gc.max_share(cfg["TOKT"]) and gc.shared_bytes(cfg, share) <= gc.MAX_SHARED, (m, n, k)
 
 
+def test_cuda_gemm_routes_the_maps_measured_faster():
+    """pays() on real maps' shapes (thirty-first session's measurements, H200): a 7B's and a 70B's maps up to 16 rows
+    (a prompt's bucket of 16), not at 32 (gemm_q4k was as fast or faster), nor the 135M model's maps at any count."""
+    for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (57344, 8192), (8192, 28672)):
+        assert gc.pays(n, k, 16) and gc.pays(n, k, 1) and not gc.pays(n, k, 17) and not gc.pays(n, k, 32), f"{n}x{k}"
+    for n, k in ((960, 576), (576, 576), (3072, 576), (576, 1536)):
+        assert not gc.pays(n, k, 16), f"{n}x{k}"
+
+
 def test_cuda_gemm_checks_its_contract():
     """bf16 or mis-shaped x, x off CUDA, a row-layout matrix, partials of the wrong shape: one ValueError each (before
     any launch, so on the CPU too)."""

@@ -424,7 +424,7 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_short_prompts_prefill_through_the_q4k_gemm(tiny_spqt, dtype, monkeypatch):
-    """A prompt whose bucket holds at most gemm_q4k.MAX_TOKENS tokens runs a GEMM that reads the blocks (here for maps
+    """A prompt whose bucket holds at most gemm_cuda.MAX_TOKENS tokens runs a GEMM that reads the blocks (here for maps
     of any size): in fp16 the CUDA GEMM (gemm_cuda; SPQT_PREFILL_GEMM=fused: gemm_q4k), in bf16 gemm_q4k;
     SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS. The first-token logits of each within rounding of dequantize's."""
     from spqt.kernels import gemm_cuda, gemm_q4k
@@ -435,7 +435,7 @@ def test_short_prompts_prefill_through_the_q4k_gemm(tiny_spqt, dtype, monkeypatc
              "cuda": count_calls(monkeypatch, gemm_cuda, "gemm")}
     monkeypatch.setattr(gemm_q4k, "MIN_WEIGHTS", 0)  # the tiny model's maps are far below them
     monkeypatch.setattr(gemm_cuda, "MIN_WEIGHTS", 0)
-    prompt = torch.randint(0, loaded.config.vocab_size, (gemm_q4k.MAX_TOKENS - 5,), generator=rng).tolist()
+    prompt = torch.randint(0, loaded.config.vocab_size, (gemm_cuda.MAX_TOKENS - 5,), generator=rng).tolist()
     firsts = {}
     expected = {"": "cuda" if dtype == torch.float16 else "triton", "fused": "triton", "dequant": None}
     for setting, runs in expected.items():

@@ -23,8 +23,13 @@ from spqt.kernels.gpu_layout import GpuQ4K
 TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
 WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
 KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE")
-MAX_TOKENS = 64  # more rows: gemm_q4k or dequantize + cuBLAS (gpu_linear.cuda_gemm_runs)
-MIN_WEIGHTS = 1 << 20  # smaller maps: the same
+# Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (dcd9814, docs/RESULTS.md thirty-first
+# session): at 16 rows (a prompt of 9-16 tokens: bucket 16) a 7B's maps 1.27-1.51x faster than gemm_q4k and a 70B's
+# gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's (0.66-0.98x
+# with the rule's tiles), at 64 behind dequantize + cuBLAS; the 135M model's maps (0.3-1.8 M weights) ran 2.6-4.4x
+# slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
+MAX_TOKENS = 16
+MIN_WEIGHTS = 1 << 23
 
 
 def options(tokt: int, warps: int, pipe: int) -> tuple:
@@ -95,6 +100,12 @@ def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], i
 @functools.lru_cache(maxsize=None)
 def _sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pays(n: int, k: int, rows: int) -> bool:
+    """Whether `rows` rows of x times an (N, K) map measured faster here than gemm_q4k and dequantize + cuBLAS (at
+    most MAX_TOKENS rows, at least MIN_WEIGHTS weights)."""
+    return rows <= MAX_TOKENS and n * k >= MIN_WEIGHTS
 
 
 def runs(w, x: torch.Tensor) -> bool:
