@@ -21,7 +21,7 @@ INPUT_EPS = 2.0**-10
 # (N, K, tokens): rows past the last whole superblock row, K not a multiple of 16, one token, token counts past a
 # tile of 8 and past 32 (two programs of TOKT 4 a superblock row), a 7B's map
 CASES = [(300, 130, 3), (513, 777, 17), (2311, 1000, 33), (960, 576, 64), (4096, 4096, 8), (11008, 4096, 1)]
-# beside the rule's: every TOKT and warp count, pipe on and off, more shares than 16-column steps (empty shares)
+# beside the rule's: every TOKT and warp count, pipe on and off, more shares than 16-column steps (fewer shares run)
 CONFIGS = [dict(TOKT=1, WARPS=1, SPLIT=3, PIPE=0), dict(TOKT=1, WARPS=4, SPLIT=1, PIPE=1),
            dict(TOKT=2, WARPS=2, SPLIT=5, PIPE=1), dict(TOKT=2, WARPS=4, SPLIT=1, PIPE=0),
            dict(TOKT=4, WARPS=4, SPLIT=7, PIPE=1), dict(TOKT=4, WARPS=4, SPLIT=100, PIPE=0)]
@@ -39,11 +39,16 @@ def test_cuda_gemm_equals_dequantized_matmul(rng):
 
     if not zigzag_cuda.usable():
         pytest.fail("the CUDA GEMM cannot run on this GPU (NVRTC, sm_80+ needed)")
-    for n, k, m in CASES:
+    for case, (n, k, m) in enumerate(CASES):
         qw, gw = _matrix(rng, n, k, "cuda")
         w_ref = qw.dequantize().double().cuda()
         w_mag = w_ref.abs() + 2 * min_part(qw).double().abs().cuda()
-        x = torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)).to("cuda", torch.float16)
+        # x inside a NaN buffer (a read past its rows or columns poisons the output); every other case 2 bytes off
+        # 16-byte alignment (the launcher copies it)
+        xbuf = torch.full(((m + 2) * k + 8,), float("nan"), dtype=torch.float16, device="cuda")
+        at = 8 if case % 2 == 0 else k + 1
+        x = xbuf[at:at + m * k].view(m, k)
+        x.copy_(torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)))
         for cfg in [gc.config(m, n, k, 132)] + CONFIGS:
             what = f"{n}x{k} {m} tokens {cfg}"
             shape, share = gc.partials_spec(gw, m, cfg)
@@ -59,8 +64,18 @@ def test_cuda_gemm_equals_dequantized_matmul(rng):
             assert y.data_ptr() == out.data_ptr(), what
             assert torch.isnan(guard).all() and torch.isnan(part_guard).all(), f"{what}: written past the output"
             assert_within_fp32_sum(y.T, w_ref, w_mag, x.T, what, INPUT_EPS)
-            again = gc.gemm(gw, x, cfg)  # the counters the finishers reset, the same bits
+            again = gc.gemm(gw, x, cfg)
             assert torch.equal(again, y), f"{what}: not deterministic"
+
+
+@pytest.mark.gpu
+def test_cuda_gemm_edge_cases(rng):
+    """No tokens: an empty product, no launch; w on another device than x: one ValueError."""
+    qw, gw = _matrix(rng, 300, 130, "cuda")
+    assert gc.gemm(gw, torch.zeros(0, 130, dtype=torch.float16, device="cuda")).shape == (0, 300)
+    _, cpu_w = _matrix(rng, 300, 130, "cpu")
+    with pytest.raises(ValueError, match="on its device"):
+        gc.gemm(cpu_w, torch.zeros(2, 130, dtype=torch.float16, device="cuda"))
 
 
 @pytest.mark.gpu
@@ -103,6 +118,8 @@ def test_cuda_gemm_rule_and_override(monkeypatch):
     rule = gc.config(16, 12288, 4096, 132)
     monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1")
     assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0}
+    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,0,0")  # TOKT 4 with the rule's split: one that fits
+    assert gc.config(8, 4096, 11008, 132)["SPLIT"] >= -(-11008 // gc.max_share(4))
     for bad in ("1,2", "a,b,c,d", "1,2,3,4,5"):
         monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", bad)
         with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 4"):

@@ -73,6 +73,8 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
             raise SpqtError(f"SPQT_CUDA_GEMM_CONFIG needs {len(KEYS)} comma-separated integers (TOKT,WARPS,SPLIT,PIPE; "
                             f"0 keeps the rule's, PIPE -1 turns it off), got {override!r}")
         chosen |= {key: max(value, 0) for key, value in zip(KEYS, values) if value}
+        if not values[2]:  # the rule's split, for the TOKT chosen: a share that fits shared memory
+            chosen["SPLIT"] = max(chosen["SPLIT"], _cdiv(k, max_share(chosen["TOKT"])))
     return chosen
 
 
@@ -137,14 +139,18 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     if share > max_share(cfg["TOKT"]):
         raise ValueError(f"the CUDA GEMM's share of {share} columns does not fit shared memory at TOKT {cfg['TOKT']} "
                          f"(at most {max_share(cfg['TOKT'])}: a larger SPLIT)")
-    if not x.is_cuda:
-        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got it on {x.device}")
+    if not x.is_cuda or w.quants.device != x.device or w.head.device != x.device \
+            or w.quants.dtype != torch.int32 or w.head.dtype != torch.int32:
+        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA and w's int32 blocks on its device, "
+                         f"got x on {x.device}, w on {w.quants.device}")
     if x.data_ptr() % 16:
         x = x.clone()  # 16-byte loads of x
     if out is None:
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     elif out.shape != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
         raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) fp16 contiguous")
+    if m == 0:
+        return out
     if partials is None:
         partials = torch.empty(shape if shape[0] > 1 else (1,), dtype=torch.float32, device=x.device)
     elif shape[0] > 1 and (partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous()):
