@@ -182,10 +182,22 @@ prefill_gpu_tests() {
   timeout "$limit" python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
     "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
     "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
-    "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_the_q4k_gemm" \
+    "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_a_gemm_of_the_blocks" \
     "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" "$@" 2>&1 \
     | tee "$OUT/$tag-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
   echo "$tag tests: $(( $(date +%s) - start )) s"
+}
+# prefill_probe within $1 seconds on each tree after it (before: the session start's, .old, where carried; after:
+# this one): $OUT/prefill-<tree>.log / .json
+prefill_trees() {
+  local limit=$1 tree
+  shift
+  for tree in "$@"; do
+    [ $tree = before ] && [ ! -d .old/src ] && continue
+    PYTHONPATH="$(tree_path $tree)" prefill_probe "$limit"
+    mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
+    [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
+  done
 }
 # $OUT/results.tgz of the JSON files named that this call wrote ($OUT may hold an earlier call's), then removed
 pack_json() {
@@ -1312,12 +1324,7 @@ llama2-7b:now}" 90
     timeout ${DEQ30_LIMIT:-150} python3 scripts/dequant_probe.py ${DEQ30_ARGS:-} --json "$OUT/dequant-probe.json" 2>&1 \
       | grep -v WARN | tee "$OUT/dequant-probe.log"
     echo "tile30 probe: $(( $(date +%s) - start )) s"
-    for tree in before after; do
-      [ $tree = before ] && [ ! -d .old/src ] && continue
-      PYTHONPATH="$(tree_path $tree)" prefill_probe ${TILE30_PREFILL_LIMIT:-120}
-      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
-      [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
-    done
+    prefill_trees ${TILE30_PREFILL_LIMIT:-120} before after
     pack_json dequant-probe.json prefill-before.json prefill-after.json
     echo "tile30: $(( $(date +%s) - start )) s"
     ;;
@@ -1331,12 +1338,7 @@ llama2-7b:now}" 90
     timeout ${GEMM31_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM31_ARGS:-} \
       --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
     echo "gemm31 probe: $(( $(date +%s) - start )) s"
-    for tree in ${GEMM31_TREES:-before after}; do
-      [ $tree = before ] && [ ! -d .old/src ] && continue
-      PYTHONPATH="$(tree_path $tree)" prefill_probe ${GEMM31_PREFILL_LIMIT:-120}
-      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
-      [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
-    done
+    prefill_trees ${GEMM31_PREFILL_LIMIT:-120} ${GEMM31_TREES:-before after}
     pack_json gemm-probe.json prefill-before.json prefill-after.json
     echo "gemm31: $(( $(date +%s) - start )) s"
     ;;
@@ -1346,12 +1348,7 @@ llama2-7b:now}" 90
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     final_gpu_tests
-    for tree in before after; do
-      [ $tree = before ] && [ ! -d .old/src ] && continue
-      PYTHONPATH="$(tree_path $tree)" prefill_probe ${FINAL31_PREFILL_LIMIT:-70}
-      mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
-      [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
-    done
+    prefill_trees ${FINAL31_PREFILL_LIMIT:-70} before after
     serve_probe
     pack_json prefill-before.json prefill-after.json
     echo "final31: $(( $(date +%s) - start )) s"

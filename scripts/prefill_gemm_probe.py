@@ -38,6 +38,17 @@ def variants(base: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def config_list(text: str, flag: str, fields: str) -> list[list[int]]:
+    """A flag's configs: `fields`' count of integers each, configs separated by ;; else exit with one line."""
+    try:
+        listed = [[int(v) for v in c.split(",")] for c in text.split(";") if c]
+    except ValueError:
+        listed = [[]]
+    if any(len(c) != len(fields.split(",")) for c in listed):
+        raise SystemExit(f"{flag}: {len(fields.split(','))} integers a config ({fields}), configs separated by ;")
+    return listed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="12288x4096,4096x4096,22016x4096,4096x11008")
@@ -49,18 +60,8 @@ def main():
     ap.add_argument("--no-triton", action="store_true", help="leave gemm_q4k out (dequantize + cuBLAS and CUDA only)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    try:
-        cuda_listed = [[int(v) for v in c.split(",")] for c in args.cuda_configs.split(";") if c]
-    except ValueError:
-        cuda_listed = [[]]
-    if any(len(c) != 4 for c in cuda_listed):
-        raise SystemExit("--cuda-configs: four integers a config (TOKT,WARPS,SPLIT,PIPE), configs separated by ;")
-    try:
-        listed = [[int(v) for v in c.split(",")] for c in args.configs.split(";") if c]
-    except ValueError:
-        listed = [[]]
-    if any(len(c) != 6 for c in listed):
-        raise SystemExit("--configs: six integers a tile (WN,BM,BK,SPLIT,WARPS,STAGES), tiles separated by ;")
+    cuda_listed = config_list(args.cuda_configs, "--cuda-configs", "TOKT,WARPS,SPLIT,PIPE")
+    listed = config_list(args.configs, "--configs", "WN,BM,BK,SPLIT,WARPS,STAGES")
     keys = ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages")
     for c in listed:  # a tile the kernel cannot run stops here, not after the shapes before it
         try:
@@ -80,7 +81,8 @@ def main():
             x = torch.randn(m, k, device="cuda").half()
             ref = torch.nn.functional.linear(x, kg.dequantize(gw, torch.float16)).float()
             rule = gq.config(m, n, k, sms)
-            err = float((gq.gemm_q4k(gw, x, rule).float() - ref).abs().max() / ref.abs().max())
+            err = float("nan") if args.no_triton else float(
+                (gq.gemm_q4k(gw, x, rule).float() - ref).abs().max() / ref.abs().max())
 
             def timed(fn):
                 return 1e6 * time_graph([lambda w=copies[i % len(copies)]: fn(w) for i in range(max(16, len(copies)))])

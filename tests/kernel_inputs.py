@@ -63,3 +63,22 @@ def guarded_out(shape, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     n, k = shape
     buf = torch.full((n + 256, k), float("nan"), dtype=dtype, device=device)
     return buf[:n], buf[n:]
+
+
+def assert_gemm_route(lin, x, calls: list, monkeypatch) -> None:
+    """lin.dense(x) (several tokens) runs the GEMM whose calls are counted in `calls` once; with SPQT_PREFILL_GEMM=
+    dequant it does not, and dequantize + matmul gives the same product within their roundings."""
+    import os
+
+    before = len(calls)
+    fused = lin.dense(x).clone()
+    assert len(calls) == before + 1 and fused.shape == (*x.shape[:-1], lin.n)
+    setting = os.environ.get("SPQT_PREFILL_GEMM")
+    monkeypatch.setenv("SPQT_PREFILL_GEMM", "dequant")
+    plain = lin.dense(x)
+    assert len(calls) == before + 1
+    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
+    if setting is None:
+        monkeypatch.delenv("SPQT_PREFILL_GEMM")
+    else:
+        monkeypatch.setenv("SPQT_PREFILL_GEMM", setting)

@@ -13,7 +13,7 @@ from spqt.kernels import gemm_cuda as gc
 from spqt.kernels.gpu_layout import repack
 
 from conftest import count_calls
-from kernel_inputs import assert_within_fp32_sum, min_part
+from kernel_inputs import assert_gemm_route, assert_within_fp32_sum, min_part
 
 # B = fp16(x fp16(d sc)) and A's min row fp16(dmin mn): at most two fp16 roundings of a product's factors
 INPUT_EPS = 2.0**-10
@@ -95,12 +95,7 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
     assert gpu_linear.cuda_gemm_runs(lin.w, x, gc.MAX_TOKENS)
     assert not gpu_linear.cuda_gemm_runs(lin.w, x, gc.MAX_TOKENS + 1)
     assert not gpu_linear.cuda_gemm_runs(lin.w, x.bfloat16(), 5)
-    fused = lin.dense(x).clone()
-    assert calls == [1] and fused.shape == (1, 5, 300)
-    monkeypatch.setenv("SPQT_PREFILL_GEMM", "dequant")
-    plain = lin.dense(x)
-    assert calls == [1]
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
+    assert_gemm_route(lin, x, calls, monkeypatch)
 
 
 def test_cuda_gemm_rule_and_override(monkeypatch):

@@ -12,7 +12,7 @@ from spqt.kernels import gemm_q4k as gq
 from spqt.kernels.gpu_layout import repack
 
 from conftest import count_calls
-from kernel_inputs import assert_within_fp32_sum
+from kernel_inputs import assert_gemm_route, assert_within_fp32_sum
 
 DEVICES = [pytest.param("cpu", id="interp"), pytest.param("cuda", id="gpu", marks=pytest.mark.gpu)]
 
@@ -73,13 +73,7 @@ def test_linear_runs_the_gemm_for_short_prompts(rng, device, monkeypatch):
     assert not gpu_linear.fused_gemm_runs(lin.w, torch.float16, 5)  # 39,000 weights
     monkeypatch.setattr(gq, "MIN_WEIGHTS", 300 * 130)
     x = torch.from_numpy(rng.standard_normal((1, 5, 130)).astype(np.float32)).to(device=device, dtype=torch.float16)
-    fused = lin.dense(x).clone()
-    assert calls == [1] and fused.shape == (1, 5, 300)
-    monkeypatch.setenv("SPQT_PREFILL_GEMM", "dequant")
-    plain = lin.dense(x)
-    assert calls == [1]
-    torch.testing.assert_close(fused.float(), plain.float(), rtol=2e-3, atol=2e-3 * float(plain.abs().max()))
-    monkeypatch.delenv("SPQT_PREFILL_GEMM")
+    assert_gemm_route(lin, x, calls, monkeypatch)
     assert gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.MAX_TOKENS)
     assert not gpu_linear.fused_gemm_runs(lin.w, torch.float16, gq.MAX_TOKENS + 1)
     monkeypatch.setattr(gq, "LARGE_WEIGHTS", 300 * 130)  # a map this large runs it to LARGE_MAX_TOKENS rows

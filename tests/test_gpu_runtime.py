@@ -423,7 +423,7 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_short_prompts_prefill_through_the_q4k_gemm(tiny_spqt, dtype, monkeypatch):
+def test_short_prompts_prefill_through_a_gemm_of_the_blocks(tiny_spqt, dtype, monkeypatch):
     """A prompt whose bucket holds at most gemm_cuda.MAX_TOKENS tokens runs a GEMM that reads the blocks (here for maps
     of any size): in fp16 the CUDA GEMM (gemm_cuda; SPQT_PREFILL_GEMM=fused: gemm_q4k), in bf16 gemm_q4k;
     SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS. The first-token logits of each within rounding of dequantize's."""

@@ -10,14 +10,13 @@ them instead ran 1.6-2x slower: docs/RESULTS.md, thirty-first session.) fp16 onl
 """
 
 import functools
-import os
 
 import torch
 import triton
 
-from spqt.errors import SpqtError
 from spqt.kernels import gemv as kg
 from spqt.kernels import nvrtc, zigzag_cuda
+from spqt.kernels.gemm_q4k import config_override
 from spqt.kernels.gpu_layout import GpuQ4K
 
 TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
@@ -58,23 +57,16 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
     PIPE. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE overrides (a 0 keeps the rule's value; PIPE -1 for 0)."""
     tokt = 1 if m <= 8 else 2 if m <= 16 else 4
-    programs = _cdiv(n, 256) * _cdiv(m, 8 * tokt)
+    programs = triton.cdiv(n, 256) * triton.cdiv(m, 8 * tokt)
     # shares until the grid is about one wave of RESIDENT programs an SM, a share at least 256 columns and at most
     # max_share
-    split = max(1, min(round(RESIDENT[tokt] * sms / programs), k // 256), _cdiv(k, max_share(tokt)))
+    split = max(1, min(round(RESIDENT[tokt] * sms / programs), k // 256), triton.cdiv(k, max_share(tokt)))
     chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": split, "PIPE": 0}
-    override = os.environ.get("SPQT_CUDA_GEMM_CONFIG", "")
-    if override:
-        try:
-            values = [int(v) for v in override.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != len(KEYS):
-            raise SpqtError(f"SPQT_CUDA_GEMM_CONFIG needs {len(KEYS)} comma-separated integers (TOKT,WARPS,SPLIT,PIPE; "
-                            f"0 keeps the rule's, PIPE -1 turns it off), got {override!r}")
-        chosen |= {key: max(value, 0) for key, value in zip(KEYS, values) if value}
-        if not values[2]:  # the rule's split, for the TOKT chosen: a share that fits shared memory
-            chosen["SPLIT"] = max(chosen["SPLIT"], _cdiv(k, max_share(chosen["TOKT"])))
+    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE; 0 keeps the rule's, PIPE -1 "
+                               "turns it off")
+    chosen |= {key: max(value, 0) for key, value in override.items()}
+    if "SPLIT" not in override:  # the rule's split, for the TOKT chosen: a share that fits shared memory
+        chosen["SPLIT"] = max(chosen["SPLIT"], triton.cdiv(k, max_share(chosen["TOKT"])))
     return chosen
 
 
@@ -87,16 +79,12 @@ def check_config(cfg: dict) -> None:
                          f"of TOKT, SPLIT >= 1, PIPE 0 or 1")
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
     """((shares, M, N), columns a share) of the kernel's float32 partial sums for M tokens: cfg's SPLIT shares of K in
     multiples of 16 columns (fewer shares where the rounding leaves one empty; with one share none are written)."""
     n, k = w.shape
-    share = _cdiv(_cdiv(k, cfg["SPLIT"]), 16) * 16
-    return (_cdiv(k, share), m, n), share
+    share = triton.cdiv(triton.cdiv(k, cfg["SPLIT"]), 16) * 16
+    return (triton.cdiv(k, share), m, n), share
 
 
 @functools.lru_cache(maxsize=None)
@@ -129,9 +117,11 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype != torch.float16:
         raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got {tuple(x.shape)} {x.dtype}")
     rows = w.grid[0]
-    if tuple(w.quants.shape) != (rows, 2, k, 16) or tuple(w.head.shape) != (_cdiv(rows, 4), k, 4, 4) \
+    if tuple(w.quants.shape) != (rows, 2, k, 16) or tuple(w.head.shape) != (triton.cdiv(rows, 4), k, 4, 4) \
             or not (w.quants.is_contiguous() and w.head.is_contiguous()):
         raise ValueError("the CUDA GEMM reads the zigzag planes (rows, 2, K, 16) and grouped heads, contiguous")
+    if m == 0:
+        return torch.empty((0, n), dtype=torch.float16, device=x.device) if out is None else out
     index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
     cfg = config(m, n, k, _sms(index) if x.is_cuda else 132) if cfg is None else cfg
     check_config(cfg)
@@ -149,8 +139,6 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     elif out.shape != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
         raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) fp16 contiguous")
-    if m == 0:
-        return out
     if partials is None:
         partials = torch.empty(shape if shape[0] > 1 else (1,), dtype=torch.float32, device=x.device)
     elif shape[0] > 1 and (partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous()):
@@ -160,7 +148,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     one = shape[0] == 1
     args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P),
             ((out if one else partials).data_ptr(), P), (m, I), (n, I), (k, I), (share, I), (int(one), I)]
-    kernel.launch((_cdiv(m, 8 * cfg["TOKT"]), rows, shape[0]), 32 * cfg["WARPS"], args,
+    kernel.launch((triton.cdiv(m, 8 * cfg["TOKT"]), rows, shape[0]), 32 * cfg["WARPS"], args,
                   torch.cuda.current_stream(x.device), shared=shared_bytes(cfg, share))
     if not one:
         block = kg.reduce_block(shape[0])

@@ -65,17 +65,23 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     # measured fastest on the H200 (ad44689, 687247f: 5 shares of 4096 columns left one short and ran 4-7 % slower)
     split = 1 if k < 2048 or tiles >= 2 * sms else max(2, min(round(2 * sms / tiles), k // (4 * bk)))
     chosen = {"WN": wn, "BM": bm, "BK": bk, "SPLIT": split, "num_warps": 4, "num_stages": stages}
-    override = os.environ.get("SPQT_GEMM_CONFIG", "")
-    if override:
-        try:
-            values = [int(v) for v in override.split(",")]
-        except ValueError:
-            values = []
-        if len(values) != len(chosen):
-            raise SpqtError(f"SPQT_GEMM_CONFIG needs {len(chosen)} comma-separated integers (WN,BM,BK,SPLIT,WARPS,"
-                            f"STAGES; 0 keeps the rule's), got {override!r}")
-        chosen |= {key: value for key, value in zip(chosen, values) if value}
-    return chosen
+    return chosen | config_override("SPQT_GEMM_CONFIG", tuple(chosen),
+                                    "WN,BM,BK,SPLIT,WARPS,STAGES; 0 keeps the rule's")
+
+
+def config_override(variable: str, keys: tuple, fields: str) -> dict:
+    """The non-zero values of the environment variable `variable` (comma-separated integers, one a key of `keys` in
+    order; `fields` names them in the error) as {key: value}; {} where it is unset. Anything else is one SpqtError."""
+    text = os.environ.get(variable, "")
+    if not text:
+        return {}
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != len(keys):
+        raise SpqtError(f"{variable} needs {len(keys)} comma-separated integers ({fields}), got {text!r}")
+    return {key: v for key, v in zip(keys, values) if v}
 
 
 def check_config(cfg: dict) -> None:
