@@ -6,7 +6,8 @@ decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8
 (gemm_q4k) decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a
 share of the columns; the shares' float32 partial sums are added by the GEMV's reduction kernel (one launch, a fixed
 tree: deterministic), or with one share the program writes fp16 itself. (The last share to arrive at a tile adding
-them instead ran 1.6-2x slower: docs/RESULTS.md, thirty-first session.) fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
+them instead ran 1.6-2x slower: docs/RESULTS.md, thirty-first session.) fp16 only: A's subnormal levels need fp16's
+exponent (bf16 runs gemm_q4k).
 """
 
 import functools
@@ -24,8 +25,8 @@ WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8
 KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE")
 # Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (dcd9814, docs/RESULTS.md thirty-first
 # session): at 16 rows (a prompt of 9-16 tokens: bucket 16) a 7B's maps 1.27-1.51x faster than gemm_q4k and a 70B's
-# gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's (0.66-0.98x
-# with the rule's tiles), at 64 behind dequantize + cuBLAS; the 135M model's maps (0.3-1.8 M weights) ran 2.6-4.4x
+# gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's (0.68-0.86x
+# with the rule's tiles; 1.08x on a 7B's q|k|v and o), at 64 behind dequantize + cuBLAS; the 135M model's maps (0.3-1.8 M weights) ran 2.6-4.4x
 # slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
 MAX_TOKENS = 16
 MIN_WEIGHTS = 1 << 23
