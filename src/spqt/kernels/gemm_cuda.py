@@ -24,10 +24,10 @@ TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
 WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
 KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE")
 # Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (dcd9814, docs/RESULTS.md thirty-first
-# session): at 16 rows (a prompt of 9-16 tokens: bucket 16) a 7B's maps 1.27-1.51x faster than gemm_q4k and a 70B's
-# gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's (0.68-0.86x
-# with the rule's tiles; 1.08x on a 7B's q|k|v and o), at 64 behind dequantize + cuBLAS; the 135M model's maps (0.3-1.8 M weights) ran 2.6-4.4x
-# slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
+# session): at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's maps 1.27-1.51x faster than gemm_q4k
+# and a 70B's gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's
+# (0.68-0.86x with the rule's tiles; 1.08x on a 7B's q|k|v and o), at 64 behind dequantize + cuBLAS; the 135M model's
+# maps (0.3-1.8 M weights) ran 2.6-4.4x slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
 MAX_TOKENS = 16
 MIN_WEIGHTS = 1 << 23
 
