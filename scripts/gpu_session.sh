@@ -94,8 +94,8 @@
 #   scripts/gpu_session.sh dequant30 the prefill's dequantization: variants timed, Nsight Compute on two, the GEMM's tiles
 #   scripts/gpu_session.sh tile30    the tile dequantization's gpu tests and the prefill's, its probe, the prefill before
 #                                    (.old, carried) / after
-#   scripts/gpu_session.sh gemm31    the CUDA GEMM of the prefill: its gpu tests and the prefill's, the GEMM probe, the prefill
-#                                    before (.old) and after
+#   scripts/gpu_session.sh gemm31    the CUDA GEMM of the prefill: its gpu tests and the prefill's, the GEMM probe,
+#                                    the prefill before (.old) and after
 #   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -1343,8 +1343,9 @@ llama2-7b:now}" 90
     echo "gemm31: $(( $(date +%s) - start )) s"
     ;;
   final31)
-    # The session's last call (the default model parked by the call before): every gpu test, then scripts/prefill_probe.py
-    # on the session start's tree (.old) and on this one (PREFILL_MODELS, PREFILL_TOKENS), then the serve probe
+    # The session's last call (the default model parked by the call before): every gpu test, then
+    # scripts/prefill_probe.py on the session start's tree (.old) and on this one (PREFILL_MODELS, PREFILL_TOKENS), then
+    # the serve probe
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     final_gpu_tests
