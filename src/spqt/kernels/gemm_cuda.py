@@ -10,14 +10,12 @@ them instead ran 1.6-2x slower: docs/RESULTS.md, thirty-first session.) fp16 onl
 exponent (bf16 runs gemm_q4k).
 """
 
-import functools
-
 import torch
 import triton
 
 from spqt.kernels import gemv as kg
 from spqt.kernels import nvrtc, zigzag_cuda
-from spqt.kernels.gemm_q4k import config_override
+from spqt.kernels.gemm_q4k import config_override, sm_count
 from spqt.kernels.gpu_layout import GpuQ4K
 
 TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
@@ -88,11 +86,6 @@ def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], i
     return (triton.cdiv(k, share), m, n), share
 
 
-@functools.lru_cache(maxsize=None)
-def _sms(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def pays(n: int, k: int, rows: int) -> bool:
     """Whether `rows` rows of x times an (N, K) map measured faster here than gemm_q4k and dequantize + cuBLAS (at
     most MAX_TOKENS rows, at least MIN_WEIGHTS weights)."""
@@ -110,7 +103,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
          out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) fp16 (into out when given).
     cfg: config()'s keys (check_config); partials: the kernel's float32 partial sums (partials_spec; tests poison it
-    and out), allocated when None."""
+    and out), allocated when None; unused with one share."""
     n, k = w.shape
     m = x.shape[0]
     if w.layout != "zigzag" or w.fmt != "q4_k":
@@ -123,8 +116,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         raise ValueError("the CUDA GEMM reads the zigzag planes (rows, 2, K, 16) and grouped heads, contiguous")
     if m == 0:
         return torch.empty((0, n), dtype=torch.float16, device=x.device) if out is None else out
-    index = (x.device.index if x.device.index is not None else torch.cuda.current_device()) if x.is_cuda else None
-    cfg = config(m, n, k, _sms(index) if x.is_cuda else 132) if cfg is None else cfg
+    cfg = config(m, n, k, sm_count(x.device)) if cfg is None else cfg
     check_config(cfg)
     shape, share = partials_spec(w, m, cfg)
     if share > max_share(cfg["TOKT"]):
@@ -134,28 +126,28 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
             or w.quants.dtype != torch.int32 or w.head.dtype != torch.int32:
         raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA and w's int32 blocks on its device, "
                          f"got x on {x.device}, w on {w.quants.device}")
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if x.data_ptr() % 16:
         x = x.clone()  # 16-byte loads of x
     if out is None:
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     elif out.shape != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
         raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) fp16 contiguous")
-    if partials is None:
-        partials = torch.empty(shape if shape[0] > 1 else (1,), dtype=torch.float32, device=x.device)
-    elif shape[0] > 1 and (partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous()):
+    one = shape[0] == 1  # the program writes the product itself: no partial sums
+    if one:
+        partials = out
+    elif partials is None:
+        partials = torch.empty(shape, dtype=torch.float32, device=x.device)
+    elif partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous():
         raise ValueError(f"the CUDA GEMM's partials must be {shape} float32 contiguous")
     kernel = zigzag_cuda.compiled(index, options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]), "zigzag_q4k_gemm")
     P, I = nvrtc.POINTER, nvrtc.INT
-    one = shape[0] == 1
-    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P),
-            ((out if one else partials).data_ptr(), P), (m, I), (n, I), (k, I), (share, I), (int(one), I)]
+    args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
+            (n, I), (k, I), (share, I), (int(one), I)]
     kernel.launch((triton.cdiv(m, 8 * cfg["TOKT"]), rows, shape[0]), 32 * cfg["WARPS"], args,
                   torch.cuda.current_stream(x.device), shared=shared_bytes(cfg, share))
     if not one:
-        block = kg.reduce_block(shape[0])
-        kg._reduce_kernel[(triton.cdiv(m * n, block),)](
-            partials, out, out, m * n, m * n, shape[0], 0, BLOCK=block, SPLIT_P2=triton.next_power_of_2(shape[0]),
-            EPILOGUE=0, PDL=False, num_warps=4)
+        kg.sum_shares(partials, out, m * n, m * n, shape[0])
     return out
 
 

@@ -93,8 +93,8 @@ def check_config(cfg: dict) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    """The device's SMs (config()'s split); 132 (an H100 / H200) off CUDA (the interpreter)."""
+def sm_count(device: torch.device) -> int:
+    """The device's SMs (the GEMMs' splits); 132 (an H100 / H200) off CUDA (the interpreter)."""
     if device.type != "cuda":
         return 132
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -110,7 +110,7 @@ def gemm_q4k(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torc
         raise ValueError(f"gemm_q4k runs zigzag Q4_K, not {w.layout} {w.fmt}")
     if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype not in (torch.float16, torch.bfloat16):
         raise ValueError(f"gemm_q4k needs x (M, {k}) fp16 or bf16 contiguous, got {tuple(x.shape)} {x.dtype}")
-    cfg = config(m, n, k, _sms(x.device)) if cfg is None else cfg
+    cfg = config(m, n, k, sm_count(x.device)) if cfg is None else cfg
     check_config(cfg)
     shape, dtype, share = partials_spec(w, m, cfg, x.dtype)
     if partials is None:

@@ -270,12 +270,21 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
                           ws.y, residual if residual is not None else ws.y, ws.counters, n, k, ws.np, ws.split, mode,
                           num_warps, chunks, epilogue, fused, pdl, maxnreg, ahead, acc, pipe)
     if not fused:
-        block = reduce_block(ws.split)
-        _reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
-            ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
-            SPLIT_P2=triton.next_power_of_2(ws.split), EPILOGUE=epilogue, PDL=pdl, sq_ptr=ws.sumsq if sumsq else None,
-            SUMSQ=sumsq, num_warps=4, launch_pdl=pdl)
+        sum_shares(ws.partials, ws.y, n, ws.np, ws.split, epilogue, residual, pdl, ws.sumsq if sumsq else None)
     return ws.y[: n // 2] if swiglu else ws.y
+
+
+def sum_shares(partials: torch.Tensor, y: torch.Tensor, n: int, np_: int, split: int,
+               epilogue: int = EPILOGUE_NONE, residual: torch.Tensor | None = None, pdl: bool = False,
+               sumsq: torch.Tensor | None = None) -> None:
+    """_reduce_kernel's launch: y[i] = the sum of partials[s, i] over the split shares (partials (split, np_) fp32,
+    fixed tree), i < n, then the epilogue (residual (n,) added; SwiGLU: y (n / 2,)); sumsq: its programs' sums of
+    squares of y (not SwiGLU); pdl: launched under programmatic dependent launch."""
+    block = reduce_block(split)
+    _reduce_kernel[(triton.cdiv(n // 2 if epilogue == EPILOGUE_SWIGLU else n, block),)](
+        partials, y, residual if residual is not None else y, n, np_, split, n // 2, BLOCK=block,
+        SPLIT_P2=triton.next_power_of_2(split), EPILOGUE=epilogue, PDL=pdl, sq_ptr=sumsq, SUMSQ=sumsq is not None,
+        num_warps=4, launch_pdl=pdl)
 
 
 def gemv_row(w: GpuQ4K, x: torch.Tensor, threshold: torch.Tensor | None = None, out: torch.Tensor | None = None,

@@ -522,11 +522,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
         _q5_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.head.view(torch.int64), x, idx, count, ws.partials, k,
                                          ws.np, ws.split, **common)
     epilogue = kg.EPILOGUE_SWIGLU if swiglu else kg.EPILOGUE_RESIDUAL if residual is not None else kg.EPILOGUE_NONE
-    split_p2 = triton.next_power_of_2(ws.split)
-    block = max(16, min(256, 4096 // split_p2))
-    kg._reduce_kernel[(triton.cdiv(n // 2 if swiglu else n, block),)](
-        ws.partials, ws.y, residual if residual is not None else ws.y, n, ws.np, ws.split, n // 2, BLOCK=block,
-        SPLIT_P2=split_p2, EPILOGUE=epilogue, PDL=pdl, num_warps=4, launch_pdl=pdl)
+    kg.sum_shares(ws.partials, ws.y, n, ws.np, ws.split, epilogue, residual, pdl)
     return ws.y[: n // 2] if swiglu else ws.y
 
 
