@@ -96,6 +96,8 @@
 #                                    (.old, carried) / after
 #   scripts/gpu_session.sh gemm31    the CUDA GEMM of the prefill: its gpu tests and the prefill's, the GEMM probe,
 #                                    the prefill before (.old) and after
+#   scripts/gpu_session.sh ring32     the CUDA GEMM's ring: its gpu tests, the GEMM probe (RING32_ARGS), the prefill
+#                                    before / after (RING32_PREFILL_LIMIT)
 #   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
@@ -1341,6 +1343,22 @@ llama2-7b:now}" 90
     prefill_trees ${GEMM31_PREFILL_LIMIT:-120} ${GEMM31_TREES:-before after}
     pack_json gemm-probe.json prefill-before.json prefill-after.json
     echo "gemm31: $(( $(date +%s) - start )) s"
+    ;;
+  ring32)
+    # The CUDA GEMM's ring of asynchronous copies: its gpu tests (no default model needed), then
+    # scripts/prefill_gemm_probe.py (RING32_ARGS), then the prefill on the session start's tree and this one where
+    # RING32_PREFILL_LIMIT is set
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    timeout ${RING32_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_cuda.py ${RING32_TESTS:-} \
+      2>&1 | tee "$OUT/ring32-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    echo "ring32 tests: $(( $(date +%s) - start )) s"
+    timeout ${RING32_PROBE_LIMIT:-300} python3 scripts/prefill_gemm_probe.py ${RING32_ARGS:-} \
+      --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    echo "ring32 probe: $(( $(date +%s) - start )) s"
+    [ -n "${RING32_PREFILL_LIMIT:-}" ] && prefill_trees "$RING32_PREFILL_LIMIT" before after
+    pack_json gemm-probe.json prefill-before.json prefill-after.json
+    echo "ring32: $(( $(date +%s) - start )) s"
     ;;
   final31)
     # The session's last call (the default model parked by the call before): every gpu test, then

@@ -2,11 +2,12 @@
 blocks (kernels/gemm_q4k.py in Triton, kernels/gemm_cuda.py in CUDA), per map shape and token count; with --sweep,
 gemm_q4k's rule against one-factor variations of its tile (which way each knob pays); with --configs, against the
 tiles listed (six integers each, 0 keeps the rule's value, as SPQT_GEMM_CONFIG); with --cuda-configs, the CUDA GEMM's
-rule against the configs listed (TOKT,WARPS,SPLIT,PIPE; 0 keeps the rule's value, PIPE -1 for 0).
+rule against the configs listed (TOKT,WARPS,SPLIT,PIPE,RING; 0 keeps the rule's value, -1 for 0; a kept SPLIT
+grows until the share fits beside the rings).
 
     python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
         [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--configs WN,BM,BK,SPLIT,WARPS,STAGES;...]
-        [--cuda-configs TOKT,WARPS,SPLIT,PIPE;...] [--no-triton] [--json OUT]
+        [--cuda-configs TOKT,WARPS,SPLIT,PIPE,RING;...] [--no-triton] [--json OUT]
 
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """
@@ -49,6 +50,15 @@ def config_list(text: str, flag: str, fields: str) -> list[list[int]]:
     return listed
 
 
+def listed_cuda(rule: dict, fields: list[int], k: int) -> dict:
+    """The CUDA GEMM's rule with a listed config's non-zero fields (-1: 0); a kept SPLIT grows until a share fits
+    shared memory beside the listed rings."""
+    cfg = rule | {key: max(v, 0) for key, v in zip(gc.KEYS, fields) if v}
+    if not fields[gc.KEYS.index("SPLIT")] and gc.max_share(cfg) >= 16:
+        cfg["SPLIT"] = max(cfg["SPLIT"], triton.cdiv(k, gc.max_share(cfg)))
+    return cfg
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="12288x4096,4096x4096,22016x4096,4096x11008")
@@ -56,11 +66,11 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-max", type=int, default=64, help="sweep token counts up to this")
     ap.add_argument("--configs", default="", help="tiles to time beside the rule: WN,BM,BK,SPLIT,WARPS,STAGES;...")
-    ap.add_argument("--cuda-configs", default="", help="CUDA GEMM configs beside its rule: TOKT,WARPS,SPLIT,PIPE;...")
+    ap.add_argument("--cuda-configs", default="", help="CUDA GEMM configs beside its rule: TOKT,WARPS,SPLIT,PIPE,RING;...")
     ap.add_argument("--no-triton", action="store_true", help="leave gemm_q4k out (dequantize + cuBLAS and CUDA only)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    cuda_listed = config_list(args.cuda_configs, "--cuda-configs", "TOKT,WARPS,SPLIT,PIPE")
+    cuda_listed = config_list(args.cuda_configs, "--cuda-configs", "TOKT,WARPS,SPLIT,PIPE,RING")
     listed = config_list(args.configs, "--configs", "WN,BM,BK,SPLIT,WARPS,STAGES")
     keys = ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages")
     for c in listed:  # a tile the kernel cannot run stops here, not after the shapes before it
@@ -92,15 +102,14 @@ def main():
             row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us,
                    "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
             cuda_rule = gc.config(m, n, k, sms)
-            cuda_cfgs = [("rule", cuda_rule)] + [
-                (",".join(str(v) for v in c), cuda_rule | {key: max(v, 0) for key, v in zip(gc.KEYS, c) if v})
-                for c in cuda_listed]
+            cuda_cfgs = [("rule", cuda_rule)] + [(",".join(str(v) for v in c), listed_cuda(cuda_rule, c, k))
+                                                 for c in cuda_listed]
             row["cuda"] = {}
             for label, cfg in cuda_cfgs:
                 try:
                     gc.check_config(cfg)
-                    if gc.partials_spec(gw, m, cfg)[1] > gc.max_share(cfg["TOKT"]):
-                        raise ValueError(f"a share past {gc.max_share(cfg['TOKT'])} columns")
+                    if gc.partials_spec(gw, m, cfg)[1] > gc.max_share(cfg):
+                        raise ValueError(f"a share past {gc.max_share(cfg)} columns")
                 except ValueError as why:
                     print(f"{shape:>11s} {m:5d} tok: CUDA GEMM {label:>12s} skipped: {why}", flush=True)
                     continue

@@ -21,10 +21,13 @@ INPUT_EPS = 2.0**-10
 # (N, K, tokens): rows past the last whole superblock row, K not a multiple of 16, one token, token counts past a
 # tile of 8 and past 32 (two programs of TOKT 4 a superblock row), a 7B's map
 CASES = [(300, 130, 3), (513, 777, 17), (2311, 1000, 33), (960, 576, 64), (4096, 4096, 8), (11008, 4096, 1)]
-# beside the rule's: every TOKT and warp count, pipe on and off, more shares than 16-column steps (fewer shares run)
-CONFIGS = [dict(TOKT=1, WARPS=1, SPLIT=3, PIPE=0), dict(TOKT=1, WARPS=4, SPLIT=1, PIPE=1),
-           dict(TOKT=2, WARPS=2, SPLIT=5, PIPE=1), dict(TOKT=2, WARPS=4, SPLIT=1, PIPE=0),
-           dict(TOKT=4, WARPS=4, SPLIT=7, PIPE=1), dict(TOKT=4, WARPS=4, SPLIT=100, PIPE=0)]
+# beside the rule's: every TOKT and warp count, pipe on and off, rings of several depths (deeper than a warp's chunks
+# too: empty copy groups), more shares than 16-column steps (fewer shares run)
+CONFIGS = [dict(TOKT=1, WARPS=1, SPLIT=3, PIPE=0, RING=0), dict(TOKT=1, WARPS=4, SPLIT=1, PIPE=1, RING=0),
+           dict(TOKT=2, WARPS=2, SPLIT=5, PIPE=1, RING=0), dict(TOKT=2, WARPS=4, SPLIT=1, PIPE=0, RING=0),
+           dict(TOKT=4, WARPS=4, SPLIT=7, PIPE=1, RING=0), dict(TOKT=4, WARPS=4, SPLIT=100, PIPE=0, RING=0),
+           dict(TOKT=1, WARPS=2, SPLIT=2, PIPE=0, RING=2), dict(TOKT=2, WARPS=4, SPLIT=3, PIPE=0, RING=4),
+           dict(TOKT=4, WARPS=4, SPLIT=2, PIPE=0, RING=3), dict(TOKT=2, WARPS=2, SPLIT=1, PIPE=0, RING=8)]
 
 
 def _matrix(rng, n, k, device):
@@ -52,7 +55,7 @@ def test_cuda_gemm_equals_dequantized_matmul(rng):
         for cfg in [gc.config(m, n, k, 132)] + CONFIGS:
             what = f"{n}x{k} {m} tokens {cfg}"
             shape, share = gc.partials_spec(gw, m, cfg)
-            if share > gc.max_share(cfg["TOKT"]):  # its tokens' x would not fit shared memory
+            if share > gc.max_share(cfg):  # its tokens' x would not fit shared memory
                 with pytest.raises(ValueError, match="does not fit shared memory"):
                     gc.gemm(gw, x, cfg)
                 continue
@@ -101,8 +104,8 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
 def test_cuda_gemm_rule_and_override(monkeypatch):
     """config(): TOKT by the token count, shares until about a wave of RESIDENT programs an SM (at least 256 columns
     a share, at most max_share: the tokens' x in shared memory);
-    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE -1: off); anything but four integers is one clear
-    error; check_config refuses what the kernel cannot run."""
+    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE or RING -1: off); anything but five integers is
+    one clear error; check_config refuses what the kernel cannot run."""
     from spqt.errors import SpqtError
 
     assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 64)] == [1, 1, 2, 2, 4, 4]
@@ -111,22 +114,25 @@ def test_cuda_gemm_rule_and_override(monkeypatch):
     assert gc.config(8, 960, 576, 132)["SPLIT"] == 2  # K // 256
     assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 11  # 32 tokens' x of 768 columns fill the shared memory
     rule = gc.config(16, 12288, 4096, 132)
-    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1")
-    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0}
-    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,0,0")  # TOKT 4 with the rule's split: one that fits
-    assert gc.config(8, 4096, 11008, 132)["SPLIT"] >= -(-11008 // gc.max_share(4))
-    for bad in ("1,2", "a,b,c,d", "1,2,3,4,5"):
+    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1,-1")
+    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0, "RING": 0}
+    for fields in ("4,0,0,0,0", "1,0,0,0,4"):  # the rule's split for the TOKT or rings set: one that fits
+        monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", fields)
+        cfg = gc.config(8, 4096, 11008, 132)
+        assert cfg["SPLIT"] >= -(-11008 // gc.max_share(cfg)), fields
+    for bad in ("1,2", "a,b,c,d,e", "1,2,3,4", "1,2,3,4,5,6"):
         monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", bad)
-        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 4"):
+        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 5"):
             gc.config(16, 12288, 4096, 132)
-    for bad in ({"TOKT": 8}, {"TOKT": 4, "WARPS": 2}, {"WARPS": 8}, {"SPLIT": 0}, {"PIPE": 2}):
+    for bad in ({"TOKT": 8}, {"TOKT": 4, "WARPS": 2}, {"WARPS": 8}, {"SPLIT": 0}, {"PIPE": 2}, {"RING": 1},
+                {"RING": 9}, {"RING": 2}, {"TOKT": 1, "WARPS": 4, "PIPE": 0, "RING": 8}):
         with pytest.raises(ValueError, match="cannot run the config"):
             gc.check_config(CONFIGS[1] | bad)
     monkeypatch.delenv("SPQT_CUDA_GEMM_CONFIG")
     for m, n, k in ((64, 4096, 14336), (16, 8192, 28672), (8, 960, 576), (32, 57344, 8192)):
         cfg = gc.config(m, n, k, 132)
         share = -(-k // cfg["SPLIT"])
-        assert share <= gc.max_share(cfg["TOKT"]) and gc.shared_bytes(cfg, share) <= gc.MAX_SHARED, (m, n, k)
+        assert share <= gc.max_share(cfg) and gc.shared_bytes(cfg, share) <= gc.MAX_SHARED, (m, n, k)
 
 
 def test_cuda_gemm_routes_the_maps_measured_faster():
@@ -157,27 +163,38 @@ def test_cuda_gemm_checks_its_contract():
 
 @pytest.mark.parametrize("tokt", gc.TOKTS)
 def test_cuda_gemm_compiles_for_sm90(tokt):
-    """Each TOKT's kernel compiled for sm_90 here (NVRTC needs no GPU), pipe on and off: the chunk loop runs 16 + TOKT
-    mma (16 tiles times TOKT token tiles a warp's part, and the min term's TOKT), shuffles the sub-blocks' scales
-    (16 / TOKT), reads x from shared memory and keeps everything else in registers (no local memory); without the
-    pipe (the rule's) the registers let gemm_cuda.RESIDENT programs of 4 warps share an SM (the rule's waves)."""
+    """Each TOKT's kernel compiled for sm_90 here (NVRTC needs no GPU), pipe on and off and with a ring: the chunk
+    loop runs 16 + TOKT mma (16 tiles times TOKT token tiles a warp's part, and the min term's TOKT), shuffles the
+    sub-blocks' scales (16 / TOKT), reads x from shared memory and keeps everything else in registers (no local
+    memory); with a ring its loop asks for a chunk by 5 asynchronous copies (4 slots' levels, a head) and loads
+    nothing into registers from global memory, reading the chunk from shared memory (GW level vectors, 4 heads);
+    without the pipe the registers let gemm_cuda.RESIDENT programs of 4 warps share an SM (the rule's waves)."""
     from spqt.kernels import nvrtc
-    from spqt.kernels.sass import disassemble, main_loop, opcode
+    from spqt.kernels.sass import disassemble, loops, main_loop, opcode
 
-    for pipe in (0, 1):
+    for pipe, ring in ((0, 0), (1, 0), (0, 4)):
         try:
-            cubin = gc.cubin_sm90(dict(TOKT=tokt, WARPS=4, SPLIT=1, PIPE=pipe))
+            cubin = gc.cubin_sm90(dict(TOKT=tokt, WARPS=4, SPLIT=1, PIPE=pipe, RING=ring))
         except nvrtc.NvrtcUnavailable as exc:
             pytest.fail(f"NVRTC is a test dependency here: {exc}")
         sass, _, _ = disassemble(cubin)
         gemm = next(part for part in sass.split("//--------------------- .text.")
                     if part.startswith("zigzag_q4k_gemm "))  # nvdisasm's section of this function
-        loop = main_loop(gemm, "HMMA")
-        ops = [opcode(line) or "" for line in loop]
-        what = f"TOKT {tokt} pipe {pipe}"
+        if ring:  # the ring's loop (not the longer one through __syncwarp's divergent path back into it)
+            loop = min((lp for lp in loops(gemm) if any("HMMA" in ln for ln in lp)
+                        and any("LDGSTS" in ln for ln in lp)), key=len)
+        else:
+            loop = main_loop(gemm, "HMMA")
+        ops = [opcode(line) or "" for line in loop if "@!PT" not in line]  # not the never-run LDS padding
+        what = f"TOKT {tokt} pipe {pipe} ring {ring}"
         assert sum(op.startswith("HMMA") for op in ops) == 16 + tokt, what
         assert sum(op.startswith("SHFL") for op in ops) == 16 // tokt, what
-        assert sum(op.startswith("LDS") for op in ops) == tokt, what
+        if ring:
+            assert sum(op.startswith("LDGSTS") for op in ops) == 5, what
+            assert not any(op.startswith("LDG.") for op in ops), what
+            assert sum(op.startswith("LDS") for op in ops) == 4 // tokt + 4 + tokt, what
+        else:
+            assert sum(op.startswith("LDS") for op in ops) == tokt, what
         assert not any(op.startswith(("LDL", "STL")) for op in gemm.splitlines()), f"{what}: local memory"
         if not pipe:
             assert _registers(cubin, "zigzag_q4k_gemm") * 128 * gc.RESIDENT[tokt] <= 65536, what

@@ -20,7 +20,8 @@ from spqt.kernels.gpu_layout import GpuQ4K
 
 TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
 WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
-KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE")
+RINGS = tuple(range(2, 9))  # chunks a warp's ring of asynchronous copies may hold (RING; 0: none)
+KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING")
 # Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (dcd9814, docs/RESULTS.md thirty-first
 # session): at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's maps 1.27-1.51x faster than gemm_q4k
 # and a 70B's gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's
@@ -30,9 +31,10 @@ MAX_TOKENS = 16
 MIN_WEIGHTS = 1 << 23
 
 
-def options(tokt: int, warps: int, pipe: int) -> tuple:
+def options(cfg: dict) -> tuple:
     """NVRTC options of one configuration."""
-    return ("-DGEMM=1", f"-DTOKT={tokt}", f"-DWARPS={warps}", f"-DPIPE={pipe}", "-DTYPE=4")
+    return ("-DGEMM=1", f"-DTOKT={cfg['TOKT']}", f"-DWARPS={cfg['WARPS']}", f"-DPIPE={cfg['PIPE']}",
+            f"-DRING={cfg.get('RING', 0)}", "-DTYPE=4")
 
 
 # programs of 4 warps an SM holds by TOKT, PIPE 0 (sm_90 build: at most 128 registers a thread at TOKT 1 and 2, 168 at
@@ -42,40 +44,48 @@ MAX_SHARED = 48 * 1024  # dynamic shared memory a program may take without optin
 SUM_BYTES = 8320  # shared memory of a warp's sums (8 tokens x 260 floats a token tile: the .cu file's SUM_STRIDE)
 
 
-def max_share(tokt: int) -> int:
-    """Columns a share may hold: its tokens' x (8 TOKT tokens, 2 bytes a column) in MAX_SHARED."""
-    return MAX_SHARED // (16 * tokt) // 16 * 16
+def ring_bytes(cfg: dict) -> int:
+    """Shared memory of a program's rings: RING stages a warp of its level words (2 KB / TOKT) and 16 heads."""
+    return cfg["WARPS"] * cfg.get("RING", 0) * (2048 // cfg["TOKT"] + 256)
+
+
+def max_share(cfg: dict) -> int:
+    """Columns a share may hold: its tokens' x (8 TOKT tokens, 2 bytes a column) beside the rings in MAX_SHARED."""
+    return (MAX_SHARED - ring_bytes(cfg)) // (16 * cfg["TOKT"]) // 16 * 16
 
 
 def shared_bytes(cfg: dict, share: int) -> int:
-    """Dynamic shared memory of a program: its tokens' share of x, then (the same space) its warps' sums."""
-    return max(16 * cfg["TOKT"] * share, SUM_BYTES * cfg["WARPS"])
+    """Dynamic shared memory of a program: its tokens' share of x, then (the same space) its warps' sums; the rings
+    after both."""
+    return max(16 * cfg["TOKT"] * share, SUM_BYTES * cfg["WARPS"]) + ring_bytes(cfg)
 
 
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
-    PIPE. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE overrides (a 0 keeps the rule's value; PIPE -1 for 0)."""
+    PIPE, RING. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING overrides (a 0 keeps the rule's value; -1 for 0)."""
     tokt = 1 if m <= 8 else 2 if m <= 16 else 4
     programs = triton.cdiv(n, 256) * triton.cdiv(m, 8 * tokt)
     # shares until the grid is about one wave of RESIDENT programs an SM, a share at least 256 columns and at most
     # max_share
-    split = max(1, min(round(RESIDENT[tokt] * sms / programs), k // 256), triton.cdiv(k, max_share(tokt)))
-    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": split, "PIPE": 0}
-    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE; 0 keeps the rule's, PIPE -1 "
-                               "turns it off")
+    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": 1, "PIPE": 0, "RING": 0}
+    chosen["SPLIT"] = max(1, min(round(RESIDENT[tokt] * sms / programs), k // 256), triton.cdiv(k, max_share(chosen)))
+    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING; 0 keeps the rule's, -1 "
+                               "turns PIPE or RING off")
     chosen |= {key: max(value, 0) for key, value in override.items()}
-    if "SPLIT" not in override:  # the rule's split, for the TOKT chosen: a share that fits shared memory
-        chosen["SPLIT"] = max(chosen["SPLIT"], triton.cdiv(k, max_share(chosen["TOKT"])))
+    if "SPLIT" not in override and max_share(chosen) >= 16:  # the rule's split, a share that fits shared memory
+        chosen["SPLIT"] = max(chosen["SPLIT"], triton.cdiv(k, max_share(chosen)))
     return chosen
 
 
 def check_config(cfg: dict) -> None:
     """A config the kernel runs, or ValueError: TOKT in TOKTS, WARPS in WARPS and a multiple of TOKT, SPLIT >= 1,
-    PIPE 0 or 1."""
+    PIPE 0 or 1, RING 0 or 2 to 8 (not with PIPE), its rings leaving x a share of 16 columns."""
+    ring = cfg.get("RING", 0)
     if cfg["TOKT"] not in TOKTS or cfg["WARPS"] not in WARPS or cfg["WARPS"] % cfg["TOKT"] or cfg["SPLIT"] < 1 \
-            or cfg["PIPE"] not in (0, 1):
+            or cfg["PIPE"] not in (0, 1) or ring not in (0, *RINGS) or (ring and cfg["PIPE"]) or max_share(cfg) < 16:
         raise ValueError(f"the CUDA GEMM cannot run the config {cfg}: TOKT in {TOKTS}, WARPS in {WARPS} and a multiple "
-                         f"of TOKT, SPLIT >= 1, PIPE 0 or 1")
+                         f"of TOKT, SPLIT >= 1, PIPE 0 or 1, RING 0 or in {RINGS} without PIPE, the rings in "
+                         f"{MAX_SHARED} bytes of shared memory")
 
 
 def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
@@ -119,9 +129,9 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     cfg = config(m, n, k, sm_count(x.device)) if cfg is None else cfg
     check_config(cfg)
     shape, share = partials_spec(w, m, cfg)
-    if share > max_share(cfg["TOKT"]):
+    if share > max_share(cfg):
         raise ValueError(f"the CUDA GEMM's share of {share} columns does not fit shared memory at TOKT {cfg['TOKT']} "
-                         f"(at most {max_share(cfg['TOKT'])}: a larger SPLIT)")
+                         f"RING {cfg.get('RING', 0)} (at most {max_share(cfg)}: a larger SPLIT)")
     if not x.is_cuda or w.quants.device != x.device or w.head.device != x.device \
             or w.quants.dtype != torch.int32 or w.head.dtype != torch.int32:
         raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA and w's int32 blocks on its device, "
@@ -140,7 +150,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         partials = torch.empty(shape, dtype=torch.float32, device=x.device)
     elif partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous():
         raise ValueError(f"the CUDA GEMM's partials must be {shape} float32 contiguous")
-    kernel = zigzag_cuda.compiled(index, options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]), "zigzag_q4k_gemm")
+    kernel = zigzag_cuda.compiled(index, options(cfg), "zigzag_q4k_gemm")
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
             (n, I), (k, I), (share, I), (int(one), I)]
@@ -154,5 +164,5 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
 def cubin_sm90(cfg: dict) -> bytes:
     """The kernel of a config compiled for Hopper here (NVRTC needs no GPU): for the CPU tests' SASS checks."""
     check_config(cfg)
-    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg["TOKT"], cfg["WARPS"], cfg["PIPE"]),
+    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg),
                                "sm_90")

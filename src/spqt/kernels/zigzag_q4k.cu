@@ -1813,6 +1813,14 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 #define GW (4 / TOKT)      // level words a lane loads of a column (its part's 16 / TOKT bytes)
 #define CW (WARPS / TOKT)  // warps a part: they take the share's chunks in turn
 #define SUM_STRIDE 260     // floats a token's row of the shared sums (256 outputs, padded)
+#ifndef RING
+#define RING 0  // chunks a warp's ring of asynchronous copies holds (0: loads into registers)
+#endif
+#if RING == 1 || (RING && PIPE)
+#error "RING is 0 or at least 2, without PIPE"
+#endif
+#define RING_LEVELS (128 * GW)            // u32 of a stage's level words: 32 lanes x 4 slots x GW
+#define RING_STAGE (RING_LEVELS + 64)     // u32 of a stage: the levels, then the chunk's 16 heads
 
 struct GemmChunk {  // a lane's loads of one chunk: its part's level words and the head of each slot
   u32 w[4][GW];
@@ -1854,6 +1862,51 @@ __device__ __forceinline__ void gemm_load(GemmChunk& ch, const uint4* qr, const 
     }
   }
 }
+
+#if RING
+// Chunk j into a warp's ring stage (shared) by asynchronous copies that hold no registers: lane (g, t) copies its
+// slots' level words (4 GW bytes each) to words (i GW / 4) 128 + 4 lane + (i GW) % 4 (a lane's words of 4 slots are
+// GW 16-byte vectors, lane-major: conflict-free reads), and lanes g < 4 the head of slot g (column j + 4 g + t) to
+// head word 4 (4 g + t). One group a call (cp.async.commit_group), empty where the warp has no chunk j.
+__device__ __forceinline__ void ring_issue(u32* stage, const uint4* qr, const uint4* hr, int j, bool any, int lane,
+                                           int g, int t, int part) {
+  if (any) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int col = j + 4 * i + t;
+      const u32 dst = (u32)__cvta_generic_to_shared(stage + (i * GW / 4) * 128 + 4 * lane + (i * GW) % 4);
+#if TOKT == 1
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(qr + (size_t)col * 4) : "memory");
+#elif TOKT == 2
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst),
+                   "l"(reinterpret_cast<const uint2*>(qr + (size_t)col * 4) + part) : "memory");
+#else
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst),
+                   "l"(reinterpret_cast<const u32*>(qr + (size_t)col * 4) + part) : "memory");
+#endif
+    }
+    if (g < 4) {
+      const u32 dst = (u32)__cvta_generic_to_shared(stage + RING_LEVELS + 4 * (4 * g + t));
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(hr + (size_t)(j + 4 * g + t) * 4)
+                   : "memory");
+    }
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// A ring stage's chunk into the lane's registers (after its group completed and a __syncwarp).
+__device__ __forceinline__ void ring_read(GemmChunk& ch, const u32* stage, int lane, int t) {
+#pragma unroll
+  for (int v = 0; v < GW; ++v) {
+    const uint4 a = reinterpret_cast<const uint4*>(stage)[32 * v + lane];
+    const u32 words[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) ch.w[(4 * v + e) / GW][(4 * v + e) % GW] = words[e];
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) ch.hd[i] = reinterpret_cast<const uint4*>(stage + RING_LEVELS)[4 * i + t];
+}
+#endif
 
 __device__ __forceinline__ u32 mul_f16x2(u32 a, u32 b) {
   u32 r;
@@ -1953,12 +2006,33 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   const int first = s * per, hi = min(K, first + per), step = 16 * CW;
   int j = first + 16 * cw;
   GemmChunk ch;
+#if RING
+  // the warp's ring after x's share and the sums (gemm_cuda.shared_bytes); its first RING - 1 chunks in flight while
+  // x is staged
+  u32* ring = reinterpret_cast<u32*>(gemm_smem + max(16 * TOKT * per, 4 * 8 * WARPS * SUM_STRIDE)) +
+              warp * RING * RING_STAGE;
+  const int full = j + 16 <= hi ? (hi - 16 - j) / step + 1 : 0;  // the warp's full chunks
+#pragma unroll
+  for (int d = 0; d < RING - 1; ++d) ring_issue(ring + d * RING_STAGE, qr, hr, j + d * step, d < full, lane, g, t, part);
+#else
   if (j + 16 <= hi) gemm_load<true>(ch, qr, hr, j, hi, t, part);  // in flight while x is staged
+#endif
   gemm_stage_x(xs, x, M, K, tok0, first, hi, per);
   __syncthreads();
   // the lane's x: token g of token tile 0, chunk (j - first) / 16, slot 0 of lane t; a token tile 8 token rows on
   const uint2* xl = reinterpret_cast<const uint2*>(xs) + (size_t)g * (per >> 2) + ((j - first) >> 4) * 4 + t;
   const int xt = 8 * (per >> 2), xstep = 4 * CW;
+#if RING
+  for (int u = 0; u < full; ++u, j += step, xl += xstep) {
+    const int d = u + RING - 1;  // the chunk asked for now, into the stage chunk u - 1 left
+    ring_issue(ring + (d % RING) * RING_STAGE, qr, hr, j + (RING - 1) * step, d < full, lane, g, t, part);
+    asm volatile("cp.async.wait_group %0;" ::"n"(RING - 1) : "memory");
+    __syncwarp();  // the other lanes' heads
+    ring_read(ch, ring + (u % RING) * RING_STAGE, lane, t);
+    __syncwarp();  // every lane has read stage u % RING before the next call refills it
+    gemm_compute(ch, c, cm, dec, xl, xt, t, part);
+  }
+#else
   for (; j + 16 <= hi; j += step, xl += xstep) {
 #if PIPE
     GemmChunk next;
@@ -1970,6 +2044,7 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     if (j + step + 16 <= hi) gemm_load<true>(ch, qr, hr, j + step, hi, t, part);
 #endif
   }
+#endif
   if (j < hi) {  // the share's last, partial chunk
     gemm_load<false>(ch, qr, hr, j, hi, t, part);
     gemm_compute(ch, c, cm, dec, xl, xt, t, part);
