@@ -55,9 +55,9 @@ def max_share(cfg: dict) -> int:
 
 
 def shared_bytes(cfg: dict, share: int) -> int:
-    """Dynamic shared memory of a program: its tokens' share of x, then (the same space) its warps' sums; the rings
-    after both."""
-    return max(16 * cfg["TOKT"] * share, SUM_BYTES * cfg["WARPS"]) + ring_bytes(cfg)
+    """Dynamic shared memory of a program: its tokens' share of x and its warps' rings, then (the same space) its
+    warps' sums."""
+    return max(16 * cfg["TOKT"] * share + ring_bytes(cfg), SUM_BYTES * cfg["WARPS"])
 
 
 def config(m: int, n: int, k: int, sms: int) -> dict:

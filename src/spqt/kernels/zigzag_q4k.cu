@@ -1801,8 +1801,9 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 // into shared memory, zero past M and hi, in the order the lanes read it (a lane's 4 slots of a token and chunk: 8
 // contiguous bytes); after the chunks its CW warps of a part add their sums there in a fixed order (deterministic)
 // and the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out: one share). Lane
-// (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9). Dynamic shared memory:
-// max(16 TOKT per, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes).
+// (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9). With RING, a warp's ring
+// of RING stages (RING_STAGE words each) follows x: its copies ask for a chunk RING - 1 chunks ahead. Dynamic shared
+// memory: max(16 TOKT per + 4 WARPS RING RING_STAGE, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes).
 #ifndef TOKT
 #define TOKT 1  // token tiles of 8 a program (1, 2 or 4)
 #endif
@@ -2007,10 +2008,9 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   int j = first + 16 * cw;
   GemmChunk ch;
 #if RING
-  // the warp's ring after x's share and the sums (gemm_cuda.shared_bytes); its first RING - 1 chunks in flight while
-  // x is staged
-  u32* ring = reinterpret_cast<u32*>(gemm_smem + max(16 * TOKT * per, 4 * 8 * WARPS * SUM_STRIDE)) +
-              warp * RING * RING_STAGE;
+  // the warp's ring after x's share (the sums take both after the chunks: gemm_cuda.shared_bytes); its first
+  // RING - 1 chunks in flight while x is staged
+  u32* ring = reinterpret_cast<u32*>(gemm_smem + 16 * TOKT * per) + warp * RING * RING_STAGE;
   const int full = j + 16 <= hi ? (hi - 16 - j) / step + 1 : 0;  // the warp's full chunks
 #pragma unroll
   for (int d = 0; d < RING - 1; ++d) ring_issue(ring + d * RING_STAGE, qr, hr, j + d * step, d < full, lane, g, t, part);
@@ -2049,7 +2049,7 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     gemm_load<false>(ch, qr, hr, j, hi, t, part);
     gemm_compute(ch, c, cm, dec, xl, xt, t, part);
   }
-  __syncthreads();  // x read by every warp: its space takes the sums
+  __syncthreads();  // x and the rings read by every warp (the rings' copies all waited for): their space takes the sums
   // the warp's sums less the min terms (sub-block m / 2's, from lane (m / 2, t)), at rows 16 m + g (+ 8), tokens
   // 8 jt + 2 t (+ 1) of the program
 #pragma unroll
