@@ -102,17 +102,18 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
 
 
 def test_cuda_gemm_rule_and_override(monkeypatch):
-    """config(): TOKT by the token count, shares until about a wave of RESIDENT programs an SM (at least 256 columns
-    a share, at most max_share: the tokens' x in shared memory);
+    """config(): TOKT and the ring by the token count, shares until about a wave of resident programs an SM (at least
+    256 columns a share, at most max_share: the tokens' x beside the rings in shared memory);
     SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE or RING -1: off); anything but five integers is
     one clear error; check_config refuses what the kernel cannot run."""
     from spqt.errors import SpqtError
 
-    assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 64)] == [1, 1, 2, 2, 4, 4]
+    assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 2, 2, 4, 4]
+    assert [gc.config(m, 12288, 4096, 132)["RING"] for m in (1, 16, 17, 64)] == [2, 2, 4, 4]
     assert gc.config(8, 12288, 4096, 132)["SPLIT"] == 11  # 48 superblock rows: 528 programs, 4 an SM
-    assert gc.config(32, 12288, 4096, 132)["SPLIT"] == 8  # 384 programs, 3 an SM
+    assert gc.config(32, 12288, 4096, 132)["SPLIT"] == 6  # 96 programs of 16 tokens
     assert gc.config(8, 960, 576, 132)["SPLIT"] == 2  # K // 256
-    assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 11  # 32 tokens' x of 768 columns fill the shared memory
+    assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 15  # 32 tokens' x of 576 columns beside the rings
     rule = gc.config(16, 12288, 4096, 132)
     monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1,-1")
     assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0, "RING": 0}
@@ -136,10 +137,11 @@ def test_cuda_gemm_rule_and_override(monkeypatch):
 
 
 def test_cuda_gemm_routes_the_maps_measured_faster():
-    """pays() on real maps' shapes (thirty-first session's measurements, H200): a 7B's and a 70B's maps up to 16 rows
-    (a prompt's bucket of 16), not at 32 (gemm_q4k was as fast or faster), nor the 135M model's maps at any count."""
+    """pays() on real maps' shapes (thirty-first and thirty-second sessions' measurements, H200): a 7B's and a 70B's
+    maps up to 32 rows (the prefill's buckets of 16 and 32), not at 33 (64: dequantize + cuBLAS or gemm_q4k were as
+    fast or faster), nor the 135M model's maps at any count."""
     for n, k in ((12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008), (57344, 8192), (8192, 28672)):
-        assert gc.pays(n, k, 16) and gc.pays(n, k, 1) and not gc.pays(n, k, 17) and not gc.pays(n, k, 32), f"{n}x{k}"
+        assert gc.pays(n, k, 16) and gc.pays(n, k, 1) and gc.pays(n, k, 32) and not gc.pays(n, k, 33), f"{n}x{k}"
     for n, k in ((960, 576), (576, 576), (3072, 576), (576, 1536)):
         assert not gc.pays(n, k, 16), f"{n}x{k}"
 
@@ -168,7 +170,7 @@ def test_cuda_gemm_compiles_for_sm90(tokt):
     sub-blocks' scales (16 / TOKT), reads x from shared memory and keeps everything else in registers (no local
     memory); with a ring its loop asks for a chunk by 5 asynchronous copies (4 slots' levels, a head) and loads
     nothing into registers from global memory, reading the chunk from shared memory (GW level vectors, 4 heads);
-    without the pipe the registers let gemm_cuda.RESIDENT programs of 4 warps share an SM (the rule's waves)."""
+    the registers let gemm_cuda.resident() programs of 4 warps share an SM (the rule's waves)."""
     from spqt.kernels import nvrtc
     from spqt.kernels.sass import disassemble, loops, main_loop, opcode
 
@@ -196,8 +198,8 @@ def test_cuda_gemm_compiles_for_sm90(tokt):
         else:
             assert sum(op.startswith("LDS") for op in ops) == tokt, what
         assert not any(op.startswith(("LDL", "STL")) for op in gemm.splitlines()), f"{what}: local memory"
-        if not pipe:
-            assert _registers(cubin, "zigzag_q4k_gemm") * 128 * gc.RESIDENT[tokt] <= 65536, what
+        cfg = dict(TOKT=tokt, WARPS=4, PIPE=pipe, RING=ring)
+        assert _registers(cubin, "zigzag_q4k_gemm") * 128 * gc.resident(cfg) <= 65536, what
 
 
 def _registers(cubin: bytes, name: str) -> int:

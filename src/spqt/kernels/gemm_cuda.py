@@ -22,24 +22,29 @@ TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
 WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
 RINGS = tuple(range(2, 9))  # chunks a warp's ring of asynchronous copies may hold (RING; 0: none)
 KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING")
-# Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (dcd9814, docs/RESULTS.md thirty-first
-# session): at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's maps 1.27-1.51x faster than gemm_q4k
-# and a 70B's gate|up / down 1.33 / 1.17x; at 32 rows it is behind gemm_q4k on a 7B's gate|up and down and a 70B's
-# (0.68-0.86x with the rule's tiles; 1.08x on a 7B's q|k|v and o), at 64 behind dequantize + cuBLAS; the 135M model's
-# maps (0.3-1.8 M weights) ran 2.6-4.4x slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
-MAX_TOKENS = 16
+# Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (docs/RESULTS.md thirty-first and
+# thirty-second sessions): with a ring (29ed516), at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's
+# maps 1.5-1.7x faster than gemm_q4k and a 70B's 1.7x; at 32 rows (two programs of 16 tokens, RING 4) 1.08-1.41x; at 64
+# behind dequantize + cuBLAS or gemm_q4k; the 135M model's maps (0.3-1.8 M weights, thirty-first session) ran 2.6-4.4x
+# slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
+MAX_TOKENS = 32
 MIN_WEIGHTS = 1 << 23
 
 
 def options(cfg: dict) -> tuple:
     """NVRTC options of one configuration."""
     return ("-DGEMM=1", f"-DTOKT={cfg['TOKT']}", f"-DWARPS={cfg['WARPS']}", f"-DPIPE={cfg['PIPE']}",
-            f"-DRING={cfg.get('RING', 0)}", "-DTYPE=4")
+            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", "-DTYPE=4")
 
 
-# programs of 4 warps an SM holds by TOKT, PIPE 0 (sm_90 build: at most 128 registers a thread at TOKT 1 and 2, 168 at
-# 4; tests/test_gemm_cuda.py)
-RESIDENT = {1: 4, 2: 4, 4: 3}
+def resident(cfg: dict) -> int:
+    """Programs of 4 warps an SM holds at cfg: the registers its build is bounded to (__launch_bounds__), none spilled
+    (tests/test_gemm_cuda.py): 4 (128 registers a thread), 3 at TOKT 4 without a ring (4 would spill), 1 with the pipe
+    (no bound: 152-172 registers)."""
+    if cfg["PIPE"]:
+        return 1
+    return 3 if cfg["TOKT"] == 4 and not cfg.get("RING", 0) else 4
+
 MAX_SHARED = 48 * 1024  # dynamic shared memory a program may take without opting in
 SUM_BYTES = 8320  # shared memory of a warp's sums (8 tokens x 260 floats a token tile: the .cu file's SUM_STRIDE)
 
@@ -63,12 +68,13 @@ def shared_bytes(cfg: dict, share: int) -> int:
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
     PIPE, RING. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING overrides (a 0 keeps the rule's value; -1 for 0)."""
-    tokt = 1 if m <= 8 else 2 if m <= 16 else 4
+    tokt = 1 if m <= 8 else 2 if m <= 32 else 4
     programs = triton.cdiv(n, 256) * triton.cdiv(m, 8 * tokt)
-    # shares until the grid is about one wave of RESIDENT programs an SM, a share at least 256 columns and at most
+    # shares until the grid is about one wave of resident programs an SM, a share at least 256 columns and at most
     # max_share
-    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": 1, "PIPE": 0, "RING": 0}
-    chosen["SPLIT"] = max(1, min(round(RESIDENT[tokt] * sms / programs), k // 256), triton.cdiv(k, max_share(chosen)))
+    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": 1, "PIPE": 0, "RING": 2 if m <= 16 else 4}
+    chosen["SPLIT"] = max(1, min(round(resident(chosen) * sms / programs), k // 256),
+                          triton.cdiv(k, max_share(chosen)))
     override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING; 0 keeps the rule's, -1 "
                                "turns PIPE or RING off")
     chosen |= {key: max(value, 0) for key, value in override.items()}

@@ -1985,7 +1985,10 @@ __device__ __forceinline__ void gemm_stage_x(unsigned short* xs, const unsigned 
   }
 }
 
-extern "C" __global__ void __launch_bounds__(32 * WARPS)
+#ifndef RESIDENT
+#define RESIDENT 1  // programs an SM the registers must allow (__launch_bounds__' minimum)
+#endif
+extern "C" __global__ void __launch_bounds__(32 * WARPS, RESIDENT)
 zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const unsigned short* __restrict__ x,
                 void* __restrict__ out, int M, int N, int K, int per, int half_out) {
   extern __shared__ __align__(16) unsigned char gemm_smem[];
