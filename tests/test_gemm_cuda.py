@@ -22,15 +22,12 @@ INPUT_EPS = 2.0**-10
 # tile of 8 and past 32 (two programs of TOKT 4 a superblock row), a 7B's map
 CASES = [(300, 130, 3), (513, 777, 17), (2311, 1000, 33), (960, 576, 64), (4096, 4096, 8), (11008, 4096, 1)]
 # beside the rule's: every TOKT and warp count, pipe on and off, rings of several depths (deeper than a warp's chunks
-# too: empty copy groups), more shares than 16-column steps (fewer shares run), shares added in a cluster (up to 16)
+# too: empty copy groups), more shares than 16-column steps (fewer shares run)
 CONFIGS = [dict(TOKT=1, WARPS=1, SPLIT=3, PIPE=0, RING=0), dict(TOKT=1, WARPS=4, SPLIT=1, PIPE=1, RING=0),
            dict(TOKT=2, WARPS=2, SPLIT=5, PIPE=1, RING=0), dict(TOKT=2, WARPS=4, SPLIT=1, PIPE=0, RING=0),
            dict(TOKT=4, WARPS=4, SPLIT=7, PIPE=1, RING=0), dict(TOKT=4, WARPS=4, SPLIT=100, PIPE=0, RING=0),
            dict(TOKT=1, WARPS=2, SPLIT=2, PIPE=0, RING=2), dict(TOKT=2, WARPS=4, SPLIT=3, PIPE=0, RING=4),
-           dict(TOKT=4, WARPS=4, SPLIT=2, PIPE=0, RING=3), dict(TOKT=2, WARPS=2, SPLIT=1, PIPE=0, RING=8),
-           dict(TOKT=2, WARPS=4, SPLIT=3, PIPE=0, RING=4, CLUSTER=1),
-           dict(TOKT=1, WARPS=2, SPLIT=16, PIPE=0, RING=2, CLUSTER=1),
-           dict(TOKT=4, WARPS=4, SPLIT=5, PIPE=1, RING=0, CLUSTER=1)]
+           dict(TOKT=4, WARPS=4, SPLIT=2, PIPE=0, RING=3), dict(TOKT=2, WARPS=2, SPLIT=1, PIPE=0, RING=8)]
 
 
 def _matrix(rng, n, k, device):
@@ -107,31 +104,29 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
 def test_cuda_gemm_rule_and_override(monkeypatch):
     """config(): TOKT and the ring by the token count, shares until about a wave of resident programs an SM (at least
     256 columns a share, at most max_share: the tokens' x beside the rings in shared memory);
-    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE, RING or CLUSTER -1: off); anything but six
-    integers is one clear error; check_config refuses what the kernel cannot run."""
+    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE or RING -1: off); anything but five integers is
+    one clear error; check_config refuses what the kernel cannot run."""
     from spqt.errors import SpqtError
 
     assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 2, 2, 4, 4]
     assert [gc.config(m, 12288, 4096, 132)["RING"] for m in (1, 16, 17, 64)] == [2, 2, 4, 4]
-    # the shares in a cluster where they are 2-16, else the reduction kernel (33 shares) or none (one share)
-    assert [gc.config(16, n, k, 132)["CLUSTER"] for n, k in ((12288, 4096), (4096, 11008), (960, 256))] == [1, 0, 0]
     assert gc.config(8, 12288, 4096, 132)["SPLIT"] == 11  # 48 superblock rows: 528 programs, 4 an SM
     assert gc.config(32, 12288, 4096, 132)["SPLIT"] == 6  # 96 programs of 16 tokens
     assert gc.config(8, 960, 576, 132)["SPLIT"] == 2  # K // 256
     assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 15  # 32 tokens' x of 576 columns beside the rings
     rule = gc.config(16, 12288, 4096, 132)
-    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1,-1,-1")
-    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0, "RING": 0, "CLUSTER": 0}
-    for fields in ("4,0,0,0,0,0", "1,0,0,0,4,0"):  # the rule's split for the TOKT or rings set: one that fits
+    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1,-1")
+    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0, "RING": 0}
+    for fields in ("4,0,0,0,0", "1,0,0,0,4"):  # the rule's split for the TOKT or rings set: one that fits
         monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", fields)
         cfg = gc.config(8, 4096, 11008, 132)
         assert cfg["SPLIT"] >= -(-11008 // gc.max_share(cfg)), fields
-    for bad in ("1,2", "a,b,c,d,e,f", "1,2,3,4,5", "1,2,3,4,5,6,7"):
+    for bad in ("1,2", "a,b,c,d,e", "1,2,3,4", "1,2,3,4,5,6"):
         monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", bad)
-        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 6"):
+        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 5"):
             gc.config(16, 12288, 4096, 132)
     for bad in ({"TOKT": 8}, {"TOKT": 4, "WARPS": 2}, {"WARPS": 8}, {"SPLIT": 0}, {"PIPE": 2}, {"RING": 1},
-                {"RING": 9}, {"RING": 2}, {"TOKT": 1, "WARPS": 4, "PIPE": 0, "RING": 8}, {"CLUSTER": 2}):
+                {"RING": 9}, {"RING": 2}, {"TOKT": 1, "WARPS": 4, "PIPE": 0, "RING": 8}):
         with pytest.raises(ValueError, match="cannot run the config"):
             gc.check_config(CONFIGS[1] | bad)
     monkeypatch.delenv("SPQT_CUDA_GEMM_CONFIG")
@@ -166,9 +161,6 @@ def test_cuda_gemm_checks_its_contract():
     _, wide = _matrix(rng, 64, 4000, "cpu")
     with pytest.raises(ValueError, match="does not fit shared memory"):  # 8 x 4 tokens' x of 4000 columns: 128 KB
         gc.gemm(wide, torch.zeros(2, 4000, dtype=torch.float16, device="meta"), dict(TOKT=4, WARPS=4, SPLIT=1, PIPE=0))
-    with pytest.raises(ValueError, match="cluster holds at most 16 shares"):  # 17 shares of 240 columns
-        gc.gemm(wide, torch.zeros(2, 4000, dtype=torch.float16, device="meta"),
-                dict(TOKT=1, WARPS=4, SPLIT=17, PIPE=0, RING=0, CLUSTER=1))
 
 
 @pytest.mark.parametrize("tokt", gc.TOKTS)

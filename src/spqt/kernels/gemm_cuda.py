@@ -21,8 +21,7 @@ from spqt.kernels.gpu_layout import GpuQ4K
 TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
 WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
 RINGS = tuple(range(2, 9))  # chunks a warp's ring of asynchronous copies may hold (RING; 0: none)
-KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING", "CLUSTER")
-MAX_CLUSTER = 16  # shares one thread block cluster may hold (sm_90's non-portable size)
+KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING")
 # Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (docs/RESULTS.md thirty-first and
 # thirty-second sessions): with a ring (29ed516), at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's
 # maps 1.5-1.7x faster than gemm_q4k and a 70B's 1.7x; at 32 rows (two programs of 16 tokens, RING 4) 1.08-1.41x; at 64
@@ -35,8 +34,7 @@ MIN_WEIGHTS = 1 << 23
 def options(cfg: dict) -> tuple:
     """NVRTC options of one configuration."""
     return ("-DGEMM=1", f"-DTOKT={cfg['TOKT']}", f"-DWARPS={cfg['WARPS']}", f"-DPIPE={cfg['PIPE']}",
-            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", f"-DGEMM_CLUSTER={cfg.get('CLUSTER', 0)}",
-            "-DTYPE=4")
+            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", "-DTYPE=4")
 
 
 def resident(cfg: dict) -> int:
@@ -69,9 +67,7 @@ def shared_bytes(cfg: dict, share: int) -> int:
 
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
-    PIPE, RING, CLUSTER (the shares add their sums in a thread block cluster, at most MAX_CLUSTER of them; else the
-    reduction kernel). SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING,CLUSTER overrides (a 0 keeps the rule's value;
-    -1 for 0)."""
+    PIPE, RING. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING overrides (a 0 keeps the rule's value; -1 for 0)."""
     tokt = 1 if m <= 8 else 2 if m <= 32 else 4
     programs = triton.cdiv(n, 256) * triton.cdiv(m, 8 * tokt)
     # shares until the grid is about one wave of resident programs an SM, a share at least 256 columns and at most
@@ -79,26 +75,23 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": 1, "PIPE": 0, "RING": 2 if m <= 16 else 4}
     chosen["SPLIT"] = max(1, min(round(resident(chosen) * sms / programs), k // 256),
                           triton.cdiv(k, max_share(chosen)))
-    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING,CLUSTER; 0 keeps the "
-                               "rule's, -1 turns PIPE, RING or CLUSTER off")
+    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING; 0 keeps the rule's, -1 "
+                               "turns PIPE or RING off")
     chosen |= {key: max(value, 0) for key, value in override.items()}
     if "SPLIT" not in override and max_share(chosen) >= 16:  # the rule's split, a share that fits shared memory
         chosen["SPLIT"] = max(chosen["SPLIT"], triton.cdiv(k, max_share(chosen)))
-    if "CLUSTER" not in override:
-        chosen["CLUSTER"] = int(1 < chosen["SPLIT"] <= MAX_CLUSTER)
     return chosen
 
 
 def check_config(cfg: dict) -> None:
     """A config the kernel runs, or ValueError: TOKT in TOKTS, WARPS in WARPS and a multiple of TOKT, SPLIT >= 1,
-    PIPE 0 or 1, RING 0 or 2 to 8 (not with PIPE), its rings leaving x a share of 16 columns, CLUSTER 0 or 1."""
+    PIPE 0 or 1, RING 0 or 2 to 8 (not with PIPE), its rings leaving x a share of 16 columns."""
     ring = cfg.get("RING", 0)
     if cfg["TOKT"] not in TOKTS or cfg["WARPS"] not in WARPS or cfg["WARPS"] % cfg["TOKT"] or cfg["SPLIT"] < 1 \
-            or cfg["PIPE"] not in (0, 1) or ring not in (0, *RINGS) or (ring and cfg["PIPE"]) or max_share(cfg) < 16 \
-            or cfg.get("CLUSTER", 0) not in (0, 1):
+            or cfg["PIPE"] not in (0, 1) or ring not in (0, *RINGS) or (ring and cfg["PIPE"]) or max_share(cfg) < 16:
         raise ValueError(f"the CUDA GEMM cannot run the config {cfg}: TOKT in {TOKTS}, WARPS in {WARPS} and a multiple "
                          f"of TOKT, SPLIT >= 1, PIPE 0 or 1, RING 0 or in {RINGS} without PIPE, the rings in "
-                         f"{MAX_SHARED} bytes of shared memory, CLUSTER 0 or 1")
+                         f"{MAX_SHARED} bytes of shared memory")
 
 
 def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
@@ -126,7 +119,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
          out: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, K) fp16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) fp16 (into out when given).
     cfg: config()'s keys (check_config); partials: the kernel's float32 partial sums (partials_spec; tests poison it
-    and out), allocated when None; unused with one share or a cluster (sm_90)."""
+    and out), allocated when None; unused with one share."""
     n, k = w.shape
     m = x.shape[0]
     if w.layout != "zigzag" or w.fmt != "q4_k":
@@ -145,9 +138,6 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     if share > max_share(cfg):
         raise ValueError(f"the CUDA GEMM's share of {share} columns does not fit shared memory at TOKT {cfg['TOKT']} "
                          f"RING {cfg.get('RING', 0)} (at most {max_share(cfg)}: a larger SPLIT)")
-    if cfg.get("CLUSTER", 0) and shape[0] > MAX_CLUSTER:
-        raise ValueError(f"the CUDA GEMM's cluster holds at most {MAX_CLUSTER} shares, not {shape[0]}: CLUSTER 0 or a "
-                         f"smaller SPLIT")
     if not x.is_cuda or w.quants.device != x.device or w.head.device != x.device \
             or w.quants.dtype != torch.int32 or w.head.dtype != torch.int32:
         raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA and w's int32 blocks on its device, "
@@ -159,26 +149,21 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         out = torch.empty((m, n), dtype=torch.float16, device=x.device)
     elif out.shape != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
         raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) fp16 contiguous")
-    shares = shape[0]
-    # a cluster's shares add their sums themselves (sm_90); elsewhere the reduction kernel does
-    clustered = bool(cfg.get("CLUSTER", 0)) and shares > 1 and torch.cuda.get_device_capability(x.device)[0] >= 9
-    run = cfg | {"CLUSTER": int(clustered)}
-    one = shares == 1 or clustered  # the programs write the product themselves: no partial sums
+    one = shape[0] == 1  # the program writes the product itself: no partial sums
     if one:
         partials = out
     elif partials is None:
         partials = torch.empty(shape, dtype=torch.float32, device=x.device)
     elif partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous():
         raise ValueError(f"the CUDA GEMM's partials must be {shape} float32 contiguous")
-    kernel = zigzag_cuda.compiled(index, options(run), "zigzag_q4k_gemm", large_clusters=clustered)
+    kernel = zigzag_cuda.compiled(index, options(cfg), "zigzag_q4k_gemm")
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
             (n, I), (k, I), (share, I), (int(one), I)]
-    kernel.launch((triton.cdiv(m, 8 * cfg["TOKT"]), rows, shares), 32 * cfg["WARPS"], args,
-                  torch.cuda.current_stream(x.device), cluster=(1, 1, shares) if clustered else None,
-                  shared=shared_bytes(cfg, share))
+    kernel.launch((triton.cdiv(m, 8 * cfg["TOKT"]), rows, shape[0]), 32 * cfg["WARPS"], args,
+                  torch.cuda.current_stream(x.device), shared=shared_bytes(cfg, share))
     if not one:
-        kg.sum_shares(partials, out, m * n, m * n, shares)
+        kg.sum_shares(partials, out, m * n, m * n, shape[0])
     return out
 
 

@@ -129,10 +129,9 @@ class Kernel:
     def launch(self, grid: tuple, block: int, args: list, stream: torch.cuda.Stream, pdl: bool = False,
                cluster: tuple | None = None, shared: int = 0, cooperative: bool = False) -> None:
         """grid: (x, y) or (x, y, z) programs; args: (value, ctypes type) pairs in the kernel's parameter order
-        (pointers as data_ptr() with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) or (x, y, z)
-        programs a thread block cluster (sm_90), dividing grid; shared: bytes of dynamic shared memory a program (at
-        most 48 KB); cooperative: every program resident at once, or the launch fails (a grid whose programs wait on
-        each other)."""
+        (pointers as data_ptr() with POINTER, ints with INT, floats with FLOAT); cluster: (x, y) programs a thread
+        block cluster (sm_90), dividing grid; shared: bytes of dynamic shared memory a program (at most 48 KB);
+        cooperative: every program resident at once, or the launch fails (a grid whose programs wait on each other)."""
         driver = self._driver
         config = driver.CUlaunchConfig()
         config.gridDimX, config.gridDimY, config.gridDimZ = grid[0], grid[1], grid[2] if len(grid) > 2 else 1
@@ -148,8 +147,7 @@ class Kernel:
         if cluster is not None:
             attr = driver.CUlaunchAttribute()
             attr.id = driver.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_CLUSTER_DIMENSION
-            attr.value.clusterDim.x, attr.value.clusterDim.y = cluster[0], cluster[1]
-            attr.value.clusterDim.z = cluster[2] if len(cluster) > 2 else 1
+            attr.value.clusterDim.x, attr.value.clusterDim.y, attr.value.clusterDim.z = cluster[0], cluster[1], 1
             attrs.append(attr)
         if cooperative:
             attr = driver.CUlaunchAttribute()

@@ -164,10 +164,7 @@ __device__ __forceinline__ int load_int(const int* p) {
   return v;
 }
 
-#ifndef GEMM_CLUSTER
-#define GEMM_CLUSTER 0  // GEMM, sm_90: a program's shares are one thread block cluster (see the GEMM below)
-#endif
-#if CLUSTER || GEMM_CLUSTER
+#if CLUSTER
 // Thread block clusters (sm_90): a barrier over the cluster's threads (release / acquire: shared
 // memory written before it is visible to the cluster after it), this program's rank in its cluster
 // (x fastest), and a float of rank q's shared memory at the address of `local` in this program's.
@@ -1806,10 +1803,7 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 // and the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out: one share). Lane
 // (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9). With RING, a warp's ring
 // of RING stages (RING_STAGE words each) follows x: its copies ask for a chunk RING - 1 chunks ahead. Dynamic shared
-// memory: max(16 TOKT per + 4 WARPS RING RING_STAGE, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes). With
-// GEMM_CLUSTER (sm_90) the shares of a token block and superblock row are one thread block cluster (1, 1, gridDim.z)
-// and add their sums over distributed shared memory (each rank a span of the outputs, the ranks in order), writing
-// fp16 out: no partial sums in global memory, no reduction launch.
+// memory: max(16 TOKT per + 4 WARPS RING RING_STAGE, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes).
 #ifndef TOKT
 #define TOKT 1  // token tiles of 8 a program (1, 2 or 4)
 #endif
@@ -2075,32 +2069,6 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     }
   }
   __syncthreads();
-#if GEMM_CLUSTER
-  // the shares (gridDim.z of them) are one cluster: each adds its warps' sums into sums[0], then rank q adds span q
-  // of the 8 TOKT x 256 outputs over the ranks in order (their shared memory) and writes them as fp16
-  for (int i = threadIdx.x; i < 8 * TOKT * 256; i += 32 * WARPS) {
-    const int tl = i >> 8, row = i & 255;
-    float v = sums[0][tl][row];
-#pragma unroll
-    for (int u = 1; u < CW; ++u) v += sums[u][tl][row];
-    sums[0][tl][row] = v;
-  }
-  cluster_barrier();
-  const int shares = gridDim.z, span = (8 * TOKT * 256 + shares - 1) / shares, lo = (int)cluster_rank() * span;
-  unsigned long long peer;  // rank p's sums[0] entry (a generic address into its shared memory)
-  for (int i = lo + threadIdx.x; i < min(8 * TOKT * 256, lo + span); i += 32 * WARPS) {
-    const int tl = i >> 8, row = i & 255, tok = tok0 + tl, n = 256 * r + row;
-    if (tok < M && n < N) {
-      float v = 0.0f;
-      for (int p = 0; p < shares; ++p) {
-        asm("mapa.u64 %0, %1, %2;" : "=l"(peer) : "l"(&sums[0][tl][row]), "r"(p));
-        v += *reinterpret_cast<const float*>(peer);
-      }
-      reinterpret_cast<unsigned short*>(out)[(size_t)tok * N + n] = f32_to_f16_bits(v);
-    }
-  }
-  cluster_barrier();  // no program leaves while another reads its shared memory
-#else
   for (int i = threadIdx.x; i < 8 * TOKT * 256; i += 32 * WARPS) {
     const int tl = i >> 8, row = i & 255, tok = tok0 + tl, n = 256 * r + row;
     if (tok < M && n < N) {
@@ -2113,6 +2081,5 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
         reinterpret_cast<float*>(out)[((size_t)s * M + tok) * N + n] = v;
     }
   }
-#endif
 }
 #endif
