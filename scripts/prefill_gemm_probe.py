@@ -2,12 +2,12 @@
 blocks (kernels/gemm_q4k.py in Triton, kernels/gemm_cuda.py in CUDA), per map shape and token count; with --sweep,
 gemm_q4k's rule against one-factor variations of its tile (which way each knob pays); with --configs, against the
 tiles listed (six integers each, 0 keeps the rule's value, as SPQT_GEMM_CONFIG); with --cuda-configs, the CUDA GEMM's
-rule against the configs listed (TOKT,WARPS,SPLIT,PIPE,RING; 0 keeps the rule's value, -1 for 0; a kept SPLIT
-grows until the share fits beside the rings).
+rule against the configs listed (TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT; 0 keeps the rule's value, -1 for 0; without
+a SPLIT the rule's split for the config listed).
 
     python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
         [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--configs WN,BM,BK,SPLIT,WARPS,STAGES;...]
-        [--cuda-configs TOKT,WARPS,SPLIT,PIPE,RING;...] [--no-triton] [--json OUT]
+        [--cuda-configs TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT;...] [--no-triton] [--json OUT]
 
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """
@@ -50,12 +50,12 @@ def config_list(text: str, flag: str, fields: str) -> list[list[int]]:
     return listed
 
 
-def listed_cuda(rule: dict, fields: list[int], k: int) -> dict:
-    """The CUDA GEMM's rule with a listed config's non-zero fields (-1: 0); a kept SPLIT grows until a share fits
-    shared memory beside the listed rings."""
+def listed_cuda(rule: dict, fields: list[int], m: int, n: int, k: int, sms: int) -> dict:
+    """The CUDA GEMM's rule with a listed config's non-zero fields (-1: 0); without a SPLIT, the rule's split for the
+    config listed (its tokens, rings and resident programs)."""
     cfg = rule | {key: max(v, 0) for key, v in zip(gc.KEYS, fields) if v}
-    if not fields[gc.KEYS.index("SPLIT")] and gc.max_share(cfg) >= 16:
-        cfg["SPLIT"] = max(cfg["SPLIT"], triton.cdiv(k, gc.max_share(cfg)))
+    if not fields[gc.KEYS.index("SPLIT")]:
+        cfg["SPLIT"] = gc.rule_split(m, n, k, sms, cfg)
     return cfg
 
 
@@ -66,11 +66,12 @@ def main():
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--sweep-max", type=int, default=64, help="sweep token counts up to this")
     ap.add_argument("--configs", default="", help="tiles to time beside the rule: WN,BM,BK,SPLIT,WARPS,STAGES;...")
-    ap.add_argument("--cuda-configs", default="", help="CUDA GEMM configs beside its rule: TOKT,WARPS,SPLIT,PIPE,RING;...")
+    ap.add_argument("--cuda-configs", default="",
+                    help="CUDA GEMM configs beside its rule: TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT;...")
     ap.add_argument("--no-triton", action="store_true", help="leave gemm_q4k out (dequantize + cuBLAS and CUDA only)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    cuda_listed = config_list(args.cuda_configs, "--cuda-configs", "TOKT,WARPS,SPLIT,PIPE,RING")
+    cuda_listed = config_list(args.cuda_configs, "--cuda-configs", "TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT")
     listed = config_list(args.configs, "--configs", "WN,BM,BK,SPLIT,WARPS,STAGES")
     keys = ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages")
     for c in listed:  # a tile the kernel cannot run stops here, not after the shapes before it
@@ -102,7 +103,7 @@ def main():
             row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us,
                    "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
             cuda_rule = gc.config(m, n, k, sms)
-            cuda_cfgs = [("rule", cuda_rule)] + [(",".join(str(v) for v in c), listed_cuda(cuda_rule, c, k))
+            cuda_cfgs = [("rule", cuda_rule)] + [(",".join(str(v) for v in c), listed_cuda(cuda_rule, c, m, n, k, sms))
                                                  for c in cuda_listed]
             row["cuda"] = {}
             for label, cfg in cuda_cfgs:

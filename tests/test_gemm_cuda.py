@@ -104,8 +104,9 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
 def test_cuda_gemm_rule_and_override(monkeypatch):
     """config(): TOKT and the ring by the token count, shares until about a wave of resident programs an SM (at least
     256 columns a share, at most max_share: the tokens' x beside the rings in shared memory);
-    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE or RING -1: off); anything but five integers is
-    one clear error; check_config refuses what the kernel cannot run."""
+    SPQT_CUDA_GEMM_CONFIG replaces the rule's non-zero fields (PIPE or RING -1: off; without SPLIT the rule's split
+    for the config set); anything but six integers is one clear error; check_config refuses what the kernel cannot
+    run."""
     from spqt.errors import SpqtError
 
     assert [gc.config(m, 12288, 4096, 132)["TOKT"] for m in (1, 8, 9, 16, 17, 32, 33, 64)] == [1, 1, 2, 2, 2, 2, 4, 4]
@@ -115,18 +116,21 @@ def test_cuda_gemm_rule_and_override(monkeypatch):
     assert gc.config(8, 960, 576, 132)["SPLIT"] == 2  # K // 256
     assert gc.config(64, 57344, 8192, 132)["SPLIT"] == 15  # 32 tokens' x of 576 columns beside the rings
     rule = gc.config(16, 12288, 4096, 132)
-    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1,-1")
-    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0, "RING": 0}
-    for fields in ("4,0,0,0,0", "1,0,0,0,4"):  # the rule's split for the TOKT or rings set: one that fits
+    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "4,0,3,-1,-1,3")
+    assert gc.config(16, 12288, 4096, 132) == rule | {"TOKT": 4, "SPLIT": 3, "PIPE": 0, "RING": 0, "RESIDENT": 3}
+    for fields in ("4,0,0,0,0,0", "1,0,0,0,4,0"):  # the rule's split for the TOKT or rings set: one that fits
         monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", fields)
         cfg = gc.config(8, 4096, 11008, 132)
         assert cfg["SPLIT"] >= -(-11008 // gc.max_share(cfg)), fields
-    for bad in ("1,2", "a,b,c,d,e", "1,2,3,4", "1,2,3,4,5,6"):
+    monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", "0,0,0,0,0,2")  # half the resident programs: about half the shares
+    assert gc.config(8, 12288, 4096, 132)["SPLIT"] == 6
+    for bad in ("1,2", "a,b,c,d,e,f", "1,2,3,4,5", "1,2,3,4,5,6,7"):
         monkeypatch.setenv("SPQT_CUDA_GEMM_CONFIG", bad)
-        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 5"):
+        with pytest.raises(SpqtError, match="SPQT_CUDA_GEMM_CONFIG needs 6"):
             gc.config(16, 12288, 4096, 132)
     for bad in ({"TOKT": 8}, {"TOKT": 4, "WARPS": 2}, {"WARPS": 8}, {"SPLIT": 0}, {"PIPE": 2}, {"RING": 1},
-                {"RING": 9}, {"RING": 2}, {"TOKT": 1, "WARPS": 4, "PIPE": 0, "RING": 8}):
+                {"RING": 9}, {"RING": 2}, {"TOKT": 1, "WARPS": 4, "PIPE": 0, "RING": 8}, {"RESIDENT": 5},
+                {"RESIDENT": 0}):
         with pytest.raises(ValueError, match="cannot run the config"):
             gc.check_config(CONFIGS[1] | bad)
     monkeypatch.delenv("SPQT_CUDA_GEMM_CONFIG")

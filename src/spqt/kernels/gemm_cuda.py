@@ -21,7 +21,7 @@ from spqt.kernels.gpu_layout import GpuQ4K
 TOKTS = (1, 2, 4)  # token tiles of 8 a program (the .cu file's TOKT)
 WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8.3 KB a warp)
 RINGS = tuple(range(2, 9))  # chunks a warp's ring of asynchronous copies may hold (RING; 0: none)
-KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING")
+KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING", "RESIDENT")
 # Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (docs/RESULTS.md thirty-first and
 # thirty-second sessions): with a ring (29ed516), at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's
 # maps 1.5-1.7x faster than gemm_q4k and a 70B's 1.7x; at 32 rows (two programs of 16 tokens, RING 4) 1.08-1.41x; at 64
@@ -38,9 +38,11 @@ def options(cfg: dict) -> tuple:
 
 
 def resident(cfg: dict) -> int:
-    """Programs of 4 warps an SM holds at cfg: the registers its build is bounded to (__launch_bounds__), none spilled
-    (tests/test_gemm_cuda.py): 4 (128 registers a thread), 3 at TOKT 4 without a ring (4 would spill), 1 with the pipe
-    (no bound: 152-172 registers)."""
+    """Programs of 4 warps an SM must hold at cfg (RESIDENT, the build's __launch_bounds__ minimum: 65536 / (128 x
+    RESIDENT) registers a thread at most). Where cfg leaves it out: 1 with the pipe (152-172 registers), 3 at TOKT 4
+    without a ring (4 would spill), else 4; none of these spills (tests/test_gemm_cuda.py)."""
+    if "RESIDENT" in cfg:
+        return cfg["RESIDENT"]
     if cfg["PIPE"]:
         return 1
     return 3 if cfg["TOKT"] == 4 and not cfg.get("RING", 0) else 4
@@ -65,33 +67,38 @@ def shared_bytes(cfg: dict, share: int) -> int:
     return max(16 * cfg["TOKT"] * share + ring_bytes(cfg), SUM_BYTES * cfg["WARPS"])
 
 
+def rule_split(m: int, n: int, k: int, sms: int, cfg: dict) -> int:
+    """The rule's shares of K for cfg: until the grid is about one wave of its resident programs an SM, a share at
+    least 256 columns and at most max_share (its tokens' x beside the rings)."""
+    programs = triton.cdiv(n, 256) * triton.cdiv(m, 8 * cfg["TOKT"])
+    fits = triton.cdiv(k, max_share(cfg)) if max_share(cfg) >= 16 else 1  # (check_config refuses the latter)
+    return max(1, min(round(resident(cfg) * sms / programs), k // 256), fits)
+
+
 def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
-    PIPE, RING. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING overrides (a 0 keeps the rule's value; -1 for 0)."""
-    tokt = 1 if m <= 8 else 2 if m <= 32 else 4
-    programs = triton.cdiv(n, 256) * triton.cdiv(m, 8 * tokt)
-    # shares until the grid is about one wave of resident programs an SM, a share at least 256 columns and at most
-    # max_share
-    chosen = {"TOKT": tokt, "WARPS": 4, "SPLIT": 1, "PIPE": 0, "RING": 2 if m <= 16 else 4}
-    chosen["SPLIT"] = max(1, min(round(resident(chosen) * sms / programs), k // 256),
-                          triton.cdiv(k, max_share(chosen)))
-    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING; 0 keeps the rule's, -1 "
-                               "turns PIPE or RING off")
+    PIPE, RING, RESIDENT. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT overrides (a 0 keeps the rule's
+    value; -1 for 0); without SPLIT there, the rule's split for the config set."""
+    chosen = {"TOKT": 1 if m <= 8 else 2 if m <= 32 else 4, "WARPS": 4, "PIPE": 0, "RING": 2 if m <= 16 else 4,
+              "RESIDENT": 4}
+    override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT; 0 keeps the "
+                               "rule's, -1 turns PIPE or RING off")
     chosen |= {key: max(value, 0) for key, value in override.items()}
-    if "SPLIT" not in override and max_share(chosen) >= 16:  # the rule's split, a share that fits shared memory
-        chosen["SPLIT"] = max(chosen["SPLIT"], triton.cdiv(k, max_share(chosen)))
-    return chosen
+    if "SPLIT" not in override:
+        chosen["SPLIT"] = rule_split(m, n, k, sms, chosen)
+    return {key: chosen[key] for key in KEYS}
 
 
 def check_config(cfg: dict) -> None:
     """A config the kernel runs, or ValueError: TOKT in TOKTS, WARPS in WARPS and a multiple of TOKT, SPLIT >= 1,
-    PIPE 0 or 1, RING 0 or 2 to 8 (not with PIPE), its rings leaving x a share of 16 columns."""
+    PIPE 0 or 1, RING 0 or 2 to 8 (not with PIPE), its rings leaving x a share of 16 columns, RESIDENT 1 to 4."""
     ring = cfg.get("RING", 0)
     if cfg["TOKT"] not in TOKTS or cfg["WARPS"] not in WARPS or cfg["WARPS"] % cfg["TOKT"] or cfg["SPLIT"] < 1 \
-            or cfg["PIPE"] not in (0, 1) or ring not in (0, *RINGS) or (ring and cfg["PIPE"]) or max_share(cfg) < 16:
+            or cfg["PIPE"] not in (0, 1) or ring not in (0, *RINGS) or (ring and cfg["PIPE"]) or max_share(cfg) < 16 \
+            or resident(cfg) not in (1, 2, 3, 4):
         raise ValueError(f"the CUDA GEMM cannot run the config {cfg}: TOKT in {TOKTS}, WARPS in {WARPS} and a multiple "
                          f"of TOKT, SPLIT >= 1, PIPE 0 or 1, RING 0 or in {RINGS} without PIPE, the rings in "
-                         f"{MAX_SHARED} bytes of shared memory")
+                         f"{MAX_SHARED} bytes of shared memory, RESIDENT 1 to 4")
 
 
 def partials_spec(w: GpuQ4K, m: int, cfg: dict) -> tuple[tuple[int, int, int], int]:
