@@ -4,10 +4,12 @@ NVRTC): Y = X W^T, the prefill's product for a short prompt.
 The tokens are the mma's n (8 a token tile); the weights are its A operand straight from the level bytes, as in the
 decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8 tokens where the Triton GEMM
 (gemm_q4k) decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a
-share of the columns; the shares' float32 partial sums are added by the GEMV's reduction kernel (one launch, a fixed
-tree: deterministic), or with one share the program writes fp16 itself. (The last share to arrive at a tile adding
-them instead ran 1.6-2x slower: docs/RESULTS.md, thirty-first session.) fp16 only: A's subnormal levels need fp16's
-exponent (bf16 runs gemm_q4k).
+share of the columns; with RING each warp keeps its next RING - 1 chunks in flight as asynchronous copies into shared
+memory (no registers held: 1.1-1.5x faster at 16-32 tokens than loads into registers, thirty-second session). The
+shares' float32 partial sums are added by the GEMV's reduction kernel (one launch, a fixed tree: deterministic), or
+with one share the program writes fp16 itself. (The last share to arrive at a tile adding them instead ran 1.6-2x
+slower, thirty-first session; the shares adding them in a thread block cluster 1.1-1.4x slower, thirty-second:
+docs/RESULTS.md.) fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
 """
 
 import torch
