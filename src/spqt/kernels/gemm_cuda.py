@@ -40,14 +40,15 @@ def options(cfg: dict) -> tuple:
 
 
 def resident(cfg: dict) -> int:
-    """Programs of 4 warps an SM must hold at cfg (RESIDENT, the build's __launch_bounds__ minimum: 65536 / (128 x
-    RESIDENT) registers a thread at most). Where cfg leaves it out: 1 with the pipe (152-172 registers), 3 at TOKT 4
+    """Programs an SM must hold at cfg (RESIDENT, the build's __launch_bounds__ minimum: at most 65536 / (32 WARPS
+    RESIDENT) registers a thread). Where cfg leaves it out: 1 with the pipe (152-172 registers at 4 warps), 3 at TOKT 4
     without a ring (4 would spill), else 4; none of these spills (tests/test_gemm_cuda.py)."""
     if "RESIDENT" in cfg:
         return cfg["RESIDENT"]
     if cfg["PIPE"]:
         return 1
     return 3 if cfg["TOKT"] == 4 and not cfg.get("RING", 0) else 4
+
 
 MAX_SHARED = 48 * 1024  # dynamic shared memory a program may take without opting in
 SUM_BYTES = 8320  # shared memory of a warp's sums (8 tokens x 260 floats a token tile: the .cu file's SUM_STRIDE)
@@ -81,11 +82,12 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     """Launch parameters for M tokens of an (N, K) map on a GPU of `sms` SMs: TOKT, WARPS, SPLIT (column shares),
     PIPE, RING, RESIDENT. SPQT_CUDA_GEMM_CONFIG=TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT overrides (a 0 keeps the rule's
     value; -1 for 0); without SPLIT there, the rule's split for the config set."""
-    chosen = {"TOKT": 1 if m <= 8 else 2 if m <= 32 else 4, "WARPS": 4, "PIPE": 0, "RING": 2 if m <= 16 else 4,
-              "RESIDENT": 4}
+    chosen = {"TOKT": 1 if m <= 8 else 2 if m <= 32 else 4, "WARPS": 4, "PIPE": 0, "RING": 2 if m <= 16 else 4}
     override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT; 0 keeps the "
                                "rule's, -1 turns PIPE or RING off")
     chosen |= {key: max(value, 0) for key, value in override.items()}
+    chosen["RESIDENT"] = resident(chosen)  # the override's, else the bound the config set needs (4 for the rule's)
+    check_config(chosen | {"SPLIT": 1})  # (an override's TOKT or rings the kernel cannot run: before the split)
     if "SPLIT" not in override:
         chosen["SPLIT"] = rule_split(m, n, k, sms, chosen)
     return {key: chosen[key] for key in KEYS}
@@ -179,5 +181,4 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
 def cubin_sm90(cfg: dict) -> bytes:
     """The kernel of a config compiled for Hopper here (NVRTC needs no GPU): for the CPU tests' SASS checks."""
     check_config(cfg)
-    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg),
-                               "sm_90")
+    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg), "sm_90")

@@ -2016,7 +2016,8 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   u32* ring = reinterpret_cast<u32*>(gemm_smem + 16 * TOKT * per) + warp * RING * RING_STAGE;
   const int full = j + 16 <= hi ? (hi - 16 - j) / step + 1 : 0;  // the warp's full chunks
 #pragma unroll
-  for (int d = 0; d < RING - 1; ++d) ring_issue(ring + d * RING_STAGE, qr, hr, j + d * step, d < full, lane, g, t, part);
+  for (int d = 0; d < RING - 1; ++d)
+    ring_issue(ring + d * RING_STAGE, qr, hr, j + d * step, d < full, lane, g, t, part);
 #else
   if (j + 16 <= hi) gemm_load<true>(ch, qr, hr, j, hi, t, part);  // in flight while x is staged
 #endif
