@@ -54,6 +54,10 @@ def listed_cuda(rule: dict, fields: list[int], m: int, n: int, k: int, sms: int)
     """The CUDA GEMM's rule with a listed config's non-zero fields (-1: 0); without a RESIDENT, gemm_cuda.resident()'s
     for the config listed; without a SPLIT, the rule's split for it (its tokens, rings and resident programs)."""
     cfg = rule | {key: max(v, 0) for key, v in zip(gc.KEYS, fields) if v}
+    try:
+        gc.check_config(cfg | {"SPLIT": 1})  # before the split, which divides by the TOKT and the share
+    except ValueError as err:
+        raise SystemExit(f"--cuda-configs: {err}")
     if not fields[gc.KEYS.index("RESIDENT")]:  # the bound the config listed needs, not the rule's
         cfg["RESIDENT"] = gc.resident({key: v for key, v in cfg.items() if key != "RESIDENT"})
     if not fields[gc.KEYS.index("SPLIT")]:
