@@ -25,10 +25,11 @@ WARPS = (1, 2, 4)  # warps a program (a multiple of TOKT; its shared sums take 8
 RINGS = tuple(range(2, 9))  # chunks a warp's ring of asynchronous copies may hold (RING; 0: none)
 KEYS = ("TOKT", "WARPS", "SPLIT", "PIPE", "RING", "RESIDENT")
 # Where it runs in the prefill (gpu_linear.cuda_gemm_runs), from one H200 (docs/RESULTS.md thirty-first and
-# thirty-second sessions): with a ring (29ed516), at 16 rows (a prompt of 1-16 tokens pads to the bucket of 16) a 7B's
-# maps 1.5-1.7x faster than gemm_q4k and a 70B's 1.7x; at 32 rows (two programs of 16 tokens, RING 4) 1.08-1.41x; at 64
-# behind dequantize + cuBLAS or gemm_q4k; the 135M model's maps (0.3-1.8 M weights, thirty-first session) ran 2.6-4.4x
-# slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
+# thirty-second sessions): with the rule's ring (eba0840), at 16 rows (a prompt of 1-16 tokens pads to the bucket of
+# 16) a 7B's and a 70B's maps 1.45-1.65x faster than gemm_q4k; at 32 rows (two programs of 16 tokens, RING 4) 1.03-1.38x
+# on a 7B's, 0.96 / 1.04x on a 70B's gate|up / down (1.02 / 1.11x in the other call, 29ed516: within the calls' spread);
+# at 64 behind dequantize + cuBLAS or gemm_q4k; the 135M model's maps (0.3-1.8 M weights, thirty-first session) ran
+# 2.6-4.4x slower than either. More rows or smaller maps: gemm_q4k or dequantize + cuBLAS.
 MAX_TOKENS = 32
 MIN_WEIGHTS = 1 << 23
 
