@@ -321,6 +321,23 @@ def test_load_script_concurrent_clients_get_their_own_answers(server, model_id):
     assert re.search(r"latency p50 [\d.]+ s, p99 [\d.]+ s", out.stdout), out.stdout
 
 
+def test_server_runs_httptools_and_uvloop():
+    """The service's uvicorn settings resolve to httptools' parser and (off Windows) uvloop's event loop, spqt's
+    dependencies: h11 and asyncio cost 1.3 ms more a request (docs/RESULTS.md, thirty-second session)."""
+    from spqt.serve.server import GRACEFUL_SECONDS, uvicorn_config
+
+    config = uvicorn_config(lambda scope, receive, send: None)
+    config.load()
+    assert config.http_protocol_class.__name__ == "HttpToolsProtocol"
+    if sys.platform != "win32":
+        import importlib.util
+
+        assert importlib.util.find_spec("uvloop") is not None
+        if hasattr(config, "get_loop_factory"):  # uvicorn >= 0.36 (older ones pick uvloop in setup_event_loop)
+            assert config.get_loop_factory().__module__.startswith("uvloop")
+    assert not config.access_log and config.timeout_graceful_shutdown == GRACEFUL_SECONDS
+
+
 def test_cli_errors_before_serving(tiny_hf, capsys):
     def error(argv, fragment):
         capsys.readouterr()

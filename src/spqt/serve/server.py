@@ -75,16 +75,20 @@ def setup_logging() -> None:
     log.propagate = False
 
 
+def uvicorn_config(app) -> uvicorn.Config:
+    """uvicorn's settings for the app: no access log (one line per request is ours), a graceful shutdown of
+    GRACEFUL_SECONDS; its HTTP parser and event loop "auto": httptools and uvloop, dependencies of spqt where they
+    exist (not uvloop on Windows), else h11 and asyncio."""
+    return uvicorn.Config(app, access_log=False, log_level="warning", timeout_graceful_shutdown=GRACEFUL_SECONDS)
+
+
 class Service:
     """The app, its scheduler and the uvicorn server around one engine."""
 
     def __init__(self, engine: Engine, api_key: str | None = None):
         self.engine = engine
         self.scheduler = Scheduler(engine.run)
-        app = build_app(engine, self.scheduler, api_key)
-        config = uvicorn.Config(app, access_log=False, log_level="warning",
-                                timeout_graceful_shutdown=GRACEFUL_SECONDS)
-        self.server = _Server(config, self.scheduler)
+        self.server = _Server(uvicorn_config(build_app(engine, self.scheduler, api_key)), self.scheduler)
 
     def run(self, sock: socket.socket) -> None:
         """Serve on a bound socket until SIGINT / SIGTERM (main thread) or stop(); then the worker stops."""
