@@ -3,7 +3,9 @@ uvicorn on a free port, httpx streaming from this thread, time stamps patched in
 generator. Per request: the request until the job is queued (HTTP, parsing, template, tokens), queued until the worker
 runs it, generate's prefill until the first token, the first text event until the client holds its chunk.
 
-    python scripts/serve_overhead_probe.py [--device cpu] [--requests 12] [--max-tokens 1]
+    python scripts/serve_overhead_probe.py [--device cpu] [--requests 12] [--max-tokens 1] [--client openai]
+
+--client openai streams through the openai client (what scripts/serve_probe.py times) instead of raw httpx.
 
 uvicorn takes httptools and uvloop where installed (spqt's dependencies): run with them uninstalled (or shadowed) to
 compare h11 and asyncio.
@@ -66,6 +68,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--requests", type=int, default=12)
     ap.add_argument("--max-tokens", type=int, default=1)
+    ap.add_argument("--client", choices=("httpx", "openai"), default="httpx")
     args = ap.parse_args()
     patch()
     engine = serve_engine.Engine(load_model(default_spqt(progress=False)), args.device, 0.0)
@@ -80,15 +83,28 @@ def main():
     spans = (("request", "queued"), ("queued", "run"), ("generate", "token"), ("emitted", "client"),
              ("request", "client"))
     time.sleep(1.0)  # the server's start
-    with httpx.Client(base_url=f"http://127.0.0.1:{sock.getsockname()[1]}", timeout=600) as client:
-        for _ in range(args.requests):
-            STAMPS.clear()
-            stamp_first("request")
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    if args.client == "openai":
+        from openai import OpenAI
+
+        client = OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=600)
+        request = {key: body[key] for key in ("model", "messages", "max_tokens", "temperature")}
+    else:
+        client = httpx.Client(base_url=url, timeout=600)
+    for _ in range(args.requests):
+        STAMPS.clear()
+        stamp_first("request")
+        if args.client == "openai":
+            for chunk in client.chat.completions.create(stream=True, **request):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    stamp_first("client")
+        else:
             with client.stream("POST", "/v1/chat/completions", json=body) as response:
                 for line in response.iter_lines():
                     if '"content":"' in line and '"content":""' not in line:
                         stamp_first("client")
-            print("  ".join(f"{a}->{b} {1e3 * (STAMPS[b] - STAMPS[a]):7.2f} ms" for a, b in spans), flush=True)
+        print("  ".join(f"{a}->{b} {1e3 * (STAMPS[b] - STAMPS[a]):7.2f} ms" for a, b in spans), flush=True)
+    client.close()
     service.stop()
 
 
