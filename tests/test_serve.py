@@ -323,7 +323,7 @@ def test_load_script_concurrent_clients_get_their_own_answers(server, model_id):
 
 def test_server_runs_httptools_and_uvloop():
     """The service's uvicorn settings resolve to httptools' parser and (off Windows) uvloop's event loop, spqt's
-    dependencies: h11 and asyncio cost 1.3 ms more a request (docs/RESULTS.md, thirty-second session)."""
+    dependencies: h11 and asyncio cost 1.4 ms more a request (docs/RESULTS.md, thirty-second session)."""
     from spqt.serve.server import GRACEFUL_SECONDS, uvicorn_config
 
     config = uvicorn_config(lambda scope, receive, send: None)
