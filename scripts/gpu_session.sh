@@ -169,10 +169,17 @@ prefill_probe() {
     --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 \
     | grep -v WARN | tee "$OUT/prefill.log"
 }
-# scripts/serve_probe.py on CUDA at SERVE_LEVELS (default 0,0.5), into $OUT/serve-probe.log
+# scripts/serve_probe.py on CUDA at SERVE_LEVELS (default 0,0.5), into $OUT/serve-probe.log; then
+# scripts/serve_overhead_probe.py on CUDA (where a request's first token waits outside the model), raw httpx and the
+# openai client, into $OUT/serve-overhead.log
 serve_probe() {
   timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
     | tee "$OUT/serve-probe.log" | tail -8
+  for client in httpx openai; do
+    echo "client $client" >> "$OUT/serve-overhead.log"
+    timeout 90 python3 scripts/serve_overhead_probe.py --device cuda --client $client --max-tokens 16 2>&1 \
+      | grep -v "spqt serve:" | tee -a "$OUT/serve-overhead.log" | tail -3
+  done
 }
 # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
 # $OUT/prefill-<setting>.log / .json
