@@ -188,13 +188,26 @@ serve_probe() {
 prefill_gpu_tests() {
   local limit=$1 tag=$2
   shift 2
-  timeout "$limit" python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_q4k.py \
-    "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
+  gpu_tests "$limit" "$tag" tests/test_gemm_q4k.py "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
     "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
     "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_a_gemm_of_the_blocks" \
-    "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" "$@" 2>&1 \
-    | tee "$OUT/$tag-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
+    "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" "$@"
+}
+# The gpu tests of the node ids after $2 within $1 seconds, into $OUT/$2-tests.log; prints the summary and the
+# stage's time so far
+gpu_tests() {
+  local limit=$1 tag=$2
+  shift 2
+  timeout "$limit" python3 -m pytest -q -m gpu -n 4 -rsxX "$@" 2>&1 | tee "$OUT/$tag-tests.log" \
+    | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
   echo "$tag tests: $(( $(date +%s) - start )) s"
+}
+# scripts/prefill_gemm_probe.py within $1 seconds with the arguments after it: $OUT/gemm-probe.log / .json
+gemm_probe() {
+  local limit=$1
+  shift
+  timeout "$limit" python3 scripts/prefill_gemm_probe.py "$@" --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN \
+    | tee "$OUT/gemm-probe.log"
 }
 # prefill_probe within $1 seconds on each tree after it (before: the session start's, .old, where carried; after:
 # this one): $OUT/prefill-<tree>.log / .json
@@ -1283,8 +1296,7 @@ llama2-7b:now}" 90
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     prefill_gpu_tests ${GEMM29_TEST_LIMIT:-200} gemm29 ${GEMM29_TESTS:-}
-    timeout ${GEMM29_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM29_ARGS:---sweep} \
-      --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    gemm_probe ${GEMM29_PROBE_LIMIT:-200} ${GEMM29_ARGS:---sweep}
     echo "gemm29 probe: $(( $(date +%s) - start )) s"
     prefill_settings ${GEMM29_PREFILL_LIMIT:-100}
     (cd "$OUT" && tar czf results.tgz prefill-*.json gemm-probe.json && rm prefill-*.json gemm-probe.json)
@@ -1316,8 +1328,7 @@ llama2-7b:now}" 90
     grep -E "^== |Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall" "$OUT/ncu-dequant.txt" | head -60
     echo "dequant30 ncu: $(( $(date +%s) - start )) s"
     if [ -n "${GEMM30_ARGS:-}${GEMM30_CONFIGS:-}" ]; then
-      timeout ${GEMM30_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM30_ARGS:-} --configs "${GEMM30_CONFIGS:-}" \
-        --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+      gemm_probe ${GEMM30_LIMIT:-200} ${GEMM30_ARGS:-} --configs "${GEMM30_CONFIGS:-}"
     fi
     pack_json dequant-probe.json gemm-probe.json
     echo "dequant30: $(( $(date +%s) - start )) s"
@@ -1344,8 +1355,7 @@ llama2-7b:now}" 90
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     prefill_gpu_tests ${GEMM31_TEST_LIMIT:-200} gemm31 tests/test_gemm_cuda.py ${GEMM31_TESTS:-}
-    timeout ${GEMM31_PROBE_LIMIT:-200} python3 scripts/prefill_gemm_probe.py ${GEMM31_ARGS:-} \
-      --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    gemm_probe ${GEMM31_PROBE_LIMIT:-200} ${GEMM31_ARGS:-}
     echo "gemm31 probe: $(( $(date +%s) - start )) s"
     prefill_trees ${GEMM31_PREFILL_LIMIT:-120} ${GEMM31_TREES:-before after}
     pack_json gemm-probe.json prefill-before.json prefill-after.json
@@ -1357,11 +1367,8 @@ llama2-7b:now}" 90
     # RING32_PREFILL_LIMIT is set
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    timeout ${RING32_TEST_LIMIT:-200} python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_gemm_cuda.py ${RING32_TESTS:-} \
-      2>&1 | tee "$OUT/ring32-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    echo "ring32 tests: $(( $(date +%s) - start )) s"
-    timeout ${RING32_PROBE_LIMIT:-300} python3 scripts/prefill_gemm_probe.py ${RING32_ARGS:-} \
-      --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe.log"
+    gpu_tests ${RING32_TEST_LIMIT:-200} ring32 tests/test_gemm_cuda.py ${RING32_TESTS:-}
+    gemm_probe ${RING32_PROBE_LIMIT:-300} ${RING32_ARGS:-}
     echo "ring32 probe: $(( $(date +%s) - start )) s"
     [ -n "${RING32_PREFILL_LIMIT:-}" ] && prefill_trees "$RING32_PREFILL_LIMIT" before after
     pack_json gemm-probe.json prefill-before.json prefill-after.json

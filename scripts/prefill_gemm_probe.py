@@ -51,18 +51,13 @@ def config_list(text: str, flag: str, fields: str) -> list[list[int]]:
 
 
 def listed_cuda(rule: dict, fields: list[int], m: int, n: int, k: int, sms: int) -> dict:
-    """The CUDA GEMM's rule with a listed config's non-zero fields (-1: 0); without a RESIDENT, gemm_cuda.resident()'s
-    for the config listed; without a SPLIT, the rule's split for it (its tokens, rings and resident programs)."""
-    cfg = rule | {key: max(v, 0) for key, v in zip(gc.KEYS, fields) if v}
+    """The CUDA GEMM's rule with a listed config's non-zero fields (-1: 0), made whole as config() makes an override
+    (gemm_cuda.completed: without a RESIDENT the bound the config needs, without a SPLIT the rule's split for it)."""
+    given = {key for key, v in zip(gc.KEYS, fields) if v}
     try:
-        gc.check_config(cfg | {"SPLIT": 1})  # before the split, which divides by the TOKT and the share
+        return gc.completed(m, n, k, sms, rule | {key: max(v, 0) for key, v in zip(gc.KEYS, fields) if v}, given)
     except ValueError as err:
         raise SystemExit(f"--cuda-configs: {err}")
-    if not fields[gc.KEYS.index("RESIDENT")]:  # the bound the config listed needs, not the rule's
-        cfg["RESIDENT"] = gc.resident({key: v for key, v in cfg.items() if key != "RESIDENT"})
-    if not fields[gc.KEYS.index("SPLIT")]:
-        cfg["SPLIT"] = gc.rule_split(m, n, k, sms, cfg)
-    return cfg
 
 
 def main():
@@ -113,14 +108,11 @@ def main():
                                                  for c in cuda_listed]
             row["cuda"] = {}
             for label, cfg in cuda_cfgs:
-                try:
-                    gc.check_config(cfg)
-                    if gc.partials_spec(gw, m, cfg)[1] > gc.max_share(cfg):
-                        raise ValueError(f"a share past {gc.max_share(cfg)} columns")
+                try:  # gemm refuses, before launching, a config or share it cannot run
+                    cerr = float((gc.gemm(gw, x, cfg).float() - ref).abs().max() / ref.abs().max())
                 except ValueError as why:
                     print(f"{shape:>11s} {m:5d} tok: CUDA GEMM {label:>12s} skipped: {why}", flush=True)
                     continue
-                cerr = float((gc.gemm(gw, x, cfg).float() - ref).abs().max() / ref.abs().max())
                 cus = timed(lambda w, cfg=cfg: gc.gemm(w, x, cfg))
                 row["cuda"][label] = {"us": cus, "rel_err": cerr, "config": cfg}
                 print(f"{shape:>11s} {m:5d} tok: CUDA GEMM {label:>12s} {cus:8.1f} us ({base_us / cus:5.2f}x over "

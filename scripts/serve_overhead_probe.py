@@ -23,8 +23,8 @@ from spqt.generate import Generator
 from spqt.serve import engine as serve_engine
 from spqt.serve import scheduler as serve_scheduler
 from spqt.serve import server as serve_server
+from serve_probe import PROMPT  # the request scripts/serve_probe.py times (this folder is on the path)
 
-PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 STAMPS: dict[str, float] = {}
 
 

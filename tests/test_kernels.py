@@ -93,10 +93,10 @@ def test_gpu_layout_repack_is_exact(rng, device):
 @pytest.mark.parametrize("device", DEVICES)
 def test_tile_dequantization_every_tile(rng, device):
     """q4k_tiles.dequantize (gemv.dequantize's zigzag Q4_K path, the prefill's fp16 / bf16 weights for cuBLAS) with
-    every tile width and a short, a partial and a whole column block, into poisoned outputs with poisoned rows after them: the reference's weights
-    rounded to the output's dtype, padding rows cut off (1025 rows: two head groups, the last superblock row one row;
-    bf16 on the GPU: the interpreter truncates to it; the interpreter runs each tile in fp32 and the shipped one in
-    fp16 too, the rounding being the store's alone)."""
+    every tile width and a short, a partial and a whole column block, into poisoned outputs with poisoned rows after
+    them: the reference's weights rounded to the output's dtype, padding rows cut off (1025 rows: two head groups,
+    the last superblock row one row; bf16 on the GPU: the interpreter truncates to it; the interpreter runs each
+    tile in fp32 and the shipped one in fp16 too, the rounding being the store's alone)."""
     shapes = [(300, 130), (1025, 24)] if device == "cpu" else [(2311, 777), (4096, 4096), (11008, 4096)]
     dtypes = (torch.float16, torch.float32) if device == "cpu" else (torch.float16, torch.bfloat16, torch.float32)
     for shape in shapes:

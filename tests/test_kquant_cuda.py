@@ -136,8 +136,9 @@ OTHER_TILES = [((2, 64), (torch.float32,)), ((4, 32), (torch.float16,))]
 @pytest.mark.parametrize("fmt", TYPES)
 def test_cuda_planes_dequant_kernel(rng, fmt, device, monkeypatch):
     """kg.dequantize on the type's CUDA layout (the prefill GEMM's first half: type_tiles' kernel at its shipped
-    tile) and the kernel at other tiles, into poisoned outputs (and rows after them) on shapes that are not multiples of 256 or of a tile
-    (1025 rows: two head groups, the last superblock row one row), equal the format's own decode rounded to the output's dtype (bf16 on the GPU only: the interpreter truncates)."""
+    tile) and the kernel at other tiles, into poisoned outputs (and rows after them) on shapes that are not
+    multiples of 256 or of a tile (1025 rows: two head groups, the last superblock row one row), equal the format's
+    own decode rounded to the output's dtype (bf16 on the GPU only: the interpreter truncates)."""
     from spqt.kernels import type_tiles
 
     if device == "cpu":

@@ -86,10 +86,17 @@ def config(m: int, n: int, k: int, sms: int) -> dict:
     chosen = {"TOKT": 1 if m <= 8 else 2 if m <= 32 else 4, "WARPS": 4, "PIPE": 0, "RING": 2 if m <= 16 else 4}
     override = config_override("SPQT_CUDA_GEMM_CONFIG", KEYS, "TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT; 0 keeps the "
                                "rule's, -1 turns PIPE or RING off")
-    chosen |= {key: max(value, 0) for key, value in override.items()}
-    chosen["RESIDENT"] = resident(chosen)  # the override's, else the bound the config set needs (4 for the rule's)
-    check_config(chosen | {"SPLIT": 1})  # (an override's TOKT or rings the kernel cannot run: before the split)
-    if "SPLIT" not in override:
+    return completed(m, n, k, sms, chosen | {key: max(value, 0) for key, value in override.items()}, set(override))
+
+
+def completed(m: int, n: int, k: int, sms: int, cfg: dict, given: set) -> dict:
+    """cfg made whole for M tokens of an (N, K) map: RESIDENT the bound its build needs (resident()) and SPLIT the
+    rule's for it (rule_split) where `given` does not name them; ValueError for a config the kernel cannot run
+    (checked before the split, which divides by TOKT and the share)."""
+    chosen = {key: v for key, v in cfg.items() if key != "RESIDENT" or "RESIDENT" in given}
+    chosen["RESIDENT"] = resident(chosen)  # given, else the bound the config needs (4 for the rule's)
+    check_config(chosen | {"SPLIT": 1})
+    if "SPLIT" not in given:
         chosen["SPLIT"] = rule_split(m, n, k, sms, chosen)
     return {key: chosen[key] for key in KEYS}
 

@@ -1828,21 +1828,33 @@ struct GemmChunk {  // a lane's loads of one chunk: its part's level words and t
   uint4 hd[4];
 };
 
+#if TOKT == 1
+typedef uint4 GemmLevels;  // the level words a lane loads of a column: GW of them
+#elif TOKT == 2
+typedef uint2 GemmLevels;
+#else
+typedef u32 GemmLevels;
+#endif
+
+// The lane's part of column col's level words in superblock row r (qr: the lane's column 0; part 0 at TOKT 1).
+__device__ __forceinline__ const GemmLevels* gemm_levels(const uint4* qr, int col, int part) {
+  return reinterpret_cast<const GemmLevels*>(qr + (size_t)col * 4) + part;
+}
+
 // Slot i's level words (its part's) and head at column col of superblock row r (qr, hr: the lane's column 0).
 __device__ __forceinline__ void gemm_load_slot(GemmChunk& ch, int i, const uint4* qr, const uint4* hr, int col,
                                                int part) {
+  const GemmLevels v = __ldg(gemm_levels(qr, col, part));
 #if TOKT == 1
-  const uint4 v = __ldg(qr + (size_t)col * 4);
   ch.w[i][0] = v.x;
   ch.w[i][1] = v.y;
   ch.w[i][2] = v.z;
   ch.w[i][3] = v.w;
 #elif TOKT == 2
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(qr + (size_t)col * 4) + part);
   ch.w[i][0] = v.x;
   ch.w[i][1] = v.y;
 #else
-  ch.w[i][0] = __ldg(reinterpret_cast<const u32*>(qr + (size_t)col * 4) + part);
+  ch.w[i][0] = v;
 #endif
   ch.hd[i] = __ldg(hr + (size_t)col * 4);
 }
@@ -1874,16 +1886,13 @@ __device__ __forceinline__ void ring_issue(u32* stage, const uint4* qr, const ui
   if (any) {
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-      const int col = j + 4 * i + t;
-      const u32 dst = (u32)__cvta_generic_to_shared(stage + (i * GW / 4) * 128 + 4 * lane + (i * GW) % 4);
+      u32* dst = stage + (i * GW / 4) * 128 + 4 * lane + (i * GW) % 4;
+      const GemmLevels* levels = gemm_levels(qr, j + 4 * i + t, part);
 #if TOKT == 1
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(qr + (size_t)col * 4) : "memory");
-#elif TOKT == 2
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst),
-                   "l"(reinterpret_cast<const uint2*>(qr + (size_t)col * 4) + part) : "memory");
+      copy16_async(dst, levels);
 #else
-      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst),
-                   "l"(reinterpret_cast<const u32*>(qr + (size_t)col * 4) + part) : "memory");
+      asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(levels),
+                   "n"(4 * GW) : "memory");
 #endif
     }
     if (g < 4) {

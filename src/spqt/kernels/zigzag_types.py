@@ -104,7 +104,7 @@ def _q8_0_in_rows(v):
 
 @triton.jit
 def _q8_0_kernel(q_ptr, d_ptr, x_ptr, idx_ptr, count_ptr, part_ptr, K, NP, SPLIT, magic, MODE: tl.constexpr,
-                 RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+                RB: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     """Program (g, s): block rows RB g .. RB g + RB - 1 (32 outputs each), share s of the columns
     -> part[s, 32 RB g : 32 RB (g + 1)]. q_ptr: the levels as int32 words (R8, K, 8)."""
     g, s, first, stride, hi = _start(SPLIT, K, count_ptr, MODE, BLOCK_K, PDL)
@@ -507,8 +507,7 @@ def gemv(w: GpuZigzag, x: torch.Tensor, mode: int, ws: TypesWorkspace, num_warps
     common = dict(magic=MAGIC, MODE=mode, BLOCK_K=block_k, PDL=pdl, num_warps=num_warps, launch_pdl=pdl)
     if w.fmt == "q8_0":
         _q8_0_kernel[(w.rows // rows, ws.split)](w.quants.view(torch.int32), w.d, x, idx, count, ws.partials, k, ws.np,
-                                                 ws.split,
-                                                 RB=rows, **common)
+                                                 ws.split, RB=rows, **common)
     elif w.fmt == "q6_k":
         _q6_k_kernel[(w.rows, ws.split)](w.quants, w.high, w.scales, w.d, x, idx, count, ws.partials, k, ws.np,
                                          ws.split, **common)
