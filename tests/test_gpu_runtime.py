@@ -363,7 +363,7 @@ def _check_padded_prefill(gen, eager, prompt: list[int], bucket: int) -> None:
     for gen_ in (gen, gen, gen, eager):
         first = []
         runs.append((gen_.generate(prompt, 6, track=False, on_logits=first.append).tokens, first[0]))
-    assert gen._prefills[bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
+    assert gen._prefills[bucket, bucket] is not None, f"{n} tokens: bucket {bucket} not captured at its second use"
     for tokens, logits in runs[1:]:
         assert torch.equal(logits, runs[0][1]) and tokens == runs[0][0], f"{n} tokens"
     with torch.inference_mode():
@@ -394,17 +394,52 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     assert gen.generate(short, 30, track=False).tokens == fresh.generate(short, 30, track=False).tokens
     # a server's start: every bucket up to the longest prompt captured at once, the same tokens after
     warm = Generator(loaded, "cuda", dtype=torch.float32, max_len=96)
-    assert warm.capture_prefills(40) == 64 and all(warm._prefills[b] is not None for b in (16, 32, 64))
+    assert warm.capture_prefills(40) == 64 and all(warm._prefills[b, b] is not None for b in (16, 32, 64))
     expected = fresh.generate(long, 6, track=False).tokens
     assert warm.generate(long, 6, track=False).tokens == expected
     # the prefill runs dense: a new sparsity keeps its graphs; a new KV cache (as perplexity makes) drops them and
     # their memory pool, and the bucket captures again on a pool of its own
     warm.set_sparsity(0.0)
-    assert warm._prefills[64] is not None
+    assert warm._prefills[64, 64] is not None
     warm.model.setup_cache(1, 96, torch.float32)
     for _ in range(3):
         assert warm.generate(long, 6, track=False).tokens == expected
-    assert warm._prefills[64] is not None and set(warm._prefills) == {64}
+    assert warm._prefills[64, 64] is not None and set(warm._prefills) == {(64, 64)}
+
+
+def test_reused_prefix_prefills_the_rest_in_graphs(tiny_spqt):
+    """generate(reuse=True) on CUDA: the prompt's part past what the cache holds runs padded to its bucket over
+    _kv_bucket's keys, eagerly at a (bucket, keys) pair's first use, captured at its second (whose warm-up must not
+    overwrite the reused keys), replayed after; every run's tokens and first-token logits are those of a fresh
+    Generator's whole prefill (fp32, within rounding). A suffix whose padding would pass the cache's end runs as
+    it is."""
+    loaded = load_spqt(tiny_spqt)
+    gen = Generator(loaded, "cuda", dtype=torch.float32, max_len=300)
+    fresh = Generator(loaded, "cuda", dtype=torch.float32, max_len=300)
+    rng = torch.Generator().manual_seed(5)
+    vocab = loaded.config.vocab_size
+
+    def check(prompt: list[int], n: int, cached: int, label) -> list[int]:
+        ours, theirs = [], []
+        got = gen.generate(prompt, n, reuse=True, track=False, on_logits=ours.append)
+        want = fresh.generate(prompt, n, track=False, on_logits=theirs.append)
+        span = float(theirs[0].max() - theirs[0].min())
+        assert got.cached_tokens == cached and got.tokens == want.tokens, label
+        assert float((ours[0] - theirs[0]).abs().max()) < 1e-3 * span, label
+        return got.tokens
+
+    first = torch.randint(0, vocab, (40,), generator=rng).tolist()
+    extra = torch.randint(0, vocab, (9,), generator=rng).tolist()
+    answer = check(first, 6, 0, "first")
+    turn = first + answer + extra
+    for use in range(3):  # (16, 256): 10 tokens after 45 cached; the same 40 tokens again: 1 after 39
+        check(turn, 6, 45, ("turn", use))
+        assert (gen._prefills.get((16, 256)) is not None) == (use > 0), (use, sorted(gen._prefills))
+        assert check(first, 6, 39, ("first again", use)) == answer
+    # 290 of 300 positions cached: the suffix's bucket of 16 would pass the cache, so it runs unpadded
+    long = torch.randint(0, vocab, (288,), generator=rng).tolist()
+    tail = long + check(long, 3, 0, "long") + extra[:2]
+    check(tail, 2, 290, "tail")
 
 
 def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):

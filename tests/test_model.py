@@ -84,6 +84,47 @@ def test_on_token_can_end_generation_and_finish_reason_says_why(tiny_spqt):
     assert stopped.finish_reason == "stop"
 
 
+def test_reuse_prefills_only_what_the_cache_does_not_hold(tiny_spqt, rng):
+    """generate(reuse=True), a chat's next turn: the prompt's prefix that the last generation left in the KV cache
+    (its prompt, and its new tokens but the last where they were decoded dense) is not computed again; the tokens
+    and every step's logits are a fresh Generator's, within rounding."""
+    from spqt.checkpoint import load_spqt
+
+    loaded = load_spqt(tiny_spqt)
+    gen, fresh = Generator(loaded, "cpu", max_len=96), Generator(loaded, "cpu", max_len=96)
+    vocab = loaded.config.vocab_size
+    first = rng.integers(0, vocab, 20).tolist()
+    assert gen.generate(first, 8, reuse=True).cached_tokens == 0
+    answer = gen.generate(first, 8, reuse=True)
+    assert answer.cached_tokens == 19  # the same prompt again: all but its last token
+    turn = first + answer.tokens + rng.integers(0, vocab, 6).tolist()
+    computed = []
+    forward = gen.model.forward
+    gen.model.forward = lambda tokens, *a, **kw: computed.append(tokens.shape[1]) or forward(tokens, *a, **kw)
+    ours, theirs = [], []
+    reused = gen.generate(turn, 8, reuse=True, on_logits=ours.append)
+    plain = fresh.generate(turn, 8, on_logits=theirs.append)
+    assert reused.cached_tokens == 20 + 8 - 1 and computed[0] == len(turn) - reused.cached_tokens
+    assert reused.tokens == plain.tokens and len(ours) == len(theirs) == 8
+    for a, b in zip(ours, theirs):
+        assert float((a - b).abs().max()) < 1e-4 * float(b.max() - b.min())
+    assert fresh.generate(turn, 2).cached_tokens == 0  # reuse is asked for
+    # a prompt that parts from the cache at position 5 reuses 5
+    fork = turn[:5] + [(turn[5] + 1) % vocab] + turn[6:]
+    assert gen.generate(fork, 2, reuse=True).cached_tokens == 5
+    # a new KV cache, or a caller's own decode step, leaves nothing to reuse
+    gen.generate(first, 2, reuse=True)
+    gen.model.setup_cache(1, gen.max_len, torch.float32)
+    assert gen.reusable_prefix(first + [1]) == 0
+    gen.generate(first, 2, reuse=True)
+    gen.decode_step(1, len(first))
+    assert gen.reusable_prefix(first + [1]) == 0
+    # sparse steps do not write what a dense prefill would: only the prompt counts
+    gen.set_sparsity(0.5, table=torch.full((loaded.config.n_layers, 4), 0.05))
+    sparse = gen.generate(first, 6, reuse=True)
+    assert gen.reusable_prefix(first + sparse.tokens + [1]) == len(first)
+
+
 def test_prompt_longer_than_context_is_refused(tiny_spqt):
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError

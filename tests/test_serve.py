@@ -139,7 +139,9 @@ def test_chat_streamed_equals_plain_for_greedy(server, model_id):
                                             stream_options={"include_usage": True}, **GREEDY)
     text, finish, usage, chunks = stream_text(stream, chat=True)
     assert text == choice.message.content and finish == choice.finish_reason
-    assert usage.model_dump() == plain.usage.model_dump()
+    counts = {"prompt_tokens", "completion_tokens", "total_tokens"}
+    assert usage.model_dump(include=counts) == plain.usage.model_dump(include=counts)
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1  # the same prompt again: cached
     assert chunks > 1  # streamed piece by piece, not in one block
 
 
@@ -176,6 +178,28 @@ def test_text_equals_spqt_generate(server, model_id, capsys, monkeypatch, loaded
     theirs = _cli_generate(capsys, CHAT[0]["content"], n, chat=True)
     # spqt generate prints the end-of-sequence token's text too; the API answer leaves it out
     assert theirs.removesuffix("<|im_end|>") == chat.choices[0].message.content
+
+
+def test_a_chat_turn_prefills_only_what_the_turn_before_did_not(server, model_id, loaded):
+    """The prompt cache (on for the CPU): the next turn of a chat, whose prompt starts with the turn before's prompt
+    and answer, reuses their keys and values (usage.prompt_tokens_details.cached_tokens; the log line says so) and
+    answers as a Generator that prefills the whole prompt does (greedy)."""
+    from spqt.generate import Generator
+    from spqt.tokenizer import TextTokenizer
+
+    client = server.client()
+    first = client.chat.completions.create(model=model_id, messages=CHAT, **GREEDY)
+    turn = CHAT + [{"role": "assistant", "content": first.choices[0].message.content},
+                   {"role": "user", "content": "And three secondary colors?"}]
+    second = client.chat.completions.create(model=model_id, messages=turn, **GREEDY)
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert first.usage.prompt_tokens <= cached < second.usage.prompt_tokens, (first.usage, second.usage)
+    assert f"({cached} cached)" in server.log_text().splitlines()[-1]
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    ids = tok.chat_messages(turn)
+    tokens = Generator(loaded, "cpu", max_len=CTX).generate(ids, GREEDY["max_tokens"], stop_ids=tok.stop_ids).tokens
+    assert len(ids) == second.usage.prompt_tokens and len(tokens) == second.usage.completion_tokens
+    assert second.choices[0].message.content == tok.decode([t for t in tokens if t not in tok.stop_ids])
 
 
 def test_stop_strings_and_seeded_sampling(server, model_id):

@@ -80,7 +80,7 @@ def test_cuda_server_greedy_equals_generator(cuda_server):
     status, health = _request(port, "GET", "/health")
     assert status == 200 and health["device"] == "cuda"
     prefills = engine.generator._prefills  # captured at the server's start, up to its context
-    assert max(prefills) == CTX and all(g is not None for g in prefills.values()), sorted(prefills)
+    assert max(prefills) == (CTX, CTX) and all(g is not None for g in prefills.values()), sorted(prefills)
     body = {"prompt": PROMPT, "temperature": 0, "max_tokens": N}
     status, plain = _request(port, "POST", "/v1/completions", body)
     assert status == 200, plain

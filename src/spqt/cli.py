@@ -351,7 +351,8 @@ def cmd_serve(args) -> int:
         loaded = _load(args)
         name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
-                        backend=_gemv_backend(args.gemv, device))
+                        backend=_gemv_backend(args.gemv, device),
+                        prompt_cache={"on": True, "off": False}.get(args.prompt_cache))
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
     finally:
         sock.close()
@@ -823,6 +824,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "else no key)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the model file's name)")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
+    p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
+                   help="prefill only what follows the part of a prompt the request before left in the KV cache, "
+                        "as a chat's next turn (auto: on for the CPU, off on CUDA until timed there); answers can "
+                        "differ from a whole prefill's in the last bits of the logits")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")

@@ -216,10 +216,13 @@ class GenerationResult:
     step_seconds: list[float] = field(default_factory=list)
     sparsity: dict = field(default_factory=dict)
     finish_reason: str = "length"  # "stop": a stop token, or on_token asked to stop; "length": max_new_tokens
+    cached_tokens: int = 0  # leading prompt tokens whose keys and values the cache held already (generate's reuse)
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+        """Prompt tokens computed (not those reused from the cache) a second."""
+        computed = self.prompt_tokens - self.cached_tokens
+        return computed / self.prefill_seconds if self.prefill_seconds else 0.0
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -262,8 +265,11 @@ class Generator:
         self._graphs: dict[int, tuple] = {}
         self._graph = None
         self._graph_key = None
-        # prefill graphs per bucket (_prefill_at), one memory pool for all of them (they never run at once)
+        # prefill graphs per (bucket, keys) (_prefill), one memory pool for all of them (they never run at once)
         self._drop_prefills(None)
+        # the tokens whose keys and values the cache holds at positions 0, 1, ..., as the last generate() left them,
+        # and the cache they are in (model.cache_generation; None: nothing to reuse)
+        self._kept: tuple[list[int], int | None] = ([], None)
         # The step's inputs, token and position, as one device vector filled by one host copy
         self._io = torch.zeros(2, dtype=torch.int64, device=self.device)
         self._io_host = torch.zeros(2, dtype=torch.int64, pin_memory=self.device == "cuda")
@@ -412,36 +418,17 @@ class Generator:
 
     def _prefill_inputs(self, bucket: int) -> tuple:
         """Static inputs of a bucket's prefill: tokens (1, bucket), positions (bucket,), the last prompt token's
-        index (1,), all int64 on the device."""
+        index (1,), all int64 on the device (_prefill fills them before every run)."""
         dev = self.device
         return (torch.zeros(1, bucket, dtype=torch.int64, device=dev), torch.arange(bucket, device=dev),
                 torch.zeros(1, dtype=torch.int64, device=dev))
-
-    def _prefill_at(self, bucket: int) -> PrefillGraph | None:
-        """A bucket's prefill graph: None at its first use (the prefill runs eagerly, which warms Triton and cuBLAS
-        up), captured at its second. The prefill runs dense whatever the switches say, so only a new KV cache (or
-        drop_graphs) makes them all stale."""
-        key = self.model.cache_generation
-        if key != self._prefill_key:
-            self._drop_prefills(key)
-        if bucket not in self._prefills:
-            self._prefills[bucket] = None
-            return None
-        if self._prefills[bucket] is None:
-            tokens, positions, last = self._prefill_inputs(bucket)
-            _warm_up(lambda: self.model(tokens, positions, kv_len=bucket, select=last), times=1)
-            self._prefill_pool = self._prefill_pool or torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._prefill_pool):
-                logits = self.model(tokens, positions, kv_len=bucket, select=last)
-            self._prefills[bucket] = PrefillGraph(graph, tokens, positions, last, logits)
-        return self._prefills[bucket]
 
     def capture_prefills(self, longest: int) -> int:
         """Capture the prefill graphs of every bucket up to a prompt of `longest` tokens now (a server's start), so no
         request pays a capture. Returns the largest bucket captured (0 where there is none: the CPU)."""
         if not self.use_graph:
             return 0
+        self._kept = ([], None)  # the captures' prompts overwrite the cache
         top = self._prefill_bucket(max(1, min(longest, PREFILL_GRAPH_MAX, self.max_len)))
         buckets = sorted({self._prefill_bucket(n) for n in range(1, top + 1)})
         with torch.inference_mode():
@@ -452,30 +439,71 @@ class Generator:
         torch.cuda.synchronize()
         return top
 
-    def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """The dense prefill of the prompt into the KV cache -> the last token's logits (1, 1, vocab) float32 (on CUDA
-        a graph's output or a buffer of the head's: read it before the next prefill or step). On CUDA padded to its
-        bucket (_prefill_bucket): the padding's keys and values land in the cache after the prompt, where no later
-        step reads them (each decode step writes its own position first and attends to none after it); graph or
-        not, the same kernels on the same shapes. On the CPU as it is: the head runs for the last token alone."""
+    def _prefill(self, prompt: list[int], start: int = 0) -> torch.Tensor:
+        """The dense prefill of prompt[start:] at positions start .. n - 1 into the KV cache, which holds the first
+        `start` tokens' keys and values already (generate's reuse) -> the last token's logits (1, 1, vocab) float32
+        (on CUDA a graph's output or a buffer of the head's: read it before the next prefill or step).
+
+        On CUDA padded to its bucket (_prefill_bucket) and run over `keys` keys: the bucket itself from position 0,
+        after a reused prefix the power of two that _kv_bucket gives. The padding's keys and values land in the cache
+        after the prompt, where no later step reads them (each decode step writes its own position first and attends
+        to none after it). A (bucket, keys) pair runs eagerly at its first use (which warms Triton and cuBLAS up) and
+        as a CUDA graph from its second on; graph or not, the same kernels on the same shapes. A new KV cache (or
+        drop_graphs) makes every graph stale; the prefill runs dense whatever the switches say. Where the bucket is
+        past PREFILL_GRAPH_MAX or its padding past the cache, and on the CPU, the tokens run as they are: the head
+        for the last token alone."""
         dev, n = self.device, len(prompt)
-        if dev != "cuda" or n > PREFILL_GRAPH_MAX:
-            return self.model(torch.tensor([prompt], device=dev), torch.arange(n, device=dev), kv_len=n,
-                              select=torch.tensor([n - 1], device=dev))
-        bucket = self._prefill_bucket(n)
-        captured = self._prefill_at(bucket) if self.use_graph else None
+        m = n - start
+        bucket = self._prefill_bucket(m) if dev == "cuda" and m <= PREFILL_GRAPH_MAX else 0
+        keys = bucket if start == 0 else self._kv_bucket(start + bucket - 1)
+        if not bucket or start + bucket > keys:
+            return self.model(torch.tensor([prompt[start:]], device=dev), torch.arange(start, n, device=dev),
+                              kv_len=n, select=torch.tensor([m - 1], device=dev))
+        if self.model.cache_generation != self._prefill_key:
+            self._drop_prefills(self.model.cache_generation)
+        slot = (bucket, keys)
+        captured = self._prefills.get(slot)
         tokens, positions, last = (captured.tokens, captured.positions, captured.last) if captured else \
             self._prefill_inputs(bucket)
-        host = torch.zeros(bucket + 1, dtype=torch.int64)
-        host[:n] = torch.tensor(prompt)
-        host[bucket] = n - 1
+        host = torch.zeros(2 * bucket + 1, dtype=torch.int64)
+        host[:m] = torch.tensor(prompt[start:])
+        host[bucket:2 * bucket] = torch.arange(start, start + bucket)
+        host[2 * bucket] = m - 1
         staged = host.to(dev)
         tokens.copy_(staged[:bucket].view(1, bucket))
-        last.copy_(staged[bucket:])
-        if captured is None:
-            return self.model(tokens, positions, kv_len=bucket, select=last)
-        captured.graph.replay()
-        return captured.logits
+        positions.copy_(staged[bucket:2 * bucket])
+        last.copy_(staged[2 * bucket:])
+        if captured:
+            captured.graph.replay()
+            return captured.logits
+
+        def run():
+            return self.model(tokens, positions, kv_len=keys, select=last)
+
+        if not self.use_graph or slot not in self._prefills:
+            if self.use_graph:
+                self._prefills[slot] = None  # seen once: captured at the next use
+            return run()
+        # the second use: the warm-up is this prefill (it writes what the replay writes again), then the capture
+        _warm_up(run, times=1)
+        self._prefill_pool = self._prefill_pool or torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._prefill_pool):
+            logits = run()
+        self._prefills[slot] = PrefillGraph(graph, tokens, positions, last, logits)
+        graph.replay()
+        return logits
+
+    def reusable_prefix(self, prompt: list[int]) -> int:
+        """How many leading tokens of `prompt` the KV cache holds already, as the last generate() left it: the
+        common prefix of the two, at most len(prompt) - 1 (the last prompt token runs again for its logits)."""
+        kept, generation = self._kept
+        if generation != self.model.cache_generation:
+            return 0
+        n, limit = 0, min(len(kept), len(prompt) - 1)
+        while n < limit and kept[n] == prompt[n]:
+            n += 1
+        return n
 
     def _graph_at(self, pos: int):
         """The decode graph for a step at position pos (captured on first use; all re-captured when
@@ -501,6 +529,7 @@ class Generator:
     def decode_step(self, token: torch.Tensor | int, pos: int) -> torch.Tensor:
         """One token at position pos -> logits (1, 1, vocab). On CUDA a graph replay, after which
         self.greedy_token (1,) holds the logits' argmax."""
+        self._kept = ([], None)  # a caller's own steps write the cache (generate() records it again at its end)
         if not self.use_graph:
             tok = torch.as_tensor(token, device=self.device).view(1, 1)
             return self.model(tok, torch.tensor([pos], device=self.device), kv_len=pos + 1)
@@ -562,11 +591,15 @@ class Generator:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: set[int] = frozenset(), on_token=None, track: bool = True,
-                 on_logits=None) -> GenerationResult:
+                 on_logits=None, reuse: bool = False) -> GenerationResult:
         """Prefill the prompt (dense), then decode up to max_new_tokens (sparse when a level is set).
         on_token(token_id) sees each new token before the next step; a true return value ends the
         generation there (finish_reason "stop"; a server's stop strings and client disconnects use it).
-        track: count the achieved sparsity (a few small kernels per linear map; off for timing)."""
+        track: count the achieved sparsity (a few small kernels per linear map; off for timing).
+        reuse: prefill only what follows the prompt's longest prefix whose keys and values the cache holds from the
+        last generate() (reusable_prefix; result.cached_tokens says how many): its prompt, and its new tokens where
+        they were decoded dense (sparse steps' keys and values are not what a dense prefill writes). The logits can
+        differ from a whole prefill's in the last bits (other matrix shapes, another summation order)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
         if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
@@ -576,10 +609,12 @@ class Generator:
             raise SpqtError(f"prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceed the context "
                             f"of {self.max_len} tokens")
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
+        cached = self.reusable_prefix(prompt) if reuse else 0
+        self._kept = ([], None)  # until this generation has written the cache
         set_sparse(self.model, False)
         self._sync()
         start = time.perf_counter()
-        logits = self._prefill(prompt)
+        logits = self._prefill(prompt, cached)
         if on_logits:
             on_logits(logits[:, -1].float().cpu())
         token = sample(logits[:, -1], sampling, gen)
@@ -627,4 +662,7 @@ class Generator:
                 threads.restore()
         achieved = achieved_sparsity(self.model) if self.sparsity > 0 and track else {}
         set_sparse(self.model, False)
-        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved, finish)
+        # the cache now holds the prompt and every new token but the last (never fed back); decoded tokens count
+        # where their steps ran dense
+        self._kept = (list(prompt) + (out[:-1] if self.sparsity == 0 else []), self.model.cache_generation)
+        return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved, finish, cached)

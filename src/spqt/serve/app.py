@@ -146,14 +146,14 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                     return
                 yield chunk({}, finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield chunk({}, usage=p.usage(result.prompt_tokens, len(result.tokens)), choices=False)
+                    yield chunk({}, usage=p.usage(result), choices=False)
 
             return sse(events(), job)
         text, result = await collect(request, job)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id,
                                 choices=[p.ChatChoice(message=p.AssistantMessage(content=text),
                                                       finish_reason=result.finish_reason)],
-                                usage=p.usage(result.prompt_tokens, len(result.tokens)))
+                                usage=p.usage(result))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
@@ -175,11 +175,11 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                     return
                 yield body("", finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield body("", usage=p.usage(result.prompt_tokens, len(result.tokens)), choices=False)
+                    yield body("", usage=p.usage(result), choices=False)
 
             return sse(events(), job)
         text, result = await collect(request, job)
-        return body(text, finish=result.finish_reason, usage=p.usage(result.prompt_tokens, len(result.tokens)))
+        return body(text, finish=result.finish_reason, usage=p.usage(result))
 
     async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, GenerationResult | None]]:
         """Queue the job and yield (text piece, None) as it runs, then ("", result). Ends early, without

@@ -3,6 +3,13 @@
 The sparsity level is fixed for the server's life. `auto` takes the level spqt calibrate recorded in
 the model's metadata as recommended, as spqt generate does, and dense when there is none (see
 recommended_sparsity).
+
+The prompt cache: a request's prompt that starts with what the one before left in the KV cache (its prompt, and its
+answer where that was decoded dense), as a chat's next turn does, prefills only the rest (Generator.generate's reuse).
+Its answer can differ from a whole prefill's where the last bits of the logits decide (llama.cpp's server, whose
+cache_prompt does the same, says as much). `auto` turns it on for the CPU; on CUDA the suffix's prefill graphs have
+not yet been timed against a whole prompt's captured prefill (~1.5 ms for the default model on an H200), so auto
+leaves it off there (spqt serve --prompt-cache on asks for it).
 """
 
 import logging
@@ -54,11 +61,13 @@ class EngineInfo:
 class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
-                 criterion: str | None = None, backend: str | None = None):
+                 criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
-        backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU)."""
+        backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU).
+        prompt_cache: reuse what the request before left in the KV cache (None: on the CPU only; see the module's
+        docstring)."""
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):
@@ -73,6 +82,7 @@ class Engine:
         self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx, criterion=criterion,
                                    backend=backend)
         self.stop_ids = self.tokenizer.stop_ids
+        self.prompt_cache = self.generator.device == "cpu" if prompt_cache is None else prompt_cache
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
         # costs little, so GPU timings in the log are the plain decode.
         self.track = self.generator.device == "cpu" and sparsity > 0
@@ -125,11 +135,12 @@ class Engine:
             return text.stopped
 
         result = self.generator.generate(job.prompt, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
-                                         on_token=on_token, track=self.track)
+                                         on_token=on_token, track=self.track, reuse=self.prompt_cache)
         seconds = time.perf_counter() - start
         n = len(result.tokens)
         achieved = f" (achieved {100 * result.sparsity['all']:.1f}%)" if result.sparsity else ""
-        figures = (f"prompt {result.prompt_tokens} + completion {n} tokens in {seconds:.2f} s, "
+        cached = f" ({result.cached_tokens} cached)" if result.cached_tokens else ""
+        figures = (f"prompt {result.prompt_tokens}{cached} + completion {n} tokens in {seconds:.2f} s, "
                    f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
                    f"{self.sparsity_label()}{achieved}")
         if job.cancelled.is_set():

@@ -245,15 +245,22 @@ class CompletionRequest(SamplingFields):
 # ---------------------------------------------------------------- responses
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # leading prompt tokens whose keys and values the server reused from the request before
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int  # every token the model produced, the end-of-sequence token included
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> Usage:
-    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                 total_tokens=prompt_tokens + completion_tokens)
+def usage(result) -> Usage:
+    """A finished generation's counts (result: spqt.generate.GenerationResult)."""
+    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
+                 total_tokens=result.prompt_tokens + len(result.tokens),
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens))
 
 
 FinishReason = Literal["stop", "length"] | None

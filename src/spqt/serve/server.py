@@ -108,7 +108,8 @@ def serve(engine: Engine, sock: socket.socket, api_key: str | None = None) -> No
     service = Service(engine, api_key)
     host, port = sock.getsockname()[:2]
     i = engine.info
-    log.info("model %s on %s, %s, context %d tokens%s", i.model_id, i.device, engine.sparsity_label(), i.ctx,
+    log.info("model %s on %s, %s, context %d tokens, prompt cache %s%s", i.model_id, i.device,
+             engine.sparsity_label(), i.ctx, "on" if engine.prompt_cache else "off",
              ", API key required" if api_key else "")
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     service.run(sock)
