@@ -99,6 +99,7 @@
 #   scripts/gpu_session.sh ring32     the CUDA GEMM's ring: its gpu tests, the GEMM probe (RING32_ARGS), the prefill
 #                                    before / after (RING32_PREFILL_LIMIT)
 #   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
+#   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -169,12 +170,18 @@ prefill_probe() {
     --tokens "${PREFILL_TOKENS:-8,17,64,257,512,1025,2048}" ${PREFILL_ARGS:-} --json "$OUT/prefill.json" 2>&1 \
     | grep -v WARN | tee "$OUT/prefill.log"
 }
-# scripts/serve_probe.py on CUDA at SERVE_LEVELS (default 0,0.5), into $OUT/serve-probe.log; then
+# scripts/serve_probe.py on CUDA at SERVE_LEVELS (default 0,0.5), into $OUT/serve-probe.log; a chat's second turn
+# with the prompt cache on and off (README.md's first SERVE_HISTORY characters as the first turn's text, each in turn:
+# ~1,000 and ~4,000 tokens, the second past the prefill graphs' 2,048), into $OUT/serve-turn.log; then
 # scripts/serve_overhead_probe.py on CUDA (where a request's first token waits outside the model), raw httpx and the
 # openai client, into $OUT/serve-overhead.log
 serve_probe() {
   timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 2>&1 \
     | tee "$OUT/serve-probe.log" | tail -8
+  for chars in ${SERVE_HISTORY:-4000 16000}; do
+    timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity 0 --prompt-cache on,off --max-tokens 64 \
+      --history README.md --history-chars $chars 2>&1 | tee -a "$OUT/serve-turn.log" | tail -4
+  done
   for client in httpx openai; do
     echo "client $client" >> "$OUT/serve-overhead.log"
     timeout 90 python3 scripts/serve_overhead_probe.py --device cuda --client $client --max-tokens 16 2>&1 \
@@ -1373,6 +1380,16 @@ llama2-7b:now}" 90
     [ -n "${RING32_PREFILL_LIMIT:-}" ] && prefill_trees "$RING32_PREFILL_LIMIT" before after
     pack_json gemm-probe.json prefill-before.json prefill-after.json
     echo "ring32: $(( $(date +%s) - start )) s"
+    ;;
+  types33)
+    # Issue 15's perplexity table on the whole WikiText-2 test (scripts/types_table.py): the default model in every
+    # type and mix, zigzag and row, dense, 25 and 50 %, into $OUT/types-table/ (table.md, table.json). Carry
+    # .carry/data holding wikitext-2-raw-v1-test.txt, .whl, and the default model (park first).
+    start=$(date +%s)
+    timeout ${TYPES33_LIMIT:-560} python3 scripts/types_table.py --data .carry/data/wikitext-2-raw-v1-test.txt \
+      --device cuda --out "$OUT/types-table" --models /tmp/types-models 2>&1 | grep -v WARN | tail -30
+    (cd "$OUT" && tar czf types-table.tgz types-table && rm -r types-table)
+    echo "types33: $(( $(date +%s) - start )) s"
     ;;
   final31)
     # The session's last call (the default model parked by the call before): every gpu test, then

@@ -407,39 +407,52 @@ def test_prefill_graphs_equal_eager_prefill(tiny_spqt):
     assert warm._prefills[64, 64] is not None and set(warm._prefills) == {(64, 64)}
 
 
-def test_reused_prefix_prefills_the_rest_in_graphs(tiny_spqt):
-    """generate(reuse=True) on CUDA: the prompt's part past what the cache holds runs padded to its bucket over
-    _kv_bucket's keys, eagerly at a (bucket, keys) pair's first use, captured at its second (whose warm-up must not
-    overwrite the reused keys), replayed after; every run's tokens and first-token logits are those of a fresh
-    Generator's whole prefill (fp32, within rounding). A suffix whose padding would pass the cache's end runs as
-    it is."""
+def test_reused_prefix_prefills_the_rest_in_graphs(tiny_spqt, monkeypatch):
+    """generate(reuse=True) on CUDA: after capture_prefills(suffixes=True) the prompt's part past what the cache holds
+    runs padded to its bucket over _kv_bucket's keys in its captured graph (the captures' warm-ups overwrite the cache,
+    so nothing is reused right after them); every run's tokens and first-token logits are a fresh Generator's whole
+    prefill's (fp32, within rounding). Without the suffix graph (none captured, or its padding would pass the cache's
+    end) a prompt within the graphs' reach prefills whole (an eager rest would cost more); past it the rest runs
+    eagerly, as it is."""
+    from spqt import generate as g
+
     loaded = load_spqt(tiny_spqt)
     gen = Generator(loaded, "cuda", dtype=torch.float32, max_len=300)
     fresh = Generator(loaded, "cuda", dtype=torch.float32, max_len=300)
     rng = torch.Generator().manual_seed(5)
     vocab = loaded.config.vocab_size
 
-    def check(prompt: list[int], n: int, cached: int, label) -> list[int]:
+    def check(gen_, prompt: list[int], n: int, cached: int, label) -> list[int]:
         ours, theirs = [], []
-        got = gen.generate(prompt, n, reuse=True, track=False, on_logits=ours.append)
+        got = gen_.generate(prompt, n, reuse=True, track=False, on_logits=ours.append)
         want = fresh.generate(prompt, n, track=False, on_logits=theirs.append)
         span = float(theirs[0].max() - theirs[0].min())
-        assert got.cached_tokens == cached and got.tokens == want.tokens, label
+        assert got.cached_tokens == cached and got.tokens == want.tokens, (label, got.cached_tokens)
         assert float((ours[0] - theirs[0]).abs().max()) < 1e-3 * span, label
         return got.tokens
 
     first = torch.randint(0, vocab, (40,), generator=rng).tolist()
     extra = torch.randint(0, vocab, (9,), generator=rng).tolist()
-    answer = check(first, 6, 0, "first")
+    answer = check(gen, first, 6, 0, "first")
     turn = first + answer + extra
-    for use in range(3):  # (16, 256): 10 tokens after 45 cached; the same 40 tokens again: 1 after 39
-        check(turn, 6, 45, ("turn", use))
-        assert (gen._prefills.get((16, 256)) is not None) == (use > 0), (use, sorted(gen._prefills))
-        assert check(first, 6, 39, ("first again", use)) == answer
-    # 290 of 300 positions cached: the suffix's bucket of 16 would pass the cache, so it runs unpadded
+    gen.generate(first, 6, reuse=True, track=False)
+    check(gen, turn, 6, 0, "no suffix graphs")  # 10 tokens after 45: whole, in the bucket of 64's graph
+    gen.capture_prefills(299, suffixes=True)
+    assert {(16, 256), (256, 300), (128, 300)} <= set(gen._prefills) and gen.reusable_prefix(first + [1]) == 0
+    assert check(gen, first, 6, 0, "after the captures") == answer
+    for use in range(2):  # (16, 256): 10 tokens after 45 cached; the same 40 tokens again: 1 after 39
+        check(gen, turn, 6, 45, ("turn", use))
+        assert check(gen, first, 6, 39, ("first again", use)) == answer
+    # 290 of 300 positions held: the rest's bucket of 16 would pass the cache, so the whole prompt runs in its graph
     long = torch.randint(0, vocab, (288,), generator=rng).tolist()
-    tail = long + check(long, 3, 0, "long") + extra[:2]
-    check(tail, 2, 290, "tail")
+    tail = long + check(gen, long, 3, 0, "long") + extra[:2]
+    assert gen.reusable_prefix(tail) == 290
+    check(gen, tail, 2, 0, "tail")
+    # past the graphs' reach (here 64 tokens) the whole prompt would run eagerly: the rest runs as it is
+    monkeypatch.setattr(g, "PREFILL_GRAPH_MAX", 64)
+    plain = Generator(loaded, "cuda", dtype=torch.float32, max_len=300)
+    longer = first + extra * 3
+    check(plain, longer + check(plain, longer, 4, 0, "longer") + [1, 2], 4, 67 + 3, "longer's next")
 
 
 def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):

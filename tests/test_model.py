@@ -125,6 +125,40 @@ def test_reuse_prefills_only_what_the_cache_does_not_hold(tiny_spqt, rng):
     assert gen.reusable_prefix(first + sparse.tokens + [1]) == len(first)
 
 
+def test_suffix_captures_cover_every_rest_that_reuse_runs(tiny_spqt, monkeypatch):
+    """The CUDA prefill's bookkeeping, without a GPU: capture_prefills(suffixes=True) runs one prefill per graph that
+    a reused prefix's rest can ask for (a bucket up to SUFFIX_BUCKET_MAX over a span _kv_bucket gives), each ending at
+    its span's end; with those captured, _reuse_pays says yes for exactly the rests that fit a captured graph, and
+    past PREFILL_GRAPH_MAX always."""
+    from spqt import generate as g
+    from spqt.checkpoint import load_spqt
+
+    gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=300)
+    gen.use_graph = True
+    runs = []
+    monkeypatch.setattr(gen, "_prefill", lambda prompt, start=0: runs.append((start, len(prompt) - start)))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    assert gen.capture_prefills(299, suffixes=True) == 300
+    slots = set()
+    for start, m in runs[::2]:
+        assert runs.count((start, m)) == 2  # an eager run, then the capture
+        bucket = gen._prefill_bucket(m)
+        keys = bucket if start == 0 else gen._kv_bucket(start + bucket - 1)
+        assert bucket == m and (start == 0 or start + bucket == keys), (start, m)
+        slots.add((bucket, keys))
+    assert {b for b, k in slots if b == k} == {16, 32, 64, 128, 256, 300}  # whole prompts
+    assert {(b, k) for b, k in slots if b != k} == {(b, k) for k in (256, 300) for b in (16, 32, 64, 128, 256) if b < k}
+    gen._prefills, gen._prefill_key = dict.fromkeys(slots, object()), gen.model.cache_generation
+    for n in range(2, 300):
+        for start in range(1, n):
+            bucket = gen._prefill_bucket(n - start)
+            fits = bucket <= g.SUFFIX_BUCKET_MAX and start + bucket <= gen._kv_bucket(start + bucket - 1)
+            assert gen._reuse_pays(n, start) == fits, (n, start)
+    gen._prefills = {}  # none captured: only where the whole prompt would run eagerly
+    monkeypatch.setattr(g, "PREFILL_GRAPH_MAX", 64)
+    assert gen._reuse_pays(65, 1) and not gen._reuse_pays(64, 1)
+
+
 def test_prompt_longer_than_context_is_refused(tiny_spqt):
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError

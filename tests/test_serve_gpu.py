@@ -103,3 +103,32 @@ def test_cuda_server_after_a_dropped_stream(cuda_server):
     assert status == 200 and chat["choices"][0]["message"]["content"], chat
     status, plain = _request(port, "POST", "/v1/completions", body)
     assert status == 200 and plain["choices"][0]["text"] == _reference_text(loaded, engine, N)
+
+
+def test_cuda_server_with_the_prompt_cache(cuda_server):
+    """spqt serve --prompt-cache on, on CUDA: the rests' prefill graphs are captured at the start, and a chat's next
+    turn reuses the turn before (usage.prompt_tokens_details.cached_tokens) and answers as the Generator's whole
+    prefill does (greedy)."""
+    from spqt.generate import Generator
+    from spqt.serve.engine import Engine
+
+    loaded = cuda_server[1]
+    engine = Engine(loaded, "cuda", 0.0, ctx=CTX, name="cached", prompt_cache=True)
+    assert engine.prompt_cache and any(b < k for b, k in engine.generator._prefills), sorted(engine.generator._prefills)
+    chat = [{"role": "user", "content": "Name three primary colors."}]
+    with serving(engine) as url:
+        port = int(url.rsplit(":", 1)[1])
+        status, first = _request(port, "POST", "/v1/chat/completions",
+                                 {"messages": chat, "temperature": 0, "max_tokens": 12})
+        assert status == 200, first
+        turn = chat + [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+                       {"role": "user", "content": "And three secondary colors?"}]
+        status, second = _request(port, "POST", "/v1/chat/completions",
+                                  {"messages": turn, "temperature": 0, "max_tokens": 12})
+        assert status == 200, second
+    cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert first["usage"]["prompt_tokens"] <= cached < second["usage"]["prompt_tokens"], (first["usage"], second["usage"])
+    ids = engine.tokenizer.chat_messages(turn)
+    tokens = Generator(loaded, "cuda", sparsity=0.0, max_len=CTX).generate(ids, 12, stop_ids=engine.stop_ids).tokens
+    assert second["choices"][0]["message"]["content"] == engine.tokenizer.decode(
+        [t for t in tokens if t not in engine.stop_ids])

@@ -7,9 +7,10 @@ recommended_sparsity).
 The prompt cache: a request's prompt that starts with what the one before left in the KV cache (its prompt, and its
 answer where that was decoded dense), as a chat's next turn does, prefills only the rest (Generator.generate's reuse).
 Its answer can differ from a whole prefill's where the last bits of the logits decide (llama.cpp's server, whose
-cache_prompt does the same, says as much). `auto` turns it on for the CPU; on CUDA the suffix's prefill graphs have
-not yet been timed against a whole prompt's captured prefill (~1.5 ms for the default model on an H200), so auto
-leaves it off there (spqt serve --prompt-cache on asks for it).
+cache_prompt does the same, says as much). On CUDA the rest of a prompt runs in prefill graphs captured at the start
+(Generator.capture_prefills' suffixes), and where it has none the whole prompt runs in its own graph. `auto` turns
+the cache on for the CPU; on CUDA those graphs have not yet been timed against a whole prompt's captured prefill
+(~1.5 ms for the default model on an H200), so auto leaves it off there (spqt serve --prompt-cache on asks for it).
 """
 
 import logging
@@ -111,8 +112,10 @@ class Engine:
             self.tokenizer.chat_messages([{"role": "user", "content": "hi"}])  # builds the template once, now
         if self.generator.device == "cuda":
             start = time.perf_counter()
-            top = self.generator.capture_prefills(ctx - 1)
-            log.info("prefill graphs for prompts up to %d tokens captured in %.1f s", top, time.perf_counter() - start)
+            top = self.generator.capture_prefills(ctx - 1, suffixes=self.prompt_cache)
+            log.info("prefill graphs for prompts up to %d tokens%s captured in %.1f s", top,
+                     " and for their rests after a cached prefix" if self.prompt_cache else "",
+                     time.perf_counter() - start)
 
     def sparsity_label(self) -> str:
         i = self.info
