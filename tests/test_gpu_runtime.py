@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from spqt.checkpoint import load_spqt
-from spqt.generate import Generator, sparse_linears
+from spqt.generate import Generator, Sampling, sparse_linears
 from conftest import count_calls, save_quantized
 
 pytestmark = pytest.mark.gpu
@@ -443,12 +443,19 @@ def test_reused_prefix_prefills_the_rest_in_graphs(tiny_spqt, monkeypatch):
     for use in range(2):  # (16, 256): 10 tokens after 45 cached; the same 40 tokens again: 1 after 39
         check(gen, turn, 6, 45, ("turn", use))
         assert check(gen, first, 6, 39, ("first again", use)) == answer
+    # what a pipelined greedy decode leaves after a stop, and a sampled (host-driven) one
+    stopped = gen.generate(first, 6, reuse=True, track=False, stop_ids={answer[2]})
+    assert stopped.cached_tokens == 39 and stopped.tokens == answer[:answer.index(answer[2]) + 1]
+    check(gen, first + stopped.tokens + extra, 4, 40 + len(stopped.tokens) - 1, "after a stop")
+    sampled = gen.generate(first, 5, Sampling(temperature=0.8, seed=1), reuse=True, track=False)
+    check(gen, first + sampled.tokens + extra, 4, 40 + 4, "after sampling")
     # 290 of 300 positions held: the rest's bucket of 16 would pass the cache, so the whole prompt runs in its graph
     long = torch.randint(0, vocab, (288,), generator=rng).tolist()
     tail = long + check(gen, long, 3, 0, "long") + extra[:2]
     assert gen.reusable_prefix(tail) == 290
     check(gen, tail, 2, 0, "tail")
-    # past the graphs' reach (here 64 tokens) the whole prompt would run eagerly: the rest runs as it is
+    # past the graphs' reach (here 64 tokens) the whole prompt would run eagerly: the rest too (its graph was not
+    # captured), unpadded
     monkeypatch.setattr(g, "PREFILL_GRAPH_MAX", 64)
     plain = Generator(loaded, "cuda", dtype=torch.float32, max_len=300)
     longer = first + extra * 3

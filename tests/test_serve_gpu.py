@@ -106,9 +106,10 @@ def test_cuda_server_after_a_dropped_stream(cuda_server):
 
 
 def test_cuda_server_with_the_prompt_cache(cuda_server):
-    """spqt serve --prompt-cache on, on CUDA: the rests' prefill graphs are captured at the start, and a chat's next
-    turn reuses the turn before (usage.prompt_tokens_details.cached_tokens) and answers as the Generator's whole
-    prefill does (greedy)."""
+    """spqt serve --prompt-cache on, on CUDA: the rests' prefill graphs are captured at the start, a chat's next turn
+    reuses the turn before, its answer included (usage.prompt_tokens_details.cached_tokens), and answers as a
+    Generator that runs the same two turns the same way does (greedy); the reuse itself is checked against a whole
+    prefill in tests/test_gpu_runtime.py (fp32, within rounding)."""
     from spqt.generate import Generator
     from spqt.serve.engine import Engine
 
@@ -127,8 +128,11 @@ def test_cuda_server_with_the_prompt_cache(cuda_server):
                                   {"messages": turn, "temperature": 0, "max_tokens": 12})
         assert status == 200, second
     cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
-    assert first["usage"]["prompt_tokens"] <= cached < second["usage"]["prompt_tokens"], (first["usage"], second["usage"])
-    ids = engine.tokenizer.chat_messages(turn)
-    tokens = Generator(loaded, "cuda", sparsity=0.0, max_len=CTX).generate(ids, 12, stop_ids=engine.stop_ids).tokens
+    assert first["usage"]["prompt_tokens"] < cached < second["usage"]["prompt_tokens"], (first["usage"], second["usage"])
+    same = Generator(loaded, "cuda", sparsity=0.0, max_len=CTX)
+    same.capture_prefills(CTX - 1, suffixes=True)
+    for messages in (chat, turn):
+        result = same.generate(engine.tokenizer.chat_messages(messages), 12, stop_ids=engine.stop_ids, reuse=True)
+    assert result.cached_tokens == cached
     assert second["choices"][0]["message"]["content"] == engine.tokenizer.decode(
-        [t for t in tokens if t not in engine.stop_ids])
+        [t for t in result.tokens if t not in engine.stop_ids])

@@ -827,7 +827,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
                         "as a chat's next turn (auto: on for the CPU, off on CUDA until timed there); answers can "
-                        "differ from a whole prefill's in the last bits of the logits")
+                        "differ from a whole prefill's in the last bits of the logits; a client learns how long a "
+                        "prefix its prompt shares with the request before, another client's too (off where that "
+                        "matters)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")

@@ -444,7 +444,7 @@ class Generator:
             set_sparse(self.model, False)
             for start, bucket in runs:
                 for _ in range(2):  # the first use runs eagerly, the second captures
-                    self._prefill([0] * (start + bucket), start)
+                    self._prefill([0] * (start + bucket), start, capture=True)
         torch.cuda.synchronize()
         return top
 
@@ -460,7 +460,7 @@ class Generator:
         fresh = self._prefill_key == self.model.cache_generation
         return start + bucket <= keys and fresh and self._prefills.get((bucket, keys)) is not None
 
-    def _prefill(self, prompt: list[int], start: int = 0) -> torch.Tensor:
+    def _prefill(self, prompt: list[int], start: int = 0, capture: bool = False) -> torch.Tensor:
         """The dense prefill of prompt[start:] at positions start .. n - 1 into the KV cache, which holds the first
         `start` tokens' keys and values already (generate's reuse) -> the last token's logits (1, 1, vocab) float32
         (on CUDA a graph's output or a buffer of the head's: read it before the next prefill or step).
@@ -468,22 +468,24 @@ class Generator:
         On CUDA padded to its bucket (_prefill_bucket) and run over `keys` keys: the bucket itself from position 0,
         after a reused prefix the power of two that _kv_bucket gives. The padding's keys and values land in the cache
         after the prompt, where no later step reads them (each decode step writes its own position first and attends
-        to none after it). A (bucket, keys) pair runs eagerly at its first use (which warms Triton and cuBLAS up) and
-        as a CUDA graph from its second on; graph or not, the same kernels on the same shapes. A new KV cache (or
-        drop_graphs) makes every graph stale; the prefill runs dense whatever the switches say. Where the bucket is
-        past PREFILL_GRAPH_MAX or its padding past the cache, and on the CPU, the tokens run as they are: the head
-        for the last token alone."""
+        to none after it). A whole prompt's (bucket, keys) runs eagerly at its first use (which warms Triton and cuBLAS
+        up) and as a CUDA graph from its second on; graph or not, the same kernels on the same shapes. A rest after a
+        reused prefix runs in its graph only where one was captured before (capture: capture_prefills' runs, which
+        capture at the second use), else as it is, so no request pays a capture of one of the many (bucket, keys)
+        pairs. A new KV cache (or drop_graphs) makes every graph stale; the prefill runs dense whatever the switches
+        say. Where the bucket is past PREFILL_GRAPH_MAX or its padding past the cache, and on the CPU, the tokens run
+        as they are: the head for the last token alone."""
         dev, n = self.device, len(prompt)
         m = n - start
         bucket = self._prefill_bucket(m) if dev == "cuda" and m <= PREFILL_GRAPH_MAX else 0
         keys = bucket if start == 0 else self._kv_bucket(start + bucket - 1)
-        if not bucket or start + bucket > keys:
-            return self.model(torch.tensor([prompt[start:]], device=dev), torch.arange(start, n, device=dev),
-                              kv_len=n, select=torch.tensor([m - 1], device=dev))
-        if self.model.cache_generation != self._prefill_key:
+        if bucket and self.model.cache_generation != self._prefill_key:
             self._drop_prefills(self.model.cache_generation)
         slot = (bucket, keys)
         captured = self._prefills.get(slot)
+        if not bucket or start + bucket > keys or (start and not capture and captured is None):
+            return self.model(torch.tensor([prompt[start:]], device=dev), torch.arange(start, n, device=dev),
+                              kv_len=n, select=torch.tensor([m - 1], device=dev))
         tokens, positions, last = (captured.tokens, captured.positions, captured.last) if captured else \
             self._prefill_inputs(bucket)
         host = torch.zeros(2 * bucket + 1, dtype=torch.int64)
@@ -621,7 +623,8 @@ class Generator:
         last generate() (reusable_prefix; result.cached_tokens says how many): its prompt, and its new tokens where
         they were decoded dense (sparse steps' keys and values are not what a dense prefill writes); on CUDA where
         that pays (_reuse_pays). The logits can differ from a whole prefill's in the last bits (other matrix shapes,
-        another summation order)."""
+        another summation order). What writes the cache outside generate(), decode_step and capture_prefills (a
+        caller's own model(...) calls, as the benchmarks make) must not be followed by a reuse."""
         if not prompt:
             raise SpqtError("the prompt is empty")
         if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
