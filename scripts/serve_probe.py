@@ -81,8 +81,8 @@ def main() -> int:
     ap.add_argument("--history", type=Path, help="measure a chat's second turn, the first holding this text file's "
                     "start (see above)")
     ap.add_argument("--history-chars", type=int, default=4000)
-    ap.add_argument("--prompt-cache", default="off", help="comma-separated spqt serve --prompt-cache settings (off: the
-                    measured request, the warm-up's again without --history, prefills whole as before the cache)")
+    ap.add_argument("--prompt-cache", default="off", help="comma-separated spqt serve --prompt-cache settings (off: "
+                    "the measured request, without --history the warm-up's again, prefills whole as before the cache)")
     args, extra = ap.parse_known_args()  # anything else goes to spqt serve (--mode, --ctx, ...)
     history = args.history.read_text(encoding="utf-8")[:args.history_chars] if args.history else ""
     rows = []
