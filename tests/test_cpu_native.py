@@ -184,28 +184,38 @@ def test_norm_and_swiglu_in_c(rng):
     assert float((lin(x, norm=norm, swiglu=True).double() - want).abs().max()) <= bound
 
 
-@pytest.mark.parametrize("n_heads,n_kv", [(6, 2), (4, 4)])
-def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv):
+@pytest.mark.parametrize("n_heads,n_kv,hd,pos,masked", [(6, 2, 16, 8, [3]), (4, 4, 16, 8, [3]),
+                                                       (9, 3, 64, 600, [3, 300]), (6, 2, 12, 530, list(range(256)))])
+def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked):
     """One token's RoPE, KV-cache write and attention in C against functional.attention's torch path:
-    the caches' new rows and the output within fp32 rounding, the other cache rows untouched; a
-    masked key ignored; prefill (T > 1) is not taken."""
+    the caches' new rows and the output within fp32 rounding, the other cache rows untouched; masked keys
+    ignored (a whole chunk of 256 keys in the last case); the spans of 601 and 531 keys take three chunks merged
+    in order, the same bits on 1, 2 and 3 threads; hd 12 takes the scalar dot; prefill (T > 1) is not taken."""
     if cpu_native.available():
         pytest.skip(cpu_native.available())
     from spqt.functional import attention
 
-    hd, max_len, pos = 16, 12, 8
+    max_len = pos + 4
     table = torch.from_numpy(rng.standard_normal((max_len, hd))).float()
     qkv = torch.from_numpy(rng.standard_normal((1, 1, (n_heads + 2 * n_kv) * hd))).float()
     caches = [torch.from_numpy(rng.standard_normal((1, n_kv, max_len, hd))).float() for _ in range(2)]
     mask = torch.zeros(1, pos + 1)
-    mask[0, 3] = float("-inf")
+    mask[0, masked] = float("-inf")
     positions = torch.tensor([pos])
     ref_k, ref_v = caches[0].clone(), caches[1].clone()
     want = attention(qkv, table, positions, ref_k, ref_v, n_heads, n_kv, mask, pos + 1)
     assert cpu_native.decode_attention_runs(qkv, caches[0], mask)
-    got = attention(qkv, table, positions, caches[0], caches[1], n_heads, n_kv, mask, pos + 1, native=True)
+    runs, before = [], torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            runs.append(attention(qkv, table, positions, *caches, n_heads, n_kv, mask, pos + 1, native=True))
+    finally:
+        torch.set_num_threads(before)
+    got = runs[0]
     assert got.shape == want.shape and got.dtype == torch.float32
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(r, got) for r in runs[1:])
     assert torch.allclose(caches[0], ref_k, rtol=1e-6, atol=1e-6) and torch.equal(caches[1], ref_v)
     two = torch.cat([qkv, qkv], dim=1)
     assert not cpu_native.decode_attention_runs(two, caches[0], mask)

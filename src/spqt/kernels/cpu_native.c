@@ -846,52 +846,126 @@ static void rope_head(const float *x, const float *cs, int64_t hd, float *dst)
     }
 }
 
+/* q . k over hd entries: 8 lanes x 2 partial sums over i in a fixed order, then the lanes in a fixed order (AVX2
+ * with FMA, hd a multiple of 16); else one sum over i ascending. */
+static inline float attention_dot(const float *q, const float *k, int64_t hd)
+{
+#ifdef SPQT_F16C
+    if (hd % 16 == 0) {
+        __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+        for (int64_t i = 0; i < hd; i += 16) {
+            s0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), s0);
+            s1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(k + i + 8), s1);
+        }
+        float lanes[8];
+        _mm256_storeu_ps(lanes, _mm256_add_ps(s0, s1));
+        return ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    }
+#endif
+    float dot = 0.0f;
+    for (int64_t i = 0; i < hd; i++)
+        dot += q[i] * k[i];
+    return dot;
+}
+
+/* Keys a unit of the decode attention: its scores (group x ATTN_CHUNK floats) stay in L1 / L2. */
+#define ATTN_CHUNK 256
+
+/* One kv head's keys j0 .. j1 - 1 (j1 - j0 <= ATTN_CHUNK) for its `group` query heads q (group, hd), each key and
+ * value row read once for all of them: per query head g the chunk's largest score top[g], sum[g] = sum_j e_j and
+ * o[g] (hd) = sum_j e_j v_j, e_j = exp(s_j - top[g]), s_j = q_g . k_j scale + mask_j (where every key is masked,
+ * top = -inf and the rest NaN: the merge skips the chunk). */
+static void attention_chunk(const float *q, int64_t group, int64_t hd, const float *keys, const float *values,
+                            int64_t j0, int64_t j1, const float *mask, float scale, float *scores, float *top,
+                            float *sum, float *o)
+{
+    for (int64_t g = 0; g < group; g++)
+        top[g] = -INFINITY;
+    for (int64_t j = j0; j < j1; j++)
+        for (int64_t g = 0; g < group; g++) {
+            float sc = attention_dot(q + g * hd, keys + j * hd, hd) * scale + mask[j];
+            scores[g * ATTN_CHUNK + (j - j0)] = sc;
+            top[g] = sc > top[g] ? sc : top[g];
+        }
+    for (int64_t g = 0; g < group; g++) {
+        float total = 0.0f, *e = scores + g * ATTN_CHUNK;
+        for (int64_t j = 0; j < j1 - j0; j++) {
+            e[j] = expf(e[j] - top[g]);
+            total += e[j];
+        }
+        sum[g] = total;
+    }
+    memset(o, 0, (size_t)(group * hd) * sizeof(float));
+    for (int64_t j = j0; j < j1; j++) {
+        const float *v = values + j * hd;
+        for (int64_t g = 0; g < group; g++) {
+            float e = scores[g * ATTN_CHUNK + (j - j0)], *og = o + g * hd;
+            for (int64_t i = 0; i < hd; i++)
+                og[i] += e * v[i];
+        }
+    }
+}
+
 /* One decode token's attention after its q|k|v projection (batch 1): RoPE of q and k at position pos,
  * k and v written into the caches at pos, then per query head h (kv head h / (n_heads / n_kv))
  * softmax(q k_j / sqrt(hd) + mask_j) over keys j < length, times v.
  *   qkv: ((n_heads + 2 n_kv) hd) fp32; table: (max positions, hd) fp32 [cos | sin];
  *   cache_k, cache_v: (n_kv, max_len, hd) fp32; mask: (length) additive fp32; out: (n_heads hd) fp32.
- * Returns 0, or -1 when no memory could be had for the scores. */
+ * The work is split into units of one kv head and ATTN_CHUNK keys (each key and value row read once for the
+ * kv head's query heads), `threads` threads taking units in turn; each unit's (top, sum, o) are merged in key
+ * order, so the output is the same bits for any thread count. Returns 0, or -1 when no memory could be had. */
 int spqt_rope_attention_decode(const float *qkv, const float *table, int64_t pos, float *cache_k, float *cache_v,
                                int64_t n_heads, int64_t n_kv, int64_t hd, int64_t max_len, int64_t length,
-                               const float *mask, float *out)
+                               const float *mask, float *out, int threads)
 {
     const float *cs = table + pos * hd;
     for (int64_t g = 0; g < n_kv; g++) {
         rope_head(qkv + (n_heads + g) * hd, cs, hd, cache_k + (g * max_len + pos) * hd);
         memcpy(cache_v + (g * max_len + pos) * hd, qkv + (n_heads + n_kv + g) * hd, (size_t)hd * sizeof(float));
     }
-    float *scores = malloc((size_t)length * sizeof(float) + (size_t)hd * sizeof(float));
-    if (!scores)
+    int64_t group = n_heads / n_kv, chunks = (length + ATTN_CHUNK - 1) / ATTN_CHUNK, units = n_kv * chunks;
+    /* q (n_heads hd), then per unit: top, sum (group each), o (group hd); per thread: scores (group ATTN_CHUNK) */
+    if (threads < 1)
+        threads = 1;
+    if (threads > units)
+        threads = (int)units;
+    size_t floats = (size_t)(n_heads * hd + units * group * (2 + hd) + threads * group * ATTN_CHUNK);
+    float *q = malloc(floats * sizeof(float));
+    if (!q)
         return -1;
-    float *q = scores + length;
+    float *tops = q + n_heads * hd, *sums = tops + units * group, *os = sums + units * group;
+    float *scratch = os + units * group * hd;
+    for (int64_t h = 0; h < n_heads; h++)
+        rope_head(qkv + h * hd, cs, hd, q + h * hd);
     float scale = 1.0f / sqrtf((float)hd);
-    int64_t group = n_heads / n_kv;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int t = 0; t < threads; t++)
+        for (int64_t u = t; u < units; u += threads) {
+            int64_t kv = u / chunks, j0 = (u % chunks) * ATTN_CHUNK;
+            int64_t j1 = j0 + ATTN_CHUNK < length ? j0 + ATTN_CHUNK : length;
+            attention_chunk(q + kv * group * hd, group, hd, cache_k + kv * max_len * hd, cache_v + kv * max_len * hd,
+                            j0, j1, mask, scale, scratch + t * group * ATTN_CHUNK, tops + u * group, sums + u * group,
+                            os + u * group * hd);
+        }
     for (int64_t h = 0; h < n_heads; h++) {
-        const float *keys = cache_k + (h / group) * max_len * hd, *values = cache_v + (h / group) * max_len * hd;
-        rope_head(qkv + h * hd, cs, hd, q);
-        float top = -INFINITY;
-        for (int64_t j = 0; j < length; j++) {
-            float dot = 0.0f;
-            for (int64_t i = 0; i < hd; i++)
-                dot += q[i] * keys[j * hd + i];
-            scores[j] = dot * scale + mask[j];
-            top = scores[j] > top ? scores[j] : top;
-        }
-        float total = 0.0f;
-        for (int64_t j = 0; j < length; j++) {
-            scores[j] = expf(scores[j] - top);
-            total += scores[j];
-        }
-        float *o = out + h * hd;
+        int64_t kv = h / group, g = h % group;
+        float best = -INFINITY, total = 0.0f, *o = out + h * hd;
+        for (int64_t c = 0; c < chunks; c++)
+            best = tops[(kv * chunks + c) * group + g] > best ? tops[(kv * chunks + c) * group + g] : best;
         for (int64_t i = 0; i < hd; i++)
             o[i] = 0.0f;
-        for (int64_t j = 0; j < length; j++) {
-            float p = scores[j] / total;
+        for (int64_t c = 0; c < chunks; c++) {
+            int64_t u = kv * chunks + c;
+            if (tops[u * group + g] == -INFINITY)
+                continue; /* every key of the chunk masked */
+            float w = expf(tops[u * group + g] - best);
+            total += w * sums[u * group + g];
             for (int64_t i = 0; i < hd; i++)
-                o[i] += p * values[j * hd + i];
+                o[i] += w * os[(u * group + g) * hd + i];
         }
+        for (int64_t i = 0; i < hd; i++)
+            o[i] /= total;
     }
-    free(scores);
+    free(q);
     return 0;
 }
