@@ -2,6 +2,8 @@
 float64 products of the same weights, on fresh random data, odd shapes, poisoned outputs; the AVX2
 build and the portable build; thread counts; the fallback when no compiler works."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -219,6 +221,39 @@ def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked
     assert torch.allclose(caches[0], ref_k, rtol=1e-6, atol=1e-6) and torch.equal(caches[1], ref_v)
     two = torch.cat([qkv, qkv], dim=1)
     assert not cpu_native.decode_attention_runs(two, caches[0], mask)
+
+
+def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
+    """On the CPU's native maps a level below cpu_native.SPARSE_FROM runs dense (the skipped blocks still stream, so
+    the masking would cost more than it saves): generate says every map runs dense and why, counts nothing, and
+    writes the dense run's text; --no-dense-fallback runs them sparse; a level from SPARSE_FROM runs sparse."""
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    from spqt.checkpoint import load_spqt, save_spqt
+    from spqt.cli import main
+
+    model = load_spqt(tiny_spqt)
+    low = f"{cpu_native.SPARSE_FROM - 0.1:g}"
+    model.thresholds = {"unified": {low: [[0.05] * 4] * model.config.n_layers,
+                                    f"{cpu_native.SPARSE_FROM:g}": [[0.05] * 4] * model.config.n_layers}}
+    save_spqt(model, tmp_path / "sparse.spqt")
+    impl = cpu_native.NativeZigzagLinear(model.weights["layers.0.o"], torch.float32, "cpu")
+    assert impl.sparse_pays(None) and impl.sparse_pays(cpu_native.SPARSE_FROM)
+    assert not impl.sparse_pays(cpu_native.SPARSE_FROM - 0.01)
+    runs = {}
+    for level, extra in (("0", []), (low, []), (low, ["--no-dense-fallback"]), (f"{cpu_native.SPARSE_FROM:g}", [])):
+        record = tmp_path / "gen.json"
+        capsys.readouterr()
+        assert main(["generate", str(tmp_path / "sparse.spqt"), "-p", "hello world", "-n", "8", "--device", "cpu",
+                     "--gemv", "native", "--sparsity", level, "--json", str(record), *extra]) == 0
+        err, doc = capsys.readouterr().err, json.loads(record.read_text())
+        runs[level, bool(extra)] = doc
+        dense = level == low and not extra
+        assert ("every linear map runs dense: at this level their sparse kernel is not faster on the CPU" in err) \
+            == dense, err
+        achieved = doc["achieved_sparsity"]
+        assert (achieved is None) if level == "0" or dense else 0 < achieved["all"] < 1, (level, extra, achieved)
+    assert runs[low, False]["text"] == runs["0", False]["text"]
 
 
 def test_no_compiler_is_one_line_and_the_cli_falls_back(tiny_spqt, monkeypatch, capsys):

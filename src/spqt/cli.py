@@ -276,9 +276,8 @@ def cmd_generate(args) -> int:
     if dense_step:
         print(f"[every linear map runs dense: {dense_step}]", file=sys.stderr, flush=True)
     elif dense:
-        print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: at this level their sparse "
-              f"kernel is not faster on this GPU (spqt tune's crossover; --no-dense-fallback runs them sparse)]",
-              file=sys.stderr, flush=True)
+        print(f"[{len(dense)} of {4 * loaded.config.n_layers} linear maps run dense: {gen.dense_fallback_note()}; "
+              f"--no-dense-fallback runs them sparse]", file=sys.stderr, flush=True)
     # MODE_KEPT (sparse maps in one launch) runs where the steps do not count the achieved sparsity (counting takes
     # the collected path): where it applies, decode fast and do not count; nor where every map runs dense (counting
     # would add a kernel a map to a step that should run as fast as the dense one, to count nothing)

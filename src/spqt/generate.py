@@ -329,11 +329,14 @@ class Generator:
     def dense_step_reason(self) -> str | None:
         """Why every map of the decode steps runs dense although a level is set, None where they do not: the tuned
         step route of this level is "dense" (spqt tune --routes timed no sparse step faster than the dense one
-        here), or SPQT_SPARSE_KEPT=dense asks it (any implementation that has crossovers); never with dense_fallback
-        off (every map then runs as asked) or in the chain (it runs every thresholded map sparse)."""
+        here), or SPQT_SPARSE_KEPT=dense asks it (any implementation that has crossovers); on the CPU's native maps,
+        every thresholded map is below SPARSE_FROM (dense_fallback_note); never with dense_fallback off (every map then
+        runs as asked) or in the chain (it runs every thresholded map sparse)."""
         thresholded = sum(lin.threshold is not None for _, _, lin in sparse_linears(self.model))
         if self.sparsity <= 0 or self.chain_runs() or not 0 < thresholded <= len(self.dense_fallbacks()):
             return None
+        if self.backend == "cpu-native":
+            return self.dense_fallback_note()
         from spqt.kernels.gpu_linear import kept_setting
 
         setting = kept_setting()
@@ -363,6 +366,16 @@ class Generator:
         from spqt.kernels import tuning
 
         return tuning.decode_route(tuning.model_key(self.loaded.config, kind_types(self.loaded.kind)[0]), sparsity)
+
+    def dense_fallback_note(self) -> str:
+        """Why dense_fallbacks() run dense, for a log line: the tuned crossover on a GPU, SPARSE_FROM on the CPU's
+        native maps."""
+        if self.backend == "cpu-native":
+            from spqt.kernels.cpu_native import SPARSE_FROM
+
+            return (f"at this level their sparse kernel is not faster on the CPU (its skipped blocks still stream; "
+                    f"a map runs sparse from {100 * SPARSE_FROM:g} %)")
+        return "at this level their sparse kernel is not faster on this GPU (spqt tune's crossover)"
 
     def dense_fallbacks(self) -> list[str]:
         """Maps running dense at this level because their sparse kernel would be slower (none in the chain: it runs

@@ -25,6 +25,11 @@ from spqt.kernels.cpu_fp16 import HalfGemvLinear
 from spqt.kernels.reference import ReferenceLinear
 
 SOURCE = Path(__file__).with_name("cpu_native.c")
+# The lowest level at which a zigzag map's sparse product runs on the CPU (dense_fallback): its skipped blocks still
+# stream (the hardware prefetcher takes them), so below this the masking costs more than it saves. The default model's
+# decode step on the 2-core VM against dense (9.25 ms): every map at 25 % +1 %, 40 % -1 %, 50 % -3 %, 65 % -6 %;
+# greedy thresholds at 25 % (maps at 0-50 %) +7 % (docs/RESULTS.md, thirty-third session).
+SPARSE_FROM = 0.5
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 _state: dict = {}
 
@@ -160,6 +165,11 @@ class NativeZigzagLinear(_NativeMap):
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._output(self._call(self._product, self.blocks.data_ptr(), x, residual)[0])
+
+    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Whether the sparse product is faster than the dense one at this level: from SPARSE_FROM on (an unknown
+        level runs sparse, as asked)."""
+        return level is None or level >= SPARSE_FROM
 
     def sparse_counted(self, x: torch.Tensor, threshold: float, scale: torch.Tensor | None,
                        residual: torch.Tensor | None, swiglu: bool) -> tuple[torch.Tensor, int] | None:

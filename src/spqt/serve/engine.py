@@ -99,8 +99,8 @@ class Engine:
         if dense_step:
             log.info("every linear map runs dense: %s", dense_step)
         elif dense:
-            log.info("%d of %d linear maps run dense: at this level their sparse kernel is not faster on this GPU "
-                     "(spqt tune's crossover)", len(dense), 4 * loaded.config.n_layers)
+            log.info("%d of %d linear maps run dense: %s", len(dense), 4 * loaded.config.n_layers,
+                     self.generator.dense_fallback_note())
         if kept:
             log.info("sparse maps in one launch each (MODE_KEPT): %s",
                      KEPT_ROUTE_NAMES[kept] + " (spqt tune --routes)" if self.generator.tuned_route_runs()
