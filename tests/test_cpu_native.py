@@ -226,16 +226,19 @@ def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked
 def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
     """On the CPU's native maps a level below cpu_native.SPARSE_FROM runs dense (the skipped blocks still stream, so
     the masking would cost more than it saves): generate says every map runs dense and why, counts nothing, and
-    writes the dense run's text; --no-dense-fallback runs them sparse; a level from SPARSE_FROM runs sparse."""
+    writes the dense run's text (the same level run sparse writes another); --no-dense-fallback runs them sparse; a
+    level from SPARSE_FROM runs sparse. Per map: each map's own level decides (greedy thresholds give each its own),
+    a map run dense while counting counts its inputs as kept, and a hooked input tap still sees the normed input."""
     if cpu_native.available():
         pytest.skip(cpu_native.available())
     from spqt.checkpoint import load_spqt, save_spqt
     from spqt.cli import main
+    from spqt.generate import Generator, set_sparse, sparse_linears
 
     model = load_spqt(tiny_spqt)
     low = f"{cpu_native.SPARSE_FROM - 0.1:g}"
-    model.thresholds = {"unified": {low: [[0.05] * 4] * model.config.n_layers,
-                                    f"{cpu_native.SPARSE_FROM:g}": [[0.05] * 4] * model.config.n_layers}}
+    model.thresholds = {"unified": {low: [[0.3] * 4] * model.config.n_layers,
+                                    f"{cpu_native.SPARSE_FROM:g}": [[0.3] * 4] * model.config.n_layers}}
     save_spqt(model, tmp_path / "sparse.spqt")
     impl = cpu_native.NativeZigzagLinear(model.weights["layers.0.o"], torch.float32, "cpu")
     assert impl.sparse_pays(None) and impl.sparse_pays(cpu_native.SPARSE_FROM)
@@ -253,7 +256,28 @@ def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
             == dense, err
         achieved = doc["achieved_sparsity"]
         assert (achieved is None) if level == "0" or dense else 0 < achieved["all"] < 1, (level, extra, achieved)
+    assert runs[low, True]["text"] != runs["0", False]["text"]  # the level drops enough to change the text
     assert runs[low, False]["text"] == runs["0", False]["text"]
+    from spqt.serve.engine import Engine  # a server counts only where a map runs sparse, as generate
+
+    for level, counts in ((float(low), False), (cpu_native.SPARSE_FROM, True)):
+        assert Engine(model, "cpu", level, ctx=16, backend="cpu-native").track == counts, level
+
+    gen = Generator(model, "cpu", backend="cpu-native", max_len=16)
+    maps = list(sparse_linears(gen.model))
+    for i, (_, _, lin) in enumerate(maps):  # levels around the crossover, as greedy thresholds give them
+        lin.set_threshold(0.3, level=cpu_native.SPARSE_FROM + (0.1 if i % 2 else -0.1))
+    below = [f"layers.{layer}.{kind}" for i, (layer, kind, _) in enumerate(maps) if i % 2 == 0]
+    assert gen.dense_fallbacks() == below and gen.dense_step_reason() is None
+    seen = []
+    lin = maps[0][2]  # below: dense, counted as kept, its tap still called
+    lin.input_tap.register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    set_sparse(gen.model, True, track=True)
+    x = torch.randn(1, 1, lin.in_features)
+    with torch.inference_mode():
+        y = lin(x)
+    assert torch.equal(y, lin.impl.dense(x)) and torch.equal(seen[0], x)
+    assert lin.counts.tolist() == [0.0, float(lin.in_features)]
 
 
 def test_no_compiler_is_one_line_and_the_cli_falls_back(tiny_spqt, monkeypatch, capsys):

@@ -351,7 +351,8 @@ def cmd_serve(args) -> int:
         name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
                         backend=_gemv_backend(args.gemv, device),
-                        prompt_cache={"on": True, "off": False}.get(args.prompt_cache))
+                        prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
+                        dense_fallback=not args.no_dense_fallback)
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
     finally:
         sock.close()
@@ -795,7 +796,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
-                   help="run every map sparse, also where its sparse kernel is slower than dense (GPU)")
+                   help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "
+                        "tuned crossover, below 50 %% on the CPU)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
@@ -823,6 +825,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "else no key)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the model file's name)")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
+    p.add_argument("--no-dense-fallback", action="store_true",
+                   help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
                         "as a chat's next turn (auto: on for the CPU, off on CUDA until timed there); answers can "

@@ -137,7 +137,7 @@ class Linear(DirectCallModule):
         VM, and a decode step runs 120 maps): the native norm, one C call that masks as it reads and counts. The
         general path's semantics (the dense fallback, a hooked input tap, the norm in C); None where it is not
         taken."""
-        if (self.dense_fallback and not self.impl.sparse_pays(self.level, norm is not None)) or hooked(self.input_tap):
+        if (self.dense_fallback and not self.impl.sparse_pays(self.level)) or hooked(self.input_tap):
             return None
         t = float(self.threshold)  # read each call: thresholds may be changed in place
         if t < 0 or x.dtype != torch.float32:

@@ -63,13 +63,14 @@ class EngineInfo:
 class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
-                 criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None):
+                 criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None,
+                 dense_fallback: bool = True):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
         backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU).
         prompt_cache: reuse what the request before left in the KV cache (None: on the CPU only; see the module's
-        docstring)."""
+        docstring). dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked)."""
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):
@@ -82,14 +83,14 @@ class Engine:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
         self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
         self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx, criterion=criterion,
-                                   backend=backend)
+                                   backend=backend, dense_fallback=dense_fallback)
         self.stop_ids = self.tokenizer.stop_ids
         self.prompt_cache = self.generator.device == "cpu" if prompt_cache is None else prompt_cache
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
-        # costs little, so GPU timings in the log are the plain decode.
-        self.track = self.generator.device == "cpu" and sparsity > 0
-        dense, kept = self.generator.dense_fallbacks(), None if self.track else self.generator.kept_runs()
+        # costs little, so GPU timings in the log are the plain decode; not where every map runs dense
         dense_step = self.generator.dense_step_reason()
+        self.track = self.generator.device == "cpu" and sparsity > 0 and dense_step is None
+        dense, kept = self.generator.dense_fallbacks(), None if self.track else self.generator.kept_runs()
         if self.generator.device == "cuda":
             from spqt.bench import untuned_note
 
