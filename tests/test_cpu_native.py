@@ -227,7 +227,7 @@ def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
     """On the CPU's native maps a level below cpu_native.SPARSE_FROM runs dense (the skipped blocks still stream, so
     the masking would cost more than it saves): generate says every map runs dense and why, counts nothing, and
     writes the dense run's text (the same level run sparse writes another); --no-dense-fallback runs them sparse; a
-    level from SPARSE_FROM runs sparse. Per map: each map's own level decides (greedy thresholds give each its own),
+    level from SPARSE_FROM runs sparse; a level whose every map runs dense decodes as dense does. Per map: each map's own level decides (greedy thresholds give each its own),
     a map run dense while counting counts its inputs as kept, and a hooked input tap still sees the normed input."""
     if cpu_native.available():
         pytest.skip(cpu_native.available())
@@ -258,6 +258,11 @@ def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
         assert (achieved is None) if level == "0" or dense else 0 < achieved["all"] < 1, (level, extra, achieved)
     assert runs[low, True]["text"] != runs["0", False]["text"]  # the level drops enough to change the text
     assert runs[low, False]["text"] == runs["0", False]["text"]
+    every_dense = Generator(model, "cpu", backend="cpu-native", sparsity=float(low), max_len=32)
+    flags = []  # such a level decodes as dense does: no map in the sparse path, the answer's keys reusable
+    out = every_dense.generate([5, 6, 7], 4, reuse=True, on_token=lambda t: flags.append(
+        any(lin.sparse for _, _, lin in sparse_linears(every_dense.model)))).tokens
+    assert flags == [False] * 4 and every_dense.reusable_prefix([5, 6, 7] + out + [1]) == 3 + 3
     from spqt.serve.engine import Engine  # a server counts only where a map runs sparse, as generate
 
     for level, counts in ((float(low), False), (cpu_native.SPARSE_FROM, True)):

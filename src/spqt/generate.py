@@ -660,7 +660,10 @@ class Generator:
         self._sync()
         prefill = time.perf_counter() - start
         out, steps = [], []
-        set_sparse(self.model, self.sparsity > 0, track=track and self.sparsity > 0)
+        # on the CPU a level whose every map runs dense (dense_step_reason) decodes as dense does, without the sparse
+        # path's per-map checks (a GPU's steps are graphs: captured once, they run no Python per map)
+        sparse = self.sparsity > 0 and not (self.device == "cpu" and self.dense_step_reason())
+        set_sparse(self.model, sparse, track=track and sparse)
         pos = len(prompt)
         finish = "length"
         if self.use_graph and sampling.temperature == 0 and on_logits is None:
@@ -699,9 +702,9 @@ class Generator:
         finally:
             if threads:
                 threads.restore()
-        achieved = achieved_sparsity(self.model) if self.sparsity > 0 and track else {}
+        achieved = achieved_sparsity(self.model) if sparse and track else {}
         set_sparse(self.model, False)
         # the cache now holds the prompt and every new token but the last (never fed back); decoded tokens count
         # where their steps ran dense
-        self._kept = (list(prompt) + (out[:-1] if self.sparsity == 0 else []), self.model.cache_generation)
+        self._kept = (list(prompt) + (out[:-1] if not sparse else []), self.model.cache_generation)
         return GenerationResult(out, len(prompt), prefill, sum(steps), steps, achieved, finish, cached)
