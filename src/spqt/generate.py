@@ -336,7 +336,7 @@ class Generator:
         if self.sparsity <= 0 or self.chain_runs() or not 0 < thresholded <= len(self.dense_fallbacks()):
             return None
         if self.backend == "cpu-native":
-            return self.dense_fallback_note()
+            return self.dense_fallback_note() + "; --no-dense-fallback runs them sparse"
         from spqt.kernels.gpu_linear import kept_setting
 
         setting = kept_setting()
