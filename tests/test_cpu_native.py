@@ -227,8 +227,9 @@ def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
     """On the CPU's native maps a level below cpu_native.SPARSE_FROM runs dense (the skipped blocks still stream, so
     the masking would cost more than it saves): generate says every map runs dense and why, counts nothing, and
     writes the dense run's text (the same level run sparse writes another); --no-dense-fallback runs them sparse; a
-    level from SPARSE_FROM runs sparse; a level whose every map runs dense decodes as dense does. Per map: each map's own level decides (greedy thresholds give each its own),
-    a map run dense while counting counts its inputs as kept, and a hooked input tap still sees the normed input."""
+    level from SPARSE_FROM runs sparse; a level whose every map runs dense decodes as dense does. Per map: each map's
+    own level decides (greedy thresholds give each its own), a map run dense while counting counts its inputs as
+    kept, and a hooked input tap still sees the normed input."""
     if cpu_native.available():
         pytest.skip(cpu_native.available())
     from spqt.checkpoint import load_spqt, save_spqt

@@ -136,8 +136,8 @@ def test_suffix_captures_cover_every_rest_that_reuse_runs(tiny_spqt, monkeypatch
     gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=300)
     gen.use_graph = True
     runs = []
-    monkeypatch.setattr(gen, "_prefill", lambda prompt, start=0, capture=False: runs.append((start, len(prompt) - start))
-                        if capture else pytest.fail("a capture run that may not capture"))
+    monkeypatch.setattr(gen, "_prefill", lambda prompt, start=0, capture=False: runs.append(
+        (start, len(prompt) - start)) if capture else pytest.fail("a capture run that may not capture"))
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     assert gen.capture_prefills(299, suffixes=True) == 300
     slots = set()

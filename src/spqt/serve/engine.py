@@ -8,10 +8,11 @@ The prompt cache: a request's prompt that starts with what the one before left i
 answer where that was decoded dense), as a chat's next turn does, prefills only the rest (Generator.generate's reuse).
 Its answer can differ from a whole prefill's where the last bits of the logits decide (llama.cpp's server, whose
 cache_prompt does the same, says as much). The cache is one for all clients: cached_tokens (and the first token's
-time) tells a client how long a prefix its prompt shares with the request before, another client's too. On CUDA the rest of a prompt runs in prefill graphs captured at the start
-(Generator.capture_prefills' suffixes), and where it has none the whole prompt runs in its own graph. `auto` turns
-the cache on for the CPU; on CUDA those graphs have not yet been timed against a whole prompt's captured prefill
-(~1.5 ms for the default model on an H200), so auto leaves it off there (spqt serve --prompt-cache on asks for it).
+time) tells a client how long a prefix its prompt shares with the request before, another client's too. On CUDA the
+rest of a prompt runs in prefill graphs captured at the start (Generator.capture_prefills' suffixes), and where it
+has none the whole prompt runs in its own graph. `auto` turns the cache on for the CPU; on CUDA those graphs have not
+yet been timed against a whole prompt's captured prefill (~1.5 ms for the default model on an H200), so auto leaves
+it off there (spqt serve --prompt-cache on asks for it).
 """
 
 import logging
