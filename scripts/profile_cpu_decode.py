@@ -85,6 +85,9 @@ def main():
                   f"GEMVs stubbed, position {pos}: min {1e3 * min(stubbed):.2f} ms, "
                   f"median {1e3 * statistics.median(stubbed):.2f} ms (of {2 * n})")
         if args.no_profile:
+            if not args.stub:
+                print(f"{args.backend}, {args.threads} threads: plain step median "
+                      f"{1e3 * statistics.median(plain):.2f} ms ({1 / statistics.median(plain):.1f} tokens/s)")
             return
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             token, pos, profiled = steps(gen, token, pos, n)
