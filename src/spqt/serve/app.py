@@ -108,7 +108,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     @app.get("/health")
     async def health(request: Request):
         return {"status": "ok", "model": info.model_id, "device": info.device, "sparsity": info.sparsity,
-                "mode": info.mode, "criterion": info.criterion, "ctx": info.ctx, **scheduler.stats()}
+                "mode": info.mode, "criterion": info.criterion, "ctx": info.ctx, "prompt_cache": engine.prompt_cache,
+                **scheduler.stats()}
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
