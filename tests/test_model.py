@@ -112,6 +112,11 @@ def test_reuse_prefills_only_what_the_cache_does_not_hold(tiny_spqt, rng):
     # a prompt that parts from the cache at position 5 reuses 5
     fork = turn[:5] + [(turn[5] + 1) % vocab] + turn[6:]
     assert gen.generate(fork, 2, reuse=True).cached_tokens == 5
+    # sampled steps and a stop leave the prompt and every new token but the last
+    sampled = gen.generate(first, 5, Sampling(temperature=0.8, seed=2), reuse=True).tokens
+    assert gen.reusable_prefix(first + sampled + [1]) == 20 + 4
+    stopped = gen.generate(first, 8, reuse=True, stop_ids={answer.tokens[2]}).tokens
+    assert stopped[-1] == answer.tokens[2] and gen.reusable_prefix(first + stopped + [1]) == 20 + len(stopped) - 1
     # a new KV cache, or a caller's own decode step, leaves nothing to reuse
     gen.generate(first, 2, reuse=True)
     gen.model.setup_cache(1, gen.max_len, torch.float32)
