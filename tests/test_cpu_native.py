@@ -84,6 +84,32 @@ def test_zigzag_matches_float64(builds, rng, fmt, n, k):
             assert torch.allclose(plain.double(), want - residual.double(), rtol=0, atol=2 * bound)
 
 
+@pytest.mark.parametrize("n,k", [(300, 77), (256, 64), (1000, 3)])
+def test_q4k_prefill_gemm_matches_float64(builds, rng, n, k):
+    """A Q4_K map's product of GEMM_ROWS rows or more (a prefill's) runs as x W^T through torch's GEMM on W^T
+    dequantized for the call: W^T is the format's own values exactly (every element written: the buffer poisoned),
+    every thread count the same bits; y within fp32 rounding of the float64 product, with a residual;
+    fewer rows take the blocks row by row."""
+    qw = _zigzag(rng, "q4_k", n, k)
+    w64 = qw.dequantize().double()
+    for threads in (1, 2, 3):
+        wt = torch.full((k, n), float("nan"))
+        builds["native"].spqt_q4k_zigzag_dequant_t(qw.blocks.data_ptr(), n, k, wt.data_ptr(), threads)
+        assert torch.equal(wt.double(), w64.t())
+    impl = cpu_native.NativeZigzagLinear(qw, torch.float32, "cpu")
+    for m, gemm in ((cpu_native.GEMM_ROWS, True), (cpu_native.GEMM_ROWS - 1, False)):
+        x = _input(rng, m, k, 0.0).view(1, m, k)
+        residual = torch.from_numpy(rng.standard_normal((1, m, n))).float()
+        calls = []
+        real = impl._gemm
+        impl._gemm = lambda *a: calls.append(1) or real(*a)
+        y = impl.product(x, residual)
+        want = residual.double() + x.double() @ w64.t()
+        bound = 1e-5 * float((x.double().abs() @ w64.abs().t()).max()) + 1e-6
+        assert y.shape == (1, m, n) and bool(calls) == gemm
+        assert float((y.double() - want).abs().max()) <= bound
+
+
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("criterion", ["teal", "wina"])
 def test_zigzag_sparse_masks_as_it_reads(builds, rng, fmt, criterion):
