@@ -168,10 +168,12 @@ def test_a_prefill_from_the_start_runs_causal_attention(tiny_spqt):
     from spqt.checkpoint import load_spqt
 
     gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=300)
-    seen = []
-    real = functional.attention
+    seen, sdpa = [], []
+    real, real_sdpa = functional.attention, functional.F.scaled_dot_product_attention
     functional.attention = lambda qkv, table, positions, k, v, h, kv, mask, length, **kw: seen.append(
         getattr(mask, functional.CAUSAL, False)) or real(qkv, table, positions, k, v, h, kv, mask, length, **kw)
+    functional.F.scaled_dot_product_attention = lambda *a, **kw: sdpa.append(
+        (kw["is_causal"], kw["attn_mask"] is None)) or real_sdpa(*a, **kw)
     try:
         tokens = torch.randint(0, 300, (1, 257), generator=torch.Generator().manual_seed(1))
         with torch.inference_mode():
@@ -179,9 +181,10 @@ def test_a_prefill_from_the_start_runs_causal_attention(tiny_spqt):
             explicit = gen.model(tokens, torch.arange(257), kv_len=258)  # a key past the tokens: the mask as is
             gen.model(tokens[:, 200:], torch.arange(200, 257), kv_len=257)
     finally:
-        functional.attention = real
+        functional.attention, functional.F.scaled_dot_product_attention = real, real_sdpa
     n_layers = gen.loaded.config.n_layers
     assert seen == [True] * n_layers + [False] * (2 * n_layers)
+    assert sdpa == [(True, True)] * n_layers + [(False, False)] * (2 * n_layers)  # what torch was asked
     span = float(explicit.max() - explicit.min())
     assert float((causal - explicit).abs().max()) < 1e-5 * span
 

@@ -732,19 +732,21 @@ void spqt_zigzag(int type, const uint8_t *blocks, int64_t n, int64_t k, const fl
     zigzag_product(&ZIGZAG_TYPES[type], blocks, n, k, x, m, y, residual, threads, 0);
 }
 
-/* W^T (K, N) fp32 row-major from Q4_K zigzag blocks (ceil(N / 256), K, Q4K_BYTES): wt[kk][256 r + i] = the value
- * of superblock row r's block kk for its output i (d sc_j q - dmin m_j, sub-block j of quant group i / 64: its low
- * nibbles outputs 64 c + 0..31, its high ones 64 c + 32..63); outputs past N not written. A prefill's product runs
- * as x W^T through torch's GEMM on it (kernels/cpu_native.py, GEMM_ROWS). */
-void spqt_q4k_zigzag_dequant_t(const uint8_t *blocks, int64_t n, int64_t k, float *wt, int threads)
+/* Outputs 256 r0 .. min(N, 256 r1) - 1 of W^T, fp32 (K, width) row-major, width = min(N, 256 r1) - 256 r0, from Q4_K
+ * zigzag blocks (ceil(N / 256), K, Q4K_BYTES): wt[kk][256 (r - r0) + i] = the value of superblock row r's block kk
+ * for its output i (d sc_j q - dmin m_j, sub-block j of quant group i / 64: its low nibbles outputs 64 c + 0..31, its
+ * high ones 64 c + 32..63). A prefill's product runs as x W^T through torch's GEMM on it, a slab of superblock rows
+ * at a time (kernels/cpu_native.py, GEMM_ROWS). */
+void spqt_q4k_zigzag_dequant_t(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
+                               int threads)
 {
-    int64_t rows = (n + 255) / 256;
+    int64_t end = n < 256 * r1 ? n : 256 * r1, width = end - 256 * r0;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t kk = 0; kk < k; kk++)
-        for (int64_t r = 0; r < rows; r++) {
+        for (int64_t r = r0; 256 * r < end; r++) {
             const uint8_t *b = blocks + (r * k + kk) * Q4K_BYTES;
-            float d = load_half(b), dmin = load_half(b + 2), *dst = wt + kk * n + 256 * r;
-            int64_t valid = n - 256 * r < 256 ? n - 256 * r : 256;
+            float d = load_half(b), dmin = load_half(b + 2), *dst = wt + kk * width + 256 * (r - r0);
+            int64_t valid = end - 256 * r < 256 ? end - 256 * r : 256;
             for (int c = 0; c < 4; c++) {
                 int sc0, m0, sc1, m1;
                 scale_min(2 * c, b + 4, &sc0, &m0);
@@ -757,8 +759,10 @@ void spqt_q4k_zigzag_dequant_t(const uint8_t *blocks, int64_t n, int64_t k, floa
                     hi[l] = s1 * (float)(q[l] >> 4) - o1;
                 }
                 int64_t a0 = valid - 64 * c, a1 = valid - 64 * c - 32;
-                memcpy(dst + 64 * c, lo, (size_t)(a0 >= 32 ? 32 : a0 > 0 ? a0 : 0) * sizeof(float));
-                memcpy(dst + 64 * c + 32, hi, (size_t)(a1 >= 32 ? 32 : a1 > 0 ? a1 : 0) * sizeof(float));
+                if (a0 > 0)
+                    memcpy(dst + 64 * c, lo, (size_t)(a0 >= 32 ? 32 : a0) * sizeof(float));
+                if (a1 > 0)
+                    memcpy(dst + 64 * c + 32, hi, (size_t)(a1 >= 32 ? 32 : a1) * sizeof(float));
             }
         }
 }
