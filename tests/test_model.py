@@ -165,6 +165,35 @@ def test_suffix_captures_cover_every_rest_that_reuse_runs(tiny_spqt, monkeypatch
     assert gen._reuse_pays(65, 1) and not gen._reuse_pays(64, 1)
 
 
+def test_a_prefill_from_the_start_runs_causal_attention(tiny_spqt):
+    """A CPU prefill of T tokens from position 0 over T keys marks its mask causal, and torch's attention then runs
+    is_causal (blocks above the diagonal skipped): the logits are the explicit mask's within fp32 rounding; a
+    prefill after cached keys (T < keys) keeps the explicit mask."""
+    from spqt import functional
+    from spqt.checkpoint import load_spqt
+
+    gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=300)
+    seen, sdpa = [], []
+    real, real_sdpa = functional.attention, functional.F.scaled_dot_product_attention
+    functional.attention = lambda qkv, table, positions, k, v, h, kv, mask, length, **kw: seen.append(
+        getattr(mask, functional.CAUSAL, False)) or real(qkv, table, positions, k, v, h, kv, mask, length, **kw)
+    functional.F.scaled_dot_product_attention = lambda *a, **kw: sdpa.append(
+        (kw["is_causal"], kw["attn_mask"] is None)) or real_sdpa(*a, **kw)
+    try:
+        tokens = torch.randint(0, 300, (1, 257), generator=torch.Generator().manual_seed(1))
+        with torch.inference_mode():
+            causal = gen.model(tokens, torch.arange(257), kv_len=257)
+            explicit = gen.model(tokens, torch.arange(257), kv_len=258)  # a key past the tokens: the mask as is
+            gen.model(tokens[:, 200:], torch.arange(200, 257), kv_len=257)
+    finally:
+        functional.attention, functional.F.scaled_dot_product_attention = real, real_sdpa
+    n_layers = gen.loaded.config.n_layers
+    assert seen == [True] * n_layers + [False] * (2 * n_layers)
+    assert sdpa == [(True, True)] * n_layers + [(False, False)] * (2 * n_layers)  # what torch was asked
+    span = float(explicit.max() - explicit.min())
+    assert float((causal - explicit).abs().max()) < 1e-5 * span
+
+
 def test_prompt_longer_than_context_is_refused(tiny_spqt):
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError

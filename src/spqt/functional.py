@@ -18,6 +18,9 @@ def _fused(x: torch.Tensor) -> bool:
 # GEMV (kernels/gpu_linear.py). The values are the tensor's as long as nothing writes it in between: code that
 # changes such a tensor in place must drop the attribute (a hooked module call does: direct_call.py).
 NORM_SUMS = "spqt_norm_sums"
+# Set (True) on an attention mask that is exactly causal: T tokens at positions 0 .. T - 1 over T keys (a prefill from
+# the start); the CPU's torch attention then runs is_causal, which skips the blocks above the diagonal.
+CAUSAL = "spqt_causal"
 
 _NORM_CONSTANTS: dict[tuple[int, float], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -140,6 +143,8 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
         if fused.decode_attention_route(length, n_heads, n_kv, hd) != "torch":
             return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
     q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
+    causal = getattr(mask, CAUSAL, False) and not qkv.is_cuda
     out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],
-                                         attn_mask=mask, enable_gqa=n_kv != n_heads)
+                                         attn_mask=None if causal else mask, is_causal=causal,
+                                         enable_gqa=n_kv != n_heads)
     return out.transpose(1, 2)

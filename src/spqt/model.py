@@ -174,6 +174,8 @@ class Transformer(nn.Module):
             key_pos = torch.arange(length, device=tokens.device)
             mask = torch.zeros((positions.shape[0], length), dtype=x.dtype, device=x.device).masked_fill_(
                 key_pos[None, :] > positions[:, None], float("-inf"))
+            if x.device.type == "cpu" and 1 < positions.shape[0] == length:  # positions ascending: 0 .. T - 1
+                setattr(mask, functional.CAUSAL, True)
             for block in self.layers:
                 x = block(x, self.rope, positions, mask)
         if select is not None:

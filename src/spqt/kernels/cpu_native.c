@@ -732,6 +732,41 @@ void spqt_zigzag(int type, const uint8_t *blocks, int64_t n, int64_t k, const fl
     zigzag_product(&ZIGZAG_TYPES[type], blocks, n, k, x, m, y, residual, threads, 0);
 }
 
+/* Outputs 256 r0 .. min(N, 256 r1) - 1 of W^T, fp32 (K, width) row-major, width = min(N, 256 r1) - 256 r0, from Q4_K
+ * zigzag blocks (ceil(N / 256), K, Q4K_BYTES): wt[kk][256 (r - r0) + i] = the value of superblock row r's block kk
+ * for its output i (d sc_j q - dmin m_j, sub-block j of quant group i / 64: its low nibbles outputs 64 c + 0..31, its
+ * high ones 64 c + 32..63). A prefill's product runs as x W^T through torch's GEMM on it, a slab of superblock rows
+ * at a time (kernels/cpu_native.py, GEMM_ROWS). */
+void spqt_q4k_zigzag_dequant_t(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
+                               int threads)
+{
+    int64_t end = n < 256 * r1 ? n : 256 * r1, width = end - 256 * r0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t kk = 0; kk < k; kk++)
+        for (int64_t r = r0; 256 * r < end; r++) {
+            const uint8_t *b = blocks + (r * k + kk) * Q4K_BYTES;
+            float d = load_half(b), dmin = load_half(b + 2), *dst = wt + kk * width + 256 * (r - r0);
+            int64_t valid = end - 256 * r < 256 ? end - 256 * r : 256;
+            for (int c = 0; c < 4; c++) {
+                int sc0, m0, sc1, m1;
+                scale_min(2 * c, b + 4, &sc0, &m0);
+                scale_min(2 * c + 1, b + 4, &sc1, &m1);
+                float s0 = d * (float)sc0, o0 = dmin * (float)m0, s1 = d * (float)sc1, o1 = dmin * (float)m1;
+                const uint8_t *q = b + 16 + 32 * c;
+                float lo[32], hi[32];
+                for (int l = 0; l < 32; l++) {
+                    lo[l] = s0 * (float)(q[l] & 0x0f) - o0;
+                    hi[l] = s1 * (float)(q[l] >> 4) - o1;
+                }
+                int64_t a0 = valid - 64 * c, a1 = valid - 64 * c - 32;
+                if (a0 > 0)
+                    memcpy(dst + 64 * c, lo, (size_t)(a0 >= 32 ? 32 : a0) * sizeof(float));
+                if (a1 > 0)
+                    memcpy(dst + 64 * c + 32, hi, (size_t)(a1 >= 32 ? 32 : a1) * sizeof(float));
+            }
+        }
+}
+
 /* The sparse product y = [residual +] (x * keep) W^T, keep = |x| > t or |x| scale_k > t (scale (K,) or
  * NULL): the masked input is never formed, its dropped inputs' blocks never read. Returns how many of
  * the M K inputs were kept. */

@@ -30,6 +30,10 @@ SOURCE = Path(__file__).with_name("cpu_native.c")
 # decode step on the 2-core VM against dense (9.25 ms): every map at 25 % +1 %, 40 % -1 %, 50 % -3 %, 65 % -6 %;
 # greedy thresholds at 25 % (maps at 0-50 %) +7 % (docs/RESULTS.md, thirty-third session).
 SPARSE_FROM = 0.5
+# Rows of x from which a Q4_K map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
+# the call, instead of the blocks multiplied row by row (which decodes every block again for each row).
+GEMM_ROWS = 128
+GEMM_SLAB = 16  # superblock rows (4,096 outputs) of W^T dequantized at a time: at most 64 MB at K = 4,096
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 _state: dict = {}
 
@@ -39,6 +43,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spqt_zigzag_type.argtypes = [ctypes.c_char_p]
     lib.spqt_zigzag_type.restype = i32
     lib.spqt_zigzag.argtypes = [i32, p, i64, i64, p, i64, p, p, i32]
+    lib.spqt_q4k_zigzag_dequant_t.argtypes = [p, i64, i64, i64, i64, p, i32]
+    lib.spqt_q4k_zigzag_dequant_t.restype = None
     lib.spqt_zigzag.restype = None
     lib.spqt_zigzag_sparse.argtypes = [i32, p, i64, i64, p, i64, p, p, i32, ctypes.c_float, p]
     lib.spqt_zigzag_sparse.restype = i64
@@ -160,11 +166,32 @@ class NativeZigzagLinear(_NativeMap):
         self.type = zigzag_type(weight.fmt)
         if weight.layout != "zigzag" or self.type < 0:
             raise ValueError(f"no native map for {weight.layout} {weight.fmt}")
+        self.fmt = weight.fmt
         self._product = functools.partial(_library().spqt_zigzag, self.type)
         self._sparse = functools.partial(_library().spqt_zigzag_sparse, self.type)
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fmt == "q4_k" and x.numel() >= GEMM_ROWS * self.in_features:
+            return self._output(self._gemm(x, residual))
         return self._output(self._call(self._product, self.blocks.data_ptr(), x, residual)[0])
+
+    def _gemm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """[residual +] x W^T (fp32) for many rows of x: W^T dequantized for this call, GEMM_SLAB superblock rows
+        (K x 4,096 fp32) at a time, each multiplied by torch's GEMM into its columns of y."""
+        x = x.to(torch.float32)
+        n, k = self.out_features, self.in_features
+        slabs = range(0, (n + 255) // 256, GEMM_SLAB)
+        y = None if len(slabs) == 1 else torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
+        for r0 in slabs:
+            n0, n1 = 256 * r0, min(n, 256 * (r0 + GEMM_SLAB))
+            wt = torch.empty(k, n1 - n0, dtype=torch.float32)
+            _library().spqt_q4k_zigzag_dequant_t(self.blocks.data_ptr(), n, k, r0, r0 + GEMM_SLAB, wt.data_ptr(),
+                                                 _threads())
+            if y is None:
+                y = torch.matmul(x, wt)
+            else:
+                y[..., n0:n1] = torch.matmul(x, wt)
+        return y if residual is None else y.add_(residual.to(torch.float32))
 
     def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
         """Whether the sparse product is faster than the dense one at this level: from SPARSE_FROM on (an unknown
