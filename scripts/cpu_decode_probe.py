@@ -3,13 +3,15 @@
     PYTHONPATH=src python scripts/cpu_decode_probe.py contexts [--contexts 10,300,1100,2100,4050]
     PYTHONPATH=src python scripts/cpu_decode_probe.py levels [--rounds 6]
     PYTHONPATH=src python scripts/cpu_decode_probe.py maps [--rounds 7]
+    PYTHONPATH=src python scripts/cpu_decode_probe.py prefill [--contexts 512,1100,4050]
 
 contexts: greedy decode (Generator.generate, 33 tokens, native maps) after a prompt of each length; the decode rate it
 reports. levels: decode steps (Generator.decode_step, 40 a round, median) of one Generator per setting (dense, every
 map at 25 / 40 / 50 / 65 %, greedy thresholds at 25 / 50 / 65 %), the settings in turn each round so they share the
 machine's state; dense_fallback off, so each level runs sparse as asked (what the CPU's crossover is measured from).
 maps: the 120 layer maps of one token alone, dense against the sparse product at each level (x random, the
-threshold its level's quantile), 5 passes a round: the maps' weights stream from memory as in a step.
+threshold its level's quantile), 5 passes a round: the maps' weights stream from memory as in a step. prefill: the
+prefill of a prompt of each length (Generator.generate, one new token; the faster of two).
 """
 
 import argparse
@@ -22,6 +24,7 @@ from spqt.checkpoint import load_spqt
 from spqt.default_model import default_spqt
 from spqt.generate import Generator, set_sparse, sparse_linears
 
+CONTEXTS = "10,300,1100,2100,4050"
 SETTINGS = [("dense", 0.0, "unified"), ("every map 25 %", 0.25, "unified"), ("every map 40 %", 0.4, "unified"),
             ("every map 50 %", 0.5, "unified"), ("every map 65 %", 0.65, "unified"), ("greedy 25 %", 0.25, "greedy"),
             ("greedy 50 %", 0.5, "greedy"), ("greedy 65 %", 0.65, "greedy")]
@@ -32,6 +35,13 @@ def contexts(loaded, lengths: list[int]) -> None:
     for n in lengths:
         result = gen.generate(list(range(100, 100 + n)), 33, track=False)
         print(f"context {n:5d}: decode {result.decode_tokens_per_s:6.1f} tokens/s", flush=True)
+
+
+def prefill(loaded, lengths: list[int]) -> None:
+    gen = Generator(loaded, "cpu", max_len=max(lengths) + 8, backend="cpu-native")
+    for n in lengths:
+        seconds = min(gen.generate(list(range(100, 100 + n)), 1, track=False).prefill_seconds for _ in range(2))
+        print(f"prompt {n}: prefill {seconds:.2f} s ({n / seconds:.0f} tokens/s)", flush=True)
 
 
 def levels(loaded, rounds: int) -> None:
@@ -88,14 +98,15 @@ def maps(loaded, rounds: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=("contexts", "levels", "maps"))
-    ap.add_argument("--contexts", default="10,300,1100,2100,4050")
+    ap.add_argument("what", choices=("contexts", "levels", "maps", "prefill"))
+    ap.add_argument("--contexts", default=CONTEXTS, help="prompt lengths (prefill: default 512,1100,4050)")
     ap.add_argument("--rounds", type=int, default=6)
     args = ap.parse_args()
     loaded = load_spqt(default_spqt(progress=False))
     print(f"torch threads {torch.get_num_threads()}")
-    if args.what == "contexts":
-        contexts(loaded, [int(n) for n in args.contexts.split(",")])
+    if args.what in ("contexts", "prefill"):
+        default = "512,1100,4050" if args.what == "prefill" and args.contexts == CONTEXTS else args.contexts
+        (contexts if args.what == "contexts" else prefill)(loaded, [int(n) for n in default.split(",")])
     elif args.what == "levels":
         levels(loaded, args.rounds)
     else:
