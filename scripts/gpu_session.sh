@@ -1384,8 +1384,11 @@ llama2-7b:now}" 90
   types33)
     # Issue 15's perplexity table on the whole WikiText-2 test (scripts/types_table.py): the default model in every
     # type and mix, zigzag and row, dense, 25 and 50 %, into $OUT/types-table/ (table.md, table.json). Carry
-    # .carry/data holding wikitext-2-raw-v1-test.txt, .whl, and the default model (park first).
+    # .carry/data holding wikitext-2-raw-v1-test.txt, .whl, and the default model (park first). A call cut short
+    # returns the rows it finished: unpack them into .carry/types-table and carry it to the next call, which resumes.
     start=$(date +%s)
+    mkdir -p "$OUT/types-table"
+    cp .carry/types-table/*.json "$OUT/types-table/" 2>/dev/null
     timeout ${TYPES33_LIMIT:-560} python3 scripts/types_table.py --data .carry/data/wikitext-2-raw-v1-test.txt \
       --device cuda --out "$OUT/types-table" --models /tmp/types-models 2>&1 | grep -v WARN | tail -30
     (cd "$OUT" && tar czf types-table.tgz types-table && rm -r types-table)
