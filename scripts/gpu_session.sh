@@ -161,8 +161,6 @@ gpu_tests() {
     | grep -E "passed|failed|FAILED|Error|s call|s setup" | tail -40
   echo "gpu tests on this machine: $(( $(date +%s) - t0 )) s"
 }
-# Every gpu test, quiet, 8 workers, at most 420 s (the final calls), logged in $OUT/pytest-gpu.log; prints the summary
-# and the stage's time so far (since $start).
 # scripts/prefill_probe.py on PREFILL_MODELS at PREFILL_TOKENS (PREFILL_ARGS added) within $1 seconds, into
 # $OUT/prefill.log and prefill.json
 prefill_probe() {
@@ -188,21 +186,19 @@ serve_probe() {
       | grep -v "spqt serve:" | tee -a "$OUT/serve-overhead.log" | tail -3
   done
 }
-# scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
-# $OUT/prefill-<setting>.log / .json
 # The prefill's gpu tests (the GEMM that reads the blocks, the repack and dequantization, the runtime's prefill) and
 # the node ids after $2, within $1 seconds, into $OUT/$2-tests.log; prints the summary and the stage's time so far
 prefill_gpu_tests() {
   local limit=$1 tag=$2
   shift 2
-  gpu_tests "$limit" "$tag" tests/test_gemm_q4k.py "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
+  gpu_node_tests "$limit" "$tag" tests/test_gemm_q4k.py "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
     "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
     "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_a_gemm_of_the_blocks" \
     "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" "$@"
 }
 # The gpu tests of the node ids after $2 within $1 seconds, into $OUT/$2-tests.log; prints the summary and the
-# stage's time so far
-gpu_tests() {
+# stage's time so far (apart from gpu_tests above, which the older stages call with a worker count)
+gpu_node_tests() {
   local limit=$1 tag=$2
   shift 2
   timeout "$limit" python3 -m pytest -q -m gpu -n 4 -rsxX "$@" 2>&1 | tee "$OUT/$tag-tests.log" \
@@ -234,12 +230,16 @@ pack_json() {
   for f in "$@"; do [ -f "$OUT/$f" ] && have+=("$f"); done
   [ ${#have[@]} -gt 0 ] && (cd "$OUT" && tar czf results.tgz "${have[@]}" && rm -f "${have[@]}")
 }
+# scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
+# $OUT/prefill-<setting>.log / .json
 prefill_settings() {
   for setting in ${GEMM29_SETTINGS:-dequant default}; do
     SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe "$1"
     mv "$OUT/prefill.log" "$OUT/prefill-$setting.log"; mv "$OUT/prefill.json" "$OUT/prefill-$setting.json"
   done
 }
+# Every gpu test, quiet, 8 workers, at most 420 s (the final calls), logged in $OUT/pytest-gpu.log; prints the summary
+# and the stage's time so far (since $start).
 final_gpu_tests() {
   timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
     | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
@@ -1374,7 +1374,7 @@ llama2-7b:now}" 90
     # RING32_PREFILL_LIMIT is set
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    gpu_tests ${RING32_TEST_LIMIT:-200} ring32 tests/test_gemm_cuda.py ${RING32_TESTS:-}
+    gpu_node_tests ${RING32_TEST_LIMIT:-200} ring32 tests/test_gemm_cuda.py ${RING32_TESTS:-}
     gemm_probe ${RING32_PROBE_LIMIT:-300} ${RING32_ARGS:-}
     echo "ring32 probe: $(( $(date +%s) - start )) s"
     [ -n "${RING32_PREFILL_LIMIT:-}" ] && prefill_trees "$RING32_PREFILL_LIMIT" before after

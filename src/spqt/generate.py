@@ -468,10 +468,24 @@ class Generator:
         of host time for the default model, its captured prefill ~1.5 ms (an H200)."""
         if not self.use_graph or n > PREFILL_GRAPH_MAX:
             return True
-        bucket = self._prefill_bucket(n - start)
-        keys = self._kv_bucket(start + bucket - 1)
-        fresh = self._prefill_key == self.model.cache_generation
-        return start + bucket <= keys and fresh and self._prefills.get((bucket, keys)) is not None
+        slot = self._prefill_slot(n - start, start)
+        return slot[0] > 0 and self._captured(slot) is not None
+
+    def _prefill_slot(self, m: int, start: int) -> tuple[int, int]:
+        """(bucket, keys) of a CUDA prefill of m tokens after `start` cached ones: padded to its bucket, over the bucket
+        itself from position 0 and over _kv_bucket's span after a reused prefix; (0, 0) where it runs as it is (past
+        PREFILL_GRAPH_MAX, or its padding past the span)."""
+        if m > PREFILL_GRAPH_MAX:
+            return 0, 0
+        bucket = self._prefill_bucket(m)
+        keys = bucket if start == 0 else self._kv_bucket(start + bucket - 1)
+        return (bucket, keys) if start + bucket <= keys else (0, 0)
+
+    def _captured(self, slot: tuple[int, int]) -> PrefillGraph | None:
+        """The slot's captured prefill graph, None where there is none (a new KV cache drops them all first)."""
+        if self.model.cache_generation != self._prefill_key:
+            self._drop_prefills(self.model.cache_generation)
+        return self._prefills.get(slot)
 
     def _prefill(self, prompt: list[int], start: int = 0, capture: bool = False) -> torch.Tensor:
         """The dense prefill of prompt[start:] at positions start .. n - 1 into the KV cache, which holds the first
@@ -490,13 +504,10 @@ class Generator:
         as they are: the head for the last token alone."""
         dev, n = self.device, len(prompt)
         m = n - start
-        bucket = self._prefill_bucket(m) if dev == "cuda" and m <= PREFILL_GRAPH_MAX else 0
-        keys = bucket if start == 0 else self._kv_bucket(start + bucket - 1)
-        if bucket and self.model.cache_generation != self._prefill_key:
-            self._drop_prefills(self.model.cache_generation)
-        slot = (bucket, keys)
-        captured = self._prefills.get(slot)
-        if not bucket or start + bucket > keys or (start and not capture and captured is None):
+        slot = self._prefill_slot(m, start) if dev == "cuda" else (0, 0)
+        bucket, keys = slot
+        captured = self._captured(slot) if bucket else None
+        if not bucket or (start and not capture and captured is None):
             return self.model(torch.tensor([prompt[start:]], device=dev), torch.arange(start, n, device=dev),
                               kv_len=n, select=torch.tensor([m - 1], device=dev))
         tokens, positions, last = (captured.tokens, captured.positions, captured.last) if captured else \

@@ -43,9 +43,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spqt_zigzag_type.argtypes = [ctypes.c_char_p]
     lib.spqt_zigzag_type.restype = i32
     lib.spqt_zigzag.argtypes = [i32, p, i64, i64, p, i64, p, p, i32]
+    lib.spqt_zigzag.restype = None
     lib.spqt_q4k_zigzag_dequant_t.argtypes = [p, i64, i64, i64, i64, p, i32]
     lib.spqt_q4k_zigzag_dequant_t.restype = None
-    lib.spqt_zigzag.restype = None
     lib.spqt_zigzag_sparse.argtypes = [i32, p, i64, i64, p, i64, p, p, i32, ctypes.c_float, p]
     lib.spqt_zigzag_sparse.restype = i64
     lib.spqt_half_gemm.argtypes = [p, i64, i64, p, i64, p, p, i32]
