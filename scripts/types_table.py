@@ -3,8 +3,10 @@
 For each type or mix and layout, `spqt quantize` converts the default model's GGUF (kept in --models, reused when
 there), `spqt inspect` reads its stored bits per weight, and `spqt perplexity` scores it at each level (llama.cpp's
 method, ctx 512) with the same thresholds for every row (--thresholds: the shipped ones, calibrated on zigzag Q4_K).
-The GGUF's own weights are the baseline row. Each row's JSON lands in --out as it finishes (a rerun skips rows whose
-JSON is there), then the whole table is printed and written as table.md / table.json.
+The GGUF's own weights are the baseline row. With --gptq BOOK..., every type row is converted with `spqt quantize
+--gptq` (error-compensated, gptq.py) and named *-gptq, so both kinds of rows can share one --out. Each row's JSON
+lands in --out as it finishes (a rerun skips rows whose JSON is there), then the whole table is printed and written
+as table.md / table.json.
 
     python scripts/types_table.py --data ../shared/data/wikitext-2-raw-v1-test.txt --device cuda   # the full test
     python scripts/types_table.py --data ... --device cpu --chunks 60 --out /tmp/types60            # a CPU preview
@@ -42,7 +44,7 @@ def bits_per_weight(model: Path) -> float:
 
 def row(args, name: str, layout: str | None) -> dict:
     """One row's results: {'name', 'layout', 'bits', 'results': perplexity's rows}; cached in args.out."""
-    label = f"{name}-{layout}" if layout else name
+    label = (f"{name}-{layout}" + ("-gptq" if args.gptq else "")) if layout else name
     saved = args.out / f"{label}.json"
     if saved.exists():
         return json.loads(saved.read_text())
@@ -50,7 +52,7 @@ def row(args, name: str, layout: str | None) -> dict:
         model = args.models / f"{label}.spqt"
         if not model.exists():
             cli("quantize", str(args.gguf), "-o", str(model), "--type", name, "--layout", layout, "--device",
-                args.device)
+                args.device, *(["--gptq", *map(str, args.gptq)] if args.gptq else []))
         bits, levels = bits_per_weight(model), args.sparsity
     else:
         model, bits, levels = args.gguf, None, "0"
@@ -58,7 +60,8 @@ def row(args, name: str, layout: str | None) -> dict:
     cli("perplexity", str(model), "--data", str(args.data), "--device", args.device, "--dtype", "fp32",
         "--sparsity", levels, "--thresholds", str(args.thresholds), "--json", str(scored),
         *(["--chunks", str(args.chunks)] if args.chunks else []))
-    entry = {"name": name, "layout": layout, "bits": bits, "results": json.loads(scored.read_text())["results"]}
+    entry = {"name": name, "layout": layout, "gptq": bool(args.gptq and layout), "bits": bits,
+             "results": json.loads(scored.read_text())["results"]}
     scored.unlink()
     saved.write_text(json.dumps(entry, indent=1))
     print(f"{label}: " + ", ".join(f"{r['sparsity']:g} {r['ppl']:.3f}" for r in entry["results"]), flush=True)
@@ -73,7 +76,8 @@ def table(rows: list[dict], levels: list[float]) -> str:
     for r in rows:
         by = {x["sparsity"]: x for x in r["results"]}
         dense = by[0.0]["ppl"]
-        cells = [r["name"].upper() if r["layout"] else "GGUF Q4_1 (its own weights)", r["layout"] or "-",
+        cells = [r["name"].upper() if r["layout"] else "GGUF Q4_1 (its own weights)",
+                 (r["layout"] + (" GPTQ" if r.get("gptq") else "")) if r["layout"] else "-",
                  f"{r['bits']:.3f}" if r["bits"] else "-", f"{dense:.3f}",
                  f"{100 * (dense / base - 1):+.2f} %" if r["layout"] else "-"]
         for s in (s for s in levels if s):
@@ -95,6 +99,8 @@ def main() -> int:
     ap.add_argument("--types", default=",".join(TYPES + MIXES))
     ap.add_argument("--layouts", default="zigzag,row")
     ap.add_argument("--thresholds", type=Path, default=THRESHOLDS)
+    ap.add_argument("--gptq", type=Path, nargs="+", default=None,
+                    help="calibration text: every type row converted with spqt quantize --gptq (rows named *-gptq)")
     args = ap.parse_args()
     args.gguf = args.gguf or default_gguf()
     args.models = args.models or args.out

@@ -418,3 +418,26 @@ def test_invalid_thresholds_file_is_named(tiny_spqt, capsys, tmp_path):
     table.write_text(json.dumps({"thresholds": {"unified": {"0.5": [[0.1, 0.1]]}}}))
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--device", "cpu", "--sparsity", "0.5",
                     "--thresholds", str(table)], f"{table}: invalid thresholds")
+
+
+def test_quantize_with_gptq_and_its_errors(tiny_hf, capsys, tmp_path):
+    """--gptq: the calibration text read before the load (a bad path or bytes fail at once), too little text one
+    line, --gptq-tokens below a window a usage error; a run records its calibration in the provenance."""
+    out = tmp_path / "g.spqt"
+    binary = tmp_path / "binary.txt"
+    binary.write_bytes(bytes(range(128, 256)) * 8)
+    short = tmp_path / "short.txt"
+    short.write_text("the quick brown fox.")
+    text = tmp_path / "text.txt"
+    text.write_text("once upon a time there was a king. the quick brown fox jumps over the lazy dog. " * 40)
+    base = ["quantize", str(tiny_hf), "-o", str(out), "--device", "cpu"]
+    _error(capsys, base + ["--gptq", str(tmp_path / "none.txt")], "no such file")
+    _error(capsys, base + ["--gptq", str(binary)], "not UTF-8 text")
+    _error(capsys, base + ["--gptq", str(short)], "fewer than one window of 512")
+    _usage_error(capsys, base + ["--gptq", str(text), "--gptq-tokens", "100"], "--gptq-tokens: must be at least 512")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "short.txt", "text.txt"]
+    assert main(base + ["--type", "q5_k", "--gptq", str(text), "--gptq-tokens", "1024"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    provenance = json.loads(capsys.readouterr().out.split("provenance   ", 1)[1])
+    assert provenance["gptq"]["tokens"] == 1024 and provenance["gptq"]["maps"] == 8

@@ -164,7 +164,8 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
 
 def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigzag",
                     device: str = "cpu", progress: bool = False, search: str = "reference",
-                    head: str = "auto") -> LoadedModel:
+                    head: str = "auto", calibration: list[int] | None = None,
+                    calibration_tokens: int | None = None) -> LoadedModel:
     """Quantize every linear map of a source model and its output head; embeddings fp16, norms fp32.
 
     fmt: one type for every linear map (q8_0, q6_k, q5_k, q4_k, q3_k, q2_k) or a mix (mixes.py:
@@ -173,7 +174,10 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     searches the Q4_K and Q5_K matrices for a lower squared error (a mix's other types keep the
     reference encoder; a single type without that search is an error). The provenance records it.
     head: the output head's type (mixes.head_type: "auto" is llama.cpp's recipe, "fp16" keeps it float); a head
-    tied to the embedding stays the fp16 embedding unless a type is named: then a quantized copy is stored."""
+    tied to the embedding stays the fp16 embedding unless a type is named: then a quantized copy is stored.
+    calibration: tokens of calibration text; given, the layers' maps are quantized with their errors compensated
+    on the model's inputs from that text (gptq.py; its first calibration_tokens, default gptq.TOKENS); the head
+    keeps the plain encoder. The provenance records it."""
     from tqdm.auto import tqdm
 
     from spqt.sparsity import column_norms
@@ -234,11 +238,36 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
             else:
                 weights[name] = value
 
+    def compensate() -> dict:
+        """Every layer through gptq.quantize_layers (one layer at a time, the device's own threads); its record."""
+        from spqt import gptq
+
+        torch.set_num_threads(threads)  # the main thread's ops use every core (the pool's workers set 1)
+        loaded = fused_float_weights(source)
+        windows = gptq.windows(calibration, min(gptq.CTX, cfg.max_seq_len), calibration_tokens or gptq.TOKENS)
+        errors, plain = [], []
+        for i, results in gptq.quantize_layers(loaded, windows, types, layout, search, device, progress=progress):
+            weights.update(_layer_extras(source, i))
+            for name, result in results.items():
+                q = QuantizedWeight(result.blocks.cpu(), types[name], layout, tuple(loaded.weights[name].shape))
+                weights[name], norms[name] = q, column_norms(q)
+                parts[name] = _parts(cfg)[name.rsplit(".", 1)[1]]
+                errors.append(min(result.error, result.plain_error))
+                plain.append(result.plain_error)
+        kept = sum(e < p for e, p in zip(errors, plain))
+        ratio = sum(e / p for e, p in zip(errors, plain) if p > 0) / max(1, sum(p > 0 for p in plain))
+        return {"tokens": windows.numel(), "ctx": windows.shape[1], "damp": gptq.DAMP, "maps_compensated": kept, "maps": len(errors),
+                "mean_output_error_vs_plain": round(ratio, 4)}
+
+    record = None
     pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))
     try:
         embeddings = pool.submit(read_embeddings)
-        with tqdm(total=cfg.n_layers, desc=f"quantizing to {fmt} {layout}", unit="layer", disable=not progress) as bar:
-            for i in range(cfg.n_layers):
+        if calibration is not None:
+            record = compensate()
+        with tqdm(total=cfg.n_layers, desc=f"quantizing to {fmt} {layout}", unit="layer",
+                  disable=not progress or calibration is not None) as bar:
+            for i in range(cfg.n_layers if calibration is None else 0):
                 pending.append({name: pool.submit(encode, w, types[name]) if name.rsplit(".", 1)[1] in LINEAR_GROUPS
                                 else w for name, w in read_layer(i).items()})
                 if len(pending) == 2:
@@ -256,6 +285,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     provenance = dict(source.provenance)
     if search != "reference":
         provenance["encoder_search"] = search
+    if record is not None:
+        provenance["gptq"] = record
     provenance.update({"quantization": fmt, "head": head_fmt or "fp16", "tool": f"spqt {spqt.__version__}",
                        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
     model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance,

@@ -93,6 +93,7 @@ def cmd_quantize(args) -> int:
     head_type(fmt, args.head)
     check_layout(args.layout)
     check_search(args.search, fmt if fmt in FORMATS else None)
+    texts = [_read_text(f) for f in args.gptq or []]  # before the load: a bad path fails at once
     out = Path(args.output)
     if os.path.realpath(out) == os.path.realpath(args.source):  # (realpath: no error on a symlink loop)
         raise SpqtError(f"the output {out} is the source itself: write the .spqt to another path")
@@ -100,8 +101,14 @@ def cmd_quantize(args) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     source = open_source(args.source)
+    calibration = None
+    if texts:
+        from spqt.tokenizer import TextTokenizer
+
+        tok = TextTokenizer(source.tokenizer, source.config)
+        calibration = [t for text in texts for t in tok.encode(text, add_bos=False)]  # in the order given
     model = quantize_source(source, args.type, args.layout, device=device, progress=True, search=args.search,
-                            head=args.head)
+                            head=args.head, calibration=calibration, calibration_tokens=args.gptq_tokens)
     save_spqt(model, out)
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s on {device}")
@@ -770,6 +777,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the output head's type: auto (default; llama.cpp's recipe: q6_k, q8_0 in a q8_0 model), fp16, "
                         "or a type; a head tied to the embedding stays fp16 unless a type is named (a quantized copy "
                         "beside the fp16 embedding)")
+    p.add_argument("--gptq", nargs="+", metavar="TEXT",
+                   help="calibration text files (never the evaluation text): quantize every layer's maps with their "
+                        "errors compensated on the model's own inputs from this text (GPTQ, act order in zigzag); "
+                        "other bytes than llama.cpp's, the same formats; the head keeps the plain encoder")
+    p.add_argument("--gptq-tokens", type=_at_least(512), default=None,
+                   help="calibration tokens for --gptq (whole windows of 512; default 32768)")
     p.add_argument("--device", default="auto",
                    help="cpu, cuda or auto (cuda when present; same bytes with the reference search)")
     p.set_defaults(func=cmd_quantize)

@@ -48,25 +48,57 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     dm = dmin16.float()[:, None] * (packed >> 4).float()
     safe_d = torch.where(d != 0, d, f32(1.0, x))
     requant = torch.clamp(nearest_int((x.reshape(n, SUB_BLOCKS, 16) + dm[..., None]) / safe_d[..., None]), 0, 3)
-    q = torch.where((d != 0)[..., None], requant, levels).reshape(n, 2, 4, 32)
+    q = torch.where((d != 0)[..., None], requant, levels)
     out = torch.empty((n, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
     out[:, 0:16] = packed.to(torch.uint8)
-    qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
-    out[:, 16:80] = qs.reshape(n, 64).to(torch.uint8)
+    _put_codes(out, q)
     out[:, 80:82] = d16.reshape(n, 1).view(torch.uint8)
     out[:, 82:84] = dmin16.reshape(n, 1).view(torch.uint8)
     return out
+
+
+def _put_codes(out: torch.Tensor, q: torch.Tensor) -> None:
+    """Write 2-bit codes q (n, 256) or (n, 16, 16), int in 0..3, into qs of blocks out (n, 84) in place."""
+    n = out.shape[0]
+    q = q.to(torch.int64).reshape(n, 2, 4, 32)
+    qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
+    out[:, 16:80] = qs.reshape(n, 64).to(torch.uint8)
+
+
+def _parts(blocks: torch.Tensor):
+    """blocks (n, 84) uint8 -> per sub-block scale and offset (n, 16) float32, codes (n, 16, 16) int64 in 0..3."""
+    n = blocks.shape[0]
+    sc = blocks[:, 0:16].to(torch.int64)
+    qs = blocks[:, 16:80].to(torch.int64).reshape(n, 2, 1, 32)
+    shifts = torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1)
+    q = ((qs >> (2 * shifts)) & 3).reshape(n, SUB_BLOCKS, 16)
+    d = blocks[:, 80:82].contiguous().view(torch.float16).float()
+    dmin = blocks[:, 82:84].contiguous().view(torch.float16).float()
+    return d * (sc & 0xF).float(), dmin * (sc >> 4).float(), q
 
 
 def decode(blocks: torch.Tensor) -> torch.Tensor:
     """Dequantize. blocks: (n_blocks, 84) uint8 -> (n_blocks, 256) float32, same device."""
     if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
         raise ValueError(f"q2_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
-    n = blocks.shape[0]
-    sc = blocks[:, 0:16].to(torch.int64)
-    qs = blocks[:, 16:80].to(torch.int64).reshape(n, 2, 1, 32)
-    shifts = torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1)
-    q = ((qs >> (2 * shifts)) & 3).reshape(n, SUB_BLOCKS, 16).float()
-    d = blocks[:, 80:82].contiguous().view(torch.float16).float()
-    dmin = blocks[:, 82:84].contiguous().view(torch.float16).float()
-    return ((d * (sc & 0xF).float())[..., None] * q - (dmin * (sc >> 4).float())[..., None]).reshape(n, BLOCK_SIZE)
+    scale, offset, q = _parts(blocks)
+    return (scale[..., None] * q.float() - offset[..., None]).reshape(blocks.shape[0], BLOCK_SIZE)
+
+
+CODE_MAX = 3
+
+
+def grid(blocks: torch.Tensor):
+    """blocks (n, 84) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
+    decoding to scale * code - offset (formats/__init__.py: grid)."""
+    scale, offset, q = _parts(blocks)
+    expand = (blocks.shape[0], SUB_BLOCKS, 16)
+    return (scale[..., None].expand(expand).reshape(-1, BLOCK_SIZE), offset[..., None].expand(expand).reshape(-1, BLOCK_SIZE),
+            q.reshape(-1, BLOCK_SIZE))
+
+
+def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of blocks (n, 84) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
+    out = blocks.clone()
+    _put_codes(out, codes)
+    return out

@@ -63,29 +63,60 @@ def encode(x: torch.Tensor) -> torch.Tensor:
     d = d16.float()[:, None] * (stored - 32).float()  # (n, 16)
     safe_d = torch.where(d != 0, d, f32(1.0, x))
     requant = torch.clamp(nearest_int(x.reshape(n, SUB_BLOCKS, 16) / safe_d[..., None]), -4, 3) + 4
-    q = torch.where((d != 0)[..., None], requant, levels).reshape(n, 8, 32)  # (n, bit j, byte l)
+    q = torch.where((d != 0)[..., None], requant, levels)
     out = torch.empty((n, BLOCK_BYTES), dtype=torch.uint8, device=x.device)
-    bit = torch.tensor([1 << j for j in range(8)], device=x.device, dtype=torch.int64)
-    out[:, 0:32] = ((q > 3).to(torch.int64) * bit[None, :, None]).sum(dim=1).to(torch.uint8)
-    low = (q & 3).reshape(n, 2, 4, 32)
-    qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
-    out[:, 32:96] = qs.reshape(n, 64).to(torch.uint8)
+    _put_codes(out, q)
     out[:, 96:108] = pack_scales(stored)
     out[:, 108:110] = d16.reshape(n, 1).view(torch.uint8)
     return out
 
 
-def decode(blocks: torch.Tensor) -> torch.Tensor:
-    """Dequantize. blocks: (n_blocks, 110) uint8 -> (n_blocks, 256) float32, same device."""
-    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
-        raise ValueError(f"q3_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+def _put_codes(out: torch.Tensor, q: torch.Tensor) -> None:
+    """Write 3-bit codes q (n, 256) or (n, 16, 16), int in 0..7 (q_i), into hmask and qs of blocks out (n, 110) in
+    place."""
+    n = out.shape[0]
+    q = q.to(torch.int64).reshape(n, 8, 32)  # (n, bit j, byte l)
+    bit = torch.tensor([1 << j for j in range(8)], device=out.device, dtype=torch.int64)
+    out[:, 0:32] = ((q > 3).to(torch.int64) * bit[None, :, None]).sum(dim=1).to(torch.uint8)
+    low = (q & 3).reshape(n, 2, 4, 32)
+    qs = low[:, :, 0] | (low[:, :, 1] << 2) | (low[:, :, 2] << 4) | (low[:, :, 3] << 6)
+    out[:, 32:96] = qs.reshape(n, 64).to(torch.uint8)
+
+
+def _parts(blocks: torch.Tensor):
+    """blocks (n, 110) uint8 -> per sub-block scale d * s (n, 16) float32, codes (n, 16, 16) int64 in 0..7."""
     n = blocks.shape[0]
     shifts = torch.arange(4, device=blocks.device).reshape(1, 1, 4, 1)
     hm = blocks[:, 0:32].to(torch.int64).reshape(n, 1, 32)
     high = (hm >> torch.arange(8, device=blocks.device).reshape(1, 8, 1)) & 1  # (n, 8, 32)
     qs = blocks[:, 32:96].to(torch.int64).reshape(n, 2, 1, 32)
     low = ((qs >> (2 * shifts)) & 3).reshape(n, 8, 32)
-    q = (low - 4 * (1 - high)).reshape(n, SUB_BLOCKS, 16).float()
     s = (unpack_scales(blocks[:, 96:108]) - 32).float()
     d = blocks[:, 108:110].contiguous().view(torch.float16).float()
-    return ((d * s)[..., None] * q).reshape(n, BLOCK_SIZE)
+    return d * s, (low | (high << 2)).reshape(n, SUB_BLOCKS, 16)
+
+
+def decode(blocks: torch.Tensor) -> torch.Tensor:
+    """Dequantize. blocks: (n_blocks, 110) uint8 -> (n_blocks, 256) float32, same device."""
+    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
+        raise ValueError(f"q3_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+    scale, q = _parts(blocks)
+    return (scale[..., None] * (q - 4).float()).reshape(blocks.shape[0], BLOCK_SIZE)
+
+
+CODE_MAX = 7
+
+
+def grid(blocks: torch.Tensor):
+    """blocks (n, 110) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
+    decoding to scale * code - offset (offset = 4 * scale; formats/__init__.py: grid)."""
+    scale, q = _parts(blocks)
+    scale = scale[..., None].expand(blocks.shape[0], SUB_BLOCKS, 16).reshape(-1, BLOCK_SIZE)
+    return scale, 4 * scale, q.reshape(-1, BLOCK_SIZE)
+
+
+def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of blocks (n, 110) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
+    out = blocks.clone()
+    _put_codes(out, codes)
+    return out

@@ -67,9 +67,14 @@ def encode(x: torch.Tensor, search: str = "reference") -> torch.Tensor:
     out[:, 0:2] = d16.reshape(n_blocks, 1).view(torch.uint8)
     out[:, 2:4] = dmin16.reshape(n_blocks, 1).view(torch.uint8)
     out[:, 4:16] = pack_scales(ls, lm)
-    q = q.to(torch.uint8).reshape(n_blocks, 4, 2, SUB_BLOCK_SIZE)
-    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n_blocks, 128)
+    _put_codes(out, q)
     return out
+
+
+def _put_codes(out: torch.Tensor, q: torch.Tensor) -> None:
+    """Write 4-bit codes q (n, 256) or (n, 8, 32), int in 0..15, into the quants of blocks out (n, 144) in place."""
+    q = q.to(torch.uint8).reshape(out.shape[0], 4, 2, SUB_BLOCK_SIZE)
+    out[:, 16:] = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(out.shape[0], 128)
 
 
 def encode_levels(x: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
@@ -138,16 +143,39 @@ def unpack_scales(packed: torch.Tensor):
     return sc, mn
 
 
-def decode(blocks: torch.Tensor) -> torch.Tensor:
-    """Dequantize. blocks: (n_blocks, 144) uint8 -> (n_blocks, 256) float32, same device."""
-    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
-        raise ValueError(f"q4_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+def _parts(blocks: torch.Tensor):
+    """blocks (n, 144) uint8 -> per sub-block scale and offset (n, 8) float32, codes (n, 8, 32) uint8."""
     n_blocks = blocks.shape[0]
     d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n, 1)
     dmin = blocks[:, 2:4].contiguous().view(torch.float16).float()
     sc, mn = unpack_scales(blocks[:, 4:16])
-    scale = d * sc.float()  # (n, 8)
-    offset = dmin * mn.float()
     qs = blocks[:, 16:].reshape(n_blocks, 4, 1, SUB_BLOCK_SIZE)
-    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE).float()
-    return (scale[..., None] * q - offset[..., None]).reshape(n_blocks, BLOCK_SIZE)
+    q = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n_blocks, SUB_BLOCKS, SUB_BLOCK_SIZE)
+    return d * sc.float(), dmin * mn.float(), q
+
+
+def decode(blocks: torch.Tensor) -> torch.Tensor:
+    """Dequantize. blocks: (n_blocks, 144) uint8 -> (n_blocks, 256) float32, same device."""
+    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
+        raise ValueError(f"q4_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+    scale, offset, q = _parts(blocks)
+    return (scale[..., None] * q.float() - offset[..., None]).reshape(blocks.shape[0], BLOCK_SIZE)
+
+
+CODE_MAX = 15
+
+
+def grid(blocks: torch.Tensor):
+    """The grid each weight lies on: blocks (n, 144) uint8 -> scale, offset (n, 256) float32 and codes (n, 256)
+    int64 in 0..CODE_MAX, a weight decoding to scale * code - offset (formats/__init__.py: grid)."""
+    scale, offset, q = _parts(blocks)
+    expand = (blocks.shape[0], SUB_BLOCKS, SUB_BLOCK_SIZE)
+    return (scale[..., None].expand(expand).reshape(-1, BLOCK_SIZE), offset[..., None].expand(expand).reshape(-1, BLOCK_SIZE),
+            q.to(torch.int64).reshape(-1, BLOCK_SIZE))
+
+
+def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of blocks (n, 144) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
+    out = blocks.clone()
+    _put_codes(out, codes)
+    return out

@@ -41,18 +41,23 @@ def encode(x: torch.Tensor, search: str = "reference") -> torch.Tensor:
     out[:, 0:2] = d16.reshape(n, 1).view(torch.uint8)
     out[:, 2:4] = dmin16.reshape(n, 1).view(torch.uint8)
     out[:, 4:16] = q4_k.pack_scales(ls, lm)
-    high = q >> 4  # (n, 8, 32)
-    weights = torch.tensor([1 << j for j in range(SUB_BLOCKS)], device=x.device, dtype=torch.int64)
-    out[:, 16:48] = (high * weights[None, :, None]).sum(dim=1).to(torch.uint8)
-    low = (q & 0xF).reshape(n, 4, 2, SUB_BLOCK_SIZE)
-    out[:, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128).to(torch.uint8)
+    _put_codes(out, q)
     return out
 
 
-def decode(blocks: torch.Tensor) -> torch.Tensor:
-    """Dequantize. blocks: (n_blocks, 176) uint8 -> (n_blocks, 256) float32, same device."""
-    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
-        raise ValueError(f"q5_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+def _put_codes(out: torch.Tensor, q: torch.Tensor) -> None:
+    """Write 5-bit codes q (n, 256) or (n, 8, 32), int in 0..31, into qh and qs of blocks out (n, 176) in place."""
+    n = out.shape[0]
+    q = q.to(torch.int64).reshape(n, SUB_BLOCKS, SUB_BLOCK_SIZE)
+    high = q >> 4
+    weights = torch.tensor([1 << j for j in range(SUB_BLOCKS)], device=out.device, dtype=torch.int64)
+    out[:, 16:48] = (high * weights[None, :, None]).sum(dim=1).to(torch.uint8)
+    low = (q & 0xF).reshape(n, 4, 2, SUB_BLOCK_SIZE)
+    out[:, 48:] = (low[:, :, 0] | (low[:, :, 1] << 4)).reshape(n, 128).to(torch.uint8)
+
+
+def _parts(blocks: torch.Tensor):
+    """blocks (n, 176) uint8 -> per sub-block scale and offset (n, 8) float32, codes (n, 8, 32) int64."""
     n = blocks.shape[0]
     d = blocks[:, 0:2].contiguous().view(torch.float16).float()
     dmin = blocks[:, 2:4].contiguous().view(torch.float16).float()
@@ -61,5 +66,31 @@ def decode(blocks: torch.Tensor) -> torch.Tensor:
     bits = (qh >> torch.arange(SUB_BLOCKS, device=blocks.device).reshape(1, SUB_BLOCKS, 1)) & 1
     qs = blocks[:, 48:].to(torch.int64).reshape(n, 4, 1, SUB_BLOCK_SIZE)
     low = torch.cat([qs & 0xF, qs >> 4], dim=2).reshape(n, SUB_BLOCKS, SUB_BLOCK_SIZE)
-    q = (low | (bits << 4)).float()
-    return ((d * sc.float())[..., None] * q - (dmin * mn.float())[..., None]).reshape(n, BLOCK_SIZE)
+    return d * sc.float(), dmin * mn.float(), low | (bits << 4)
+
+
+def decode(blocks: torch.Tensor) -> torch.Tensor:
+    """Dequantize. blocks: (n_blocks, 176) uint8 -> (n_blocks, 256) float32, same device."""
+    if blocks.dim() != 2 or blocks.shape[1] != BLOCK_BYTES or blocks.dtype != torch.uint8:
+        raise ValueError(f"q5_k.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
+    scale, offset, q = _parts(blocks)
+    return (scale[..., None] * q.float() - offset[..., None]).reshape(blocks.shape[0], BLOCK_SIZE)
+
+
+CODE_MAX = 31
+
+
+def grid(blocks: torch.Tensor):
+    """blocks (n, 176) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
+    decoding to scale * code - offset (formats/__init__.py: grid)."""
+    scale, offset, q = _parts(blocks)
+    expand = (blocks.shape[0], SUB_BLOCKS, SUB_BLOCK_SIZE)
+    return (scale[..., None].expand(expand).reshape(-1, BLOCK_SIZE), offset[..., None].expand(expand).reshape(-1, BLOCK_SIZE),
+            q.reshape(-1, BLOCK_SIZE))
+
+
+def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of blocks (n, 176) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
+    out = blocks.clone()
+    _put_codes(out, codes)
+    return out

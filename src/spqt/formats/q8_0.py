@@ -35,3 +35,20 @@ def decode(blocks: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"q8_0.decode expects uint8 (n_blocks, {BLOCK_BYTES}), got {blocks.dtype} {tuple(blocks.shape)}")
     d = blocks[:, 0:2].contiguous().view(torch.float16).float()  # (n, 1)
     return d * blocks[:, 2:].contiguous().view(torch.int8).float()
+
+
+CODE_MAX = 255
+
+
+def grid(blocks: torch.Tensor):
+    """blocks (n, 34) uint8 -> scale, offset (n, 32) float32 and codes (n, 32) int64 in 0..CODE_MAX (the int8 qs
+    + 128), a weight decoding to scale * code - offset (offset = 128 * d; formats/__init__.py: grid)."""
+    d = blocks[:, 0:2].contiguous().view(torch.float16).float().expand(-1, BLOCK_SIZE)
+    return d, 128 * d, blocks[:, 2:].contiguous().view(torch.int8).to(torch.int64) + 128
+
+
+def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """A copy of blocks (n, 34) with every weight's code replaced by codes (n, 32), int in 0..CODE_MAX."""
+    out = blocks.clone()
+    out[:, 2:] = (codes.to(torch.int64) - 128).to(torch.int8).view(torch.uint8)
+    return out

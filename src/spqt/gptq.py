@@ -1,0 +1,220 @@
+"""Error-compensating quantization of the linear maps (GPTQ: Frantar et al. 2022, arXiv:2210.17323), for every
+format and both layouts.
+
+A map W (N, K) meets inputs x (K,). Over calibration inputs X (n, K) its quantized copy Q adds the output error
+``sum over rows of (w - q) H (w - q)^T``, H = X^T X / n. The plain encoders (formats/) make each block's own
+error small, whatever the inputs. Here the columns are quantized one at a time and the error each one leaves,
+(w_j - q_j) / U[j, j], is taken off the columns still to come along row j of U, the upper Cholesky factor of
+H^-1 (the optimal-brain-surgeon step): those columns absorb what column j lost, in proportion to how the inputs
+correlate. The updates to far columns wait for the end of a batch of BATCH columns (GPTQ's lazy batches).
+
+Blocks share scales, which the format's own encoder chooses (the reference or the mse search), from the values
+as they stand when the batch starts: every earlier batch's errors are in them. Within a batch each weight is
+rounded to the nearest point of the grid its block's scales define (``grid`` / ``with_codes`` of each format
+module). Which columns one encoder call may serve depends on the layout:
+
+* zigzag: a block is B rows of ONE column, so every column is free to go in any order. They go by decreasing
+  H[j, j] (GPTQ's act order: the inputs with the most energy first, while the most columns are left to absorb
+  their error), BATCH at a time, encoded at the batch's start.
+* row: a block spans B columns of one row, so a batch is one block column (B columns, natural order),
+  encoded at its start (GPTQ's groups).
+
+The inputs are those of the float model, layer after layer, with the layers before already quantized (GPTQ's
+sequential order): layer i's maps see what the quantized layers 0..i-1 give them. Each map keeps whichever of
+this result and the plain encoder's has the lower ``tr((W - Q) H (W - Q)^T)`` on the calibration inputs.
+"""
+
+import importlib
+from dataclasses import dataclass
+
+import torch
+
+from spqt.formats import codec, get_format
+from spqt.layouts import check_layout, grid_shape, matrix_to_blocks
+
+BATCH = 128  # zigzag columns per lazy batch (one encoder call, one block update of the columns after it)
+DAMP = 0.01  # added to H's diagonal, as a share of its mean: H of a few thousand tokens can be singular
+TOKENS = 32768  # calibration tokens, in windows of CTX
+CTX = 512
+WINDOWS_PER_PASS = 8  # windows a block runs at once
+
+
+@dataclass
+class MapResult:
+    """One quantized map: its blocks (grid as layouts.py), and its output error on the calibration inputs,
+    ``tr((W - Q) H (W - Q)^T)``, with this method and with the plain encoder (the lower one's blocks kept)."""
+
+    blocks: torch.Tensor
+    error: float
+    plain_error: float
+
+
+def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
+    """tr((W - Q) H (W - Q)^T) / N: the mean over rows of the output's squared error on the inputs H stands for.
+    w, q (N, K); h (K, K)."""
+    diff = (w - q).to(h.dtype)
+    return float(((diff @ h) * diff).sum() / w.shape[0])
+
+
+def _format_module(fmt: str):
+    return importlib.import_module(f"spqt.formats.{get_format(fmt).name}")
+
+
+def _upper_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, float64 (H^-1 = U^T U)."""
+    h = h.to(torch.float64).clone()
+    mean = float(h.diagonal().mean())
+    h.diagonal().add_(damp * (mean if mean > 0 else 1.0))
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+def quantize_compensated(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str, search: str = "reference",
+                         damp: float = DAMP, batch: int | None = None) -> torch.Tensor:
+    """Quantize W with its errors compensated (module doc).
+
+    w: (N, K) float; h: (K, K) float, X^T X / n of the map's inputs; batch: zigzag columns a batch (default
+    BATCH). Returns uint8 blocks as quant.quantize does:
+    (N, ceil(K/B), bytes) for row, (ceil(N/B), K, bytes) for zigzag, on w's device."""
+    spec = get_format(fmt)
+    check_layout(layout)
+    module = _format_module(fmt)
+    encode, _ = codec(spec.name, search)
+    size = spec.block_size
+    n, k = w.shape
+    rows, cols = grid_shape(layout, (n, k), size)
+    padded_n, padded_k = (n, cols * size) if layout == "row" else (rows * size, k)
+    device = w.device
+    work = torch.zeros((padded_n, padded_k), dtype=torch.float32, device=device)
+    work[:n, :k] = w
+    hessian = torch.eye(padded_k, dtype=torch.float64, device=device)  # padding columns: alone, never updated
+    hessian[:k, :k] = h
+    # an input that is always zero here (it may not be elsewhere) weighs as an average one: its column is quantized
+    # plainly, its error moves nowhere
+    dead = hessian.diagonal() == 0
+    live = hessian.diagonal()[:k][~dead[:k]]
+    hessian[dead, dead] = float(live.mean()) if live.numel() else 1.0
+    if layout == "zigzag":
+        order = torch.argsort(hessian.diagonal()[:k], descending=True, stable=True)
+        step = batch or BATCH
+    else:
+        order = torch.arange(padded_k, device=device)
+        step = size
+    work = work[:, order]
+    upper = _upper_factor(hessian[order][:, order], damp).to(torch.float32)
+    out = torch.empty((rows, cols, spec.block_bytes), dtype=torch.uint8, device=device)
+    for start in range(0, padded_k, step):
+        stop = min(start + step, padded_k)
+        part = work[:, start:stop]  # a view: the in-batch updates land in work
+        blocks = encode(matrix_to_blocks(part, layout, size))
+        scale, offset, codes = (_as_matrix(t, layout, part.shape, size) for t in module.grid(blocks))
+        errors = torch.empty_like(part)
+        for j in range(stop - start):
+            x, s, o = part[:, j], scale[:, j], offset[:, j]
+            level = torch.where(s != 0, torch.clamp(torch.round((x + o) / torch.where(s != 0, s, 1.0)), 0,
+                                                    module.CODE_MAX), codes[:, j].float())
+            codes[:, j] = level.to(torch.int64)
+            err = (x - (s * level - o)) / upper[start + j, start + j]
+            part[:, j + 1:] -= err[:, None] * upper[start + j, start + j + 1 : stop][None, :]
+            errors[:, j] = err
+        work[:, stop:] -= errors @ upper[start:stop, stop:]
+        blocks = module.with_codes(blocks, matrix_to_blocks(codes, layout, size).to(torch.int64))
+        if layout == "zigzag":
+            out[:, order[start:stop]] = blocks.reshape(rows, stop - start, spec.block_bytes)
+        else:
+            out[:, start // size] = blocks
+    return out
+
+
+def _as_matrix(values: torch.Tensor, layout: str, shape: tuple[int, int], size: int) -> torch.Tensor:
+    """(n_blocks, B) per-weight values of a padded (N, K) part's blocks -> (N, K) (layouts.blocks_to_matrix on
+    a part whose sides are whole blocks)."""
+    from spqt.layouts import blocks_to_matrix
+
+    return blocks_to_matrix(values, layout, shape, size).contiguous()
+
+
+def quantize_map(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str, search: str = "reference",
+                 damp: float = DAMP) -> MapResult:
+    """The compensated blocks of W, or the plain encoder's where those have the lower output error on H."""
+    from spqt.quant import dequantize, quantize
+
+    compensated = quantize_compensated(w, h, fmt, layout, search, damp)
+    plain = quantize(w, fmt, layout, search)
+    h = h.to(torch.float64)
+    error = output_error(w, dequantize(compensated, fmt, layout, tuple(w.shape)), h)
+    plain_error = output_error(w, dequantize(plain, fmt, layout, tuple(w.shape)), h)
+    return MapResult(compensated if error <= plain_error else plain, error, plain_error)
+
+
+def windows(tokens: list[int], ctx: int = CTX, max_tokens: int = TOKENS) -> torch.Tensor:
+    """The calibration windows: (count, ctx) int64, the first max_tokens of the tokens (at least one window)."""
+    from spqt.errors import SpqtError
+
+    count = min(len(tokens) // ctx, max(1, max_tokens // ctx))
+    if count == 0:
+        raise SpqtError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {ctx}")
+    return torch.tensor(tokens[: count * ctx], dtype=torch.int64).view(count, ctx)
+
+
+def quantize_layers(loaded, calibration: torch.Tensor, types: dict, layout: str, search: str = "reference",
+                    device: str = "cpu", damp: float = DAMP, progress: bool = False):
+    """Yield (layer i, {"layers.{i}.{group}": MapResult}) for every layer of a float model, in order.
+
+    loaded: the source's float weights (checkpoint.fused_float_weights); calibration: (count, ctx) int64 windows
+    of calibration text (:func:`windows`); types: "layers.{i}.{group}" -> format (mixes.group_types). The model runs in
+    float32 on the device."""
+    from tqdm.auto import tqdm
+
+    from spqt.generate import build_model
+    from spqt.linear import Linear
+    from spqt.quant import dequantize
+
+    model = build_model(loaded, device, torch.float32, backend="reference")
+    calibration = calibration.to(device)
+    length = calibration.shape[1]
+    positions = torch.arange(length, device=device)
+    mask = torch.zeros((length, length), device=device).masked_fill_(positions[None, :] > positions[:, None],
+                                                                     float("-inf"))
+    with torch.no_grad():  # not inference mode: quant.quantize's worker threads write the tensors it makes
+        states = [model.tok_embeddings(chunk) for chunk in calibration.split(WINDOWS_PER_PASS)]
+
+    def run(block) -> list:
+        out = []
+        for x in states:
+            if block.attention.cache is None or block.attention.cache.k.shape[0] != x.shape[0]:
+                model.setup_cache(x.shape[0], length, torch.float32)
+            out.append(block(x, model.rope, positions, mask))
+        return out
+
+    groups = (("qkv", "attention"), ("o", "attention"), ("gate_up", "feed_forward"), ("down", "feed_forward"))
+    for i, block in enumerate(tqdm(model.layers, desc="quantizing (GPTQ)", unit="layer", disable=not progress)):
+        with torch.no_grad():  # not across the yield
+            hessians, handles = {}, []
+            for group, parent in groups:
+                lin = getattr(getattr(block, parent), group)
+                hessians[group] = torch.zeros((lin.in_features, lin.in_features), dtype=torch.float64, device=device)
+
+                def gather(mod, args, h=hessians[group]):
+                    x = args[0].reshape(-1, args[0].shape[-1]).float()
+                    h += (x.T @ x).double()
+                handles.append(lin.input_tap.register_forward_pre_hook(gather))
+            try:
+                run(block)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            results = {}
+            for group, parent in groups:
+                name = f"layers.{i}.{group}"
+                fmt = types[name]
+                w = loaded.weights[name].to(device=device, dtype=torch.float32)
+                result = quantize_map(w, hessians[group] / calibration.numel(), fmt, layout, search, damp)
+                results[name] = result
+                old = getattr(getattr(block, parent), group)
+                # the layers after this one see what the quantized map gives
+                setattr(getattr(block, parent), group,
+                        Linear(dequantize(result.blocks, fmt, layout, tuple(w.shape)), torch.float32, device, "reference",
+                               bias=old.bias))
+            states = run(block)
+        yield i, results

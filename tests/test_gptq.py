@@ -1,0 +1,133 @@
+"""Error-compensating quantization (gptq.py) and the formats' grids it rounds to (grid / with_codes)."""
+
+import importlib
+
+import pytest
+import torch
+
+from spqt import gptq
+from spqt.formats import FORMATS, codec
+from spqt.layouts import grid_shape
+from spqt.quant import dequantize, quantize
+
+TYPES = list(FORMATS)
+
+
+def _blocks_of(rng, n: int, size: int) -> torch.Tensor:
+    """n random blocks of weights on varied scales, with a few zero and constant sub-blocks."""
+    x = torch.from_numpy(rng.standard_normal((n, size)).astype("float32")) * torch.from_numpy(
+        rng.uniform(0.001, 2.0, (n, 1)).astype("float32"))
+    x[0] = 0.0
+    x[1, : size // 2] = 0.25
+    return x
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+def test_grid_gives_the_decoded_values_and_with_codes_moves_only_the_codes(fmt, rng):
+    module = importlib.import_module(f"spqt.formats.{fmt}")
+    encode, decode = codec(fmt)
+    blocks = encode(_blocks_of(rng, 37, FORMATS[fmt].block_size))
+    scale, offset, codes = module.grid(blocks)
+    assert codes.dtype == torch.int64 and int(codes.min()) >= 0 and int(codes.max()) <= module.CODE_MAX
+    values = decode(blocks)
+    assert torch.allclose(scale * codes - offset, values, rtol=0, atol=1e-6 * float(values.abs().max()))
+    assert torch.equal(module.with_codes(blocks, codes), blocks)
+    before = blocks.clone()
+    new = torch.from_numpy(rng.integers(0, module.CODE_MAX + 1, codes.shape))
+    changed = module.with_codes(blocks, new)
+    assert torch.equal(blocks, before)  # a copy
+    scale2, offset2, codes2 = module.grid(changed)
+    assert torch.equal(codes2, new) and torch.equal(scale2, scale) and torch.equal(offset2, offset)
+    assert torch.allclose(decode(changed), scale * new - offset, rtol=0, atol=1e-6 * float(values.abs().max() + 1))
+
+
+def _inputs_hessian(rng, k: int, count: int = 3000) -> torch.Tensor:
+    """X^T X / n of correlated inputs with uneven energies, float64 (k, k)."""
+    mix = torch.from_numpy(rng.standard_normal((k, k)) * 0.3) + torch.eye(k, dtype=torch.float64)
+    x = torch.from_numpy(rng.standard_normal((count, k))) @ mix * torch.from_numpy(rng.uniform(0.1, 3.0, k))
+    return x.T @ x / count
+
+
+# zigzag: N not a multiple of 256 (or 32); row: K not a multiple of 256
+SHAPES = {"zigzag": (300, 72), "row": (40, 300)}
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "row"])
+@pytest.mark.parametrize("fmt", TYPES)
+def test_compensation_lowers_the_output_error(fmt, layout, rng):
+    n, k = SHAPES[layout]
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype("float32")) * 0.05
+    h = _inputs_hessian(rng, k)
+    blocks = gptq.quantize_compensated(w, h, fmt, layout, batch=32)
+    size = FORMATS[fmt].block_size
+    assert blocks.shape == (*grid_shape(layout, (n, k), size), FORMATS[fmt].block_bytes)
+    plain = quantize(w, fmt, layout)
+    error = gptq.output_error(w, dequantize(blocks, fmt, layout, (n, k)), h)
+    plain_error = gptq.output_error(w, dequantize(plain, fmt, layout, (n, k)), h)
+    assert error < 0.8 * plain_error, (error, plain_error)
+    result = gptq.quantize_map(w, h, fmt, layout)
+    assert result.error == pytest.approx(gptq.output_error(w, dequantize(result.blocks, fmt, layout, (n, k)), h))
+    assert result.plain_error == pytest.approx(plain_error)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "row"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q5_k", "q2_k"])
+def test_uncorrelated_inputs_leave_the_plain_encoders_bytes(fmt, layout, rng):
+    """With a diagonal H no error moves to another column, and these formats' encoders round every weight to the
+    nearest point of the grid they chose, as the compensation's rounding does: the same bytes."""
+    n, k = SHAPES[layout]
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype("float32"))
+    h = torch.diag(torch.from_numpy(rng.uniform(0.1, 3.0, k)))
+    assert torch.equal(gptq.quantize_compensated(w, h, fmt, layout, batch=16), quantize(w, fmt, layout))
+
+
+def test_quantize_source_compensates_every_layer(tmp_path):
+    """The conversion with calibration tokens: every map compensated, the record in the provenance, and the
+    quantized model's logits nearer the float model's on other tokens of the same kind than the plain one's
+    (fixed seeds: the same model and tokens every run)."""
+    from conftest import make_hf_checkpoint
+    from spqt.checkpoint import fused_float_weights, quantize_source
+    from spqt.generate import build_model
+    from spqt.sources import open_source
+
+    source = open_source(make_hf_checkpoint(tmp_path / "m", n_layers=2, dim=64, ffn_dim=160))
+    vocab = source.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    calibration = torch.randint(0, vocab, (4 * 512,), generator=g).tolist()
+    threads = torch.get_num_threads()
+    compensated = quantize_source(source, "q3_k", "zigzag", calibration=calibration, calibration_tokens=2048)
+    assert torch.get_num_threads() == threads
+    record = compensated.provenance["gptq"]
+    assert record["tokens"] == 2048 and record["maps"] == 8 and record["maps_compensated"] == 8
+    assert record["mean_output_error_vs_plain"] < 0.9
+    plain = quantize_source(source, "q3_k", "zigzag")
+    assert list(compensated.weights) == list(plain.weights)
+    assert list(compensated.column_norms) == list(plain.column_norms)
+    tokens = torch.randint(0, vocab, (2, 64), generator=g)
+
+    def logits(loaded):
+        model = build_model(loaded)
+        model.setup_cache(2, 64, torch.float32)
+        with torch.no_grad():
+            return model(tokens, torch.arange(64), kv_len=64)
+
+    reference = logits(fused_float_weights(source))
+    # a random model's inputs are nearly uncorrelated, so little error can move: lower, by 8 % on these tokens
+    assert (logits(compensated) - reference).pow(2).mean() < 0.97 * (logits(plain) - reference).pow(2).mean()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["zigzag", "row"])
+@pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])
+def test_compensation_on_the_gpu(fmt, layout, rng):
+    """The same method on a CUDA tensor (spqt quantize --device cuda --gptq): blocks on the GPU, as much gained as
+    on the CPU (the bytes may differ in near ties: sums run in another order)."""
+    n, k = SHAPES[layout]
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype("float32")) * 0.05
+    h = _inputs_hessian(rng, k)
+    on_gpu = gptq.quantize_compensated(w.cuda(), h.cuda(), fmt, layout, batch=32)
+    assert on_gpu.is_cuda
+    on_cpu = gptq.quantize_compensated(w, h, fmt, layout, batch=32)
+    error = gptq.output_error(w, dequantize(on_gpu.cpu(), fmt, layout, (n, k)), h)
+    cpu_error = gptq.output_error(w, dequantize(on_cpu, fmt, layout, (n, k)), h)
+    assert error == pytest.approx(cpu_error, rel=0.02)
