@@ -435,6 +435,7 @@ def test_quantize_with_gptq_and_its_errors(tiny_hf, capsys, tmp_path):
     _error(capsys, base + ["--gptq", str(binary)], "not UTF-8 text")
     _error(capsys, base + ["--gptq", str(short)], "fewer than one window of 512")
     _usage_error(capsys, base + ["--gptq", str(text), "--gptq-tokens", "100"], "--gptq-tokens: must be at least 512")
+    _error(capsys, base + ["--gptq-tokens", "1024"], "pass the calibration text too")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "short.txt", "text.txt"]
     assert main(base + ["--type", "q5_k", "--gptq", str(text), "--gptq-tokens", "1024"]) == 0
     capsys.readouterr()

@@ -30,7 +30,10 @@ def test_grid_gives_the_decoded_values_and_with_codes_moves_only_the_codes(fmt, 
     scale, offset, codes = module.grid(blocks)
     assert codes.dtype == torch.int64 and int(codes.min()) >= 0 and int(codes.max()) <= module.CODE_MAX
     values = decode(blocks)
-    assert torch.allclose(scale * codes - offset, values, rtol=0, atol=1e-6 * float(values.abs().max()))
+    if fmt in ("q4_k", "q5_k", "q2_k"):  # decode computes scale * code - offset itself: the same bits
+        assert torch.equal(scale * codes - offset, values)
+    else:  # decode computes scale * (code - bias): the same value up to one rounding
+        assert torch.allclose(scale * codes - offset, values, rtol=0, atol=1e-6 * float(values.abs().max()))
     assert torch.equal(module.with_codes(blocks, codes), blocks)
     before = blocks.clone()
     new = torch.from_numpy(rng.integers(0, module.CODE_MAX + 1, codes.shape))
@@ -68,6 +71,18 @@ def test_compensation_lowers_the_output_error(fmt, layout, rng):
     result = gptq.quantize_map(w, h, fmt, layout)
     assert result.error == pytest.approx(gptq.output_error(w, dequantize(result.blocks, fmt, layout, (n, k)), h))
     assert result.plain_error == pytest.approx(plain_error)
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "row"])
+def test_the_blocks_do_not_depend_on_the_scale_of_h(layout, rng):
+    """H and c * H describe the same inputs up to a gain: the same blocks (the damping is a share of H's diagonal,
+    and padding columns must not weigh in it)."""
+    n, k = SHAPES[layout]
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype("float32"))
+    h = _inputs_hessian(rng, k)
+    first = gptq.quantize_compensated(w, h, "q4_k", layout, batch=32)
+    for gain in (4.0**-6, 4.0**3):  # even powers of two: every float step scales exactly, square roots too
+        assert torch.equal(gptq.quantize_compensated(w, gain * h, "q4_k", layout, batch=32), first), gain
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "row"])
@@ -131,3 +146,18 @@ def test_compensation_on_the_gpu(fmt, layout, rng):
     error = gptq.output_error(w, dequantize(on_gpu.cpu(), fmt, layout, (n, k)), h)
     cpu_error = gptq.output_error(w, dequantize(on_cpu, fmt, layout, (n, k)), h)
     assert error == pytest.approx(cpu_error, rel=0.02)
+
+
+def test_a_mix_with_the_mse_search(tmp_path):
+    """A mix's types without the mse search (q6_k here) fall back to the reference, as in the plain conversion."""
+    from conftest import make_hf_checkpoint
+    from spqt.checkpoint import quantize_source
+    from spqt.sources import open_source
+
+    source = open_source(make_hf_checkpoint(tmp_path / "m", n_layers=2, dim=64, ffn_dim=160))
+    calibration = torch.randint(0, source.config.vocab_size, (1024,), generator=torch.Generator().manual_seed(2))
+    model = quantize_source(source, "q4_k_m", "zigzag", search="mse", calibration=calibration.tolist(),
+                            calibration_tokens=1024)
+    assert {w.fmt for name, w in model.weights.items() if name.startswith("layers.") and hasattr(w, "fmt")} \
+        == {"q4_k", "q6_k"}
+    assert model.provenance["gptq"]["maps"] == 8 and model.provenance["encoder_search"] == "mse"

@@ -242,7 +242,6 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         """Every layer through gptq.quantize_layers (one layer at a time, the device's own threads); its record."""
         from spqt import gptq
 
-        torch.set_num_threads(threads)  # the main thread's ops use every core (the pool's workers set 1)
         loaded = fused_float_weights(source)
         windows = gptq.windows(calibration, min(gptq.CTX, cfg.max_seq_len), calibration_tokens or gptq.TOKENS)
         errors, plain = [], []

@@ -93,6 +93,8 @@ def cmd_quantize(args) -> int:
     head_type(fmt, args.head)
     check_layout(args.layout)
     check_search(args.search, fmt if fmt in FORMATS else None)
+    if args.gptq_tokens is not None and not args.gptq:
+        raise SpqtError("--gptq-tokens counts the tokens of --gptq TEXT...: pass the calibration text too")
     texts = [_read_text(f) for f in args.gptq or []]  # before the load: a bad path fails at once
     out = Path(args.output)
     if os.path.realpath(out) == os.path.realpath(args.source):  # (realpath: no error on a symlink loop)

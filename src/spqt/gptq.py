@@ -87,10 +87,10 @@ def quantize_compensated(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str
     device = w.device
     work = torch.zeros((padded_n, padded_k), dtype=torch.float32, device=device)
     work[:n, :k] = w
-    hessian = torch.eye(padded_k, dtype=torch.float64, device=device)  # padding columns: alone, never updated
+    hessian = torch.zeros((padded_k, padded_k), dtype=torch.float64, device=device)
     hessian[:k, :k] = h
-    # an input that is always zero here (it may not be elsewhere) weighs as an average one: its column is quantized
-    # plainly, its error moves nowhere
+    # an input that is always zero here (it may not be elsewhere), and a padding column, weighs as an average one:
+    # its column is quantized plainly, its error moves nowhere (and the damping stays a share of the live inputs')
     dead = hessian.diagonal() == 0
     live = hessian.diagonal()[:k][~dead[:k]]
     hessian[dead, dead] = float(live.mean()) if live.numel() else 1.0
@@ -145,6 +145,36 @@ def quantize_map(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str, search
     error = output_error(w, dequantize(compensated, fmt, layout, tuple(w.shape)), h)
     plain_error = output_error(w, dequantize(plain, fmt, layout, tuple(w.shape)), h)
     return MapResult(compensated if error <= plain_error else plain, error, plain_error)
+
+
+def _quantize_maps(jobs: list, layout: str, search: str, damp: float, device: str) -> list:
+    """quantize_map of each (w, h, fmt) in jobs, in order. A search a format lacks falls back to the reference (as
+    the plain conversion does for a mix). On the CPU the maps go to one worker thread per core, each running its ops
+    on one thread: the column loop's thousands of small ops on torch's own threads ran 14x slower (quant.py)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from spqt.formats import SEARCHES
+
+    def work(job) -> MapResult:
+        w, h, fmt = job
+        served = SEARCHES[search]
+        return quantize_map(w.to(device=device, dtype=torch.float32), h, fmt, layout,
+                            search if served is None or fmt in served else "reference", damp)
+
+    threads = torch.get_num_threads()
+    if device != "cpu" or threads == 1:
+        return [work(job) for job in jobs]
+
+    def one_thread(job) -> MapResult:
+        torch.set_num_threads(1)  # this worker's ops run on the worker alone
+        with torch.no_grad():
+            return work(job)
+
+    try:
+        with ThreadPoolExecutor(max_workers=threads) as pool:
+            return list(pool.map(one_thread, jobs))
+    finally:
+        torch.set_num_threads(threads)  # new threads take their count from the last setting
 
 
 def windows(tokens: list[int], ctx: int = CTX, max_tokens: int = TOKENS) -> torch.Tensor:
@@ -204,13 +234,12 @@ def quantize_layers(loaded, calibration: torch.Tensor, types: dict, layout: str,
             finally:
                 for handle in handles:
                     handle.remove()
-            results = {}
-            for group, parent in groups:
-                name = f"layers.{i}.{group}"
-                fmt = types[name]
-                w = loaded.weights[name].to(device=device, dtype=torch.float32)
-                result = quantize_map(w, hessians[group] / calibration.numel(), fmt, layout, search, damp)
-                results[name] = result
+            names = [f"layers.{i}.{group}" for group, _ in groups]
+            results = dict(zip(names, _quantize_maps(
+                [(loaded.weights[name], hessians[group] / calibration.numel(), types[name]) for name, (group, _)
+                 in zip(names, groups)], layout, search, damp, device)))
+            for name, (group, parent) in zip(names, groups):
+                fmt, result, w = types[name], results[name], loaded.weights[name]
                 old = getattr(getattr(block, parent), group)
                 # the layers after this one see what the quantized map gives
                 setattr(getattr(block, parent), group,
