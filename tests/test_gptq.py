@@ -161,3 +161,49 @@ def test_a_mix_with_the_mse_search(tmp_path):
     assert {w.fmt for name, w in model.weights.items() if name.startswith("layers.") and hasattr(w, "fmt")} \
         == {"q4_k", "q6_k"}
     assert model.provenance["gptq"]["maps"] == 8 and model.provenance["encoder_search"] == "mse"
+
+
+def _naive_gptq(w: torch.Tensor, h: torch.Tensor, step: float, order: torch.Tensor) -> torch.Tensor:
+    """GPTQ written plainly, float64: columns in `order`, each rounded to the grid step * (code - 128), code in
+    0..255, its error moved onto every later column at once (no lazy batches). Returns the codes (N, K)."""
+    w = w.double()[:, order].clone()
+    h = h[order][:, order].clone()
+    h.diagonal().add_(gptq.DAMP * float(h.diagonal().mean()))
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    codes = torch.empty(w.shape, dtype=torch.int64)
+    for j in range(w.shape[1]):
+        code = torch.clamp(torch.round((w[:, j] + 128 * step) / step), 0, 255)
+        codes[:, j] = code.long()
+        err = (w[:, j] - (step * code - 128 * step)) / upper[j, j]
+        w[:, j + 1:] -= err[:, None] * upper[j, j + 1:][None, :]
+    out = torch.empty_like(codes)
+    out[:, order] = codes
+    return out
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "row"])
+def test_lazy_batches_equal_the_plain_method(layout, rng, monkeypatch):
+    """With one fixed grid for every block (a stub Q8_0 encoder: d = 2^-7), the batched, reordered code gives the
+    codes of GPTQ written plainly, whatever the batch; zigzag columns go by decreasing H[j, j]."""
+    from spqt.formats import q8_0
+
+    step = 2.0**-7
+
+    def fixed_grid(values: torch.Tensor) -> torch.Tensor:
+        blocks = torch.zeros((values.shape[0], q8_0.BLOCK_BYTES), dtype=torch.uint8)
+        blocks[:, 0:2] = torch.tensor([step], dtype=torch.float16).view(torch.uint8)
+        return blocks
+
+    monkeypatch.setattr(gptq, "codec", lambda name, search="reference": (fixed_grid, q8_0.decode))
+    n, k = (64, 72) if layout == "zigzag" else (40, 96)  # whole blocks: padding has its own test above
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype("float32")) * 0.3
+    h = _inputs_hessian(rng, k)
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if layout == "zigzag" else torch.arange(k)
+    expected = _naive_gptq(w, h, step, order)
+    for batch in (1, 7, k):
+        blocks = gptq.quantize_compensated(w, h, "q8_0", layout, batch=batch)
+        codes = torch.from_numpy(dequantize(blocks, "q8_0", layout, (n, k)).numpy()).double() / step + 128
+        same = (codes.round().long() == expected).float().mean()
+        assert same >= 0.999, (batch, float(same))  # a rare near-tie may round the other way in float32
+        if layout == "row":
+            break  # row batches are whole blocks, whatever the batch argument
