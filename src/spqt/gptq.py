@@ -22,6 +22,9 @@ module). Which columns one encoder call may serve depends on the layout:
 The inputs are those of the float model, layer after layer, with the layers before already quantized (GPTQ's
 sequential order): layer i's maps see what the quantized layers 0..i-1 give them. Each map keeps whichever of
 this result and the plain encoder's has the lower ``tr((W - Q) H (W - Q)^T)`` on the calibration inputs.
+
+Memory: the whole float32 model (4 bytes a weight) and one layer's H matrices, where the plain conversion holds two
+layers' weights at a time: a 7B model needs about 28 GB of host memory (or GPU memory with --device cuda).
 """
 
 import importlib
