@@ -99,7 +99,8 @@
 #   scripts/gpu_session.sh ring32     the CUDA GEMM's ring: its gpu tests, the GEMM probe (RING32_ARGS), the prefill
 #                                    before / after (RING32_PREFILL_LIMIT)
 #   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
-#   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data)
+#   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data);
+#                                    TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1391,6 +1392,14 @@ llama2-7b:now}" 90
     cp .carry/types-table/*.json "$OUT/types-table/" 2>/dev/null
     timeout ${TYPES33_LIMIT:-560} python3 scripts/types_table.py --data .carry/data/wikitext-2-raw-v1-test.txt \
       --device cuda --out "$OUT/types-table" --models /tmp/types-models 2>&1 | grep -v WARN | tail -30
+    # TYPES33_GPTQ=1: then the GPTQ rows (spqt quantize --gptq on the calibration books, which .carry/data/calibration
+    # must hold), in the time left; rows named *-gptq in the same folder
+    if [ -n "${TYPES33_GPTQ:-}" ]; then
+      left=$(( ${TYPES33_LIMIT:-560} - ($(date +%s) - start) ))
+      [ "$left" -gt 30 ] && timeout $left python3 scripts/types_table.py --data .carry/data/wikitext-2-raw-v1-test.txt \
+        --device cuda --out "$OUT/types-table" --models /tmp/types-models --layouts zigzag \
+        --gptq .carry/data/calibration/*.txt 2>&1 | grep -v WARN | tail -30
+    fi
     (cd "$OUT" && tar czf types-table.tgz types-table && rm -r types-table)
     echo "types33: $(( $(date +%s) - start )) s"
     ;;
