@@ -15,6 +15,12 @@ Each format's module (q8_0.py, ...) draws its block and holds ``encode`` / ``dec
 Encoder searches: every format's default, ``reference``, writes the bytes of llama.cpp's
 ``quantize_row_<type>_ref``; ``mse`` (Q4_K and Q5_K only, mse_search.py) searches for a lower
 plain squared error per block and writes other bytes, read by the same decoders.
+
+Grids (for gptq.py, which rounds weights itself): each module also holds ``CODE_MAX``; ``grid(blocks)``, the
+per-weight ``(scale, offset, codes)``, each (n_blocks, block_size), a weight decoding to ``scale * code - offset``
+(exactly where decode computes it so; up to one rounding where it computes ``scale * (code - bias)``: Q6_K, Q3_K,
+Q8_0), codes integers in 0..CODE_MAX; and ``with_codes(blocks, codes)``, a copy of the blocks with other codes and
+the same scales.
 """
 
 from dataclasses import dataclass
@@ -80,3 +86,20 @@ def codec(name: str, search: str = "reference"):
     check_search(search, name)
     encode = module.encode if search == "reference" else functools.partial(module.encode, search=search)
     return encode, module.decode
+
+
+def per_weight_grid(scale, offset, codes):
+    """A module's ``grid`` from its sub-blocks: scale, offset (n, G) float32 and codes (n, G, S) -> per-weight
+    scale, offset (n, G * S) float32 and codes (n, G * S) int64."""
+    import torch
+
+    n, groups, size = codes.shape
+    return (scale[..., None].expand(n, groups, size).reshape(n, -1),
+            offset[..., None].expand(n, groups, size).reshape(n, -1), codes.to(torch.int64).reshape(n, -1))
+
+
+def replaced_codes(blocks, codes, put):
+    """A module's ``with_codes``: a copy of blocks (n, bytes) uint8 with put(copy, codes) writing its codes."""
+    out = blocks.clone()
+    put(out, codes)
+    return out

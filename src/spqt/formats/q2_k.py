@@ -15,6 +15,7 @@ and mins, every weight requantized against the stored values.
 
 import torch
 
+from spqt.formats import per_weight_grid, replaced_codes
 from spqt.formats.search import f32, make_qkx2_quants, nearest_int
 
 BLOCK_SIZE = 256
@@ -90,15 +91,10 @@ CODE_MAX = 3
 
 def grid(blocks: torch.Tensor):
     """blocks (n, 84) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
-    decoding to scale * code - offset (formats/__init__.py: grid)."""
-    scale, offset, q = _parts(blocks)
-    expand = (blocks.shape[0], SUB_BLOCKS, 16)
-    return (scale[..., None].expand(expand).reshape(-1, BLOCK_SIZE), offset[..., None].expand(expand).reshape(-1, BLOCK_SIZE),
-            q.reshape(-1, BLOCK_SIZE))
+    decoding to scale * code - offset (formats/__init__.py: grids)."""
+    return per_weight_grid(*_parts(blocks))
 
 
 def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of blocks (n, 84) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
-    out = blocks.clone()
-    _put_codes(out, codes)
-    return out
+    return replaced_codes(blocks, codes, _put_codes)

@@ -17,6 +17,7 @@ every weight requantized against the stored values.
 
 import torch
 
+from spqt.formats import per_weight_grid, replaced_codes
 from spqt.formats.search import f32, first_abs_max, make_q3_quants_rmse, nearest_int
 
 BLOCK_SIZE = 256
@@ -109,14 +110,11 @@ CODE_MAX = 7
 
 def grid(blocks: torch.Tensor):
     """blocks (n, 110) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
-    decoding to scale * code - offset (offset = 4 * scale; formats/__init__.py: grid)."""
+    decoding to scale * code - offset (offset = 4 * scale; formats/__init__.py: grids)."""
     scale, q = _parts(blocks)
-    scale = scale[..., None].expand(blocks.shape[0], SUB_BLOCKS, 16).reshape(-1, BLOCK_SIZE)
-    return scale, 4 * scale, q.reshape(-1, BLOCK_SIZE)
+    return per_weight_grid(scale, 4 * scale, q)
 
 
 def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of blocks (n, 110) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
-    out = blocks.clone()
-    _put_codes(out, codes)
-    return out
+    return replaced_codes(blocks, codes, _put_codes)

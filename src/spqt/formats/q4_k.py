@@ -25,7 +25,7 @@ where a compiler is at hand (q4_k_native.py: the same operations, the same bytes
 
 import torch
 
-from spqt.formats import check_search, q4_k_native
+from spqt.formats import check_search, per_weight_grid, q4_k_native, replaced_codes
 from spqt.formats.mse_search import search_levels
 from spqt.formats.search import f32, make_qkx2_quants, nearest_int, sequential_sum
 
@@ -167,15 +167,10 @@ CODE_MAX = 15
 
 def grid(blocks: torch.Tensor):
     """The grid each weight lies on: blocks (n, 144) uint8 -> scale, offset (n, 256) float32 and codes (n, 256)
-    int64 in 0..CODE_MAX, a weight decoding to scale * code - offset (formats/__init__.py: grid)."""
-    scale, offset, q = _parts(blocks)
-    expand = (blocks.shape[0], SUB_BLOCKS, SUB_BLOCK_SIZE)
-    return (scale[..., None].expand(expand).reshape(-1, BLOCK_SIZE), offset[..., None].expand(expand).reshape(-1, BLOCK_SIZE),
-            q.to(torch.int64).reshape(-1, BLOCK_SIZE))
+    int64 in 0..CODE_MAX, a weight decoding to scale * code - offset (formats/__init__.py: grids)."""
+    return per_weight_grid(*_parts(blocks))
 
 
 def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of blocks (n, 144) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
-    out = blocks.clone()
-    _put_codes(out, codes)
-    return out
+    return replaced_codes(blocks, codes, _put_codes)

@@ -16,7 +16,7 @@ optional search of mse_search.py on top of it instead (lower plain squared error
 
 import torch
 
-from spqt.formats import check_search, q4_k
+from spqt.formats import check_search, per_weight_grid, q4_k, replaced_codes
 from spqt.formats.mse_search import search_levels
 
 BLOCK_SIZE = 256
@@ -82,15 +82,10 @@ CODE_MAX = 31
 
 def grid(blocks: torch.Tensor):
     """blocks (n, 176) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
-    decoding to scale * code - offset (formats/__init__.py: grid)."""
-    scale, offset, q = _parts(blocks)
-    expand = (blocks.shape[0], SUB_BLOCKS, SUB_BLOCK_SIZE)
-    return (scale[..., None].expand(expand).reshape(-1, BLOCK_SIZE), offset[..., None].expand(expand).reshape(-1, BLOCK_SIZE),
-            q.reshape(-1, BLOCK_SIZE))
+    decoding to scale * code - offset (formats/__init__.py: grids)."""
+    return per_weight_grid(*_parts(blocks))
 
 
 def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of blocks (n, 176) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
-    out = blocks.clone()
-    _put_codes(out, codes)
-    return out
+    return replaced_codes(blocks, codes, _put_codes)

@@ -16,6 +16,7 @@ largest magnitude), every weight requantized against the stored values.
 
 import torch
 
+from spqt.formats import per_weight_grid, replaced_codes
 from spqt.formats.search import GROUP_MAX_EPS, f32, first_abs_max, make_qx_quants_rmse1, nearest_int
 
 BLOCK_SIZE = 256
@@ -91,14 +92,11 @@ CODE_MAX = 63
 
 def grid(blocks: torch.Tensor):
     """blocks (n, 210) uint8 -> scale, offset (n, 256) float32 and codes (n, 256) int64 in 0..CODE_MAX, a weight
-    decoding to scale * code - offset (offset = 32 * scale; formats/__init__.py: grid)."""
+    decoding to scale * code - offset (offset = 32 * scale; formats/__init__.py: grids)."""
     scale, q = _parts(blocks)
-    scale = scale[..., None].expand(blocks.shape[0], SUB_BLOCKS, 16).reshape(-1, BLOCK_SIZE)
-    return scale, 32 * scale, q.reshape(-1, BLOCK_SIZE)
+    return per_weight_grid(scale, 32 * scale, q)
 
 
 def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of blocks (n, 210) with every weight's code replaced by codes (n, 256), int in 0..CODE_MAX."""
-    out = blocks.clone()
-    _put_codes(out, codes)
-    return out
+    return replaced_codes(blocks, codes, _put_codes)

@@ -9,6 +9,7 @@ x * (1 / d) in float32 with the unrounded d, halves rounded away from zero.
 
 import torch
 
+from spqt.formats import replaced_codes
 from spqt.formats.search import f32, round_away
 
 BLOCK_SIZE = 32
@@ -42,13 +43,16 @@ CODE_MAX = 255
 
 def grid(blocks: torch.Tensor):
     """blocks (n, 34) uint8 -> scale, offset (n, 32) float32 and codes (n, 32) int64 in 0..CODE_MAX (the int8 qs
-    + 128), a weight decoding to scale * code - offset (offset = 128 * d; formats/__init__.py: grid)."""
+    + 128), a weight decoding to scale * code - offset (offset = 128 * d; formats/__init__.py: grids)."""
     d = blocks[:, 0:2].contiguous().view(torch.float16).float().expand(-1, BLOCK_SIZE)
     return d, 128 * d, blocks[:, 2:].contiguous().view(torch.int8).to(torch.int64) + 128
 
 
 def with_codes(blocks: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """A copy of blocks (n, 34) with every weight's code replaced by codes (n, 32), int in 0..CODE_MAX."""
-    out = blocks.clone()
+    return replaced_codes(blocks, codes, _put_codes)
+
+
+def _put_codes(out: torch.Tensor, codes: torch.Tensor) -> None:
+    """Write codes (n, 32), int in 0..255, as the int8 qs (code - 128) of blocks out (n, 34) in place."""
     out[:, 2:] = (codes.to(torch.int64) - 128).to(torch.int8).view(torch.uint8)
-    return out
