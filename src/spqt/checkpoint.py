@@ -239,7 +239,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 weights[name] = value
 
     def compensate() -> dict:
-        """Every layer through gptq.quantize_layers (one layer at a time, the device's own threads); its record."""
+        """Every layer through gptq.quantize_layers, one layer at a time (its maps on one-thread workers on the
+        CPU); the record for the provenance."""
         from spqt import gptq
 
         loaded = fused_float_weights(source)
@@ -255,8 +256,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                 plain.append(result.plain_error)
         kept = sum(e < p for e, p in zip(errors, plain))
         ratio = sum(e / p for e, p in zip(errors, plain) if p > 0) / max(1, sum(p > 0 for p in plain))
-        return {"tokens": windows.numel(), "ctx": windows.shape[1], "damp": gptq.DAMP, "maps_compensated": kept, "maps": len(errors),
-                "mean_output_error_vs_plain": round(ratio, 4)}
+        return {"tokens": windows.numel(), "ctx": windows.shape[1], "damp": gptq.DAMP, "maps_compensated": kept,
+                "maps": len(errors), "mean_output_error_vs_plain": round(ratio, 4)}
 
     record = None
     pool = ThreadPoolExecutor(max_workers=workers, initializer=torch.set_num_threads, initargs=(1,))

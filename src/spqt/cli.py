@@ -782,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gptq", nargs="+", metavar="TEXT",
                    help="calibration text files (never the evaluation text): quantize every layer's maps with their "
                         "errors compensated on the model's own inputs from this text (GPTQ, act order in zigzag); "
-                        "other bytes than llama.cpp's, the same formats; the head keeps the plain encoder")
+                        "other bytes than llama.cpp's, the same formats; the head keeps the plain encoder; with "
+                        "--search mse, each batch's scales come from that search)")
     p.add_argument("--gptq-tokens", type=_at_least(512), default=None,
                    help="calibration tokens for --gptq (whole windows of 512; default 32768)")
     p.add_argument("--device", default="auto",
