@@ -87,7 +87,8 @@ class MagnitudeHistogram:
         return 2.0**log2
 
 
-def _chunks(tokens: list[int], ctx: int, limit: int) -> torch.Tensor:
+def token_windows(tokens: list[int], ctx: int, limit: int) -> torch.Tensor:
+    """(count, ctx) int64: the first `limit` tokens (at least one window) in whole windows of ctx."""
     n = min(len(tokens) // ctx, max(1, limit // ctx))
     if n == 0:
         raise SpqtError(f"calibration text has {len(tokens)} tokens, fewer than one window of {ctx}")
@@ -341,7 +342,7 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     gen = Generator(loaded, device, torch.float32, max_len=ctx, backend="reference", criterion=criterion)
     model = gen.model
     set_scales(model, loaded.ensure_column_norms() if criterion == "wina" else None)
-    windows = _chunks(fit, ctx, max_tokens)
+    windows = token_windows(fit, ctx, max_tokens)
     hists = gather_histograms(model, windows, device, progress)
     out = {}
     if "unified" in modes:

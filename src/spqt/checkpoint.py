@@ -242,9 +242,10 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         """Every layer through gptq.quantize_layers, one layer at a time (its maps on one-thread workers on the
         CPU); the record for the provenance."""
         from spqt import gptq
+        from spqt.calibrate import token_windows
 
         loaded = fused_float_weights(source)
-        windows = gptq.windows(calibration, min(gptq.CTX, cfg.max_seq_len), calibration_tokens or gptq.TOKENS)
+        windows = token_windows(calibration, min(gptq.CTX, cfg.max_seq_len), calibration_tokens or gptq.TOKENS)
         errors, plain = [], []
         for i, results in gptq.quantize_layers(loaded, windows, types, layout, search, device, progress=progress):
             weights.update(_layer_extras(source, i))

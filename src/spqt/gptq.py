@@ -27,12 +27,11 @@ Memory: the whole float32 model (4 bytes a weight) and one layer's H matrices, w
 layers' weights at a time: a 7B model needs about 28 GB of host memory (or GPU memory with --device cuda).
 """
 
-import importlib
 from dataclasses import dataclass
 
 import torch
 
-from spqt.formats import codec, get_format
+from spqt.formats import codec, format_module, get_format
 from spqt.layouts import blocks_to_matrix, check_layout, grid_shape, matrix_to_blocks
 
 BATCH = 128  # zigzag columns per lazy batch (one encoder call, one block update of the columns after it)
@@ -59,10 +58,6 @@ def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
     return float(((diff @ h) * diff).sum() / w.shape[0])
 
 
-def _format_module(fmt: str):
-    return importlib.import_module(f"spqt.formats.{get_format(fmt).name}")
-
-
 def _upper_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """The upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, float64 (H^-1 = U^T U)."""
     h = h.to(torch.float64).clone()
@@ -81,7 +76,7 @@ def quantize_compensated(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str
     (N, ceil(K/B), bytes) for row, (ceil(N/B), K, bytes) for zigzag, on w's device."""
     spec = get_format(fmt)
     check_layout(layout)
-    module = _format_module(fmt)
+    module = format_module(fmt)
     encode, _ = codec(spec.name, search)
     size = spec.block_size
     n, k = w.shape
@@ -110,7 +105,7 @@ def quantize_compensated(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str
         stop = min(start + step, padded_k)
         part = work[:, start:stop]  # a view: the in-batch updates land in work
         blocks = encode(matrix_to_blocks(part, layout, size))
-        scale, offset, codes = (_as_matrix(t, layout, part.shape, size) for t in module.grid(blocks))
+        scale, offset, codes = (blocks_to_matrix(t, layout, part.shape, size).contiguous() for t in module.grid(blocks))
         errors = torch.empty_like(part)
         for j in range(stop - start):
             x, s, o = part[:, j], scale[:, j], offset[:, j]
@@ -127,12 +122,6 @@ def quantize_compensated(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str
         else:
             out[:, start // size] = blocks
     return out
-
-
-def _as_matrix(values: torch.Tensor, layout: str, shape: tuple[int, int], size: int) -> torch.Tensor:
-    """(n_blocks, B) per-weight values of a padded (N, K) part's blocks -> (N, K) (layouts.blocks_to_matrix on
-    a part whose sides are whole blocks)."""
-    return blocks_to_matrix(values, layout, shape, size).contiguous()
 
 
 def quantize_map(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str, search: str = "reference",
@@ -166,27 +155,11 @@ def _quantize_maps(jobs: list, layout: str, search: str, damp: float, device: st
     threads = torch.get_num_threads()
     if device != "cpu" or threads == 1:
         return [work(job) for job in jobs]
-
-    def one_thread(job) -> MapResult:
-        torch.set_num_threads(1)  # this worker's ops run on the worker alone
-        with torch.no_grad():
-            return work(job)
-
-    try:
-        with ThreadPoolExecutor(max_workers=threads) as pool:
-            return list(pool.map(one_thread, jobs))
+    try:  # one thread a worker, as checkpoint.quantize_source's
+        with ThreadPoolExecutor(max_workers=threads, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(work, jobs))
     finally:
         torch.set_num_threads(threads)  # new threads take their count from the last setting
-
-
-def windows(tokens: list[int], ctx: int = CTX, max_tokens: int = TOKENS) -> torch.Tensor:
-    """The calibration windows: (count, ctx) int64, the first max_tokens of the tokens (at least one window)."""
-    from spqt.errors import SpqtError
-
-    count = min(len(tokens) // ctx, max(1, max_tokens // ctx))
-    if count == 0:
-        raise SpqtError(f"the calibration text has {len(tokens)} tokens, fewer than one window of {ctx}")
-    return torch.tensor(tokens[: count * ctx], dtype=torch.int64).view(count, ctx)
 
 
 def quantize_layers(loaded, calibration: torch.Tensor, types: dict, layout: str, search: str = "reference",
@@ -194,7 +167,7 @@ def quantize_layers(loaded, calibration: torch.Tensor, types: dict, layout: str,
     """Yield (layer i, {"layers.{i}.{group}": MapResult}) for every layer of a float model, in order.
 
     loaded: the source's float weights (checkpoint.fused_float_weights); calibration: (count, ctx) int64 windows
-    of calibration text (:func:`windows`); types: "layers.{i}.{group}" -> format (mixes.group_types). The model runs in
+    of calibration text (calibrate.token_windows); types: "layers.{i}.{group}" -> format (mixes.group_types). The model runs in
     float32 on the device."""
     from tqdm.auto import tqdm
 

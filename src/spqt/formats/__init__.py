@@ -75,14 +75,20 @@ def check_search(search: str, name: str | None = None) -> str:
     return search
 
 
+def format_module(name: str):
+    """The module of a format (spqt.formats.q4_k, ...): its encode, decode, grid, with_codes, CODE_MAX."""
+    import importlib
+
+    return importlib.import_module(f"spqt.formats.{get_format(name).name}")
+
+
 def codec(name: str, search: str = "reference"):
     """(encode, decode) of a format: (n_blocks, block_size) float32 <-> (n_blocks, block_bytes) uint8.
 
     search: the encoder's search (see above); SpqtError if the format has no such search."""
     import functools
-    import importlib
 
-    module = importlib.import_module(f"spqt.formats.{get_format(name).name}")
+    module = format_module(name)
     check_search(search, name)
     encode = module.encode if search == "reference" else functools.partial(module.encode, search=search)
     return encode, module.decode
