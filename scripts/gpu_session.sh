@@ -99,6 +99,7 @@
 #   scripts/gpu_session.sh ring32     the CUDA GEMM's ring: its gpu tests, the GEMM probe (RING32_ARGS), the prefill
 #                                    before / after (RING32_PREFILL_LIMIT)
 #   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
+#   scripts/gpu_session.sh final35   final31 with the serve probe before the prefill (prefill in the time left)
 #   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data);
 #                                    TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
@@ -1402,6 +1403,19 @@ llama2-7b:now}" 90
     fi
     (cd "$OUT" && tar czf types-table.tgz types-table && rm -r types-table)
     echo "types33: $(( $(date +%s) - start )) s"
+    ;;
+  final35)
+    # final31 with the serve probe before the prefill (the serve timings decide --prompt-cache auto on CUDA): every gpu
+    # test (park first), serve_probe, then the prefill before (.old) / after in the time left of FINAL35_BUDGET (560 s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    final_gpu_tests
+    serve_probe
+    echo "serve: $(( $(date +%s) - start )) s"
+    left=$(( (${FINAL35_BUDGET:-560} - ($(date +%s) - start)) / 2 ))
+    [ $left -gt 20 ] && prefill_trees $left before after
+    pack_json prefill-before.json prefill-after.json
+    echo "final35: $(( $(date +%s) - start )) s"
     ;;
   final31)
     # The session's last call (the default model parked by the call before): every gpu test, then
