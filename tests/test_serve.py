@@ -125,7 +125,7 @@ def test_models_and_health(server, model_id, default_gguf):
         server.client().models.retrieve("gpt-4o")
     status, health = server.raw("/health")
     assert status == 200 and health["status"] == "ok" and health["ctx"] == CTX and health["device"] == "cpu"
-    assert health["prompt_cache"] is True  # the CPU's default
+    assert health["prompt_cache"] is True  # the default
 
 
 def test_chat_streamed_equals_plain_for_greedy(server, model_id):

@@ -24,7 +24,7 @@ def cuda_server():
     from spqt.serve.engine import Engine
 
     loaded = load_spqt(default_spqt(progress=False))
-    engine = Engine(loaded, "cuda", 0.0, ctx=CTX, name="default")
+    engine = Engine(loaded, "cuda", 0.0, ctx=CTX, name="default", prompt_cache=False)
     with serving(engine) as url:
         yield int(url.rsplit(":", 1)[1]), loaded, engine
 

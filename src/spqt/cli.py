@@ -845,7 +845,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
-                        "as a chat's next turn (auto: on for the CPU, off on CUDA until timed there); answers can "
+                        "as a chat's next turn (auto, the default, is on); answers can "
                         "differ from a whole prefill's in the last bits of the logits; a client learns how long a "
                         "prefix its prompt shares with the request before, another client's too (off where that "
                         "matters)")
