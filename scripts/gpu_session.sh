@@ -1405,14 +1405,14 @@ llama2-7b:now}" 90
     echo "types33: $(( $(date +%s) - start )) s"
     ;;
   final35)
-    # final31 with the serve probe before the prefill (the serve timings decide --prompt-cache auto on CUDA): every gpu
-    # test (park first), serve_probe, then the prefill before (.old) / after in the time left of FINAL35_BUDGET (560 s)
+    # final31 with the serve probe before the prefill (the serve timings weigh more): every gpu test (park first),
+    # serve_probe, then the prefill before (.old, where carried) / after in the time left of FINAL35_BUDGET (560 s)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     final_gpu_tests
     serve_probe
     echo "serve: $(( $(date +%s) - start )) s"
-    left=$(( (${FINAL35_BUDGET:-560} - ($(date +%s) - start)) / 2 ))
+    left=$(( (${FINAL35_BUDGET:-560} - ($(date +%s) - start)) / $([ -d .old/src ] && echo 2 || echo 1) ))
     [ $left -gt 20 ] && prefill_trees $left before after
     pack_json prefill-before.json prefill-after.json
     echo "final35: $(( $(date +%s) - start )) s"

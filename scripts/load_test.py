@@ -121,8 +121,9 @@ def main() -> int:
         return run(args.url, args.api_key, args.clients, args.requests, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
+        # the prompt cache off: a reused prefix can turn a greedy near-tie, and the check compares tokens exactly
         cmd = [sys.executable, "-m", "spqt.cli", "serve", *([args.model] if args.model else []), "--port", "0",
-               "--device", args.device]
+               "--device", args.device, "--prompt-cache", "off"]
         with open(log, "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         try:

@@ -182,7 +182,7 @@ def test_text_equals_spqt_generate(server, model_id, capsys, monkeypatch, loaded
 
 
 def test_a_chat_turn_prefills_only_what_the_turn_before_did_not(server, model_id, loaded):
-    """The prompt cache (on for the CPU): the next turn of a chat, whose prompt starts with the turn before's prompt
+    """The prompt cache (on by default): the next turn of a chat, whose prompt starts with the turn before's prompt
     and answer, reuses their keys and values (usage.prompt_tokens_details.cached_tokens; the log line says so) and
     answers as a Generator that prefills the whole prompt does (greedy)."""
     from spqt.generate import Generator

@@ -70,7 +70,8 @@ class Engine:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
         backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU).
-        prompt_cache: reuse what the request before left in the KV cache (None: on; see the module's docstring). dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked)."""
+        prompt_cache: reuse what the request before left in the KV cache (None: on; see the module's docstring).
+        dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked)."""
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):
