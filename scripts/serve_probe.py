@@ -2,7 +2,8 @@
 
 For each sparsity level, starts `spqt serve` on a free port (or uses --url, a server already
 running), sends one warm-up request (on CUDA the first request captures the decode graphs), then
-one streamed greedy completion, and prints the time to the first text chunk and the decode rate.
+one streamed greedy completion, and prints the time to the first text chunk, the decode rate, and how long the
+server took to start (of which, on CUDA, its prefill graphs' captures: the prompt cache adds its rests' graphs).
 
     python scripts/serve_probe.py --device cuda --sparsity 0,auto        # on the GPU machine
     python scripts/serve_probe.py --device cpu --max-tokens 32 --sparsity 0
@@ -57,7 +58,10 @@ def probe(url: str, api_key: str, max_tokens: int, prompt: str, history: str = "
             "tokens_per_s": rate, "total_s": end - t0, "cached": (details.cached_tokens or 0) if details else 0}
 
 
-def start(model: str | None, device: str, sparsity: str, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str]:
+def start(model: str | None, device: str, sparsity: str, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str,
+                                                                                             float]:
+    """spqt serve started on a free port: (the process, its URL, seconds from the start until it listens)."""
+    t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "spqt.cli", "serve", *([model] if model else []), "--port", "0", "--device", device,
            "--sparsity", sparsity, *extra]
     with open(log, "wb") as out:
@@ -66,7 +70,7 @@ def start(model: str | None, device: str, sparsity: str, log: Path, extra: list[
         if proc.poll() is not None:
             raise SystemExit(f"spqt serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
         time.sleep(0.5)
-    return proc, found.group(1)
+    return proc, found.group(1), time.perf_counter() - t0
 
 
 def main() -> int:
@@ -93,20 +97,24 @@ def main() -> int:
             for level in args.sparsity.split(","):
                 with tempfile.TemporaryDirectory() as tmp:
                     log = Path(tmp) / "serve.log"
-                    proc, url = start(args.model, args.device, level.strip(), log,
+                    proc, url, ready_s = start(args.model, args.device, level.strip(), log,
                                       [*extra, "--prompt-cache", cache.strip()])
                     try:
                         row = probe(url, args.api_key, args.max_tokens, args.prompt, history)
                     finally:
                         proc.send_signal(signal.SIGINT)
                         proc.wait(60)
-                    served = re.search(r"on \w+, (dense|sparsity [\d.]+ \w+)", log.read_text(errors="replace"))
+                    text = log.read_text(errors="replace")
+                    served = re.search(r"on \w+, (dense|sparsity [\d.]+ \w+)", text)
+                    # the start: until the server listened (0.5 s polls), of which the prefill graphs' captures (CUDA)
+                    captured = re.search(r"prefill graphs .* captured in ([\d.]+) s", text)
+                    row["start"] = f"{ready_s:.1f}" + (f" ({captured.group(1)})" if captured else "")
                     rows.append((level.strip(), cache.strip(), row, served.group(1) if served else "?"))
     print(f"{'--sparsity':>10s} {'cache':>5s} {'served':>22s} {'prompt':>6s} {'cached':>6s} {'tokens':>6s} "
-          f"{'first token':>12s} {'tokens/s':>9s}")
+          f"{'first token':>12s} {'tokens/s':>9s} {'start s (graphs)':>17s}")
     for level, cache, r, served in rows:
         print(f"{level:>10s} {cache:>5s} {served:>22s} {r['prompt_tokens']:6d} {r['cached']:6d} {r['tokens']:6d} "
-              f"{r['first_token_ms']:9.1f} ms {r['tokens_per_s']:9.1f}")
+              f"{r['first_token_ms']:9.1f} ms {r['tokens_per_s']:9.1f} {r.get('start', '-'):>17s}")
     what = "a chat's second turn after the first (its warm-up)" if history else "one streamed chat request after " \
         "one warm-up"
     print(f"model {rows[0][2]['model']}, device {args.device if not args.url else 'as served'}, {what} (greedy, "
