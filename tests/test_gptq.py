@@ -131,6 +131,35 @@ def test_quantize_source_compensates_every_layer(tmp_path):
     assert (logits(compensated) - reference).pow(2).mean() < 0.97 * (logits(plain) - reference).pow(2).mean()
 
 
+def test_quantize_layers_holds_one_layer_of_float_weights(tmp_path):
+    """quantize_layers asks for a layer's float weights only when that layer's turn comes, once each, in order (a
+    large model's float32 weights are never held whole), and yields each layer's four maps in their shapes."""
+    from conftest import make_hf_checkpoint
+    from spqt.checkpoint import fused_layer_weights
+    from spqt.mixes import group_types
+    from spqt.sources import open_source
+
+    source = open_source(make_hf_checkpoint(tmp_path / "m", n_layers=3, dim=64, ffn_dim=160))
+    cfg = source.config
+    calibration = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(2))
+    asked = []
+
+    def layer_weights(i):
+        asked.append(i)
+        return fused_layer_weights(source, i)
+
+    types = group_types("q4_k", cfg.n_layers)
+    layers = gptq.quantize_layers(cfg, source.tensor("tok_embeddings"), layer_weights, calibration, types, "zigzag")
+    for i, results in layers:
+        assert asked == list(range(i + 1))
+        assert sorted(results) == sorted(f"layers.{i}.{g}" for g in ("qkv", "o", "gate_up", "down"))
+        for name, result in results.items():
+            assert result.shape == tuple(fused_layer_weights(source, i)[name].shape)
+            size, nbytes = FORMATS["q4_k"].block_size, FORMATS["q4_k"].block_bytes
+            assert result.blocks.shape == grid_shape("zigzag", result.shape, size) + (nbytes,)
+    assert asked == [0, 1, 2]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("layout", ["zigzag", "row"])
 @pytest.mark.parametrize("fmt", ["q4_k", "q6_k", "q8_0"])

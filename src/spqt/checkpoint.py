@@ -154,12 +154,20 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
     weights = {name: source.tensor(name) for name in ("tok_embeddings", "norm", "output") if name in source.names}
     parts = {}
     for i in tqdm(range(cfg.n_layers), desc="loading", unit="layer", disable=not progress):
-        weights.update(_layer_extras(source, i))
-        for group, members in LINEAR_GROUPS.items():
-            weights[f"layers.{i}.{group}"] = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
+        weights.update(fused_layer_weights(source, i))
+        for group in LINEAR_GROUPS:
             parts[f"layers.{i}.{group}"] = _parts(cfg)[group]
     return LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts,
                        provenance=dict(source.provenance))
+
+
+def fused_layer_weights(source: SourceModel, i: int) -> dict:
+    """Layer i's weights as given (float32): "layers.{i}.{group}" stacked as LINEAR_GROUPS says, and its norms and
+    biases (_layer_extras)."""
+    weights = _layer_extras(source, i)
+    for group, members in LINEAR_GROUPS.items():
+        weights[f"layers.{i}.{group}"] = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
+    return weights
 
 
 def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigzag",
@@ -244,13 +252,14 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         from spqt import gptq
         from spqt.calibrate import token_windows
 
-        loaded = fused_float_weights(source)
         windows = token_windows(calibration, min(gptq.CTX, cfg.max_seq_len), calibration_tokens or gptq.TOKENS)
         errors, plain = [], []
-        for i, results in gptq.quantize_layers(loaded, windows, types, layout, search, device, progress=progress):
+        layers = gptq.quantize_layers(cfg, source.tensor("tok_embeddings"), lambda i: fused_layer_weights(source, i),
+                                      windows, types, layout, search, device, progress=progress)
+        for i, results in layers:
             weights.update(_layer_extras(source, i))
             for name, result in results.items():
-                q = QuantizedWeight(result.blocks.cpu(), types[name], layout, tuple(loaded.weights[name].shape))
+                q = QuantizedWeight(result.blocks.cpu(), types[name], layout, result.shape)
                 weights[name], norms[name] = q, column_norms(q)
                 parts[name] = _parts(cfg)[name.rsplit(".", 1)[1]]
                 errors.append(min(result.error, result.plain_error))

@@ -19,7 +19,7 @@ from spqt.decode_chain import DecodeChain, chain_on, why_not
 from spqt.errors import SpqtError
 from spqt.kernels.tuning import STEP_DENSE
 from spqt.linear import Linear
-from spqt.model import Transformer
+from spqt.model import Block, Transformer
 
 KV_BUCKET_MIN = 256  # the shortest attention span a decode graph is captured for
 # A CUDA prefill of n tokens runs padded to a bucket (a power of two from PREFILL_BUCKET_MIN, a multiple of
@@ -86,13 +86,27 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
     model.tok_embeddings.weight.data = weights["tok_embeddings"].to(device=device, dtype=dtype)
     model.norm.weight.data = weights["norm"].to(device=device, dtype=torch.float32)
     for i, block in enumerate(model.layers):
-        block.attention.native = backend == "cpu-native"
-        norms = {"attention_norm": block.attention_norm, "ffn_norm": block.ffn_norm,
-                 "q_norm": block.attention.q_norm, "k_norm": block.attention.k_norm}
-        for name, norm in norms.items():
-            if norm is not None:
-                norm.weight.data = weights[f"layers.{i}.{name}"].to(device=device, dtype=torch.float32)
+        _set_block_norms(block, i, weights, device, backend)
     return model.to(device)
+
+
+def build_block(config, i: int, weights: dict, device: str = "cpu", dtype: torch.dtype = torch.float32,
+                backend: str = "reference") -> Block:
+    """Layer i alone, as build_model builds it, from a dict holding (at least) that layer's "layers.{i}.*" weights;
+    no KV cache (set block.attention.cache before running it)."""
+    block = Block(config, i, lambda name, out_features, in_features: Linear(
+        weights[name], dtype, device, backend, bias=weights.get(f"{name}.bias")))
+    _set_block_norms(block, i, weights, device, backend)
+    return block.to(device)
+
+
+def _set_block_norms(block: Block, i: int, weights: dict, device: str, backend: str) -> None:
+    block.attention.native = backend == "cpu-native"
+    norms = {"attention_norm": block.attention_norm, "ffn_norm": block.ffn_norm,
+             "q_norm": block.attention.q_norm, "k_norm": block.attention.k_norm}
+    for name, norm in norms.items():
+        if norm is not None:
+            norm.weight.data = weights[f"layers.{i}.{name}"].to(device=device, dtype=torch.float32)
 
 
 def sparse_linears(model: Transformer):

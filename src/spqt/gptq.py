@@ -23,8 +23,9 @@ The inputs are those of the float model, layer after layer, with the layers befo
 sequential order): layer i's maps see what the quantized layers 0..i-1 give them. Each map keeps whichever of
 this result and the plain encoder's has the lower ``tr((W - Q) H (W - Q)^T)`` on the calibration inputs.
 
-Memory: the whole float32 model (4 bytes a weight) and one layer's H matrices, where the plain conversion holds two
-layers' weights at a time: a 7B model needs about 28 GB of host memory (or GPU memory with --device cuda).
+Memory: one layer's float32 weights and H matrices at a time (quantize_layers asks for each layer when its turn
+comes), beside the calibration states, (windows, 512, dim) float32 twice: for a 7B model about 0.8 GB of weights and
+0.5 GB a copy of the states at the default 32,768 tokens (host memory, or GPU memory with --device cuda).
 """
 
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class MapResult:
     blocks: torch.Tensor
     error: float
     plain_error: float
+    shape: tuple  # W's (out_features, in_features)
 
 
 def output_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor) -> float:
@@ -134,7 +136,7 @@ def quantize_map(w: torch.Tensor, h: torch.Tensor, fmt: str, layout: str, search
     h = h.to(torch.float64)
     error = output_error(w, dequantize(compensated, fmt, layout, tuple(w.shape)), h)
     plain_error = output_error(w, dequantize(plain, fmt, layout, tuple(w.shape)), h)
-    return MapResult(compensated if error <= plain_error else plain, error, plain_error)
+    return MapResult(compensated if error <= plain_error else plain, error, plain_error, tuple(w.shape))
 
 
 def _quantize_maps(jobs: list, layout: str, search: str, damp: float, device: str) -> list:
@@ -162,39 +164,48 @@ def _quantize_maps(jobs: list, layout: str, search: str, damp: float, device: st
         torch.set_num_threads(threads)  # new threads take their count from the last setting
 
 
-def quantize_layers(loaded, calibration: torch.Tensor, types: dict, layout: str, search: str = "reference",
-                    device: str = "cpu", damp: float = DAMP, progress: bool = False):
+def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration: torch.Tensor, types: dict,
+                    layout: str, search: str = "reference", device: str = "cpu", damp: float = DAMP,
+                    progress: bool = False):
     """Yield (layer i, {"layers.{i}.{group}": MapResult}) for every layer of a float model, in order.
 
-    loaded: the source's float weights (checkpoint.fused_float_weights); calibration: (count, ctx) int64 windows
-    of calibration text (calibrate.token_windows); types: "layers.{i}.{group}" -> format (mixes.group_types). The model runs in
-    float32 on the device."""
+    config: the model's ModelConfig; embedding: (vocab, dim) float; layer_weights(i): layer i's float weights
+    (checkpoint.fused_layer_weights: "layers.{i}.{group}" stacked, norms, biases), asked for once, when layer i's
+    turn comes, and dropped after it, so at most one layer's float weights are held beside the calibration states
+    ((count, ctx, dim) float32, twice); calibration: (count, ctx) int64 windows of calibration text
+    (calibrate.token_windows); types: "layers.{i}.{group}" -> format (mixes.group_types). Runs in float32 on the
+    device."""
     from tqdm.auto import tqdm
 
-    from spqt.generate import build_model
+    from spqt.generate import build_block
     from spqt.linear import Linear
+    from spqt.model import KVCache, rope_table
     from spqt.quant import dequantize
 
-    model = build_model(loaded, device, torch.float32, backend="reference")
     calibration = calibration.to(device)
     length = calibration.shape[1]
     positions = torch.arange(length, device=device)
+    rope = rope_table(config, config.max_seq_len).to(device)  # as the Transformer holds it
     mask = torch.zeros((length, length), device=device).masked_fill_(positions[None, :] > positions[:, None],
                                                                      float("-inf"))
-    with torch.no_grad():  # not inference mode: quant.quantize's worker threads write the tensors it makes
-        states = [model.tok_embeddings(chunk) for chunk in calibration.split(WINDOWS_PER_PASS)]
+    table = embedding.to(device=device, dtype=torch.float32)
+    states = [torch.nn.functional.embedding(chunk, table) for chunk in calibration.split(WINDOWS_PER_PASS)]
+    del table
 
     def run(block) -> list:
         out = []
         for x in states:
             if block.attention.cache is None or block.attention.cache.k.shape[0] != x.shape[0]:
-                model.setup_cache(x.shape[0], length, torch.float32)
-            out.append(block(x, model.rope, positions, mask))
+                block.attention.cache = KVCache(x.shape[0], config.n_kv_heads, length, config.head_dim,
+                                                torch.float32, device)
+            out.append(block(x, rope, positions, mask))
         return out
 
     groups = (("qkv", "attention"), ("o", "attention"), ("gate_up", "feed_forward"), ("down", "feed_forward"))
-    for i, block in enumerate(tqdm(model.layers, desc="quantizing (GPTQ)", unit="layer", disable=not progress)):
-        with torch.no_grad():  # not across the yield
+    for i in tqdm(range(config.n_layers), desc="quantizing (GPTQ)", unit="layer", disable=not progress):
+        weights = layer_weights(i)
+        with torch.no_grad():  # not inference mode: quant.quantize's worker threads write the tensors it makes
+            block = build_block(config, i, weights, device, torch.float32, "reference")
             hessians, handles = {}, []
             for group, parent in groups:
                 lin = getattr(getattr(block, parent), group)
@@ -211,14 +222,15 @@ def quantize_layers(loaded, calibration: torch.Tensor, types: dict, layout: str,
                     handle.remove()
             names = [f"layers.{i}.{group}" for group, _ in groups]
             results = dict(zip(names, _quantize_maps(
-                [(loaded.weights[name], hessians[group] / calibration.numel(), types[name]) for name, (group, _)
+                [(weights[name], hessians[group] / calibration.numel(), types[name]) for name, (group, _)
                  in zip(names, groups)], layout, search, damp, device)))
             for name, (group, parent) in zip(names, groups):
-                fmt, result, w = types[name], results[name], loaded.weights[name]
+                fmt, result = types[name], results[name]
                 old = getattr(getattr(block, parent), group)
                 # the layers after this one see what the quantized map gives
-                quantized = dequantize(result.blocks, fmt, layout, tuple(w.shape))
+                quantized = dequantize(result.blocks, fmt, layout, result.shape)
                 setattr(getattr(block, parent), group,
                         Linear(quantized, torch.float32, device, "reference", bias=old.bias))
             states = run(block)
+        del block, weights, hessians
         yield i, results
