@@ -1,6 +1,8 @@
 """Error-compensating quantization (gptq.py) and the formats' grids it rounds to (grid / with_codes)."""
 
+import gc
 import importlib
+import weakref
 
 import pytest
 import torch
@@ -132,29 +134,37 @@ def test_quantize_source_compensates_every_layer(tmp_path):
 
 
 def test_quantize_layers_holds_one_layer_of_float_weights(tmp_path):
-    """quantize_layers asks for a layer's float weights only when that layer's turn comes, once each, in order (a
-    large model's float32 weights are never held whole), and yields each layer's four maps in their shapes."""
+    """quantize_layers asks for a layer's float weights only when that layer's turn comes, once each, in order, and
+    lets them go once the layer is done (a large model's float32 weights are never held whole); it yields each
+    layer's four maps in their shapes."""
     from conftest import make_hf_checkpoint
-    from spqt.checkpoint import fused_layer_weights
+    from spqt.checkpoint import LINEAR_GROUPS, fused_layer_weights
     from spqt.mixes import group_types
     from spqt.sources import open_source
 
     source = open_source(make_hf_checkpoint(tmp_path / "m", n_layers=3, dim=64, ffn_dim=160))
     cfg = source.config
     calibration = torch.randint(0, cfg.vocab_size, (2, 512), generator=torch.Generator().manual_seed(2))
-    asked = []
+    asked, alive = [], {}
 
     def layer_weights(i):
         asked.append(i)
-        return fused_layer_weights(source, i)
+        weights = fused_layer_weights(source, i)
+        alive[i] = [weakref.ref(w) for name, w in weights.items() if name.rsplit(".", 1)[1] in LINEAR_GROUPS]
+        return weights
 
     types = group_types("q4_k", cfg.n_layers)
     layers = gptq.quantize_layers(cfg, source.tensor("tok_embeddings"), layer_weights, calibration, types, "zigzag")
     for i, results in layers:
         assert asked == list(range(i + 1))
+        gc.collect()
+        assert not any(ref() is not None for ref in alive[i]), "a finished layer's float weights are still held"
         assert sorted(results) == sorted(f"layers.{i}.{g}" for g in ("qkv", "o", "gate_up", "down"))
+        rows = {"qkv": cfg.q_dim + 2 * cfg.kv_dim, "o": cfg.dim, "gate_up": 2 * cfg.ffn_dim, "down": cfg.dim}
         for name, result in results.items():
-            assert result.shape == tuple(fused_layer_weights(source, i)[name].shape)
+            group = name.rsplit(".", 1)[1]
+            assert result.shape == (rows[group], cfg.ffn_dim if group == "down" else cfg.q_dim if group == "o"
+                                    else cfg.dim)
             size, nbytes = FORMATS["q4_k"].block_size, FORMATS["q4_k"].block_bytes
             assert result.blocks.shape == grid_shape("zigzag", result.shape, size) + (nbytes,)
     assert asked == [0, 1, 2]

@@ -214,12 +214,6 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                                             tuple(w.shape))
         return out
 
-    def read_layer(i: int) -> dict:
-        layer = _layer_extras(source, i)  # norms, q/k norms, biases: stored as they are
-        for group, members in LINEAR_GROUPS.items():
-            layer[f"layers.{i}.{group}"] = torch.cat([source.tensor(f"layers.{i}.{m}") for m in members], dim=0)
-        return layer
-
     def encode(w: torch.Tensor, fmt: str) -> tuple:
         served = SEARCHES[search]
         blocks = quantize(w.to(device), fmt, layout, search if served is None or fmt in served else "reference").cpu()
@@ -279,7 +273,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
                   disable=not progress or calibration is not None) as bar:
             for i in range(cfg.n_layers if calibration is None else 0):
                 pending.append({name: pool.submit(encode, w, types[name]) if name.rsplit(".", 1)[1] in LINEAR_GROUPS
-                                else w for name, w in read_layer(i).items()})
+                                else w for name, w in fused_layer_weights(source, i).items()})
                 if len(pending) == 2:
                     collect()
                     bar.update()

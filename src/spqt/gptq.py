@@ -177,10 +177,7 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     device."""
     from tqdm.auto import tqdm
 
-    from spqt.generate import build_block
-    from spqt.linear import Linear
-    from spqt.model import KVCache, rope_table
-    from spqt.quant import dequantize
+    from spqt.model import rope_table
 
     calibration = calibration.to(device)
     length = calibration.shape[1]
@@ -188,9 +185,29 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     rope = rope_table(config, config.max_seq_len).to(device)  # as the Transformer holds it
     mask = torch.zeros((length, length), device=device).masked_fill_(positions[None, :] > positions[:, None],
                                                                      float("-inf"))
-    table = embedding.to(device=device, dtype=torch.float32)
-    states = [torch.nn.functional.embedding(chunk, table) for chunk in calibration.split(WINDOWS_PER_PASS)]
-    del table
+    with torch.no_grad():
+        table = embedding.to(device=device, dtype=torch.float32)
+        states = [torch.nn.functional.embedding(chunk, table) for chunk in calibration.split(WINDOWS_PER_PASS)]
+    del embedding, table  # (the caller's tensor is freed where it held no other reference)
+    inputs = (rope, positions, mask)
+    for i in tqdm(range(config.n_layers), desc="quantizing (GPTQ)", unit="layer", disable=not progress):
+        results, states = _quantize_layer(config, i, layer_weights(i), states, inputs, calibration.numel(), types,
+                                          layout, search, damp, device)
+        yield i, results
+
+
+def _quantize_layer(config, i: int, weights: dict, states: list, inputs: tuple, tokens: int, types: dict,
+                    layout: str, search: str, damp: float, device: str) -> tuple[dict, list]:
+    """Layer i's maps quantized on H gathered from states (its inputs: (windows, ctx, dim) float32 tensors), and the
+    layer's outputs with those maps quantized: ({"layers.{i}.{group}": MapResult}, next states). Its float weights,
+    block and H matrices are this function's alone, so they go when it returns. inputs: (rope, positions, mask)."""
+    from spqt.generate import build_block
+    from spqt.linear import Linear
+    from spqt.model import KVCache
+    from spqt.quant import dequantize
+
+    groups = (("qkv", "attention"), ("o", "attention"), ("gate_up", "feed_forward"), ("down", "feed_forward"))
+    length = inputs[1].shape[0]
 
     def run(block) -> list:
         out = []
@@ -198,39 +215,34 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
             if block.attention.cache is None or block.attention.cache.k.shape[0] != x.shape[0]:
                 block.attention.cache = KVCache(x.shape[0], config.n_kv_heads, length, config.head_dim,
                                                 torch.float32, device)
-            out.append(block(x, rope, positions, mask))
+            out.append(block(x, *inputs))
         return out
 
-    groups = (("qkv", "attention"), ("o", "attention"), ("gate_up", "feed_forward"), ("down", "feed_forward"))
-    for i in tqdm(range(config.n_layers), desc="quantizing (GPTQ)", unit="layer", disable=not progress):
-        weights = layer_weights(i)
-        with torch.no_grad():  # not inference mode: quant.quantize's worker threads write the tensors it makes
-            block = build_block(config, i, weights, device, torch.float32, "reference")
-            hessians, handles = {}, []
-            for group, parent in groups:
-                lin = getattr(getattr(block, parent), group)
-                hessians[group] = torch.zeros((lin.in_features, lin.in_features), dtype=torch.float64, device=device)
+    with torch.no_grad():  # not inference mode: quant.quantize's worker threads write the tensors it makes
+        block = build_block(config, i, weights, device, torch.float32, "reference")
+        hessians, handles = {}, []
+        for group, parent in groups:
+            lin = getattr(getattr(block, parent), group)
+            hessians[group] = torch.zeros((lin.in_features, lin.in_features), dtype=torch.float64, device=device)
 
-                def gather(mod, args, h=hessians[group]):
-                    x = args[0].reshape(-1, args[0].shape[-1]).float()
-                    h += (x.T @ x).double()
-                handles.append(lin.input_tap.register_forward_pre_hook(gather))
-            try:
-                run(block)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            names = [f"layers.{i}.{group}" for group, _ in groups]
-            results = dict(zip(names, _quantize_maps(
-                [(weights[name], hessians[group] / calibration.numel(), types[name]) for name, (group, _)
-                 in zip(names, groups)], layout, search, damp, device)))
-            for name, (group, parent) in zip(names, groups):
-                fmt, result = types[name], results[name]
-                old = getattr(getattr(block, parent), group)
-                # the layers after this one see what the quantized map gives
-                quantized = dequantize(result.blocks, fmt, layout, result.shape)
-                setattr(getattr(block, parent), group,
-                        Linear(quantized, torch.float32, device, "reference", bias=old.bias))
-            states = run(block)
-        del block, weights, hessians
-        yield i, results
+            def gather(mod, args, h=hessians[group]):
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                h += (x.T @ x).double()
+            handles.append(lin.input_tap.register_forward_pre_hook(gather))
+        try:
+            run(block)
+        finally:
+            for handle in handles:
+                handle.remove()
+        names = [f"layers.{i}.{group}" for group, _ in groups]
+        results = dict(zip(names, _quantize_maps(
+            [(weights[name], hessians[group] / tokens, types[name]) for name, (group, _) in zip(names, groups)],
+            layout, search, damp, device)))
+        for name, (group, parent) in zip(names, groups):
+            fmt, result = types[name], results[name]
+            old = getattr(getattr(block, parent), group)
+            # the layers after this one see what the quantized map gives
+            quantized = dequantize(result.blocks, fmt, layout, result.shape)
+            setattr(getattr(block, parent), group,
+                    Linear(quantized, torch.float32, device, "reference", bias=old.bias))
+        return results, run(block)
