@@ -98,7 +98,7 @@ def main() -> int:
                 with tempfile.TemporaryDirectory() as tmp:
                     log = Path(tmp) / "serve.log"
                     proc, url, ready_s = start(args.model, args.device, level.strip(), log,
-                                      [*extra, "--prompt-cache", cache.strip()])
+                                               [*extra, "--prompt-cache", cache.strip()])
                     try:
                         row = probe(url, args.api_key, args.max_tokens, args.prompt, history)
                     finally:
