@@ -173,6 +173,27 @@ def _ids(n: int, vocab: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
+def test_a_layer_built_alone_equals_the_models_layer(family):
+    """generate.build_block (GPTQ's one layer at a time) from that layer's weights alone gives what build_model's layer
+    gives, bit for bit: biases (Qwen2), q/k norms (Qwen3), Mistral's head_dim."""
+    from spqt.generate import build_block
+    from spqt.model import KVCache
+
+    loaded = load_model(family["hf"])
+    c = loaded.config
+    model = build_model(loaded, "cpu", torch.float32)
+    n = 40
+    model.setup_cache(2, n, torch.float32)
+    x = torch.randn(2, n, c.dim, generator=torch.Generator().manual_seed(family["seed"]))
+    positions = torch.arange(n)
+    mask = torch.zeros((n, n)).masked_fill_(positions[None, :] > positions[:, None], float("-inf"))
+    for i in range(c.n_layers):
+        block = build_block(c, i, {k: w for k, w in loaded.weights.items() if k.startswith(f"layers.{i}.")})
+        block.attention.cache = KVCache(2, c.n_kv_heads, n, c.head_dim, torch.float32, "cpu")
+        with torch.no_grad():
+            assert torch.equal(block(x, model.rope, positions, mask), model.layers[i](x, model.rope, positions, mask))
+
+
 @pytest.mark.parametrize("source", ["hf", "gguf"])
 def test_float_forward_equals_transformers(family, source):
     loaded = load_model(family[source])
