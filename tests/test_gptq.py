@@ -154,19 +154,18 @@ def test_quantize_layers_holds_one_layer_of_float_weights(tmp_path):
         return weights
 
     types = group_types("q4_k", cfg.n_layers)
+    shapes = {"qkv": (cfg.q_dim + 2 * cfg.kv_dim, cfg.dim), "o": (cfg.dim, cfg.q_dim),
+              "gate_up": (2 * cfg.ffn_dim, cfg.dim), "down": (cfg.dim, cfg.ffn_dim)}
+    spec = FORMATS["q4_k"]
     layers = gptq.quantize_layers(cfg, source.tensor("tok_embeddings"), layer_weights, calibration, types, "zigzag")
     for i, results in layers:
         assert asked == list(range(i + 1))
         gc.collect()
         assert not any(ref() is not None for ref in alive[i]), "a finished layer's float weights are still held"
-        assert sorted(results) == sorted(f"layers.{i}.{g}" for g in ("qkv", "o", "gate_up", "down"))
-        rows = {"qkv": cfg.q_dim + 2 * cfg.kv_dim, "o": cfg.dim, "gate_up": 2 * cfg.ffn_dim, "down": cfg.dim}
+        assert sorted(results) == sorted(f"layers.{i}.{g}" for g in shapes)
         for name, result in results.items():
-            group = name.rsplit(".", 1)[1]
-            assert result.shape == (rows[group], cfg.ffn_dim if group == "down" else cfg.q_dim if group == "o"
-                                    else cfg.dim)
-            size, nbytes = FORMATS["q4_k"].block_size, FORMATS["q4_k"].block_bytes
-            assert result.blocks.shape == grid_shape("zigzag", result.shape, size) + (nbytes,)
+            assert result.shape == shapes[name.rsplit(".", 1)[1]]
+            assert result.blocks.shape == grid_shape("zigzag", result.shape, spec.block_size) + (spec.block_bytes,)
     assert asked == [0, 1, 2]
 
 

@@ -246,12 +246,17 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         from spqt import gptq
         from spqt.calibrate import token_windows
 
+        def layer_weights(i: int) -> dict:
+            """Layer i's float weights for GPTQ; its norms and biases go to the model as they are, read once."""
+            layer = fused_layer_weights(source, i)
+            weights.update({name: w for name, w in layer.items() if name.rsplit(".", 1)[1] not in LINEAR_GROUPS})
+            return layer
+
         windows = token_windows(calibration, min(gptq.CTX, cfg.max_seq_len), calibration_tokens or gptq.TOKENS)
         errors, plain = [], []
-        layers = gptq.quantize_layers(cfg, source.tensor("tok_embeddings"), lambda i: fused_layer_weights(source, i),
-                                      windows, types, layout, search, device, progress=progress)
-        for i, results in layers:
-            weights.update(_layer_extras(source, i))
+        layers = gptq.quantize_layers(cfg, source.tensor("tok_embeddings"), layer_weights, windows, types, layout,
+                                      search, device, progress=progress)
+        for _, results in layers:
             for name, result in results.items():
                 q = QuantizedWeight(result.blocks.cpu(), types[name], layout, result.shape)
                 weights[name], norms[name] = q, column_norms(q)
