@@ -3,7 +3,7 @@
     PYTHONPATH=src python scripts/cpu_decode_probe.py contexts [--contexts 10,300,1100,2100,4050]
     PYTHONPATH=src python scripts/cpu_decode_probe.py levels [--rounds 6]
     PYTHONPATH=src python scripts/cpu_decode_probe.py maps [--rounds 7]
-    PYTHONPATH=src python scripts/cpu_decode_probe.py prefill [--contexts 512,1100,4050]
+    PYTHONPATH=src python scripts/cpu_decode_probe.py prefill [--contexts 512,1100,4050] [--model M.spqt]
 
 contexts: greedy decode (Generator.generate, 33 tokens, native maps) after a prompt of each length; the decode rate it
 reports. levels: decode steps (Generator.decode_step, 40 a round, median) of one Generator per setting (dense, every
@@ -17,6 +17,7 @@ prefill of a prompt of each length (Generator.generate, one new token; the faste
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,8 +102,9 @@ def main() -> None:
     ap.add_argument("what", choices=("contexts", "levels", "maps", "prefill"))
     ap.add_argument("--contexts", default=CONTEXTS, help="prompt lengths (prefill: default 512,1100,4050)")
     ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--model", type=Path, default=None, help="a .spqt (default: the default model, zigzag Q4_K)")
     args = ap.parse_args()
-    loaded = load_spqt(default_spqt(progress=False))
+    loaded = load_spqt(args.model or default_spqt(progress=False))
     print(f"torch threads {torch.get_num_threads()}")
     if args.what in ("contexts", "prefill"):
         default = "512,1100,4050" if args.what == "prefill" and args.contexts == CONTEXTS else args.contexts

@@ -84,25 +84,29 @@ def test_zigzag_matches_float64(builds, rng, fmt, n, k):
             assert torch.allclose(plain.double(), want - residual.double(), rtol=0, atol=2 * bound)
 
 
-@pytest.mark.parametrize("n,k", [(300, 77), (256, 64), (1000, 3), (270, 5), (80, 4), (4500, 3)])
-def test_q4k_prefill_gemm_matches_float64(builds, rng, n, k, monkeypatch):
-    """A Q4_K map's product of GEMM_ROWS rows or more (a prefill's) runs as x W^T through torch's GEMM on W^T
-    dequantized for the call, a slab of superblock rows at a time: W^T (or a slab of it) is the format's own values
-    exactly (every element written: the buffer poisoned; partial last rows of 14, 80 and 148 outputs), every thread
-    count the same bits; y within fp32 rounding of the float64 product, with a residual; fewer rows take the blocks
-    row by row."""
-    qw = _zigzag(rng, "q4_k", n, k)
+@pytest.mark.parametrize("fmt", TYPES)
+@pytest.mark.parametrize("n,k", [(300, 77), (256, 64), (1000, 3), (80, 4), (4500, 3)])
+def test_prefill_gemm_matches_float64(builds, rng, fmt, n, k, monkeypatch):
+    """A zigzag map's product of GEMM_ROWS rows or more (a prefill's) runs as x W^T through torch's GEMM on W^T
+    dequantized for the call, a slab of block rows at a time: W^T (or a slab of it) is the format's own values
+    exactly in both builds (every element written: the buffer poisoned; partial last block rows: 300, 1000, 80 and
+    4500 outputs), every thread count the same bits; y within fp32 rounding of the float64 product, with a residual;
+    fewer rows take the blocks row by row."""
+    qw = _zigzag(rng, fmt, n, k)
     w64 = qw.dequantize().double()
-    rows = (n + 255) // 256
-    for threads in (1, 2, 3):
-        wt = torch.full((k, n), float("nan"))
-        builds["native"].spqt_q4k_zigzag_dequant_t(qw.blocks.data_ptr(), n, k, 0, rows, wt.data_ptr(), threads)
-        assert torch.equal(wt.double(), w64.t())
-    if rows > 1:  # a slab of superblock rows from the second on
-        wt = torch.full((k, n - 256), float("nan"))
-        builds["native"].spqt_q4k_zigzag_dequant_t(qw.blocks.data_ptr(), n, k, 1, rows, wt.data_ptr(), 2)
-        assert torch.equal(wt.double(), w64.t()[:, 256:])
-    monkeypatch.setattr(cpu_native, "GEMM_SLAB", 2)  # slabs of 512 outputs: the 4500-row map takes nine
+    size = get_format(fmt).block_size
+    rows = (n + size - 1) // size
+    code = builds["native"].spqt_zigzag_type(fmt.encode())
+    for lib in builds.values():
+        for threads in (1, 2, 3):
+            wt = torch.full((k, n), float("nan"))
+            lib.spqt_zigzag_dequant_t(code, qw.blocks.data_ptr(), n, k, 0, rows, wt.data_ptr(), threads)
+            assert torch.equal(wt.double(), w64.t())
+        if rows > 1:  # block rows from the second on, past the last (r1 clipped to N)
+            wt = torch.full((k, n - size), float("nan"))
+            lib.spqt_zigzag_dequant_t(code, qw.blocks.data_ptr(), n, k, 1, rows + 3, wt.data_ptr(), 2)
+            assert torch.equal(wt.double(), w64.t()[:, size:])
+    monkeypatch.setattr(cpu_native, "GEMM_SLAB_BYTES", 4 * 256 * k)  # slabs of 256 outputs: 4500 takes eighteen
     impl = cpu_native.NativeZigzagLinear(qw, torch.float32, "cpu")
     for m, gemm in ((cpu_native.GEMM_ROWS, True), (cpu_native.GEMM_ROWS - 1, False)):
         x = _input(rng, m, k, 0.0).view(1, m, k)
@@ -185,8 +189,8 @@ def test_native_maps_through_linear(rng, fmt):
     half = Linear(qw, torch.float16, "cpu", backend="cpu-native")
     assert half(x.half()).dtype == torch.float16
     lin.sparse = False
-    many = torch.from_numpy(rng.standard_normal((1, cpu_native.GEMM_ROWS, 70))).float()  # a prefill's rows (Q4_K:
-    full = many.double() @ w64.t()  # through the GEMM), SwiGLU and the fp16 compute dtype
+    many = torch.from_numpy(rng.standard_normal((1, cpu_native.GEMM_ROWS, 70))).float()  # a prefill's rows
+    full = many.double() @ w64.t()  # (through the GEMM), SwiGLU and the fp16 compute dtype
     gate, up = full[..., :130], full[..., 130:]
     assert torch.allclose(lin(many, swiglu=True).double(), torch.nn.functional.silu(gate) * up, atol=1e-4)
     got = half(many.half(), swiglu=True)

@@ -233,6 +233,93 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 #define Q3K_BYTES 110
 #define Q2K_BYTES 84
 
+/* A zigzag block's values, out[i] for its output i (256 outputs; Q8_0 32), exactly as decode forms them
+ * (the same fp32 products, then the offset subtracted): the dequantized W^T of a prefill's GEMM (dequant_rows).
+ * Loops of 16 or 32 weights with one scale each, which the compiler vectorizes. */
+static inline __attribute__((always_inline)) void q4k_values(const uint8_t *b, float *out)
+{
+    float d = load_half(b), dmin = load_half(b + 2);
+    for (int c = 0; c < 4; c++) { /* quant group c: sub-block 2c in its low nibbles, 2c + 1 in its high ones */
+        int sc0, m0, sc1, m1;
+        scale_min(2 * c, b + 4, &sc0, &m0);
+        scale_min(2 * c + 1, b + 4, &sc1, &m1);
+        float s0 = d * (float)sc0, o0 = dmin * (float)m0, s1 = d * (float)sc1, o1 = dmin * (float)m1;
+        const uint8_t *q = b + 16 + 32 * c;
+        for (int l = 0; l < 32; l++) {
+            out[64 * c + l] = s0 * (float)(q[l] & 0x0f) - o0;
+            out[64 * c + 32 + l] = s1 * (float)(q[l] >> 4) - o1;
+        }
+    }
+}
+
+static inline __attribute__((always_inline)) void q8_0_values(const uint8_t *b, float *out)
+{
+    float d = load_half(b);
+    for (int l = 0; l < 32; l++)
+        out[l] = d * (float)(int8_t)b[2 + l];
+}
+
+/* Q6_K, Q3_K and Q2_K: weight i of a block is quarter j = (i % 128) / 32 of half h = i / 128, sub-block i / 16. */
+static inline __attribute__((always_inline)) void q6k_values(const uint8_t *b, float *out)
+{
+    float d = load_half(b + 208);
+    for (int sub = 0; sub < 16; sub++) {
+        int h = sub / 8, j = sub % 8 / 2, l0 = 16 * (sub % 2);
+        const uint8_t *ql = b + 64 * h + 32 * (j % 2) + l0, *qh = b + 128 + 32 * h + l0;
+        float s = d * (float)(int8_t)b[192 + sub];
+        for (int l = 0; l < 16; l++)
+            out[16 * sub + l] = s * (float)(((ql[l] >> (4 * (j / 2)) & 0x0f) | (qh[l] >> (2 * j) & 3) << 4) - 32);
+    }
+}
+
+static inline __attribute__((always_inline)) void q5k_values(const uint8_t *b, float *out)
+{
+    float d = load_half(b), dmin = load_half(b + 2);
+    for (int c = 0; c < 4; c++) { /* Q4_K's nibbles, the fifth bits of sub-blocks 2c and 2c + 1 from qh */
+        int sc0, m0, sc1, m1;
+        scale_min(2 * c, b + 4, &sc0, &m0);
+        scale_min(2 * c + 1, b + 4, &sc1, &m1);
+        float s0 = d * (float)sc0, o0 = dmin * (float)m0, s1 = d * (float)sc1, o1 = dmin * (float)m1;
+        const uint8_t *q = b + 48 + 32 * c, *qh = b + 16;
+        for (int l = 0; l < 32; l++) {
+            out[64 * c + l] = s0 * (float)((q[l] & 0x0f) | (qh[l] >> (2 * c) & 1) << 4) - o0;
+            out[64 * c + 32 + l] = s1 * (float)((q[l] >> 4) | (qh[l] >> (2 * c + 1) & 1) << 4) - o1;
+        }
+    }
+}
+
+/* The 6-bit Q3_K scale of sub-block j (0..15) as stored (s + 32) from a block's 12 scale bytes
+ * (q3_k.py's packing). */
+static inline int q3k_scale(int j, const uint8_t *s)
+{
+    int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
+    return low | ((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
+}
+
+static inline __attribute__((always_inline)) void q3k_values(const uint8_t *b, float *out)
+{
+    float d = load_half(b + 108);
+    for (int sub = 0; sub < 16; sub++) {
+        int h = sub / 8, j = sub % 8 / 2, l0 = 16 * (sub % 2);
+        const uint8_t *q = b + 32 + 32 * h + l0, *hm = b + l0;
+        float s = d * (float)(q3k_scale(sub, b + 96) - 32);
+        for (int l = 0; l < 16; l++)
+            out[16 * sub + l] = s * (float)((q[l] >> (2 * j) & 3) + 4 * (hm[l] >> (4 * h + j) & 1) - 4);
+    }
+}
+
+static inline __attribute__((always_inline)) void q2k_values(const uint8_t *b, float *out)
+{
+    float d = load_half(b + 80), dmin = load_half(b + 82);
+    for (int sub = 0; sub < 16; sub++) {
+        int h = sub / 8, j = sub % 8 / 2, l0 = 16 * (sub % 2);
+        const uint8_t *q = b + 16 + 32 * h + l0;
+        float s = d * (float)(b[sub] & 0x0f), o = dmin * (float)(b[sub] >> 4);
+        for (int l = 0; l < 16; l++)
+            out[16 * sub + l] = s * (float)(q[l] >> (2 * j) & 3) - o;
+    }
+}
+
 #ifdef SPQT_F16C
 /* Blocks a pass for these types: 8 (1.7 KB of Q6_K) took 14 against 18 ms at 32 for the default model's
  * 120 Q6_K maps, Q5_K 14 against 18, Q8_0 and Q2_K alike at 8, 16 and 32 (scripts/cpu_types_bench.py's
@@ -609,14 +696,6 @@ static inline __attribute__((always_inline)) void q5k_block(const uint8_t *b, fl
     }
 }
 
-/* The 6-bit Q3_K scale of sub-block j (0..15) as stored (s + 32) from a block's 12 scale bytes
- * (q3_k.py's packing). */
-static inline int q3k_scale(int j, const uint8_t *s)
-{
-    int low = j < 8 ? s[j] & 0x0f : s[j - 8] >> 4;
-    return low | ((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
-}
-
 /* Q3_K and Q2_K: weight i of a superblock row is quarter j = (i % 128) / 32 of half h = i / 128, its
  * low 2 bits at bits 2j of qs[32 h + i % 32], sub-block i / 16. */
 static inline __attribute__((always_inline)) void q3k_block(const uint8_t *b, float xv, int i0, int count,
@@ -665,19 +744,60 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
     q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, (int)(group % 4), groups, x, rule, out);
 }
 
+/* Block rows r0 .. r1 - 1 of W^T (outputs B r0 .. min(N, B r1) - 1), fp32 (K, width) row-major, width =
+ * min(N, B r1) - B r0, from zigzag blocks (ceil(N / B), K, bytes): wt[kk][B (r - r0) + i] = block row r's block kk's
+ * value for its output i (`values`). A prefill's product runs as x W^T through torch's GEMM on it, a slab of block
+ * rows at a time (kernels/cpu_native.py, GEMM_ROWS). Inlined with its type's `values`. */
+static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *blocks, int64_t n, int64_t k,
+                                                                int64_t r0, int64_t r1, float *wt, int threads,
+                                                                int rows, int64_t bytes,
+                                                                void (*values)(const uint8_t *, float *))
+{
+    int64_t end = n < rows * r1 ? n : rows * r1, width = end - rows * r0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t kk = 0; kk < k; kk++)
+        for (int64_t r = r0; rows * r < end; r++) {
+            float *dst = wt + kk * width + rows * (r - r0);
+            if (end - rows * r >= rows) {
+                values(blocks + (r * k + kk) * bytes, dst);
+            } else { /* the last block row, partial */
+                float part[256];
+                values(blocks + (r * k + kk) * bytes, part);
+                memcpy(dst, part, (size_t)(end - rows * r) * sizeof(float));
+            }
+        }
+}
+
+#define DEQUANT_ROWS(NAME, ROWS, BYTES, VALUES)                                                                  \
+    static void NAME(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,         \
+                     int threads)                                                                              \
+    {                                                                                                          \
+        dequant_rows(blocks, n, k, r0, r1, wt, threads, ROWS, BYTES, VALUES);                                  \
+    }
+DEQUANT_ROWS(q4k_dequant, 256, Q4K_BYTES, q4k_values)
+DEQUANT_ROWS(q8_0_dequant, 32, Q8_0_BYTES, q8_0_values)
+DEQUANT_ROWS(q6k_dequant, 256, Q6K_BYTES, q6k_values)
+DEQUANT_ROWS(q5k_dequant, 256, Q5K_BYTES, q5k_values)
+DEQUANT_ROWS(q3k_dequant, 256, Q3K_BYTES, q3k_values)
+DEQUANT_ROWS(q2k_dequant, 256, Q2K_BYTES, q2k_values)
+
 /* One zigzag type: `groups` computes outputs 64 group .. 64 (group + count) - 1 (see above) for one row of
  * x from the blocks (ceil(N / B), K, bytes), count <= unit - group % unit; `unit` groups share their
  * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
+typedef void (*zigzag_dequant_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
+                                  int threads);
 struct zigzag_type {
     const char *name;
     int unit;
     zigzag_groups_fn groups;
+    zigzag_dequant_fn dequant; /* dequant_rows with the type's `values` */
 };
 static const struct zigzag_type ZIGZAG_TYPES[] = {
-    {"q4_k", 4, q4k_call}, {"q8_0", 1, q8_0_groups}, {"q6_k", 4, q6k_groups},
-    {"q5_k", 4, q5k_groups}, {"q3_k", 4, q3k_groups}, {"q2_k", 4, q2k_groups},
+    {"q4_k", 4, q4k_call, q4k_dequant},   {"q8_0", 1, q8_0_groups, q8_0_dequant},
+    {"q6_k", 4, q6k_groups, q6k_dequant}, {"q5_k", 4, q5k_groups, q5k_dequant},
+    {"q3_k", 4, q3k_groups, q3k_dequant}, {"q2_k", 4, q2k_groups, q2k_dequant},
 };
 #define N_ZIGZAG_TYPES ((int)(sizeof ZIGZAG_TYPES / sizeof ZIGZAG_TYPES[0]))
 
@@ -732,39 +852,13 @@ void spqt_zigzag(int type, const uint8_t *blocks, int64_t n, int64_t k, const fl
     zigzag_product(&ZIGZAG_TYPES[type], blocks, n, k, x, m, y, residual, threads, 0);
 }
 
-/* Outputs 256 r0 .. min(N, 256 r1) - 1 of W^T, fp32 (K, width) row-major, width = min(N, 256 r1) - 256 r0, from Q4_K
- * zigzag blocks (ceil(N / 256), K, Q4K_BYTES): wt[kk][256 (r - r0) + i] = the value of superblock row r's block kk
- * for its output i (d sc_j q - dmin m_j, sub-block j of quant group i / 64: its low nibbles outputs 64 c + 0..31, its
- * high ones 64 c + 32..63). A prefill's product runs as x W^T through torch's GEMM on it, a slab of superblock rows
- * at a time (kernels/cpu_native.py, GEMM_ROWS). */
-void spqt_q4k_zigzag_dequant_t(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
-                               int threads)
+/* Block rows r0 .. r1 - 1 of W^T (outputs B r0 .. min(N, B r1) - 1; B = 256, Q8_0 32) as fp32 (K, width)
+ * row-major: the values of the zigzag blocks (ceil(N / B), K, bytes) of the type spqt_zigzag_type named (see
+ * dequant_rows). */
+void spqt_zigzag_dequant_t(int type, const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
+                           int threads)
 {
-    int64_t end = n < 256 * r1 ? n : 256 * r1, width = end - 256 * r0;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t kk = 0; kk < k; kk++)
-        for (int64_t r = r0; 256 * r < end; r++) {
-            const uint8_t *b = blocks + (r * k + kk) * Q4K_BYTES;
-            float d = load_half(b), dmin = load_half(b + 2), *dst = wt + kk * width + 256 * (r - r0);
-            int64_t valid = end - 256 * r < 256 ? end - 256 * r : 256;
-            for (int c = 0; c < 4; c++) {
-                int sc0, m0, sc1, m1;
-                scale_min(2 * c, b + 4, &sc0, &m0);
-                scale_min(2 * c + 1, b + 4, &sc1, &m1);
-                float s0 = d * (float)sc0, o0 = dmin * (float)m0, s1 = d * (float)sc1, o1 = dmin * (float)m1;
-                const uint8_t *q = b + 16 + 32 * c;
-                float lo[32], hi[32];
-                for (int l = 0; l < 32; l++) {
-                    lo[l] = s0 * (float)(q[l] & 0x0f) - o0;
-                    hi[l] = s1 * (float)(q[l] >> 4) - o1;
-                }
-                int64_t a0 = valid - 64 * c, a1 = valid - 64 * c - 32;
-                if (a0 > 0)
-                    memcpy(dst + 64 * c, lo, (size_t)(a0 >= 32 ? 32 : a0) * sizeof(float));
-                if (a1 > 0)
-                    memcpy(dst + 64 * c + 32, hi, (size_t)(a1 >= 32 ? 32 : a1) * sizeof(float));
-            }
-        }
+    ZIGZAG_TYPES[type].dequant(blocks, n, k, r0, r1, wt, threads);
 }
 
 /* The sparse product y = [residual +] (x * keep) W^T, keep = |x| > t or |x| scale_k > t (scale (K,) or

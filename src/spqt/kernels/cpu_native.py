@@ -15,12 +15,14 @@ weights are the format's exact values (no fp16 rounding of W); the output stays 
 
 import ctypes
 import functools
+import threading
 from pathlib import Path
 
 import torch
 
 from spqt import functional, native
 from spqt.checkpoint import QuantizedWeight
+from spqt.formats import get_format
 from spqt.kernels.cpu_fp16 import HalfGemvLinear
 from spqt.kernels.reference import ReferenceLinear
 
@@ -30,12 +32,20 @@ SOURCE = Path(__file__).with_name("cpu_native.c")
 # decode step on the 2-core VM against dense (9.25 ms): every map at 25 % +1 %, 40 % -1 %, 50 % -3 %, 65 % -6 %;
 # greedy thresholds at 25 % (maps at 0-50 %) +7 % (docs/RESULTS.md, thirty-third session).
 SPARSE_FROM = 0.5
-# Rows of x from which a Q4_K map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
-# the call, instead of the blocks multiplied row by row (which decodes every block again for each row).
+# Rows of x from which a zigzag map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
+# the call, instead of the blocks multiplied row by row (which decodes every block again for each row). At 128 rows
+# the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default model's four, a 7B's
+# 4096 x 4096; scripts/cpu_prefill_gemm_probe.py). At 32 rows it led by 0.93-1.8x there, but the default model's
+# 40-token prefill through it ran 95-119 ms in some processes and 210-250 ms in others against 134-140 row by row
+# (both threads busy in MKL's GEMM either way; not explained): docs/RESULTS.md, thirty-sixth session.
 GEMM_ROWS = 128
-GEMM_SLAB = 16  # superblock rows (4,096 outputs) of W^T dequantized at a time: at most 64 MB at K = 4,096
+# Bytes of W^T dequantized at a time (at least 256 outputs, whole block rows), in this thread's scratch buffer. A 7B's
+# 4096 x 4096 map at 32 rows: 10.1 ms in slabs of 256 outputs (4 MB), 11.5 / 13.0 / 13.7 / 15.5 ms at 512 / 1,024 /
+# 2,048 / 4,096; the default model's maps (K = 576, 1,536) alike at 1 MB and one slab a map.
+GEMM_SLAB_BYTES = 1 << 20
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 _state: dict = {}
+_scratch_held = threading.local()
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -44,8 +54,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spqt_zigzag_type.restype = i32
     lib.spqt_zigzag.argtypes = [i32, p, i64, i64, p, i64, p, p, i32]
     lib.spqt_zigzag.restype = None
-    lib.spqt_q4k_zigzag_dequant_t.argtypes = [p, i64, i64, i64, i64, p, i32]
-    lib.spqt_q4k_zigzag_dequant_t.restype = None
+    lib.spqt_zigzag_dequant_t.argtypes = [i32, p, i64, i64, i64, i64, p, i32]
+    lib.spqt_zigzag_dequant_t.restype = None
     lib.spqt_zigzag_sparse.argtypes = [i32, p, i64, i64, p, i64, p, p, i32, ctypes.c_float, p]
     lib.spqt_zigzag_sparse.restype = i64
     lib.spqt_half_gemm.argtypes = [p, i64, i64, p, i64, p, p, i32]
@@ -77,6 +87,15 @@ def available() -> str | None:
     """None when the native maps can run here, else why not (one line)."""
     lib = _library()
     return lib if isinstance(lib, str) else None
+
+
+def _scratch(count: int) -> torch.Tensor:
+    """A flat fp32 buffer of `count` elements, this thread's, kept between calls: a prefill's W^T slabs allocated
+    afresh cost more in page faults than their dequantization (4096 x 4096 in one slab: 19.9 against 1.5 ms)."""
+    held = getattr(_scratch_held, "buffer", None)
+    if held is None or held.numel() < count:
+        held = _scratch_held.buffer = torch.empty(count, dtype=torch.float32)
+    return held[:count]
 
 
 def _threads() -> int:
@@ -167,26 +186,28 @@ class NativeZigzagLinear(_NativeMap):
         if weight.layout != "zigzag" or self.type < 0:
             raise ValueError(f"no native map for {weight.layout} {weight.fmt}")
         self.fmt = weight.fmt
+        self.block_rows = get_format(weight.fmt).block_size  # outputs a zigzag block holds: 256, Q8_0 32
         self._product = functools.partial(_library().spqt_zigzag, self.type)
         self._sparse = functools.partial(_library().spqt_zigzag_sparse, self.type)
 
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.fmt == "q4_k" and x.numel() >= GEMM_ROWS * self.in_features:
+        if x.numel() >= GEMM_ROWS * self.in_features:
             return self._output(self._gemm(x, residual))
         return self._output(self._call(self._product, self.blocks.data_ptr(), x, residual)[0])
 
     def _gemm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """[residual +] x W^T (fp32) for many rows of x: W^T dequantized for this call, GEMM_SLAB superblock rows
-        (K x 4,096 fp32) at a time, each multiplied by torch's GEMM into its columns of y."""
+        """[residual +] x W^T (fp32) for many rows of x: W^T dequantized for this call, a slab of about GEMM_SLAB_BYTES
+        at a time (256 outputs: 4 MB at K = 4,096), each multiplied by torch's GEMM into its columns of y."""
         x = x.to(torch.float32)
-        n, k = self.out_features, self.in_features
-        slabs = range(0, (n + 255) // 256, GEMM_SLAB)
+        n, k, rows = self.out_features, self.in_features, self.block_rows
+        per_slab = max(256, GEMM_SLAB_BYTES // (4 * k) // 256 * 256) // rows  # block rows a slab
+        slabs = range(0, (n + rows - 1) // rows, per_slab)
         y = None if len(slabs) == 1 else torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
         for r0 in slabs:
-            n0, n1 = 256 * r0, min(n, 256 * (r0 + GEMM_SLAB))
-            wt = torch.empty(k, n1 - n0, dtype=torch.float32)
-            _library().spqt_q4k_zigzag_dequant_t(self.blocks.data_ptr(), n, k, r0, r0 + GEMM_SLAB, wt.data_ptr(),
-                                                 _threads())
+            n0, n1 = rows * r0, min(n, rows * (r0 + per_slab))
+            wt = _scratch(k * (n1 - n0)).view(k, n1 - n0)
+            _library().spqt_zigzag_dequant_t(self.type, self.blocks.data_ptr(), n, k, r0, r0 + per_slab,
+                                             wt.data_ptr(), _threads())
             if y is None:
                 y = torch.matmul(x, wt)
             else:
