@@ -35,13 +35,13 @@ def main() -> None:
     parser.add_argument("--rows", default="16,32,64,128")
     parser.add_argument("--shapes", default=None, help="NxK,... (default: the default model's four maps)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--slab", type=int, default=cpu_native.GEMM_SLAB_BYTES, help="bytes of W^T dequantized at a time")
+    parser.add_argument("--slab", type=int, default=cpu_native.GEMM_SLAB, help="outputs of W^T dequantized at a time")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    cpu_native.GEMM_SLAB_BYTES = args.slab
+    cpu_native.GEMM_SLAB = args.slab
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")] if args.shapes else SHAPES
     rng = np.random.default_rng(0)
-    print(f"torch threads {torch.get_num_threads()}; slab {args.slab} bytes; ms median (min) of {args.rounds} rounds", flush=True)
+    print(f"torch threads {torch.get_num_threads()}; slab {args.slab} outputs; ms median (min) of {args.rounds} rounds", flush=True)
     print("| type | map | M | row by row | GEMM | row by row / GEMM |\n|---|---|---|---|---|---|")
     found = []
     for fmt in args.types.split(","):

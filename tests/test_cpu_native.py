@@ -86,12 +86,13 @@ def test_zigzag_matches_float64(builds, rng, fmt, n, k):
 
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("n,k", [(300, 77), (256, 64), (1000, 3), (80, 4), (4500, 3)])
-def test_prefill_gemm_matches_float64(builds, rng, fmt, n, k, monkeypatch):
+def test_prefill_gemm_matches_float64(builds, rng, fmt, n, k):
     """A zigzag map's product of GEMM_ROWS rows or more (a prefill's) runs as x W^T through torch's GEMM on W^T
     dequantized for the call, a slab of block rows at a time: W^T (or a slab of it) is the format's own values
     exactly in both builds (every element written: the buffer poisoned; partial last block rows: 300, 1000, 80 and
-    4500 outputs), every thread count the same bits; y within fp32 rounding of the float64 product, with a residual;
-    fewer rows take the blocks row by row."""
+    4500 outputs), every thread count the same bits; y within fp32 rounding of the float64 product, with a residual,
+    through slabs of GEMM_SLAB outputs (the 4500-output map's eighteen) in the poisoned scratch buffer; fewer rows take
+    the blocks row by row."""
     qw = _zigzag(rng, fmt, n, k)
     w64 = qw.dequantize().double()
     size = get_format(fmt).block_size
@@ -106,9 +107,9 @@ def test_prefill_gemm_matches_float64(builds, rng, fmt, n, k, monkeypatch):
             wt = torch.full((k, n - size), float("nan"))
             lib.spqt_zigzag_dequant_t(code, qw.blocks.data_ptr(), n, k, 1, rows + 3, wt.data_ptr(), 2)
             assert torch.equal(wt.double(), w64.t()[:, size:])
-    monkeypatch.setattr(cpu_native, "GEMM_SLAB_BYTES", 4 * 256 * k)  # slabs of 256 outputs: 4500 takes eighteen
     impl = cpu_native.NativeZigzagLinear(qw, torch.float32, "cpu")
     for m, gemm in ((cpu_native.GEMM_ROWS, True), (cpu_native.GEMM_ROWS - 1, False)):
+        cpu_native._scratch(k * cpu_native.GEMM_SLAB).fill_(float("nan"))  # a slab left unwritten fails
         x = _input(rng, m, k, 0.0).view(1, m, k)
         residual = torch.from_numpy(rng.standard_normal((1, m, n))).float()
         calls = []

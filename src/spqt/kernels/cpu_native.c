@@ -233,10 +233,14 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
 #define Q3K_BYTES 110
 #define Q2K_BYTES 84
 
-/* A zigzag block's values, out[i] for its output i (256 outputs; Q8_0 32), exactly as decode forms them
- * (the same fp32 products, then the offset subtracted): the dequantized W^T of a prefill's GEMM (dequant_rows).
- * Loops of 16 or 32 weights with one scale each, which the compiler vectorizes. */
-static inline __attribute__((always_inline)) void q4k_values(const uint8_t *b, float *out)
+/* A zigzag block's values, out[i] for its output i (256 outputs; Q8_0 32), exactly as decode forms them: the
+ * dequantized W^T of a prefill's GEMM (spqt_zigzag_dequant_t). Exact whatever the compiler contracts: every product
+ * fits fp32's 24-bit significand (at most 11 + 7 + 5 bits: Q6_K's fp16 d, int8 scale and |q - 32| <= 32), so s q - o
+ * rounds once, fused or not. Loops of 16 or 32 weights with one scale each. The products'
+ * routines (q4k_groups, tiled_groups, *_block) read the same bits but fold x into the scales and accumulate; a first
+ * dequantization through the portable *_block routines (x = 1) ran 1.9-4.6 ns a weight against 0.05-0.10 here
+ * (2 threads; restrict lets the compiler vectorize: Q2_K 0.29 -> 0.07; docs/RESULTS.md, thirty-sixth session). */
+static void q4k_values(const uint8_t *restrict b, float *restrict out)
 {
     float d = load_half(b), dmin = load_half(b + 2);
     for (int c = 0; c < 4; c++) { /* quant group c: sub-block 2c in its low nibbles, 2c + 1 in its high ones */
@@ -252,7 +256,7 @@ static inline __attribute__((always_inline)) void q4k_values(const uint8_t *b, f
     }
 }
 
-static inline __attribute__((always_inline)) void q8_0_values(const uint8_t *b, float *out)
+static void q8_0_values(const uint8_t *restrict b, float *restrict out)
 {
     float d = load_half(b);
     for (int l = 0; l < 32; l++)
@@ -260,9 +264,10 @@ static inline __attribute__((always_inline)) void q8_0_values(const uint8_t *b, 
 }
 
 /* Q6_K, Q3_K and Q2_K: weight i of a block is quarter j = (i % 128) / 32 of half h = i / 128, sub-block i / 16. */
-static inline __attribute__((always_inline)) void q6k_values(const uint8_t *b, float *out)
+static void q6k_values(const uint8_t *restrict b, float *restrict out)
 {
     float d = load_half(b + 208);
+#pragma GCC unroll 16 /* the shifts become constants: 0.35 -> 0.19 ns a weight on one thread */
     for (int sub = 0; sub < 16; sub++) {
         int h = sub / 8, j = sub % 8 / 2, l0 = 16 * (sub % 2);
         const uint8_t *ql = b + 64 * h + 32 * (j % 2) + l0, *qh = b + 128 + 32 * h + l0;
@@ -272,7 +277,7 @@ static inline __attribute__((always_inline)) void q6k_values(const uint8_t *b, f
     }
 }
 
-static inline __attribute__((always_inline)) void q5k_values(const uint8_t *b, float *out)
+static void q5k_values(const uint8_t *restrict b, float *restrict out)
 {
     float d = load_half(b), dmin = load_half(b + 2);
     for (int c = 0; c < 4; c++) { /* Q4_K's nibbles, the fifth bits of sub-blocks 2c and 2c + 1 from qh */
@@ -296,9 +301,10 @@ static inline int q3k_scale(int j, const uint8_t *s)
     return low | ((s[8 + j % 4] >> (2 * (j / 4))) & 3) << 4;
 }
 
-static inline __attribute__((always_inline)) void q3k_values(const uint8_t *b, float *out)
+static void q3k_values(const uint8_t *restrict b, float *restrict out)
 {
     float d = load_half(b + 108);
+#pragma GCC unroll 16 /* as Q6_K's: 0.30 -> 0.19 ns */
     for (int sub = 0; sub < 16; sub++) {
         int h = sub / 8, j = sub % 8 / 2, l0 = 16 * (sub % 2);
         const uint8_t *q = b + 32 + 32 * h + l0, *hm = b + l0;
@@ -308,7 +314,7 @@ static inline __attribute__((always_inline)) void q3k_values(const uint8_t *b, f
     }
 }
 
-static inline __attribute__((always_inline)) void q2k_values(const uint8_t *b, float *out)
+static void q2k_values(const uint8_t *restrict b, float *restrict out)
 {
     float d = load_half(b + 80), dmin = load_half(b + 82);
     for (int sub = 0; sub < 16; sub++) {
@@ -744,60 +750,23 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
     q4k_groups(blocks + (group / 4) * k * Q4K_BYTES, k, (int)(group % 4), groups, x, rule, out);
 }
 
-/* Block rows r0 .. r1 - 1 of W^T (outputs B r0 .. min(N, B r1) - 1), fp32 (K, width) row-major, width =
- * min(N, B r1) - B r0, from zigzag blocks (ceil(N / B), K, bytes): wt[kk][B (r - r0) + i] = block row r's block kk's
- * value for its output i (`values`). A prefill's product runs as x W^T through torch's GEMM on it, a slab of block
- * rows at a time (kernels/cpu_native.py, GEMM_ROWS). Inlined with its type's `values`. */
-static inline __attribute__((always_inline)) void dequant_rows(const uint8_t *blocks, int64_t n, int64_t k,
-                                                                int64_t r0, int64_t r1, float *wt, int threads,
-                                                                int rows, int64_t bytes,
-                                                                void (*values)(const uint8_t *, float *))
-{
-    int64_t end = n < rows * r1 ? n : rows * r1, width = end - rows * r0;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t kk = 0; kk < k; kk++)
-        for (int64_t r = r0; rows * r < end; r++) {
-            float *dst = wt + kk * width + rows * (r - r0);
-            if (end - rows * r >= rows) {
-                values(blocks + (r * k + kk) * bytes, dst);
-            } else { /* the last block row, partial */
-                float part[256];
-                values(blocks + (r * k + kk) * bytes, part);
-                memcpy(dst, part, (size_t)(end - rows * r) * sizeof(float));
-            }
-        }
-}
-
-#define DEQUANT_ROWS(NAME, ROWS, BYTES, VALUES)                                                                  \
-    static void NAME(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,         \
-                     int threads)                                                                              \
-    {                                                                                                          \
-        dequant_rows(blocks, n, k, r0, r1, wt, threads, ROWS, BYTES, VALUES);                                  \
-    }
-DEQUANT_ROWS(q4k_dequant, 256, Q4K_BYTES, q4k_values)
-DEQUANT_ROWS(q8_0_dequant, 32, Q8_0_BYTES, q8_0_values)
-DEQUANT_ROWS(q6k_dequant, 256, Q6K_BYTES, q6k_values)
-DEQUANT_ROWS(q5k_dequant, 256, Q5K_BYTES, q5k_values)
-DEQUANT_ROWS(q3k_dequant, 256, Q3K_BYTES, q3k_values)
-DEQUANT_ROWS(q2k_dequant, 256, Q2K_BYTES, q2k_values)
-
 /* One zigzag type: `groups` computes outputs 64 group .. 64 (group + count) - 1 (see above) for one row of
  * x from the blocks (ceil(N / B), K, bytes), count <= unit - group % unit; `unit` groups share their
  * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
-typedef void (*zigzag_dequant_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
-                                  int threads);
 struct zigzag_type {
     const char *name;
     int unit;
     zigzag_groups_fn groups;
-    zigzag_dequant_fn dequant; /* dequant_rows with the type's `values` */
+    int rows;                                   /* outputs a block holds: 256, Q8_0 32 */
+    int64_t bytes;                              /* a block's bytes */
+    void (*values)(const uint8_t *, float *);   /* a block's values (above) */
 };
 static const struct zigzag_type ZIGZAG_TYPES[] = {
-    {"q4_k", 4, q4k_call, q4k_dequant},   {"q8_0", 1, q8_0_groups, q8_0_dequant},
-    {"q6_k", 4, q6k_groups, q6k_dequant}, {"q5_k", 4, q5k_groups, q5k_dequant},
-    {"q3_k", 4, q3k_groups, q3k_dequant}, {"q2_k", 4, q2k_groups, q2k_dequant},
+    {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values},    {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values},
+    {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values},  {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values},
+    {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values},  {"q2_k", 4, q2k_groups, 256, Q2K_BYTES, q2k_values},
 };
 #define N_ZIGZAG_TYPES ((int)(sizeof ZIGZAG_TYPES / sizeof ZIGZAG_TYPES[0]))
 
@@ -852,13 +821,28 @@ void spqt_zigzag(int type, const uint8_t *blocks, int64_t n, int64_t k, const fl
     zigzag_product(&ZIGZAG_TYPES[type], blocks, n, k, x, m, y, residual, threads, 0);
 }
 
-/* Block rows r0 .. r1 - 1 of W^T (outputs B r0 .. min(N, B r1) - 1; B = 256, Q8_0 32) as fp32 (K, width)
- * row-major: the values of the zigzag blocks (ceil(N / B), K, bytes) of the type spqt_zigzag_type named (see
- * dequant_rows). */
+/* Block rows r0 .. r1 - 1 of W^T (outputs B r0 .. min(N, B r1) - 1; B = 256, Q8_0 32) as fp32 (K, width) row-major,
+ * width = min(N, B r1) - B r0, from the zigzag blocks (ceil(N / B), K, bytes) of the type spqt_zigzag_type named:
+ * wt[kk][B (r - r0) + i] = block row r's block kk's value for its output i (`values`). A prefill's product runs as
+ * x W^T through torch's GEMM on it, a slab of block rows at a time (kernels/cpu_native.py, GEMM_ROWS). */
 void spqt_zigzag_dequant_t(int type, const uint8_t *blocks, int64_t n, int64_t k, int64_t r0, int64_t r1, float *wt,
                            int threads)
 {
-    ZIGZAG_TYPES[type].dequant(blocks, n, k, r0, r1, wt, threads);
+    const struct zigzag_type *t = &ZIGZAG_TYPES[type];
+    int64_t rows = t->rows, end = n < rows * r1 ? n : rows * r1, width = end - rows * r0;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t kk = 0; kk < k; kk++)
+        for (int64_t r = r0; rows * r < end; r++) {
+            const uint8_t *b = blocks + (r * k + kk) * t->bytes;
+            float *dst = wt + kk * width + rows * (r - r0);
+            if (end - rows * r >= rows) {
+                t->values(b, dst);
+            } else { /* the last block row, partial */
+                float part[256];
+                t->values(b, part);
+                memcpy(dst, part, (size_t)(end - rows * r) * sizeof(float));
+            }
+        }
 }
 
 /* The sparse product y = [residual +] (x * keep) W^T, keep = |x| > t or |x| scale_k > t (scale (K,) or

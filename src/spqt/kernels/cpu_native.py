@@ -10,7 +10,8 @@ The C source is compiled on first use with the machine's C compiler (spqt/native
 ``available()`` says why and the CLI falls back to the fp16 GEMV (cpu_fp16.py).
 
 Numerics: sums over k in ascending order in fp32, the same for any thread count; quantized
-weights are the format's exact values (no fp16 rounding of W); the output stays fp32.
+weights are the format's exact values (no fp16 rounding of W); the output stays fp32. A product of
+GEMM_ROWS rows or more (a prefill's) sums in the order of torch's GEMM instead (the same values of W).
 """
 
 import ctypes
@@ -35,14 +36,15 @@ SPARSE_FROM = 0.5
 # Rows of x from which a zigzag map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
 # the call, instead of the blocks multiplied row by row (which decodes every block again for each row). At 128 rows
 # the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default model's four, a 7B's
-# 4096 x 4096; scripts/cpu_prefill_gemm_probe.py). At 32 rows it led by 0.93-1.8x there, but the default model's
+# 4096 x 4096; scripts/cpu_prefill_gemm_probe.py). At 32 rows it led by 0.93-1.9x there, but the default model's
 # 40-token prefill through it ran 95-119 ms in some processes and 210-250 ms in others against 134-140 row by row
 # (both threads busy in MKL's GEMM either way; not explained): docs/RESULTS.md, thirty-sixth session.
 GEMM_ROWS = 128
-# Bytes of W^T dequantized at a time (at least 256 outputs, whole block rows), in this thread's scratch buffer. A 7B's
-# 4096 x 4096 map at 32 rows: 10.1 ms in slabs of 256 outputs (4 MB), 11.5 / 13.0 / 13.7 / 15.5 ms at 512 / 1,024 /
-# 2,048 / 4,096; the default model's maps (K = 576, 1,536) alike at 1 MB and one slab a map.
-GEMM_SLAB_BYTES = 1 << 20
+# Outputs of W^T dequantized at a time (whole block rows), in this thread's scratch buffer (K x 256 fp32: 4 MB at
+# K = 4,096). A 7B's 4096 x 4096 Q4_K map at 32 rows: 10.1 ms in slabs of 256, 11.5 / 13.0 / 13.7 / 15.5 at 512 /
+# 1,024 / 2,048 / 4,096; the default model's 40-token prefill (K = 576, 1,536) 110-133 ms in slabs of 256, 97-110 or
+# 224-273 (for minutes at a time) in slabs of 4 MB.
+GEMM_SLAB = 256
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
 _state: dict = {}
 _scratch_held = threading.local()
@@ -90,8 +92,10 @@ def available() -> str | None:
 
 
 def _scratch(count: int) -> torch.Tensor:
-    """A flat fp32 buffer of `count` elements, this thread's, kept between calls: a prefill's W^T slabs allocated
-    afresh cost more in page faults than their dequantization (4096 x 4096 in one slab: 19.9 against 1.5 ms)."""
+    """A flat fp32 buffer of `count` elements, this thread's, kept (and grown) for the thread's life: a prefill's W^T
+    slab allocated afresh faults its pages in on every call (a fresh 64 MB buffer's first touch 19.9 ms; the
+    dequantization of 4096 x 4096 into a reused one 1.5 ms). It holds K x GEMM_SLAB fp32 at most (29 MB at K =
+    28,672). Inference only: an input that requires grad would keep a view of it for a backward pass."""
     held = getattr(_scratch_held, "buffer", None)
     if held is None or held.numel() < count:
         held = _scratch_held.buffer = torch.empty(count, dtype=torch.float32)
@@ -185,7 +189,6 @@ class NativeZigzagLinear(_NativeMap):
         self.type = zigzag_type(weight.fmt)
         if weight.layout != "zigzag" or self.type < 0:
             raise ValueError(f"no native map for {weight.layout} {weight.fmt}")
-        self.fmt = weight.fmt
         self.block_rows = get_format(weight.fmt).block_size  # outputs a zigzag block holds: 256, Q8_0 32
         self._product = functools.partial(_library().spqt_zigzag, self.type)
         self._sparse = functools.partial(_library().spqt_zigzag_sparse, self.type)
@@ -196,11 +199,11 @@ class NativeZigzagLinear(_NativeMap):
         return self._output(self._call(self._product, self.blocks.data_ptr(), x, residual)[0])
 
     def _gemm(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-        """[residual +] x W^T (fp32) for many rows of x: W^T dequantized for this call, a slab of about GEMM_SLAB_BYTES
-        at a time (256 outputs: 4 MB at K = 4,096), each multiplied by torch's GEMM into its columns of y."""
+        """[residual +] x W^T (fp32) for many rows of x: W^T dequantized for this call, GEMM_SLAB outputs at a time,
+        each slab multiplied by torch's GEMM into its columns of y."""
         x = x.to(torch.float32)
         n, k, rows = self.out_features, self.in_features, self.block_rows
-        per_slab = max(256, GEMM_SLAB_BYTES // (4 * k) // 256 * 256) // rows  # block rows a slab
+        per_slab = GEMM_SLAB // rows  # block rows a slab
         slabs = range(0, (n + rows - 1) // rows, per_slab)
         y = None if len(slabs) == 1 else torch.empty(x.shape[:-1] + (n,), dtype=torch.float32)
         for r0 in slabs:
