@@ -369,7 +369,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_perplexity(args) -> int:
-    from spqt.evaluate import perplexity
+    from spqt.evaluate import perplexities
     from spqt.generate import Generator, resolve_device
     from spqt.sparsity import check_sparsity
     from spqt.tokenizer import TextTokenizer
@@ -398,13 +398,13 @@ def cmd_perplexity(args) -> int:
     from spqt.sparsity import default_mode
 
     mode = args.mode or default_mode(loaded.thresholds, criterion)
-    for s in levels:
-        gen.set_sparsity(s, mode, criterion=criterion)
-        r = perplexity(gen, tokens, args.ctx, args.method, args.chunks, batch, bos, progress=True)
+    # every level in one pass over the text: each chunk's dense first half prefilled once (evaluate.perplexities)
+    settings = [lambda s=s: gen.set_sparsity(s, mode, criterion=criterion) for s in levels]
+    results = perplexities(gen, tokens, settings, args.ctx, args.method, args.chunks, batch, bos, progress=True)
+    for s, r in zip(levels, results):
         rows.append({"sparsity": s, "mode": mode if s else "dense", "criterion": criterion if s else "dense",
                      "ppl": r.ppl, "scored_tokens": r.scored,
                      "chunks": r.chunks, "achieved": r.achieved})
-        print(f"sparsity {s:5.2f}  ppl {r.ppl:9.4f}  achieved {100 * r.achieved.get('all', 0):5.1f}%", flush=True)
     print(f"\n{'target':>7s} {'criterion':>9s} {'mode':>8s} {'ppl':>10s} {'achieved':>9s} {'qkv':>6s} {'o':>6s} "
           f"{'gate_up':>8s} {'down':>6s}   (achieved: fraction of thresholded weights skipped; per input: of entries)")
     for row in rows:

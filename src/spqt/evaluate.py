@@ -8,6 +8,11 @@ the scored second half runs with the thresholds on, as sparse decoding computes 
 per token, so one batched pass equals token-by-token decoding).
 
 gptq: windows of `ctx` tokens, every token after the first scored, all with the thresholds on.
+
+Several settings (sparsity levels, modes) are scored in one pass over the text (`perplexities`): a chunk's
+dense first half is prefilled once (its keys and values, its last token's logits alone), then each setting
+runs the scored half on it, which writes only the cache's later positions. k settings cost k + 1 halves a
+chunk instead of 2k, and each result is the one that setting alone gives, bit for bit.
 """
 
 import math
@@ -16,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 
 from spqt.errors import SpqtError
-from spqt.generate import Generator, achieved_sparsity, set_sparse
+from spqt.generate import Generator, set_sparse, sparse_linears, sparsity_fractions
+from spqt.sparsity import INPUT_KINDS
 
 METHODS = ("llamacpp", "gptq")
 
@@ -30,11 +36,19 @@ class PerplexityResult:
     achieved: dict = field(default_factory=dict)
 
 
-@torch.inference_mode()
 def perplexity(gen: Generator, tokens: list[int], ctx: int = 512, method: str = "llamacpp",
                chunks: int | None = None, batch: int = 1, bos_id: int | None = None, progress: bool = False) -> PerplexityResult:
     """gen: a Generator (its thresholds already chosen, gen.sparsity > 0 means sparse);
     tokens: the whole text's ids. Returns perplexity and the sparsity achieved on scored tokens."""
+    return perplexities(gen, tokens, [lambda: None], ctx, method, chunks, batch, bos_id, progress)[0]
+
+
+@torch.inference_mode()
+def perplexities(gen: Generator, tokens: list[int], settings: list, ctx: int = 512, method: str = "llamacpp",
+                 chunks: int | None = None, batch: int = 1, bos_id: int | None = None,
+                 progress: bool = False) -> list[PerplexityResult]:
+    """perplexity under each of `settings`, callables that set gen's thresholds (gen.set_sparsity(...)), in one
+    pass over the text (module doc); one result a setting, in order. gen is left as the last setting made it."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -52,9 +66,16 @@ def perplexity(gen: Generator, tokens: list[int], ctx: int = 512, method: str = 
     if bos_id is not None:
         data[:, 0] = bos_id
     first = ctx // 2 if method == "llamacpp" else 0
-    sparse = gen.sparsity > 0
-    nll, scored = 0.0, 0
-    bar = tqdm(total=n_chunks, desc=f"perplexity s={gen.sparsity:g}", unit="chunk", disable=not progress)
+    nll = [0.0] * len(settings)
+    # the maps' achieved-sparsity counters ([dropped, seen], float64, on the device) run on; each setting takes what
+    # its passes added (no host sync a pass)
+    maps = list(sparse_linears(model))
+    counted = [None] * len(settings)
+    before = torch.stack([lin.counts for _, _, lin in maps])
+    scored = 0
+    last = torch.tensor([first - 1], device=dev)
+    desc = f"perplexity s={gen.sparsity:g}" if len(settings) == 1 else f"perplexity, {len(settings)} settings"
+    bar = tqdm(total=n_chunks, desc=desc, unit="chunk", disable=not progress)
     for start in range(0, n_chunks, batch):
         rows = data[start : start + batch].to(dev)
         if rows.shape[0] < batch:  # the cache has a fixed batch: pad with copies, ignore them
@@ -62,15 +83,34 @@ def perplexity(gen: Generator, tokens: list[int], ctx: int = 512, method: str = 
         used = min(batch, n_chunks - start)
         if first:
             set_sparse(model, False)
-            model(rows[:, :first], torch.arange(first, device=dev), kv_len=first)
-        set_sparse(model, sparse, track=sparse)
-        logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]
+            model(rows[:, :first], torch.arange(first, device=dev), kv_len=first, select=last)
         targets = rows[:used, first + 1 :]
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        for i, setting in enumerate(settings):
+            setting()
+            sparse = gen.sparsity > 0
+            set_sparse(model, sparse, track=sparse)
+            logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]
+            nll[i] += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                              targets.reshape(-1), reduction="sum"))
+            if sparse:
+                now = torch.stack([lin.counts for _, _, lin in maps])
+                counted[i] = now - before if counted[i] is None else counted[i] + (now - before)
+                before = now
         scored += targets.numel()
         bar.update(used)
     bar.close()
-    achieved = achieved_sparsity(model) if sparse else {}
     set_sparse(model, False)
+    for _, _, lin in maps:
+        lin.counts.zero_()
     model.setup_cache(1, gen.max_len, gen.dtype)
-    return PerplexityResult(math.exp(nll / scored), nll, scored, n_chunks, achieved)
+
+    def achieved(per_map: torch.Tensor | None) -> dict:
+        if per_map is None:  # a dense setting
+            return {}
+        sums = {k: torch.zeros(2, dtype=torch.float64) for k in INPUT_KINDS}
+        for (_, kind, lin), row in zip(maps, per_map.cpu()):
+            sums[kind] += row * lin.out_features
+        return sparsity_fractions(sums)
+
+    return [PerplexityResult(math.exp(total / scored), total, scored, n_chunks, achieved(per_map))
+            for total, per_map in zip(nll, counted)]

@@ -177,6 +177,14 @@ def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
     model.switches = {**getattr(model, "switches", {}), "sparse": active, "track": track}
 
 
+def sparsity_fractions(sums: dict) -> dict:
+    """{input kind: float64 [skipped, seen] weights} -> the fraction skipped per kind, and 'all' (achieved_sparsity)."""
+    out = {k: float(v[0] / v[1]) if v[1] > 0 else 0.0 for k, v in sums.items()}
+    total = sum(sums.values())
+    out["all"] = float(total[0] / total[1]) if total[1] > 0 else 0.0
+    return out
+
+
 def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
     """Fraction of inputs dropped per input kind, and 'all': the fraction of the thresholded
     weights skipped (each dropped input skips a column of out_features weights), the fraction
@@ -186,10 +194,7 @@ def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
         sums[kind] += lin.counts.cpu() * lin.out_features
         if reset:
             lin.counts.zero_()
-    out = {k: float(v[0] / v[1]) if v[1] > 0 else 0.0 for k, v in sums.items()}
-    total = sum(sums.values())
-    out["all"] = float(total[0] / total[1]) if total[1] > 0 else 0.0
-    return out
+    return sparsity_fractions(sums)
 
 
 @dataclass
