@@ -1,34 +1,74 @@
 """Perplexity (evaluate.py): several settings scored in one pass over the text give, bit for bit, what each
-setting gives alone, and each its own achieved sparsity."""
+setting gives alone, computed here the plain way (every chunk's dense first half prefilled for each setting)."""
+
+import math
 
 import pytest
 import torch
 
 from spqt.checkpoint import load_spqt
 from spqt.evaluate import perplexities, perplexity
-from spqt.generate import Generator
+from spqt.generate import Generator, achieved_sparsity, set_sparse, sparse_linears
 
 
-@pytest.mark.parametrize("method", ["llamacpp", "gptq"])
-def test_settings_in_one_pass_equal_each_alone(tiny_spqt, rng, method):
-    """Dense, two threshold tables and dense again, in one pass (each chunk's first half prefilled once under
-    llama.cpp's method, the settings' scored halves one after another on it) against perplexity() per setting:
-    the same NLL sums and achieved fractions, bit for bit; a later setting's passes do not see an earlier one's
-    counts, and a dense setting reports none. Random text and thresholds, a partial last batch."""
+@torch.inference_mode()
+def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str) -> tuple[float, dict]:
+    """(NLL sum, achieved fractions) of gen's current setting, one setting a pass: the dense first half prefilled
+    (all its logits computed) then the scored half, chunk by chunk; the maps' counters zeroed first."""
+    model = gen.model
+    for _, _, lin in sparse_linears(model):
+        lin.counts.zero_()
+    n = len(tokens) // ctx
+    data = torch.tensor(tokens[: n * ctx]).view(n, ctx)
+    first = ctx // 2 if method == "llamacpp" else 0
+    sparse = gen.sparsity > 0
+    model.setup_cache(batch, ctx, gen.dtype)
+    nll = 0.0
+    for start in range(0, n, batch):
+        rows = data[start : start + batch]
+        used = rows.shape[0]
+        rows = torch.cat([rows, rows[:1].expand(batch - used, -1)])
+        if first:
+            set_sparse(model, False)
+            model(rows[:, :first], torch.arange(first), kv_len=first)
+        set_sparse(model, sparse, track=sparse)
+        logits = model(rows[:, first:], torch.arange(first, ctx), kv_len=ctx)[:used, :-1]
+        targets = rows[:used, first + 1 :]
+        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                       reduction="sum"))
+    achieved = achieved_sparsity(model) if sparse else {}
+    set_sparse(model, False)
+    model.setup_cache(1, gen.max_len, gen.dtype)
+    return nll, achieved
+
+
+@pytest.mark.parametrize("ctx,batch,method,criterion", [(32, 2, "llamacpp", "teal"), (33, 8, "llamacpp", "wina"),
+                                                         (32, 3, "gptq", "teal")])
+def test_settings_in_one_pass_equal_each_alone(tiny_spqt, rng, ctx, batch, method, criterion):
+    """A sparse setting, dense, a higher table (TEAL), the first again; counts left on the maps before the call.
+    Each result (NLL sum, ppl, achieved fractions) equals the plain computation's for that setting, bit for bit
+    (odd ctx, a batch larger than the text's chunks, WINA's scales set between passes); the repeated setting
+    gives the same; the counters end at zero; gen takes a new level afterwards (the thresholds made inside are
+    not inference tensors)."""
     loaded = load_spqt(tiny_spqt)
     gen = Generator(loaded, "cpu", torch.float32, max_len=64, backend="reference")
-    tokens = rng.integers(0, loaded.config.vocab_size, 5 * 32 + 7).tolist()
-    layers = loaded.config.n_layers
-    low = torch.from_numpy(rng.uniform(0.02, 0.2, (layers, 4))).float()
-    tables = [low, 3 * low]  # the second drops more
-    settings = [lambda: gen.set_sparsity(0.0), lambda: gen.set_sparsity(0.3, table=tables[0]),
-                lambda: gen.set_sparsity(0.6, table=tables[1]), lambda: gen.set_sparsity(0.0)]
-    together = perplexities(gen, tokens, settings, ctx=32, method=method, batch=2)
+    tokens = rng.integers(0, loaded.config.vocab_size, 5 * ctx + 7).tolist()
+    low = torch.from_numpy(rng.uniform(0.02, 0.2, (loaded.config.n_layers, 4))).float()
+    settings = [lambda: gen.set_sparsity(0.3, table=low, criterion=criterion),
+                lambda: gen.set_sparsity(0.0, criterion=criterion),
+                lambda: gen.set_sparsity(0.6, table=3 * low, criterion="teal"),
+                lambda: gen.set_sparsity(0.3, table=low, criterion=criterion)]
+    for _, _, lin in sparse_linears(gen.model):
+        lin.counts += torch.tensor([5.0, 9.0], dtype=torch.float64)  # stale: belong to no setting
+    together = perplexities(gen, tokens, settings, ctx=ctx, method=method, batch=batch)
+    assert all(float(lin.counts.abs().sum()) == 0 for _, _, lin in sparse_linears(gen.model))
     for setting, got in zip(settings, together):
         setting()
-        alone = perplexity(gen, tokens, ctx=32, method=method, batch=2)
-        assert (got.nll_sum, got.scored, got.chunks, got.achieved) == (alone.nll_sum, alone.scored, alone.chunks,
-                                                                         alone.achieved)
-    assert together[0].achieved == {} and together[3].achieved == {}
-    assert 0 < together[1].achieved["all"] < together[2].achieved["all"] < 1
-    assert together[0].nll_sum == together[3].nll_sum and together[1].nll_sum != together[0].nll_sum
+        nll, achieved = _plain(gen, tokens, ctx, batch, method)
+        assert (got.nll_sum, got.achieved) == (nll, achieved)
+        assert got.ppl == math.exp(nll / got.scored) and got.chunks == 5
+    assert together[1].achieved == {}
+    assert 0 < together[0].achieved["all"] < together[2].achieved["all"] < 1
+    assert (together[0].nll_sum, together[0].achieved) == (together[3].nll_sum, together[3].achieved)
+    gen.set_sparsity(0.5, table=low)
+    assert perplexity(gen, tokens, ctx=ctx, method=method, batch=batch).achieved["all"] > 0

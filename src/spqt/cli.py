@@ -400,7 +400,8 @@ def cmd_perplexity(args) -> int:
     mode = args.mode or default_mode(loaded.thresholds, criterion)
     # every level in one pass over the text: each chunk's dense first half prefilled once (evaluate.perplexities)
     settings = [lambda s=s: gen.set_sparsity(s, mode, criterion=criterion) for s in levels]
-    results = perplexities(gen, tokens, settings, args.ctx, args.method, args.chunks, batch, bos, progress=True)
+    results = perplexities(gen, tokens, settings, ctx=args.ctx, method=args.method, chunks=args.chunks, batch=batch,
+                           bos_id=bos, progress=True)
     for s, r in zip(levels, results):
         rows.append({"sparsity": s, "mode": mode if s else "dense", "criterion": criterion if s else "dense",
                      "ppl": r.ppl, "scored_tokens": r.scored,

@@ -12,17 +12,18 @@ gptq: windows of `ctx` tokens, every token after the first scored, all with the 
 Several settings (sparsity levels, modes) are scored in one pass over the text (`perplexities`): a chunk's
 dense first half is prefilled once (its keys and values, its last token's logits alone), then each setting
 runs the scored half on it, which writes only the cache's later positions. k settings cost k + 1 halves a
-chunk instead of 2k, and each result is the one that setting alone gives, bit for bit.
+chunk instead of 2k (gptq's windows have no dense part: k passes, as before), and each result is the one that
+setting alone gives, bit for bit.
 """
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from spqt.errors import SpqtError
-from spqt.generate import Generator, set_sparse, sparse_linears, sparsity_fractions
-from spqt.sparsity import INPUT_KINDS
+from spqt.generate import Generator, achieved_sparsity, set_sparse, sparse_linears
 
 METHODS = ("llamacpp", "gptq")
 
@@ -40,15 +41,17 @@ def perplexity(gen: Generator, tokens: list[int], ctx: int = 512, method: str = 
                chunks: int | None = None, batch: int = 1, bos_id: int | None = None, progress: bool = False) -> PerplexityResult:
     """gen: a Generator (its thresholds already chosen, gen.sparsity > 0 means sparse);
     tokens: the whole text's ids. Returns perplexity and the sparsity achieved on scored tokens."""
-    return perplexities(gen, tokens, [lambda: None], ctx, method, chunks, batch, bos_id, progress)[0]
+    return perplexities(gen, tokens, [lambda: None], ctx=ctx, method=method, chunks=chunks, batch=batch,
+                        bos_id=bos_id, progress=progress)[0]
 
 
 @torch.inference_mode()
-def perplexities(gen: Generator, tokens: list[int], settings: list, ctx: int = 512, method: str = "llamacpp",
-                 chunks: int | None = None, batch: int = 1, bos_id: int | None = None,
+def perplexities(gen: Generator, tokens: list[int], settings: list[Callable[[], None]], ctx: int = 512,
+                 method: str = "llamacpp", chunks: int | None = None, batch: int = 1, bos_id: int | None = None,
                  progress: bool = False) -> list[PerplexityResult]:
     """perplexity under each of `settings`, callables that set gen's thresholds (gen.set_sparsity(...)), in one
-    pass over the text (module doc); one result a setting, in order. gen is left as the last setting made it."""
+    pass over the text (module doc); one result a setting, in order. gen is left as the last setting made it;
+    the maps' achieved-sparsity counters are left at zero."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -60,57 +63,58 @@ def perplexities(gen: Generator, tokens: list[int], settings: list, ctx: int = 5
         n_chunks = min(n_chunks, chunks)
     if n_chunks == 0:
         raise SpqtError(f"the text has {len(tokens)} tokens, fewer than one chunk of {ctx}")
+
+    def apply(setting) -> None:
+        with torch.inference_mode(False):  # thresholds made here stay usable outside inference mode
+            setting()
+
     model, dev = gen.model, gen.device
-    model.setup_cache(batch, ctx, gen.dtype)
     data = torch.tensor(tokens[: n_chunks * ctx], dtype=torch.int64).view(n_chunks, ctx)
     if bos_id is not None:
         data[:, 0] = bos_id
     first = ctx // 2 if method == "llamacpp" else 0
+    last = torch.tensor([first - 1], device=dev) if first else None
     nll = [0.0] * len(settings)
-    # the maps' achieved-sparsity counters ([dropped, seen], float64, on the device) run on; each setting takes what
-    # its passes added (no host sync a pass)
-    maps = list(sparse_linears(model))
+    # the maps' counters ([dropped, seen] float64, on the device) run on through the call; a sparse setting takes
+    # what its passes added (counts from before the call belong to none)
+    maps = [lin for _, _, lin in sparse_linears(model)]
     counted = [None] * len(settings)
-    before = torch.stack([lin.counts for _, _, lin in maps])
+    before = torch.stack([lin.counts for lin in maps])
     scored = 0
-    last = torch.tensor([first - 1], device=dev)
+    if len(settings) == 1:
+        apply(settings[0])  # the bar names its level
     desc = f"perplexity s={gen.sparsity:g}" if len(settings) == 1 else f"perplexity, {len(settings)} settings"
+    model.setup_cache(batch, ctx, gen.dtype)
     bar = tqdm(total=n_chunks, desc=desc, unit="chunk", disable=not progress)
-    for start in range(0, n_chunks, batch):
-        rows = data[start : start + batch].to(dev)
-        if rows.shape[0] < batch:  # the cache has a fixed batch: pad with copies, ignore them
-            rows = torch.cat([rows, rows[:1].expand(batch - rows.shape[0], -1)])
-        used = min(batch, n_chunks - start)
-        if first:
-            set_sparse(model, False)
-            model(rows[:, :first], torch.arange(first, device=dev), kv_len=first, select=last)
-        targets = rows[:used, first + 1 :]
-        for i, setting in enumerate(settings):
-            setting()
-            sparse = gen.sparsity > 0
-            set_sparse(model, sparse, track=sparse)
-            logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]
-            nll[i] += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                                              targets.reshape(-1), reduction="sum"))
-            if sparse:
-                now = torch.stack([lin.counts for _, _, lin in maps])
-                counted[i] = now - before if counted[i] is None else counted[i] + (now - before)
-                before = now
-        scored += targets.numel()
-        bar.update(used)
-    bar.close()
-    set_sparse(model, False)
-    for _, _, lin in maps:
-        lin.counts.zero_()
-    model.setup_cache(1, gen.max_len, gen.dtype)
-
-    def achieved(per_map: torch.Tensor | None) -> dict:
-        if per_map is None:  # a dense setting
-            return {}
-        sums = {k: torch.zeros(2, dtype=torch.float64) for k in INPUT_KINDS}
-        for (_, kind, lin), row in zip(maps, per_map.cpu()):
-            sums[kind] += row * lin.out_features
-        return sparsity_fractions(sums)
-
-    return [PerplexityResult(math.exp(total / scored), total, scored, n_chunks, achieved(per_map))
+    try:
+        for start in range(0, n_chunks, batch):
+            rows = data[start : start + batch].to(dev)
+            if rows.shape[0] < batch:  # the cache has a fixed batch: pad with copies, ignore them
+                rows = torch.cat([rows, rows[:1].expand(batch - rows.shape[0], -1)])
+            used = min(batch, n_chunks - start)
+            if first:
+                set_sparse(model, False)
+                model(rows[:, :first], torch.arange(first, device=dev), kv_len=first, select=last)
+            targets = rows[:used, first + 1 :]
+            for i, setting in enumerate(settings):
+                apply(setting)
+                sparse = gen.sparsity > 0
+                set_sparse(model, sparse, track=sparse)
+                logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]
+                nll[i] += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                                  targets.reshape(-1), reduction="sum"))
+                if sparse:
+                    now = torch.stack([lin.counts for lin in maps])
+                    counted[i] = now - before if counted[i] is None else counted[i] + (now - before)
+                    before = now
+            scored += targets.numel()
+            bar.update(used)
+    finally:
+        bar.close()
+        set_sparse(model, False)
+        for lin in maps:
+            lin.counts.zero_()
+        model.setup_cache(1, gen.max_len, gen.dtype)
+    return [PerplexityResult(math.exp(total / scored), total, scored, n_chunks,
+                             achieved_sparsity(model, reset=False, counts=per_map) if per_map is not None else {})
             for total, per_map in zip(nll, counted)]

@@ -177,24 +177,21 @@ def set_sparse(model: Transformer, active: bool, track: bool = False) -> None:
     model.switches = {**getattr(model, "switches", {}), "sparse": active, "track": track}
 
 
-def sparsity_fractions(sums: dict) -> dict:
-    """{input kind: float64 [skipped, seen] weights} -> the fraction skipped per kind, and 'all' (achieved_sparsity)."""
+def achieved_sparsity(model: Transformer, reset: bool = True, counts: torch.Tensor | None = None) -> dict:
+    """Fraction of inputs dropped per input kind, and 'all': the fraction of the thresholded
+    weights skipped (each dropped input skips a column of out_features weights), the fraction
+    of weight bytes a sparse GEMV does not read, as TEAL counts a model's sparsity. counts: (maps, 2) float64
+    [dropped, seen] per map of sparse_linears(model), in its order, instead of the maps' own counters."""
+    sums = {k: torch.zeros(2, dtype=torch.float64) for k in sp.INPUT_KINDS}
+    rows = counts.cpu() if counts is not None else None
+    for i, (_, kind, lin) in enumerate(sparse_linears(model)):
+        sums[kind] += (lin.counts.cpu() if rows is None else rows[i]) * lin.out_features
+        if reset:
+            lin.counts.zero_()
     out = {k: float(v[0] / v[1]) if v[1] > 0 else 0.0 for k, v in sums.items()}
     total = sum(sums.values())
     out["all"] = float(total[0] / total[1]) if total[1] > 0 else 0.0
     return out
-
-
-def achieved_sparsity(model: Transformer, reset: bool = True) -> dict:
-    """Fraction of inputs dropped per input kind, and 'all': the fraction of the thresholded
-    weights skipped (each dropped input skips a column of out_features weights), the fraction
-    of weight bytes a sparse GEMV does not read, as TEAL counts a model's sparsity."""
-    sums = {k: torch.zeros(2, dtype=torch.float64) for k in sp.INPUT_KINDS}
-    for _, kind, lin in sparse_linears(model):
-        sums[kind] += lin.counts.cpu() * lin.out_features
-        if reset:
-            lin.counts.zero_()
-    return sparsity_fractions(sums)
 
 
 @dataclass
