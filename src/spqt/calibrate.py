@@ -387,7 +387,7 @@ def _held_out_check(gen: Generator, thresholds: dict, held_out: list[int], level
     # dense and every (mode, level) in one pass: each window's dense first half prefilled once
     cases = [(mode, s) for mode in modes for s in levels]
     settings = [lambda: gen.set_sparsity(0.0, criterion=criterion)] + [setting(mode, s) for mode, s in cases]
-    results = perplexities(gen, held_out, settings, ctx, bos_id=bos)
+    results = perplexities(gen, held_out, settings, ctx=ctx, bos_id=bos)
     dense = results[0].ppl
     rows = []
     for (mode, s), r in zip(cases, results[1:]):
