@@ -66,12 +66,19 @@ def _run(lib, fn: str, weight_ptr: int, n: int, k: int, x: torch.Tensor, residua
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_zigzag_matches_float64(builds, rng, fmt, n, k):
     """Both builds: y = residual + x W^T within fp32 rounding of the float64 product of the format's
-    own values; every thread count gives the same bits; zero inputs skipped change nothing."""
+    own values; every thread count gives the same bits; zero inputs skipped change nothing; rows multiplied
+    together (Q4_K's runs of Q4K_ROWS in the AVX2 build: 5 rows are a run of 3 and one of 2) give each row's
+    product alone, bit for bit."""
     qw = _zigzag(rng, fmt, n, k)
     w64 = qw.dequantize().double()
     for lib in builds.values():
         assert lib.spqt_zigzag_type(fmt.encode()) >= 0
-        for m, zeros in ((1, 0.0), (3, 0.5)):
+        x = _input(rng, 5, k, 0.0)
+        together = _run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x, None, 2, fmt)
+        alone = torch.cat([_run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x[i : i + 1].contiguous(), None, 2,
+                                fmt) for i in range(5)])
+        assert torch.equal(together, alone)
+        for m, zeros in ((1, 0.0), (3, 0.5), (4, 0.2)):
             x = _input(rng, m, k, zeros)
             residual = torch.from_numpy(rng.standard_normal((m, n))).float()
             want = residual.double() + x.double() @ w64.t()

@@ -100,6 +100,10 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
     return a > rule->t;
 }
 
+/* Rows of x that a dense Q4_K product with several rows (a prefill's) multiplies together (q4k_rows, AVX2 builds):
+ * each block's nibbles are converted once for all of them. */
+#define Q4K_ROWS 3
+
 #ifdef SPQT_F16C
 /* Blocks a pass (2.3 KB of blocks and 0.5 KB of scales, in L1 for the second pass); the order of every sum
  * is the same for any tile. The default model's 120 Q4_K maps, 2 threads, means of 40 tokens, three rounds
@@ -193,6 +197,79 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
     for (int g = 0; g < groups; g++)
         for (int i = 0; i < 64; i++)
             out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
+}
+
+/* q4k_groups for NR rows of x at once (x + r ldx, r < NR), dense: out[r] as q4k_groups gives it for row r, each
+ * sum over k ascending in the same order (a zero input adds +0 here where q4k_groups skips it). Per tile: every
+ * row's scales (x folded in), then per group and nibble half the tile's blocks converted once and multiplied into
+ * every row's accumulators. */
+static inline __attribute__((always_inline)) void q4k_rows(const int nr, const uint8_t *row_blocks, int64_t k,
+                                                           int c0, int groups, const float *x, int64_t ldx,
+                                                           float out[][256])
+{
+    const __m256i low4 = _mm256_set1_epi32(0x0f);
+    __m256 mins[Q4K_ROWS];
+    float acc[Q4K_ROWS][4][64], scales[TILE][Q4K_ROWS][8];
+    memset(acc, 0, sizeof acc);
+    for (int r = 0; r < nr; r++)
+        mins[r] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < k; k0 += TILE) {
+        int tile = k - k0 < TILE ? (int)(k - k0) : TILE;
+        for (int t = 0; t < tile; t++) {
+            const uint8_t *b = row_blocks + (k0 + t) * Q4K_BYTES;
+            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES);
+            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 64);
+            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 128);
+            for (int r = 0; r < nr; r++)
+                kquant_header(b, x[r * ldx + k0 + t], scales[t][r], &mins[r]);
+        }
+        for (int g = 0; g < groups; g++) {
+            int c = c0 + g;
+            for (int half = 0; half < 2; half++) { /* low nibbles: outputs 64 c + 0..31, high: + 32..63 */
+                __m256 a[Q4K_ROWS][4];
+                for (int r = 0; r < nr; r++)
+                    for (int v = 0; v < 4; v++)
+                        a[r][v] = _mm256_loadu_ps(acc[r][g] + 32 * half + 8 * v);
+                for (int t = 0; t < tile; t++) {
+                    const uint8_t *q = row_blocks + (k0 + t) * Q4K_BYTES + 16 + 32 * c;
+                    __m256 w[4];
+                    for (int v = 0; v < 4; v++) {
+                        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * v)));
+                        w[v] = _mm256_cvtepi32_ps(half ? _mm256_srli_epi32(bytes, 4) : _mm256_and_si256(bytes, low4));
+                    }
+                    for (int r = 0; r < nr; r++) {
+                        __m256 s = _mm256_broadcast_ss(&scales[t][r][2 * c + half]);
+                        for (int v = 0; v < 4; v++)
+                            a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    for (int v = 0; v < 4; v++)
+                        _mm256_storeu_ps(acc[r][g] + 32 * half + 8 * v, a[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float min_sum[8];
+        _mm256_storeu_ps(min_sum, mins[r]);
+        for (int g = 0; g < groups; g++)
+            for (int i = 0; i < 64; i++)
+                out[r][64 * g + i] = acc[r][g][i] - min_sum[2 * (c0 + g) + i / 32];
+    }
+}
+
+/* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= Q4K_ROWS), dense. */
+static void q4k_rows_call(const uint8_t *blocks, int64_t k, int64_t group, int groups, const float *x, int nr,
+                          float out[][256])
+{
+    const uint8_t *row_blocks = blocks + (group / 4) * k * Q4K_BYTES;
+    int c0 = (int)(group % 4);
+    if (nr == 3)
+        q4k_rows(3, row_blocks, k, c0, groups, x, k, out);
+    else if (nr == 2)
+        q4k_rows(2, row_blocks, k, c0, groups, x, k, out);
+    else
+        q4k_rows(1, row_blocks, k, c0, groups, x, k, out);
 }
 #else
 /* The same outputs without AVX2: scalar loops, the sums over k in the same order (a product's
@@ -755,6 +832,14 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
  * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
+/* The same outputs for nr <= Q4K_ROWS rows of x (x + r k), dense (q4k_rows_call), where a type has it. */
+typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t k, int64_t group, int count, const float *x, int nr,
+                               float out[][256]);
+#ifdef SPQT_F16C
+#define Q4K_ROWS_CALL q4k_rows_call
+#else
+#define Q4K_ROWS_CALL 0
+#endif
 struct zigzag_type {
     const char *name;
     int unit;
@@ -762,11 +847,15 @@ struct zigzag_type {
     int rows;                                   /* outputs a block holds: 256, Q8_0 32 */
     int64_t bytes;                              /* a block's bytes */
     void (*values)(const uint8_t *, float *);   /* a block's values (above) */
+    zigzag_rows_fn rows_groups;                 /* several rows at once (dense), or 0 */
 };
 static const struct zigzag_type ZIGZAG_TYPES[] = {
-    {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values},    {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values},
-    {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values},  {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values},
-    {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values},  {"q2_k", 4, q2k_groups, 256, Q2K_BYTES, q2k_values},
+    {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values, Q4K_ROWS_CALL},
+    {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values, 0},
+    {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values, 0},
+    {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values, 0},
+    {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values, 0},
+    {"q2_k", 4, q2k_groups, 256, Q2K_BYTES, q2k_values, 0},
 };
 #define N_ZIGZAG_TYPES ((int)(sizeof ZIGZAG_TYPES / sizeof ZIGZAG_TYPES[0]))
 
@@ -780,13 +869,15 @@ int spqt_zigzag_type(const char *name)
 }
 
 /* A zigzag product with a sparse rule (or NULL): the work is split by groups of 64 outputs (groups past N
- * are never read): each thread takes an equal run of them, and within a run the groups of one unit are
- * computed in one call (their blocks' scales decoded once). */
+ * are never read) and runs of rows (one row; Q4K_ROWS in a dense product of several rows where the type has
+ * rows_groups): each thread takes an equal run of (rows, group) units, and within a run the groups of one unit
+ * are computed in one call (their blocks' scales decoded once). */
 static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks, int64_t n, int64_t k,
                            const float *x, int64_t m, float *y, const float *residual, int threads,
                            const struct sparse_rule *rule)
 {
-    int64_t groups = (n + 63) / 64, total = groups * m;
+    int together = type->rows_groups && !rule && m > 1 ? Q4K_ROWS : 1;
+    int64_t groups = (n + 63) / 64, runs = (m + together - 1) / together, total = groups * runs;
     if (threads < 1)
         threads = 1;
     if (threads > total)
@@ -794,20 +885,26 @@ static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks
 #pragma omp parallel for schedule(static, 1) num_threads(threads)
     for (int t = 0; t < threads; t++) {
         int64_t first = total * t / threads, last = total * (t + 1) / threads;
-        for (int64_t j = first; j < last;) { /* j = row * groups + group */
-            int64_t row = j / groups, group = j % groups;
+        for (int64_t j = first; j < last;) { /* j = run * groups + group */
+            int64_t row = j / groups * together, group = j % groups;
             int64_t count = type->unit - group % type->unit; /* the rest of this unit, within the run and N */
             if (count > last - j)
                 count = last - j;
             if (count > groups - group)
                 count = groups - group;
-            float out[256];
-            type->groups(blocks, n, k, group, (int)count, x + row * k, rule, out);
+            int nr = m - row < together ? (int)(m - row) : together;
+            float out[Q4K_ROWS][256];
+            if (together > 1)
+                type->rows_groups(blocks, k, group, (int)count, x + row * k, nr, out);
+            else
+                type->groups(blocks, n, k, group, (int)count, x + row * k, rule, out[0]);
             int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
-            float *yr = y + row * n + n0;
-            const float *rr = residual ? residual + row * n + n0 : 0;
-            for (int64_t i = 0; i < n_valid; i++)
-                yr[i] = rr ? rr[i] + out[i] : out[i];
+            for (int r = 0; r < nr; r++) {
+                float *yr = y + (row + r) * n + n0;
+                const float *rr = residual ? residual + (row + r) * n + n0 : 0;
+                for (int64_t i = 0; i < n_valid; i++)
+                    yr[i] = rr ? rr[i] + out[r][i] : out[r][i];
+            }
             j += count;
         }
     }

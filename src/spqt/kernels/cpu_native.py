@@ -34,11 +34,12 @@ SOURCE = Path(__file__).with_name("cpu_native.c")
 # greedy thresholds at 25 % (maps at 0-50 %) +7 % (docs/RESULTS.md, thirty-third session).
 SPARSE_FROM = 0.5
 # Rows of x from which a zigzag map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
-# the call, instead of the blocks multiplied row by row (which decodes every block again for each row). At 128 rows
-# the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default model's four, a 7B's
-# 4096 x 4096; scripts/cpu_prefill_gemm_probe.py). At 32 rows it led by 0.93-1.9x there, but the default model's
-# 40-token prefill through it ran 95-119 ms in some processes and 210-250 ms in others against 134-140 row by row
-# (both threads busy in MKL's GEMM either way; not explained): docs/RESULTS.md, thirty-sixth session.
+# the call, instead of the blocks multiplied row by row (which decodes every block again for each row; Q4_K three
+# rows at a time). At 128 rows the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default
+# model's four, a 7B's 4096 x 4096; scripts/cpu_prefill_gemm_probe.py), Q4_K 1/1.1 to 1/1.3 of its three-row
+# product's. At 32 rows it led by 0.93-1.9x there, but the default model's 40-token prefill through it ran 95-119 ms
+# in some processes and 210-250 ms in others against 134-140 row by row (both threads busy in MKL's GEMM either way;
+# not explained): docs/RESULTS.md, thirty-sixth session.
 GEMM_ROWS = 128
 # Outputs of W^T dequantized at a time (whole block rows), in this thread's scratch buffer (K x 256 fp32: 4 MB at
 # K = 4,096). A 7B's 4096 x 4096 Q4_K map at 32 rows: 10.1 ms in slabs of 256, 11.5 / 13.0 / 13.7 / 15.5 at 512 /
