@@ -66,18 +66,11 @@ def _run(lib, fn: str, weight_ptr: int, n: int, k: int, x: torch.Tensor, residua
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_zigzag_matches_float64(builds, rng, fmt, n, k):
     """Both builds: y = residual + x W^T within fp32 rounding of the float64 product of the format's
-    own values; every thread count gives the same bits; zero inputs skipped change nothing; rows multiplied
-    together (Q4_K's runs of Q4K_ROWS in the AVX2 build: 5 rows are a run of 3 and one of 2) give each row's
-    product alone, bit for bit."""
+    own values; every thread count gives the same bits; zero inputs skipped change nothing."""
     qw = _zigzag(rng, fmt, n, k)
     w64 = qw.dequantize().double()
     for lib in builds.values():
         assert lib.spqt_zigzag_type(fmt.encode()) >= 0
-        x = _input(rng, 5, k, 0.0)
-        together = _run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x, None, 2, fmt)
-        alone = torch.cat([_run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x[i : i + 1].contiguous(), None, 2,
-                                fmt) for i in range(5)])
-        assert torch.equal(together, alone)
         for m, zeros in ((1, 0.0), (3, 0.5), (4, 0.2)):
             x = _input(rng, m, k, zeros)
             residual = torch.from_numpy(rng.standard_normal((m, n))).float()
@@ -89,6 +82,28 @@ def test_zigzag_matches_float64(builds, rng, fmt, n, k):
             assert all(torch.equal(outs[0], o) for o in outs[1:])
             plain = _run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x, None, 2, fmt)
             assert torch.allclose(plain.double(), want - residual.double(), rtol=0, atol=2 * bound)
+
+
+@pytest.mark.parametrize("fmt", TYPES)
+def test_rows_together_equal_each_row_alone(builds, rng, fmt):
+    """Both builds, 2 to 7 rows (Q4_K's AVX2 runs of Q4K_ROWS = 3: last runs of 1, 2 and 3 rows), a fifth of the
+    inputs zero, a residual, 1 and 2 threads: each output row's bits (signs of zero included) are that row's
+    product alone, and the row after y is never written."""
+    n, k = 300, 77
+    qw = _zigzag(rng, fmt, n, k)
+    for lib in builds.values():
+        code = lib.spqt_zigzag_type(fmt.encode())
+        for m in range(2, 8):
+            x = _input(rng, m, k, 0.2)
+            residual = torch.from_numpy(rng.standard_normal((m, n))).float()
+            alone = torch.cat([_run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x[i : i + 1].contiguous(),
+                                    residual[i : i + 1].contiguous(), 1, fmt) for i in range(m)])
+            for threads in (1, 2):
+                y = torch.full((m + 1, n), float("nan"))  # a guard row after the output
+                lib.spqt_zigzag(code, qw.blocks.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), residual.data_ptr(),
+                                threads)
+                assert torch.equal(y[:m].view(torch.int32), alone.view(torch.int32)), (m, threads)
+                assert bool(y[m].isnan().all())
 
 
 @pytest.mark.parametrize("fmt", TYPES)

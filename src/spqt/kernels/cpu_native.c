@@ -14,7 +14,8 @@
  * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
  * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
- * masked inputs cost no reads of their blocks' nibbles). The other types likewise: each weight the
+ * masked inputs cost no reads of their blocks' nibbles; a dense Q4_K product of several rows multiplies it in
+ * instead, q4k_rows). The other types likewise: each weight the
  * value decode gives (d sc (q - 32) for Q6_K, d sc q - dmin m for Q5_K and Q2_K, ...), x folded into
  * the scales first. One driver (zigzag_product) serves every type through its `groups` routine.
  */
@@ -101,8 +102,11 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
 }
 
 /* Rows of x that a dense Q4_K product with several rows (a prefill's) multiplies together (q4k_rows, AVX2 builds):
- * each block's nibbles are converted once for all of them. */
+ * each block's nibbles are converted once for all of them. Three beat two by 1.18-1.31x and four by 1.00-1.14x on
+ * the default model's maps and a 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16 three rows spill one
+ * accumulator). q4k_rows_call takes 1 to 3 rows. */
 #define Q4K_ROWS 3
+_Static_assert(Q4K_ROWS == 3, "q4k_rows_call dispatches 1, 2 or 3 rows");
 
 #ifdef SPQT_F16C
 /* Blocks a pass (2.3 KB of blocks and 0.5 KB of scales, in L1 for the second pass); the order of every sum
@@ -199,10 +203,12 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
             out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
 }
 
-/* q4k_groups for NR rows of x at once (x + r ldx, r < NR), dense: out[r] as q4k_groups gives it for row r, each
- * sum over k ascending in the same order (a zero input adds +0 here where q4k_groups skips it). Per tile: every
- * row's scales (x folded in), then per group and nibble half the tile's blocks converted once and multiplied into
- * every row's accumulators. */
+/* q4k_groups for nr rows of x at once (x + r ldx, r < nr), dense: out[r] as q4k_groups gives it for row r, each
+ * sum over k ascending in the same order. A zero input is multiplied in here (0 scales: the sums, which start at
+ * +0, come out the same), where q4k_groups skips its block; only a block whose fp16 d or dmin is inf or NaN (a
+ * corrupt file) then differs, NaN here. Skipping it per row cost 15 % (a branch in the header loop). Per tile:
+ * every row's scales (x folded in), then per group and nibble half the tile's blocks converted once and multiplied
+ * into every row's accumulators. */
 static inline __attribute__((always_inline)) void q4k_rows(const int nr, const uint8_t *row_blocks, int64_t k,
                                                            int c0, int groups, const float *x, int64_t ldx,
                                                            float out[][256])
@@ -868,10 +874,26 @@ int spqt_zigzag_type(const char *name)
     return -1;
 }
 
+/* Writes out's outputs 64 group .. 64 (group + count) - 1 (those below N) to rows row .. row + nr - 1 of y,
+ * [residual +]. */
+static inline void put_rows(float out[][256], int nr, int64_t row, int64_t group, int64_t count, int64_t n, float *y,
+                            const float *residual)
+{
+    int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
+    for (int r = 0; r < nr; r++) {
+        float *yr = y + (row + r) * n + n0;
+        const float *rr = residual ? residual + (row + r) * n + n0 : 0;
+        for (int64_t i = 0; i < n_valid; i++)
+            yr[i] = rr ? rr[i] + out[r][i] : out[r][i];
+    }
+}
+
 /* A zigzag product with a sparse rule (or NULL): the work is split by groups of 64 outputs (groups past N
  * are never read) and runs of rows (one row; Q4K_ROWS in a dense product of several rows where the type has
  * rows_groups): each thread takes an equal run of (rows, group) units, and within a run the groups of one unit
- * are computed in one call (their blocks' scales decoded once). */
+ * are computed in one call (their blocks' scales decoded once). A last, shorter run of rows costs less than the
+ * others, so a few rows split unevenly (m = 4: about 1.3x the even split's time, from one thread's costs); taking
+ * (unit, run) pairs instead, which evens that, ran 0.69-0.90x as fast at 40 rows (maps of 3 units and less). */
 static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks, int64_t n, int64_t k,
                            const float *x, int64_t m, float *y, const float *residual, int threads,
                            const struct sparse_rule *rule)
@@ -898,13 +920,7 @@ static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks
                 type->rows_groups(blocks, k, group, (int)count, x + row * k, nr, out);
             else
                 type->groups(blocks, n, k, group, (int)count, x + row * k, rule, out[0]);
-            int64_t n0 = group * 64, n_valid = n - n0 < 64 * count ? n - n0 : 64 * count;
-            for (int r = 0; r < nr; r++) {
-                float *yr = y + (row + r) * n + n0;
-                const float *rr = residual ? residual + (row + r) * n + n0 : 0;
-                for (int64_t i = 0; i < n_valid; i++)
-                    yr[i] = rr ? rr[i] + out[r][i] : out[r][i];
-            }
+            put_rows(out, nr, row, group, count, n, y, residual);
             j += count;
         }
     }
