@@ -18,8 +18,8 @@ def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str)
     model = gen.model
     for _, _, lin in sparse_linears(model):
         lin.counts.zero_()
-    n = len(tokens) // ctx
-    data = torch.tensor(tokens[: n * ctx]).view(n, ctx)
+    n, dev = len(tokens) // ctx, gen.device
+    data = torch.tensor(tokens[: n * ctx], device=dev).view(n, ctx)
     first = ctx // 2 if method == "llamacpp" else 0
     sparse = gen.sparsity > 0
     model.setup_cache(batch, ctx, gen.dtype)
@@ -30,9 +30,9 @@ def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str)
         rows = torch.cat([rows, rows[:1].expand(batch - used, -1)])
         if first:
             set_sparse(model, False)
-            model(rows[:, :first], torch.arange(first), kv_len=first)
+            model(rows[:, :first], torch.arange(first, device=dev), kv_len=first)
         set_sparse(model, sparse, track=sparse)
-        logits = model(rows[:, first:], torch.arange(first, ctx), kv_len=ctx)[:used, :-1]
+        logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]
         targets = rows[:used, first + 1 :]
         nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                                        reduction="sum"))
@@ -42,16 +42,20 @@ def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str)
     return nll, achieved
 
 
-@pytest.mark.parametrize("ctx,batch,method,criterion", [(32, 2, "llamacpp", "teal"), (33, 8, "llamacpp", "wina"),
-                                                         (32, 3, "gptq", "teal")])
-def test_settings_in_one_pass_equal_each_alone(tiny_spqt, rng, ctx, batch, method, criterion):
+CASES = [("cpu", 32, 2, "llamacpp", "teal"), ("cpu", 33, 8, "llamacpp", "wina"), ("cpu", 32, 3, "gptq", "teal"),
+         pytest.param("cuda", 33, 4, "llamacpp", "wina", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,ctx,batch,method,criterion", CASES)
+def test_settings_in_one_pass_equal_each_alone(tiny_spqt, rng, device, ctx, batch, method, criterion):
     """A sparse setting, dense, a higher table (TEAL), the first again; counts left on the maps before the call.
     Each result (NLL sum, ppl, achieved fractions) equals the plain computation's for that setting, bit for bit
     (odd ctx, a batch larger than the text's chunks, WINA's scales set between passes); the repeated setting
     gives the same; the counters end at zero; gen takes a new level afterwards (the thresholds made inside are
-    not inference tensors)."""
+    not inference tensors). On CUDA the runtime's kernels (fp16), deterministic, give the same equalities."""
     loaded = load_spqt(tiny_spqt)
-    gen = Generator(loaded, "cpu", torch.float32, max_len=64, backend="reference")
+    gen = (Generator(loaded, "cpu", torch.float32, max_len=64, backend="reference") if device == "cpu"
+           else Generator(loaded, "cuda", max_len=64, dense_fallback=False))
     tokens = rng.integers(0, loaded.config.vocab_size, 5 * ctx + 7).tolist()
     low = torch.from_numpy(rng.uniform(0.02, 0.2, (loaded.config.n_layers, 4))).float()
     settings = [lambda: gen.set_sparsity(0.3, table=low, criterion=criterion),
@@ -59,7 +63,7 @@ def test_settings_in_one_pass_equal_each_alone(tiny_spqt, rng, ctx, batch, metho
                 lambda: gen.set_sparsity(0.6, table=3 * low, criterion="teal"),
                 lambda: gen.set_sparsity(0.3, table=low, criterion=criterion)]
     for _, _, lin in sparse_linears(gen.model):
-        lin.counts += torch.tensor([5.0, 9.0], dtype=torch.float64)  # stale: belong to no setting
+        lin.counts += torch.tensor([5.0, 9.0], dtype=torch.float64, device=lin.counts.device)  # stale: no setting's
     together = perplexities(gen, tokens, settings, ctx=ctx, method=method, batch=batch)
     assert all(float(lin.counts.abs().sum()) == 0 for _, _, lin in sparse_linears(gen.model))
     for setting, got in zip(settings, together):
