@@ -14,8 +14,8 @@
  * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
  * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
- * masked inputs cost no reads of their blocks' nibbles; a dense Q4_K product of several rows multiplies it in
- * instead, q4k_rows). The other types likewise: each weight the
+ * masked inputs cost no reads of their blocks' nibbles; a dense Q4_K or Q5_K product of several rows multiplies
+ * it in instead, kquant_rows). The other types likewise: each weight the
  * value decode gives (d sc (q - 32) for Q6_K, d sc q - dmin m for Q5_K and Q2_K, ...), x folded into
  * the scales first. One driver (zigzag_product) serves every type through its `groups` routine.
  */
@@ -101,12 +101,12 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
     return a > rule->t;
 }
 
-/* Rows of x that a dense Q4_K product with several rows (a prefill's) multiplies together (q4k_rows, AVX2 builds):
- * each block's nibbles are converted once for all of them. Three beat two by 1.18-1.31x and four by 1.00-1.14x on
+/* Rows of x that a dense Q4_K or Q5_K product with several rows (a prefill's) multiplies together (kquant_rows,
+ * AVX2 builds): each block's quants are converted once for all of them. Three beat two by 1.18-1.31x and four by 1.00-1.14x on
  * the default model's maps and a 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16 three rows spill one
- * accumulator). q4k_rows_call takes 1 to 3 rows. */
+ * accumulator). KQUANT_ROWS_CALL takes 1 to 3 rows. */
 #define Q4K_ROWS 3
-_Static_assert(Q4K_ROWS == 3, "q4k_rows_call dispatches 1, 2 or 3 rows");
+_Static_assert(Q4K_ROWS == 3, "KQUANT_ROWS_CALL dispatches 1, 2 or 3 rows");
 
 #ifdef SPQT_F16C
 /* Blocks a pass (2.3 KB of blocks and 0.5 KB of scales, in L1 for the second pass); the order of every sum
@@ -203,80 +203,6 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
             out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
 }
 
-/* q4k_groups for nr rows of x at once (x + r ldx, r < nr), dense: out[r] as q4k_groups gives it for row r, each
- * sum over k ascending in the same order. A zero input is multiplied in here (0 scales: the sums, which start at
- * +0, come out the same), where q4k_groups skips its block; only a block whose fp16 d or dmin is inf or NaN (a
- * corrupt file) then differs, NaN here. Skipping it per row cost 15 % (a branch in the header loop). Per tile:
- * every row's scales (x folded in), then per group and nibble half the tile's blocks converted once and multiplied
- * into every row's accumulators. */
-static inline __attribute__((always_inline)) void q4k_rows(const int nr, const uint8_t *row_blocks, int64_t k,
-                                                           int c0, int groups, const float *x, int64_t ldx,
-                                                           float out[][256])
-{
-    const __m256i low4 = _mm256_set1_epi32(0x0f);
-    __m256 mins[Q4K_ROWS];
-    float acc[Q4K_ROWS][4][64], scales[TILE][Q4K_ROWS][8];
-    memset(acc, 0, sizeof acc);
-    for (int r = 0; r < nr; r++)
-        mins[r] = _mm256_setzero_ps();
-    for (int64_t k0 = 0; k0 < k; k0 += TILE) {
-        int tile = k - k0 < TILE ? (int)(k - k0) : TILE;
-        for (int t = 0; t < tile; t++) {
-            const uint8_t *b = row_blocks + (k0 + t) * Q4K_BYTES;
-            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES);
-            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 64);
-            __builtin_prefetch(b + PREFETCH_AHEAD * Q4K_BYTES + 128);
-            for (int r = 0; r < nr; r++)
-                kquant_header(b, x[r * ldx + k0 + t], scales[t][r], &mins[r]);
-        }
-        for (int g = 0; g < groups; g++) {
-            int c = c0 + g;
-            for (int half = 0; half < 2; half++) { /* low nibbles: outputs 64 c + 0..31, high: + 32..63 */
-                __m256 a[Q4K_ROWS][4];
-                for (int r = 0; r < nr; r++)
-                    for (int v = 0; v < 4; v++)
-                        a[r][v] = _mm256_loadu_ps(acc[r][g] + 32 * half + 8 * v);
-                for (int t = 0; t < tile; t++) {
-                    const uint8_t *q = row_blocks + (k0 + t) * Q4K_BYTES + 16 + 32 * c;
-                    __m256 w[4];
-                    for (int v = 0; v < 4; v++) {
-                        __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * v)));
-                        w[v] = _mm256_cvtepi32_ps(half ? _mm256_srli_epi32(bytes, 4) : _mm256_and_si256(bytes, low4));
-                    }
-                    for (int r = 0; r < nr; r++) {
-                        __m256 s = _mm256_broadcast_ss(&scales[t][r][2 * c + half]);
-                        for (int v = 0; v < 4; v++)
-                            a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
-                    }
-                }
-                for (int r = 0; r < nr; r++)
-                    for (int v = 0; v < 4; v++)
-                        _mm256_storeu_ps(acc[r][g] + 32 * half + 8 * v, a[r][v]);
-            }
-        }
-    }
-    for (int r = 0; r < nr; r++) {
-        float min_sum[8];
-        _mm256_storeu_ps(min_sum, mins[r]);
-        for (int g = 0; g < groups; g++)
-            for (int i = 0; i < 64; i++)
-                out[r][64 * g + i] = acc[r][g][i] - min_sum[2 * (c0 + g) + i / 32];
-    }
-}
-
-/* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= Q4K_ROWS), dense. */
-static void q4k_rows_call(const uint8_t *blocks, int64_t k, int64_t group, int groups, const float *x, int nr,
-                          float out[][256])
-{
-    const uint8_t *row_blocks = blocks + (group / 4) * k * Q4K_BYTES;
-    int c0 = (int)(group % 4);
-    if (nr == 3)
-        q4k_rows(3, row_blocks, k, c0, groups, x, k, out);
-    else if (nr == 2)
-        q4k_rows(2, row_blocks, k, c0, groups, x, k, out);
-    else
-        q4k_rows(1, row_blocks, k, c0, groups, x, k, out);
-}
 #else
 /* The same outputs without AVX2: scalar loops, the sums over k in the same order (a product's
  * rounding may differ from the AVX2 path's: x (d sc) here, (x d) sc there). */
@@ -710,6 +636,93 @@ TILED_GROUPS(q5k_groups, TILED_Q5K)
 TILED_GROUPS(q3k_groups, TILED_Q3K)
 TILED_GROUPS(q2k_groups, TILED_Q2K)
 
+/* The dense product of nr rows of x at once (x + r ldx, r < nr) for Q4_K (five 0) and Q5_K (five 1): out[r] as
+ * q4k_groups / q5k_groups give it for row r, each sum over k ascending in the same order. A zero input is
+ * multiplied in here (0 scales: the sums, which start at +0, come out the same), where those skip its block; only
+ * a block whose fp16 d or dmin is inf or NaN (a corrupt file) then differs, NaN here. Skipping it per row cost
+ * 15 % (a branch in the header loop). Per tile: every row's scales (x folded in, kquant_header), then per group
+ * and nibble half the tile's blocks converted once (Q5_K: bit 2c + half of qh[l] as each quant's fifth) and
+ * multiplied into every row's accumulators. */
+static inline __attribute__((always_inline)) void kquant_rows(const int five, const int nr, const uint8_t *row_blocks,
+                                                              int64_t k, int c0, int groups, const float *x,
+                                                              int64_t ldx, float out[][256])
+{
+    const int bytes = five ? Q5K_BYTES : Q4K_BYTES;
+    const __m256i low4 = _mm256_set1_epi32(0x0f), bit4 = _mm256_set1_epi32(0x10);
+    __m256 mins[Q4K_ROWS];
+    float acc[Q4K_ROWS][4][64], scales[TILE][Q4K_ROWS][8];
+    memset(acc, 0, sizeof acc);
+    for (int r = 0; r < nr; r++)
+        mins[r] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < k; k0 += TILE) {
+        int tile = k - k0 < TILE ? (int)(k - k0) : TILE;
+        for (int t = 0; t < tile; t++) {
+            const uint8_t *b = row_blocks + (k0 + t) * bytes;
+            for (int off = 0; off < bytes; off += 64)
+                __builtin_prefetch(b + PREFETCH_AHEAD * bytes + off);
+            for (int r = 0; r < nr; r++)
+                kquant_header(b, x[r * ldx + k0 + t], scales[t][r], &mins[r]);
+        }
+        for (int g = 0; g < groups; g++) {
+            int c = c0 + g;
+            for (int half = 0; half < 2; half++) { /* low nibbles: outputs 64 c + 0..31, high: + 32..63 */
+                __m256 a[Q4K_ROWS][4];
+                for (int r = 0; r < nr; r++)
+                    for (int v = 0; v < 4; v++)
+                        a[r][v] = _mm256_loadu_ps(acc[r][g] + 32 * half + 8 * v);
+                for (int t = 0; t < tile; t++) {
+                    const uint8_t *b = row_blocks + (k0 + t) * bytes, *q = b + (five ? 48 : 16) + 32 * c;
+                    __m256 w[4];
+                    for (int v = 0; v < 4; v++) {
+                        __m256i bytes8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * v)));
+                        __m256i quant = half ? _mm256_srli_epi32(bytes8, 4) : _mm256_and_si256(bytes8, low4);
+                        if (five) {
+                            __m256i hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 16 + 8 * v)));
+                            int shift = 2 * c + half;
+                            quant = _mm256_or_si256(quant, _mm256_and_si256(
+                                shift <= 4 ? _mm256_slli_epi32(hb, 4 - shift) : _mm256_srli_epi32(hb, shift - 4), bit4));
+                        }
+                        w[v] = _mm256_cvtepi32_ps(quant);
+                    }
+                    for (int r = 0; r < nr; r++) {
+                        __m256 s = _mm256_broadcast_ss(&scales[t][r][2 * c + half]);
+                        for (int v = 0; v < 4; v++)
+                            a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
+                    }
+                }
+                for (int r = 0; r < nr; r++)
+                    for (int v = 0; v < 4; v++)
+                        _mm256_storeu_ps(acc[r][g] + 32 * half + 8 * v, a[r][v]);
+            }
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float min_sum[8];
+        _mm256_storeu_ps(min_sum, mins[r]);
+        for (int g = 0; g < groups; g++)
+            for (int i = 0; i < 64; i++)
+                out[r][64 * g + i] = acc[r][g][i] - min_sum[2 * (c0 + g) + i / 32];
+    }
+}
+
+/* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= Q4K_ROWS), dense. */
+#define KQUANT_ROWS_CALL(NAME, FIVE, BYTES)                                                                      \
+    static void NAME(const uint8_t *blocks, int64_t k, int64_t group, int groups, const float *x, int nr,      \
+                     float out[][256])                                                                         \
+    {                                                                                                          \
+        const uint8_t *row_blocks = blocks + (group / 4) * k * (BYTES);                                        \
+        int c0 = (int)(group % 4);                                                                             \
+        if (nr == 3)                                                                                           \
+            kquant_rows(FIVE, 3, row_blocks, k, c0, groups, x, k, out);                                        \
+        else if (nr == 2)                                                                                      \
+            kquant_rows(FIVE, 2, row_blocks, k, c0, groups, x, k, out);                                        \
+        else                                                                                                   \
+            kquant_rows(FIVE, 1, row_blocks, k, c0, groups, x, k, out);                                        \
+    }
+KQUANT_ROWS_CALL(q4k_rows_call, 0, Q4K_BYTES)
+KQUANT_ROWS_CALL(q5k_rows_call, 1, Q5K_BYTES)
+
+
 #else
 /* Without AVX2: scalar loops, each output's sum over k ascending. */
 static void q8_0_groups(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
@@ -838,13 +851,15 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
  * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
-/* The same outputs for nr <= Q4K_ROWS rows of x (x + r k), dense (q4k_rows_call), where a type has it. */
+/* The same outputs for nr <= Q4K_ROWS rows of x (x + r k), dense (KQUANT_ROWS_CALL), where a type has it. */
 typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t k, int64_t group, int count, const float *x, int nr,
                                float out[][256]);
 #ifdef SPQT_F16C
 #define Q4K_ROWS_CALL q4k_rows_call
+#define Q5K_ROWS_CALL q5k_rows_call
 #else
 #define Q4K_ROWS_CALL 0
+#define Q5K_ROWS_CALL 0
 #endif
 struct zigzag_type {
     const char *name;
@@ -859,7 +874,7 @@ static const struct zigzag_type ZIGZAG_TYPES[] = {
     {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values, Q4K_ROWS_CALL},
     {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values, 0},
     {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values, 0},
-    {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values, 0},
+    {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values, Q5K_ROWS_CALL},
     {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values, 0},
     {"q2_k", 4, q2k_groups, 256, Q2K_BYTES, q2k_values, 0},
 };
