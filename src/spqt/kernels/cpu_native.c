@@ -561,7 +561,7 @@ static inline __attribute__((always_inline)) __m128i q3k_scales(const uint8_t *b
  * sub-block of 16). Per tile: each kept block's scales[i][s] = x_k d sc_s (and the mins' sums x_k dmin m_s in
  * mins0 (s 0..7) and mins1 (8..15)), then each group's quants against them; at the end the mins' sums
  * subtracted, per sub-block of min_every outputs. */
-enum { TILED_Q6K, TILED_Q3K, TILED_Q5K, TILED_Q2K };
+enum { TILED_Q6K, TILED_Q3K, TILED_Q5K, TILED_Q2K, ROWS_Q4K /* kquant_rows only */ };
 
 static inline __attribute__((always_inline)) void tile_header(const int fmt, const uint8_t *b, float xv,
                                                               float scales[16], __m256 *mins0, __m256 *mins1)
@@ -636,58 +636,90 @@ TILED_GROUPS(q5k_groups, TILED_Q5K)
 TILED_GROUPS(q3k_groups, TILED_Q3K)
 TILED_GROUPS(q2k_groups, TILED_Q2K)
 
-/* The dense product of nr rows of x at once (x + r ldx, r < nr) for Q4_K (five 0) and Q5_K (five 1): out[r] as
- * q4k_groups / q5k_groups give it for row r, each sum over k ascending in the same order. A zero input is
- * multiplied in here (0 scales: the sums, which start at +0, come out the same), where those skip its block; only
- * a block whose fp16 d or dmin is inf or NaN (a corrupt file) then differs, NaN here. Skipping it per row cost
- * 15 % (a branch in the header loop). Per tile: every row's scales (x folded in, kquant_header), then per group
- * and nibble half the tile's blocks converted once (Q5_K: bit 2c + half of qh[l] as each quant's fifth) and
- * multiplied into every row's accumulators. */
-static inline __attribute__((always_inline)) void kquant_rows(const int five, const int nr, const uint8_t *row_blocks,
+/* The dense product of nr rows of x at once (x + r ldx, r < nr) for a superblock type (fmt: ROWS_Q4K or a
+ * TILED_ type): out[r] as q4k_groups / tiled_groups give it for row r, each sum over k ascending in the same
+ * order, each output's multiply-adds with the same scale and quant. A zero input is multiplied in here (0 scales:
+ * the sums, which start at +0, come out the same), where those skip its block; only a block whose fp16 d or dmin is
+ * inf or NaN (a corrupt file) then differs, NaN here. Skipping it per row cost 15 % (a branch in the header loop).
+ * Per tile: every row's scales (x folded in: kquant_header, tile_header), then per group and half (32 outputs)
+ * the tile's blocks' quants converted once and multiplied into every row's accumulators. */
+static inline __attribute__((always_inline)) void kquant_rows(const int fmt, const int nr, const uint8_t *row_blocks,
                                                               int64_t k, int c0, int groups, const float *x,
                                                               int64_t ldx, float out[][256])
 {
-    const int bytes = five ? Q5K_BYTES : Q4K_BYTES;
-    const __m256i low4 = _mm256_set1_epi32(0x0f), bit4 = _mm256_set1_epi32(0x10);
-    __m256 mins[Q4K_ROWS];
-    float acc[Q4K_ROWS][4][64], scales[TILE][Q4K_ROWS][8];
+    const int bytes = fmt == ROWS_Q4K ? Q4K_BYTES : fmt == TILED_Q5K ? Q5K_BYTES : fmt == TILED_Q6K ? Q6K_BYTES
+                      : fmt == TILED_Q3K ? Q3K_BYTES : Q2K_BYTES;
+    const int eight = fmt == ROWS_Q4K || fmt == TILED_Q5K;  /* 8 sub-blocks of 32 (else 16 of 16) */
+    const int min_every = eight ? 32 : fmt == TILED_Q2K ? 16 : 0;
+    const __m256i low4 = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
+    __m256 mins0[Q4K_ROWS], mins1[Q4K_ROWS];
+    float acc[Q4K_ROWS][4][64], scales[TILE][Q4K_ROWS][16];
     memset(acc, 0, sizeof acc);
     for (int r = 0; r < nr; r++)
-        mins[r] = _mm256_setzero_ps();
+        mins0[r] = mins1[r] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < k; k0 += TILE) {
         int tile = k - k0 < TILE ? (int)(k - k0) : TILE;
         for (int t = 0; t < tile; t++) {
             const uint8_t *b = row_blocks + (k0 + t) * bytes;
             for (int off = 0; off < bytes; off += 64)
                 __builtin_prefetch(b + PREFETCH_AHEAD * bytes + off);
-            for (int r = 0; r < nr; r++)
-                kquant_header(b, x[r * ldx + k0 + t], scales[t][r], &mins[r]);
+            for (int r = 0; r < nr; r++) {
+                float xv = x[r * ldx + k0 + t];
+                if (fmt == ROWS_Q4K)
+                    kquant_header(b, xv, scales[t][r], &mins0[r]);
+                else
+                    tile_header(fmt, b, xv, scales[t][r], &mins0[r], &mins1[r]);
+            }
         }
         for (int g = 0; g < groups; g++) {
-            int c = c0 + g;
-            for (int half = 0; half < 2; half++) { /* low nibbles: outputs 64 c + 0..31, high: + 32..63 */
+            const int c = c0 + g, h = c / 2, p = c % 2;
+            for (int half = 0; half < 2; half++) { /* outputs 64 c + 32 half + 0..31 */
                 __m256 a[Q4K_ROWS][4];
                 for (int r = 0; r < nr; r++)
                     for (int v = 0; v < 4; v++)
                         a[r][v] = _mm256_loadu_ps(acc[r][g] + 32 * half + 8 * v);
                 for (int t = 0; t < tile; t++) {
-                    const uint8_t *b = row_blocks + (k0 + t) * bytes, *q = b + (five ? 48 : 16) + 32 * c;
+                    const uint8_t *b = row_blocks + (k0 + t) * bytes;
                     __m256 w[4];
-                    for (int v = 0; v < 4; v++) {
-                        __m256i bytes8 = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + 8 * v)));
-                        __m256i quant = half ? _mm256_srli_epi32(bytes8, 4) : _mm256_and_si256(bytes8, low4);
-                        if (five) {
-                            __m256i hb = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(b + 16 + 8 * v)));
-                            int shift = 2 * c + half;
-                            quant = _mm256_or_si256(quant, _mm256_and_si256(
-                                shift <= 4 ? _mm256_slli_epi32(hb, 4 - shift) : _mm256_srli_epi32(hb, shift - 4), bit4));
+                    for (int v = 0; v < 4; v++) { /* outputs 64 c + 32 half + 8 v + 0..7: l = 8 v + lane */
+#define BYTES8(P) _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(P)))
+                        __m256i q;
+                        if (eight) { /* Q4_K / Q5_K: the nibbles of quant group c, Q5_K's fifth bit 2c + half of qh */
+                            __m256i nib = BYTES8(b + (fmt == ROWS_Q4K ? 16 : 48) + 32 * c + 8 * v);
+                            q = half ? _mm256_srli_epi32(nib, 4) : _mm256_and_si256(nib, low4);
+                            if (fmt == TILED_Q5K)
+                                q = _mm256_or_si256(q, _mm256_slli_epi32(_mm256_and_si256(
+                                    _mm256_srli_epi32(BYTES8(b + 16 + 8 * v), 2 * c + half), one), 4));
+                        } else if (fmt == TILED_Q6K) { /* nibble p of ql[64 h + 32 half + l], bits 4p + 2 half of qh */
+                            __m256i lo = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + 64 * h + 32 * half + 8 * v), 4 * p),
+                                                          low4);
+                            __m256i hi = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + 128 + 32 * h + 8 * v),
+                                                                            4 * p + 2 * half), three);
+                            q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
+                        } else { /* Q3_K / Q2_K: bits 2 (2p + half) of qs[32 h + l]; Q3_K's third bit 4h + 2p + half */
+                            q = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + (fmt == TILED_Q3K ? 32 : 16) + 32 * h + 8 * v),
+                                                                   2 * (2 * p + half)), three);
+                            if (fmt == TILED_Q3K)
+                                q = _mm256_sub_epi32(_mm256_or_si256(q, _mm256_slli_epi32(_mm256_and_si256(
+                                    _mm256_srli_epi32(BYTES8(b + 8 * v), 4 * h + 2 * p + half), one), 2)),
+                                    _mm256_set1_epi32(4));
                         }
-                        w[v] = _mm256_cvtepi32_ps(quant);
+#undef BYTES8
+                        w[v] = _mm256_cvtepi32_ps(q);
                     }
                     for (int r = 0; r < nr; r++) {
-                        __m256 s = _mm256_broadcast_ss(&scales[t][r][2 * c + half]);
-                        for (int v = 0; v < 4; v++)
-                            a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
+                        const float *sc = scales[t][r];
+                        if (eight) {
+                            __m256 s = _mm256_broadcast_ss(&sc[2 * c + half]);
+                            for (int v = 0; v < 4; v++)
+                                a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
+                        } else { /* sub-block 4c + 2 half + l / 16 */
+                            __m256 s0 = _mm256_broadcast_ss(&sc[4 * c + 2 * half]), s1 = _mm256_broadcast_ss(&sc[4 * c + 2 * half + 1]);
+                            a[r][0] = _mm256_fmadd_ps(s0, w[0], a[r][0]);
+                            a[r][1] = _mm256_fmadd_ps(s0, w[1], a[r][1]);
+                            a[r][2] = _mm256_fmadd_ps(s1, w[2], a[r][2]);
+                            a[r][3] = _mm256_fmadd_ps(s1, w[3], a[r][3]);
+                        }
                     }
                 }
                 for (int r = 0; r < nr; r++)
@@ -697,30 +729,34 @@ static inline __attribute__((always_inline)) void kquant_rows(const int five, co
         }
     }
     for (int r = 0; r < nr; r++) {
-        float min_sum[8];
-        _mm256_storeu_ps(min_sum, mins[r]);
+        float min_sum[16];
+        _mm256_storeu_ps(min_sum, mins0[r]);
+        _mm256_storeu_ps(min_sum + 8, mins1[r]);
         for (int g = 0; g < groups; g++)
             for (int i = 0; i < 64; i++)
-                out[r][64 * g + i] = acc[r][g][i] - min_sum[2 * (c0 + g) + i / 32];
+                out[r][64 * g + i] = min_every ? acc[r][g][i] - min_sum[(64 * (c0 + g) + i) / min_every] : acc[r][g][i];
     }
 }
 
 /* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= Q4K_ROWS), dense. */
-#define KQUANT_ROWS_CALL(NAME, FIVE, BYTES)                                                                      \
+#define KQUANT_ROWS_CALL(NAME, FMT, BYTES)                                                                       \
     static void NAME(const uint8_t *blocks, int64_t k, int64_t group, int groups, const float *x, int nr,      \
                      float out[][256])                                                                         \
     {                                                                                                          \
         const uint8_t *row_blocks = blocks + (group / 4) * k * (BYTES);                                        \
         int c0 = (int)(group % 4);                                                                             \
         if (nr == 3)                                                                                           \
-            kquant_rows(FIVE, 3, row_blocks, k, c0, groups, x, k, out);                                        \
+            kquant_rows(FMT, 3, row_blocks, k, c0, groups, x, k, out);                                         \
         else if (nr == 2)                                                                                      \
-            kquant_rows(FIVE, 2, row_blocks, k, c0, groups, x, k, out);                                        \
+            kquant_rows(FMT, 2, row_blocks, k, c0, groups, x, k, out);                                         \
         else                                                                                                   \
-            kquant_rows(FIVE, 1, row_blocks, k, c0, groups, x, k, out);                                        \
+            kquant_rows(FMT, 1, row_blocks, k, c0, groups, x, k, out);                                         \
     }
-KQUANT_ROWS_CALL(q4k_rows_call, 0, Q4K_BYTES)
-KQUANT_ROWS_CALL(q5k_rows_call, 1, Q5K_BYTES)
+KQUANT_ROWS_CALL(q4k_rows_call, ROWS_Q4K, Q4K_BYTES)
+KQUANT_ROWS_CALL(q5k_rows_call, TILED_Q5K, Q5K_BYTES)
+KQUANT_ROWS_CALL(q6k_rows_call, TILED_Q6K, Q6K_BYTES)
+KQUANT_ROWS_CALL(q3k_rows_call, TILED_Q3K, Q3K_BYTES)
+KQUANT_ROWS_CALL(q2k_rows_call, TILED_Q2K, Q2K_BYTES)
 
 
 #else
@@ -855,11 +891,9 @@ typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, in
 typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t k, int64_t group, int count, const float *x, int nr,
                                float out[][256]);
 #ifdef SPQT_F16C
-#define Q4K_ROWS_CALL q4k_rows_call
-#define Q5K_ROWS_CALL q5k_rows_call
+#define ROWS_CALL(NAME) NAME
 #else
-#define Q4K_ROWS_CALL 0
-#define Q5K_ROWS_CALL 0
+#define ROWS_CALL(NAME) 0
 #endif
 struct zigzag_type {
     const char *name;
@@ -871,12 +905,12 @@ struct zigzag_type {
     zigzag_rows_fn rows_groups;                 /* several rows at once (dense), or 0 */
 };
 static const struct zigzag_type ZIGZAG_TYPES[] = {
-    {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values, Q4K_ROWS_CALL},
+    {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values, ROWS_CALL(q4k_rows_call)},
     {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values, 0},
-    {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values, 0},
-    {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values, Q5K_ROWS_CALL},
-    {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values, 0},
-    {"q2_k", 4, q2k_groups, 256, Q2K_BYTES, q2k_values, 0},
+    {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values, ROWS_CALL(q6k_rows_call)},
+    {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values, ROWS_CALL(q5k_rows_call)},
+    {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values, ROWS_CALL(q3k_rows_call)},
+    {"q2_k", 4, q2k_groups, 256, Q2K_BYTES, q2k_values, ROWS_CALL(q2k_rows_call)},
 };
 #define N_ZIGZAG_TYPES ((int)(sizeof ZIGZAG_TYPES / sizeof ZIGZAG_TYPES[0]))
 
