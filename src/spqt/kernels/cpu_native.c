@@ -14,8 +14,8 @@
  * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
  * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
- * masked inputs cost no reads of their blocks' nibbles; a dense Q4_K or Q5_K product of several rows multiplies
- * it in instead, kquant_rows). The other types likewise: each weight the
+ * masked inputs cost no reads of their blocks' nibbles; a dense superblock-type product of several rows
+ * multiplies it in instead, kquant_rows). The other types likewise: each weight the
  * value decode gives (d sc (q - 32) for Q6_K, d sc q - dmin m for Q5_K and Q2_K, ...), x folded into
  * the scales first. One driver (zigzag_product) serves every type through its `groups` routine.
  */
@@ -101,8 +101,8 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
     return a > rule->t;
 }
 
-/* Rows of x that a dense Q4_K or Q5_K product with several rows (a prefill's) multiplies together (kquant_rows,
- * AVX2 builds): each block's quants are converted once for all of them. Three beat two by 1.18-1.31x and four by 1.00-1.14x on
+/* Rows of x that a dense product of a superblock type (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K) with several rows (a
+ * prefill's) multiplies together (kquant_rows, AVX2 builds): each block's quants are converted once for all of them. Three beat two by 1.18-1.31x and four by 1.00-1.14x on
  * the default model's maps and a 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16 three rows spill one
  * accumulator). KQUANT_ROWS_CALL takes 1 to 3 rows. */
 #define Q4K_ROWS 3
