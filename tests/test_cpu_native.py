@@ -85,11 +85,12 @@ def test_zigzag_matches_float64(builds, rng, fmt, n, k):
 
 
 @pytest.mark.parametrize("fmt", TYPES)
-def test_rows_together_equal_each_row_alone(builds, rng, fmt):
-    """Both builds, 2 to 7 rows (Q4_K's AVX2 runs of Q4K_ROWS = 3: last runs of 1, 2 and 3 rows), a fifth of the
-    inputs zero, a residual, 1 and 2 threads: each output row's bits (signs of zero included) are that row's
-    product alone, and the row after y is never written."""
-    n, k = 300, 77
+@pytest.mark.parametrize("n,k", [(300, 77), (513, 33), (44, 1)])
+def test_rows_together_equal_each_row_alone(builds, rng, fmt, n, k):
+    """Both builds, 2 to 7 rows (the superblock types' AVX2 runs of ROWS_TOGETHER = 3: last runs of 1, 2 and 3
+    rows; threads splitting a superblock row at various groups), a fifth of the inputs zero, a residual, 1
+    to 3 threads: each output row's bits (signs of zero included) are that row's product alone, and the row after y
+    is never written."""
     qw = _zigzag(rng, fmt, n, k)
     for lib in builds.values():
         code = lib.spqt_zigzag_type(fmt.encode())
@@ -98,7 +99,7 @@ def test_rows_together_equal_each_row_alone(builds, rng, fmt):
             residual = torch.from_numpy(rng.standard_normal((m, n))).float()
             alone = torch.cat([_run(lib, "spqt_zigzag", qw.blocks.data_ptr(), n, k, x[i : i + 1].contiguous(),
                                     residual[i : i + 1].contiguous(), 1, fmt) for i in range(m)])
-            for threads in (1, 2):
+            for threads in (1, 2, 3):
                 y = torch.full((m + 1, n), float("nan"))  # a guard row after the output
                 lib.spqt_zigzag(code, qw.blocks.data_ptr(), n, k, x.data_ptr(), m, y.data_ptr(), residual.data_ptr(),
                                 threads)

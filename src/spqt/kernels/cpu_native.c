@@ -102,11 +102,12 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
 }
 
 /* Rows of x that a dense product of a superblock type (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K) with several rows (a
- * prefill's) multiplies together (kquant_rows, AVX2 builds): each block's quants are converted once for all of them. Three beat two by 1.18-1.31x and four by 1.00-1.14x on
- * the default model's maps and a 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16 three rows spill one
- * accumulator). KQUANT_ROWS_CALL takes 1 to 3 rows. */
-#define Q4K_ROWS 3
-_Static_assert(Q4K_ROWS == 3, "KQUANT_ROWS_CALL dispatches 1, 2 or 3 rows");
+ * prefill's) multiplies together (kquant_rows, AVX2 builds): each block's quants are converted once for all of
+ * them. Measured on Q4_K: three beat two by 1.18-1.31x and four by 1.00-1.14x on the default model's maps and a
+ * 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16, three rows spill an accumulator, and the types with
+ * 16 sub-block scales broadcast two a row). KQUANT_ROWS_CALL takes 1 to 3 rows. */
+#define ROWS_TOGETHER 3
+_Static_assert(ROWS_TOGETHER == 3, "KQUANT_ROWS_CALL dispatches 1, 2 or 3 rows");
 
 #ifdef SPQT_F16C
 /* Blocks a pass (2.3 KB of blocks and 0.5 KB of scales, in L1 for the second pass); the order of every sum
@@ -640,7 +641,8 @@ TILED_GROUPS(q2k_groups, TILED_Q2K)
  * TILED_ type): out[r] as q4k_groups / tiled_groups give it for row r, each sum over k ascending in the same
  * order, each output's multiply-adds with the same scale and quant. A zero input is multiplied in here (0 scales:
  * the sums, which start at +0, come out the same), where those skip its block; only a block whose fp16 d or dmin is
- * inf or NaN (a corrupt file) then differs, NaN here. Skipping it per row cost 15 % (a branch in the header loop).
+ * inf or NaN (a corrupt file) then differs, NaN here. Skipping it per row cost Q4_K 15 % (a branch in the header
+ * loop).
  * Per tile: every row's scales (x folded in: kquant_header, tile_header), then per group and half (32 outputs)
  * the tile's blocks' quants converted once and multiplied into every row's accumulators. */
 static inline __attribute__((always_inline)) void kquant_rows(const int fmt, const int nr, const uint8_t *row_blocks,
@@ -651,9 +653,10 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
                       : fmt == TILED_Q3K ? Q3K_BYTES : Q2K_BYTES;
     const int eight = fmt == ROWS_Q4K || fmt == TILED_Q5K;  /* 8 sub-blocks of 32 (else 16 of 16) */
     const int min_every = eight ? 32 : fmt == TILED_Q2K ? 16 : 0;
-    const __m256i low4 = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1);
-    __m256 mins0[Q4K_ROWS], mins1[Q4K_ROWS];
-    float acc[Q4K_ROWS][4][64], scales[TILE][Q4K_ROWS][16];
+    const __m256i low4 = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1),
+                  bit4 = _mm256_set1_epi32(0x10);
+    __m256 mins0[ROWS_TOGETHER], mins1[ROWS_TOGETHER];
+    float acc[ROWS_TOGETHER][4][64], scales[TILE][ROWS_TOGETHER][16];
     memset(acc, 0, sizeof acc);
     for (int r = 0; r < nr; r++)
         mins0[r] = mins1[r] = _mm256_setzero_ps();
@@ -674,7 +677,7 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
         for (int g = 0; g < groups; g++) {
             const int c = c0 + g, h = c / 2, p = c % 2;
             for (int half = 0; half < 2; half++) { /* outputs 64 c + 32 half + 0..31 */
-                __m256 a[Q4K_ROWS][4];
+                __m256 a[ROWS_TOGETHER][4];
                 for (int r = 0; r < nr; r++)
                     for (int v = 0; v < 4; v++)
                         a[r][v] = _mm256_loadu_ps(acc[r][g] + 32 * half + 8 * v);
@@ -687,9 +690,12 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
                         if (eight) { /* Q4_K / Q5_K: the nibbles of quant group c, Q5_K's fifth bit 2c + half of qh */
                             __m256i nib = BYTES8(b + (fmt == ROWS_Q4K ? 16 : 48) + 32 * c + 8 * v);
                             q = half ? _mm256_srli_epi32(nib, 4) : _mm256_and_si256(nib, low4);
-                            if (fmt == TILED_Q5K)
-                                q = _mm256_or_si256(q, _mm256_slli_epi32(_mm256_and_si256(
-                                    _mm256_srli_epi32(BYTES8(b + 16 + 8 * v), 2 * c + half), one), 4));
+                            if (fmt == TILED_Q5K) { /* bit 2c + half of qh moved to bit 4: one shift, one mask */
+                                __m256i hb = BYTES8(b + 16 + 8 * v);
+                                const int at = 2 * c + half;
+                                q = _mm256_or_si256(q, _mm256_and_si256(at <= 4 ? _mm256_slli_epi32(hb, 4 - at)
+                                                                                : _mm256_srli_epi32(hb, at - 4), bit4));
+                            }
                         } else if (fmt == TILED_Q6K) { /* nibble p of ql[64 h + 32 half + l], bits 4p + 2 half of qh */
                             __m256i lo = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + 64 * h + 32 * half + 8 * v), 4 * p),
                                                           low4);
@@ -738,7 +744,7 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
     }
 }
 
-/* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= Q4K_ROWS), dense. */
+/* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= ROWS_TOGETHER), dense. */
 #define KQUANT_ROWS_CALL(NAME, FMT, BYTES)                                                                       \
     static void NAME(const uint8_t *blocks, int64_t k, int64_t group, int groups, const float *x, int nr,      \
                      float out[][256])                                                                         \
@@ -887,7 +893,7 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
  * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
-/* The same outputs for nr <= Q4K_ROWS rows of x (x + r k), dense (KQUANT_ROWS_CALL), where a type has it. */
+/* The same outputs for nr <= ROWS_TOGETHER rows of x (x + r k), dense (KQUANT_ROWS_CALL), where a type has it. */
 typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t k, int64_t group, int count, const float *x, int nr,
                                float out[][256]);
 #ifdef SPQT_F16C
@@ -938,7 +944,7 @@ static inline void put_rows(float out[][256], int nr, int64_t row, int64_t group
 }
 
 /* A zigzag product with a sparse rule (or NULL): the work is split by groups of 64 outputs (groups past N
- * are never read) and runs of rows (one row; Q4K_ROWS in a dense product of several rows where the type has
+ * are never read) and runs of rows (one row; ROWS_TOGETHER in a dense product of several rows where the type has
  * rows_groups): each thread takes an equal run of (rows, group) units, and within a run the groups of one unit
  * are computed in one call (their blocks' scales decoded once). A last, shorter run of rows costs less than the
  * others, so a few rows split unevenly (m = 4: about 1.3x the even split's time, from one thread's costs); taking
@@ -947,7 +953,7 @@ static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks
                            const float *x, int64_t m, float *y, const float *residual, int threads,
                            const struct sparse_rule *rule)
 {
-    int together = type->rows_groups && !rule && m > 1 ? Q4K_ROWS : 1;
+    int together = type->rows_groups && !rule && m > 1 ? ROWS_TOGETHER : 1;
     int64_t groups = (n + 63) / 64, runs = (m + together - 1) / together, total = groups * runs;
     if (threads < 1)
         threads = 1;
@@ -964,7 +970,7 @@ static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks
             if (count > groups - group)
                 count = groups - group;
             int nr = m - row < together ? (int)(m - row) : together;
-            float out[Q4K_ROWS][256];
+            float out[ROWS_TOGETHER][256];
             if (together > 1)
                 type->rows_groups(blocks, k, group, (int)count, x + row * k, nr, out);
             else
