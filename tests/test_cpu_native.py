@@ -87,7 +87,7 @@ def test_zigzag_matches_float64(builds, rng, fmt, n, k):
 @pytest.mark.parametrize("fmt", TYPES)
 @pytest.mark.parametrize("n,k", [(300, 77), (513, 33), (44, 1)])
 def test_rows_together_equal_each_row_alone(builds, rng, fmt, n, k):
-    """Both builds, 2 to 7 rows (the superblock types' AVX2 runs of ROWS_TOGETHER = 3: last runs of 1, 2 and 3
+    """Both builds, 2 to 7 rows (every type's AVX2 runs of ROWS_TOGETHER = 3: last runs of 1, 2 and 3
     rows; threads splitting a superblock row at various groups), a fifth of the inputs zero, a residual, 1
     to 3 threads: each output row's bits (signs of zero included) are that row's product alone, and the row after y
     is never written."""

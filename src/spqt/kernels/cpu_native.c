@@ -14,8 +14,8 @@
  * (threads split the outputs, never a sum), so results are deterministic. Q4_K: weight (n, k) is
  * d sc q - dmin m (the format's value, exact in fp32), and y[n] = sum_k (x_k d sc) q - sum_k x_k dmin m:
  * one multiply-add a weight. A zero input adds nothing, so it is skipped (the sparse decode's
- * masked inputs cost no reads of their blocks' nibbles; a dense superblock-type product of several rows
- * multiplies it in instead, kquant_rows). The other types likewise: each weight the
+ * masked inputs cost no reads of their blocks' nibbles; a dense product of several rows multiplies it in
+ * instead, kquant_rows). The other types likewise: each weight the
  * value decode gives (d sc (q - 32) for Q6_K, d sc q - dmin m for Q5_K and Q2_K, ...), x folded into
  * the scales first. One driver (zigzag_product) serves every type through its `groups` routine.
  */
@@ -101,9 +101,8 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
     return a > rule->t;
 }
 
-/* Rows of x that a dense product of a superblock type (Q6_K, Q5_K, Q4_K, Q3_K, Q2_K) with several rows (a
- * prefill's) multiplies together (kquant_rows, AVX2 builds): each block's quants are converted once for all of
- * them. Measured on Q4_K: three beat two by 1.18-1.31x and four by 1.00-1.14x on the default model's maps and a
+/* Rows of x that a dense product with several rows (a prefill's) multiplies together (kquant_rows, q8_0_rows_x;
+ * AVX2 builds): each block's quants are converted once for all of them. Measured on Q4_K: three beat two by 1.18-1.31x and four by 1.00-1.14x on the default model's maps and a
  * 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16, three rows spill an accumulator, and the types with
  * 16 sub-block scales broadcast two a row). KQUANT_ROWS_CALL takes 1 to 3 rows. */
 #define ROWS_TOGETHER 3
@@ -746,9 +745,10 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
 
 /* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= ROWS_TOGETHER), dense. */
 #define KQUANT_ROWS_CALL(NAME, FMT, BYTES)                                                                       \
-    static void NAME(const uint8_t *blocks, int64_t k, int64_t group, int groups, const float *x, int nr,      \
-                     float out[][256])                                                                         \
+    static void NAME(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,   \
+                     int nr, float out[][256])                                                                 \
     {                                                                                                          \
+        (void)n;                                                                                               \
         const uint8_t *row_blocks = blocks + (group / 4) * k * (BYTES);                                        \
         int c0 = (int)(group % 4);                                                                             \
         if (nr == 3)                                                                                           \
@@ -763,6 +763,51 @@ KQUANT_ROWS_CALL(q5k_rows_call, TILED_Q5K, Q5K_BYTES)
 KQUANT_ROWS_CALL(q6k_rows_call, TILED_Q6K, Q6K_BYTES)
 KQUANT_ROWS_CALL(q3k_rows_call, TILED_Q3K, Q3K_BYTES)
 KQUANT_ROWS_CALL(q2k_rows_call, TILED_Q2K, Q2K_BYTES)
+
+/* Q8_0's group of 64 outputs (block rows 2 group and 2 group + 1, the second only where N has it) for nr rows of x
+ * at once (x + r k), dense: out[r] as q8_0_groups gives it for row r (each output's multiply-adds x_k d_k q in the
+ * same order over k), each block's quants converted once for the rows. A zero input is multiplied in (see
+ * kquant_rows). */
+static inline __attribute__((always_inline)) void q8_0_rows_x(const int nr, const uint8_t *blocks, int64_t n,
+                                                               int64_t k, int64_t group, const float *x,
+                                                               float out[][256])
+{
+    int block_rows = n - 64 * group > 32 ? 2 : 1;
+    for (int br = 0; br < block_rows; br++) {
+        const uint8_t *row = blocks + (2 * group + br) * k * Q8_0_BYTES;
+        __m256 a[ROWS_TOGETHER][4];
+        for (int r = 0; r < nr; r++)
+            for (int v = 0; v < 4; v++)
+                a[r][v] = _mm256_setzero_ps();
+        for (int64_t kk = 0; kk < k; kk++) {
+            const uint8_t *b = row + kk * Q8_0_BYTES;
+            float d = load_half(b);
+            __m256 w[4];
+            for (int v = 0; v < 4; v++)
+                w[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(b + 2 + 8 * v))));
+            for (int r = 0; r < nr; r++) {
+                __m256 s = _mm256_set1_ps(x[r * k + kk] * d);
+                for (int v = 0; v < 4; v++)
+                    a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            for (int v = 0; v < 4; v++)
+                _mm256_storeu_ps(out[r] + 32 * br + 8 * v, a[r][v]);
+    }
+}
+
+static void q8_0_rows_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,
+                           int nr, float out[][256])
+{
+    (void)groups; /* unit 1 */
+    if (nr == 3)
+        q8_0_rows_x(3, blocks, n, k, group, x, out);
+    else if (nr == 2)
+        q8_0_rows_x(2, blocks, n, k, group, x, out);
+    else
+        q8_0_rows_x(1, blocks, n, k, group, x, out);
+}
 
 
 #else
@@ -894,8 +939,8 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
 /* The same outputs for nr <= ROWS_TOGETHER rows of x (x + r k), dense (KQUANT_ROWS_CALL), where a type has it. */
-typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t k, int64_t group, int count, const float *x, int nr,
-                               float out[][256]);
+typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
+                               const float *x, int nr, float out[][256]);
 #ifdef SPQT_F16C
 #define ROWS_CALL(NAME) NAME
 #else
@@ -912,7 +957,7 @@ struct zigzag_type {
 };
 static const struct zigzag_type ZIGZAG_TYPES[] = {
     {"q4_k", 4, q4k_call, 256, Q4K_BYTES, q4k_values, ROWS_CALL(q4k_rows_call)},
-    {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values, 0},
+    {"q8_0", 1, q8_0_groups, 32, Q8_0_BYTES, q8_0_values, ROWS_CALL(q8_0_rows_call)},
     {"q6_k", 4, q6k_groups, 256, Q6K_BYTES, q6k_values, ROWS_CALL(q6k_rows_call)},
     {"q5_k", 4, q5k_groups, 256, Q5K_BYTES, q5k_values, ROWS_CALL(q5k_rows_call)},
     {"q3_k", 4, q3k_groups, 256, Q3K_BYTES, q3k_values, ROWS_CALL(q3k_rows_call)},
@@ -972,7 +1017,7 @@ static void zigzag_product(const struct zigzag_type *type, const uint8_t *blocks
             int nr = m - row < together ? (int)(m - row) : together;
             float out[ROWS_TOGETHER][256];
             if (together > 1)
-                type->rows_groups(blocks, k, group, (int)count, x + row * k, nr, out);
+                type->rows_groups(blocks, n, k, group, (int)count, x + row * k, nr, out);
             else
                 type->groups(blocks, n, k, group, (int)count, x + row * k, rule, out[0]);
             put_rows(out, nr, row, group, count, n, y, residual);

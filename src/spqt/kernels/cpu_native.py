@@ -34,8 +34,8 @@ SOURCE = Path(__file__).with_name("cpu_native.c")
 # greedy thresholds at 25 % (maps at 0-50 %) +7 % (docs/RESULTS.md, thirty-third session).
 SPARSE_FROM = 0.5
 # Rows of x from which a zigzag map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
-# the call, instead of the blocks multiplied row by row (which decodes every block again for each row; the superblock
-# types three rows at a time). At 128 rows the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default
+# the call, instead of the blocks multiplied row by row (which decodes every block again for each row; three rows at
+# a time). At 128 rows the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default
 # model's four, a 7B's 4096 x 4096; scripts/cpu_prefill_gemm_probe.py); against the three-row products, Q4_K
 # 1/1.1 to 1/1.3, the other superblock types 1/1.4 to 1/2.1. At 32 rows it led by 0.93-1.9x there, but the default model's 40-token prefill through it ran 95-119 ms
 # in some processes and 210-250 ms in others against 134-140 row by row (both threads busy in MKL's GEMM either way;
@@ -110,8 +110,8 @@ def _threads() -> int:
 
 class _NativeMap(ReferenceLinear):
     """The product through a C routine; the dense / sparse dispatch is the reference's (a sparse
-    map's masked input has exact zeros, which the C loops skip; a dense product of several rows of a superblock
-    type multiplies them in). The RMSNorm in front of a map
+    map's masked input has exact zeros, which the C loops skip; a dense product of several rows multiplies them
+    in). The RMSNorm in front of a map
     (Linear calls rms_norm) and the SwiGLU after it run in C too: a decode step's 61 norms and 30
     SwiGLUs take 1 call each instead of 7 and 4 torch ops (3-12 us an op on the 2-core VM)."""
 
