@@ -36,8 +36,8 @@ SPARSE_FROM = 0.5
 # Rows of x from which a zigzag map's product (a prefill's) runs as x W^T through torch's GEMM on W^T dequantized for
 # the call, instead of the blocks multiplied row by row (which decodes every block again for each row; three rows at
 # a time). At 128 rows the GEMM took 1/1.8 to 1/3.2 of the time on every type and map measured (the default
-# model's four, a 7B's 4096 x 4096; scripts/cpu_prefill_gemm_probe.py); against the three-row products, Q4_K
-# 1/1.1 to 1/1.3, the other superblock types 1/1.4 to 1/2.1. At 32 rows it led by 0.93-1.9x there, but the default model's 40-token prefill through it ran 95-119 ms
+# model's four, a 7B's 4096 x 4096; scripts/cpu_prefill_gemm_probe.py); against the three-row products, Q8_0
+# 1/1.03 to 1/1.13 (at 64 rows they win: 0.82-0.99), Q4_K 1/1.1 to 1/1.3, the other superblock types 1/1.4 to 1/2.1. At 32 rows it led by 0.93-1.9x there, but the default model's 40-token prefill through it ran 95-119 ms
 # in some processes and 210-250 ms in others against 134-140 row by row (both threads busy in MKL's GEMM either way;
 # not explained): docs/RESULTS.md, thirty-sixth session.
 GEMM_ROWS = 128
