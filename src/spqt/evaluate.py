@@ -82,7 +82,7 @@ def perplexities(gen: Generator, tokens: list[int], settings: list[Callable[[], 
     before = torch.stack([lin.counts for lin in maps])
     scored = 0
     if len(settings) == 1:
-        apply(settings[0])  # the bar names its level
+        apply(settings[0])  # once: the bar names its level, and no pass switches away from it
     desc = f"perplexity s={gen.sparsity:g}" if len(settings) == 1 else f"perplexity, {len(settings)} settings"
     model.setup_cache(batch, ctx, gen.dtype)
     bar = tqdm(total=n_chunks, desc=desc, unit="chunk", disable=not progress)
@@ -97,7 +97,8 @@ def perplexities(gen: Generator, tokens: list[int], settings: list[Callable[[], 
                 model(rows[:, :first], torch.arange(first, device=dev), kv_len=first, select=last)
             targets = rows[:used, first + 1 :]
             for i, setting in enumerate(settings):
-                apply(setting)
+                if len(settings) > 1:
+                    apply(setting)
                 sparse = gen.sparsity > 0
                 set_sparse(model, sparse, track=sparse)
                 logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]

@@ -102,11 +102,22 @@ static inline int kept_input(float xv, int64_t kk, const struct sparse_rule *rul
 }
 
 /* Rows of x that a dense product with several rows (a prefill's) multiplies together (kquant_rows, q8_0_rows_x;
- * AVX2 builds): each block's quants are converted once for all of them. Measured on Q4_K: three beat two by 1.18-1.31x and four by 1.00-1.14x on the default model's maps and a
- * 7B's (this AVX-512 VM's 32 vector registers; with AVX2's 16, three rows spill an accumulator, and the types with
- * 16 sub-block scales broadcast two a row). KQUANT_ROWS_CALL takes 1 to 3 rows. */
+ * AVX2 builds): each block's quants are converted once for all of them. Measured on Q4_K: three beat two by
+ * 1.18-1.31x and four by 1.00-1.14x on the default model's maps and a 7B's (this AVX-512 VM's 32 vector registers;
+ * with AVX2's 16, three rows spill an accumulator, and the types with 16 sub-block scales broadcast two a row). */
 #define ROWS_TOGETHER 3
-_Static_assert(ROWS_TOGETHER == 3, "KQUANT_ROWS_CALL dispatches 1, 2 or 3 rows");
+_Static_assert(ROWS_TOGETHER == 3, "CALL_ROWS dispatches 1, 2 or 3 rows");
+
+/* FN(R, ARGS...) with the row count NR (1 .. ROWS_TOGETHER) as the constant R (its loops over rows unrolled). */
+#define CALL_ROWS(NR, FN, ...)                  \
+    do {                                        \
+        if ((NR) == 3)                          \
+            FN(3, __VA_ARGS__);                 \
+        else if ((NR) == 2)                     \
+            FN(2, __VA_ARGS__);                 \
+        else                                    \
+            FN(1, __VA_ARGS__);                 \
+    } while (0)
 
 #ifdef SPQT_F16C
 /* Blocks a pass (2.3 KB of blocks and 0.5 KB of scales, in L1 for the second pass); the order of every sum
@@ -202,7 +213,6 @@ static void q4k_groups(const uint8_t *row_blocks, int64_t k, int c0, int groups,
         for (int i = 0; i < 64; i++)
             out[64 * g + i] = acc[g][i] - min_sum[2 * (c0 + g) + i / 32];
 }
-
 #else
 /* The same outputs without AVX2: scalar loops, the sums over k in the same order (a product's
  * rounding may differ from the AVX2 path's: x (d sc) here, (x d) sc there). */
@@ -636,20 +646,22 @@ TILED_GROUPS(q5k_groups, TILED_Q5K)
 TILED_GROUPS(q3k_groups, TILED_Q3K)
 TILED_GROUPS(q2k_groups, TILED_Q2K)
 
-/* The dense product of nr rows of x at once (x + r ldx, r < nr) for a superblock type (fmt: ROWS_Q4K or a
- * TILED_ type): out[r] as q4k_groups / tiled_groups give it for row r, each sum over k ascending in the same
- * order, each output's multiply-adds with the same scale and quant. A zero input is multiplied in here (0 scales:
- * the sums, which start at +0, come out the same), where those skip its block; only a block whose fp16 d or dmin is
- * inf or NaN (a corrupt file) then differs, NaN here. Skipping it per row cost Q4_K 15 % (a branch in the header
- * loop).
- * Per tile: every row's scales (x folded in: kquant_header, tile_header), then per group and half (32 outputs)
- * the tile's blocks' quants converted once and multiplied into every row's accumulators. */
-static inline __attribute__((always_inline)) void kquant_rows(const int fmt, const int nr, const uint8_t *row_blocks,
-                                                              int64_t k, int c0, int groups, const float *x,
-                                                              int64_t ldx, float out[][256])
+/* Outputs 64 group .. 64 (group + groups) - 1 (one superblock row's) of nr rows of x at once (x + r k, r < nr),
+ * dense, for a superblock type (fmt: ROWS_Q4K or a TILED_ type): out[r] as q4k_groups / tiled_groups give it for
+ * row r, each sum over k ascending in the same order, each output's multiply-adds with the same scale and quant. A
+ * zero input is multiplied in here (0 scales: the sums, which start at +0, come out the same), where those skip its
+ * block; only a block whose fp16 d or dmin is inf or NaN (a corrupt file) then differs, NaN here. Skipping it per
+ * row cost Q4_K 15 % (a branch in the header loop). Per tile: every row's scales (x folded in: kquant_header,
+ * tile_header), then per group and half (32 outputs) the tile's blocks' quants converted once and multiplied into
+ * every row's accumulators. */
+static inline __attribute__((always_inline)) void kquant_rows(const int nr, const int fmt, const uint8_t *blocks,
+                                                              int64_t k, int64_t group, int groups, const float *x,
+                                                              float out[][256])
 {
     const int bytes = fmt == ROWS_Q4K ? Q4K_BYTES : fmt == TILED_Q5K ? Q5K_BYTES : fmt == TILED_Q6K ? Q6K_BYTES
                       : fmt == TILED_Q3K ? Q3K_BYTES : Q2K_BYTES;
+    const uint8_t *row_blocks = blocks + (group / 4) * k * bytes;
+    const int c0 = (int)(group % 4);
     const int eight = fmt == ROWS_Q4K || fmt == TILED_Q5K;  /* 8 sub-blocks of 32 (else 16 of 16) */
     const int min_every = eight ? 32 : fmt == TILED_Q2K ? 16 : 0;
     const __m256i low4 = _mm256_set1_epi32(0x0f), three = _mm256_set1_epi32(3), one = _mm256_set1_epi32(1),
@@ -666,7 +678,7 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
             for (int off = 0; off < bytes; off += 64)
                 __builtin_prefetch(b + PREFETCH_AHEAD * bytes + off);
             for (int r = 0; r < nr; r++) {
-                float xv = x[r * ldx + k0 + t];
+                float xv = x[r * k + k0 + t];
                 if (fmt == ROWS_Q4K)
                     kquant_header(b, xv, scales[t][r], &mins0[r]);
                 else
@@ -696,14 +708,14 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
                                                                                 : _mm256_srli_epi32(hb, at - 4), bit4));
                             }
                         } else if (fmt == TILED_Q6K) { /* nibble p of ql[64 h + 32 half + l], bits 4p + 2 half of qh */
-                            __m256i lo = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + 64 * h + 32 * half + 8 * v), 4 * p),
-                                                          low4);
+                            __m256i ql = BYTES8(b + 64 * h + 32 * half + 8 * v);
+                            __m256i lo = _mm256_and_si256(_mm256_srli_epi32(ql, 4 * p), low4);
                             __m256i hi = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + 128 + 32 * h + 8 * v),
                                                                             4 * p + 2 * half), three);
                             q = _mm256_sub_epi32(_mm256_or_si256(lo, _mm256_slli_epi32(hi, 4)), _mm256_set1_epi32(32));
                         } else { /* Q3_K / Q2_K: bits 2 (2p + half) of qs[32 h + l]; Q3_K's third bit 4h + 2p + half */
-                            q = _mm256_and_si256(_mm256_srli_epi32(BYTES8(b + (fmt == TILED_Q3K ? 32 : 16) + 32 * h + 8 * v),
-                                                                   2 * (2 * p + half)), three);
+                            __m256i qs = BYTES8(b + (fmt == TILED_Q3K ? 32 : 16) + 32 * h + 8 * v);
+                            q = _mm256_and_si256(_mm256_srli_epi32(qs, 2 * (2 * p + half)), three);
                             if (fmt == TILED_Q3K)
                                 q = _mm256_sub_epi32(_mm256_or_si256(q, _mm256_slli_epi32(_mm256_and_si256(
                                     _mm256_srli_epi32(BYTES8(b + 8 * v), 4 * h + 2 * p + half), one), 2)),
@@ -719,7 +731,8 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
                             for (int v = 0; v < 4; v++)
                                 a[r][v] = _mm256_fmadd_ps(s, w[v], a[r][v]);
                         } else { /* sub-block 4c + 2 half + l / 16 */
-                            __m256 s0 = _mm256_broadcast_ss(&sc[4 * c + 2 * half]), s1 = _mm256_broadcast_ss(&sc[4 * c + 2 * half + 1]);
+                            __m256 s0 = _mm256_broadcast_ss(&sc[4 * c + 2 * half]),
+                                   s1 = _mm256_broadcast_ss(&sc[4 * c + 2 * half + 1]);
                             a[r][0] = _mm256_fmadd_ps(s0, w[0], a[r][0]);
                             a[r][1] = _mm256_fmadd_ps(s0, w[1], a[r][1]);
                             a[r][2] = _mm256_fmadd_ps(s1, w[2], a[r][2]);
@@ -739,30 +752,24 @@ static inline __attribute__((always_inline)) void kquant_rows(const int fmt, con
         _mm256_storeu_ps(min_sum + 8, mins1[r]);
         for (int g = 0; g < groups; g++)
             for (int i = 0; i < 64; i++)
-                out[r][64 * g + i] = min_every ? acc[r][g][i] - min_sum[(64 * (c0 + g) + i) / min_every] : acc[r][g][i];
+                out[r][64 * g + i] = min_every ? acc[r][g][i] - min_sum[(64 * (c0 + g) + i) / min_every]
+                                               : acc[r][g][i];
     }
 }
 
-/* Outputs 64 group .. 64 (group + groups) - 1 for rows of x (x + r k, r < nr <= ROWS_TOGETHER), dense. */
-#define KQUANT_ROWS_CALL(NAME, FMT, BYTES)                                                                       \
+/* A type's rows_groups (zigzag_rows_fn below): kquant_rows with its format, for nr <= ROWS_TOGETHER rows. */
+#define KQUANT_ROWS_CALL(NAME, FMT)                                                                              \
     static void NAME(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int groups, const float *x,   \
                      int nr, float out[][256])                                                                 \
     {                                                                                                          \
         (void)n;                                                                                               \
-        const uint8_t *row_blocks = blocks + (group / 4) * k * (BYTES);                                        \
-        int c0 = (int)(group % 4);                                                                             \
-        if (nr == 3)                                                                                           \
-            kquant_rows(FMT, 3, row_blocks, k, c0, groups, x, k, out);                                         \
-        else if (nr == 2)                                                                                      \
-            kquant_rows(FMT, 2, row_blocks, k, c0, groups, x, k, out);                                         \
-        else                                                                                                   \
-            kquant_rows(FMT, 1, row_blocks, k, c0, groups, x, k, out);                                         \
+        CALL_ROWS(nr, kquant_rows, FMT, blocks, k, group, groups, x, out);                                     \
     }
-KQUANT_ROWS_CALL(q4k_rows_call, ROWS_Q4K, Q4K_BYTES)
-KQUANT_ROWS_CALL(q5k_rows_call, TILED_Q5K, Q5K_BYTES)
-KQUANT_ROWS_CALL(q6k_rows_call, TILED_Q6K, Q6K_BYTES)
-KQUANT_ROWS_CALL(q3k_rows_call, TILED_Q3K, Q3K_BYTES)
-KQUANT_ROWS_CALL(q2k_rows_call, TILED_Q2K, Q2K_BYTES)
+KQUANT_ROWS_CALL(q4k_rows_call, ROWS_Q4K)
+KQUANT_ROWS_CALL(q5k_rows_call, TILED_Q5K)
+KQUANT_ROWS_CALL(q6k_rows_call, TILED_Q6K)
+KQUANT_ROWS_CALL(q3k_rows_call, TILED_Q3K)
+KQUANT_ROWS_CALL(q2k_rows_call, TILED_Q2K)
 
 /* Q8_0's group of 64 outputs (block rows 2 group and 2 group + 1, the second only where N has it) for nr rows of x
  * at once (x + r k), dense: out[r] as q8_0_groups gives it for row r (each output's multiply-adds x_k d_k q in the
@@ -801,14 +808,8 @@ static void q8_0_rows_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t 
                            int nr, float out[][256])
 {
     (void)groups; /* unit 1 */
-    if (nr == 3)
-        q8_0_rows_x(3, blocks, n, k, group, x, out);
-    else if (nr == 2)
-        q8_0_rows_x(2, blocks, n, k, group, x, out);
-    else
-        q8_0_rows_x(1, blocks, n, k, group, x, out);
+    CALL_ROWS(nr, q8_0_rows_x, blocks, n, k, group, x, out);
 }
-
 
 #else
 /* Without AVX2: scalar loops, each output's sum over k ascending. */
@@ -938,7 +939,8 @@ static void q4k_call(const uint8_t *blocks, int64_t n, int64_t k, int64_t group,
  * blocks' scales (a superblock row of 256; Q8_0: 1, its two rows of 32 have their own). */
 typedef void (*zigzag_groups_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                  const float *x, const struct sparse_rule *rule, float out[256]);
-/* The same outputs for nr <= ROWS_TOGETHER rows of x (x + r k), dense (KQUANT_ROWS_CALL), where a type has it. */
+/* The same outputs for nr <= ROWS_TOGETHER rows of x (x + r k), dense (kquant_rows, q8_0_rows_x), where a type
+ * has it. */
 typedef void (*zigzag_rows_fn)(const uint8_t *blocks, int64_t n, int64_t k, int64_t group, int count,
                                const float *x, int nr, float out[][256]);
 #ifdef SPQT_F16C
