@@ -101,7 +101,7 @@
 #   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
 #   scripts/gpu_session.sh final35   final31 with the serve probe before the prefill (prefill in the time left)
 #   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data);
-#                                    TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
+#                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1392,7 +1392,8 @@ llama2-7b:now}" 90
     mkdir -p "$OUT/types-table"
     cp .carry/types-table/*.json "$OUT/types-table/" 2>/dev/null
     timeout ${TYPES33_LIMIT:-560} python3 scripts/types_table.py --data .carry/data/wikitext-2-raw-v1-test.txt \
-      --device cuda --out "$OUT/types-table" --models /tmp/types-models 2>&1 | grep -v WARN | tail -30
+      --device cuda --out "$OUT/types-table" --models /tmp/types-models ${TYPES33_TYPES:+--types $TYPES33_TYPES} 2>&1 \
+      | grep -v WARN | tail -30
     # TYPES33_GPTQ=1: then the GPTQ rows (spqt quantize --gptq on the calibration books, which .carry/data/calibration
     # must hold), in the time left; rows named *-gptq in the same folder
     if [ -n "${TYPES33_GPTQ:-}" ]; then

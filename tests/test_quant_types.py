@@ -74,6 +74,14 @@ def test_mix_rules_follow_llamacpp():
     assert [t[f"layers.{i}.qkv"] for i in (0, 1, 2)] == ["q5_k", "q5_k", "q4_k"]
     assert [t[f"layers.{i}.down"] for i in (0, 1, 2)] == ["q5_k", "q5_k", "q4_k"]
     assert t["layers.7.o"] == "q4_k" and t["layers.7.gate_up"] == "q3_k"
+    t = group_types("q4_k_s", 30)  # attn_v in Q5_K in layers 0-3, ffn_down in the first eighth (30 // 8 = 3)
+    assert [t[f"layers.{i}.qkv"] for i in range(6)] == ["q5_k"] * 4 + ["q4_k"] * 2
+    assert [t[f"layers.{i}.down"] for i in range(5)] == ["q5_k"] * 3 + ["q4_k"] * 2
+    assert {t[f"layers.{i}.{g}"] for i in range(30) for g in ("o", "gate_up")} == {"q4_k"}
+    t = group_types("Q3_K_L", 30)
+    assert {t[f"layers.{i}.{g}"] for i in range(30) for g in ("qkv", "o", "down")} == {"q5_k"}
+    assert {t[f"layers.{i}.gate_up"] for i in range(30)} == {"q3_k"}
+    assert group_types("q5_k_s", 4) == group_types("q5_k", 4) and group_types("q3_k_s", 4) == group_types("q3_k", 4)
     assert set(group_types("q6_k", 3).values()) == {"q6_k"}
 
 

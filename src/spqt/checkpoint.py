@@ -177,7 +177,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     """Quantize every linear map of a source model and its output head; embeddings fp16, norms fp32.
 
     fmt: one type for every linear map (q8_0, q6_k, q5_k, q4_k, q3_k, q2_k) or a mix (mixes.py:
-    q4_k_m, q5_k_m, q3_k_m), whose per-matrix types the .spqt metadata records.
+    q4_k_m, q5_k_m, q3_k_m, q4_k_s, ...), whose per-matrix types the .spqt metadata records.
     search: the encoder search (spqt.formats.SEARCHES): "reference" gives llama.cpp's bytes; "mse"
     searches the Q4_K and Q5_K matrices for a lower squared error (a mix's other types keep the
     reference encoder; a single type without that search is an error). The provenance records it.

@@ -770,7 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="the .spqt file to write")
     p.add_argument("--layout", choices=["zigzag", "row"], default="zigzag")
     p.add_argument("--type", default="q4_k",
-                   help="q8_0, q6_k, q5_k, q4_k (default), q3_k, q2_k, or a llama.cpp-style mix: q4_k_m, q5_k_m, q3_k_m")
+                   help="q8_0, q6_k, q5_k, q4_k (default), q3_k, q2_k, or a llama.cpp-style mix: q4_k_m, q5_k_m, q3_k_m, "
+                        "q4_k_s, q5_k_s, q3_k_s, q3_k_l")
     p.add_argument("--search", default="reference",
                    help="the encoder's search: reference (default; llama.cpp's quantize_row_*_ref, same bytes) "
                         "or mse (Q4_K and Q5_K matrices: a search for the lowest plain squared error per block, "

@@ -6,8 +6,17 @@ Llama: every matrix gets the mix's base type except
 * Q4_K_M (base Q4_K) and Q5_K_M (base Q5_K): attn_v and ffn_down get Q6_K in the "more bits"
   layers: the first eighth, the last eighth, and every third layer in between (layer i with
   i < n/8, or i >= 7n/8, or (i - n/8) mod 3 == 2; 14 of SmolLM2's 30 layers).
+* Q4_K_S (base Q4_K): attn_v gets Q5_K in layers 0-3, ffn_down Q5_K in the first eighth.
 * Q3_K_M (base Q3_K): attn_v gets Q5_K in layers 0 and 1 and Q4_K elsewhere; ffn_down Q5_K in
   the first sixteenth of the layers and Q4_K elsewhere; attn_output Q4_K.
+* Q3_K_L (base Q3_K): attn_v, ffn_down and attn_output get Q5_K in every layer.
+* Q5_K_S and Q3_K_S: the base type everywhere (llama.cpp widens nothing in a dense model's layers;
+  the head follows head_type as for every mix).
+
+Not here: llama.cpp's Q2_K recipe (attn_v, ffn_down and attn_output in Q3_K, or attn_v in Q4_K
+where 4 or more query heads share a key head), since our q2_k is the plain type, as our q4_k is,
+and llama.cpp gives that recipe no name of its own; and Q2_K_S, which llama.cpp refuses without an
+importance matrix.
 
 Where we differ from llama.cpp, and why:
 
@@ -18,6 +27,9 @@ Where we differ from llama.cpp, and why:
   model). A head tied to the embedding stays fp16 by default: the embedding's lookups read fp16 rows, so
   a quantized head is a copy beside it (more memory; llama.cpp quantizes the shared matrix itself); a
   type named for it (--head q6_k) stores that copy, which the runtime's head then reads.
+* llama.cpp widens a 70B's attn_v (Q3_K or Q4_K to Q5_K), which is 8x smaller than its attn_q there;
+  our fused q|k|v would carry Q5_K into q and k as well (about 2 % more bytes for the whole model to
+  read each token), so a mix's q|k|v follows the rules above at every size.
 * llama.cpp falls back to a legacy type (Q5_0, Q8_0, ...) for matrices whose rows are not a
   multiple of 256 (SmolLM2's 576); we pad with zeros instead (layouts.py), so every matrix keeps
   its K-quant.
@@ -26,7 +38,7 @@ Where we differ from llama.cpp, and why:
 from spqt.errors import SpqtError
 from spqt.formats import FORMATS
 
-MIXES = ("q4_k_m", "q5_k_m", "q3_k_m")
+MIXES = ("q4_k_m", "q5_k_m", "q3_k_m", "q4_k_s", "q5_k_s", "q3_k_s", "q3_k_l")
 
 # Canonical fused groups (checkpoint.LINEAR_GROUPS) and the llama.cpp tensors inside them.
 _MEMBERS = {"qkv": ("attn_q", "attn_k", "attn_v"), "o": ("attn_output",), "gate_up": ("ffn_gate", "ffn_up"),
@@ -44,6 +56,14 @@ def _member_type(mix: str, tensor: str, layer: int, n_layers: int) -> str:
         if tensor in ("attn_v", "ffn_down") and _more_bits(layer, n_layers):
             return "q6_k"
         return base
+    if mix == "q4_k_s":
+        if (tensor == "attn_v" and layer < 4) or (tensor == "ffn_down" and layer < n_layers // 8):
+            return "q5_k"
+        return "q4_k"
+    if mix in ("q5_k_s", "q3_k_s"):
+        return mix[:4]
+    if mix == "q3_k_l":
+        return "q5_k" if tensor in ("attn_v", "ffn_down", "attn_output") else "q3_k"
     # q3_k_m
     if tensor == "attn_v":
         return "q5_k" if layer < 2 else "q4_k"
