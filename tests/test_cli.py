@@ -148,6 +148,7 @@ def test_generate_errors(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "1.5", "--device", "cpu"], "sparsity must be in")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--sparsity", "0.5", "--device", "cpu"], "no teal unified thresholds")
     _error(capsys, ["generate", str(tmp_path / "nope.spqt"), "-p", "hi"], "no such file")
+    _error(capsys, ["generate", str(tiny_spqt), "-p", "", "--device", "cpu"], "the prompt is empty")  # no model line
 
 
 def _usage_error(capsys, argv, fragment):

@@ -251,6 +251,8 @@ def cmd_generate(args) -> int:
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
+    if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
+        raise SpqtError("the prompt is empty")
     if len(prompt) + args.n > loaded.config.max_seq_len:
         raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
                         f"{loaded.config.max_seq_len} tokens")
