@@ -130,7 +130,7 @@ def cmd_inspect(args) -> int:
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
           f"rope theta {c.rope_theta:g}{' (llama3 scaling)' if c.rope_scaling or c.rope_freq_factors else ''}, "
           f"tied head {c.tie_embeddings}{switches}")
-    quant_bytes = quant_weights = other_bytes = 0
+    quant_bytes = quant_weights = other_bytes = float_bytes = float_weights = 0
     rows = []
     for name, w in model.weights.items():
         if isinstance(w, QuantizedWeight):
@@ -140,7 +140,11 @@ def cmd_inspect(args) -> int:
             if name.startswith("layers.0.") or not name.startswith("layers."):  # layer 0's maps and the head
                 rows.append((name, f"{w.fmt} {w.layout}", f"{n}x{k}", f"{8 * w.nbytes / (n * k):.2f}"))
         else:
-            other_bytes += w.numel() * w.element_size()
+            if name.startswith("layers.") and w.dim() == 2:  # a linear map kept in float (a GGUF's or HF model's)
+                float_bytes += w.numel() * w.element_size()
+                float_weights += w.numel()
+            else:
+                other_bytes += w.numel() * w.element_size()
             if not name.startswith("layers.") or name.startswith("layers.0."):
                 rows.append((name, str(w.dtype).replace("torch.", ""), "x".join(map(str, w.shape)), ""))
     per_group = _types_per_group(model.weights)
@@ -155,6 +159,9 @@ def cmd_inspect(args) -> int:
     if quant_weights:
         print(f"quantized    {quant_bytes / 1e6:.2f} MB for {quant_weights / 1e6:.2f} M weights: "
               f"{8 * quant_bytes / quant_weights:.3f} bits per weight (zero padding included)")
+    if float_weights:
+        print(f"float maps   {float_bytes / 1e6:.2f} MB for {float_weights / 1e6:.2f} M weights, as loaded "
+              f"(spqt quantize stores them in blocks)")
     float_head = "output" in model.weights and not hasattr(model.weights["output"], "fmt")
     print(f"other        {other_bytes / 1e6:.2f} MB (embedding, {'head, ' if float_head else ''}norms)")
     if model.thresholds:
@@ -172,7 +179,7 @@ def cmd_inspect(args) -> int:
             print(f"recommended  {rec['criterion']} {rec['mode']} sparsity {rec['sparsity']:g} (held-out perplexity "
                   f"within +{100 * rec['max_loss']:g} % of dense)")
     else:
-        print("thresholds   none (run spqt calibrate)")
+        print(f"thresholds   none (run {'spqt quantize, then ' if model.kind == 'float' else ''}spqt calibrate)")
     if model.column_norms:
         print(f"column norms {len(model.column_norms)} linear maps (WINA criterion)")
     if model.provenance:
