@@ -72,6 +72,19 @@ def test_bad_layout_and_format(rng):
         spqt.quantize(w, "q3_x", layout="row")
 
 
+def test_dequantize_names_the_blocks_it_expects(rng):
+    """Blocks of another shape or format are refused with the block array's expected shape (they were met
+    as decoded values, '768x256', or as a reshape error)."""
+    blocks = spqt.quantize(rng.standard_normal((576, 192)).astype(np.float32), "q4_k", layout="zigzag")
+    with pytest.raises(spqt.errors.SpqtError, match=r"q4_k zigzag blocks of a 999x192 matrix are uint8 "
+                                                     r"\(4, 192, 144\), got uint8 \(3, 192, 144\)"):
+        spqt.dequantize(blocks, "q4_k", layout="zigzag", shape=(999, 192))
+    with pytest.raises(spqt.errors.SpqtError, match=r"q6_k zigzag blocks .* are uint8 \(3, 192, 210\)"):
+        spqt.dequantize(blocks, "q6_k", layout="zigzag", shape=(576, 192))
+    with pytest.raises(spqt.errors.SpqtError, match="got float32"):
+        spqt.dequantize(blocks.astype(np.float32), "q4_k", layout="zigzag", shape=(576, 192))
+
+
 @pytest.mark.gpu
 def test_gpu_quantization_gives_cpu_bytes(rng):
     w = torch.from_numpy(rng.standard_normal((1024, 1100)).astype(np.float32))

@@ -5,6 +5,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from spqt.errors import SpqtError
 from spqt.formats import codec, get_format
 from spqt.layouts import blocks_to_matrix, check_layout, grid_shape, matrix_to_blocks
 
@@ -78,6 +79,11 @@ def dequantize(blocks, fmt: str = "q4_k", layout: str = "row", shape: tuple[int,
     if shape is None:
         raise ValueError("dequantize needs the matrix shape=(N, K)")
     tensor, was_numpy = _as_tensor(blocks)
+    grid = grid_shape(layout, tuple(shape), spec.block_size)
+    if tensor.dtype != torch.uint8 or tensor.numel() != grid[0] * grid[1] * spec.block_bytes \
+            or tensor.shape[-1] != spec.block_bytes:  # another matrix's blocks, or another format's
+        raise SpqtError(f"{spec.name} {layout} blocks of a {shape[0]}x{shape[1]} matrix are uint8 "
+                        f"{(*grid, spec.block_bytes)}, got {str(tensor.dtype).replace('torch.', '')} {tuple(tensor.shape)}")
     _, decode = codec(spec.name)
     flat = tensor.reshape(-1, spec.block_bytes)
     values = decode(flat)
