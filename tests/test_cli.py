@@ -443,3 +443,28 @@ def test_quantize_with_gptq_and_its_errors(tiny_hf, capsys, tmp_path):
     assert main(["inspect", str(out)]) == 0
     provenance = json.loads(capsys.readouterr().out.split("provenance   ", 1)[1])
     assert provenance["gptq"]["tokens"] == 1024 and provenance["gptq"]["maps"] == 8
+
+
+
+def test_readme_command_line_lists_every_option():
+    """Each subcommand's options appear in its lines of the README's command-line synopsis (a user reads them
+    first; generate's --thresholds, calibrate's -o and --tokens, perplexity's --mode and --batch, serve's --name
+    were missing)."""
+    import argparse
+    import re
+    from pathlib import Path
+
+    from spqt.cli import build_parser
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    synopsis = readme.split("## Command line", 1)[1].split("`SRC`", 1)[0]
+    entries = re.split(r"\n    (?=spqt )", synopsis)  # an entry: a command's first line and its continuation lines
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, parser in sub.choices.items():
+        text = "\n".join(e for e in entries if e.startswith(f"spqt {name} "))
+        for action in parser._actions:
+            shown = [o for o in action.option_strings if re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text)]
+            if action.option_strings and "--help" not in action.option_strings and not shown:
+                missing.append(f"spqt {name} {action.option_strings[-1]}")
+    assert not missing, missing

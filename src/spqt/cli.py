@@ -863,7 +863,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
-    p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights)")
+    p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights); default: SmolLM2-135M-Instruct")
     p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test)")
     p.add_argument("--ctx", type=_at_least(4), default=512, help="tokens a chunk (default 512; at most the model's context)")
     p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
