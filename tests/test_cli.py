@@ -312,8 +312,14 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     evaluation = tmp_path / "eval.txt"
     evaluation.write_text("once upon a time there was a king. hello world, sparse decoding. " * 200)
     report = tmp_path / "ppl.json"
+    capsys.readouterr()
     assert main(["perplexity", str(model), "--data", str(evaluation), "--ctx", "128", "--sparsity", "0,0.5",
-                 "--device", "cpu", "--json", str(report)]) == 0
+                 "--device", "cpu", "--json", str(report), "--chunks", "1000"]) == 0
+    dense = json.loads(report.read_text())["results"][0]  # the text's whole chunks, fewer than asked
+    chunks, scored = dense["chunks"], dense["scored_tokens"]
+    assert 1 < chunks < 1000 and scored > chunks * 32
+    assert f"{chunks} chunks of 128 tokens, {scored} tokens scored (--chunks 1000: the text has only {chunks})" \
+        in capsys.readouterr().out
     rows = json.loads(report.read_text())["results"]
     assert [r["sparsity"] for r in rows] == [0.0, 0.5]
     assert rows[1]["achieved"]["all"] > 0.3 and rows[0]["ppl"] > 1

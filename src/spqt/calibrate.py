@@ -387,15 +387,10 @@ def _held_out_check(gen: Generator, thresholds: dict, held_out: list[int], level
     # dense and every (mode, level) in one pass: each window's dense first half prefilled once
     cases = [(mode, s) for mode in modes for s in levels]
     settings = [lambda: gen.set_sparsity(0.0, criterion=criterion)] + [setting(mode, s) for mode, s in cases]
-    results = perplexities(gen, held_out, settings, ctx=ctx, bos_id=bos)
+    results = perplexities(gen, held_out, settings, ctx=ctx, bos_id=bos, progress=progress)
     dense = results[0].ppl
-    rows = []
-    for (mode, s), r in zip(cases, results[1:]):
-        rows.append({"criterion": criterion, "mode": mode, "sparsity": float(s), "ppl": r.ppl,
-                     "achieved": r.achieved.get("all", 0.0)})
-        if progress:
-            print(f"held-out {criterion} {mode} {s:g}: ppl {r.ppl:.3f} (dense {dense:.3f}, "
-                  f"{100 * (r.ppl / dense - 1):+.1f} %), achieved {100 * rows[-1]['achieved']:.1f} %", flush=True)
+    rows = [{"criterion": criterion, "mode": mode, "sparsity": float(s), "ppl": r.ppl,
+             "achieved": r.achieved.get("all", 0.0)} for (mode, s), r in zip(cases, results[1:])]
     gen.set_sparsity(0.0, criterion=criterion)
     digest = hashlib.sha256(torch.tensor(held_out, dtype=torch.int64).numpy().tobytes()).hexdigest()[:16]
     return {**sp.recommend(rows, dense), "max_loss": sp.MAX_LOSS, "dense_ppl": dense, "held_out_tokens": len(held_out),
