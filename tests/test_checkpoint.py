@@ -95,11 +95,12 @@ def test_corrupt_gguf(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["bad.gguf"]
 
 
-def _write_gguf(path: Path, arch: str, truncate: int = 0) -> Path:
+def _write_gguf(path: Path, arch: str, truncate: int = 0, layers: bool = True) -> Path:
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(1)
+    if layers:
+        w.add_block_count(1)
     w.add_embedding_length(32)
     w.add_feed_forward_length(64)
     w.add_head_count(4)
@@ -118,6 +119,12 @@ def _write_gguf(path: Path, arch: str, truncate: int = 0) -> Path:
 def test_unsupported_architecture_gguf(tmp_path, capsys):
     src = _write_gguf(tmp_path / "gpt2.gguf", "gpt2")
     _expect_error(capsys, ["quantize", str(src), "-o", str(tmp_path / "o.spqt")], "unsupported architecture 'gpt2'")
+
+
+def test_gguf_without_a_size_key(tmp_path, capsys):
+    src = _write_gguf(tmp_path / "nolayers.gguf", "llama", layers=False)
+    _expect_error(capsys, ["quantize", str(src), "-o", str(tmp_path / "o.spqt")],
+                  "GGUF lacks the metadata key llama.block_count")
 
 
 def test_truncated_gguf(tmp_path, capsys):

@@ -202,14 +202,20 @@ def _open_gguf(path: Path) -> SourceModel:
                         f"are not supported")
     if "token_embd.weight" not in tensors:
         raise SpqtError(f"{path}: GGUF has no token_embd.weight")
-    try:
-        n_layers = int(field_value(f"{arch}.block_count"))
-        n_heads = int(field_value(f"{arch}.attention.head_count"))
-        n_kv = int(field_value(f"{arch}.attention.head_count_kv", n_heads))
-        dim = int(field_value(f"{arch}.embedding_length"))
-        head_dim = int(field_value(f"{arch}.attention.key_length", dim // max(n_heads, 1)))
-    except (TypeError, ValueError) as e:  # a key absent (None) or of the wrong kind
-        raise SpqtError(f"{path}: GGUF lacks or garbles the {arch} size keys ({e})") from None
+    def size(key, default=None) -> int:
+        value = field_value(f"{arch}.{key}", default)
+        if value is None:
+            raise SpqtError(f"{path}: GGUF lacks the metadata key {arch}.{key}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise SpqtError(f"{path}: GGUF metadata key {arch}.{key} is not an integer ({value!r})") from None
+
+    n_layers = size("block_count")
+    n_heads = size("attention.head_count")
+    n_kv = size("attention.head_count_kv", n_heads)
+    dim = size("embedding_length")
+    head_dim = size("attention.key_length", dim // max(n_heads, 1))
     vocab = int(tensors["token_embd.weight"].shape[-1])
     scaling_type = field_value(f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
@@ -246,7 +252,7 @@ def _open_gguf(path: Path) -> SourceModel:
             n_layers=n_layers,
             n_heads=n_heads,
             n_kv_heads=n_kv,
-            ffn_dim=int(field_value(f"{arch}.feed_forward_length")),
+            ffn_dim=size("feed_forward_length"),
             head_dim=head_dim,
             norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
