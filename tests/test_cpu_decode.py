@@ -253,3 +253,32 @@ def test_prefill_buckets():
     stub = SimpleNamespace(max_len=4096)
     assert sorted({g.Generator._prefill_bucket(stub, n) for n in range(1, 2049)}) == \
         [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
+
+
+@pytest.mark.parametrize("layout, gemv", [("zigzag", "fp16"), ("row", "auto")])
+def test_fp16_gemv_maps_run_dense_at_a_level(tiny_hf, tmp_path, capsys, layout, gemv):
+    """The fp16 GEMV's sparse product reads every weight (HalfGemvLinear.sparse_pays: never): with the dense
+    fallback, a level runs these maps dense (the dense tokens, one note naming why); --no-dense-fallback runs them
+    sparse, as asked. A row-layout map takes the fp16 GEMV on every CPU backend but the reference."""
+    import json
+
+    from conftest import save_quantized
+    from spqt.checkpoint import load_spqt, save_spqt
+    from spqt.cli import main
+
+    model = load_spqt(save_quantized(tiny_hf, tmp_path / "m.spqt", layout=layout))
+    model.thresholds = {"unified": {"0.5": [[0.3] * 4] * model.config.n_layers}}
+    save_spqt(model, tmp_path / "m.spqt")
+    assert not HalfGemvLinear(model.weights["layers.0.o"], torch.float32, "cpu").sparse_pays(0.5)
+    runs = {}
+    for level, extra in (("0", []), ("0.5", []), ("0.5", ["--no-dense-fallback"])):
+        record = tmp_path / "gen.json"
+        capsys.readouterr()
+        assert main(["generate", str(tmp_path / "m.spqt"), "-p", "hello world", "-n", "8", "--device", "cpu",
+                     "--gemv", gemv, "--sparsity", level, "--json", str(record), *extra]) == 0
+        err, runs[level, bool(extra)] = capsys.readouterr().err, json.loads(record.read_text())
+        dense = level == "0.5" and not extra
+        assert ("every linear map runs dense: the fp16 GEMV (a row-layout map, or --gemv fp16) reads every weight"
+                in err) == dense, err
+    assert runs["0.5", False]["text"] == runs["0", False]["text"] and runs["0.5", False]["achieved_sparsity"] is None
+    assert 0 < runs["0.5", True]["achieved_sparsity"]["all"] < 1

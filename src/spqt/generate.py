@@ -78,7 +78,7 @@ def build_model(loaded: LoadedModel, device: str = "cpu", dtype: torch.dtype = t
             if hasattr(head, "fmt"):  # quantized (mixes.head_type): the backend's kernels, as a layer's map
                 return Linear(head, dtype, device, backend)
             # a float head: the reference map, or the CPU's fp16 GEMV in that mode
-            head_backend = backend if backend in ("cpu-fp16", "cpu-native") else "reference"
+            head_backend = backend if backend in CPU_FAST_BACKENDS else "reference"
             return Linear(head.to(torch.float32), dtype, device, backend=head_backend)
         return Linear(weights[name], dtype, device, backend, bias=weights.get(f"{name}.bias"))
 
@@ -139,6 +139,7 @@ def set_dense_fallback(model: Transformer, active: bool) -> None:
     model.switches = {**getattr(model, "switches", {}), "dense_fallback": active}
 
 
+CPU_FAST_BACKENDS = ("cpu-native", "cpu-fp16")  # the CPU's maps with a speed (the reference is the semantics)
 DENSE_STEP_FORCED = "SPQT_SPARSE_KEPT=dense asks it"  # Generator.dense_step_reason where the variable forces it
 KEPT_ROUTE_NAMES = {"norm": "the norm-fed maps", "all": "every sparse map"}  # the MODE_KEPT routes other than off
 
@@ -351,7 +352,7 @@ class Generator:
         thresholded = sum(lin.threshold is not None for _, _, lin in sparse_linears(self.model))
         if self.sparsity <= 0 or self.chain_runs() or not 0 < thresholded <= len(self.dense_fallbacks()):
             return None
-        if self.backend == "cpu-native":
+        if self.backend in CPU_FAST_BACKENDS:
             return self.dense_fallback_note() + "; --no-dense-fallback runs them sparse"
         from spqt.kernels.gpu_linear import kept_setting
 
@@ -385,12 +386,22 @@ class Generator:
 
     def dense_fallback_note(self) -> str:
         """Why dense_fallbacks() run dense, for a log line: the tuned crossover on a GPU, SPARSE_FROM on the CPU's
-        native maps."""
-        if self.backend == "cpu-native":
+        native maps, never on the CPU's fp16 GEMV (HalfGemvLinear.sparse_pays)."""
+        if self.backend in CPU_FAST_BACKENDS:
+            from spqt.kernels.cpu_fp16 import HalfGemvLinear
             from spqt.kernels.cpu_native import SPARSE_FROM
 
-            return (f"at this level their sparse kernel is not faster on the CPU (its skipped blocks still stream; "
-                    f"a map runs sparse from {100 * SPARSE_FROM:g} %)")
+            dense = set(self.dense_fallbacks())
+            gemv = [isinstance(lin.impl, HalfGemvLinear) for layer, kind, lin in sparse_linears(self.model)
+                    if f"layers.{layer}.{kind}" in dense]
+            why = []
+            if not all(gemv):
+                why.append(f"at this level their sparse kernel is not faster on the CPU (its skipped blocks still "
+                           f"stream; a map runs sparse from {100 * SPARSE_FROM:g} %)")
+            if any(gemv):
+                why.append("the fp16 GEMV (a row-layout map, or --gemv fp16) reads every weight sparse or dense, so "
+                           "sparsity saves it nothing")
+            return "; ".join(why)
         return "at this level their sparse kernel is not faster on this GPU (spqt tune's crossover)"
 
     def dense_fallbacks(self) -> list[str]:
