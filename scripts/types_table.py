@@ -96,7 +96,8 @@ def main() -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunks", type=int, default=0, help="the first N chunks only (default: the whole test)")
     ap.add_argument("--sparsity", default="0,0.25,0.5")
-    ap.add_argument("--types", default=",".join(TYPES + MIXES))
+    # (q5_k_s and q3_k_s are their base type in every layer map: the same weights as q5_k and q3_k)
+    ap.add_argument("--types", default=",".join(TYPES + tuple(m for m in MIXES if m not in ("q5_k_s", "q3_k_s"))))
     ap.add_argument("--layouts", default="zigzag,row")
     ap.add_argument("--thresholds", type=Path, default=THRESHOLDS)
     ap.add_argument("--gptq", type=Path, nargs="+", default=None,

@@ -255,30 +255,41 @@ def test_prefill_buckets():
         [16, 32, 64, 128, 256, 512, 768, 1024, 1280, 1536, 1792, 2048]
 
 
-@pytest.mark.parametrize("layout, gemv", [("zigzag", "fp16"), ("row", "auto")])
+@pytest.mark.parametrize("layout, gemv", [("zigzag", "fp16"), ("row", "auto"), ("float", "auto")])
 def test_fp16_gemv_maps_run_dense_at_a_level(tiny_hf, tmp_path, capsys, layout, gemv):
-    """The fp16 GEMV's sparse product reads every weight (HalfGemvLinear.sparse_pays: never): with the dense
-    fallback, a level runs these maps dense (the dense tokens, one note naming why); --no-dense-fallback runs them
-    sparse, as asked. A row-layout map takes the fp16 GEMV on every CPU backend but the reference."""
+    """The fp16 GEMV's sparse product reads every weight (HalfGemvLinear / NativeHalfLinear.sparse_pays: never):
+    with the dense fallback, a level runs these maps dense (the dense tokens, one note naming why);
+    --no-dense-fallback runs them sparse, as asked. A row-layout map takes the fp16 GEMV on every CPU backend but
+    the reference, and a float model (an HF folder or GGUF run in its own weights) the native fp16 maps."""
     import json
 
     from conftest import save_quantized
-    from spqt.checkpoint import load_spqt, save_spqt
+    from spqt.checkpoint import load_model, load_spqt, save_spqt
     from spqt.cli import main
+    from spqt.kernels import cpu_native
 
-    model = load_spqt(save_quantized(tiny_hf, tmp_path / "m.spqt", layout=layout))
-    model.thresholds = {"unified": {"0.5": [[0.3] * 4] * model.config.n_layers}}
-    save_spqt(model, tmp_path / "m.spqt")
-    assert not HalfGemvLinear(model.weights["layers.0.o"], torch.float32, "cpu").sparse_pays(0.5)
+    table = {"unified": {"0.5": [[0.3] * 4] * 2}}
+    if layout == "float":
+        model, path = load_model(tiny_hf), tiny_hf
+        (tmp_path / "t.json").write_text(json.dumps({"thresholds": table}))
+        extra_args = ["--thresholds", str(tmp_path / "t.json")]
+        if cpu_native.available() is None:
+            assert not cpu_native.NativeHalfLinear(model.weights["layers.0.o"], torch.float32, "cpu").sparse_pays(0.5)
+    else:
+        model = load_spqt(save_quantized(tiny_hf, tmp_path / "m.spqt", layout=layout))
+        assert model.config.n_layers == 2
+        model.thresholds, path, extra_args = table, tmp_path / "m.spqt", []
+        save_spqt(model, path)
+        assert not HalfGemvLinear(model.weights["layers.0.o"], torch.float32, "cpu").sparse_pays(0.5)
     runs = {}
     for level, extra in (("0", []), ("0.5", []), ("0.5", ["--no-dense-fallback"])):
         record = tmp_path / "gen.json"
         capsys.readouterr()
-        assert main(["generate", str(tmp_path / "m.spqt"), "-p", "hello world", "-n", "8", "--device", "cpu",
-                     "--gemv", gemv, "--sparsity", level, "--json", str(record), *extra]) == 0
+        assert main(["generate", str(path), "-p", "hello world", "-n", "8", "--device", "cpu", "--gemv", gemv,
+                     "--sparsity", level, "--json", str(record), *extra_args, *extra]) == 0
         err, runs[level, bool(extra)] = capsys.readouterr().err, json.loads(record.read_text())
         dense = level == "0.5" and not extra
-        assert ("every linear map runs dense: the fp16 GEMV (a row-layout map, or --gemv fp16) reads every weight"
+        assert ("every linear map runs dense: the fp16 GEMV (a float or row-layout map, or --gemv fp16) reads every"
                 in err) == dense, err
     assert runs["0.5", False]["text"] == runs["0", False]["text"] and runs["0.5", False]["achieved_sparsity"] is None
     assert 0 < runs["0.5", True]["achieved_sparsity"]["all"] < 1

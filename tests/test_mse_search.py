@@ -103,6 +103,7 @@ def test_cli_quantize_mse_and_a_mix(tiny_hf, tmp_path, capsys):
 @pytest.mark.parametrize("argv, fragment", [
     (["--search", "fast"], "unknown encoder search 'fast'"),
     (["--type", "q6_k", "--search", "mse"], "exists for q5_k, q4_k only, not q6_k"),
+    (["--type", "Q3_K_S", "--search", "mse"], "exists for q5_k, q4_k only, not q3_k_s"),  # a mix of neither
 ])
 def test_cli_bad_search_is_one_line(tiny_hf, tmp_path, capsys, argv, fragment):
     out = tmp_path / "o.spqt"

@@ -14,7 +14,7 @@ from spqt.formats import FORMATS
 from spqt.linear import Linear
 from spqt.errors import SpqtError
 from spqt.generate import build_model
-from spqt.mixes import group_types, head_type
+from spqt.mixes import formats_of, group_types, head_type
 from conftest import sqnr_db
 
 TYPES = list(FORMATS)
@@ -83,6 +83,7 @@ def test_mix_rules_follow_llamacpp():
     assert {t[f"layers.{i}.gate_up"] for i in range(30)} == {"q3_k"}
     assert group_types("q5_k_s", 4) == group_types("q5_k", 4) and group_types("q3_k_s", 4) == group_types("q3_k", 4)
     assert set(group_types("q6_k", 3).values()) == {"q6_k"}
+    assert formats_of("q3_k_m") == ("q5_k", "q4_k", "q3_k") and formats_of("Q3_K_S") == formats_of("q3_k") == ("q3_k",)
 
 
 def test_cli_mix_quantize_inspect_and_cpu_run(tiny_hf, tmp_path, capsys):

@@ -194,7 +194,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     check_layout(layout)
     cfg = source.config
     types = group_types(fmt, cfg.n_layers)
-    check_search(search, fmt if fmt in FORMATS else None)
+    check_search(search, fmt)
     head_fmt = head_type(fmt, head, cfg.tie_embeddings)
     embedding_names = ("tok_embeddings",) + (() if cfg.tie_embeddings or head_fmt else ("output",))
     # the embeddings come first in the file; their values arrive from a worker below

@@ -85,14 +85,14 @@ def cmd_quantize(args) -> int:
     from spqt.generate import resolve_device
     from spqt.sources import open_source
 
-    from spqt.formats import FORMATS, check_search
+    from spqt.formats import check_search
     from spqt.layouts import check_layout
     from spqt.mixes import check_quant_type, head_type
 
     fmt = check_quant_type(args.type)  # before the (slow) load, so a bad type fails at once
     head_type(fmt, args.head)
     check_layout(args.layout)
-    check_search(args.search, fmt if fmt in FORMATS else None)
+    check_search(args.search, fmt)
     if args.gptq_tokens is not None and not args.gptq:
         raise SpqtError("--gptq-tokens counts the tokens of --gptq TEXT...: pass the calibration text too")
     texts = [_read_text(f) for f in args.gptq or []]  # before the load: a bad path fails at once
@@ -827,7 +827,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "
-                        "tuned crossover, below 50 %% on the CPU)")
+                        "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")

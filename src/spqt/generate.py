@@ -388,19 +388,18 @@ class Generator:
         """Why dense_fallbacks() run dense, for a log line: the tuned crossover on a GPU, SPARSE_FROM on the CPU's
         native maps, never on the CPU's fp16 GEMV (HalfGemvLinear.sparse_pays)."""
         if self.backend in CPU_FAST_BACKENDS:
-            from spqt.kernels.cpu_fp16 import HalfGemvLinear
             from spqt.kernels.cpu_native import SPARSE_FROM
 
-            dense = set(self.dense_fallbacks())
-            gemv = [isinstance(lin.impl, HalfGemvLinear) for layer, kind, lin in sparse_linears(self.model)
+            dense = set(self.dense_fallbacks())  # the fp16 GEMVs: sparse at no level (HalfGemvLinear.sparse_pays)
+            gemv = [not lin.impl.sparse_pays(None) for layer, kind, lin in sparse_linears(self.model)
                     if f"layers.{layer}.{kind}" in dense]
             why = []
             if not all(gemv):
                 why.append(f"at this level their sparse kernel is not faster on the CPU (its skipped blocks still "
                            f"stream; a map runs sparse from {100 * SPARSE_FROM:g} %)")
             if any(gemv):
-                why.append("the fp16 GEMV (a row-layout map, or --gemv fp16) reads every weight sparse or dense, so "
-                           "sparsity saves it nothing")
+                why.append("the fp16 GEMV (a float or row-layout map, or --gemv fp16) reads every weight sparse or "
+                           "dense, so sparsity saves it nothing")
             return "; ".join(why)
         return "at this level their sparse kernel is not faster on this GPU (spqt tune's crossover)"
 

@@ -101,6 +101,14 @@ def head_type(quant: str, head: str = "auto", tied: bool = False) -> str | None:
     return key
 
 
+def formats_of(name: str) -> tuple[str, ...]:
+    """The formats a type or mix stores its layer maps in (a mix's as a 32-layer model has them), widest first."""
+    key = check_quant_type(name)
+    if key in FORMATS:
+        return (key,)
+    return tuple(sorted(set(group_types(key, 32).values()), key=list(FORMATS).index))
+
+
 def group_types(name: str, n_layers: int) -> dict[str, str]:
     """'layers.{i}.{qkv,o,gate_up,down}' -> the format that matrix is stored in."""
     key = check_quant_type(name)

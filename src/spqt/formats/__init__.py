@@ -64,14 +64,18 @@ SEARCHES = {"reference": None, "mse": ("q5_k", "q4_k")}
 
 
 def check_search(search: str, name: str | None = None) -> str:
-    """`search` if it names an encoder search (that format `name` has, when given), else SpqtError."""
+    """`search` if it names an encoder search (that format `name` has, or one of mix `name`'s formats, when
+    given), else SpqtError."""
     from spqt.errors import SpqtError
 
     if search not in SEARCHES:
         raise SpqtError(f"unknown encoder search {search!r}; choose one of {', '.join(SEARCHES)}")
     served = SEARCHES[search]
-    if name is not None and served is not None and name.lower() not in served:
-        raise SpqtError(f"the {search} encoder search exists for {', '.join(served)} only, not {name}")
+    if name is not None and served is not None:
+        from spqt.mixes import formats_of
+
+        if not set(formats_of(name)) & set(served):
+            raise SpqtError(f"the {search} encoder search exists for {', '.join(served)} only, not {name}")
     return search
 
 

@@ -246,6 +246,11 @@ class NativeHalfLinear(_NativeMap):
         self.dtype = dtype
         self.transposed = False
 
+    def sparse_pays(self, level: float | None, norm_fed: bool = False) -> bool:
+        """Never, as for cpu_fp16's GEMV: a row of W holds every input's weight, so the masked product reads every
+        weight (a float model's maps, which a GGUF or HF model run in its own weights has)."""
+        return False
+
     def product(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         return self._output(self._call(_library().spqt_half_gemm, self.weight.data_ptr(), x, residual)[0])
 
