@@ -112,8 +112,13 @@ def test_missing_level_is_a_clear_error(calibrated):
     from spqt.errors import SpqtError
 
     loaded, criterion = calibrated[0], calibrated[-1]
-    with pytest.raises(SpqtError, match=f"no {criterion} unified thresholds for sparsity 0.4"):
+    with pytest.raises(SpqtError, match=f"no {criterion} unified thresholds for sparsity 0.4 .*; run spqt calibrate "
+                                        f"--criterion {criterion} --mode unified --sparsity 0.4 on its .spqt"):
         Generator(loaded, "cpu", sparsity=0.4, max_len=64, criterion=criterion)
+    other = "wina" if criterion == "teal" else "teal"  # a level the model has under its criterion only: named
+    with pytest.raises(SpqtError, match=f"no {other} greedy thresholds for sparsity 0.5 \\(it has: none; "
+                                        f"{criterion} unified and {criterion} greedy have 0.5\\)"):
+        Generator(loaded, "cpu", sparsity=0.5, mode="greedy", max_len=64, criterion=other)
     with pytest.raises(SpqtError, match="sparsity must be in"):
         Generator(loaded, "cpu", sparsity=1.5, max_len=64)
 

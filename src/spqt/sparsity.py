@@ -144,8 +144,12 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
     key = level_key(sparsity)
     if key not in levels:
         have = ", ".join(sorted(levels)) or "none"
-        raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}); "
-                        "run spqt calibrate on its .spqt (spqt quantize makes one from a GGUF or HF model)")
+        others = [f"{c} {m}" for c, modes in by_criterion(thresholds).items() if c in CRITERIA
+                  for m, table in modes.items() if m in MODES and key in table]
+        raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}"
+                        + (f"; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} {key}" if others else "")
+                        + f"); run spqt calibrate --criterion {criterion} --mode {mode} --sparsity {key} on its .spqt "
+                        "(spqt quantize makes one from a GGUF or HF model)")
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
