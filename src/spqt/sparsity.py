@@ -146,10 +146,18 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
         have = ", ".join(sorted(levels)) or "none"
         others = [f"{c} {m}" for c, modes in by_criterion(thresholds).items() if c in CRITERIA
                   for m, table in modes.items() if m in MODES and key in table]
+        # a calibration replaces the criterion's thresholds: the command asked for keeps every level and mode it has
+        kept = {m: t for m, t in by_criterion(thresholds).get(criterion, {}).items() if m in MODES}
+        wanted = sorted({float(k) for t in kept.values() for k in t} | {float(key)})
+        modes = set(kept) | {mode}
+        mode_arg = next(name for name, covers in (("unified", {"unified"}), ("greedy", {"greedy"}),
+                                                   ("global", {"global"}), ("both", {"unified", "greedy"}),
+                                                   ("all", set(MODES))) if modes <= covers)
         raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}"
                         + (f"; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} {key}" if others else "")
-                        + f"); run spqt calibrate --criterion {criterion} --mode {mode} --sparsity {key} on its .spqt "
-                        "(spqt quantize makes one from a GGUF or HF model)")
+                        + f"); run spqt calibrate --criterion {criterion} --mode {mode_arg} --sparsity "
+                        f"{','.join(level_key(w) for w in wanted)} on its .spqt (spqt quantize makes one from a GGUF "
+                        "or HF model)")
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
