@@ -114,7 +114,7 @@ def test_missing_level_is_a_clear_error(calibrated):
     loaded, criterion = calibrated[0], calibrated[-1]
     # the command keeps what a calibration of the criterion would replace: its levels, both modes
     with pytest.raises(SpqtError, match=f"no {criterion} unified thresholds for sparsity 0.4 .*; run spqt calibrate "
-                                        f"--criterion {criterion} --mode both --sparsity 0.25,0.4,0.5,0.65 on its .spqt"):
+                                        f"--criterion {criterion} --mode both --sparsity 0.25,0.4,0.5,0.65 --data TEXT... on its "):
         Generator(loaded, "cpu", sparsity=0.4, max_len=64, criterion=criterion)
     other = "wina" if criterion == "teal" else "teal"  # a level the model has under its criterion only: named
     with pytest.raises(SpqtError, match=f"no {other} greedy thresholds for sparsity 0.5 \\(it has: none; "

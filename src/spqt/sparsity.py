@@ -156,8 +156,8 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
         raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}"
                         + (f"; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} {key}" if others else "")
                         + f"); run spqt calibrate --criterion {criterion} --mode {mode_arg} --sparsity "
-                        f"{','.join(level_key(w) for w in wanted)} on its .spqt (spqt quantize makes one from a GGUF "
-                        "or HF model)")
+                        f"{','.join(level_key(w) for w in wanted)} --data TEXT... on its .spqt (spqt quantize makes one "
+                        "from a GGUF or HF model)")
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
