@@ -386,11 +386,11 @@ class Generator:
 
     def dense_fallback_note(self) -> str:
         """Why dense_fallbacks() run dense, for a log line: the tuned crossover on a GPU, SPARSE_FROM on the CPU's
-        native maps, never on the CPU's fp16 GEMV (HalfGemvLinear.sparse_pays)."""
+        native maps, at no level on the CPU's fp16 GEMVs (HalfGemvLinear / NativeHalfLinear.sparse_pays)."""
         if self.backend in CPU_FAST_BACKENDS:
             from spqt.kernels.cpu_native import SPARSE_FROM
 
-            dense = set(self.dense_fallbacks())  # the fp16 GEMVs: sparse at no level (HalfGemvLinear.sparse_pays)
+            dense = set(self.dense_fallbacks())  # the fp16 GEMVs pay at no level, not even an unknown one
             gemv = [not lin.impl.sparse_pays(None) for layer, kind, lin in sparse_linears(self.model)
                     if f"layers.{layer}.{kind}" in dense]
             why = []

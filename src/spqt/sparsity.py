@@ -143,25 +143,33 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
     levels = by_criterion(thresholds).get(criterion, {}).get(mode, {})
     key = level_key(sparsity)
     if key not in levels:
-        have = ", ".join(sorted(levels)) or "none"
-        others = [f"{c} {m}" for c, modes in by_criterion(thresholds).items() if c in CRITERIA
-                  for m, table in modes.items() if m in MODES and key in table]
-        # a calibration replaces the criterion's thresholds: the command asked for keeps every level and mode it has
-        kept = {m: t for m, t in by_criterion(thresholds).get(criterion, {}).items() if m in MODES}
-        wanted = sorted({float(k) for t in kept.values() for k in t} | {float(key)})
-        modes = set(kept) | {mode}
-        mode_arg = next(name for name, covers in (("unified", {"unified"}), ("greedy", {"greedy"}),
-                                                   ("global", {"global"}), ("both", {"unified", "greedy"}),
-                                                   ("all", set(MODES))) if modes <= covers)
-        raise SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}"
-                        + (f"; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} {key}" if others else "")
-                        + f"); run spqt calibrate --criterion {criterion} --mode {mode_arg} --sparsity "
-                        f"{','.join(level_key(w) for w in wanted)} --data TEXT... on its .spqt (spqt quantize makes one "
-                        "from a GGUF or HF model)")
+        raise _missing_level(thresholds, criterion, mode, key)
     table = torch.tensor(levels[key], dtype=torch.float32)
     if table.shape != (n_layers, len(INPUT_KINDS)):
         raise SpqtError(f"{mode} thresholds for {key} have shape {tuple(table.shape)}, expected ({n_layers}, 4)")
     return table
+
+
+def _missing_level(thresholds: dict, criterion: str, mode: str, key: str) -> SpqtError:
+    """The error for a level the model has no thresholds for: the levels it has, the criteria and modes that have
+    this one, and the calibrate command that makes it while keeping the criterion's other levels and modes (a
+    calibration replaces a criterion's thresholds)."""
+    tables = by_criterion(thresholds)
+    levels = tables.get(criterion, {}).get(mode, {})
+    have = ", ".join(sorted(levels)) or "none"
+    others = [f"{c} {m}" for c, modes in tables.items() if c in CRITERIA
+              for m, table in modes.items() if m in MODES and key in table]
+    kept = {m: t for m, t in tables.get(criterion, {}).items() if m in MODES}
+    wanted = sorted({float(k) for t in kept.values() for k in t} | {float(key)})
+    modes = set(kept) | {mode}
+    mode_arg = next(name for name, covers in (("unified", {"unified"}), ("greedy", {"greedy"}), ("global", {"global"}),
+                                               ("both", {"unified", "greedy"}), ("all", set(MODES)))
+                    if modes <= covers)
+    return SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}"
+                     + (f"; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} {key}" if others else "")
+                     + f"); run spqt calibrate --criterion {criterion} --mode {mode_arg} --sparsity "
+                     f"{','.join(level_key(w) for w in wanted)} --data TEXT... on its .spqt (spqt quantize makes one "
+                     "from a GGUF or HF model)")
 
 
 def levels(thresholds: dict, sparsity: float, mode: str, n_layers: int,
