@@ -308,6 +308,15 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     assert main(["calibrate", str(tiny_spqt), "--data", str(text), "--tokens", "1024", "--greedy-tokens", "512",
                  "--sparsity", "0.5", "--device", "cpu", "-o", str(model), "--held-out-tokens", "512", "--greedy-step", "0.05"]) == 0
     assert "recommended (highest level within +5 %)" in capsys.readouterr().out
+    # a calibration replaces the criterion's thresholds: what it drops is said before it runs
+    again = ["calibrate", str(model), "--data", str(text), "--tokens", "1024", "--device", "cpu", "--held-out-tokens",
+             "0", "-o", str(tmp_path / "again.spqt"), "--mode", "unified"]
+    assert main(again + ["--sparsity", "0.25"]) == 0
+    note = "spqt: note: this replaces the model's teal thresholds, dropping greedy 0.5; unified 0.5; pass every level"
+    assert note in capsys.readouterr().err
+    assert main(again[:-2] + ["--mode", "both", "--sparsity", "0.25,0.5", "--greedy-tokens", "512",
+                              "--greedy-step", "0.05"]) == 0
+    assert "spqt: note" not in capsys.readouterr().err  # it keeps every level and mode
     assert main(["generate", str(model), "-p", "once upon", "-n", "4", "--sparsity", "auto", "--device", "cpu"]) == 0
     evaluation = tmp_path / "eval.txt"
     evaluation.write_text("once upon a time there was a king. hello world, sparse decoding. " * 200)
