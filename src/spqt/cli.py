@@ -439,7 +439,7 @@ def _calibration_drops(thresholds: dict, criterion: str, modes, levels) -> str:
     entry), as "greedy 0.25, 0.4; unified 0.65"; empty where it drops none."""
     from spqt import sparsity as sp
 
-    old = {m: t for m, t in sp.by_criterion(thresholds or {}).get(criterion, {}).items() if m in sp.MODES}
+    old = sp.mode_tables(thresholds, criterion)
     new = {sp.level_key(s) for s in levels}
     lost = {m: sorted(k for k in t if m not in modes or k not in new) for m, t in old.items()}
     return "; ".join(f"{m} {', '.join(keys)}" for m, keys in sorted(lost.items()) if keys)
@@ -453,7 +453,7 @@ def cmd_calibrate(args) -> int:
     from spqt.tokenizer import TextTokenizer
 
     texts = [_read_text(f) for f in args.data]
-    modes = {"both": ("unified", "greedy"), "all": sp.MODES}.get(args.mode, (args.mode,))
+    modes = sp.CALIBRATE_MODES[args.mode]
     criterion = sp.check_criterion(args.criterion)
     if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
@@ -787,6 +787,7 @@ def sp_default_criterion() -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     from spqt import __version__
+    from spqt.sparsity import CALIBRATE_MODES
 
     parser = argparse.ArgumentParser(prog="spqt", description="Activation-sparse decoding on K-quantized weights.")
     parser.add_argument("--version", action="version", version=f"spqt {__version__}")
@@ -904,7 +905,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="calibration tokens for the histograms (whole windows of 512, at least one)")
     p.add_argument("--greedy-tokens", type=_at_least(1), default=2048,
                    help="tokens whose block outputs the greedy search measures (whole windows of 512, at least one)")
-    p.add_argument("--mode", choices=["unified", "greedy", "global", "both", "all"], default="both",
+    p.add_argument("--mode", choices=list(CALIBRATE_MODES), default="both",
                    help="both: unified and greedy (default); global: levels per block chosen by measured loss "
                         "(one pass per block and level: minutes on a GPU, long on a CPU); all: the three")
     p.add_argument("--criterion", default=sp_default_criterion(), help="teal (|x| > t) or wina (|x| * column norm > t)")

@@ -29,6 +29,9 @@ from spqt.errors import SpqtError
 
 INPUT_KINDS = ("qkv", "o", "gate_up", "down")
 MODES = ("unified", "greedy", "global")
+# spqt calibrate --mode: the modes each choice calibrates, the narrowest first
+CALIBRATE_MODES = {"unified": ("unified",), "greedy": ("greedy",), "global": ("global",),
+                   "both": ("unified", "greedy"), "all": MODES}
 ALLOCATED_MODES = ("greedy", "global")  # modes whose inputs have levels of their own, kept as {mode}_allocations
 CRITERIA = ("teal", "wina")
 # TEAL stays the default: on the default model (zigzag Q4_K, full WikiText-2 test, H200, docs/RESULTS.md
@@ -140,7 +143,7 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
         return None
     if mode not in MODES:
         raise SpqtError(f"unknown sparsity mode {mode!r}; choose one of {', '.join(MODES)}")
-    levels = by_criterion(thresholds).get(criterion, {}).get(mode, {})
+    levels = mode_tables(thresholds, criterion).get(mode, {})
     key = level_key(sparsity)
     if key not in levels:
         raise _missing_level(thresholds, criterion, mode, key)
@@ -150,21 +153,22 @@ def select(thresholds: dict, sparsity: float, mode: str, n_layers: int, criterio
     return table
 
 
+def mode_tables(thresholds: dict | None, criterion: str) -> dict:
+    """A criterion's threshold tables by mode ({mode: {level key: (n_layers, 4) nested list}}), without the
+    criterion's other entries (greedy_allocations)."""
+    return {m: t for m, t in by_criterion(thresholds or {}).get(criterion, {}).items() if m in MODES}
+
+
 def _missing_level(thresholds: dict, criterion: str, mode: str, key: str) -> SpqtError:
     """The error for a level the model has no thresholds for: the levels it has, the criteria and modes that have
     this one, and the calibrate command that makes it while keeping the criterion's other levels and modes (a
     calibration replaces a criterion's thresholds)."""
-    tables = by_criterion(thresholds)
-    levels = tables.get(criterion, {}).get(mode, {})
-    have = ", ".join(sorted(levels)) or "none"
-    others = [f"{c} {m}" for c, modes in tables.items() if c in CRITERIA
-              for m, table in modes.items() if m in MODES and key in table]
-    kept = {m: t for m, t in tables.get(criterion, {}).items() if m in MODES}
+    kept = mode_tables(thresholds, criterion)
+    have = ", ".join(sorted(kept.get(mode, {}))) or "none"
+    others = [f"{c} {m}" for c in CRITERIA for m, table in mode_tables(thresholds, c).items() if key in table]
     wanted = sorted({float(k) for t in kept.values() for k in t} | {float(key)})
     modes = set(kept) | {mode}
-    mode_arg = next(name for name, covers in (("unified", {"unified"}), ("greedy", {"greedy"}), ("global", {"global"}),
-                                               ("both", {"unified", "greedy"}), ("all", set(MODES)))
-                    if modes <= covers)
+    mode_arg = next(name for name, covers in CALIBRATE_MODES.items() if modes <= set(covers))
     return SpqtError(f"the model has no {criterion} {mode} thresholds for sparsity {key} (it has: {have}"
                      + (f"; {' and '.join(others)} {'has' if len(others) == 1 else 'have'} {key}" if others else "")
                      + f"); run spqt calibrate --criterion {criterion} --mode {mode_arg} --sparsity "
