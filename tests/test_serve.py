@@ -218,6 +218,17 @@ def test_stop_strings_and_seeded_sampling(server, model_id):
     assert a == b
 
 
+def test_a_tiny_temperature_or_top_p_0_keeps_the_top_token(server, model_id):
+    """OpenAI takes any temperature in [0, 2] and top_p in [0, 1]. A temperature so small that logits / temperature
+    overflow float32 (1e-40) answered 500 (NaN probabilities); top_p 0 was refused. Both keep the top token alone."""
+    client = server.client()
+    greedy = client.completions.create(model=model_id, prompt=PROMPT, temperature=0, max_tokens=4).choices[0].text
+    for sampling in ({"temperature": 1e-40}, {"temperature": 1.0, "top_p": 0, "seed": 1}):
+        answer = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=4, **sampling)
+        assert answer.choices[0].text == greedy, sampling
+    assert server.health()["failed"] == 0
+
+
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model_id):
     def error(status, fragment, call):
         with pytest.raises(openai.APIStatusError) as e:

@@ -214,7 +214,9 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     """logits: (B, vocab) float32 -> (B,) int64."""
     if s.temperature == 0:
         return logits.argmax(-1)
-    logits = logits / s.temperature
+    # Shifted to a top logit of 0 first: the rest only go towards -inf, where a tiny temperature (1e-40) made
+    # logits / temperature overflow float32 and the probabilities NaN; softmax is the same either way
+    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

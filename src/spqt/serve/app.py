@@ -97,9 +97,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                              f"max_tokens asks for {req.max_tokens or 1} more.",
                              param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
                              code="context_length_exceeded")
-        try:
-            sampling = Sampling(req.temperature, req.top_k, req.top_p,
-                                req.seed if req.seed is not None else secrets.randbits(63))
+        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        try:  # top_p 0 keeps the top token alone: greedy (Sampling takes a top_p above 0)
+            sampling = (Sampling(0.0, seed=seed) if req.top_p == 0 else
+                        Sampling(req.temperature, req.top_k, req.top_p, seed))
         except SpqtError as e:
             raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=req.max_tokens or room, sampling=sampling, stops=req.stop,

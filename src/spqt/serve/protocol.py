@@ -120,7 +120,7 @@ class SamplingFields(RequestModel):
     model: str | None = None  # None: the one served model
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
     temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the top token alone (greedy)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
     stop: list[str] = Field(default_factory=list)  # a string or up to 4
