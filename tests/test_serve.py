@@ -7,6 +7,7 @@ The default model is served from its GGUF file (float weights) rather than the c
 whose first conversion takes minutes on a 2-core machine; the server code path is the same.
 """
 
+import asyncio
 import json
 import logging
 import re
@@ -78,16 +79,21 @@ def loaded(default_gguf):
 
 
 @pytest.fixture(scope="module")
-def server(loaded, default_gguf):
+def engine(loaded, default_gguf):
     from spqt.serve.engine import Engine
 
+    return Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
     lines: list[str] = []
     handler = _Lines(lines)
     log = logging.getLogger("spqt.serve")
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     try:
-        with serving(Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem), api_key=KEY) as url:
+        with serving(engine, api_key=KEY) as url:
             yield Server(url, lines)
     finally:
         log.removeHandler(handler)
@@ -227,6 +233,30 @@ def test_a_tiny_temperature_or_top_p_0_keeps_the_top_token(server, model_id):
         answer = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=4, **sampling)
         assert answer.choices[0].text == greedy, sampling
     assert server.health()["failed"] == 0
+
+
+def test_prompts_are_tokenized_off_the_event_loop(server, model_id, engine, monkeypatch):
+    """A 4 MiB prompt keeps the tokenizer busy for 3-6 s on a 2-core CPU; on the event loop that froze every other
+    client's stream, and /health, for as long."""
+    on_loop = []
+
+    def watched(tokenize):
+        def call(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(tokenize.__name__)
+            except RuntimeError:  # no running loop in this thread: a worker thread's
+                pass
+            return tokenize(*args, **kwargs)
+        return call
+
+    for name in ("encode", "chat_messages"):
+        monkeypatch.setattr(engine.tokenizer, name, watched(getattr(engine.tokenizer, name)))
+    client = server.client()
+    assert client.completions.create(model=model_id, prompt=PROMPT, max_tokens=1).choices[0].text
+    assert stream_text(client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=1, stream=True),
+                       chat=True)[0]
+    assert on_loop == []
 
 
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model_id):
