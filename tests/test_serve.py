@@ -259,6 +259,16 @@ def test_prompts_are_tokenized_off_the_event_loop(server, model_id, engine, monk
     assert on_loop == []
 
 
+def test_a_wrong_method_is_405_with_allow(server):
+    """RFC 9110: a 405 names the methods the resource takes (Allow); it was dropped with starlette's headers."""
+    for path, allowed in (("/v1/chat/completions", "POST"), ("/v1/models", "GET")):
+        req = urllib.request.Request(server.url + path, method="DELETE", headers={"Authorization": f"Bearer {KEY}"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 405 and e.value.headers["Allow"] == allowed, e.value.headers
+        assert json.load(e.value)["error"]["type"] == "invalid_request_error"
+
+
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model_id):
     def error(status, fragment, call):
         with pytest.raises(openai.APIStatusError) as e:

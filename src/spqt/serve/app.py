@@ -37,9 +37,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
     info = engine.info
 
-    def error_response(request: Request, err: p.ApiError) -> JSONResponse:
+    def error_response(request: Request, err: p.ApiError, headers: dict | None = None) -> JSONResponse:
         log.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code or err.type, err.message)
-        return JSONResponse(err.body(), status_code=err.status)
+        return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(p.ApiError)
     async def _api_error(request: Request, err: p.ApiError):
@@ -49,7 +49,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     async def _http_error(request: Request, err: StarletteHTTPException):  # unknown route, wrong method
         code = "not_found" if err.status_code == 404 else None
         return error_response(request, p.ApiError(err.status_code, f"{request.method} {request.url.path}: {err.detail}",
-                                                  code=code))
+                                                  code=code), headers=err.headers)  # a 405's Allow
 
     def check_key(request: Request) -> None:
         if api_key is None:
