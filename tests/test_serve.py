@@ -327,7 +327,17 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
                (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
                (chat, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
-               (text, {"prompt": [1, 2, 3]}, "prompt"), (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo")]
+               (text, {"prompt": [1, 2, 3]}, "prompt"), (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo"),
+               # OpenAI's legacy logprobs 0 still asks for the sampled tokens' logprobs
+               (text, {"logprobs": 0}, "logprobs"),
+               # OpenAI's fields for audio, web search or reasoning (refused by OpenAI for models without them)
+               (chat, {"modalities": ["text", "audio"]}, "modalities"), (chat, {"audio": {"voice": "alloy"}}, "audio"),
+               (chat, {"web_search_options": {}}, "web_search_options"),
+               (chat, {"reasoning_effort": "high"}, "reasoning_effort"), (chat, {"verbosity": "low"}, "verbosity"),
+               # other servers' sampling fields (vLLM, llama.cpp; Open WebUI sends min_p), not honoured here
+               (chat, {"min_p": 0.1}, "min_p"), (text, {"repetition_penalty": 1.2}, "repetition_penalty"),
+               (chat, {"repeat_penalty": 1.1}, "repeat_penalty"), (chat, {"typical_p": 0.9}, "typical_p"),
+               (chat, {"min_tokens": 5}, "min_tokens"), (text, {"ignore_eos": True}, "ignore_eos")]
     for base, change, param in refused:
         path = "/v1/chat/completions" if base is chat else "/v1/completions"
         status, body = server.raw(path, json.dumps({**base, **change}).encode())
@@ -341,6 +351,9 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                  "metadata": {"k": "v"}},
                 {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
                  "parallel_tool_calls": False, "tool_choice": "none"},
+                {"modalities": ["text"], "audio": None, "reasoning_effort": None, "store": False,
+                 "service_tier": "auto", "prediction": {"type": "content", "content": "Red"}, "min_p": 0,
+                 "repetition_penalty": 1, "typical_p": 1.0, "min_tokens": 0, "ignore_eos": False},
                 {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
                               {"role": "assistant", "content": None}, {"role": "assistant"}, *CHAT],
                  "stream_options": {"include_usage": None}}]

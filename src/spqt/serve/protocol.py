@@ -3,8 +3,9 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (n > 1,
-logprobs, tools, penalties, logit_bias, JSON mode) is refused rather than ignored. Other fields are ignored,
-as OpenAI-compatible servers do.
+logprobs, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
+other servers that clients pass as extra fields, such as min_p) is refused rather than ignored. Other fields are
+ignored, as OpenAI-compatible servers do.
 """
 
 import time
@@ -40,6 +41,13 @@ def _off_only(message: str):
         if value:
             raise unsupported(message)
         return value
+    return check
+
+
+def _refused(message: str):
+    """A field validator of a field whose default is null: any value given is not honoured here."""
+    def check(cls, value):
+        raise unsupported(message)
     return check
 
 
@@ -149,8 +157,20 @@ class SamplingFields(RequestModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return [s for s in stops if s]
 
+    # Other servers' sampling fields (vLLM's, llama.cpp's; Open WebUI passes min_p on), sent as extra body fields:
+    # ignoring one would change the answer, so only its neutral value passes
+    min_p: float = 0.0
+    typical_p: float = 1.0
+    repetition_penalty: float = 1.0
+    repeat_penalty: float = 1.0  # llama.cpp's name
+    min_tokens: int = 0
+    ignore_eos: bool = False
+
     _no_penalty = field_validator("frequency_penalty", "presence_penalty")(_off_only("not supported (only 0)"))
     _no_bias = field_validator("logit_bias")(_off_only("not supported (only an empty map or null)"))
+    _no_extra_zero = field_validator("min_p", "min_tokens", "ignore_eos")(_off_only("not supported (only 0 or false)"))
+    _no_extra_one = field_validator("typical_p", "repetition_penalty", "repeat_penalty")(
+        _one_only("not supported (only 1)"))
 
 
 class TextPart(RequestModel):
@@ -194,8 +214,23 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = "none"
     function_call: Any = "none"
     response_format: ResponseFormat | None = None
+    modalities: list[str] = Field(default_factory=lambda: ["text"])
+    # OpenAI's audio, web search and reasoning models' fields (OpenAI refuses them for the models without those too)
+    audio: dict | None = None
+    web_search_options: dict | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
 
     _unsupported = field_validator("logprobs", "top_logprobs", "tools", "functions")(_off_only("not supported"))
+    _not_this_model = field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")(
+        _refused("not supported by this model (only null)"))
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_out(cls, modalities: list[str]) -> list[str]:
+        if modalities != ["text"]:
+            raise unsupported("only [\"text\"] is supported")
+        return modalities
 
     @field_validator("tool_choice", "function_call")
     @classmethod
@@ -218,7 +253,7 @@ class CompletionRequest(SamplingFields):
     prompt: str  # or an array of one string
     echo: bool = False
     suffix: str = ""
-    logprobs: int = Field(0, ge=0, le=5)
+    logprobs: int | None = None  # 0 too asks for the sampled tokens' logprobs
     best_of: int = 1
 
     @field_validator("prompt", mode="before")
@@ -237,7 +272,8 @@ class CompletionRequest(SamplingFields):
             raise ValueError("the prompt is empty")
         return prompt
 
-    _unsupported = field_validator("echo", "suffix", "logprobs")(_off_only("not supported"))
+    _unsupported = field_validator("echo", "suffix")(_off_only("not supported"))
+    _no_logprobs = field_validator("logprobs")(_refused("not supported (only null)"))
 
     _one_best = field_validator("best_of")(_one_only("only 1 is supported"))
 
