@@ -209,10 +209,16 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
         async for piece, result in run_job(request, job):
             pieces.append(piece)
         if result is None:  # cancelled: the client is gone, or the server is stopping
-            raise p.ApiError(503, "the request was cancelled", type="server_error", code="cancelled")
+            raise cancelled()
         return "".join(pieces), result
 
     return app
+
+
+def cancelled() -> p.ApiError:
+    """The answer to a request cancelled before its end; only a client still there reads it, so the server is
+    stopping (a client that went away cancelled its own)."""
+    return p.ApiError(503, "the request was cancelled: the server is stopping", type="server_error", code="cancelled")
 
 
 def not_json(constant: str):
@@ -231,15 +237,17 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]` (not after a cancellation).
-    An error after the headers went out can only be an event: OpenAI's error object."""
+    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. An error after the headers went out can
+    only be an event: OpenAI's error object, which the openai client raises; also for a cancellation, else a stream
+    cut short by the server's stop would read as complete."""
 
     async def lines():
         try:
             async for event in events:
                 yield f"data: {event.model_dump_json()}\n\n"
-            if not job.cancelled.is_set():
-                yield "data: [DONE]\n\n"
+            if job.cancelled.is_set():
+                raise cancelled()
+            yield "data: [DONE]\n\n"
         except p.ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         finally:
