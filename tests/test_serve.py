@@ -269,6 +269,15 @@ def test_a_wrong_method_is_405_with_allow(server):
         assert json.load(e.value)["error"]["type"] == "invalid_request_error"
 
 
+def test_chat_with_a_model_without_chat_template_points_to_completions(server, model_id, engine, monkeypatch):
+    """The 400 said "drop --chat", spqt generate's advice, to an HTTP client."""
+    monkeypatch.setattr(engine.tokenizer.spec, "chat_template", None)
+    status, body = server.raw("/v1/chat/completions", json.dumps({"model": model_id, "messages": CHAT}).encode())
+    message = body["error"]["message"]
+    assert status == 400 and body["error"]["param"] == "messages", body
+    assert "/v1/completions" in message and "--chat" not in message, body
+
+
 def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model_id):
     def error(status, fragment, call):
         with pytest.raises(openai.APIStatusError) as e:

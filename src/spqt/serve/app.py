@@ -125,6 +125,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
         req = await parse(request, p.ChatCompletionRequest)
+        if not engine.tokenizer.spec.chat_template:
+            raise p.ApiError(400, "This model has no chat template, so it takes no messages; send the text to "
+                             "/v1/completions.", param="messages", code="unsupported_value")
         try:  # in a thread: a 4 MiB prompt's 3-6 s of tokenizing (2-core CPU) stalled every stream on the event loop
             prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation())
         except SpqtError as e:
