@@ -1178,10 +1178,11 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1, "split": 2}
+    crossed = {"crossover": None, "crossover_fused": 0.5}  # a sparse entry's measured crossovers (bench.crossover)
     # o has Q4_K entries of its own (not timed by default); the rest of the table is other shapes and types
     other = {"zigzag_dense": {"999x256": cuda | {"us": 1.0}, key(o): cuda | {"us": 8.8}},
-             "zigzag_sparse": {key(o): cuda | {"us": 9.9}}, "zigzag_dense_q6_k": {"999x256": cuda | {"us": 2.0}},
-             "zigzag_dense_q2_k": {key(qkv): cuda | {"us": 3.0}}}
+             "zigzag_sparse": {key(o): cuda | crossed | {"us": 9.9}},
+             "zigzag_dense_q6_k": {"999x256": cuda | {"us": 2.0}}, "zigzag_dense_q2_k": {key(qkv): cuda | {"us": 3.0}}}
 
     def start_table():
         path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": other}))
@@ -1191,11 +1192,12 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
 
     def fake_tune(shapes, variants):
         calls.append(("q4_k", tuple(variants), sorted(shapes)))
-        return {v: {key(s): cuda | {"us": 5.0} for s in shapes} for v in variants}
+        return {v: {key(s): cuda | (crossed if "sparse" in v else {}) | {"us": 5.0} for s in shapes} for v in variants}
 
     def fake_tune_types(shapes, types, kinds):
         calls.append((tuple(types), tuple(kinds), sorted(shapes)))
-        return {f"zigzag_{kind}_{t}": {key(s): cuda | {"us": 6.0} for s in shapes} for t in types for kind in kinds}
+        return {f"zigzag_{kind}_{t}": {key(s): cuda | (crossed if kind == "sparse" else {}) | {"us": 6.0}
+                                       for s in shapes} for t in types for kind in kinds}
 
     monkeypatch.setattr(spqt.bench, "tune", fake_tune)
     monkeypatch.setattr(spqt.bench, "tune_types", fake_tune_types)
@@ -1232,6 +1234,26 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     calls.clear()
     assert main(["tune", "--model", mix]) == 0 and not calls
     assert "every map of" in capsys.readouterr().err
+    # o's sparse entry from a table tuned before crossovers were measured (the H100's of 2026-11-23): o runs sparse at
+    # every level, so the note names it and the tune times it
+    other["zigzag_sparse"][key(o)] = cuda | {"us": 9.9}
+    start_table()
+    entries = json.loads(path.read_text())["entries"]
+    for variant in ("zigzag_dense", "zigzag_sparse"):
+        entries[variant] = {key(s): cuda | (crossed if "sparse" in variant else {}) | {"us": 5.0}
+                            for s in (qkv, o, gate_up, down)}
+    entries["zigzag_sparse"][key(o)] = cuda | {"us": 9.9}
+    entries.update({v: other[v] for v in other if v not in ("zigzag_dense", "zigzag_sparse")})
+    mixed = json.loads(path.read_text()) | {"entries": entries}
+    path.write_text(json.dumps(mixed))
+    tuning._load_table.cache_clear()
+    assert tuning.uncrossed({("q4_k", ("zigzag_dense", "zigzag_sparse")): [qkv, o]}) == {
+        ("q4_k", ("zigzag_dense", "zigzag_sparse")): [o]}
+    note = untuned_note(load_spqt(mix))
+    assert f"have no measured crossover on this GPU (q4_k {key(o)}): at any sparsity they run sparse" in note, note
+    calls.clear()
+    assert main(["tune", "--model", mix]) == 0
+    assert ("q4_k", ("zigzag_dense", "zigzag_sparse"), [o]) in calls
     # a zigzag Q4_K model: the routes note (with --output); a row model's Q4_K maps: row_dense, no routes note
     start_table()
     assert main(["tune", "--model", str(tiny_spqt), "--output", str(tmp_path / "out.json")]) == 0

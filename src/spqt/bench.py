@@ -107,15 +107,30 @@ def weight_maps(weights: dict) -> dict:
 def untuned_note(loaded) -> str | None:
     """For a model about to run on this GPU's CUDA kernels (a LoadedModel): a line saying how many of its maps' (type,
     shape) the tuned table lacks, which run a neighbour's or Q4_K's config (on the H200 up to 15 % slower, the 8B's
-    Q6_K maps), and how to time them; None where every map has entries of its own."""
-    missing = tuning.untuned(tune_plan(weight_maps(loaded.weights)))
+    Q6_K maps), or have no measured crossover, which run sparse at every level (on the H100's table of 2026-11-23 the
+    default model at 50 % decoded 21 % slower than dense), and how to time them; None where every map has measured
+    entries of its own."""
+    plan = tune_plan(weight_maps(loaded.weights))
+    missing, uncrossed = tuning.untuned(plan), tuning.uncrossed(plan)
     if not missing:
         return None
-    shapes = sorted({f"{fmt} {n}x{k}" for (fmt, _), group in missing.items() for n, k in group})
+    def listed(groups: dict) -> list[str]:
+        return sorted({f"{fmt} {n}x{k}" for (fmt, _), group in groups.items() for n, k in group})
+
+    without_cross = listed(uncrossed)
+    shapes = [s for s in listed(missing) if s not in without_cross]
     path = loaded.path if str(getattr(loaded, "path", "")).endswith(".spqt") else "MODEL.spqt"
-    return (f"{len(shapes)} of this model's map shapes have no tuned config of their type on this GPU "
-            f"({', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}) and run a neighbour's, Q4_K's or the "
-            f"default: spqt tune --model {path} times them")
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} of this model's map shapes have no tuned config of their type on this GPU "
+                     f"({', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}) and run a neighbour's, Q4_K's or "
+                     f"the default")
+    if without_cross:
+        subject = f"{len(without_cross)} more" if shapes else f"{len(without_cross)} of this model's map shapes"
+        parts.append(f"{subject} have no measured crossover on this GPU ({', '.join(without_cross[:4])}"
+                     f"{', ...' if len(without_cross) > 4 else ''}): at any sparsity they run sparse, faster than "
+                     f"dense or not")
+    return "; ".join(parts) + f": spqt tune --model {path} times them"
 
 
 def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:

@@ -223,12 +223,29 @@ def route_touched(key: str, before: dict, after: dict) -> bool:
                for n, k in shapes)
 
 
+def measured(variant: str, entry: dict | None) -> bool:
+    """Whether a shape's entry of a variant counts as tuned: there is one, and a sparse variant's holds its crossover.
+    A table tuned before crossovers were measured (the H100's of 2026-11-23) lacks them, and its sparse maps then run
+    sparse at every level, faster than dense or not (collected_pays)."""
+    return entry is not None and ("_sparse" not in variant or "crossover" in entry)
+
+
 def untuned(plan: dict) -> dict:
     """The part of a tune plan ({(fmt, variants): [(N, K), ...]}, bench.tune_plan) that this GPU's table lacks: the
-    shapes of a group with no entry of their own in one of its variants (they run a neighbour's or Q4_K's config)."""
-    missing = {group: [(n, k) for n, k in shapes if any(f"{n}x{k}" not in table_entries(v) for v in group[1])]
+    shapes of a group with no measured entry of their own in one of its variants (measured: they run a neighbour's or
+    Q4_K's config, or sparse with no crossover)."""
+    missing = {group: [(n, k) for n, k in shapes
+                       if not all(measured(v, table_entries(v).get(f"{n}x{k}")) for v in group[1])]
                for group, shapes in plan.items()}
     return {group: shapes for group, shapes in missing.items() if shapes}
+
+
+def uncrossed(plan: dict) -> dict:
+    """The part of untuned(plan) whose shapes have entries of their own in every variant, a sparse one without its
+    crossover."""
+    have = {group: [(n, k) for n, k in shapes if all(f"{n}x{k}" in table_entries(v) for v in group[1])]
+            for group, shapes in untuned(plan).items()}
+    return {group: shapes for group, shapes in have.items() if shapes}
 
 
 def level_key(level: float) -> str:
