@@ -205,6 +205,15 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "notes.gguf", "text.txt"]  # nothing written
 
 
+def test_quantize_names_a_gguf_without_its_magic(capsys, tmp_path):
+    """A .gguf that does not begin with GGUF's magic: quantize said "neither a GGUF file nor a Hugging Face
+    checkpoint folder" where generate, perplexity and inspect say what is wrong with it."""
+    fake = tmp_path / "notes.gguf"
+    fake.write_text("not a model")
+    _error(capsys, ["quantize", str(fake), "-o", str(tmp_path / "q.spqt")], "not a GGUF file (it does not begin")
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.gguf"]
+
+
 def test_written_files_take_the_umask(tmp_path):
     """atomic_write's files get 0666 less the umask, as open() would make them (mkstemp's are 0600)."""
     import os

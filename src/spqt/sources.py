@@ -142,6 +142,8 @@ def open_source(path: str | os.PathLike) -> SourceModel:
         return _open_gguf(p)
     if p.suffix == ".spqt":
         raise SpqtError(f"{p} is already a .spqt model")
+    if p.suffix.lower() == ".gguf":  # as checkpoint.load_model says it for generate, perplexity and inspect
+        raise SpqtError(f"{p}: not a GGUF file (it does not begin with GGUF's magic bytes)")
     raise SpqtError(f"{p} is neither a GGUF file nor a Hugging Face checkpoint folder")
 
 
