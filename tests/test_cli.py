@@ -205,6 +205,17 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "notes.gguf", "text.txt"]  # nothing written
 
 
+def test_an_unknown_option_is_shown_with_its_subcommand_usage(capsys):
+    """argparse reported a subcommand's unknown option under the top-level usage, which lists none of the
+    subcommand's options (a new user's `spqt generate -p hi --sparsty 0.5`): now under the subcommand's."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "-p", "hi", "--sparsty", "0.5"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: spqt generate "), err
+    assert err.strip().splitlines()[-1] == "spqt generate: error: unrecognized arguments: --sparsty", err
+
+
 def test_quantize_names_a_gguf_without_its_magic(capsys, tmp_path):
     """A .gguf that does not begin with GGUF's magic: quantize said "neither a GGUF file nor a Hugging Face
     checkpoint folder" where generate, perplexity and inspect say what is wrong with it."""

@@ -984,12 +984,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--routes: as spqt bench decode")
     p.set_defaults(func=cmd_tune)
+    parser.subcommands = sub.choices  # main() reports an unknown option under its subcommand's usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        args = build_parser().parse_args(argv)  # (building the parser imports torch: a Ctrl-C can land there)
+        parser = build_parser()  # (building the parser imports torch: a Ctrl-C can land there)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # parse_args would show the top-level usage, which lists none of the subcommand's options
+            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(args.func(args) or 0)
     except SpqtError as e:
         print(f"spqt: error: {e}", file=sys.stderr)
