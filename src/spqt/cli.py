@@ -803,8 +803,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--search", default="reference",
                    help="the encoder's search: reference (default; llama.cpp's quantize_row_*_ref, same bytes) "
                         "or mse (Q4_K and Q5_K matrices: a search for the lowest plain squared error per block, "
-                        "never above the reference's; ~5.5 %% lower RMSE on zigzag Q5_K, 3-4x the encoding "
-                        "time; a mix's other types keep the reference)")
+                        "never above the reference's; ~5.5 %% lower RMSE on zigzag Q5_K; 4-8x the encoding "
+                        "time on the CPU; a mix's other types keep the reference)")
     p.add_argument("--head", default="auto",
                    help="the output head's type: auto (default; llama.cpp's recipe: q6_k, q8_0 in a q8_0 model), fp16, "
                         "or a type; a head tied to the embedding stays fp16 unless a type is named (a quantized copy "
