@@ -85,6 +85,15 @@ def test_dequantize_names_the_blocks_it_expects(rng):
         spqt.dequantize(blocks.astype(np.float32), "q4_k", layout="zigzag", shape=(576, 192))
 
 
+def test_dequantize_refuses_blocks_of_the_other_layout(rng):
+    """576x192 in Q4_K is 3 x 192 zigzag blocks or 576 x 1 row blocks: the same byte count, so zigzag blocks
+    passed with layout="row" were decoded as row blocks and returned a wrong matrix of the right shape."""
+    blocks = spqt.quantize(rng.standard_normal((576, 192)).astype(np.float32), "q4_k", layout="zigzag")
+    with pytest.raises(spqt.errors.SpqtError, match=r"q4_k row blocks of a 576x192 matrix are uint8 "
+                                                     r"\(576, 1, 144\), got uint8 \(3, 192, 144\)"):
+        spqt.dequantize(blocks, "q4_k", layout="row", shape=(576, 192))
+
+
 @pytest.mark.gpu
 def test_gpu_quantization_gives_cpu_bytes(rng):
     w = torch.from_numpy(rng.standard_normal((1024, 1100)).astype(np.float32))

@@ -80,8 +80,9 @@ def dequantize(blocks, fmt: str = "q4_k", layout: str = "row", shape: tuple[int,
         raise ValueError("dequantize needs the matrix shape=(N, K)")
     tensor, was_numpy = _as_tensor(blocks)
     grid = grid_shape(layout, tuple(shape), spec.block_size)
-    if tensor.dtype != torch.uint8 or tensor.numel() != grid[0] * grid[1] * spec.block_bytes \
-            or tensor.shape[-1] != spec.block_bytes:  # another matrix's blocks, or another format's
+    # the whole block grid, not only its byte count: another matrix's blocks, another format's, or the other
+    # layout's (576x192 in Q4_K: 3 x 192 zigzag blocks, 576 x 1 row blocks)
+    if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (*grid, spec.block_bytes):
         raise SpqtError(f"{spec.name} {layout} blocks of a {shape[0]}x{shape[1]} matrix are uint8 "
                         f"{(*grid, spec.block_bytes)}, got {str(tensor.dtype).replace('torch.', '')} {tuple(tensor.shape)}")
     _, decode = codec(spec.name)
