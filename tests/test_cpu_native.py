@@ -394,3 +394,17 @@ def test_a_hanging_compiler_times_out(monkeypatch, tmp_path):
     assert cpu_native.available() == "the C compiler did not finish in 0.5 s"
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
+
+
+def test_compiled_kernels_share_the_cache_root(monkeypatch, tmp_path):
+    """The C kernels, the CUDA kernels and the default model under one root: $SPQT_CACHE, else
+    $XDG_CACHE_HOME/spqt (the CUDA kernels' cache ignored $XDG_CACHE_HOME before)."""
+    from spqt import default_model, native
+    from spqt.kernels import nvrtc
+
+    monkeypatch.delenv("SPQT_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    root = tmp_path / "xdg" / "spqt"
+    assert (default_model.cache_dir(), native.cache_dir(), nvrtc._cache_dir()) == (root, root / "cpu", root / "cuda")
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path / "own"))
+    assert nvrtc._cache_dir() == tmp_path / "own" / "cuda"

@@ -2,8 +2,8 @@
 NVIDIA's `cuda-bindings` package (no compiler on the user's machine; `pip install spqt[cuda]`).
 
 compile_cubin(source, options, arch) -> cubin bytes, cached in memory and on disk
-($SPQT_CACHE/cuda or ~/.cache/spqt/cuda, keyed by the source, every compiler option and the NVRTC
-version; written to a temporary name and renamed). Kernel(cubin, name) loads it into the current
+(default_model.cache_dir()/cuda: $SPQT_CACHE/cuda, else $XDG_CACHE_HOME/spqt/cuda or ~/.cache/spqt/cuda; keyed by
+the source, every compiler option and the NVRTC version; written to a temporary name and renamed). Kernel(cubin, name) loads it into the current
 CUDA context; Kernel.launch(grid, block, args, stream, pdl) enqueues one launch on a torch stream
 (capturable in a CUDA graph), args as (value, ctypes type) pairs; pdl: programmatic dependent
 launch (sm_90), as Triton's launch_pdl.
@@ -63,7 +63,9 @@ def _check(err, what: str) -> None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("SPQT_CACHE", Path.home() / ".cache" / "spqt")) / "cuda"
+    from spqt.default_model import cache_dir  # the CPU kernels' and the default model's cache root
+
+    return cache_dir() / "cuda"
 
 
 @functools.lru_cache(maxsize=None)
