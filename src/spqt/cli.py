@@ -422,7 +422,7 @@ def cmd_perplexity(args) -> int:
         print(f"{100 * row['sparsity']:6.0f}% {row['criterion']:>9s} {row['mode']:>8s} {row['ppl']:10.4f} {100 * a.get('all', 0):8.1f}% "
               + " ".join(f"{100 * a.get(k, 0):{w}.1f}" for k, w in (("qkv", 6), ("o", 6), ("gate_up", 8), ("down", 6))))
     done = results[0]
-    print(f"{done.chunks} chunks of {args.ctx} tokens, {done.scored} tokens scored"
+    print(f"{done.chunks} chunk{'s' if done.chunks != 1 else ''} of {args.ctx} tokens, {done.scored} tokens scored"
           + (f" (--chunks {args.chunks}: the text has only {done.chunks})" if (args.chunks or 0) > done.chunks else ""))
     if args.json:
         from spqt.checkpoint import atomic_write
