@@ -70,6 +70,18 @@ def test_greedy_is_deterministic_and_sampling_follows_seed(tiny_spqt):
     assert s1 == s2 and s1 != s3
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_a_tiny_temperature_keeps_the_top_token(device):
+    """Temperatures down to float32's smallest: the top token, never NaN probabilities (1e-37 overflowed logits / T;
+    1e-40 made 1 / T inf on CUDA, which divides by multiplying with it; 1e-46 rounds to 0 in float32)."""
+    from spqt.generate import sample
+
+    logits = torch.randn(3, 1000, generator=torch.Generator().manual_seed(5)).to(device) * 8
+    for temperature in (1e-46, 1e-40, 1e-37, 1e-30):
+        tokens = sample(logits, Sampling(temperature=temperature, seed=1), torch.Generator(device).manual_seed(1))
+        assert torch.equal(tokens, logits.argmax(-1)), temperature
+
+
 def test_on_token_can_end_generation_and_finish_reason_says_why(tiny_spqt):
     from spqt.checkpoint import load_spqt
 

@@ -212,10 +212,11 @@ class Sampling:
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
     """logits: (B, vocab) float32 -> (B,) int64."""
-    if s.temperature == 0:
-        return logits.argmax(-1)
-    # Shifted to a top logit of 0 first: the rest only go towards -inf, where a tiny temperature (1e-40) made
-    # logits / temperature overflow float32 and the probabilities NaN; softmax is the same either way
+    if s.temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that 1 / T is inf in float32 (CUDA
+        return logits.argmax(-1)  # divides by multiplying with it) or T itself rounds to 0: greedy
+    # Shifted to a top logit of 0 first: the rest only go towards -inf, where a tiny temperature (1e-37) made
+    # logits / temperature overflow float32 and the probabilities NaN. Softmax is shift-invariant, but not its
+    # rounding: a seeded sample may differ from the unshifted one's in a rare near-tie
     logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
