@@ -1251,6 +1251,13 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
         ("q4_k", ("zigzag_dense", "zigzag_sparse")): [o]}
     note = untuned_note(load_spqt(mix))
     assert f"have no measured crossover on this GPU (q4_k {key(o)}): at any sparsity they run sparse" in note, note
+    dense_note = untuned_note(load_spqt(mix), sparse=False)  # a dense run: nothing runs sparse (the q6_k maps here
+    assert "crossover" not in dense_note and key(o) not in dense_note, dense_note  # have no entries: still named)
+    # the tuner measures another type's crossover only where the CUDA GEMV runs it (tune_types): a Triton entry
+    # without one is tuned
+    assert tuning.measured("zigzag_sparse_q6_k", {"num_warps": 4, "split": 2})
+    assert not tuning.measured("zigzag_sparse_q6_k", cuda) and not tuning.measured("zigzag_sparse", {"split": 2})
+    assert tuning.measured("zigzag_dense", cuda) and not tuning.measured("zigzag_dense", None)
     calls.clear()
     assert main(["tune", "--model", mix]) == 0
     assert ("q4_k", ("zigzag_dense", "zigzag_sparse"), [o]) in calls

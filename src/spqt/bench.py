@@ -104,21 +104,21 @@ def weight_maps(weights: dict) -> dict:
     return {name: (w.fmt, w.layout, tuple(w.shape)) for name, w in weights.items() if isinstance(w, QuantizedWeight)}
 
 
-def untuned_note(loaded) -> str | None:
+def untuned_note(loaded, sparse: bool = True) -> str | None:
     """For a model about to run on this GPU's CUDA kernels (a LoadedModel): a line saying how many of its maps' (type,
     shape) the tuned table lacks, which run a neighbour's or Q4_K's config (on the H200 up to 15 % slower, the 8B's
-    Q6_K maps), or have no measured crossover, which run sparse at every level (on the H100's table of 2026-11-23 the
-    default model at 50 % decoded 21 % slower than dense), and how to time them; None where every map has measured
-    entries of its own."""
-    plan = tune_plan(weight_maps(loaded.weights))
-    missing, uncrossed = tuning.untuned(plan), tuning.uncrossed(plan)
-    if not missing:
-        return None
+    Q6_K maps), or, where the run is sparse (sparse), have no measured crossover, which run sparse at every level (on
+    the H100's table of 2026-11-23 the default model at 50 % decoded 21 % slower than dense), and how to time them;
+    None where every map has measured entries of its own, or lacks only crossovers in a dense run."""
     def listed(groups: dict) -> list[str]:
         return sorted({f"{fmt} {n}x{k}" for (fmt, _), group in groups.items() for n, k in group})
 
-    without_cross = listed(uncrossed)
-    shapes = [s for s in listed(missing) if s not in without_cross]
+    plan = tune_plan(weight_maps(loaded.weights))
+    uncrossed = listed(tuning.uncrossed(plan))
+    shapes = [s for s in listed(tuning.untuned(plan)) if s not in uncrossed]
+    without_cross = uncrossed if sparse else []
+    if not shapes and not without_cross:
+        return None
     path = loaded.path if str(getattr(loaded, "path", "")).endswith(".spqt") else "MODEL.spqt"
     parts = []
     if shapes:

@@ -284,13 +284,13 @@ def cmd_generate(args) -> int:
     gemv = {"cpu-fp16": " fp16-gemv", "cpu-native": " native-gemv"}.get(backend, "")
     label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
     print(label, file=sys.stderr, flush=True)
+    dense, dense_step = gen.dense_fallbacks(), gen.dense_step_reason()
     if device == "cuda":
         from spqt.bench import untuned_note
 
-        note = untuned_note(loaded)
+        note = untuned_note(loaded, sparse=bool(args.sparsity) and dense_step is None)
         if note:
             print(f"[{note}]", file=sys.stderr, flush=True)
-    dense, dense_step = gen.dense_fallbacks(), gen.dense_step_reason()
     if dense_step:
         print(f"[every linear map runs dense: {dense_step}]", file=sys.stderr, flush=True)
     elif dense:

@@ -95,7 +95,7 @@ class Engine:
         if self.generator.device == "cuda":
             from spqt.bench import untuned_note
 
-            note = untuned_note(loaded)
+            note = untuned_note(loaded, sparse=sparsity > 0 and dense_step is None)
             if note:
                 log.info("%s", note)
         if dense_step:
