@@ -147,8 +147,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                 async for piece, result in run_job(request, job):
                     if piece:
                         yield chunk({"content": piece})
-                if result is None:  # cancelled
-                    return
+                if result is None:  # cancelled before its end (a finished job has its result, even if a stop
+                    raise cancelled()  # signal came after it): the server is stopping
                 yield chunk({}, finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(result), choices=False)
@@ -176,8 +176,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) 
                 async for piece, result in run_job(request, job):
                     if piece:
                         yield body(piece)
-                if result is None:  # cancelled
-                    return
+                if result is None:  # cancelled before its end (a finished job has its result, even if a stop
+                    raise cancelled()  # signal came after it): the server is stopping
                 yield body("", finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield body("", usage=p.usage(result), choices=False)
@@ -246,10 +246,8 @@ def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
 
     async def lines():
         try:
-            async for event in events:
+            async for event in events:  # (they raise cancelled() where the job ended without its result)
                 yield f"data: {event.model_dump_json()}\n\n"
-            if job.cancelled.is_set():
-                raise cancelled()
             yield "data: [DONE]\n\n"
         except p.ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
