@@ -214,6 +214,11 @@ def test_an_unknown_option_is_shown_with_its_subcommand_usage(capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith("usage: spqt generate "), err
     assert err.strip().splitlines()[-1] == "spqt generate: error: unrecognized arguments: --sparsty", err
+    with pytest.raises(SystemExit) as e:  # before the subcommand: the top level's
+        main(["--foo", "inspect", "x.spqt"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("usage: spqt ") and not err.startswith("usage: spqt inspect"), err
+    assert err.strip().splitlines()[-1] == "spqt: error: unrecognized arguments: --foo", err
 
 
 def test_quantize_names_a_gguf_without_its_magic(capsys, tmp_path):

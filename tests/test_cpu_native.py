@@ -395,7 +395,6 @@ def test_a_hanging_compiler_times_out(monkeypatch, tmp_path):
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
 
 
-
 def test_compiled_kernels_share_the_cache_root(monkeypatch, tmp_path):
     """The C kernels, the CUDA kernels and the default model under one root: $SPQT_CACHE, else
     $XDG_CACHE_HOME/spqt (the CUDA kernels' cache ignored $XDG_CACHE_HOME before)."""

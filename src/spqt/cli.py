@@ -992,8 +992,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()  # (building the parser imports torch: a Ctrl-C can land there)
         args, unknown = parser.parse_known_args(argv)
-        if unknown:  # parse_args would show the top-level usage, which lists none of the subcommand's options
-            parser.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        if unknown:  # parse_args would show the top-level usage, which lists none of the subcommand's options;
+            # an unknown option before the subcommand is the top level's
+            given = sys.argv[1:] if argv is None else list(argv)
+            before = given[:given.index(args.command)] if args.command in given else []
+            owner = parser if any(token in before for token in unknown) else parser.subcommands[args.command]
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
         return int(args.func(args) or 0)
     except SpqtError as e:
         print(f"spqt: error: {e}", file=sys.stderr)
