@@ -269,6 +269,45 @@ def test_a_wrong_method_is_405_with_allow(server):
         assert json.load(e.value)["error"]["type"] == "invalid_request_error"
 
 
+def test_cross_origin_requests_only_from_the_allowed_origins(server, engine, model_id):
+    """CORS: a browser's preflight (OPTIONS) and request from an origin --allow-origin names get its
+    Access-Control-Allow-Origin (the preflight needs no key, the request does); another origin's, or any origin's on a
+    server without the option, get none, so the browser keeps the answer from the page."""
+    page, other = "http://localhost:3000", "http://evil.example"
+
+    def preflight(url: str, origin: str):
+        req = urllib.request.Request(url + "/v1/chat/completions", method="OPTIONS", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type"})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                return r.status, r.headers
+        except urllib.error.HTTPError as e:
+            return e.code, e.headers
+
+    def models(url: str, origin: str):
+        req = urllib.request.Request(url + "/v1/models", headers={"Origin": origin, "Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert json.load(r)["data"][0]["id"] == model_id
+            return r.headers
+
+    with serving(engine, api_key=KEY, allow_origins=(page,)) as url:
+        status, headers = preflight(url, page)
+        assert status == 200 and headers["Access-Control-Allow-Origin"] == page, headers
+        assert "POST" in headers["Access-Control-Allow-Methods"] and "authorization" in \
+            headers["Access-Control-Allow-Headers"].lower(), headers
+        assert models(url, page)["Access-Control-Allow-Origin"] == page
+        assert preflight(url, other)[1]["Access-Control-Allow-Origin"] is None
+        assert models(url, other)["Access-Control-Allow-Origin"] is None
+        req = urllib.request.Request(url + "/v1/models", headers={"Origin": page})  # no key: still refused
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == 401
+    status, headers = preflight(server.url, page)  # the default: no origin
+    assert status == 405 and headers["Access-Control-Allow-Origin"] is None
+    assert models(server.url, page)["Access-Control-Allow-Origin"] is None
+
+
 def test_chat_with_a_model_without_chat_template_points_to_completions(server, model_id, engine, monkeypatch):
     """The 400 said "drop --chat", spqt generate's advice, to an HTTP client."""
     monkeypatch.setattr(engine.tokenizer.spec, "chat_template", None)
@@ -448,6 +487,8 @@ def test_cli_errors_before_serving(tiny_hf, capsys):
     error(["--sparsity", "0.5", "--port", "0"], "no teal unified thresholds")
     error(["--criterion", "magnitude"], "unknown criterion")
     error(["--port", "70000"], "--port must be in")
+    for origin in ("localhost:3000", "http://localhost:3000/", "http://localhost:3000/app", "ftp://x"):
+        error(["--allow-origin", origin], "--allow-origin takes * or an origin as a browser sends it")
     error(["--ctx", "100000", "--port", "0"], "--ctx must be in")
     with pytest.raises(SystemExit) as e:  # below 2: argparse's usage error
         main(["serve", str(tiny_hf), "--device", "cpu", "--ctx", "1"])

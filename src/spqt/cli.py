@@ -347,6 +347,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def check_origins(origins: list[str]) -> tuple[str, ...]:
+    """--allow-origin's values: "*", or scheme://host[:port] as a browser sends it in Origin (no path, no trailing
+    slash, which would never match); SpqtError otherwise."""
+    from urllib.parse import urlsplit
+
+    for origin in origins:
+        parts = urlsplit(origin)
+        if origin != "*" and (parts.scheme not in ("http", "https") or not parts.netloc or parts.path or parts.query
+                              or parts.fragment or origin != f"{parts.scheme}://{parts.netloc}"):
+            raise SpqtError(f"--allow-origin takes * or an origin as a browser sends it, scheme://host[:port] "
+                            f"(e.g. http://localhost:3000), got {origin!r}")
+    return tuple(origins)
+
+
 def cmd_serve(args) -> int:
     import os
 
@@ -361,6 +375,7 @@ def cmd_serve(args) -> int:
         check_criterion(args.criterion)  # before the (slow) load
     if not 0 <= args.port < 65536:
         raise SpqtError(f"--port must be in [0, 65535], got {args.port}")
+    allow_origins = check_origins(args.allow_origin)
     device = resolve_device(args.device)
     sock = bind(args.host, args.port)  # before the (slow) load, so a taken port fails at once
     try:
@@ -371,7 +386,7 @@ def cmd_serve(args) -> int:
                         backend=_gemv_backend(args.gemv, device),
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
                         dense_fallback=not args.no_dense_fallback)
-        serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None)
+        serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None, allow_origins)
     finally:
         sock.close()
     return 0
@@ -870,6 +885,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPQT_API_KEY, "
                    "else no key)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the model file's name)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="answer cross-origin requests (CORS) from this browser origin, e.g. http://localhost:3000, "
+                        "or * for any; repeatable (default: none, so a web page cannot call the server)")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")

@@ -4,7 +4,8 @@ A request is checked in this order, each failure answered with OpenAI's JSON err
 API key (401), body size (413), JSON syntax (400), fields (400, param naming the field), model name
 (404), prompt plus max_tokens within the context (400, code context_length_exceeded). Then it joins the
 scheduler's FIFO queue; the answer is one JSON body, or with `stream: true` server-sent events, a chunk
-per text piece and `data: [DONE]`.
+per text piece and `data: [DONE]`. Cross-origin requests from a browser (CORS) are answered only for the origins
+`spqt serve --allow-origin` names.
 """
 
 import asyncio
@@ -15,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import jinja2
 from fastapi import Depends, FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,8 +35,12 @@ MAX_BODY_BYTES = 4 * 2**20
 DRAIN_BYTES = 16 * MAX_BODY_BYTES  # above this, answer 413 at once and drop the connection
 
 
-def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None) -> FastAPI:
+def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
+              allow_origins: tuple[str, ...] = ()) -> FastAPI:
     app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
+    if allow_origins:  # browser clients on these origins (CORS): their preflight needs no key, their requests do
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     info = engine.info
 
     def error_response(request: Request, err: p.ApiError, headers: dict | None = None) -> JSONResponse:

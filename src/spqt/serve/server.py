@@ -85,10 +85,11 @@ def uvicorn_config(app) -> uvicorn.Config:
 class Service:
     """The app, its scheduler and the uvicorn server around one engine."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None):
+    def __init__(self, engine: Engine, api_key: str | None = None, allow_origins: tuple[str, ...] = ()):
         self.engine = engine
         self.scheduler = Scheduler(engine.run)
-        self.server = _Server(uvicorn_config(build_app(engine, self.scheduler, api_key)), self.scheduler)
+        self.server = _Server(uvicorn_config(build_app(engine, self.scheduler, api_key, allow_origins)),
+                              self.scheduler)
 
     def run(self, sock: socket.socket) -> None:
         """Serve on a bound socket until SIGINT / SIGTERM (main thread) or stop(); then the worker stops."""
@@ -103,14 +104,17 @@ class Service:
         self.server.should_exit = True
 
 
-def serve(engine: Engine, sock: socket.socket, api_key: str | None = None) -> None:
-    """Serve on a bound socket (see bind) until SIGINT or SIGTERM; returns after a clean shutdown."""
-    service = Service(engine, api_key)
+def serve(engine: Engine, sock: socket.socket, api_key: str | None = None, allow_origins: tuple[str, ...] = ()) -> None:
+    """Serve on a bound socket (see bind) until SIGINT or SIGTERM; returns after a clean shutdown. allow_origins: the
+    browser origins answered cross-origin (CORS; "*" any)."""
+    service = Service(engine, api_key, allow_origins)
     host, port = sock.getsockname()[:2]
     i = engine.info
     log.info("model %s on %s, %s, context %d tokens, prompt cache %s%s", i.model_id, i.device,
              engine.sparsity_label(), i.ctx, "on" if engine.prompt_cache else "off",
              ", API key required" if api_key else "")
+    if allow_origins:
+        log.info("cross-origin requests from %s", ", ".join(allow_origins))
     log.info("listening on http://%s:%d", f"[{host}]" if ":" in host else host, port)
     service.run(sock)
     name = service.server.signal_name
