@@ -102,6 +102,8 @@
 #   scripts/gpu_session.sh final35   final31 with the serve probe before the prefill (prefill in the time left)
 #   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data);
 #                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
+#   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
+#                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1669,6 +1671,30 @@ llama2-7b:now}" 90
         | grep -v WARN | grep "tok/s" | sed "s/^/fused=$fused /" )
     done | tee "$OUT/decode-fused.log"
     echo "explore8 stage: $(( $(date +%s) - start )) s"
+    ;;
+  retune38)
+    # A stale table re-tuned a piece a call (the H100's of 2026-11-23 has no crossovers, so every sparse map runs sparse:
+    # the default model served 21 % slower at 50 % than dense there, thirty-eighth session). spqt tune --shapes
+    # RETUNE_SHAPES (default runtime,llama2-7b; the others keep their entries) [--types RETUNE_TYPES] within
+    # RETUNE_LIMIT s (default 420), the table written whole to $OUT/tuned.json and put in this tree, then bench decode
+    # of RETUNE_DECODE (model:levels, a process a level; default the 7B at 0,0.5) on it. Commit $OUT/tuned.json as
+    # src/spqt/kernels/tuned/<gpu>.json: the next call carries it (a tracked file) and tunes the next piece; spqt tune
+    # --routes (the step routes) comes last, on the finished kernel entries.
+    start=$(date +%s)
+    timeout ${RETUNE_LIMIT:-420} python3 -m spqt.cli tune --shapes "${RETUNE_SHAPES:-runtime,llama2-7b}" \
+      ${RETUNE_TYPES:+--types $RETUNE_TYPES} --output "$OUT/tuned.json" 2>&1 | grep -v WARN > "$OUT/retune.log"
+    tail -5 "$OUT/retune.log"
+    [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
+    echo "tune: $(( $(date +%s) - start )) s"
+    for spec in ${RETUNE_DECODE:-llama2-7b:0,0.5}; do
+      for level in $(echo "${spec#*:}" | tr , ' '); do
+        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+        [ $left -lt 40 ] && { echo "no time left for ${spec%%:*} at $level"; break 2; }
+        timeout $left python3 -m spqt.cli bench decode --model "synthetic:${spec%%:*}" --layouts zigzag \
+          --sparsity "$level" 2>&1 | grep -v WARN | grep "tok/s"
+      done
+    done | tee "$OUT/retune-decode.log"
+    echo "retune38: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
   model)
