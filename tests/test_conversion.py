@@ -37,3 +37,33 @@ def test_pipeline_equals_the_plain_functions(tmp_path):
         assert (q.fmt, q.layout, q.shape) == (fmt, "zigzag", tuple(w.shape))
         assert torch.equal(q.blocks, quantize(w, fmt, "zigzag")), name
         assert torch.equal(model.column_norms[name], column_norms(QuantizedWeight(q.blocks, fmt, "zigzag", q.shape)))
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
+    """A weight with NaN or inf (a damaged checkpoint) has no quantized form and would poison every activation:
+    `spqt quantize` says which tensor in one line, exit 2, and writes nothing; `spqt.quantize` refuses such a
+    matrix; a finite one whose float32 sum overflows is not damaged."""
+    import numpy as np
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    from spqt.cli import main
+    from spqt.errors import SpqtError
+
+    folder = make_hf_checkpoint(tmp_path / "m", n_layers=2)
+    weights = next(folder.glob("*.safetensors"))
+    tensors = load_file(weights)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5:7] = torch.tensor([float("nan"), float("inf")])
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "out.spqt"
+    capsys.readouterr()
+    assert main(["quantize", str(folder), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("spqt: error: the checkpoint's tensor layers.1.w2 holds 2 NaN or infinite values"), err
+    assert not list(tmp_path.glob("out*"))
+    w = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    w[1, 2] = np.nan
+    with pytest.raises(SpqtError, match="holds 1 NaN or infinite values"):
+        quantize(w, "q4_k", "zigzag")
+    big = torch.full((2, 256), 3e38)  # finite; its sum is inf
+    assert quantize(big, "q8_0", "row").shape == (2, 8, 34)

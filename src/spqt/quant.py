@@ -64,6 +64,9 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference
     tensor, was_numpy = _as_tensor(w)
     if tensor.dim() != 2:
         raise ValueError(f"quantize expects a 2-D matrix, got shape {tuple(tensor.shape)}")
+    bad = 0 if not tensor.is_floating_point() or torch.isfinite(tensor.sum()) else int((~torch.isfinite(tensor)).sum())
+    if bad:  # (the sum first, as SourceModel.tensor checks)
+        raise SpqtError(f"quantize: the matrix holds {bad} NaN or infinite values, which have no quantized form")
     values = matrix_to_blocks(tensor, layout, spec.block_size)
     out = torch.empty((values.shape[0], spec.block_bytes), dtype=torch.uint8, device=values.device)
     chunk = max(1, _CHUNK_WEIGHTS.get(values.device.type, _CHUNK_WEIGHTS["cpu"]) // spec.block_size)

@@ -109,8 +109,14 @@ class SourceModel:
     names: list[str] = field(default_factory=list)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """The float32 tensor under a canonical name (read on demand, not cached)."""
-        return self._loader(name)
+        """The float32 tensor under a canonical name (read on demand, not cached); SpqtError where it holds NaN or
+        infinite values (a damaged checkpoint: they have no quantized form, and they poison every activation)."""
+        t = self._loader(name)
+        bad = 0 if torch.isfinite(t.sum()) else int((~torch.isfinite(t)).sum())  # (the sum first: one pass, no
+        if bad:  # temporary; an inf or NaN value makes it one, as could an overflow, which the count then clears)
+            raise SpqtError(f"the checkpoint's tensor {name} holds {bad} NaN or infinite values of {t.numel()}: it "
+                            "is damaged")
+        return t
 
 
 def file_sha256(paths: list[Path]) -> str:
