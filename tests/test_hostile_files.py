@@ -51,9 +51,10 @@ def _rss(key: str) -> int:
 # ---------------------------------------------------------------- the valid files
 
 
-def _gguf_from_hf(folder: Path, path: Path) -> Path:
+def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None) -> Path:
     """The tiny HF checkpoint as a llama GGUF (gguf's writer): F32 norms, F16 / F32 / Q8_0
-    matrices, a gpt2-style BPE vocabulary taken from the checkpoint's tokenizer."""
+    matrices, a gpt2-style BPE vocabulary taken from the checkpoint's tokenizer. down_type "iq4_nl": ffn_down as
+    IQ4_NL blocks of random codes with a scale of 1/64 (the gguf package has no IQ4_NL encoder)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -93,6 +94,13 @@ def _gguf_from_hf(folder: Path, path: Path) -> Path:
             if g == "ffn_up":
                 x = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
                 w.add_tensor(f"blk.{i}.{g}.weight", x, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                continue
+            if g == "ffn_down" and down_type == "iq4_nl":  # a block: fp16 scale, 16 bytes of 4-bit codes
+                n, k = x.shape
+                blocks = np.random.default_rng(i).integers(0, 256, (n, k // 32, 18), dtype=np.uint8)
+                blocks[..., :2] = np.frombuffer(np.float16(1 / 64).tobytes(), np.uint8)
+                w.add_tensor(f"blk.{i}.{g}.weight", blocks.reshape(n, -1),
+                             raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
                 continue
             w.add_tensor(f"blk.{i}.{g}.weight", x.astype(np.float16) if g == "attn_v" else x)
     w.write_header_to_file()
@@ -370,3 +378,19 @@ def test_hostile_files(valid_models, tmp_path, capsys, monkeypatch):
         print(f"\nhostile files: {tried} cases tried in {seconds:.0f} s, all refused with one error line "
               f"except {succeeded} bit flips that left a valid file and ran cleanly")
     assert tried > 300
+
+
+def test_a_gguf_of_i_quants_is_read(tiny_hf, tmp_path):
+    """An i-quant tensor (IQ4_NL here; IQ4_XS, IQ3_S, ... alike) is block-quantized, not integer: read through the
+    gguf package's decoder, as a K-quant is. The reader refused every type whose name began with I."""
+    import gguf
+
+    from spqt.sources import open_source
+
+    source = open_source(_gguf_from_hf(tiny_hf, tmp_path / "iq.gguf", down_type="iq4_nl"))
+    reader = gguf.GGUFReader(str(tmp_path / "iq.gguf"))
+    t = next(t for t in reader.tensors if t.name == "blk.1.ffn_down.weight")
+    assert t.tensor_type == gguf.GGMLQuantizationType.IQ4_NL
+    want = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
+        tuple(int(d) for d in reversed(t.shape)))
+    assert np.array_equal(source.tensor("layers.1.w2").numpy(), want) and np.abs(want).max() > 0

@@ -291,7 +291,7 @@ def _open_gguf(path: Path) -> SourceModel:
                   {n: gguf_name[n] for n in names})
     for n in names:
         kind = tensors[gguf_name[n]].tensor_type.name
-        if kind.startswith("I"):  # I8 .. I64: weights are floating point or block-quantized
+        if kind in ("I8", "I16", "I32", "I64"):  # weights are floating point or block-quantized (IQ4_XS ... too)
             raise SpqtError(f"{path}: tensor {gguf_name[n]} has integer type {kind}")
     permuted = arch in _GGUF_PERMUTED_QK
 
