@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from spqt.cli import main
 from conftest import make_hf_checkpoint
@@ -51,10 +52,12 @@ def _rss(key: str) -> int:
 # ---------------------------------------------------------------- the valid files
 
 
-def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None) -> Path:
+def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None, split_max_tensors: int = 0) -> Path:
     """The tiny HF checkpoint as a llama GGUF (gguf's writer): F32 norms, F16 / F32 / Q8_0
     matrices, a gpt2-style BPE vocabulary taken from the checkpoint's tokenizer. down_type "iq4_nl": ffn_down as
-    IQ4_NL blocks of random codes with a scale of 1/64 (the gguf package has no IQ4_NL encoder)."""
+    IQ4_NL blocks of random codes with a scale of 1/64 (the gguf package has no IQ4_NL encoder). split_max_tensors:
+    split into files of that many tensors as llama.cpp's gguf-split does (PATH-STEM-00001-of-0000N.gguf, ...; the
+    first's path returned)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -67,7 +70,8 @@ def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None) -> Pat
         tokens[i] = piece
     special = {a["content"]: a["id"] for a in tok["added_tokens"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w = gguf.GGUFWriter(str(path), "llama")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(None if split_max_tensors else str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_block_count(cfg["num_hidden_layers"])
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
@@ -103,11 +107,11 @@ def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None) -> Pat
                              raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
                 continue
             w.add_tensor(f"blk.{i}.{g}.weight", x.astype(np.float16) if g == "attn_v" else x)
-    w.write_header_to_file()
+    w.write_header_to_file(path=path if split_max_tensors else None)
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return path
+    return w.format_shard_names(path)[0] if split_max_tensors else path
 
 
 # ---------------------------------------------------------------- mutations
@@ -394,3 +398,41 @@ def test_a_gguf_of_i_quants_is_read(tiny_hf, tmp_path):
     want = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(
         tuple(int(d) for d in reversed(t.shape)))
     assert np.array_equal(source.tensor("layers.1.w2").numpy(), want) and np.abs(want).max() > 0
+
+
+def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
+    """A GGUF split as llama.cpp's gguf-split splits it (a 70B's Q4_K_M comes so): read from its first file, the
+    same tensors and config as the whole file; the second file passed, a file missing or renamed, or a file of
+    another split: one clear error line each."""
+    from spqt.sources import open_source
+
+    whole = open_source(_gguf_from_hf(tiny_hf, tmp_path / "whole.gguf"))
+    first = _gguf_from_hf(tiny_hf, tmp_path / "split" / "tiny.gguf", split_max_tensors=8)
+    files = sorted(first.parent.iterdir())
+    assert first.name == "tiny-00001-of-00003.gguf" and len(files) == 3, files
+    split = open_source(first)
+    assert split.config == whole.config and split.names == whole.names
+    for name in whole.names:
+        assert torch.equal(split.tensor(name), whole.tensor(name)), name
+    assert split.provenance["source_files"] == 3
+    out = tmp_path / "o.spqt"
+
+    def refused(source: Path, fragment: str) -> None:
+        capsys.readouterr()
+        assert main(["quantize", str(source), "-o", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
+        assert not out.exists()
+
+    assert main(["quantize", str(first), "-o", str(out)]) == 0  # the whole pipeline, tokenizer included
+    out.unlink()
+    refused(files[1], "file 2 of a GGUF split into 3 files; pass the first")
+    renamed = first.with_name("tiny.gguf")
+    first.rename(renamed)
+    refused(renamed, "pass the first, named PREFIX-00001-of-00003.gguf")
+    renamed.rename(first)
+    files[2].rename(tmp_path / "away.gguf")
+    refused(first, "tiny-00003-of-00003.gguf is missing")
+    other = _gguf_from_hf(tiny_hf, tmp_path / "other" / "tiny.gguf", split_max_tensors=12)  # 2 files
+    (other.parent / "tiny-00002-of-00002.gguf").rename(files[2])
+    refused(first, "not file 3 of 3")

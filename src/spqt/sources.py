@@ -24,12 +24,14 @@ GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the r
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
 transformers does, so every source uses the half-split RoPE of model.py. ``qwen2`` and ``qwen3``
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
-scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys.
+scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys. A GGUF split by
+llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first file, as llama.cpp reads it.
 """
 
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,29 +184,75 @@ def _plain_gguf_reader():
     return PlainGGUFReader
 
 
-def _open_gguf(path: Path) -> SourceModel:
-    import gguf
-
+def _read_gguf(path: Path):
+    """gguf's reader of one file (PlainGGUFReader); SpqtError where it cannot read it."""
     try:
-        # a damaged offset overflows uint64 inside the reader: our own checks below refuse it
+        # a damaged offset overflows uint64 inside the reader: our own checks refuse it (_gguf_tensor_table)
         with np.errstate(over="ignore"):
-            reader = _plain_gguf_reader()(str(path))
+            return _plain_gguf_reader()(str(path))
     except Exception as e:  # the reader raises many kinds on a damaged file
         raise SpqtError(f"{path}: not a readable GGUF file: truncated or damaged ({type(e).__name__}: {e})") from None
 
-    def field_value(key, default=None):
-        f = reader.fields.get(key)
-        if f is None:
-            return default
-        try:
-            return f.contents()
-        except Exception as e:
-            raise SpqtError(f"{path}: corrupt GGUF metadata field {key} ({e})") from None
 
+def _field(reader, path: Path, key: str, default=None):
+    """A GGUF metadata value, default where the key is absent; SpqtError where it cannot be decoded."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    try:
+        return f.contents()
+    except Exception as e:
+        raise SpqtError(f"{path}: corrupt GGUF metadata field {key} ({e})") from None
+
+
+# llama.cpp's gguf-split names the files of a split model PREFIX-00001-of-00003.gguf, ...; the first holds the
+# metadata, each file its share of the tensors and split.no / split.count
+_SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
+
+
+def _gguf_shard_tensors(path: Path, reader, tensors: dict) -> list[Path]:
+    """A split GGUF's other files read into `tensors` (name -> ReaderTensor; the first file's given): their paths,
+    the first's included. SpqtError where `path` is not the first file, a file is missing or is not this split's,
+    or the tensors do not add up to split.tensors.count."""
+    count, no = int(_field(reader, path, "split.count", 0) or 0), int(_field(reader, path, "split.no", 0) or 0)
+    if count <= 1:
+        return [path]
+    named = _SHARD_NAME.fullmatch(path.name)
+    if no != 0 or named is None or int(named.group(3)) != count:
+        raise SpqtError(f"{path}: file {no + 1} of a GGUF split into {count} files; pass the first, named "
+                        f"PREFIX-00001-of-{count:05d}.gguf")
+    shards = [path.with_name(f"{named.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    for i, shard in enumerate(shards[1:], start=1):
+        if not shard.is_file():
+            raise SpqtError(f"{path}: a GGUF split into {count} files, but {shard.name} is missing")
+        other = _read_gguf(shard)
+        if (int(_field(other, shard, "split.no", -1) or 0), int(_field(other, shard, "split.count", 0) or 0)) \
+                != (i, count):
+            raise SpqtError(f"{shard}: not file {i + 1} of {count} of {path.name}'s split (split.no / split.count)")
+        table = _gguf_tensor_table(other, shard)
+        twice = sorted(tensors.keys() & table.keys())
+        if twice:
+            raise SpqtError(f"{shard}: tensor {twice[0]} is also in another file of the split")
+        tensors.update(table)
+    total = int(_field(reader, path, "split.tensors.count", len(tensors)) or 0)
+    if total != len(tensors):
+        raise SpqtError(f"{path}: the split's files hold {len(tensors)} tensors, its metadata says {total}")
+    return shards
+
+
+def _open_gguf(path: Path) -> SourceModel:
+    import gguf
+
+    reader = _read_gguf(path)
+
+    def field_value(key, default=None):
+        return _field(reader, path, key, default)
+
+    tensors = _gguf_tensor_table(reader, path)
+    shards = _gguf_shard_tensors(path, reader, tensors)  # (a split's later files carry no architecture)
     arch = field_value("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise SpqtError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
-    tensors = _gguf_tensor_table(reader, path)
     if int(field_value(f"{arch}.expert_count", 0) or 0) > 0:
         raise SpqtError(f"{path}: mixture-of-experts models ({arch} with {field_value(f'{arch}.expert_count')} experts) "
                         f"are not supported")
@@ -310,8 +358,10 @@ def _open_gguf(path: Path) -> SourceModel:
         return w
 
     tokenizer = _gguf_tokenizer(path)
-    provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256([path]),
+    provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256(shards),
                   "source_file_type": field_value("general.file_type")}
+    if len(shards) > 1:
+        provenance["source_files"] = len(shards)
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
 
 
