@@ -151,6 +151,36 @@ def test_generate_errors(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "", "--device", "cpu"], "the prompt is empty")  # no model line
 
 
+def test_generate_reads_the_prompt_from_a_file_and_takes_a_system_message(tiny_spqt, capsys, tmp_path, monkeypatch):
+    """-f FILE gives -p's tokens (one trailing newline dropped, as llama.cpp drops it; - reads stdin); --system puts
+    a system message before the prompt in the chat template (and needs --chat); a file that cannot be read, -p with
+    -f: one error line."""
+    import io
+
+    def tokens(*argv) -> dict:
+        record = tmp_path / "r.json"
+        assert main(["generate", str(tiny_spqt), *argv, "-n", "3", "--device", "cpu", "--json", str(record)]) == 0
+        capsys.readouterr()
+        return json.loads(record.read_text())
+
+    plain = tokens("-p", "once upon a time")
+    (tmp_path / "p.txt").write_text("once upon a time\n", encoding="utf-8")
+    from_file = tokens("-f", str(tmp_path / "p.txt"))
+    assert (from_file["prompt"], from_file["prompt_tokens"], from_file["text"]) == (
+        "once upon a time", plain["prompt_tokens"], plain["text"])
+    monkeypatch.setattr("sys.stdin", io.StringIO("once upon a time"))
+    assert tokens("-f", "-")["text"] == plain["text"]
+    chat, system = tokens("-p", "hi", "--chat"), tokens("-p", "hi", "--chat", "--system", "be brief")
+    assert system["prompt_tokens"] > chat["prompt_tokens"] and system["system"] == "be brief"
+    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--system", "x", "--device", "cpu"], "it needs --chat")
+    _error(capsys, ["generate", str(tiny_spqt), "-f", str(tmp_path / "none.txt"), "--device", "cpu"],
+           "cannot read the prompt file")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    _error(capsys, ["generate", str(tiny_spqt), "-f", str(tmp_path / "bad.txt"), "--device", "cpu"],
+           "cannot read the prompt file")
+    _usage_error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "-f", str(tmp_path / "p.txt")], "not allowed with")
+
+
 def _usage_error(capsys, argv, fragment):
     """An argparse error: exit code 2, its message on stderr's last line."""
     capsys.readouterr()

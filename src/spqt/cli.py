@@ -238,6 +238,16 @@ def _load(args):
     return loaded
 
 
+def _prompt_file(name: str) -> str:
+    """generate -f: the text of a file ("-": standard input), less one trailing newline; SpqtError where it cannot
+    be read as UTF-8."""
+    try:
+        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpqtError(f"cannot read the prompt file {name}: {getattr(e, 'strerror', None) or e}") from None
+    return text[:-1] if text.endswith("\n") else text
+
+
 def cmd_generate(args) -> int:
     from spqt.generate import KEPT_ROUTE_NAMES, Generator, Sampling, resolve_device
     from spqt.sparsity import check_sparsity
@@ -247,6 +257,9 @@ def cmd_generate(args) -> int:
         check_sparsity(args.sparsity)
     if args.n < 1:
         raise SpqtError("-n must be at least 1")
+    if args.system is not None and not args.chat:
+        raise SpqtError("--system is the chat's system message: it needs --chat")
+    prompt_text = args.prompt if args.file is None else _prompt_file(args.file)
     if args.json:
         from spqt.checkpoint import check_writable
 
@@ -257,7 +270,7 @@ def cmd_generate(args) -> int:
     backend = _gemv_backend(args.gemv, device)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
-    prompt = tok.chat(args.prompt) if args.chat else tok.encode(args.prompt)
+    prompt = tok.chat(prompt_text, args.system) if args.chat else tok.encode(prompt_text)
     if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
         raise SpqtError("the prompt is empty")
     if len(prompt) + args.n > loaded.config.max_seq_len:
@@ -333,7 +346,7 @@ def cmd_generate(args) -> int:
         from spqt.checkpoint import atomic_write
 
         record = {"model": str(args.model or "default"), "kind": loaded.kind, "device": gen.device,
-                  "prompt": args.prompt, "chat": args.chat, "text": text,
+                  "prompt": prompt_text, "chat": args.chat, "system": args.system, "text": text,
                   "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
                   "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                   "prefill_tokens_per_s": result.prefill_tokens_per_s,
@@ -841,7 +854,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text: the text alone on stdout, everything else on stderr")
     p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
-    p.add_argument("-p", "--prompt", required=True)
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("-p", "--prompt")
+    given.add_argument("-f", "--file", help="the prompt from this text file (UTF-8; - reads standard input); one "
+                       "trailing newline is dropped, as llama.cpp drops it")
     p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
     p.add_argument("--sparsity", type=_level, default=0.0,
                    help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
@@ -851,6 +867,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--system", default=None, help="with --chat: the system message before the prompt (default: "
+                   "the template's own, if any)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)

@@ -30,8 +30,10 @@ class TextTokenizer:
         return self.backend.decode(ids, skip_special_tokens=False)
 
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
-        """The model's chat template around one user message, ready for the assistant's answer."""
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        """The model's chat template around one user message, ready for the assistant's answer; a system message
+        first where one is given ("" too: an empty one, in place of the template's default)."""
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": prompt}]
         return self.chat_messages(messages)
 
     def chat_messages(self, messages: list[dict]) -> list[int]:
