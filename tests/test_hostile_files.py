@@ -404,7 +404,7 @@ def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
     """A GGUF split as llama.cpp's gguf-split splits it (a 70B's Q4_K_M comes so): read from its first file, the
     same tensors and config as the whole file; the second file passed, a file missing or renamed, or a file of
     another split: one clear error line each."""
-    from spqt.sources import open_source
+    from spqt.sources import model_name, open_source
 
     whole = open_source(_gguf_from_hf(tiny_hf, tmp_path / "whole.gguf"))
     first = _gguf_from_hf(tiny_hf, tmp_path / "split" / "tiny.gguf", split_max_tensors=8)
@@ -415,6 +415,7 @@ def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
     for name in whole.names:
         assert torch.equal(split.tensor(name), whole.tensor(name)), name
     assert split.provenance["source_files"] == 3
+    assert (model_name(first), model_name(tmp_path / "whole.gguf")) == ("tiny", "whole")  # serve's model id
     out = tmp_path / "o.spqt"
 
     def refused(source: Path, fragment: str) -> None:

@@ -380,6 +380,7 @@ def cmd_serve(args) -> int:
     from spqt.generate import resolve_device
     from spqt.serve.engine import Engine, parse_sparsity
     from spqt.serve.server import bind, serve, setup_logging
+    from spqt.sources import model_name
 
     sparsity = parse_sparsity(args.sparsity)
     if args.criterion:
@@ -394,7 +395,7 @@ def cmd_serve(args) -> int:
     try:
         setup_logging()
         loaded = _load(args)
-        name = args.name or Path(args.model or loaded.path).stem  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
+        name = args.name or model_name(args.model or loaded.path)  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
                         backend=_gemv_backend(args.gemv, device),
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),

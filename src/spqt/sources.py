@@ -210,6 +210,13 @@ def _field(reader, path: Path, key: str, default=None):
 _SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
 
 
+def model_name(path: str | os.PathLike) -> str:
+    """The name a model file goes by: its stem, a split GGUF's without the file's place (m-00001-of-00003.gguf: m)."""
+    p = Path(path)
+    named = _SHARD_NAME.fullmatch(p.name)
+    return named.group(1) if named else p.stem
+
+
 def _gguf_shard_tensors(path: Path, reader, tensors: dict) -> list[Path]:
     """A split GGUF's other files read into `tensors` (name -> ReaderTensor; the first file's given): their paths,
     the first's included. SpqtError where `path` is not the first file, a file is missing or is not this split's,
