@@ -179,6 +179,17 @@ def test_generate_reads_the_prompt_from_a_file_and_takes_a_system_message(tiny_s
     _error(capsys, ["generate", str(tiny_spqt), "-f", str(tmp_path / "bad.txt"), "--device", "cpu"],
            "cannot read the prompt file")
     _usage_error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "-f", str(tmp_path / "p.txt")], "not allowed with")
+    from spqt.checkpoint import load_spqt
+    from spqt.errors import SpqtError
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_spqt(tiny_spqt)  # a template that takes no system message (Mistral's raise_exception)
+    loaded.tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system "
+                                      "role') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    assert tok.chat("hi")
+    with pytest.raises(SpqtError, match="chat template refused this conversation: no system role"):
+        tok.chat("hi", "be brief")
 
 
 def _usage_error(capsys, argv, fragment):

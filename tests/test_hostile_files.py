@@ -428,6 +428,11 @@ def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
     assert main(["quantize", str(first), "-o", str(out)]) == 0  # the whole pipeline, tokenizer included
     out.unlink()
     refused(files[1], "file 2 of a GGUF split into 3 files; pass the first")
+    files[1].rename(tmp_path / "second.gguf")  # the first file named as the second
+    first.rename(files[1])
+    refused(files[1], "pass the first, named PREFIX-00001-of-00003.gguf")
+    files[1].rename(first)
+    (tmp_path / "second.gguf").rename(files[1])
     renamed = first.with_name("tiny.gguf")
     first.rename(renamed)
     refused(renamed, "pass the first, named PREFIX-00001-of-00003.gguf")
@@ -437,3 +442,12 @@ def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
     other = _gguf_from_hf(tiny_hf, tmp_path / "other" / "tiny.gguf", split_max_tensors=12)  # 2 files
     (other.parent / "tiny-00002-of-00002.gguf").rename(files[2])
     refused(first, "not file 3 of 3")
+    # a split key that is not an integer (a damaged or hand-made file): one error line, not int()'s traceback
+    from types import SimpleNamespace
+
+    from spqt.errors import SpqtError
+    from spqt.sources import _gguf_split
+
+    field = SimpleNamespace(contents=lambda: "three")
+    with pytest.raises(SpqtError, match="GGUF metadata key split.count is not an integer \\('three'\\)"):
+        _gguf_split(first, SimpleNamespace(fields={"split.count": field}), {})

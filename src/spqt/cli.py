@@ -241,8 +241,12 @@ def _load(args):
 def _prompt_file(name: str) -> str:
     """generate -f: the text of a file ("-": standard input), less one trailing newline; SpqtError where it cannot
     be read as UTF-8."""
+    stdin_bytes = getattr(sys.stdin, "buffer", None)  # read as UTF-8 whatever the locale (a StringIO has none)
     try:
-        text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
+        if name != "-":
+            text = Path(name).read_text(encoding="utf-8")
+        else:
+            text = stdin_bytes.read().decode("utf-8") if stdin_bytes is not None else sys.stdin.read()
     except (OSError, UnicodeDecodeError) as e:
         raise SpqtError(f"cannot read the prompt file {name}: {getattr(e, 'strerror', None) or e}") from None
     return text[:-1] if text.endswith("\n") else text

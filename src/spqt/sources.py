@@ -217,34 +217,45 @@ def model_name(path: str | os.PathLike) -> str:
     return named.group(1) if named else p.stem
 
 
-def _gguf_shard_tensors(path: Path, reader, tensors: dict) -> list[Path]:
-    """A split GGUF's other files read into `tensors` (name -> ReaderTensor; the first file's given): their paths,
-    the first's included. SpqtError where `path` is not the first file, a file is missing or is not this split's,
-    or the tensors do not add up to split.tensors.count."""
-    count, no = int(_field(reader, path, "split.count", 0) or 0), int(_field(reader, path, "split.no", 0) or 0)
+def _int_field(reader, path: Path, key: str, default: int) -> int:
+    """An integer GGUF metadata value, default where the key is absent; SpqtError where it is not an integer."""
+    value = _field(reader, path, key, default)
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise SpqtError(f"{path}: GGUF metadata key {key} is not an integer ({value!r})") from None
+
+
+def _gguf_split(path: Path, reader, tensors: dict) -> tuple[dict, list[Path]]:
+    """A GGUF's tensors (name -> ReaderTensor; `tensors`, the first file's, given) and its files: where it is split,
+    every file's tensors and every file's path, the first's included. SpqtError where `path` is not the first file,
+    a file is missing or is not this split's, or the tensors do not add up to split.tensors.count."""
+    count, no = _int_field(reader, path, "split.count", 0), _int_field(reader, path, "split.no", 0)
     if count <= 1:
-        return [path]
+        return tensors, [path]
     named = _SHARD_NAME.fullmatch(path.name)
-    if no != 0 or named is None or int(named.group(3)) != count:
+    if no != 0 or named is None or named.group(2) != "00001" or int(named.group(3)) != count:
         raise SpqtError(f"{path}: file {no + 1} of a GGUF split into {count} files; pass the first, named "
                         f"PREFIX-00001-of-{count:05d}.gguf")
+    total = _int_field(reader, path, "split.tensors.count", 0)
     shards = [path.with_name(f"{named.group(1)}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    tensors = dict(tensors)
     for i, shard in enumerate(shards[1:], start=1):
         if not shard.is_file():
             raise SpqtError(f"{path}: a GGUF split into {count} files, but {shard.name} is missing")
         other = _read_gguf(shard)
-        if (int(_field(other, shard, "split.no", -1) or 0), int(_field(other, shard, "split.count", 0) or 0)) \
-                != (i, count):
-            raise SpqtError(f"{shard}: not file {i + 1} of {count} of {path.name}'s split (split.no / split.count)")
+        place = tuple(_int_field(other, shard, key, -1) for key in ("split.no", "split.count", "split.tensors.count"))
+        if place != (i, count, total):
+            raise SpqtError(f"{shard}: not file {i + 1} of {count} of {path.name}'s split (split.no, split.count, "
+                            f"split.tensors.count: {place})")
         table = _gguf_tensor_table(other, shard)
         twice = sorted(tensors.keys() & table.keys())
         if twice:
             raise SpqtError(f"{shard}: tensor {twice[0]} is also in another file of the split")
         tensors.update(table)
-    total = int(_field(reader, path, "split.tensors.count", len(tensors)) or 0)
     if total != len(tensors):
         raise SpqtError(f"{path}: the split's files hold {len(tensors)} tensors, its metadata says {total}")
-    return shards
+    return tensors, shards
 
 
 def _open_gguf(path: Path) -> SourceModel:
@@ -255,12 +266,12 @@ def _open_gguf(path: Path) -> SourceModel:
     def field_value(key, default=None):
         return _field(reader, path, key, default)
 
-    tensors = _gguf_tensor_table(reader, path)
-    shards = _gguf_shard_tensors(path, reader, tensors)  # (a split's later files carry no architecture)
+    # (before the architecture: a split's later files carry none)
+    tensors, shards = _gguf_split(path, reader, _gguf_tensor_table(reader, path))
     arch = field_value("general.architecture")
     if arch not in SUPPORTED_GGUF_ARCHS:
         raise SpqtError(f"{path}: unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_GGUF_ARCHS)}")
-    if int(field_value(f"{arch}.expert_count", 0) or 0) > 0:
+    if _int_field(reader, path, f"{arch}.expert_count", 0) > 0:
         raise SpqtError(f"{path}: mixture-of-experts models ({arch} with {field_value(f'{arch}.expert_count')} experts) "
                         f"are not supported")
     if "token_embd.weight" not in tensors:

@@ -32,9 +32,14 @@ class TextTokenizer:
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
         """The model's chat template around one user message, ready for the assistant's answer; a system message
         first where one is given ("" too: an empty one, in place of the template's default)."""
+        import jinja2
+
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}]
-        return self.chat_messages(messages)
+        try:
+            return self.chat_messages(messages)
+        except jinja2.TemplateError as e:  # the template refused them (raise_exception: Mistral's takes no system)
+            raise SpqtError(f"the model's chat template refused this conversation: {e}") from None
 
     def chat_messages(self, messages: list[dict]) -> list[int]:
         """The model's chat template around a conversation ([{"role": ..., "content": str}, ...]),
