@@ -67,3 +67,46 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
         quantize(w, "q4_k", "zigzag")
     big = torch.full((2, 256), 3e38)  # finite; its sum is inf
     assert quantize(big, "q8_0", "row").shape == (2, 8, 34)
+
+
+def test_a_pytorch_bin_checkpoint_is_read_safely(tmp_path, capsys):
+    """An older Hugging Face repository's pytorch_model*.bin (no .safetensors): the same tensors as the safetensors
+    checkpoint, read with torch.load's weights_only (a pickle that would run code is refused, not run), memory-mapped
+    where the format allows and read whole where not (the legacy format); a damaged file: one error line."""
+    import pickle
+
+    from safetensors.torch import load_file
+
+    from spqt.cli import main
+
+    reference = open_source(make_hf_checkpoint(tmp_path / "st"))
+    for name, legacy in (("zip", False), ("legacy", True)):
+        folder = make_hf_checkpoint(tmp_path / name)
+        weights = next(folder.glob("*.safetensors"))
+        state = load_file(weights)
+        weights.unlink()
+        keys = sorted(state)
+        for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):  # two shards
+            torch.save({k: state[k] for k in part}, folder / f"pytorch_model-0000{i + 1}-of-00002.bin",
+                       _use_new_zipfile_serialization=not legacy)
+        source = open_source(folder)
+        assert source.names == reference.names and source.config == reference.config
+        for n in reference.names:
+            assert torch.equal(source.tensor(n), reference.tensor(n)), (name, n)
+    assert main(["quantize", str(tmp_path / "zip"), "-o", str(tmp_path / "zip.spqt")]) == 0
+
+    class Hostile:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    bad = tmp_path / "zip" / "pytorch_model-00001-of-00002.bin"
+    for payload in (lambda f: f.write_bytes(pickle.dumps({"model.norm.weight": Hostile()})),
+                    lambda f: f.write_bytes(f.read_bytes()[:100]) if f.exists() else None):
+        torch.save({"x": torch.ones(2)}, bad)
+        payload(bad)
+        capsys.readouterr()
+        assert main(["quantize", str(tmp_path / "zip"), "-o", str(tmp_path / "bad.spqt")]) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert "this ran" not in out and len(lines) == 1 and "not a readable PyTorch checkpoint" in lines[0], lines
+    assert not (tmp_path / "bad.spqt").exists()

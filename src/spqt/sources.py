@@ -469,6 +469,36 @@ def _spec_from_hf_tokenizer(tok) -> TokenizerSpec:
 # ---------------------------------------------------------------- Hugging Face
 
 
+_TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def _torch_shards(paths: list[Path]) -> dict[Path, dict]:
+    """PyTorch .bin checkpoint files (older Hugging Face repositories) -> {path: {name: tensor}}, memory-mapped where
+    the file's format allows (the zip format since torch 1.6), read with weights_only (tensors and containers only:
+    no code of the file runs); SpqtError where a file is not such a checkpoint."""
+    import warnings
+
+    shards = {}
+    for path in paths:
+        try:
+            with warnings.catch_warnings():  # (the unpickler's notes on a file's pickle protocol: not the user's)
+                warnings.simplefilter("ignore")
+                try:
+                    state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+                    if "mmap" not in str(e):
+                        raise
+                    state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises many kinds on a damaged or hostile file
+            raise SpqtError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise SpqtError(f"{path}: not a checkpoint of named tensors (a state dict)")
+        shards[path] = state
+    return shards
+
+
 def _open_hf(folder: Path) -> SourceModel:
     from safetensors import safe_open
 
@@ -487,10 +517,17 @@ def _open_hf(folder: Path) -> SourceModel:
     if cfg.get("hidden_act", "silu") != "silu":
         raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
     files = sorted(folder.glob("*.safetensors"))
+    pickled = {} if files else _torch_shards(sorted(folder.glob("pytorch_model*.bin")))  # older checkpoints
+    files = files or list(pickled)
     if not files:
-        raise SpqtError(f"{folder}: no .safetensors files (PyTorch .bin checkpoints are not read)")
+        raise SpqtError(f"{folder}: no .safetensors or pytorch_model*.bin files")
     where, declared = {}, {}
     for f in files:
+        if f in pickled:
+            for k, t in pickled[f].items():
+                where[k] = f
+                declared[k] = (tuple(t.shape), _TORCH_DTYPES.get(t.dtype, str(t.dtype).replace("torch.", "")))
+            continue
         try:
             with safe_open(str(f), framework="pt") as st:
                 for k in st.keys():
@@ -535,6 +572,8 @@ def _open_hf(folder: Path) -> SourceModel:
 
     def load(name: str) -> torch.Tensor:
         key = hf_name[name]
+        if where[key] in pickled:
+            return pickled[where[key]][key].to(torch.float32)
         try:
             with safe_open(str(where[key]), framework="pt") as st:
                 return st.get_tensor(key).to(torch.float32)
