@@ -112,6 +112,9 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
     w.add_eos_token_id(tok.eos_token_id)
     w.add_add_bos_token(arch == "llama")
     w.add_chat_template(template)
+    if c.rope_parameters.get("rope_type") == "linear":  # as llama.cpp's converter writes it
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(c.rope_parameters["factor"])
     if c.rope_parameters.get("rope_type") == "llama3":
         plain = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         w.add_tensor("rope_freqs.weight", (plain / model.model.rotary_emb.inv_freq.double()).float().numpy())
@@ -146,12 +149,17 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def family(request, base_tokenizer, tmp_path_factory) -> dict:
     """{name, hf (folder), gguf (file), model (transformers, float32, eval), tok (HF tokenizer)}."""
+    return build_family(request.param, FAMILIES[request.param], base_tokenizer,
+                        tmp_path_factory.mktemp(request.param.replace(".", "_")))
+
+
+def build_family(name: str, spec: tuple, base_tokenizer: Path, folder: Path) -> dict:
+    """A random transformers model of the spec (FAMILIES' form), saved as an HF folder and written as a GGUF: the
+    family fixture's dict."""
     import transformers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    name = request.param
-    cls, extra, arch, template = FAMILIES[name]
-    folder = tmp_path_factory.mktemp(name.replace(".", "_"))
+    cls, extra, arch, template = spec
     tok = PreTrainedTokenizerFast.from_pretrained(str(base_tokenizer))
     tok.chat_template = TEMPLATES[template]
     config = getattr(transformers, cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
@@ -218,6 +226,51 @@ def test_float_forward_equals_transformers(family, source):
     print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
     # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
     assert err < 2e-5 * span, f"{name} from {source} (seed {family['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+
+
+def test_linear_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
+    """Linear RoPE scaling (Llama 2 long-context fine-tunes: positions divided by the factor), from HF's rope_scaling
+    and from a GGUF as llama.cpp's converter writes it (rope.scaling.type linear, rope.scaling.factor) or as older
+    files do (rope.scale_linear alone, the type defaulting to linear as llama.cpp reads it): the logits of
+    transformers, past the positions the factor compresses."""
+    import gguf
+
+    spec = ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+                                max_position_embeddings=512), "llama", "llama3")
+    fam = build_family("llama2-linear", spec, base_tokenizer, tmp_path)
+    older = tmp_path / "older.gguf"  # the same file with the older key: rope.scale_linear, no type
+    reader = gguf.GGUFReader(str(fam["gguf"]))
+    w = gguf.GGUFWriter(str(older), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "llama.rope.scaling.type",
+                                                             "llama.rope.scaling.factor"):
+            continue
+        value = field.contents()
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, value)
+        else:
+            w.add_key_value(field.name, value, kind)
+    w.add_float32("llama.rope.scale_linear", 4.0)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
+                     raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    with torch.no_grad():
+        theirs = fam["model"](torch.tensor([ids])).logits[0].float()
+    span = float(theirs.max() - theirs.min())
+    for source in (fam["hf"], fam["gguf"], older):
+        loaded = load_model(source)
+        assert loaded.config.rope_freq_factors == (4.0,) * (loaded.config.head_dim // 2), source
+        model = build_model(loaded, "cpu", torch.float32)
+        model.setup_cache(1, len(ids), torch.float32)
+        with torch.no_grad():
+            ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        assert float((ours - theirs).abs().max()) < 2e-5 * span, source
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +447,8 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
 
 @pytest.mark.parametrize("change, fragment", [
     ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling 'yarn'"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling 'linear'"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
+    ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "factor -2.0 is not a positive number"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
     ({"num_attention_heads": None}, "unusable config"),
 ])

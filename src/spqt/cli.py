@@ -128,7 +128,7 @@ def cmd_inspect(args) -> int:
                         ", q/k norm" if c.qk_norm else ""])
     print(f"architecture {c.family}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads} (kv {c.n_kv_heads}), "
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
-          f"rope theta {c.rope_theta:g}{' (llama3 scaling)' if c.rope_scaling or c.rope_freq_factors else ''}, "
+          f"rope theta {c.rope_theta:g}{_rope_scaling_label(c)}, "
           f"tied head {c.tie_embeddings}{switches}")
     quant_bytes = quant_weights = other_bytes = float_bytes = float_weights = 0
     rows = []
@@ -250,6 +250,16 @@ def _prompt_file(name: str) -> str:
     except (OSError, UnicodeDecodeError) as e:
         raise SpqtError(f"cannot read the prompt file {name}: {getattr(e, 'strerror', None) or e}") from None
     return text[:-1] if text.endswith("\n") else text
+
+
+def _rope_scaling_label(c) -> str:
+    """inspect's note on a model's RoPE scaling: Llama 3's (as HF gives it), linear (every frequency divided by one
+    factor), or per-frequency divisors (a GGUF's rope_freqs: Llama 3's)."""
+    if c.rope_scaling:
+        return " (llama3 scaling)"
+    if c.rope_freq_factors and len(set(c.rope_freq_factors)) == 1:
+        return f" (linear scaling x{c.rope_freq_factors[0]:g})"
+    return " (llama3 scaling)" if c.rope_freq_factors else ""
 
 
 def cmd_generate(args) -> int:

@@ -30,6 +30,7 @@ llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first 
 
 import hashlib
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -291,9 +292,18 @@ def _open_gguf(path: Path) -> SourceModel:
     dim = size("embedding_length")
     head_dim = size("attention.key_length", dim // max(n_heads, 1))
     vocab = int(tensors["token_embd.weight"].shape[-1])
-    scaling_type = field_value(f"{arch}.rope.scaling.type")
-    if scaling_type not in (None, "none"):
-        raise SpqtError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported")
+    # llama.cpp's reading: the type defaults to linear, and a linear type scales positions by 1 / factor (the factor
+    # under rope.scaling.factor, or the older rope.scale_linear; absent, 0 or 1: none); type none never scales
+    scaling_type = field_value(f"{arch}.rope.scaling.type") or "linear"
+    if scaling_type not in ("none", "linear"):
+        raise SpqtError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported (linear is)")
+    linear_factor = field_value(f"{arch}.rope.scaling.factor") or field_value(f"{arch}.rope.scale_linear") or 0.0
+    try:
+        linear_factor = float(linear_factor) if scaling_type == "linear" else 0.0
+    except (TypeError, ValueError):
+        raise SpqtError(f"{path}: GGUF rope scaling factor is not a number ({linear_factor!r})") from None
+    if not (math.isfinite(linear_factor) and linear_factor >= 0):
+        raise SpqtError(f"{path}: GGUF rope scaling factor {linear_factor} is not a positive number")
     rope_dims = int(field_value(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise SpqtError(f"{path}: partial RoPE ({rope_dims} of {head_dim} head dimensions) is not supported")
@@ -304,6 +314,8 @@ def _open_gguf(path: Path) -> SourceModel:
         rope_freq_factors = tuple(float(v) for v in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).ravel())
         if len(rope_freq_factors) != head_dim // 2 or not all(np.isfinite(rope_freq_factors)) or min(rope_freq_factors) <= 0:
             raise SpqtError(f"{path}: rope_freqs holds {len(rope_freq_factors)} values, expected {head_dim // 2} positive ones")
+    if linear_factor not in (0.0, 1.0):  # dividing every frequency by the factor: the positions divided by it
+        rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * (head_dim // 2))
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
@@ -599,10 +611,14 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("llama3", "default"):
-        raise ValueError(f"rope scaling {kind!r} is not supported (llama3 is)")
-    scaling = None if kind == "default" else {
+    if kind not in ("llama3", "linear", "default"):
+        raise ValueError(f"rope scaling {kind!r} is not supported (llama3 and linear are)")
+    scaling = None if kind != "llama3" else {
         k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    factor = float(rope["factor"]) if kind == "linear" else 1.0  # positions / factor: each frequency divided by it
+    if not (math.isfinite(factor) and factor > 0):
+        raise ValueError(f"linear rope scaling factor {factor} is not a positive number")
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
@@ -617,9 +633,10 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     return ModelConfig(
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-        ffn_dim=cfg["intermediate_size"], head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_heads,
+        ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, max_seq_len=context,
+        rope_scaling=scaling, rope_freq_factors=(factor,) * (head_dim // 2) if kind == "linear" else None,
+        max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
         **_switches(_hf_extras(cfg, model_type)),
