@@ -73,6 +73,7 @@ def test_a_pytorch_bin_checkpoint_is_read_safely(tmp_path, capsys):
     """An older Hugging Face repository's pytorch_model*.bin (no .safetensors): the same tensors as the safetensors
     checkpoint, read with torch.load's weights_only (a pickle that would run code is refused, not run), memory-mapped
     where the format allows and read whole where not (the legacy format); a damaged file: one error line."""
+    import json
     import pickle
 
     from safetensors.torch import load_file
@@ -86,13 +87,20 @@ def test_a_pytorch_bin_checkpoint_is_read_safely(tmp_path, capsys):
         state = load_file(weights)
         weights.unlink()
         keys = sorted(state)
-        for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :])):  # two shards
+        state["model.position_ids"] = torch.arange(8)  # an int64 buffer beside the weights: not read, no refusal
+        for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2 :] + ["model.position_ids"])):
             torch.save({k: state[k] for k in part}, folder / f"pytorch_model-0000{i + 1}-of-00002.bin",
                        _use_new_zipfile_serialization=not legacy)
+        if not legacy:  # the index names the files: a stray pytorch_model.bin beside them is not read
+            (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {
+                k: f"pytorch_model-0000{1 + (k not in keys[: len(keys) // 2])}-of-00002.bin" for k in state}}))
+            torch.save({"model.norm.weight": torch.zeros(64)}, folder / "pytorch_model.bin")
         source = open_source(folder)
         assert source.names == reference.names and source.config == reference.config
         for n in reference.names:
             assert torch.equal(source.tensor(n), reference.tensor(n)), (name, n)
+        source.tensor("norm").mul_(2)  # a copy each read, as from safetensors
+        assert torch.equal(source.tensor("norm"), reference.tensor("norm"))
     assert main(["quantize", str(tmp_path / "zip"), "-o", str(tmp_path / "zip.spqt")]) == 0
 
     class Hostile:

@@ -238,27 +238,44 @@ def test_linear_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     spec = ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
                                 max_position_embeddings=512), "llama", "llama3")
     fam = build_family("llama2-linear", spec, base_tokenizer, tmp_path)
-    older = tmp_path / "older.gguf"  # the same file with the older key: rope.scale_linear, no type
     reader = gguf.GGUFReader(str(fam["gguf"]))
-    w = gguf.GGUFWriter(str(older), "llama")
-    for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name in ("general.architecture", "llama.rope.scaling.type",
-                                                             "llama.rope.scaling.factor"):
-            continue
-        value = field.contents()
-        kind = field.types[0]
-        if kind == gguf.GGUFValueType.ARRAY:
-            w.add_array(field.name, value)
-        else:
-            w.add_key_value(field.name, value, kind)
-    w.add_float32("llama.rope.scale_linear", 4.0)
-    for t in reader.tensors:
-        w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
-                     raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def rewritten(name: str, keys: dict, tensors: dict | None = None) -> Path:
+        """The GGUF without its scaling keys, with these float32 keys and extra float32 tensors."""
+        path = tmp_path / name
+        w = gguf.GGUFWriter(str(path), "llama")
+        for field in reader.fields.values():
+            if field.name.startswith("GGUF.") or field.name in ("general.architecture", "llama.rope.scaling.type",
+                                                                 "llama.rope.scaling.factor"):
+                continue
+            kind = field.types[0]
+            if kind == gguf.GGUFValueType.ARRAY:
+                w.add_array(field.name, field.contents())
+            else:
+                w.add_key_value(field.name, field.contents(), kind)
+        for key, value in keys.items():
+            (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
+        for t in reader.tensors:
+            w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
+                         raw_dtype=t.tensor_type)
+        for tname, values in (tensors or {}).items():
+            w.add_tensor(tname, values)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        return path
+
+    older = rewritten("older.gguf", {"llama.rope.scale_linear": 4.0})  # the older key alone, no type
+    half = 8  # head_dim / 2
+    # type none never scales; a zero factor is none (the older key not read then); with rope_freqs: their product
+    assert load_model(rewritten("none.gguf", {"llama.rope.scaling.type": "none",
+                                              "llama.rope.scaling.factor": 4.0})).config.rope_freq_factors is None
+    assert load_model(rewritten("zero.gguf", {"llama.rope.scaling.factor": 0.0,
+                                              "llama.rope.scale_linear": 4.0})).config.rope_freq_factors is None
+    divisors = np.linspace(1, 3, half).astype(np.float32)
+    both = load_model(rewritten("both.gguf", {"llama.rope.scaling.factor": 4.0}, {"rope_freqs.weight": divisors}))
+    assert np.allclose(both.config.rope_freq_factors, 4 * divisors)
     ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
     with torch.no_grad():
         theirs = fam["model"](torch.tensor([ids])).logits[0].float()

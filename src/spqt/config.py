@@ -42,8 +42,9 @@ class ModelConfig:
     # Which family the source declared (llama, mistral, qwen2, qwen3): shown to people; the
     # network itself follows the switches below, never this name.
     family: str = "llama"
-    # The same Llama-3 scaling as llama.cpp stores it (GGUF tensor rope_freqs): (head_dim/2,)
-    # divisors of the inverse frequencies; None for none. Exclusive with rope_scaling.
+    # (head_dim/2,) divisors of the inverse frequencies: Llama-3 scaling as llama.cpp stores it (GGUF tensor
+    # rope_freqs), linear scaling (one factor in every place), or both multiplied; None for none. Exclusive with
+    # rope_scaling.
     rope_freq_factors: tuple[float, ...] | None = None
     # Linear maps that add an output bias after W x (never thresholded): a subset of
     # LINEAR_KINDS; Qwen2 has ("qkv",).

@@ -36,7 +36,7 @@ class RMSNorm(DirectCallModule):
 
 def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured (as HF
-    parameters, or as llama.cpp's per-frequency divisors from a GGUF)."""
+    parameters, or as llama.cpp's per-frequency divisors from a GGUF) or linear scaling (divisors too)."""
     hd = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
     if config.rope_freq_factors is not None:

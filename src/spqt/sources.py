@@ -15,7 +15,7 @@ provenance. Canonical names, weights as (out_features, in_features)::
 Families and where they come from:
 
     family      Hugging Face model_type   GGUF general.architecture   switches
-    Llama 2/3   llama                     llama                       Llama-3 RoPE scaling; tied head (3.2)
+    Llama 2/3   llama                     llama                       Llama-3 or linear RoPE scaling; tied head (3.2)
     Mistral     mistral                   llama                       sliding window (HF: caps the context)
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
@@ -24,7 +24,8 @@ GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the r
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
 transformers does, so every source uses the half-split RoPE of model.py. ``qwen2`` and ``qwen3``
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
-scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys. A GGUF split by
+scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear scaling as
+keys, read as llama.cpp reads them, and kept as divisors too. A GGUF split by
 llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first file, as llama.cpp reads it.
 """
 
@@ -297,7 +298,9 @@ def _open_gguf(path: Path) -> SourceModel:
     scaling_type = field_value(f"{arch}.rope.scaling.type") or "linear"
     if scaling_type not in ("none", "linear"):
         raise SpqtError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported (linear is)")
-    linear_factor = field_value(f"{arch}.rope.scaling.factor") or field_value(f"{arch}.rope.scale_linear") or 0.0
+    linear_factor = field_value(f"{arch}.rope.scaling.factor")
+    if linear_factor is None:  # (the older key only where the newer is absent, as llama.cpp)
+        linear_factor = field_value(f"{arch}.rope.scale_linear", 0.0)
     try:
         linear_factor = float(linear_factor) if scaling_type == "linear" else 0.0
     except (TypeError, ValueError):
@@ -484,6 +487,17 @@ def _spec_from_hf_tokenizer(tok) -> TokenizerSpec:
 _TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
+def _bin_files(folder: Path) -> list[Path]:
+    """An HF folder's PyTorch weight files: those its pytorch_model.bin.index.json maps, else pytorch_model*.bin."""
+    index = folder / "pytorch_model.bin.index.json"
+    if not index.exists():
+        return sorted(folder.glob("pytorch_model*.bin"))
+    try:
+        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise SpqtError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+
+
 def _torch_shards(paths: list[Path]) -> dict[Path, dict]:
     """PyTorch .bin checkpoint files (older Hugging Face repositories) -> {path: {name: tensor}}, memory-mapped where
     the file's format allows (the zip format since torch 1.6), read with weights_only (tensors and containers only:
@@ -504,10 +518,9 @@ def _torch_shards(paths: list[Path]) -> dict[Path, dict]:
         except Exception as e:  # torch raises many kinds on a damaged or hostile file
             raise SpqtError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
                             f"{str(e).splitlines()[0][:200] if str(e) else ''})") from None
-        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                                  for k, v in state.items()):
+        if not isinstance(state, dict):
             raise SpqtError(f"{path}: not a checkpoint of named tensors (a state dict)")
-        shards[path] = state
+        shards[path] = {k: v for k, v in state.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
     return shards
 
 
@@ -529,7 +542,7 @@ def _open_hf(folder: Path) -> SourceModel:
     if cfg.get("hidden_act", "silu") != "silu":
         raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
     files = sorted(folder.glob("*.safetensors"))
-    pickled = {} if files else _torch_shards(sorted(folder.glob("pytorch_model*.bin")))  # older checkpoints
+    pickled = {} if files else _torch_shards(_bin_files(folder))  # older checkpoints
     files = files or list(pickled)
     if not files:
         raise SpqtError(f"{folder}: no .safetensors or pytorch_model*.bin files")
@@ -548,9 +561,6 @@ def _open_hf(folder: Path) -> SourceModel:
                     declared[k] = (tuple(piece.get_shape()), piece.get_dtype())
         except Exception as e:  # the safetensors library raises its own error kinds
             raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
-    for k, (_, dtype) in declared.items():
-        if dtype not in ("F64", "F32", "F16", "BF16"):
-            raise SpqtError(f"{where[k]}: tensor {k} has dtype {dtype}; weights must be floating point")
     try:
         config = _hf_config(cfg, model_type, tie="lm_head.weight" not in where)
     except SpqtError:
@@ -580,12 +590,15 @@ def _open_hf(folder: Path) -> SourceModel:
     missing = [hf_name[n] for n in names if hf_name[n] not in where]
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
+    for k in (hf_name[n] for n in names):  # (the tensors read: a buffer such as int64 position_ids may sit beside)
+        if declared[k][1] not in ("F64", "F32", "F16", "BF16"):
+            raise SpqtError(f"{where[k]}: tensor {k} has dtype {declared[k][1]}; weights must be floating point")
     _check_shapes(folder, config, {n: declared[hf_name[n]][0] for n in names}, hf_name)
 
     def load(name: str) -> torch.Tensor:
         key = hf_name[name]
         if where[key] in pickled:
-            return pickled[where[key]][key].to(torch.float32)
+            return pickled[where[key]][key].to(torch.float32, copy=True)  # (not the mapped tensor: not cached)
         try:
             with safe_open(str(where[key]), framework="pt") as st:
                 return st.get_tensor(key).to(torch.float32)
@@ -619,6 +632,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     factor = float(rope["factor"]) if kind == "linear" else 1.0  # positions / factor: each frequency divided by it
     if not (math.isfinite(factor) and factor > 0):
         raise ValueError(f"linear rope scaling factor {factor} is not a positive number")
+    linear = (factor,) * (head_dim // 2) if factor != 1.0 else None
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
@@ -635,7 +649,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, rope_freq_factors=(factor,) * (head_dim // 2) if kind == "linear" else None,
+        rope_scaling=scaling, rope_freq_factors=linear,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
