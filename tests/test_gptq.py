@@ -201,22 +201,26 @@ def test_a_mix_with_the_mse_search(tmp_path):
     assert model.provenance["gptq"]["maps"] == 8 and model.provenance["encoder_search"] == "mse"
 
 
-def _naive_gptq(w: torch.Tensor, h: torch.Tensor, step: float, order: torch.Tensor) -> torch.Tensor:
+def _naive_gptq(w: torch.Tensor, h: torch.Tensor, step: float, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ written plainly, float64: columns in `order`, each rounded to the grid step * (code - 128), code in
-    0..255, its error moved onto every later column at once (no lazy batches). Returns the codes (N, K)."""
+    0..255, its error moved onto every later column at once (no lazy batches). Returns the codes (N, K) and each
+    code's distance from a rounding tie (N, K; 0.5 where the value sat on a code, 0 on a tie), in column order."""
     w = w.double()[:, order].clone()
     h = h[order][:, order].clone()
     h.diagonal().add_(gptq.DAMP * float(h.diagonal().mean()))
     upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     codes = torch.empty(w.shape, dtype=torch.int64)
+    ties = torch.empty(w.shape, dtype=torch.float64)
     for j in range(w.shape[1]):
-        code = torch.clamp(torch.round((w[:, j] + 128 * step) / step), 0, 255)
+        value = (w[:, j] + 128 * step) / step
+        code = torch.clamp(torch.round(value), 0, 255)
         codes[:, j] = code.long()
+        ties[:, j] = (value - value.floor() - 0.5).abs()
         err = (w[:, j] - (step * code - 128 * step)) / upper[j, j]
         w[:, j + 1:] -= err[:, None] * upper[j, j + 1:][None, :]
-    out = torch.empty_like(codes)
-    out[:, order] = codes
-    return out
+    out, out_ties = torch.empty_like(codes), torch.empty_like(ties)
+    out[:, order], out_ties[:, order] = codes, ties
+    return out, out_ties
 
 
 @pytest.mark.parametrize("layout", ["zigzag", "row"])
@@ -237,11 +241,17 @@ def test_lazy_batches_equal_the_plain_method(layout, rng, monkeypatch):
     w = torch.from_numpy(rng.standard_normal((n, k)).astype("float32")) * 0.3
     h = _inputs_hessian(rng, k)
     order = torch.argsort(h.diagonal(), descending=True, stable=True) if layout == "zigzag" else torch.arange(k)
-    expected = _naive_gptq(w, h, step, order)
+    expected, ties = _naive_gptq(w, h, step, order)
     for batch in (1, 7, k):
         blocks = gptq.quantize_compensated(w, h, "q8_0", layout, batch=batch)
         codes = torch.from_numpy(dequantize(blocks, "q8_0", layout, (n, k)).numpy()).double() / step + 128
-        same = (codes.round().long() == expected).float().mean()
-        assert same >= 0.999, (batch, float(same))  # a rare near-tie may round the other way in float32
+        differ = (codes.round().long() != expected)[:, order]  # in the order the columns were rounded
+        # float32 against float64 may round a near-tie the other way; the row's later columns then carry another
+        # error and may differ too. So each row equals the plain codes up to its first difference, which sits on a
+        # near-tie, and few rows differ at all.
+        rows = differ.any(1).nonzero().flatten()
+        first = differ.float().argmax(1)[rows]
+        assert len(rows) <= max(1, n // 16), (batch, len(rows))
+        assert (ties[:, order][rows, first] < 1e-3).all(), (batch, ties[:, order][rows, first])
         if layout == "row":
             break  # row batches are whole blocks, whatever the batch argument
