@@ -290,6 +290,28 @@ def test_linear_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
         assert float((ours - theirs).abs().max()) < 2e-5 * span, source
 
 
+def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
+    """YaRN RoPE scaling from an HF config (Qwen2.5's long context: its rope_scaling as Qwen's model cards give it)
+    through transformers' own computation: the frequencies as divisors, the attention factor on the table's cos and
+    sin; the logits of transformers past the original context, and the context extended to the original times the
+    factor."""
+    spec = ("Qwen2Config", dict(tie_word_embeddings=True, max_position_embeddings=64, rope_parameters={
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64}), "qwen2",
+        "chatml")
+    fam = build_family("qwen2-yarn", spec, base_tokenizer, tmp_path)
+    loaded = load_model(fam["hf"])
+    c = loaded.config
+    assert c.max_seq_len == 256 and c.rope_attention_factor > 1 and len(set(c.rope_freq_factors)) > 1
+    ids = _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"])  # past the original 64 positions
+    model = build_model(loaded, "cpu", torch.float32)
+    model.setup_cache(1, len(ids), torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        theirs = fam["model"](torch.tensor([ids])).logits[0].float()
+    span = float(theirs.max() - theirs.min())
+    assert float((ours - theirs).abs().max()) < 2e-5 * span
+
+
 @pytest.fixture(scope="module")
 def quantized(family) -> dict:
     """source ("hf", "gguf") -> the .spqt that `spqt quantize` made of it (q4_k zigzag)."""
@@ -463,7 +485,7 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
 
 
 @pytest.mark.parametrize("change, fragment", [
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling 'yarn'"),
+    ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling 'longrope'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
     ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "factor -2.0 is not a positive number"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),

@@ -2,7 +2,8 @@
 
 A family (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3) is these numbers plus a few
 switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
-(Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF).
+(Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
+scaling as per-frequency factors (YaRN's attention factor beside them).
 """
 
 import math
@@ -46,6 +47,8 @@ class ModelConfig:
     # rope_freqs), linear scaling (one factor in every place), or both multiplied; None for none. Exclusive with
     # rope_scaling.
     rope_freq_factors: tuple[float, ...] | None = None
+    # YaRN's attention factor: the RoPE table's cos and sin scaled by it (its frequencies come as rope_freq_factors)
+    rope_attention_factor: float = 1.0
     # Linear maps that add an output bias after W x (never thresholded): a subset of
     # LINEAR_KINDS; Qwen2 has ("qkv",).
     linear_biases: tuple[str, ...] = ()
@@ -66,7 +69,7 @@ class ModelConfig:
             raise ValueError(f"model configuration: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model configuration: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        for name in ("norm_eps", "rope_theta"):
+        for name in ("norm_eps", "rope_theta", "rope_attention_factor"):
             value = getattr(self, name)
             if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"model configuration: {name} must be a positive number, got {value!r}")

@@ -56,10 +56,11 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
 
 
 def rope_table(config: ModelConfig, length: int) -> torch.Tensor:
-    """(length, head_dim) float32 cos | sin halves: [:, :hd/2] cos, [:, hd/2:] sin."""
+    """(length, head_dim) float32 cos | sin halves: [:, :hd/2] cos, [:, hd/2:] sin, each times the attention factor
+    (YaRN's; 1 otherwise). Every path (torch, the CPU's C, the GPU kernels) rotates by this table."""
     pos = torch.arange(length, dtype=torch.float64)
     angles = torch.outer(pos, rope_frequencies(config))
-    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+    return (torch.cat([angles.cos(), angles.sin()], dim=-1) * config.rope_attention_factor).float()
 
 
 class KVCache(nn.Module):

@@ -624,21 +624,26 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("llama3", "linear", "default"):
-        raise ValueError(f"rope scaling {kind!r} is not supported (llama3 and linear are)")
+    if kind not in ("llama3", "linear", "yarn", "default"):
+        raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear and yarn are)")
     scaling = None if kind != "llama3" else {
         k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     factor = float(rope["factor"]) if kind == "linear" else 1.0  # positions / factor: each frequency divided by it
     if not (math.isfinite(factor) and factor > 0):
         raise ValueError(f"linear rope scaling factor {factor} is not a positive number")
-    linear = (factor,) * (head_dim // 2) if factor != 1.0 else None
+    divisors = (factor,) * (head_dim // 2) if factor != 1.0 else None
+    attention_factor, context = 1.0, cfg.get("max_position_embeddings", 4096)
+    if kind == "yarn":
+        divisors, attention_factor = _yarn(cfg, model_type, head_dim)
+        # the context it extends to (as vLLM derives it): the original context times the factor
+        original = rope.get("original_max_position_embeddings") or context
+        context = max(context, int(original * float(rope["factor"])))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
     # Sliding-window attention equals full attention while the sequence fits the window, so
     # such a model gets the window as its context (Mistral 7B v0.1: 4,096).
-    context = cfg.get("max_position_embeddings", 4096)
     window = cfg.get("sliding_window")
     sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
         cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3") else model_type == "mistral")
@@ -649,12 +654,25 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, rope_freq_factors=linear,
+        rope_scaling=scaling, rope_freq_factors=divisors, rope_attention_factor=attention_factor,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
         **_switches(_hf_extras(cfg, model_type)),
     )
+
+
+def _yarn(cfg: dict, model_type: str, head_dim: int) -> tuple[tuple[float, ...], float]:
+    """YaRN RoPE scaling (Qwen2.5's long context) as transformers computes it, from the config.json dict: the
+    per-frequency divisors of the plain inverse frequencies, and the attention factor of cos and sin."""
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k != "model_type"})
+    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
+    theta = float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+    return tuple((plain / inv_freq.double()).tolist()), float(attention_factor)
 
 
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
