@@ -302,6 +302,9 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     loaded = load_model(fam["hf"])
     c = loaded.config
     assert c.max_seq_len == 256 and c.rope_attention_factor > 1 and len(set(c.rope_freq_factors)) > 1
+    from spqt.cli import _rope_scaling_label
+
+    assert _rope_scaling_label(c).startswith(" (yarn scaling, attention factor 1.139")  # 0.1 ln 4 + 1
     ids = _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"])  # past the original 64 positions
     model = build_model(loaded, "cpu", torch.float32)
     model.setup_cache(1, len(ids), torch.float32)

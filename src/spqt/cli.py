@@ -253,10 +253,12 @@ def _prompt_file(name: str) -> str:
 
 
 def _rope_scaling_label(c) -> str:
-    """inspect's note on a model's RoPE scaling: Llama 3's (as HF gives it), linear (every frequency divided by one
-    factor), or per-frequency divisors (a GGUF's rope_freqs: Llama 3's)."""
+    """inspect's note on a model's RoPE scaling: Llama 3's (as HF gives it), YaRN's (its attention factor), linear
+    (every frequency divided by one factor), or per-frequency divisors (a GGUF's rope_freqs: Llama 3's)."""
     if c.rope_scaling:
         return " (llama3 scaling)"
+    if c.rope_attention_factor != 1.0:
+        return f" (yarn scaling, attention factor {c.rope_attention_factor:.4g})"
     if c.rope_freq_factors and len(set(c.rope_freq_factors)) == 1:
         return f" (linear scaling x{c.rope_freq_factors[0]:g})"
     return " (llama3 scaling)" if c.rope_freq_factors else ""
