@@ -313,6 +313,20 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
         theirs = fam["model"](torch.tensor([ids])).logits[0].float()
     span = float(theirs.max() - theirs.min())
     assert float((ours - theirs).abs().max()) < 2e-5 * span
+    # as Qwen's model card writes the block (rope_scaling, "type"): the same; a .spqt keeps the factor, as version 4
+    cfg_path = fam["hf"] / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=1e6, rope_scaling={"factor": 4.0, "original_max_position_embeddings": 64, "type": "yarn"})
+    cfg_path.write_text(json.dumps(cfg))
+    assert load_model(fam["hf"]).config == c
+    out = tmp_path / "yarn.spqt"
+    assert main(["quantize", str(fam["hf"]), "-o", str(out)]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 4
+    assert load_model(out).config.rope_attention_factor == c.rope_attention_factor
 
 
 @pytest.fixture(scope="module")
@@ -491,6 +505,8 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e6, "factor": 4.0}}, "rope scaling 'longrope'"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic'"),
     ({"rope_scaling": {"type": "linear", "factor": -2.0}}, "factor -2.0 is not a positive number"),
+    ({"rope_scaling": {"type": "yarn", "factor": 0.5}}, "yarn rope scaling needs a factor of at least 1"),
+    ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}}, "unusable config"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
     ({"num_attention_heads": None}, "unusable config"),
 ])

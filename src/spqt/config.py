@@ -95,6 +95,8 @@ class ModelConfig:
             raise ValueError(f"linear_biases {sorted(unknown)} are not among {LINEAR_KINDS}")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
             raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, head_dim/2 is {self.head_dim // 2}")
+        if self.rope_freq_factors is not None and not all(math.isfinite(f) and f > 0 for f in self.rope_freq_factors):
+            raise ValueError(f"rope_freq_factors must be positive numbers, got {self.rope_freq_factors!r}")
 
     @property
     def q_dim(self) -> int:

@@ -635,10 +635,10 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     divisors = (factor,) * (head_dim // 2) if factor != 1.0 else None
     attention_factor, context = 1.0, cfg.get("max_position_embeddings", 4096)
     if kind == "yarn":
-        divisors, attention_factor = _yarn(cfg, model_type, head_dim)
+        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+        divisors, attention_factor = _yarn(rope, theta, head_dim, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
-        original = rope.get("original_max_position_embeddings") or context
-        context = max(context, int(original * float(rope["factor"])))
+        context = max(context, int((rope.get("original_max_position_embeddings") or context) * float(rope["factor"])))
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
@@ -662,17 +662,43 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     )
 
 
-def _yarn(cfg: dict, model_type: str, head_dim: int) -> tuple[tuple[float, ...], float]:
-    """YaRN RoPE scaling (Qwen2.5's long context) as transformers computes it, from the config.json dict: the
-    per-frequency divisors of the plain inverse frequencies, and the attention factor of cos and sin."""
-    import transformers
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[float, ...], float]:
+    """YaRN RoPE scaling (Peng et al. 2023; Qwen2.5's long context) from an HF rope_scaling block, as transformers
+    computes it with the explicit factor (transformers before 4.56 replaced the factor by the context ratio when
+    original_max_position_embeddings was given: 1 for Qwen's block): the per-frequency divisors of the plain inverse
+    frequencies, and the attention factor of cos and sin. ValueError on unusable parameters."""
+    factor = float(rope["factor"])
+    original = float(rope.get("original_max_position_embeddings") or context)
+    fast, slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
+    if not all(math.isfinite(v) and v > 0 for v in (factor, original, fast, slow)) or factor < 1 or theta <= 1:
+        raise ValueError(f"yarn rope scaling needs a factor of at least 1, positive original_max_position_"
+                         f"embeddings, beta_fast and beta_slow and a rope theta above 1, got {rope!r}")
 
-    hf_config = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in cfg.items() if k != "model_type"})
-    inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf_config, "cpu")
-    theta = float((cfg.get("rope_parameters") or {}).get("rope_theta", cfg.get("rope_theta", 10000.0)))
-    plain = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-    return tuple((plain / inv_freq.double()).tolist()), float(attention_factor)
+    def mscale(scale: float, m: float = 1.0) -> float:  # YaRN's attention temperature, sqrt(1 / t)
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention = rope.get("attention_factor")
+    if attention is None:
+        m, m_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention = mscale(factor, float(m)) / mscale(factor, float(m_all)) if m and m_all else mscale(factor)
+    attention = float(attention)
+    if not (math.isfinite(attention) and attention > 0):
+        raise ValueError(f"yarn attention_factor {attention} is not a positive number")
+    # the dimension pairs whose wavelength fits the original context `rotations` times bound the ramp between
+    # interpolated (divided by the factor) and kept frequencies
+    pairs = head_dim // 2
+
+    def pair(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair(fast), pair(slow)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    span = (high - low) or 0.001
+    kept = [1.0 - min(max((i - low) / span, 0.0), 1.0) for i in range(pairs)]  # 1: the frequency kept as is
+    # inverse frequency (1 - kept) / factor + kept, over the plain one: the divisor is its inverse
+    return tuple(1.0 / ((1.0 - k) / factor + k) for k in kept), attention
 
 
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
