@@ -664,8 +664,8 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
 
 def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[float, ...], float]:
     """YaRN RoPE scaling (Peng et al. 2023; Qwen2.5's long context) from an HF rope_scaling block, as transformers
-    computes it with the explicit factor (transformers before 4.56 replaced the factor by the context ratio when
-    original_max_position_embeddings was given: 1 for Qwen's block): the per-frequency divisors of the plain inverse
+    computes it with the explicit factor (transformers before its PR 40320, August 2025, replaced the factor by the
+    context ratio when original_max_position_embeddings was given: 1 for Qwen's block; the pin admits those): the per-frequency divisors of the plain inverse
     frequencies, and the attention factor of cos and sin. ValueError on unusable parameters."""
     factor = float(rope["factor"])
     original = float(rope.get("original_max_position_embeddings") or context)
