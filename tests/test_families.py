@@ -181,6 +181,17 @@ def _ids(n: int, vocab: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).integers(0, vocab, n).tolist()
 
 
+def _logit_error(loaded, reference, ids: list[int]) -> tuple[float, float]:
+    """Our float32 model's logits over `ids` (one prefill) against the transformers model's: (max |diff|, their
+    logit range)."""
+    model = build_model(loaded, "cpu", torch.float32)
+    model.setup_cache(1, len(ids), torch.float32)
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        theirs = reference(torch.tensor([ids])).logits[0].float()
+    return float((ours - theirs).abs().max()), float(theirs.max() - theirs.min())
+
+
 def test_a_layer_built_alone_equals_the_models_layer(family):
     """generate.build_block (GPTQ's one layer at a time) from that layer's weights alone gives what build_model's layer
     gives, bit for bit: biases (Qwen2), q/k norms (Qwen3), Mistral's head_dim."""
@@ -215,14 +226,7 @@ def test_float_forward_equals_transformers(family, source):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name == "mistral":
         assert c.max_seq_len == (96 if source == "hf" else 1024)  # HF: the sliding window; GGUF (llama) has none
-    ids = _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"])
-    model = build_model(loaded, "cpu", torch.float32)
-    model.setup_cache(1, len(ids), torch.float32)
-    with torch.no_grad():
-        ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
-        theirs = family["model"](torch.tensor([ids])).logits[0].float()
-    span = float(theirs.max() - theirs.min())
-    err = float((ours - theirs).abs().max())
+    err, span = _logit_error(loaded, family["model"], _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"]))
     print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
     # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
     assert err < 2e-5 * span, f"{name} from {source} (seed {family['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
@@ -277,17 +281,11 @@ def test_linear_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     both = load_model(rewritten("both.gguf", {"llama.rope.scaling.factor": 4.0}, {"rope_freqs.weight": divisors}))
     assert np.allclose(both.config.rope_freq_factors, 4 * divisors)
     ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
-    with torch.no_grad():
-        theirs = fam["model"](torch.tensor([ids])).logits[0].float()
-    span = float(theirs.max() - theirs.min())
     for source in (fam["hf"], fam["gguf"], older):
         loaded = load_model(source)
         assert loaded.config.rope_freq_factors == (4.0,) * (loaded.config.head_dim // 2), source
-        model = build_model(loaded, "cpu", torch.float32)
-        model.setup_cache(1, len(ids), torch.float32)
-        with torch.no_grad():
-            ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
-        assert float((ours - theirs).abs().max()) < 2e-5 * span, source
+        err, span = _logit_error(loaded, fam["model"], ids)
+        assert err < 2e-5 * span, source
 
 
 def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
@@ -305,14 +303,8 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     from spqt.cli import _rope_scaling_label
 
     assert _rope_scaling_label(c).startswith(" (yarn scaling, attention factor 1.139")  # 0.1 ln 4 + 1
-    ids = _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"])  # past the original 64 positions
-    model = build_model(loaded, "cpu", torch.float32)
-    model.setup_cache(1, len(ids), torch.float32)
-    with torch.no_grad():
-        ours = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
-        theirs = fam["model"](torch.tensor([ids])).logits[0].float()
-    span = float(theirs.max() - theirs.min())
-    assert float((ours - theirs).abs().max()) < 2e-5 * span
+    err, span = _logit_error(loaded, fam["model"], _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"]))  # past the
+    assert err < 2e-5 * span  # original 64 positions
     # as Qwen's model card writes the block (rope_scaling, "type"): the same; a .spqt keeps the factor, as version 4
     cfg_path = fam["hf"] / "config.json"
     cfg = json.loads(cfg_path.read_text())
