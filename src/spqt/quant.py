@@ -48,6 +48,14 @@ def _as_tensor(a) -> tuple[torch.Tensor, bool]:
     raise TypeError(f"expected a numpy array or torch tensor, got {type(a).__name__}")
 
 
+def count_nonfinite(t: torch.Tensor) -> int:
+    """How many NaN or infinite values a tensor holds (0 for an integer one): its sum first, one pass and no
+    temporary; only where that is not finite (a NaN or inf value, or an overflow) the count."""
+    if not t.is_floating_point() or torch.isfinite(t.sum()):
+        return 0
+    return int((~torch.isfinite(t)).sum())
+
+
 def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference"):
     """Quantize a float matrix into blocks.
 
@@ -64,8 +72,8 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference
     tensor, was_numpy = _as_tensor(w)
     if tensor.dim() != 2:
         raise ValueError(f"quantize expects a 2-D matrix, got shape {tuple(tensor.shape)}")
-    bad = 0 if not tensor.is_floating_point() or torch.isfinite(tensor.sum()) else int((~torch.isfinite(tensor)).sum())
-    if bad:  # (the sum first, as SourceModel.tensor checks)
+    bad = count_nonfinite(tensor)
+    if bad:
         raise SpqtError(f"quantize: the matrix holds {bad} NaN or infinite values, which have no quantized form")
     values = matrix_to_blocks(tensor, layout, spec.block_size)
     out = torch.empty((values.shape[0], spec.block_bytes), dtype=torch.uint8, device=values.device)

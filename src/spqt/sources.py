@@ -42,6 +42,7 @@ import torch
 
 from spqt.config import LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
+from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -116,8 +117,8 @@ class SourceModel:
         """The float32 tensor under a canonical name (read on demand, not cached); SpqtError where it holds NaN or
         infinite values (a damaged checkpoint: they have no quantized form, and they poison every activation)."""
         t = self._loader(name)
-        bad = 0 if torch.isfinite(t.sum()) else int((~torch.isfinite(t)).sum())  # (the sum first: one pass, no
-        if bad:  # temporary; an inf or NaN value makes it one, as could an overflow, which the count then clears)
+        bad = count_nonfinite(t)
+        if bad:
             raise SpqtError(f"the checkpoint's tensor {name} holds {bad} NaN or infinite values of {t.numel()}: it "
                             "is damaged")
         return t
@@ -219,9 +220,12 @@ def model_name(path: str | os.PathLike) -> str:
     return named.group(1) if named else p.stem
 
 
-def _int_field(reader, path: Path, key: str, default: int) -> int:
-    """An integer GGUF metadata value, default where the key is absent; SpqtError where it is not an integer."""
+def _int_field(reader, path: Path, key: str, default: int | None = None) -> int:
+    """An integer GGUF metadata value, default where the key is absent; SpqtError where it is not an integer, or is
+    absent without a default."""
     value = _field(reader, path, key, default)
+    if value is None:
+        raise SpqtError(f"{path}: GGUF lacks the metadata key {key}")
     try:
         return int(value)
     except (TypeError, ValueError):
@@ -278,14 +282,9 @@ def _open_gguf(path: Path) -> SourceModel:
                         f"are not supported")
     if "token_embd.weight" not in tensors:
         raise SpqtError(f"{path}: GGUF has no token_embd.weight")
-    def size(key, default=None) -> int:
-        value = field_value(f"{arch}.{key}", default)
-        if value is None:
-            raise SpqtError(f"{path}: GGUF lacks the metadata key {arch}.{key}")
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            raise SpqtError(f"{path}: GGUF metadata key {arch}.{key} is not an integer ({value!r})") from None
+
+    def size(key: str, default: int | None = None) -> int:
+        return _int_field(reader, path, f"{arch}.{key}", default)
 
     n_layers = size("block_count")
     n_heads = size("attention.head_count")
@@ -634,9 +633,9 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         raise ValueError(f"linear rope scaling factor {factor} is not a positive number")
     divisors = (factor,) * (head_dim // 2) if factor != 1.0 else None
     attention_factor, context = 1.0, cfg.get("max_position_embeddings", 4096)
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     if kind == "yarn":
-        theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        divisors, attention_factor = _yarn(rope, theta, head_dim, context)
+        divisors, attention_factor = _yarn(rope, float(theta), head_dim, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
         context = max(context, int((rope.get("original_max_position_embeddings") or context) * float(rope["factor"])))
     eos = cfg.get("eos_token_id")
@@ -653,7 +652,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
         ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
-        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=rope.get("rope_theta", cfg.get("rope_theta", 10000.0)),
+        norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
         rope_scaling=scaling, rope_freq_factors=divisors, rope_attention_factor=attention_factor,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
@@ -665,8 +664,9 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
 def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[float, ...], float]:
     """YaRN RoPE scaling (Peng et al. 2023; Qwen2.5's long context) from an HF rope_scaling block, as transformers
     computes it with the explicit factor (transformers before its PR 40320, August 2025, replaced the factor by the
-    context ratio when original_max_position_embeddings was given: 1 for Qwen's block; the pin admits those): the per-frequency divisors of the plain inverse
-    frequencies, and the attention factor of cos and sin. ValueError on unusable parameters."""
+    context ratio when original_max_position_embeddings was given: 1 for Qwen's block; the pin admits those): the
+    per-frequency divisors of the plain inverse frequencies, and the attention factor of cos and sin. ValueError on
+    unusable parameters."""
     factor = float(rope["factor"])
     original = float(rope.get("original_max_position_embeddings") or context)
     fast, slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)

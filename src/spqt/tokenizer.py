@@ -32,18 +32,16 @@ class TextTokenizer:
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
         """The model's chat template around one user message, ready for the assistant's answer; a system message
         first where one is given ("" too: an empty one, in place of the template's default)."""
-        import jinja2
-
         messages = ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}]
-        try:
-            return self.chat_messages(messages)
-        except jinja2.TemplateError as e:  # the template refused them (raise_exception: Mistral's takes no system)
-            raise SpqtError(f"the model's chat template refused this conversation: {e}") from None
+        return self.chat_messages(messages)
 
     def chat_messages(self, messages: list[dict]) -> list[int]:
         """The model's chat template around a conversation ([{"role": ..., "content": str}, ...]),
-        ready for the assistant's answer."""
+        ready for the assistant's answer; SpqtError where the template refuses it (its raise_exception: Mistral's
+        takes no system message)."""
+        import jinja2
+
         if not self.spec.chat_template:
             raise SpqtError("this model has no chat template; drop --chat")
         from transformers import PreTrainedTokenizerFast
@@ -51,7 +49,10 @@ class TextTokenizer:
         if self._hf is None:
             self._hf = PreTrainedTokenizerFast(tokenizer_object=self.backend, chat_template=self.spec.chat_template,
                                                bos_token=self.spec.bos_token, eos_token=self.spec.eos_token)
-        text = self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        try:
+            text = self._hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except jinja2.TemplateError as e:
+            raise SpqtError(f"the model's chat template refused this conversation: {e}") from None
         return self.backend.encode(text, add_special_tokens=False).ids
 
     @property

@@ -4,9 +4,9 @@ NVIDIA's `cuda-bindings` package (no compiler on the user's machine; `pip instal
 compile_cubin(source, options, arch) -> cubin bytes, cached in memory and on disk
 (default_model.cache_dir()/cuda: $SPQT_CACHE/cuda, else $XDG_CACHE_HOME/spqt/cuda or ~/.cache/spqt/cuda; keyed by
 the source, every compiler option and the NVRTC version; written to a temporary name and renamed).
-Kernel(cubin, name) loads it into the current CUDA context; Kernel.launch(grid, block, args, stream, pdl) enqueues one launch on a torch stream
-(capturable in a CUDA graph), args as (value, ctypes type) pairs; pdl: programmatic dependent
-launch (sm_90), as Triton's launch_pdl.
+Kernel(cubin, name) loads it into the current CUDA context; Kernel.launch(grid, block, args, stream, pdl)
+enqueues one launch on a torch stream (capturable in a CUDA graph), args as (value, ctypes type) pairs; pdl:
+programmatic dependent launch (sm_90), as Triton's launch_pdl.
 """
 
 import ctypes
