@@ -1681,8 +1681,11 @@ llama2-7b:now}" 90
     # src/spqt/kernels/tuned/<gpu>.json: the next call carries it (a tracked file) and tunes the next piece; spqt tune
     # --routes (the step routes) comes last, on the finished kernel entries.
     start=$(date +%s)
+    # RETUNE_ARGS: more spqt tune options (--crossover-only: the crossovers alone, the configs kept); RETUNE_SERVE=1:
+    # the serve probe of the default model (SERVE_LEVELS) on the new table after the decodes (park the model first)
     timeout ${RETUNE_LIMIT:-420} python3 -m spqt.cli tune --shapes "${RETUNE_SHAPES:-runtime,llama2-7b}" \
-      ${RETUNE_TYPES:+--types $RETUNE_TYPES} --output "$OUT/tuned.json" 2>&1 | grep -v WARN > "$OUT/retune.log"
+      ${RETUNE_TYPES:+--types $RETUNE_TYPES} $RETUNE_ARGS --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
+      > "$OUT/retune.log"
     tail -5 "$OUT/retune.log"
     [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
     echo "tune: $(( $(date +%s) - start )) s"
@@ -1694,6 +1697,11 @@ llama2-7b:now}" 90
           --sparsity "$level" 2>&1 | grep -v WARN | grep "tok/s"
       done
     done | tee "$OUT/retune-decode.log"
+    if [ -n "$RETUNE_SERVE" ]; then
+      export SPQT_CACHE=/tmp/spqt-cache
+      timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 \
+        2>&1 | tee "$OUT/serve-probe.log" | tail -4
+    fi
     echo "retune38: $(( $(date +%s) - start )) s"
     ;;
   park) echo "parked $(ls /tmp/parts)"; exit 0 ;;
