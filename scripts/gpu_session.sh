@@ -1684,7 +1684,7 @@ llama2-7b:now}" 90
     # RETUNE_ARGS: more spqt tune options (--crossover-only: the crossovers alone, the configs kept); RETUNE_SERVE=1:
     # the serve probe of the default model (SERVE_LEVELS) on the new table after the decodes (park the model first)
     timeout ${RETUNE_LIMIT:-420} python3 -m spqt.cli tune --shapes "${RETUNE_SHAPES:-runtime,llama2-7b}" \
-      ${RETUNE_TYPES:+--types $RETUNE_TYPES} $RETUNE_ARGS --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
+      ${RETUNE_TYPES:+--types $RETUNE_TYPES} ${RETUNE_ARGS:-} --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
       > "$OUT/retune.log"
     tail -5 "$OUT/retune.log"
     [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
@@ -1697,7 +1697,7 @@ llama2-7b:now}" 90
           --sparsity "$level" 2>&1 | grep -v WARN | grep "tok/s"
       done
     done | tee "$OUT/retune-decode.log"
-    if [ -n "$RETUNE_SERVE" ]; then
+    if [ -n "${RETUNE_SERVE:-}" ]; then
       export SPQT_CACHE=/tmp/spqt-cache
       timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 \
         2>&1 | tee "$OUT/serve-probe.log" | tail -4
