@@ -108,8 +108,8 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
     """For a model about to run on this GPU's CUDA kernels (a LoadedModel): a line saying how many of its maps' (type,
     shape) the tuned table lacks, which run a neighbour's or Q4_K's config (on the H200 up to 15 % slower, the 8B's
     Q6_K maps), or, where the run is sparse (sparse), have no measured crossover, which run sparse at every level (on
-    the H100's table before its crossovers the default model at 50 % decoded 21 % slower than dense), and how to time them;
-    None where every map has measured entries of its own, or lacks only crossovers in a dense run."""
+    the H100's table before its crossovers the default model at 50 % decoded 21 % slower than dense), and how to time
+    them; None where every map has measured entries of its own, or lacks only crossovers in a dense run."""
     def listed(groups: dict) -> list[str]:
         return sorted({f"{fmt} {n}x{k}" for (fmt, _), group in groups.items() for n, k in group})
 
