@@ -18,6 +18,7 @@ import torch
 
 from spqt.checkpoint import QuantizedWeight, load_model, load_spqt
 from spqt.cli import main
+from spqt.errors import SpqtError
 from spqt.generate import Generator, build_model
 from spqt.linear import Linear
 from spqt.sources import open_source
@@ -115,6 +116,10 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
     if c.rope_parameters.get("rope_type") == "linear":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_parameters["factor"])
+    if c.rope_parameters.get("rope_type") == "yarn":  # as llama.cpp's converter writes it
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(c.rope_parameters["factor"])
+        w.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
     if c.rope_parameters.get("rope_type") == "llama3":
         plain = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         w.add_tensor("rope_freqs.weight", (plain / model.model.rotary_emb.inv_freq.double()).float().numpy())
@@ -232,43 +237,48 @@ def test_float_forward_equals_transformers(family, source):
     assert err < 2e-5 * span, f"{name} from {source} (seed {family['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
 
 
+def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
+    """A copy of the GGUF at `path` without the keys `drop`, with these keys (strings, or float32) and extra float32
+    tensors."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    w = gguf.GGUFWriter(str(path), reader.fields["general.architecture"].contents())
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name in ("general.architecture", *drop, *keys):
+            continue
+        kind = field.types[0]
+        if kind == gguf.GGUFValueType.ARRAY:
+            w.add_array(field.name, field.contents())
+        else:
+            w.add_key_value(field.name, field.contents(), kind)
+    for key, value in keys.items():
+        (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
+    for t in reader.tensors:
+        w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
+                     raw_dtype=t.tensor_type)
+    for tname, values in (tensors or {}).items():
+        w.add_tensor(tname, values)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
 def test_linear_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     """Linear RoPE scaling (Llama 2 long-context fine-tunes: positions divided by the factor), from HF's rope_scaling
     and from a GGUF as llama.cpp's converter writes it (rope.scaling.type linear, rope.scaling.factor) or as older
     files do (rope.scale_linear alone, the type defaulting to linear as llama.cpp reads it): the logits of
     transformers, past the positions the factor compresses."""
-    import gguf
-
     spec = ("LlamaConfig", dict(rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
                                 max_position_embeddings=512), "llama", "llama3")
     fam = build_family("llama2-linear", spec, base_tokenizer, tmp_path)
-    reader = gguf.GGUFReader(str(fam["gguf"]))
 
     def rewritten(name: str, keys: dict, tensors: dict | None = None) -> Path:
         """The GGUF without its scaling keys, with these float32 keys and extra float32 tensors."""
-        path = tmp_path / name
-        w = gguf.GGUFWriter(str(path), "llama")
-        for field in reader.fields.values():
-            if field.name.startswith("GGUF.") or field.name in ("general.architecture", "llama.rope.scaling.type",
-                                                                 "llama.rope.scaling.factor"):
-                continue
-            kind = field.types[0]
-            if kind == gguf.GGUFValueType.ARRAY:
-                w.add_array(field.name, field.contents())
-            else:
-                w.add_key_value(field.name, field.contents(), kind)
-        for key, value in keys.items():
-            (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
-        for t in reader.tensors:
-            w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
-                         raw_dtype=t.tensor_type)
-        for tname, values in (tensors or {}).items():
-            w.add_tensor(tname, values)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        return path
+        return _gguf_with(fam["gguf"], tmp_path / name, keys, tensors,
+                          drop=("llama.rope.scaling.type", "llama.rope.scaling.factor"))
 
     older = rewritten("older.gguf", {"llama.rope.scale_linear": 4.0})  # the older key alone, no type
     half = 8  # head_dim / 2
@@ -292,7 +302,8 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     """YaRN RoPE scaling from an HF config (Qwen2.5's long context: its rope_scaling as Qwen's model cards give it)
     through transformers' own computation: the frequencies as divisors, the attention factor on the table's cos and
     sin; the logits of transformers past the original context, and the context extended to the original times the
-    factor."""
+    factor. A GGUF of it as llama.cpp's converter writes it (rope.scaling.type yarn, factor, original context) reads
+    the same; one with DeepSeek's log multiplier or an attention factor is refused."""
     spec = ("Qwen2Config", dict(tie_word_embeddings=True, max_position_embeddings=64, rope_parameters={
         "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 64}), "qwen2",
         "chatml")
@@ -305,6 +316,25 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     assert _rope_scaling_label(c).startswith(" (yarn scaling, attention factor 1.139")  # 0.1 ln 4 + 1
     err, span = _logit_error(loaded, fam["model"], _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"]))  # past the
     assert err < 2e-5 * span  # original 64 positions
+    from_gguf = load_model(fam["gguf"])
+    g = from_gguf.config
+    assert np.allclose(g.rope_freq_factors, c.rope_freq_factors, rtol=1e-12)
+    assert (g.rope_attention_factor, g.max_seq_len) == (c.rope_attention_factor, c.max_seq_len)
+    err, span = _logit_error(from_gguf, fam["model"], _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"]))
+    assert err < 2e-5 * span
+    from spqt.sources import _yarn
+
+    betas = _gguf_with(fam["gguf"], tmp_path / "betas.gguf", {"qwen2.rope.scaling.yarn_beta_fast": 8.0,
+                                                               "qwen2.rope.scaling.yarn_beta_slow": 0.2})
+    assert load_model(betas).config.rope_freq_factors == _yarn(
+        {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 8.0, "beta_slow": 0.2}, 1e6, 16, 64)[0]
+    assert load_model(betas).config.rope_freq_factors != g.rope_freq_factors
+    with pytest.raises(SpqtError, match="GGUF rope scaling type 'longrope' is not supported"):
+        load_model(_gguf_with(fam["gguf"], tmp_path / "longrope.gguf", {"qwen2.rope.scaling.type": "longrope"}))
+    for key, value in (("yarn_log_multiplier", 0.1), ("attn_factor", 0.9)):
+        path = _gguf_with(fam["gguf"], tmp_path / f"{key}.gguf", {f"qwen2.rope.scaling.{key}": value})
+        with pytest.raises(SpqtError, match=f"GGUF YaRN with rope.scaling.{key} {value:g} is not supported"):
+            load_model(path)
     # as Qwen's model card writes the block (rope_scaling, "type"): the same; a .spqt keeps the factor, as version 4
     cfg_path = fam["hf"] / "config.json"
     cfg = json.loads(cfg_path.read_text())

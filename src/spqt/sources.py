@@ -24,8 +24,8 @@ GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the r
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
 transformers does, so every source uses the half-split RoPE of model.py. ``qwen2`` and ``qwen3``
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
-scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear scaling as
-keys, read as llama.cpp reads them, and kept as divisors too. A GGUF split by
+scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear and YaRN
+scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). A GGUF split by
 llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first file, as llama.cpp reads it.
 """
 
@@ -295,17 +295,23 @@ def _open_gguf(path: Path) -> SourceModel:
     # llama.cpp's reading: the type defaults to linear, and a linear type scales positions by 1 / factor (the factor
     # under rope.scaling.factor, or the older rope.scale_linear; absent, 0 or 1: none); type none never scales
     scaling_type = field_value(f"{arch}.rope.scaling.type") or "linear"
-    if scaling_type not in ("none", "linear"):
-        raise SpqtError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported (linear is)")
+    if scaling_type not in ("none", "linear", "yarn"):
+        raise SpqtError(f"{path}: GGUF rope scaling type {scaling_type!r} is not supported (linear and yarn are)")
     linear_factor = field_value(f"{arch}.rope.scaling.factor")
     if linear_factor is None:  # (the older key only where the newer is absent, as llama.cpp)
         linear_factor = field_value(f"{arch}.rope.scale_linear", 0.0)
     try:
-        linear_factor = float(linear_factor) if scaling_type == "linear" else 0.0
+        linear_factor = float(linear_factor) if scaling_type != "none" else 0.0
     except (TypeError, ValueError):
         raise SpqtError(f"{path}: GGUF rope scaling factor is not a number ({linear_factor!r})") from None
     if not (math.isfinite(linear_factor) and linear_factor >= 0):
         raise SpqtError(f"{path}: GGUF rope scaling factor {linear_factor} is not a positive number")
+    context = size("context_length", 4096)
+    yarn_divisors, attention_factor = None, 1.0
+    if scaling_type == "yarn" and linear_factor not in (0.0, 1.0):
+        yarn_divisors, attention_factor, context = _gguf_yarn(field_value, arch, path, linear_factor, head_dim,
+                                                              context)
+        linear_factor = 0.0  # (its factor is YaRN's, not a linear one)
     rope_dims = int(field_value(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
         raise SpqtError(f"{path}: partial RoPE ({rope_dims} of {head_dim} head dimensions) is not supported")
@@ -318,6 +324,8 @@ def _open_gguf(path: Path) -> SourceModel:
             raise SpqtError(f"{path}: rope_freqs holds {len(rope_freq_factors)} values, expected {head_dim // 2} positive ones")
     if linear_factor not in (0.0, 1.0):  # dividing every frequency by the factor: the positions divided by it
         rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * (head_dim // 2))
+    if yarn_divisors is not None:  # (on top of rope_freqs' divisors, as llama.cpp's RoPE applies both)
+        rope_freq_factors = tuple(f * d for f, d in zip(rope_freq_factors or (1.0,) * (head_dim // 2), yarn_divisors))
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
@@ -344,13 +352,14 @@ def _open_gguf(path: Path) -> SourceModel:
             head_dim=head_dim,
             norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
-            max_seq_len=int(field_value(f"{arch}.context_length", 4096)),
+            max_seq_len=context,
             tie_embeddings="output.weight" not in tensors,
             bos_id=bos,
             eos_ids=tuple(eos_ids),
             add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
             family=arch,
             rope_freq_factors=rope_freq_factors,
+            rope_attention_factor=attention_factor,
             **_switches(layer_extras.values()),
         )
     except (TypeError, ValueError) as e:
@@ -395,6 +404,41 @@ def _open_gguf(path: Path) -> SourceModel:
     if len(shards) > 1:
         provenance["source_files"] = len(shards)
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+
+
+def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
+               context: int) -> tuple[tuple[float, ...], float, int]:
+    """A GGUF's YaRN RoPE scaling (rope.scaling.type yarn, as llama.cpp's converter writes Qwen2.5's long context):
+    (the per-frequency divisors, the attention factor of cos and sin, the context), read as llama.cpp reads the keys
+    (the ramp between rope.scaling.original_context_length's corrections at yarn_beta_fast and yarn_beta_slow, default
+    32 and 1, bounds rounded outwards; the attention factor 1 + 0.1 ln factor) and computed as the HF path computes an
+    HF rope_scaling block (_yarn: the same numbers). The context: the file's, at least the original times the factor.
+    The settings llama.cpp keeps for other models (an attention factor, DeepSeek's log multiplier, a partial ramp)
+    are refused."""
+    def number(key: str, default: float) -> float:
+        value = field_value(f"{arch}.rope.scaling.{key}", default)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise SpqtError(f"{path}: GGUF rope.scaling.{key} is not a number ({value!r})") from None
+        if not math.isfinite(value):
+            raise SpqtError(f"{path}: GGUF rope.scaling.{key} is {value}")
+        return value
+
+    for key, usual in (("attn_factor", (1.0,)), ("yarn_attn_factor", (1.0,)), ("yarn_log_multiplier", (0.0,)),
+                       ("yarn_ext_factor", (-1.0, 1.0))):  # (-1: llama.cpp's "unset", 1 for YaRN)
+        value = number(key, usual[0])
+        if value not in usual:
+            raise SpqtError(f"{path}: GGUF YaRN with rope.scaling.{key} {value:g} is not supported (plain YaRN, "
+                            f"as Qwen2.5's, is)")
+    original = int(number("original_context_length", context))
+    rope = {"factor": factor, "original_max_position_embeddings": original,
+            "beta_fast": number("yarn_beta_fast", 32.0), "beta_slow": number("yarn_beta_slow", 1.0)}
+    try:
+        divisors, attention = _yarn(rope, float(field_value(f"{arch}.rope.freq_base", 10000.0)), head_dim, context)
+    except ValueError as e:
+        raise SpqtError(f"{path}: {e}") from None
+    return divisors, attention, max(context, int(original * factor))
 
 
 def _gguf_tensor_table(reader, path: Path) -> dict:
