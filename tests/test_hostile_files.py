@@ -400,6 +400,26 @@ def test_a_gguf_of_i_quants_is_read(tiny_hf, tmp_path):
     assert np.array_equal(source.tensor("layers.1.w2").numpy(), want) and np.abs(want).max() > 0
 
 
+def test_a_quantized_gguf_to_zigzag_gets_a_note(tiny_hf, tmp_path, capsys):
+    """A GGUF whose weights are rounded already (Q8_0 up maps here) and a zigzag target: one note on stderr that names
+    the file's quantized types and the cost, before the conversion; none for the row layout, with --gptq, or from a
+    float source."""
+    from spqt.cli import main
+    from spqt.sources import open_source
+
+    src = _gguf_from_hf(tiny_hf, tmp_path / "q8.gguf")
+    assert open_source(src).weight_types == ("F16", "F32", "Q8_0")
+    assert main(["quantize", str(src), "-o", str(tmp_path / "z.spqt"), "--device", "cpu"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spqt: note:")]
+    assert len(notes) == 1 and "q8.gguf's weights are quantized already (Q8_0)" in notes[0], notes
+    assert "zigzag Q4_K +13.9 %" in notes[0]
+    book = tmp_path / "book.txt"
+    book.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    for extra, source in ((["--layout", "row"], src), (["--gptq", str(book)], src), ([], tiny_hf)):
+        assert main(["quantize", str(source), "-o", str(tmp_path / "o.spqt"), "--device", "cpu", *extra]) == 0
+        assert "spqt: note:" not in capsys.readouterr().err, extra
+
+
 def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
     """A GGUF split as llama.cpp's gguf-split splits it (a 70B's Q4_K_M comes so): read from its first file, the
     same tensors and config as the whole file; the second file passed, a file missing or renamed, or a file of

@@ -103,6 +103,9 @@ def cmd_quantize(args) -> int:
     device = resolve_device(args.device)
     start = time.perf_counter()
     source = open_source(args.source)
+    note = _requantized_note(source, args.source, args.layout, bool(texts))
+    if note:
+        print(f"spqt: note: {note}", file=sys.stderr)
     calibration = None
     if texts:
         from spqt.tokenizer import TextTokenizer
@@ -115,6 +118,22 @@ def cmd_quantize(args) -> int:
     seconds = time.perf_counter() - start
     print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB) in {seconds:.1f} s on {device}")
     return 0
+
+
+FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")  # a source's weight types that hold floats, not a rounded grid
+
+
+def _requantized_note(source, path: str, layout: str, gptq: bool) -> str | None:
+    """The note for a zigzag conversion of a GGUF whose weights are quantized already (source.weight_types) without
+    --gptq: the zigzag grid re-rounds each value of the file's row blocks, which costs the most of any conversion
+    here (docs/RESULTS.md, issue 15's table); None otherwise."""
+    rounded = [t for t in source.weight_types if t not in FLOAT_STORAGE]
+    if layout != "zigzag" or gptq or not rounded:
+        return None
+    return (f"{Path(path).name}'s weights are quantized already ({', '.join(rounded)}): zigzag blocks, which run down "
+            "its row blocks' columns, round them again (the default model's Q4_1 GGUF, WikiText-2 perplexity over "
+            "its own: zigzag Q4_K +13.9 %, Q5_K +3.3 %, Q6_K +0.7 %, Q4_K with --gptq BOOK.txt +8.5 %); a wider "
+            "--type or --gptq loses less, and a float checkpoint, where you have one, is rounded once")
 
 
 def cmd_inspect(args) -> int:

@@ -112,6 +112,9 @@ class SourceModel:
     provenance: dict
     _loader: object = field(repr=False)
     names: list[str] = field(default_factory=list)
+    # the storage types of the layers' weight matrices, as the file names them ("Q4_K", "F16", ...): a GGUF's
+    # quantized ones are rounded already (empty for a Hugging Face checkpoint, which holds floats)
+    weight_types: tuple[str, ...] = ()
 
     def tensor(self, name: str) -> torch.Tensor:
         """The float32 tensor under a canonical name (read on demand, not cached); SpqtError where it holds NaN or
@@ -403,7 +406,11 @@ def _open_gguf(path: Path) -> SourceModel:
                   "source_file_type": field_value("general.file_type")}
     if len(shards) > 1:
         provenance["source_files"] = len(shards)
-    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+    weight_types = tuple(sorted({tensors[gguf_name[n]].tensor_type.name for n in names
+                                 if n.startswith("layers.") and n.rsplit(".", 1)[1] in _GGUF_NAMES.values()
+                                 and len(tensors[gguf_name[n]].shape) == 2}))
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names,
+                       weight_types=weight_types)
 
 
 def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
