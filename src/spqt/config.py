@@ -1,9 +1,10 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3) is these numbers plus a few
+A family (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3) is these numbers plus a few
 switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
-scaling as per-frequency factors (YaRN's attention factor beside them).
+scaling as per-frequency factors (YaRN's attention factor beside them). Phi-3 needs no switch: the readers split its
+fused matrices into the names every family has.
 """
 
 import math
@@ -40,7 +41,7 @@ class ModelConfig:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = field(default_factory=tuple)
     add_bos: bool = False
-    # Which family the source declared (llama, mistral, qwen2, qwen3): shown to people; the
+    # Which family the source declared (llama, mistral, qwen2, qwen3, phi3): shown to people; the
     # network itself follows the switches below, never this name.
     family: str = "llama"
     # (head_dim/2,) divisors of the inverse frequencies: Llama-3 scaling as llama.cpp stores it (GGUF tensor
