@@ -1,4 +1,4 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3), each from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -35,6 +35,8 @@ TEMPLATES = {  # each family's chat format, shortened
                "{% endif %}{% endfor %}",
     "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -48,8 +50,11 @@ FAMILIES = {
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen2", "chatml"),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, max_position_embeddings=512,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen3", "chatml"),
+    # fused q|k|v and gate|up; an odd window below the context, as Phi-3-mini-4k's 2,047 of 4,096
+    "phi3": ("Phi3Config", dict(sliding_window=95, max_position_embeddings=256, pad_token_id=None,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "phi3", "phi3"),
 }
-PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's window
+PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's and Phi-3's windows
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +87,8 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
     """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
-    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata."""
+    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata; `phi3`'s
+    fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key."""
     import gguf
 
     c = model.config
@@ -112,6 +118,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
     w.add_eos_token_id(tok.eos_token_id)
     w.add_add_bos_token(arch == "llama")
     w.add_chat_template(template)
+    if arch == "phi3":  # (llama.cpp's converter writes 0 where the config has none)
+        w.add_sliding_window(c.sliding_window or 0)
     if c.rope_parameters.get("rope_type") == "linear":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_parameters["factor"])
@@ -128,7 +136,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
@@ -226,6 +235,8 @@ def test_float_forward_equals_transformers(family, source):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name == "mistral":
         assert c.max_seq_len == (96 if source == "hf" else 1024)  # HF: the sliding window; GGUF (llama) has none
+    if name == "phi3":
+        assert c.max_seq_len == 95  # the sliding window, from both sources
     err, span = _logit_error(loaded, family["model"], _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"]))
     print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
     # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
@@ -384,7 +395,7 @@ def test_chat_template_and_text_as_transformers(family, source):
     assert ours.chat("the quick brown fox?", system="be brief") == list(expect)
     text = "once upon a time, the lazy dog"
     assert ours.encode(text) == theirs(text)["input_ids"]
-    assert loaded.config.add_bos == (source == "gguf" and family["name"] != "qwen2" and family["name"] != "qwen3")
+    assert loaded.config.add_bos == (source == "gguf" and FAMILIES[family["name"]][2] == "llama")
 
 
 def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
@@ -501,6 +512,14 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}}, "unusable config"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
     ({"num_attention_heads": None}, "unusable config"),
+    # Phi-3 128k and Phi-3.5 (longrope; "su" and "yarn" are transformers' older names of it for Phi-3); Phi-4-mini
+    ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                             "long_factor": [2.0] * 8}}, "rope scaling 'longrope'"),
+    ({"model_type": "phi3", "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
+     "rope scaling 'longrope'"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial RoPE (partial_rotary_factor 0.75"),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -531,6 +550,31 @@ def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     w.write_tensors_to_file()
     w.close()
     fragment = "mixture-of-experts" if arch == "llama" else f"unsupported architecture '{arch}'"
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("case", ["longrope", "partial"])
+def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
+    """As llama.cpp's converter writes Phi-3 128k / Phi-3.5 (longrope: two factor tensors, no scaling key) and
+    Phi-4-mini (rope.dimension_count below the head dimension)."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_head_count(4)
+    w.add_rope_dimension_count(8 if case == "longrope" else 6)
+    w.add_tensor("token_embd.weight", np.zeros((50, 32), dtype=np.float32))
+    if case == "longrope":
+        w.add_tensor("rope_factors_long.weight", np.full(4, 2.0, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.ones(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fragment = "rope scaling 'longrope'" if case == "longrope" else "partial RoPE (6 of 8 head dimensions)"
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
