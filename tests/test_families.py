@@ -85,10 +85,11 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
+def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | None = None) -> Path:
     """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
     interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata; `phi3`'s
-    fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key."""
+    fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key.
+    types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
     c = model.config
@@ -147,7 +148,10 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
                 t = _llamacpp_permute(t, c.num_attention_heads)
             elif arch == "llama" and hf.startswith("self_attn.k_proj"):
                 t = _llamacpp_permute(t, c.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
+            if ours in (types or {}):
+                w.add_tensor(f"blk.{i}.{ours}", gguf.quants.quantize(t, types[ours]), raw_dtype=types[ours])
+            else:
+                w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -378,6 +382,28 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     assert main(["generate", str(out["hf"]), "-p", "hello", "-n", "4", "--chat", "--device", "cpu"]) == 0
     assert main(["inspect", str(out["hf"])]) == 0
     assert f"architecture {'llama' if family['name'].startswith('llama') else family['name']}" in capsys.readouterr().out
+
+
+def test_phi3_fused_quantized_tensors_split_by_rows(base_tokenizer, tmp_path):
+    """Block-quantized fused matrices (as a Phi-3 Q8_0 / Q4_0 GGUF holds them): each part read alone is its rows of
+    the whole tensor dequantized (a block never spans two rows), in q, k, v and gate, up order."""
+    import gguf
+
+    fam = build_family("phi3-q", FAMILIES["phi3"], base_tokenizer, tmp_path)
+    q8, q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    path = write_gguf(fam["model"], fam["tok"], tmp_path / "q.gguf", "phi3", TEMPLATES["phi3"],
+                      types={"attn_qkv.weight": q8, "ffn_up.weight": q4})
+    source, reader = open_source(path), gguf.GGUFReader(str(path))
+    c = source.config
+    whole = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))) for t in reader.tensors}
+    for i in range(c.n_layers):
+        qkv, up = whole[f"blk.{i}.attn_qkv.weight"], whole[f"blk.{i}.ffn_up.weight"]
+        parts = dict(zip(["wq", "wk", "wv"], qkv.split([c.q_dim, c.kv_dim, c.kv_dim])))
+        parts |= dict(zip(["w1", "w3"], up.split([c.ffn_dim, c.ffn_dim])))
+        for name, expect in parts.items():
+            assert torch.equal(source.tensor(f"layers.{i}.{name}"), expect), (i, name)
+        assert not torch.equal(parts["w1"], fam["model"].state_dict()[f"model.layers.{i}.mlp.gate_up_proj.weight"][
+            :c.ffn_dim])  # (quantized: not the float weights)
 
 
 @pytest.mark.parametrize("source", ["hf", "gguf"])
