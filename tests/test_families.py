@@ -580,6 +580,27 @@ def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+def test_phi3_fused_matrix_of_the_wrong_shape_is_refused(tmp_path, capsys):
+    """A qkv_proj whose k and v hold one head each where num_key_value_heads says two: the error names the fused
+    tensor and the shape the configuration implies, before any weight is read."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = {"model_type": "phi3", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    layer = {"input_layernorm.weight": (64,), "post_attention_layernorm.weight": (64,),
+             "self_attn.qkv_proj.weight": (64 + 2 * 16, 64), "self_attn.o_proj.weight": (64, 64),
+             "mlp.gate_up_proj.weight": (256, 64), "mlp.down_proj.weight": (64, 128)}
+    shapes = {"model.embed_tokens.weight": (320, 64), "model.norm.weight": (64,), "lm_head.weight": (320, 64)}
+    shapes |= {f"model.layers.0.{k}": v for k, v in layer.items()}
+    save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(folder / "model.safetensors"))
+    _expect_error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "o.spqt")],
+                  "tensor model.layers.0.self_attn.qkv_proj.weight has shape (96, 64), the configuration implies "
+                  "(128, 64)")
+
+
 @pytest.mark.parametrize("case", ["longrope", "partial"])
 def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
     """As llama.cpp's converter writes Phi-3 128k / Phi-3.5 (longrope: two factor tensors, no scaling key) and
