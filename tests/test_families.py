@@ -88,7 +88,8 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | None = None) -> Path:
     """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
     interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata; `phi3`'s
-    fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key.
+    fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
+    rope_factors_short / _long with the attention factor and original context as keys.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
@@ -121,6 +122,13 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     w.add_chat_template(template)
     if arch == "phi3":  # (llama.cpp's converter writes 0 where the config has none)
         w.add_sliding_window(c.sliding_window or 0)
+    if c.rope_parameters.get("rope_type") == "longrope":
+        original = c.rope_parameters["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        scale = c.max_position_embeddings / original
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight", np.array(c.rope_parameters[f"{kind}_factor"], np.float32))
     if c.rope_parameters.get("rope_type") == "linear":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_parameters["factor"])
@@ -336,6 +344,43 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     assert load_model(out).config.rope_attention_factor == c.rope_attention_factor
 
 
+def test_longrope_equals_transformers_on_both_sides_of_the_switch(base_tokenizer, tmp_path):
+    """Phi-3's longrope (128k, Phi-3.5) from HF and from a GGUF as llama.cpp's converter writes it: a run of at most
+    the original 64 positions rotates by the short factors, a longer run by the long ones (llama.cpp's choice, by the
+    run's context), cos and sin times sqrt(1 + ln 4 / ln 64); transformers picks by the forward's length, so a run of
+    40 and one of 90 tokens give its logits. Quantized, the file keeps the long factors (format 5)."""
+    hd = 16  # 8 frequencies; long factors of a magnitude like Phi-3's (up to ~60)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.1 * i for i in range(hd // 2)],
+            "long_factor": [1.0 + 8.0 * i for i in range(hd // 2)]}
+    spec = ("Phi3Config", dict(max_position_embeddings=256, original_max_position_embeddings=64, pad_token_id=None,
+                               rope_parameters=rope), "phi3", "phi3")  # (transformers' Phi-3 reads the top level's)
+    fam = build_family("phi3-longrope", spec, base_tokenizer, tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    with torch.no_grad():  # the switch matters: the first 40 positions of transformers' long run differ
+        long_run, short_run = (fam["model"](torch.tensor([ids[:n]])).logits[0] for n in (PROMPT_LEN, 40))
+    span = float(short_run.max() - short_run.min())
+    assert float((long_run[:40] - short_run).abs().max()) > 0.05 * span
+    for source in ("hf", "gguf"):
+        loaded = load_model(fam[source])
+        c = loaded.config
+        assert c.max_seq_len == 256 and c.rope_original_context == 64 and c.rope_long_freq_factors is not None
+        assert c.rope_attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(64)), rel=1e-6)
+        for n in (40, PROMPT_LEN):  # _logit_error: a run of n tokens
+            err, span = _logit_error(loaded, fam["model"], ids[:n])
+            assert err < 2e-5 * span, f"{source}, {n} tokens (seed {fam['seed']}): max |diff| {err:.3e} vs {span:.2f}"
+    from spqt.cli import _rope_scaling_label
+
+    assert _rope_scaling_label(c).startswith(" (longrope scaling, attention factor 1.155")
+    out = tmp_path / "longrope.spqt"
+    assert main(["quantize", str(fam["hf"]), "-o", str(out), "--device", "cpu"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 5
+    assert load_model(out).config == load_model(fam["hf"]).config
+
+
 @pytest.fixture(scope="module")
 def quantized(family) -> dict:
     """source ("hf", "gguf") -> the .spqt that `spqt quantize` made of it (q4_k zigzag)."""
@@ -538,11 +583,12 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}}, "unusable config"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
     ({"num_attention_heads": None}, "unusable config"),
-    # Phi-3 128k and Phi-3.5 (longrope; "su" and "yarn" are transformers' older names of it for Phi-3); Phi-4-mini
+    # Phi-3's longrope ("su" and "yarn": transformers' older names of it for Phi-3) with unusable factors; Phi-4-mini
     ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
-                                             "long_factor": [2.0] * 8}}, "rope scaling 'longrope'"),
-    ({"model_type": "phi3", "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8}},
-     "rope scaling 'longrope'"),
+                                             "long_factor": [2.0] * 7}}, "short_factor and long_factor lists of 8"),
+    ({"model_type": "phi3", "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [-2.0] * 8}},
+     "short_factor and long_factor lists of 8 positive"),
+    ({"model_type": "phi3", "rope_scaling": {"type": "yarn", "factor": 4.0}}, "short_factor and long_factor lists"),
     ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial RoPE (partial_rotary_factor 0.75"),
     ({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                 "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
@@ -603,7 +649,7 @@ def test_phi3_fused_matrix_of_the_wrong_shape_is_refused(tmp_path, capsys):
 
 @pytest.mark.parametrize("case", ["longrope", "partial"])
 def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
-    """As llama.cpp's converter writes Phi-3 128k / Phi-3.5 (longrope: two factor tensors, no scaling key) and
+    """longrope's factor tensors (as llama.cpp's converter writes Phi-3 128k / Phi-3.5) with a factor missing, and
     Phi-4-mini (rope.dimension_count below the head dimension)."""
     import gguf
 
@@ -615,13 +661,14 @@ def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
     w.add_rope_dimension_count(8 if case == "longrope" else 6)
     w.add_tensor("token_embd.weight", np.zeros((50, 32), dtype=np.float32))
     if case == "longrope":
-        w.add_tensor("rope_factors_long.weight", np.full(4, 2.0, dtype=np.float32))
+        w.add_tensor("rope_factors_long.weight", np.full(3, 2.0, dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.ones(4, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    fragment = "rope scaling 'longrope'" if case == "longrope" else "partial RoPE (6 of 8 head dimensions)"
+    fragment = ("rope_factors_long.weight holds 3 values, expected 4 positive ones" if case == "longrope" else
+                "partial RoPE (6 of 8 head dimensions)")
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 

@@ -21,16 +21,18 @@ Families and where they come from:
     Mistral     mistral                   llama                       sliding window (HF: caps the context)
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
-    Phi-3       phi3                      phi3                        fused q|k|v, gate|up; sliding window (caps
-                                                                      the context); longrope and partial RoPE
-                                                                      (Phi-4-mini) refused
+    Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (caps
+                                                                      the context); longrope (128k, Phi-3.5);
+                                                                      partial RoPE (Phi-4-mini) refused
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
 transformers does, so every source uses the half-split RoPE of model.py. ``qwen2``, ``qwen3`` and ``phi3``
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
 scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear scaling as
-keys, read as llama.cpp reads them, and kept as divisors too. A GGUF split by
+keys, read as llama.cpp reads them, and kept as divisors too. Phi-3's longrope arrives as the tensors
+``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor and
+rope.scaling.original_context_length. A GGUF split by
 llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first file, as llama.cpp reads it.
 """
 
@@ -328,11 +330,25 @@ def _open_gguf(path: Path) -> SourceModel:
             raise SpqtError(f"{path}: rope_freqs holds {len(rope_freq_factors)} values, expected {head_dim // 2} positive ones")
     if linear_factor not in (0.0, 1.0):  # dividing every frequency by the factor: the positions divided by it
         rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * (head_dim // 2))
-    # Phi-3 128k / Phi-3.5: llama.cpp's converter writes longrope as these two tensors (no scaling type key)
-    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
-        raise SpqtError(f"{path}: GGUF rope scaling 'longrope' (tensors rope_factors_long, rope_factors_short) is not "
-                        f"supported (linear is)")
     context = _int_field(reader, path, f"{arch}.context_length", 4096)
+    # Phi-3 128k / Phi-3.5: llama.cpp's converter writes longrope as two tensors and two keys (no scaling type key)
+    attention_factor, long_factors, original = 1.0, None, 0
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        if arch != "phi3" or rope_freq_factors is not None:
+            raise SpqtError(f"{path}: GGUF rope scaling 'longrope' (tensors rope_factors_long, rope_factors_short) is "
+                            f"supported for phi3 alone, without other scaling")
+        rope_freq_factors, long_factors = (_gguf_factors(path, tensors, f"rope_factors_{k}.weight", head_dim // 2)
+                                           for k in ("short", "long"))
+        original = _int_field(reader, path, f"{arch}.rope.scaling.original_context_length", context)
+        if original < 2:
+            raise SpqtError(f"{path}: GGUF rope.scaling.original_context_length {original} is not above 1")
+        attention_factor = field_value(f"{arch}.rope.scaling.attn_factor")
+        if attention_factor is None:  # (as the converter computes it)
+            attention_factor = _longrope_attention(context / original, original)
+        try:
+            attention_factor = float(attention_factor)
+        except (TypeError, ValueError):
+            raise SpqtError(f"{path}: GGUF rope.scaling.attn_factor is not a number ({attention_factor!r})") from None
     # phi3: the window of transformers' sliding-window attention caps the context, where full attention is exact (as
     # for Mistral from HF; llama.cpp instead runs phi3 with full attention at any length)
     window = _int_field(reader, path, f"{arch}.attention.sliding_window", 0) if arch == "phi3" else 0
@@ -371,6 +387,9 @@ def _open_gguf(path: Path) -> SourceModel:
             add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
             family=arch,
             rope_freq_factors=rope_freq_factors,
+            rope_attention_factor=attention_factor,
+            rope_long_freq_factors=long_factors,
+            rope_original_context=original,
             **_switches(layer_extras.values()),
         )
     except (TypeError, ValueError) as e:
@@ -424,6 +443,23 @@ def _open_gguf(path: Path) -> SourceModel:
     if len(shards) > 1:
         provenance["source_files"] = len(shards)
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+
+
+def _gguf_factors(path: Path, tensors: dict, name: str, n: int) -> tuple[float, ...]:
+    """The n positive numbers of a small GGUF tensor (longrope's factors); SpqtError where it holds other values."""
+    import gguf
+
+    t = tensors.get(name)
+    if t is None:
+        raise SpqtError(f"{path}: GGUF lacks the tensor {name} (longrope needs rope_factors_short and _long)")
+    try:
+        values = tuple(float(v) for v in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).ravel())
+    except NotImplementedError:
+        raise SpqtError(f"{path}: tensor type {t.tensor_type.name} of {name} is not supported by the gguf "
+                        f"package") from None
+    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
+        raise SpqtError(f"{path}: {name} holds {len(values)} values, expected {n} positive ones")
+    return values
 
 
 def _gguf_tensor_table(reader, path: Path) -> dict:
@@ -693,8 +729,8 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 reads both as longrope
         kind = "longrope"
-    if kind not in ("llama3", "linear", "yarn", "default"):
-        raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear and yarn are)")
+    if kind not in ("llama3", "linear", "yarn", "default") and not (kind == "longrope" and model_type == "phi3"):
+        raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear, yarn and, for phi3, longrope are)")
     # Phi-4-mini rotates 3/4 of each head (top level in its config.json; transformers 5 moves it into rope_parameters)
     partial = float(rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
     if partial != 1.0:
@@ -712,6 +748,9 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         divisors, attention_factor = _yarn(rope, float(theta), head_dim, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
         context = max(context, int((rope.get("original_max_position_embeddings") or context) * float(rope["factor"])))
+    long_divisors, original = None, 0
+    if kind == "longrope":
+        divisors, long_divisors, attention_factor, original = _longrope(rope, cfg, head_dim, context)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
@@ -728,6 +767,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
         rope_scaling=scaling, rope_freq_factors=divisors, rope_attention_factor=attention_factor,
+        rope_long_freq_factors=long_divisors, rope_original_context=original,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
@@ -773,6 +813,34 @@ def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[
     kept = [1.0 - min(max((i - low) / span, 0.0), 1.0) for i in range(pairs)]  # 1: the frequency kept as is
     # inverse frequency (1 - kept) / factor + kept, over the plain one: the divisor is its inverse
     return tuple(1.0 / ((1.0 - k) / factor + k) for k in kept), attention
+
+
+def _longrope_attention(factor: float, original: int) -> float:
+    """longrope's attention factor (the scale of cos and sin) for a context `factor` times the original one."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _longrope(rope: dict, cfg: dict, head_dim: int, context: int) -> tuple[tuple, tuple, float, int]:
+    """Phi-3's longrope (LongRoPE, Ding et al. 2024) from an HF rope block, as transformers reads it: the short and the
+    long per-frequency divisors, the attention factor (given, else from the factor, itself given or the context over
+    the original context) and the original context (past it a run takes the long divisors). ValueError on unusable
+    parameters."""
+    # transformers' Phi-3 takes the top level's value over the block's (Phi3Config's default: 4096)
+    original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
+    factors = [rope.get("short_factor"), rope.get("long_factor")]
+    if not all(isinstance(f, list) and len(f) == head_dim // 2 and all(
+            type(v) in (int, float) and math.isfinite(v) and v > 0 for v in f) for f in factors):
+        raise ValueError(f"longrope rope scaling needs short_factor and long_factor lists of {head_dim // 2} positive "
+                         f"numbers")
+    if type(original) is not int or original < 2:
+        raise ValueError(f"longrope original_max_position_embeddings {original!r} is not an integer above 1")
+    factor = rope.get("factor")
+    factor = float(context / original if factor is None else factor)
+    attention = rope.get("attention_factor")
+    attention = float(_longrope_attention(factor, original) if attention is None else attention)
+    if not (math.isfinite(attention) and attention > 0):
+        raise ValueError(f"longrope attention_factor {attention} is not a positive number")
+    return tuple(map(float, factors[0])), tuple(map(float, factors[1])), attention, original
 
 
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
