@@ -22,8 +22,8 @@ Families and where they come from:
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
     Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (caps
-                                                                      the context); longrope (128k, Phi-3.5);
-                                                                      partial RoPE (Phi-4-mini) refused
+                                                                      the context); longrope (128k, 3.5); partial
+                                                                      RoPE refused (Phi-4-mini)
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
