@@ -1,4 +1,4 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3), each from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -36,6 +36,8 @@ TEMPLATES = {  # each family's chat format, shortened
                "{% endif %}{% endfor %}",
     "chatml": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -49,8 +51,11 @@ FAMILIES = {
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen2", "chatml"),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, max_position_embeddings=512,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen3", "chatml"),
+    # fused q|k|v and gate|up; an odd window below the context, as Phi-3-mini-4k's 2,047 of 4,096
+    "phi3": ("Phi3Config", dict(sliding_window=95, max_position_embeddings=256, pad_token_id=None,
+                                rope_parameters={"rope_type": "default", "rope_theta": 10000.0}), "phi3", "phi3"),
 }
-PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's window
+PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's and Phi-3's windows
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +86,12 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
+def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | None = None) -> Path:
     """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
-    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata."""
+    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata; `phi3`'s
+    fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
+    rope_factors_short / _long with the attention factor and original context as keys.
+    types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
     c = model.config
@@ -113,6 +121,15 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
     w.add_eos_token_id(tok.eos_token_id)
     w.add_add_bos_token(arch == "llama")
     w.add_chat_template(template)
+    if arch == "phi3":  # (llama.cpp's converter writes 0 where the config has none)
+        w.add_sliding_window(c.sliding_window or 0)
+    if c.rope_parameters.get("rope_type") == "longrope":
+        original = c.rope_parameters["original_max_position_embeddings"]
+        w.add_rope_scaling_orig_ctx_len(original)
+        scale = c.max_position_embeddings / original
+        w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        for kind in ("long", "short"):
+            w.add_tensor(f"rope_factors_{kind}.weight", np.array(c.rope_parameters[f"{kind}_factor"], np.float32))
     if c.rope_parameters.get("rope_type") == "linear":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(c.rope_parameters["factor"])
@@ -133,7 +150,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
              "self_attn.q_proj.bias": "attn_q.bias", "self_attn.k_proj.bias": "attn_k.bias",
              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+             "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
+             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
@@ -143,7 +161,10 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
                 t = _llamacpp_permute(t, c.num_attention_heads)
             elif arch == "llama" and hf.startswith("self_attn.k_proj"):
                 t = _llamacpp_permute(t, c.num_key_value_heads)
-            w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
+            if ours in (types or {}):
+                w.add_tensor(f"blk.{i}.{ours}", gguf.quants.quantize(t, types[ours]), raw_dtype=types[ours])
+            else:
+                w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -231,6 +252,8 @@ def test_float_forward_equals_transformers(family, source):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name == "mistral":
         assert c.max_seq_len == (96 if source == "hf" else 1024)  # HF: the sliding window; GGUF (llama) has none
+    if name == "phi3":
+        assert c.max_seq_len == 95  # the sliding window, from both sources
     err, span = _logit_error(loaded, family["model"], _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"]))
     print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
     # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
@@ -351,6 +374,43 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     assert load_model(out).config.rope_attention_factor == c.rope_attention_factor
 
 
+def test_longrope_equals_transformers_on_both_sides_of_the_switch(base_tokenizer, tmp_path):
+    """Phi-3's longrope (128k, Phi-3.5) from HF and from a GGUF as llama.cpp's converter writes it: a run of at most
+    the original 64 positions rotates by the short factors, a longer run by the long ones (llama.cpp's choice, by the
+    run's context), cos and sin times sqrt(1 + ln 4 / ln 64); transformers picks by the forward's length, so a run of
+    40 and one of 90 tokens give its logits. Quantized, the file keeps the long factors (format 5)."""
+    hd = 16  # 8 frequencies; long factors of a magnitude like Phi-3's (up to ~60)
+    rope = {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 64,
+            "short_factor": [1.0 + 0.1 * i for i in range(hd // 2)],
+            "long_factor": [1.0 + 8.0 * i for i in range(hd // 2)]}
+    spec = ("Phi3Config", dict(max_position_embeddings=256, original_max_position_embeddings=64, pad_token_id=None,
+                               rope_parameters=rope), "phi3", "phi3")  # (transformers' Phi-3 reads the top level's)
+    fam = build_family("phi3-longrope", spec, base_tokenizer, tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    with torch.no_grad():  # the switch matters: the first 40 positions of transformers' long run differ
+        long_run, short_run = (fam["model"](torch.tensor([ids[:n]])).logits[0] for n in (PROMPT_LEN, 40))
+    span = float(short_run.max() - short_run.min())
+    assert float((long_run[:40] - short_run).abs().max()) > 0.05 * span
+    for source in ("hf", "gguf"):
+        loaded = load_model(fam[source])
+        c = loaded.config
+        assert c.max_seq_len == 256 and c.rope_original_context == 64 and c.rope_long_freq_factors is not None
+        assert c.rope_attention_factor == pytest.approx(math.sqrt(1 + math.log(4) / math.log(64)), rel=1e-6)
+        for n in (40, PROMPT_LEN):  # _logit_error: a run of n tokens
+            err, span = _logit_error(loaded, fam["model"], ids[:n])
+            assert err < 2e-5 * span, f"{source}, {n} tokens (seed {fam['seed']}): max |diff| {err:.3e} vs {span:.2f}"
+    from spqt.cli import _rope_scaling_label
+
+    assert _rope_scaling_label(c).startswith(" (longrope scaling, attention factor 1.155")
+    out = tmp_path / "longrope.spqt"
+    assert main(["quantize", str(fam["hf"]), "-o", str(out), "--device", "cpu"]) == 0
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 5
+    assert load_model(out).config == load_model(fam["hf"]).config
+
+
 @pytest.fixture(scope="module")
 def quantized(family) -> dict:
     """source ("hf", "gguf") -> the .spqt that `spqt quantize` made of it (q4_k zigzag)."""
@@ -399,6 +459,28 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     assert f"architecture {'llama' if family['name'].startswith('llama') else family['name']}" in capsys.readouterr().out
 
 
+def test_phi3_fused_quantized_tensors_split_by_rows(base_tokenizer, tmp_path):
+    """Block-quantized fused matrices (as a Phi-3 Q8_0 / Q4_0 GGUF holds them): each part read alone is its rows of
+    the whole tensor dequantized (a block never spans two rows), in q, k, v and gate, up order."""
+    import gguf
+
+    fam = build_family("phi3-q", FAMILIES["phi3"], base_tokenizer, tmp_path)
+    q8, q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    path = write_gguf(fam["model"], fam["tok"], tmp_path / "q.gguf", "phi3", TEMPLATES["phi3"],
+                      types={"attn_qkv.weight": q8, "ffn_up.weight": q4})
+    source, reader = open_source(path), gguf.GGUFReader(str(path))
+    c = source.config
+    whole = {t.name: torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type))) for t in reader.tensors}
+    for i in range(c.n_layers):
+        qkv, up = whole[f"blk.{i}.attn_qkv.weight"], whole[f"blk.{i}.ffn_up.weight"]
+        parts = dict(zip(["wq", "wk", "wv"], qkv.split([c.q_dim, c.kv_dim, c.kv_dim])))
+        parts |= dict(zip(["w1", "w3"], up.split([c.ffn_dim, c.ffn_dim])))
+        for name, expect in parts.items():
+            assert torch.equal(source.tensor(f"layers.{i}.{name}"), expect), (i, name)
+        assert not torch.equal(parts["w1"], fam["model"].state_dict()[f"model.layers.{i}.mlp.gate_up_proj.weight"][
+            :c.ffn_dim])  # (quantized: not the float weights)
+
+
 @pytest.mark.parametrize("source", ["hf", "gguf"])
 def test_chat_template_and_text_as_transformers(family, source):
     from transformers import AutoTokenizer
@@ -414,7 +496,7 @@ def test_chat_template_and_text_as_transformers(family, source):
     assert ours.chat("the quick brown fox?", system="be brief") == list(expect)
     text = "once upon a time, the lazy dog"
     assert ours.encode(text) == theirs(text)["input_ids"]
-    assert loaded.config.add_bos == (source == "gguf" and family["name"] != "qwen2" and family["name"] != "qwen3")
+    assert loaded.config.add_bos == (source == "gguf" and FAMILIES[family["name"]][2] == "llama")
 
 
 def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
@@ -531,6 +613,15 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}}, "unusable config"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
     ({"num_attention_heads": None}, "unusable config"),
+    # Phi-3's longrope ("su" and "yarn": transformers' older names of it for Phi-3) with unusable factors; Phi-4-mini
+    ({"model_type": "phi3", "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8,
+                                             "long_factor": [2.0] * 7}}, "short_factor and long_factor lists of 8"),
+    ({"model_type": "phi3", "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [-2.0] * 8}},
+     "short_factor and long_factor lists of 8 positive"),
+    ({"model_type": "phi3", "rope_scaling": {"type": "yarn", "factor": 4.0}}, "short_factor and long_factor lists"),
+    ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial RoPE (partial_rotary_factor 0.75"),
+    ({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
+                                                "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -561,6 +652,53 @@ def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     w.write_tensors_to_file()
     w.close()
     fragment = "mixture-of-experts" if arch == "llama" else f"unsupported architecture '{arch}'"
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_phi3_fused_matrix_of_the_wrong_shape_is_refused(tmp_path, capsys):
+    """A qkv_proj whose k and v hold one head each where num_key_value_heads says two: the error names the fused
+    tensor and the shape the configuration implies, before any weight is read."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    cfg = {"model_type": "phi3", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 1, "num_attention_heads": 4, "num_key_value_heads": 2}
+    (folder / "config.json").write_text(json.dumps(cfg))
+    layer = {"input_layernorm.weight": (64,), "post_attention_layernorm.weight": (64,),
+             "self_attn.qkv_proj.weight": (64 + 2 * 16, 64), "self_attn.o_proj.weight": (64, 64),
+             "mlp.gate_up_proj.weight": (256, 64), "mlp.down_proj.weight": (64, 128)}
+    shapes = {"model.embed_tokens.weight": (320, 64), "model.norm.weight": (64,), "lm_head.weight": (320, 64)}
+    shapes |= {f"model.layers.0.{k}": v for k, v in layer.items()}
+    save_file({k: torch.zeros(v) for k, v in shapes.items()}, str(folder / "model.safetensors"))
+    _expect_error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "o.spqt")],
+                  "tensor model.layers.0.self_attn.qkv_proj.weight has shape (96, 64), the configuration implies "
+                  "(128, 64)")
+
+
+@pytest.mark.parametrize("case", ["longrope", "partial"])
+def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
+    """longrope's factor tensors (as llama.cpp's converter writes Phi-3 128k / Phi-3.5) with a factor missing, and
+    Phi-4-mini (rope.dimension_count below the head dimension)."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "phi3")
+    w.add_block_count(1)
+    w.add_embedding_length(32)
+    w.add_head_count(4)
+    w.add_rope_dimension_count(8 if case == "longrope" else 6)
+    w.add_tensor("token_embd.weight", np.zeros((50, 32), dtype=np.float32))
+    if case == "longrope":
+        w.add_tensor("rope_factors_long.weight", np.full(3, 2.0, dtype=np.float32))
+        w.add_tensor("rope_factors_short.weight", np.ones(4, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    fragment = ("rope_factors_long.weight holds 3 values, expected 4 positive ones" if case == "longrope" else
+                "partial RoPE (6 of 8 head dimensions)")
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 

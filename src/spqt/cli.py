@@ -272,10 +272,14 @@ def _prompt_file(name: str) -> str:
 
 
 def _rope_scaling_label(c) -> str:
-    """inspect's note on a model's RoPE scaling: Llama 3's (as HF gives it), YaRN's (its attention factor), linear
-    (every frequency divided by one factor), or per-frequency divisors (a GGUF's rope_freqs: Llama 3's)."""
+    """inspect's note on a model's RoPE scaling: Llama 3's (as HF gives it), longrope's (its attention factor and
+    switch), YaRN's (its attention factor), linear (every frequency divided by one factor), or per-frequency divisors
+    (a GGUF's rope_freqs: Llama 3's)."""
     if c.rope_scaling:
         return " (llama3 scaling)"
+    if c.rope_long_freq_factors:
+        return (f" (longrope scaling, attention factor {c.rope_attention_factor:.4g}, long factors in runs past "
+                f"{c.rope_original_context} tokens)")
     if c.rope_attention_factor != 1.0:
         return f" (yarn scaling, attention factor {c.rope_attention_factor:.4g})"
     if c.rope_freq_factors and len(set(c.rope_freq_factors)) == 1:

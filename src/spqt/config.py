@@ -1,9 +1,11 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3) is these numbers plus a few
+A family (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3) is these numbers plus a few
 switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
-scaling as per-frequency factors (YaRN's attention factor beside them).
+scaling as per-frequency factors (YaRN's attention factor beside them), Phi-3's longrope as two sets of them (short,
+long) and an attention factor. Phi-3's fused matrices need no switch: the readers split them into the names every
+family has.
 """
 
 import math
@@ -40,15 +42,20 @@ class ModelConfig:
     bos_id: int | None = None
     eos_ids: tuple[int, ...] = field(default_factory=tuple)
     add_bos: bool = False
-    # Which family the source declared (llama, mistral, qwen2, qwen3): shown to people; the
+    # Which family the source declared (llama, mistral, qwen2, qwen3, phi3): shown to people; the
     # network itself follows the switches below, never this name.
     family: str = "llama"
     # (head_dim/2,) divisors of the inverse frequencies: Llama-3 scaling as llama.cpp stores it (GGUF tensor
     # rope_freqs), linear scaling (one factor in every place), or both multiplied; None for none. Exclusive with
     # rope_scaling.
     rope_freq_factors: tuple[float, ...] | None = None
-    # YaRN's attention factor: the RoPE table's cos and sin scaled by it (its frequencies come as rope_freq_factors)
+    # YaRN's and longrope's attention factor: the RoPE table's cos and sin scaled by it (its frequencies come as
+    # rope_freq_factors)
     rope_attention_factor: float = 1.0
+    # longrope (Phi-3 128k, Phi-3.5): (head_dim/2,) divisors that replace rope_freq_factors (its short ones) in a
+    # run whose context exceeds rope_original_context, for the whole run (llama.cpp's choice); None for none
+    rope_long_freq_factors: tuple[float, ...] | None = None
+    rope_original_context: int = 0
     # Linear maps that add an output bias after W x (never thresholded): a subset of
     # LINEAR_KINDS; Qwen2 has ("qkv",).
     linear_biases: tuple[str, ...] = ()
@@ -97,6 +104,18 @@ class ModelConfig:
             raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, head_dim/2 is {self.head_dim // 2}")
         if self.rope_freq_factors is not None and not all(math.isfinite(f) and f > 0 for f in self.rope_freq_factors):
             raise ValueError(f"rope_freq_factors must be positive numbers, got {self.rope_freq_factors!r}")
+        if self.rope_long_freq_factors is not None:
+            if not isinstance(self.rope_long_freq_factors, (tuple, list)):
+                raise ValueError(f"rope_long_freq_factors must be a list, got {self.rope_long_freq_factors!r}")
+            long = tuple(float(f) for f in self.rope_long_freq_factors)
+            object.__setattr__(self, "rope_long_freq_factors", long)
+            if self.rope_freq_factors is None or len(long) != self.head_dim // 2 or not all(
+                    math.isfinite(f) and f > 0 for f in long):
+                raise ValueError(f"rope_long_freq_factors needs rope_freq_factors beside it and {self.head_dim // 2} "
+                                 f"positive numbers, got {self.rope_long_freq_factors!r}")
+            if type(self.rope_original_context) is not int or self.rope_original_context < 1:
+                raise ValueError(f"rope_original_context must be a positive integer with rope_long_freq_factors, got "
+                                 f"{self.rope_original_context!r}")
 
     @property
     def q_dim(self) -> int:

@@ -182,7 +182,7 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     calibration = calibration.to(device)
     length = calibration.shape[1]
     positions = torch.arange(length, device=device)
-    rope = rope_table(config, config.max_seq_len).to(device)  # as the Transformer holds it
+    rope = rope_table(config, config.max_seq_len, context=length).to(device)  # as a run of `length` tokens holds it
     mask = torch.zeros((length, length), device=device).masked_fill_(positions[None, :] > positions[:, None],
                                                                      float("-inf"))
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The Llama-family network in one file: RMSNorm, RoPE (Llama-3 scaling too), grouped-query
+"""The Llama-family network in one file: RMSNorm, RoPE (Llama-3, YaRN, longrope scaling too), grouped-query
 attention with a preallocated KV cache, SwiGLU, tied or separate output head. Family switches
 (config.py): Qwen3's per-head RMSNorm of q and k here; output biases (Qwen2) belong to the linear
 maps that make_linear returns.
@@ -34,13 +34,17 @@ class RMSNorm(DirectCallModule):
         return functional.rms_norm(x, self.weight, self.eps)
 
 
-def rope_frequencies(config: ModelConfig) -> torch.Tensor:
+def rope_frequencies(config: ModelConfig, context: int | None = None) -> torch.Tensor:
     """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured (as HF
-    parameters, or as llama.cpp's per-frequency divisors from a GGUF) or linear scaling (divisors too)."""
+    parameters, or as llama.cpp's per-frequency divisors from a GGUF) or linear scaling (divisors too).
+    context: the run's context, which picks longrope's long divisors where it exceeds the original context."""
     hd = config.head_dim
     inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
-    if config.rope_freq_factors is not None:
-        return inv / torch.tensor(config.rope_freq_factors, dtype=torch.float64)
+    factors = config.rope_freq_factors
+    if config.rope_long_freq_factors is not None and context is not None and context > config.rope_original_context:
+        factors = config.rope_long_freq_factors
+    if factors is not None:
+        return inv / torch.tensor(factors, dtype=torch.float64)
     s = config.rope_scaling
     if not s:
         return inv
@@ -55,11 +59,12 @@ def rope_frequencies(config: ModelConfig) -> torch.Tensor:
     return torch.where(is_mid, mid, scaled)
 
 
-def rope_table(config: ModelConfig, length: int) -> torch.Tensor:
+def rope_table(config: ModelConfig, length: int, context: int | None = None) -> torch.Tensor:
     """(length, head_dim) float32 cos | sin halves: [:, :hd/2] cos, [:, hd/2:] sin, each times the attention factor
-    (YaRN's; 1 otherwise). Every path (torch, the CPU's C, the GPU kernels) rotates by this table."""
+    (YaRN's, longrope's; 1 otherwise), for a run of `context` tokens (default: length). Every path (torch, the CPU's
+    C, the GPU kernels) rotates by this table."""
     pos = torch.arange(length, dtype=torch.float64)
-    angles = torch.outer(pos, rope_frequencies(config))
+    angles = torch.outer(pos, rope_frequencies(config, length if context is None else context))
     return (torch.cat([angles.cos(), angles.sin()], dim=-1) * config.rope_attention_factor).float()
 
 
@@ -152,6 +157,8 @@ class Transformer(nn.Module):
         if max_len > self.config.max_seq_len:
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.config.max_seq_len}")
         self.max_len = max_len
+        if self.config.rope_long_freq_factors is not None:  # longrope: the table of this run's context, in place
+            self.rope.copy_(rope_table(self.config, self.config.max_seq_len, context=max_len))
         self.cache_generation += 1
         if self.decode_chain is not None:
             self.decode_chain.forget()  # its chains hold the old caches

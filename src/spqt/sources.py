@@ -11,6 +11,8 @@ provenance. Canonical names, weights as (out_features, in_features)::
     family switches (config.py), present only where the family has them:
     layers.{i}.bq (H*hd,)  bk, bv (Hkv*hd,)  bo (D,)  b1, b3 (F,)  b2 (D,)   output biases
     layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3
+    Phi-3 stores q|k|v ((H + 2*Hkv)*hd, D) and gate|up (2F, D) fused: each reader splits them by rows into
+    wq, wk, wv and w1, w3, reading only the rows asked for.
 
 Families and where they come from:
 
@@ -19,13 +21,18 @@ Families and where they come from:
     Mistral     mistral                   llama                       sliding window (HF: caps the context)
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
+    Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (caps
+                                                                      the context); longrope (128k, 3.5); partial
+                                                                      RoPE refused (Phi-4-mini)
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
-transformers does, so every source uses the half-split RoPE of model.py. ``qwen2`` and ``qwen3``
+transformers does, so every source uses the half-split RoPE of model.py. ``qwen2``, ``qwen3`` and ``phi3``
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
 scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear and YaRN
-scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). A GGUF split by
+scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). Phi-3's
+longrope arrives as the tensors ``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor
+and rope.scaling.original_context_length. A GGUF split by
 llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first file, as llama.cpp reads it.
 """
 
@@ -44,8 +51,8 @@ from spqt.config import LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3")
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
 _GGUF_PERMUTED_QK = ("llama",)
 
@@ -65,6 +72,11 @@ _GGUF_EXTRAS = {  # optional per-layer tensors: GGUF name -> ours
     "ffn_gate.bias": "b1", "ffn_up.bias": "b3", "ffn_down.bias": "b2",
     "attn_q_norm.weight": "q_norm", "attn_k_norm.weight": "k_norm",
 }
+# Phi-3's fused matrices, per source: the file's name (GGUF: blk.{i}.NAME.weight; HF: model.layers.{i}.NAME.weight)
+# -> the fused kind whose parts (_fused_parts) it stacks by rows. llama.cpp's converter keeps gate_up_proj whole
+# as ffn_up, gate rows first (llama.cpp applies SiLU to the first half).
+_GGUF_FUSED = {"attn_qkv": "qkv", "ffn_up": "gate_up"}
+_HF_FUSED = {"self_attn.qkv_proj": "qkv", "mlp.gate_up_proj": "gate_up"}
 # Which fused linear map (config.LINEAR_KINDS) an output bias belongs to.
 _BIAS_KIND = {"bq": "qkv", "bk": "qkv", "bv": "qkv", "bo": "o", "b1": "gate_up", "b3": "gate_up", "b2": "down"}
 _HF_NAMES = {
@@ -329,6 +341,29 @@ def _open_gguf(path: Path) -> SourceModel:
         rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * (head_dim // 2))
     if yarn_divisors is not None:  # (on top of rope_freqs' divisors, as llama.cpp's RoPE applies both)
         rope_freq_factors = tuple(f * d for f, d in zip(rope_freq_factors or (1.0,) * (head_dim // 2), yarn_divisors))
+    # Phi-3 128k / Phi-3.5: llama.cpp's converter writes longrope as two tensors and two keys (no scaling type key)
+    long_factors, original = None, 0
+    if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
+        if arch != "phi3" or rope_freq_factors is not None:
+            raise SpqtError(f"{path}: GGUF rope scaling 'longrope' (tensors rope_factors_long, rope_factors_short) is "
+                            f"supported for phi3 alone, without other scaling")
+        rope_freq_factors, long_factors = (_gguf_factors(path, tensors, f"rope_factors_{k}.weight", head_dim // 2)
+                                           for k in ("short", "long"))
+        original = _int_field(reader, path, f"{arch}.rope.scaling.original_context_length", context)
+        if original < 2:
+            raise SpqtError(f"{path}: GGUF rope.scaling.original_context_length {original} is not above 1")
+        attention_factor = field_value(f"{arch}.rope.scaling.attn_factor")
+        if attention_factor is None:  # (as the converter computes it)
+            attention_factor = _longrope_attention(context / original, original)
+        try:
+            attention_factor = float(attention_factor)
+        except (TypeError, ValueError):
+            raise SpqtError(f"{path}: GGUF rope.scaling.attn_factor is not a number ({attention_factor!r})") from None
+    # phi3: the window of transformers' sliding-window attention caps the context, where full attention is exact (as
+    # for Mistral from HF; llama.cpp instead runs phi3 with full attention at any length)
+    window = _int_field(reader, path, f"{arch}.attention.sliding_window", 0) if arch == "phi3" else 0
+    if window > 0:
+        context = min(context, window)
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
@@ -363,24 +398,31 @@ def _open_gguf(path: Path) -> SourceModel:
             family=arch,
             rope_freq_factors=rope_freq_factors,
             rope_attention_factor=attention_factor,
+            rope_long_freq_factors=long_factors,
+            rope_original_context=original,
             **_switches(layer_extras.values()),
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
-    for i in range(n_layers):
+    fused = _GGUF_FUSED if arch == "phi3" else {}
+    rows, split = {}, _fused_names(config, fused.values())  # rows: our name -> (first row, end row, rows of the
+    for i in range(n_layers):                                 # fused tensor) for the parts of a fused tensor
         for g, ours in _GGUF_NAMES.items():
-            names.append(f"layers.{i}.{ours}")
-            gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
+            if ours not in split:
+                names.append(f"layers.{i}.{ours}")
+                gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
+        for g, kind in fused.items():
+            names += _add_fused_parts(config, kind, i, f"blk.{i}.{g}.weight", gguf_name, rows)
         for g, ours in layer_extras.items():
             names.append(f"layers.{i}.{ours}")
             gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}"
-    missing = [gguf_name[n] for n in names if gguf_name[n] not in tensors]
+    missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
     _check_shapes(path, config, {n: tuple(int(d) for d in reversed(tensors[gguf_name[n]].shape)) for n in names},
-                  {n: gguf_name[n] for n in names})
+                  {n: gguf_name[n] for n in names}, rows)
     for n in names:
         kind = tensors[gguf_name[n]].tensor_type.name
         if kind in ("I8", "I16", "I32", "I64"):  # weights are floating point or block-quantized (IQ4_XS ... too)
@@ -389,11 +431,15 @@ def _open_gguf(path: Path) -> SourceModel:
 
     def load(name: str) -> torch.Tensor:
         t = tensors[gguf_name[name]]
+        shape = tuple(int(s) for s in reversed(t.shape))
+        data = t.data
+        if name in rows:  # a part of a fused matrix: its rows alone (a row's blocks never cross rows)
+            start, end, _ = rows[name]
+            data, shape = data[start:end], (end - start, *shape[1:])
         try:
-            values = gguf.quants.dequantize(t.data, t.tensor_type)
+            values = gguf.quants.dequantize(data, t.tensor_type)
         except NotImplementedError:
             raise SpqtError(f"{path}: tensor type {t.tensor_type.name} of {t.name} is not supported by the gguf package") from None
-        shape = tuple(int(s) for s in reversed(t.shape))
         w = torch.from_numpy(np.array(values, dtype=np.float32).reshape(shape))
         if permuted and name.endswith((".wq", ".bq")):
             w = _unpermute_rope_rows(w, n_heads)
@@ -448,6 +494,23 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
     return divisors, attention, max(context, int(original * factor))
 
 
+def _gguf_factors(path: Path, tensors: dict, name: str, n: int) -> tuple[float, ...]:
+    """The n positive numbers of a small GGUF tensor (longrope's factors); SpqtError where it holds other values."""
+    import gguf
+
+    t = tensors.get(name)
+    if t is None:
+        raise SpqtError(f"{path}: GGUF lacks the tensor {name} (longrope needs rope_factors_short and _long)")
+    try:
+        values = tuple(float(v) for v in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).ravel())
+    except NotImplementedError:
+        raise SpqtError(f"{path}: tensor type {t.tensor_type.name} of {name} is not supported by the gguf "
+                        f"package") from None
+    if len(values) != n or not all(math.isfinite(v) and v > 0 for v in values):
+        raise SpqtError(f"{path}: {name} holds {len(values)} values, expected {n} positive ones")
+    return values
+
+
 def _gguf_tensor_table(reader, path: Path) -> dict:
     """name -> ReaderTensor, after checking what a damaged file could declare: aligned data inside
     the file, no two tensors over the same bytes."""
@@ -483,10 +546,43 @@ def _expected_shapes(c: ModelConfig) -> dict:
     return shapes
 
 
-def _check_shapes(path: Path, config: ModelConfig, declared: dict, file_names: dict) -> None:
-    """Every declared tensor shape must be the one the configuration implies (before any read)."""
+def _fused_parts(config: ModelConfig, kind: str) -> tuple[tuple[str, int], ...]:
+    """The (our name, rows) a fused matrix of `kind` ("qkv" or "gate_up") stacks, first rows first."""
+    if kind == "qkv":
+        return ("wq", config.q_dim), ("wk", config.kv_dim), ("wv", config.kv_dim)
+    return ("w1", config.ffn_dim), ("w3", config.ffn_dim)
+
+
+def _fused_names(config: ModelConfig, kinds) -> set[str]:
+    """Our per-layer names (wq, ...) that the fused matrices of these kinds hold."""
+    return {ours for kind in kinds for ours, _ in _fused_parts(config, kind)}
+
+
+def _add_fused_parts(config: ModelConfig, kind: str, layer: int, file_name: str, file_names: dict,
+                     rows: dict) -> list[str]:
+    """Layer `layer`'s parts of the fused tensor `file_name` (of `kind`): each one's file name and (first row, end
+    row, rows of the whole) entered in file_names and rows; returns their names (layers.{i}.wq, ...)."""
+    parts = _fused_parts(config, kind)
+    total, start, names = sum(n for _, n in parts), 0, []
+    for ours, n in parts:
+        name = f"layers.{layer}.{ours}"
+        file_names[name], rows[name] = file_name, (start, start + n, total)
+        names.append(name)
+        start += n
+    return names
+
+
+def _check_shapes(path: Path, config: ModelConfig, declared: dict, file_names: dict, rows: dict | None = None) -> None:
+    """Every declared tensor shape must be the one the configuration implies (before any read). rows: the parts of
+    fused tensors (_add_fused_parts); their declared shape is the whole's."""
     expected = _expected_shapes(config)
     for name, shape in declared.items():
+        if rows and name in rows:
+            start, end, total = rows[name]
+            if shape != (total, expected[name][1]):
+                raise SpqtError(f"{path}: tensor {file_names[name]} has shape {shape}, the configuration implies "
+                                f"{(total, expected[name][1])}")
+            shape = (end - start, shape[1])
         if name in expected and shape != expected[name]:
             raise SpqtError(f"{path}: tensor {file_names[name]} has shape {shape}, the configuration implies "
                             f"{expected[name]}")
@@ -629,29 +725,35 @@ def _open_hf(folder: Path) -> SourceModel:
     extras = _hf_extras(cfg, model_type)
     hf_name = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
+    fused = _HF_FUSED if model_type == "phi3" else {}
+    rows, split = {}, _fused_names(config, fused.values())  # rows: as in _open_gguf
     for i in range(config.n_layers):
         for h, ours in _HF_NAMES.items():
-            names.append(f"layers.{i}.{ours}")
-            hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}.weight"
+            if ours not in split:
+                names.append(f"layers.{i}.{ours}")
+                hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}.weight"
+        for h, kind in fused.items():
+            names += _add_fused_parts(config, kind, i, f"model.layers.{i}.{h}.weight", hf_name, rows)
         for h, ours in _HF_EXTRAS.items():
             if ours in extras:
                 names.append(f"layers.{i}.{ours}")
                 hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}"
-    missing = [hf_name[n] for n in names if hf_name[n] not in where]
+    missing = list(dict.fromkeys(hf_name[n] for n in names if hf_name[n] not in where))
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
     for k in (hf_name[n] for n in names):  # (the tensors read: a buffer such as int64 position_ids may sit beside)
         if declared[k][1] not in ("F64", "F32", "F16", "BF16"):
             raise SpqtError(f"{where[k]}: tensor {k} has dtype {declared[k][1]}; weights must be floating point")
-    _check_shapes(folder, config, {n: declared[hf_name[n]][0] for n in names}, hf_name)
+    _check_shapes(folder, config, {n: declared[hf_name[n]][0] for n in names}, hf_name, rows)
 
     def load(name: str) -> torch.Tensor:
         key = hf_name[name]
+        start, end, _ = rows.get(name, (None, None, None))  # a part of a fused matrix: its rows alone
         if where[key] in pickled:
-            return pickled[where[key]][key].to(torch.float32, copy=True)  # (not the mapped tensor: not cached)
+            return pickled[where[key]][key][start:end].to(torch.float32, copy=True)  # (a copy: not cached)
         try:
             with safe_open(str(where[key]), framework="pt") as st:
-                return st.get_tensor(key).to(torch.float32)
+                return (st.get_tensor(key) if name not in rows else st.get_slice(key)[start:end]).to(torch.float32)
         except Exception as e:
             raise SpqtError(f"{where[key]}: cannot read tensor {key} ({e})") from None
 
@@ -674,8 +776,14 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind not in ("llama3", "linear", "yarn", "default"):
-        raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear and yarn are)")
+    if model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 reads both as longrope
+        kind = "longrope"
+    if kind not in ("llama3", "linear", "yarn", "default") and not (kind == "longrope" and model_type == "phi3"):
+        raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear, yarn and, for phi3, longrope are)")
+    # Phi-4-mini rotates 3/4 of each head (top level in its config.json; transformers 5 moves it into rope_parameters)
+    partial = float(rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
+    if partial != 1.0:
+        raise ValueError(f"partial RoPE (partial_rotary_factor {partial:g} of each head rotated) is not supported")
     scaling = None if kind != "llama3" else {
         k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
@@ -689,14 +797,17 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         divisors, attention_factor = _yarn(rope, float(theta), head_dim, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
         context = max(context, int((rope.get("original_max_position_embeddings") or context) * float(rope["factor"])))
+    long_divisors, original = None, 0
+    if kind == "longrope":
+        divisors, long_divisors, attention_factor, original = _longrope(rope, cfg, head_dim, context)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
     # Sliding-window attention equals full attention while the sequence fits the window, so
-    # such a model gets the window as its context (Mistral 7B v0.1: 4,096).
+    # such a model gets the window as its context (Mistral 7B v0.1: 4,096; Phi-3-mini-4k: 2,047).
     window = cfg.get("sliding_window")
     sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
-        cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3") else model_type == "mistral")
+        cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3") else model_type in ("mistral", "phi3"))
     if sliding and window:
         context = min(context, int(window))
     return ModelConfig(
@@ -705,6 +816,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
         rope_scaling=scaling, rope_freq_factors=divisors, rope_attention_factor=attention_factor,
+        rope_long_freq_factors=long_divisors, rope_original_context=original,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
@@ -752,9 +864,39 @@ def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[
     return tuple(1.0 / ((1.0 - k) / factor + k) for k in kept), attention
 
 
+def _longrope_attention(factor: float, original: int) -> float:
+    """longrope's attention factor (the scale of cos and sin) for a context `factor` times the original one."""
+    return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+
+
+def _longrope(rope: dict, cfg: dict, head_dim: int, context: int) -> tuple[tuple, tuple, float, int]:
+    """Phi-3's longrope (LongRoPE, Ding et al. 2024) from an HF rope block, as transformers reads it: the short and the
+    long per-frequency divisors, the attention factor (given, else from the factor, itself given or the context over
+    the original context) and the original context (past it a run takes the long divisors). ValueError on unusable
+    parameters."""
+    # transformers' Phi-3 takes the top level's value over the block's (Phi3Config's default: 4096)
+    original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
+    factors = [rope.get("short_factor"), rope.get("long_factor")]
+    if not all(isinstance(f, list) and len(f) == head_dim // 2 and all(
+            type(v) in (int, float) and math.isfinite(v) and v > 0 for v in f) for f in factors):
+        raise ValueError(f"longrope rope scaling needs short_factor and long_factor lists of {head_dim // 2} positive "
+                         f"numbers")
+    if type(original) is not int or original < 2:
+        raise ValueError(f"longrope original_max_position_embeddings {original!r} is not an integer above 1")
+    factor = rope.get("factor")
+    factor = float(context / original if factor is None else factor)
+    attention = rope.get("attention_factor")
+    attention = float(_longrope_attention(factor, original) if attention is None else attention)
+    if not (math.isfinite(attention) and attention > 0):
+        raise ValueError(f"longrope attention_factor {attention} is not a positive number")
+    return tuple(map(float, factors[0])), tuple(map(float, factors[1])), attention, original
+
+
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers
-    builds it: Qwen2 always has q/k/v biases, Qwen3 q/k norms; attention_bias / mlp_bias add more."""
+    builds it: Qwen2 always has q/k/v biases, Qwen3 q/k norms; attention_bias / mlp_bias add more (Phi-3: never)."""
+    if model_type == "phi3":
+        return []
     extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"]}.get(model_type, [])
     if cfg.get("attention_bias"):
         extras += ["bq", "bk", "bv", "bo"]
