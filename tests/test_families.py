@@ -1,4 +1,4 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3), each from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, SmolLM3), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -49,6 +49,10 @@ FAMILIES = {
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen2", "chatml"),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, max_position_embeddings=512,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen3", "chatml"),
+    # 4 layers: the last is NoPE, as transformers' default interval and llama.cpp's fixed step (every 4th) agree
+    "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=512,
+                                      pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 2e6}),
+                "smollm3", "chatml"),
 }
 PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's window
 
@@ -139,9 +143,9 @@ def write_gguf(model, tok, path: Path, arch: str, template: str) -> Path:
             t = sd.get(f"model.layers.{i}.{hf}")
             if t is None:
                 continue
-            if arch == "llama" and hf.startswith("self_attn.q_proj"):
+            if arch in ("llama", "smollm3") and hf.startswith("self_attn.q_proj"):
                 t = _llamacpp_permute(t, c.num_attention_heads)
-            elif arch == "llama" and hf.startswith("self_attn.k_proj"):
+            elif arch in ("llama", "smollm3") and hf.startswith("self_attn.k_proj"):
                 t = _llamacpp_permute(t, c.num_key_value_heads)
             w.add_tensor(f"blk.{i}.{ours}", np.ascontiguousarray(t))
     w.write_header_to_file()
@@ -168,7 +172,7 @@ def build_family(name: str, spec: tuple, base_tokenizer: Path, folder: Path) -> 
     tok = PreTrainedTokenizerFast.from_pretrained(str(base_tokenizer))
     tok.chat_template = TEMPLATES[template]
     config = getattr(transformers, cls)(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                        eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5, **DIMS, **extra)
+                                        eos_token_id=tok.eos_token_id, rms_norm_eps=1e-5, **{**DIMS, **extra})
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # fresh weights every run, replayable: SPQT_FAMILY_SEED=<the printed seed>
     seed = int(os.environ.get("SPQT_FAMILY_SEED") or np.random.SeedSequence().entropy % (1 << 31))
@@ -215,7 +219,8 @@ def test_a_layer_built_alone_equals_the_models_layer(family):
         block = build_block(c, i, {k: w for k, w in loaded.weights.items() if k.startswith(f"layers.{i}.")})
         block.attention.cache = KVCache(2, c.n_kv_heads, n, c.head_dim, torch.float32, "cpu")
         with torch.no_grad():
-            assert torch.equal(block(x, model.rope, positions, mask), model.layers[i](x, model.rope, positions, mask))
+            rope = model.rope_for(i)
+            assert torch.equal(block(x, rope, positions, mask), model.layers[i](x, rope, positions, mask))
 
 
 @pytest.mark.parametrize("source", ["hf", "gguf"])
@@ -226,7 +231,8 @@ def test_float_forward_equals_transformers(family, source):
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
     assert c.qk_norm == (name == "qwen3")
-    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3"))
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3"))
+    assert c.nope_layers == ((3,) if name == "smollm3" else ())
     if name.startswith("llama"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name == "mistral":
@@ -405,8 +411,8 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    if source == "hf":
-        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
+    if source == "hf" or family["name"] == "smollm3":  # (transformers reads no smollm3 GGUF: the tokenizer the
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # GGUF was written from)
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
@@ -414,7 +420,7 @@ def test_chat_template_and_text_as_transformers(family, source):
     assert ours.chat("the quick brown fox?", system="be brief") == list(expect)
     text = "once upon a time, the lazy dog"
     assert ours.encode(text) == theirs(text)["input_ids"]
-    assert loaded.config.add_bos == (source == "gguf" and family["name"] != "qwen2" and family["name"] != "qwen3")
+    assert loaded.config.add_bos == (source == "gguf" and family["name"] not in ("qwen2", "qwen3", "smollm3"))
 
 
 def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
