@@ -472,6 +472,38 @@ def test_decode_steps_equal_full_forward(family, quantized):
     assert err < 2e-5 * float(full.max() - full.min()), f"seed {family['seed']}: max |diff| {err:.3e}"
 
 
+@pytest.mark.parametrize("family", ["smollm3"], indirect=True)
+def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch):
+    """The CPU's native decode (--gemv native: a decode token's RoPE, KV-cache write and attention in one C call) of
+    SmolLM3: the C attention runs in every layer, the NoPE layer's with the identity table (sin 0), and the
+    teacher-forced decode-step logits are the torch reference's within the fp16 rounding of the tied head; the .spqt
+    is format version 5."""
+    from safetensors import safe_open
+
+    from spqt.kernels import cpu_native
+
+    with safe_open(str(quantized["hf"]), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 5
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    loaded = load_spqt(quantized["hf"])
+    c = loaded.config
+    ids = _ids(10, c.vocab_size, seed=family["seed"] + 4)
+    ref = _stepped_logits(Generator(loaded, "cpu", max_len=16), ids, sparse=False)
+    rotated, native = [], cpu_native.rope_attention_decode
+
+    def watched(qkv, table, *args):
+        rotated.append(bool(table[:, c.head_dim // 2:].any()))
+        return native(qkv, table, *args)
+
+    monkeypatch.setattr(cpu_native, "rope_attention_decode", watched)
+    got = _stepped_logits(Generator(loaded, "cpu", max_len=16, backend="cpu-native"), ids, sparse=False)
+    assert rotated == [c.rotates(i) for i in range(c.n_layers)] * len(ids)  # (the one-token prefill too)
+    span = float(ref.max() - ref.min())
+    err = float((got - ref).abs().max())
+    assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
+
+
 @pytest.mark.gpu
 def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
     """The Triton path with a family's switches (bias added and q/k normed in torch around the
@@ -537,6 +569,9 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": "x"}}, "unusable config"),
     ({"hidden_act": "gelu"}, "activation 'gelu'"),
     ({"num_attention_heads": None}, "unusable config"),
+    ({"model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
+    ({"model_type": "smollm3", "no_rope_layers": [1, 2]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
+    ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -581,10 +616,10 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
         meta = json.loads(st.metadata()["spqt"])
         tensors = {k: st.get_tensor(k) for k in st.keys()}
     meta["format_version"] = 1
-    for key in ("family", "rope_freq_factors", "linear_biases", "qk_norm"):
+    for key in ("family", "rope_freq_factors", "linear_biases", "qk_norm", "nope_layers"):
         del meta["config"][key]
     old = tmp_path / "old.spqt"
     save_file(tensors, str(old), metadata={"spqt": json.dumps(meta)})
     a, b = load_spqt(tiny_spqt), load_spqt(old)
-    assert b.config == a.config and b.config.linear_biases == () and not b.config.qk_norm
+    assert b.config == a.config and b.config.linear_biases == () and not b.config.qk_norm and not b.config.nope_layers
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
