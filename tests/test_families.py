@@ -393,11 +393,13 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     with torch.no_grad():
         quantized = model(torch.tensor([ids]), torch.arange(len(ids)))[0]
         exact = family["model"](torch.tensor([ids])).logits[0].float()
-    # Q4_K weights are ~19 dB (test_checkpoint); two layers and a float head keep the logits above 15
+    # Q4_K weights are ~19 dB (test_checkpoint); two layers and a float head keep the logits above 15, and each
+    # doubling of the layers adds as much noise again: -3 dB (SmolLM3's 4 layers: 14.2 to 17.4 dB over 20 seeds)
+    floor = 15 - 10 * math.log10(a.config.n_layers / 2)
     db = sqnr_db(exact, quantized)
     with capsys.disabled():
         print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
-    assert db > 15, seed
+    assert db > floor, seed
     capsys.readouterr()
     assert main(["generate", str(out["gguf"]), "-p", "once upon a time", "-n", "6", "--device", "cpu"]) == 0
     assert main(["generate", str(out["hf"]), "-p", "hello", "-n", "4", "--chat", "--device", "cpu"]) == 0
