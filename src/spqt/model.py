@@ -65,8 +65,8 @@ def rope_table(config: ModelConfig, length: int) -> torch.Tensor:
 
 
 def identity_table(config: ModelConfig, length: int) -> torch.Tensor:
-    """(length, head_dim) float32 [cos | sin] = [1 | 0]: a NoPE layer's table, which any path rotating by it leaves
-    q and k unchanged with (x * 1 + y * 0 is x exactly)."""
+    """(length, head_dim) float32 [cos | sin] = [1 | 0]: a NoPE layer's table. Every path's rotation by it (torch,
+    the CPU's C, the GPU kernels) leaves q and k exactly as they are: x * 1 + y * 0 is x."""
     half = config.head_dim // 2
     return torch.cat([torch.ones(length, half), torch.zeros(length, half)], dim=-1)
 
