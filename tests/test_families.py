@@ -243,6 +243,25 @@ def test_float_forward_equals_transformers(family, source):
     assert err < 2e-5 * span, f"{name} from {source} (seed {family['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
 
 
+@pytest.mark.parametrize("extra", [{}, {"no_rope_layer_interval": 2}, {"no_rope_layers": [0, 1, 1, 0, 1, 1, 1, 1, 0]},
+                                   {"use_sliding_window": True, "sliding_window": 64}])
+def test_smollm3_configs_read_as_transformers_reads_them(extra):
+    """A SmolLM3 config.json without rope keys, with an interval, a list longer than the layers, a sliding window:
+    the NoPE layers and RoPE theta (transformers' SmolLM3 default where absent) that SmolLM3Config takes from it; a
+    sliding window (transformers' on the NoPE layers) caps the context."""
+    from transformers import SmolLM3Config
+
+    from spqt.sources import _hf_config
+
+    cfg = {"model_type": "smollm3", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+           "rms_norm_eps": 1e-6, **extra}
+    ours, theirs = _hf_config(cfg, "smollm3", tie=True), SmolLM3Config.from_dict(cfg)
+    assert ours.nope_layers == tuple(i for i in range(8) if not theirs.no_rope_layers[i])
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.max_seq_len == (64 if extra.get("use_sliding_window") else theirs.max_position_embeddings)
+
+
 def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
     """A copy of the GGUF at `path` without the keys `drop`, with these keys (strings, or float32) and extra float32
     tensors."""
