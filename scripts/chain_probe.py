@@ -38,9 +38,9 @@ def launched_layers(model, hidden0: torch.Tensor, sq0: torch.Tensor, pos: torch.
     if pos is not None:
         mask = torch.zeros((1, length), dtype=x.dtype, device=x.device).masked_fill_(
             torch.arange(length, device=x.device)[None, :] > pos[:, None], float("-inf"))
-    for block in model.layers[:layers]:
+    for i, block in enumerate(model.layers[:layers]):
         if pos is not None:
-            x = block(x, model.rope, pos, mask)
+            x = block(x, model.rope_for(i), pos, mask)
             continue
         qkv = block.attention.qkv(x, norm=block.attention_norm)
         h = block.attention.o(qkv[..., :d], residual=x)

@@ -252,6 +252,8 @@ def spqt_metadata_cases(data: bytes):
     for key in ("norm_eps", "rope_theta"):
         yield f"spqt config {key}=-1", edited(lambda m: m["config"].__setitem__(key, -1.0)), False
     yield "spqt config bos_id beyond vocab", edited(lambda m: m["config"].__setitem__("bos_id", 1 << 40)), False
+    for v in ([99], [-1], ["0"], 3):
+        yield f"spqt config nope_layers={v!r}", edited(lambda m: m["config"].__setitem__("nope_layers", v)), False
     yield "spqt no config", edited(lambda m: m.pop("config")), False
     yield "spqt format_version 7", edited(lambda m: m.__setitem__("format_version", 7)), False
     first = next(iter(meta["linears"]))

@@ -448,6 +448,12 @@ def test_fused_ops_match_torch_twins(rng, device):
     for c, ref in zip(caches, ref_caches):
         torch.testing.assert_close(c.cpu()[:, :, 10:17], ref[:, :, 10:17], atol=tol, rtol=tol)
         assert c[:, :, :10].isnan().all() and c[:, :, 17:].isnan().all(), "wrote outside the positions"
+    # a NoPE layer's identity table (Transformer.rope_for): q and k leave unrotated, bit for bit
+    from spqt.model import identity_table
+
+    got = fused.rope_kv(qkv, identity_table(cfg, 64).to(device), positions, *caches, 3, 1)
+    assert torch.equal(got, qkv[..., :192].reshape(2, 7, 3, 64))
+    assert torch.equal(caches[0][:, :, 10:17], qkv[..., 192:256].reshape(2, 7, 1, 64).transpose(1, 2))
     gu = torch.from_numpy(rng.standard_normal((4, 2 * 1500)).astype(np.float32)).to(device, dtype)
     torch.testing.assert_close(fused.silu_mul(gu, 1500),
                                (torch.nn.functional.silu(gu[:, :1500].float()) * gu[:, 1500:].float()).to(dtype),

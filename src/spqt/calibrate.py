@@ -174,7 +174,6 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
     share = sizes / sizes.sum()
     ctx = windows.shape[1]
     inputs, positions, mask = _dense_block_inputs(model, windows.to(device), device)
-    rope = model.rope
     scored = slice(int(ctx * (1 - ERROR_FRACTION)), ctx)
     result = {sp.level_key(s): [] for s in levels}
     for i, block in enumerate(tqdm(model.layers, desc="greedy allocation", unit="block", disable=not progress)):
@@ -187,13 +186,13 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
             set_sparse(model, False)
             for lin in linears:
                 lin.sparse = True
-            y = block(x, rope, positions, mask)
+            y = block(x, model.rope_for(i), positions, mask)
             for lin in linears:
                 lin.sparse = False
             return float((y[:, scored].float() - dense).pow(2).mean())
 
         set_sparse(model, False)
-        dense = block(x, rope, positions, mask)[:, scored].float()
+        dense = block(x, model.rope_for(i), positions, mask)[:, scored].float()
         s_vec = torch.zeros(4, dtype=torch.float64)
         targets = list(levels)
         while targets:
@@ -242,8 +241,8 @@ def block_sensitivities(model, block_tables: list, windows: torch.Tensor, device
     inputs, positions, mask = _dense_block_inputs(model, tokens, device)
 
     def nll_from(b: int, x: torch.Tensor) -> float:
-        for block in model.layers[b:]:
-            x = block(x, model.rope, positions, mask)
+        for i in range(b, len(model.layers)):
+            x = model.layers[i](x, model.rope_for(i), positions, mask)
         logits = model.output(model.norm(x[:, half:-1])).float()
         return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets))
 

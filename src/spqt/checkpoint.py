@@ -25,8 +25,9 @@ in the target folder and renamed. Version 2 added the family switches (biases, q
 frequency factors); version 1 files are Llama-family files without them and read as such. Version 3 is
 version 2 with a quantized output head (mixes.head_type); files with a float head stay version 2. Version 4 is a
 file whose RoPE table carries an attention factor (YaRN, config rope_attention_factor), which an older spqt would
-drop: it refuses the file instead. Version 5 is a file with longrope's long factors (config rope_long_freq_factors),
-for the same reason.
+drop: it refuses the file instead. Version 5, likewise, is a file with longrope's long factors (config
+rope_long_freq_factors) or with layers that apply no RoPE (SmolLM3's NoPE layers, config nope_layers), which an
+older spqt would rotate by the short factors or at all.
 """
 
 import collections
@@ -52,7 +53,7 @@ from spqt.sources import SourceModel, TokenizerSpec, is_gguf, open_source
 FORMAT_VERSION = 2  # written for files whose head is float; 3 where it is quantized (an older spqt refuses those)
 QUANTIZED_HEAD_VERSION = 3
 ATTENTION_FACTOR_VERSION = 4
-LONG_ROPE_VERSION = 5
+ROPE_LAYOUT_VERSION = 5  # longrope's long factors, NoPE layers
 READABLE_VERSIONS = (1, 2, 3, 4, 5)
 NORM_SUFFIX = ".column_norm"
 
@@ -370,7 +371,8 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
         tensors[f"{name}{NORM_SUFFIX}"] = norms.to(torch.float32).contiguous()
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
-    version = (LONG_ROPE_VERSION if model.config.rope_long_freq_factors is not None else
+    c = model.config
+    version = (ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else
                ATTENTION_FACTOR_VERSION if model.config.rope_attention_factor != 1.0 else
                QUANTIZED_HEAD_VERSION if isinstance(model.weights.get("output"), QuantizedWeight) else FORMAT_VERSION)
     meta = {"format_version": version, "config": model.config.to_dict(),

@@ -144,7 +144,8 @@ def cmd_inspect(args) -> int:
     print(f"model        {args.model}")
     print(f"kind         {model.kind}")
     switches = "".join([f", biases on {'/'.join(c.linear_biases)}" if c.linear_biases else "",
-                        ", q/k norm" if c.qk_norm else ""])
+                        ", q/k norm" if c.qk_norm else "",
+                        f", no RoPE in layers {', '.join(map(str, c.nope_layers))}" if c.nope_layers else ""])
     print(f"architecture {c.family}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads} (kv {c.n_kv_heads}), "
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
           f"rope theta {c.rope_theta:g}{_rope_scaling_label(c)}, "

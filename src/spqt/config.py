@@ -1,11 +1,11 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, Mistral, Qwen2/2.5, Qwen3, Phi-3) is these numbers plus a few
+A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3) is these numbers plus a few
 switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
 scaling as per-frequency factors (YaRN's attention factor beside them), Phi-3's longrope as two sets of them (short,
-long) and an attention factor. Phi-3's fused matrices need no switch: the readers split them into the names every
-family has.
+long) and an attention factor, layers whose q and k are not rotated at all (SmolLM3's NoPE layers). Phi-3's fused
+matrices need no switch: the readers split them into the names every family has.
 """
 
 import math
@@ -61,6 +61,9 @@ class ModelConfig:
     linear_biases: tuple[str, ...] = ()
     # RMSNorm over each head of q and of k, before RoPE (Qwen3), weights (head_dim,) each.
     qk_norm: bool = False
+    # Layers (ascending indices) whose attention rotates neither q nor k: no position encoding ("NoPE", SmolLM3's
+    # every fourth layer); every other layer applies RoPE.
+    nope_layers: tuple[int, ...] = ()
 
     def __post_init__(self):
         """Checks every field (ValueError naming the field): a configuration comes from a file."""
@@ -116,6 +119,15 @@ class ModelConfig:
             if type(self.rope_original_context) is not int or self.rope_original_context < 1:
                 raise ValueError(f"rope_original_context must be a positive integer with rope_long_freq_factors, got "
                                  f"{self.rope_original_context!r}")
+        if not isinstance(self.nope_layers, (tuple, list)) or any(
+                type(i) is not int or not 0 <= i < self.n_layers for i in self.nope_layers):
+            raise ValueError(f"model configuration: nope_layers must list layer indices below {self.n_layers}, "
+                             f"got {self.nope_layers!r}")
+        object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
+
+    def rotates(self, layer: int) -> bool:
+        """Whether layer `layer`'s attention applies RoPE to q and k (not a NoPE layer)."""
+        return layer not in self.nope_layers
 
     @property
     def q_dim(self) -> int:

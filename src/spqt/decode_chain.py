@@ -119,15 +119,15 @@ def layer_stages(model, bufs: ChainBuffers, split, length: int, per_head: int, l
     q|k|v instead of the attention's."""
     heads = model.config.n_heads
     stages = []
-    for block in model.layers[:layers]:
+    for i, block in enumerate(model.layers[:layers]):
         att, ff = block.attention, block.feed_forward
         n = len(stages)
         qkv = kc.Stage(att.qkv.impl.w, bufs.h, bufs.qkv, split(att.qkv), gamma=block.attention_norm.weight,
                        sq_in=bufs.sq0 if n == 0 else bufs.sq, after=n - 1)
         stages.append(qkv)
         if attention:
-            stages.append(kc.AttentionStage(bufs.qkv, model.rope, bufs.pos, att.cache.k[0], att.cache.v[0], bufs.attn,
-                                            heads, length, per_head, after=len(stages) - 1))
+            stages.append(kc.AttentionStage(bufs.qkv, model.rope_for(i), bufs.pos, att.cache.k[0], att.cache.v[0],
+                                            bufs.attn, heads, length, per_head, after=len(stages) - 1))
         o_in = bufs.attn if attention else bufs.qkv[: bufs.h.numel()]
         o = kc.Stage(att.o.impl.w, o_in, bufs.h, split(att.o), kc.EPILOGUE_RESIDUAL, res=bufs.h, sq_out=bufs.sq,
                      after=len(stages) - 1)

@@ -177,20 +177,23 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     device."""
     from tqdm.auto import tqdm
 
-    from spqt.model import rope_table
+    from spqt.model import identity_table, rope_table
 
     calibration = calibration.to(device)
     length = calibration.shape[1]
     positions = torch.arange(length, device=device)
-    rope = rope_table(config, config.max_seq_len, context=length).to(device)  # as a run of `length` tokens holds it
+    # the tables as the Transformer holds them for a run of `length` tokens: RoPE's, and the NoPE layers' identity
+    # (Transformer.rope_for)
+    rope = rope_table(config, config.max_seq_len, context=length).to(device)
+    identity = identity_table(config, config.max_seq_len).to(device) if config.nope_layers else None
     mask = torch.zeros((length, length), device=device).masked_fill_(positions[None, :] > positions[:, None],
                                                                      float("-inf"))
     with torch.no_grad():
         table = embedding.to(device=device, dtype=torch.float32)
         states = [torch.nn.functional.embedding(chunk, table) for chunk in calibration.split(WINDOWS_PER_PASS)]
     del embedding, table  # (the caller's tensor is freed where it held no other reference)
-    inputs = (rope, positions, mask)
     for i in tqdm(range(config.n_layers), desc="quantizing (GPTQ)", unit="layer", disable=not progress):
+        inputs = (rope if config.rotates(i) else identity, positions, mask)
         results, states = _quantize_layer(config, i, layer_weights(i), states, inputs, calibration.numel(), types,
                                           layout, search, damp, device)
         yield i, results

@@ -1,7 +1,8 @@
 """The Llama-family network in one file: RMSNorm, RoPE (Llama-3, YaRN, longrope scaling too), grouped-query
 attention with a preallocated KV cache, SwiGLU, tied or separate output head. Family switches
-(config.py): Qwen3's per-head RMSNorm of q and k here; output biases (Qwen2) belong to the linear
-maps that make_linear returns.
+(config.py): Qwen3's per-head RMSNorm of q and k here; SmolLM3's NoPE layers, which get an identity
+table (cos 1, sin 0: every path's rotation leaves q and k exactly as they are) instead of the RoPE table;
+output biases (Qwen2) belong to the linear maps that make_linear returns.
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
@@ -68,6 +69,13 @@ def rope_table(config: ModelConfig, length: int, context: int | None = None) -> 
     return (torch.cat([angles.cos(), angles.sin()], dim=-1) * config.rope_attention_factor).float()
 
 
+def identity_table(config: ModelConfig, length: int) -> torch.Tensor:
+    """(length, head_dim) float32 [cos | sin] = [1 | 0]: a NoPE layer's table. Every path's rotation by it (torch,
+    the CPU's C, the GPU kernels) leaves q and k exactly as they are: x * 1 + y * 0 is x."""
+    half = config.head_dim // 2
+    return torch.cat([torch.ones(length, half), torch.zeros(length, half)], dim=-1)
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values: (B, kv_heads, max_len, head_dim) each (functional.rope_kv writes them)."""
 
@@ -100,8 +108,8 @@ class Attention(DirectCallModule):
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor) -> torch.Tensor:
-        """x + attention(norm(x)); rope: the model's whole (max_seq_len, hd) table. The norm is
-        handed to the q|k|v map, which may fuse it with its input's sparsification."""
+        """x + attention(norm(x)); rope: the layer's whole (max_seq_len, hd) table (Transformer.rope_for). The norm
+        is handed to the q|k|v map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
         if self.q_norm is not None:
@@ -132,7 +140,8 @@ class Block(DirectCallModule):
         self.feed_forward = FeedForward(config, layer, make_linear)
 
     def forward(self, x, rope, positions, mask):
-        """rope: the (max_seq_len, hd) table; mask: (T, length) bool or additive float."""
+        """rope: the layer's (max_seq_len, hd) table (Transformer.rope_for); mask: (T, length) bool or additive
+        float."""
         h = self.attention(x, self.attention_norm, rope, positions, mask)
         return self.feed_forward(h, self.ffn_norm)
 
@@ -147,9 +156,17 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = make_linear("output", config.vocab_size, config.dim)
         self.register_buffer("rope", rope_table(config, config.max_seq_len), persistent=False)
+        # the NoPE layers' table, where the model has such layers
+        nope = identity_table(config, config.max_seq_len) if config.nope_layers else None
+        self.register_buffer("rope_identity", nope, persistent=False)
         self.max_len = 0
         self.cache_generation = 0  # counts setup_cache calls: a captured CUDA graph holds the caches of its generation
         self.decode_chain = None  # a DecodeChain (decode_chain.py) where the Generator set one up
+
+    def rope_for(self, layer: int) -> torch.Tensor:
+        """The (max_seq_len, hd) float32 table layer `layer` rotates q and k by: the RoPE table, or a NoPE layer's
+        identity table. Whatever runs a block (the forward, calibration, the decode chain) passes this one."""
+        return self.rope if self.config.rotates(layer) else self.rope_identity
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> None:
         """Allocate the KV cache for `batch` sequences of up to `max_len` tokens."""
@@ -184,8 +201,8 @@ class Transformer(nn.Module):
                 key_pos[None, :] > positions[:, None], float("-inf"))
             if x.device.type == "cpu" and 1 < positions.shape[0] == length:  # positions ascending: 0 .. T - 1
                 setattr(mask, functional.CAUSAL, True)
-            for block in self.layers:
-                x = block(x, self.rope, positions, mask)
+            for i, block in enumerate(self.layers):
+                x = block(x, self.rope_for(i), positions, mask)
         if select is not None:
             x = x.index_select(1, select)
         return self.output(self.norm(x)).float()

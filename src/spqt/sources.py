@@ -24,6 +24,7 @@ Families and where they come from:
     Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (caps
                                                                       the context); longrope (128k, 3.5); partial
                                                                       RoPE refused (Phi-4-mini)
+    SmolLM3     smollm3                   smollm3                     NoPE layers: q and k of some layers not rotated
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -34,6 +35,11 @@ scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's 
 longrope arrives as the tensors ``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor
 and rope.scaling.original_context_length. A GGUF split by
 llama.cpp's gguf-split (PREFIX-00001-of-00003.gguf, ...) is read from its first file, as llama.cpp reads it.
+
+SmolLM3: its NoPE layers come from the HF config's ``no_rope_layers`` (a 1 or 0 a layer, 0: no RoPE; absent, every
+``no_rope_layer_interval``-th layer, 4 by default), as transformers reads it. A ``smollm3`` GGUF carries no key for
+them: llama.cpp skips RoPE in every fourth layer (3, 7, 11, ...), and so do we. Its q/k rows are permuted as
+``llama``'s (llama.cpp's converter treats it as Llama; its RoPE rotates adjacent pairs).
 """
 
 import hashlib
@@ -47,14 +53,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spqt.config import LINEAR_KINDS, ModelConfig
+from spqt.config import _LIMITS, LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3")
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3")
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
-_GGUF_PERMUTED_QK = ("llama",)
+_GGUF_PERMUTED_QK = ("llama", "smollm3")
+# GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
+_GGUF_NOPE_STEP = {"smollm3": 4}
 
 _GGUF_NAMES = {
     "attn_norm": "attention_norm",
@@ -400,6 +408,7 @@ def _open_gguf(path: Path) -> SourceModel:
             rope_attention_factor=attention_factor,
             rope_long_freq_factors=long_factors,
             rope_original_context=original,
+            nope_layers=_every(_GGUF_NOPE_STEP.get(arch), n_layers),
             **_switches(layer_extras.values()),
         )
     except (TypeError, ValueError) as e:
@@ -792,7 +801,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         raise ValueError(f"linear rope scaling factor {factor} is not a positive number")
     divisors = (factor,) * (head_dim // 2) if factor != 1.0 else None
     attention_factor, context = 1.0, cfg.get("max_position_embeddings", 4096)
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 2e6 if model_type == "smollm3" else 10000.0))
     if kind == "yarn":
         divisors, attention_factor = _yarn(rope, float(theta), head_dim, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
@@ -807,7 +816,8 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     # such a model gets the window as its context (Mistral 7B v0.1: 4,096; Phi-3-mini-4k: 2,047).
     window = cfg.get("sliding_window")
     sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
-        cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3") else model_type in ("mistral", "phi3"))
+        cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3", "smollm3")
+        else model_type in ("mistral", "phi3"))
     if sliding and window:
         context = min(context, int(window))
     return ModelConfig(
@@ -820,8 +830,33 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
+        nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
         **_switches(_hf_extras(cfg, model_type)),
     )
+
+
+def _every(step: int | None, n_layers: int) -> tuple[int, ...]:
+    """The layers i < n_layers with (i + 1) % step == 0 (every step-th: SmolLM3's NoPE layers); none for None, or
+    for a layer count ModelConfig refuses anyway (a damaged file's 2^32 layers: no such tuple made first)."""
+    if step is None or type(n_layers) is not int or not 1 <= n_layers <= _LIMITS["n_layers"]:
+        return ()
+    return tuple(range(step - 1, n_layers, step))
+
+
+def _hf_nope_layers(cfg: dict) -> tuple[int, ...]:
+    """SmolLM3's NoPE layers, as transformers reads them: no_rope_layers (a 1 or 0 a layer, at least one a layer: 0
+    means no RoPE), else every no_rope_layer_interval-th layer (default 4). ValueError on anything else."""
+    n = cfg["num_hidden_layers"]
+    flags = cfg.get("no_rope_layers")
+    if flags is None:
+        step = cfg.get("no_rope_layer_interval", 4)
+        if type(step) is not int or step < 1:
+            raise ValueError(f"no_rope_layer_interval must be a positive integer, got {step!r}")
+        return _every(step, n)
+    if not isinstance(flags, list) or len(flags) < n or any(type(f) not in (int, bool) or f not in (0, 1)
+                                                            for f in flags):
+        raise ValueError(f"no_rope_layers must list a 1 (RoPE) or 0 (none) for each of the {n} layers, got {flags!r}")
+    return tuple(i for i in range(n) if not flags[i])
 
 
 def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[float, ...], float]:
