@@ -285,6 +285,28 @@ def test_smollm3_configs_read_as_transformers_reads_them(extra):
     assert ours.max_seq_len == (64 if extra.get("use_sliding_window") else theirs.max_position_embeddings)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3"])
+def test_config_keys_left_out_read_as_transformers_fills_them(model_type):
+    """A config.json without rms_norm_eps, max_position_embeddings, tie_word_embeddings or (Phi-3) the top-level
+    original context: transformers' config class fills them (Llama: 1e-6 and 2,048; SmolLM3: a tied head; Phi-3: 4,096,
+    which overrides a longrope block's own), and so does the reader."""
+    from transformers import AutoConfig
+
+    from spqt.sources import _hf_config
+
+    cfg = {"model_type": model_type, "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    if model_type == "phi3":
+        cfg["rope_scaling"] = {"type": "longrope", "original_max_position_embeddings": 64, "short_factor": [1.0] * 8,
+                               "long_factor": [2.0] * 8}
+    theirs = AutoConfig.for_model(**json.loads(json.dumps(cfg)))  # (it rewrites a rope block in place)
+    ours = _hf_config(cfg, model_type, tie=False)
+    assert (ours.norm_eps, ours.max_seq_len, ours.tie_embeddings) == (
+        theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.tie_word_embeddings)
+    if model_type == "phi3":
+        assert ours.rope_original_context == theirs.original_max_position_embeddings == 4096
+
+
 def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
     """A copy of the GGUF at `path` without the keys `drop`, with these keys (strings, or float32) and extra float32
     tensors."""
@@ -424,6 +446,16 @@ def test_longrope_equals_transformers_on_both_sides_of_the_switch(base_tokenizer
         for n in (40, PROMPT_LEN):  # _logit_error: a run of n tokens
             err, span = _logit_error(loaded, fam["model"], ids[:n])
             assert err < 2e-5 * span, f"{source}, {n} tokens (seed {fam['seed']}): max |diff| {err:.3e} vs {span:.2f}"
+    # a GGUF without the attention factor's key (llama.cpp's converter always writes it): llama.cpp's default, 1
+    bare = _gguf_with(fam["gguf"], tmp_path / "bare.gguf", {}, drop=("phi3.rope.scaling.attn_factor",))
+    assert load_model(bare).config.rope_attention_factor == 1.0
+    # a model built under inference mode (perplexity and calibration build so) rebuilds its table outside it too
+    from spqt.model import rope_table
+
+    with torch.inference_mode():
+        model = build_model(loaded, "cpu", torch.float32)
+    model.setup_cache(1, 40, torch.float32)
+    assert torch.equal(model.rope, rope_table(c, c.max_seq_len, context=40))
     from spqt.cli import _rope_scaling_label
 
     assert _rope_scaling_label(c).startswith(" (longrope scaling, attention factor 1.155")
@@ -716,6 +748,7 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial RoPE (partial_rotary_factor 0.75"),
     ({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                 "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
+    ({"model_type": "phi3", "sliding_window": math.inf}, "unusable config (OverflowError"),
     ({"model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layers": [1, 2]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),

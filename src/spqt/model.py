@@ -73,7 +73,7 @@ def identity_table(config: ModelConfig, length: int) -> torch.Tensor:
     """(length, head_dim) float32 [cos | sin] = [1 | 0]: a NoPE layer's table. Every path's rotation by it (torch,
     the CPU's C, the GPU kernels) leaves q and k exactly as they are: x * 1 + y * 0 is x."""
     half = config.head_dim // 2
-    return torch.cat([torch.ones(length, half), torch.zeros(length, half)], dim=-1)
+    return torch.cat([torch.ones(length, half), torch.zeros(length, half)], dim=-1).to(torch.float32)
 
 
 class KVCache(nn.Module):
@@ -175,7 +175,8 @@ class Transformer(nn.Module):
             raise ValueError(f"max_len {max_len} exceeds the model's context {self.config.max_seq_len}")
         self.max_len = max_len
         if self.config.rope_long_freq_factors is not None:  # longrope: the table of this run's context, in place
-            self.rope.copy_(rope_table(self.config, self.config.max_seq_len, context=max_len))
+            with torch.inference_mode(self.rope.is_inference()):  # (a buffer made under inference mode stays one)
+                self.rope.copy_(rope_table(self.config, self.config.max_seq_len, context=max_len))
         self.cache_generation += 1
         if self.decode_chain is not None:
             self.decode_chain.forget()  # its chains hold the old caches

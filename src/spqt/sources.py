@@ -360,9 +360,8 @@ def _open_gguf(path: Path) -> SourceModel:
         original = _int_field(reader, path, f"{arch}.rope.scaling.original_context_length", context)
         if original < 2:
             raise SpqtError(f"{path}: GGUF rope.scaling.original_context_length {original} is not above 1")
-        attention_factor = field_value(f"{arch}.rope.scaling.attn_factor")
-        if attention_factor is None:  # (as the converter computes it)
-            attention_factor = _longrope_attention(context / original, original)
+        attention_factor = field_value(f"{arch}.rope.scaling.attn_factor", 1.0)  # (llama.cpp's default: its
+        # converter always writes the key, sqrt(1 + ln(context / original) / ln original))
         try:
             attention_factor = float(attention_factor)
         except (TypeError, ValueError):
@@ -498,9 +497,10 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
             "beta_fast": number("yarn_beta_fast", 32.0), "beta_slow": number("yarn_beta_slow", 1.0)}
     try:
         divisors, attention = _yarn(rope, float(field_value(f"{arch}.rope.freq_base", 10000.0)), head_dim, context)
-    except ValueError as e:
-        raise SpqtError(f"{path}: {e}") from None
-    return divisors, attention, max(context, int(original * factor))
+        extended = int(original * factor)
+    except (ValueError, OverflowError) as e:
+        raise SpqtError(f"{path}: unusable YaRN scaling ({e})") from None
+    return divisors, attention, max(context, extended)
 
 
 def _gguf_factors(path: Path, tensors: dict, name: str, n: int) -> tuple[float, ...]:
@@ -720,7 +720,7 @@ def _open_hf(folder: Path) -> SourceModel:
         config = _hf_config(cfg, model_type, tie="lm_head.weight" not in where)
     except SpqtError:
         raise
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
         raise SpqtError(f"{cfg_path}: unusable config ({type(e).__name__}: {e})") from None
     gen_path = folder / "generation_config.json"  # instruct models list their end-of-turn ids here
     if gen_path.exists():
@@ -780,8 +780,23 @@ def _open_hf(folder: Path) -> SourceModel:
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
 
 
+# the config.json keys whose absence transformers fills from its config class, per model_type (Llama: rms_norm_eps
+# 1e-6, context 2,048; SmolLM3: a tied head; Phi-3: the original context 4,096, which overrides the rope block's)
+_CLASS_DEFAULTS = ("rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "original_max_position_embeddings")
+
+
+def _with_class_defaults(cfg: dict, model_type: str) -> dict:
+    """config.json's keys, with transformers' config-class defaults of _CLASS_DEFAULTS where it leaves them out."""
+    from transformers import AutoConfig
+
+    defaults = AutoConfig.for_model(model_type)
+    return {**{k: getattr(defaults, k) for k in _CLASS_DEFAULTS if k not in cfg and hasattr(defaults, k)}, **cfg}
+
+
 def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
-    """ModelConfig from a config.json of a supported model_type (tie: no lm_head tensor)."""
+    """ModelConfig from a config.json of a supported model_type (tie: no lm_head tensor), the keys it leaves out as
+    transformers' config class has them."""
+    cfg = _with_class_defaults(cfg, model_type)
     # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     kind = rope.get("rope_type", rope.get("type", "default"))
