@@ -1,4 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3), each from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite), each from HF safetensors and
+from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -38,6 +39,9 @@ TEMPLATES = {  # each family's chat format, shortened
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    "granite": "{% for m in messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
+               "<|end_of_text|>\n{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>"
+               "{% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -58,7 +62,14 @@ FAMILIES = {
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=512,
                                       pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 2e6}),
                 "smollm3", "chatml"),
+    # Granite-3.1-2B's four multipliers (its head_dim is 64: attention 1/64 there, a quarter of 1/sqrt(16) here)
+    "granite": ("GraniteConfig", dict(tie_word_embeddings=True, max_position_embeddings=512, pad_token_id=None,
+                                      embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                                      logits_scaling=8.0, rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
+                "granite", "granite"),
 }
+GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
+                "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}  # GGUF key: HF key
 PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's and Phi-3's windows
 
 
@@ -92,7 +103,8 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | None = None) -> Path:
     """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
-    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata; `phi3`'s
+    interleave for `llama` (and `smollm3`, `granite`), Llama-3 scaling as rope_freqs divisors, tokenizer as metadata;
+    `granite`'s multipliers as four keys, no head length (its converter drops head_dim); `phi3`'s
     fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
     rope_factors_short / _long with the attention factor and original context as keys.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
@@ -108,8 +120,12 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
+    if arch == "granite":
+        for key, hf in GRANITE_KEYS.items():
+            w.add_float32(f"granite.{key}", getattr(c, hf))
+    else:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -155,15 +171,17 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
+             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+             "self_attn.o_proj.bias": "attn_output.bias", "mlp.gate_proj.bias": "ffn_gate.bias",
+             "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
             if t is None:
                 continue
-            if arch in ("llama", "smollm3") and hf.startswith("self_attn.q_proj"):
+            if arch in ("llama", "smollm3", "granite") and hf.startswith("self_attn.q_proj"):
                 t = _llamacpp_permute(t, c.num_attention_heads)
-            elif arch in ("llama", "smollm3") and hf.startswith("self_attn.k_proj"):
+            elif arch in ("llama", "smollm3", "granite") and hf.startswith("self_attn.k_proj"):
                 t = _llamacpp_permute(t, c.num_key_value_heads)
             if ours in (types or {}):
                 w.add_tensor(f"blk.{i}.{ours}", gguf.quants.quantize(t, types[ours]), raw_dtype=types[ours])
@@ -199,6 +217,9 @@ def build_family(name: str, spec: tuple, base_tokenizer: Path, folder: Path) -> 
     seed = int(os.environ.get("SPQT_FAMILY_SEED") or np.random.SeedSequence().entropy % (1 << 31))
     print(f"{name}: weight seed {seed}")
     _randomize(model, seed)
+    if getattr(config, "embedding_multiplier", 1.0) != 1.0:  # (Granite's table is trained for its multiplier: the
+        with torch.no_grad():                                # input at unit size, so the layers count, not the table)
+            model.model.embed_tokens.weight /= config.embedding_multiplier
     model.eval()
     model.save_pretrained(str(folder / "hf"))
     tok.save_pretrained(str(folder / "hf"))
@@ -252,7 +273,10 @@ def test_float_forward_equals_transformers(family, source):
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
     assert c.qk_norm == (name == "qwen3")
-    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3"))
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite"))
+    assert loaded.provenance.get("folded_multipliers") == (
+        {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
+        if name == "granite" else None)
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
     if name.startswith("llama"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
@@ -546,8 +570,8 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    if source == "hf" or family["name"] == "smollm3":  # (transformers reads no smollm3 GGUF: the tokenizer the
-        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # GGUF was written from)
+    if source == "hf" or family["name"] in ("smollm3", "granite"):  # (transformers reads no smollm3 or granite
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))      # GGUF: the tokenizer the GGUF was written from)
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
