@@ -309,11 +309,12 @@ def test_smollm3_configs_read_as_transformers_reads_them(extra):
     assert ours.max_seq_len == (64 if extra.get("use_sliding_window") else theirs.max_position_embeddings)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3", "granite"])
 def test_config_keys_left_out_read_as_transformers_fills_them(model_type):
-    """A config.json without rms_norm_eps, max_position_embeddings, tie_word_embeddings or (Phi-3) the top-level
-    original context: transformers' config class fills them (Llama: 1e-6 and 2,048; SmolLM3: a tied head; Phi-3: 4,096,
-    which overrides a longrope block's own), and so does the reader."""
+    """A config.json without rms_norm_eps, max_position_embeddings, tie_word_embeddings, (Phi-3) the top-level
+    original context or (Granite) the multipliers: transformers' config class fills them (Llama: 1e-6 and 2,048;
+    SmolLM3: a tied head; Phi-3: 4,096, which overrides a longrope block's own; Granite: 1.0 each, the attention scale
+    too), and so does the reader."""
     from transformers import AutoConfig
 
     from spqt.sources import _hf_config
@@ -329,6 +330,60 @@ def test_config_keys_left_out_read_as_transformers_fills_them(model_type):
         theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.tie_word_embeddings)
     if model_type == "phi3":
         assert ours.rope_original_context == theirs.original_max_position_embeddings == 4096
+    if model_type == "granite":
+        from spqt.folding import Multipliers, hf_multipliers
+        from spqt.sources import _with_class_defaults
+
+        assert hf_multipliers(_with_class_defaults(cfg, model_type)) == Multipliers(
+            theirs.embedding_multiplier, theirs.attention_multiplier, theirs.residual_multiplier, theirs.logits_scaling)
+
+
+def test_granite_untied_with_biases_and_a_gguf_without_its_keys(base_tokenizer, tmp_path):
+    """Granite with an untied head and every bias (attention_bias, mlp_bias: q's bias takes q's scale, o's and down's
+    the residual multiplier, the head 1 / logits_scaling): transformers' logits from HF and from GGUF. A GGUF without
+    the four keys reads as llama.cpp reads it: no multiplier, attention 1 / sqrt(head_dim) (transformers' Granite with
+    those values), nothing folded."""
+    spec = ("GraniteConfig", dict(max_position_embeddings=512, pad_token_id=None, attention_bias=True, mlp_bias=True,
+                                  embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                                  logits_scaling=8.0, rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
+            "granite", "granite")
+    fam = build_family("granite-untied", spec, base_tokenizer, tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    for source in ("hf", "gguf"):
+        loaded = load_model(fam[source])
+        assert not loaded.config.tie_embeddings and loaded.config.linear_biases == ("qkv", "o", "gate_up", "down")
+        err, span = _logit_error(loaded, fam["model"], ids)
+        assert err < 2e-5 * span, f"{source} (seed {fam['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+    bare = _gguf_with(fam["gguf"], tmp_path / "bare.gguf", {}, drop=tuple(f"granite.{k}" for k in GRANITE_KEYS))
+    loaded = load_model(bare)
+    assert loaded.provenance["folded_multipliers"] == {"embedding": 1.0, "attention": None, "residual": 1.0,
+                                                       "logits": 1.0}
+    table = fam["model"].state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(loaded.weights["tok_embeddings"], table)
+    assert torch.equal(load_model(fam["gguf"]).weights["tok_embeddings"], (table.double() * 12).float())
+    import transformers
+
+    plain = dict(embedding_multiplier=1.0, attention_multiplier=0.25, residual_multiplier=1.0, logits_scaling=1.0)
+    reference = transformers.GraniteForCausalLM(transformers.GraniteConfig(**{**fam["model"].config.to_dict(), **plain}))
+    reference.load_state_dict(fam["model"].state_dict())
+    err, span = _logit_error(loaded, reference.eval(), ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
+
+
+@pytest.mark.parametrize("family", ["granite"], indirect=True)
+@pytest.mark.parametrize("case, fragment", [
+    ("q_norm", "an attention multiplier cannot be folded into q where q is RMS-normed per head"),
+    ("negative", "granite.residual_scale must be a positive number, got -0.5"),
+    ("text", "granite.logit_scale is not a number ('x')"),
+])
+def test_unusable_granite_ggufs_are_refused(family, tmp_path, capsys, case, fragment):
+    """A granite GGUF with q/k norms (a per-head norm would undo q's folded scale), a negative multiplier, or one
+    that is not a number: one error line."""
+    tensors = {f"blk.{i}.attn_{x}_norm.weight": np.ones(16, np.float32) for i in range(2) for x in "qk"}
+    keys = {"negative": {"granite.residual_scale": -0.5}, "text": {"granite.logit_scale": "x"}}.get(case, {})
+    path = _gguf_with(family["gguf"], tmp_path / "m.gguf", keys, tensors if case == "q_norm" else None)
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
 def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
@@ -746,7 +801,8 @@ def _expect_error(capsys, argv, fragment):
     assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
+                                        "granitemoeshared", "granitemoehybrid"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -776,6 +832,8 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layers": [1, 2]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),
+    ({"model_type": "granite", "residual_multiplier": 0}, "residual_multiplier must be a positive number, got 0"),
+    ({"model_type": "granite", "logits_scaling": None}, "logits_scaling must be a positive number, got None"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -790,7 +848,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3", "granitemoe", "granitehybrid"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
