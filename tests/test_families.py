@@ -64,8 +64,9 @@ FAMILIES = {
                 "smollm3", "chatml"),
     # Granite-3.1-2B's four multipliers (its head_dim is 64: attention 1/64 there, a quarter of 1/sqrt(16) here)
     "granite": ("GraniteConfig", dict(tie_word_embeddings=True, max_position_embeddings=512, pad_token_id=None,
-                                      embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
-                                      logits_scaling=8.0, rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
+                                      embedding_multiplier=12.0, attention_multiplier=0.015625,
+                                      residual_multiplier=0.22, logits_scaling=8.0,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
                 "granite", "granite"),
 }
 GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
@@ -364,7 +365,8 @@ def test_granite_untied_with_biases_and_a_gguf_without_its_keys(base_tokenizer, 
     import transformers
 
     plain = dict(embedding_multiplier=1.0, attention_multiplier=0.25, residual_multiplier=1.0, logits_scaling=1.0)
-    reference = transformers.GraniteForCausalLM(transformers.GraniteConfig(**{**fam["model"].config.to_dict(), **plain}))
+    config = transformers.GraniteConfig(**{**fam["model"].config.to_dict(), **plain})
+    reference = transformers.GraniteForCausalLM(config)
     reference.load_state_dict(fam["model"].state_dict())
     err, span = _logit_error(loaded, reference.eval(), ids)
     assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
