@@ -467,9 +467,12 @@ def _open_gguf(path: Path) -> SourceModel:
     if arch == "granite":
         try:
             multipliers = gguf_multipliers(field_value, arch)
+        except ValueError as e:
+            raise SpqtError(f"{path}: GGUF metadata key {e}") from None
+        try:
             factors = fold_factors(multipliers, config)
         except ValueError as e:
-            raise SpqtError(f"{path}: GGUF {e}") from None
+            raise SpqtError(f"{path}: {e}") from None
     tokenizer = _gguf_tokenizer(path)
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256(shards),
                   "source_file_type": field_value("general.file_type")}
