@@ -836,6 +836,9 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),
     ({"model_type": "granite", "residual_multiplier": 0}, "residual_multiplier must be a positive number, got 0"),
     ({"model_type": "granite", "logits_scaling": None}, "logits_scaling must be a positive number, got None"),
+    ({"model_type": "granite", "embedding_multiplier": 1e39}, "embedding_multiplier 1e+39 lies outside float32's"),
+    ({"model_type": "granite", "embedding_multiplier": 1e-30, "logits_scaling": 1e-20},
+     "scale weights by factors float32 cannot hold"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file

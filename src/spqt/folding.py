@@ -38,6 +38,9 @@ GGUF_KEYS = {"embedding": "embedding_scale", "attention": "attention.scale", "re
              "logits": "logit_scale"}
 
 
+_FLOAT32_TINY, _FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 @dataclass(frozen=True)
 class Multipliers:
     """Granite's scalars; attention None: the usual 1 / sqrt(head_dim)."""
@@ -54,10 +57,14 @@ class Multipliers:
 
 
 def _float32(name: str, value) -> float:
-    """A multiplier as float32 (as a Python float); ValueError unless a finite positive number."""
+    """A multiplier as float32 (as a Python float); ValueError unless a positive number float32 holds."""
     if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(np.float32(value))
+    with np.errstate(over="ignore", under="ignore"):
+        single = float(np.float32(value))
+    if not (math.isfinite(single) and single > 0):
+        raise ValueError(f"{name} {value!r} lies outside float32's range")
+    return single
 
 
 def hf_multipliers(cfg: dict) -> Multipliers:
@@ -96,6 +103,8 @@ def fold_factors(m: Multipliers, config: ModelConfig) -> dict[str, float]:
     for i in range(config.n_layers):
         factors |= {f"layers.{i}.{name}": q for name in ("wq", "bq")}
         factors |= {f"layers.{i}.{name}": m.residual for name in ("wo", "bo", "w2", "b2")}
+    if not all(_FLOAT32_TINY <= f <= _FLOAT32_MAX for f in factors.values()):
+        raise ValueError(f"the multipliers {m.record()} scale weights by factors float32 cannot hold")
     return {name: f for name, f in factors.items() if f != 1.0}
 
 
