@@ -1,4 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3), each from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite), each from HF safetensors and
+from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -38,6 +39,9 @@ TEMPLATES = {  # each family's chat format, shortened
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
     "phi3": "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    "granite": "{% for m in messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
+               "<|end_of_text|>\n{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>"
+               "{% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -58,7 +62,15 @@ FAMILIES = {
     "smollm3": ("SmolLM3Config", dict(num_hidden_layers=4, tie_word_embeddings=True, max_position_embeddings=512,
                                       pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 2e6}),
                 "smollm3", "chatml"),
+    # Granite-3.1-2B's four multipliers (its head_dim is 64: attention 1/64 there, a quarter of 1/sqrt(16) here)
+    "granite": ("GraniteConfig", dict(tie_word_embeddings=True, max_position_embeddings=512, pad_token_id=None,
+                                      embedding_multiplier=12.0, attention_multiplier=0.015625,
+                                      residual_multiplier=0.22, logits_scaling=8.0,
+                                      rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
+                "granite", "granite"),
 }
+GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
+                "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}  # GGUF key: HF key
 PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's and Phi-3's windows
 
 
@@ -92,7 +104,8 @@ def _llamacpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | None = None) -> Path:
     """The HF model as a GGUF of architecture `arch` in llama.cpp's layout: names, keys, q/k
-    interleave for `llama`, Llama-3 scaling as rope_freqs divisors, tokenizer as metadata; `phi3`'s
+    interleave for `llama` (and `smollm3`, `granite`), Llama-3 scaling as rope_freqs divisors, tokenizer as metadata;
+    `granite`'s multipliers as four keys, no head length (its converter drops head_dim); `phi3`'s
     fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
     rope_factors_short / _long with the attention factor and original context as keys.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
@@ -108,8 +121,12 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     w.add_feed_forward_length(c.intermediate_size)
     w.add_head_count(c.num_attention_heads)
     w.add_head_count_kv(c.num_key_value_heads)
-    w.add_key_length(hd)
-    w.add_value_length(hd)
+    if arch == "granite":
+        for key, hf in GRANITE_KEYS.items():
+            w.add_float32(f"granite.{key}", getattr(c, hf))
+    else:
+        w.add_key_length(hd)
+        w.add_value_length(hd)
     w.add_rope_dimension_count(hd)
     w.add_rope_freq_base(c.rope_parameters["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
@@ -155,15 +172,17 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "self_attn.v_proj.bias": "attn_v.bias", "self_attn.q_norm.weight": "attn_q_norm.weight",
              "self_attn.k_norm.weight": "attn_k_norm.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
              "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight",
-             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight"}
+             "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
+             "self_attn.o_proj.bias": "attn_output.bias", "mlp.gate_proj.bias": "ffn_gate.bias",
+             "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
             if t is None:
                 continue
-            if arch in ("llama", "smollm3") and hf.startswith("self_attn.q_proj"):
+            if arch in ("llama", "smollm3", "granite") and hf.startswith("self_attn.q_proj"):
                 t = _llamacpp_permute(t, c.num_attention_heads)
-            elif arch in ("llama", "smollm3") and hf.startswith("self_attn.k_proj"):
+            elif arch in ("llama", "smollm3", "granite") and hf.startswith("self_attn.k_proj"):
                 t = _llamacpp_permute(t, c.num_key_value_heads)
             if ours in (types or {}):
                 w.add_tensor(f"blk.{i}.{ours}", gguf.quants.quantize(t, types[ours]), raw_dtype=types[ours])
@@ -199,6 +218,9 @@ def build_family(name: str, spec: tuple, base_tokenizer: Path, folder: Path) -> 
     seed = int(os.environ.get("SPQT_FAMILY_SEED") or np.random.SeedSequence().entropy % (1 << 31))
     print(f"{name}: weight seed {seed}")
     _randomize(model, seed)
+    if getattr(config, "embedding_multiplier", 1.0) != 1.0:  # (Granite's table is trained for its multiplier: the
+        with torch.no_grad():                                # input at unit size, so the layers count, not the table)
+            model.model.embed_tokens.weight /= config.embedding_multiplier
     model.eval()
     model.save_pretrained(str(folder / "hf"))
     tok.save_pretrained(str(folder / "hf"))
@@ -252,7 +274,10 @@ def test_float_forward_equals_transformers(family, source):
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
     assert c.qk_norm == (name == "qwen3")
-    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3"))
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite"))
+    assert loaded.provenance.get("folded_multipliers") == (
+        {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
+        if name == "granite" else None)
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
     if name.startswith("llama"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
@@ -285,11 +310,12 @@ def test_smollm3_configs_read_as_transformers_reads_them(extra):
     assert ours.max_seq_len == (64 if extra.get("use_sliding_window") else theirs.max_position_embeddings)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3"])
+@pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3", "granite"])
 def test_config_keys_left_out_read_as_transformers_fills_them(model_type):
-    """A config.json without rms_norm_eps, max_position_embeddings, tie_word_embeddings or (Phi-3) the top-level
-    original context: transformers' config class fills them (Llama: 1e-6 and 2,048; SmolLM3: a tied head; Phi-3: 4,096,
-    which overrides a longrope block's own), and so does the reader."""
+    """A config.json without rms_norm_eps, max_position_embeddings, tie_word_embeddings, (Phi-3) the top-level
+    original context or (Granite) the multipliers: transformers' config class fills them (Llama: 1e-6 and 2,048;
+    SmolLM3: a tied head; Phi-3: 4,096, which overrides a longrope block's own; Granite: 1.0 each, the attention scale
+    too), and so does the reader."""
     from transformers import AutoConfig
 
     from spqt.sources import _hf_config
@@ -305,6 +331,61 @@ def test_config_keys_left_out_read_as_transformers_fills_them(model_type):
         theirs.rms_norm_eps, theirs.max_position_embeddings, theirs.tie_word_embeddings)
     if model_type == "phi3":
         assert ours.rope_original_context == theirs.original_max_position_embeddings == 4096
+    if model_type == "granite":
+        from spqt.folding import Multipliers, hf_multipliers
+        from spqt.sources import _with_class_defaults
+
+        assert hf_multipliers(_with_class_defaults(cfg, model_type)) == Multipliers(
+            theirs.embedding_multiplier, theirs.attention_multiplier, theirs.residual_multiplier, theirs.logits_scaling)
+
+
+def test_granite_untied_with_biases_and_a_gguf_without_its_keys(base_tokenizer, tmp_path):
+    """Granite with an untied head and every bias (attention_bias, mlp_bias: q's bias takes q's scale, o's and down's
+    the residual multiplier, the head 1 / logits_scaling): transformers' logits from HF and from GGUF. A GGUF without
+    the four keys reads as llama.cpp reads it: no multiplier, attention 1 / sqrt(head_dim) (transformers' Granite with
+    those values), nothing folded."""
+    spec = ("GraniteConfig", dict(max_position_embeddings=512, pad_token_id=None, attention_bias=True, mlp_bias=True,
+                                  embedding_multiplier=12.0, attention_multiplier=0.015625, residual_multiplier=0.22,
+                                  logits_scaling=8.0, rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
+            "granite", "granite")
+    fam = build_family("granite-untied", spec, base_tokenizer, tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    for source in ("hf", "gguf"):
+        loaded = load_model(fam[source])
+        assert not loaded.config.tie_embeddings and loaded.config.linear_biases == ("qkv", "o", "gate_up", "down")
+        err, span = _logit_error(loaded, fam["model"], ids)
+        assert err < 2e-5 * span, f"{source} (seed {fam['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+    bare = _gguf_with(fam["gguf"], tmp_path / "bare.gguf", {}, drop=tuple(f"granite.{k}" for k in GRANITE_KEYS))
+    loaded = load_model(bare)
+    assert loaded.provenance["folded_multipliers"] == {"embedding": 1.0, "attention": None, "residual": 1.0,
+                                                       "logits": 1.0}
+    table = fam["model"].state_dict()["model.embed_tokens.weight"]
+    assert torch.equal(loaded.weights["tok_embeddings"], table)
+    assert torch.equal(load_model(fam["gguf"]).weights["tok_embeddings"], (table.double() * 12).float())
+    import transformers
+
+    plain = dict(embedding_multiplier=1.0, attention_multiplier=0.25, residual_multiplier=1.0, logits_scaling=1.0)
+    config = transformers.GraniteConfig(**{**fam["model"].config.to_dict(), **plain})
+    reference = transformers.GraniteForCausalLM(config)
+    reference.load_state_dict(fam["model"].state_dict())
+    err, span = _logit_error(loaded, reference.eval(), ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
+
+
+@pytest.mark.parametrize("family", ["granite"], indirect=True)
+@pytest.mark.parametrize("case, fragment", [
+    ("q_norm", "an attention multiplier cannot be folded into q where q is RMS-normed per head"),
+    ("negative", "granite.residual_scale must be a positive number, got -0.5"),
+    ("text", "granite.logit_scale is not a number ('x')"),
+])
+def test_unusable_granite_ggufs_are_refused(family, tmp_path, capsys, case, fragment):
+    """A granite GGUF with q/k norms (a per-head norm would undo q's folded scale), a negative multiplier, or one
+    that is not a number: one error line."""
+    tensors = {f"blk.{i}.attn_{x}_norm.weight": np.ones(16, np.float32) for i in range(2) for x in "qk"}
+    keys = {"negative": {"granite.residual_scale": -0.5}, "text": {"granite.logit_scale": "x"}}.get(case, {})
+    path = _gguf_with(family["gguf"], tmp_path / "m.gguf", keys, tensors if case == "q_norm" else None)
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
 def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
@@ -546,8 +627,8 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    if source == "hf" or family["name"] == "smollm3":  # (transformers reads no smollm3 GGUF: the tokenizer the
-        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # GGUF was written from)
+    if source == "hf" or family["name"] in ("smollm3", "granite"):  # (transformers reads no smollm3 or granite
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))      # GGUF: the tokenizer the GGUF was written from)
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
@@ -722,7 +803,8 @@ def _expect_error(capsys, argv, fragment):
     assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
 
 
-@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama"])
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
+                                        "granitemoeshared", "granitemoehybrid"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -752,6 +834,11 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layers": [1, 2]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),
+    ({"model_type": "granite", "residual_multiplier": 0}, "residual_multiplier must be a positive number, got 0"),
+    ({"model_type": "granite", "logits_scaling": None}, "logits_scaling must be a positive number, got None"),
+    ({"model_type": "granite", "embedding_multiplier": 1e39}, "embedding_multiplier 1e+39 lies outside float32's"),
+    ({"model_type": "granite", "embedding_multiplier": 1e-30, "logits_scaling": 1e-20},
+     "scale weights by factors float32 cannot hold"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -766,7 +853,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3", "granitemoe", "granitehybrid"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf

@@ -25,6 +25,8 @@ Families and where they come from:
                                                                       the context); longrope (128k, 3.5); partial
                                                                       RoPE refused (Phi-4-mini)
     SmolLM3     smollm3                   smollm3                     NoPE layers: q and k of some layers not rotated
+    Granite 3   granite                   granite                     four multipliers, folded into the weights as
+                                                                      they are read (folding.py); MoE types refused
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -40,6 +42,10 @@ SmolLM3: its NoPE layers come from the HF config's ``no_rope_layers`` (a 1 or 0 
 ``no_rope_layer_interval``-th layer, 4 by default), as transformers reads it. A ``smollm3`` GGUF carries no key for
 them: llama.cpp skips RoPE in every fourth layer (3, 7, 11, ...), and so do we. Its q/k rows are permuted as
 ``llama``'s (llama.cpp's converter treats it as Llama; its RoPE rotates adjacent pairs).
+
+Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
+config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
+a GGUF key left out or 0 is llama.cpp's "none" (attention: 1 / sqrt(head_dim)).
 """
 
 import hashlib
@@ -55,12 +61,14 @@ import torch
 
 from spqt.config import _LIMITS, LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
+from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
+from spqt.folding import fold_factors, folded, gguf_multipliers, hf_multipliers
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3")
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite")
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite")
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
-_GGUF_PERMUTED_QK = ("llama", "smollm3")
+_GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
 _GGUF_NOPE_STEP = {"smollm3": 4}
 
@@ -455,16 +463,28 @@ def _open_gguf(path: Path) -> SourceModel:
             w = _unpermute_rope_rows(w, n_kv)
         return w
 
+    factors = {}
+    if arch == "granite":
+        try:
+            multipliers = gguf_multipliers(field_value, arch)
+        except ValueError as e:
+            raise SpqtError(f"{path}: GGUF metadata key {e}") from None
+        try:
+            factors = fold_factors(multipliers, config)
+        except ValueError as e:
+            raise SpqtError(f"{path}: {e}") from None
     tokenizer = _gguf_tokenizer(path)
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256(shards),
                   "source_file_type": field_value("general.file_type")}
+    if arch == "granite":
+        provenance["folded_multipliers"] = multipliers.record()
     if len(shards) > 1:
         provenance["source_files"] = len(shards)
     weight_types = tuple(sorted({tensors[gguf_name[n]].tensor_type.name for n in names
                                  if n.startswith("layers.") and n.rsplit(".", 1)[1] in _GGUF_NAMES.values()
                                  and len(tensors[gguf_name[n]].shape) == 2}))
-    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names,
-                       weight_types=weight_types)
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=folded(load, factors),
+                       names=names, weight_types=weight_types)
 
 
 def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
@@ -718,6 +738,8 @@ def _open_hf(folder: Path) -> SourceModel:
             raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
     try:
         config = _hf_config(cfg, model_type, tie="lm_head.weight" not in where)
+        multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
+        factors = {} if multipliers is None else fold_factors(multipliers, config)
     except SpqtError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
@@ -777,12 +799,17 @@ def _open_hf(folder: Path) -> SourceModel:
     ids = tok("a", add_special_tokens=True)["input_ids"]
     config = ModelConfig(**{**config.to_dict(), "add_bos": bool(ids) and ids[0] == config.bos_id})
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
-    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=load, names=names)
+    if multipliers is not None:
+        provenance["folded_multipliers"] = multipliers.record()
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=folded(load, factors),
+                       names=names)
 
 
 # the config.json keys whose absence transformers fills from its config class, per model_type (Llama: rms_norm_eps
-# 1e-6, context 2,048; SmolLM3: a tied head; Phi-3: the original context 4,096, which overrides the rope block's)
-_CLASS_DEFAULTS = ("rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "original_max_position_embeddings")
+# 1e-6, context 2,048; SmolLM3: a tied head; Phi-3: the original context 4,096, which overrides the rope block's;
+# Granite: each multiplier 1.0)
+_CLASS_DEFAULTS = ("rms_norm_eps", "max_position_embeddings", "tie_word_embeddings", "original_max_position_embeddings",
+                   *MULTIPLIER_KEYS.values())
 
 
 def _with_class_defaults(cfg: dict, model_type: str) -> dict:

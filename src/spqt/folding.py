@@ -1,0 +1,121 @@
+"""Scalar multipliers folded into the weights as they are read (IBM's Granite), so model.py stays the one network.
+
+Granite is Llama plus four scalars (transformers' GraniteConfig names them; llama.cpp's converter writes them as
+the GGUF keys in brackets):
+
+    embedding_multiplier  [embedding_scale]   the input embeddings are multiplied by it
+    attention_multiplier  [attention.scale]   the attention scores' scale, in place of 1 / sqrt(head_dim)
+    residual_multiplier   [residual_scale]    each attention output and MLP output, times it, joins the residual
+    logits_scaling        [logit_scale]       the logits are divided by it
+
+Each is, in real arithmetic, a scale of some weights (names as in sources.py):
+
+    wq, bq          * attention * sqrt(head_dim)   RoPE is linear: q scaled before or after it is the same
+    wo, bo, w2, b2  * residual
+    tok_embeddings  * embedding
+    norm            / (embedding * logits)         a tied head: the scaled table is the head too, and the head's
+                                                   input is the final RMSNorm's output, linear in its weight
+    output          / logits                       an untied head
+
+A per-head RMSNorm of q (Qwen3's q_norm) would undo q's scale, so such a model is refused. Each multiplier is
+taken as float32 (a GGUF stores it so, and a float32 forward multiplies by that value); each folded tensor is
+computed in float64 and cast to float32. What gets quantized is the scaled weights.
+"""
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spqt.config import ModelConfig
+
+# each multiplier's config.json key, and its GGUF key (after "{arch}.")
+HF_KEYS = {"embedding": "embedding_multiplier", "attention": "attention_multiplier",
+           "residual": "residual_multiplier", "logits": "logits_scaling"}
+GGUF_KEYS = {"embedding": "embedding_scale", "attention": "attention.scale", "residual": "residual_scale",
+             "logits": "logit_scale"}
+
+
+_FLOAT32_TINY, _FLOAT32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
+@dataclass(frozen=True)
+class Multipliers:
+    """Granite's scalars; attention None: the usual 1 / sqrt(head_dim)."""
+
+    embedding: float = 1.0
+    attention: float | None = None
+    residual: float = 1.0
+    logits: float = 1.0
+
+    def record(self) -> dict:
+        """The multipliers, for a model's provenance."""
+        return {"embedding": self.embedding, "attention": self.attention, "residual": self.residual,
+                "logits": self.logits}
+
+
+def _float32(name: str, value) -> float:
+    """A multiplier as float32 (as a Python float); ValueError unless a positive number float32 holds."""
+    if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    with np.errstate(over="ignore", under="ignore"):
+        single = float(np.float32(value))
+    if not (math.isfinite(single) and single > 0):
+        raise ValueError(f"{name} {value!r} lies outside float32's range")
+    return single
+
+
+def hf_multipliers(cfg: dict) -> Multipliers:
+    """From a Granite config.json whose left-out keys are filled as GraniteConfig fills them (sources.py's
+    _with_class_defaults: 1.0 each, attention too: a scale of 1, not 1 / sqrt(head_dim)); ValueError on a value
+    that is not a positive number."""
+    return Multipliers(**{ours: _float32(key, cfg[key]) for ours, key in HF_KEYS.items()})
+
+
+def gguf_multipliers(field_value: Callable, arch: str) -> Multipliers:
+    """From a granite GGUF's keys (field_value(key, default)), as llama.cpp reads them: a key absent or 0 means none
+    (attention: 1 / sqrt(head_dim)); ValueError on a value that is not a number, negative or not finite."""
+    values = {}
+    for ours, key in GGUF_KEYS.items():
+        value = field_value(f"{arch}.{key}", 0.0)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{arch}.{key} is not a number ({value!r})") from None
+        if value != 0.0:
+            values[ours] = _float32(f"{arch}.{key}", value)
+    return Multipliers(**values)
+
+
+def fold_factors(m: Multipliers, config: ModelConfig) -> dict[str, float]:
+    """Canonical tensor name -> the float64 factor it is read with (only those other than 1). ValueError where q is
+    normed per head and its scale would have to change."""
+    q = 1.0 if m.attention is None else m.attention * math.sqrt(config.head_dim)
+    if config.qk_norm and q != 1.0:
+        raise ValueError("an attention multiplier cannot be folded into q where q is RMS-normed per head (q_norm)")
+    factors = {"tok_embeddings": m.embedding}
+    if config.tie_embeddings:
+        factors["norm"] = 1.0 / (m.embedding * m.logits)
+    else:
+        factors["output"] = 1.0 / m.logits
+    for i in range(config.n_layers):
+        factors |= {f"layers.{i}.{name}": q for name in ("wq", "bq")}
+        factors |= {f"layers.{i}.{name}": m.residual for name in ("wo", "bo", "w2", "b2")}
+    if not all(_FLOAT32_TINY <= f <= _FLOAT32_MAX for f in factors.values()):
+        raise ValueError(f"the multipliers {m.record()} scale weights by factors float32 cannot hold")
+    return {name: f for name, f in factors.items() if f != 1.0}
+
+
+def folded(load: Callable[[str], torch.Tensor], factors: dict[str, float]) -> Callable[[str], torch.Tensor]:
+    """A reader's per-tensor load function that returns each tensor times its factor (float64, then float32)."""
+    if not factors:
+        return load
+
+    def load_folded(name: str) -> torch.Tensor:
+        w = load(name)
+        f = factors.get(name)
+        return w if f is None else (w.double() * f).to(torch.float32)
+
+    return load_folded
