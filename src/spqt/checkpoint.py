@@ -373,9 +373,9 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
     c = model.config
     version = (ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else
-               ATTENTION_FACTOR_VERSION if model.config.rope_attention_factor != 1.0 else
+               ATTENTION_FACTOR_VERSION if c.rope_attention_factor != 1.0 else
                QUANTIZED_HEAD_VERSION if isinstance(model.weights.get("output"), QuantizedWeight) else FORMAT_VERSION)
-    meta = {"format_version": version, "config": model.config.to_dict(),
+    meta = {"format_version": version, "config": c.to_dict(),
             "tokenizer": model.tokenizer.to_dict(), "linears": linears,
             "thresholds": model.thresholds, "provenance": model.provenance}
     atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata={"spqt": json.dumps(meta)}))

@@ -120,14 +120,13 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-FLOAT_STORAGE = ("F64", "F32", "F16", "BF16")  # a source's weight types that hold floats, not a rounded grid
-
-
 def _requantized_note(source, path: str, layout: str, gptq: bool) -> str | None:
     """The note for a zigzag conversion of a GGUF whose weights are quantized already (source.weight_types) without
     --gptq: the zigzag grid re-rounds each value of the file's row blocks, which costs the most of any conversion
     here (docs/RESULTS.md, issue 15's table); None otherwise."""
-    rounded = [t for t in source.weight_types if t not in FLOAT_STORAGE]
+    from spqt.sources import FLOAT_TYPES
+
+    rounded = [t for t in source.weight_types if t not in FLOAT_TYPES]
     if layout != "zigzag" or gptq or not rounded:
         return None
     return (f"{Path(path).name}'s weights are quantized already ({', '.join(rounded)}): zigzag blocks, which run down "

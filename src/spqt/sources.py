@@ -71,6 +71,8 @@ SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "
 _GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
 _GGUF_NOPE_STEP = {"smollm3": 4}
+# the storage types (safetensors' and GGUF's names) that hold floats, not values rounded to a quantized grid
+FLOAT_TYPES = ("F64", "F32", "F16", "BF16")
 
 _GGUF_NAMES = {
     "attn_norm": "attention_norm",
@@ -349,10 +351,7 @@ def _open_gguf(path: Path) -> SourceModel:
     # Llama 3.1/3.2: llama.cpp's converter stores Llama-3 scaling as divisors of each frequency
     rope_freq_factors = None
     if "rope_freqs.weight" in tensors:
-        t = tensors["rope_freqs.weight"]
-        rope_freq_factors = tuple(float(v) for v in np.asarray(gguf.quants.dequantize(t.data, t.tensor_type)).ravel())
-        if len(rope_freq_factors) != head_dim // 2 or not all(np.isfinite(rope_freq_factors)) or min(rope_freq_factors) <= 0:
-            raise SpqtError(f"{path}: rope_freqs holds {len(rope_freq_factors)} values, expected {head_dim // 2} positive ones")
+        rope_freq_factors = _gguf_factors(path, tensors, "rope_freqs.weight", head_dim // 2)
     if linear_factor not in (0.0, 1.0):  # dividing every frequency by the factor: the positions divided by it
         rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * (head_dim // 2))
     if yarn_divisors is not None:  # (on top of rope_freqs' divisors, as llama.cpp's RoPE applies both)
@@ -365,7 +364,7 @@ def _open_gguf(path: Path) -> SourceModel:
                             f"supported for phi3 alone, without other scaling")
         rope_freq_factors, long_factors = (_gguf_factors(path, tensors, f"rope_factors_{k}.weight", head_dim // 2)
                                            for k in ("short", "long"))
-        original = _int_field(reader, path, f"{arch}.rope.scaling.original_context_length", context)
+        original = size("rope.scaling.original_context_length", context)
         if original < 2:
             raise SpqtError(f"{path}: GGUF rope.scaling.original_context_length {original} is not above 1")
         attention_factor = field_value(f"{arch}.rope.scaling.attn_factor", 1.0)  # (llama.cpp's default: its
@@ -376,7 +375,7 @@ def _open_gguf(path: Path) -> SourceModel:
             raise SpqtError(f"{path}: GGUF rope.scaling.attn_factor is not a number ({attention_factor!r})") from None
     # phi3: the window of transformers' sliding-window attention caps the context, where full attention is exact (as
     # for Mistral from HF; llama.cpp instead runs phi3 with full attention at any length)
-    window = _int_field(reader, path, f"{arch}.attention.sliding_window", 0) if arch == "phi3" else 0
+    window = size("attention.sliding_window", 0) if arch == "phi3" else 0
     if window > 0:
         context = min(context, window)
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 q/k norms) must be
@@ -524,7 +523,8 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
 
 
 def _gguf_factors(path: Path, tensors: dict, name: str, n: int) -> tuple[float, ...]:
-    """The n positive numbers of a small GGUF tensor (longrope's factors); SpqtError where it holds other values."""
+    """The n positive numbers of a small GGUF tensor (rope_freqs' divisors, longrope's factors); SpqtError where it
+    holds other values."""
     import gguf
 
     t = tensors.get(name)
@@ -773,7 +773,7 @@ def _open_hf(folder: Path) -> SourceModel:
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
     for k in (hf_name[n] for n in names):  # (the tensors read: a buffer such as int64 position_ids may sit beside)
-        if declared[k][1] not in ("F64", "F32", "F16", "BF16"):
+        if declared[k][1] not in FLOAT_TYPES:
             raise SpqtError(f"{where[k]}: tensor {k} has dtype {declared[k][1]}; weights must be floating point")
     _check_shapes(folder, config, {n: declared[hf_name[n]][0] for n in names}, hf_name, rows)
 
