@@ -52,12 +52,13 @@ def _rss(key: str) -> int:
 # ---------------------------------------------------------------- the valid files
 
 
-def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None, split_max_tensors: int = 0) -> Path:
+def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None, split_max_tensors: int = 0,
+                  tokenizer_model: str = "gpt2") -> Path:
     """The tiny HF checkpoint as a llama GGUF (gguf's writer): F32 norms, F16 / F32 / Q8_0
     matrices, a gpt2-style BPE vocabulary taken from the checkpoint's tokenizer. down_type "iq4_nl": ffn_down as
     IQ4_NL blocks of random codes with a scale of 1/64 (the gguf package has no IQ4_NL encoder). split_max_tensors:
     split into files of that many tensors as llama.cpp's gguf-split does (PATH-STEM-00001-of-0000N.gguf, ...; the
-    first's path returned)."""
+    first's path returned). tokenizer_model: the tokenizer.ggml.model key."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -80,7 +81,7 @@ def _gguf_from_hf(folder: Path, path: Path, down_type: str | None = None, split_
     w.add_head_count_kv(cfg["num_key_value_heads"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_rope_freq_base(cfg["rope_theta"])
-    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_model(tokenizer_model)
     w.add_token_list(tokens)
     w.add_token_types([3 if p in special else 1 for p in tokens])
     w.add_token_merges(merges)
@@ -420,6 +421,24 @@ def test_a_quantized_gguf_to_zigzag_gets_a_note(tiny_hf, tmp_path, capsys):
     for extra, source in ((["--layout", "row"], src), (["--gptq", str(book)], src), ([], tiny_hf)):
         assert main(["quantize", str(source), "-o", str(tmp_path / "o.spqt"), "--device", "cpu", *extra]) == 0
         assert "spqt: note:" not in capsys.readouterr().err, extra
+
+
+def test_a_gguf_tokenizer_no_converter_builds_is_one_line(tiny_hf, tmp_path, capsys):
+    """A GGUF whose tokenizer transformers cannot build (a tokenizer model it does not know here; on an older
+    transformers, a newer family's architecture): one error line that names transformers' version and the way out,
+    exit 2, nothing written."""
+    import transformers
+
+    from spqt.cli import main
+
+    src = _gguf_from_hf(tiny_hf, tmp_path / "odd.gguf", tokenizer_model="no-such-model")
+    out = tmp_path / "o.spqt"
+    capsys.readouterr()
+    assert main(["quantize", str(src), "-o", str(out), "--device", "cpu"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spqt:")]
+    assert len(err) == 1 and "cannot build the tokenizer from its GGUF metadata" in err[0], err
+    assert f"transformers {transformers.__version__}" in err[0] and "Hugging Face folder" in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["odd.gguf"]
 
 
 def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):

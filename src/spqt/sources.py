@@ -645,7 +645,11 @@ def _gguf_tokenizer(path: Path) -> TokenizerSpec:
                                           **{k: special.get(k) for k in ("bos_token", "eos_token", "unk_token",
                                                                          "pad_token")})
     except Exception as e:
-        raise SpqtError(f"{path}: cannot build the tokenizer from its GGUF metadata ({type(e).__name__}: {e})") from None
+        import transformers
+
+        raise SpqtError(f"{path}: cannot build the tokenizer from its GGUF metadata ({type(e).__name__}: {e}; "
+                        f"transformers {transformers.__version__}: a newer one may know this file's tokenizer, or "
+                        f"quantize the model's Hugging Face folder)") from None
     return _spec_from_hf_tokenizer(tok)
 
 
