@@ -955,6 +955,24 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
+    """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
+    block run alone on its own mask) over Gemma 3's 40-token windows: block i's output is block i + 1's input, bit for
+    bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output differs)."""
+    from spqt.calibrate import _dense_block_inputs
+
+    model = Generator(load_spqt(quantized["hf"]), "cpu", max_len=48).model
+    windows = torch.tensor([_ids(40, model.config.vocab_size, seed=family["seed"] + s) for s in (6, 7)])
+    with torch.inference_mode():
+        inputs, positions, masks = _dense_block_inputs(model, windows, "cpu")
+        for i in range(model.config.n_layers - 1):
+            out = model.layers[i](inputs[i], model.rope_for(i), positions, masks[i])
+            assert torch.equal(out, inputs[i + 1]), i
+        unwindowed = model.layers[0](inputs[0], model.rope_for(0), positions, masks[-1])
+        assert not torch.allclose(unwindowed, inputs[1])
+
+
 @pytest.mark.gpu
 def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
     """The Triton path with a family's switches (bias added and q/k normed in torch around the
@@ -1040,6 +1058,19 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "granite", "embedding_multiplier": 1e39}, "embedding_multiplier 1e+39 lies outside float32's"),
     ({"model_type": "granite", "embedding_multiplier": 1e-30, "logits_scaling": 1e-20},
      "scale weights by factors float32 cannot hold"),
+    # Gemma 3 with what it does not run: Gemma 2's soft-capping, EmbeddingGemma's bidirectional attention, another
+    # activation, scaled RoPE in its sliding layers; a multimodal config without its text model's
+    ({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0 is not supported"),
+    ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0 is not supported"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "bidirectional attention"),
+    ({"model_type": "gemma3_text", "hidden_activation": "gelu"}, "activation 'gelu' is not supported"),
+    ({"model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "rope scaling 'linear' of the sliding layers is not supported"),
+    ({"model_type": "gemma3_text", "query_pre_attn_scalar": -1}, "query_pre_attn_scalar must be a positive number"),
+    ({"model_type": "gemma3_text", "layer_types": ["full_attention", "chunked_attention"]}, "unusable config"),
+    ({"model_type": "gemma3"}, "a gemma3 (multimodal) config without a text_config object"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file

@@ -27,6 +27,10 @@ Families and where they come from:
     SmolLM3     smollm3                   smollm3                     NoPE layers: q and k of some layers not rotated
     Granite 3   granite                   granite                     four multipliers, folded into the weights as
                                                                       they are read (folding.py); MoE types refused
+    Gemma 3     gemma3_text, gemma3       gemma3                      four norms a layer, GELU MLP, scaled
+                (multimodal: its text)                                embeddings, q/k norms, sliding-window layers
+                                                                      with their own RoPE base; norms' 1 + w and the
+                                                                      attention scale folded into the norm weights
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -42,6 +46,12 @@ SmolLM3: its NoPE layers come from the HF config's ``no_rope_layers`` (a 1 or 0 
 ``no_rope_layer_interval``-th layer, 4 by default), as transformers reads it. A ``smollm3`` GGUF carries no key for
 them: llama.cpp skips RoPE in every fourth layer (3, 7, 11, ...), and so do we. Its q/k rows are permuted as
 ``llama``'s (llama.cpp's converter treats it as Llama; its RoPE rotates adjacent pairs).
+
+Gemma 3: a config.json's keys left out are Gemma3TextConfig's (_gemma3_config: a multimodal checkpoint's text_config
+gives few), its layer_types say which layers slide; a ``gemma3`` GGUF carries the window alone: llama.cpp runs every
+sixth layer in full, the others through the window, rotated by base 10,000, and scales the scores by 1 / sqrt(head_dim)
+(27B: 1 / sqrt(dim / heads)), whatever the checkpoint's query_pre_attn_scalar; its q/k rows keep the Hugging Face order
+and its norms hold 1 + w already (llama.cpp's converter adds the 1).
 
 Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
 config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
