@@ -1,5 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite), each from HF safetensors and
-from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 3), each from HF safetensors
+and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -42,6 +42,9 @@ TEMPLATES = {  # each family's chat format, shortened
     "granite": "{% for m in messages %}<|start_of_role|>{{ m['role'] }}<|end_of_role|>{{ m['content'] }}"
                "<|end_of_text|>\n{% endfor %}{% if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>"
                "{% endif %}",
+    "gemma": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
+             "m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
+             "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -68,7 +71,19 @@ FAMILIES = {
                                       residual_multiplier=0.22, logits_scaling=8.0,
                                       rope_parameters={"rope_type": "default", "rope_theta": 5e6}),
                 "granite", "granite"),
+    # 6 layers: the last attends to every key, the others through a window of 8 (transformers' default pattern and
+    # llama.cpp's fixed one agree), which the tests' 32 to 90 tokens cross; the full layer's RoPE scaled linearly (as
+    # Gemma 3 4B+), the sliding layers' plain and of another base; query_pre_attn_scalar head_dim, as 1B to 12B have it
+    # and llama.cpp reads a GGUF (test_gemma3_attention_scale_and_multimodal: another one)
+    "gemma3": ("Gemma3TextConfig", dict(num_hidden_layers=6, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                        max_position_embeddings=512, pad_token_id=None, rope_parameters={
+                                            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+               "gemma3", "gemma"),
 }
+GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
+               "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}  # Gemma 3's names in a GGUF
 GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
                 "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}  # GGUF key: HF key
 PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's and Phi-3's windows
@@ -83,12 +98,14 @@ def base_tokenizer(tmp_path_factory) -> Path:
 
 
 def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """Weights that make every part count: transformers would start biases at 0 and norms at 1."""
+    """Weights that make every part count: transformers would start biases at 0 and norms at 1 (Gemma's at 0: its
+    norms multiply by 1 + w, so theirs are drawn around 0, each reader's + 1 making them count)."""
     g = torch.Generator().manual_seed(seed)
+    shift = 0.0 if model.config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+                p.copy_(shift + 0.2 * torch.randn(p.shape, generator=g))
             elif name.endswith(".bias"):
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
             elif "embed_tokens" in name:
@@ -107,13 +124,17 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     interleave for `llama` (and `smollm3`, `granite`), Llama-3 scaling as rope_freqs divisors, tokenizer as metadata;
     `granite`'s multipliers as four keys, no head length (its converter drops head_dim); `phi3`'s
     fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
-    rope_factors_short / _long with the attention factor and original context as keys.
+    rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
+    layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
     c = model.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    if arch == "gemma3":
+        sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
+    rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # (Gemma 3: a block a layer type)
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
@@ -128,7 +149,7 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
         w.add_key_length(hd)
         w.add_value_length(hd)
     w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
     tokens = sorted(vocab, key=vocab.get)
@@ -144,16 +165,18 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     w.add_chat_template(template)
     if arch == "phi3":  # (llama.cpp's converter writes 0 where the config has none)
         w.add_sliding_window(c.sliding_window or 0)
-    if c.rope_parameters.get("rope_type") == "longrope":
+    if arch == "gemma3":
+        w.add_sliding_window(c.sliding_window)
+    if rope.get("rope_type") == "longrope":
         original = c.rope_parameters["original_max_position_embeddings"]
         w.add_rope_scaling_orig_ctx_len(original)
         scale = c.max_position_embeddings / original
         w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
         for kind in ("long", "short"):
             w.add_tensor(f"rope_factors_{kind}.weight", np.array(c.rope_parameters[f"{kind}_factor"], np.float32))
-    if c.rope_parameters.get("rope_type") == "linear":  # as llama.cpp's converter writes it
+    if rope.get("rope_type") == "linear":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        w.add_rope_scaling_factor(c.rope_parameters["factor"])
+        w.add_rope_scaling_factor(rope["factor"])
     if c.rope_parameters.get("rope_type") == "yarn":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(c.rope_parameters["factor"])
@@ -175,6 +198,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
              "self_attn.o_proj.bias": "attn_output.bias", "mlp.gate_proj.bias": "ffn_gate.bias",
              "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
+    if arch == "gemma3":
+        names |= GEMMA_NORMS
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
@@ -221,6 +246,9 @@ def build_family(name: str, spec: tuple, base_tokenizer: Path, folder: Path) -> 
     if getattr(config, "embedding_multiplier", 1.0) != 1.0:  # (Granite's table is trained for its multiplier: the
         with torch.no_grad():                                # input at unit size, so the layers count, not the table)
             model.model.embed_tokens.weight /= config.embedding_multiplier
+    if config.model_type == "gemma3_text":  # (so is Gemma's for its sqrt(hidden_size))
+        with torch.no_grad():
+            model.model.embed_tokens.weight /= math.sqrt(config.hidden_size)
     model.eval()
     model.save_pretrained(str(folder / "hf"))
     tok.save_pretrained(str(folder / "hf"))
@@ -273,12 +301,16 @@ def test_float_forward_equals_transformers(family, source):
     name = family["name"]
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
-    assert c.qk_norm == (name == "qwen3")
-    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite"))
+    assert c.qk_norm == (name in ("qwen3", "gemma3"))
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma3"))
     assert loaded.provenance.get("folded_multipliers") == (
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
         if name == "granite" else None)
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
+    assert (c.sliding_layers, c.sliding_window, c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
+        ((0, 1, 2, 3, 4), 8, 1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else ((), 0, 0.0, False, "silu", 1.0))
+    if name == "gemma3":  # the full layer's linear scaling, from both sources; its context not capped by the window
+        assert c.rope_freq_factors == (4.0,) * 8 and c.max_seq_len == 512
     if name.startswith("llama"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name == "mistral":
@@ -600,6 +632,8 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     # Q4_K weights are ~19 dB (test_checkpoint); two layers and a float head keep the logits above 15, and each
     # doubling of the layers adds as much noise again: -3 dB (SmolLM3's 4 layers: 14.2 to 17.4 dB over 20 seeds)
     floor = 15 - 10 * math.log10(a.config.n_layers / 2)
+    if a.config.post_norms:  # Gemma's post-norms bring every layer's output, its noise too, to the residual's size:
+        floor = 7.5          # 9.3 to 12.2 dB over 12 seeds (6 layers; Q8_0 maps: 34 dB, the switches right)
     db = sqnr_db(exact, quantized)
     with capsys.disabled():
         print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
@@ -732,7 +766,7 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -765,6 +799,178 @@ def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     for i in range(c.n_layers):
         error = float((outputs[i] - float_outputs[i]).norm() / float_outputs[i].norm())
         assert error < 0.03, f"layer {i} (seed {family['seed']}): relative error {error:.3f}"
+
+
+def _gemma3_reference(model, **changes):
+    """A transformers Gemma 3 with `model`'s weights and these config values changed (float32, eval)."""
+    import transformers
+
+    config = transformers.Gemma3TextConfig(**{**model.config.to_dict(), **changes})
+    reference = transformers.Gemma3ForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    return reference.eval()
+
+
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_gemma3_window_cuts_and_decode_steps_equal_transformers(family, quantized, monkeypatch):
+    """Gemma 3's sliding layers past their window of 8: transformers' logits without the window differ (the window
+    cuts in these 40 tokens), ours equal its windowed ones, one prefill and one token at a time through the KV cache
+    (the decode steps' masks: the last 8 keys in a sliding layer). The CPU's native decode attention (one C call a
+    layer, which adds the mask to its scores) runs in every layer, the sliding ones with a mask that cuts, and gives
+    the torch path's logits within the fp16 rounding of the tied head. The .spqt is format version 6 and reads back
+    the same configuration."""
+    from safetensors import safe_open
+
+    from spqt.kernels import cpu_native
+
+    ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 5)
+    with torch.no_grad():
+        theirs = family["model"](torch.tensor([ids])).logits[0]
+        unwindowed = _gemma3_reference(family["model"], sliding_window=512)(torch.tensor([ids])).logits[0]
+    span = float(theirs.max() - theirs.min())
+    assert float((theirs - unwindowed).abs().max()) > 0.05 * span  # (the window matters here)
+    loaded = load_model(family["hf"])
+    err, _ = _logit_error(loaded, family["model"], ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: prefill max |diff| {err:.3e} vs logit range {span:.2f}"
+    stepped = _stepped_logits(Generator(loaded, "cpu", max_len=48), ids, sparse=False)
+    err = float((stepped - theirs[1:]).abs().max())
+    assert err < 2e-5 * span, f"seed {family['seed']}: decode steps max |diff| {err:.3e} vs logit range {span:.2f}"
+    with safe_open(str(quantized["hf"]), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 6
+    spqt = load_spqt(quantized["hf"])
+    assert spqt.config == loaded.config
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    c = spqt.config
+    ref = _stepped_logits(Generator(spqt, "cpu", max_len=48), ids, sparse=False)
+    cuts, native = [], cpu_native.rope_attention_decode
+
+    def watched(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask, length):
+        p = int(positions[0])
+        cuts.append(bool(torch.isinf(mask[0, : max(0, p - c.sliding_window + 1)]).all()) and p >= c.sliding_window)
+        return native(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask, length)
+
+    monkeypatch.setattr(cpu_native, "rope_attention_decode", watched)
+    got = _stepped_logits(Generator(spqt, "cpu", max_len=48, backend="cpu-native"), ids, sparse=False)
+    assert len(cuts) == c.n_layers * len(ids)  # (the one-token prefill too)
+    assert cuts == [p >= c.sliding_window and bool(c.window(i)) for p in range(len(ids)) for i in range(c.n_layers)]
+    span = float(ref.max() - ref.min())
+    err = float((got - ref).abs().max())
+    assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
+
+
+def test_gemma3_attention_scale_and_multimodal(base_tokenizer, tmp_path):
+    """query_pre_attn_scalar 24 with head_dim 16 (folded into q_norm: transformers' logits from HF); its GGUF, which
+    carries no such key, reads as llama.cpp reads it: scores scaled by 1 / sqrt(head_dim), a transformers model with
+    query_pre_attn_scalar 16 (the 27B's 62 layers: by 1 / sqrt(dim / heads)). The multimodal checkpoint
+    (Gemma3ForConditionalGeneration as transformers saves it: text_config, language_model.model.* names; and as
+    model.language_model.*) reads as its text model."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    from spqt.sources import _gguf_gemma3
+
+    cls, extra, arch, template = FAMILIES["gemma3"]
+    fam = build_family("gemma3-scale", (cls, {**extra, "query_pre_attn_scalar": 24}, arch, template), base_tokenizer,
+                       tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    hf = load_model(fam["hf"])
+    err, span = _logit_error(hf, fam["model"], ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
+    gguf_model = load_model(fam["gguf"])
+    assert not torch.equal(gguf_model.weights["layers.0.q_norm"], hf.weights["layers.0.q_norm"])
+    err, span = _logit_error(gguf_model, _gemma3_reference(fam["model"], query_pre_attn_scalar=16), ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
+    keys = {"gemma3.attention.sliding_window": 1024}
+    big = _gguf_gemma3(lambda key, default=None: keys.get(key, default), lambda key, default=None: keys.get(
+        f"gemma3.{key}", default), Path("m.gguf"), 62, 5376, 32, 128)
+    assert big["query_scale"] == math.sqrt(128 / 168) and big["sliding_layers"] == tuple(
+        i for i in range(62) if i % 6 != 5) and big["embed_scale"] == math.sqrt(5376)
+    # the multimodal checkpoint: a tiny vision tower beside the same text model
+    vision = transformers.SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=28, patch_size=14)
+    config = transformers.Gemma3Config(text_config=fam["model"].config.to_dict(), vision_config=vision.to_dict(),
+                                       mm_tokens_per_image=4)
+    mm = transformers.Gemma3ForConditionalGeneration(config).eval()
+    mm.model.language_model.load_state_dict(fam["model"].model.state_dict())
+    mm.save_pretrained(str(tmp_path / "mm"))
+    fam["tok"].save_pretrained(str(tmp_path / "mm"))
+    with torch.no_grad():
+        theirs = mm(input_ids=torch.tensor([ids])).logits[0]
+    for layout in ("saved", "renamed"):
+        if layout == "renamed":  # (the names transformers 5 loads it under)
+            tensors = load_file(str(tmp_path / "mm" / "model.safetensors"))
+            save_file({k.replace("language_model.model.", "model.language_model."): v for k, v in tensors.items()},
+                      str(tmp_path / "mm" / "model.safetensors"))
+        loaded = load_model(tmp_path / "mm")
+        assert loaded.config == hf.config, layout
+        err, span = _logit_error(loaded, fam["model"], ids)
+        assert err < 2e-5 * span, f"{layout} (seed {fam['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+        ours = build_model(loaded, "cpu", torch.float32)
+        ours.setup_cache(1, len(ids), torch.float32)
+        with torch.no_grad():
+            err = float((ours(torch.tensor([ids]), torch.arange(len(ids)))[0] - theirs).abs().max())
+        assert err < 2e-5 * span, f"{layout}: against the multimodal model's text logits: {err:.3e}"
+
+
+@pytest.mark.parametrize("extra", [
+    {}, {"sliding_window_pattern": 3}, {"layer_types": ["full_attention", "sliding_attention"] * 4},
+    {"rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_theta": 1e6, "rope_local_base_freq": 1e4},
+    {"rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 2e4}}}])
+def test_gemma3_configs_read_as_transformers_reads_them(extra):
+    """A gemma3_text config.json with its defaults left out (as the published text_configs do), an older
+    sliding_window_pattern, explicit layer_types, the older rope keys (4B+: linear scaling of the full layers) and
+    transformers 5's rope_parameters a layer type: the sliding layers, window, bases, scaling and scale that
+    Gemma3TextConfig takes from it."""
+    from transformers import Gemma3TextConfig
+
+    from spqt.sources import _gemma3_config, _gemma3_query_scale, _hf_config
+
+    cfg = {"model_type": "gemma3_text", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 8, "head_dim": 16, **extra}
+    theirs = Gemma3TextConfig.from_dict(json.loads(json.dumps(cfg)))
+    full = _gemma3_config(cfg)
+    ours = _hf_config(full, "gemma3_text", tie=True)
+    sliding = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    assert (ours.sliding_layers, ours.sliding_window) == (sliding, theirs.sliding_window)
+    rope = theirs.rope_parameters
+    assert ours.rope_theta == rope["full_attention"]["rope_theta"]
+    assert ours.rope_local_theta == rope["sliding_attention"]["rope_theta"]
+    factor = rope["full_attention"].get("factor", 1.0)
+    assert ours.rope_freq_factors == (None if factor == 1.0 else (factor,) * 8)
+    assert (ours.n_heads, ours.n_kv_heads, ours.norm_eps, ours.max_seq_len) == (
+        theirs.num_attention_heads, theirs.num_key_value_heads, theirs.rms_norm_eps, theirs.max_position_embeddings)
+    assert _gemma3_query_scale(full) == math.sqrt(16 / theirs.query_pre_attn_scalar)
+    assert ours.family == "gemma3" and ours.embed_scale == 8.0
+
+
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
+    """A gemma3 GGUF that says final logit soft-capping (Gemma 2's; llama.cpp's converter writes the key where a
+    config has it): one error line."""
+    path = _gguf_with(family["gguf"], tmp_path / "m.gguf", {"gemma3.final_logit_softcapping": 30.0})
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")],
+                  "gemma3 with final logit soft-capping is not supported")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
+    """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
+    block run alone on its own mask) over Gemma 3's 40-token windows: block i's output is block i + 1's input, bit for
+    bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output differs)."""
+    from spqt.calibrate import _dense_block_inputs
+
+    model = Generator(load_spqt(quantized["hf"]), "cpu", max_len=48).model
+    windows = torch.tensor([_ids(40, model.config.vocab_size, seed=family["seed"] + s) for s in (6, 7)])
+    with torch.inference_mode():
+        inputs, positions, masks = _dense_block_inputs(model, windows, "cpu")
+        for i in range(model.config.n_layers - 1):
+            out = model.layers[i](inputs[i], model.rope_for(i), positions, masks[i])
+            assert torch.equal(out, inputs[i + 1]), i
+        unwindowed = model.layers[0](inputs[0], model.rope_for(0), positions, masks[-1])
+        assert not torch.allclose(unwindowed, inputs[1])
 
 
 @pytest.mark.gpu
@@ -816,7 +1022,8 @@ def _expect_error(capsys, argv, fragment):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
-                                        "granitemoeshared", "granitemoehybrid"])
+                                        "granitemoeshared", "granitemoehybrid", "gemma2", "gemma", "gemma3n",
+                                        "gemma3n_text"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -851,6 +1058,19 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "granite", "embedding_multiplier": 1e39}, "embedding_multiplier 1e+39 lies outside float32's"),
     ({"model_type": "granite", "embedding_multiplier": 1e-30, "logits_scaling": 1e-20},
      "scale weights by factors float32 cannot hold"),
+    # Gemma 3 with what it does not run: Gemma 2's soft-capping, EmbeddingGemma's bidirectional attention, another
+    # activation, scaled RoPE in its sliding layers; a multimodal config without its text model's
+    ({"model_type": "gemma3_text", "final_logit_softcapping": 30.0}, "final_logit_softcapping 30.0 is not supported"),
+    ({"model_type": "gemma3_text", "attn_logit_softcapping": 50.0}, "attn_logit_softcapping 50.0 is not supported"),
+    ({"model_type": "gemma3_text", "use_bidirectional_attention": True}, "bidirectional attention"),
+    ({"model_type": "gemma3_text", "hidden_activation": "gelu"}, "activation 'gelu' is not supported"),
+    ({"model_type": "gemma3_text", "rope_parameters": {
+        "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+        "sliding_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}},
+     "rope scaling 'linear' of the sliding layers is not supported"),
+    ({"model_type": "gemma3_text", "query_pre_attn_scalar": -1}, "query_pre_attn_scalar must be a positive number"),
+    ({"model_type": "gemma3_text", "layer_types": ["full_attention", "chunked_attention"]}, "unusable config"),
+    ({"model_type": "gemma3"}, "a gemma3 (multimodal) config without a text_config object"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -865,7 +1085,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma3", "granitemoe", "granitehybrid"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma2", "gemma", "gemma3n", "granitemoe", "granitehybrid"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf

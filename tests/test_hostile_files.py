@@ -255,6 +255,11 @@ def spqt_metadata_cases(data: bytes):
     yield "spqt config bos_id beyond vocab", edited(lambda m: m["config"].__setitem__("bos_id", 1 << 40)), False
     for v in ([99], [-1], ["0"], 3):
         yield f"spqt config nope_layers={v!r}", edited(lambda m: m["config"].__setitem__("nope_layers", v)), False
+    # Gemma 3's switches, unusable or without the tensors they need (post_norms: the layers' post norms)
+    for key, v in (("sliding_layers", [99]), ("sliding_layers", [0]), ("sliding_window", -8), ("activation", "relu"),
+                   ("embed_scale", 0), ("embed_scale", "8"), ("rope_local_theta", -1.0), ("post_norms", "yes"),
+                   ("post_norms", True)):
+        yield f"spqt config {key}={v!r}", edited(lambda m: m["config"].__setitem__(key, v)), False
     yield "spqt no config", edited(lambda m: m.pop("config")), False
     yield "spqt format_version 7", edited(lambda m: m.__setitem__("format_version", 7)), False
     first = next(iter(meta["linears"]))

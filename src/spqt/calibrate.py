@@ -40,6 +40,7 @@ from spqt import sparsity as sp
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import Generator, set_scales, set_sparse, sparse_linears
+from spqt.model import layer_masks
 
 HIST_BINS = 8192
 LOG2_LO, LOG2_HI = -30.0, 10.0  # |x| from 2^-30 to 2^10; smaller values count as 2^-30
@@ -146,8 +147,8 @@ def _block_linears(block) -> list:
 
 def _dense_block_inputs(model, tokens: torch.Tensor, device: str) -> tuple[list, torch.Tensor, torch.Tensor]:
     """The dense model's forward over tokens (B, T) on the device: (the input of every block,
-    positions (T,), the causal mask (T, T) bool for running blocks on them). The KV cache is set
-    up for (B, T); the caller restores it."""
+    positions (T,), every layer's mask (T, T) bool for running blocks on them: causal, a sliding layer's windowed
+    too, model.layer_masks). The KV cache is set up for (B, T); the caller restores it."""
     batch, ctx = tokens.shape
     inputs = []
     handles = [b.register_forward_pre_hook(lambda mod, args: inputs.append(args[0].clone())) for b in model.layers]
@@ -159,7 +160,7 @@ def _dense_block_inputs(model, tokens: torch.Tensor, device: str) -> tuple[list,
     finally:
         for h in handles:
             h.remove()
-    return inputs, positions, positions[None, :] <= positions[:, None]
+    return inputs, positions, layer_masks(model.config, positions[None, :] <= positions[:, None], positions)
 
 
 @torch.inference_mode()
@@ -173,7 +174,7 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
     sizes = torch.tensor(_input_sizes(config), dtype=torch.float64)
     share = sizes / sizes.sum()
     ctx = windows.shape[1]
-    inputs, positions, mask = _dense_block_inputs(model, windows.to(device), device)
+    inputs, positions, masks = _dense_block_inputs(model, windows.to(device), device)
     scored = slice(int(ctx * (1 - ERROR_FRACTION)), ctx)
     result = {sp.level_key(s): [] for s in levels}
     for i, block in enumerate(tqdm(model.layers, desc="greedy allocation", unit="block", disable=not progress)):
@@ -186,13 +187,13 @@ def greedy_thresholds(model, hists: dict, windows: torch.Tensor, levels, device:
             set_sparse(model, False)
             for lin in linears:
                 lin.sparse = True
-            y = block(x, model.rope_for(i), positions, mask)
+            y = block(x, model.rope_for(i), positions, masks[i])
             for lin in linears:
                 lin.sparse = False
             return float((y[:, scored].float() - dense).pow(2).mean())
 
         set_sparse(model, False)
-        dense = block(x, model.rope_for(i), positions, mask)[:, scored].float()
+        dense = block(x, model.rope_for(i), positions, masks[i])[:, scored].float()
         s_vec = torch.zeros(4, dtype=torch.float64)
         targets = list(levels)
         while targets:
@@ -238,11 +239,11 @@ def block_sensitivities(model, block_tables: list, windows: torch.Tensor, device
     half = ctx // 2
     tokens = windows.to(device)
     targets = tokens[:, half + 1 :].reshape(-1)
-    inputs, positions, mask = _dense_block_inputs(model, tokens, device)
+    inputs, positions, masks = _dense_block_inputs(model, tokens, device)
 
     def nll_from(b: int, x: torch.Tensor) -> float:
         for i in range(b, len(model.layers)):
-            x = model.layers[i](x, model.rope_for(i), positions, mask)
+            x = model.layers[i](x, model.rope_for(i), positions, masks[i])
         logits = model.output(model.norm(x[:, half:-1])).float()
         return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets))
 

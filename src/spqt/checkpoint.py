@@ -6,7 +6,8 @@ A .spqt file is a safetensors container. Tensors::
                                       before the eleventh session, --head fp16); when tied, absent, or a
                                       quantized copy of the embedding (--head TYPE), which the head reads
     norm, layers.{i}.attention_norm, layers.{i}.ffn_norm (D,) fp32
-    layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3)
+    layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3, Gemma 3)
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,) fp32   only with config.post_norms (Gemma 3)
     layers.{i}.{group}.bias (rows,) fp32                  only for groups in config.linear_biases
                                                           (Qwen2: qkv), stacked like the weight
     layers.{i}.{qkv,o,gate_up,down}  uint8 quantized blocks, grid as in layouts.py:
@@ -27,7 +28,9 @@ version 2 with a quantized output head (mixes.head_type); files with a float hea
 file whose RoPE table carries an attention factor (YaRN, config rope_attention_factor), which an older spqt would
 drop: it refuses the file instead. Version 5, likewise, is a file with longrope's long factors (config
 rope_long_freq_factors) or with layers that apply no RoPE (SmolLM3's NoPE layers, config nope_layers), which an
-older spqt would rotate by the short factors or at all.
+older spqt would rotate by the short factors or at all. Version 6 is a file with any of Gemma 3's switches
+(config post_norms, activation, embed_scale, sliding_layers, rope_local_theta: ModelConfig.gemma_layout), which an
+older spqt would drop.
 """
 
 import collections
@@ -54,7 +57,8 @@ FORMAT_VERSION = 2  # written for files whose head is float; 3 where it is quant
 QUANTIZED_HEAD_VERSION = 3
 ATTENTION_FACTOR_VERSION = 4
 ROPE_LAYOUT_VERSION = 5  # longrope's long factors, NoPE layers
-READABLE_VERSIONS = (1, 2, 3, 4, 5)
+GEMMA_VERSION = 6  # post-norms, GELU MLP, embedding scale, sliding windows, a local RoPE table
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6)
 NORM_SUFFIX = ".column_norm"
 
 # Fused linear maps: canonical name -> the source matrices stacked along rows (outputs).
@@ -137,11 +141,12 @@ def _parts(config: ModelConfig) -> dict:
 
 
 def _layer_extras(source: SourceModel, i: int) -> dict:
-    """Layer i's tensors besides the linear maps' weights, float32: the two norms, q/k norms
+    """Layer i's tensors besides the linear maps' weights, float32: the two norms (four: post_norms), q/k norms
     (Qwen3), and each biased group's output bias, stacked like its weight (a member the source
     gives no bias gets zeros)."""
     cfg = source.config
-    names = ["attention_norm", "ffn_norm"] + (["q_norm", "k_norm"] if cfg.qk_norm else [])
+    names = ["attention_norm", "ffn_norm"] + (["q_norm", "k_norm"] if cfg.qk_norm else []) + (
+        ["post_attention_norm", "post_ffn_norm"] if cfg.post_norms else [])
     out = {f"layers.{i}.{n}": source.tensor(f"layers.{i}.{n}") for n in names}
     for group in cfg.linear_biases:
         pieces = []
@@ -372,7 +377,8 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
     c = model.config
-    version = (ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else
+    version = (GEMMA_VERSION if c.gemma_layout else
+               ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else
                ATTENTION_FACTOR_VERSION if c.rope_attention_factor != 1.0 else
                QUANTIZED_HEAD_VERSION if isinstance(model.weights.get("output"), QuantizedWeight) else FORMAT_VERSION)
     meta = {"format_version": version, "config": c.to_dict(),
@@ -524,6 +530,8 @@ def _expected_shapes(c: ModelConfig) -> dict:
         shapes[f"layers.{i}.down"] = (c.dim, c.ffn_dim)
         if c.qk_norm:
             shapes[f"layers.{i}.q_norm"] = shapes[f"layers.{i}.k_norm"] = (c.head_dim,)
+        if c.post_norms:
+            shapes[f"layers.{i}.post_attention_norm"] = shapes[f"layers.{i}.post_ffn_norm"] = (c.dim,)
         for group in c.linear_biases:
             shapes[f"layers.{i}.{group}.bias"] = (shapes[f"layers.{i}.{group}"][0],)
     return shapes

@@ -144,7 +144,13 @@ def cmd_inspect(args) -> int:
     print(f"kind         {model.kind}")
     switches = "".join([f", biases on {'/'.join(c.linear_biases)}" if c.linear_biases else "",
                         ", q/k norm" if c.qk_norm else "",
-                        f", no RoPE in layers {', '.join(map(str, c.nope_layers))}" if c.nope_layers else ""])
+                        f", no RoPE in layers {', '.join(map(str, c.nope_layers))}" if c.nope_layers else "",
+                        ", post-norms" if c.post_norms else "",
+                        f", {c.activation} MLP" if c.activation != "silu" else "",
+                        f", embeddings x {c.embed_scale:g}" if c.embed_scale != 1.0 else "",
+                        f", window {c.sliding_window} in layers {', '.join(map(str, c.sliding_layers))}"
+                        if c.sliding_layers else "",
+                        f" (local rope theta {c.rope_local_theta:g})" if c.rope_local_theta else ""])
     print(f"architecture {c.family}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads} (kv {c.n_kv_heads}), "
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
           f"rope theta {c.rope_theta:g}{_rope_scaling_label(c)}, "

@@ -1,12 +1,16 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3) is these numbers plus a few
-switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
+A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 3) is these numbers
+plus a few switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
 scaling as per-frequency factors (YaRN's attention factor beside them), Phi-3's longrope as two sets of them (short,
 long) and an attention factor, layers whose q and k are not rotated at all (SmolLM3's NoPE layers). Phi-3's fused
 matrices need no switch: the readers split them into the names every family has; nor do Granite's four multipliers:
-the readers fold them into the weights (folding.py).
+the readers fold them into the weights (folding.py). Gemma 3 adds four: a norm after the attention and after the MLP
+of each layer (post_norms), a GELU-gated MLP (activation), scaled input embeddings (embed_scale) and sliding-window
+attention in some layers, rotated by a table of their own (sliding_window, sliding_layers, rope_local_theta); its
+q/k norms are Qwen3's switch, and its norms' 1 + w and its attention scale need none (the readers fold them into the
+norm weights).
 """
 
 import math
@@ -14,6 +18,10 @@ from dataclasses import asdict, dataclass, field
 
 # The per-layer linear maps, q|k|v and gate|up stacked (model.py builds them under these names).
 LINEAR_KINDS = ("qkv", "o", "gate_up", "down")
+
+# The MLP activations: silu(gate) * up (SwiGLU: Llama and most families), gelu_tanh(gate) * up (Gemma's GeGLU, the
+# tanh approximation of GELU).
+ACTIVATIONS = ("silu", "gelu_tanh")
 
 # Bounds a configuration read from a file must respect before anything is allocated from it; the
 # largest models we know stay far inside (Llama-3.1-405B: 126 layers, dim 16384, ffn 53248,
@@ -65,6 +73,20 @@ class ModelConfig:
     # Layers (ascending indices) whose attention rotates neither q nor k: no position encoding ("NoPE", SmolLM3's
     # every fourth layer); every other layer applies RoPE.
     nope_layers: tuple[int, ...] = ()
+    # Gemma 3: an RMSNorm of the attention's output and of the MLP's output before each joins the residual (four
+    # norms a layer: "sandwich" norms), weights (dim,) each
+    post_norms: bool = False
+    # the MLP's gate activation (ACTIVATIONS)
+    activation: str = "silu"
+    # the input embeddings times this (Gemma: sqrt(dim)); a tied head multiplies by the unscaled table
+    embed_scale: float = 1.0
+    # Layers (ascending indices) whose token at position p attends only to the keys at positions p - window < k <= p
+    # (Gemma 3's local layers); 0 / (): none
+    sliding_window: int = 0
+    sliding_layers: tuple[int, ...] = ()
+    # the RoPE base of the sliding layers' own table, plain (no scaling, no attention factor); 0: they rotate by the
+    # model's table
+    rope_local_theta: float = 0.0
 
     def __post_init__(self):
         """Checks every field (ValueError naming the field): a configuration comes from a file."""
@@ -125,6 +147,39 @@ class ModelConfig:
             raise ValueError(f"model configuration: nope_layers must list layer indices below {self.n_layers}, "
                              f"got {self.nope_layers!r}")
         object.__setattr__(self, "nope_layers", tuple(sorted(set(self.nope_layers))))
+        if not isinstance(self.sliding_layers, (tuple, list)) or any(
+                type(i) is not int or not 0 <= i < self.n_layers for i in self.sliding_layers):
+            raise ValueError(f"model configuration: sliding_layers must list layer indices below {self.n_layers}, "
+                             f"got {self.sliding_layers!r}")
+        object.__setattr__(self, "sliding_layers", tuple(sorted(set(self.sliding_layers))))
+        if type(self.sliding_window) is not int or self.sliding_window < 0 or (
+                bool(self.sliding_window) != bool(self.sliding_layers)):
+            raise ValueError(f"model configuration: sliding_window must be a positive integer where sliding_layers "
+                             f"are listed (0 where none are), got {self.sliding_window!r}")
+        if type(self.post_norms) is not bool:
+            raise ValueError(f"model configuration: post_norms must be true or false, got {self.post_norms!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"model configuration: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        for name in ("embed_scale", "rope_local_theta"):
+            value = getattr(self, name)
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0 or (
+                    name == "embed_scale" and value == 0):
+                kind = "a positive" if name == "embed_scale" else "a non-negative"
+                raise ValueError(f"model configuration: {name} must be {kind} number, got {value!r}")
+
+    def window(self, layer: int) -> int:
+        """The sliding window of layer `layer`'s attention (sliding_window), or 0: it attends to every earlier key."""
+        return self.sliding_window if layer in self.sliding_layers else 0
+
+    def rotates_locally(self, layer: int) -> bool:
+        """Whether layer `layer` rotates q and k by the sliding layers' own table (rope_local_theta)."""
+        return self.rope_local_theta > 0 and layer in self.sliding_layers and self.rotates(layer)
+
+    @property
+    def gemma_layout(self) -> bool:
+        """Whether any of Gemma 3's switches is on (an older reader would run such a model wrongly)."""
+        return (self.post_norms or self.activation != "silu" or self.embed_scale != 1.0 or bool(self.sliding_layers)
+                or self.rope_local_theta > 0)
 
     def rotates(self, layer: int) -> bool:
         """Whether layer `layer`'s attention applies RoPE to q and k (not a NoPE layer)."""

@@ -39,6 +39,8 @@ def why_not(model) -> str | None:
         return "no GPU the CUDA GEMV runs on"
     if c.head_dim % 64 or c.head_dim > 256 or c.qk_norm:
         return f"head dim {c.head_dim} (a multiple of 64 up to 256) or q/k norms"
+    if c.gemma_layout:  # (the chain's stages know none of them; its attention masks by position alone)
+        return "Gemma 3's post-norms, GELU MLP, embedding scale or sliding windows"
     for block in model.layers:
         ff = block.feed_forward
         for lin in _maps(block):

@@ -103,7 +103,8 @@ def build_block(config, i: int, weights: dict, device: str = "cpu", dtype: torch
 def _set_block_norms(block: Block, i: int, weights: dict, device: str, backend: str) -> None:
     block.attention.native = backend == "cpu-native"
     norms = {"attention_norm": block.attention_norm, "ffn_norm": block.ffn_norm,
-             "q_norm": block.attention.q_norm, "k_norm": block.attention.k_norm}
+             "q_norm": block.attention.q_norm, "k_norm": block.attention.k_norm,
+             "post_attention_norm": block.post_attention_norm, "post_ffn_norm": block.post_ffn_norm}
     for name, norm in norms.items():
         if norm is not None:
             norm.weight.data = weights[f"layers.{i}.{name}"].to(device=device, dtype=torch.float32)

@@ -177,23 +177,26 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     device."""
     from tqdm.auto import tqdm
 
-    from spqt.model import identity_table, rope_table
+    from spqt.model import causal_mask, identity_table, layer_masks, layer_table, rope_table
 
     calibration = calibration.to(device)
     length = calibration.shape[1]
     positions = torch.arange(length, device=device)
-    # the tables as the Transformer holds them for a run of `length` tokens: RoPE's, and the NoPE layers' identity
-    # (Transformer.rope_for)
+    # the tables as the Transformer holds them for a run of `length` tokens: RoPE's, the NoPE layers' identity, the
+    # sliding layers' own (Transformer.rope_for); the masks as its forward makes them (a sliding layer's windowed)
     rope = rope_table(config, config.max_seq_len, context=length).to(device)
     identity = identity_table(config, config.max_seq_len).to(device) if config.nope_layers else None
-    mask = torch.zeros((length, length), device=device).masked_fill_(positions[None, :] > positions[:, None],
-                                                                     float("-inf"))
+    local = rope_table(config, config.max_seq_len, local=True).to(device) if config.rope_local_theta else None
+    masks = layer_masks(config, causal_mask(positions, length, torch.float32, device), positions)
     with torch.no_grad():
         table = embedding.to(device=device, dtype=torch.float32)
+        scale = torch.tensor(config.embed_scale, dtype=torch.float32, device=device)  # (Transformer.embed)
         states = [torch.nn.functional.embedding(chunk, table) for chunk in calibration.split(WINDOWS_PER_PASS)]
+        if config.embed_scale != 1.0:
+            states = [x * scale for x in states]
     del embedding, table  # (the caller's tensor is freed where it held no other reference)
     for i in tqdm(range(config.n_layers), desc="quantizing (GPTQ)", unit="layer", disable=not progress):
-        inputs = (rope if config.rotates(i) else identity, positions, mask)
+        inputs = (layer_table(config, i, rope, identity, local), positions, masks[i])
         results, states = _quantize_layer(config, i, layer_weights(i), states, inputs, calibration.numel(), types,
                                           layout, search, damp, device)
         yield i, results

@@ -2,7 +2,9 @@
 attention with a preallocated KV cache, SwiGLU, tied or separate output head. Family switches
 (config.py): Qwen3's per-head RMSNorm of q and k here; SmolLM3's NoPE layers, which get an identity
 table (cos 1, sin 0: every path's rotation leaves q and k exactly as they are) instead of the RoPE table;
-output biases (Qwen2) belong to the linear maps that make_linear returns.
+output biases (Qwen2) belong to the linear maps that make_linear returns. Gemma 3's: a norm of the attention's and
+of the MLP's output before the residual sum (post_norms), GELU-gated MLP, scaled input embeddings, and sliding-window
+layers, which get a mask of their own (layer_masks) and their own RoPE table (rope_for).
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
@@ -35,12 +37,16 @@ class RMSNorm(DirectCallModule):
         return functional.rms_norm(x, self.weight, self.eps)
 
 
-def rope_frequencies(config: ModelConfig, context: int | None = None) -> torch.Tensor:
+def rope_frequencies(config: ModelConfig, context: int | None = None, local: bool = False) -> torch.Tensor:
     """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured (as HF
     parameters, or as llama.cpp's per-frequency divisors from a GGUF) or linear scaling (divisors too).
-    context: the run's context, which picks longrope's long divisors where it exceeds the original context."""
+    context: the run's context, which picks longrope's long divisors where it exceeds the original context.
+    local: the sliding layers' own frequencies (base rope_local_theta, never scaled)."""
     hd = config.head_dim
-    inv = 1.0 / (config.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    if local:
+        return inv
     factors = config.rope_freq_factors
     if config.rope_long_freq_factors is not None and context is not None and context > config.rope_original_context:
         factors = config.rope_long_freq_factors
@@ -60,13 +66,38 @@ def rope_frequencies(config: ModelConfig, context: int | None = None) -> torch.T
     return torch.where(is_mid, mid, scaled)
 
 
-def rope_table(config: ModelConfig, length: int, context: int | None = None) -> torch.Tensor:
+def rope_table(config: ModelConfig, length: int, context: int | None = None, local: bool = False) -> torch.Tensor:
     """(length, head_dim) float32 cos | sin halves: [:, :hd/2] cos, [:, hd/2:] sin, each times the attention factor
     (YaRN's, longrope's; 1 otherwise), for a run of `context` tokens (default: length). Every path (torch, the CPU's
-    C, the GPU kernels) rotates by this table."""
+    C, the GPU kernels) rotates by this table. local: the sliding layers' table (rope_local_theta; no scaling, no
+    attention factor)."""
     pos = torch.arange(length, dtype=torch.float64)
-    angles = torch.outer(pos, rope_frequencies(config, length if context is None else context))
-    return (torch.cat([angles.cos(), angles.sin()], dim=-1) * config.rope_attention_factor).float()
+    angles = torch.outer(pos, rope_frequencies(config, length if context is None else context, local))
+    factor = 1.0 if local else config.rope_attention_factor
+    return (torch.cat([angles.cos(), angles.sin()], dim=-1) * factor).float()
+
+
+def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """(T, length) additive mask of tokens at `positions` (T,) int64 over `length` cached keys: 0 where key <= the
+    token's position, -inf above it."""
+    key_pos = torch.arange(length, device=device)
+    return torch.zeros((positions.shape[0], length), dtype=dtype, device=device).masked_fill_(
+        key_pos[None, :] > positions[:, None], float("-inf"))
+
+
+def layer_masks(config: ModelConfig, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer's attention mask (n_layers entries): the causal `mask` (T, length), additive float or bool (True:
+    attend), and for the sliding layers, where their window can cut (length > window), that mask with the keys at
+    positions <= position - window masked too (the token at p sees p - window < k <= p, as transformers and llama.cpp
+    mask). The layers share the tensors (at most two are made)."""
+    length = mask.shape[-1]
+    window = config.sliding_window
+    if not config.sliding_layers or length <= window:
+        return [mask] * config.n_layers
+    key_pos = torch.arange(length, device=mask.device)
+    outside = key_pos[None, :] <= positions[:, None] - window  # (T, length)
+    windowed = mask & ~outside if mask.dtype == torch.bool else mask.masked_fill(outside, float("-inf"))
+    return [windowed if config.window(i) else mask for i in range(config.n_layers)]
 
 
 def identity_table(config: ModelConfig, length: int) -> torch.Tensor:
@@ -74,6 +105,15 @@ def identity_table(config: ModelConfig, length: int) -> torch.Tensor:
     the CPU's C, the GPU kernels) leaves q and k exactly as they are: x * 1 + y * 0 is x."""
     half = config.head_dim // 2
     return torch.cat([torch.ones(length, half), torch.zeros(length, half)], dim=-1).to(torch.float32)
+
+
+def layer_table(config: ModelConfig, layer: int, rope: torch.Tensor, identity: torch.Tensor | None,
+                local: torch.Tensor | None) -> torch.Tensor:
+    """Which of a model's tables layer `layer` rotates by: the RoPE table `rope`, the NoPE layers' `identity`
+    (identity_table), or the sliding layers' `local` one (rope_table(local=True))."""
+    if not config.rotates(layer):
+        return identity
+    return local if config.rotates_locally(layer) else rope
 
 
 class KVCache(nn.Module):
@@ -95,6 +135,7 @@ class Attention(DirectCallModule):
         self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        self.window = c.window(layer)  # a sliding layer's window (its mask cuts where the keys outnumber it), or 0
         self.cache: KVCache | None = None
         self.native = False  # the CPU's native maps: a decode token's attention in C too (build_model sets it)
 
@@ -107,28 +148,41 @@ class Attention(DirectCallModule):
         return torch.cat([q, k, v], dim=-1)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """x + attention(norm(x)); rope: the layer's whole (max_seq_len, hd) table (Transformer.rope_for). The norm
-        is handed to the q|k|v map, which may fuse it with its input's sparsification."""
+                mask: torch.Tensor, post_norm: RMSNorm | None = None) -> torch.Tensor:
+        """x + attention(norm(x)), or x + post_norm(attention(norm(x))) (Gemma); rope: the layer's whole
+        (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (layer_masks). The norm is handed to the
+        q|k|v map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
         if self.q_norm is not None:
             qkv = self._norm_heads(qkv)
+        length = mask.shape[-1]
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
-                                   mask.shape[-1], native=self.native)
-        return self.o(out.reshape(b, t, self.n_heads * self.hd), residual=x)
+                                   length, native=self.native, windowed=0 < self.window < length)
+        out = out.reshape(b, t, self.n_heads * self.hd)
+        if post_norm is None:
+            return self.o(out, residual=x)
+        return x + post_norm(self.o(out))
 
 
 class FeedForward(DirectCallModule):
     def __init__(self, config: ModelConfig, layer: int, make_linear):
         super().__init__()
         self.ffn_dim = config.ffn_dim
+        self.swiglu = config.activation == "silu"  # else gelu_tanh: the gate|up map's plain output, gated in torch
         self.gate_up = make_linear(f"layers.{layer}.gate_up", 2 * config.ffn_dim, config.dim)
         self.down = make_linear(f"layers.{layer}.down", config.dim, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        """x + down(silu(gate) * up) of norm(x) (the norm handed to the gate|up map, as in Attention)."""
-        return self.down(self.gate_up(x, norm=norm, swiglu=True), residual=x)
+    def forward(self, x: torch.Tensor, norm: RMSNorm, post_norm: RMSNorm | None = None) -> torch.Tensor:
+        """x + down(act(gate) * up) of norm(x) (the norm handed to the gate|up map, as in Attention; act: silu, fused
+        into the map's epilogue, or gelu_tanh), or x + post_norm(down(...)) (Gemma)."""
+        if self.swiglu:
+            act = self.gate_up(x, norm=norm, swiglu=True)
+        else:
+            act = functional.gelu_tanh_mul(self.gate_up(x, norm=norm), self.ffn_dim)
+        if post_norm is None:
+            return self.down(act, residual=x)
+        return x + post_norm(self.down(act))
 
 
 class Block(DirectCallModule):
@@ -138,12 +192,15 @@ class Block(DirectCallModule):
         self.attention = Attention(config, layer, make_linear)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
         self.feed_forward = FeedForward(config, layer, make_linear)
+        # Gemma's norms of the attention's and the MLP's outputs (None: each output joins the residual as it is)
+        self.post_attention_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
+        self.post_ffn_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
 
     def forward(self, x, rope, positions, mask):
-        """rope: the layer's (max_seq_len, hd) table (Transformer.rope_for); mask: (T, length) bool or additive
-        float."""
-        h = self.attention(x, self.attention_norm, rope, positions, mask)
-        return self.feed_forward(h, self.ffn_norm)
+        """rope: the layer's (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (T, length) bool or
+        additive float mask (layer_masks: a sliding layer's window applied)."""
+        h = self.attention(x, self.attention_norm, rope, positions, mask, self.post_attention_norm)
+        return self.feed_forward(h, self.ffn_norm, self.post_ffn_norm)
 
 
 class Transformer(nn.Module):
@@ -159,14 +216,27 @@ class Transformer(nn.Module):
         # the NoPE layers' table, where the model has such layers
         nope = identity_table(config, config.max_seq_len) if config.nope_layers else None
         self.register_buffer("rope_identity", nope, persistent=False)
+        # the sliding layers' own table, where the model has one (Gemma 3)
+        local = rope_table(config, config.max_seq_len, local=True) if config.rope_local_theta else None
+        self.register_buffer("rope_local", local, persistent=False)
+        # the input embeddings' scale (Gemma: sqrt(dim)), float32 as transformers holds it; None: 1
+        scale = torch.tensor(config.embed_scale, dtype=torch.float32) if config.embed_scale != 1.0 else None
+        self.register_buffer("embed_scale", scale, persistent=False)
         self.max_len = 0
         self.cache_generation = 0  # counts setup_cache calls: a captured CUDA graph holds the caches of its generation
         self.decode_chain = None  # a DecodeChain (decode_chain.py) where the Generator set one up
 
     def rope_for(self, layer: int) -> torch.Tensor:
-        """The (max_seq_len, hd) float32 table layer `layer` rotates q and k by: the RoPE table, or a NoPE layer's
-        identity table. Whatever runs a block (the forward, calibration, the decode chain) passes this one."""
-        return self.rope if self.config.rotates(layer) else self.rope_identity
+        """The (max_seq_len, hd) float32 table layer `layer` rotates q and k by: the RoPE table, a NoPE layer's
+        identity table, or a sliding layer's own table (Gemma 3). Whatever runs a block (the forward, calibration,
+        the decode chain) passes this one."""
+        return layer_table(self.config, layer, self.rope, self.rope_identity, self.rope_local)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 -> the layers' input (B, T, D) in the embedding's dtype: the table's rows, times
+        embed_scale (Gemma; cast to their dtype, as transformers does)."""
+        x = self.tok_embeddings(tokens)
+        return x if self.embed_scale is None else x * self.embed_scale.to(x.dtype)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> None:
         """Allocate the KV cache for `batch` sequences of up to `max_len` tokens."""
@@ -192,18 +262,17 @@ class Transformer(nn.Module):
         only positions whose logits are computed (B, S, vocab) (a prefill wants its last token's alone).
         """
         length = kv_len or self.max_len
-        x = self.tok_embeddings(tokens)
+        x = self.embed(tokens)
         if self.decode_chain is not None and self.decode_chain.runs(x, positions, length):
             x = self.decode_chain(x, positions, length)  # every layer in one launch (decode_chain.py)
         else:
             # (T, length) additive mask, made once per forward (a bool mask is converted in every layer)
-            key_pos = torch.arange(length, device=tokens.device)
-            mask = torch.zeros((positions.shape[0], length), dtype=x.dtype, device=x.device).masked_fill_(
-                key_pos[None, :] > positions[:, None], float("-inf"))
+            mask = causal_mask(positions, length, x.dtype, x.device)
             if x.device.type == "cpu" and 1 < positions.shape[0] == length:  # positions ascending: 0 .. T - 1
                 setattr(mask, functional.CAUSAL, True)
+            masks = layer_masks(self.config, mask, positions)
             for i, block in enumerate(self.layers):
-                x = block(x, self.rope_for(i), positions, mask)
+                x = block(x, self.rope_for(i), positions, masks[i])
         if select is not None:
             x = x.index_select(1, select)
         return self.output(self.norm(x)).float()

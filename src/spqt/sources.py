@@ -27,6 +27,10 @@ Families and where they come from:
     SmolLM3     smollm3                   smollm3                     NoPE layers: q and k of some layers not rotated
     Granite 3   granite                   granite                     four multipliers, folded into the weights as
                                                                       they are read (folding.py); MoE types refused
+    Gemma 3     gemma3_text, gemma3       gemma3                      four norms a layer, GELU MLP, scaled
+                (multimodal: its text)                                embeddings, q/k norms, sliding-window layers
+                                                                      with their own RoPE base; norms' 1 + w and the
+                                                                      attention scale folded into the norm weights
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -42,6 +46,12 @@ SmolLM3: its NoPE layers come from the HF config's ``no_rope_layers`` (a 1 or 0 
 ``no_rope_layer_interval``-th layer, 4 by default), as transformers reads it. A ``smollm3`` GGUF carries no key for
 them: llama.cpp skips RoPE in every fourth layer (3, 7, 11, ...), and so do we. Its q/k rows are permuted as
 ``llama``'s (llama.cpp's converter treats it as Llama; its RoPE rotates adjacent pairs).
+
+Gemma 3: a config.json's keys left out are Gemma3TextConfig's (_gemma3_config: a multimodal checkpoint's text_config
+gives few), its layer_types say which layers slide; a ``gemma3`` GGUF carries the window alone: llama.cpp runs every
+sixth layer in full, the others through the window, rotated by base 10,000, and scales the scores by 1 / sqrt(head_dim)
+(27B: 1 / sqrt(dim / heads)), whatever the checkpoint's query_pre_attn_scalar; its q/k rows keep the Hugging Face order
+and its norms hold 1 + w already (llama.cpp's converter adds the 1).
 
 Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
 config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
@@ -62,11 +72,11 @@ import torch
 from spqt.config import _LIMITS, LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
 from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
-from spqt.folding import fold_factors, folded, gguf_multipliers, hf_multipliers
+from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite")
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma3")
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma3_text", "gemma3")
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
 _GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
@@ -85,6 +95,12 @@ _GGUF_NAMES = {
     "ffn_up": "w3",
     "ffn_down": "w2",
 }
+# Gemma 3's norms of the attention's and the MLP's outputs (its ffn_norm is the norm before the MLP, as everyone's)
+_GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffn_norm"}
+# llama.cpp's gemma3: every sixth layer (i % 6 == 5) attends to every key, the others through the sliding window;
+# the sliding layers rotate by a table of base 10,000 (no key for either, unless rope.freq_base_swa is written)
+_GGUF_GEMMA3_FULL_EVERY = 6
+_GGUF_GEMMA3_LOCAL_THETA = 10000.0
 _GGUF_EXTRAS = {  # optional per-layer tensors: GGUF name -> ours
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv", "attn_output.bias": "bo",
     "ffn_gate.bias": "b1", "ffn_up.bias": "b3", "ffn_down.bias": "b2",
@@ -107,6 +123,16 @@ _HF_NAMES = {
     "mlp.gate_proj": "w1",
     "mlp.up_proj": "w3",
     "mlp.down_proj": "w2",
+}
+# a multimodal Gemma 3 checkpoint's text model: its tensors' prefix -> its head's name (absent where tied)
+_HF_GEMMA3_BASES = {"model.language_model.": "lm_head.weight", "language_model.model.": "language_model.lm_head.weight"}
+# Gemma 3's four norms a layer (transformers' names): its post_attention_layernorm is the attention's output norm,
+# not the MLP's input norm as in Llama
+_HF_GEMMA_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "post_feedforward_layernorm": "post_ffn_norm",
 }
 _HF_EXTRAS = {
     "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
@@ -378,10 +404,12 @@ def _open_gguf(path: Path) -> SourceModel:
     window = size("attention.sliding_window", 0) if arch == "phi3" else 0
     if window > 0:
         context = min(context, window)
-    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 q/k norms) must be
+    gemma = _gguf_gemma3(field_value, size, path, n_layers, dim, n_heads, head_dim) if arch == "gemma3" else {}
+    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 and gemma3 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
-                "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
+                "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"},
+                "gemma3": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
     layer_extras = {g: ours for g, ours in _GGUF_EXTRAS.items() if g in required or f"blk.0.{g}" in tensors}
     eos_ids = []
     try:
@@ -416,6 +444,7 @@ def _open_gguf(path: Path) -> SourceModel:
             rope_original_context=original,
             nope_layers=_every(_GGUF_NOPE_STEP.get(arch), n_layers),
             **_switches(layer_extras.values()),
+            **{k: v for k, v in gemma.items() if k != "query_scale"},
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
@@ -433,6 +462,9 @@ def _open_gguf(path: Path) -> SourceModel:
         for g, ours in layer_extras.items():
             names.append(f"layers.{i}.{ours}")
             gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}"
+        for g, ours in (_GGUF_POST_NORMS.items() if config.post_norms else ()):
+            names.append(f"layers.{i}.{ours}")
+            gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
     missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -472,6 +504,9 @@ def _open_gguf(path: Path) -> SourceModel:
             factors = fold_factors(multipliers, config)
         except ValueError as e:
             raise SpqtError(f"{path}: {e}") from None
+    loader = folded(load, factors)
+    if arch == "gemma3":  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
+        loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"])
     tokenizer = _gguf_tokenizer(path)
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256(shards),
                   "source_file_type": field_value("general.file_type")}
@@ -482,8 +517,30 @@ def _open_gguf(path: Path) -> SourceModel:
     weight_types = tuple(sorted({tensors[gguf_name[n]].tensor_type.name for n in names
                                  if n.startswith("layers.") and n.rsplit(".", 1)[1] in _GGUF_NAMES.values()
                                  and len(tensors[gguf_name[n]].shape) == 2}))
-    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=folded(load, factors),
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=loader,
                        names=names, weight_types=weight_types)
+
+
+def _gguf_gemma3(field_value, size, path: Path, n_layers: int, dim: int, n_heads: int, head_dim: int) -> dict:
+    """A gemma3 GGUF's switches (ModelConfig fields) as llama.cpp runs the architecture, and query_scale, the factor
+    folded into q_norm: llama.cpp scales the scores by 1 / sqrt(dim / heads) for the 27B model (62 layers; its
+    query_pre_attn_scalar) and by 1 / sqrt(head_dim) otherwise (no key). Sliding layers: all but every sixth, with
+    the window of attention.sliding_window (absent or 0: none, as the converter writes a model without them)."""
+    if field_value("gemma3.final_logit_softcapping") not in (None, 0.0):
+        raise SpqtError(f"{path}: gemma3 with final logit soft-capping is not supported")
+    window = size("attention.sliding_window", 0)
+    local = field_value("gemma3.rope.freq_base_swa", _GGUF_GEMMA3_LOCAL_THETA)
+    try:
+        local = float(local)
+    except (TypeError, ValueError):
+        raise SpqtError(f"{path}: GGUF gemma3.rope.freq_base_swa is not a number ({local!r})") from None
+    scalar = dim / max(n_heads, 1) if n_layers == 62 else head_dim
+    full = _GGUF_GEMMA3_FULL_EVERY
+    sliding = (tuple(i for i in range(n_layers) if i % full != full - 1)  # (none for a layer count ModelConfig
+               if 1 <= n_layers <= _LIMITS["n_layers"] else ())             # refuses anyway)
+    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(max(dim, 1)),
+            "sliding_window": window if window > 0 else 0, "sliding_layers": sliding if window > 0 else (),
+            "rope_local_theta": local, "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
 
 
 def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
@@ -572,6 +629,8 @@ def _expected_shapes(c: ModelConfig) -> dict:
                    f"layers.{i}.wv": (c.kv_dim, c.dim), f"layers.{i}.wo": (c.dim, c.q_dim),
                    f"layers.{i}.w1": (c.ffn_dim, c.dim), f"layers.{i}.w3": (c.ffn_dim, c.dim),
                    f"layers.{i}.w2": (c.dim, c.ffn_dim)}
+        if c.post_norms:
+            shapes |= {f"layers.{i}.post_attention_norm": (c.dim,), f"layers.{i}.post_ffn_norm": (c.dim,)}
     return shapes
 
 
@@ -718,7 +777,16 @@ def _open_hf(folder: Path) -> SourceModel:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_TYPES:
         raise SpqtError(f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_HF_TYPES)}")
-    if cfg.get("hidden_act", "silu") != "silu":
+    multimodal = model_type == "gemma3"  # Gemma3ForConditionalGeneration: its text model's config inside
+    if multimodal:
+        if not isinstance(cfg.get("text_config"), dict):
+            raise SpqtError(f"{cfg_path}: a gemma3 (multimodal) config without a text_config object")
+        cfg, model_type = {**cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
+    if model_type == "gemma3_text":  # (transformers' Gemma 3 reads hidden_activation alone)
+        if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+            raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
+                            f"(gelu_pytorch_tanh is, for gemma3)")
+    elif cfg.get("hidden_act", "silu") != "silu":
         raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
     files = sorted(folder.glob("*.safetensors"))
     pickled = {} if files else _torch_shards(_bin_files(folder))  # older checkpoints
@@ -740,8 +808,21 @@ def _open_hf(folder: Path) -> SourceModel:
                     declared[k] = (tuple(piece.get_shape()), piece.get_dtype())
         except Exception as e:  # the safetensors library raises its own error kinds
             raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
+    # where the text model's tensors are: model.*, or (a multimodal Gemma 3) model.language_model.* as transformers 5
+    # saves it, language_model.model.* as the published checkpoints hold it
+    base, head = "model.", "lm_head.weight"
+    if multimodal:
+        base = next((b for b in _HF_GEMMA3_BASES if f"{b}embed_tokens.weight" in where), None)
+        if base is None:
+            raise SpqtError(f"{folder}: a gemma3 (multimodal) checkpoint without its text model's embed_tokens under "
+                            f"{' or '.join(_HF_GEMMA3_BASES)}")
+        head = _HF_GEMMA3_BASES[base]
+    query_scale = None
     try:
-        config = _hf_config(cfg, model_type, tie="lm_head.weight" not in where)
+        if model_type == "gemma3_text":
+            cfg = _gemma3_config(cfg)
+            query_scale = _gemma3_query_scale(cfg)
+        config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
     except SpqtError:
@@ -758,21 +839,24 @@ def _open_hf(folder: Path) -> SourceModel:
         eos_ids = tuple(dict.fromkeys([*config.eos_ids, *(int(e) for e in gen_eos)]))
         config = ModelConfig(**{**config.to_dict(), "eos_ids": eos_ids})
     extras = _hf_extras(cfg, model_type)
-    hf_name = {"tok_embeddings": "model.embed_tokens.weight", "norm": "model.norm.weight", "output": "lm_head.weight"}
+    hf_name = {"tok_embeddings": f"{base}embed_tokens.weight", "norm": f"{base}norm.weight", "output": head}
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     fused = _HF_FUSED if model_type == "phi3" else {}
+    layer_names = _HF_NAMES
+    if config.post_norms:  # (Gemma 3's four norms in place of the two)
+        layer_names = {**{h: ours for h, ours in _HF_NAMES.items() if not h.endswith("layernorm")}, **_HF_GEMMA_NORMS}
     rows, split = {}, _fused_names(config, fused.values())  # rows: as in _open_gguf
     for i in range(config.n_layers):
-        for h, ours in _HF_NAMES.items():
+        for h, ours in layer_names.items():
             if ours not in split:
                 names.append(f"layers.{i}.{ours}")
-                hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}.weight"
+                hf_name[f"layers.{i}.{ours}"] = f"{base}layers.{i}.{h}.weight"
         for h, kind in fused.items():
-            names += _add_fused_parts(config, kind, i, f"model.layers.{i}.{h}.weight", hf_name, rows)
+            names += _add_fused_parts(config, kind, i, f"{base}layers.{i}.{h}.weight", hf_name, rows)
         for h, ours in _HF_EXTRAS.items():
             if ours in extras:
                 names.append(f"layers.{i}.{ours}")
-                hf_name[f"layers.{i}.{ours}"] = f"model.layers.{i}.{h}"
+                hf_name[f"layers.{i}.{ours}"] = f"{base}layers.{i}.{h}"
     missing = list(dict.fromkeys(hf_name[n] for n in names if hf_name[n] not in where))
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
@@ -805,8 +889,10 @@ def _open_hf(folder: Path) -> SourceModel:
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
     if multipliers is not None:
         provenance["folded_multipliers"] = multipliers.record()
-    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=folded(load, factors),
-                       names=names)
+    loader = folded(load, factors)
+    if query_scale is not None:  # Gemma 3: each norm's 1 + w, the attention scale in q_norm
+        loader = gemma_norms(loader, shift=1.0, query_scale=query_scale)
+    return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=loader, names=names)
 
 
 # the config.json keys whose absence transformers fills from its config class, per model_type (Llama: rms_norm_eps
@@ -828,8 +914,11 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     """ModelConfig from a config.json of a supported model_type (tie: no lm_head tensor), the keys it leaves out as
     transformers' config class has them."""
     cfg = _with_class_defaults(cfg, model_type)
-    # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta; Gemma 3 one block
+    # a layer type (_gemma3_config fills them): the full layers' here, the sliding layers' in its switches
+    gemma, rope = {}, cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if model_type == "gemma3_text":
+        rope, gemma = _gemma3_switches(cfg)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 reads both as longrope
         kind = "longrope"
@@ -861,10 +950,11 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     # Sliding-window attention equals full attention while the sequence fits the window, so
     # such a model gets the window as its context (Mistral 7B v0.1: 4,096; Phi-3-mini-4k: 2,047).
     window = cfg.get("sliding_window")
+    # (Gemma 3's sliding layers run their window: model.layer_masks)
     sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
         cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3", "smollm3")
         else model_type in ("mistral", "phi3"))
-    if sliding and window:
+    if sliding and window and model_type != "gemma3_text":
         context = min(context, int(window))
     return ModelConfig(
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
@@ -875,10 +965,70 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         rope_long_freq_factors=long_divisors, rope_original_context=original,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
-        bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False, family=model_type,
+        bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
+        family="gemma3" if model_type == "gemma3_text" else model_type,  # (the GGUF's name, text or multimodal)
         nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
         **_switches(_hf_extras(cfg, model_type)),
+        **gemma,
     )
+
+
+def _gemma3_config(cfg: dict) -> dict:
+    """A gemma3_text config.json's keys, those it leaves out as transformers' Gemma3TextConfig fills them (a
+    published multimodal checkpoint's text_config gives few: its head count, head_dim, query_pre_attn_scalar, ...
+    are the class's defaults), layer_types from an older sliding_window_pattern and rope_parameters per layer type
+    from rope_theta, rope_scaling and rope_local_base_freq, as transformers derives them. ValueError where it refuses
+    the keys, or they ask for what we do not run: Gemma 2's soft-capping, EmbeddingGemma's bidirectional attention."""
+    from transformers import Gemma3TextConfig
+
+    try:
+        full = Gemma3TextConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
+    except Exception as e:  # (its validation raises several kinds)
+        raise ValueError(f"transformers' Gemma3TextConfig refuses it ({type(e).__name__}: {e})") from None
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if full.get(key) is not None:
+            raise ValueError(f"{key} {full[key]!r} is not supported (Gemma 2's soft-capping)")
+    if full.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional attention (use_bidirectional_attention: EmbeddingGemma) is not supported")
+    return full
+
+
+def _gemma3_query_scale(cfg: dict) -> float:
+    """Gemma 3's attention scale, query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, as the factor of q (of its
+    q_norm's weight, folding.gemma_norms): sqrt(head_dim / query_pre_attn_scalar). ValueError where the scalar is
+    not a positive number."""
+    scalar, head_dim = cfg.get("query_pre_attn_scalar"), cfg.get("head_dim")
+    if type(scalar) not in (int, float) or not math.isfinite(scalar) or scalar <= 0 or type(head_dim) is not int:
+        raise ValueError(f"query_pre_attn_scalar must be a positive number (and head_dim an integer), got {scalar!r}")
+    return math.sqrt(head_dim / scalar)
+
+
+def _gemma3_switches(cfg: dict) -> tuple[dict, dict]:
+    """A filled gemma3_text config's (_gemma3_config) full layers' rope block and ModelConfig switches: post-norms,
+    GELU (tanh) MLP, embeddings times sqrt(hidden_size), the sliding layers (layer_types), their window and their
+    own RoPE base (plain: no scaling). ValueError on anything else."""
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
+                                                             for t in types):
+        raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {n} layers, "
+                         f"got {types!r}")
+    blocks = cfg.get("rope_parameters") or {}
+    full, local = blocks.get("full_attention") or {}, blocks.get("sliding_attention") or {}
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    window, local_theta = 0, 0.0
+    if sliding:
+        window = cfg.get("sliding_window")
+        if type(window) is not int or window < 1:
+            raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
+        if local.get("rope_type", "default") != "default":
+            raise ValueError(f"rope scaling {local.get('rope_type')!r} of the sliding layers is not supported "
+                             f"(none is)")
+        local_theta = local.get("rope_theta", 10000.0)
+        if type(local_theta) not in (int, float) or not math.isfinite(local_theta) or local_theta <= 1:
+            raise ValueError(f"the sliding layers' rope_theta must be a number above 1, got {local_theta!r}")
+    return full, {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
+                  "sliding_window": window, "sliding_layers": sliding, "rope_local_theta": float(local_theta)}
 
 
 def _every(step: int | None, n_layers: int) -> tuple[int, ...]:
@@ -978,7 +1128,8 @@ def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     builds it: Qwen2 always has q/k/v biases, Qwen3 q/k norms; attention_bias / mlp_bias add more (Phi-3: never)."""
     if model_type == "phi3":
         return []
-    extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"]}.get(model_type, [])
+    extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"],
+              "gemma3_text": ["q_norm", "k_norm"]}.get(model_type, [])
     if cfg.get("attention_bias"):
         extras += ["bq", "bk", "bv", "bo"]
     if cfg.get("mlp_bias"):
