@@ -1169,3 +1169,18 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     a, b = load_spqt(tiny_spqt), load_spqt(old)
     assert b.config == a.config and b.config.linear_biases == () and not b.config.qk_norm and not b.config.nope_layers
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
+
+
+@pytest.mark.parametrize("family", ["gemma3", "qwen3"], indirect=True)
+def test_gemma3_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypatch):
+    """A run that asks for no dtype (--dtype auto, serve) computes in float32 on the CPU and, on CUDA, in float16, but
+    in bfloat16 for Gemma 3 (its activations outgrow float16's range); an asked dtype is kept."""
+    from spqt.cli import _dtype
+    from spqt.generate import default_dtype
+
+    config = load_spqt(quantized["hf"]).config
+    gemma = family["name"] == "gemma3"
+    assert default_dtype(config, "cpu") == torch.float32
+    assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
+    assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16
+    assert Generator(load_spqt(quantized["hf"]), "cpu", max_len=8).dtype == torch.float32

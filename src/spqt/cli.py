@@ -838,12 +838,12 @@ def _gemv_backend(name: str, device: str) -> str | None:
 
 
 def _dtype(name: str, device: str):
-    """The compute dtype for a --dtype choice: auto is fp32 on the CPU (whose speed comes from the
-    fp16 GEMV alone, --gemv) and fp16 on CUDA."""
+    """The compute dtype for a --dtype choice: auto is None, the model's (generate.default_dtype: fp32 on the CPU,
+    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 3)."""
     import torch
 
     if name == "auto":
-        name = "fp32" if device == "cpu" else "fp16"
+        return None
     table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
     if name not in table:
         raise SpqtError(f"unknown dtype {name!r}; choose auto, fp32, fp16 or bf16")
@@ -925,7 +925,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
-                   help="compute dtype: auto (fp16 on CUDA, fp32 on the CPU), fp32, fp16, bf16")
+                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 3; fp32 on the CPU), fp32, fp16, "
+                   "bf16")
     p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
                         "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")

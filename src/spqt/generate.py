@@ -256,6 +256,15 @@ class GenerationResult:
         return len(steps) / sum(steps) if steps else 0.0
 
 
+def default_dtype(config, device: str) -> torch.dtype:
+    """The compute dtype of a run that asks for none: float32 on the CPU (its speed comes from its GEMV's own types);
+    on CUDA float16, or bfloat16 for Gemma 3, whose activations outgrow float16's range (its large norm weights and
+    post-norms: transformers' issue 36822, fp16 logits NaN) where bfloat16 holds float32's."""
+    if device != "cuda":
+        return torch.float32
+    return torch.bfloat16 if config.family == "gemma3" else torch.float16
+
+
 class Generator:
     """A model ready to generate: weights on the device, KV cache for `max_len` tokens."""
 
@@ -264,13 +273,13 @@ class Generator:
                  backend: str | None = None, dense_fallback: bool = True, criterion: str | None = None):
         """dense_fallback: maps whose sparse kernel is not faster than the dense one at their level
         (the tuned crossover of their shape on this GPU) run dense; off, every map runs as asked
-        (the semantics of the CPU reference, which always runs sparse). criterion: teal or wina
+        (the semantics of the CPU reference, which always runs sparse). dtype None: default_dtype. criterion: teal or wina
         (None: the model's default, sparsity.default_criterion). backend: None picks triton on
         CUDA for a quantized model, else the fp32 reference; "cpu-fp16" is the CPU's fast GEMV
         (kernels/cpu_fp16.py: fp16 weights, fp32 sums)."""
         self.loaded = loaded
         self.device = resolve_device(device)
-        self.dtype = dtype or (torch.float16 if self.device == "cuda" else torch.float32)
+        self.dtype = dtype or default_dtype(loaded.config, self.device)
         backend = backend or ("triton" if self.device == "cuda" and loaded.kind != "float" else "reference")
         self.backend = backend
         self.model = build_model(loaded, self.device, self.dtype, backend)
