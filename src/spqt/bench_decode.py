@@ -41,6 +41,12 @@ SYNTHETIC = {
                         rope_theta=500000.0),
     "qwen2.5-7b": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
                        rope_theta=1000000.0),
+    # Gemma 3 1B's switches too (q / k norms and post-norms of ones, GELU MLP, scaled embeddings, five of each six
+    # layers sliding over 512 keys with their own RoPE table): the generic path's cost (bf16, the runtime's default)
+    "gemma3-1b": dict(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256, ffn_dim=6912,
+                      rope_theta=1000000.0, family="gemma3", qk_norm=True, post_norms=True, activation="gelu_tanh",
+                      embed_scale=1152**0.5, sliding_window=512, rope_local_theta=10000.0,
+                      sliding_layers=tuple(i for i in range(26) if i % 6 != 5)),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests
 }
 
@@ -73,6 +79,11 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
     for i in range(cfg.n_layers):
         weights[f"layers.{i}.attention_norm"] = torch.ones(cfg.dim, device="cuda")
         weights[f"layers.{i}.ffn_norm"] = torch.ones(cfg.dim, device="cuda")
+        if cfg.qk_norm:
+            weights[f"layers.{i}.q_norm"] = weights[f"layers.{i}.k_norm"] = torch.ones(cfg.head_dim, device="cuda")
+        if cfg.post_norms:
+            weights[f"layers.{i}.post_attention_norm"] = weights[f"layers.{i}.post_ffn_norm"] = torch.ones(
+                cfg.dim, device="cuda")
         for kind, p in prototypes.items():
             weights[f"layers.{i}.{kind}"] = GpuQ4K(p.quants.clone(), p.head.clone(), layout, p.shape) if fmt == "q4_k" else p
     tok = TokenizerSpec(tokenizer_json="{}")
