@@ -421,8 +421,8 @@ def test_unusable_granite_ggufs_are_refused(family, tmp_path, capsys, case, frag
 
 
 def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
-    """A copy of the GGUF at `path` without the keys `drop`, with these keys (strings, or float32) and extra float32
-    tensors."""
+    """A copy of the GGUF at `path` without the keys `drop`, with these keys (strings, lists, or float32) and extra
+    float32 tensors."""
     import gguf
 
     reader = gguf.GGUFReader(str(source))
@@ -436,7 +436,8 @@ def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None
         else:
             w.add_key_value(field.name, field.contents(), kind)
     for key, value in keys.items():
-        (w.add_string if isinstance(value, str) else w.add_float32)(key, value)
+        add = w.add_array if isinstance(value, list) else w.add_string if isinstance(value, str) else w.add_float32
+        add(key, value)
     for t in reader.tensors:
         w.add_tensor(t.name, np.array(t.data), raw_shape=tuple(int(d) for d in reversed(t.shape)),
                      raw_dtype=t.tensor_type)
@@ -1184,3 +1185,43 @@ def test_gemma3_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypa
     assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
     assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16
     assert Generator(load_spqt(quantized["hf"]), "cpu", max_len=8).dtype == torch.float32
+
+
+@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+def test_a_gguf_stops_on_end_of_turn_tokens_found_by_text(family, tmp_path, capsys):
+    """A GGUF's generation ends on its eos / eot / eom ids and, as llama.cpp decides, on every token whose text ends a
+    turn (Gemma's <end_of_turn>, Phi-3's <|end|>, ...: converters seldom name them in a key): those ids join the
+    config's eos_ids after the keys' ones."""
+    import gguf
+
+    fields = gguf.GGUFReader(str(family["gguf"])).fields
+    tokens = fields["tokenizer.ggml.tokens"].contents()
+    assert not {"<end_of_turn>", "<|end|>", "<|im_end|>"} & set(tokens)
+    before = load_model(family["gguf"]).config.eos_ids
+    # two tokens no merge makes or uses take the texts (the vocabulary still builds its BPE)
+    pairs = [m.split(" ") for m in fields["tokenizer.ggml.merges"].contents()]
+    used = {piece for a, b in pairs for piece in (a, b, a + b)}
+    free = [i for i, t in enumerate(tokens) if len(t) > 1 and t not in used and i not in before]
+    renamed = list(tokens)
+    renamed[free[0]] = "<end_of_turn>"
+    path = _gguf_with(family["gguf"], tmp_path / "turns.gguf", {"tokenizer.ggml.tokens": renamed})
+    after = load_model(path).config.eos_ids
+    assert after == (*before, free[0]), (before, after, free)
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    ends = [line for line in capsys.readouterr().out.splitlines() if line.startswith("end tokens")]
+    assert ends and f"{free[0]} <end_of_turn>" in ends[0], ends
+    # the texts matched exactly, in a vocabulary of any size (near misses are no stop)
+    from spqt.sources import _gguf_end_of_turn_ids
+
+    vocab = [f"t{i}" for i in range(300)]
+    for i, text in {7: "<|end|>", 40: "<|im_end|>", 41: "<end_of_turn", 42: "<|END|>", 299: "<|eot_id|>",
+                    100: "<|endoftext|>x"}.items():
+        vocab[i] = text
+    w = gguf.GGUFWriter(str(tmp_path / "vocab.gguf"), "llama")
+    w.add_token_list(vocab)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    reader = gguf.GGUFReader(str(tmp_path / "vocab.gguf"))
+    assert _gguf_end_of_turn_ids(reader, tmp_path / "vocab.gguf") == [7, 40, 299]

@@ -135,6 +135,19 @@ def _requantized_note(source, path: str, layout: str, gptq: bool) -> str | None:
             "--type or --gptq loses less, and a float checkpoint, where you have one, is rounded once")
 
 
+def _end_tokens(model) -> str:
+    """The tokens a generation ends on (TextTokenizer.stop_ids), "id text" each, ascending; the ids alone where the
+    model's tokenizer data cannot name them."""
+    from spqt.tokenizer import TextTokenizer
+
+    try:
+        tok = TextTokenizer(model.tokenizer, model.config)
+    except SpqtError:
+        return ", ".join(map(str, sorted(model.config.eos_ids))) or "none"
+    stops = sorted(tok.stop_ids)
+    return ", ".join(f"{i} {tok.backend.id_to_token(i)}" for i in stops) or "none"
+
+
 def cmd_inspect(args) -> int:
     from spqt.checkpoint import QuantizedWeight, load_model
 
@@ -155,6 +168,7 @@ def cmd_inspect(args) -> int:
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
           f"rope theta {c.rope_theta:g}{_rope_scaling_label(c)}, "
           f"tied head {c.tie_embeddings}{switches}")
+    print(f"end tokens   {_end_tokens(model)}")
     quant_bytes = quant_weights = other_bytes = float_bytes = float_weights = 0
     rows = []
     for name, w in model.weights.items():
