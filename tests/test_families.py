@@ -1074,6 +1074,7 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
      "rope scaling 'linear' of the sliding layers is not supported"),
     ({"model_type": "gemma3_text", "query_pre_attn_scalar": -1}, "query_pre_attn_scalar must be a positive number"),
     ({"model_type": "gemma3_text", "layer_types": ["full_attention", "chunked_attention"]}, "unusable config"),
+    ({"model_type": "gemma3_text", "query_pre_attn_scalar": "x"}, "Gemma3TextConfig refuses it"),  # (over lines)
     ({"model_type": "gemma3"}, "a gemma3 (multimodal) config without a text_config object"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
@@ -1228,3 +1229,29 @@ def test_a_gguf_stops_on_end_of_turn_tokens_found_by_text(family, tmp_path, caps
     w.close()
     reader = gguf.GGUFReader(str(tmp_path / "vocab.gguf"))
     assert _gguf_end_of_turn_ids(reader, tmp_path / "vocab.gguf") == [7, 40, 299]
+
+
+@pytest.mark.parametrize("pattern_only", [False, True])
+def test_gemma3_config_of_transformers_4_reads_as_of_5(pattern_only):
+    """transformers 4.x's Gemma3TextConfig dict (the pin admits 4.51) keeps the full layers' rope_theta and
+    rope_scaling and the sliding layers' rope_local_base_freq apart, and 4.51-4.53 give no layer_types: read through
+    _gemma3_v4_keys, it yields the switches and rope block that transformers 5's dict of the same model yields (a 4B:
+    linear scaling 8 of the full layers, its local base)."""
+    from spqt.sources import _gemma3_config, _gemma3_switches, _gemma3_v4_keys
+
+    cfg = {"model_type": "gemma3_text", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 8, "head_dim": 16, "sliding_window": 16, "sliding_window_pattern": 3,
+           "rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_theta": 1e6, "rope_local_base_freq": 2e4}
+    v5 = _gemma3_config(cfg)
+    assert "full_attention" in v5["rope_parameters"]
+    v4 = {k: v for k, v in v5.items() if k not in ("rope_parameters", "layer_types" if pattern_only else "")}
+    v4.update(rope_scaling={"rope_type": "linear", "factor": 8.0}, rope_theta=1e6, rope_local_base_freq=2e4,
+              sliding_window_pattern=3)
+    full4, switches4 = _gemma3_switches(_gemma3_v4_keys(v4))
+    full5, switches5 = _gemma3_switches(v5)
+    assert switches4 == switches5 and switches4["rope_local_theta"] == 2e4
+    assert switches4["sliding_layers"] == (0, 1, 3, 4, 6, 7)
+    assert (full4["rope_type"], full4["factor"], full4["rope_theta"]) == ("linear", 8.0, 1e6)
+    assert (full5["rope_type"], full5["factor"], full5["rope_theta"]) == ("linear", 8.0, 1e6)
+    with pytest.raises(ValueError, match="sliding_window_pattern"):
+        _gemma3_v4_keys({**v4, "layer_types": None, "sliding_window_pattern": 0})

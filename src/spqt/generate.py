@@ -273,8 +273,8 @@ class Generator:
                  backend: str | None = None, dense_fallback: bool = True, criterion: str | None = None):
         """dense_fallback: maps whose sparse kernel is not faster than the dense one at their level
         (the tuned crossover of their shape on this GPU) run dense; off, every map runs as asked
-        (the semantics of the CPU reference, which always runs sparse). dtype None: default_dtype. criterion: teal or wina
-        (None: the model's default, sparsity.default_criterion). backend: None picks triton on
+        (the semantics of the CPU reference, which always runs sparse). dtype None: default_dtype. criterion: teal or
+        wina (None: the model's default, sparsity.default_criterion). backend: None picks triton on
         CUDA for a quantized model, else the fp32 reference; "cpu-fp16" is the CPU's fast GEMV
         (kernels/cpu_fp16.py: fp16 weights, fp32 sums)."""
         self.loaded = loaded

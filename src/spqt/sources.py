@@ -275,9 +275,11 @@ _SHARD_NAME = re.compile(r"(.+)-(\d{5})-of-(\d{5})\.gguf")
 # Token texts that end a generation wherever a GGUF's vocabulary holds them, as llama.cpp decides (its end-of-generation
 # set is found by text beside the eos / eot / eom keys): instruct models end a turn on tokens that converters seldom
 # name in a key (Gemma's <end_of_turn>, Phi-3's <|end|>, ChatML's <|im_end|>, Llama 3's <|eot_id|> / <|eom_id|>,
-# Granite's <|end_of_text|>, CodeLlama's <EOT>).
+# Granite's <|end_of_text|>, CodeLlama's <EOT>; the texts of the families read here, not every one llama.cpp lists).
 END_OF_TURN_TEXTS = frozenset(("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>",
-                               "<|end_of_text|>", "<EOT>"))
+                               "<|end_of_text|>", "<EOT>", "_<EOT>", "<end_of_utterance>",
+                               # fill-in-the-middle's pad, repository and file separators (Qwen2.5, Granite)
+                               "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<fim_pad>", "<reponame>"))
 
 
 def _gguf_end_of_turn_ids(reader, path: Path) -> list[int]:
@@ -441,7 +443,7 @@ def _open_gguf(path: Path) -> SourceModel:
             if v is not None and int(v) not in eos_ids:
                 eos_ids.append(int(v))
         # and on the end-of-turn tokens it finds by text (Gemma 3's <end_of_turn>, Phi-3's <|end|>: no key names them)
-        eos_ids += [i for i in _gguf_end_of_turn_ids(reader, path) if i not in eos_ids]
+        eos_ids += [i for i in _gguf_end_of_turn_ids(reader, path) if i not in eos_ids and i < vocab]
         bos = field_value("tokenizer.ggml.bos_token_id")
         bos = None if bos is None else int(bos)
     except (TypeError, ValueError) as e:
@@ -565,7 +567,8 @@ def _gguf_gemma3(field_value, size, path: Path, n_layers: int, dim: int, n_heads
                if 1 <= n_layers <= _LIMITS["n_layers"] else ())             # refuses anyway)
     return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(max(dim, 1)),
             "sliding_window": window if window > 0 else 0, "sliding_layers": sliding if window > 0 else (),
-            "rope_local_theta": local, "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
+            "rope_local_theta": local if window > 0 else 0.0,
+            "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
 
 
 def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
@@ -806,7 +809,8 @@ def _open_hf(folder: Path) -> SourceModel:
     if multimodal:
         if not isinstance(cfg.get("text_config"), dict):
             raise SpqtError(f"{cfg_path}: a gemma3 (multimodal) config without a text_config object")
-        cfg, model_type = {**cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
+        top_eos = {"eos_token_id": cfg["eos_token_id"]} if cfg.get("eos_token_id") is not None else {}
+        cfg, model_type = {**top_eos, **cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
     if model_type == "gemma3_text":  # (transformers' Gemma 3 reads hidden_activation alone)
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
@@ -1008,14 +1012,40 @@ def _gemma3_config(cfg: dict) -> dict:
 
     try:
         full = Gemma3TextConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
-    except Exception as e:  # (its validation raises several kinds)
-        raise ValueError(f"transformers' Gemma3TextConfig refuses it ({type(e).__name__}: {e})") from None
+    except Exception as e:  # (its validation raises several kinds, some over several lines)
+        raise ValueError(f"transformers' Gemma3TextConfig refuses it ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())})") from None
+    full = _gemma3_v4_keys(full)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if full.get(key) is not None:
             raise ValueError(f"{key} {full[key]!r} is not supported (Gemma 2's soft-capping)")
     if full.get("use_bidirectional_attention"):
         raise ValueError("bidirectional attention (use_bidirectional_attention: EmbeddingGemma) is not supported")
     return full
+
+
+def _gemma3_v4_keys(cfg: dict) -> dict:
+    """A Gemma3TextConfig dict as transformers 5 gives it, from a transformers 4.x one (the pin admits 4.51): layer_types
+    from sliding_window_pattern (4.51-4.53 have none: every p-th layer full, as 4.x runs them) and rope_parameters
+    per layer type from rope_theta and rope_scaling (the full layers) and rope_local_base_freq (the sliding ones,
+    unscaled), which 4.x keeps apart. A transformers 5 dict comes back as it is."""
+    cfg = dict(cfg)
+    n = cfg.get("num_hidden_layers")
+    if cfg.get("layer_types") is None and type(n) is int and 1 <= n <= _LIMITS["n_layers"]:
+        every = cfg.get("sliding_window_pattern", 6)
+        if type(every) is not int or every < 1:
+            raise ValueError(f"sliding_window_pattern must be a positive integer, got {every!r}")
+        cfg["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+    blocks = cfg.get("rope_parameters")
+    if not (isinstance(blocks, dict) and "full_attention" in blocks):
+        scaling = cfg.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            raise ValueError(f"rope_scaling must be an object, got {scaling!r}")
+        cfg["rope_parameters"] = {
+            "full_attention": {"rope_type": scaling.get("rope_type", scaling.get("type", "default")), **scaling,
+                               "rope_theta": cfg.get("rope_theta", 1000000.0)},
+            "sliding_attention": {"rope_type": "default", "rope_theta": cfg.get("rope_local_base_freq", 10000.0)}}
+    return cfg
 
 
 def _gemma3_query_scale(cfg: dict) -> float:
