@@ -1025,8 +1025,8 @@ def _gemma3_config(cfg: dict) -> dict:
 
 
 def _gemma3_v4_keys(cfg: dict) -> dict:
-    """A Gemma3TextConfig dict as transformers 5 gives it, from a transformers 4.x one (the pin admits 4.51): layer_types
-    from sliding_window_pattern (4.51-4.53 have none: every p-th layer full, as 4.x runs them) and rope_parameters
+    """A Gemma3TextConfig dict as transformers 5 gives it, from a transformers 4.x one (the pin admits 4.51):
+    layer_types from sliding_window_pattern (4.51-4.53 have none: every p-th layer full, as 4.x runs them) and rope_parameters
     per layer type from rope_theta and rope_scaling (the full layers) and rope_local_base_freq (the sliding ones,
     unscaled), which 4.x keeps apart. A transformers 5 dict comes back as it is."""
     cfg = dict(cfg)
