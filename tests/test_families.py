@@ -307,16 +307,23 @@ def test_float_forward_equals_transformers(family, source):
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
         if name == "granite" else None)
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
-    assert (c.sliding_layers, c.sliding_window, c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
-        ((0, 1, 2, 3, 4), 8, 1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else ((), 0, 0.0, False, "silu", 1.0))
+    assert (c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
+        (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, False, "silu", 1.0))
+    # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
+    windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
+    assert (c.sliding_layers, c.sliding_window) == (
+        ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed
+        else ((), 0))
     if name == "gemma3":  # the full layer's linear scaling, from both sources; its context not capped by the window
         assert c.rope_freq_factors == (4.0,) * 8 and c.max_seq_len == 512
     if name.startswith("llama"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
-    if name == "mistral":
-        assert c.max_seq_len == (96 if source == "hf" else 1024)  # HF: the sliding window; GGUF (llama) has none
-    if name == "phi3":
-        assert c.max_seq_len == 95  # the sliding window, from both sources
+    if name in ("mistral", "phi3"):
+        assert c.max_seq_len == {"mistral": 1024, "phi3": 256}[name]
+    if windowed:  # past the window: transformers' windowed logits
+        long_ids = _ids(c.sliding_window + 40, c.vocab_size, seed=family["seed"])
+        err, span = _logit_error(loaded, family["model"], long_ids)
+        assert err < 2e-5 * span, f"{name} from {source} past its window: max |diff| {err:.3e} vs range {span:.2f}"
     err, span = _logit_error(loaded, family["model"], _ids(PROMPT_LEN, c.vocab_size, seed=family["seed"]))
     print(f"{name} from {source}: max |diff| {err:.2e}, logit range {span:.1f}")
     # float32 both sides, reductions of at most 128 terms: measured up to 2e-7 of the logit range
@@ -328,7 +335,7 @@ def test_float_forward_equals_transformers(family, source):
 def test_smollm3_configs_read_as_transformers_reads_them(extra):
     """A SmolLM3 config.json without rope keys, with an interval, a list longer than the layers, a sliding window:
     the NoPE layers and RoPE theta (transformers' SmolLM3 default where absent) that SmolLM3Config takes from it; a
-    sliding window (transformers' on the NoPE layers) caps the context."""
+    sliding window in the layers its layer_types mark (the NoPE layers), the context not capped."""
     from transformers import SmolLM3Config
 
     from spqt.sources import _hf_config
@@ -339,7 +346,9 @@ def test_smollm3_configs_read_as_transformers_reads_them(extra):
     ours, theirs = _hf_config(cfg, "smollm3", tie=True), SmolLM3Config.from_dict(cfg)
     assert ours.nope_layers == tuple(i for i in range(8) if not theirs.no_rope_layers[i])
     assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
-    assert ours.max_seq_len == (64 if extra.get("use_sliding_window") else theirs.max_position_embeddings)
+    assert ours.max_seq_len == theirs.max_position_embeddings  # (not capped by a window)
+    assert ours.sliding_layers == tuple(i for i, t in enumerate(theirs.layer_types or []) if t == "sliding_attention")
+    assert ours.sliding_window == (64 if ours.sliding_layers else 0)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3", "granite"])
@@ -1053,7 +1062,8 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial RoPE (partial_rotary_factor 0.75"),
     ({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
                                                 "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
-    ({"model_type": "phi3", "sliding_window": math.inf}, "unusable config (OverflowError"),
+    ({"model_type": "phi3", "sliding_window": math.inf}, "sliding_window must be a positive integer, got inf"),
+    ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer, got 0"),
     ({"model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layers": [1, 2]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),

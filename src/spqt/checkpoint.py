@@ -29,8 +29,8 @@ file whose RoPE table carries an attention factor (YaRN, config rope_attention_f
 drop: it refuses the file instead. Version 5, likewise, is a file with longrope's long factors (config
 rope_long_freq_factors) or with layers that apply no RoPE (SmolLM3's NoPE layers, config nope_layers), which an
 older spqt would rotate by the short factors or at all. Version 6 is a file with any of Gemma 3's switches
-(config post_norms, activation, embed_scale, sliding_layers, rope_local_theta: ModelConfig.gemma_layout), which an
-older spqt would drop.
+(config post_norms, activation, embed_scale, sliding_layers, rope_local_theta: ModelConfig.gemma_layout; the
+sliding layers of Mistral, Phi-3 and Qwen with a window too), which an older spqt would drop.
 """
 
 import collections

@@ -10,7 +10,8 @@ the readers fold them into the weights (folding.py). Gemma 3 adds four: a norm a
 of each layer (post_norms), a GELU-gated MLP (activation), scaled input embeddings (embed_scale) and sliding-window
 attention in some layers, rotated by a table of their own (sliding_window, sliding_layers, rope_local_theta); its
 q/k norms are Qwen3's switch, and its norms' 1 + w and its attention scale need none (the readers fold them into the
-norm weights).
+norm weights). The sliding windows of Mistral, Phi-3 and Qwen (use_sliding_window) are sliding_window and
+sliding_layers too, without a table of their own.
 """
 
 import math
@@ -177,7 +178,8 @@ class ModelConfig:
 
     @property
     def gemma_layout(self) -> bool:
-        """Whether any of Gemma 3's switches is on (an older reader would run such a model wrongly)."""
+        """Whether any of Gemma 3's switches is on, sliding-window layers included (Mistral's, Phi-3's and Qwen's
+        windows too): an older reader would run such a model wrongly."""
         return (self.post_norms or self.activation != "silu" or self.embed_scale != 1.0 or bool(self.sliding_layers)
                 or self.rope_local_theta > 0)
 

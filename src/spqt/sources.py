@@ -18,11 +18,11 @@ Families and where they come from:
 
     family      Hugging Face model_type   GGUF general.architecture   switches
     Llama 2/3   llama                     llama                       Llama-3 or linear RoPE scaling; tied head (3.2)
-    Mistral     mistral                   llama                       sliding window (HF: caps the context)
+    Mistral     mistral                   llama                       sliding window in every layer (HF)
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
-    Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (caps
-                                                                      the context); longrope (128k, 3.5); partial
+    Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (every
+                                                                      layer); longrope (128k, 3.5); partial
                                                                       RoPE refused (Phi-4-mini)
     SmolLM3     smollm3                   smollm3                     NoPE layers: q and k of some layers not rotated
     Granite 3   granite                   granite                     four multipliers, folded into the weights as
@@ -424,11 +424,10 @@ def _open_gguf(path: Path) -> SourceModel:
             attention_factor = float(attention_factor)
         except (TypeError, ValueError):
             raise SpqtError(f"{path}: GGUF rope.scaling.attn_factor is not a number ({attention_factor!r})") from None
-    # phi3: the window of transformers' sliding-window attention caps the context, where full attention is exact (as
-    # for Mistral from HF; llama.cpp instead runs phi3 with full attention at any length)
+    # phi3: every layer through the window, as transformers runs it (llama.cpp runs phi3 with full attention)
     window = size("attention.sliding_window", 0) if arch == "phi3" else 0
-    if window > 0:
-        context = min(context, window)
+    phi3_window = {"sliding_window": window, "sliding_layers": tuple(range(n_layers))} if 0 < window < context and (
+        1 <= n_layers <= _LIMITS["n_layers"]) else {}
     gemma = _gguf_gemma3(field_value, size, path, n_layers, dim, n_heads, head_dim) if arch == "gemma3" else {}
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 and gemma3 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
@@ -472,6 +471,7 @@ def _open_gguf(path: Path) -> SourceModel:
             nope_layers=_every(_GGUF_NOPE_STEP.get(arch), n_layers),
             **_switches(layer_extras.values()),
             **{k: v for k, v in gemma.items() if k != "query_scale"},
+            **phi3_window,
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
@@ -976,15 +976,9 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
-    # Sliding-window attention equals full attention while the sequence fits the window, so
-    # such a model gets the window as its context (Mistral 7B v0.1: 4,096; Phi-3-mini-4k: 2,047).
-    window = cfg.get("sliding_window")
-    # (Gemma 3's sliding layers run their window: model.layer_masks)
-    sliding = "sliding_attention" in (cfg.get("layer_types") or []) or (
-        cfg.get("use_sliding_window") if model_type in ("qwen2", "qwen3", "smollm3")
-        else model_type in ("mistral", "phi3"))
-    if sliding and window and model_type != "gemma3_text":
-        context = min(context, int(window))
+    # the layers transformers runs through a sliding window run it too (model.layer_masks), at the model's whole
+    # context (Mistral 7B v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096); Gemma 3's: its switches
+    window = {} if model_type == "gemma3_text" else _hf_sliding(cfg, model_type, context)
     return ModelConfig(
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
@@ -999,7 +993,42 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
         **_switches(_hf_extras(cfg, model_type)),
         **gemma,
+        **window,
     )
+
+
+def _hf_sliding(cfg: dict, model_type: str, context: int) -> dict:
+    """The sliding_window / sliding_layers of a config.json as transformers runs them: Mistral's and Phi-3's
+    sliding_window in every layer; Qwen2's, Qwen3's and SmolLM3's with use_sliding_window only, in the layers its
+    config class marks (layer_types: from max_window_layers, SmolLM3's NoPE layers); Llama and Granite none. {} where
+    no window can cut (none, or at least the context). ValueError where the keys are unusable."""
+    window = cfg.get("sliding_window")
+    if window is None or model_type not in ("mistral", "phi3", "qwen2", "qwen3", "smollm3"):
+        return {}
+    if type(window) is not int or window < 1:
+        raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
+    n = cfg["num_hidden_layers"]
+    if model_type in ("mistral", "phi3"):
+        layers = tuple(range(n)) if type(n) is int and 1 <= n <= _LIMITS["n_layers"] else ()
+    elif not cfg.get("use_sliding_window"):
+        return {}
+    else:
+        types = cfg.get("layer_types")
+        if types is None:
+            from transformers import AutoConfig
+
+            keys = ("num_hidden_layers", "use_sliding_window", "sliding_window", "max_window_layers", "no_rope_layers",
+                    "no_rope_layer_interval")
+            types = getattr(AutoConfig.for_model(model_type, **{k: cfg[k] for k in keys if k in cfg}), "layer_types",
+                            None)
+        if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
+                                                                 for t in types):
+            raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {n} layers, "
+                             f"got {types!r}")
+        layers = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    if not layers or window >= context:
+        return {}
+    return {"sliding_window": window, "sliding_layers": layers}
 
 
 def _gemma3_config(cfg: dict) -> dict:
