@@ -714,7 +714,8 @@ def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
     most) and an eager step's span (pos + 1 keys) take the same route (fused.decode_attention_route) at every position,
     for every cache length and kind of model (grouped queries or not, head dims 16 and 128; also with the long spans'
     kernels for every model, ATTN_LONG_GROUPED_ONLY 0): the graph and the eager step run the same kernels, hence the
-    same bits."""
+    same bits. With a sliding window (Gemma 3's 512, Phi-3-mini-4k's odd 2,047, a tiny one) both also agree on whether
+    it cuts (model.Attention's `windowed`: the fused attention is off from the window's end on, in both)."""
     from types import SimpleNamespace
 
     from spqt.generate import KV_BUCKET_MIN, Generator
@@ -727,11 +728,19 @@ def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
         monkeypatch.setattr(fused, "ATTN_LONG_GROUPED_ONLY", grouped_only)
         edges = [fused.ATTN_LONG_FROM + 1, fused.ATTN_PER_HEAD_MAX + 1, 4 * top + 3]
         for max_len in list(range(1, top + 70, 37)) + edges:
-            gen = SimpleNamespace(max_len=max_len)
+            gen = SimpleNamespace(max_len=max_len, sliding_window=0)
             for pos in range(max_len):
                 for heads, kv, hd in ((32, 8, 128), (32, 32, 128), (4, 2, 16)):
                     graph = fused.decode_attention_route(Generator._kv_bucket(gen, pos), heads, kv, hd)
                     assert graph == fused.decode_attention_route(pos + 1, heads, kv, hd), (max_len, pos, heads, kv)
+    for window in (5, 300, 512, 2047):
+        gen = SimpleNamespace(max_len=4096, sliding_window=window)
+        for pos in range(4096):
+            keys = Generator._kv_bucket(gen, pos)
+            assert pos < keys <= 4096 and (window < keys) == (window < pos + 1), (window, pos, keys)
+            if pos < window:
+                route = fused.decode_attention_route
+                assert route(keys, 32, 8, 128) == route(pos + 1, 32, 8, 128), (window, pos, keys)
 
 
 def test_decode_step_routes(tmp_path, monkeypatch):
