@@ -1064,6 +1064,8 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
                                                 "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
     ({"model_type": "phi3", "sliding_window": math.inf}, "sliding_window must be a positive integer, got inf"),
     ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer, got 0"),
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": None},
+     "config refuses it"),  # (huggingface_hub's strict validation: no ValueError, over two lines)
     ({"model_type": "smollm3", "no_rope_layers": [1]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layers": [1, 2]}, "no_rope_layers must list a 1 (RoPE) or 0 (none)"),
     ({"model_type": "smollm3", "no_rope_layer_interval": 0}, "no_rope_layer_interval must be a positive integer"),
@@ -1265,3 +1267,45 @@ def test_gemma3_config_of_transformers_4_reads_as_of_5(pattern_only):
     assert (full5["rope_type"], full5["factor"], full5["rope_theta"]) == ("linear", 8.0, 1e6)
     with pytest.raises(ValueError, match="sliding_window_pattern"):
         _gemma3_v4_keys({**v4, "layer_types": None, "sliding_window_pattern": 0})
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "smollm3"])
+def test_use_sliding_window_runs_as_transformers(base_tokenizer, tmp_path, model_type):
+    """Qwen2, Qwen3 and SmolLM3 with use_sliding_window: the window (8) in the layers their config class marks
+    (layer_types: from max_window_layers; SmolLM3's NoPE layers), the context not capped; transformers' logits 40
+    tokens past the window, from one prefill and from decode steps through the KV cache (the CPU's torch path)."""
+    cls = {"qwen2": "Qwen2Config", "qwen3": "Qwen3Config", "smollm3": "SmolLM3Config"}[model_type]
+    extra = dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, max_position_embeddings=256,
+                 num_hidden_layers=4, head_dim=16, pad_token_id=None)
+    fam = build_family(f"{model_type}-window", (cls, extra, model_type, "chatml"), base_tokenizer, tmp_path)
+    loaded = load_model(fam["hf"])
+    theirs = fam["model"].config
+    marked = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    assert marked and loaded.config.sliding_layers == marked and loaded.config.sliding_window == 8
+    assert loaded.config.max_seq_len == 256
+    ids = _ids(48, loaded.config.vocab_size, seed=fam["seed"])
+    err, span = _logit_error(loaded, fam["model"], ids)
+    assert err < 2e-5 * span, f"{model_type} (seed {fam['seed']}): max |diff| {err:.3e} vs range {span:.2f}"
+    gen = Generator(loaded, "cpu", dtype=torch.float32, max_len=64, backend="reference")
+    stepped = _stepped_logits(gen, ids, sparse=False)
+    with torch.no_grad():
+        reference = fam["model"](torch.tensor([ids])).logits[0, 1:].float()
+    assert float((stepped - reference).abs().max()) < 2e-5 * span
+
+
+@pytest.mark.parametrize("change, window", [
+    ({"model_type": "mistral"}, 4096),  # (MistralConfig's default where the key is left out)
+    ({"model_type": "mistral", "sliding_window": None}, 0),
+    ({"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 0}, 0),  # (transformers drops it)
+    ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}, 4096),
+    ({"model_type": "phi3"}, 0)])
+def test_sliding_window_keys_left_out_or_off(change, window):
+    """A config.json's window as transformers reads it: a key left out is the config class's, use_sliding_window off
+    drops Qwen's window whatever it says."""
+    from spqt.sources import _hf_config
+
+    cfg = {"vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 8192, **change}
+    config = _hf_config(cfg, cfg["model_type"], tie=False)
+    assert config.sliding_window == window and bool(config.sliding_layers) == bool(window)
+    assert config.max_seq_len == 8192

@@ -714,7 +714,7 @@ def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
     most) and an eager step's span (pos + 1 keys) take the same route (fused.decode_attention_route) at every position,
     for every cache length and kind of model (grouped queries or not, head dims 16 and 128; also with the long spans'
     kernels for every model, ATTN_LONG_GROUPED_ONLY 0): the graph and the eager step run the same kernels, hence the
-    same bits. With a sliding window (Gemma 3's 512, Phi-3-mini-4k's odd 2,047, a tiny one) both also agree on whether
+    same bits. With a sliding window (Gemma 3's 512, Phi-3-medium-4k's odd 2,047, a tiny one) both also agree on whether
     it cuts (model.Attention's `windowed`: the fused attention is off from the window's end on, in both)."""
     from types import SimpleNamespace
 

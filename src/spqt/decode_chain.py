@@ -39,8 +39,10 @@ def why_not(model) -> str | None:
         return "no GPU the CUDA GEMV runs on"
     if c.head_dim % 64 or c.head_dim > 256 or c.qk_norm:
         return f"head dim {c.head_dim} (a multiple of 64 up to 256) or q/k norms"
-    if c.gemma_layout:  # (the chain's stages know none of them; its attention masks by position alone)
-        return "Gemma 3's post-norms, GELU MLP, embedding scale or sliding windows"
+    if c.sliding_layers:  # (its attention masks by position alone)
+        return f"a sliding window ({c.sliding_window} keys)"
+    if c.gemma_layout:  # (the chain's stages know none of them)
+        return "Gemma 3's post-norms, GELU MLP or embedding scale"
     for block in model.layers:
         ff = block.feed_forward
         for lin in _maps(block):

@@ -431,9 +431,9 @@ class Generator:
     def _kv_bucket(self, pos: int) -> int:
         """Keys a step at position pos attends to in a graph: the smallest power of two above pos,
         at least KV_BUCKET_MIN, at most the cache, so attention reads about what the sequence holds
-        instead of the whole preallocated context; at most the sliding window while pos lies inside it (Phi-3-mini-4k's
-        2,047: its steps to position 2,046 keep the fused attention, which a window that cuts turns off, as an eager
-        step of pos + 1 keys does: model.Attention)."""
+        instead of the whole preallocated context; at most the sliding window while pos lies inside it (an odd window,
+        Phi-3-medium-4k's 2,047: its steps to position 2,046 keep the fused attention, which a window that cuts turns
+        off, as an eager step of pos + 1 keys does: model.Attention)."""
         bucket = min(self.max_len, max(KV_BUCKET_MIN, 1 << pos.bit_length()))
         return self.sliding_window if pos < self.sliding_window < bucket else bucket
 

@@ -19,8 +19,8 @@ Families and where they come from:
     family      Hugging Face model_type   GGUF general.architecture   switches
     Llama 2/3   llama                     llama                       Llama-3 or linear RoPE scaling; tied head (3.2)
     Mistral     mistral                   llama                       sliding window in every layer (HF)
-    Qwen2/2.5   qwen2                     qwen2                       q, k, v biases
-    Qwen3       qwen3                     qwen3                       q/k RMSNorm per head
+    Qwen2/2.5   qwen2                     qwen2                       q, k, v biases; use_sliding_window (HF)
+    Qwen3       qwen3                     qwen3                       q/k RMSNorm per head; use_sliding_window (HF)
     Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (every
                                                                       layer); longrope (128k, 3.5); partial
                                                                       RoPE refused (Phi-4-mini)
@@ -1002,25 +1002,39 @@ def _hf_sliding(cfg: dict, model_type: str, context: int) -> dict:
     sliding_window in every layer; Qwen2's, Qwen3's and SmolLM3's with use_sliding_window only, in the layers its
     config class marks (layer_types: from max_window_layers, SmolLM3's NoPE layers); Llama and Granite none. {} where
     no window can cut (none, or at least the context). ValueError where the keys are unusable."""
-    window = cfg.get("sliding_window")
-    if window is None or model_type not in ("mistral", "phi3", "qwen2", "qwen3", "smollm3"):
+    if model_type not in ("mistral", "phi3", "qwen2", "qwen3", "smollm3"):
         return {}
-    if type(window) is not int or window < 1:
-        raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
-    n = cfg["num_hidden_layers"]
-    if model_type in ("mistral", "phi3"):
-        layers = tuple(range(n)) if type(n) is int and 1 <= n <= _LIMITS["n_layers"] else ()
-    elif not cfg.get("use_sliding_window"):
-        return {}
-    else:
-        types = cfg.get("layer_types")
-        if types is None:
-            from transformers import AutoConfig
+    if model_type not in ("mistral", "phi3") and not cfg.get("use_sliding_window"):
+        return {}  # (transformers drops their window then)
+    from transformers import AutoConfig
 
-            keys = ("num_hidden_layers", "use_sliding_window", "sliding_window", "max_window_layers", "no_rope_layers",
-                    "no_rope_layer_interval")
-            types = getattr(AutoConfig.for_model(model_type, **{k: cfg[k] for k in keys if k in cfg}), "layer_types",
-                            None)
+    def config_class(**keys):
+        try:
+            return AutoConfig.for_model(model_type, **keys)
+        except Exception as e:  # (huggingface_hub's strict validation is no ValueError; its text may run over lines)
+            raise ValueError(f"transformers' {model_type} config refuses it ({type(e).__name__}: "
+                             f"{' '.join(str(e).split())})") from None
+
+    # the window keys as the config class reads them: a key left out is its default (Mistral's and, with
+    # use_sliding_window, Qwen's 4,096; Phi-3's none), Qwen's and SmolLM3's layer_types from max_window_layers
+    keys = ("use_sliding_window", "max_window_layers", "no_rope_layers", "no_rope_layer_interval")
+    if "sliding_window" in cfg:
+        window = cfg["sliding_window"]
+        if window is None:
+            return {}
+        if type(window) is not int or window < 1:
+            raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
+    n = cfg["num_hidden_layers"]
+    if type(n) is not int or not 1 <= n <= _LIMITS["n_layers"]:
+        return {}  # (ModelConfig refuses the count)
+    read = config_class(num_hidden_layers=n, **{k: cfg[k] for k in (*keys, "sliding_window") if k in cfg})
+    window = getattr(read, "sliding_window", None)
+    if window is None:
+        return {}
+    if model_type in ("mistral", "phi3"):
+        layers = tuple(range(n))
+    else:
+        types = cfg.get("layer_types") or getattr(read, "layer_types", None)
         if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
                                                                  for t in types):
             raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {n} layers, "
