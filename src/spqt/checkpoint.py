@@ -29,8 +29,8 @@ file whose RoPE table carries an attention factor (YaRN, config rope_attention_f
 drop: it refuses the file instead. Version 5, likewise, is a file with longrope's long factors (config
 rope_long_freq_factors) or with layers that apply no RoPE (SmolLM3's NoPE layers, config nope_layers), which an
 older spqt would rotate by the short factors or at all. Version 6 is a file with any of Gemma 3's switches
-(config post_norms, activation, embed_scale, sliding_layers, rope_local_theta: ModelConfig.gemma_layout; the
-sliding layers of Mistral, Phi-3 and Qwen with a window too), which an older spqt would drop.
+(config post_norms, activation, embed_scale, rope_local_theta: ModelConfig.gemma_switches) or with sliding-window
+layers (config sliding_layers: Gemma 3's, Mistral's, Phi-3's, Qwen's), which an older spqt would drop.
 """
 
 import collections
@@ -377,7 +377,7 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
     c = model.config
-    version = (GEMMA_VERSION if c.gemma_layout else
+    version = (GEMMA_VERSION if c.gemma_switches or c.sliding_layers else
                ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else
                ATTENTION_FACTOR_VERSION if c.rope_attention_factor != 1.0 else
                QUANTIZED_HEAD_VERSION if isinstance(model.weights.get("output"), QuantizedWeight) else FORMAT_VERSION)

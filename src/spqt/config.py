@@ -177,11 +177,10 @@ class ModelConfig:
         return self.rope_local_theta > 0 and layer in self.sliding_layers and self.rotates(layer)
 
     @property
-    def gemma_layout(self) -> bool:
-        """Whether any of Gemma 3's switches is on, sliding-window layers included (Mistral's, Phi-3's and Qwen's
-        windows too): an older reader would run such a model wrongly."""
-        return (self.post_norms or self.activation != "silu" or self.embed_scale != 1.0 or bool(self.sliding_layers)
-                or self.rope_local_theta > 0)
+    def gemma_switches(self) -> bool:
+        """Whether any of Gemma 3's own switches is on: post-norms, a GELU MLP, scaled embeddings, a local RoPE table
+        (its sliding layers are any windowed model's: sliding_layers)."""
+        return self.post_norms or self.activation != "silu" or self.embed_scale != 1.0 or self.rope_local_theta > 0
 
     def rotates(self, layer: int) -> bool:
         """Whether layer `layer`'s attention applies RoPE to q and k (not a NoPE layer)."""

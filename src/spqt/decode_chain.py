@@ -41,7 +41,7 @@ def why_not(model) -> str | None:
         return f"head dim {c.head_dim} (a multiple of 64 up to 256) or q/k norms"
     if c.sliding_layers:  # (its attention masks by position alone)
         return f"a sliding window ({c.sliding_window} keys)"
-    if c.gemma_layout:  # (the chain's stages know none of them)
+    if c.gemma_switches:  # (the chain's stages know none of them)
         return "Gemma 3's post-norms, GELU MLP or embedding scale"
     for block in model.layers:
         ff = block.feed_forward

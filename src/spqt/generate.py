@@ -287,7 +287,7 @@ class Generator:
         self.set_sparsity(sparsity, mode, criterion=criterion)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
         # the model's sliding window (0: none): a decode graph's keys stop at it until a step's window cuts (_kv_bucket)
-        self.sliding_window = loaded.config.sliding_window if loaded.config.sliding_layers else 0
+        self.sliding_window = loaded.config.sliding_window
         self.model.setup_cache(1, self.max_len, self.dtype)
         # a decode step's layers in one launch where the model allows it and SPQT_CHAIN=1 (decode_chain.py)
         self.chain_off_because = (why_not(self.model) if self.dtype == torch.float16 else "not fp16") if chain_on() \

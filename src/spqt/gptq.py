@@ -177,16 +177,15 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     device."""
     from tqdm.auto import tqdm
 
-    from spqt.model import causal_mask, identity_table, layer_masks, layer_table, rope_table
+    from spqt.model import causal_mask, layer_masks, layer_table, rope_tables
 
     calibration = calibration.to(device)
     length = calibration.shape[1]
     positions = torch.arange(length, device=device)
     # the tables as the Transformer holds them for a run of `length` tokens: RoPE's, the NoPE layers' identity, the
     # sliding layers' own (Transformer.rope_for); the masks as its forward makes them (a sliding layer's windowed)
-    rope = rope_table(config, config.max_seq_len, context=length).to(device)
-    identity = identity_table(config, config.max_seq_len).to(device) if config.nope_layers else None
-    local = rope_table(config, config.max_seq_len, local=True).to(device) if config.rope_local_theta else None
+    rope, identity, local = (None if t is None else t.to(device)
+                             for t in rope_tables(config, config.max_seq_len, context=length))
     masks = layer_masks(config, causal_mask(positions, length, torch.float32, device), positions)
     with torch.no_grad():
         table = embedding.to(device=device, dtype=torch.float32)

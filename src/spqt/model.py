@@ -107,6 +107,14 @@ def identity_table(config: ModelConfig, length: int) -> torch.Tensor:
     return torch.cat([torch.ones(length, half), torch.zeros(length, half)], dim=-1).to(torch.float32)
 
 
+def rope_tables(config: ModelConfig, length: int, context: int | None = None) -> tuple:
+    """A model's (length, hd) float32 tables, as layer_table picks from them: (the RoPE table for a run of `context`
+    tokens, the NoPE layers' identity table or None, the sliding layers' own table or None)."""
+    identity = identity_table(config, length) if config.nope_layers else None
+    local = rope_table(config, length, local=True) if config.rope_local_theta else None
+    return rope_table(config, length, context=context), identity, local
+
+
 def layer_table(config: ModelConfig, layer: int, rope: torch.Tensor, identity: torch.Tensor | None,
                 local: torch.Tensor | None) -> torch.Tensor:
     """Which of a model's tables layer `layer` rotates by: the RoPE table `rope`, the NoPE layers' `identity`
@@ -212,12 +220,10 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(config, i, make_linear) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = make_linear("output", config.vocab_size, config.dim)
-        self.register_buffer("rope", rope_table(config, config.max_seq_len), persistent=False)
-        # the NoPE layers' table, where the model has such layers
-        nope = identity_table(config, config.max_seq_len) if config.nope_layers else None
+        # the RoPE table, the NoPE layers' and the sliding layers' own (Gemma 3), where the model has them (rope_for)
+        rope, nope, local = rope_tables(config, config.max_seq_len)
+        self.register_buffer("rope", rope, persistent=False)
         self.register_buffer("rope_identity", nope, persistent=False)
-        # the sliding layers' own table, where the model has one (Gemma 3)
-        local = rope_table(config, config.max_seq_len, local=True) if config.rope_local_theta else None
         self.register_buffer("rope_local", local, persistent=False)
         # the input embeddings' scale (Gemma: sqrt(dim)), float32 as transformers holds it; None: 1
         scale = torch.tensor(config.embed_scale, dtype=torch.float32) if config.embed_scale != 1.0 else None

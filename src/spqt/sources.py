@@ -63,6 +63,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -477,21 +478,10 @@ def _open_gguf(path: Path) -> SourceModel:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
-    fused = _GGUF_FUSED if arch == "phi3" else {}
-    rows, split = {}, _fused_names(config, fused.values())  # rows: our name -> (first row, end row, rows of the
-    for i in range(n_layers):                                 # fused tensor) for the parts of a fused tensor
-        for g, ours in _GGUF_NAMES.items():
-            if ours not in split:
-                names.append(f"layers.{i}.{ours}")
-                gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
-        for g, kind in fused.items():
-            names += _add_fused_parts(config, kind, i, f"blk.{i}.{g}.weight", gguf_name, rows)
-        for g, ours in layer_extras.items():
-            names.append(f"layers.{i}.{ours}")
-            gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}"
-        for g, ours in (_GGUF_POST_NORMS.items() if config.post_norms else ()):
-            names.append(f"layers.{i}.{ours}")
-            gguf_name[f"layers.{i}.{ours}"] = f"blk.{i}.{g}.weight"
+    rows = {}  # our name -> (first row, end row, rows of the fused tensor) for the parts of a fused tensor
+    _add_layer_names(config, {**_GGUF_NAMES, **(_GGUF_POST_NORMS if config.post_norms else {})},
+                     _GGUF_FUSED if arch == "phi3" else {}, layer_extras, lambda i, key: f"blk.{i}.{key}", names,
+                     gguf_name, rows)
     missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -688,6 +678,25 @@ def _add_fused_parts(config: ModelConfig, kind: str, layer: int, file_name: str,
     return names
 
 
+def _add_layer_names(config: ModelConfig, plain: dict, fused: dict, extras: dict, source: Callable[[int, str], str],
+                     names: list, file_names: dict, rows: dict) -> None:
+    """Every layer's tensors, each reader's own tables of file names: plain {file key: our name} (a file name
+    source(i, key + ".weight")), fused {file key: kind} (their parts: _add_fused_parts; a plain name they hold is
+    skipped), extras {file key: our name} (source(i, key): biases, q/k norms). Appends our names (layers.{i}.x) to
+    `names` and enters each one's file name in file_names, a fused part's rows in rows."""
+    split = _fused_names(config, fused.values())
+    for i in range(config.n_layers):
+        for key, ours in plain.items():
+            if ours not in split:
+                names.append(f"layers.{i}.{ours}")
+                file_names[f"layers.{i}.{ours}"] = source(i, f"{key}.weight")
+        for key, kind in fused.items():
+            names += _add_fused_parts(config, kind, i, source(i, f"{key}.weight"), file_names, rows)
+        for key, ours in extras.items():
+            names.append(f"layers.{i}.{ours}")
+            file_names[f"layers.{i}.{ours}"] = source(i, key)
+
+
 def _check_shapes(path: Path, config: ModelConfig, declared: dict, file_names: dict, rows: dict | None = None) -> None:
     """Every declared tensor shape must be the one the configuration implies (before any read). rows: the parts of
     fused tensors (_add_fused_parts); their declared shape is the whole's."""
@@ -870,22 +879,13 @@ def _open_hf(folder: Path) -> SourceModel:
     extras = _hf_extras(cfg, model_type)
     hf_name = {"tok_embeddings": f"{base}embed_tokens.weight", "norm": f"{base}norm.weight", "output": head}
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
-    fused = _HF_FUSED if model_type == "phi3" else {}
     layer_names = _HF_NAMES
     if config.post_norms:  # (Gemma 3's four norms in place of the two)
         layer_names = {**{h: ours for h, ours in _HF_NAMES.items() if not h.endswith("layernorm")}, **_HF_GEMMA_NORMS}
-    rows, split = {}, _fused_names(config, fused.values())  # rows: as in _open_gguf
-    for i in range(config.n_layers):
-        for h, ours in layer_names.items():
-            if ours not in split:
-                names.append(f"layers.{i}.{ours}")
-                hf_name[f"layers.{i}.{ours}"] = f"{base}layers.{i}.{h}.weight"
-        for h, kind in fused.items():
-            names += _add_fused_parts(config, kind, i, f"{base}layers.{i}.{h}.weight", hf_name, rows)
-        for h, ours in _HF_EXTRAS.items():
-            if ours in extras:
-                names.append(f"layers.{i}.{ours}")
-                hf_name[f"layers.{i}.{ours}"] = f"{base}layers.{i}.{h}"
+    rows = {}  # as in _open_gguf
+    _add_layer_names(config, layer_names, _HF_FUSED if model_type == "phi3" else {},
+                     {h: ours for h, ours in _HF_EXTRAS.items() if ours in extras},
+                     lambda i, key: f"{base}layers.{i}.{key}", names, hf_name, rows)
     missing = list(dict.fromkeys(hf_name[n] for n in names if hf_name[n] not in where))
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
@@ -997,6 +997,12 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     )
 
 
+def _one_line(e: Exception) -> str:
+    """An exception as "Kind: text" on one line (transformers' and huggingface_hub's validation errors run over
+    several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def _hf_sliding(cfg: dict, model_type: str, context: int) -> dict:
     """The sliding_window / sliding_layers of a config.json as transformers runs them: Mistral's and Phi-3's
     sliding_window in every layer; Qwen2's, Qwen3's and SmolLM3's with use_sliding_window only, in the layers its
@@ -1012,8 +1018,7 @@ def _hf_sliding(cfg: dict, model_type: str, context: int) -> dict:
         try:
             return AutoConfig.for_model(model_type, **keys)
         except Exception as e:  # (huggingface_hub's strict validation is no ValueError; its text may run over lines)
-            raise ValueError(f"transformers' {model_type} config refuses it ({type(e).__name__}: "
-                             f"{' '.join(str(e).split())})") from None
+            raise ValueError(f"transformers' {model_type} config refuses it ({_one_line(e)})") from None
 
     # the window keys as the config class reads them: a key left out is its default (Mistral's and, with
     # use_sliding_window, Qwen's 4,096; Phi-3's none), Qwen's and SmolLM3's layer_types from max_window_layers
@@ -1056,8 +1061,7 @@ def _gemma3_config(cfg: dict) -> dict:
     try:
         full = Gemma3TextConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
     except Exception as e:  # (its validation raises several kinds, some over several lines)
-        raise ValueError(f"transformers' Gemma3TextConfig refuses it ({type(e).__name__}: "
-                         f"{' '.join(str(e).split())})") from None
+        raise ValueError(f"transformers' Gemma3TextConfig refuses it ({_one_line(e)})") from None
     full = _gemma3_v4_keys(full)
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if full.get(key) is not None:

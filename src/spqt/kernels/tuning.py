@@ -226,8 +226,9 @@ def route_touched(key: str, before: dict, after: dict) -> bool:
 def measured(variant: str, entry: dict | None) -> bool:
     """Whether a shape's entry of a variant counts as tuned: there is one, and where the tuner measures a crossover
     (Q4_K's zigzag_sparse; another type's sparse entry where the CUDA GEMV runs it, impl "cuda": bench.tune_types)
-    it holds it. A table tuned before crossovers were measured lacks them (the H100's, for the synthetic models' fused
-    maps), and those sparse maps then run sparse at every level, faster than dense or not (collected_pays)."""
+    it holds it. A table tuned before crossovers were measured lacks them (the H100's of 2026-11-23, until the
+    thirty-ninth and fortieth sessions measured them), and those sparse maps then run sparse at every level, faster
+    than dense or not (collected_pays)."""
     crossed = variant == "zigzag_sparse" or (variant.startswith("zigzag_sparse_") and entry is not None
                                               and entry.get("impl") == "cuda")
     return entry is not None and (not crossed or "crossover" in entry)
