@@ -646,7 +646,9 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     rows at and past the position are NaN before the call (they must not be read), row pos is written with the torch
     twin's k and v, no other row changes; a longer span on the same route (fused.decode_attention_route), or fewer
     programs a head, give the same bits (fixed key blocks; the later calls also need the first's arrival counters
-    reset, which are zero after each call); spans past the cache are refused."""
+    reset, which are zero after each call); spans past the cache are refused. With a sliding window (pos - window <
+    key <= pos: one key, a window inside a block or across blocks, on both routes, one that does not cut yet) the cache
+    rows below the window are NaN too (they must not be read), and the twin's mask cuts them."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -655,11 +657,16 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     long_group = 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP  # the interpreter's spans: 35 blocks
-    for heads, kv, hd, pos, batch in ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1),
-                                      (1, 1, 32, 64, 1), (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1),
-                                      (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2), (4, 2, 64, 600, 1)) + (
-            ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 2),
-             (64, 8, 128, 9100, 1)) if device == "cuda" else ()):
+    plain = ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1), (1, 1, 32, 64, 1),
+             (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1), (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2),
+             (4, 2, 64, 600, 1)) + (
+        ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 2),
+         (64, 8, 128, 9100, 1)) if device == "cuda" else ())
+    windowed = ((2, 1, 32, 200, 2, 20), (3, 3, 32, 130, 1, 1), (4, 2, 32, 100, 1, 40), (2, 1, 32, 1300, 1, 700),
+                (1, 1, 16, 70, 1, 200)) + (  # (Mistral's window, Gemma 3 1B's and 4B's heads and windows)
+        ((32, 8, 128, 5000, 2, 4096), (4, 1, 256, 1500, 1, 512), (8, 4, 256, 3000, 1, 1024))
+        if device == "cuda" else ())
+    for heads, kv, hd, pos, batch, window in [case + (0,) for case in plain] + list(windowed):
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
         # a scratch of its own: a Generator's decode in this process made its entries under inference_mode, which the
         # poisoning below may not write
@@ -678,23 +685,26 @@ def test_rope_attention_decode(rng, device, monkeypatch):
                 loud = slice(2048, pos) if pos % 200 == 0 else slice(0, 2048)  # (2200, 5000: later)
                 c[:, :, loud] *= 3
             c[:, :, pos:] = float("nan")
+            c[:, :, :max(0, pos - window + 1) if window else 0] = float("nan")  # below the window
             caches.append(c)
         ref = [c.clone().cpu().float() for c in caches]
-        ref[0][:, :, pos:] = 0  # the twin's mask hides them; NaN * 0 would still poison its sums
-        ref[1][:, :, pos:] = 0
+        for r in ref:  # the twin's mask hides them; NaN * 0 would still poison its sums
+            r[r.isnan()] = 0
         positions = torch.tensor([pos], device=device)
         length = pos + 1
         mask = torch.zeros((1, length))
+        if window:
+            mask[:, :max(0, pos - window + 1)] = float("-inf")
         want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length)
         poisoned = torch.full((batch, 1, heads, hd), float("nan"), dtype=dtype, device=device)  # every row written
-        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, out=poisoned)
-        what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch}"
-        assert launches.count == (fused.decode_attention_route(length, heads, kv, hd) == "long"), what
+        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, window, out=poisoned)
+        what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch} window {window}"
+        assert launches.count == (fused.decode_attention_route(length, heads, kv, hd, window) == "long"), what
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
         for c, r in zip(caches, ref):
             torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
             assert c[:, :, pos + 1:].isnan().all(), f"wrote past the position, {what}"
-        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L)
+        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L, window)
         assert not any(c.any() for *_, c in fused._ATTENTION_SCRATCH.values()), f"counters not reset, {what}"
         assert torch.equal(again, got), f"a longer span changed the result, {what}"
         for programs in (1, 3):  # fewer programs than blocks: each walks several, the same bits
@@ -702,7 +712,7 @@ def test_rope_attention_decode(rng, device, monkeypatch):
             for part, ml, _ in fused._ATTENTION_SCRATCH.values():  # the blocks' sums poisoned: each must be written
                 part.fill_(float("nan"))
                 ml.fill_(float("nan"))
-            fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length)
+            fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, window)
             assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
         monkeypatch.undo()
     with pytest.raises(ValueError, match=f"cache's {L} keys"):
@@ -714,8 +724,9 @@ def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
     most) and an eager step's span (pos + 1 keys) take the same route (fused.decode_attention_route) at every position,
     for every cache length and kind of model (grouped queries or not, head dims 16 and 128; also with the long spans'
     kernels for every model, ATTN_LONG_GROUPED_ONLY 0): the graph and the eager step run the same kernels, hence the
-    same bits. With a sliding window (Gemma 3's 512, Phi-3-medium-4k's odd 2,047, a tiny one) both also agree on whether
-    it cuts (model.Attention's `windowed`: the fused attention is off from the window's end on, in both)."""
+    same bits. So they do for a sliding layer (a tiny window, Gemma 3's 512 and 1,024, Phi-3-medium-4k's odd 2,047,
+    Mistral's 4,096; the fused kernels cut the window themselves, reading its blocks alone), whose route depends on the
+    keys inside its window."""
     from types import SimpleNamespace
 
     from spqt.generate import KV_BUCKET_MIN, Generator
@@ -727,20 +738,17 @@ def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
     for grouped_only in (1, 0):
         monkeypatch.setattr(fused, "ATTN_LONG_GROUPED_ONLY", grouped_only)
         edges = [fused.ATTN_LONG_FROM + 1, fused.ATTN_PER_HEAD_MAX + 1, 4 * top + 3]
-        for max_len in list(range(1, top + 70, 37)) + edges:
-            gen = SimpleNamespace(max_len=max_len, sliding_window=0)
+        runs = [(max_len, 0) for max_len in list(range(1, top + 70, 37)) + edges]
+        runs += [(3 * top, window) for window in (5, 300, 512, 1024, 2047, 4096)]
+        for max_len, window in runs:
+            gen = SimpleNamespace(max_len=max_len)
             for pos in range(max_len):
+                keys = Generator._kv_bucket(gen, pos)
+                assert pos < keys <= max_len, (max_len, pos, keys)
                 for heads, kv, hd in ((32, 8, 128), (32, 32, 128), (4, 2, 16)):
-                    graph = fused.decode_attention_route(Generator._kv_bucket(gen, pos), heads, kv, hd)
-                    assert graph == fused.decode_attention_route(pos + 1, heads, kv, hd), (max_len, pos, heads, kv)
-    for window in (5, 300, 512, 2047):
-        gen = SimpleNamespace(max_len=4096, sliding_window=window)
-        for pos in range(4096):
-            keys = Generator._kv_bucket(gen, pos)
-            assert pos < keys <= 4096 and (window < keys) == (window < pos + 1), (window, pos, keys)
-            if pos < window:
-                route = fused.decode_attention_route
-                assert route(keys, 32, 8, 128) == route(pos + 1, 32, 8, 128), (window, pos, keys)
+                    graph = fused.decode_attention_route(keys, heads, kv, hd, window)
+                    assert graph == fused.decode_attention_route(pos + 1, heads, kv, hd, window), \
+                        (max_len, window, pos, heads, kv)
 
 
 def test_decode_step_routes(tmp_path, monkeypatch):

@@ -130,14 +130,14 @@ def fused_decode_attention_on() -> bool:
 
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
               cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int,
-              native: bool = False, windowed: bool = False) -> torch.Tensor:
+              native: bool = False, window: int = 0) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
     Returns (B, T, H, hd) in qkv's dtype. On CUDA a decode token runs fused.decode_attention_route's kernels;
     with native (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py), which adds the mask
-    to the scores as torch's attention does. windowed: the mask cuts keys below a token's position too (a sliding
-    window, model.layer_masks): CUDA's fused decode kernels, which mask by position alone, are not taken."""
+    to the scores as torch's attention does. window: a sliding layer's (0: none), which the mask cuts already
+    (model.layer_masks); CUDA's fused decode kernels, which mask by position, cut it themselves."""
     hd = cache_k.shape[-1]
     if native:
         from spqt.kernels import cpu_native
@@ -145,11 +145,11 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
         if cpu_native.decode_attention_runs(qkv, cache_k, mask):
             return cpu_native.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask,
                                                     length)
-    if not windowed and _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and fused_decode_attention_on():
+    if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and fused_decode_attention_on():
         from spqt.kernels import fused
 
-        if fused.decode_attention_route(length, n_heads, n_kv, hd) != "torch":
-            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length)
+        if fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch":
+            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length, window)
     q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
     causal = getattr(mask, CAUSAL, False) and not qkv.is_cuda
     out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],

@@ -286,8 +286,6 @@ class Generator:
         set_dense_fallback(self.model, dense_fallback)
         self.set_sparsity(sparsity, mode, criterion=criterion)
         self.max_len = min(max_len or loaded.config.max_seq_len, loaded.config.max_seq_len)
-        # the model's sliding window (0: none): a decode graph's keys stop at it until a step's window cuts (_kv_bucket)
-        self.sliding_window = loaded.config.sliding_window
         self.model.setup_cache(1, self.max_len, self.dtype)
         # a decode step's layers in one launch where the model allows it and SPQT_CHAIN=1 (decode_chain.py)
         self.chain_off_because = (why_not(self.model) if self.dtype == torch.float16 else "not fp16") if chain_on() \
@@ -431,11 +429,9 @@ class Generator:
     def _kv_bucket(self, pos: int) -> int:
         """Keys a step at position pos attends to in a graph: the smallest power of two above pos,
         at least KV_BUCKET_MIN, at most the cache, so attention reads about what the sequence holds
-        instead of the whole preallocated context; at most the sliding window while pos lies inside it (an odd window,
-        Phi-3-medium-4k's 2,047: its steps to position 2,046 keep the fused attention, which a window that cuts turns
-        off, as an eager step of pos + 1 keys does: model.Attention)."""
-        bucket = min(self.max_len, max(KV_BUCKET_MIN, 1 << pos.bit_length()))
-        return self.sliding_window if pos < self.sliding_window < bucket else bucket
+        instead of the whole preallocated context. A sliding layer's fused decode attention reads its window's blocks
+        alone, whatever the bucket."""
+        return min(self.max_len, max(KV_BUCKET_MIN, 1 << pos.bit_length()))
 
     def _capture(self, kv_len: int) -> tuple:
         """Capture one decode step (the model's forward over kv_len keys) as a CUDA graph over the

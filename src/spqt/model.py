@@ -166,7 +166,7 @@ class Attention(DirectCallModule):
             qkv = self._norm_heads(qkv)
         length = mask.shape[-1]
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
-                                   length, native=self.native, windowed=0 < self.window < length)
+                                   length, native=self.native, window=self.window)
         out = out.reshape(b, t, self.n_heads * self.hd)
         if post_norm is None:
             return self.o(out, residual=x)

@@ -192,11 +192,13 @@ ATTN_PER_HEAD_MAX = 2048
 ATTN_LONG_GROUPED_ONLY = 1  # 0: models without grouped queries take the long spans' kernels too (a probe's setting)
 
 
-def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int) -> str:
-    """The kernels of one decode token's attention over `length` keys: "long" (_rope_attention_blocks_kernel, then
-    _attention_combine_kernel), "per-head" (_rope_attention_decode_kernel) or "torch" (rope_kv and torch's attention,
-    functional.attention's). Long needs hd >= 32 (its dots' K = hd / 2 >= 16) and grouped queries (unless
-    ATTN_LONG_GROUPED_ONLY is 0)."""
+def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int, window: int = 0) -> str:
+    """The kernels of one decode token's attention over `length` keys, or over the last `window` of them at most (a
+    sliding layer's window; 0: none): "long" (_rope_attention_blocks_kernel, then _attention_combine_kernel),
+    "per-head" (_rope_attention_decode_kernel) or "torch" (rope_kv and torch's attention, functional.attention's).
+    Long needs hd >= 32 (its dots' K = hd / 2 >= 16) and grouped queries (unless ATTN_LONG_GROUPED_ONLY is 0)."""
+    if window:
+        length = min(length, window)
     if length > ATTN_LONG_FROM and (n_heads > n_kv or not ATTN_LONG_GROUPED_ONLY) and hd >= 32:
         return "long"
     return "per-head" if length <= ATTN_PER_HEAD_MAX else "torch"
@@ -234,27 +236,27 @@ def _prefetch_rows(ptr, rows, W: tl.constexpr):
 
 
 @triton.jit
-def _load_block(k_ptr, v_ptr, cache, first, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The cached keys and values first .. first + BLOCK_N - 1 below pos (0 elsewhere), in the cache dtype: the
-    two halves of hd of each."""
+def _load_block(k_ptr, v_ptr, cache, first, pos, low, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The cached keys and values first .. first + BLOCK_N - 1 below pos and above low (0 elsewhere), in the cache
+    dtype: the two halves of hd of each."""
     n = first + tl.arange(0, BLOCK_N)
-    old = (n < pos)[:, None]
+    old = ((n < pos) & (n > low))[:, None]
     rows = cache + n[:, None] * 2 * HALF + d[None, :]
     return (tl.load(k_ptr + rows, mask=old, other=0.0), tl.load(k_ptr + rows + HALF, mask=old, other=0.0),
             tl.load(v_ptr + rows, mask=old, other=0.0), tl.load(v_ptr + rows + HALF, mask=old, other=0.0))
 
 
 @triton.jit
-def _attend_loaded(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr):
-    """Keys first .. first + BLOCK_N - 1 (those <= pos) of one query, the cached ones loaded (_load_block): the
-    scores' max m, sum l of exp(score - m) and the unnormalized sums of p v (two halves of hd). The key at pos is the
-    new one (kn, vn; its cache row may be in flight)."""
+def _attend_loaded(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr):
+    """Keys first .. first + BLOCK_N - 1 (those in low < key <= pos: at least one) of one query, the cached ones
+    loaded (_load_block): the scores' max m, sum l of exp(score - m) and the unnormalized sums of p v (two halves of
+    hd). The key at pos is the new one (kn, vn; its cache row may be in flight)."""
     n = first + tl.arange(0, BLOCK_N)
     new = (n == pos)[:, None]
     c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1.to(tl.float32))
     c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2.to(tl.float32))
     s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
-    s = tl.where(n <= pos, s, -float("inf"))
+    s = tl.where((n <= pos) & (n > low), s, -float("inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)
     u1 = tl.where(new, vn1.to(tl.float32)[None, :], u1.to(tl.float32))
@@ -285,11 +287,12 @@ def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: 
 
 
 @triton.jit
-def _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                 AHEAD: tl.constexpr, PDL: tl.constexpr):
-    """A program's first key block loaded (its cached rows below pos: no kernel of this step writes them), then (PDL)
-    its next AHEAD blocks asked of L2 and the wait for the kernel before; the RoPE table's cos and sin of pos."""
-    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, d, HALF, BLOCK_N)
+def _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, low, d, HALF: tl.constexpr,
+                 BLOCK_N: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+    """A program's first key block, prog, loaded (its cached rows in low < key < pos: no kernel of this step writes
+    them), then (PDL) its next AHEAD blocks (prog + programs, ... below blocks) asked of L2 and the wait for the kernel
+    before; the RoPE table's cos and sin of pos."""
+    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, low, d, HALF, BLOCK_N)
     if PDL:
         _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
     cos = tl.load(t_ptr + pos * 2 * HALF + d)
@@ -298,24 +301,25 @@ def _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HAL
 
 
 @triton.jit
-def _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+def _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                 AHEAD: tl.constexpr, PDL: tl.constexpr):
     """A program's later key block blk loaded (_load_block), after asking L2 for its block AHEAD on (PDL: Hopper's
     path; the interpreter has no PTX)."""
     if PDL and blk + AHEAD * programs < blocks:
         _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
-    return _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, d, HALF, BLOCK_N)
+    return _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, low, d, HALF, BLOCK_N)
 
 
 @triton.jit
-def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, cols, out, HD: tl.constexpr, GROUP: tl.constexpr):
+def _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, cols, out, HD: tl.constexpr, GROUP: tl.constexpr):
     """Columns `cols` (offsets into the head's HD) of a query head's output at out, from its blocks' scratch sums
-    (slots head slots + i, i < blocks; a slot's sums HD fp32): GROUP blocks at once in one fixed shape (the missing
-    ones masked), the groups merged in order (a running max; the first group's sums exactly as a single merge's)."""
+    (slots head slots + i, start <= i < blocks; a slot's sums HD fp32): GROUP blocks at once in one fixed shape (the
+    missing ones masked), the groups merged in order (a running max; the first group's sums exactly as a single
+    merge's)."""
     run_m = -float("inf")
     total = 0.0
     acc = tl.zeros(cols.shape, dtype=tl.float32)
-    for first in range(0, blocks, GROUP):
+    for first in range(start, blocks, GROUP):
         i = first + tl.arange(0, GROUP)
         got = i < blocks
         at = head * slots + i
@@ -336,10 +340,11 @@ def _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, cols, out, HD: tl.con
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
-                                  length, sx, scale, slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  length, window, sx, scale, slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                                   GROUP: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
-    p, p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos (flash-decoding).
+    s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span pos - window < key <= pos
+    (window: a sliding layer's, else more than the cache's keys), s its first block (flash-decoding).
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
     scale) v is stored. Else each block's max m, sum l and unnormalized sum of p v go to the head's
@@ -361,11 +366,14 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     j = h // group
     d = tl.arange(0, HALF)
     pos = tl.load(pos_ptr)
-    blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
+    low = pos - window  # keys at or below it lie outside the window
+    start = tl.maximum(low + 1, 0) // BLOCK_N
+    blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)  # the span's blocks: start .. blocks - 1
     cache = ((b * HKV + j) * L) * 2 * HALF
-    if prog < blocks:
-        kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HALF,
-                                                    BLOCK_N, AHEAD, PDL)
+    if prog < blocks - start:
+        mine = start + prog
+        kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, mine, programs, blocks, pos, low, d,
+                                                    HALF, BLOCK_N, AHEAD, PDL)
         base = x_ptr + b * sx
         q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
         q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
@@ -374,21 +382,21 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
         r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
         kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, HALF, dt)
-        if (h % group == 0) & ((blocks - 1) % programs == prog):
+        if (h % group == 0) & ((blocks - 1 - start) % programs == prog):
             _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         head = b * H + h
         out = o_ptr + head * 2 * HALF
-        m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, prog * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
-                                              scale, BLOCK_N)  # block prog (blocks == 1: 0, the whole span)
-        if blocks == 1:
+        m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, mine * BLOCK_N, pos, low, r1, r2, kn1, kn2, vn1, vn2,
+                                              scale, BLOCK_N)  # block mine (one block: the whole span)
+        if blocks - start == 1:
             tl.store(out + d, (acc1 / l_sum).to(dt))
             tl.store(out + HALF + d, (acc2 / l_sum).to(dt))
         else:
-            for blk in range(prog, blocks, programs):
-                if blk != prog:
-                    kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF, BLOCK_N,
-                                                     AHEAD, PDL)
-                    m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2,
+            for blk in range(mine, blocks, programs):
+                if blk != mine:
+                    kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF,
+                                                     BLOCK_N, AHEAD, PDL)
+                    m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, low, r1, r2, kn1, kn2,
                                                           vn1, vn2, scale, BLOCK_N)
                 slot = head * slots + blk
                 tl.store(part_ptr + slot * 2 * HALF + d, acc1)
@@ -398,14 +406,15 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
             # acq_rel at GPU scope after a barrier (zigzag_mma._arrive's): every block's stores are seen by the last
             tl.debug_barrier()
             ticket = tl.atomic_add(cnt_ptr + head, 1, sem="acq_rel", scope="gpu")
-            if ticket == tl.minimum(blocks, programs) - 1:
+            if ticket == tl.minimum(blocks - start, programs) - 1:
                 tl.debug_barrier()
                 tl.store(cnt_ptr + head, 0)  # zero for the next launch
-                _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, tl.arange(0, 2 * HALF), out, 2 * HALF, GROUP)
+                _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, tl.arange(0, 2 * HALF), out, 2 * HALF,
+                                GROUP)
 
 
 @triton.jit
-def _attend_group(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
+def _attend_group(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
                   PREC: tl.constexpr):
     """_attend_loaded for the GP query rows of a kv head's group at once (r1, r2 (GP, HALF) in the cache dtype; rows
     past the group's heads are zero and never stored): per row the scores' max m (GP,), sum l (GP,) and the
@@ -417,7 +426,7 @@ def _attend_group(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale,
     c1 = tl.where(new, kn1[None, :], c1)
     c2 = tl.where(new, kn2[None, :], c2)
     s = (tl.dot(r1, tl.trans(c1), input_precision=PREC) + tl.dot(r2, tl.trans(c2), input_precision=PREC)) * scale
-    s = tl.where((n <= pos)[None, :], s, -float("inf"))
+    s = tl.where(((n <= pos) & (n > low))[None, :], s, -float("inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     u1 = tl.where(new, vn1[None, :], u1)
@@ -427,11 +436,13 @@ def _attend_group(c1, c2, u1, u2, first, pos, r1, r2, kn1, kn2, vn1, vn2, scale,
 
 
 @triton.jit
-def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, H, HKV, L, length, sx, scale,
-                                  slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, H, HKV, L, length, window, sx,
+                                  scale, slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
+                                  GP: tl.constexpr,
                                   AHEAD: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
-    (GP >= 16 rows, a power of two, the ones past G masked) over key blocks p, p + P, ... of the span 0 .. pos, so
+    (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the span
+    pos - window < key <= pos (the per-head kernel's), so
     each cached block is read once for its group (the per-head kernel reads it G times). RoPE of the group's q, the
     new k (RoPE) and v, written into the cache by the program of the block holding pos. Every block's max m, sum l
     and unnormalized sums of p v go to its query heads' scratch slots (`slots` a head); _attention_combine_kernel
@@ -445,11 +456,14 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
     g = tl.arange(0, GP)
     real = g < G
     pos = tl.load(pos_ptr)
+    low = pos - window
+    start = tl.maximum(low + 1, 0) // BLOCK_N
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     cache = ((b * HKV + j) * L) * 2 * HALF
-    if prog < blocks:
-        kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, d, HALF,
-                                                    BLOCK_N, AHEAD, PDL)
+    if prog < blocks - start:
+        mine = start + prog
+        kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, mine, programs, blocks, pos, low, d,
+                                                    HALF, BLOCK_N, AHEAD, PDL)
         base = x_ptr + b * sx
         h = j * G + g
         rows_q = base + h[:, None] * 2 * HALF + d[None, :]
@@ -460,15 +474,15 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
         r2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
         kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, HALF, dt)
-        if (blocks - 1) % programs == prog:
+        if (blocks - 1 - start) % programs == prog:
             _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         at = (b * H + h) * slots
-        for blk in range(prog, blocks, programs):
-            if blk != prog:
-                kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, d, HALF, BLOCK_N,
+        for blk in range(mine, blocks, programs):
+            if blk != mine:
+                kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF, BLOCK_N,
                                                  AHEAD, PDL)
-            m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, r1, r2, kn1, kn2, vn1, vn2,
-                                                 scale, BLOCK_N, PREC)
+            m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, low, r1, r2, kn1, kn2, vn1,
+                                                 vn2, scale, BLOCK_N, PREC)
             slot = at + blk
             tl.store(part_ptr + slot[:, None] * 2 * HALF + d[None, :], acc1, mask=real[:, None])
             tl.store(part_ptr + slot[:, None] * 2 * HALF + HALF + d[None, :], acc2, mask=real[:, None])
@@ -477,7 +491,7 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
 
 
 @triton.jit
-def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, slots, HD: tl.constexpr,
+def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, window, slots, HD: tl.constexpr,
                               COLS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
     """The long spans' second launch: program (h, c, b) merges COLS columns (slice c) of query head h's block sums
     (_combine_blocks, GROUP blocks at a time) into its output row, after _rope_attention_blocks_kernel (PDL: waits for
@@ -489,9 +503,11 @@ def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, slots
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pos = tl.load(pos_ptr)
+    start = tl.maximum(pos - window + 1, 0) // BLOCK_N
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     head = b * H + h
-    _combine_blocks(part_ptr, ml_ptr, head, blocks, slots, c * COLS + tl.arange(0, COLS), o_ptr + head * HD, HD, GROUP)
+    _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, c * COLS + tl.arange(0, COLS), o_ptr + head * HD, HD,
+                    GROUP)
 
 
 _ATTENTION_SCRATCH: dict = {}
@@ -531,15 +547,16 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int,
+                          cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int, window: int = 0,
                           out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention in one launch, two on the long spans (decode_attention_route; replaces rope_kv +
     the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
-    block, a scratch slot each). Returns (B, 1, H, hd) in qkv's dtype (into `out` where given: the tests poison
-    it). Needs hd a power of two."""
+    block, a scratch slot each); window: a sliding layer's (the token at pos sees pos - window < key <= pos: the
+    blocks before the window's first are not read) or 0. Returns (B, 1, H, hd) in qkv's dtype (into `out` where
+    given: the tests poison it). Needs hd a power of two."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd & (hd - 1):
@@ -547,6 +564,11 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     if length > cache_k.shape[2]:
         raise ValueError(f"rope_attention_decode attends to the cache's {cache_k.shape[2]} keys at most; got {length}")
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
+    if window < 0:
+        raise ValueError(f"rope_attention_decode: a window of {window} keys")
+    if window:  # a window's keys lie in at most this many blocks
+        blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
+    cut = window or cache_k.shape[2] + 1  # no window: one that never cuts (pos - cut < 0)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
@@ -555,23 +577,24 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     slots = triton.cdiv(cache_k.shape[2], ATTN_BLOCK_N)
     part, ml, counters = _attention_scratch(qkv.device, b * n_heads, hd, slots)
     pdl = uses_pdl(qkv.device)
-    if decode_attention_route(length, n_heads, n_kv, hd) == "long":
+    if decode_attention_route(length, n_heads, n_kv, hd, window) == "long":
         group = n_heads // n_kv
         programs = attention_programs(blocks, b * n_kv, qkv.device)
         _rope_attention_blocks_kernel[(n_kv, programs, b)](
-            qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, qkv.stride(0),
-            hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, G=group, GP=max(16, triton.next_power_of_2(group)),
+            qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, cut,
+            qkv.stride(0), hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, G=group,
+            GP=max(16, triton.next_power_of_2(group)),
             AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
             launch_pdl=pdl)
         cols = min(hd, ATTN_LONG_COMBINE_COLS)  # hd and COLS powers of two: whole slices
         _attention_combine_kernel[(n_heads, hd // cols, b)](
-            positions, out, part, ml, n_heads, length, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
+            positions, out, part, ml, n_heads, length, cut, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
             GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, num_warps=4, launch_pdl=pdl)
         return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        qkv.stride(0), hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
+        cut, qkv.stride(0), hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
         AHEAD=ATTN_PREFETCH_BLOCKS, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     return out
