@@ -104,6 +104,8 @@
 #                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
 #                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
+#   scripts/gpu_session.sh window41  bench decode of synthetic:gemma3-1b past its window, the session start's tree (.old)
+#                                    and this one; Gemma 3 1B's crossovers (spqt tune --crossover-only), decode on them
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1671,6 +1673,47 @@ llama2-7b:now}" 90
         | grep -v WARN | grep "tok/s" | sed "s/^/fused=$fused /" )
     done | tee "$OUT/decode-fused.log"
     echo "explore8 stage: $(( $(date +%s) - start )) s"
+    ;;
+  window41)
+    # The fused decode attention that cuts a sliding window itself: bench decode of synthetic:gemma3-1b (window 512) with
+    # a prompt of WINDOW_PROMPT tokens (default 1000: every step past the window) at WINDOW_LEVELS (default 0), in the
+    # session start's tree (.old: torch's attention for the windowed layers there) and this one, WINDOW_ROUNDS (2)
+    # rounds alternating; then (WINDOW_CROSS=1, the default) spqt tune --crossover-only of Gemma 3 1B's four map shapes,
+    # of which this GPU's table takes the zigzag_sparse entries alone (the crossovers; the dense configs stay the
+    # borrowed neighbours', as 9112bef did for the H100): $OUT/tuned.json, put in this tree; then bench decode of
+    # gemma3-1b at 0 and 0.5 on it. Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log.
+    start=$(date +%s)
+    for round in $(seq ${WINDOW_ROUNDS:-2}); do
+      for tree in before now; do
+        [ $tree = before ] && [ ! -d .old/src ] && continue
+        for level in $(echo "${WINDOW_LEVELS:-0}" | tr , ' '); do
+          PYTHONPATH="$(tree_path $tree)" timeout 150 python3 -m spqt.cli bench decode --model synthetic:gemma3-1b \
+            --layouts zigzag --sparsity $level --prompt-tokens ${WINDOW_PROMPT:-1000} 2>&1 | grep -v WARN \
+            | grep "tok/s" | sed "s/^/$tree round $round: /"
+        done
+      done
+    done | tee "$OUT/window-decode.log"
+    echo "window decodes: $(( $(date +%s) - start )) s"
+    if [ "${WINDOW_CROSS:-1}" = 1 ]; then
+      shapes=1536x1152,1152x1024,13824x1152,1152x6912
+      cp "$(tuned_table)" /tmp/shipped.json
+      timeout 200 python3 -m spqt.cli tune --crossover-only --shapes $shapes --output /tmp/cross.json 2>&1 \
+        | grep -v WARN | tee "$OUT/cross.log" | tail -6
+      python3 - /tmp/shipped.json /tmp/cross.json $shapes "$OUT/tuned.json" <<'PY' || exit 1
+import json, sys
+shipped, tuned = (json.load(open(p)) for p in sys.argv[1:3])
+for shape in sys.argv[3].split(","):
+    shipped["entries"]["zigzag_sparse"][shape] = tuned["entries"]["zigzag_sparse"][shape]
+open(sys.argv[4], "w").write(json.dumps(shipped, indent=1, sort_keys=True) + "\n")
+print("the shipped table with", sys.argv[3], "zigzag_sparse entries:", sys.argv[4])
+PY
+      cp "$OUT/tuned.json" "$(tuned_table)"
+      for level in 0 0.5; do
+        timeout 150 python3 -m spqt.cli bench decode --model synthetic:gemma3-1b --layouts zigzag --sparsity $level \
+          2>&1 | grep -v WARN | grep "tok/s"
+      done | tee "$OUT/cross-decode.log"
+    fi
+    echo "window41: $(( $(date +%s) - start )) s"
     ;;
   retune38)
     # A stale table re-tuned a piece a call (the H100's of 2026-11-23 has no crossovers, so every sparse map runs sparse:
