@@ -635,7 +635,8 @@ class _Launches:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode(rng, device, monkeypatch):
-    """The decode attention (head dims 16 to 128; 3 query heads a kv head among the grouped-query cases) equals
+    """The decode attention (head dims 16 to 256, powers of two and not: 80, 96; 3 query heads a kv head among the
+    grouped-query cases) equals
     rope_kv + torch's attention over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only
     the new key) and inside the second and the fourth key block, whose blocks are combined by the last to finish;
     grouped-query cases past fused.ATTN_LONG_FROM (512) keys take the long spans' two launches (head dim 32 and more:
@@ -659,13 +660,13 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     long_group = 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP  # the interpreter's spans: 35 blocks
     plain = ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1), (1, 1, 32, 64, 1),
              (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1), (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2),
-             (4, 2, 64, 600, 1)) + (
+             (4, 2, 64, 600, 1), (4, 2, 96, 70, 1), (3, 3, 80, 5, 2), (4, 1, 80, 600, 1)) + (
         ((32, 8, 128, 1500, 1), (64, 8, 128, 1500, 1), (28, 4, 128, 300, 2), (32, 8, 128, 5000, 2),
-         (64, 8, 128, 9100, 1)) if device == "cuda" else ())
-    windowed = ((2, 1, 32, 200, 2, 20), (3, 3, 32, 130, 1, 1), (4, 2, 32, 100, 1, 40), (2, 1, 32, 1300, 1, 700),
-                (1, 1, 16, 70, 1, 200)) + (  # (Mistral's window, Gemma 3 1B's and 4B's heads and windows)
-        ((32, 8, 128, 5000, 2, 4096), (4, 1, 256, 1500, 1, 512), (8, 4, 256, 3000, 1, 1024))
-        if device == "cuda" else ())
+         (64, 8, 128, 9100, 1), (32, 32, 96, 1500, 1)) if device == "cuda" else ())
+    windowed = ((2, 1, 96, 200, 2, 20), (3, 3, 32, 130, 1, 1), (4, 2, 32, 100, 1, 40), (2, 1, 32, 1300, 1, 700),
+                (1, 1, 16, 70, 1, 200)) + (  # (Mistral's, Gemma 3 1B's and 4B's, Phi-3-mini's and -medium's)
+        ((32, 8, 128, 5000, 2, 4096), (4, 1, 256, 1500, 1, 512), (8, 4, 256, 3000, 1, 1024),
+         (32, 32, 96, 3000, 1, 2047), (40, 10, 128, 3000, 1, 2047)) if device == "cuda" else ())
     for heads, kv, hd, pos, batch, window in [case + (0,) for case in plain] + list(windowed):
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
         # a scratch of its own: a Generator's decode in this process made its entries under inference_mode, which the

@@ -145,7 +145,7 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
         if cpu_native.decode_attention_runs(qkv, cache_k, mask):
             return cpu_native.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask,
                                                     length)
-    if _fused(qkv) and qkv.shape[1] == 1 and hd & (hd - 1) == 0 and fused_decode_attention_on():
+    if _fused(qkv) and qkv.shape[1] == 1 and hd % 2 == 0 and fused_decode_attention_on():
         from spqt.kernels import fused
 
         if fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch":

@@ -9,6 +9,8 @@
 Their torch twins are in spqt.functional, which picks one or the other.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -204,26 +206,54 @@ def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int, window
     return "per-head" if length <= ATTN_PER_HEAD_MAX else "torch"
 
 
+# The decode attention's kernels take a half of hd as d = tl.arange(0, HP), HP the next power of two of HALF = hd / 2
+# (Phi-3's hd 96: 48 of 64 lanes), every access to a half masked with d < HALF (Triton drops the mask where HP is
+# HALF: the power-of-two head dims compile as without it, scripts/attention_sass.py), and a sliding window by a
+# WINDOWED constexpr (off: the code of a model without one, no mask of the window's start).
+
+
+@triton.jit
+def _window(pos, window, BLOCK_N: tl.constexpr, WINDOWED: tl.constexpr):
+    """(low, s): the keys at or below low lie outside the sliding window of `window` keys that ends at pos (WINDOWED;
+    else none do: -1), s the key block that holds the window's first key (0 without one)."""
+    if WINDOWED:
+        low = pos - window
+        return low, tl.maximum(low + 1, 0) // BLOCK_N
+    else:
+        return -1, 0
+
+
+@triton.jit
+def _seen(n, pos, low, WINDOWED: tl.constexpr):
+    """Whether the keys n (any shape) are seen by the token at pos: at or below pos and, in a window, above low."""
+    if WINDOWED:
+        return (n <= pos) & (n > low)
+    else:
+        return n <= pos
+
+
 @triton.jit
 def _new_kv(base, cos, sin, H, HKV, j, d, HALF: tl.constexpr, dt: tl.constexpr):
     """Kv head j's new key (RoPE) and value from the q|k|v row at base, in the cache dtype dt: the two halves of hd of
-    each."""
-    k1 = tl.load(base + (H + j) * 2 * HALF + d).to(tl.float32)
-    k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d).to(tl.float32)
+    each (0 past HALF)."""
+    dm = d < HALF
+    k1 = tl.load(base + (H + j) * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
+    k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
     kn1 = (k1 * cos - k2 * sin).to(dt)
     kn2 = (k2 * cos + k1 * sin).to(dt)
-    vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d).to(dt)
-    vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d).to(dt)
+    vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d, mask=dm, other=0.0).to(dt)
+    vn2 = tl.load(base + (H + HKV + j) * 2 * HALF + HALF + d, mask=dm, other=0.0).to(dt)
     return kn1, kn2, vn1, vn2
 
 
 @triton.jit
 def _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF: tl.constexpr):
     """The new key and value (_new_kv's halves) into the caches' row pos."""
-    tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1)
-    tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2)
-    tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1)
-    tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2)
+    dm = d < HALF
+    tl.store(k_ptr + cache + pos * 2 * HALF + d, kn1, mask=dm)
+    tl.store(k_ptr + cache + pos * 2 * HALF + HALF + d, kn2, mask=dm)
+    tl.store(v_ptr + cache + pos * 2 * HALF + d, vn1, mask=dm)
+    tl.store(v_ptr + cache + pos * 2 * HALF + HALF + d, vn2, mask=dm)
 
 
 @triton.jit
@@ -236,19 +266,25 @@ def _prefetch_rows(ptr, rows, W: tl.constexpr):
 
 
 @triton.jit
-def _load_block(k_ptr, v_ptr, cache, first, pos, low, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The cached keys and values first .. first + BLOCK_N - 1 below pos and above low (0 elsewhere), in the cache
-    dtype: the two halves of hd of each."""
+def _load_block(k_ptr, v_ptr, cache, first, pos, low, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                WINDOWED: tl.constexpr):
+    """The cached keys and values first .. first + BLOCK_N - 1 below pos (and above low: WINDOWED; 0 elsewhere), in
+    the cache dtype: the two halves of hd of each."""
     n = first + tl.arange(0, BLOCK_N)
-    old = ((n < pos) & (n > low))[:, None]
+    if WINDOWED:
+        old = (n < pos) & (n > low)
+    else:
+        old = n < pos
+    old = old[:, None] & (d < HALF)[None, :]
     rows = cache + n[:, None] * 2 * HALF + d[None, :]
     return (tl.load(k_ptr + rows, mask=old, other=0.0), tl.load(k_ptr + rows + HALF, mask=old, other=0.0),
             tl.load(v_ptr + rows, mask=old, other=0.0), tl.load(v_ptr + rows + HALF, mask=old, other=0.0))
 
 
 @triton.jit
-def _attend_loaded(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr):
-    """Keys first .. first + BLOCK_N - 1 (those in low < key <= pos: at least one) of one query, the cached ones
+def _attend_loaded(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
+                   WINDOWED: tl.constexpr):
+    """Keys first .. first + BLOCK_N - 1 (those seen from pos, _seen: at least one) of one query, the cached ones
     loaded (_load_block): the scores' max m, sum l of exp(score - m) and the unnormalized sums of p v (two halves of
     hd). The key at pos is the new one (kn, vn; its cache row may be in flight)."""
     n = first + tl.arange(0, BLOCK_N)
@@ -256,7 +292,7 @@ def _attend_loaded(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, 
     c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1.to(tl.float32))
     c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2.to(tl.float32))
     s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
-    s = tl.where((n <= pos) & (n > low), s, -float("inf"))
+    s = tl.where(_seen(n, pos, low, WINDOWED), s, -float("inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)
     u1 = tl.where(new, vn1.to(tl.float32)[None, :], u1.to(tl.float32))
@@ -288,34 +324,35 @@ def _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF: 
 
 @triton.jit
 def _first_block(k_ptr, v_ptr, t_ptr, cache, prog, programs, blocks, pos, low, d, HALF: tl.constexpr,
-                 BLOCK_N: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                 BLOCK_N: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr, WINDOWED: tl.constexpr):
     """A program's first key block, prog, loaded (its cached rows in low < key < pos: no kernel of this step writes
     them), then (PDL) its next AHEAD blocks (prog + programs, ... below blocks) asked of L2 and the wait for the kernel
     before; the RoPE table's cos and sin of pos."""
-    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, low, d, HALF, BLOCK_N)
+    kc1, kc2, vc1, vc2 = _load_block(k_ptr, v_ptr, cache, prog * BLOCK_N, pos, low, d, HALF, BLOCK_N, WINDOWED)
     if PDL:
         _prefetch_then_wait(k_ptr, v_ptr, cache, prog, programs, blocks, pos, HALF, BLOCK_N, AHEAD)
-    cos = tl.load(t_ptr + pos * 2 * HALF + d)
-    sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d)
+    cos = tl.load(t_ptr + pos * 2 * HALF + d, mask=d < HALF, other=0.0)
+    sin = tl.load(t_ptr + pos * 2 * HALF + HALF + d, mask=d < HALF, other=0.0)
     return kc1, kc2, vc1, vc2, cos, sin
 
 
 @triton.jit
 def _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                AHEAD: tl.constexpr, PDL: tl.constexpr):
+                AHEAD: tl.constexpr, PDL: tl.constexpr, WINDOWED: tl.constexpr):
     """A program's later key block blk loaded (_load_block), after asking L2 for its block AHEAD on (PDL: Hopper's
     path; the interpreter has no PTX)."""
     if PDL and blk + AHEAD * programs < blocks:
         _prefetch_block(k_ptr, v_ptr, cache, blk + AHEAD * programs, pos, HALF, BLOCK_N)
-    return _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, low, d, HALF, BLOCK_N)
+    return _load_block(k_ptr, v_ptr, cache, blk * BLOCK_N, pos, low, d, HALF, BLOCK_N, WINDOWED)
 
 
 @triton.jit
 def _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, cols, out, HD: tl.constexpr, GROUP: tl.constexpr):
-    """Columns `cols` (offsets into the head's HD) of a query head's output at out, from its blocks' scratch sums
-    (slots head slots + i, start <= i < blocks; a slot's sums HD fp32): GROUP blocks at once in one fixed shape (the
-    missing ones masked), the groups merged in order (a running max; the first group's sums exactly as a single
-    merge's)."""
+    """Columns `cols` (offsets into the head's HD; a power of two of them, those past HD masked) of a query head's
+    output at out, from its blocks' scratch sums (slots head slots + i, start <= i < blocks; a slot's sums HD fp32):
+    GROUP blocks at once in one fixed shape (the missing ones masked), the groups merged in order (a running max; the
+    first group's sums exactly as a single merge's)."""
+    wider: tl.constexpr = cols.shape[0] > HD  # a padded row (the per-head kernel's at an hd past a power of two)
     run_m = -float("inf")
     total = 0.0
     acc = tl.zeros(cols.shape, dtype=tl.float32)
@@ -328,23 +365,32 @@ def _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, cols, out, HD:
         li = tl.load(ml_ptr + 2 * at + 1, mask=got, other=0.0, cache_modifier=".cg")
         mg = tl.max(mi, axis=0)
         w = tl.exp(mi - mg)
-        a = tl.load(part_ptr + at[:, None] * HD + cols[None, :], mask=got[:, None], other=0.0, cache_modifier=".cg")
+        if wider:
+            a = tl.load(part_ptr + at[:, None] * HD + cols[None, :], mask=got[:, None] & (cols < HD)[None, :],
+                        other=0.0, cache_modifier=".cg")
+        else:
+            a = tl.load(part_ptr + at[:, None] * HD + cols[None, :], mask=got[:, None], other=0.0, cache_modifier=".cg")
         new_m = tl.maximum(run_m, mg)
         keep = tl.exp(run_m - new_m)  # 0 for the first group (run_m = -inf; mg is finite: block `first` exists)
         add = tl.exp(mg - new_m)
         total = total * keep + tl.sum(li * w, axis=0) * add
         acc = acc * keep + tl.sum(a * w[:, None], axis=0) * add
         run_m = new_m
-    tl.store(out + cols, (acc / total).to(out.dtype.element_ty))
+    if wider:
+        tl.store(out + cols, (acc / total).to(out.dtype.element_ty), mask=cols < HD)
+    else:
+        tl.store(out + cols, (acc / total).to(out.dtype.element_ty))
 
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
-                                  length, window, sx, scale, slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  GROUP: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
+                                  length, window, sx, scale, slots, HALF: tl.constexpr, HP: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, GROUP: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr,
+                                  WINDOWED: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
-    s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span pos - window < key <= pos
-    (window: a sliding layer's, else more than the cache's keys), s its first block (flash-decoding).
+    s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos, or with WINDOWED (a sliding
+    layer's) pos - window < key <= pos, s its first block (flash-decoding). hd = 2 HALF, HP the next power of two
+    of HALF.
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
     scale) v is stored. Else each block's max m, sum l and unnormalized sum of p v go to the head's
@@ -364,19 +410,19 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     programs = tl.num_programs(1)
     group = H // HKV
     j = h // group
-    d = tl.arange(0, HALF)
+    d = tl.arange(0, HP)
+    dm = d < HALF
     pos = tl.load(pos_ptr)
-    low = pos - window  # keys at or below it lie outside the window
-    start = tl.maximum(low + 1, 0) // BLOCK_N
+    low, start = _window(pos, window, BLOCK_N, WINDOWED)
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)  # the span's blocks: start .. blocks - 1
     cache = ((b * HKV + j) * L) * 2 * HALF
     if prog < blocks - start:
         mine = start + prog
         kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, mine, programs, blocks, pos, low, d,
-                                                    HALF, BLOCK_N, AHEAD, PDL)
+                                                    HALF, BLOCK_N, AHEAD, PDL, WINDOWED)
         base = x_ptr + b * sx
-        q1 = tl.load(base + h * 2 * HALF + d).to(tl.float32)
-        q2 = tl.load(base + h * 2 * HALF + HALF + d).to(tl.float32)
+        q1 = tl.load(base + h * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
+        q2 = tl.load(base + h * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
         dt = o_ptr.dtype.element_ty
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
@@ -387,20 +433,20 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         head = b * H + h
         out = o_ptr + head * 2 * HALF
         m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, mine * BLOCK_N, pos, low, r1, r2, kn1, kn2, vn1, vn2,
-                                              scale, BLOCK_N)  # block mine (one block: the whole span)
+                                              scale, BLOCK_N, WINDOWED)  # block mine (one block: the whole span)
         if blocks - start == 1:
-            tl.store(out + d, (acc1 / l_sum).to(dt))
-            tl.store(out + HALF + d, (acc2 / l_sum).to(dt))
+            tl.store(out + d, (acc1 / l_sum).to(dt), mask=dm)
+            tl.store(out + HALF + d, (acc2 / l_sum).to(dt), mask=dm)
         else:
             for blk in range(mine, blocks, programs):
                 if blk != mine:
                     kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF,
-                                                     BLOCK_N, AHEAD, PDL)
+                                                     BLOCK_N, AHEAD, PDL, WINDOWED)
                     m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, low, r1, r2, kn1, kn2,
-                                                          vn1, vn2, scale, BLOCK_N)
+                                                          vn1, vn2, scale, BLOCK_N, WINDOWED)
                 slot = head * slots + blk
-                tl.store(part_ptr + slot * 2 * HALF + d, acc1)
-                tl.store(part_ptr + slot * 2 * HALF + HALF + d, acc2)
+                tl.store(part_ptr + slot * 2 * HALF + d, acc1, mask=dm)
+                tl.store(part_ptr + slot * 2 * HALF + HALF + d, acc2, mask=dm)
                 tl.store(ml_ptr + 2 * slot, m)
                 tl.store(ml_ptr + 2 * slot + 1, l_sum)
             # acq_rel at GPU scope after a barrier (zigzag_mma._arrive's): every block's stores are seen by the last
@@ -409,13 +455,13 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
             if ticket == tl.minimum(blocks - start, programs) - 1:
                 tl.debug_barrier()
                 tl.store(cnt_ptr + head, 0)  # zero for the next launch
-                _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, tl.arange(0, 2 * HALF), out, 2 * HALF,
+                _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, tl.arange(0, 2 * HP), out, 2 * HALF,
                                 GROUP)
 
 
 @triton.jit
 def _attend_group(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr):
+                  PREC: tl.constexpr, WINDOWED: tl.constexpr):
     """_attend_loaded for the GP query rows of a kv head's group at once (r1, r2 (GP, HALF) in the cache dtype; rows
     past the group's heads are zero and never stored): per row the scores' max m (GP,), sum l (GP,) and the
     unnormalized sums of p v (GP, HALF) halves, as tensor-core dots with fp32 sums (PREC "ieee" for fp32 caches: no
@@ -426,7 +472,7 @@ def _attend_group(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, s
     c1 = tl.where(new, kn1[None, :], c1)
     c2 = tl.where(new, kn2[None, :], c2)
     s = (tl.dot(r1, tl.trans(c1), input_precision=PREC) + tl.dot(r2, tl.trans(c2), input_precision=PREC)) * scale
-    s = tl.where(((n <= pos) & (n > low))[None, :], s, -float("inf"))
+    s = tl.where(_seen(n, pos, low, WINDOWED)[None, :], s, -float("inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
     u1 = tl.where(new, vn1[None, :], u1)
@@ -437,12 +483,12 @@ def _attend_group(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, s
 
 @triton.jit
 def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, H, HKV, L, length, window, sx,
-                                  scale, slots, HALF: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr,
-                                  GP: tl.constexpr,
-                                  AHEAD: tl.constexpr, PREC: tl.constexpr, PDL: tl.constexpr):
+                                  scale, slots, HALF: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr,
+                                  G: tl.constexpr, GP: tl.constexpr, AHEAD: tl.constexpr, PREC: tl.constexpr,
+                                  PDL: tl.constexpr, WINDOWED: tl.constexpr):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
-    (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the span
-    pos - window < key <= pos (the per-head kernel's), so
+    (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the per-head
+    kernel's span (HALF, HP and WINDOWED as there), so
     each cached block is read once for its group (the per-head kernel reads it G times). RoPE of the group's q, the
     new k (RoPE) and v, written into the cache by the program of the block holding pos. Every block's max m, sum l
     and unnormalized sums of p v go to its query heads' scratch slots (`slots` a head); _attention_combine_kernel
@@ -452,23 +498,23 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
     prog = tl.program_id(1)
     b = tl.program_id(2)
     programs = tl.num_programs(1)
-    d = tl.arange(0, HALF)
+    d = tl.arange(0, HP)
     g = tl.arange(0, GP)
     real = g < G
+    both = real[:, None] & (d < HALF)[None, :]
     pos = tl.load(pos_ptr)
-    low = pos - window
-    start = tl.maximum(low + 1, 0) // BLOCK_N
+    low, start = _window(pos, window, BLOCK_N, WINDOWED)
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     cache = ((b * HKV + j) * L) * 2 * HALF
     if prog < blocks - start:
         mine = start + prog
         kc1, kc2, vc1, vc2, cos, sin = _first_block(k_ptr, v_ptr, t_ptr, cache, mine, programs, blocks, pos, low, d,
-                                                    HALF, BLOCK_N, AHEAD, PDL)
+                                                    HALF, BLOCK_N, AHEAD, PDL, WINDOWED)
         base = x_ptr + b * sx
         h = j * G + g
         rows_q = base + h[:, None] * 2 * HALF + d[None, :]
-        q1 = tl.load(rows_q, mask=real[:, None], other=0.0).to(tl.float32)
-        q2 = tl.load(rows_q + HALF, mask=real[:, None], other=0.0).to(tl.float32)
+        q1 = tl.load(rows_q, mask=both, other=0.0).to(tl.float32)
+        q2 = tl.load(rows_q + HALF, mask=both, other=0.0).to(tl.float32)
         dt = k_ptr.dtype.element_ty
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
@@ -480,19 +526,20 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         for blk in range(mine, blocks, programs):
             if blk != mine:
                 kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF, BLOCK_N,
-                                                 AHEAD, PDL)
+                                                 AHEAD, PDL, WINDOWED)
             m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, low, r1, r2, kn1, kn2, vn1,
-                                                 vn2, scale, BLOCK_N, PREC)
+                                                 vn2, scale, BLOCK_N, PREC, WINDOWED)
             slot = at + blk
-            tl.store(part_ptr + slot[:, None] * 2 * HALF + d[None, :], acc1, mask=real[:, None])
-            tl.store(part_ptr + slot[:, None] * 2 * HALF + HALF + d[None, :], acc2, mask=real[:, None])
+            tl.store(part_ptr + slot[:, None] * 2 * HALF + d[None, :], acc1, mask=both)
+            tl.store(part_ptr + slot[:, None] * 2 * HALF + HALF + d[None, :], acc2, mask=both)
             tl.store(ml_ptr + 2 * slot, m, mask=real)
             tl.store(ml_ptr + 2 * slot + 1, l_sum, mask=real)
 
 
 @triton.jit
 def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, window, slots, HD: tl.constexpr,
-                              COLS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr):
+                              COLS: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr,
+                              WINDOWED: tl.constexpr):
     """The long spans' second launch: program (h, c, b) merges COLS columns (slice c) of query head h's block sums
     (_combine_blocks, GROUP blocks at a time) into its output row, after _rope_attention_blocks_kernel (PDL: waits for
     it, then releases the next launch)."""
@@ -503,7 +550,7 @@ def _attention_combine_kernel(pos_ptr, o_ptr, part_ptr, ml_ptr, H, length, windo
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     pos = tl.load(pos_ptr)
-    start = tl.maximum(pos - window + 1, 0) // BLOCK_N
+    _, start = _window(pos, window, BLOCK_N, WINDOWED)
     blocks = tl.cdiv(tl.minimum(pos + 1, length), BLOCK_N)
     head = b * H + h
     _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, c * COLS + tl.arange(0, COLS), o_ptr + head * HD, HD,
@@ -556,11 +603,11 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
     block, a scratch slot each); window: a sliding layer's (the token at pos sees pos - window < key <= pos: the
     blocks before the window's first are not read) or 0. Returns (B, 1, H, hd) in qkv's dtype (into `out` where
-    given: the tests poison it). Needs hd a power of two."""
+    given: the tests poison it). Needs hd even (a half past a power of two runs masked: Phi-3's 96)."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
-    if t != 1 or positions.numel() != 1 or hd & (hd - 1):
-        raise ValueError("rope_attention_decode takes one token and a power-of-two head_dim")
+    if t != 1 or positions.numel() != 1 or hd % 2:
+        raise ValueError("rope_attention_decode takes one token and an even head_dim")
     if length > cache_k.shape[2]:
         raise ValueError(f"rope_attention_decode attends to the cache's {cache_k.shape[2]} keys at most; got {length}")
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
@@ -568,7 +615,7 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         raise ValueError(f"rope_attention_decode: a window of {window} keys")
     if window:  # a window's keys lie in at most this many blocks
         blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
-    cut = window or cache_k.shape[2] + 1  # no window: one that never cuts (pos - cut < 0)
+    half = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
@@ -581,20 +628,20 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         group = n_heads // n_kv
         programs = attention_programs(blocks, b * n_kv, qkv.device)
         _rope_attention_blocks_kernel[(n_kv, programs, b)](
-            qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, cut,
-            qkv.stride(0), hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, G=group,
+            qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, window,
+            qkv.stride(0), hd**-0.5, slots, **half, BLOCK_N=ATTN_BLOCK_N, G=group,
             GP=max(16, triton.next_power_of_2(group)),
             AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
             launch_pdl=pdl)
-        cols = min(hd, ATTN_LONG_COMBINE_COLS)  # hd and COLS powers of two: whole slices
+        cols = math.gcd(hd, ATTN_LONG_COMBINE_COLS)  # COLS a power of two: whole slices of any even hd
         _attention_combine_kernel[(n_heads, hd // cols, b)](
-            positions, out, part, ml, n_heads, length, cut, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
-            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, num_warps=4, launch_pdl=pdl)
+            positions, out, part, ml, n_heads, length, window, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
+            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, WINDOWED=window > 0, num_warps=4, launch_pdl=pdl)
         return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        cut, qkv.stride(0), hd**-0.5, slots, HALF=hd // 2, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
+        window, qkv.stride(0), hd**-0.5, slots, **half, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
         AHEAD=ATTN_PREFETCH_BLOCKS, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     return out

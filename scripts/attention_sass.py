@@ -1,0 +1,60 @@
+"""The decode attention's kernels (kernels/fused.py) compiled for Hopper here (no GPU needed: Triton's bundled ptxas),
+per head dim and dtype: registers, stack, instruction count and a hash of the SASS, so that a change meant to leave a
+configuration's code alone can be checked to (same hash), and a new one to compile at all.
+
+    python scripts/attention_sass.py [hd,dtype[,windowed] ...]   (default: 64, 128, 256 and 96 in fp16, unwindowed)
+
+The hash leaves out the kernel parameters' constant-bank offsets (c[0x0][...]), which an added argument moves.
+"""
+
+import hashlib
+import math
+import re
+import sys
+
+import triton
+
+from spqt.kernels import fused
+from spqt.kernels.sass import compile_sm90, disassemble, instructions
+
+_POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
+
+
+def compiled(name: str, hd: int, dtype: str, windowed: bool = False):
+    """fused.<name> compiled for sm_90 with the launch's constexprs at head dim hd, caches and q|k|v of `dtype`, for a
+    sliding layer where windowed (a tree without the argument ignores it)."""
+    half, p = hd // 2, _POINTER[dtype]
+    common = dict(HALF=half, HP=triton.next_power_of_2(half), BLOCK_N=fused.ATTN_BLOCK_N, PDL=True, WINDOWED=windowed)
+    if name == "_rope_attention_decode_kernel":
+        sig = dict(x_ptr=p, t_ptr="*fp32", pos_ptr="*i64", k_ptr=p, v_ptr=p, o_ptr=p, part_ptr="*fp32",
+                   ml_ptr="*fp32", cnt_ptr="*i32", H="i32", HKV="i32", L="i32", length="i32", window="i32",
+                   sx="i32", scale="fp32", slots="i32")
+        constants = dict(common, GROUP=fused.ATTN_COMBINE_GROUP, AHEAD=fused.ATTN_PREFETCH_BLOCKS)
+    elif name == "_rope_attention_blocks_kernel":
+        sig = dict(x_ptr=p, t_ptr="*fp32", pos_ptr="*i64", k_ptr=p, v_ptr=p, part_ptr="*fp32", ml_ptr="*fp32",
+                   H="i32", HKV="i32", L="i32", length="i32", window="i32", sx="i32", scale="fp32", slots="i32")
+        constants = dict(common, G=4, GP=16, AHEAD=fused.ATTN_PREFETCH_BLOCKS,
+                         PREC="ieee" if dtype == "fp32" else "tf32")
+    else:
+        sig = dict(pos_ptr="*i64", o_ptr=p, part_ptr="*fp32", ml_ptr="*fp32", H="i32", length="i32", window="i32",
+                   slots="i32")
+        constants = dict(HD=hd, COLS=math.gcd(hd, fused.ATTN_LONG_COMBINE_COLS), BLOCK_N=fused.ATTN_BLOCK_N,
+                         GROUP=fused.ATTN_LONG_COMBINE_GROUP, PDL=True, WINDOWED=windowed)
+    kernel = getattr(fused, name)
+    names = kernel.arg_names
+    signature = {a: sig.get(a, "constexpr") for a in names}
+    constants = {a: v for a, v in constants.items() if a in names}
+    return compile_sm90(kernel, signature, constants, divisible=sum(1 for a in names if sig.get(a, "").startswith("*")),
+                        options=dict(num_warps=4))
+
+
+if __name__ == "__main__":
+    configs = [a.split(",") for a in sys.argv[1:]] or [(hd, "fp16") for hd in (64, 128, 256, 96)]
+    for hd, dtype, *windowed in configs:
+        for name in ("_rope_attention_decode_kernel", "_rope_attention_blocks_kernel", "_attention_combine_kernel"):
+            sass, regs, stack = disassemble(compiled(name, int(hd), dtype, windowed == ["windowed"]).asm["cubin"])
+            lines = [re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[param]", re.sub(r"/\*[0-9a-f]{4}\*/", "", ln))
+                     for ln in instructions(sass)]
+            digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
+            print(f"hd {hd} {dtype}{' windowed' if windowed else ''} {name}: {regs} regs, stack {stack} B, "
+                  f"{len(lines)} instructions, sass {digest}")
