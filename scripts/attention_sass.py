@@ -2,7 +2,7 @@
 per head dim and dtype: registers, stack, instruction count and a hash of the SASS, so that a change meant to leave a
 configuration's code alone can be checked to (same hash), and a new one to compile at all.
 
-    python scripts/attention_sass.py [hd,dtype[,windowed] ...]   (default: 64, 128, 256 and 96 in fp16, unwindowed)
+    python scripts/attention_sass.py [hd,dtype[,windowed][,qknorm] ...]   (default: hd 64, 128, 256 and 96 in fp16)
 
 The hash leaves out the kernel parameters' constant-bank offsets (c[0x0][...]), which an added argument moves.
 """
@@ -20,19 +20,21 @@ from spqt.kernels.sass import compile_sm90, disassemble, instructions
 _POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def compiled(name: str, hd: int, dtype: str, windowed: bool = False):
+def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: bool = False):
     """fused.<name> compiled for sm_90 with the launch's constexprs at head dim hd, caches and q|k|v of `dtype`, for a
-    sliding layer where windowed (a tree without the argument ignores it)."""
+    sliding layer where windowed, with q / k norms where qk_norm (a tree without these arguments ignores them)."""
     half, p = hd // 2, _POINTER[dtype]
-    common = dict(HALF=half, HP=triton.next_power_of_2(half), BLOCK_N=fused.ATTN_BLOCK_N, PDL=True, WINDOWED=windowed)
+    common = dict(HALF=half, HP=triton.next_power_of_2(half), BLOCK_N=fused.ATTN_BLOCK_N, PDL=True, WINDOWED=windowed,
+                  QK_NORM=qk_norm)
     if name == "_rope_attention_decode_kernel":
         sig = dict(x_ptr=p, t_ptr="*fp32", pos_ptr="*i64", k_ptr=p, v_ptr=p, o_ptr=p, part_ptr="*fp32",
                    ml_ptr="*fp32", cnt_ptr="*i32", H="i32", HKV="i32", L="i32", length="i32", window="i32",
-                   sx="i32", scale="fp32", slots="i32")
+                   sx="i32", scale="fp32", slots="i32", qw_ptr="*fp32", kw_ptr="*fp32", eps="fp32")
         constants = dict(common, GROUP=fused.ATTN_COMBINE_GROUP, AHEAD=fused.ATTN_PREFETCH_BLOCKS)
     elif name == "_rope_attention_blocks_kernel":
         sig = dict(x_ptr=p, t_ptr="*fp32", pos_ptr="*i64", k_ptr=p, v_ptr=p, part_ptr="*fp32", ml_ptr="*fp32",
-                   H="i32", HKV="i32", L="i32", length="i32", window="i32", sx="i32", scale="fp32", slots="i32")
+                   H="i32", HKV="i32", L="i32", length="i32", window="i32", sx="i32", scale="fp32", slots="i32",
+                   qw_ptr="*fp32", kw_ptr="*fp32", eps="fp32")
         constants = dict(common, G=4, GP=16, AHEAD=fused.ATTN_PREFETCH_BLOCKS,
                          PREC="ieee" if dtype == "fp32" else "tf32")
     else:
@@ -50,11 +52,12 @@ def compiled(name: str, hd: int, dtype: str, windowed: bool = False):
 
 if __name__ == "__main__":
     configs = [a.split(",") for a in sys.argv[1:]] or [(hd, "fp16") for hd in (64, 128, 256, 96)]
-    for hd, dtype, *windowed in configs:
+    for hd, dtype, *flags in configs:
         for name in ("_rope_attention_decode_kernel", "_rope_attention_blocks_kernel", "_attention_combine_kernel"):
-            sass, regs, stack = disassemble(compiled(name, int(hd), dtype, windowed == ["windowed"]).asm["cubin"])
+            sass, regs, stack = disassemble(compiled(name, int(hd), dtype, "windowed" in flags,
+                                                     "qknorm" in flags).asm["cubin"])
             lines = [re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[param]", re.sub(r"/\*[0-9a-f]{4}\*/", "", ln))
                      for ln in instructions(sass)]
             digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]
-            print(f"hd {hd} {dtype}{' windowed' if windowed else ''} {name}: {regs} regs, stack {stack} B, "
+            print(f"hd {hd} {dtype}{''.join(' ' + f for f in flags)} {name}: {regs} regs, stack {stack} B, "
                   f"{len(lines)} instructions, sass {digest}")

@@ -104,8 +104,9 @@
 #                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
 #                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
-#   scripts/gpu_session.sh window41  bench decode of synthetic:gemma3-1b past its window, the session start's tree (.old)
-#                                    and this one; Gemma 3 1B's crossovers (spqt tune --crossover-only), decode on them
+#   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
+#                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree (.old)
+#                                    and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1675,26 +1676,33 @@ llama2-7b:now}" 90
     echo "explore8 stage: $(( $(date +%s) - start )) s"
     ;;
   window41)
-    # The fused decode attention that cuts a sliding window itself: bench decode of synthetic:gemma3-1b (window 512) with
-    # a prompt of WINDOW_PROMPT tokens (default 1000: every step past the window) at WINDOW_LEVELS (default 0), in the
-    # session start's tree (.old: torch's attention for the windowed layers there) and this one, WINDOW_ROUNDS (2)
-    # rounds alternating; then (WINDOW_CROSS=1, the default) spqt tune --crossover-only of Gemma 3 1B's four map shapes,
-    # of which this GPU's table takes the zigzag_sparse entries alone (the crossovers; the dense configs stay the
-    # borrowed neighbours', as 9112bef did for the H100): $OUT/tuned.json, put in this tree; then bench decode of
-    # gemma3-1b at 0 and 0.5 on it. Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log.
+    # The fused decode attention's new paths, each model in the session start's tree (.old: d94cbc1's src with this
+    # tree's bench_decode.py, which adds the synthetic qwen3-8b and phi3-mini) and in this one, alternating, within
+    # CALL_BUDGET (default 560 s): bench decode of WINDOW_RUNS (model:prompt tokens[:levels], levels default 0):
+    # gemma3-1b past its 512-key window (torch's attention in its sliding layers before) and inside it, qwen3-8b (q / k
+    # norms folded into the attention; three launches a layer before), phi3-mini (head dim 96: rope_kv and torch's
+    # attention before) inside and past its 2,047-key window; WINDOW_ROUNDS (2) rounds, the trees' order swapped in the
+    # second. Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's table
+    # takes the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef
+    # did for the H100): $OUT/tuned.json, put in this tree; then bench decode of gemma3-1b at 0 and 0.5 on it.
+    # Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log.
     start=$(date +%s)
     for round in $(seq ${WINDOW_ROUNDS:-2}); do
-      for tree in before now; do
-        [ $tree = before ] && [ ! -d .old/src ] && continue
-        for level in $(echo "${WINDOW_LEVELS:-0}" | tr , ' '); do
-          PYTHONPATH="$(tree_path $tree)" timeout 150 python3 -m spqt.cli bench decode --model synthetic:gemma3-1b \
-            --layouts zigzag --sparsity $level --prompt-tokens ${WINDOW_PROMPT:-1000} 2>&1 | grep -v WARN \
-            | grep "tok/s" | sed "s/^/$tree round $round: /"
+      trees=$([ $round = 1 ] && echo "before now" || echo "now before")
+      for run in ${WINDOW_RUNS:-gemma3-1b:1000 qwen3-8b:10 phi3-mini:10 gemma3-1b:10 phi3-mini:2100}; do
+        IFS=: read -r model prompt levels <<< "$run"
+        for tree in $trees; do
+          [ $tree = before ] && [ ! -d .old/src ] && continue
+          left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+          [ $left -lt 60 ] && { echo "no time left for $run ($tree, round $round)"; break 3; }
+          PYTHONPATH="$(tree_path $tree)" timeout $left python3 -m spqt.cli bench decode --model synthetic:$model \
+            --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 | grep -v WARN | grep "tok/s" \
+            | sed "s/^/$tree round $round prompt $prompt: /"
         done
       done
     done | tee "$OUT/window-decode.log"
     echo "window decodes: $(( $(date +%s) - start )) s"
-    if [ "${WINDOW_CROSS:-1}" = 1 ]; then
+    if [ "${WINDOW_CROSS:-0}" = 1 ]; then
       shapes=1536x1152,1152x1024,13824x1152,1152x6912
       cp "$(tuned_table)" /tmp/shipped.json
       timeout 200 python3 -m spqt.cli tune --crossover-only --shapes $shapes --output /tmp/cross.json 2>&1 \

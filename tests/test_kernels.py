@@ -649,7 +649,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     programs a head, give the same bits (fixed key blocks; the later calls also need the first's arrival counters
     reset, which are zero after each call); spans past the cache are refused. With a sliding window (pos - window <
     key <= pos: one key, a window inside a block or across blocks, on both routes, one that does not cut yet) the cache
-    rows below the window are NaN too (they must not be read), and the twin's mask cuts them."""
+    rows below the window are NaN too (they must not be read), and the twin's mask cuts them. With q / k norms (Qwen3,
+    Gemma 3; random weights) the twin norms each head first (functional.norm_heads)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -667,7 +668,11 @@ def test_rope_attention_decode(rng, device, monkeypatch):
                 (1, 1, 16, 70, 1, 200)) + (  # (Mistral's, Gemma 3 1B's and 4B's, Phi-3-mini's and -medium's)
         ((32, 8, 128, 5000, 2, 4096), (4, 1, 256, 1500, 1, 512), (8, 4, 256, 3000, 1, 1024),
          (32, 32, 96, 3000, 1, 2047), (40, 10, 128, 3000, 1, 2047)) if device == "cuda" else ())
-    for heads, kv, hd, pos, batch, window in [case + (0,) for case in plain] + list(windowed):
+    normed = ((4, 2, 64, 70, 1, 0), (2, 1, 96, 700, 1, 0), (2, 1, 32, 200, 1, 20)) + (  # (Qwen3 8B's, Gemma 3 1B's)
+        ((32, 8, 128, 1500, 1, 0), (4, 1, 256, 1500, 1, 512)) if device == "cuda" else ())
+    cases = [case + (0, False) for case in plain] + [case + (False,) for case in windowed] + [
+        case + (True,) for case in normed]
+    for heads, kv, hd, pos, batch, window, qk in cases:
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
         # a scratch of its own: a Generator's decode in this process made its entries under inference_mode, which the
         # poisoning below may not write
@@ -696,16 +701,21 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         mask = torch.zeros((1, length))
         if window:
             mask[:, :max(0, pos - window + 1)] = float("-inf")
-        want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length)
+        # q's and k's per-head norms (their weights, eps) where the case has them
+        norms = tuple(torch.from_numpy(rng.uniform(0.5, 1.5, hd).astype(np.float32)).to(device) for _ in range(2))
+        qk_norm = (*norms, 1e-6) if qk else None
+        want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length,
+                                    qk_norm=None if qk_norm is None else (norms[0].cpu(), norms[1].cpu(), 1e-6))
         poisoned = torch.full((batch, 1, heads, hd), float("nan"), dtype=dtype, device=device)  # every row written
-        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, window, out=poisoned)
-        what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch} window {window}"
+        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, window, qk_norm,
+                                          out=poisoned)
+        what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch} window {window} qk norm {qk}"
         assert launches.count == (fused.decode_attention_route(length, heads, kv, hd, window) == "long"), what
         torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
         for c, r in zip(caches, ref):
             torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
             assert c[:, :, pos + 1:].isnan().all(), f"wrote past the position, {what}"
-        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L, window)
+        again = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L, window, qk_norm)
         assert not any(c.any() for *_, c in fused._ATTENTION_SCRATCH.values()), f"counters not reset, {what}"
         assert torch.equal(again, got), f"a longer span changed the result, {what}"
         for programs in (1, 3):  # fewer programs than blocks: each walks several, the same bits
@@ -713,7 +723,7 @@ def test_rope_attention_decode(rng, device, monkeypatch):
             for part, ml, _ in fused._ATTENTION_SCRATCH.values():  # the blocks' sums poisoned: each must be written
                 part.fill_(float("nan"))
                 ml.fill_(float("nan"))
-            fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, window)
+            fewer = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, length, window, qk_norm)
             assert torch.equal(fewer, got), f"{programs} programs a head changed the result, {what}"
         monkeypatch.undo()
     with pytest.raises(ValueError, match=f"cache's {L} keys"):

@@ -47,6 +47,12 @@ SYNTHETIC = {
                       rope_theta=1000000.0, family="gemma3", qk_norm=True, post_norms=True, activation="gelu_tanh",
                       embed_scale=1152**0.5, sliding_window=512, rope_local_theta=10000.0,
                       sliding_layers=tuple(i for i in range(26) if i % 6 != 5)),
+    # Qwen3 8B's q / k norms (of ones) and Phi-3-mini's head dim of 96 and 2,047-key window in every layer: the fused
+    # decode attention's folded norms and masked lanes
+    "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=12288,
+                     rope_theta=1000000.0, family="qwen3", qk_norm=True),
+    "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
+                      family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests
 }
 

@@ -128,28 +128,45 @@ def fused_decode_attention_on() -> bool:
     return os.environ.get("SPQT_FUSED_ATTENTION", "1") != "0"
 
 
+def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, n_heads: int,
+               n_kv: int) -> torch.Tensor:
+    """qkv (B, T, (H + 2 Hkv) hd) -> the same with every head of q and of k RMS-normalized (rms_norm; Qwen3's and
+    Gemma 3's q / k norms, weights (hd,))."""
+    b, t, width = qkv.shape
+    hd = width // (n_heads + 2 * n_kv)
+    q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
+    q = rms_norm(q.reshape(b, t, n_heads, hd), q_weight, eps).reshape(b, t, -1)
+    k = rms_norm(k.reshape(b, t, n_kv, hd), k_weight, eps).reshape(b, t, -1)
+    return torch.cat([q, k, v], dim=-1)
+
+
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
               cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int,
-              native: bool = False, window: int = 0) -> torch.Tensor:
+              native: bool = False, window: int = 0, qk_norm: tuple | None = None) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
     Returns (B, T, H, hd) in qkv's dtype. On CUDA a decode token runs fused.decode_attention_route's kernels;
     with native (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py), which adds the mask
     to the scores as torch's attention does. window: a sliding layer's (0: none), which the mask cuts already
-    (model.layer_masks); CUDA's fused decode kernels, which mask by position, cut it themselves."""
+    (model.layer_masks); CUDA's fused decode kernels, which mask by position, cut it themselves. qk_norm: (q's norm
+    weight, k's, eps) where each head of q and k is normed first (norm_heads; the fused decode kernels norm as they
+    load), else None."""
     hd = cache_k.shape[-1]
+    if _fused(qkv) and qkv.shape[1] == 1 and hd % 2 == 0 and fused_decode_attention_on():
+        from spqt.kernels import fused
+
+        if fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch":
+            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length, window,
+                                               qk_norm)
+    if qk_norm is not None:
+        qkv = norm_heads(qkv, *qk_norm, n_heads, n_kv)
     if native:
         from spqt.kernels import cpu_native
 
         if cpu_native.decode_attention_runs(qkv, cache_k, mask):
             return cpu_native.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask,
                                                     length)
-    if _fused(qkv) and qkv.shape[1] == 1 and hd % 2 == 0 and fused_decode_attention_on():
-        from spqt.kernels import fused
-
-        if fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch":
-            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length, window)
     q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
     causal = getattr(mask, CAUSAL, False) and not qkv.is_cuda
     out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],

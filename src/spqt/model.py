@@ -147,14 +147,6 @@ class Attention(DirectCallModule):
         self.cache: KVCache | None = None
         self.native = False  # the CPU's native maps: a decode token's attention in C too (build_model sets it)
 
-    def _norm_heads(self, qkv: torch.Tensor) -> torch.Tensor:
-        """qkv (B, T, (H + 2 Hkv) hd) -> the same with every head of q and of k RMS-normalized (Qwen3)."""
-        b, t, _ = qkv.shape
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], dim=-1)
-        q = self.q_norm(q.reshape(b, t, self.n_heads, self.hd)).reshape(b, t, -1)
-        k = self.k_norm(k.reshape(b, t, self.n_kv, self.hd)).reshape(b, t, -1)
-        return torch.cat([q, k, v], dim=-1)
-
     def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor, post_norm: RMSNorm | None = None) -> torch.Tensor:
         """x + attention(norm(x)), or x + post_norm(attention(norm(x))) (Gemma); rope: the layer's whole
@@ -162,11 +154,12 @@ class Attention(DirectCallModule):
         q|k|v map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
-        if self.q_norm is not None:
-            qkv = self._norm_heads(qkv)
+        # Qwen3's and Gemma 3's per-head norms of q and k, which the attention runs (the fused decode kernels as they
+        # load q and k)
+        qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         length = mask.shape[-1]
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
-                                   length, native=self.native, window=self.window)
+                                   length, native=self.native, window=self.window, qk_norm=qk_norm)
         out = out.reshape(b, t, self.n_heads * self.hd)
         if post_norm is None:
             return self.o(out, residual=x)

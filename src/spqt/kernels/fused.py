@@ -233,12 +233,27 @@ def _seen(n, pos, low, WINDOWED: tl.constexpr):
 
 
 @triton.jit
-def _new_kv(base, cos, sin, H, HKV, j, d, HALF: tl.constexpr, dt: tl.constexpr):
-    """Kv head j's new key (RoPE) and value from the q|k|v row at base, in the cache dtype dt: the two halves of hd of
-    each (0 past HALF)."""
+def _head_norm(x1, x2, w_ptr, eps, d, HALF: tl.constexpr, dt: tl.constexpr):
+    """A head's RMSNorm (Qwen3's, Gemma 3's q / k norm) of its halves x1, x2 (fp32, 0 past HALF; (HP,) or one head a
+    row, (rows, HP)) times the norm's weight (hd,) fp32 at w_ptr, rounded to dt as the unfused path stores it (the
+    rms_norm kernel's arithmetic), back in fp32."""
+    axis: tl.constexpr = len(x1.shape) - 1
+    sq = tl.sum(x1 * x1, axis=axis, keep_dims=True) + tl.sum(x2 * x2, axis=axis, keep_dims=True)
+    inv = 1.0 / tl.sqrt(sq / (2 * HALF) + eps)
+    w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+    return (x1 * inv * w1).to(dt).to(tl.float32), (x2 * inv * w2).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF: tl.constexpr, dt: tl.constexpr, QK_NORM: tl.constexpr):
+    """Kv head j's new key (its norm where QK_NORM, then RoPE) and value from the q|k|v row at base, in the cache
+    dtype dt: the two halves of hd of each (0 past HALF)."""
     dm = d < HALF
     k1 = tl.load(base + (H + j) * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
     k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    if QK_NORM:
+        k1, k2 = _head_norm(k1, k2, kw_ptr, eps, d, HALF, dt)
     kn1 = (k1 * cos - k2 * sin).to(dt)
     kn2 = (k2 * cos + k1 * sin).to(dt)
     vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d, mask=dm, other=0.0).to(dt)
@@ -384,13 +399,13 @@ def _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, cols, out, HD:
 
 @triton.jit
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
-                                  length, window, sx, scale, slots, HALF: tl.constexpr, HP: tl.constexpr,
-                                  BLOCK_N: tl.constexpr, GROUP: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr,
-                                  WINDOWED: tl.constexpr):
+                                  length, window, sx, scale, slots, qw_ptr, kw_ptr, eps, HALF: tl.constexpr,
+                                  HP: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, AHEAD: tl.constexpr,
+                                  PDL: tl.constexpr, WINDOWED: tl.constexpr, QK_NORM: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos, or with WINDOWED (a sliding
     layer's) pos - window < key <= pos, s its first block (flash-decoding). hd = 2 HALF, HP the next power of two
-    of HALF.
+    of HALF. QK_NORM: q and the new k normed first (each head's RMSNorm, weights at qw_ptr / kw_ptr, eps).
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
     scale) v is stored. Else each block's max m, sum l and unnormalized sum of p v go to the head's
@@ -424,10 +439,12 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         q1 = tl.load(base + h * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
         q2 = tl.load(base + h * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
         dt = o_ptr.dtype.element_ty
+        if QK_NORM:
+            q1, q2 = _head_norm(q1, q2, qw_ptr, eps, d, HALF, dt)
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
         r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
-        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, HALF, dt)
+        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF, dt, QK_NORM)
         if (h % group == 0) & ((blocks - 1 - start) % programs == prog):
             _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         head = b * H + h
@@ -483,12 +500,13 @@ def _attend_group(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, s
 
 @triton.jit
 def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr, ml_ptr, H, HKV, L, length, window, sx,
-                                  scale, slots, HALF: tl.constexpr, HP: tl.constexpr, BLOCK_N: tl.constexpr,
-                                  G: tl.constexpr, GP: tl.constexpr, AHEAD: tl.constexpr, PREC: tl.constexpr,
-                                  PDL: tl.constexpr, WINDOWED: tl.constexpr):
+                                  scale, slots, qw_ptr, kw_ptr, eps, HALF: tl.constexpr, HP: tl.constexpr,
+                                  BLOCK_N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, AHEAD: tl.constexpr,
+                                  PREC: tl.constexpr, PDL: tl.constexpr, WINDOWED: tl.constexpr,
+                                  QK_NORM: tl.constexpr):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
     (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the per-head
-    kernel's span (HALF, HP and WINDOWED as there), so
+    kernel's span (HALF, HP, WINDOWED and QK_NORM as there), so
     each cached block is read once for its group (the per-head kernel reads it G times). RoPE of the group's q, the
     new k (RoPE) and v, written into the cache by the program of the block holding pos. Every block's max m, sum l
     and unnormalized sums of p v go to its query heads' scratch slots (`slots` a head); _attention_combine_kernel
@@ -516,10 +534,12 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         q1 = tl.load(rows_q, mask=both, other=0.0).to(tl.float32)
         q2 = tl.load(rows_q + HALF, mask=both, other=0.0).to(tl.float32)
         dt = k_ptr.dtype.element_ty
+        if QK_NORM:
+            q1, q2 = _head_norm(q1, q2, qw_ptr, eps, d, HALF, dt)
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
         r2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
-        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, HALF, dt)
+        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF, dt, QK_NORM)
         if (blocks - 1 - start) % programs == prog:
             _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         at = (b * H + h) * slots
@@ -595,15 +615,17 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                           cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int, window: int = 0,
-                          out: torch.Tensor | None = None) -> torch.Tensor:
+                          qk_norm: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention in one launch, two on the long spans (decode_attention_route; replaces rope_kv +
     the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
     block, a scratch slot each); window: a sliding layer's (the token at pos sees pos - window < key <= pos: the
-    blocks before the window's first are not read) or 0. Returns (B, 1, H, hd) in qkv's dtype (into `out` where
-    given: the tests poison it). Needs hd even (a half past a power of two runs masked: Phi-3's 96)."""
+    blocks before the window's first are not read) or 0; qk_norm: (q's norm weight, k's, eps), each (hd,) fp32 on the
+    device, to norm each head of q and the new k first (Qwen3, Gemma 3), or None. Returns (B, 1, H, hd) in qkv's
+    dtype (into `out` where given: the tests poison it). Needs hd even (a half past a power of two runs masked:
+    Phi-3's 96)."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd % 2:
@@ -615,7 +637,8 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         raise ValueError(f"rope_attention_decode: a window of {window} keys")
     if window:  # a window's keys lie in at most this many blocks
         blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
-    half = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0)
+    half = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0, QK_NORM=qk_norm is not None)
+    norms = qk_norm if qk_norm is not None else (table, table, 0.0)  # (unread without QK_NORM)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
     from spqt.kernels.zigzag_mma import uses_pdl
@@ -629,19 +652,19 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         programs = attention_programs(blocks, b * n_kv, qkv.device)
         _rope_attention_blocks_kernel[(n_kv, programs, b)](
             qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, window,
-            qkv.stride(0), hd**-0.5, slots, **half, BLOCK_N=ATTN_BLOCK_N, G=group,
+            qkv.stride(0), hd**-0.5, slots, *norms, **half, BLOCK_N=ATTN_BLOCK_N, G=group,
             GP=max(16, triton.next_power_of_2(group)),
             AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
             launch_pdl=pdl)
         cols = math.gcd(hd, ATTN_LONG_COMBINE_COLS)  # COLS a power of two: whole slices of any even hd
         _attention_combine_kernel[(n_heads, hd // cols, b)](
             positions, out, part, ml, n_heads, length, window, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
-            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, WINDOWED=window > 0, num_warps=4, launch_pdl=pdl)
+            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, WINDOWED=half["WINDOWED"], num_warps=4, launch_pdl=pdl)
         return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        window, qkv.stride(0), hd**-0.5, slots, **half, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
+        window, qkv.stride(0), hd**-0.5, slots, *norms, **half, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
         AHEAD=ATTN_PREFETCH_BLOCKS, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     return out
