@@ -110,8 +110,22 @@ def silu_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
 
 def gelu_tanh_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
     """(..., 2F) stacked gate|up -> gelu_tanh(gate) * up, (..., F) in its dtype (Gemma's GeGLU: GELU's tanh
-    approximation, transformers' gelu_pytorch_tanh). Torch ops on every device (no fused kernel)."""
+    approximation, transformers' gelu_pytorch_tanh): one fused kernel on the GPU, torch ops elsewhere."""
+    if _fused(gate_up):
+        from spqt.kernels import fused
+
+        return fused.gelu_tanh_mul(gate_up, ffn_dim)
     return F.gelu(gate_up[..., :ffn_dim], approximate="tanh").mul_(gate_up[..., ffn_dim:])
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + rms_norm(y) * weight (Gemma's post-norms: an output normed before it joins the residual x), x and y (..., D)
+    of one dtype: one fused kernel on the GPU, rms_norm and the sum elsewhere."""
+    if _fused(x):
+        from spqt.kernels import fused
+
+        return fused.add_rms_norm(x, y, weight, eps)
+    return x + rms_norm(y, weight, eps)
 
 
 def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:

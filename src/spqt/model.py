@@ -163,7 +163,7 @@ class Attention(DirectCallModule):
         out = out.reshape(b, t, self.n_heads * self.hd)
         if post_norm is None:
             return self.o(out, residual=x)
-        return x + post_norm(self.o(out))
+        return functional.add_rms_norm(x, self.o(out), post_norm.weight, post_norm.eps)
 
 
 class FeedForward(DirectCallModule):
@@ -183,7 +183,7 @@ class FeedForward(DirectCallModule):
             act = functional.gelu_tanh_mul(self.gate_up(x, norm=norm), self.ffn_dim)
         if post_norm is None:
             return self.down(act, residual=x)
-        return x + post_norm(self.down(act))
+        return functional.add_rms_norm(x, self.down(act), post_norm.weight, post_norm.eps)
 
 
 class Block(DirectCallModule):

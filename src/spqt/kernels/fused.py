@@ -4,6 +4,8 @@
   rms_norm   x (R, D) -> x * rsqrt(mean(x^2) + eps) * w, fp32 math, x's dtype out
   rope_kv    qkv (B, T, (H + 2 Hkv) hd) -> q rotated; k rotated and v written into the KV cache
   silu_mul   gu (R, 2F) -> silu(gu[:, :F]) * gu[:, F:]
+  gelu_tanh_mul  gu (R, 2F) -> gelu_tanh(gu[:, :F]) * gu[:, F:]   (Gemma's GeGLU)
+  add_rms_norm   x, y (R, D) -> x + rms_norm(y) * w   (Gemma's post-norms joining the residual)
   rms_norm_collect       one row: rms_norm, and the sparse index list of its output (collect())
   rope_attention_decode  one token: RoPE of q and k, the KV-cache write and the attention
 Their torch twins are in spqt.functional, which picks one or the other.
@@ -107,6 +109,58 @@ def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
     out = torch.empty((*g.shape[:-1], f), dtype=g.dtype, device=g.device)
     block = 1024
     _silu_mul_kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _gelu_tanh_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
+    """Program (row, slice): gelu_tanh(gate) rounded to the output dtype (torch's F.gelu's result), times up."""
+    row = tl.program_id(0)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < F
+    g = tl.load(gu_ptr + row * 2 * F + offs, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * F + F + offs, mask=m, other=0.0).to(tl.float32)
+    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (g + 0.044715 g^3)
+    z = tl.minimum(tl.maximum(z, -15.0), 15.0)  # tanh is +-1 in fp32 past 9: no exp overflow
+    tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
+    gelu = (0.5 * g * (1.0 + tanh)).to(out_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * F + offs, (gelu * u).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def gelu_tanh_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
+    """gu (..., 2F) stacked gate|up -> gelu_tanh(gate) * up (..., F) in gu's dtype, one launch (functional's torch
+    twin: F.gelu(approximate="tanh"), rounded, then the product)."""
+    g = gu.contiguous()
+    rows = g.numel() // (2 * f)
+    out = torch.empty((*g.shape[:-1], f), dtype=g.dtype, device=g.device)
+    block = 1024
+    _gelu_tanh_mul_kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
+    return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+    """Row r: x + rms_norm(y) * w, the norm rounded to the output dtype first (_rms_norm_kernel's arithmetic), then
+    the sum rounded."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    m = offs < D
+    y = tl.load(y_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + eps)
+    normed = (y * inv * w).to(out_ptr.dtype.element_ty).to(tl.float32)
+    x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * D + offs, (x + normed).to(out_ptr.dtype.element_ty), mask=m)
+
+
+def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + rms_norm(y) * w for x, y (..., D) of one dtype, w (D,): one launch instead of rms_norm's and the sum's
+    (Gemma's post-norms; the norm's arithmetic and warps rms_norm's, so the normed values are its bits)."""
+    d = x.shape[-1]
+    xc, yc = x.contiguous(), y.contiguous()
+    out = torch.empty_like(xc)
+    block = triton.next_power_of_2(d)
+    _add_rms_norm_kernel[(xc.numel() // d,)](xc, yc, w, out, d, eps, BLOCK=block, num_warps=norm_warps(block))
     return out
 
 
