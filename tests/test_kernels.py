@@ -463,7 +463,8 @@ def test_fused_ops_match_torch_twins(rng, device):
     # Gemma's GeGLU (gates far out too: tanh's +-1) and its post-norms joining the residual, against torch's ops
     gu[0, :8] = torch.tensor([-60.0, -20.0, -5.0, -1e-4, 1e-4, 5.0, 20.0, 60.0], dtype=dtype)
     gelu = torch.nn.functional.gelu(gu[:, :1500].float(), approximate="tanh").to(dtype).float()
-    torch.testing.assert_close(fused.gelu_tanh_mul(gu, 1500), (gelu * gu[:, 1500:].float()).to(dtype), atol=tol, rtol=tol)
+    torch.testing.assert_close(fused.gelu_tanh_mul(gu, 1500), (gelu * gu[:, 1500:].float()).to(dtype), atol=tol,
+                               rtol=tol)
     x2, y2 = (torch.from_numpy(rng.standard_normal((3, 5, 577)).astype(np.float32)).to(device, dtype) for _ in range(2))
     w2 = torch.from_numpy(rng.uniform(0.5, 1.5, 577).astype(np.float32)).to(device)
     normed = (y2.float() * torch.rsqrt(y2.float().pow(2).mean(-1, keepdim=True) + 1e-6) * w2).to(dtype)
