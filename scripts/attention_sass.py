@@ -2,7 +2,7 @@
 per head dim and dtype: registers, stack, instruction count and a hash of the SASS, so that a change meant to leave a
 configuration's code alone can be checked to (same hash), and a new one to compile at all.
 
-    python scripts/attention_sass.py [hd,dtype[,windowed][,qknorm] ...]   (default: hd 64, 128, 256 and 96 in fp16)
+    python scripts/attention_sass.py [hd,dtype[,windowed][,qknorm][,softcap] ...]   (default: hd 64, 128, 256, 96; fp16)
 
 The hash leaves out the kernel parameters' constant-bank offsets (c[0x0][...]), which an added argument moves.
 """
@@ -20,12 +20,13 @@ from spqt.kernels.sass import compile_sm90, disassemble, instructions
 _POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: bool = False):
+def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: bool = False, softcap: float = 0.0):
     """fused.<name> compiled for sm_90 with the launch's constexprs at head dim hd, caches and q|k|v of `dtype`, for a
-    sliding layer where windowed, with q / k norms where qk_norm (a tree without these arguments ignores them)."""
+    sliding layer where windowed, with q / k norms where qk_norm, Gemma 2's score cap where softcap (a tree without
+    these arguments ignores them)."""
     half, p = hd // 2, _POINTER[dtype]
     common = dict(HALF=half, HP=triton.next_power_of_2(half), BLOCK_N=fused.ATTN_BLOCK_N, PDL=True, WINDOWED=windowed,
-                  QK_NORM=qk_norm)
+                  QK_NORM=qk_norm, SOFTCAP=softcap)
     if name == "_rope_attention_decode_kernel":
         sig = dict(x_ptr=p, t_ptr="*fp32", pos_ptr="*i64", k_ptr=p, v_ptr=p, o_ptr=p, part_ptr="*fp32",
                    ml_ptr="*fp32", cnt_ptr="*i32", H="i32", HKV="i32", L="i32", length="i32", window="i32",
@@ -55,7 +56,8 @@ if __name__ == "__main__":
     for hd, dtype, *flags in configs:
         for name in ("_rope_attention_decode_kernel", "_rope_attention_blocks_kernel", "_attention_combine_kernel"):
             sass, regs, stack = disassemble(compiled(name, int(hd), dtype, "windowed" in flags,
-                                                     "qknorm" in flags).asm["cubin"])
+                                                     "qknorm" in flags, 50.0 if "softcap" in flags else 0.0
+                                                     ).asm["cubin"])
             lines = [re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[param]", re.sub(r"/\*[0-9a-f]{4}\*/", "", ln))
                      for ln in instructions(sass)]
             digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]

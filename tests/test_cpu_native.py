@@ -254,13 +254,16 @@ def test_norm_and_swiglu_in_c(rng):
     assert float((lin(x, norm=norm, swiglu=True).double() - want).abs().max()) <= bound
 
 
-@pytest.mark.parametrize("n_heads,n_kv,hd,pos,masked", [(6, 2, 16, 8, [3]), (4, 4, 16, 8, [3]),
-                                                       (9, 3, 64, 600, [3, 300]), (6, 2, 12, 530, list(range(256)))])
-def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked):
+@pytest.mark.parametrize("n_heads,n_kv,hd,pos,masked,softcap", [
+    (6, 2, 16, 8, [3], 0.0), (4, 4, 16, 8, [3], 0.0), (9, 3, 64, 600, [3, 300], 0.0),
+    (6, 2, 12, 530, list(range(256)), 0.0), (6, 2, 16, 8, [3], 1.5), (9, 3, 64, 600, [3, 300], 4.0)])
+def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked, softcap):
     """One token's RoPE, KV-cache write and attention in C against functional.attention's torch path:
     the caches' new rows and the output within fp32 rounding, the other cache rows untouched; masked keys
-    ignored (a whole chunk of 256 keys in the last case); the spans of 601 and 531 keys take three chunks merged
-    in order, the same bits on 1, 2 and 3 threads; hd 12 takes the scalar dot; prefill (T > 1) is not taken."""
+    ignored (a whole chunk of 256 keys in the last uncapped case); the spans of 601 and 531 keys take three chunks
+    merged in order, the same bits on 1, 2 and 3 threads; hd 12 takes the scalar dot; prefill (T > 1) is not taken.
+    With Gemma 2's soft-cap of the scores (small caps, which the scores here exceed: the capped output differs from
+    the uncapped one), the C tanhf against torch's capped attention (functional._capped_attention)."""
     if cpu_native.available():
         pytest.skip(cpu_native.available())
     from spqt.functional import attention
@@ -273,13 +276,17 @@ def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked
     mask[0, masked] = float("-inf")
     positions = torch.tensor([pos])
     ref_k, ref_v = caches[0].clone(), caches[1].clone()
-    want = attention(qkv, table, positions, ref_k, ref_v, n_heads, n_kv, mask, pos + 1)
+    want = attention(qkv, table, positions, ref_k, ref_v, n_heads, n_kv, mask, pos + 1, softcap=softcap)
+    if softcap:  # (the cap bites)
+        uncapped = attention(qkv, table, positions, ref_k.clone(), ref_v.clone(), n_heads, n_kv, mask, pos + 1)
+        assert float((uncapped - want).abs().max()) > 0.05
     assert cpu_native.decode_attention_runs(qkv, caches[0], mask)
     runs, before = [], torch.get_num_threads()
     try:
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            runs.append(attention(qkv, table, positions, *caches, n_heads, n_kv, mask, pos + 1, native=True))
+            runs.append(attention(qkv, table, positions, *caches, n_heads, n_kv, mask, pos + 1, native=True,
+                                  softcap=softcap))
     finally:
         torch.set_num_threads(before)
     got = runs[0]

@@ -1,5 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 3), each from HF safetensors
-and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3), each from HF
+safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -80,10 +80,18 @@ FAMILIES = {
                                             "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
                                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
                "gemma3", "gemma"),
+    # 4 layers: 0 and 2 slide through a window of 8 (transformers' and llama.cpp's pattern), which the tests' 32 to 90
+    # tokens cross; soft-caps that bite: scores of about unit size capped at 2, logits at 1.5 (the released 50 and 30
+    # sit far above such a tiny model's values); query_pre_attn_scalar head_dim, as 2B and 9B have it and llama.cpp
+    # reads a GGUF (test_gemma2_attention_scale_and_gguf_keys: another one)
+    "gemma2": ("Gemma2Config", dict(num_hidden_layers=4, head_dim=16, query_pre_attn_scalar=16, sliding_window=8,
+                                    attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+                                    max_position_embeddings=512, pad_token_id=None,
+                                    rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "gemma2", "gemma"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
-               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}  # Gemma 3's names in a GGUF
+               "post_feedforward_layernorm.weight": "post_ffw_norm.weight"}  # Gemma 2's and 3's names in a GGUF
 GRANITE_KEYS = {"embedding_scale": "embedding_multiplier", "attention.scale": "attention_multiplier",
                 "residual_scale": "residual_multiplier", "logit_scale": "logits_scaling"}  # GGUF key: HF key
 PROMPT_LEN = 90  # past the 64 original positions of the llama3 scaling, inside Mistral's and Phi-3's windows
@@ -125,14 +133,15 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     `granite`'s multipliers as four keys, no head length (its converter drops head_dim); `phi3`'s
     fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
     rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
-    layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key.
+    layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key;
+    `gemma2`'s the same (no local RoPE), with its two soft-caps as keys.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
     c = model.config
     hd = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         sd = {k: v + 1 if k.endswith("norm.weight") else v for k, v in sd.items()}
     rope = c.rope_parameters.get("full_attention", c.rope_parameters)  # (Gemma 3: a block a layer type)
     w = gguf.GGUFWriter(str(path), arch)
@@ -165,8 +174,11 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     w.add_chat_template(template)
     if arch == "phi3":  # (llama.cpp's converter writes 0 where the config has none)
         w.add_sliding_window(c.sliding_window or 0)
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(c.sliding_window)
+    if arch == "gemma2":  # (its converter writes both caps)
+        w.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        w.add_final_logit_softcapping(c.final_logit_softcapping)
     if rope.get("rope_type") == "longrope":
         original = c.rope_parameters["original_max_position_embeddings"]
         w.add_rope_scaling_orig_ctx_len(original)
@@ -198,7 +210,7 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
              "self_attn.o_proj.bias": "attn_output.bias", "mlp.gate_proj.bias": "ffn_gate.bias",
              "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
-    if arch == "gemma3":
+    if arch in ("gemma2", "gemma3"):
         names |= GEMMA_NORMS
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
@@ -246,7 +258,7 @@ def build_family(name: str, spec: tuple, base_tokenizer: Path, folder: Path) -> 
     if getattr(config, "embedding_multiplier", 1.0) != 1.0:  # (Granite's table is trained for its multiplier: the
         with torch.no_grad():                                # input at unit size, so the layers count, not the table)
             model.model.embed_tokens.weight /= config.embedding_multiplier
-    if config.model_type == "gemma3_text":  # (so is Gemma's for its sqrt(hidden_size))
+    if config.model_type in ("gemma2", "gemma3_text"):  # (so is Gemma's for its sqrt(hidden_size))
         with torch.no_grad():
             model.model.embed_tokens.weight /= math.sqrt(config.hidden_size)
     model.eval()
@@ -302,18 +314,20 @@ def test_float_forward_equals_transformers(family, source):
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
     assert c.qk_norm == (name in ("qwen3", "gemma3"))
-    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma3"))
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3"))
     assert loaded.provenance.get("folded_multipliers") == (
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
         if name == "granite" else None)
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
     assert (c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
-        (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, False, "silu", 1.0))
+        (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, True, "gelu_tanh", 8.0) if name == "gemma2"
+        else (0.0, False, "silu", 1.0))
+    assert (c.attn_logit_softcap, c.final_logit_softcap) == ((2.0, 1.5) if name == "gemma2" else (0.0, 0.0))
     # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
     windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
     assert (c.sliding_layers, c.sliding_window) == (
-        ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed
-        else ((), 0))
+        ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 2), 8) if name == "gemma2"
+        else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
     if name == "gemma3":  # the full layer's linear scaling, from both sources; its context not capped by the window
         assert c.rope_freq_factors == (4.0,) * 8 and c.max_seq_len == 512
     if name.startswith("llama"):
@@ -643,7 +657,8 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     # doubling of the layers adds as much noise again: -3 dB (SmolLM3's 4 layers: 14.2 to 17.4 dB over 20 seeds)
     floor = 15 - 10 * math.log10(a.config.n_layers / 2)
     if a.config.post_norms:  # Gemma's post-norms bring every layer's output, its noise too, to the residual's size:
-        floor = 7.5          # 9.3 to 12.2 dB over 12 seeds (6 layers; Q8_0 maps: 34 dB, the switches right)
+        floor = 7.5          # 9.3 to 12.2 dB over 12 seeds (6 layers; Q8_0 maps: 34 dB, the switches right);
+        #                      Gemma 2's 4 layers, capped: 10.6 to 13.7 dB over 12 seeds
     db = sqnr_db(exact, quantized)
     with capsys.disabled():
         print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
@@ -652,7 +667,10 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     assert main(["generate", str(out["gguf"]), "-p", "once upon a time", "-n", "6", "--device", "cpu"]) == 0
     assert main(["generate", str(out["hf"]), "-p", "hello", "-n", "4", "--chat", "--device", "cpu"]) == 0
     assert main(["inspect", str(out["hf"])]) == 0
-    assert f"architecture {'llama' if family['name'].startswith('llama') else family['name']}" in capsys.readouterr().out
+    shown = capsys.readouterr().out
+    assert f"architecture {'llama' if family['name'].startswith('llama') else family['name']}" in shown
+    capped = "attention scores capped at 2, logits capped at 1.5"
+    assert (capped in shown) == (family["name"] == "gemma2"), shown
 
 
 def test_phi3_fused_quantized_tensors_split_by_rows(base_tokenizer, tmp_path):
@@ -779,7 +797,7 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -858,10 +876,10 @@ def test_gemma3_window_cuts_and_decode_steps_equal_transformers(family, quantize
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=48), ids, sparse=False)
     cuts, native = [], cpu_native.rope_attention_decode
 
-    def watched(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask, length):
+    def watched(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask, length, *rest):
         p = int(positions[0])
         cuts.append(bool(torch.isinf(mask[0, : max(0, p - c.sliding_window + 1)]).all()) and p >= c.sliding_window)
-        return native(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask, length)
+        return native(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask, length, *rest)
 
     monkeypatch.setattr(cpu_native, "rope_attention_decode", watched)
     got = _stepped_logits(Generator(spqt, "cpu", max_len=48, backend="cpu-native"), ids, sparse=False)
@@ -938,7 +956,7 @@ def test_gemma3_configs_read_as_transformers_reads_them(extra):
     Gemma3TextConfig takes from it."""
     from transformers import Gemma3TextConfig
 
-    from spqt.sources import _gemma3_config, _gemma3_query_scale, _hf_config
+    from spqt.sources import _gemma3_config, _gemma_query_scale, _hf_config
 
     cfg = {"model_type": "gemma3_text", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
            "num_hidden_layers": 8, "head_dim": 16, **extra}
@@ -954,7 +972,7 @@ def test_gemma3_configs_read_as_transformers_reads_them(extra):
     assert ours.rope_freq_factors == (None if factor == 1.0 else (factor,) * 8)
     assert (ours.n_heads, ours.n_kv_heads, ours.norm_eps, ours.max_seq_len) == (
         theirs.num_attention_heads, theirs.num_key_value_heads, theirs.rms_norm_eps, theirs.max_position_embeddings)
-    assert _gemma3_query_scale(full) == math.sqrt(16 / theirs.query_pre_attn_scalar)
+    assert _gemma_query_scale(full) == math.sqrt(16 / theirs.query_pre_attn_scalar)
     assert ours.family == "gemma3" and ours.embed_scale == 8.0
 
 
@@ -968,11 +986,12 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2"], indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
-    block run alone on its own mask) over Gemma 3's 40-token windows: block i's output is block i + 1's input, bit for
-    bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output differs)."""
+    block run alone on its own mask) over Gemma 3's and Gemma 2's 40-token windows: block i's output is block i + 1's
+    input, bit for bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output
+    differs; Gemma 2's capped attention takes calibration's bool masks as the forward's additive ones)."""
     from spqt.calibrate import _dense_block_inputs
 
     model = Generator(load_spqt(quantized["hf"]), "cpu", max_len=48).model
@@ -984,6 +1003,144 @@ def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
             assert torch.equal(out, inputs[i + 1]), i
         unwindowed = model.layers[0](inputs[0], model.rope_for(0), positions, masks[-1])
         assert not torch.allclose(unwindowed, inputs[1])
+
+
+def _gemma2_reference(model, **changes):
+    """A transformers Gemma 2 with `model`'s weights and these config values changed (float32, eval)."""
+    import transformers
+
+    config = transformers.Gemma2Config(**{**model.config.to_dict(), **changes})
+    reference = transformers.Gemma2ForCausalLM(config)
+    reference.load_state_dict(model.state_dict())
+    return reference.eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2"], indirect=True)
+def test_gemma2_caps_window_and_decode_steps_equal_transformers(family, quantized, monkeypatch):
+    """Gemma 2 past its window of 8 with soft-caps that bite: transformers' logits without the attention cap, without
+    the logits' cap or without the window each differ (each matters in these 40 tokens); ours equal its capped,
+    windowed ones from one prefill and one token at a time through the KV cache (the torch path: its explicit capped
+    scores). The CPU's native decode attention (one C call a layer, the cap passed in) runs in every layer and gives
+    the torch path's logits within the fp16 rounding of the tied head. The .spqt is format version 7 and reads back the
+    same configuration."""
+    from safetensors import safe_open
+
+    from spqt.kernels import cpu_native
+
+    ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 5)
+    with torch.no_grad():
+        theirs = family["model"](torch.tensor([ids])).logits[0]
+        span = float(theirs.max() - theirs.min())
+        for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}, {"sliding_window": 512}):
+            other = _gemma2_reference(family["model"], **change)(torch.tensor([ids])).logits[0]
+            assert float((theirs - other).abs().max()) > 0.05 * span, f"{change} does not matter here"
+    assert float(theirs.abs().max()) < 1.5  # (the logits' cap)
+    loaded = load_model(family["hf"])
+    err, _ = _logit_error(loaded, family["model"], ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: prefill max |diff| {err:.3e} vs logit range {span:.2f}"
+    stepped = _stepped_logits(Generator(loaded, "cpu", max_len=48), ids, sparse=False)
+    err = float((stepped - theirs[1:]).abs().max())
+    assert err < 2e-5 * span, f"seed {family['seed']}: decode steps max |diff| {err:.3e} vs logit range {span:.2f}"
+    with safe_open(str(quantized["hf"]), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 7
+    spqt = load_spqt(quantized["hf"])
+    assert spqt.config == loaded.config
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    ref = _stepped_logits(Generator(spqt, "cpu", max_len=48), ids, sparse=False)
+    caps, native = [], cpu_native.rope_attention_decode
+
+    def watched(*args):
+        caps.append(args[9])
+        return native(*args)
+
+    monkeypatch.setattr(cpu_native, "rope_attention_decode", watched)
+    got = _stepped_logits(Generator(spqt, "cpu", max_len=48, backend="cpu-native"), ids, sparse=False)
+    assert caps == [2.0] * (spqt.config.n_layers * len(ids))  # (the one-token prefill too)
+    err = float((got - ref).abs().max())
+    assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
+
+
+def test_gemma2_attention_scale_and_gguf_keys(base_tokenizer, tmp_path, capsys):
+    """query_pre_attn_scalar 24 with head_dim 16 (folded into wq, Gemma 2 having no q_norm: transformers' logits from
+    HF); its GGUF reads as llama.cpp reads it: scores scaled by 1 / sqrt(head_dim), a transformers model with
+    query_pre_attn_scalar 16 (the 27B's 46 layers: by 1 / sqrt(dim / heads)). A GGUF without the window or cap keys
+    takes llama.cpp's 4,096, 50 and 30; caps of 0 are none; a cap that is not a number is refused in one line."""
+    from spqt.sources import _gguf_gemma2
+
+    cls, extra, arch, template = FAMILIES["gemma2"]
+    fam = build_family("gemma2-scale", (cls, {**extra, "query_pre_attn_scalar": 24}, arch, template), base_tokenizer,
+                       tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    hf = load_model(fam["hf"])
+    err, span = _logit_error(hf, fam["model"], ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
+    gguf_model = load_model(fam["gguf"])
+    assert not torch.equal(gguf_model.weights["layers.0.qkv"], hf.weights["layers.0.qkv"])
+    err, span = _logit_error(gguf_model, _gemma2_reference(fam["model"], query_pre_attn_scalar=16), ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
+    keys = {}
+    big = _gguf_gemma2(lambda key, default=None: keys.get(key, default), lambda key, default=None: keys.get(
+        f"gemma2.{key}", default), Path("m.gguf"), 46, 4608, 32, 128)
+    assert big["query_scale"] == math.sqrt(128 / 144) and big["sliding_layers"] == tuple(range(0, 46, 2))
+    assert (big["sliding_window"], big["attn_logit_softcap"], big["final_logit_softcap"]) == (4096, 50.0, 30.0)
+    drop = tuple(f"gemma2.{k}" for k in ("attn_logit_softcapping", "final_logit_softcapping",
+                                         "attention.sliding_window"))
+    bare = load_model(_gguf_with(fam["gguf"], tmp_path / "bare.gguf", {}, drop=drop)).config
+    assert (bare.sliding_window, bare.sliding_layers, bare.attn_logit_softcap, bare.final_logit_softcap) == (
+        4096, (0, 2), 50.0, 30.0)
+    zero = {"gemma2.attn_logit_softcapping": 0.0, "gemma2.final_logit_softcapping": 0.0}
+    none = load_model(_gguf_with(fam["gguf"], tmp_path / "zero.gguf", zero)).config
+    assert not none.soft_capped and none.sliding_window == 8
+    path = _gguf_with(fam["gguf"], tmp_path / "text.gguf", {"gemma2.final_logit_softcapping": "x"})
+    capsys.readouterr()  # (the build's progress bars)
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")],
+                  "GGUF gemma2.final_logit_softcapping is not a number ('x')")
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # (as transformers 4.x wrote the published config.json: rope_theta, no layer_types)
+    {"rope_theta": 1e4, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0, "sliding_window": 4096},
+    {"attn_logit_softcapping": None, "final_logit_softcapping": None},
+    {"layer_types": ["full_attention", "sliding_attention"] * 4, "sliding_window": 16},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}, "query_pre_attn_scalar": 24}])
+@pytest.mark.parametrize("v4", [False, True])
+def test_gemma2_configs_read_as_transformers_reads_them(extra, v4, monkeypatch):
+    """A gemma2 config.json with its defaults left out, the released models' keys, caps of null, explicit layer_types
+    and transformers 5's rope_parameters: the sliding layers, window, caps, RoPE base and attention scale that
+    Gemma2Config takes from it; also where the config class is transformers 4.x's (v4: a dict without rope_parameters,
+    and without layer_types unless the config gives them, which the reader fills as 4.x runs the model: every other
+    layer sliding from the first)."""
+    import transformers
+
+    from spqt.sources import _gemma2_config, _gemma_query_scale, _hf_config
+
+    cfg = {"model_type": "gemma2", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 8, "head_dim": 16, **extra}
+    theirs = transformers.Gemma2Config.from_dict(json.loads(json.dumps(cfg)))
+    if v4:
+        class Gemma2ConfigV4(transformers.Gemma2Config):
+            def to_dict(self):  # (4.x's keys: rope_theta and rope_scaling at the top level, layer_types as given)
+                d = super().to_dict()
+                rope = d.pop("rope_parameters")
+                if "layer_types" not in cfg:
+                    d.pop("layer_types")
+                return {**d, "rope_theta": rope["rope_theta"], "rope_scaling": None}
+
+        monkeypatch.setattr(transformers, "Gemma2Config", Gemma2ConfigV4)
+    full = _gemma2_config(cfg)
+    ours = _hf_config(full, "gemma2", tie=True)
+    sliding = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    assert (ours.sliding_layers, ours.sliding_window) == (sliding, theirs.sliding_window)
+    assert (ours.attn_logit_softcap, ours.final_logit_softcap) == (
+        theirs.attn_logit_softcapping or 0.0, theirs.final_logit_softcapping or 0.0)
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"] and ours.rope_freq_factors is None
+    assert (ours.n_heads, ours.n_kv_heads, ours.norm_eps, ours.max_seq_len, ours.tie_embeddings) == (
+        theirs.num_attention_heads, theirs.num_key_value_heads, theirs.rms_norm_eps, theirs.max_position_embeddings,
+        theirs.tie_word_embeddings)
+    assert _gemma_query_scale(full) == math.sqrt(16 / theirs.query_pre_attn_scalar)
+    assert (ours.family, ours.embed_scale, ours.post_norms, ours.qk_norm, ours.rope_local_theta) == (
+        "gemma2", 8.0, True, False, 0.0)
 
 
 @pytest.mark.gpu
@@ -1035,8 +1192,7 @@ def _expect_error(capsys, argv, fragment):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
-                                        "granitemoeshared", "granitemoehybrid", "gemma2", "gemma", "gemma3n",
-                                        "gemma3n_text"])
+                                        "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -1088,6 +1244,14 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "gemma3_text", "layer_types": ["full_attention", "chunked_attention"]}, "unusable config"),
     ({"model_type": "gemma3_text", "query_pre_attn_scalar": "x"}, "Gemma3TextConfig refuses it"),  # (over lines)
     ({"model_type": "gemma3"}, "a gemma3 (multimodal) config without a text_config object"),
+    # Gemma 2 with what it does not run, or unusable values
+    ({"model_type": "gemma2", "use_bidirectional_attention": True}, "bidirectional attention"),
+    ({"model_type": "gemma2", "hidden_activation": "gelu"}, "activation 'gelu' is not supported (gelu_pytorch_tanh "
+                                                              "is, for gemma2)"),
+    ({"model_type": "gemma2", "attn_logit_softcapping": -50.0}, "attn_logit_softcap must be a non-negative number"),
+    ({"model_type": "gemma2", "final_logit_softcapping": "x"}, "Gemma2Config refuses it"),
+    ({"model_type": "gemma2", "query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be a positive number"),
+    ({"model_type": "gemma2", "sliding_window": None}, "sliding_window must be a positive integer, got None"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -1102,7 +1266,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma2", "gemma", "gemma3n", "granitemoe", "granitehybrid"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
@@ -1188,15 +1352,15 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
 
 
-@pytest.mark.parametrize("family", ["gemma3", "qwen3"], indirect=True)
-def test_gemma3_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypatch):
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3"], indirect=True)
+def test_gemma_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypatch):
     """A run that asks for no dtype (--dtype auto, serve) computes in float32 on the CPU and, on CUDA, in float16, but
-    in bfloat16 for Gemma 3 (its activations outgrow float16's range); an asked dtype is kept."""
+    in bfloat16 for Gemma 2 and 3 (their activations outgrow float16's range); an asked dtype is kept."""
     from spqt.cli import _dtype
     from spqt.generate import default_dtype
 
     config = load_spqt(quantized["hf"]).config
-    gemma = family["name"] == "gemma3"
+    gemma = family["name"] in ("gemma2", "gemma3")
     assert default_dtype(config, "cpu") == torch.float32
     assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
     assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16

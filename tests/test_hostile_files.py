@@ -260,8 +260,12 @@ def spqt_metadata_cases(data: bytes):
                    ("embed_scale", 0), ("embed_scale", "8"), ("rope_local_theta", -1.0), ("post_norms", "yes"),
                    ("post_norms", True)):
         yield f"spqt config {key}={v!r}", edited(lambda m: m["config"].__setitem__(key, v)), False
+    # Gemma 2's soft-caps: a negative, infinite or textual cap is refused; null reads as none (0)
+    for key in ("attn_logit_softcap", "final_logit_softcap"):
+        for v in (-1.0, float("inf"), "30", True, None):
+            yield f"spqt config {key}={v!r}", edited(lambda m: m["config"].__setitem__(key, v)), v is None
     yield "spqt no config", edited(lambda m: m.pop("config")), False
-    yield "spqt format_version 7", edited(lambda m: m.__setitem__("format_version", 7)), False
+    yield "spqt format_version 8", edited(lambda m: m.__setitem__("format_version", 8)), False
     first = next(iter(meta["linears"]))
     yield "spqt linear format q9", edited(lambda m: m["linears"][first].__setitem__("format", "q9")), False
     yield "spqt linear format 5", edited(lambda m: m["linears"][first].__setitem__("format", 5)), False

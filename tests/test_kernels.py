@@ -743,6 +743,86 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, L + 1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_attention_decode_soft_cap(rng, device, monkeypatch):
+    """Gemma 2's soft-capped scores in the decode attention's kernels (SOFTCAP: cap * tanh(score / cap) before the
+    softmax) equal rope_kv + the torch attention with the cap (functional._capped_attention) over the masked cache:
+    the per-head kernel over one block and over several (combined by the last program), batch 2, a sliding window;
+    the long spans' two launches (grouped queries past 512 keys, counted); on CUDA Gemma 2 2B's and 9B's heads at
+    its 50 with their window of 4,096. q is scaled to give scores about twice the cap (tanh saturates for many: the
+    uncapped attention differs); the output is NaN before the call and cache rows at and past the position (and below
+    a window) are NaN (never read)."""
+    from spqt import functional
+    from spqt.config import ModelConfig
+    from spqt.kernels import fused
+    from spqt.model import rope_table
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    # (heads, kv, hd, pos, batch, window, cap)
+    cases = [(3, 3, 16, 5, 2, 0, 0.5), (4, 2, 32, 150, 1, 0, 2.0), (2, 1, 32, 100, 1, 40, 1.0),
+             (4, 2, 32, 600, 1, 0, 3.0)]
+    if device == "cuda":
+        cases += [(8, 4, 256, 3000, 1, 4096, 50.0), (16, 8, 256, 5000, 1, 4096, 50.0), (16, 8, 256, 700, 2, 0, 50.0)]
+    for heads, kv, hd, pos, batch, window, cap in cases:
+        monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP)
+        monkeypatch.setattr(fused, "_ATTENTION_SCRATCH", {})  # (a scratch of its own, as test_rope_attention_decode)
+        launches = _Launches(fused._rope_attention_blocks_kernel)
+        monkeypatch.setattr(fused, "_rope_attention_blocks_kernel", launches)
+        L = pos + 20
+        cfg = ModelConfig(vocab_size=10, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=kv, ffn_dim=8,
+                          max_seq_len=L)
+        table = rope_table(cfg, L).to(device)
+        qkv = rng.standard_normal((batch, 1, (heads + 2 * kv) * hd)).astype(np.float32)
+        qkv[..., :heads * hd] *= 2 * cap  # scores about N(0, (2 cap)^2)
+        qkv = torch.from_numpy(qkv).to(device, dtype)
+        caches = []
+        for _ in range(2):
+            c = torch.from_numpy(rng.standard_normal((batch, kv, L, hd)).astype(np.float32)).to(device, dtype)
+            c[:, :, pos:] = float("nan")
+            c[:, :, :max(0, pos - window + 1) if window else 0] = float("nan")
+            caches.append(c)
+        ref = [c.clone().cpu().float().nan_to_num_(0.0) for c in caches]
+        positions = torch.tensor([pos], device=device)
+        mask = torch.zeros((1, pos + 1))
+        if window:
+            mask[:, :max(0, pos - window + 1)] = float("-inf")
+        twin = [qkv.cpu().float(), table.cpu(), positions.cpu()]
+        want = functional.attention(*twin, *[r.clone() for r in ref], heads, kv, mask, pos + 1, softcap=cap)
+        uncapped = functional.attention(*twin, *[r.clone() for r in ref], heads, kv, mask, pos + 1)
+        what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch} window {window} cap {cap}"
+        assert float((uncapped - want).abs().max()) > 0.05, f"the cap does not bite, {what}"
+        poisoned = torch.full((batch, 1, heads, hd), float("nan"), dtype=dtype, device=device)
+        got = fused.rope_attention_decode(qkv, table, positions, *caches, heads, kv, pos + 1, window, out=poisoned,
+                                          softcap=cap)
+        assert launches.count == (fused.decode_attention_route(pos + 1, heads, kv, hd, window) == "long"), what
+        torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
+        monkeypatch.undo()
+    assert any(case[3] > fused.ATTN_LONG_FROM and case[0] > case[1] and not case[5] for case in cases)  # (long)
+
+
+def test_decode_attention_compiles_for_hopper():
+    """The decode attention's three kernels compile for sm_90 here (Triton's bundled ptxas, no GPU; the interpreter
+    runs none of Triton's compile-time checks: a float constexpr in an `if` ran there and failed to compile), with
+    every switch on (head dim 96 in masked lanes, a window, q / k norms, a soft-cap; bf16) and with none (fp16, hd
+    128), the per-head kernels without spills (scripts/attention_sass.py, in a process without TRITON_INTERPRET)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    configs = ["96,bf16,windowed,qknorm,softcap", "128,fp16"]
+    run = subprocess.run([sys.executable, str(root / "scripts" / "attention_sass.py"), *configs], capture_output=True,
+                         text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    lines = [ln for ln in run.stdout.splitlines() if " regs, " in ln]
+    assert len(lines) == 6, run.stdout
+    assert all("stack 0 B" in ln for ln in lines if "_rope_attention_decode_kernel" in ln), run.stdout
+
+
 def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):
     """A decode graph's key bucket (Generator._kv_bucket: a power of two from KV_BUCKET_MIN, the cache's length at
     most) and an eager step's span (pos + 1 keys) take the same route (fused.decode_attention_route) at every position,

@@ -206,6 +206,42 @@ def test_a_prefill_from_the_start_runs_causal_attention(tiny_spqt):
     assert float((causal - explicit).abs().max()) < 1e-5 * span
 
 
+def test_capped_attention_equals_its_definition(monkeypatch):
+    """Gemma 2's soft-capped attention (functional.attention with softcap: scores made explicitly) against its
+    definition in float64, softmax(cap tanh(q k^T / sqrt(hd) / cap) + mask) v with the kv heads repeated: grouped
+    queries, a causal additive mask over cached keys and the same mask as bool (calibration's), queries in chunks of
+    one or three rows (CAPPED_SCORES_MAX) the same within float32 rounding; a cap the scores exceed changes the
+    output, and a huge one leaves torch's uncapped attention."""
+    from spqt import functional
+    from spqt.model import causal_mask
+
+    g = torch.Generator().manual_seed(7)
+    b, t, h, kv, hd, length = 2, 5, 6, 2, 16, 9
+    qkv = 3 * torch.randn(b, t, (h + 2 * kv) * hd, generator=g)
+    table = torch.cat([torch.ones(length, hd // 2), torch.zeros(length, hd // 2)], dim=-1)  # (no rotation)
+    positions = torch.arange(length - t, length)
+    mask = causal_mask(positions, length, torch.float32, "cpu")
+
+    def run(cap, m=mask):
+        caches = [torch.randn(b, kv, length, hd, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+        return functional.attention(qkv, table, positions, *caches, h, kv, m, length, softcap=cap), caches
+
+    got, (k, v) = run(2.0)
+    q = qkv[..., :h * hd].reshape(b, t, h, hd).transpose(1, 2).double()
+    keys, values = (x.double().repeat_interleave(h // kv, dim=1) for x in (k, v))
+    scores = 2.0 * torch.tanh(q @ keys.transpose(-1, -2) / hd**0.5 / 2.0) + mask.double()
+    want = (torch.softmax(scores, -1) @ values).transpose(1, 2)
+    assert float((got.double() - want).abs().max()) < 1e-5
+    assert torch.equal(run(2.0, mask == 0)[0], got)  # a bool mask (True: attend)
+    for rows in (1, 3):
+        monkeypatch.setattr(functional, "CAPPED_SCORES_MAX", rows * b * h * length)
+        assert float((run(2.0)[0] - got).abs().max()) < 1e-5, rows  # (GEMMs of other shapes: other sum orders)
+    monkeypatch.undo()
+    plain = run(0.0)[0]
+    assert float((plain - got).abs().max()) > 0.1
+    assert float((run(1e6)[0] - plain).abs().max()) < 1e-5
+
+
 def test_prompt_longer_than_context_is_refused(tiny_spqt):
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError

@@ -244,7 +244,7 @@ def block_sensitivities(model, block_tables: list, windows: torch.Tensor, device
     def nll_from(b: int, x: torch.Tensor) -> float:
         for i in range(b, len(model.layers)):
             x = model.layers[i](x, model.rope_for(i), positions, masks[i])
-        logits = model.output(model.norm(x[:, half:-1])).float()
+        logits = model.logits(x[:, half:-1])
         return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets))
 
     dense = nll_from(0, inputs[0])  # the same path as the sparse passes: their differences are the costs

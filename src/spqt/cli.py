@@ -163,7 +163,9 @@ def cmd_inspect(args) -> int:
                         f", embeddings x {c.embed_scale:g}" if c.embed_scale != 1.0 else "",
                         f", window {c.sliding_window} in layers {', '.join(map(str, c.sliding_layers))}"
                         if c.sliding_layers else "",
-                        f" (local rope theta {c.rope_local_theta:g})" if c.rope_local_theta else ""])
+                        f" (local rope theta {c.rope_local_theta:g})" if c.rope_local_theta else "",
+                        f", attention scores capped at {c.attn_logit_softcap:g}" if c.attn_logit_softcap else "",
+                        f", logits capped at {c.final_logit_softcap:g}" if c.final_logit_softcap else ""])
     print(f"architecture {c.family}: {c.n_layers} layers, dim {c.dim}, heads {c.n_heads} (kv {c.n_kv_heads}), "
           f"head_dim {c.head_dim}, ffn {c.ffn_dim}, vocab {c.vocab_size}, context {c.max_seq_len}, "
           f"rope theta {c.rope_theta:g}{_rope_scaling_label(c)}, "
@@ -853,7 +855,7 @@ def _gemv_backend(name: str, device: str) -> str | None:
 
 def _dtype(name: str, device: str):
     """The compute dtype for a --dtype choice: auto is None, the model's (generate.default_dtype: fp32 on the CPU,
-    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 3)."""
+    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 2 and 3)."""
     import torch
 
     if name == "auto":
@@ -939,8 +941,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
-                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 3; fp32 on the CPU), fp32, fp16, "
-                   "bf16")
+                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3; fp32 on the CPU), fp32, "
+                   "fp16, bf16")
     p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
                         "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")

@@ -1,7 +1,7 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 3) is these numbers
-plus a few switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
+A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 2, Gemma 3) is these
+numbers plus a few switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
 scaling as per-frequency factors (YaRN's attention factor beside them), Phi-3's longrope as two sets of them (short,
 long) and an attention factor, layers whose q and k are not rotated at all (SmolLM3's NoPE layers). Phi-3's fused
@@ -11,7 +11,9 @@ of each layer (post_norms), a GELU-gated MLP (activation), scaled input embeddin
 attention in some layers, rotated by a table of their own (sliding_window, sliding_layers, rope_local_theta); its
 q/k norms are Qwen3's switch, and its norms' 1 + w and its attention scale need none (the readers fold them into the
 norm weights). The sliding windows of Mistral, Phi-3 and Qwen (use_sliding_window) are sliding_window and
-sliding_layers too, without a table of their own.
+sliding_layers too, without a table of their own. Gemma 2 is Gemma 3's switches without q/k norms or a local table
+(its sliding layers rotate by the model's one), plus two soft-caps: of the attention scores (attn_logit_softcap) and
+of the final logits (final_logit_softcap), each cap * tanh(x / cap).
 """
 
 import math
@@ -88,6 +90,10 @@ class ModelConfig:
     # the RoPE base of the sliding layers' own table, plain (no scaling, no attention factor); 0: they rotate by the
     # model's table
     rope_local_theta: float = 0.0
+    # Gemma 2's soft-caps, x -> cap * tanh(x / cap): of every attention score (after its 1 / sqrt(head_dim) scale,
+    # before the mask) and of every logit the head gives; 0 (or None, read as 0): none
+    attn_logit_softcap: float = 0.0
+    final_logit_softcap: float = 0.0
 
     def __post_init__(self):
         """Checks every field (ValueError naming the field): a configuration comes from a file."""
@@ -167,6 +173,12 @@ class ModelConfig:
                     name == "embed_scale" and value == 0):
                 kind = "a positive" if name == "embed_scale" else "a non-negative"
                 raise ValueError(f"model configuration: {name} must be {kind} number, got {value!r}")
+        for name in ("attn_logit_softcap", "final_logit_softcap"):
+            value = getattr(self, name)
+            value = 0.0 if value is None else value  # (transformers' "none")
+            if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"model configuration: {name} must be a non-negative number (0: none), got {value!r}")
+            object.__setattr__(self, name, float(value))
 
     def window(self, layer: int) -> int:
         """The sliding window of layer `layer`'s attention (sliding_window), or 0: it attends to every earlier key."""
@@ -178,9 +190,14 @@ class ModelConfig:
 
     @property
     def gemma_switches(self) -> bool:
-        """Whether any of Gemma 3's own switches is on: post-norms, a GELU MLP, scaled embeddings, a local RoPE table
-        (its sliding layers are any windowed model's: sliding_layers)."""
+        """Whether any of Gemma's own switches is on: post-norms, a GELU MLP, scaled embeddings, a local RoPE table
+        (Gemma 3's; its sliding layers are any windowed model's: sliding_layers; Gemma 2's soft-caps: soft_capped)."""
         return self.post_norms or self.activation != "silu" or self.embed_scale != 1.0 or self.rope_local_theta > 0
+
+    @property
+    def soft_capped(self) -> bool:
+        """Whether the attention scores or the logits are soft-capped (Gemma 2)."""
+        return self.attn_logit_softcap > 0 or self.final_logit_softcap > 0
 
     def rotates(self, layer: int) -> bool:
         """Whether layer `layer`'s attention applies RoPE to q and k (not a NoPE layer)."""

@@ -42,7 +42,9 @@ def why_not(model) -> str | None:
     if c.sliding_layers:  # (its attention masks by position alone)
         return f"a sliding window ({c.sliding_window} keys)"
     if c.gemma_switches:  # (the chain's stages know none of them)
-        return "Gemma 3's post-norms, GELU MLP or embedding scale"
+        return "Gemma's post-norms, GELU MLP or embedding scale"
+    if c.attn_logit_softcap:  # (its attention does not cap the scores)
+        return f"soft-capped attention scores ({c.attn_logit_softcap:g})"
     for block in model.layers:
         ff = block.feed_forward
         for lin in _maps(block):

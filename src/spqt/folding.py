@@ -17,10 +17,11 @@ Each is, in real arithmetic, a scale of some weights (names as in sources.py):
                                                    input is the final RMSNorm's output, linear in its weight
     output          / logits                       an untied head
 
-Gemma 3's norms are folded here too (gemma_norms): its RMSNorm multiplies by 1 + w, so 1 is added to each norm
+Gemma's norms are folded here too (gemma_norms): its RMSNorm multiplies by 1 + w, so 1 is added to each norm
 weight of a Hugging Face checkpoint (llama.cpp's converter has added it in a GGUF), and its attention scale,
-query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, is a factor sqrt(head_dim / query_pre_attn_scalar) of q
-after its per-head norm: of q_norm's weight (RoPE is linear, so it commutes).
+query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, is a factor sqrt(head_dim / query_pre_attn_scalar) of q: of
+q_norm's weight where q is normed per head (Gemma 3: the factor after the norm), else of wq and bq (Gemma 2; RoPE is
+linear, so it commutes either way).
 
 A per-head RMSNorm of q (Qwen3's q_norm) would undo q's scale, so such a model is refused. Each multiplier is
 taken as float32 (a GGUF stores it so, and a float32 forward multiplies by that value); each folded tensor is
@@ -130,21 +131,24 @@ def folded(load: Callable[[str], torch.Tensor], factors: dict[str, float]) -> Ca
 GEMMA_NORMS = ("attention_norm", "post_attention_norm", "ffn_norm", "post_ffn_norm", "q_norm", "k_norm", "norm")
 
 
-def gemma_norms(load: Callable[[str], torch.Tensor], shift: float, query_scale: float) -> Callable[[str], torch.Tensor]:
-    """A reader's per-tensor load function that returns each of Gemma's norm weights (GEMMA_NORMS) as
-    (w + shift) (* query_scale for q_norm), computed in float64 and cast to float32 (shift 1: a Hugging Face
-    checkpoint's w, which Gemma's RMSNorm uses as 1 + w; the sum is float32's own 1 + w, both correctly rounded);
-    other tensors as they are. ValueError where query_scale is not a positive number float32 holds."""
+def gemma_norms(load: Callable[[str], torch.Tensor], shift: float, query_scale: float,
+                q_normed: bool = True) -> Callable[[str], torch.Tensor]:
+    """A reader's per-tensor load function that returns each of Gemma's norm weights (GEMMA_NORMS) as w + shift, and
+    the tensors that take q's scale (q_normed: q_norm, Gemma 3's; else wq and bq, Gemma 2's) times query_scale, each
+    computed in float64 and cast to float32 (shift 1: a Hugging Face checkpoint's w, which Gemma's RMSNorm uses as
+    1 + w; the sum is float32's own 1 + w, both correctly rounded); other tensors as they are. ValueError where
+    query_scale is not a positive number float32 holds."""
     query_scale = _float32("the attention scale's factor of q", query_scale)
-    if shift == 0.0 and query_scale == 1.0:
+    scaled = () if query_scale == 1.0 else ("q_norm",) if q_normed else ("wq", "bq")
+    if shift == 0.0 and not scaled:
         return load
 
     def load_gemma(name: str) -> torch.Tensor:
         w = load(name)
         kind = name.rsplit(".", 1)[-1]
-        if kind not in GEMMA_NORMS:
+        if kind not in GEMMA_NORMS and kind not in scaled:
             return w
-        w = w.double() + shift
-        return (w * query_scale if kind == "q_norm" else w).to(torch.float32)
+        w = w.double() + shift if kind in GEMMA_NORMS else w.double()
+        return (w * query_scale if kind in scaled else w).to(torch.float32)
 
     return load_gemma

@@ -128,6 +128,42 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
     return x + rms_norm(y, weight, eps)
 
 
+def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """x -> cap * tanh(x / cap), same shape and dtype (Gemma 2's soft-capping of attention scores and logits, in
+    transformers' order of operations); cap 0: x itself."""
+    if not cap:
+        return x
+    return torch.tanh(x / cap) * cap
+
+
+# Attention scores a capped attention (_capped_attention) holds at once, float32: 2^26 (256 MB; a 4,096-token prefill of
+# Gemma 2 9B's 16 heads takes its queries 1,024 at a time)
+CAPPED_SCORES_MAX = 1 << 26
+
+
+def _capped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                      softcap: float) -> torch.Tensor:
+    """softmax(soft_cap(q k^T / sqrt(hd)) + mask) v with the scores made explicitly (torch's
+    scaled_dot_product_attention cannot soft-cap them): q (B, T, H, hd); k, v (B, Hkv, L, hd), H a multiple of
+    Hkv; mask (T, L) additive, or bool (True: attend). Scores and softmax in float32, the probabilities rounded to v's
+    dtype for p v (as transformers' eager attention); queries taken in chunks of at most CAPPED_SCORES_MAX scores.
+    Returns (B, T, H, hd) in q's dtype."""
+    b, t, h, hd = q.shape
+    if k.shape[1] != h:
+        k, v = (x.repeat_interleave(h // k.shape[1], dim=1) for x in (k, v))
+    keys = k.transpose(-1, -2).float()
+    rows = max(1, CAPPED_SCORES_MAX // (b * h * k.shape[2]))
+    out = []
+    for first in range(0, t, rows):
+        qc = q[:, first:first + rows].transpose(1, 2).float()  # (B, H, rows, hd)
+        scores = soft_cap(torch.matmul(qc, keys) * hd**-0.5, softcap)
+        m = mask[first:first + rows]
+        scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m
+        p = torch.softmax(scores, dim=-1).to(v.dtype)
+        out.append(torch.matmul(p, v).transpose(1, 2))
+    return (out[0] if len(out) == 1 else torch.cat(out, dim=1)).to(q.dtype)
+
+
 def linear_epilogue(y: torch.Tensor, residual: torch.Tensor | None, swiglu: bool) -> torch.Tensor:
     """What a linear map does after W x, unfused: residual + y, or silu_mul of stacked gate|up."""
     if swiglu:
@@ -156,7 +192,8 @@ def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
 
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
               cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int,
-              native: bool = False, window: int = 0, qk_norm: tuple | None = None) -> torch.Tensor:
+              native: bool = False, window: int = 0, qk_norm: tuple | None = None,
+              softcap: float = 0.0) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
     qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
@@ -165,14 +202,16 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     to the scores as torch's attention does. window: a sliding layer's (0: none), which the mask cuts already
     (model.layer_masks); CUDA's fused decode kernels, which mask by position, cut it themselves. qk_norm: (q's norm
     weight, k's, eps) where each head of q and k is normed first (norm_heads; the fused decode kernels norm as they
-    load), else None."""
+    load), else None. softcap: Gemma 2's (0: none), the scores soft_cap(q k^T / sqrt(hd), softcap) before the mask,
+    on every route (CUDA's fused decode kernels and the CPU's C cap them themselves; the torch route makes its scores
+    explicitly: _capped_attention)."""
     hd = cache_k.shape[-1]
     if _fused(qkv) and qkv.shape[1] == 1 and hd % 2 == 0 and fused_decode_attention_on():
         from spqt.kernels import fused
 
         if fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch":
             return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length, window,
-                                               qk_norm)
+                                               qk_norm, softcap)
     if qk_norm is not None:
         qkv = norm_heads(qkv, *qk_norm, n_heads, n_kv)
     if native:
@@ -180,8 +219,10 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
 
         if cpu_native.decode_attention_runs(qkv, cache_k, mask):
             return cpu_native.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, mask,
-                                                    length)
+                                                    length, softcap)
     q = rope_kv(qkv, table, positions, cache_k, cache_v, n_heads, n_kv)
+    if softcap:
+        return _capped_attention(q, cache_k[:, :, :length], cache_v[:, :, :length], mask, softcap)
     causal = getattr(mask, CAUSAL, False) and not qkv.is_cuda
     out = F.scaled_dot_product_attention(q.transpose(1, 2), cache_k[:, :, :length], cache_v[:, :, :length],
                                          attn_mask=None if causal else mask, is_causal=causal,

@@ -258,11 +258,12 @@ class GenerationResult:
 
 def default_dtype(config, device: str) -> torch.dtype:
     """The compute dtype of a run that asks for none: float32 on the CPU (its speed comes from its GEMV's own types);
-    on CUDA float16, or bfloat16 for Gemma 3, whose activations outgrow float16's range (its large norm weights and
-    post-norms: transformers' issue 36822, fp16 logits NaN) where bfloat16 holds float32's."""
+    on CUDA float16, or bfloat16 for Gemma 2 and 3, whose activations outgrow float16's range (their large norm
+    weights and post-norms: transformers' issue 36822, fp16 logits NaN; Gemma 2 was trained and released in bfloat16)
+    where bfloat16 holds float32's."""
     if device != "cuda":
         return torch.float32
-    return torch.bfloat16 if config.family == "gemma3" else torch.float16
+    return torch.bfloat16 if config.family in ("gemma2", "gemma3") else torch.float16
 
 
 class Generator:

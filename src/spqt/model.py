@@ -4,7 +4,8 @@ attention with a preallocated KV cache, SwiGLU, tied or separate output head. Fa
 table (cos 1, sin 0: every path's rotation leaves q and k exactly as they are) instead of the RoPE table;
 output biases (Qwen2) belong to the linear maps that make_linear returns. Gemma 3's: a norm of the attention's and
 of the MLP's output before the residual sum (post_norms), GELU-gated MLP, scaled input embeddings, and sliding-window
-layers, which get a mask of their own (layer_masks) and their own RoPE table (rope_for).
+layers, which get a mask of their own (layer_masks) and their own RoPE table (rope_for). Gemma 2's soft-caps: of the
+attention scores (functional.attention's softcap, on every route) and of the logits (Transformer.logits).
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
@@ -144,6 +145,7 @@ class Attention(DirectCallModule):
         self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
         self.window = c.window(layer)  # a sliding layer's window (its mask cuts where the keys outnumber it), or 0
+        self.softcap = c.attn_logit_softcap  # Gemma 2's cap of the attention scores, or 0
         self.cache: KVCache | None = None
         self.native = False  # the CPU's native maps: a decode token's attention in C too (build_model sets it)
 
@@ -159,7 +161,8 @@ class Attention(DirectCallModule):
         qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
         length = mask.shape[-1]
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
-                                   length, native=self.native, window=self.window, qk_norm=qk_norm)
+                                   length, native=self.native, window=self.window, qk_norm=qk_norm,
+                                   softcap=self.softcap)
         out = out.reshape(b, t, self.n_heads * self.hd)
         if post_norm is None:
             return self.o(out, residual=x)
@@ -274,4 +277,9 @@ class Transformer(nn.Module):
                 x = block(x, self.rope_for(i), positions, masks[i])
         if select is not None:
             x = x.index_select(1, select)
-        return self.output(self.norm(x)).float()
+        return self.logits(x)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The last layer's output (B, T, D) -> logits (B, T, vocab) float32: the final norm, the head, and Gemma 2's
+        soft-cap of the logits (torch ops inside the forward: a captured decode or prefill graph holds them too)."""
+        return functional.soft_cap(self.output(self.norm(x)).float(), self.config.final_logit_softcap)

@@ -27,6 +27,10 @@ Families and where they come from:
     SmolLM3     smollm3                   smollm3                     NoPE layers: q and k of some layers not rotated
     Granite 3   granite                   granite                     four multipliers, folded into the weights as
                                                                       they are read (folding.py); MoE types refused
+    Gemma 2     gemma2                    gemma2                      Gemma 3's switches without q/k norms or a local
+                                                                      RoPE base (every other layer sliding), plus
+                                                                      soft-capped attention scores and logits; norms'
+                                                                      1 + w folded, the attention scale into wq
     Gemma 3     gemma3_text, gemma3       gemma3                      four norms a layer, GELU MLP, scaled
                 (multimodal: its text)                                embeddings, q/k norms, sliding-window layers
                                                                       with their own RoPE base; norms' 1 + w and the
@@ -53,6 +57,13 @@ sixth layer in full, the others through the window, rotated by base 10,000, and 
 (27B: 1 / sqrt(dim / heads)), whatever the checkpoint's query_pre_attn_scalar; its q/k rows keep the Hugging Face order
 and its norms hold 1 + w already (llama.cpp's converter adds the 1).
 
+Gemma 2: a config.json's keys left out are Gemma2Config's (_gemma2_config: soft-caps 50 and 30, a window of 4,096 in
+every other layer from the first, query_pre_attn_scalar 256); a ``gemma2`` GGUF runs as llama.cpp runs it: the window
+of attention.sliding_window (absent: 4,096) in layers 0, 2, 4, ..., the caps of attn_logit_softcapping and
+final_logit_softcapping (absent: 50 and 30; 0 reads as none), RoPE base 10,000 unless rope.freq_base says otherwise,
+scores scaled by 1 / sqrt(head_dim) (27B, 46 layers: 1 / sqrt(dim / heads)); its norms hold 1 + w already and its q/k
+rows the Hugging Face order. With no q_norm, the attention scale is a factor of wq (and bq: folding.gemma_norms).
+
 Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
 config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
 a GGUF key left out or 0 is llama.cpp's "none" (attention: 1 / sqrt(head_dim)).
@@ -76,8 +87,9 @@ from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
 from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma3")
-SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma3_text", "gemma3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3")
+SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
+                      "gemma3")
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
 _GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
@@ -102,6 +114,12 @@ _GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm
 # the sliding layers rotate by a table of base 10,000 (no key for either, unless rope.freq_base_swa is written)
 _GGUF_GEMMA3_FULL_EVERY = 6
 _GGUF_GEMMA3_LOCAL_THETA = 10000.0
+# llama.cpp's gemma2: every other layer (i % 2 == 0) through the sliding window, of 4,096 keys where no key gives it;
+# the soft-caps where no key gives them (llama_hparams' defaults)
+_GGUF_GEMMA2_SLIDING_EVERY = 2
+_GGUF_GEMMA2_WINDOW = 4096
+_GGUF_GEMMA2_CAPS = {"attn_logit_softcapping": ("attn_logit_softcap", 50.0),
+                     "final_logit_softcapping": ("final_logit_softcap", 30.0)}
 _GGUF_EXTRAS = {  # optional per-layer tensors: GGUF name -> ours
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv", "attn_output.bias": "bo",
     "ffn_gate.bias": "b1", "ffn_up.bias": "b3", "ffn_down.bias": "b2",
@@ -429,7 +447,9 @@ def _open_gguf(path: Path) -> SourceModel:
     window = size("attention.sliding_window", 0) if arch == "phi3" else 0
     phi3_window = {"sliding_window": window, "sliding_layers": tuple(range(n_layers))} if 0 < window < context and (
         1 <= n_layers <= _LIMITS["n_layers"]) else {}
-    gemma = _gguf_gemma3(field_value, size, path, n_layers, dim, n_heads, head_dim) if arch == "gemma3" else {}
+    gemma = ({} if arch not in ("gemma2", "gemma3") else
+             (_gguf_gemma3 if arch == "gemma3" else _gguf_gemma2)(field_value, size, path, n_layers, dim, n_heads,
+                                                                   head_dim))
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 and gemma3 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
@@ -522,8 +542,8 @@ def _open_gguf(path: Path) -> SourceModel:
         except ValueError as e:
             raise SpqtError(f"{path}: {e}") from None
     loader = folded(load, factors)
-    if arch == "gemma3":  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
-        loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"])
+    if gemma:  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
+        loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"], q_normed=config.qk_norm)
     tokenizer = _gguf_tokenizer(path)
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256(shards),
                   "source_file_type": field_value("general.file_type")}
@@ -558,6 +578,27 @@ def _gguf_gemma3(field_value, size, path: Path, n_layers: int, dim: int, n_heads
     return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(max(dim, 1)),
             "sliding_window": window if window > 0 else 0, "sliding_layers": sliding if window > 0 else (),
             "rope_local_theta": local if window > 0 else 0.0,
+            "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
+
+
+def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads: int, head_dim: int) -> dict:
+    """A gemma2 GGUF's switches (ModelConfig fields) as llama.cpp runs the architecture, and query_scale, the factor
+    folded into wq (_gguf_gemma3's: 1 / sqrt(dim / heads) for the 27B's 46 layers, 1 / sqrt(head_dim) otherwise).
+    Sliding layers: every other one from the first, with the window of attention.sliding_window (absent: 4,096; 0:
+    none). Soft-caps: the two keys' (absent: llama.cpp's 50 and 30; 0: none, where llama.cpp would divide by it)."""
+    caps = {}
+    for key, (ours, default) in _GGUF_GEMMA2_CAPS.items():
+        value = field_value(f"gemma2.{key}", default)
+        try:
+            caps[ours] = float(value)
+        except (TypeError, ValueError):
+            raise SpqtError(f"{path}: GGUF gemma2.{key} is not a number ({value!r})") from None
+    window = size("attention.sliding_window", _GGUF_GEMMA2_WINDOW)
+    scalar = dim / max(n_heads, 1) if n_layers == 46 else head_dim
+    sliding = (tuple(range(0, n_layers, _GGUF_GEMMA2_SLIDING_EVERY))  # (none for a layer count ModelConfig
+               if 1 <= n_layers <= _LIMITS["n_layers"] else ())          # refuses anyway)
+    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(max(dim, 1)),
+            "sliding_window": window if window > 0 else 0, "sliding_layers": sliding if window > 0 else (), **caps,
             "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
 
 
@@ -820,10 +861,10 @@ def _open_hf(folder: Path) -> SourceModel:
             raise SpqtError(f"{cfg_path}: a gemma3 (multimodal) config without a text_config object")
         top_eos = {"eos_token_id": cfg["eos_token_id"]} if cfg.get("eos_token_id") is not None else {}
         cfg, model_type = {**top_eos, **cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
-    if model_type == "gemma3_text":  # (transformers' Gemma 3 reads hidden_activation alone)
+    if model_type in ("gemma2", "gemma3_text"):  # (transformers' Gemma 2 and 3 read hidden_activation alone)
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
-                            f"(gelu_pytorch_tanh is, for gemma3)")
+                            f"(gelu_pytorch_tanh is, for {model_type.removesuffix('_text')})")
     elif cfg.get("hidden_act", "silu") != "silu":
         raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
     files = sorted(folder.glob("*.safetensors"))
@@ -857,9 +898,9 @@ def _open_hf(folder: Path) -> SourceModel:
         head = _HF_GEMMA3_BASES[base]
     query_scale = None
     try:
-        if model_type == "gemma3_text":
-            cfg = _gemma3_config(cfg)
-            query_scale = _gemma3_query_scale(cfg)
+        if model_type in ("gemma2", "gemma3_text"):
+            cfg = _gemma2_config(cfg) if model_type == "gemma2" else _gemma3_config(cfg)
+            query_scale = _gemma_query_scale(cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -919,8 +960,8 @@ def _open_hf(folder: Path) -> SourceModel:
     if multipliers is not None:
         provenance["folded_multipliers"] = multipliers.record()
     loader = folded(load, factors)
-    if query_scale is not None:  # Gemma 3: each norm's 1 + w, the attention scale in q_norm
-        loader = gemma_norms(loader, shift=1.0, query_scale=query_scale)
+    if query_scale is not None:  # Gemma: each norm's 1 + w, the attention scale in q_norm (Gemma 3) or wq (Gemma 2)
+        loader = gemma_norms(loader, shift=1.0, query_scale=query_scale, q_normed=config.qk_norm)
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=loader, names=names)
 
 
@@ -948,6 +989,8 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     gemma, rope = {}, cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if model_type == "gemma3_text":
         rope, gemma = _gemma3_switches(cfg)
+    elif model_type == "gemma2":
+        gemma = _gemma2_switches(cfg)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 reads both as longrope
         kind = "longrope"
@@ -977,8 +1020,8 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
     # the layers transformers runs through a sliding window run it too (model.layer_masks), at the model's whole
-    # context (Mistral 7B v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096); Gemma 3's: its switches
-    window = {} if model_type == "gemma3_text" else _hf_sliding(cfg, model_type, context)
+    # context (Mistral 7B v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096); Gemma's: its switches
+    window = {} if gemma else _hf_sliding(cfg, model_type, context)
     return ModelConfig(
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
@@ -1095,10 +1138,10 @@ def _gemma3_v4_keys(cfg: dict) -> dict:
     return cfg
 
 
-def _gemma3_query_scale(cfg: dict) -> float:
-    """Gemma 3's attention scale, query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, as the factor of q (of its
-    q_norm's weight, folding.gemma_norms): sqrt(head_dim / query_pre_attn_scalar). ValueError where the scalar is
-    not a positive number."""
+def _gemma_query_scale(cfg: dict) -> float:
+    """Gemma's attention scale, query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, as the factor of q (of Gemma 3's
+    q_norm weight, of Gemma 2's wq and bq: folding.gemma_norms): sqrt(head_dim / query_pre_attn_scalar). ValueError
+    where the scalar is not a positive number."""
     scalar, head_dim = cfg.get("query_pre_attn_scalar"), cfg.get("head_dim")
     if type(scalar) not in (int, float) or not math.isfinite(scalar) or scalar <= 0 or type(head_dim) is not int:
         raise ValueError(f"query_pre_attn_scalar must be a positive number (and head_dim an integer), got {scalar!r}")
@@ -1109,20 +1152,11 @@ def _gemma3_switches(cfg: dict) -> tuple[dict, dict]:
     """A filled gemma3_text config's (_gemma3_config) full layers' rope block and ModelConfig switches: post-norms,
     GELU (tanh) MLP, embeddings times sqrt(hidden_size), the sliding layers (layer_types), their window and their
     own RoPE base (plain: no scaling). ValueError on anything else."""
-    n = cfg["num_hidden_layers"]
-    types = cfg.get("layer_types")
-    if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
-                                                             for t in types):
-        raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {n} layers, "
-                         f"got {types!r}")
     blocks = cfg.get("rope_parameters") or {}
     full, local = blocks.get("full_attention") or {}, blocks.get("sliding_attention") or {}
-    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
-    window, local_theta = 0, 0.0
+    sliding, window = _gemma_sliding(cfg)
+    local_theta = 0.0
     if sliding:
-        window = cfg.get("sliding_window")
-        if type(window) is not int or window < 1:
-            raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
         if local.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {local.get('rope_type')!r} of the sliding layers is not supported "
                              f"(none is)")
@@ -1131,6 +1165,52 @@ def _gemma3_switches(cfg: dict) -> tuple[dict, dict]:
             raise ValueError(f"the sliding layers' rope_theta must be a number above 1, got {local_theta!r}")
     return full, {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
                   "sliding_window": window, "sliding_layers": sliding, "rope_local_theta": float(local_theta)}
+
+
+def _gemma_sliding(cfg: dict) -> tuple[tuple[int, ...], int]:
+    """A filled Gemma config's sliding layers (its layer_types) and their window (0 where none slides). ValueError
+    where the layer types or the window are unusable."""
+    n = cfg["num_hidden_layers"]
+    types = cfg.get("layer_types")
+    if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
+                                                             for t in types):
+        raise ValueError(f"layer_types must give sliding_attention or full_attention for each of the {n} layers, "
+                         f"got {types!r}")
+    sliding = tuple(i for i, t in enumerate(types) if t == "sliding_attention")
+    window = cfg.get("sliding_window") if sliding else 0
+    if type(window) is not int or window < 0 or (sliding and window < 1):
+        raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
+    return sliding, window
+
+
+def _gemma2_config(cfg: dict) -> dict:
+    """A gemma2 config.json's keys, those it leaves out as transformers' Gemma2Config fills them (soft-caps 50 and 30,
+    a window of 4,096, query_pre_attn_scalar 256, a tied head), and layer_types where a transformers 4.x class gives
+    none (every other layer sliding from the first, as 4.x runs them). ValueError where transformers refuses the keys,
+    or they ask for bidirectional attention."""
+    from transformers import Gemma2Config
+
+    try:
+        full = Gemma2Config.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
+    except Exception as e:  # (its validation raises several kinds, some over several lines)
+        raise ValueError(f"transformers' Gemma2Config refuses it ({_one_line(e)})") from None
+    n = full.get("num_hidden_layers")
+    if full.get("layer_types") is None and type(n) is int and 1 <= n <= _LIMITS["n_layers"]:
+        full["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]
+    if full.get("use_bidirectional_attention"):
+        raise ValueError("bidirectional attention (use_bidirectional_attention) is not supported")
+    return full
+
+
+def _gemma2_switches(cfg: dict) -> dict:
+    """A filled gemma2 config's (_gemma2_config) ModelConfig switches: post-norms, GELU (tanh) MLP, embeddings times
+    sqrt(hidden_size), the sliding layers (layer_types) and their window, both soft-caps (null: none). Its RoPE is the
+    model's one table (rope_parameters, read as every family's). ValueError on anything unusable."""
+    sliding, window = _gemma_sliding(cfg)
+    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
+            "sliding_window": window, "sliding_layers": sliding,
+            "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
+            "final_logit_softcap": cfg.get("final_logit_softcapping")}
 
 
 def _every(step: int | None, n_layers: int) -> tuple[int, ...]:

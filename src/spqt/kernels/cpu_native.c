@@ -1201,17 +1201,21 @@ static inline float attention_dot(const float *q, const float *k, int64_t hd)
 
 /* One kv head's keys j0 .. j1 - 1 (j1 - j0 <= ATTN_CHUNK) for its `group` query heads q (group, hd), each key and
  * value row read once for all of them: per query head g the chunk's largest score top[g], sum[g] = sum_j e_j and
- * o[g] (hd) = sum_j e_j v_j, e_j = exp(s_j - top[g]), s_j = q_g . k_j scale + mask_j (where every key is masked,
- * top = -inf and the rest NaN: the merge skips the chunk). */
+ * o[g] (hd) = sum_j e_j v_j, e_j = exp(s_j - top[g]), s_j = q_g . k_j scale + mask_j, or with a soft-cap (softcap
+ * > 0: Gemma 2's) s_j = tanh(q_g . k_j scale / softcap) softcap + mask_j (where every key is masked, top = -inf and
+ * the rest NaN: the merge skips the chunk). */
 static void attention_chunk(const float *q, int64_t group, int64_t hd, const float *keys, const float *values,
-                            int64_t j0, int64_t j1, const float *mask, float scale, float *scores, float *top,
-                            float *sum, float *o)
+                            int64_t j0, int64_t j1, const float *mask, float scale, float softcap, float *scores,
+                            float *top, float *sum, float *o)
 {
     for (int64_t g = 0; g < group; g++)
         top[g] = -INFINITY;
     for (int64_t j = j0; j < j1; j++)
         for (int64_t g = 0; g < group; g++) {
-            float sc = attention_dot(q + g * hd, keys + j * hd, hd) * scale + mask[j];
+            float sc = attention_dot(q + g * hd, keys + j * hd, hd) * scale;
+            if (softcap > 0.0f)
+                sc = tanhf(sc / softcap) * softcap;
+            sc += mask[j];
             scores[g * ATTN_CHUNK + (j - j0)] = sc;
             top[g] = sc > top[g] ? sc : top[g];
         }
@@ -1236,7 +1240,8 @@ static void attention_chunk(const float *q, int64_t group, int64_t hd, const flo
 
 /* One decode token's attention after its q|k|v projection (batch 1): RoPE of q and k at position pos,
  * k and v written into the caches at pos, then per query head h (kv head h / (n_heads / n_kv))
- * softmax(q k_j / sqrt(hd) + mask_j) over keys j < length, times v.
+ * softmax(q k_j / sqrt(hd) + mask_j) over keys j < length, times v; softcap > 0 (Gemma 2) caps each score before
+ * the mask: tanh(q k_j / sqrt(hd) / softcap) softcap.
  *   qkv: ((n_heads + 2 n_kv) hd) fp32; table: (max positions, hd) fp32 [cos | sin];
  *   cache_k, cache_v: (n_kv, max_len, hd) fp32; mask: (length) additive fp32; out: (n_heads hd) fp32.
  * The work is split into units of one kv head and ATTN_CHUNK keys (each key and value row read once for the
@@ -1244,7 +1249,7 @@ static void attention_chunk(const float *q, int64_t group, int64_t hd, const flo
  * order, so the output is the same bits for any thread count. Returns 0, or -1 when no memory could be had. */
 int spqt_rope_attention_decode(const float *qkv, const float *table, int64_t pos, float *cache_k, float *cache_v,
                                int64_t n_heads, int64_t n_kv, int64_t hd, int64_t max_len, int64_t length,
-                               const float *mask, float *out, int threads)
+                               const float *mask, float softcap, float *out, int threads)
 {
     const float *cs = table + pos * hd;
     for (int64_t g = 0; g < n_kv; g++) {
@@ -1272,8 +1277,8 @@ int spqt_rope_attention_decode(const float *qkv, const float *table, int64_t pos
             int64_t kv = u / chunks, j0 = (u % chunks) * ATTN_CHUNK;
             int64_t j1 = j0 + ATTN_CHUNK < length ? j0 + ATTN_CHUNK : length;
             attention_chunk(q + kv * group * hd, group, hd, cache_k + kv * max_len * hd, cache_v + kv * max_len * hd,
-                            j0, j1, mask, scale, scratch + t * group * ATTN_CHUNK, tops + u * group, sums + u * group,
-                            os + u * group * hd);
+                            j0, j1, mask, scale, softcap, scratch + t * group * ATTN_CHUNK, tops + u * group,
+                            sums + u * group, os + u * group * hd);
         }
     for (int64_t h = 0; h < n_heads; h++) {
         int64_t kv = h / group, g = h % group;

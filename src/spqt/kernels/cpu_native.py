@@ -69,7 +69,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.spqt_mask.restype = i64
     lib.spqt_silu_mul.argtypes = [p, i64, i64, p]
     lib.spqt_silu_mul.restype = None
-    lib.spqt_rope_attention_decode.argtypes = [p, p, i64, p, p, i64, i64, i64, i64, i64, p, p, i32]
+    lib.spqt_rope_attention_decode.argtypes = [p, p, i64, p, p, i64, i64, i64, i64, i64, p, ctypes.c_float, p, i32]
     lib.spqt_rope_attention_decode.restype = i32
 
 
@@ -264,9 +264,10 @@ def decode_attention_runs(qkv: torch.Tensor, cache_k: torch.Tensor, mask: torch.
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                           cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor,
-                          length: int) -> torch.Tensor:
+                          length: int, softcap: float = 0.0) -> torch.Tensor:
     """functional.attention for one token (decode_attention_runs) in one C call: RoPE, the KV-cache
-    write, softmax(q k^T / sqrt(hd) + mask) v. qkv (1, 1, (H + 2 Hkv) hd); table (L_max, hd) fp32;
+    write, softmax(q k^T / sqrt(hd) + mask) v, each score soft-capped first where softcap > 0 (Gemma 2: functional.
+    soft_cap's, with C's tanhf). qkv (1, 1, (H + 2 Hkv) hd); table (L_max, hd) fp32;
     caches (1, Hkv, L, hd) fp32; mask (1, length) fp32 additive -> (1, 1, H, hd) fp32. A decode step's
     ~25 torch ops a layer for RoPE, the cache write and attention (~4 ms a token on the 2-core VM). In C each key
     and value row is read once for the query heads that share it, on every thread (the same bits for any count)."""
@@ -274,7 +275,7 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     out = torch.empty((1, 1, n_heads, hd), dtype=torch.float32)
     status = _library().spqt_rope_attention_decode(
         qkv.data_ptr(), table.data_ptr(), int(positions[0]), cache_k.data_ptr(), cache_v.data_ptr(), n_heads, n_kv,
-        hd, cache_k.shape[2], length, mask.data_ptr(), out.data_ptr(), _threads())
+        hd, cache_k.shape[2], length, mask.data_ptr(), softcap, out.data_ptr(), _threads())
     if status:
         raise MemoryError("no memory for the attention scores")
     return out

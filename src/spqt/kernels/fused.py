@@ -351,16 +351,30 @@ def _load_block(k_ptr, v_ptr, cache, first, pos, low, d, HALF: tl.constexpr, BLO
 
 
 @triton.jit
+def _soft_cap(s, SOFTCAP: tl.constexpr):
+    """Gemma 2's cap of attention scores s (fp32), SOFTCAP * tanh(s / SOFTCAP), from exp alone (the interpreter has
+    no tanh): tanh |x| = (1 - e) / (1 + e) with e = exp(-2 |x|) in (0, 1], which never overflows; the sign put back.
+    Against tanh: within 9e-8 absolute with the CPU's float32 exp (the interpreter's), times SOFTCAP; the GPU's exp is
+    approximate (ex2.approx), a few ulp more (not measured)."""
+    e = tl.exp(-2.0 * tl.abs(s) / SOFTCAP)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(s < 0, -t, t) * SOFTCAP
+
+
+@triton.jit
 def _attend_loaded(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
-                   WINDOWED: tl.constexpr):
+                   WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr):
     """Keys first .. first + BLOCK_N - 1 (those seen from pos, _seen: at least one) of one query, the cached ones
     loaded (_load_block): the scores' max m, sum l of exp(score - m) and the unnormalized sums of p v (two halves of
-    hd). The key at pos is the new one (kn, vn; its cache row may be in flight)."""
+    hd). The key at pos is the new one (kn, vn; its cache row may be in flight). SOFTCAP: Gemma 2's cap of the
+    scores (_soft_cap), 0.0: none."""
     n = first + tl.arange(0, BLOCK_N)
     new = (n == pos)[:, None]
     c1 = tl.where(new, kn1.to(tl.float32)[None, :], c1.to(tl.float32))
     c2 = tl.where(new, kn2.to(tl.float32)[None, :], c2.to(tl.float32))
     s = (tl.sum(c1 * r1[None, :], axis=1) + tl.sum(c2 * r2[None, :], axis=1)) * scale
+    if SOFTCAP > 0.0:  # (a float constexpr: a compiled `if` takes a comparison, not the float)
+        s = _soft_cap(s, SOFTCAP)
     s = tl.where(_seen(n, pos, low, WINDOWED), s, -float("inf"))
     m = tl.max(s, axis=0)
     p = tl.exp(s - m)
@@ -455,11 +469,13 @@ def _combine_blocks(part_ptr, ml_ptr, head, start, blocks, slots, cols, out, HD:
 def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, part_ptr, ml_ptr, cnt_ptr, H, HKV, L,
                                   length, window, sx, scale, slots, qw_ptr, kw_ptr, eps, HALF: tl.constexpr,
                                   HP: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, AHEAD: tl.constexpr,
-                                  PDL: tl.constexpr, WINDOWED: tl.constexpr, QK_NORM: tl.constexpr):
+                                  PDL: tl.constexpr, WINDOWED: tl.constexpr, QK_NORM: tl.constexpr,
+                                  SOFTCAP: tl.constexpr):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos, or with WINDOWED (a sliding
     layer's) pos - window < key <= pos, s its first block (flash-decoding). hd = 2 HALF, HP the next power of two
-    of HALF. QK_NORM: q and the new k normed first (each head's RMSNorm, weights at qw_ptr / kw_ptr, eps).
+    of HALF. QK_NORM: q and the new k normed first (each head's RMSNorm, weights at qw_ptr / kw_ptr, eps). SOFTCAP:
+    Gemma 2's cap of the scores (_soft_cap), 0.0: none.
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
     scale) v is stored. Else each block's max m, sum l and unnormalized sum of p v go to the head's
@@ -504,7 +520,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         head = b * H + h
         out = o_ptr + head * 2 * HALF
         m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, mine * BLOCK_N, pos, low, r1, r2, kn1, kn2, vn1, vn2,
-                                              scale, BLOCK_N, WINDOWED)  # block mine (one block: the whole span)
+                                              scale, BLOCK_N, WINDOWED, SOFTCAP)  # block mine (one: the whole span)
         if blocks - start == 1:
             tl.store(out + d, (acc1 / l_sum).to(dt), mask=dm)
             tl.store(out + HALF + d, (acc2 / l_sum).to(dt), mask=dm)
@@ -514,7 +530,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
                     kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF,
                                                      BLOCK_N, AHEAD, PDL, WINDOWED)
                     m, l_sum, acc1, acc2 = _attend_loaded(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, low, r1, r2, kn1, kn2,
-                                                          vn1, vn2, scale, BLOCK_N, WINDOWED)
+                                                          vn1, vn2, scale, BLOCK_N, WINDOWED, SOFTCAP)
                 slot = head * slots + blk
                 tl.store(part_ptr + slot * 2 * HALF + d, acc1, mask=dm)
                 tl.store(part_ptr + slot * 2 * HALF + HALF + d, acc2, mask=dm)
@@ -532,17 +548,20 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
 
 @triton.jit
 def _attend_group(c1, c2, u1, u2, first, pos, low, r1, r2, kn1, kn2, vn1, vn2, scale, BLOCK_N: tl.constexpr,
-                  PREC: tl.constexpr, WINDOWED: tl.constexpr):
+                  PREC: tl.constexpr, WINDOWED: tl.constexpr, SOFTCAP: tl.constexpr):
     """_attend_loaded for the GP query rows of a kv head's group at once (r1, r2 (GP, HALF) in the cache dtype; rows
     past the group's heads are zero and never stored): per row the scores' max m (GP,), sum l (GP,) and the
     unnormalized sums of p v (GP, HALF) halves, as tensor-core dots with fp32 sums (PREC "ieee" for fp32 caches: no
     TF32). The scores' products are exact (fp16 / bf16 operands); p is rounded to the cache dtype for p v, as
-    flash attention does (the per-head kernel keeps it in fp32)."""
+    flash attention does (the per-head kernel keeps it in fp32). SOFTCAP: Gemma 2's cap of the scores (_soft_cap),
+    0.0: none."""
     n = first + tl.arange(0, BLOCK_N)
     new = (n == pos)[:, None]
     c1 = tl.where(new, kn1[None, :], c1)
     c2 = tl.where(new, kn2[None, :], c2)
     s = (tl.dot(r1, tl.trans(c1), input_precision=PREC) + tl.dot(r2, tl.trans(c2), input_precision=PREC)) * scale
+    if SOFTCAP > 0.0:  # (a float constexpr: a compiled `if` takes a comparison, not the float)
+        s = _soft_cap(s, SOFTCAP)
     s = tl.where(_seen(n, pos, low, WINDOWED)[None, :], s, -float("inf"))
     m = tl.max(s, axis=1)
     p = tl.exp(s - m[:, None])
@@ -557,10 +576,10 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
                                   scale, slots, qw_ptr, kw_ptr, eps, HALF: tl.constexpr, HP: tl.constexpr,
                                   BLOCK_N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, AHEAD: tl.constexpr,
                                   PREC: tl.constexpr, PDL: tl.constexpr, WINDOWED: tl.constexpr,
-                                  QK_NORM: tl.constexpr):
+                                  QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
     (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the per-head
-    kernel's span (HALF, HP, WINDOWED and QK_NORM as there), so
+    kernel's span (HALF, HP, WINDOWED, QK_NORM and SOFTCAP as there), so
     each cached block is read once for its group (the per-head kernel reads it G times). RoPE of the group's q, the
     new k (RoPE) and v, written into the cache by the program of the block holding pos. Every block's max m, sum l
     and unnormalized sums of p v go to its query heads' scratch slots (`slots` a head); _attention_combine_kernel
@@ -602,7 +621,7 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
                 kc1, kc2, vc1, vc2 = _next_block(k_ptr, v_ptr, cache, blk, programs, blocks, pos, low, d, HALF, BLOCK_N,
                                                  AHEAD, PDL, WINDOWED)
             m, l_sum, acc1, acc2 = _attend_group(kc1, kc2, vc1, vc2, blk * BLOCK_N, pos, low, r1, r2, kn1, kn2, vn1,
-                                                 vn2, scale, BLOCK_N, PREC, WINDOWED)
+                                                 vn2, scale, BLOCK_N, PREC, WINDOWED, SOFTCAP)
             slot = at + blk
             tl.store(part_ptr + slot[:, None] * 2 * HALF + d[None, :], acc1, mask=both)
             tl.store(part_ptr + slot[:, None] * 2 * HALF + HALF + d[None, :], acc2, mask=both)
@@ -669,7 +688,8 @@ def attention_programs(blocks: int, heads: int, device: torch.device) -> int:
 
 def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
                           cache_v: torch.Tensor, n_heads: int, n_kv: int, length: int, window: int = 0,
-                          qk_norm: tuple | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                          qk_norm: tuple | None = None, softcap: float = 0.0,
+                          out: torch.Tensor | None = None) -> torch.Tensor:
     """One decode step of attention in one launch, two on the long spans (decode_attention_route; replaces rope_kv +
     the attention kernels):
     qkv (B, 1, (H + 2 Hkv) hd) unit last stride; table (L_max, hd) fp32 [cos | sin]; positions (1,)
@@ -677,7 +697,9 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
     block, a scratch slot each); window: a sliding layer's (the token at pos sees pos - window < key <= pos: the
     blocks before the window's first are not read) or 0; qk_norm: (q's norm weight, k's, eps), each (hd,) fp32 on the
-    device, to norm each head of q and the new k first (Qwen3, Gemma 3), or None. Returns (B, 1, H, hd) in qkv's
+    device, to norm each head of q and the new k first (Qwen3, Gemma 3), or None; softcap: Gemma 2's cap of the
+    scores, softcap * tanh(score / softcap) before the softmax (functional.soft_cap's; a constexpr of the kernels: a
+    compile each value), or 0. Returns (B, 1, H, hd) in qkv's
     dtype (into `out` where given: the tests poison it). Needs hd even (a half past a power of two runs masked:
     Phi-3's 96)."""
     b, t, _ = qkv.shape
@@ -687,11 +709,12 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     if length > cache_k.shape[2]:
         raise ValueError(f"rope_attention_decode attends to the cache's {cache_k.shape[2]} keys at most; got {length}")
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
-    if window < 0:
-        raise ValueError(f"rope_attention_decode: a window of {window} keys")
+    if window < 0 or not softcap >= 0:
+        raise ValueError(f"rope_attention_decode: a window of {window} keys, a soft-cap of {softcap}")
     if window:  # a window's keys lie in at most this many blocks
         blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
-    half = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0, QK_NORM=qk_norm is not None)
+    half = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0, QK_NORM=qk_norm is not None,
+                SOFTCAP=float(softcap))
     norms = qk_norm if qk_norm is not None else (table, table, 0.0)  # (unread without QK_NORM)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
