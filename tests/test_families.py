@@ -832,12 +832,10 @@ def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
         assert error < 0.03, f"layer {i} (seed {family['seed']}): relative error {error:.3f}"
 
 
-def _gemma3_reference(model, **changes):
-    """A transformers Gemma 3 with `model`'s weights and these config values changed (float32, eval)."""
-    import transformers
-
-    config = transformers.Gemma3TextConfig(**{**model.config.to_dict(), **changes})
-    reference = transformers.Gemma3ForCausalLM(config)
+def _reference(model, **changes):
+    """A transformers model of `model`'s class with its weights and these config values changed (float32, eval)."""
+    config = type(model.config)(**{**model.config.to_dict(), **changes})
+    reference = type(model)(config)
     reference.load_state_dict(model.state_dict())
     return reference.eval()
 
@@ -857,7 +855,7 @@ def test_gemma3_window_cuts_and_decode_steps_equal_transformers(family, quantize
     ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 5)
     with torch.no_grad():
         theirs = family["model"](torch.tensor([ids])).logits[0]
-        unwindowed = _gemma3_reference(family["model"], sliding_window=512)(torch.tensor([ids])).logits[0]
+        unwindowed = _reference(family["model"], sliding_window=512)(torch.tensor([ids])).logits[0]
     span = float(theirs.max() - theirs.min())
     assert float((theirs - unwindowed).abs().max()) > 0.05 * span  # (the window matters here)
     loaded = load_model(family["hf"])
@@ -910,7 +908,7 @@ def test_gemma3_attention_scale_and_multimodal(base_tokenizer, tmp_path):
     assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
     gguf_model = load_model(fam["gguf"])
     assert not torch.equal(gguf_model.weights["layers.0.q_norm"], hf.weights["layers.0.q_norm"])
-    err, span = _logit_error(gguf_model, _gemma3_reference(fam["model"], query_pre_attn_scalar=16), ids)
+    err, span = _logit_error(gguf_model, _reference(fam["model"], query_pre_attn_scalar=16), ids)
     assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
     keys = {"gemma3.attention.sliding_window": 1024}
     big = _gguf_gemma3(lambda key, default=None: keys.get(key, default), lambda key, default=None: keys.get(
@@ -1005,16 +1003,6 @@ def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
         assert not torch.allclose(unwindowed, inputs[1])
 
 
-def _gemma2_reference(model, **changes):
-    """A transformers Gemma 2 with `model`'s weights and these config values changed (float32, eval)."""
-    import transformers
-
-    config = transformers.Gemma2Config(**{**model.config.to_dict(), **changes})
-    reference = transformers.Gemma2ForCausalLM(config)
-    reference.load_state_dict(model.state_dict())
-    return reference.eval()
-
-
 @pytest.mark.parametrize("family", ["gemma2"], indirect=True)
 def test_gemma2_caps_window_and_decode_steps_equal_transformers(family, quantized, monkeypatch):
     """Gemma 2 past its window of 8 with soft-caps that bite: transformers' logits without the attention cap, without
@@ -1032,7 +1020,7 @@ def test_gemma2_caps_window_and_decode_steps_equal_transformers(family, quantize
         theirs = family["model"](torch.tensor([ids])).logits[0]
         span = float(theirs.max() - theirs.min())
         for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}, {"sliding_window": 512}):
-            other = _gemma2_reference(family["model"], **change)(torch.tensor([ids])).logits[0]
+            other = _reference(family["model"], **change)(torch.tensor([ids])).logits[0]
             assert float((theirs - other).abs().max()) > 0.05 * span, f"{change} does not matter here"
     assert float(theirs.abs().max()) < 1.5  # (the logits' cap)
     loaded = load_model(family["hf"])
@@ -1077,7 +1065,7 @@ def test_gemma2_attention_scale_and_gguf_keys(base_tokenizer, tmp_path, capsys):
     assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
     gguf_model = load_model(fam["gguf"])
     assert not torch.equal(gguf_model.weights["layers.0.qkv"], hf.weights["layers.0.qkv"])
-    err, span = _logit_error(gguf_model, _gemma2_reference(fam["model"], query_pre_attn_scalar=16), ids)
+    err, span = _logit_error(gguf_model, _reference(fam["model"], query_pre_attn_scalar=16), ids)
     assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
     keys = {}
     big = _gguf_gemma2(lambda key, default=None: keys.get(key, default), lambda key, default=None: keys.get(

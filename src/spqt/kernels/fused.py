@@ -103,13 +103,18 @@ def _silu_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
     tl.store(out_ptr + row * F + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
+def _gated(kernel, gu: torch.Tensor, f: int) -> torch.Tensor:
+    """A gate kernel (_silu_mul_kernel's signature) over gu (..., 2F) stacked gate|up -> (..., F) in gu's dtype."""
     g = gu.contiguous()
     rows = g.numel() // (2 * f)
     out = torch.empty((*g.shape[:-1], f), dtype=g.dtype, device=g.device)
     block = 1024
-    _silu_mul_kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
+    kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
     return out
+
+
+def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
+    return _gated(_silu_mul_kernel, gu, f)
 
 
 @triton.jit
@@ -130,12 +135,7 @@ def _gelu_tanh_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
 def gelu_tanh_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
     """gu (..., 2F) stacked gate|up -> gelu_tanh(gate) * up (..., F) in gu's dtype, one launch (functional's torch
     twin: F.gelu(approximate="tanh"), rounded, then the product)."""
-    g = gu.contiguous()
-    rows = g.numel() // (2 * f)
-    out = torch.empty((*g.shape[:-1], f), dtype=g.dtype, device=g.device)
-    block = 1024
-    _gelu_tanh_mul_kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
-    return out
+    return _gated(_gelu_tanh_mul_kernel, gu, f)
 
 
 @triton.jit
