@@ -105,8 +105,8 @@
 #   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
 #                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
-#                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree (.old)
-#                                    and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
+#                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
+#                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
@@ -1682,8 +1682,8 @@ llama2-7b:now}" 90
     # gemma3-1b past its 512-key window (torch's attention in its sliding layers before) and inside it, qwen3-8b (q / k
     # norms folded into the attention; three launches a layer before), phi3-mini (head dim 96: rope_kv and torch's
     # attention before) inside and past its 2,047-key window; WINDOW_ROUNDS (2) rounds, the trees' order swapped in the
-    # second. Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's table
-    # takes the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef
+    # second. Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's
+    # table takes the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef
     # did for the H100): $OUT/tuned.json, put in this tree; then bench decode of gemma3-1b at 0 and 0.5 on it.
     # Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log.
     start=$(date +%s)

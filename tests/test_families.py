@@ -832,6 +832,43 @@ def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
         assert error < 0.03, f"layer {i} (seed {family['seed']}): relative error {error:.3f}"
 
 
+def _prefill_and_steps_equal(family, quantized, ids, theirs, span, format_version):
+    """The family's HF folder read by us equals transformers' logits `theirs` (40 tokens) within 2e-5 of their range
+    `span`, in one prefill and one token at a time through the KV cache; its .spqt has the format version and reads
+    back the same configuration. Returns the .spqt's LoadedModel."""
+    from safetensors import safe_open
+
+    loaded = load_model(family["hf"])
+    err, _ = _logit_error(loaded, family["model"], ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: prefill max |diff| {err:.3e} vs logit range {span:.2f}"
+    stepped = _stepped_logits(Generator(loaded, "cpu", max_len=48), ids, sparse=False)
+    err = float((stepped - theirs[1:]).abs().max())
+    assert err < 2e-5 * span, f"seed {family['seed']}: decode steps max |diff| {err:.3e} vs logit range {span:.2f}"
+    with safe_open(str(quantized["hf"]), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == format_version
+    spqt = load_spqt(quantized["hf"])
+    assert spqt.config == loaded.config
+    return spqt
+
+
+def _attention_scale_folds(family, name, holder, base_tokenizer, tmp_path):
+    """A Gemma family's model with query_pre_attn_scalar 24 (head_dim 16): its HF folder reads as transformers runs
+    it (the scale folded into the `holder` tensor of every layer), its GGUF, which has no such key, as a transformers
+    model with query_pre_attn_scalar 16 (llama.cpp's 1 / sqrt(head_dim)), within 2e-5 of the logits' range. Returns
+    the family (build_family's), the prompt's ids and the HF folder's LoadedModel."""
+    cls, extra, arch, template = family
+    fam = build_family(name, (cls, {**extra, "query_pre_attn_scalar": 24}, arch, template), base_tokenizer, tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    hf = load_model(fam["hf"])
+    err, span = _logit_error(hf, fam["model"], ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
+    gguf_model = load_model(fam["gguf"])
+    assert not torch.equal(gguf_model.weights[f"layers.0.{holder}"], hf.weights[f"layers.0.{holder}"])
+    err, span = _logit_error(gguf_model, _reference(fam["model"], query_pre_attn_scalar=16), ids)
+    assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
+    return fam, ids, hf
+
+
 def _reference(model, **changes):
     """A transformers model of `model`'s class with its weights and these config values changed (float32, eval)."""
     config = type(model.config)(**{**model.config.to_dict(), **changes})
@@ -848,8 +885,6 @@ def test_gemma3_window_cuts_and_decode_steps_equal_transformers(family, quantize
     layer, which adds the mask to its scores) runs in every layer, the sliding ones with a mask that cuts, and gives
     the torch path's logits within the fp16 rounding of the tied head. The .spqt is format version 6 and reads back
     the same configuration."""
-    from safetensors import safe_open
-
     from spqt.kernels import cpu_native
 
     ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 5)
@@ -858,16 +893,7 @@ def test_gemma3_window_cuts_and_decode_steps_equal_transformers(family, quantize
         unwindowed = _reference(family["model"], sliding_window=512)(torch.tensor([ids])).logits[0]
     span = float(theirs.max() - theirs.min())
     assert float((theirs - unwindowed).abs().max()) > 0.05 * span  # (the window matters here)
-    loaded = load_model(family["hf"])
-    err, _ = _logit_error(loaded, family["model"], ids)
-    assert err < 2e-5 * span, f"seed {family['seed']}: prefill max |diff| {err:.3e} vs logit range {span:.2f}"
-    stepped = _stepped_logits(Generator(loaded, "cpu", max_len=48), ids, sparse=False)
-    err = float((stepped - theirs[1:]).abs().max())
-    assert err < 2e-5 * span, f"seed {family['seed']}: decode steps max |diff| {err:.3e} vs logit range {span:.2f}"
-    with safe_open(str(quantized["hf"]), framework="pt") as f:
-        assert json.loads(f.metadata()["spqt"])["format_version"] == 6
-    spqt = load_spqt(quantized["hf"])
-    assert spqt.config == loaded.config
+    spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span, format_version=6)
     if cpu_native.available():
         pytest.skip(cpu_native.available())
     c = spqt.config
@@ -899,17 +925,7 @@ def test_gemma3_attention_scale_and_multimodal(base_tokenizer, tmp_path):
 
     from spqt.sources import _gguf_gemma3
 
-    cls, extra, arch, template = FAMILIES["gemma3"]
-    fam = build_family("gemma3-scale", (cls, {**extra, "query_pre_attn_scalar": 24}, arch, template), base_tokenizer,
-                       tmp_path)
-    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
-    hf = load_model(fam["hf"])
-    err, span = _logit_error(hf, fam["model"], ids)
-    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
-    gguf_model = load_model(fam["gguf"])
-    assert not torch.equal(gguf_model.weights["layers.0.q_norm"], hf.weights["layers.0.q_norm"])
-    err, span = _logit_error(gguf_model, _reference(fam["model"], query_pre_attn_scalar=16), ids)
-    assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
+    fam, ids, hf = _attention_scale_folds(FAMILIES["gemma3"], "gemma3-scale", "q_norm", base_tokenizer, tmp_path)
     keys = {"gemma3.attention.sliding_window": 1024}
     big = _gguf_gemma3(lambda key, default=None: keys.get(key, default), lambda key, default=None: keys.get(
         f"gemma3.{key}", default), Path("m.gguf"), 62, 5376, 32, 128)
@@ -1011,8 +1027,6 @@ def test_gemma2_caps_window_and_decode_steps_equal_transformers(family, quantize
     scores). The CPU's native decode attention (one C call a layer, the cap passed in) runs in every layer and gives
     the torch path's logits within the fp16 rounding of the tied head. The .spqt is format version 7 and reads back the
     same configuration."""
-    from safetensors import safe_open
-
     from spqt.kernels import cpu_native
 
     ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 5)
@@ -1023,16 +1037,7 @@ def test_gemma2_caps_window_and_decode_steps_equal_transformers(family, quantize
             other = _reference(family["model"], **change)(torch.tensor([ids])).logits[0]
             assert float((theirs - other).abs().max()) > 0.05 * span, f"{change} does not matter here"
     assert float(theirs.abs().max()) < 1.5  # (the logits' cap)
-    loaded = load_model(family["hf"])
-    err, _ = _logit_error(loaded, family["model"], ids)
-    assert err < 2e-5 * span, f"seed {family['seed']}: prefill max |diff| {err:.3e} vs logit range {span:.2f}"
-    stepped = _stepped_logits(Generator(loaded, "cpu", max_len=48), ids, sparse=False)
-    err = float((stepped - theirs[1:]).abs().max())
-    assert err < 2e-5 * span, f"seed {family['seed']}: decode steps max |diff| {err:.3e} vs logit range {span:.2f}"
-    with safe_open(str(quantized["hf"]), framework="pt") as f:
-        assert json.loads(f.metadata()["spqt"])["format_version"] == 7
-    spqt = load_spqt(quantized["hf"])
-    assert spqt.config == loaded.config
+    spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span, format_version=7)
     if cpu_native.available():
         pytest.skip(cpu_native.available())
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=48), ids, sparse=False)
@@ -1056,17 +1061,7 @@ def test_gemma2_attention_scale_and_gguf_keys(base_tokenizer, tmp_path, capsys):
     takes llama.cpp's 4,096, 50 and 30; caps of 0 are none; a cap that is not a number is refused in one line."""
     from spqt.sources import _gguf_gemma2
 
-    cls, extra, arch, template = FAMILIES["gemma2"]
-    fam = build_family("gemma2-scale", (cls, {**extra, "query_pre_attn_scalar": 24}, arch, template), base_tokenizer,
-                       tmp_path)
-    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
-    hf = load_model(fam["hf"])
-    err, span = _logit_error(hf, fam["model"], ids)
-    assert err < 2e-5 * span, f"seed {fam['seed']}: max |diff| {err:.3e} vs logit range {span:.2f}"
-    gguf_model = load_model(fam["gguf"])
-    assert not torch.equal(gguf_model.weights["layers.0.qkv"], hf.weights["layers.0.qkv"])
-    err, span = _logit_error(gguf_model, _reference(fam["model"], query_pre_attn_scalar=16), ids)
-    assert err < 2e-5 * span, f"seed {fam['seed']}: GGUF max |diff| {err:.3e} vs logit range {span:.2f}"
+    fam, ids, hf = _attention_scale_folds(FAMILIES["gemma2"], "gemma2-scale", "qkv", base_tokenizer, tmp_path)
     keys = {}
     big = _gguf_gemma2(lambda key, default=None: keys.get(key, default), lambda key, default=None: keys.get(
         f"gemma2.{key}", default), Path("m.gguf"), 46, 4608, 32, 128)
