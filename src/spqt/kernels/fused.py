@@ -19,14 +19,18 @@ import triton.language as tl
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, D, eps, res_ptr, BLOCK: tl.constexpr, ADD: tl.constexpr):
+    """Row r: rms_norm(x) * w; with ADD, res + that, the norm rounded to the output dtype first, then the sum."""
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     m = offs < D
     x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
     inv = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
-    tl.store(out_ptr + row * D + offs, (x * inv * w).to(out_ptr.dtype.element_ty), mask=m)
+    y = x * inv * w
+    if ADD:
+        y = tl.load(res_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32) + y.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * D + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def norm_warps(block: int) -> int:
@@ -40,7 +44,8 @@ def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     xc = x.contiguous()
     out = torch.empty_like(xc)
     block = triton.next_power_of_2(d)
-    _rms_norm_kernel[(xc.numel() // d,)](xc, w, out, d, eps, BLOCK=block, num_warps=norm_warps(block))
+    _rms_norm_kernel[(xc.numel() // d,)](xc, w, out, d, eps, out, BLOCK=block, ADD=False,
+                                         num_warps=norm_warps(block))
     return out
 
 
@@ -93,64 +98,42 @@ def rope_kv(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cac
 
 
 @triton.jit
-def _silu_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
+def _gate_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr, GELU: tl.constexpr):
+    """Program (row, slice): act(gate) * up of a row of stacked gate|up, act silu, or (GELU) gelu_tanh rounded to the
+    output dtype first (torch's F.gelu's result, then the product)."""
     row = tl.program_id(0)
     offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = offs < F
     g = tl.load(gu_ptr + row * 2 * F + offs, mask=m, other=0.0).to(tl.float32)
     u = tl.load(gu_ptr + row * 2 * F + F + offs, mask=m, other=0.0).to(tl.float32)
-    y = g / (1.0 + tl.exp(-g)) * u
+    if GELU:
+        z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (g + 0.044715 g^3)
+        z = tl.minimum(tl.maximum(z, -15.0), 15.0)  # tanh is +-1 in fp32 past 9: no exp overflow
+        tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
+        y = (0.5 * g * (1.0 + tanh)).to(out_ptr.dtype.element_ty).to(tl.float32) * u
+    else:
+        y = g / (1.0 + tl.exp(-g)) * u
     tl.store(out_ptr + row * F + offs, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _gated(kernel, gu: torch.Tensor, f: int) -> torch.Tensor:
-    """A gate kernel (_silu_mul_kernel's signature) over gu (..., 2F) stacked gate|up -> (..., F) in gu's dtype."""
+def _gated(gu: torch.Tensor, f: int, gelu: bool) -> torch.Tensor:
+    """_gate_mul_kernel over gu (..., 2F) stacked gate|up -> (..., F) in gu's dtype."""
     g = gu.contiguous()
     rows = g.numel() // (2 * f)
     out = torch.empty((*g.shape[:-1], f), dtype=g.dtype, device=g.device)
     block = 1024
-    kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, num_warps=4)
+    _gate_mul_kernel[(rows, triton.cdiv(f, block))](g, out, f, BLOCK=block, GELU=gelu, num_warps=4)
     return out
 
 
 def silu_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
-    return _gated(_silu_mul_kernel, gu, f)
-
-
-@triton.jit
-def _gelu_tanh_mul_kernel(gu_ptr, out_ptr, F, BLOCK: tl.constexpr):
-    """Program (row, slice): gelu_tanh(gate) rounded to the output dtype (torch's F.gelu's result), times up."""
-    row = tl.program_id(0)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    m = offs < F
-    g = tl.load(gu_ptr + row * 2 * F + offs, mask=m, other=0.0).to(tl.float32)
-    u = tl.load(gu_ptr + row * 2 * F + F + offs, mask=m, other=0.0).to(tl.float32)
-    z = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) (g + 0.044715 g^3)
-    z = tl.minimum(tl.maximum(z, -15.0), 15.0)  # tanh is +-1 in fp32 past 9: no exp overflow
-    tanh = 1.0 - 2.0 / (1.0 + tl.exp(2.0 * z))
-    gelu = (0.5 * g * (1.0 + tanh)).to(out_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(out_ptr + row * F + offs, (gelu * u).to(out_ptr.dtype.element_ty), mask=m)
+    return _gated(gu, f, gelu=False)
 
 
 def gelu_tanh_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
     """gu (..., 2F) stacked gate|up -> gelu_tanh(gate) * up (..., F) in gu's dtype, one launch (functional's torch
     twin: F.gelu(approximate="tanh"), rounded, then the product)."""
-    return _gated(_gelu_tanh_mul_kernel, gu, f)
-
-
-@triton.jit
-def _add_rms_norm_kernel(x_ptr, y_ptr, w_ptr, out_ptr, D, eps, BLOCK: tl.constexpr):
-    """Row r: x + rms_norm(y) * w, the norm rounded to the output dtype first (_rms_norm_kernel's arithmetic), then
-    the sum rounded."""
-    row = tl.program_id(0)
-    offs = tl.arange(0, BLOCK)
-    m = offs < D
-    y = tl.load(y_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=m, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt(tl.sum(y * y, axis=0) / D + eps)
-    normed = (y * inv * w).to(out_ptr.dtype.element_ty).to(tl.float32)
-    x = tl.load(x_ptr + row * D + offs, mask=m, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * D + offs, (x + normed).to(out_ptr.dtype.element_ty), mask=m)
+    return _gated(gu, f, gelu=True)
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -160,7 +143,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) 
     xc, yc = x.contiguous(), y.contiguous()
     out = torch.empty_like(xc)
     block = triton.next_power_of_2(d)
-    _add_rms_norm_kernel[(xc.numel() // d,)](xc, yc, w, out, d, eps, BLOCK=block, num_warps=norm_warps(block))
+    _rms_norm_kernel[(xc.numel() // d,)](yc, w, out, d, eps, xc, BLOCK=block, ADD=True, num_warps=norm_warps(block))
     return out
 
 
