@@ -47,6 +47,12 @@ SYNTHETIC = {
                       rope_theta=1000000.0, family="gemma3", qk_norm=True, post_norms=True, activation="gelu_tanh",
                       embed_scale=1152**0.5, sliding_window=512, rope_local_theta=10000.0,
                       sliding_layers=tuple(i for i in range(26) if i % 6 != 5)),
+    # Gemma 2 2B's: Gemma 3's switches less the q / k norms and local RoPE table, every other layer sliding over 4,096
+    # keys, the attention's and the logits' soft-caps
+    "gemma2-2b": dict(vocab_size=256000, dim=2304, n_layers=26, n_heads=8, n_kv_heads=4, head_dim=256, ffn_dim=9216,
+                      family="gemma2", post_norms=True, activation="gelu_tanh", embed_scale=2304**0.5,
+                      sliding_window=4096, sliding_layers=tuple(range(0, 26, 2)), attn_logit_softcap=50.0,
+                      final_logit_softcap=30.0),
     # Qwen3 8B's q / k norms (of ones) and Phi-3-mini's head dim of 96 and 2,047-key window in every layer: the fused
     # decode attention's folded norms and masked lanes
     "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=12288,
