@@ -549,3 +549,19 @@ def test_readme_command_line_lists_every_option():
             if action.option_strings and "--help" not in action.option_strings and not shown:
                 missing.append(f"spqt {name} {action.option_strings[-1]}")
     assert not missing, missing
+
+
+def test_synthetic_decode_models_are_valid_configs():
+    """Every synthetic model of `spqt bench decode` is a configuration the runtime accepts, with the switches its name
+    promises (the families' paths it is there to time): Gemma's windows and norms, Qwen3's q / k norms, Phi-3's head dim
+    of 96 and window in every layer, Gemma 2's soft-caps on alternate sliding layers."""
+    from spqt.bench_decode import SYNTHETIC
+    from spqt.config import ModelConfig
+
+    configs = {name: ModelConfig(**geometry, max_seq_len=8192) for name, geometry in SYNTHETIC.items()}
+    assert configs["gemma3-1b"].qk_norm and configs["gemma3-1b"].window(0) == 512 and not configs["gemma3-1b"].window(5)
+    assert configs["qwen3-8b"].qk_norm and configs["qwen3-8b"].head_dim == 128
+    assert configs["phi3-mini"].head_dim == 96 and all(configs["phi3-mini"].window(i) == 2047 for i in range(32))
+    gemma2 = configs["gemma2-2b"]
+    assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (50.0, 30.0) and not gemma2.qk_norm
+    assert [gemma2.window(i) for i in range(4)] == [4096, 0, 4096, 0]
