@@ -1682,9 +1682,11 @@ llama2-7b:now}" 90
     # gemma3-1b past its 512-key window (torch's attention in its sliding layers before) and inside it, qwen3-8b (q / k
     # norms folded into the attention; three launches a layer before), phi3-mini (head dim 96: rope_kv and torch's
     # attention before) inside and past its 2,047-key window; WINDOW_ROUNDS (2) rounds, the trees' order swapped in the
-    # second; WINDOW_NEW (gemma2-2b inside and past its 4,096-key window) in this tree alone. Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's
-    # table takes the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef
-    # did for the H100): $OUT/tuned.json, put in this tree; then bench decode of gemma3-1b at 0 and 0.5 on it.
+    # second; WINDOW_NEW (gemma2-2b inside and past its 4,096-key window) in this tree alone, with the fused decode
+    # attention and without it (SPQT_FUSED_ATTENTION=0: its hd-256 long kernel spills; is torch's faster there?).
+    # Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's table takes
+    # the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef did
+    # for the H100): $OUT/tuned.json, put in this tree; then bench decode of gemma3-1b at 0 and 0.5 on it.
     # Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log.
     start=$(date +%s)
     for round in $(seq ${WINDOW_ROUNDS:-2}); do
@@ -1704,9 +1706,11 @@ llama2-7b:now}" 90
         IFS=: read -r model prompt levels <<< "$run"
         left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
         [ $left -lt 60 ] && { echo "no time left for $run (round $round)"; break 2; }
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:$model --layouts zigzag \
-          --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 | grep -v WARN | grep "tok/s" \
-          | sed "s/^/now round $round prompt $prompt: /"
+        for fused in 1 0; do
+          SPQT_FUSED_ATTENTION=$fused timeout $left python3 -m spqt.cli bench decode --model synthetic:$model \
+            --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 | grep -v WARN | grep "tok/s" \
+            | sed "s/^/now fused attention $fused round $round prompt $prompt: /"
+        done
       done
     done | tee "$OUT/window-decode.log"
     echo "window decodes: $(( $(date +%s) - start )) s"

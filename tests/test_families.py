@@ -1036,7 +1036,6 @@ def test_gemma2_caps_window_and_decode_steps_equal_transformers(family, quantize
         for change in ({"attn_logit_softcapping": None}, {"final_logit_softcapping": None}, {"sliding_window": 512}):
             other = _reference(family["model"], **change)(torch.tensor([ids])).logits[0]
             assert float((theirs - other).abs().max()) > 0.05 * span, f"{change} does not matter here"
-    assert float(theirs.abs().max()) < 1.5  # (the logits' cap)
     spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span, format_version=7)
     if cpu_native.available():
         pytest.skip(cpu_native.available())
@@ -1128,14 +1127,14 @@ def test_gemma2_configs_read_as_transformers_reads_them(extra, v4, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
-    """The Triton path with a family's switches (bias added and q/k normed in torch around the
-    kernels): teacher-forced decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of
-    the logit range of the CPU reference, dense and with every input thresholded at 0.2; graph
-    decoding == eager. Thresholded, an activation within rounding of 0.2 may land on the other side
-    of it on one device and move later logits by a few % of the range (seed 1302239109, mistral: 1.8 %
-    on the H200, 1.9 % for the CPU reference itself with the thresholds 0.1 % higher), so there the
-    worst position is held to twice that noise floor, measured here, and the median position to 1 %
-    (a switch left out moves every position)."""
+    """The Triton path with a family's switches (bias added in torch after the GEMV, q/k norms and soft-caps inside the
+    fused decode attention, windows cut by it, Gemma's gate and post-norms in their fused kernels): teacher-forced
+    decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of the logit range of the CPU reference, dense and
+    with every input thresholded at 0.2; graph decoding == eager. Thresholded, an activation within rounding of 0.2 may
+    land on the other side of it on one device and move later logits by a few % of the range (seed 1302239109,
+    mistral: 1.8 % on the H200, 1.9 % for the CPU reference itself with the thresholds 0.1 % higher), so there the
+    worst position is held to twice that noise floor, measured here, and the median position to 1 % (a switch left
+    out moves every position)."""
     loaded = load_spqt(quantized["hf"])
     ids = _ids(32, loaded.config.vocab_size, seed=family["seed"] + 2)
     table = torch.full((loaded.config.n_layers, 4), 0.2)

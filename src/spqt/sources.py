@@ -589,10 +589,9 @@ def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads
     caps = {}
     for key, (ours, default) in _GGUF_GEMMA2_CAPS.items():
         value = field_value(f"gemma2.{key}", default)
-        try:
-            caps[ours] = float(value)
-        except (TypeError, ValueError):
-            raise SpqtError(f"{path}: GGUF gemma2.{key} is not a number ({value!r})") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):  # (a string or a flag is no cap)
+            raise SpqtError(f"{path}: GGUF gemma2.{key} is not a number ({value!r})")
+        caps[ours] = float(value)
     window = size("attention.sliding_window", _GGUF_GEMMA2_WINDOW)
     scalar = dim / max(n_heads, 1) if n_layers == 46 else head_dim
     sliding = (tuple(range(0, n_layers, _GGUF_GEMMA2_SLIDING_EVERY))  # (none for a layer count ModelConfig

@@ -273,7 +273,8 @@ def _seen(n, pos, low, WINDOWED: tl.constexpr):
 def _head_norm(x1, x2, w_ptr, eps, d, HALF: tl.constexpr, dt: tl.constexpr):
     """A head's RMSNorm (Qwen3's, Gemma 3's q / k norm) of its halves x1, x2 (fp32, 0 past HALF; (HP,) or one head a
     row, (rows, HP)) times the norm's weight (hd,) fp32 at w_ptr, rounded to dt as the unfused path stores it (the
-    rms_norm kernel's arithmetic), back in fp32."""
+    rms_norm kernel's formula; the halves summed apart, so an ulp of dt off functional.norm_heads at times: graphs and
+    eager steps take the same kernels), back in fp32."""
     axis: tl.constexpr = len(x1.shape) - 1
     sq = tl.sum(x1 * x1, axis=axis, keep_dims=True) + tl.sum(x2 * x2, axis=axis, keep_dims=True)
     inv = 1.0 / tl.sqrt(sq / (2 * HALF) + eps)
@@ -562,12 +563,13 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
                                   QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
     (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the per-head
-    kernel's span (HALF, HP, WINDOWED, QK_NORM and SOFTCAP as there), so
-    each cached block is read once for its group (the per-head kernel reads it G times). RoPE of the group's q, the
-    new k (RoPE) and v, written into the cache by the program of the block holding pos. Every block's max m, sum l
-    and unnormalized sums of p v go to its query heads' scratch slots (`slots` a head); _attention_combine_kernel
-    merges them. A block's sums depend on the position only, not on P or the span's bucket. PDL as the per-head
-    kernel's: the first block loaded and the next AHEAD asked of L2 before the wait."""
+    kernel's span (HALF, HP, WINDOWED, QK_NORM and SOFTCAP as there), so each cached block is read once for its
+    group (the per-head kernel reads it G times). RoPE of the group's q, the new k (RoPE) and v, written into the
+    cache by the program of the block holding pos. Every block's max m, sum l and unnormalized sums of p v go to its
+    query heads' scratch slots (`slots` a head); _attention_combine_kernel merges them. A block's sums depend on the
+    position only, not on P or the span's bucket. PDL as the per-head kernel's: the first block loaded and the next
+    AHEAD asked of L2 before the wait. At hd 256 it spills (928-936 bytes of stack a thread, compiled for sm_90:
+    scripts/attention_sass.py)."""
     j = tl.program_id(0)
     prog = tl.program_id(1)
     b = tl.program_id(2)
@@ -682,9 +684,8 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     blocks before the window's first are not read) or 0; qk_norm: (q's norm weight, k's, eps), each (hd,) fp32 on the
     device, to norm each head of q and the new k first (Qwen3, Gemma 3), or None; softcap: Gemma 2's cap of the
     scores, softcap * tanh(score / softcap) before the softmax (functional.soft_cap's; a constexpr of the kernels: a
-    compile each value), or 0. Returns (B, 1, H, hd) in qkv's
-    dtype (into `out` where given: the tests poison it). Needs hd even (a half past a power of two runs masked:
-    Phi-3's 96)."""
+    compile each value), or 0. Returns (B, 1, H, hd) in qkv's dtype (into `out` where given: the tests poison it).
+    Needs hd even (a half past a power of two runs masked: Phi-3's 96)."""
     b, t, _ = qkv.shape
     hd = cache_k.shape[-1]
     if t != 1 or positions.numel() != 1 or hd % 2:
@@ -696,8 +697,8 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         raise ValueError(f"rope_attention_decode: a window of {window} keys, a soft-cap of {softcap}")
     if window:  # a window's keys lie in at most this many blocks
         blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
-    half = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0, QK_NORM=qk_norm is not None,
-                SOFTCAP=float(softcap))
+    switches = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0,
+                    QK_NORM=qk_norm is not None, SOFTCAP=float(softcap))  # the kernels' constexprs
     norms = qk_norm if qk_norm is not None else (table, table, 0.0)  # (unread without QK_NORM)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
@@ -712,19 +713,19 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
         programs = attention_programs(blocks, b * n_kv, qkv.device)
         _rope_attention_blocks_kernel[(n_kv, programs, b)](
             qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, window,
-            qkv.stride(0), hd**-0.5, slots, *norms, **half, BLOCK_N=ATTN_BLOCK_N, G=group,
+            qkv.stride(0), hd**-0.5, slots, *norms, **switches, BLOCK_N=ATTN_BLOCK_N, G=group,
             GP=max(16, triton.next_power_of_2(group)),
             AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
             launch_pdl=pdl)
         cols = math.gcd(hd, ATTN_LONG_COMBINE_COLS)  # COLS a power of two: whole slices of any even hd
         _attention_combine_kernel[(n_heads, hd // cols, b)](
             positions, out, part, ml, n_heads, length, window, slots, HD=hd, COLS=cols, BLOCK_N=ATTN_BLOCK_N,
-            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, WINDOWED=half["WINDOWED"], num_warps=4, launch_pdl=pdl)
+            GROUP=ATTN_LONG_COMBINE_GROUP, PDL=pdl, WINDOWED=switches["WINDOWED"], num_warps=4, launch_pdl=pdl)
         return out
     programs = attention_programs(blocks, b * n_heads, qkv.device)
     _rope_attention_decode_kernel[(n_heads, programs, b)](
         qkv, table, positions, cache_k, cache_v, out, part, ml, counters, n_heads, n_kv, cache_k.shape[2], length,
-        window, qkv.stride(0), hd**-0.5, slots, *norms, **half, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
+        window, qkv.stride(0), hd**-0.5, slots, *norms, **switches, BLOCK_N=ATTN_BLOCK_N, GROUP=ATTN_COMBINE_GROUP,
         AHEAD=ATTN_PREFETCH_BLOCKS, PDL=pdl, num_warps=4,
         launch_pdl=pdl)
     return out
