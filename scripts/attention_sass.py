@@ -47,8 +47,9 @@ def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: bo
     names = kernel.arg_names
     signature = {a: sig.get(a, "constexpr") for a in names}
     constants = {a: v for a, v in constants.items() if a in names}
+    warps = getattr(fused, "attention_long_warps", lambda hd: 4)(hd) if name == "_rope_attention_blocks_kernel" else 4
     return compile_sm90(kernel, signature, constants, divisible=sum(1 for a in names if sig.get(a, "").startswith("*")),
-                        options=dict(num_warps=4))
+                        options=dict(num_warps=warps))
 
 
 if __name__ == "__main__":

@@ -1683,11 +1683,13 @@ llama2-7b:now}" 90
     # norms folded into the attention; three launches a layer before), phi3-mini (head dim 96: rope_kv and torch's
     # attention before) inside and past its 2,047-key window; WINDOW_ROUNDS (2) rounds, the trees' order swapped in the
     # second; WINDOW_NEW (gemma2-2b inside and past its 4,096-key window) in this tree alone, with the fused decode
-    # attention and without it (SPQT_FUSED_ATTENTION=0: its hd-256 long kernel spills; is torch's faster there?).
+    # attention's hd-256 long kernel at 8 warps (the default), at 4 (SPQT_ATTN_LONG_WARPS=4: it spills) and torch's
+    # attention instead (SPQT_FUSED_ATTENTION=0).
     # Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's table takes
     # the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef did
     # for the H100): $OUT/tuned.json, put in this tree; then bench decode of gemma3-1b at 0 and 0.5 on it.
-    # Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log.
+    # Logs $OUT/window-decode.log, $OUT/cross.log, $OUT/cross-decode.log. All of it takes more than one call: pass
+    # WINDOW_RUNS=" " or WINDOW_NEW=" " to leave a list out.
     start=$(date +%s)
     for round in $(seq ${WINDOW_ROUNDS:-2}); do
       trees=$([ $round = 1 ] && echo "before now" || echo "now before")
@@ -1706,10 +1708,11 @@ llama2-7b:now}" 90
         IFS=: read -r model prompt levels <<< "$run"
         left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
         [ $left -lt 60 ] && { echo "no time left for $run (round $round)"; break 2; }
-        for fused in 1 0; do
-          SPQT_FUSED_ATTENTION=$fused timeout $left python3 -m spqt.cli bench decode --model synthetic:$model \
-            --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 | grep -v WARN | grep "tok/s" \
-            | sed "s/^/now fused attention $fused round $round prompt $prompt: /"
+        for setting in fused warps4 torch; do  # the long kernel at hd 256 with 8 warps (the default), 4, torch's
+          SPQT_FUSED_ATTENTION=$([ $setting = torch ] && echo 0 || echo 1) \
+          SPQT_ATTN_LONG_WARPS=$([ $setting = warps4 ] && echo 4) timeout $left python3 -m spqt.cli bench decode \
+            --model synthetic:$model --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 \
+            | grep -v WARN | grep "tok/s" | sed "s/^/now $setting round $round prompt $prompt: /"
         done
       done
     done | tee "$OUT/window-decode.log"

@@ -804,8 +804,9 @@ def test_rope_attention_decode_soft_cap(rng, device, monkeypatch):
 def test_decode_attention_compiles_for_hopper():
     """The decode attention's three kernels compile for sm_90 here (Triton's bundled ptxas, no GPU; the interpreter
     runs none of Triton's compile-time checks: a float constexpr in an `if` ran there and failed to compile), with
-    every switch on (head dim 96 in masked lanes, a window, q / k norms, a soft-cap; bf16) and with none (fp16, hd
-    128), the per-head kernels without spills (scripts/attention_sass.py, in a process without TRITON_INTERPRET)."""
+    every switch on (head dim 96 in masked lanes, a window, q / k norms, a soft-cap; bf16), with none (fp16, hd 128)
+    and at Gemma's hd 256 (the long kernel's 8 warps), every one without spills (scripts/attention_sass.py, in a
+    process without TRITON_INTERPRET)."""
     import os
     import subprocess
     import sys
@@ -814,13 +815,16 @@ def test_decode_attention_compiles_for_hopper():
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(root / "src") + os.pathsep + env.get("PYTHONPATH", "")
-    configs = ["96,bf16,windowed,qknorm,softcap", "128,fp16"]
+    configs = ["96,bf16,windowed,qknorm,softcap", "128,fp16", "256,bf16,windowed,softcap"]
     run = subprocess.run([sys.executable, str(root / "scripts" / "attention_sass.py"), *configs], capture_output=True,
                          text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     lines = [ln for ln in run.stdout.splitlines() if " regs, " in ln]
-    assert len(lines) == 6, run.stdout
-    assert all("stack 0 B" in ln for ln in lines if "_rope_attention_decode_kernel" in ln), run.stdout
+    assert len(lines) == 9, run.stdout
+    assert all("stack 0 B" in ln for ln in lines), run.stdout
+    from spqt.kernels.fused import attention_long_warps
+
+    assert (attention_long_warps(128), attention_long_warps(256)) == (4, 8)
 
 
 def test_attention_kernels_chosen_alike_by_graphs_and_eager_steps(monkeypatch):

@@ -12,6 +12,7 @@ Their torch twins are in spqt.functional, which picks one or the other.
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -217,6 +218,15 @@ ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any sp
 ATTN_COMBINE_GROUP = 32  # key blocks the decode attention's combination merges at once (in order, group by group)
 # The long spans' merge: a program per query head and slice of this many columns of hd, this many blocks at once
 ATTN_LONG_COMBINE_COLS, ATTN_LONG_COMBINE_GROUP = 32, 128
+
+
+def attention_long_warps(hd: int) -> int:
+    """Warps of the long spans' first kernel: 4, and 8 from hd 256 (Gemma's), where 4 spill 928-936 bytes of stack
+    a thread and 8 none (compiled for sm_90: docs/RESULTS.md, forty-first session; the speed not yet measured).
+    SPQT_ATTN_LONG_WARPS=4 forces 4 (measurement)."""
+    if hd >= 256 and os.environ.get("SPQT_ATTN_LONG_WARPS", "") != "4":
+        return 8
+    return 4
 ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of the one it attends to
 # Which kernels a decode token's attention runs (decode_attention_route). Both spans are powers of two from
 # generate.KV_BUCKET_MIN, so that a graph's key bucket (a power of two from it, or the cache's length) and an eager
@@ -715,7 +725,8 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
             qkv, table, positions, cache_k, cache_v, part, ml, n_heads, n_kv, cache_k.shape[2], length, window,
             qkv.stride(0), hd**-0.5, slots, *norms, **switches, BLOCK_N=ATTN_BLOCK_N, G=group,
             GP=max(16, triton.next_power_of_2(group)),
-            AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl, num_warps=4,
+            AHEAD=ATTN_PREFETCH_BLOCKS, PREC="ieee" if qkv.dtype == torch.float32 else "tf32", PDL=pdl,
+            num_warps=attention_long_warps(hd),
             launch_pdl=pdl)
         cols = math.gcd(hd, ATTN_LONG_COMBINE_COLS)  # COLS a power of two: whole slices of any even hd
         _attention_combine_kernel[(n_heads, hd // cols, b)](
