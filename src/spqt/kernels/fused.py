@@ -218,15 +218,6 @@ ATTN_BLOCK_N = 64  # keys of a program of the decode attention; fixed, so any sp
 ATTN_COMBINE_GROUP = 32  # key blocks the decode attention's combination merges at once (in order, group by group)
 # The long spans' merge: a program per query head and slice of this many columns of hd, this many blocks at once
 ATTN_LONG_COMBINE_COLS, ATTN_LONG_COMBINE_GROUP = 32, 128
-
-
-def attention_long_warps(hd: int) -> int:
-    """Warps of the long spans' first kernel: 4, and 8 from hd 256 (Gemma's), where 4 spill 928-936 bytes of stack
-    a thread and 8 none (compiled for sm_90: docs/RESULTS.md, forty-first session; the speed not yet measured).
-    SPQT_ATTN_LONG_WARPS=4 forces 4 (measurement)."""
-    if hd >= 256 and os.environ.get("SPQT_ATTN_LONG_WARPS", "") != "4":
-        return 8
-    return 4
 ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of the one it attends to
 # Which kernels a decode token's attention runs (decode_attention_route). Both spans are powers of two from
 # generate.KV_BUCKET_MIN, so that a graph's key bucket (a power of two from it, or the cache's length) and an eager
@@ -239,6 +230,15 @@ ATTN_PREFETCH_BLOCKS = 7  # a program's later key blocks asked of L2 ahead of th
 ATTN_LONG_FROM = 512
 ATTN_PER_HEAD_MAX = 2048
 ATTN_LONG_GROUPED_ONLY = 1  # 0: models without grouped queries take the long spans' kernels too (a probe's setting)
+
+
+def attention_long_warps(hd: int) -> int:
+    """Warps of the long spans' first kernel: 4, and 8 from hd 256 (Gemma's), where 4 spill 928-936 bytes of stack
+    a thread and 8 none (compiled for sm_90: docs/RESULTS.md, forty-first session; the speed not yet measured).
+    SPQT_ATTN_LONG_WARPS=4 forces 4 (measurement)."""
+    if hd >= 256 and os.environ.get("SPQT_ATTN_LONG_WARPS", "") != "4":
+        return 8
+    return 4
 
 
 def decode_attention_route(length: int, n_heads: int, n_kv: int, hd: int, window: int = 0) -> str:
