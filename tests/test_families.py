@@ -134,7 +134,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
     rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
     layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key;
-    `gemma2`'s the same (no local RoPE), with its two soft-caps as keys.
+    `gemma2`'s the same (no local RoPE), with its two soft-caps as keys; partial RoPE as rope.dimension_count, the
+    rotated dimensions (Phi-4-mini's 96 of 128).
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
@@ -157,7 +158,7 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     else:
         w.add_key_length(hd)
         w.add_value_length(hd)
-    w.add_rope_dimension_count(hd)
+    w.add_rope_dimension_count(int(hd * rope.get("partial_rotary_factor", 1.0)))  # (Phi-4-mini: 96 of 128)
     w.add_rope_freq_base(rope["rope_theta"])
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=True)
@@ -603,6 +604,78 @@ def test_longrope_equals_transformers_on_both_sides_of_the_switch(base_tokenizer
     with safe_open(str(out), framework="pt") as f:
         assert json.loads(f.metadata()["spqt"])["format_version"] == 5
     assert load_model(out).config == load_model(fam["hf"]).config
+
+
+@pytest.mark.parametrize("scaling", ["default", "longrope"])
+def test_partial_rope_equals_transformers(base_tokenizer, tmp_path, monkeypatch, capsys, scaling):
+    """Phi-4-mini's partial RoPE (partial_rotary_factor 0.75: 12 of a head's 16 dimensions rotated, 6 frequencies over
+    12, the other 4 passed through), plain and under longrope (factor lists of 6; cos and sin of the rotated part
+    times the attention factor), from HF and from a GGUF as llama.cpp's converter writes it (rope.dimension_count
+    12): transformers' logits, which the partial rotation changes, from one prefill (40 tokens; longrope: and 90, past
+    the original 64) and one token at a time through the KV cache. Quantized, the file is format 8 and reads back the
+    same configuration, its logits stay within Q4_K's noise of transformers' (above 15 dB), inspect shows the rotated
+    dimensions, and the CPU's native decode gives the torch path's logits within the fp16 rounding of the head."""
+    from safetensors import safe_open
+
+    from spqt.kernels import cpu_native
+
+    rope = {"rope_type": scaling, "rope_theta": 10000.0, "partial_rotary_factor": 0.75}
+    longrope = {}
+    if scaling == "longrope":
+        rope |= {"original_max_position_embeddings": 64, "short_factor": [1.0 + 0.1 * i for i in range(6)],
+                 "long_factor": [1.0 + 8.0 * i for i in range(6)]}
+        longrope = {"original_max_position_embeddings": 64}
+    spec = ("Phi3Config", dict(max_position_embeddings=256, pad_token_id=None, rope_parameters=rope, **longrope),
+            "phi3", "phi3")
+    fam = build_family(f"phi4-{scaling}", spec, base_tokenizer, tmp_path)
+    ids = _ids(PROMPT_LEN, fam["tok"].vocab_size, seed=fam["seed"])
+    with torch.no_grad():
+        theirs = fam["model"](torch.tensor([ids[:40]])).logits[0]
+        span = float(theirs.max() - theirs.min())
+        whole = _reference(fam["model"], rope_parameters={**rope, "partial_rotary_factor": 1.0,
+                                                           **{k: [1.0] * 8 for k in ("short_factor", "long_factor")
+                                                              if k in rope}})
+        assert float((whole(torch.tensor([ids[:40]])).logits[0] - theirs).abs().max()) > 0.05 * span
+    for source in ("hf", "gguf"):
+        loaded = load_model(fam[source])
+        c = loaded.config
+        assert c.rope_dims == 12 and c.rotary_dims == 12 and c.head_dim == 16
+        assert (c.rope_long_freq_factors is not None) == (scaling == "longrope")
+        for n in (40, PROMPT_LEN) if scaling == "longrope" else (40,):
+            err, span_n = _logit_error(loaded, fam["model"], ids[:n])
+            assert err < 2e-5 * span_n, f"{source}, {n} tokens (seed {fam['seed']}): max |diff| {err:.3e}"
+        stepped = _stepped_logits(Generator(loaded, "cpu", max_len=48), ids[:40], sparse=False)
+        err = float((stepped - theirs[1:]).abs().max())
+        assert err < 2e-5 * span, f"{source} (seed {fam['seed']}): decode steps max |diff| {err:.3e} vs {span:.2f}"
+    out = tmp_path / "partial.spqt"
+    assert main(["quantize", str(fam["hf"]), "-o", str(out), "--device", "cpu"]) == 0
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["spqt"])["format_version"] == 8
+    spqt = load_spqt(out)
+    assert spqt.config == load_model(fam["hf"]).config
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "RoPE on 12 of 16 head dims" in capsys.readouterr().out
+    ref = _stepped_logits(Generator(spqt, "cpu", max_len=48), ids[:40], sparse=False)
+    # (its rows stored permuted, read back as they are: Q4_K's noise alone, as test_quantize_both_sources_then_generate)
+    assert sqnr_db(theirs[1:], ref) > 15, f"seed {fam['seed']}"
+    if cpu_native.available():
+        pytest.skip(cpu_native.available())
+    got = _stepped_logits(Generator(spqt, "cpu", max_len=48, backend="cpu-native"), ids[:40], sparse=False)
+    err = float((got - ref).abs().max())
+    assert err <= 2 * 2.0 ** -11 * span, f"seed {fam['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
+
+
+@pytest.mark.parametrize("family", ["phi3"], indirect=True)
+def test_whole_rope_reads_q_and_k_as_the_file_holds_them(family):
+    """A model that rotates whole heads (partial_rotary_factor 1, rope.dimension_count head_dim): no permutation, the
+    q|k|v rows read as transformers holds them, from HF and GGUF, and the configuration is the one without rope_dims
+    (rope_dims 0), so its .spqt keeps its format."""
+    qkv = family["model"].state_dict()["model.layers.0.self_attn.qkv_proj.weight"]
+    for source in ("hf", "gguf"):
+        loaded = load_model(family[source])
+        assert loaded.config.rope_dims == 0 and loaded.config.rotary_dims == loaded.config.head_dim
+        assert torch.equal(loaded.weights["layers.0.qkv"].float(), qkv), source
 
 
 class _Quantized(dict):
@@ -1197,9 +1270,12 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "phi3", "rope_scaling": {"type": "su", "short_factor": [1.0] * 8, "long_factor": [-2.0] * 8}},
      "short_factor and long_factor lists of 8 positive"),
     ({"model_type": "phi3", "rope_scaling": {"type": "yarn", "factor": 4.0}}, "short_factor and long_factor lists"),
-    ({"model_type": "phi3", "partial_rotary_factor": 0.75}, "partial RoPE (partial_rotary_factor 0.75"),
+    # partial RoPE (Phi-4-mini's runs): an odd count of rotated dimensions (7 of 16), a factor outside (0, 1],
+    # another family's (transformers rotates their whole heads)
+    ({"model_type": "phi3", "partial_rotary_factor": 0.45}, "partial RoPE of 7 of 16 head dimensions"),
     ({"model_type": "phi3", "rope_parameters": {"rope_type": "default", "rope_theta": 1e4,
-                                                "partial_rotary_factor": 0.5}}, "(partial_rotary_factor 0.5"),
+                                                "partial_rotary_factor": 1.5}}, "partial_rotary_factor must be a "),
+    ({"model_type": "qwen2", "partial_rotary_factor": 0.5}, "(partial_rotary_factor 0.5) is supported for phi3"),
     ({"model_type": "phi3", "sliding_window": math.inf}, "sliding_window must be a positive integer, got inf"),
     ({"model_type": "mistral", "sliding_window": 0}, "sliding_window must be a positive integer, got 0"),
     ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": None},
@@ -1289,28 +1365,31 @@ def test_phi3_fused_matrix_of_the_wrong_shape_is_refused(tmp_path, capsys):
                   "(128, 64)")
 
 
-@pytest.mark.parametrize("case", ["longrope", "partial"])
+@pytest.mark.parametrize("case", ["longrope", "odd", "partial-llama", "partial-longrope"])
 def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
-    """longrope's factor tensors (as llama.cpp's converter writes Phi-3 128k / Phi-3.5) with a factor missing, and
-    Phi-4-mini (rope.dimension_count below the head dimension)."""
+    """longrope's factor tensors (as llama.cpp's converter writes Phi-3 128k / Phi-3.5) with a factor missing; partial
+    RoPE (rope.dimension_count below the head dimension) of an odd count, in another family, or with longrope's
+    factors for the whole head (Phi-4-mini's are for the rotated dimensions: 48 of 64)."""
     import gguf
 
     path = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(path), "phi3")
+    w = gguf.GGUFWriter(str(path), "llama" if case == "partial-llama" else "phi3")
     w.add_block_count(1)
     w.add_embedding_length(32)
     w.add_head_count(4)
-    w.add_rope_dimension_count(8 if case == "longrope" else 6)
+    w.add_rope_dimension_count({"longrope": 8, "odd": 7}.get(case, 6))
     w.add_tensor("token_embd.weight", np.zeros((50, 32), dtype=np.float32))
-    if case == "longrope":
-        w.add_tensor("rope_factors_long.weight", np.full(3, 2.0, dtype=np.float32))
+    if case in ("longrope", "partial-longrope"):
+        w.add_tensor("rope_factors_long.weight", np.full(3 if case == "longrope" else 4, 2.0, dtype=np.float32))
         w.add_tensor("rope_factors_short.weight", np.ones(4, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    fragment = ("rope_factors_long.weight holds 3 values, expected 4 positive ones" if case == "longrope" else
-                "partial RoPE (6 of 8 head dimensions)")
+    fragment = {"longrope": "rope_factors_long.weight holds 3 values, expected 4 positive ones",
+                "odd": "partial RoPE (7 of 8 head dimensions) is not supported (for phi3 an even number",
+                "partial-llama": "partial RoPE (6 of 8 head dimensions) is not supported",
+                "partial-longrope": "rope_factors_short.weight holds 4 values, expected 3 positive ones"}[case]
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 

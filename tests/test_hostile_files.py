@@ -264,8 +264,11 @@ def spqt_metadata_cases(data: bytes):
     for key in ("attn_logit_softcap", "final_logit_softcap"):
         for v in (-1.0, float("inf"), "30", True, None):
             yield f"spqt config {key}={v!r}", edited(lambda m: m["config"].__setitem__(key, v)), v is None
+    # partial RoPE's rotated dimensions: odd, negative, past the head or not an integer
+    for v in (7, -2, 1 << 20, "12", True):
+        yield f"spqt config rope_dims={v!r}", edited(lambda m: m["config"].__setitem__("rope_dims", v)), False
     yield "spqt no config", edited(lambda m: m.pop("config")), False
-    yield "spqt format_version 8", edited(lambda m: m.__setitem__("format_version", 8)), False
+    yield "spqt format_version 9", edited(lambda m: m.__setitem__("format_version", 9)), False
     first = next(iter(meta["linears"]))
     yield "spqt linear format q9", edited(lambda m: m["linears"][first].__setitem__("format", "q9")), False
     yield "spqt linear format 5", edited(lambda m: m["linears"][first].__setitem__("format", 5)), False

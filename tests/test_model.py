@@ -355,3 +355,57 @@ def test_levels_reach_the_maps_as_written(tiny_spqt):
     lin.impl.sparse_pays = lambda level, norm_fed=False: level >= 0.65  # a crossover of 0.65
     lin.sparse = True
     assert lin.runs_sparse()
+
+
+@pytest.mark.parametrize("scaling", ["none", "llama3", "longrope"])
+def test_partial_rope_table_rotates_the_leading_pairs_and_passes_the_rest(scaling):
+    """rope_dims 12 of head_dim 16: the table's first 6 columns of each half are those of a 12-dimension head's table
+    (frequencies over 12, its 6 factors, times the attention factor), the last 2 cos 1 and sin 0 exactly, unscaled.
+    Whole heads (rope_dims 0 or head_dim) keep the table as it was before partial RoPE, bit for bit."""
+    from spqt.config import ModelConfig
+    from spqt.model import rope_table
+
+    base = dict(vocab_size=32, dim=64, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=256)
+    if scaling == "llama3":
+        base["rope_scaling"] = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 64}
+    if scaling == "longrope":
+        base |= dict(rope_attention_factor=1.2, rope_original_context=64)
+    factors = {} if scaling != "longrope" else {
+        n: dict(rope_freq_factors=[1.0 + 0.1 * i for i in range(n // 2)],
+                rope_long_freq_factors=[1.0 + 3.0 * i for i in range(n // 2)]) for n in (12, 16)}
+    partial = ModelConfig(**base, head_dim=16, rope_dims=12, **factors.get(12, {}))
+    alone = ModelConfig(**base, head_dim=12, **factors.get(12, {}))  # a head of the rotated dimensions alone
+    for context in (40, 200):  # (longrope: both sides of the switch)
+        table, theirs = rope_table(partial, 100, context), rope_table(alone, 100, context)
+        assert torch.equal(table[:, :6], theirs[:, :6]) and torch.equal(table[:, 8:14], theirs[:, 6:])
+        assert torch.equal(table[:, 6:8], torch.ones(100, 2)) and torch.equal(table[:, 14:], torch.zeros(100, 2))
+    whole = ModelConfig(**base, head_dim=16, **factors.get(16, {}))
+    assert ModelConfig(**base, head_dim=16, rope_dims=16, **factors.get(16, {})) == whole  # (read as 0: all)
+    inv = 1.0 / (whole.rope_theta ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16))
+    if scaling == "longrope":
+        inv = inv / torch.tensor(whole.rope_freq_factors, dtype=torch.float64)
+    if scaling != "llama3":  # the table as rope_table made it before partial RoPE
+        angles = torch.outer(torch.arange(100, dtype=torch.float64), inv)
+        before = (torch.cat([angles.cos(), angles.sin()], dim=-1) * whole.rope_attention_factor).float()
+        assert torch.equal(rope_table(whole, 100, 40), before)
+    for bad in (7, 18, -2):
+        with pytest.raises(ValueError, match=f"rope_dims must be an even integer in \\[0, head_dim 16\\].*{bad}"):
+            ModelConfig(**base, head_dim=16, rope_dims=bad)
+
+
+def test_rope_dim_order_pairs_the_rotated_dims_and_is_the_identity_for_whole_heads():
+    """folding.rope_dim_order: our pair (i, i + hd/2) holds the source's (i, i + rot/2) for i < rot/2 and two
+    passed-through dimensions above, every dimension once; rot 0 or hd: the identity."""
+    from spqt.folding import rope_dim_order
+
+    assert rope_dim_order(8, 6).tolist() == [0, 1, 2, 6, 3, 4, 5, 7]
+    for hd, rot in ((16, 12), (128, 96), (16, 2), (16, 14)):
+        order = rope_dim_order(hd, rot).tolist()
+        assert sorted(order) == list(range(hd))
+        pairs = [(order[i], order[i + hd // 2]) for i in range(hd // 2)]
+        assert pairs[: rot // 2] == [(j, j + rot // 2) for j in range(rot // 2)]
+        assert all(a >= rot and b >= rot for a, b in pairs[rot // 2:])
+    for hd in (2, 16, 128):
+        assert torch.equal(rope_dim_order(hd, 0), torch.arange(hd))
+        assert torch.equal(rope_dim_order(hd, hd), torch.arange(hd))

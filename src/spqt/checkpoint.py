@@ -32,7 +32,8 @@ older spqt would rotate by the short factors or at all. Version 6 is a file with
 (config post_norms, activation, embed_scale, rope_local_theta: ModelConfig.gemma_switches) or with sliding-window
 layers (config sliding_layers: Gemma 3's, Mistral's, Phi-3's, Qwen's), which an older spqt would drop. Version 7 is a
 file with soft-capped attention scores or logits (Gemma 2: config attn_logit_softcap, final_logit_softcap), which an
-older spqt would run uncapped.
+older spqt would run uncapped. Version 8 is a file with partial RoPE (Phi-4-mini: config rope_dims, q's and k's rows
+permuted into its pairing), which an older spqt would rotate whole.
 """
 
 import collections
@@ -61,7 +62,8 @@ ATTENTION_FACTOR_VERSION = 4
 ROPE_LAYOUT_VERSION = 5  # longrope's long factors, NoPE layers
 GEMMA_VERSION = 6  # post-norms, GELU MLP, embedding scale, sliding windows, a local RoPE table
 SOFT_CAP_VERSION = 7  # soft-capped attention scores or logits (Gemma 2)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7)
+PARTIAL_ROPE_VERSION = 8  # a part of each head rotated (Phi-4-mini's rope_dims)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
 NORM_SUFFIX = ".column_norm"
 
 # Fused linear maps: canonical name -> the source matrices stacked along rows (outputs).
@@ -380,7 +382,8 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
     c = model.config
-    version = (SOFT_CAP_VERSION if c.soft_capped else
+    version = (PARTIAL_ROPE_VERSION if c.rope_dims else
+               SOFT_CAP_VERSION if c.soft_capped else
                GEMMA_VERSION if c.gemma_switches or c.sliding_layers else
                ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else
                ATTENTION_FACTOR_VERSION if c.rope_attention_factor != 1.0 else

@@ -158,6 +158,7 @@ def cmd_inspect(args) -> int:
     switches = "".join([f", biases on {'/'.join(c.linear_biases)}" if c.linear_biases else "",
                         ", q/k norm" if c.qk_norm else "",
                         f", no RoPE in layers {', '.join(map(str, c.nope_layers))}" if c.nope_layers else "",
+                        f", RoPE on {c.rope_dims} of {c.head_dim} head dims" if c.rope_dims else "",
                         ", post-norms" if c.post_norms else "",
                         f", {c.activation} MLP" if c.activation != "silu" else "",
                         f", embeddings x {c.embed_scale:g}" if c.embed_scale != 1.0 else "",

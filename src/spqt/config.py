@@ -13,7 +13,10 @@ q/k norms are Qwen3's switch, and its norms' 1 + w and its attention scale need 
 norm weights). The sliding windows of Mistral, Phi-3 and Qwen (use_sliding_window) are sliding_window and
 sliding_layers too, without a table of their own. Gemma 2 is Gemma 3's switches without q/k norms or a local table
 (its sliding layers rotate by the model's one), plus two soft-caps: of the attention scores (attn_logit_softcap) and
-of the final logits (final_logit_softcap), each cap * tanh(x / cap).
+of the final logits (final_logit_softcap), each cap * tanh(x / cap). Phi-4-mini's partial RoPE (rope_dims: the
+leading 96 of each head's 128 dimensions rotated, the rest passed through) needs no change to the rotation either:
+the readers permute the head dimensions of q and k into its pairing (folding.py) and the table gives the
+passed-through pairs frequency 0.
 """
 
 import math
@@ -94,6 +97,12 @@ class ModelConfig:
     # before the mask) and of every logit the head gives; 0 (or None, read as 0): none
     attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
+    # partial RoPE (Phi-4-mini: 96 of 128): the leading dimensions of each head of q and k, in the source's order,
+    # that RoPE rotates (pairing j with j + rope_dims/2), the others passed through; 0 (or head_dim, read as 0): all.
+    # The readers permute q's and k's head dimensions (folding.rope_dim_order), so that the pairs of the rotation
+    # every path runs, (i, i + head_dim/2), are the rotated pairs for i < rope_dims/2 and passed-through pairs above
+    # (rope_table: frequency 0); the frequency factors then hold rope_dims/2 entries.
+    rope_dims: int = 0
 
     def __post_init__(self):
         """Checks every field (ValueError naming the field): a configuration comes from a file."""
@@ -113,6 +122,12 @@ class ModelConfig:
             value = getattr(self, name)
             if type(value) not in (int, float) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"model configuration: {name} must be a positive number, got {value!r}")
+        if self.rope_dims == self.head_dim:
+            object.__setattr__(self, "rope_dims", 0)
+        if type(self.rope_dims) is not int or self.rope_dims < 0 or self.rope_dims > self.head_dim or (
+                self.rope_dims % 2):
+            raise ValueError(f"model configuration: rope_dims must be an even integer in [0, head_dim "
+                             f"{self.head_dim}] (0: all rotated), got {self.rope_dims!r}")
         if not isinstance(self.eos_ids, (tuple, list)):
             raise ValueError(f"model configuration: eos_ids must be a list, got {self.eos_ids!r}")
         object.__setattr__(self, "eos_ids", tuple(self.eos_ids))
@@ -133,8 +148,10 @@ class ModelConfig:
         unknown = set(self.linear_biases) - set(LINEAR_KINDS)
         if unknown:
             raise ValueError(f"linear_biases {sorted(unknown)} are not among {LINEAR_KINDS}")
-        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.head_dim // 2:
-            raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, head_dim/2 is {self.head_dim // 2}")
+        pairs = self.rotary_dims // 2
+        if self.rope_freq_factors is not None and len(self.rope_freq_factors) != pairs:
+            raise ValueError(f"rope_freq_factors has {len(self.rope_freq_factors)} entries, the rotated pairs are "
+                             f"{pairs}")
         if self.rope_freq_factors is not None and not all(math.isfinite(f) and f > 0 for f in self.rope_freq_factors):
             raise ValueError(f"rope_freq_factors must be positive numbers, got {self.rope_freq_factors!r}")
         if self.rope_long_freq_factors is not None:
@@ -142,9 +159,9 @@ class ModelConfig:
                 raise ValueError(f"rope_long_freq_factors must be a list, got {self.rope_long_freq_factors!r}")
             long = tuple(float(f) for f in self.rope_long_freq_factors)
             object.__setattr__(self, "rope_long_freq_factors", long)
-            if self.rope_freq_factors is None or len(long) != self.head_dim // 2 or not all(
+            if self.rope_freq_factors is None or len(long) != pairs or not all(
                     math.isfinite(f) and f > 0 for f in long):
-                raise ValueError(f"rope_long_freq_factors needs rope_freq_factors beside it and {self.head_dim // 2} "
+                raise ValueError(f"rope_long_freq_factors needs rope_freq_factors beside it and {pairs} "
                                  f"positive numbers, got {self.rope_long_freq_factors!r}")
             if type(self.rope_original_context) is not int or self.rope_original_context < 1:
                 raise ValueError(f"rope_original_context must be a positive integer with rope_long_freq_factors, got "
@@ -202,6 +219,11 @@ class ModelConfig:
     def rotates(self, layer: int) -> bool:
         """Whether layer `layer`'s attention applies RoPE to q and k (not a NoPE layer)."""
         return layer not in self.nope_layers
+
+    @property
+    def rotary_dims(self) -> int:
+        """How many of each head's dimensions RoPE rotates (rope_dims; all where it is 0)."""
+        return self.rope_dims or self.head_dim
 
     @property
     def q_dim(self) -> int:

@@ -23,6 +23,13 @@ query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, is a factor sqrt(head_dim 
 q_norm's weight where q is normed per head (Gemma 3: the factor after the norm), else of wq and bq (Gemma 2; RoPE is
 linear, so it commutes either way).
 
+Partial RoPE (Phi-4-mini) is a permutation folded in (partial_rope_rows): transformers and llama.cpp (NEOX, the
+first rope.dimension_count dimensions) rotate each head's first rot dimensions in the pairs (j, j + rot/2) and pass
+the others through; every path of ours rotates the pairs (i, i + hd/2) of the whole head. The rows of wq and wk (and
+bq, bk) are reordered within each head by rope_dim_order, which makes our pairs i < rot/2 theirs and our pairs above
+two passed-through dimensions each (rope_table gives them frequency 0: cos 1, sin 0). q . k is the same sum over
+the same products in another order, so the scores are unchanged; v and o are untouched.
+
 A per-head RMSNorm of q (Qwen3's q_norm) would undo q's scale, so such a model is refused. Each multiplier is
 taken as float32 (a GGUF stores it so, and a float32 forward multiplies by that value); each folded tensor is
 computed in float64 and cast to float32. What gets quantized is the scaled weights.
@@ -152,3 +159,35 @@ def gemma_norms(load: Callable[[str], torch.Tensor], shift: float, query_scale: 
         return (w * query_scale if kind in scaled else w).to(torch.float32)
 
     return load_gemma
+
+
+def rope_dim_order(head_dim: int, rope_dims: int) -> torch.Tensor:
+    """(head_dim,) int64: for each dimension of our head, the source's dimension it holds. With r = rope_dims / 2
+    and m = head_dim / 2 (rope_dims 0: all rotated, the identity):
+
+        ours      0 .. r-1 | r .. m-1          | m .. m+r-1    | m+r .. 2m-1
+        source    0 .. r-1 | 2r .. 2r+m-r-1    | r .. 2r-1     | 2r+m-r .. 2m-1
+
+    so our pair (i, i + m) is the source's rotated pair (i, i + r) for i < r and two passed-through dimensions
+    above."""
+    r, m = (rope_dims or head_dim) // 2, head_dim // 2
+    passed = torch.arange(2 * r, head_dim)
+    return torch.cat([torch.arange(r), passed[: m - r], torch.arange(r, 2 * r), passed[m - r:]])
+
+
+def partial_rope_rows(load: Callable[[str], torch.Tensor], config: ModelConfig) -> Callable[[str], torch.Tensor]:
+    """A reader's per-tensor load function that returns wq, bq, wk and bk (n_heads * hd rows, or entries) with each
+    head's rows in rope_dim_order, and q_norm / k_norm (hd,) likewise; other tensors as they are. The identity (load
+    itself) where every dimension is rotated."""
+    if not config.rope_dims:
+        return load
+    order = rope_dim_order(config.head_dim, config.rope_dims)
+
+    def load_permuted(name: str) -> torch.Tensor:
+        w = load(name)
+        if name.rsplit(".", 1)[-1] not in ("wq", "bq", "wk", "bk", "q_norm", "k_norm"):
+            return w
+        heads = w.shape[0] // config.head_dim
+        return w.reshape(heads, config.head_dim, *w.shape[1:])[:, order].reshape(w.shape).contiguous()
+
+    return load_permuted

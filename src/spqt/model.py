@@ -42,10 +42,18 @@ def rope_frequencies(config: ModelConfig, context: int | None = None, local: boo
     """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured (as HF
     parameters, or as llama.cpp's per-frequency divisors from a GGUF) or linear scaling (divisors too).
     context: the run's context, which picks longrope's long divisors where it exceeds the original context.
-    local: the sliding layers' own frequencies (base rope_local_theta, never scaled)."""
-    hd = config.head_dim
+    local: the sliding layers' own frequencies (base rope_local_theta, never scaled). Partial RoPE (rope_dims): the
+    first rope_dims/2 are those of a head of rope_dims dimensions, base^(-2j / rope_dims), scaled as above; the
+    passed-through pairs after them get 0."""
+    rot = config.rotary_dims
+    inv = _rotated_frequencies(config, context, local, rot)
+    return torch.cat([inv, torch.zeros((config.head_dim - rot) // 2, dtype=torch.float64)])
+
+
+def _rotated_frequencies(config: ModelConfig, context: int | None, local: bool, rot: int) -> torch.Tensor:
+    """(rot/2,) float64: rope_frequencies' rotated pairs."""
     theta = config.rope_local_theta if local else config.rope_theta
-    inv = 1.0 / (theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    inv = 1.0 / (theta ** (torch.arange(0, rot, 2, dtype=torch.float64) / rot))
     if local:
         return inv
     factors = config.rope_freq_factors
@@ -71,11 +79,14 @@ def rope_table(config: ModelConfig, length: int, context: int | None = None, loc
     """(length, head_dim) float32 cos | sin halves: [:, :hd/2] cos, [:, hd/2:] sin, each times the attention factor
     (YaRN's, longrope's; 1 otherwise), for a run of `context` tokens (default: length). Every path (torch, the CPU's
     C, the GPU kernels) rotates by this table. local: the sliding layers' table (rope_local_theta; no scaling, no
-    attention factor)."""
+    attention factor). Partial RoPE (rope_dims): the passed-through pairs, columns rope_dims/2 .. hd/2 - 1 of each
+    half, are cos 1 and sin 0 exactly, without the attention factor (transformers and llama.cpp scale the rotated
+    part alone)."""
     pos = torch.arange(length, dtype=torch.float64)
     angles = torch.outer(pos, rope_frequencies(config, length if context is None else context, local))
-    factor = 1.0 if local else config.rope_attention_factor
-    return (torch.cat([angles.cos(), angles.sin()], dim=-1) * factor).float()
+    factor = torch.ones(config.head_dim // 2, dtype=torch.float64)
+    factor[: config.rotary_dims // 2] = 1.0 if local else config.rope_attention_factor
+    return torch.cat([angles.cos() * factor, angles.sin() * factor], dim=-1).float()
 
 
 def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype, device) -> torch.Tensor:

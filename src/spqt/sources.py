@@ -84,7 +84,7 @@ import torch
 from spqt.config import _LIMITS, LINEAR_KINDS, ModelConfig
 from spqt.errors import SpqtError
 from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
-from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers
+from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers, partial_rope_rows
 from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3")
@@ -410,29 +410,33 @@ def _open_gguf(path: Path) -> SourceModel:
     if not (math.isfinite(linear_factor) and linear_factor >= 0):
         raise SpqtError(f"{path}: GGUF rope scaling factor {linear_factor} is not a positive number")
     context = size("context_length", 4096)
+    # Phi-4-mini: llama.cpp rotates the first rope.dimension_count dimensions of each head (NEOX pairs (j, j + n/2),
+    # frequencies over n, the rest passed through): transformers' partial RoPE, which the loader permutes into ours
+    rope_dims = _int_field(reader, path, f"{arch}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim and (arch != "phi3" or not 2 <= rope_dims < head_dim or rope_dims % 2):
+        raise SpqtError(f"{path}: partial RoPE ({rope_dims} of {head_dim} head dimensions) is not supported (for "
+                        f"phi3 an even number of them is)")
+    pairs = rope_dims // 2
     yarn_divisors, attention_factor = None, 1.0
     if scaling_type == "yarn" and linear_factor not in (0.0, 1.0):
-        yarn_divisors, attention_factor, context = _gguf_yarn(field_value, arch, path, linear_factor, head_dim,
+        yarn_divisors, attention_factor, context = _gguf_yarn(field_value, arch, path, linear_factor, rope_dims,
                                                               context)
         linear_factor = 0.0  # (its factor is YaRN's, not a linear one)
-    rope_dims = int(field_value(f"{arch}.rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
-        raise SpqtError(f"{path}: partial RoPE ({rope_dims} of {head_dim} head dimensions) is not supported")
     # Llama 3.1/3.2: llama.cpp's converter stores Llama-3 scaling as divisors of each frequency
     rope_freq_factors = None
     if "rope_freqs.weight" in tensors:
-        rope_freq_factors = _gguf_factors(path, tensors, "rope_freqs.weight", head_dim // 2)
+        rope_freq_factors = _gguf_factors(path, tensors, "rope_freqs.weight", pairs)
     if linear_factor not in (0.0, 1.0):  # dividing every frequency by the factor: the positions divided by it
-        rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * (head_dim // 2))
+        rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * pairs)
     if yarn_divisors is not None:  # (on top of rope_freqs' divisors, as llama.cpp's RoPE applies both)
-        rope_freq_factors = tuple(f * d for f, d in zip(rope_freq_factors or (1.0,) * (head_dim // 2), yarn_divisors))
+        rope_freq_factors = tuple(f * d for f, d in zip(rope_freq_factors or (1.0,) * pairs, yarn_divisors))
     # Phi-3 128k / Phi-3.5: llama.cpp's converter writes longrope as two tensors and two keys (no scaling type key)
     long_factors, original = None, 0
     if "rope_factors_long.weight" in tensors or "rope_factors_short.weight" in tensors:
         if arch != "phi3" or rope_freq_factors is not None:
             raise SpqtError(f"{path}: GGUF rope scaling 'longrope' (tensors rope_factors_long, rope_factors_short) is "
                             f"supported for phi3 alone, without other scaling")
-        rope_freq_factors, long_factors = (_gguf_factors(path, tensors, f"rope_factors_{k}.weight", head_dim // 2)
+        rope_freq_factors, long_factors = (_gguf_factors(path, tensors, f"rope_factors_{k}.weight", pairs)
                                            for k in ("short", "long"))
         original = size("rope.scaling.original_context_length", context)
         if original < 2:
@@ -489,6 +493,7 @@ def _open_gguf(path: Path) -> SourceModel:
             rope_attention_factor=attention_factor,
             rope_long_freq_factors=long_factors,
             rope_original_context=original,
+            rope_dims=rope_dims,
             nope_layers=_every(_GGUF_NOPE_STEP.get(arch), n_layers),
             **_switches(layer_extras.values()),
             **{k: v for k, v in gemma.items() if k != "query_scale"},
@@ -541,7 +546,7 @@ def _open_gguf(path: Path) -> SourceModel:
             factors = fold_factors(multipliers, config)
         except ValueError as e:
             raise SpqtError(f"{path}: {e}") from None
-    loader = folded(load, factors)
+    loader = partial_rope_rows(folded(load, factors), config)  # (Phi-4-mini: q's and k's rows in our pairing)
     if gemma:  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
         loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"], q_normed=config.qk_norm)
     tokenizer = _gguf_tokenizer(path)
@@ -601,7 +606,7 @@ def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads
             "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
 
 
-def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
+def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
                context: int) -> tuple[tuple[float, ...], float, int]:
     """A GGUF's YaRN RoPE scaling (rope.scaling.type yarn, as llama.cpp's converter writes Qwen2.5's long context):
     (the per-frequency divisors, the attention factor of cos and sin, the context), read as llama.cpp reads the keys
@@ -630,7 +635,7 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, head_dim: int,
     rope = {"factor": factor, "original_max_position_embeddings": original,
             "beta_fast": number("yarn_beta_fast", 32.0), "beta_slow": number("yarn_beta_slow", 1.0)}
     try:
-        divisors, attention = _yarn(rope, float(field_value(f"{arch}.rope.freq_base", 10000.0)), head_dim, context)
+        divisors, attention = _yarn(rope, float(field_value(f"{arch}.rope.freq_base", 10000.0)), rot_dims, context)
         extended = int(original * factor)
     except (ValueError, OverflowError) as e:
         raise SpqtError(f"{path}: unusable YaRN scaling ({e})") from None
@@ -958,7 +963,7 @@ def _open_hf(folder: Path) -> SourceModel:
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
     if multipliers is not None:
         provenance["folded_multipliers"] = multipliers.record()
-    loader = folded(load, factors)
+    loader = partial_rope_rows(folded(load, factors), config)  # (Phi-4-mini: q's and k's rows in our pairing)
     if query_scale is not None:  # Gemma: each norm's 1 + w, the attention scale in q_norm (Gemma 3) or wq (Gemma 2)
         loader = gemma_norms(loader, shift=1.0, query_scale=query_scale, q_normed=config.qk_norm)
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=loader, names=names)
@@ -995,26 +1000,24 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         kind = "longrope"
     if kind not in ("llama3", "linear", "yarn", "default") and not (kind == "longrope" and model_type == "phi3"):
         raise ValueError(f"rope scaling {kind!r} is not supported (llama3, linear, yarn and, for phi3, longrope are)")
-    # Phi-4-mini rotates 3/4 of each head (top level in its config.json; transformers 5 moves it into rope_parameters)
-    partial = float(rope.get("partial_rotary_factor") or cfg.get("partial_rotary_factor") or 1.0)
-    if partial != 1.0:
-        raise ValueError(f"partial RoPE (partial_rotary_factor {partial:g} of each head rotated) is not supported")
     scaling = None if kind != "llama3" else {
         k: float(rope[k]) for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    # Phi-4-mini rotates 3/4 of each head (top level in its config.json; transformers 5 moves it into rope_parameters)
+    rot = _hf_rotary_dims(rope, cfg, model_type, head_dim)
     factor = float(rope["factor"]) if kind == "linear" else 1.0  # positions / factor: each frequency divided by it
     if not (math.isfinite(factor) and factor > 0):
         raise ValueError(f"linear rope scaling factor {factor} is not a positive number")
-    divisors = (factor,) * (head_dim // 2) if factor != 1.0 else None
+    divisors = (factor,) * (rot // 2) if factor != 1.0 else None
     attention_factor, context = 1.0, cfg.get("max_position_embeddings", 4096)
     theta = rope.get("rope_theta", cfg.get("rope_theta", 2e6 if model_type == "smollm3" else 10000.0))
     if kind == "yarn":
-        divisors, attention_factor = _yarn(rope, float(theta), head_dim, context)
+        divisors, attention_factor = _yarn(rope, float(theta), rot, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
         context = max(context, int((rope.get("original_max_position_embeddings") or context) * float(rope["factor"])))
     long_divisors, original = None, 0
     if kind == "longrope":
-        divisors, long_divisors, attention_factor, original = _longrope(rope, cfg, head_dim, context)
+        divisors, long_divisors, attention_factor, original = _longrope(rope, cfg, rot, context)
     eos = cfg.get("eos_token_id")
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
@@ -1027,7 +1030,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         ffn_dim=cfg["intermediate_size"], head_dim=head_dim,
         norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=theta,
         rope_scaling=scaling, rope_freq_factors=divisors, rope_attention_factor=attention_factor,
-        rope_long_freq_factors=long_divisors, rope_original_context=original,
+        rope_long_freq_factors=long_divisors, rope_original_context=original, rope_dims=rot,
         max_seq_len=context,
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
@@ -1037,6 +1040,26 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         **gemma,
         **window,
     )
+
+
+def _hf_rotary_dims(rope: dict, cfg: dict, model_type: str, head_dim: int) -> int:
+    """How many of each head's dimensions RoPE rotates: int(head_dim * partial_rotary_factor), as transformers' Phi-3
+    takes it (the rope block's key, else the top level's; Phi-4-mini: 96 of 128); head_dim for a factor of 1.
+    ValueError for a factor outside (0, 1], an odd count (transformers' rotate_half cannot split it) or partial RoPE
+    in another family (their transformers models rotate whole heads)."""
+    partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    partial = 1.0 if partial is None else partial
+    if type(partial) not in (int, float) or not 0 < partial <= 1:
+        raise ValueError(f"partial_rotary_factor must be a number in (0, 1], got {partial!r}")
+    if partial == 1:
+        return head_dim
+    if model_type != "phi3":
+        raise ValueError(f"partial RoPE (partial_rotary_factor {partial:g}) is supported for phi3 alone")
+    rot = int(head_dim * partial)
+    if rot < 2 or rot % 2:
+        raise ValueError(f"partial RoPE of {rot} of {head_dim} head dimensions (partial_rotary_factor {partial:g}) is "
+                         f"not supported: the rotated dimensions must be an even number")
+    return rot
 
 
 def _one_line(e: Exception) -> str:
@@ -1236,12 +1259,12 @@ def _hf_nope_layers(cfg: dict) -> tuple[int, ...]:
     return tuple(i for i in range(n) if not flags[i])
 
 
-def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[float, ...], float]:
+def _yarn(rope: dict, theta: float, rot_dims: int, context: int) -> tuple[tuple[float, ...], float]:
     """YaRN RoPE scaling (Peng et al. 2023; Qwen2.5's long context) from an HF rope_scaling block, as transformers
     computes it with the explicit factor (transformers before its PR 40320, August 2025, replaced the factor by the
     context ratio when original_max_position_embeddings was given: 1 for Qwen's block; the pin admits those): the
-    per-frequency divisors of the plain inverse frequencies, and the attention factor of cos and sin. ValueError on
-    unusable parameters."""
+    per-frequency divisors of the plain inverse frequencies, and the attention factor of cos and sin; rot_dims: the
+    rotated dimensions of a head (all, or partial RoPE's). ValueError on unusable parameters."""
     factor = float(rope["factor"])
     original = float(rope.get("original_max_position_embeddings") or context)
     fast, slow = float(rope.get("beta_fast") or 32), float(rope.get("beta_slow") or 1)
@@ -1261,15 +1284,15 @@ def _yarn(rope: dict, theta: float, head_dim: int, context: int) -> tuple[tuple[
         raise ValueError(f"yarn attention_factor {attention} is not a positive number")
     # the dimension pairs whose wavelength fits the original context `rotations` times bound the ramp between
     # interpolated (divided by the factor) and kept frequencies
-    pairs = head_dim // 2
+    pairs = rot_dims // 2
 
     def pair(rotations: float) -> float:
-        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+        return rot_dims * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = pair(fast), pair(slow)
     if rope.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
-    low, high = max(low, 0), min(high, head_dim - 1)
+    low, high = max(low, 0), min(high, rot_dims - 1)
     span = (high - low) or 0.001
     kept = [1.0 - min(max((i - low) / span, 0.0), 1.0) for i in range(pairs)]  # 1: the frequency kept as is
     # inverse frequency (1 - kept) / factor + kept, over the plain one: the divisor is its inverse
@@ -1281,17 +1304,17 @@ def _longrope_attention(factor: float, original: int) -> float:
     return 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
-def _longrope(rope: dict, cfg: dict, head_dim: int, context: int) -> tuple[tuple, tuple, float, int]:
+def _longrope(rope: dict, cfg: dict, rot_dims: int, context: int) -> tuple[tuple, tuple, float, int]:
     """Phi-3's longrope (LongRoPE, Ding et al. 2024) from an HF rope block, as transformers reads it: the short and the
     long per-frequency divisors, the attention factor (given, else from the factor, itself given or the context over
-    the original context) and the original context (past it a run takes the long divisors). ValueError on unusable
-    parameters."""
+    the original context) and the original context (past it a run takes the long divisors); rot_dims: the rotated
+    dimensions of a head (Phi-4-mini: 96 of 128, its factor lists of 48). ValueError on unusable parameters."""
     # transformers' Phi-3 takes the top level's value over the block's (Phi3Config's default: 4096)
     original = cfg.get("original_max_position_embeddings") or rope.get("original_max_position_embeddings") or 4096
     factors = [rope.get("short_factor"), rope.get("long_factor")]
-    if not all(isinstance(f, list) and len(f) == head_dim // 2 and all(
+    if not all(isinstance(f, list) and len(f) == rot_dims // 2 and all(
             type(v) in (int, float) and math.isfinite(v) and v > 0 for v in f) for f in factors):
-        raise ValueError(f"longrope rope scaling needs short_factor and long_factor lists of {head_dim // 2} positive "
+        raise ValueError(f"longrope rope scaling needs short_factor and long_factor lists of {rot_dims // 2} positive "
                          f"numbers")
     if type(original) is not int or original < 2:
         raise ValueError(f"longrope original_max_position_embeddings {original!r} is not an integer above 1")
