@@ -89,13 +89,8 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
                "norm": torch.ones(cfg.dim, device="cuda")}
     del output
     for i in range(cfg.n_layers):
-        weights[f"layers.{i}.attention_norm"] = torch.ones(cfg.dim, device="cuda")
-        weights[f"layers.{i}.ffn_norm"] = torch.ones(cfg.dim, device="cuda")
-        if cfg.qk_norm:
-            weights[f"layers.{i}.q_norm"] = weights[f"layers.{i}.k_norm"] = torch.ones(cfg.head_dim, device="cuda")
-        if cfg.post_norms:
-            weights[f"layers.{i}.post_attention_norm"] = weights[f"layers.{i}.post_ffn_norm"] = torch.ones(
-                cfg.dim, device="cuda")
+        for name, size in cfg.layer_norms().items():
+            weights[f"layers.{i}.{name}"] = torch.ones(size, device="cuda")
         for kind, p in prototypes.items():
             weights[f"layers.{i}.{kind}"] = GpuQ4K(p.quants.clone(), p.head.clone(), layout, p.shape) if fmt == "q4_k" else p
     tok = TokenizerSpec(tokenizer_json="{}")

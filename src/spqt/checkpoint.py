@@ -150,9 +150,7 @@ def _layer_extras(source: SourceModel, i: int) -> dict:
     (Qwen3), and each biased group's output bias, stacked like its weight (a member the source
     gives no bias gets zeros)."""
     cfg = source.config
-    names = ["attention_norm", "ffn_norm"] + (["q_norm", "k_norm"] if cfg.qk_norm else []) + (
-        ["post_attention_norm", "post_ffn_norm"] if cfg.post_norms else [])
-    out = {f"layers.{i}.{n}": source.tensor(f"layers.{i}.{n}") for n in names}
+    out = {f"layers.{i}.{n}": source.tensor(f"layers.{i}.{n}") for n in cfg.layer_norms()}
     for group in cfg.linear_biases:
         pieces = []
         for member, rows in zip(LINEAR_GROUPS[group], _parts(cfg)[group]):
@@ -529,16 +527,11 @@ def _expected_shapes(c: ModelConfig) -> dict:
     if not c.tie_embeddings:
         shapes["output"] = (c.vocab_size, c.dim)
     for i in range(c.n_layers):
-        shapes[f"layers.{i}.attention_norm"] = (c.dim,)
-        shapes[f"layers.{i}.ffn_norm"] = (c.dim,)
+        shapes |= {f"layers.{i}.{name}": (size,) for name, size in c.layer_norms().items()}
         shapes[f"layers.{i}.qkv"] = (c.q_dim + 2 * c.kv_dim, c.dim)
         shapes[f"layers.{i}.o"] = (c.dim, c.q_dim)
         shapes[f"layers.{i}.gate_up"] = (2 * c.ffn_dim, c.dim)
         shapes[f"layers.{i}.down"] = (c.dim, c.ffn_dim)
-        if c.qk_norm:
-            shapes[f"layers.{i}.q_norm"] = shapes[f"layers.{i}.k_norm"] = (c.head_dim,)
-        if c.post_norms:
-            shapes[f"layers.{i}.post_attention_norm"] = shapes[f"layers.{i}.post_ffn_norm"] = (c.dim,)
         for group in c.linear_biases:
             shapes[f"layers.{i}.{group}.bias"] = (shapes[f"layers.{i}.{group}"][0],)
     return shapes

@@ -220,6 +220,17 @@ class ModelConfig:
         """Whether layer `layer`'s attention applies RoPE to q and k (not a NoPE layer)."""
         return layer not in self.nope_layers
 
+    def layer_norms(self) -> dict[str, int]:
+        """Each layer's RMSNorm weights (layers.{i}.<name>) and their sizes: the attention's and the MLP's input norms,
+        q's and k's per-head norms (qk_norm: Qwen3, Gemma 3), the attention's and the MLP's output norms (post_norms:
+        Gemma)."""
+        norms = {"attention_norm": self.dim, "ffn_norm": self.dim}
+        if self.qk_norm:
+            norms |= {"q_norm": self.head_dim, "k_norm": self.head_dim}
+        if self.post_norms:
+            norms |= {"post_attention_norm": self.dim, "post_ffn_norm": self.dim}
+        return norms
+
     @property
     def rotary_dims(self) -> int:
         """How many of each head's dimensions RoPE rotates (rope_dims; all where it is 0)."""

@@ -576,13 +576,21 @@ def _gguf_gemma3(field_value, size, path: Path, n_layers: int, dim: int, n_heads
         local = float(local)
     except (TypeError, ValueError):
         raise SpqtError(f"{path}: GGUF gemma3.rope.freq_base_swa is not a number ({local!r})") from None
-    scalar = dim / max(n_heads, 1) if n_layers == 62 else head_dim
     full = _GGUF_GEMMA3_FULL_EVERY
-    sliding = (tuple(i for i in range(n_layers) if i % full != full - 1)  # (none for a layer count ModelConfig
-               if 1 <= n_layers <= _LIMITS["n_layers"] else ())             # refuses anyway)
+    sliding = (i for i in range(n_layers) if i % full != full - 1)
+    return {**_gguf_gemma(n_layers, dim, n_heads, head_dim, 62, sliding, window),
+            "rope_local_theta": local if window > 0 else 0.0}
+
+
+def _gguf_gemma(n_layers: int, dim: int, n_heads: int, head_dim: int, big_layers: int, sliding, window: int) -> dict:
+    """What llama.cpp's gemma2 and gemma3 share: post-norms, the GELU (tanh) MLP, embeddings times sqrt(dim), the
+    layers `sliding` (a generator of them: none for a layer count ModelConfig refuses anyway) through `window` (0: no
+    sliding layer), and query_scale, the factor of q: scores scaled by 1 / sqrt(dim / heads) for the model of
+    `big_layers` layers (the 27B), by 1 / sqrt(head_dim) otherwise."""
+    scalar = dim / max(n_heads, 1) if n_layers == big_layers else head_dim
+    usable = window > 0 and 1 <= n_layers <= _LIMITS["n_layers"]
     return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(max(dim, 1)),
-            "sliding_window": window if window > 0 else 0, "sliding_layers": sliding if window > 0 else (),
-            "rope_local_theta": local if window > 0 else 0.0,
+            "sliding_window": window if window > 0 else 0, "sliding_layers": tuple(sliding) if usable else (),
             "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
 
 
@@ -598,12 +606,8 @@ def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads
             raise SpqtError(f"{path}: GGUF gemma2.{key} is not a number ({value!r})")
         caps[ours] = float(value)
     window = size("attention.sliding_window", _GGUF_GEMMA2_WINDOW)
-    scalar = dim / max(n_heads, 1) if n_layers == 46 else head_dim
-    sliding = (tuple(range(0, n_layers, _GGUF_GEMMA2_SLIDING_EVERY))  # (none for a layer count ModelConfig
-               if 1 <= n_layers <= _LIMITS["n_layers"] else ())          # refuses anyway)
-    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": math.sqrt(max(dim, 1)),
-            "sliding_window": window if window > 0 else 0, "sliding_layers": sliding if window > 0 else (), **caps,
-            "query_scale": math.sqrt(head_dim / scalar) if scalar > 0 else 1.0}
+    sliding = range(0, n_layers, _GGUF_GEMMA2_SLIDING_EVERY)
+    return {**_gguf_gemma(n_layers, dim, n_heads, head_dim, 46, sliding, window), **caps}
 
 
 def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
@@ -1185,8 +1189,7 @@ def _gemma3_switches(cfg: dict) -> tuple[dict, dict]:
         local_theta = local.get("rope_theta", 10000.0)
         if type(local_theta) not in (int, float) or not math.isfinite(local_theta) or local_theta <= 1:
             raise ValueError(f"the sliding layers' rope_theta must be a number above 1, got {local_theta!r}")
-    return full, {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
-                  "sliding_window": window, "sliding_layers": sliding, "rope_local_theta": float(local_theta)}
+    return full, {**_gemma_common(cfg, sliding, window), "rope_local_theta": float(local_theta)}
 
 
 def _gemma_sliding(cfg: dict) -> tuple[tuple[int, ...], int]:
@@ -1228,11 +1231,15 @@ def _gemma2_switches(cfg: dict) -> dict:
     """A filled gemma2 config's (_gemma2_config) ModelConfig switches: post-norms, GELU (tanh) MLP, embeddings times
     sqrt(hidden_size), the sliding layers (layer_types) and their window, both soft-caps (null: none). Its RoPE is the
     model's one table (rope_parameters, read as every family's). ValueError on anything unusable."""
-    sliding, window = _gemma_sliding(cfg)
-    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
-            "sliding_window": window, "sliding_layers": sliding,
-            "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
+    return {**_gemma_common(cfg, *_gemma_sliding(cfg)), "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
             "final_logit_softcap": cfg.get("final_logit_softcapping")}
+
+
+def _gemma_common(cfg: dict, sliding: tuple[int, ...], window: int) -> dict:
+    """The ModelConfig switches Gemma 2 and 3 share, of a filled config: post-norms, the GELU (tanh) MLP, embeddings
+    times sqrt(hidden_size), the sliding layers and their window (_gemma_sliding's)."""
+    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
+            "sliding_window": window, "sliding_layers": sliding}
 
 
 def _every(step: int | None, n_layers: int) -> tuple[int, ...]:
