@@ -1200,14 +1200,14 @@ def test_gemma2_configs_read_as_transformers_reads_them(extra, v4, monkeypatch):
 
 @pytest.mark.gpu
 def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
-    """The Triton path with a family's switches (bias added in torch after the GEMV, q/k norms and soft-caps inside the
-    fused decode attention, windows cut by it, Gemma's gate and post-norms in their fused kernels): teacher-forced
-    decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of the logit range of the CPU reference, dense and
-    with every input thresholded at 0.2; graph decoding == eager. Thresholded, an activation within rounding of 0.2 may
-    land on the other side of it on one device and move later logits by a few % of the range (seed 1302239109,
-    mistral: 1.8 % on the H200, 1.9 % for the CPU reference itself with the thresholds 0.1 % higher), so there the
-    worst position is held to twice that noise floor, measured here, and the median position to 1 % (a switch left
-    out moves every position)."""
+    """The Triton path with a family's switches (a decode token's bias in the GEMV's epilogue, q/k norms and soft-caps
+    in the fused decode attention, windows cut by it, Gemma's gate and post-norms in their fused kernels):
+    teacher-forced decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of the logit range of the CPU
+    reference, dense and with every input thresholded at 0.2; graph decoding == eager. Thresholded, an activation within
+    rounding of 0.2 may land on the other side of it on one device and move later logits by a few % of the range (seed
+    1302239109, mistral: 1.8 % on the H200, 1.9 % for the CPU reference itself with the thresholds 0.1 % higher), so
+    there the worst position is held to twice that noise floor, measured here, and the median position to 1 % (a switch
+    left out moves every position)."""
     loaded = load_spqt(quantized["hf"])
     ids = _ids(32, loaded.config.vocab_size, seed=family["seed"] + 2)
     table = torch.full((loaded.config.n_layers, 4), 0.2)

@@ -5,7 +5,8 @@ Sparse semantics (the reference that every kernel matches): ``y = W (x * (|x| > 
 or ``y = W (x * (|x| * c > t))`` when a per-input scale c is set (WINA: c_i = ||W[:, i]||_2, the
 column norms of the stored matrix), only while ``sparse`` is on (the runtime turns it on for
 decode steps and off for prefill). An output bias b (Qwen2's q, k, v) is added after the GEMV,
-``y = W (x * keep) + b``: it never meets the threshold, and the epilogue (residual, SwiGLU) follows it.
+``y = W (x * keep) + b``: it never meets the threshold, and the epilogue (residual, SwiGLU) follows it (one token's
+bias alone joins as the epilogue's residual: the same sum, in the map's own launch).
 
 Sparsity that pays: an implementation may know, per shape and device, the lowest sparsity at
 which its sparse kernel beats its dense one (`spqt tune` measures it). Below it, with
@@ -87,8 +88,11 @@ class Linear(DirectCallModule):
         silu(gate) * up, (..., F). norm: an RMSNorm applied to x first. Kernels may fuse the norm with
         the sparse index collection, and the residual or SwiGLU into the GEMV's last step (not when
         a bias must come first: then W x comes back plain, and the bias and epilogue run in torch,
-        which a CUDA graph captures like any other op)."""
+        which a CUDA graph captures like any other op). A bias alone on one token (Qwen2's q|k|v in a decode step)
+        is the residual of the kernels' epilogue instead: W x + b in the map's own launch, one kernel less a layer."""
         if self.bias is not None:
+            if residual is None and not swiglu and x.numel() == self.in_features:
+                return self._product(x, self.bias.view(*x.shape[:-1], self.out_features), False, norm)
             return linear_epilogue(self._product(x, None, False, norm) + self.bias, residual, swiglu)
         return self._product(x, residual, swiglu, norm)
 
