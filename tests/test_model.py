@@ -206,6 +206,37 @@ def test_a_prefill_from_the_start_runs_causal_attention(tiny_spqt):
     assert float((causal - explicit).abs().max()) < 1e-5 * span
 
 
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_masks_are_made_only_for_attention_that_reads_them(tiny_spqt, device, monkeypatch):
+    """A CUDA decode token's attention runs in the fused kernels, which mask by position: the step makes no mask (its
+    few kernels would sit in every captured step) and every layer gets None; a prefill, and every CPU forward, get the
+    (T, keys) mask. Off the fused route a missing mask is an error, never a silent unmasked attention."""
+    from spqt import functional
+    from spqt.checkpoint import load_spqt
+
+    gen = Generator(load_spqt(tiny_spqt), device, max_len=64)
+    seen = []
+    real = functional.attention
+
+    def attention(qkv, table, positions, k, v, h, kv, mask, length, **kw):
+        seen.append(None if mask is None else tuple(mask.shape))
+        return real(qkv, table, positions, k, v, h, kv, mask, length, **kw)
+
+    monkeypatch.setattr(functional, "attention", attention)
+    tokens = torch.randint(0, 300, (1, 5), generator=torch.Generator().manual_seed(2)).to(device)
+    with torch.inference_mode():
+        gen.model.setup_cache(1, 64, gen.dtype)
+        gen.model(tokens[:, :4], torch.arange(4, device=device), kv_len=4)
+        gen.model(tokens[:, 4:], torch.arange(4, 5, device=device), kv_len=5)
+    n_layers = gen.loaded.config.n_layers
+    assert seen == [(4, 4)] * n_layers + [None if device == "cuda" else (1, 5)] * n_layers
+    monkeypatch.undo()
+    cache = torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match="without a mask"):
+        functional.attention(torch.randn(1, 1, 8 * 16), torch.ones(8, 16), torch.tensor([3]), cache, cache.clone(), 4,
+                             2, None, 4)
+
+
 def test_capped_attention_equals_its_definition(monkeypatch):
     """Gemma 2's soft-capped attention (functional.attention with softcap: scores made explicitly) against its
     definition in float64, softmax(cap tanh(q k^T / sqrt(hd) / cap) + mask) v with the kv heads repeated: grouped

@@ -190,13 +190,25 @@ def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor
     return torch.cat([q, k, v], dim=-1)
 
 
+def decode_attention_fused(x: torch.Tensor, tokens: int, length: int, n_heads: int, n_kv: int, hd: int,
+                           window: int = 0) -> bool:
+    """Whether attention() runs the attention of `tokens` new tokens (x: a tensor of the step's device and dtype) in
+    CUDA's fused decode kernels (fused.decode_attention_route), which mask by position: then it needs no mask."""
+    if not (_fused(x) and tokens == 1 and hd % 2 == 0 and fused_decode_attention_on()):
+        return False
+    from spqt.kernels import fused
+
+    return fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch"
+
+
 def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, cache_k: torch.Tensor,
-              cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor, length: int,
+              cache_v: torch.Tensor, n_heads: int, n_kv: int, mask: torch.Tensor | None, length: int,
               native: bool = False, window: int = 0, qk_norm: tuple | None = None,
               softcap: float = 0.0) -> torch.Tensor:
     """Attention of T new tokens after the q|k|v projection: RoPE, the KV-cache write (rope_kv),
     then softmax(q k^T / sqrt(hd) + mask) v over the first `length` cached keys (grouped-query).
-    qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position.
+    qkv (B, T, (H + 2 Hkv) hd); mask (T, length) additive, -inf above each token's position (None where
+    decode_attention_fused holds: the fused kernels need none).
     Returns (B, T, H, hd) in qkv's dtype. On CUDA a decode token runs fused.decode_attention_route's kernels;
     with native (the CPU's native maps) one decode token is one C call (kernels/cpu_native.py), which adds the mask
     to the scores as torch's attention does. window: a sliding layer's (0: none), which the mask cuts already
@@ -206,12 +218,13 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     on every route (CUDA's fused decode kernels and the CPU's C cap them themselves; the torch route makes its scores
     explicitly: _capped_attention)."""
     hd = cache_k.shape[-1]
-    if _fused(qkv) and qkv.shape[1] == 1 and hd % 2 == 0 and fused_decode_attention_on():
+    if decode_attention_fused(qkv, qkv.shape[1], length, n_heads, n_kv, hd, window):
         from spqt.kernels import fused
 
-        if fused.decode_attention_route(length, n_heads, n_kv, hd, window) != "torch":
-            return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length, window,
-                                               qk_norm, softcap)
+        return fused.rope_attention_decode(qkv, table, positions, cache_k, cache_v, n_heads, n_kv, length, window,
+                                           qk_norm, softcap)
+    if mask is None:
+        raise ValueError("attention without a mask where the fused decode kernels do not run")
     if qk_norm is not None:
         qkv = norm_heads(qkv, *qk_norm, n_heads, n_kv)
     if native:

@@ -161,16 +161,16 @@ class Attention(DirectCallModule):
         self.native = False  # the CPU's native maps: a decode token's attention in C too (build_model sets it)
 
     def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
-                mask: torch.Tensor, post_norm: RMSNorm | None = None) -> torch.Tensor:
-        """x + attention(norm(x)), or x + post_norm(attention(norm(x))) (Gemma); rope: the layer's whole
-        (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (layer_masks). The norm is handed to the
-        q|k|v map, which may fuse it with its input's sparsification."""
+                mask: torch.Tensor | None, length: int, post_norm: RMSNorm | None = None) -> torch.Tensor:
+        """x + attention(norm(x)), or x + post_norm(attention(norm(x))) (Gemma) over the first `length` cached keys;
+        rope: the layer's whole (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (layer_masks), or
+        None where the fused decode kernels run (functional.decode_attention_fused). The norm is handed to the q|k|v
+        map, which may fuse it with its input's sparsification."""
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
         # Qwen3's and Gemma 3's per-head norms of q and k, which the attention runs (the fused decode kernels as they
         # load q and k)
         qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        length = mask.shape[-1]
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
                                    length, native=self.native, window=self.window, qk_norm=qk_norm,
                                    softcap=self.softcap)
@@ -211,10 +211,12 @@ class Block(DirectCallModule):
         self.post_attention_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
         self.post_ffn_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
 
-    def forward(self, x, rope, positions, mask):
+    def forward(self, x, rope, positions, mask, length: int | None = None):
         """rope: the layer's (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (T, length) bool or
-        additive float mask (layer_masks: a sliding layer's window applied)."""
-        h = self.attention(x, self.attention_norm, rope, positions, mask, self.post_attention_norm)
+        additive float mask (layer_masks: a sliding layer's window applied), or None where the fused decode kernels
+        attend (functional.decode_attention_fused) and `length` gives the keys (else the mask's width)."""
+        length = mask.shape[-1] if length is None else length
+        h = self.attention(x, self.attention_norm, rope, positions, mask, length, self.post_attention_norm)
         return self.feed_forward(h, self.ffn_norm, self.post_ffn_norm)
 
 
@@ -279,16 +281,26 @@ class Transformer(nn.Module):
         if self.decode_chain is not None and self.decode_chain.runs(x, positions, length):
             x = self.decode_chain(x, positions, length)  # every layer in one launch (decode_chain.py)
         else:
-            # (T, length) additive mask, made once per forward (a bool mask is converted in every layer)
-            mask = causal_mask(positions, length, x.dtype, x.device)
-            if x.device.type == "cpu" and 1 < positions.shape[0] == length:  # positions ascending: 0 .. T - 1
-                setattr(mask, functional.CAUSAL, True)
-            masks = layer_masks(self.config, mask, positions)
+            masks = self._masks(x, positions, length)
             for i, block in enumerate(self.layers):
-                x = block(x, self.rope_for(i), positions, masks[i])
+                x = block(x, self.rope_for(i), positions, masks[i], length)
         if select is not None:
             x = x.index_select(1, select)
         return self.logits(x)
+
+    def _masks(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> list:
+        """Every layer's (T, length) additive mask, made once per forward (a bool mask is converted in every layer;
+        layer_masks), or None for all where every layer's attention runs in the fused decode kernels, which mask by
+        position (a CUDA decode step: the mask's kernels left out of it)."""
+        c = self.config
+        if all(functional.decode_attention_fused(x, positions.shape[0], length, c.n_heads, c.n_kv_heads, c.head_dim,
+                                                 window)
+               for window in {c.window(i) for i in range(c.n_layers)}):
+            return [None] * c.n_layers
+        mask = causal_mask(positions, length, x.dtype, x.device)
+        if x.device.type == "cpu" and 1 < positions.shape[0] == length:  # positions ascending: 0 .. T - 1
+            setattr(mask, functional.CAUSAL, True)
+        return layer_masks(c, mask, positions)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, T, D) -> logits (B, T, vocab) float32: the final norm, the head, and Gemma 2's
