@@ -34,13 +34,14 @@ SYNTHETIC = {
                       rope_theta=500000.0),
     "llama2-13b": dict(vocab_size=32000, dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824),
     "llama2-70b": dict(vocab_size=32000, dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672),
-    # other families' geometries (their maps' shapes and counts; no biases, q / k norms or tied embeddings)
+    # other families' geometries (their maps' shapes and counts; no q / k norms or tied embeddings)
     "llama3.2-1b": dict(vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
                         rope_theta=500000.0),
     "llama3.2-3b": dict(vocab_size=128256, dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192,
                         rope_theta=500000.0),
+    # (Qwen2.5's q|k|v bias too, small random values: a decode step adds it in the map's epilogue)
     "qwen2.5-7b": dict(vocab_size=152064, dim=3584, n_layers=28, n_heads=28, n_kv_heads=4, ffn_dim=18944,
-                       rope_theta=1000000.0),
+                       rope_theta=1000000.0, family="qwen2", linear_biases=("qkv",)),
     # Gemma 3 1B's switches too (q / k norms and post-norms of ones, GELU MLP, scaled embeddings, five of each six
     # layers sliding over 512 keys with their own RoPE table): the generic path's cost (bf16, the runtime's default)
     "gemma3-1b": dict(vocab_size=262144, dim=1152, n_layers=26, n_heads=4, n_kv_heads=1, head_dim=256, ffn_dim=6912,
@@ -93,6 +94,8 @@ def synthetic_model(name: str, layout: str, max_seq_len: int = 512, fmt: str = "
             weights[f"layers.{i}.{name}"] = torch.ones(size, device="cuda")
         for kind, p in prototypes.items():
             weights[f"layers.{i}.{kind}"] = GpuQ4K(p.quants.clone(), p.head.clone(), layout, p.shape) if fmt == "q4_k" else p
+        for kind in cfg.linear_biases:
+            weights[f"layers.{i}.{kind}.bias"] = 0.1 * torch.randn(shapes[kind][0], device="cuda", generator=g)
     tok = TokenizerSpec(tokenizer_json="{}")
     return LoadedModel(config=cfg, tokenizer=tok, weights=weights, parts={}, provenance={"synthetic": name})
 
