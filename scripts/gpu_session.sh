@@ -702,7 +702,7 @@ case "$stage" in
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     table="$(tuned_table)"
-    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_types.py -k bench_and_tune_types 2>&1 | tail -2
+    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_types.py -k "tune_types or bench_gemv_types" 2>&1 | tail -2
     timeout 120 python3 scripts/order_probe.py --json "$OUT/order-probe.json" 2>&1 | grep -v WARN | tee "$OUT/order-probe.log"
     for t in ${TUNE_TYPES:-q8_0 q6_k q5_k q3_k q2_k}; do
       left=$(( ${CALL_BUDGET:-520} - 150 - ($(date +%s) - start) ))
@@ -1155,7 +1155,7 @@ llama2-7b:now}" 90
     start=$(date +%s)
     timeout 240 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_kquant_cuda.py::test_zigzag_cuda_types_kept_mode \
       tests/test_gpu_runtime.py::test_kept_sparse_maps_decode_like_collected tests/test_kernels.py::test_cuda_kept_mode \
-      tests/test_kernels_types.py::test_bench_and_tune_types \
+      tests/test_kernels_types.py::test_tune_types tests/test_kernels_types.py::test_tune_types_crossovers_alone \
       tests/test_gpu_runtime.py::test_bench_decode_times_a_mixed_model_file 2>&1 | tee "$OUT/kept25-tests.log" \
       | grep -E "passed|failed|FAILED|Error" | tail -12
     echo "kept25 tests: $(( $(date +%s) - start )) s"

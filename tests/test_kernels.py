@@ -283,48 +283,51 @@ def test_row_variants(rng, device, sparsity):
                     assert torch.equal(y, kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_zigzag_fused_epilogues(rng, device):
+@pytest.mark.parametrize("device, shape", [
+    pytest.param("cpu", (300, 130), id="interp"),
+    # one test item a GPU shape: -n 8 runs them side by side (94 s as one on the H100, forty-second session)
+    pytest.param("cuda", (22016, 4096), id="gpu-22016x4096", marks=pytest.mark.gpu),
+    pytest.param("cuda", (3000, 777), id="gpu-3000x777", marks=pytest.mark.gpu)])
+def test_zigzag_fused_epilogues(rng, device, shape):
     """residual + W x and silu(gate) * up, done by the last program of each output tile (fused) or
     by the reduction kernel, equal the same kernel's fp32 partial sums with the epilogue done in
     torch: bit for bit (residual, one split: the partials are the sums), else within the output
     dtype's rounding (exp may differ by an ulp; several splits are summed in another order in
     torch). N / 2 not a multiple of 256: a tile's up rows span two superblock rows, one of them
     shared with gate rows."""
-    for shape in ([(300, 130)] if device == "cpu" else [(22016, 4096), (3000, 777)]):
-        qw, gw = _weights(rng, shape, "zigzag", device)
-        n, k = shape
-        for dtype in dtypes_for(device):
-            x, t = _x(rng, k, dtype, device, 0.5)
-            r = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(device, dtype)
-            eps = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
-            for split, fused in ((1, True), (3, True), (3, False)):
-                if device == "cpu" and split > 1 and dtype != torch.float32:
-                    continue  # the interpreter is slow: several splits in fp32 only
-                ws = kg.ZigzagWorkspace(gw, split, dtype)
-                for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
-                    what = f"{shape} {dtype} split {split} fused {fused} mode {mode}"
-                    kw = {"num_warps": 2, "chunks": 1 if split == 1 else 2, "fused": fused}
-                    if mode == kg.MODE_INDEXED:
-                        kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                    kg.gemv_zigzag(gw, x, mode, ws, **kw)
-                    y32 = ws.partials[:, :n].sum(0)
-                    ws.y.fill_(float("nan"))
-                    got = kg.gemv_zigzag(gw, x, mode, ws, residual=r, **kw)
-                    want = (r.float() + y32).to(dtype)
-                    if split == 1:
-                        assert torch.equal(got, want), f"residual {what}"
-                    else:
-                        torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()),
-                                                   msg=f"residual {what}")
-                    ws.y.fill_(float("nan"))
-                    got = kg.gemv_zigzag(gw, x, mode, ws, swiglu=True, **kw)
-                    gate, up = y32[: n // 2], y32[n // 2 :]
-                    want = torch.nn.functional.silu(gate) * up
-                    assert got.shape == (n // 2,)
-                    torch.testing.assert_close(got.float(), want, rtol=eps, atol=eps * float(want.abs().max()),
-                                               msg=f"swiglu {what}")
-                    assert not ws.counters.any(), f"counters not reset {what}"
+    qw, gw = _weights(rng, shape, "zigzag", device)
+    n, k = shape
+    for dtype in dtypes_for(device):
+        x, t = _x(rng, k, dtype, device, 0.5)
+        r = torch.from_numpy(rng.standard_normal(n).astype(np.float32)).to(device, dtype)
+        eps = {torch.float32: 2.0**-22, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}[dtype]
+        for split, fused in ((1, True), (3, True), (3, False)):
+            if device == "cpu" and split > 1 and dtype != torch.float32:
+                continue  # the interpreter is slow: several splits in fp32 only
+            ws = kg.ZigzagWorkspace(gw, split, dtype)
+            for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
+                what = f"{shape} {dtype} split {split} fused {fused} mode {mode}"
+                kw = {"num_warps": 2, "chunks": 1 if split == 1 else 2, "fused": fused}
+                if mode == kg.MODE_INDEXED:
+                    kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                y32 = ws.partials[:, :n].sum(0)
+                ws.y.fill_(float("nan"))
+                got = kg.gemv_zigzag(gw, x, mode, ws, residual=r, **kw)
+                want = (r.float() + y32).to(dtype)
+                if split == 1:
+                    assert torch.equal(got, want), f"residual {what}"
+                else:
+                    torch.testing.assert_close(got, want, rtol=eps, atol=eps * float(want.abs().max()),
+                                               msg=f"residual {what}")
+                ws.y.fill_(float("nan"))
+                got = kg.gemv_zigzag(gw, x, mode, ws, swiglu=True, **kw)
+                gate, up = y32[: n // 2], y32[n // 2 :]
+                want = torch.nn.functional.silu(gate) * up
+                assert got.shape == (n // 2,)
+                torch.testing.assert_close(got.float(), want, rtol=eps, atol=eps * float(want.abs().max()),
+                                           msg=f"swiglu {what}")
+                assert not ws.counters.any(), f"counters not reset {what}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -371,22 +371,29 @@ def test_kernels_compile_for_sm90():
         assert r["per_weight"] <= 6.5 and r["slow"].get("I2F", 0) <= 2 and set(r["slow"]) <= {"I2F"}, r
 
 
-@pytest.mark.gpu
-def test_bench_and_tune_types(tmp_path):
-    """`spqt bench gemv --types` and `spqt tune --types` for the other types: the tuner times
-    (two) candidates of B2 and B4 per type and shape and returns table entries (where the CUDA GEMV
-    runs: its configs, the Triton fallback and the crossovers, MODE_KEPT's included; the crossovers alone, the
-    configs kept); the benchmark reports B2 and B4 rows per type next to Q4_K's."""
-    from spqt import bench
-    from spqt.kernels import tuning, zigzag_cuda
+def _tuned_on_cuda() -> bool:
+    """Whether the tuner times the CUDA GEMV of the types here (the H200, the H100), else the Triton one."""
+    from spqt.kernels import zigzag_cuda
 
-    shapes = [(576, 192)]
-    on_cuda = zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"  # the H200: the CUDA GEMV runs the types
+    return zigzag_cuda.usable() and zigzag_cuda.choice() != "triton"
+
+
+# spqt bench gemv --types and spqt tune --types, in three tests that run in parallel (-n 8: one of 137 s on the
+# H100 set the gpu suite's wall, forty-second session)
+@pytest.mark.gpu
+def test_tune_types():
+    """`spqt tune --types` for the other types: the tuner times (two) candidates of B2 and B4 per type and shape and
+    returns table entries (where the CUDA GEMV runs: its configs, the Triton fallback and the crossovers, MODE_KEPT's
+    included)."""
+    from spqt import bench
+    from spqt.kernels import tuning
+
+    on_cuda = _tuned_on_cuda()
 
     def two(variant, n, k):
         return (tuning.cuda_type_candidates if on_cuda else tuning.candidates)(variant, n, k)[:2]
 
-    entries = bench.tune_types(shapes, ["q8_0", "q2_k", "q6_k"], log=lambda *a: None, candidates=two)
+    entries = bench.tune_types([(576, 192)], ["q8_0", "q2_k", "q6_k"], log=lambda *a: None, candidates=two)
     assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k", "q6_k")}
     for variant, found in entries.items():
         entry = found["576x192"]
@@ -395,14 +402,30 @@ def test_bench_and_tune_types(tmp_path):
         if on_cuda:  # the Triton type kernel's config as the table had it (untimed here)
             assert entry["impl"] == "cuda" and entry["fallback"] == tuning.triton_config(variant, 576, 192), entry
             assert ("crossover" in entry) == ("sparse" in variant) == ("crossover_kept_fused" in entry), entry
-    if on_cuda:  # the crossovers alone, the configs kept (spqt tune --crossover-only --types)
-        table = bench.tune_crossover(shapes, log=lambda *a: None, types=("q2_k",))
-        entry = table["zigzag_sparse_q2_k"]["576x192"]
-        assert {"crossover", "crossover_fused", "crossover_kept", "crossover_kept_fused"} <= set(entry), entry
-        assert entry["split"] == tuning.cuda_type_config("sparse", "q2_k", 576, 192)["split"]  # Q4_K's, borrowed:
-        # with the type's Triton config as its fallback, not Q4_K's, and no timing of its own
-        assert entry["fallback"] == tuning.triton_config("zigzag_sparse_q2_k", 576, 192) and "us" not in entry
-    report = bench.run_gemv_benchmark(shapes, [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",
+
+
+@pytest.mark.gpu
+def test_tune_types_crossovers_alone():
+    """`spqt tune --crossover-only --types` where the CUDA GEMV runs the types: the crossovers alone, the configs kept
+    (Q4_K's, borrowed, with the type's Triton config as the fallback and no timing of its own)."""
+    from spqt import bench
+    from spqt.kernels import tuning
+
+    if not _tuned_on_cuda():
+        pytest.skip("the CUDA GEMV does not run the types on this GPU: no crossovers of their own to tune")
+    table = bench.tune_crossover([(576, 192)], log=lambda *a: None, types=("q2_k",))
+    entry = table["zigzag_sparse_q2_k"]["576x192"]
+    assert {"crossover", "crossover_fused", "crossover_kept", "crossover_kept_fused"} <= set(entry), entry
+    assert entry["split"] == tuning.cuda_type_config("sparse", "q2_k", 576, 192)["split"]
+    assert entry["fallback"] == tuning.triton_config("zigzag_sparse_q2_k", 576, 192) and "us" not in entry
+
+
+@pytest.mark.gpu
+def test_bench_gemv_types(tmp_path):
+    """`spqt bench gemv --types`: B2 and B4 rows per type next to Q4_K's, every one timed, the JSON written."""
+    from spqt import bench
+
+    report = bench.run_gemv_benchmark([(576, 192)], [0.0, 0.5], ["B2", "B4"], json_path=tmp_path / "gemv.json",
                                       log=lambda *a: None, types=["q4_k", "q6_k"])
     rows = {(r["type"], r["variant"], r["sparsity"]) for r in report["rows"]}
     assert {("q6_k", "B2", 0.0), ("q6_k", "B4", 0.0), ("q6_k", "B4", 0.5), ("q4_k", "B4", 0.5)} <= rows
