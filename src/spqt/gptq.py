@@ -177,7 +177,7 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     device."""
     from tqdm.auto import tqdm
 
-    from spqt.model import causal_mask, layer_masks, layer_table, rope_tables
+    from spqt.model import causal_mask, layer_masks, layer_table, rope_tables, scaled_embedding
 
     calibration = calibration.to(device)
     length = calibration.shape[1]
@@ -189,10 +189,9 @@ def quantize_layers(config, embedding: torch.Tensor, layer_weights, calibration:
     masks = layer_masks(config, causal_mask(positions, length, torch.float32, device), positions)
     with torch.no_grad():
         table = embedding.to(device=device, dtype=torch.float32)
-        scale = torch.tensor(config.embed_scale, dtype=torch.float32, device=device)  # (Transformer.embed)
-        states = [torch.nn.functional.embedding(chunk, table) for chunk in calibration.split(WINDOWS_PER_PASS)]
-        if config.embed_scale != 1.0:
-            states = [x * scale for x in states]
+        scale = (torch.tensor(config.embed_scale, dtype=torch.float32, device=device)
+                 if config.embed_scale != 1.0 else None)
+        states = [scaled_embedding(chunk, table, scale) for chunk in calibration.split(WINDOWS_PER_PASS)]
     del embedding, table  # (the caller's tensor is freed where it held no other reference)
     for i in tqdm(range(config.n_layers), desc="quantizing (GPTQ)", unit="layer", disable=not progress):
         inputs = (layer_table(config, i, rope, identity, local), positions, masks[i])

@@ -97,6 +97,14 @@ def causal_mask(positions: torch.Tensor, length: int, dtype: torch.dtype, device
         key_pos[None, :] > positions[:, None], float("-inf"))
 
 
+def scaled_embedding(tokens: torch.Tensor, table: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """tokens (B, T) int64, table (vocab, D) -> the layers' input (B, T, D) in the table's dtype: the table's rows,
+    times the embeddings' scale (Gemma: sqrt(dim), a float32 scalar tensor, cast to their dtype as transformers
+    does; None: 1). Transformer.embed and GPTQ's calibration states (gptq.quantize_layers) both take this one."""
+    x = torch.nn.functional.embedding(tokens, table)
+    return x if scale is None else x * scale.to(x.dtype)
+
+
 def layer_masks(config: ModelConfig, mask: torch.Tensor, positions: torch.Tensor) -> list[torch.Tensor]:
     """Every layer's attention mask (n_layers entries): the causal `mask` (T, length), additive float or bool (True:
     attend), and for the sliding layers, where their window can cut (length > window), that mask with the keys at
@@ -248,10 +256,8 @@ class Transformer(nn.Module):
         return layer_table(self.config, layer, self.rope, self.rope_identity, self.rope_local)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) int64 -> the layers' input (B, T, D) in the embedding's dtype: the table's rows, times
-        embed_scale (Gemma; cast to their dtype, as transformers does)."""
-        x = self.tok_embeddings(tokens)
-        return x if self.embed_scale is None else x * self.embed_scale.to(x.dtype)
+        """tokens (B, T) int64 -> the layers' input (B, T, D) in the embedding's dtype (scaled_embedding)."""
+        return scaled_embedding(tokens, self.tok_embeddings.weight, self.embed_scale)
 
     def setup_cache(self, batch: int, max_len: int, dtype: torch.dtype) -> None:
         """Allocate the KV cache for `batch` sequences of up to `max_len` tokens."""
