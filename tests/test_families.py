@@ -808,6 +808,48 @@ def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
     assert torch.equal(lin(x), b.view(1, 1, n))
 
 
+@pytest.mark.parametrize("backend, dtype, device", [
+    pytest.param("reference", torch.float32, "cpu", id="reference"),
+    pytest.param("cpu-fp16", torch.float32, "cpu", id="cpu-fp16"),
+    pytest.param("cpu-fp16", torch.bfloat16, "cpu", id="cpu-fp16-bf16"),
+    pytest.param("cpu-native", torch.float32, "cpu", id="cpu-native"),
+    pytest.param("triton", torch.float32, "cpu", id="interp"),
+    pytest.param("triton", torch.float16, "cuda", id="gpu", marks=pytest.mark.gpu)])
+def test_one_tokens_bias_joins_the_maps_epilogue(rng, backend, dtype, device):
+    """A decode token's bias alone (no residual, no SwiGLU) is the map's epilogue residual: W x + b in the compute
+    dtype on every backend, dense and sparse, the same as a two-token call's torch add within the dtype's rounding,
+    and the bias buffer is never written."""
+    import spqt
+    from spqt.kernels import cpu_native
+
+    if backend == "cpu-native" and cpu_native.available():
+        pytest.skip(cpu_native.available())
+    n, k = 300, 130  # neither a multiple of a block
+    w = torch.from_numpy(rng.standard_normal((n, k)).astype(np.float32))
+    qw = QuantizedWeight(spqt.quantize(w, "q4_k", "zigzag"), "q4_k", "zigzag", (n, k))
+    w64 = qw.dequantize().double()
+    b = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+    lin = Linear(qw, dtype, device, backend, bias=b)
+    bias = lin.bias.clone()
+    x = torch.from_numpy(rng.standard_normal((1, 1, k)).astype(np.float32)).to(device, dtype)
+    eps = {torch.float32: 2.0**-20, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}[dtype]
+    if backend == "cpu-fp16":  # W, x and W x rounded to fp16 whatever the compute dtype
+        eps = max(eps, 2.0**-9)
+    for sparse in (False, True):
+        if sparse:
+            lin.set_threshold(float(x.float().abs().median()))
+            lin.sparse = True
+        kept = x * (x.abs() > lin.threshold) if sparse else x
+        want = kept.double().cpu() @ w64.T + bias.double().cpu()
+        got = lin(x)
+        assert got.dtype == dtype and got.shape == (1, 1, n), (got.dtype, got.shape)
+        scale = float((kept.abs().double().cpu() @ w64.abs().T).max() + bias.abs().max())  # the sums' magnitude
+        torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=eps * scale, msg=f"sparse={sparse}")
+        two = lin(torch.cat([x, x], dim=1))[:, :1]  # a prefill's product, then the bias added in torch
+        torch.testing.assert_close(got.double().cpu(), two.double().cpu(), rtol=0, atol=eps * scale)
+    assert torch.equal(lin.bias, bias)
+
+
 def _stepped_logits(gen: Generator, ids: list[int], sparse: bool) -> torch.Tensor:
     """Teacher-forced decoding: ids[0] prefilled, then one decode step per id (on CUDA a graph
     replay of the single-token kernels). Returns (len(ids) - 1, vocab) float32 logits on the CPU."""

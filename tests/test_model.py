@@ -230,6 +230,15 @@ def test_masks_are_made_only_for_attention_that_reads_them(tiny_spqt, device, mo
         gen.model(tokens[:, 4:], torch.arange(4, 5, device=device), kv_len=5)
     n_layers = gen.loaded.config.n_layers
     assert seen == [(4, 4)] * n_layers + [None if device == "cuda" else (1, 5)] * n_layers
+    if device == "cuda":  # a span no fused kernel takes here (torch's route): the step makes its masks again
+        from spqt.kernels import fused
+
+        monkeypatch.setattr(fused, "ATTN_PER_HEAD_MAX", 3)
+        monkeypatch.setattr(fused, "ATTN_LONG_FROM", 1 << 30)
+        seen.clear()
+        with torch.inference_mode():
+            gen.model(tokens[:, 4:], torch.arange(4, 5, device=device), kv_len=5)
+        assert seen == [(1, 5)] * n_layers
     monkeypatch.undo()
     cache = torch.zeros(1, 2, 8, 16)
     with pytest.raises(ValueError, match="without a mask"):

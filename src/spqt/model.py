@@ -223,6 +223,8 @@ class Block(DirectCallModule):
         """rope: the layer's (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (T, length) bool or
         additive float mask (layer_masks: a sliding layer's window applied), or None where the fused decode kernels
         attend (functional.decode_attention_fused) and `length` gives the keys (else the mask's width)."""
+        if length is None and mask is None:
+            raise ValueError("a block without a mask needs the keys' count (length)")
         length = mask.shape[-1] if length is None else length
         h = self.attention(x, self.attention_norm, rope, positions, mask, length, self.post_attention_norm)
         return self.feed_forward(h, self.ffn_norm, self.post_ffn_norm)

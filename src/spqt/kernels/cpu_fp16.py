@@ -40,7 +40,7 @@ class HalfGemvLinear(ReferenceLinear):
         # torch.mm itself, the kernel F.linear reaches through 11 aten calls (linear, t, matmul,
         # views: ~15 us a map on the 2-core VM, 121 maps a step); bit-identical to F.linear
         y = torch.mm(x.reshape(-1, x.shape[-1]).to(torch.float16), self.weight_t).view(*x.shape[:-1], -1)
-        if residual is not None and residual.dtype == self.dtype:
-            return residual + y  # the add widens y exactly: one op fewer than widening first
+        if residual is not None and residual.dtype == self.dtype == torch.float32:
+            return residual + y  # the add widens y exactly: one op fewer than widening first (bf16 + fp16 is fp32)
         y = y.to(self.dtype)
         return y if residual is None else residual + y
