@@ -332,6 +332,7 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
         pytest.skip("this machine has a GPU; the error is for machines without one")
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "cuda"], "no CUDA GPU")
     _error(capsys, ["bench", "decode", "--model", "synthetic:llama2-7b"], "spqt bench needs a CUDA GPU")
+    _error(capsys, ["bench", "decode", "--dtype", "fp8"], "unknown dtype 'fp8'")  # before the GPU is looked for
     _error(capsys, ["tune", "--shapes", "64x64"], "spqt tune needs a CUDA GPU")
     # a row's process that fails: its error line, once, with the row it was
     from argparse import Namespace
@@ -340,7 +341,7 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     from spqt.errors import SpqtError
 
     args = Namespace(model="synthetic:tiny", layouts="zigzag", types="q4_k", sparsity=[0.5], prompt_tokens=4,
-                     new_tokens=4, one_process=False)
+                     new_tokens=4, one_process=False, dtype="bf16")  # (the child takes --dtype: else a usage error)
     with pytest.raises(SpqtError, match=r"^spqt bench decode \(q4_k, zigzag layout, sparsity 0.5\): spqt bench needs "
                                         r"a CUDA GPU; this machine has none$"):
         run_decode_benchmark(args, log=lambda line: None)

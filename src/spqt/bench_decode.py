@@ -22,7 +22,7 @@ import spqt
 from spqt.checkpoint import LoadedModel, QuantizedWeight, kind_types, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
-from spqt.generate import DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, Generator, sparse_linears
+from spqt.generate import COMPUTE_DTYPES, DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, Generator, compute_dtype, sparse_linears
 from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
@@ -278,7 +278,9 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
             if fmt is None:
                 log(f"skipping layout {layout}: {path} is {loaded.kind}")
                 continue
-        gen = Generator(loaded, "cuda", max_len=args.prompt_tokens + args.new_tokens + 8)
+        gen = Generator(loaded, "cuda", dtype=compute_dtype(getattr(args, "dtype", "auto")),
+                        max_len=args.prompt_tokens + args.new_tokens + 8)
+        dtype = {v: k for k, v in COMPUTE_DTYPES.items()}[gen.dtype]
         g = torch.Generator(device="cuda").manual_seed(1)
         prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,), device="cuda", generator=g)
         head = head_bytes(loaded)
@@ -295,7 +297,8 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
             needed = head + sum(lin.impl.w.nbytes * (1 - s if s > 0 and f"layers.{i}.{kind}" not in dense_maps else 1)
                                 for i, kind, lin in sparse_linears(gen.model))  # bytes a token must read
             sec = r["ms_per_token"] / 1e3
-            row = {"model": model_arg, "type": fmt, "head": getattr(loaded.head(), "fmt", "fp16"), "layout": layout,
+            row = {"model": model_arg, "type": fmt, "head": getattr(loaded.head(), "fmt", "fp16"), "dtype": dtype,
+                   "layout": layout,
                    "variant": f"{layout}-{'sparse' if s else 'dense'}",
                    "sparsity": s, "process": os.getpid(), **r, "tokens_per_s": 1 / sec, "weight_bytes": needed,
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
@@ -306,7 +309,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
             row["dense_step"] = gen.dense_step_reason()  # why every map runs dense (the level's route, =dense)
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
             rows.append(row)
-            log(f"{model_arg:20s} {fmt} head {row['head']:4s} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
+            log(f"{model_arg:20s} {fmt} head {row['head']:4s} {dtype} {row['variant']:14s} {row['step']:8s} s={s:4.2f} "
                 f"{r['ms_per_token']:8.3f} ms/token "
                 f"{row['tokens_per_s']:8.1f} tok/s {needed / 1e9:7.2f} GB {row['gbps']:6.0f} GB/s "
                 f"floor {row['floor_ms']:.3f} ms ({100 * row['frac_of_floor']:.0f} % of floor speed)"
@@ -336,7 +339,7 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
         cmd = [sys.executable, "-m", "spqt.cli", "bench", "decode", "--one-process", "--model", model_arg,
                *(["--types", fmt] if model_arg.startswith("synthetic:") else []), "--layouts", layout,
                "--sparsity", str(sparsity), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-               str(args.new_tokens), "--head", getattr(args, "head", "auto"),
+               str(args.new_tokens), "--head", getattr(args, "head", "auto"), "--dtype", getattr(args, "dtype", "auto"),
                "--json", out]
         with open(os.path.join(tmp, "stderr"), "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,

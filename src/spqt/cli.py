@@ -605,6 +605,7 @@ def cmd_bench(args) -> int:
     if unknown or not types:
         raise SpqtError(f"unknown weight types {unknown}; choose from {', '.join(GEMV_TYPES)}")
     args.types = ",".join(types)
+    _dtype(args.dtype, "cuda")  # an unknown one: its error line before anything runs
     if not torch.cuda.is_available():
         raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
     for s in args.sparsity:
@@ -857,14 +858,9 @@ def _gemv_backend(name: str, device: str) -> str | None:
 def _dtype(name: str, device: str):
     """The compute dtype for a --dtype choice: auto is None, the model's (generate.default_dtype: fp32 on the CPU,
     whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 2 and 3)."""
-    import torch
+    from spqt.generate import compute_dtype
 
-    if name == "auto":
-        return None
-    table = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise SpqtError(f"unknown dtype {name!r}; choose auto, fp32, fp16 or bf16")
-    return table[name]
+    return compute_dtype(name)
 
 
 # ---------------------------------------------------------------- parser
@@ -1032,6 +1028,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode, synthetic models: the output head's type, as spqt quantize's --head (default auto: q6_k)")
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    p.add_argument("--dtype", default="auto", help="decode: the compute dtype, auto (the runtime's: fp16, bf16 for "
+                   "Gemma 2 and 3), fp16, bf16 or fp32 (the CUDA GEMV runs fp16; other dtypes the Triton one)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="gemv: write a PNG of speedup vs sparsity here")
     p.add_argument("--one-process", action="store_true",

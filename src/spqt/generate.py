@@ -256,6 +256,18 @@ class GenerationResult:
         return len(steps) / sum(steps) if steps else 0.0
 
 
+COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype | None:
+    """The compute dtype a --dtype option names (COMPUTE_DTYPES), or None for auto: the run's default_dtype."""
+    if name == "auto":
+        return None
+    if name not in COMPUTE_DTYPES:
+        raise SpqtError(f"unknown dtype {name!r}; choose auto, fp32, fp16 or bf16")
+    return COMPUTE_DTYPES[name]
+
+
 def default_dtype(config, device: str) -> torch.dtype:
     """The compute dtype of a run that asks for none: float32 on the CPU (its speed comes from its GEMV's own types);
     on CUDA float16, or bfloat16 for Gemma 2 and 3, whose activations outgrow float16's range (their large norm
