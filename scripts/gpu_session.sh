@@ -1684,7 +1684,8 @@ llama2-7b:now}" 90
     # attention before) inside and past its 2,047-key window; WINDOW_ROUNDS (2) rounds, the trees' order swapped in the
     # second; WINDOW_NEW (gemma2-2b inside and past its 4,096-key window) in this tree alone, with the fused decode
     # attention's hd-256 long kernel at 8 warps (the default), at 4 (SPQT_ATTN_LONG_WARPS=4: it spills) and torch's
-    # attention instead (SPQT_FUSED_ATTENTION=0).
+    # attention instead (SPQT_FUSED_ATTENTION=0); WINDOW_SETTINGS picks among those (fused warps4 torch) and fp16 (the
+    # fused attention in fp16, Gemma's default being bf16: what the CUDA GEMV, fp16 alone, would give Gemma).
     # Then (WINDOW_CROSS=1) spqt tune --crossover-only of Gemma 3 1B's four map shapes, of which this GPU's table takes
     # the zigzag_sparse entries alone (the crossovers; the dense configs stay the borrowed neighbours', as 9112bef did
     # for the H100): $OUT/tuned.json, put in this tree; then bench decode of gemma3-1b at 0 and 0.5 on it.
@@ -1708,10 +1709,13 @@ llama2-7b:now}" 90
         IFS=: read -r model prompt levels <<< "$run"
         left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
         [ $left -lt 60 ] && { echo "no time left for $run (round $round)"; break 2; }
-        for setting in fused warps4 torch; do  # the long kernel at hd 256 with 8 warps (the default), 4, torch's
+        # the long kernel at hd 256 with 8 warps (the default), 4, torch's attention; fp16: the runtime's fused
+        # attention with the compute dtype fp16 instead of Gemma's bf16 (the CUDA GEMV runs fp16 alone)
+        for setting in ${WINDOW_SETTINGS:-fused warps4 torch}; do
           SPQT_FUSED_ATTENTION=$([ $setting = torch ] && echo 0 || echo 1) \
           SPQT_ATTN_LONG_WARPS=$([ $setting = warps4 ] && echo 4) timeout $left python3 -m spqt.cli bench decode \
-            --model synthetic:$model --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 \
+            --model synthetic:$model --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt \
+            $([ $setting = fp16 ] && echo --dtype fp16) 2>&1 \
             | grep -v WARN | grep "tok/s" | sed "s/^/now $setting round $round prompt $prompt: /"
         done
       done
