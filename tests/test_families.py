@@ -818,8 +818,9 @@ def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
 def test_one_tokens_bias_joins_the_maps_epilogue(rng, backend, dtype, device):
     """A decode token's bias alone (no residual, no SwiGLU) is the map's epilogue residual: W x + b in the compute
     dtype on every backend, dense and sparse, the same as a two-token call's torch add within the dtype's rounding,
-    and the bias buffer is never written."""
+    the bias buffer never written, and no sums of squares written for a folded norm (the map's output feeds none)."""
     import spqt
+    from spqt.functional import NORM_SUMS
     from spqt.kernels import cpu_native
 
     if backend == "cpu-native" and cpu_native.available():
@@ -847,7 +848,12 @@ def test_one_tokens_bias_joins_the_maps_epilogue(rng, backend, dtype, device):
         torch.testing.assert_close(got.double().cpu(), want, rtol=0, atol=eps * scale, msg=f"sparse={sparse}")
         two = lin(torch.cat([x, x], dim=1))[:, :1]  # a prefill's product, then the bias added in torch
         torch.testing.assert_close(got.double().cpu(), two.double().cpu(), rtol=0, atol=eps * scale)
+        # no sums of squares for a folded norm: a biased map's output feeds none (q|k|v)
+        assert getattr(got, NORM_SUMS, None) is None
     assert torch.equal(lin.bias, bias)
+    if backend == "triton":  # the same map without the bias, handed it as a residual, writes them (o, down)
+        plain = Linear(qw, dtype, device, backend)
+        assert getattr(plain(x, residual=bias.view(1, 1, n)), NORM_SUMS, None) is not None
 
 
 def _stepped_logits(gen: Generator, ids: list[int], sparse: bool) -> torch.Tensor:

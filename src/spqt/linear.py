@@ -35,6 +35,10 @@ class Linear(DirectCallModule):
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias of shape {tuple(bias.shape)} for a ({self.out_features}, {self.in_features}) map")
         self.register_buffer("bias", None if bias is None else bias.to(device=device, dtype=dtype), persistent=False)
+        if bias is not None and hasattr(self.impl, "norm_sums"):
+            # a biased map's output feeds no folded norm (one token's bias comes as the epilogue's residual: no sums
+            # of squares for it; with a residual of its own the bias is added in torch, which carries none)
+            self.impl.norm_sums = False
         self.sparse = False
         self.register_buffer("threshold", None, persistent=False)
         # The sparsity the threshold was calibrated for (None: unknown), and whether a level the

@@ -137,6 +137,9 @@ def _kernel_weight(weight, kernel_type, repack_fn, device: str):
 
 class TritonLinear:
     kept_route = "off"  # which sparse maps of the decode step run MODE_KEPT (tuning.STEP_ROUTE_NAMES; set_kept_route)
+    # whether a residual epilogue also writes the output's sums of squares for a folded norm after it (False: the
+    # output feeds no norm, as a biased map's, whose bias comes as the residual: Linear sets it)
+    norm_sums = True
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         self.w = _kernel_weight(weight, GpuQ4K, repack, device)
@@ -176,7 +179,7 @@ class TritonLinear:
         """gemv_zigzag of v (K,) with a config and workspace -> (y, ws.sumsq where the reduction wrote the
         sums of squares of a residual map's output, else None)."""
         args = tuning.launch_args(cfg)
-        sums = (epilogue["residual"] is not None and norm_fold_on()
+        sums = (self.norm_sums and epilogue["residual"] is not None and norm_fold_on()
                 and not kg.finish_plan(self.w, v, mode, ws.split, kg.EPILOGUE_RESIDUAL, args["impl"], args["fused"],
                                        args["cluster"])[2])
         y = kg.gemv_zigzag(self.w, v, mode, ws, **args, **epilogue, sumsq=sums, **more)
