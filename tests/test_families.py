@@ -1079,6 +1079,56 @@ def test_gemma3_attention_scale_and_multimodal(base_tokenizer, tmp_path):
         assert err < 2e-5 * span, f"{layout}: against the multimodal model's text logits: {err:.3e}"
 
 
+def test_mistral3_multimodal_reads_as_its_text_model(base_tokenizer, tmp_path):
+    """A Mistral Small 3.x checkpoint (Mistral3ForConditionalGeneration: text_config, a Pixtral vision tower and
+    projector beside the text model, which are not read) reads as its text model, a Mistral, under either name set
+    (language_model.model.* and language_model.lm_head.weight as the published checkpoints hold it,
+    model.language_model.* and lm_head.weight as transformers 5 loads it): the Mistral's config, and logits within
+    float32 rounding of the multimodal model's on text alone."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    fam = build_family("mistral", FAMILIES["mistral"], base_tokenizer, tmp_path / "text")
+    ids = _ids(PROMPT_LEN, fam["model"].config.vocab_size, fam["seed"])
+    vision = transformers.PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                              num_attention_heads=2, head_dim=16, image_size=28, patch_size=14)
+    config = transformers.Mistral3Config(text_config=fam["model"].config.to_dict(), vision_config=vision.to_dict(),
+                                         tie_word_embeddings=False)  # (the published models hold their own head)
+    mm = transformers.Mistral3ForConditionalGeneration(config).eval()
+    mm.model.language_model.load_state_dict(fam["model"].model.state_dict())
+    mm.lm_head.load_state_dict(fam["model"].lm_head.state_dict())
+    mm.save_pretrained(str(tmp_path / "mm"))
+    fam["tok"].save_pretrained(str(tmp_path / "mm"))
+    assert json.loads((tmp_path / "mm" / "config.json").read_text())["model_type"] == "mistral3"
+    with torch.no_grad():
+        theirs = mm(input_ids=torch.tensor([ids])).logits[0]
+    text = load_model(fam["hf"])
+    tensors = load_file(str(tmp_path / "mm" / "model.safetensors"))
+    names = {"language_model.model.": "model.language_model.", "language_model.lm_head.": "lm_head."}  # published: 5's
+
+    def renamed(prefixes: dict) -> dict:
+        return {next((new + k[len(old):] for old, new in prefixes.items() if k.startswith(old)), k): v
+                for k, v in tensors.items()}
+
+    published = renamed({new: old for old, new in names.items()})  # (whichever way transformers saved them)
+    tensors = published
+    later = renamed(names)
+    assert "language_model.lm_head.weight" in published and "lm_head.weight" in later
+    assert any(k.startswith("vision_tower.") for k in later)
+    assert any(k.startswith("model.language_model.") for k in later)
+    for layout, named in (("published", published), ("transformers 5", later)):
+        save_file(named, str(tmp_path / "mm" / "model.safetensors"))
+        loaded = load_model(tmp_path / "mm")
+        assert loaded.config == text.config, layout
+        ours = build_model(loaded, "cpu", torch.float32)
+        ours.setup_cache(1, len(ids), torch.float32)
+        with torch.no_grad():
+            got = ours(torch.tensor([ids]), torch.arange(len(ids)))[0]
+        span = float(theirs.max() - theirs.min())
+        err = float((got - theirs).abs().max())
+        assert err < 2e-5 * span, f"{layout} (seed {fam['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+
+
 @pytest.mark.parametrize("extra", [
     {}, {"sliding_window_pattern": 3}, {"layer_types": ["full_attention", "sliding_attention"] * 4},
     {"rope_scaling": {"rope_type": "linear", "factor": 8.0}, "rope_theta": 1e6, "rope_local_base_freq": 1e4},

@@ -18,7 +18,8 @@ Families and where they come from:
 
     family      Hugging Face model_type   GGUF general.architecture   switches
     Llama 2/3   llama                     llama                       Llama-3 or linear RoPE scaling; tied head (3.2)
-    Mistral     mistral                   llama                       sliding window in every layer (HF)
+    Mistral     mistral, mistral3         llama                       sliding window in every layer (HF)
+                (Mistral Small 3.x: its text)
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases; use_sliding_window (HF)
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head; use_sliding_window (HF)
     Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (every
@@ -89,7 +90,9 @@ from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3")
+                      "gemma3", "mistral3")
+# the multimodal model_types read as their text model (text_config): the text model's model_type
+_HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
 _GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
@@ -143,8 +146,9 @@ _HF_NAMES = {
     "mlp.up_proj": "w3",
     "mlp.down_proj": "w2",
 }
-# a multimodal Gemma 3 checkpoint's text model: its tensors' prefix -> its head's name (absent where tied)
-_HF_GEMMA3_BASES = {"model.language_model.": "lm_head.weight", "language_model.model.": "language_model.lm_head.weight"}
+# a multimodal checkpoint's text model (Gemma 3, Mistral 3): its tensors' prefix -> its head's name (absent where tied)
+_HF_MULTIMODAL_BASES = {"model.language_model.": "lm_head.weight",
+                        "language_model.model.": "language_model.lm_head.weight"}
 # Gemma 3's four norms a layer (transformers' names): its post_attention_layernorm is the attention's output norm,
 # not the MLP's input norm as in Llama
 _HF_GEMMA_NORMS = {
@@ -863,12 +867,15 @@ def _open_hf(folder: Path) -> SourceModel:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_HF_TYPES:
         raise SpqtError(f"{folder}: unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_HF_TYPES)}")
-    multimodal = model_type == "gemma3"  # Gemma3ForConditionalGeneration: its text model's config inside
+    # Gemma3ForConditionalGeneration, Mistral3ForConditionalGeneration: the text model's config inside (the vision
+    # tower and projector are not read)
+    multimodal = model_type in _HF_MULTIMODAL
     if multimodal:
         if not isinstance(cfg.get("text_config"), dict):
-            raise SpqtError(f"{cfg_path}: a gemma3 (multimodal) config without a text_config object")
+            raise SpqtError(f"{cfg_path}: a {model_type} (multimodal) config without a text_config object")
         top_eos = {"eos_token_id": cfg["eos_token_id"]} if cfg.get("eos_token_id") is not None else {}
-        cfg, model_type = {**top_eos, **cfg["text_config"], "model_type": "gemma3_text"}, "gemma3_text"
+        text_type = _HF_MULTIMODAL[model_type]
+        cfg, model_type = {**top_eos, **cfg["text_config"], "model_type": text_type}, text_type
     if model_type in ("gemma2", "gemma3_text"):  # (transformers' Gemma 2 and 3 read hidden_activation alone)
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
@@ -895,15 +902,15 @@ def _open_hf(folder: Path) -> SourceModel:
                     declared[k] = (tuple(piece.get_shape()), piece.get_dtype())
         except Exception as e:  # the safetensors library raises its own error kinds
             raise SpqtError(f"{f}: not a readable safetensors file ({e})") from None
-    # where the text model's tensors are: model.*, or (a multimodal Gemma 3) model.language_model.* as transformers 5
-    # saves it, language_model.model.* as the published checkpoints hold it
+    # where the text model's tensors are: model.*, or (a multimodal checkpoint) model.language_model.* as transformers
+    # 5 saves it, language_model.model.* as the published checkpoints hold it
     base, head = "model.", "lm_head.weight"
     if multimodal:
-        base = next((b for b in _HF_GEMMA3_BASES if f"{b}embed_tokens.weight" in where), None)
+        base = next((b for b in _HF_MULTIMODAL_BASES if f"{b}embed_tokens.weight" in where), None)
         if base is None:
-            raise SpqtError(f"{folder}: a gemma3 (multimodal) checkpoint without its text model's embed_tokens under "
-                            f"{' or '.join(_HF_GEMMA3_BASES)}")
-        head = _HF_GEMMA3_BASES[base]
+            raise SpqtError(f"{folder}: a multimodal checkpoint without its text model's embed_tokens under "
+                            f"{' or '.join(_HF_MULTIMODAL_BASES)}")
+        head = _HF_MULTIMODAL_BASES[base]
     query_scale = None
     try:
         if model_type in ("gemma2", "gemma3_text"):
