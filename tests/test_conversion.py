@@ -118,3 +118,29 @@ def test_a_pytorch_bin_checkpoint_is_read_safely(tmp_path, capsys):
         lines = err.strip().splitlines()
         assert "this ran" not in out and len(lines) == 1 and "not a readable PyTorch checkpoint" in lines[0], lines
     assert not (tmp_path / "bad.spqt").exists()
+
+
+def test_a_sharded_checkpoint_reads_the_files_its_index_names(tmp_path, capsys):
+    """model.safetensors.index.json names the weight files: another safetensors file beside the shards (Mistral's
+    repositories hold a consolidated.safetensors of the same weights) is neither read nor hashed into the provenance;
+    an index that lists a file the folder lacks is refused in one line."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from spqt.cli import main
+
+    folder = make_hf_checkpoint(tmp_path / "m", shards=2)
+    reference = open_source(folder)
+    save_file({"model.norm.weight": torch.zeros(64)}, str(folder / "z-consolidated.safetensors"))
+    source = open_source(folder)
+    assert torch.equal(source.tensor("norm"), reference.tensor("norm"))
+    assert source.provenance["source_sha256"] == reference.provenance["source_sha256"]
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    index["weight_map"]["model.norm.weight"] = "model-00003-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    capsys.readouterr()
+    assert main(["quantize", str(folder), "-o", str(tmp_path / "o.spqt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lists model-00003-of-00002.safetensors, which the folder lacks" in err[0], err
+    assert not (tmp_path / "o.spqt").exists()

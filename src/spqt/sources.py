@@ -815,15 +815,27 @@ def _spec_from_hf_tokenizer(tok) -> TokenizerSpec:
 _TORCH_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
-def _bin_files(folder: Path) -> list[Path]:
-    """An HF folder's PyTorch weight files: those its pytorch_model.bin.index.json maps, else pytorch_model*.bin."""
-    index = folder / "pytorch_model.bin.index.json"
+def _weight_files(folder: Path, index_name: str, pattern: str) -> list[Path]:
+    """An HF folder's weight files of one kind: those its index (model.safetensors.index.json,
+    pytorch_model.bin.index.json) maps, else every file of the pattern. The index keeps other files of the kind out
+    of the read and the provenance hash (Mistral's repositories hold a consolidated.safetensors of the same weights
+    under other names beside the shards)."""
+    index = folder / index_name
     if not index.exists():
-        return sorted(folder.glob("pytorch_model*.bin"))
+        return sorted(folder.glob(pattern))
     try:
-        return sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise SpqtError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise SpqtError(f"{index}: lists {', '.join(missing[:3])}, which the folder lacks")
+    return files
+
+
+def _bin_files(folder: Path) -> list[Path]:
+    """An HF folder's PyTorch weight files: those its pytorch_model.bin.index.json maps, else pytorch_model*.bin."""
+    return _weight_files(folder, "pytorch_model.bin.index.json", "pytorch_model*.bin")
 
 
 def _torch_shards(paths: list[Path]) -> dict[Path, dict]:
@@ -882,7 +894,7 @@ def _open_hf(folder: Path) -> SourceModel:
                             f"(gelu_pytorch_tanh is, for {model_type.removesuffix('_text')})")
     elif cfg.get("hidden_act", "silu") != "silu":
         raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
-    files = sorted(folder.glob("*.safetensors"))
+    files = _weight_files(folder, "model.safetensors.index.json", "*.safetensors")
     pickled = {} if files else _torch_shards(_bin_files(folder))  # older checkpoints
     files = files or list(pickled)
     if not files:
