@@ -123,15 +123,17 @@ def test_a_pytorch_bin_checkpoint_is_read_safely(tmp_path, capsys):
 def test_a_sharded_checkpoint_reads_the_files_its_index_names(tmp_path, capsys):
     """model.safetensors.index.json names the weight files: another safetensors file beside the shards (Mistral's
     repositories hold a consolidated.safetensors of the same weights) is neither read nor hashed into the provenance;
-    an index that lists a file the folder lacks is refused in one line."""
+    an index that lists a file the folder lacks, or one outside it, is refused in one line; an index none of whose
+    files is there (an older repository's, its .bin files downloaded) leaves the .bin files read."""
     import json
 
-    from safetensors.torch import save_file
+    from safetensors.torch import load_file, save_file
 
     from spqt.cli import main
 
     folder = make_hf_checkpoint(tmp_path / "m", shards=2)
     reference = open_source(folder)
+    weights = {n: reference.tensor(n) for n in reference.names}
     save_file({"model.norm.weight": torch.zeros(64)}, str(folder / "z-consolidated.safetensors"))
     source = open_source(folder)
     assert torch.equal(source.tensor("norm"), reference.tensor("norm"))
@@ -144,3 +146,18 @@ def test_a_sharded_checkpoint_reads_the_files_its_index_names(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "lists model-00003-of-00002.safetensors, which the folder lacks" in err[0], err
     assert not (tmp_path / "o.spqt").exists()
+    index["weight_map"]["model.norm.weight"] = "../elsewhere.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert main(["quantize", str(folder), "-o", str(tmp_path / "o.spqt")]) == 2
+    assert "names ../elsewhere.safetensors, outside the folder" in capsys.readouterr().err
+    # an older repository's index beside its .bin files, the safetensors not downloaded: the .bin files are read
+    index["weight_map"]["model.norm.weight"] = "model-00001-of-00002.safetensors"
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        if f.name.startswith("model-"):
+            state.update(load_file(f))
+        f.unlink()
+    torch.save(state, folder / "pytorch_model.bin")
+    source = open_source(folder)
+    assert source.names == reference.names and all(torch.equal(source.tensor(n), weights[n]) for n in weights)

@@ -1127,6 +1127,16 @@ def test_mistral3_multimodal_reads_as_its_text_model(base_tokenizer, tmp_path):
         span = float(theirs.max() - theirs.min())
         err = float((got - theirs).abs().max())
         assert err < 2e-5 * span, f"{layout} (seed {fam['seed']}): max |diff| {err:.3e} vs logit range {span:.2f}"
+    # the published configs leave bos and eos out of text_config (they equal MistralConfig's): its defaults, as
+    # transformers reads them
+    cfg = json.loads((tmp_path / "mm" / "config.json").read_text())
+    for d in (cfg, cfg["text_config"]):
+        d.pop("bos_token_id", None), d.pop("eos_token_id", None)
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "mm" / "generation_config.json").unlink(missing_ok=True)
+    defaults = transformers.MistralConfig()
+    loaded = load_model(tmp_path / "mm")
+    assert (loaded.config.bos_id, loaded.config.eos_ids) == (defaults.bos_token_id, (defaults.eos_token_id,))
 
 
 @pytest.mark.parametrize("extra", [
@@ -1400,6 +1410,9 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "gemma3_text", "layer_types": ["full_attention", "chunked_attention"]}, "unusable config"),
     ({"model_type": "gemma3_text", "query_pre_attn_scalar": "x"}, "Gemma3TextConfig refuses it"),  # (over lines)
     ({"model_type": "gemma3"}, "a gemma3 (multimodal) config without a text_config object"),
+    # Mistral 3 whose text model is not a Mistral (Ministral 3: its own attention scaling)
+    ({"model_type": "mistral3", "text_config": {"model_type": "ministral3"}},
+     "a mistral3 checkpoint whose text model is 'ministral3' is not supported (mistral is)"),
     # Gemma 2 with what it does not run, or unusable values
     ({"model_type": "gemma2", "use_bidirectional_attention": True}, "bidirectional attention"),
     ({"model_type": "gemma2", "hidden_activation": "gelu"}, "activation 'gelu' is not supported (gelu_pytorch_tanh "

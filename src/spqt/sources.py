@@ -824,10 +824,16 @@ def _weight_files(folder: Path, index_name: str, pattern: str) -> list[Path]:
     if not index.exists():
         return sorted(folder.glob(pattern))
     try:
-        files = sorted({folder / name for name in json.loads(index.read_text())["weight_map"].values()})
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
         raise SpqtError(f"{index}: not a weight index ({type(e).__name__}: {e})") from None
-    missing = [f.name for f in files if not f.is_file()]
+    files = [folder / str(name) for name in names]
+    if not any(f.is_file() for f in files):  # an empty index, or (an older repository) the other kind downloaded
+        return sorted(folder.glob(pattern))
+    outside = [str(n) for n, f in zip(names, files) if not f.resolve().is_relative_to(folder.resolve())]
+    if outside:
+        raise SpqtError(f"{index}: names {', '.join(outside[:3])}, outside the folder")
+    missing = [str(n) for n, f in zip(names, files) if not f.is_file()]
     if missing:
         raise SpqtError(f"{index}: lists {', '.join(missing[:3])}, which the folder lacks")
     return files
@@ -883,11 +889,22 @@ def _open_hf(folder: Path) -> SourceModel:
     # tower and projector are not read)
     multimodal = model_type in _HF_MULTIMODAL
     if multimodal:
-        if not isinstance(cfg.get("text_config"), dict):
+        text = cfg.get("text_config")
+        if not isinstance(text, dict):
             raise SpqtError(f"{cfg_path}: a {model_type} (multimodal) config without a text_config object")
-        top_eos = {"eos_token_id": cfg["eos_token_id"]} if cfg.get("eos_token_id") is not None else {}
         text_type = _HF_MULTIMODAL[model_type]
-        cfg, model_type = {**top_eos, **cfg["text_config"], "model_type": text_type}, text_type
+        if text.get("model_type", text_type) != text_type:  # (Ministral 3's is ministral3: another attention)
+            raise SpqtError(f"{folder}: a {model_type} checkpoint whose text model is {text.get('model_type')!r} is "
+                            f"not supported ({text_type} is)")
+        top_eos = {"eos_token_id": cfg["eos_token_id"]} if cfg.get("eos_token_id") is not None else {}
+        # a text_config leaves out what equals its class's defaults (Mistral Small 3's bos 1 and eos 2), as
+        # transformers writes it: those from the class, where neither config holds them
+        from transformers import AutoConfig
+
+        defaults = AutoConfig.for_model(text_type)
+        fill = {k: getattr(defaults, k) for k in ("bos_token_id", "eos_token_id")
+                if getattr(defaults, k, None) is not None}
+        cfg, model_type = {**fill, **top_eos, **text, "model_type": text_type}, text_type
     if model_type in ("gemma2", "gemma3_text"):  # (transformers' Gemma 2 and 3 read hidden_activation alone)
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
