@@ -333,6 +333,7 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--device", "cuda"], "no CUDA GPU")
     _error(capsys, ["bench", "decode", "--model", "synthetic:llama2-7b"], "spqt bench needs a CUDA GPU")
     _error(capsys, ["bench", "decode", "--dtype", "fp8"], "unknown dtype 'fp8'")  # before the GPU is looked for
+    _error(capsys, ["bench", "gemv", "--dtype", "bf16"], "--dtype is for spqt bench decode")
     _error(capsys, ["tune", "--shapes", "64x64"], "spqt tune needs a CUDA GPU")
     # a row's process that fails: its error line, once, with the row it was
     from argparse import Namespace

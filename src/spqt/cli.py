@@ -606,6 +606,8 @@ def cmd_bench(args) -> int:
         raise SpqtError(f"unknown weight types {unknown}; choose from {', '.join(GEMV_TYPES)}")
     args.types = ",".join(types)
     _dtype(args.dtype, "cuda")  # an unknown one: its error line before anything runs
+    if args.what == "gemv" and args.dtype != "auto":
+        raise SpqtError("--dtype is for spqt bench decode (the GEMV table times fp16 inputs)")
     if not torch.cuda.is_available():
         raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
     for s in args.sparsity:
