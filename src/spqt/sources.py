@@ -899,12 +899,8 @@ def _open_hf(folder: Path) -> SourceModel:
         top_eos = {"eos_token_id": cfg["eos_token_id"]} if cfg.get("eos_token_id") is not None else {}
         # a text_config leaves out what equals its class's defaults (Mistral Small 3's bos 1 and eos 2), as
         # transformers writes it: those from the class, where neither config holds them
-        from transformers import AutoConfig
-
-        defaults = AutoConfig.for_model(text_type)
-        fill = {k: getattr(defaults, k) for k in ("bos_token_id", "eos_token_id")
-                if getattr(defaults, k, None) is not None}
-        cfg, model_type = {**fill, **top_eos, **text, "model_type": text_type}, text_type
+        cfg = _with_class_defaults({**top_eos, **text}, text_type, ("bos_token_id", "eos_token_id"))
+        cfg, model_type = {**cfg, "model_type": text_type}, text_type
     if model_type in ("gemma2", "gemma3_text"):  # (transformers' Gemma 2 and 3 read hidden_activation alone)
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
@@ -1016,12 +1012,12 @@ _CLASS_DEFAULTS = ("rms_norm_eps", "max_position_embeddings", "tie_word_embeddin
                    *MULTIPLIER_KEYS.values())
 
 
-def _with_class_defaults(cfg: dict, model_type: str) -> dict:
-    """config.json's keys, with transformers' config-class defaults of _CLASS_DEFAULTS where it leaves them out."""
+def _with_class_defaults(cfg: dict, model_type: str, keys: tuple = _CLASS_DEFAULTS) -> dict:
+    """config.json's keys, with transformers' config-class defaults of `keys` where it leaves them out."""
     from transformers import AutoConfig
 
     defaults = AutoConfig.for_model(model_type)
-    return {**{k: getattr(defaults, k) for k in _CLASS_DEFAULTS if k not in cfg and hasattr(defaults, k)}, **cfg}
+    return {**{k: getattr(defaults, k) for k in keys if k not in cfg and hasattr(defaults, k)}, **cfg}
 
 
 def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
@@ -1163,17 +1159,22 @@ def _gemma3_config(cfg: dict) -> dict:
     the keys, or they ask for what we do not run: Gemma 2's soft-capping, EmbeddingGemma's bidirectional attention."""
     from transformers import Gemma3TextConfig
 
-    try:
-        full = Gemma3TextConfig.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
-    except Exception as e:  # (its validation raises several kinds, some over several lines)
-        raise ValueError(f"transformers' Gemma3TextConfig refuses it ({_one_line(e)})") from None
-    full = _gemma3_v4_keys(full)
+    full = _gemma3_v4_keys(_class_filled(Gemma3TextConfig, cfg))
     for key in ("attn_logit_softcapping", "final_logit_softcapping"):
         if full.get(key) is not None:
             raise ValueError(f"{key} {full[key]!r} is not supported (Gemma 2's soft-capping)")
     if full.get("use_bidirectional_attention"):
         raise ValueError("bidirectional attention (use_bidirectional_attention: EmbeddingGemma) is not supported")
     return full
+
+
+def _class_filled(config_class, cfg: dict) -> dict:
+    """A config.json's keys (model_type aside) through a transformers config class: the dict it holds, the keys left
+    out filled with its defaults. ValueError naming the class where it refuses them."""
+    try:
+        return config_class.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
+    except Exception as e:  # (its validation raises several kinds, some over several lines)
+        raise ValueError(f"transformers' {config_class.__name__} refuses it ({_one_line(e)})") from None
 
 
 def _gemma3_v4_keys(cfg: dict) -> dict:
@@ -1251,10 +1252,7 @@ def _gemma2_config(cfg: dict) -> dict:
     or they ask for bidirectional attention."""
     from transformers import Gemma2Config
 
-    try:
-        full = Gemma2Config.from_dict({k: v for k, v in cfg.items() if k != "model_type"}).to_dict()
-    except Exception as e:  # (its validation raises several kinds, some over several lines)
-        raise ValueError(f"transformers' Gemma2Config refuses it ({_one_line(e)})") from None
+    full = _class_filled(Gemma2Config, cfg)
     n = full.get("num_hidden_layers")
     if full.get("layer_types") is None and type(n) is int and 1 <= n <= _LIMITS["n_layers"]:
         full["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n)]

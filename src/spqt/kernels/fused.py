@@ -578,8 +578,8 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
     cache by the program of the block holding pos. Every block's max m, sum l and unnormalized sums of p v go to its
     query heads' scratch slots (`slots` a head); _attention_combine_kernel merges them. A block's sums depend on the
     position only, not on P or the span's bucket. PDL as the per-head kernel's: the first block loaded and the next
-    AHEAD asked of L2 before the wait. At hd 256 it spills (928-936 bytes of stack a thread, compiled for sm_90:
-    scripts/attention_sass.py)."""
+    AHEAD asked of L2 before the wait. At hd 256 it runs 8 warps (attention_long_warps: 4 spill 928-936 bytes of
+    stack a thread, compiled for sm_90: scripts/attention_sass.py)."""
     j = tl.program_id(0)
     prog = tl.program_id(1)
     b = tl.program_id(2)
