@@ -6,8 +6,10 @@ A .spqt file is a safetensors container. Tensors::
                                       before the eleventh session, --head fp16); when tied, absent, or a
                                       quantized copy of the embedding (--head TYPE), which the head reads
     norm, layers.{i}.attention_norm, layers.{i}.ffn_norm (D,) fp32
-    layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3, Gemma 3)
-    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,) fp32   only with config.post_norms (Gemma 3)
+                                      (attention_norm, ffn_norm: not with config.pre_norms off, OLMo 2)
+    layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3, Gemma 3); (H*hd,) and
+                                                          (Hkv*hd,) with qk_norm_scope "all" (OLMo 2)
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,) fp32   only with config.post_norms (Gemma, OLMo 2)
     layers.{i}.{group}.bias (rows,) fp32                  only for groups in config.linear_biases
                                                           (Qwen2: qkv), stacked like the weight
     layers.{i}.{qkv,o,gate_up,down}  uint8 quantized blocks, grid as in layouts.py:
@@ -33,7 +35,10 @@ older spqt would rotate by the short factors or at all. Version 6 is a file with
 layers (config sliding_layers: Gemma 3's, Mistral's, Phi-3's, Qwen's), which an older spqt would drop. Version 7 is a
 file with soft-capped attention scores or logits (Gemma 2: config attn_logit_softcap, final_logit_softcap), which an
 older spqt would run uncapped. Version 8 is a file with partial RoPE (Phi-4-mini: config rope_dims, q's and k's rows
-permuted into its pairing), which an older spqt would rotate whole.
+permuted into its pairing), which an older spqt would rotate whole. Version 9 is a file without the norms before the
+attention and the MLP or with q/k norms over the whole of q and of k (OLMo 2: config pre_norms off, qk_norm_scope
+"all"), whose tensors an older spqt would look for in vain or run as per-head norms; it refuses the version instead.
+Files without these keys read them as pre_norms on and qk_norm_scope "head", as they were written.
 """
 
 import collections
@@ -63,7 +68,8 @@ ROPE_LAYOUT_VERSION = 5  # longrope's long factors, NoPE layers
 GEMMA_VERSION = 6  # post-norms, GELU MLP, embedding scale, sliding windows, a local RoPE table
 SOFT_CAP_VERSION = 7  # soft-capped attention scores or logits (Gemma 2)
 PARTIAL_ROPE_VERSION = 8  # a part of each head rotated (Phi-4-mini's rope_dims)
-READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8)
+NORM_LAYOUT_VERSION = 9  # no input norms, q/k norms over the whole of q and of k (OLMo 2)
+READABLE_VERSIONS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
 NORM_SUFFIX = ".column_norm"
 
 # Fused linear maps: canonical name -> the source matrices stacked along rows (outputs).
@@ -146,9 +152,9 @@ def _parts(config: ModelConfig) -> dict:
 
 
 def _layer_extras(source: SourceModel, i: int) -> dict:
-    """Layer i's tensors besides the linear maps' weights, float32: the two norms (four: post_norms), q/k norms
-    (Qwen3), and each biased group's output bias, stacked like its weight (a member the source
-    gives no bias gets zeros)."""
+    """Layer i's tensors besides the linear maps' weights, float32: its norms (config.layer_norms: two, four with
+    post_norms, none before the maps without pre_norms; q/k norms), and each biased group's output bias, stacked like
+    its weight (a member the source gives no bias gets zeros)."""
     cfg = source.config
     out = {f"layers.{i}.{n}": source.tensor(f"layers.{i}.{n}") for n in cfg.layer_norms()}
     for group in cfg.linear_biases:
@@ -380,7 +386,8 @@ def save_spqt(model: LoadedModel, path: str | os.PathLike) -> None:
     if not linears:
         raise SpqtError("a .spqt file holds a quantized model; this one has no quantized weights")
     c = model.config
-    version = (PARTIAL_ROPE_VERSION if c.rope_dims else
+    version = (NORM_LAYOUT_VERSION if not c.pre_norms or c.qk_norm_scope != "head" else
+               PARTIAL_ROPE_VERSION if c.rope_dims else
                SOFT_CAP_VERSION if c.soft_capped else
                GEMMA_VERSION if c.gemma_switches or c.sliding_layers else
                ROPE_LAYOUT_VERSION if c.rope_long_freq_factors is not None or c.nope_layers else

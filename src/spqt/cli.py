@@ -157,9 +157,11 @@ def cmd_inspect(args) -> int:
     print(f"kind         {model.kind}")
     switches = "".join([f", biases on {'/'.join(c.linear_biases)}" if c.linear_biases else "",
                         ", q/k norm" if c.qk_norm else "",
+                        " over all heads" if c.qk_norm_scope == "all" else "",
                         f", no RoPE in layers {', '.join(map(str, c.nope_layers))}" if c.nope_layers else "",
                         f", RoPE on {c.rope_dims} of {c.head_dim} head dims" if c.rope_dims else "",
                         ", post-norms" if c.post_norms else "",
+                        ", no pre-norms" if not c.pre_norms else "",
                         f", {c.activation} MLP" if c.activation != "silu" else "",
                         f", embeddings x {c.embed_scale:g}" if c.embed_scale != 1.0 else "",
                         f", window {c.sliding_window} in layers {', '.join(map(str, c.sliding_layers))}"

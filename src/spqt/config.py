@@ -1,7 +1,7 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 2, Gemma 3) is these
-numbers plus a few switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
+A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 2, Gemma 3, OLMo 2) is
+these numbers plus a few switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
 scaling as per-frequency factors (YaRN's attention factor beside them), Phi-3's longrope as two sets of them (short,
 long) and an attention factor, layers whose q and k are not rotated at all (SmolLM3's NoPE layers). Phi-3's fused
@@ -16,7 +16,9 @@ sliding_layers too, without a table of their own. Gemma 2 is Gemma 3's switches 
 of the final logits (final_logit_softcap), each cap * tanh(x / cap). Phi-4-mini's partial RoPE (rope_dims: the
 leading 96 of each head's 128 dimensions rotated, the rest passed through) needs no change to the rotation either:
 the readers permute the head dimensions of q and k into its pairing (folding.py) and the table gives the
-passed-through pairs frequency 0.
+passed-through pairs frequency 0. OLMo 2 is Gemma's post-norms without the norms before the attention and the MLP
+(pre_norms off: each map reads the residual stream as it is), and q/k norms over the whole of q and of k
+(qk_norm_scope "all": one RMSNorm over all heads of q, another over all heads of k, before RoPE) instead of per head.
 """
 
 import math
@@ -28,6 +30,10 @@ LINEAR_KINDS = ("qkv", "o", "gate_up", "down")
 # The MLP activations: silu(gate) * up (SwiGLU: Llama and most families), gelu_tanh(gate) * up (Gemma's GeGLU, the
 # tanh approximation of GELU).
 ACTIVATIONS = ("silu", "gelu_tanh")
+
+# What a q/k norm (qk_norm) normalizes: each head of q and of k alone (Qwen3, Gemma 3), or all of q's heads together and
+# all of k's (OLMo 2: weights (n_heads * head_dim,) and (n_kv_heads * head_dim,)).
+QK_NORM_SCOPES = ("head", "all")
 
 # Bounds a configuration read from a file must respect before anything is allocated from it; the
 # largest models we know stay far inside (Llama-3.1-405B: 126 layers, dim 16384, ffn 53248,
@@ -74,7 +80,8 @@ class ModelConfig:
     # Linear maps that add an output bias after W x (never thresholded): a subset of
     # LINEAR_KINDS; Qwen2 has ("qkv",).
     linear_biases: tuple[str, ...] = ()
-    # RMSNorm over each head of q and of k, before RoPE (Qwen3), weights (head_dim,) each.
+    # RMSNorm of q and of k, before RoPE: over each head (Qwen3, Gemma 3), weights (head_dim,) each, or, with
+    # qk_norm_scope "all", over the whole of q and of k (OLMo 2), weights (q_dim,) and (kv_dim,)
     qk_norm: bool = False
     # Layers (ascending indices) whose attention rotates neither q nor k: no position encoding ("NoPE", SmolLM3's
     # every fourth layer); every other layer applies RoPE.
@@ -103,6 +110,11 @@ class ModelConfig:
     # every path runs, (i, i + head_dim/2), are the rotated pairs for i < rope_dims/2 and passed-through pairs above
     # (rope_table: frequency 0); the frequency factors then hold rope_dims/2 entries.
     rope_dims: int = 0
+    # OLMo 2: no RMSNorm before the attention and the MLP (False: each map reads the residual stream; its post_norms
+    # norm the outputs), and its q/k norms over the whole of q and of k (QK_NORM_SCOPES). A file written before these
+    # keys reads as True and "head": every earlier family's.
+    pre_norms: bool = True
+    qk_norm_scope: str = "head"
 
     def __post_init__(self):
         """Checks every field (ValueError naming the field): a configuration comes from a file."""
@@ -180,8 +192,12 @@ class ModelConfig:
                 bool(self.sliding_window) != bool(self.sliding_layers)):
             raise ValueError(f"model configuration: sliding_window must be a positive integer where sliding_layers "
                              f"are listed (0 where none are), got {self.sliding_window!r}")
-        if type(self.post_norms) is not bool:
-            raise ValueError(f"model configuration: post_norms must be true or false, got {self.post_norms!r}")
+        for name in ("qk_norm", "post_norms", "pre_norms"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"model configuration: {name} must be true or false, got {getattr(self, name)!r}")
+        if self.qk_norm_scope not in QK_NORM_SCOPES or (self.qk_norm_scope != "head" and not self.qk_norm):
+            raise ValueError(f"model configuration: qk_norm_scope must be one of {QK_NORM_SCOPES} (other than head "
+                             f"only with qk_norm), got {self.qk_norm_scope!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model configuration: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("embed_scale", "rope_local_theta"):
@@ -221,11 +237,13 @@ class ModelConfig:
         return layer not in self.nope_layers
 
     def layer_norms(self) -> dict[str, int]:
-        """Each layer's RMSNorm weights (layers.{i}.<name>) and their sizes: the attention's and the MLP's input norms,
-        q's and k's per-head norms (qk_norm: Qwen3, Gemma 3), the attention's and the MLP's output norms (post_norms:
-        Gemma)."""
-        norms = {"attention_norm": self.dim, "ffn_norm": self.dim}
-        if self.qk_norm:
+        """Each layer's RMSNorm weights (layers.{i}.<name>) and their sizes: the attention's and the MLP's input norms
+        (pre_norms: all but OLMo 2), q's and k's norms (qk_norm: per head, Qwen3 and Gemma 3; over the whole of q and
+        of k, OLMo 2), the attention's and the MLP's output norms (post_norms: Gemma, OLMo 2)."""
+        norms = {"attention_norm": self.dim, "ffn_norm": self.dim} if self.pre_norms else {}
+        if self.qk_norm and self.qk_norm_scope == "all":
+            norms |= {"q_norm": self.q_dim, "k_norm": self.kv_dim}
+        elif self.qk_norm:
             norms |= {"q_norm": self.head_dim, "k_norm": self.head_dim}
         if self.post_norms:
             norms |= {"post_attention_norm": self.dim, "post_ffn_norm": self.dim}

@@ -37,6 +37,8 @@ def why_not(model) -> str | None:
     c = model.config
     if not torch.cuda.is_available() or not zigzag_cuda.usable():
         return "no GPU the CUDA GEMV runs on"
+    if not c.pre_norms:  # (its q|k|v and gate|up stages fold a norm in; OLMo 2's maps read the residual as it is)
+        return "no norm before the attention and the MLP (OLMo 2)"
     if c.head_dim % 64 or c.head_dim > 256 or c.qk_norm:
         return f"head dim {c.head_dim} (a multiple of 64 up to 256) or q/k norms"
     if c.sliding_layers:  # (its attention masks by position alone)
@@ -68,7 +70,8 @@ def observed(model) -> bool:
     feed-forward, a norm, a map or a map's input tap; or a map counting its achieved sparsity): the chain would
     skip it."""
     for block in model.layers:
-        if any(hooked(m) for m in (block, block.attention, block.feed_forward, block.attention_norm, block.ffn_norm)):
+        if any(m is not None and hooked(m) for m in (block, block.attention, block.feed_forward, block.attention_norm,
+                                                      block.ffn_norm)):
             return True
         if any(lin.track or hooked(lin) or hooked(lin.input_tap) for lin in _maps(block)):
             return True

@@ -180,13 +180,14 @@ def fused_decode_attention_on() -> bool:
 
 def norm_heads(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, eps: float, n_heads: int,
                n_kv: int) -> torch.Tensor:
-    """qkv (B, T, (H + 2 Hkv) hd) -> the same with every head of q and of k RMS-normalized (rms_norm; Qwen3's and
-    Gemma 3's q / k norms, weights (hd,))."""
+    """qkv (B, T, (H + 2 Hkv) hd) -> the same with q and k RMS-normalized (rms_norm) in pieces of their weights'
+    length: every head of q and of k for weights (hd,) (Qwen3's and Gemma 3's q / k norms), the whole of q and of k
+    for weights (H hd,) and (Hkv hd,) (OLMo 2's)."""
     b, t, width = qkv.shape
     hd = width // (n_heads + 2 * n_kv)
     q, k, v = qkv.split([n_heads * hd, n_kv * hd, n_kv * hd], dim=-1)
-    q = rms_norm(q.reshape(b, t, n_heads, hd), q_weight, eps).reshape(b, t, -1)
-    k = rms_norm(k.reshape(b, t, n_kv, hd), k_weight, eps).reshape(b, t, -1)
+    q = rms_norm(q.reshape(b, t, -1, q_weight.shape[-1]), q_weight, eps).reshape(b, t, -1)
+    k = rms_norm(k.reshape(b, t, -1, k_weight.shape[-1]), k_weight, eps).reshape(b, t, -1)
     return torch.cat([q, k, v], dim=-1)
 
 

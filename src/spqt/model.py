@@ -5,7 +5,10 @@ table (cos 1, sin 0: every path's rotation leaves q and k exactly as they are) i
 output biases (Qwen2) belong to the linear maps that make_linear returns. Gemma 3's: a norm of the attention's and
 of the MLP's output before the residual sum (post_norms), GELU-gated MLP, scaled input embeddings, and sliding-window
 layers, which get a mask of their own (layer_masks) and their own RoPE table (rope_for). Gemma 2's soft-caps: of the
-attention scores (functional.attention's softcap, on every route) and of the logits (Transformer.logits).
+attention scores (functional.attention's softcap, on every route) and of the logits (Transformer.logits). OLMo 2's:
+no norm before the attention or the MLP (pre_norms: the maps get norm None and read the residual stream), Gemma's
+post-norms, and q/k norms over the whole of q and of k, run here in torch after the q|k|v map (the attention, whose
+fused decode kernels norm per head alone, gets none to run).
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
@@ -161,24 +164,29 @@ class Attention(DirectCallModule):
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
         self.qkv = make_linear(f"layers.{layer}.qkv", c.q_dim + 2 * c.kv_dim, c.dim)
         self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
-        self.q_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(c.head_dim, c.norm_eps) if c.qk_norm else None
+        norms = c.layer_norms()  # (q's and k's sizes: a head's, or all of q's and of k's: qk_norm_scope)
+        self.q_norm = RMSNorm(norms["q_norm"], c.norm_eps) if c.qk_norm else None
+        self.k_norm = RMSNorm(norms["k_norm"], c.norm_eps) if c.qk_norm else None
+        self.qk_norm_whole = c.qk_norm and c.qk_norm_scope == "all"  # OLMo 2's, run before the attention
         self.window = c.window(layer)  # a sliding layer's window (its mask cuts where the keys outnumber it), or 0
         self.softcap = c.attn_logit_softcap  # Gemma 2's cap of the attention scores, or 0
         self.cache: KVCache | None = None
         self.native = False  # the CPU's native maps: a decode token's attention in C too (build_model sets it)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, rope: torch.Tensor, positions: torch.Tensor,
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None, rope: torch.Tensor, positions: torch.Tensor,
                 mask: torch.Tensor | None, length: int, post_norm: RMSNorm | None = None) -> torch.Tensor:
-        """x + attention(norm(x)), or x + post_norm(attention(norm(x))) (Gemma) over the first `length` cached keys;
-        rope: the layer's whole (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (layer_masks), or
-        None where the fused decode kernels run (functional.decode_attention_fused). The norm is handed to the q|k|v
-        map, which may fuse it with its input's sparsification."""
+        """x + attention(norm(x)), or x + post_norm(attention(norm(x))) (Gemma, OLMo 2) over the first `length`
+        cached keys; norm None: attention(x) (OLMo 2); rope: the layer's whole (max_seq_len, hd) table
+        (Transformer.rope_for); mask: the layer's (layer_masks), or None where the fused decode kernels run
+        (functional.decode_attention_fused). The norm is handed to the q|k|v map, which may fuse it with its input's
+        sparsification."""
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
         # Qwen3's and Gemma 3's per-head norms of q and k, which the attention runs (the fused decode kernels as they
-        # load q and k)
+        # load q and k); OLMo 2's over the whole of q and of k, run here
         qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+        if self.qk_norm_whole:
+            qkv, qk_norm = functional.norm_heads(qkv, *qk_norm, self.n_heads, self.n_kv), None
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
                                    length, native=self.native, window=self.window, qk_norm=qk_norm,
                                    softcap=self.softcap)
@@ -196,9 +204,9 @@ class FeedForward(DirectCallModule):
         self.gate_up = make_linear(f"layers.{layer}.gate_up", 2 * config.ffn_dim, config.dim)
         self.down = make_linear(f"layers.{layer}.down", config.dim, config.ffn_dim)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm, post_norm: RMSNorm | None = None) -> torch.Tensor:
-        """x + down(act(gate) * up) of norm(x) (the norm handed to the gate|up map, as in Attention; act: silu, fused
-        into the map's epilogue, or gelu_tanh), or x + post_norm(down(...)) (Gemma)."""
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None, post_norm: RMSNorm | None = None) -> torch.Tensor:
+        """x + down(act(gate) * up) of norm(x) (the norm handed to the gate|up map, as in Attention; None: of x itself,
+        OLMo 2; act: silu, fused into the map's epilogue, or gelu_tanh), or x + post_norm(down(...)) (Gemma, OLMo 2)."""
         if self.swiglu:
             act = self.gate_up(x, norm=norm, swiglu=True)
         else:
@@ -211,11 +219,13 @@ class FeedForward(DirectCallModule):
 class Block(DirectCallModule):
     def __init__(self, config: ModelConfig, layer: int, make_linear):
         super().__init__()
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps)
+        # the norms of the attention's and the MLP's inputs (None: each map reads the residual stream, OLMo 2)
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps) if config.pre_norms else None
         self.attention = Attention(config, layer, make_linear)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
+        self.ffn_norm = RMSNorm(config.dim, config.norm_eps) if config.pre_norms else None
         self.feed_forward = FeedForward(config, layer, make_linear)
-        # Gemma's norms of the attention's and the MLP's outputs (None: each output joins the residual as it is)
+        # Gemma's and OLMo 2's norms of the attention's and the MLP's outputs (None: each output joins the residual as
+        # it is)
         self.post_attention_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
         self.post_ffn_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
 

@@ -705,6 +705,9 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
     if window < 0 or not softcap >= 0:
         raise ValueError(f"rope_attention_decode: a window of {window} keys, a soft-cap of {softcap}")
+    if qk_norm is not None and (qk_norm[0].numel(), qk_norm[1].numel()) != (hd, hd):
+        raise ValueError(f"rope_attention_decode norms each head (weights of {hd}); got weights of "
+                         f"{qk_norm[0].numel()} and {qk_norm[1].numel()} (OLMo 2's whole-q/k norms run before it)")
     if window:  # a window's keys lie in at most this many blocks
         blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
     switches = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0,
