@@ -1,5 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3), each from HF
-safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2), each
+from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -88,6 +88,10 @@ FAMILIES = {
                                     attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
                                     max_position_embeddings=512, pad_token_id=None,
                                     rope_parameters={"rope_type": "default", "rope_theta": 1e4}), "gemma2", "gemma"),
+    # no norm before the attention or the MLP, post-norms, q and k each normed over all of its heads (GQA: k_norm 32
+    # wide, q_norm 64); an untied head, as the released models have
+    "olmo2": ("Olmo2Config", dict(max_position_embeddings=512, pad_token_id=None,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 5e5}), "olmo2", "chatml"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -134,7 +138,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     fused q|k|v as attn_qkv and gate|up as ffn_up (gate rows first), its sliding window as a key, longrope as
     rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
     layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key;
-    `gemma2`'s the same (no local RoPE), with its two soft-caps as keys; partial RoPE as rope.dimension_count, the
+    `gemma2`'s the same (no local RoPE), with its two soft-caps as keys; `olmo2`'s two post-norms a layer (no
+    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted; partial RoPE as rope.dimension_count, the
     rotated dimensions (Phi-4-mini's 96 of 128).
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
@@ -211,7 +216,7 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
              "self_attn.o_proj.bias": "attn_output.bias", "mlp.gate_proj.bias": "ffn_gate.bias",
              "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
-    if arch in ("gemma2", "gemma3"):
+    if arch in ("gemma2", "gemma3", "olmo2"):  # (OLMo 2 has the two post-norms alone, under Gemma's names)
         names |= GEMMA_NORMS
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
@@ -314,7 +319,8 @@ def test_float_forward_equals_transformers(family, source):
     name = family["name"]
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
-    assert c.qk_norm == (name in ("qwen3", "gemma3"))
+    assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2"))
+    assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name == "olmo2" else (True, "head"))
     assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3"))
     assert loaded.provenance.get("folded_multipliers") == (
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
@@ -322,7 +328,7 @@ def test_float_forward_equals_transformers(family, source):
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
     assert (c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
         (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, True, "gelu_tanh", 8.0) if name == "gemma2"
-        else (0.0, False, "silu", 1.0))
+        else (0.0, True, "silu", 1.0) if name == "olmo2" else (0.0, False, "silu", 1.0))
     assert (c.attn_logit_softcap, c.final_logit_softcap) == ((2.0, 1.5) if name == "gemma2" else (0.0, 0.0))
     # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
     windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
@@ -713,6 +719,9 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
         assert a.weights["layers.1.qkv.bias"].shape == (64 + 2 * 32,)
     if family["name"] == "qwen3":
         assert a.weights["layers.1.q_norm"].shape == (32,)
+    if family["name"] == "olmo2":  # (q's and k's whole widths; no norms before the maps)
+        assert (a.weights["layers.1.q_norm"].shape, a.weights["layers.1.k_norm"].shape) == ((64,), (32,))
+        assert "layers.1.attention_norm" not in a.weights and "layers.1.ffn_norm" not in a.weights
     # greedy decoding: repeatable, the same from both files, close to the float model
     ids = _ids(40, a.config.vocab_size, seed=family["seed"] + 1)
     gen_a, gen_b = Generator(a, "cpu", max_len=64), Generator(b, "cpu", max_len=64)
@@ -732,6 +741,8 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
     if a.config.post_norms:  # Gemma's post-norms bring every layer's output, its noise too, to the residual's size:
         floor = 7.5          # 9.3 to 12.2 dB over 12 seeds (6 layers; Q8_0 maps: 34 dB, the switches right);
         #                      Gemma 2's 4 layers, capped: 10.6 to 13.7 dB over 12 seeds
+    if not a.config.pre_norms:  # OLMo 2's too, its maps reading the residual stream itself: 13.5 to 16.3 dB over 13
+        floor = 11.0            # seeds (2 layers)
     db = sqnr_db(exact, quantized)
     with capsys.disabled():
         print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
@@ -774,8 +785,8 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    if source == "hf" or family["name"] in ("smollm3", "granite"):  # (transformers reads no smollm3 or granite
-        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))      # GGUF: the tokenizer the GGUF was written from)
+    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2"):  # (transformers reads no smollm3,
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # granite or olmo2 GGUF: the tokenizer it came from)
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
@@ -918,7 +929,7 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -1181,11 +1192,11 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2"], indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
-    block run alone on its own mask) over Gemma 3's and Gemma 2's 40-token windows: block i's output is block i + 1's
-    input, bit for bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output
+    block run alone on its own mask) over Gemma 3's, Gemma 2's and OLMo 2's 40-token windows: block i's output is block
+    i + 1's input, bit for bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output
     differs; Gemma 2's capped attention takes calibration's bool masks as the forward's additive ones)."""
     from spqt.calibrate import _dense_block_inputs
 
@@ -1196,8 +1207,9 @@ def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
         for i in range(model.config.n_layers - 1):
             out = model.layers[i](inputs[i], model.rope_for(i), positions, masks[i])
             assert torch.equal(out, inputs[i + 1]), i
-        unwindowed = model.layers[0](inputs[0], model.rope_for(0), positions, masks[-1])
-        assert not torch.allclose(unwindowed, inputs[1])
+        if model.config.sliding_layers:  # (OLMo 2 has no window: its blocks without input norms are the point)
+            unwindowed = model.layers[0](inputs[0], model.rope_for(0), positions, masks[-1])
+            assert not torch.allclose(unwindowed, inputs[1])
 
 
 @pytest.mark.parametrize("family", ["gemma2"], indirect=True)
@@ -1355,7 +1367,8 @@ def _expect_error(capsys, argv, fragment):
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
-                                        "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text"])
+                                        "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text",
+                                        "olmo", "olmoe", "olmo3"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -1435,7 +1448,8 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid", "olmo",
+                                  "olmoe"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
@@ -1515,13 +1529,101 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
         meta = json.loads(st.metadata()["spqt"])
         tensors = {k: st.get_tensor(k) for k in st.keys()}
     meta["format_version"] = 1
-    for key in ("family", "rope_freq_factors", "linear_biases", "qk_norm", "nope_layers"):
+    for key in ("family", "rope_freq_factors", "linear_biases", "qk_norm", "nope_layers", "pre_norms", "qk_norm_scope"):
         del meta["config"][key]
     old = tmp_path / "old.spqt"
     save_file(tensors, str(old), metadata={"spqt": json.dumps(meta)})
     a, b = load_spqt(tiny_spqt), load_spqt(old)
     assert b.config == a.config and b.config.linear_biases == () and not b.config.qk_norm and not b.config.nope_layers
+    assert (b.config.pre_norms, b.config.qk_norm_scope) == (True, "head")  # (keys OLMo 2 added later)
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
+
+
+@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
+def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
+    """OLMo 2 (no norm before the maps, q and k each normed over all of its heads) one token at a time: its HF folder
+    equals transformers' logits in one prefill and through the KV cache; its .spqt is format 9 and reads back the same
+    configuration. The .spqt's teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode
+    attention on the q|k|v the torch norms gave) equal the torch reference's within the fp16 rounding of the native
+    path; the fp16 GEMV's (W, x, W x in fp16) within a few fp16 roundings; the Triton maps' (the interpreter: a map
+    without a norm reads x) the reference's within float32 rounding, a prefill and a sparse step."""
+    from spqt.generate import set_sparse
+    from spqt.kernels import cpu_native
+
+    ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 5)
+    with torch.no_grad():
+        theirs = family["model"](torch.tensor([ids])).logits[0]
+    span = float(theirs.max() - theirs.min())
+    spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span, format_version=9)
+    short = ids[:12]
+    ref = _stepped_logits(Generator(spqt, "cpu", max_len=16), short, sparse=False)
+    span = float(ref.max() - ref.min())
+    if not cpu_native.available():  # (available() says why not, or nothing)
+        got = _stepped_logits(Generator(spqt, "cpu", max_len=16, backend="cpu-native"), short, sparse=False)
+        err = float((got - ref).abs().max())
+        assert err <= 2 * 2.0 ** -11 * span, f"native, seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
+    got = _stepped_logits(Generator(spqt, "cpu", max_len=16, backend="cpu-fp16"), short, sparse=False)
+    err = float((got - ref).abs().max())  # measured 5e-4 of the range (seed 0)
+    assert err <= 8 * 2.0 ** -11 * span, f"fp16 GEMV, seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
+    # the interpreter takes 3 s a step: a 2-token prefill (dense), then one step with every input thresholded at 0.2
+    # (the one-token sparse kernels of q|k|v and gate|up without a norm)
+    logits = {}
+    for backend in ("reference", "triton"):
+        gen = Generator(spqt, "cpu", dtype=torch.float32, max_len=4, backend=backend, dense_fallback=False)
+        gen.set_sparsity(0.5, table=torch.full((spqt.config.n_layers, 4), 0.2))
+        model, steps = gen.model, []
+        with torch.inference_mode():
+            model.setup_cache(1, 4, torch.float32)
+            for pos, sparse in ((None, False), (2, True)):
+                set_sparse(model, sparse)
+                tokens, positions = ([short[:2]], torch.arange(2)) if pos is None else ([[short[pos]]], torch.tensor([pos]))
+                # (clone: the Triton maps reuse their output buffers)
+                steps.append(model(torch.tensor(tokens), positions, kv_len=int(positions[-1]) + 1)[0].clone())
+        logits[backend] = torch.cat(steps)
+    err = (logits["triton"] - logits["reference"]).abs().amax(-1)
+    assert float(err.max()) < 2e-5 * span, f"interpreter, seed {family['seed']}: max |diff| per position {err}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
+def test_olmo2_decode_attention_stays_fused_on_cuda(family, quantized, monkeypatch):
+    """OLMo 2's q/k norms run in torch before the attention (the fused decode kernels norm per head alone), and a CUDA
+    decode token's attention is still the fused kernels' (functional.decode_attention_fused), handed no norm."""
+    from spqt.kernels import fused
+
+    calls, real = [], fused.rope_attention_decode
+
+    def watched(*args):
+        calls.append(args[9])  # (functional.attention passes qk_norm tenth)
+        return real(*args)
+
+    monkeypatch.setattr(fused, "rope_attention_decode", watched)
+    gen = Generator(load_spqt(quantized["hf"]), "cuda", max_len=64)
+    gen.use_graph = False  # (a graph would call it while capturing alone)
+    gen.generate(_ids(8, gen.loaded.config.vocab_size, seed=family["seed"]), 4, track=False)
+    assert calls and all(norms is None for norms in calls), calls
+
+
+@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
+@pytest.mark.parametrize("case", ["no k_norm", "olmo3 gguf"])
+def test_unusable_olmo2_checkpoints_are_refused(family, tmp_path, capsys, case):
+    """An olmo2 folder whose layers lack their k_norm (OLMo 2 has one, over all of k), or an olmo2 GGUF with a sliding
+    window (llama.cpp's converter writes Olmo 3 so; its windowed layers and YaRN are not run here): one error line."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if case == "no k_norm":
+        path = tmp_path / "m"
+        shutil.copytree(family["hf"], path)
+        weights = load_file(str(path / "model.safetensors"))
+        save_file({k: v for k, v in weights.items() if "k_norm" not in k}, str(path / "model.safetensors"))
+        fragment = "checkpoint lacks tensors model.layers.0.self_attn.k_norm.weight"
+    else:
+        path = _gguf_with(family["gguf"], tmp_path / "m", {"olmo2.attention.sliding_window": 4096.0})
+        fragment = "an olmo2 GGUF with sliding-window layers (Olmo 3) is not supported"
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3"], indirect=True)

@@ -10,7 +10,10 @@ provenance. Canonical names, weights as (out_features, in_features)::
     layers.{i}.w1 gate (F, D)  w3 up (F, D)  w2 down (D, F)
     family switches (config.py), present only where the family has them:
     layers.{i}.bq (H*hd,)  bk, bv (Hkv*hd,)  bo (D,)  b1, b3 (F,)  b2 (D,)   output biases
-    layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3
+    layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3, Gemma 3
+                                         (H*hd,), (Hkv*hd,)                 OLMo 2 (whole q and k)
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2
+    (OLMo 2 has no attention_norm or ffn_norm: config pre_norms off)
     Phi-3 stores q|k|v ((H + 2*Hkv)*hd, D) and gate|up (2F, D) fused: each reader splits them by rows into
     wq, wk, wv and w1, w3, reading only the rows asked for.
 
@@ -36,11 +39,15 @@ Families and where they come from:
                 (multimodal: its text)                                embeddings, q/k norms, sliding-window layers
                                                                       with their own RoPE base; norms' 1 + w and the
                                                                       attention scale folded into the norm weights
+    OLMo 2      olmo2                     olmo2                       post-norms alone (no norm before the attention
+                                                                      or the MLP), q/k norms over the whole of q and
+                                                                      of k; OLMo 1 (olmo), OLMoE and Olmo 3 refused
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
 transformers does, so every source uses the half-split RoPE of model.py. ``qwen2``, ``qwen3`` and ``phi3``
-files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE). Llama 3.1
+files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE), as ``gemma2``, ``gemma3`` and
+``olmo2`` files do. Llama 3.1
 scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear and YaRN
 scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). Phi-3's
 longrope arrives as the tensors ``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor
@@ -88,9 +95,9 @@ from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
 from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers, partial_rope_rows
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3")
+                      "gemma3", "mistral3", "olmo2")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
@@ -111,8 +118,12 @@ _GGUF_NAMES = {
     "ffn_up": "w3",
     "ffn_down": "w2",
 }
-# Gemma 3's norms of the attention's and the MLP's outputs (its ffn_norm is the norm before the MLP, as everyone's)
+# Gemma's and OLMo 2's norms of the attention's and the MLP's outputs (Gemma's ffn_norm is the norm before the MLP, as
+# everyone's)
 _GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffn_norm"}
+# OLMo 2's switches (transformers' Olmo2DecoderLayer, llama.cpp's olmo2): the attention's and the MLP's outputs normed
+# before the residual sum, no norm before them, q and k normed each over all of its heads (before RoPE)
+_OLMO2_SWITCHES = {"pre_norms": False, "post_norms": True, "qk_norm_scope": "all"}
 # llama.cpp's gemma3: every sixth layer (i % 6 == 5) attends to every key, the others through the sliding window;
 # the sliding layers rotate by a table of base 10,000 (no key for either, unless rope.freq_base_swa is written)
 _GGUF_GEMMA3_FULL_EVERY = 6
@@ -156,7 +167,7 @@ _HF_GEMMA_NORMS = {
     "post_attention_layernorm": "post_attention_norm",
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffn_norm",
-}
+}  # (OLMo 2 has the two post norms alone, under these names: _layer_norm_names drops the others)
 _HF_EXTRAS = {
     "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
     "self_attn.o_proj.bias": "bo", "mlp.gate_proj.bias": "b1", "mlp.up_proj.bias": "b3",
@@ -168,6 +179,13 @@ def _switches(extras) -> dict:
     """ModelConfig switches for a layer's optional tensors (our names: bq, ..., q_norm, k_norm)."""
     kinds = {_BIAS_KIND[e] for e in extras if e in _BIAS_KIND}
     return {"linear_biases": tuple(k for k in LINEAR_KINDS if k in kinds), "qk_norm": "q_norm" in extras}
+
+
+def _layer_norm_names(config: ModelConfig, names: dict) -> dict:
+    """A reader's per-layer name table ({file key: our name}) without the norms this configuration has none of (OLMo 2:
+    no attention_norm or ffn_norm; config.layer_norms)."""
+    norms = config.layer_norms()
+    return {key: ours for key, ours in names.items() if not ours.endswith("norm") or ours in norms}
 
 
 @dataclass
@@ -458,11 +476,15 @@ def _open_gguf(path: Path) -> SourceModel:
     gemma = ({} if arch not in ("gemma2", "gemma3") else
              (_gguf_gemma3 if arch == "gemma3" else _gguf_gemma2)(field_value, size, path, n_layers, dim, n_heads,
                                                                    head_dim))
-    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3 and gemma3 q/k norms) must be
+    # llama.cpp's converter writes Olmo 3 (sliding-window layers, YaRN on the full ones) as olmo2 with a window key
+    if arch == "olmo2" and field_value("olmo2.attention.sliding_window") is not None:
+        raise SpqtError(f"{path}: an olmo2 GGUF with sliding-window layers (Olmo 3) is not supported (OLMo 2 is)")
+    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3, gemma3 and olmo2 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
                 "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"},
-                "gemma3": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
+                "gemma3": {"attn_q_norm.weight", "attn_k_norm.weight"},
+                "olmo2": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
     layer_extras = {g: ours for g, ours in _GGUF_EXTRAS.items() if g in required or f"blk.0.{g}" in tensors}
     eos_ids = []
     try:
@@ -502,14 +524,15 @@ def _open_gguf(path: Path) -> SourceModel:
             **_switches(layer_extras.values()),
             **{k: v for k, v in gemma.items() if k != "query_scale"},
             **phi3_window,
+            **(_OLMO2_SWITCHES if arch == "olmo2" else {}),
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
     rows = {}  # our name -> (first row, end row, rows of the fused tensor) for the parts of a fused tensor
-    _add_layer_names(config, {**_GGUF_NAMES, **(_GGUF_POST_NORMS if config.post_norms else {})},
-                     _GGUF_FUSED if arch == "phi3" else {}, layer_extras, lambda i, key: f"blk.{i}.{key}", names,
+    layer_names = _layer_norm_names(config, {**_GGUF_NAMES, **(_GGUF_POST_NORMS if config.post_norms else {})})
+    _add_layer_names(config, layer_names, _GGUF_FUSED if arch == "phi3" else {}, layer_extras, lambda i, key: f"blk.{i}.{key}", names,
                      gguf_name, rows)
     missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
     if missing:
@@ -695,13 +718,11 @@ def _expected_shapes(c: ModelConfig) -> dict:
     """Canonical source name -> (out_features, in_features) or (D,), from the configuration."""
     shapes = {"tok_embeddings": (c.vocab_size, c.dim), "output": (c.vocab_size, c.dim), "norm": (c.dim,)}
     for i in range(c.n_layers):
-        shapes |= {f"layers.{i}.attention_norm": (c.dim,), f"layers.{i}.ffn_norm": (c.dim,),
-                   f"layers.{i}.wq": (c.q_dim, c.dim), f"layers.{i}.wk": (c.kv_dim, c.dim),
+        shapes |= {f"layers.{i}.{name}": (size,) for name, size in c.layer_norms().items()}
+        shapes |= {f"layers.{i}.wq": (c.q_dim, c.dim), f"layers.{i}.wk": (c.kv_dim, c.dim),
                    f"layers.{i}.wv": (c.kv_dim, c.dim), f"layers.{i}.wo": (c.dim, c.q_dim),
                    f"layers.{i}.w1": (c.ffn_dim, c.dim), f"layers.{i}.w3": (c.ffn_dim, c.dim),
                    f"layers.{i}.w2": (c.dim, c.ffn_dim)}
-        if c.post_norms:
-            shapes |= {f"layers.{i}.post_attention_norm": (c.dim,), f"layers.{i}.post_ffn_norm": (c.dim,)}
     return shapes
 
 
@@ -961,8 +982,9 @@ def _open_hf(folder: Path) -> SourceModel:
     hf_name = {"tok_embeddings": f"{base}embed_tokens.weight", "norm": f"{base}norm.weight", "output": head}
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     layer_names = _HF_NAMES
-    if config.post_norms:  # (Gemma 3's four norms in place of the two)
+    if config.post_norms:  # (Gemma's four norms in place of the two; OLMo 2's two post-norms alone)
         layer_names = {**{h: ours for h, ours in _HF_NAMES.items() if not h.endswith("layernorm")}, **_HF_GEMMA_NORMS}
+    layer_names = _layer_norm_names(config, layer_names)
     rows = {}  # as in _open_gguf
     _add_layer_names(config, layer_names, _HF_FUSED if model_type == "phi3" else {},
                      {h: ours for h, ours in _HF_EXTRAS.items() if ours in extras},
@@ -1075,6 +1097,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         **_switches(_hf_extras(cfg, model_type)),
         **gemma,
         **window,
+        **(_OLMO2_SWITCHES if model_type == "olmo2" else {}),
     )
 
 
@@ -1370,11 +1393,12 @@ def _longrope(rope: dict, cfg: dict, rot_dims: int, context: int) -> tuple[tuple
 
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers
-    builds it: Qwen2 always has q/k/v biases, Qwen3 q/k norms; attention_bias / mlp_bias add more (Phi-3: never)."""
+    builds it: Qwen2 always has q/k/v biases, Qwen3, Gemma 3 and OLMo 2 q/k norms; attention_bias / mlp_bias add more
+    (Phi-3: never; OLMo 2: attention_bias alone)."""
     if model_type == "phi3":
         return []
     extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"],
-              "gemma3_text": ["q_norm", "k_norm"]}.get(model_type, [])
+              "gemma3_text": ["q_norm", "k_norm"], "olmo2": ["q_norm", "k_norm"]}.get(model_type, [])
     if cfg.get("attention_bias"):
         extras += ["bq", "bk", "bv", "bo"]
     if cfg.get("mlp_bias"):
