@@ -556,7 +556,8 @@ def test_readme_command_line_lists_every_option():
 def test_synthetic_decode_models_are_valid_configs():
     """Every synthetic model of `spqt bench decode` is a configuration the runtime accepts, with the switches its name
     promises (the families' paths it is there to time): Gemma's windows and norms, Qwen3's q / k norms, Phi-3's head dim
-    of 96 and window in every layer, Gemma 2's soft-caps on alternate sliding layers, Qwen2.5's q|k|v bias."""
+    of 96 and window in every layer, Gemma 2's soft-caps on alternate sliding layers, Qwen2.5's q|k|v bias, OLMo 2's
+    norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes)."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -568,3 +569,6 @@ def test_synthetic_decode_models_are_valid_configs():
     assert (gemma2.attn_logit_softcap, gemma2.final_logit_softcap) == (50.0, 30.0) and not gemma2.qk_norm
     assert [gemma2.window(i) for i in range(4)] == [4096, 0, 4096, 0]
     assert configs["qwen2.5-7b"].linear_biases == ("qkv",)
+    olmo2 = configs["olmo2-7b"]
+    assert olmo2.layer_norms() == {"q_norm": 4096, "k_norm": 4096, "post_attention_norm": 4096, "post_ffn_norm": 4096}
+    assert olmo2.map_shapes() == configs["llama2-7b"].map_shapes()

@@ -58,6 +58,11 @@ SYNTHETIC = {
     # decode attention's folded norms and masked lanes
     "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=12288,
                      rope_theta=1000000.0, family="qwen3", qk_norm=True),
+    # OLMo-2-1124-7B's: no norms before the maps (q|k|v and gate|up read the residual stream), post-norms and q / k
+    # norms over the whole of q and of k (of ones), in torch before the fused decode attention; untied head
+    "olmo2-7b": dict(vocab_size=100352, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                     rope_theta=500000.0, norm_eps=1e-6, family="olmo2", qk_norm=True, qk_norm_scope="all",
+                     pre_norms=False, post_norms=True),
     "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                       family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests
