@@ -879,7 +879,8 @@ def _stepped_logits(gen: Generator, ids: list[int], sparse: bool) -> torch.Tenso
         gen.model(torch.tensor([ids[:1]], device=gen.device), torch.arange(1, device=gen.device), kv_len=1)
         set_sparse(gen.model, sparse)
         for pos, token in enumerate(ids[1:], start=1):
-            out.append(gen.decode_step(token, pos)[0, -1].float().cpu())  # a graph's output buffer is reused
+            # a graph's output buffer is reused, and so are the Triton maps' on the CPU: a copy a step
+            out.append(gen.decode_step(token, pos)[0, -1].float().cpu().clone())
         set_sparse(gen.model, False)
     return torch.stack(out)
 
