@@ -139,8 +139,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
     layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key;
     `gemma2`'s the same (no local RoPE), with its two soft-caps as keys; `olmo2`'s two post-norms a layer (no
-    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted; partial RoPE as rope.dimension_count, the
-    rotated dimensions (Phi-4-mini's 96 of 128).
+    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted; partial
+    RoPE as rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128).
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 

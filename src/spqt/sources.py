@@ -532,8 +532,8 @@ def _open_gguf(path: Path) -> SourceModel:
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
     rows = {}  # our name -> (first row, end row, rows of the fused tensor) for the parts of a fused tensor
     layer_names = _layer_norm_names(config, {**_GGUF_NAMES, **(_GGUF_POST_NORMS if config.post_norms else {})})
-    _add_layer_names(config, layer_names, _GGUF_FUSED if arch == "phi3" else {}, layer_extras, lambda i, key: f"blk.{i}.{key}", names,
-                     gguf_name, rows)
+    _add_layer_names(config, layer_names, _GGUF_FUSED if arch == "phi3" else {}, layer_extras,
+                     lambda i, key: f"blk.{i}.{key}", names, gguf_name, rows)
     missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
