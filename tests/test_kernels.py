@@ -666,7 +666,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     reset, which are zero after each call); spans past the cache are refused. With a sliding window (pos - window <
     key <= pos: one key, a window inside a block or across blocks, on both routes, one that does not cut yet) the cache
     rows below the window are NaN too (they must not be read), and the twin's mask cuts them. With q / k norms (Qwen3,
-    Gemma 3; random weights) the twin norms each head first (functional.norm_heads)."""
+    Gemma 3; random weights) the twin norms each head first (functional.norm_heads), or all of q and all of k (OLMo 2's,
+    on both routes)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -686,8 +687,11 @@ def test_rope_attention_decode(rng, device, monkeypatch):
          (32, 32, 96, 3000, 1, 2047), (40, 10, 128, 3000, 1, 2047)) if device == "cuda" else ())
     normed = ((4, 2, 64, 70, 1, 0), (2, 1, 96, 700, 1, 0), (2, 1, 32, 200, 1, 20)) + (  # (Qwen3 8B's, Gemma 3 1B's)
         ((32, 8, 128, 1500, 1, 0), (4, 1, 256, 1500, 1, 512)) if device == "cuda" else ())
-    cases = [case + (0, False) for case in plain] + [case + (False,) for case in windowed] + [
-        case + (True,) for case in normed]
+    # OLMo 2's norms over all of q and all of k: the per-head kernel, the long spans' (GQA); OLMo 2 7B's and 32B's heads
+    normed_whole = ((3, 3, 32, 40, 1, 0), (4, 2, 32, 600, 2, 0)) + (
+        ((32, 32, 128, 1500, 1, 0), (40, 8, 128, 3000, 1, 0)) if device == "cuda" else ())
+    cases = [case + (0, None) for case in plain] + [case + (None,) for case in windowed] + [
+        case + ("head",) for case in normed] + [case + ("all",) for case in normed_whole]
     for heads, kv, hd, pos, batch, window, qk in cases:
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
         # a scratch of its own: a Generator's decode in this process made its entries under inference_mode, which the
@@ -717,8 +721,9 @@ def test_rope_attention_decode(rng, device, monkeypatch):
         mask = torch.zeros((1, length))
         if window:
             mask[:, :max(0, pos - window + 1)] = float("-inf")
-        # q's and k's per-head norms (their weights, eps) where the case has them
-        norms = tuple(torch.from_numpy(rng.uniform(0.5, 1.5, hd).astype(np.float32)).to(device) for _ in range(2))
+        # q's and k's norms (their weights, eps) where the case has them: per head, or over all of q and of k
+        sizes = (heads * hd, kv * hd) if qk == "all" else (hd, hd)
+        norms = tuple(torch.from_numpy(rng.uniform(0.5, 1.5, n).astype(np.float32)).to(device) for n in sizes)
         qk_norm = (*norms, 1e-6) if qk else None
         want = functional.attention(qkv.cpu().float(), table.cpu(), positions.cpu(), *ref, heads, kv, mask, length,
                                     qk_norm=None if qk_norm is None else (norms[0].cpu(), norms[1].cpu(), 1e-6))

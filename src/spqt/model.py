@@ -7,8 +7,8 @@ of the MLP's output before the residual sum (post_norms), GELU-gated MLP, scaled
 layers, which get a mask of their own (layer_masks) and their own RoPE table (rope_for). Gemma 2's soft-caps: of the
 attention scores (functional.attention's softcap, on every route) and of the logits (Transformer.logits). OLMo 2's:
 no norm before the attention or the MLP (pre_norms: the maps get norm None and read the residual stream), Gemma's
-post-norms, and q/k norms over the whole of q and of k, run here in torch after the q|k|v map (the attention, whose
-fused decode kernels norm per head alone, gets none to run).
+post-norms, and q/k norms over the whole of q and of k, which the attention runs as it runs the per-head ones (their
+weights' sizes say which).
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called
@@ -167,7 +167,6 @@ class Attention(DirectCallModule):
         norms = c.layer_norms()  # (q's and k's sizes: a head's, or all of q's and of k's: qk_norm_scope)
         self.q_norm = RMSNorm(norms["q_norm"], c.norm_eps) if c.qk_norm else None
         self.k_norm = RMSNorm(norms["k_norm"], c.norm_eps) if c.qk_norm else None
-        self.qk_norm_whole = c.qk_norm and c.qk_norm_scope == "all"  # OLMo 2's, run before the attention
         self.window = c.window(layer)  # a sliding layer's window (its mask cuts where the keys outnumber it), or 0
         self.softcap = c.attn_logit_softcap  # Gemma 2's cap of the attention scores, or 0
         self.cache: KVCache | None = None
@@ -183,10 +182,8 @@ class Attention(DirectCallModule):
         b, t, _ = x.shape
         qkv = self.qkv(x, norm=norm)
         # Qwen3's and Gemma 3's per-head norms of q and k, which the attention runs (the fused decode kernels as they
-        # load q and k); OLMo 2's over the whole of q and of k, run here
+        # load q and k), or OLMo 2's over the whole of q and of k (weights of all heads' size)
         qk_norm = None if self.q_norm is None else (self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-        if self.qk_norm_whole:
-            qkv, qk_norm = functional.norm_heads(qkv, *qk_norm, self.n_heads, self.n_kv), None
         out = functional.attention(qkv, rope, positions, self.cache.k, self.cache.v, self.n_heads, self.n_kv, mask,
                                    length, native=self.native, window=self.window, qk_norm=qk_norm,
                                    softcap=self.softcap)

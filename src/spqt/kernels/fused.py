@@ -294,14 +294,40 @@ def _head_norm(x1, x2, w_ptr, eps, d, HALF: tl.constexpr, dt: tl.constexpr):
 
 
 @triton.jit
-def _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF: tl.constexpr, dt: tl.constexpr, QK_NORM: tl.constexpr):
-    """Kv head j's new key (its norm where QK_NORM, then RoPE) and value from the q|k|v row at base, in the cache
-    dtype dt: the two halves of hd of each (0 past HALF)."""
+def _whole_scale(x_ptr, n, eps, NP: tl.constexpr, CH: tl.constexpr):
+    """OLMo 2's q or k norm: 1 / sqrt(mean(x^2) + eps) over the n values at x_ptr (all heads of q, or all of k; NP the
+    next power of two of n, read CH at a time), fp32 (the rms_norm kernel's formula, summed in another order)."""
+    offs = tl.arange(0, CH)
+    acc = tl.zeros((CH,), tl.float32)
+    for c in tl.static_range(NP // CH):
+        x = tl.load(x_ptr + c * CH + offs, mask=c * CH + offs < n, other=0.0).to(tl.float32)
+        acc += x * x
+    return 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n + eps)
+
+
+@triton.jit
+def _whole_normed(x1, x2, inv, w_ptr, at, m, HALF: tl.constexpr, dt: tl.constexpr):
+    """A head's halves x1, x2 (fp32; or a group's, a head a row) times inv (_whole_scale) and their weights at
+    w_ptr + at and at + HALF (m: the loads' mask), rounded to dt as the unfused path stores them, back in fp32."""
+    w1 = tl.load(w_ptr + at, mask=m, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + at + HALF, mask=m, other=0.0).to(tl.float32)
+    return (x1 * inv * w1).to(dt).to(tl.float32), (x2 * inv * w2).to(dt).to(tl.float32)
+
+
+@triton.jit
+def _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF: tl.constexpr, dt: tl.constexpr, QK_NORM: tl.constexpr,
+            KN: tl.constexpr = 1, KC: tl.constexpr = 1):
+    """Kv head j's new key (its norm where QK_NORM: 1 the head's, 2 all of k's, KN the next power of two of their
+    count, read KC at a time; then RoPE) and value from the q|k|v row at base, in the cache dtype dt: the two halves of hd of each (0
+    past HALF)."""
     dm = d < HALF
     k1 = tl.load(base + (H + j) * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
     k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
-    if QK_NORM:
+    if QK_NORM == 1:
         k1, k2 = _head_norm(k1, k2, kw_ptr, eps, d, HALF, dt)
+    elif QK_NORM == 2:
+        inv = _whole_scale(base + H * 2 * HALF, HKV * 2 * HALF, eps, KN, KC)
+        k1, k2 = _whole_normed(k1, k2, inv, kw_ptr, j * 2 * HALF + d, dm, HALF, dt)
     kn1 = (k1 * cos - k2 * sin).to(dt)
     kn2 = (k2 * cos + k1 * sin).to(dt)
     vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d, mask=dm, other=0.0).to(dt)
@@ -464,11 +490,14 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
                                   length, window, sx, scale, slots, qw_ptr, kw_ptr, eps, HALF: tl.constexpr,
                                   HP: tl.constexpr, BLOCK_N: tl.constexpr, GROUP: tl.constexpr, AHEAD: tl.constexpr,
                                   PDL: tl.constexpr, WINDOWED: tl.constexpr, QK_NORM: tl.constexpr,
-                                  SOFTCAP: tl.constexpr):
+                                  SOFTCAP: tl.constexpr, QN: tl.constexpr = 1, QC: tl.constexpr = 1,
+                                  KN: tl.constexpr = 1, KC: tl.constexpr = 1):
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos, or with WINDOWED (a sliding
     layer's) pos - window < key <= pos, s its first block (flash-decoding). hd = 2 HALF, HP the next power of two
-    of HALF. QK_NORM: q and the new k normed first (each head's RMSNorm, weights at qw_ptr / kw_ptr, eps). SOFTCAP:
+    of HALF. QK_NORM: q and the new k normed first (1: each head's RMSNorm, weights (hd,) at qw_ptr / kw_ptr, eps; 2:
+OLMo 2's over all of q and all of k, weights (H hd,) and (HKV hd,), QN / KN the next powers of two of H hd and HKV hd,
+summed QC / KC at a time: every program sums the row's squares itself). SOFTCAP:
     Gemma 2's cap of the scores (_soft_cap), 0.0: none.
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
@@ -503,12 +532,15 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         q1 = tl.load(base + h * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
         q2 = tl.load(base + h * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
         dt = o_ptr.dtype.element_ty
-        if QK_NORM:
+        if QK_NORM == 1:
             q1, q2 = _head_norm(q1, q2, qw_ptr, eps, d, HALF, dt)
+        elif QK_NORM == 2:
+            q1, q2 = _whole_normed(q1, q2, _whole_scale(base, H * 2 * HALF, eps, QN, QC), qw_ptr, h * 2 * HALF + d, dm,
+                                   HALF, dt)
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
         r2 = (q2 * cos + q1 * sin).to(dt).to(tl.float32)
-        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF, dt, QK_NORM)
+        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF, dt, QK_NORM, KN, KC)
         if (h % group == 0) & ((blocks - 1 - start) % programs == prog):
             _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         head = b * H + h
@@ -570,10 +602,11 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
                                   scale, slots, qw_ptr, kw_ptr, eps, HALF: tl.constexpr, HP: tl.constexpr,
                                   BLOCK_N: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, AHEAD: tl.constexpr,
                                   PREC: tl.constexpr, PDL: tl.constexpr, WINDOWED: tl.constexpr,
-                                  QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr):
+                                  QK_NORM: tl.constexpr, SOFTCAP: tl.constexpr, QN: tl.constexpr = 1,
+                                  QC: tl.constexpr = 1, KN: tl.constexpr = 1, KC: tl.constexpr = 1):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
     (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the per-head
-    kernel's span (HALF, HP, WINDOWED, QK_NORM and SOFTCAP as there), so each cached block is read once for its
+    kernel's span (HALF, HP, WINDOWED, QK_NORM, SOFTCAP, QN, QC, KN and KC as there), so each cached block is read once for its
     group (the per-head kernel reads it G times). RoPE of the group's q, the new k (RoPE) and v, written into the
     cache by the program of the block holding pos. Every block's max m, sum l and unnormalized sums of p v go to its
     query heads' scratch slots (`slots` a head); _attention_combine_kernel merges them. A block's sums depend on the
@@ -602,12 +635,15 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         q1 = tl.load(rows_q, mask=both, other=0.0).to(tl.float32)
         q2 = tl.load(rows_q + HALF, mask=both, other=0.0).to(tl.float32)
         dt = k_ptr.dtype.element_ty
-        if QK_NORM:
+        if QK_NORM == 1:
             q1, q2 = _head_norm(q1, q2, qw_ptr, eps, d, HALF, dt)
+        elif QK_NORM == 2:
+            q1, q2 = _whole_normed(q1, q2, _whole_scale(base, H * 2 * HALF, eps, QN, QC), qw_ptr,
+                                   h[:, None] * 2 * HALF + d[None, :], both, HALF, dt)
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
         r2 = (q2 * cos[None, :] + q1 * sin[None, :]).to(dt)
-        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF, dt, QK_NORM)
+        kn1, kn2, vn1, vn2 = _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF, dt, QK_NORM, KN, KC)
         if (blocks - 1 - start) % programs == prog:
             _store_new_kv(k_ptr, v_ptr, cache, pos, d, kn1, kn2, vn1, vn2, HALF)
         at = (b * H + h) * slots
@@ -691,8 +727,9 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     int64 on the device; caches (B, Hkv, L, hd) contiguous, qkv's dtype (k, v written at pos);
     length: keys the caller attends to at most (> pos), the caches' L at most: any span (ATTN_BLOCK_N keys a
     block, a scratch slot each); window: a sliding layer's (the token at pos sees pos - window < key <= pos: the
-    blocks before the window's first are not read) or 0; qk_norm: (q's norm weight, k's, eps), each (hd,) fp32 on the
-    device, to norm each head of q and the new k first (Qwen3, Gemma 3), or None; softcap: Gemma 2's cap of the
+    blocks before the window's first are not read) or 0; qk_norm: (q's norm weight, k's, eps), fp32 on the device, to
+    norm q and the new k first: each (hd,), each head (Qwen3, Gemma 3), or (H hd,) and (Hkv hd,), all of q and all of
+    k (OLMo 2; functional.norm_heads's two scopes); or None; softcap: Gemma 2's cap of the
     scores, softcap * tanh(score / softcap) before the softmax (functional.soft_cap's; a constexpr of the kernels: a
     compile each value), or 0. Returns (B, 1, H, hd) in qkv's dtype (into `out` where given: the tests poison it).
     Needs hd even (a half past a power of two runs masked: Phi-3's 96)."""
@@ -705,13 +742,19 @@ def rope_attention_decode(qkv: torch.Tensor, table: torch.Tensor, positions: tor
     blocks = triton.cdiv(length, ATTN_BLOCK_N)
     if window < 0 or not softcap >= 0:
         raise ValueError(f"rope_attention_decode: a window of {window} keys, a soft-cap of {softcap}")
-    if qk_norm is not None and (qk_norm[0].numel(), qk_norm[1].numel()) != (hd, hd):
-        raise ValueError(f"rope_attention_decode norms each head (weights of {hd}); got weights of "
-                         f"{qk_norm[0].numel()} and {qk_norm[1].numel()} (OLMo 2's whole-q/k norms run before it)")
+    norm_scope = 0 if qk_norm is None else {(hd, hd): 1, (n_heads * hd, n_kv * hd): 2}.get(
+        (qk_norm[0].numel(), qk_norm[1].numel()))
+    if norm_scope is None:
+        raise ValueError(f"rope_attention_decode norms each head (weights of {hd}) or all of q and of k (weights of "
+                         f"{n_heads * hd} and {n_kv * hd}); got weights of {qk_norm[0].numel()} and "
+                         f"{qk_norm[1].numel()}")
     if window:  # a window's keys lie in at most this many blocks
         blocks = min(blocks, triton.cdiv(window - 1, ATTN_BLOCK_N) + 1)
     switches = dict(HALF=hd // 2, HP=triton.next_power_of_2(hd // 2), WINDOWED=window > 0,
-                    QK_NORM=qk_norm is not None, SOFTCAP=float(softcap))  # the kernels' constexprs
+                    QK_NORM=norm_scope, SOFTCAP=float(softcap))  # the kernels' constexprs
+    if norm_scope == 2:  # all of q's and of k's squares summed by every program, a chunk of at most 1,024 at a time
+        for name, n in (("Q", n_heads * hd), ("K", n_kv * hd)):
+            switches |= {f"{name}N": triton.next_power_of_2(n), f"{name}C": min(1024, triton.next_power_of_2(n))}
     norms = qk_norm if qk_norm is not None else (table, table, 0.0)  # (unread without QK_NORM)
     if qkv.stride(2) != 1:
         qkv = qkv.contiguous()
