@@ -73,7 +73,7 @@ def main():
     gen, _ = probe_generator_from(args)
     model = gen.model
     d = model.config.dim
-    eps = model.layers[0].attention_norm.eps
+    eps = model.config.norm_eps
     hidden0 = torch.randn(d, device="cuda", dtype=torch.float16)
     bufs = ChainBuffers.for_model(model)  # the chains' (hidden updated in place, copied from hidden0 each run)
     bufs.sq0.copy_((hidden0.float() ** 2).sum().reshape(1))

@@ -267,9 +267,10 @@ def spqt_metadata_cases(data: bytes):
     # partial RoPE's rotated dimensions: odd, negative, past the head or not an integer
     for v in (7, -2, 1 << 20, "12", True):
         yield f"spqt config rope_dims={v!r}", edited(lambda m: m["config"].__setitem__("rope_dims", v)), False
-    # OLMo 2's switches: unusable values, or whole-q/k norms without the q/k norms (the tiny model has none)
-    for key, v in (("pre_norms", "no"), ("pre_norms", 0), ("qk_norm_scope", "row"), ("qk_norm_scope", "all"),
-                   ("qk_norm", "yes")):
+    # OLMo 2's switches: unusable values, whole-q/k norms without the q/k norms, no pre-norms without post-norms (the
+    # tiny model has neither)
+    for key, v in (("pre_norms", "no"), ("pre_norms", 0), ("pre_norms", False), ("qk_norm_scope", "row"),
+                   ("qk_norm_scope", "all"), ("qk_norm", "yes")):
         yield f"spqt config {key}={v!r}", edited(lambda m: m["config"].__setitem__(key, v)), False
     yield "spqt no config", edited(lambda m: m.pop("config")), False
     yield "spqt format_version 99", edited(lambda m: m.__setitem__("format_version", 99)), False

@@ -59,7 +59,7 @@ SYNTHETIC = {
     "qwen3-8b": dict(vocab_size=151936, dim=4096, n_layers=36, n_heads=32, n_kv_heads=8, head_dim=128, ffn_dim=12288,
                      rope_theta=1000000.0, family="qwen3", qk_norm=True),
     # OLMo-2-1124-7B's: no norms before the maps (q|k|v and gate|up read the residual stream), post-norms and q / k
-    # norms over the whole of q and of k (of ones), in torch before the fused decode attention; untied head
+    # norms over the whole of q and of k (of ones), run by the fused decode attention as it loads q and k; untied head
     "olmo2-7b": dict(vocab_size=100352, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                      rope_theta=500000.0, norm_eps=1e-6, family="olmo2", qk_norm=True, qk_norm_scope="all",
                      pre_norms=False, post_norms=True),

@@ -198,6 +198,8 @@ class ModelConfig:
         if self.qk_norm_scope not in QK_NORM_SCOPES or (self.qk_norm_scope != "head" and not self.qk_norm):
             raise ValueError(f"model configuration: qk_norm_scope must be one of {QK_NORM_SCOPES} (other than head "
                              f"only with qk_norm), got {self.qk_norm_scope!r}")
+        if not (self.pre_norms or self.post_norms):  # (a block with no norm at all: no family has one)
+            raise ValueError("model configuration: pre_norms off needs post_norms (each block norms somewhere)")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"model configuration: activation must be one of {ACTIVATIONS}, got {self.activation!r}")
         for name in ("embed_scale", "rope_local_theta"):

@@ -495,10 +495,10 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
     """Program (h, p, b): query head h of sequence b at position pos (one new token), key blocks
     s + p, s + p + P, ... (P programs a head, BLOCK_N keys a block) of the span 0 .. pos, or with WINDOWED (a sliding
     layer's) pos - window < key <= pos, s its first block (flash-decoding). hd = 2 HALF, HP the next power of two
-    of HALF. QK_NORM: q and the new k normed first (1: each head's RMSNorm, weights (hd,) at qw_ptr / kw_ptr, eps; 2:
-OLMo 2's over all of q and all of k, weights (H hd,) and (HKV hd,), QN / KN the next powers of two of H hd and HKV hd,
-summed QC / KC at a time: every program sums the row's squares itself). SOFTCAP:
-    Gemma 2's cap of the scores (_soft_cap), 0.0: none.
+    of HALF. QK_NORM: q and the new k normed first (1: each head's RMSNorm, weights (hd,) at qw_ptr / kw_ptr, eps;
+    2: OLMo 2's over all of q and all of k, weights (H hd,) and (HKV hd,), QN / KN the next powers of two of H hd and
+    HKV hd, summed QC / KC at a time: every program sums the row's squares itself). SOFTCAP: Gemma 2's cap of the
+    scores (_soft_cap), 0.0: none.
     RoPE of its q, its kv head's new k (RoPE) and v (the program of the block holding pos, of the
     group's first query head, writes them into the cache). A span of one block: its softmax(q k^T
     scale) v is stored. Else each block's max m, sum l and unnormalized sum of p v go to the head's
