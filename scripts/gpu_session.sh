@@ -104,6 +104,7 @@
 #                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
 #                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
+#   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
@@ -1741,6 +1742,27 @@ PY
       done | tee "$OUT/cross-decode.log"
     fi
     echo "window41: $(( $(date +%s) - start )) s"
+    ;;
+  check43)
+    # A short device's check of the forty-third session: the gpu tests of what changed (the fused decode attention's
+    # kernels, every family's CUDA path with OLMo 2's, the bias / mask / runtime tests: CHECK43_TESTS files, CHECK43_K
+    # their -k; the default model's tests skip unless the call before parked it) in CHECK43_LIMIT s (default 300), then
+    # bench decode of OLMo 2 7B's shapes in .old (a6fee5f: its q / k norms in torch before the attention) and in this
+    # tree (in the fused attention), and Llama 2 7B's in this tree, a process a run, within CALL_BUDGET (default 540 s
+    # from the start). Logs $OUT/check43-tests.log, $OUT/check43-decode.log.
+    start=$(date +%s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    # shellcheck disable=SC2086
+    gpu_node_tests "${CHECK43_LIMIT:-300}" check43 ${CHECK43_TESTS:-tests/test_kernels.py tests/test_families.py \
+      tests/test_model.py tests/test_gpu_runtime.py} -k "${CHECK43_K:-rope_attention or test_families or masks or bias}"
+    for run in ${CHECK43_RUNS:-olmo2-7b:now olmo2-7b:before llama2-7b:now}; do
+      left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+      [ $left -lt 45 ] && { echo "no time left for $run"; break; }
+      PYTHONPATH="$(tree_path "${run#*:}")" timeout $left python3 -m spqt.cli bench decode \
+        --model "synthetic:${run%%:*}" --layouts zigzag --sparsity 0 2>&1 | grep -v WARN | grep "tok/s" \
+        | sed "s/^/${run#*:}: /"
+    done | tee "$OUT/check43-decode.log"
+    echo "check43: $(( $(date +%s) - start )) s"
     ;;
   retune38)
     # A stale table re-tuned a piece a call (the H100's of 2026-11-23 has no crossovers, so every sparse map runs sparse:
