@@ -215,9 +215,9 @@ def attention(qkv: torch.Tensor, table: torch.Tensor, positions: torch.Tensor, c
     to the scores as torch's attention does. window: a sliding layer's (0: none), which the mask cuts already
     (model.layer_masks); CUDA's fused decode kernels, which mask by position, cut it themselves. qk_norm: (q's norm
     weight, k's, eps) where q and k are normed first, each head (weights (hd,)) or all of q and all of k (OLMo 2's:
-    weights of all heads' size; norm_heads; the fused decode kernels norm as they load), else None. softcap: Gemma 2's (0: none), the scores soft_cap(q k^T / sqrt(hd), softcap) before the mask,
-    on every route (CUDA's fused decode kernels and the CPU's C cap them themselves; the torch route makes its scores
-    explicitly: _capped_attention)."""
+    weights of all heads' size; norm_heads; the fused decode kernels norm as they load), else None. softcap: Gemma 2's
+    (0: none), the scores soft_cap(q k^T / sqrt(hd), softcap) before the mask, on every route (CUDA's fused decode
+    kernels and the CPU's C cap them themselves; the torch route makes its scores explicitly: _capped_attention)."""
     hd = cache_k.shape[-1]
     if decode_attention_fused(qkv, qkv.shape[1], length, n_heads, n_kv, hd, window):
         from spqt.kernels import fused

@@ -318,8 +318,8 @@ def _whole_normed(x1, x2, inv, w_ptr, at, m, HALF: tl.constexpr, dt: tl.constexp
 def _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF: tl.constexpr, dt: tl.constexpr, QK_NORM: tl.constexpr,
             KN: tl.constexpr = 1, KC: tl.constexpr = 1):
     """Kv head j's new key (its norm where QK_NORM: 1 the head's, 2 all of k's, KN the next power of two of their
-    count, read KC at a time; then RoPE) and value from the q|k|v row at base, in the cache dtype dt: the two halves of hd of each (0
-    past HALF)."""
+    count, read KC at a time; then RoPE) and value from the q|k|v row at base, in the cache dtype dt: the two halves
+    of hd of each (0 past HALF)."""
     dm = d < HALF
     k1 = tl.load(base + (H + j) * 2 * HALF + d, mask=dm, other=0.0).to(tl.float32)
     k2 = tl.load(base + (H + j) * 2 * HALF + HALF + d, mask=dm, other=0.0).to(tl.float32)
@@ -606,11 +606,11 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
                                   QC: tl.constexpr = 1, KN: tl.constexpr = 1, KC: tl.constexpr = 1):
     """The long spans' first launch: program (j, p, b) takes the G = H / HKV query heads of kv head j of sequence b
     (GP >= 16 rows, a power of two, the ones past G masked) over key blocks s + p, s + p + P, ... of the per-head
-    kernel's span (HALF, HP, WINDOWED, QK_NORM, SOFTCAP, QN, QC, KN and KC as there), so each cached block is read once for its
-    group (the per-head kernel reads it G times). RoPE of the group's q, the new k (RoPE) and v, written into the
-    cache by the program of the block holding pos. Every block's max m, sum l and unnormalized sums of p v go to its
-    query heads' scratch slots (`slots` a head); _attention_combine_kernel merges them. A block's sums depend on the
-    position only, not on P or the span's bucket. PDL as the per-head kernel's: the first block loaded and the next
+    kernel's span (HALF, HP, WINDOWED, QK_NORM, SOFTCAP, QN, QC, KN and KC as there), so each cached block is read
+    once for its group (the per-head kernel reads it G times). RoPE of the group's q, the new k (RoPE) and v, written
+    into the cache by the program of the block holding pos. Every block's max m, sum l and unnormalized sums of p v go
+    to its query heads' scratch slots (`slots` a head); _attention_combine_kernel merges them. A block's sums depend on
+    the position only, not on P or the span's bucket. PDL as the per-head kernel's: the first block loaded and the next
     AHEAD asked of L2 before the wait. At hd 256 it runs 8 warps (attention_long_warps: 4 spill 928-936 bytes of
     stack a thread, compiled for sm_90: scripts/attention_sass.py)."""
     j = tl.program_id(0)
