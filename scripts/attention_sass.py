@@ -2,7 +2,9 @@
 per head dim and dtype: registers, stack, instruction count and a hash of the SASS, so that a change meant to leave a
 configuration's code alone can be checked to (same hash), and a new one to compile at all.
 
-    python scripts/attention_sass.py [hd,dtype[,windowed][,qknorm][,softcap] ...]   (default: hd 64, 128, 256, 96; fp16)
+    python scripts/attention_sass.py [hd,dtype[,windowed][,qknorm|,qkall[:HxHKV]][,softcap] ...]
+                                     (default: hd 64, 128, 256, 96; fp16. qkall: OLMo 2's q / k norms over all of q and
+                                      of k, of H and HKV heads, default 32x32: OLMo 2 7B's)
 
 The hash leaves out the kernel parameters' constant-bank offsets (c[0x0][...]), which an added argument moves.
 """
@@ -20,13 +22,18 @@ from spqt.kernels.sass import compile_sm90, disassemble, instructions
 _POINTER = {"fp16": "*fp16", "bf16": "*bf16", "fp32": "*fp32"}
 
 
-def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: bool = False, softcap: float = 0.0):
+def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: int = 0, softcap: float = 0.0,
+             heads: tuple[int, int] = (32, 32)):
     """fused.<name> compiled for sm_90 with the launch's constexprs at head dim hd, caches and q|k|v of `dtype`, for a
-    sliding layer where windowed, with q / k norms where qk_norm, Gemma 2's score cap where softcap (a tree without
-    these arguments ignores them)."""
+    sliding layer where windowed, with q / k norms where qk_norm (1: per head; 2: over all of q and of k, of `heads`
+    (H, HKV) heads), Gemma 2's score cap where softcap (a tree without these arguments ignores them)."""
     half, p = hd // 2, _POINTER[dtype]
     common = dict(HALF=half, HP=triton.next_power_of_2(half), BLOCK_N=fused.ATTN_BLOCK_N, PDL=True, WINDOWED=windowed,
                   QK_NORM=qk_norm, SOFTCAP=softcap)
+    if qk_norm == 2:  # (rope_attention_decode's chunks)
+        for letter, n in zip("QK", heads):
+            width = triton.next_power_of_2(n * hd)
+            common |= {f"{letter}N": width, f"{letter}C": min(1024, width)}
     if name == "_rope_attention_decode_kernel":
         sig = dict(x_ptr=p, t_ptr="*fp32", pos_ptr="*i64", k_ptr=p, v_ptr=p, o_ptr=p, part_ptr="*fp32",
                    ml_ptr="*fp32", cnt_ptr="*i32", H="i32", HKV="i32", L="i32", length="i32", window="i32",
@@ -55,10 +62,12 @@ def compiled(name: str, hd: int, dtype: str, windowed: bool = False, qk_norm: bo
 if __name__ == "__main__":
     configs = [a.split(",") for a in sys.argv[1:]] or [(hd, "fp16") for hd in (64, 128, 256, 96)]
     for hd, dtype, *flags in configs:
+        whole = [f for f in flags if f.startswith("qkall")]
+        heads = tuple(int(n) for n in whole[0][6:].split("x")) if whole and ":" in whole[0] else (32, 32)
+        qk_norm = 2 if whole else int("qknorm" in flags)
         for name in ("_rope_attention_decode_kernel", "_rope_attention_blocks_kernel", "_attention_combine_kernel"):
-            sass, regs, stack = disassemble(compiled(name, int(hd), dtype, "windowed" in flags,
-                                                     "qknorm" in flags, 50.0 if "softcap" in flags else 0.0
-                                                     ).asm["cubin"])
+            sass, regs, stack = disassemble(compiled(name, int(hd), dtype, "windowed" in flags, qk_norm,
+                                                     50.0 if "softcap" in flags else 0.0, heads).asm["cubin"])
             lines = [re.sub(r"c\[0x0\]\[0x[0-9a-f]+\]", "c[param]", re.sub(r"/\*[0-9a-f]{4}\*/", "", ln))
                      for ln in instructions(sass)]
             digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()[:12]

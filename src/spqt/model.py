@@ -41,6 +41,13 @@ class RMSNorm(DirectCallModule):
         return functional.rms_norm(x, self.weight, self.eps)
 
 
+def _layer_norm(config: ModelConfig, name: str) -> RMSNorm | None:
+    """A layer's RMSNorm `name` at its size (config.layer_norms: the norms the family has), or None where it has
+    none."""
+    size = config.layer_norms().get(name)
+    return None if size is None else RMSNorm(size, config.norm_eps)
+
+
 def rope_frequencies(config: ModelConfig, context: int | None = None, local: bool = False) -> torch.Tensor:
     """(head_dim/2,) float64 inverse frequencies, with Llama-3 scaling when configured (as HF
     parameters, or as llama.cpp's per-frequency divisors from a GGUF) or linear scaling (divisors too).
@@ -164,9 +171,8 @@ class Attention(DirectCallModule):
         self.n_heads, self.n_kv, self.hd = c.n_heads, c.n_kv_heads, c.head_dim
         self.qkv = make_linear(f"layers.{layer}.qkv", c.q_dim + 2 * c.kv_dim, c.dim)
         self.o = make_linear(f"layers.{layer}.o", c.dim, c.q_dim)
-        norms = c.layer_norms()  # (q's and k's sizes: a head's, or all of q's and of k's: qk_norm_scope)
-        self.q_norm = RMSNorm(norms["q_norm"], c.norm_eps) if c.qk_norm else None
-        self.k_norm = RMSNorm(norms["k_norm"], c.norm_eps) if c.qk_norm else None
+        # q's and k's norms (qk_norm: a head wide, or all of q and of k: qk_norm_scope), or None
+        self.q_norm, self.k_norm = _layer_norm(c, "q_norm"), _layer_norm(c, "k_norm")
         self.window = c.window(layer)  # a sliding layer's window (its mask cuts where the keys outnumber it), or 0
         self.softcap = c.attn_logit_softcap  # Gemma 2's cap of the attention scores, or 0
         self.cache: KVCache | None = None
@@ -217,14 +223,14 @@ class Block(DirectCallModule):
     def __init__(self, config: ModelConfig, layer: int, make_linear):
         super().__init__()
         # the norms of the attention's and the MLP's inputs (None: each map reads the residual stream, OLMo 2)
-        self.attention_norm = RMSNorm(config.dim, config.norm_eps) if config.pre_norms else None
+        self.attention_norm = _layer_norm(config, "attention_norm")
         self.attention = Attention(config, layer, make_linear)
-        self.ffn_norm = RMSNorm(config.dim, config.norm_eps) if config.pre_norms else None
+        self.ffn_norm = _layer_norm(config, "ffn_norm")
         self.feed_forward = FeedForward(config, layer, make_linear)
         # Gemma's and OLMo 2's norms of the attention's and the MLP's outputs (None: each output joins the residual as
         # it is)
-        self.post_attention_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
-        self.post_ffn_norm = RMSNorm(config.dim, config.norm_eps) if config.post_norms else None
+        self.post_attention_norm = _layer_norm(config, "post_attention_norm")
+        self.post_ffn_norm = _layer_norm(config, "post_ffn_norm")
 
     def forward(self, x, rope, positions, mask, length: int | None = None):
         """rope: the layer's (max_seq_len, hd) table (Transformer.rope_for); mask: the layer's (T, length) bool or

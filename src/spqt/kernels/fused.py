@@ -280,6 +280,16 @@ def _seen(n, pos, low, WINDOWED: tl.constexpr):
 
 
 @triton.jit
+def _normed(x1, x2, inv, w_ptr, at, m, HALF: tl.constexpr, dt: tl.constexpr):
+    """A head's halves x1, x2 (fp32; or a group's, a head a row) times inv (a head's RMS scale, _head_norm's, or all of
+    q's or k's, _whole_scale's) and their weights at w_ptr + at and at + HALF (m: the loads' mask), rounded to dt as
+    the unfused path stores them, back in fp32."""
+    w1 = tl.load(w_ptr + at, mask=m, other=0.0).to(tl.float32)
+    w2 = tl.load(w_ptr + at + HALF, mask=m, other=0.0).to(tl.float32)
+    return (x1 * inv * w1).to(dt).to(tl.float32), (x2 * inv * w2).to(dt).to(tl.float32)
+
+
+@triton.jit
 def _head_norm(x1, x2, w_ptr, eps, d, HALF: tl.constexpr, dt: tl.constexpr):
     """A head's RMSNorm (Qwen3's, Gemma 3's q / k norm) of its halves x1, x2 (fp32, 0 past HALF; (HP,) or one head a
     row, (rows, HP)) times the norm's weight (hd,) fp32 at w_ptr, rounded to dt as the unfused path stores it (the
@@ -287,10 +297,7 @@ def _head_norm(x1, x2, w_ptr, eps, d, HALF: tl.constexpr, dt: tl.constexpr):
     eager steps take the same kernels), back in fp32."""
     axis: tl.constexpr = len(x1.shape) - 1
     sq = tl.sum(x1 * x1, axis=axis, keep_dims=True) + tl.sum(x2 * x2, axis=axis, keep_dims=True)
-    inv = 1.0 / tl.sqrt(sq / (2 * HALF) + eps)
-    w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
-    return (x1 * inv * w1).to(dt).to(tl.float32), (x2 * inv * w2).to(dt).to(tl.float32)
+    return _normed(x1, x2, 1.0 / tl.sqrt(sq / (2 * HALF) + eps), w_ptr, d, d < HALF, HALF, dt)
 
 
 @triton.jit
@@ -306,15 +313,6 @@ def _whole_scale(x_ptr, n, eps, NP: tl.constexpr, CH: tl.constexpr):
 
 
 @triton.jit
-def _whole_normed(x1, x2, inv, w_ptr, at, m, HALF: tl.constexpr, dt: tl.constexpr):
-    """A head's halves x1, x2 (fp32; or a group's, a head a row) times inv (_whole_scale) and their weights at
-    w_ptr + at and at + HALF (m: the loads' mask), rounded to dt as the unfused path stores them, back in fp32."""
-    w1 = tl.load(w_ptr + at, mask=m, other=0.0).to(tl.float32)
-    w2 = tl.load(w_ptr + at + HALF, mask=m, other=0.0).to(tl.float32)
-    return (x1 * inv * w1).to(dt).to(tl.float32), (x2 * inv * w2).to(dt).to(tl.float32)
-
-
-@triton.jit
 def _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF: tl.constexpr, dt: tl.constexpr, QK_NORM: tl.constexpr,
             KN: tl.constexpr = 1, KC: tl.constexpr = 1):
     """Kv head j's new key (its norm where QK_NORM: 1 the head's, 2 all of k's, KN the next power of two of their
@@ -327,7 +325,7 @@ def _new_kv(base, cos, sin, H, HKV, j, d, kw_ptr, eps, HALF: tl.constexpr, dt: t
         k1, k2 = _head_norm(k1, k2, kw_ptr, eps, d, HALF, dt)
     elif QK_NORM == 2:
         inv = _whole_scale(base + H * 2 * HALF, HKV * 2 * HALF, eps, KN, KC)
-        k1, k2 = _whole_normed(k1, k2, inv, kw_ptr, j * 2 * HALF + d, dm, HALF, dt)
+        k1, k2 = _normed(k1, k2, inv, kw_ptr, j * 2 * HALF + d, dm, HALF, dt)
     kn1 = (k1 * cos - k2 * sin).to(dt)
     kn2 = (k2 * cos + k1 * sin).to(dt)
     vn1 = tl.load(base + (H + HKV + j) * 2 * HALF + d, mask=dm, other=0.0).to(dt)
@@ -535,7 +533,7 @@ def _rope_attention_decode_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, o_ptr, pa
         if QK_NORM == 1:
             q1, q2 = _head_norm(q1, q2, qw_ptr, eps, d, HALF, dt)
         elif QK_NORM == 2:
-            q1, q2 = _whole_normed(q1, q2, _whole_scale(base, H * 2 * HALF, eps, QN, QC), qw_ptr, h * 2 * HALF + d, dm,
+            q1, q2 = _normed(q1, q2, _whole_scale(base, H * 2 * HALF, eps, QN, QC), qw_ptr, h * 2 * HALF + d, dm,
                                    HALF, dt)
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos - q2 * sin).to(dt).to(tl.float32)
@@ -638,7 +636,7 @@ def _rope_attention_blocks_kernel(x_ptr, t_ptr, pos_ptr, k_ptr, v_ptr, part_ptr,
         if QK_NORM == 1:
             q1, q2 = _head_norm(q1, q2, qw_ptr, eps, d, HALF, dt)
         elif QK_NORM == 2:
-            q1, q2 = _whole_normed(q1, q2, _whole_scale(base, H * 2 * HALF, eps, QN, QC), qw_ptr,
+            q1, q2 = _normed(q1, q2, _whole_scale(base, H * 2 * HALF, eps, QN, QC), qw_ptr,
                                    h[:, None] * 2 * HALF + d[None, :], both, HALF, dt)
         # rounded to the cache dtype as the unfused path stores q and k before attending
         r1 = (q1 * cos[None, :] - q2 * sin[None, :]).to(dt)
