@@ -384,6 +384,34 @@ def test_smollm3_configs_read_as_transformers_reads_them(extra):
     assert ours.sliding_window == (64 if ours.sliding_layers else 0)
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64}])
+def test_glm4_rope_scalings_rotate_as_transformers(rope):
+    """GLM-4 with a RoPE scaling the readers take for every family (GLM-4-32B's model card suggests YaRN for long
+    contexts) over its rotated half (16 of 32): our frequencies of the rotated pairs are transformers' Glm4 inverse
+    frequencies within float32 rounding (theirs are float32), the passed-through pairs 0, the attention factor the
+    same."""
+    from transformers import Glm4Config
+    from transformers.models.glm4.modeling_glm4 import Glm4RotaryEmbedding
+
+    from spqt.model import rope_frequencies
+    from spqt.sources import _class_filled, _hf_config
+
+    cfg = {"model_type": "glm4", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 512,
+           "pad_token_id": None, "eos_token_id": 1,
+           "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5, **rope}}
+    theirs = Glm4RotaryEmbedding(Glm4Config.from_dict(json.loads(json.dumps(cfg))))
+    ours = _hf_config(_class_filled(Glm4Config, cfg), "glm4", tie=False)
+    frequencies = rope_frequencies(ours, ours.max_seq_len)
+    assert ours.rope_dims == 16 and theirs.inv_freq.shape == (8,)
+    torch.testing.assert_close(frequencies[:8].float(), theirs.inv_freq, rtol=2.0**-23, atol=0)
+    assert not frequencies[8:].any() and ours.rope_attention_factor == pytest.approx(theirs.attention_scaling, 1e-12)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3", "granite"])
 def test_config_keys_left_out_read_as_transformers_fills_them(model_type):
     """A config.json without rms_norm_eps, max_position_embeddings, tie_word_embeddings, (Phi-3) the top-level
@@ -1661,15 +1689,15 @@ def test_unusable_glm4_ggufs_are_refused(family, tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3", "glm4"], indirect=True)
 def test_gemma_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypatch):
     """A run that asks for no dtype (--dtype auto, serve) computes in float32 on the CPU and, on CUDA, in float16, but
-    in bfloat16 for Gemma 2 and 3 (their activations outgrow float16's range); an asked dtype is kept."""
+    in bfloat16 for Gemma 2 and 3 and GLM-4 (their activations outgrow float16's range); an asked dtype is kept."""
     from spqt.cli import _dtype
     from spqt.generate import default_dtype
 
     config = load_spqt(quantized["hf"]).config
-    gemma = family["name"] in ("gemma2", "gemma3")
+    gemma = family["name"] in ("gemma2", "gemma3", "glm4")
     assert default_dtype(config, "cpu") == torch.float32
     assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
     assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16
