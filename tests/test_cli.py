@@ -557,7 +557,8 @@ def test_synthetic_decode_models_are_valid_configs():
     """Every synthetic model of `spqt bench decode` is a configuration the runtime accepts, with the switches its name
     promises (the families' paths it is there to time): Gemma's windows and norms, Qwen3's q / k norms, Phi-3's head dim
     of 96 and window in every layer, Gemma 2's soft-caps on alternate sliding layers, Qwen2.5's q|k|v bias, OLMo 2's
-    norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes)."""
+    norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes), GLM-4 9B's four norms,
+    q|k|v bias and half-rotated heads."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -572,3 +573,7 @@ def test_synthetic_decode_models_are_valid_configs():
     olmo2 = configs["olmo2-7b"]
     assert olmo2.layer_norms() == {"q_norm": 4096, "k_norm": 4096, "post_attention_norm": 4096, "post_ffn_norm": 4096}
     assert olmo2.map_shapes() == configs["llama2-7b"].map_shapes()
+    glm4 = configs["glm4-9b"]
+    assert glm4.layer_norms() == dict.fromkeys(("attention_norm", "ffn_norm", "post_attention_norm", "post_ffn_norm"),
+                                               4096)
+    assert glm4.linear_biases == ("qkv",) and glm4.rotary_dims == 64 and glm4.map_shapes()[0] == (4096 + 2 * 256, 4096)

@@ -1,5 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2), each
-from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, GLM-4),
+each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -45,6 +45,8 @@ TEMPLATES = {  # each family's chat format, shortened
     "gemma": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else "
              "m['role'] }}\n{{ m['content'] | trim }}<end_of_turn>\n{% endfor %}"
              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+    "glm4": "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -92,6 +94,11 @@ FAMILIES = {
     # wide, q_norm 64); an untied head, as the released models have
     "olmo2": ("Olmo2Config", dict(max_position_embeddings=512, pad_token_id=None,
                                   rope_parameters={"rope_type": "default", "rope_theta": 5e5}), "olmo2", "chatml"),
+    # four norms a layer (plain weights), q/k/v biases (Glm4Config's attention_bias), fused gate|up, half of each head
+    # rotated in GLM's interleaved pairs (16 of 32: an explicit head_dim, q 128 wide on a dim of 64); an untied head
+    "glm4": ("Glm4Config", dict(head_dim=32, max_position_embeddings=512, pad_token_id=None,
+                                rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
+             "glm4", "glm4"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -139,8 +146,9 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
     layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key;
     `gemma2`'s the same (no local RoPE), with its two soft-caps as keys; `olmo2`'s two post-norms a layer (no
-    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted; partial
-    RoPE as rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128).
+    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted; `glm4`'s
+    four norms under Gemma's GGUF names (its post_attention_layernorm the ffn_norm), gate|up as ffn_up, q and k
+    unpermuted; partial RoPE as rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128, GLM-4's 64).
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
@@ -218,6 +226,9 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
     if arch in ("gemma2", "gemma3", "olmo2"):  # (OLMo 2 has the two post-norms alone, under Gemma's names)
         names |= GEMMA_NORMS
+    if arch == "glm4":  # (as gguf's tensor map names them for glm4)
+        names |= {"post_self_attn_layernorm.weight": "post_attention_norm.weight",
+                  "post_mlp_layernorm.weight": "post_ffw_norm.weight"}
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
@@ -318,7 +329,8 @@ def test_float_forward_equals_transformers(family, source):
     c = loaded.config
     name = family["name"]
     # the family's switches, as read from each source
-    assert c.linear_biases == (("qkv",) if name == "qwen2" else ())
+    assert c.linear_biases == (("qkv",) if name in ("qwen2", "glm4") else ())
+    assert (c.rope_dims, c.head_dim) == ((16, 32) if name == "glm4" else (0, c.head_dim))
     assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2"))
     assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name == "olmo2" else (True, "head"))
     assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3"))
@@ -328,7 +340,7 @@ def test_float_forward_equals_transformers(family, source):
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
     assert (c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
         (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, True, "gelu_tanh", 8.0) if name == "gemma2"
-        else (0.0, True, "silu", 1.0) if name == "olmo2" else (0.0, False, "silu", 1.0))
+        else (0.0, True, "silu", 1.0) if name in ("olmo2", "glm4") else (0.0, False, "silu", 1.0))
     assert (c.attn_logit_softcap, c.final_logit_softcap) == ((2.0, 1.5) if name == "gemma2" else (0.0, 0.0))
     # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
     windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
@@ -370,6 +382,34 @@ def test_smollm3_configs_read_as_transformers_reads_them(extra):
     assert ours.max_seq_len == theirs.max_position_embeddings  # (not capped by a window)
     assert ours.sliding_layers == tuple(i for i, t in enumerate(theirs.layer_types or []) if t == "sliding_attention")
     assert ours.sliding_window == (64 if ours.sliding_layers else 0)
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+    {"rope_type": "linear", "factor": 4.0},
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64}])
+def test_glm4_rope_scalings_rotate_as_transformers(rope):
+    """GLM-4 with a RoPE scaling the readers take for every family (GLM-4-32B's model card suggests YaRN for long
+    contexts) over its rotated half (16 of 32): our frequencies of the rotated pairs are transformers' Glm4 inverse
+    frequencies within float32 rounding (theirs are float32), the passed-through pairs 0, the attention factor the
+    same."""
+    from transformers import Glm4Config
+    from transformers.models.glm4.modeling_glm4 import Glm4RotaryEmbedding
+
+    from spqt.model import rope_frequencies
+    from spqt.sources import _class_filled, _hf_config
+
+    cfg = {"model_type": "glm4", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 512,
+           "pad_token_id": None, "eos_token_id": 1,
+           "rope_parameters": {"rope_theta": 1e4, "partial_rotary_factor": 0.5, **rope}}
+    theirs = Glm4RotaryEmbedding(Glm4Config.from_dict(json.loads(json.dumps(cfg))))
+    ours = _hf_config(_class_filled(Glm4Config, cfg), "glm4", tie=False)
+    frequencies = rope_frequencies(ours, ours.max_seq_len)
+    assert ours.rope_dims == 16 and theirs.inv_freq.shape == (8,)
+    torch.testing.assert_close(frequencies[:8].float(), theirs.inv_freq, rtol=2.0**-23, atol=0)
+    assert not frequencies[8:].any() and ours.rope_attention_factor == pytest.approx(theirs.attention_scaling, 1e-12)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "smollm3", "phi3", "granite"])
@@ -785,8 +825,9 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2"):  # (transformers reads no smollm3,
-        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # granite or olmo2 GGUF: the tokenizer it came from)
+    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "glm4"):  # (transformers reads no
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # smollm3, granite, olmo2 or glm4 GGUF: the
+        # tokenizer it came from)
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
@@ -930,7 +971,7 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "glm4"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -1193,7 +1234,7 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "glm4"], indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
     block run alone on its own mask) over Gemma 3's, Gemma 2's and OLMo 2's 40-token windows: block i's output is block
@@ -1369,7 +1410,7 @@ def _expect_error(capsys, argv, fragment):
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
                                         "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text",
-                                        "olmo", "olmoe", "olmo3"])
+                                        "olmo", "olmoe", "olmo3", "chatglm", "glm", "glm4_moe", "glm4v"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -1435,6 +1476,9 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     ({"model_type": "gemma2", "final_logit_softcapping": "x"}, "Gemma2Config refuses it"),
     ({"model_type": "gemma2", "query_pre_attn_scalar": 0}, "query_pre_attn_scalar must be a positive number"),
     ({"model_type": "gemma2", "sliding_window": None}, "sliding_window must be a positive integer, got None"),
+    # GLM-4 rotating an odd count (Glm4Config's head_dim is 128 where the file gives none: 0.45 of it, 57)
+    ({"model_type": "glm4", "partial_rotary_factor": 0.45, "pad_token_id": None, "eos_token_id": 1},
+     "partial RoPE of 57 of 128 head dimensions"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -1450,7 +1494,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid", "olmo",
-                                  "olmoe"])
+                                  "olmoe", "chatglm", "glm4moe"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
@@ -1513,7 +1557,7 @@ def test_unusable_phi3_ggufs_are_refused(tmp_path, capsys, case):
     w.write_tensors_to_file()
     w.close()
     fragment = {"longrope": "rope_factors_long.weight holds 3 values, expected 4 positive ones",
-                "odd": "partial RoPE (7 of 8 head dimensions) is not supported (for phi3 an even number",
+                "odd": "partial RoPE (7 of 8 head dimensions) is not supported (for phi3 and glm4 an even number",
                 "partial-llama": "partial RoPE (6 of 8 head dimensions) is not supported",
                 "partial-longrope": "rope_factors_short.weight holds 4 values, expected 3 positive ones"}[case]
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
@@ -1540,11 +1584,12 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
 
 
-@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
+@pytest.mark.parametrize("family", ["olmo2", "glm4"], indirect=True)
 def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
-    """OLMo 2 (no norm before the maps, q and k each normed over all of its heads) one token at a time: its HF folder
-    equals transformers' logits in one prefill and through the KV cache; its .spqt is format 9 and reads back the same
-    configuration. The .spqt's teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode
+    """OLMo 2 (no norm before the maps, q and k each normed over all of its heads), and GLM-4 (four norms a layer, q|k|v
+    biases, partial RoPE in interleaved pairs) one token at a time: its HF folder equals transformers' logits in one
+    prefill and through the KV cache; its .spqt is format 9 (GLM-4: 8) and reads back the same configuration. The
+    .spqt's teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode
     attention on the q|k|v the torch norms gave) equal the torch reference's within the fp16 rounding of the native
     path; the fp16 GEMV's (W, x, W x in fp16) within a few fp16 roundings; the Triton maps' (the interpreter: a map
     without a norm reads x) the reference's within float32 rounding, a prefill and a sparse step."""
@@ -1555,7 +1600,8 @@ def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
     with torch.no_grad():
         theirs = family["model"](torch.tensor([ids])).logits[0]
     span = float(theirs.max() - theirs.min())
-    spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span, format_version=9)
+    spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span,
+                                    format_version={"olmo2": 9, "glm4": 8}[family["name"]])
     short = ids[:12]
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=16), short, sparse=False)
     span = float(ref.max() - ref.min())
@@ -1629,15 +1675,29 @@ def test_unusable_olmo2_checkpoints_are_refused(family, tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3"], indirect=True)
+@pytest.mark.parametrize("family", ["glm4"], indirect=True)
+@pytest.mark.parametrize("case", ["mrope sections", "nextn layers"])
+def test_unusable_glm4_ggufs_are_refused(family, tmp_path, capsys, case):
+    """A glm4 GGUF as llama.cpp's converter writes GLM-4.1V's text model (rope.dimension_sections: M-RoPE, q/k rows
+    permuted for NEOX) or GLM-OCR's (nextn_predict_layers: a prediction layer after the others): one error line."""
+    keys = {"mrope sections": {"glm4.rope.dimension_sections": [4, 2, 2, 0]},
+            "nextn layers": {"glm4.nextn_predict_layers": 1.0}}[case]
+    path = _gguf_with(family["gguf"], tmp_path / "m", keys)
+    fragment = {"mrope sections": "a glm4 GGUF with M-RoPE sections (GLM-4.1V's text model) is not supported",
+                "nextn layers": "a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported"}[case]
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3", "glm4"], indirect=True)
 def test_gemma_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypatch):
     """A run that asks for no dtype (--dtype auto, serve) computes in float32 on the CPU and, on CUDA, in float16, but
-    in bfloat16 for Gemma 2 and 3 (their activations outgrow float16's range); an asked dtype is kept."""
+    in bfloat16 for Gemma 2 and 3 and GLM-4 (their activations outgrow float16's range); an asked dtype is kept."""
     from spqt.cli import _dtype
     from spqt.generate import default_dtype
 
     config = load_spqt(quantized["hf"]).config
-    gemma = family["name"] in ("gemma2", "gemma3")
+    gemma = family["name"] in ("gemma2", "gemma3", "glm4")
     assert default_dtype(config, "cpu") == torch.float32
     assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
     assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16

@@ -449,3 +449,46 @@ def test_rope_dim_order_pairs_the_rotated_dims_and_is_the_identity_for_whole_hea
     for hd in (2, 16, 128):
         assert torch.equal(rope_dim_order(hd, 0), torch.arange(hd))
         assert torch.equal(rope_dim_order(hd, hd), torch.arange(hd))
+
+
+@pytest.mark.parametrize("hd, rot", [(32, 16), (16, 16), (16, 12)])
+def test_interleaved_rope_rows_rotate_as_transformers_glm4(hd, rot):
+    """GLM-4's RoPE (transformers' Glm4: the first rot dimensions of each head rotated in the pairs (2j, 2j + 1) at
+    frequency j over rot, the rest passed through): q and k with their head dimensions reordered by
+    rope_dim_order(interleaved=True), rotated by our half-split table (rope_dims rot), equal transformers' rotated q and
+    k reordered the same way, within float32 rounding, at positions up to 300; partial_rope_rows reorders every head's
+    rows of wq / bq / wk / bk so, and leaves the other tensors alone."""
+    from transformers import Glm4Config
+    from transformers.models.glm4.modeling_glm4 import Glm4RotaryEmbedding, apply_rotary_pos_emb
+
+    from spqt.config import ModelConfig
+    from spqt.folding import partial_rope_rows, rope_dim_order
+    from spqt.functional import _rope, _rotation
+    from spqt.model import rope_table
+
+    heads, t = 3, 300
+    g = torch.Generator().manual_seed(hd + rot)
+    q, k = torch.randn(1, heads, t, hd, generator=g), torch.randn(1, heads, t, hd, generator=g)
+    theirs_config = Glm4Config(hidden_size=heads * hd, num_attention_heads=heads, num_key_value_heads=heads, head_dim=hd,
+                               rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                "partial_rotary_factor": rot / hd})
+    positions = torch.arange(t)[None]
+    cos, sin = Glm4RotaryEmbedding(theirs_config)(q, positions)
+    theirs = apply_rotary_pos_emb(q, k, cos, sin)
+    config = ModelConfig(vocab_size=32, dim=heads * hd, n_layers=1, n_heads=heads, n_kv_heads=heads, ffn_dim=32,
+                         head_dim=hd, rope_dims=rot, max_seq_len=t)
+    order = rope_dim_order(hd, rot, interleaved=True)
+    assert sorted(order.tolist()) == list(range(hd))
+    rows = _rotation(rope_table(config, t))[None, :, None]  # (1, T, 1, 2, hd)
+    for x, want in zip((q, k), theirs):
+        ours = _rope(x[..., order].transpose(1, 2), rows[..., 0, :], rows[..., 1, :]).transpose(1, 2)
+        # transformers' angles p * f are float32 products (of a float32 f): each off by up to about 2 ulp of t
+        atol = 2 * t * 2.0**-24 * 2 * float(x.abs().max())
+        torch.testing.assert_close(ours, want[..., order], rtol=0, atol=atol)
+    assert float((theirs[0] - q).abs().max()) > 0.1  # (the rotation moved q)
+    w = torch.randn(heads * hd, 5, generator=g)
+    loads = {"layers.0.wk": w, "layers.0.bq": w[:, 0], "layers.0.wv": w}
+    load = partial_rope_rows(loads.__getitem__, config, interleaved=True)
+    assert torch.equal(load("layers.0.wk"), w.reshape(heads, hd, 5)[:, order].reshape(w.shape))
+    assert torch.equal(load("layers.0.bq"), w[:, 0].reshape(heads, hd)[:, order].reshape(-1))
+    assert load("layers.0.wv") is w

@@ -63,6 +63,10 @@ SYNTHETIC = {
     "olmo2-7b": dict(vocab_size=100352, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
                      rope_theta=500000.0, norm_eps=1e-6, family="olmo2", qk_norm=True, qk_norm_scope="all",
                      pre_norms=False, post_norms=True),
+    # GLM-4-9B-0414's (transformers' Glm4Config defaults, its 9B: the published config.json not read here): four norms
+    # a layer (of ones), q|k|v bias, 64 of each head's 128 dimensions rotated, 2 kv heads; untied head
+    "glm4-9b": dict(vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
+                    norm_eps=1.5625e-07, family="glm4", linear_biases=("qkv",), post_norms=True, rope_dims=64),
     "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                       family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests

@@ -9,7 +9,8 @@ A .spqt file is a safetensors container. Tensors::
                                       (attention_norm, ffn_norm: not with config.pre_norms off, OLMo 2)
     layers.{i}.q_norm, layers.{i}.k_norm (hd,) fp32      only with config.qk_norm (Qwen3, Gemma 3); (H*hd,) and
                                                           (Hkv*hd,) with qk_norm_scope "all" (OLMo 2)
-    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,) fp32   only with config.post_norms (Gemma, OLMo 2)
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,) fp32   only with config.post_norms (Gemma, OLMo 2,
+                                                                          GLM-4)
     layers.{i}.{group}.bias (rows,) fp32                  only for groups in config.linear_biases
                                                           (Qwen2: qkv), stacked like the weight
     layers.{i}.{qkv,o,gate_up,down}  uint8 quantized blocks, grid as in layouts.py:
@@ -38,7 +39,9 @@ older spqt would run uncapped. Version 8 is a file with partial RoPE (Phi-4-mini
 permuted into its pairing), which an older spqt would rotate whole. Version 9 is a file without the norms before the
 attention and the MLP or with q/k norms over the whole of q and of k (OLMo 2: config pre_norms off, qk_norm_scope
 "all"), whose tensors an older spqt would look for in vain or run as per-head norms; it refuses the version instead.
-Files without these keys read them as pre_norms on and qk_norm_scope "head", as they were written.
+Files without these keys read them as pre_norms on and qk_norm_scope "head", as they were written. A GLM-4 file is
+version 8 and needs nothing newer: its interleaved RoPE pairs are permuted before it is written, its norms and biases
+are Gemma's and Qwen2's.
 """
 
 import collections

@@ -19,6 +19,8 @@ the readers permute the head dimensions of q and k into its pairing (folding.py)
 passed-through pairs frequency 0. OLMo 2 is Gemma's post-norms without the norms before the attention and the MLP
 (pre_norms off: each map reads the residual stream as it is), and q/k norms over the whole of q and of k
 (qk_norm_scope "all": one RMSNorm over all heads of q, another over all heads of k, before RoPE) instead of per head.
+GLM-4 0414 needs no switch of its own: Gemma's four norms a layer (plain weights) with a SiLU-gated MLP, Qwen2's q/k/v
+biases, and Phi-4-mini's partial RoPE, whose pairs (2j, 2j + 1) the readers permute into ours as they read.
 """
 
 import math
@@ -86,8 +88,8 @@ class ModelConfig:
     # Layers (ascending indices) whose attention rotates neither q nor k: no position encoding ("NoPE", SmolLM3's
     # every fourth layer); every other layer applies RoPE.
     nope_layers: tuple[int, ...] = ()
-    # Gemma 3: an RMSNorm of the attention's output and of the MLP's output before each joins the residual (four
-    # norms a layer: "sandwich" norms), weights (dim,) each
+    # Gemma 3, GLM-4: an RMSNorm of the attention's output and of the MLP's output before each joins the residual
+    # (four norms a layer: "sandwich" norms), weights (dim,) each
     post_norms: bool = False
     # the MLP's gate activation (ACTIVATIONS)
     activation: str = "silu"
@@ -104,8 +106,9 @@ class ModelConfig:
     # before the mask) and of every logit the head gives; 0 (or None, read as 0): none
     attn_logit_softcap: float = 0.0
     final_logit_softcap: float = 0.0
-    # partial RoPE (Phi-4-mini: 96 of 128): the leading dimensions of each head of q and k, in the source's order,
-    # that RoPE rotates (pairing j with j + rope_dims/2), the others passed through; 0 (or head_dim, read as 0): all.
+    # partial RoPE (Phi-4-mini: 96 of 128; GLM-4: 64 of 128): the leading dimensions of each head of q and k, in the
+    # source's order, that RoPE rotates (pairing j with j + rope_dims/2; GLM-4: 2j with 2j + 1), the others passed
+    # through; 0 (or head_dim, read as 0): all.
     # The readers permute q's and k's head dimensions (folding.rope_dim_order), so that the pairs of the rotation
     # every path runs, (i, i + head_dim/2), are the rotated pairs for i < rope_dims/2 and passed-through pairs above
     # (rope_table: frequency 0); the frequency factors then hold rope_dims/2 entries.

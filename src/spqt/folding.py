@@ -28,7 +28,9 @@ first rope.dimension_count dimensions) rotate each head's first rot dimensions i
 the others through; every path of ours rotates the pairs (i, i + hd/2) of the whole head. The rows of wq and wk (and
 bq, bk) are reordered within each head by rope_dim_order, which makes our pairs i < rot/2 theirs and our pairs above
 two passed-through dimensions each (rope_table gives them frequency 0: cos 1, sin 0). q . k is the same sum over
-the same products in another order, so the scores are unchanged; v and o are untouched.
+the same products in another order, so the scores are unchanged; v and o are untouched. GLM-4 pairs its rotated
+dimensions otherwise, (2j, 2j + 1) (transformers' Glm4 rotates x[0::2] against x[1::2]; llama.cpp's glm4 runs NORM,
+adjacent-pair, RoPE on the same rows): rope_dim_order(interleaved=True) makes our pair i < rot/2 theirs (2i, 2i + 1).
 
 A per-head RMSNorm of q (Qwen3's q_norm) would undo q's scale, so such a model is refused. Each multiplier is
 taken as float32 (a GGUF stores it so, and a float32 forward multiplies by that value); each folded tensor is
@@ -161,27 +163,33 @@ def gemma_norms(load: Callable[[str], torch.Tensor], shift: float, query_scale: 
     return load_gemma
 
 
-def rope_dim_order(head_dim: int, rope_dims: int) -> torch.Tensor:
+def rope_dim_order(head_dim: int, rope_dims: int, interleaved: bool = False) -> torch.Tensor:
     """(head_dim,) int64: for each dimension of our head, the source's dimension it holds. With r = rope_dims / 2
     and m = head_dim / 2 (rope_dims 0: all rotated, the identity):
 
         ours      0 .. r-1 | r .. m-1          | m .. m+r-1    | m+r .. 2m-1
         source    0 .. r-1 | 2r .. 2r+m-r-1    | r .. 2r-1     | 2r+m-r .. 2m-1
+        (interleaved)
+        source    0, 2, .. 2r-2 | as above     | 1, 3, .. 2r-1 | as above
 
-    so our pair (i, i + m) is the source's rotated pair (i, i + r) for i < r and two passed-through dimensions
-    above."""
+    so our pair (i, i + m) is the source's rotated pair (i, i + r), or interleaved (2i, 2i + 1), for i < r and two
+    passed-through dimensions above."""
     r, m = (rope_dims or head_dim) // 2, head_dim // 2
     passed = torch.arange(2 * r, head_dim)
-    return torch.cat([torch.arange(r), passed[: m - r], torch.arange(r, 2 * r), passed[m - r:]])
+    first, second = (torch.arange(0, 2 * r, 2), torch.arange(1, 2 * r, 2)) if interleaved else (
+        torch.arange(r), torch.arange(r, 2 * r))
+    return torch.cat([first, passed[: m - r], second, passed[m - r:]])
 
 
-def partial_rope_rows(load: Callable[[str], torch.Tensor], config: ModelConfig) -> Callable[[str], torch.Tensor]:
+def partial_rope_rows(load: Callable[[str], torch.Tensor], config: ModelConfig,
+                      interleaved: bool = False) -> Callable[[str], torch.Tensor]:
     """A reader's per-tensor load function that returns wq, bq, wk and bk (n_heads * hd rows, or entries) with each
-    head's rows in rope_dim_order, and q_norm / k_norm (hd,) likewise; other tensors as they are. The identity (load
-    itself) where every dimension is rotated."""
-    if not config.rope_dims:
+    head's rows in rope_dim_order, and q_norm / k_norm (hd,) likewise; other tensors as they are. interleaved: the
+    source pairs its rotated dimensions (2j, 2j + 1) (GLM-4), whole heads too. The identity (load itself) where every
+    dimension is rotated in our pairing already."""
+    if not config.rope_dims and not interleaved:
         return load
-    order = rope_dim_order(config.head_dim, config.rope_dims)
+    order = rope_dim_order(config.head_dim, config.rope_dims, interleaved)
 
     def load_permuted(name: str) -> torch.Tensor:
         w = load(name)

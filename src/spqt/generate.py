@@ -272,10 +272,11 @@ def default_dtype(config, device: str) -> torch.dtype:
     """The compute dtype of a run that asks for none: float32 on the CPU (its speed comes from its GEMV's own types);
     on CUDA float16, or bfloat16 for Gemma 2 and 3, whose activations outgrow float16's range (their large norm
     weights and post-norms: transformers' issue 36822, fp16 logits NaN; Gemma 2 was trained and released in bfloat16)
-    where bfloat16 holds float32's."""
+    where bfloat16 holds float32's, and for GLM-4 0414 (released in bfloat16; its MLP's down map overflows float16:
+    llama.cpp issue 12946 and PR 13101, mlx-lm issue 106)."""
     if device != "cuda":
         return torch.float32
-    return torch.bfloat16 if config.family in ("gemma2", "gemma3") else torch.float16
+    return torch.bfloat16 if config.family in ("gemma2", "gemma3", "glm4") else torch.float16
 
 
 class Generator:

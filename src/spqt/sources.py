@@ -12,10 +12,10 @@ provenance. Canonical names, weights as (out_features, in_features)::
     layers.{i}.bq (H*hd,)  bk, bv (Hkv*hd,)  bo (D,)  b1, b3 (F,)  b2 (D,)   output biases
     layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3, Gemma 3
                                          (H*hd,), (Hkv*hd,)                 OLMo 2 (whole q and k)
-    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2, GLM-4
     (OLMo 2 has no attention_norm or ffn_norm: config pre_norms off)
-    Phi-3 stores q|k|v ((H + 2*Hkv)*hd, D) and gate|up (2F, D) fused: each reader splits them by rows into
-    wq, wk, wv and w1, w3, reading only the rows asked for.
+    Phi-3 stores q|k|v ((H + 2*Hkv)*hd, D) and gate|up (2F, D) fused, GLM-4 gate|up: each reader splits them by rows
+    into wq, wk, wv and w1, w3, reading only the rows asked for.
 
 Families and where they come from:
 
@@ -42,12 +42,18 @@ Families and where they come from:
     OLMo 2      olmo2                     olmo2                       post-norms alone (no norm before the attention
                                                                       or the MLP), q/k norms over the whole of q and
                                                                       of k; OLMo 1 (olmo), OLMoE and Olmo 3 refused
+    GLM-4 0414  glm4                      glm4                        four norms a layer (Gemma's, plain weights), q,
+                                                                      k, v biases, fused gate|up, partial RoPE in
+                                                                      GLM's interleaved pairs (rows permuted as
+                                                                      read); chatglm, glm, glm4_moe, glm4v refused
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
 transformers does, so every source uses the half-split RoPE of model.py. ``qwen2``, ``qwen3`` and ``phi3``
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE), as ``gemma2``, ``gemma3`` and
-``olmo2`` files do. Llama 3.1
+``olmo2`` files do. ``glm4`` files keep them too: llama.cpp rotates their adjacent pairs (NORM RoPE), as transformers
+rotates GLM-4's (2j, 2j + 1), and the readers of both permute those rows into our pairing (folding.rope_dim_order,
+_INTERLEAVED_ROPE). Llama 3.1
 scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear and YaRN
 scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). Phi-3's
 longrope arrives as the tensors ``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor
@@ -95,13 +101,19 @@ from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
 from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers, partial_rope_rows
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2")
+                      "gemma3", "mistral3", "olmo2", "glm4")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
 _GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
+# Families (model_type and GGUF architecture alike) whose RoPE pairs each head's rotated dimensions (2j, 2j + 1) in the
+# file's row order (transformers' Glm4 rotate_half of x[0::2] and x[1::2]; llama.cpp's glm4: NORM RoPE, its converter
+# keeping the Hugging Face rows): the readers permute q's and k's rows into ours (folding.partial_rope_rows)
+_INTERLEAVED_ROPE = ("glm4",)
+# GGUF and HF families whose partial RoPE (rope.dimension_count, partial_rotary_factor below 1) we run
+_PARTIAL_ROPE = ("phi3", "glm4")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
 _GGUF_NOPE_STEP = {"smollm3": 4}
 # the storage types (safetensors' and GGUF's names) that hold floats, not values rounded to a quantized grid
@@ -124,6 +136,8 @@ _GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm
 # OLMo 2's switches (transformers' Olmo2DecoderLayer, llama.cpp's olmo2): the attention's and the MLP's outputs normed
 # before the residual sum, no norm before them, q and k normed each over all of its heads (before RoPE)
 _OLMO2_SWITCHES = {"pre_norms": False, "post_norms": True, "qk_norm_scope": "all"}
+# GLM-4 0414's (transformers' Glm4DecoderLayer, llama.cpp's glm4): Gemma's four norms a layer, with a SiLU-gated MLP
+_GLM4_SWITCHES = {"post_norms": True}
 # llama.cpp's gemma3: every sixth layer (i % 6 == 5) attends to every key, the others through the sliding window;
 # the sliding layers rotate by a table of base 10,000 (no key for either, unless rope.freq_base_swa is written)
 _GGUF_GEMMA3_FULL_EVERY = 6
@@ -168,6 +182,13 @@ _HF_GEMMA_NORMS = {
     "pre_feedforward_layernorm": "ffn_norm",
     "post_feedforward_layernorm": "post_ffn_norm",
 }  # (OLMo 2 has the two post norms alone, under these names: _layer_norm_names drops the others)
+# GLM-4's four (transformers' names): its post_attention_layernorm is the MLP's input norm, as in Llama
+_HF_GLM4_NORMS = {
+    "input_layernorm": "attention_norm",
+    "post_self_attn_layernorm": "post_attention_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "post_mlp_layernorm": "post_ffn_norm",
+}
 _HF_EXTRAS = {
     "self_attn.q_proj.bias": "bq", "self_attn.k_proj.bias": "bk", "self_attn.v_proj.bias": "bv",
     "self_attn.o_proj.bias": "bo", "mlp.gate_proj.bias": "b1", "mlp.up_proj.bias": "b3",
@@ -433,11 +454,12 @@ def _open_gguf(path: Path) -> SourceModel:
         raise SpqtError(f"{path}: GGUF rope scaling factor {linear_factor} is not a positive number")
     context = size("context_length", 4096)
     # Phi-4-mini: llama.cpp rotates the first rope.dimension_count dimensions of each head (NEOX pairs (j, j + n/2),
-    # frequencies over n, the rest passed through): transformers' partial RoPE, which the loader permutes into ours
+    # frequencies over n, the rest passed through): transformers' partial RoPE, which the loader permutes into ours;
+    # GLM-4 the same dimensions in NORM pairs (2j, 2j + 1)
     rope_dims = _int_field(reader, path, f"{arch}.rope.dimension_count", head_dim)
-    if rope_dims != head_dim and (arch != "phi3" or not 2 <= rope_dims < head_dim or rope_dims % 2):
+    if rope_dims != head_dim and (arch not in _PARTIAL_ROPE or not 2 <= rope_dims < head_dim or rope_dims % 2):
         raise SpqtError(f"{path}: partial RoPE ({rope_dims} of {head_dim} head dimensions) is not supported (for "
-                        f"phi3 an even number of them is)")
+                        f"{' and '.join(_PARTIAL_ROPE)} an even number of them is)")
     pairs = rope_dims // 2
     yarn_divisors, attention_factor = None, 1.0
     if scaling_type == "yarn" and linear_factor not in (0.0, 1.0):
@@ -479,6 +501,13 @@ def _open_gguf(path: Path) -> SourceModel:
     # llama.cpp's converter writes Olmo 3 (sliding-window layers, YaRN on the full ones) as olmo2 with a window key
     if arch == "olmo2" and field_value("olmo2.attention.sliding_window") is not None:
         raise SpqtError(f"{path}: an olmo2 GGUF with sliding-window layers (Olmo 3) is not supported (OLMo 2 is)")
+    # llama.cpp's converter writes GLM-4.1V's text model (M-RoPE over sections, its q/k rows permuted for NEOX) and
+    # GLM-OCR's (a NextN prediction layer after the others) as glm4 too
+    if arch == "glm4" and field_value("glm4.rope.dimension_sections") is not None:
+        raise SpqtError(f"{path}: a glm4 GGUF with M-RoPE sections (GLM-4.1V's text model) is not supported "
+                        f"(GLM-4 0414 is)")
+    if arch == "glm4" and _int_field(reader, path, "glm4.nextn_predict_layers", 0) > 0:
+        raise SpqtError(f"{path}: a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported (GLM-4 0414 is)")
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3, gemma3 and olmo2 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
@@ -525,6 +554,7 @@ def _open_gguf(path: Path) -> SourceModel:
             **{k: v for k, v in gemma.items() if k != "query_scale"},
             **phi3_window,
             **(_OLMO2_SWITCHES if arch == "olmo2" else {}),
+            **(_GLM4_SWITCHES if arch == "glm4" else {}),
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
@@ -532,8 +562,8 @@ def _open_gguf(path: Path) -> SourceModel:
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
     rows = {}  # our name -> (first row, end row, rows of the fused tensor) for the parts of a fused tensor
     layer_names = _layer_norm_names(config, {**_GGUF_NAMES, **(_GGUF_POST_NORMS if config.post_norms else {})})
-    _add_layer_names(config, layer_names, _GGUF_FUSED if arch == "phi3" else {}, layer_extras,
-                     lambda i, key: f"blk.{i}.{key}", names, gguf_name, rows)
+    fused = _GGUF_FUSED if arch == "phi3" else {"ffn_up": "gate_up"} if arch == "glm4" else {}
+    _add_layer_names(config, layer_names, fused, layer_extras, lambda i, key: f"blk.{i}.{key}", names, gguf_name, rows)
     missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
     if missing:
         raise SpqtError(f"{path}: GGUF lacks tensors {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
@@ -573,7 +603,8 @@ def _open_gguf(path: Path) -> SourceModel:
             factors = fold_factors(multipliers, config)
         except ValueError as e:
             raise SpqtError(f"{path}: {e}") from None
-    loader = partial_rope_rows(folded(load, factors), config)  # (Phi-4-mini: q's and k's rows in our pairing)
+    # (Phi-4-mini, GLM-4: q's and k's rows in our pairing)
+    loader = partial_rope_rows(folded(load, factors), config, interleaved=arch in _INTERLEAVED_ROPE)
     if gemma:  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
         loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"], q_normed=config.qk_norm)
     tokenizer = _gguf_tokenizer(path)
@@ -962,6 +993,10 @@ def _open_hf(folder: Path) -> SourceModel:
         if model_type in ("gemma2", "gemma3_text"):
             cfg = _gemma2_config(cfg) if model_type == "gemma2" else _gemma3_config(cfg)
             query_scale = _gemma_query_scale(cfg)
+        if model_type == "glm4":  # (Glm4Config's defaults: head_dim 128, q/k/v biases, partial_rotary_factor 0.5)
+            from transformers import Glm4Config
+
+            cfg = _class_filled(Glm4Config, cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -982,11 +1017,13 @@ def _open_hf(folder: Path) -> SourceModel:
     hf_name = {"tok_embeddings": f"{base}embed_tokens.weight", "norm": f"{base}norm.weight", "output": head}
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     layer_names = _HF_NAMES
-    if config.post_norms:  # (Gemma's four norms in place of the two; OLMo 2's two post-norms alone)
-        layer_names = {**{h: ours for h, ours in _HF_NAMES.items() if not h.endswith("layernorm")}, **_HF_GEMMA_NORMS}
+    if config.post_norms:  # (Gemma's and GLM-4's four norms in place of the two; OLMo 2's two post-norms alone)
+        norms = _HF_GLM4_NORMS if model_type == "glm4" else _HF_GEMMA_NORMS
+        layer_names = {**{h: ours for h, ours in _HF_NAMES.items() if not h.endswith("layernorm")}, **norms}
     layer_names = _layer_norm_names(config, layer_names)
     rows = {}  # as in _open_gguf
-    _add_layer_names(config, layer_names, _HF_FUSED if model_type == "phi3" else {},
+    fused = _HF_FUSED if model_type == "phi3" else {"mlp.gate_up_proj": "gate_up"} if model_type == "glm4" else {}
+    _add_layer_names(config, layer_names, fused,
                      {h: ours for h, ours in _HF_EXTRAS.items() if ours in extras},
                      lambda i, key: f"{base}layers.{i}.{key}", names, hf_name, rows)
     missing = list(dict.fromkeys(hf_name[n] for n in names if hf_name[n] not in where))
@@ -1021,7 +1058,8 @@ def _open_hf(folder: Path) -> SourceModel:
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
     if multipliers is not None:
         provenance["folded_multipliers"] = multipliers.record()
-    loader = partial_rope_rows(folded(load, factors), config)  # (Phi-4-mini: q's and k's rows in our pairing)
+    # (Phi-4-mini, GLM-4: q's and k's rows in our pairing)
+    loader = partial_rope_rows(folded(load, factors), config, interleaved=model_type in _INTERLEAVED_ROPE)
     if query_scale is not None:  # Gemma: each norm's 1 + w, the attention scale in q_norm (Gemma 3) or wq (Gemma 2)
         loader = gemma_norms(loader, shift=1.0, query_scale=query_scale, q_normed=config.qk_norm)
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=loader, names=names)
@@ -1098,22 +1136,24 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         **gemma,
         **window,
         **(_OLMO2_SWITCHES if model_type == "olmo2" else {}),
+        **(_GLM4_SWITCHES if model_type == "glm4" else {}),
     )
 
 
 def _hf_rotary_dims(rope: dict, cfg: dict, model_type: str, head_dim: int) -> int:
     """How many of each head's dimensions RoPE rotates: int(head_dim * partial_rotary_factor), as transformers' Phi-3
-    takes it (the rope block's key, else the top level's; Phi-4-mini: 96 of 128); head_dim for a factor of 1.
-    ValueError for a factor outside (0, 1], an odd count (transformers' rotate_half cannot split it) or partial RoPE
-    in another family (their transformers models rotate whole heads)."""
+    and GLM-4 take it (the rope block's key, else the top level's; Phi-4-mini: 96 of 128; GLM-4: 64 of 128); head_dim
+    for a factor of 1. ValueError for a factor outside (0, 1], an odd count (transformers' rotate_half cannot split
+    it) or partial RoPE in another family (their transformers models rotate whole heads)."""
     partial = rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor"))
     partial = 1.0 if partial is None else partial
     if type(partial) not in (int, float) or not 0 < partial <= 1:
         raise ValueError(f"partial_rotary_factor must be a number in (0, 1], got {partial!r}")
     if partial == 1:
         return head_dim
-    if model_type != "phi3":
-        raise ValueError(f"partial RoPE (partial_rotary_factor {partial:g}) is supported for phi3 alone")
+    if model_type not in _PARTIAL_ROPE:
+        raise ValueError(f"partial RoPE (partial_rotary_factor {partial:g}) is supported for "
+                         f"{' and '.join(_PARTIAL_ROPE)} alone")
     rot = int(head_dim * partial)
     if rot < 2 or rot % 2:
         raise ValueError(f"partial RoPE of {rot} of {head_dim} head dimensions (partial_rotary_factor {partial:g}) is "
@@ -1394,9 +1434,11 @@ def _longrope(rope: dict, cfg: dict, rot_dims: int, context: int) -> tuple[tuple
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers
     builds it: Qwen2 always has q/k/v biases, Qwen3, Gemma 3 and OLMo 2 q/k norms; attention_bias / mlp_bias add more
-    (Phi-3: never; OLMo 2: attention_bias alone)."""
+    (Phi-3: never; OLMo 2: attention_bias alone; GLM-4: attention_bias q, k and v biases, none of o's or the MLP's)."""
     if model_type == "phi3":
         return []
+    if model_type == "glm4":
+        return ["bq", "bk", "bv"] if cfg.get("attention_bias") else []
     extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"],
               "gemma3_text": ["q_norm", "k_norm"], "olmo2": ["q_norm", "k_norm"]}.get(model_type, [])
     if cfg.get("attention_bias"):
