@@ -1236,25 +1236,34 @@ def _gemma_query_scale(cfg: dict) -> float:
 
 def _gemma3_switches(cfg: dict) -> tuple[dict, dict]:
     """A filled gemma3_text config's (_gemma3_config) full layers' rope block and ModelConfig switches: post-norms,
-    GELU (tanh) MLP, embeddings times sqrt(hidden_size), the sliding layers (layer_types), their window and their
-    own RoPE base (plain: no scaling). ValueError on anything else."""
+    GELU (tanh) MLP, embeddings times sqrt(hidden_size), the sliding layers with their window and their own RoPE base
+    (_layer_type_rope). ValueError on anything else."""
+    full, sliding = _layer_type_rope(cfg)
+    return full, {**_gemma_common(cfg), **sliding}
+
+
+def _layer_type_rope(cfg: dict) -> tuple[dict, dict]:
+    """A filled config's RoPE a layer type (rope_parameters' full_attention and sliding_attention blocks): the full
+    layers' block, read as every family's one, and the ModelConfig fields of the sliding layers (layer_types), their
+    window and their own RoPE base, plain (the sliding block's rope_theta, default 10,000). ValueError where the
+    sliding block asks for scaling, or the layer types, the window or the base are unusable."""
     blocks = cfg.get("rope_parameters") or {}
     full, local = blocks.get("full_attention") or {}, blocks.get("sliding_attention") or {}
-    sliding, window = _gemma_sliding(cfg)
+    sliding = _sliding_layer_types(cfg)
     local_theta = 0.0
-    if sliding:
+    if sliding["sliding_layers"]:
         if local.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {local.get('rope_type')!r} of the sliding layers is not supported "
                              f"(none is)")
         local_theta = local.get("rope_theta", 10000.0)
         if type(local_theta) not in (int, float) or not math.isfinite(local_theta) or local_theta <= 1:
             raise ValueError(f"the sliding layers' rope_theta must be a number above 1, got {local_theta!r}")
-    return full, {**_gemma_common(cfg, sliding, window), "rope_local_theta": float(local_theta)}
+    return full, {**sliding, "rope_local_theta": float(local_theta)}
 
 
-def _gemma_sliding(cfg: dict) -> tuple[tuple[int, ...], int]:
-    """A filled Gemma config's sliding layers (its layer_types) and their window (0 where none slides). ValueError
-    where the layer types or the window are unusable."""
+def _sliding_layer_types(cfg: dict) -> dict:
+    """A filled config's sliding layers (its layer_types) and their window (0 where none slides): ModelConfig's
+    sliding_layers and sliding_window. ValueError where the layer types or the window are unusable."""
     n = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
     if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
@@ -1265,7 +1274,7 @@ def _gemma_sliding(cfg: dict) -> tuple[tuple[int, ...], int]:
     window = cfg.get("sliding_window") if sliding else 0
     if type(window) is not int or window < 0 or (sliding and window < 1):
         raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
-    return sliding, window
+    return {"sliding_layers": sliding, "sliding_window": window}
 
 
 def _gemma2_config(cfg: dict) -> dict:
@@ -1288,15 +1297,14 @@ def _gemma2_switches(cfg: dict) -> dict:
     """A filled gemma2 config's (_gemma2_config) ModelConfig switches: post-norms, GELU (tanh) MLP, embeddings times
     sqrt(hidden_size), the sliding layers (layer_types) and their window, both soft-caps (null: none). Its RoPE is the
     model's one table (rope_parameters, read as every family's). ValueError on anything unusable."""
-    return {**_gemma_common(cfg, *_gemma_sliding(cfg)), "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
+    return {**_gemma_common(cfg), **_sliding_layer_types(cfg), "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
             "final_logit_softcap": cfg.get("final_logit_softcapping")}
 
 
-def _gemma_common(cfg: dict, sliding: tuple[int, ...], window: int) -> dict:
+def _gemma_common(cfg: dict) -> dict:
     """The ModelConfig switches Gemma 2 and 3 share, of a filled config: post-norms, the GELU (tanh) MLP, embeddings
-    times sqrt(hidden_size), the sliding layers and their window (_gemma_sliding's)."""
-    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
-            "sliding_window": window, "sliding_layers": sliding}
+    times sqrt(hidden_size)."""
+    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5}
 
 
 def _every(step: int | None, n_layers: int) -> tuple[int, ...]:
