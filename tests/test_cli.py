@@ -557,8 +557,9 @@ def test_synthetic_decode_models_are_valid_configs():
     """Every synthetic model of `spqt bench decode` is a configuration the runtime accepts, with the switches its name
     promises (the families' paths it is there to time): Gemma's windows and norms, Qwen3's q / k norms, Phi-3's head dim
     of 96 and window in every layer, Gemma 2's soft-caps on alternate sliding layers, Qwen2.5's q|k|v bias, OLMo 2's
-    norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes), GLM-4 9B's four norms,
-    q|k|v bias and half-rotated heads."""
+    norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes), and Olmo 3's too, with
+    three layers of four sliding over 4,096 keys on a plain table of their own, the fourth YaRN-scaled (factor 8);
+    GLM-4 9B's four norms, q|k|v bias and half-rotated heads."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -577,3 +578,8 @@ def test_synthetic_decode_models_are_valid_configs():
     assert glm4.layer_norms() == dict.fromkeys(("attention_norm", "ffn_norm", "post_attention_norm", "post_ffn_norm"),
                                                4096)
     assert glm4.linear_biases == ("qkv",) and glm4.rotary_dims == 64 and glm4.map_shapes()[0] == (4096 + 2 * 256, 4096)
+    olmo3 = configs["olmo3-7b"]
+    assert olmo3.layer_norms() == olmo2.layer_norms() and olmo3.map_shapes() == olmo2.map_shapes()
+    assert [olmo3.window(i) for i in range(8)] == [4096, 4096, 4096, 0] * 2
+    assert [olmo3.rotates_locally(i) for i in range(4)] == [True, True, True, False]
+    assert olmo3.rope_attention_factor == pytest.approx(1.2079441541679836) and max(olmo3.rope_freq_factors) == 8.0

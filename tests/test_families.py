@@ -1,5 +1,5 @@
-"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, GLM-4),
-each from HF safetensors and from GGUF.
+"""Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, Olmo 3,
+GLM-4), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -28,6 +28,8 @@ from conftest import make_tokenizer, sqnr_db
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+OLMO3_YARN = {"rope_type": "yarn", "rope_theta": 5e5, "factor": 4.0, "original_max_position_embeddings": 128,
+              "beta_fast": 32.0, "beta_slow": 1.0}
 TEMPLATES = {  # each family's chat format, shortened
     "llama3": "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
               "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
@@ -99,6 +101,13 @@ FAMILIES = {
     "glm4": ("Glm4Config", dict(head_dim=32, max_position_embeddings=512, pad_token_id=None,
                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}),
              "glm4", "glm4"),
+    # OLMo 2's switches in 4 layers: 0 to 2 slide through a window of 8 (the tests' 32 to 90 tokens cross it), 3
+    # attends to every key, its RoPE YaRN-scaled (factor 4 from 128 positions: frequency pairs 2 to 7 interpolated, cos
+    # and sin times 1 + 0.1 ln 4), the sliding layers' plain at the same base; written as an olmo2 GGUF with a window
+    "olmo3": ("Olmo3Config", dict(num_hidden_layers=4, sliding_window=8, max_position_embeddings=512, pad_token_id=None,
+                                  rope_parameters={"full_attention": OLMO3_YARN,
+                                                   "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
+              "olmo2", "chatml"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -146,9 +155,11 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     rope_factors_short / _long with the attention factor and original context as keys; `gemma3`'s four norms a
     layer, each norm weight + 1 (its converter's norm_shift), the full layers' RoPE as the keys, the window as a key;
     `gemma2`'s the same (no local RoPE), with its two soft-caps as keys; `olmo2`'s two post-norms a layer (no
-    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted; `glm4`'s
-    four norms under Gemma's GGUF names (its post_attention_layernorm the ffn_norm), gate|up as ffn_up, q and k
-    unpermuted; partial RoPE as rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128, GLM-4's 64).
+    attn_norm or ffn_norm) and its q/k norms over the whole of q and of k, unshifted, q and k unpermuted, and for Olmo 3
+    the window and the sliding layers (sliding_window_pattern) as keys, the full layers' YaRN as the rope scaling keys
+    (its attention_factor as rope.scaling.attn_factor, where the config gives one); `glm4`'s four norms under Gemma's
+    GGUF names (its post_attention_layernorm the ffn_norm), gate|up as ffn_up, q and k unpermuted; partial RoPE as
+    rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128, GLM-4's 64).
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
@@ -190,6 +201,9 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
         w.add_sliding_window(c.sliding_window or 0)
     if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(c.sliding_window)
+    if c.model_type == "olmo3":
+        w.add_sliding_window(c.sliding_window)
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
     if arch == "gemma2":  # (its converter writes both caps)
         w.add_attn_logit_softcapping(c.attn_logit_softcapping)
         w.add_final_logit_softcapping(c.final_logit_softcapping)
@@ -203,10 +217,12 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     if rope.get("rope_type") == "linear":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(rope["factor"])
-    if c.rope_parameters.get("rope_type") == "yarn":  # as llama.cpp's converter writes it
+    if rope.get("rope_type") == "yarn":  # as llama.cpp's converter writes it
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(c.rope_parameters["factor"])
-        w.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
+        w.add_rope_scaling_factor(rope["factor"])
+        w.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+        if "attention_factor" in rope:
+            w.add_rope_scaling_attn_factors(rope["attention_factor"])
     if c.rope_parameters.get("rope_type") == "llama3":
         plain = 1.0 / (c.rope_parameters["rope_theta"] ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
         w.add_tensor("rope_freqs.weight", (plain / model.model.rotary_emb.inv_freq.double()).float().numpy())
@@ -331,8 +347,8 @@ def test_float_forward_equals_transformers(family, source):
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name in ("qwen2", "glm4") else ())
     assert (c.rope_dims, c.head_dim) == ((16, 32) if name == "glm4" else (0, c.head_dim))
-    assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2"))
-    assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name == "olmo2" else (True, "head"))
+    assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2", "olmo3"))
+    assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name in ("olmo2", "olmo3") else (True, "head"))
     assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3"))
     assert loaded.provenance.get("folded_multipliers") == (
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
@@ -340,15 +356,19 @@ def test_float_forward_equals_transformers(family, source):
     assert c.nope_layers == ((3,) if name == "smollm3" else ())
     assert (c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
         (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, True, "gelu_tanh", 8.0) if name == "gemma2"
-        else (0.0, True, "silu", 1.0) if name in ("olmo2", "glm4") else (0.0, False, "silu", 1.0))
+        else (0.0, True, "silu", 1.0) if name in ("olmo2", "glm4") else (5e5, True, "silu", 1.0) if name == "olmo3"
+        else (0.0, False, "silu", 1.0))
     assert (c.attn_logit_softcap, c.final_logit_softcap) == ((2.0, 1.5) if name == "gemma2" else (0.0, 0.0))
     # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
     windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
     assert (c.sliding_layers, c.sliding_window) == (
-        ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 2), 8) if name == "gemma2"
-        else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
+        ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 2), 8) if name == "gemma2" else ((0, 1, 2), 8)
+        if name == "olmo3" else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
     if name == "gemma3":  # the full layer's linear scaling, from both sources; its context not capped by the window
         assert c.rope_freq_factors == (4.0,) * 8 and c.max_seq_len == 512
+    if name == "olmo3":  # the full layer's YaRN, from both sources (pairs 0 and 1 kept, in part); the context uncapped
+        assert c.rope_freq_factors == pytest.approx((1.0, 1.6) + (4.0,) * 6, rel=1e-12) and c.max_seq_len == 512
+        assert c.rope_attention_factor == pytest.approx(1 + 0.1 * math.log(4), rel=1e-12)
     if name.startswith("llama"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name in ("mistral", "phi3"):
@@ -782,7 +802,8 @@ def test_quantize_both_sources_then_generate(family, quantized, capsys):
         floor = 7.5          # 9.3 to 12.2 dB over 12 seeds (6 layers; Q8_0 maps: 34 dB, the switches right);
         #                      Gemma 2's 4 layers, capped: 10.6 to 13.7 dB over 12 seeds
     if not a.config.pre_norms:  # OLMo 2's too, its maps reading the residual stream itself: 13.5 to 16.3 dB over 13
-        floor = 11.0            # seeds (2 layers)
+        floor = 11.0 - 10 * math.log10(a.config.n_layers / 2)  # seeds (2 layers); Olmo 3's 4 layers: 11.4 to 12.9 dB
+        #                                                        over 16 seeds
     db = sqnr_db(exact, quantized)
     with capsys.disabled():
         print(f"{family['name']}: quantized logits {db:.1f} dB SQNR against transformers' float logits")
@@ -825,9 +846,9 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "glm4"):  # (transformers reads no
-        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))  # smollm3, granite, olmo2 or glm4 GGUF: the
-        # tokenizer it came from)
+    # (transformers reads no smollm3, granite, olmo2 or glm4 GGUF's tokenizer: the one the GGUF was written from)
+    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4"):
+        theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "the quick brown fox?"}]
@@ -971,7 +992,7 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "glm4"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -1234,12 +1255,13 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "glm4"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4"], indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
-    block run alone on its own mask) over Gemma 3's, Gemma 2's and OLMo 2's 40-token windows: block i's output is block
-    i + 1's input, bit for bit (the sliding layers' windows cut: run under the causal mask alone, a sliding layer's output
-    differs; Gemma 2's capped attention takes calibration's bool masks as the forward's additive ones)."""
+    block run alone on its own mask) over Gemma 3's, Gemma 2's, OLMo 2's and Olmo 3's 40-token windows: block i's output
+    is block i + 1's input, bit for bit (the sliding layers' windows cut: run under the causal mask alone, a sliding
+    layer's output differs; Gemma 2's capped attention takes calibration's bool masks as the forward's additive
+    ones)."""
     from spqt.calibrate import _dense_block_inputs
 
     model = Generator(load_spqt(quantized["hf"]), "cpu", max_len=48).model
@@ -1410,13 +1432,16 @@ def _expect_error(capsys, argv, fragment):
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
                                         "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text",
-                                        "olmo", "olmoe", "olmo3", "chatglm", "glm", "glm4_moe", "glm4v"])
+                                        "olmo", "olmoe", "chatglm", "glm", "glm4_moe", "glm4v"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
     _expect_error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "o.spqt")], f"unsupported architecture '{model_type}'")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+OLMO3 = {"model_type": "olmo3", "eos_token_id": 2}
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -1479,6 +1504,19 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     # GLM-4 rotating an odd count (Glm4Config's head_dim is 128 where the file gives none: 0.45 of it, 57)
     ({"model_type": "glm4", "partial_rotary_factor": 0.45, "pad_token_id": None, "eos_token_id": 1},
      "partial RoPE of 57 of 128 head dimensions"),
+    # Olmo 3 where transformers 4.x and 5 read it differently (a top-level base other than 500,000 alone, YaRN's
+    # truncate off), a rope_parameters block not given a layer type (transformers 5 reads none of it), scaled sliding
+    # layers, a scaling we do not run (an eos inside the vocabulary: transformers would warn of Olmo3Config's 50,279)
+    ({**OLMO3, "rope_theta": 1e6}, "rope_theta 1000000.0 without a rope_theta of the sliding layers'"),
+    ({**OLMO3, "max_position_embeddings": 256, "rope_scaling": {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "truncate": False}},
+     "yarn rope scaling with truncate false is not supported for olmo3"),
+    ({**OLMO3, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_parameters must hold a block a layer type (full_attention, sliding_attention)"),
+    ({**OLMO3, "rope_parameters": {"full_attention": {"rope_type": "default"},
+                                   "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
+     "rope scaling 'linear' of the sliding layers is not supported"),
+    ({**OLMO3, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' is not"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -1584,15 +1622,17 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
 
 
-@pytest.mark.parametrize("family", ["olmo2", "glm4"], indirect=True)
-def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
-    """OLMo 2 (no norm before the maps, q and k each normed over all of its heads), and GLM-4 (four norms a layer, q|k|v
-    biases, partial RoPE in interleaved pairs) one token at a time: its HF folder equals transformers' logits in one
-    prefill and through the KV cache; its .spqt is format 9 (GLM-4: 8) and reads back the same configuration. The
-    .spqt's teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode
-    attention on the q|k|v the torch norms gave) equal the torch reference's within the fp16 rounding of the native
-    path; the fp16 GEMV's (W, x, W x in fp16) within a few fp16 roundings; the Triton maps' (the interpreter: a map
-    without a norm reads x) the reference's within float32 rounding, a prefill and a sparse step."""
+@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4"], indirect=True)
+def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
+    """OLMo 2 (no norm before the maps, q and k each normed over all of its heads), Olmo 3 (the same, three layers of
+    four through a window of 8 with plain RoPE, the fourth YaRN-scaled) and GLM-4 (four norms a layer, q|k|v biases,
+    partial RoPE in interleaved pairs) one token at a time: its HF folder equals transformers' logits in one prefill
+    and through the KV cache (40 tokens: Olmo 3's windows cut); its .spqt is format 9 (GLM-4: 8; an older spqt that
+    reads 9 runs Olmo 3's switches too: none is new) and reads back the same configuration. The .spqt's
+    teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode attention on the q|k|v the torch
+    norms gave, masked by the window) equal the torch reference's within the fp16 rounding of the native path; the
+    fp16 GEMV's (W, x, W x in fp16) within a few fp16 roundings; OLMo 2's and GLM-4's Triton maps' (the interpreter:
+    OLMo 2's maps without a norm read x) the reference's within float32 rounding, a prefill and a sparse step."""
     from spqt.generate import set_sparse
     from spqt.kernels import cpu_native
 
@@ -1601,7 +1641,7 @@ def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
         theirs = family["model"](torch.tensor([ids])).logits[0]
     span = float(theirs.max() - theirs.min())
     spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span,
-                                    format_version={"olmo2": 9, "glm4": 8}[family["name"]])
+                                    format_version={"olmo2": 9, "olmo3": 9, "glm4": 8}[family["name"]])
     short = ids[:12]
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=16), short, sparse=False)
     span = float(ref.max() - ref.min())
@@ -1612,6 +1652,8 @@ def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
     got = _stepped_logits(Generator(spqt, "cpu", max_len=16, backend="cpu-fp16"), short, sparse=False)
     err = float((got - ref).abs().max())  # measured 5e-4 of the range (seed 0)
     assert err <= 8 * 2.0 ** -11 * span, f"fp16 GEMV, seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
+    if family["name"] == "olmo3":  # (its Triton maps are OLMo 2's; its windows and tables are the torch attention's,
+        return                     # which the interpreter's run shares with the reference: 9 s saved)
     # the interpreter takes 3 s a step: a 2-token prefill (dense), then one step with every input thresholded at 0.2
     # (the one-token sparse kernels of q|k|v and gate|up without a norm)
     logits = {}
@@ -1632,10 +1674,11 @@ def test_olmo2_decode_steps_on_every_cpu_path(family, quantized):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
-def test_olmo2_decode_attention_stays_fused_on_cuda(family, quantized, monkeypatch):
-    """A CUDA decode token's attention in OLMo 2 is the fused kernels' (functional.decode_attention_fused), handed the
-    q/k norms over all of q and all of k to run as they load (no norm launches before it)."""
+@pytest.mark.parametrize("family", ["olmo2", "olmo3"], indirect=True)
+def test_olmo_decode_attention_stays_fused_on_cuda(family, quantized, monkeypatch):
+    """A CUDA decode token's attention in OLMo 2 and Olmo 3 (its sliding layers' too: a window with the whole-q/k norms)
+    is the fused kernels' (functional.decode_attention_fused), handed the q/k norms over all of q and all of k to run as
+    they load (no norm launches before it)."""
     from spqt.kernels import fused
 
     calls, real = [], fused.rope_attention_decode
@@ -1653,24 +1696,37 @@ def test_olmo2_decode_attention_stays_fused_on_cuda(family, quantized, monkeypat
     assert calls and all(size == (c.q_dim, c.kv_dim) for size in sizes), sizes
 
 
-@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
-@pytest.mark.parametrize("case", ["no k_norm", "olmo3 gguf"])
-def test_unusable_olmo2_checkpoints_are_refused(family, tmp_path, capsys, case):
-    """An olmo2 folder whose layers lack their k_norm (OLMo 2 has one, over all of k), or an olmo2 GGUF with a sliding
-    window (llama.cpp's converter writes Olmo 3 so; its windowed layers and YaRN are not run here): one error line."""
+@pytest.mark.parametrize("family, case", [("olmo2", "no k_norm"), ("olmo3", "pattern"), ("olmo3", "swa base"),
+                                          ("olmo3", "rope_freqs"), ("olmo3", "factor without yarn")],
+                         indirect=["family"])
+def test_unusable_olmo_checkpoints_are_refused(family, tmp_path, capsys, case):
+    """An olmo2 folder whose layers lack their k_norm (OLMo 2 has one, over all of k); an olmo2 GGUF with a window
+    (Olmo 3) whose sliding_window_pattern is not llama.cpp's (every fourth layer full), whose sliding layers have a RoPE
+    base of their own (rope.freq_base_swa), with rope_freqs divisors (llama.cpp's olmo2 runs neither) or with an
+    attention factor but no YaRN: one error line."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
+    path = tmp_path / "m"
     if case == "no k_norm":
-        path = tmp_path / "m"
         shutil.copytree(family["hf"], path)
         weights = load_file(str(path / "model.safetensors"))
         save_file({k: v for k, v in weights.items() if "k_norm" not in k}, str(path / "model.safetensors"))
-        fragment = "checkpoint lacks tensors model.layers.0.self_attn.k_norm.weight"
     else:
-        path = _gguf_with(family["gguf"], tmp_path / "m", {"olmo2.attention.sliding_window": 4096.0})
-        fragment = "an olmo2 GGUF with sliding-window layers (Olmo 3) is not supported"
+        keys = {"pattern": {"olmo2.attention.sliding_window_pattern": [True, False] * 2},
+                "swa base": {"olmo2.rope.freq_base_swa": 1e4},
+                "factor without yarn": {"olmo2.rope.scaling.type": "none", "olmo2.rope.scaling.attn_factor": 1.2},
+                }.get(case, {})
+        _gguf_with(family["gguf"], path, keys, {"rope_freqs.weight": np.ones(8, np.float32)} if case == "rope_freqs"
+                   else None)
+    fragment = {"no k_norm": "checkpoint lacks tensors model.layers.0.self_attn.k_norm.weight",
+                "pattern": "GGUF olmo2.attention.sliding_window_pattern other than every 4th layer in full is not "
+                           "supported",
+                "swa base": "GGUF olmo2.rope.freq_base_swa 10000 other than rope.freq_base 500000 is not supported",
+                "rope_freqs": "an olmo2 GGUF with rope_freqs.weight is not supported",
+                "factor without yarn": "GGUF olmo2.rope.scaling.attn_factor 1.2 without YaRN scaling is not supported",
+                }[case]
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
@@ -1687,6 +1743,85 @@ def test_unusable_glm4_ggufs_are_refused(family, tmp_path, capsys, case):
                 "nextn layers": "a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported"}[case]
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("family", ["olmo3"], indirect=True)
+def test_olmo3_rope_per_layer_type_and_its_gguf_keys(family, tmp_path):
+    """Olmo 3's switches each matter in 40 tokens: transformers' logits without the window, with YaRN in the sliding
+    layers too, or with plain RoPE in the full layer too, each differ from its own, which ours equal from HF and from
+    the GGUF (test_float_forward_equals_transformers). An attention_factor of the config's own (1.2) is the full layer's
+    factor of cos and sin from HF, and from a GGUF (rope.scaling.attn_factor, where llama.cpp's converter copies it),
+    in place of YaRN's own 1 + 0.1 ln 4, as transformers runs it (llama.cpp multiplies the two); without YaRN such a
+    factor is refused. An olmo2 GGUF with a window of 0 is OLMo 2 to llama.cpp: every layer full, YaRN-scaled."""
+    import shutil
+
+    ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 8)
+    plain = {"rope_type": "default", "rope_theta": 5e5}
+    with torch.no_grad():
+        theirs = family["model"](torch.tensor([ids])).logits[0]
+        span = float(theirs.max() - theirs.min())
+        for change in ({"sliding_window": 512}, {"rope_parameters": {"full_attention": OLMO3_YARN,
+                                                                     "sliding_attention": OLMO3_YARN}},
+                       {"rope_parameters": {"full_attention": plain, "sliding_attention": plain}}):
+            other = _reference(family["model"], **change)(torch.tensor([ids])).logits[0]
+            assert float((theirs - other).abs().max()) > 0.05 * span, f"{change} does not matter here"
+    folder = tmp_path / "hf"
+    shutil.copytree(family["hf"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["rope_parameters"]["full_attention"]["attention_factor"] = 1.2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    gguf_path = _gguf_with(family["gguf"], tmp_path / "factor.gguf", {"olmo2.rope.scaling.attn_factor": 1.2})
+    reference = _reference(family["model"], rope_parameters={"full_attention": {**OLMO3_YARN, "attention_factor": 1.2},
+                                                              "sliding_attention": plain})
+    for source in (folder, gguf_path):
+        loaded = load_model(source)
+        assert loaded.config.rope_attention_factor == pytest.approx(1.2, rel=1e-6), source
+        err, span = _logit_error(loaded, reference, ids)
+        assert err < 2e-5 * span, f"{source.name} (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}"
+    no_window = _gguf_with(family["gguf"], tmp_path / "no-window.gguf", {"olmo2.attention.sliding_window": 0.0})
+    loaded = load_model(no_window)
+    c = loaded.config
+    assert (c.family, c.sliding_layers, c.rope_local_theta) == ("olmo2", (), 0.0)
+    err, span = _logit_error(loaded, _reference(family["model"], layer_types=["full_attention"] * 4), ids)
+    assert err < 2e-5 * span, f"window 0 (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}"
+
+
+@pytest.mark.parametrize("extra", [
+    {},  # (Olmo3Config's defaults: every fourth layer full, a window of 4,096, base 500,000, no scaling)
+    {"rope_theta": 500000, "max_position_embeddings": 65536, "rms_norm_eps": 1e-6, "rope_scaling": {
+        "attention_factor": 1.2079441541679836, "beta_fast": 32.0, "beta_slow": 1.0, "factor": 8.0,
+        "original_max_position_embeddings": 8192, "rope_type": "yarn"}},  # (Olmo-3-7B's, as published)
+    {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}},
+    {"layer_types": ["full_attention", "sliding_attention"] * 4, "sliding_window": 16,
+     "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 2.0}}}])
+def test_olmo3_configs_read_as_transformers_reads_them(extra):
+    """An olmo3 config.json with its defaults left out, Olmo-3-7B's published keys (rope_theta and rope_scaling, YaRN
+    with an attention factor), transformers 5's rope_parameters a layer type (another base in each), explicit
+    layer_types: the sliding layers and window Olmo3Config takes from it, and the frequencies and the factor of cos and
+    sin of each layer type's table that transformers' Olmo3RotaryEmbedding computes (float32) from it, ours in
+    float64."""
+    from transformers import Olmo3Config
+    from transformers.models.olmo3.modeling_olmo3 import Olmo3RotaryEmbedding
+
+    from spqt.model import rope_frequencies
+    from spqt.sources import _hf_config, _olmo3_config
+
+    cfg = {"model_type": "olmo3", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 8, "num_attention_heads": 4, "num_key_value_heads": 2, "eos_token_id": 2, **extra}
+    theirs = Olmo3Config.from_dict(json.loads(json.dumps(cfg)))
+    ours = _hf_config(_olmo3_config(cfg), "olmo3", tie=False)
+    sliding = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    assert (ours.sliding_layers, ours.sliding_window) == (sliding, theirs.sliding_window)
+    assert (ours.family, ours.pre_norms, ours.qk_norm_scope, ours.max_seq_len, ours.norm_eps) == (
+        "olmo3", False, "all", theirs.max_position_embeddings, theirs.rms_norm_eps)
+    tables = Olmo3RotaryEmbedding(theirs)
+    for kind, local in (("full_attention", False), ("sliding_attention", True)):
+        inv = getattr(tables, f"{kind}_inv_freq").double()
+        torch.testing.assert_close(rope_frequencies(ours, local=local), inv, rtol=1e-6, atol=0, msg=kind)
+        scale = getattr(tables, f"{kind}_attention_scaling")
+        assert (1.0 if local else ours.rope_attention_factor) == pytest.approx(scale, rel=1e-12), kind
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3", "glm4"], indirect=True)

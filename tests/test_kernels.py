@@ -667,7 +667,7 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     key <= pos: one key, a window inside a block or across blocks, on both routes, one that does not cut yet) the cache
     rows below the window are NaN too (they must not be read), and the twin's mask cuts them. With q / k norms (Qwen3,
     Gemma 3; random weights) the twin norms each head first (functional.norm_heads), or all of q and all of k (OLMo 2's,
-    on both routes)."""
+    on both routes; Olmo 3's, in a window too)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -688,9 +688,10 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     normed = ((4, 2, 64, 70, 1, 0), (2, 1, 96, 700, 1, 0), (2, 1, 32, 200, 1, 20)) + (  # (Qwen3 8B's, Gemma 3 1B's)
         ((32, 8, 128, 1500, 1, 0), (4, 1, 256, 1500, 1, 512)) if device == "cuda" else ())
     # OLMo 2's norms over all of q and all of k: the per-head kernel (5 query heads a kv head; q's 1,280 values summed
-    # in two chunks, the second partial), the long spans'; on CUDA OLMo 2 7B's and 32B's heads
-    normed_whole = ((10, 2, 128, 3, 1, 0), (4, 2, 32, 600, 2, 0)) + (
-        ((32, 32, 128, 1500, 1, 0), (40, 8, 128, 3000, 1, 0)) if device == "cuda" else ())
+    # in two chunks, the second partial), the long spans', Olmo 3's in a sliding layer; on CUDA OLMo 2 7B's and 32B's
+    # heads, Olmo 3 7B's sliding layers (a window of 4,096)
+    normed_whole = ((10, 2, 128, 3, 1, 0), (4, 2, 32, 600, 2, 0), (4, 2, 32, 100, 1, 40)) + (
+        ((32, 32, 128, 1500, 1, 0), (40, 8, 128, 3000, 1, 0), (32, 32, 128, 5000, 1, 4096)) if device == "cuda" else ())
     cases = [case + (0, None) for case in plain] + [case + (None,) for case in windowed] + [
         case + ("head",) for case in normed] + [case + ("all",) for case in normed_whole]
     for heads, kv, hd, pos, batch, window, qk in cases:

@@ -26,7 +26,12 @@ from spqt.generate import COMPUTE_DTYPES, DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, G
 from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
-from spqt.sources import TokenizerSpec
+from spqt.sources import TokenizerSpec, _yarn
+
+# Olmo-3-1025-7B's full layers' YaRN (its config.json's rope_scaling: factor 8 from 8,192 positions, beta 32 and 1,
+# attention factor 1 + 0.1 ln 8; base 500,000, head dim 128): the per-frequency divisors and the factor of cos and sin
+_OLMO3_7B_YARN = _yarn({"factor": 8.0, "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0,
+                        "attention_factor": 1.2079441541679836}, 500000.0, 128, 65536)
 
 SYNTHETIC = {
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),
@@ -67,6 +72,14 @@ SYNTHETIC = {
     # a layer (of ones), q|k|v bias, 64 of each head's 128 dimensions rotated, 2 kv heads; untied head
     "glm4-9b": dict(vocab_size=151552, dim=4096, n_layers=40, n_heads=32, n_kv_heads=2, head_dim=128, ffn_dim=13696,
                     norm_eps=1.5625e-07, family="glm4", linear_biases=("qkv",), post_norms=True, rope_dims=64),
+    # Olmo-3-1025-7B's (its config.json): OLMo 2 7B's switches and shapes, a vocabulary of 100,278, three layers of
+    # each four sliding over 4,096 keys with a plain table of their own, the fourth YaRN-scaled: the fused decode
+    # attention's whole-q / k norms in a window
+    "olmo3-7b": dict(vocab_size=100278, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+                     rope_theta=500000.0, norm_eps=1e-6, family="olmo3", qk_norm=True, qk_norm_scope="all",
+                     pre_norms=False, post_norms=True, sliding_window=4096,
+                     sliding_layers=tuple(i for i in range(32) if i % 4 != 3), rope_local_theta=500000.0,
+                     rope_freq_factors=_OLMO3_7B_YARN[0], rope_attention_factor=_OLMO3_7B_YARN[1]),
     "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                       family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests

@@ -1,6 +1,6 @@
 """The Llama-family architecture as data: everything model.py needs to build the network.
 
-A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 2, Gemma 3, OLMo 2) is
+A family (Llama 2/3/3.1/3.2, SmolLM, SmolLM3, Mistral, Qwen2/2.5, Qwen3, Phi-3, Granite 3, Gemma 2/3, OLMo 2/3) is
 these numbers plus a few switches: output biases on some linear maps (Qwen2's q, k, v), a per-head RMSNorm of q and k
 (Qwen3), Llama-3 RoPE scaling given as parameters (HF) or as per-frequency factors (GGUF), linear and YaRN RoPE
 scaling as per-frequency factors (YaRN's attention factor beside them), Phi-3's longrope as two sets of them (short,
@@ -21,6 +21,8 @@ passed-through pairs frequency 0. OLMo 2 is Gemma's post-norms without the norms
 (qk_norm_scope "all": one RMSNorm over all heads of q, another over all heads of k, before RoPE) instead of per head.
 GLM-4 0414 needs no switch of its own: Gemma's four norms a layer (plain weights) with a SiLU-gated MLP, Qwen2's q/k/v
 biases, and Phi-4-mini's partial RoPE, whose pairs (2j, 2j + 1) the readers permute into ours as they read.
+Olmo 3 is OLMo 2's switches with Gemma 3's sliding layers (sliding_window, sliding_layers: all but every fourth) and
+their own table (rope_local_theta: the model's base, plain, where the full layers' table is YaRN-scaled).
 """
 
 import math
@@ -99,8 +101,8 @@ class ModelConfig:
     # (Gemma 3's local layers); 0 / (): none
     sliding_window: int = 0
     sliding_layers: tuple[int, ...] = ()
-    # the RoPE base of the sliding layers' own table, plain (no scaling, no attention factor); 0: they rotate by the
-    # model's table
+    # the RoPE base of the sliding layers' own table, plain (no scaling, no attention factor: Gemma 3's, Olmo 3's); 0:
+    # they rotate by the model's table
     rope_local_theta: float = 0.0
     # Gemma 2's soft-caps, x -> cap * tanh(x / cap): of every attention score (after its 1 / sqrt(head_dim) scale,
     # before the mask) and of every logit the head gives; 0 (or None, read as 0): none
@@ -229,7 +231,8 @@ class ModelConfig:
     @property
     def gemma_switches(self) -> bool:
         """Whether any of Gemma's own switches is on: post-norms, a GELU MLP, scaled embeddings, a local RoPE table
-        (Gemma 3's; its sliding layers are any windowed model's: sliding_layers; Gemma 2's soft-caps: soft_capped)."""
+        (Gemma 3's, and Olmo 3's with OLMo 2's post-norms; its sliding layers are any windowed model's: sliding_layers;
+        Gemma 2's soft-caps: soft_capped)."""
         return self.post_norms or self.activation != "silu" or self.embed_scale != 1.0 or self.rope_local_theta > 0
 
     @property

@@ -8,7 +8,7 @@ layers, which get a mask of their own (layer_masks) and their own RoPE table (ro
 attention scores (functional.attention's softcap, on every route) and of the logits (Transformer.logits). OLMo 2's:
 no norm before the attention or the MLP (pre_norms: the maps get norm None and read the residual stream), Gemma's
 post-norms, and q/k norms over the whole of q and of k, which the attention runs as it runs the per-head ones (their
-weights' sizes say which).
+weights' sizes say which). Olmo 3's: OLMo 2's with Gemma 3's sliding layers, their masks and their own table.
 
 It knows no formats, kernels or thresholds: every linear map comes from ``make_linear(name,
 out_features, in_features)``, which returns a module mapping (..., in) -> (..., out); called

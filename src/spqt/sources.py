@@ -11,9 +11,9 @@ provenance. Canonical names, weights as (out_features, in_features)::
     family switches (config.py), present only where the family has them:
     layers.{i}.bq (H*hd,)  bk, bv (Hkv*hd,)  bo (D,)  b1, b3 (F,)  b2 (D,)   output biases
     layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3, Gemma 3
-                                         (H*hd,), (Hkv*hd,)                 OLMo 2 (whole q and k)
-    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2, GLM-4
-    (OLMo 2 has no attention_norm or ffn_norm: config pre_norms off)
+                                         (H*hd,), (Hkv*hd,)                 OLMo 2 and 3 (whole q and k)
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2 and 3, GLM-4
+    (OLMo 2 and 3 have no attention_norm or ffn_norm: config pre_norms off)
     Phi-3 stores q|k|v ((H + 2*Hkv)*hd, D) and gate|up (2F, D) fused, GLM-4 gate|up: each reader splits them by rows
     into wq, wk, wv and w1, w3, reading only the rows asked for.
 
@@ -41,7 +41,10 @@ Families and where they come from:
                                                                       attention scale folded into the norm weights
     OLMo 2      olmo2                     olmo2                       post-norms alone (no norm before the attention
                                                                       or the MLP), q/k norms over the whole of q and
-                                                                      of k; OLMo 1 (olmo), OLMoE and Olmo 3 refused
+                                                                      of k; OLMo 1 (olmo) and OLMoE refused
+    Olmo 3      olmo3                     olmo2 with a window key     OLMo 2's switches, sliding-window layers (every
+                                                                      fourth full) rotated by a plain table of their
+                                                                      own, the full layers' scaling (YaRN) on theirs
     GLM-4 0414  glm4                      glm4                        four norms a layer (Gemma's, plain weights), q,
                                                                       k, v biases, fused gate|up, partial RoPE in
                                                                       GLM's interleaved pairs (rows permuted as
@@ -78,6 +81,15 @@ final_logit_softcapping (absent: 50 and 30; 0 reads as none), RoPE base 10,000 u
 scores scaled by 1 / sqrt(head_dim) (27B, 46 layers: 1 / sqrt(dim / heads)); its norms hold 1 + w already and its q/k
 rows the Hugging Face order. With no q_norm, the attention scale is a factor of wq (and bq: folding.gemma_norms).
 
+Olmo 3: a config.json's keys left out are Olmo3Config's (_olmo3_config: every fourth layer full, the others sliding
+through a window of 4,096, base 500,000), its RoPE a block a layer type (from the published configs' rope_theta and
+rope_scaling: the scaling the full layers'); the sliding layers rotate by a plain table of their own (rope_local_theta).
+An ``olmo2`` GGUF with attention.sliding_window above 0 is Olmo 3 as llama.cpp runs it: every fourth layer full, the
+others through the window with plain RoPE of rope.freq_base (no YaRN, attention factor 1), the full layers with the
+file's scaling keys, their cos and sin times rope.scaling.attn_factor where the file has one (its converter copies
+the config's attention_factor there, which transformers takes in place of YaRN's own 1 + 0.1 ln factor; llama.cpp
+multiplies the two, for Olmo-3-7B 1 + 0.1 ln 8 squared), else YaRN's own: the network transformers runs.
+
 Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
 config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
 a GGUF key left out or 0 is llama.cpp's "none" (attention: 1 / sqrt(head_dim)).
@@ -103,7 +115,7 @@ from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2", "glm4")
+                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
@@ -148,6 +160,9 @@ _GGUF_GEMMA2_SLIDING_EVERY = 2
 _GGUF_GEMMA2_WINDOW = 4096
 _GGUF_GEMMA2_CAPS = {"attn_logit_softcapping": ("attn_logit_softcap", 50.0),
                      "final_logit_softcapping": ("final_logit_softcap", 30.0)}
+# llama.cpp's olmo2 with a sliding window (Olmo 3): every fourth layer (i % 4 == 3) attends to every key, the others
+# through the window
+_GGUF_OLMO3_FULL_EVERY = 4
 _GGUF_EXTRAS = {  # optional per-layer tensors: GGUF name -> ours
     "attn_q.bias": "bq", "attn_k.bias": "bk", "attn_v.bias": "bv", "attn_output.bias": "bo",
     "ffn_gate.bias": "b1", "ffn_up.bias": "b3", "ffn_down.bias": "b2",
@@ -466,9 +481,19 @@ def _open_gguf(path: Path) -> SourceModel:
         yarn_divisors, attention_factor, context = _gguf_yarn(field_value, arch, path, linear_factor, rope_dims,
                                                               context)
         linear_factor = 0.0  # (its factor is YaRN's, not a linear one)
+    if arch == "olmo2":  # llama.cpp's converter copies Olmo 3's YaRN attention_factor here: transformers' factor of
+        # cos and sin, in place of YaRN's own (llama.cpp multiplies the two: for Olmo-3-7B, 1 + 0.1 ln 8 squared)
+        given = _gguf_float(field_value, path, "olmo2.rope.scaling.attn_factor", attention_factor)
+        if yarn_divisors is None and given != 1.0:
+            raise SpqtError(f"{path}: GGUF olmo2.rope.scaling.attn_factor {given:g} without YaRN scaling is not "
+                            f"supported (an attention factor is YaRN's)")
+        attention_factor = given
     # Llama 3.1/3.2: llama.cpp's converter stores Llama-3 scaling as divisors of each frequency
     rope_freq_factors = None
     if "rope_freqs.weight" in tensors:
+        if arch == "olmo2":
+            raise SpqtError(f"{path}: an olmo2 GGUF with rope_freqs.weight is not supported (llama.cpp's olmo2 "
+                            f"rotates by no frequency factors)")
         rope_freq_factors = _gguf_factors(path, tensors, "rope_freqs.weight", pairs)
     if linear_factor not in (0.0, 1.0):  # dividing every frequency by the factor: the positions divided by it
         rope_freq_factors = tuple(f * linear_factor for f in rope_freq_factors or (1.0,) * pairs)
@@ -499,8 +524,6 @@ def _open_gguf(path: Path) -> SourceModel:
              (_gguf_gemma3 if arch == "gemma3" else _gguf_gemma2)(field_value, size, path, n_layers, dim, n_heads,
                                                                    head_dim))
     # llama.cpp's converter writes Olmo 3 (sliding-window layers, YaRN on the full ones) as olmo2 with a window key
-    if arch == "olmo2" and field_value("olmo2.attention.sliding_window") is not None:
-        raise SpqtError(f"{path}: an olmo2 GGUF with sliding-window layers (Olmo 3) is not supported (OLMo 2 is)")
     # llama.cpp's converter writes GLM-4.1V's text model (M-RoPE over sections, its q/k rows permuted for NEOX) and
     # GLM-OCR's (a NextN prediction layer after the others) as glm4 too
     if arch == "glm4" and field_value("glm4.rope.dimension_sections") is not None:
@@ -508,6 +531,7 @@ def _open_gguf(path: Path) -> SourceModel:
                         f"(GLM-4 0414 is)")
     if arch == "glm4" and _int_field(reader, path, "glm4.nextn_predict_layers", 0) > 0:
         raise SpqtError(f"{path}: a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported (GLM-4 0414 is)")
+    olmo3 = _gguf_olmo3(field_value, size, path, n_layers) if arch == "olmo2" else {}
     # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3, gemma3 and olmo2 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
@@ -543,7 +567,7 @@ def _open_gguf(path: Path) -> SourceModel:
             bos_id=bos,
             eos_ids=tuple(eos_ids),
             add_bos=bool(field_value("tokenizer.ggml.add_bos_token", False)),
-            family=arch,
+            family="olmo3" if olmo3 else arch,
             rope_freq_factors=rope_freq_factors,
             rope_attention_factor=attention_factor,
             rope_long_freq_factors=long_factors,
@@ -553,6 +577,7 @@ def _open_gguf(path: Path) -> SourceModel:
             **_switches(layer_extras.values()),
             **{k: v for k, v in gemma.items() if k != "query_scale"},
             **phi3_window,
+            **olmo3,
             **(_OLMO2_SWITCHES if arch == "olmo2" else {}),
             **(_GLM4_SWITCHES if arch == "glm4" else {}),
         )
@@ -668,6 +693,38 @@ def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads
     return {**_gguf_gemma(n_layers, dim, n_heads, head_dim, 46, sliding, window), **caps}
 
 
+def _gguf_olmo3(field_value, size, path: Path, n_layers: int) -> dict:
+    """An olmo2 GGUF's sliding layers (ModelConfig fields) as llama.cpp runs them: none without attention.sliding_window
+    (or with 0: OLMo 2), else Olmo 3's: all but every fourth layer through the window, rotated by plain RoPE of the
+    file's base (rope_local_theta: llama.cpp passes them no scaling, YaRN or attention factor), the full layers by the
+    file's scaling. SpqtError where attention.sliding_window_pattern or rope.freq_base_swa says otherwise (llama.cpp's
+    olmo2 runs the fixed pattern and rotates every layer by rope.freq_base)."""
+    window = size("attention.sliding_window", 0)
+    if window <= 0:
+        return {}
+    every = _GGUF_OLMO3_FULL_EVERY
+    usable = 1 <= n_layers <= _LIMITS["n_layers"]
+    sliding = tuple(i for i in range(n_layers) if i % every != every - 1) if usable else ()
+    pattern = field_value("olmo2.attention.sliding_window_pattern")
+    if pattern is not None and pattern != every and pattern != [i in sliding for i in range(n_layers if usable else 0)]:
+        raise SpqtError(f"{path}: GGUF olmo2.attention.sliding_window_pattern other than every {every}th layer in "
+                        f"full is not supported (llama.cpp's olmo2 runs that one)")
+    theta = _gguf_float(field_value, path, "olmo2.rope.freq_base", 10000.0)
+    local = _gguf_float(field_value, path, "olmo2.rope.freq_base_swa", theta)
+    if local != theta:
+        raise SpqtError(f"{path}: GGUF olmo2.rope.freq_base_swa {local:g} other than rope.freq_base {theta:g} is not "
+                        f"supported (llama.cpp's olmo2 rotates every layer by rope.freq_base)")
+    return {"sliding_window": window, "sliding_layers": sliding, "rope_local_theta": theta}
+
+
+def _gguf_float(field_value, path: Path, key: str, default: float) -> float:
+    """A GGUF metadata value that must be a finite number, default where the key is absent; SpqtError otherwise."""
+    value = field_value(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SpqtError(f"{path}: GGUF {key} is not a finite number ({value!r})")
+    return float(value)
+
+
 def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
                context: int) -> tuple[tuple[float, ...], float, int]:
     """A GGUF's YaRN RoPE scaling (rope.scaling.type yarn, as llama.cpp's converter writes Qwen2.5's long context):
@@ -676,7 +733,8 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
     32 and 1, bounds rounded outwards; the attention factor 1 + 0.1 ln factor) and computed as the HF path computes an
     HF rope_scaling block (_yarn: the same numbers). The context: the file's, at least the original times the factor.
     The settings llama.cpp keeps for other models (an attention factor, DeepSeek's log multiplier, a partial ramp)
-    are refused."""
+    are refused; olmo2's attention factor (rope.scaling.attn_factor: Olmo 3's config attention_factor) its reader
+    takes in place of YaRN's, as transformers does."""
     def number(key: str, default: float) -> float:
         value = field_value(f"{arch}.rope.scaling.{key}", default)
         try:
@@ -687,7 +745,8 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
             raise SpqtError(f"{path}: GGUF rope.scaling.{key} is {value}")
         return value
 
-    for key, usual in (("attn_factor", (1.0,)), ("yarn_attn_factor", (1.0,)), ("yarn_log_multiplier", (0.0,)),
+    plain = (("attn_factor", (1.0,)),) if arch != "olmo2" else ()
+    for key, usual in (*plain, ("yarn_attn_factor", (1.0,)), ("yarn_log_multiplier", (0.0,)),
                        ("yarn_ext_factor", (-1.0, 1.0))):  # (-1: llama.cpp's "unset", 1 for YaRN)
         value = number(key, usual[0])
         if value not in usual:
@@ -993,10 +1052,12 @@ def _open_hf(folder: Path) -> SourceModel:
         if model_type in ("gemma2", "gemma3_text"):
             cfg = _gemma2_config(cfg) if model_type == "gemma2" else _gemma3_config(cfg)
             query_scale = _gemma_query_scale(cfg)
-        if model_type == "glm4":  # (Glm4Config's defaults: head_dim 128, q/k/v biases, partial_rotary_factor 0.5)
+        elif model_type == "glm4":  # (Glm4Config's defaults: head_dim 128, q/k/v biases, partial_rotary_factor 0.5)
             from transformers import Glm4Config
 
             cfg = _class_filled(Glm4Config, cfg)
+        elif model_type == "olmo3":
+            cfg = _olmo3_config(cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -1084,13 +1145,16 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     """ModelConfig from a config.json of a supported model_type (tie: no lm_head tensor), the keys it leaves out as
     transformers' config class has them."""
     cfg = _with_class_defaults(cfg, model_type)
-    # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta; Gemma 3 one block
-    # a layer type (_gemma3_config fills them): the full layers' here, the sliding layers' in its switches
-    gemma, rope = {}, cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    # transformers 5 writes rope_parameters (theta inside); older files rope_scaling + rope_theta; Gemma 3 and Olmo 3
+    # one block a layer type (_gemma3_config, _olmo3_config fill them): the full layers' here, the sliding layers' in
+    # the family's own switches (own)
+    own, rope = {}, cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if model_type == "gemma3_text":
-        rope, gemma = _gemma3_switches(cfg)
+        rope, own = _gemma3_switches(cfg)
+    elif model_type == "olmo3":
+        rope, own = _layer_type_rope(cfg)
     elif model_type == "gemma2":
-        gemma = _gemma2_switches(cfg)
+        own = _gemma2_switches(cfg)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 reads both as longrope
         kind = "longrope"
@@ -1118,8 +1182,8 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
     n_heads = cfg["num_attention_heads"]
     # the layers transformers runs through a sliding window run it too (model.layer_masks), at the model's whole
-    # context (Mistral 7B v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096); Gemma's: its switches
-    window = {} if gemma else _hf_sliding(cfg, model_type, context)
+    # context (Mistral 7B v0.1: 4,096 of 32,768; Phi-3-mini-4k: 2,047 of 4,096); Gemma's and Olmo 3's: their switches
+    window = {} if own else _hf_sliding(cfg, model_type, context)
     return ModelConfig(
         vocab_size=cfg["vocab_size"], dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
         n_heads=n_heads, n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
@@ -1133,9 +1197,9 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         family="gemma3" if model_type == "gemma3_text" else model_type,  # (the GGUF's name, text or multimodal)
         nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
         **_switches(_hf_extras(cfg, model_type)),
-        **gemma,
+        **own,
         **window,
-        **(_OLMO2_SWITCHES if model_type == "olmo2" else {}),
+        **(_OLMO2_SWITCHES if model_type in ("olmo2", "olmo3") else {}),
         **(_GLM4_SWITCHES if model_type == "glm4" else {}),
     )
 
@@ -1264,6 +1328,48 @@ def _gemma3_v4_keys(cfg: dict) -> dict:
     return cfg
 
 
+# Olmo3Config's RoPE base where a config gives none (its default_theta): the one transformers 5 gives the sliding
+# layers of a config whose rope_theta is the older, top-level key, whatever that says
+_OLMO3_THETA = 500000.0
+
+
+def _olmo3_config(cfg: dict) -> dict:
+    """An olmo3 config.json's keys, those it leaves out as transformers' Olmo3Config fills them (every fourth layer
+    full, the others sliding through a window of 4,096), and rope_parameters a block per layer type: as the config
+    holds them (transformers 5), or from rope_theta and rope_scaling (the published configs, transformers 4.57: the
+    scaling the full layers', both layer types at rope_theta). ValueError where transformers refuses the keys, or
+    where transformers 4.x and 5 would run them differently: a top-level rope_theta other than 500,000 and no base of
+    the sliding layers' own (5 rotates them by 500,000), rope_parameters not given a layer type (5 reads none of it),
+    YaRN's truncate off (5 truncates all the same)."""
+    try:
+        from transformers import Olmo3Config
+    except ImportError:
+        import transformers
+
+        raise ValueError(f"transformers {transformers.__version__} has no Olmo3Config (4.57 or later reads "
+                         f"olmo3)") from None
+    full = _class_filled(Olmo3Config, cfg)
+    blocks, scaling, top = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}, cfg.get("rope_theta")
+    types = ("full_attention", "sliding_attention")
+    if not (isinstance(blocks, dict) and set(blocks) <= set(types) and all(
+            isinstance(b, dict) for b in blocks.values()) and isinstance(scaling, dict)):
+        raise ValueError(f"rope_parameters must hold a block a layer type ({', '.join(types)}) and rope_scaling "
+                         f"one block, got the keys {sorted(blocks) if isinstance(blocks, dict) else blocks!r}")
+    rope = {kind: dict(blocks.get(kind) or {}) for kind in types}
+    rope["full_attention"].update(scaling)  # (the older key's block: the full layers', as both versions read it)
+    for block in rope.values():
+        block["rope_type"] = block.get("rope_type", block.get("type", "default"))
+    rope["full_attention"].setdefault("rope_theta", _OLMO3_THETA if top is None else top)
+    if "rope_theta" not in rope["sliding_attention"] and top not in (None, _OLMO3_THETA):
+        raise ValueError(f"rope_theta {top!r} without a rope_theta of the sliding layers' own: transformers 4.x "
+                         f"rotates them by it, 5 by {_OLMO3_THETA:g} (give rope_parameters a block per layer type)")
+    rope["sliding_attention"].setdefault("rope_theta", _OLMO3_THETA)
+    if not rope["full_attention"].get("truncate", True):
+        raise ValueError("yarn rope scaling with truncate false is not supported for olmo3 (transformers 5 "
+                         "truncates all the same, 4.x does not)")
+    return {**full, "rope_parameters": rope}
+
+
 def _gemma_query_scale(cfg: dict) -> float:
     """Gemma's attention scale, query_pre_attn_scalar^-1/2 in place of head_dim^-1/2, as the factor of q (of Gemma 3's
     q_norm weight, of Gemma 2's wq and bq: folding.gemma_norms): sqrt(head_dim / query_pre_attn_scalar). ValueError
@@ -1276,25 +1382,34 @@ def _gemma_query_scale(cfg: dict) -> float:
 
 def _gemma3_switches(cfg: dict) -> tuple[dict, dict]:
     """A filled gemma3_text config's (_gemma3_config) full layers' rope block and ModelConfig switches: post-norms,
-    GELU (tanh) MLP, embeddings times sqrt(hidden_size), the sliding layers (layer_types), their window and their
-    own RoPE base (plain: no scaling). ValueError on anything else."""
+    GELU (tanh) MLP, embeddings times sqrt(hidden_size), the sliding layers with their window and their own RoPE base
+    (_layer_type_rope). ValueError on anything else."""
+    full, sliding = _layer_type_rope(cfg)
+    return full, {**_gemma_common(cfg), **sliding}
+
+
+def _layer_type_rope(cfg: dict) -> tuple[dict, dict]:
+    """A filled config's RoPE a layer type (rope_parameters' full_attention and sliding_attention blocks): the full
+    layers' block, read as every family's one, and the ModelConfig fields of the sliding layers (layer_types), their
+    window and their own RoPE base, plain (the sliding block's rope_theta, default 10,000). ValueError where the
+    sliding block asks for scaling, or the layer types, the window or the base are unusable."""
     blocks = cfg.get("rope_parameters") or {}
     full, local = blocks.get("full_attention") or {}, blocks.get("sliding_attention") or {}
-    sliding, window = _gemma_sliding(cfg)
+    sliding = _sliding_layer_types(cfg)
     local_theta = 0.0
-    if sliding:
+    if sliding["sliding_layers"]:
         if local.get("rope_type", "default") != "default":
             raise ValueError(f"rope scaling {local.get('rope_type')!r} of the sliding layers is not supported "
                              f"(none is)")
         local_theta = local.get("rope_theta", 10000.0)
         if type(local_theta) not in (int, float) or not math.isfinite(local_theta) or local_theta <= 1:
             raise ValueError(f"the sliding layers' rope_theta must be a number above 1, got {local_theta!r}")
-    return full, {**_gemma_common(cfg, sliding, window), "rope_local_theta": float(local_theta)}
+    return full, {**sliding, "rope_local_theta": float(local_theta)}
 
 
-def _gemma_sliding(cfg: dict) -> tuple[tuple[int, ...], int]:
-    """A filled Gemma config's sliding layers (its layer_types) and their window (0 where none slides). ValueError
-    where the layer types or the window are unusable."""
+def _sliding_layer_types(cfg: dict) -> dict:
+    """A filled config's sliding layers (its layer_types) and their window (0 where none slides): ModelConfig's
+    sliding_layers and sliding_window. ValueError where the layer types or the window are unusable."""
     n = cfg["num_hidden_layers"]
     types = cfg.get("layer_types")
     if not isinstance(types, list) or len(types) != n or any(t not in ("sliding_attention", "full_attention")
@@ -1305,7 +1420,7 @@ def _gemma_sliding(cfg: dict) -> tuple[tuple[int, ...], int]:
     window = cfg.get("sliding_window") if sliding else 0
     if type(window) is not int or window < 0 or (sliding and window < 1):
         raise ValueError(f"sliding_window must be a positive integer, got {window!r}")
-    return sliding, window
+    return {"sliding_layers": sliding, "sliding_window": window}
 
 
 def _gemma2_config(cfg: dict) -> dict:
@@ -1328,15 +1443,14 @@ def _gemma2_switches(cfg: dict) -> dict:
     """A filled gemma2 config's (_gemma2_config) ModelConfig switches: post-norms, GELU (tanh) MLP, embeddings times
     sqrt(hidden_size), the sliding layers (layer_types) and their window, both soft-caps (null: none). Its RoPE is the
     model's one table (rope_parameters, read as every family's). ValueError on anything unusable."""
-    return {**_gemma_common(cfg, *_gemma_sliding(cfg)), "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
+    return {**_gemma_common(cfg), **_sliding_layer_types(cfg), "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
             "final_logit_softcap": cfg.get("final_logit_softcapping")}
 
 
-def _gemma_common(cfg: dict, sliding: tuple[int, ...], window: int) -> dict:
+def _gemma_common(cfg: dict) -> dict:
     """The ModelConfig switches Gemma 2 and 3 share, of a filled config: post-norms, the GELU (tanh) MLP, embeddings
-    times sqrt(hidden_size), the sliding layers and their window (_gemma_sliding's)."""
-    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5,
-            "sliding_window": window, "sliding_layers": sliding}
+    times sqrt(hidden_size)."""
+    return {"post_norms": True, "activation": "gelu_tanh", "embed_scale": cfg["hidden_size"] ** 0.5}
 
 
 def _every(step: int | None, n_layers: int) -> tuple[int, ...]:
@@ -1433,14 +1547,15 @@ def _longrope(rope: dict, cfg: dict, rot_dims: int, context: int) -> tuple[tuple
 
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers
-    builds it: Qwen2 always has q/k/v biases, Qwen3, Gemma 3 and OLMo 2 q/k norms; attention_bias / mlp_bias add more
-    (Phi-3: never; OLMo 2: attention_bias alone; GLM-4: attention_bias q, k and v biases, none of o's or the MLP's)."""
+    builds it: Qwen2 always has q/k/v biases, Qwen3, Gemma 3, OLMo 2 and Olmo 3 q/k norms; attention_bias / mlp_bias
+    add more (Phi-3: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v biases, none of o's
+    or the MLP's)."""
     if model_type == "phi3":
         return []
     if model_type == "glm4":
         return ["bq", "bk", "bv"] if cfg.get("attention_bias") else []
-    extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"],
-              "gemma3_text": ["q_norm", "k_norm"], "olmo2": ["q_norm", "k_norm"]}.get(model_type, [])
+    extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"], "gemma3_text": ["q_norm", "k_norm"],
+              "olmo2": ["q_norm", "k_norm"], "olmo3": ["q_norm", "k_norm"]}.get(model_type, [])
     if cfg.get("attention_bias"):
         extras += ["bq", "bk", "bv", "bo"]
     if cfg.get("mlp_bias"):
