@@ -481,13 +481,20 @@ def _open_gguf(path: Path) -> SourceModel:
         yarn_divisors, attention_factor, context = _gguf_yarn(field_value, arch, path, linear_factor, rope_dims,
                                                               context)
         linear_factor = 0.0  # (its factor is YaRN's, not a linear one)
-    if arch == "olmo2":  # llama.cpp's converter copies Olmo 3's YaRN attention_factor here: transformers' factor of
-        # cos and sin, in place of YaRN's own (llama.cpp multiplies the two: for Olmo-3-7B, 1 + 0.1 ln 8 squared)
-        given = _gguf_float(field_value, path, "olmo2.rope.scaling.attn_factor", attention_factor)
-        if yarn_divisors is None and given != 1.0:
-            raise SpqtError(f"{path}: GGUF olmo2.rope.scaling.attn_factor {given:g} without YaRN scaling is not "
-                            f"supported (an attention factor is YaRN's)")
-        attention_factor = given
+    if arch == "olmo2":  # llama.cpp's converters copy Olmo 3's YaRN attention_factor to rope.scaling.attn_factor
+        # (the first) or rope.scaling.yarn_attn_factor (later ones): transformers' factor of cos and sin, in place of
+        # YaRN's own (llama.cpp multiplies attn_factor by YaRN's own: for Olmo-3-7B, 1 + 0.1 ln 8 squared)
+        given = {key: _gguf_float(field_value, path, f"olmo2.rope.scaling.{key}", 1.0)
+                 for key in ("attn_factor", "yarn_attn_factor")
+                 if field_value(f"olmo2.rope.scaling.{key}") is not None}
+        if len(set(given.values())) > 1:
+            raise SpqtError(f"{path}: GGUF olmo2.rope.scaling.attn_factor {given['attn_factor']:g} and "
+                            f"yarn_attn_factor {given['yarn_attn_factor']:g} disagree")
+        factor = next(iter(given.values()), attention_factor)
+        if yarn_divisors is None and factor != 1.0:
+            raise SpqtError(f"{path}: GGUF olmo2.rope.scaling.{next(iter(given))} {factor:g} without YaRN scaling is "
+                            f"not supported (an attention factor is YaRN's)")
+        attention_factor = factor
     # Llama 3.1/3.2: llama.cpp's converter stores Llama-3 scaling as divisors of each frequency
     rope_freq_factors = None
     if "rope_freqs.weight" in tensors:
@@ -745,8 +752,8 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
             raise SpqtError(f"{path}: GGUF rope.scaling.{key} is {value}")
         return value
 
-    plain = (("attn_factor", (1.0,)),) if arch != "olmo2" else ()
-    for key, usual in (*plain, ("yarn_attn_factor", (1.0,)), ("yarn_log_multiplier", (0.0,)),
+    plain = (("attn_factor", (1.0,)), ("yarn_attn_factor", (1.0,))) if arch != "olmo2" else ()
+    for key, usual in (*plain, ("yarn_log_multiplier", (0.0,)),
                        ("yarn_ext_factor", (-1.0, 1.0))):  # (-1: llama.cpp's "unset", 1 for YaRN)
         value = number(key, usual[0])
         if value not in usual:
@@ -1053,9 +1060,7 @@ def _open_hf(folder: Path) -> SourceModel:
             cfg = _gemma2_config(cfg) if model_type == "gemma2" else _gemma3_config(cfg)
             query_scale = _gemma_query_scale(cfg)
         elif model_type == "glm4":  # (Glm4Config's defaults: head_dim 128, q/k/v biases, partial_rotary_factor 0.5)
-            from transformers import Glm4Config
-
-            cfg = _class_filled(Glm4Config, cfg)
+            cfg = _class_filled(_config_class("Glm4Config", "4.51.3", "glm4"), cfg)
         elif model_type == "olmo3":
             cfg = _olmo3_config(cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
@@ -1295,6 +1300,18 @@ def _gemma3_config(cfg: dict) -> dict:
     return full
 
 
+def _config_class(name: str, since: str, model_type: str):
+    """transformers' config class of that name; ValueError naming the version that brought it where this one lacks it
+    (the pin admits transformers 4.51)."""
+    import transformers
+
+    try:
+        return getattr(transformers, name)
+    except AttributeError:
+        raise ValueError(f"transformers {transformers.__version__} has no {name} ({since} or later reads "
+                         f"{model_type})") from None
+
+
 def _class_filled(config_class, cfg: dict) -> dict:
     """A config.json's keys (model_type aside) through a transformers config class: the dict it holds, the keys left
     out filled with its defaults. ValueError naming the class where it refuses them."""
@@ -1341,14 +1358,7 @@ def _olmo3_config(cfg: dict) -> dict:
     where transformers 4.x and 5 would run them differently: a top-level rope_theta other than 500,000 and no base of
     the sliding layers' own (5 rotates them by 500,000), rope_parameters not given a layer type (5 reads none of it),
     YaRN's truncate off (5 truncates all the same)."""
-    try:
-        from transformers import Olmo3Config
-    except ImportError:
-        import transformers
-
-        raise ValueError(f"transformers {transformers.__version__} has no Olmo3Config (4.57 or later reads "
-                         f"olmo3)") from None
-    full = _class_filled(Olmo3Config, cfg)
+    full = _class_filled(_config_class("Olmo3Config", "4.57", "olmo3"), cfg)
     blocks, scaling, top = cfg.get("rope_parameters") or {}, cfg.get("rope_scaling") or {}, cfg.get("rope_theta")
     types = ("full_attention", "sliding_attention")
     if not (isinstance(blocks, dict) and set(blocks) <= set(types) and all(
