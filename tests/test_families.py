@@ -1,5 +1,5 @@
 """Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, Olmo 3,
-GLM-4), each from HF safetensors and from GGUF.
+GLM-4, EXAONE 4.0), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -108,6 +108,11 @@ FAMILIES = {
                                   rope_parameters={"full_attention": OLMO3_YARN,
                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
               "olmo2", "chatml"),
+    # OLMo 2's post-norms alone with Qwen3's per-head q/k norms in 4 layers: 0 to 2 slide through a window of 8 (the
+    # tests' 32 to 90 tokens cross it) and rotate by the llama3-scaled table, 3 attends to every key unrotated
+    # (Exaone4Config's default pattern, every fourth layer full); an untied head, as the 32B has
+    "exaone4": ("Exaone4Config", dict(num_hidden_layers=4, head_dim=16, sliding_window=8, max_position_embeddings=512,
+                                      pad_token_id=None, rope_parameters=LLAMA3_ROPE), "exaone4", "chatml"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -201,7 +206,7 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
         w.add_sliding_window(c.sliding_window or 0)
     if arch in ("gemma2", "gemma3"):
         w.add_sliding_window(c.sliding_window)
-    if c.model_type == "olmo3":
+    if c.model_type in ("olmo3", "exaone4"):
         w.add_sliding_window(c.sliding_window)
         w.add_sliding_window_pattern([t == "sliding_attention" for t in c.layer_types])
     if arch == "gemma2":  # (its converter writes both caps)
@@ -240,7 +245,7 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
              "self_attn.qkv_proj.weight": "attn_qkv.weight", "mlp.gate_up_proj.weight": "ffn_up.weight",
              "self_attn.o_proj.bias": "attn_output.bias", "mlp.gate_proj.bias": "ffn_gate.bias",
              "mlp.up_proj.bias": "ffn_up.bias", "mlp.down_proj.bias": "ffn_down.bias"}
-    if arch in ("gemma2", "gemma3", "olmo2"):  # (OLMo 2 has the two post-norms alone, under Gemma's names)
+    if arch in ("gemma2", "gemma3", "olmo2", "exaone4"):  # (OLMo 2, EXAONE 4: the two post-norms alone, Gemma's names)
         names |= GEMMA_NORMS
     if arch == "glm4":  # (as gguf's tensor map names them for glm4)
         names |= {"post_self_attn_layernorm.weight": "post_attention_norm.weight",
@@ -347,29 +352,31 @@ def test_float_forward_equals_transformers(family, source):
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name in ("qwen2", "glm4") else ())
     assert (c.rope_dims, c.head_dim) == ((16, 32) if name == "glm4" else (0, c.head_dim))
-    assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2", "olmo3"))
-    assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name in ("olmo2", "olmo3") else (True, "head"))
+    assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4"))
+    assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name in ("olmo2", "olmo3") else (False, "head")
+                                              if name == "exaone4" else (True, "head"))
     assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3"))
     assert loaded.provenance.get("folded_multipliers") == (
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
         if name == "granite" else None)
-    assert c.nope_layers == ((3,) if name == "smollm3" else ())
+    assert c.nope_layers == ((3,) if name in ("smollm3", "exaone4") else ())
     assert (c.rope_local_theta, c.post_norms, c.activation, c.embed_scale) == (
         (1e4, True, "gelu_tanh", 8.0) if name == "gemma3" else (0.0, True, "gelu_tanh", 8.0) if name == "gemma2"
-        else (0.0, True, "silu", 1.0) if name in ("olmo2", "glm4") else (5e5, True, "silu", 1.0) if name == "olmo3"
+        else (0.0, True, "silu", 1.0) if name in ("olmo2", "glm4", "exaone4")
+        else (5e5, True, "silu", 1.0) if name == "olmo3"
         else (0.0, False, "silu", 1.0))
     assert (c.attn_logit_softcap, c.final_logit_softcap) == ((2.0, 1.5) if name == "gemma2" else (0.0, 0.0))
     # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
     windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
     assert (c.sliding_layers, c.sliding_window) == (
         ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 2), 8) if name == "gemma2" else ((0, 1, 2), 8)
-        if name == "olmo3" else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
+        if name in ("olmo3", "exaone4") else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
     if name == "gemma3":  # the full layer's linear scaling, from both sources; its context not capped by the window
         assert c.rope_freq_factors == (4.0,) * 8 and c.max_seq_len == 512
     if name == "olmo3":  # the full layer's YaRN, from both sources (pairs 0 and 1 kept, in part); the context uncapped
         assert c.rope_freq_factors == pytest.approx((1.0, 1.6) + (4.0,) * 6, rel=1e-12) and c.max_seq_len == 512
         assert c.rope_attention_factor == pytest.approx(1 + 0.1 * math.log(4), rel=1e-12)
-    if name.startswith("llama"):
+    if name.startswith("llama") or name == "exaone4":
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name in ("mistral", "phi3"):
         assert c.max_seq_len == {"mistral": 1024, "phi3": 256}[name]
@@ -846,8 +853,8 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    # (transformers reads no smollm3, granite, olmo2 or glm4 GGUF's tokenizer: the one the GGUF was written from)
-    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4"):
+    # (transformers reads no smollm3, granite, olmo2, glm4 or exaone4 GGUF's tokenizer: the one it was written from)
+    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4", "exaone4"):
         theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
@@ -992,7 +999,7 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -1255,7 +1262,7 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4"], indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
     block run alone on its own mask) over Gemma 3's, Gemma 2's, OLMo 2's and Olmo 3's 40-token windows: block i's output
@@ -1432,7 +1439,8 @@ def _expect_error(capsys, argv, fragment):
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
                                         "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text",
-                                        "olmo", "olmoe", "chatglm", "glm", "glm4_moe", "glm4v"])
+                                        "olmo", "olmoe", "chatglm", "glm", "glm4_moe", "glm4v", "exaone",
+                                        "exaone_moe", "exaone4_5"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -1442,6 +1450,7 @@ def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
 
 
 OLMO3 = {"model_type": "olmo3", "eos_token_id": 2}
+EXAONE4 = {"model_type": "exaone4", "eos_token_id": 2}
 
 
 @pytest.mark.parametrize("change, fragment", [
@@ -1517,6 +1526,13 @@ OLMO3 = {"model_type": "olmo3", "eos_token_id": 2}
                                    "sliding_attention": {"rope_type": "linear", "factor": 2.0}}},
      "rope scaling 'linear' of the sliding layers is not supported"),
     ({**OLMO3, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' is not"),
+    # EXAONE 4.0 where transformers' Exaone4Config derives no layer_types (a pattern string or no window, and no
+    # list), sliding layers without a window, a scaling we do not run
+    ({**EXAONE4, "sliding_window_pattern": "LLLG"}, "Exaone4Config refuses it"),
+    ({**EXAONE4, "sliding_window": None}, "Exaone4Config refuses it"),
+    ({**EXAONE4, "sliding_window": None, "layer_types": ["sliding_attention", "full_attention"]},
+     "sliding_attention layers without a sliding_window are not supported for exaone4"),
+    ({**EXAONE4, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' is not"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -1532,7 +1548,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid", "olmo",
-                                  "olmoe", "chatglm", "glm4moe"])
+                                  "olmoe", "chatglm", "glm4moe", "exaone", "exaone-moe"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
@@ -1622,13 +1638,14 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
 
 
-@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4"], indirect=True)
+@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4", "exaone4"], indirect=True)
 def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
     """OLMo 2 (no norm before the maps, q and k each normed over all of its heads), Olmo 3 (the same, three layers of
-    four through a window of 8 with plain RoPE, the fourth YaRN-scaled) and GLM-4 (four norms a layer, q|k|v biases,
-    partial RoPE in interleaved pairs) one token at a time: its HF folder equals transformers' logits in one prefill
-    and through the KV cache (40 tokens: Olmo 3's windows cut); its .spqt is format 9 (GLM-4: 8; an older spqt that
-    reads 9 runs Olmo 3's switches too: none is new) and reads back the same configuration. The .spqt's
+    four through a window of 8 with plain RoPE, the fourth YaRN-scaled), GLM-4 (four norms a layer, q|k|v biases,
+    partial RoPE in interleaved pairs) and EXAONE 4.0 (OLMo 2's norms with per-head q/k norms, three layers of four
+    through a window of 8, the fourth unrotated) one token at a time: its HF folder equals transformers' logits in one
+    prefill and through the KV cache (40 tokens: the windows cut); its .spqt is format 9 (GLM-4: 8; an older spqt that
+    reads 9 runs Olmo 3's and EXAONE 4.0's switches too: none is new) and reads back the same configuration. The .spqt's
     teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode attention on the q|k|v the torch
     norms gave, masked by the window) equal the torch reference's within the fp16 rounding of the native path; the
     fp16 GEMV's (W, x, W x in fp16) within a few fp16 roundings; OLMo 2's and GLM-4's Triton maps' (the interpreter:
@@ -1641,7 +1658,7 @@ def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
         theirs = family["model"](torch.tensor([ids])).logits[0]
     span = float(theirs.max() - theirs.min())
     spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span,
-                                    format_version={"olmo2": 9, "olmo3": 9, "glm4": 8}[family["name"]])
+                                    format_version={"olmo2": 9, "olmo3": 9, "glm4": 8, "exaone4": 9}[family["name"]])
     short = ids[:12]
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=16), short, sparse=False)
     span = float(ref.max() - ref.min())
@@ -1652,8 +1669,8 @@ def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
     got = _stepped_logits(Generator(spqt, "cpu", max_len=16, backend="cpu-fp16"), short, sparse=False)
     err = float((got - ref).abs().max())  # measured 5e-4 of the range (seed 0)
     assert err <= 8 * 2.0 ** -11 * span, f"fp16 GEMV, seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
-    if family["name"] == "olmo3":  # (its Triton maps are OLMo 2's; its windows and tables are the torch attention's,
-        return                     # which the interpreter's run shares with the reference: 9 s saved)
+    if family["name"] in ("olmo3", "exaone4"):  # (their Triton maps are OLMo 2's; their windows, tables and per-head
+        return  # norms the torch attention's, which the interpreter's run shares with the reference: 9 s saved)
     # the interpreter takes 3 s a step: a 2-token prefill (dense), then one step with every input thresholded at 0.2
     # (the one-token sparse kernels of q|k|v and gate|up without a norm)
     logits = {}
@@ -1759,6 +1776,91 @@ def test_unusable_glm4_ggufs_are_refused(family, tmp_path, capsys, case):
                 "nextn layers": "a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported"}[case]
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("family", ["exaone4"], indirect=True)
+@pytest.mark.parametrize("case", ["pattern", "swa base", "nextn layers", "no k_norm"])
+def test_unusable_exaone4_checkpoints_are_refused(family, tmp_path, capsys, case):
+    """An exaone4 GGUF whose sliding_window_pattern does not flag each layer, whose sliding layers have a RoPE base of
+    their own (rope.freq_base_swa: EXAONE 4.0 rotates them by the model's table), or with NextN prediction layers after
+    the others (EXAONE 4.5's text model, as llama.cpp's converter writes it); an exaone4 folder whose layers lack their
+    k_norm: one error line."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "m"
+    if case == "no k_norm":
+        shutil.copytree(family["hf"], path)
+        weights = load_file(str(path / "model.safetensors"))
+        save_file({k: v for k, v in weights.items() if "k_norm" not in k}, str(path / "model.safetensors"))
+    else:
+        keys = {"pattern": {"exaone4.attention.sliding_window_pattern": [True, False]},
+                "swa base": {"exaone4.rope.freq_base_swa": 1e4},
+                "nextn layers": {"exaone4.nextn_predict_layers": 1.0}}[case]
+        _gguf_with(family["gguf"], path, keys)
+    fragment = {"pattern": "GGUF exaone4.attention.sliding_window_pattern must flag each of the 4 layers",
+                "swa base": "GGUF exaone4.rope.freq_base_swa other than rope.freq_base is not supported",
+                "nextn layers": "an exaone4 GGUF with NextN prediction layers (EXAONE 4.5's text model) is not",
+                "no k_norm": "checkpoint lacks tensors model.layers.0.self_attn.k_norm.weight"}[case]
+    _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("family", ["exaone4"], indirect=True)
+def test_exaone4_gguf_without_a_window_or_a_pattern(family, tmp_path):
+    """An exaone4 GGUF without sliding_window_pattern reads every fourth layer full (Exaone4Config's default,
+    llama.cpp's for the 32B), its window cut and the full layer unrotated: transformers' logits; without a window (the
+    converter writes none for the 1.2B, whose sliding_window is null) every layer is full and rotated, as transformers
+    runs such a config: its logits, which differ from the windowed model's."""
+    import transformers
+
+    ids = _ids(40, family["tok"].vocab_size, seed=family["seed"] + 7)
+    no_pattern = load_model(_gguf_with(family["gguf"], tmp_path / "p.gguf", {}, drop=(
+        "exaone4.attention.sliding_window_pattern",)))
+    assert (no_pattern.config.sliding_layers, no_pattern.config.nope_layers) == ((0, 1, 2), (3,))
+    err, span = _logit_error(no_pattern, family["model"], ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
+    config = transformers.Exaone4Config.from_dict({**family["model"].config.to_dict(), "sliding_window": None,
+                                                   "layer_types": ["full_attention"] * 4})
+    plain = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    plain.load_state_dict(family["model"].state_dict())
+    drop = ("exaone4.attention.sliding_window", "exaone4.attention.sliding_window_pattern")
+    unwindowed = load_model(_gguf_with(family["gguf"], tmp_path / "w.gguf", {}, drop=drop))
+    assert (unwindowed.config.sliding_layers, unwindowed.config.nope_layers) == ((), ())
+    err, span = _logit_error(unwindowed, plain, ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
+    assert _logit_error(unwindowed, family["model"], ids)[0] > 1e-2 * span  # (the switches matter)
+
+
+@pytest.mark.parametrize("extra", [{}, {"sliding_window_pattern": 2}, {"sliding_window": 64, "layer_types": [
+    "sliding_attention", "full_attention", "full_attention", "sliding_attention", "sliding_attention"],
+    "sliding_window_pattern": "LFFLL"}, {"sliding_window": None, "sliding_window_pattern": None, "tie_word_embeddings":
+    True, "layer_types": ["full_attention"] * 5}, {"rope_scaling": {**LLAMA3_ROPE, "rope_type": "llama3"},
+                                                   "rope_theta": 1e6}])
+def test_exaone4_configs_read_as_transformers_reads_them(extra):
+    """An exaone4 config.json with its defaults left out, another pattern, a layer_types list with a pattern string
+    (as the published 32B's), none of a window (as the 1.2B's: every layer full and rotated, a tied head), llama3
+    scaling given as the published configs give it: the sliding layers, their window and the unrotated layers
+    transformers' Exaone4Attention runs (is_sliding; RoPE where the config has no window or the layer slides), the RoPE
+    base and scaling of Exaone4Config."""
+    from transformers import Exaone4Config
+
+    from spqt.sources import _class_filled, _hf_config
+
+    cfg = {"model_type": "exaone4", "vocab_size": 320, "hidden_size": 64, "intermediate_size": 128,
+           "num_hidden_layers": 5, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+           "eos_token_id": 2, **extra}
+    theirs = Exaone4Config.from_dict(json.loads(json.dumps(cfg)))
+    ours = _hf_config(_class_filled(Exaone4Config, cfg), "exaone4", tie=False)
+    sliding = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    rotated = tuple(i for i in range(5) if theirs.sliding_window is None or i in sliding)
+    assert (ours.sliding_layers, ours.sliding_window) == (sliding, theirs.sliding_window if sliding else 0)
+    assert ours.nope_layers == tuple(i for i in range(5) if i not in rotated)
+    assert (ours.rope_theta, ours.tie_embeddings) == (theirs.rope_parameters["rope_theta"], theirs.tie_word_embeddings)
+    assert ours.rope_scaling == ({k: float(v) for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}
+                                 if "rope_scaling" in extra else None)
+    assert (ours.pre_norms, ours.post_norms, ours.qk_norm, ours.qk_norm_scope) == (False, True, True, "head")
 
 
 @pytest.mark.parametrize("family", ["olmo3"], indirect=True)

@@ -41,7 +41,8 @@ attention and the MLP or with q/k norms over the whole of q and of k (OLMo 2: co
 "all"), whose tensors an older spqt would look for in vain or run as per-head norms; it refuses the version instead.
 Files without these keys read them as pre_norms on and qk_norm_scope "head", as they were written. A GLM-4 file is
 version 8 and needs nothing newer: its interleaved RoPE pairs are permuted before it is written, its norms and biases
-are Gemma's and Qwen2's.
+are Gemma's and Qwen2's. An EXAONE 4.0 file is version 9 (pre_norms off) and needs nothing newer: its per-head q/k
+norms, sliding layers and NoPE layers are Qwen3's, Gemma 3's and SmolLM3's keys.
 """
 
 import collections

@@ -23,6 +23,9 @@ GLM-4 0414 needs no switch of its own: Gemma's four norms a layer (plain weights
 biases, and Phi-4-mini's partial RoPE, whose pairs (2j, 2j + 1) the readers permute into ours as they read.
 Olmo 3 is OLMo 2's switches with Gemma 3's sliding layers (sliding_window, sliding_layers: all but every fourth) and
 their own table (rope_local_theta: the model's base, plain, where the full layers' table is YaRN-scaled).
+EXAONE 4.0 needs no switch of its own either: OLMo 2's post-norms alone (pre_norms off) with Qwen3's per-head q/k norms,
+and, where it has a window, sliding layers (all but every fourth) rotated by the model's table while the full layers
+are SmolLM3's NoPE layers (nope_layers).
 """
 
 import math

@@ -10,10 +10,11 @@ provenance. Canonical names, weights as (out_features, in_features)::
     layers.{i}.w1 gate (F, D)  w3 up (F, D)  w2 down (D, F)
     family switches (config.py), present only where the family has them:
     layers.{i}.bq (H*hd,)  bk, bv (Hkv*hd,)  bo (D,)  b1, b3 (F,)  b2 (D,)   output biases
-    layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3, Gemma 3
+    layers.{i}.q_norm, layers.{i}.k_norm (hd,)                               Qwen3, Gemma 3, EXAONE 4.0
                                          (H*hd,), (Hkv*hd,)                 OLMo 2 and 3 (whole q and k)
-    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2 and 3, GLM-4
-    (OLMo 2 and 3 have no attention_norm or ffn_norm: config pre_norms off)
+    layers.{i}.post_attention_norm, layers.{i}.post_ffn_norm (D,)           Gemma 2 and 3, OLMo 2 and 3, GLM-4,
+                                                                            EXAONE 4.0
+    (OLMo 2 and 3 and EXAONE 4.0 have no attention_norm or ffn_norm: config pre_norms off)
     Phi-3 stores q|k|v ((H + 2*Hkv)*hd, D) and gate|up (2F, D) fused, GLM-4 gate|up: each reader splits them by rows
     into wq, wk, wv and w1, w3, reading only the rows asked for.
 
@@ -49,6 +50,10 @@ Families and where they come from:
                                                                       k, v biases, fused gate|up, partial RoPE in
                                                                       GLM's interleaved pairs (rows permuted as
                                                                       read); chatglm, glm, glm4_moe, glm4v refused
+    EXAONE 4.0  exaone4                   exaone4                     post-norms alone (OLMo 2's), q/k norms per head
+                                                                      (Qwen3's), sliding-window layers rotated by
+                                                                      the model's table, the full layers unrotated
+                                                                      (NoPE) where the model has a window
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -90,6 +95,15 @@ file's scaling keys, their cos and sin times rope.scaling.attn_factor where the 
 the config's attention_factor there, which transformers takes in place of YaRN's own 1 + 0.1 ln factor; llama.cpp
 multiplies the two, for Olmo-3-7B 1 + 0.1 ln 8 squared), else YaRN's own: the network transformers runs.
 
+EXAONE 4.0: a config.json's keys left out are Exaone4Config's (its layer_types: every fourth layer full unless the
+config lists them; the published configs do); where the config has a sliding_window the sliding layers rotate by the
+model's table (its llama3 scaling too) and the full layers not at all (transformers' "global NoPE"), where it has
+none (the 1.2B) every layer is full and rotated. An ``exaone4`` GGUF runs as llama.cpp runs it, the same network:
+attention.sliding_window (absent or 0: no window, every layer rotated), its sliding layers from
+attention.sliding_window_pattern (one flag a layer, as the converter writes layer_types; absent: every fourth layer
+full, Exaone4Config's default and llama.cpp's for the 64-layer 32B), the full layers unrotated; q/k rows in the
+Hugging Face order (llama.cpp rotates NEOX pairs), Llama-3 scaling as rope_freqs.
+
 Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
 config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
 a GGUF key left out or 0 is llama.cpp's "none" (attention: 1 / sqrt(head_dim)).
@@ -113,9 +127,10 @@ from spqt.folding import HF_KEYS as MULTIPLIER_KEYS
 from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf_multipliers, partial_rope_rows
 from spqt.quant import count_nonfinite
 
-SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4")
+SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4",
+                        "exaone4")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4")
+                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone4")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
@@ -148,6 +163,12 @@ _GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm
 # OLMo 2's switches (transformers' Olmo2DecoderLayer, llama.cpp's olmo2): the attention's and the MLP's outputs normed
 # before the residual sum, no norm before them, q and k normed each over all of its heads (before RoPE)
 _OLMO2_SWITCHES = {"pre_norms": False, "post_norms": True, "qk_norm_scope": "all"}
+# EXAONE 4.0's (transformers' Exaone4DecoderLayer, llama.cpp's exaone4): OLMo 2's post-norms alone, its q/k norms per
+# head (Qwen3's: the readers find q_norm and k_norm of head_dim)
+_EXAONE4_SWITCHES = {"pre_norms": False, "post_norms": True}
+# llama.cpp's exaone4 without a sliding_window_pattern key: every fourth layer (i % 4 == 3) full, as Exaone4Config's
+# default pattern (4) and llama.cpp's for the 64-layer 32B
+_GGUF_EXAONE4_FULL_EVERY = 4
 # GLM-4 0414's (transformers' Glm4DecoderLayer, llama.cpp's glm4): Gemma's four norms a layer, with a SiLU-gated MLP
 _GLM4_SWITCHES = {"post_norms": True}
 # llama.cpp's gemma3: every sixth layer (i % 6 == 5) attends to every key, the others through the sliding window;
@@ -538,13 +559,21 @@ def _open_gguf(path: Path) -> SourceModel:
                         f"(GLM-4 0414 is)")
     if arch == "glm4" and _int_field(reader, path, "glm4.nextn_predict_layers", 0) > 0:
         raise SpqtError(f"{path}: a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported (GLM-4 0414 is)")
+    # and EXAONE 4.5's text model as exaone4, its NextN layers after the others (they would read as layers)
+    if arch == "exaone4" and _int_field(reader, path, "exaone4.nextn_predict_layers", 0) > 0:
+        raise SpqtError(f"{path}: an exaone4 GGUF with NextN prediction layers (EXAONE 4.5's text model) is not "
+                        f"supported (EXAONE 4.0 is)")
     olmo3 = _gguf_olmo3(field_value, size, path, n_layers) if arch == "olmo2" else {}
-    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3, gemma3 and olmo2 q/k norms) must be
+    # the layers that rotate and slide: SmolLM3's fixed NoPE step, EXAONE 4.0's keys
+    layer_kinds = (_gguf_exaone4(field_value, size, path, n_layers) if arch == "exaone4" else
+                   {"nope_layers": _every(_GGUF_NOPE_STEP.get(arch), n_layers)})
+    # optional per-layer tensors: the family's own (qwen2 q/k/v biases, qwen3, gemma3, olmo2, exaone4 q/k norms) must be
     # there; others (biases a llama file may carry) are taken when layer 0 has them
     required = {"qwen2": {"attn_q.bias", "attn_k.bias", "attn_v.bias"},
                 "qwen3": {"attn_q_norm.weight", "attn_k_norm.weight"},
                 "gemma3": {"attn_q_norm.weight", "attn_k_norm.weight"},
-                "olmo2": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
+                "olmo2": {"attn_q_norm.weight", "attn_k_norm.weight"},
+                "exaone4": {"attn_q_norm.weight", "attn_k_norm.weight"}}.get(arch, set())
     layer_extras = {g: ours for g, ours in _GGUF_EXTRAS.items() if g in required or f"blk.0.{g}" in tensors}
     eos_ids = []
     try:
@@ -580,13 +609,14 @@ def _open_gguf(path: Path) -> SourceModel:
             rope_long_freq_factors=long_factors,
             rope_original_context=original,
             rope_dims=rope_dims,
-            nope_layers=_every(_GGUF_NOPE_STEP.get(arch), n_layers),
+            **layer_kinds,
             **_switches(layer_extras.values()),
             **{k: v for k, v in gemma.items() if k != "query_scale"},
             **phi3_window,
             **olmo3,
             **(_OLMO2_SWITCHES if arch == "olmo2" else {}),
             **(_GLM4_SWITCHES if arch == "glm4" else {}),
+            **(_EXAONE4_SWITCHES if arch == "exaone4" else {}),
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
@@ -722,6 +752,31 @@ def _gguf_olmo3(field_value, size, path: Path, n_layers: int) -> dict:
         raise SpqtError(f"{path}: GGUF olmo2.rope.freq_base_swa {local:g} other than rope.freq_base {theta:g} is not "
                         f"supported (llama.cpp's olmo2 rotates every layer by rope.freq_base)")
     return {"sliding_window": window, "sliding_layers": sliding, "rope_local_theta": theta}
+
+
+def _gguf_exaone4(field_value, size, path: Path, n_layers: int) -> dict:
+    """An exaone4 GGUF's sliding layers and NoPE layers (ModelConfig fields) as llama.cpp runs them: without
+    attention.sliding_window (or with 0) none of either, every layer full and rotated (the 1.2B); with it, the layers
+    attention.sliding_window_pattern flags (absent: all but every fourth) slide through the window and rotate, the
+    others attend to every key unrotated. SpqtError where the pattern is not one flag a layer, where rope.freq_base_swa
+    differs from rope.freq_base (transformers rotates every layer by the one table)."""
+    theta = _gguf_float(field_value, path, "exaone4.rope.freq_base", 10000.0)
+    if _gguf_float(field_value, path, "exaone4.rope.freq_base_swa", theta) != theta:
+        raise SpqtError(f"{path}: GGUF exaone4.rope.freq_base_swa other than rope.freq_base is not supported "
+                        f"(EXAONE 4.0 rotates its sliding layers by the model's table)")
+    window = size("attention.sliding_window", 0)
+    if window <= 0 or not 1 <= n_layers <= _LIMITS["n_layers"]:  # (a layer count ModelConfig refuses anyway)
+        return {"nope_layers": ()}
+    pattern = field_value("exaone4.attention.sliding_window_pattern")
+    every = _GGUF_EXAONE4_FULL_EVERY
+    if pattern is None:
+        pattern = [i % every != every - 1 for i in range(n_layers)]
+    if not (isinstance(pattern, list) and len(pattern) == n_layers and all(type(f) is bool for f in pattern)):
+        raise SpqtError(f"{path}: GGUF exaone4.attention.sliding_window_pattern must flag each of the {n_layers} "
+                        f"layers (true: sliding), got {pattern!r}")
+    sliding = tuple(i for i, flag in enumerate(pattern) if flag)
+    return {"sliding_window": window if sliding else 0, "sliding_layers": sliding,
+            "nope_layers": tuple(i for i, flag in enumerate(pattern) if not flag)}
 
 
 def _gguf_float(field_value, path: Path, key: str, default: float) -> float:
@@ -1063,6 +1118,8 @@ def _open_hf(folder: Path) -> SourceModel:
             cfg = _class_filled(_config_class("Glm4Config", "4.51.3", "glm4"), cfg)
         elif model_type == "olmo3":
             cfg = _olmo3_config(cfg)
+        elif model_type == "exaone4":  # (Exaone4Config's layer_types: every fourth layer full where none are listed)
+            cfg = _class_filled(_config_class("Exaone4Config", "4.54", "exaone4"), cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -1154,12 +1211,15 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     # one block a layer type (_gemma3_config, _olmo3_config fill them): the full layers' here, the sliding layers' in
     # the family's own switches (own)
     own, rope = {}, cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    nope = _hf_nope_layers(cfg) if model_type == "smollm3" else ()  # (the layers that rotate neither q nor k)
     if model_type == "gemma3_text":
         rope, own = _gemma3_switches(cfg)
     elif model_type == "olmo3":
         rope, own = _layer_type_rope(cfg)
     elif model_type == "gemma2":
         own = _gemma2_switches(cfg)
+    elif model_type == "exaone4":
+        own, nope = _exaone4_layers(cfg)
     kind = rope.get("rope_type", rope.get("type", "default"))
     if model_type == "phi3" and kind in ("su", "yarn"):  # transformers' Phi-3 reads both as longrope
         kind = "longrope"
@@ -1200,12 +1260,13 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) or tie,
         bos_id=cfg.get("bos_token_id"), eos_ids=eos_ids, add_bos=False,
         family="gemma3" if model_type == "gemma3_text" else model_type,  # (the GGUF's name, text or multimodal)
-        nope_layers=_hf_nope_layers(cfg) if model_type == "smollm3" else (),
+        nope_layers=nope,
         **_switches(_hf_extras(cfg, model_type)),
         **own,
         **window,
         **(_OLMO2_SWITCHES if model_type in ("olmo2", "olmo3") else {}),
         **(_GLM4_SWITCHES if model_type == "glm4" else {}),
+        **(_EXAONE4_SWITCHES if model_type == "exaone4" else {}),
     )
 
 
@@ -1433,6 +1494,19 @@ def _sliding_layer_types(cfg: dict) -> dict:
     return {"sliding_layers": sliding, "sliding_window": window}
 
 
+def _exaone4_layers(cfg: dict) -> tuple[dict, tuple[int, ...]]:
+    """A filled exaone4 config's (Exaone4Config) sliding layers and their window (ModelConfig fields), and its NoPE
+    layers, as transformers' Exaone4Attention runs them: with a sliding_window, the sliding layers (layer_types)
+    windowed and rotated, the full layers unrotated; without one (null: the 1.2B), every layer full and rotated.
+    ValueError where the layer types are unusable, or name sliding layers without a window (no window to cut)."""
+    if cfg.get("sliding_window") is None:
+        if "sliding_attention" in (cfg.get("layer_types") or []):
+            raise ValueError("sliding_attention layers without a sliding_window are not supported for exaone4")
+        return {}, ()
+    sliding = _sliding_layer_types(cfg)
+    return sliding, tuple(i for i in range(cfg["num_hidden_layers"]) if i not in sliding["sliding_layers"])
+
+
 def _gemma2_config(cfg: dict) -> dict:
     """A gemma2 config.json's keys, those it leaves out as transformers' Gemma2Config fills them (soft-caps 50 and 30,
     a window of 4,096, query_pre_attn_scalar 256, a tied head), and layer_types where a transformers 4.x class gives
@@ -1556,14 +1630,16 @@ def _longrope(rope: dict, cfg: dict, rot_dims: int, context: int) -> tuple[tuple
 
 
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
-    """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers
-    builds it: Qwen2 always has q/k/v biases, Qwen3, Gemma 3, OLMo 2 and Olmo 3 q/k norms; attention_bias / mlp_bias
-    add more (Phi-3: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v biases, none of o's
-    or the MLP's)."""
+    """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers builds it: Qwen2
+    always has q/k/v biases, Qwen3, Gemma 3, OLMo 2, Olmo 3 and EXAONE 4.0 q/k norms; attention_bias / mlp_bias add
+    more (Phi-3, EXAONE 4.0: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v biases, none
+    of o's or the MLP's)."""
     if model_type == "phi3":
         return []
     if model_type == "glm4":
         return ["bq", "bk", "bv"] if cfg.get("attention_bias") else []
+    if model_type == "exaone4":  # (no bias key: Exaone4Attention's maps have none)
+        return ["q_norm", "k_norm"]
     extras = {"qwen2": ["bq", "bk", "bv"], "qwen3": ["q_norm", "k_norm"], "gemma3_text": ["q_norm", "k_norm"],
               "olmo2": ["q_norm", "k_norm"], "olmo3": ["q_norm", "k_norm"]}.get(model_type, [])
     if cfg.get("attention_bias"):
