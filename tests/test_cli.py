@@ -559,7 +559,8 @@ def test_synthetic_decode_models_are_valid_configs():
     of 96 and window in every layer, Gemma 2's soft-caps on alternate sliding layers, Qwen2.5's q|k|v bias, OLMo 2's
     norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes), and Olmo 3's too, with
     three layers of four sliding over 4,096 keys on a plain table of their own, the fourth YaRN-scaled (factor 8);
-    GLM-4 9B's four norms, q|k|v bias and half-rotated heads."""
+    GLM-4 9B's four norms, q|k|v bias and half-rotated heads; EXAONE 4.0 32B's post-norms alone with per-head q / k
+    norms, three layers of four sliding over 4,096 keys, the fourth unrotated, llama3 scaling."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -583,3 +584,8 @@ def test_synthetic_decode_models_are_valid_configs():
     assert [olmo3.window(i) for i in range(8)] == [4096, 4096, 4096, 0] * 2
     assert [olmo3.rotates_locally(i) for i in range(4)] == [True, True, True, False]
     assert olmo3.rope_attention_factor == pytest.approx(1.2079441541679836) and max(olmo3.rope_freq_factors) == 8.0
+    exaone4 = configs["exaone4-32b"]
+    assert exaone4.layer_norms() == {"q_norm": 128, "k_norm": 128, "post_attention_norm": 5120, "post_ffn_norm": 5120}
+    assert [(exaone4.window(i), exaone4.rotates(i)) for i in range(8)] == [(4096, True)] * 3 + [(0, False)] + [
+        (4096, True)] * 3 + [(0, False)]
+    assert exaone4.map_shapes()[0] == (5120 + 2 * 1024, 5120) and exaone4.rope_scaling["factor"] == 16.0

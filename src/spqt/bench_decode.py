@@ -80,6 +80,15 @@ SYNTHETIC = {
                      pre_norms=False, post_norms=True, sliding_window=4096,
                      sliding_layers=tuple(i for i in range(32) if i % 4 != 3), rope_local_theta=500000.0,
                      rope_freq_factors=_OLMO3_7B_YARN[0], rope_attention_factor=_OLMO3_7B_YARN[1]),
+    # EXAONE-4.0-32B's (its config.json as TensorRT-LLM's EXAONE 4 test copies it): no norms before the maps, post-norms
+    # and per-head q / k norms (of ones), three layers of each four sliding over 4,096 keys, the fourth unrotated (NoPE),
+    # llama3 scaling (factor 16 from 8,192 positions, base 1,000,000); 8 kv heads of 128, untied head
+    "exaone4-32b": dict(vocab_size=102400, dim=5120, n_layers=64, n_heads=40, n_kv_heads=8, head_dim=128,
+                        ffn_dim=27392, rope_theta=1000000.0, family="exaone4", qk_norm=True, pre_norms=False,
+                        post_norms=True, sliding_window=4096, sliding_layers=tuple(i for i in range(64) if i % 4 != 3),
+                        nope_layers=tuple(range(3, 64, 4)),
+                        rope_scaling={"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                      "original_max_position_embeddings": 8192}),
     "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                       family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests
