@@ -1,5 +1,5 @@
 """Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, Olmo 3,
-GLM-4, EXAONE 4.0), each from HF safetensors and from GGUF.
+GLM-4, EXAONE 3.5 and 4.0), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -108,6 +108,10 @@ FAMILIES = {
                                   rope_parameters={"full_attention": OLMO3_YARN,
                                                    "sliding_attention": {"rope_type": "default", "rope_theta": 5e5}}),
               "olmo2", "chatml"),
+    # Llama's network under EXAONE's tensor names (transformers saves them so: transformer.h.{i}.attn.attention.q_proj,
+    # ...), llama3 scaling, GQA, an untied head (7.8B, 32B)
+    "exaone": ("ExaoneConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=512, pad_token_id=None),
+               "exaone", "chatml"),
     # OLMo 2's post-norms alone with Qwen3's per-head q/k norms in 4 layers: 0 to 2 slide through a window of 8 (the
     # tests' 32 to 90 tokens cross it) and rotate by the llama3-scaled table, 3 attends to every key unrotated
     # (Exaone4Config's default pattern, every fourth layer full); an untied head, as the 32B has
@@ -376,7 +380,7 @@ def test_float_forward_equals_transformers(family, source):
     if name == "olmo3":  # the full layer's YaRN, from both sources (pairs 0 and 1 kept, in part); the context uncapped
         assert c.rope_freq_factors == pytest.approx((1.0, 1.6) + (4.0,) * 6, rel=1e-12) and c.max_seq_len == 512
         assert c.rope_attention_factor == pytest.approx(1 + 0.1 * math.log(4), rel=1e-12)
-    if name.startswith("llama") or name == "exaone4":
+    if name.startswith("llama") or name in ("exaone", "exaone4"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
     if name in ("mistral", "phi3"):
         assert c.max_seq_len == {"mistral": 1024, "phi3": 256}[name]
@@ -853,8 +857,8 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    # (transformers reads no smollm3, granite, olmo2, glm4 or exaone4 GGUF's tokenizer: the one it was written from)
-    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4", "exaone4"):
+    # (transformers reads no smollm3, granite, olmo2, glm4 or exaone GGUF's tokenizer: the one it was written from)
+    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4", "exaone", "exaone4"):
         theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
@@ -1439,8 +1443,8 @@ def _expect_error(capsys, argv, fragment):
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
                                         "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text",
-                                        "olmo", "olmoe", "chatglm", "glm", "glm4_moe", "glm4v", "exaone",
-                                        "exaone_moe", "exaone4_5"])
+                                        "olmo", "olmoe", "chatglm", "glm", "glm4_moe", "glm4v", "exaone_moe",
+                                        "exaone4_5"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -1533,6 +1537,8 @@ EXAONE4 = {"model_type": "exaone4", "eos_token_id": 2}
     ({**EXAONE4, "sliding_window": None, "layer_types": ["sliding_attention", "full_attention"]},
      "sliding_attention layers without a sliding_window are not supported for exaone4"),
     ({**EXAONE4, "rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope scaling 'dynamic' is not"),
+    # EXAONE 3.5 with another activation under its own key name
+    ({"model_type": "exaone", "activation_function": "gelu", "eos_token_id": 2}, "activation 'gelu' is not supported"),
 ])
 def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
     from safetensors.torch import save_file
@@ -1548,7 +1554,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid", "olmo",
-                                  "olmoe", "chatglm", "glm4moe", "exaone", "exaone-moe"])
+                                  "olmoe", "chatglm", "glm4moe", "exaone-moe"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
@@ -1861,6 +1867,32 @@ def test_exaone4_configs_read_as_transformers_reads_them(extra):
     assert ours.rope_scaling == ({k: float(v) for k, v in LLAMA3_ROPE.items() if k not in ("rope_type", "rope_theta")}
                                  if "rope_scaling" in extra else None)
     assert (ours.pre_norms, ours.post_norms, ours.qk_norm, ours.qk_norm_scope) == (False, True, True, "head")
+
+
+def test_exaone_configs_read_as_transformers_reads_them():
+    """An EXAONE 3.5 config.json under its own key names (num_layers, layer_norm_epsilon, activation_function, as the
+    published configs have them) and with its defaults left out (a RoPE base of 500,000, 8 kv heads): what
+    ExaoneConfig reads."""
+    from transformers import ExaoneConfig
+
+    from spqt.sources import _class_filled, _hf_config
+
+    cfg = {"model_type": "exaone", "vocab_size": 320, "hidden_size": 128, "intermediate_size": 128, "num_layers": 3,
+           "num_attention_heads": 8, "layer_norm_epsilon": 1e-6, "activation_function": "silu", "eos_token_id": 2}
+    theirs = ExaoneConfig.from_dict(dict(cfg))
+    ours = _hf_config(_class_filled(ExaoneConfig, cfg), "exaone", tie=False)
+    assert (ours.n_layers, ours.norm_eps, ours.n_kv_heads, ours.rope_theta, ours.max_seq_len) == (
+        theirs.num_hidden_layers, theirs.rms_norm_eps, theirs.num_key_value_heads, theirs.rope_parameters["rope_theta"],
+        theirs.max_position_embeddings) == (3, 1e-6, 8, 500000.0, 4096)
+
+
+@pytest.mark.parametrize("family", ["exaone"], indirect=True)
+def test_exaone_gguf_with_its_layer_norm_epsilon_key(family, tmp_path):
+    """An exaone GGUF whose epsilon is under attention.layer_norm_epsilon (llama.cpp's later converters write EXAONE
+    3.5's key so) reads it."""
+    path = _gguf_with(family["gguf"], tmp_path / "e.gguf", {"exaone.attention.layer_norm_epsilon": 1e-3},
+                      drop=("exaone.attention.layer_norm_rms_epsilon",))
+    assert open_source(path).config.norm_eps == pytest.approx(1e-3)
 
 
 @pytest.mark.parametrize("family", ["olmo3"], indirect=True)

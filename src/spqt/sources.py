@@ -50,6 +50,8 @@ Families and where they come from:
                                                                       k, v biases, fused gate|up, partial RoPE in
                                                                       GLM's interleaved pairs (rows permuted as
                                                                       read); chatglm, glm, glm4_moe, glm4v refused
+    EXAONE 3.5  exaone                    exaone                      Llama's network under EXAONE's tensor names
+    (3.0, Deep)                                                       (transformer.h.{i}.attn.attention.q_proj, ...)
     EXAONE 4.0  exaone4                   exaone4                     post-norms alone (OLMo 2's), q/k norms per head
                                                                       (Qwen3's), sliding-window layers rotated by
                                                                       the model's table, the full layers unrotated
@@ -104,6 +106,13 @@ attention.sliding_window_pattern (one flag a layer, as the converter writes laye
 full, Exaone4Config's default and llama.cpp's for the 64-layer 32B), the full layers unrotated; q/k rows in the
 Hugging Face order (llama.cpp rotates NEOX pairs), Llama-3 scaling as rope_freqs.
 
+EXAONE 3.5 (3.0, Deep): transformers runs ``exaone`` as Llama (ExaoneConfig: the keys num_layers,
+layer_norm_epsilon and activation_function read as num_hidden_layers, rms_norm_eps and hidden_act; those left out are
+its defaults, RoPE base 500,000 among them) on the checkpoint's own names, which the reader renames as transformers'
+conversion mapping does (_HF_EXAONE_NAMES). An ``exaone`` GGUF holds Llama's tensor names with q/k rows in the Hugging
+Face order (llama.cpp rotates NEOX pairs), its norm epsilon under layer_norm_rms_epsilon or, as later converters
+write it, layer_norm_epsilon.
+
 Granite: its q/k rows are permuted as ``llama``'s too (llama.cpp's converter builds it on its Llama class). A
 config.json leaves a multiplier out as GraniteConfig's 1.0 (attention too: scores scaled by 1, not 1 / sqrt(head_dim));
 a GGUF key left out or 0 is llama.cpp's "none" (attention: 1 / sqrt(head_dim)).
@@ -128,9 +137,9 @@ from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf
 from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4",
-                        "exaone4")
+                        "exaone", "exaone4")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone4")
+                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
@@ -207,6 +216,13 @@ _HF_NAMES = {
     "mlp.up_proj": "w3",
     "mlp.down_proj": "w2",
 }
+# EXAONE 3.5's names for Llama's tensors (transformers' conversion mapping for exaone, applied in this order to the
+# Hugging Face Llama names): Llama name fragment -> the checkpoint's
+_HF_EXAONE_NAMES = (("model.embed_tokens.", "transformer.wte."), ("model.layers.", "transformer.h."),
+                    ("model.norm.", "transformer.ln_f."), (".self_attn.o_proj.", ".attn.attention.out_proj."),
+                    (".self_attn.", ".attn.attention."), (".input_layernorm.", ".ln_1."),
+                    (".post_attention_layernorm.", ".ln_2."), (".mlp.gate_proj.", ".mlp.c_fc_0."),
+                    (".mlp.up_proj.", ".mlp.c_fc_1."), (".mlp.down_proj.", ".mlp.c_proj."))
 # a multimodal checkpoint's text model (Gemma 3, Mistral 3): its tensors' prefix -> its head's name (absent where tied)
 _HF_MULTIMODAL_BASES = {"model.language_model.": "lm_head.weight",
                         "language_model.model.": "language_model.lm_head.weight"}
@@ -596,7 +612,7 @@ def _open_gguf(path: Path) -> SourceModel:
             n_kv_heads=n_kv,
             ffn_dim=size("feed_forward_length"),
             head_dim=head_dim,
-            norm_eps=float(field_value(f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+            norm_eps=_gguf_norm_eps(field_value, arch),
             rope_theta=float(field_value(f"{arch}.rope.freq_base", 10000.0)),
             max_seq_len=context,
             tie_embeddings="output.weight" not in tensors,
@@ -752,6 +768,15 @@ def _gguf_olmo3(field_value, size, path: Path, n_layers: int) -> dict:
         raise SpqtError(f"{path}: GGUF olmo2.rope.freq_base_swa {local:g} other than rope.freq_base {theta:g} is not "
                         f"supported (llama.cpp's olmo2 rotates every layer by rope.freq_base)")
     return {"sliding_window": window, "sliding_layers": sliding, "rope_local_theta": theta}
+
+
+def _gguf_norm_eps(field_value, arch: str) -> float:
+    """The RMSNorms' epsilon: attention.layer_norm_rms_epsilon, else (exaone: llama.cpp's later converters write
+    EXAONE 3.5's layer_norm_epsilon under its own name) attention.layer_norm_epsilon, else 1e-5."""
+    eps = field_value(f"{arch}.attention.layer_norm_rms_epsilon")
+    if eps is None and arch == "exaone":
+        eps = field_value("exaone.attention.layer_norm_epsilon")
+    return float(1e-5 if eps is None else eps)
 
 
 def _gguf_exaone4(field_value, size, path: Path, n_layers: int) -> dict:
@@ -1078,8 +1103,9 @@ def _open_hf(folder: Path) -> SourceModel:
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
                             f"(gelu_pytorch_tanh is, for {model_type.removesuffix('_text')})")
-    elif cfg.get("hidden_act", "silu") != "silu":
-        raise SpqtError(f"{folder}: activation {cfg.get('hidden_act')!r} is not supported (silu is)")
+    elif cfg.get("hidden_act", cfg.get("activation_function", "silu")) != "silu":  # (EXAONE 3.5's name of it second)
+        raise SpqtError(f"{folder}: activation {cfg.get('hidden_act', cfg.get('activation_function'))!r} is not "
+                        f"supported (silu is)")
     files = _weight_files(folder, "model.safetensors.index.json", "*.safetensors")
     pickled = {} if files else _torch_shards(_bin_files(folder))  # older checkpoints
     files = files or list(pickled)
@@ -1118,6 +1144,8 @@ def _open_hf(folder: Path) -> SourceModel:
             cfg = _class_filled(_config_class("Glm4Config", "4.51.3", "glm4"), cfg)
         elif model_type == "olmo3":
             cfg = _olmo3_config(cfg)
+        elif model_type == "exaone":  # (ExaoneConfig's names of the keys, its defaults: RoPE base 500,000, 8 kv heads)
+            cfg = _class_filled(_config_class("ExaoneConfig", "5.25", "exaone"), cfg)
         elif model_type == "exaone4":  # (Exaone4Config's layer_types: every fourth layer full where none are listed)
             cfg = _class_filled(_config_class("Exaone4Config", "4.54", "exaone4"), cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
@@ -1149,6 +1177,8 @@ def _open_hf(folder: Path) -> SourceModel:
     _add_layer_names(config, layer_names, fused,
                      {h: ours for h, ours in _HF_EXTRAS.items() if ours in extras},
                      lambda i, key: f"{base}layers.{i}.{key}", names, hf_name, rows)
+    if model_type == "exaone":
+        hf_name = {ours: _exaone_name(key) for ours, key in hf_name.items()}
     missing = list(dict.fromkeys(hf_name[n] for n in names if hf_name[n] not in where))
     if missing:
         raise SpqtError(f"{folder}: checkpoint lacks tensors {', '.join(missing[:4])}")
@@ -1268,6 +1298,14 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         **(_GLM4_SWITCHES if model_type == "glm4" else {}),
         **(_EXAONE4_SWITCHES if model_type == "exaone4" else {}),
     )
+
+
+def _exaone_name(key: str) -> str:
+    """A Hugging Face Llama tensor name as an EXAONE 3.5 checkpoint holds it (transformer.h.{i}.attn.attention.q_proj,
+    ...; lm_head's is Llama's)."""
+    for llama, exaone in _HF_EXAONE_NAMES:
+        key = key.replace(llama, exaone)
+    return key
 
 
 def _hf_rotary_dims(rope: dict, cfg: dict, model_type: str, head_dim: int) -> int:
