@@ -1145,7 +1145,7 @@ def _open_hf(folder: Path) -> SourceModel:
         elif model_type == "olmo3":
             cfg = _olmo3_config(cfg)
         elif model_type == "exaone":  # (ExaoneConfig's names of the keys, its defaults: RoPE base 500,000, 8 kv heads)
-            cfg = _class_filled(_config_class("ExaoneConfig", "5.25", "exaone"), cfg)
+            cfg = _class_filled(_config_class("ExaoneConfig", None, "exaone"), cfg)
         elif model_type == "exaone4":  # (Exaone4Config's layer_types: every fourth layer full where none are listed)
             cfg = _class_filled(_config_class("Exaone4Config", "4.54", "exaone4"), cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
@@ -1399,15 +1399,16 @@ def _gemma3_config(cfg: dict) -> dict:
     return full
 
 
-def _config_class(name: str, since: str, model_type: str):
-    """transformers' config class of that name; ValueError naming the version that brought it where this one lacks it
-    (the pin admits transformers 4.51)."""
+def _config_class(name: str, since: str | None, model_type: str):
+    """transformers' config class of that name; ValueError naming the version that brought it (since; None: not
+    known here) where this one lacks it (the pin admits transformers 4.51)."""
     import transformers
 
     try:
         return getattr(transformers, name)
     except AttributeError:
-        raise ValueError(f"transformers {transformers.__version__} has no {name} ({since} or later reads "
+        later = f"{since} or later" if since else "a later transformers"
+        raise ValueError(f"transformers {transformers.__version__} has no {name} ({later} reads "
                          f"{model_type})") from None
 
 
