@@ -1837,6 +1837,31 @@ def test_exaone4_gguf_without_a_window_or_a_pattern(family, tmp_path):
     err, span = _logit_error(unwindowed, plain, ids)
     assert err < 2e-5 * span, f"seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
     assert _logit_error(unwindowed, family["model"], ids)[0] > 1e-2 * span  # (the switches matter)
+    # a pattern of its own: the layers it flags slide and rotate, as transformers runs those layer_types
+    flags = [False, True, True, False]
+    config = transformers.Exaone4Config.from_dict({**family["model"].config.to_dict(), "layer_types": [
+        "sliding_attention" if flag else "full_attention" for flag in flags]})
+    other = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    other.load_state_dict(family["model"].state_dict())
+    patterned = load_model(_gguf_with(family["gguf"], tmp_path / "f.gguf",
+                                      {"exaone4.attention.sliding_window_pattern": flags}))
+    assert (patterned.config.sliding_layers, patterned.config.nope_layers) == ((1, 2), (0, 3))
+    err, span = _logit_error(patterned, other, ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
+
+
+def test_exaone4_gguf_of_64_layers_without_a_window_key_is_the_32b():
+    """A 64-layer exaone4 GGUF without attention.sliding_window runs as llama.cpp runs it, the 32B: a window of 4,096,
+    every fourth layer full and unrotated; another layer count without the key has no window (the 1.2B)."""
+    from pathlib import Path
+
+    from spqt.sources import _gguf_exaone4
+
+    absent = (lambda key, default=None: default), (lambda key, default: default)
+    layers = _gguf_exaone4(*absent, Path("m.gguf"), 64)
+    assert layers["sliding_window"] == 4096 and layers["nope_layers"] == tuple(range(3, 64, 4))
+    assert layers["sliding_layers"] == tuple(i for i in range(64) if i % 4 != 3)
+    assert _gguf_exaone4(*absent, Path("m.gguf"), 30) == {"nope_layers": ()}
 
 
 @pytest.mark.parametrize("extra", [{}, {"sliding_window_pattern": 2}, {"sliding_window": 64, "layer_types": [
@@ -1884,6 +1909,31 @@ def test_exaone_configs_read_as_transformers_reads_them():
     assert (ours.n_layers, ours.norm_eps, ours.n_kv_heads, ours.rope_theta, ours.max_seq_len) == (
         theirs.num_hidden_layers, theirs.rms_norm_eps, theirs.num_key_value_heads, theirs.rope_parameters["rope_theta"],
         theirs.max_position_embeddings) == (3, 1e-6, 8, 500000.0, 4096)
+
+
+@pytest.mark.parametrize("family", ["exaone"], indirect=True)
+def test_exaone_folder_under_llama_names_reads_as_llama(family, tmp_path):
+    """An exaone folder whose safetensors hold Llama's names (a re-export; transformers' renaming touches only EXAONE's)
+    reads them: transformers' logits."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spqt.sources import _HF_EXAONE_NAMES
+
+    folder = tmp_path / "m"
+    shutil.copytree(family["hf"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    renamed = {}
+    for key, tensor in weights.items():
+        for llama, exaone in _HF_EXAONE_NAMES:  # (out_proj before the rest of attn.attention)
+            key = key.replace(exaone, llama)
+        renamed[key] = tensor
+    assert not any(key.startswith("transformer.") for key in renamed)
+    save_file(renamed, str(folder / "model.safetensors"))
+    ids = _ids(24, family["tok"].vocab_size, seed=family["seed"] + 9)
+    err, span = _logit_error(load_model(folder), family["model"], ids)
+    assert err < 2e-5 * span, f"seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
 
 
 @pytest.mark.parametrize("family", ["exaone"], indirect=True)

@@ -100,11 +100,12 @@ multiplies the two, for Olmo-3-7B 1 + 0.1 ln 8 squared), else YaRN's own: the ne
 EXAONE 4.0: a config.json's keys left out are Exaone4Config's (its layer_types: every fourth layer full unless the
 config lists them; the published configs do); where the config has a sliding_window the sliding layers rotate by the
 model's table (its llama3 scaling too) and the full layers not at all (transformers' "global NoPE"), where it has
-none (the 1.2B) every layer is full and rotated. An ``exaone4`` GGUF runs as llama.cpp runs it, the same network:
-attention.sliding_window (absent or 0: no window, every layer rotated), its sliding layers from
-attention.sliding_window_pattern (one flag a layer, as the converter writes layer_types; absent: every fourth layer
-full, Exaone4Config's default and llama.cpp's for the 64-layer 32B), the full layers unrotated; q/k rows in the
-Hugging Face order (llama.cpp rotates NEOX pairs), Llama-3 scaling as rope_freqs.
+none (the 1.2B) every layer is full and rotated. An ``exaone4`` GGUF runs as transformers runs the config it was
+converted from: attention.sliding_window (absent or 0: no window, every layer rotated; absent in a 64-layer file:
+4,096, as llama.cpp runs the 32B), its sliding layers from attention.sliding_window_pattern (one flag a layer, as the
+converter writes layer_types; absent: every fourth layer full, Exaone4Config's default and llama.cpp's), the full
+layers unrotated; q/k rows in the Hugging Face order (llama.cpp rotates NEOX pairs), Llama-3 scaling as rope_freqs.
+llama.cpp itself reads no pattern key and runs a window in 64-layer files alone (the 32B's shape: the same network).
 
 EXAONE 3.5 (3.0, Deep): transformers runs ``exaone`` as Llama (ExaoneConfig: the keys num_layers,
 layer_norm_epsilon and activation_function read as num_hidden_layers, rms_norm_eps and hidden_act; those left out are
@@ -178,6 +179,7 @@ _EXAONE4_SWITCHES = {"pre_norms": False, "post_norms": True}
 # llama.cpp's exaone4 without a sliding_window_pattern key: every fourth layer (i % 4 == 3) full, as Exaone4Config's
 # default pattern (4) and llama.cpp's for the 64-layer 32B
 _GGUF_EXAONE4_FULL_EVERY = 4
+_GGUF_EXAONE4_32B_WINDOW = 4096  # (llama.cpp's window for a 64-layer exaone4 file without attention.sliding_window)
 # GLM-4 0414's (transformers' Glm4DecoderLayer, llama.cpp's glm4): Gemma's four norms a layer, with a SiLU-gated MLP
 _GLM4_SWITCHES = {"post_norms": True}
 # llama.cpp's gemma3: every sixth layer (i % 6 == 5) attends to every key, the others through the sliding window;
@@ -780,16 +782,18 @@ def _gguf_norm_eps(field_value, arch: str) -> float:
 
 
 def _gguf_exaone4(field_value, size, path: Path, n_layers: int) -> dict:
-    """An exaone4 GGUF's sliding layers and NoPE layers (ModelConfig fields) as llama.cpp runs them: without
-    attention.sliding_window (or with 0) none of either, every layer full and rotated (the 1.2B); with it, the layers
-    attention.sliding_window_pattern flags (absent: all but every fourth) slide through the window and rotate, the
-    others attend to every key unrotated. SpqtError where the pattern is not one flag a layer, where rope.freq_base_swa
-    differs from rope.freq_base (transformers rotates every layer by the one table)."""
+    """An exaone4 GGUF's sliding layers and NoPE layers (ModelConfig fields), as transformers runs the config it was
+    converted from: without attention.sliding_window (or with 0) none of either, every layer full and rotated (the
+    1.2B), except a 64-layer file without the key, which llama.cpp runs as the 32B (a window of 4,096); with a window,
+    the layers attention.sliding_window_pattern flags (absent: all but every fourth) slide through it and rotate, the
+    others attend to every key unrotated. (llama.cpp reads no pattern key and windows 64-layer files alone.)
+    SpqtError where the pattern is not one flag a layer, where rope.freq_base_swa differs from rope.freq_base
+    (transformers rotates every layer by the one table)."""
     theta = _gguf_float(field_value, path, "exaone4.rope.freq_base", 10000.0)
     if _gguf_float(field_value, path, "exaone4.rope.freq_base_swa", theta) != theta:
         raise SpqtError(f"{path}: GGUF exaone4.rope.freq_base_swa other than rope.freq_base is not supported "
                         f"(EXAONE 4.0 rotates its sliding layers by the model's table)")
-    window = size("attention.sliding_window", 0)
+    window = size("attention.sliding_window", _GGUF_EXAONE4_32B_WINDOW if n_layers == 64 else 0)
     if window <= 0 or not 1 <= n_layers <= _LIMITS["n_layers"]:  # (a layer count ModelConfig refuses anyway)
         return {"nope_layers": ()}
     pattern = field_value("exaone4.attention.sliding_window_pattern")
@@ -1103,9 +1107,10 @@ def _open_hf(folder: Path) -> SourceModel:
         if cfg.get("hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
             raise SpqtError(f"{folder}: activation {cfg.get('hidden_activation')!r} is not supported "
                             f"(gelu_pytorch_tanh is, for {model_type.removesuffix('_text')})")
-    elif cfg.get("hidden_act", cfg.get("activation_function", "silu")) != "silu":  # (EXAONE 3.5's name of it second)
-        raise SpqtError(f"{folder}: activation {cfg.get('hidden_act', cfg.get('activation_function'))!r} is not "
-                        f"supported (silu is)")
+    else:  # (EXAONE 3.5 names it activation_function, which transformers reads for exaone alone)
+        act = cfg.get("hidden_act", cfg.get("activation_function") if model_type == "exaone" else None) or "silu"
+        if act != "silu":
+            raise SpqtError(f"{folder}: activation {act!r} is not supported (silu is)")
     files = _weight_files(folder, "model.safetensors.index.json", "*.safetensors")
     pickled = {} if files else _torch_shards(_bin_files(folder))  # older checkpoints
     files = files or list(pickled)
@@ -1177,7 +1182,9 @@ def _open_hf(folder: Path) -> SourceModel:
     _add_layer_names(config, layer_names, fused,
                      {h: ours for h, ours in _HF_EXTRAS.items() if ours in extras},
                      lambda i, key: f"{base}layers.{i}.{key}", names, hf_name, rows)
-    if model_type == "exaone":
+    if model_type == "exaone" and any(key.startswith("transformer.") for key in where):
+        # EXAONE's names (a re-export that holds Llama's under model_type exaone reads as Llama's, as transformers
+        # reads it)
         hf_name = {ours: _exaone_name(key) for ours, key in hf_name.items()}
     missing = list(dict.fromkeys(hf_name[n] for n in names if hf_name[n] not in where))
     if missing:
