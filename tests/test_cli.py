@@ -560,7 +560,8 @@ def test_synthetic_decode_models_are_valid_configs():
     norms (post-norms alone, q / k normed whole) on Llama 2 7B's map shapes (its tuned routes), and Olmo 3's too, with
     three layers of four sliding over 4,096 keys on a plain table of their own, the fourth YaRN-scaled (factor 8);
     GLM-4 9B's four norms, q|k|v bias and half-rotated heads; EXAONE 4.0 32B's post-norms alone with per-head q / k
-    norms, three layers of four sliding over 4,096 keys, the fourth unrotated, llama3 scaling."""
+    norms, three layers of four sliding over 4,096 keys, the fourth unrotated, llama3 scaling; ERNIE 4.5 0.3B's heads
+    of 128 on a dim of 1,024, whole heads rotated, no biases."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -589,3 +590,7 @@ def test_synthetic_decode_models_are_valid_configs():
     assert [(exaone4.window(i), exaone4.rotates(i)) for i in range(8)] == [(4096, True)] * 3 + [(0, False)] + [
         (4096, True)] * 3 + [(0, False)]
     assert exaone4.map_shapes()[0] == (5120 + 2 * 1024, 5120) and exaone4.rope_scaling["factor"] == 16.0
+    ernie = configs["ernie4.5-0.3b"]
+    assert ernie.map_shapes() == [(2048 + 2 * 256, 1024), (1024, 2048), (2 * 3072, 1024), (1024, 3072)]
+    assert (ernie.rotary_dims, ernie.linear_biases, ernie.layer_norms()) == (
+        128, (), {"attention_norm": 1024, "ffn_norm": 1024})

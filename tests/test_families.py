@@ -1,5 +1,5 @@
 """Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, Olmo 3,
-GLM-4, EXAONE 3.5 and 4.0), each from HF safetensors and from GGUF.
+GLM-4, EXAONE 3.5 and 4.0, ERNIE 4.5), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -49,6 +49,9 @@ TEMPLATES = {  # each family's chat format, shortened
              "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
     "glm4": "[gMASK]<sop>{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{% endfor %}"
             "{% if add_generation_prompt %}<|assistant|>\n{% endif %}",
+    "ernie": "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n"
+             "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n{% else %}Assistant: {{ m['content'] }}"
+             "<|end_of_sentence|>{% endif %}{% endfor %}{% if add_generation_prompt %}Assistant: {% endif %}",
 }
 # family -> (transformers config class, config arguments, GGUF architecture, chat template)
 DIMS = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -117,6 +120,12 @@ FAMILIES = {
     # (Exaone4Config's default pattern, every fourth layer full); an untied head, as the 32B has
     "exaone4": ("Exaone4Config", dict(num_hidden_layers=4, head_dim=16, sliding_window=8, max_position_embeddings=512,
                                       pad_token_id=None, rope_parameters=LLAMA3_ROPE), "exaone4", "chatml"),
+    # Llama's network rotating (2j, 2j + 1) of each whole head (an explicit head_dim, q 128 wide on a dim of 64);
+    # use_bias: a bias on each of the seven maps (the released dense models have none); a tied head, as Ernie4_5Config's
+    # default and the 0.3B's
+    "ernie4_5": ("Ernie4_5Config", dict(head_dim=32, use_bias=True, max_position_embeddings=512, pad_token_id=None,
+                                        rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
+                 "ernie4_5", "ernie"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -168,7 +177,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     the window and the sliding layers (sliding_window_pattern) as keys, the full layers' YaRN as the rope scaling keys
     (its attention_factor as rope.scaling.attn_factor, where the config gives one); `glm4`'s four norms under Gemma's
     GGUF names (its post_attention_layernorm the ffn_norm), gate|up as ffn_up, q and k unpermuted; partial RoPE as
-    rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128, GLM-4's 64).
+    rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128, GLM-4's 64); `ernie4_5`'s q and k
+    unpermuted (llama.cpp rotates its adjacent pairs), its biases under the names gguf's tensor map gives them.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
@@ -354,12 +364,14 @@ def test_float_forward_equals_transformers(family, source):
     c = loaded.config
     name = family["name"]
     # the family's switches, as read from each source
-    assert c.linear_biases == (("qkv",) if name in ("qwen2", "glm4") else ())
+    assert c.linear_biases == (("qkv",) if name in ("qwen2", "glm4") else ("qkv", "o", "gate_up", "down")
+                               if name == "ernie4_5" else ())
     assert (c.rope_dims, c.head_dim) == ((16, 32) if name == "glm4" else (0, c.head_dim))
     assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4"))
     assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name in ("olmo2", "olmo3") else (False, "head")
                                               if name == "exaone4" else (True, "head"))
-    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3"))
+    assert c.tie_embeddings == (name in ("llama3.2", "qwen2", "qwen3", "smollm3", "granite", "gemma2", "gemma3",
+                                         "ernie4_5"))
     assert loaded.provenance.get("folded_multipliers") == (
         {"embedding": 12.0, "attention": 0.015625, "residual": float(np.float32(0.22)), "logits": 8.0}  # (as float32)
         if name == "granite" else None)
@@ -857,8 +869,10 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    # (transformers reads no smollm3, granite, olmo2, glm4 or exaone GGUF's tokenizer: the one it was written from)
-    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4", "exaone", "exaone4"):
+    # (transformers reads no smollm3, granite, olmo2, glm4, exaone or ernie4_5 GGUF's tokenizer: the one it was written
+    # from)
+    if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4", "exaone", "exaone4",
+                                            "ernie4_5"):
         theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
@@ -1003,7 +1017,8 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4"], indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4", "ernie4_5"],
+                         indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -1266,7 +1281,7 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4", "ernie4_5"], indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
     block run alone on its own mask) over Gemma 3's, Gemma 2's, OLMo 2's and Olmo 3's 40-token windows: block i's output
@@ -1444,7 +1459,7 @@ def _expect_error(capsys, argv, fragment):
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "qwen3_moe", "mixtral", "qwen2_vl", "mllama", "granitemoe",
                                         "granitemoeshared", "granitemoehybrid", "gemma", "gemma3n", "gemma3n_text",
                                         "olmo", "olmoe", "chatglm", "glm", "glm4_moe", "glm4v", "exaone_moe",
-                                        "exaone4_5"])
+                                        "exaone4_5", "ernie4_5_moe", "ernie4_5_vl_moe"])
 def test_unsupported_hf_families_are_refused(tmp_path, capsys, model_type):
     folder = tmp_path / "m"
     folder.mkdir()
@@ -1554,7 +1569,7 @@ def test_unusable_hf_configs_are_refused(tmp_path, capsys, change, fragment):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3moe", "gemma", "gemma3n", "granitemoe", "granitehybrid", "olmo",
-                                  "olmoe", "chatglm", "glm4moe", "exaone-moe"])
+                                  "olmoe", "chatglm", "glm4moe", "exaone-moe", "ernie4_5-moe"])
 def test_unsupported_gguf_families_are_refused(tmp_path, capsys, arch):
     """A Mixtral-style GGUF says `llama` and declares experts; other archs are refused by name."""
     import gguf
@@ -1909,6 +1924,30 @@ def test_exaone_configs_read_as_transformers_reads_them():
     assert (ours.n_layers, ours.norm_eps, ours.n_kv_heads, ours.rope_theta, ours.max_seq_len) == (
         theirs.num_hidden_layers, theirs.rms_norm_eps, theirs.num_key_value_heads, theirs.rope_parameters["rope_theta"],
         theirs.max_position_embeddings) == (3, 1e-6, 8, 500000.0, 4096)
+
+
+@pytest.mark.parametrize("use_bias", [None, True])
+def test_ernie4_5_configs_read_as_transformers_reads_them(use_bias):
+    """ERNIE-4.5-0.3B's config.json (its published keys: rope_theta at the top level, use_bias false) with head_dim and
+    tie_word_embeddings left out: what Ernie4_5Config reads (head_dim 128, not hidden_size / heads; a tied head), no
+    biases; use_bias true: a bias on each of the seven maps, as Ernie4_5Attention and Ernie4_5MLP build them."""
+    from transformers import Ernie4_5Config
+
+    from spqt.sources import _class_filled, _hf_config
+
+    cfg = {"model_type": "ernie4_5", "vocab_size": 103424, "hidden_size": 1024, "intermediate_size": 3072,
+           "num_hidden_layers": 18, "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+           "max_position_embeddings": 131072, "rope_theta": 500000, "use_bias": bool(use_bias), "bos_token_id": 1,
+           "eos_token_id": 2, "hidden_act": "silu"}
+    if use_bias is None:
+        del cfg["use_bias"]
+    theirs = Ernie4_5Config.from_dict(dict(cfg))
+    ours = _hf_config(_class_filled(Ernie4_5Config, cfg), "ernie4_5", tie=True)
+    assert (ours.head_dim, ours.tie_embeddings, ours.rope_theta, ours.n_kv_heads, ours.rope_dims) == (
+        theirs.head_dim, theirs.tie_word_embeddings, theirs.rope_parameters["rope_theta"], 2, 0) == (
+        128, True, 500000, 2, 0)
+    assert ours.linear_biases == (("qkv", "o", "gate_up", "down") if use_bias else ())
+    assert (ours.family, ours.post_norms, ours.qk_norm) == ("ernie4_5", False, False)
 
 
 @pytest.mark.parametrize("family", ["exaone"], indirect=True)

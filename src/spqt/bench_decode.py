@@ -89,6 +89,11 @@ SYNTHETIC = {
                         nope_layers=tuple(range(3, 64, 4)),
                         rope_scaling={"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                                       "original_max_position_embeddings": 8192}),
+    # ERNIE-4.5-0.3B's (its config.json): 18 layers, 16 heads of 128 on a dim of 1,024 (q twice as wide as the
+    # stream), 2 kv heads, base 500,000, no biases (use_bias false); its RoPE pairs need no switch (the readers permute
+    # q's and k's rows as read); the head untied here, its tied one stored as the others' heads are
+    "ernie4.5-0.3b": dict(vocab_size=103424, dim=1024, n_layers=18, n_heads=16, n_kv_heads=2, head_dim=128,
+                          ffn_dim=3072, rope_theta=500000.0, norm_eps=1e-5, family="ernie4_5"),
     "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                       family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests

@@ -25,7 +25,8 @@ Olmo 3 is OLMo 2's switches with Gemma 3's sliding layers (sliding_window, slidi
 their own table (rope_local_theta: the model's base, plain, where the full layers' table is YaRN-scaled).
 EXAONE 4.0 needs no switch of its own either: OLMo 2's post-norms alone (pre_norms off) with Qwen3's per-head q/k norms,
 and, where it has a window, sliding layers (all but every fourth) rotated by the model's table while the full layers
-are SmolLM3's NoPE layers (nope_layers).
+are SmolLM3's NoPE layers (nope_layers). ERNIE 4.5 (dense) needs none: Llama's network whose RoPE pairs (2j, 2j + 1)
+of each whole head, which the readers permute into ours as GLM-4's, and (use_bias) a bias on each of the seven maps.
 """
 
 import math

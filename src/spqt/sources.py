@@ -56,6 +56,10 @@ Families and where they come from:
                                                                       (Qwen3's), sliding-window layers rotated by
                                                                       the model's table, the full layers unrotated
                                                                       (NoPE) where the model has a window
+    ERNIE 4.5   ernie4_5                  ernie4_5                    Llama's network, its RoPE pairs (2j, 2j + 1)
+    (dense)                                                           over the whole head (rows permuted as read);
+                                                                      use_bias: biases on all seven maps;
+                                                                      ernie4_5_moe, ernie4_5_vl_moe refused
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -63,7 +67,8 @@ transformers does, so every source uses the half-split RoPE of model.py. ``qwen2
 files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", RoPE), as ``gemma2``, ``gemma3`` and
 ``olmo2`` files do. ``glm4`` files keep them too: llama.cpp rotates their adjacent pairs (NORM RoPE), as transformers
 rotates GLM-4's (2j, 2j + 1), and the readers of both permute those rows into our pairing (folding.rope_dim_order,
-_INTERLEAVED_ROPE). Llama 3.1
+_INTERLEAVED_ROPE); ``ernie4_5`` files as well (NORM RoPE over whole heads, the converter keeping the Hugging Face
+rows, as transformers' Ernie4_5 rotates (2j, 2j + 1) of every head). Llama 3.1
 scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear and YaRN
 scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). Phi-3's
 longrope arrives as the tensors ``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor
@@ -138,17 +143,18 @@ from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf
 from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4",
-                        "exaone", "exaone4")
+                        "exaone", "exaone4", "ernie4_5")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4")
+                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4", "ernie4_5")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
 _GGUF_PERMUTED_QK = ("llama", "smollm3", "granite")
 # Families (model_type and GGUF architecture alike) whose RoPE pairs each head's rotated dimensions (2j, 2j + 1) in the
-# file's row order (transformers' Glm4 rotate_half of x[0::2] and x[1::2]; llama.cpp's glm4: NORM RoPE, its converter
-# keeping the Hugging Face rows): the readers permute q's and k's rows into ours (folding.partial_rope_rows)
-_INTERLEAVED_ROPE = ("glm4",)
+# file's row order (transformers' Glm4 and Ernie4_5 rotate_half of x[0::2] and x[1::2]; llama.cpp's glm4 and ernie4_5:
+# NORM RoPE, their converters keeping the Hugging Face rows): the readers permute q's and k's rows into ours
+# (folding.partial_rope_rows; ERNIE 4.5 rotates whole heads)
+_INTERLEAVED_ROPE = ("glm4", "ernie4_5")
 # GGUF and HF families whose partial RoPE (rope.dimension_count, partial_rotary_factor below 1) we run
 _PARTIAL_ROPE = ("phi3", "glm4")
 # GGUF architectures with NoPE layers: llama.cpp skips RoPE in layer i where (i + 1) % step == 0 (a fixed step, no key)
@@ -683,7 +689,7 @@ def _open_gguf(path: Path) -> SourceModel:
             factors = fold_factors(multipliers, config)
         except ValueError as e:
             raise SpqtError(f"{path}: {e}") from None
-    # (Phi-4-mini, GLM-4: q's and k's rows in our pairing)
+    # (Phi-4-mini, GLM-4, ERNIE 4.5: q's and k's rows in our pairing)
     loader = partial_rope_rows(folded(load, factors), config, interleaved=arch in _INTERLEAVED_ROPE)
     if gemma:  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
         loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"], q_normed=config.qk_norm)
@@ -1153,6 +1159,8 @@ def _open_hf(folder: Path) -> SourceModel:
             cfg = _class_filled(_config_class("ExaoneConfig", None, "exaone"), cfg)
         elif model_type == "exaone4":  # (Exaone4Config's layer_types: every fourth layer full where none are listed)
             cfg = _class_filled(_config_class("Exaone4Config", "4.54", "exaone4"), cfg)
+        elif model_type == "ernie4_5":  # (Ernie4_5Config's defaults: head_dim 128, a tied head, RoPE base 500,000)
+            cfg = _class_filled(_config_class("Ernie4_5Config", "4.54", "ernie4_5"), cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -1218,7 +1226,7 @@ def _open_hf(folder: Path) -> SourceModel:
     provenance = {"source": folder.name, "source_format": "hf", "source_sha256": file_sha256(files + [cfg_path])}
     if multipliers is not None:
         provenance["folded_multipliers"] = multipliers.record()
-    # (Phi-4-mini, GLM-4: q's and k's rows in our pairing)
+    # (Phi-4-mini, GLM-4, ERNIE 4.5: q's and k's rows in our pairing)
     loader = partial_rope_rows(folded(load, factors), config, interleaved=model_type in _INTERLEAVED_ROPE)
     if query_scale is not None:  # Gemma: each norm's 1 + w, the attention scale in q_norm (Gemma 3) or wq (Gemma 2)
         loader = gemma_norms(loader, shift=1.0, query_scale=query_scale, q_normed=config.qk_norm)
@@ -1679,9 +1687,11 @@ def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers builds it: Qwen2
     always has q/k/v biases, Qwen3, Gemma 3, OLMo 2, Olmo 3 and EXAONE 4.0 q/k norms; attention_bias / mlp_bias add
     more (Phi-3, EXAONE 4.0: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v biases, none
-    of o's or the MLP's)."""
+    of o's or the MLP's); ERNIE 4.5's use_bias gives all seven maps one."""
     if model_type == "phi3":
         return []
+    if model_type == "ernie4_5":
+        return ["bq", "bk", "bv", "bo", "b1", "b3", "b2"] if cfg.get("use_bias") else []
     if model_type == "glm4":
         return ["bq", "bk", "bv"] if cfg.get("attention_bias") else []
     if model_type == "exaone4":  # (no bias key: Exaone4Attention's maps have none)
