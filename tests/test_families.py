@@ -533,6 +533,18 @@ def test_unusable_granite_ggufs_are_refused(family, tmp_path, capsys, case, frag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
+def _folder_without(source: Path, path: Path, part: str) -> Path:
+    """A copy of the HF folder `source` at `path` without the tensors whose names hold `part`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, path)
+    weights = load_file(str(path / "model.safetensors"))
+    save_file({k: v for k, v in weights.items() if part not in k}, str(path / "model.safetensors"))
+    return path
+
+
 def _gguf_with(source: Path, path: Path, keys: dict, tensors: dict | None = None, drop: tuple = ()) -> Path:
     """A copy of the GGUF at `path` without the keys `drop`, with these keys (strings, lists, or float32) and extra
     float32 tensors."""
@@ -1743,15 +1755,9 @@ def test_unusable_olmo_checkpoints_are_refused(family, tmp_path, capsys, case):
     (Olmo 3) whose sliding_window_pattern is not llama.cpp's (every fourth layer full), whose sliding layers have a RoPE
     base of their own (rope.freq_base_swa), with rope_freqs divisors (llama.cpp's olmo2 runs neither) or with an
     attention factor but no YaRN, or with two attention factors that disagree: one error line."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     path = tmp_path / "m"
     if case == "no k_norm":
-        shutil.copytree(family["hf"], path)
-        weights = load_file(str(path / "model.safetensors"))
-        save_file({k: v for k, v in weights.items() if "k_norm" not in k}, str(path / "model.safetensors"))
+        _folder_without(family["hf"], path, "k_norm")
     else:
         keys = {"pattern": {"olmo2.attention.sliding_window_pattern": [True, False] * 2},
                 "swa base": {"olmo2.rope.freq_base_swa": 1e4},
@@ -1806,15 +1812,9 @@ def test_unusable_exaone4_checkpoints_are_refused(family, tmp_path, capsys, case
     their own (rope.freq_base_swa: EXAONE 4.0 rotates them by the model's table), or with NextN prediction layers after
     the others (EXAONE 4.5's text model, as llama.cpp's converter writes it); an exaone4 folder whose layers lack their
     k_norm: one error line."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     path = tmp_path / "m"
     if case == "no k_norm":
-        shutil.copytree(family["hf"], path)
-        weights = load_file(str(path / "model.safetensors"))
-        save_file({k: v for k, v in weights.items() if "k_norm" not in k}, str(path / "model.safetensors"))
+        _folder_without(family["hf"], path, "k_norm")
     else:
         keys = {"pattern": {"exaone4.attention.sliding_window_pattern": [True, False]},
                 "swa base": {"exaone4.rope.freq_base_swa": 1e4},
