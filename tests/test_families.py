@@ -1671,18 +1671,19 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
 
 
-@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4", "exaone4"], indirect=True)
-def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
+@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4", "exaone4", "ernie4_5"], indirect=True)
+def test_new_family_decode_steps_on_every_cpu_path(family, quantized):
     """OLMo 2 (no norm before the maps, q and k each normed over all of its heads), Olmo 3 (the same, three layers of
     four through a window of 8 with plain RoPE, the fourth YaRN-scaled), GLM-4 (four norms a layer, q|k|v biases,
-    partial RoPE in interleaved pairs) and EXAONE 4.0 (OLMo 2's norms with per-head q/k norms, three layers of four
-    through a window of 8, the fourth unrotated) one token at a time: its HF folder equals transformers' logits in one
-    prefill and through the KV cache (40 tokens: the windows cut); its .spqt is format 9 (GLM-4: 8; an older spqt that
+    partial RoPE in interleaved pairs), EXAONE 4.0 (OLMo 2's norms with per-head q/k norms, three layers of four
+    through a window of 8, the fourth unrotated) and ERNIE 4.5 (Llama's norms, biases on all seven maps, whole heads
+    rotated in interleaved pairs) one token at a time: its HF folder equals transformers' logits in one prefill and
+    through the KV cache (40 tokens: the windows cut); its .spqt is format 9 (GLM-4: 8, ERNIE 4.5: 2; an older spqt that
     reads 9 runs Olmo 3's and EXAONE 4.0's switches too: none is new) and reads back the same configuration. The .spqt's
     teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode attention on the q|k|v the torch
-    norms gave, masked by the window) equal the torch reference's within the fp16 rounding of the native path; the
-    fp16 GEMV's (W, x, W x in fp16) within a few fp16 roundings; OLMo 2's and GLM-4's Triton maps' (the interpreter:
-    OLMo 2's maps without a norm read x) the reference's within float32 rounding, a prefill and a sparse step."""
+    norms gave, masked by the window) equal the torch reference's within the fp16 rounding of the native path; the fp16
+    GEMV's (W, x, W x in fp16) within a few fp16 roundings; OLMo 2's and GLM-4's Triton maps' (the interpreter: OLMo 2's
+    maps without a norm read x) the reference's within float32 rounding, a prefill and a sparse step."""
     from spqt.generate import set_sparse
     from spqt.kernels import cpu_native
 
@@ -1691,7 +1692,8 @@ def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
         theirs = family["model"](torch.tensor([ids])).logits[0]
     span = float(theirs.max() - theirs.min())
     spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span,
-                                    format_version={"olmo2": 9, "olmo3": 9, "glm4": 8, "exaone4": 9}[family["name"]])
+                                    format_version={"olmo2": 9, "olmo3": 9, "glm4": 8, "exaone4": 9,
+                                                    "ernie4_5": 2}[family["name"]])
     short = ids[:12]
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=16), short, sparse=False)
     span = float(ref.max() - ref.min())
@@ -1702,8 +1704,8 @@ def test_post_norm_family_decode_steps_on_every_cpu_path(family, quantized):
     got = _stepped_logits(Generator(spqt, "cpu", max_len=16, backend="cpu-fp16"), short, sparse=False)
     err = float((got - ref).abs().max())  # measured 5e-4 of the range (seed 0)
     assert err <= 8 * 2.0 ** -11 * span, f"fp16 GEMV, seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
-    if family["name"] in ("olmo3", "exaone4"):  # (their Triton maps are OLMo 2's; their windows, tables and per-head
-        return  # norms the torch attention's, which the interpreter's run shares with the reference: 9 s saved)
+    if family["name"] in ("olmo3", "exaone4", "ernie4_5"):  # (their Triton maps are OLMo 2's or GLM-4's: windows,
+        return  # tables, per-head norms and o / MLP biases are torch's, shared with the reference's run: 9 s saved)
     # the interpreter takes 3 s a step: a 2-token prefill (dense), then one step with every input thresholded at 0.2
     # (the one-token sparse kernels of q|k|v and gate|up without a norm)
     logits = {}
@@ -1929,8 +1931,9 @@ def test_exaone_configs_read_as_transformers_reads_them():
 @pytest.mark.parametrize("use_bias", [None, True])
 def test_ernie4_5_configs_read_as_transformers_reads_them(use_bias):
     """ERNIE-4.5-0.3B's config.json (its published keys: rope_theta at the top level, use_bias false) with head_dim and
-    tie_word_embeddings left out: what Ernie4_5Config reads (head_dim 128, not hidden_size / heads; a tied head), no
-    biases; use_bias true: a bias on each of the seven maps, as Ernie4_5Attention and Ernie4_5MLP build them."""
+    tie_word_embeddings left out (and use_bias and rope_theta too): what Ernie4_5Config reads (head_dim 128, not
+    hidden_size / heads; a tied head; base 500,000), no biases; use_bias true: a bias on each of the seven maps, as
+    Ernie4_5Attention and Ernie4_5MLP build them."""
     from transformers import Ernie4_5Config
 
     from spqt.sources import _class_filled, _hf_config
@@ -1939,8 +1942,8 @@ def test_ernie4_5_configs_read_as_transformers_reads_them(use_bias):
            "num_hidden_layers": 18, "num_attention_heads": 16, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
            "max_position_embeddings": 131072, "rope_theta": 500000, "use_bias": bool(use_bias), "bos_token_id": 1,
            "eos_token_id": 2, "hidden_act": "silu"}
-    if use_bias is None:
-        del cfg["use_bias"]
+    if use_bias is None:  # (the keys left out read as the class's defaults: no biases, base 500,000)
+        del cfg["use_bias"], cfg["rope_theta"]
     theirs = Ernie4_5Config.from_dict(dict(cfg))
     ours = _hf_config(_class_filled(Ernie4_5Config, cfg), "ernie4_5", tie=True)
     assert (ours.head_dim, ours.tie_embeddings, ours.rope_theta, ours.n_kv_heads, ours.rope_dims) == (
