@@ -1,5 +1,5 @@
 """Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, Olmo 3,
-GLM-4, EXAONE 3.5 and 4.0, ERNIE 4.5), each from HF safetensors and from GGUF.
+GLM-4, EXAONE 3.5 and 4.0, ERNIE 4.5, Seed-OSS), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -126,6 +126,11 @@ FAMILIES = {
     "ernie4_5": ("Ernie4_5Config", dict(head_dim=32, use_bias=True, max_position_embeddings=512, pad_token_id=None,
                                         rope_parameters={"rope_type": "default", "rope_theta": 5e5}),
                  "ernie4_5", "ernie"),
+    # Llama's network with an explicit head_dim (q 128 wide on a dim of 64), q/k/v biases (SeedOssConfig's default) and,
+    # beyond the released 36B's, o's (attention_out_bias) and the MLP's (mlp_bias); an untied head, as the 36B has
+    "seed_oss": ("SeedOssConfig", dict(head_dim=32, attention_out_bias=True, mlp_bias=True, max_position_embeddings=512,
+                                       pad_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 1e7}),
+                 "seed_oss", "chatml"),
 }
 GEMMA_NORMS = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight":
                "post_attention_norm.weight", "pre_feedforward_layernorm.weight": "ffn_norm.weight",
@@ -178,7 +183,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     (its attention_factor as rope.scaling.attn_factor, where the config gives one); `glm4`'s four norms under Gemma's
     GGUF names (its post_attention_layernorm the ffn_norm), gate|up as ffn_up, q and k unpermuted; partial RoPE as
     rope.dimension_count, the rotated dimensions (Phi-4-mini's 96 of 128, GLM-4's 64); `ernie4_5`'s q and k
-    unpermuted (llama.cpp rotates its adjacent pairs), its biases under the names gguf's tensor map gives them.
+    unpermuted (llama.cpp rotates its adjacent pairs), its biases under the names gguf's tensor map gives them;
+    `seed_oss`'s q and k unpermuted (NEOX RoPE), its norm before the MLP as post_attention_norm.
     types: per-layer GGUF names (attn_qkv.weight, ...) -> a type gguf can quantize to (others: F32)."""
     import gguf
 
@@ -264,6 +270,8 @@ def write_gguf(model, tok, path: Path, arch: str, template: str, types: dict | N
     if arch == "glm4":  # (as gguf's tensor map names them for glm4)
         names |= {"post_self_attn_layernorm.weight": "post_attention_norm.weight",
                   "post_mlp_layernorm.weight": "post_ffw_norm.weight"}
+    if arch == "seed_oss":  # (as gguf's tensor map names it for seed_oss: its ATTN_POST_NORM)
+        names |= {"post_attention_layernorm.weight": "post_attention_norm.weight"}
     for i in range(c.num_hidden_layers):
         for hf, ours in names.items():
             t = sd.get(f"model.layers.{i}.{hf}")
@@ -365,7 +373,7 @@ def test_float_forward_equals_transformers(family, source):
     name = family["name"]
     # the family's switches, as read from each source
     assert c.linear_biases == (("qkv",) if name in ("qwen2", "glm4") else ("qkv", "o", "gate_up", "down")
-                               if name == "ernie4_5" else ())
+                               if name in ("ernie4_5", "seed_oss") else ())
     assert (c.rope_dims, c.head_dim) == ((16, 32) if name == "glm4" else (0, c.head_dim))
     assert c.qk_norm == (name in ("qwen3", "gemma3", "olmo2", "olmo3", "exaone4"))
     assert (c.pre_norms, c.qk_norm_scope) == ((False, "all") if name in ("olmo2", "olmo3") else (False, "head")
@@ -881,10 +889,10 @@ def test_chat_template_and_text_as_transformers(family, source):
 
     loaded = open_source(family[source])  # config and tokenizer; no weights read
     ours = TextTokenizer(loaded.tokenizer, loaded.config)
-    # (transformers reads no smollm3, granite, olmo2, glm4, exaone or ernie4_5 GGUF's tokenizer: the one it was written
-    # from)
+    # (transformers reads no smollm3, granite, olmo2, glm4, exaone, ernie4_5 or seed_oss GGUF's tokenizer: the one it
+    # was written from)
     if source == "hf" or family["name"] in ("smollm3", "granite", "olmo2", "olmo3", "glm4", "exaone", "exaone4",
-                                            "ernie4_5"):
+                                            "ernie4_5", "seed_oss"):
         theirs = AutoTokenizer.from_pretrained(str(family["hf"]))
     else:
         theirs = AutoTokenizer.from_pretrained(str(family["gguf"].parent), gguf_file=family["gguf"].name)
@@ -1029,8 +1037,8 @@ def test_native_decode_skips_rope_in_nope_layers(family, quantized, monkeypatch)
     assert err <= 2 * 2.0 ** -11 * span, f"seed {family['seed']}: max |diff| {err:.3e}, logit range {span:.2f}"
 
 
-@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4", "ernie4_5"],
-                         indirect=True)
+@pytest.mark.parametrize("family", ["smollm3", "gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4", "ernie4_5",
+                                    "seed_oss"], indirect=True)
 def test_gptq_runs_each_layer_as_the_model_does(family, monkeypatch):
     """GPTQ's one layer at a time (gptq.quantize_layers, which builds its own tables) over SmolLM3 with Q8_0 maps:
     each layer's outputs on the calibration windows are the float model's within Q8_0's error (measured below 1 %
@@ -1293,7 +1301,8 @@ def test_gemma3_gguf_with_soft_capping_is_refused(family, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4", "ernie4_5"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "olmo2", "olmo3", "glm4", "exaone4", "ernie4_5", "seed_oss"],
+                         indirect=True)
 def test_calibration_runs_each_block_as_the_forward_does(family, quantized):
     """Calibration's block passes (calibrate._dense_block_inputs: the inputs the forward gave each layer, then each
     block run alone on its own mask) over Gemma 3's, Gemma 2's, OLMo 2's and Olmo 3's 40-token windows: block i's output
@@ -1671,15 +1680,16 @@ def test_format_1_files_still_load(tiny_spqt, tmp_path):
     assert Generator(b, "cpu", max_len=32).generate([3, 5, 7], 8).tokens == Generator(a, "cpu", max_len=32).generate([3, 5, 7], 8).tokens
 
 
-@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4", "exaone4", "ernie4_5"], indirect=True)
+@pytest.mark.parametrize("family", ["olmo2", "olmo3", "glm4", "exaone4", "ernie4_5", "seed_oss"], indirect=True)
 def test_new_family_decode_steps_on_every_cpu_path(family, quantized):
     """OLMo 2 (no norm before the maps, q and k each normed over all of its heads), Olmo 3 (the same, three layers of
     four through a window of 8 with plain RoPE, the fourth YaRN-scaled), GLM-4 (four norms a layer, q|k|v biases,
     partial RoPE in interleaved pairs), EXAONE 4.0 (OLMo 2's norms with per-head q/k norms, three layers of four
-    through a window of 8, the fourth unrotated) and ERNIE 4.5 (Llama's norms, biases on all seven maps, whole heads
-    rotated in interleaved pairs) one token at a time: its HF folder equals transformers' logits in one prefill and
-    through the KV cache (40 tokens: the windows cut); its .spqt is format 9 (GLM-4: 8, ERNIE 4.5: 2; an older spqt that
-    reads 9 runs Olmo 3's and EXAONE 4.0's switches too: none is new) and reads back the same configuration. The .spqt's
+    through a window of 8, the fourth unrotated), ERNIE 4.5 (Llama's norms, biases on all seven maps, whole heads
+    rotated in interleaved pairs) and Seed-OSS (biases on all seven maps, half-split RoPE) one token at a time: its HF
+    folder equals transformers' logits in one prefill and through the KV cache (40 tokens: the windows cut); its .spqt
+    is format 9 (GLM-4: 8, ERNIE 4.5: 2, Seed-OSS: 3, its untied head quantized; an older spqt that reads 9 runs
+    Olmo 3's and EXAONE 4.0's switches too: none is new) and reads back the same configuration. The .spqt's
     teacher-forced decode-step logits on the CPU's native maps (C GEMV and C decode attention on the q|k|v the torch
     norms gave, masked by the window) equal the torch reference's within the fp16 rounding of the native path; the fp16
     GEMV's (W, x, W x in fp16) within a few fp16 roundings; OLMo 2's and GLM-4's Triton maps' (the interpreter: OLMo 2's
@@ -1693,7 +1703,7 @@ def test_new_family_decode_steps_on_every_cpu_path(family, quantized):
     span = float(theirs.max() - theirs.min())
     spqt = _prefill_and_steps_equal(family, quantized, ids, theirs, span,
                                     format_version={"olmo2": 9, "olmo3": 9, "glm4": 8, "exaone4": 9,
-                                                    "ernie4_5": 2}[family["name"]])
+                                                    "ernie4_5": 2, "seed_oss": 3}[family["name"]])
     short = ids[:12]
     ref = _stepped_logits(Generator(spqt, "cpu", max_len=16), short, sparse=False)
     span = float(ref.max() - ref.min())
@@ -1704,8 +1714,9 @@ def test_new_family_decode_steps_on_every_cpu_path(family, quantized):
     got = _stepped_logits(Generator(spqt, "cpu", max_len=16, backend="cpu-fp16"), short, sparse=False)
     err = float((got - ref).abs().max())  # measured 5e-4 of the range (seed 0)
     assert err <= 8 * 2.0 ** -11 * span, f"fp16 GEMV, seed {family['seed']}: max |diff| {err:.3e} of {span:.2f}"
-    if family["name"] in ("olmo3", "exaone4", "ernie4_5"):  # (their Triton maps are OLMo 2's or GLM-4's: windows,
-        return  # tables, per-head norms and o / MLP biases are torch's, shared with the reference's run: 9 s saved)
+    if family["name"] in ("olmo3", "exaone4", "ernie4_5", "seed_oss"):  # (their Triton maps are OLMo 2's or
+        return  # GLM-4's: windows, tables, per-head norms and o / MLP biases are torch's, shared with the reference's
+        # run: 9 s saved)
     # the interpreter takes 3 s a step: a 2-token prefill (dense), then one step with every input thresholded at 0.2
     # (the one-token sparse kernels of q|k|v and gate|up without a norm)
     logits = {}
@@ -1951,6 +1962,28 @@ def test_ernie4_5_configs_read_as_transformers_reads_them(use_bias):
         128, True, 500000, 2, 0)
     assert ours.linear_biases == (("qkv", "o", "gate_up", "down") if use_bias else ())
     assert (ours.family, ours.post_norms, ours.qk_norm) == ("ernie4_5", False, False)
+
+
+@pytest.mark.parametrize("biases", [{}, {"attention_bias": False, "attention_out_bias": True, "mlp_bias": True}])
+def test_seed_oss_configs_read_as_transformers_reads_them(biases):
+    """Seed-OSS-36B's shapes (dim 5,120, 80 heads of 128, 8 kv heads, base 1e7) with head_dim and the bias keys left
+    out: what SeedOssConfig reads (head_dim 128, not hidden_size / heads = 64; q, k and v biases alone); each bias key
+    given alone: attention_bias q|k|v's, attention_out_bias o's, mlp_bias gate|up's and down's, as SeedOssAttention
+    and SeedOssMLP build them."""
+    from transformers import SeedOssConfig
+
+    from spqt.sources import _class_filled, _hf_config
+
+    cfg = {"model_type": "seed_oss", "vocab_size": 155136, "hidden_size": 5120, "intermediate_size": 27648,
+           "num_hidden_layers": 64, "num_attention_heads": 80, "num_key_value_heads": 8, "rms_norm_eps": 1e-6,
+           "max_position_embeddings": 524288, "rope_theta": 1e7, "bos_token_id": 0, "eos_token_id": 2,
+           "tie_word_embeddings": False, **biases}
+    theirs = SeedOssConfig.from_dict(dict(cfg))
+    ours = _hf_config(_class_filled(SeedOssConfig, cfg), "seed_oss", tie=False)
+    assert (ours.head_dim, ours.rope_theta, ours.n_kv_heads, ours.rope_dims, ours.tie_embeddings) == (
+        theirs.head_dim, theirs.rope_parameters["rope_theta"], 8, 0, False) == (128, 1e7, 8, 0, False)
+    assert ours.linear_biases == (("o", "gate_up", "down") if biases else ("qkv",))
+    assert (ours.family, ours.post_norms, ours.qk_norm, ours.sliding_layers) == ("seed_oss", False, False, ())
 
 
 @pytest.mark.parametrize("family", ["exaone"], indirect=True)

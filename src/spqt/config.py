@@ -27,6 +27,8 @@ EXAONE 4.0 needs no switch of its own either: OLMo 2's post-norms alone (pre_nor
 and, where it has a window, sliding layers (all but every fourth) rotated by the model's table while the full layers
 are SmolLM3's NoPE layers (nope_layers). ERNIE 4.5 (dense) needs none: Llama's network whose RoPE pairs (2j, 2j + 1)
 of each whole head, which the readers permute into ours as GLM-4's, and (use_bias) a bias on each of the seven maps.
+Seed-OSS needs none: Llama's network with an explicit head_dim and biases as its config asks (q, k and v by
+default; o's and the MLP's where attention_out_bias and mlp_bias say so).
 """
 
 import math

@@ -60,6 +60,11 @@ Families and where they come from:
     (dense)                                                           over the whole head (rows permuted as read);
                                                                       use_bias: biases on all seven maps;
                                                                       ernie4_5_moe, ernie4_5_vl_moe refused
+    Seed-OSS    seed_oss                  seed_oss                    Llama's network, an explicit head_dim, q, k, v
+                                                                      biases (attention_bias), o's
+                                                                      (attention_out_bias), the MLP's (mlp_bias);
+                                                                      the GGUF's pre-MLP norm under
+                                                                      post_attention_norm
 
 GGUF detail: for the ``llama`` architecture llama.cpp's converter permutes the rows of attn_q /
 attn_k (and their biases) inside each head (its RoPE rotates adjacent pairs); we undo that, as
@@ -68,7 +73,8 @@ files keep the Hugging Face order (llama.cpp runs them with half-split, "NEOX", 
 ``olmo2`` files do. ``glm4`` files keep them too: llama.cpp rotates their adjacent pairs (NORM RoPE), as transformers
 rotates GLM-4's (2j, 2j + 1), and the readers of both permute those rows into our pairing (folding.rope_dim_order,
 _INTERLEAVED_ROPE); ``ernie4_5`` files as well (NORM RoPE over whole heads, the converter keeping the Hugging Face
-rows, as transformers' Ernie4_5 rotates (2j, 2j + 1) of every head). Llama 3.1
+rows, as transformers' Ernie4_5 rotates (2j, 2j + 1) of every head); ``seed_oss`` files keep them (NEOX RoPE, as
+``qwen2``). Llama 3.1
 scaling arrives in a GGUF as the tensor ``rope_freqs`` (per-frequency divisors), not as keys; linear and YaRN
 scaling as keys, read as llama.cpp reads them, and kept as divisors too (YaRN's attention factor beside them). Phi-3's
 longrope arrives as the tensors ``rope_factors_short`` and ``rope_factors_long`` and the keys rope.scaling.attn_factor
@@ -143,9 +149,9 @@ from spqt.folding import fold_factors, folded, gemma_norms, gguf_multipliers, hf
 from spqt.quant import count_nonfinite
 
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4",
-                        "exaone", "exaone4", "ernie4_5")
+                        "exaone", "exaone4", "ernie4_5", "seed_oss")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4", "ernie4_5")
+                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4", "ernie4_5", "seed_oss")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
@@ -176,6 +182,10 @@ _GGUF_NAMES = {
 # Gemma's and OLMo 2's norms of the attention's and the MLP's outputs (Gemma's ffn_norm is the norm before the MLP, as
 # everyone's)
 _GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm": "post_ffn_norm"}
+# Seed-OSS's names (llama.cpp's seed_oss): its norm before the MLP (transformers' post_attention_layernorm, Llama's)
+# written as post_attention_norm, where the other families have ffn_norm
+_GGUF_SEED_OSS_NAMES = {**{key: ours for key, ours in _GGUF_NAMES.items() if key != "ffn_norm"},
+                        "post_attention_norm": "ffn_norm"}
 # OLMo 2's switches (transformers' Olmo2DecoderLayer, llama.cpp's olmo2): the attention's and the MLP's outputs normed
 # before the residual sum, no norm before them, q and k normed each over all of its heads (before RoPE)
 _OLMO2_SWITCHES = {"pre_norms": False, "post_norms": True, "qk_norm_scope": "all"}
@@ -647,7 +657,8 @@ def _open_gguf(path: Path) -> SourceModel:
     names = ["tok_embeddings", "norm"] + ([] if config.tie_embeddings else ["output"])
     gguf_name = {"tok_embeddings": "token_embd.weight", "norm": "output_norm.weight", "output": "output.weight"}
     rows = {}  # our name -> (first row, end row, rows of the fused tensor) for the parts of a fused tensor
-    layer_names = _layer_norm_names(config, {**_GGUF_NAMES, **(_GGUF_POST_NORMS if config.post_norms else {})})
+    plain_names = _GGUF_SEED_OSS_NAMES if arch == "seed_oss" else _GGUF_NAMES
+    layer_names = _layer_norm_names(config, {**plain_names, **(_GGUF_POST_NORMS if config.post_norms else {})})
     fused = _GGUF_FUSED if arch == "phi3" else {"ffn_up": "gate_up"} if arch == "glm4" else {}
     _add_layer_names(config, layer_names, fused, layer_extras, lambda i, key: f"blk.{i}.{key}", names, gguf_name, rows)
     missing = list(dict.fromkeys(gguf_name[n] for n in names if gguf_name[n] not in tensors))
@@ -1161,6 +1172,8 @@ def _open_hf(folder: Path) -> SourceModel:
             cfg = _class_filled(_config_class("Exaone4Config", "4.54", "exaone4"), cfg)
         elif model_type == "ernie4_5":  # (Ernie4_5Config's defaults: head_dim 128, a tied head, RoPE base 500,000)
             cfg = _class_filled(_config_class("Ernie4_5Config", "4.54", "ernie4_5"), cfg)
+        elif model_type == "seed_oss":  # (SeedOssConfig's defaults: head_dim 128, q/k/v biases, no o or MLP biases)
+            cfg = _class_filled(_config_class("SeedOssConfig", "4.56", "seed_oss"), cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -1687,9 +1700,13 @@ def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers builds it: Qwen2
     always has q/k/v biases, Qwen3, Gemma 3, OLMo 2, Olmo 3 and EXAONE 4.0 q/k norms; attention_bias / mlp_bias add
     more (Phi-3, EXAONE 4.0: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v biases, none
-    of o's or the MLP's); ERNIE 4.5's use_bias gives all seven maps one."""
+    of o's or the MLP's); ERNIE 4.5's use_bias gives all seven maps one; Seed-OSS's attention_bias q, k and v one,
+    attention_out_bias o, mlp_bias the MLP's three."""
     if model_type == "phi3":
         return []
+    if model_type == "seed_oss":
+        return ((["bq", "bk", "bv"] if cfg.get("attention_bias") else []) + (["bo"] if cfg.get("attention_out_bias")
+                else []) + (["b1", "b3", "b2"] if cfg.get("mlp_bias") else []))
     if model_type == "ernie4_5":
         return ["bq", "bk", "bv", "bo", "b1", "b3", "b2"] if cfg.get("use_bias") else []
     if model_type == "glm4":
