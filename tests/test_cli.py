@@ -561,7 +561,8 @@ def test_synthetic_decode_models_are_valid_configs():
     three layers of four sliding over 4,096 keys on a plain table of their own, the fourth YaRN-scaled (factor 8);
     GLM-4 9B's four norms, q|k|v bias and half-rotated heads; EXAONE 4.0 32B's post-norms alone with per-head q / k
     norms, three layers of four sliding over 4,096 keys, the fourth unrotated, llama3 scaling; ERNIE 4.5 0.3B's heads
-    of 128 on a dim of 1,024, whole heads rotated, no biases."""
+    of 128 on a dim of 1,024, whole heads rotated, no biases; Seed-OSS 36B's 80 heads of 128 on a dim of 5,120, q|k|v
+    bias, an untied head."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -594,3 +595,7 @@ def test_synthetic_decode_models_are_valid_configs():
     assert ernie.map_shapes() == [(2048 + 2 * 256, 1024), (1024, 2048), (2 * 3072, 1024), (1024, 3072)]
     assert (ernie.rotary_dims, ernie.linear_biases, ernie.layer_norms()) == (
         128, (), {"attention_norm": 1024, "ffn_norm": 1024})
+    seed_oss = configs["seed-oss-36b"]
+    assert seed_oss.map_shapes() == [(10240 + 2 * 1024, 5120), (5120, 10240), (2 * 27648, 5120), (5120, 27648)]
+    assert (seed_oss.rotary_dims, seed_oss.linear_biases, seed_oss.layer_norms(), seed_oss.tie_embeddings) == (
+        128, ("qkv",), {"attention_norm": 5120, "ffn_norm": 5120}, False)

@@ -94,6 +94,11 @@ SYNTHETIC = {
     # q's and k's rows as read); the head untied here, its tied one stored as the others' heads are
     "ernie4.5-0.3b": dict(vocab_size=103424, dim=1024, n_layers=18, n_heads=16, n_kv_heads=2, head_dim=128,
                           ffn_dim=3072, rope_theta=500000.0, norm_eps=1e-5, family="ernie4_5"),
+    # Seed-OSS-36B's (its model card: 64 layers, 80 heads of 128 on a dim of 5,120, q twice as wide as the stream, 8 kv
+    # heads, base 1e7; SeedOssConfig's defaults, the released config's: vocabulary 155,136, ffn 27,648, eps 1e-6,
+    # q|k|v biases, none on o or the MLP); untied head
+    "seed-oss-36b": dict(vocab_size=155136, dim=5120, n_layers=64, n_heads=80, n_kv_heads=8, head_dim=128,
+                         ffn_dim=27648, rope_theta=1e7, norm_eps=1e-6, family="seed_oss", linear_biases=("qkv",)),
     "phi3-mini": dict(vocab_size=32064, dim=3072, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=8192,
                       family="phi3", sliding_window=2047, sliding_layers=tuple(range(32))),
     "tiny": dict(vocab_size=512, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=768),  # the gpu tests
