@@ -1,5 +1,5 @@
 """Model families (Llama 3.1 / 3.2, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2, Gemma 3, OLMo 2, Olmo 3,
-GLM-4, EXAONE 3.5 and 4.0, ERNIE 4.5, Seed-OSS), each from HF safetensors and from GGUF.
+GLM-4, EXAONE 3.5 and 4.0, ERNIE 4.5, Seed-OSS, Ministral), each from HF safetensors and from GGUF.
 
 For every family a tiny random-weight model is built with transformers from a config, saved with
 save_pretrained and also written as a GGUF the way llama.cpp's converter lays one out (gguf's
@@ -61,6 +61,13 @@ FAMILIES = {
                                      tie_word_embeddings=True), "llama", "llama3"),
     "mistral": ("MistralConfig", dict(head_dim=16, sliding_window=96, max_position_embeddings=1024,
                                       rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "llama", "mistral"),
+    # Mistral's network, the window in the layers its layer_types mark (the 8B's pattern: one full layer, then three
+    # sliding); a llama GGUF, as llama.cpp's converter writes it, carries no window
+    "ministral": ("MinistralConfig", dict(num_hidden_layers=4, head_dim=16, sliding_window=96,
+                                          layer_types=["full_attention"] + ["sliding_attention"] * 3,
+                                          max_position_embeddings=1024,
+                                          rope_parameters={"rope_type": "default", "rope_theta": 1e8}),
+                  "llama", "mistral"),
     "qwen2": ("Qwen2Config", dict(tie_word_embeddings=True, max_position_embeddings=512,
                                   rope_parameters={"rope_type": "default", "rope_theta": 1e6}), "qwen2", "chatml"),
     "qwen3": ("Qwen3Config", dict(head_dim=32, tie_word_embeddings=True, max_position_embeddings=512,
@@ -391,10 +398,11 @@ def test_float_forward_equals_transformers(family, source):
         else (0.0, False, "silu", 1.0))
     assert (c.attn_logit_softcap, c.final_logit_softcap) == ((2.0, 1.5) if name == "gemma2" else (0.0, 0.0))
     # the layers that slide, as transformers runs them (a llama GGUF, Mistral's, has no window), the context uncapped
-    windowed = (name == "phi3" or (name == "mistral" and source == "hf"))
+    windowed = (name == "phi3" or (name in ("mistral", "ministral") and source == "hf"))
     assert (c.sliding_layers, c.sliding_window) == (
         ((0, 1, 2, 3, 4), 8) if name == "gemma3" else ((0, 2), 8) if name == "gemma2" else ((0, 1, 2), 8)
-        if name in ("olmo3", "exaone4") else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
+        if name in ("olmo3", "exaone4") else ((1, 2, 3), 96) if windowed and name == "ministral"
+        else ((0, 1), {"phi3": 95, "mistral": 96}[name]) if windowed else ((), 0))
     if name == "gemma3":  # the full layer's linear scaling, from both sources; its context not capped by the window
         assert c.rope_freq_factors == (4.0,) * 8 and c.max_seq_len == 512
     if name == "olmo3":  # the full layer's YaRN, from both sources (pairs 0 and 1 kept, in part); the context uncapped
@@ -402,8 +410,8 @@ def test_float_forward_equals_transformers(family, source):
         assert c.rope_attention_factor == pytest.approx(1 + 0.1 * math.log(4), rel=1e-12)
     if name.startswith("llama") or name in ("exaone", "exaone4"):
         assert (c.rope_scaling is not None) == (source == "hf") and (c.rope_freq_factors is not None) == (source == "gguf")
-    if name in ("mistral", "phi3"):
-        assert c.max_seq_len == {"mistral": 1024, "phi3": 256}[name]
+    if name in ("mistral", "ministral", "phi3"):
+        assert c.max_seq_len == {"mistral": 1024, "ministral": 1024, "phi3": 256}[name]
     if windowed:  # past the window: transformers' windowed logits
         long_ids = _ids(c.sliding_window + 40, c.vocab_size, seed=family["seed"])
         err, span = _logit_error(loaded, family["model"], long_ids)
@@ -2207,9 +2215,32 @@ def test_use_sliding_window_runs_as_transformers(base_tokenizer, tmp_path, model
     assert float((stepped - reference).abs().max()) < 2e-5 * span
 
 
+@pytest.mark.parametrize("context", [131072, 32768])
+def test_ministral_layer_types_read_as_transformers_reads_them(context):
+    """Ministral 8B's shapes (36 layers, 32 heads of 128, 8 kv heads) with its ragged pattern as layer_types (every
+    fourth layer full from the first, the others through 32,768 keys): the sliding layers MinistralConfig marks; at a
+    context of 32,768 (the window's own) no window can cut, none."""
+    from transformers import MinistralConfig
+
+    from spqt.sources import _hf_config
+
+    types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(36)]
+    cfg = {"model_type": "ministral", "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 12288,
+           "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+           "max_position_embeddings": context, "rope_theta": 1e8, "sliding_window": 32768, "layer_types": types}
+    theirs = MinistralConfig.from_dict(dict(cfg))
+    ours = _hf_config(cfg, "ministral", tie=False)
+    marked = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")
+    assert ours.sliding_layers == (marked if context > 32768 else ()) and len(marked) == 27
+    assert ours.sliding_window == (32768 if context > 32768 else 0) and ours.max_seq_len == context
+    assert (ours.family, ours.head_dim, ours.rope_theta, ours.linear_biases) == ("ministral", 128, 1e8, ())
+
+
 @pytest.mark.parametrize("change, window", [
     ({"model_type": "mistral"}, 4096),  # (MistralConfig's default where the key is left out)
     ({"model_type": "mistral", "sliding_window": None}, 0),
+    ({"model_type": "ministral"}, 4096),  # (MinistralConfig's: every layer sliding where layer_types are left out)
+    ({"model_type": "ministral", "sliding_window": None}, 0),
     ({"model_type": "qwen2", "use_sliding_window": False, "sliding_window": 0}, 0),  # (transformers drops it)
     ({"model_type": "qwen2", "use_sliding_window": True, "max_window_layers": 1}, 4096),
     ({"model_type": "phi3"}, 0)])

@@ -24,6 +24,8 @@ Families and where they come from:
     Llama 2/3   llama                     llama                       Llama-3 or linear RoPE scaling; tied head (3.2)
     Mistral     mistral, mistral3         llama                       sliding window in every layer (HF)
                 (Mistral Small 3.x: its text)
+    Ministral   ministral                 llama                       Mistral's, the window in the layers its
+    (8B 2410)                                                         layer_types mark (HF)
     Qwen2/2.5   qwen2                     qwen2                       q, k, v biases; use_sliding_window (HF)
     Qwen3       qwen3                     qwen3                       q/k RMSNorm per head; use_sliding_window (HF)
     Phi-3/3.5   phi3                      phi3                        fused q|k|v, gate|up; sliding window (every
@@ -151,7 +153,8 @@ from spqt.quant import count_nonfinite
 SUPPORTED_GGUF_ARCHS = ("llama", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3", "olmo2", "glm4",
                         "exaone", "exaone4", "ernie4_5", "seed_oss")
 SUPPORTED_HF_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text",
-                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4", "ernie4_5", "seed_oss")
+                      "gemma3", "mistral3", "olmo2", "olmo3", "glm4", "exaone", "exaone4", "ernie4_5", "seed_oss",
+                      "ministral")
 # the multimodal model_types read as their text model (text_config): the text model's model_type
 _HF_MULTIMODAL = {"gemma3": "gemma3_text", "mistral3": "mistral"}
 # GGUF architectures whose q/k rows llama.cpp's converter interleaves per head (see above).
@@ -1365,12 +1368,13 @@ def _one_line(e: Exception) -> str:
 
 def _hf_sliding(cfg: dict, model_type: str, context: int) -> dict:
     """The sliding_window / sliding_layers of a config.json as transformers runs them: Mistral's and Phi-3's
-    sliding_window in every layer; Qwen2's, Qwen3's and SmolLM3's with use_sliding_window only, in the layers its
-    config class marks (layer_types: from max_window_layers, SmolLM3's NoPE layers); Llama and Granite none. {} where
-    no window can cut (none, or at least the context). ValueError where the keys are unusable."""
-    if model_type not in ("mistral", "phi3", "qwen2", "qwen3", "smollm3"):
+    sliding_window in every layer; Ministral's in the layers its layer_types mark (MinistralConfig: every layer where
+    none are listed); Qwen2's, Qwen3's and SmolLM3's with use_sliding_window only, in the layers its config class marks
+    (layer_types: from max_window_layers, SmolLM3's NoPE layers); Llama and Granite none. {} where no window can cut
+    (none, or at least the context). ValueError where the keys are unusable."""
+    if model_type not in ("mistral", "phi3", "ministral", "qwen2", "qwen3", "smollm3"):
         return {}
-    if model_type not in ("mistral", "phi3") and not cfg.get("use_sliding_window"):
+    if model_type not in ("mistral", "phi3", "ministral") and not cfg.get("use_sliding_window"):
         return {}  # (transformers drops their window then)
     from transformers import AutoConfig
 
