@@ -2219,7 +2219,8 @@ def test_use_sliding_window_runs_as_transformers(base_tokenizer, tmp_path, model
 def test_ministral_layer_types_read_as_transformers_reads_them(context):
     """Ministral 8B's shapes (36 layers, 32 heads of 128, 8 kv heads) with its ragged pattern as layer_types (every
     fourth layer full from the first, the others through 32,768 keys): the sliding layers MinistralConfig marks; at a
-    context of 32,768 (the window's own) no window can cut, none."""
+    context of 32,768 (the window's own) no window can cut, none; an attention_bias key reads as no bias, as
+    transformers' Ministral builds none."""
     from transformers import MinistralConfig
 
     from spqt.sources import _hf_config
@@ -2227,7 +2228,8 @@ def test_ministral_layer_types_read_as_transformers_reads_them(context):
     types = ["full_attention" if i % 4 == 0 else "sliding_attention" for i in range(36)]
     cfg = {"model_type": "ministral", "vocab_size": 131072, "hidden_size": 4096, "intermediate_size": 12288,
            "num_hidden_layers": 36, "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
-           "max_position_embeddings": context, "rope_theta": 1e8, "sliding_window": 32768, "layer_types": types}
+           "max_position_embeddings": context, "rope_theta": 1e8, "sliding_window": 32768, "layer_types": types,
+           "attention_bias": True}  # (a key MinistralAttention ignores: no biases)
     theirs = MinistralConfig.from_dict(dict(cfg))
     ours = _hf_config(cfg, "ministral", tie=False)
     marked = tuple(i for i, t in enumerate(theirs.layer_types) if t == "sliding_attention")

@@ -1703,10 +1703,10 @@ def _longrope(rope: dict, cfg: dict, rot_dims: int, context: int) -> tuple[tuple
 def _hf_extras(cfg: dict, model_type: str) -> list[str]:
     """The optional per-layer tensors (our names) a checkpoint of this config has, as transformers builds it: Qwen2
     always has q/k/v biases, Qwen3, Gemma 3, OLMo 2, Olmo 3 and EXAONE 4.0 q/k norms; attention_bias / mlp_bias add
-    more (Phi-3, EXAONE 4.0: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v biases, none
-    of o's or the MLP's); ERNIE 4.5's use_bias gives all seven maps one; Seed-OSS's attention_bias q, k and v one,
-    attention_out_bias o, mlp_bias the MLP's three."""
-    if model_type == "phi3":
+    more (Phi-3, Ministral, EXAONE 4.0: never; OLMo 2 and 3: attention_bias alone; GLM-4: attention_bias q, k and v
+    biases, none of o's or the MLP's); ERNIE 4.5's use_bias gives all seven maps one; Seed-OSS's attention_bias q, k
+    and v one, attention_out_bias o, mlp_bias the MLP's three."""
+    if model_type in ("phi3", "ministral"):  # (MinistralAttention and MinistralMLP build no bias, whatever the keys)
         return []
     if model_type == "seed_oss":
         return ((["bq", "bk", "bv"] if cfg.get("attention_bias") else []) + (["bo"] if cfg.get("attention_out_bias")
