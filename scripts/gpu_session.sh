@@ -105,7 +105,7 @@
 #   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
 #                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
-#   scripts/gpu_session.sh check44   the merged Olmo 3 / GLM-4 / EXAONE / ERNIE gpu tests, their decode in fp16 and bf16
+#   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
@@ -1766,14 +1766,15 @@ PY
     echo "check43: $(( $(date +%s) - start )) s"
     ;;
   check44)
-    # The forty-fourth session's merges (Olmo 3, GLM-4: 1eab6e2; EXAONE: eb0e6cb; ERNIE 4.5: ff5cbc9) on a GPU: the gpu tests of the families and the fused
+    # The forty-fourth session's merges (Olmo 3, GLM-4: 1eab6e2; EXAONE: eb0e6cb; ERNIE 4.5: ff5cbc9; Seed-OSS,
+    # Ministral: 18a1c6f) on a GPU: the gpu tests of the families and the fused
     # attention (CHECK44_K) in CHECK44_LIMIT s (default 240), then bench decode of CHECK44_RUNS (model:sparsity:dtype,
     # a process a run) within CALL_BUDGET (default 520 s from the start). Logs $OUT/check44-tests.log,
     # $OUT/check44-decode.log.
     start=$(date +%s)
     export SPQT_CACHE=/tmp/spqt-cache
     gpu_node_tests "${CHECK44_LIMIT:-240}" check44 tests/test_families.py tests/test_kernels.py \
-      -k "${CHECK44_K:-olmo or glm4 or exaone or ernie or rope_attention or cuda_path or bf16}"
+      -k "${CHECK44_K:-olmo or glm4 or exaone or ernie or seed_oss or ministral or rope_attention or cuda_path or bf16}"
     runs="glm4-9b:0:bf16 glm4-9b:0:fp16 olmo3-7b:0:fp16 olmo3-7b:0.5:fp16 exaone4-32b:0:fp16 ernie4.5-0.3b:0:fp16"
     for run in ${CHECK44_RUNS:-$runs}; do
       IFS=: read -r model level dtype <<< "$run"
