@@ -189,18 +189,19 @@ _GGUF_POST_NORMS = {"post_attention_norm": "post_attention_norm", "post_ffw_norm
 # written as post_attention_norm, where the other families have ffn_norm
 _GGUF_SEED_OSS_NAMES = {**{key: ours for key, ours in _GGUF_NAMES.items() if key != "ffn_norm"},
                         "post_attention_norm": "ffn_norm"}
-# OLMo 2's switches (transformers' Olmo2DecoderLayer, llama.cpp's olmo2): the attention's and the MLP's outputs normed
-# before the residual sum, no norm before them, q and k normed each over all of its heads (before RoPE)
+# The norm switches of a family (model_type and GGUF architecture alike; an olmo2 GGUF with a window is Olmo 3):
+# OLMo 2's and 3's (transformers' Olmo2DecoderLayer, llama.cpp's olmo2) the attention's and the MLP's outputs normed
+# before the residual sum, no norm before them, q and k normed each over all of its heads (before RoPE); EXAONE 4.0's
+# (Exaone4DecoderLayer, llama.cpp's exaone4) OLMo 2's post-norms alone, its q/k norms per head (Qwen3's: the readers
+# find q_norm and k_norm of head_dim); GLM-4 0414's (Glm4DecoderLayer, llama.cpp's glm4) Gemma's four norms a layer,
+# with a SiLU-gated MLP
 _OLMO2_SWITCHES = {"pre_norms": False, "post_norms": True, "qk_norm_scope": "all"}
-# EXAONE 4.0's (transformers' Exaone4DecoderLayer, llama.cpp's exaone4): OLMo 2's post-norms alone, its q/k norms per
-# head (Qwen3's: the readers find q_norm and k_norm of head_dim)
-_EXAONE4_SWITCHES = {"pre_norms": False, "post_norms": True}
+_FAMILY_SWITCHES = {"olmo2": _OLMO2_SWITCHES, "olmo3": _OLMO2_SWITCHES, "exaone4": {"pre_norms": False,
+                    "post_norms": True}, "glm4": {"post_norms": True}}
 # llama.cpp's exaone4 without a sliding_window_pattern key: every fourth layer (i % 4 == 3) full, as Exaone4Config's
 # default pattern (4) and llama.cpp's for the 64-layer 32B
 _GGUF_EXAONE4_FULL_EVERY = 4
 _GGUF_EXAONE4_32B_WINDOW = 4096  # (llama.cpp's window for a 64-layer exaone4 file without attention.sliding_window)
-# GLM-4 0414's (transformers' Glm4DecoderLayer, llama.cpp's glm4): Gemma's four norms a layer, with a SiLU-gated MLP
-_GLM4_SWITCHES = {"post_norms": True}
 # llama.cpp's gemma3: every sixth layer (i % 6 == 5) attends to every key, the others through the sliding window;
 # the sliding layers rotate by a table of base 10,000 (no key for either, unless rope.freq_base_swa is written)
 _GGUF_GEMMA3_FULL_EVERY = 6
@@ -651,9 +652,7 @@ def _open_gguf(path: Path) -> SourceModel:
             **{k: v for k, v in gemma.items() if k != "query_scale"},
             **phi3_window,
             **olmo3,
-            **(_OLMO2_SWITCHES if arch == "olmo2" else {}),
-            **(_GLM4_SWITCHES if arch == "glm4" else {}),
-            **(_EXAONE4_SWITCHES if arch == "exaone4" else {}),
+            **_FAMILY_SWITCHES.get(arch, {}),
         )
     except (TypeError, ValueError) as e:
         raise SpqtError(f"{path}: inconsistent GGUF metadata ({e})") from None
@@ -1165,18 +1164,10 @@ def _open_hf(folder: Path) -> SourceModel:
         if model_type in ("gemma2", "gemma3_text"):
             cfg = _gemma2_config(cfg) if model_type == "gemma2" else _gemma3_config(cfg)
             query_scale = _gemma_query_scale(cfg)
-        elif model_type == "glm4":  # (Glm4Config's defaults: head_dim 128, q/k/v biases, partial_rotary_factor 0.5)
-            cfg = _class_filled(_config_class("Glm4Config", "4.51.3", "glm4"), cfg)
         elif model_type == "olmo3":
             cfg = _olmo3_config(cfg)
-        elif model_type == "exaone":  # (ExaoneConfig's names of the keys, its defaults: RoPE base 500,000, 8 kv heads)
-            cfg = _class_filled(_config_class("ExaoneConfig", None, "exaone"), cfg)
-        elif model_type == "exaone4":  # (Exaone4Config's layer_types: every fourth layer full where none are listed)
-            cfg = _class_filled(_config_class("Exaone4Config", "4.54", "exaone4"), cfg)
-        elif model_type == "ernie4_5":  # (Ernie4_5Config's defaults: head_dim 128, a tied head, RoPE base 500,000)
-            cfg = _class_filled(_config_class("Ernie4_5Config", "4.54", "ernie4_5"), cfg)
-        elif model_type == "seed_oss":  # (SeedOssConfig's defaults: head_dim 128, q/k/v biases, no o or MLP biases)
-            cfg = _class_filled(_config_class("SeedOssConfig", "4.56", "seed_oss"), cfg)
+        elif model_type in _HF_CONFIG_CLASSES:
+            cfg = _class_filled(_config_class(*_HF_CONFIG_CLASSES[model_type], model_type), cfg)
         config = _hf_config(cfg, model_type, tie=head not in where)
         multipliers = hf_multipliers(_with_class_defaults(cfg, model_type)) if model_type == "granite" else None
         factors = {} if multipliers is None else fold_factors(multipliers, config)
@@ -1325,9 +1316,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
         **_switches(_hf_extras(cfg, model_type)),
         **own,
         **window,
-        **(_OLMO2_SWITCHES if model_type in ("olmo2", "olmo3") else {}),
-        **(_GLM4_SWITCHES if model_type == "glm4" else {}),
-        **(_EXAONE4_SWITCHES if model_type == "exaone4" else {}),
+        **_FAMILY_SWITCHES.get(model_type, {}),
     )
 
 
@@ -1429,6 +1418,16 @@ def _gemma3_config(cfg: dict) -> dict:
     if full.get("use_bidirectional_attention"):
         raise ValueError("bidirectional attention (use_bidirectional_attention: EmbeddingGemma) is not supported")
     return full
+
+
+# The families whose config.json keys left out read as their transformers config class fills them: the class and the
+# transformers version that brought it (None: not known here). Glm4Config: head_dim 128, q/k/v biases,
+# partial_rotary_factor 0.5; ExaoneConfig: its names of the keys, RoPE base 500,000, 8 kv heads; Exaone4Config: every
+# fourth layer full where no layer_types are listed; Ernie4_5Config: head_dim 128, a tied head, RoPE base 500,000;
+# SeedOssConfig: head_dim 128, q/k/v biases, no o or MLP biases
+_HF_CONFIG_CLASSES = {"glm4": ("Glm4Config", "4.51.3"), "exaone": ("ExaoneConfig", None),
+                      "exaone4": ("Exaone4Config", "4.54"), "ernie4_5": ("Ernie4_5Config", "4.54"),
+                      "seed_oss": ("SeedOssConfig", "4.56")}
 
 
 def _config_class(name: str, since: str | None, model_type: str):
