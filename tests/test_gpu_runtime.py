@@ -173,6 +173,44 @@ def test_kept_sparse_maps_decode_like_collected(tiny_hf, tiny_spqt, tmp_path, fm
     assert all(torch.equal(a, b) for a, b in zip(decoded[0.5][1], decoded[0.0][1]))
 
 
+@pytest.mark.parametrize("fmt", ["q4_k", "q3_k_m"])
+def test_bf16_decode_runs_the_cuda_gemv(tiny_hf, tiny_spqt, tmp_path, fmt, monkeypatch):
+    """bf16 CUDA decode (graph replays, teacher-forced over 24 steps), dense and at 50 %: with every map forced onto the
+    CUDA GEMV (SPQT_GEMV=cuda) it runs there with bf16 x (every type of the model: the Q3_K_M mix's Q3_K, Q4_K and
+    Q5_K maps; sparse modes at 50 %), and each step's logits stay within 3 % of the logit range of the Triton kernels'
+    bf16 decode (SPQT_GEMV=triton, which launches no CUDA GEMV)."""
+    from spqt.calibrate import calibrate
+    from spqt.kernels import zigzag_cuda
+    from spqt.kernels.gemv import TYPE_BITS
+    from test_families import _stepped_logits
+
+    loaded = load_spqt(tiny_spqt if fmt == "q4_k" else save_quantized(tiny_hf, tmp_path / f"{fmt}.spqt", fmt))
+    calib = torch.randint(0, loaded.config.vocab_size, (2048,), generator=torch.Generator().manual_seed(2)).tolist()
+    loaded.thresholds = calibrate(loaded, calib, [0.5], modes=("unified",), max_tokens=2048, ctx=256, held_out_tokens=0)
+    ids = torch.randint(0, loaded.config.vocab_size, (25,), generator=torch.Generator().manual_seed(4)).tolist()
+    launches = []  # (x's dtype, mode, TYPE) of each CUDA GEMV launch
+    real = zigzag_cuda.launch
+    monkeypatch.setattr(zigzag_cuda, "launch", lambda *a, **kw: launches.append((a[2].dtype, a[9], kw.get("bits", 4)))
+                        or real(*a, **kw))
+    for level in (0.0, 0.5):
+        logits = {}
+        for impl in ("cuda", "triton"):
+            monkeypatch.setenv("SPQT_GEMV", impl)
+            launches.clear()
+            gen = Generator(loaded, "cuda", dtype=torch.bfloat16, sparsity=level, max_len=64, dense_fallback=False)
+            logits[impl] = _stepped_logits(gen, ids, sparse=level > 0)
+            if impl == "triton":
+                assert not launches, f"SPQT_GEMV=triton launched the CUDA GEMV {len(launches)} times"
+                continue
+            types = {TYPE_BITS[lin.impl.w.fmt] for _, _, lin in sparse_linears(gen.model)}
+            assert {dtype for dtype, _, _ in launches} == {torch.bfloat16}
+            assert types <= {bits for _, _, bits in launches}, (types, fmt)
+            assert any(mode != zigzag_cuda.MODE_DENSE for _, mode, _ in launches) == (level > 0), level
+        span = logits["triton"].amax(dim=1) - logits["triton"].amin(dim=1)
+        err = (logits["cuda"] - logits["triton"]).abs().amax(dim=1)
+        assert (err <= 0.03 * span).all(), f"level {level}: worst step |diff| / range {float((err / span).max()):.4f}"
+
+
 @pytest.fixture(scope="module")
 def chain_spqt(tmp_path_factory):
     """A random Llama checkpoint whose layers the decode chain runs (head dim 64, FFN width a multiple of 256)."""

@@ -1832,6 +1832,90 @@ def test_cuda_kept_mode(rng, sparsity, monkeypatch):
                                                msg=f"{what} cluster swiglu")
 
 
+# bf16 x on the CUDA GEMV (split, warps, pipe, acc, Q4_K's tile pairs): 16 accumulators with the next chunk loaded
+# ahead, and tile pairs at 2 accumulators
+BF16_CONFIGS = [(7, 2, 1, 16, False), (24, 4, 0, 2, True)]
+
+
+@pytest.mark.gpu
+def test_cuda_gemv_runs_bf16(rng, monkeypatch):
+    """bf16 x on the CUDA GEMV (XBF16: B = x d sc rounded from fp32 to one fp16 term, y bf16): B2, the collected B4 and
+    MODE_KEPT at 50 %, B2 and MODE_KEPT with the RMSNorm folded, against the float64 product within the fp32 sum's
+    bound (2^-11 a product, y's bf16 rounding); inputs far past fp16's range (|x| up to ~2^19, weights scaled so that
+    x d sc stays in it); y and partials poisoned; deterministic; in a CUDA graph; the residual and SwiGLU finishes by
+    the last program and SwiGLU's by a cluster."""
+    from spqt.kernels import zigzag_cuda
+
+    monkeypatch.delenv("SPQT_GEMV", raising=False)
+    eps = 1e-5
+    for shape in ((4096, 4096), (2311, 777), (1024, 11008)):
+        qw, gw = _weights(rng, shape, "zigzag", "cuda", scale=2.0**-7)
+        n, k = shape
+        x = torch.from_numpy(rng.standard_normal(k) * np.exp2(rng.uniform(-3, 17, k))).to("cuda", torch.bfloat16)
+        assert x.float().abs().max() > 65504  # values fp16 cannot hold
+        t = torch.quantile(x.abs().float(), 0.5).reshape(())
+        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
+        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])
+        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).bfloat16()
+        t_normed = torch.quantile(normed.abs().float(), 0.5).reshape(())
+        assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
+        for split, warps, pipe, acc, pairs in BF16_CONFIGS:
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda",
+                  "extra": ("-DPAIRS=1",) if pairs else ()}
+            ws = kg.ZigzagWorkspace(gw, split, torch.bfloat16)
+            what = f"bf16 {shape} split {split} warps {warps} pipe {pipe} acc {acc} pairs {pairs}"
+            kept = zigzag_cuda.kept_fits(k, split, warps)
+            runs = [(kg.MODE_DENSE, {}, x.float(), "B2"), (kg.MODE_INDEXED, {}, reference.sparsify(x, t).float(), "B4")]
+            if kept:
+                runs.append((kg.MODE_KEPT, {"threshold": t}, reference.sparsify(x, t).float(), "kept"))
+            for mode, more, x_used, name in runs:
+                ws.y.fill_(float("nan"))
+                ws.partials.fill_(float("nan"))
+                if mode == kg.MODE_INDEXED:
+                    ws.idx.fill_(-7777)
+                    idx, count = collect(x, t, ws.idx, ws.count)
+                    more = {"idx": idx, "count": count}
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **more).clone()
+                assert y.dtype == torch.bfloat16
+                assert_close_fp32_accum(y, qw, x_used, f"{what} {name}", ZIGZAG_INPUT_EPS[torch.float16])
+                again = kg.gemv_zigzag(gw, x, mode, ws, **kw, **more)
+                assert torch.equal(y, again), f"{what} {name}: not deterministic"
+                if split == 7 and mode == kg.MODE_DENSE:  # in a CUDA graph, replayed: the same bits
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        out = kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                    ws.y.fill_(float("nan"))
+                    graph.replay()
+                    assert torch.equal(out, y), f"{what}: graph replay differs"
+            # the RMSNorm folded (the kernel's rstd may differ from torch's in the last bit: an input one bf16 unit
+            # apart), B2 against the product on torch's normed input, MODE_KEPT against MODE_KEPT on it
+            for mode, more in [(kg.MODE_DENSE, {})] + ([(kg.MODE_KEPT, {"threshold": t_normed})] if kept else []):
+                plain = kg.gemv_zigzag(gw, normed, mode, ws, **kw, **more).float().clone()
+                ws.y.fill_(float("nan"))
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **more, norm=(gamma, sq, eps)).clone()
+                if mode == kg.MODE_DENSE:
+                    assert_close_fp32_accum(y, qw, normed.float(), f"{what} norm", 2.0**-11 + 2.0**-8)
+                torch.testing.assert_close(y.float(), plain, rtol=1e-2, atol=1e-2 * float(plain.abs().max()),
+                                           msg=f"{what} norm mode {mode}")
+            if n % 512 == 0:  # the last program's finishes (and a cluster's SwiGLU on sm_90)
+                finishes = [(ws, kw | {"fused": True})]
+                if zigzag_cuda.clusters_run(x.device):
+                    finishes.append((kg.ZigzagWorkspace(gw, 4, torch.bfloat16), kw | {"cluster": True}))
+                for fws, fkw in finishes:
+                    plain = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, fws, **kw).float().clone()
+                    r = (torch.randn(n, device="cuda") * plain.abs().mean()).bfloat16()
+                    fws.y.fill_(float("nan"))
+                    y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, fws, **fkw, residual=r).float()
+                    torch.testing.assert_close(y, plain + r.float(), rtol=1e-2, atol=1e-2 * float(plain.abs().max()),
+                                               msg=f"{what} residual {sorted(fkw)}")
+                    fws.y.fill_(float("nan"))
+                    y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, fws, **fkw, swiglu=True).float()
+                    want = (torch.nn.functional.silu(plain[: n // 2]) * plain[n // 2:]).bfloat16().float()
+                    torch.testing.assert_close(y, want, rtol=5e-2, atol=1e-2 * float(want.abs().max()),
+                                               msg=f"{what} swiglu {sorted(fkw)}")
+                    assert not fws.counters.any(), f"{what}: the arrival counters are not reset"
+
+
 @pytest.mark.gpu
 def test_linear_folds_the_norm_of_a_residual_maps_output(rng, monkeypatch):
     """A residual map's output carries its reduction's sums of squares; the next map, handed the RMSNorm,
@@ -2033,6 +2117,30 @@ def test_cuda_gemv_compiles_for_sm90(tmp_path, monkeypatch):
     assert zigzag_cuda.cluster_dims(4096, 0, 16) == (1, 16) and zigzag_cuda.cluster_dims(4096, 2, 8) == (2, 8)
     assert zigzag_cuda.cluster_dims(4096, 2, 9) is None and zigzag_cuda.cluster_dims(4096, -1, 4) is None
     assert zigzag_cuda.cluster_dims(1000, 2, 2) is None and zigzag_cuda.cluster_dims(1000, 1, 2) == (1, 2)
+
+
+def test_cuda_gemv_compiles_for_bf16(tmp_path, monkeypatch):
+    """The bf16 GEMV (XBF16: bf16 x, residual and y, B still fp16) compiles with NVRTC for sm_90 and sm_80, without
+    spills, and costs nothing over fp16's: the same registers or fewer and no more instructions in the main loop
+    (a bf16 widens to fp32 by a shift, an fp16 by a conversion), in B2, B4 with the residual finish and MODE_KEPT with
+    the norm folded and SwiGLU's finish, across types."""
+    from spqt.kernels import nvrtc, zigzag_cuda
+    from spqt.kernels.sass import disassemble, main_loop
+
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path))
+    nvrtc.compile_cubin.cache_clear()
+    source = zigzag_cuda.SOURCE.read_text()
+    nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_INDEXED, 1, 2, bf16=True), "sm_80")
+    for mode, epilogue, norm, bits in ((zigzag_cuda.MODE_DENSE, -1, False, 4), (zigzag_cuda.MODE_INDEXED, 1, False, 2),
+                                       (zigzag_cuda.MODE_KEPT, 2, True, 6)):
+        cost = {}
+        for bf16 in (False, True):
+            options = zigzag_cuda.options(4, mode, 0, epilogue, acc=2, bits=bits, norm=norm, bf16=bf16)
+            assert ("-DXBF16=1" in options) == bf16
+            sass, registers, stack = disassemble(nvrtc.compile_cubin(source, options, "sm_90"))
+            assert stack == 0, (mode, bits, bf16)
+            cost[bf16] = (registers, len(main_loop(sass, "HMMA")))
+        assert cost[True][0] <= cost[False][0] and cost[True][1] <= cost[False][1], (mode, bits, cost)
 
 
 def test_fused_choice_env(monkeypatch):

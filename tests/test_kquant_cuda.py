@@ -361,6 +361,50 @@ def test_zigzag_cuda_types_kept_mode(rng, fmt, sparsity):
                 assert_kept_residual_finish(gw, x, ws, kw, what)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", TYPES)
+def test_zigzag_cuda_types_run_bf16(rng, fmt):
+    """bf16 x on the type's CUDA GEMV (XBF16: B rounded to fp16 as for fp16 x, y bf16): B2, the collected B4 and
+    MODE_KEPT at 50 %, B2 with the RMSNorm folded, on poisoned workspaces within the fp32 sum's bound of the float64
+    product (y's bf16 rounding); bit-identical on a rerun; the residual finished by the last program; a config without
+    and (Q2_K, Q3_K) with tile pairs, a partial last chunk (777 columns)."""
+    eps = 1e-5
+    for shape in ((4096, 4096), (2311, 777)):
+        qw = _gpu_weights(rng, fmt, shape)
+        gw = _planes(qw, "cuda")
+        refs = _magnitudes(qw)
+        k = shape[1]
+        x, t = random_x(rng, k, torch.bfloat16, "cuda", 0.5)
+        x_sparse = reference.sparsify(x, t).float()
+        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
+        sq = torch.stack([(x[i::29].float() ** 2).sum() for i in range(29)])
+        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).bfloat16()
+        for split, warps, pipe, acc, extra in _configs(fmt)[1:2] + _configs(fmt)[len(CONFIGS):][:1]:
+            ws = kg.ZigzagWorkspace(gw, split, torch.bfloat16)
+            kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "extra": extra}
+            what = f"{fmt} bf16 {shape} split {split} warps {warps} pipe {pipe} acc {acc} {extra}"
+            # MODE_KEPT without tile pairs (as gpu_linear.sparse_kept runs it)
+            for mode, x_used, name in ((kg.MODE_DENSE, x.float(), "B2"), (kg.MODE_INDEXED, x_sparse, "B4"),
+                                       (kg.MODE_KEPT, x_sparse, "kept"))[: 3 if extra == () else 2]:
+                ws.y.fill_(float("nan"))
+                ws.partials.fill_(float("nan"))
+                more = {"threshold": t} if mode == kg.MODE_KEPT else {}
+                if mode == kg.MODE_INDEXED:
+                    ws.idx.fill_(-7777)
+                    more["idx"], more["count"] = collect(x, t, ws.idx, ws.count)
+                y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **more).clone()
+                assert y.dtype == torch.bfloat16
+                assert_within_fp32_sum(y, *refs, x_used, f"{what} {name}", FP16_X_EPS)
+                again = kg.gemv_zigzag(gw, x, mode, ws, **kw, **more)
+                assert torch.equal(y, again), f"{what} {name}: not deterministic"
+            ws.y.fill_(float("nan"))
+            y = kg.gemv_zigzag(gw, x, kg.MODE_DENSE, ws, **kw, norm=(gamma, sq, eps)).clone()
+            # the kernel's rstd may differ from torch's in the last bit: a normed input one bf16 unit apart
+            assert_within_fp32_sum(y, *refs, normed.float(), f"{what} norm", FP16_X_EPS + 2.0**-8)
+            if extra == ():
+                assert_kept_residual_finish(gw, x, ws, kw | {"threshold": t}, what)
+
+
 @pytest.mark.parametrize("bits", [5, 6])
 def test_kept_mode_compiles_for_q5_k_and_q6_k(bits, tmp_path, monkeypatch):
     """MODE_KEPT of TYPE 5 / 6 compiles with NVRTC for sm_90 as the runtime's sparse_kept runs it (pipe 0, the norm

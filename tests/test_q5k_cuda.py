@@ -58,8 +58,8 @@ def test_q5k_cuda_fragment_bits(rng):
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
 def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
-    """A zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map on CUDA in fp16 runs on the CUDA GEMV (CudaKQuantLinear): one token (B2) and
-    several (dequantize + cuBLAS) equal the float64 product within fp16's rounding of x, W x and y."""
+    """A zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map on CUDA in fp16 or bf16 runs on the CUDA GEMV (CudaKQuantLinear):
+    one token (B2) and several (dequantize + cuBLAS) equal the float64 product within the rounding of x, W x and y."""
     import spqt
     from spqt.checkpoint import QuantizedWeight
     from spqt.kernels import zigzag_cuda
@@ -68,14 +68,17 @@ def test_q5k_linear_runs_on_the_cuda_gemv(rng, fmt):
 
     w = rng.standard_normal((1000, 777)).astype(np.float32) / 28
     qw = QuantizedWeight(torch.from_numpy(spqt.quantize(w, fmt, "zigzag")), fmt, "zigzag", w.shape)
-    lin = Linear(qw, torch.float16, "cuda", backend="triton")
-    assert isinstance(lin.impl, CudaKQuantLinear) and isinstance(lin.impl.w, zigzag_cuda.kquant_layout(fmt)[0])
     ref = qw.dequantize().double()
-    for tokens in (1, 3):
-        x = torch.from_numpy(rng.standard_normal((tokens, 777)).astype(np.float32)).half()
-        y = lin(x.cuda()).double().cpu()
-        want = x.double() @ ref.T
-        torch.testing.assert_close(y, want, rtol=2e-2, atol=2e-2 * float(want.abs().max()))
+    for dtype in (torch.float16, torch.bfloat16):
+        lin = Linear(qw, dtype, "cuda", backend="triton")
+        assert isinstance(lin.impl, CudaKQuantLinear) and isinstance(lin.impl.w, zigzag_cuda.kquant_layout(fmt)[0])
+        for tokens in (1, 3):
+            x = torch.from_numpy(rng.standard_normal((tokens, 777)).astype(np.float32)).to(dtype)
+            y = lin(x.cuda())
+            assert y.dtype == dtype
+            want = x.double() @ ref.T
+            torch.testing.assert_close(y.double().cpu(), want, rtol=2e-2, atol=2e-2 * float(want.abs().max()),
+                                       msg=lambda m: f"{dtype} {tokens} tokens: {m}")
 
 
 @pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
@@ -91,7 +94,8 @@ def test_kquant_linear_prefill_interp(rng, fmt, monkeypatch):
     assert zigzag_cuda.in_kquant_layout(lin.w) and lin.w.fmt == fmt
     x = torch.from_numpy(rng.standard_normal((3, 77)).astype(np.float32)).half()
     assert torch.equal(lin.dense(x), torch.nn.functional.linear(x, qw.dequantize().half()))
-    with pytest.raises(ValueError, match="fp16"):
+    assert CudaKQuantLinear(qw, torch.bfloat16, "cpu").ws_dense.y.dtype == torch.bfloat16  # the CUDA GEMV's bf16
+    with pytest.raises(ValueError, match="fp16 or bf16"):
         CudaKQuantLinear(qw, torch.float32, "cpu")
 
 

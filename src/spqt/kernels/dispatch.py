@@ -54,11 +54,11 @@ def make_linear_impl(weight, dtype: torch.dtype, device: str, backend: str):
 
         from spqt.kernels.gpu_layout_types import GpuZigzag
 
-        if (isinstance(weight, QuantizedWeight) and weight.layout == "zigzag" and dtype == torch.float16
-                and str(device).startswith("cuda")):
+        if isinstance(weight, QuantizedWeight) and weight.layout == "zigzag" and str(device).startswith("cuda"):
             from spqt.kernels import zigzag_cuda
 
-            if zigzag_cuda.kquant_layout(weight.fmt) is not None and zigzag_cuda.runs(torch.device(device)):
+            if (dtype in zigzag_cuda.X_DTYPES and zigzag_cuda.kquant_layout(weight.fmt) is not None
+                    and zigzag_cuda.runs(torch.device(device))):
                 return CudaKQuantLinear(weight, dtype, device)
         if isinstance(weight, GpuZigzag) or (isinstance(weight, QuantizedWeight) and weight.fmt != "q4_k"):
             return TritonZigzagTypesLinear(weight, dtype, device)

@@ -6,8 +6,8 @@
   B3 zigzag_sparse_static zigzag, columns split statically, a block skipped when |x_k| <= t
   B4 zigzag_sparse        zigzag, the active-index list split evenly among the programs (SpQt)
 
-The zigzag variants are one tensor-core kernel (zigzag_mma.py) in three modes; for fp16 x, B2 and
-B4 also run as CUDA C++ (zigzag_cuda.py), where the tuned config says "impl": "cuda". Superblock row r
+The zigzag variants are one tensor-core kernel (zigzag_mma.py) in three modes; for fp16 / bf16 x, B2
+and B4 also run as CUDA C++ (zigzag_cuda.py), where the tuned config says "impl": "cuda". Superblock row r
 (256 outputs) gets SPLIT programs of WARPS warps; each program writes fp32 partial sums. Fused
 (one launch): each program counts its arrival on the row's counter and the last program of a
 row adds the SPLIT partials in a fixed order (deterministic: the atomic only elects who adds,
@@ -197,7 +197,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     norms; B2's split, grid and finishes, norm allowed; no collection).
     num_warps, chunks, maxnreg, ahead, acc, pipe (and ws.split): the tuned config. fused: the last program of a row
     finishes it (one launch) instead of the reduction kernel (the module docstring says why it is off).
-    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 x, B2 / B4, num_warps, pipe, acc and
+    impl: "triton" (zigzag_mma.py) or "cuda" (zigzag_cuda.py: fp16 or bf16 x, B2 / B4, num_warps, pipe, acc and
     fused (a SwiGLU map whose N / 2 is not a multiple of 256 unfused); elsewhere Triton); the
     environment's SPQT_GEMV=cuda|triton overrides it. cluster (CUDA GEMV, sm_90): the split programs of an
     output tile are a thread block cluster that finishes it (zigzag_cuda.cluster_dims; where it cannot, the
@@ -211,12 +211,14 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     an epilogue: residual (N,) x's dtype -> residual + W x; swiglu (W is gate|up stacked, N even)
     -> silu(gate) * up, a view ws.y[:N / 2]. w may also be a zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 matrix in the CUDA
     GEMV's layout (gpu_layout_q2k.GpuQ2KPlanes, gpu_layout_q3k.GpuQ3KPlanes, gpu_layout_q5k.GpuQ5KPlanes,
-    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4, fp16 x, sm_80+ with NVRTC; no Triton twin)."""
+    gpu_layout_q6k.GpuQ6KPlanes, gpu_layout_q8_0.GpuQ8_0Planes: B2 / B4, fp16 or bf16 x, sm_80+ with NVRTC; no Triton
+    twin)."""
     if w.layout != "zigzag":
         raise ValueError("gemv_zigzag needs the zigzag layout")
     bits = TYPE_BITS[w.fmt]
     if bits != 4 and not (mode in (MODE_DENSE, MODE_INDEXED, MODE_KEPT) and zigzag_cuda.supports(x, mode)):
-        raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
+        raise ValueError(f"a {w.fmt} matrix in the CUDA layout runs B2 / B4 on the CUDA GEMV only (fp16 or bf16 x, "
+                         f"sm_80+, NVRTC)")
     _check_x(w, x)
     if mode in (MODE_STATIC, MODE_KEPT) and threshold is None:
         raise ValueError("B3 and MODE_KEPT need the threshold")
@@ -246,12 +248,12 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
     cuda, cluster, fused = finish_plan(w, x, mode, ws.split, epilogue, impl, fused, cluster)
-    if not cuda and acc == 8:  # a CUDA entry run by the Triton kernel (bf16 x, no NVRTC): its 2-accumulator layout
+    if not cuda and acc == 8:  # a CUDA entry run by the Triton kernel (fp32 x, no NVRTC): its 2-accumulator layout
         acc = 2
     if norm is not None and not (cuda and mode in (MODE_DENSE, MODE_KEPT)):
-        raise ValueError("a folded RMSNorm runs B2 or MODE_KEPT on the CUDA GEMV only (fp16 x, sm_80+, NVRTC)")
+        raise ValueError("a folded RMSNorm runs B2 or MODE_KEPT on the CUDA GEMV only (fp16 or bf16 x, sm_80+, NVRTC)")
     if mode == MODE_KEPT and not cuda:
-        raise ValueError("MODE_KEPT runs on the CUDA GEMV only (impl cuda, fp16 x, sm_80+, NVRTC)")
+        raise ValueError("MODE_KEPT runs on the CUDA GEMV only (impl cuda, fp16 or bf16 x, sm_80+, NVRTC)")
     if sumsq and (fused or swiglu):
         raise ValueError("the sums of squares come from the reduction kernel's finish, not SwiGLU's or a fused one")
     if cuda:

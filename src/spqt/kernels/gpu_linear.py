@@ -19,7 +19,7 @@ others, =0 none, =table where the tuned table says the map alone beat both B2 an
 =dense every map dense.
 TritonZigzagTypesLinear: the same for zigzag Q8_0 / Q6_K / Q5_K / Q3_K / Q2_K (zigzag_types.py).
 CudaKQuantLinear: zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 on the CUDA GEMV (zigzag_q4k.cu TYPE 2 / 3 / 5 / 6 / 8) where it
-runs (fp16, sm_80+, NVRTC)."""
+runs (fp16 or bf16, sm_80+, NVRTC)."""
 
 import functools
 import os
@@ -198,11 +198,11 @@ class TritonLinear:
 
     def dense_normed(self, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, sums: torch.Tensor,
                      residual: torch.Tensor | None = None, swiglu: bool = False) -> torch.Tensor | None:
-        """W rms_norm(x) for one token x (..., K) fp16 (norm_weight fp32, as the runtime keeps it) with the norm
-        inside the CUDA B2, its rstd from x's sums of squares `sums` (fp32, written by the reduction that finished
-        x); None where this map cannot fold it (the row layout, the Triton GEMV, not fp16, a share too wide or x
+        """W rms_norm(x) for one token x (..., K) fp16 or bf16 (norm_weight fp32, as the runtime keeps it) with the
+        norm inside the CUDA B2, its rstd from x's sums of squares `sums` (fp32, written by the reduction that finished
+        x); None where this map cannot fold it (the row layout, the Triton GEMV, fp32 x, a share too wide or x
         unaligned: zigzag_cuda.norm_fits)."""
-        if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype != torch.float16
+        if (self.w.layout != "zigzag" or x.numel() != self.k or x.dtype not in zigzag_cuda.X_DTYPES
                 or norm_weight.dtype != torch.float32):
             return None
         v = x.reshape(self.k)
@@ -268,14 +268,14 @@ class TritonLinear:
     def sparse_kept(self, x: torch.Tensor, threshold: torch.Tensor, residual: torch.Tensor | None = None,
                     swiglu: bool = False, scale: torch.Tensor | None = None,
                     norm: tuple | None = None) -> torch.Tensor | None:
-        """W sparsify(x) for one token x (..., K) fp16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config
+        """W sparsify(x) for one token x (..., K) fp16 or bf16 in one launch: the CUDA GEMV's MODE_KEPT with B2's config
         (without tile pairs) and workspace (kept_config(): or B4's), each program listing its share's inputs with
         |x_k| (scale_k) > threshold;
         norm (gamma (K,) fp32, eps, sums: x's sums of squares from the reduction that wrote it): of rms_norm(x)
         instead, the norm folded as in dense_normed. None where it cannot run here (not in a zigzag layout of the
-        CUDA GEMV: kept_layout, not fp16, the CUDA GEMV not configured, a share over NORM_SHARE columns, x or gamma
+        CUDA GEMV: kept_layout, fp32 x, the CUDA GEMV not configured, a share over NORM_SHARE columns, x or gamma
         unaligned)."""
-        if (not kept_layout(self.w) or x.numel() != self.k or x.dtype != torch.float16
+        if (not kept_layout(self.w) or x.numel() != self.k or x.dtype not in zigzag_cuda.X_DTYPES
                 or threshold.dtype != torch.float32 or threshold.numel() != 1 or x.data_ptr() % 16):
             return None
         v = x.reshape(self.k)
@@ -354,7 +354,7 @@ class TritonZigzagTypesLinear(TritonLinear):
 
 class CudaKQuantLinear(TritonLinear):
     """A zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 map on the CUDA GEMV (its layout by weight.fmt: zigzag_cuda.kquant_layout;
-    dispatch picks it for fp16 where zigzag_cuda.usable()): one token through gemv_zigzag, which runs
+    dispatch picks it for fp16 and bf16 where zigzag_cuda.usable()): one token through gemv_zigzag, which runs
     these layouts on the CUDA kernel whatever impl the config names; the configs and crossovers are the type's
     tuned CUDA entries (`spqt tune --types`), else the Q4_K table's of the shape (the same kernel, 84 / 112 / 176 /
     210 / 272 bytes a column-superblock instead of 144): tuning.cuda_type_config; several tokens: the dequant kernel,
@@ -365,8 +365,8 @@ class CudaKQuantLinear(TritonLinear):
         if layout is None or weight.layout != "zigzag":
             raise ValueError(f"the CUDA GEMV's K-quant layouts take zigzag q2_k / q3_k / q5_k / q6_k / q8_0, not {weight.layout} "
                              f"{weight.fmt}")
-        if dtype != torch.float16:
-            raise ValueError(f"the {weight.fmt} CUDA GEMV takes fp16 activations")
+        if dtype not in zigzag_cuda.X_DTYPES:
+            raise ValueError(f"the {weight.fmt} CUDA GEMV takes fp16 or bf16 activations, not {dtype}")
         self.w = _kernel_weight(weight, *layout, device)
         self.n, self.k = weight.shape
         self.fuses_norm = True

@@ -2,7 +2,8 @@
 Q5_K, Q6_K and Q8_0 in their own layouts (kquant_layout), as CUDA C++
 (zigzag_q4k.cu, compiled by NVRTC): the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer
 instructions per weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
-program of each output tile (fused).
+program of each output tile (fused). bf16 x (XBF16) runs the same arithmetic: B = x d sc rounded from fp32 to one fp16
+term (finer than bf16 itself; the Triton kernel's two bf16 terms and bf16 levels cost it twice the mma), y bf16.
 
 Q4_K: selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
 by SPQT_GEMV=cuda; the other types' layouts always run it. SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and
@@ -27,12 +28,17 @@ MIN_CAPABILITY = (8, 0)  # mma.sync m16n8k16 with fp16 operands; PDL only from s
 ACCS = (16, 8, 4, 2)  # accumulator tiles a lane may hold (the .cu file's ACC; with tile pairs at 8: no selects)
 
 
+X_DTYPES = (torch.float16, torch.bfloat16)  # the activations this kernel takes (bf16: the .cu file's XBF16)
+
+
 def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
-            bits: int = 4, cluster: bool = False, norm: bool = False) -> tuple:
+            bits: int = 4, cluster: bool = False, norm: bool = False, bf16: bool = False) -> tuple:
     """NVRTC options of one configuration (the .cu file's macros; bits 2: Q2_K, 3: Q3_K, 4: Q4_K, 5: Q5_K, 6: Q6_K,
-    8: Q8_0; norm: the RMSNorm folded into B2; extra: more -D options, for probes)."""
+    8: Q8_0; norm: the RMSNorm folded into B2; bf16: x, the residual and y bf16; extra: more -D options, for
+    probes)."""
     return (f"-DWARPS={warps}", f"-DMODE={mode}", f"-DPIPE={pipe}", f"-DEPILOGUE={epilogue}", f"-DACC={acc}",
-            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}", f"-DNORM={int(norm)}") + tuple(extra)
+            f"-DTYPE={bits}", f"-DCLUSTER={int(cluster)}", f"-DNORM={int(norm)}") + (("-DXBF16=1",) if bf16 else ()) \
+        + tuple(extra)
 
 
 def pairs_run(bits: int, acc: int) -> bool:
@@ -108,11 +114,11 @@ def compiled(index: int, opts: tuple, name: str, large_clusters: bool = False) -
         return nvrtc.Kernel(nvrtc.compile_cubin(SOURCE.read_text(), opts, arch), name, large_clusters=large_clusters)
 
 
-def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (),
-            acc: int = 16, bits: int = 4, cluster: bool = False, norm: bool = False) -> nvrtc.Kernel:
+def _kernel(index: int, warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple = (), acc: int = 16,
+            bits: int = 4, cluster: bool = False, norm: bool = False, bf16: bool = False) -> nvrtc.Kernel:
     """The GEMV compiled for device `index` (compiled())."""
-    return compiled(index, options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm), "zigzag_q4k_gemv",
-                    cluster)
+    return compiled(index, options(warps, mode, pipe, epilogue, extra, acc, bits, cluster, norm, bf16),
+                    "zigzag_q4k_gemv", cluster)
 
 
 def programs_per_sm(warps: int, mode: int, acc: int, bits: int = 4, device: torch.device | None = None,
@@ -155,8 +161,8 @@ def runs(device: torch.device | None = None) -> bool:
 
 
 def supports(x: torch.Tensor, mode: int) -> bool:
-    """This kernel runs fp16 x, B2 and B4, on an sm_80+ CUDA device with NVRTC."""
-    return (x.is_cuda and x.dtype == torch.float16 and mode in (MODE_DENSE, MODE_INDEXED, MODE_KEPT)
+    """This kernel runs fp16 and bf16 x (X_DTYPES), B2 and B4, on an sm_80+ CUDA device with NVRTC."""
+    return (x.is_cuda and x.dtype in X_DTYPES and mode in (MODE_DENSE, MODE_INDEXED, MODE_KEPT)
             and usable(x.device))
 
 
@@ -203,10 +209,10 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
            scale: torch.Tensor | None = None) -> None:
     """Grid (rows, split): partials (split, NP) fp32 get every row of every program. quants (rows, 2, K, 16)
     int32 zigzag kernel layout (two 64-byte planes; bits 8: (rows, 4, K, 16)), head (ceil(rows / 4), K, 4, 4) int32
-    (gpu_layout.group_heads); x (K,) fp16; idx (>= K,) int32 and count () int32 for B4 (ignored by
-    B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic. epilogue -1: the
-    partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,) fp16, SwiGLU;
-    fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,) fp16,
+    (gpu_layout.group_heads); x (K,) fp16 or bf16 (X_DTYPES; y and the residual the same); idx (>= K,) int32 and
+    count () int32 for B4 (ignored by B2). pipe: 1 loads the next chunk (B4: step) before this one's arithmetic.
+    epilogue -1: the partials alone (gemv._reduce_kernel finishes); 0 / 1 / 2 (plain, residual (N,), SwiGLU;
+    fusable(n, 2) must hold): the last program of each output tile writes y (N,) or (N / 2,),
     counters (rows,) int32 zero before and after. acc: accumulator tiles a lane holds (ACCS; fewer
     registers, more occupancy, a select a class of tiles below 16; tile pairs: extra -DPAIRS=1 where pairs_run,
     Q4_K at 8 or 2, Q2_K and Q3_K at 8). bits 5 (Q5_K, gpu_layout_q5k.py): high = the
@@ -222,10 +228,13 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     unused). norm (B2, MODE_KEPT): (gamma (K,) fp32, sq (P,) fp32, eps): x is an RMSNorm's input, normalized as it is
     read with the rstd of sq's partial sums of squares (the reduction before wrote them: gemv_zigzag's sumsq).
     MODE_KEPT (B2's grid and finishes, norm allowed): threshold () fp32 and scale None or (K,) fp32 (WINA's column
-    norms): each program lists the columns of its share with |x_k| (scale_k) > threshold (x_k the fp16 input, normed
+    norms): each program lists the columns of its share with |x_k| (scale_k) > threshold (x_k the 16-bit input, normed
     with norm) and multiplies those only (idx and count unused).
     extra: more -D options of the .cu file (scripts/cuda_variants.py's load variants and probes)."""
     rows = quants.shape[0]
+    if x.dtype not in X_DTYPES or any(v is not None and v.dtype != x.dtype for v in (y, residual)):
+        raise ValueError(f"the CUDA GEMV takes fp16 or bf16 x, y and residual of x's dtype; got x {x.dtype}, y "
+                         f"{None if y is None else y.dtype}, residual {None if residual is None else residual.dtype}")
     planes = 4 if bits == 8 else 2
     per = 8 if bits in (2, 3) else 16  # int32 a column in a plane
     if gpu_layout.PLANES != 2 or tuple(quants.shape) != (rows, planes, k, per) or head.shape[:2] != (-(-rows // 4), k):
@@ -272,7 +281,7 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
                          f"cluster (SwiGLU: 2 split, N / 2 a multiple of 256); got epilogue {epilogue}, split {split}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     kernel = _kernel(index, warps, mode, pipe, epilogue, tuple(extra) + env_defines(), acc, bits, cluster,
-                     norm is not None)
+                     norm is not None, x.dtype == torch.bfloat16)
     out = y if y is not None else x
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(quants.data_ptr(), P), (head.data_ptr(), P), (x.data_ptr(), P), (idx.data_ptr(), P),

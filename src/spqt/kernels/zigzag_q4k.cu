@@ -121,6 +121,13 @@
 #ifndef RELEASE_LATE
 #define RELEASE_LATE 0  // 1 (probe): griddepcontrol.launch_dependents once a program has stored its sums, not right
 #endif                  // after its wait, so the next kernel's programs take no SM slot this grid's later programs need
+#ifndef XBF16
+#define XBF16 0  // 1: x, the residual, y and the normed input are bf16 (the runtime's bf16 models); B stays fp16, rounded
+#endif           // from the fp32 x d sc as for fp16 x (its 2^-11 finer than bf16's 2^-8), so |x d sc| must stay within
+                 // fp16's range (65504; the fp16 path's bound on the same product), not x itself
+#if XBF16 && CHAIN
+#error "XBF16: the GEMV's modes; the chain runs fp16"
+#endif
 #ifndef PROBE_XOR
 #define PROBE_XOR 0  // measurement only (wrong results): 1 the arithmetic replaced by an XOR of the loaded words
 #endif
@@ -205,10 +212,30 @@ __device__ __forceinline__ unsigned short f32_to_f16_bits(float v) {  // round t
   return bits;
 }
 
-// The normed input as the RMSNorm kernel writes it: fp16((x rstd) gamma), fp32 products (gamma fp32, the
+// x, the residual and y in the activations' 16-bit type (XBF16: bf16, else fp16): to fp32 exactly, from fp32 rounded
+// to nearest even.
+__device__ __forceinline__ float x_to_f32(unsigned short bits) {
+#if XBF16
+  return __uint_as_float((u32)bits << 16);
+#else
+  return f16_lo_to_f32(bits);
+#endif
+}
+
+__device__ __forceinline__ unsigned short f32_to_x_bits(float v) {
+#if XBF16
+  unsigned short bits;
+  asm("{.reg .b16 h; cvt.rn.bf16.f32 h, %1; mov.b16 %0, h;}" : "=h"(bits) : "f"(v));
+  return bits;
+#else
+  return f32_to_f16_bits(v);
+#endif
+}
+
+// The normed input as the RMSNorm kernel writes it: x's type((x rstd) gamma), fp32 products (gamma fp32, the
 // runtime's norm weights).
 __device__ __forceinline__ unsigned short normed_x(unsigned short x, float gamma, float rstd) {
-  return f32_to_f16_bits(f16_lo_to_f32(x) * rstd * gamma);
+  return f32_to_x_bits(x_to_f32(x) * rstd * gamma);
 }
 
 // 16 bytes global -> shared without registers (through L2: x was written by the kernel before this one).
@@ -514,8 +541,7 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   bias[0] += (float)(v & 1u);
   return;
 #endif
-  const float xs[4] = {f16_lo_to_f32(ch.x[0]), f16_lo_to_f32(ch.x[1]), f16_lo_to_f32(ch.x[2]),
-                       f16_lo_to_f32(ch.x[3])};
+  const float xs[4] = {x_to_f32(ch.x[0]), x_to_f32(ch.x[1]), x_to_f32(ch.x[2]), x_to_f32(ch.x[3])};
 #if TYPE == 6
   // lane g's scales: bytes 2 g (tile 2 g) and 2 g + 1 (tile 2 g + 1) of the 16: word g / 2, bits 16 (g % 2) ..
   float be[4], bo[4];
@@ -827,7 +853,7 @@ __device__ __forceinline__ int list_kept(int first, int hi, float t, const float
     bool keep = false;
     if (k < hi) {
       v = x_at(k);
-      const float a = fabsf(f16_lo_to_f32(v));
+      const float a = fabsf(x_to_f32(v));
       keep = (scale ? a * __ldg(scale + k) : a) > t;
     }
     const unsigned ballot = __ballot_sync(0xffffffffu, keep);
@@ -962,7 +988,7 @@ __device__ __forceinline__ void program_sums(float (*c)[4], const float* bias, i
 
 #if EPILOGUE >= 0
 // Output row n of a finished tile from its sums over the shares (acc; SwiGLU: acc of the gate row, up of
-// its up row): silu(acc) up (n < F), acc + res[n] (EPILOGUE 1) or acc (n < N), rounded to fp16 into y[n].
+// its up row): silu(acc) up (n < F), acc + res[n] (EPILOGUE 1) or acc (n < N), rounded to x's type into y[n].
 __device__ __forceinline__ void finish_output(unsigned short* __restrict__ y, const unsigned short* __restrict__ res,
                                               int n, int N, int F, float acc, float up) {
 #if EPILOGUE == 2
@@ -972,10 +998,10 @@ __device__ __forceinline__ void finish_output(unsigned short* __restrict__ y, co
   float out = acc;
   const int limit = N;
 #if EPILOGUE == 1
-  if (n < N) out += f16_lo_to_f32(res[n]);
+  if (n < N) out += x_to_f32(res[n]);
 #endif
 #endif
-  if (n < limit) y[n] = f32_to_f16_bits(out);
+  if (n < limit) y[n] = f32_to_x_bits(out);
 }
 #endif
 
