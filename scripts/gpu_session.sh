@@ -106,6 +106,7 @@
 #                                    bench decode (RETUNE_DECODE); the table comes back as $OUT/tuned.json
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
+#   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
@@ -1784,6 +1785,28 @@ PY
         --dtype "$dtype" 2>&1 | grep -v WARN | grep "tok/s" | sed "s/^/$dtype: /"
     done | tee "$OUT/check44-decode.log"
     echo "check44: $(( $(date +%s) - start )) s"
+    ;;
+  bf16_45)
+    # The bf16 CUDA GEMV (forty-fifth session): the bf16 gpu tests (BF16_K; skipped with BF16_TESTS=0) in BF16_LIMIT s
+    # (default 200), then bench decode of BF16_RUNS (model:sparsity:dtype:tree, tree now or before: .old carried, the
+    # Triton maps' bf16), a process a run, within CALL_BUDGET (default 560 s from the start). Logs $OUT/bf16-tests.log,
+    # $OUT/bf16-decode.log.
+    start=$(date +%s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    [ "${BF16_TESTS:-1}" = 0 ] || gpu_node_tests "${BF16_LIMIT:-200}" bf16 tests/test_kernels.py \
+      tests/test_kquant_cuda.py tests/test_q5k_cuda.py tests/test_gpu_runtime.py -k "${BF16_K:-bf16 or runs_on_the_cuda}"
+    runs="llama2-7b:0:bf16:now llama2-7b:0:bf16:before llama2-7b:0:fp16:now gemma2-2b:0:bf16:now"
+    runs="$runs gemma2-2b:0:bf16:before glm4-9b:0:bf16:now llama2-7b:0.5:bf16:now"
+    for run in ${BF16_RUNS:-$runs}; do
+      IFS=: read -r model level dtype tree <<< "$run"
+      [ "$tree" = before ] && [ ! -d .old/src ] && { echo "no .old for $run"; continue; }
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -lt 45 ] && { echo "no time left for $run"; break; }
+      PYTHONPATH="$(tree_path "$tree")" timeout $left python3 -m spqt.cli bench decode --model "synthetic:$model" \
+        --layouts zigzag --sparsity "$level" --dtype "$dtype" 2>&1 | grep -v WARN | grep "tok/s" \
+        | sed "s/^/$dtype $tree: /"
+    done | tee "$OUT/bf16-decode.log"
+    echo "bf16_45: $(( $(date +%s) - start )) s"
     ;;
   retune38)
     # A stale table re-tuned a piece a call (the H100's of 2026-11-23 has no crossovers, so every sparse map runs sparse:
