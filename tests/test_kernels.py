@@ -2140,6 +2140,9 @@ def test_cuda_gemv_compiles_for_bf16(tmp_path, monkeypatch):
             sass, registers, stack = disassemble(nvrtc.compile_cubin(source, options, "sm_90"))
             assert stack == 0, (mode, bits, bf16)
             cost[bf16] = (registers, len(main_loop(sass, "HMMA")))
+            # y and the normed share rounded to bf16 (F2FP.BF16) in the bf16 build alone (B2 without a finish or a
+            # norm rounds nothing to x's type)
+            assert ("F2FP.BF16" in sass) == (bf16 and (epilogue >= 0 or norm)), (mode, bits, bf16)
         assert cost[True][0] <= cost[False][0] and cost[True][1] <= cost[False][1], (mode, bits, cost)
 
 

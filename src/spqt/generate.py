@@ -348,14 +348,14 @@ class Generator:
         set_kept_route(self.model, self.kept_route)
 
     def kept_possible(self) -> bool:
-        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag maps (any type or mix) in fp16
-        on the CUDA GEMV (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path
+        """Whether MODE_KEPT can run in this model's decode steps at all: zigzag maps (any type or mix) in fp16 or
+        bf16 on the CUDA GEMV (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path
         whatever the route."""
-        if (self.device != "cuda" or self.backend != "triton" or not self.loaded.kind.endswith("-zigzag")
-                or self.dtype != torch.float16):
-            return False
         from spqt.kernels import zigzag_cuda
 
+        if (self.device != "cuda" or self.backend != "triton" or not self.loaded.kind.endswith("-zigzag")
+                or self.dtype not in zigzag_cuda.X_DTYPES):
+            return False
         return zigzag_cuda.runs()
 
     def kept_runs(self) -> str | None:

@@ -248,7 +248,7 @@ def gemv_zigzag(w: GpuQ4K, x: torch.Tensor, mode: int, ws: ZigzagWorkspace, thre
     if impl not in ("triton", "cuda"):
         raise ValueError(f"impl must be triton or cuda, not {impl}")
     cuda, cluster, fused = finish_plan(w, x, mode, ws.split, epilogue, impl, fused, cluster)
-    if not cuda and acc == 8:  # a CUDA entry run by the Triton kernel (fp32 x, no NVRTC): its 2-accumulator layout
+    if not cuda and acc == 8:  # a CUDA entry run by Triton (fp32 x, no NVRTC, SPQT_GEMV=triton): acc 2
         acc = 2
     if norm is not None and not (cuda and mode in (MODE_DENSE, MODE_KEPT)):
         raise ValueError("a folded RMSNorm runs B2 or MODE_KEPT on the CUDA GEMV only (fp16 or bf16 x, sm_80+, NVRTC)")

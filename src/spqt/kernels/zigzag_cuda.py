@@ -3,7 +3,8 @@ Q5_K, Q6_K and Q8_0 in their own layouts (kquant_layout), as CUDA C++
 (zigzag_q4k.cu, compiled by NVRTC): the contract and arithmetic of zigzag_mma.py's kernel for fp16 x, with fewer
 instructions per weight (the .cu file says where they go); finished by gemv._reduce_kernel, or by its own last
 program of each output tile (fused). bf16 x (XBF16) runs the same arithmetic: B = x d sc rounded from fp32 to one fp16
-term (finer than bf16 itself; the Triton kernel's two bf16 terms and bf16 levels cost it twice the mma), y bf16.
+term (finer than bf16 itself; the Triton kernel's two bf16 terms and bf16 levels cost it twice the mma), y bf16; x may
+leave fp16's range, the product x d sc may not (|x d sc| < 65504, the bound fp16 x has too).
 
 Q4_K: selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
 by SPQT_GEMV=cuda; the other types' layouts always run it. SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and
@@ -177,7 +178,7 @@ def share(k: int, split: int, warps: int) -> int:
 
 
 NORM_SHARE = 4096  # columns of the normed input a program holds in shared memory (with gamma's: 24 KB at most)
-NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed input fp16
+NORM_BYTES = 6  # shared memory a column of the share: gamma fp32, the normed input (x's 16-bit type)
 KEPT_BYTES = 6  # MODE_KEPT's shared memory a column of the share: its x and the kept offset and x (2 bytes each; with
 # a folded norm gamma's fp32 and the normed x, the kept list over gamma's once normalized): 24 KB at most
 

@@ -21,7 +21,7 @@
 // MODE 2 (B4): the active-column list idx[0 .. count) in steps of 16 WARPS positions; share s
 // takes steps s, s + SPLIT, ... (stride = 16 WARPS SPLIT positions).
 // MODE 3 (B4 over the share's own list): share s as B2's; the program first lists the share's kept columns (|x_k|
-// (scale_k) > t, x_k as fp16; NORM: of the normed input) in order in shared memory (list_kept), then its warps take
+// (scale_k) > t, x_k as x's type; NORM: of the normed input) in order in shared memory (list_kept), then its warps take
 // 16 of them a chunk, as B4 takes the collected list's: no collection launch, B2's grid and finishes.
 // PDL: the weights of the first chunk are loaded before griddepcontrol.wait (no kernel writes
 // them); x, the list, the count and the partials (NORM: the sums of squares) only after it.
@@ -108,7 +108,7 @@
                  // "l2first", judged in whole decode steps by spqt tune --l2first)
 #ifndef NORM
 #define NORM 0  // B2: 1 x is the RMSNorm's input: each program first writes its share of the normed input,
-#endif          // fp16((x_k rstd) gamma_k) (gamma fp32), into dynamic shared memory (6 bytes a column: launch with
+#endif          // x's type((x_k rstd) gamma_k) (gamma fp32), into dynamic shared memory (6 bytes a column: launch with
                 // 6 per bytes; zigzag_cuda.NORM_SHARE columns at most), rstd = 1 / sqrt(S / K +
                 // eps), S the sum of the nsq partial sums of squares sq[] (the reduction before wrote them) added in
                 // one fixed order by every warp (the same rstd everywhere, every run); the chunks read x from there
@@ -122,9 +122,9 @@
 #define RELEASE_LATE 0  // 1 (probe): griddepcontrol.launch_dependents once a program has stored its sums, not right
 #endif                  // after its wait, so the next kernel's programs take no SM slot this grid's later programs need
 #ifndef XBF16
-#define XBF16 0  // 1: x, the residual, y and the normed input are bf16 (the runtime's bf16 models); B stays fp16, rounded
-#endif           // from the fp32 x d sc as for fp16 x (its 2^-11 finer than bf16's 2^-8), so |x d sc| must stay within
-                 // fp16's range (65504; the fp16 path's bound on the same product), not x itself
+#define XBF16 0  // 1: x, the residual, y and the normed input are bf16 (the runtime's bf16 models); B stays fp16,
+#endif           // rounded from the fp32 x d sc as for fp16 x (its 2^-11 finer than bf16's 2^-8), so |x d sc| must stay
+                 // within fp16's range (65504; the fp16 path's bound on the same product), not x itself
 #if XBF16 && CHAIN
 #error "XBF16: the GEMV's modes; the chain runs fp16"
 #endif
@@ -279,7 +279,7 @@ __device__ __forceinline__ float norm_rstd(const float* sq, int nsq, int K, floa
 }
 
 
-__device__ __forceinline__ u32 normed_pair(u32 x, float g0, float g1, float rstd) {  // the two fp16 of a word
+__device__ __forceinline__ u32 normed_pair(u32 x, float g0, float g1, float rstd) {  // the two 16-bit x of a word
   return normed_x(x & 0xFFFFu, g0, rstd) | (u32)normed_x(x >> 16, g1, rstd) << 16;
 }
 
@@ -464,7 +464,7 @@ __device__ __forceinline__ void partial_columns(int j, int hi, const int* slot_p
   }
 }
 
-struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (fp16 bits) and (Q5_K) fifth bits
+struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x (16-bit) and (Q5_K) fifth bits
   LevelWords w[4];  // Q3_K / Q2_K: the low bit pairs
   HeadWords h[4];  // Q8_0: the level words of tile half 1 (tiles 8-15; w: tiles 0-7)
   unsigned short x[4];
@@ -833,8 +833,8 @@ __device__ __forceinline__ void load_contiguous(Chunk& ch, const LevelWords* qp,
   }
 }
 
-// The kept columns of [first, hi) in ascending order: their offsets k - first into off[0 ..) and their x (fp16 bits,
-// x_at(k)) into xs; kept: |x_k| (times scale_k where scale is not null) > t, x_k as fp16 (collect()'s and
+// The kept columns of [first, hi) in ascending order: their offsets k - first into off[0 ..) and their x (16-bit,
+// x_at(k)) into xs; kept: |x_k| (times scale_k where scale is not null) > t, x_k in fp32 (collect()'s and
 // rms_norm_collect's test). Each round of 32 WARPS columns: a ballot a warp, the warps' counts in shared memory
 // (warp_kept), positions by prefix. Every thread of the program calls it; returns the count (the lists complete after
 // its last barrier). MODE 3 and the chain's sparse stages. LANES (MODE 3): position p is stored at lane_order(p), so a
@@ -1076,7 +1076,7 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #endif
   pdl_wait_then_release();
 #if NORM
-  // dynamic shared memory, 6 bytes a column of the share (per): gamma's fp32, then the normed fp16
+  // dynamic shared memory, 6 bytes a column of the share (per): gamma's fp32, then the normed x (x's type)
   extern __shared__ __align__(16) float norm_smem[];
   unsigned short* x_normed = reinterpret_cast<unsigned short*>(norm_smem + per);
   normed_share(x_normed, norm_smem, x, gamma, sq, nsq, K, eps, first, hi);
@@ -1115,8 +1115,8 @@ zigzag_q4k_gemv(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
   }
 #elif MODE == 3
   // dynamic shared memory, 6 bytes a column of the share: NORM: gamma's share fp32 (then, once normed_share has used
-  // it, the kept offsets and their x, 2 bytes a column each), the normed share fp16; else the share of x fp16, the kept
-  // offsets and their x. Nothing is loaded before the wait: which weights a chunk reads depends on x.
+  // it, the kept offsets and their x, 2 bytes a column each), the normed share (x's type); else the share of x, the
+  // kept offsets and their x. Nothing is loaded before the wait: which weights a chunk reads depends on x.
   const int first = s * per, hi = min(K, first + per);
   extern __shared__ __align__(16) float share_smem[];
   pdl_wait_then_release();
