@@ -178,10 +178,11 @@ def test_bf16_decode_runs_the_cuda_gemv(tiny_hf, tiny_spqt, tmp_path, fmt, monke
     """bf16 CUDA decode (graph replays, teacher-forced over 24 steps), dense and at 50 %: with every map forced onto the
     CUDA GEMV (SPQT_GEMV=cuda) it runs there with bf16 x (every type of the model: the Q3_K_M mix's Q3_K, Q4_K and
     Q5_K maps; sparse modes at 50 %), and each step's logits stay within 3 % of the logit range of the Triton kernels'
-    bf16 decode (SPQT_GEMV=triton, which launches no CUDA GEMV). At 50 % an activation one bf16 unit from its
-    threshold may be kept on one side only (H100: 8.8-10.4 % of the range at the worst step, forty-fifth session):
-    there the worst step is held to twice the noise floor, the Triton decode's own change with the thresholds one bf16
-    unit (2^-8) higher or lower, and the median step to 3 %."""
+    bf16 decode (SPQT_GEMV=triton, which launches no CUDA GEMV; H100: 0.5-0.6 % at the worst step). At 50 % an
+    activation one bf16 unit from its threshold may be kept on one side only: there the worst and the median step are
+    held to twice the noise floor's, the Triton decode's own change with the thresholds one bf16 unit (2^-8) higher or
+    lower (H100, forty-fifth session: the CUDA GEMV's worst 8.8-10.4 %, median 3.0-3.8 %; the floor's 12.1-12.3 % and
+    6.9-7.6 %), and at least 3 %."""
     from spqt import sparsity as sp
     from spqt.calibrate import calibrate
     from spqt.kernels import zigzag_cuda
@@ -218,11 +219,14 @@ def test_bf16_decode_runs_the_cuda_gemv(tiny_hf, tiny_spqt, tmp_path, fmt, monke
         ref = logits["triton", 1.0]
         span = ref.amax(dim=1) - ref.amin(dim=1)
         err = (logits["cuda", 1.0] - ref).abs().amax(dim=1) / span
-        bound = 0.03
+        bound, median_bound = 0.03, 0.03
         if level:
-            floor = max(float(((logits[key] - ref).abs().amax(dim=1) / span).max()) for key in logits if key[1] != 1.0)
-            bound = max(bound, 2 * floor)
-            assert float(err.median()) < 0.03, f"level {level}: median step |diff| / range {float(err.median()):.4f}"
+            floors = [(logits[key] - ref).abs().amax(dim=1) / span for key in logits if key[1] != 1.0]
+            bound = max(bound, 2 * max(float(f.max()) for f in floors))
+            median_bound = max(median_bound, 2 * max(float(f.median()) for f in floors))
+        print(f"{fmt} level {level}: |diff| / range worst {float(err.max()):.4f} median {float(err.median()):.4f}; "
+              f"bounds {bound:.4f} / {median_bound:.4f}")
+        assert float(err.median()) < median_bound, f"level {level}: median step |diff| / range {float(err.median()):.4f}"
         worst = float(err.max())
         assert worst <= bound, f"level {level}: worst step |diff| / range {worst:.4f}, over {bound:.4f}"
 
