@@ -2146,6 +2146,30 @@ def test_cuda_gemv_compiles_for_bf16(tmp_path, monkeypatch):
         assert cost[True][0] <= cost[False][0] and cost[True][1] <= cost[False][1], (mode, bits, cost)
 
 
+def test_bf16_maps_run_triton_entries_on_the_cuda_gemv(monkeypatch):
+    """A bf16 Q4_K map runs a table's Triton entry on the CUDA GEMV (the entry's split, warps and accumulators) where
+    that runs; fp16, fp32, a CPU device, a CUDA entry, SPQT_GEMV=triton / =cuda and a GPU without the CUDA GEMV leave
+    the entry as it is."""
+    from spqt.kernels import gpu_linear, tuning, zigzag_cuda
+
+    monkeypatch.delenv("SPQT_GEMV", raising=False)
+    monkeypatch.setattr(zigzag_cuda, "usable", lambda device=None: True)
+    triton_entry = {"split": 7, "num_warps": 2, "chunks": 1, "acc": 4, "fused": False}
+    cuda_entry = triton_entry | {"impl": "cuda", "acc": 2, "pairs": True}
+    for device in ("cuda", "cuda:0"):
+        got = gpu_linear.bf16_on_cuda(triton_entry, torch.bfloat16, device)
+        assert got == triton_entry | {"impl": "cuda"} and tuning.launch_args(got)["impl"] == "cuda"
+    for dtype, device in ((torch.float16, "cuda"), (torch.float32, "cuda"), (torch.bfloat16, "cpu")):
+        assert gpu_linear.bf16_on_cuda(triton_entry, dtype, device) is triton_entry, (dtype, device)
+    assert gpu_linear.bf16_on_cuda(cuda_entry, torch.bfloat16, "cuda") is cuda_entry
+    for choice in ("triton", "cuda"):
+        monkeypatch.setenv("SPQT_GEMV", choice)
+        assert gpu_linear.bf16_on_cuda(triton_entry, torch.bfloat16, "cuda") is triton_entry, choice
+    monkeypatch.delenv("SPQT_GEMV")
+    monkeypatch.setattr(zigzag_cuda, "usable", lambda device=None: False)
+    assert gpu_linear.bf16_on_cuda(triton_entry, torch.bfloat16, "cuda") is triton_entry
+
+
 def test_fused_choice_env(monkeypatch):
     """SPQT_GEMV_FUSED overrides the tuned config's fused finish both ways; unset, the config decides."""
     from spqt.kernels import zigzag_cuda

@@ -69,6 +69,18 @@ def kept_runnable(w, v: torch.Tensor, split: int, args: dict) -> bool:
             and zigzag_cuda.kept_fits(w.shape[1], split, args["num_warps"]))
 
 
+def bf16_on_cuda(cfg: dict, dtype: torch.dtype, device) -> dict:
+    """A Q4_K zigzag entry as a bf16 map runs it: where the entry names the Triton kernel, the CUDA GEMV with the
+    entry's split, warps and accumulators instead, wherever that runs (SPQT_GEMV unset, zigzag_cuda.usable): the tuner
+    timed Triton in fp16, where it holds x d sc as one fp16 term, and in bf16 it takes two (two mma a tile); with every
+    map on the CUDA GEMV, bf16 decodes of llama2-7b, glm4-9b and gemma2-2b ran 1.13-1.23x as fast as on the H100 table's
+    Triton entries (docs/RESULTS.md, forty-fifth session). Other dtypes, devices and CUDA entries unchanged."""
+    if (dtype != torch.bfloat16 or cfg.get("impl") == "cuda" or zigzag_cuda.choice()
+            or not str(device).startswith("cuda")):
+        return cfg
+    return cfg | {"impl": "cuda"} if zigzag_cuda.usable(torch.device(device)) else cfg
+
+
 # SPQT_SPARSE_KEPT's values: the routes by name (tuning.STEP_ROUTE_NAMES; "1" and "0" too), "plain", "table"
 KEPT_SETTINGS = {"1": "all", "0": "off", **{r: r for r in tuning.STEP_ROUTE_NAMES}, "plain": "plain",
                  "table": "table"}
@@ -146,8 +158,10 @@ class TritonLinear:
         self.n, self.k = weight.shape
         self.fuses_norm = self.w.layout == "zigzag"  # sparse_normed: the row layout has no sparse kernel
         if self.w.layout == "zigzag":
-            self._zigzag_setup(lambda kind: tuning.config(f"zigzag_{kind}", self.n, self.k), kg.ZigzagWorkspace,
-                               dtype, device)
+            def entry(kind: str) -> dict:
+                return bf16_on_cuda(tuning.config(f"zigzag_{kind}", self.n, self.k), dtype, device)
+
+            self._zigzag_setup(entry, kg.ZigzagWorkspace, dtype, device)
         else:
             self.cfg_row = tuning.config("row_dense", self.n, self.k)
             self.y = torch.empty(self.n, dtype=dtype, device=device)
