@@ -649,11 +649,11 @@ def test_yarn_rope_scaling_equals_transformers(base_tokenizer, tmp_path):
     assert (g.rope_attention_factor, g.max_seq_len) == (c.rope_attention_factor, c.max_seq_len)
     err, span = _logit_error(from_gguf, fam["model"], _ids(PROMPT_LEN, c.vocab_size, seed=fam["seed"]))
     assert err < 2e-5 * span
-    from spqt.sources import _yarn
+    from spqt.sources import yarn_scaling
 
     betas = _gguf_with(fam["gguf"], tmp_path / "betas.gguf", {"qwen2.rope.scaling.yarn_beta_fast": 8.0,
                                                                "qwen2.rope.scaling.yarn_beta_slow": 0.2})
-    assert load_model(betas).config.rope_freq_factors == _yarn(
+    assert load_model(betas).config.rope_freq_factors == yarn_scaling(
         {"factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 8.0, "beta_slow": 0.2}, 1e6, 16, 64)[0]
     assert load_model(betas).config.rope_freq_factors != g.rope_freq_factors
     with pytest.raises(SpqtError, match="GGUF rope scaling type 'longrope' is not supported"):

@@ -26,12 +26,12 @@ from spqt.generate import COMPUTE_DTYPES, DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, G
 from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
-from spqt.sources import TokenizerSpec, _yarn
+from spqt.sources import TokenizerSpec, yarn_scaling
 
 # Olmo-3-1025-7B's full layers' YaRN (its config.json's rope_scaling: factor 8 from 8,192 positions, beta 32 and 1,
 # attention factor 1 + 0.1 ln 8; base 500,000, head dim 128): the per-frequency divisors and the factor of cos and sin
-_OLMO3_7B_YARN = _yarn({"factor": 8.0, "original_max_position_embeddings": 8192, "beta_fast": 32.0, "beta_slow": 1.0,
-                        "attention_factor": 1.2079441541679836}, 500000.0, 128, 65536)
+_OLMO3_7B_YARN = yarn_scaling({"factor": 8.0, "original_max_position_embeddings": 8192, "beta_fast": 32.0,
+                               "beta_slow": 1.0, "attention_factor": 1.2079441541679836}, 500000.0, 128, 65536)
 
 SYNTHETIC = {
     "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008),

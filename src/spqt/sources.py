@@ -595,12 +595,11 @@ def _open_gguf(path: Path) -> SourceModel:
     if arch == "glm4" and field_value("glm4.rope.dimension_sections") is not None:
         raise SpqtError(f"{path}: a glm4 GGUF with M-RoPE sections (GLM-4.1V's text model) is not supported "
                         f"(GLM-4 0414 is)")
-    if arch == "glm4" and _int_field(reader, path, "glm4.nextn_predict_layers", 0) > 0:
-        raise SpqtError(f"{path}: a glm4 GGUF with NextN prediction layers (GLM-OCR) is not supported (GLM-4 0414 is)")
     # and EXAONE 4.5's text model as exaone4, its NextN layers after the others (they would read as layers)
-    if arch == "exaone4" and _int_field(reader, path, "exaone4.nextn_predict_layers", 0) > 0:
-        raise SpqtError(f"{path}: an exaone4 GGUF with NextN prediction layers (EXAONE 4.5's text model) is not "
-                        f"supported (EXAONE 4.0 is)")
+    if arch in _GGUF_NEXTN_MODELS and _int_field(reader, path, f"{arch}.nextn_predict_layers", 0) > 0:
+        article, model, supported = _GGUF_NEXTN_MODELS[arch]
+        raise SpqtError(f"{path}: {article} {arch} GGUF with NextN prediction layers ({model}) is not supported "
+                        f"({supported} is)")
     olmo3 = _gguf_olmo3(field_value, size, path, n_layers) if arch == "olmo2" else {}
     # the layers that rotate and slide: SmolLM3's fixed NoPE step, EXAONE 4.0's keys
     layer_kinds = (_gguf_exaone4(field_value, size, path, n_layers) if arch == "exaone4" else
@@ -767,6 +766,11 @@ def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads
     return {**_gguf_gemma(n_layers, dim, n_heads, head_dim, 46, sliding, window), **caps}
 
 
+# Architectures whose GGUFs llama.cpp's converter also writes for a model with NextN prediction layers after the
+# others: (article, that model, the one supported)
+_GGUF_NEXTN_MODELS = {"glm4": ("a", "GLM-OCR", "GLM-4 0414"), "exaone4": ("an", "EXAONE 4.5's text model", "EXAONE 4.0")}
+
+
 def _gguf_olmo3(field_value, size, path: Path, n_layers: int) -> dict:
     """An olmo2 GGUF's sliding layers (ModelConfig fields) as llama.cpp runs them: none without attention.sliding_window
     (or with 0: OLMo 2), else Olmo 3's: all but every fourth layer through the window, rotated by plain RoPE of the
@@ -841,7 +845,8 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
     (the per-frequency divisors, the attention factor of cos and sin, the context), read as llama.cpp reads the keys
     (the ramp between rope.scaling.original_context_length's corrections at yarn_beta_fast and yarn_beta_slow, default
     32 and 1, bounds rounded outwards; the attention factor 1 + 0.1 ln factor) and computed as the HF path computes an
-    HF rope_scaling block (_yarn: the same numbers). The context: the file's, at least the original times the factor.
+    HF rope_scaling block (yarn_scaling: the same numbers). The context: the file's, at least the original times the
+    factor.
     The settings llama.cpp keeps for other models (an attention factor, DeepSeek's log multiplier, a partial ramp)
     are refused; olmo2's attention factor (rope.scaling.attn_factor: Olmo 3's config attention_factor) its reader
     takes in place of YaRN's, as transformers does."""
@@ -866,7 +871,8 @@ def _gguf_yarn(field_value, arch: str, path: Path, factor: float, rot_dims: int,
     rope = {"factor": factor, "original_max_position_embeddings": original,
             "beta_fast": number("yarn_beta_fast", 32.0), "beta_slow": number("yarn_beta_slow", 1.0)}
     try:
-        divisors, attention = _yarn(rope, float(field_value(f"{arch}.rope.freq_base", 10000.0)), rot_dims, context)
+        theta = float(field_value(f"{arch}.rope.freq_base", 10000.0))
+        divisors, attention = yarn_scaling(rope, theta, rot_dims, context)
         extended = int(original * factor)
     except (ValueError, OverflowError) as e:
         raise SpqtError(f"{path}: unusable YaRN scaling ({e})") from None
@@ -1289,7 +1295,7 @@ def _hf_config(cfg: dict, model_type: str, tie: bool) -> ModelConfig:
     attention_factor, context = 1.0, cfg.get("max_position_embeddings", 4096)
     theta = rope.get("rope_theta", cfg.get("rope_theta", 2e6 if model_type == "smollm3" else 10000.0))
     if kind == "yarn":
-        divisors, attention_factor = _yarn(rope, float(theta), rot, context)
+        divisors, attention_factor = yarn_scaling(rope, float(theta), rot, context)
         # the context it extends to (as vLLM derives it): the original context times the factor
         context = max(context, int((rope.get("original_max_position_embeddings") or context) * float(rope["factor"])))
     long_divisors, original = None, 0
@@ -1631,7 +1637,7 @@ def _hf_nope_layers(cfg: dict) -> tuple[int, ...]:
     return tuple(i for i in range(n) if not flags[i])
 
 
-def _yarn(rope: dict, theta: float, rot_dims: int, context: int) -> tuple[tuple[float, ...], float]:
+def yarn_scaling(rope: dict, theta: float, rot_dims: int, context: int) -> tuple[tuple[float, ...], float]:
     """YaRN RoPE scaling (Peng et al. 2023; Qwen2.5's long context) from an HF rope_scaling block, as transformers
     computes it with the explicit factor (transformers before its PR 40320, August 2025, replaced the factor by the
     context ratio when original_max_position_embeddings was given: 1 for Qwen's block; the pin admits those): the
