@@ -1795,8 +1795,9 @@ PY
     export SPQT_CACHE=/tmp/spqt-cache
     [ "${BF16_TESTS:-1}" = 0 ] || gpu_node_tests "${BF16_LIMIT:-200}" bf16 tests/test_kernels.py \
       tests/test_kquant_cuda.py tests/test_q5k_cuda.py tests/test_gpu_runtime.py -k "${BF16_K:-bf16 or runs_on_the_cuda}"
-    runs="llama2-7b:0:bf16:now llama2-7b:0:bf16:before llama2-7b:0:fp16:now gemma2-2b:0:bf16:now"
-    runs="$runs gemma2-2b:0:bf16:before glm4-9b:0:bf16:now llama2-7b:0.5:bf16:now"
+    runs="llama2-7b:0:bf16:now llama2-7b:0:bf16:before llama2-7b:0:fp16:now glm4-9b:0:bf16:now glm4-9b:0:bf16:before"
+    runs="$runs gemma2-2b:0:bf16:now gemma2-2b:0:bf16:before gemma3-1b:0:bf16:now gemma3-1b:0:bf16:before"
+    runs="$runs llama2-7b:0.5:bf16:now llama2-7b:0.5:bf16:before"
     for run in ${BF16_RUNS:-$runs}; do
       IFS=: read -r model level dtype tree <<< "$run"
       [ "$tree" = before ] && [ ! -d .old/src ] && { echo "no .old for $run"; continue; }
