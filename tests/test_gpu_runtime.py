@@ -180,9 +180,10 @@ def test_bf16_decode_runs_the_cuda_gemv(tiny_hf, tiny_spqt, tmp_path, fmt, monke
     Q5_K maps; sparse modes at 50 %), and each step's logits stay within 3 % of the logit range of the Triton kernels'
     bf16 decode (SPQT_GEMV=triton, which launches no CUDA GEMV; H100: 0.5-0.6 % at the worst step). At 50 % an
     activation one bf16 unit from its threshold may be kept on one side only: there the worst and the median step are
-    held to twice the noise floor's, the Triton decode's own change with the thresholds one bf16 unit (2^-8) higher or
-    lower (H100, forty-fifth session: the CUDA GEMV's worst 8.8-10.4 %, median 3.0-3.8 %; the floor's 12.1-12.3 % and
-    6.9-7.6 %), and at least 3 %."""
+    held to 1.5 times the noise floor's, the Triton decode's own change with the thresholds one bf16 unit (2^-8) higher
+    or lower (H100, forty-fifth session: the CUDA GEMV's worst 8.8-10.4 %, median 3.0-3.8 %; the floor's 12.1-12.3 %
+    and 6.9-7.6 %), and at least 3 %. With SPQT_GEMV unset every Q4_K map's configs name the CUDA GEMV (a table's
+    Triton entries too: gpu_linear.bf16_on_cuda)."""
     from spqt import sparsity as sp
     from spqt.calibrate import calibrate
     from spqt.kernels import zigzag_cuda
@@ -195,6 +196,10 @@ def test_bf16_decode_runs_the_cuda_gemv(tiny_hf, tiny_spqt, tmp_path, fmt, monke
     criterion = sp.default_criterion(loaded.thresholds)
     table = sp.select(loaded.thresholds, 0.5, "unified", loaded.config.n_layers, criterion)
     ids = torch.randint(0, loaded.config.vocab_size, (25,), generator=torch.Generator().manual_seed(4)).tolist()
+    monkeypatch.delenv("SPQT_GEMV", raising=False)
+    impls = {cfg.get("impl") for _, _, lin in sparse_linears(Generator(loaded, "cuda", dtype=torch.bfloat16).model)
+             if lin.impl.w.fmt == "q4_k" for cfg in (lin.impl.cfg_dense, lin.impl.cfg_sparse)}
+    assert impls == {"cuda"}, impls
     launches = []  # (x's dtype, mode, TYPE) of each CUDA GEMV launch
     real = zigzag_cuda.launch
     monkeypatch.setattr(zigzag_cuda, "launch", lambda *a, **kw: launches.append((a[2].dtype, a[9], kw.get("bits", 4)))
@@ -222,11 +227,12 @@ def test_bf16_decode_runs_the_cuda_gemv(tiny_hf, tiny_spqt, tmp_path, fmt, monke
         bound, median_bound = 0.03, 0.03
         if level:
             floors = [(logits[key] - ref).abs().amax(dim=1) / span for key in logits if key[1] != 1.0]
-            bound = max(bound, 2 * max(float(f.max()) for f in floors))
-            median_bound = max(median_bound, 2 * max(float(f.median()) for f in floors))
+            bound = max(bound, 1.5 * max(float(f.max()) for f in floors))
+            median_bound = max(median_bound, 1.5 * max(float(f.median()) for f in floors))
         print(f"{fmt} level {level}: |diff| / range worst {float(err.max()):.4f} median {float(err.median()):.4f}; "
               f"bounds {bound:.4f} / {median_bound:.4f}")
-        assert float(err.median()) < median_bound, f"level {level}: median step |diff| / range {float(err.median()):.4f}"
+        median = float(err.median())
+        assert median < median_bound, f"level {level}: median step |diff| / range {median:.4f}, over {median_bound:.4f}"
         worst = float(err.max())
         assert worst <= bound, f"level {level}: worst step |diff| / range {worst:.4f}, over {bound:.4f}"
 

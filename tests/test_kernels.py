@@ -1068,7 +1068,7 @@ def test_types_reach_the_crossovers_the_route_children_and_the_route_lookup(tiny
 def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
     """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape with an entry of its own judged
     once over models, depths capped by the chunks a warp's share holds (none judged at one chunk, nor a borrowed
-    entry), the shapes judged before running their new depth meanwhile and every map left as tuned after; the depth
+    entry, nor a Triton entry that a bf16 map runs on the CUDA GEMV), the shapes judged before running their new depth meanwhile and every map left as tuned after; the depth
     kept only beyond the margin, the shallowest within it of the best; the command keeps the kernel entries and the
     routes; a kernel re-tune that replaces a prefetching entry says so and drops only the step routes of models that
     now run another config (own or borrowed entry)."""
@@ -1085,7 +1085,7 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     triton = {"impl": "triton", "num_warps": 2, "chunks": 1, "split": 4}
     # chunks a warp (64 columns a step of 4 warps): 768x256 split 1: 4; 256x256 split 2: 2; 256x512 split 8: 1
     own = {"768x256": cuda | {"split": 1}, "256x256": cuda | {"split": 2}, "256x512": cuda | {"split": 8},
-           "1536x256": cuda | {"split": 1}}
+           "1536x256": cuda | {"split": 1}, "1024x256": triton}
     shapes = {"synthetic:a": {"qkv": (768, 256), "o": (256, 256), "gate_up": (1024, 256), "down": (256, 512)},
               "synthetic:b": {"qkv": (640, 256), "o": (256, 256), "gate_up": (1536, 256), "down": (256, 512)}}
     path = tmp_path / "table.json"
@@ -1097,8 +1097,11 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
     def model(name):
         def impl(kind):
             n, k = shapes[name][kind]
-            cfg = triton if kind == "gate_up" and name == "synthetic:a" else own.get(f"{n}x{k}", cuda | {"split": 1})
-            return NS(n=n, k=k, cfg_dense=dict(cfg))  # b's 640x256 borrows a neighbour's CUDA entry
+            # a's gate|up: its Triton entry as a bf16 map runs it (gpu_linear.bf16_on_cuda); b's 640x256 borrows a
+            # neighbour's CUDA entry
+            cfg = triton | {"impl": "cuda"} if kind == "gate_up" and name == "synthetic:a" else own.get(
+                f"{n}x{k}", cuda | {"split": 1})
+            return NS(n=n, k=k, cfg_dense=dict(cfg))
         return NS(layers=[NS(attention=NS(qkv=NS(impl=impl("qkv")), o=NS(impl=impl("o"))),
                              feed_forward=NS(gate_up=NS(impl=impl("gate_up")), down=NS(impl=impl("down"))))
                           for _ in range(2)])

@@ -350,7 +350,8 @@ class Generator:
     def kept_possible(self) -> bool:
         """Whether MODE_KEPT can run in this model's decode steps at all: zigzag maps (any type or mix) in fp16 or
         bf16 on the CUDA GEMV (NVRTC usable, SPQT_GEMV not triton); elsewhere every sparse map takes the collected path
-        whatever the route."""
+        whatever the route. (`spqt tune --routes` times the steps in the model's default dtype; a bf16 run of a model
+        tuned in fp16 takes its routes: the same kernels, the same instruction counts.)"""
         from spqt.kernels import zigzag_cuda
 
         if (self.device != "cuda" or self.backend != "triton" or not self.loaded.kind.endswith("-zigzag")

@@ -73,7 +73,7 @@ def bf16_on_cuda(cfg: dict, dtype: torch.dtype, device) -> dict:
     """A Q4_K zigzag entry as a bf16 map runs it: where the entry names the Triton kernel, the CUDA GEMV with the
     entry's split, warps and accumulators instead, wherever that runs (SPQT_GEMV unset, zigzag_cuda.usable): the tuner
     timed Triton in fp16, where it holds x d sc as one fp16 term, and in bf16 it takes two (two mma a tile); with every
-    map on the CUDA GEMV, bf16 decodes of llama2-7b, glm4-9b and gemma2-2b ran 1.13-1.23x as fast as on the H100 table's
+    map on the CUDA GEMV, bf16 decodes of llama2-7b, glm4-9b and gemma2-2b ran 1.13-1.21x as fast as on the H100 table's
     Triton entries (docs/RESULTS.md, forty-fifth session). Other dtypes, devices and CUDA entries unchanged."""
     if (dtype != torch.bfloat16 or cfg.get("impl") == "cuda" or zigzag_cuda.choice()
             or not str(device).startswith("cuda")):

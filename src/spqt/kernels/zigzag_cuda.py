@@ -6,10 +6,11 @@ program of each output tile (fused). bf16 x (XBF16) runs the same arithmetic: B 
 term (finer than bf16 itself; the Triton kernel's two bf16 terms and bf16 levels cost it twice the mma), y bf16; x may
 leave fp16's range, the product x d sc may not (|x d sc| < 65504, the bound fp16 x has too).
 
-Q4_K: selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag), or for every zigzag Q4_K call
-by SPQT_GEMV=cuda; the other types' layouts always run it. SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and
-cuda-bindings with NVRTC (usable()); elsewhere the Triton kernel runs (tuning.config then picks an entry's Triton
-fallback). The GPU tests compare it with the torch reference like the Triton kernel.
+Q4_K: selected by the tuned config's "impl": "cuda" (gemv.gemv_zigzag; a bf16 map's Triton entries too:
+gpu_linear.bf16_on_cuda), or for every zigzag Q4_K call by SPQT_GEMV=cuda; the other types' layouts always run it.
+SPQT_GEMV=triton never uses it. Needs an sm_80+ GPU and cuda-bindings with NVRTC (usable()); elsewhere the Triton
+kernel runs (tuning.config then picks an entry's Triton fallback). The GPU tests compare it with the torch reference
+like the Triton kernel.
 """
 
 import functools
