@@ -293,3 +293,37 @@ def test_fp16_gemv_maps_run_dense_at_a_level(tiny_hf, tmp_path, capsys, layout, 
                 in err) == dense, err
     assert runs["0.5", False]["text"] == runs["0", False]["text"] and runs["0.5", False]["achieved_sparsity"] is None
     assert 0 < runs["0.5", True]["achieved_sparsity"]["all"] < 1
+
+
+def test_logits_that_are_not_finite_stop_with_one_error(tiny_spqt, monkeypatch):
+    """Activations that overflow fp16 (the embedding table scaled by 1e6: the first RMSNorm's sum of squares is
+    infinite, its outputs NaN) stop generate() after the prefill, and perplexity(), with one SpqtError naming fp16 and
+    bf16; in fp32 and bf16 the same model generates (the norm undoes the scale). NaN logits that appear in a decode
+    step alone are caught after the last step."""
+    from spqt.checkpoint import load_spqt
+    from spqt.errors import SpqtError
+    from spqt.evaluate import perplexity
+
+    for dtype in (torch.float16, torch.float32, torch.bfloat16):
+        gen = Generator(load_spqt(tiny_spqt), "cpu", dtype=dtype, max_len=64)
+        with torch.no_grad():
+            gen.model.tok_embeddings.weight.mul_(1e6)
+        if dtype == torch.float16:
+            with pytest.raises(SpqtError, match=r"logits of the prompt are not finite numbers in fp16: .*--dtype bf16"):
+                gen.generate([3, 17, 42], 4)
+            with pytest.raises(SpqtError, match="logits of the text are not finite numbers in fp16"):
+                perplexity(gen, list(range(3, 67)), ctx=32)
+        else:
+            assert len(gen.generate([3, 17, 42], 4).tokens) == 4, dtype
+    gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=64)
+    real, steps = gen.decode_step, []
+
+    def poisoned(token, pos):  # the second decode step's logits and every later one's NaN
+        steps.append(pos)
+        out = real(token, pos)
+        return out * float("nan") if len(steps) >= 2 else out
+
+    monkeypatch.setattr(gen, "decode_step", poisoned)
+    with pytest.raises(SpqtError, match="logits after 5 new tokens are not finite numbers in fp32: the activations"):
+        gen.generate([3, 17, 42], 5)
+    assert len(steps) == 4

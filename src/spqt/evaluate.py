@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spqt.errors import SpqtError
-from spqt.generate import Generator, achieved_sparsity, set_sparse, sparse_linears
+from spqt.generate import Generator, achieved_sparsity, non_finite_error, set_sparse, sparse_linears
 
 METHODS = ("llamacpp", "gptq")
 
@@ -116,6 +116,8 @@ def perplexities(gen: Generator, tokens: list[int], settings: list[Callable[[], 
         for lin in maps:
             lin.counts.zero_()
         model.setup_cache(1, gen.max_len, gen.dtype)
+    if not all(math.isfinite(total) for total in nll):  # a NaN or infinite logit makes the sum so
+        raise non_finite_error(gen.dtype, "of the text")
     return [PerplexityResult(math.exp(total / scored), total, scored, n_chunks,
                              achieved_sparsity(model, reset=False, counts=per_map) if per_map is not None else {})
             for total, per_map in zip(nll, counted)]

@@ -259,6 +259,15 @@ class GenerationResult:
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+def non_finite_error(dtype: torch.dtype, when: str) -> SpqtError:
+    """The error of logits that are not finite numbers (`when`: "of the prompt", "after 12 new tokens", ...): the
+    activations overflowed the compute dtype (fp16's largest value is 65504) or the weights hold non-finite values."""
+    name = {v: k for k, v in COMPUTE_DTYPES.items()}.get(dtype, str(dtype))
+    hint = "; --dtype bf16 holds float32's range" if dtype == torch.float16 else ""
+    return SpqtError(f"the logits {when} are not finite numbers in {name}: the activations overflowed it or the "
+                     f"weights hold non-finite values{hint}")
+
+
 def compute_dtype(name: str) -> torch.dtype | None:
     """The compute dtype a --dtype option names (COMPUTE_DTYPES), or None for auto: the run's default_dtype."""
     if name == "auto":
@@ -690,6 +699,12 @@ class Generator:
         if self.device == "cuda":
             torch.cuda.synchronize()
 
+    def _check_finite(self, logits: torch.Tensor, when: str) -> None:
+        """non_finite_error where logits (1, vocab) hold a NaN or an infinity. One reduction and a read, after the
+        prefill and after the last decode step (a NaN in the KV cache stays in every later step), not per step."""
+        if not bool(torch.isfinite(logits).all()):
+            raise non_finite_error(self.dtype, when)
+
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: set[int] = frozenset(), on_token=None, track: bool = True,
@@ -725,6 +740,8 @@ class Generator:
         token = sample(logits[:, -1], sampling, gen)
         self._sync()
         prefill = time.perf_counter() - start
+        self._check_finite(logits[:, -1], "of the prompt")
+        last_logits = logits
         out, steps = [], []
         # on the CPU a level whose every map runs dense (dense_step_reason) decodes as dense does, without the sparse
         # path's per-map checks (a GPU's steps are graphs: captured once, they run no Python per map)
@@ -740,6 +757,7 @@ class Generator:
             elif max_new_tokens > 1:
                 more, steps, finish = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
                 out += more
+                last_logits = self._logits
             max_new_tokens = 0  # done: the loop below is the host-driven path
         threads = self._decode_threads() if self.device == "cpu" and max_new_tokens > 1 else None
         try:
@@ -755,7 +773,7 @@ class Generator:
                 t0 = time.perf_counter()
                 if threads:
                     threads.check(len(steps))  # timed with the step it precedes
-                logits = self.decode_step(t, pos)
+                logits = last_logits = self.decode_step(t, pos)
                 if on_logits:
                     on_logits(logits[:, -1].float().cpu())
                 greedy_in_graph = self.use_graph and sampling.temperature == 0
@@ -768,6 +786,8 @@ class Generator:
         finally:
             if threads:
                 threads.restore()
+        if len(out) > 1:  # a decode step ran (each token after the first): its last logits (a NaN stays in the cache)
+            self._check_finite(last_logits[:, -1], f"after {len(out)} new tokens")
         achieved = achieved_sparsity(self.model) if sparse and track else {}
         set_sparse(self.model, False)
         # the cache now holds the prompt and every new token but the last (never fed back); decoded tokens count
