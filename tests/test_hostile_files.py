@@ -509,3 +509,27 @@ def test_a_split_gguf_is_read_from_its_first_file(tiny_hf, tmp_path, capsys):
     field = SimpleNamespace(contents=lambda: "three")
     with pytest.raises(SpqtError, match="GGUF metadata key split.count is not an integer \\('three'\\)"):
         _gguf_split(first, SimpleNamespace(fields={"split.count": field}), {})
+
+
+def test_an_embedding_past_fp16s_range_is_refused(tiny_hf, tmp_path, capsys):
+    """spqt quantize of a checkpoint whose embedding holds values past fp16's range (the .spqt file's dtype for it:
+    they would load as infinities, every activation NaN): one error line naming the tensor, exit 2, no file. (NaN or
+    infinite weights are refused as they are read: test_conversion.)"""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from spqt.cli import main
+
+    folder = tmp_path / "big"
+    shutil.copytree(tiny_hf, folder)
+    path = next(folder.glob("*.safetensors"))
+    tensors = load_file(path)
+    name = next(n for n in tensors if "embed_tokens" in n)
+    tensors[name] = tensors[name] * 1e6
+    save_file(tensors, path, metadata={"format": "pt"})
+    out = tmp_path / "big.spqt"
+    assert main(["quantize", str(folder), "-o", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("spqt:")]
+    assert len(errors) == 1 and "tok_embeddings holds values past the range of float16" in errors[0], errors
+    assert not list(tmp_path.glob("big.spqt*"))

@@ -185,6 +185,18 @@ def fused_float_weights(source: SourceModel, progress: bool = False) -> LoadedMo
                        provenance=dict(source.provenance))
 
 
+def stored_as(name: str, w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """w in the dtype the .spqt file stores it in; SpqtError naming the tensor where a value leaves that dtype's range
+    (an fp16 embedding past 65504 would load as infinities: every activation NaN). NaN or infinite sources are refused
+    as they are read (SourceModel.tensor)."""
+    out = w.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        raise SpqtError(f"the checkpoint's tensor {name} holds values past the range of "
+                        f"{str(dtype).removeprefix('torch.')} (largest magnitude {float(w.abs().max()):g}), the dtype "
+                        f"the .spqt file stores it in")
+    return out
+
+
 def fused_layer_weights(source: SourceModel, i: int) -> dict:
     """Layer i's weights as given (float32): "layers.{i}.{group}" stacked as LINEAR_GROUPS says, and its norms and
     biases (_layer_extras)."""
@@ -231,7 +243,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         """The fp16 embeddings, and the quantized head where head_fmt asks for one (a tied head from the embedding
         read here, not read again)."""
         read = {name: source.tensor(name) for name in embedding_names}
-        out = {name: w.to(torch.float16) for name, w in read.items()}
+        out = {name: stored_as(name, w, torch.float16) for name, w in read.items()}
         if head_fmt:
             w = read["tok_embeddings"] if cfg.tie_embeddings else source.tensor("output")
             out["output"] = QuantizedWeight(quantize(w.to(device), head_fmt, layout).cpu(), head_fmt, layout,
