@@ -296,34 +296,44 @@ def test_fp16_gemv_maps_run_dense_at_a_level(tiny_hf, tmp_path, capsys, layout, 
 
 
 def test_logits_that_are_not_finite_stop_with_one_error(tiny_spqt, monkeypatch):
-    """Activations that overflow fp16 (the embedding table scaled by 1e6: the first RMSNorm's sum of squares is
-    infinite, its outputs NaN) stop generate() after the prefill, and perplexity(), with one SpqtError naming fp16 and
-    bf16; in fp32 and bf16 the same model generates (the norm undoes the scale). NaN logits that appear in a decode
-    step alone are caught after the last step."""
+    """Activations that overflow fp16 with every weight finite (layer 0's attention norm weight scaled by 1e5: its
+    outputs past 65504) stop generate() after the prefill, greedy or sampling (before a NaN probability would),
+    and perplexity(), with one SpqtError naming fp16 and bf16; in fp32 and bf16 the same model generates. NaN logits
+    that appear in a decode step alone stop the generation at that step, greedy or sampling, and leave the generator
+    as a fresh one (maps dense, the KV cache anew): its next generation gives a fresh generator's tokens."""
     from spqt.checkpoint import load_spqt
     from spqt.errors import SpqtError
     from spqt.evaluate import perplexity
+    from spqt.generate import Sampling
 
     for dtype in (torch.float16, torch.float32, torch.bfloat16):
         gen = Generator(load_spqt(tiny_spqt), "cpu", dtype=dtype, max_len=64)
         with torch.no_grad():
-            gen.model.tok_embeddings.weight.mul_(1e6)
+            gen.model.layers[0].attention_norm.weight.mul_(1e5)
+        assert all(bool(torch.isfinite(t).all()) for t in gen.model.state_dict().values() if t.is_floating_point())
         if dtype == torch.float16:
-            with pytest.raises(SpqtError, match=r"logits of the prompt are not finite numbers in fp16: .*--dtype bf16"):
-                gen.generate([3, 17, 42], 4)
+            for sampling in (Sampling(), Sampling(0.8, seed=1)):
+                with pytest.raises(SpqtError, match=r"logits of the prompt are not finite numbers in fp16: .*bf16"):
+                    gen.generate([3, 17, 42], 4, sampling)
             with pytest.raises(SpqtError, match="logits of the text are not finite numbers in fp16"):
                 perplexity(gen, list(range(3, 67)), ctx=32)
         else:
             assert len(gen.generate([3, 17, 42], 4).tokens) == 4, dtype
-    gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=64)
+    loaded = load_spqt(tiny_spqt)
+    want = Generator(loaded, "cpu", max_len=64).generate([3, 17, 42], 6).tokens
+    gen = Generator(loaded, "cpu", max_len=64)
     real, steps = gen.decode_step, []
 
-    def poisoned(token, pos):  # the second decode step's logits and every later one's NaN
+    def poisoned(token, pos):  # the second decode step's logits NaN
         steps.append(pos)
         out = real(token, pos)
-        return out * float("nan") if len(steps) >= 2 else out
+        return out * float("nan") if len(steps) == 2 else out
 
-    monkeypatch.setattr(gen, "decode_step", poisoned)
-    with pytest.raises(SpqtError, match="logits after 5 new tokens are not finite numbers in fp32: the activations"):
-        gen.generate([3, 17, 42], 5)
-    assert len(steps) == 4
+    for sampling in (Sampling(), Sampling(0.8, seed=1)):
+        steps.clear()
+        monkeypatch.setattr(gen, "decode_step", poisoned)
+        with pytest.raises(SpqtError, match="logits after 2 new tokens are not finite numbers in fp32: the activations"):
+            gen.generate([3, 17, 42], 5, sampling)
+        assert len(steps) == 2
+        monkeypatch.setattr(gen, "decode_step", real)
+        assert gen.generate([3, 17, 42], 6).tokens == want

@@ -486,6 +486,7 @@ def test_cli_errors_before_serving(tiny_hf, capsys):
     error(["--sparsity", "half"], "--sparsity takes a number")
     error(["--sparsity", "0.5", "--port", "0"], "no teal unified thresholds")
     error(["--criterion", "magnitude"], "unknown criterion")
+    error(["--dtype", "fp8"], "unknown dtype 'fp8'")
     error(["--port", "70000"], "--port must be in")
     for origin in ("localhost:3000", "http://localhost:3000/", "http://localhost:3000/app", "ftp://x"):
         error(["--allow-origin", origin], "--allow-origin takes * or an origin as a browser sends it")
@@ -517,6 +518,13 @@ def test_sparsity_auto_is_the_recommended_level_else_dense(tiny_hf):
     for criterion, mode in [(None, None), ("teal", None), ("teal", "greedy"), ("wina", "unified")]:
         assert recommended_sparsity(loaded, criterion, mode) == sp.auto_level(loaded.thresholds, criterion, mode)
     assert recommended_sparsity(loaded, "teal", None) == ("teal", "unified", 0.4)
+    import torch
+
+    from spqt.serve.engine import Engine
+
+    # the compute dtype spqt serve --dtype asks for (None: the runtime's default, fp32 on the CPU)
+    assert Engine(loaded, "cpu", dtype=torch.bfloat16).generator.dtype == torch.bfloat16
+    assert Engine(loaded, "cpu").generator.dtype == torch.float32
 
 
 def test_engine_logs_dense_maps_and_one_launch_maps(tiny_hf, caplog, monkeypatch):
@@ -644,3 +652,39 @@ def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
     assert events[2] == [("cancelled", None)]
     assert events[3] == [("text", "job3"), ("done", None)]
     assert stats["completed"] == 3 and stats["cancelled"] == 1 and stats["waiting"] == 0 and not stats["running"]
+
+
+def test_a_runtime_error_of_a_request_is_one_log_line_and_the_worker_goes_on(caplog):
+    """A SpqtError from run (e.g. logits that are not finite) reaches the client as its message and the log as one
+    line without a traceback; any other exception with its type and the traceback; the next job still runs."""
+    import asyncio
+
+    from spqt.errors import SpqtError
+    from spqt.serve.scheduler import Job, Scheduler
+
+    def run(job: Job) -> str:
+        if job.label == "nan":
+            raise SpqtError("the logits of the prompt are not finite numbers in fp16")
+        if job.label == "bug":
+            raise KeyError("oops")
+        job.emit("done", None)
+        return "completed"
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        scheduler = Scheduler(run)
+        jobs = [Job([1], 1, None, [], label, loop) for label in ("nan", "bug", "fine")]
+        for job in jobs:
+            scheduler.submit(job)
+        events = [await job.events.get() for job in jobs]
+        scheduler.close()
+        return events, scheduler.stats()
+
+    with caplog.at_level("INFO", logger="spqt.serve"):
+        events, stats = asyncio.run(scenario())
+    assert events == [("error", "generation failed: the logits of the prompt are not finite numbers in fp16"),
+                      ("error", "generation failed: KeyError: 'oops'"), ("done", None)]
+    assert stats["failed"] == 2 and stats["completed"] == 1
+    nan, bug = (next(r for r in caplog.records if r.getMessage().startswith(label)) for label in ("nan", "bug"))
+    assert nan.exc_info is None and "not finite" in nan.getMessage() and bug.exc_info is not None
+

@@ -313,6 +313,8 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
         with tqdm(total=cfg.n_layers, desc=f"quantizing to {fmt} {layout}", unit="layer",
                   disable=not progress or calibration is not None) as bar:
             for i in range(cfg.n_layers if calibration is None else 0):
+                if embeddings.done() and embeddings.exception() is not None:
+                    raise embeddings.exception()  # (stored_as's refusal now, not after every layer)
                 pending.append({name: pool.submit(encode, w, types[name]) if name.rsplit(".", 1)[1] in LINEAR_GROUPS
                                 else w for name, w in fused_layer_weights(source, i).items()})
                 if len(pending) == 2:

@@ -455,6 +455,7 @@ def cmd_serve(args) -> int:
         raise SpqtError(f"--port must be in [0, 65535], got {args.port}")
     allow_origins = check_origins(args.allow_origin)
     device = resolve_device(args.device)
+    dtype = _dtype(args.dtype, device)  # (an unknown name before the load)
     sock = bind(args.host, args.port)  # before the (slow) load, so a taken port fails at once
     try:
         setup_logging()
@@ -463,7 +464,7 @@ def cmd_serve(args) -> int:
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
                         backend=_gemv_backend(args.gemv, device),
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
-                        dense_fallback=not args.no_dense_fallback)
+                        dense_fallback=not args.no_dense_fallback, dtype=dtype)
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None, allow_origins)
     finally:
         sock.close()
@@ -861,7 +862,7 @@ def _gemv_backend(name: str, device: str) -> str | None:
 
 def _dtype(name: str, device: str):
     """The compute dtype for a --dtype choice: auto is None, the model's (generate.default_dtype: fp32 on the CPU,
-    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 2 and 3)."""
+    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 2 and 3 and GLM-4)."""
     from spqt.generate import compute_dtype
 
     return compute_dtype(name)
@@ -942,8 +943,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     p.add_argument("--dtype", default="auto",
-                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3; fp32 on the CPU), fp32, "
-                   "fp16, bf16")
+                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3 and GLM-4; fp32 on the "
+                   "CPU), fp32, fp16, bf16")
     p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
                         "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
@@ -973,6 +974,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")
+    p.add_argument("--dtype", default="auto",
+                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3 and GLM-4; fp32 on the "
+                   "CPU), fp32, fp16, bf16")
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
                         "as a chat's next turn (auto, the default, is on); answers can "

@@ -700,10 +700,19 @@ class Generator:
             torch.cuda.synchronize()
 
     def _check_finite(self, logits: torch.Tensor, when: str) -> None:
-        """non_finite_error where logits (1, vocab) hold a NaN or an infinity. One reduction and a read, after the
-        prefill and after the last decode step (a NaN in the KV cache stays in every later step), not per step."""
+        """_non_finite(when) where logits (1, vocab) hold a NaN or an infinity: one reduction and a read."""
         if not bool(torch.isfinite(logits).all()):
-            raise non_finite_error(self.dtype, when)
+            self._non_finite(when)
+
+    def _non_finite(self, when: str) -> None:
+        """Raise non_finite_error after the generation's state is put back: maps dense, counters zero, the KV cache
+        allocated anew (a NaN left in it would reach later requests through the paths that mask keys past the
+        sequence by adding -inf)."""
+        set_sparse(self.model, False)
+        for _, _, lin in sparse_linears(self.model):
+            lin.counts.zero_()
+        self.model.setup_cache(1, self.max_len, self.dtype)
+        raise non_finite_error(self.dtype, when)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
@@ -737,11 +746,10 @@ class Generator:
         logits = self._prefill(prompt, cached)
         if on_logits:
             on_logits(logits[:, -1].float().cpu())
+        self._check_finite(logits[:, -1], "of the prompt")  # (before sampling: a NaN probability is an error there)
         token = sample(logits[:, -1], sampling, gen)
         self._sync()
         prefill = time.perf_counter() - start
-        self._check_finite(logits[:, -1], "of the prompt")
-        last_logits = logits
         out, steps = [], []
         # on the CPU a level whose every map runs dense (dense_step_reason) decodes as dense does, without the sparse
         # path's per-map checks (a GPU's steps are graphs: captured once, they run no Python per map)
@@ -757,7 +765,9 @@ class Generator:
             elif max_new_tokens > 1:
                 more, steps, finish = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
                 out += more
-                last_logits = self._logits
+                # the last step's logits (past a stop, the discarded step's): checked once, not a read a step; a
+                # NaN in the KV cache reaches every later step
+                self._check_finite(self._logits[:, -1], f"after {len(out)} new tokens")
             max_new_tokens = 0  # done: the loop below is the host-driven path
         threads = self._decode_threads() if self.device == "cpu" and max_new_tokens > 1 else None
         try:
@@ -773,12 +783,20 @@ class Generator:
                 t0 = time.perf_counter()
                 if threads:
                     threads.check(len(steps))  # timed with the step it precedes
-                logits = last_logits = self.decode_step(t, pos)
+                logits = self.decode_step(t, pos)
                 if on_logits:
                     on_logits(logits[:, -1].float().cpu())
+                # each step's logits checked where the host reads each token anyway: on the device, read after the
+                # step's sync (no wait of its own); a sample takes zeros in their place (a NaN probability is an
+                # error, on CUDA a device-side assert)
+                last = logits[:, -1]
+                finite = torch.isfinite(last).all()
                 greedy_in_graph = self.use_graph and sampling.temperature == 0
-                token = self.greedy_token if greedy_in_graph else sample(logits[:, -1], sampling, gen)
+                token = self.greedy_token if greedy_in_graph else sample(
+                    torch.where(finite, last, torch.zeros_like(last)), sampling, gen)
                 self._sync()
+                if not bool(finite):
+                    self._non_finite(f"after {len(out)} new tokens")
                 steps.append(time.perf_counter() - t0)
                 if threads:
                     threads.observe(steps[-1])
@@ -786,8 +804,6 @@ class Generator:
         finally:
             if threads:
                 threads.restore()
-        if len(out) > 1:  # a decode step ran (each token after the first): its last logits (a NaN stays in the cache)
-            self._check_finite(last_logits[:, -1], f"after {len(out)} new tokens")
         achieved = achieved_sparsity(self.model) if sparse and track else {}
         set_sparse(self.model, False)
         # the cache now holds the prompt and every new token but the last (never fed back); decoded tokens count

@@ -20,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, Generator
@@ -65,13 +67,14 @@ class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
                  criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None,
-                 dense_fallback: bool = True):
+                 dense_fallback: bool = True, dtype: torch.dtype | None = None):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
         backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU).
         prompt_cache: reuse what the request before left in the KV cache (None: on; see the module's docstring).
-        dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked)."""
+        dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked).
+        dtype: the compute dtype (None: generate.default_dtype)."""
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):
@@ -83,8 +86,8 @@ class Engine:
         if not 1 < ctx <= loaded.config.max_seq_len:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
         self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
-        self.generator = Generator(loaded, device, sparsity=sparsity, mode=mode, max_len=ctx, criterion=criterion,
-                                   backend=backend, dense_fallback=dense_fallback)
+        self.generator = Generator(loaded, device, dtype=dtype, sparsity=sparsity, mode=mode, max_len=ctx,
+                                   criterion=criterion, backend=backend, dense_fallback=dense_fallback)
         self.stop_ids = self.tokenizer.stop_ids
         self.prompt_cache = True if prompt_cache is None else prompt_cache
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from spqt.errors import SpqtError
+
 log = logging.getLogger("spqt.serve")
 
 
@@ -49,7 +51,7 @@ class Job:
 class Scheduler:
     """run(job) does the work on the worker thread, posts the job's events and returns "completed" or
     "cancelled"; Scheduler posts ("cancelled", None) for jobs it drops and ("error", message) when run
-    raises."""
+    raises (a SpqtError: its message, one log line; anything else: its type too, and the traceback in the log)."""
 
     def __init__(self, run: Callable[[Job], str]):
         self._run = run
@@ -95,6 +97,10 @@ class Scheduler:
                     log.info("%s cancelled while queued", job.label)
                 else:
                     outcome = self._run(job)
+            except SpqtError as e:  # what the runtime says of this request (e.g. logits that are not finite)
+                outcome = "failed"
+                log.error("%s failed: %s", job.label, e)
+                job.emit("error", f"generation failed: {e}")
             except Exception as e:  # a bug or an out-of-memory must not stop the server
                 outcome = "failed"
                 log.exception("%s failed", job.label)
