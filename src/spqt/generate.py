@@ -727,7 +727,9 @@ class Generator:
         they were decoded dense (sparse steps' keys and values are not what a dense prefill writes); on CUDA where
         that pays (_reuse_pays). The logits can differ from a whole prefill's in the last bits (other matrix shapes,
         another summation order). What writes the cache outside generate(), decode_step and capture_prefills (a
-        caller's own model(...) calls, as the benchmarks make) must not be followed by a reuse."""
+        caller's own model(...) calls, as the benchmarks make) must not be followed by a reuse.
+        Logits that are not finite numbers raise non_finite_error (after the prefill, at each step whose token the host
+        reads, after the last of CUDA's greedy graph replays), the generator put back as a fresh one (_non_finite)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
         if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
