@@ -17,6 +17,17 @@ def random_x(rng, k, dtype, device, sparsity):
     return x, torch.as_tensor(t, dtype=torch.float32).to(device)
 
 
+def rms_norm_inputs(rng, x: torch.Tensor, parts: int, eps: float) -> tuple:
+    """What a folded RMSNorm's test gives the GEMV for an input x (K,): gamma (K,) fp32 (1 + 0.3 N(0, 1), as the
+    runtime keeps it), x's sums of squares as `parts` partial sums (any partition, as a reduction writes them) and the
+    input normed in torch with their rstd, in x's dtype."""
+    k = x.shape[0]
+    gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to(x.device)
+    sq = torch.stack([(x[i::parts].float() ** 2).sum() for i in range(parts)])
+    normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).to(x.dtype)
+    return gamma, sq, normed
+
+
 def min_part(qw) -> torch.Tensor:
     """-dmin*m of every weight of a Q4_K QuantizedWeight (its blocks with all quants zeroed), (N, K) float32."""
     from spqt.checkpoint import QuantizedWeight

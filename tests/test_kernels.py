@@ -14,7 +14,8 @@ from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout import dequantize_gpu_layout, repack
 
 from conftest import save_quantized
-from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, min_part, random_x as _x
+from kernel_inputs import (assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, min_part, random_x as _x,
+                           rms_norm_inputs)
 
 CPU_SHAPES = [(300, 130), (64, 40), (513, 24)]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (576, 192), (1000, 1000), (2311, 777)]
@@ -1721,10 +1722,7 @@ def test_cuda_gemv_folds_the_norm(rng, monkeypatch):
         qw, gw = _weights(rng, shape, "zigzag", "cuda")
         n, k = shape
         x = torch.from_numpy(rng.standard_normal(k).astype(np.float32) * 6).to("cuda", torch.float16)
-        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")  # fp32, as the runtime
-        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])  # any partition of the squares
-        rstd = 1.0 / torch.sqrt(sq.sum() / k + eps)
-        normed = ((x.float() * rstd) * gamma).half()
+        gamma, sq, normed = rms_norm_inputs(rng, x, 37, eps)
         for split, warps, acc, *pairs in NORM_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             kw = {"num_warps": warps, "acc": acc, "impl": "cuda", "extra": ("-DPAIRS=1",) if pairs else ()}
@@ -1781,9 +1779,7 @@ def test_cuda_kept_mode(rng, sparsity, monkeypatch):
         n, k = shape
         x, t = _x(rng, k, torch.float16, "cuda", sparsity)
         scale = torch.from_numpy(0.5 + rng.random(k).astype(np.float32)).to("cuda")
-        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
-        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])  # any partition of the squares
-        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
+        gamma, sq, normed = rms_norm_inputs(rng, x, 37, eps)
         for split, warps, pipe, acc, *pairs in KEPT_CONFIGS:
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "threshold": t,
@@ -1857,9 +1853,7 @@ def test_cuda_gemv_runs_bf16(rng, monkeypatch):
         x = torch.from_numpy(rng.standard_normal(k) * np.exp2(rng.uniform(-3, 17, k))).to("cuda", torch.bfloat16)
         assert x.float().abs().max() > 65504  # values fp16 cannot hold
         t = torch.quantile(x.abs().float(), 0.5).reshape(())
-        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
-        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])
-        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).bfloat16()
+        gamma, sq, normed = rms_norm_inputs(rng, x, 37, eps)
         t_normed = torch.quantile(normed.abs().float(), 0.5).reshape(())
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
         for split, warps, pipe, acc, pairs in BF16_CONFIGS:

@@ -15,7 +15,7 @@ from spqt.kernels import reference
 from spqt.kernels.collect import collect
 from spqt.kernels.gpu_layout_types import q2_k_levels, q3_k_levels
 
-from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, random_x
+from kernel_inputs import assert_kept_residual_finish, assert_within_fp32_sum, guarded_out, random_x, rms_norm_inputs
 from test_kernels_types import FP16_FIELDS, _random_blocks
 
 TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
@@ -62,6 +62,13 @@ def _gpu_weights(rng, fmt, shape):
             v = v * rng.choice([-1, 1], blocks.shape[:2])
         blocks[..., at:at + 2] = v.astype(np.float16)[..., None].view(np.uint8)
     return QuantizedWeight(torch.from_numpy(blocks).cuda(), fmt, "zigzag", shape)
+
+
+def _gpu_case(rng, fmt, shape):
+    """A GPU test's matrix: (random blocks on CUDA (_gpu_weights), the same in the type's CUDA GEMV layout, their
+    (W, |W| + 2 |offset|) magnitudes)."""
+    qw = _gpu_weights(rng, fmt, shape)
+    return qw, _planes(qw, "cuda"), _magnitudes(qw)
 
 
 def _magnitudes(qw):
@@ -211,9 +218,7 @@ def test_zigzag_cuda_types(rng, fmt, sparsity):
     from spqt.kernels import zigzag_cuda
 
     for shape in GPU_SHAPES:
-        qw = _gpu_weights(rng, fmt, shape)
-        gw = _planes(qw, "cuda")
-        refs = _magnitudes(qw)
+        qw, gw, refs = _gpu_case(rng, fmt, shape)
         x, t = random_x(rng, shape[1], torch.float16, "cuda", sparsity)
         x_sparse = reference.sparsify(x, t).float()
         assert zigzag_cuda.supports(x, kg.MODE_DENSE), "NVRTC or cuda-bindings missing on the GPU machine"
@@ -285,14 +290,10 @@ def test_zigzag_cuda_types_fold_the_norm(rng, fmt):
     (the share's scalar tail)."""
     eps = 1e-5
     for shape in ((4096, 4096), (2311, 777)):
-        qw = _gpu_weights(rng, fmt, shape)
-        gw = _planes(qw, "cuda")
-        refs = _magnitudes(qw)
+        qw, gw, refs = _gpu_case(rng, fmt, shape)
         k = shape[1]
         x = torch.from_numpy(rng.standard_normal(k).astype(np.float32) * 6).to("cuda", torch.float16)
-        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
-        sq = torch.stack([(x[i::29].float() ** 2).sum() for i in range(29)])
-        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
+        gamma, sq, normed = rms_norm_inputs(rng, x, 29, eps)
         for split, warps, pipe, acc, extra in _configs(fmt):
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "extra": extra}
@@ -324,15 +325,11 @@ def test_zigzag_cuda_types_kept_mode(rng, fmt, sparsity):
 
     eps = 1e-5
     for shape in ((4096, 4096), (2311, 777), (1024, 11008)):
-        qw = _gpu_weights(rng, fmt, shape)
-        gw = _planes(qw, "cuda")
-        refs = _magnitudes(qw)
+        qw, gw, refs = _gpu_case(rng, fmt, shape)
         k = shape[1]
         x, t = random_x(rng, k, torch.float16, "cuda", sparsity)
         scale = torch.from_numpy(0.5 + rng.random(k).astype(np.float32)).to("cuda")
-        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
-        sq = torch.stack([(x[i::37].float() ** 2).sum() for i in range(37)])
-        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).half()
+        gamma, sq, normed = rms_norm_inputs(rng, x, 37, eps)
         for split, warps, pipe, acc in KEPT_CONFIGS:
             if not zigzag_cuda.kept_fits(k, split, warps):
                 continue
@@ -370,15 +367,11 @@ def test_zigzag_cuda_types_run_bf16(rng, fmt):
     and (Q2_K, Q3_K) with tile pairs, a partial last chunk (777 columns)."""
     eps = 1e-5
     for shape in ((4096, 4096), (2311, 777)):
-        qw = _gpu_weights(rng, fmt, shape)
-        gw = _planes(qw, "cuda")
-        refs = _magnitudes(qw)
+        qw, gw, refs = _gpu_case(rng, fmt, shape)
         k = shape[1]
         x, t = random_x(rng, k, torch.bfloat16, "cuda", 0.5)
         x_sparse = reference.sparsify(x, t).float()
-        gamma = torch.from_numpy(1 + 0.3 * rng.standard_normal(k).astype(np.float32)).to("cuda")
-        sq = torch.stack([(x[i::29].float() ** 2).sum() for i in range(29)])
-        normed = ((x.float() * (1.0 / torch.sqrt(sq.sum() / k + eps))) * gamma).bfloat16()
+        gamma, sq, normed = rms_norm_inputs(rng, x, 29, eps)
         for split, warps, pipe, acc, extra in _configs(fmt)[1:2] + _configs(fmt)[len(CONFIGS):][:1]:
             ws = kg.ZigzagWorkspace(gw, split, torch.bfloat16)
             kw = {"num_warps": warps, "pipe": pipe, "acc": acc, "impl": "cuda", "extra": extra}

@@ -571,10 +571,12 @@ def _judge_in_steps(model: str, found: dict, rounds: int, reps: int, log, choice
     maps = {}
     for _, _, lin in sparse_linears(gen.model):
         cfg = getattr(lin.impl, "cfg_dense", None)
-        shape = f"{getattr(lin.impl, 'n', 0)}x{getattr(lin.impl, 'k', 0)}"
+        if cfg is None or cfg.get("impl") != "cuda":
+            continue
+        shape = f"{lin.impl.n}x{lin.impl.k}"
         # a CUDA entry, not a Triton one that a bf16 map runs on the CUDA GEMV (gpu_linear.bf16_on_cuda): an L2
         # prefetch or tile pairs written into a Triton entry would break its fp16 runs
-        if cfg is not None and cfg.get("impl") == "cuda" and own.get(shape, cfg).get("impl") == "cuda":
+        if own.get(shape, cfg).get("impl") == "cuda":
             maps.setdefault(shape, []).append(lin.impl)
     tuned = {id(m): m.cfg_dense for ms in maps.values() for m in ms}
     # what every map runs while another shape is judged: the option judged before (this run), else the table's

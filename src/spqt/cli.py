@@ -860,6 +860,10 @@ def _gemv_backend(name: str, device: str) -> str | None:
     return "cpu-fp16"
 
 
+DTYPE_HELP = "compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3 and GLM-4; fp32 on the CPU), fp32, " \
+             "fp16, bf16"
+
+
 def _dtype(name: str, device: str):
     """The compute dtype for a --dtype choice: auto is None, the model's (generate.default_dtype: fp32 on the CPU,
     whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 2 and 3 and GLM-4)."""
@@ -942,9 +946,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "
                         "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
-    p.add_argument("--dtype", default="auto",
-                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3 and GLM-4; fp32 on the "
-                   "CPU), fp32, fp16, bf16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
                    help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
                         "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
@@ -974,9 +976,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")
-    p.add_argument("--dtype", default="auto",
-                   help="compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3 and GLM-4; fp32 on the "
-                   "CPU), fp32, fp16, bf16")
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
                         "as a chat's next turn (auto, the default, is on); answers can "

@@ -794,8 +794,7 @@ class Generator:
                 last = logits[:, -1]
                 finite = torch.isfinite(last).all()
                 greedy_in_graph = self.use_graph and sampling.temperature == 0
-                token = self.greedy_token if greedy_in_graph else sample(
-                    torch.where(finite, last, torch.zeros_like(last)), sampling, gen)
+                token = self.greedy_token if greedy_in_graph else sample(torch.where(finite, last, 0.0), sampling, gen)
                 self._sync()
                 if not bool(finite):
                     self._non_finite(f"after {len(out)} new tokens")
