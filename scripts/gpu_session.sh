@@ -107,6 +107,7 @@
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
+#   scripts/gpu_session.sh gemm46    the CUDA GEMM's gpu tests (fp16, bf16), the families' CUDA-path test, the GEMM probe fp16 / bf16
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
@@ -1810,6 +1811,29 @@ PY
         | sed "s/^/$dtype $tree: /"
     done | tee "$OUT/bf16-decode.log"
     echo "bf16_45: $(( $(date +%s) - start )) s"
+    ;;
+  gemm46)
+    # The CUDA GEMM in bf16 (forty-sixth session): its gpu tests and the families' CUDA-path test (seed 637483586, the
+    # H100's failure of the forty-sixth session's first call, then a fresh seed) within GEMM46_TEST_LIMIT s (default
+    # 240), then scripts/prefill_gemm_probe.py in fp16 and bf16 (GEMM46_ARGS; default the 7B's maps at 8, 16, 32
+    # tokens) within GEMM46_PROBE_LIMIT s each (default 120); on an H200, bf16_45's decode runs in what is left of
+    # CALL_BUDGET (default 560). Logs $OUT/gemm46-tests.log, $OUT/gemm-probe-<dtype>.log / .json.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    gpu_node_tests ${GEMM46_TEST_LIMIT:-240} gemm46 tests/test_gemm_cuda.py
+    for seed in 637483586 ""; do
+      SPQT_FAMILY_SEED=$seed timeout 120 python3 -m pytest -q -m gpu tests/test_families.py -p no:cacheprovider \
+        -k test_cuda_path_runs_biases_and_qk_norms 2>&1 | tee -a "$OUT/gemm46-tests.log" | tail -3
+    done
+    echo "gemm46 tests: $(( $(date +%s) - start )) s"
+    for dtype in fp16 bf16; do
+      timeout ${GEMM46_PROBE_LIMIT:-120} python3 scripts/prefill_gemm_probe.py ${GEMM46_ARGS:---tokens 8,16,32} \
+        --dtype $dtype --json "$OUT/gemm-probe-$dtype.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe-$dtype.log"
+      echo "gemm46 probe $dtype: $(( $(date +%s) - start )) s"
+    done
+    if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
+      BF16_TESTS=0 CALL_BUDGET=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) )) bash "$0" bf16_45
+    fi
     ;;
   retune38)
     # A stale table re-tuned a piece a call (the H100's of 2026-11-23 has no crossovers, so every sparse map runs sparse:

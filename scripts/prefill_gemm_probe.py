@@ -7,7 +7,7 @@ a SPLIT the rule's split for the config listed).
 
     python3 scripts/prefill_gemm_probe.py [--shapes 12288x4096,4096x4096,22016x4096,4096x11008]
         [--tokens 16,32,64,256,1024] [--sweep [--sweep-max 64]] [--configs WN,BM,BK,SPLIT,WARPS,STAGES;...]
-        [--cuda-configs TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT;...] [--no-triton] [--json OUT]
+        [--cuda-configs TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT;...] [--no-triton] [--dtype fp16|bf16] [--json OUT]
 
 Times: CUDA-graph replays of 16+ calls over rotated weight copies (4x the L2 cache), median of 30 (bench.time_graph).
 """
@@ -70,8 +70,10 @@ def main():
     ap.add_argument("--cuda-configs", default="",
                     help="CUDA GEMM configs beside its rule: TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT;...")
     ap.add_argument("--no-triton", action="store_true", help="leave gemm_q4k out (dequantize + cuBLAS and CUDA only)")
+    ap.add_argument("--dtype", choices=("fp16", "bf16"), default="fp16", help="x's and y's dtype")
     ap.add_argument("--json")
     args = ap.parse_args()
+    dtype = torch.float16 if args.dtype == "fp16" else torch.bfloat16
     cuda_listed = config_list(args.cuda_configs, "--cuda-configs", "TOKT,WARPS,SPLIT,PIPE,RING,RESIDENT")
     listed = config_list(args.configs, "--configs", "WN,BM,BK,SPLIT,WARPS,STAGES")
     keys = ("WN", "BM", "BK", "SPLIT", "num_warps", "num_stages")
@@ -90,8 +92,8 @@ def main():
         del w
         copies = weight_copies(gw, max(2, triton.cdiv(4 * l2, gw.nbytes)))
         for m in (int(t) for t in args.tokens.split(",")):
-            x = torch.randn(m, k, device="cuda").half()
-            ref = torch.nn.functional.linear(x, kg.dequantize(gw, torch.float16)).float()
+            x = torch.randn(m, k, device="cuda").to(dtype)
+            ref = torch.nn.functional.linear(x, kg.dequantize(gw, dtype)).float()
             rule = gq.config(m, n, k, sms)
             err = float("nan") if args.no_triton else float(
                 (gq.gemm_q4k(gw, x, rule).float() - ref).abs().max() / ref.abs().max())
@@ -99,9 +101,9 @@ def main():
             def timed(fn):
                 return 1e6 * time_graph([lambda w=copies[i % len(copies)]: fn(w) for i in range(max(16, len(copies)))])
 
-            base_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, torch.float16)))
+            base_us = timed(lambda w: torch.nn.functional.linear(x, kg.dequantize(w, dtype)))
             rule_us = float("nan") if args.no_triton else timed(lambda w: gq.gemm_q4k(w, x, rule))
-            row = {"shape": shape, "tokens": m, "dequant_cublas_us": base_us,
+            row = {"shape": shape, "tokens": m, "dtype": args.dtype, "dequant_cublas_us": base_us,
                    "gemm_us": rule_us, "rule": rule, "rel_err": err, "variants": {}}
             cuda_rule = gc.config(m, n, k, sms)
             cuda_cfgs = [("rule", cuda_rule)] + [(",".join(str(v) for v in c), listed_cuda(cuda_rule, c, m, n, k, sms))

@@ -1,7 +1,8 @@
-"""The CUDA GEMM of zigzag Q4_K times several fp16 tokens (kernels/gemm_cuda.py, zigzag_q4k.cu under GEMM) against
-x times the dequantized weights: on the GPU (`gpu`) with every token-tile count, warp count, pipe and several shares,
-its output poisoned with a guard after it, shapes and token counts that are not multiples of its tiles; on the CPU the
-kernel compiled for sm_90 by NVRTC (its loop's tensor-core instructions, no local memory), the rule and the checks."""
+"""The CUDA GEMM of zigzag Q4_K times several fp16 or bf16 tokens (kernels/gemm_cuda.py, zigzag_q4k.cu under GEMM)
+against x times the dequantized weights: on the GPU (`gpu`) with every token-tile count, warp count, pipe and several
+shares (bf16: the rule's and a config of each TOKT), its output poisoned with a guard after it, shapes and token counts
+that are not multiples of its tiles; on the CPU the kernel compiled for sm_90 by NVRTC (its loop's tensor-core
+instructions, no local memory; bf16's loop as fp16's), the rule and the checks."""
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from spqt.kernels.gpu_layout import repack
 from conftest import count_calls
 from kernel_inputs import assert_gemm_route, assert_within_fp32_sum, min_part
 
-# B = fp16(x fp16(d sc)) and A's min row fp16(dmin mn): at most two fp16 roundings of a product's factors
+# B = fp16(x fp16(d sc)) and A's min row fp16(dmin mn): at most two fp16 roundings of a product's factors (bf16 x:
+# fp16(x / 256) fp16(256 d sc), the same roundings where x / 256 is an fp16 normal)
 INPUT_EPS = 2.0**-10
 
 # (N, K, tokens): rows past the last whole superblock row, K not a multiple of 16, one token, token counts past a
@@ -38,23 +40,26 @@ def _matrix(rng, n, k, device):
 
 
 @pytest.mark.gpu
-def test_cuda_gemm_equals_dequantized_matmul(rng):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gemm_equals_dequantized_matmul(rng, dtype):
     from spqt.kernels import zigzag_cuda
 
     if not zigzag_cuda.usable():
         pytest.fail("the CUDA GEMM cannot run on this GPU (NVRTC, sm_80+ needed)")
+    # bf16: the rule's config and one of each TOKT, with a pipe, rings and many shares (its compiles are the cost)
+    configs = CONFIGS if dtype == torch.float16 else [CONFIGS[i] for i in (0, 7, 4, 5)]
     for case, (n, k, m) in enumerate(CASES):
         qw, gw = _matrix(rng, n, k, "cuda")
         w_ref = qw.dequantize().double().cuda()
         w_mag = w_ref.abs() + 2 * min_part(qw).double().abs().cuda()
         # x inside a NaN buffer (a read past its rows or columns poisons the output); every other case 2 bytes off
         # 16-byte alignment (the launcher copies it)
-        xbuf = torch.full(((m + 2) * k + 8,), float("nan"), dtype=torch.float16, device="cuda")
+        xbuf = torch.full(((m + 2) * k + 8,), float("nan"), dtype=dtype, device="cuda")
         at = 8 if case % 2 == 0 else k + 1
         x = xbuf[at:at + m * k].view(m, k)
         x.copy_(torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32)))
-        for cfg in [gc.config(m, n, k, 132)] + CONFIGS:
-            what = f"{n}x{k} {m} tokens {cfg}"
+        for cfg in [gc.config(m, n, k, 132)] + configs:
+            what = f"{n}x{k} {m} tokens {cfg} {dtype}"
             shape, share = gc.partials_spec(gw, m, cfg)
             if share > gc.max_share(cfg):  # its tokens' x would not fit shared memory
                 with pytest.raises(ValueError, match="does not fit shared memory"):
@@ -62,7 +67,7 @@ def test_cuda_gemm_equals_dequantized_matmul(rng):
                 continue
             buf = torch.full((shape[0] * m * n + 4096,), float("nan"), device="cuda")
             partials, part_guard = buf[:-4096].view(shape), buf[-4096:]
-            ybuf = torch.full((m * n + 4096,), float("nan"), dtype=torch.float16, device="cuda")
+            ybuf = torch.full((m * n + 4096,), float("nan"), dtype=dtype, device="cuda")
             out, guard = ybuf[:-4096].view(m, n), ybuf[-4096:]
             y = gc.gemm(gw, x, cfg, partials=partials, out=out)
             assert y.data_ptr() == out.data_ptr(), what
@@ -84,9 +89,9 @@ def test_cuda_gemm_edge_cases(rng):
 
 @pytest.mark.gpu
 def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
-    """TritonLinear's several-token product: the CUDA GEMM for fp16 zigzag Q4_K of at least MIN_WEIGHTS weights up to
-    MAX_TOKENS tokens (the same sums as dequantize + matmul within their roundings); bf16 and SPQT_PREFILL_GEMM=dequant
-    do not run it."""
+    """TritonLinear's several-token product: the CUDA GEMM for fp16 and bf16 zigzag Q4_K of at least MIN_WEIGHTS
+    weights up to MAX_TOKENS tokens (the same sums as dequantize + matmul within their roundings); SPQT_PREFILL_GEMM=
+    dequant does not run it."""
     from spqt.kernels import gpu_linear
     from spqt.kernels.gpu_linear import TritonLinear
 
@@ -98,8 +103,10 @@ def test_linear_runs_the_cuda_gemm_for_short_prompts(rng, monkeypatch):
     monkeypatch.setattr(gc, "MIN_WEIGHTS", 300 * 130)
     assert gpu_linear.cuda_gemm_runs(lin.w, x, gc.MAX_TOKENS)
     assert not gpu_linear.cuda_gemm_runs(lin.w, x, gc.MAX_TOKENS + 1)
-    assert not gpu_linear.cuda_gemm_runs(lin.w, x.bfloat16(), 5)
     assert_gemm_route(lin, x, calls, monkeypatch)
+    bf16 = TritonLinear(qw, torch.bfloat16, "cuda")
+    assert gpu_linear.cuda_gemm_runs(bf16.w, x.bfloat16(), gc.MAX_TOKENS)
+    assert_gemm_route(bf16, x.bfloat16(), calls, monkeypatch)
 
 
 def test_cuda_gemm_rule_and_override(monkeypatch):
@@ -156,12 +163,14 @@ def test_cuda_gemm_routes_the_maps_measured_faster():
 
 
 def test_cuda_gemm_checks_its_contract():
-    """bf16 or mis-shaped x, x off CUDA, a row-layout matrix, partials of the wrong shape: one ValueError each (before
-    any launch, so on the CPU too)."""
+    """fp32 or mis-shaped x, x off CUDA, a row-layout matrix, a share too wide for shared memory: one ValueError each
+    (before any launch, so on the CPU too)."""
     rng = np.random.default_rng(5)
     qw, gw = _matrix(rng, 64, 40, "cpu")
-    with pytest.raises(ValueError, match="fp16 contiguous on CUDA"):
-        gc.gemm(gw, torch.zeros(2, 40, dtype=torch.float16))
+    for x in (torch.zeros(2, 40, dtype=torch.float16), torch.zeros(2, 40, device="meta"),
+              torch.zeros(2, 41, dtype=torch.bfloat16, device="meta")):
+        with pytest.raises(ValueError, match="fp16 or bf16 contiguous on CUDA"):
+            gc.gemm(gw, x)
     row = repack(QuantizedWeight(spqt.quantize(qw.dequantize(), "q4_k", "row"), "q4_k", "row", (64, 40)), "cpu")
     with pytest.raises(ValueError, match="zigzag Q4_K"):
         gc.gemm(row, torch.zeros(2, 40, dtype=torch.float16))
@@ -172,6 +181,27 @@ def test_cuda_gemm_checks_its_contract():
         gc.gemm(wide, torch.zeros(2, 4000, dtype=torch.float16, device="meta"), dict(TOKT=4, WARPS=4, SPLIT=1, PIPE=0))
 
 
+def _compiled_loop(cfg: dict, bf16: bool) -> tuple[str, list[str]]:
+    """(the kernel's SASS, its chunk loop's opcodes) of cfg compiled for sm_90 here: with a ring its shortest loop
+    that runs the mma and asks for copies (not the longer one through __syncwarp's divergent path back into it)."""
+    from spqt.kernels import nvrtc
+    from spqt.kernels.sass import disassemble, loops, main_loop, opcode
+
+    try:
+        cubin = gc.cubin_sm90(cfg, bf16)
+    except nvrtc.NvrtcUnavailable as exc:
+        pytest.fail(f"NVRTC is a test dependency here: {exc}")
+    sass, _, _ = disassemble(cubin)
+    gemm = next(part for part in sass.split("//--------------------- .text.")
+                if part.startswith("zigzag_q4k_gemm "))  # nvdisasm's section of this function
+    if cfg["RING"]:
+        loop = min((lp for lp in loops(gemm) if any("HMMA" in ln for ln in lp)
+                    and any("LDGSTS" in ln for ln in lp)), key=len)
+    else:
+        loop = main_loop(gemm, "HMMA")
+    return gemm, [opcode(line) or "" for line in loop if "@!PT" not in line]  # not the never-run LDS padding
+
+
 @pytest.mark.parametrize("tokt", gc.TOKTS)
 def test_cuda_gemm_compiles_for_sm90(tokt):
     """Each TOKT's kernel compiled for sm_90 here (NVRTC needs no GPU), pipe on and off and with a ring: the chunk
@@ -179,24 +209,16 @@ def test_cuda_gemm_compiles_for_sm90(tokt):
     sub-blocks' scales (16 / TOKT), reads x from shared memory and keeps everything else in registers (no local
     memory); with a ring its loop asks for a chunk by 5 asynchronous copies (4 slots' levels, a head) and loads
     nothing into registers from global memory, reading the chunk from shared memory (GW level vectors, 4 heads).
-    Each build is bounded to gemm_cuda.resident() programs an SM (__launch_bounds__) and spills nothing under it."""
-    from spqt.kernels import nvrtc
-    from spqt.kernels.sass import disassemble, loops, main_loop, opcode
+    Each build is bounded to gemm_cuda.resident() programs an SM (__launch_bounds__) and spills nothing under it.
+    bf16 (x staged as fp16(x / 256)): the same loop but for 8 multiplications (the 4 slots' d sc and dmin mn times
+    256), its output rounded to bf16, no local memory."""
+    from collections import Counter
+
+    from spqt.kernels.sass import opcode
 
     for pipe, ring in ((0, 0), (1, 0), (0, 2), (0, 4)):  # the rule runs rings of 2 (up to 16 rows) and 4
-        try:
-            cubin = gc.cubin_sm90(dict(TOKT=tokt, WARPS=4, SPLIT=1, PIPE=pipe, RING=ring))
-        except nvrtc.NvrtcUnavailable as exc:
-            pytest.fail(f"NVRTC is a test dependency here: {exc}")
-        sass, _, _ = disassemble(cubin)
-        gemm = next(part for part in sass.split("//--------------------- .text.")
-                    if part.startswith("zigzag_q4k_gemm "))  # nvdisasm's section of this function
-        if ring:  # the ring's loop (not the longer one through __syncwarp's divergent path back into it)
-            loop = min((lp for lp in loops(gemm) if any("HMMA" in ln for ln in lp)
-                        and any("LDGSTS" in ln for ln in lp)), key=len)
-        else:
-            loop = main_loop(gemm, "HMMA")
-        ops = [opcode(line) or "" for line in loop if "@!PT" not in line]  # not the never-run LDS padding
+        cfg = dict(TOKT=tokt, WARPS=4, SPLIT=1, PIPE=pipe, RING=ring)
+        gemm, ops = _compiled_loop(cfg, bf16=False)
         what = f"TOKT {tokt} pipe {pipe} ring {ring}"
         assert sum(op.startswith("HMMA") for op in ops) == 16 + tokt, what
         assert sum(op.startswith("SHFL") for op in ops) == 16 // tokt, what
@@ -206,4 +228,10 @@ def test_cuda_gemm_compiles_for_sm90(tokt):
             assert sum(op.startswith("LDS") for op in ops) == 4 // tokt + 4 + tokt, what
         else:
             assert sum(op.startswith("LDS") for op in ops) == tokt, what
-        assert not any(op.startswith(("LDL", "STL")) for op in gemm.splitlines()), f"{what}: local memory"
+        bf16_gemm, bf16_ops = _compiled_loop(cfg, bf16=True)
+        assert Counter(bf16_ops) - Counter(ops) == Counter({"FMUL": 8}), what
+        assert not Counter(ops) - Counter(bf16_ops), what
+        assert "F2FP.BF16" in bf16_gemm and "F2FP.BF16" not in gemm, what
+        for sass in (gemm, bf16_gemm):
+            assert not any((opcode(line) or "").startswith(("LDL", "STL")) for line in sass.splitlines()), \
+                f"{what}: local memory"

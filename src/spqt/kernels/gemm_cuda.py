@@ -1,4 +1,4 @@
-"""Zigzag Q4_K times several fp16 tokens on the tensor cores in CUDA C++ (zigzag_q4k.cu under GEMM, compiled by
+"""Zigzag Q4_K times several fp16 or bf16 tokens on the tensor cores in CUDA C++ (zigzag_q4k.cu under GEMM, compiled by
 NVRTC): Y = X W^T, the prefill's product for a short prompt.
 
 The tokens are the mma's n (8 a token tile); the weights are its A operand straight from the level bytes, as in the
@@ -9,7 +9,9 @@ memory (no registers held: 1.1-1.5x faster at 16-32 tokens than loads into regis
 shares' float32 partial sums are added by the GEMV's reduction kernel (one launch, a fixed tree: deterministic), or
 with one share the program writes fp16 itself. (The last share to arrive at a tile adding them instead ran 1.6-2x
 slower, thirty-first session; the shares adding them in a thread block cluster 1.1-1.4x slower, thirty-second:
-docs/RESULTS.md.) fp16 only: A's subnormal levels need fp16's exponent (bf16 runs gemm_q4k).
+docs/RESULTS.md.) The mma is fp16's in both (A's subnormal levels need fp16's exponent): bf16 x is staged as
+fp16(x / 256) beside scales times 256 (the .cu file's XBF16), so it needs |x| <= 65504 * 256, the weights
+|w| < 3840 and |x d sc| <= 65504, the bound fp16 x has.
 """
 
 import torch
@@ -34,10 +36,10 @@ MAX_TOKENS = 32
 MIN_WEIGHTS = 1 << 23
 
 
-def options(cfg: dict) -> tuple:
-    """NVRTC options of one configuration."""
+def options(cfg: dict, bf16: bool = False) -> tuple:
+    """NVRTC options of one configuration (bf16: x and y bf16)."""
     return ("-DGEMM=1", f"-DTOKT={cfg['TOKT']}", f"-DWARPS={cfg['WARPS']}", f"-DPIPE={cfg['PIPE']}",
-            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", "-DTYPE=4")
+            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", "-DTYPE=4", f"-DXBF16={int(bf16)}")
 
 
 def resident(cfg: dict) -> int:
@@ -128,29 +130,31 @@ def pays(n: int, k: int, rows: int) -> bool:
 
 
 def runs(w, x: torch.Tensor) -> bool:
-    """Whether this kernel can run x (M, K) times w here: a zigzag Q4_K GpuQ4K, fp16 x on an sm_80+ CUDA device with
-    NVRTC (zigzag_cuda.usable), SPQT_GEMV not "triton"."""
+    """Whether this kernel can run x (M, K) times w here: a zigzag Q4_K GpuQ4K, fp16 or bf16 x (zigzag_cuda.X_DTYPES)
+    on an sm_80+ CUDA device with NVRTC (zigzag_cuda.usable), SPQT_GEMV not "triton"."""
     return (isinstance(w, GpuQ4K) and w.layout == "zigzag" and w.fmt == "q4_k" and x.is_cuda
-            and x.dtype == torch.float16 and zigzag_cuda.runs(x.device))
+            and x.dtype in zigzag_cuda.X_DTYPES and zigzag_cuda.runs(x.device))
 
 
 def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Tensor | None = None,
          out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, K) fp16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) fp16 (into out when given).
+    """x (M, K) fp16 or bf16 contiguous times the zigzag Q4_K matrix w (N, K) transposed: (M, N) of x's dtype (into
+    out when given).
     cfg: config()'s keys (check_config); partials: the kernel's float32 partial sums (partials_spec; tests poison it
     and out), allocated when None; unused with one share."""
     n, k = w.shape
     m = x.shape[0]
     if w.layout != "zigzag" or w.fmt != "q4_k":
         raise ValueError(f"the CUDA GEMM runs zigzag Q4_K, not {w.layout} {w.fmt}")
-    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype != torch.float16:
-        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA, got {tuple(x.shape)} {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != k or not x.is_contiguous() or x.dtype not in zigzag_cuda.X_DTYPES:
+        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 or bf16 contiguous on CUDA, got {tuple(x.shape)} "
+                         f"{x.dtype}")
     rows = w.grid[0]
     if tuple(w.quants.shape) != (rows, 2, k, 16) or tuple(w.head.shape) != (triton.cdiv(rows, 4), k, 4, 4) \
             or not (w.quants.is_contiguous() and w.head.is_contiguous()):
         raise ValueError("the CUDA GEMM reads the zigzag planes (rows, 2, K, 16) and grouped heads, contiguous")
     if m == 0:
-        return torch.empty((0, n), dtype=torch.float16, device=x.device) if out is None else out
+        return torch.empty((0, n), dtype=x.dtype, device=x.device) if out is None else out
     cfg = config(m, n, k, sm_count(x.device)) if cfg is None else cfg
     check_config(cfg)
     shape, share = partials_spec(w, m, cfg)
@@ -159,15 +163,15 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
                          f"RING {cfg.get('RING', 0)} (at most {max_share(cfg)}: a larger SPLIT)")
     if not x.is_cuda or w.quants.device != x.device or w.head.device != x.device \
             or w.quants.dtype != torch.int32 or w.head.dtype != torch.int32:
-        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 contiguous on CUDA and w's int32 blocks on its device, "
-                         f"got x on {x.device}, w on {w.quants.device}")
+        raise ValueError(f"the CUDA GEMM needs x (M, {k}) fp16 or bf16 contiguous on CUDA and w's int32 blocks on "
+                         f"its device, got x on {x.device}, w on {w.quants.device}")
     index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if x.data_ptr() % 16:
         x = x.clone()  # 16-byte loads of x
     if out is None:
-        out = torch.empty((m, n), dtype=torch.float16, device=x.device)
-    elif out.shape != (m, n) or out.dtype != torch.float16 or not out.is_contiguous():
-        raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) fp16 contiguous")
+        out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"the CUDA GEMM's out must be ({m}, {n}) {x.dtype} contiguous")
     one = shape[0] == 1  # the program writes the product itself: no partial sums
     if one:
         partials = out
@@ -175,7 +179,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
         partials = torch.empty(shape, dtype=torch.float32, device=x.device)
     elif partials.shape != shape or partials.dtype != torch.float32 or not partials.is_contiguous():
         raise ValueError(f"the CUDA GEMM's partials must be {shape} float32 contiguous")
-    kernel = zigzag_cuda.compiled(index, options(cfg), "zigzag_q4k_gemm")
+    kernel = zigzag_cuda.compiled(index, options(cfg, x.dtype == torch.bfloat16), "zigzag_q4k_gemm")
     P, I = nvrtc.POINTER, nvrtc.INT
     args = [(w.quants.data_ptr(), P), (w.head.data_ptr(), P), (x.data_ptr(), P), (partials.data_ptr(), P), (m, I),
             (n, I), (k, I), (share, I), (int(one), I)]
@@ -186,7 +190,7 @@ def gemm(w: GpuQ4K, x: torch.Tensor, cfg: dict | None = None, partials: torch.Te
     return out
 
 
-def cubin_sm90(cfg: dict) -> bytes:
+def cubin_sm90(cfg: dict, bf16: bool = False) -> bytes:
     """The kernel of a config compiled for Hopper here (NVRTC needs no GPU): for the CPU tests' SASS checks."""
     check_config(cfg)
-    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg), "sm_90")
+    return nvrtc.compile_cubin(zigzag_cuda.SOURCE.read_text(), options(cfg, bf16), "sm_90")

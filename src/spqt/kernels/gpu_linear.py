@@ -120,8 +120,9 @@ def fused_gemm_runs(w, dtype: torch.dtype, rows: int) -> bool:
 
 def cuda_gemm_runs(w, x: torch.Tensor, rows: int) -> bool:
     """Whether `rows` rows of x times w run the CUDA GEMM (gemm_cuda: the tokens as the mma's n, the levels its A
-    operand) before gemm_q4k or dequantize + cuBLAS: fp16 x on a GPU where it runs (gemm_cuda.runs), a zigzag Q4_K
-    matrix and rows where it measured faster (gemm_cuda.pays; docs/RESULTS.md, thirty-first and thirty-second sessions).
+    operand) before gemm_q4k or dequantize + cuBLAS: fp16 or bf16 x on a GPU where it runs (gemm_cuda.runs), a zigzag
+    Q4_K matrix and rows where it measured faster (gemm_cuda.pays; docs/RESULTS.md, thirty-first and thirty-second
+    sessions; bf16 x as fp16's, not timed apart).
     SPQT_PREFILL_GEMM=cuda forces it where it runs up to gemm_q4k.LARGE_MAX_TOKENS rows (its partial sums grow with
     the rows), =fused / =dequant the others (measurement); read at each call."""
     setting = os.environ.get("SPQT_PREFILL_GEMM", "")

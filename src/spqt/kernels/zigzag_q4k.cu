@@ -1813,12 +1813,15 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 
 #if GEMM
 // ---------------------------------------------------------------------------------------------------------------
-// GEMM (the prefill of a short prompt): Y = X W^T for x (M, K) fp16 and a zigzag Q4_K W (N, K), the tokens as the
-// mma's n. The GEMV above puts the 8 sub-blocks in n (B[k, n] = x_k d_k sc[k, n]); here n is 8 tokens and the tile's
+// GEMM (the prefill of a short prompt): Y = X W^T for x (M, K) fp16 (XBF16: bf16) and a zigzag Q4_K W (N, K), the
+// tokens as the mma's n. The GEMV above puts the 8 sub-blocks in n (B[k, n] = x_k d_k sc[k, n]); here n is 8 tokens and the tile's
 // sub-block scale moves into B: B[k, n] = x[token n, k] d_k sc_s[k] for the 2 tiles of sub-block s (fp16: the lane's
 // own token pair of columns times the fp16 pair d sc of sub-block s, which lane (s, t) decoded and shuffles), A = the
 // levels as fp16 subnormals as in the GEMV (row g q 2^-24, row g + 8 q 2^-20). The min term is one more mma a chunk
 // and token tile: A's row g = dmin_k mn_g[k] (lane g's own sub-block), B = x, giving sub-block g's term for 8 tokens.
+// XBF16 (bf16 x and y): x is staged as fp16(x / 256) and the scales as fp16(256 d sc), fp16(256 dmin mn), so the mma
+// and its products are fp16's as before: x / 256 exact for 2^-6 <= |x| <= 65504 * 256 (an fp16 normal; below, within
+// 2^-17 of x), the weights' d sc and dmin mn at most 65504 / 256 (|w| < 3840), |x d sc| at most 65504 as for fp16 x.
 //
 // Program (b, r, s) = tokens 8 TOKT b .. 8 TOKT b + 8 TOKT - 1, superblock row r (256 outputs), columns [s per,
 // min(K, (s + 1) per)), per a multiple of 16. Its warp w takes part p = w % TOKT of the 16 tiles (16 / TOKT of them:
@@ -1826,7 +1829,7 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 // cw, cw + CW, ... of the share (cw = w / TOKT, CW = WARPS / TOKT). The program first copies its tokens' share of x
 // into shared memory, zero past M and hi, in the order the lanes read it (a lane's 4 slots of a token and chunk: 8
 // contiguous bytes); after the chunks its CW warps of a part add their sums there in a fixed order (deterministic)
-// and the program stores them: out (shares, M, N) float32 partial sums, or fp16 (M, N) (half_out: one share). Lane
+// and the program stores them: out (shares, M, N) float32 partial sums, or x's type (M, N) (half_out: one share). Lane
 // (g, t) as in the GEMV: slots i = columns j + 4 i + t (k = 2 t, 2 t + 1, 2 t + 8, 2 t + 9). With RING, a warp's ring
 // of RING stages (RING_STAGE words each) follows x: its copies ask for a chunk RING - 1 chunks ahead. Dynamic shared
 // memory: max(16 TOKT per + 4 WARPS RING RING_STAGE, 4 WARPS 8 SUM_STRIDE) bytes (gemm_cuda.shared_bytes).
@@ -1835,6 +1838,11 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 #endif
 #if TYPE != 4 || (TOKT != 1 && TOKT != 2 && TOKT != 4) || WARPS % TOKT != 0
 #error "GEMM runs Q4_K (TYPE 4), TOKT 1, 2 or 4 dividing WARPS"
+#endif
+#if XBF16
+#define GEMM_X_SHIFT 256.0f  // bf16 x staged as fp16(x / GEMM_X_SHIFT), the scales as fp16(GEMM_X_SHIFT d sc)
+#else
+#define GEMM_X_SHIFT 1.0f
 #endif
 #define GT (16 / TOKT)     // tiles a warp's part
 #define GW (4 / TOKT)      // level words a lane loads of a column (its part's 16 / TOKT bytes)
@@ -1960,8 +1968,8 @@ __device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOK
   for (int i = 0; i < 4; ++i) {
     float sc, mn;
     dec.decode(ch.hd[i], sc, mn);
-    dsc[i] = f16_lo_to_f32(ch.hd[i].x) * sc;
-    dmn[i] = f16_hi_to_f32(ch.hd[i].x) * mn;
+    dsc[i] = f16_lo_to_f32(ch.hd[i].x) * (GEMM_X_SHIFT * sc);
+    dmn[i] = f16_hi_to_f32(ch.hd[i].x) * (GEMM_X_SHIFT * mn);
   }
   const u32 ds01 = pack_f16x2(dsc[0], dsc[1]), ds23 = pack_f16x2(dsc[2], dsc[3]);
   const u32 am0 = pack_f16x2(dmn[0], dmn[1]), am2 = pack_f16x2(dmn[2], dmn[3]);
@@ -1998,7 +2006,8 @@ __device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOK
 
 // The program's tokens' share of x into xs (shared): token tl < 8 TOKT, column first + cc (cc < per, per a multiple
 // of 16) at unsigned short ((tl per / 16 + cc / 16) 4 + cc % 4) 4 + (cc % 16) / 4 (lane t = cc % 4 of the chunk cc /
-// 16 reads its slots' 4 contiguous), zero past M or hi. 8 columns a 16-byte load where K is a multiple of 8.
+// 16 reads its slots' 4 contiguous), zero past M or hi. 8 columns a 16-byte load where K is a multiple of 8. XBF16:
+// each bf16 x staged as fp16(x / GEMM_X_SHIFT).
 __device__ __forceinline__ void gemm_stage_x(unsigned short* xs, const unsigned short* x, int M, int K, int tok0,
                                              int first, int hi, int per) {
   const int vectors = 8 * TOKT * (per >> 3);
@@ -2014,6 +2023,10 @@ __device__ __forceinline__ void gemm_stage_x(unsigned short* xs, const unsigned 
 #pragma unroll
       for (int e = 0; e < 8; ++e) v[e] = (tok < M && col + e < hi) ? __ldg(x + (size_t)tok * K + col + e) : 0;
     }
+#if XBF16
+#pragma unroll
+    for (int e = 0; e < 8; ++e) v[e] = f32_to_f16_bits(x_to_f32(v[e]) * (1.0f / GEMM_X_SHIFT));
+#endif
     unsigned short* base = xs + (size_t)(tl * (per >> 4) + (cc >> 4)) * 16 + ((cc & 15) >> 2);
 #pragma unroll
     for (int e = 0; e < 8; ++e) base[(e & 3) * 4 + (e >> 2)] = v[e];
@@ -2112,7 +2125,7 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
 #pragma unroll
       for (int u = 1; u < CW; ++u) v += sums[u][tl][row];
       if (half_out)
-        reinterpret_cast<unsigned short*>(out)[(size_t)tok * N + n] = f32_to_f16_bits(v);
+        reinterpret_cast<unsigned short*>(out)[(size_t)tok * N + n] = f32_to_x_bits(v);
       else
         reinterpret_cast<float*>(out)[((size_t)s * M + tok) * N + n] = v;
     }
