@@ -2115,15 +2115,18 @@ def test_olmo3_configs_read_as_transformers_reads_them(extra):
         assert (1.0 if local else ours.rope_attention_factor) == pytest.approx(scale, rel=1e-12), kind
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3", "glm4"], indirect=True)
+@pytest.mark.parametrize("family", ["gemma3", "gemma2", "qwen3", "glm4", "olmo2"], indirect=True)
 def test_gemma_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypatch):
     """A run that asks for no dtype (--dtype auto, serve) computes in float32 on the CPU and, on CUDA, in float16, but
-    in bfloat16 for Gemma 2 and 3 and GLM-4 (their activations outgrow float16's range); an asked dtype is kept."""
+    in bfloat16 for Gemma 2 and 3 and GLM-4 (their activations outgrow float16's range) and for the families released
+    in bfloat16 whose float16 range is not measured (OLMo 2 and 3, EXAONE 4.0, ERNIE 4.5, Seed-OSS); an asked dtype is
+    kept."""
     from spqt.cli import _dtype
-    from spqt.generate import default_dtype
+    from spqt.generate import BF16_FAMILIES, default_dtype
 
+    assert set(BF16_FAMILIES) == {"gemma2", "gemma3", "glm4", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss"}
     config = load_spqt(quantized["hf"]).config
-    gemma = family["name"] in ("gemma2", "gemma3", "glm4")
+    gemma = family["name"] in ("gemma2", "gemma3", "glm4", "olmo2")
     assert default_dtype(config, "cpu") == torch.float32
     assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
     assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16

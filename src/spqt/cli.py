@@ -860,13 +860,13 @@ def _gemv_backend(name: str, device: str) -> str | None:
     return "cpu-fp16"
 
 
-DTYPE_HELP = "compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3 and GLM-4; fp32 on the CPU), fp32, " \
-             "fp16, bf16"
+DTYPE_HELP = "compute dtype: auto (fp16 on CUDA, bf16 there for Gemma 2 and 3, GLM-4, OLMo 2 and 3, EXAONE 4.0, " \
+             "ERNIE 4.5 and Seed-OSS; fp32 on the CPU), fp32, fp16, bf16"
 
 
 def _dtype(name: str, device: str):
     """The compute dtype for a --dtype choice: auto is None, the model's (generate.default_dtype: fp32 on the CPU,
-    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for Gemma 2 and 3 and GLM-4)."""
+    whose speed comes from the GEMV's own types, --gemv; fp16 on CUDA, bf16 for generate.BF16_FAMILIES)."""
     from spqt.generate import compute_dtype
 
     return compute_dtype(name)
@@ -1037,7 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--dtype", default="auto", help="decode: the compute dtype, auto (the runtime's: fp16, bf16 for "
-                   "Gemma 2 and 3 and GLM-4), fp16, bf16 or fp32 (the CUDA GEMV runs fp16 and bf16; fp32 the Triton "
+                   "the families --dtype auto runs in bf16), fp16, bf16 or fp32 (the CUDA GEMV runs fp16 and bf16; fp32 the Triton "
                    "one)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="gemv: write a PNG of speedup vs sparsity here")

@@ -277,15 +277,21 @@ def compute_dtype(name: str) -> torch.dtype | None:
     return COMPUTE_DTYPES[name]
 
 
+# Families computed in bfloat16 on CUDA where no dtype is asked (default_dtype)
+BF16_FAMILIES = ("gemma2", "gemma3", "glm4", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss")
+
+
 def default_dtype(config, device: str) -> torch.dtype:
     """The compute dtype of a run that asks for none: float32 on the CPU (its speed comes from its GEMV's own types);
-    on CUDA float16, or bfloat16 for Gemma 2 and 3, whose activations outgrow float16's range (their large norm
-    weights and post-norms: transformers' issue 36822, fp16 logits NaN; Gemma 2 was trained and released in bfloat16)
-    where bfloat16 holds float32's, and for GLM-4 0414 (released in bfloat16; its MLP's down map overflows float16:
-    llama.cpp issue 12946 and PR 13101, mlx-lm issue 106)."""
+    on CUDA float16, or bfloat16 (BF16_FAMILIES) for Gemma 2 and 3, whose activations outgrow float16's range (their
+    large norm weights and post-norms: transformers' issue 36822, fp16 logits NaN; Gemma 2 was trained and released in
+    bfloat16) where bfloat16 holds float32's, for GLM-4 0414 (released in bfloat16; its MLP's down map overflows
+    float16: llama.cpp issue 12946 and PR 13101, mlx-lm issue 106), and for the families released in bfloat16 whose
+    range in float16 is not measured: OLMo 2 and 3, EXAONE 4.0, ERNIE 4.5, Seed-OSS (bfloat16 decodes and prefills
+    short prompts as fast: the CUDA GEMV and GEMM take it, docs/RESULTS.md, forty-fifth and forty-sixth sessions)."""
     if device != "cuda":
         return torch.float32
-    return torch.bfloat16 if config.family in ("gemma2", "gemma3", "glm4") else torch.float16
+    return torch.bfloat16 if config.family in BF16_FAMILIES else torch.float16
 
 
 class Generator:
