@@ -26,6 +26,28 @@ def test_graph_replay_equals_eager(tiny_spqt):
         assert a == b, f"sparsity {s}: graph {a} vs eager {b}"
 
 
+def test_decoding_stops_at_the_step_whose_logits_are_not_finite(tiny_spqt):
+    """A NaN in the RoPE table's row of position 5 makes the third decode step's logits NaN (prompt at 0-2, steps at
+    3, 4, 5): greedy decoding by pipelined graph replays (greedy_advance marks the step's token) and sampling (the
+    host's read of each step) stop there with one SpqtError, after streaming the 3 tokens a fresh generator gives
+    first, not all 12; the generator is then put back: with the row restored it gives a fresh one's tokens."""
+    from spqt.errors import SpqtError
+
+    loaded = load_spqt(tiny_spqt)
+    for sampling in (Sampling(), Sampling(0.8, seed=1)):
+        want = Generator(loaded, "cuda", max_len=64).generate([3, 17, 42], 12, sampling).tokens
+        gen = Generator(loaded, "cuda", max_len=64)
+        assert gen.use_graph
+        row = gen.model.rope[5].clone()
+        gen.model.rope[5] = float("nan")
+        seen = []
+        with pytest.raises(SpqtError, match="logits after 3 new tokens are not finite numbers in fp16"):
+            gen.generate([3, 17, 42], 12, sampling, on_token=seen.append)
+        assert seen == want[:3], f"{sampling}: {seen} against {want}"
+        gen.model.rope[5] = row
+        assert gen.generate([3, 17, 42], 12, sampling).tokens == want, sampling
+
+
 def test_graphs_per_attention_span_equal_eager(tiny_spqt):
     """A long generation crosses attention-span buckets (256, 512 keys): each step's graph attends
     to its bucket of the cache; the tokens equal eager decoding, which attends to pos + 1 keys."""
