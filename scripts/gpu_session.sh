@@ -107,6 +107,7 @@
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
+#   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run
 #   scripts/gpu_session.sh gemm46    the CUDA GEMM's gpu tests (fp16, bf16), the families' CUDA-path test, the GEMM probe fp16 / bf16
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
@@ -217,6 +218,23 @@ gpu_node_tests() {
   timeout "$limit" python3 -m pytest -q -m gpu -n 4 -rsxX "$@" 2>&1 | tee "$OUT/$tag-tests.log" \
     | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
   echo "$tag tests: $(( $(date +%s) - start )) s"
+}
+# bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
+# tree now or before: .old), a process a run, its tokens/s lines tagged "dtype tree:", within CALL_BUDGET seconds of
+# $start (default 560)
+decode_runs() {
+  local run model level dtype tree left what
+  for run in $1; do
+    IFS=: read -r model level dtype tree <<< "$run"
+    [ "$tree" = before ] && [ ! -d .old/src ] && { echo "no .old for $run"; continue; }
+    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+    [ $left -lt 45 ] && { echo "no time left for $run"; break; }
+    what=(--model "synthetic:$model")
+    [ "$model" = default ] && what=()
+    PYTHONPATH="$(tree_path "$tree")" timeout $left python3 -m spqt.cli bench decode "${what[@]}" \
+      --layouts zigzag --sparsity "$level" --dtype "$dtype" 2>&1 | grep -v WARN | grep "tok/s" \
+      | sed "s/^/$model $dtype $tree: /"
+  done
 }
 # scripts/prefill_gemm_probe.py within $1 seconds with the arguments after it: $OUT/gemm-probe.log / .json
 gemm_probe() {
@@ -1801,16 +1819,16 @@ PY
     runs="llama2-7b:0:bf16:now llama2-7b:0:bf16:before llama2-7b:0:fp16:now glm4-9b:0:bf16:now glm4-9b:0:bf16:before"
     runs="$runs gemma2-2b:0:bf16:now gemma2-2b:0:bf16:before gemma3-1b:0:bf16:now gemma3-1b:0:bf16:before"
     runs="$runs llama2-7b:0.5:bf16:now llama2-7b:0.5:bf16:before"
-    for run in ${BF16_RUNS:-$runs}; do
-      IFS=: read -r model level dtype tree <<< "$run"
-      [ "$tree" = before ] && [ ! -d .old/src ] && { echo "no .old for $run"; continue; }
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -lt 45 ] && { echo "no time left for $run"; break; }
-      PYTHONPATH="$(tree_path "$tree")" timeout $left python3 -m spqt.cli bench decode --model "synthetic:$model" \
-        --layouts zigzag --sparsity "$level" --dtype "$dtype" 2>&1 | grep -v WARN | grep "tok/s" \
-        | sed "s/^/$dtype $tree: /"
-    done | tee "$OUT/bf16-decode.log"
+    decode_runs "${BF16_RUNS:-$runs}" | tee "$OUT/bf16-decode.log"
     echo "bf16_45: $(( $(date +%s) - start )) s"
+    ;;
+  decode46)
+    # bench decode of DECODE46 (model:sparsity:dtype:tree; model "default": the default model, parked by the calls
+    # before; tree now, or before: .old carried), a process a run, within CALL_BUDGET (default 560 s). $OUT/decode46.log
+    start=$(date +%s)
+    export SPQT_CACHE=/tmp/spqt-cache
+    decode_runs "${DECODE46:-default:0:auto:now default:0:auto:before}" | tee "$OUT/decode46.log"
+    echo "decode46: $(( $(date +%s) - start )) s"
     ;;
   gemm46)
     # The CUDA GEMM in bf16 (forty-sixth session): its gpu tests and the families' CUDA-path test (seed 637483586, the
