@@ -107,7 +107,8 @@
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
-#   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run
+#   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
+#                                    before (.old) / now where PREFILL46_LIMIT is set
 #   scripts/gpu_session.sh gemm46    the CUDA GEMM's gpu tests (fp16, bf16), the families' CUDA-path test, the GEMM probe fp16 / bf16
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
@@ -1829,6 +1830,9 @@ PY
     export SPQT_CACHE=/tmp/spqt-cache
     decode_runs "${DECODE46:-default:0:auto:now default:0:auto:before}" | tee "$OUT/decode46.log"
     echo "decode46: $(( $(date +%s) - start )) s"
+    # then, where PREFILL46_LIMIT is set, the prefill before (.old) and now (PREFILL_MODELS, PREFILL_TOKENS)
+    [ -n "${PREFILL46_LIMIT:-}" ] && prefill_trees "$PREFILL46_LIMIT" before now
+    echo "decode46 with the prefill: $(( $(date +%s) - start )) s"
     ;;
   gemm46)
     # The CUDA GEMM in bf16 (forty-sixth session): its gpu tests and the families' CUDA-path test (seed 637483586, the
