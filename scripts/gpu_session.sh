@@ -221,7 +221,7 @@ gpu_node_tests() {
   echo "$tag tests: $(( $(date +%s) - start )) s"
 }
 # bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
-# tree now or before: .old), a process a run, its tokens/s lines tagged "dtype tree:", within CALL_BUDGET seconds of
+# tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET seconds of
 # $start (default 560)
 decode_runs() {
   local run model level dtype tree left what
@@ -232,7 +232,7 @@ decode_runs() {
     [ $left -lt 45 ] && { echo "no time left for $run"; break; }
     what=(--model "synthetic:$model")
     [ "$model" = default ] && what=()
-    PYTHONPATH="$(tree_path "$tree")" timeout $left python3 -m spqt.cli bench decode "${what[@]}" \
+    PYTHONPATH="$(tree_path "$tree")" timeout $left python3 -m spqt.cli bench decode ${what[@]+"${what[@]}"} \
       --layouts zigzag --sparsity "$level" --dtype "$dtype" 2>&1 | grep -v WARN | grep "tok/s" \
       | sed "s/^/$model $dtype $tree: /"
   done

@@ -27,10 +27,12 @@ def test_graph_replay_equals_eager(tiny_spqt):
 
 
 def test_decoding_stops_at_the_step_whose_logits_are_not_finite(tiny_spqt):
-    """A NaN in the RoPE table's row of position 5 makes the third decode step's logits NaN (prompt at 0-2, steps at
-    3, 4, 5): greedy decoding by pipelined graph replays (greedy_advance marks the step's token) and sampling (the
-    host's read of each step) stop there with one SpqtError, after streaming the 3 tokens a fresh generator gives
-    first, not all 12; the generator is then put back: with the row restored it gives a fresh one's tokens."""
+    """A NaN put in the RoPE table's row of position 5 once the prompt is prefilled (its first token seen; the prefill
+    pads the prompt to 16 positions, which would read the row) makes the third decode step's logits NaN (prompt at
+    0-2, steps at 3, 4, 5): greedy decoding by pipelined graph replays (greedy_advance marks the step's token) and
+    sampling (the host's read of each step) stop there with one SpqtError, after streaming the 3 tokens a fresh
+    generator gives first, not all 12; the generator is then put back: with the row restored it gives a fresh one's
+    tokens."""
     from spqt.errors import SpqtError
 
     loaded = load_spqt(tiny_spqt)
@@ -39,10 +41,15 @@ def test_decoding_stops_at_the_step_whose_logits_are_not_finite(tiny_spqt):
         gen = Generator(loaded, "cuda", max_len=64)
         assert gen.use_graph
         row = gen.model.rope[5].clone()
-        gen.model.rope[5] = float("nan")
         seen = []
+
+        def poison_after_the_prefill(token: int) -> None:
+            if not seen:
+                gen.model.rope[5] = float("nan")
+            seen.append(token)
+
         with pytest.raises(SpqtError, match="logits after 3 new tokens are not finite numbers in fp16"):
-            gen.generate([3, 17, 42], 12, sampling, on_token=seen.append)
+            gen.generate([3, 17, 42], 12, sampling, on_token=poison_after_the_prefill)
         assert seen == want[:3], f"{sampling}: {seen} against {want}"
         gen.model.rope[5] = row
         assert gen.generate([3, 17, 42], 12, sampling).tokens == want, sampling
@@ -567,7 +574,7 @@ def test_prompts_past_256_tokens_prefill_padded(tiny_spqt):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_short_prompts_prefill_through_a_gemm_of_the_blocks(tiny_spqt, dtype, monkeypatch):
     """A prompt whose bucket holds at most gemm_cuda.MAX_TOKENS tokens runs a GEMM that reads the blocks (here for maps
-    of any size): in fp16 the CUDA GEMM (gemm_cuda; SPQT_PREFILL_GEMM=fused: gemm_q4k), in bf16 gemm_q4k;
+    of any size): in fp16 and bf16 the CUDA GEMM (gemm_cuda; SPQT_PREFILL_GEMM=fused: gemm_q4k);
     SPQT_PREFILL_GEMM=dequant: dequantize + cuBLAS. The first-token logits of each within rounding of dequantize's."""
     from spqt.kernels import gemm_cuda, gemm_q4k
 
@@ -579,7 +586,7 @@ def test_short_prompts_prefill_through_a_gemm_of_the_blocks(tiny_spqt, dtype, mo
     monkeypatch.setattr(gemm_cuda, "MIN_WEIGHTS", 0)
     prompt = torch.randint(0, loaded.config.vocab_size, (gemm_cuda.MAX_TOKENS - 5,), generator=rng).tolist()
     firsts = {}
-    expected = {"": "cuda" if dtype == torch.float16 else "triton", "fused": "triton", "dequant": None}
+    expected = {"": "cuda", "fused": "triton", "dequant": None}
     for setting, runs in expected.items():
         monkeypatch.setenv("SPQT_PREFILL_GEMM", setting)
         half = Generator(loaded, "cuda", dtype=dtype, max_len=300)

@@ -1,6 +1,6 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
 for one token (B2 / B4 for zigzag, B0 for row); several tokens: zigzag Q4_K's blocks read in a GEMM of their own
-(fp16 on CUDA: gemm_cuda, up to its MAX_TOKENS rows; else gemm_q4k: up to its MAX_TOKENS rows, maps of MIN_WEIGHTS and
+(fp16 or bf16 on CUDA: gemm_cuda, up to its MAX_TOKENS rows; else gemm_q4k: up to its MAX_TOKENS rows, maps of MIN_WEIGHTS and
 more), else dequantize + cuBLAS GEMM.
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less); in front of a dense
@@ -122,7 +122,7 @@ def cuda_gemm_runs(w, x: torch.Tensor, rows: int) -> bool:
     """Whether `rows` rows of x times w run the CUDA GEMM (gemm_cuda: the tokens as the mma's n, the levels its A
     operand) before gemm_q4k or dequantize + cuBLAS: fp16 or bf16 x on a GPU where it runs (gemm_cuda.runs), a zigzag
     Q4_K matrix and rows where it measured faster (gemm_cuda.pays; docs/RESULTS.md, thirty-first and thirty-second
-    sessions; bf16 x as fp16's, not timed apart).
+    sessions, in fp16; bf16 took the same time on the 7B's maps, forty-sixth).
     SPQT_PREFILL_GEMM=cuda forces it where it runs up to gemm_q4k.LARGE_MAX_TOKENS rows (its partial sums grow with
     the rows), =fused / =dequant the others (measurement); read at each call."""
     setting = os.environ.get("SPQT_PREFILL_GEMM", "")

@@ -1819,9 +1819,10 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 // own token pair of columns times the fp16 pair d sc of sub-block s, which lane (s, t) decoded and shuffles), A = the
 // levels as fp16 subnormals as in the GEMV (row g q 2^-24, row g + 8 q 2^-20). The min term is one more mma a chunk
 // and token tile: A's row g = dmin_k mn_g[k] (lane g's own sub-block), B = x, giving sub-block g's term for 8 tokens.
-// XBF16 (bf16 x and y): x is staged as fp16(x / 256) and the scales as fp16(256 d sc), fp16(256 dmin mn), so the mma
-// and its products are fp16's as before: x / 256 exact for 2^-6 <= |x| <= 65504 * 256 (an fp16 normal; below, within
-// 2^-17 of x), the weights' d sc and dmin mn at most 65504 / 256 (|w| < 3840), |x d sc| at most 65504 as for fp16 x.
+// XBF16 (bf16 x and y): x is staged as fp16(x / 16) and d sc as fp16(16 d sc), so the main mma and its products are
+// fp16's as before (x / 16 exact for 2^-10 <= |x| <= 65504 * 16, an fp16 normal; below, within 2^-21 of x); the min
+// mma takes fp16(dmin mn) as for fp16 x, its sums times 16 after. Bounds: |x| <= 65504 * 16, d sc <= 65504 / 16 (a
+// sub-block's range below ~61,000) and |x d sc| <= 65504 as for fp16 x.
 //
 // Program (b, r, s) = tokens 8 TOKT b .. 8 TOKT b + 8 TOKT - 1, superblock row r (256 outputs), columns [s per,
 // min(K, (s + 1) per)), per a multiple of 16. Its warp w takes part p = w % TOKT of the 16 tiles (16 / TOKT of them:
@@ -1840,7 +1841,7 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 #error "GEMM runs Q4_K (TYPE 4), TOKT 1, 2 or 4 dividing WARPS"
 #endif
 #if XBF16
-#define GEMM_X_SHIFT 256.0f  // bf16 x staged as fp16(x / GEMM_X_SHIFT), the scales as fp16(GEMM_X_SHIFT d sc)
+#define GEMM_X_SHIFT 16.0f  // bf16 x staged as fp16(x / GEMM_X_SHIFT), d sc as fp16(GEMM_X_SHIFT d sc)
 #else
 #define GEMM_X_SHIFT 1.0f
 #endif
@@ -1969,7 +1970,7 @@ __device__ __forceinline__ void gemm_compute(const GemmChunk& ch, float (*c)[TOK
     float sc, mn;
     dec.decode(ch.hd[i], sc, mn);
     dsc[i] = f16_lo_to_f32(ch.hd[i].x) * (GEMM_X_SHIFT * sc);
-    dmn[i] = f16_hi_to_f32(ch.hd[i].x) * (GEMM_X_SHIFT * mn);
+    dmn[i] = f16_hi_to_f32(ch.hd[i].x) * mn;
   }
   const u32 ds01 = pack_f16x2(dsc[0], dsc[1]), ds23 = pack_f16x2(dsc[2], dsc[3]);
   const u32 am0 = pack_f16x2(dmn[0], dmn[1]), am2 = pack_f16x2(dmn[2], dmn[3]);
@@ -2111,10 +2112,10 @@ zigzag_q4k_gemm(const uint4* __restrict__ q, const uint4* __restrict__ h, const 
     for (int jt = 0; jt < TOKT; ++jt) {
       const float m0 = __shfl_sync(0xffffffffu, cm[jt][0], src), m1 = __shfl_sync(0xffffffffu, cm[jt][1], src);
       float* row0 = &sums[cw][8 * jt + 2 * t][16 * m + g];
-      row0[0] = 16777216.0f * c[mi][jt][0] - m0;
-      row0[SUM_STRIDE] = 16777216.0f * c[mi][jt][1] - m1;
-      row0[8] = 1048576.0f * c[mi][jt][2] - m0;
-      row0[SUM_STRIDE + 8] = 1048576.0f * c[mi][jt][3] - m1;
+      row0[0] = 16777216.0f * c[mi][jt][0] - GEMM_X_SHIFT * m0;  // (the min sums' x / GEMM_X_SHIFT undone)
+      row0[SUM_STRIDE] = 16777216.0f * c[mi][jt][1] - GEMM_X_SHIFT * m1;
+      row0[8] = 1048576.0f * c[mi][jt][2] - GEMM_X_SHIFT * m0;
+      row0[SUM_STRIDE + 8] = 1048576.0f * c[mi][jt][3] - GEMM_X_SHIFT * m1;
     }
   }
   __syncthreads();
