@@ -107,6 +107,7 @@
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
+#   scripts/gpu_session.sh final46   the bf16 GEMM's test against mutated shifts, the GEMM probe fp16 / bf16, decode46
 #   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
 #                                    before (.old) / now where PREFILL46_LIMIT is set
 #   scripts/gpu_session.sh gemm46    the CUDA GEMM's gpu tests (fp16, bf16), the families' CUDA-path test, the GEMM probe fp16 / bf16
@@ -1822,6 +1823,29 @@ PY
     runs="$runs llama2-7b:0.5:bf16:now llama2-7b:0.5:bf16:before"
     decode_runs "${BF16_RUNS:-$runs}" | tee "$OUT/bf16-decode.log"
     echo "bf16_45: $(( $(date +%s) - start )) s"
+    ;;
+  final46)
+    # After `tests` on the final code: the bf16 GEMM's test against its shift mutated (x / 256, x / 1: both must
+    # fail), the GEMM probe in fp16 and bf16 (the 7B's maps at 8, 16, 32 tokens), then decode46 (DECODE46, the
+    # prefill before / now where PREFILL46_LIMIT is set). Logs $OUT/final46-mutants.log, gemm-probe-<dtype>.log.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    cu=src/spqt/kernels/zigzag_q4k.cu
+    cp $cu /tmp/zigzag_q4k.cu.kept
+    for shift in 256.0f 1.0f; do
+      sed -i "0,/#define GEMM_X_SHIFT 16.0f/s//#define GEMM_X_SHIFT $shift/" $cu
+      grep -c "GEMM_X_SHIFT $shift" $cu | sed "s/^/shift $shift lines: /"
+      timeout 120 python3 -m pytest -q -m gpu tests/test_gemm_cuda.py -k "equals and bfloat16" -p no:cacheprovider \
+        2>&1 | grep -E "passed|failed|outside tolerance" | head -3 | sed "s/^/shift $shift: /"
+      cp /tmp/zigzag_q4k.cu.kept $cu
+    done | tee "$OUT/final46-mutants.log"
+    cmp $cu /tmp/zigzag_q4k.cu.kept && echo "kernel source restored"
+    for dtype in fp16 bf16; do
+      timeout 90 python3 scripts/prefill_gemm_probe.py --tokens 8,16,32 --dtype $dtype \
+        --json "$OUT/gemm-probe-$dtype.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe-$dtype.log" | grep "CUDA GEMM"
+    done
+    echo "final46 probes: $(( $(date +%s) - start )) s"
+    CALL_BUDGET=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) )) bash "$0" decode46
     ;;
   decode46)
     # bench decode of DECODE46 (model:sparsity:dtype:tree; model "default": the default model, parked by the calls
