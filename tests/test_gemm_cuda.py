@@ -62,7 +62,7 @@ def test_cuda_gemm_equals_dequantized_matmul(rng, dtype):
         at = 8 if case % 2 == 0 else k + 1
         x = xbuf[at:at + m * k].view(m, k)
         x.copy_(torch.from_numpy(rng.standard_normal((m, k)).astype(np.float32) * x_scale))
-        assert x_scale < 1 or float(x.abs().max()) > 65504 or dtype == torch.float16
+        assert x_scale <= 1 or float(x.abs().max()) > 65504
         for cfg in [gc.config(m, n, k, 132)] + configs:
             what = f"{n}x{k} {m} tokens {cfg} {dtype} x scaled by {x_scale}"
             shape, share = gc.partials_spec(gw, m, cfg)
