@@ -224,7 +224,7 @@ gpu_node_tests() {
 # bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
 # tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET seconds of
 # $start (default 560)
-decode_runs() {
+decode_rows() {
   local run model level dtype tree left what
   for run in $1; do
     IFS=: read -r model level dtype tree <<< "$run"
@@ -1821,7 +1821,7 @@ PY
     runs="llama2-7b:0:bf16:now llama2-7b:0:bf16:before llama2-7b:0:fp16:now glm4-9b:0:bf16:now glm4-9b:0:bf16:before"
     runs="$runs gemma2-2b:0:bf16:now gemma2-2b:0:bf16:before gemma3-1b:0:bf16:now gemma3-1b:0:bf16:before"
     runs="$runs llama2-7b:0.5:bf16:now llama2-7b:0.5:bf16:before"
-    decode_runs "${BF16_RUNS:-$runs}" | tee "$OUT/bf16-decode.log"
+    decode_rows "${BF16_RUNS:-$runs}" | tee "$OUT/bf16-decode.log"
     echo "bf16_45: $(( $(date +%s) - start )) s"
     ;;
   final46)
@@ -1835,7 +1835,7 @@ PY
     for shift in 16.0f 256.0f 1.0f; do  # (16: as shipped)
       sed -i "0,/#define GEMM_X_SHIFT 16.0f/s//#define GEMM_X_SHIFT $shift/" $cu
       grep -c "GEMM_X_SHIFT $shift" $cu | sed "s/^/shift $shift lines: /"
-      timeout 120 python3 -m pytest -q -m gpu tests/test_gemm_cuda.py -k "equals and bfloat16" -p no:cacheprovider \
+      timeout 120 python3 -m pytest -q -m gpu tests/test_gemm_cuda.py -k "equals and bf16" -p no:cacheprovider \
         2>&1 | grep -E "passed|failed|outside tolerance" | head -3 | sed "s/^/shift $shift: /"
       cp /tmp/zigzag_q4k.cu.kept $cu
     done | tee "$OUT/final46-mutants.log"
@@ -1852,7 +1852,7 @@ PY
     # before; tree now, or before: .old carried), a process a run, within CALL_BUDGET (default 560 s). $OUT/decode46.log
     start=$(date +%s)
     export SPQT_CACHE=/tmp/spqt-cache
-    decode_runs "${DECODE46:-default:0:auto:now default:0:auto:before}" | tee "$OUT/decode46.log"
+    decode_rows "${DECODE46:-default:0:auto:now default:0:auto:before}" | tee "$OUT/decode46.log"
     echo "decode46: $(( $(date +%s) - start )) s"
     # then, where PREFILL46_LIMIT is set, the prefill before (.old) and now (PREFILL_MODELS, PREFILL_TOKENS)
     [ -n "${PREFILL46_LIMIT:-}" ] && prefill_trees "$PREFILL46_LIMIT" before now

@@ -43,7 +43,7 @@ def _matrix(rng, n, k, device, scale: float = 1.0):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_cuda_gemm_equals_dequantized_matmul(rng, dtype):
     from spqt.kernels import zigzag_cuda
 
