@@ -467,14 +467,8 @@ class Generator:
     def _capture(self, kv_len: int) -> tuple:
         """Capture one decode step (the model's forward over kv_len keys) as a CUDA graph over the
         static inputs: (graph, logits (1, 1, vocab), greedy token (1,))."""
-        # The warm-up runs write this step's K/V at this step's position, as the replay will; the step's end
-        # (greedy_advance) runs on scratch copies of the history and inputs, which a warm-up must not advance.
-        def step() -> None:
-            warm = self.model(self._tok, self._pos, kv_len=kv_len)
-            functional.greedy_advance(warm[0, -1], warm[:, -1].argmax(-1), torch.empty_like(self._history),
-                                      self._io.clone())
-
-        _warm_up(step, times=2)
+        # The warm-up runs write this step's K/V at this step's position, as the replay will.
+        _warm_up(lambda: self.model(self._tok, self._pos, kv_len=kv_len), times=2)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             logits = self.model(self._tok, self._pos, kv_len=kv_len)

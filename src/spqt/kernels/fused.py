@@ -8,7 +8,6 @@
   add_rms_norm   x, y (R, D) -> x + rms_norm(y) * w   (Gemma's post-norms joining the residual)
   rms_norm_collect       one row: rms_norm, and the sparse index list of its output (collect())
   rope_attention_decode  one token: RoPE of q and k, the KV-cache write and the attention
-  greedy_advance  a greedy graph step's end: the next step's token and position, the token's history entry
 Their torch twins are in spqt.functional, which picks one or the other.
 """
 
@@ -136,25 +135,6 @@ def gelu_tanh_mul(gu: torch.Tensor, f: int) -> torch.Tensor:
     """gu (..., 2F) stacked gate|up -> gelu_tanh(gate) * up (..., F) in gu's dtype, one launch (functional's torch
     twin: F.gelu(approximate="tanh"), rounded, then the product)."""
     return _gated(gu, f, gelu=True)
-
-
-@triton.jit
-def _greedy_advance_kernel(logits_ptr, greedy_ptr, history_ptr, io_ptr):
-    """history[io[1]] = greedy, or -1 where logits[greedy] is not a finite number; io = (greedy, io[1] + 1)."""
-    g = tl.load(greedy_ptr)
-    v = tl.load(logits_ptr + g).to(tl.float32)
-    pos = tl.load(io_ptr + 1)
-    tl.store(history_ptr + pos, tl.where(tl.abs(v) < float("inf"), g, -1))  # false for a NaN too
-    tl.store(io_ptr, g)
-    tl.store(io_ptr + 1, pos + 1)
-
-
-def greedy_advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor) -> None:
-    """The end of a greedy decode step in a CUDA graph, one launch for three: logits (V,) contiguous, greedy (1,) int64
-    their argmax, history (L,) int64 the tokens by position, io (2,) int64 the step's (token, position). Writes
-    history[position] = greedy, or -1 where logits[greedy] is a NaN or an infinity (argmax picks a NaN or a +inf
-    wherever the logits hold one), then io = (greedy, position + 1): the next step's inputs."""
-    _greedy_advance_kernel[(1,)](logits, greedy, history, io, num_warps=1)
 
 
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
