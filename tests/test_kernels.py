@@ -479,29 +479,6 @@ def test_fused_ops_match_torch_twins(rng, device):
         assert torch.equal(functional.add_rms_norm(x2, y2, w2, 1e-6), x2 + fused.rms_norm(y2, w2, 1e-6))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_greedy_advance_marks_a_chosen_logit_that_is_not_finite(rng, device):
-    """functional.greedy_advance (the greedy graph step's end): history[position] = the argmax, io = (argmax,
-    position + 1); the history entry -1 where the logit argmax chose is a NaN or +inf (torch's argmax picks either
-    wherever one is), not for a -inf elsewhere; no other entry written."""
-    from spqt import functional
-
-    for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for poison, marked in ((None, False), (float("nan"), True), (float("inf"), True), (float("-inf"), False)):
-            logits = torch.from_numpy(rng.standard_normal(1003).astype(np.float32)).to(device, dtype)
-            if poison is not None:
-                logits[int(rng.integers(1003))] = poison
-            greedy = logits.argmax(-1, keepdim=True)
-            pos = int(rng.integers(3, 60))
-            history = torch.full((64,), 777, dtype=torch.int64, device=device)
-            io = torch.tensor([5, pos], dtype=torch.int64, device=device)
-            functional.greedy_advance(logits, greedy, history, io)
-            what = f"{dtype} {poison}"
-            assert io.tolist() == [int(greedy), pos + 1], what
-            assert int(history[pos]) == (-1 if marked else int(greedy)), what
-            assert (history[:pos] == 777).all() and (history[pos + 1:] == 777).all(), f"{what}: wrote elsewhere"
-
-
 def test_kept_route_from_the_table(rng, monkeypatch):
     """MODE_KEPT's crossovers in the table: with SPQT_SPARSE_KEPT=table a map tries MODE_KEPT first from
     "crossover_kept" ("_fused" norm-fed) on, and counts as sparse there (sparse_pays) even below the collected B4's

@@ -118,18 +118,6 @@ def gelu_tanh_mul(gate_up: torch.Tensor, ffn_dim: int) -> torch.Tensor:
     return F.gelu(gate_up[..., :ffn_dim], approximate="tanh").mul_(gate_up[..., ffn_dim:])
 
 
-def greedy_advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor) -> None:
-    """A greedy decode step's end (the graphs' token feedback): logits (V,), greedy (1,) int64 their argmax, history
-    (L,) int64 by position, io (2,) int64 (token, position). history[position] = greedy, or -1 where logits[greedy] is
-    not a finite number (argmax picks a NaN or a +inf where the logits hold one); io = (greedy, position + 1). Torch
-    ops on every device: a Triton kernel doing all of it in one launch made the default model's graph replay 42 us
-    slower on an H100 (680 against 637 us; the other kernels overlapped less), docs/RESULTS.md, forty-sixth session."""
-    finite = torch.isfinite(logits.gather(0, greedy))
-    history.index_copy_(0, io[1:2], torch.where(finite, greedy, -1))
-    io[0:1].copy_(greedy)
-    io[1:2].add_(1)
-
-
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x + rms_norm(y) * weight (Gemma's post-norms: an output normed before it joins the residual x), x and y (..., D)
     of one dtype: one fused kernel on the GPU, rms_norm and the sum elsewhere."""

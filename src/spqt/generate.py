@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import torch
 
-from spqt import functional
 from spqt import sparsity as sp
 from spqt.checkpoint import LoadedModel, kind_types
 from spqt.cpu_threads import DecodeThreads
@@ -474,9 +473,10 @@ class Generator:
             logits = self.model(self._tok, self._pos, kv_len=kv_len)
             greedy = logits[:, -1].argmax(-1)  # greedy decoding needs no other launch
             # The next greedy step's input, on the device: no host round trip between steps
-            # (decode_step overwrites both from the host before a replay it drives); the token's history
-            # entry -1 where its logit is not finite (argmax picks a NaN or a +inf wherever one is)
-            functional.greedy_advance(logits[0, -1], greedy, self._history, self._io)
+            # (decode_step overwrites both from the host before a replay it drives).
+            self._history.index_copy_(0, self._pos, greedy)
+            self._io[0:1].copy_(greedy)
+            self._io[1:2].add_(1)
         return graph, logits, greedy
 
     def drop_graphs(self) -> None:
@@ -659,8 +659,7 @@ class Generator:
         token of step p is read back (by a side stream that waits for step p alone), so the GPU
         never waits for the host. budget: steps to run at most; on_token may ask to stop by
         returning a true value. Returns (tokens, seconds between consecutive tokens as the host
-        receives them, finish reason "stop", "length" or "non-finite": a step's chosen logit was not
-        a finite number, its token not returned). A step enqueued past a stop is discarded."""
+        receives them, finish reason "stop" or "length"). A step enqueued past a stop is discarded."""
         self._set_io(token, pos)
         inflight: deque = deque()
         out, steps = [], []
@@ -686,9 +685,6 @@ class Generator:
                 read.record()
             read.synchronize()
             t = int(self._token_host[0])
-            if t < 0:  # (greedy_advance's mark)
-                torch.cuda.synchronize()
-                return out, steps, "non-finite"
             now = time.perf_counter()
             steps.append(now - last)
             last = now
@@ -739,8 +735,7 @@ class Generator:
         another summation order). What writes the cache outside generate(), decode_step and capture_prefills (a
         caller's own model(...) calls, as the benchmarks make) must not be followed by a reuse.
         Logits that are not finite numbers raise non_finite_error (after the prefill, at each step whose token the host
-        reads; in CUDA's greedy graph replays at the step whose chosen logit is not finite, and all of the last step's
-        logits), the generator put back as a fresh one (_non_finite)."""
+        reads, after the last of CUDA's greedy graph replays), the generator put back as a fresh one (_non_finite)."""
         if not prompt:
             raise SpqtError("the prompt is empty")
         if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
@@ -778,10 +773,8 @@ class Generator:
             elif max_new_tokens > 1:
                 more, steps, finish = self._decode_greedy_pipelined(t, pos, max_new_tokens - 1, on_token, stop_ids)
                 out += more
-                if finish == "non-finite":
-                    self._non_finite(f"after {len(out)} new tokens")
-                # each step's chosen logit was checked on the device; the last step's logits (past a stop, the
-                # discarded step's) all of them, once: a NaN in the KV cache reaches every later step
+                # the last step's logits (past a stop, the discarded step's): checked once, not a read a step; a
+                # NaN in the KV cache reaches every later step
                 self._check_finite(self._logits[:, -1], f"after {len(out)} new tokens")
             max_new_tokens = 0  # done: the loop below is the host-driven path
         threads = self._decode_threads() if self.device == "cpu" and max_new_tokens > 1 else None
