@@ -19,8 +19,9 @@ from kernel_inputs import assert_gemm_route, assert_within_fp32_sum, min_part
 # B = fp16(x fp16(d sc)) and A's min row fp16(dmin mn): at most two fp16 roundings of a product's factors (bf16 x:
 # fp16(x / 16) fp16(16 d sc), the same roundings where x / 16 is an fp16 normal)
 INPUT_EPS = 2.0**-10
-# bf16 x beside the scales (x, weights) of its first two cases: past fp16's range (x to ~2^17, |x d sc| ~2^10), and
-# small (|x| ~2^-8: x / 256 would be an fp16 subnormal, 2^-9 of x off, beyond INPUT_EPS; x / 16 is not)
+# bf16 x beside the scales (x, weights) of its first two cases: past fp16's range (x to ~2^17, |x d sc| ~2^10: staged
+# unshifted, x / 1, it fails), and small (|x| ~2^-8, some x / 16 fp16 subnormals; a shift of 256 passes too, its
+# error on small x below bf16's own rounding of y: H100, forty-sixth session)
 BF16_SCALES = [(2.0**15, 2.0**-5), (2.0**-8, 1.0)]
 
 # (N, K, tokens): rows past the last whole superblock row, K not a multiple of 16, one token, token counts past a
