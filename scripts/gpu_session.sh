@@ -110,7 +110,8 @@
 #   scripts/gpu_session.sh final46   the bf16 GEMM's test against mutated shifts, the GEMM probe fp16 / bf16, decode46
 #   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
 #                                    before (.old) / now where PREFILL46_LIMIT is set
-#   scripts/gpu_session.sh gemm46    the CUDA GEMM's gpu tests (fp16, bf16), the families' CUDA-path test, the GEMM probe fp16 / bf16
+#   scripts/gpu_session.sh gemm46    the CUDA GEMM's gpu tests (fp16, bf16), the families' CUDA-path test, the GEMM
+#                                    probe fp16 / bf16
 #   scripts/gpu_session.sh window41  the fused decode attention's new paths (windows, q / k norms, head dim 96): bench
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
@@ -222,8 +223,8 @@ gpu_node_tests() {
   echo "$tag tests: $(( $(date +%s) - start )) s"
 }
 # bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
-# tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET seconds of
-# $start (default 560)
+# tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET
+# seconds of $start (default 560)
 decode_rows() {
   local run model level dtype tree left what
   for run in $1; do

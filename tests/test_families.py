@@ -2126,9 +2126,9 @@ def test_gemma_runs_in_bf16_where_no_dtype_is_asked(family, quantized, monkeypat
 
     assert set(BF16_FAMILIES) == {"gemma2", "gemma3", "glm4", "olmo2", "olmo3", "exaone4", "ernie4_5", "seed_oss"}
     config = load_spqt(quantized["hf"]).config
-    gemma = family["name"] in ("gemma2", "gemma3", "glm4", "olmo2")
+    bf16 = family["name"] in ("gemma2", "gemma3", "glm4", "olmo2")
     assert default_dtype(config, "cpu") == torch.float32
-    assert default_dtype(config, "cuda") == (torch.bfloat16 if gemma else torch.float16)
+    assert default_dtype(config, "cuda") == (torch.bfloat16 if bf16 else torch.float16)
     assert _dtype("auto", "cuda") is None and _dtype("fp16", "cuda") == torch.float16
     assert Generator(load_spqt(quantized["hf"]), "cpu", max_len=8).dtype == torch.float32
 

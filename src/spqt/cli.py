@@ -1037,8 +1037,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
     p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     p.add_argument("--dtype", default="auto", help="decode: the compute dtype, auto (the runtime's: fp16, bf16 for "
-                   "the families --dtype auto runs in bf16), fp16, bf16 or fp32 (the CUDA GEMV runs fp16 and bf16; fp32 the Triton "
-                   "one)")
+                   "the families --dtype auto runs in bf16), fp16, bf16 or fp32 (the CUDA GEMV runs fp16 and bf16; "
+                   "fp32 the Triton one)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--plot", help="gemv: write a PNG of speedup vs sparsity here")
     p.add_argument("--one-process", action="store_true",

@@ -2,16 +2,16 @@
 NVRTC): Y = X W^T, the prefill's product for a short prompt.
 
 The tokens are the mma's n (8 a token tile); the weights are its A operand straight from the level bytes, as in the
-decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8 tokens where the Triton GEMM
-(gemm_q4k) decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a
-share of the columns; with RING each warp keeps its next RING - 1 chunks in flight as asynchronous copies into shared
-memory (no registers held: 1.1-1.5x faster at 16-32 tokens than loads into registers, thirty-second session). The
-shares' float32 partial sums are added by the GEMV's reduction kernel (one launch, a fixed tree: deterministic), or
-with one share the program writes y (x's dtype) itself. (The last share to arrive at a tile adding them instead ran 1.6-2x
-slower, thirty-first session; the shares adding them in a thread block cluster 1.1-1.4x slower, thirty-second:
-docs/RESULTS.md.) The mma is fp16's in both (A's subnormal levels need fp16's exponent): bf16 x is staged as
-fp16(x / 16) beside d sc times 16 (the .cu file's XBF16), so it needs |x| <= 65504 * 16, a sub-block's range of weights
-below ~61,000 and |x d sc| <= 65504, the bound fp16 x has.
+decode GEMV (zigzag_cuda), so a weight costs about the GEMV's instructions for 8 tokens where the Triton GEMM (gemm_q4k)
+decodes it into a tile for tl.dot. A program takes one superblock row (256 outputs), TOKT token tiles and a share of the
+columns; with RING each warp keeps its next RING - 1 chunks in flight as asynchronous copies into shared memory (no
+registers held: 1.1-1.5x faster at 16-32 tokens than loads into registers, thirty-second session). The shares' float32
+partial sums are added by the GEMV's reduction kernel (one launch, a fixed tree: deterministic), or with one share the
+program writes y (x's dtype) itself. (The last share to arrive at a tile adding them instead ran 1.6-2x slower,
+thirty-first session; the shares adding them in a thread block cluster 1.1-1.4x slower, thirty-second: docs/RESULTS.md.)
+The mma is fp16's in both (A's subnormal levels need fp16's exponent): bf16 x is staged as fp16(x / 16) beside d sc
+times 16 (the .cu file's XBF16), so it needs |x| <= 65504 * 16, a sub-block's range of weights below ~61,000 and
+|x d sc| <= 65504, the bound fp16 x has.
 """
 
 import torch

@@ -1,7 +1,7 @@
 """The GPU implementation behind spqt.linear.Linear: Q4_K blocks in kernel layout, Triton GEMV
 for one token (B2 / B4 for zigzag, B0 for row); several tokens: zigzag Q4_K's blocks read in a GEMM of their own
-(fp16 or bf16 on CUDA: gemm_cuda, up to its MAX_TOKENS rows; else gemm_q4k: up to its MAX_TOKENS rows, maps of MIN_WEIGHTS and
-more), else dequantize + cuBLAS GEMM.
+(fp16 or bf16 on CUDA: gemm_cuda, up to its MAX_TOKENS rows; else gemm_q4k: up to its MAX_TOKENS rows, maps of
+MIN_WEIGHTS and more), else dequantize + cuBLAS GEMM.
 A residual add or the SwiGLU product runs inside the zigzag GEMV's reduction (one launch less);
 an RMSNorm in front of a sparse map runs with the map's index collection (one launch less); in front of a dense
 map on the CUDA GEMV it runs inside the GEMV (dense_normed: no launch), where the map that wrote its input finished
