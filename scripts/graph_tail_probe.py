@@ -1,0 +1,136 @@
+"""Why did one kernel at the end of the greedy decode graph slow the whole replay? (device machine; one line out)
+
+    python3 scripts/graph_tail_probe.py --variant VARIANT [--model default|synthetic:NAME] [--reps 30] [--json OUT]
+
+The forty-sixth session ended the greedy decode step with one Triton kernel in place of the runtime's three launches
+(the history entry, the next token, the next position). The default model's graph then replayed 42 us slower on an
+H100 (680 against 637 us; the kernel took 1.5 us, the others overlapped less: docs/RESULTS.md). This probe captures the
+decode step with each ending, one process a variant (a process's graphs replay slower once it has captured a second
+graph of a bucket: the seventh session's order effect, so run the variants alternating, each in a fresh process:
+`gpu_session.sh tail47`):
+
+  shipped           the runtime's end: index_copy_ into the history, a copy (a memcpy node) and an add on the inputs
+  no-memcpy         the same with the token's copy as an index_copy_ kernel: no memcpy node in the graph
+  triton            one Triton kernel doing the three (its module loaded at the decode step's capture)
+  triton-preloaded  that kernel, its module loaded before the process's first prefill
+  late-module       the shipped end, and a Triton kernel nothing else runs loaded between the prefill graph's capture
+                    and the decode step's (is a module load after a capture what slows a graph?)
+
+Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
+generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
+alone between two CUDA events, median of --reps), as scripts/profile_decode.py times it.
+"""
+
+import argparse
+import json
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+from spqt.bench_decode import replay_device_us, synthetic_model
+from spqt.generate import Generator, _warm_up
+
+VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module")
+
+
+@triton.jit
+def _advance_kernel(logits_ptr, greedy_ptr, history_ptr, io_ptr):
+    """history[io[1]] = greedy (-1 where logits[greedy] is not finite); io = (greedy, io[1] + 1)."""
+    g = tl.load(greedy_ptr)
+    v = tl.load(logits_ptr + g).to(tl.float32)
+    pos = tl.load(io_ptr + 1)
+    tl.store(history_ptr + pos, tl.where(tl.abs(v) < float("inf"), g, -1))
+    tl.store(io_ptr, g)
+    tl.store(io_ptr + 1, pos + 1)
+
+
+@triton.jit
+def _unused_kernel(x_ptr):
+    """A module of its own that nothing else loads (late-module)."""
+    tl.store(x_ptr, tl.load(x_ptr) + 1)
+
+
+def advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor) -> None:
+    _advance_kernel[(1,)](logits, greedy, history, io, num_warps=1)
+
+
+def load(model: str, max_len: int):
+    if model == "default":
+        from spqt.checkpoint import load_spqt
+        from spqt.default_model import default_spqt
+
+        return load_spqt(default_spqt(progress=False))
+    if not model.startswith("synthetic:"):
+        raise SystemExit(f"--model: default or synthetic:NAME, not {model!r}")
+    return synthetic_model(model.split(":", 1)[1], "zigzag", max_len)
+
+
+def with_ending(gen: Generator, variant: str) -> None:
+    """gen's decode step captured with the variant's end (Generator._capture's, the last three launches replaced)."""
+    zero = torch.zeros(1, dtype=torch.int64, device=gen.device)
+
+    def end(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor, pos: torch.Tensor):
+        if variant.startswith("triton"):
+            advance(logits[0, -1], greedy, history, io)
+            return
+        history.index_copy_(0, pos, greedy)
+        if variant == "no-memcpy":
+            io.index_copy_(0, zero, greedy)
+        else:
+            io[0:1].copy_(greedy)
+        io[1:2].add_(1)
+
+    def capture(kv_len: int) -> tuple:
+        def step() -> None:
+            warm = gen.model(gen._tok, gen._pos, kv_len=kv_len)
+            scratch_io = gen._io.clone()  # a warm-up must not advance the step's inputs
+            end(warm, warm[:, -1].argmax(-1), torch.empty_like(gen._history), scratch_io, scratch_io[1:2])
+
+        _warm_up(step, times=2)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = gen.model(gen._tok, gen._pos, kv_len=kv_len)
+            greedy = logits[:, -1].argmax(-1)
+            end(logits, greedy, gen._history, gen._io, gen._pos)
+        return graph, logits, greedy
+
+    gen._capture = capture
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--max-len", type=int, default=64)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    loaded = load(args.model, args.max_len)
+    gen = Generator(loaded, "cuda", max_len=args.max_len)
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,)).tolist()
+    scratch = torch.zeros(8, dtype=torch.int64, device="cuda")
+    if args.variant == "triton-preloaded":  # the module loaded before any capture
+        logits = torch.zeros(16, dtype=gen.dtype, device="cuda")
+        advance(logits, scratch[:1], scratch, scratch[2:4].clone())
+        torch.cuda.synchronize()
+    with_ending(gen, args.variant)
+    gen.generate(prompt, 1, track=False)  # the prefill, eager
+    gen.generate(prompt, 1, track=False)  # its graph captured (second use)
+    if args.variant == "late-module":
+        _unused_kernel[(1,)](scratch, num_warps=1)
+        torch.cuda.synchronize()
+    tokens = gen.generate(prompt, 8, track=False).tokens  # the decode step captured with the variant's end
+    us = replay_device_us(gen._graph, args.reps, before=lambda: gen._set_io(tokens[0], len(prompt)))
+    row = {"variant": args.variant, "model": args.model, "device": torch.cuda.get_device_name(),
+           "median_us": statistics.median(us), "min_us": min(us), "reps": args.reps}
+    print(f"{args.variant:17s} {args.model:24s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
+          f"{args.reps} replays)", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(row, f)
+
+
+if __name__ == "__main__":
+    main()
