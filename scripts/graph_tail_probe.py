@@ -9,12 +9,14 @@ decode step with each ending, one process a variant (a process's graphs replay s
 graph of a bucket: the seventh session's order effect, so run the variants alternating, each in a fresh process:
 `gpu_session.sh tail47`):
 
-  shipped           the runtime's end: index_copy_ into the history, a copy (a memcpy node) and an add on the inputs
+  shipped           the runtime's own capture (Generator._capture, not replaced): index_copy_ into the history, a copy
+                    (a memcpy node) and an add on the inputs
   no-memcpy         the same with the token's copy as an index_copy_ kernel: no memcpy node in the graph
   triton            one Triton kernel doing the three (its module loaded at the decode step's capture)
   triton-preloaded  that kernel, its module loaded before the process's first prefill
-  late-module       the shipped end, and a Triton kernel nothing else runs loaded between the prefill graph's capture
-                    and the decode step's (is a module load after a capture what slows a graph?)
+  late-module       the runtime's capture, and a Triton kernel nothing else runs loaded between the prefill graph's
+                    capture and the decode step's (every variant loads the decode kernels' modules there too, so
+                    this asks only whether one more load matters: a null result does not clear module loads)
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
 generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
@@ -68,7 +70,8 @@ def load(model: str, max_len: int):
 
 
 def with_ending(gen: Generator, variant: str) -> None:
-    """gen's decode step captured with the variant's end (Generator._capture's, the last three launches replaced)."""
+    """gen's decode step captured with the variant's end (Generator._capture's, the last three launches replaced; its
+    warm-up as the runtime's, the model alone, but for the Triton ending, whose module cannot load inside a capture)."""
     zero = torch.zeros(1, dtype=torch.int64, device=gen.device)
 
     def end(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor, pos: torch.Tensor):
@@ -85,8 +88,9 @@ def with_ending(gen: Generator, variant: str) -> None:
     def capture(kv_len: int) -> tuple:
         def step() -> None:
             warm = gen.model(gen._tok, gen._pos, kv_len=kv_len)
-            scratch_io = gen._io.clone()  # a warm-up must not advance the step's inputs
-            end(warm, warm[:, -1].argmax(-1), torch.empty_like(gen._history), scratch_io, scratch_io[1:2])
+            if variant.startswith("triton"):
+                scratch_io = gen._io.clone()  # a warm-up must not advance the step's inputs
+                end(warm, warm[:, -1].argmax(-1), torch.empty_like(gen._history), scratch_io, scratch_io[1:2])
 
         _warm_up(step, times=2)
         graph = torch.cuda.CUDAGraph()
@@ -109,13 +113,14 @@ def main():
     args = ap.parse_args()
     loaded = load(args.model, args.max_len)
     gen = Generator(loaded, "cuda", max_len=args.max_len)
-    prompt = torch.randint(0, loaded.config.vocab_size, (10,)).tolist()
+    prompt = torch.randint(0, loaded.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
     scratch = torch.zeros(8, dtype=torch.int64, device="cuda")
-    if args.variant == "triton-preloaded":  # the module loaded before any capture
-        logits = torch.zeros(16, dtype=gen.dtype, device="cuda")
+    if args.variant == "triton-preloaded":  # the module loaded before any capture (the logits are float32: the
+        logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # head's output, Transformer.logits)
         advance(logits, scratch[:1], scratch, scratch[2:4].clone())
         torch.cuda.synchronize()
-    with_ending(gen, args.variant)
+    if args.variant not in ("shipped", "late-module"):
+        with_ending(gen, args.variant)
     gen.generate(prompt, 1, track=False)  # the prefill, eager
     gen.generate(prompt, 1, track=False)  # its graph captured (second use)
     if args.variant == "late-module":

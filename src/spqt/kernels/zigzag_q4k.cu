@@ -1814,11 +1814,12 @@ zigzag_chain(const ChainStage* __restrict__ stages, int nstages, int* done, floa
 #if GEMM
 // ---------------------------------------------------------------------------------------------------------------
 // GEMM (the prefill of a short prompt): Y = X W^T for x (M, K) fp16 (XBF16: bf16) and a zigzag Q4_K W (N, K), the
-// tokens as the mma's n. The GEMV above puts the 8 sub-blocks in n (B[k, n] = x_k d_k sc[k, n]); here n is 8 tokens
-// and the tile's sub-block scale moves into B: B[k, n] = x[token n, k] d_k sc_s[k] for the 2 tiles of sub-block s (fp16: the lane's
-// own token pair of columns times the fp16 pair d sc of sub-block s, which lane (s, t) decoded and shuffles), A = the
-// levels as fp16 subnormals as in the GEMV (row g q 2^-24, row g + 8 q 2^-20). The min term is one more mma a chunk
-// and token tile: A's row g = dmin_k mn_g[k] (lane g's own sub-block), B = x, giving sub-block g's term for 8 tokens.
+// tokens as the mma's n. The GEMV above puts the 8 sub-blocks in n (B[k, n] = x_k d_k sc[k, n]); here n is 8 tokens and
+// the tile's sub-block scale moves into B: B[k, n] = x[token n, k] d_k sc_s[k] for the 2 tiles of sub-block s (fp16:
+// the lane's own token pair of columns times the fp16 pair d sc of sub-block s, which lane (s, t) decoded and
+// shuffles), A = the levels as fp16 subnormals as in the GEMV (row g q 2^-24, row g + 8 q 2^-20). The min term is one
+// more mma a chunk and token tile: A's row g = dmin_k mn_g[k] (lane g's own sub-block), B = x, giving sub-block g's
+// term for 8 tokens.
 // XBF16 (bf16 x and y): x is staged as fp16(x / 16) and d sc as fp16(16 d sc), so the main mma and its products are
 // fp16's as before (x / 16 exact for 2^-10 <= |x| <= 65504 * 16, an fp16 normal; below, within 2^-21 of x); the min
 // mma takes fp16(dmin mn) as for fp16 x, its sums times 16 after. Bounds: |x| <= 65504 * 16, d sc <= 65504 / 16 (a
