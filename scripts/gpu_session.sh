@@ -107,7 +107,7 @@
 #   scripts/gpu_session.sh check43   the changed code's gpu tests, OLMo 2 7B's decode before (.old: a6fee5f) / now
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
-#   scripts/gpu_session.sh tail47    the greedy decode graph's end: five variants, a process each, alternating
+#   scripts/gpu_session.sh tail47    the greedy decode graph's end and module loads: six variants, a process each
 #   scripts/gpu_session.sh final46   the bf16 GEMM's test against mutated shifts, the GEMM probe fp16 / bf16, decode46
 #   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
 #                                    before (.old) / now where PREFILL46_LIMIT is set
@@ -1828,14 +1828,14 @@ PY
     ;;
   tail47)
     # Why one kernel at the greedy decode graph's end slowed its replay (forty-sixth session):
-    # scripts/graph_tail_probe.py for each of TAIL_VARIANTS (default all five) on each of TAIL_MODELS (default: the
+    # scripts/graph_tail_probe.py for each of TAIL_VARIANTS (default all six) on each of TAIL_MODELS (default: the
     # default model, parked by the calls before, and synthetic:llama2-7b), a process each (at most 120 s), the
     # variants alternating for TAIL_ROUNDS rounds (2), within CALL_BUDGET (default 560). $OUT/tail-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for round in $(seq ${TAIL_ROUNDS:-2}); do
       for model in ${TAIL_MODELS:-default synthetic:llama2-7b}; do
-        for variant in ${TAIL_VARIANTS:-shipped triton no-memcpy triton-preloaded late-module}; do
+        for variant in ${TAIL_VARIANTS:-shipped triton no-memcpy triton-preloaded late-module eager-first}; do
           left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
           [ $left -lt 30 ] && { echo "no time left for $model $variant"; break 3; }
           timeout $(( left < 120 ? left : 120 )) python3 scripts/graph_tail_probe.py --variant $variant \

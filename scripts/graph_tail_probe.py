@@ -17,6 +17,8 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   late-module       the runtime's capture, and a Triton kernel nothing else runs loaded between the prefill graph's
                     capture and the decode step's (every variant loads the decode kernels' modules there too, so
                     this asks only whether one more load matters: a null result does not clear module loads)
+  eager-first       the runtime's capture after a 2-token generation run eagerly (no graph) first, which loads every
+                    decode kernel's module before the process's first capture (a fix the runtime could make at start)
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
 generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
@@ -34,7 +36,7 @@ import triton.language as tl
 from spqt.bench_decode import replay_device_us, synthetic_model
 from spqt.generate import Generator, _warm_up
 
-VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module")
+VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first")
 
 
 @triton.jit
@@ -119,8 +121,13 @@ def main():
         logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # head's output, Transformer.logits)
         advance(logits, scratch[:1], scratch, scratch[2:4].clone())
         torch.cuda.synchronize()
-    if args.variant not in ("shipped", "late-module"):
+    if args.variant not in ("shipped", "late-module", "eager-first"):
         with_ending(gen, args.variant)
+    if args.variant == "eager-first":  # every decode kernel's module loaded before any capture
+        gen.use_graph = False
+        gen.generate(prompt, 2, track=False)
+        gen.use_graph = True
+        torch.cuda.synchronize()
     gen.generate(prompt, 1, track=False)  # the prefill, eager
     gen.generate(prompt, 1, track=False)  # its graph captured (second use)
     if args.variant == "late-module":
