@@ -247,6 +247,16 @@ gemm_probe() {
   timeout "$limit" python3 scripts/prefill_gemm_probe.py "$@" --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN \
     | tee "$OUT/gemm-probe.log"
 }
+# scripts/prefill_gemm_probe.py in fp16 and in bf16, each within $1 seconds, with the arguments after it:
+# $OUT/gemm-probe-<dtype>.log / .json
+gemm_probe_dtypes() {
+  local limit=$1 dtype
+  shift
+  for dtype in fp16 bf16; do
+    timeout "$limit" python3 scripts/prefill_gemm_probe.py "$@" --dtype $dtype --json "$OUT/gemm-probe-$dtype.json" \
+      2>&1 | grep -v WARN | tee "$OUT/gemm-probe-$dtype.log"
+  done
+}
 # prefill_probe within $1 seconds on each tree after it (before: the session start's, .old, where carried; after:
 # this one): $OUT/prefill-<tree>.log / .json
 prefill_trees() {
@@ -1862,10 +1872,7 @@ PY
       cp /tmp/zigzag_q4k.cu.kept $cu
     done | tee "$OUT/final46-mutants.log"
     cmp $cu /tmp/zigzag_q4k.cu.kept && echo "kernel source restored"
-    for dtype in fp16 bf16; do
-      timeout 90 python3 scripts/prefill_gemm_probe.py --tokens 8,16,32 --dtype $dtype \
-        --json "$OUT/gemm-probe-$dtype.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe-$dtype.log" | grep "CUDA GEMM"
-    done
+    gemm_probe_dtypes 90 --tokens 8,16,32 | grep "CUDA GEMM"
     echo "final46 probes: $(( $(date +%s) - start )) s"
     CALL_BUDGET=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) )) bash "$0" decode46
     ;;
@@ -1894,11 +1901,8 @@ PY
         -k test_cuda_path_runs_biases_and_qk_norms 2>&1 | tee -a "$OUT/gemm46-tests.log" | tail -3
     done
     echo "gemm46 tests: $(( $(date +%s) - start )) s"
-    for dtype in fp16 bf16; do
-      timeout ${GEMM46_PROBE_LIMIT:-120} python3 scripts/prefill_gemm_probe.py ${GEMM46_ARGS:---tokens 8,16,32} \
-        --dtype $dtype --json "$OUT/gemm-probe-$dtype.json" 2>&1 | grep -v WARN | tee "$OUT/gemm-probe-$dtype.log"
-      echo "gemm46 probe $dtype: $(( $(date +%s) - start )) s"
-    done
+    gemm_probe_dtypes ${GEMM46_PROBE_LIMIT:-120} ${GEMM46_ARGS:---tokens 8,16,32}
+    echo "gemm46 probes: $(( $(date +%s) - start )) s"
     if nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H200; then
       BF16_TESTS=0 CALL_BUDGET=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) )) bash "$0" bf16_45
     fi

@@ -33,8 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from spqt.bench_decode import replay_device_us, synthetic_model
+from spqt.bench_decode import replay_device_us
 from spqt.generate import Generator, _warm_up
+
+from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ is this script's path)
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first")
 
@@ -58,17 +60,6 @@ def _unused_kernel(x_ptr):
 
 def advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor) -> None:
     _advance_kernel[(1,)](logits, greedy, history, io, num_warps=1)
-
-
-def load(model: str, max_len: int):
-    if model == "default":
-        from spqt.checkpoint import load_spqt
-        from spqt.default_model import default_spqt
-
-        return load_spqt(default_spqt(progress=False))
-    if not model.startswith("synthetic:"):
-        raise SystemExit(f"--model: default or synthetic:NAME, not {model!r}")
-    return synthetic_model(model.split(":", 1)[1], "zigzag", max_len)
 
 
 def with_ending(gen: Generator, variant: str) -> None:

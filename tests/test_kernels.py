@@ -1068,11 +1068,11 @@ def test_types_reach_the_crossovers_the_route_children_and_the_route_lookup(tiny
 
 def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys):
     """spqt tune --l2first (no GPU here: the step's timing faked): each CUDA dense shape with an entry of its own judged
-    once over models, depths capped by the chunks a warp's share holds (none judged at one chunk, nor a borrowed
-    entry, nor a Triton entry that a bf16 map runs on the CUDA GEMV), the shapes judged before running their new depth meanwhile and every map left as tuned after; the depth
-    kept only beyond the margin, the shallowest within it of the best; the command keeps the kernel entries and the
-    routes; a kernel re-tune that replaces a prefetching entry says so and drops only the step routes of models that
-    now run another config (own or borrowed entry)."""
+    once over models, depths capped by the chunks a warp's share holds (none judged at one chunk, nor a borrowed entry,
+    nor a Triton entry that a bf16 map runs on the CUDA GEMV), the shapes judged before running their new depth
+    meanwhile and every map left as tuned after; the depth kept only beyond the margin, the shallowest within it of the
+    best; the command keeps the kernel entries and the routes; a kernel re-tune that replaces a prefetching entry says
+    so and drops only the step routes of models that now run another config (own or borrowed entry)."""
     import json
     from types import SimpleNamespace as NS
 

@@ -39,7 +39,8 @@ MIN_WEIGHTS = 1 << 23
 def options(cfg: dict, bf16: bool = False) -> tuple:
     """NVRTC options of one configuration (bf16: x and y bf16)."""
     return ("-DGEMM=1", f"-DTOKT={cfg['TOKT']}", f"-DWARPS={cfg['WARPS']}", f"-DPIPE={cfg['PIPE']}",
-            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", "-DTYPE=4", f"-DXBF16={int(bf16)}")
+            f"-DRING={cfg.get('RING', 0)}", f"-DRESIDENT={resident(cfg)}", "-DTYPE=4") \
+        + (("-DXBF16=1",) if bf16 else ())  # (as zigzag_cuda.options)
 
 
 def resident(cfg: dict) -> int:
