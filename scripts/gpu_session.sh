@@ -1840,17 +1840,20 @@ PY
     # Why one kernel at the greedy decode graph's end slowed its replay (forty-sixth session):
     # scripts/graph_tail_probe.py for each of TAIL_VARIANTS (default all six) on each of TAIL_MODELS (default: the
     # default model, parked by the calls before, and synthetic:llama2-7b), a process each (at most 120 s), the
-    # variants alternating for TAIL_ROUNDS rounds (2), within CALL_BUDGET (default 560). $OUT/tail-probe.log
+    # variants alternating for TAIL_ROUNDS rounds (2), each in each of TAIL_ENVS (VAR=value set for the process; none:
+    # as is), within CALL_BUDGET (default 560). $OUT/tail-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for round in $(seq ${TAIL_ROUNDS:-2}); do
       for model in ${TAIL_MODELS:-default synthetic:llama2-7b}; do
         for variant in ${TAIL_VARIANTS:-shipped triton no-memcpy triton-preloaded late-module eager-first}; do
-          left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-          [ $left -lt 30 ] && { echo "no time left for $model $variant"; break 3; }
-          timeout $(( left < 120 ? left : 120 )) python3 scripts/graph_tail_probe.py --variant $variant \
-            --model $model 2>&1 | grep -v WARN \
-            | tail -1 | sed "s/^/round $round: /"
+          for env in ${TAIL_ENVS:-none}; do  # an environment variable set for the process (none: as is)
+            left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+            [ $left -lt 30 ] && { echo "no time left for $model $variant"; break 4; }
+            env $( [ $env = none ] || echo $env ) timeout $(( left < 120 ? left : 120 )) \
+              python3 scripts/graph_tail_probe.py --variant $variant --model $model 2>&1 | grep -v WARN \
+              | tail -1 | sed "s/^/round $round, $env: /"
+          done
         done
       done
     done | tee "$OUT/tail-probe.log"

@@ -19,6 +19,9 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
                     this asks only whether one more load matters: a null result does not clear module loads)
   eager-first       the runtime's capture after a 2-token generation run eagerly (no graph) first, which loads every
                     decode kernel's module before the process's first capture (a fix the runtime could make at start)
+  decode-first      the runtime's capture as the process's first (no prefill graph: scripts/profile_decode.py's order)
+  decode-then-prefill  decode-first, then the prefill graph captured (two more generations of the prompt), the same
+                    decode graph timed after: does a later capture of another graph slow a graph already captured?
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
 generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
@@ -38,7 +41,8 @@ from spqt.generate import Generator, _warm_up
 
 from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ is this script's path)
 
-VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first")
+VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
+            "decode-then-prefill")
 
 
 @triton.jit
@@ -112,6 +116,14 @@ def main():
         logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # head's output, Transformer.logits)
         advance(logits, scratch[:1], scratch, scratch[2:4].clone())
         torch.cuda.synchronize()
+    if args.variant.startswith("decode-"):
+        tokens = gen.generate(prompt, 8, track=False).tokens  # the decode step captured first, the prefill eager
+        if args.variant == "decode-then-prefill":  # another prompt of the length (no prefix of the cache's to reuse)
+            other = [(t + 1) % loaded.config.vocab_size for t in prompt]
+            gen.generate(other, 8, track=False)  # the prefill's second use: its graph captured
+            gen.generate(other, 8, track=False)  # (replayed; the decode graphs are those captured above)
+        report(args, gen, tokens, prompt)
+        return
     if args.variant not in ("shipped", "late-module", "eager-first"):
         with_ending(gen, args.variant)
     if args.variant == "eager-first":  # every decode kernel's module loaded before any capture
@@ -125,11 +137,18 @@ def main():
         _unused_kernel[(1,)](scratch, num_warps=1)
         torch.cuda.synchronize()
     tokens = gen.generate(prompt, 8, track=False).tokens  # the decode step captured with the variant's end
+    report(args, gen, tokens, prompt)
+
+
+def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
+    """Print (and write to --json) the decode step graph's device time: each replay alone, median of --reps."""
     us = replay_device_us(gen._graph, args.reps, before=lambda: gen._set_io(tokens[0], len(prompt)))
     row = {"variant": args.variant, "model": args.model, "device": torch.cuda.get_device_name(),
            "median_us": statistics.median(us), "min_us": min(us), "reps": args.reps}
-    print(f"{args.variant:17s} {args.model:24s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
-          f"{args.reps} replays)", flush=True)
+    row["prefill_graphs"] = sum(graph is not None for graph in gen._prefills.values())
+    row["decode_graphs"] = len(gen._graphs)
+    print(f"{args.variant:19s} {args.model:20s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
+          f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f)
