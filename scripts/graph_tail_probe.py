@@ -22,6 +22,8 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   decode-first      the runtime's capture as the process's first (no prefill graph: scripts/profile_decode.py's order)
   decode-then-prefill  decode-first, then the prefill graph captured (two more generations of the prompt), the same
                     decode graph timed after: does a later capture of another graph slow a graph already captured?
+  decode-then-tiny  decode-first, then a graph of one small add captured and instantiated (a pool of its own)
+  decode-then-kept  the same, its capture kept uninstantiated (keep_graph=True): the capture alone, no instantiation
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
 generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
@@ -42,7 +44,7 @@ from spqt.generate import Generator, _warm_up
 from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ is this script's path)
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
-            "decode-then-prefill")
+            "decode-then-prefill", "decode-then-tiny", "decode-then-kept")
 
 
 @triton.jit
@@ -122,6 +124,11 @@ def main():
             other = [(t + 1) % loaded.config.vocab_size for t in prompt]
             gen.generate(other, 8, track=False)  # the prefill's second use: its graph captured
             gen.generate(other, 8, track=False)  # (replayed; the decode graphs are those captured above)
+        if args.variant in ("decode-then-tiny", "decode-then-kept"):
+            tiny = torch.cuda.CUDAGraph(keep_graph=args.variant == "decode-then-kept")
+            with torch.cuda.graph(tiny):
+                scratch.add_(1)
+            torch.cuda.synchronize()
         report(args, gen, tokens, prompt)
         return
     if args.variant not in ("shipped", "late-module", "eager-first"):
