@@ -24,6 +24,10 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
                     decode graph timed after: does a later capture of another graph slow a graph already captured?
   decode-then-tiny  decode-first, then a graph of one small add captured and instantiated (a pool of its own)
   decode-then-kept  the same, its capture kept uninstantiated (keep_graph=True): the capture alone, no instantiation
+  decode-then-empty decode-first, then torch.cuda.empty_cache() alone (what torch.cuda.graph's __enter__ calls first)
+  decode-then-host-empty  decode-first, then torch's pinned host cache emptied alone (the same __enter__'s next call)
+  decode-then-raw   decode-first, then the add captured by capture_begin / capture_end on a side stream, kept
+                    uninstantiated: a capture without torch.cuda.graph's emptying of the caches
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
 generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
@@ -44,7 +48,8 @@ from spqt.generate import Generator, _warm_up
 from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ is this script's path)
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
-            "decode-then-prefill", "decode-then-tiny", "decode-then-kept")
+            "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty", "decode-then-host-empty",
+            "decode-then-raw")
 
 
 @triton.jit
@@ -128,6 +133,20 @@ def main():
             tiny = torch.cuda.CUDAGraph(keep_graph=args.variant == "decode-then-kept")
             with torch.cuda.graph(tiny):
                 scratch.add_(1)
+            torch.cuda.synchronize()
+        if args.variant == "decode-then-empty":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        if args.variant == "decode-then-host-empty":
+            torch.cuda.synchronize()
+            torch._C._host_emptyCache()
+        if args.variant == "decode-then-raw":
+            raw, side = torch.cuda.CUDAGraph(keep_graph=True), torch.cuda.Stream()
+            torch.cuda.synchronize()
+            with torch.cuda.stream(side):
+                raw.capture_begin()
+                scratch.add_(1)
+                raw.capture_end()
             torch.cuda.synchronize()
         report(args, gen, tokens, prompt)
         return
