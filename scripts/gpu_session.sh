@@ -1841,7 +1841,7 @@ PY
     # scripts/graph_tail_probe.py for each of TAIL_VARIANTS (default all six) on each of TAIL_MODELS (default: the
     # default model, parked by the calls before, and synthetic:llama2-7b), a process each (at most 120 s), the
     # variants alternating for TAIL_ROUNDS rounds (2), each in each of TAIL_ENVS (VAR=value set for the process; none:
-    # as is), within CALL_BUDGET (default 560). $OUT/tail-probe.log
+    # as is), with TAIL_ARGS (e.g. --profile), within CALL_BUDGET (default 560). $OUT/tail-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for round in $(seq ${TAIL_ROUNDS:-2}); do
@@ -1851,7 +1851,7 @@ PY
             left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
             [ $left -lt 30 ] && { echo "no time left for $model $variant"; break 4; }
             env $( [ $env = none ] || echo $env ) timeout $(( left < 120 ? left : 120 )) \
-              python3 scripts/graph_tail_probe.py --variant $variant --model $model 2>&1 | grep -v WARN \
+              python3 scripts/graph_tail_probe.py --variant $variant --model $model ${TAIL_ARGS:-} 2>&1 | grep -v WARN \
               | tail -1 | sed "s/^/round $round, $env: /"
           done
         done

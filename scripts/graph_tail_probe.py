@@ -114,6 +114,7 @@ def main():
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--json")
+    ap.add_argument("--profile", action="store_true", help="also the kernels' sum and the gaps (torch.profiler)")
     args = ap.parse_args()
     loaded = load(args.model, args.max_len)
     gen = Generator(loaded, "cuda", max_len=args.max_len)
@@ -171,10 +172,22 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
     us = replay_device_us(gen._graph, args.reps, before=lambda: gen._set_io(tokens[0], len(prompt)))
     row = {"variant": args.variant, "model": args.model, "device": torch.cuda.get_device_name(),
            "median_us": statistics.median(us), "min_us": min(us), "reps": args.reps}
+    if args.profile:  # the kernels' device time a replay (torch.profiler over 5 replays): kernels or gaps?
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                gen._graph.replay()
+            torch.cuda.synchronize()
+        kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+        row["kernel_sum_us"] = sum(ev.device_time for ev in kernels) / 5
+        row["kernels"] = len(kernels) / 5
     row["prefill_graphs"] = sum(graph is not None for graph in gen._prefills.values())
     row["decode_graphs"] = len(gen._graphs)
     print(f"{args.variant:19s} {args.model:20s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
-          f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)", flush=True)
+          f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)"
+          + (f"; {row['kernels']:.0f} kernels, their sum {row['kernel_sum_us']:.1f} us, gaps "
+             f"{row['median_us'] - row['kernel_sum_us']:.1f} us" if args.profile else ""), flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f)
