@@ -28,6 +28,8 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   decode-then-host-empty  decode-first, then torch's pinned host cache emptied alone (the same __enter__'s next call)
   decode-then-raw   decode-first, then the add captured by capture_begin / capture_end on a side stream, kept
                     uninstantiated: a capture without torch.cuda.graph's emptying of the caches
+  decode-then-bucket  decode-first, then a 40-token generation (its later positions' key buckets captured), the
+                    first decode graph timed after
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
 generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
@@ -49,7 +51,7 @@ from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ i
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
             "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty", "decode-then-host-empty",
-            "decode-then-raw")
+            "decode-then-raw", "decode-then-bucket")
 
 
 @triton.jit
@@ -135,6 +137,11 @@ def main():
             with torch.cuda.graph(tiny):
                 scratch.add_(1)
             torch.cuda.synchronize()
+        if args.variant == "decode-then-bucket":
+            first = gen._graph
+            gen.generate(prompt, 40, track=False)
+            print(f"decode graphs after the 40 tokens: {len(gen._graphs)}")
+            gen._graph = first
         if args.variant == "decode-then-empty":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
