@@ -28,7 +28,7 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   decode-then-host-empty  decode-first, then torch's pinned host cache emptied alone (the same __enter__'s next call)
   decode-then-raw   decode-first, then the add captured by capture_begin / capture_end on a side stream, kept
                     uninstantiated: a capture without torch.cuda.graph's emptying of the caches
-  decode-then-bucket  decode-first, then a 40-token generation (its later positions' key buckets captured), the
+  decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
                     first decode graph timed after
 
 Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
@@ -139,8 +139,8 @@ def main():
             torch.cuda.synchronize()
         if args.variant == "decode-then-bucket":
             first = gen._graph
-            gen.generate(prompt, 40, track=False)
-            print(f"decode graphs after the 40 tokens: {len(gen._graphs)}")
+            gen.generate(prompt, 300, track=False)
+            print(f"decode graphs after the 300 tokens: {len(gen._graphs)}")
             gen._graph = first
         if args.variant == "decode-then-empty":
             torch.cuda.synchronize()
