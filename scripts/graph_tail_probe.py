@@ -28,6 +28,7 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   decode-then-host-empty  decode-first, then torch's pinned host cache emptied alone (the same __enter__'s next call)
   decode-then-raw   decode-first, then the add captured by capture_begin / capture_end on a side stream, kept
                     uninstantiated: a capture without torch.cuda.graph's emptying of the caches
+  tiny-then-decode  the add captured (raw, kept uninstantiated, never replayed) before anything else, then decode-first
   decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
                     first decode graph timed after
 
@@ -51,7 +52,7 @@ from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ i
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
             "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty", "decode-then-host-empty",
-            "decode-then-raw", "decode-then-bucket")
+            "decode-then-raw", "decode-then-bucket", "tiny-then-decode")
 
 
 @triton.jit
@@ -126,7 +127,15 @@ def main():
         logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # head's output, Transformer.logits)
         advance(logits, scratch[:1], scratch, scratch[2:4].clone())
         torch.cuda.synchronize()
-    if args.variant.startswith("decode-"):
+    if args.variant == "tiny-then-decode":
+        raw, side = torch.cuda.CUDAGraph(keep_graph=True), torch.cuda.Stream()
+        torch.cuda.synchronize()
+        with torch.cuda.stream(side):
+            raw.capture_begin()
+            scratch.add_(1)
+            raw.capture_end()
+        torch.cuda.synchronize()
+    if args.variant.startswith("decode-") or args.variant == "tiny-then-decode":
         tokens = gen.generate(prompt, 8, track=False).tokens  # the decode step captured first, the prefill eager
         if args.variant == "decode-then-prefill":  # another prompt of the length (no prefix of the cache's to reuse)
             other = [(t + 1) % loaded.config.vocab_size for t in prompt]
