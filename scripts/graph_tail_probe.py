@@ -28,6 +28,10 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   decode-then-host-empty  decode-first, then torch's pinned host cache emptied alone (the same __enter__'s next call)
   decode-then-raw   decode-first, then the add captured by capture_begin / capture_end on a side stream, kept
                     uninstantiated: a capture without torch.cuda.graph's emptying of the caches
+  decode-then-driver  decode-first, then the add captured through the CUDA driver itself (cuStreamBeginCapture /
+                    cuStreamEndCapture from cuda-bindings, relaxed mode, a side stream; the graph destroyed): torch's
+                    capture_begin / capture_end (its private pool, its RNG registration) left out
+  decode-then-driver-empty  the same with nothing launched inside the capture (an empty graph)
   tiny-then-decode  the add captured (raw, kept uninstantiated, never replayed) before anything else, then decode-first
   decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
                     first decode graph timed after
@@ -52,7 +56,8 @@ from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ i
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
             "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty", "decode-then-host-empty",
-            "decode-then-raw", "decode-then-bucket", "tiny-then-decode")
+            "decode-then-raw", "decode-then-bucket", "tiny-then-decode", "decode-then-driver",
+            "decode-then-driver-empty")
 
 
 @triton.jit
@@ -74,6 +79,25 @@ def _unused_kernel(x_ptr):
 
 def advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor) -> None:
     _advance_kernel[(1,)](logits, greedy, history, io, num_warps=1)
+
+
+def driver_capture(scratch: torch.Tensor, launch: bool) -> None:
+    """One stream capture through the CUDA driver alone (no torch graph object): scratch += 1 inside it if launch, on a
+    side stream, relaxed mode; the captured graph destroyed, never instantiated."""
+    from cuda.bindings import driver
+
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    handle = driver.CUstream(side.cuda_stream)
+    err, = driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+    assert int(err) == 0, err
+    if launch:
+        with torch.cuda.stream(side):
+            scratch.add_(1)
+    err, graph = driver.cuStreamEndCapture(handle)
+    assert int(err) == 0, err
+    driver.cuGraphDestroy(graph)
+    torch.cuda.synchronize()
 
 
 def with_ending(gen: Generator, variant: str) -> None:
@@ -151,6 +175,8 @@ def main():
             gen.generate(prompt, 300, track=False)
             print(f"decode graphs after the 300 tokens: {len(gen._graphs)}")
             gen._graph = first
+        if args.variant.startswith("decode-then-driver"):
+            driver_capture(scratch, launch=args.variant == "decode-then-driver")
         if args.variant == "decode-then-empty":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
