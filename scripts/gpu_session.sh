@@ -424,6 +424,11 @@ case "$stage" in
   tests)
     export SPQT_CACHE=/tmp/spqt-cache
     python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
+    # what a compile cache that travels would weigh: Triton's kernels, the CUDA cubins (a cache kept, compressed)
+    for cache in "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" "$SPQT_CACHE"; do
+      echo "$cache: $(du -sh "$cache" 2>/dev/null | cut -f1), $(find "$cache" -type f 2>/dev/null | wc -l) files," \
+        "$(tar -C "$cache" -cf - . 2>/dev/null | gzip -6 | wc -c) bytes as tar.gz"
+    done
     ;;
   runtime)
     export SPQT_CACHE=/tmp/spqt-cache

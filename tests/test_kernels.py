@@ -224,64 +224,81 @@ def _zigzag_configs(device):
             (64, {"num_warps": 8, "chunks": 1, "ahead": 1, "fused": True})]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_zigzag_variants(rng, device, sparsity):
+def _split_by_config(configs: int) -> list:
+    """(device, sparsity, config) cases: the interpreter an item a level (config None: its own selection), the GPU an
+    item a launch config (sparsity None: every level in it), so no two GPU items compile the same kernels (an item a
+    level compiled every config in each, side by side under -n 8: 130-254 s an item on a fresh H100)."""
+    return ([pytest.param("cpu", s, None, id=f"{s}-interp") for s in SPARSITIES]
+            + [pytest.param("cuda", None, c, id=f"gpu-config{c}", marks=pytest.mark.gpu) for c in range(configs)])
+
+
+@pytest.mark.parametrize("device, sparsity, config", _split_by_config(len(_zigzag_configs("cuda"))))
+def test_zigzag_variants(rng, device, sparsity, config):
+    levels = [sparsity] if device == "cpu" else SPARSITIES
     for shape in shapes_for(device):
         qw, gw = _weights(rng, shape, "zigzag", device)
         for di, dtype in enumerate(dtypes_for(device)):
-            x, t = _x(rng, shape[1], dtype, device, sparsity)
-            x_dense = x.float()
-            x_sparse = reference.sparsify(x, t).float()
-            configs = list(enumerate(_zigzag_configs(device)))
-            if device == "cpu" and sparsity != 0.5:
-                configs = configs[1:2]  # the interpreter is slow: every config at 50 % only
-            for ci, (split, cfg) in configs:
-                if device == "cpu" and (ci + di + SPARSITIES.index(sparsity)) % 2:
-                    continue  # and one dtype per config and level, alternating (498 -> ~250 s of CI)
-                ws = kg.ZigzagWorkspace(gw, split, dtype)
-                for mode, x_used, name in ((kg.MODE_DENSE, x_dense, "B2"), (kg.MODE_STATIC, x_sparse, "B3"),
-                                           (kg.MODE_INDEXED, x_sparse, "B4")):
-                    if device == "cpu" and name == "B2" and sparsity not in (0.25, 0.5):
-                        continue  # B2 ignores the level: the interpreter runs it at 25 and 50 % (every config at 50 %,
-                        # config 1 at both: each dtype once)
-                    ws.y.fill_(float("nan"))
-                    ws.partials.fill_(float("nan"))
-                    kw = dict(cfg)
-                    if mode == kg.MODE_STATIC:
-                        kw["threshold"] = t
-                    if mode == kg.MODE_INDEXED:
-                        ws.idx.fill_(-7777)
-                        kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
-                    y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
-                    assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} split {split} {cfg} s={sparsity}",
-                                            ZIGZAG_INPUT_EPS[dtype])
-                    assert not ws.counters.any(), f"{name}: the arrival counters are not reset"
-                    if device == "cpu" and ci != configs[0][0]:
-                        continue  # the interpreter runs programs one by one: the second call (the workspace reused,
-                        # the same bits) once a level, for the level's first config (-110 s of CI)
-                    again = kg.gemv_zigzag(gw, x, mode, ws, **kw)
-                    assert torch.equal(y, again), f"{name} not deterministic"
+            for sparsity in levels:
+                x, t = _x(rng, shape[1], dtype, device, sparsity)
+                x_dense = x.float()
+                x_sparse = reference.sparsify(x, t).float()
+                configs = list(enumerate(_zigzag_configs(device)))
+                if device == "cpu" and sparsity != 0.5:
+                    configs = configs[1:2]  # the interpreter is slow: every config at 50 % only
+                if device != "cpu":
+                    configs = configs[config:config + 1]
+                for ci, (split, cfg) in configs:
+                    if device == "cpu" and (ci + di + SPARSITIES.index(sparsity)) % 2:
+                        continue  # and one dtype per config and level, alternating (498 -> ~250 s of CI)
+                    ws = kg.ZigzagWorkspace(gw, split, dtype)
+                    for mode, x_used, name in ((kg.MODE_DENSE, x_dense, "B2"), (kg.MODE_STATIC, x_sparse, "B3"),
+                                               (kg.MODE_INDEXED, x_sparse, "B4")):
+                        if device == "cpu" and name == "B2" and sparsity not in (0.25, 0.5):
+                            continue  # B2 ignores the level: the interpreter runs it at 25 and 50 % (every config
+                            # at 50 %, config 1 at both: each dtype once)
+                        ws.y.fill_(float("nan"))
+                        ws.partials.fill_(float("nan"))
+                        kw = dict(cfg)
+                        if mode == kg.MODE_STATIC:
+                            kw["threshold"] = t
+                        if mode == kg.MODE_INDEXED:
+                            ws.idx.fill_(-7777)
+                            kw["idx"], kw["count"] = collect(x, t, ws.idx, ws.count)
+                        y = kg.gemv_zigzag(gw, x, mode, ws, **kw).clone()
+                        assert_close_fp32_accum(y, qw, x_used,
+                                                f"{name} {shape} {dtype} split {split} {cfg} s={sparsity}",
+                                                ZIGZAG_INPUT_EPS[dtype])
+                        assert not ws.counters.any(), f"{name}: the arrival counters are not reset"
+                        if device == "cpu" and ci != configs[0][0]:
+                            continue  # the interpreter runs programs one by one: the second call (the workspace
+                            # reused, the same bits) once a level, for the level's first config (-110 s of CI)
+                        again = kg.gemv_zigzag(gw, x, mode, ws, **kw)
+                        assert torch.equal(y, again), f"{name} not deterministic"
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("sparsity", SPARSITIES)
-def test_row_variants(rng, device, sparsity):
-    level = SPARSITIES.index(sparsity)
+ROW_GPU_CONFIGS = [{"block_n": b * w, "num_warps": w} for w in (1, 2, 4) for b in (4, 8)]
+
+
+@pytest.mark.parametrize("device, sparsity, config", _split_by_config(len(ROW_GPU_CONFIGS)))
+def test_row_variants(rng, device, sparsity, config):
+    levels = [sparsity] if device == "cpu" else SPARSITIES
     for shape in shapes_for(device):
         qw, gw = _weights(rng, shape, "row", device)
         dtypes = dtypes_for(device)
-        for dtype in dtypes if device != "cpu" else dtypes[level % 2:][:1]:  # interpreter: one dtype a level, alternating
-            x, t = _x(rng, shape[1], dtype, device, sparsity)
-            for threshold, x_used, name in ((None, x.float(), "B0"), (t, reference.sparsify(x, t).float(), "B1")):
-                if device == "cpu" and name == "B0" and level > 1:
-                    continue  # B0 ignores the level: the interpreter runs it at the first two levels (each dtype once)
-                for cfg in ([{}] if device == "cpu" else [{"block_n": b * w, "num_warps": w} for w in (1, 2, 4)
-                                                          for b in (4, 8)]):
-                    out = torch.full((shape[0],), float("nan"), dtype=dtype, device=device)
-                    y = kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg).clone()
-                    assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} s={sparsity} {cfg}")
-                    assert torch.equal(y, kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg))
+        for sparsity in levels:
+            level = SPARSITIES.index(sparsity)
+            # the interpreter: one dtype a level, alternating
+            for dtype in dtypes if device != "cpu" else dtypes[level % 2:][:1]:
+                x, t = _x(rng, shape[1], dtype, device, sparsity)
+                for threshold, x_used, name in ((None, x.float(), "B0"), (t, reference.sparsify(x, t).float(), "B1")):
+                    if device == "cpu" and name == "B0" and level > 1:
+                        continue  # B0 ignores the level: the interpreter runs it at the first two levels (each dtype
+                        # once)
+                    for cfg in [{}] if device == "cpu" else ROW_GPU_CONFIGS[config:config + 1]:
+                        out = torch.full((shape[0],), float("nan"), dtype=dtype, device=device)
+                        y = kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg).clone()
+                        assert_close_fp32_accum(y, qw, x_used, f"{name} {shape} {dtype} s={sparsity} {cfg}")
+                        assert torch.equal(y, kg.gemv_row(gw, x, threshold=threshold, out=out, **cfg))
 
 
 @pytest.mark.parametrize("device, shape", [
@@ -650,8 +667,9 @@ class _Launches:
         return self.kernel[grid]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_rope_attention_decode(rng, device, monkeypatch):
+@pytest.mark.parametrize("device, group", [pytest.param("cpu", None, id="interp")] + [
+    pytest.param("cuda", group, id=f"gpu-{group}", marks=pytest.mark.gpu) for group in ("plain", "windowed", "normed")])
+def test_rope_attention_decode(rng, device, group, monkeypatch):
     """The decode attention (head dims 16 to 256, powers of two and not: 80, 96; 3 query heads a kv head among the
     grouped-query cases) equals
     rope_kv + torch's attention over the masked cache (grouped-query and plain, positions 0, 64 (a block holding only
@@ -668,7 +686,8 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     key <= pos: one key, a window inside a block or across blocks, on both routes, one that does not cut yet) the cache
     rows below the window are NaN too (they must not be read), and the twin's mask cuts them. With q / k norms (Qwen3,
     Gemma 3; random weights) the twin norms each head first (functional.norm_heads), or all of q and all of k (OLMo 2's,
-    on both routes; Olmo 3's, in a window too)."""
+    on both routes; Olmo 3's, in a window too). The interpreter runs every case in one item, the GPU an item a group
+    (plain, windowed, normed: -n 8 compiles and runs them side by side)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused
@@ -693,8 +712,9 @@ def test_rope_attention_decode(rng, device, monkeypatch):
     # heads, Olmo 3 7B's sliding layers (a window of 4,096)
     normed_whole = ((10, 2, 128, 3, 1, 0), (4, 2, 32, 600, 2, 0), (4, 2, 32, 100, 1, 40)) + (
         ((32, 32, 128, 1500, 1, 0), (40, 8, 128, 3000, 1, 0), (32, 32, 128, 5000, 1, 4096)) if device == "cuda" else ())
-    cases = [case + (0, None) for case in plain] + [case + (None,) for case in windowed] + [
-        case + ("head",) for case in normed] + [case + ("all",) for case in normed_whole]
+    groups = {"plain": [case + (0, None) for case in plain], "windowed": [case + (None,) for case in windowed],
+              "normed": [case + ("head",) for case in normed] + [case + ("all",) for case in normed_whole]}
+    cases = [case for name, members in groups.items() if group in (None, name) for case in members]
     for heads, kv, hd, pos, batch, window, qk in cases:
         monkeypatch.setattr(fused, "ATTN_LONG_COMBINE_GROUP", long_group)
         # a scratch of its own: a Generator's decode in this process made its entries under inference_mode, which the

@@ -381,7 +381,8 @@ def _tuned_on_cuda() -> bool:
 # spqt bench gemv --types and spqt tune --types, in three tests that run in parallel (-n 8: one of 137 s on the
 # H100 set the gpu suite's wall, forty-second session)
 @pytest.mark.gpu
-def test_tune_types():
+@pytest.mark.parametrize("fmt", ["q8_0", "q2_k", "q6_k"])  # an item a type: run side by side (110 s as one item)
+def test_tune_types(fmt):
     """`spqt tune --types` for the other types: the tuner times (two) candidates of B2 and B4 per type and shape and
     returns table entries (where the CUDA GEMV runs: its configs, the Triton fallback and the crossovers, MODE_KEPT's
     included)."""
@@ -393,8 +394,8 @@ def test_tune_types():
     def two(variant, n, k):
         return (tuning.cuda_type_candidates if on_cuda else tuning.candidates)(variant, n, k)[:2]
 
-    entries = bench.tune_types([(576, 192)], ["q8_0", "q2_k", "q6_k"], log=lambda *a: None, candidates=two)
-    assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse") for fmt in ("q8_0", "q2_k", "q6_k")}
+    entries = bench.tune_types([(576, 192)], [fmt], log=lambda *a: None, candidates=two)
+    assert set(entries) == {f"zigzag_{kind}_{fmt}" for kind in ("dense", "sparse")}
     for variant, found in entries.items():
         entry = found["576x192"]
         assert entry["us"] > 0 and entry["split"] >= 1
