@@ -1,13 +1,14 @@
-"""Why did one kernel at the end of the greedy decode graph slow the whole replay? (device machine; one line out)
+"""Why do decode graphs replay slower in some processes? (device machine; one line out)
 
-    python3 scripts/graph_tail_probe.py --variant VARIANT [--model default|synthetic:NAME] [--reps 30] [--json OUT]
+    python3 scripts/graph_tail_probe.py --variant VARIANT [--model default|synthetic:NAME] [--reps 30] [--max-len 64]
+        [--profile] [--replay-stream default|side] [--json OUT]
 
 The forty-sixth session ended the greedy decode step with one Triton kernel in place of the runtime's three launches
-(the history entry, the next token, the next position). The default model's graph then replayed 42 us slower on an
-H100 (680 against 637 us; the kernel took 1.5 us, the others overlapped less: docs/RESULTS.md). This probe captures the
-decode step with each ending, one process a variant (a process's graphs replay slower once it has captured a second
-graph of a bucket: the seventh session's order effect, so run the variants alternating, each in a fresh process:
-`gpu_session.sh tail47`):
+(the history entry, the next token, the next position) and saw the default model's graph replay 42 us slower on an
+H100 (680 against 637 us). The forty-seventh found the ending innocent (the first six variants below, within 2 % of each
+other) and the cause in the process: its graphs, earlier ones included, replay about 2 % slower (the 7B) once it has
+made a second stream capture of anything (the decode-* and tiny-* variants; kernels overlap less: --profile). Run the
+variants alternating, each in a fresh process (`gpu_session.sh tail47`):
 
   shipped           the runtime's own capture (Generator._capture, not replaced): index_copy_ into the history, a copy
                     (a memcpy node) and an add on the inputs
@@ -36,9 +37,11 @@ graph of a bucket: the seventh session's order effect, so run the variants alter
   decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
                     first decode graph timed after
 
-Each process: a prefill run eagerly, then its graph captured (the prompt's second use), then an 8-token greedy
-generation that captures the decode step with the variant's end; prints the step graph's device time (each replay
-alone between two CUDA events, median of --reps), as scripts/profile_decode.py times it.
+The first six variants' process: a prefill run eagerly, then its graph captured (the prompt's second use), then an
+8-token greedy generation that captures the decode step with the variant's end; the others' as each says. Each prints
+the step graph's device time (each replay alone between two CUDA events, median of --reps), as
+scripts/profile_decode.py times it, on the current stream (the runtime's) or, with --replay-stream side, on a stream
+of its own (does the slower state belong to the default stream?).
 """
 
 import argparse
@@ -142,6 +145,8 @@ def main():
     ap.add_argument("--max-len", type=int, default=64)
     ap.add_argument("--json")
     ap.add_argument("--profile", action="store_true", help="also the kernels' sum and the gaps (torch.profiler)")
+    ap.add_argument("--replay-stream", choices=("default", "side"), default="default",
+                    help="replay (and time) on the current stream, as the runtime does, or on a stream of its own")
     args = ap.parse_args()
     loaded = load(args.model, args.max_len)
     gen = Generator(loaded, "cuda", max_len=args.max_len)
@@ -211,9 +216,11 @@ def main():
 
 def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
     """Print (and write to --json) the decode step graph's device time: each replay alone, median of --reps."""
-    us = replay_device_us(gen._graph, args.reps, before=lambda: gen._set_io(tokens[0], len(prompt)))
+    stream = torch.cuda.Stream() if args.replay_stream == "side" else torch.cuda.current_stream()
+    with torch.cuda.stream(stream):
+        us = replay_device_us(gen._graph, args.reps, before=lambda: gen._set_io(tokens[0], len(prompt)))
     row = {"variant": args.variant, "model": args.model, "device": torch.cuda.get_device_name(),
-           "median_us": statistics.median(us), "min_us": min(us), "reps": args.reps}
+           "median_us": statistics.median(us), "min_us": min(us), "reps": args.reps, "stream": args.replay_stream}
     if args.profile:  # the kernels' device time a replay (torch.profiler over 5 replays): kernels or gaps?
         from torch.profiler import ProfilerActivity, profile
 
@@ -226,7 +233,7 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
         row["kernels"] = len(kernels) / 5
     row["prefill_graphs"] = sum(graph is not None for graph in gen._prefills.values())
     row["decode_graphs"] = len(gen._graphs)
-    print(f"{args.variant:19s} {args.model:20s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
+    print(f"{args.variant:19s} {args.model:20s} {args.replay_stream:7s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
           f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)"
           + (f"; {row['kernels']:.0f} kernels, their sum {row['kernel_sum_us']:.1f} us, gaps "
              f"{row['median_us'] - row['kernel_sum_us']:.1f} us" if args.profile else ""), flush=True)
