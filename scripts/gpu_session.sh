@@ -108,6 +108,8 @@
 #   scripts/gpu_session.sh check44   the merged new families' gpu tests, their decode in fp16 and bf16
 #   scripts/gpu_session.sh bf16_45   the bf16 CUDA GEMV's gpu tests, decode in bf16 before (.old: the Triton maps) / now
 #   scripts/gpu_session.sh tail47    the greedy decode graph's end and module loads: six variants, a process each
+#   scripts/gpu_session.sh order48   the order effect: a second capture through the driver alone, a replay stream of
+#                                    its own, the Triton greedy ending in a one-capture process (after the parks)
 #   scripts/gpu_session.sh final46   the bf16 GEMM's test against mutated shifts, the GEMM probe fp16 / bf16, decode46
 #   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
 #                                    before (.old) / now where PREFILL46_LIMIT is set
@@ -226,6 +228,26 @@ gpu_node_tests() {
 # bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
 # tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET
 # seconds of $start (default 560)
+# tail_probes START BUDGET ARGS: scripts/graph_tail_probe.py (with ARGS) for each of TAIL_VARIANTS (default the six
+# endings) on each of TAIL_MODELS (default: the default model, parked by the calls before, and synthetic:llama2-7b), a
+# process each (at most 120 s), the variants alternating for TAIL_ROUNDS rounds (2), each in each of TAIL_ENVS
+# (VAR=value set for the process; none: as is), until BUDGET seconds after START; a line a process.
+tail_probes() {
+  for round in $(seq ${TAIL_ROUNDS:-2}); do
+    for model in ${TAIL_MODELS:-default synthetic:llama2-7b}; do
+      for variant in ${TAIL_VARIANTS:-shipped triton no-memcpy triton-preloaded late-module eager-first}; do
+        for env in ${TAIL_ENVS:-none}; do
+          left=$(( $2 - ($(date +%s) - $1) ))
+          [ $left -lt 30 ] && { echo "no time left for $model $variant"; return; }
+          env $( [ $env = none ] || echo $env ) timeout $(( left < 120 ? left : 120 )) \
+            python3 scripts/graph_tail_probe.py --variant $variant --model $model $3 2>&1 | grep -v WARN \
+            | tail -1 | sed "s/^/round $round, $env: /"
+        done
+      done
+    done
+  done
+}
+
 decode_rows() {
   local run model level dtype tree left what
   for run in $1; do
@@ -1842,27 +1864,26 @@ PY
     echo "bf16_45: $(( $(date +%s) - start )) s"
     ;;
   tail47)
-    # Why one kernel at the greedy decode graph's end slowed its replay (forty-sixth session):
-    # scripts/graph_tail_probe.py for each of TAIL_VARIANTS (default all six) on each of TAIL_MODELS (default: the
-    # default model, parked by the calls before, and synthetic:llama2-7b), a process each (at most 120 s), the
-    # variants alternating for TAIL_ROUNDS rounds (2), each in each of TAIL_ENVS (VAR=value set for the process; none:
-    # as is), with TAIL_ARGS (e.g. --profile), within CALL_BUDGET (default 560). $OUT/tail-probe.log
+    # Why one kernel at the greedy decode graph's end slowed its replay (forty-sixth session): tail_probes with
+    # TAIL_ARGS (e.g. --profile), within CALL_BUDGET (default 560). $OUT/tail-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    for round in $(seq ${TAIL_ROUNDS:-2}); do
-      for model in ${TAIL_MODELS:-default synthetic:llama2-7b}; do
-        for variant in ${TAIL_VARIANTS:-shipped triton no-memcpy triton-preloaded late-module eager-first}; do
-          for env in ${TAIL_ENVS:-none}; do  # an environment variable set for the process (none: as is)
-            left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-            [ $left -lt 30 ] && { echo "no time left for $model $variant"; break 4; }
-            env $( [ $env = none ] || echo $env ) timeout $(( left < 120 ? left : 120 )) \
-              python3 scripts/graph_tail_probe.py --variant $variant --model $model ${TAIL_ARGS:-} 2>&1 | grep -v WARN \
-              | tail -1 | sed "s/^/round $round, $env: /"
-          done
-        done
-      done
-    done | tee "$OUT/tail-probe.log"
+    tail_probes $start ${CALL_BUDGET:-560} "${TAIL_ARGS:-}" | tee "$OUT/tail-probe.log"
     echo "tail47: $(( $(date +%s) - start )) s"
+    ;;
+  order48)
+    # The order effect (forty-seventh session: a second stream capture slows every graph of the process), after the
+    # default model's parks: is it torch's or the driver's (decode-then-driver, -driver-empty), the default stream's
+    # (--replay-stream side), and does the Triton greedy ending cost anything in a one-capture process
+    # (decode-first-triton)? tail_probes on the default model and synthetic:llama2-7b, two rounds, within CALL_BUDGET
+    # (default 560). $OUT/order-probe.log
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    ( TAIL_VARIANTS="decode-first decode-first-triton decode-then-raw decode-then-driver decode-then-driver-empty"
+      tail_probes $start $(( ${CALL_BUDGET:-560} - 120 )) ""
+      TAIL_VARIANTS="decode-first decode-then-raw" tail_probes $start ${CALL_BUDGET:-560} "--replay-stream side"
+    ) | tee "$OUT/order-probe.log"
+    echo "order48: $(( $(date +%s) - start )) s"
     ;;
   final46)
     # After `tests` on the final code: the bf16 GEMM's test against its shift mutated (x / 256, x / 1: both must

@@ -21,6 +21,8 @@ variants alternating, each in a fresh process (`gpu_session.sh tail47`):
   eager-first       the runtime's capture after a 2-token generation run eagerly (no graph) first, which loads every
                     decode kernel's module before the process's first capture (a fix the runtime could make at start)
   decode-first      the runtime's capture as the process's first (no prefill graph: scripts/profile_decode.py's order)
+  decode-first-triton  the same with the Triton ending, its module loaded first (triton-preloaded's): does that ending
+                    cost anything in a process of one capture, where spqt bench decode measured it 5.5 % slower?
   decode-then-prefill  decode-first, then the prefill graph captured (two more generations of the prompt), the same
                     decode graph timed after: does a later capture of another graph slow a graph already captured?
   decode-then-tiny  decode-first, then a graph of one small add captured and instantiated (a pool of its own)
@@ -60,7 +62,7 @@ from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ i
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
             "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty", "decode-then-host-empty",
             "decode-then-raw", "decode-then-bucket", "tiny-then-decode", "decode-then-driver",
-            "decode-then-driver-empty")
+            "decode-then-driver-empty", "decode-first-triton")
 
 
 @triton.jit
@@ -152,7 +154,7 @@ def main():
     gen = Generator(loaded, "cuda", max_len=args.max_len)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
     scratch = torch.zeros(8, dtype=torch.int64, device="cuda")
-    if args.variant == "triton-preloaded":  # the module loaded before any capture (the logits are float32: the
+    if args.variant in ("triton-preloaded", "decode-first-triton"):  # the module loaded before any capture (the logits are float32: the
         logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # head's output, Transformer.logits)
         advance(logits, scratch[:1], scratch, scratch[2:4].clone())
         torch.cuda.synchronize()
@@ -164,6 +166,8 @@ def main():
             scratch.add_(1)
             raw.capture_end()
         torch.cuda.synchronize()
+    if args.variant == "decode-first-triton":
+        with_ending(gen, "triton")
     if args.variant.startswith("decode-") or args.variant == "tiny-then-decode":
         tokens = gen.generate(prompt, 8, track=False).tokens  # the decode step captured first, the prefill eager
         if args.variant == "decode-then-prefill":  # another prompt of the length (no prefix of the cache's to reuse)
