@@ -1847,7 +1847,7 @@ def test_unusable_exaone4_checkpoints_are_refused(family, tmp_path, capsys, case
                 "nextn layers": {"exaone4.nextn_predict_layers": 1.0}}[case]
         _gguf_with(family["gguf"], path, keys)
     fragment = {"pattern": "GGUF exaone4.attention.sliding_window_pattern must flag each of the 4 layers",
-                "swa base": "GGUF exaone4.rope.freq_base_swa other than rope.freq_base is not supported",
+                "swa base": "GGUF exaone4.rope.freq_base_swa 10000 other than rope.freq_base",
                 "nextn layers": "an exaone4 GGUF with NextN prediction layers (EXAONE 4.5's text model) is not",
                 "no k_norm": "checkpoint lacks tensors model.layers.0.self_attn.k_norm.weight"}[case]
     _expect_error(capsys, ["quantize", str(path), "-o", str(tmp_path / "o.spqt")], fragment)

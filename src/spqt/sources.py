@@ -771,6 +771,17 @@ def _gguf_gemma2(field_value, size, path: Path, n_layers: int, dim: int, n_heads
 _GGUF_NEXTN_MODELS = {"glm4": ("a", "GLM-OCR", "GLM-4 0414"), "exaone4": ("an", "EXAONE 4.5's text model", "EXAONE 4.0")}
 
 
+def _gguf_one_rope_base(field_value, path: Path, arch: str, why: str) -> float:
+    """An arch whose sliding layers rotate by the model's own table: its rope.freq_base (10,000 when absent); SpqtError
+    where rope.freq_base_swa gives them another base (why: what runs them by the one table)."""
+    theta = _gguf_float(field_value, path, f"{arch}.rope.freq_base", 10000.0)
+    local = _gguf_float(field_value, path, f"{arch}.rope.freq_base_swa", theta)
+    if local != theta:
+        raise SpqtError(f"{path}: GGUF {arch}.rope.freq_base_swa {local:g} other than rope.freq_base {theta:g} is not "
+                        f"supported ({why})")
+    return theta
+
+
 def _gguf_olmo3(field_value, size, path: Path, n_layers: int) -> dict:
     """An olmo2 GGUF's sliding layers (ModelConfig fields) as llama.cpp runs them: none without attention.sliding_window
     (or with 0: OLMo 2), else Olmo 3's: all but every fourth layer through the window, rotated by plain RoPE of the
@@ -787,11 +798,7 @@ def _gguf_olmo3(field_value, size, path: Path, n_layers: int) -> dict:
     if pattern is not None and pattern != every and pattern != [i in sliding for i in range(n_layers if usable else 0)]:
         raise SpqtError(f"{path}: GGUF olmo2.attention.sliding_window_pattern other than every {every}th layer in "
                         f"full is not supported (llama.cpp's olmo2 runs that one)")
-    theta = _gguf_float(field_value, path, "olmo2.rope.freq_base", 10000.0)
-    local = _gguf_float(field_value, path, "olmo2.rope.freq_base_swa", theta)
-    if local != theta:
-        raise SpqtError(f"{path}: GGUF olmo2.rope.freq_base_swa {local:g} other than rope.freq_base {theta:g} is not "
-                        f"supported (llama.cpp's olmo2 rotates every layer by rope.freq_base)")
+    theta = _gguf_one_rope_base(field_value, path, "olmo2", "llama.cpp's olmo2 rotates every layer by rope.freq_base")
     return {"sliding_window": window, "sliding_layers": sliding, "rope_local_theta": theta}
 
 
@@ -812,10 +819,7 @@ def _gguf_exaone4(field_value, size, path: Path, n_layers: int) -> dict:
     others attend to every key unrotated. (llama.cpp reads no pattern key and windows 64-layer files alone.)
     SpqtError where the pattern is not one flag a layer, where rope.freq_base_swa differs from rope.freq_base
     (transformers rotates every layer by the one table)."""
-    theta = _gguf_float(field_value, path, "exaone4.rope.freq_base", 10000.0)
-    if _gguf_float(field_value, path, "exaone4.rope.freq_base_swa", theta) != theta:
-        raise SpqtError(f"{path}: GGUF exaone4.rope.freq_base_swa other than rope.freq_base is not supported "
-                        f"(EXAONE 4.0 rotates its sliding layers by the model's table)")
+    _gguf_one_rope_base(field_value, path, "exaone4", "EXAONE 4.0 rotates its sliding layers by the model's table")
     window = size("attention.sliding_window", _GGUF_EXAONE4_32B_WINDOW if n_layers == 64 else 0)
     if window <= 0 or not 1 <= n_layers <= _LIMITS["n_layers"]:  # (a layer count ModelConfig refuses anyway)
         return {"nope_layers": ()}
