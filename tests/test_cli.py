@@ -334,6 +334,7 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     _error(capsys, ["bench", "decode", "--model", "synthetic:llama2-7b"], "spqt bench needs a CUDA GPU")
     _error(capsys, ["bench", "decode", "--dtype", "fp8"], "unknown dtype 'fp8'")  # before the GPU is looked for
     _error(capsys, ["bench", "gemv", "--dtype", "bf16"], "--dtype is for spqt bench decode")
+    _error(capsys, ["bench", "gemv", "--after-capture"], "--after-capture is for spqt bench decode")
     _error(capsys, ["tune", "--shapes", "64x64"], "spqt tune needs a CUDA GPU")
     # a row's process that fails: its error line, once, with the row it was
     from argparse import Namespace
@@ -343,9 +344,31 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
 
     args = Namespace(model="synthetic:tiny", layouts="zigzag", types="q4_k", sparsity=[0.5], prompt_tokens=4,
                      new_tokens=4, one_process=False, dtype="bf16")  # (the child takes --dtype: else a usage error)
-    with pytest.raises(SpqtError, match=r"^spqt bench decode \(q4_k, zigzag layout, sparsity 0.5\): spqt bench needs "
-                                        r"a CUDA GPU; this machine has none$"):
-        run_decode_benchmark(args, log=lambda line: None)
+    for after_capture in (False, True):  # (the child takes --after-capture too)
+        args.after_capture = after_capture
+        with pytest.raises(SpqtError, match=r"^spqt bench decode \(q4_k, zigzag layout, sparsity 0.5\): spqt bench "
+                                            r"needs a CUDA GPU; this machine has none$"):
+            run_decode_benchmark(args, log=lambda line: None)
+
+
+def test_bench_decode_child_runs_carry_the_row_and_the_options():
+    """A row's child `spqt bench decode --one-process` run gets the row (model, type, layout, level) and the parent's
+    options, --after-capture where it was asked and only then."""
+    from argparse import Namespace
+
+    from spqt.bench_decode import child_arguments
+    from spqt.cli import build_parser
+
+    args = Namespace(prompt_tokens=7, new_tokens=9, head="q8_0", dtype="fp16", after_capture=True)
+    argv = child_arguments(args, "synthetic:tiny", "q6_k", "zigzag", 0.25, "/tmp/row.json")
+    parsed = build_parser().parse_args(argv[2:])
+    assert argv[:2] == ["-m", "spqt.cli"] and parsed.one_process and parsed.after_capture
+    assert (parsed.model, parsed.types, parsed.layouts, parsed.sparsity) == ("synthetic:tiny", "q6_k", "zigzag", [0.25])
+    assert (parsed.prompt_tokens, parsed.new_tokens, parsed.head, parsed.dtype, parsed.json) == (
+        7, 9, "q8_0", "fp16", "/tmp/row.json")
+    args.after_capture = False
+    assert not build_parser().parse_args(child_arguments(args, "m.spqt", "q4_k", "row", 0.0, "o")[2:]).after_capture
+    assert "--types" not in child_arguments(args, "m.spqt", "q4_k", "row", 0.0, "o")  # a file brings its own
 
 
 def test_bench_decode_takes_a_model_file_of_any_type_on_the_gpu_kernels():

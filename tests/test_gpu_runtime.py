@@ -423,8 +423,8 @@ def test_bench_decode_times_a_mixed_model_file(tiny_hf, tmp_path):
 
 def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     """`spqt bench decode` runs every level in a child `--one-process` run and reads its JSON back: one row a
-    level, in order, each with its own copy bandwidth and the compute dtype asked for; a row that fails is one error
-    line."""
+    level, in order, each with its own copy bandwidth and the compute dtype asked for, timed after a throwaway capture
+    where --after-capture asks (the row and its line say so); a row that fails is one error line."""
     import json
     import os
     from argparse import Namespace
@@ -433,11 +433,13 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     from spqt.errors import SpqtError
 
     args = Namespace(model="synthetic:tiny", layouts="zigzag", types="q4_k", sparsity=[0.0, 0.5], prompt_tokens=10,
-                     new_tokens=16, one_process=False, dtype="bf16")
+                     new_tokens=16, one_process=False, dtype="bf16", after_capture=True)
     lines = []
     report = run_decode_benchmark(args, tmp_path / "decode.json", log=lines.append)
     rows = report["rows"]
     assert [(r["type"], r["sparsity"], r["dtype"]) for r in rows] == [("q4_k", 0.0, "bf16"), ("q4_k", 0.5, "bf16")]
+    assert all(r["after_capture"] for r in rows)
+    assert sum(line.endswith(", after a throwaway capture") for line in lines) == 2, lines
     assert all(r["tokens_per_s"] > 0 and r["copy_gbps"] > 0 and r["model"] == "synthetic:tiny" for r in rows)
     processes = {r["process"] for r in rows}
     assert len(processes) == 2 and os.getpid() not in processes, processes  # a process of its own each

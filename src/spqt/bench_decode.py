@@ -306,6 +306,9 @@ def file_rows_type(kind: str, layout: str, path) -> str | None:
 def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[dict]:
     """The rows of every (type, layout) in runs at each of its _levels, timed one after another in this process."""
     rows = []
+    after_capture = getattr(args, "after_capture", False)
+    if after_capture:
+        throwaway_capture()
     for fmt, layout in runs:
         if model_arg.startswith("synthetic:"):
             loaded = synthetic_model(model_arg.split(":", 1)[1], layout, args.prompt_tokens + args.new_tokens + 8, fmt,
@@ -345,7 +348,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
                    "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
-                   "model_key": tuning.model_key(loaded.config, fmt)}
+                   "model_key": tuning.model_key(loaded.config, fmt), "after_capture": after_capture}
             row["kept_route"] = gen.tuned_route_runs()  # None: off, or SPQT_SPARSE_KEPT overrides it
             row["dense_step"] = gen.dense_step_reason()  # why every map runs dense (the level's route, =dense)
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
@@ -361,10 +364,32 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    if dense_maps else "")
                 + (f", achieved {100 * r['achieved']['all']:.1f} %" if r["achieved"] else "")
                 + (f", MODE_KEPT on {KEPT_ROUTE_NAMES[row['kept_route']]} (tuned route)" if row["kept_route"] else "")
-                + "".join(f", {k}={v}" for k, v in row["switches"].items()))
+                + "".join(f", {k}={v}" for k, v in row["switches"].items())
+                + (", after a throwaway capture" if after_capture else ""))
         del gen, loaded
         torch.cuda.empty_cache()
     return rows
+
+
+def child_arguments(args, model_arg: str, fmt: str, layout: str, sparsity: float, json_out: str) -> list[str]:
+    """The interpreter's arguments for one row's `spqt bench decode --one-process` run (the row's JSON to json_out)."""
+    return ["-m", "spqt.cli", "bench", "decode", "--one-process", "--model", model_arg,
+            *(["--types", fmt] if model_arg.startswith("synthetic:") else []), "--layouts", layout,
+            "--sparsity", str(sparsity), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
+            str(args.new_tokens), "--head", getattr(args, "head", "auto"), "--dtype", getattr(args, "dtype", "auto"),
+            *(["--after-capture"] if getattr(args, "after_capture", False) else []), "--json", json_out]
+
+
+def throwaway_capture() -> None:
+    """One CUDA graph of a single add captured and dropped. A process that has captured a second graph replays every
+    graph slower (about 2 % on an H100's 7B step: docs/RESULTS.md, forty-seventh session), as a server or a chat does
+    after its first request; `spqt bench decode --after-capture` times that state."""
+    scratch = torch.zeros(1, device="cuda")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        scratch.add_(1)
+    torch.cuda.synchronize()
+    del graph
 
 
 def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, log, env: dict | None = None) -> dict:
@@ -377,11 +402,7 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
 
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "row.json")
-        cmd = [sys.executable, "-m", "spqt.cli", "bench", "decode", "--one-process", "--model", model_arg,
-               *(["--types", fmt] if model_arg.startswith("synthetic:") else []), "--layouts", layout,
-               "--sparsity", str(sparsity), "--prompt-tokens", str(args.prompt_tokens), "--new-tokens",
-               str(args.new_tokens), "--head", getattr(args, "head", "auto"), "--dtype", getattr(args, "dtype", "auto"),
-               "--json", out]
+        cmd = [sys.executable, *child_arguments(args, model_arg, fmt, layout, sparsity, out)]
         with open(os.path.join(tmp, "stderr"), "w+") as err:
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True,
                                     env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
@@ -406,11 +427,12 @@ def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, 
 
 def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     """spqt bench decode: every (type, layout, level) row in a process of its own (`spqt bench decode` with one
-    type, layout and level, its JSON read back), unless args.one_process. On the H200 a row's time depends on what
-    its process ran before it: a dense graph replays 3 % slower, the earlier ones included, once the process has
-    captured a second graph of one KV bucket (scripts/order_probe.py), and the 7B at 50 % ran 2.4 % faster after a
-    dense row than in a fresh process (docs/RESULTS.md, issue 14, seventh session). A fresh process per row is what
-    a user's run at that setting gets."""
+    type, layout and level, its JSON read back), unless args.one_process. A row's time depends on what its process
+    ran before it: the 7B at 50 % ran 2.4 % faster after a dense row than in a fresh process on the H200
+    (docs/RESULTS.md, issue 14, seventh session), and every graph of a process replays about 2 % slower (an H100's 7B)
+    once the process has made a second stream capture of anything (forty-seventh session). A fresh process per row
+    is what a user's single `spqt generate` at that setting gets; args.after_capture (a throwaway capture first)
+    what a server gets after its first request."""
     from spqt.bench import copy_bandwidth, git_commit
 
     model_arg = args.model or "default"

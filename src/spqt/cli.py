@@ -611,6 +611,8 @@ def cmd_bench(args) -> int:
     _dtype(args.dtype, "cuda")  # an unknown one: its error line before anything runs
     if args.what == "gemv" and args.dtype != "auto":
         raise SpqtError("--dtype is for spqt bench decode (the GEMV table times fp16 inputs)")
+    if args.what == "gemv" and args.after_capture:
+        raise SpqtError("--after-capture is for spqt bench decode (the GEMV table times kernels, not a decode step)")
     if not torch.cuda.is_available():
         raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
     for s in args.sparsity:
@@ -1045,6 +1047,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decode: time every row in this process (on the H200 a row's time depends on what its process "
                         "ran before it, up to 3 %% either way; by default each type, layout and level runs in a process "
                         "of its own, as a user's run at that setting)")
+    p.add_argument("--after-capture", action="store_true",
+                   help="decode: capture one throwaway CUDA graph before timing, as a server's process has after its "
+                        "first request (a process's graphs replay slower once it has made a second capture: about "
+                        "2 %% on an H100's 7B step)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
