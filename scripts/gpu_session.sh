@@ -1875,14 +1875,24 @@ PY
     # The order effect (forty-seventh session: a second stream capture slows every graph of the process), after the
     # default model's parks: is it torch's or the driver's (decode-then-driver, -driver-empty), the default stream's
     # (--replay-stream side), and does the Triton greedy ending cost anything in a one-capture process
-    # (decode-first-triton)? tail_probes on the default model and synthetic:llama2-7b, two rounds, within CALL_BUDGET
-    # (default 560). $OUT/order-probe.log
+    # (decode-first-triton)? tail_probes on the default model and synthetic:llama2-7b, two rounds, then bench decode
+    # of the 7B dense without and with --after-capture, alternating, two rounds, within CALL_BUDGET (default 560).
+    # $OUT/order-probe.log, order-decode.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     ( TAIL_VARIANTS="decode-first decode-first-triton decode-then-raw decode-then-driver decode-then-driver-empty"
-      tail_probes $start $(( ${CALL_BUDGET:-560} - 120 )) ""
-      TAIL_VARIANTS="decode-first decode-then-raw" tail_probes $start ${CALL_BUDGET:-560} "--replay-stream side"
+      tail_probes $start $(( ${CALL_BUDGET:-560} - 280 )) ""
+      TAIL_VARIANTS="decode-first decode-then-raw" tail_probes $start $(( ${CALL_BUDGET:-560} - 180 )) \
+        "--replay-stream side"
     ) | tee "$OUT/order-probe.log"
+    for round in 1 2; do  # what a user sees: bench decode of the 7B, first graph / after a throwaway capture
+      for after in "" --after-capture; do
+        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+        [ $left -lt 45 ] && { echo "no time left for bench decode $after"; break 2; }
+        timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag --sparsity 0 \
+          $after 2>&1 | grep -v WARN | grep "tok/s" | sed "s/^/round $round: /"
+      done
+    done | tee "$OUT/order-decode.log"
     echo "order48: $(( $(date +%s) - start )) s"
     ;;
   final46)
