@@ -3,7 +3,8 @@
 #   scripts/gpu_session.sh kernels   spqt tune, the B4 probe, spqt bench gemv (+ plot)
 #   scripts/gpu_session.sh bench     the B4 probe and spqt bench gemv with the shipped table
 #   scripts/gpu_session.sh decode    synthetic decode of DECODE_RUNS (model:levels) alone
-#   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts)
+#   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts); COMPILE_CACHE=1:
+#                                    the compile caches carried in (.carry/compile-cache.tgz.part-*) and packed out
 #   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
 #   scripts/gpu_session.sh model     default-model perplexity tables
@@ -444,13 +445,27 @@ case "$stage" in
     decode_runs 300
     ;;
   tests)
-    export SPQT_CACHE=/tmp/spqt-cache
+    # With COMPILE_CACHE=1: the compile caches (Triton's kernels, the CUDA cubins) unpacked first from the carried
+    # .carry/compile-cache.tgz.part-* where there are any, and packed after the tests into $OUT as 15 MiB parts
+    # (compile-cache.tgz.part-aa, ...) where the whole is at most 44 MiB, for a later call to carry.
+    export SPQT_CACHE=/tmp/spqt-cache TRITON_CACHE_DIR=/tmp/triton-cache
+    if [ "${COMPILE_CACHE:-0}" = 1 ] && ls .carry/compile-cache.tgz.part-* >/dev/null 2>&1; then
+      cat .carry/compile-cache.tgz.part-* | tar -xzf - -C /tmp
+      echo "compile caches carried: $(find $TRITON_CACHE_DIR $SPQT_CACHE/cuda $SPQT_CACHE/cpu -type f 2>/dev/null \
+        | wc -l) files"
+    fi
+    start=$(date +%s)
     python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
-    # what a compile cache that travels would weigh: Triton's kernels, the CUDA cubins (a cache kept, compressed)
-    for cache in "${TRITON_CACHE_DIR:-$HOME/.triton/cache}" "$SPQT_CACHE"; do
-      echo "$cache: $(du -sh "$cache" 2>/dev/null | cut -f1), $(find "$cache" -type f 2>/dev/null | wc -l) files," \
-        "$(tar -C "$cache" -cf - . 2>/dev/null | gzip -6 | wc -c) bytes as tar.gz"
+    echo "gpu tests: $(( $(date +%s) - start )) s"
+    for cache in $TRITON_CACHE_DIR $SPQT_CACHE/cuda $SPQT_CACHE/cpu; do
+      echo "$cache: $(du -sh $cache 2>/dev/null | cut -f1), $(find $cache -type f 2>/dev/null | wc -l) files"
     done
+    if [ "${COMPILE_CACHE:-0}" = 1 ]; then
+      tar -C /tmp -czf /tmp/compile-cache.tgz triton-cache spqt-cache/cuda spqt-cache/cpu 2>/dev/null  # (no model)
+      size=$(stat -c %s /tmp/compile-cache.tgz)
+      echo "compile caches packed: $size bytes"
+      [ $size -le $(( 44 << 20 )) ] && split -b 15M /tmp/compile-cache.tgz "$OUT/compile-cache.tgz.part-"
+    fi
     ;;
   runtime)
     export SPQT_CACHE=/tmp/spqt-cache
