@@ -111,6 +111,7 @@
 #   scripts/gpu_session.sh tail47    the greedy decode graph's end and module loads: six variants, a process each
 #   scripts/gpu_session.sh order48   the order effect: a second capture through the driver alone, a replay stream of
 #                                    its own, the Triton greedy ending in a one-capture process (after the parks)
+#   scripts/gpu_session.sh afterc48  bench decode of the 7B without / with --after-capture, alternating
 #   scripts/gpu_session.sh final46   the bf16 GEMM's test against mutated shifts, the GEMM probe fp16 / bf16, decode46
 #   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
 #                                    before (.old) / now where PREFILL46_LIMIT is set
@@ -226,9 +227,6 @@ gpu_node_tests() {
     | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
   echo "$tag tests: $(( $(date +%s) - start )) s"
 }
-# bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
-# tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET
-# seconds of $start (default 560)
 # tail_probes START BUDGET ARGS: scripts/graph_tail_probe.py (with ARGS) for each of TAIL_VARIANTS (default the six
 # endings) on each of TAIL_MODELS (default: the default model, parked by the calls before, and synthetic:llama2-7b), a
 # process each (at most 120 s), the variants alternating for TAIL_ROUNDS rounds (2), each in each of TAIL_ENVS
@@ -248,7 +246,9 @@ tail_probes() {
     done
   done
 }
-
+# bench decode of each run in $1 (model:sparsity:dtype:tree; model "default" the default model, else synthetic:model;
+# tree now or before: .old), a process a run, its tokens/s lines tagged "model dtype tree:", within CALL_BUDGET
+# seconds of $start (default 560)
 decode_rows() {
   local run model level dtype tree left what
   for run in $1; do
@@ -448,7 +448,8 @@ case "$stage" in
     # With COMPILE_CACHE=1: the compile caches (Triton's kernels, the CUDA cubins) unpacked first from the carried
     # .carry/compile-cache.tgz.part-* where there are any, and packed after the tests into $OUT as 15 MiB parts
     # (compile-cache.tgz.part-aa, ...) where the whole is at most 44 MiB, for a later call to carry.
-    export SPQT_CACHE=/tmp/spqt-cache TRITON_CACHE_DIR=/tmp/triton-cache
+    export SPQT_CACHE=/tmp/spqt-cache
+    [ "${COMPILE_CACHE:-0}" = 1 ] && export TRITON_CACHE_DIR=/tmp/triton-cache
     if [ "${COMPILE_CACHE:-0}" = 1 ] && ls .carry/compile-cache.tgz.part-* >/dev/null 2>&1; then
       cat .carry/compile-cache.tgz.part-* | tar -xzf - -C /tmp
       echo "compile caches carried: $(find $TRITON_CACHE_DIR $SPQT_CACHE/cuda $SPQT_CACHE/cpu -type f 2>/dev/null \
@@ -457,14 +458,15 @@ case "$stage" in
     start=$(date +%s)
     python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
     echo "gpu tests: $(( $(date +%s) - start )) s"
-    for cache in $TRITON_CACHE_DIR $SPQT_CACHE/cuda $SPQT_CACHE/cpu; do
+    for cache in ${TRITON_CACHE_DIR:-$HOME/.triton/cache} $SPQT_CACHE/cuda $SPQT_CACHE/cpu; do
       echo "$cache: $(du -sh $cache 2>/dev/null | cut -f1), $(find $cache -type f 2>/dev/null | wc -l) files"
     done
     if [ "${COMPILE_CACHE:-0}" = 1 ]; then
       tar -C /tmp -czf /tmp/compile-cache.tgz triton-cache spqt-cache/cuda spqt-cache/cpu 2>/dev/null  # (no model)
       size=$(stat -c %s /tmp/compile-cache.tgz)
       echo "compile caches packed: $size bytes"
-      [ $size -le $(( 44 << 20 )) ] && split -b 15M /tmp/compile-cache.tgz "$OUT/compile-cache.tgz.part-"
+      if [ $size -le $(( 44 << 20 )) ]; then split -b 15M /tmp/compile-cache.tgz "$OUT/compile-cache.tgz.part-"
+      else echo "compile caches not packed: over 44 MiB"; fi
     fi
     ;;
   runtime)
@@ -1888,27 +1890,37 @@ PY
     ;;
   order48)
     # The order effect (forty-seventh session: a second stream capture slows every graph of the process), after the
-    # default model's parks: is it torch's or the driver's (decode-then-driver, -driver-empty), the default stream's
-    # (--replay-stream side), and does the Triton greedy ending cost anything in a one-capture process
-    # (decode-first-triton)? tail_probes on the default model and synthetic:llama2-7b, two rounds, then bench decode
-    # of the 7B dense without and with --after-capture, alternating, two rounds, within CALL_BUDGET (default 560).
-    # $OUT/order-probe.log, order-decode.log
+    # default model's parks (checked first: the call stops where it is not installed). Does the Triton greedy ending
+    # cost anything in a one-capture process (decode-first-triton, the default model)? Is the slowing torch's or the
+    # driver's (decode-then-driver, -driver-empty: a capture through the driver alone, global mode as torch's), and
+    # the default stream's (--replay-stream side)? tail_probes, each group's variants alternating, within CALL_BUDGET
+    # (default 560). $OUT/order-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    ( TAIL_VARIANTS="decode-first decode-first-triton decode-then-raw decode-then-driver decode-then-driver-empty"
-      tail_probes $start $(( ${CALL_BUDGET:-560} - 280 )) ""
-      TAIL_VARIANTS="decode-first decode-then-raw" tail_probes $start $(( ${CALL_BUDGET:-560} - 180 )) \
-        "--replay-stream side"
+    python3 -c "from spqt.default_model import default_spqt; default_spqt(progress=False)" >/dev/null 2>&1 \
+      || { echo "order48: the default model is not installed (park its parts first)"; exit 3; }
+    ( TAIL_MODELS=default TAIL_VARIANTS="decode-first decode-first-triton" tail_probes $start 120 ""
+      TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="decode-first decode-then-raw decode-then-driver decode-then-driver-empty" \
+        tail_probes $start 400 ""
+      TAIL_MODELS=synthetic:llama2-7b TAIL_ROUNDS=1 TAIL_VARIANTS="decode-first decode-then-raw" \
+        tail_probes $start ${CALL_BUDGET:-560} "--replay-stream side"
     ) | tee "$OUT/order-probe.log"
-    for round in 1 2; do  # what a user sees: bench decode of the 7B, first graph / after a throwaway capture
+    echo "order48: $(( $(date +%s) - start )) s"
+    ;;
+  afterc48)
+    # What a user sees of the order effect: spqt bench decode of synthetic:llama2-7b dense without and with
+    # --after-capture, alternating, AFTERC_ROUNDS rounds (2), within CALL_BUDGET (default 560). $OUT/afterc-decode.log
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for round in $(seq ${AFTERC_ROUNDS:-2}); do
       for after in "" --after-capture; do
         left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
         [ $left -lt 45 ] && { echo "no time left for bench decode $after"; break 2; }
         timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag --sparsity 0 \
           $after 2>&1 | grep -v WARN | grep "tok/s" | sed "s/^/round $round: /"
       done
-    done | tee "$OUT/order-decode.log"
-    echo "order48: $(( $(date +%s) - start )) s"
+    done | tee "$OUT/afterc-decode.log"
+    echo "afterc48: $(( $(date +%s) - start )) s"
     ;;
   final46)
     # After `tests` on the final code: the bf16 GEMM's test against its shift mutated (x / 256, x / 1: both must

@@ -5,10 +5,11 @@
 
 The forty-sixth session ended the greedy decode step with one Triton kernel in place of the runtime's three launches
 (the history entry, the next token, the next position) and saw the default model's graph replay 42 us slower on an
-H100 (680 against 637 us). The forty-seventh found the ending innocent (the first six variants below, within 2 % of each
-other) and the cause in the process: its graphs, earlier ones included, replay about 2 % slower (the 7B) once it has
-made a second stream capture of anything (the decode-* and tiny-* variants; kernels overlap less: --profile). Run the
-variants alternating, each in a fresh process (`gpu_session.sh tail47`):
+H100 (680 against 637 us, each in a process of one capture). In processes of two captures the forty-seventh found the
+six endings below within 2 % of each other, and found that a process's graphs, earlier ones included, replay 1-2 %
+slower (the 7B) once it has made a second stream capture of anything (the decode-* and tiny-* variants; kernels overlap
+less: --profile). Whether the Triton ending costs anything in a one-capture process is decode-first-triton's question.
+Run the variants alternating, each in a fresh process (`gpu_session.sh tail47`, `order48`):
 
   shipped           the runtime's own capture (Generator._capture, not replaced): index_copy_ into the history, a copy
                     (a memcpy node) and an add on the inputs
@@ -32,7 +33,7 @@ variants alternating, each in a fresh process (`gpu_session.sh tail47`):
   decode-then-raw   decode-first, then the add captured by capture_begin / capture_end on a side stream, kept
                     uninstantiated: a capture without torch.cuda.graph's emptying of the caches
   decode-then-driver  decode-first, then the add captured through the CUDA driver itself (cuStreamBeginCapture /
-                    cuStreamEndCapture from cuda-bindings, relaxed mode, a side stream; the graph destroyed): torch's
+                    cuStreamEndCapture from cuda-bindings, global mode, a side stream; the graph destroyed): torch's
                     capture_begin / capture_end (its private pool, its RNG registration) left out
   decode-then-driver-empty  the same with nothing launched inside the capture (an empty graph)
   tiny-then-decode  the add captured (raw, kept uninstantiated, never replayed) before anything else, then decode-first
@@ -88,13 +89,13 @@ def advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, i
 
 def driver_capture(scratch: torch.Tensor, launch: bool) -> None:
     """One stream capture through the CUDA driver alone (no torch graph object): scratch += 1 inside it if launch, on a
-    side stream, relaxed mode; the captured graph destroyed, never instantiated."""
+    side stream, in global mode (torch's capture_begin's default); the captured graph destroyed, never instantiated."""
     from cuda.bindings import driver
 
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
     handle = driver.CUstream(side.cuda_stream)
-    err, = driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_RELAXED)
+    err, = driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
     assert int(err) == 0, err
     if launch:
         with torch.cuda.stream(side):
@@ -228,7 +229,7 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
     if args.profile:  # the kernels' device time a replay (torch.profiler over 5 replays): kernels or gaps?
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof, torch.cuda.stream(stream):
             for _ in range(5):
                 gen._graph.replay()
             torch.cuda.synchronize()

@@ -226,8 +226,9 @@ def _zigzag_configs(device):
 
 def _split_by_config(configs: int) -> list:
     """(device, sparsity, config) cases: the interpreter an item a level (config None: its own selection), the GPU an
-    item a launch config (sparsity None: every level in it), so no two GPU items compile the same kernels (an item a
-    level compiled every config in each, side by side under -n 8: 130-254 s an item on a fresh H100)."""
+    item a launch config (sparsity None: every level in it), so that no two GPU items compile the same GEMV config
+    and -n 8 compiles the configs side by side (conftest.COMPILE_HEAVY puts these items first). An item a level
+    compiled every config in the first to run on a worker: 153-254 s on a fresh H100, sometimes two at once."""
     return ([pytest.param("cpu", s, None, id=f"{s}-interp") for s in SPARSITIES]
             + [pytest.param("cuda", None, c, id=f"gpu-config{c}", marks=pytest.mark.gpu) for c in range(configs)])
 
@@ -687,7 +688,7 @@ def test_rope_attention_decode(rng, device, group, monkeypatch):
     rows below the window are NaN too (they must not be read), and the twin's mask cuts them. With q / k norms (Qwen3,
     Gemma 3; random weights) the twin norms each head first (functional.norm_heads), or all of q and all of k (OLMo 2's,
     on both routes; Olmo 3's, in a window too). The interpreter runs every case in one item, the GPU an item a group
-    (plain, windowed, normed: -n 8 compiles and runs them side by side)."""
+    (plain, windowed, normed: -n 8 runs them side by side, conftest.COMPILE_HEAVY putting them first)."""
     from spqt import functional
     from spqt.config import ModelConfig
     from spqt.kernels import fused

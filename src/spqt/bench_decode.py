@@ -381,9 +381,10 @@ def child_arguments(args, model_arg: str, fmt: str, layout: str, sparsity: float
 
 
 def throwaway_capture() -> None:
-    """One CUDA graph of a single add captured and dropped. A process that has captured a second graph replays every
-    graph slower (about 2 % on an H100's 7B step: docs/RESULTS.md, forty-seventh session), as a server or a chat does
-    after its first request; `spqt bench decode --after-capture` times that state."""
+    """One CUDA graph of a single add captured and dropped. A process that has made a second capture replays every
+    graph slower (1-2 % on an H100's 7B step: docs/RESULTS.md, forty-seventh session): a server from its start (its
+    engine captures the prefill graphs), a chat or a long generation once a second graph is captured;
+    `spqt bench decode --after-capture` times that state."""
     scratch = torch.zeros(1, device="cuda")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -432,7 +433,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     (docs/RESULTS.md, issue 14, seventh session), and every graph of a process replays about 2 % slower (an H100's 7B)
     once the process has made a second stream capture of anything (forty-seventh session). A fresh process per row
     is what a user's single `spqt generate` at that setting gets; args.after_capture (a throwaway capture first)
-    what a server gets after its first request."""
+    what a server gets (it captures its prefill graphs at start)."""
     from spqt.bench import copy_bandwidth, git_commit
 
     model_arg = args.model or "default"
@@ -469,7 +470,10 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
               "method": "greedy decode, CUDA graph per step, median of per-step synchronised wall times; "
                         "floor = bytes needed / copy GB/s (bytes read + written, as the GEMV benchmark); "
                         + ("rows one after another in one process" if one_process
-                           else "each row in a process of its own (its copy GB/s in the row)"),
+                           else "each row in a process of its own (its copy GB/s in the row)")
+                        + ("; a throwaway CUDA graph captured before timing (--after-capture)"
+                           if getattr(args, "after_capture", False) else ""),
+              "after_capture": getattr(args, "after_capture", False),
               "rows": rows}
     if json_path:
         from pathlib import Path

@@ -1048,9 +1048,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "ran before it, up to 3 %% either way; by default each type, layout and level runs in a process "
                         "of its own, as a user's run at that setting)")
     p.add_argument("--after-capture", action="store_true",
-                   help="decode: capture one throwaway CUDA graph before timing, as a server's process has after its "
-                        "first request (a process's graphs replay slower once it has made a second capture: about "
-                        "2 %% on an H100's 7B step)")
+                   help="decode: capture one throwaway CUDA graph before timing (a process's graphs replay slower once "
+                        "it has made a second capture, 1-2 %% on an H100's 7B step; spqt serve is in that state from "
+                        "its start)")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
