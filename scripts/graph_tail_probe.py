@@ -61,8 +61,8 @@ from spqt.generate import Generator, _warm_up
 from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ is this script's path)
 
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
-            "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty", "decode-then-host-empty",
-            "decode-then-raw", "decode-then-bucket", "tiny-then-decode", "decode-then-driver",
+            "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty",
+            "decode-then-host-empty", "decode-then-raw", "decode-then-bucket", "tiny-then-decode", "decode-then-driver",
             "decode-then-driver-empty", "decode-first-triton")
 
 
@@ -85,6 +85,19 @@ def _unused_kernel(x_ptr):
 
 def advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, io: torch.Tensor) -> None:
     _advance_kernel[(1,)](logits, greedy, history, io, num_warps=1)
+
+
+def raw_capture(scratch: torch.Tensor) -> torch.cuda.CUDAGraph:
+    """scratch += 1 captured by torch's capture_begin / capture_end on a side stream (no torch.cuda.graph: no cache
+    emptying), kept uninstantiated; returned so that it stays alive."""
+    raw, side = torch.cuda.CUDAGraph(keep_graph=True), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        raw.capture_begin()
+        scratch.add_(1)
+        raw.capture_end()
+    torch.cuda.synchronize()
+    return raw
 
 
 def driver_capture(scratch: torch.Tensor, launch: bool) -> None:
@@ -155,18 +168,13 @@ def main():
     gen = Generator(loaded, "cuda", max_len=args.max_len)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
     scratch = torch.zeros(8, dtype=torch.int64, device="cuda")
-    if args.variant in ("triton-preloaded", "decode-first-triton"):  # the module loaded before any capture (the logits are float32: the
-        logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # head's output, Transformer.logits)
+    alive = []  # raw captures' graphs, kept until the timing is done
+    if args.variant in ("triton-preloaded", "decode-first-triton"):  # the module loaded before any capture (the
+        logits = torch.zeros(16, dtype=torch.float32, device="cuda")  # logits are float32: Transformer.logits)
         advance(logits, scratch[:1], scratch, scratch[2:4].clone())
         torch.cuda.synchronize()
     if args.variant == "tiny-then-decode":
-        raw, side = torch.cuda.CUDAGraph(keep_graph=True), torch.cuda.Stream()
-        torch.cuda.synchronize()
-        with torch.cuda.stream(side):
-            raw.capture_begin()
-            scratch.add_(1)
-            raw.capture_end()
-        torch.cuda.synchronize()
+        alive.append(raw_capture(scratch))
     if args.variant == "decode-first-triton":
         with_ending(gen, "triton")
     if args.variant.startswith("decode-") or args.variant == "tiny-then-decode":
@@ -194,13 +202,7 @@ def main():
             torch.cuda.synchronize()
             torch._C._host_emptyCache()
         if args.variant == "decode-then-raw":
-            raw, side = torch.cuda.CUDAGraph(keep_graph=True), torch.cuda.Stream()
-            torch.cuda.synchronize()
-            with torch.cuda.stream(side):
-                raw.capture_begin()
-                scratch.add_(1)
-                raw.capture_end()
-            torch.cuda.synchronize()
+            alive.append(raw_capture(scratch))
         report(args, gen, tokens, prompt)
         return
     if args.variant not in ("shipped", "late-module", "eager-first"):
@@ -238,7 +240,8 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
         row["kernels"] = len(kernels) / 5
     row["prefill_graphs"] = sum(graph is not None for graph in gen._prefills.values())
     row["decode_graphs"] = len(gen._graphs)
-    print(f"{args.variant:19s} {args.model:20s} {args.replay_stream:7s} step graph {row['median_us']:8.1f} us (min {row['min_us']:.1f}, "
+    print(f"{args.variant:19s} {args.model:20s} {args.replay_stream:7s} step graph {row['median_us']:8.1f} us "
+          f"(min {row['min_us']:.1f}, "
           f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)"
           + (f"; {row['kernels']:.0f} kernels, their sum {row['kernel_sum_us']:.1f} us, gaps "
              f"{row['median_us'] - row['kernel_sum_us']:.1f} us" if args.profile else ""), flush=True)
