@@ -1893,8 +1893,8 @@ PY
     # default model's parks (checked first: the call stops where it is not installed). Does the Triton greedy ending
     # cost anything in a one-capture process (decode-first-triton, the default model)? Is the slowing torch's or the
     # driver's (decode-then-driver, -driver-empty: a capture through the driver alone, global mode as torch's), and
-    # the default stream's (--replay-stream side)? tail_probes, each group's variants alternating, within CALL_BUDGET
-    # (default 560). $OUT/order-probe.log
+    # the default stream's (--replay-stream side)? Is it PDL's (SPQT_PDL=0: no early launch, so nothing to lose)?
+    # tail_probes, each group's variants alternating, within CALL_BUDGET (default 560). $OUT/order-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     python3 -c "from spqt.default_model import default_spqt; default_spqt(progress=False)" >/dev/null 2>&1 \
@@ -1903,7 +1903,9 @@ PY
       TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="decode-first decode-then-raw decode-then-driver decode-then-driver-empty" \
         tail_probes $start 400 ""
       TAIL_MODELS=synthetic:llama2-7b TAIL_ROUNDS=1 TAIL_VARIANTS="decode-first decode-then-raw" \
-        tail_probes $start ${CALL_BUDGET:-560} "--replay-stream side"
+        tail_probes $start $(( ${CALL_BUDGET:-560} - 60 )) "--replay-stream side"
+      TAIL_MODELS=synthetic:llama2-7b TAIL_ROUNDS=1 TAIL_VARIANTS="decode-first decode-then-raw" TAIL_ENVS=SPQT_PDL=0 \
+        tail_probes $start ${CALL_BUDGET:-560} ""
     ) | tee "$OUT/order-probe.log"
     echo "order48: $(( $(date +%s) - start )) s"
     ;;
