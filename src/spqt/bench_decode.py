@@ -390,7 +390,6 @@ def throwaway_capture() -> None:
     with torch.cuda.graph(graph):
         scratch.add_(1)
     torch.cuda.synchronize()
-    del graph
 
 
 def _row_in_child(args, model_arg: str, fmt: str, layout: str, sparsity: float, log, env: dict | None = None) -> dict:
@@ -430,7 +429,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     """spqt bench decode: every (type, layout, level) row in a process of its own (`spqt bench decode` with one
     type, layout and level, its JSON read back), unless args.one_process. A row's time depends on what its process
     ran before it: the 7B at 50 % ran 2.4 % faster after a dense row than in a fresh process on the H200
-    (docs/RESULTS.md, issue 14, seventh session), and every graph of a process replays about 2 % slower (an H100's 7B)
+    (docs/RESULTS.md, issue 14, seventh session), and every graph of a process replays 1-2 % slower (an H100's 7B)
     once the process has made a second stream capture of anything (forty-seventh session). A fresh process per row
     is what a user's single `spqt generate` at that setting gets; args.after_capture (a throwaway capture first)
     what a server gets (it captures its prefill graphs at start)."""
@@ -451,6 +450,7 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     if not runs:
         raise SpqtError("spqt bench decode: types other than q4_k run in the zigzag layout only (--layouts zigzag)")
     one_process = getattr(args, "one_process", False)
+    after_capture = getattr(args, "after_capture", False)
     if one_process:
         copy_gbps = copy_bandwidth()
         log(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (read+write)")
@@ -472,8 +472,8 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
                         + ("rows one after another in one process" if one_process
                            else "each row in a process of its own (its copy GB/s in the row)")
                         + ("; a throwaway CUDA graph captured before timing (--after-capture)"
-                           if getattr(args, "after_capture", False) else ""),
-              "after_capture": getattr(args, "after_capture", False),
+                           if after_capture else ""),
+              "after_capture": after_capture,
               "rows": rows}
     if json_path:
         from pathlib import Path
