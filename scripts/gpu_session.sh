@@ -1892,16 +1892,18 @@ PY
     # The order effect (forty-seventh session: a second stream capture slows every graph of the process), after the
     # default model's parks (checked first: the call stops where it is not installed). Does the Triton greedy ending
     # cost anything in a one-capture process (decode-first-triton, the default model)? Is the slowing torch's or the
-    # driver's (decode-then-driver, -driver-empty: a capture through the driver alone, global mode as torch's), and
-    # the default stream's (--replay-stream side)? Is it PDL's (SPQT_PDL=0: no early launch, so nothing to lose)?
-    # tail_probes, each group's variants alternating, within CALL_BUDGET (default 560). $OUT/order-probe.log
+    # driver's (decode-then-driver, -driver-empty: a capture through the driver alone, global mode as torch's;
+    # -driver-relaxed: relaxed mode)? The default stream's (--replay-stream side)? PDL's (SPQT_PDL=0: no early
+    # launch, so no overlap to lose)? tail_probes, each group's variants alternating, within CALL_BUDGET (default
+    # 560). $OUT/order-probe.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     python3 -c "from spqt.default_model import default_spqt; default_spqt(progress=False)" >/dev/null 2>&1 \
       || { echo "order48: the default model is not installed (park its parts first)"; exit 3; }
     ( TAIL_MODELS=default TAIL_VARIANTS="decode-first decode-first-triton" tail_probes $start 120 ""
-      TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="decode-first decode-then-raw decode-then-driver decode-then-driver-empty" \
-        tail_probes $start 400 ""
+      TAIL_MODELS=synthetic:llama2-7b \
+        TAIL_VARIANTS="decode-first decode-then-raw decode-then-driver decode-then-driver-empty decode-then-driver-relaxed" \
+        tail_probes $start 420 ""
       TAIL_MODELS=synthetic:llama2-7b TAIL_ROUNDS=1 TAIL_VARIANTS="decode-first decode-then-raw" \
         tail_probes $start $(( ${CALL_BUDGET:-560} - 60 )) "--replay-stream side"
       TAIL_MODELS=synthetic:llama2-7b TAIL_ROUNDS=1 TAIL_VARIANTS="decode-first decode-then-raw" TAIL_ENVS=SPQT_PDL=0 \

@@ -36,6 +36,8 @@ Run the variants alternating, each in a fresh process (`gpu_session.sh tail47`, 
                     cuStreamEndCapture from cuda-bindings, global mode, a side stream; the graph destroyed): torch's
                     capture_begin / capture_end (its private pool, its RNG registration) left out
   decode-then-driver-empty  the same with nothing launched inside the capture (an empty graph)
+  decode-then-driver-relaxed  decode-then-driver in relaxed capture mode (global mode makes the driver watch every
+                    thread's calls during the capture)
   tiny-then-decode  the add captured (raw, kept uninstantiated, never replayed) before anything else, then decode-first
   decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
                     first decode graph timed after
@@ -63,7 +65,7 @@ from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ i
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
             "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty",
             "decode-then-host-empty", "decode-then-raw", "decode-then-bucket", "tiny-then-decode", "decode-then-driver",
-            "decode-then-driver-empty", "decode-first-triton")
+            "decode-then-driver-empty", "decode-then-driver-relaxed", "decode-first-triton")
 
 
 @triton.jit
@@ -100,15 +102,17 @@ def raw_capture(scratch: torch.Tensor) -> torch.cuda.CUDAGraph:
     return raw
 
 
-def driver_capture(scratch: torch.Tensor, launch: bool) -> None:
+def driver_capture(scratch: torch.Tensor, launch: bool, relaxed: bool = False) -> None:
     """One stream capture through the CUDA driver alone (no torch graph object): scratch += 1 inside it if launch, on a
-    side stream, in global mode (torch's capture_begin's default); the captured graph destroyed, never instantiated."""
+    side stream, in global mode (torch's capture_begin's default) or relaxed; the captured graph destroyed, never
+    instantiated."""
     from cuda.bindings import driver
 
     side = torch.cuda.Stream()
     torch.cuda.synchronize()
-    handle = driver.CUstream(side.cuda_stream)
-    err, = driver.cuStreamBeginCapture(handle, driver.CUstreamCaptureMode.CU_STREAM_CAPTURE_MODE_GLOBAL)
+    handle, modes = driver.CUstream(side.cuda_stream), driver.CUstreamCaptureMode
+    err, = driver.cuStreamBeginCapture(handle, modes.CU_STREAM_CAPTURE_MODE_RELAXED if relaxed
+                                           else modes.CU_STREAM_CAPTURE_MODE_GLOBAL)
     assert int(err) == 0, err
     if launch:
         with torch.cuda.stream(side):
@@ -194,7 +198,8 @@ def main():
             print(f"decode graphs after the 300 tokens: {len(gen._graphs)}")
             gen._graph = first
         if args.variant.startswith("decode-then-driver"):
-            driver_capture(scratch, launch=args.variant == "decode-then-driver")
+            driver_capture(scratch, launch=args.variant != "decode-then-driver-empty",
+                           relaxed=args.variant == "decode-then-driver-relaxed")
         if args.variant == "decode-then-empty":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
