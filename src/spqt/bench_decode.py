@@ -22,7 +22,7 @@ import spqt
 from spqt.checkpoint import LoadedModel, QuantizedWeight, kind_types, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
-from spqt.generate import COMPUTE_DTYPES, DENSE_STEP_FORCED, KEPT_ROUTE_NAMES, Generator, compute_dtype, sparse_linears
+from spqt.generate import DENSE_STEP_FORCED, DTYPE_NAMES, KEPT_ROUTE_NAMES, Generator, compute_dtype, sparse_linears
 from spqt.kernels import tuning
 from spqt.kernels.gpu_layout import GpuQ4K, repack
 from spqt.mixes import check_quant_type, head_type
@@ -324,7 +324,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                 continue
         gen = Generator(loaded, "cuda", dtype=compute_dtype(getattr(args, "dtype", "auto")),
                         max_len=args.prompt_tokens + args.new_tokens + 8)
-        dtype = {v: k for k, v in COMPUTE_DTYPES.items()}[gen.dtype]
+        dtype = DTYPE_NAMES[gen.dtype]
         g = torch.Generator(device="cuda").manual_seed(1)
         prompt = torch.randint(0, loaded.config.vocab_size, (args.prompt_tokens,), device="cuda", generator=g)
         head = head_bytes(loaded)

@@ -257,12 +257,13 @@ class GenerationResult:
 
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {dtype: name for name, dtype in COMPUTE_DTYPES.items()}  # torch dtype -> its --dtype name
 
 
 def non_finite_error(dtype: torch.dtype, when: str) -> SpqtError:
     """The error of logits that are not finite numbers (`when`: "of the prompt", "after 12 new tokens", ...): the
     activations overflowed the compute dtype (fp16's largest value is 65504) or the weights hold non-finite values."""
-    name = {v: k for k, v in COMPUTE_DTYPES.items()}.get(dtype, str(dtype))
+    name = DTYPE_NAMES.get(dtype, str(dtype))
     hint = "; --dtype bf16 holds float32's range" if dtype == torch.float16 else ""
     return SpqtError(f"the logits {when} are not finite numbers in {name}: the activations overflowed it or the "
                      f"weights hold non-finite values{hint}")
