@@ -1911,6 +1911,19 @@ PY
     ) | tee "$OUT/order-probe.log"
     echo "order48: $(( $(date +%s) - start )) s"
     ;;
+  order48b)
+    # Which part of a torch capture slows the process's graphs (order48: a capture through torch's capture_begin /
+    # capture_end does, one through the CUDA driver does not, and SPQT_PDL=0 has no slowing to lose)? The 7B's step
+    # graph after a torch capture whose graph is then freed (decode-then-raw-freed), a driver capture whose graph stays
+    # alive (-driver-kept), a capture through the CUDA runtime API (-runtime), a private allocator pool with no capture
+    # (-pool); decode-first and decode-then-raw the controls. tail_probes, alternating, within CALL_BUDGET (560).
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="${ORDER_VARIANTS:-decode-first decode-then-raw decode-then-raw-freed \
+decode-then-driver-kept decode-then-runtime decode-then-pool}" tail_probes $start ${CALL_BUDGET:-560} "" \
+      | tee "$OUT/order-probe-b.log"
+    echo "order48b: $(( $(date +%s) - start )) s"
+    ;;
   afterc48)
     # What a user sees of the order effect: spqt bench decode of synthetic:llama2-7b dense without and with
     # --after-capture, alternating, AFTERC_ROUNDS rounds (2), within CALL_BUDGET (default 560). $OUT/afterc-decode.log

@@ -39,6 +39,12 @@ Run the variants alternating, each in a fresh process (`gpu_session.sh tail47`, 
   decode-then-driver-relaxed  decode-then-driver in relaxed capture mode (global mode makes the driver watch every
                     thread's calls during the capture)
   tiny-then-decode  the add captured (raw, kept uninstantiated, never replayed) before anything else, then decode-first
+  decode-then-raw-freed  decode-then-raw, the graph reset and dropped before the timing: must the capture's graph stay
+                    alive?
+  decode-then-driver-kept  decode-then-driver, its graph kept alive (not destroyed) until the timing is done
+  decode-then-runtime  decode-then-driver through the CUDA runtime API (cudaStreamBeginCapture, as torch calls it)
+  decode-then-pool  decode-first, then a tensor allocated in a private memory pool of torch's allocator (MemPool), no
+                    capture: is it the pool that a torch capture opens?
   decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
                     first decode graph timed after
 
@@ -50,6 +56,7 @@ of its own (does the slower state belong to the default stream?).
 """
 
 import argparse
+import gc
 import json
 import statistics
 
@@ -65,7 +72,8 @@ from prefill_probe import load  # (default, or synthetic:NAME[:TYPE]; scripts/ i
 VARIANTS = ("shipped", "no-memcpy", "triton", "triton-preloaded", "late-module", "eager-first", "decode-first",
             "decode-then-prefill", "decode-then-tiny", "decode-then-kept", "decode-then-empty",
             "decode-then-host-empty", "decode-then-raw", "decode-then-bucket", "tiny-then-decode", "decode-then-driver",
-            "decode-then-driver-empty", "decode-then-driver-relaxed", "decode-first-triton")
+            "decode-then-driver-empty", "decode-then-driver-relaxed", "decode-first-triton", "decode-then-raw-freed",
+            "decode-then-driver-kept", "decode-then-runtime", "decode-then-pool")
 
 
 @triton.jit
@@ -102,10 +110,10 @@ def raw_capture(scratch: torch.Tensor) -> torch.cuda.CUDAGraph:
     return raw
 
 
-def driver_capture(scratch: torch.Tensor, launch: bool, relaxed: bool = False) -> None:
+def driver_capture(scratch: torch.Tensor, launch: bool, relaxed: bool = False, keep: bool = False):
     """One stream capture through the CUDA driver alone (no torch graph object): scratch += 1 inside it if launch, on a
-    side stream, in global mode (torch's capture_begin's default) or relaxed; the captured graph destroyed, never
-    instantiated."""
+    side stream, in global mode (torch's capture_begin's default) or relaxed; the captured graph never instantiated,
+    destroyed unless keep (then returned, to stay alive)."""
     from cuda.bindings import driver
 
     side = torch.cuda.Stream()
@@ -119,7 +127,26 @@ def driver_capture(scratch: torch.Tensor, launch: bool, relaxed: bool = False) -
             scratch.add_(1)
     err, graph = driver.cuStreamEndCapture(handle)
     assert int(err) == 0, err
+    torch.cuda.synchronize()
+    if keep:
+        return graph
     driver.cuGraphDestroy(graph)
+    return None
+
+
+def runtime_capture(scratch: torch.Tensor) -> None:
+    """driver_capture's add through the CUDA runtime API (cudaStreamBeginCapture, global mode), the graph destroyed."""
+    from cuda.bindings import runtime
+
+    side = torch.cuda.Stream()
+    torch.cuda.synchronize()
+    err, = runtime.cudaStreamBeginCapture(side.cuda_stream, runtime.cudaStreamCaptureMode.cudaStreamCaptureModeGlobal)
+    assert int(err) == 0, err
+    with torch.cuda.stream(side):
+        scratch.add_(1)
+    err, graph = runtime.cudaStreamEndCapture(side.cuda_stream)
+    assert int(err) == 0, err
+    runtime.cudaGraphDestroy(graph)
     torch.cuda.synchronize()
 
 
@@ -198,8 +225,17 @@ def main():
             print(f"decode graphs after the 300 tokens: {len(gen._graphs)}")
             gen._graph = first
         if args.variant.startswith("decode-then-driver"):
-            driver_capture(scratch, launch=args.variant != "decode-then-driver-empty",
-                           relaxed=args.variant == "decode-then-driver-relaxed")
+            alive.append(driver_capture(scratch, launch=args.variant != "decode-then-driver-empty",
+                                        relaxed=args.variant == "decode-then-driver-relaxed",
+                                        keep=args.variant == "decode-then-driver-kept"))
+        if args.variant == "decode-then-runtime":
+            runtime_capture(scratch)
+        if args.variant == "decode-then-pool":
+            pool = torch.cuda.MemPool()
+            with torch.cuda.use_mem_pool(pool):
+                alive.append(torch.ones(1 << 20, device="cuda"))
+            alive.append(pool)
+            torch.cuda.synchronize()
         if args.variant == "decode-then-empty":
             torch.cuda.synchronize()
             torch.cuda.empty_cache()
@@ -208,6 +244,12 @@ def main():
             torch._C._host_emptyCache()
         if args.variant == "decode-then-raw":
             alive.append(raw_capture(scratch))
+        if args.variant == "decode-then-raw-freed":
+            freed = raw_capture(scratch)
+            freed.reset()
+            del freed
+            gc.collect()
+            torch.cuda.synchronize()
         report(args, gen, tokens, prompt)
         return
     if args.variant not in ("shipped", "late-module", "eager-first"):
