@@ -1924,6 +1924,21 @@ decode-then-driver-kept decode-then-runtime decode-then-pool}" tail_probes $star
       | tee "$OUT/order-probe-b.log"
     echo "order48b: $(( $(date +%s) - start )) s"
     ;;
+  order48c)
+    # Graphs without torch's CUDAGraph (graph_tail_probe.py --graphs runtime: a runtime-API capture into a private pool
+    # of torch's allocator, launched through cuda-bindings): does the 7B's step replay at the one-capture speed after
+    # the prefill graphs' captures (decode-then-prefill) and after a torch capture (decode-then-raw)? Are its tokens
+    # the eager run's? torch and runtime alternating, ORDER_ROUNDS (2), within CALL_BUDGET (560). $OUT/order-probe-c.log
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    for round in $(seq ${ORDER_ROUNDS:-2}); do
+      for graphs in torch runtime; do
+        TAIL_ROUNDS=1 TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="decode-first decode-then-prefill decode-then-raw" \
+          tail_probes $start ${CALL_BUDGET:-560} "--graphs $graphs" | sed "s/^round 1/round $round, $graphs graphs/"
+      done
+    done | tee "$OUT/order-probe-c.log"
+    echo "order48c: $(( $(date +%s) - start )) s"
+    ;;
   afterc48)
     # What a user sees of the order effect: spqt bench decode of synthetic:llama2-7b dense without and with
     # --after-capture, alternating, AFTERC_ROUNDS rounds (2), within CALL_BUDGET (default 560). $OUT/afterc-decode.log

@@ -53,6 +53,11 @@ The first six variants' process: a prefill run eagerly, then its graph captured 
 the step graph's device time (each replay alone between two CUDA events, median of --reps), as
 scripts/profile_decode.py times it, on the current stream (the runtime's) or, with --replay-stream side, on a stream
 of its own (does the slower state belong to the default stream?).
+
+--graphs runtime captures the runtime's graphs (decode and prefill) without torch's CUDAGraph: a stream capture through
+the CUDA runtime API, allocations routed to a private pool of torch's allocator as torch's capture routes them, the
+graph instantiated and launched through cuda-bindings (RuntimeGraph). The probe's own raw capture stays torch's. The
+greedy tokens of the variant's generation are checked against an eager (graph-free) run of the same prompt.
 """
 
 import argparse
@@ -100,7 +105,7 @@ def advance(logits: torch.Tensor, greedy: torch.Tensor, history: torch.Tensor, i
 def raw_capture(scratch: torch.Tensor) -> torch.cuda.CUDAGraph:
     """scratch += 1 captured by torch's capture_begin / capture_end on a side stream (no torch.cuda.graph: no cache
     emptying), kept uninstantiated; returned so that it stays alive."""
-    raw, side = torch.cuda.CUDAGraph(keep_graph=True), torch.cuda.Stream()
+    raw, side = TorchGraph(keep_graph=True), torch.cuda.Stream()
     torch.cuda.synchronize()
     with torch.cuda.stream(side):
         raw.capture_begin()
@@ -132,6 +137,55 @@ def driver_capture(scratch: torch.Tensor, launch: bool, relaxed: bool = False, k
         return graph
     driver.cuGraphDestroy(graph)
     return None
+
+
+TorchGraph = torch.cuda.CUDAGraph
+
+
+class RuntimeGraph:
+    """torch.cuda.CUDAGraph's interface (as torch.cuda.graph drives it) over a runtime-API stream capture: no RNG
+    registration, no capture bookkeeping of torch's; the allocations inside the capture routed to a private pool of
+    torch's allocator (kept until reset), the graph instantiated without flags and launched on the current stream."""
+    pools: dict = {}  # graph_pool_handle() -> MemPool, shared by the graphs captured with it
+
+    def __init__(self, keep_graph: bool = False):
+        self.graph = self.exec = self.mempool = None
+
+    def capture_begin(self, pool=None, capture_error_mode: str = "global", **_):
+        from cuda.bindings import runtime
+
+        self.mempool = RuntimeGraph.pools.setdefault(pool, torch.cuda.MemPool()) if pool else torch.cuda.MemPool()
+        torch._C._cuda_beginAllocateCurrentThreadToPool(torch.cuda.current_device(), self.mempool.id)
+        self.stream = torch.cuda.current_stream().cuda_stream
+        modes = runtime.cudaStreamCaptureMode
+        err, = runtime.cudaStreamBeginCapture(self.stream, {"global": modes.cudaStreamCaptureModeGlobal,
+                                                            "relaxed": modes.cudaStreamCaptureModeRelaxed,
+                                                            "thread_local": modes.cudaStreamCaptureModeThreadLocal}
+                                              [capture_error_mode])
+        assert int(err) == 0, err
+
+    def capture_end(self):
+        from cuda.bindings import runtime
+
+        err, self.graph = runtime.cudaStreamEndCapture(self.stream)
+        torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), self.mempool.id)
+        assert int(err) == 0, err
+        err, self.exec = runtime.cudaGraphInstantiateWithFlags(self.graph, 0)
+        assert int(err) == 0, err
+
+    def replay(self):
+        from cuda.bindings import runtime
+
+        err, = runtime.cudaGraphLaunch(self.exec, torch.cuda.current_stream().cuda_stream)
+        assert int(err) == 0, err
+
+    def reset(self):
+        from cuda.bindings import runtime
+
+        if self.exec is not None:
+            runtime.cudaGraphExecDestroy(self.exec)
+            runtime.cudaGraphDestroy(self.graph)
+        self.graph = self.exec = None
 
 
 def runtime_capture(scratch: torch.Tensor) -> None:
@@ -194,7 +248,11 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also the kernels' sum and the gaps (torch.profiler)")
     ap.add_argument("--replay-stream", choices=("default", "side"), default="default",
                     help="replay (and time) on the current stream, as the runtime does, or on a stream of its own")
+    ap.add_argument("--graphs", choices=("torch", "runtime"), default="torch",
+                    help="the runtime's graphs captured by torch's CUDAGraph or by RuntimeGraph")
     args = ap.parse_args()
+    if args.graphs == "runtime":
+        torch.cuda.CUDAGraph = RuntimeGraph
     loaded = load(args.model, args.max_len)
     gen = Generator(loaded, "cuda", max_len=args.max_len)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -215,7 +273,7 @@ def main():
             gen.generate(other, 8, track=False)  # the prefill's second use: its graph captured
             gen.generate(other, 8, track=False)  # (replayed; the decode graphs are those captured above)
         if args.variant in ("decode-then-tiny", "decode-then-kept"):
-            tiny = torch.cuda.CUDAGraph(keep_graph=args.variant == "decode-then-kept")
+            tiny = TorchGraph(keep_graph=args.variant == "decode-then-kept")
             with torch.cuda.graph(tiny):
                 scratch.add_(1)
             torch.cuda.synchronize()
@@ -269,7 +327,8 @@ def main():
 
 
 def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
-    """Print (and write to --json) the decode step graph's device time: each replay alone, median of --reps."""
+    """Print (and write to --json) the decode step graph's device time: each replay alone, median of --reps; with
+    --graphs runtime, whether the 8 greedy tokens equal an eager run's."""
     stream = torch.cuda.Stream() if args.replay_stream == "side" else torch.cuda.current_stream()
     with torch.cuda.stream(stream):
         us = replay_device_us(gen._graph, args.reps, before=lambda: gen._set_io(tokens[0], len(prompt)))
@@ -285,13 +344,20 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
         kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
         row["kernel_sum_us"] = sum(ev.device_time for ev in kernels) / 5
         row["kernels"] = len(kernels) / 5
+    if args.graphs == "runtime":
+        gen.use_graph = False
+        row["tokens_match_eager"] = gen.generate(prompt, len(tokens), track=False).tokens == tokens
+        gen.use_graph = True
+    row["graphs"] = args.graphs
     row["prefill_graphs"] = sum(graph is not None for graph in gen._prefills.values())
     row["decode_graphs"] = len(gen._graphs)
     print(f"{args.variant:19s} {args.model:20s} {args.replay_stream:7s} step graph {row['median_us']:8.1f} us "
           f"(min {row['min_us']:.1f}, "
           f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)"
           + (f"; {row['kernels']:.0f} kernels, their sum {row['kernel_sum_us']:.1f} us, gaps "
-             f"{row['median_us'] - row['kernel_sum_us']:.1f} us" if args.profile else ""), flush=True)
+             f"{row['median_us'] - row['kernel_sum_us']:.1f} us" if args.profile else "")
+          + (f"; runtime graphs, tokens equal eager: {row['tokens_match_eager']}" if args.graphs == "runtime" else ""),
+          flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(row, f)
