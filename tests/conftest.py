@@ -24,7 +24,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COMPILE_HEAVY = ("test_zigzag_variants", "test_row_variants", "test_rope_attention_decode", "test_tune_types",
                  "test_zigzag_fused_epilogues", "test_cuda_path_runs_biases_and_qk_norms",
                  "test_default_model_cuda_matches_cpu_reference", "test_gpu_mse_search_never_worse_than_reference",
-                 "test_bf16_decode_runs_the_cuda_gemv")
+                 "test_bf16_decode_runs_the_cuda_gemv", "test_this_gpus_type_entries_compute_the_product")
 
 
 def pytest_collection_modifyitems(config, items):
