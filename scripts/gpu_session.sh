@@ -232,6 +232,7 @@ gpu_node_tests() {
 # process each (at most 120 s), the variants alternating for TAIL_ROUNDS rounds (2), each in each of TAIL_ENVS
 # (VAR=value set for the process; none: as is), until BUDGET seconds after START; a line a process.
 tail_probes() {
+  local round model variant env left
   for round in $(seq ${TAIL_ROUNDS:-2}); do
     for model in ${TAIL_MODELS:-default synthetic:llama2-7b}; do
       for variant in ${TAIL_VARIANTS:-shipped triton no-memcpy triton-preloaded late-module eager-first}; do

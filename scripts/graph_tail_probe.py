@@ -54,10 +54,12 @@ the step graph's device time (each replay alone between two CUDA events, median 
 scripts/profile_decode.py times it, on the current stream (the runtime's) or, with --replay-stream side, on a stream
 of its own (does the slower state belong to the default stream?).
 
---graphs runtime captures the runtime's graphs (decode and prefill) without torch's CUDAGraph: a stream capture through
-the CUDA runtime API, allocations routed to a private pool of torch's allocator as torch's capture routes them, the
-graph instantiated and launched through cuda-bindings (RuntimeGraph). The probe's own raw capture stays torch's. The
-greedy tokens of the variant's generation are checked against an eager (graph-free) run of the same prompt.
+--graphs runtime captures the runtime's graphs (decode and prefill) without torch's CUDAGraph object: a stream capture
+through the CUDA runtime API of cuda-bindings, the capture's allocations routed to a private pool of torch's allocator,
+the graph instantiated and launched through cuda-bindings (RuntimeGraph: what differs from torch's capture is in its
+docstring). The probe's own raw capture stays torch's. The greedy tokens of the first generation (its prefill eager,
+its decode steps replayed) are checked against an eager (graph-free) run of the same prompt; the prefill graphs'
+outputs (decode-then-prefill's other prompt) are not.
 """
 
 import argparse
@@ -143,9 +145,13 @@ TorchGraph = torch.cuda.CUDAGraph
 
 
 class RuntimeGraph:
-    """torch.cuda.CUDAGraph's interface (as torch.cuda.graph drives it) over a runtime-API stream capture: no RNG
-    registration, no capture bookkeeping of torch's; the allocations inside the capture routed to a private pool of
-    torch's allocator (kept until reset), the graph instantiated without flags and launched on the current stream."""
+    """torch.cuda.CUDAGraph's interface (as torch.cuda.graph drives it: its cache emptying and side stream stay) over a
+    runtime-API stream capture (cuda-bindings): no RNG registration, no capture bookkeeping of torch's; every
+    allocation the thread makes during the capture (on any stream, where torch's capture filters by the capturing
+    stream) routed to a private pool of torch's allocator; the graph instantiated without flags (torch's own
+    instantiation may pass cudaGraphInstantiateFlagAutoFreeOnLaunch: a difference besides the bookkeeping) and
+    launched on the current stream. For this probe's process only: the pools live as long as the class, reset()
+    releases no pool, and a graph dropped without reset() keeps its executable graph."""
     pools: dict = {}  # graph_pool_handle() -> MemPool, shared by the graphs captured with it
 
     def __init__(self, keep_graph: bool = False):
@@ -154,7 +160,9 @@ class RuntimeGraph:
     def capture_begin(self, pool=None, capture_error_mode: str = "global", **_):
         from cuda.bindings import runtime
 
-        self.mempool = RuntimeGraph.pools.setdefault(pool, torch.cuda.MemPool()) if pool else torch.cuda.MemPool()
+        if pool and pool not in RuntimeGraph.pools:
+            RuntimeGraph.pools[pool] = torch.cuda.MemPool()
+        self.mempool = RuntimeGraph.pools[pool] if pool else torch.cuda.MemPool()
         torch._C._cuda_beginAllocateCurrentThreadToPool(torch.cuda.current_device(), self.mempool.id)
         self.stream = torch.cuda.current_stream().cuda_stream
         modes = runtime.cudaStreamCaptureMode
