@@ -1929,11 +1929,12 @@ decode-then-driver-kept decode-then-runtime decode-then-pool}" tail_probes $star
     # Graphs without torch's CUDAGraph (graph_tail_probe.py --graphs runtime: a runtime-API capture into a private pool
     # of torch's allocator, launched through cuda-bindings): does the 7B's step replay at the one-capture speed after
     # the prefill graphs' captures (decode-then-prefill) and after a torch capture (decode-then-raw)? Are its tokens
-    # the eager run's? torch and runtime alternating, ORDER_ROUNDS (2), within CALL_BUDGET (560). $OUT/order-probe-c.log
+    # the eager run's? ORDER_GRAPHS (torch runtime; also runtime-autofree) alternating, ORDER_ROUNDS (2), within
+    # CALL_BUDGET (560). $OUT/order-probe-c.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     for round in $(seq ${ORDER_ROUNDS:-2}); do
-      for graphs in torch runtime; do
+      for graphs in ${ORDER_GRAPHS:-torch runtime}; do
         TAIL_ROUNDS=1 TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="decode-first decode-then-prefill decode-then-raw" \
           tail_probes $start ${CALL_BUDGET:-560} "--graphs $graphs" | sed "s/^round 1/round $round, $graphs graphs/"
       done

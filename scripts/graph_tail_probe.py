@@ -148,11 +148,12 @@ class RuntimeGraph:
     """torch.cuda.CUDAGraph's interface (as torch.cuda.graph drives it: its cache emptying and side stream stay) over a
     runtime-API stream capture (cuda-bindings): no RNG registration, no capture bookkeeping of torch's; every
     allocation the thread makes during the capture (on any stream, where torch's capture filters by the capturing
-    stream) routed to a private pool of torch's allocator; the graph instantiated without flags (torch's own
-    instantiation may pass cudaGraphInstantiateFlagAutoFreeOnLaunch: a difference besides the bookkeeping) and
-    launched on the current stream. For this probe's process only: the pools live as long as the class, reset()
+    stream) routed to a private pool of torch's allocator; the graph instantiated with `flags` (0; --graphs
+    runtime-autofree: cudaGraphInstantiateFlagAutoFreeOnLaunch, as torch's capture_end instantiates) and launched on
+    the current stream. For this probe's process only: the pools live as long as the class, reset()
     releases no pool, and a graph dropped without reset() keeps its executable graph."""
     pools: dict = {}  # graph_pool_handle() -> MemPool, shared by the graphs captured with it
+    flags = 0  # cudaGraphInstantiateWithFlags' flags
 
     def __init__(self, keep_graph: bool = False):
         self.graph = self.exec = self.mempool = None
@@ -178,7 +179,7 @@ class RuntimeGraph:
         err, self.graph = runtime.cudaStreamEndCapture(self.stream)
         torch._C._cuda_endAllocateToPool(torch.cuda.current_device(), self.mempool.id)
         assert int(err) == 0, err
-        err, self.exec = runtime.cudaGraphInstantiateWithFlags(self.graph, 0)
+        err, self.exec = runtime.cudaGraphInstantiateWithFlags(self.graph, RuntimeGraph.flags)
         assert int(err) == 0, err
 
     def replay(self):
@@ -256,11 +257,13 @@ def main():
     ap.add_argument("--profile", action="store_true", help="also the kernels' sum and the gaps (torch.profiler)")
     ap.add_argument("--replay-stream", choices=("default", "side"), default="default",
                     help="replay (and time) on the current stream, as the runtime does, or on a stream of its own")
-    ap.add_argument("--graphs", choices=("torch", "runtime"), default="torch",
-                    help="the runtime's graphs captured by torch's CUDAGraph or by RuntimeGraph")
+    ap.add_argument("--graphs", choices=("torch", "runtime", "runtime-autofree"), default="torch",
+                    help="the runtime's graphs captured by torch's CUDAGraph or by RuntimeGraph (instantiated without "
+                         "flags, or with auto-free on launch as torch's)")
     args = ap.parse_args()
-    if args.graphs == "runtime":
+    if args.graphs.startswith("runtime"):
         torch.cuda.CUDAGraph = RuntimeGraph
+        RuntimeGraph.flags = 1 if args.graphs == "runtime-autofree" else 0  # cudaGraphInstantiateFlagAutoFreeOnLaunch
     loaded = load(args.model, args.max_len)
     gen = Generator(loaded, "cuda", max_len=args.max_len)
     prompt = torch.randint(0, loaded.config.vocab_size, (10,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -352,7 +355,7 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
         kernels = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
         row["kernel_sum_us"] = sum(ev.device_time for ev in kernels) / 5
         row["kernels"] = len(kernels) / 5
-    if args.graphs == "runtime":
+    if args.graphs != "torch":
         gen.use_graph = False
         row["tokens_match_eager"] = gen.generate(prompt, len(tokens), track=False).tokens == tokens
         gen.use_graph = True
@@ -364,7 +367,8 @@ def report(args, gen: Generator, tokens: list[int], prompt: list[int]) -> None:
           f"{args.reps} replays; {row['prefill_graphs']} prefill / {row['decode_graphs']} decode graphs)"
           + (f"; {row['kernels']:.0f} kernels, their sum {row['kernel_sum_us']:.1f} us, gaps "
              f"{row['median_us'] - row['kernel_sum_us']:.1f} us" if args.profile else "")
-          + (f"; runtime graphs, tokens equal eager: {row['tokens_match_eager']}" if args.graphs == "runtime" else ""),
+          + (f"; {args.graphs} graphs, tokens equal eager: {row['tokens_match_eager']}"
+             if args.graphs != "torch" else ""),
           flush=True)
     if args.json:
         with open(args.json, "w") as f:
