@@ -42,7 +42,7 @@ Run the variants alternating, each in a fresh process (`gpu_session.sh tail47`, 
   decode-then-raw-freed  decode-then-raw, the graph reset and dropped before the timing: must the capture's graph stay
                     alive?
   decode-then-driver-kept  decode-then-driver, its graph kept alive (not destroyed) until the timing is done
-  decode-then-runtime  decode-then-driver through cuda-bindings' runtime API (cudaStreamBeginCapture, the call torch makes)
+  decode-then-runtime  decode-then-driver through cuda-bindings' runtime API (cudaStreamBeginCapture, torch's call)
   decode-then-pool  decode-first, then a tensor allocated in a private memory pool of torch's allocator (MemPool), no
                     capture: is it the pool that a torch capture opens?
   decode-then-bucket  decode-first, then a 300-token generation (with --max-len 1024: the 512-key bucket captured), the
