@@ -111,6 +111,10 @@
 #   scripts/gpu_session.sh tail47    the greedy decode graph's end and module loads: six variants, a process each
 #   scripts/gpu_session.sh order48   the order effect: a second capture through the driver alone, a replay stream of
 #                                    its own, the Triton greedy ending in a one-capture process (after the parks)
+#   scripts/gpu_session.sh order48b  which part of a torch capture slows the graphs (freed graph, driver graph kept
+#                                    alive, runtime API, private pool)
+#   scripts/gpu_session.sh order48c  the 7B's graphs through torch or the runtime API (ORDER_GRAPHS), after a prefill
+#                                    graph's or a torch capture
 #   scripts/gpu_session.sh afterc48  bench decode of the 7B without / with --after-capture, alternating
 #   scripts/gpu_session.sh final46   the bf16 GEMM's test against mutated shifts, the GEMM probe fp16 / bf16, decode46
 #   scripts/gpu_session.sh decode46  bench decode of DECODE46 (model:sparsity:dtype:tree), a process a run; the prefill
@@ -1912,34 +1916,34 @@ PY
     ) | tee "$OUT/order-probe.log"
     echo "order48: $(( $(date +%s) - start )) s"
     ;;
-  order48b)
-    # Which part of a torch capture slows the process's graphs (order48: a capture through torch's capture_begin /
-    # capture_end does, one through the CUDA driver does not, and SPQT_PDL=0 has no slowing to lose)? The 7B's step
-    # graph after a torch capture whose graph is then freed (decode-then-raw-freed), a driver capture whose graph stays
-    # alive (-driver-kept), a capture through the CUDA runtime API (-runtime), a private allocator pool with no capture
-    # (-pool); decode-first and decode-then-raw the controls. tail_probes, alternating, within CALL_BUDGET (560).
+  order48b|order48c)
+    # The 7B's step graph after other captures, in rounds (ORDER_ROUNDS, 2) of the variants, each round's variants
+    # under each of ORDER_GRAPHS alternating, within CALL_BUDGET (560).
+    # order48b: which part of a torch capture slows the process's graphs (order48: a capture through torch's
+    # capture_begin / capture_end does, one through the CUDA driver does not, and SPQT_PDL=0 has no slowing to lose)?
+    # After a torch capture whose graph is then freed (decode-then-raw-freed), a driver capture whose graph stays alive
+    # (-driver-kept), a capture through the CUDA runtime API (-runtime), a private allocator pool with no capture
+    # (-pool); decode-first and decode-then-raw the controls; torch's graphs. $OUT/order-probe-b.log
+    # order48c: graphs without torch's CUDAGraph (graph_tail_probe.py --graphs runtime: a runtime-API capture into a
+    # private pool of torch's allocator, launched through cuda-bindings): does the step replay at the one-capture speed
+    # after the prefill graphs' captures (decode-then-prefill) and after a torch capture (decode-then-raw)? Are its
+    # tokens the eager run's? ORDER_GRAPHS torch runtime (also runtime-autofree). $OUT/order-probe-c.log
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="${ORDER_VARIANTS:-decode-first decode-then-raw decode-then-raw-freed \
-decode-then-driver-kept decode-then-runtime decode-then-pool}" tail_probes $start ${CALL_BUDGET:-560} "" \
-      | tee "$OUT/order-probe-b.log"
-    echo "order48b: $(( $(date +%s) - start )) s"
-    ;;
-  order48c)
-    # Graphs without torch's CUDAGraph (graph_tail_probe.py --graphs runtime: a runtime-API capture into a private pool
-    # of torch's allocator, launched through cuda-bindings): does the 7B's step replay at the one-capture speed after
-    # the prefill graphs' captures (decode-then-prefill) and after a torch capture (decode-then-raw)? Are its tokens
-    # the eager run's? ORDER_GRAPHS (torch runtime; also runtime-autofree) alternating, ORDER_ROUNDS (2), within
-    # CALL_BUDGET (560). $OUT/order-probe-c.log
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
+    if [ $stage = order48b ]; then
+      variants="decode-first decode-then-raw decode-then-raw-freed decode-then-driver-kept decode-then-runtime \
+decode-then-pool"
+      graphs_list=torch log=order-probe-b.log
+    else
+      variants="decode-first decode-then-prefill decode-then-raw" graphs_list="torch runtime" log=order-probe-c.log
+    fi
     for round in $(seq ${ORDER_ROUNDS:-2}); do
-      for graphs in ${ORDER_GRAPHS:-torch runtime}; do
-        TAIL_ROUNDS=1 TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="decode-first decode-then-prefill decode-then-raw" \
+      for graphs in ${ORDER_GRAPHS:-$graphs_list}; do
+        TAIL_ROUNDS=1 TAIL_MODELS=synthetic:llama2-7b TAIL_VARIANTS="${ORDER_VARIANTS:-$variants}" \
           tail_probes $start ${CALL_BUDGET:-560} "--graphs $graphs" | sed "s/^round 1/round $round, $graphs graphs/"
       done
-    done | tee "$OUT/order-probe-c.log"
-    echo "order48c: $(( $(date +%s) - start )) s"
+    done | tee "$OUT/$log"
+    echo "$stage: $(( $(date +%s) - start )) s"
     ;;
   afterc48)
     # What a user sees of the order effect: spqt bench decode of synthetic:llama2-7b dense without and with
