@@ -372,12 +372,10 @@ cuda_variants() {
 # Synthetic decode of DECODE_RUNS (model:levels, each level in a process of its own) while the stage's time
 # (since $start) stays under CALL_BUDGET, default $1 seconds; logged in $OUT/decode.log.
 decode_runs() {
+  local run m
   for run in ${DECODE_RUNS:-llama2-70b:0,0.5 llama2-7b:0,0.25,0.5}; do
     m=${run%%:*}
-    left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
-    [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-    timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity ${run#*:} \
-      --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
+    budget_decode $1 $m ${run#*:} "$OUT/decode-$m.json" || break
     echo "decode $m done: $(( $(date +%s) - start )) s"
   done | tee "$OUT/decode.log"
 }
