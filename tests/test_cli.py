@@ -435,6 +435,26 @@ def test_tune_routes_bad_input(capsys):
         _error(capsys, ["tune", *mode, "--types", "q2_k"], "--types picks the types of a kernel tune")
 
 
+def test_tune_shapes_name_the_maps_the_runtime_runs():
+    """spqt tune's model names give the maps as the runtime stores them (q|k|v and gate|up fused: the forty-ninth
+    session's `--shapes llama3-8b` tuned the matrices one by one, and the 8B's fused maps kept Q4_K's configs) besides
+    bench gemv's matrices; bench gemv's names stay its matrices; the default covers the same shapes as before."""
+    from spqt.bench import MODEL_SHAPES, parse_shapes, runtime_shapes
+    from spqt.cli import TUNE_SHAPES
+    from spqt.errors import SpqtError
+
+    tuned = parse_shapes("llama3-8b", runtime_maps=True)
+    assert tuned[:3] == MODEL_SHAPES["llama3-8b"]
+    assert tuned[3:] == [(6144, 4096), (4096, 4096), (28672, 4096)]  # down (4096x14336) is one of the three
+    assert parse_shapes("llama3-8b") == MODEL_SHAPES["llama3-8b"]
+    assert parse_shapes("qwen2.5-7b", runtime_maps=True) == [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
+    with pytest.raises(SpqtError, match="unknown shape 'qwen2.5-7b'"):
+        parse_shapes("qwen2.5-7b")
+    default = parse_shapes(TUNE_SHAPES, runtime_maps=True)
+    assert len(default) == len(set(default))
+    assert set(default) == {s for name in MODEL_SHAPES for s in MODEL_SHAPES[name]} | set(runtime_shapes())
+
+
 def test_bench_decode_compares_each_level_with_dense():
     """spqt bench decode's rows: each sparse row's speed over its model's, type's and layout's dense row, and a line
     naming the levels slower than dense beyond the runs' margin (none where a model has no dense row)."""

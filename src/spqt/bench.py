@@ -60,19 +60,28 @@ def runtime_shapes() -> list[tuple[int, int]]:
     return list(dict.fromkeys(shapes))
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
+def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]:
+    """The (N, K) named by text, comma-separated: NxK, `runtime` (runtime_shapes), or a model name: its matrices one
+    by one (MODEL_SHAPES, the GEMV benchmark's). runtime_maps (spqt tune): a model name also gives its maps as the
+    runtime stores and runs them (q|k|v and gate|up fused), and names every synthetic geometry. In order, once each."""
+    from spqt.bench_decode import SYNTHETIC
+    from spqt.config import ModelConfig
+
     shapes = []
     for item in text.split(","):
         item = item.strip()
         if item == "runtime":
             shapes += runtime_shapes()
-        elif item in MODEL_SHAPES:
-            shapes += MODEL_SHAPES[item]
+        elif item in MODEL_SHAPES or (runtime_maps and item in SYNTHETIC):
+            shapes += MODEL_SHAPES.get(item, [])
+            if runtime_maps:
+                shapes += ModelConfig(**SYNTHETIC[item]).map_shapes()
         elif "x" in item:
             n, k = item.lower().split("x")
             shapes.append((int(n), int(k)))
         elif item:
-            raise SpqtError(f"unknown shape {item!r}: use NxK, runtime or one of {', '.join(MODEL_SHAPES)}")
+            names = SYNTHETIC if runtime_maps else MODEL_SHAPES
+            raise SpqtError(f"unknown shape {item!r}: use NxK, runtime or one of {', '.join(names)}")
     return list(dict.fromkeys(shapes))
 
 

@@ -692,7 +692,7 @@ def cmd_tune(args) -> int:
     if args.types is not None and (args.cuda_against_table or args.l2first is not None or args.pairs is not None):
         raise SpqtError("--types picks the types of a kernel tune, of --crossover-only and of --routes' synthetic "
                         "models; --cuda-against-table, --l2first and --pairs judge Q4_K's entries")
-    if args.shapes is not None and not parse_shapes(args.shapes):
+    if args.shapes is not None and not parse_shapes(args.shapes, runtime_maps=True):
         raise SpqtError(f"--shapes needs NxK or names, comma-separated; got {args.shapes!r}")
     models = _listed(args.routes or "")
     if args.routes is not None and (not models or not args.route_levels or args.route_rounds < 1
@@ -743,13 +743,13 @@ def cmd_tune(args) -> int:
             routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
         entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
     elif args.crossover_only:
-        entries = tune_crossover(parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES), types=types)
+        entries = tune_crossover(parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True), types=types)
     elif args.cuda_against_table:
         from spqt.kernels import zigzag_cuda
 
         if not zigzag_cuda.usable():
             raise SpqtError("--cuda-against-table needs an sm_80+ GPU and NVRTC (pip install 'spqt[cuda]')")
-        shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES)
+        shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True)
         entries = tuning.all_entries()
         fallbacks = {(v, f"{n}x{k}"): tuning.triton_config(v, n, k) for v in ("zigzag_dense", "zigzag_sparse")
                      for n, k in shapes}
@@ -762,7 +762,7 @@ def cmd_tune(args) -> int:
     else:
         # each (type, shape) timed here replaces its entries; the table's other shapes and types keep theirs
         if plan is None:
-            shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES)
+            shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True)
             plan = {("q4_k", tuning.VARIANTS) if fmt == "q4_k" else
                     (fmt, (f"zigzag_dense_{fmt}", f"zigzag_sparse_{fmt}")): shapes for fmt in types}
         elif not args.retune:
@@ -1055,7 +1055,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
     p.add_argument("--shapes", help="NxK list or names; runtime = the fused matrices of the synthetic and default "
-                   f"models (default {TUNE_SHAPES})")
+                   "models; a synthetic model's name = its maps as the runtime runs them (q|k|v and gate|up fused) "
+                   f"and, for the four of bench gemv, its matrices one by one (default {TUNE_SHAPES})")
     p.add_argument("--model", metavar="FILES",
                    help="tune the maps of these .spqt models (comma-separated) that this GPU's table has no entries "
                         "for: each map's type on its shape as stored (a quantized head dense only), instead of --shapes "
