@@ -16,11 +16,12 @@ import torch
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-# The gpu tests whose items take longest (the slowest 15 of a fresh H100's suite took 37-254 s each, most of it
-# compiling kernels): collected first on a GPU machine, 51 of its 235 gpu items. xdist's load scheduler deals the
-# collection's first quarter out round-robin and the rest in blocks of consecutive items as workers come free, so
-# only at the front do a test's items (one a launch config, a case group, a type, a family) run side by side on -n 8
-# rather than one after another, and the long ones start first (the suite's wall is its slowest worker's).
+# The gpu tests whose items take longest (the slowest 15 of a fresh H100's suite took 40-187 s each in the forty-ninth
+# session, most of it compiling kernels): collected first on a GPU machine, 51 of its 235 gpu items. xdist's load
+# scheduler deals the collection's first quarter out round-robin and the rest in blocks of consecutive items as
+# workers come free, so only at the front do a test's items (one a launch config, a case group, a type, a family) run
+# side by side on -n 8 rather than one after another, and the long ones start first (the suite's wall is its slowest
+# worker's).
 COMPILE_HEAVY = ("test_zigzag_variants", "test_row_variants", "test_rope_attention_decode", "test_tune_types",
                  "test_zigzag_fused_epilogues", "test_cuda_path_runs_biases_and_qk_norms",
                  "test_default_model_cuda_matches_cpu_reference", "test_gpu_mse_search_never_worse_than_reference",
