@@ -653,6 +653,13 @@ def _synthetic_models(value: str, flag: str) -> list[str]:
 TUNE_SHAPES = "llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime"  # spqt tune's --shapes by default
 
 
+def _tune_shapes(args) -> list[tuple[int, int]]:
+    """spqt tune's shapes: --shapes, else TUNE_SHAPES; a model name gives its maps as the runtime runs them too."""
+    from spqt.bench import parse_shapes
+
+    return parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True)
+
+
 def _model_tune_plan(args, paths: list[str]) -> dict | None:
     """spqt tune --model's plan of its files `paths` (bench.model_tune_plan: {(fmt, variants): shapes}) after its
     checks, or None without --model; one clear error, before any timing, for a bad use or a model with nothing to
@@ -743,13 +750,13 @@ def cmd_tune(args) -> int:
             routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
         entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
     elif args.crossover_only:
-        entries = tune_crossover(parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True), types=types)
+        entries = tune_crossover(_tune_shapes(args), types=types)
     elif args.cuda_against_table:
         from spqt.kernels import zigzag_cuda
 
         if not zigzag_cuda.usable():
             raise SpqtError("--cuda-against-table needs an sm_80+ GPU and NVRTC (pip install 'spqt[cuda]')")
-        shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True)
+        shapes = _tune_shapes(args)
         entries = tuning.all_entries()
         fallbacks = {(v, f"{n}x{k}"): tuning.triton_config(v, n, k) for v in ("zigzag_dense", "zigzag_sparse")
                      for n, k in shapes}
@@ -762,7 +769,7 @@ def cmd_tune(args) -> int:
     else:
         # each (type, shape) timed here replaces its entries; the table's other shapes and types keep theirs
         if plan is None:
-            shapes = parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True)
+            shapes = _tune_shapes(args)
             plan = {("q4_k", tuning.VARIANTS) if fmt == "q4_k" else
                     (fmt, (f"zigzag_dense_{fmt}", f"zigzag_sparse_{fmt}")): shapes for fmt in types}
         elif not args.retune:
