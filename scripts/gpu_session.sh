@@ -1659,7 +1659,7 @@ llama2-7b:now}" 90
     # into this tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_SETTINGS in turn
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    [ "${CROSS_SHAPES:-runtime}" != none ] && tune_crossovers  # ("runtime": the fused maps; "llama2-7b": raw matrices)
+    [ "${CROSS_SHAPES:-runtime}" != none ] && tune_crossovers  # ("runtime": every synthetic and default model's maps; "llama2-7b": its matrices one by one and its maps)
     for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
       for v in ${KEPT_SETTINGS:-0 table}; do
         echo "${run%%:*} SPQT_SPARSE_KEPT=$v"

@@ -450,9 +450,17 @@ def test_tune_shapes_name_the_maps_the_runtime_runs():
     assert parse_shapes("qwen2.5-7b", runtime_maps=True) == [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
     with pytest.raises(SpqtError, match="unknown shape 'qwen2.5-7b'"):
         parse_shapes("qwen2.5-7b")
+    for bad in ("12x", "mixtral", "4096x4096x2", "0x64"):
+        with pytest.raises(SpqtError, match=f"unknown shape '{bad}'"):
+            parse_shapes(bad, runtime_maps=True)
     default = parse_shapes(TUNE_SHAPES, runtime_maps=True)
     assert len(default) == len(set(default))
     assert set(default) == {s for name in MODEL_SHAPES for s in MODEL_SHAPES[name]} | set(runtime_shapes())
+    # what spqt tune itself times
+    from spqt import cli
+
+    assert cli._tune_shapes(cli.build_parser().parse_args(["tune", "--shapes", "llama3-8b"])) == tuned
+    assert cli._tune_shapes(cli.build_parser().parse_args(["tune"])) == default
 
 
 def test_bench_decode_compares_each_level_with_dense():

@@ -12,6 +12,7 @@ device copy measured in the same run (bytes read + written).
 import dataclasses
 import datetime
 import json
+import re
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -62,8 +63,9 @@ def runtime_shapes() -> list[tuple[int, int]]:
 
 def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]:
     """The (N, K) named by text, comma-separated: NxK, `runtime` (runtime_shapes), or a model name: its matrices one
-    by one (MODEL_SHAPES, the GEMV benchmark's). runtime_maps (spqt tune): a model name also gives its maps as the
-    runtime stores and runs them (q|k|v and gate|up fused), and names every synthetic geometry. In order, once each."""
+    by one (MODEL_SHAPES, the GEMV benchmark's). runtime_maps (spqt tune): a model name also gives its layers' maps as
+    the runtime stores and runs them (q|k|v and gate|up fused; not the head), and names every synthetic geometry. In
+    order, once each. SpqtError for anything else."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 
@@ -76,7 +78,7 @@ def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]
             shapes += MODEL_SHAPES.get(item, [])
             if runtime_maps:
                 shapes += ModelConfig(**SYNTHETIC[item]).map_shapes()
-        elif "x" in item:
+        elif re.fullmatch(r"[1-9][0-9]*x[1-9][0-9]*", item.lower()):
             n, k = item.lower().split("x")
             shapes.append((int(n), int(k)))
         elif item:
