@@ -295,6 +295,35 @@ def test_fp16_gemv_maps_run_dense_at_a_level(tiny_hf, tmp_path, capsys, layout, 
     assert 0 < runs["0.5", True]["achieved_sparsity"]["all"] < 1
 
 
+def test_soft_capped_logits_keep_an_overflow_not_finite(tiny_spqt, monkeypatch):
+    """Gemma 2's soft-cap of the logits (cap tanh(z / cap)) would turn an fp16 overflow of the head (+-inf) into +-cap,
+    a finite logit the generator's check passes: with the cap set and the head's fp16 outputs overflowing, generate()
+    stops with the one non-finite error, greedy and sampling; the finite logits are capped (|z| < cap, and the head's
+    small outputs kept to within tanh's rounding)."""
+    import dataclasses
+
+    from spqt.checkpoint import load_spqt
+    from spqt.errors import SpqtError
+    from spqt.generate import Sampling
+
+    gen = Generator(load_spqt(tiny_spqt), "cpu", dtype=torch.float16, max_len=64)
+    cap = 30.0
+    monkeypatch.setattr(gen.model, "config", dataclasses.replace(gen.model.config, final_logit_softcap=cap))
+    h = torch.randn(1, 3, gen.model.config.dim, generator=torch.Generator().manual_seed(0)).to(torch.float16)
+    with torch.no_grad():
+        plain = gen.model.output(gen.model.norm(h)).float()
+        capped = gen.model.logits(h)
+    assert bool(torch.isfinite(capped).all()) and float(capped.abs().max()) < cap
+    torch.testing.assert_close(capped, cap * torch.tanh(plain / cap))
+    head = gen.model.output.forward
+    monkeypatch.setattr(gen.model.output, "forward", lambda x: head(x) * 1e6)  # fp16: past 65504, +-inf
+    with torch.no_grad():
+        assert bool(torch.isinf(gen.model.logits(h)).any())
+    for sampling in (Sampling(), Sampling(0.8, seed=1)):
+        with pytest.raises(SpqtError, match=r"logits of the prompt are not finite numbers in fp16"):
+            gen.generate([3, 17, 42], 4, sampling)
+
+
 def test_logits_that_are_not_finite_stop_with_one_error(tiny_spqt, monkeypatch):
     """Activations that overflow fp16 with every weight finite (layer 0's attention norm weight scaled by 1e5: its
     outputs past 65504) stop generate() after the prefill, greedy or sampling (before a NaN probability would),
