@@ -298,6 +298,35 @@ def test_decode_attention_in_c_matches_torch(rng, n_heads, n_kv, hd, pos, masked
     assert not cpu_native.decode_attention_runs(two, caches[0], mask)
 
 
+def test_soft_capped_attention_keeps_an_overflow_not_finite(rng):
+    """Gemma 2's soft-cap of the scores leaves a non-finite score non-finite (tanh would cap an overflow into a finite
+    score and hide it): functional.soft_cap on +-inf and NaN, and the attention, torch's capped route and the C one,
+    with every cached key's score +inf (RoPE the identity, q's and the keys' first element 1 and +inf) is non-finite
+    for every head, where it is finite at a finite score."""
+    from spqt.functional import attention, soft_cap
+
+    got = soft_cap(torch.tensor([float("inf"), -float("inf"), float("nan"), 1.0, 100.0]), 30.0)
+    assert got[0] == float("inf") and got[1] == -float("inf") and bool(torch.isnan(got[2]))
+    torch.testing.assert_close(got[3:], 30.0 * torch.tanh(torch.tensor([1.0, 100.0]) / 30.0))
+    n_heads, n_kv, hd, pos, cap = 4, 2, 16, 9, 2.0
+    table = torch.cat([torch.ones(pos + 4, hd // 2), torch.zeros(pos + 4, hd // 2)], dim=1)  # [cos | sin]: no turn
+    qkv = torch.from_numpy(rng.standard_normal((1, 1, (n_heads + 2 * n_kv) * hd))).float()
+    qkv[0, 0, : n_heads * hd : hd] = 1.0  # every query head's first element
+    caches = [torch.from_numpy(rng.standard_normal((1, n_kv, pos + 4, hd))).float() for _ in range(2)]
+    mask, positions = torch.zeros(1, pos + 1), torch.tensor([pos])
+    finite = attention(qkv, table, positions, caches[0].clone(), caches[1].clone(), n_heads, n_kv, mask, pos + 1,
+                       softcap=cap)
+    assert bool(torch.isfinite(finite).all())
+    caches[0][:, :, :pos, 0] = float("inf")  # the cached keys' (the new one at pos is qkv's, finite)
+    routes = [False] if cpu_native.available() else [False, True]
+    for native in routes:
+        if native:
+            assert cpu_native.decode_attention_runs(qkv, caches[0], mask)
+        out = attention(qkv, table, positions, caches[0].clone(), caches[1].clone(), n_heads, n_kv, mask, pos + 1,
+                        native=native, softcap=cap)
+        assert not bool(torch.isfinite(out).any()), f"native {native}"
+
+
 def test_levels_below_the_cpu_crossover_run_dense(tiny_spqt, capsys, tmp_path):
     """On the CPU's native maps a level below cpu_native.SPARSE_FROM runs dense (the skipped blocks still stream, so
     the masking would cost more than it saves): generate says every map runs dense and why, counts nothing, and

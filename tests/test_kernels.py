@@ -834,6 +834,44 @@ def test_rope_attention_decode_soft_cap(rng, device, monkeypatch):
     assert any(case[3] > fused.ATTN_LONG_FROM and case[0] > case[1] and not case[5] for case in cases)  # (long)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_rope_attention_decode_soft_cap_keeps_an_overflow(device, monkeypatch):
+    """The decode attention's soft-cap (fused._soft_cap, both kernels) leaves a non-finite score non-finite, as
+    functional.soft_cap does: with RoPE the identity (a [cos | sin] table of ones and zeros), every query head's first
+    element 1 and the cached keys' +inf, every score but the new key's is +inf and every head's output non-finite
+    (written over a poison of zeros); the same inputs with finite keys give functional.attention's output. The
+    per-head kernel and the long spans' (grouped queries past ATTN_LONG_FROM keys)."""
+    from spqt import functional
+    from spqt.kernels import fused
+
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    gen = torch.Generator().manual_seed(0)
+    heads, kv, hd, cap = 4, 2, 32, 2.0
+    for pos in (9, fused.ATTN_LONG_FROM + 40):
+        monkeypatch.setattr(fused, "_ATTENTION_SCRATCH", {})
+        L = pos + 8
+        table = torch.cat([torch.ones(L, hd // 2), torch.zeros(L, hd // 2)], dim=1).to(device)
+        qkv = torch.randn(1, 1, (heads + 2 * kv) * hd, generator=gen)
+        qkv[0, 0, : heads * hd : hd] = 1.0
+        caches = [torch.randn(1, kv, L, hd, generator=gen) for _ in range(2)]
+        positions = torch.tensor([pos], device=device)
+        want = functional.attention(qkv, table.cpu(), positions.cpu(), caches[0].clone(), caches[1].clone(), heads,
+                                    kv, torch.zeros(1, pos + 1), pos + 1, softcap=cap)
+        for overflow in (False, True):
+            k = caches[0].clone()
+            if overflow:
+                k[:, :, :pos, 0] = float("inf")
+            out = torch.zeros((1, 1, heads, hd), dtype=dtype, device=device)
+            got = fused.rope_attention_decode(qkv.to(device, dtype), table, positions, k.to(device, dtype),
+                                              caches[1].to(device, dtype), heads, kv, pos + 1, 0, out=out,
+                                              softcap=cap).float().cpu()
+            if overflow:
+                assert not bool(torch.isfinite(got).any()), f"pos {pos}"
+            else:
+                torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3, msg=f"pos {pos}")
+        monkeypatch.undo()
+
+
 def test_decode_attention_compiles_for_hopper():
     """The decode attention's three kernels compile for sm_90 here (Triton's bundled ptxas, no GPU; the interpreter
     runs none of Triton's compile-time checks: a float constexpr in an `if` ran there and failed to compile), with

@@ -130,10 +130,11 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: fl
 
 def soft_cap(x: torch.Tensor, cap: float) -> torch.Tensor:
     """x -> cap * tanh(x / cap), same shape and dtype (Gemma 2's soft-capping of attention scores and logits, in
-    transformers' order of operations); cap 0: x itself."""
+    transformers' order of operations); cap 0: x itself. A non-finite x stays itself: tanh would turn an overflow
+    (+-inf) into +-cap, a finite score or logit that the generator's check of the logits passes."""
     if not cap:
         return x
-    return torch.tanh(x / cap) * cap
+    return torch.where(torch.isfinite(x), torch.tanh(x / cap) * cap, x)
 
 
 # Attention scores a capped attention (_capped_attention) holds at once, float32: 2^26 (256 MB; a 4,096-token prefill of

@@ -325,9 +325,6 @@ class Transformer(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The last layer's output (B, T, D) -> logits (B, T, vocab) float32: the final norm, the head, and Gemma 2's
-        soft-cap of the logits (torch ops inside the forward: a captured decode or prefill graph holds them too). A
-        non-finite head output stays so under the cap (tanh would turn an fp16 overflow into the cap itself), so the
-        generator's check of the logits sees it."""
-        logits = self.output(self.norm(x)).float()
-        cap = self.config.final_logit_softcap
-        return torch.where(torch.isfinite(logits), functional.soft_cap(logits, cap), logits) if cap else logits
+        soft-cap of the logits (torch ops inside the forward: a captured decode or prefill graph holds them too; a
+        non-finite head output stays so under the cap, for the generator's check of the logits)."""
+        return functional.soft_cap(self.output(self.norm(x)).float(), self.config.final_logit_softcap)

@@ -1213,7 +1213,7 @@ static void attention_chunk(const float *q, int64_t group, int64_t hd, const flo
     for (int64_t j = j0; j < j1; j++)
         for (int64_t g = 0; g < group; g++) {
             float sc = attention_dot(q + g * hd, keys + j * hd, hd) * scale;
-            if (softcap > 0.0f)
+            if (softcap > 0.0f && isfinite(sc))  /* a non-finite score stays so (functional.soft_cap) */
                 sc = tanhf(sc / softcap) * softcap;
             sc += mask[j];
             scores[g * ATTN_CHUNK + (j - j0)] = sc;

@@ -373,10 +373,11 @@ def _soft_cap(s, SOFTCAP: tl.constexpr):
     """Gemma 2's cap of attention scores s (fp32), SOFTCAP * tanh(s / SOFTCAP), from exp alone (the interpreter has
     no tanh): tanh |x| = (1 - e) / (1 + e) with e = exp(-2 |x|) in (0, 1], which never overflows; the sign put back.
     Against tanh: within 9e-8 absolute with the CPU's float32 exp (the interpreter's), times SOFTCAP; the GPU's exp is
-    approximate (ex2.approx), a few ulp more (not measured)."""
+    approximate (ex2.approx), a few ulp more (not measured). A non-finite s stays itself (functional.soft_cap's
+    rule: an overflow is not capped into a finite score)."""
     e = tl.exp(-2.0 * tl.abs(s) / SOFTCAP)
     t = (1.0 - e) / (1.0 + e)
-    return tl.where(s < 0, -t, t) * SOFTCAP
+    return tl.where(tl.abs(s) < float("inf"), tl.where(s < 0, -t, t) * SOFTCAP, s)
 
 
 @triton.jit
