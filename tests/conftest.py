@@ -17,7 +17,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 # The gpu tests whose items take longest (the slowest 15 of a fresh H100's suite took 40-187 s each in the forty-ninth
-# session, most of it compiling kernels): collected first on a GPU machine, 51 of its 235 gpu items. xdist's load
+# session, most of it compiling kernels): collected first on a GPU machine, 51 of its 236 gpu items. xdist's load
 # scheduler deals the collection's first quarter out round-robin and the rest in blocks of consecutive items as
 # workers come free, so only at the front do a test's items (one a launch config, a case group, a type, a family) run
 # side by side on -n 8 rather than one after another, and the long ones start first (the suite's wall is its slowest

@@ -851,9 +851,9 @@ def test_rope_attention_decode_soft_cap_keeps_an_overflow(device, monkeypatch):
         monkeypatch.setattr(fused, "_ATTENTION_SCRATCH", {})
         L = pos + 8
         table = torch.cat([torch.ones(L, hd // 2), torch.zeros(L, hd // 2)], dim=1).to(device)
-        qkv = torch.randn(1, 1, (heads + 2 * kv) * hd, generator=gen)
+        qkv = torch.randn(1, 1, (heads + 2 * kv) * hd, generator=gen).to(dtype).float()  # (the kernel's values)
         qkv[0, 0, : heads * hd : hd] = 1.0
-        caches = [torch.randn(1, kv, L, hd, generator=gen) for _ in range(2)]
+        caches = [torch.randn(1, kv, L, hd, generator=gen).to(dtype).float() for _ in range(2)]
         positions = torch.tensor([pos], device=device)
         want = functional.attention(qkv, table.cpu(), positions.cpu(), caches[0].clone(), caches[1].clone(), heads,
                                     kv, torch.zeros(1, pos + 1), pos + 1, softcap=cap)
