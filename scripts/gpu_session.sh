@@ -1189,7 +1189,8 @@ llama2-7b:now}" 90
   types24b)
     # Other types' maps re-tuned: bench decode of TYPE_DECODE (model:types:levels, a process a type and level) with the
     # shipped table, spqt tune --types T --shapes S for each T:S of TYPE_TUNES into one table ($OUT/tuned.json, then
-    # this tree), then the same decodes with it; within CALL_BUDGET (default 500 s)
+    # this tree), then the same decodes with it; within CALL_BUDGET (default 500 s). TYPE_TESTS=1: then the gpu test
+    # that runs every type entry of this GPU's table against the float64 product ($OUT/type-entries.log)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     type_decodes() {  # $1: before / after
@@ -1209,6 +1210,10 @@ llama2-7b:now}" 90
       echo "tune $run: $(( $(date +%s) - start )) s"
     done
     type_decodes after
+    if [ "${TYPE_TESTS:-0}" = 1 ]; then
+      timeout 240 python3 -m pytest -q -m gpu tests/test_kquant_cuda.py -k type_entries -n 8 -p no:cacheprovider 2>&1 \
+        | tail -3 | tee "$OUT/type-entries.log"
+    fi
     ;;
   final24)
     # The session's last call (the default model parked by the call before): every gpu test, then with types24a's
