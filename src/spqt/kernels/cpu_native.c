@@ -1241,7 +1241,7 @@ static void attention_chunk(const float *q, int64_t group, int64_t hd, const flo
 /* One decode token's attention after its q|k|v projection (batch 1): RoPE of q and k at position pos,
  * k and v written into the caches at pos, then per query head h (kv head h / (n_heads / n_kv))
  * softmax(q k_j / sqrt(hd) + mask_j) over keys j < length, times v; softcap > 0 (Gemma 2) caps each score before
- * the mask: tanh(q k_j / sqrt(hd) / softcap) softcap.
+ * the mask: tanh(q k_j / sqrt(hd) / softcap) softcap (a non-finite score kept).
  *   qkv: ((n_heads + 2 n_kv) hd) fp32; table: (max positions, hd) fp32 [cos | sin];
  *   cache_k, cache_v: (n_kv, max_len, hd) fp32; mask: (length) additive fp32; out: (n_heads hd) fp32.
  * The work is split into units of one kv head and ATTN_CHUNK keys (each key and value row read once for the
