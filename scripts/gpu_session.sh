@@ -381,13 +381,13 @@ decode_runs() {
 }
 # bench decode of synthetic:$2 at levels $3 (a process a level) while the stage's time (since $start) stays under
 # CALL_BUDGET (default $1); JSON to $4 where given; the tok/s lines prefixed with "$5: " where given; weight types $6
-# (comma-separated) where given, else Q4_K. Returns 1 (and says so) only when too little time is left; a run that fails
-# is named with its exit status.
+# (comma-separated) where given, else Q4_K; bench decode's options $7 (e.g. --after-capture) where given. Returns 1 (and
+# says so) only when too little time is left; a run that fails is named with its exit status.
 budget_decode() {
   local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) )) rc
   [ $left -lt 40 ] && { echo "no time left for $2 ${5:-}"; return 1; }
   timeout $left python3 -m spqt.cli bench decode --model synthetic:$2 --layouts zigzag --sparsity $3 \
-    ${4:+--json "$4"} ${6:+--types $6} > /tmp/budget-decode.log 2>&1
+    ${4:+--json "$4"} ${6:+--types $6} ${7:-} > /tmp/budget-decode.log 2>&1
   rc=$?
   grep tok/s /tmp/budget-decode.log | sed "s/^/${5:+$5: }/"
   [ $rc = 0 ] || { echo "bench decode $2 $3 ${5:-}: exit $rc"; tail -3 /tmp/budget-decode.log; }
@@ -1913,7 +1913,8 @@ PY
       || { echo "order48: the default model is not installed (park its parts first)"; exit 3; }
     ( TAIL_MODELS=default TAIL_VARIANTS="decode-first decode-first-triton" tail_probes $start 120 ""
       TAIL_MODELS=synthetic:llama2-7b \
-        TAIL_VARIANTS="decode-first decode-then-raw decode-then-driver decode-then-driver-empty decode-then-driver-relaxed" \
+        TAIL_VARIANTS="decode-first decode-then-raw decode-then-driver decode-then-driver-empty \
+decode-then-driver-relaxed" \
         tail_probes $start 420 ""
       TAIL_MODELS=synthetic:llama2-7b TAIL_ROUNDS=1 TAIL_VARIANTS="decode-first decode-then-raw" \
         tail_probes $start $(( ${CALL_BUDGET:-560} - 60 )) "--replay-stream side"
@@ -1958,10 +1959,7 @@ decode-then-pool"
     start=$(date +%s)
     for round in $(seq ${AFTERC_ROUNDS:-2}); do
       for after in "" --after-capture; do
-        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-        [ $left -lt 45 ] && { echo "no time left for bench decode $after"; break 2; }
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b --layouts zigzag --sparsity 0 \
-          $after 2>&1 | grep -v WARN | grep "tok/s" | sed "s/^/round $round: /"
+        budget_decode 560 llama2-7b 0 "" "round $round" "" "$after" || break 2
       done
     done | tee "$OUT/afterc-decode.log"
     echo "afterc48: $(( $(date +%s) - start )) s"

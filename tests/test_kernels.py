@@ -838,10 +838,11 @@ def test_rope_attention_decode_soft_cap(rng, device, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 def test_rope_attention_decode_soft_cap_keeps_an_overflow(device, monkeypatch):
     """The decode attention's soft-cap (fused._soft_cap, both kernels) leaves a non-finite score non-finite, as
-    functional.soft_cap does: with RoPE the identity (a [cos | sin] table of ones and zeros), every query head's first
-    element 1 and the cached keys' +inf, every score but the new key's is +inf and every head's output non-finite
-    (written over zeros, so a skipped write reads as finite); the same inputs with finite keys give functional.attention's output. The
-    per-head kernel and the long spans' (grouped queries past ATTN_LONG_FROM keys)."""
+    functional.soft_cap does: with RoPE the identity (a [cos | sin] table of ones and zeros), every query head's
+    first element 1 and the cached keys' +inf, every score but the new key's is +inf and every head's output
+    non-finite (written over zeros, so a skipped write reads as finite); the same inputs with finite keys give
+    functional.attention's output. The per-head kernel and the long spans' (grouped queries past ATTN_LONG_FROM
+    keys)."""
     from spqt import functional
     from spqt.kernels import fused
 
@@ -1058,9 +1059,10 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
 
 def test_types_reach_the_crossovers_the_route_children_and_the_route_lookup(tiny_hf, tmp_path, monkeypatch, capsys):
     """The weight types a run names reach what it does (no GPU here: the timing faked): --crossover-only --types hands
-    them to tune_crossover (and a model's name in --shapes its fused maps, as to a kernel tune), which refuses other types before any timing where their CUDA GEMV does not run; a route
-    child gets --types for a synthetic model and none for a file (it brings its own: bench decode refuses --types
-    there); a model's decode steps look their route up under its types' key (a Q2_K model, a Q3_K_M mix)."""
+    them to tune_crossover (and a model's name in --shapes its fused maps, as to a kernel tune), which refuses other
+    types before any timing where their CUDA GEMV does not run; a route child gets --types for a synthetic model and
+    none for a file (it brings its own: bench decode refuses --types there); a model's decode steps look their route
+    up under its types' key (a Q2_K model, a Q3_K_M mix)."""
     import json
     import subprocess
     from argparse import Namespace

@@ -13,10 +13,10 @@ q/k norms are Qwen3's switch, and its norms' 1 + w and its attention scale need 
 norm weights). The sliding windows of Mistral, Phi-3 and Qwen (use_sliding_window) are sliding_window and
 sliding_layers too, without a table of their own. Gemma 2 is Gemma 3's switches without q/k norms or a local table
 (its sliding layers rotate by the model's one), plus two soft-caps: of the attention scores (attn_logit_softcap) and
-of the final logits (final_logit_softcap), each cap * tanh(x / cap) (a non-finite x kept). Phi-4-mini's partial RoPE (rope_dims: the
-leading 96 of each head's 128 dimensions rotated, the rest passed through) needs no change to the rotation either:
-the readers permute the head dimensions of q and k into its pairing (folding.py) and the table gives the
-passed-through pairs frequency 0. OLMo 2 is Gemma's post-norms without the norms before the attention and the MLP
+of the final logits (final_logit_softcap), each cap * tanh(x / cap) (a non-finite x kept). Phi-4-mini's partial
+RoPE (rope_dims: the leading 96 of each head's 128 dimensions rotated, the rest passed through) needs no change to the
+rotation either: the readers permute the head dimensions of q and k into its pairing (folding.py) and the table gives
+the passed-through pairs frequency 0. OLMo 2 is Gemma's post-norms without the norms before the attention and the MLP
 (pre_norms off: each map reads the residual stream as it is), and q/k norms over the whole of q and of k
 (qk_norm_scope "all": one RMSNorm over all heads of q, another over all heads of k, before RoPE) instead of per head.
 GLM-4 0414 needs no switch of its own: Gemma's four norms a layer (plain weights) with a SiLU-gated MLP, Qwen2's q/k/v
