@@ -125,6 +125,7 @@
 #                                    decode of synthetic gemma3-1b, qwen3-8b, phi3-mini in the session start's tree
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
+#   scripts/gpu_session.sh bars      every speed bar of issues 14 and 15 (BARS_PARTS), JSON, scripts/bars.py's verdicts
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
@@ -548,6 +549,35 @@ case "$stage" in
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -4
     done
     echo "fold9 stage: $(( $(date +%s) - start )) s"
+    ;;
+  bars)
+    # Every speed bar of issues 14 and 15 on this GPU, the most wanted first, within CALL_BUDGET (default 560 s); each
+    # of BARS_PARTS (default "decode q4k q4k7b types") in turn: decode, bench decode of the 7B at 0 and 50 % and the
+    # 70B dense (a process a level); q4k, bench gemv of the Q4_K 132 / 264 MB shapes (B2, B4 at 0-50 %); q4k7b, the
+    # 7B's maps as the runtime runs them; types, the other types on the large shapes (B2, B4 at 0 / 50 %). JSON and
+    # logs in $OUT/results.tgz (bars/), scripts/bars.py's verdicts in $OUT/bars.md and on the console.
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    large=28672x8192,8192x28672,57344x8192
+    mkdir -p /tmp/bars
+    for part in ${BARS_PARTS:-decode q4k q4k7b types}; do
+      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+      [ $left -lt 40 ] && { echo "no time left for $part"; continue; }
+      case $part in
+        decode) for run in llama2-7b:0,0.5 llama2-70b:0; do
+                  budget_decode 560 ${run%%:*} ${run#*:} "/tmp/bars/bars-decode-${run%%:*}.json" || break
+                done ;;
+        q4k) gemv="--shapes $large --sparsity 0,0.25,0.4,0.5" ;;
+        q4k7b) gemv="--shapes 12288x4096,22016x4096,4096x11008,4096x4096 --sparsity 0,0.25,0.4,0.5" ;;
+        types) gemv="--types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $large --sparsity 0,0.5" ;;
+        *) echo "unknown bars part: $part"; continue ;;
+      esac
+      [ $part = decode ] || timeout $left python3 -m spqt.cli bench gemv $gemv --variants B2,B4 \
+        --json "/tmp/bars/bars-gemv-$part.json" > "/tmp/bars/bars-gemv-$part.log" 2>&1
+      echo "bars $part: $(( $(date +%s) - start )) s"
+    done 2>&1 | tee /tmp/bars/bars.log
+    python3 scripts/bars.py /tmp/bars/bars-*.json | tee "$OUT/bars.md"
+    tar -C /tmp -czf "$OUT/results.tgz" bars
     ;;
   final)
     # On a fresh machine: every gpu test first (the bar: one call, under 8 minutes), then the 7B
