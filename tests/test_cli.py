@@ -222,6 +222,9 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
                            (["perplexity", model, "--data", str(text), "--batch", "0"], "--batch: must be at least 1"),
                            (["calibrate", model, "--data", str(text), "--tokens", "-5"], "--tokens: must be at least 1"),
                            (["calibrate", model, "--data", str(text), "--greedy-tokens", "0"], "must be at least 1"),
+                           (["bench", "decode", "--new-tokens", "-1"], "--new-tokens: must be at least 4"),
+                           (["bench", "decode", "--prompt-tokens", "0"], "--prompt-tokens: must be at least 1"),
+                           (["tune", "--routes", "x", "--new-tokens", "3"], "--new-tokens: must be at least 4"),
                            (["serve", model, "--ctx", "0"], "--ctx: must be at least 2")):
         _usage_error(capsys, argv, fragment)
     # the output's folder checked before the job, named as missing (not a ".probe" file)
@@ -233,7 +236,7 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
     # a quantize onto its own source would have replaced it (a GGUF's first bytes: the old code read on and failed later)
     source = tmp_path / "m.gguf"
     source.write_bytes(b"GGUF" + bytes(range(256)))
-    _error(capsys, ["quantize", str(source), "-o", str(source)], "is the source itself")
+    _error(capsys, ["quantize", str(source), "-o", str(source)], "is also the source: write it to another path")
     assert source.read_bytes() == b"GGUF" + bytes(range(256))
     source.unlink()
     loop = tmp_path / "loop"
@@ -244,6 +247,70 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
     fake.write_text("not a model")
     _error(capsys, ["generate", str(fake), "-p", "hi"], "not a GGUF file")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "notes.gguf", "text.txt"]  # nothing written
+
+
+def test_an_output_that_is_an_input_is_refused(capsys, tmp_path):
+    """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
+    exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths
+    compared as files (./x, links); calibrate -o naming the model itself stays the in-place default."""
+    model = tmp_path / "m.spqt"
+    model.write_bytes(b"model bytes")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox. " * 50)
+    link = tmp_path / "link.spqt"
+    link.symlink_to(model)
+    for argv, fragment in (
+            (["generate", str(model), "-p", "hi", "--json", str(link)], "--json"),
+            (["generate", str(model), "-f", str(text), "--json", str(text)], "is also the prompt file"),
+            (["generate", str(model), "-p", "hi", "--thresholds", str(text), "--json", str(text)],
+             "is also the --thresholds file"),
+            (["perplexity", str(model), "--data", str(text), "--json", str(model)], "is also the model"),
+            (["perplexity", str(model), "--data", str(text), "--json", str(text)], "is also the --data file"),
+            (["calibrate", str(model), "--data", str(text), "-o", str(text)], "is also the --data file"),
+            (["calibrate", str(model), "--data", str(text), "--json", str(model)], "is also the model"),
+            (["calibrate", str(model), "--data", str(text), "-o", str(model), "--json", str(link)],
+             "is also the output --json"),
+            (["calibrate", str(model), "--data", str(text), "--json", str(tmp_path / "x.json"), "-o",
+              str(tmp_path / "x.json")], "the output -o")):
+        _error(capsys, argv, fragment)
+    assert model.read_bytes() == b"model bytes" and text.read_text() == "the quick brown fox. " * 50
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.spqt", "m.spqt", "t.txt"]
+
+
+def test_a_failed_model_write_is_one_line(tmp_path):
+    """A .spqt write that fails inside safetensors (a file size limit here, as a full disk) ended in its traceback:
+    now SpqtError "cannot write ...", the temporary file removed and an older file at the path kept."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "m.spqt"
+    target.write_text("older")
+    code = ("import resource, torch\n"
+            "from safetensors.torch import save_file\n"
+            "from spqt.checkpoint import atomic_write\n"
+            "from spqt.errors import SpqtError\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))\n"
+            "try:\n"
+            f"    atomic_write({str(target)!r}, lambda tmp: save_file({{'w': torch.ones(1 << 16)}}, tmp))\n"
+            "except SpqtError as e:\n"
+            "    print('error:', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith(f"error: cannot write {target}: "), (out.stdout, out.stderr)
+    assert target.read_text() == "older" and [p.name for p in tmp_path.iterdir()] == ["m.spqt"]
+
+
+def test_a_closed_stdout_stops_quietly(capsys, monkeypatch):
+    """`spqt generate ... | head -c 1`: the reader gone, the next write raised BrokenPipeError through main (a
+    traceback, exit 1); now no output and exit 141, as a tool that SIGPIPE ended."""
+    import spqt.cli as cli
+
+    def gone(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(cli, "cmd_inspect", gone)
+    capsys.readouterr()
+    assert cli.main(["inspect", "x.spqt"]) == 141
+    assert capsys.readouterr().err == ""
 
 
 def test_an_unknown_option_is_shown_with_its_subcommand_usage(capsys):

@@ -55,6 +55,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 import spqt
 from spqt.config import ModelConfig
@@ -375,6 +376,8 @@ def atomic_write(path: Path, write, keep: bool = True) -> None:
             os.replace(tmp, path)
     except OSError as e:
         raise SpqtError(f"cannot write {path}: {e.strerror or e}") from None
+    except SafetensorError as e:  # safetensors' own I/O errors (a full disk, a file size limit)
+        raise SpqtError(f"cannot write {path}: {e}") from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

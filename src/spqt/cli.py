@@ -77,6 +77,23 @@ def _model_path(arg: str | None) -> Path:
     return Path(arg) if arg else default_spqt()
 
 
+def _check_outputs(outputs: list[tuple[str, str | None]], inputs: list[tuple[str, str | None]]) -> None:
+    """SpqtError where an output path (named by its flag) is one of the command's inputs or an output before it: the
+    command would overwrite a file it reads, or write one file twice. Pairs of (name, path); paths compared by realpath
+    (a link or ./x is the same file; no error on a symlink loop); None and "-" (standard input) skipped."""
+    seen: dict[str, str] = {}
+    for name, path in inputs:
+        if path and path != "-":
+            seen.setdefault(os.path.realpath(path), name)
+    for flag, path in outputs:
+        if not path:
+            continue
+        real = os.path.realpath(path)
+        if real in seen:
+            raise SpqtError(f"the output {flag} {path} is also the {seen[real]}: write it to another path")
+        seen[real] = f"output {flag}"
+
+
 # ---------------------------------------------------------------- quantize / inspect
 
 
@@ -97,8 +114,8 @@ def cmd_quantize(args) -> int:
         raise SpqtError("--gptq-tokens counts the tokens of --gptq TEXT...: pass the calibration text too")
     texts = [_read_text(f) for f in args.gptq or []]  # before the load: a bad path fails at once
     out = Path(args.output)
-    if os.path.realpath(out) == os.path.realpath(args.source):  # (realpath: no error on a symlink loop)
-        raise SpqtError(f"the output {out} is the source itself: write the .spqt to another path")
+    _check_outputs([("-o", args.output)], [("source", args.source)]
+                   + [("--gptq calibration text", f) for f in args.gptq or []])
     check_writable(out)
     device = resolve_device(args.device)
     start = time.perf_counter()
@@ -323,6 +340,8 @@ def cmd_generate(args) -> int:
         raise SpqtError("-n must be at least 1")
     if args.system is not None and not args.chat:
         raise SpqtError("--system is the chat's system message: it needs --chat")
+    _check_outputs([("--json", args.json)], [("model", args.model), ("prompt file", args.file),
+                                              ("--thresholds file", args.thresholds)])
     prompt_text = args.prompt if args.file is None else _prompt_file(args.file)
     if args.json:
         from spqt.checkpoint import check_writable
@@ -480,6 +499,8 @@ def cmd_perplexity(args) -> int:
     levels = args.sparsity
     for s in levels:
         check_sparsity(s)
+    _check_outputs([("--json", args.json)], [("model", args.model), ("--data file", args.data),
+                                              ("--thresholds file", args.thresholds)])
     data = Path(args.data)
     text = _read_text(data)
     if args.json:
@@ -546,6 +567,9 @@ def cmd_calibrate(args) -> int:
     from spqt.checkpoint import atomic_write, check_writable, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
 
+    # the model is read, then written in place or to -o (-o naming the model itself is the in-place default)
+    _check_outputs([("--json", args.json), ("-o", args.output)], [("--data file", f) for f in args.data])
+    _check_outputs([("--json", args.json)], [("model", args.model)])
     texts = [_read_text(f) for f in args.data]
     modes = sp.CALIBRATE_MODES[args.mode]
     criterion = sp.check_criterion(args.criterion)
@@ -1043,8 +1067,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layouts", default="row,zigzag")
     p.add_argument("--head", default="auto",
                    help="decode, synthetic models: the output head's type, as spqt quantize's --head (default auto: q6_k)")
-    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS)
-    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
+    p.add_argument("--prompt-tokens", type=_at_least(1), default=PROMPT_TOKENS, help="decode: the prompt's length")
+    p.add_argument("--new-tokens", type=_at_least(4), default=NEW_TOKENS,
+                   help="decode: tokens generated (at least 4: the first two steps, the graphs' capture, are not "
+                        "timed)")
     p.add_argument("--dtype", default="auto", help="decode: the compute dtype, auto (the runtime's: fp16, bf16 for "
                    "the families --dtype auto runs in bf16), fp16, bf16 or fp32 (the CUDA GEMV runs fp16 and bf16; "
                    "fp32 the Triton one)")
@@ -1102,9 +1128,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--routes: sparsity levels, comma-separated (a level runs the route of the highest level timed "
                         "at or below it; below all of them, off); default the evaluation's 0.25,0.4,0.5,0.65 (a process "
                         "a route and level and one for the dense step, each round: 26 on the 7B, ~5 minutes on an H200)")
-    p.add_argument("--route-rounds", type=int, default=2, help="--routes: rounds of the routes in turn (median)")
-    p.add_argument("--prompt-tokens", type=int, default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
-    p.add_argument("--new-tokens", type=int, default=NEW_TOKENS, help="--routes: as spqt bench decode")
+    p.add_argument("--route-rounds", type=_at_least(1), default=2,
+                   help="--routes: rounds of the routes in turn (median)")
+    p.add_argument("--prompt-tokens", type=_at_least(1), default=PROMPT_TOKENS, help="--routes: as spqt bench decode")
+    p.add_argument("--new-tokens", type=_at_least(4), default=NEW_TOKENS, help="--routes: as spqt bench decode")
     p.set_defaults(func=cmd_tune)
     parser.subcommands = sub.choices  # main() reports an unknown option under its subcommand's usage
     return parser
@@ -1130,6 +1157,13 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("spqt: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader of standard output went away (`spqt generate ... | head`): stop quietly, as
+        # a tool killed by SIGPIPE, with stdout on /dev/null so the interpreter's final flush cannot fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (a test's capture)
+            pass
+        return 128 + 13
 
 
 if __name__ == "__main__":
