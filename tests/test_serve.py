@@ -355,6 +355,82 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model
     assert server.health()["failed"] == 0
 
 
+def _post(server, path: str, body: bytes, content_type: str | None) -> tuple[int, dict]:
+    """(status, JSON) of a POST with this Content-Type header, or none (urllib would add a form's)."""
+    import http.client
+
+    conn = http.client.HTTPConnection(server.url.removeprefix("http://"), timeout=120)
+    headers = {"Authorization": f"Bearer {KEY}", **({"Content-Type": content_type} if content_type else {})}
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+def test_hostile_bodies_are_400s_not_tracebacks(server, model_id):
+    """The fiftieth session's sweep of the server: JSON nested past Python's recursion limit and a lone surrogate
+    (valid JSON: a string cut in the middle of an emoji) were 500s with a traceback; a non-JSON Content-Type ran
+    (text/plain is a form of request a web page sends cross-origin without asking first); a client that left
+    before the end of its body logged a traceback. Now OpenAI-shaped 400 / 415 answers and no error in the log."""
+    errors: list[str] = []
+
+    class Errors(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.ERROR:
+                errors.append(record.getMessage())
+
+    handler, uvicorn_log = Errors(), logging.getLogger("uvicorn.error")
+    uvicorn_log.addHandler(handler)
+    try:
+        deep = b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+        status, body = server.raw("/v1/chat/completions", deep)
+        assert status == 400 and "parse the JSON" in body["error"]["message"], body
+        for path, doc in (("/v1/chat/completions", r'{"messages": [{"role": "user", "content": "hi \ud800 x"}]}'),
+                          ("/v1/completions", r'{"prompt": "hi \udfff", "max_tokens": 4, "stream": true}')):
+            status, body = server.raw(path, doc.encode())
+            assert status == 400 and "not Unicode text" in body["error"]["message"], body
+        ok = json.dumps({"prompt": PROMPT, "max_tokens": 2}).encode()
+        for content_type in ("text/plain;charset=UTF-8", "application/x-www-form-urlencoded", None):
+            status, body = _post(server, "/v1/completions", ok, content_type)
+            assert status == 415 and body["error"]["code"] == "unsupported_media_type", (content_type, body)
+        assert _post(server, "/v1/completions", ok, "application/json; charset=utf-8")[0] == 200
+        host, port = server.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:  # 14 of the 1,000 bytes it announces, then gone
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                         + b"\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n" + b'{"prompt": "x"')
+            time.sleep(0.2)
+        deadline = time.monotonic() + 30
+        while "POST /v1/completions 400 client_closed" not in server.log_text():
+            assert time.monotonic() < deadline, server.log_text()[-2000:]
+            time.sleep(0.05)
+    finally:
+        uvicorn_log.removeHandler(handler)
+    assert errors == []
+    assert server.health()["failed"] == 0
+
+
+def test_a_plain_request_whose_client_leaves_is_logged_as_gone(server, model_id):
+    """A client that stops waiting for a non-streamed answer cancels its job; the log said "the server is stopping"
+    (503). Now: cancelled (client gone), 499 as nginx logs it; the next request is served."""
+    before = server.health()["cancelled"]
+    body = json.dumps({"prompt": "Once upon a time", "temperature": 0, "max_tokens": CTX - 8}).encode()
+    req = urllib.request.Request(server.url + "/v1/completions", data=body,
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with pytest.raises(OSError):  # the timeout; urllib closes the connection
+        urllib.request.urlopen(req, timeout=0.5)
+    deadline = time.monotonic() + 30
+    while (h := server.health())["cancelled"] == before or h["running"]:
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    log = server.log_text()
+    assert "POST /v1/completions cancelled (client gone) after" in log, log[-2000:]
+    assert "POST /v1/completions 499 client_closed" in log and "server is stopping" not in log, log[-2000:]
+    ok = server.client().completions.create(model=model_id, prompt=PROMPT, temperature=0, max_tokens=2)
+    assert ok.choices[0].text
+
+
 def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
     """As OpenAI checks a request: a value of another JSON type than the field's, or one this server would have to
     ignore, is a 400 naming the field (in param and message); what clients send (an integer temperature, nulls for

@@ -1,10 +1,10 @@
 """The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
-API key (401), body size (413), JSON syntax (400), fields (400, param naming the field), model name
-(404), prompt plus max_tokens within the context (400, code context_length_exceeded). Then it joins the
-scheduler's FIFO queue; the answer is one JSON body, or with `stream: true` server-sent events, a chunk
-per text piece and `data: [DONE]`. Cross-origin requests from a browser (CORS) are answered only for the origins
+API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
+param naming the field), model name (404), prompt plus max_tokens within the context (400, code
+context_length_exceeded). Then it joins the scheduler's FIFO queue; the answer is one JSON body, or with
+`stream: true` server-sent events, a chunk per text piece and `data: [DONE]`. Cross-origin requests from a browser (CORS) are answered only for the origins
 `spqt serve --allow-origin` names.
 """
 
@@ -19,6 +19,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Sampling
@@ -70,18 +71,32 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             raise too_large
         # Read to the end even past the limit (keeping nothing), so that a client which sends its whole
         # body before reading the answer gets the 413 instead of a reset connection.
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            # A browser sends text/plain or a form cross-origin without asking first (no CORS preflight): a web
+            # page could make this server generate. JSON only, as FastAPI's own body parsing since 0.65.2.
+            raise p.ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'} (curl: add "
+                             "-H 'Content-Type: application/json').", code="unsupported_media_type")
         body, size = bytearray(), 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > DRAIN_BYTES:
-                raise too_large
-            if size <= MAX_BODY_BYTES:
-                body += chunk
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > DRAIN_BYTES:
+                    raise too_large
+                if size <= MAX_BODY_BYTES:
+                    body += chunk
+        except ClientDisconnect:  # gone before the end of its body: the answer reaches no one
+            raise p.ApiError(400, "the client closed the connection before the end of its body",
+                             code="client_closed") from None
         if size > MAX_BODY_BYTES:
             raise too_large
         try:
             doc = json.loads(body, parse_constant=not_json)
-        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, not_json
+            json.dumps(doc, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") is JSON, not text
+        except UnicodeEncodeError as e:
+            raise p.ApiError(400, f"The request holds a string that is not Unicode text (a lone surrogate, "
+                             f"{e.object[e.start:e.end]!a}): a JSON string cut in the middle of a character?") from None
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, not_json; nested too deep
             raise p.ApiError(400, f"We could not parse the JSON body of your request ({e}).") from None
         try:
             req = model.model_validate(doc)
@@ -151,7 +166,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     if piece:
                         yield chunk({"content": piece})
                 if result is None:  # cancelled before its end (a finished job has its result, even if a stop
-                    raise cancelled()  # signal came after it): the server is stopping
+                    raise cancelled(job)  # signal came after it)
                 yield chunk({}, finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(result), choices=False)
@@ -180,7 +195,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     if piece:
                         yield body(piece)
                 if result is None:  # cancelled before its end (a finished job has its result, even if a stop
-                    raise cancelled()  # signal came after it): the server is stopping
+                    raise cancelled(job)  # signal came after it)
                 yield body("", finish=result.finish_reason)
                 if req.stream_options and req.stream_options.include_usage:
                     yield body("", usage=p.usage(result), choices=False)
@@ -215,15 +230,17 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         async for piece, result in run_job(request, job):
             pieces.append(piece)
         if result is None:  # cancelled: the client is gone, or the server is stopping
-            raise cancelled()
+            raise cancelled(job)
         return "".join(pieces), result
 
     return app
 
 
-def cancelled() -> p.ApiError:
-    """The answer to a request cancelled before its end; only a client still there reads it, so the server is
-    stopping (a client that went away cancelled its own)."""
+def cancelled(job: Job) -> p.ApiError:
+    """The answer to a request cancelled before its end: 503 when the server is stopping; when the client went away
+    (it cancelled its own job), 499 as nginx logs it, an answer no one reads, for the log's line."""
+    if job.client_gone.is_set():
+        return p.ApiError(499, "the request was cancelled: the client closed the connection", code="client_closed")
     return p.ApiError(503, "the request was cancelled: the server is stopping", type="server_error", code="cancelled")
 
 
@@ -238,7 +255,7 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            job.cancel()
+            job.cancel(client_gone=True)
             return
 
 
@@ -254,6 +271,9 @@ def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
             yield "data: [DONE]\n\n"
         except p.ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
+        except BaseException:  # the stream torn down before its end (GeneratorExit, CancelledError): the client left
+            job.cancel(client_gone=True)  # (a server that stops ends its jobs first: their streams end in an event)
+            raise
         finally:
             job.cancel()
 

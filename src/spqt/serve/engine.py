@@ -153,7 +153,7 @@ class Engine:
                    f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
                    f"{self.sparsity_label()}{achieved}")
         if job.cancelled.is_set():
-            log.info("%s cancelled (client gone or server stopping) after %s", job.label, figures)
+            log.info("%s cancelled (%s) after %s", job.label, job.cancel_reason, figures)
             job.emit("cancelled")
             return "cancelled"
         tail = text.flush()

@@ -33,6 +33,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
+    client_gone: threading.Event = field(default_factory=threading.Event)  # why it was cancelled: set, the client left
 
     def emit(self, kind: str, value: Any = None) -> None:
         """Post an event from the worker thread to the HTTP side. The last event marks the job finished
@@ -42,10 +43,16 @@ class Job:
             self.finished.set()
         self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
 
-    def cancel(self) -> None:
+    def cancel(self, client_gone: bool = False) -> None:
         """Client gone or server stopping: drop the job or end it at its next token (no-op once finished)."""
         if not self.finished.is_set():
+            if client_gone:
+                self.client_gone.set()
             self.cancelled.set()
+
+    @property
+    def cancel_reason(self) -> str:
+        return "client gone" if self.client_gone.is_set() else "server stopping"
 
 
 class Scheduler:
