@@ -14,6 +14,7 @@ whose bytes in the row's own type are 25 MB or more.
 """
 
 import json
+import math
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -46,9 +47,10 @@ def decode_bars(rows: list[dict], source: str) -> list[tuple[str, str, str, str]
         if model == "llama2-7b" and 0.5 in levels:
             for r in levels[0.5]:
                 t = r["tokens_per_s"]
-                ratio = f", {t / dense[0]:.3f}x dense" if dense else ""
-                ok = t >= 900 and (bool(dense) and t >= 1.5 * dense[0])
-                out.append(("7B at 50 % >= 900 tok/s and >= 1.5x dense", f"{t:.1f} tok/s{ratio}", _verdict(ok), source))
+                out.append(("7B at 50 % >= 900 tok/s", f"{t:.1f} tok/s", _verdict(t >= 900), source))
+                if dense:  # (the same file's dense row)
+                    out.append(("7B at 50 % >= 1.5x its dense", f"{t / dense[0]:.3f}x ({t:.1f} / {dense[0]:.1f})",
+                                _verdict(t >= 1.5 * dense[0]), source))
         if model == "llama2-70b" and dense:
             out += [("70B dense >= 75 % of the floor", f"{100 * r['frac_of_floor']:.1f} %",
                      _verdict(r["frac_of_floor"] >= 0.75), source) for r in levels[0.0]]
@@ -76,6 +78,8 @@ def gemv_bars(rows: list[dict], source: str) -> list[tuple[str, str, str, str]]:
             continue
         n, k = (int(v) for v in shape.split("x"))
         x = r["speedup_vs_B2"]
+        if not math.isfinite(x):  # no B2 row of this shape and type in the run
+            continue
         if typ == "q4_k":
             large = n * k * Q4K_BYTES_PER_WEIGHT / MB >= LARGE_MB
             need = (B4_LARGE if large else B4_SMALL).get(s)
@@ -88,6 +92,18 @@ def gemv_bars(rows: list[dict], source: str) -> list[tuple[str, str, str, str]]:
             out.append((f"{typ} B4 / B2 at {100 * s:g} % >= {need}x, {shape} ({size})", f"{x:.2f}x",
                         _verdict(x >= need), source))
     return out
+
+
+def expected_bars() -> list[str]:
+    """The bars a full `gpu_session.sh bars` run gives a figure for, at the least (the large shapes'; the 7B shapes'
+    GEMV bars too where its parts ran)."""
+    names = ["7B dense >= 600 tok/s", "7B at 50 % >= 900 tok/s", "7B at 50 % >= 1.5x its dense",
+             "70B dense >= 75 % of the floor"]
+    for typ in ("q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
+        names += [f"{typ} B2 >= {85 if typ == 'q4_k' else 75} % of copy, {shape}" for shape in COPY_SHAPES]
+    names += [f"q4_k B4 / B2 at {100 * s:g} % >= {need}x, {shape} (>= 25 MB)" for shape in COPY_SHAPES + ("57344x8192",)
+              for s, need in B4_LARGE.items()]
+    return names
 
 
 def judge(paths: list[Path]) -> list[tuple[str, str, str, str]]:
@@ -115,6 +131,9 @@ def main(argv: list[str]) -> int:
         print(f"| {bar} | {figure} | {status} | {source} |")
     missed = sum(r[2] == "missed" for r in rows)
     print(f"\n{len(rows)} figures, {missed} missed")
+    absent = [name for name in expected_bars() if name not in {r[0] for r in rows}]
+    if absent:  # a part that timed out or failed writes no JSON: its bars are named here, not passed over
+        print(f"no figure in these files for {len(absent)} bars: " + "; ".join(absent))
     return 0
 
 

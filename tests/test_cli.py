@@ -2,6 +2,7 @@
 (one line on stderr, exit code 2)."""
 
 import json
+import os
 
 import pytest
 
@@ -249,7 +250,7 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "notes.gguf", "text.txt"]  # nothing written
 
 
-def test_an_output_that_is_an_input_is_refused(capsys, tmp_path):
+def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths
     compared as files (./x, links); calibrate -o naming the model itself stays the in-place default."""
@@ -273,8 +274,17 @@ def test_an_output_that_is_an_input_is_refused(capsys, tmp_path):
             (["calibrate", str(model), "--data", str(text), "--json", str(tmp_path / "x.json"), "-o",
               str(tmp_path / "x.json")], "the output -o")):
         _error(capsys, argv, fragment)
+    hard = tmp_path / "hard.spqt"  # a hard link: another name, the same file
+    os.link(model, hard)
+    _error(capsys, ["perplexity", str(model), "--data", str(text), "--json", str(hard)], "is also the model")
+    _error(capsys, ["bench", "gemv", "--json", str(tmp_path / "b.out"), "--plot", str(tmp_path / "b.out")],
+           "the output --plot")
+    monkeypatch.setenv("SPQT_CACHE", str(tmp_path / "cache"))  # no MODEL: the default model's (unconverted) path
+    from spqt.default_model import default_spqt_path
+
+    _error(capsys, ["generate", "-p", "hi", "--json", str(default_spqt_path())], "is also the model")
     assert model.read_bytes() == b"model bytes" and text.read_text() == "the quick brown fox. " * 50
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.spqt", "m.spqt", "t.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.spqt", "link.spqt", "m.spqt", "t.txt"]
 
 
 def test_a_failed_model_write_is_one_line(tmp_path):
@@ -297,6 +307,20 @@ def test_a_failed_model_write_is_one_line(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.startswith(f"error: cannot write {target}: "), (out.stdout, out.stderr)
     assert target.read_text() == "older" and [p.name for p in tmp_path.iterdir()] == ["m.spqt"]
+
+
+def test_a_closed_pipe_ends_the_command_quietly(tiny_spqt, tmp_path):
+    """`spqt inspect m.spqt | head -0`: a block-buffered stdout (no PYTHONUNBUFFERED) met the gone reader only at
+    the interpreter's exit ("Exception ignored ... BrokenPipeError", exit 120); main flushes it, exit 141, no noise."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.Popen([sys.executable, "-m", "spqt.cli", "inspect", str(tiny_spqt)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env, cwd=tmp_path)
+    proc.stdout.close()  # the reader leaves before the command writes (its imports take a second)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == "", err
 
 
 def test_a_closed_stdout_stops_quietly(capsys, monkeypatch):

@@ -77,21 +77,38 @@ def _model_path(arg: str | None) -> Path:
     return Path(arg) if arg else default_spqt()
 
 
+def _model_file(arg: str | None) -> str:
+    """The model's path for _check_outputs, without converting the default model (its cache path)."""
+    from spqt.default_model import default_spqt_path
+
+    return arg or str(default_spqt_path())
+
+
 def _check_outputs(outputs: list[tuple[str, str | None]], inputs: list[tuple[str, str | None]]) -> None:
     """SpqtError where an output path (named by its flag) is one of the command's inputs or an output before it: the
-    command would overwrite a file it reads, or write one file twice. Pairs of (name, path); paths compared by realpath
-    (a link or ./x is the same file; no error on a symlink loop); None and "-" (standard input) skipped."""
-    seen: dict[str, str] = {}
+    command would overwrite a file it reads, or write one file twice. Pairs of (name, path), None skipped, and an
+    input "-" (standard input). Two paths are one file where their realpaths agree (a link, ./x; no error on a
+    symlink loop) or, both existing, os.path.samefile says so (hard links, a case-insensitive file system)."""
+    seen: list[tuple[str, str]] = []  # (path, what it is)
     for name, path in inputs:
         if path and path != "-":
-            seen.setdefault(os.path.realpath(path), name)
+            seen.append((path, name))
     for flag, path in outputs:
         if not path:
             continue
-        real = os.path.realpath(path)
-        if real in seen:
-            raise SpqtError(f"the output {flag} {path} is also the {seen[real]}: write it to another path")
-        seen[real] = f"output {flag}"
+        for other, name in seen:
+            if _same_file(path, other):
+                raise SpqtError(f"the output {flag} {path} is also the {name}: write it to another path")
+        seen.append((path, f"output {flag}"))
+
+
+def _same_file(a: str, b: str) -> bool:
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 # ---------------------------------------------------------------- quantize / inspect
@@ -340,7 +357,7 @@ def cmd_generate(args) -> int:
         raise SpqtError("-n must be at least 1")
     if args.system is not None and not args.chat:
         raise SpqtError("--system is the chat's system message: it needs --chat")
-    _check_outputs([("--json", args.json)], [("model", args.model), ("prompt file", args.file),
+    _check_outputs([("--json", args.json)], [("model", _model_file(args.model)), ("prompt file", args.file),
                                               ("--thresholds file", args.thresholds)])
     prompt_text = args.prompt if args.file is None else _prompt_file(args.file)
     if args.json:
@@ -499,7 +516,7 @@ def cmd_perplexity(args) -> int:
     levels = args.sparsity
     for s in levels:
         check_sparsity(s)
-    _check_outputs([("--json", args.json)], [("model", args.model), ("--data file", args.data),
+    _check_outputs([("--json", args.json)], [("model", _model_file(args.model)), ("--data file", args.data),
                                               ("--thresholds file", args.thresholds)])
     data = Path(args.data)
     text = _read_text(data)
@@ -569,7 +586,7 @@ def cmd_calibrate(args) -> int:
 
     # the model is read, then written in place or to -o (-o naming the model itself is the in-place default)
     _check_outputs([("--json", args.json), ("-o", args.output)], [("--data file", f) for f in args.data])
-    _check_outputs([("--json", args.json)], [("model", args.model)])
+    _check_outputs([("--json", args.json)], [("model", _model_file(args.model))])
     texts = [_read_text(f) for f in args.data]
     modes = sp.CALIBRATE_MODES[args.mode]
     criterion = sp.check_criterion(args.criterion)
@@ -637,6 +654,8 @@ def cmd_bench(args) -> int:
         raise SpqtError("--dtype is for spqt bench decode (the GEMV table times fp16 inputs)")
     if args.what == "gemv" and args.after_capture:
         raise SpqtError("--after-capture is for spqt bench decode (the GEMV table times kernels, not a decode step)")
+    _check_outputs([("--json", args.json), ("--plot", args.plot)],
+                   [("model", args.model)] if args.what == "decode" else [])
     if not torch.cuda.is_available():
         raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
     for s in args.sparsity:
@@ -1147,7 +1166,9 @@ def main(argv: list[str] | None = None) -> int:
             before = given[:given.index(args.command)] if args.command in given else []
             owner = parser if any(token in before for token in unknown) else parser.subcommands[args.command]
             owner.error(f"unrecognized arguments: {' '.join(unknown)}")
-        return int(args.func(args) or 0)
+        status = int(args.func(args) or 0)
+        sys.stdout.flush()  # here, not at the interpreter's exit: a reader gone (`| head`) is caught below
+        return status
     except SpqtError as e:
         print(f"spqt: error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -1157,8 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("spqt: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
-    except BrokenPipeError:  # the reader of standard output went away (`spqt generate ... | head`): stop quietly, as
-        # a tool killed by SIGPIPE, with stdout on /dev/null so the interpreter's final flush cannot fail again
+    except BrokenPipeError:  # the reader of a pipe went away (`spqt generate ... | head`, or of stderr): stop
+        # quietly, as a tool that SIGPIPE ended, with stdout on /dev/null so the interpreter's final flush cannot fail
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (a test's capture)

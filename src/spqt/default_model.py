@@ -31,6 +31,11 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def default_spqt_path() -> Path:
+    """Where default_spqt keeps the converted default model (whether or not it is there yet)."""
+    return cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v3.spqt"
+
+
 def default_spqt(progress: bool = True) -> Path:
     """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds;
     v2: with the column norms of the WINA criterion; v3: thresholds with greedy allocations and the
@@ -39,7 +44,7 @@ def default_spqt(progress: bool = True) -> Path:
     from spqt.sources import open_source
 
     gguf = default_gguf()
-    target = cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v3.spqt"
+    target = default_spqt_path()
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

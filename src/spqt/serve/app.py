@@ -4,8 +4,8 @@ A request is checked in this order, each failure answered with OpenAI's JSON err
 API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
 param naming the field), model name (404), prompt plus max_tokens within the context (400, code
 context_length_exceeded). Then it joins the scheduler's FIFO queue; the answer is one JSON body, or with
-`stream: true` server-sent events, a chunk per text piece and `data: [DONE]`. Cross-origin requests from a browser (CORS) are answered only for the origins
-`spqt serve --allow-origin` names.
+`stream: true` server-sent events, a chunk per text piece and `data: [DONE]`. Cross-origin requests from a browser
+(CORS) are answered only for the origins `spqt serve --allow-origin` names.
 """
 
 import asyncio
@@ -70,13 +70,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if int(request.headers.get("content-length") or 0) > DRAIN_BYTES:
             raise too_large
         # Read to the end even past the limit (keeping nothing), so that a client which sends its whole
-        # body before reading the answer gets the 413 instead of a reset connection.
-        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
-        if media_type != "application/json" and not media_type.endswith("+json"):
-            # A browser sends text/plain or a form cross-origin without asking first (no CORS preflight): a web
-            # page could make this server generate. JSON only, as FastAPI's own body parsing since 0.65.2.
-            raise p.ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'} (curl: add "
-                             "-H 'Content-Type: application/json').", code="unsupported_media_type")
+        # body before reading the answer gets the 413 (or 415) instead of a reset connection.
         body, size = bytearray(), 0
         try:
             async for chunk in request.stream():
@@ -85,11 +79,17 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     raise too_large
                 if size <= MAX_BODY_BYTES:
                     body += chunk
-        except ClientDisconnect:  # gone before the end of its body: the answer reaches no one
-            raise p.ApiError(400, "the client closed the connection before the end of its body",
+        except ClientDisconnect:  # gone before the end of its body: the answer reaches no one (499, as nginx logs it)
+            raise p.ApiError(499, "the client closed the connection before the end of its body",
                              code="client_closed") from None
         if size > MAX_BODY_BYTES:
             raise too_large
+        media_type = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            # A browser sends text/plain or a form cross-origin without asking first (no CORS preflight): a web
+            # page could make this server generate. JSON only, as FastAPI's own body parsing since 0.65.2.
+            raise p.ApiError(415, f"Content-Type must be application/json, got {media_type or 'none'} (curl: add "
+                             "-H 'Content-Type: application/json').", code="unsupported_media_type")
         try:
             doc = json.loads(body, parse_constant=not_json)
             json.dumps(doc, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") is JSON, not text
@@ -271,8 +271,8 @@ def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
             yield "data: [DONE]\n\n"
         except p.ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
-        except BaseException:  # the stream torn down before its end (GeneratorExit, CancelledError): the client left
-            job.cancel(client_gone=True)  # (a server that stops ends its jobs first: their streams end in an event)
+        except (GeneratorExit, asyncio.CancelledError):  # the stream torn down before its end: the client left (a
+            job.cancel(client_gone=True)  # server that stops cancels its jobs first, and the first reason stays)
             raise
         finally:
             job.cancel()

@@ -46,12 +46,13 @@ class Job:
     def cancel(self, client_gone: bool = False) -> None:
         """Client gone or server stopping: drop the job or end it at its next token (no-op once finished)."""
         if not self.finished.is_set():
-            if client_gone:
+            if client_gone and not self.cancelled.is_set():  # the first reason given stays
                 self.client_gone.set()
             self.cancelled.set()
 
     @property
     def cancel_reason(self) -> str:
+        """Why a cancelled job was cancelled, for the log: "client gone" or "server stopping"."""
         return "client gone" if self.client_gone.is_set() else "server stopping"
 
 
@@ -101,7 +102,7 @@ class Scheduler:
                 if job.cancelled.is_set():
                     outcome = "cancelled"
                     job.emit("cancelled")
-                    log.info("%s cancelled while queued", job.label)
+                    log.info("%s cancelled (%s) while queued", job.label, job.cancel_reason)
                 else:
                     outcome = self._run(job)
             except SpqtError as e:  # what the runtime says of this request (e.g. logits that are not finite)
