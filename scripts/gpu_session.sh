@@ -555,7 +555,8 @@ case "$stage" in
     # of BARS_PARTS (default "decode q4k q4k7b types types7b") in turn: decode, bench decode of the 7B at 0 and 50 %
     # and the 70B dense (a process a level); q4k, bench gemv of the Q4_K 132 / 264 MB shapes (B2, B4 at 0-50 %);
     # q4k7b, the 7B's maps as the runtime runs them; types, the other types on the large shapes (B2, B4 at 0 / 50 %);
-    # types7b, the other types on the 7B's maps. JSON and logs in $OUT/results.tgz (bars/); scripts/bars.py's
+    # types7b, the other types on the 7B's maps; levels (not in the default), "no level slower than dense": every
+    # level of the 7B, 8B, 13B and 70B (LEVEL_MODELS). JSON and logs in $OUT/results.tgz (bars/); scripts/bars.py's
     # verdicts in $OUT/bars.md and on the console (with the bars no part gave a figure for).
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
@@ -569,13 +570,16 @@ case "$stage" in
         decode) for run in llama2-7b:0,0.5 llama2-70b:0; do
                   budget_decode 560 ${run%%:*} ${run#*:} "/tmp/bars/bars-decode-${run%%:*}.json" || break
                 done ;;
+        levels) for m in ${LEVEL_MODELS:-llama2-7b llama3-8b llama2-13b llama2-70b}; do
+                  budget_decode 560 $m 0,0.25,0.4,0.5,0.65 "/tmp/bars/bars-levels-$m.json" || break
+                done ;;
         q4k) gemv="--shapes $large --sparsity 0,0.25,0.4,0.5" ;;
         q4k7b) gemv="--shapes $maps7b --sparsity 0,0.25,0.4,0.5" ;;
         types) gemv="--types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $large --sparsity 0,0.5" ;;
         types7b) gemv="--types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $maps7b --sparsity 0,0.5" ;;
         *) echo "unknown bars part: $part"; continue ;;
       esac
-      if [ $part != decode ]; then
+      if [ $part != decode ] && [ $part != levels ]; then
         timeout $left python3 -m spqt.cli bench gemv $gemv --variants B2,B4 --json "/tmp/bars/bars-gemv-$part.json" \
           > "/tmp/bars/bars-gemv-$part.log" 2>&1
         rc=$?  # bench gemv writes its JSON at the end: a part cut short leaves none, and bars.md names its bars
