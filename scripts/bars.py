@@ -31,6 +31,17 @@ def _verdict(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
+def _copy_bar(typ: str, shape: str) -> tuple[str, float]:
+    """B2's share-of-copy bar of a type on a 132 MB shape: its name and the share it needs."""
+    need = 0.85 if typ == "q4_k" else 0.75
+    return f"{typ} B2 >= {100 * need:.0f} % of copy, {shape}", need
+
+
+def _b4_bar(typ: str, sparsity: float, need: float, shape: str, size: str) -> str:
+    """The name of a B4-over-B2 bar."""
+    return f"{typ} B4 / B2 at {100 * sparsity:g} % >= {need}x, {shape} ({size})"
+
+
 def decode_bars(rows: list[dict], source: str) -> list[tuple[str, str, str, str]]:
     """Issue 14's decode bars from bench decode rows (Q4_K zigzag, any process): 7B dense >= 600 tok/s, 7B at 50 %
     >= 900 tok/s and >= 1.5x the same file's dense, 70B dense >= 75 % of its floor, no level slower than dense
@@ -71,9 +82,8 @@ def gemv_bars(rows: list[dict], source: str) -> list[tuple[str, str, str, str]]:
     for r in rows:
         typ, shape, s = r.get("type", "q4_k"), r["shape"], round(float(r["sparsity"]), 4)
         if r["variant"] == "B2" and s == 0 and shape in COPY_SHAPES:
-            need = 0.85 if typ == "q4_k" else 0.75
-            out.append((f"{typ} B2 >= {100 * need:.0f} % of copy, {shape}", f"{100 * r['frac_copy_bw']:.1f} %",
-                        _verdict(r["frac_copy_bw"] >= need), source))
+            bar, need = _copy_bar(typ, shape)
+            out.append((bar, f"{100 * r['frac_copy_bw']:.1f} %", _verdict(r["frac_copy_bw"] >= need), source))
         if r["variant"] != "B4" or s == 0:
             continue
         n, k = (int(v) for v in shape.split("x"))
@@ -89,8 +99,7 @@ def gemv_bars(rows: list[dict], source: str) -> list[tuple[str, str, str, str]]:
             need = 1.6 if (s == 0.5 and dense_mb >= LARGE_MB) else None
             size = f"{dense_mb:.0f} MB"
         if need is not None:
-            out.append((f"{typ} B4 / B2 at {100 * s:g} % >= {need}x, {shape} ({size})", f"{x:.2f}x",
-                        _verdict(x >= need), source))
+            out.append((_b4_bar(typ, s, need, shape, size), f"{x:.2f}x", _verdict(x >= need), source))
     return out
 
 
@@ -100,8 +109,8 @@ def expected_bars() -> list[str]:
     names = ["7B dense >= 600 tok/s", "7B at 50 % >= 900 tok/s", "7B at 50 % >= 1.5x its dense",
              "70B dense >= 75 % of the floor"]
     for typ in ("q4_k", "q8_0", "q6_k", "q5_k", "q3_k", "q2_k"):
-        names += [f"{typ} B2 >= {85 if typ == 'q4_k' else 75} % of copy, {shape}" for shape in COPY_SHAPES]
-    names += [f"q4_k B4 / B2 at {100 * s:g} % >= {need}x, {shape} (>= 25 MB)" for shape in COPY_SHAPES + ("57344x8192",)
+        names += [_copy_bar(typ, shape)[0] for shape in COPY_SHAPES]
+    names += [_b4_bar("q4_k", s, need, shape, ">= 25 MB") for shape in COPY_SHAPES + ("57344x8192",)
               for s, need in B4_LARGE.items()]
     return names
 

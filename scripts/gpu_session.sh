@@ -566,12 +566,11 @@ case "$stage" in
     for part in ${BARS_PARTS:-decode q4k q4k7b types types7b}; do
       left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
       [ $left -lt 40 ] && { echo "no time left for $part"; continue; }
+      runs="" gemv=""  # a decode part's model:levels, a bench gemv part's options
       case $part in
-        decode) for run in llama2-7b:0,0.5 llama2-70b:0; do
-                  budget_decode 560 ${run%%:*} ${run#*:} "/tmp/bars/bars-decode-${run%%:*}.json" || break
-                done ;;
+        decode) runs="llama2-7b:0,0.5 llama2-70b:0" ;;
         levels) for m in ${LEVEL_MODELS:-llama2-7b llama3-8b llama2-13b llama2-70b}; do
-                  budget_decode 560 $m 0,0.25,0.4,0.5,0.65 "/tmp/bars/bars-levels-$m.json" || break
+                  runs="$runs $m:0,0.25,0.4,0.5,0.65"
                 done ;;
         q4k) gemv="--shapes $large --sparsity 0,0.25,0.4,0.5" ;;
         q4k7b) gemv="--shapes $maps7b --sparsity 0,0.25,0.4,0.5" ;;
@@ -579,7 +578,10 @@ case "$stage" in
         types7b) gemv="--types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $maps7b --sparsity 0,0.5" ;;
         *) echo "unknown bars part: $part"; continue ;;
       esac
-      if [ $part != decode ] && [ $part != levels ]; then
+      for run in $runs; do
+        budget_decode 560 ${run%%:*} ${run#*:} "/tmp/bars/bars-$part-${run%%:*}.json" || break
+      done
+      if [ -n "$gemv" ]; then
         timeout $left python3 -m spqt.cli bench gemv $gemv --variants B2,B4 --json "/tmp/bars/bars-gemv-$part.json" \
           > "/tmp/bars/bars-gemv-$part.log" 2>&1
         rc=$?  # bench gemv writes its JSON at the end: a part cut short leaves none, and bars.md names its bars
