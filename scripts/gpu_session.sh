@@ -126,6 +126,8 @@
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 #   scripts/gpu_session.sh bars      every speed bar of issues 14 and 15 (BARS_PARTS), JSON, scripts/bars.py's verdicts
+#   scripts/gpu_session.sh q5pairs51 Q5_K's tile pairs: the Q5_K gpu tests, bench gemv of Q5_K with the shipped table,
+#                                    spqt tune --types q5_k (Q5_SHAPES), bench gemv tuned and tuned without pairs
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
@@ -451,9 +453,15 @@ case "$stage" in
   tests)
     # With COMPILE_CACHE=1: the compile caches (Triton's kernels, the CUDA cubins) unpacked first from the carried
     # .carry/compile-cache.tgz.part-* where there are any, and packed after the tests into $OUT as 15 MiB parts
-    # (compile-cache.tgz.part-aa, ...) where the whole is at most 44 MiB, for a later call to carry.
+    # (compile-cache.tgz.part-aa, ...) where the whole is at most 44 MiB, for a later call to carry. FRESH_CACHES=1 (on
+    # a machine that earlier calls of the session warmed): empty cache folders of its own for Triton and spqt, so
+    # that the tests compile everything as on a fresh machine.
     export SPQT_CACHE=/tmp/spqt-cache
     [ "${COMPILE_CACHE:-0}" = 1 ] && export TRITON_CACHE_DIR=/tmp/triton-cache
+    if [ "${FRESH_CACHES:-0}" = 1 ]; then
+      export SPQT_CACHE=/tmp/spqt-cache-fresh TRITON_CACHE_DIR=/tmp/triton-cache-fresh
+      rm -rf $SPQT_CACHE $TRITON_CACHE_DIR
+    fi
     if [ "${COMPILE_CACHE:-0}" = 1 ] && ls .carry/compile-cache.tgz.part-* >/dev/null 2>&1; then
       cat .carry/compile-cache.tgz.part-* | tar -xzf - -C /tmp
       echo "compile caches carried: $(find $TRITON_CACHE_DIR $SPQT_CACHE/cuda $SPQT_CACHE/cpu -type f 2>/dev/null \
@@ -549,6 +557,55 @@ case "$stage" in
         --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -4
     done
     echo "fold9 stage: $(( $(date +%s) - start )) s"
+    ;;
+  q5pairs51)
+    # Q5_K's tile pairs (fifty-first session): the Q5_K gpu tests (B2 / B4 / finishes / folded norm / MODE_KEPT / bf16,
+    # pairs among the configs; this GPU's type entries), then within CALL_BUDGET (default 540 s) bench gemv of Q5_K
+    # on Q5_SHAPES (default the large shapes; B2, B4 at 0 / 50 %) with the shipped table, spqt tune --types q5_k on
+    # them (pairs among the candidates) into $OUT/tuned.json and this tree, bench gemv with it, and where a tuned
+    # entry took pairs the same entries without them (the pairs' own share); scripts/bars.py's verdicts of each run
+    # in $OUT/bars.md; the rest in $OUT/results.tgz (q5/)
+    export SPQT_CACHE=/tmp/spqt-cache
+    start=$(date +%s)
+    shapes=${Q5_SHAPES:-28672x8192,8192x28672,57344x8192}
+    rm -rf /tmp/q5 && mkdir -p /tmp/q5
+    timeout 240 python3 -m pytest -q -m gpu tests/test_kquant_cuda.py tests/test_q5k_cuda.py -k q5_k -n 8 -rsxX \
+      -p no:cacheprovider 2>&1 | tee /tmp/q5/q5-tests.log | grep -E "passed|failed|FAILED|Error" | tail -8
+    echo "q5 tests: $(( $(date +%s) - start )) s"
+    q5_bench() {  # $1: the table's tag
+      local left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
+      [ $left -lt 30 ] && { echo "no time left for bench $1"; return 1; }
+      timeout $left python3 -m spqt.cli bench gemv --types q5_k --shapes $shapes --sparsity 0,0.5 --variants B2,B4 \
+        --json "/tmp/q5/q5-$1.json" 2>&1 | grep -v WARN > "/tmp/q5/q5-$1.log"
+      grep -E " q5_k " "/tmp/q5/q5-$1.log" | sed "s/^/$1: /"
+      echo "bench $1: $(( $(date +%s) - start )) s"
+    }
+    q5_bench shipped
+    left=$(( ${CALL_BUDGET:-540} - 100 - ($(date +%s) - start) ))
+    if [ $left -ge 60 ]; then
+      timeout $left python3 -m spqt.cli tune --types q5_k --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
+        | grep -v WARN | tee /tmp/q5/q5-tune.log | grep -v "^ " | tail -12
+      echo "tune: $(( $(date +%s) - start )) s"
+    else echo "no time left for the tune"; fi
+    if [ -f "$OUT/tuned.json" ]; then
+      cp "$OUT/tuned.json" "$(tuned_table)"
+      q5_bench tuned
+      if python3 - "$OUT/tuned.json" "$(tuned_table)" <<'PYEOF'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+paired = [(v, s) for v, e in doc["entries"].items() if v.endswith("_q5_k") for s, c in e.items() if c.get("pairs")]
+for v, s in paired:
+    doc["entries"][v][s].pop("pairs")
+json.dump(doc, open(sys.argv[2], "w"))
+print("tuned entries with pairs:", paired)
+sys.exit(0 if paired else 1)
+PYEOF
+      then q5_bench nopairs; fi
+      cp "$OUT/tuned.json" "$(tuned_table)"
+    fi
+    files=$(ls /tmp/q5/q5-*.json 2>/dev/null)
+    [ -n "$files" ] && for f in $files; do echo "## $(basename $f)"; python3 scripts/bars.py $f; done | tee "$OUT/bars.md"
+    tar -C /tmp -czf "$OUT/results.tgz" q5
     ;;
   bars)
     # Every speed bar of issues 14 and 15 on this GPU, the most wanted first, within CALL_BUDGET (default 560 s); each

@@ -73,19 +73,20 @@
 #error "TYPE is 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
 #endif
 #ifndef PAIRS
-#define PAIRS 0  // Q4_K, ACC 8 or 2: tile pairs. An mma multiplies two tiles of the same 8 columns, T0 = 4 q + e and
+#define PAIRS 0  // Q4_K (Q5_K), ACC 8 or 2: tile pairs. An mma multiplies two tiles of the same 8 columns, T0 = 4 q + e and
 #endif           // T1 = T0 + 2 (bytes e and 2 + e of the lane's word q of a column, its fp16 halves once word >> 8 e is
                  // masked: no permutes), k = 2 t + j (j: T_j) for the slot pair's first column, 2 t + 8 + j for its
                  // second; T_j's rows want column n = T_j / 2 (its sub-block), so lane g's B holds x d sc[g] in half
                  // g % 2 (zero in the other). ACC 8: the pair (q, e) has an accumulator of its own, no selects; ACC 2:
                  // pairs of one e share c[e], B zero outside lanes 2 q, 2 q + 1 (a select a pair q and slot). The
-                 // levels' assembly takes 80 instructions a chunk instead of 96.
+                 // levels' assembly takes 80 instructions a chunk instead of 96. Q5_K, ACC 8 or 2: the same, each A
+                 // register ORed with its two fifth bits (byte q of the slot's word spread by one multiply, >> e)
                  // Q2_K and Q3_K, ACC 8: the lane's word W of a column (Q3_K: of parity p), >> 8 e (Q3_K rotated)
                  // and masked for tile parity p, holds tiles T0 = 8 W + 2 e + p and T1 = T0 + 4 as an fp16 pair (its
                  // bytes e and 2 + e); T_j's rows want column n = T_j / 2, so lane g's B holds x d sc[2 g + p] in
                  // half (g / 2) % 2; the pair (W, e, p) has an accumulator of its own: no selects, no level permutes
-#if PAIRS && !((TYPE == 4 && (ACC == 8 || ACC == 2)) || ((TYPE == 2 || TYPE == 3) && ACC == 8))
-#error "PAIRS is Q4_K's (TYPE 4) at ACC 8 or 2 and Q2_K's / Q3_K's (TYPE 2 / 3) at ACC 8"
+#if PAIRS && !(((TYPE == 4 || TYPE == 5) && (ACC == 8 || ACC == 2)) || ((TYPE == 2 || TYPE == 3) && ACC == 8))
+#error "PAIRS is Q4_K's / Q5_K's (TYPE 4 / 5) at ACC 8 or 2 and Q2_K's / Q3_K's (TYPE 2 / 3) at ACC 8"
 #endif
 #if PAIRS && PROBE_CUT > 1
 #error "PROBE_CUT 2-4 cut the 16-tile assembly, not PAIRS'"
@@ -664,7 +665,17 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #pragma unroll
       for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
         const u32 wa = (&ch.w[2 * hs].x)[q] >> (8 * e), wb = (&ch.w[2 * hs + 1].x)[q] >> (8 * e);
+#if TYPE == 5
+        // fifth bits: byte q of the slot's word (bit s: tile 4 q + s row g, bit s + 4: row g + 8) as B << 4 | B << 18
+        // (one multiply, no carries), shifted by e: T0's row g at bit 4, row g + 8 at 8, T1's (bits e + 2, e + 6) at
+        // 20 and 24, where each half's fp16 subnormal wants them above its nibble
+        const u32 za = (__byte_perm(ch.hb[2 * hs], 0u, 0x4440u | q) * 0x40010u) >> e;
+        const u32 zb = (__byte_perm(ch.hb[2 * hs + 1], 0u, 0x4440u | q) * 0x40010u) >> e;
+        const u32 a0 = (wa & 0x000F000Fu) | (za & 0x00100010u), a1 = (wa & 0x00F000F0u) | (za & 0x01000100u);
+        const u32 a2 = (wb & 0x000F000Fu) | (zb & 0x00100010u), a3 = (wb & 0x00F000F0u) | (zb & 0x01000100u);
+#else
         const u32 a0 = wa & 0x000F000Fu, a1 = wa & 0x00F000F0u, a2 = wb & 0x000F000Fu, a3 = wb & 0x00F000F0u;
+#endif
 #if ACC == 8
         mma_tile(c[2 * q + e], a0, a1, a2, a3, bp[2 * hs], bp[2 * hs + 1]);
 #else
