@@ -126,8 +126,8 @@
 #                                    (.old) and this one; WINDOW_CROSS=1: Gemma 3 1B's crossovers, decode on them
 #   scripts/gpu_session.sh final     gpu tests on a fresh machine, 7B profiles now/before, default model, serve probe
 #   scripts/gpu_session.sh bars      every speed bar of issues 14 and 15 (BARS_PARTS), JSON, scripts/bars.py's verdicts
-#   scripts/gpu_session.sh q5pairs51 Q5_K's tile pairs: the Q5_K gpu tests, bench gemv of Q5_K with the shipped table,
-#                                    spqt tune --types q5_k (Q5_SHAPES), bench gemv tuned and tuned without pairs
+#   scripts/gpu_session.sh pairs51   Q5_K's and Q6_K's tile pairs: their gpu tests (TESTS51), bench gemv of TYPES51 with
+#                                    the shipped table, spqt tune --types (SHAPES51), bench gemv tuned and without pairs
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
@@ -558,54 +558,60 @@ case "$stage" in
     done
     echo "fold9 stage: $(( $(date +%s) - start )) s"
     ;;
-  q5pairs51)
-    # Q5_K's tile pairs (fifty-first session): the Q5_K gpu tests (B2 / B4 / finishes / folded norm / MODE_KEPT / bf16,
-    # pairs among the configs; this GPU's type entries), then within CALL_BUDGET (default 540 s) bench gemv of Q5_K
-    # on Q5_SHAPES (default the large shapes; B2, B4 at 0 / 50 %) with the shipped table, spqt tune --types q5_k on
-    # them (pairs among the candidates) into $OUT/tuned.json and this tree, bench gemv with it, and where a tuned
-    # entry took pairs the same entries without them (the pairs' own share); scripts/bars.py's verdicts of each run
-    # in $OUT/bars.md; the rest in $OUT/results.tgz (q5/)
+  pairs51)
+    # The nibble types' tile pairs (fifty-first session): with TESTS51=1 (default) the gpu tests of TYPES51 (default
+    # q5_k,q6_k: B2 / B4 / finishes / folded norm / MODE_KEPT / bf16, pairs among the configs; this GPU's type entries),
+    # then within CALL_BUDGET (default 540 s) bench gemv of TYPES51 on SHAPES51 (default the two 132 MB shapes; B2, B4
+    # at 0 / 50 %) with the shipped table, spqt tune --types TYPES51 on them (pairs among the candidates) into
+    # $OUT/tuned.json and this tree, bench gemv with it, and where a tuned entry took pairs the same entries without
+    # them (the pairs' own share); scripts/bars.py's verdicts of each run in $OUT/bars.md, the rest in
+    # $OUT/results.tgz (p51/)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
-    shapes=${Q5_SHAPES:-28672x8192,8192x28672,57344x8192}
-    rm -rf /tmp/q5 && mkdir -p /tmp/q5
-    timeout 240 python3 -m pytest -q -m gpu tests/test_kquant_cuda.py tests/test_q5k_cuda.py -k q5_k -n 8 -rsxX \
-      -p no:cacheprovider 2>&1 | tee /tmp/q5/q5-tests.log | grep -E "passed|failed|FAILED|Error" | tail -8
-    echo "q5 tests: $(( $(date +%s) - start )) s"
-    q5_bench() {  # $1: the table's tag
+    types=${TYPES51:-q5_k,q6_k}
+    shapes=${SHAPES51:-28672x8192,8192x28672}
+    rm -rf /tmp/p51 && mkdir -p /tmp/p51
+    if [ "${TESTS51:-1}" = 1 ]; then
+      timeout 240 python3 -m pytest -q -m gpu tests/test_kquant_cuda.py tests/test_q5k_cuda.py -k "${types//,/ or }" \
+        -n 8 -rsxX -p no:cacheprovider 2>&1 | tee /tmp/p51/tests.log | grep -E "passed|failed|FAILED|Error" | tail -8
+      echo "tests: $(( $(date +%s) - start )) s"
+    fi
+    p51_bench() {  # $1: the table's tag
       local left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
       [ $left -lt 30 ] && { echo "no time left for bench $1"; return 1; }
-      timeout $left python3 -m spqt.cli bench gemv --types q5_k --shapes $shapes --sparsity 0,0.5 --variants B2,B4 \
-        --json "/tmp/q5/q5-$1.json" 2>&1 | grep -v WARN > "/tmp/q5/q5-$1.log"
-      grep -E " q5_k " "/tmp/q5/q5-$1.log" | sed "s/^/$1: /"
+      timeout $left python3 -m spqt.cli bench gemv --types $types --shapes $shapes --sparsity 0,0.5 --variants B2,B4 \
+        --json "/tmp/p51/bench-$1.json" 2>&1 | grep -v WARN > "/tmp/p51/bench-$1.log"
+      grep -E " q[0-9]_k " "/tmp/p51/bench-$1.log" | sed "s/^/$1: /"
       echo "bench $1: $(( $(date +%s) - start )) s"
     }
-    q5_bench shipped
-    left=$(( ${CALL_BUDGET:-540} - 100 - ($(date +%s) - start) ))
+    p51_bench shipped
+    left=$(( ${CALL_BUDGET:-540} - 90 - ($(date +%s) - start) ))
     if [ $left -ge 60 ]; then
-      timeout $left python3 -m spqt.cli tune --types q5_k --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
-        | grep -v WARN | tee /tmp/q5/q5-tune.log | grep -v "^ " | tail -12
+      timeout $left python3 -m spqt.cli tune --types $types --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
+        | grep -v WARN | tee /tmp/p51/tune.log | grep -v "^ " | tail -12
       echo "tune: $(( $(date +%s) - start )) s"
     else echo "no time left for the tune"; fi
     if [ -f "$OUT/tuned.json" ]; then
       cp "$OUT/tuned.json" "$(tuned_table)"
-      q5_bench tuned
-      if python3 - "$OUT/tuned.json" "$(tuned_table)" <<'PYEOF'
+      p51_bench tuned
+      if python3 - "$OUT/tuned.json" "$(tuned_table)" "$types" "$shapes" <<'PYEOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
-paired = [(v, s) for v, e in doc["entries"].items() if v.endswith("_q5_k") for s, c in e.items() if c.get("pairs")]
+variants = [f"zigzag_{kind}_{fmt}" for fmt in sys.argv[3].split(",") for kind in ("dense", "sparse")]
+paired = [(v, s) for v in variants for s in sys.argv[4].split(",") if doc["entries"].get(v, {}).get(s, {}).get("pairs")]
 for v, s in paired:
     doc["entries"][v][s].pop("pairs")
 json.dump(doc, open(sys.argv[2], "w"))
 print("tuned entries with pairs:", paired)
 sys.exit(0 if paired else 1)
 PYEOF
-      then q5_bench nopairs; fi
+      then p51_bench nopairs; fi
       cp "$OUT/tuned.json" "$(tuned_table)"
     fi
-    files=$(ls /tmp/q5/q5-*.json 2>/dev/null)
-    [ -n "$files" ] && for f in $files; do echo "## $(basename $f)"; python3 scripts/bars.py $f; done | tee "$OUT/bars.md"
-    tar -C /tmp -czf "$OUT/results.tgz" q5
+    files=$(ls /tmp/p51/bench-*.json 2>/dev/null)
+    for f in $files; do echo "## $(basename $f)"; python3 scripts/bars.py $f | grep -E "${types//,/|}|figures"; done \
+      | tee "$OUT/bars.md"
+    tar -C /tmp -czf "$OUT/results.tgz" p51
     ;;
   bars)
     # Every speed bar of issues 14 and 15 on this GPU, the most wanted first, within CALL_BUDGET (default 560 s); each

@@ -22,16 +22,17 @@ TYPES = ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"]
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1000, 1000), (2311, 777)]
 # (split, warps, pipe, acc): acc 8 and 4 with a select a class of tiles
 CONFIGS = [(1, 4, 0, 16), (7, 2, 1, 2), (64, 8, 0, 2), (33, 4, 1, 16), (13, 4, 0, 8), (5, 2, 0, 4)]
-# tile pairs (PAIRS; the low-pair types Q2_K, Q3_K at acc 8, Q5_K at 8 and 2): (split, warps, pipe, acc), run with
-# -DPAIRS=1
+# tile pairs (PAIRS; the low-pair types Q2_K, Q3_K at acc 8, Q5_K and Q6_K at 8 and 2): (split, warps, pipe, acc), run
+# with -DPAIRS=1
 LOW_PAIRS = [(13, 4, 0, 8), (64, 8, 1, 8), (3, 2, 0, 8)]
-PAIRS_CONFIGS = {"q2_k": LOW_PAIRS, "q3_k": LOW_PAIRS, "q5_k": [(13, 4, 0, 8), (64, 8, 1, 2), (3, 2, 0, 2)]}
+NIBBLE_PAIRS = [(13, 4, 0, 8), (64, 8, 1, 2), (3, 2, 0, 2)]
+PAIRS_CONFIGS = {"q2_k": LOW_PAIRS, "q3_k": LOW_PAIRS, "q5_k": NIBBLE_PAIRS, "q6_k": NIBBLE_PAIRS}
 PAIRS_TYPES = tuple(PAIRS_CONFIGS)
 
 
 def _configs(fmt: str) -> list[tuple]:
-    """(split, warps, pipe, acc, extra) of the type's GPU tests: CONFIGS, and for Q2_K / Q3_K / Q5_K their tile
-    pairs."""
+    """(split, warps, pipe, acc, extra) of the type's GPU tests: CONFIGS, and for Q2_K / Q3_K / Q5_K / Q6_K their
+    tile pairs."""
     return [c + ((),) for c in CONFIGS] + [c + (("-DPAIRS=1",),) for c in PAIRS_CONFIGS.get(fmt, [])]
 
 FP16_X_EPS = 2.0**-11  # the kernel holds x d sc in fp16 (zigzag_q4k.cu), as for Q4_K
@@ -277,7 +278,7 @@ def test_this_gpus_type_entries_compute_the_product(rng, fmt):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q8_0"])
+@pytest.mark.parametrize("fmt", ["q2_k", "q3_k", "q5_k", "q6_k", "q8_0"])
 def test_zigzag_cuda_types_finishes(rng, fmt):
     """The type's own finishes (the last program's; B2 and B4 at 50 %): plain, residual and SwiGLU against torch on
     the reduction kernel's plain output, as the Q4_K CUDA test. Q8_0 also with cluster=True on sm_90 (gemv_zigzag
@@ -291,7 +292,7 @@ def test_zigzag_cuda_types_finishes(rng, fmt):
     if fmt == "q8_0" and zigzag_cuda.clusters_run(x.device):
         finishes.append({"cluster": True})
     for finish in finishes:
-        # split 7: SwiGLU's cluster of 14 programs; Q2_K, Q3_K and Q5_K also with their tile pairs
+        # split 7: SwiGLU's cluster of 14 programs; Q2_K, Q3_K, Q5_K and Q6_K also with their tile pairs
         for split, acc, extra in ((1, 16, ()), (7, 2, ())) + (((7, 8, ("-DPAIRS=1",)),) if fmt in PAIRS_TYPES else ()):
             ws = kg.ZigzagWorkspace(gw, split, torch.float16)
             for mode in (kg.MODE_DENSE, kg.MODE_INDEXED):
@@ -401,7 +402,7 @@ def test_zigzag_cuda_types_run_bf16(rng, fmt):
     """bf16 x on the type's CUDA GEMV (XBF16: B rounded to fp16 as for fp16 x, y bf16): B2, the collected B4 and
     MODE_KEPT at 50 %, B2 with the RMSNorm folded, on poisoned workspaces within the fp32 sum's bound of the float64
     product (y's bf16 rounding); bit-identical on a rerun; the residual finished by the last program; a config without
-    and (Q2_K, Q3_K, Q5_K) with tile pairs, a partial last chunk (777 columns)."""
+    and (Q2_K, Q3_K, Q5_K, Q6_K) with tile pairs, a partial last chunk (777 columns)."""
     eps = 1e-5
     for shape in ((4096, 4096), (2311, 777)):
         qw, gw, refs = _gpu_case(rng, fmt, shape)
@@ -435,11 +436,13 @@ def test_zigzag_cuda_types_run_bf16(rng, fmt):
                 assert_kept_residual_finish(gw, x, ws, kw | {"threshold": t}, what)
 
 
-def test_q5_k_tile_pairs_compile_for_sm90(tmp_path, monkeypatch):
-    """Q5_K's tile pairs (PAIRS at 8 and 2 accumulators) compile with NVRTC for sm_90 without spills in B2, B4 and the
-    SwiGLU finish, 16 mma in the main loop; B2's loop no longer than without pairs (351 / 339 instructions against 356
-    / 344 when written), half the permutes (24: the scales, B and a byte of fifth bits a slot and word), no select at
-    8; at 4 accumulators PAIRS does not compile."""
+@pytest.mark.parametrize("bits", [5, 6])
+def test_nibble_tile_pairs_compile_for_sm90(bits, tmp_path, monkeypatch):
+    """Q5_K's and Q6_K's tile pairs (PAIRS at 8 and 2 accumulators) compile with NVRTC for sm_90 without spills in B2,
+    B4 and the SwiGLU finish, 16 mma in the main loop; B2's loop no longer than without pairs (when written: Q5_K 351 /
+    339 instructions at 2 / 8 against 356 / 344, Q6_K 370 / 340 against 380 / 356), half the permutes or fewer (24:
+    the scales, B and a byte or two of high bits a slot and word), at 8 no more selects than the scales' (Q6_K picks
+    its scale word by lane); at 4 accumulators PAIRS does not compile."""
     from spqt.kernels import nvrtc, zigzag_cuda
     from spqt.kernels.sass import disassemble, main_loop, opcode
 
@@ -451,17 +454,17 @@ def test_q5_k_tile_pairs_compile_for_sm90(tmp_path, monkeypatch):
         loops = []
         for extra in ((), ("-DPAIRS=1",)):
             sass, regs, stack = disassemble(nvrtc.compile_cubin(
-                source, zigzag_cuda.options(4, mode, 0, epilogue, extra, acc=acc, bits=5), "sm_90"))
+                source, zigzag_cuda.options(4, mode, 0, epilogue, extra, acc=acc, bits=bits), "sm_90"))
             loop = main_loop(sass, "HMMA")
             assert stack == 0 and sum("HMMA" in ln for ln in loop) == 16, (acc, epilogue, mode, extra)
             loops.append([opcode(ln) for ln in loop])
         if (mode, epilogue) == (zigzag_cuda.MODE_DENSE, -1):
             plain, pairs = loops
             assert len(pairs) <= len(plain) and pairs.count("PRMT") <= 24 < plain.count("PRMT"), (acc, len(pairs))
-            assert pairs.count("SEL") <= (1 if acc == 8 else 16), (acc, pairs.count("SEL"))
+            assert pairs.count("SEL") <= {8: {5: 1, 6: 12}[bits], 2: plain.count("SEL")}[acc], (acc, pairs.count("SEL"))
     with pytest.raises(Exception, match="PAIRS"):
         nvrtc.compile_cubin(source, zigzag_cuda.options(4, zigzag_cuda.MODE_DENSE, 0, -1, ("-DPAIRS=1",), acc=4,
-                                                        bits=5), "sm_90")
+                                                        bits=bits), "sm_90")
 
 
 @pytest.mark.parametrize("bits", [5, 6])

@@ -1,15 +1,16 @@
-"""Zigzag Q4_K and Q5_K on the CUDA GEMV with tile pairs (zigzag_q4k.cu, PAIRS: one mma multiplies two tiles of the
-same 8 columns, no permutes), emulated on the CPU bit for bit at 8 accumulators (no selects) and 2 (B zero outside the
-pair's lanes): the lanes' A registers from their level words (Q5_K: ORed with the fifth bits of their word), B in the
-lane's half, the 16 mma into the accumulators and program_sums' map of accumulator registers to rows. On the GPU:
-test_kernels.py's CUDA test (PAIRS_CONFIGS), test_kquant_cuda.py's (Q5_K)."""
+"""Zigzag Q4_K, Q5_K and Q6_K on the CUDA GEMV with tile pairs (zigzag_q4k.cu, PAIRS: one mma multiplies two tiles of
+the same 8 columns, no permutes), emulated on the CPU bit for bit at 8 accumulators (no selects) and 2 (B zero outside
+the pair's lanes): the lanes' A registers from their level words (Q5_K, Q6_K: ORed with the high bits of their words:
+nibble_pairs_mma), B in the lane's half (Q6_K: by the pair's tile parity), the 16 mma into the accumulators and
+program_sums' map of accumulator registers to rows. On the GPU: test_kernels.py's CUDA test (PAIRS_CONFIGS),
+test_kquant_cuda.py's (Q5_K, Q6_K)."""
 
 import numpy as np
 import pytest
 import torch
 
-from spqt.kernels import gpu_layout, gpu_layout_q5k
-from spqt.kernels.gpu_layout_types import q5_k_levels
+from spqt.kernels import gpu_layout, gpu_layout_q5k, gpu_layout_q6k
+from spqt.kernels.gpu_layout_types import q5_k_levels, q6_k_levels
 
 from cuda_emulation import byte_perm, fp16_halves
 from test_kernels_types import _random_blocks
@@ -22,10 +23,20 @@ def fifth_bits(hb: int, q: int, e: int) -> tuple[int, int]:
     return z & 0x00100010, z & 0x01000100
 
 
-def pair_chunk_rows(words: np.ndarray, v: np.ndarray, acc: int, fifth: np.ndarray | None = None) -> np.ndarray:
+def top_pairs(hb: tuple[int, int], q: int, e: int) -> tuple[int, int]:
+    """compute()'s Q6_K top bit pairs of pair (q, e) from a lane's two words hb of one column: (row g's, at bits 4-5
+    and 20-21; row g + 8's, at 8-9 and 24-25), bytes 2 (q % 2) and 2 (q % 2) + 1 of word q / 2 at bytes 0 and 2,
+    shifted by 4 - 2 e."""
+    b0 = 2 * (q & 1)
+    z = (byte_perm(hb[q >> 1], 0, b0 | 0x40 | ((b0 + 1) << 8) | 0x4000) << (4 - 2 * e)) & 0xFFFFFFFF
+    return z & 0x00300030, z & 0x03000300
+
+
+def pair_chunk_rows(words: np.ndarray, v, acc: int, high=None) -> np.ndarray:
     """One chunk as compute() and program_sums() take it at PAIRS and ACC acc (8 or 2): words (16 columns, 32) uint32
-    zigzag level words, v (8 sub-blocks g, 16 columns) the B value lane group g multiplies column c by, fifth (Q5_K;
-    16 columns, 8 lane groups) uint32 fifth-bit words; -> the 256 row sums (float64) before the min term."""
+    zigzag level words, v(g, e, c) the B value lane group g multiplies column c by in pair (q, e) (Q4_K, Q5_K: its
+    sub-block g's; Q6_K: tile 2 g + e's), high(c, g, q, e) (Q5_K, Q6_K) the bits above the nibbles of column c's A
+    registers (row g's, row g + 8's); -> the 256 row sums (float64) before the min / offset term."""
     c = np.zeros((acc, 16, 8))  # pair (q, e)'s accumulator: 2 q + e (ACC 8) or e (ACC 2); C (16 rows, 8 columns)
     for q in range(4):
         for e in range(2):
@@ -38,16 +49,15 @@ def pair_chunk_rows(words: np.ndarray, v: np.ndarray, acc: int, fifth: np.ndarra
                         lane_words = [words[col, 4 * g: 4 * g + 4] for col in cols]  # the lane's uint4 of each slot
                         wa = int(lane_words[2 * hs][q]) >> (8 * e)
                         wb = int(lane_words[2 * hs + 1][q]) >> (8 * e)
-                        fa, fb = ((0, 0), (0, 0)) if fifth is None else (
-                            fifth_bits(int(fifth[cols[2 * hs], g]), q, e),
-                            fifth_bits(int(fifth[cols[2 * hs + 1], g]), q, e))
+                        fa, fb = ((0, 0), (0, 0)) if high is None else (high(cols[2 * hs], g, q, e),
+                                                                           high(cols[2 * hs + 1], g, q, e))
                         a_mat[g, 2 * t: 2 * t + 2] = fp16_halves((wa & 0x000F000F) | fa[0])
                         a_mat[g + 8, 2 * t: 2 * t + 2] = fp16_halves((wa & 0x00F000F0) | fa[1])
                         a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves((wb & 0x000F000F) | fb[0])
                         a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves((wb & 0x00F000F0) | fb[1])
                         mine = acc == 8 or (g >> 1) == q
                         for k0, slot in ((2 * t, 2 * hs), (2 * t + 8, 2 * hs + 1)):
-                            bits = int(np.float16(v[g, cols[slot]]).view(np.uint16))
+                            bits = int(np.float16(v(g, e, cols[slot])).view(np.uint16))
                             b_mat[k0: k0 + 2, g] = fp16_halves(((bits << 16) | bits) & half_mask if mine else 0)
                 c[2 * q + e if acc == 8 else e] += a_mat @ b_mat
     rows = np.full(256, np.nan)
@@ -71,11 +81,11 @@ def test_q4k_cuda_tile_pairs_emulated(rng, acc):
     words = gpu_layout.pack_levels(torch.from_numpy(levels), "zigzag").numpy().view(np.uint32)
     v = rng.integers(-64, 64, size=(8, 16)) / 8.0  # fp16-exact B values
     want = np.array([sum(levels[c, r] * v[r // 32, c] for c in range(16)) for r in range(256)])
-    got = pair_chunk_rows(words, v, acc)
+    got = pair_chunk_rows(words, lambda g, e, c: v[g, c], acc)
     np.testing.assert_array_equal(got, want)
     levels[5, 77] = (levels[5, 77] + 1) % 16
     words = gpu_layout.pack_levels(torch.from_numpy(levels), "zigzag").numpy().view(np.uint32)
-    changed = np.nonzero(pair_chunk_rows(words, v, acc) != got)[0]
+    changed = np.nonzero(pair_chunk_rows(words, lambda g, e, c: v[g, c], acc) != got)[0]
     assert list(changed) == ([77] if v[77 // 32, 5] else [])
 
 
@@ -93,9 +103,38 @@ def test_q5k_cuda_tile_pairs_emulated(rng, acc):
     v = rng.integers(-64, 64, size=(8, 16)) / 8.0  # fp16-exact B values
     v[v == 0] = 0.5
     want = np.array([sum(int(levels[c, r]) * v[r // 32, c] for c in range(16)) for r in range(256)])
-    got = pair_chunk_rows(words, v, acc, fifth)
+    got = pair_chunk_rows(words, lambda g, e, c: v[g, c], acc, lambda c, g, q, e: fifth_bits(int(fifth[c, g]), q, e))
     np.testing.assert_array_equal(got, want)
     # row 16 m + 8 + g of tile m = 4 q + s is bit s + 4 of byte q of lane group g's word: m 13 (q 3, s 1), g 5
     fifth[9, 5] ^= 1 << (8 * 3 + 1 + 4)
-    changed = np.nonzero(pair_chunk_rows(words, v, acc, fifth) != got)[0]
+    changed = np.nonzero(pair_chunk_rows(words, lambda g, e, c: v[g, c], acc,
+                                         lambda c, g, q, e: fifth_bits(int(fifth[c, g]), q, e)) != got)[0]
     assert list(changed) == [16 * 13 + 8 + 5]
+
+
+@pytest.mark.parametrize("acc", [8, 2])
+def test_q6k_cuda_tile_pairs_emulated(rng, acc):
+    """Q6_K's tile pairs: every row of a chunk gets sum_c level[c, row] v[row / 16, c] with its six-bit levels and a
+    B per tile (its parity's) exactly (random blocks through gpu_layout_q6k), each row written once; a top bit flipped
+    in one column changes its row alone."""
+    qw = _random_blocks(rng, "q6_k", (256, 16))
+    gw = gpu_layout_q6k.repack(qw, "cpu")
+    levels = q6_k_levels(qw.blocks.reshape(16, 210)).numpy()  # column c's block, weight order
+    assert levels.max() > 47  # top pairs set (what the test is about)
+    words = gpu_layout.from_planes(gw.quants)[0].numpy().view(np.uint32)  # (16 columns, 32 words)
+    high = gw.high[0].numpy().view(np.uint32).copy()  # (16 columns, 16 words): words 2 g, 2 g + 1 of lane group g
+    v = rng.integers(-64, 64, size=(16, 16)) / 8.0  # B of tile m (16 rows) and column c, fp16-exact
+    v[v == 0] = 0.5
+    want = np.array([sum(int(levels[c, r]) * v[r // 16, c] for c in range(16)) for r in range(256)])
+
+    def rows():
+        return pair_chunk_rows(words, lambda g, e, c: v[2 * g + e, c], acc,
+                               lambda c, g, q, e: top_pairs((int(high[c, 2 * g]), int(high[c, 2 * g + 1])), q, e))
+
+    got = rows()
+    np.testing.assert_array_equal(got, want)
+    # tile m's row g + 8 pair: bits 4 + 2 (m % 2) of byte (m / 2) % 4 of word m / 8: m 11 (word 1, byte 1, bits 6, 7),
+    # g 2
+    high[6, 2 * 2 + 1] ^= 1 << (8 * 1 + 6)
+    changed = np.nonzero(rows() != got)[0]
+    assert list(changed) == [16 * 11 + 8 + 2]

@@ -44,9 +44,9 @@ def options(warps: int, mode: int, pipe: int, epilogue: int = -1, extra: tuple =
 
 
 def pairs_run(bits: int, acc: int) -> bool:
-    """Whether tile pairs (the .cu file's PAIRS) exist for this type (bits as launch's) and accumulator count: Q4_K and
-    Q5_K at 8 or 2, Q2_K and Q3_K at 8."""
-    return (bits in (4, 5) and acc in (2, 8)) or (bits in (2, 3) and acc == 8)
+    """Whether tile pairs (the .cu file's PAIRS) exist for this type (bits as launch's) and accumulator count: Q4_K,
+    Q5_K and Q6_K at 8 or 2, Q2_K and Q3_K at 8."""
+    return (bits in (4, 5, 6) and acc in (2, 8)) or (bits in (2, 3) and acc == 8)
 
 
 MAX_CLUSTER = 16  # programs a cluster may hold on sm_90 (above 8 with the non-portable size allowed)
@@ -273,8 +273,8 @@ def launch(quants: torch.Tensor, head: torch.Tensor, x: torch.Tensor, idx: torch
     if warps not in (1, 2, 4, 8) or pipe not in (0, 1) or acc not in ACCS:
         raise ValueError(f"warps 1, 2, 4 or 8, pipe 0 or 1 and acc one of {ACCS}, not {warps}, {pipe}, {acc}")
     if "-DPAIRS=1" in extra and not pairs_run(bits, acc):
-        raise ValueError(f"tile pairs run Q4_K / Q5_K (bits 4 / 5) at acc 8 or 2 and Q2_K / Q3_K (bits 2 / 3) at "
-                         f"acc 8, not bits {bits}, acc {acc}")
+        raise ValueError(f"tile pairs run Q4_K / Q5_K / Q6_K (bits 4 / 5 / 6) at acc 8 or 2 and Q2_K / Q3_K (bits 2 / "
+                         f"3) at acc 8, not bits {bits}, acc {acc}")
     if epilogue >= 0 and (y is None or counters is None or not fusable(n, epilogue)):
         raise ValueError("a fused finish needs y and the counters (and for SwiGLU N / 2 a multiple of 256)")
     dims = cluster_dims(n, epilogue, split) if cluster else None

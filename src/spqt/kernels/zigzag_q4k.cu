@@ -73,20 +73,21 @@
 #error "TYPE is 2 (Q2_K), 3 (Q3_K), 4 (Q4_K), 5 (Q5_K), 6 (Q6_K) or 8 (Q8_0)"
 #endif
 #ifndef PAIRS
-#define PAIRS 0  // Q4_K (Q5_K), ACC 8 or 2: tile pairs. An mma multiplies two tiles of the same 8 columns, T0 = 4 q + e and
+#define PAIRS 0  // Q4_K, ACC 8 or 2: tile pairs. An mma multiplies two tiles of the same 8 columns, T0 = 4 q + e and
 #endif           // T1 = T0 + 2 (bytes e and 2 + e of the lane's word q of a column, its fp16 halves once word >> 8 e is
                  // masked: no permutes), k = 2 t + j (j: T_j) for the slot pair's first column, 2 t + 8 + j for its
                  // second; T_j's rows want column n = T_j / 2 (its sub-block), so lane g's B holds x d sc[g] in half
                  // g % 2 (zero in the other). ACC 8: the pair (q, e) has an accumulator of its own, no selects; ACC 2:
                  // pairs of one e share c[e], B zero outside lanes 2 q, 2 q + 1 (a select a pair q and slot). The
-                 // levels' assembly takes 80 instructions a chunk instead of 96. Q5_K, ACC 8 or 2: the same, each A
-                 // register ORed with its two fifth bits (byte q of the slot's word spread by one multiply, >> e)
+                 // levels' assembly takes 80 instructions a chunk instead of 96. Q5_K and Q6_K, ACC 8 or 2: the same,
+                 // each A register ORed with the bits above its nibbles (nibble_pairs_mma); Q6_K's B by tile parity e.
                  // Q2_K and Q3_K, ACC 8: the lane's word W of a column (Q3_K: of parity p), >> 8 e (Q3_K rotated)
                  // and masked for tile parity p, holds tiles T0 = 8 W + 2 e + p and T1 = T0 + 4 as an fp16 pair (its
                  // bytes e and 2 + e); T_j's rows want column n = T_j / 2, so lane g's B holds x d sc[2 g + p] in
                  // half (g / 2) % 2; the pair (W, e, p) has an accumulator of its own: no selects, no level permutes
-#if PAIRS && !(((TYPE == 4 || TYPE == 5) && (ACC == 8 || ACC == 2)) || ((TYPE == 2 || TYPE == 3) && ACC == 8))
-#error "PAIRS is Q4_K's / Q5_K's (TYPE 4 / 5) at ACC 8 or 2 and Q2_K's / Q3_K's (TYPE 2 / 3) at ACC 8"
+#if PAIRS && !(((TYPE == 4 || TYPE == 5 || TYPE == 6) && (ACC == 8 || ACC == 2)) || \
+               ((TYPE == 2 || TYPE == 3) && ACC == 8))
+#error "PAIRS is Q4_K's / Q5_K's / Q6_K's (TYPE 4 / 5 / 6) at ACC 8 or 2 and Q2_K's / Q3_K's (TYPE 2 / 3) at ACC 8"
 #endif
 #if PAIRS && PROBE_CUT > 1
 #error "PROBE_CUT 2-4 cut the 16-tile assembly, not PAIRS'"
@@ -513,6 +514,38 @@ __device__ __forceinline__ void parity_pairs_mma(float (*c)[4], u32 b01e, u32 b2
 }
 #endif
 
+#if PAIRS && (TYPE == 4 || TYPE == 5 || TYPE == 6)
+// The nibble types' (Q4_K, Q5_K, Q6_K) tile pairs: pair (q, e) multiplies tiles T0 = 4 q + e and T1 = T0 + 2 of the
+// lane's 4 slots (2 an mma: slots 2 hs, k 2 t + j, and 2 hs + 1, k 2 t + 8 + j, for tile T_j) into c[2 q + e] (ACC 8)
+// or c[e] (ACC 2: B zero outside lanes 2 q, 2 q + 1, a select a pair q and slot). The A registers of a slot from its
+// level word q >> 8 e masked (row g: 0x000F000F, row g + 8: 0x00F000F0) and ORed with high(slot, q, e, row g + 8),
+// the bits above the nibbles (Q5_K: the fifth bit at 4 / 8 and 20 / 24; Q6_K: the top pair at 4-5 / 8-9 and 20-21 /
+// 24-25; Q4_K none); B from bp(e, slot): the slot's value in the lane's half g % 2 (the tile of the pair whose rows
+// want column g)
+template <typename High, typename BOf>
+__device__ __forceinline__ void nibble_pairs_mma(float (*c)[4], const LevelWords* w, int lane_g, High high, BOf bp) {
+#pragma unroll
+  for (int q = 0; q < 4; ++q) {
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+#pragma unroll
+      for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
+        const u32 wa = (&w[2 * hs].x)[q] >> (8 * e), wb = (&w[2 * hs + 1].x)[q] >> (8 * e);
+        const u32 a0 = (wa & 0x000F000Fu) | high(2 * hs, q, e, 0), a1 = (wa & 0x00F000F0u) | high(2 * hs, q, e, 1);
+        const u32 a2 = (wb & 0x000F000Fu) | high(2 * hs + 1, q, e, 0);
+        const u32 a3 = (wb & 0x00F000F0u) | high(2 * hs + 1, q, e, 1);
+#if ACC == 8
+        mma_tile(c[2 * q + e], a0, a1, a2, a3, bp(e, 2 * hs), bp(e, 2 * hs + 1));
+#else
+        const bool mine = PROBE_CUT == 1 || (lane_g >> 1) == q;
+        mma_tile(c[e], a0, a1, a2, a3, mine ? bp(e, 2 * hs) : 0u, mine ? bp(e, 2 * hs + 1) : 0u);
+#endif
+      }
+    }
+  }
+}
+#endif
+
 // The chunk's 16 tiles into c[ACC][4] (tile m into c[m % ACC]; PAIRS: its pair's, program_sums); B at n = g (lane_g)
 // for the lane's 4 slots;
 // the min term into bias[0] (Q6_K: the -32 d sc x term of tile 2 g into bias[0], of tile 2 g + 1 into bias[1]).
@@ -560,6 +593,27 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   // the offset term from the same fp16 values the tensor cores multiply: y = sum (q - 32) b exactly as summed
   bias[0] += 32.0f * (f16_lo_to_f32(b01e) + f16_hi_to_f32(b01e) + f16_lo_to_f32(b23e) + f16_hi_to_f32(b23e));
   bias[1] += 32.0f * (f16_lo_to_f32(b01o) + f16_hi_to_f32(b01o) + f16_lo_to_f32(b23o) + f16_hi_to_f32(b23o));
+#if PAIRS
+  // a pair's tiles T_j = 4 q + e + 2 j have parity e: lane g's B is x d sc[2 g + e] (be / bo) in its half g % 2, the
+  // fp16 values of b01e ... (the offset term's)
+  // (one byte permute each: the slot's fp16 into the lane's half, zeros into the other)
+  const u32 sel0 = (lane_g & 1) ? 0x1044u : 0x4410u, sel1 = (lane_g & 1) ? 0x3244u : 0x4432u;
+  const u32 bpe[4] = {__byte_perm(b01e, 0u, sel0), __byte_perm(b01e, 0u, sel1), __byte_perm(b23e, 0u, sel0),
+                      __byte_perm(b23e, 0u, sel1)};
+  const u32 bpo[4] = {__byte_perm(b01o, 0u, sel0), __byte_perm(b01o, 0u, sel1), __byte_perm(b23o, 0u, sel0),
+                      __byte_perm(b23o, 0u, sel1)};
+  nibble_pairs_mma(c, ch.w, lane_g,
+                   [&](int slot, int q, int e, int row8) -> u32 {
+                     // top pairs: T0's byte 2 (q % 2) of word q / 2 (bits 2 e: row g, 4 + 2 e: row g + 8), T1's the
+                     // byte after it, put at bytes 0 and 2 and shifted by 4 - 2 e: rows g at 4-5 / 20-21, g + 8 at
+                     // 8-9 / 24-25
+                     const int b0 = 2 * (q & 1);
+                     const u32 z = __byte_perm((q >> 1) ? ch.hb[slot].y : ch.hb[slot].x, 0u,
+                                               b0 | 0x40u | ((b0 + 1) << 8) | 0x4000u) << (4 - 2 * e);
+                     return z & (row8 ? 0x03000300u : 0x00300030u);
+                   },
+                   [&](int e, int slot) { return e ? bpo[slot] : bpe[slot]; });
+#endif
 #elif TYPE == 3
   // lane g's scales s[2 g] (tile 2 g: byte g of words 0-1, bits 0-5) and s[2 g + 1] (its bits 6-7, then nibble g
   // of word 2), each s - 32 exactly (OR into 2^23's mantissa, subtract 2^23 + 32); d in word 3
@@ -658,33 +712,19 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
   u32 bp[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) bp[i] = pack_f16x2(b[i], b[i]) & half_mask;
-#pragma unroll
-  for (int q = 0; q < 4; ++q) {
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-#pragma unroll
-      for (int hs = 0; hs < 2; ++hs) {  // slots 2 hs (k 2 t, 2 t + 1) and 2 hs + 1 (k 2 t + 8, 2 t + 9)
-        const u32 wa = (&ch.w[2 * hs].x)[q] >> (8 * e), wb = (&ch.w[2 * hs + 1].x)[q] >> (8 * e);
+  nibble_pairs_mma(c, ch.w, lane_g,
+                   [&](int slot, int q, int e, int row8) -> u32 {
 #if TYPE == 5
-        // fifth bits: byte q of the slot's word (bit s: tile 4 q + s row g, bit s + 4: row g + 8) as B << 4 | B << 18
-        // (one multiply, no carries), shifted by e: T0's row g at bit 4, row g + 8 at 8, T1's (bits e + 2, e + 6) at
-        // 20 and 24, where each half's fp16 subnormal wants them above its nibble
-        const u32 za = (__byte_perm(ch.hb[2 * hs], 0u, 0x4440u | q) * 0x40010u) >> e;
-        const u32 zb = (__byte_perm(ch.hb[2 * hs + 1], 0u, 0x4440u | q) * 0x40010u) >> e;
-        const u32 a0 = (wa & 0x000F000Fu) | (za & 0x00100010u), a1 = (wa & 0x00F000F0u) | (za & 0x01000100u);
-        const u32 a2 = (wb & 0x000F000Fu) | (zb & 0x00100010u), a3 = (wb & 0x00F000F0u) | (zb & 0x01000100u);
+                     // fifth bits: byte q of the slot's word (bit s: tile 4 q + s row g, bit s + 4: row g + 8) as
+                     // B << 4 | B << 18 (one multiply, no carries), shifted by e: T0's row g at bit 4, row g + 8 at 8,
+                     // T1's (bits e + 2, e + 6) at 20 and 24, where each half's fp16 subnormal wants them
+                     const u32 z = (__byte_perm(ch.hb[slot], 0u, 0x4440u | q) * 0x40010u) >> e;
+                     return z & (row8 ? 0x01000100u : 0x00100010u);
 #else
-        const u32 a0 = wa & 0x000F000Fu, a1 = wa & 0x00F000F0u, a2 = wb & 0x000F000Fu, a3 = wb & 0x00F000F0u;
+                     return 0u;
 #endif
-#if ACC == 8
-        mma_tile(c[2 * q + e], a0, a1, a2, a3, bp[2 * hs], bp[2 * hs + 1]);
-#else
-        const bool mine = PROBE_CUT == 1 || (lane_g >> 1) == q;
-        mma_tile(c[e], a0, a1, a2, a3, mine ? bp[2 * hs] : 0u, mine ? bp[2 * hs + 1] : 0u);
-#endif
-      }
-    }
-  }
+                   },
+                   [&](int, int slot) { return bp[slot]; });
 #else
   const u32 b01 = pack_f16x2(b[0], b[1]);
   const u32 b23 = pack_f16x2(b[2], b[3]);
