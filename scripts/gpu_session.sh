@@ -459,6 +459,7 @@ case "$stage" in
     export SPQT_CACHE=/tmp/spqt-cache
     [ "${COMPILE_CACHE:-0}" = 1 ] && export TRITON_CACHE_DIR=/tmp/triton-cache
     if [ "${FRESH_CACHES:-0}" = 1 ]; then
+      [ "${COMPILE_CACHE:-0}" = 1 ] && { echo "FRESH_CACHES and COMPILE_CACHE exclude each other"; exit 2; }
       export SPQT_CACHE=/tmp/spqt-cache-fresh TRITON_CACHE_DIR=/tmp/triton-cache-fresh
       rm -rf $SPQT_CACHE $TRITON_CACHE_DIR
     fi

@@ -16,27 +16,68 @@ from cuda_emulation import byte_perm, fp16_halves
 from test_kernels_types import _random_blocks
 
 
+def _cu_constants() -> dict:
+    """The constants of compute()'s Q5_K / Q6_K pair expressions, read from zigzag_q4k.cu itself (the emulation below
+    runs them, so a changed constant or shift there fails here; an expression rewritten so that these patterns no
+    longer match fails too, and the patterns must follow it)."""
+    import re
+
+    from spqt.kernels import zigzag_cuda
+
+    source, hexa = zigzag_cuda.SOURCE.read_text(), r"(0x[0-9A-F]+)u"
+    found = {
+        "q5": re.search(rf"__byte_perm\(ch\.hb\[slot\], 0u, {hexa} \| q\) \* {hexa}\) >> e;\s*"
+                        rf"return z & \(row8 \? {hexa} : {hexa}\);", source),
+        "q6": re.search(rf"const int b0 = 2 \* \(q & 1\);\s*const u32 z = __byte_perm\(\(q >> 1\) \? "
+                        rf"ch\.hb\[slot\]\.y : ch\.hb\[slot\]\.x, 0u,\s*b0 \| {hexa} \| \(\(b0 \+ 1\) << 8\) \| "
+                        rf"{hexa}\) << \(4 - 2 \* e\);\s*return z & \(row8 \? {hexa} : {hexa}\);", source),
+        "q6_b": re.search(rf"sel0 = \(lane_g & 1\) \? {hexa} : {hexa}, sel1 = \(lane_g & 1\) \? {hexa} : {hexa};[^;]*"
+                          r"bpe\[4\] = \{__byte_perm\(b01e, 0u, sel0\), __byte_perm\(b01e, 0u, sel1\), "
+                          r"__byte_perm\(b23e, 0u, sel0\),\s*__byte_perm\(b23e, 0u, sel1\)\};\s*"
+                          r"const u32 bpo\[4\] = \{__byte_perm\(b01o, 0u, sel0\), __byte_perm\(b01o, 0u, sel1\), "
+                          r"__byte_perm\(b23o, 0u, sel0\),\s*__byte_perm\(b23o, 0u, sel1\)\};.*?"
+                          r"\[&\]\(int e, int slot\) \{ return e \? bpo\[slot\] : bpe\[slot\]; \}", source, re.S),
+    }
+    assert all(found.values()), [name for name, m in found.items() if not m]
+    return {name: [int(v, 16) for v in m.groups()] for name, m in found.items()}
+
+
+CU = _cu_constants()
+
+
 def fifth_bits(hb: int, q: int, e: int) -> tuple[int, int]:
     """compute()'s Q5_K fifth bits of pair (q, e) from a lane's word hb of one column: (row g's, at bits 4 and 20;
     row g + 8's, at 8 and 24), byte q spread by the multiply and shifted by e."""
-    z = ((byte_perm(hb, 0, 0x4440 | q) * 0x40010) & 0xFFFFFFFF) >> e
-    return z & 0x00100010, z & 0x01000100
+    sel, mult, mask8, mask = CU["q5"]
+    z = ((byte_perm(hb, 0, sel | q) * mult) & 0xFFFFFFFF) >> e
+    return z & mask, z & mask8
 
 
 def top_pairs(hb: tuple[int, int], q: int, e: int) -> tuple[int, int]:
     """compute()'s Q6_K top bit pairs of pair (q, e) from a lane's two words hb of one column: (row g's, at bits 4-5
     and 20-21; row g + 8's, at 8-9 and 24-25), bytes 2 (q % 2) and 2 (q % 2) + 1 of word q / 2 at bytes 0 and 2,
     shifted by 4 - 2 e."""
+    sel1, sel3, mask8, mask = CU["q6"]
     b0 = 2 * (q & 1)
-    z = (byte_perm(hb[q >> 1], 0, b0 | 0x40 | ((b0 + 1) << 8) | 0x4000) << (4 - 2 * e)) & 0xFFFFFFFF
-    return z & 0x00300030, z & 0x03000300
+    z = (byte_perm(hb[q >> 1], 0, b0 | sel1 | ((b0 + 1) << 8) | sel3) << (4 - 2 * e)) & 0xFFFFFFFF
+    return z & mask, z & mask8
 
 
-def pair_chunk_rows(words: np.ndarray, v, acc: int, high=None) -> np.ndarray:
+def q6_b_register(bits: tuple[int, int], g: int, slot: int) -> int:
+    """compute()'s Q6_K B register of a slot: the fp16 bits of its slot pair (b01 / b23: slots 2 (slot / 2) and + 1,
+    the tile parity's values) byte-permuted into lane g's half by sel0 (even slot) or sel1 (odd), zeros elsewhere."""
+    odd0, even0, odd1, even1 = CU["q6_b"]
+    sel = (odd1 if g & 1 else even1) if slot & 1 else (odd0 if g & 1 else even0)
+    return byte_perm(bits[0] | (bits[1] << 16), 0, sel)
+
+
+def pair_chunk_rows(words: np.ndarray, v, acc: int, high=None, b_register=None) -> np.ndarray:
     """One chunk as compute() and program_sums() take it at PAIRS and ACC acc (8 or 2): words (16 columns, 32) uint32
     zigzag level words, v(g, e, c) the B value lane group g multiplies column c by in pair (q, e) (Q4_K, Q5_K: its
     sub-block g's; Q6_K: tile 2 g + e's), high(c, g, q, e) (Q5_K, Q6_K) the bits above the nibbles of column c's A
-    registers (row g's, row g + 8's); -> the 256 row sums (float64) before the min / offset term."""
+    registers (row g's, row g + 8's), b_register(bits, g, slot) (Q6_K) a slot's B register from the fp16 bits of its
+    slot pair (else Q4_K's: the slot's fp16 in both halves, masked to lane g's); -> the 256 row sums (float64) before
+    the min / offset term."""
     c = np.zeros((acc, 16, 8))  # pair (q, e)'s accumulator: 2 q + e (ACC 8) or e (ACC 2); C (16 rows, 8 columns)
     for q in range(4):
         for e in range(2):
@@ -56,9 +97,13 @@ def pair_chunk_rows(words: np.ndarray, v, acc: int, high=None) -> np.ndarray:
                         a_mat[g, 2 * t + 8: 2 * t + 10] = fp16_halves((wb & 0x000F000F) | fb[0])
                         a_mat[g + 8, 2 * t + 8: 2 * t + 10] = fp16_halves((wb & 0x00F000F0) | fb[1])
                         mine = acc == 8 or (g >> 1) == q
+                        pair_bits = [int(np.float16(v(g, e, cols[slot])).view(np.uint16))
+                                     for slot in (2 * hs, 2 * hs + 1)]
                         for k0, slot in ((2 * t, 2 * hs), (2 * t + 8, 2 * hs + 1)):
-                            bits = int(np.float16(v(g, e, cols[slot])).view(np.uint16))
-                            b_mat[k0: k0 + 2, g] = fp16_halves(((bits << 16) | bits) & half_mask if mine else 0)
+                            bits = pair_bits[slot & 1]
+                            reg = ((bits << 16) | bits) & half_mask if b_register is None else b_register(
+                                pair_bits, g, slot)
+                            b_mat[k0: k0 + 2, g] = fp16_halves(reg if mine else 0)
                 c[2 * q + e if acc == 8 else e] += a_mat @ b_mat
     rows = np.full(256, np.nan)
     for a in range(8):
@@ -129,7 +174,8 @@ def test_q6k_cuda_tile_pairs_emulated(rng, acc):
 
     def rows():
         return pair_chunk_rows(words, lambda g, e, c: v[2 * g + e, c], acc,
-                               lambda c, g, q, e: top_pairs((int(high[c, 2 * g]), int(high[c, 2 * g + 1])), q, e))
+                               lambda c, g, q, e: top_pairs((int(high[c, 2 * g]), int(high[c, 2 * g + 1])), q, e),
+                               q6_b_register)
 
     got = rows()
     np.testing.assert_array_equal(got, want)

@@ -49,7 +49,7 @@
 #define ACC 16  // accumulator tiles a lane holds (16, 8, 4 or 2: 4 ACC registers). Below 16, tiles m and m + ACC share
 #endif          // one: tile m's B is zero in the lanes whose column another tile of its accumulator wants, so the
                 // tiles sharing an accumulator fill different columns of it (64 -> 4 ACC registers, a select a class
-                // of tiles: compute()). Q4_K's tile pairs: PAIRS below
+                // of tiles: compute()). Tile pairs (Q2_K - Q6_K): PAIRS below
 #ifndef TYPE
 #define TYPE 4  // 4: Q4_K; 5: Q5_K (the same planes of low nibbles and heads, plus a word of fifth bits per
 #endif          // column and lane group, qh: byte q bit s = level 16 m + g's, bit s + 4 = level 16 m + 8 + g's, m = 4 q + s);
