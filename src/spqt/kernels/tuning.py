@@ -102,6 +102,8 @@ def launch_args(cfg: dict) -> dict:
 
 
 PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth and its timings (spqt tune --l2first)
+# the weight types whose tile pairs the tuner times (bits as zigzag_cuda's; Q5_K's and Q6_K's run where an entry asks)
+PAIRS_CANDIDATE_BITS = (2, 3, 4)
 # an entry's tile pairs and, where whole decode steps judged them (scripts/finish_probe.py), the step's device time
 # without / with ("0" / "1") them
 PAIRS_KEYS = ("pairs", "pairs_step_us")
@@ -378,15 +380,14 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     # 57344x8192 67.9 us with pairs at 2 against 71.8, 8192x28672 36.5 against 39.1, 10240x8192 15.8 against 17.3
     # (benchmarks/results/session21/b2-cut-a2c0cfa.log); 12288x4096 10.8 at acc 4 against 11.2 (b2-cut-80d6977.log).
     # Q2_K's and Q3_K's tile pairs at acc 8 (no selects or level permutes: sm_90 B2 loops of 228 and 240 instructions
-    # against 235 and 263 with class selects at 8, 262 and 282 at acc 2); Q5_K's and Q6_K's at 8 and 2 (Q5_K 339 / 351
-    # against 344 / 356, Q6_K 340 / 370 against 356 / 380: half the permutes; not timed when added)
+    # against 235 and 263 with class selects at 8, 262 and 282 at acc 2). Q5_K's and Q6_K's pairs are not candidates
+    # (zigzag_cuda.pairs_run has them): on the H100 they left the large maps alone within -0.4 / +0.9 %, and made the
+    # 7B's Q5_K step 4.3 % slower on the shipped entries (benchmarks/results/session51)
     configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": 0, "fused": f, "acc": a}
                 | ({"pairs": True} if pairs else {})
                 for s in splits for w in (2, 4, 8) for f in (False, True)
                 for a, pairs in {4: ((8, True), (2, True), (4, False)), 2: ((8, True), (8, False), (4, False)),
-                                 3: ((8, True), (8, False), (4, False)),
-                                 5: ((8, True), (2, True), (8, False), (4, False)),
-                                 6: ((8, True), (2, True), (8, False), (4, False))}.get(bits, ((8, False), (4, False)))]
+                                 3: ((8, True), (8, False), (4, False))}.get(bits, ((8, False), (4, False)))]
     configs += _wave_fitting(variant, rows, k, splits, bits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
@@ -405,7 +406,7 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
 
 
 def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
-    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K, Q5_K, Q6_K, Q2_K, Q3_K: their tile pairs) or 2
+    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K, Q2_K, Q3_K: their tile pairs) or 2
     accumulators, the largest splits whose rows x split programs fill 1, 2 or 3 whole waves of what the GPU holds at
     once (zigzag_cuda.programs_per_sm of the type of `bits`), where the multiples of the SM count above do not already.
     Plain loads, the reduction's finish. (Timed
@@ -418,7 +419,7 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int)
     found = {}  # (split, warps, acc) -> config
     for warps in (2, 4, 8):
         for acc in (16, 8, 2):
-            pairs = acc == 8 and zigzag_cuda.pairs_run(bits, acc)
+            pairs = acc == 8 and bits in PAIRS_CANDIDATE_BITS
             slots = sm_count() * zigzag_cuda.programs_per_sm(warps, mode, acc, bits, pairs=pairs)
             for waves in (1, 2, 3):
                 split = min(slots * waves // rows, -(-k // 16))
