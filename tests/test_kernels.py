@@ -1512,6 +1512,24 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     tuning._load_table.cache_clear()
 
 
+def test_bench_times_a_shapes_first_sequence_twice(monkeypatch):
+    """bench.shape_timer: the first sequence of a shape is timed once untimed (10 replays), then timed; later sequences
+    once; what it returns is the timed run's."""
+    from spqt import bench
+
+    runs = []
+
+    def fake_time_graph(seq, replays=30, warmup=5):
+        runs.append((seq, replays, warmup))
+        return float(len(runs))
+
+    monkeypatch.setattr(bench, "time_graph", fake_time_graph)
+    timed = bench.shape_timer()
+    assert timed(["b2"]) == 2.0 and timed(["b4"]) == 3.0
+    assert runs == [(["b2"], 10, 2), (["b2"], 30, 5), (["b4"], 30, 5)]
+    assert bench.shape_timer()(["next shape"]) == 5.0 and runs[-2] == (["next shape"], 10, 2)
+
+
 def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     """Every config the tuner may pick is launchable (row: 4 words per thread, block >= 4 * warps;
     zigzag: 1-8 warps, 1 <= split <= K); a table written for another kernel version is ignored
