@@ -211,7 +211,8 @@ def shape_timer():
     """time_graph for one shape's sequences, the first of them timed once untimed before, as the tuner's _fastest does
     (on the H200 the first timing after building a shape's operands measured 5-10 % slow). Without it B2, timed first,
     read 5-12 % over the tuner's time of the same config for Q6_K, Q5_K, Q3_K and Q2_K on the H200's large shapes and
-    14 % for Q5_K on an H100, while B4 at 50 % agreed within 5 % and 1 % (docs/RESULTS.md, fifty-first session)."""
+    14 % for Q5_K on an H100, while B4 at 50 % agreed within 5 % and 1 % (docs/RESULTS.md, fifty-first session: the
+    cause not established)."""
     first = [True]
 
     def timed(seq: list) -> float:
