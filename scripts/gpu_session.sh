@@ -563,10 +563,10 @@ case "$stage" in
     # The nibble types' tile pairs (fifty-first session): with TESTS51=1 (default) the gpu tests of TYPES51 (default
     # q5_k,q6_k: B2 / B4 / finishes / folded norm / MODE_KEPT / bf16, pairs among the configs; this GPU's type entries),
     # then within CALL_BUDGET (default 540 s) bench gemv of TYPES51 on SHAPES51 (default the two 132 MB shapes; B2, B4
-    # at 0 / 50 %) with the shipped table, spqt tune --types TYPES51 on them (pairs among the candidates) into
-    # $OUT/tuned.json and this tree, bench gemv with it, and where a tuned entry took pairs the same entries without
-    # them (the pairs' own share); scripts/bars.py's verdicts of each run in $OUT/bars.md, the rest in
-    # $OUT/results.tgz (p51/)
+    # at 0 / 50 %) with the shipped table, spqt tune --types TYPES51 on them into $OUT/tuned.json and this tree, bench
+    # gemv with it, and where a tuned entry took pairs the same entries without them (the pairs' own share; at 791d8a6
+    # the tuner had Q5_K's and Q6_K's pairs among its candidates, since 61cdbe9 not); scripts/bars.py's verdicts of
+    # each run in $OUT/bars.md, the rest in $OUT/results.tgz (p51/)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     types=${TYPES51:-q5_k,q6_k}

@@ -406,9 +406,9 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
 
 
 def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int) -> list[dict]:
-    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K, Q2_K, Q3_K: their tile pairs) or 2
-    accumulators, the largest splits whose rows x split programs fill 1, 2 or 3 whole waves of what the GPU holds at
-    once (zigzag_cuda.programs_per_sm of the type of `bits`), where the multiples of the SM count above do not already.
+    """More CUDA candidates: at 2, 4 and 8 warps and 16, 8 (Q4_K, Q2_K, Q3_K: their tile pairs) or 2 accumulators,
+    the largest splits whose rows x split programs fill 1, 2 or 3 whole waves of what the GPU holds at once
+    (zigzag_cuda.programs_per_sm of the type of `bits`), where the multiples of the SM count above do not already.
     Plain loads, the reduction's finish. (Timed
     on the H200, tenth session: the 70B's 10240x8192 at split 23 against 24, 18.69 against 18.73 us. A share is
     rounded up to 16 columns a warp, so split 24 launches 960 programs of which only 880 hold columns: one wave
