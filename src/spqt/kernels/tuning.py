@@ -102,8 +102,11 @@ def launch_args(cfg: dict) -> dict:
 
 
 PREFETCH_KEYS = ("l2first", "l2first_step_us")  # an entry's L2 prefetch depth and its timings (spqt tune --l2first)
-# the weight types whose tile pairs the tuner times (bits as zigzag_cuda's; Q5_K's and Q6_K's run where an entry asks)
-PAIRS_CANDIDATE_BITS = (2, 3, 4)
+# the accumulator counts, with or without tile pairs, of the weight types whose pairs the tuner times (bits as
+# zigzag_cuda's; Q5_K's and Q6_K's pairs run where an entry asks, and are not timed: cuda_candidates)
+PAIRED_ACCS = {4: ((8, True), (2, True), (4, False)), 2: ((8, True), (8, False), (4, False)),
+               3: ((8, True), (8, False), (4, False))}
+PAIRS_CANDIDATE_BITS = tuple(PAIRED_ACCS)
 # an entry's tile pairs and, where whole decode steps judged them (scripts/finish_probe.py), the step's device time
 # without / with ("0" / "1") them
 PAIRS_KEYS = ("pairs", "pairs_step_us")
@@ -386,8 +389,7 @@ def cuda_candidates(variant: str, n: int, k: int, bits: int = 4) -> list[dict]:
     configs += [{"impl": "cuda", "split": s, "num_warps": w, "chunks": 1, "pipe": 0, "fused": f, "acc": a}
                 | ({"pairs": True} if pairs else {})
                 for s in splits for w in (2, 4, 8) for f in (False, True)
-                for a, pairs in {4: ((8, True), (2, True), (4, False)), 2: ((8, True), (8, False), (4, False)),
-                                 3: ((8, True), (8, False), (4, False))}.get(bits, ((8, False), (4, False)))]
+                for a, pairs in PAIRED_ACCS.get(bits, ((8, False), (4, False)))]
     configs += _wave_fitting(variant, rows, k, splits, bits)
     # cluster (sm_90): the split programs of an output tile one thread block cluster, finished from their shared
     # memory by its rank 0 (no reduction launch). The tuner times the plain finish, (1, split); a stacked
