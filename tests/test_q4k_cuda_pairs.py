@@ -31,11 +31,11 @@ def _cu_constants() -> dict:
         "q6": re.search(rf"const int b0 = 2 \* \(q & 1\);\s*const u32 z = __byte_perm\(\(q >> 1\) \? "
                         rf"ch\.hb\[slot\]\.y : ch\.hb\[slot\]\.x, 0u,\s*b0 \| {hexa} \| \(\(b0 \+ 1\) << 8\) \| "
                         rf"{hexa}\) << \(4 - 2 \* e\);\s*return z & \(row8 \? {hexa} : {hexa}\);", source),
-        "q6_b": re.search(rf"sel0 = \(lane_g & 1\) \? {hexa} : {hexa}, sel1 = \(lane_g & 1\) \? {hexa} : {hexa};[^;]*"
-                          r"bpe\[4\] = \{__byte_perm\(b01e, 0u, sel0\), __byte_perm\(b01e, 0u, sel1\), "
-                          r"__byte_perm\(b23e, 0u, sel0\),\s*__byte_perm\(b23e, 0u, sel1\)\};\s*"
-                          r"const u32 bpo\[4\] = \{__byte_perm\(b01o, 0u, sel0\), __byte_perm\(b01o, 0u, sel1\), "
-                          r"__byte_perm\(b23o, 0u, sel0\),\s*__byte_perm\(b23o, 0u, sel1\)\};.*?"
+        "q6_b": re.search(rf"void half_b\(u32 b01, u32 b23, bool upper, u32\* out\) \{{\s*"
+                          rf"const u32 sel_lo = upper \? {hexa} : {hexa}, sel_hi = upper \? {hexa} : {hexa};\s*"
+                          r"out\[0\] = __byte_perm\(b01, 0u, sel_lo\);\s*out\[1\] = __byte_perm\(b01, 0u, sel_hi\);\s*"
+                          r"out\[2\] = __byte_perm\(b23, 0u, sel_lo\);\s*out\[3\] = __byte_perm\(b23, 0u, sel_hi\);.*?"
+                          r"half_b\(b01e, b23e, lane_g & 1, bpe\);\s*half_b\(b01o, b23o, lane_g & 1, bpo\);.*?"
                           r"\[&\]\(int e, int slot\) \{ return e \? bpo\[slot\] : bpe\[slot\]; \}", source, re.S),
     }
     assert all(found.values()), [name for name, m in found.items() if not m]

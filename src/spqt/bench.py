@@ -213,11 +213,12 @@ def shape_timer():
     read 5-12 % over the tuner's time of the same config for Q6_K, Q5_K, Q3_K and Q2_K on the H200's large shapes and
     14 % for Q5_K on an H100, while B4 at 50 % agreed within 5 % and 1 % (docs/RESULTS.md, fifty-first session: the
     cause not established)."""
-    first = [True]
+    first = True
 
     def timed(seq: list) -> float:
-        if first[0]:
-            first[0] = False
+        nonlocal first
+        if first:
+            first = False
             time_graph(seq, replays=10, warmup=2)
         return time_graph(seq)
 

@@ -482,6 +482,18 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x 
 #endif
 };
 
+#if PAIRS && (TYPE == 2 || TYPE == 3 || TYPE == 6)
+// The B registers of slots 0-3 in tile pairs from b01 / b23 (the fp16 pairs of slots 0, 1 and 2, 3): each slot's value
+// alone in the lane's upper or lower half, zeros in the other, one byte permute each
+__device__ __forceinline__ void half_b(u32 b01, u32 b23, bool upper, u32* out) {
+  const u32 sel_lo = upper ? 0x1044u : 0x4410u, sel_hi = upper ? 0x3244u : 0x4432u;
+  out[0] = __byte_perm(b01, 0u, sel_lo);
+  out[1] = __byte_perm(b01, 0u, sel_hi);
+  out[2] = __byte_perm(b23, 0u, sel_lo);
+  out[3] = __byte_perm(b23, 0u, sel_hi);
+}
+#endif
+
 #if PAIRS && (TYPE == 2 || TYPE == 3)
 // The low-pair types' (Q2_K, Q3_K) tile pairs at ACC 8: pair (W, e, p) multiplies word(slot, W, p, e) (the lane's
 // level word of tiles 8 W .. 8 W + 7 for parity p, brought to bytes e, e + 2 in its halves) masked for parity p (row g:
@@ -490,12 +502,9 @@ struct Chunk {  // one lane's loads of one chunk: slot i's level words, head, x 
 template <typename Word>
 __device__ __forceinline__ void parity_pairs_mma(float (*c)[4], u32 b01e, u32 b23e, u32 b01o, u32 b23o, int lane_g,
                                                  u32 mg0, u32 mg80, u32 mg1, u32 mg81, Word word) {
-  const bool upper = (lane_g >> 1) & 1;
-  const u32 sel_lo = upper ? 0x1044u : 0x4410u, sel_hi = upper ? 0x3244u : 0x4432u;
-  const u32 bp[2][4] = {{__byte_perm(b01e, 0u, sel_lo), __byte_perm(b01e, 0u, sel_hi), __byte_perm(b23e, 0u, sel_lo),
-                         __byte_perm(b23e, 0u, sel_hi)},
-                        {__byte_perm(b01o, 0u, sel_lo), __byte_perm(b01o, 0u, sel_hi), __byte_perm(b23o, 0u, sel_lo),
-                         __byte_perm(b23o, 0u, sel_hi)}};
+  u32 bp[2][4];
+  half_b(b01e, b23e, (lane_g >> 1) & 1, bp[0]);
+  half_b(b01o, b23o, (lane_g >> 1) & 1, bp[1]);
 #pragma unroll
   for (int wi = 0; wi < 2; ++wi) {
 #pragma unroll
@@ -596,12 +605,9 @@ __device__ __forceinline__ void compute(const Chunk& ch, float (*c)[4], float* b
 #if PAIRS
   // a pair's tiles T_j = 4 q + e + 2 j have parity e: lane g's B is x d sc[2 g + e] (be / bo) in its half g % 2, the
   // fp16 values of b01e ... (the offset term's)
-  // (one byte permute each: the slot's fp16 into the lane's half, zeros into the other)
-  const u32 sel0 = (lane_g & 1) ? 0x1044u : 0x4410u, sel1 = (lane_g & 1) ? 0x3244u : 0x4432u;
-  const u32 bpe[4] = {__byte_perm(b01e, 0u, sel0), __byte_perm(b01e, 0u, sel1), __byte_perm(b23e, 0u, sel0),
-                      __byte_perm(b23e, 0u, sel1)};
-  const u32 bpo[4] = {__byte_perm(b01o, 0u, sel0), __byte_perm(b01o, 0u, sel1), __byte_perm(b23o, 0u, sel0),
-                      __byte_perm(b23o, 0u, sel1)};
+  u32 bpe[4], bpo[4];
+  half_b(b01e, b23e, lane_g & 1, bpe);
+  half_b(b01o, b23o, lane_g & 1, bpo);
   nibble_pairs_mma(c, ch.w, lane_g,
                    [&](int slot, int q, int e, int row8) -> u32 {
                      // top pairs: T0's byte 2 (q % 2) of word q / 2 (bits 2 e: row g, 4 + 2 e: row g + 8), T1's the
