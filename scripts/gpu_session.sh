@@ -128,6 +128,7 @@
 #   scripts/gpu_session.sh bars      every speed bar of issues 14 and 15 (BARS_PARTS), JSON, scripts/bars.py's verdicts
 #   scripts/gpu_session.sh pairs51   Q5_K's and Q6_K's tile pairs: their gpu tests (TESTS51), bench gemv of TYPES51 with
 #                                    the shipped table, spqt tune --types (SHAPES51), bench gemv tuned and without pairs
+#   scripts/gpu_session.sh sustain52 bench gemv's B2 against the tuner's: replays in a row with clocks and power sampled
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
@@ -613,6 +614,15 @@ PYEOF
     for f in $files; do echo "## $(basename $f)"; python3 scripts/bars.py $f | grep -E "${types//,/|}|figures"; done \
       | tee "$OUT/bars.md"
     tar -C /tmp -czf "$OUT/results.tgz" p51
+    ;;
+  sustain52)
+    # B2 sustained (fifty-second session): scripts/sustain_probe.py (SUSTAIN_TYPES, SUSTAIN_SHAPE, SUSTAIN_REPLAYS) into
+    # $OUT/sustain.log and sustain.json: does bench gemv's B2 of the other types read over the tuner's time because it
+    # replays longer (clocks or power), or for a reason the replays' order shows? (parks the carried GGUF part)
+    export SPQT_CACHE=/tmp/spqt-cache
+    timeout ${SUSTAIN_LIMIT:-240} python3 scripts/sustain_probe.py --types ${SUSTAIN_TYPES:-q4_k,q5_k,q6_k,q8_0} \
+      --shape ${SUSTAIN_SHAPE:-28672x8192} --replays ${SUSTAIN_REPLAYS:-400} --json "$OUT/sustain.json" 2>&1 \
+      | grep -v WARN | tee "$OUT/sustain.log"
     ;;
   bars)
     # Every speed bar of issues 14 and 15 on this GPU, the most wanted first, within CALL_BUDGET (default 560 s); each

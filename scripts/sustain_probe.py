@@ -1,0 +1,125 @@
+"""Why `spqt bench gemv`'s B2 of Q2_K-Q6_K reads 5-16 % over `spqt tune`'s time of the same config on the large
+shapes (docs/RESULTS.md, fifty-first session) while Q4_K's and Q8_0's agree: B2 of each type at its shipped config,
+one CUDA graph of 16 launches over weight copies larger than L2 (as both time it), replayed REPLAYS times in a row
+after a second idle, each replay timed with CUDA events as bench.time_graph times it; the GPU's SM clock, power and
+throttle reasons sampled by nvidia-smi meanwhile. Prints the medians of replay windows (the tuner's: replays 2-11;
+the bench's: 5-34; later ones), then time_graph as the tuner and as the bench call it, back to back.
+
+    python scripts/sustain_probe.py [--types q4_k,q5_k,q6_k,q8_0] [--shape 28672x8192] [--replays 400]
+"""
+
+import argparse
+import datetime
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+
+import torch
+
+from spqt import bench
+from spqt.kernels import gemv as kg
+from spqt.kernels import tuning
+
+WINDOWS = ((0, 2), (2, 12), (5, 35), (35, 100), (100, 200), (200, 400))
+
+
+def b2_sequence(fmt: str, n: int, k: int, l2_bytes: int) -> list:
+    """16 B2 launches over rotated weight copies, at the config `spqt bench gemv` runs."""
+    if fmt == "q4_k":
+        ops = bench.make_operands((n, k), l2_bytes)
+        cfg = tuning.config("zigzag_dense", n, k)
+        pool, x = ops.zig, ops.x
+    else:
+        pool, x = bench.make_type_operands((n, k), fmt, l2_bytes)
+        cfg = tuning.cuda_type_config("dense", fmt, n, k)
+    ws = kg.ZigzagWorkspace(pool[0], cfg["split"], torch.float16)
+    args = tuning.launch_args(cfg)
+    print(f"{fmt} {n}x{k}: {cfg}", flush=True)
+    return [(lambda w=pool[i % len(pool)]: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **args)) for i in range(16)]
+
+
+def replay_series(seq: list, replays: int) -> list[float]:
+    """us a launch of each of `replays` consecutive replays of seq's graph (time_graph's capture and timing)."""
+    for f in seq[:3]:
+        f()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for f in seq:
+            f()
+    torch.cuda.synchronize()
+    time.sleep(1.0)  # idle: the clocks and power as after building a shape's operands
+    out = []
+    for _ in range(replays):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        graph.replay()
+        e.record()
+        e.synchronize()
+        out.append(s.elapsed_time(e) * 1e3 / len(seq))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--types", default="q4_k,q5_k,q6_k,q8_0")
+    parser.add_argument("--shape", default="28672x8192")
+    parser.add_argument("--replays", type=int, default=400)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    n, k = map(int, args.shape.split("x"))
+    l2 = torch.cuda.get_device_properties(0).L2_cache_size
+    report = {"shape": args.shape, "types": {}}
+    with tempfile.NamedTemporaryFile("r", suffix=".csv") as samples:
+        sampler = subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,clocks_throttle_reasons.active",
+             "--format=csv,noheader,nounits", "-lms", "20", "-f", samples.name])
+        try:
+            for fmt in args.types.split(","):
+                seq = b2_sequence(fmt, n, k, l2)
+                t0 = time.time()
+                series = replay_series(seq, args.replays)
+                t1 = time.time()
+                windows = {f"{a}-{b}": statistics.median(series[a:b]) for a, b in WINDOWS if b <= len(series)}
+                tuner = bench.time_graph(seq, replays=10, warmup=2) * 1e6
+                bench_like = bench.time_graph(seq) * 1e6
+                tuner_after = bench.time_graph(seq, replays=10, warmup=2) * 1e6
+                print(f"{fmt}: replay windows (us a launch) " + ", ".join(f"{w} {v:.2f}" for w, v in windows.items()),
+                      flush=True)
+                print(f"{fmt}: time_graph as the tuner {tuner:.2f}, as the bench {bench_like:.2f}, as the tuner "
+                      f"again {tuner_after:.2f} us", flush=True)
+                report["types"][fmt] = {"series_us": [round(v, 3) for v in series], "windows_us": windows,
+                                        "tuner_us": tuner, "bench_us": bench_like, "tuner_after_us": tuner_after,
+                                        "wall": [t0, t1]}
+                del seq
+                torch.cuda.empty_cache()
+        finally:
+            sampler.terminate()
+            sampler.wait()
+        lines = open(samples.name).read().splitlines()
+    report["smi"] = lines
+    rows = []  # (epoch s, SM MHz, power W, throttle reasons)
+    for line in lines:
+        f = [v.strip() for v in line.split(",")]
+        try:
+            when = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+            rows.append((when, float(f[1]), float(f[3]), f[4]))
+        except (ValueError, IndexError):
+            continue
+    print(f"nvidia-smi: {len(rows)} samples")
+    for fmt, r in report["types"].items():
+        during = [row for row in rows if r["wall"][0] <= row[0] <= r["wall"][1]]
+        if during:
+            print(f"{fmt} during its replays: {len(during)} samples, SM clock MHz first / median / min "
+                  f"{during[0][1]:.0f} / {statistics.median(v[1] for v in during):.0f} / {min(v[1] for v in during):.0f}, "
+                  f"power W median / max {statistics.median(v[2] for v in during):.0f} / "
+                  f"{max(v[2] for v in during):.0f}, throttle reasons {sorted({v[3] for v in during})}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()
