@@ -73,8 +73,11 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     report = {"shape": args.shape, "types": {}}
     with tempfile.NamedTemporaryFile("r", suffix=".csv") as samples:
+        reasons = next((f for f in ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # (renamed)
+                        if subprocess.run(["nvidia-smi", f"--query-gpu={f}", "--format=csv"],
+                                          capture_output=True).returncode == 0), "clocks.sm")
         sampler = subprocess.Popen(
-            ["nvidia-smi", "--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,clocks_throttle_reasons.active",
+            ["nvidia-smi", f"--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,{reasons}",
              "--format=csv,noheader,nounits", "-lms", "20", "-f", samples.name])
         try:
             for fmt in args.types.split(","):
