@@ -1634,44 +1634,6 @@ def test_tuning_configs_and_stale_tables(tmp_path, monkeypatch):
     tuning._load_table.cache_clear()
 
 
-
-def test_type_config_takes_its_cuda_neighbour_before_q4ks_triton_entry(tmp_path, monkeypatch):
-    """A type map without a CUDA entry of its own (cuda_type_config): Q4_K's CUDA entry of the shape, else the type's
-    CUDA neighbour of the same K (split scaled), before Q4_K's Triton entry of the shape (the H100's: one warp, which
-    the CUDA GEMV ran for the 8B's fused maps in Q5_K / Q6_K, 9-16 % slower steps than their own entries); Q4_K's
-    Triton entry only where the type has no CUDA entry of that K."""
-    import json
-
-    from spqt.kernels import tuning
-
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
-    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
-    monkeypatch.setattr(tuning, "_cuda_usable", lambda: True)
-    triton = {"split": 16, "num_warps": 1, "chunks": 1, "ahead": 1, "us": 3.0}
-    q4k_cuda = {"impl": "cuda", "split": 8, "num_warps": 4, "chunks": 1, "pipe": 0, "acc": 2, "pairs": True, "us": 2.0}
-    own = {"impl": "cuda", "split": 6, "num_warps": 8, "chunks": 1, "pipe": 0, "acc": 4, "fused": True,
-           "fallback": {"split": 10, "num_warps": 4, "block_k": 16}, "us": 1.0}
-    entries = {"zigzag_dense": {"2560x64": triton, "5120x64": q4k_cuda, "2560x128": triton},
-               "zigzag_dense_q5_k": {"1280x64": own}}
-    path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": entries}))
-    tuning._load_table.cache_clear()
-    try:
-        # Q4_K's Triton entry of the shape: the type's neighbour instead, its split scaled by the superblock rows
-        got = tuning.cuda_type_config("dense", "q5_k", 2560, 64)
-        assert got == {k: v for k, v in own.items() if k not in ("us", "fallback")} | {
-            "split": 3, "fallback": dict(own["fallback"], split=5)}
-        # Q4_K's CUDA entry of the shape: borrowed (an exact shape's tuning), without Q4_K's tile pairs
-        assert tuning.cuda_type_config("dense", "q5_k", 5120, 64) == {
-            k: v for k, v in q4k_cuda.items() if k not in ("us", "pairs")}
-        # no CUDA entry of the type with that K: Q4_K's entry of the shape, as before
-        assert tuning.cuda_type_config("dense", "q5_k", 2560, 128) == {k: v for k, v in triton.items() if k != "us"}
-        assert tuning.cuda_type_config("dense", "q6_k", 2560, 64) == {k: v for k, v in triton.items() if k != "us"}
-        # its own entry first
-        assert tuning.cuda_type_config("dense", "q5_k", 1280, 64) == {k: v for k, v in own.items() if k != "us"}
-    finally:
-        tuning._load_table.cache_clear()
-
 _COMPILE_SM90 = """
 import sys
 from spqt.kernels import zigzag_mma

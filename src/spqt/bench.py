@@ -677,7 +677,7 @@ def tune_types(shapes, types, log=print, candidates=None, kinds=("dense", "spars
 def tune_crossover(shapes, log=print, types=("q4_k",)) -> dict:
     """This GPU's table with every zigzag_sparse entry's crossover measured anew (the configs kept:
     shapes the table lacks get their nearest neighbour's or the default); for another type (types) the crossovers of
-    its CUDA configs as the runtime runs them (tuning.cuda_type_config: its own CUDA entry, else Q4_K's or a neighbour's) into the
+    its CUDA configs as the runtime runs them (tuning.cuda_type_config: its own CUDA entry, else Q4_K's) into the
     type's zigzag_sparse_<type> entry of the shape (where the type has no CUDA entry of its own: a copy of that
     config, with the type's Triton config as its fallback). SpqtError, before any timing, where another type is asked
     and the CUDA GEMV does not run here."""

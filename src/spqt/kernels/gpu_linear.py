@@ -371,9 +371,9 @@ class CudaKQuantLinear(TritonLinear):
     """A zigzag Q2_K, Q3_K, Q5_K, Q6_K or Q8_0 map on the CUDA GEMV (its layout by weight.fmt: zigzag_cuda.kquant_layout;
     dispatch picks it for fp16 and bf16 where zigzag_cuda.usable()): one token through gemv_zigzag, which runs
     these layouts on the CUDA kernel whatever impl the config names; the configs and crossovers are the type's
-    tuned CUDA entries (`spqt tune --types`), else Q4_K's CUDA entry of the shape (the same kernel, 84 / 112 / 176 /
-    210 / 272 bytes a column-superblock instead of 144) or the type's neighbour: tuning.cuda_type_config; several
-    tokens: the dequant kernel, cuBLAS."""
+    tuned CUDA entries (`spqt tune --types`), else the Q4_K table's of the shape (the same kernel, 84 / 112 / 176 /
+    210 / 272 bytes a column-superblock instead of 144): tuning.cuda_type_config; several tokens: the dequant kernel,
+    cuBLAS."""
 
     def __init__(self, weight, dtype: torch.dtype, device: str):
         layout = zigzag_cuda.kquant_layout(weight.fmt)

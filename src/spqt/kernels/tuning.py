@@ -292,24 +292,16 @@ def config(variant: str, n: int, k: int) -> dict:
 
 def cuda_type_config(kind: str, fmt: str, n: int, k: int) -> dict:
     """The CUDA GEMV's config of a zigzag Q2_K / Q3_K / Q5_K / Q6_K / Q8_0 map (kind "dense" or "sparse"): the type's
-    own tuned CUDA entry of the shape ("zigzag_<kind>_<fmt>", impl "cuda"), else Q4_K's CUDA entry of the shape (the
-    same kernel, tuned there: an exact shape's tuning is the better guess than a neighbour's of another size), else
-    the type's CUDA entry of the nearest N with the same K, else Q4_K's config (its entry, neighbour or default). Q4_K's
-    Triton entry of the shape comes after the type's CUDA neighbour: its config (the H100's: one warp) is none the
-    tuner gives this type (2-8 warps), and the 8B's, 13B's and 70B's fused maps that ran it decoded 5-18 % faster in
-    Q2_K-Q8_0 on entries of their own, of 4-8 warps as their neighbours' (benchmarks/results/session52). Never an L2 prefetch depth
-    ("l2first": judged in Q4_K decode steps, for Q4_K's planes) nor Q4_K's tile pairs ("pairs": Q4_K's assembly; a
-    type's own entry keeps its own, Q2_K's, Q3_K's, Q5_K's or Q6_K's)."""
+    own tuned CUDA entry of the shape ("zigzag_<kind>_<fmt>", impl "cuda"), else Q4_K's entry of the shape (the same
+    kernel, tuned there), else the type's CUDA entry of the nearest N with the same K, else Q4_K's config (its
+    neighbour or default): an exact shape's tuning is the better guess than a neighbour's of another size. Never an
+    L2 prefetch depth ("l2first": judged in Q4_K decode steps, for Q4_K's planes) nor Q4_K's tile pairs ("pairs":
+    Q4_K's assembly; a type's own entry keeps its own, Q2_K's, Q3_K's, Q5_K's or Q6_K's)."""
     key, own, q4k = f"{n}x{k}", f"zigzag_{kind}_{fmt}", f"zigzag_{kind}"
-    own_cuda = {s: e for s, e in table_entries(own).items() if e.get("impl") == "cuda"}
-    q4k_entry = table_entries(q4k).get(key)
-    neighbour = None  # the type's nearest CUDA entry of the same K, where the shape has no CUDA entry of the type
-    if key not in own_cuda and _cuda_usable():
-        neighbour = _nearest_entry(own_cuda, own, n, k)
-    if key not in own_cuda and q4k_entry is not None and (q4k_entry.get("impl") == "cuda" or neighbour is None):
+    if table_entries(own).get(key, {}).get("impl") != "cuda" and key in table_entries(q4k):
         cfg, borrowed = config(q4k, n, k), True
     else:
-        cfg = {name: v for name, v in neighbour.items() if name != "us"} if neighbour else config(own, n, k)
+        cfg = config(own, n, k)
         cfg, borrowed = (cfg, False) if cfg.get("impl") == "cuda" else (config(q4k, n, k), True)
     dropped = PREFETCH_KEYS + (PAIRS_KEYS if borrowed else ())
     return {key: value for key, value in cfg.items() if key not in dropped}
