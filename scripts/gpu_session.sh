@@ -616,9 +616,10 @@ PYEOF
     tar -C /tmp -czf "$OUT/results.tgz" p51
     ;;
   sustain52)
-    # B2 sustained (fifty-second session): scripts/sustain_probe.py (SUSTAIN_TYPES, SUSTAIN_SHAPE, SUSTAIN_REPLAYS) into
-    # $OUT/sustain.log and sustain.json: does bench gemv's B2 of the other types read over the tuner's time because it
-    # replays longer (clocks or power), or for a reason the replays' order shows? (parks the carried GGUF part)
+    # B2 sustained (fifty-second session): scripts/sustain_probe.py (SUSTAIN_TYPES, SUSTAIN_SHAPE, SUSTAIN_REPLAYS;
+    # within SUSTAIN_LIMIT s, default 240) into $OUT/sustain.log and sustain.json: did bench gemv's B2 of the other
+    # types read over the tuner's time because it replays longer (clocks or power), or for a reason the replays' order
+    # shows? (parks the carried GGUF part)
     export SPQT_CACHE=/tmp/spqt-cache
     timeout ${SUSTAIN_LIMIT:-240} python3 scripts/sustain_probe.py --types ${SUSTAIN_TYPES:-q4_k,q5_k,q6_k,q8_0} \
       --shape ${SUSTAIN_SHAPE:-28672x8192} --replays ${SUSTAIN_REPLAYS:-400} --json "$OUT/sustain.json" 2>&1 \

@@ -1,9 +1,11 @@
-"""Why `spqt bench gemv`'s B2 of Q2_K-Q6_K reads 5-16 % over `spqt tune`'s time of the same config on the large
-shapes (docs/RESULTS.md, fifty-first session) while Q4_K's and Q8_0's agree: B2 of each type at its shipped config,
-one CUDA graph of 16 launches over weight copies larger than L2 (as both time it), replayed REPLAYS times in a row
-after a second idle, each replay timed with CUDA events as bench.time_graph times it; the GPU's SM clock, power and
-throttle reasons sampled by nvidia-smi meanwhile. Prints the medians of replay windows (the tuner's: replays 2-11;
-the bench's: 5-34; later ones), then time_graph as the tuner and as the bench call it, back to back.
+"""Why `spqt bench gemv`'s B2 of Q2_K-Q6_K read 5-16 % over `spqt tune`'s time of the same config on the large
+shapes before its warm-up (docs/RESULTS.md, fifty-first and fifty-second sessions) while Q4_K's and Q8_0's agreed: B2
+of each type at its shipped config, one CUDA graph of at least 16 launches over weight copies larger than L2 (as both
+time it), replayed REPLAYS times in a row after a second idle, each replay timed with CUDA events as bench.time_graph
+times it; the GPU's SM clock, power and throttle reasons sampled by nvidia-smi meanwhile (summed over the replays
+alone). Prints the medians of replay windows (the tuner's: replays 2-11; the bench's: 5-34; later ones), then
+time_graph as the tuner (replays 10, warm-up 2) and as the bench (its defaults, which bench.shape_timer calls after
+its warm-up) call it, back to back. The other types in the CUDA GEMV's layouts: where it runs (not SPQT_GEMV=triton).
 
     python scripts/sustain_probe.py [--types q4_k,q5_k,q6_k,q8_0] [--shape 28672x8192] [--replays 400]
 """
@@ -26,7 +28,7 @@ WINDOWS = ((0, 2), (2, 12), (5, 35), (35, 100), (100, 200), (200, 400))
 
 
 def b2_sequence(fmt: str, n: int, k: int, l2_bytes: int) -> list:
-    """16 B2 launches over rotated weight copies, at the config `spqt bench gemv` runs."""
+    """B2 launches over rotated weight copies (each copy, at least 16), at the config `spqt bench gemv` runs."""
     if fmt == "q4_k":
         ops = bench.make_operands((n, k), l2_bytes)
         cfg = tuning.config("zigzag_dense", n, k)
@@ -37,11 +39,13 @@ def b2_sequence(fmt: str, n: int, k: int, l2_bytes: int) -> list:
     ws = kg.ZigzagWorkspace(pool[0], cfg["split"], torch.float16)
     args = tuning.launch_args(cfg)
     print(f"{fmt} {n}x{k}: {cfg}", flush=True)
-    return [(lambda w=pool[i % len(pool)]: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **args)) for i in range(16)]
+    return [(lambda w=pool[i % len(pool)]: kg.gemv_zigzag(w, x, kg.MODE_DENSE, ws, **args))
+            for i in range(max(16, len(pool)))]
 
 
-def replay_series(seq: list, replays: int) -> list[float]:
-    """us a launch of each of `replays` consecutive replays of seq's graph (time_graph's capture and timing)."""
+def replay_series(seq: list, replays: int) -> tuple[list[float], float, float]:
+    """us a launch of each of `replays` consecutive replays of seq's graph (time_graph's capture and timing), and the
+    wall times (s) the replays began and ended."""
     for f in seq[:3]:
         f()
     torch.cuda.synchronize()
@@ -52,6 +56,7 @@ def replay_series(seq: list, replays: int) -> list[float]:
     torch.cuda.synchronize()
     time.sleep(1.0)  # idle: the clocks and power as after building a shape's operands
     out = []
+    began = time.time()
     for _ in range(replays):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         s.record()
@@ -59,7 +64,7 @@ def replay_series(seq: list, replays: int) -> list[float]:
         e.record()
         e.synchronize()
         out.append(s.elapsed_time(e) * 1e3 / len(seq))
-    return out
+    return out, began, time.time()
 
 
 def main() -> None:
@@ -73,18 +78,21 @@ def main() -> None:
     l2 = torch.cuda.get_device_properties(0).L2_cache_size
     report = {"shape": args.shape, "types": {}}
     with tempfile.NamedTemporaryFile("r", suffix=".csv") as samples:
-        reasons = next((f for f in ("clocks_event_reasons.active", "clocks_throttle_reasons.active")  # (renamed)
-                        if subprocess.run(["nvidia-smi", f"--query-gpu={f}", "--format=csv"],
-                                          capture_output=True).returncode == 0), "clocks.sm")
+        def supported(field: str) -> bool:
+            return subprocess.run(["nvidia-smi", f"--query-gpu={field}", "--format=csv"],
+                                  capture_output=True).returncode == 0
+
+        # the power now, not the 1 s average, where the driver has it; the throttle reasons by either name (renamed)
+        power = "power.draw.instant" if supported("power.draw.instant") else "power.draw"
+        reasons = next((f for f in ("clocks_event_reasons.active", "clocks_throttle_reasons.active") if supported(f)),
+                       None)
         sampler = subprocess.Popen(
-            ["nvidia-smi", f"--query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,{reasons}",
+            ["nvidia-smi", f"--query-gpu=timestamp,clocks.sm,clocks.mem,{power}" + (f",{reasons}" if reasons else ""),
              "--format=csv,noheader,nounits", "-lms", "20", "-f", samples.name])
         try:
             for fmt in args.types.split(","):
                 seq = b2_sequence(fmt, n, k, l2)
-                t0 = time.time()
-                series = replay_series(seq, args.replays)
-                t1 = time.time()
+                series, t0, t1 = replay_series(seq, args.replays)
                 windows = {f"{a}-{b}": statistics.median(series[a:b]) for a, b in WINDOWS if b <= len(series)}
                 tuner = bench.time_graph(seq, replays=10, warmup=2) * 1e6
                 bench_like = bench.time_graph(seq) * 1e6
@@ -108,17 +116,18 @@ def main() -> None:
         f = [v.strip() for v in line.split(",")]
         try:
             when = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            rows.append((when, float(f[1]), float(f[3]), f[4]))
+            rows.append((when, float(f[1]), float(f[3]), f[4] if reasons else "n/a"))
         except (ValueError, IndexError):
             continue
-    print(f"nvidia-smi: {len(rows)} samples")
+    print(f"nvidia-smi: {len(rows)} samples ({power})")
     for fmt, r in report["types"].items():
         during = [row for row in rows if r["wall"][0] <= row[0] <= r["wall"][1]]
         if during:
+            clocks, watts = [v[1] for v in during], [v[2] for v in during]
             print(f"{fmt} during its replays: {len(during)} samples, SM clock MHz first / median / min "
-                  f"{during[0][1]:.0f} / {statistics.median(v[1] for v in during):.0f} / {min(v[1] for v in during):.0f}, "
-                  f"power W median / max {statistics.median(v[2] for v in during):.0f} / "
-                  f"{max(v[2] for v in during):.0f}, throttle reasons {sorted({v[3] for v in during})}")
+                  f"{clocks[0]:.0f} / {statistics.median(clocks):.0f} / {min(clocks):.0f}, power W median / max "
+                  f"{statistics.median(watts):.0f} / {max(watts):.0f}, throttle reasons "
+                  f"{sorted({v[3] for v in during})}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f)
