@@ -55,15 +55,8 @@ def replay_series(seq: list, replays: int) -> tuple[list[float], float, float]:
             f()
     torch.cuda.synchronize()
     time.sleep(1.0)  # idle: the clocks and power as after building a shape's operands
-    out = []
     began = time.time()
-    for _ in range(replays):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        graph.replay()
-        e.record()
-        e.synchronize()
-        out.append(s.elapsed_time(e) * 1e3 / len(seq))
+    out = [sec * 1e6 for sec in bench.replay_seconds(graph, replays, len(seq))]
     return out, began, time.time()
 
 

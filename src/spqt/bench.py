@@ -196,6 +196,12 @@ def time_graph(fn_calls: list, replays: int = 30, warmup: int = 5) -> float:
     for _ in range(warmup):
         graph.replay()
     torch.cuda.synchronize()
+    return statistics.median(replay_seconds(graph, replays, len(fn_calls)))
+
+
+def replay_seconds(graph, replays: int, launches: int) -> list[float]:
+    """Seconds a launch of each of `replays` replays of a captured CUDA graph of `launches` launches, one after
+    another, each timed by CUDA events and waited for."""
     times = []
     for _ in range(replays):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -203,8 +209,8 @@ def time_graph(fn_calls: list, replays: int = 30, warmup: int = 5) -> float:
         graph.replay()
         e.record()
         e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / len(fn_calls))
-    return statistics.median(times)
+        times.append(s.elapsed_time(e) / 1e3 / launches)
+    return times
 
 
 def shape_timer():
