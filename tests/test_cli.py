@@ -518,6 +518,40 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     _error(capsys, ["perplexity", str(model), "--data", str(evaluation), "--ctx", "100000", "--device", "cpu"], "--ctx")
 
 
+def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatch, capsys):
+    """spqt tune (GPU faked, timing refused): a table it cannot write (--output under a file or a folder itself, or
+    this GPU's table in a package folder that is not one) is one error line before any timing, not a traceback after
+    minutes of it; an error while saving is one line too."""
+    import torch
+
+    import spqt.bench
+    from spqt.kernels import tuning
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("timed before the table was found writable")
+
+    monkeypatch.setattr(spqt.bench, "tune", no_timing)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(blocker / "t.json")], f"cannot write {blocker}")
+    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path)], "its folder is not writable")
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: blocker / "tuned" / "test-gpu.json")
+    _error(capsys, ["tune", "--shapes", "64x64"], "pass --output TABLE.json and copy it there")
+    # writable: the tune runs (faked) and a failing save is one line
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: tmp_path / "missing" / "test-gpu.json")
+    tuning._load_table.cache_clear()
+    monkeypatch.setattr(spqt.bench, "tune", lambda shapes, variants: {})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tuning, "save_table", full_disk)
+    _error(capsys, ["tune", "--shapes", "64x64"], "No space left on device")
+    tuning._load_table.cache_clear()
+
 def test_tune_routes_bad_input(capsys):
     """spqt tune --routes without models, or with levels outside (0, 1): one error line, before any GPU work."""
     _error(capsys, ["tune", "--routes", ""], "--routes needs models")

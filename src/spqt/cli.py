@@ -728,6 +728,17 @@ def _model_tune_plan(args, paths: list[str]) -> dict | None:
     return plan
 
 
+def _writable(path: Path) -> bool:
+    """Whether a file can be written (atomically: a temporary file beside it, renamed) at path: not a folder, and its
+    nearest existing folder writable (save_table makes the missing ones)."""
+    if path.is_dir():
+        return False
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
+
+
 def cmd_tune(args) -> int:
     import torch
 
@@ -765,6 +776,11 @@ def cmd_tune(args) -> int:
         route_runs.append((m, kind_types(kind)[0]))
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
+    table = Path(args.output) if args.output else tuning.table_path()
+    if not _writable(table):  # said before minutes of timing, not after
+        raise SpqtError(f"spqt tune cannot write {table}" + (
+            "" if args.output else " (this GPU's table in the installed package)") + ": its folder is not writable"
+            + ("" if args.output else "; pass --output TABLE.json and copy it there"))
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
     step_judged = [(flag, _synthetic_models(value, flag)) for flag, value in (("--l2first", args.l2first),
                                                                               ("--pairs", args.pairs))
@@ -872,7 +888,10 @@ def cmd_tune(args) -> int:
     if replaced:
         print(f"spqt: note: the tile pairs judged in whole decode steps of {', '.join(replaced)} are replaced by "
               "this tune's choice; spqt tune --pairs judges them again", file=sys.stderr)
-    path = tuning.save_table(entries, path=Path(args.output) if args.output else None)
+    try:
+        path = tuning.save_table(entries, path=table)
+    except OSError as e:
+        raise SpqtError(f"spqt tune cannot write {table}: {e.strerror or e}") from None
     print(f"wrote {path}")
     if args.model is not None:
         from spqt.checkpoint import spqt_maps
