@@ -536,12 +536,13 @@ def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatc
     monkeypatch.setattr(spqt.bench, "tune", no_timing)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(blocker / "t.json")], f"cannot write {blocker}")
-    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path)], "its folder is not writable")
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: blocker / "tuned" / "test-gpu.json")
+    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(blocker / "t.json")], "is not a folder")
+    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path)], "it is a directory")
+    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path / "no" / "t.json")], "does not exist")
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: blocker / "test-gpu.json")
     _error(capsys, ["tune", "--shapes", "64x64"], "pass --output TABLE.json and copy it there")
     # writable: the tune runs (faked) and a failing save is one line
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: tmp_path / "missing" / "test-gpu.json")
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: tmp_path / "test-gpu.json")
     tuning._load_table.cache_clear()
     monkeypatch.setattr(spqt.bench, "tune", lambda shapes, variants: {})
 

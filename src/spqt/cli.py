@@ -728,21 +728,11 @@ def _model_tune_plan(args, paths: list[str]) -> dict | None:
     return plan
 
 
-def _writable(path: Path) -> bool:
-    """Whether a file can be written (atomically: a temporary file beside it, renamed) at path: not a folder, and its
-    nearest existing folder writable (save_table makes the missing ones)."""
-    if path.is_dir():
-        return False
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    return folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)
-
-
 def cmd_tune(args) -> int:
     import torch
 
     from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
+    from spqt.checkpoint import check_writable
     from spqt.kernels import tuning
 
     paths = _listed(args.model or "")  # --model's files
@@ -777,10 +767,11 @@ def cmd_tune(args) -> int:
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
     table = Path(args.output) if args.output else tuning.table_path()
-    if not _writable(table):  # said before minutes of timing, not after
-        raise SpqtError(f"spqt tune cannot write {table}" + (
-            "" if args.output else " (this GPU's table in the installed package)") + ": its folder is not writable"
-            + ("" if args.output else "; pass --output TABLE.json and copy it there"))
+    try:
+        check_writable(table)  # said before minutes of timing, not after
+    except SpqtError as e:
+        raise SpqtError(str(e) + ("" if args.output else " (this GPU's table in the installed package: pass --output "
+                                                         "TABLE.json and copy it there)")) from None
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
     step_judged = [(flag, _synthetic_models(value, flag)) for flag, value in (("--l2first", args.l2first),
                                                                               ("--pairs", args.pairs))
