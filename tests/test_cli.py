@@ -427,6 +427,9 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     _error(capsys, ["bench", "gemv", "--dtype", "bf16"], "--dtype is for spqt bench decode")
     _error(capsys, ["bench", "gemv", "--after-capture"], "--after-capture is for spqt bench decode")
     _error(capsys, ["tune", "--shapes", "64x64"], "spqt tune needs a CUDA GPU")
+    # a bench's --json or --plot that cannot be written: said before any timing (here, before the GPU is looked for)
+    _error(capsys, ["bench", "gemv", "--json", "/nonexistent-folder/b.json"], "does not exist")
+    _error(capsys, ["bench", "decode", "--plot", "/"], "it is a directory")
     # a row's process that fails: its error line, once, with the row it was
     from argparse import Namespace
 

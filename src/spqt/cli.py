@@ -656,6 +656,11 @@ def cmd_bench(args) -> int:
         raise SpqtError("--after-capture is for spqt bench decode (the GEMV table times kernels, not a decode step)")
     _check_outputs([("--json", args.json), ("--plot", args.plot)],
                    [("model", args.model)] if args.what == "decode" else [])
+    from spqt.checkpoint import check_writable
+
+    for out in (args.json, args.plot):
+        if out:
+            check_writable(Path(out))  # before minutes of timing
     if not torch.cuda.is_available():
         raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
     for s in args.sparsity:
