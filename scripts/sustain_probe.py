@@ -2,7 +2,7 @@
 shapes before its warm-up (docs/RESULTS.md, fifty-first and fifty-second sessions) while Q4_K's and Q8_0's agreed: B2
 of each type at its shipped config, one CUDA graph of at least 16 launches over weight copies larger than L2 (as both
 time it), replayed REPLAYS times in a row after a second idle, each replay timed with CUDA events as bench.time_graph
-times it; the GPU's SM clock, power and throttle reasons sampled by nvidia-smi meanwhile (summed over the replays
+times it; the GPU's SM clock, power and throttle reasons sampled by nvidia-smi meanwhile (taken over the replays
 alone). Prints the medians of replay windows (the tuner's: replays 2-11; the bench's: 5-34; later ones), then
 time_graph as the tuner (replays 10, warm-up 2) and as the bench (its defaults, which bench.shape_timer calls after
 its warm-up) call it, back to back. The other types in the CUDA GEMV's layouts: where it runs (not SPQT_GEMV=triton).
@@ -28,7 +28,7 @@ WINDOWS = ((0, 2), (2, 12), (5, 35), (35, 100), (100, 200), (200, 400))
 
 
 def b2_sequence(fmt: str, n: int, k: int, l2_bytes: int) -> list:
-    """B2 launches over rotated weight copies (each copy, at least 16), at the config `spqt bench gemv` runs."""
+    """B2 launches over rotated weight copies (one per copy, at least 16), at the config `spqt bench gemv` runs."""
     if fmt == "q4_k":
         ops = bench.make_operands((n, k), l2_bytes)
         cfg = tuning.config("zigzag_dense", n, k)
@@ -44,8 +44,9 @@ def b2_sequence(fmt: str, n: int, k: int, l2_bytes: int) -> list:
 
 
 def replay_series(seq: list, replays: int) -> tuple[list[float], float, float]:
-    """us a launch of each of `replays` consecutive replays of seq's graph (time_graph's capture and timing), and the
-    wall times (s) the replays began and ended."""
+    """us a launch of each of `replays` consecutive replays of seq's graph (timed as time_graph times them; captured
+    on the current stream after three eager launches, and no warm-up replays: the first ones are what it looks at),
+    and the wall times (s) the replays began and ended."""
     for f in seq[:3]:
         f()
     torch.cuda.synchronize()
@@ -109,13 +110,20 @@ def main() -> None:
         f = [v.strip() for v in line.split(",")]
         try:
             when = datetime.datetime.strptime(f[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-            rows.append((when, float(f[1]), float(f[3]), f[4] if reasons else "n/a"))
+            clock = float(f[1])
         except (ValueError, IndexError):
             continue
+        try:
+            power_w = float(f[3])
+        except (ValueError, IndexError):  # "[N/A]" on a driver that names the field but does not fill it
+            power_w = float("nan")
+        rows.append((when, clock, power_w, f[4] if reasons and len(f) > 4 else "n/a"))
     print(f"nvidia-smi: {len(rows)} samples ({power})")
     for fmt, r in report["types"].items():
         during = [row for row in rows if r["wall"][0] <= row[0] <= r["wall"][1]]
-        if during:
+        if not during:
+            print(f"{fmt} during its replays: no samples (replays shorter than the 20 ms sampling)")
+        else:
             clocks, watts = [v[1] for v in during], [v[2] for v in during]
             print(f"{fmt} during its replays: {len(during)} samples, SM clock MHz first / median / min "
                   f"{clocks[0]:.0f} / {statistics.median(clocks):.0f} / {min(clocks):.0f}, power W median / max "

@@ -429,7 +429,8 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     _error(capsys, ["tune", "--shapes", "64x64"], "spqt tune needs a CUDA GPU")
     # a bench's --json or --plot that cannot be written: said before any timing (here, before the GPU is looked for)
     _error(capsys, ["bench", "gemv", "--json", "/nonexistent-folder/b.json"], "does not exist")
-    _error(capsys, ["bench", "decode", "--plot", "/"], "it is a directory")
+    _error(capsys, ["bench", "gemv", "--plot", "/"], "it is a directory")
+    _error(capsys, ["bench", "decode", "--plot", "p.png"], "--plot is for spqt bench gemv")
     # a row's process that fails: its error line, once, with the row it was
     from argparse import Namespace
 
@@ -524,14 +525,17 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
 def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatch, capsys):
     """spqt tune (GPU faked, timing refused): a table it cannot write (--output under a file or a folder itself, or
     this GPU's table in a package folder that is not one) is one error line before any timing, not a traceback after
-    minutes of it; an error while saving is one line too."""
+    minutes of it; a missing folder is made (as before); a --model run with nothing to time writes and checks nothing
+    (so a read-only install still says so); nothing is left behind."""
     import torch
 
     import spqt.bench
     from spqt.kernels import tuning
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
+    monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (no device properties here)
 
     def no_timing(*args, **kwargs):
         raise AssertionError("timed before the table was found writable")
@@ -539,21 +543,18 @@ def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatc
     monkeypatch.setattr(spqt.bench, "tune", no_timing)
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(blocker / "t.json")], "is not a folder")
+    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(blocker / "t.json")], f"cannot write {blocker}")
     _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path)], "it is a directory")
-    _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path / "no" / "t.json")], "does not exist")
     monkeypatch.setattr(tuning, "table_path", lambda key=None: blocker / "test-gpu.json")
-    _error(capsys, ["tune", "--shapes", "64x64"], "pass --output TABLE.json and copy it there")
-    # writable: the tune runs (faked) and a failing save is one line
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: tmp_path / "test-gpu.json")
+    _error(capsys, ["tune", "--shapes", "64x64"], "the installed package: pass --output TABLE.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+    # writable: the tune runs (faked), its missing folder made
     tuning._load_table.cache_clear()
     monkeypatch.setattr(spqt.bench, "tune", lambda shapes, variants: {})
-
-    def full_disk(*args, **kwargs):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(tuning, "save_table", full_disk)
-    _error(capsys, ["tune", "--shapes", "64x64"], "No space left on device")
+    out = tmp_path / "new" / "t.json"
+    assert main(["tune", "--shapes", "64x64", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["kernel_version"] == tuning.KERNEL_VERSION
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t.json"]
     tuning._load_table.cache_clear()
 
 def test_tune_routes_bad_input(capsys):

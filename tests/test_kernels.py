@@ -1447,8 +1447,18 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     assert main(["tune", "--model", mix, "--retune"]) == 0
     assert ("q4_k", ("zigzag_dense", "zigzag_sparse"), sorted([qkv, o, gate_up, down])) in calls
     calls.clear()
-    assert main(["tune", "--model", mix]) == 0 and not calls
-    assert "every map of" in capsys.readouterr().err
+    import spqt.checkpoint
+    from spqt.errors import SpqtError
+
+    def read_only(path):
+        raise SpqtError(f"cannot write {path}: Read-only file system")
+
+    with monkeypatch.context() as m:  # nothing to time: no table written, so none checked (a read-only install)
+        m.setattr(spqt.checkpoint, "check_writable", read_only)
+        assert main(["tune", "--model", mix]) == 0 and not calls
+        assert "every map of" in capsys.readouterr().err
+        assert main(["tune", "--model", mix, "--retune"]) == 2 and not calls  # something to time: refused first
+        assert "Read-only file system (this GPU's table in the installed package: pass --output" in capsys.readouterr().err
     # o's sparse entry from a table tuned before crossovers were measured (the H100's of 2026-11-23): o runs sparse at
     # every level, so the note names it and the tune times it
     other["zigzag_sparse"][key(o)] = cuda | {"us": 9.9}

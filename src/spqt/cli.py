@@ -654,6 +654,8 @@ def cmd_bench(args) -> int:
         raise SpqtError("--dtype is for spqt bench decode (the GEMV table times fp16 inputs)")
     if args.what == "gemv" and args.after_capture:
         raise SpqtError("--after-capture is for spqt bench decode (the GEMV table times kernels, not a decode step)")
+    if args.what == "decode" and args.plot:
+        raise SpqtError("--plot is for spqt bench gemv (its speedup against sparsity)")
     _check_outputs([("--json", args.json), ("--plot", args.plot)],
                    [("model", args.model)] if args.what == "decode" else [])
     from spqt.checkpoint import check_writable
@@ -771,18 +773,29 @@ def cmd_tune(args) -> int:
         route_runs.append((m, kind_types(kind)[0]))
     if not torch.cuda.is_available():
         raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
-    table = Path(args.output) if args.output else tuning.table_path()
-    try:
-        check_writable(table)  # said before minutes of timing, not after
-    except SpqtError as e:
-        raise SpqtError(str(e) + ("" if args.output else " (this GPU's table in the installed package: pass --output "
-                                                         "TABLE.json and copy it there)")) from None
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
     step_judged = [(flag, _synthetic_models(value, flag)) for flag, value in (("--l2first", args.l2first),
                                                                               ("--pairs", args.pairs))
                    if value is not None]
     if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None))) + len(step_judged) > 1:
         raise SpqtError("--crossover-only, --cuda-against-table, --routes, --l2first and --pairs exclude each other")
+    table = Path(args.output) if args.output else tuning.table_path()
+    nothing_to_time = (plan is not None and not args.retune and not step_judged and args.routes is None
+                       and not args.crossover_only and not args.cuda_against_table and not tuning.untuned(plan))
+    if not nothing_to_time:  # said before minutes of timing, not after
+        hint = "" if args.output else " (this GPU's table in the installed package: pass --output TABLE.json)"
+        folder = table.parent
+        while not folder.exists():
+            folder = folder.parent
+        if not folder.is_dir():
+            raise SpqtError(f"cannot write {table}: {folder} is not a folder{hint}")
+        try:
+            table.parent.mkdir(parents=True, exist_ok=True)  # (as save_table makes it)
+            check_writable(table)
+        except OSError as e:
+            raise SpqtError(f"cannot write {table}: {e.strerror or e}{hint}") from None
+        except SpqtError as e:
+            raise SpqtError(f"{e}{hint}") from None
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
     step_paired = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("pairs_step_us")}
@@ -884,10 +897,7 @@ def cmd_tune(args) -> int:
     if replaced:
         print(f"spqt: note: the tile pairs judged in whole decode steps of {', '.join(replaced)} are replaced by "
               "this tune's choice; spqt tune --pairs judges them again", file=sys.stderr)
-    try:
-        path = tuning.save_table(entries, path=table)
-    except OSError as e:
-        raise SpqtError(f"spqt tune cannot write {table}: {e.strerror or e}") from None
+    path = tuning.save_table(entries, path=table)  # (atomic_write: a failing write is one SpqtError line)
     print(f"wrote {path}")
     if args.model is not None:
         from spqt.checkpoint import spqt_maps
