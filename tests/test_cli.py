@@ -431,6 +431,7 @@ def test_cuda_where_there_is_none(tiny_spqt, capsys):
     _error(capsys, ["bench", "gemv", "--json", "/nonexistent-folder/b.json"], "does not exist")
     _error(capsys, ["bench", "gemv", "--plot", "/"], "it is a directory")
     _error(capsys, ["bench", "decode", "--plot", "p.png"], "--plot is for spqt bench gemv")
+    _error(capsys, ["tune", "--model", str(tiny_spqt), "--output", str(tiny_spqt)], "is also the model")
     # a row's process that fails: its error line, once, with the row it was
     from argparse import Namespace
 

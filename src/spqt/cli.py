@@ -743,6 +743,7 @@ def cmd_tune(args) -> int:
     from spqt.kernels import tuning
 
     paths = _listed(args.model or "")  # --model's files
+    _check_outputs([("--output", args.output)], [("model", p) for p in paths])
     plan = _model_tune_plan(args, paths)
     types = [t.lower() for t in _listed(args.types if args.types is not None else "q4_k")]
     if not types or any(t not in GEMV_TYPES for t in types):
