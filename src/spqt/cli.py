@@ -735,11 +735,29 @@ def _model_tune_plan(args, paths: list[str]) -> dict | None:
     return plan
 
 
+def _check_table_writable(table: Path, hint: str) -> None:
+    """SpqtError (its message ending in hint) where spqt tune could not write its table: a folder on the way that is a
+    file, or one where no file can be made; the missing folders are made (as save_table makes them)."""
+    from spqt.checkpoint import check_writable
+
+    folder = table.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SpqtError(f"cannot write {table}: {folder} is not a folder{hint}")
+    try:
+        table.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(table)
+    except OSError as e:
+        raise SpqtError(f"cannot write {table}: {e.strerror or e}{hint}") from None
+    except SpqtError as e:
+        raise SpqtError(f"{e}{hint}") from None
+
+
 def cmd_tune(args) -> int:
     import torch
 
     from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
-    from spqt.checkpoint import check_writable
     from spqt.kernels import tuning
 
     paths = _listed(args.model or "")  # --model's files
@@ -784,19 +802,8 @@ def cmd_tune(args) -> int:
     nothing_to_time = (plan is not None and not args.retune and not step_judged and args.routes is None
                        and not args.crossover_only and not args.cuda_against_table and not tuning.untuned(plan))
     if not nothing_to_time:  # said before minutes of timing, not after
-        hint = "" if args.output else " (this GPU's table in the installed package: pass --output TABLE.json)"
-        folder = table.parent
-        while not folder.exists():
-            folder = folder.parent
-        if not folder.is_dir():
-            raise SpqtError(f"cannot write {table}: {folder} is not a folder{hint}")
-        try:
-            table.parent.mkdir(parents=True, exist_ok=True)  # (as save_table makes it)
-            check_writable(table)
-        except OSError as e:
-            raise SpqtError(f"cannot write {table}: {e.strerror or e}{hint}") from None
-        except SpqtError as e:
-            raise SpqtError(f"{e}{hint}") from None
+        _check_table_writable(table, "" if args.output else
+                              " (this GPU's table in the installed package: pass --output TABLE.json)")
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
     step_paired = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("pairs_step_us")}
