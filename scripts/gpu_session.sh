@@ -2143,22 +2143,33 @@ decode-then-pool"
     # src/spqt/kernels/tuned/<gpu>.json: the next call carries it (a tracked file) and tunes the next piece; spqt tune
     # --routes (the step routes) comes last, on the finished kernel entries.
     start=$(date +%s)
-    # RETUNE_ARGS: more spqt tune options (--crossover-only: the crossovers alone, the configs kept); RETUNE_SERVE=1:
-    # the serve probe of the default model (SERVE_LEVELS) on the new table after the decodes (park the model first)
-    timeout ${RETUNE_LIMIT:-420} python3 -m spqt.cli tune --shapes "${RETUNE_SHAPES:-runtime,llama2-7b}" \
+    # RETUNE_BEFORE=1: RETUNE_DECODE before the tune too (lines tagged before / after; the tune then gets what
+    # CALL_BUDGET leaves, less 60 s for the decodes after). RETUNE_ARGS: more spqt tune options (--crossover-only: the
+    # crossovers alone, the configs kept; --cuda-against-table: the CUDA GEMV's configs against each entry);
+    # RETUNE_SERVE=1: the serve probe of the default model (SERVE_LEVELS) on the new table after the decodes (park the
+    # model first)
+    retune_decodes() {  # RETUNE_DECODE's runs on this tree's table, a process a level, tagged $1
+      for spec in ${RETUNE_DECODE:-llama2-7b:0,0.5}; do
+        for level in $(echo "${spec#*:}" | tr , ' '); do
+          left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
+          [ $left -lt 40 ] && { echo "no time left for ${spec%%:*} at $level"; break 2; }
+          timeout $left python3 -m spqt.cli bench decode --model "synthetic:${spec%%:*}" --layouts zigzag \
+            --sparsity "$level" 2>&1 | grep -v WARN | grep "tok/s" | sed "s/^/$1: /"
+        done
+      done | tee -a "$OUT/retune-decode.log"
+    }
+    # RETUNE_BEFORE=1: the decodes on the table as it was first, in this call (the same machine and process order)
+    [ "${RETUNE_BEFORE:-0}" = 1 ] && retune_decodes before
+    limit=${RETUNE_LIMIT:-420}
+    left=$(( ${CALL_BUDGET:-560} - 60 - ($(date +%s) - start) ))
+    [ "${RETUNE_BEFORE:-0}" = 1 ] && [ $left -lt $limit ] && limit=$left
+    timeout $limit python3 -m spqt.cli tune --shapes "${RETUNE_SHAPES:-runtime,llama2-7b}" \
       ${RETUNE_TYPES:+--types $RETUNE_TYPES} ${RETUNE_ARGS:-} --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
       > "$OUT/retune.log"
     tail -5 "$OUT/retune.log"
     [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
     echo "tune: $(( $(date +%s) - start )) s"
-    for spec in ${RETUNE_DECODE:-llama2-7b:0,0.5}; do
-      for level in $(echo "${spec#*:}" | tr , ' '); do
-        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for ${spec%%:*} at $level"; break 2; }
-        timeout $left python3 -m spqt.cli bench decode --model "synthetic:${spec%%:*}" --layouts zigzag \
-          --sparsity "$level" 2>&1 | grep -v WARN | grep "tok/s"
-      done
-    done | tee "$OUT/retune-decode.log"
+    retune_decodes after
     if [ -n "${RETUNE_SERVE:-}" ]; then
       export SPQT_CACHE=/tmp/spqt-cache
       timeout 150 python3 scripts/serve_probe.py --device cuda --sparsity "${SERVE_LEVELS:-0,0.5}" --max-tokens 128 \
