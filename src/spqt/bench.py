@@ -213,12 +213,12 @@ def replay_seconds(graph, replays: int, launches: int) -> list[float]:
     return times
 
 
-def shape_timer():
-    """time_graph for one shape's sequences, the first of them timed once untimed before, as the tuner's _fastest does
-    (on the H200 the first timing after building a shape's operands measured 5-10 % slow). Without it B2, timed first,
-    read 5-12 % over the tuner's time of the same config for Q6_K, Q5_K, Q3_K and Q2_K on the H200's large shapes and
-    14 % for Q5_K on an H100, while B4 at 50 % agreed within 5 % and 1 % (docs/RESULTS.md, fifty-first session: the
-    cause not established)."""
+def shape_timer(replays: int = 30, warmup: int = 5):
+    """time_graph (at replays, warmup) for one shape's sequences, the first of them timed once untimed before (10
+    replays): the first timing after building a shape's operands measured 5-10 % slow on the H200 (the same kernel
+    right after it was not). `bench gemv`, the tuner (_fastest) and the crossovers time through it. Without it
+    `bench gemv`'s B2, timed first, read 13.9 / 15.9 % over the steady rate for Q5_K / Q6_K on an H100 (docs/RESULTS.md,
+    fifty-second session; the cause not established)."""
     first = True
 
     def timed(seq: list) -> float:
@@ -226,7 +226,7 @@ def shape_timer():
         if first:
             first = False
             time_graph(seq, replays=10, warmup=2)
-        return time_graph(seq)
+        return time_graph(seq, replays=replays, warmup=warmup)
 
     return timed
 
@@ -521,8 +521,10 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
     ws_d = kg.ZigzagWorkspace(weights[0], dense_cfg["split"], torch.float16)
     ws_s = kg.ZigzagWorkspace(weights[0], sparse_cfg["split"], torch.float16)
 
+    first_untimed = shape_timer(replays=10, warmup=2)
+
     def timed(call):
-        return time_graph(_at_least_16([(lambda w=w: call(w)) for w in weights]), replays=10, warmup=2)
+        return first_untimed(_at_least_16([(lambda w=w: call(w)) for w in weights]))
 
     # the norm-fed case: x is the RMSNorm of h (weight 1), made by rms_norm (dense) or rms_norm_collect
     h = torch.randn(k, device="cuda", dtype=torch.float16)
@@ -540,7 +542,6 @@ def crossover(weights: list, dense_cfg: dict, sparse_cfg: dict) -> dict:
         return kg.gemv_zigzag(w, x, kg.MODE_INDEXED, ws_s, idx=ws_s.idx, count=ws_s.count,
                               **tuning.launch_args(sparse_cfg))
 
-    timed(b2)  # untimed first (_fastest says why)
     dense = timed(b2)
     from spqt.kernels.gpu_linear import kept_runnable, norm_foldable
 
@@ -579,11 +580,9 @@ def _fastest(configs, calls) -> tuple[float, dict]:
     """(microseconds, config) of the fastest of configs; calls(config): the launches of one timing
     (one per rotated weight copy, repeated to at least 16 in the CUDA graph)."""
     best = None
-    # the first config once untimed: on the H200 the first timing after building a shape's operands
-    # measured 5-10 % slow in every run (the same kernel right after it was not; clocks ramping up)
-    time_graph(_at_least_16(calls(configs[0])), replays=10, warmup=2)
+    timed = shape_timer(replays=10, warmup=2)  # the first config once untimed
     for cfg in configs:
-        us = time_graph(_at_least_16(calls(cfg)), replays=10, warmup=2) * 1e6
+        us = timed(_at_least_16(calls(cfg))) * 1e6
         if best is None or us < best[0]:
             best = (us, cfg)
     return best
