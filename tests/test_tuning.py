@@ -121,3 +121,32 @@ def test_save_table_writes_the_user_table(package_table, tmp_path, monkeypatch):
     elsewhere = tuning.save_table(PACKAGE, path=tmp_path / "out.json")
     assert elsewhere == tmp_path / "out.json" and tuning.table_entries("zigzag_dense") == USER["zigzag_dense"]
 
+
+def test_tune_starts_from_the_package_table_and_writes_the_user_table(package_table, tmp_path, monkeypatch, capsys):
+    """spqt tune (GPU faked, timing faked) without a user table: it starts from the package's entries, writes them
+    with its own to the user table (says where), leaves the package's alone; the next tune starts from the user
+    table; --output writes elsewhere, the user table unchanged."""
+    import torch
+
+    import spqt.bench
+    from spqt.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: KEY)
+    monkeypatch.setattr(tuning, "sm_count", lambda: 132)  # (no device properties here)
+    timed = {"zigzag_dense": {"256x64": {"split": 3, "num_warps": 2, "chunks": 1, "us": 1.0}}}
+    monkeypatch.setattr(spqt.bench, "tune", lambda shapes, variants: timed)
+    before = package_table.read_text()
+    assert main(["tune", "--shapes", "256x64"]) == 0
+    user = tuning.user_table_path(KEY)
+    assert capsys.readouterr().out.splitlines() == [f"wrote {user}"]
+    assert json.loads(user.read_text())["entries"]["zigzag_dense"] == PACKAGE["zigzag_dense"] | timed["zigzag_dense"]
+    assert package_table.read_text() == before
+    _write(package_table, {})  # the next tune reads the user table, not the package's
+    timed = {"zigzag_dense": {"512x64": {"split": 4, "num_warps": 2, "chunks": 1, "us": 1.0}}}
+    assert main(["tune", "--shapes", "512x64"]) == 0
+    entries = json.loads(user.read_text())["entries"]["zigzag_dense"]
+    assert set(entries) == {"64x64", "128x64", "256x64", "512x64"}
+    kept = user.read_text()
+    assert main(["tune", "--shapes", "512x64", "--output", str(tmp_path / "out.json")]) == 0
+    assert user.read_text() == kept and (tmp_path / "out.json").is_file()
