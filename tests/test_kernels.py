@@ -1021,8 +1021,7 @@ def test_tune_routes_times_each_route_and_merges(tiny_hf, tiny_spqt, tmp_path, m
     q6k_found = bench_decode.tune_routes(args, [("q6k.spqt", "q6_k")], [0.5], rounds=1, log=lambda line: None)
     assert list(q6k_found) == ["q6_k:q6k.spqt"]
     # the command: the old table's kernel entries and other levels kept, this level replaced
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    path = tuning.user_table_path("test-gpu")  # the table in use, which spqt tune rewrites (conftest: SPQT_TUNED)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "test-gpu")
@@ -1074,8 +1073,7 @@ def test_types_reach_the_crossovers_the_route_children_and_the_route_lookup(tiny
     from spqt.generate import Generator
     from spqt.kernels import tuning, zigzag_cuda
 
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    path = tuning.user_table_path("test-gpu")  # the table in use, which spqt tune rewrites (conftest: SPQT_TUNED)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": {}}))
     tuning._load_table.cache_clear()
@@ -1159,8 +1157,7 @@ def test_tune_l2first_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsy
            "1536x256": cuda | {"split": 1}, "1024x256": triton}
     shapes = {"synthetic:a": {"qkv": (768, 256), "o": (256, 256), "gate_up": (1024, 256), "down": (256, 512)},
               "synthetic:b": {"qkv": (640, 256), "o": (256, 256), "gate_up": (1536, 256), "down": (256, 512)}}
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    path = tuning.user_table_path("test-gpu")  # the table in use, which spqt tune rewrites (conftest: SPQT_TUNED)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": {"zigzag_dense": own}}))
     tuning._load_table.cache_clear()
@@ -1277,8 +1274,7 @@ def test_tune_pairs_judges_each_shape_in_the_step(tmp_path, monkeypatch, capsys)
     own = {"768x256": cuda | {"acc": 2}, "256x256": cuda | {"acc": 16}, "1024x256": cuda | {"acc": 8, "pairs": True},
            "256x512": cuda | {"acc": 2, "l2first": 1}}
     shapes = {"qkv": (768, 256), "o": (256, 256), "gate_up": (1024, 256), "down": (256, 512)}
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    path = tuning.user_table_path("test-gpu")  # the table in use, which spqt tune rewrites (conftest: SPQT_TUNED)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     routes = {"q4_k:256x768x4x2x64x2": {"model": "m", "levels": {"0.5": {"route": "all"}}}}
     path.write_text(json.dumps({"kernel_version": tuning.KERNEL_VERSION,
@@ -1389,8 +1385,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
                     ffn_dim=cfg["intermediate_size"])
     qkv, o, gate_up, down = c.map_shapes()
     key = lambda shape: f"{shape[0]}x{shape[1]}"  # noqa: E731
-    path = tmp_path / "table.json"
-    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    path = tuning.user_table_path("test-gpu")  # the table in use, which spqt tune rewrites (conftest: SPQT_TUNED)
     monkeypatch.setattr(tuning, "device_key", lambda: "test-gpu")
     cuda = {"impl": "cuda", "num_warps": 4, "chunks": 1, "split": 2}
     crossed = {"crossover": None, "crossover_fused": 0.5}  # a sparse entry's measured crossovers (bench.crossover)
@@ -1456,9 +1451,9 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     with monkeypatch.context() as m:  # nothing to time: no table written, so none checked (a read-only install)
         m.setattr(spqt.checkpoint, "check_writable", read_only)
         assert main(["tune", "--model", mix]) == 0 and not calls
-        assert "every map of" in capsys.readouterr().err
+        assert f"has entries of its own in this GPU's table ({path})" in capsys.readouterr().err
         assert main(["tune", "--model", mix, "--retune"]) == 2 and not calls  # something to time: refused first
-        assert "Read-only file system (this GPU's table in the installed package: pass --output" in capsys.readouterr().err
+        assert "Read-only file system (this GPU's user table: set SPQT_TUNED" in capsys.readouterr().err
     # o's sparse entry from a table tuned before crossovers were measured (the H100's of 2026-11-23): o runs sparse at
     # every level, so the note names it and the tune times it
     other["zigzag_sparse"][key(o)] = cuda | {"us": 9.9}
@@ -1489,8 +1484,8 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     # a zigzag Q4_K model: the routes note (with --output); a row model's Q4_K maps: row_dense, no routes note
     start_table()
     assert main(["tune", "--model", str(tiny_spqt), "--output", str(tmp_path / "out.json")]) == 0
-    err = capsys.readouterr().err  # (the routes run times against the package table: the note says so)
-    assert f"tune --routes {tiny_spqt} then" in err and f"put {tmp_path / 'out.json'} there first" in err
+    err = capsys.readouterr().err  # (the routes run times against the table in use: the note says so)
+    assert f"tune --routes {tiny_spqt} then" in err and f"copy {tmp_path / 'out.json'} to {path} first" in err
     calls.clear()
     start_table()
     assert main(["tune", "--model", saved("row.spqt", "q4_k", "row")]) == 0

@@ -263,7 +263,8 @@ def print_step_comparison(title: str, results: dict, base_label: str | None = No
     return median
 
 
-NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")  # SPQT_* variables that do not change what a step runs
+# SPQT_* variables that do not change what a step runs (SPQT_TUNED does: it names the folder of the tuned tables)
+NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")
 
 
 def route_switches() -> dict:

@@ -798,12 +798,13 @@ def cmd_tune(args) -> int:
                    if value is not None]
     if sum(map(bool, (args.crossover_only, args.cuda_against_table, args.routes is not None))) + len(step_judged) > 1:
         raise SpqtError("--crossover-only, --cuda-against-table, --routes, --l2first and --pairs exclude each other")
-    table = Path(args.output) if args.output else tuning.table_path()
+    table = Path(args.output) if args.output else tuning.user_table_path()
     nothing_to_time = (plan is not None and not args.retune and not step_judged and args.routes is None
                        and not args.crossover_only and not args.cuda_against_table and not tuning.untuned(plan))
     if not nothing_to_time:  # said before minutes of timing, not after
         _check_table_writable(table, "" if args.output else
-                              " (this GPU's table in the installed package: pass --output TABLE.json)")
+                              " (this GPU's user table: set SPQT_TUNED to a writable folder, or pass --output "
+                              "TABLE.json)")
     routes = dict(tuning.table_entries(tuning.STEP_ROUTES))
     prefetching = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("l2first")}
     step_paired = {shape for shape, e in tuning.table_entries("zigzag_dense").items() if e.get("pairs_step_us")}
@@ -852,8 +853,8 @@ def cmd_tune(args) -> int:
             timed = plan
             plan = tuning.untuned(plan)
             if not plan:
-                print(f"spqt: every map of {args.model} has entries of its own in this GPU's table; --retune times "
-                      "them again", file=sys.stderr)
+                print(f"spqt: every map of {args.model} has entries of its own in this GPU's table "
+                      f"({tuning.active_table_path()}); --retune times them again", file=sys.stderr)
                 return 0
             if plan != timed:
                 print("spqt: note: the maps that have entries of their own keep them (--retune times them again)",
@@ -913,8 +914,8 @@ def cmd_tune(args) -> int:
         zigzag = [m for m in paths if spqt_maps(m).kind.endswith("-zigzag")]
         if zigzag:
             print(f"spqt: note: spqt tune --routes {','.join(zigzag)} then times the decode step's sparse routes "
-                  "per level" + (f" (it times against this GPU's package table: put {path} there first)"
-                                 if args.output else ""), file=sys.stderr)
+                  "per level" + (f" (it times against the table in use: copy {path} to {tuning.user_table_path()} "
+                                 "first)" if args.output else ""), file=sys.stderr)
     return 0
 
 
@@ -1150,8 +1151,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retune", action="store_true",
                    help="--model: time every map again, also those with entries (the shipped ones may have been "
                         "judged in whole decode steps, which a map timed alone can undo)")
-    p.add_argument("--output", help="table path (default: the package's tuned/<gpu>.json); written whole: this GPU's "
-                   "package table with this run's entries")
+    p.add_argument("--output", help="table path (default: this GPU's user table, <gpu>.json in $SPQT_TUNED, else "
+                   "$XDG_DATA_HOME/spqt/tuned or ~/.local/share/spqt/tuned, which the runtime reads instead of the "
+                   "package's); written whole: the table in use with this run's entries")
     p.add_argument("--crossover-only", action="store_true",
                    help="keep this GPU's tuned configs; measure only where sparse starts beating dense per shape "
                         "(of each of --types)")

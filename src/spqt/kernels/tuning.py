@@ -1,18 +1,27 @@
 """Kernel parameters per GPU and shape: the tuned table, its defaults, and the tuner.
 
-The table is JSON, one file per GPU and Triton version (``tuned/<gpu>--triton-<ver>.json``),
-shipped with the package. Keys: variant ("zigzag_dense", "zigzag_sparse", "row_dense"; TYPE_VARIANTS
-for the other zigzag types) and the exact shape "NxK". A missing entry falls back to the tuned entry of the nearest shape with the
-same K, else to :func:`default_config`; nothing re-tunes silently (``spqt tune`` does, on request).
-Besides the kernels' entries, STEP_ROUTES holds the decode step's MODE_KEPT route per model geometry (model_key;
-``spqt tune --routes``); a kernel re-tune drops them (they were timed with the old entries).
+The table is JSON, one file per GPU and Triton version (``<gpu>--triton-<ver>.json``). The package ships some in
+``tuned/``; ``spqt tune`` writes the user's own outside the package (:func:`user_table_path`: $SPQT_TUNED, else
+$XDG_DATA_HOME/spqt/tuned, else ~/.local/share/spqt/tuned), so an upgrade keeps it. Where the user's table holds this
+KERNEL_VERSION's entries it replaces the package's for that GPU whole (a tune starts from the table in use, so it
+holds the package's entries too); else the package's applies. Keys: variant ("zigzag_dense", "zigzag_sparse",
+"row_dense"; TYPE_VARIANTS for the other zigzag types) and the exact shape "NxK". A missing entry falls back to the
+tuned entry of the nearest shape with the same K, else to :func:`default_config`; nothing re-tunes silently
+(``spqt tune`` does, on request). Besides the kernels' entries, STEP_ROUTES holds the decode step's MODE_KEPT route
+per model geometry (model_key; ``spqt tune --routes``); a kernel re-tune drops them (they were timed with the old
+entries).
 """
 
 import json
+import logging
+import os
 import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
+
+# a user table that cannot be read: one line on stderr (logging's last resort) unless the application routes logging
+log = logging.getLogger(__name__)
 
 VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
 # The other zigzag types: "zigzag_<dense|sparse>_<type>". Where the CUDA GEMV runs the type (zigzag_cuda.kquant_layout),
@@ -45,11 +54,56 @@ def device_key() -> str:
 
 
 def table_path(key: str | None = None) -> Path:
+    """This GPU's table shipped in the package (tuned/<key>.json)."""
     return Path(str(resources.files("spqt").joinpath(f"kernels/tuned/{key or device_key()}.json")))
+
+
+def user_table_path(key: str | None = None) -> Path:
+    """This GPU's table of the user's own tuning, what `spqt tune` writes: <folder>/<key>.json, the folder $SPQT_TUNED,
+    else $XDG_DATA_HOME/spqt/tuned (an absolute path, as the XDG spec asks), else ~/.local/share/spqt/tuned."""
+    folder = os.environ.get("SPQT_TUNED")
+    if not folder:
+        data = os.environ.get("XDG_DATA_HOME", "")
+        folder = (Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share") / "spqt" / "tuned"
+    return Path(folder).expanduser() / f"{key or device_key()}.json"
+
+
+def _user_entries(key: str) -> dict | None:
+    """The user table's entries where it holds this KERNEL_VERSION's; None where it is absent or of another version;
+    OSError or ValueError where it cannot be read or is not a tuned table."""
+    path = user_table_path(key)
+    if not path.is_file():
+        return None
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("entries", {}), dict):
+        raise ValueError("not a JSON object with a dict of entries")
+    return doc.get("entries", {}) if doc.get("kernel_version") == KERNEL_VERSION else None
+
+
+def active_table_path(key: str | None = None) -> Path:
+    """The file this GPU's entries come from (_load_table's choice): the user table where it holds this
+    KERNEL_VERSION's entries, else the package's (which may not exist: every shape runs its default)."""
+    key = key or device_key()
+    try:
+        if _user_entries(key) is not None:
+            return user_table_path(key)
+    except (OSError, ValueError):
+        pass
+    return table_path(key)
 
 
 @lru_cache(maxsize=None)
 def _load_table(key: str) -> dict:
+    """This GPU's entries {variant: {"NxK": config}}: the user table's where it holds this KERNEL_VERSION's, else the
+    package table's, else {}. A user table that cannot be read falls back to the package's with one warning line."""
+    try:
+        entries = _user_entries(key)
+    except (OSError, ValueError) as e:
+        log.warning(f"spqt: warning: {user_table_path(key)} is not a readable tuned table ({e}); the package's "
+                    "table is used instead (spqt tune writes a new one)")
+        entries = None
+    if entries is not None:
+        return entries
     path = table_path(key)
     if not path.is_file():
         return {}
@@ -433,13 +487,15 @@ def _wave_fitting(variant: str, rows: int, k: int, splits: list[int], bits: int)
 
 
 def save_table(entries: dict, key: str | None = None, path: Path | None = None) -> Path:
+    """entries written as this GPU's table: to path, else to the user table (user_table_path), its folder made; the
+    loaded tables forgotten, so the next read sees it."""
     import datetime
 
     import torch
 
     from spqt.checkpoint import atomic_write
 
-    path = path or table_path(key)
+    path = path or user_table_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": torch.cuda.get_device_name(), "key": key or device_key(), "kernel_version": KERNEL_VERSION,
            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "entries": entries}
