@@ -620,8 +620,8 @@ def test_bench_decode_compares_each_level_with_dense():
 
 
 def test_bench_decode_rows_record_the_route_switches(monkeypatch):
-    """A decode row records the SPQT_* variables that change what a step runs (the tuned tables' folder too; not the
-    cache, commit or API key)."""
+    """A decode row records the SPQT_* variables that change what a step runs (not the cache, commit or API key, nor
+    the tuned tables' folder: a row names the table it ran on under "table")."""
     import os
 
     from spqt.bench_decode import route_switches
@@ -632,7 +632,7 @@ def test_bench_decode_rows_record_the_route_switches(monkeypatch):
     for name, value in (("SPQT_SPARSE_KEPT", "norm"), ("SPQT_CHAIN", "1"), ("SPQT_CACHE", "/tmp/c"),
                         ("SPQT_COMMIT", "abc"), ("SPQT_API_KEY", "k"), ("OTHER_SPQT_X", "1"), ("SPQT_TUNED", "/t")):
         monkeypatch.setenv(name, value)
-    assert route_switches() == {"SPQT_CHAIN": "1", "SPQT_SPARSE_KEPT": "norm", "SPQT_TUNED": "/t"}
+    assert route_switches() == {"SPQT_CHAIN": "1", "SPQT_SPARSE_KEPT": "norm"}
 
 
 def test_probe_report_and_options(capsys, monkeypatch):

@@ -263,8 +263,9 @@ def print_step_comparison(title: str, results: dict, base_label: str | None = No
     return median
 
 
-# SPQT_* variables that do not change what a step runs (SPQT_TUNED does: it names the folder of the tuned tables)
-NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY")
+# SPQT_* variables that are not route switches: the caches, the commit, the API key, the tuned tables' folder
+# (SPQT_TUNED: a row records the table it ran on, "table")
+NOT_ROUTES = ("SPQT_CACHE", "SPQT_COMMIT", "SPQT_API_KEY", "SPQT_TUNED")
 
 
 def route_switches() -> dict:
@@ -349,7 +350,8 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "gbps": needed / sec / 1e9, "floor_ms": 1e3 * needed / (copy_gbps * 1e9),
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
                    "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
-                   "model_key": tuning.model_key(loaded.config, fmt), "after_capture": after_capture}
+                   "model_key": tuning.model_key(loaded.config, fmt), "after_capture": after_capture,
+                   "table": str(tuning.active_table_path())}
             row["kept_route"] = gen.tuned_route_runs()  # None: off, or SPQT_SPARSE_KEPT overrides it
             row["dense_step"] = gen.dense_step_reason()  # why every map runs dense (the level's route, =dense)
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]
