@@ -4,6 +4,8 @@ import contextlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 import threading
 import time
 import urllib.request
@@ -38,16 +40,25 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    """The test process's user tuned tables (SPQT_TUNED, and XDG_DATA_HOME, its fallback: read before the package's,
+    written by spqt tune) in empty folders of its own, never this machine's, for fixtures of every scope too."""
+    root = Path(tempfile.mkdtemp(prefix="spqt-tests-"))
+    os.environ["SPQT_TUNED"], os.environ["XDG_DATA_HOME"] = str(root / "tuned"), str(root / "data")
+    config.add_cleanup(lambda: shutil.rmtree(root, ignore_errors=True))
+
+
 @pytest.fixture(autouse=True)
-def user_tuned_tables(tmp_path_factory, monkeypatch):
-    """Every test's user tuned tables (SPQT_TUNED: read before the package's, written by spqt tune) in an empty folder
-    of its own, never this machine's (XDG_DATA_HOME too, the fallback); the loaded tables forgotten before and after."""
+def user_tuned_tables(tmp_path_factory):
+    """Every test's user tuned tables in empty folders of its own (a patch of its own, which the test's monkeypatch.undo
+    does not lift); the loaded tables forgotten before and after."""
     from spqt.kernels import tuning
 
-    monkeypatch.setenv("SPQT_TUNED", str(tmp_path_factory.mktemp("user-tuned")))
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
-    tuning._load_table.cache_clear()
-    yield
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPQT_TUNED", str(tmp_path_factory.mktemp("user-tuned")))
+        mp.setenv("XDG_DATA_HOME", str(tmp_path_factory.mktemp("data-home")))
+        tuning._load_table.cache_clear()
+        yield
     tuning._load_table.cache_clear()
 
 

@@ -578,7 +578,8 @@ def test_tune_routes_bad_input(capsys):
 def test_tune_shapes_name_the_maps_the_runtime_runs():
     """spqt tune's model names give the maps as the runtime stores them (q|k|v and gate|up fused: the forty-ninth
     session's `--shapes llama3-8b` tuned the matrices one by one, and the 8B's fused maps kept Q4_K's configs) besides
-    bench gemv's matrices; bench gemv's names stay its matrices; the default covers the same shapes as before."""
+    bench gemv's matrices; bench gemv's names stay its matrices; `default` names the default model's maps; the default
+    covers the same shapes as before."""
     from spqt.bench import MODEL_SHAPES, parse_shapes, runtime_shapes
     from spqt.cli import TUNE_SHAPES
     from spqt.errors import SpqtError
@@ -587,6 +588,8 @@ def test_tune_shapes_name_the_maps_the_runtime_runs():
     assert tuned[:3] == MODEL_SHAPES["llama3-8b"]
     assert tuned[3:] == [(6144, 4096), (4096, 4096), (28672, 4096)]  # down (4096x14336) is one of the three
     assert parse_shapes("llama3-8b") == MODEL_SHAPES["llama3-8b"]
+    # the default model's maps (SmolLM2-135M: q|k|v, o, gate|up, down), those runtime ends with
+    assert parse_shapes("default") == [(960, 576), (576, 576), (3072, 576), (576, 1536)] == runtime_shapes()[-4:]
     assert parse_shapes("qwen2.5-7b", runtime_maps=True) == [(4608, 3584), (3584, 3584), (37888, 3584), (3584, 18944)]
     with pytest.raises(SpqtError, match="unknown shape 'qwen2.5-7b'"):
         parse_shapes("qwen2.5-7b")

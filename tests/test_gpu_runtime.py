@@ -423,7 +423,7 @@ def test_bench_decode_times_a_mixed_model_file(tiny_hf, tmp_path):
 
 def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     """`spqt bench decode` runs every level in a child `--one-process` run and reads its JSON back: one row a
-    level, in order, each with its own copy bandwidth and the compute dtype asked for, timed after a throwaway capture
+    level, in order, each with its own copy bandwidth, the table it ran on and the compute dtype asked for, timed after a throwaway capture
     where --after-capture asks (the row and its line say so); a row that fails is one error line."""
     import json
     import os
@@ -431,12 +431,18 @@ def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
 
     from spqt.bench_decode import run_decode_benchmark
     from spqt.errors import SpqtError
+    from spqt.kernels import tuning
 
+    shipped, user = tuning.table_path(), tuning.user_table_path()  # (the test's own SPQT_TUNED, which children read)
+    doc = json.loads(shipped.read_text()) if shipped.is_file() else {"kernel_version": tuning.KERNEL_VERSION}
+    user.parent.mkdir(parents=True, exist_ok=True)
+    user.write_text(json.dumps(doc | {"created": "this test"}))
     args = Namespace(model="synthetic:tiny", layouts="zigzag", types="q4_k", sparsity=[0.0, 0.5], prompt_tokens=10,
                      new_tokens=16, one_process=False, dtype="bf16", after_capture=True)
     lines = []
     report = run_decode_benchmark(args, tmp_path / "decode.json", log=lines.append)
     rows = report["rows"]
+    assert all(r["table"] == {"path": str(user), "created": "this test"} for r in rows), rows  # the table it ran on
     assert [(r["type"], r["sparsity"], r["dtype"]) for r in rows] == [("q4_k", 0.0, "bf16"), ("q4_k", 0.5, "bf16")]
     assert all(r["after_capture"] for r in rows)
     assert sum(line.endswith(", after a throwaway capture") for line in lines) == 2, lines

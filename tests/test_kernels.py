@@ -1448,7 +1448,7 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
     def read_only(path):
         raise SpqtError(f"cannot write {path}: Read-only file system")
 
-    with monkeypatch.context() as m:  # nothing to time: no table written, so none checked (a read-only install)
+    with monkeypatch.context() as m:  # nothing to time: no table written, so none checked (a read-only folder)
         m.setattr(spqt.checkpoint, "check_writable", read_only)
         assert main(["tune", "--model", mix]) == 0 and not calls
         assert f"has entries of its own in this GPU's table ({path})" in capsys.readouterr().err

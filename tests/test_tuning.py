@@ -18,9 +18,10 @@ PACKAGE = {"zigzag_dense": {"64x64": {"split": 1, "num_warps": 2, "chunks": 1, "
 USER = {"zigzag_dense": {"64x64": {"split": 5, "num_warps": 4, "chunks": 1, "us": 2.0}}}
 
 
-def _write(path: Path, entries: dict, version: int = tuning.KERNEL_VERSION) -> Path:
+def _write(path: Path, entries: dict, version: int = tuning.KERNEL_VERSION, created: str | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"kernel_version": version, "entries": entries}))
+    path.write_text(json.dumps({"kernel_version": version, "entries": entries}
+                               | ({"created": created} if created else {})))
     tuning._load_table.cache_clear()
     return path
 
@@ -55,20 +56,34 @@ def test_user_table_location(tmp_path, monkeypatch):
 def test_user_table_replaces_the_package_table(package_table):
     """A user table of this kernel version is the table in use, whole (the package's other shapes are not merged in:
     spqt tune wrote it from the table in use); without one the package's is."""
-    assert tuning.active_table_path() == package_table
+    assert tuning.table_source()["path"] == str(package_table)
     assert tuning.table_entries("zigzag_dense") == PACKAGE["zigzag_dense"]
-    user = _write(tuning.user_table_path(KEY), USER)
-    assert tuning.active_table_path() == user and tuning.active_table_path(KEY) == user
+    user = _write(tuning.user_table_path(KEY), USER, created="user")
+    assert tuning.table_source() == tuning.table_source(KEY) == {"path": str(user), "created": "user"}
     assert tuning.table_entries("zigzag_dense") == USER["zigzag_dense"]
     assert tuning.config("zigzag_dense", 64, 64)["split"] == 5
     assert tuning.config("zigzag_dense", 128, 64)["split"] != 2, "a package entry merged into the user table's"
+
+
+def test_no_table_applies(tmp_path, monkeypatch):
+    """Neither a user table nor a package table of this kernel version: no entries, table_source None (every shape
+    runs its default)."""
+    path = tmp_path / "package" / f"{KEY}.json"
+    monkeypatch.setattr(tuning, "table_path", lambda key=None: path)
+    monkeypatch.setattr(tuning, "device_key", lambda: KEY)
+    tuning._load_table.cache_clear()
+    assert tuning.table_source() is None and tuning.table_entries("zigzag_dense") == {}
+    _write(path, PACKAGE, version=tuning.KERNEL_VERSION - 1)
+    assert tuning.table_source() is None and tuning.table_entries("zigzag_dense") == {}
+    _write(path, PACKAGE, created="shipped")
+    assert tuning.table_source() == {"path": str(path), "created": "shipped"}
 
 
 def test_user_table_of_another_kernel_version_is_ignored(package_table):
     """A user table written for another kernel version is not used (as the package's would not be): the package's."""
     _write(tuning.user_table_path(KEY), USER, version=tuning.KERNEL_VERSION - 1)
     assert tuning.table_entries("zigzag_dense") == PACKAGE["zigzag_dense"]
-    assert tuning.active_table_path() == package_table
+    assert tuning.table_source()["path"] == str(package_table)
 
 
 NOT_TABLES = ["{not json", "[1, 2]", json.dumps({"kernel_version": tuning.KERNEL_VERSION, "entries": [1]}), "\xff\xfe"]
@@ -77,7 +92,7 @@ NOT_TABLES = ["{not json", "[1, 2]", json.dumps({"kernel_version": tuning.KERNEL
 @pytest.mark.parametrize("text", NOT_TABLES)
 def test_unreadable_user_table_falls_back_with_a_warning(package_table, caplog, text):
     """A user table that is no tuned table (not JSON, not an object, entries not a dict, not UTF-8): the package's
-    entries, with one warning that names the file, no exception; active_table_path says the package's."""
+    entries, with one warning that names the file, no exception; table_source says the package's."""
     user = tuning.user_table_path(KEY)
     user.parent.mkdir(parents=True, exist_ok=True)
     user.write_bytes(text.encode("latin-1"))
@@ -87,7 +102,7 @@ def test_unreadable_user_table_falls_back_with_a_warning(package_table, caplog, 
         assert tuning.table_entries("zigzag_sparse") == {}  # (loaded once: no second warning)
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert str(user) in caplog.records[0].getMessage()
-    assert tuning.active_table_path() == package_table
+    assert tuning.table_source()["path"] == str(package_table)
 
 
 def test_unreadable_user_table_is_one_line_on_stderr(tmp_path):
@@ -116,7 +131,7 @@ def test_save_table_writes_the_user_table(package_table, tmp_path, monkeypatch):
     path = tuning.save_table(USER)
     assert path == tmp_path / "new" / "tuned" / f"{KEY}.json" == tuning.user_table_path()
     assert json.loads(path.read_text())["kernel_version"] == tuning.KERNEL_VERSION
-    assert tuning.table_entries("zigzag_dense") == USER["zigzag_dense"] and tuning.active_table_path() == path
+    assert tuning.table_entries("zigzag_dense") == USER["zigzag_dense"] and tuning.table_source()["path"] == str(path)
     assert package_table.read_text() == before
     elsewhere = tuning.save_table(PACKAGE, path=tmp_path / "out.json")
     assert elsewhere == tmp_path / "out.json" and tuning.table_entries("zigzag_dense") == USER["zigzag_dense"]

@@ -63,8 +63,8 @@ def runtime_shapes() -> list[tuple[int, int]]:
 
 
 def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]:
-    """The (N, K) named by text, comma-separated: NxK, `runtime` (runtime_shapes), or a model name: its matrices one
-    by one (MODEL_SHAPES, the GEMV benchmark's). runtime_maps (spqt tune): a model name also gives its layers' maps as
+    """The (N, K) named by text, comma-separated: NxK, `runtime` (runtime_shapes), `default` (the default model's
+    maps as the runtime runs them), or a model name: its matrices one by one (MODEL_SHAPES, the GEMV benchmark's). runtime_maps (spqt tune): a model name also gives its layers' maps as
     the runtime stores and runs them (q|k|v and gate|up fused; not the head), and names every synthetic geometry. In
     order, once each. SpqtError for anything else."""
     from spqt.bench_decode import SYNTHETIC
@@ -75,6 +75,8 @@ def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]
         item = item.strip()
         if item == "runtime":
             shapes += runtime_shapes()
+        elif item == "default":
+            shapes += ModelConfig(**DEFAULT_MODEL_DIMS).map_shapes()
         elif item in MODEL_SHAPES or (runtime_maps and item in SYNTHETIC):
             shapes += MODEL_SHAPES.get(item, [])
             if runtime_maps:
@@ -84,7 +86,7 @@ def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]
             shapes.append((int(n), int(k)))
         elif item:
             names = SYNTHETIC if runtime_maps else MODEL_SHAPES
-            raise SpqtError(f"unknown shape {item!r}: use NxK, runtime or one of {', '.join(names)}")
+            raise SpqtError(f"unknown shape {item!r}: use NxK, runtime, default or one of {', '.join(names)}")
     return list(dict.fromkeys(shapes))
 
 
@@ -437,6 +439,7 @@ def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=N
     report = {"benchmark": "gemv", "device": torch.cuda.get_device_name(), "sms": props.multi_processor_count,
               "l2_bytes": l2, "copy_gbps": copy_gbps, "torch": torch.__version__, "triton": triton.__version__,
               "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "table": tuning.table_source(),
               "method": "CUDA-graph replay of >=16 calls over weight copies > 4x L2, CUDA events, median of 30; a "
                         "shape's first sequence timed once untimed before",
               "rows": rows}

@@ -351,7 +351,7 @@ def _rows_in_process(args, model_arg: str, runs, copy_gbps: float, log) -> list[
                    "gpu_mem_gb": torch.cuda.max_memory_allocated() / 1e9, "dense_fallback_maps": len(dense_maps),
                    "step": "chain" if gen.chain_runs() else "launched", "switches": route_switches(),
                    "model_key": tuning.model_key(loaded.config, fmt), "after_capture": after_capture,
-                   "table": str(tuning.active_table_path())}
+                   "table": tuning.table_source()}
             row["kept_route"] = gen.tuned_route_runs()  # None: off, or SPQT_SPARSE_KEPT overrides it
             row["dense_step"] = gen.dense_step_reason()  # why every map runs dense (the level's route, =dense)
             row["frac_of_floor"] = row["floor_ms"] / row["ms_per_token"]

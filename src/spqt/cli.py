@@ -854,7 +854,7 @@ def cmd_tune(args) -> int:
             plan = tuning.untuned(plan)
             if not plan:
                 print(f"spqt: every map of {args.model} has entries of its own in this GPU's table "
-                      f"({tuning.active_table_path()}); --retune times them again", file=sys.stderr)
+                      f"({tuning.table_source()['path']}); --retune times them again", file=sys.stderr)
                 return 0
             if plan != timed:
                 print("spqt: note: the maps that have entries of their own keep them (--retune times them again)",
@@ -1111,7 +1111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="GPU benchmarks: gemv (the five kernels) or decode (end to end)")
     p.add_argument("what", choices=["gemv", "decode"])
-    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b", help="model names or NxK, comma-separated")
+    p.add_argument("--shapes", default="llama2-7b,llama3-8b,llama2-13b,llama2-70b",
+                   help="model names, runtime, default (the default model's maps) or NxK, comma-separated")
     p.add_argument("--sparsity", type=_floats, default=[0, 0.25, 0.4, 0.5, 0.65])
     p.add_argument("--variants", default="B0,B1,B2,B3,B4,fp16")
     p.add_argument("--types", default="q4_k", help="weight types, comma-separated: q4_k (gemv: every variant), "
@@ -1141,7 +1142,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
     p.add_argument("--shapes", help="NxK list or names; runtime = the fused matrices of the synthetic and default "
-                   "models; a synthetic model's name = its layers' maps as the runtime runs them (q|k|v and gate|up "
+                   "models; default = the default model's alone; a synthetic model's name = its layers' maps as the runtime runs them (q|k|v and gate|up "
                    "fused; not the head: give it as VOCABxDIM) and, for the four of bench gemv, its matrices one by "
                    f"one (default {TUNE_SHAPES})")
     p.add_argument("--model", metavar="FILES",

@@ -31,7 +31,7 @@ VARIANTS = ("zigzag_dense", "zigzag_sparse", "row_dense")
 TYPE_FORMATS = ("q8_0", "q6_k", "q5_k", "q3_k", "q2_k")
 TYPE_VARIANTS = tuple(f"zigzag_{kind}_{fmt}" for fmt in TYPE_FORMATS for kind in ("dense", "sparse"))
 # The kernels' parameters mean different things after a kernel redesign: a table made for another
-# version is not used (defaults apply) until `spqt tune` writes a new one.
+# version is not used (a user table's: the package's applies; the package's: defaults) until `spqt tune` writes one.
 KERNEL_VERSION = 4  # 4: the tensor-core zigzag kernel (split, num_warps, chunks, ahead), PDL
 # Per model geometry (model_key), which sparse maps of a decode step run MODE_KEPT (one launch a map), as
 # `spqt tune --routes` measured whole decode steps: {"<model_key>": {"model": what was timed, "levels": {"0.5":
@@ -64,53 +64,54 @@ def user_table_path(key: str | None = None) -> Path:
     folder = os.environ.get("SPQT_TUNED")
     if not folder:
         data = os.environ.get("XDG_DATA_HOME", "")
-        folder = (Path(data) if os.path.isabs(data) else Path.home() / ".local" / "share") / "spqt" / "tuned"
+        home = Path(os.path.expanduser("~"))  # (no HOME and no passwd entry: "~" as it is, never an exception)
+        folder = (Path(data) if os.path.isabs(data) else home / ".local" / "share") / "spqt" / "tuned"
     return Path(folder).expanduser() / f"{key or device_key()}.json"
 
 
-def _user_entries(key: str) -> dict | None:
-    """The user table's entries where it holds this KERNEL_VERSION's; None where it is absent or of another version;
-    OSError or ValueError where it cannot be read or is not a tuned table."""
-    path = user_table_path(key)
+class TableEntries(dict):
+    """A GPU's loaded entries {variant: {"NxK": config}} and where they came from: source, {"path", "created"} of the
+    table file (its "created" stamp tells a re-tuned table from the one it replaced at the same path), None where no
+    table applies (every shape runs its default)."""
+
+    source: dict | None = None
+
+
+def _read_table(path: Path, strict: bool) -> TableEntries | None:
+    """The table file's entries where it holds this KERNEL_VERSION's; None where it is absent or of another version.
+    strict: OSError or ValueError where it cannot be read or is not a tuned table (a user table); else only JSON's own
+    errors (the shipped table)."""
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    if not isinstance(doc, dict) or not isinstance(doc.get("entries", {}), dict):
+    if strict and (not isinstance(doc, dict) or not isinstance(doc.get("entries", {}), dict)):
         raise ValueError("not a JSON object with a dict of entries")
-    return doc.get("entries", {}) if doc.get("kernel_version") == KERNEL_VERSION else None
-
-
-def active_table_path(key: str | None = None) -> Path:
-    """The file this GPU's entries come from (_load_table's choice): the user table where it holds this
-    KERNEL_VERSION's entries, else the package's (which may not exist: every shape runs its default)."""
-    key = key or device_key()
-    try:
-        if _user_entries(key) is not None:
-            return user_table_path(key)
-    except (OSError, ValueError):
-        pass
-    return table_path(key)
+    if doc.get("kernel_version") != KERNEL_VERSION:
+        return None
+    entries = TableEntries(doc.get("entries", {}))
+    entries.source = {"path": str(path), "created": doc.get("created")}
+    return entries
 
 
 @lru_cache(maxsize=None)
-def _load_table(key: str) -> dict:
-    """This GPU's entries {variant: {"NxK": config}}: the user table's where it holds this KERNEL_VERSION's, else the
-    package table's, else {}. A user table that cannot be read falls back to the package's with one warning line."""
+def _load_table(key: str) -> TableEntries:
+    """This GPU's entries: the user table's where it holds this KERNEL_VERSION's, else the package table's, else none.
+    A user table that cannot be read falls back to the package's with one warning line."""
     try:
-        entries = _user_entries(key)
+        entries = _read_table(user_table_path(key), strict=True)
     except (OSError, ValueError) as e:
-        log.warning(f"spqt: warning: {user_table_path(key)} is not a readable tuned table ({e}); the package's "
-                    "table is used instead (spqt tune writes a new one)")
+        log.warning("spqt: warning: %s is not a readable tuned table (%s); the table shipped for this GPU applies, "
+                    "if any (spqt tune writes a new one)", user_table_path(key), e)
         entries = None
-    if entries is not None:
-        return entries
-    path = table_path(key)
-    if not path.is_file():
-        return {}
-    doc = json.loads(path.read_text())
-    if doc.get("kernel_version") != KERNEL_VERSION:
-        return {}
-    return doc.get("entries", {})
+    if entries is None:
+        entries = _read_table(table_path(key), strict=False)
+    return entries if entries is not None else TableEntries()
+
+
+def table_source(key: str | None = None) -> dict | None:
+    """Where this GPU's entries come from (_load_table's choice): {"path", "created"} of the user or the package
+    table, None where neither applies (every shape runs its default)."""
+    return _load_table(key or device_key()).source
 
 
 def sm_count() -> int:
