@@ -2156,12 +2156,15 @@ decode-then-pool"
     # crossovers alone, the configs kept; --cuda-against-table: the CUDA GEMV's configs against each entry);
     # RETUNE_SERVE=1: the serve probe of the default model (SERVE_LEVELS) on the new table after the decodes (park the
     # model first)
-    retune_decodes() {  # RETUNE_DECODE's runs on this tree's table, a process a level, tagged $1
+    retune_decodes() {  # RETUNE_DECODE's runs on this tree's table, a process a level, tagged $1 (model "default":
+      local what                # the default model, parked first; else synthetic:model)
       for spec in ${RETUNE_DECODE:-llama2-7b:0,0.5}; do
+        what=(--model "synthetic:${spec%%:*}")
+        [ "${spec%%:*}" = default ] && what=()
         for level in $(echo "${spec#*:}" | tr , ' '); do
           left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
           [ $left -lt 40 ] && { echo "no time left for ${spec%%:*} at $level"; break 2; }
-          timeout $left python3 -m spqt.cli bench decode --model "synthetic:${spec%%:*}" --layouts zigzag \
+          timeout $left python3 -m spqt.cli bench decode ${what[@]+"${what[@]}"} --layouts zigzag \
             --sparsity "$level" 2>&1 | grep -v WARN | grep "tok/s" | sed "s/^/$1: /"
         done
       done | tee -a "$OUT/retune-decode.log"
