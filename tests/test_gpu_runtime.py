@@ -423,8 +423,9 @@ def test_bench_decode_times_a_mixed_model_file(tiny_hf, tmp_path):
 
 def test_bench_decode_times_each_level_in_a_process_of_its_own(tmp_path):
     """`spqt bench decode` runs every level in a child `--one-process` run and reads its JSON back: one row a
-    level, in order, each with its own copy bandwidth, the table it ran on and the compute dtype asked for, timed after a throwaway capture
-    where --after-capture asks (the row and its line say so); a row that fails is one error line."""
+    level, in order, each with its own copy bandwidth, the table it ran on and the compute dtype asked for, timed
+    after a throwaway capture where --after-capture asks (the row and its line say so); a row that fails is one error
+    line."""
     import json
     import os
     from argparse import Namespace

@@ -64,9 +64,10 @@ def runtime_shapes() -> list[tuple[int, int]]:
 
 def parse_shapes(text: str, runtime_maps: bool = False) -> list[tuple[int, int]]:
     """The (N, K) named by text, comma-separated: NxK, `runtime` (runtime_shapes), `default` (the default model's
-    maps as the runtime runs them), or a model name: its matrices one by one (MODEL_SHAPES, the GEMV benchmark's). runtime_maps (spqt tune): a model name also gives its layers' maps as
-    the runtime stores and runs them (q|k|v and gate|up fused; not the head), and names every synthetic geometry. In
-    order, once each. SpqtError for anything else."""
+    maps as the runtime runs them), or a model name: its matrices one by one (MODEL_SHAPES, the GEMV benchmark's).
+    runtime_maps (spqt tune): a model name also gives its layers' maps as the runtime stores and runs them (q|k|v and
+    gate|up fused; not the head), and names every synthetic geometry. In order, once each. SpqtError for anything
+    else."""
     from spqt.bench_decode import SYNTHETIC
     from spqt.config import ModelConfig
 

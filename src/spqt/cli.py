@@ -1142,9 +1142,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="time kernel configurations per shape and save the winners for this GPU")
     p.add_argument("--shapes", help="NxK list or names; runtime = the fused matrices of the synthetic and default "
-                   "models; default = the default model's alone; a synthetic model's name = its layers' maps as the runtime runs them (q|k|v and gate|up "
-                   "fused; not the head: give it as VOCABxDIM) and, for the four of bench gemv, its matrices one by "
-                   f"one (default {TUNE_SHAPES})")
+                   "models; default = the default model's alone; a synthetic model's name = its layers' maps as the "
+                   "runtime runs them (q|k|v and gate|up fused; not the head: give it as VOCABxDIM) and, for the four "
+                   f"of bench gemv, its matrices one by one (default {TUNE_SHAPES})")
     p.add_argument("--model", metavar="FILES",
                    help="tune the maps of these .spqt models (comma-separated) that this GPU's table has no entries "
                         "for: each map's type on its shape as stored (a quantized head dense only), instead of --shapes "
