@@ -1420,6 +1420,16 @@ def test_tune_model_times_its_maps_and_keeps_the_table(tiny_hf, tiny_spqt, tmp_p
 
     note = untuned_note(load_spqt(mix))  # what generate and serve say on CUDA before the tune
     assert note.startswith("6 of this model's map shapes have no tuned config") and f"tune --model {mix}" in note
+    # a GGUF or an HF folder (quantized as it loads: no .spqt to name): the types and shapes to time, all of them
+    import dataclasses
+    import re
+
+    from spqt.bench import parse_shapes
+
+    as_gguf = dataclasses.replace(load_spqt(mix), path=tmp_path / "mix.gguf")
+    found = re.search(r": spqt tune --types (\S+) --shapes (\S+) times them$", untuned_note(as_gguf))
+    assert found and found[1] == "q4_k,q6_k", untuned_note(as_gguf)
+    assert set(parse_shapes(found[2])) == {qkv, gate_up, down, (c.vocab_size, c.dim)}, found[2]
     assert main(["tune", "--model", mix]) == 0
     assert untuned_note(load_spqt(mix)) is None
     head = (c.vocab_size, c.dim)

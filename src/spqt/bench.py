@@ -124,7 +124,8 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
     shape) the tuned table lacks, which run a neighbour's or Q4_K's config (on the H200 up to 15 % slower, the 8B's
     Q6_K maps), or, where the run is sparse (sparse), have no measured crossover, which run sparse at every level (on
     the H100's table before its crossovers the default model at 50 % decoded 21 % slower than dense), and how to time
-    them; None where every map has measured entries of its own, or lacks only crossovers in a dense run."""
+    them (a .spqt: spqt tune --model; else, as a GGUF or an HF folder loads quantized, those types and shapes); None
+    where every map has measured entries of its own, or lacks only crossovers in a dense run."""
     def listed(groups: dict) -> list[str]:
         return sorted({f"{fmt} {n}x{k}" for (fmt, _), group in groups.items() for n, k in group})
 
@@ -134,7 +135,13 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
     without_cross = uncrossed if sparse else []
     if not shapes and not without_cross:
         return None
-    path = loaded.path if str(getattr(loaded, "path", "")).endswith(".spqt") else "MODEL.spqt"
+    path = getattr(loaded, "path", None)
+    if str(path).endswith(".spqt"):
+        command = f"spqt tune --model {path}"
+    else:  # a GGUF or an HF folder, quantized as it loads: its maps' shapes and types themselves
+        named = [s.split() for s in shapes + without_cross]
+        command = (f"spqt tune --types {','.join(sorted({fmt for fmt, _ in named}))} --shapes "
+                   f"{','.join(dict.fromkeys(shape for _, shape in named))}")
     parts = []
     if shapes:
         parts.append(f"{len(shapes)} of this model's map shapes have no tuned config of their type on this GPU "
@@ -145,7 +152,7 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
         parts.append(f"{subject} have no measured crossover on this GPU ({', '.join(without_cross[:4])}"
                      f"{', ...' if len(without_cross) > 4 else ''}): at any sparsity they run sparse, faster than "
                      f"dense or not")
-    return "; ".join(parts) + f": spqt tune --model {path} times them"
+    return "; ".join(parts) + f": {command} times them"
 
 
 def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
