@@ -159,14 +159,16 @@ gguf wheel, see the header), or every test that reads a GGUF file errors (fiftee
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 # This GPU's tuned table in this tree (what the runtime reads; a stage that tunes copies its new table there)
-tuned_table() { echo "src/spqt/kernels/tuned/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"; }
-# PYTHONPATH of a tree: "before" the round's starting commit, carried in .old; else this one.
-tree_path() { [ "$1" = before ] && echo "$PWD/.old/src:/tmp/site" || echo "$PYTHONPATH"; }
-# "$@" run on tree $1's code and tuned tables (each tree's own package tables as its user tables)
+tuned_table() { echo "$SPQT_TUNED/$(python3 -c 'from spqt.kernels.tuning import device_key; print(device_key())').json"; }
+# "$@" run on tree $1's code and tuned tables (each tree's own package tables as its user tables): "before" the
+# round's starting commit, carried in .old; else this one
 in_tree() {
   local tree=$1; shift
-  PYTHONPATH="$(tree_path "$tree")" SPQT_TUNED="$([ "$tree" = before ] && echo "$PWD/.old/src/spqt/kernels/tuned" \
-    || echo "$SPQT_TUNED")" "$@"
+  if [ "$tree" = before ]; then
+    PYTHONPATH="$PWD/.old/src:/tmp/site" SPQT_TUNED="$PWD/.old/src/spqt/kernels/tuned" "$@"
+  else
+    "$@"
+  fi
 }
 # scripts/span_probe.py for each of $1 (model:tree ...), a process each within $2 seconds, its lines tagged
 # with the tree, into $OUT/span-probe.log.

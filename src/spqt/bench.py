@@ -126,8 +126,11 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
     the H100's table before its crossovers the default model at 50 % decoded 21 % slower than dense), and how to time
     them (a .spqt: spqt tune --model; else, as a GGUF or an HF folder loads quantized, those types and shapes); None
     where every map has measured entries of its own, or lacks only crossovers in a dense run."""
-    def listed(groups: dict) -> list[str]:
-        return sorted({f"{fmt} {n}x{k}" for (fmt, _), group in groups.items() for n, k in group})
+    def listed(groups: dict) -> list[tuple[str, str]]:  # sorted (type, "NxK")
+        return sorted({(fmt, f"{n}x{k}") for (fmt, _), group in groups.items() for n, k in group})
+
+    def named(pairs: list) -> str:
+        return ", ".join(f"{fmt} {shape}" for fmt, shape in pairs[:4]) + (", ..." if len(pairs) > 4 else "")
 
     plan = tune_plan(weight_maps(loaded.weights))
     uncrossed = listed(tuning.uncrossed(plan))
@@ -139,19 +142,17 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
     if str(path).endswith(".spqt"):
         command = f"spqt tune --model {path}"
     else:  # a GGUF or an HF folder, quantized as it loads: its maps' shapes and types themselves
-        named = [s.split() for s in shapes + without_cross]
-        command = (f"spqt tune --types {','.join(sorted({fmt for fmt, _ in named}))} --shapes "
-                   f"{','.join(dict.fromkeys(shape for _, shape in named))}")
+        listed_pairs = shapes + without_cross
+        command = (f"spqt tune --types {','.join(sorted({fmt for fmt, _ in listed_pairs}))} --shapes "
+                   f"{','.join(dict.fromkeys(shape for _, shape in listed_pairs))}")
     parts = []
     if shapes:
         parts.append(f"{len(shapes)} of this model's map shapes have no tuned config of their type on this GPU "
-                     f"({', '.join(shapes[:4])}{', ...' if len(shapes) > 4 else ''}) and run a neighbour's, Q4_K's or "
-                     f"the default")
+                     f"({named(shapes)}) and run a neighbour's, Q4_K's or the default")
     if without_cross:
         subject = f"{len(without_cross)} more" if shapes else f"{len(without_cross)} of this model's map shapes"
-        parts.append(f"{subject} have no measured crossover on this GPU ({', '.join(without_cross[:4])}"
-                     f"{', ...' if len(without_cross) > 4 else ''}): at any sparsity they run sparse, faster than "
-                     f"dense or not")
+        parts.append(f"{subject} have no measured crossover on this GPU ({named(without_cross)}): at any sparsity "
+                     f"they run sparse, faster than dense or not")
     return "; ".join(parts) + f": {command} times them"
 
 
