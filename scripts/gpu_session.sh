@@ -9,97 +9,21 @@
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
 #   scripts/gpu_session.sh model     default-model perplexity tables
 #   scripts/gpu_session.sh roofline  the read ceiling (scripts/stream_probe.py), Nsight Compute bytes/stalls of B2/B4
-#   scripts/gpu_session.sh floor     gpu tests (8 workers), crossovers, 7B step profile now and before (.old), decode
-#   scripts/gpu_session.sh measure   7B step profiles, decode (DECODE_MODELS), GEMV table (GEMV=1); results.tgz
-#   scripts/gpu_session.sh types     every gpu test on a fresh machine (timed), then the GEMV table of every weight type
-#   scripts/gpu_session.sh last      gpu tests on a fresh machine, decode (DECODE_MODELS), the 7B step's GPU time at 50 %,
-#                                    the GEMV table of every weight type, then (time left) the other types tuned
-#   scripts/gpu_session.sh knobs     gpu tests on a fresh machine, the CUDA GEMV's -D knobs alone and in 7B decode steps
-#   scripts/gpu_session.sh types6    gpu tests on a fresh machine, the Q6_K CUDA GEMV probe, synthetic decode per type
-#   scripts/gpu_session.sh cluster6  the cluster finish's gpu test, 7B steps before / after re-tuning with cluster configs
-#   scripts/gpu_session.sh final6    gpu tests on a fresh machine, the 70B shapes re-tuned with cluster candidates, decode
-#   scripts/gpu_session.sh kq7       the Q8_0 / Q3_K / Q2_K gpu tests and probes, the later-capture order effect (clocks beside)
-#   scripts/gpu_session.sh types7    the order effect's cause, the CUDA GEMV tuned per type, synthetic 7B decode per type
-#   scripts/gpu_session.sh final7    gpu tests on a fresh machine, the GEMV table of every type, 7B and 70B decode
-#   scripts/gpu_session.sh explore8  the native CPU maps' tests there, the 70B step per kernel kind, 70B decode fused finish
-#   scripts/gpu_session.sh fold9     the folded norm's gpu tests, the 7B / 70B step with launched / folded / no norms, decode
-#   scripts/gpu_session.sh final9    gpu tests on a fresh machine, 7B and 70B decode, the Q4_K GEMV table in the time left
-#   scripts/gpu_session.sh waves10   the tuner's wave-fitting splits on the decode shapes, the step on the old / new table
-#   scripts/gpu_session.sh explore10 the step's time at short / long spans (bench vs replay), every decode shape's crossover
-#   scripts/gpu_session.sh attn10    the split decode attention's gpu tests, the span probe before (.old) / after
-#   scripts/gpu_session.sh final10   span probe before (.old) / after, every gpu test (default model parked), decode
-#   scripts/gpu_session.sh head11    the Q6_K output heads tuned (HEAD_SHAPES), decode with an fp16 / a Q6_K head alternating
-#   scripts/gpu_session.sh attn11    the decode attention's gpu tests, span probes before (.old) / after (SPAN_RUNS)
-#   scripts/gpu_session.sh reduce12  the step with the split-K reductions skipped (ceiling), the runtime gpu tests, decode
-#   scripts/gpu_session.sh finish12  map finishes (cluster, splits) judged in the step's chain, variants against the table
-#   scripts/gpu_session.sh rblock12  the split-K reduction's tile (programs) in the step's chain
-#   scripts/gpu_session.sh chain13   every layer's maps as launched against one persistent launch (chain kernel)
-#   scripts/gpu_session.sh chaindiag the chain's error over two layers, its variants over all
-#   scripts/gpu_session.sh chainncu  where the chain's programs stall (ncu: warp states, stalls per SASS line)
 #   scripts/gpu_session.sh overlap13 the layer maps on one stream / four streams / a copy (what overlap could take back), 7B profile
 #   scripts/gpu_session.sh profile9  the decode step per kernel kind, norms folded and launched (7B dense / 50 %, 70B)
-#   scripts/gpu_session.sh kept15    MODE_KEPT's gpu tests (kernel, runtime, chain; KEPT_TESTS=0 skips), the GEMV per
-#                                    shape (KEPT_GEMV: shapes), the step with sparse maps in one launch
-#                                    (scripts/kept_probe.py, KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
-#   scripts/gpu_session.sh keptcross MODE_KEPT's crossovers (spqt tune --crossover-only), the step with the table's
-#                                    choice per map (kept_probe.py), decode (DECODE_RUNS)
-#   scripts/gpu_session.sh kepttable MODE_KEPT's crossovers tuned (CROSS_SHAPES, default runtime; none: the shipped table),
-#                                    decode per KEPT_RUNS with SPQT_SPARSE_KEPT each of KEPT_SETTINGS (default 0 table;
-#                                    also 1, norm, plain)
-#   scripts/gpu_session.sh l2tune18  spqt tune --l2first (L2F_MODELS), decode with the shipped / tuned table in turn (L2F_DECODE)
 #   scripts/gpu_session.sh families18 the other families' synthetic geometries: decode, spqt tune --l2first and --routes, decode;
 #                                    results.tgz
-#   scripts/gpu_session.sh attnceil18 the decode attention's cost in the step (shipped / one copy launch / no launch)
-#   scripts/gpu_session.sh programs19 the decode attention's programs a head (ATTN_PROGRAMS_PER_SM) at short / long spans
-#   scripts/gpu_session.sh longspan20 the decode attention's long spans: its gpu tests, the step with it against
-#                                    torch's (LONG_RUNS), the long spans' kernels from ATTN_LONG_FROM's values
-#                                    (LONG_FROM_RUNS, LONG_FROM_VALUES), its cost in the step (LONG_CEILING)
-#   scripts/gpu_session.sh cut21     the CUDA GEMV's gpu test, what B2's instructions cost (scripts/b2_cut_probe.py)
-#   scripts/gpu_session.sh pairs21b  tile pairs at 8 and 2 accumulators: gpu test, probe, the 70B shapes re-tuned, decode
-#                                    (pairs21, at d611d2b, was this stage without the probe, at 8 accumulators)
-#   scripts/gpu_session.sh final21   every gpu test, bench gemv of the 132 / 264 MB shapes, decode (FINAL_DECODE)
-#   scripts/gpu_session.sh tune22a   decode before, the maps left re-tuned with tile pairs (TUNE_SHAPES), --l2first, decode
-#   scripts/gpu_session.sh tune22b   after tune22a (warm): spqt tune --routes (ROUTE_RUNS), decode (ROUTE_CHECK)
-#   scripts/gpu_session.sh low22a    Q2_K's / Q3_K's tile pairs: the probe with / without (carry the first GGUF part: parks)
-#   scripts/gpu_session.sh final22   every gpu test, decode (FINAL_DECODE), spqt tune --types (FINAL_TYPES) and bench gemv
-#   scripts/gpu_session.sh types24a  the 7B's Q2_K / Q3_K maps: decode, spqt tune --types (TYPES24, TYPE24_SHAPES) to /tmp
 #   scripts/gpu_session.sh types24b  other types' maps re-tuned (TYPE_TUNES), decode before / after (TYPE_DECODE)
-#   scripts/gpu_session.sh final24   every gpu test, then decode and bench gemv of TYPES24 with types24a's table
-#   scripts/gpu_session.sh kept25    MODE_KEPT on the other types: gpu tests, their crossovers (KEPT_TYPES,
-#                                    KEPT_SHAPES), the 7B's decode with SPQT_SPARSE_KEPT off / all (KEPT_LEVELS) (parks)
-#   scripts/gpu_session.sh decodes25 bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]) (parks)
-#   scripts/gpu_session.sh final25   every gpu test, then bench decode of DECODE25 as decodes25
 #   scripts/gpu_session.sh tunemodel25 spqt tune --model TUNE_MODEL end to end, generate, tune --routes of the
 #                                    file, the MODE_KEPT gpu tests
-#   scripts/gpu_session.sh check25   the runtime's gpu tests, tune --routes of the 7B in CHECK25_TYPES at CHECK25_LEVELS
-#   scripts/gpu_session.sh cluster26 the sparse GEMVs at 50 % with kept columns in runs (scripts/cluster_probe.py,
-#                                    CLUSTER_SHAPES)
 #   scripts/gpu_session.sh gather26  a change to the gathered loads: the gpu tests of every gathered path, the GEMVs
 #                                    before (.old, carried) / after (scripts/source_ab_probe.py: Q4_K unless GATHER_Q4K=0,
 #                                    then GATHER_TYPES on GATHER_TYPE_SHAPES, GATHER_ROUNDS), decode before / after
 #                                    (GATHER_DECODE: model:levels)
-#   scripts/gpu_session.sh check26   the runtime's, the families' and the folded norm's gpu tests (parks; CHECK26_LIMIT s)
-#   scripts/gpu_session.sh pairs23   spqt tune --pairs (PAIRS_MODELS), decode with the shipped / tuned table (PAIRS_RUNS)
 #   scripts/gpu_session.sh routes17  the decode step's MODE_KEPT route tuned per model (spqt tune --routes, ROUTE_RUNS),
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
-#   scripts/gpu_session.sh kept2     MODE_KEPT's gpu tests, the GEMV per shape with B2's / B4's config, decode at 50 %
-#                                    off / on with each config (KEPT_DECODE)
 #   scripts/gpu_session.sh serve28   spqt serve on CUDA: its gpu tests, the openai client's import, scripts/serve_probe.py
 #   scripts/gpu_session.sh prefill28 the dense prefill's time per prompt length and kernel kind (scripts/prefill_probe.py)
-#   scripts/gpu_session.sh check28   the runtime's, families' and serve's gpu tests, then prefill28 and the serve probe
-#   scripts/gpu_session.sh check28b  a family test replayed on .old / this tree, the prefill graphs' and serve's gpu tests
-#   scripts/gpu_session.sh gemm29    the prefill GEMM that reads the blocks: its gpu tests and the prefill's, the probe
-#                                    (scripts/prefill_gemm_probe.py, GEMM29_ARGS), prefill_probe dequant / fused
-#   scripts/gpu_session.sh check29   CHECK29_TESTS in one process, in order (a test-order interaction replayed)
-#   scripts/gpu_session.sh final29   every gpu test (park first), the prefill with and without the GEMM, serve probe, decode
-#   scripts/gpu_session.sh dequant30 the prefill's dequantization: variants timed, Nsight Compute on two, the GEMM's tiles
-#   scripts/gpu_session.sh tile30    the tile dequantization's gpu tests and the prefill's, its probe, the prefill before
-#                                    (.old, carried) / after
-#   scripts/gpu_session.sh gemm31    the CUDA GEMM of the prefill: its gpu tests and the prefill's, the GEMM probe,
-#                                    the prefill before (.old) and after
-#   scripts/gpu_session.sh ring32     the CUDA GEMM's ring: its gpu tests, the GEMM probe (RING32_ARGS), the prefill
-#                                    before / after (RING32_PREFILL_LIMIT)
-#   scripts/gpu_session.sh final31   every gpu test (park first), the prefill before (.old) and after, the serve probe
 #   scripts/gpu_session.sh final35   final31 with the serve probe before the prefill (prefill in the time left)
 #   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data);
 #                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
@@ -129,6 +53,7 @@
 #   scripts/gpu_session.sh pairs51   Q5_K's and Q6_K's tile pairs: their gpu tests (TESTS51), bench gemv of TYPES51 with
 #                                    the shipped table, spqt tune --types (SHAPES51), bench gemv tuned and without pairs
 #   scripts/gpu_session.sh sustain52 bench gemv's B2 against the tuner's: replays in a row with clocks and power sampled
+# Stages of past sessions were removed in this change: each lives in the commit that docs/RESULTS.md names for its figures (`git show <commit>:scripts/gpu_session.sh`).
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
@@ -169,14 +94,6 @@ in_tree() {
   else
     "$@"
   fi
-}
-# scripts/span_probe.py for each of $1 (model:tree ...), a process each within $2 seconds, its lines tagged
-# with the tree, into $OUT/span-probe.log.
-span_probes() {
-  for run in $1; do
-    in_tree "${run#*:}" timeout "$2" python3 scripts/span_probe.py --model "synthetic:${run%%:*}" \
-      2>&1 | grep -v WARN | sed "s/^/${run#*:}: /" | tee -a "$OUT/span-probe.log"
-  done
 }
 # The 7B step profile, dense and at 50 %, of this tree and (where carried) of the round's starting
 # commit in .old; $1: the sed script that picks the lines to print.
@@ -226,16 +143,6 @@ serve_probe() {
       | grep -v "spqt serve:" | tee -a "$OUT/serve-overhead.log" | tail -3
   done
 }
-# The prefill's gpu tests (the GEMM that reads the blocks, the repack and dequantization, the runtime's prefill) and
-# the node ids after $2, within $1 seconds, into $OUT/$2-tests.log; prints the summary and the stage's time so far
-prefill_gpu_tests() {
-  local limit=$1 tag=$2
-  shift 2
-  gpu_node_tests "$limit" "$tag" tests/test_gemm_q4k.py "tests/test_kernels.py::test_gpu_layout_repack_is_exact" \
-    "tests/test_gpu_runtime.py::test_prompts_past_256_tokens_prefill_padded" \
-    "tests/test_gpu_runtime.py::test_short_prompts_prefill_through_a_gemm_of_the_blocks" \
-    "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" "$@"
-}
 # The gpu tests of the node ids after $2 within $1 seconds, into $OUT/$2-tests.log; prints the summary and the
 # stage's time so far (apart from gpu_tests above, which the older stages call with a worker count)
 gpu_node_tests() {
@@ -282,13 +189,6 @@ decode_rows() {
       | sed "s/^/$model $dtype $tree: /"
   done
 }
-# scripts/prefill_gemm_probe.py within $1 seconds with the arguments after it: $OUT/gemm-probe.log / .json
-gemm_probe() {
-  local limit=$1
-  shift
-  timeout "$limit" python3 scripts/prefill_gemm_probe.py "$@" --json "$OUT/gemm-probe.json" 2>&1 | grep -v WARN \
-    | tee "$OUT/gemm-probe.log"
-}
 # scripts/prefill_gemm_probe.py in fp16 and in bf16, each within $1 seconds, with the arguments after it:
 # $OUT/gemm-probe-<dtype>.log / .json
 gemm_probe_dtypes() {
@@ -317,38 +217,12 @@ pack_json() {
   for f in "$@"; do [ -f "$OUT/$f" ] && have+=("$f"); done
   [ ${#have[@]} -gt 0 ] && (cd "$OUT" && tar czf results.tgz "${have[@]}" && rm -f "${have[@]}")
 }
-# scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and unset in turn (GEMM29_SETTINGS), each within $1 seconds:
-# $OUT/prefill-<setting>.log / .json
-prefill_settings() {
-  for setting in ${GEMM29_SETTINGS:-dequant default}; do
-    SPQT_PREFILL_GEMM=$([ $setting = dequant ] && echo dequant) prefill_probe "$1"
-    mv "$OUT/prefill.log" "$OUT/prefill-$setting.log"; mv "$OUT/prefill.json" "$OUT/prefill-$setting.json"
-  done
-}
 # Every gpu test, quiet, 8 workers, at most 420 s (the final calls), logged in $OUT/pytest-gpu.log; prints the summary
 # and the stage's time so far (since $start).
 final_gpu_tests() {
   timeout 420 python3 -m pytest -q -m gpu tests -n 8 -rsxX --durations=15 2>&1 | tee "$OUT/pytest-gpu.log" \
     | grep -E "passed|failed|XFAIL|FAILED|Error|sparsity" | tail -12
   echo "gpu tests: $(( $(date +%s) - start )) s"
-}
-# spqt tune $1 $2 (a setting judged in whole steps: --l2first or --pairs, and its models) into $OUT/tuned.json within
-# $3 seconds, then bench decode of $4 (model:levels, a process a level) with the shipped table and the tuned one in
-# turn (decode JSON to $OUT/decode-<tag>-<model>.json where $6 is set); logs $OUT/$5-tune.log, $OUT/$5-decode.log.
-# Returns 1 where the tune wrote no table. The shipped table is back in this tree after.
-tune_and_compare() {
-  cp "$(tuned_table)" /tmp/shipped.json
-  timeout "$3" python3 -m spqt.cli tune "$1" "$2" --output "$OUT/tuned.json" 2>&1 | grep -v WARN \
-    | tee "$OUT/$5-tune.log"
-  echo "$5 tune: $(( $(date +%s) - start )) s"
-  [ -f "$OUT/tuned.json" ] || { echo "no tuned table: the tune failed, nothing to compare"; return 1; }
-  for run in $4; do
-    for tag in shipped tuned; do
-      cp $([ $tag = shipped ] && echo /tmp/shipped.json || echo "$OUT/tuned.json") "$(tuned_table)"
-      budget_decode 560 ${run%%:*} ${run#*:} "${6:+$OUT/decode-$tag-${run%%:*}.json}" $tag || break 2
-    done
-  done 2>&1 | tee "$OUT/$5-decode.log"
-  cp /tmp/shipped.json "$(tuned_table)"
 }
 # spqt tune --routes for each of $1 (model[,model]:levels) while the stage's time (since $start) stays under
 # CALL_BUDGET (default $2) less $3 seconds kept for what follows; the table to $OUT/tuned.json and into this tree after
@@ -362,26 +236,6 @@ tune_route_runs() {
     cp "$OUT/tuned.json" "$(tuned_table)"
     echo "routes $run: $(( $(date +%s) - start )) s"
   done 2>&1 | tee "$OUT/routes.log"
-}
-# budget_decode (CALL_BUDGET, default 560 s) of each of $1 (model:levels), its lines tagged $2, its JSON to
-# $3-<model>-<levels>.json where $3 is set; stops when the time is out.
-tagged_decodes() {
-  for run in $1; do
-    budget_decode 560 ${run%%:*} ${run#*:} "${3:+$3-${run%%:*}-${run#*:}.json}" $2 || break
-  done
-}
-# spqt tune --cuda-against-table for shapes $1 within $2 seconds into $OUT/tuned.json (log $OUT/tune-pairs.log, its
-# last $3 summary lines shown) and into this tree's table; prints the stage's time so far (since $start).
-retune_against_table() {
-  timeout "$2" python3 -m spqt.cli tune --cuda-against-table --shapes "$1" --output "$OUT/tuned.json" 2>&1 \
-    | grep -v WARN | tee "$OUT/tune-pairs.log" | grep -v "^ " | tail -"$3"
-  cp "$OUT/tuned.json" "$(tuned_table)"
-  echo "tune: $(( $(date +%s) - start )) s"
-}
-# scripts/cuda_variants.py (VARIANTS_ARGS: its options) within $1 seconds, logged in $OUT/cuda-variants.*
-cuda_variants() {
-  timeout "$1" python3 scripts/cuda_variants.py --json "$OUT/cuda-variants.json" ${VARIANTS_ARGS:-} 2>&1 | grep -v WARN \
-    | tee "$OUT/cuda-variants.log"
 }
 # Synthetic decode of DECODE_RUNS (model:levels, each level in a process of its own) while the stage's time
 # (since $start) stays under CALL_BUDGET, default $1 seconds; logged in $OUT/decode.log.
@@ -406,42 +260,6 @@ budget_decode() {
   grep tok/s /tmp/budget-decode.log | sed "s/^/${5:+$5: }/"
   [ $rc = 0 ] || { echo "bench decode $2 $3 ${5:-}: exit $rc"; tail -3 /tmp/budget-decode.log; }
   return 0
-}
-# scripts/$2 on synthetic:$3 at a span of $4 keys (prompt tokens, max-len 2 x) while the stage's time (since $start)
-# stays under CALL_BUDGET (default $1), its lines appended to $OUT/$5; options after $5 go to the probe. Returns 1 (and
-# says so) when too little time is left.
-budget_probe() {
-  local left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
-  [ $left -lt 60 ] && { echo "no time left for $3 at $4 keys"; return 1; }
-  timeout $left python3 scripts/$2 --model synthetic:$3 --prompt-tokens $4 --max-len $(( 2 * $4 )) "${@:6}" 2>&1 \
-    | grep -v WARN | tee -a "$OUT/$5"
-}
-kept_probes() {  # scripts/kept_probe.py for each of KEPT_MODELS at KEPT_LEVELS within CALL_BUDGET (default $1)
-  for m in ${KEPT_MODELS:-llama2-7b}; do
-    left=$(( ${CALL_BUDGET:-$1} - ($(date +%s) - start) ))
-    [ $left -lt 60 ] && { echo "no time left for $m"; break; }
-    timeout $left python3 scripts/kept_probe.py --model synthetic:$m --levels ${KEPT_LEVELS:-0.5 0.25} 2>&1 \
-      | grep -v WARN | tee -a "$OUT/kept-probe.log"
-    echo "kept probe $m: $(( $(date +%s) - start )) s"
-  done
-}
-# bench decode of each of $1 (model:types:levels[:setting], a process a level; setting: SPQT_SPARSE_KEPT for it, unset
-# where empty) while the stage's time (since $start) stays under CALL_BUDGET (default $2), logged in $OUT/$3
-setting_decodes() {
-  for run in $1; do
-    IFS=: read -r m types levels setting <<< "$run"
-    if [ -n "$setting" ]; then export SPQT_SPARSE_KEPT=$setting; else unset SPQT_SPARSE_KEPT; fi
-    budget_decode $2 $m $levels "" "$m $types${setting:+ SPQT_SPARSE_KEPT=$setting}" $types || break
-  done 2>&1 | tee -a "$OUT/$3"
-  unset SPQT_SPARSE_KEPT
-}
-# spqt tune --crossover-only for CROSS_SHAPES (default runtime) within CROSS_BUDGET (300 s): the table to $OUT and into
-# this tree (what follows in the call runs it), logged in $OUT/crossover.log
-tune_crossovers() {
-  timeout ${CROSS_BUDGET:-300} python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-runtime} \
-    --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | grep -v "^ " | tail -30
-  cp "$OUT/tuned.json" "$(tuned_table)"
-  echo "crossovers: $(( $(date +%s) - start )) s"
 }
 stage=${1:-kernels}
 case "$stage" in
@@ -520,55 +338,6 @@ case "$stage" in
       --metrics dram__bytes_read.sum,dram__bytes_write.sum,sm__cycles_active.max,sm__cycles_active.min,sm__cycles_active.avg,smsp__inst_executed.sum \
       python3 scripts/ncu_gemv.py 28672x8192 > "$OUT/ncu-gemv.txt" 2>&1
     grep -E "zigzag_mma_kernel|Duration|DRAM Throughput|dram__bytes|sm__cycles_active|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|No Eligible|L2 Hit" "$OUT/ncu-gemv.txt" | head -80
-    ;;
-  floor)
-    # The decode-floor round in one call: the crossover of every runtime shape, the per-kind profile
-    # of a 7B step now and on the commit before the round (.old, a worktree of it carried along), the
-    # decode benchmark, then the gpu tests (8 workers: most of their time is compiling).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 120 python3 -m spqt.cli tune --crossover-only --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/crossover.log" | tail -3
-    cp "$OUT/tuned.json" "$(tuned_table)"
-    profile_7b "1p;/^kind/,\$p"
-    for m in ${DECODE_MODELS:-llama2-7b}; do
-      timeout 150 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
-        2>&1 | grep -v WARN | tail -6
-    done
-    echo "measurements: $(( $(date +%s) - start )) s"
-    gpu_tests ${TEST_TIMEOUT:-330} 8
-    echo "floor stage: $(( $(date +%s) - start )) s"
-    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.log' -delete)
-    ;;
-  measure)
-    # Profiles of the 7B step (dense, 50 %) and the decode benchmark (DECODE_MODELS), no tuning, no tests.
-    export SPQT_CACHE=/tmp/spqt-cache
-    profile_7b "/graph replay/p;/^kind/,\$p"
-    for m in ${DECODE_MODELS:-llama2-7b}; do
-      timeout 200 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
-        2>&1 | grep -v WARN | tail -6
-    done
-    if [ -n "${GEMV:-}" ]; then
-      timeout 300 python3 -m spqt.cli bench gemv --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -20 "$OUT/bench-gemv.log"
-    fi
-    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name '*.txt' -delete)
-    ;;
-  fold9)
-    # The RMSNorms folded into the CUDA B2 (ninth session): their gpu tests, the step's device time with a launch per
-    # norm, folded, and without norms (scripts/norm_ceiling_probe.py), then decode (DECODE_MODELS) dense and at 50 %.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -n 4 -rxX \
-      -k "norm or sums_of_squares or zigzag_cuda_kernel or graph_replay" 2>&1 | tee "$OUT/pytest-fold.log" | tail -4
-    echo "tests: $(( $(date +%s) - start )) s"
-    for m in ${PROBE_MODELS:-llama2-7b llama2-70b}; do
-      timeout 200 python3 scripts/norm_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/norm-probe.log"
-    done
-    for m in ${DECODE_MODELS:-llama2-7b llama2-70b}; do
-      timeout 200 python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0,0.5 \
-        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | tail -4
-    done
-    echo "fold9 stage: $(( $(date +%s) - start )) s"
     ;;
   pairs51)
     # The nibble types' tile pairs (fifty-first session): with TESTS51=1 (default) the gpu tests of TYPES51 (default
@@ -696,417 +465,6 @@ PYEOF
     echo "final stage: $(( $(date +%s) - start )) s"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log -delete)
     ;;
-  types)
-    # Every gpu test first, timed (on a fresh machine: the one-call bar), then B2 and B4 of every
-    # weight type with the shipped table (TYPES_TUNE=1: tune the other types first, into $OUT).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    gpu_tests ${TEST_TIMEOUT:-470} ${WORKERS:-12}
-    shapes=${TYPE_SHAPES:-4096x4096,11008x4096,28672x8192,8192x28672}
-    if [ -n "${TYPES_TUNE:-}" ]; then
-      timeout 300 python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes $shapes --output "$OUT/tuned.json" 2>&1 \
-        | grep -v WARN > "$OUT/tune-types.log"; tail -3 "$OUT/tune-types.log"
-      cp "$OUT/tuned.json" "$(tuned_table)"
-    fi
-    left=$(( ${CALL_BUDGET:-575} - ($(date +%s) - start) ))
-    [ $left -gt 20 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k,q8_0,q6_k,q5_k,q3_k,q2_k --variants B2,B4 \
-      --shapes $shapes --sparsity 0,0.25,0.5 --json "$OUT/bench-gemv-types.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"
-    tail -40 "$OUT/bench-gemv-types.log"
-    echo "types stage: $(( $(date +%s) - start )) s"
-    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log -delete)
-    ;;
-  last)
-    # One call at the end of a session, on a fresh machine: every gpu test (timed: the one-call
-    # bar), decode of the synthetic models, the 7B step's graph replay at 50 % (GPU time, against
-    # the decode benchmark's host-received step time), B2/B4 of every weight type, then, in the
-    # time left, `spqt tune --types` on the largest shapes and their B2/B4 again.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    budget=${CALL_BUDGET:-570}
-    left() { echo $(( budget - ($(date +%s) - start) )); }
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    for m in ${DECODE_MODELS:-llama2-7b llama3-8b llama2-70b}; do
-      timeout 100 python3 -m spqt.cli bench decode --model synthetic:$m --sparsity 0,0.25,0.4,0.5 --json "$OUT/decode-$m.json" \
-        2>&1 | grep -v WARN | tail -5
-    done
-    timeout 60 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity 0.5 --json "$OUT/profile-7b-0.5.json" \
-      2>&1 | grep -v WARN > "$OUT/profile-7b-0.5.txt"; grep -E "graph replay|^kind" -A9 "$OUT/profile-7b-0.5.txt" | head -12
-    types=q4_k,q8_0,q6_k,q5_k,q3_k,q2_k
-    [ $(left) -gt 30 ] && timeout $(left) python3 -m spqt.cli bench gemv --types $types --variants B2,B4 \
-      --shapes ${TYPE_SHAPES:-4096x4096,11008x4096,28672x8192,8192x28672} --sparsity 0,0.5 --json "$OUT/bench-gemv-types.json" \
-      2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"; tail -30 "$OUT/bench-gemv-types.log"
-    echo "before tuning: $(( $(date +%s) - start )) s"
-    if [ $(left) -gt 90 ]; then
-      timeout $(( $(left) - 40 )) python3 -m spqt.cli tune --types q8_0,q6_k,q5_k,q3_k,q2_k --shapes ${TUNE_SHAPES:-8192x28672} \
-        --output "$OUT/tuned.json" 2>&1 | grep -v WARN > "$OUT/tune-types.log"; tail -12 "$OUT/tune-types.log"
-      if [ -f "$OUT/tuned.json" ]; then
-        cp "$OUT/tuned.json" "$(tuned_table)"
-        [ $(left) -gt 15 ] && timeout $(left) python3 -m spqt.cli bench gemv --types $types --variants B2,B4 \
-          --shapes ${TUNE_SHAPES:-8192x28672} --sparsity 0,0.5 --json "$OUT/bench-gemv-types-tuned.json" 2>&1 | grep -v WARN \
-          > "$OUT/bench-gemv-types-tuned.log"; tail -24 "$OUT/bench-gemv-types-tuned.log"
-      fi
-    fi
-    echo "last stage: $(( $(date +%s) - start )) s"
-    (cd "$OUT" && tar czf results.tgz --exclude results.tgz * && find . -maxdepth 1 -type f ! -name results.tgz ! -name pytest-gpu.log ! -name tuned.json -delete)
-    ;;
-  knobs)
-    # Every gpu test on a fresh machine (timed), then the CUDA GEMV's -D knobs: alone
-    # (scripts/cuda_variants.py) and through whole 7B decode steps (scripts/launch_probe.py with
-    # SPQT_CUDA_DEFINES, each setting in its own process: KNOB_SETS, ";"-separated).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    [ -z "${SKIP_TESTS:-}" ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    cuda_variants ${VARIANTS_TIMEOUT:-200}
-    IFS=';' read -ra sets <<< "${KNOB_SETS:-;-DL2FIRST=2;-DL2FIRST=8}"
-    for m in ${PROBE_MODELS:-llama2-7b}; do
-      for d in "${sets[@]}"; do
-        echo "== $m SPQT_CUDA_DEFINES='$d'"
-        SPQT_CUDA_DEFINES="$d" timeout 120 python3 scripts/launch_probe.py --model synthetic:$m --sparsity 0,0.5 \
-          --max-len 146 --new-tokens 128 2>&1 | grep -v WARN | tail -2
-      done
-    done 2>&1 | tee "$OUT/launch-knobs.log"
-    echo "knobs stage: $(( $(date +%s) - start )) s"
-    ;;
-  variants)
-    # the CUDA GEMV's knobs and probes against the ideal read of the same bytes (scripts/cuda_variants.py)
-    export SPQT_CACHE=/tmp/spqt-cache
-    if [ -n "${TESTS_K:-}" ]; then
-      timeout 300 python3 -m pytest -v -m gpu tests -k "$TESTS_K" -x > "$OUT/pytest-gpu-k.log" 2>&1
-      grep -E "passed|failed|FAILED|Error" "$OUT/pytest-gpu-k.log" | tail -8
-    fi
-    cuda_variants ${VARIANTS_TIMEOUT:-400}
-    ;;
-  tune14)
-    # On a fresh machine: every gpu test (timed: the one-call bar), then `spqt tune --cuda-against-table`
-    # on the decode models' shapes, in groups (each group's entries saved into the table before the next),
-    # the table copied to $OUT.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    table="$(tuned_table)"
-    [ -z "${SKIP_TESTS:-}" ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    IFS=';' read -ra groups <<< "${TUNE_GROUPS:-llama2-70b,28672x8192;llama2-7b;llama3-8b}"
-    for grp in "${groups[@]}"; do
-      left=$(( ${CALL_BUDGET:-570} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for $grp"; break; }
-      timeout $left python3 -m spqt.cli tune --cuda-against-table --shapes "$grp" --output "$table" 2>&1 | grep -v WARN \
-        | tee -a "$OUT/tune.log" | grep -v "^wrote"
-    done
-    cp "$table" "$OUT/tuned.json"
-    echo "tune14 stage: $(( $(date +%s) - start )) s"
-    ;;
-  measure5)
-    # The GEMV table of the decode models' shapes with the shipped table (spqt bench gemv, B2 / B4), whole 7B
-    # steps with and without every map finished by its GEMV (SPQT_GEMV_FUSED=1), the 7B step's kernels at 50 %.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 200 python3 -m spqt.cli bench gemv --variants B2,B4 --sparsity 0,0.25,0.4,0.5 \
-      --shapes ${GEMV_SHAPES:-4096x4096,12288x4096,22016x4096,4096x11008,28672x8192,57344x8192,8192x28672} \
-      --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"; tail -40 "$OUT/bench-gemv.log"
-    for f in ${FUSED_SETS:-"" 1}; do
-      echo "== SPQT_GEMV_FUSED='$f'"
-      SPQT_GEMV_FUSED=$f timeout 100 python3 scripts/launch_probe.py --model synthetic:llama2-7b --sparsity 0,0.5 \
-        --max-len 146 --new-tokens 128 2>&1 | grep -v WARN | tail -2
-    done 2>&1 | tee "$OUT/launch-fused.log"
-    timeout 80 python3 scripts/profile_decode.py --model synthetic:llama2-7b --sparsity 0.5 --json "$OUT/profile-7b-0.5.json" \
-      2>&1 | grep -v WARN > "$OUT/profile-7b-0.5.txt"; grep -E "graph replay|^kind" -A12 "$OUT/profile-7b-0.5.txt" | head -16
-    echo "measure5 stage: $(( $(date +%s) - start )) s"
-    ;;
-  final5)
-    # On a fresh machine: every gpu test (timed: the one-call bar), then the Q5_K and Q6_K CUDA GEMV against
-    # the Triton type kernel (scripts/cuda_types_probe.py; PROBE_TYPES picks the types, in that order).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    for t in ${PROBE_TYPES:-q5_k q6_k}; do
-      left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
-      [ $left -gt 20 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t \
-        --shapes ${Q5_SHAPES:-28672x8192,8192x28672,57344x8192,22016x4096,4096x4096} \
-        --json "$OUT/cuda-${t/_/}-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-${t/_/}-probe.log"
-    done
-    echo "final5 stage: $(( $(date +%s) - start )) s"
-    ;;
-  types6)
-    # On a fresh machine: every gpu test (timed), the Q6_K CUDA GEMV against the Triton type kernel, then
-    # synthetic decode per type (DECODE_TYPES) on the CUDA GEMV (Q5_K / Q6_K) or the Triton type kernels.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-    [ $left -gt 20 ] && timeout $(( left / 2 )) python3 scripts/cuda_types_probe.py --type q6_k \
-      --shapes ${Q6_SHAPES:-28672x8192,8192x28672,57344x8192,22016x4096} \
-      --json "$OUT/cuda-q6k-probe.json" 2>&1 | grep -v WARN | tee "$OUT/cuda-q6k-probe.log"
-    left=$(( ${CALL_BUDGET:-540} - ($(date +%s) - start) ))
-    [ $left -gt 20 ] && timeout $left python3 -m spqt.cli bench decode --model synthetic:${DECODE_MODEL:-llama2-7b} \
-      --types ${DECODE_TYPES:-q6_k,q5_k,q4_k} --layouts zigzag --sparsity 0,0.5 --json "$OUT/decode-types.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/decode-types.log"
-    echo "types6 stage: $(( $(date +%s) - start )) s"
-    ;;
-  cluster6)
-    # The cluster finish: its gpu test, whole 7B steps with the table as shipped, `spqt tune --cuda-against-table`
-    # on the 7B runtime shapes (cluster configs among the candidates), whole 7B steps again; the table to $OUT.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    table="$(tuned_table)"
-    timeout ${TEST_TIMEOUT:-200} python3 -m pytest -q -m gpu tests/test_kernels.py -k "${TESTS_K:-zigzag_cuda_kernel}" \
-      -n ${WORKERS:-5} -rxX 2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|FAILED|Error" | tail -15
-    probe() {
-      echo "== $1"
-      timeout 100 python3 scripts/launch_probe.py --model synthetic:llama2-7b --sparsity 0,0.5 --max-len 146 \
-        --new-tokens 128 2>&1 | grep -v WARN | tail -2
-    }
-    probe "table as shipped" | tee "$OUT/launch-cluster.log"
-    timeout ${TUNE_TIMEOUT:-300} python3 -m spqt.cli tune --cuda-against-table --shapes "${TUNE_SHAPES:-12288x4096,4096x4096,22016x4096,4096x11008}" \
-      --output "$table" 2>&1 | grep -v WARN | tee "$OUT/tune.log" | grep -v "^wrote"
-    cp "$table" "$OUT/tuned.json"
-    probe "re-tuned, cluster candidates" | tee -a "$OUT/launch-cluster.log"
-    echo "cluster6 stage: $(( $(date +%s) - start )) s"
-    ;;
-  final6)
-    # On a fresh machine: every gpu test (timed: the one-call bar), the 70B runtime shapes re-tuned with the
-    # cluster candidates (TUNE_SHAPES), the table to $OUT, then synthetic decode (DECODE_MODELS) with it.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    table="$(tuned_table)"
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    timeout ${TUNE_TIMEOUT:-100} python3 -m spqt.cli tune --cuda-against-table \
-      --shapes "${TUNE_SHAPES:-10240x8192,8192x8192,57344x8192,8192x28672}" --output "$table" 2>&1 | grep -v WARN \
-      | tee "$OUT/tune.log" | grep -v "^wrote"
-    cp "$table" "$OUT/tuned.json"
-    for m in ${DECODE_MODELS:-llama2-7b llama2-70b}; do
-      left=$(( ${CALL_BUDGET:-580} - ($(date +%s) - start) ))
-      [ $left -lt 30 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0,0.25,0.4,0.5 \
-        --json "$OUT/decode-$m.json" 2>&1 | grep -v WARN | grep "tok/s"
-    done | tee "$OUT/decode.log"
-    echo "final6 stage: $(( $(date +%s) - start )) s"
-    ;;
-  kq7)
-    # Q8_0 / Q3_K / Q2_K on the CUDA GEMV (branch h/kq3 merged): the per-type gpu tests, each type's CUDA GEMV
-    # against its Triton kernel on the large shapes (TYPES7, Q7_SHAPES), then the later-capture order effect:
-    # launch_probe with the first graph timed again after the others, and after a pause, the GPU's clocks
-    # sampled every 200 ms beside it ($OUT/clocks.csv).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout ${TEST_TIMEOUT:-240} python3 -m pytest -v -m gpu tests/test_kquant_cuda.py tests/test_q5k_cuda.py \
-      tests/test_q6k_cuda.py tests/test_q8_0_cuda.py tests/test_q3_k_cuda.py tests/test_q2_k_cuda.py -n ${WORKERS:-8} -rxX \
-      2>&1 | tee "$OUT/pytest-gpu.log" | grep -E "passed|failed|FAILED|Error" | tail -25
-    echo "type tests: $(( $(date +%s) - start )) s"
-    for t in ${TYPES7:-q8_0 q3_k q2_k}; do
-      left=$(( ${CALL_BUDGET:-420} - 150 - ($(date +%s) - start) ))
-      [ $left -gt 20 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t \
-        --shapes ${Q7_SHAPES:-28672x8192,8192x28672,57344x8192} --json "$OUT/cuda-${t/_/}-probe.json" 2>&1 | grep -v WARN \
-        | tee "$OUT/cuda-${t/_/}-probe.log"
-    done
-    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu --format=csv -lms 200 > "$OUT/clocks.csv" &
-    smi=$!
-    for args in "--sparsity 0,0.25,0 --again-first" "--sparsity 0.25,0 --again-first --pause 10"; do
-      left=$(( ${CALL_BUDGET:-420} - ($(date +%s) - start) ))
-      [ $left -lt 30 ] && { echo "no time left for launch_probe $args"; break; }
-      echo "== launch_probe $args"
-      timeout $left python3 scripts/launch_probe.py --model synthetic:llama2-7b --max-len 146 --new-tokens 128 $args \
-        2>&1 | grep -v WARN
-    done | tee "$OUT/order-effect.log"
-    kill $smi
-    echo "kq7 stage: $(( $(date +%s) - start )) s"
-    ;;
-  types7)
-    # The order effect's cause (scripts/order_probe.py), the CUDA GEMV tuned per type (`spqt tune --types`, one
-    # process a type, written into the package table; TUNE_SHAPES: the 7B runtime shapes and the three large
-    # ones), the table to $OUT, then synthetic 7B decode per type (DECODE_TYPES) with it.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    table="$(tuned_table)"
-    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels_types.py -k "tune_types or bench_gemv_types" 2>&1 | tail -2
-    timeout 120 python3 scripts/order_probe.py --json "$OUT/order-probe.json" 2>&1 | grep -v WARN | tee "$OUT/order-probe.log"
-    for t in ${TUNE_TYPES:-q8_0 q6_k q5_k q3_k q2_k}; do
-      left=$(( ${CALL_BUDGET:-520} - 150 - ($(date +%s) - start) ))
-      [ $left -lt 30 ] && { echo "no time left to tune $t"; break; }
-      timeout $left python3 -m spqt.cli tune --types $t --output "$table" \
-        --shapes "${TUNE_SHAPES:-12288x4096,4096x4096,22016x4096,4096x11008,28672x8192,8192x28672,57344x8192}" 2>&1 \
-        | grep -v WARN | grep -v "^wrote"
-      echo "tuned $t: $(( $(date +%s) - start )) s"
-    done | tee "$OUT/tune-types.log"
-    cp "$table" "$OUT/tuned.json"
-    left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
-    [ $left -gt 30 ] && timeout $left python3 -m spqt.cli bench decode --model synthetic:llama2-7b \
-      --types ${DECODE_TYPES:-q4_k,q8_0,q6_k,q5_k,q3_k,q2_k} --layouts zigzag --sparsity 0,0.5 --json "$OUT/decode-types.json" \
-      2>&1 | grep -v WARN | tee "$OUT/decode-types.log"
-    echo "types7 stage: $(( $(date +%s) - start )) s"
-    ;;
-  final7)
-    # On a fresh machine: every gpu test (timed: the one-call bar), synthetic decode (DECODE_RUNS, each level in a
-    # process of its own), Q2_K / Q3_K B2 with the arithmetic out (PROBE_XOR), then in the time left the GEMV table of
-    # every type (GEMV_SHAPES, B2 and B4 at 25 / 40 / 50 %).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    decode_runs 560
-    for t in q2_k q3_k; do  # what the arithmetic costs the narrow types' B2 (PROBE_XOR)
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -gt 30 ] && timeout $left python3 scripts/cuda_types_probe.py --type $t --xor --shapes 57344x8192,28672x8192 \
-        --json "$OUT/cuda-${t/_/}-xor.json" 2>&1 | grep -v WARN
-    done | tee "$OUT/cuda-types-xor.log"
-    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-    [ $left -gt 30 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k,q8_0,q6_k,q5_k,q3_k,q2_k --variants B2,B4 \
-      --shapes ${GEMV_SHAPES:-28672x8192,8192x28672,57344x8192,12288x4096,4096x4096,22016x4096,4096x11008} \
-      --sparsity 0,0.25,0.4,0.5 --json "$OUT/bench-gemv-types.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv-types.log"
-    tail -45 "$OUT/bench-gemv-types.log"
-    echo "final7 stage: $(( $(date +%s) - start )) s"
-    ;;
-  final9)
-    # On a fresh machine: every gpu test (timed: the one-call bar), synthetic decode (DECODE_RUNS, each level in a
-    # process of its own), then in the time left (CALL_BUDGET) the Q4_K GEMV table (GEMV_SHAPES, B2 / B4).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    decode_runs 520
-    left=$(( ${CALL_BUDGET:-520} - ($(date +%s) - start) ))
-    [ $left -gt 40 ] && timeout $left python3 -m spqt.cli bench gemv --types q4_k --variants B2,B4 \
-      --shapes ${GEMV_SHAPES:-28672x8192,8192x28672,57344x8192,4096x4096,12288x4096} --sparsity 0,0.25,0.4,0.5 \
-      --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN > "$OUT/bench-gemv.log"
-    tail -25 "$OUT/bench-gemv.log" 2>/dev/null
-    echo "final9 stage: $(( $(date +%s) - start )) s"
-    ;;
-  waves10)
-    # The tuner's wave-fitting splits (c517478, not yet run on a GPU): the CUDA configs of the decode shapes timed
-    # against the table (WAVE_SHAPES), the new table in $OUT, then the step with the old and the new table
-    # alternating in one process (scripts/table_probe.py; PROBE_MODELS) within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    cp "$(tuned_table)" "$OUT/table-before.json"
-    timeout ${TUNE_TIMEOUT:-280} python3 -m spqt.cli tune --cuda-against-table \
-      --shapes ${WAVE_SHAPES:-10240x8192,8192x8192,12288x4096,8192x28672} \
-      --output "$OUT/table-after.json" 2>&1 | grep -v WARN | tee "$OUT/tune-waves.log" | tail -20
-    echo "tune: $(( $(date +%s) - start )) s"
-    for m in ${PROBE_MODELS:-llama2-70b llama2-7b}; do
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for $m"; break; }
-      timeout $left python3 scripts/table_probe.py --a "$OUT/table-before.json" --b "$OUT/table-after.json" \
-        --model synthetic:$m 2>&1 | grep -v WARN | tee -a "$OUT/table-probe.log"
-      echo "probe $m done: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  explore10)
-    # Where bench decode's step exceeds the replay (scripts/span_probe.py: pipelined steps and lone replays at short
-    # and long spans; SPAN_RUNS), then the crossovers of every decode shape measured anew against the folded norm
-    # (spqt tune --crossover-only; the table in $OUT), within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    span_probes "${SPAN_RUNS:-llama2-70b:now llama2-7b:now}" 150
-    echo "span probes: $(( $(date +%s) - start )) s"
-    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-    timeout $left python3 -m spqt.cli tune --crossover-only \
-      --shapes ${CROSS_SHAPES:-llama2-7b,llama3-8b,llama2-13b,llama2-70b,runtime} \
-      --output "$OUT/table-crossover.json" 2>&1 | grep -v WARN | tee "$OUT/tune-crossover.log" | tail -40
-    echo "explore10 stage: $(( $(date +%s) - start )) s"
-    ;;
-  attn10)
-    # The split decode attention: its gpu tests (kernel, graph replay against eager on synthetic models), then the
-    # span probe of this tree and of .old (the tree before it, carried) alternating, a process each (SPAN_RUNS).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "attention or graph or replay" \
-      -n 8 -rxXs 2>&1 | tee "$OUT/pytest-attn.log" | grep -E "passed|failed|FAILED|Error" | tail -15
-    echo "tests: $(( $(date +%s) - start )) s"
-    span_probes "${SPAN_RUNS:-llama2-70b:before llama2-70b:now llama2-70b:before llama2-70b:now llama2-7b:before \
-llama2-7b:now llama2-7b:before llama2-7b:now}" 60
-    echo "attn10 stage: $(( $(date +%s) - start )) s"
-    ;;
-  final10)
-    # The span probe of this tree and of .old (carried) alternating, a process each (SPAN_RUNS), every gpu test
-    # (the default model parked by the call before), then synthetic decode (DECODE_RUNS) within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    span_probes "${SPAN_RUNS:-llama2-70b:before llama2-70b:now llama2-70b:before llama2-70b:now llama2-7b:before \
-llama2-7b:now}" 90
-    echo "span probes: $(( $(date +%s) - start )) s"
-    gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    decode_runs ${CALL_BUDGET:-570}
-    echo "final10 stage: $(( $(date +%s) - start )) s"
-    ;;
-  head11)
-    # (HEAD_TUNE=0: no tuning; HEAD_TESTS=1: then every gpu test, the default model parked by the call before.)
-    # The output head stored as spqt quantize now stores it (Q6_K): its shapes tuned for the CUDA GEMV (the table
-    # written in the tree and to $OUT), then synthetic decode with an fp16 head and with the Q6_K head, a process
-    # each, alternating (HEAD_RUNS: model:levels), within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    [ "${HEAD_TUNE:-1}" = 1 ] && timeout ${TUNE_TIMEOUT:-200} python3 -m spqt.cli tune --types q6_k \
-      --shapes ${HEAD_SHAPES:-32000x4096,128256x4096,32000x8192,32000x5120} 2>&1 | grep -v WARN | tee "$OUT/tune-heads.log" | tail -4
-    cp "$(tuned_table)" "$OUT/table-after.json"
-    echo "tune: $(( $(date +%s) - start )) s"
-    for run in ${HEAD_RUNS:-llama3-8b:0 llama2-7b:0 llama2-70b:0 llama3-8b:0.5 llama2-7b:0.5}; do
-      for head in fp16 auto; do
-        left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-        [ $left -lt 40 ] && { echo "no time left for $run $head"; break 2; }
-        timeout $left python3 -m spqt.cli bench decode --model synthetic:${run%%:*} --layouts zigzag --head $head \
-          --sparsity ${run#*:} --json "$OUT/decode-${run%%:*}-${run#*:}-$head.json" 2>&1 | grep -v WARN | grep "tok/s" \
-          | sed "s/^/head $head: /" | tee -a "$OUT/decode-heads.log"
-      done
-      echo "$run done: $(( $(date +%s) - start )) s"
-    done
-    (cd "$OUT" && tar czf results.tgz --exclude results.tgz decode-*.json && rm -f decode-*.json)
-    [ "${HEAD_TESTS:-0}" = 1 ] && gpu_tests ${TEST_TIMEOUT:-330} ${WORKERS:-12}
-    echo "head11 stage: $(( $(date +%s) - start )) s"
-    ;;
-  attn11)
-    # The decode attention with its first block loaded before the PDL wait: its gpu tests, then the span probe of
-    # .old (carried) and of this tree alternating, a process each (SPAN_RUNS), within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 120 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "attention or graph or replay" \
-      2>&1 | tee "$OUT/pytest-attn.log" | grep -E "passed|failed|FAILED|Error" | tail -5
-    echo "attention tests: $(( $(date +%s) - start )) s"
-    for run in ${SPAN_RUNS:-llama2-7b:before llama2-7b:now llama2-7b:before llama2-7b:now llama2-70b:before llama2-70b:now}; do
-      left=$(( ${CALL_BUDGET:-330} - ($(date +%s) - start) ))
-      [ $left -lt 45 ] && { echo "no time left for $run"; break; }
-      span_probes "$run" $left
-    done
-    echo "attn11 stage: $(( $(date +%s) - start )) s"
-    ;;
-  reduce12)
-    # What the split-K reductions cost the step (scripts/reduce_ceiling_probe.py: shipped, q|k|v and gate|up's skipped,
-    # all skipped; a process a model, REDUCE_MODELS), then the gpu tests of the runtime (the default model parked by
-    # the call before: CUDA greedy tokens against the CPU reference), then decode (DECODE_RUNS) within CALL_BUDGET.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    for m in ${REDUCE_MODELS:-llama2-7b llama2-70b}; do
-      timeout 150 python3 scripts/reduce_ceiling_probe.py --model synthetic:$m 2>&1 | grep -v WARN \
-        | tee -a "$OUT/reduce-probe.log"
-      echo "reduce probe $m: $(( $(date +%s) - start )) s"
-    done
-    timeout 200 python3 -m pytest -q -m gpu tests/test_gpu_runtime.py 2>&1 | tee "$OUT/pytest-runtime.log" \
-      | grep -E "passed|failed|FAILED|Error" | tail -8
-    echo "runtime tests: $(( $(date +%s) - start )) s"
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
-    echo "reduce12 stage: $(( $(date +%s) - start )) s"
-    ;;
-  finish12)
-    # Map finishes in the step's chain (scripts/finish_probe.py): the shipped table against variants with cluster
-    # finishes / other splits, alternating in one process a run (FINISH_RUNS: model:level; FINISH_7B, FINISH_70B: the
-    # variants' JSON).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    for run in ${FINISH_RUNS:-llama2-7b:0 llama2-70b:0}; do  # model:level
-      m=${run%%:*}
-      v=$([ $m = llama2-7b ] && echo "${FINISH_7B:-}" || echo "${FINISH_70B:-}")
-      [ -z "$v" ] && continue
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -lt 60 ] && { echo "no time left for $run"; break; }
-      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout $(( left < 240 ? left : 240 )) python3 scripts/finish_probe.py \
-        --model synthetic:$m --sparsity ${run#*:} --variants "$v" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
-      echo "finish probe $run: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  l2tune18)
-    # spqt tune --l2first (L2F_MODELS) into $OUT/tuned.json, then bench decode (L2F_DECODE, model:levels) with the
-    # shipped table and the tuned one in turn, a process a level each
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    tune_and_compare --l2first "${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b}" ${L2F_BUDGET:-300} \
-      "${L2F_DECODE:-llama2-7b:0,0.5}" l2first json || exit 1
-    echo "l2tune18: $(( $(date +%s) - start )) s"
-    ;;
   families18)
     # The other families' synthetic geometries (FAMILY_MODELS): dense decode and at 50 % before, spqt tune --l2first
     # and --routes (0.5) into the table, decode again; within CALL_BUDGET (default 560 s)
@@ -1126,194 +484,6 @@ llama2-7b:now}" 90
     decode_all after 2>&1 | tee -a "$OUT/families-decode.log"
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz decode-*.json && rm -f decode-*.json)  # 8 files come back
     echo "families18: $(( $(date +%s) - start )) s"
-    ;;
-  attnceil18)
-    # What the decode attention costs the step's chain (scripts/attention_ceiling_probe.py) on ATTN_MODELS at a span of
-    # ATTN_SPAN keys (prompt tokens, max-len 2 x), a process a model, within CALL_BUDGET (default 560 s). (Its first
-    # run, 2c10808, also timed a program per kv head: slower, removed.)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    span=${ATTN_SPAN:-300}
-    for run in ${ATTN_MODELS:-llama2-70b llama2-7b}; do
-      budget_probe 560 attention_ceiling_probe.py $run $span attention-ceiling.log || break
-      echo "ceiling $run: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  programs19)
-    # How many programs the decode attention gives a head's key blocks (scripts/attention_programs_probe.py,
-    # ATTN_PER_SM values of fused.ATTN_PROGRAMS_PER_SM) for each of PROGRAM_RUNS (model:span: prompt tokens, max-len
-    # 2 x), a process each, within CALL_BUDGET (default 400 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    for run in ${PROGRAM_RUNS:-llama2-70b:300 llama2-70b:1500 llama2-7b:300 llama2-7b:1500}; do
-      budget_probe 400 attention_programs_probe.py ${run%%:*} ${run#*:} attention-programs.log \
-        --per-sm ${ATTN_PER_SM:-1,2,4} || break
-      echo "programs $run: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  longspan20)
-    # The decode attention's long spans (fused.decode_attention_route; torch's attention past 2,048 keys before
-    # 2026-12-03): its gpu tests (LONG_TESTS=0 skips them), then for each of LONG_RUNS (model:span: prompt tokens,
-    # max-len 2 x, so the graph's key bucket is the next power of two; grouped-query models: the others run torch's
-    # attention either way) the step with the shipped kernels against rope_kv + torch's attention
-    # (scripts/switch_probe.py on functional.fused_decode_attention_on), the step with fused.ATTN_LONG_FROM at each of
-    # LONG_FROM_VALUES (constant_probe.py; default: shipped 512, then 256) for LONG_FROM_RUNS, models without grouped
-    # queries on their shipped route against the long spans' kernels (LONG_PLAIN_RUNS, fused.ATTN_LONG_GROUPED_ONLY 1 /
-    # 0), and the attention's cost in the step (attention_ceiling_probe.py) for LONG_CEILING, within CALL_BUDGET
-    # (default 540 s).
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    if [ "${LONG_TESTS:-1}" = 1 ]; then  # LONG_TESTS=0 after `tests` in the same call
-      timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py \
-        -k "rope_attention_decode or long_spans" -p no:cacheprovider 2>&1 | tee "$OUT/pytest-longspan.log" | tail -3
-      echo "tests: $(( $(date +%s) - start )) s"
-    fi
-    for run in ${LONG_RUNS-llama3-8b:3000 llama2-70b:3000 llama3-8b:7000}; do
-      budget_probe 540 switch_probe.py ${run%%:*} ${run#*:} long-span.log \
-        --switch spqt.functional:fused_decode_attention_on --reps 20 || break
-      echo "long span $run: $(( $(date +%s) - start )) s"
-    done
-    for run in ${LONG_FROM_RUNS-llama3-8b:300 llama2-70b:300}; do
-      budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-from.log \
-        --constant spqt.kernels.fused:ATTN_LONG_FROM --values ${LONG_FROM_VALUES:-512,256} --reps 20 || break
-      echo "long from $run: $(( $(date +%s) - start )) s"
-    done
-    for run in ${LONG_PLAIN_RUNS-llama2-7b:3000 llama2-7b:700}; do  # models without grouped queries: long kernels?
-      budget_probe 540 constant_probe.py ${run%%:*} ${run#*:} long-plain.log \
-        --constant spqt.kernels.fused:ATTN_LONG_GROUPED_ONLY --values 1,0 --reps 20 || break
-      echo "long plain $run: $(( $(date +%s) - start )) s"
-    done
-    for run in ${LONG_CEILING:-}; do
-      budget_probe 540 attention_ceiling_probe.py ${run%%:*} ${run#*:} long-span-ceiling.log || break
-      echo "ceiling $run: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  cut21)
-    # What B2's instructions cost: the CUDA GEMV's gpu test (accumulator counts 2, 4, 8, 16), then
-    # scripts/b2_cut_probe.py (CUT_ARGS, default --sweep) within CUT_BUDGET (default 300 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 240 python3 -m pytest -q -m gpu tests/test_kernels.py -k "zigzag_cuda_kernel" -p no:cacheprovider 2>&1 \
-      | tee "$OUT/pytest-cut.log" | tail -3
-    echo "tests: $(( $(date +%s) - start )) s"
-    timeout ${CUT_BUDGET:-300} python3 scripts/b2_cut_probe.py ${CUT_ARGS---sweep} --json "$OUT/b2-cut.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/b2-cut.log"
-    echo "probe: $(( $(date +%s) - start )) s"
-    ;;
-  pairs21b)
-    # Q4_K's tile pairs at 8 and 2 accumulators: the CUDA GEMV's gpu test, scripts/b2_cut_probe.py --sweep on
-    # CUT_SHAPES (default the 70B's), bench decode of PAIRS_DECODE on this tree's table, spqt tune --cuda-against-table
-    # for PAIRS_SHAPES (default the 70B's), the same decode on the new table; the new table to $OUT/tuned.json (and
-    # into this tree); eight files at most come back
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    shapes=${PAIRS_SHAPES:-10240x8192,8192x28672,57344x8192,28672x8192}
-    timeout 150 python3 -m pytest -q -m gpu tests/test_kernels.py -k "zigzag_cuda_kernel" -p no:cacheprovider 2>&1 \
-      | tee "$OUT/pytest-pairs.log" | tail -3
-    echo "tests: $(( $(date +%s) - start )) s"
-    timeout 150 python3 scripts/b2_cut_probe.py --sweep --shapes ${CUT_SHAPES:-$shapes,8192x8192} \
-      --json "$OUT/b2-cut.json" 2>&1 | grep -v WARN | tee "$OUT/b2-cut.log"
-    echo "probe: $(( $(date +%s) - start )) s"
-    tagged_decodes "${PAIRS_DECODE-llama2-70b:0}" before | tee "$OUT/decode-pairs.log"
-    retune_against_table $shapes 240 20
-    tagged_decodes "${PAIRS_DECODE-llama2-70b:0}" after "$OUT/decode-after" | tee -a "$OUT/decode-pairs.log"
-    echo "pairs: $(( $(date +%s) - start )) s"
-    ;;
-  tune22a)
-    # Tile pairs for the maps not re-tuned yet: decode before (TUNE_BEFORE, model:levels, the shipped table), spqt tune
-    # --cuda-against-table for TUNE_SHAPES, then --l2first for L2F_MODELS, then decode after (TUNE_AFTER); the table to
-    # $OUT/tuned.json, into this tree and to /tmp/tuned22.json (tune22b starts from it on a warm machine)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    tagged_decodes "${TUNE_BEFORE-llama2-70b:0 llama2-7b:0}" before | tee "$OUT/decode-tune.log"
-    retune_against_table ${TUNE_SHAPES:-8192x8192,12288x4096,22016x4096,4096x11008,4096x4096} 200 24
-    timeout 150 python3 -m spqt.cli tune --l2first ${L2F_MODELS:-synthetic:llama2-70b,synthetic:llama2-7b,synthetic:llama3-8b} \
-      --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/l2first-tune.log" | tail -8
-    cp "$OUT/tuned.json" "$(tuned_table)"
-    cp "$OUT/tuned.json" /tmp/tuned22.json
-    echo "l2first: $(( $(date +%s) - start )) s"
-    tagged_decodes "${TUNE_AFTER-llama2-70b:0 llama2-70b:0.5}" after "$OUT/decode-after" | tee -a "$OUT/decode-tune.log"
-    echo "tune22a: $(( $(date +%s) - start )) s"
-    ;;
-  tune22b)
-    # After tune22a on the same machine: its table (/tmp/tuned22.json, else this tree's), spqt tune --routes for
-    # ROUTE_RUNS (model[,model]:levels), then decode of ROUTE_CHECK (model:levels, a process a level); the table to
-    # $OUT/tuned.json
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    [ -f /tmp/tuned22.json ] && cp /tmp/tuned22.json "$(tuned_table)" && echo "table: tune22a's"
-    cp "$(tuned_table)" "$OUT/tuned.json"
-    tune_route_runs "${ROUTE_RUNS:-synthetic:llama2-7b:0.4,0.5,0.65 synthetic:llama3-8b:0.5}" 560 120
-    for run in ${ROUTE_CHECK-llama2-7b:0 llama2-7b:0.5}; do
-      budget_decode 560 ${run%%:*} ${run#*:} "$OUT/decode-route-${run%%:*}-${run#*:}.json" after || break
-    done | tee "$OUT/route-decode.log"
-    echo "tune22b: $(( $(date +%s) - start )) s"
-    ;;
-  low22a)
-    # The low-pair types' tile pairs: scripts/cuda_types_probe.py (best with / without pairs) for LOW_TYPES on
-    # LOW_SHAPES, then scripts/finish_probe.py (LOW_FINISH_RUNS, model:level; LOW_FINISH_7B: variants' JSON); carry
-    # the first GGUF part here (park), final22 next
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    for type in ${LOW_TYPES:-q2_k q3_k}; do
-      left=$(( ${CALL_BUDGET:-300} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for $type"; break; }
-      timeout $left python3 scripts/cuda_types_probe.py --type $type --shapes ${LOW_SHAPES:-28672x8192,8192x28672} \
-        --json "$OUT/probe-$type.json" 2>&1 | grep -v WARN | tee -a "$OUT/probe-low.log"
-      echo "probe $type: $(( $(date +%s) - start )) s"
-    done
-    variants=${LOW_FINISH_7B-}
-    [ -z "$variants" ] && variants='{}'  # (not ${..:-{}}: its first } ends the expansion, a } too many followed)
-    for run in ${LOW_FINISH_RUNS-llama2-7b:0.5}; do  # the shipped table against LOW_FINISH_7B's variants
-      left=$(( ${CALL_BUDGET:-300} - ($(date +%s) - start) ))
-      [ $left -lt 40 ] && { echo "no time left for $run"; break; }
-      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout $left python3 scripts/finish_probe.py --model synthetic:${run%%:*} \
-        --sparsity ${run#*:} --variants "$variants" 2>&1 | grep -v WARN | tee -a "$OUT/finish-probe.log"
-    done
-    echo "parked $(ls /tmp/parts)"
-    ;;
-  final22)
-    # The session's last call (the default model parked by the call before): every gpu test, bench decode of
-    # FINAL_DECODE (model:levels), then spqt tune --types FINAL_TYPES on FINAL_TYPE_SHAPES into $OUT/tuned.json (not
-    # this tree) and bench gemv of those types on that table, within CALL_BUDGET
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    final_gpu_tests
-    for run in ${FINAL_DECODE-llama2-7b:0 llama2-7b:0.5}; do
-      budget_decode ${CALL_BUDGET:-560} ${run%%:*} ${run#*:} "" ${run%%:*} || break
-    done | tee "$OUT/decode.log"
-    echo "decode: $(( $(date +%s) - start )) s"
-    shapes=${FINAL_TYPE_SHAPES:-28672x8192,8192x28672,57344x8192}
-    left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-    if [ $left -gt 60 ]; then
-      cp "$(tuned_table)" /tmp/shipped.json
-      timeout $(( left - 20 )) python3 -m spqt.cli tune --types ${FINAL_TYPES:-q2_k,q3_k} --shapes $shapes \
-        --output "$OUT/tuned.json" 2>&1 | grep -v WARN | tee "$OUT/tune-types.log" | grep -v "^ " | tail -12
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      if [ -f "$OUT/tuned.json" ] && [ $left -gt 30 ]; then
-        cp "$OUT/tuned.json" "$(tuned_table)"
-        timeout $(( left - 5 )) python3 -m spqt.cli bench gemv --types ${FINAL_TYPES:-q2_k,q3_k} --shapes $shapes \
-          --variants B2,B4 --sparsity 0,0.5 2>&1 | grep -v WARN | tee "$OUT/bench-gemv-types.log" | tail -14
-        cp /tmp/shipped.json "$(tuned_table)"
-      fi
-    fi
-    echo "final22: $(( $(date +%s) - start )) s"
-    ;;
-  types24a)
-    # The 7B's Q2_K / Q3_K maps (carry the first GGUF part: parks): bench decode of TYPES24 at 0 and 50 % with the
-    # shipped table, then spqt tune --types TYPES24 on TYPE24_SHAPES into $OUT/tuned.json and /tmp/tuned-types24.json
-    # (not this tree; final24 decodes with it), within CALL_BUDGET (default 400 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    budget_decode 400 llama2-7b 0,0.5 "$OUT/decode-types-before.json" "" ${TYPES24:-q2_k,q3_k} \
-      | tee "$OUT/decode-types-before.log"
-    echo "decode before: $(( $(date +%s) - start )) s"
-    left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
-    timeout $left python3 -m spqt.cli tune --types ${TYPES24:-q2_k,q3_k} \
-      --shapes ${TYPE24_SHAPES:-12288x4096,22016x4096,4096x11008,4096x4096} --output "$OUT/tuned.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/tune-types.log" | grep -v "^ " | tail -20
-    [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" /tmp/tuned-types24.json
-    echo "types24a: $(( $(date +%s) - start )) s"
     ;;
   types24b)
     # Other types' maps re-tuned: bench decode of TYPE_DECODE (model:types:levels, a process a type and level) with the
@@ -1346,70 +516,6 @@ llama2-7b:now}" 90
         2>&1 | tail -3 | tee "$OUT/type-entries.log"
     elif [ "${TYPE_TESTS:-0}" = 1 ]; then echo "no time left for the type-entries test"; fi
     ;;
-  final24)
-    # The session's last call (the default model parked by the call before): every gpu test, then with types24a's
-    # table (/tmp/tuned-types24.json, where the machine kept it) bench decode of TYPES24 at 0 and 50 % and bench gemv
-    # of those types on TYPE24_SHAPES, within CALL_BUDGET (default 560 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    final_gpu_tests
-    if [ -f /tmp/tuned-types24.json ]; then
-      cp /tmp/tuned-types24.json "$(tuned_table)"
-      budget_decode 560 llama2-7b 0,0.5 "$OUT/decode-types-after.json" "" ${TYPES24:-q2_k,q3_k} \
-        | tee "$OUT/decode-types-after.log"
-      left=$(( ${CALL_BUDGET:-560} - ($(date +%s) - start) ))
-      [ $left -gt 40 ] && timeout $left python3 -m spqt.cli bench gemv --types ${TYPES24:-q2_k,q3_k} \
-        --shapes ${TYPE24_SHAPES:-12288x4096,22016x4096,4096x11008,4096x4096} --variants B2,B4 --sparsity 0,0.5 2>&1 \
-        | grep -v WARN | tee "$OUT/bench-gemv-types.log" | tail -14
-    else
-      echo "no /tmp/tuned-types24.json here (a fresh machine): the types' decode and GEMV skipped"
-    fi
-    echo "final24: $(( $(date +%s) - start )) s"
-    ;;
-  kept25)
-    # MODE_KEPT on the other types (carry the first GGUF part: parks): its gpu tests (the kernel per type, the runtime on
-    # a Q2_K and a Q3_K_M model, the tuner's MODE_KEPT crossovers, Q4_K's kernel, the mixed file's bench decode), the
-    # types' crossovers on the 7B's shapes (spqt tune --crossover-only --types KEPT_TYPES --shapes KEPT_SHAPES: to
-    # $OUT/tuned.json and this tree's table), then bench decode of the 7B in each type dense and at KEPT_LEVELS with
-    # SPQT_SPARSE_KEPT=off and =all, within CALL_BUDGET (default 540 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 240 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_kquant_cuda.py::test_zigzag_cuda_types_kept_mode \
-      tests/test_gpu_runtime.py::test_kept_sparse_maps_decode_like_collected tests/test_kernels.py::test_cuda_kept_mode \
-      tests/test_kernels_types.py::test_tune_types tests/test_kernels_types.py::test_tune_types_crossovers_alone \
-      tests/test_gpu_runtime.py::test_bench_decode_times_a_mixed_model_file 2>&1 | tee "$OUT/kept25-tests.log" \
-      | grep -E "passed|failed|FAILED|Error" | tail -12
-    echo "kept25 tests: $(( $(date +%s) - start )) s"
-    kept_types=${KEPT_TYPES:-q2_k,q3_k}
-    timeout 150 python3 -m spqt.cli tune --crossover-only --types $kept_types \
-      --shapes ${KEPT_SHAPES:-12288x4096,22016x4096,4096x11008,4096x4096} --output "$OUT/tuned.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/kept25-crossover.log" | grep -E "crossover|error"
-    [ -f "$OUT/tuned.json" ] && cp "$OUT/tuned.json" "$(tuned_table)"
-    echo "kept25 crossovers: $(( $(date +%s) - start )) s"
-    runs=""
-    for fmt in ${kept_types//,/ }; do
-      runs+=" llama2-7b:$fmt:0 llama2-7b:$fmt:${KEPT_LEVELS:-0.5,0.65}:off llama2-7b:$fmt:${KEPT_LEVELS:-0.5,0.65}:all"
-    done
-    setting_decodes "$runs" 540 kept25-decode.log
-    echo "kept25: $(( $(date +%s) - start )) s"
-    ;;
-  decodes25)
-    # bench decode of DECODE25 (model:types:levels[:SPQT_SPARSE_KEPT]; carry the first GGUF part: parks) within
-    # CALL_BUDGET (default 540 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    setting_decodes "$DECODE25" 540 decodes25.log
-    echo "decodes25: $(( $(date +%s) - start )) s"
-    ;;
-  final25)
-    # The session's last full call (the default model parked by the call before): every gpu test, then bench decode of
-    # DECODE25 (as decodes25) within CALL_BUDGET (default 560 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    final_gpu_tests
-    setting_decodes "${DECODE25:-}" 560 final25-decode.log
-    echo "final25: $(( $(date +%s) - start )) s"
-    ;;
   tunemodel25)
     # A model file end to end (TUNE_MODEL, carried: a calibrated .spqt): spqt tune --model (into $OUT/tuned.json and
     # this tree's table), spqt generate with it on CUDA (no untuned-shape note), spqt tune --model again (nothing
@@ -1433,27 +539,6 @@ llama2-7b:now}" 90
     [ $left -gt 30 ] && timeout $left python3 -m pytest -q -m gpu -n 4 tests/test_gpu_runtime.py tests/test_kquant_cuda.py \
       -k "kept" 2>&1 | tail -3
     echo "tunemodel25: $(( $(date +%s) - start )) s"
-    ;;
-  check25)
-    # The runtime's gpu tests (tests/test_gpu_runtime.py), then spqt tune --routes synthetic:llama2-7b --types
-    # CHECK25_TYPES at CHECK25_LEVELS (one round, into $OUT/tuned-routes.json), within CALL_BUDGET (default 280 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 150 python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py 2>&1 | tee "$OUT/check25-runtime.log" \
-      | tail -4
-    echo "runtime tests: $(( $(date +%s) - start )) s"
-    left=$(( ${CALL_BUDGET:-280} - ($(date +%s) - start) ))
-    [ $left -gt 60 ] && timeout $left python3 -m spqt.cli tune --routes synthetic:llama2-7b --types ${CHECK25_TYPES:-q3_k} \
-      --route-levels ${CHECK25_LEVELS:-0.65} --route-rounds 1 --output "$OUT/tuned-routes.json" 2>&1 | grep -v WARN \
-      | tee "$OUT/check25-routes.log" | grep "tok/s\|tokens/s (median\|wrote\|error"
-    echo "check25: $(( $(date +%s) - start )) s"
-    ;;
-  cluster26)
-    # scripts/cluster_probe.py on CLUSTER_SHAPES (default: the probe's) within CALL_BUDGET (default 400 s)
-    start=$(date +%s)
-    timeout ${CALL_BUDGET:-400} python3 scripts/cluster_probe.py ${CLUSTER_SHAPES:+--shapes $CLUSTER_SHAPES} 2>&1 \
-      | grep -v WARN | tee "$OUT/cluster26.log"
-    echo "cluster26: $(( $(date +%s) - start )) s"
     ;;
   gather26)
     # A gathered loads change against the tree in .old (carried): the gpu tests of every path that gathers (B4,
@@ -1482,16 +567,6 @@ llama2-7b:now}" 90
     done 2>&1 | tee "$OUT/gather26-decode.log"
     echo "gather26: $(( $(date +%s) - start )) s"
     ;;
-  check26)
-    # The runtime's gpu tests (the default model's included: park its first part the call before), the families' and
-    # the folded norm's, within CHECK26_LIMIT seconds (default 150)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout ${CHECK26_LIMIT:-150} python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py tests/test_families.py \
-      tests/test_kernels.py::test_cuda_gemv_folds_the_norm 2>&1 | tee "$OUT/check26-tests.log" \
-      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    echo "check26: $(( $(date +%s) - start )) s"
-    ;;
   serve28)
     # spqt serve on CUDA (park the default model's first part the call before; carry .whl with the serve stack): its
     # gpu tests, tests/test_serve.py's collection (the openai client importable), then scripts/serve_probe.py at
@@ -1511,103 +586,6 @@ llama2-7b:now}" 90
     start=$(date +%s)
     prefill_probe 300
     echo "prefill28: $(( $(date +%s) - start )) s"
-    ;;
-  check28)
-    # The prefill graphs: the runtime's, the families' and serve's gpu tests (park the default model's first part the
-    # call before; carry .whl), then scripts/prefill_probe.py (as prefill28) and scripts/serve_probe.py (SERVE_LEVELS)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout ${CHECK28_LIMIT:-200} python3 -m pytest -q -m gpu -n 8 -rsxX tests/test_gpu_runtime.py tests/test_families.py \
-      tests/test_serve_gpu.py 2>&1 | tee "$OUT/check28-tests.log" | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    echo "check28 tests: $(( $(date +%s) - start )) s"
-    prefill_probe 200
-    serve_probe
-    echo "check28: $(( $(date +%s) - start )) s"
-    ;;
-  gemm29)
-    # The prefill GEMM that reads the blocks (kernels/gemm_q4k.py): its gpu tests, the prefill's (the default model's
-    # with both GGUF parts: park), scripts/prefill_gemm_probe.py (GEMM29_ARGS, default --sweep), then
-    # scripts/prefill_probe.py with SPQT_PREFILL_GEMM=dequant and the default in turn (prefill-<setting>.log / .json)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    prefill_gpu_tests ${GEMM29_TEST_LIMIT:-200} gemm29 ${GEMM29_TESTS:-}
-    gemm_probe ${GEMM29_PROBE_LIMIT:-200} ${GEMM29_ARGS:---sweep}
-    echo "gemm29 probe: $(( $(date +%s) - start )) s"
-    prefill_settings ${GEMM29_PREFILL_LIMIT:-100}
-    (cd "$OUT" && tar czf results.tgz prefill-*.json gemm-probe.json && rm prefill-*.json gemm-probe.json)
-    echo "gemm29: $(( $(date +%s) - start )) s"
-    ;;
-  check29)
-    # CHECK29_TESTS (pytest node ids) in one process, in that order: a test-order interaction replayed
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 300 python3 -m pytest -q -m gpu -p no:randomly -rsxX $CHECK29_TESTS 2>&1 | tee "$OUT/check29-tests.log" \
-      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    echo "check29: $(( $(date +%s) - start )) s"
-    ;;
-  dequant30)
-    # scripts/dequant_probe.py (DEQ30_ARGS), Nsight Compute on one launch of each "variant shape" in DEQ30_NCU (;
-    # between them), then scripts/prefill_gemm_probe.py with GEMM30_ARGS and --configs "$GEMM30_CONFIGS" where set
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout ${DEQ30_LIMIT:-150} python3 scripts/dequant_probe.py ${DEQ30_ARGS:-} --json "$OUT/dequant-probe.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/dequant-probe.log"
-    echo "dequant30 probe: $(( $(date +%s) - start )) s"
-    IFS=';' read -ra pairs <<< "${DEQ30_NCU-blocks:16:4 22016x4096;tile:4:128:4 22016x4096}"
-    for pair in "${pairs[@]}"; do
-      echo "== $pair" >> "$OUT/ncu-dequant.txt"
-      timeout 100 ncu --clock-control none -k regex:dequant -s 1 -c 1 --section SpeedOfLight --section Occupancy \
-        --section WarpStateStats --section MemoryWorkloadAnalysis --section LaunchStats \
-        python3 scripts/dequant_probe.py --ncu $pair >> "$OUT/ncu-dequant.txt" 2>&1
-    done
-    grep -E "^== |Duration|DRAM Throughput|Memory Throughput|L2 Cache Throughput|L1/TEX Cache Throughput|Compute \(SM\)|Registers Per|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|No Eligible|Stall" "$OUT/ncu-dequant.txt" | head -60
-    echo "dequant30 ncu: $(( $(date +%s) - start )) s"
-    if [ -n "${GEMM30_ARGS:-}${GEMM30_CONFIGS:-}" ]; then
-      gemm_probe ${GEMM30_LIMIT:-200} ${GEMM30_ARGS:-} --configs "${GEMM30_CONFIGS:-}"
-    fi
-    pack_json dequant-probe.json gemm-probe.json
-    echo "dequant30: $(( $(date +%s) - start )) s"
-    ;;
-  tile30)
-    # The tile dequantization (q4k_tiles, type_tiles): its gpu tests, the GEMM's and the prefill's (TILE30_TESTS more; the default
-    # model's with both GGUF parts: park), scripts/dequant_probe.py (DEQ30_ARGS), then scripts/prefill_probe.py on the
-    # session start's tree (.old) and on this one (SPQT_PREFILL_GEMM unset; PREFILL_MODELS, PREFILL_TOKENS)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    prefill_gpu_tests ${TILE30_TEST_LIMIT:-200} tile30 "tests/test_kernels.py::test_tile_dequantization_every_tile" \
-      "tests/test_kquant_cuda.py::test_cuda_planes_dequant_kernel" ${TILE30_TESTS:-}
-    timeout ${DEQ30_LIMIT:-150} python3 scripts/dequant_probe.py ${DEQ30_ARGS:-} --json "$OUT/dequant-probe.json" 2>&1 \
-      | grep -v WARN | tee "$OUT/dequant-probe.log"
-    echo "tile30 probe: $(( $(date +%s) - start )) s"
-    prefill_trees ${TILE30_PREFILL_LIMIT:-120} before after
-    pack_json dequant-probe.json prefill-before.json prefill-after.json
-    echo "tile30: $(( $(date +%s) - start )) s"
-    ;;
-  gemm31)
-    # The CUDA GEMM of the prefill (kernels/gemm_cuda.py): its gpu tests and the prefill's (GEMM31_TESTS more; the
-    # default model's with both GGUF parts: park), scripts/prefill_gemm_probe.py (GEMM31_ARGS), then
-    # scripts/prefill_probe.py on the session start's tree (.old) and on this one (PREFILL_MODELS, PREFILL_TOKENS)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    prefill_gpu_tests ${GEMM31_TEST_LIMIT:-200} gemm31 tests/test_gemm_cuda.py ${GEMM31_TESTS:-}
-    gemm_probe ${GEMM31_PROBE_LIMIT:-200} ${GEMM31_ARGS:-}
-    echo "gemm31 probe: $(( $(date +%s) - start )) s"
-    prefill_trees ${GEMM31_PREFILL_LIMIT:-120} ${GEMM31_TREES:-before after}
-    pack_json gemm-probe.json prefill-before.json prefill-after.json
-    echo "gemm31: $(( $(date +%s) - start )) s"
-    ;;
-  ring32)
-    # The CUDA GEMM's ring of asynchronous copies: its gpu tests (no default model needed), then
-    # scripts/prefill_gemm_probe.py (RING32_ARGS), then the prefill on the session start's tree and this one where
-    # RING32_PREFILL_LIMIT is set
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    gpu_node_tests ${RING32_TEST_LIMIT:-200} ring32 tests/test_gemm_cuda.py ${RING32_TESTS:-}
-    gemm_probe ${RING32_PROBE_LIMIT:-300} ${RING32_ARGS:-}
-    echo "ring32 probe: $(( $(date +%s) - start )) s"
-    [ -n "${RING32_PREFILL_LIMIT:-}" ] && prefill_trees "$RING32_PREFILL_LIMIT" before after
-    pack_json gemm-probe.json prefill-before.json prefill-after.json
-    echo "ring32: $(( $(date +%s) - start )) s"
     ;;
   types33)
     # Issue 15's perplexity table on the whole WikiText-2 test (scripts/types_table.py): the default model in every
@@ -1644,137 +622,6 @@ llama2-7b:now}" 90
     pack_json prefill-before.json prefill-after.json
     echo "final35: $(( $(date +%s) - start )) s"
     ;;
-  final31)
-    # The session's last call (the default model parked by the call before): every gpu test, then
-    # scripts/prefill_probe.py on the session start's tree (.old) and on this one (PREFILL_MODELS, PREFILL_TOKENS), then
-    # the serve probe
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    final_gpu_tests
-    prefill_trees ${FINAL31_PREFILL_LIMIT:-70} before after
-    serve_probe
-    pack_json prefill-before.json prefill-after.json
-    echo "final31: $(( $(date +%s) - start )) s"
-    ;;
-  final29)
-    # The session's last call (the default model parked by the call before): every gpu test, prefill_settings, the
-    # serve probe, then bench decode of DECODE29 (model:types:levels, default llama2-7b:q4_k:0,0.5) within CALL_BUDGET
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    final_gpu_tests
-    prefill_settings 90
-    serve_probe
-    setting_decodes "${DECODE29-llama2-7b:q4_k:0,0.5}" 560 final29-decode.log
-    (cd "$OUT" && tar czf results.tgz prefill-*.json && rm prefill-*.json)
-    echo "final29: $(( $(date +%s) - start )) s"
-    ;;
-  check28b)
-    # A family test's failure replayed (FLAKE_TEST, SPQT_FAMILY_SEED) on the tree in .old and on this one, the prefill
-    # graphs' and serve's gpu tests (park the default model), then scripts/serve_probe.py (SERVE_LEVELS)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    if [ -n "${FLAKE_TEST:-}" ]; then
-      for tree in before after; do
-        in_tree $tree timeout 120 python3 -m pytest -q -m gpu -rsxX "$FLAKE_TEST" 2>&1 \
-          | tee "$OUT/flake28-$tree.log" | grep -E "^E  .*Error|passed|failed" | head -4 | sed "s/^/$tree: /"
-      done
-    fi
-    timeout 200 python3 -m pytest -q -m gpu -n 4 -rsxX tests/test_serve_gpu.py \
-      "tests/test_gpu_runtime.py::test_prefill_graphs_equal_eager_prefill" 2>&1 | tee "$OUT/check28b-tests.log" \
-      | grep -E "passed|failed|FAILED|Error|SKIP" | tail -12
-    serve_probe
-    echo "check28b: $(( $(date +%s) - start )) s"
-    ;;
-  pairs23)
-    # spqt tune --pairs (PAIRS_MODELS) into $OUT/tuned.json, then bench decode (PAIRS_RUNS, model:level) with the
-    # shipped table and the tuned one in turn, a process a level each
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    tune_and_compare --pairs \
-      "${PAIRS_MODELS:-synthetic:llama2-7b,synthetic:llama3-8b,synthetic:llama2-13b,synthetic:llama2-70b}" \
-      ${PAIRS_BUDGET:-300} "${PAIRS_RUNS:-llama2-7b:0 llama2-70b:0}" pairs || exit 1
-    echo "pairs23: $(( $(date +%s) - start )) s"
-    ;;
-  final21)
-    # The session's last call (the default model parked by the call before): every gpu test, then spqt bench gemv of
-    # the 132 / 264 MB Q4_K shapes (B2, B4) and bench decode of FINAL_DECODE (model:levels) within CALL_BUDGET (580 s)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    final_gpu_tests
-    left=$(( ${CALL_BUDGET:-580} - ($(date +%s) - start) ))
-    [ $left -gt 40 ] && timeout $(( left < 70 ? left : 70 )) python3 -m spqt.cli bench gemv \
-      --shapes 28672x8192,8192x28672,57344x8192 --variants B2,B4 --sparsity 0,0.25,0.4,0.5 \
-      --json "$OUT/bench-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/bench-gemv.log" | tail -14
-    for run in ${FINAL_DECODE-llama2-70b:0 llama2-7b:0}; do
-      budget_decode ${CALL_BUDGET:-580} ${run%%:*} ${run#*:} "" ${run%%:*} || break
-    done | tee "$OUT/decode.log"
-    echo "final: $(( $(date +%s) - start )) s"
-    ;;
-  rblock12)
-    # The split-K reduction's tile in the step (scripts/reduce_block_probe.py, RBLOCK_SUMS), a process a model.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    for m in ${RBLOCK_MODELS:-llama2-70b llama2-7b}; do
-      PYTHONPATH="$PYTHONPATH:$PWD/scripts" timeout 150 python3 scripts/reduce_block_probe.py --model synthetic:$m \
-        --sums ${RBLOCK_SUMS:-4096,512,1024,2048} 2>&1 | grep -v WARN | tee -a "$OUT/reduce-block-probe.log"
-      echo "reduce block probe $m: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  chain13)
-    # One persistent launch for every layer: the chain's gpu tests, the runtime's decode (DECODE_RUNS: the chain
-    # where it runs), then scripts/chain_probe.py (the runtime's launches against the chain kernel's variants;
-    # CHAIN_MODELS, CHAIN_VARIANTS, CHAIN_ARGS e.g. --no-attention)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 240 python3 -m pytest -q -m gpu tests/test_chain.py tests/test_gpu_runtime.py -k chain 2>&1 | tail -25 | tee "$OUT/chain-tests.log"
-    echo "chain tests: $(( $(date +%s) - start )) s"
-    export SPQT_CHAIN=1  # the runtime's decode with the chain (off by default)
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-500}
-    unset SPQT_CHAIN
-    for m in ${CHAIN_MODELS:-llama2-7b llama2-70b}; do
-      timeout 240 python3 scripts/chain_probe.py --model synthetic:$m ${CHAIN_VARIANTS:+--variants $CHAIN_VARIANTS} \
-        ${CHAIN_ARGS:-} 2>&1 | grep -v WARN | tee -a "$OUT/chain-probe.log"
-      echo "chain probe $m: $(( $(date +%s) - start )) s"
-    done
-    ;;
-  chaindiag)
-    # The chain's error over the first two layers (random layers amplify rounding over many), then its variants over
-    # all layers: the L2 prefetch off, the finishers summing one output at a time, a longer sleep between polls
-    export SPQT_CACHE=/tmp/spqt-cache
-    v=pipe=0,acc=2,blocks=4,waves=1
-    timeout 80 python3 scripts/chain_probe.py --layers 2 --variants $v --rounds 1 --reps 10 2>&1 | grep -v WARN \
-      | tee "$OUT/chain-diag.log"
-    timeout 150 python3 scripts/chain_probe.py --variants $v $v,prefetch=0 $v,finish=0 $v,sleep=1000 2>&1 | grep -v WARN \
-      | tee -a "$OUT/chain-diag.log"
-    ;;
-  kept15)
-    # A sparse map in one launch (MODE_KEPT): its gpu tests, then the step with and without it (kept_probe.py), then
-    # the runtime's decode with it on (DECODE_RUNS; SPQT_SPARSE_KEPT=1)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    if [ "${KEPT_TESTS:-1}" = 1 ]; then
-      timeout 300 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py tests/test_chain.py \
-        -k "kept or compiles or chain" -n 4 2>&1 | tail -25 | tee "$OUT/kept-tests.log"
-      echo "kept tests: $(( $(date +%s) - start )) s"
-    fi
-    if [ -n "${KEPT_GEMV:-}" ]; then  # the GEMV alone per shape: B2, B4 + collection, MODE_KEPT, each norm-fed too
-      timeout 240 python3 -m spqt.cli bench gemv --variants B2,B4,B4K,B2n,B4n,B4Kn --sparsity ${KEPT_GEMV_LEVELS:-0,0.25,0.5,0.65} \
-        --shapes $KEPT_GEMV --json "$OUT/kept-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/kept-gemv.log"
-      echo "kept gemv: $(( $(date +%s) - start )) s"
-    fi
-    kept_probes 520
-    export SPQT_SPARSE_KEPT=1
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-520}
-    ;;
-  keptcross)
-    # MODE_KEPT's crossovers: spqt tune --crossover-only (CROSS_SHAPES; the table in $OUT and used by what follows),
-    # the step with the table's choice per map (kept_probe.py: KEPT_MODELS, KEPT_LEVELS), decode (DECODE_RUNS)
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    tune_crossovers
-    kept_probes 540
-    [ -n "${DECODE_RUNS:-}" ] && decode_runs ${CALL_BUDGET:-540}
-    ;;
   routes17)
     # The decode step's MODE_KEPT route tuned per model (spqt tune --routes: a process per route, ROUTE_RUNS of
     # model[,model]:levels), the table to $OUT and into this tree, then bench decode in the default environment
@@ -1789,57 +636,6 @@ llama2-7b:now}" 90
         --json "$OUT/decode-route-${run%%:*}.json" 2>&1 | grep tok/s
     done 2>&1 | tee "$OUT/route-decode.log"
     echo "routes and decode: $(( $(date +%s) - start )) s"
-    ;;
-  kepttable)
-    # MODE_KEPT's crossovers measured anew (spqt tune --crossover-only, CROSS_SHAPES unless none; the table to $OUT and
-    # into this tree), then bench decode per KEPT_RUNS (model:levels) with SPQT_SPARSE_KEPT each of KEPT_SETTINGS in turn
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    # ("runtime": every synthetic and default model's maps; "llama2-7b": its matrices one by one and its maps)
-    [ "${CROSS_SHAPES:-runtime}" != none ] && tune_crossovers
-    for run in ${KEPT_RUNS:-llama2-7b:0.25,0.4,0.5 llama2-70b:0.5}; do
-      for v in ${KEPT_SETTINGS:-0 table}; do
-        echo "${run%%:*} SPQT_SPARSE_KEPT=$v"
-        SPQT_SPARSE_KEPT=$v budget_decode 540 ${run%%:*} ${run#*:} || break 2
-      done
-    done 2>&1 | tee "$OUT/kept-decode.log"
-    echo "kept decode: $(( $(date +%s) - start )) s"
-    ;;
-  kept2)
-    # MODE_KEPT with the share of x staged once and B4's config: its gpu tests, the GEMV per shape (KEPT_GEMV), then
-    # bench decode at 50 % per model (KEPT_DECODE) with MODE_KEPT off, on with B2's config, on with B4's
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py tests/test_gpu_runtime.py -k "kept" -n 4 2>&1 \
-      | tail -5 | tee "$OUT/kept-tests.log"
-    echo "kept tests: $(( $(date +%s) - start )) s"
-    timeout 150 python3 -m spqt.cli bench gemv --variants B2,B4,B4K,B4KS,B2n,B4n,B4Kn,B4KSn --sparsity ${KEPT_GEMV_LEVELS:-0,0.5} \
-      --shapes ${KEPT_GEMV:-runtime} --json "$OUT/kept-gemv.json" 2>&1 | grep -v WARN | tee "$OUT/kept-gemv.log" | tail -80
-    echo "kept gemv: $(( $(date +%s) - start )) s"
-    for m in ${KEPT_DECODE:-llama2-7b llama2-70b}; do
-      for v in ${KEPT_VARIANTS:-0 1:dense 1:sparse}; do
-        export SPQT_SPARSE_KEPT=${v%%:*} SPQT_KEPT_CONFIG=${v#*:}
-        echo "$m SPQT_SPARSE_KEPT=$SPQT_SPARSE_KEPT SPQT_KEPT_CONFIG=$SPQT_KEPT_CONFIG"
-        timeout 100 python3 -m spqt.cli bench decode --model synthetic:$m --layouts zigzag --sparsity 0.5 2>&1 | grep tok/s
-      done
-    done 2>&1 | tee "$OUT/kept-decode.log"
-    echo "kept decode: $(( $(date +%s) - start )) s"
-    ;;
-  chainncu)
-    # Where the chain's programs stall: ncu on one eager launch of each variant (NCU_VARIANTS; the 7B's layers), the
-    # warp states, the stall samples per SASS instruction (source page, csv) and the memory rates
-    export SPQT_CACHE=/tmp/spqt-cache
-    n=0
-    for spec in ${NCU_VARIANTS:-pipe=0,acc=2,warps=8,blocks=2,prefetch=0,waves=1 pipe=0,acc=2,warps=8,blocks=2,prefetch=0,waves=1,nowait=1}; do
-      n=$((n + 1))
-      timeout 200 ncu --clock-control none -k regex:zigzag_chain -s 0 -c 1 --section WarpStateStats \
-        --section SourceCounters --section SpeedOfLight --section MemoryWorkloadAnalysis -f -o "$OUT/ncu-$n" \
-        python3 scripts/chain_probe.py --variants $spec --rounds 1 --reps 1 2>&1 | grep -v WARN | tail -5
-      echo "variant $n: $spec" | tee -a "$OUT/ncu-$n.txt"
-      ncu -i "$OUT/ncu-$n.ncu-rep" --page details >> "$OUT/ncu-$n.txt" 2>&1
-      ncu -i "$OUT/ncu-$n.ncu-rep" --page source --csv --print-source sass > "$OUT/ncu-$n-sass.csv"
-      rm -f "$OUT/ncu-$n.ncu-rep"
-    done
     ;;
   overlap13)
     # What overlapping the maps could take back (scripts/overlap_probe.py: every layer map on one stream, on four
@@ -1875,27 +671,6 @@ llama2-7b:now}" 90
       echo "== $run ($(( $(date +%s) - start )) s)"; sed -n '/graph replay/p;/^kind/,$p' "$OUT/profile-$m-$s-fold$fold.txt"
     done
     (cd "$OUT" && tar czf results.tgz --exclude results.tgz profile-* && rm -f profile-*)
-    ;;
-  explore8)
-    # The native CPU maps' tests on this machine's CPU and compiler; where the 70B dense step goes per kernel kind
-    # (PROFILE_MODELS); the 70B decode with every map finished by its GEMV (SPQT_GEMV_FUSED=1) against the table's
-    # finish, each in a process of its own.
-    export SPQT_CACHE=/tmp/spqt-cache
-    start=$(date +%s)
-    (cc --version | head -1; timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_cpu_native.py 2>&1 | tail -3) \
-      | tee "$OUT/cpu-native-tests.log"
-    for m in ${PROFILE_MODELS:-llama2-70b}; do
-      timeout 150 python3 scripts/profile_decode.py --model synthetic:$m --sparsity 0 --json "$OUT/profile-$m.json" \
-        2>&1 | grep -v WARN | tee "$OUT/profile-$m.txt"
-    done
-    for fused in table 1; do
-      left=$(( ${CALL_BUDGET:-400} - ($(date +%s) - start) ))
-      [ $left -lt 50 ] && { echo "no time left for fused=$fused"; break; }
-      ( [ $fused = 1 ] && export SPQT_GEMV_FUSED=1; timeout $left python3 -m spqt.cli bench decode \
-        --model synthetic:llama2-70b --layouts zigzag --sparsity 0 --json "$OUT/decode-70b-fused-$fused.json" 2>&1 \
-        | grep -v WARN | grep "tok/s" | sed "s/^/fused=$fused /" )
-    done | tee "$OUT/decode-fused.log"
-    echo "explore8 stage: $(( $(date +%s) - start )) s"
     ;;
   window41)
     # The fused decode attention's new paths, each model in the session start's tree (.old: d94cbc1's src with this
