@@ -24,7 +24,7 @@
 #                                    then bench decode running the tuned route (ROUTE_CHECK)
 #   scripts/gpu_session.sh serve28   spqt serve on CUDA: its gpu tests, the openai client's import, scripts/serve_probe.py
 #   scripts/gpu_session.sh prefill28 the dense prefill's time per prompt length and kernel kind (scripts/prefill_probe.py)
-#   scripts/gpu_session.sh final35   final31 with the serve probe before the prefill (prefill in the time left)
+#   scripts/gpu_session.sh final35   every gpu test, the serve probe, the prefill before (.old) / after in the time left
 #   scripts/gpu_session.sh types33   issue 15's perplexity table, full test, every type and mix (carry .carry/data);
 #                                    TYPES33_TYPES: those alone; TYPES33_GPTQ=1 adds the --gptq rows (zigzag)
 #   scripts/gpu_session.sh retune38  this GPU's table re-tuned a piece a call (RETUNE_SHAPES, RETUNE_TYPES), then
@@ -53,7 +53,8 @@
 #   scripts/gpu_session.sh pairs51   Q5_K's and Q6_K's tile pairs: their gpu tests (TESTS51), bench gemv of TYPES51 with
 #                                    the shipped table, spqt tune --types (SHAPES51), bench gemv tuned and without pairs
 #   scripts/gpu_session.sh sustain52 bench gemv's B2 against the tuner's: replays in a row with clocks and power sampled
-# Stages of past sessions were removed in this change: each lives in the commit that docs/RESULTS.md names for its figures (`git show <commit>:scripts/gpu_session.sh`).
+# Past sessions' one-off stages were removed in 3f4241d (2026-12-06): each lives in the commit that docs/RESULTS.md
+# names for its figures (`git show <commit>:scripts/gpu_session.sh`).
 # Pass SPQT_COMMIT=<hash> in the command: the JSON records it (the device copy's git metadata is stale).
 # At most 8 files come back from a call: stages that write more pack them into $OUT/results.tgz.
 # Carry .whl (ignored by git, so only a call's carry brings it): the wheels the image lacks (gguf, the serve stack
@@ -610,8 +611,8 @@ PYEOF
     echo "types33: $(( $(date +%s) - start )) s"
     ;;
   final35)
-    # final31 with the serve probe before the prefill (the serve timings weigh more): every gpu test (park first),
-    # serve_probe, then the prefill before (.old, where carried) / after in the time left of FINAL35_BUDGET (560 s)
+    # Every gpu test (park first), serve_probe (before the prefill: the serve timings weigh more), then the prefill
+    # before (.old, where carried) / after in the time left of FINAL35_BUDGET (560 s)
     export SPQT_CACHE=/tmp/spqt-cache
     start=$(date +%s)
     final_gpu_tests
