@@ -62,9 +62,9 @@
 # The default model (98 MB) is larger than one carry: pass it as .carry/smol.gguf.part-* (SMOL_PARTS parts, 3 unless
 # set: `split -b 32M`), carried over that many calls; this script joins them once all are here. A carry is counted in
 # disk blocks (du), 64 MiB with the tracked files: .whl (11 MiB) travels with a 32 MiB part, and what it installs in
-# /tmp/site stays on a warm machine. Two calls instead of three: the GGUF xz-compressed (90.5 MB) as
-# .carry/smol.gguf.xz.part-* with SMOL_PARTS=2, a part-aa of 39.4 MB beside .whl and the rest alone
-# (`xz -6 -c GGUF | split -b 39400000 - .carry/smol.gguf.xz.part-`; 1.4 MiB under the two carries).
+# /tmp/site stays on a warm machine. Two calls instead of three: the GGUF xz-compressed (`xz -6`, 90.5 MB) as
+# .carry/smol.gguf.xz.part-aa (its first 39,400,000 bytes: `head -c`), carried beside .whl, and part-ab (the rest:
+# `tail -c +39400001`) alone, with SMOL_PARTS=2 in both calls (1.5 MiB under the two carries at 6bc2b43's tree).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}

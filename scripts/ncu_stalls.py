@@ -1,6 +1,6 @@
 """The stall samples of an ncu source page (`ncu -i R.ncu-rep --page source --csv --print-source sass`, as
-the thirteenth session's `gpu_session.sh chainncu` wrote it): the totals per stall reason, then the N SASS lines with the most samples, each
-with its executions and its two largest reasons.
+the thirteenth session's `gpu_session.sh chainncu` wrote it): the totals per stall reason, then the N SASS lines
+with the most samples, each with its executions and its two largest reasons.
 
     python3 scripts/ncu_stalls.py ncu-1-sass.csv [N]
 """
