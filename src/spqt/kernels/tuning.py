@@ -97,11 +97,12 @@ def _read_table(path: Path, strict: bool) -> TableEntries | None:
 def _load_table(key: str) -> TableEntries:
     """This GPU's entries: the user table's where it holds this KERNEL_VERSION's, else the package table's, else none.
     A user table that cannot be read falls back to the package's with one warning line."""
+    user = user_table_path(key)
     try:
-        entries = _read_table(user_table_path(key), strict=True)
+        entries = _read_table(user, strict=True)
     except (OSError, ValueError) as e:
         log.warning("spqt: warning: %s is not a readable tuned table (%s); the table shipped for this GPU applies, "
-                    "if any (spqt tune writes a new one)", user_table_path(key), e)
+                    "if any (spqt tune writes a new one)", user, e)
         entries = None
     if entries is None:
         entries = _read_table(table_path(key), strict=False)
