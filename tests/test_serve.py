@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 
@@ -453,13 +454,14 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"messages": one_image}, "messages[0].content[0].type"),
                (chat, {"frequency_penalty": 0.5}, "frequency_penalty"),
                (chat, {"presence_penalty": -1}, "presence_penalty"), (chat, {"logit_bias": {"50": 10}}, "logit_bias"),
-               (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": True}, "logprobs"),
+               (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": 1}, "logprobs"),
+               (chat, {"top_logprobs": 2}, "top_logprobs"), (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
                (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
                (chat, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
                (text, {"prompt": [1, 2, 3]}, "prompt"), (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo"),
-               # OpenAI's legacy logprobs 0 still asks for the sampled tokens' logprobs
-               (text, {"logprobs": 0}, "logprobs"),
+               (text, {"logprobs": True}, "logprobs"), (text, {"logprobs": 21}, "logprobs"),
+               (text, {"logprobs": -1}, "logprobs"), (text, {"echo": True, "logprobs": 1}, "echo"),
                # OpenAI's fields for audio, web search or reasoning (refused by OpenAI for models without them)
                (chat, {"modalities": ["text", "audio"]}, "modalities"), (chat, {"audio": {"voice": "alloy"}}, "audio"),
                (chat, {"web_search_options": {}}, "web_search_options"),
@@ -481,6 +483,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                  "metadata": {"k": "v"}},
                 {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
                  "parallel_tool_calls": False, "tool_choice": "none"},
+                {"logprobs": False, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 20},
                 {"modalities": ["text"], "audio": None, "reasoning_effort": None, "store": False,
                  "service_tier": "auto", "prediction": {"type": "content", "content": "Red"}, "min_p": 0,
                  "repetition_penalty": 1, "typical_p": 1.0, "min_tokens": 0, "ignore_eos": False},
@@ -490,6 +493,70 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
     for change in accepted:
         status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())
         assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)
+
+
+def _reference_logprobs(engine, prompt: list[int], n: int) -> list[tuple[int, torch.Tensor]]:
+    """(token, log-softmax of the logits it was chosen from) of n greedy tokens, by the served Generator itself."""
+    seen = []
+    tokens = engine.generator.generate(prompt, n, on_logits=seen.append, track=False).tokens
+    return [(t, torch.log_softmax(lg[0].double(), -1)) for t, lg in zip(tokens, seen)]
+
+
+def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine):
+    """Chat's logprobs / top_logprobs and the completions' logprobs: the chosen tokens' log-softmax of the logits they
+    were decoded from (as the Generator gives them, within the prompt cache's last bits), the top alternatives most
+    likely first, and tokens whose texts spell the answer, streamed or not."""
+    client = server.client()
+    for stream in (False, True):
+        r = client.chat.completions.create(model=model_id, messages=CHAT, logprobs=True, top_logprobs=3, stream=stream,
+                                           **GREEDY)
+        chunks = list(r) if stream else [r]
+        text = "".join((c.choices[0].delta.content if stream else c.choices[0].message.content) or ""
+                       for c in chunks if c.choices)
+        entries = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+        assert "".join(t.token for t in entries) == text and text, stream
+        prompt = engine.tokenizer.chat_messages(CHAT)
+        reference = _reference_logprobs(engine, prompt, len(entries))
+        for entry, (token, lp) in zip(entries, reference, strict=True):
+            assert entry.token == engine.tokenizer.decode([token]) and entry.bytes == list(entry.token.encode())
+            assert entry.logprob == pytest.approx(float(lp[token]), abs=2e-3)
+            top = [a.logprob for a in entry.top_logprobs]
+            assert len(top) == 3 and top == sorted(top, reverse=True) and top[0] == pytest.approx(entry.logprob)
+            assert top == pytest.approx(lp.topk(3).values.tolist(), abs=2e-3)
+    full = client.completions.create(model=model_id, prompt=PROMPT, logprobs=2, **GREEDY).choices[0]
+    lp = full.logprobs
+    assert "".join(lp.tokens) == full.text and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(len(alts) <= 2 and max(alts.values()) == pytest.approx(v) for alts, v in zip(lp.top_logprobs,
+                                                                                             lp.token_logprobs))
+    # a stop string: the tokens that hold text before it stay, those within it go
+    stop = full.text[6:9]
+    cut = client.completions.create(model=model_id, prompt=PROMPT, logprobs=0, stop=[stop], **GREEDY).choices[0]
+    kept = cut.logprobs.tokens
+    assert cut.text == full.text[: full.text.index(stop)] and kept == lp.tokens[: len(kept)]
+    assert len("".join(kept[:-1])) < len(cut.text) <= len("".join(kept)) and cut.logprobs.top_logprobs[0] == {}
+    # without logprobs asked, none are sent
+    plain = client.chat.completions.create(model=model_id, messages=CHAT, **GREEDY)
+    assert plain.choices[0].logprobs is None
+
+
+def test_text_stream_hands_out_the_tokens_of_its_text():
+    from spqt.serve.text import TextStream
+
+    vocab = [b"Hel", b"lo", b" E", b"ND", b"\xc3", b"\xa9", b"!"]
+    ts = TextStream(lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace"), [" END"])
+    released = []
+    for token in (0, 4, 5, 2, 1, 2, 3, 6):
+        ts.feed(token)
+        released.append(ts.released())
+    # the split character's first token waits for its second; " E" waits while it may start " END"; the second
+    # " E" starts the stop string, so neither it nor "ND" is ever handed out
+    assert released == [1, 1, 3, 3, 5, 5, 5, 5] and ts.text[: ts.sent] == "Hel\u00e9 Elo" and ts.stopped
+    assert ts.flush() == "" and ts.released() == 5
+    ts = TextStream(lambda ids: b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace"), [" END"])
+    for token in (0, 2):
+        ts.feed(token)
+    assert ts.released() == 1 and ts.flush() == " E" and ts.released() == 2
 
 
 def test_stream_events_are_openai_chunks(server, model_id):

@@ -136,3 +136,26 @@ def test_cuda_server_with_the_prompt_cache(cuda_server):
     assert result.cached_tokens == cached
     assert second["choices"][0]["message"]["content"] == engine.tokenizer.decode(
         [t for t in result.tokens if t not in engine.stop_ids])
+
+
+def test_cuda_server_logprobs_are_the_generators(cuda_server):
+    """Logprobs on CUDA (the host reads each step's logits rather than the graphs' pipelined argmax): the same greedy
+    text, each token's logprob the log-softmax of the logits a Generator of this thread chose it from, the chosen
+    token the most likely."""
+    import torch
+
+    from spqt.generate import Generator
+
+    port, loaded, engine = cuda_server
+    status, r = _request(port, "POST", "/v1/completions",
+                         {"prompt": PROMPT, "temperature": 0, "max_tokens": N, "logprobs": 3})
+    assert status == 200, r
+    choice = r["choices"][0]
+    lp = choice["logprobs"]
+    assert choice["text"] == _reference_text(loaded, engine, N) and "".join(lp["tokens"]) == choice["text"]
+    seen = []
+    gen = Generator(loaded, "cuda", sparsity=0.0, max_len=CTX)
+    tokens = gen.generate(engine.tokenizer.encode(PROMPT), len(lp["tokens"]), on_logits=seen.append, track=False).tokens
+    for token, logits, value, top in zip(tokens, seen, lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[token]), abs=1e-3)
+        assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(value)

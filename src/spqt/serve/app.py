@@ -124,7 +124,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         except SpqtError as e:
             raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=req.max_tokens or room, sampling=sampling, stops=req.stop,
-                   label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop())
+                   label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop(),
+                   logprobs=req.top_tokens())
 
     @app.get("/health")
     async def health(request: Request):
@@ -154,17 +155,22 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             raise p.ApiError(400, str(e), param="messages") from None
         job = make_job(request, req, prompt)
         rid, created = p.new_id("chatcmpl"), p.now()
+
+        def logprobs(tokens: list) -> p.ChatLogprobs | None:
+            return p.chat_logprobs(tokens) if req.logprobs else None
+
         if req.stream:
-            def chunk(delta: dict, finish=None, usage=None, choices=True) -> p.ChatCompletionChunk:
+            def chunk(delta: dict, finish=None, usage=None, choices=True, tokens=()) -> p.ChatCompletionChunk:
+                choice = p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs(tokens) if tokens else None)
                 return p.ChatCompletionChunk(id=rid, created=created, model=info.model_id, usage=usage,
-                                             choices=[p.ChatChunkChoice(delta=delta, finish_reason=finish)] if choices else [])
+                                             choices=[choice] if choices else [])
 
             async def events():
                 yield chunk({"role": "assistant", "content": ""})
                 result = None
-                async for piece, result in run_job(request, job):
-                    if piece:
-                        yield chunk({"content": piece})
+                async for piece, tokens, result in run_job(request, job):
+                    if piece or tokens:
+                        yield chunk({"content": piece}, tokens=tokens)
                 if result is None:  # cancelled before its end (a finished job has its result, even if a stop
                     raise cancelled(job)  # signal came after it)
                 yield chunk({}, finish=result.finish_reason)
@@ -172,10 +178,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     yield chunk({}, usage=p.usage(result), choices=False)
 
             return sse(events(), job)
-        text, result = await collect(request, job)
+        text, tokens, result = await collect(request, job)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id,
                                 choices=[p.ChatChoice(message=p.AssistantMessage(content=text),
-                                                      finish_reason=result.finish_reason)],
+                                                      finish_reason=result.finish_reason, logprobs=logprobs(tokens))],
                                 usage=p.usage(result))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
@@ -184,16 +190,18 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         job = make_job(request, req, await asyncio.to_thread(engine.tokenizer.encode, req.prompt))  # as chat's
         rid, created = p.new_id("cmpl"), p.now()
 
-        def body(text: str, finish=None, usage=None, choices=True) -> p.Completion:
+        def body(text: str, finish=None, usage=None, choices=True, tokens=None) -> p.Completion:
+            logprobs = p.completion_logprobs(tokens) if tokens is not None and req.logprobs is not None else None
+            choice = p.CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)
             return p.Completion(id=rid, created=created, model=info.model_id, usage=usage,
-                                choices=[p.CompletionChoice(text=text, finish_reason=finish)] if choices else [])
+                                choices=[choice] if choices else [])
 
         if req.stream:
             async def events():
                 result = None
-                async for piece, result in run_job(request, job):
-                    if piece:
-                        yield body(piece)
+                async for piece, tokens, result in run_job(request, job):
+                    if piece or tokens:
+                        yield body(piece, tokens=tokens)
                 if result is None:  # cancelled before its end (a finished job has its result, even if a stop
                     raise cancelled(job)  # signal came after it)
                 yield body("", finish=result.finish_reason)
@@ -201,21 +209,21 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     yield body("", usage=p.usage(result), choices=False)
 
             return sse(events(), job)
-        text, result = await collect(request, job)
-        return body(text, finish=result.finish_reason, usage=p.usage(result))
+        text, tokens, result = await collect(request, job)
+        return body(text, finish=result.finish_reason, usage=p.usage(result), tokens=tokens)
 
-    async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, GenerationResult | None]]:
-        """Queue the job and yield (text piece, None) as it runs, then ("", result). Ends early, without
-        a result, when the job is cancelled; a client that goes away cancels it."""
+    async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, list, GenerationResult | None]]:
+        """Queue the job and yield (text piece, its tokens' logprobs entries, None) as it runs, then ("", [], result).
+        Ends early, without a result, when the job is cancelled; a client that goes away cancels it."""
         scheduler.submit(job)
         watcher = asyncio.create_task(cancel_on_disconnect(request, job))
         try:
             while True:
                 kind, value = await job.events.get()
                 if kind == "text":
-                    yield value, None
+                    yield *value, None
                 elif kind == "done":
-                    yield "", value
+                    yield "", [], value
                     return
                 elif kind == "cancelled":
                     return
@@ -225,13 +233,14 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             watcher.cancel()
             job.cancel()  # no-op when it finished; frees the model when the stream was dropped
 
-    async def collect(request: Request, job: Job) -> tuple[str, GenerationResult]:
-        pieces, result = [], None
-        async for piece, result in run_job(request, job):
+    async def collect(request: Request, job: Job) -> tuple[str, list, GenerationResult]:
+        pieces, tokens, result = [], [], None
+        async for piece, more, result in run_job(request, job):
             pieces.append(piece)
+            tokens += more
         if result is None:  # cancelled: the client is gone, or the server is stopping
             raise cancelled(job)
-        return "".join(pieces), result
+        return "".join(pieces), tokens, result
 
     return app
 

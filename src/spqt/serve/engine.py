@@ -25,6 +25,7 @@ import torch
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, Generator
+from spqt.serve.logprobs import StepLogprobs
 from spqt.serve.scheduler import Job
 from spqt.serve.text import TextStream
 from spqt import sparsity as sp
@@ -128,23 +129,34 @@ class Engine:
         return f"sparsity {i.sparsity:g} {i.criterion} {i.mode}" if i.sparsity else "dense"
 
     def run(self, job: Job) -> str:
-        """Generate on the worker thread, posting ("text", piece) events and a final ("done", result)
-        or ("cancelled", None); one log line. Returns "completed" or "cancelled"."""
+        """Generate on the worker thread, posting ("text", (piece, tokens)) events (tokens: the logprobs entries of
+        the answer tokens whose text starts in the text posted so far, [] unless job.logprobs asks for them) and a
+        final ("done", result) or ("cancelled", None); one log line. Returns "completed" or "cancelled"."""
         text = TextStream(self.tokenizer.decode, job.stops)
+        steps = StepLogprobs(job.logprobs, self.tokenizer.decode) if job.logprobs is not None else None
+        tokens, posted = [], 0  # the answer tokens' logprobs entries, how many were posted
         start = time.perf_counter()
+
+        def post(piece: str) -> None:
+            nonlocal posted
+            released = text.released() if steps else 0
+            if piece or released > posted:
+                job.emit("text", (piece, tokens[posted:released]))
+                posted = max(posted, released)  # (0 without logprobs)
 
         def on_token(token: int) -> bool:
             if job.cancelled.is_set():
                 return True
             if token in self.stop_ids:
                 return False  # generate() ends on it; its text is not part of the answer
-            piece = text.feed(token)
-            if piece:
-                job.emit("text", piece)
+            if steps:
+                tokens.append(steps.take(token, offset=len(text.text)))
+            post(text.feed(token))
             return text.stopped
 
         result = self.generator.generate(job.prompt, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
-                                         on_token=on_token, track=self.track, reuse=self.prompt_cache)
+                                         on_token=on_token, track=self.track, reuse=self.prompt_cache,
+                                         on_logits=steps.observe if steps else None)
         seconds = time.perf_counter() - start
         n = len(result.tokens)
         achieved = f" (achieved {100 * result.sparsity['all']:.1f}%)" if result.sparsity else ""
@@ -156,9 +168,7 @@ class Engine:
             log.info("%s cancelled (%s) after %s", job.label, job.cancel_reason, figures)
             job.emit("cancelled")
             return "cancelled"
-        tail = text.flush()
-        if tail:
-            job.emit("text", tail)
+        post(text.flush())
         log.info("%s 200 finish %s, %s", job.label, result.finish_reason, figures)
         job.emit("done", result)
         return "completed"

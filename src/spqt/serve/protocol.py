@@ -3,19 +3,24 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (n > 1,
-logprobs, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
+echo, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
 other servers that clients pass as extra fields, such as min_p) is refused rather than ignored. Other fields are
 ignored, as OpenAI-compatible servers do.
+
+Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
+most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs). A token is named by its
+text alone, as vLLM names it: a token that holds part of a character reads as U+FFFD, its `bytes` those of that text.
 """
 
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
 
 class ApiError(Exception):
@@ -208,7 +213,7 @@ class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
-    top_logprobs: int = Field(0, ge=0, le=20)
+    top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list = Field(default_factory=list)
     functions: list = Field(default_factory=list)  # tools' older form
     tool_choice: Any = "none"
@@ -221,7 +226,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     verbosity: str | None = None
 
-    _unsupported = field_validator("logprobs", "top_logprobs", "tools", "functions")(_off_only("not supported"))
+    _unsupported = field_validator("tools", "functions")(_off_only("not supported"))
     _not_this_model = field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")(
         _refused("not supported by this model (only null)"))
 
@@ -244,6 +249,17 @@ class ChatCompletionRequest(SamplingFields):
         self.max_tokens = self.max_completion_tokens or self.max_tokens
         return self
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _with_logprobs(cls, top: int, info: ValidationInfo) -> int:
+        if top and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return top
+
+    def top_tokens(self) -> int | None:
+        """How many most likely tokens each answer token's logprobs list (None: no logprobs asked)."""
+        return self.top_logprobs if self.logprobs else None
+
     def conversation(self) -> list[dict]:
         """Messages for the chat template ("developer" is OpenAI's newer name for "system")."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
@@ -253,7 +269,7 @@ class CompletionRequest(SamplingFields):
     prompt: str  # or an array of one string
     echo: bool = False
     suffix: str = ""
-    logprobs: int | None = None  # 0 too asks for the sampled tokens' logprobs
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # 0 too asks for the sampled tokens' logprobs
     best_of: int = 1
 
     @field_validator("prompt", mode="before")
@@ -273,7 +289,9 @@ class CompletionRequest(SamplingFields):
         return prompt
 
     _unsupported = field_validator("echo", "suffix")(_off_only("not supported"))
-    _no_logprobs = field_validator("logprobs")(_refused("not supported (only null)"))
+
+    def top_tokens(self) -> int | None:
+        return self.logprobs
 
     _one_best = field_validator("best_of")(_one_only("only 1 is supported"))
 
@@ -302,6 +320,44 @@ def usage(result) -> Usage:
 FinishReason = Literal["stop", "length"] | None
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]  # the UTF-8 bytes of token
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at this token's step, most likely first
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+def chat_logprobs(tokens: list) -> ChatLogprobs:
+    """Chat's logprobs object of answer tokens (spqt.serve.logprobs.TokenLogprob)."""
+    def top(text: str, logprob: float) -> TopLogprob:
+        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+
+    return ChatLogprobs(content=[ChatTokenLogprob(**dict(top(t.text, t.logprob)), top_logprobs=[top(*a) for a in t.top])
+                                 for t in tokens])
+
+
+class CompletionLogprobs(BaseModel):
+    """The completions endpoint's older form: parallel lists, a token's alternatives as {text: logprob}."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]  # where each token's text starts in the completion's text
+
+
+def completion_logprobs(tokens: list) -> CompletionLogprobs:
+    return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
+                              top_logprobs=[dict(t.top) for t in tokens], text_offset=[t.offset for t in tokens])
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
@@ -311,7 +367,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -327,7 +383,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": piece}, {} last
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -343,7 +399,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):

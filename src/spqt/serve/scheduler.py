@@ -21,8 +21,9 @@ log = logging.getLogger("spqt.serve")
 
 @dataclass
 class Job:
-    """One request's work. prompt: token ids. Events, in order: ("text", str) pieces, then one of
-    ("done", GenerationResult), ("cancelled", None) or ("error", message)."""
+    """One request's work. prompt: token ids; logprobs: how many most likely tokens each answer token's logprobs
+    list (None: no logprobs). Events, in order: ("text", (piece, tokens)) (tokens: spqt.serve.logprobs.TokenLogprob
+    entries, [] without logprobs), then one of ("done", GenerationResult), ("cancelled", None) or ("error", message)."""
 
     prompt: list[int]
     max_tokens: int
@@ -30,6 +31,7 @@ class Job:
     stops: list[str]
     label: str  # for the log line, e.g. "POST /v1/completions"
     loop: asyncio.AbstractEventLoop
+    logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)

@@ -5,8 +5,14 @@ decoders strip at the start of a text, so a piece is the difference between the 
 few tokens before the new ones and the same with them (the offsets scheme of Hugging Face's
 text-generation-inference). Text that could be the start of a stop string is held back until it
 is known not to be one, so no client ever sees part of a stop string.
+
+Which tokens a piece carries (a request's logprobs): a token's text starts where the text stood when it came
+(`starts`); a token whose text has not come yet (half a character) starts where its text will. The tokens handed
+out are those whose text starts before the end of the text handed out; at a stop string, those that hold only the
+stop string and what follows it are never handed out; at the end, flush hands out the rest.
 """
 
+import bisect
 from collections.abc import Callable
 
 INCOMPLETE = "\ufffd"  # what a byte-level decoder yields for a multi-byte character cut short
@@ -22,12 +28,15 @@ class TextStream:
         self.text = ""  # all text so far (with what is held back)
         self.sent = 0  # characters of self.text handed out
         self.stopped = False  # a stop string was found; nothing more comes out
+        self.starts: list[int] = []  # where each token's text starts in self.text
+        self._flushed = False
 
     def feed(self, token: int) -> str:
         """The next text piece (often '', while a character or a possible stop string is incomplete)."""
         if self.stopped:
             return ""
         self.ids.append(token)
+        self.starts.append(len(self.text))
         before = self.decode(self.ids[self._prefix:self._read])
         after = self.decode(self.ids[self._prefix:])
         if len(after) <= len(before) or after.endswith(INCOMPLETE):
@@ -43,7 +52,14 @@ class TextStream:
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of the generation (nothing after a stop string)."""
-        return "" if self.stopped else self._take(len(self.text) - self.sent)
+        if self.stopped:
+            return ""
+        self._flushed = True
+        return self._take(len(self.text) - self.sent)
+
+    def released(self) -> int:
+        """How many of the tokens fed so far belong to the text handed out (see the module's docstring)."""
+        return len(self.ids) if self._flushed else bisect.bisect_left(self.starts, self.sent)
 
     def _held(self, pending: str) -> int:
         """Length of the longest end of pending that is a proper start of a stop string."""
