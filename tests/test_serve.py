@@ -8,6 +8,7 @@ whose first conversion takes minutes on a 2-core machine; the server code path i
 """
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -455,7 +456,8 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"frequency_penalty": 0.5}, "frequency_penalty"),
                (chat, {"presence_penalty": -1}, "presence_penalty"), (chat, {"logit_bias": {"50": 10}}, "logit_bias"),
                (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": 1}, "logprobs"),
-               (chat, {"top_logprobs": 2}, "top_logprobs"), (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+               (chat, {"top_logprobs": 2}, "top_logprobs"),
+               (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
                (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
                (chat, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
@@ -495,49 +497,80 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
         assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)
 
 
-def _reference_logprobs(engine, prompt: list[int], n: int) -> list[tuple[int, torch.Tensor]]:
-    """(token, log-softmax of the logits it was chosen from) of n greedy tokens, by the served Generator itself."""
+def _reference_steps(loaded, prompt: list[int], n: int, sampling) -> list[tuple[int, torch.Tensor]]:
+    """(token, log-softmax (vocab,) float64 of the raw logits it was chosen from) of n tokens that a Generator of the
+    test's own decodes with the same sampling (a seed draws the same tokens)."""
+    from spqt.generate import Generator
+
     seen = []
-    tokens = engine.generator.generate(prompt, n, on_logits=seen.append, track=False).tokens
+    tokens = Generator(loaded, "cpu", max_len=CTX).generate(prompt, n, sampling, on_logits=seen.append).tokens
     return [(t, torch.log_softmax(lg[0].double(), -1)) for t, lg in zip(tokens, seen)]
 
 
-def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine):
-    """Chat's logprobs / top_logprobs and the completions' logprobs: the chosen tokens' log-softmax of the logits they
-    were decoded from (as the Generator gives them, within the prompt cache's last bits), the top alternatives most
-    likely first, and tokens whose texts spell the answer, streamed or not."""
-    client = server.client()
-    for stream in (False, True):
+def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine, loaded):
+    """Chat's logprobs / top_logprobs and the completions' logprobs: each token's log-softmax of the raw logits it was
+    decoded from (not the sampling temperature's; as a Generator gives them, within the prompt cache's last bits),
+    the most likely tokens first, each token named by its bytes, which join to the answer's text, streamed or not."""
+    from spqt.generate import Sampling
+
+    client, tok = server.client(), engine.tokenizer
+    sampled = {"temperature": 0.7, "seed": 99, "max_tokens": 12}
+    for stream, sampling in ((False, GREEDY), (True, GREEDY), (False, sampled), (True, sampled)):
         r = client.chat.completions.create(model=model_id, messages=CHAT, logprobs=True, top_logprobs=3, stream=stream,
-                                           **GREEDY)
+                                           **sampling)
         chunks = list(r) if stream else [r]
         text = "".join((c.choices[0].delta.content if stream else c.choices[0].message.content) or ""
                        for c in chunks if c.choices)
         entries = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
-        assert "".join(t.token for t in entries) == text and text, stream
-        prompt = engine.tokenizer.chat_messages(CHAT)
-        reference = _reference_logprobs(engine, prompt, len(entries))
+        assert text and bytes(b for t in entries for b in t.bytes).decode() == text, (stream, sampling)
+        reference = _reference_steps(loaded, tok.chat_messages(CHAT), len(entries),
+                                     Sampling(sampling["temperature"], seed=sampling.get("seed", 0)))
         for entry, (token, lp) in zip(entries, reference, strict=True):
-            assert entry.token == engine.tokenizer.decode([token]) and entry.bytes == list(entry.token.encode())
+            assert entry.bytes == list(tok.token_bytes(token)) and entry.token == bytes(entry.bytes).decode()
             assert entry.logprob == pytest.approx(float(lp[token]), abs=2e-3)
             top = [a.logprob for a in entry.top_logprobs]
-            assert len(top) == 3 and top == sorted(top, reverse=True) and top[0] == pytest.approx(entry.logprob)
-            assert top == pytest.approx(lp.topk(3).values.tolist(), abs=2e-3)
-    full = client.completions.create(model=model_id, prompt=PROMPT, logprobs=2, **GREEDY).choices[0]
-    lp = full.logprobs
-    assert "".join(lp.tokens) == full.text and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
+            assert top == pytest.approx(lp.topk(3).values.tolist(), abs=2e-3) and top == sorted(top, reverse=True)
+    plain = client.completions.create(model=model_id, prompt=PROMPT, logprobs=2, **GREEDY).choices[0]
+    lp = plain.logprobs
+    assert "".join(lp.tokens) == plain.text and len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs)
     assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(lp.tokens))]
-    assert all(len(alts) <= 2 and max(alts.values()) == pytest.approx(v) for alts, v in zip(lp.top_logprobs,
-                                                                                             lp.token_logprobs))
-    # a stop string: the tokens that hold text before it stay, those within it go
-    stop = full.text[6:9]
+    assert all(len(alts) == 2 and max(alts.values()) == v for alts, v in zip(lp.top_logprobs, lp.token_logprobs))
+    streamed = [c.choices[0].logprobs for c in client.completions.create(model=model_id, prompt=PROMPT, logprobs=2,
+                                                                         stream=True, **GREEDY) if c.choices]
+    assert [t for c in streamed if c for t in c.tokens] == lp.tokens
+    assert [o for c in streamed if c for o in c.text_offset] == lp.text_offset  # offsets in the whole text
+    # a stop string: the tokens that hold text before it stay, those within it go; logprobs 0: the sampled token alone
+    stop = plain.text[6:9]
     cut = client.completions.create(model=model_id, prompt=PROMPT, logprobs=0, stop=[stop], **GREEDY).choices[0]
     kept = cut.logprobs.tokens
-    assert cut.text == full.text[: full.text.index(stop)] and kept == lp.tokens[: len(kept)]
-    assert len("".join(kept[:-1])) < len(cut.text) <= len("".join(kept)) and cut.logprobs.top_logprobs[0] == {}
+    assert cut.text == plain.text[: plain.text.index(stop)] and kept == lp.tokens[: len(kept)]
+    assert len("".join(kept[:-1])) < len(cut.text) <= len("".join(kept))
+    assert cut.logprobs.top_logprobs == [{t: v} for t, v in zip(kept, cut.logprobs.token_logprobs)]
     # without logprobs asked, none are sent
-    plain = client.chat.completions.create(model=model_id, messages=CHAT, **GREEDY)
-    assert plain.choices[0].logprobs is None
+    assert client.chat.completions.create(model=model_id, messages=CHAT, **GREEDY).choices[0].logprobs is None
+
+
+def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(engine):
+    """TextTokenizer.token_bytes: what a token stands for alone, split characters as their bytes. Byte-level (the
+    default model) and SentencePiece-style (word mark, byte pieces, as Llama 2's tokenizer.json) vocabularies."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from spqt.tokenizer import TextTokenizer
+
+    tok = engine.tokenizer
+    text = "Hello \u65e5\u672c\u8a9e caf\u00e9"
+    ids = tok.encode(text)
+    assert b"".join(map(tok.token_bytes, ids)).decode() == text
+    assert any(len(tok.token_bytes(i).decode("utf-8", errors="replace")) < len(tok.token_bytes(i)) for i in ids)
+    assert tok.token_bytes(tok.backend.token_to_id("<|im_end|>")) == b"<|im_end|>"  # a special token as its text
+    vocab = {"<unk>": 0, "<s>": 1, "\u2581caf": 2, "<0xC3>": 3, "<0xA9>": 4, "\u2581": 5, "c": 6, "a": 7, "f": 8}
+    sp = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    sp.add_special_tokens(["<s>"])
+    llama = TextTokenizer(dataclasses.replace(tok.spec, tokenizer_json=sp.to_str()), tok.config)
+    assert [llama.token_bytes(i) for i in (2, 3, 4, 5, 1)] == [b" caf", b"\xc3", b"\xa9", b" ", b"<s>"]
 
 
 def test_text_stream_hands_out_the_tokens_of_its_text():

@@ -1,6 +1,10 @@
 """Text <-> token ids from the model's own tokenizer data (a serialized `tokenizers` JSON and the
 chat template), through the `tokenizers` / `transformers` libraries."""
 
+import json
+import re
+from functools import cached_property
+
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
 from spqt.sources import TokenizerSpec
@@ -28,6 +32,35 @@ class TextTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, alone (part of a character for some): a byte-level vocabulary's piece
+        mapped back through GPT-2's byte alphabet; a SentencePiece one's with its word mark as a space and a byte
+        piece (<0xNN>) as that byte; an added token (a special one too) as its text."""
+        piece = self.backend.id_to_token(token)
+        if piece is None:
+            return b""
+        if token in self._added or (self._byte_alphabet and not set(piece) <= self._byte_alphabet.keys()):
+            return piece.encode("utf-8")
+        if self._byte_alphabet:
+            return bytes(self._byte_alphabet[c] for c in piece)
+        byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", piece)
+        return bytes([int(byte[1], 16)]) if byte else piece.replace("\u2581", " ").encode("utf-8")
+
+    @cached_property
+    def _added(self) -> set[int]:
+        return set(self.backend.get_added_tokens_decoder())
+
+    @cached_property
+    def _byte_alphabet(self) -> dict[str, int]:
+        """GPT-2's byte alphabet (character -> byte) where the vocabulary is byte-level, else {}."""
+        decoder = json.loads(self.spec.tokenizer_json).get("decoder") or {}
+        kinds = {d.get("type") for d in decoder.get("decoders", [])} | {decoder.get("type")}
+        if "ByteLevel" not in kinds:
+            return {}
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        return {c: b for b, c in bytes_to_unicode().items()}
 
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
         """The model's chat template around one user message, ready for the assistant's answer; a system message

@@ -25,6 +25,7 @@ from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Sampling
 from spqt.serve import protocol as p
 from spqt.serve.engine import Engine
+from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.scheduler import Job, Scheduler
 
 log = logging.getLogger("spqt.serve")
@@ -156,12 +157,12 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         job = make_job(request, req, prompt)
         rid, created = p.new_id("chatcmpl"), p.now()
 
-        def logprobs(tokens: list) -> p.ChatLogprobs | None:
-            return p.chat_logprobs(tokens) if req.logprobs else None
+        def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
+            return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
 
         if req.stream:
-            def chunk(delta: dict, finish=None, usage=None, choices=True, tokens=()) -> p.ChatCompletionChunk:
-                choice = p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs(tokens) if tokens else None)
+            def chunk(delta: dict, finish=None, usage=None, choices=True, tokens=None) -> p.ChatCompletionChunk:
+                choice = p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs(tokens))
                 return p.ChatCompletionChunk(id=rid, created=created, model=info.model_id, usage=usage,
                                              choices=[choice] if choices else [])
 
@@ -190,7 +191,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         job = make_job(request, req, await asyncio.to_thread(engine.tokenizer.encode, req.prompt))  # as chat's
         rid, created = p.new_id("cmpl"), p.now()
 
-        def body(text: str, finish=None, usage=None, choices=True, tokens=None) -> p.Completion:
+        def body(text: str, finish=None, usage=None, choices=True,
+                 tokens: list[TokenLogprob] | None = None) -> p.Completion:
             logprobs = p.completion_logprobs(tokens) if tokens is not None and req.logprobs is not None else None
             choice = p.CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)
             return p.Completion(id=rid, created=created, model=info.model_id, usage=usage,
@@ -212,7 +214,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         text, tokens, result = await collect(request, job)
         return body(text, finish=result.finish_reason, usage=p.usage(result), tokens=tokens)
 
-    async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, list, GenerationResult | None]]:
+    async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, list[TokenLogprob],
+                                                                          GenerationResult | None]]:
         """Queue the job and yield (text piece, its tokens' logprobs entries, None) as it runs, then ("", [], result).
         Ends early, without a result, when the job is cancelled; a client that goes away cancels it."""
         scheduler.submit(job)
@@ -233,7 +236,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             watcher.cancel()
             job.cancel()  # no-op when it finished; frees the model when the stream was dropped
 
-    async def collect(request: Request, job: Job) -> tuple[str, list, GenerationResult]:
+    async def collect(request: Request, job: Job) -> tuple[str, list[TokenLogprob], GenerationResult]:
         pieces, tokens, result = [], [], None
         async for piece, more, result in run_job(request, job):
             pieces.append(piece)

@@ -133,7 +133,7 @@ class Engine:
         the answer tokens whose text starts in the text posted so far, [] unless job.logprobs asks for them) and a
         final ("done", result) or ("cancelled", None); one log line. Returns "completed" or "cancelled"."""
         text = TextStream(self.tokenizer.decode, job.stops)
-        steps = StepLogprobs(job.logprobs, self.tokenizer.decode) if job.logprobs is not None else None
+        steps = StepLogprobs(job.logprobs, self.tokenizer.token_bytes) if job.logprobs is not None else None
         tokens, posted = [], 0  # the answer tokens' logprobs entries, how many were posted
         start = time.perf_counter()
 

@@ -9,7 +9,7 @@ ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
 most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs). A token is named by its
-text alone, as vLLM names it: a token that holds part of a character reads as U+FFFD, its `bytes` those of that text.
+bytes (spqt.serve.logprobs): `bytes` as OpenAI gives them, `token` their text (U+FFFD for part of a character).
 """
 
 import time
@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
+
+from spqt.serve.logprobs import Named, TokenLogprob
 
 MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
@@ -317,13 +319,10 @@ def usage(result) -> Usage:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens))
 
 
-FinishReason = Literal["stop", "length"] | None
-
-
 class TopLogprob(BaseModel):
-    token: str
+    token: str  # its bytes as text (U+FFFD for part of a character)
     logprob: float
-    bytes: list[int]  # the UTF-8 bytes of token
+    bytes: list[int]  # the bytes the token stands for
 
 
 class ChatTokenLogprob(TopLogprob):
@@ -335,12 +334,13 @@ class ChatLogprobs(BaseModel):
     refusal: None = None
 
 
-def chat_logprobs(tokens: list) -> ChatLogprobs:
-    """Chat's logprobs object of answer tokens (spqt.serve.logprobs.TokenLogprob)."""
-    def top(text: str, logprob: float) -> TopLogprob:
-        return TopLogprob(token=text, logprob=logprob, bytes=list(text.encode("utf-8")))
+def _top(named: Named) -> TopLogprob:
+    return TopLogprob(token=named.text, logprob=named.logprob, bytes=list(named.data))
 
-    return ChatLogprobs(content=[ChatTokenLogprob(**dict(top(t.text, t.logprob)), top_logprobs=[top(*a) for a in t.top])
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> ChatLogprobs:
+    """Chat's logprobs object of answer tokens."""
+    return ChatLogprobs(content=[ChatTokenLogprob(**_top(t.token).model_dump(), top_logprobs=[_top(a) for a in t.top])
                                  for t in tokens])
 
 
@@ -349,13 +349,22 @@ class CompletionLogprobs(BaseModel):
 
     tokens: list[str]
     token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    top_logprobs: list[dict[str, float]]  # the step's most likely tokens and the sampled one (OpenAI's k + 1 at most)
     text_offset: list[int]  # where each token's text starts in the completion's text
 
 
-def completion_logprobs(tokens: list) -> CompletionLogprobs:
-    return CompletionLogprobs(tokens=[t.text for t in tokens], token_logprobs=[t.logprob for t in tokens],
-                              top_logprobs=[dict(t.top) for t in tokens], text_offset=[t.offset for t in tokens])
+def completion_logprobs(tokens: list[TokenLogprob]) -> CompletionLogprobs:
+    def alternatives(t: TokenLogprob) -> dict[str, float]:
+        top: dict[str, float] = {}
+        for named in (*t.top, t.token):  # two tokens of one text (parts of characters): the likelier stays
+            top.setdefault(named.text, named.logprob)
+        return top
+
+    return CompletionLogprobs(tokens=[t.token.text for t in tokens], token_logprobs=[t.token.logprob for t in tokens],
+                              top_logprobs=[alternatives(t) for t in tokens], text_offset=[t.offset for t in tokens])
+
+
+FinishReason = Literal["stop", "length"] | None
 
 
 class AssistantMessage(BaseModel):
