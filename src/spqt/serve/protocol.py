@@ -8,8 +8,8 @@ other servers that clients pass as extra fields, such as min_p) is refused rathe
 ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
-most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs). A token is named by its
-bytes (spqt.serve.logprobs): `bytes` as OpenAI gives them, `token` their text (U+FFFD for part of a character).
+most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs). A token is named by the
+bytes it stands for: `bytes` as OpenAI gives them, `token` their text (U+FFFD for part of a character).
 """
 
 import time
@@ -293,6 +293,7 @@ class CompletionRequest(SamplingFields):
     _unsupported = field_validator("echo", "suffix")(_off_only("not supported"))
 
     def top_tokens(self) -> int | None:
+        """How many most likely tokens each answer token's logprobs list (None: no logprobs asked)."""
         return self.logprobs
 
     _one_best = field_validator("best_of")(_one_only("only 1 is supported"))
