@@ -159,3 +159,29 @@ def test_cuda_server_logprobs_are_the_generators(cuda_server):
     for token, logits, value, top in zip(tokens, seen, lp["token_logprobs"], lp["top_logprobs"], strict=True):
         assert value == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[token]), abs=1e-3)
         assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(value)
+
+
+def test_cuda_server_logprobs_of_a_small_model(tiny_spqt):
+    """As above on a small random Llama in zigzag Q4_K (no GGUF needed): the CUDA server's greedy tokens and logprobs
+    are a CUDA Generator's, each the log-softmax of the logits it was chosen from."""
+    import torch
+
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator
+    from spqt.serve.engine import Engine
+
+    loaded = load_spqt(tiny_spqt)
+    engine = Engine(loaded, "cuda", 0.0, ctx=64, name="tiny", prompt_cache=False)
+    with serving(engine) as url:
+        status, r = _request(int(url.rsplit(":", 1)[1]), "POST", "/v1/completions",
+                             {"prompt": "hello world", "temperature": 0, "max_tokens": 12, "logprobs": 3})
+    assert status == 200, r
+    lp = r["choices"][0]["logprobs"]
+    seen = []
+    gen = Generator(loaded, "cuda", sparsity=0.0, max_len=64)
+    tokens = gen.generate(engine.tokenizer.encode("hello world"), len(lp["tokens"]), on_logits=seen.append,
+                          track=False).tokens
+    assert lp["tokens"] and lp["tokens"] == [engine.tokenizer.token_bytes(t).decode(errors="replace") for t in tokens]
+    for token, logits, value, top in zip(tokens, seen, lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[token]), abs=1e-3)
+        assert max(top.values()) == pytest.approx(value)
