@@ -93,6 +93,18 @@ def serving(engine, api_key: str | None = None, allow_origins: tuple[str, ...] =
     assert not thread.is_alive(), "the server did not stop"
 
 
+def generator_logprobs(loaded, device: str, prompt: list[int], n: int, max_len: int,
+                       sampling=None) -> list[tuple[int, torch.Tensor]]:
+    """(token, log-softmax (vocab,) float64 of the raw logits it was chosen from) of the n tokens that a fresh dense
+    Generator decodes from prompt (greedy unless a spqt.generate.Sampling is given: a seed draws the same tokens)."""
+    from spqt.generate import Generator, Sampling
+
+    seen = []
+    result = Generator(loaded, device, max_len=max_len).generate(prompt, n, sampling or Sampling(),
+                                                                 on_logits=seen.append, track=False)
+    return [(t, torch.log_softmax(lg[0].double(), -1)) for t, lg in zip(result.tokens, seen)]
+
+
 def count_calls(monkeypatch, module, name: str) -> list:
     """module.name replaced by a wrapper that appends 1 to the returned list at each call, then calls it."""
     calls, real = [], getattr(module, name)

@@ -23,13 +23,12 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 
 from spqt import cli  # noqa: E402
 from spqt.cli import main  # noqa: E402
-from conftest import serving  # noqa: E402
+from conftest import generator_logprobs, serving  # noqa: E402
 
 KEY = "test-key-17"
 CTX = 256
@@ -497,16 +496,6 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
         assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)
 
 
-def _reference_steps(loaded, prompt: list[int], n: int, sampling) -> list[tuple[int, torch.Tensor]]:
-    """(token, log-softmax (vocab,) float64 of the raw logits it was chosen from) of n tokens that a Generator of the
-    test's own decodes with the same sampling (a seed draws the same tokens)."""
-    from spqt.generate import Generator
-
-    seen = []
-    tokens = Generator(loaded, "cpu", max_len=CTX).generate(prompt, n, sampling, on_logits=seen.append).tokens
-    return [(t, torch.log_softmax(lg[0].double(), -1)) for t, lg in zip(tokens, seen)]
-
-
 def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine, loaded):
     """Chat's logprobs / top_logprobs and the completions' logprobs: each token's log-softmax of the raw logits it was
     decoded from (not the sampling temperature's; as a Generator gives them, within the prompt cache's last bits),
@@ -523,8 +512,8 @@ def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_i
                        for c in chunks if c.choices)
         entries = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
         assert text and bytes(b for t in entries for b in t.bytes).decode() == text, (stream, sampling)
-        reference = _reference_steps(loaded, tok.chat_messages(CHAT), len(entries),
-                                     Sampling(sampling["temperature"], seed=sampling.get("seed", 0)))
+        reference = generator_logprobs(loaded, "cpu", tok.chat_messages(CHAT), len(entries), CTX,
+                                       Sampling(sampling["temperature"], seed=sampling.get("seed", 0)))
         for entry, (token, lp) in zip(entries, reference, strict=True):
             assert entry.bytes == list(tok.token_bytes(token)) and entry.token == bytes(entry.bytes).decode()
             assert entry.logprob == pytest.approx(float(lp[token]), abs=2e-3)

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import serving
+from conftest import generator_logprobs, serving
 
 pytestmark = pytest.mark.gpu
 
@@ -142,10 +142,6 @@ def test_cuda_server_logprobs_are_the_generators(cuda_server):
     """Logprobs on CUDA (the host reads each step's logits rather than the graphs' pipelined argmax): the same greedy
     text, each token's logprob the log-softmax of the logits a Generator of this thread chose it from, the chosen
     token the most likely."""
-    import torch
-
-    from spqt.generate import Generator
-
     port, loaded, engine = cuda_server
     status, r = _request(port, "POST", "/v1/completions",
                          {"prompt": PROMPT, "temperature": 0, "max_tokens": N, "logprobs": 3})
@@ -153,21 +149,16 @@ def test_cuda_server_logprobs_are_the_generators(cuda_server):
     choice = r["choices"][0]
     lp = choice["logprobs"]
     assert choice["text"] == _reference_text(loaded, engine, N) and "".join(lp["tokens"]) == choice["text"]
-    seen = []
-    gen = Generator(loaded, "cuda", sparsity=0.0, max_len=CTX)
-    tokens = gen.generate(engine.tokenizer.encode(PROMPT), len(lp["tokens"]), on_logits=seen.append, track=False).tokens
-    for token, logits, value, top in zip(tokens, seen, lp["token_logprobs"], lp["top_logprobs"], strict=True):
-        assert value == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[token]), abs=1e-3)
+    steps = generator_logprobs(loaded, "cuda", engine.tokenizer.encode(PROMPT), len(lp["tokens"]), CTX)
+    for (token, reference), value, top in zip(steps, lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value == pytest.approx(float(reference[token]), abs=1e-3)
         assert 1 <= len(top) <= 3 and max(top.values()) == pytest.approx(value)
 
 
 def test_cuda_server_logprobs_of_a_small_model(tiny_spqt):
     """As above on a small random Llama in zigzag Q4_K (no GGUF needed): the CUDA server's greedy tokens and logprobs
     are a CUDA Generator's, each the log-softmax of the logits it was chosen from."""
-    import torch
-
     from spqt.checkpoint import load_spqt
-    from spqt.generate import Generator
     from spqt.serve.engine import Engine
 
     loaded = load_spqt(tiny_spqt)
@@ -177,11 +168,8 @@ def test_cuda_server_logprobs_of_a_small_model(tiny_spqt):
                              {"prompt": "hello world", "temperature": 0, "max_tokens": 12, "logprobs": 3})
     assert status == 200, r
     lp = r["choices"][0]["logprobs"]
-    seen = []
-    gen = Generator(loaded, "cuda", sparsity=0.0, max_len=64)
-    tokens = gen.generate(engine.tokenizer.encode("hello world"), len(lp["tokens"]), on_logits=seen.append,
-                          track=False).tokens
-    assert lp["tokens"] and lp["tokens"] == [engine.tokenizer.token_bytes(t).decode(errors="replace") for t in tokens]
-    for token, logits, value, top in zip(tokens, seen, lp["token_logprobs"], lp["top_logprobs"], strict=True):
-        assert value == pytest.approx(float(torch.log_softmax(logits[0].double(), -1)[token]), abs=1e-3)
+    steps = generator_logprobs(loaded, "cuda", engine.tokenizer.encode("hello world"), len(lp["tokens"]), 64)
+    assert lp["tokens"] and lp["tokens"] == [engine.tokenizer.token_bytes(t).decode(errors="replace") for t, _ in steps]
+    for (token, reference), value, top in zip(steps, lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert value == pytest.approx(float(reference[token]), abs=1e-3)
         assert max(top.values()) == pytest.approx(value)

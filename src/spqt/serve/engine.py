@@ -142,7 +142,7 @@ class Engine:
             released = text.released() if steps else 0
             if piece or released > posted:
                 job.emit("text", (piece, tokens[posted:released]))
-                posted = max(posted, released)  # (0 without logprobs)
+                posted = released  # (0 without logprobs)
 
         def on_token(token: int) -> bool:
             if job.cancelled.is_set():

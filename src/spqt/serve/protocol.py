@@ -341,8 +341,8 @@ def _top(named: Named) -> TopLogprob:
 
 def chat_logprobs(tokens: list[TokenLogprob]) -> ChatLogprobs:
     """Chat's logprobs object of answer tokens."""
-    return ChatLogprobs(content=[ChatTokenLogprob(**_top(t.token).model_dump(), top_logprobs=[_top(a) for a in t.top])
-                                 for t in tokens])
+    return ChatLogprobs(content=[ChatTokenLogprob(token=t.token.text, logprob=t.token.logprob, bytes=list(t.token.data),
+                                                  top_logprobs=[_top(a) for a in t.top]) for t in tokens])
 
 
 class CompletionLogprobs(BaseModel):
