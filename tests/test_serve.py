@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 
@@ -460,9 +461,14 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
                (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
                (chat, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
-               (text, {"prompt": [1, 2, 3]}, "prompt"), (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo"),
+               (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo"), (text, {"suffix": "x"}, "suffix"),
                (text, {"logprobs": True}, "logprobs"), (text, {"logprobs": 21}, "logprobs"),
-               (text, {"logprobs": -1}, "logprobs"), (text, {"echo": True, "logprobs": 1}, "echo"),
+               (text, {"logprobs": -1}, "logprobs"), (text, {"prompt": []}, "prompt"), (text, {"prompt": [[]]}, "prompt"),
+               (text, {"prompt": [PROMPT, ""]}, "prompt"), (text, {"prompt": [1, "a"]}, "prompt"),
+               (text, {"prompt": [True]}, "prompt"), (text, {"prompt": [[1.5]]}, "prompt"),
+               (text, {"prompt": {"a": 1}}, "prompt"), (text, {"prompt": [5, 10**9]}, "prompt"),
+               (text, {"prompt": [[5], [-1]]}, "prompt"), (text, {"max_tokens": 0}, "max_tokens"),
+               (text, {"max_tokens": -1, "echo": True}, "max_tokens"),
                # OpenAI's fields for audio, web search or reasoning (refused by OpenAI for models without them)
                (chat, {"modalities": ["text", "audio"]}, "modalities"), (chat, {"audio": {"voice": "alloy"}}, "audio"),
                (chat, {"web_search_options": {}}, "web_search_options"),
@@ -537,6 +543,73 @@ def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_i
     assert cut.logprobs.top_logprobs == [{t: v} for t, v in zip(kept, cut.logprobs.token_logprobs)]
     # without logprobs asked, none are sent
     assert client.chat.completions.create(model=model_id, messages=CHAT, **GREEDY).choices[0].logprobs is None
+
+
+def _alternatives(tok, top: torch.return_types.topk, token: int, logprob: float) -> dict[str, float]:
+    """The completions' top_logprobs entry of a token from the reference's top k (the likelier of two equal texts)."""
+    named: dict[str, float] = {}
+    for i, v in (*zip(top.indices.tolist(), top.values.tolist()), (token, logprob)):
+        named.setdefault(tok.token_bytes(i).decode("utf-8", errors="replace"), v)
+    return named
+
+
+def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engine, loaded):
+    """/v1/completions' echo, as lm-evaluation-harness's loglikelihood requests send it (echo, logprobs, max_tokens
+    0 or 1, the prompt as token ids, several in a batch): the prompt's text before the answer; each prompt token's
+    logprob the model's given the tokens before it (here a Generator's prefill of those; the first token's null), with
+    its most likely tokens; the answer's entries those of the request without echo, offset past the prompt's text;
+    a batch's choices each its prompt's alone, streamed or not, usage summed."""
+    from spqt.generate import Generator
+
+    client, tok = server.client(), engine.tokenizer
+    ids = tok.encode(PROMPT)
+    gen, reference = Generator(loaded, "cpu", max_len=CTX), []
+    for i in range(1, len(ids)):
+        seen = []
+        gen.generate(ids[:i], 1, on_logits=seen.append, track=False)
+        reference.append(torch.log_softmax(seen[0][0].double(), -1))
+    only = client.completions.create(model=model_id, prompt=PROMPT, echo=True, logprobs=3, max_tokens=0, temperature=0)
+    choice, lp = only.choices[0], only.choices[0].logprobs
+    assert (choice.text, choice.finish_reason) == (PROMPT, "length")
+    assert (only.usage.prompt_tokens, only.usage.completion_tokens) == (len(ids), 0)
+    assert lp.tokens == [tok.token_bytes(t).decode() for t in ids] and "".join(lp.tokens) == PROMPT
+    assert lp.text_offset == [sum(map(len, lp.tokens[:i])) for i in range(len(ids))]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for got, alts, token, ref in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], ids[1:], reference, strict=True):
+        assert got == pytest.approx(float(ref[token]), abs=2e-3)
+        expected = _alternatives(tok, ref.topk(3), token, float(ref[token]))
+        assert alts.keys() == expected.keys() and list(alts.values()) == pytest.approx(list(expected.values()), abs=2e-3)
+    # with an answer: the prompt given as token ids, the answer as without echo
+    plain = client.completions.create(model=model_id, prompt=PROMPT, logprobs=3, **GREEDY).choices[0]
+    echoed = client.completions.create(model=model_id, prompt=ids, echo=True, logprobs=3, **GREEDY)
+    both = echoed.choices[0].logprobs
+    assert echoed.choices[0].text == PROMPT + plain.text and both.tokens == lp.tokens + plain.logprobs.tokens
+    assert both.token_logprobs[0] is None and both.top_logprobs[0] is None
+    assert both.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:] + plain.logprobs.token_logprobs, abs=2e-3)
+    assert both.text_offset == lp.text_offset + [len(PROMPT) + at for at in plain.logprobs.text_offset]
+    assert echoed.usage.prompt_tokens_details.cached_tokens == 0  # the scoring pass's cache is the request's own
+    # a batch: a string and token ids; each choice is its prompt's alone, streamed or not
+    prompts = [PROMPT, tok.encode("Water boils at")]
+    batch = dict(model=model_id, echo=True, logprobs=1, max_tokens=1, temperature=0)
+    together = client.completions.create(prompt=prompts, **batch)
+    alone = [client.completions.create(prompt=one, **batch) for one in prompts]
+    assert [c.index for c in together.choices] == [0, 1]
+    for got, want in zip(together.choices, alone):
+        want = want.choices[0]
+        assert (got.text, got.logprobs.tokens, got.logprobs.text_offset) == \
+            (want.text, want.logprobs.tokens, want.logprobs.text_offset)
+        assert got.logprobs.token_logprobs[1:] == pytest.approx(want.logprobs.token_logprobs[1:], abs=2e-3)
+    assert (together.usage.prompt_tokens, together.usage.completion_tokens) == (len(ids) + len(prompts[1]), 2)
+    chunks = list(client.completions.create(prompt=prompts, stream=True, stream_options={"include_usage": True},
+                                            **batch))
+    for i, want in enumerate(together.choices):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == want.text and mine[-1].finish_reason == want.finish_reason
+        assert [t for c in mine if c.logprobs for t in c.logprobs.tokens] == want.logprobs.tokens
+    assert chunks[-1].usage.prompt_tokens == together.usage.prompt_tokens and chunks[-1].choices == []
+    # every token id checked against the vocabulary before anything runs
+    status, body = server.raw("/v1/completions", json.dumps({**batch, "prompt": [ids, [5, 10**6]]}).encode())
+    assert status == 400 and "prompt[1]: token id 1000000" in body["error"]["message"], body
 
 
 def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(engine):

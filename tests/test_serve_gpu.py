@@ -7,6 +7,7 @@ import http.client
 import json
 
 import pytest
+import torch
 
 from conftest import generator_logprobs, serving
 
@@ -173,3 +174,31 @@ def test_cuda_server_logprobs_of_a_small_model(tiny_spqt):
     for (token, reference), value, top in zip(steps, lp["token_logprobs"], lp["top_logprobs"], strict=True):
         assert value == pytest.approx(float(reference[token]), abs=1e-3)
         assert max(top.values()) == pytest.approx(value)
+
+
+@pytest.mark.gpu
+def test_cuda_server_echo_of_a_small_model(tiny_spqt):
+    """The CUDA server's echo (lm-evaluation-harness's request: token ids, echo, logprobs 1, max_tokens 1): the
+    prompt's logprobs are a CUDA Generator's prefill of each prefix, the answer token the one without echo."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator
+    from spqt.serve.engine import Engine
+
+    loaded = load_spqt(tiny_spqt)
+    engine = Engine(loaded, "cuda", 0.0, ctx=64, name="tiny")
+    ids = engine.tokenizer.encode("hello world, and the rest of it")
+    body = {"prompt": [ids], "temperature": 0, "max_tokens": 1, "logprobs": 1}
+    with serving(engine) as url:
+        port = int(url.rsplit(":", 1)[1])
+        status, echoed = _request(port, "POST", "/v1/completions", {**body, "echo": True})
+        _, plain = _request(port, "POST", "/v1/completions", body)
+    assert status == 200, echoed
+    lp = echoed["choices"][0]["logprobs"]
+    assert echoed["choices"][0]["text"] == engine.tokenizer.decode(ids) + plain["choices"][0]["text"]
+    assert lp["tokens"][len(ids):] == plain["choices"][0]["logprobs"]["tokens"] and lp["token_logprobs"][0] is None
+    gen = Generator(loaded, "cuda", max_len=64)
+    for i in range(1, len(ids)):
+        seen = []
+        gen.generate(ids[:i], 1, on_logits=seen.append, track=False)
+        assert lp["token_logprobs"][i] == pytest.approx(float(torch.log_softmax(seen[0][0].double(), -1)[ids[i]]),
+                                                        abs=2e-2)

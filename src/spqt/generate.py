@@ -34,6 +34,9 @@ PREFILL_GRAPH_MAX = 2048
 SUFFIX_BUCKET_MAX = 256
 
 
+SCORE_CHUNK = 256  # positions a Generator.score pass runs at a time: its logits are chunk x vocab floats
+
+
 class PrefillGraph(NamedTuple):
     """A bucket's captured prefill: replaying `graph` reads tokens (1, bucket), positions (bucket,) and last (1,) (the
     last prompt token's index), all int64, and writes logits (1, 1, vocab) float32, which the next replay overwrites."""
@@ -258,6 +261,15 @@ class GenerationResult:
 
 COMPUTE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {dtype: name for name, dtype in COMPUTE_DTYPES.items()}  # torch dtype -> its --dtype name
+
+
+class PromptScores(NamedTuple):
+    """Generator.score's result for a prompt of n tokens (CPU tensors): logprobs (n - 1,) float64, each of
+    prompt[1:] given the tokens before it; top_ids (n - 1, k) int64 and top_logprobs (n - 1, k) float64, the k most
+    likely tokens at each of those positions, most likely first."""
+    logprobs: torch.Tensor
+    top_ids: torch.Tensor
+    top_logprobs: torch.Tensor
 
 
 def non_finite_error(dtype: torch.dtype, when: str) -> SpqtError:
@@ -722,6 +734,53 @@ class Generator:
         raise non_finite_error(self.dtype, when)
 
     @torch.inference_mode()
+    def score(self, prompt: list[int], top: int, chunk: int = SCORE_CHUNK) -> PromptScores:
+        """Each prompt token's log-probability given the tokens before it (float64 log-softmax of the logits, as
+        generate's on_logits sees them) and the `top` most likely tokens at its position, for prompt[1:]. At a
+        sparsity level every position runs with the thresholds on, as decoding each token sparse would compute it
+        (the mask is per token, so one pass over many tokens equals token-by-token decoding; spqt perplexity's gptq
+        method); dense, the logits are a prefill's. Runs `chunk` positions at a time (logits of chunk x vocab at
+        most) and writes the KV cache: a dense pass leaves it as a prefill of the prompt does, which generate's
+        reuse then takes up."""
+        self._check_prompt(prompt, 0)
+        self._kept = ([], None)
+        sparse = self.sparsity > 0 and not (self.device == "cpu" and self.dense_step_reason())
+        set_sparse(self.model, sparse)
+        dev, n = self.device, len(prompt)
+        ids = torch.tensor(prompt, device=dev)
+        k = min(top, self.loaded.config.vocab_size)
+        picked, top_values, top_ids = [], [], []
+        try:
+            for start in range(0, n - 1, chunk):
+                end = min(start + chunk, n - 1)  # positions start .. end - 1 predict tokens start + 1 .. end
+                logits = self.model(ids[start:end].view(1, -1), torch.arange(start, end, device=dev), kv_len=end)[0]
+                if not bool(torch.isfinite(logits).all()):
+                    self._non_finite("of the prompt")
+                logprobs = torch.log_softmax(logits.double(), dim=-1)
+                picked.append(logprobs.gather(1, ids[start + 1:end + 1].view(-1, 1))[:, 0].cpu())
+                values, at = torch.topk(logprobs, k, dim=-1)
+                top_values.append(values.cpu())
+                top_ids.append(at.cpu())
+        finally:
+            set_sparse(self.model, False)
+        if not sparse and n > 1:  # the cache holds the prompt's first n - 1 tokens as a dense prefill writes them
+            self._kept = (list(prompt[:-1]), self.model.cache_generation)
+        empty = torch.zeros(0, k, dtype=torch.float64)
+        return PromptScores(torch.cat(picked) if picked else empty[:, 0],
+                            torch.cat(top_ids) if top_ids else empty.long(), torch.cat(top_values) if top_values else empty)
+
+    def _check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
+        """SpqtError for an empty prompt, a token id beyond the vocabulary, or prompt plus new tokens past the cache."""
+        if not prompt:
+            raise SpqtError("the prompt is empty")
+        if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
+            bad = max(prompt) if max(prompt) >= self.loaded.config.vocab_size else min(prompt)
+            raise SpqtError(f"token id {bad} is outside the model's vocabulary of {self.loaded.config.vocab_size}")
+        if len(prompt) + max_new_tokens > self.max_len:
+            raise SpqtError(f"prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceed the context "
+                            f"of {self.max_len} tokens")
+
+    @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                  stop_ids: set[int] = frozenset(), on_token=None, track: bool = True,
                  on_logits=None, reuse: bool = False) -> GenerationResult:
@@ -737,14 +796,7 @@ class Generator:
         caller's own model(...) calls, as the benchmarks make) must not be followed by a reuse.
         Logits that are not finite numbers raise non_finite_error (after the prefill, at each step whose token the host
         reads, after the last of CUDA's greedy graph replays), the generator put back as a fresh one (_non_finite)."""
-        if not prompt:
-            raise SpqtError("the prompt is empty")
-        if max(prompt) >= self.loaded.config.vocab_size or min(prompt) < 0:
-            raise SpqtError(f"the tokenizer gave token id {max(prompt)}, beyond the model's vocabulary of "
-                            f"{self.loaded.config.vocab_size}")
-        if len(prompt) + max_new_tokens > self.max_len:
-            raise SpqtError(f"prompt ({len(prompt)} tokens) plus {max_new_tokens} new tokens exceed the context "
-                            f"of {self.max_len} tokens")
+        self._check_prompt(prompt, max_new_tokens)
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
         cached = self.reusable_prefix(prompt) if reuse else 0
         cached = cached if cached and self._reuse_pays(len(prompt), cached) else 0

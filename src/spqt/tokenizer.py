@@ -25,10 +25,17 @@ class TextTokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids of plain text; BOS first when the model adds one (add_bos=None: its default)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        bos = self.config.add_bos if add_bos is None else add_bos
-        if bos and self.config.bos_id is not None:
-            ids = [self.config.bos_id] + ids
-        return ids
+        bos = self.bos_prefix if add_bos is None else self._bos if add_bos else []
+        return bos + ids
+
+    @property
+    def bos_prefix(self) -> list[int]:
+        """What encode puts before a text's own tokens by default: [BOS] where the model adds one, else []."""
+        return self._bos if self.config.add_bos else []
+
+    @property
+    def _bos(self) -> list[int]:
+        return [] if self.config.bos_id is None else [self.config.bos_id]
 
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=False)

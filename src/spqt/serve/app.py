@@ -2,9 +2,10 @@
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
 API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
-param naming the field), model name (404), prompt plus max_tokens within the context (400, code
-context_length_exceeded). Then it joins the scheduler's FIFO queue; the answer is one JSON body, or with
-`stream: true` server-sent events, a chunk per text piece and `data: [DONE]`. Cross-origin requests from a browser
+param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
+context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (a batch of completions
+prompts: each in turn, every one checked first); the answer is one JSON body, or with `stream: true` server-sent
+events, a chunk per text piece (a batch's naming their choice) and `data: [DONE]`. Cross-origin requests from a browser
 (CORS) are answered only for the origins `spqt serve --allow-origin` names.
 """
 
@@ -111,11 +112,14 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         return p.ApiError(404, f"The model '{name}' does not exist; this server serves '{info.model_id}'.",
                           param="model", code="model_not_found")
 
-    def make_job(request: Request, req: p.SamplingFields, prompt: list[int]) -> Job:
-        room = info.ctx - len(prompt)
-        if room < 1 or (req.max_tokens or 1) > room:
+    def make_job(request: Request, req: p.SamplingFields, prompt: list[int], echo: str | None = None,
+                 added: int = 0) -> Job:
+        """The job of one prompt (token ids); echo, added: Job's (the prompt's text, where the request asks for it
+        back, and how many leading tokens the server put before it)."""
+        room, least = info.ctx - len(prompt), 1 if req.max_tokens is None else req.max_tokens
+        if room < least:
             raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
-                             f"max_tokens asks for {req.max_tokens or 1} more.",
+                             f"max_tokens asks for {least} more.",
                              param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
                              code="context_length_exceeded")
         seed = req.seed if req.seed is not None else secrets.randbits(63)
@@ -124,9 +128,21 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                         Sampling(req.temperature, req.top_k, req.top_p, seed))
         except SpqtError as e:
             raise p.ApiError(400, str(e), code="invalid_value") from None
-        return Job(prompt=prompt, max_tokens=req.max_tokens or room, sampling=sampling, stops=req.stop,
-                   label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop(),
-                   logprobs=req.top_tokens())
+        return Job(prompt=prompt, max_tokens=room if req.max_tokens is None else req.max_tokens, sampling=sampling,
+                   stops=req.stop, label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop(),
+                   logprobs=req.top_tokens(), echo=echo, prompt_added=added)
+
+    def read_prompt(prompt: str | list[int], index: int) -> tuple[list[int], str, int]:
+        """A completions prompt -> (token ids, its text, how many leading ids the server put before the text): a
+        string encoded (a BOS first where the model adds one), token ids checked and decoded."""
+        if isinstance(prompt, str):
+            return engine.tokenizer.encode(prompt), prompt, len(engine.tokenizer.bos_prefix)
+        vocab = engine.tokenizer.config.vocab_size
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise p.ApiError(400, f"prompt[{index}]: token id {bad} is outside the model's vocabulary of {vocab}.",
+                             param="prompt", code="invalid_value")
+        return prompt, engine.tokenizer.decode(prompt), 0
 
     @app.get("/health")
     async def health(request: Request):
@@ -178,7 +194,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(result), choices=False)
 
-            return sse(events(), job)
+            return sse(events(), [job])
         text, tokens, result = await collect(request, job)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id,
                                 choices=[p.ChatChoice(message=p.AssistantMessage(content=text),
@@ -188,31 +204,44 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
         req = await parse(request, p.CompletionRequest)
-        job = make_job(request, req, await asyncio.to_thread(engine.tokenizer.encode, req.prompt))  # as chat's
+        if req.max_tokens == 0 and not req.echo:
+            raise p.ApiError(400, "max_tokens 0 asks for nothing without echo: true (the prompt's logprobs alone).",
+                             param="max_tokens", code="invalid_value")
+        jobs = []
+        for i, prompt in enumerate(req.prompt):  # every prompt checked before any runs
+            ids, text, added = await asyncio.to_thread(read_prompt, prompt, i)  # (a long one's encoding: as chat's)
+            jobs.append(make_job(request, req, ids, text if req.echo else None, added))
         rid, created = p.new_id("cmpl"), p.now()
 
-        def body(text: str, finish=None, usage=None, choices=True,
+        def body(text: str, index: int = 0, finish=None, usage=None, choices=True,
                  tokens: list[TokenLogprob] | None = None) -> p.Completion:
             logprobs = p.completion_logprobs(tokens) if tokens is not None and req.logprobs is not None else None
-            choice = p.CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)
+            choice = p.CompletionChoice(index=index, text=text, finish_reason=finish, logprobs=logprobs)
             return p.Completion(id=rid, created=created, model=info.model_id, usage=usage,
                                 choices=[choice] if choices else [])
 
         if req.stream:
-            async def events():
-                result = None
-                async for piece, tokens, result in run_job(request, job):
-                    if piece or tokens:
-                        yield body(piece, tokens=tokens)
-                if result is None:  # cancelled before its end (a finished job has its result, even if a stop
-                    raise cancelled(job)  # signal came after it)
-                yield body("", finish=result.finish_reason)
+            async def events():  # the prompts one after another, each chunk naming its choice
+                results = []
+                for i, job in enumerate(jobs):
+                    result = None
+                    async for piece, tokens, result in run_job(request, job):
+                        if piece or tokens:
+                            yield body(piece, i, tokens=tokens)
+                    if result is None:  # cancelled before its end (a finished job has its result, even if a stop
+                        raise cancelled(job)  # signal came after it)
+                    yield body("", i, finish=result.finish_reason)
+                    results.append(result)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield body("", usage=p.usage(result), choices=False)
+                    yield body("", usage=p.usage(*results), choices=False)
 
-            return sse(events(), job)
-        text, tokens, result = await collect(request, job)
-        return body(text, finish=result.finish_reason, usage=p.usage(result), tokens=tokens)
+            return sse(events(), jobs)
+        choices, results = [], []
+        for i, job in enumerate(jobs):
+            text, tokens, result = await collect(request, job)
+            choices.append(body(text, i, finish=result.finish_reason, tokens=tokens).choices[0])
+            results.append(result)
+        return p.Completion(id=rid, created=created, model=info.model_id, choices=choices, usage=p.usage(*results))
 
     async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, list[TokenLogprob],
                                                                           GenerationResult | None]]:
@@ -271,10 +300,11 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
             return
 
 
-def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
+def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
     """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. An error after the headers went out can
     only be an event: OpenAI's error object, which the openai client raises; also for a cancellation, else a stream
-    cut short by the server's stop would read as complete."""
+    cut short by the server's stop would read as complete. jobs: the request's (a batch's prompts run one after
+another), cancelled where the stream ends before them."""
 
     async def lines():
         try:
@@ -284,10 +314,12 @@ def sse(events: AsyncIterator[BaseModel], job: Job) -> StreamingResponse:
         except p.ApiError as e:
             yield f"data: {json.dumps(e.body())}\n\n"
         except (GeneratorExit, asyncio.CancelledError):  # the stream torn down before its end: the client left (a
-            job.cancel(client_gone=True)  # server that stops cancels its jobs first, and the first reason stays)
+            for job in jobs:  # server that stops cancels its jobs first, and the first reason stays)
+                job.cancel(client_gone=True)
             raise
         finally:
-            job.cancel()
+            for job in jobs:
+                job.cancel()
 
     return StreamingResponse(lines(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -17,17 +17,17 @@ against 12.8 ms (docs/RESULTS.md, thirty-fifth session); on the CPU it saves sec
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
-from spqt.generate import KEPT_ROUTE_NAMES, Generator
-from spqt.serve.logprobs import StepLogprobs
+from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator
+from spqt.serve.logprobs import StepLogprobs, TokenLogprob
 from spqt.serve.scheduler import Job
-from spqt.serve.text import TextStream
+from spqt.serve.text import TextStream, token_starts
 from spqt import sparsity as sp
 from spqt.sparsity import check_sparsity
 from spqt.tokenizer import TextTokenizer
@@ -136,6 +136,13 @@ class Engine:
         steps = StepLogprobs(job.logprobs, self.tokenizer.token_bytes) if job.logprobs is not None else None
         tokens, posted = [], 0  # the answer tokens' logprobs entries, how many were posted
         start = time.perf_counter()
+        echoed = 0 if job.echo is None else len(job.echo)  # where the answer's text starts in the text returned
+        scoring = 0.0  # seconds of the prompt's scoring pass (an echo's logprobs)
+        if job.echo is not None:
+            job.emit("text", (job.echo, self._prompt_logprobs(job, steps) if steps else []))
+            scoring = time.perf_counter() - start if steps else 0.0
+        if job.max_tokens == 0 or job.cancelled.is_set():
+            return self._finish(job, GenerationResult([], len(job.prompt), scoring, 0.0), start)
 
         def post(piece: str) -> None:
             nonlocal posted
@@ -150,25 +157,41 @@ class Engine:
             if token in self.stop_ids:
                 return False  # generate() ends on it; its text is not part of the answer
             if steps:
-                tokens.append(steps.take(token, offset=len(text.text)))
+                tokens.append(steps.take(token, offset=echoed + len(text.text)))
             post(text.feed(token))
             return text.stopped
 
         result = self.generator.generate(job.prompt, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
                                          on_token=on_token, track=self.track, reuse=self.prompt_cache,
                                          on_logits=steps.observe if steps else None)
+        if scoring:  # a dense pass left the prompt in the cache, which the prefill took up: the request's own work,
+            # not an earlier request's (usage's cached_tokens), and the prompt's time is both passes'
+            result = replace(result, prefill_seconds=scoring + result.prefill_seconds, cached_tokens=0)
+        if not job.cancelled.is_set():
+            post(text.flush())
+        return self._finish(job, result, start)
+
+    def _prompt_logprobs(self, job: Job, steps: StepLogprobs) -> list[TokenLogprob]:
+        """The entries of job.prompt's tokens (Generator.score at the served level), offsets in job.echo."""
+        scores = self.generator.score(job.prompt, job.logprobs)
+        added = job.prompt_added
+        starts = [0] * added + token_starts(self.tokenizer.decode, job.prompt[added:])
+        return steps.prompt(job.prompt, scores, [min(at, len(job.echo)) for at in starts])
+
+    def _finish(self, job: Job, result: GenerationResult, start: float) -> str:
+        """The job's log line and its last event: ("done", result), or ("cancelled", None) where it was cancelled."""
         seconds = time.perf_counter() - start
         n = len(result.tokens)
         achieved = f" (achieved {100 * result.sparsity['all']:.1f}%)" if result.sparsity else ""
         cached = f" ({result.cached_tokens} cached)" if result.cached_tokens else ""
-        figures = (f"prompt {result.prompt_tokens}{cached} + completion {n} tokens in {seconds:.2f} s, "
+        echo = ", prompt echoed" + (" and scored" if job.logprobs is not None else "") if job.echo is not None else ""
+        figures = (f"prompt {result.prompt_tokens}{cached} + completion {n} tokens in {seconds:.2f} s{echo}, "
                    f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
                    f"{self.sparsity_label()}{achieved}")
         if job.cancelled.is_set():
             log.info("%s cancelled (%s) after %s", job.label, job.cancel_reason, figures)
             job.emit("cancelled")
             return "cancelled"
-        post(text.flush())
         log.info("%s 200 finish %s, %s", job.label, result.finish_reason, figures)
         job.emit("done", result)
         return "completed"

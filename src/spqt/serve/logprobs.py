@@ -1,4 +1,5 @@
-"""A request's logprobs: each answer token's log-probability and the most likely tokens at its step.
+"""A request's logprobs: each answer token's log-probability and the most likely tokens at its step; with an echo,
+each prompt token's too (Generator.score: at a sparsity level every prompt position with the thresholds on).
 
 The model's own distribution: log-softmax of the step's logits as the model gives them (float64), before the
 request's temperature, top-k and top-p, so a token has the same logprob however it was sampled (vLLM's default).
@@ -21,14 +22,14 @@ LOWEST = -9999.0  # what vLLM writes for -inf
 class Named:
     text: str  # the token's bytes as text, U+FFFD for part of a character
     data: bytes  # the bytes it stands for
-    logprob: float
+    logprob: float | None  # None: the prompt's first token, which nothing predicts
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
     token: Named
-    top: tuple[Named, ...]  # the step's most likely tokens, most likely first
-    offset: int  # where the token's text starts in the answer's text
+    top: tuple[Named, ...] | None  # the step's most likely tokens, most likely first (None: the prompt's first token)
+    offset: int  # where the token's text starts in the text returned (the echoed prompt's, then the answer's)
 
 
 class StepLogprobs:
@@ -47,9 +48,24 @@ class StepLogprobs:
         """The entry of `token`, sampled from the logits observed last; offset: where its text starts."""
         lp = self._logprobs
         values, ids = torch.topk(lp, min(self.top, lp.numel())) if self.top else (lp[:0], lp[:0].long())
-        return TokenLogprob(self._named(token, float(lp[token])),
-                            tuple(self._named(i, v) for i, v in zip(ids.tolist(), values.tolist())), offset)
+        return self._entry(token, float(lp[token]), ids.tolist(), values.tolist(), offset)
 
-    def _named(self, token: int, logprob: float) -> Named:
+    def prompt(self, prompt: list[int], scores, offsets: list[int]) -> list[TokenLogprob]:
+        """The entries of a prompt's tokens (an echo's): the first with no logprob (nothing predicts it), each
+        other's from scores (spqt.generate.PromptScores of the prompt, its top k at least self.top); offsets: where
+        each token's text starts."""
+        first = TokenLogprob(self._named(prompt[0], None), None, offsets[0])
+        top_ids, top_values = scores.top_ids[:, :self.top].tolist(), scores.top_logprobs[:, :self.top].tolist()
+        return [first] + [self._entry(token, logprob, ids, values, offset) for token, logprob, ids, values, offset
+                          in zip(prompt[1:], scores.logprobs.tolist(), top_ids, top_values, offsets[1:])]
+
+    def _entry(self, token: int, logprob: float, top_ids: list[int], top_values: list[float],
+               offset: int) -> TokenLogprob:
+        return TokenLogprob(self._named(token, logprob),
+                            tuple(self._named(i, v) for i, v in zip(top_ids, top_values)), offset)
+
+    def _named(self, token: int, logprob: float | None) -> Named:
         data = self.token_bytes(token)
-        return Named(data.decode("utf-8", errors="replace"), data, logprob if math.isfinite(logprob) else LOWEST)
+        if logprob is not None and not math.isfinite(logprob):
+            logprob = LOWEST
+        return Named(data.decode("utf-8", errors="replace"), data, logprob)

@@ -3,12 +3,13 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (n > 1,
-echo, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
+suffix, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
 other servers that clients pass as extra fields, such as min_p) is refused rather than ignored. Other fields are
 ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
-most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs). A token is named by the
+most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs); with the completions' echo
+each prompt token's too. A token is named by the
 bytes it stands for: `bytes` as OpenAI gives them, `token` their text (U+FFFD for part of a character).
 """
 
@@ -268,7 +269,12 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str  # or an array of one string
+    """prompt: a string, an array of token ids, or an array of several of either (a batch: a choice each, run one
+    after another). echo: the prompt's text before the answer, with logprobs also its tokens' (the first's null);
+    max_tokens 0 then asks for the echo alone (lm-evaluation-harness's loglikelihood requests)."""
+
+    prompt: list[str | list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # None: up to the end of the context; 0: the echo alone
     echo: bool = False
     suffix: str = ""
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # 0 too asks for the sampled tokens' logprobs
@@ -276,21 +282,29 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _one_prompt(cls, prompt):
-        if isinstance(prompt, list):
-            if len(prompt) != 1 or not isinstance(prompt[0], str):
-                raise unsupported("exactly one prompt, as a string, is supported (no batches, no token ids)")
-            prompt = prompt[0]
+    def _prompts(cls, prompt):
+        def ids(value) -> bool:
+            return isinstance(value, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
+
+        if isinstance(prompt, str) or (ids(prompt) and prompt):
+            return [prompt]  # one prompt
+        if not isinstance(prompt, list):
+            raise wrong_type("a string, an array of token ids, or an array of those")
+        for i, one in enumerate(prompt):
+            if not (isinstance(one, str) or ids(one)):
+                raise ValueError(f"prompt[{i}] is {json_type(one)}, not a string or an array of token ids")
         return prompt
 
     @field_validator("prompt")
     @classmethod
-    def _not_empty(cls, prompt: str) -> str:
-        if not prompt:
-            raise ValueError("the prompt is empty")
-        return prompt
+    def _not_empty(cls, prompts: list) -> list:
+        if not prompts:
+            raise ValueError("no prompt")
+        if not all(prompts):
+            raise ValueError("a prompt is empty")
+        return prompts
 
-    _unsupported = field_validator("echo", "suffix")(_off_only("not supported"))
+    _unsupported = field_validator("suffix")(_off_only("not supported"))
 
     def top_tokens(self) -> int | None:
         """How many most likely tokens each answer token's logprobs list (None: no logprobs asked)."""
@@ -313,11 +327,11 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-def usage(result) -> Usage:
-    """A finished generation's counts (result: spqt.generate.GenerationResult)."""
-    return Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
-                 total_tokens=result.prompt_tokens + len(result.tokens),
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=result.cached_tokens))
+def usage(*results) -> Usage:
+    """Finished generations' counts, summed (results: spqt.generate.GenerationResult, one a choice)."""
+    prompt, completion = sum(r.prompt_tokens for r in results), sum(len(r.tokens) for r in results)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(r.cached_tokens for r in results)))
 
 
 class TopLogprob(BaseModel):
@@ -346,16 +360,19 @@ def chat_logprobs(tokens: list[TokenLogprob]) -> ChatLogprobs:
 
 
 class CompletionLogprobs(BaseModel):
-    """The completions endpoint's older form: parallel lists, a token's alternatives as {text: logprob}."""
+    """The completions endpoint's older form: parallel lists, a token's alternatives as {text: logprob}. With an
+    echo, the prompt's tokens come first, the first with null logprob and alternatives (nothing predicts it)."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]  # the step's most likely tokens and the sampled one (OpenAI's k + 1 at most)
-    text_offset: list[int]  # where each token's text starts in the completion's text
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]  # the step's most likely tokens and the sampled one (k + 1 at most)
+    text_offset: list[int]  # where each token's text starts in the choice's text
 
 
 def completion_logprobs(tokens: list[TokenLogprob]) -> CompletionLogprobs:
-    def alternatives(t: TokenLogprob) -> dict[str, float]:
+    def alternatives(t: TokenLogprob) -> dict[str, float] | None:
+        if t.top is None:
+            return None
         top: dict[str, float] = {}
         for named in (*t.top, t.token):  # two tokens of one text (parts of characters): the likelier stays
             top.setdefault(named.text, named.logprob)

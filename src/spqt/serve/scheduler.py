@@ -21,9 +21,12 @@ log = logging.getLogger("spqt.serve")
 
 @dataclass
 class Job:
-    """One request's work. prompt: token ids; logprobs: how many most likely tokens each answer token's logprobs
-    list (None: no logprobs). Events, in order: ("text", (piece, tokens)) (tokens: spqt.serve.logprobs.TokenLogprob
-    entries, [] without logprobs), then one of ("done", GenerationResult), ("cancelled", None) or ("error", message)."""
+    """One request's work. prompt: token ids; max_tokens: 0 with an echo alone; logprobs: how many most likely tokens
+    each answer token's logprobs list (None: no logprobs). echo: the prompt's text, returned before the answer (its
+    tokens' logprobs too where logprobs asks for them), whose first prompt_added tokens (a BOS the server put before
+    the client's text) it does not hold. Events, in order: ("text", (piece, tokens)) (tokens:
+    spqt.serve.logprobs.TokenLogprob entries, [] without logprobs; with an echo the first piece is the prompt's text),
+    then one of ("done", GenerationResult), ("cancelled", None) or ("error", message)."""
 
     prompt: list[int]
     max_tokens: int
@@ -32,6 +35,8 @@ class Job:
     label: str  # for the log line, e.g. "POST /v1/completions"
     loop: asyncio.AbstractEventLoop
     logprobs: int | None = None
+    echo: str | None = None
+    prompt_added: int = 0
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)

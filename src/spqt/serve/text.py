@@ -75,3 +75,12 @@ class TextStream:
         piece = self.text[self.sent:self.sent + n]
         self.sent += n
         return piece
+
+
+def token_starts(decode: Callable[[list[int]], str], ids: list[int]) -> list[int]:
+    """Where each token's text starts in the text of ids, by TextStream's rule (a token whose text has not come yet
+    starts where its text will)."""
+    stream = TextStream(decode)
+    for token in ids:
+        stream.feed(token)
+    return stream.starts

@@ -1,0 +1,66 @@
+"""Generator.score: each prompt token's logprob given the tokens before it, and the most likely tokens there, as
+decoding the prompt token by token computes them (dense, or every position with the thresholds on), whatever the
+chunk; a dense pass leaves the cache as a prefill does, for generate's reuse."""
+
+import pytest
+import torch
+
+from spqt.checkpoint import load_spqt
+from spqt.errors import SpqtError
+from spqt.generate import Generator, set_sparse
+
+CASES = [("cpu", 0.0, "teal"), ("cpu", 0.4, "teal"), ("cpu", 0.4, "wina"),
+         pytest.param("cuda", 0.4, "teal", marks=pytest.mark.gpu)]
+
+
+@torch.inference_mode()
+def _token_by_token(gen: Generator, prompt: list[int], sparse: bool) -> torch.Tensor:
+    """(n - 1, vocab) float64 log-softmax of the logits at positions 0 .. n - 2, one token a forward (a decode
+    step's shape), the thresholds on where sparse; on a fresh cache."""
+    gen.model.setup_cache(1, gen.max_len, gen.dtype)
+    set_sparse(gen.model, sparse)
+    rows = []
+    for pos, token in enumerate(prompt[:-1]):
+        logits = gen.model(torch.tensor([[token]], device=gen.device), torch.tensor([pos], device=gen.device),
+                           kv_len=pos + 1)
+        rows.append(torch.log_softmax(logits[0, -1].double(), -1).cpu())
+    set_sparse(gen.model, False)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("device,level,criterion", CASES)
+def test_score_is_token_by_token_decoding(tiny_spqt, rng, device, level, criterion):
+    """Random prompt of 37 tokens in chunks of 8 (the last one short): logprobs of prompt[1:] and the top 5 equal
+    one-token forwards' (fp32 on the CPU, the kernels' fp16 on CUDA, within their summation orders); at a level,
+    different from the dense ones. Dense, the scored cache is reusable (all but the last token; on the CPU generate's
+    reuse takes it up) and gives a fresh generation's logits; after a sparse pass nothing is reusable. Bad token ids: one SpqtError."""
+    loaded = load_spqt(tiny_spqt)
+    gen = (Generator(loaded, "cpu", torch.float32, max_len=64, backend="reference") if device == "cpu"
+           else Generator(loaded, "cuda", max_len=64, dense_fallback=False))
+    table = torch.from_numpy(rng.uniform(0.05, 0.3, (loaded.config.n_layers, 4))).float()
+    gen.set_sparsity(level, table=table if level else None, criterion=criterion)
+    prompt = rng.integers(0, loaded.config.vocab_size, 37).tolist()
+    tol = 1e-4 if device == "cpu" else 2e-2
+    scores = gen.score(prompt, top=5, chunk=8)
+    assert scores.logprobs.shape == (36,) and scores.top_ids.shape == scores.top_logprobs.shape == (36, 5)
+    want = _token_by_token(gen, prompt, sparse=level > 0)
+    picked = want.gather(1, torch.tensor(prompt[1:]).view(-1, 1))[:, 0]
+    assert torch.allclose(scores.logprobs, picked, atol=tol, rtol=0)
+    top = want.topk(5, dim=-1)
+    assert torch.allclose(scores.top_logprobs, top.values, atol=tol, rtol=0)
+    assert (scores.top_ids == top.indices).float().mean() > 0.95  # (near ties may swap within the tolerance)
+    if level:
+        assert not torch.allclose(want, _token_by_token(gen, prompt, sparse=False), atol=tol, rtol=0)
+    # the cache after the pass: reused by the dense prefill, nothing of a sparse pass
+    seen, fresh = [], []
+    gen.score(prompt, top=0)
+    kept = 0 if level else len(prompt) - 1
+    assert gen.reusable_prefix(prompt) == kept
+    result = gen.generate(prompt, 1, on_logits=seen.append, track=False, reuse=True)
+    assert result.cached_tokens == (kept if device == "cpu" else 0)  # (CUDA: reuse runs only in captured graphs)
+    gen.model.setup_cache(1, gen.max_len, gen.dtype)
+    gen.generate(prompt, 1, on_logits=fresh.append, track=False)
+    assert torch.allclose(seen[0], fresh[0], atol=tol * 10, rtol=0)
+    for bad in ([], [loaded.config.vocab_size], [3, -1]):
+        with pytest.raises(SpqtError):
+            gen.score(bad, top=1)
