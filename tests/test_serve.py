@@ -612,6 +612,21 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
     assert status == 400 and "prompt[1]: token id 1000000" in body["error"]["message"], body
 
 
+def test_echo_of_a_model_that_puts_bos_first(server, model_id, engine, monkeypatch):
+    """Where the model adds BOS to a text (Llama's GGUFs), an echoed string prompt is the client's text: the BOS the
+    server put first is the first token (null logprob, offset 0, its text not in the echo), the rest as without it."""
+    ask = dict(model=model_id, prompt=PROMPT, echo=True, logprobs=1, max_tokens=0)
+    without = server.client().completions.create(**ask).choices[0]
+    monkeypatch.setattr(engine.tokenizer, "config", dataclasses.replace(engine.tokenizer.config, add_bos=True))
+    bos = engine.tokenizer.config.bos_id
+    assert engine.tokenizer.encode(PROMPT)[0] == bos
+    with_bos = server.client().completions.create(**ask).choices[0]
+    lp = with_bos.logprobs
+    assert with_bos.text == PROMPT and lp.tokens == [engine.tokenizer.token_bytes(bos).decode()] + without.logprobs.tokens
+    assert lp.text_offset == [0] + without.logprobs.text_offset and lp.token_logprobs[0] is None
+    assert all(isinstance(v, float) for v in lp.token_logprobs[1:])
+
+
 def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(engine):
     """TextTokenizer.token_bytes: what a token stands for alone, split characters as their bytes. Byte-level (the
     default model) and SentencePiece-style (word mark, byte pieces, as Llama 2's tokenizer.json) vocabularies."""
