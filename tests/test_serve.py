@@ -450,6 +450,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"max_tokens": "5"}, "max_tokens"), (chat, {"max_tokens": 5.0}, "max_tokens"),
                (chat, {"temperature": "0.5"}, "temperature"), (chat, {"temperature": True}, "temperature"),
                (chat, {"n": "1"}, "n"), (chat, {"seed": "3"}, "seed"), (chat, {"stop": 5}, "stop"),
+               (text, {"stop": [f"s{i}" for i in range(17)]}, "stop"),
                (chat, {"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
                (chat, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
                (chat, {"messages": one_image}, "messages[0].content[0].type"),
@@ -483,7 +484,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
         error = body.get("error") or {}
         assert (status, error.get("type"), error.get("param")) == (400, "invalid_request_error", param), (change, body)
         assert param in error["message"], body
-    accepted = [{"temperature": 0}, {"stop": "x"}, {"stop": ["x", "y"]},
+    accepted = [{"temperature": 0}, {"stop": "x"}, {"stop": ["x", "y"]}, {"stop": [f"s{i}" for i in range(16)]},
                 {"temperature": None, "top_p": None, "n": None, "stream": None, "stop": None, "seed": None,
                  "logit_bias": None},
                 {"max_tokens": None, "max_completion_tokens": 1, "seed": 7, "top_k": 5, "user": "u",

@@ -22,7 +22,9 @@ from pydantic_core import PydanticCustomError
 
 from spqt.serve.logprobs import Named, TokenLogprob
 
-MAX_STOP_STRINGS = 4  # OpenAI's limit on `stop`
+# OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's `until` strings and the end-of-text one (6 for
+# humaneval), and vLLM and llama.cpp take any number
+MAX_STOP_STRINGS = 16
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
 
@@ -139,7 +141,7 @@ class SamplingFields(RequestModel):
     top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the top token alone (greedy)
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
-    stop: list[str] = Field(default_factory=list)  # a string or up to 4
+    stop: list[str] = Field(default_factory=list)  # a string or up to MAX_STOP_STRINGS
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
