@@ -105,6 +105,23 @@ def generator_logprobs(loaded, device: str, prompt: list[int], n: int, max_len: 
     return [(t, torch.log_softmax(lg[0].double(), -1)) for t, lg in zip(result.tokens, seen)]
 
 
+@torch.inference_mode()
+def token_by_token_logprobs(gen, prompt: list[int], sparse: bool) -> torch.Tensor:
+    """(n - 1, vocab) float64 log-softmax of the logits at positions 0 .. n - 2, one token a forward (a decode
+    step's shape), the thresholds on where sparse; on a fresh cache."""
+    from spqt.generate import set_sparse
+
+    gen.model.setup_cache(1, gen.max_len, gen.dtype)
+    set_sparse(gen.model, sparse)
+    rows = []
+    for pos, token in enumerate(prompt[:-1]):
+        logits = gen.model(torch.tensor([[token]], device=gen.device), torch.tensor([pos], device=gen.device),
+                           kv_len=pos + 1)
+        rows.append(torch.log_softmax(logits[0, -1].double(), -1).cpu())
+    set_sparse(gen.model, False)
+    return torch.stack(rows)
+
+
 def count_calls(monkeypatch, module, name: str) -> list:
     """module.name replaced by a wrapper that appends 1 to the returned list at each call, then calls it."""
     calls, real = [], getattr(module, name)

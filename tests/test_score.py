@@ -7,25 +7,11 @@ import torch
 
 from spqt.checkpoint import load_spqt
 from spqt.errors import SpqtError
-from spqt.generate import Generator, set_sparse
+from spqt.generate import Generator
+from conftest import token_by_token_logprobs
 
 CASES = [("cpu", 0.0, "teal"), ("cpu", 0.4, "teal"), ("cpu", 0.4, "wina"),
          pytest.param("cuda", 0.4, "teal", marks=pytest.mark.gpu)]
-
-
-@torch.inference_mode()
-def _token_by_token(gen: Generator, prompt: list[int], sparse: bool) -> torch.Tensor:
-    """(n - 1, vocab) float64 log-softmax of the logits at positions 0 .. n - 2, one token a forward (a decode
-    step's shape), the thresholds on where sparse; on a fresh cache."""
-    gen.model.setup_cache(1, gen.max_len, gen.dtype)
-    set_sparse(gen.model, sparse)
-    rows = []
-    for pos, token in enumerate(prompt[:-1]):
-        logits = gen.model(torch.tensor([[token]], device=gen.device), torch.tensor([pos], device=gen.device),
-                           kv_len=pos + 1)
-        rows.append(torch.log_softmax(logits[0, -1].double(), -1).cpu())
-    set_sparse(gen.model, False)
-    return torch.stack(rows)
 
 
 @pytest.mark.parametrize("device,level,criterion", CASES)
@@ -43,14 +29,14 @@ def test_score_is_token_by_token_decoding(tiny_spqt, rng, device, level, criteri
     tol = 1e-4 if device == "cpu" else 2e-2
     scores = gen.score(prompt, top=5, chunk=8)
     assert scores.logprobs.shape == (36,) and scores.top_ids.shape == scores.top_logprobs.shape == (36, 5)
-    want = _token_by_token(gen, prompt, sparse=level > 0)
+    want = token_by_token_logprobs(gen, prompt, sparse=level > 0)
     picked = want.gather(1, torch.tensor(prompt[1:]).view(-1, 1))[:, 0]
     assert torch.allclose(scores.logprobs, picked, atol=tol, rtol=0)
     top = want.topk(5, dim=-1)
     assert torch.allclose(scores.top_logprobs, top.values, atol=tol, rtol=0)
     assert (scores.top_ids == top.indices).float().mean() > 0.95  # (near ties may swap within the tolerance)
     if level:
-        assert not torch.allclose(want, _token_by_token(gen, prompt, sparse=False), atol=tol, rtol=0)
+        assert not torch.allclose(want, token_by_token_logprobs(gen, prompt, sparse=False), atol=tol, rtol=0)
     # the cache after the pass: reused by the dense prefill, nothing of a sparse pass
     seen, fresh = [], []
     gen.score(prompt, top=0)
@@ -61,6 +47,10 @@ def test_score_is_token_by_token_decoding(tiny_spqt, rng, device, level, criteri
     gen.model.setup_cache(1, gen.max_len, gen.dtype)
     gen.generate(prompt, 1, on_logits=fresh.append, track=False)
     assert torch.allclose(seen[0], fresh[0], atol=tol * 10, rtol=0)
+    asked = []  # a pass stopped after its first chunk: those scores, no reusable cache
+    stopped = gen.score(prompt, top=2, chunk=8, should_stop=lambda: asked.append(1) or len(asked) > 1)
+    assert torch.equal(stopped.logprobs, scores.logprobs[:8]) if device == "cpu" else stopped.logprobs.shape == (8,)
+    assert gen.reusable_prefix(prompt) == 0
     for bad in ([], [loaded.config.vocab_size], [3, -1]):
         with pytest.raises(SpqtError):
             gen.score(bad, top=1)

@@ -29,7 +29,7 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 
 from spqt import cli  # noqa: E402
 from spqt.cli import main  # noqa: E402
-from conftest import generator_logprobs, serving  # noqa: E402
+from conftest import generator_logprobs, serving, token_by_token_logprobs  # noqa: E402
 
 KEY = "test-key-17"
 CTX = 256
@@ -468,7 +468,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (text, {"prompt": [PROMPT, ""]}, "prompt"), (text, {"prompt": [1, "a"]}, "prompt"),
                (text, {"prompt": [True]}, "prompt"), (text, {"prompt": [[1.5]]}, "prompt"),
                (text, {"prompt": {"a": 1}}, "prompt"), (text, {"prompt": [5, 10**9]}, "prompt"),
-               (text, {"prompt": [[5], [-1]]}, "prompt"), (text, {"max_tokens": 0}, "max_tokens"),
+               (text, {"prompt": [[5], [-1]]}, "prompt"), (text, {"prompt": [[5]] * 257}, "prompt"), (text, {"max_tokens": 0}, "max_tokens"),
                (text, {"max_tokens": -1, "echo": True}, "max_tokens"),
                # OpenAI's fields for audio, web search or reasoning (refused by OpenAI for models without them)
                (chat, {"modalities": ["text", "audio"]}, "modalities"), (chat, {"audio": {"voice": "alloy"}}, "audio"),
@@ -611,6 +611,64 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
     # every token id checked against the vocabulary before anything runs
     status, body = server.raw("/v1/completions", json.dumps({**batch, "prompt": [ids, [5, 10**6]]}).encode())
     assert status == 400 and "prompt[1]: token id 1000000" in body["error"]["message"], body
+    # the context: a prompt of all of it is scored alone, one token more is refused; a prompt of one token has
+    # nothing to score
+    full = (ids * CTX)[:CTX]
+    alone = client.completions.create(model=model_id, prompt=full, echo=True, logprobs=0, max_tokens=0).choices[0]
+    assert len(alone.logprobs.token_logprobs) == CTX and alone.logprobs.token_logprobs[0] is None
+    status, body = server.raw("/v1/completions", json.dumps({**batch, "prompt": full + [5], "max_tokens": 0}).encode())
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    one = client.completions.create(model=model_id, prompt=ids[:1], echo=True, logprobs=2, max_tokens=0).choices[0]
+    assert one.logprobs.token_logprobs == [None] and one.logprobs.top_logprobs == [None]
+
+
+def test_echo_lists_the_stop_token_that_ended_the_answer(server, model_id, engine, loaded, monkeypatch):
+    """lm-evaluation-harness reads one entry after the prompt's from a max_tokens 1 request: where the model's token
+    is a stop token (an end of text), the echo's logprobs list it last (its text not in the choice's); without echo
+    an answer's entries are those of its text, as before."""
+    client, tok = server.client(), engine.tokenizer
+    ids = tok.encode(PROMPT)
+    (first, reference), = generator_logprobs(loaded, "cpu", ids, 1, CTX)
+    monkeypatch.setattr(engine, "stop_ids", engine.stop_ids | {first})
+    ask = dict(model=model_id, prompt=ids, logprobs=1, max_tokens=1, temperature=0)
+    echoed = client.completions.create(echo=True, **ask).choices[0]
+    lp = echoed.logprobs
+    assert (echoed.text, echoed.finish_reason) == (PROMPT, "stop") and len(lp.tokens) == len(ids) + 1
+    assert lp.tokens[-1] == tok.token_bytes(first).decode(errors="replace") and lp.text_offset[-1] == len(PROMPT)
+    assert lp.token_logprobs[-1] == pytest.approx(float(reference[first]), abs=2e-3)
+    assert lp.token_logprobs[-1] == max(lp.top_logprobs[-1].values())  # lm-eval's greedy check
+    plain = client.completions.create(**ask).choices[0]
+    assert (plain.text, plain.finish_reason, plain.logprobs.tokens) == ("", "stop", [])
+
+
+def test_echo_at_a_sparsity_level_scores_the_prompt_sparse(tiny_spqt, rng):
+    """A server at a level: the echo's prompt logprobs are token-by-token sparse decoding's (every position with the
+    thresholds on), not the dense prefill's; its answer is the one without echo; nothing counts as cached."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator
+    from spqt.serve.engine import Engine
+
+    loaded = load_spqt(tiny_spqt)
+    table = torch.from_numpy(rng.uniform(0.05, 0.3, (loaded.config.n_layers, 4))).float()
+    engine = Engine(loaded, "cpu", 0.0, ctx=64, name="tiny")
+    engine.generator.set_sparsity(0.4, table=table)
+    ids = rng.integers(0, loaded.config.vocab_size, 19).tolist()
+    ask = {"prompt": [ids], "logprobs": 2, "max_tokens": 3, "temperature": 0}
+    with serving(engine) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+        echoed = client.completions.create(model="tiny", echo=True, **ask)
+        plain = client.completions.create(model="tiny", **ask).choices[0]
+    lp = echoed.choices[0].logprobs
+    reference = Generator(loaded, "cpu", max_len=64)
+    reference.set_sparsity(0.4, table=table)
+    sparse, dense = (token_by_token_logprobs(reference, ids, sparse=level) for level in (True, False))
+    want = sparse.gather(1, torch.tensor(ids[1:]).view(-1, 1))[:, 0].tolist()
+    assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    assert lp.token_logprobs[1:len(ids)] != pytest.approx(dense.gather(1, torch.tensor(ids[1:]).view(-1, 1))[:, 0]
+                                                          .tolist(), abs=1e-4)
+    assert echoed.choices[0].text.endswith(plain.text) and lp.tokens[len(ids):] == plain.logprobs.tokens
+    assert lp.token_logprobs[len(ids):] == pytest.approx(plain.logprobs.token_logprobs, abs=1e-5)
+    assert echoed.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_echo_of_a_model_that_puts_bos_first(server, model_id, engine, monkeypatch):
@@ -631,24 +689,52 @@ def test_echo_of_a_model_that_puts_bos_first(server, model_id, engine, monkeypat
 def test_token_bytes_of_byte_level_and_sentencepiece_vocabularies(engine):
     """TextTokenizer.token_bytes: what a token stands for alone, split characters as their bytes. Byte-level (the
     default model) and SentencePiece-style (word mark, byte pieces, as Llama 2's tokenizer.json) vocabularies."""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-
-    from spqt.tokenizer import TextTokenizer
-
     tok = engine.tokenizer
     text = "Hello \u65e5\u672c\u8a9e caf\u00e9"
     ids = tok.encode(text)
     assert b"".join(map(tok.token_bytes, ids)).decode() == text
     assert any(len(tok.token_bytes(i).decode("utf-8", errors="replace")) < len(tok.token_bytes(i)) for i in ids)
     assert tok.token_bytes(tok.backend.token_to_id("<|im_end|>")) == b"<|im_end|>"  # a special token as its text
+    llama = _sentencepiece_style(tok)
+    assert [llama.token_bytes(i) for i in (2, 3, 4, 5, 1)] == [b" caf", b"\xc3", b"\xa9", b" ", b"<s>"]
+
+
+def _sentencepiece_style(tok):
+    """A TextTokenizer of a small SentencePiece-style vocabulary (word mark, byte pieces, a decoder that strips the
+    text's leading space, as Llama 2's tokenizer.json): <s> 1, \u2581caf 2, <0xC3> 3, <0xA9> 4, \u2581 5."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    from spqt.tokenizer import TextTokenizer
+
     vocab = {"<unk>": 0, "<s>": 1, "\u2581caf": 2, "<0xC3>": 3, "<0xA9>": 4, "\u2581": 5, "c": 6, "a": 7, "f": 8}
     sp = Tokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
     sp.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
     sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
                                     decoders.Strip(" ", 1, 0)])
     sp.add_special_tokens(["<s>"])
-    llama = TextTokenizer(dataclasses.replace(tok.spec, tokenizer_json=sp.to_str()), tok.config)
-    assert [llama.token_bytes(i) for i in (2, 3, 4, 5, 1)] == [b" caf", b"\xc3", b"\xa9", b" ", b"<s>"]
+    return TextTokenizer(dataclasses.replace(tok.spec, tokenizer_json=sp.to_str()), tok.config)
+
+
+def test_text_stream_decodes_after_the_prompts_last_tokens(engine):
+    """An answer's text decoded after the prompt's last tokens (TextStream's context): a SentencePiece decoder strips a
+    text's leading space, so "caf" + " caf" came out as "cafcaf"; the context keeps it, and is dropped where its text
+    ends in part of a character. A byte-level vocabulary's text is the same either way."""
+    from spqt.serve.text import TextStream
+
+    llama = _sentencepiece_style(engine.tokenizer)
+
+    def answer(context):
+        ts = TextStream(llama.decode, context=context)
+        text = "".join(ts.feed(t) for t in (2, 3, 4)) + ts.flush()
+        return text, ts.starts, ts.released()
+
+    assert llama.decode([2]) == "caf"
+    assert answer([1, 2]) == (" caf\u00e9", [0, 4, 4], 3)
+    assert answer([]) == answer([1, 3]) == ("caf\u00e9", [0, 3, 3], 3)  # (context of half a character: none)
+    tok = engine.tokenizer
+    ids = tok.encode(" The answer: caf\u00e9 \u65e5\u672c")
+    ts = TextStream(tok.decode, context=tok.encode(PROMPT)[-4:])
+    assert "".join(ts.feed(t) for t in ids) + ts.flush() == tok.decode(ids)
 
 
 def test_text_stream_hands_out_the_tokens_of_its_text():
@@ -905,10 +991,19 @@ def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
         done = Job([1], 1, None, [], "done", loop)
         done.emit("done", None)
         done.cancel()
-        return events, scheduler.stats(), done.cancelled.is_set()
+        stats = scheduler.stats()
+        # once stopping (its worker still running), a job submitted after (a batch's next prompt) is dropped unrun
+        stopping = Scheduler(run)
+        stopping.cancel_all()
+        late = Job([1], 1, None, [], "late", loop)
+        stopping.submit(late)
+        dropped = await late.events.get()
+        stopping.close()
+        return events, stats, done.cancelled.is_set(), (dropped, ran.count("late"))
 
-    events, stats, cancelled_after_done = asyncio.run(scenario())
+    events, stats, cancelled_after_done, late = asyncio.run(scenario())
     assert ran == ["job0", "job1", "job3"] and not overlap and not cancelled_after_done
+    assert late == (("cancelled", None), 0)
     assert events[2] == [("cancelled", None)]
     assert events[3] == [("text", "job3"), ("done", None)]
     assert stats["completed"] == 3 and stats["cancelled"] == 1 and stats["waiting"] == 0 and not stats["running"]

@@ -7,6 +7,7 @@ thresholds on (when a sparsity level is chosen).
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -34,7 +35,7 @@ PREFILL_GRAPH_MAX = 2048
 SUFFIX_BUCKET_MAX = 256
 
 
-SCORE_CHUNK = 256  # positions a Generator.score pass runs at a time: its logits are chunk x vocab floats
+SCORE_VALUES = 2**24  # Generator.score's logits a pass at most (positions x vocab: 134 MB of float64 log-softmax)
 
 
 class PrefillGraph(NamedTuple):
@@ -734,24 +735,30 @@ class Generator:
         raise non_finite_error(self.dtype, when)
 
     @torch.inference_mode()
-    def score(self, prompt: list[int], top: int, chunk: int = SCORE_CHUNK) -> PromptScores:
+    def score(self, prompt: list[int], top: int, chunk: int | None = None,
+              should_stop: Callable[[], bool] | None = None) -> PromptScores:
         """Each prompt token's log-probability given the tokens before it (float64 log-softmax of the logits, as
         generate's on_logits sees them) and the `top` most likely tokens at its position, for prompt[1:]. At a
         sparsity level every position runs with the thresholds on, as decoding each token sparse would compute it
         (the mask is per token, so one pass over many tokens equals token-by-token decoding; spqt perplexity's gptq
-        method); dense, the logits are a prefill's. Runs `chunk` positions at a time (logits of chunk x vocab at
-        most) and writes the KV cache: a dense pass leaves it as a prefill of the prompt does, which generate's
-        reuse then takes up."""
+        method); dense, the logits are a prefill's. Runs `chunk` positions at a time (None: SCORE_VALUES // vocab,
+        within 16 .. 256) and writes the KV cache: a dense pass leaves it as a prefill of the prompt does, which
+        generate's reuse then takes up. should_stop: asked before each chunk; true ends the pass there (the scores
+        of the positions run so far, a cache no reuse takes)."""
         self._check_prompt(prompt, 0)
         self._kept = ([], None)
         sparse = self.sparsity > 0 and not (self.device == "cpu" and self.dense_step_reason())
         set_sparse(self.model, sparse)
         dev, n = self.device, len(prompt)
         ids = torch.tensor(prompt, device=dev)
-        k = min(top, self.loaded.config.vocab_size)
-        picked, top_values, top_ids = [], [], []
+        vocab = self.loaded.config.vocab_size
+        k, chunk = min(top, vocab), chunk or max(16, min(256, SCORE_VALUES // vocab))
+        picked, top_values, top_ids, stopped = [], [], [], False
         try:
             for start in range(0, n - 1, chunk):
+                if should_stop and should_stop():
+                    stopped = True
+                    break
                 end = min(start + chunk, n - 1)  # positions start .. end - 1 predict tokens start + 1 .. end
                 logits = self.model(ids[start:end].view(1, -1), torch.arange(start, end, device=dev), kv_len=end)[0]
                 if not bool(torch.isfinite(logits).all()):
@@ -763,7 +770,7 @@ class Generator:
                 top_ids.append(at.cpu())
         finally:
             set_sparse(self.model, False)
-        if not sparse and n > 1:  # the cache holds the prompt's first n - 1 tokens as a dense prefill writes them
+        if not sparse and not stopped and n > 1:  # the cache holds prompt[:-1] as a dense prefill writes it
             self._kept = (list(prompt[:-1]), self.model.cache_generation)
         empty = torch.zeros(0, k, dtype=torch.float64)
         return PromptScores(torch.cat(picked) if picked else empty[:, 0],

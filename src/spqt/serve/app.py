@@ -132,17 +132,17 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                    stops=req.stop, label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop(),
                    logprobs=req.top_tokens(), echo=echo, prompt_added=added)
 
-    def read_prompt(prompt: str | list[int], index: int) -> tuple[list[int], str, int]:
-        """A completions prompt -> (token ids, its text, how many leading ids the server put before the text): a
-        string encoded (a BOS first where the model adds one), token ids checked and decoded."""
+    def read_prompt(prompt: str | list[int], index: int, echo: bool) -> tuple[list[int], str | None, int]:
+        """A completions prompt -> (token ids, its text where echo asks for it, how many leading ids the server put
+        before the text): a string encoded (a BOS first where the model adds one), token ids checked (and decoded)."""
         if isinstance(prompt, str):
-            return engine.tokenizer.encode(prompt), prompt, len(engine.tokenizer.bos_prefix)
+            return engine.tokenizer.encode(prompt), prompt if echo else None, len(engine.tokenizer.bos_prefix)
         vocab = engine.tokenizer.config.vocab_size
         bad = next((t for t in prompt if not 0 <= t < vocab), None)
         if bad is not None:
             raise p.ApiError(400, f"prompt[{index}]: token id {bad} is outside the model's vocabulary of {vocab}.",
                              param="prompt", code="invalid_value")
-        return prompt, engine.tokenizer.decode(prompt), 0
+        return prompt, engine.tokenizer.decode(prompt) if echo else None, 0
 
     @app.get("/health")
     async def health(request: Request):
@@ -209,8 +209,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                              param="max_tokens", code="invalid_value")
         jobs = []
         for i, prompt in enumerate(req.prompt):  # every prompt checked before any runs
-            ids, text, added = await asyncio.to_thread(read_prompt, prompt, i)  # (a long one's encoding: as chat's)
-            jobs.append(make_job(request, req, ids, text if req.echo else None, added))
+            ids, text, added = await asyncio.to_thread(read_prompt, prompt, i, req.echo)  # (a long one: as chat's)
+            jobs.append(make_job(request, req, ids, text, added))
         rid, created = p.new_id("cmpl"), p.now()
 
         def body(text: str, index: int = 0, finish=None, usage=None, choices=True,

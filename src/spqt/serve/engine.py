@@ -13,6 +13,11 @@ rest of a prompt runs in prefill graphs captured at the start (Generator.capture
 has none the whole prompt runs in its own graph. The cache is on unless asked off: on an H200 a chat's second turn of
 5,745 tokens streamed its first token after 23.5 ms with it against 96.2 ms without, one of 1,783 tokens after 13.1
 against 12.8 ms (docs/RESULTS.md, thirty-fifth session); on the CPU it saves seconds.
+
+An echo (/v1/completions): the prompt's text first; with logprobs its tokens' entries (Generator.score at the served
+level, one more pass over the prompt, whose dense cache the prefill then takes up), and where the answer ends on a
+stop token, that token's entry last (its text is not the answer's): lm-evaluation-harness reads exactly one entry
+after the prompt's from a max_tokens 1 request, whichever token the model gave.
 """
 
 import logging
@@ -33,6 +38,8 @@ from spqt.sparsity import check_sparsity
 from spqt.tokenizer import TextTokenizer
 
 log = logging.getLogger("spqt.serve")
+
+CONTEXT_TOKENS = 4  # the prompt's last tokens an answer's text is decoded after (TextStream's context)
 
 
 def recommended_sparsity(loaded: LoadedModel, criterion: str | None = None,
@@ -132,15 +139,17 @@ class Engine:
         """Generate on the worker thread, posting ("text", (piece, tokens)) events (tokens: the logprobs entries of
         the answer tokens whose text starts in the text posted so far, [] unless job.logprobs asks for them) and a
         final ("done", result) or ("cancelled", None); one log line. Returns "completed" or "cancelled"."""
-        text = TextStream(self.tokenizer.decode, job.stops)
+        text = TextStream(self.tokenizer.decode, job.stops, context=job.prompt[-CONTEXT_TOKENS:])
         steps = StepLogprobs(job.logprobs, self.tokenizer.token_bytes) if job.logprobs is not None else None
         tokens, posted = [], 0  # the answer tokens' logprobs entries, how many were posted
         start = time.perf_counter()
         echoed = 0 if job.echo is None else len(job.echo)  # where the answer's text starts in the text returned
         scoring = 0.0  # seconds of the prompt's scoring pass (an echo's logprobs)
         if job.echo is not None:
-            job.emit("text", (job.echo, self._prompt_logprobs(job, steps) if steps else []))
+            entries = self._prompt_logprobs(job, steps) if steps else []
             scoring = time.perf_counter() - start if steps else 0.0
+            if not job.cancelled.is_set():
+                job.emit("text", (job.echo, entries))
         if job.max_tokens == 0 or job.cancelled.is_set():
             return self._finish(job, GenerationResult([], len(job.prompt), scoring, 0.0), start)
 
@@ -151,11 +160,15 @@ class Engine:
                 job.emit("text", (piece, tokens[posted:released]))
                 posted = released  # (0 without logprobs)
 
+        ending = []  # with an echo, the entry of the stop token that ended the answer (module docstring)
+
         def on_token(token: int) -> bool:
             if job.cancelled.is_set():
                 return True
-            if token in self.stop_ids:
-                return False  # generate() ends on it; its text is not part of the answer
+            if token in self.stop_ids:  # generate() ends on it; its text is not part of the answer
+                if steps and job.echo is not None:
+                    ending.append(steps.take(token, offset=echoed + len(text.text)))
+                return False
             if steps:
                 tokens.append(steps.take(token, offset=echoed + len(text.text)))
             post(text.feed(token))
@@ -169,11 +182,15 @@ class Engine:
             result = replace(result, prefill_seconds=scoring + result.prefill_seconds, cached_tokens=0)
         if not job.cancelled.is_set():
             post(text.flush())
+            if ending:
+                job.emit("text", ("", ending))
         return self._finish(job, result, start)
 
     def _prompt_logprobs(self, job: Job, steps: StepLogprobs) -> list[TokenLogprob]:
         """The entries of job.prompt's tokens (Generator.score at the served level), offsets in job.echo."""
-        scores = self.generator.score(job.prompt, job.logprobs)
+        scores = self.generator.score(job.prompt, job.logprobs, should_stop=job.cancelled.is_set)
+        if job.cancelled.is_set():
+            return []
         added = job.prompt_added
         starts = [0] * added + token_starts(self.tokenizer.decode, job.prompt[added:])
         return steps.prompt(job.prompt, scores, [min(at, len(job.echo)) for at in starts])

@@ -25,6 +25,7 @@ from spqt.serve.logprobs import Named, TokenLogprob
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's `until` strings and the end-of-text one (6 for
 # humaneval), and vLLM and llama.cpp take any number
 MAX_STOP_STRINGS = 16
+MAX_PROMPTS = 256  # prompts in one completions request (each one a Job, all made before the first runs)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
 
@@ -302,6 +303,8 @@ class CompletionRequest(SamplingFields):
     def _not_empty(cls, prompts: list) -> list:
         if not prompts:
             raise ValueError("no prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, not {len(prompts)}")
         if not all(prompts):
             raise ValueError("a prompt is empty")
         return prompts

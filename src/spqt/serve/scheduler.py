@@ -75,11 +75,14 @@ class Scheduler:
         self._waiting: list[Job] = []
         self.running: Job | None = None
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.stopping = False  # cancel_all was called: every job submitted from then on is cancelled at once
         self._thread = threading.Thread(target=self._work, name="spqt-serve-worker", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> None:
         with self._lock:
+            if self.stopping:  # (a batch's next prompt, submitted after its first finished)
+                job.cancel()
             self._waiting.append(job)
         self._queue.put(job)
 
@@ -88,7 +91,9 @@ class Scheduler:
             return {"waiting": len(self._waiting), "running": self.running is not None, **self.counts}
 
     def cancel_all(self) -> None:
+        """The server stops: what waits and runs is cancelled, and whatever is submitted after."""
         with self._lock:
+            self.stopping = True
             jobs = self._waiting + ([self.running] if self.running else [])
         for job in jobs:
             job.cancel()

@@ -19,12 +19,17 @@ INCOMPLETE = "\ufffd"  # what a byte-level decoder yields for a multi-byte chara
 
 
 class TextStream:
-    def __init__(self, decode: Callable[[list[int]], str], stops: list[str] = ()):
+    def __init__(self, decode: Callable[[list[int]], str], stops: list[str] = (), context: list[int] = ()):
+        """context: the tokens before the first one fed (a prompt's last few), decoded with it but not part of the
+        text, so that a decoder which strips a text's leading space (SentencePiece's) keeps the first token's;
+        none where their text ends in part of a character."""
         self.decode = decode
         self.stops = [s for s in stops if s]
-        self.ids: list[int] = []
+        context = list(context) if context and not decode(list(context)).endswith(INCOMPLETE) else []
+        self._context = len(context)
+        self.ids: list[int] = context  # the context, then the tokens fed
         self._prefix = 0  # ids[_prefix:_read] decode to text already taken into self.text
-        self._read = 0
+        self._read = len(context)
         self.text = ""  # all text so far (with what is held back)
         self.sent = 0  # characters of self.text handed out
         self.stopped = False  # a stop string was found; nothing more comes out
@@ -59,7 +64,7 @@ class TextStream:
 
     def released(self) -> int:
         """How many of the tokens fed so far belong to the text handed out (see the module's docstring)."""
-        return len(self.ids) if self._flushed else bisect.bisect_left(self.starts, self.sent)
+        return len(self.starts) if self._flushed else bisect.bisect_left(self.starts, self.sent)
 
     def _held(self, pending: str) -> int:
         """Length of the longest end of pending that is a proper start of a stop string."""
