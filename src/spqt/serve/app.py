@@ -304,7 +304,7 @@ def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
     """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. An error after the headers went out can
     only be an event: OpenAI's error object, which the openai client raises; also for a cancellation, else a stream
     cut short by the server's stop would read as complete. jobs: the request's (a batch's prompts run one after
-another), cancelled where the stream ends before them."""
+    another), cancelled where the stream ends before them."""
 
     async def lines():
         try:

@@ -9,8 +9,8 @@ ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
 most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs); with the completions' echo
-each prompt token's too. A token is named by the
-bytes it stands for: `bytes` as OpenAI gives them, `token` their text (U+FFFD for part of a character).
+each prompt token's too. A token is named by the bytes it stands for: `bytes` as OpenAI gives them, `token` their
+text (U+FFFD for part of a character).
 """
 
 import time

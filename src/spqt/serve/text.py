@@ -26,7 +26,6 @@ class TextStream:
         self.decode = decode
         self.stops = [s for s in stops if s]
         context = list(context) if context and not decode(list(context)).endswith(INCOMPLETE) else []
-        self._context = len(context)
         self.ids: list[int] = context  # the context, then the tokens fed
         self._prefix = 0  # ids[_prefix:_read] decode to text already taken into self.text
         self._read = len(context)
