@@ -331,7 +331,8 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model
     error(401, "API key", lambda: server.client(key="wrong").chat.completions.create(model=model_id, messages=CHAT))
     error(404, "does not exist", lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT))
     error(400, "max_tokens", lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=0))
-    error(400, "n = 1", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=2))
+    error(400, "n", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=17))
+    error(400, "n", lambda: client.chat.completions.create(model=model_id, messages=CHAT, n=0))
     error(400, "seed", lambda: client.completions.create(model=model_id, prompt=PROMPT, seed=2**70))
     error(400, "temperature", lambda: client.completions.create(model=model_id, prompt=PROMPT, temperature=-1))
     long_prompt = "colors " * (2 * CTX)
@@ -552,6 +553,33 @@ def _alternatives(tok, top: torch.return_types.topk, token: int, logprob: float)
     for i, v in (*zip(top.indices.tolist(), top.values.tolist()), (token, logprob)):
         named.setdefault(tok.token_bytes(i).decode("utf-8", errors="replace"), v)
     return named
+
+
+def test_n_choices_are_the_seeds_one_request_each(server, model_id):
+    """n choices: choice j of a seeded request is the n = 1 request's at seed + j (so the samples differ, and the
+    request gives the same n again), streamed as plain; a completions batch orders prompt i's choice j at i * n + j;
+    usage sums them all."""
+    client = server.client()
+    sampled = dict(model=model_id, temperature=0.9, seed=41, max_tokens=8)
+    three = client.chat.completions.create(messages=CHAT, n=3, **sampled)
+    alone = [client.chat.completions.create(messages=CHAT, **{**sampled, "seed": 41 + j}) for j in range(3)]
+    assert [c.index for c in three.choices] == [0, 1, 2]
+    assert [c.message.content for c in three.choices] == [r.choices[0].message.content for r in alone]
+    assert len({c.message.content for c in three.choices}) > 1  # (three samples at T 0.9 of 8 tokens: not all one)
+    assert three.usage.completion_tokens == sum(r.usage.completion_tokens for r in alone)
+    assert three.usage.prompt_tokens == 3 * alone[0].usage.prompt_tokens
+    chunks = list(client.chat.completions.create(messages=CHAT, n=3, stream=True, **sampled))
+    for j, want in enumerate(three.choices):
+        mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == j]
+        assert mine[0].delta.role == "assistant" and mine[-1].finish_reason == want.finish_reason
+        assert "".join(c.delta.content or "" for c in mine) == want.message.content
+    prompts = [PROMPT, "Water boils at"]
+    batch = client.completions.create(model=model_id, prompt=prompts, n=2, temperature=0.9, seed=7, max_tokens=6)
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    for i, prompt in enumerate(prompts):
+        for j in range(2):
+            one = client.completions.create(model=model_id, prompt=prompt, temperature=0.9, seed=7 + j, max_tokens=6)
+            assert batch.choices[i * 2 + j].text == one.choices[0].text, (i, j)
 
 
 def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engine, loaded):

@@ -3,9 +3,9 @@
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
 API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
 param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
-context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (a batch of completions
-prompts: each in turn, every one checked first); the answer is one JSON body, or with `stream: true` server-sent
-events, a chunk per text piece (a batch's naming their choice) and `data: [DONE]`. Cross-origin requests from a browser
+context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (n choices, of each of a
+batch of completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with
+`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]`. Cross-origin requests from a browser
 (CORS) are answered only for the origins `spqt serve --allow-origin` names.
 """
 
@@ -113,16 +113,20 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                           param="model", code="model_not_found")
 
     def make_job(request: Request, req: p.SamplingFields, prompt: list[int], echo: str | None = None,
-                 added: int = 0) -> Job:
+                 added: int = 0, choice: int = 0) -> Job:
         """The job of one prompt (token ids); echo, added: Job's (the prompt's text, where the request asks for it
-        back, and how many leading tokens the server put before it)."""
+        back, and how many leading tokens the server put before it); choice: which of the prompt's n (a given seed
+        + choice seeds it, so that n samples differ and a request gives the same n again)."""
         room, least = info.ctx - len(prompt), 1 if req.max_tokens is None else req.max_tokens
         if room < least:
             raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
                              f"max_tokens asks for {least} more.",
                              param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
                              code="context_length_exceeded")
-        seed = req.seed if req.seed is not None else secrets.randbits(63)
+        if req.seed is None:
+            seed = secrets.randbits(63)
+        else:  # (choice 0: the seed as given, also a negative one, which torch takes as it is)
+            seed = req.seed if choice == 0 else (req.seed + choice) % 2**64
         try:  # top_p 0 keeps the top token alone: greedy (Sampling takes a top_p above 0)
             sampling = (Sampling(0.0, seed=seed) if req.top_p == 0 else
                         Sampling(req.temperature, req.top_k, req.top_p, seed))
@@ -170,36 +174,43 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation())
         except SpqtError as e:  # (the template refused the conversation, its raise_exception, among others)
             raise p.ApiError(400, str(e), param="messages") from None
-        job = make_job(request, req, prompt)
+        jobs = [make_job(request, req, prompt, choice=j) for j in range(req.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
 
         if req.stream:
-            def chunk(delta: dict, finish=None, usage=None, choices=True, tokens=None) -> p.ChatCompletionChunk:
-                choice = p.ChatChunkChoice(delta=delta, finish_reason=finish, logprobs=logprobs(tokens))
+            def chunk(delta: dict, index: int = 0, finish=None, usage=None, choices=True,
+                      tokens=None) -> p.ChatCompletionChunk:
+                choice = p.ChatChunkChoice(index=index, delta=delta, finish_reason=finish, logprobs=logprobs(tokens))
                 return p.ChatCompletionChunk(id=rid, created=created, model=info.model_id, usage=usage,
                                              choices=[choice] if choices else [])
 
-            async def events():
-                yield chunk({"role": "assistant", "content": ""})
-                result = None
-                async for piece, tokens, result in run_job(request, job):
-                    if piece or tokens:
-                        yield chunk({"content": piece}, tokens=tokens)
-                if result is None:  # cancelled before its end (a finished job has its result, even if a stop
-                    raise cancelled(job)  # signal came after it)
-                yield chunk({}, finish=result.finish_reason)
+            async def events():  # the n choices one after another, each chunk naming its choice
+                results = []
+                for j, job in enumerate(jobs):
+                    yield chunk({"role": "assistant", "content": ""}, j)
+                    result = None
+                    async for piece, tokens, result in run_job(request, job):
+                        if piece or tokens:
+                            yield chunk({"content": piece}, j, tokens=tokens)
+                    if result is None:  # cancelled before its end (a finished job has its result, even if a stop
+                        raise cancelled(job)  # signal came after it)
+                    yield chunk({}, j, finish=result.finish_reason)
+                    results.append(result)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield chunk({}, usage=p.usage(result), choices=False)
+                    yield chunk({}, usage=p.usage(*results), choices=False)
 
-            return sse(events(), [job])
-        text, tokens, result = await collect(request, job)
-        return p.ChatCompletion(id=rid, created=created, model=info.model_id,
-                                choices=[p.ChatChoice(message=p.AssistantMessage(content=text),
-                                                      finish_reason=result.finish_reason, logprobs=logprobs(tokens))],
-                                usage=p.usage(result))
+            return sse(events(), jobs)
+        choices, results = [], []
+        for j, job in enumerate(jobs):
+            text, tokens, result = await collect(request, job)
+            choices.append(p.ChatChoice(index=j, message=p.AssistantMessage(content=text),
+                                        finish_reason=result.finish_reason, logprobs=logprobs(tokens)))
+            results.append(result)
+        return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,
+                                usage=p.usage(*results))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
@@ -207,10 +218,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if req.max_tokens == 0 and not req.echo:
             raise p.ApiError(400, "max_tokens 0 asks for nothing without echo: true (the prompt's logprobs alone).",
                              param="max_tokens", code="invalid_value")
-        jobs = []
+        jobs = []  # prompt i's choice j at index i * n + j, as OpenAI orders them
         for i, prompt in enumerate(req.prompt):  # every prompt checked before any runs
             ids, text, added = await asyncio.to_thread(read_prompt, prompt, i, req.echo)  # (a long one: as chat's)
-            jobs.append(make_job(request, req, ids, text, added))
+            jobs += [make_job(request, req, ids, text, added, choice=j) for j in range(req.n)]
         rid, created = p.new_id("cmpl"), p.now()
 
         def body(text: str, index: int = 0, finish=None, usage=None, choices=True,
@@ -221,7 +232,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                 choices=[choice] if choices else [])
 
         if req.stream:
-            async def events():  # the prompts one after another, each chunk naming its choice
+            async def events():  # the choices one after another, each chunk naming its own
                 results = []
                 for i, job in enumerate(jobs):
                     result = None

@@ -2,7 +2,7 @@
 /v1/models, as pydantic models, and the JSON error object.
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
-JSON integer; a number may be either), null meaning the default. What this server cannot honour (n > 1,
+JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
 suffix, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
 other servers that clients pass as extra fields, such as min_p) is refused rather than ignored. Other fields are
 ignored, as OpenAI-compatible servers do.
@@ -26,6 +26,7 @@ from spqt.serve.logprobs import Named, TokenLogprob
 # humaneval), and vLLM and llama.cpp take any number
 MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 256  # prompts in one completions request (each one a Job, all made before the first runs)
+MAX_CHOICES = 16  # n, choices of each prompt
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
 
@@ -143,14 +144,12 @@ class SamplingFields(RequestModel):
     top_k: int = Field(0, ge=0)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
     stop: list[str] = Field(default_factory=list)  # a string or up to MAX_STOP_STRINGS
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each a job of its own (run one after another)
     stream: bool = False
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] = Field(default_factory=dict)
-
-    _one_choice = field_validator("n")(_one_only("only n = 1 is supported (one request runs at a time)"))
 
     @field_validator("stop", mode="before")
     @classmethod
