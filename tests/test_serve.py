@@ -984,6 +984,26 @@ def test_text_stream_holds_back_stop_strings_and_split_characters():
     assert pieces == ["", "\u00e9", ""] and tail == " E" and not stopped
 
 
+def test_text_stream_of_random_tokens_is_the_decoding_of_them_all(engine, rng):
+    """Random token ids of the default model's byte-level vocabulary (split characters, special tokens), after a
+    random context: the pieces and the flush join to decoding context and tokens at once, less the context's text
+    (a context that ends in part of a character is not used); a last character left unfinished comes out as U+FFFD."""
+    from spqt.serve.text import TextStream
+
+    decode, vocab = engine.tokenizer.decode, engine.tokenizer.config.vocab_size
+    for _ in range(200):
+        context, ids = rng.integers(0, vocab, 4).tolist(), rng.integers(0, vocab, 12).tolist()
+        ts = TextStream(decode, context=context)
+        text = "".join(ts.feed(t) for t in ids) + ts.flush()
+        used = [] if decode(context).endswith("\ufffd") else context
+        assert text == decode(used + ids)[len(decode(used)):], (context, ids)
+        assert ts.released() == len(ids)
+    ids = engine.tokenizer.encode(" \u65e5\u672c\u8a9e")
+    cut = next(ids[:k] for k in range(1, len(ids)) if decode(ids[:k]).endswith("\ufffd"))  # a character cut short
+    ts = TextStream(decode)
+    assert "".join(ts.feed(t) for t in cut) + ts.flush() == decode(cut)
+
+
 def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
     import asyncio
 

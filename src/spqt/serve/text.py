@@ -48,22 +48,35 @@ class TextStream:
         self.text += after[len(before):]
         self._prefix, self._read = self._read, len(self.ids)
         pending = self.text[self.sent:]
-        hits = [pending.find(s) for s in self.stops if s in pending]
-        if hits:
-            self.stopped = True
-            return self._take(min(hits))
-        return self._take(len(pending) - self._held(pending))
+        stop = self._stop(pending)
+        return self._take(stop if stop is not None else len(pending) - self._held(pending))
 
     def flush(self) -> str:
-        """Whatever is still held back, at the end of the generation (nothing after a stop string)."""
+        """Whatever is still held back, at the end of the generation (nothing after a stop string), with the text of
+        a character the last tokens left unfinished (U+FFFD, as decoding them all gives)."""
         if self.stopped:
             return ""
-        self._flushed = True
-        return self._take(len(self.text) - self.sent)
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
+        if len(after) > len(before):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.ids)
+        pending = self.text[self.sent:]
+        stop = self._stop(pending)
+        self._flushed = stop is None
+        return self._take(stop if stop is not None else len(pending))
 
     def released(self) -> int:
         """How many of the tokens fed so far belong to the text handed out (see the module's docstring)."""
         return len(self.starts) if self._flushed else bisect.bisect_left(self.starts, self.sent)
+
+    def _stop(self, pending: str) -> int | None:
+        """Where the first stop string in pending starts (then nothing more comes out), else None."""
+        hits = [pending.find(s) for s in self.stops if s in pending]
+        if hits:
+            self.stopped = True
+            return min(hits)
+        return None
 
     def _held(self, pending: str) -> int:
         """Length of the longest end of pending that is a proper start of a stop string."""
