@@ -13,7 +13,8 @@ as its wikitext task) over the first --docs articles of --text, windows of --max
 task of the 16 questions below (loglikelihood of each choice after its question). spqt serve runs the GGUF (its float
 weights, as transformers reads them) on the CPU, dense, --ctx --max-length (lm-eval's prompts of max_length - 1 tokens
 and the one it asks for); lm-eval's HF model gets max_length - 2, which gives it the same windows. Anything else on
-the command line goes to spqt serve (--device; --sparsity, where the two differ by design: the prompt scored sparse).
+the command line goes to spqt serve (--device; --sparsity, where the two differ by design: the prompt scored sparse; with --serve-model default,
+the zigzag Q4_K model against the HF model's Q4_1 weights).
 """
 
 import argparse
@@ -108,6 +109,8 @@ def main() -> int:
     ap.add_argument("--max-length", type=int, default=2048, help="lm-eval's window (its max_length)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--keep", type=Path, help="write the tasks, logs and lm-eval's outputs here (kept)")
+    ap.add_argument("--serve-model", help="what spqt serve serves (default: the default model's GGUF, the HF model's "
+                    "weights; 'default': its zigzag Q4_K .spqt, calibrated, so --sparsity auto has a level)")
     args, extra = ap.parse_known_args()
     from spqt.default_model import default_gguf
 
@@ -126,7 +129,8 @@ def main() -> int:
         tasks.mkdir()
         (tasks / "spqt_rolling.yaml").write_text(ROLLING.format(data=tmp / "rolling.jsonl"))
         (tasks / "spqt_choice.yaml").write_text(CHOICE.format(data=tmp / "choice.jsonl"))
-        proc, url, _ = start(str(gguf), "cpu", "0", tmp / "serve.log", ["--ctx", str(args.max_length), *extra])
+        served_model = None if args.serve_model == "default" else args.serve_model or str(gguf)
+        proc, url, _ = start(served_model, "cpu", "0", tmp / "serve.log", ["--ctx", str(args.max_length), *extra])
         try:
             with urllib.request.urlopen(f"{url}/v1/models") as r:  # lm-eval names the model in each request
                 name = json.loads(r.read())["data"][0]["id"]
@@ -136,7 +140,9 @@ def main() -> int:
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
-        requests = len(re.findall(r"POST /v1/completions 200", (tmp / "serve.log").read_text(errors="replace")))
+        log = (tmp / "serve.log").read_text(errors="replace")
+        requests = len(re.findall(r"POST /v1/completions 200", log))
+        level = re.search(r"spqt serve: model \S+ on \w+, ([^,]+(?:, [^,]+)?), context", log)
         # lm-eval's API models keep a token of max_length for the one they ask for, and roll windows of max_length - 2
         # tokens after one of context; its HF model rolls windows of max_length: the same windows at max_length - 2
         reference = lm_eval(args.lm_eval_python, "hf", f"pretrained={gguf.parent},gguf_file={gguf.name},"
@@ -144,7 +150,8 @@ def main() -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     report = {"commit": commit, "docs": len(docs), "questions": len(QUESTIONS), "max_length": args.max_length,
-              "server_requests": requests, "serve_args": extra}
+              "server_requests": requests, "serve_args": extra, "served_model": served_model or "default",
+              "served": level.group(1) if level else "?"}
     print(f"{'metric':>28s} {'spqt serve':>12s} {'lm-eval hf':>12s}")
     for task in ("spqt_rolling", "spqt_choice"):
         (mine, mine_docs), (theirs, their_docs) = served[task], reference[task]
