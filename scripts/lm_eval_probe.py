@@ -126,7 +126,7 @@ def main() -> int:
         (tmp / "choice.jsonl").write_text("".join(json.dumps({"question": q, "choices": c, "label": i}) + "\n"
                                                   for q, c, i in QUESTIONS))
         tasks = tmp / "tasks"
-        tasks.mkdir()
+        tasks.mkdir(exist_ok=True)
         (tasks / "spqt_rolling.yaml").write_text(ROLLING.format(data=tmp / "rolling.jsonl"))
         (tasks / "spqt_choice.yaml").write_text(CHOICE.format(data=tmp / "choice.jsonl"))
         served_model = None if args.serve_model == "default" else args.serve_model or str(gguf)

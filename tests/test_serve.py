@@ -331,8 +331,10 @@ def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(server, model
     error(401, "API key", lambda: server.client(key="wrong").chat.completions.create(model=model_id, messages=CHAT))
     error(404, "does not exist", lambda: client.chat.completions.create(model="gpt-4o", messages=CHAT))
     error(400, "max_tokens", lambda: client.completions.create(model=model_id, prompt=PROMPT, max_tokens=0))
-    error(400, "n", lambda: client.completions.create(model=model_id, prompt=PROMPT, n=17))
-    error(400, "n", lambda: client.chat.completions.create(model=model_id, messages=CHAT, n=0))
+    error(400, "n: Input should be less than or equal to 16",
+          lambda: client.completions.create(model=model_id, prompt=PROMPT, n=17))
+    error(400, "n: Input should be greater than or equal to 1",
+          lambda: client.chat.completions.create(model=model_id, messages=CHAT, n=0))
     error(400, "seed", lambda: client.completions.create(model=model_id, prompt=PROMPT, seed=2**70))
     error(400, "temperature", lambda: client.completions.create(model=model_id, prompt=PROMPT, temperature=-1))
     long_prompt = "colors " * (2 * CTX)
@@ -567,7 +569,7 @@ def test_n_choices_are_the_seeds_one_request_each(server, model_id):
     assert [c.message.content for c in three.choices] == [r.choices[0].message.content for r in alone]
     assert len({c.message.content for c in three.choices}) > 1  # (three samples at T 0.9 of 8 tokens: not all one)
     assert three.usage.completion_tokens == sum(r.usage.completion_tokens for r in alone)
-    assert three.usage.prompt_tokens == 3 * alone[0].usage.prompt_tokens
+    assert three.usage.prompt_tokens == alone[0].usage.prompt_tokens  # the prompt counted once, as OpenAI does
     chunks = list(client.chat.completions.create(messages=CHAT, n=3, stream=True, **sampled))
     for j, want in enumerate(three.choices):
         mine = [c.choices[0] for c in chunks if c.choices and c.choices[0].index == j]
@@ -576,10 +578,24 @@ def test_n_choices_are_the_seeds_one_request_each(server, model_id):
     prompts = [PROMPT, "Water boils at"]
     batch = client.completions.create(model=model_id, prompt=prompts, n=2, temperature=0.9, seed=7, max_tokens=6)
     assert [c.index for c in batch.choices] == [0, 1, 2, 3]
-    for i, prompt in enumerate(prompts):
-        for j in range(2):
-            one = client.completions.create(model=model_id, prompt=prompt, temperature=0.9, seed=7 + j, max_tokens=6)
-            assert batch.choices[i * 2 + j].text == one.choices[0].text, (i, j)
+    ones = [[client.completions.create(model=model_id, prompt=prompt, temperature=0.9, seed=7 + j, max_tokens=6)
+             for j in range(2)] for prompt in prompts]
+    for i, j in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        assert batch.choices[i * 2 + j].text == ones[i][j].choices[0].text, (i, j)
+    assert batch.usage.prompt_tokens == sum(o[0].usage.prompt_tokens for o in ones)
+    assert batch.usage.completion_tokens == sum(r.usage.completion_tokens for o in ones for r in o)
+    streamed = list(client.completions.create(model=model_id, prompt=prompts, n=2, temperature=0.9, seed=7,
+                                              max_tokens=6, stream=True, stream_options={"include_usage": True}))
+    for k, want in enumerate(batch.choices):
+        assert "".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == k) == want.text
+    assert streamed[-1].usage == batch.usage
+    # seeds at the ends of the range: choice 1 of 2^64 - 1 wraps to 0; a negative seed's choices are those after it
+    top = client.completions.create(model=model_id, prompt=PROMPT, n=2, temperature=0.9, seed=2**64 - 1, max_tokens=6)
+    zero = client.completions.create(model=model_id, prompt=PROMPT, temperature=0.9, seed=0, max_tokens=6)
+    assert top.choices[1].text == zero.choices[0].text
+    low = client.completions.create(model=model_id, prompt=PROMPT, n=2, temperature=0.9, seed=-5, max_tokens=6)
+    after = client.completions.create(model=model_id, prompt=PROMPT, temperature=0.9, seed=2**64 - 4, max_tokens=6)
+    assert low.choices[1].text == after.choices[0].text
 
 
 def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engine, loaded):
@@ -982,6 +998,23 @@ def test_text_stream_holds_back_stop_strings_and_split_characters():
     # a character split over two tokens comes out whole; what is held at the end is flushed
     pieces, tail, stopped = run([7, 8, 5], [" END"])
     assert pieces == ["", "\u00e9", ""] and tail == " E" and not stopped
+
+
+def test_text_stream_finds_a_stop_string_in_the_flushed_text():
+    """The last tokens' unfinished character comes out at the flush, and a stop string there still cuts the text: the
+    tokens from the stop string on are not handed out; without one, they all are."""
+    from spqt.serve.text import TextStream
+
+    vocab = [b"x", b"D\xe2", b"EN", b"y"]
+
+    def decode(ids):
+        return b"".join(vocab[i] for i in ids).decode("utf-8", errors="replace")
+
+    for ids, stops, text, released in (([0, 1], ["D"], "x", 1), ([2, 1], ["END"], "", 0),
+                                       ([0, 1], ["Q"], "xD\ufffd", 2), ([3, 1], [], "yD\ufffd", 2)):
+        ts = TextStream(decode, stops)
+        out = "".join(ts.feed(t) for t in ids) + ts.flush()
+        assert (out, ts.stopped, ts.released()) == (text, bool(released < len(ids)), released), (ids, stops)
 
 
 def test_text_stream_of_random_tokens_is_the_decoding_of_them_all(engine, rng):

@@ -5,8 +5,8 @@ API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and 
 param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
 context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (n choices, of each of a
 batch of completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with
-`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]`. Cross-origin requests from a browser
-(CORS) are answered only for the origins `spqt serve --allow-origin` names.
+`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]`. Cross-origin
+requests from a browser (CORS) are answered only for the origins `spqt serve --allow-origin` names.
 """
 
 import asyncio
@@ -200,7 +200,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     yield chunk({}, j, finish=result.finish_reason)
                     results.append(result)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield chunk({}, usage=p.usage(*results), choices=False)
+                    yield chunk({}, usage=p.usage(results, req.n), choices=False)
 
             return sse(events(), jobs)
         choices, results = [], []
@@ -210,7 +210,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                         finish_reason=result.finish_reason, logprobs=logprobs(tokens)))
             results.append(result)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,
-                                usage=p.usage(*results))
+                                usage=p.usage(results, req.n))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
@@ -244,7 +244,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                     yield body("", i, finish=result.finish_reason)
                     results.append(result)
                 if req.stream_options and req.stream_options.include_usage:
-                    yield body("", usage=p.usage(*results), choices=False)
+                    yield body("", usage=p.usage(results, req.n), choices=False)
 
             return sse(events(), jobs)
         choices, results = [], []
@@ -252,7 +252,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             text, tokens, result = await collect(request, job)
             choices.append(body(text, i, finish=result.finish_reason, tokens=tokens).choices[0])
             results.append(result)
-        return p.Completion(id=rid, created=created, model=info.model_id, choices=choices, usage=p.usage(*results))
+        return p.Completion(id=rid, created=created, model=info.model_id, choices=choices,
+                            usage=p.usage(results, req.n))
 
     async def run_job(request: Request, job: Job) -> AsyncIterator[tuple[str, list[TokenLogprob],
                                                                           GenerationResult | None]]:

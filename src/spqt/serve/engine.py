@@ -182,7 +182,9 @@ class Engine:
             result = replace(result, prefill_seconds=scoring + result.prefill_seconds, cached_tokens=0)
         if not job.cancelled.is_set():
             post(text.flush())
-            if ending:
+            if text.stopped and result.finish_reason == "length":  # a stop string in the last tokens' unfinished
+                result = replace(result, finish_reason="stop")  # character's text, which only the flush decodes
+            elif ending:
                 job.emit("text", ("", ending))
         return self._finish(job, result, start)
 

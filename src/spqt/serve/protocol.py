@@ -25,7 +25,7 @@ from spqt.serve.logprobs import Named, TokenLogprob
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's `until` strings and the end-of-text one (6 for
 # humaneval), and vLLM and llama.cpp take any number
 MAX_STOP_STRINGS = 16
-MAX_PROMPTS = 256  # prompts in one completions request (each one a Job, all made before the first runs)
+MAX_PROMPTS = 256  # prompts in one completions request (each one n Jobs, all made before the first runs)
 MAX_CHOICES = 16  # n, choices of each prompt
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
@@ -331,11 +331,13 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails
 
 
-def usage(*results) -> Usage:
-    """Finished generations' counts, summed (results: spqt.generate.GenerationResult, one a choice)."""
-    prompt, completion = sum(r.prompt_tokens for r in results), sum(len(r.tokens) for r in results)
+def usage(results: list, n: int = 1) -> Usage:
+    """A request's counts (results: spqt.generate.GenerationResult, one a choice, a prompt's n choices in a row): each
+    prompt counted once, as OpenAI and vLLM count it (its first choice's cached tokens), every choice's completion."""
+    firsts = results[::n]
+    prompt, completion = sum(r.prompt_tokens for r in firsts), sum(len(r.tokens) for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(r.cached_tokens for r in results)))
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=sum(r.cached_tokens for r in firsts)))
 
 
 class TopLogprob(BaseModel):
