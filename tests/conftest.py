@@ -105,6 +105,19 @@ def generator_logprobs(loaded, device: str, prompt: list[int], n: int, max_len: 
     return [(t, torch.log_softmax(lg[0].double(), -1)) for t, lg in zip(result.tokens, seen)]
 
 
+def prefix_logprobs(loaded, device: str, prompt: list[int], max_len: int) -> list[torch.Tensor]:
+    """(vocab,) float64 log-softmax of the logits after each prefix prompt[:i], i = 1 .. n - 1 (what predicts
+    prompt[i]): a fresh dense Generator's prefill of each, one generate() a prefix."""
+    from spqt.generate import Generator
+
+    gen, rows = Generator(loaded, device, max_len=max_len), []
+    for i in range(1, len(prompt)):
+        seen = []
+        gen.generate(prompt[:i], 1, on_logits=seen.append, track=False)
+        rows.append(torch.log_softmax(seen[0][0].double(), -1))
+    return rows
+
+
 @torch.inference_mode()
 def token_by_token_logprobs(gen, prompt: list[int], sparse: bool) -> torch.Tensor:
     """(n - 1, vocab) float64 log-softmax of the logits at positions 0 .. n - 2, one token a forward (a decode

@@ -29,7 +29,7 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 
 from spqt import cli  # noqa: E402
 from spqt.cli import main  # noqa: E402
-from conftest import generator_logprobs, serving, token_by_token_logprobs  # noqa: E402
+from conftest import generator_logprobs, prefix_logprobs, serving, token_by_token_logprobs  # noqa: E402
 
 KEY = "test-key-17"
 CTX = 256
@@ -604,15 +604,9 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
     logprob the model's given the tokens before it (here a Generator's prefill of those; the first token's null), with
     its most likely tokens; the answer's entries those of the request without echo, offset past the prompt's text;
     a batch's choices each its prompt's alone, streamed or not, usage summed."""
-    from spqt.generate import Generator
-
     client, tok = server.client(), engine.tokenizer
     ids = tok.encode(PROMPT)
-    gen, reference = Generator(loaded, "cpu", max_len=CTX), []
-    for i in range(1, len(ids)):
-        seen = []
-        gen.generate(ids[:i], 1, on_logits=seen.append, track=False)
-        reference.append(torch.log_softmax(seen[0][0].double(), -1))
+    reference = prefix_logprobs(loaded, "cpu", ids, CTX)
     only = client.completions.create(model=model_id, prompt=PROMPT, echo=True, logprobs=3, max_tokens=0, temperature=0)
     choice, lp = only.choices[0], only.choices[0].logprobs
     assert (choice.text, choice.finish_reason) == (PROMPT, "length")

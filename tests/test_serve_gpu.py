@@ -7,9 +7,8 @@ import http.client
 import json
 
 import pytest
-import torch
 
-from conftest import generator_logprobs, serving
+from conftest import generator_logprobs, prefix_logprobs, serving
 
 pytestmark = pytest.mark.gpu
 
@@ -176,12 +175,10 @@ def test_cuda_server_logprobs_of_a_small_model(tiny_spqt):
         assert max(top.values()) == pytest.approx(value)
 
 
-@pytest.mark.gpu
 def test_cuda_server_echo_of_a_small_model(tiny_spqt):
     """The CUDA server's echo (lm-evaluation-harness's request: token ids, echo, logprobs 1, max_tokens 1): the
     prompt's logprobs are a CUDA Generator's prefill of each prefix, the answer token the one without echo."""
     from spqt.checkpoint import load_spqt
-    from spqt.generate import Generator
     from spqt.serve.engine import Engine
 
     loaded = load_spqt(tiny_spqt)
@@ -196,9 +193,5 @@ def test_cuda_server_echo_of_a_small_model(tiny_spqt):
     lp = echoed["choices"][0]["logprobs"]
     assert echoed["choices"][0]["text"] == engine.tokenizer.decode(ids) + plain["choices"][0]["text"]
     assert lp["tokens"][len(ids):] == plain["choices"][0]["logprobs"]["tokens"] and lp["token_logprobs"][0] is None
-    gen = Generator(loaded, "cuda", max_len=64)
-    for i in range(1, len(ids)):
-        seen = []
-        gen.generate(ids[:i], 1, on_logits=seen.append, track=False)
-        assert lp["token_logprobs"][i] == pytest.approx(float(torch.log_softmax(seen[0][0].double(), -1)[ids[i]]),
-                                                        abs=2e-2)
+    for i, reference in enumerate(prefix_logprobs(loaded, "cuda", ids, 64), start=1):
+        assert lp["token_logprobs"][i] == pytest.approx(float(reference[ids[i]]), abs=2e-2)

@@ -187,18 +187,16 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                 return p.ChatCompletionChunk(id=rid, created=created, model=info.model_id, usage=usage,
                                              choices=[choice] if choices else [])
 
-            async def events():  # the n choices one after another, each chunk naming its choice
+            async def events():
                 results = []
-                for j, job in enumerate(jobs):
-                    yield chunk({"role": "assistant", "content": ""}, j)
-                    result = None
-                    async for piece, tokens, result in run_job(request, job):
-                        if piece or tokens:
-                            yield chunk({"content": piece}, j, tokens=tokens)
-                    if result is None:  # cancelled before its end (a finished job has its result, even if a stop
-                        raise cancelled(job)  # signal came after it)
-                    yield chunk({}, j, finish=result.finish_reason)
-                    results.append(result)
+                async for j, piece, tokens, result in run_choices(request, jobs):
+                    if piece is None:
+                        yield chunk({"role": "assistant", "content": ""}, j)
+                    elif result is not None:
+                        yield chunk({}, j, finish=result.finish_reason)
+                        results.append(result)
+                    elif piece or tokens:
+                        yield chunk({"content": piece}, j, tokens=tokens)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(results, req.n), choices=False)
 
@@ -232,17 +230,14 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                 choices=[choice] if choices else [])
 
         if req.stream:
-            async def events():  # the choices one after another, each chunk naming its own
+            async def events():
                 results = []
-                for i, job in enumerate(jobs):
-                    result = None
-                    async for piece, tokens, result in run_job(request, job):
-                        if piece or tokens:
-                            yield body(piece, i, tokens=tokens)
-                    if result is None:  # cancelled before its end (a finished job has its result, even if a stop
-                        raise cancelled(job)  # signal came after it)
-                    yield body("", i, finish=result.finish_reason)
-                    results.append(result)
+                async for i, piece, tokens, result in run_choices(request, jobs):
+                    if result is not None:
+                        yield body("", i, finish=result.finish_reason)
+                        results.append(result)
+                    elif piece or tokens:
+                        yield body(piece, i, tokens=tokens)
                 if req.stream_options and req.stream_options.include_usage:
                     yield body("", usage=p.usage(results, req.n), choices=False)
 
@@ -276,6 +271,20 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         finally:
             watcher.cancel()
             job.cancel()  # no-op when it finished; frees the model when the stream was dropped
+
+    async def run_choices(request: Request, jobs: list[Job]) -> AsyncIterator[tuple[int, str | None,
+                                                                                   list[TokenLogprob],
+                                                                                   GenerationResult | None]]:
+        """A request's jobs (its choices) one after another: (index, None, [], None) as job `index` is queued, then
+        run_job's events with its index. Raises cancelled(job) where one ends without its result (a finished job has
+        its result, even if a stop signal came after it)."""
+        for i, job in enumerate(jobs):
+            yield i, None, [], None
+            result = None
+            async for piece, tokens, result in run_job(request, job):
+                yield i, piece, tokens, result
+            if result is None:
+                raise cancelled(job)
 
     async def collect(request: Request, job: Job) -> tuple[str, list[TokenLogprob], GenerationResult]:
         pieces, tokens, result = [], [], None

@@ -146,8 +146,10 @@ class Engine:
         echoed = 0 if job.echo is None else len(job.echo)  # where the answer's text starts in the text returned
         scoring = 0.0  # seconds of the prompt's scoring pass (an echo's logprobs)
         if job.echo is not None:
-            entries = self._prompt_logprobs(job, steps) if steps else []
-            scoring = time.perf_counter() - start if steps else 0.0
+            entries = []
+            if steps:
+                entries = self._prompt_logprobs(job, steps)
+                scoring = time.perf_counter() - start
             if not job.cancelled.is_set():
                 job.emit("text", (job.echo, entries))
         if job.max_tokens == 0 or job.cancelled.is_set():

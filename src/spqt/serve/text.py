@@ -41,12 +41,8 @@ class TextStream:
             return ""
         self.ids.append(token)
         self.starts.append(len(self.text))
-        before = self.decode(self.ids[self._prefix:self._read])
-        after = self.decode(self.ids[self._prefix:])
-        if len(after) <= len(before) or after.endswith(INCOMPLETE):
+        if not self._read_new(whole_characters=True):
             return ""
-        self.text += after[len(before):]
-        self._prefix, self._read = self._read, len(self.ids)
         pending = self.text[self.sent:]
         stop = self._stop(pending)
         return self._take(stop if stop is not None else len(pending) - self._held(pending))
@@ -56,11 +52,7 @@ class TextStream:
         a character the last tokens left unfinished (U+FFFD, as decoding them all gives)."""
         if self.stopped:
             return ""
-        before = self.decode(self.ids[self._prefix:self._read])
-        after = self.decode(self.ids[self._prefix:])
-        if len(after) > len(before):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
+        self._read_new(whole_characters=False)
         pending = self.text[self.sent:]
         stop = self._stop(pending)
         self._flushed = stop is None
@@ -69,6 +61,17 @@ class TextStream:
     def released(self) -> int:
         """How many of the tokens fed so far belong to the text handed out (see the module's docstring)."""
         return len(self.starts) if self._flushed else bisect.bisect_left(self.starts, self.sent)
+
+    def _read_new(self, whole_characters: bool) -> bool:
+        """Take the text of the tokens not read yet into self.text (whole_characters: not where it ends in an
+        unfinished character); whether it did."""
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (whole_characters and after.endswith(INCOMPLETE)):
+            return False
+        self.text += after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        return True
 
     def _stop(self, pending: str) -> int | None:
         """Where the first stop string in pending starts (then nothing more comes out), else None."""
