@@ -1,6 +1,7 @@
-"""lm-evaluation-harness against `spqt serve`: the same two tasks through the server (lm-eval's local-completions:
-token ids, echo, logprobs, max_tokens 1) and through lm-eval's own Hugging Face model on the same float weights (the
-default model's GGUF dequantized by transformers), each document's loglikelihoods and the metrics compared.
+"""lm-evaluation-harness against `spqt serve`: the same three tasks through the server (lm-eval's local-completions:
+token ids, echo, logprobs, max_tokens 1; generations with stop strings) and through lm-eval's own Hugging Face model
+on the same float weights (the default model's GGUF dequantized by transformers), each document's loglikelihoods,
+greedy answers and the metrics compared; with --chat, the generations through the chat endpoint too.
 
 lm-eval runs in an environment of its own (it pins what this project does not), for example
 
@@ -10,7 +11,8 @@ lm-eval runs in an environment of its own (it pins what this project does not), 
 
 The tasks, written to a temporary folder as local files: a rolling loglikelihood (lm-eval's word / byte perplexity,
 as its wikitext task) over the first --docs articles of --text, windows of --max-length tokens, and a multiple-choice
-task of the 16 questions below (loglikelihood of each choice after its question). spqt serve runs the GGUF (its float
+task of the 16 questions below (loglikelihood of each choice after its question), and a generation task of the same
+questions (greedy, up to 24 tokens, until a newline or a full stop). spqt serve runs the GGUF (its float
 weights, as transformers reads them) on the CPU, dense, --ctx --max-length (lm-eval's prompts of max_length - 1 tokens
 and the one it asks for); lm-eval's HF model gets max_length - 2, which gives it the same windows. Anything else on
 the command line goes to spqt serve (--device; --sparsity, where the two differ by design: the prompt scored sparse; with --serve-model default,
@@ -78,6 +80,26 @@ metric_list:
   - metric: acc
 """
 
+GENERATE = """task: spqt_generate
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", "."]
+  max_gen_toks: 24
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+TASKS = ("spqt_rolling", "spqt_choice", "spqt_generate")
+
 
 def articles(text: str, n: int) -> list[str]:
     """The first n articles of a WikiText raw file: each from its ' = Title = ' line to the next."""
@@ -85,19 +107,21 @@ def articles(text: str, n: int) -> list[str]:
     return [text[a:b].strip("\n") for a, b in zip(starts, starts[1:] + [len(text)])][:n]
 
 
-def lm_eval(python: str, model: str, model_args: str, tasks: Path, out: Path) -> dict:
-    """One lm-eval run of both tasks -> {task: (metrics, [per-document responses, in document order])}."""
-    cmd = [python, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args, "--tasks", "spqt_rolling",
-           "spqt_choice", "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]
-    subprocess.run(cmd, check=True)
+def lm_eval(python: str, model: str, model_args: str, tasks: Path, out: Path, names=TASKS, chat=False) -> dict:
+    """One lm-eval run of the named tasks -> {task: (metrics, [per-document responses, in document order])}: a
+    loglikelihood as a float, a generation as its text."""
+    cmd = [python, "-m", "lm_eval", "run", "--model", model, "--model_args", model_args, "--tasks", *names,
+           "--include_path", str(tasks), "--output_path", str(out), "--log_samples"]
+    subprocess.run(cmd + (["--apply_chat_template"] if chat else []), check=True)
     found = {}
-    for task in ("spqt_rolling", "spqt_choice"):
+    for task in names:
         samples = sorted(out.rglob(f"samples_{task}_*.jsonl"))[-1]
         docs = sorted((json.loads(line) for line in samples.read_text().splitlines()), key=lambda d: d["doc_id"])
         results = json.loads(sorted(out.rglob("results_*.json"))[-1].read_text())["results"][task]
         # a document's responses: rolling, its loglikelihood; multiple choice, (loglikelihood, is_greedy) a choice
         found[task] = ({k: v for k, v in results.items() if isinstance(v, float)},
-                       [[float(r[0]) if isinstance(r, list) else float(r) for r in d["filtered_resps"]] for d in docs])
+                       [[r if task == "spqt_generate" else float(r[0]) if isinstance(r, list) else float(r)
+                         for r in d["filtered_resps"]] for d in docs])
     return found
 
 
@@ -111,6 +135,8 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="write the tasks, logs and lm-eval's outputs here (kept)")
     ap.add_argument("--serve-model", help="what spqt serve serves (default: the default model's GGUF, the HF model's "
                     "weights; 'default': its zigzag Q4_K .spqt, calibrated, so --sparsity auto has a level)")
+    ap.add_argument("--chat", action="store_true", help="also the generation task through the chat endpoint "
+                    "(local-chat-completions) against the HF model, both with the model's chat template")
     args, extra = ap.parse_known_args()
     from spqt.default_model import default_gguf
 
@@ -129,6 +155,9 @@ def main() -> int:
         tasks.mkdir(exist_ok=True)
         (tasks / "spqt_rolling.yaml").write_text(ROLLING.format(data=tmp / "rolling.jsonl"))
         (tasks / "spqt_choice.yaml").write_text(CHOICE.format(data=tmp / "choice.jsonl"))
+        (tmp / "generate.jsonl").write_text("".join(json.dumps({"question": q, "answer": c[i].strip()}) + "\n"
+                                                    for q, c, i in QUESTIONS))
+        (tasks / "spqt_generate.yaml").write_text(GENERATE.format(data=tmp / "generate.jsonl"))
         served_model = None if args.serve_model == "default" else args.serve_model or str(gguf)
         proc, url, _ = start(served_model, "cpu", "0", tmp / "serve.log", ["--ctx", str(args.max_length), *extra])
         try:
@@ -137,6 +166,10 @@ def main() -> int:
             served = lm_eval(args.lm_eval_python, "local-completions",
                              f"model={name},base_url={url}/v1/completions,tokenizer_backend=huggingface,"
                              f"tokenizer={tokenizer},max_length={args.max_length}", tasks, tmp / "served")
+            if args.chat:  # the chat endpoint: lm-eval applies no template, the server applies the model's
+                served_chat = lm_eval(args.lm_eval_python, "local-chat-completions",
+                                      f"model={name},base_url={url}/v1/chat/completions", tasks, tmp / "served-chat",
+                                      names=("spqt_generate",), chat=True)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
@@ -147,16 +180,30 @@ def main() -> int:
         # tokens after one of context; its HF model rolls windows of max_length: the same windows at max_length - 2
         reference = lm_eval(args.lm_eval_python, "hf", f"pretrained={gguf.parent},gguf_file={gguf.name},"
                             f"dtype=float32,max_length={args.max_length - 2}", tasks, tmp / "hf")
+        if args.chat:
+            reference_chat = lm_eval(args.lm_eval_python, "hf", f"pretrained={gguf.parent},gguf_file={gguf.name},"
+                                     f"dtype=float32", tasks, tmp / "hf-chat", names=("spqt_generate",), chat=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip()
     report = {"commit": commit, "docs": len(docs), "questions": len(QUESTIONS), "max_length": args.max_length,
               "server_requests": requests, "serve_args": extra, "served_model": served_model or "default",
               "served": level.group(1) if level else "?"}
     print(f"{'metric':>28s} {'spqt serve':>12s} {'lm-eval hf':>12s}")
-    for task in ("spqt_rolling", "spqt_choice"):
-        (mine, mine_docs), (theirs, their_docs) = served[task], reference[task]
+    runs = [(task, served[task], reference[task]) for task in TASKS]
+    if args.chat:
+        runs.append(("spqt_generate chat", served_chat["spqt_generate"], reference_chat["spqt_generate"]))
+    for task, (mine, mine_docs), (theirs, their_docs) in runs:
         for name in sorted(theirs):
             print(f"{task + ' ' + name:>28s} {mine.get(name, float('nan')):12.5f} {theirs[name]:12.5f}")
+        if task.startswith("spqt_generate"):  # greedy answers: the same text from both?
+            same = [x == y for x, y in zip(mine_docs, their_docs, strict=True)]
+            print(f"{task:>28s} answers: {sum(same)} of {len(same)} the same text")
+            for (x,), (y,), s in zip(mine_docs, their_docs, same):
+                if not s:
+                    print(f"{'':>28s} served {x!r}, hf {y!r}")
+            report[task] = {"served": mine, "hf": theirs, "same_answers": sum(same), "answers": len(same),
+                            "different": [[x, y] for (x,), (y,), s in zip(mine_docs, their_docs, same) if not s]}
+            continue
         diffs = [abs(a - b) for x, y in zip(mine_docs, their_docs, strict=True) for a, b in zip(x, y, strict=True)]
         print(f"{task:>28s} loglikelihoods: largest difference {max(diffs):.2e} (of {len(diffs)}; magnitudes up to "
               f"{max(abs(v) for x in their_docs for v in x):.0f})")
