@@ -620,8 +620,8 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
         assert alts.keys() == expected.keys() and list(alts.values()) == pytest.approx(list(expected.values()), abs=2e-3)
     # with an answer: the prompt given as token ids, the answer as without echo
     plain = client.completions.create(model=model_id, prompt=PROMPT, logprobs=3, **GREEDY).choices[0]
-    echoed = client.completions.create(model=model_id, prompt=ids, echo=True, logprobs=3, **GREEDY)
-    both = echoed.choices[0].logprobs
+    echoed = client.completions.create(model=model_id, prompt=ids, echo=True, logprobs=4, **GREEDY)  # (4: scored
+    both = echoed.choices[0].logprobs  # again, not the last scores' 3 kept)
     assert echoed.choices[0].text == PROMPT + plain.text and both.tokens == lp.tokens + plain.logprobs.tokens
     assert both.token_logprobs[0] is None and both.top_logprobs[0] is None
     assert both.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:] + plain.logprobs.token_logprobs, abs=2e-3)
@@ -658,6 +658,36 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
     assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
     one = client.completions.create(model=model_id, prompt=ids[:1], echo=True, logprobs=2, max_tokens=0).choices[0]
     assert one.logprobs.token_logprobs == [None] and one.logprobs.top_logprobs == [None]
+
+
+def test_a_prompt_scored_once_for_its_choices_and_again_for_more_top_tokens(server, model_id, engine, monkeypatch):
+    """The last prompt scored is kept: a request's n echoed choices and a repeat of the prompt with as many top
+    tokens or fewer run one scoring pass, with the same entries as a pass each (the fewer top tokens the first of
+    the kept ones); a different prompt or more top tokens run a pass again."""
+    client, passes = server.client(), []
+    score = engine.generator.score
+    monkeypatch.setattr(engine, "scored", None)
+    monkeypatch.setattr(engine.generator, "score", lambda prompt, top, **kw: passes.append(top) or score(prompt, top,
+                                                                                                          **kw))
+    ask = dict(model=model_id, prompt=PROMPT, echo=True, max_tokens=2, temperature=0.9, seed=3)
+    two = client.completions.create(n=2, logprobs=3, **ask)
+    assert passes == [3]
+    alone = [client.completions.create(logprobs=3, **{**ask, "seed": 3 + j}).choices[0] for j in range(2)]
+    fewer = client.completions.create(logprobs=1, **ask).choices[0]
+    assert passes == [3]
+    monkeypatch.setattr(engine, "scored", None)
+    fresh = client.completions.create(logprobs=1, **ask).choices[0]
+    assert passes == [3, 1]
+    n = len(engine.tokenizer.encode(PROMPT))
+    for got, want in zip(two.choices, alone, strict=True):
+        assert (got.text, got.logprobs.tokens) == (want.text, want.logprobs.tokens)
+        assert got.logprobs.token_logprobs[1:] == pytest.approx(want.logprobs.token_logprobs[1:], abs=1e-6)
+        assert got.logprobs.top_logprobs[1:n] == want.logprobs.top_logprobs[1:n]
+    assert fewer.logprobs.token_logprobs[1:n] == fresh.logprobs.token_logprobs[1:n]
+    assert fewer.logprobs.top_logprobs[1:n] == fresh.logprobs.top_logprobs[1:n]
+    client.completions.create(logprobs=4, **ask)
+    client.completions.create(logprobs=1, **{**ask, "prompt": PROMPT + " and"})
+    assert passes == [3, 1, 4, 1]
 
 
 def test_echo_lists_the_stop_token_that_ended_the_answer(server, model_id, engine, loaded, monkeypatch):

@@ -17,7 +17,9 @@ against 12.8 ms (docs/RESULTS.md, thirty-fifth session); on the CPU it saves sec
 An echo (/v1/completions): the prompt's text first; with logprobs its tokens' entries (Generator.score at the served
 level, one more pass over the prompt, whose dense cache the prefill then takes up), and where the answer ends on a
 stop token, that token's entry last (its text is not the answer's): lm-evaluation-harness reads exactly one entry
-after the prompt's from a max_tokens 1 request, whichever token the model gave.
+after the prompt's from a max_tokens 1 request, whichever token the model gave. The last prompt scored is kept, so a
+request's further choices (n) and a repeated prompt take its scores without another pass (the pass is deterministic
+at the fixed level).
 """
 
 import logging
@@ -29,7 +31,7 @@ import torch
 
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
-from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator
+from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator, PromptScores
 from spqt.serve.logprobs import StepLogprobs, TokenLogprob
 from spqt.serve.scheduler import Job
 from spqt.serve.text import TextStream, token_starts
@@ -98,6 +100,7 @@ class Engine:
                                    criterion=criterion, backend=backend, dense_fallback=dense_fallback)
         self.stop_ids = self.tokenizer.stop_ids
         self.prompt_cache = True if prompt_cache is None else prompt_cache
+        self.scored: tuple[tuple[int, ...], PromptScores] | None = None  # the last prompt scored whole, its scores
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
         # costs little, so GPU timings in the log are the plain decode; not where every map runs dense
         dense_step = self.generator.dense_step_reason()
@@ -144,12 +147,12 @@ class Engine:
         tokens, posted = [], 0  # the answer tokens' logprobs entries, how many were posted
         start = time.perf_counter()
         echoed = 0 if job.echo is None else len(job.echo)  # where the answer's text starts in the text returned
-        scoring = 0.0  # seconds of the prompt's scoring pass (an echo's logprobs)
+        scoring = 0.0  # seconds of the prompt's scoring pass (an echo's logprobs), 0 where none ran
         if job.echo is not None:
             entries = []
             if steps:
-                entries = self._prompt_logprobs(job, steps)
-                scoring = time.perf_counter() - start
+                entries, passed = self._prompt_logprobs(job, steps)
+                scoring = time.perf_counter() - start if passed else 0.0
             if not job.cancelled.is_set():
                 job.emit("text", (job.echo, entries))
         if job.max_tokens == 0 or job.cancelled.is_set():
@@ -190,14 +193,22 @@ class Engine:
                 job.emit("text", ("", ending))
         return self._finish(job, result, start)
 
-    def _prompt_logprobs(self, job: Job, steps: StepLogprobs) -> list[TokenLogprob]:
-        """The entries of job.prompt's tokens (Generator.score at the served level), offsets in job.echo."""
-        scores = self.generator.score(job.prompt, job.logprobs, should_stop=job.cancelled.is_set)
+    def _prompt_logprobs(self, job: Job, steps: StepLogprobs) -> tuple[list[TokenLogprob], bool]:
+        """The entries of job.prompt's tokens (Generator.score at the served level), offsets in job.echo, and whether
+        a scoring pass ran (not where the last prompt scored was this one, with at least as many top tokens)."""
+        key, k = tuple(job.prompt), job.logprobs
+        if self.scored and self.scored[0] == key and self.scored[1].top_ids.shape[1] >= k:
+            kept, passed = self.scored[1], False
+            scores = PromptScores(kept.logprobs, kept.top_ids[:, :k], kept.top_logprobs[:, :k])
+        else:
+            scores, passed = self.generator.score(job.prompt, k, should_stop=job.cancelled.is_set), True
         if job.cancelled.is_set():
-            return []
+            return [], passed
+        if passed:
+            self.scored = (key, scores)
         added = job.prompt_added
         starts = [0] * added + token_starts(self.tokenizer.decode, job.prompt[added:])
-        return steps.prompt(job.prompt, scores, [min(at, len(job.echo)) for at in starts])
+        return steps.prompt(job.prompt, scores, [min(at, len(job.echo)) for at in starts]), passed
 
     def _finish(self, job: Job, result: GenerationResult, start: float) -> str:
         """The job's log line and its last event: ("done", result), or ("cancelled", None) where it was cancelled."""
