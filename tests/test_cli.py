@@ -16,6 +16,27 @@ def _error(capsys, argv, fragment):
     assert len(err) == 1 and err[0].startswith("spqt: error:") and fragment in err[0], err
 
 
+def test_generate_with_penalties_is_the_generators(tiny_spqt, capsys, tmp_path):
+    """generate's --repeat-penalty, --frequency-penalty, --presence-penalty and --min-p reach the Generator: the
+    text is its answer under the same Sampling (the tiny model repeats itself greedy; the penalties change that)."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator, Sampling
+    from spqt.tokenizer import TextTokenizer
+
+    record = tmp_path / "gen.json"
+    flags = ["--repeat-penalty", "1.5", "--frequency-penalty", "1", "--presence-penalty", "0.5", "--min-p", "0.05"]
+    assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "12", "--device", "cpu", *flags,
+                 "--json", str(record)]) == 0
+    got = json.loads(record.read_text())
+    loaded = load_spqt(tiny_spqt)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    sampling = Sampling(repetition_penalty=1.5, frequency_penalty=1.0, presence_penalty=0.5, min_p=0.05)
+    want = Generator(loaded, "cpu", max_len=64).generate(tok.encode("once upon a time"), 12, sampling).tokens
+    plain = Generator(loaded, "cpu", max_len=64).generate(tok.encode("once upon a time"), 12).tokens
+    assert got["text"] == tok.decode(want) and want != plain
+    assert got["sampling"]["repeat_penalty"] == 1.5 and got["sampling"]["min_p"] == 0.05
+
+
 def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
     """stdout holds the generated text alone (as `> out.txt` would keep it); the model line, the
     timing and the sparsity go to stderr; --json writes the same text with the figures."""
@@ -215,6 +236,11 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
                "finite temperature")
     _error(capsys, ["generate", model, "-p", "hi", "-n", "2", "--temperature", "1", "--seed", str(2**70),
                     "--device", "cpu"], "the seed must be in")
+    for flag, value, fragment in (("--repeat-penalty", "0", "repetition penalty must be"),
+                                  ("--frequency-penalty", "3", "frequency penalty must be in"),
+                                  ("--presence-penalty", "-2.5", "presence penalty must be in"),
+                                  ("--min-p", "1.5", "min-p must be in")):
+        _error(capsys, ["generate", model, "-p", "hi", "-n", "2", flag, value, "--device", "cpu"], fragment)
     _error(capsys, ["perplexity", model, "--data", str(binary), "--device", "cpu"], "not UTF-8 text")
     _error(capsys, ["calibrate", model, "--data", str(binary), "--device", "cpu"], "not UTF-8 text")
     _error(capsys, ["calibrate", model, "--data", str(tmp_path), "--device", "cpu"], "is a folder, not a text file")

@@ -457,8 +457,10 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage"),
                (chat, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
                (chat, {"messages": one_image}, "messages[0].content[0].type"),
-               (chat, {"frequency_penalty": 0.5}, "frequency_penalty"),
-               (chat, {"presence_penalty": -1}, "presence_penalty"), (chat, {"logit_bias": {"50": 10}}, "logit_bias"),
+               (chat, {"frequency_penalty": 2.5}, "frequency_penalty"),
+               (chat, {"presence_penalty": -3}, "presence_penalty"), (chat, {"logit_bias": {"a50": 10}}, "logit_bias"),
+               (text, {"logit_bias": {"50": 101}}, "logit_bias"), (text, {"logit_bias": {"50": "1"}}, "logit_bias.50"),
+               (text, {"logit_bias": {str(10**7): 1}}, "logit_bias"), (text, {"logit_bias": [1]}, "logit_bias"),
                (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": 1}, "logprobs"),
                (chat, {"top_logprobs": 2}, "top_logprobs"),
                (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -477,9 +479,12 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"modalities": ["text", "audio"]}, "modalities"), (chat, {"audio": {"voice": "alloy"}}, "audio"),
                (chat, {"web_search_options": {}}, "web_search_options"),
                (chat, {"reasoning_effort": "high"}, "reasoning_effort"), (chat, {"verbosity": "low"}, "verbosity"),
-               # other servers' sampling fields (vLLM, llama.cpp; Open WebUI sends min_p), not honoured here
-               (chat, {"min_p": 0.1}, "min_p"), (text, {"repetition_penalty": 1.2}, "repetition_penalty"),
-               (chat, {"repeat_penalty": 1.1}, "repeat_penalty"), (chat, {"typical_p": 0.9}, "typical_p"),
+               # other servers' sampling fields (vLLM, llama.cpp; Open WebUI sends min_p): out of range, or not
+               # honoured here
+               (chat, {"min_p": 1.5}, "min_p"), (text, {"repetition_penalty": 0}, "repetition_penalty"),
+               (chat, {"repeat_penalty": -1.1}, "repeat_penalty"), (chat, {"repeat_penalty": 101}, "repeat_penalty"),
+               (text, {"repetition_penalty": 1.2, "repeat_penalty": 1.1}, "repeat_penalty"),
+               (chat, {"typical_p": 0.9}, "typical_p"),
                (chat, {"min_tokens": 5}, "min_tokens"), (text, {"ignore_eos": True}, "ignore_eos")]
     for base, change, param in refused:
         path = "/v1/chat/completions" if base is chat else "/v1/completions"
@@ -495,6 +500,8 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                 {"frequency_penalty": 0, "presence_penalty": 0, "logit_bias": {}, "response_format": {"type": "text"},
                  "parallel_tool_calls": False, "tool_choice": "none"},
                 {"logprobs": False, "top_logprobs": 0}, {"logprobs": True, "top_logprobs": 20},
+                {"frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"50": 10, "7": -100}, "min_p": 0.1,
+                 "repetition_penalty": 1.2, "repeat_penalty": 1.2}, {"repeat_penalty": 1.1, "frequency_penalty": 2},
                 {"modalities": ["text"], "audio": None, "reasoning_effort": None, "store": False,
                  "service_tier": "auto", "prediction": {"type": "content", "content": "Red"}, "min_p": 0,
                  "repetition_penalty": 1, "typical_p": 1.0, "min_tokens": 0, "ignore_eos": False},
@@ -504,6 +511,38 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
     for change in accepted:
         status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())
         assert status == 200 and body["usage"]["completion_tokens"] == 1, (change, body)
+
+
+def test_penalties_and_logit_bias_are_the_generators(server, model_id, engine, loaded):
+    """OpenAI's frequency / presence penalties, logit_bias, and vLLM's repetition_penalty (llama.cpp's repeat_penalty)
+    and min_p: a completion is a Generator's answer under the same Sampling (greedy and seeded); a bias of +100 on a
+    token makes the answer that token; logprobs stay the model's own (the biased token's is not 0)."""
+    from spqt.generate import Generator, Sampling
+
+    client, tok = server.client(), engine.tokenizer
+    reference = Generator(loaded, "cpu", max_len=CTX)
+    shaping = dict(frequency_penalty=1.2, presence_penalty=0.4, repetition_penalty=1.3, min_p=0.05)
+    # (prompts no request before shares a prefix with: a whole prefill, as the reference's, not the prompt cache's)
+    for prompt, extra, sampling in (("Colours of the rainbow:", {}, Sampling(**shaping)),
+                                    ("My favourite animals are", {"temperature": 0.8, "seed": 5},
+                                     Sampling(0.8, seed=5, **shaping))):
+        ids = tok.encode(prompt)
+        body = {**GREEDY, "max_tokens": 20, **shaping, **extra}
+        got = client.completions.create(model=model_id, prompt=prompt, extra_body=body).choices[0].text
+        want = reference.generate(ids, 20, sampling, stop_ids=engine.stop_ids).tokens
+        plain = reference.generate(ids, 20, Sampling(**{k: v for k, v in extra.items() if k != "seed"}, seed=5),
+                                   stop_ids=engine.stop_ids).tokens
+        assert got == tok.decode([t for t in want if t not in engine.stop_ids]) and want != plain, extra
+    renamed = client.completions.create(model=model_id, prompt=PROMPT, **GREEDY,
+                                        extra_body={"repeat_penalty": 1.3}).choices[0].text
+    assert renamed == client.completions.create(model=model_id, prompt=PROMPT, **GREEDY,
+                                                extra_body={"repetition_penalty": 1.3}).choices[0].text
+    forced = tok.encode(" red")[-1]
+    r = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=3, temperature=0, logprobs=1,
+                                  logit_bias={str(forced): 100}).choices[0]
+    assert r.text == tok.decode([forced] * 3) and all(lp < -0.01 for lp in r.logprobs.token_logprobs[1:])
+    assert client.completions.create(model=model_id, prompt=PROMPT, max_tokens=3, temperature=0,
+                                     logit_bias={str(forced): -100}).choices[0].text != r.text
 
 
 def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine, loaded):

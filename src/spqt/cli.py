@@ -364,7 +364,9 @@ def cmd_generate(args) -> int:
         from spqt.checkpoint import check_writable
 
         check_writable(Path(args.json))  # before the (slow) load
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
+    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed, min_p=args.min_p,
+                        repetition_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
+                        presence_penalty=args.presence_penalty)
     device = resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
     dtype = _dtype(args.dtype, device)
     backend = _gemv_backend(args.gemv, device)
@@ -455,7 +457,9 @@ def cmd_generate(args) -> int:
                   "criterion": criterion if args.sparsity else None,
                   "achieved_sparsity": result.sparsity or None, "one_launch_route": kept,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                               "seed": args.seed}}
+                               "seed": args.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+                               "frequency_penalty": args.frequency_penalty,
+                               "presence_penalty": args.presence_penalty}}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return 0
 
@@ -1027,6 +1031,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the most likely one's "
+                   "probability (0 = off, the default)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide a positive logit (multiply a negative one) of a token the prompt or the answer "
+                        "holds by this (1 = off, the default; also applies greedy, which then runs a host step a token)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this from a token's logit for each time the answer holds it, in [-2, 2] (0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of each token the answer holds, in [-2, 2] (0 = off)")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "

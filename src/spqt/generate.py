@@ -4,7 +4,6 @@ Prompt tokens go through one dense prefill; each new token is one decode step wi
 thresholds on (when a sparsity level is chosen).
 """
 
-import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from spqt.errors import SpqtError
 from spqt.kernels.tuning import STEP_DENSE
 from spqt.linear import Linear
 from spqt.model import Block, Transformer
+from spqt.sampling import LogitShaper, Sampling, sample  # noqa: F401 (Sampling and sample: spqt.generate's names too)
 
 KV_BUCKET_MIN = 256  # the shortest attention span a decode graph is captured for
 # A CUDA prefill of n tokens runs padded to a bucket (a power of two from PREFILL_BUCKET_MIN, a multiple of
@@ -198,41 +198,6 @@ def achieved_sparsity(model: Transformer, reset: bool = True, counts: torch.Tens
     total = sum(sums.values())
     out["all"] = float(total[0] / total[1]) if total[1] > 0 else 0.0
     return out
-
-
-@dataclass
-class Sampling:
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        temperature_ok = math.isfinite(self.temperature) and self.temperature >= 0
-        if not temperature_ok or not (0 < self.top_p <= 1) or self.top_k < 0:
-            raise SpqtError("sampling needs a finite temperature >= 0, 0 < top-p <= 1, top-k >= 0")
-        if not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds (the server's range too)
-            raise SpqtError(f"the seed must be in [-2^63, 2^64), got {self.seed}")
-
-
-def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:
-    """logits: (B, vocab) float32 -> (B,) int64."""
-    if s.temperature < torch.finfo(torch.float32).tiny:  # 0, or so small that 1 / T is inf in float32 (CUDA
-        return logits.argmax(-1)  # divides by multiplying with it) or T itself rounds to 0: greedy
-    # Shifted to a top logit of 0 first: the rest only go towards -inf, where a tiny temperature (1e-37) made
-    # logits / temperature overflow float32 and the probabilities NaN. Softmax is shift-invariant, but not its
-    # rounding: a seeded sample may differ from the unshifted one's in a rare near-tie
-    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
-    if s.top_k:
-        kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if s.top_p < 1.0:
-        sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p > s.top_p
-        sorted_p = sorted_p.masked_fill(cut, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @dataclass
@@ -804,6 +769,8 @@ class Generator:
         Logits that are not finite numbers raise non_finite_error (after the prefill, at each step whose token the host
         reads, after the last of CUDA's greedy graph replays), the generator put back as a fresh one (_non_finite)."""
         self._check_prompt(prompt, max_new_tokens)
+        shaper = LogitShaper(sampling, prompt, self.loaded.config.vocab_size, self.device) \
+            if sampling.shapes_logits() else None
         gen = torch.Generator(device=self.device).manual_seed(sampling.seed) if sampling.temperature > 0 else None
         cached = self.reusable_prefix(prompt) if reuse else 0
         cached = cached if cached and self._reuse_pays(len(prompt), cached) else 0
@@ -815,7 +782,9 @@ class Generator:
         if on_logits:
             on_logits(logits[:, -1].float().cpu())
         self._check_finite(logits[:, -1], "of the prompt")  # (before sampling: a NaN probability is an error there)
-        token = sample(logits[:, -1], sampling, gen)
+        token = sample(shaper(logits[:, -1]) if shaper else logits[:, -1], sampling, gen)
+        if shaper:
+            shaper.add(token)
         self._sync()
         prefill = time.perf_counter() - start
         out, steps = [], []
@@ -825,7 +794,8 @@ class Generator:
         set_sparse(self.model, sparse, track=track and sparse)
         pos = len(prompt)
         finish = "length"
-        if self.use_graph and sampling.temperature == 0 and on_logits is None:
+        greedy_in_graph = self.use_graph and sampling.temperature == 0 and shaper is None
+        if greedy_in_graph and on_logits is None:
             t = int(token)
             out.append(t)
             if (on_token and on_token(t)) or t in stop_ids:
@@ -859,8 +829,13 @@ class Generator:
                 # error, on CUDA a device-side assert)
                 last = logits[:, -1]
                 finite = torch.isfinite(last).all()
-                greedy_in_graph = self.use_graph and sampling.temperature == 0
-                token = self.greedy_token if greedy_in_graph else sample(torch.where(finite, last, 0.0), sampling, gen)
+                if greedy_in_graph:
+                    token = self.greedy_token
+                else:
+                    last = torch.where(finite, last, 0.0)
+                    token = sample(shaper(last) if shaper else last, sampling, gen)
+                    if shaper:
+                        shaper.add(token)
                 self._sync()
                 if not bool(finite):
                     self._non_finite(f"after {len(out)} new tokens")

@@ -127,9 +127,14 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             seed = secrets.randbits(63)
         else:  # (choice 0: the seed as given, also a negative one, which torch takes as it is)
             seed = req.seed if choice == 0 else (req.seed + choice) % 2**64
+        vocab = engine.generator.loaded.config.vocab_size
+        bad = next((int(t) for t in req.logit_bias if int(t) >= vocab), None)
+        if bad is not None:
+            raise p.ApiError(400, f"logit_bias: token id {bad} is outside the model's vocabulary of {vocab}.",
+                             param="logit_bias", code="invalid_value")
         try:  # top_p 0 keeps the top token alone: greedy (Sampling takes a top_p above 0)
-            sampling = (Sampling(0.0, seed=seed) if req.top_p == 0 else
-                        Sampling(req.temperature, req.top_k, req.top_p, seed))
+            sampling = (Sampling(0.0, seed=seed, **req.shaping()) if req.top_p == 0 else
+                        Sampling(req.temperature, req.top_k, req.top_p, seed, **req.shaping()))
         except SpqtError as e:
             raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=room if req.max_tokens is None else req.max_tokens, sampling=sampling,

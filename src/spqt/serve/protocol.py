@@ -3,8 +3,10 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
-suffix, tools, penalties, logit_bias, JSON mode, audio, web search, reasoning effort, and the sampling fields of
-other servers that clients pass as extra fields, such as min_p) is refused rather than ignored. Other fields are
+suffix, tools, JSON mode, audio, web search, reasoning effort, and the sampling fields of other servers that clients
+pass as extra fields, such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and
+presence, vLLM's repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the
+choice as spqt.sampling says; logprobs stay the model's own. Other fields are
 ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
@@ -20,6 +22,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from spqt.sampling import MAX_LOGIT_BIAS
 from spqt.serve.logprobs import Named, TokenLogprob
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's `until` strings and the end-of-text one (6 for
@@ -27,6 +30,7 @@ from spqt.serve.logprobs import Named, TokenLogprob
 MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 256  # prompts in one completions request (each one n Jobs, all made before the first runs)
 MAX_CHOICES = 16  # n, choices of each prompt
+MAX_REPETITION_PENALTY = 100  # a finite bound (vLLM takes any value above 0; 1.0-1.5 is the usual range)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
 
@@ -149,7 +153,7 @@ class SamplingFields(RequestModel):
     stream_options: StreamOptions | None = None
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] = Field(default_factory=dict)
+    logit_bias: dict[str, float] = Field(default_factory=dict)  # token id (a decimal string) -> bias in [-100, 100]
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -167,20 +171,41 @@ class SamplingFields(RequestModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return [s for s in stops if s]
 
-    # Other servers' sampling fields (vLLM's, llama.cpp's; Open WebUI passes min_p on), sent as extra body fields:
-    # ignoring one would change the answer, so only its neutral value passes
-    min_p: float = 0.0
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, bias: dict[str, float]) -> dict[str, float]:
+        for key, value in bias.items():
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"the key {key!r} is not a token id")
+            if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+                raise ValueError(f"the bias of token {key} is {value}, outside [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+        return bias
+
+    # Other servers' sampling fields (vLLM's, llama.cpp's; Open WebUI passes min_p on), sent as extra body fields
+    min_p: float = Field(0.0, ge=0.0, le=1.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)  # vLLM's name
+    repeat_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)  # llama.cpp's name
+    # ignoring one of these would change the answer, so only its neutral value passes
     typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    repeat_penalty: float = 1.0  # llama.cpp's name
     min_tokens: int = 0
     ignore_eos: bool = False
 
-    _no_penalty = field_validator("frequency_penalty", "presence_penalty")(_off_only("not supported (only 0)"))
-    _no_bias = field_validator("logit_bias")(_off_only("not supported (only an empty map or null)"))
-    _no_extra_zero = field_validator("min_p", "min_tokens", "ignore_eos")(_off_only("not supported (only 0 or false)"))
-    _no_extra_one = field_validator("typical_p", "repetition_penalty", "repeat_penalty")(
-        _one_only("not supported (only 1)"))
+    _no_extra_zero = field_validator("min_tokens", "ignore_eos")(_off_only("not supported (only 0 or false)"))
+    _no_extra_one = field_validator("typical_p")(_one_only("not supported (only 1)"))
+
+    @field_validator("repeat_penalty")
+    @classmethod
+    def _one_repetition_penalty(cls, penalty: float, info: ValidationInfo) -> float:
+        if info.data.get("repetition_penalty", 1.0) not in (1.0, penalty) and penalty != 1.0:
+            raise ValueError("repeat_penalty is repetition_penalty under llama.cpp's name: give one, or both equal")
+        return penalty
+
+    def shaping(self) -> dict:
+        """Sampling's fields that shape the logits (spqt.sampling)."""
+        repetition = self.repetition_penalty if self.repetition_penalty != 1.0 else self.repeat_penalty
+        return dict(min_p=self.min_p, repetition_penalty=repetition,
+                    frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
+                    logit_bias={int(k): v for k, v in self.logit_bias.items()})
 
 
 class TextPart(RequestModel):

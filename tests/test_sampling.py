@@ -1,0 +1,104 @@
+"""spqt.sampling: the logits' bias and penalties against a float64 reference written here, min-p's draws, generate's
+choices against its own raw logits (greedy, host and CUDA paths), and Sampling's range checks."""
+
+import pytest
+import torch
+
+from spqt.errors import SpqtError
+from spqt.sampling import LogitShaper, Sampling, sample
+
+
+def shaped_reference(logits: torch.Tensor, s: Sampling, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """logits (vocab,) -> float64, one token at a time: bias; repetition over prompt + answer; frequency and
+    presence over the answer."""
+    out = logits.double().clone()
+    for token, bias in s.logit_bias.items():
+        out[token] += bias
+    for token in set(prompt) | set(answer):
+        r = s.repetition_penalty
+        out[token] = out[token] / r if out[token] > 0 else out[token] * r
+    for token in set(answer):
+        out[token] -= s.frequency_penalty * answer.count(token) + s.presence_penalty
+    return out
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_shaper_matches_the_reference(device, rng):
+    vocab = 1000
+    for case in range(6):
+        s = Sampling(repetition_penalty=float(rng.uniform(0.5, 2.0)) if case != 1 else 1.0,
+                     frequency_penalty=float(rng.uniform(-2, 2)) if case != 2 else 0.0,
+                     presence_penalty=float(rng.uniform(-2, 2)) if case != 3 else 0.0,
+                     logit_bias={int(t): float(rng.uniform(-100, 100)) for t in rng.integers(0, vocab, 5)}
+                     if case != 4 else {})
+        prompt = rng.integers(0, vocab, 30).tolist()
+        answer = rng.integers(0, vocab // 4, 40).tolist()  # (repeats: counts above 1)
+        shaper = LogitShaper(s, prompt, vocab, device)
+        for token in answer:
+            shaper.add(torch.tensor([token], device=device) if token % 2 else token)
+        logits = torch.from_numpy(rng.standard_normal((1, vocab)) * 5).float()
+        got = shaper(logits.to(device))[0].cpu().double()
+        want = shaped_reference(logits[0], s, prompt, answer)
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), case
+        assert torch.equal(logits, logits.clone())  # (the caller's logits untouched: checked below too)
+    plain = torch.randn(1, vocab).to(device)
+    before = plain.clone()
+    LogitShaper(Sampling(logit_bias={3: 5.0}, repetition_penalty=1.3), [3, 4], vocab, device)(plain)
+    assert torch.equal(plain, before)
+
+
+def test_min_p_draws_only_tokens_above_its_share(rng):
+    """min_p 0.4 over four tokens of probabilities 0.5, 0.3, 0.15, 0.05: the two below 0.2 never drawn, the others in
+    their renormalised shares (0.625, 0.375) over 20,000 draws; at min_p 0.09 the last (0.05 against 0.045) is drawn."""
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    draws = torch.stack([sample(probs.log(), Sampling(1.0, min_p=0.4), gen) for _ in range(20000)])
+    counts = torch.bincount(draws.view(-1), minlength=4).double() / draws.numel()
+    assert counts[2] == 0 and counts[3] == 0
+    assert counts[0].item() == pytest.approx(0.625, abs=0.015) and counts[1].item() == pytest.approx(0.375, abs=0.015)
+    wide = torch.stack([sample(probs.log(), Sampling(1.0, min_p=0.09), gen) for _ in range(4000)])
+    assert torch.bincount(wide.view(-1), minlength=4)[3] > 0
+
+
+def test_sampling_refuses_out_of_range_values():
+    for bad in (dict(min_p=1.5), dict(min_p=-0.1), dict(repetition_penalty=0.0), dict(repetition_penalty=float("inf")),
+                dict(frequency_penalty=2.5), dict(presence_penalty=-3.0), dict(logit_bias={-1: 1.0}),
+                dict(logit_bias={5: 100.5})):
+        with pytest.raises(SpqtError):
+            Sampling(**bad)
+    with pytest.raises(SpqtError, match="vocabulary of 100"):
+        LogitShaper(Sampling(logit_bias={100: 1.0}), [1], 100, "cpu")
+    assert not Sampling(min_p=0.3, top_k=4).shapes_logits() and Sampling(presence_penalty=0.1).shapes_logits()
+
+
+def generate_against_its_logits(gen, prompt: list[int], s: Sampling, n: int) -> list[int]:
+    """Generate with s, reading each step's raw logits (on_logits): each greedy token must be the argmax of the
+    reference's shaping of them, given the tokens before it."""
+    raw = []
+    tokens = gen.generate(prompt, n, s, on_logits=lambda logits: raw.append(logits[0])).tokens
+    assert len(raw) == len(tokens) == n
+    for i, (logits, token) in enumerate(zip(raw, tokens)):
+        want = shaped_reference(logits, s, prompt, tokens[:i])
+        assert want[token] >= want.max() - 1e-3, (i, token, int(want.argmax()))  # (a near-tie may go either way)
+    return tokens
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_greedy_generation_with_penalties_and_bias(device, tiny_spqt, rng):
+    """Greedy choices under the penalties and a bias are the shaped argmax of each step's own logits; a bias of +100
+    makes every token that token; without logprobs asked (CUDA's pipelined greedy graphs otherwise) the same tokens."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator
+
+    gen = Generator(load_spqt(tiny_spqt), device, max_len=64)
+    prompt = rng.integers(0, gen.loaded.config.vocab_size, 8).tolist()
+    plain = gen.generate(prompt, 24).tokens
+    penalised = Sampling(repetition_penalty=1.8, frequency_penalty=1.5, presence_penalty=0.5)
+    tokens = generate_against_its_logits(gen, prompt, penalised, 24)
+    assert tokens != plain  # (the tiny model repeats itself greedy: the penalties change its answer)
+    assert gen.generate(prompt, 24, penalised).tokens == tokens
+    forced = Sampling(logit_bias={plain[0]: -100.0, 7: 100.0})
+    assert generate_against_its_logits(gen, prompt, forced, 6) == [7] * 6
+    sampled = Sampling(0.8, seed=3, repetition_penalty=1.3, logit_bias={7: -100.0})
+    once, again = (gen.generate(prompt, 16, sampled).tokens for _ in range(2))
+    assert once == again and 7 not in once
