@@ -36,11 +36,12 @@ def test_shaper_matches_the_reference(device, rng):
         shaper = LogitShaper(s, prompt, vocab, device)
         for token in answer:
             shaper.add(torch.tensor([token], device=device) if token % 2 else token)
-        logits = torch.from_numpy(rng.standard_normal((1, vocab)) * 5).float()
-        got = shaper(logits.to(device))[0].cpu().double()
-        want = shaped_reference(logits[0], s, prompt, answer)
+        logits = torch.from_numpy(rng.standard_normal((1, vocab)) * 5).float().to(device)
+        before = logits.clone()
+        got = shaper(logits)[0].cpu().double()
+        want = shaped_reference(before[0].cpu(), s, prompt, answer)
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-4), case
-        assert torch.equal(logits, logits.clone())  # (the caller's logits untouched: checked below too)
+        assert torch.equal(logits, before)  # the caller's logits untouched (a graph's output buffer, say)
     plain = torch.randn(1, vocab).to(device)
     before = plain.clone()
     LogitShaper(Sampling(logit_bias={3: 5.0}, repetition_penalty=1.3), [3, 4], vocab, device)(plain)
@@ -91,13 +92,15 @@ def test_greedy_generation_with_penalties_and_bias(device, tiny_spqt, rng):
     from spqt.generate import Generator
 
     gen = Generator(load_spqt(tiny_spqt), device, max_len=64)
-    prompt = rng.integers(0, gen.loaded.config.vocab_size, 8).tolist()
-    plain = gen.generate(prompt, 24).tokens
     penalised = Sampling(repetition_penalty=1.8, frequency_penalty=1.5, presence_penalty=0.5)
-    tokens = generate_against_its_logits(gen, prompt, penalised, 24)
-    assert tokens != plain  # (the tiny model repeats itself greedy: the penalties change its answer)
-    assert gen.generate(prompt, 24, penalised).tokens == tokens
-    forced = Sampling(logit_bias={plain[0]: -100.0, 7: 100.0})
+    changed = 0
+    for prompt in [rng.integers(0, gen.loaded.config.vocab_size, 8).tolist() for _ in range(4)]:
+        plain = gen.generate(prompt, 24).tokens
+        tokens = generate_against_its_logits(gen, prompt, penalised, 24)
+        changed += tokens != plain
+        assert gen.generate(prompt, 24, penalised).tokens == tokens
+    assert changed  # (the tiny model repeats itself greedy: the penalties change some of its answers)
+    forced = Sampling(logit_bias={t: -100.0 for t in set(plain) - {7}} | {7: 100.0})
     assert generate_against_its_logits(gen, prompt, forced, 6) == [7] * 6
     sampled = Sampling(0.8, seed=3, repetition_penalty=1.3, logit_bias={7: -100.0})
     once, again = (gen.generate(prompt, 16, sampled).tokens for _ in range(2))

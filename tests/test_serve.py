@@ -461,6 +461,8 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"presence_penalty": -3}, "presence_penalty"), (chat, {"logit_bias": {"a50": 10}}, "logit_bias"),
                (text, {"logit_bias": {"50": 101}}, "logit_bias"), (text, {"logit_bias": {"50": "1"}}, "logit_bias.50"),
                (text, {"logit_bias": {str(10**7): 1}}, "logit_bias"), (text, {"logit_bias": [1]}, "logit_bias"),
+               (text, {"logit_bias": {"050": 1}}, "logit_bias"),
+               (text, {"logit_bias": {str(t): 1 for t in range(1025)}}, "logit_bias"),
                (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": 1}, "logprobs"),
                (chat, {"top_logprobs": 2}, "top_logprobs"),
                (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -543,6 +545,94 @@ def test_penalties_and_logit_bias_are_the_generators(server, model_id, engine, l
     assert r.text == tok.decode([forced] * 3) and all(lp < -0.01 for lp in r.logprobs.token_logprobs[1:])
     assert client.completions.create(model=model_id, prompt=PROMPT, max_tokens=3, temperature=0,
                                      logit_bias={str(forced): -100}).choices[0].text != r.text
+
+
+TOOL_TEMPLATE = (  # a Hermes-style template (as Qwen's writes tools and calls), written for the test
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function | tojson }}{% endfor %}\n"
+    "Answer a call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% else %}"
+    "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                                 "parameters": {"type": "object",
+                                                                "properties": {"city": {"type": "string"}}}}}
+
+
+def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
+    """tools go to the chat template (and tool_choice 'none' keeps them out); an answer's <tool_call> JSON comes
+    back as OpenAI's tool_calls with finish_reason tool_calls, plain or streamed (the text before the call as
+    content, nothing of the call), one call where parallel_tool_calls is false; a conversation's calls and tool
+    results reach the template; a model whose template takes no tools refuses them."""
+    from spqt.generate import GenerationResult
+
+    tok = engine.tokenizer
+    status, body = server.raw("/v1/chat/completions", json.dumps(
+        {"model": model_id, "messages": CHAT, "tools": [WEATHER_TOOL]}).encode())
+    assert status == 400 and body["error"]["param"] == "tools" and "takes no tools" in body["error"]["message"]
+    monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=TOOL_TEMPLATE))
+    monkeypatch.setattr(tok, "_hf", None)
+    prompts, answer = [], ["Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+                           "{\"city\": \"Paris\"}}\n</tool_call>"]
+
+    def answers(prompt, n, sampling, stop_ids=(), on_token=None, **kw):  # the model "answers" answer[0]
+        prompts.append(tok.decode(prompt))
+        out = []
+        for t in tok.backend.encode(answer[0], add_special_tokens=False).ids[:n]:
+            out.append(t)
+            if on_token and on_token(t):
+                break
+        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="stop")
+
+    monkeypatch.setattr(engine.generator, "generate", answers)
+    client = server.client()
+    ask = dict(model=model_id, messages=CHAT, tools=[WEATHER_TOOL], temperature=0)
+    plain = client.chat.completions.create(**ask).choices[0]
+    assert plain.finish_reason == "tool_calls" and plain.message.content == "Let me check."
+    (call,) = plain.message.tool_calls
+    assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert '"name": "get_weather"' in prompts[-1] and '"description": "The weather in a city."' in prompts[-1]
+    chunks = list(client.chat.completions.create(stream=True, **ask))
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    deltas = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert content.strip() == "Let me check." and "tool_call" not in content
+    assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
+        [(0, "get_weather", {"city": "Paris"})]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # two calls; parallel_tool_calls false keeps the first
+    answer[0] = ("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>"
+                 "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}</tool_call>")
+    both = client.chat.completions.create(**ask).choices[0].message
+    assert both.content is None and [json.loads(c.function.arguments)["city"] for c in both.tool_calls] == \
+        ["Oslo", "Rome"] and len({c.id for c in both.tool_calls}) == 2
+    first = client.chat.completions.create(parallel_tool_calls=False, **ask).choices[0].message
+    assert [json.loads(c.function.arguments)["city"] for c in first.tool_calls] == ["Oslo"]
+    # tool_choice none: no tools in the prompt, the answer's text as it is
+    none = client.chat.completions.create(tool_choice="none", **ask).choices[0]
+    assert none.finish_reason == "stop" and none.message.content == answer[0] and not none.message.tool_calls
+    assert "Tools:" not in prompts[-1]
+    # an answer without a call
+    answer[0] = "It is sunny."
+    sunny = client.chat.completions.create(**ask).choices[0]
+    assert (sunny.finish_reason, sunny.message.content, sunny.message.tool_calls) == ("stop", "It is sunny.", None)
+    # the call and its result in the conversation reach the template
+    turn = [*CHAT, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
+    client.chat.completions.create(**{**ask, "messages": turn})
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompts[-1]
+    assert "<tool_response>sunny, 21 C</tool_response>" in prompts[-1]
+    for bad, param in ((dict(turn[2], tool_call_id=None), "messages[1]"),
+                       ({**turn[1], "tool_calls": [{**turn[1]["tool_calls"][0], "function": {
+                           "name": "get_weather", "arguments": "{city"}}]}, "messages[1].tool_calls[0].function.arguments"),
+                       ({"role": "user", "content": "x", "tool_calls": turn[1]["tool_calls"]}, "messages[1]")):
+        messages = [*CHAT, bad]
+        status, body = server.raw("/v1/chat/completions", json.dumps({**ask, "messages": messages}).encode())
+        assert status == 400 and body["error"]["param"] == param, (bad, body)
+    status, body = server.raw("/v1/chat/completions", json.dumps({**ask, "tools": [
+        {"type": "function", "function": {"name": "no spaces allowed"}}]}).encode())
+    assert status == 400 and body["error"]["param"] == "tools[0].function.name", body
 
 
 def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine, loaded):
@@ -711,12 +801,16 @@ def test_a_prompt_scored_once_for_its_choices_and_again_for_more_top_tokens(serv
     ask = dict(model=model_id, prompt=PROMPT, echo=True, max_tokens=2, temperature=0.9, seed=3)
     two = client.completions.create(n=2, logprobs=3, **ask)
     assert passes == [3]
-    alone = [client.completions.create(logprobs=3, **{**ask, "seed": 3 + j}).choices[0] for j in range(2)]
+    alone = []
+    for j in range(2):  # each with a pass of its own
+        monkeypatch.setattr(engine, "scored", None)
+        alone.append(client.completions.create(logprobs=3, **{**ask, "seed": 3 + j}).choices[0])
+    assert passes == [3, 3, 3]
     fewer = client.completions.create(logprobs=1, **ask).choices[0]
-    assert passes == [3]
+    assert passes == [3, 3, 3]
     monkeypatch.setattr(engine, "scored", None)
     fresh = client.completions.create(logprobs=1, **ask).choices[0]
-    assert passes == [3, 1]
+    assert passes == [3, 3, 3, 1]
     n = len(engine.tokenizer.encode(PROMPT))
     for got, want in zip(two.choices, alone, strict=True):
         assert (got.text, got.logprobs.tokens) == (want.text, want.logprobs.tokens)
@@ -726,7 +820,7 @@ def test_a_prompt_scored_once_for_its_choices_and_again_for_more_top_tokens(serv
     assert fewer.logprobs.top_logprobs[1:n] == fresh.logprobs.top_logprobs[1:n]
     client.completions.create(logprobs=4, **ask)
     client.completions.create(logprobs=1, **{**ask, "prompt": PROMPT + " and"})
-    assert passes == [3, 1, 4, 1]
+    assert passes == [3, 3, 3, 1, 4, 1]
 
 
 def test_echo_lists_the_stop_token_that_ended_the_answer(server, model_id, engine, loaded, monkeypatch):

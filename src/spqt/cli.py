@@ -1035,11 +1035,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "probability (0 = off, the default)")
     p.add_argument("--repeat-penalty", type=float, default=1.0,
                    help="divide a positive logit (multiply a negative one) of a token the prompt or the answer "
-                        "holds by this (1 = off, the default; also applies greedy, which then runs a host step a token)")
+                        "holds by this, over all of them (1 = off, the default)")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtract this from a token's logit for each time the answer holds it, in [-2, 2] (0 = off)")
     p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="subtract this from the logit of each token the answer holds, in [-2, 2] (0 = off)")
+                   help="subtract this from the logit of each token the answer holds, in [-2, 2] (0 = off). The "
+                        "penalties apply greedy too; on CUDA a greedy step then reads its logits on the host")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "

@@ -1,9 +1,10 @@
 """Choosing the next token from a step's logits: greedy or sampled, and what shapes the logits first.
 
-The order, as vLLM applies it: logit_bias added; the penalties (repetition over the prompt's and the answer's tokens;
-frequency and presence over the answer's, as OpenAI and vLLM define them); then temperature (0: greedy, the argmax
-of the shaped logits), top-k, top-p and min-p. Logprobs a caller reads (generate's on_logits) are the model's own,
-before any of this.
+The order: logit_bias added; the penalties, as vLLM applies them (repetition over the prompt's and the answer's
+tokens, all of them, where llama.cpp's repeat_penalty takes the last 64; frequency and presence over the answer's, as
+OpenAI and vLLM define them); then temperature (0: greedy, the argmax of the shaped logits), top-k, top-p and min-p
+(min-p last, as transformers and vLLM's first sampler apply it). Logprobs a caller reads (generate's on_logits) are
+the model's own, before any of this.
 """
 
 import math

@@ -28,6 +28,7 @@ from spqt.serve import protocol as p
 from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.scheduler import Job, Scheduler
+from spqt.serve.tools import ToolTextStream, parse_tool_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
 
@@ -112,11 +113,21 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         return p.ApiError(404, f"The model '{name}' does not exist; this server serves '{info.model_id}'.",
                           param="model", code="model_not_found")
 
-    def make_job(request: Request, req: p.SamplingFields, prompt: list[int], echo: str | None = None,
+    def shaping(req: p.SamplingFields) -> dict:
+        """The request's logit shaping (Sampling's fields), its logit_bias tokens checked against the vocabulary."""
+        vocab, shape = engine.generator.loaded.config.vocab_size, req.shaping()
+        bad = max(shape["logit_bias"], default=-1)
+        if bad >= vocab:
+            raise p.ApiError(400, f"logit_bias: token id {bad} is outside the model's vocabulary of {vocab}.",
+                             param="logit_bias", code="invalid_value")
+        return shape
+
+    def make_job(request: Request, req: p.SamplingFields, shape: dict, prompt: list[int], echo: str | None = None,
                  added: int = 0, choice: int = 0) -> Job:
-        """The job of one prompt (token ids); echo, added: Job's (the prompt's text, where the request asks for it
-        back, and how many leading tokens the server put before it); choice: which of the prompt's n (a given seed
-        + choice seeds it, so that n samples differ and a request gives the same n again)."""
+        """The job of one prompt (token ids); shape: shaping(req); echo, added: Job's (the prompt's text, where the
+        request asks for it back, and how many leading tokens the server put before it); choice: which of the
+        prompt's n (a given seed + choice seeds it, so that n samples differ and a request gives the same n
+        again)."""
         room, least = info.ctx - len(prompt), 1 if req.max_tokens is None else req.max_tokens
         if room < least:
             raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
@@ -127,14 +138,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             seed = secrets.randbits(63)
         else:  # (choice 0: the seed as given, also a negative one, which torch takes as it is)
             seed = req.seed if choice == 0 else (req.seed + choice) % 2**64
-        vocab = engine.generator.loaded.config.vocab_size
-        bad = next((int(t) for t in req.logit_bias if int(t) >= vocab), None)
-        if bad is not None:
-            raise p.ApiError(400, f"logit_bias: token id {bad} is outside the model's vocabulary of {vocab}.",
-                             param="logit_bias", code="invalid_value")
         try:  # top_p 0 keeps the top token alone: greedy (Sampling takes a top_p above 0)
-            sampling = (Sampling(0.0, seed=seed, **req.shaping()) if req.top_p == 0 else
-                        Sampling(req.temperature, req.top_k, req.top_p, seed, **req.shaping()))
+            sampling = (Sampling(0.0, seed=seed, **shape) if req.top_p == 0 else
+                        Sampling(req.temperature, req.top_k, req.top_p, seed, **shape))
         except SpqtError as e:
             raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=room if req.max_tokens is None else req.max_tokens, sampling=sampling,
@@ -175,15 +181,26 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if not engine.tokenizer.spec.chat_template:
             raise p.ApiError(400, "This model has no chat template, so it takes no messages; send the text to "
                              "/v1/completions.", param="messages", code="unsupported_value")
+        tools, fmt = req.tool_specs(), None
+        if tools:
+            try:
+                fmt = tool_format(engine.tokenizer.spec.chat_template)
+            except ValueError as e:
+                raise p.ApiError(400, f"{e}.", param="tools", code="unsupported_value") from None
         try:  # in a thread: a 4 MiB prompt's 3-6 s of tokenizing (2-core CPU) stalled every stream on the event loop
-            prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation())
+            prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation(), tools)
         except SpqtError as e:  # (the template refused the conversation, its raise_exception, among others)
             raise p.ApiError(400, str(e), param="messages") from None
-        jobs = [make_job(request, req, prompt, choice=j) for j in range(req.n)]
+        shape = shaping(req)
+        jobs = [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
+
+        def wire_calls(calls: list) -> list[dict]:
+            """The answer's calls as tool_calls entries (the first alone where parallel_tool_calls is false)."""
+            return [c.wire(i) for i, c in enumerate(calls if req.parallel_tool_calls else calls[:1])]
 
         if req.stream:
             def chunk(delta: dict, index: int = 0, finish=None, usage=None, choices=True,
@@ -193,15 +210,26 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                              choices=[choice] if choices else [])
 
             async def events():
-                results = []
+                results, held = [], None  # held: the choice's ToolTextStream, where tools are offered
                 async for j, piece, tokens, result in run_choices(request, jobs):
                     if piece is None:
                         yield chunk({"role": "assistant", "content": ""}, j)
+                        held = ToolTextStream(fmt) if fmt else None
                     elif result is not None:
-                        yield chunk({}, j, finish=result.finish_reason)
+                        finish = result.finish_reason
+                        if held:
+                            rest, calls = held.finish()
+                            if rest:
+                                yield chunk({"content": rest}, j)
+                            if calls:
+                                yield chunk({"tool_calls": wire_calls(calls)}, j)
+                                finish = "tool_calls"
+                        yield chunk({}, j, finish=finish)
                         results.append(result)
                     elif piece or tokens:
-                        yield chunk({"content": piece}, j, tokens=tokens)
+                        piece = held.feed(piece) if held else piece
+                        if piece or tokens:
+                            yield chunk({"content": piece}, j, tokens=tokens)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(results, req.n), choices=False)
 
@@ -209,8 +237,11 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         choices, results = [], []
         for j, job in enumerate(jobs):
             text, tokens, result = await collect(request, job)
-            choices.append(p.ChatChoice(index=j, message=p.AssistantMessage(content=text),
-                                        finish_reason=result.finish_reason, logprobs=logprobs(tokens)))
+            message, finish = p.AssistantMessage(content=text), result.finish_reason
+            content, calls = parse_tool_calls(text, fmt) if fmt else (text, [])
+            if calls:
+                message, finish = p.AssistantMessage(content=content or None, tool_calls=wire_calls(calls)), "tool_calls"
+            choices.append(p.ChatChoice(index=j, message=message, finish_reason=finish, logprobs=logprobs(tokens)))
             results.append(result)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,
                                 usage=p.usage(results, req.n))
@@ -221,10 +252,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if req.max_tokens == 0 and not req.echo:
             raise p.ApiError(400, "max_tokens 0 asks for nothing without echo: true (the prompt's logprobs alone).",
                              param="max_tokens", code="invalid_value")
-        jobs = []  # prompt i's choice j at index i * n + j, as OpenAI orders them
+        jobs, shape = [], shaping(req)  # prompt i's choice j at index i * n + j, as OpenAI orders them
         for i, prompt in enumerate(req.prompt):  # every prompt checked before any runs
             ids, text, added = await asyncio.to_thread(read_prompt, prompt, i, req.echo)  # (a long one: as chat's)
-            jobs += [make_job(request, req, ids, text, added, choice=j) for j in range(req.n)]
+            jobs += [make_job(request, req, shape, ids, text, added, choice=j) for j in range(req.n)]
         rid, created = p.new_id("cmpl"), p.now()
 
         def body(text: str, index: int = 0, finish=None, usage=None, choices=True,

@@ -3,10 +3,11 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
-suffix, tools, JSON mode, audio, web search, reasoning effort, and the sampling fields of other servers that clients
+suffix, a forced tool call (tool_choice 'required' or a named function), functions (tools' older form), JSON mode, audio, web search, reasoning effort, and the sampling fields of other servers that clients
 pass as extra fields, such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and
 presence, vLLM's repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the
-choice as spqt.sampling says; logprobs stay the model's own. Other fields are
+choice as spqt.sampling says; logprobs stay the model's own. Tools go to the model's chat template and its calls
+come back as tool_calls (spqt.serve.tools). Other fields are
 ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
@@ -15,6 +16,7 @@ each prompt token's too. A token is named by the bytes it stands for: `bytes` as
 text (U+FFFD for part of a character).
 """
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -30,6 +32,7 @@ from spqt.serve.logprobs import Named, TokenLogprob
 MAX_STOP_STRINGS = 16
 MAX_PROMPTS = 256  # prompts in one completions request (each one n Jobs, all made before the first runs)
 MAX_CHOICES = 16  # n, choices of each prompt
+MAX_LOGIT_BIAS_TOKENS = 1024  # logit_bias entries (each job's bias vector is built from them)
 MAX_REPETITION_PENALTY = 100  # a finite bound (vLLM takes any value above 0; 1.0-1.5 is the usual range)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
 
@@ -174,9 +177,11 @@ class SamplingFields(RequestModel):
     @field_validator("logit_bias")
     @classmethod
     def _bias(cls, bias: dict[str, float]) -> dict[str, float]:
+        if len(bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS_TOKENS} tokens")
         for key, value in bias.items():
-            if not key.isascii() or not key.isdigit():
-                raise ValueError(f"the key {key!r} is not a token id")
+            if not key.isascii() or not key.isdigit() or (key != "0" and key.startswith("0")):
+                raise ValueError(f"the key {key!r} is not a token id (a decimal integer without leading zeros)")
             if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
                 raise ValueError(f"the bias of token {key} is {value}, outside [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
         return bias
@@ -201,7 +206,7 @@ class SamplingFields(RequestModel):
         return penalty
 
     def shaping(self) -> dict:
-        """Sampling's fields that shape the logits (spqt.sampling)."""
+        """Sampling's fields that shape the logits (spqt.sampling): once a request, its jobs share the bias map."""
         repetition = self.repetition_penalty if self.repetition_penalty != 1.0 else self.repeat_penalty
         return dict(min_p=self.min_p, repetition_penalty=repetition,
                     frequency_penalty=self.frequency_penalty, presence_penalty=self.presence_penalty,
@@ -215,10 +220,47 @@ class TextPart(RequestModel):
     _text_only = field_validator("type")(_text_kind("only text parts are supported"))
 
 
+class FunctionCall(RequestModel):
+    name: str = Field(min_length=1)
+    arguments: str  # a JSON object's text, as OpenAI sends it
+
+    @field_validator("arguments")
+    @classmethod
+    def _object(cls, arguments: str) -> str:
+        try:
+            value = json.loads(arguments)
+        except json.JSONDecodeError:
+            raise ValueError("not JSON text") from None
+        if not isinstance(value, dict):
+            raise ValueError("not the text of a JSON object")
+        return arguments
+
+
+class MessageToolCall(RequestModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionSpec(RequestModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    description: str | None = None
+    parameters: dict | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class Tool(RequestModel):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
 class ChatMessage(RequestModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     # a string arrives as one part; an assistant's may be absent or null (a message of tool calls: no parts)
     content: list[TextPart] = Field(default_factory=list)
+    tool_calls: list[MessageToolCall] = Field(default_factory=list)  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -233,7 +275,24 @@ class ChatMessage(RequestModel):
     def _content_given(self):
         if not self.content and self.role != "assistant":
             raise ValueError(f"a {self.role} message needs its content")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
+
+    def template_message(self) -> dict:
+        """The message as chat templates take it (transformers' convention: a call's arguments as an object;
+        "developer" is OpenAI's newer name for "system")."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+        if self.role == "tool":
+            out["tool_call_id"] = self.tool_call_id
+            if self.name:
+                out["name"] = self.name
+        return out
 
     def text(self) -> str:
         return "".join(p.text for p in self.content)
@@ -244,10 +303,11 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
     top_logprobs: int = Field(0, ge=0, le=MAX_TOP_LOGPROBS)
-    tools: list = Field(default_factory=list)
+    tools: list[Tool] = Field(default_factory=list)
     functions: list = Field(default_factory=list)  # tools' older form
-    tool_choice: Any = "none"
+    tool_choice: Any = None  # None: "auto" with tools, "none" without
     function_call: Any = "none"
+    parallel_tool_calls: bool = True
     response_format: ResponseFormat | None = None
     modalities: list[str] = Field(default_factory=lambda: ["text"])
     # OpenAI's audio, web search and reasoning models' fields (OpenAI refuses them for the models without those too)
@@ -256,7 +316,7 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     verbosity: str | None = None
 
-    _unsupported = field_validator("tools", "functions")(_off_only("not supported"))
+    _unsupported = field_validator("functions")(_off_only("not supported (send tools)"))
     _not_this_model = field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")(
         _refused("not supported by this model (only null)"))
 
@@ -269,10 +329,17 @@ class ChatCompletionRequest(SamplingFields):
 
     @field_validator("tool_choice", "function_call")
     @classmethod
-    def _no_calls(cls, choice):
-        if choice not in ("none", "auto"):  # "auto" with no tools is "none"
-            raise unsupported("only 'none' or 'auto' is supported (no tools)")
+    def _no_forced_calls(cls, choice):
+        if choice not in (None, "none", "auto"):  # "auto" with no tools is "none"
+            raise unsupported("only 'none' or 'auto' is supported (a call is the model's choice; nothing forces one)")
         return choice
+
+    def tool_specs(self) -> list[dict] | None:
+        """The tools for the chat template (OpenAI's JSON, as transformers passes it), None where none are offered
+        or tool_choice is 'none'."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return [t.model_dump(exclude_none=True) for t in self.tools]
 
     @model_validator(mode="after")
     def _limit(self):
@@ -291,8 +358,8 @@ class ChatCompletionRequest(SamplingFields):
         return self.top_logprobs if self.logprobs else None
 
     def conversation(self) -> list[dict]:
-        """Messages for the chat template ("developer" is OpenAI's newer name for "system")."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """Messages for the chat template (ChatMessage.template_message)."""
+        return [m.template_message() for m in self.messages]
 
 
 class CompletionRequest(SamplingFields):
@@ -413,12 +480,13 @@ def completion_logprobs(tokens: list[TokenLogprob]) -> CompletionLogprobs:
                               top_logprobs=[alternatives(t) for t in tokens], text_offset=[t.offset for t in tokens])
 
 
-FinishReason = Literal["stop", "length"] | None
+FinishReason = Literal["stop", "length", "tool_calls"] | None
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None  # None: a message of tool calls alone
+    tool_calls: list[dict] | None = None  # ToolCall.wire() entries
 
 
 class ChatChoice(BaseModel):
@@ -439,7 +507,8 @@ class ChatCompletion(BaseModel):
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
-    delta: dict[str, str]  # {"role": "assistant", "content": ""} first, then {"content": piece}, {} last
+    delta: dict[str, Any]  # {"role": "assistant", "content": ""} first, then {"content": piece} (or {"tool_calls":
+    # [...]}), {} last
     finish_reason: FinishReason = None
     logprobs: ChatLogprobs | None = None
 
