@@ -575,14 +575,16 @@ def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
     prompts, answer = [], ["Let me check.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
                            "{\"city\": \"Paris\"}}\n</tool_call>"]
 
-    def answers(prompt, n, sampling, stop_ids=(), on_token=None, **kw):  # the model "answers" answer[0]
-        prompts.append(tok.decode(prompt))
-        out = []
-        for t in tok.backend.encode(answer[0], add_special_tokens=False).ids[:n]:
+    def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):  # the model "answers"
+        prompts.append(tok.decode(prompt))  # answer[0] (random logits where logprobs are asked)
+        out, ids = [], tok.backend.encode(answer[0], add_special_tokens=False).ids
+        for t in ids[:n]:
+            if on_logits:
+                on_logits(torch.randn(1, engine.generator.loaded.config.vocab_size))
             out.append(t)
             if on_token and on_token(t):
                 break
-        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="stop")
+        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="length" if len(ids) > n else "stop")
 
     monkeypatch.setattr(engine.generator, "generate", answers)
     client = server.client()
@@ -600,6 +602,20 @@ def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
     assert [(d.index, d.function.name, json.loads(d.function.arguments)) for d in deltas] == \
         [(0, "get_weather", {"city": "Paris"})]
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    # logprobs streamed with tools: every token's entry arrives (the held text's with the content after it)
+    chunks = list(client.chat.completions.create(stream=True, logprobs=True, **ask))
+    entries = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert "".join(e.token for e in entries) == answer[0]
+    # the wire: a message's calls have no index (a streamed delta's have); a call cut by max_tokens after its
+    # JSON is a call, finish_reason length
+    status, body = server.raw("/v1/chat/completions", json.dumps(ask).encode())
+    assert status == 200 and "index" not in body["choices"][0]["message"]["tool_calls"][0]
+    cut = client.chat.completions.create(max_tokens=len(tok.backend.encode(answer[0]).ids) - 1, **ask).choices[0]
+    assert cut.finish_reason == "length" and [c.function.name for c in cut.message.tool_calls] == ["get_weather"]
+    # a tool not offered: its call stays text
+    answer[0] = '<tool_call>{"name": "rm_rf", "arguments": {}}</tool_call>'
+    other = client.chat.completions.create(**ask).choices[0]
+    assert (other.finish_reason, other.message.content, other.message.tool_calls) == ("stop", answer[0], None)
     # two calls; parallel_tool_calls false keeps the first
     answer[0] = ("<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Oslo\"}}</tool_call>"
                  "<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Rome\"}}</tool_call>")

@@ -35,6 +35,21 @@ def test_hermes_calls_and_the_text_around_them():
     # one good call among bad ones: the bad one stays in the content
     mixed = f'<tool_call>not json</tool_call> and <tool_call>{TIME}</tool_call>'
     assert calls_of(mixed, "hermes") == ("<tool_call>not json</tool_call> and", [("get_time", {"zone": "CET"})])
+    # a mention of the tag before a call; a call without its closing tag before another; the closing tag inside an
+    # argument; text after the calls
+    assert calls_of(f"I use <tool_call> tags.\n<tool_call>{TIME}</tool_call>", "hermes") == \
+        ("I use <tool_call> tags.", [("get_time", {"zone": "CET"})])
+    assert [n for n, _ in calls_of(f"<tool_call>{WEATHER}\n<tool_call>{TIME}</tool_call>", "hermes")[1]] == \
+        ["get_weather", "get_time"]
+    assert calls_of('<tool_call>{"name": "f", "arguments": {"s": "</tool_call>"}}</tool_call> done', "hermes") == \
+        ("done", [("f", {"s": "</tool_call>"})])
+    # a reasoning model's <think> block talks of calls; the call after it is one
+    thought = f"<think>Maybe <tool_call>{WEATHER}</tool_call> would do.</think>\n<tool_call>{TIME}</tool_call>"
+    assert calls_of(thought, "hermes") == (f"<think>Maybe <tool_call>{WEATHER}</tool_call> would do.</think>",
+                                          [("get_time", {"zone": "CET"})])
+    # names the request did not offer stay text; empty arguments text is no arguments
+    assert parse_tool_calls(f"<tool_call>{WEATHER}</tool_call>", "hermes", {"get_time"})[1] == []
+    assert calls_of('<tool_call>{"name": "f", "arguments": ""}</tool_call>', "hermes")[1] == [("f", {})]
 
 
 def test_llama3_json_calls():
@@ -44,8 +59,10 @@ def test_llama3_json_calls():
     assert calls_of(f" {call}; {TIME}\n", "llama3_json")[1] == [("get_weather", {"city": "Paris"}),
                                                                  ("get_time", {"zone": "CET"})]
     for text in ("The weather in Paris is sunny.", '{"name": "f", "parameters": {"a": 1}', '{"answer": 42}',
-                 f"{call} and then some text", '{"name": "", "parameters": {}}'):
+                 f"{call} and then some text", '{"name": "", "parameters": {}}', '{"name": "Alice", "age": 30}',
+                 f'{call}; {{"name": "Bob"}}'):
         assert parse_tool_calls(text, "llama3_json") == (text, []), text
+    assert parse_tool_calls(call, "llama3_json", {"get_time"}) == (call, [])
 
 
 def test_tool_format_of_templates():
@@ -57,12 +74,18 @@ def test_tool_format_of_templates():
     for template in (None, "", "{% for m in messages %}{{ m.content }}{% endfor %}"):
         with pytest.raises(ValueError, match="takes no tools"):
             tool_format(template)
-    with pytest.raises(ValueError, match="format this server does not read"):
-        tool_format("{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}")
+    for other in ("{% if tools %}[AVAILABLE_TOOLS]{{ tools | tojson }}[/AVAILABLE_TOOLS]{% endif %}",
+                  "{% if tools %}<tool_call>\n<function=name>\n<parameter=x>{% endif %}",
+                  "{% if tools %}<tool_call>{{ name }}<arg_key>k</arg_key>{% endif %}"):
+        with pytest.raises(ValueError, match="format this server does not read"):
+            tool_format(other)
 
 
 @pytest.mark.parametrize("fmt,text", [
     ("hermes", f"Let me look.\n<tool_call>\n{WEATHER}\n</tool_call>"),
+    ("hermes", f"Both:\n<tool_call>{WEATHER}</tool_call>\nand then\n<tool_call>{TIME}</tool_call> done."),
+    ("hermes", f"Hi <tool_call>bad</tool_call>  <tool_call>{TIME}</tool_call>  after"),
+    ("llama3_json", f'{WEATHER}; {{"name": "Bob"}}'),
     ("hermes", f"<tool_call>{WEATHER}</tool_call><tool_call>{TIME}</tool_call>"),
     ("hermes", "No tools needed: a < b and <tool but not a call."),
     ("hermes", '<tool_call>{"name": "cut'),
@@ -72,16 +95,17 @@ def test_tool_format_of_templates():
     ("llama3_json", '{"not": "a call"}'),
     ("llama3_json", "<|python"),
 ])
-def test_streamed_split_gives_the_whole_answers_parse(fmt, text, rng):
-    """Any split of the answer into pieces: the content sent (at once and at the end) is the parse's content (up to
-    the white space around calls), the calls the parse's; nothing of a call is sent as content."""
+def test_streamed_split_gives_the_whole_answers_parse(fmt, text):
+    """Every split of the answer into up to three pieces, and one a character: the content sent (at once and at the
+    end) is the parse's content (up to the white space around the first call), the calls the parse's; nothing of a
+    call is sent as content."""
     content, calls = parse_tool_calls(text, fmt)
-    for _ in range(30):
-        cuts = sorted(set(rng.integers(0, len(text) + 1, int(rng.integers(0, 8))).tolist()))
-        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    n = len(text)
+    splits = [[text[:a], text[a:b], text[b:]] for a in range(n + 1) for b in range(a, n + 1)] + [list(text)]
+    for pieces in splits:
         stream = ToolTextStream(fmt)
         sent = "".join(stream.feed(piece) for piece in pieces)
         rest, got = stream.finish()
         sent += rest
         assert [(c.name, c.arguments) for c in got] == [(c.name, c.arguments) for c in calls], pieces
-        assert (sent.strip() == content.strip()) if calls else sent == text, (pieces, sent)
+        assert (" ".join(sent.split()) == " ".join(content.split())) if calls else sent == text, (pieces, sent)

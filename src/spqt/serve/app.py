@@ -198,9 +198,17 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
 
-        def wire_calls(calls: list) -> list[dict]:
-            """The answer's calls as tool_calls entries (the first alone where parallel_tool_calls is false)."""
-            return [c.wire(i) for i, c in enumerate(calls if req.parallel_tool_calls else calls[:1])]
+        offered = {t["function"]["name"] for t in tools} if tools else None
+
+        def wire_calls(calls: list, streamed: bool) -> list[dict]:
+            """The answer's calls as tool_calls entries (the first alone where parallel_tool_calls is false; a
+            streamed delta's with their index)."""
+            kept = calls if req.parallel_tool_calls else calls[:1]
+            return [c.wire(i if streamed else None) for i, c in enumerate(kept)]
+
+        def call_finish(result: GenerationResult, calls: list) -> str:
+            """tool_calls where the answer called a tool, unless max_tokens cut it ("length" says so)."""
+            return "tool_calls" if calls and result.finish_reason != "length" else result.finish_reason
 
         if req.stream:
             def chunk(delta: dict, index: int = 0, finish=None, usage=None, choices=True,
@@ -210,26 +218,31 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                              choices=[choice] if choices else [])
 
             async def events():
-                results, held = [], None  # held: the choice's ToolTextStream, where tools are offered
+                # held: the choice's ToolTextStream where tools are offered; pending: the logprobs entries of the text
+                # it holds, sent with the next content (or the last)
+                results, held, pending = [], None, []
                 async for j, piece, tokens, result in run_choices(request, jobs):
                     if piece is None:
                         yield chunk({"role": "assistant", "content": ""}, j)
-                        held = ToolTextStream(fmt) if fmt else None
+                        held, pending = ToolTextStream(fmt, offered) if fmt else None, []
                     elif result is not None:
                         finish = result.finish_reason
                         if held:
                             rest, calls = held.finish()
-                            if rest:
-                                yield chunk({"content": rest}, j)
+                            if rest or pending:
+                                yield chunk({"content": rest}, j, tokens=pending)
                             if calls:
-                                yield chunk({"tool_calls": wire_calls(calls)}, j)
-                                finish = "tool_calls"
+                                yield chunk({"tool_calls": wire_calls(calls, streamed=True)}, j)
+                                finish = call_finish(result, calls)
                         yield chunk({}, j, finish=finish)
                         results.append(result)
+                    elif held:
+                        piece, pending = held.feed(piece), pending + (tokens or [])
+                        if piece:
+                            yield chunk({"content": piece}, j, tokens=pending)
+                            pending = []
                     elif piece or tokens:
-                        piece = held.feed(piece) if held else piece
-                        if piece or tokens:
-                            yield chunk({"content": piece}, j, tokens=tokens)
+                        yield chunk({"content": piece}, j, tokens=tokens)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(results, req.n), choices=False)
 
@@ -238,9 +251,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         for j, job in enumerate(jobs):
             text, tokens, result = await collect(request, job)
             message, finish = p.AssistantMessage(content=text), result.finish_reason
-            content, calls = parse_tool_calls(text, fmt) if fmt else (text, [])
+            content, calls = parse_tool_calls(text, fmt, offered) if fmt else (text, [])
             if calls:
-                message, finish = p.AssistantMessage(content=content or None, tool_calls=wire_calls(calls)), "tool_calls"
+                message = p.AssistantMessage(content=content or None, tool_calls=wire_calls(calls, streamed=False))
+                finish = call_finish(result, calls)
             choices.append(p.ChatChoice(index=j, message=message, finish_reason=finish, logprobs=logprobs(tokens)))
             results.append(result)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,

@@ -228,7 +228,7 @@ class FunctionCall(RequestModel):
     @classmethod
     def _object(cls, arguments: str) -> str:
         try:
-            value = json.loads(arguments)
+            value = json.loads(arguments or "{}")  # ("": no arguments)
         except json.JSONDecodeError:
             raise ValueError("not JSON text") from None
         if not isinstance(value, dict):
@@ -287,7 +287,7 @@ class ChatMessage(RequestModel):
         out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_calls:
             out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": json.loads(c.function.arguments)}} for c in self.tool_calls]
+                "name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}} for c in self.tool_calls]
         if self.role == "tool":
             out["tool_call_id"] = self.tool_call_id
             if self.name:

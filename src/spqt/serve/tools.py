@@ -3,13 +3,15 @@
 A request's `tools` go to the model's chat template (as transformers' apply_chat_template passes them); the model
 answers a call in the format its template taught it, which the server reads back into OpenAI's `tool_calls`:
 
-- "hermes" (templates that write `<tool_call>`: Qwen2.5, Qwen3, SmolLM3, Hermes): one or more
-  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, text around them the message's content;
+- "hermes" (templates that write `<tool_call>` JSON: Qwen2.5, Qwen3, SmolLM3): one or more
+  `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the closing tag may be missing), text around them the
+  message's content, a `<think>` block's mentions not calls;
 - "llama3_json" (templates that write `<|python_tag|>` or ask for a JSON function call: Llama 3.1-3.3): the whole
   answer one JSON object `{"name": ..., "parameters": {...}}` (or "arguments"), several joined by ";", an optional
   `<|python_tag|>` first.
 
-A call that does not parse (cut by max_tokens, not JSON, no name) stays text in the content. A template that takes
+A call that does not parse (cut by max_tokens, not JSON, no arguments) or names a tool not offered stays text in
+the content. A template that takes
 tools in another format is refused (tool_format's error), rather than answering calls that nobody reads.
 """
 
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
+XML_CALL_MARKS = ("<function=", "<arg_key>", "<parameter=")  # templates whose <tool_call> holds XML, not JSON
 
 
 @dataclass
@@ -39,25 +42,29 @@ class ToolCall:
 
 def tool_format(template: str | None) -> str:
     """The tool-call format a chat template teaches ("hermes", "llama3_json"); ValueError where it takes no tools or
-    another format."""
+    another format (XML calls inside <tool_call>, as Qwen3-Coder's <function=...> or GLM-4.5's <arg_key>, among
+    them)."""
     if not template or "tools" not in template:
         raise ValueError("this model's chat template takes no tools")
-    if HERMES_OPEN in template:
+    if HERMES_OPEN in template and not any(mark in template for mark in XML_CALL_MARKS):
         return "hermes"
     if PYTHON_TAG in template or ("parameters" in template and "function call" in template.lower()):
         return "llama3_json"
     raise ValueError("this model's chat template takes tools in a format this server does not read (it reads "
-                     "<tool_call> JSON, as Qwen's, and Llama 3.1's JSON calls)")
+                     "<tool_call> JSON, as Qwen2.5's and Qwen3's, and Llama 3.1's JSON calls)")
 
 
-def _call(obj, names: tuple[str, ...]) -> ToolCall | None:
-    """A parsed JSON value -> its call, None where it is not {"name": str, <one of names>: object or its text}."""
+def _call(obj, keys: tuple[str, ...], offered: set[str] | None) -> ToolCall | None:
+    """A parsed JSON value -> its call, None where it is not {"name": one of the offered tools (any name where
+    offered is None), one of keys: an object or its text}."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str) or not obj["name"]:
         return None
-    args = next((obj[k] for k in names if k in obj), {})
+    if (offered is not None and obj["name"] not in offered) or not any(k in obj for k in keys):
+        return None
+    args = next(obj[k] for k in keys if k in obj)
     if isinstance(args, str):
         try:
-            args = json.loads(args)
+            args = json.loads(args) if args.strip() else {}
         except json.JSONDecodeError:
             return None
     if not isinstance(args, dict):
@@ -65,20 +72,34 @@ def _call(obj, names: tuple[str, ...]) -> ToolCall | None:
     return ToolCall(obj["name"], json.dumps(args, ensure_ascii=False))
 
 
-def parse_tool_calls(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
-    """An answer's text -> (its content: the text outside the calls, stripped; the calls in order)."""
+def _thinking(text: str) -> list[tuple[int, int]]:
+    """The spans of <think>...</think> (an unclosed one to the end), where a reasoning model only talks of calls."""
+    return [(m.start(), m.end()) for m in re.finditer(r"<think>.*?(?:</think>|$)", text, re.S)]
+
+
+def parse_tool_calls(text: str, fmt: str, offered: set[str] | None = None) -> tuple[str, list[ToolCall]]:
+    """An answer's text -> (its content: the text outside the calls, stripped where there are calls; the calls in
+    order). offered: the tools' names (a call of another name stays text; None: any name)."""
     if fmt == "hermes":
-        calls, kept, at = [], [], 0
-        for m in re.finditer(re.escape(HERMES_OPEN) + r"(.*?)(?:" + re.escape(HERMES_CLOSE) + r"|$)", text, re.S):
+        calls, kept, at, search = [], [], 0, 0
+        decoder, thinking = json.JSONDecoder(), _thinking(text)
+        while (start := text.find(HERMES_OPEN, search)) >= 0:
+            search = start + len(HERMES_OPEN)
+            if any(a <= start < b for a, b in thinking):
+                continue
+            body = search + len(text[search:]) - len(text[search:].lstrip())
             try:
-                call = _call(json.loads(m.group(1).strip()), ("arguments", "parameters"))
+                value, end = decoder.raw_decode(text, body)
             except json.JSONDecodeError:
-                call = None
+                continue  # a mention of the tag, or a call cut short: text
+            call = _call(value, ("arguments", "parameters"), offered)
             if call is None:
-                continue  # (left in the content)
-            kept.append(text[at:m.start()])
-            at = m.end()
+                continue
+            rest = text[end:].lstrip()
+            end = len(text) - len(rest) + len(HERMES_CLOSE) if rest.startswith(HERMES_CLOSE) else end
+            kept.append(text[at:start])
             calls.append(call)
+            at = search = end
         if not calls:
             return text, []
         kept.append(text[at:])
@@ -88,13 +109,8 @@ def parse_tool_calls(text: str, fmt: str) -> tuple[str, list[ToolCall]]:
         body = body[len(PYTHON_TAG):].strip() if body.startswith(PYTHON_TAG) else body
         if not body.startswith("{"):
             return text, []
-        calls = []
-        for part in _json_objects(body):
-            call = _call(part, ("parameters", "arguments"))
-            if call is None:
-                return text, []
-            calls.append(call)
-        return ("", calls) if calls else (text, [])
+        calls = [_call(part, ("parameters", "arguments"), offered) for part in _json_objects(body)]
+        return ("", calls) if calls and None not in calls else (text, [])
     raise ValueError(f"unknown tool-call format {fmt!r}")
 
 
@@ -117,8 +133,8 @@ class ToolTextStream:
     from `<tool_call>` on (and a tail that may begin it), llama3_json holds an answer that begins with `{` or the
     python tag. feed(piece) -> content to send now; finish() -> (content still to send, calls)."""
 
-    def __init__(self, fmt: str):
-        self.fmt, self.sent, self.held = fmt, "", ""
+    def __init__(self, fmt: str, offered: set[str] | None = None):
+        self.fmt, self.offered, self.sent, self.held = fmt, offered, "", ""
         self.plain = None  # False once a call begins (hermes) or the answer's start shows one (llama3_json); True:
         # llama3_json's answer is text
 
@@ -147,11 +163,9 @@ class ToolTextStream:
         return out
 
     def finish(self) -> tuple[str, list[ToolCall]]:
-        whole = self.sent + self.held
-        content, calls = parse_tool_calls(whole, self.fmt)
+        content, calls = parse_tool_calls(self.sent + self.held, self.fmt, self.offered)
         if not calls:
             rest, self.held = self.held, ""
             return rest, []
-        # content already sent stays sent; the rest of the content is what the calls leave after it
-        rest = content[len(self.sent.strip()):] if content.startswith(self.sent.strip()) else ""
-        return rest, calls
+        # what was sent precedes every call (the first call's tag is held), so the content starts with it
+        return content[len(self.sent.strip()):], calls
