@@ -641,7 +641,8 @@ def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
     assert "<tool_response>sunny, 21 C</tool_response>" in prompts[-1]
     for bad, param in ((dict(turn[2], tool_call_id=None), "messages[1]"),
                        ({**turn[1], "tool_calls": [{**turn[1]["tool_calls"][0], "function": {
-                           "name": "get_weather", "arguments": "{city"}}]}, "messages[1].tool_calls[0].function.arguments"),
+                           "name": "get_weather", "arguments": "{city"}}]},
+                        "messages[1].tool_calls[0].function.arguments"),
                        ({"role": "user", "content": "x", "tool_calls": turn[1]["tool_calls"]}, "messages[1]")):
         messages = [*CHAT, bad]
         status, body = server.raw("/v1/chat/completions", json.dumps({**ask, "messages": messages}).encode())

@@ -25,7 +25,8 @@ def test_hermes_calls_and_the_text_around_them():
     # the last call's closing tag cut off (the end-of-turn token came first): still a whole call
     assert calls_of(f"<tool_call>\n{TIME}", "hermes")[1] == [("get_time", {"zone": "CET"})]
     # arguments as a JSON object's text; "parameters" for "arguments"
-    assert calls_of('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', "hermes")[1] == [("f", {"a": 1})]
+    assert calls_of('<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>', "hermes")[1] == \
+        [("f", {"a": 1})]
     assert calls_of('<tool_call>{"name": "f", "parameters": {"a": [1, 2]}}</tool_call>', "hermes")[1] == \
         [("f", {"a": [1, 2]})]
     # what is not a call stays text: JSON cut by max_tokens, no name, arguments not an object, no tags at all

@@ -3,12 +3,12 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
-suffix, a forced tool call (tool_choice 'required' or a named function), functions (tools' older form), JSON mode, audio, web search, reasoning effort, and the sampling fields of other servers that clients
-pass as extra fields, such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and
-presence, vLLM's repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the
-choice as spqt.sampling says; logprobs stay the model's own. Tools go to the model's chat template and its calls
-come back as tool_calls (spqt.serve.tools). Other fields are
-ignored, as OpenAI-compatible servers do.
+suffix, a forced tool call (tool_choice 'required' or a named function), functions (tools' older form), JSON mode,
+audio, web search, reasoning effort, and the sampling fields of other servers that clients pass as extra fields,
+such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and presence, vLLM's
+repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the choice as
+spqt.sampling says; logprobs stay the model's own. Tools go to the model's chat template and its calls come back as
+tool_calls (spqt.serve.tools). Other fields are ignored, as OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
 most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs); with the completions' echo
@@ -183,7 +183,8 @@ class SamplingFields(RequestModel):
             if not key.isascii() or not key.isdigit() or (key != "0" and key.startswith("0")):
                 raise ValueError(f"the key {key!r} is not a token id (a decimal integer without leading zeros)")
             if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
-                raise ValueError(f"the bias of token {key} is {value}, outside [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
+                raise ValueError(f"the bias of token {key} is {value}, outside [-{MAX_LOGIT_BIAS:g}, "
+                                 f"{MAX_LOGIT_BIAS:g}]")
         return bias
 
     # Other servers' sampling fields (vLLM's, llama.cpp's; Open WebUI passes min_p on), sent as extra body fields
@@ -287,7 +288,8 @@ class ChatMessage(RequestModel):
         out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
         if self.tool_calls:
             out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}} for c in self.tool_calls]
+                "name": c.function.name, "arguments": json.loads(c.function.arguments or "{}")}}
+                for c in self.tool_calls]
         if self.role == "tool":
             out["tool_call_id"] = self.tool_call_id
             if self.name:
