@@ -782,9 +782,14 @@ class Generator:
         if on_logits:
             on_logits(logits[:, -1].float().cpu())
         self._check_finite(logits[:, -1], "of the prompt")  # (before sampling: a NaN probability is an error there)
-        token = sample(shaper(logits[:, -1]) if shaper else logits[:, -1], sampling, gen)
-        if shaper:
-            shaper.add(token)
+        def choose(last: torch.Tensor) -> torch.Tensor:
+            """The next token from a step's last logits (shaped first where sampling asks; counted by the shaper)."""
+            token = sample(shaper(last) if shaper else last, sampling, gen)
+            if shaper:
+                shaper.add(token)
+            return token
+
+        token = choose(logits[:, -1])
         self._sync()
         prefill = time.perf_counter() - start
         out, steps = [], []
@@ -829,13 +834,7 @@ class Generator:
                 # error, on CUDA a device-side assert)
                 last = logits[:, -1]
                 finite = torch.isfinite(last).all()
-                if greedy_in_graph:
-                    token = self.greedy_token
-                else:
-                    last = torch.where(finite, last, 0.0)
-                    token = sample(shaper(last) if shaper else last, sampling, gen)
-                    if shaper:
-                        shaper.add(token)
+                token = self.greedy_token if greedy_in_graph else choose(torch.where(finite, last, 0.0))
                 self._sync()
                 if not bool(finite):
                     self._non_finite(f"after {len(out)} new tokens")

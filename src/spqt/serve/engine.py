@@ -198,8 +198,7 @@ class Engine:
         a scoring pass ran (not where the last prompt scored was this one, with at least as many top tokens)."""
         key, k = tuple(job.prompt), job.logprobs
         if self.scored and self.scored[0] == key and self.scored[1].top_ids.shape[1] >= k:
-            kept, passed = self.scored[1], False
-            scores = PromptScores(kept.logprobs, kept.top_ids[:, :k], kept.top_logprobs[:, :k])
+            scores, passed = self.scored[1], False  # (steps.prompt takes its top k of them)
         else:
             scores, passed = self.generator.score(job.prompt, k, should_stop=job.cancelled.is_set), True
         if job.cancelled.is_set():
