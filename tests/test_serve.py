@@ -466,7 +466,11 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": 1}, "logprobs"),
                (chat, {"top_logprobs": 2}, "top_logprobs"),
                (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-               (chat, {"response_format": {"type": "json_object"}}, "response_format.type"),
+               (chat, {"response_format": {"type": "json"}}, "response_format.type"),
+               (chat, {"response_format": {"type": "json_schema"}}, "response_format"),
+               (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
+                "response_format.json_schema.name"),
+               (text, {"guided_choice": []}, "guided_choice"), (text, {"guided_json": "{}"}, "guided_json"),
                (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
                (chat, {"messages": [{"role": "user", "content": None}]}, "messages[0]"),
                (text, {"best_of": 2}, "best_of"), (text, {"echo": 1}, "echo"), (text, {"suffix": "x"}, "suffix"),
@@ -545,6 +549,65 @@ def test_penalties_and_logit_bias_are_the_generators(server, model_id, engine, l
     assert r.text == tok.decode([forced] * 3) and all(lp < -0.01 for lp in r.logprobs.token_logprobs[1:])
     assert client.completions.create(model=model_id, prompt=PROMPT, max_tokens=3, temperature=0,
                                      logit_bias={str(forced): -100}).choices[0].text != r.text
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+                                          "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_structured_output_keeps_to_its_grammar(server, model_id, engine, loaded):
+    """response_format json_schema and json_object (chat and completions), llama.cpp's grammar and json_schema, vLLM's
+    guided_choice, guided_regex and structured_outputs: each answer keeps to its grammar and ends with the model's end
+    (finish stop); a greedy answer is a Generator's under the same grammar, streamed or not; the refusals name their
+    field."""
+    from spqt import grammar
+    from spqt.generate import Generator, Sampling
+
+    client, tok = server.client(), engine.tokenizer
+    ask = [{"role": "user", "content": "Give the name and age of a famous scientist as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    r = client.chat.completions.create(model=model_id, messages=ask, max_tokens=80, temperature=0,
+                                       response_format=fmt).choices[0]
+    person = json.loads(r.message.content)
+    assert r.finish_reason == "stop" and set(person) == {"name", "age"} and 0 <= person["age"] <= 150
+    reference = Generator(loaded, "cpu", max_len=CTX)
+    schema = grammar.json_schema(PERSON, engine.vocabulary)
+    want = reference.generate(tok.chat_messages(ask), 80, Sampling(grammar=schema), stop_ids=engine.stop_ids)
+    assert r.message.content == tok.decode(want.tokens[:-1])
+    streamed = client.chat.completions.create(model=model_id, messages=ask, max_tokens=80, temperature=0,
+                                              response_format=fmt, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.message.content
+    sampled = client.chat.completions.create(model=model_id, messages=ask, max_tokens=80, temperature=1.0, seed=3,
+                                             response_format=fmt, n=2)
+    for choice in sampled.choices:
+        assert choice.finish_reason == "stop" and set(json.loads(choice.message.content)) == {"name", "age"}
+    first = [client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=1, temperature=0,
+                                            **extra).choices[0].message.content
+             for extra in ({"response_format": {"type": "json_object"}}, {})]
+    assert first[0].startswith("{") and not first[1].startswith("{"), first  # (an object's first token)
+    text = client.completions.create(model=model_id, prompt="A JSON record of a person:", max_tokens=80,
+                                     temperature=0, extra_body={"response_format": fmt}).choices[0]
+    assert text.finish_reason == "stop" and set(json.loads(text.text)) == {"name", "age"}
+    for extra, check in [({"guided_choice": ["red", "green", "blue"]}, lambda t: t in ("red", "green", "blue")),
+                         ({"guided_regex": "[A-Z][a-z]{2,8}, [0-9]{4}"},
+                          lambda t: re.fullmatch("[A-Z][a-z]{2,8}, [0-9]{4}", t)),
+                         ({"grammar": 'root ::= ("yes" | "no") "!"'}, lambda t: t in ("yes!", "no!")),
+                         ({"json_schema": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
+                          lambda t: all(isinstance(b, bool) for b in json.loads(t))),
+                         ({"structured_outputs": {"choice": ["cat", "dog"]}}, lambda t: t in ("cat", "dog"))]:
+        c = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=40, temperature=0,
+                                      extra_body=extra).choices[0]
+        assert c.finish_reason == "stop" and check(c.text), (extra, c.text)
+    chat = {"model": model_id, "messages": CHAT, "max_tokens": 8}
+    for change, param in [({"guided_json": {"type": "objectx"}}, "guided_json"),
+                          ({"guided_regex": "[0-9"}, "guided_regex"), ({"grammar": "root ::= ("}, "grammar"),
+                          ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
+                          ({"response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]}, "response_format")]:
+        status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())
+        error = body.get("error") or {}
+        assert (status, error.get("param")) == (400, param), (change, body)
+        assert "\n" not in error["message"] and param in error["message"], body
 
 
 TOOL_TEMPLATE = (  # a Hermes-style template (as Qwen's writes tools and calls), written for the test

@@ -330,6 +330,38 @@ def _prompt_file(name: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
+def _text_file(name: str, what: str) -> str:
+    """The UTF-8 text of a file a flag names; SpqtError where it cannot be read."""
+    try:
+        return Path(name).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpqtError(f"cannot read the {what} {name}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def _structured_text(args) -> tuple[str, str] | None:
+    """generate's structured-output flags -> (kind "json_schema" or "gbnf", its text), or None; the files read now,
+    before the (slow) load."""
+    if args.json_schema is not None:
+        return "json_schema", args.json_schema
+    if args.json_schema_file is not None:
+        return "json_schema", _text_file(args.json_schema_file, "--json-schema-file")
+    if args.grammar is not None:
+        return "gbnf", args.grammar
+    if args.grammar_file is not None:
+        return "gbnf", _text_file(args.grammar_file, "--grammar-file")
+    return None
+
+
+def _structured_grammar(given: tuple[str, str] | None, tok, loaded):
+    """_structured_text's (kind, text) -> a spqt.grammar.Grammar over the model's vocabulary (its end: the stop ids),
+    or None."""
+    if given is None:
+        return None
+    from spqt import grammar
+
+    return grammar.build(*given, grammar.Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids))
+
+
 def _rope_scaling_label(c) -> str:
     """inspect's note on a model's RoPE scaling: Llama 3's (as HF gives it), longrope's (its attention factor and
     switch), YaRN's (its attention factor), linear (every frequency divided by one factor), or per-frequency divisors
@@ -358,8 +390,11 @@ def cmd_generate(args) -> int:
     if args.system is not None and not args.chat:
         raise SpqtError("--system is the chat's system message: it needs --chat")
     _check_outputs([("--json", args.json)], [("model", _model_file(args.model)), ("prompt file", args.file),
-                                              ("--thresholds file", args.thresholds)])
+                                              ("--thresholds file", args.thresholds),
+                                              ("--json-schema-file", args.json_schema_file),
+                                              ("--grammar-file", args.grammar_file)])
     prompt_text = args.prompt if args.file is None else _prompt_file(args.file)
+    structured = _structured_text(args)
     if args.json:
         from spqt.checkpoint import check_writable
 
@@ -373,6 +408,7 @@ def cmd_generate(args) -> int:
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(prompt_text, args.system) if args.chat else tok.encode(prompt_text)
+    sampling.grammar = _structured_grammar(structured, tok, loaded)
     if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
         raise SpqtError("the prompt is empty")
     if len(prompt) + args.n > loaded.config.max_seq_len:
@@ -459,7 +495,8 @@ def cmd_generate(args) -> int:
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                                "seed": args.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
                                "frequency_penalty": args.frequency_penalty,
-                               "presence_penalty": args.presence_penalty}}
+                               "presence_penalty": args.presence_penalty},
+                  "structured_output": dict(zip(("kind", "text"), structured)) if structured else None}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return 0
 
@@ -1041,6 +1078,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="subtract this from the logit of each token the answer holds, in [-2, 2] (0 = off). The "
                         "penalties apply greedy too; on CUDA a greedy step then reads its logits on the host")
+    structured = p.add_argument_group("structured output (one of these: every token keeps the answer within it; "
+                                      "on CUDA each step's token is then chosen on the host)")
+    structured = structured.add_mutually_exclusive_group()
+    structured.add_argument("-j", "--json-schema", metavar="SCHEMA",
+                            help="the answer is JSON that this JSON schema accepts ('{}': any JSON value)")
+    structured.add_argument("--json-schema-file", metavar="FILE", help="the same, the schema read from a file")
+    structured.add_argument("--grammar", metavar="GBNF", help="the answer keeps to this llama.cpp GBNF grammar "
+                            "(its rule root)")
+    structured.add_argument("--grammar-file", metavar="FILE", help="the same, the grammar read from a file")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "

@@ -3,8 +3,9 @@
 The order: logit_bias added; the penalties, as vLLM applies them (repetition over the prompt's and the answer's
 tokens, all of them, where llama.cpp's repeat_penalty takes the last 64; frequency and presence over the answer's, as
 OpenAI and vLLM define them); then temperature (0: greedy, the argmax of the shaped logits), top-k, top-p and min-p
-(min-p last, as transformers and vLLM's first sampler apply it). Logprobs a caller reads (generate's on_logits) are
-the model's own, before any of this.
+(min-p last, as transformers and vLLM's first sampler apply it). A grammar (structured output, spqt.grammar) masks the
+tokens that would leave it last, after the penalties. Logprobs a caller reads (generate's on_logits) are the model's
+own, before any of this.
 """
 
 import math
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spqt.errors import SpqtError
+from spqt.grammar import Grammar
 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
@@ -28,6 +30,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted once for each time a token is in the answer so far
     presence_penalty: float = 0.0  # subtracted once where a token is in the answer so far
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    grammar: Grammar | None = None  # structured output: only tokens that keep the text in it (spqt.grammar)
 
     def __post_init__(self):
         temperature_ok = math.isfinite(self.temperature) and self.temperature >= 0
@@ -48,16 +51,17 @@ class Sampling:
                                 f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]")
 
     def shapes_logits(self) -> bool:
-        """Whether the logits change before the choice (bias or penalties): a greedy choice is then not the model's
-        own argmax, so it needs the step's logits on the host side (no in-graph greedy token)."""
+        """Whether the logits change before the choice (bias, penalties or a grammar): a greedy choice is then not
+        the model's own argmax, so it needs the step's logits on the host side (no in-graph greedy token)."""
         return bool(self.logit_bias) or self.repetition_penalty != 1.0 or bool(self.frequency_penalty) or \
-            bool(self.presence_penalty)
+            bool(self.presence_penalty) or self.grammar is not None
 
 
 class LogitShaper:
-    """Sampling's logit_bias and penalties over one generation: the bias as a vector, how often each token is in the
-    answer (counts, float32 (vocab,)) and which tokens the prompt or the answer hold (seen, bool (vocab,)), on the
-    logits' device, updated by add() without a host sync."""
+    """Sampling's logit_bias, penalties and grammar over one generation: the bias as a vector, how often each token is
+    in the answer (counts, float32 (vocab,)) and which tokens the prompt or the answer hold (seen, bool (vocab,)), on
+    the logits' device, updated by add() without a host sync; the grammar's walk (matcher), on the host: with a grammar
+    each call reads its mask from the host and each add() its token."""
 
     def __init__(self, s: Sampling, prompt: list[int], vocab: int, device: str | torch.device):
         self.s = s
@@ -73,6 +77,7 @@ class LogitShaper:
         self.seen = torch.zeros(vocab, dtype=torch.bool, device=device)
         if prompt:
             self.seen[torch.tensor(prompt, device=device)] = True
+        self.matcher = s.grammar.matcher() if s.grammar is not None else None
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, vocab) float32 -> the shaped logits (a new tensor)."""
@@ -86,6 +91,8 @@ class LogitShaper:
             logits = logits - s.frequency_penalty * self.counts
         if s.presence_penalty:
             logits = logits - s.presence_penalty * (self.counts > 0).float()
+        if self.matcher is not None:
+            logits = logits.masked_fill(~self.matcher.allowed(logits.device), float("-inf"))
         return logits
 
     def add(self, token: torch.Tensor | int) -> None:
@@ -93,6 +100,9 @@ class LogitShaper:
         at = torch.as_tensor(token, device=self.counts.device).view(-1)
         self.counts.index_add_(0, at, torch.ones(at.shape, dtype=torch.float32, device=at.device))
         self.seen.index_fill_(0, at, True)
+        if self.matcher is not None:
+            for t in at.tolist():
+                self.matcher.consume(t)
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:

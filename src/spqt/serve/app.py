@@ -22,6 +22,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from spqt import grammar
 from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Sampling
 from spqt.serve import protocol as p
@@ -122,6 +123,21 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                              param="logit_bias", code="invalid_value")
         return shape
 
+    async def structured(req: p.SamplingFields, tools: list | None = None) -> dict:
+        """The request's structured output as Sampling's grammar ({} for plain text), compiled against the model's
+        vocabulary in a thread (the vocabulary's first build takes a fraction of a second, a large schema too)."""
+        asked = req.structure()
+        if asked is None:
+            return {}
+        param, kind, value = asked
+        if tools:
+            raise p.ApiError(400, f"{param}: structured output and tools in one request are not supported (a call "
+                             f"would have to keep to the format too).", param=param, code="unsupported_value")
+        try:
+            return {"grammar": await asyncio.to_thread(grammar.build, kind, value, engine.vocabulary)}
+        except SpqtError as e:
+            raise p.ApiError(400, f"{param}: {e}.", param=param, code="invalid_value") from None
+
     def make_job(request: Request, req: p.SamplingFields, shape: dict, prompt: list[int], echo: str | None = None,
                  added: int = 0, choice: int = 0) -> Job:
         """The job of one prompt (token ids); shape: shaping(req); echo, added: Job's (the prompt's text, where the
@@ -182,6 +198,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             raise p.ApiError(400, "This model has no chat template, so it takes no messages; send the text to "
                              "/v1/completions.", param="messages", code="unsupported_value")
         tools, fmt = req.tool_specs(), None
+        shape = shaping(req) | await structured(req, tools)
         if tools:
             try:
                 fmt = tool_format(engine.tokenizer.spec.chat_template)
@@ -191,7 +208,6 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation(), tools)
         except SpqtError as e:  # (the template refused the conversation, its raise_exception, among others)
             raise p.ApiError(400, str(e), param="messages") from None
-        shape = shaping(req)
         jobs = [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
 
@@ -266,7 +282,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if req.max_tokens == 0 and not req.echo:
             raise p.ApiError(400, "max_tokens 0 asks for nothing without echo: true (the prompt's logprobs alone).",
                              param="max_tokens", code="invalid_value")
-        jobs, shape = [], shaping(req)  # prompt i's choice j at index i * n + j, as OpenAI orders them
+        jobs, shape = [], shaping(req) | await structured(req)  # prompt i's choice j at index i * n + j, as OpenAI orders them
         for i, prompt in enumerate(req.prompt):  # every prompt checked before any runs
             ids, text, added = await asyncio.to_thread(read_prompt, prompt, i, req.echo)  # (a long one: as chat's)
             jobs += [make_job(request, req, shape, ids, text, added, choice=j) for j in range(req.n)]

@@ -25,10 +25,12 @@ at the fixed level).
 import logging
 import time
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
+from spqt import grammar
 from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator, PromptScores
@@ -74,6 +76,11 @@ class EngineInfo:
 
 
 class Engine:
+    @cached_property
+    def vocabulary(self) -> grammar.Vocabulary:
+        """The vocabulary structured output constrains (spqt.grammar), its end tokens the served stop ids."""
+        return grammar.Vocabulary(self.tokenizer, self.generator.loaded.config.vocab_size, self.stop_ids)
+
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
                  criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None,

@@ -3,12 +3,15 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
-suffix, a forced tool call (tool_choice 'required' or a named function), functions (tools' older form), JSON mode,
-audio, web search, reasoning effort, and the sampling fields of other servers that clients pass as extra fields,
-such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and presence, vLLM's
-repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the choice as
-spqt.sampling says; logprobs stay the model's own. Tools go to the model's chat template and its calls come back as
-tool_calls (spqt.serve.tools). Other fields are ignored, as OpenAI-compatible servers do.
+suffix, a forced tool call (tool_choice 'required' or a named function), functions (tools' older form), structured
+output beside tools, audio, web search, reasoning effort, and the sampling fields of other servers that clients pass
+as extra fields, such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and presence,
+vLLM's repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the choice as
+spqt.sampling says; logprobs stay the model's own. Structured output (response_format json_object or json_schema on
+either endpoint; llama.cpp's json_schema and grammar, vLLM's guided_json, guided_regex, guided_choice,
+guided_grammar and structured_outputs) keeps every answer within its grammar (spqt.grammar). Tools go to the model's
+chat template and its calls come back as tool_calls (spqt.serve.tools). Other fields are ignored, as
+OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
 most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs); with the completions' echo
@@ -134,10 +137,41 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
-class ResponseFormat(RequestModel):
-    type: str
+class JsonSchemaFormat(RequestModel):
+    """response_format's json_schema: the schema (schema_, sent as "schema"; absent: any JSON value) that the answer
+    keeps to. strict is taken either way: every answer keeps to the schema (spqt.grammar)."""
 
-    _text_only = field_validator("type")(_text_kind("only 'text' is supported"))
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(RequestModel):
+    """OpenAI's response_format: text, any JSON object (json_object), or JSON a schema accepts (json_schema)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("type 'json_schema' needs its json_schema object (name, schema)")
+        return self
+
+
+class StructuredOutputs(RequestModel):
+    """vLLM's structured_outputs: one of json (a schema), regex, choice, grammar."""
+
+    json_: dict | None = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = None
+
+    def structure(self) -> list[tuple[str, str, Any]]:
+        return [(f"structured_outputs.{name}", kind, value) for name, kind, value in (
+            ("json", "json_schema", self.json_), ("regex", "regex", self.regex), ("choice", "choice", self.choice),
+            ("grammar", "gbnf", self.grammar)) if value is not None]
 
 
 class SamplingFields(RequestModel):
@@ -157,6 +191,7 @@ class SamplingFields(RequestModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] = Field(default_factory=dict)  # token id (a decimal string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None  # OpenAI's chat field; vLLM takes it on completions too
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -191,6 +226,15 @@ class SamplingFields(RequestModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)  # vLLM's name
     repeat_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY)  # llama.cpp's name
+    # structured output as llama.cpp's server (json_schema, grammar: GBNF) and vLLM's (guided_*, and the newer
+    # structured_outputs: json, regex, choice, grammar) take it
+    json_schema: dict | None = None
+    grammar: str | None = None
+    guided_json: dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = Field(None, min_length=1)
+    guided_grammar: str | None = None
+    structured_outputs: StructuredOutputs | None = None
     # ignoring one of these would change the answer, so only its neutral value passes
     typical_p: float = 1.0
     min_tokens: int = 0
@@ -205,6 +249,27 @@ class SamplingFields(RequestModel):
         if info.data.get("repetition_penalty", 1.0) not in (1.0, penalty) and penalty != 1.0:
             raise ValueError("repeat_penalty is repetition_penalty under llama.cpp's name: give one, or both equal")
         return penalty
+
+    def structure(self) -> tuple[str, str, Any] | None:
+        """The structured output the request asks for: (param, kind, value), kind json_schema (value a schema),
+        json_object, regex, choice (a list of strings) or gbnf (a grammar's text); None for plain text. An error
+        where it asks in more than one field."""
+        given = []
+        if self.response_format is not None and self.response_format.type != "text":
+            f = self.response_format
+            given.append(("response_format", "json_object", None) if f.type == "json_object" else
+                         ("response_format", "json_schema", f.json_schema.schema_))
+        given += [(name, kind, value) for name, kind, value in (
+            ("json_schema", "json_schema", self.json_schema), ("grammar", "gbnf", self.grammar),
+            ("guided_json", "json_schema", self.guided_json), ("guided_regex", "regex", self.guided_regex),
+            ("guided_choice", "choice", self.guided_choice), ("guided_grammar", "gbnf", self.guided_grammar))
+            if value is not None]
+        if self.structured_outputs is not None:
+            given += self.structured_outputs.structure()
+        if len(given) > 1:
+            raise ApiError(400, f"The request asks for structured output in {given[0][0]} and in {given[1][0]}: "
+                           f"give one.", param=given[1][0], code="invalid_value")
+        return given[0] if given else None
 
     def shaping(self) -> dict:
         """Sampling's fields that shape the logits (spqt.sampling): once a request, its jobs share the bias map."""
@@ -310,7 +375,6 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None  # None: "auto" with tools, "none" without
     function_call: Any = "none"
     parallel_tool_calls: bool = True
-    response_format: ResponseFormat | None = None
     modalities: list[str] = Field(default_factory=lambda: ["text"])
     # OpenAI's audio, web search and reasoning models' fields (OpenAI refuses them for the models without those too)
     audio: dict | None = None

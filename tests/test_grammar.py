@@ -1,0 +1,187 @@
+"""spqt.grammar: the token masks against a reference written here over the tiny tokenizer's vocabulary (finite
+languages: a token allowed only where the text stays a prefix of a sentence, an end token only where it is one, and
+every such token allowed where the language leaves a choice of next bytes; where it forces the next bytes llguidance
+allows their canonical tokenization's first token alone, at least where they run to the sentence's end),
+generation that keeps to a JSON schema, a choice, a regex and a GBNF grammar (greedy: each token the argmax of
+its step's logits over the allowed ones), the CLI's flags, and the errors of bad grammars."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from spqt import grammar
+from spqt.errors import SpqtError
+from spqt.sampling import Sampling
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_spqt):
+    from spqt.checkpoint import load_spqt
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_spqt(tiny_spqt)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    return loaded, tok, grammar.Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids)
+
+
+def reference_allowed(tok, vocab: int, end_ids, sentences: list[bytes], text: bytes) -> tuple[set[int], str]:
+    """The tokens after text that keep it a prefix of one of the sentences (a finite language), and the end tokens
+    where text is one; special tokens never as text. And what the language leaves open: "free" (text is a sentence,
+    or the sentences it starts go on with different bytes), "forced" (text starts one sentence alone and is not it:
+    every byte to its end forced) or "partly" (the next bytes forced, then a choice)."""
+    special = set(tok.backend.get_added_tokens_decoder())
+    allowed = {t for t in range(vocab) if t not in special and tok.token_bytes(t)
+               and any(s.startswith(text + tok.token_bytes(t)) for s in sentences)}
+    going_on = [s for s in sentences if s.startswith(text) and len(s) > len(text)]
+    if text in sentences or len({s[len(text)] for s in going_on}) > 1:
+        state = "free"
+    else:
+        state = "forced" if len(going_on) == 1 else "partly"
+    return allowed | (set(end_ids) if text in sentences else set()), state
+
+
+def walk_against_reference(tiny, g: grammar.Grammar, sentences: list[str], rng, walks: int = 6) -> set[str]:
+    """Random walks through g's matcher: at each step its mask is within the reference's, the whole of it where the
+    language leaves the next byte free, one token where it forces every byte to the end; a walk ends at an end token.
+    Returns the texts the walks ended on."""
+    loaded, tok, vocabulary = tiny
+    ends, language, done = vocabulary.end_ids, [s.encode() for s in sentences], set()
+    free_steps = 0
+    for _ in range(walks):
+        m, text = g.matcher(), b""
+        while True:
+            allowed = set(m.allowed("cpu").nonzero().view(-1).tolist())
+            want, state = reference_allowed(tok, loaded.config.vocab_size, ends, language, text)
+            assert allowed and allowed <= want, (text, allowed, want)
+            assert allowed == want if state == "free" else len(allowed) == 1 if state == "forced" else True, \
+                (text, state, allowed, want)
+            free_steps += state == "free"
+            token = int(rng.choice(sorted(allowed)))
+            if token in ends:
+                done.add(text.decode())
+                break
+            m.consume(token)
+            text += tok.token_bytes(token)
+    assert free_steps >= walks  # (each walk's first step at least: the languages here start with a choice)
+    return done
+
+
+def test_choice_masks_are_the_languages_prefixes(tiny, rng):
+    choices = ["the quick", "the lazy dog", "once", "over € ok", 'a "quoted"\nline']
+    ended = walk_against_reference(tiny, grammar.choice(choices, tiny[2]), choices, rng, walks=12)
+    assert ended <= set(choices) and ended
+
+
+def test_regex_and_gbnf_masks_are_the_languages_prefixes(tiny, rng):
+    sentences = ["ab", "c", "abd", "abef", "cd", "cef"]
+    assert walk_against_reference(tiny, grammar.regex("(ab|c)(d|ef)?", tiny[2]), sentences, rng) <= set(sentences)
+    gbnf = 'root ::= greet " " who\ngreet ::= "hello" | "hi"\nwho ::= "world" | "fox"'
+    sentences = [f"{a} {b}" for a in ("hello", "hi") for b in ("world", "fox")]
+    assert walk_against_reference(tiny, grammar.gbnf(gbnf, tiny[2]), sentences, rng) <= set(sentences)
+
+
+def masked_argmax_walk(tiny, g: grammar.Grammar, raw: list[torch.Tensor], tokens: list[int]) -> None:
+    """Each greedy token is the argmax of its step's raw logits over the tokens g allowed there."""
+    m = g.matcher()
+    for i, (logits, token) in enumerate(zip(raw, tokens)):
+        allowed = m.allowed("cpu")
+        masked = logits.float().masked_fill(~allowed, float("-inf"))
+        assert allowed[token] and masked[token] >= masked.max() - 1e-3, (i, token, int(masked.argmax()))
+        if i < len(tokens) - 1:
+            m.consume(token)
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                           "b": {"enum": ["x", "yz"]}, "c": {"type": "boolean"}},
+          "required": ["a", "b", "c"], "additionalProperties": False}
+
+
+def check_schema_answer(text: str) -> None:
+    value = json.loads(text)
+    assert set(value) == {"a", "b", "c"} and isinstance(value["a"], int) and 0 <= value["a"] <= 99
+    assert value["b"] in ("x", "yz") and isinstance(value["c"], bool)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_generation_keeps_to_the_grammar(device, tiny, rng):
+    """The tiny random model's answers under a JSON schema (bounded: every answer ends), greedy and sampled, parse and
+    match it; greedy tokens are the masked argmax of their steps' logits; a choice's and a regex's answers are in
+    their languages; without the grammar the same prompts do not give such answers."""
+    from spqt.generate import Generator
+
+    loaded, tok, vocabulary = tiny
+    gen = Generator(loaded, device, max_len=600)
+    schema = grammar.json_schema(SCHEMA, vocabulary)
+    ends = set(vocabulary.end_ids)
+    for prompt in [rng.integers(0, loaded.config.vocab_size, 6).tolist() for _ in range(2)]:
+        raw = []
+        result = gen.generate(prompt, 560, Sampling(grammar=schema), stop_ids=ends,
+                              on_logits=lambda logits: raw.append(logits[0]))
+        assert result.finish_reason == "stop" and result.tokens[-1] in ends
+        check_schema_answer(tok.decode(result.tokens[:-1]))
+        masked_argmax_walk(tiny, schema, raw, result.tokens)
+        assert gen.generate(prompt, 560, Sampling(grammar=schema), stop_ids=ends).tokens == result.tokens
+        sampled = gen.generate(prompt, 560, Sampling(1.0, seed=int(rng.integers(1 << 30)), grammar=schema),
+                               stop_ids=ends)
+        assert sampled.finish_reason == "stop"
+        check_schema_answer(tok.decode(sampled.tokens[:-1]))
+        plain = tok.decode(gen.generate(prompt, 40, stop_ids=ends).tokens)
+        with pytest.raises(ValueError):
+            check_schema_answer(plain)
+    words = ["yes", "no", "maybe so"]
+    answer = gen.generate(prompt, 20, Sampling(grammar=grammar.choice(words, vocabulary)), stop_ids=ends)
+    assert tok.decode(answer.tokens[:-1]) in words and answer.finish_reason == "stop"
+    answer = gen.generate(prompt, 20, Sampling(1.0, seed=5, grammar=grammar.regex("[0-9]{3}-[a-z]{2}", vocabulary)),
+                          stop_ids=ends)
+    assert re.fullmatch("[0-9]{3}-[a-z]{2}", tok.decode(answer.tokens[:-1]))
+
+
+def test_json_whitespace_is_bounded(tiny):
+    """After 32 whitespace characters in a gap a JSON text must go on with a token of its own."""
+    _, tok, vocabulary = tiny
+    m = grammar.json_object(vocabulary).matcher()
+    space = tok.encode(" ")
+    assert len(space) == 1
+    m.consume(tok.encode("{")[0])
+    for _ in range(32):
+        assert m.allowed("cpu")[space[0]]
+        m.consume(space[0])
+    allowed = m.allowed("cpu").nonzero().view(-1).tolist()
+    assert space[0] not in allowed and allowed
+    assert all(tok.token_bytes(t).lstrip()[:1] in (b'"', b"}") for t in allowed)
+
+
+def test_bad_grammars_are_one_line_errors(tiny):
+    vocabulary = tiny[2]
+    for build, value, words in [(grammar.json_schema, '{"type": "objectx"}', "the JSON schema is not valid"),
+                                (grammar.json_schema, "{not json", "the JSON schema is not JSON"),
+                                (grammar.json_schema, "[1, 2]", "must be a JSON object"),
+                                (grammar.regex, "[0-9]+(", "the regular expression is not valid"),
+                                (grammar.gbnf, 'root ::= ("a" | "b"', "the GBNF grammar is not valid"),
+                                (grammar.gbnf, 'start ::= "a"', "the GBNF grammar is not valid")]:
+        with pytest.raises(SpqtError, match=words) as e:
+            build(value, vocabulary)
+        assert "\n" not in str(e.value)
+
+
+def test_generate_cli_structured_output(tiny_spqt, tmp_path, capsys):
+    from spqt.cli import main
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert main(["generate", str(tiny_spqt), "-p", "the quick", "-n", "400", "--json-schema-file", str(schema)]) == 0
+    out = capsys.readouterr().out
+    check_schema_answer(out.strip().removesuffix("</s>"))
+    assert main(["generate", str(tiny_spqt), "-p", "the quick", "-n", "20", "--grammar",
+                 'root ::= "yes" | "no"']) == 0
+    assert capsys.readouterr().out.strip().removesuffix("</s>") in ("yes", "no")
+    for bad in (["--json-schema", '{"type": 3}'], ["--grammar-file", str(tmp_path / "missing.gbnf")],
+                ["--grammar", "root ::= ("]):
+        assert main(["generate", str(tiny_spqt), "-p", "x", "-n", "4", *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("spqt: error:") == 1 and err.strip().splitlines()[-1].startswith("spqt: error:")
+    with pytest.raises(SystemExit) as e:  # one structured output at a time (argparse's own error)
+        main(["generate", str(tiny_spqt), "-p", "x", "-j", "{}", "--grammar", 'root ::= "a"'])
+    assert e.value.code == 2
