@@ -511,6 +511,34 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_chat(args) -> int:
+    from spqt import chat
+    from spqt.tokenizer import TextTokenizer
+
+    _check_decoding(args)
+    sampling = _sampling(args)
+    device, dtype, backend = _runtime(args)
+    loaded = _load(args)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    chat.check_template(tok, args.system)  # before the Generator and its model line: one error line
+    ctx = args.ctx or loaded.config.max_seq_len
+    if ctx > loaded.config.max_seq_len:
+        raise SpqtError(f"--ctx {ctx} exceeds the model's context of {loaded.config.max_seq_len} tokens")
+    chat.check_room(args.n, ctx)
+    run = _decoder(args, loaded, device, dtype, backend, max_len=ctx, label=not args.quiet)
+    if run.generator.device == "cuda":  # the rests after a reused prefix run in graphs captured now, as serve's
+        start = time.perf_counter()  # (Generator._reuse_pays: on CUDA a turn reuses the cache only through them)
+        run.generator.capture_prefills(ctx - 1, suffixes=True)
+        if not args.quiet:
+            print(f"[prefill graphs captured in {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
+    session = chat.Chat(run.generator, tok, sampling, args.n, system=args.system, track=run.track)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("spqt chat: /help lists the commands; /exit or Ctrl-D ends it", file=sys.stderr, flush=True)
+    read = chat.line_reader(sys.stdin, interactive, sys.stdout.isatty(), sys.stderr)
+    return chat.run(session, read, sys.stdout, sys.stderr, stats=not args.quiet)
+
+
 def check_origins(origins: list[str]) -> tuple[str, ...]:
     """--allow-origin's values: "*", or scheme://host[:port] as a browser sends it in Origin (no path, no trailing
     slash, which would never match); SpqtError otherwise."""
@@ -1111,13 +1139,27 @@ def build_parser() -> argparse.ArgumentParser:
                        "trailing newline is dropped, as llama.cpp drops it")
     p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
     _add_sparsity_options(p)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one turn; "
+                   "spqt chat holds a conversation)")
     p.add_argument("--system", default=None, help="with --chat: the system message before the prompt (default: "
                    "the template's own, if any)")
     _add_sampling_options(p)
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
     _add_runtime_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="a conversation in the terminal: type a message, the answer streams, the "
+                       "conversation is kept (lines from stdin; /help lists the commands)")
+    _add_model_options(p)
+    p.add_argument("-n", type=int, default=512, help="new tokens an answer at most (default 512)")
+    p.add_argument("--system", default=None, help="the system message (default: the template's own, if any)")
+    p.add_argument("--ctx", type=_at_least(2), default=None, help="tokens of context, the conversation plus an "
+                   "answer: the KV cache's length (default: the model's); the oldest turns are dropped beyond it")
+    p.add_argument("--quiet", action="store_true", help="no model line and no figures after each answer")
+    _add_sparsity_options(p)
+    _add_sampling_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")
     p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
