@@ -110,8 +110,8 @@ class Chat:
                 return prompt, dropped
         system = " with the system message" if self.system is not None else ""
         raise SpqtError(f"the message takes {len(prompt)} tokens in the chat template{system}: with -n "
-                        f"{self.max_new_tokens} that exceeds the context of {self.generator.max_len} tokens; it was not "
-                        f"sent")
+                        f"{self.max_new_tokens} that exceeds the context of {self.generator.max_len} tokens; it was "
+                        f"not sent")
 
     def reply(self, user: str, on_text: Callable[[str], None] = lambda piece: None,
               should_stop: Callable[[], bool] = lambda: False,
