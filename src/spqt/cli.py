@@ -9,9 +9,14 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from spqt.errors import SpqtError
+
+if TYPE_CHECKING:  # (imported where used: building the parser stays light)
+    from spqt.generate import Generator
 
 PROMPT_TOKENS, NEW_TOKENS = 10, 128  # a timed decode's defaults: spqt bench decode, spqt tune --routes
 
@@ -378,48 +383,59 @@ def _rope_scaling_label(c) -> str:
     return " (llama3 scaling)" if c.rope_freq_factors else ""
 
 
-def cmd_generate(args) -> int:
-    from spqt.generate import KEPT_ROUTE_NAMES, Generator, Sampling, resolve_device
+def _check_decoding(args) -> None:
+    """generate's and chat's options checked before the (slow) load: --sparsity and -n."""
     from spqt.sparsity import check_sparsity
-    from spqt.tokenizer import TextTokenizer
 
     if args.sparsity != "auto":
         check_sparsity(args.sparsity)
     if args.n < 1:
         raise SpqtError("-n must be at least 1")
-    if args.system is not None and not args.chat:
-        raise SpqtError("--system is the chat's system message: it needs --chat")
-    _check_outputs([("--json", args.json)], [("model", _model_file(args.model)), ("prompt file", args.file),
-                                              ("--thresholds file", args.thresholds),
-                                              ("--json-schema-file", args.json_schema_file),
-                                              ("--grammar-file", args.grammar_file)])
-    prompt_text = args.prompt if args.file is None else _prompt_file(args.file)
-    structured = _structured_text(args)
-    if args.json:
-        from spqt.checkpoint import check_writable
 
-        check_writable(Path(args.json))  # before the (slow) load
-    sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed, min_p=args.min_p,
-                        repetition_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
-                        presence_penalty=args.presence_penalty)
-    device = resolve_device(args.device)  # before the (slow) load, so a bad device fails at once
-    dtype = _dtype(args.dtype, device)
-    backend = _gemv_backend(args.gemv, device)
-    loaded = _load(args)
-    tok = TextTokenizer(loaded.tokenizer, loaded.config)
-    prompt = tok.chat(prompt_text, args.system) if args.chat else tok.encode(prompt_text)
-    sampling.grammar = _structured_grammar(structured, tok, loaded)
-    if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
-        raise SpqtError("the prompt is empty")
-    if len(prompt) + args.n > loaded.config.max_seq_len:
-        raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
-                        f"{loaded.config.max_seq_len} tokens")
+
+def _sampling(args):
+    """The Sampling of generate's and chat's sampling options (_add_sampling_options); SpqtError where one is out of
+    range."""
+    from spqt.generate import Sampling
+
+    return Sampling(args.temperature, args.top_k, args.top_p, args.seed, min_p=args.min_p,
+                    repetition_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
+                    presence_penalty=args.presence_penalty)
+
+
+def _runtime(args) -> tuple:
+    """(device, dtype, the CPU GEMV's backend) of --device, --dtype and --gemv, before the (slow) load so a bad one
+    fails at once."""
+    from spqt.generate import resolve_device
+
+    device = resolve_device(args.device)
+    return device, _dtype(args.dtype, device), _gemv_backend(args.gemv, device)
+
+
+@dataclass
+class Decoder:
+    """generate's and chat's Generator with what they report of it (_decoder)."""
+
+    generator: "Generator"
+    sparsity: float  # the level decoded at (--sparsity auto resolved)
+    criterion: str
+    mode: str
+    kept: str | None  # sparse maps in one launch (Generator.kept_runs): the achieved sparsity is not counted then
+    track: bool  # count the achieved sparsity (generate's track)
+
+
+def _decoder(args, loaded, device: str, dtype, backend: str | None, max_len: int, label: bool = True) -> Decoder:
+    """The Generator of generate's and chat's sparsity options (--sparsity, auto included, --criterion, --mode,
+    --no-dense-fallback) on a KV cache of max_len tokens; the model line ([kind, device, sparsity ...], where label
+    asks for it) and the notes on which maps run how go to stderr."""
+    from spqt.generate import KEPT_ROUTE_NAMES, Generator
+
     criterion = _criterion(args, loaded)
-    mode = args.mode
-    if args.sparsity == "auto":
+    mode, level = args.mode, args.sparsity
+    if level == "auto":
         from spqt.sparsity import auto_level, by_criterion
 
-        criterion, mode, args.sparsity = auto_level(loaded.thresholds, args.criterion and criterion, mode)
+        criterion, mode, level = auto_level(loaded.thresholds, args.criterion and criterion, mode)
         if not by_criterion(loaded.thresholds).get("recommended"):
             print("spqt: note: the model has no recommended sparsity level (spqt calibrate measures one); "
                   "--sparsity auto decodes dense", file=sys.stderr)
@@ -427,19 +443,19 @@ def cmd_generate(args) -> int:
         from spqt.sparsity import default_mode
 
         mode = default_mode(loaded.thresholds, criterion)
-    gen = Generator(loaded, device, dtype=dtype, sparsity=args.sparsity, mode=mode, criterion=criterion,
-                    max_len=len(prompt) + args.n, dense_fallback=not args.no_dense_fallback, backend=backend)
+    gen = Generator(loaded, device, dtype=dtype, sparsity=level, mode=mode, criterion=criterion,
+                    max_len=max_len, dense_fallback=not args.no_dense_fallback, backend=backend)
     # stdout carries the generated text alone (so `> out.txt` keeps just that); the rest goes to
     # stderr, as llama.cpp does
-    setting = f" {criterion} {mode}" if args.sparsity else ""
-    gemv = {"cpu-fp16": " fp16-gemv", "cpu-native": " native-gemv"}.get(backend, "")
-    label = f"[{loaded.kind}, {gen.device}{gemv}, sparsity {args.sparsity:g}{setting}]"
-    print(label, file=sys.stderr, flush=True)
+    if label:
+        setting = f" {criterion} {mode}" if level else ""
+        gemv = {"cpu-fp16": " fp16-gemv", "cpu-native": " native-gemv"}.get(backend, "")
+        print(f"[{loaded.kind}, {gen.device}{gemv}, sparsity {level:g}{setting}]", file=sys.stderr, flush=True)
     dense, dense_step = gen.dense_fallbacks(), gen.dense_step_reason()
     if device == "cuda":
         from spqt.bench import untuned_note
 
-        note = untuned_note(loaded, sparse=bool(args.sparsity) and dense_step is None)
+        note = untuned_note(loaded, sparse=bool(level) and dense_step is None)
         if note:
             print(f"[{note}]", file=sys.stderr, flush=True)
     if dense_step:
@@ -458,6 +474,38 @@ def cmd_generate(args) -> int:
     elif kept:
         print(f"[sparse maps in one launch where SPQT_SPARSE_KEPT={kept} asks (the achieved sparsity is not counted "
               f"then)]", file=sys.stderr, flush=True)
+    return Decoder(gen, level, criterion, mode, kept, track=kept is None and dense_step is None)
+
+
+def cmd_generate(args) -> int:
+    from spqt.tokenizer import TextTokenizer
+
+    _check_decoding(args)
+    if args.system is not None and not args.chat:
+        raise SpqtError("--system is the chat's system message: it needs --chat")
+    _check_outputs([("--json", args.json)], [("model", _model_file(args.model)), ("prompt file", args.file),
+                                              ("--thresholds file", args.thresholds),
+                                              ("--json-schema-file", args.json_schema_file),
+                                              ("--grammar-file", args.grammar_file)])
+    prompt_text = args.prompt if args.file is None else _prompt_file(args.file)
+    structured = _structured_text(args)
+    if args.json:
+        from spqt.checkpoint import check_writable
+
+        check_writable(Path(args.json))  # before the (slow) load
+    sampling = _sampling(args)
+    device, dtype, backend = _runtime(args)
+    loaded = _load(args)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    prompt = tok.chat(prompt_text, args.system) if args.chat else tok.encode(prompt_text)
+    sampling.grammar = _structured_grammar(structured, tok, loaded)
+    if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
+        raise SpqtError("the prompt is empty")
+    if len(prompt) + args.n > loaded.config.max_seq_len:
+        raise SpqtError(f"prompt ({len(prompt)} tokens) plus -n {args.n} exceed the model's context of "
+                        f"{loaded.config.max_seq_len} tokens")
+    run = _decoder(args, loaded, device, dtype, backend, max_len=len(prompt) + args.n)
+    gen, criterion, mode = run.generator, run.criterion, run.mode
     shown = [""]
     produced: list[int] = []
 
@@ -469,8 +517,7 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream,
-                          track=kept is None and dense_step is None)
+    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream, track=run.track)
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
@@ -479,7 +526,7 @@ def cmd_generate(args) -> int:
           f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}", file=sys.stderr)
     if result.sparsity:
         parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.sparsity.items())
-        print(f"achieved sparsity (target {100 * args.sparsity:g}%): {parts}", file=sys.stderr)
+        print(f"achieved sparsity (target {100 * run.sparsity:g}%): {parts}", file=sys.stderr)
     if args.json:
         from spqt.checkpoint import atomic_write
 
@@ -489,9 +536,9 @@ def cmd_generate(args) -> int:
                   "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                   "prefill_tokens_per_s": result.prefill_tokens_per_s,
                   "decode_tokens_per_s": result.decode_tokens_per_s,
-                  "target_sparsity": args.sparsity, "mode": mode if args.sparsity else "dense",
-                  "criterion": criterion if args.sparsity else None,
-                  "achieved_sparsity": result.sparsity or None, "one_launch_route": kept,
+                  "target_sparsity": run.sparsity, "mode": mode if run.sparsity else "dense",
+                  "criterion": criterion if run.sparsity else None,
+                  "achieved_sparsity": result.sparsity or None, "one_launch_route": run.kept,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                                "seed": args.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
                                "frequency_penalty": args.frequency_penalty,
@@ -499,6 +546,34 @@ def cmd_generate(args) -> int:
                   "structured_output": dict(zip(("kind", "text"), structured)) if structured else None}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return 0
+
+
+def cmd_chat(args) -> int:
+    from spqt import chat
+    from spqt.tokenizer import TextTokenizer
+
+    _check_decoding(args)
+    sampling = _sampling(args)
+    device, dtype, backend = _runtime(args)
+    loaded = _load(args)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    chat.check_template(tok, args.system)  # before the Generator and its model line: one error line
+    ctx = args.ctx or loaded.config.max_seq_len
+    if ctx > loaded.config.max_seq_len:
+        raise SpqtError(f"--ctx {ctx} exceeds the model's context of {loaded.config.max_seq_len} tokens")
+    chat.check_room(args.n, ctx)
+    run = _decoder(args, loaded, device, dtype, backend, max_len=ctx, label=not args.quiet)
+    if run.generator.device == "cuda":  # the rests after a reused prefix run in graphs captured now, as serve's
+        start = time.perf_counter()  # (Generator._reuse_pays: on CUDA a turn reuses the cache only through them)
+        run.generator.capture_prefills(ctx - 1, suffixes=True)
+        if not args.quiet:
+            print(f"[prefill graphs captured in {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
+    session = chat.Chat(run.generator, tok, sampling, args.n, system=args.system, track=run.track)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print("spqt chat: /help lists the commands; /exit or Ctrl-D ends it", file=sys.stderr, flush=True)
+    read = chat.line_reader(sys.stdin, interactive, sys.stdout.isatty(), sys.stderr)
+    return chat.run(session, read, sys.stdout, sys.stderr, stats=not args.quiet)
 
 
 def check_origins(origins: list[str]) -> tuple[str, ...]:
@@ -1008,6 +1083,52 @@ def sp_default_criterion() -> str:
     return DEFAULT_CRITERION
 
 
+def _add_model_options(p) -> None:
+    p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
+
+
+def _add_sparsity_options(p) -> None:
+    """generate's and chat's --sparsity, --mode, --criterion, --device, --thresholds, --no-dense-fallback (_decoder
+    reads them)."""
+    p.add_argument("--sparsity", type=_level, default=0.0,
+                   help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
+    p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
+                   help="which calibrated thresholds (default greedy where the model has them, else unified; "
+                        "with --sparsity auto the recommended)")
+    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
+    p.add_argument("--no-dense-fallback", action="store_true",
+                   help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "
+                        "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
+
+
+def _add_sampling_options(p) -> None:
+    """generate's and chat's sampling options (_sampling reads them)."""
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the most likely one's "
+                   "probability (0 = off, the default)")
+    p.add_argument("--repeat-penalty", type=float, default=1.0,
+                   help="divide a positive logit (multiply a negative one) of a token the prompt or the answer "
+                        "holds by this, over all of them (1 = off, the default)")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract this from a token's logit for each time the answer holds it, in [-2, 2] (0 = off)")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="subtract this from the logit of each token the answer holds, in [-2, 2] (0 = off). The "
+                        "penalties apply greedy too; on CUDA a greedy step then reads its logits on the host")
+
+
+def _add_runtime_options(p) -> None:
+    """generate's and chat's --dtype and --gemv (_runtime reads them, with --device)."""
+    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
+                   help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
+                        "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from spqt import __version__
     from spqt.sparsity import CALIBRATE_MODES
@@ -1048,36 +1169,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("generate", help="generate text: the text alone on stdout, everything else on stderr")
-    p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
+    _add_model_options(p)
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument("-p", "--prompt")
     given.add_argument("-f", "--file", help="the prompt from this text file (UTF-8; - reads standard input); one "
                        "trailing newline is dropped, as llama.cpp drops it")
     p.add_argument("-n", type=int, default=128, help="new tokens (default 128)")
-    p.add_argument("--sparsity", type=_level, default=0.0,
-                   help="target activation sparsity in [0, 1), or auto: the level spqt calibrate recommended")
-    p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
-                   help="which calibrated thresholds (default greedy where the model has them, else unified; "
-                        "with --sparsity auto the recommended)")
-    p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    _add_sparsity_options(p)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template (one turn; "
+                   "spqt chat holds a conversation)")
     p.add_argument("--system", default=None, help="with --chat: the system message before the prompt (default: "
                    "the template's own, if any)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the most likely one's "
-                   "probability (0 = off, the default)")
-    p.add_argument("--repeat-penalty", type=float, default=1.0,
-                   help="divide a positive logit (multiply a negative one) of a token the prompt or the answer "
-                        "holds by this, over all of them (1 = off, the default)")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
-                   help="subtract this from a token's logit for each time the answer holds it, in [-2, 2] (0 = off)")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
-                   help="subtract this from the logit of each token the answer holds, in [-2, 2] (0 = off). The "
-                        "penalties apply greedy too; on CUDA a greedy step then reads its logits on the host")
+    _add_sampling_options(p)
     structured = p.add_argument_group("structured output (one of these: every token keeps the answer within it; "
                                       "on CUDA each step's token is then chosen on the host)")
     structured = structured.add_mutually_exclusive_group()
@@ -1087,16 +1190,22 @@ def build_parser() -> argparse.ArgumentParser:
     structured.add_argument("--grammar", metavar="GBNF", help="the answer keeps to this llama.cpp GBNF grammar "
                             "(its rule root)")
     structured.add_argument("--grammar-file", metavar="FILE", help="the same, the grammar read from a file")
-    p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
-    p.add_argument("--no-dense-fallback", action="store_true",
-                   help="run every map sparse, also where its sparse kernel is slower than dense (below the GPU's "
-                        "tuned crossover, below 50 %% on the CPU, at any level on the CPU's fp16 GEMV)")
     p.add_argument("--json", metavar="OUT", help="also write a record here: text, token counts, tokens/s, achieved sparsity")
-    p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
-    p.add_argument("--gemv", choices=GEMV_CHOICES, default="auto",
-                   help="CPU matrix-vector products: native (auto's choice: zigzag blocks as stored, in C compiled "
-                        "on first use), fp16 (an fp16 copy of the weights, fp32 sums) or fp32 (the torch reference)")
+    _add_runtime_options(p)
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="a conversation in the terminal: type a message, the answer streams, the "
+                       "conversation is kept (lines from stdin; /help lists the commands)")
+    _add_model_options(p)
+    p.add_argument("-n", type=int, default=512, help="new tokens an answer at most (default 512)")
+    p.add_argument("--system", default=None, help="the system message (default: the template's own, if any)")
+    p.add_argument("--ctx", type=_at_least(2), default=None, help="tokens of context, the conversation plus an "
+                   "answer: the KV cache's length (default: the model's); the oldest turns are dropped beyond it")
+    p.add_argument("--quiet", action="store_true", help="no model line and no figures after each answer")
+    _add_sparsity_options(p)
+    _add_sampling_options(p)
+    _add_runtime_options(p)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")
     p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")

@@ -36,14 +36,12 @@ from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator, PromptScores
 from spqt.serve.logprobs import StepLogprobs, TokenLogprob
 from spqt.serve.scheduler import Job
-from spqt.serve.text import TextStream, token_starts
+from spqt.serve.text import CONTEXT_TOKENS, TextStream, token_starts
 from spqt import sparsity as sp
 from spqt.sparsity import check_sparsity
 from spqt.tokenizer import TextTokenizer
 
 log = logging.getLogger("spqt.serve")
-
-CONTEXT_TOKENS = 4  # the prompt's last tokens an answer's text is decoded after (TextStream's context)
 
 
 def recommended_sparsity(loaded: LoadedModel, criterion: str | None = None,

@@ -16,6 +16,7 @@ import bisect
 from collections.abc import Callable
 
 INCOMPLETE = "\ufffd"  # what a byte-level decoder yields for a multi-byte character cut short
+CONTEXT_TOKENS = 4  # the prompt's last tokens an answer's text is decoded after (TextStream's context)
 
 
 class TextStream:

@@ -1,0 +1,286 @@
+"""`spqt chat`: a conversation in the terminal, on one Generator.
+
+Each turn renders the whole conversation with the model's chat template, ready for the assistant's answer, and
+generates with Generator.generate's reuse, as spqt serve's prompt cache does: the KV cache holds what the turn before
+left in it (its prompt, and its answer where that was decoded dense), so only what follows the longest common prefix
+is prefilled: the last answer's end-of-turn token, the new message and the template's text around it. Where the
+rendering of the conversation so far is not the start of the new one (a template that rewrites earlier turns, or an
+answer's text that re-encodes into other tokens than were decoded, or a generation prompt whose last token merges with
+the answer's first), the reuse stops at the first token that differs and the rest is prefilled: the same prompt, more
+of it computed. An answer can differ from a whole prefill's where the last bits of the logits decide (other matrix
+shapes, another summation order), as the serve engine's docstring says.
+
+The answer is kept as its text without the end-of-turn token (the stop token ends the generation; the template writes
+it back), streamed as TextStream hands it out (whole characters, the leading space a SentencePiece decoder would
+strip kept). The conversation has to fit the KV cache: where it would not, with the answer's new tokens, the oldest
+user / assistant turns are dropped (never the system message nor the new message); a message that does not fit
+alone is refused and the conversation stays as it was.
+"""
+
+import contextlib
+import importlib.util
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TextIO
+
+from spqt.errors import SpqtError
+from spqt.generate import GenerationResult, Generator
+from spqt.sampling import Sampling
+from spqt.serve.text import CONTEXT_TOKENS, TextStream
+from spqt.tokenizer import TextTokenizer
+
+HELP = """\
+/exit, /quit    end the chat (so does the end of the input: Ctrl-D)
+/reset          clear the conversation (the system message stays)
+/system TEXT    set the system message and clear the conversation (/system alone: the template's default)
+/help           this list
+Ctrl-C          stops an answer (a second one ends spqt); at the prompt it ends the chat"""
+
+
+@dataclass
+class Turn:
+    """One answer: its text as the conversation keeps it, the generation's figures, how many of the oldest turns were
+    dropped to fit it in the context, and whether should_stop ended it."""
+
+    text: str
+    result: GenerationResult
+    dropped: int
+    stopped: bool
+
+
+def check_template(tokenizer: TextTokenizer, system: str | None) -> None:
+    """SpqtError where the model has no chat template, or where it refuses a conversation of a user message (after
+    `system`, where one is given)."""
+    if not tokenizer.spec.chat_template:
+        raise SpqtError("this model has no chat template: spqt chat needs one (spqt generate -p runs plain text)")
+    tokenizer.chat_messages(_messages(system, [], "hi"))
+
+
+def check_room(max_new_tokens: int, context: int) -> None:
+    """SpqtError where an answer of max_new_tokens leaves no room for a message in a context of that many tokens."""
+    if max_new_tokens >= context:
+        raise SpqtError(f"-n {max_new_tokens} leaves no room for a message in the context of {context} tokens")
+
+
+def _messages(system: str | None, turns: list[tuple[str, str]], user: str) -> list[dict]:
+    head = [{"role": "system", "content": system}] if system is not None else []
+    done = [{"role": role, "content": text} for pair in turns for role, text in zip(("user", "assistant"), pair)]
+    return head + done + [{"role": "user", "content": user}]
+
+
+class Chat:
+    """A conversation on `generator` (its KV cache of generator.max_len tokens is the context): a system message
+    (None: the template's default) and the (user, assistant) turns so far."""
+
+    def __init__(self, generator: Generator, tokenizer: TextTokenizer, sampling: Sampling, max_new_tokens: int,
+                 system: str | None = None, track: bool = False):
+        """max_new_tokens: an answer's at most (each turn keeps room for it in the context). track: count the
+        achieved sparsity (Generator.generate's)."""
+        check_template(tokenizer, system)
+        check_room(max_new_tokens, generator.max_len)
+        self.generator, self.tokenizer, self.sampling = generator, tokenizer, sampling
+        self.max_new_tokens, self.track = max_new_tokens, track
+        self.system = system
+        self.turns: list[tuple[str, str]] = []
+
+    def reset(self) -> None:
+        """Forget the turns; the system message stays."""
+        self.turns = []
+
+    def set_system(self, system: str | None) -> None:
+        """A new system message (None: the template's default), and a new conversation."""
+        check_template(self.tokenizer, system)
+        self.system = system
+        self.reset()
+
+    def messages(self, user: str) -> list[dict]:
+        """The conversation with `user` as its next message, as the template takes it."""
+        return _messages(self.system, self.turns, user)
+
+    def fit(self, user: str) -> tuple[list[int], int]:
+        """(the prompt of the conversation with `user` next, how many of the oldest turns it leaves out) so that the
+        prompt plus max_new_tokens fit the context; SpqtError where the message does not fit alone (after the system
+        message)."""
+        room = self.generator.max_len - self.max_new_tokens
+        for dropped in range(len(self.turns) + 1):
+            prompt = self.tokenizer.chat_messages(_messages(self.system, self.turns[dropped:], user))
+            if len(prompt) <= room:
+                return prompt, dropped
+        system = " with the system message" if self.system is not None else ""
+        raise SpqtError(f"the message takes {len(prompt)} tokens in the chat template{system}: with -n "
+                        f"{self.max_new_tokens} that exceeds the context of {self.generator.max_len} tokens; it was "
+                        f"not sent")
+
+    def reply(self, user: str, on_text: Callable[[str], None] = lambda piece: None,
+              should_stop: Callable[[], bool] = lambda: False,
+              on_dropped: Callable[[int], None] = lambda n: None) -> Turn:
+        """Answer `user` after the conversation so far (the oldest turns dropped where it would not fit, on_dropped
+        told how many first), prefilling only what the KV cache does not hold yet; on_text gets the answer's text
+        piece by piece as it decodes; should_stop, asked at each new token, ends the answer there (the token not
+        taken). The turn joins the conversation once answered; SpqtError (the message too long, the template
+        refusing, logits that are not finite) leaves the conversation as it was."""
+        prompt, dropped = self.fit(user)
+        if dropped:
+            on_dropped(dropped)
+        stream = TextStream(self.tokenizer.decode, context=prompt[-CONTEXT_TOKENS:])
+        stop_ids = self.tokenizer.stop_ids
+        stopped = False
+
+        def on_token(token: int) -> bool:
+            nonlocal stopped
+            if should_stop():
+                stopped = True
+                return True
+            if token not in stop_ids:  # (generate ends on it; the template writes the end of the turn itself)
+                piece = stream.feed(token)
+                if piece:
+                    on_text(piece)
+            return False
+
+        result = self.generator.generate(prompt, self.max_new_tokens, self.sampling, stop_ids=stop_ids,
+                                         on_token=on_token, track=self.track, reuse=True)
+        piece = stream.flush()
+        if piece:
+            on_text(piece)
+        self.turns = self.turns[dropped:] + [(user, stream.text)]
+        return Turn(stream.text, result, dropped, stopped)
+
+
+def stats_line(turn: Turn) -> str:
+    """The figures of an answer in one line, for stderr."""
+    r = turn.result
+    computed = r.prompt_tokens - r.cached_tokens
+    achieved = f" | achieved sparsity {100 * r.sparsity['all']:.1f}%" if r.sparsity else ""
+    stopped = " | stopped" if turn.stopped else ""
+    return (f"[answer {len(r.tokens)} tokens, {r.decode_tokens_per_s:.1f} tokens/s | prompt {r.prompt_tokens} tokens, "
+            f"{r.cached_tokens} reused, {computed} prefilled at {r.prefill_tokens_per_s:.0f} tokens/s"
+            f"{achieved}{stopped}]")
+
+
+@contextlib.contextmanager
+def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """Within the block a Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt; a second one, the event
+    set already, raises it as usual. Off the main thread, where Python takes no signal handler, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if event.is_set():
+            raise KeyboardInterrupt
+        event.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def line_reader(stdin: TextIO, stdin_tty: bool, stdout_tty: bool, err: TextIO,
+                prompt: str = "> ") -> Callable[[], str | None]:
+    """A function that returns the next line of input without its line end, None at its end (Ctrl-C raises
+    KeyboardInterrupt). From a terminal, `prompt` first: where stdout is the terminal too, readline's line editing
+    and history (where Python has readline), whose prompt it draws itself on stdout (redrawn as the line is edited;
+    nothing there is captured); else on `err`. Not from a terminal (a pipe, a file): lines of UTF-8, whatever the
+    locale, with no prompt; a line that is not UTF-8 is a SpqtError."""
+    if stdin_tty:
+        if stdout_tty and importlib.util.find_spec("readline") is not None:
+            importlib.import_module("readline")  # input() edits lines and keeps their history once it is imported
+
+        def ask() -> str | None:
+            if not stdout_tty:
+                err.write(prompt)
+                err.flush()
+            try:
+                return input(prompt if stdout_tty else "")
+            except EOFError:
+                return None
+
+        return ask
+    lines = getattr(stdin, "buffer", None)  # bytes, read as UTF-8 whatever the locale (a StringIO has none)
+
+    def read() -> str | None:
+        if lines is None:
+            line = stdin.readline()
+        else:
+            raw = lines.readline()
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise SpqtError(f"a line of the input is not UTF-8 (byte {e.start}: {e.reason}); it was skipped") \
+                    from None
+        return line.removesuffix("\n").removesuffix("\r") if line else None
+
+    return read
+
+
+def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, stats: bool = True) -> int:
+    """The chat loop: a line read is a message, answered on `out` (its text alone, then a line end), or a command
+    (HELP); the figures of each answer (stats) and every note or error go to `err`, one line each. Ends at /exit,
+    /quit, the end of the input or a Ctrl-C while reading (0); an error in one turn is its line and the loop goes
+    on."""
+
+    def say(line: str) -> None:
+        err.write(line + "\n")
+        err.flush()
+
+    shown = False  # text of the answer on its way is on `out`
+
+    def show(piece: str) -> None:
+        nonlocal shown
+        out.write(piece)
+        out.flush()
+        shown = True
+
+    while True:
+        try:
+            line = read()
+        except KeyboardInterrupt:  # at the prompt: the chat ends, as at the end of the input
+            say("")
+            return 0
+        except SpqtError as e:
+            say(f"spqt: error: {e}")
+            continue
+        if line is None:
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            command, _, rest = text.partition(" ")
+            if command in ("/exit", "/quit"):
+                return 0
+            if command == "/help":
+                say(HELP)
+            elif command == "/reset":
+                chat.reset()
+                say("[the conversation is cleared]")
+            elif command == "/system":
+                try:
+                    chat.set_system(rest.strip() or None)
+                except SpqtError as e:
+                    say(f"spqt: error: {e}")
+                    continue
+                say("[system message set; the conversation is cleared]" if chat.system is not None
+                    else "[the template's own system message; the conversation is cleared]")
+            else:
+                say(f"spqt: error: unknown command {command}; /help lists the commands")
+            continue
+        stop, shown = threading.Event(), False
+        try:
+            with ctrl_c_sets(stop):
+                turn = chat.reply(text, on_text=show, should_stop=stop.is_set,
+                                  on_dropped=lambda n: say(f"spqt: note: the conversation outgrew the context of "
+                                                           f"{chat.generator.max_len} tokens: the oldest {n} "
+                                                           f"turn{'s' if n > 1 else ''} dropped"))
+        except SpqtError as e:
+            if shown:  # (logits that are not finite, halfway through the answer)
+                show("\n")
+            say(f"spqt: error: {e}")
+            continue
+        show("\n")
+        if stats:
+            say(stats_line(turn))

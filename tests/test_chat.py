@@ -1,0 +1,270 @@
+"""`spqt chat` on the tiny random model (its chat template: `<s>ROLE: TEXT</s>` a message, `<s>assistant: ` to
+answer): each turn against a fresh Generator's greedy answer to the whole conversation rendered by the template, the
+KV cache's reuse counted, the commands, the context's limits, the errors and what goes to stdout and stderr.
+
+The tiny model's answers are random bytes (newlines and characters cut short too), so stdout is compared whole, as
+the concatenation of the expected answers, each followed by a line end."""
+
+import io
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from spqt.cli import main
+
+N = 10  # new tokens an answer
+CTX = 256
+
+
+@pytest.fixture(scope="module")
+def model(tiny_spqt):
+    from spqt.checkpoint import load_spqt
+    from spqt.kernels import cpu_native
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_spqt(tiny_spqt)
+    backend = "cpu-native" if cpu_native.available() is None else "cpu-fp16"  # what --gemv auto runs on the CPU
+    return loaded, TextTokenizer(loaded.tokenizer, loaded.config), backend
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gemv(model):
+    """The CLI runs' --gemv: the GEMV the fresh generators run (auto's choice, without its note where it falls back)."""
+    GEMV[:] = ["--gemv", "native" if model[2] == "cpu-native" else "fp16"]
+
+
+GEMV: list[str] = []
+
+
+def generator(model, max_len: int = CTX):
+    from spqt.generate import Generator
+
+    loaded, _, backend = model
+    return Generator(loaded, "cpu", max_len=max_len, backend=backend)
+
+
+def shown_text(tok, prompt: list[int], tokens: list[int]) -> str:
+    """The text of an answer's tokens as TextStream streams it (the stop token left out)."""
+    from spqt.serve.text import CONTEXT_TOKENS, TextStream
+
+    stream = TextStream(tok.decode, context=prompt[-CONTEXT_TOKENS:])
+    pieces = [stream.feed(t) for t in tokens if t not in tok.stop_ids]
+    return "".join(pieces) + stream.flush()
+
+
+def fresh(model, conversation: list[str], system: str | None = None, n: int = N, max_len: int = CTX):
+    """(tokens, text, prompt) of a fresh Generator's greedy answer to the conversation [user, assistant, ..., user],
+    rendered whole by the chat template: no cache to reuse."""
+    _, tok, _ = model
+    roles = ["user", "assistant"] * len(conversation)
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": role, "content": text} for role, text in zip(roles, conversation)]
+    prompt = tok.chat_messages(messages)
+    tokens = generator(model, max_len).generate(prompt, n, stop_ids=tok.stop_ids, track=False).tokens
+    return tokens, shown_text(tok, prompt, tokens), prompt
+
+
+def chat(monkeypatch, capsys, model_path, lines: bytes, *flags) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `spqt chat` in this process, its standard input the bytes `lines` (a pipe's:
+    not a terminal)."""
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(lines), encoding="utf-8"))
+    capsys.readouterr()
+    code = main(["chat", str(model_path), "-n", str(N), "--device", "cpu", "--ctx", str(CTX), *GEMV, *flags])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_piped_turns_are_a_fresh_generate_of_the_whole_conversation(tiny_spqt, model, tmp_path):
+    """`printf 'hi\\nwhat?\\n' | spqt chat`: two turns, then the end of the input ends it (exit 0). Each answer is,
+    token for token (as text), a fresh greedy generate of the whole conversation so far, the earlier answers as the
+    chat kept them; stdout holds the answers alone, stderr the model line and one figures line an answer, whose
+    second turn reused the cache."""
+    first, text1, _ = fresh(model, ["hi"])
+    second, text2, _ = fresh(model, ["hi", text1, "what is the king?"])
+    proc = subprocess.run([sys.executable, "-m", "spqt.cli", "chat", str(tiny_spqt), "-n", str(N), "--device", "cpu",
+                           "--ctx", str(CTX)], input=b"hi\nwhat is the king?\n", capture_output=True, timeout=120,
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    assert proc.stdout.decode() == text1 + "\n" + text2 + "\n"
+    assert text1 != text2  # (the second turn is not the first one's answer again)
+    figures = [line for line in err.splitlines() if line.startswith("[answer ")]
+    assert len(figures) == 2 and "tokens/s" not in proc.stdout.decode(), err
+    assert re.search(r"\b0 reused\b", figures[0]) and int(re.search(r"(\d+) reused", figures[1])[1]) > 0, figures
+    assert err.splitlines()[0].startswith("[q4_k-zigzag, cpu") and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+def test_the_second_turn_prefills_only_what_the_cache_does_not_hold(model, monkeypatch):
+    """The second turn reuses the KV cache: the tokens prefilled (counted at Generator._prefill) are the prompt less
+    its common prefix with what the first turn left in the cache (its prompt and answer, less the answer's last
+    token, never fed back), at least the first prompt less its last token (the generation prompt's, which the
+    template's text after it may merge with); its answer is a fresh whole prefill's, token for token."""
+    from spqt.chat import Chat
+    from spqt.generate import Generator, Sampling
+
+    _, tok, _ = model
+    prefilled = []
+    real = Generator._prefill
+    monkeypatch.setattr(Generator, "_prefill", lambda self, prompt, start=0, capture=False: prefilled.append(
+        len(prompt) - start) or real(self, prompt, start, capture))
+    session = Chat(generator(model), tok, Sampling(), N)
+    one = session.reply("hi")
+    two = session.reply("what is the king?")
+    prompt1 = tok.chat_messages([{"role": "user", "content": "hi"}])
+    tokens2, _, prompt2 = fresh(model, ["hi", one.text, "what is the king?"])
+    held = prompt1 + one.result.tokens[:-1]
+    common = next(i for i, (a, b) in enumerate(zip(held + [None], prompt2)) if a != b)
+    assert (one.result.prompt_tokens, two.result.prompt_tokens) == (len(prompt1), len(prompt2))
+    assert prefilled[:2] == [len(prompt1), len(prompt2) - common], (prefilled, common)
+    assert two.result.cached_tokens == common >= len(prompt1) - 1
+    assert two.result.tokens == tokens2
+    assert session.turns == [("hi", one.text), ("what is the king?", two.text)]
+
+
+def test_reset_and_system(tiny_spqt, model, monkeypatch, capsys):
+    """/reset starts the conversation again (the next answer is the first one's again, where with the history kept it
+    is another); /system TEXT sets the system message and resets, and /reset keeps it; /help and the notes go to
+    stderr alone; /exit ends before the lines after it."""
+    _, plain, _ = fresh(model, ["hi"])
+    _, again, _ = fresh(model, ["hi", plain, "hi"])
+    _, brief, _ = fresh(model, ["hi"], system="be brief")
+    assert len({plain, again, brief}) == 3  # the history and the system message change the answer
+    code, out, err = chat(monkeypatch, capsys, tiny_spqt,
+                          b"hi\nhi\n/reset\nhi\n/system be brief\nhi\n/reset\n/help\nhi\n/exit\nhi\n")
+    assert code == 0
+    assert out == "\n".join([plain, again, plain, brief, brief]) + "\n"
+    assert "/system TEXT" in err and err.count("the conversation is cleared") == 3, err
+    assert sum(line.startswith("[answer ") for line in err.splitlines()) == 5
+
+
+def test_the_oldest_turns_go_where_the_context_is_full(tiny_spqt, model, monkeypatch, capsys):
+    """With a context that holds the last two turns and the answer but not the three turns: the third message drops
+    the first turn (one note line), and its answer is a fresh generate of the conversation without it."""
+    _, tok, _ = model
+    u1, u2, u3 = "hi", "what is the king?", "once upon a time there was a king"
+    _, a1, p1 = fresh(model, [u1])
+    _, a2, p2 = fresh(model, [u1, a1, u2])
+    render = tok.chat_messages
+    ctx = len(render([{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 2, [u2, a2, u3])])) + N
+    whole = render([{"role": r, "content": t} for r, t in zip(["user", "assistant"] * 3, [u1, a1, u2, a2, u3])])
+    assert len(p2) + N <= ctx < len(whole) + N  # the test's premise: two turns fit, three do not
+    _, a3, _ = fresh(model, [u2, a2, u3], max_len=ctx)
+    code, out, err = chat(monkeypatch, capsys, tiny_spqt, f"{u1}\n{u2}\n{u3}\n".encode(), "--ctx", str(ctx))
+    assert code == 0 and out == a1 + "\n" + a2 + "\n" + a3 + "\n"
+    notes = [line for line in err.splitlines() if "dropped" in line]
+    assert notes == [f"spqt: note: the conversation outgrew the context of {ctx} tokens: the oldest 1 turn dropped"]
+
+
+def test_a_message_that_does_not_fit_is_one_error_and_the_chat_goes_on(tiny_spqt, model, monkeypatch, capsys):
+    """A message longer than the context, a line that is not UTF-8 and an unknown command: one error line each on
+    stderr, nothing on stdout, none of them in the conversation; the next message is answered as the first one."""
+    _, hi, _ = fresh(model, ["hi"])
+    lines = b"hello world " * 40 + b"\n\xff\xfehi\n/bogus\nhi\n"
+    code, out, err = chat(monkeypatch, capsys, tiny_spqt, lines, "--ctx", "64", "--quiet")
+    assert code == 0 and out == hi + "\n"
+    errors = err.splitlines()
+    assert len(errors) == 3 and all(line.startswith("spqt: error: ") for line in errors), errors
+    assert "exceeds the context of 64 tokens; it was not sent" in errors[0]
+    assert "not UTF-8" in errors[1] and "unknown command /bogus" in errors[2]
+
+
+def test_quiet_leaves_stderr_empty(tiny_spqt, model, monkeypatch, capsys):
+    """--quiet: no model line, no figures; the answers on stdout as without it."""
+    _, hi, _ = fresh(model, ["hi"])
+    assert chat(monkeypatch, capsys, tiny_spqt, b"hi\n", "--quiet") == (0, hi + "\n", "")
+
+
+def test_errors_are_one_line(tiny_spqt, tmp_path, monkeypatch, capsys):
+    """A model without a chat template, a missing file, -n that leaves no room, a --ctx past the model's, a system
+    message the template refuses: one error line, exit 2, before any model line."""
+    from spqt.checkpoint import load_spqt, save_spqt
+
+    loaded = load_spqt(tiny_spqt)
+    loaded.tokenizer.chat_template = None
+    save_spqt(loaded, tmp_path / "plain.spqt")
+    loaded.tokenizer.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system "
+                                      "role') }}{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    save_spqt(loaded, tmp_path / "nosystem.spqt")
+    for path, flags, fragment in [(tmp_path / "plain.spqt", [], "this model has no chat template"),
+                                  (tmp_path / "none.spqt", [], "no such file"),
+                                  (tiny_spqt, ["-n", "300"], "-n 300 leaves no room"),
+                                  (tiny_spqt, ["--ctx", "4096"], "exceeds the model's context of 2048"),
+                                  (tmp_path / "nosystem.spqt", ["--system", "x"], "refused this conversation")]:
+        code, out, err = chat(monkeypatch, capsys, path, b"hi\n", *flags)
+        lines = err.strip().splitlines()
+        assert (code, out) == (2, "") and len(lines) == 1 and lines[0].startswith("spqt: error: "), (flags, err)
+        assert fragment in lines[0], lines
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_it(tiny_spqt, model, monkeypatch, capsys):
+    """Ctrl-C (SIGINT, sent at the third decode step) ends the answer at its next token: a line end, the figures
+    line says stopped, and the next turn's answer is a fresh generate after the part that was shown; the loop goes on
+    and the SIGINT handler is Python's own again afterwards."""
+    from spqt.generate import Generator
+
+    _, tok, _ = model
+    tokens, whole, prompt = fresh(model, ["hi"])
+    part = shown_text(tok, prompt, tokens[:3])  # the prefill's token and two steps' come out; the third step's not
+    assert part != whole and whole.startswith(part)
+    _, after, _ = fresh(model, ["hi", part, "what is the king?"])
+    steps, real = [], Generator.decode_step
+
+    def step(self, token, pos):
+        steps.append(pos)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, token, pos)
+
+    monkeypatch.setattr(Generator, "decode_step", step)
+    code, out, err = chat(monkeypatch, capsys, tiny_spqt, b"hi\nwhat is the king?\n")
+    assert code == 0 and out == part + "\n" + after + "\n"
+    figures = [line for line in err.splitlines() if line.startswith("[answer ")]
+    assert figures[0].endswith("| stopped]") and not figures[1].endswith("| stopped]"), figures
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_at_the_prompt_ends_the_chat(tiny_spqt, model, monkeypatch, capsys):
+    """Ctrl-C while the next line is read: exit 0 after the answers so far, no traceback, no `interrupted`."""
+    _, hi, _ = fresh(model, ["hi"])
+
+    class Interrupted(io.BytesIO):
+        def readline(self, *args):
+            line = super().readline(*args)
+            if not line:
+                raise KeyboardInterrupt
+            return line
+
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(Interrupted(b"hi\n"), encoding="utf-8"))
+    capsys.readouterr()
+    assert main(["chat", str(tiny_spqt), "-n", str(N), "--device", "cpu", "--ctx", str(CTX), *GEMV, "--quiet"]) == 0
+    out, err = capsys.readouterr()
+    assert out == hi + "\n" and err == "\n"
+
+
+def test_an_answer_ending_on_the_end_of_turn_token_is_kept_without_it(model, monkeypatch):
+    """Where the answer ends on a stop token (here the fresh answer's fourth token made the end-of-turn token), the
+    conversation keeps the text before it (the template writes the end of the turn), and the next turn reuses the
+    whole first prompt and answer from the cache."""
+    from spqt.chat import Chat
+    from spqt.generate import Sampling
+    from spqt.tokenizer import TextTokenizer
+
+    _, tok, _ = model
+    tokens, _, prompt1 = fresh(model, ["hi"])
+    stop = tokens[3]
+    assert stop not in tokens[:3] and stop not in tok.stop_ids
+    monkeypatch.setattr(TextTokenizer, "stop_ids", property(lambda self: {stop}))
+    session = Chat(generator(model), tok, Sampling(), N)
+    one = session.reply("hi")
+    assert one.result.tokens == tokens[:4] and one.result.finish_reason == "stop"
+    assert one.text == shown_text(tok, prompt1, tokens[:3]) and session.turns == [("hi", one.text)]
+    prompt2 = tok.chat_messages(session.messages("what is the king?"))
+    two = session.reply("what is the king?")
+    held = prompt1 + tokens[:3]  # (the stop token is never fed back)
+    common = next(i for i, (a, b) in enumerate(zip(held + [None], prompt2)) if a != b)
+    assert two.result.cached_tokens == common >= len(prompt1) - 1
