@@ -268,3 +268,31 @@ def test_an_answer_ending_on_the_end_of_turn_token_is_kept_without_it(model, mon
     held = prompt1 + tokens[:3]  # (the stop token is never fed back)
     common = next(i for i, (a, b) in enumerate(zip(held + [None], prompt2)) if a != b)
     assert two.result.cached_tokens == common >= len(prompt1) - 1
+
+
+@pytest.mark.gpu
+def test_chat_on_cuda_answers_as_a_fresh_generate_and_reuses_the_cache(tiny_spqt, model, monkeypatch, capsys):
+    """On CUDA (fp32, the prefill graphs of a reused prefix's rests captured at the start): each answer is a fresh
+    CUDA Generator's greedy answer to the whole conversation, and the second turn reused the cache."""
+    import torch
+
+    from spqt.generate import Generator
+
+    loaded, tok, _ = model
+
+    def fresh_cuda(conversation: list[str]) -> str:
+        roles = ["user", "assistant"] * len(conversation)
+        prompt = tok.chat_messages([{"role": r, "content": t} for r, t in zip(roles, conversation)])
+        gen = Generator(loaded, "cuda", dtype=torch.float32, max_len=CTX)
+        return shown_text(tok, prompt, gen.generate(prompt, N, stop_ids=tok.stop_ids, track=False).tokens)
+
+    text1 = fresh_cuda(["hi"])
+    text2 = fresh_cuda(["hi", text1, "what is the king?"])
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi\nwhat is the king?\n"), encoding="utf-8"))
+    capsys.readouterr()
+    code = main(["chat", str(tiny_spqt), "-n", str(N), "--device", "cuda", "--dtype", "fp32", "--ctx", str(CTX)])
+    out, err = capsys.readouterr()
+    assert code == 0 and out == text1 + "\n" + text2 + "\n", err
+    figures = [line for line in err.splitlines() if line.startswith("[answer ")]
+    assert len(figures) == 2 and int(re.search(r"(\d+) reused", figures[1])[1]) > 0, err
+    assert "prefill graphs captured" in err and "Traceback" not in err
