@@ -185,3 +185,17 @@ def test_generate_cli_structured_output(tiny_spqt, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:  # one structured output at a time (argparse's own error)
         main(["generate", str(tiny_spqt), "-p", "x", "-j", "{}", "--grammar", 'root ::= "a"'])
     assert e.value.code == 2
+
+
+def test_a_special_token_is_asked_for_as_itself(tiny):
+    """Vocabulary.literal: text that is one of the tokenizer's special tokens stands for that token (the grammar
+    allows it, not its spelling), other text for its characters."""
+    _, tok, vocabulary = tiny
+    end = tok.backend.token_to_id("</s>")
+    assert vocabulary.literal("</s>") == f"<[{end}]>" and vocabulary.literal('a "b"') == '"a \\"b\\""'
+    m = grammar.lark(f'start: "hi" {vocabulary.literal("</s>")} "x"', vocabulary).matcher()
+    for t in tok.encode("hi"):
+        m.consume(t)
+    assert m.allowed("cpu").nonzero().view(-1).tolist() == [end]
+    m.consume(end)
+    assert not m.complete and m.allowed("cpu")[tok.encode("x")[0]]

@@ -464,6 +464,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (text, {"logit_bias": {"050": 1}}, "logit_bias"),
                (text, {"logit_bias": {str(t): 1 for t in range(1025)}}, "logit_bias"),
                (chat, {"tool_choice": "required"}, "tool_choice"), (chat, {"logprobs": 1}, "logprobs"),
+               (chat, {"function_call": "required"}, "function_call"),
                (chat, {"top_logprobs": 2}, "top_logprobs"),
                (chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
                (chat, {"response_format": {"type": "json"}}, "response_format.type"),
@@ -713,6 +714,48 @@ def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
     status, body = server.raw("/v1/chat/completions", json.dumps({**ask, "tools": [
         {"type": "function", "function": {"name": "no spaces allowed"}}]}).encode())
     assert status == 400 and body["error"]["param"] == "tools[0].function.name", body
+
+
+def test_tool_choice_required_or_named_forces_calls(server, model_id, engine, monkeypatch):
+    """tool_choice 'required' and a named function: the model's own answer (greedy and sampled) is calls alone, of an
+    offered tool (the named one), its arguments keeping to the function's parameters (a city string, days an integer
+    in 1-7), finish_reason tool_calls; parallel_tool_calls false gives one call; a name not offered, or forcing with no
+    tools, is a 400 naming tool_choice."""
+    tok = engine.tokenizer
+    monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=TOOL_TEMPLATE))
+    monkeypatch.setattr(tok, "_hf", None)
+    forecast = {"type": "function", "function": {"name": "get_forecast", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                         "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+        "required": ["city", "days"], "additionalProperties": False}}}
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+        "additionalProperties": False}}}
+    client = server.client()
+    ask = dict(model=model_id, messages=[{"role": "user", "content": "What will the weather be in Paris?"}],
+               tools=[weather, forecast], max_tokens=80)
+    for choice, extra in [("required", {"temperature": 0}), ("required", {"temperature": 1.0, "seed": 4}),
+                          ({"type": "function", "function": {"name": "get_forecast"}}, {"temperature": 0}),
+                          ("required", {"temperature": 0, "parallel_tool_calls": False})]:
+        r = client.chat.completions.create(tool_choice=choice, **ask, **extra).choices[0]
+        assert r.finish_reason == "tool_calls" and r.message.tool_calls, (choice, r.message)
+        for call in r.message.tool_calls:
+            args = json.loads(call.function.arguments)
+            assert call.function.name in ("get_weather", "get_forecast") and isinstance(args["city"], str)
+            if isinstance(choice, dict):
+                assert call.function.name == "get_forecast"
+            if call.function.name == "get_forecast":
+                assert set(args) == {"city", "days"} and 1 <= args["days"] <= 7
+            else:
+                assert set(args) == {"city"}
+        if extra.get("parallel_tool_calls") is False:
+            assert len(r.message.tool_calls) == 1
+    plain = client.chat.completions.create(tool_choice="auto", temperature=0, **ask).choices[0]
+    assert plain.finish_reason != "tool_calls" and not plain.message.tool_calls  # (the model alone answers in text)
+    for change in ({"tool_choice": {"type": "function", "function": {"name": "rm_rf"}}},
+                   {"tool_choice": "required", "tools": []}, {"tool_choice": "sometimes"}):
+        status, body = server.raw("/v1/chat/completions", json.dumps({**ask, **change}).encode())
+        assert status == 400 and body["error"]["param"] == "tool_choice", (change, body)
 
 
 def test_logprobs_are_the_models_log_softmax_and_follow_the_text(server, model_id, engine, loaded):

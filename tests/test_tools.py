@@ -110,3 +110,41 @@ def test_streamed_split_gives_the_whole_answers_parse(fmt, text):
         sent += rest
         assert [(c.name, c.arguments) for c in got] == [(c.name, c.arguments) for c in calls], pieces
         assert (" ".join(sent.split()) == " ".join(content.split())) if calls else sent == text, (pieces, sent)
+
+
+def test_forced_calls_grammar_reads_back_as_the_calls(tiny_spqt):
+    """The grammar of a forced call (tool_choice 'required' / named) accepts the template format's call text of an
+    offered tool with arguments its parameters accept, which parse_tool_calls reads back, and nothing else: another
+    tool's name, arguments outside the schema, text before the call, a second call without parallel."""
+    from spqt import grammar
+    from spqt.checkpoint import load_spqt
+    from spqt.serve.tools import forced_calls
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_spqt(tiny_spqt)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    vocabulary = grammar.Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+        "additionalProperties": False}}}, {"type": "function", "function": {"name": "now"}}]
+
+    def accepts(g: grammar.Grammar, text: str) -> bool:
+        m = g.matcher()
+        for t in tok.encode(text):  # (byte-level BPE: a text's own tokens, as the model would spell it)
+            if not m.allowed("cpu")[t]:
+                return False
+            m.consume(t)
+        return m.complete
+
+    hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    llama = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
+    for fmt, one in (("hermes", hermes), ("llama3_json", llama)):
+        two = one + ("\n" if fmt == "hermes" else ";") + one.replace("get_weather", "now").replace(
+            '{"city": "Oslo"}', "{}")
+        anyone, named = (forced_calls(fmt, tools, name, True, vocabulary) for name in ("", "get_weather"))
+        single = forced_calls(fmt, tools, "", False, vocabulary)
+        assert accepts(anyone, one) and accepts(anyone, two) and accepts(named, one) and accepts(single, one)
+        assert not accepts(single, two) and not accepts(named, two)  # one call; the named tool alone
+        assert not accepts(anyone, one.replace("get_weather", "rm_rf"))
+        assert not accepts(anyone, one.replace('"city"', '"town"')) and not accepts(anyone, "Sure. " + one)
+        assert [c.name for c in parse_tool_calls(two, fmt, {"get_weather", "now"})[1]] == ["get_weather", "now"]

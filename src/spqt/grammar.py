@@ -30,6 +30,14 @@ class Vocabulary:
     def __init__(self, tokenizer: TextTokenizer, vocab: int, end_ids: set[int]):
         self.tokenizer, self.vocab, self.end_ids = tokenizer, vocab, sorted(end_ids)
 
+    def literal(self, text: str) -> str:
+        """text as a Lark terminal: the tokenizer's special token where text is one (models that learned
+        `<tool_call>` as a token of its own are asked for that token, not its spelling), else the string."""
+        token = self.tokenizer.backend.token_to_id(text)
+        if token is not None and token in self.tokenizer.backend.get_added_tokens_decoder():
+            return f"<[{token}]>"
+        return json.dumps(text)
+
     @cached_property
     def lltokenizer(self):
         """Built on first use (0.2 s for a 49,152-token vocabulary on the 2-core VM), then kept."""
@@ -99,22 +107,25 @@ def regex(pattern: str, vocabulary: Vocabulary) -> Grammar:
 
 def gbnf(text: str, vocabulary: Vocabulary) -> Grammar:
     """A llama.cpp GBNF grammar (its root rule `root`)."""
-    import llguidance
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
     try:
-        lark = gbnf_to_lark(text)
+        converted = gbnf_to_lark(text)
     except Exception as e:  # the converter raises its own parse errors (ValueError, AssertionError, ...)
         raise SpqtError(f"the GBNF grammar is not valid: {' '.join(str(e).split())[:300]}") from None
-    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), vocabulary, "the GBNF grammar")
+    return lark(converted, vocabulary, "the GBNF grammar")
+
+
+def lark(text: str, vocabulary: Vocabulary, what: str = "the Lark grammar") -> Grammar:
+    """A grammar in llguidance's Lark (its start rule `start`; `%json {schema}` embeds a JSON schema)."""
+    import llguidance
+
+    return _checked(llguidance.LLMatcher.grammar_from_lark(text), vocabulary, what)
 
 
 def choice(values: list[str], vocabulary: Vocabulary) -> Grammar:
-    """Exactly one of these strings."""
-    import llguidance
-
-    lark = "start: " + " | ".join(json.dumps(v) for v in values)  # Lark's string literals take JSON's escapes
-    return _checked(llguidance.LLMatcher.grammar_from_lark(lark), vocabulary, "the choice")
+    """Exactly one of these strings (as Lark strings, which take JSON's escapes)."""
+    return lark("start: " + " | ".join(json.dumps(v) for v in values), vocabulary, "the choice")
 
 
 BUILDERS = {"json_schema": json_schema, "json_object": lambda _, vocabulary: json_object(vocabulary), "regex": regex,

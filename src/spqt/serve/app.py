@@ -29,7 +29,7 @@ from spqt.serve import protocol as p
 from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.scheduler import Job, Scheduler
-from spqt.serve.tools import ToolTextStream, parse_tool_calls, tool_format
+from spqt.serve.tools import ToolTextStream, forced_calls, parse_tool_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
 
@@ -197,13 +197,19 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if not engine.tokenizer.spec.chat_template:
             raise p.ApiError(400, "This model has no chat template, so it takes no messages; send the text to "
                              "/v1/completions.", param="messages", code="unsupported_value")
-        tools, fmt = req.tool_specs(), None
+        tools, fmt, forced = req.tool_specs(), None, req.forced_tool()
         shape = shaping(req) | await structured(req, tools)
         if tools:
             try:
                 fmt = tool_format(engine.tokenizer.spec.chat_template)
             except ValueError as e:
                 raise p.ApiError(400, f"{e}.", param="tools", code="unsupported_value") from None
+        if forced is not None:  # the answer is calls alone: a grammar of the template's call format
+            try:
+                shape["grammar"] = await asyncio.to_thread(forced_calls, fmt, tools, forced, req.parallel_tool_calls,
+                                                           engine.vocabulary)
+            except SpqtError as e:  # (a parameters schema the grammar compiler refuses)
+                raise p.ApiError(400, f"tools: {e}.", param="tools", code="invalid_value") from None
         try:  # in a thread: a 4 MiB prompt's 3-6 s of tokenizing (2-core CPU) stalled every stream on the event loop
             prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation(), tools)
         except SpqtError as e:  # (the template refused the conversation, its raise_exception, among others)

@@ -3,14 +3,14 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
-suffix, a forced tool call (tool_choice 'required' or a named function), functions (tools' older form), structured
-output beside tools, audio, web search, reasoning effort, and the sampling fields of other servers that clients pass
+suffix, functions (tools' older form), structured output beside tools, audio, web search, reasoning effort, and the sampling fields of other servers that clients pass
 as extra fields, such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and presence,
 vLLM's repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the choice as
 spqt.sampling says; logprobs stay the model's own. Structured output (response_format json_object or json_schema on
 either endpoint; llama.cpp's json_schema and grammar, vLLM's guided_json, guided_regex, guided_choice,
 guided_grammar and structured_outputs) keeps every answer within its grammar (spqt.grammar). Tools go to the model's
-chat template and its calls come back as tool_calls (spqt.serve.tools). Other fields are ignored, as
+chat template and its calls come back as tool_calls (spqt.serve.tools); tool_choice 'required' or a named function
+forces the answer to be calls (of that function), their arguments kept to its parameters' schema by a grammar. Other fields are ignored, as
 OpenAI-compatible servers do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
@@ -393,12 +393,41 @@ class ChatCompletionRequest(SamplingFields):
             raise unsupported("only [\"text\"] is supported")
         return modalities
 
-    @field_validator("tool_choice", "function_call")
+    @field_validator("tool_choice")
     @classmethod
-    def _no_forced_calls(cls, choice):
-        if choice not in (None, "none", "auto"):  # "auto" with no tools is "none"
-            raise unsupported("only 'none' or 'auto' is supported (a call is the model's choice; nothing forces one)")
+    def _tool_choice(cls, choice):
+        if choice in (None, "none", "auto", "required"):  # "auto" with no tools is "none"
+            return choice
+        named = isinstance(choice, dict) and choice.get("type") == "function" and isinstance(
+            choice.get("function"), dict) and isinstance(choice["function"].get("name"), str)
+        if not named:
+            raise ValueError("must be 'none', 'auto', 'required' or {\"type\": \"function\", \"function\": "
+                             "{\"name\": ...}}")
         return choice
+
+    @field_validator("function_call")
+    @classmethod
+    def _no_function_call(cls, choice):
+        if choice not in (None, "none", "auto"):
+            raise unsupported("only 'none' or 'auto' is supported (send tools and tool_choice)")
+        return choice
+
+    def forced_tool(self) -> str | None:
+        """What tool_choice forces: "" any offered tool ('required'), a tool's name, or None (the model's choice).
+        ApiError where it names a tool not offered, or forces a call with no tools."""
+        choice = self.tool_choice
+        if choice in (None, "none", "auto"):
+            return None
+        if not self.tools:
+            raise ApiError(400, "tool_choice forces a call, but the request offers no tools.", param="tool_choice",
+                           code="invalid_value")
+        if choice == "required":
+            return ""
+        name = choice["function"]["name"]
+        if name not in {t.function.name for t in self.tools}:
+            raise ApiError(400, f"tool_choice names the function '{name}', which tools does not offer.",
+                           param="tool_choice", code="invalid_value")
+        return name
 
     def tool_specs(self) -> list[dict] | None:
         """The tools for the chat template (OpenAI's JSON, as transformers passes it), None where none are offered

@@ -20,6 +20,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from spqt import grammar
+
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
 XML_CALL_MARKS = ("<function=", "<arg_key>", "<parameter=")  # templates whose <tool_call> holds XML, not JSON
@@ -112,6 +114,28 @@ def parse_tool_calls(text: str, fmt: str, offered: set[str] | None = None) -> tu
         calls = [_call(part, ("parameters", "arguments"), offered) for part in _json_objects(body)]
         return ("", calls) if calls and None not in calls else (text, [])
     raise ValueError(f"unknown tool-call format {fmt!r}")
+
+
+def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabulary: grammar.Vocabulary) -> \
+        grammar.Grammar:
+    """The grammar of an answer that is calls alone (tool_choice 'required', name "", or a named function): in the
+    template's format, each call's arguments kept to its function's parameters schema (any object where it gives
+    none), one call or (parallel) several. hermes: `<tool_call>` (the tokenizer's special token where it has one),
+    a newline, the JSON call, a newline, `</tool_call>`, calls a newline apart; llama3_json: the JSON call
+    {"name", "parameters"}, calls joined by ";"."""
+    key = "arguments" if fmt == "hermes" else "parameters"
+    specs = [t["function"] for t in tools if not name or t["function"]["name"] == name]
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f.get("parameters") or
+                                                {"type": "object"}},
+              "required": ["name", key], "additionalProperties": False} for f in specs]
+    call = f"%json {json.dumps(calls[0] if len(calls) == 1 else {'anyOf': calls})}"
+    if fmt == "hermes":
+        call = f"{vocabulary.literal(HERMES_OPEN)} \"\\n\" {call} \"\\n\" {vocabulary.literal(HERMES_CLOSE)}"
+        more = '("\\n" call)*'
+    else:
+        more = '(";" call)*'
+    lark = f"start: call {more if parallel else ''}\ncall: {call}"
+    return grammar.lark(lark, vocabulary, "the forced tool call")
 
 
 def _json_objects(body: str) -> list:
