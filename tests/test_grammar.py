@@ -160,7 +160,10 @@ def test_bad_grammars_are_one_line_errors(tiny):
                                 (grammar.json_schema, "[1, 2]", "must be a JSON object"),
                                 (grammar.regex, "[0-9]+(", "the regular expression is not valid"),
                                 (grammar.gbnf, 'root ::= ("a" | "b"', "the GBNF grammar is not valid"),
-                                (grammar.gbnf, 'start ::= "a"', "the GBNF grammar is not valid")]:
+                                (grammar.gbnf, 'start ::= "a"', "the GBNF grammar is not valid"),
+                                (grammar.json_schema, "true", "must be a JSON object"),
+                                (grammar.regex, "[^\\x00-\\U0010FFFF]", "the regular expression admits no text"),
+                                (grammar.json_schema, {"$ref": "#"}, "the JSON schema admits no text")]:
         with pytest.raises(SpqtError, match=words) as e:
             build(value, vocabulary)
         assert "\n" not in str(e.value)
@@ -177,7 +180,9 @@ def test_generate_cli_structured_output(tiny_spqt, tmp_path, capsys):
     assert main(["generate", str(tiny_spqt), "-p", "the quick", "-n", "20", "--grammar",
                  'root ::= "yes" | "no"']) == 0
     assert capsys.readouterr().out.strip().removesuffix("</s>") in ("yes", "no")
-    for bad in (["--json-schema", '{"type": 3}'], ["--grammar-file", str(tmp_path / "missing.gbnf")],
+    assert main(["generate", str(tiny_spqt), "-p", "the quick", "-n", "3", "-j", json.dumps(SCHEMA)]) == 0
+    assert "-n 3 ended the answer before its grammar was complete" in capsys.readouterr().err
+    for bad in (["--json-schema", '{"type": 3}'], ["-j", "true"], ["-j", "{"], ["--grammar-file", str(tmp_path / "missing.gbnf")],
                 ["--grammar", "root ::= ("]):
         assert main(["generate", str(tiny_spqt), "-p", "x", "-n", "4", *bad]) == 2
         err = capsys.readouterr().err
@@ -199,3 +204,25 @@ def test_a_special_token_is_asked_for_as_itself(tiny):
     assert m.allowed("cpu").nonzero().view(-1).tolist() == [end]
     m.consume(end)
     assert not m.complete and m.allowed("cpu")[tok.encode("x")[0]]
+
+
+def test_a_special_tokens_text_in_a_grammar_is_spelled_out(tiny, rng):
+    """A grammar whose text holds a special token's text ("</s>", the tiny model's end): the walk spells it in
+    ordinary tokens (the special token itself is never allowed before the text is complete), and greedy generation
+    under it gives that text and ends."""
+    from spqt.generate import Generator
+
+    loaded, tok, vocabulary = tiny
+    end = tok.backend.token_to_id("</s>")
+    g = grammar.choice(["x</s>y", "x</s>z"], vocabulary)
+    m, text = g.matcher(), b""
+    while not m.complete:
+        allowed = m.allowed("cpu")
+        assert not allowed[end]
+        token = int(rng.choice(allowed.nonzero().view(-1).numpy()))
+        m.consume(token)
+        text += tok.token_bytes(token)
+    assert text in (b"x</s>y", b"x</s>z") and m.allowed("cpu").nonzero().view(-1).tolist() == vocabulary.end_ids
+    answer = Generator(loaded, "cpu", max_len=64).generate(tok.encode("the"), 20, Sampling(grammar=g),
+                                                           stop_ids=set(vocabulary.end_ids))
+    assert answer.finish_reason == "stop" and tok.decode(answer.tokens[:-1]) in ("x</s>y", "x</s>z")

@@ -335,26 +335,19 @@ def _prompt_file(name: str) -> str:
     return text[:-1] if text.endswith("\n") else text
 
 
-def _text_file(name: str, what: str) -> str:
-    """The UTF-8 text of a file a flag names; SpqtError where it cannot be read."""
-    try:
-        return Path(name).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise SpqtError(f"cannot read the {what} {name}: {getattr(e, 'strerror', None) or e}") from None
-
-
 def _structured_text(args) -> tuple[str, str] | None:
-    """generate's structured-output flags -> (kind "json_schema" or "gbnf", its text), or None; the files read now,
-    before the (slow) load."""
-    if args.json_schema is not None:
-        return "json_schema", args.json_schema
-    if args.json_schema_file is not None:
-        return "json_schema", _text_file(args.json_schema_file, "--json-schema-file")
-    if args.grammar is not None:
-        return "gbnf", args.grammar
-    if args.grammar_file is not None:
-        return "gbnf", _text_file(args.grammar_file, "--grammar-file")
-    return None
+    """generate's structured-output flags -> (kind "json_schema" or "gbnf", its text), or None; the files read and a
+    schema's JSON parsed now, before the (slow) load."""
+    given = None
+    if args.json_schema is not None or args.json_schema_file is not None:
+        given = "json_schema", (args.json_schema if args.json_schema_file is None else
+                                _read_text(args.json_schema_file))
+        from spqt.grammar import parse_schema
+
+        parse_schema(given[1], "the JSON schema")
+    elif args.grammar is not None or args.grammar_file is not None:
+        given = "gbnf", args.grammar if args.grammar_file is None else _read_text(args.grammar_file)
+    return given
 
 
 def _structured_grammar(given: tuple[str, str] | None, tok, loaded):
@@ -521,6 +514,8 @@ def cmd_generate(args) -> int:
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
+    if structured and result.finish_reason == "length":
+        print(f"spqt: note: -n {args.n} ended the answer before its grammar was complete", file=sys.stderr)
     first = f" (first step {1e3 * result.step_seconds[0]:.0f} ms)" if result.step_seconds else ""
     print(f"prompt: {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tokens/s | "
           f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}", file=sys.stderr)
@@ -543,7 +538,8 @@ def cmd_generate(args) -> int:
                                "seed": args.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
                                "frequency_penalty": args.frequency_penalty,
                                "presence_penalty": args.presence_penalty},
-                  "structured_output": dict(zip(("kind", "text"), structured)) if structured else None}
+                  "structured_output": dict(zip(("kind", "text"), structured)) if structured else None,
+                  "finish_reason": result.finish_reason}
         atomic_write(Path(args.json), lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
     return 0
 

@@ -2,17 +2,21 @@
 (the constrained-decoding library behind llama.cpp's and vLLM's guidance backends).
 
 A grammar is a JSON schema (an empty one: any JSON value), "any JSON object" (OpenAI's json_object), a regular
-expression, or a llama.cpp GBNF grammar (converted to llguidance's Lark). `Vocabulary` is llguidance's tokenizer of
-the model's own `tokenizers` JSON over the model's vocabulary (ids past the tokenizer's: never allowed), its end
-tokens the model's stop ids: once the text is complete an end token is allowed (where the grammar can go on, beside
-the tokens that go on), and once it cannot go on, only an end token. `Grammar` is one grammar checked against it;
-`Grammar.matcher()` starts one generation's walk (a fresh one each: a request's n choices each take one).
+expression, one of a list of strings, a llama.cpp GBNF grammar (converted to llguidance's Lark) or a Lark grammar.
+`Vocabulary` is llguidance's view of the model's tokenizer over the model's vocabulary (ids past the tokenizer's:
+never allowed), its end tokens the model's stop ids: once the text is complete an end token is allowed (where the
+grammar can go on, beside the tokens that go on), and once it cannot go on, only an end token. A special token
+(`<|im_end|>`) is never text: a grammar's text that spells one is spelled out in ordinary tokens, and the token
+itself is asked for as Vocabulary.literal writes it. `Grammar` is one grammar checked against the vocabulary (that
+it parses and that some text starts it); `Grammar.matcher()` starts one generation's walk (a copy of the checked
+one: a request's n choices each take one).
 """
 
 import json
 from dataclasses import dataclass
 from functools import cached_property
 
+import numpy as np
 import torch
 
 from spqt.errors import SpqtError
@@ -40,53 +44,84 @@ class Vocabulary:
 
     @cached_property
     def lltokenizer(self):
-        """Built on first use (0.2 s for a 49,152-token vocabulary on the 2-core VM), then kept."""
+        """llguidance's tokenizer, built on first use, then kept: each id's bytes (a special token's, and an id past
+        the tokenizer's, marked as llguidance marks special tokens: a 0xFF byte first, never text) and the model's
+        tokenizer to split forced text, with special tokens' text taken as text."""
         import llguidance
+        from llguidance import TokenizerWrapper
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(self.tokenizer.backend.to_str())
+        backend.encode_special_tokens = True
+        backend.no_padding()
+        backend.no_truncation()
+        special = {i for i, t in self.tokenizer.backend.get_added_tokens_decoder().items() if t.special}
+        size = self.tokenizer.backend.get_vocab_size(with_added_tokens=True)
+        pieces = [b"\xff" + self.tokenizer.token_bytes(i) if i in special else self.tokenizer.token_bytes(i)
+                  if i < size else b"\xff<unused %d>" % i for i in range(self.vocab)]
+
+        class Pieces:  # what llguidance's TokenizerWrapper reads
+            eos_token_id, bos_token_id, tokens, special_token_ids = self.end_ids[0], None, pieces, sorted(special)
+
+            def __call__(self, text: str) -> list[int]:
+                return backend.encode(text, add_special_tokens=False).ids
 
         try:
-            return llguidance.LLTokenizer(self.tokenizer.backend.to_str(), n_vocab=self.vocab,
-                                          eos_token=self.end_ids)
-        except Exception as e:  # a tokenizer llguidance cannot read (it raises ValueError / RuntimeError)
+            return llguidance.LLTokenizer(TokenizerWrapper(Pieces()), n_vocab=self.vocab, eos_token=self.end_ids)
+        except Exception as e:  # a vocabulary llguidance refuses (it raises ValueError / RuntimeError)
             raise SpqtError(f"structured output is not available for this model's tokenizer ({str(e)[:200]})") \
                 from None
 
 
+def _message(error: str) -> str:
+    """llguidance's error on one line, without the parser state it appends."""
+    return " ".join(error.split("<state>")[0].split())[:300]
+
+
 @dataclass(frozen=True)
 class Grammar:
-    """A grammar in llguidance's serialized form, checked against the vocabulary it constrains; what (a short
-    description for messages)."""
+    """A grammar checked against the vocabulary it constrains: start, llguidance's matcher at its start (copied for
+    each generation); what (a short description for messages)."""
 
-    source: str
+    start: object
     vocabulary: Vocabulary
     what: str
 
     def matcher(self) -> "GrammarMatcher":
-        import llguidance
-
-        return GrammarMatcher(llguidance.LLMatcher(self.vocabulary.lltokenizer, self.source, log_level=0),
-                              self.vocabulary.vocab, self.what)
+        return GrammarMatcher(self.start.deep_copy(), self.vocabulary.vocab, self.what)
 
 
 def _checked(source: str, vocabulary: Vocabulary, what: str) -> Grammar:
+    """source (llguidance's serialized grammar) -> its Grammar; SpqtError where it does not parse, or no text (not
+    even the empty one) starts it."""
     import llguidance
 
     error = llguidance.LLMatcher.validate_grammar(source, vocabulary.lltokenizer)
     if error:
-        raise SpqtError(f"{what} is not valid: {' '.join(error.split())[:300]}")
-    return Grammar(source, vocabulary, what)
+        raise SpqtError(f"{what} is not valid: {_message(error)}")
+    start = llguidance.LLMatcher(vocabulary.lltokenizer, source, log_level=0)
+    if start.is_error() or not any(start.compute_bitmask()) or start.is_error():
+        raise SpqtError(f"{what} admits no text" + (f": {_message(start.get_error())}" if start.is_error() else ""))
+    return Grammar(start, vocabulary, what)
+
+
+def parse_schema(schema, what: str) -> dict:
+    """A JSON schema given as a dict or its JSON text -> the dict; SpqtError where it is not a JSON object."""
+    if isinstance(schema, str):
+        try:
+            schema = json.loads(schema)
+        except json.JSONDecodeError as e:
+            raise SpqtError(f"{what} is not JSON ({e})") from None
+    if not isinstance(schema, dict):
+        raise SpqtError(f"{what} must be a JSON object (a schema), not {json.dumps(schema)[:40]}")
+    return schema
 
 
 def json_schema(schema, vocabulary: Vocabulary, what: str = "the JSON schema") -> Grammar:
     """schema: a dict (a JSON schema; {} allows any JSON value) or its JSON text."""
     import llguidance
 
-    if isinstance(schema, str):
-        try:
-            schema = json.loads(schema)
-        except json.JSONDecodeError as e:
-            raise SpqtError(f"{what} is not JSON ({e})") from None
-    if not isinstance(schema, (dict, bool)):
-        raise SpqtError(f"{what} must be a JSON object (a schema), not {type(schema).__name__}")
+    schema = parse_schema(schema, what)
     try:
         source = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
     except ValueError as e:
@@ -146,15 +181,15 @@ class GrammarMatcher:
 
     def _check(self) -> None:
         if self.matcher.is_error():
-            raise SpqtError(f"{self.what}: {' '.join(self.matcher.get_error().split())[:300]}")
+            raise SpqtError(f"{self.what}: {_message(self.matcher.get_error())}")
 
     def allowed(self, device: str | torch.device) -> torch.Tensor:
-        """bool (vocab,) on device: the tokens that keep the text in the grammar."""
-        bits = torch.frombuffer(bytearray(self.matcher.compute_bitmask()), dtype=torch.uint8)
+        """bool (vocab,) on device: the tokens that keep the text in the grammar (unpacked on the host by numpy: a
+        few microseconds, where torch's ops took 50-70 us, more with the CPU's threads busy)."""
+        bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         self._check()
-        bits = bits.to(device)
-        shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
-        return ((bits.unsqueeze(-1) >> shifts) & 1).view(-1)[:self.vocab].bool()
+        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab].view(np.bool_)
+        return torch.from_numpy(allowed).to(device)
 
     def consume(self, token: int) -> None:
         """The chosen token (one allowed() allowed: anything else is an error)."""

@@ -101,8 +101,9 @@ class LogitShaper:
         self.counts.index_add_(0, at, torch.ones(at.shape, dtype=torch.float32, device=at.device))
         self.seen.index_fill_(0, at, True)
         if self.matcher is not None:
-            for t in at.tolist():
-                self.matcher.consume(t)
+            if at.numel() != 1:
+                raise ValueError("a grammar walks one generation: one token at a time")
+            self.matcher.consume(int(at[0]))
 
 
 def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None) -> torch.Tensor:

@@ -161,17 +161,22 @@ class ResponseFormat(RequestModel):
 
 
 class StructuredOutputs(RequestModel):
-    """vLLM's structured_outputs: one of json (a schema), regex, choice, grammar."""
+    """vLLM's structured_outputs: one of json (a schema), json_object, regex, choice, grammar; its other keys
+    (structural_tag, whitespace_pattern, ...) refused, not ignored."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     json_: dict | None = Field(None, alias="json")
+    json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
 
     def structure(self) -> list[tuple[str, str, Any]]:
         return [(f"structured_outputs.{name}", kind, value) for name, kind, value in (
-            ("json", "json_schema", self.json_), ("regex", "regex", self.regex), ("choice", "choice", self.choice),
-            ("grammar", "gbnf", self.grammar)) if value is not None]
+            ("json", "json_schema", self.json_), ("json_object", "json_object", True if self.json_object else None),
+            ("regex", "regex", self.regex), ("choice", "choice", self.choice), ("grammar", "gbnf", self.grammar))
+            if value is not None]
 
 
 class SamplingFields(RequestModel):
@@ -235,12 +240,14 @@ class SamplingFields(RequestModel):
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
     structured_outputs: StructuredOutputs | None = None
+    guided_whitespace_pattern: str | None = None
     # ignoring one of these would change the answer, so only its neutral value passes
     typical_p: float = 1.0
     min_tokens: int = 0
     ignore_eos: bool = False
 
     _no_extra_zero = field_validator("min_tokens", "ignore_eos")(_off_only("not supported (only 0 or false)"))
+    _no_whitespace_pattern = field_validator("guided_whitespace_pattern")(_refused("not supported (only null)"))
     _no_extra_one = field_validator("typical_p")(_one_only("not supported (only 1)"))
 
     @field_validator("repeat_penalty")
