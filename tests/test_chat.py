@@ -173,6 +173,12 @@ def test_a_message_that_does_not_fit_is_one_error_and_the_chat_goes_on(tiny_spqt
     assert "not UTF-8" in errors[1] and "unknown command /bogus" in errors[2]
 
 
+def test_a_double_slash_sends_a_message_that_starts_with_a_slash(tiny_spqt, model, monkeypatch, capsys):
+    """//usr is the message /usr (a command otherwise): answered as a fresh generate of it."""
+    _, want, _ = fresh(model, ["/usr"])
+    assert chat(monkeypatch, capsys, tiny_spqt, b"//usr\n", "--quiet") == (0, want + "\n", "")
+
+
 def test_quiet_leaves_stderr_empty(tiny_spqt, model, monkeypatch, capsys):
     """--quiet: no model line, no figures; the answers on stdout as without it."""
     _, hi, _ = fresh(model, ["hi"])

@@ -36,6 +36,7 @@ HELP = """\
 /reset          clear the conversation (the system message stays)
 /system TEXT    set the system message and clear the conversation (/system alone: the template's default)
 /help           this list
+//TEXT          sends /TEXT as the message (a message that starts with /)
 Ctrl-C          stops an answer (a second one ends spqt); at the prompt it ends the chat"""
 
 
@@ -249,7 +250,9 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
         text = line.strip()
         if not text:
             continue
-        if text.startswith("/"):
+        if text.startswith("//"):
+            text = text[1:]
+        elif text.startswith("/"):
             command, _, rest = text.partition(" ")
             if command in ("/exit", "/quit"):
                 return 0
