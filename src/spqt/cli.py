@@ -77,16 +77,23 @@ def _criterion(args, loaded) -> str:
 
 
 def _model_path(arg: str | None) -> Path:
+    """A model argument's path: the default model's (converted on first use), a Hugging Face Hub name's (hf:ORG/REPO,
+    downloaded on first use: spqt.hub), else the argument."""
+    from spqt import hub
     from spqt.default_model import default_spqt
 
-    return Path(arg) if arg else default_spqt()
+    if not arg:
+        return default_spqt()
+    return hub.resolve(arg) if hub.is_hub_name(arg) else Path(arg)
 
 
-def _model_file(arg: str | None) -> str:
-    """The model's path for _check_outputs, without converting the default model (its cache path)."""
+def _model_file(arg: str | None) -> str | None:
+    """The model's path for _check_outputs, without converting the default model (its cache path) or downloading a
+    hub model (None: the hub's cache, not a path of the command's)."""
+    from spqt import hub
     from spqt.default_model import default_spqt_path
 
-    return arg or str(default_spqt_path())
+    return None if hub.is_hub_name(arg) else arg or str(default_spqt_path())
 
 
 def _check_outputs(outputs: list[tuple[str, str | None]], inputs: list[tuple[str, str | None]]) -> None:
@@ -141,7 +148,7 @@ def cmd_quantize(args) -> int:
     check_writable(out)
     device = resolve_device(args.device)
     start = time.perf_counter()
-    source = open_source(args.source)
+    source = open_source(_model_path(args.source))
     note = _requantized_note(source, args.source, args.layout, bool(texts))
     if note:
         print(f"spqt: note: {note}", file=sys.stderr)
@@ -190,7 +197,7 @@ def _end_tokens(model) -> str:
 def cmd_inspect(args) -> int:
     from spqt.checkpoint import QuantizedWeight, load_model
 
-    model = load_model(args.model)
+    model = load_model(_model_path(args.model))
     c = model.config
     print(f"model        {args.model}")
     print(f"kind         {model.kind}")
@@ -592,6 +599,7 @@ def cmd_serve(args) -> int:
     from spqt.generate import resolve_device
     from spqt.serve.engine import Engine, parse_sparsity
     from spqt.serve.server import bind, serve, setup_logging
+    from spqt import hub
     from spqt.sources import model_name
 
     sparsity = parse_sparsity(args.sparsity)
@@ -608,7 +616,9 @@ def cmd_serve(args) -> int:
     try:
         setup_logging()
         loaded = _load(args)
-        name = args.name or model_name(args.model or loaded.path)  # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2
+        # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2; a hub model's: its file's name, a checkpoint's its repo's
+        name = args.name or (hub.served_name(args.model, loaded.path) if hub.is_hub_name(args.model) else
+                             model_name(args.model or loaded.path))
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
                         backend=_gemv_backend(args.gemv, device),
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
@@ -1080,7 +1090,8 @@ def sp_default_criterion() -> str:
 
 
 def _add_model_options(p) -> None:
-    p.add_argument("model", nargs="?", help=".spqt, .gguf or HF folder (default: SmolLM2-135M-Instruct)")
+    p.add_argument("model", nargs="?", help=".spqt, .gguf, HF folder or hf:ORG/REPO[:QUANT] (the Hugging Face Hub; "
+                   "default: SmolLM2-135M-Instruct)")
 
 
 def _add_sparsity_options(p) -> None:
@@ -1134,7 +1145,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quantize", help="convert a GGUF file or HF checkpoint folder to a .spqt model")
-    p.add_argument("source", help="a .gguf file or a Hugging Face checkpoint folder")
+    p.add_argument("source", help="a .gguf file, a Hugging Face checkpoint folder, or hf:ORG/REPO[:QUANT] (either, "
+                   "from the Hugging Face Hub)")
     p.add_argument("-o", "--output", required=True, help="the .spqt file to write")
     p.add_argument("--layout", choices=["zigzag", "row"], default="zigzag")
     p.add_argument("--type", default="q4_k",
@@ -1161,7 +1173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="describe a model file")
-    p.add_argument("model")
+    p.add_argument("model", help=".spqt, .gguf, HF folder or hf:ORG/REPO[:QUANT]")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("generate", help="generate text: the text alone on stdout, everything else on stderr")
