@@ -554,6 +554,35 @@ def test_penalties_and_logit_bias_are_the_generators(server, model_id, engine, l
                                      logit_bias={str(forced): -100}).choices[0].text != r.text
 
 
+def test_tokenize_and_detokenize(server, model_id, engine):
+    """/tokenize as llama.cpp's server (content, with_pieces) and vLLM's (prompt, messages) answer it, /detokenize
+    back to the text; the refusals name their field."""
+    tok, text = engine.tokenizer, "Héllo wörld, 3 primary colors"
+    status, body = server.raw("/tokenize", json.dumps({"content": text}).encode())
+    assert status == 200 and body == {"tokens": tok.encode(text, add_bos=False), "count": len(body["tokens"]),
+                                      "max_model_len": CTX}
+    status, body = server.raw("/tokenize", json.dumps({"model": model_id, "prompt": text}).encode())
+    assert status == 200 and body["tokens"] == tok.encode(text)
+    status, pieces = server.raw("/tokenize", json.dumps({"content": text, "with_pieces": True}).encode())
+    assert [p["id"] for p in pieces["tokens"]] == tok.encode(text, add_bos=False)
+    assert b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode()
+                    for p in pieces["tokens"]) == text.encode()
+    status, chat = server.raw("/tokenize", json.dumps({"messages": CHAT}).encode())
+    assert status == 200 and chat["tokens"] == tok.chat_messages(CHAT) and chat["count"] == len(chat["tokens"])
+    for body in ({"tokens": tok.encode(text)}, {"model": model_id, "tokens": chat["tokens"]}):
+        status, back = server.raw("/detokenize", json.dumps(body).encode())
+        assert status == 200 and back["content"] == back["prompt"] == tok.decode(body["tokens"])
+    for path, body, param in [("/tokenize", {}, None), ("/tokenize", {"content": "a", "prompt": "b"}, None),
+                              ("/tokenize", {"messages": CHAT, "add_generation_prompt": False},
+                               "add_generation_prompt"),
+                              ("/tokenize", {"content": "a", "add_special": True, "add_special_tokens": False}, None),
+                              ("/detokenize", {"tokens": [10**9]}, "tokens"), ("/detokenize", {"tokens": "a"}, "tokens")]:
+        status, err = server.raw(path, json.dumps(body).encode())
+        assert status == 400 and err["error"]["param"] == param, (path, body, err)
+    assert server.raw("/tokenize", json.dumps({"content": "a"}).encode(), key="wrong")[0] == 401
+    assert server.raw("/tokenize", json.dumps({"model": "other", "content": "a"}).encode())[0] == 404
+
+
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
                                           "age": {"type": "integer", "minimum": 0, "maximum": 150}},
           "required": ["name", "age"], "additionalProperties": False}

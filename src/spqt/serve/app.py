@@ -191,6 +191,48 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             raise model_not_found(model_id)
         return p.ModelCard(id=info.model_id, created=info.created)
 
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize(request: Request):
+        """A text's (content or prompt) or a conversation's (messages, through the chat template) token ids, as
+        llama.cpp's and vLLM's servers answer: tokens (with_pieces: each {id, piece}, the piece its text, or its bytes
+        where they are part of a character), count, max_model_len (the served context)."""
+        req = await parse(request, p.TokenizeRequest)
+        tok = engine.tokenizer
+        if req.messages is not None:
+            if not tok.spec.chat_template:
+                raise p.ApiError(400, "This model has no chat template, so it takes no messages.", param="messages",
+                                 code="unsupported_value")
+            tools = [t.model_dump(exclude_none=True) for t in req.tools] or None
+            try:
+                ids = await asyncio.to_thread(tok.chat_messages, [m.template_message() for m in req.messages], tools)
+            except SpqtError as e:
+                raise p.ApiError(400, str(e), param="messages") from None
+        else:
+            ids = await asyncio.to_thread(tok.encode, req.content if req.content is not None else req.prompt,
+                                          req.bos())
+        tokens = ids
+        if req.with_pieces:
+            tokens = []
+            for t in ids:
+                piece = tok.token_bytes(t)
+                try:
+                    tokens.append({"id": t, "piece": piece.decode("utf-8")})
+                except UnicodeDecodeError:
+                    tokens.append({"id": t, "piece": list(piece)})
+        return {"tokens": tokens, "count": len(ids), "max_model_len": info.ctx}
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize(request: Request):
+        """Token ids -> their text, as content (llama.cpp's name) and prompt (vLLM's)."""
+        req = await parse(request, p.DetokenizeRequest)
+        vocab = engine.tokenizer.config.vocab_size
+        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise p.ApiError(400, f"token id {bad} is outside the model's vocabulary of {vocab}.", param="tokens",
+                             code="invalid_value")
+        text = engine.tokenizer.decode(req.tokens)
+        return {"content": text, "prompt": text}
+
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
         req = await parse(request, p.ChatCompletionRequest)

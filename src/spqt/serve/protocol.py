@@ -642,6 +642,44 @@ class Completion(BaseModel):
     usage: Usage | None = None
 
 
+class TokenizeRequest(RequestModel):
+    """POST /tokenize as llama.cpp's server takes it (content; add_special, default false; with_pieces) and as vLLM's
+    does (prompt; add_special_tokens, default true; or messages through the chat template, with tools)."""
+
+    model: str | None = None
+    content: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(None, min_length=1)
+    tools: list[Tool] = Field(default_factory=list)
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    with_pieces: bool = False
+
+    _generation_prompt = field_validator("add_generation_prompt")(_one_only("not supported (only true: the "
+                                                                            "template's prompt for an answer)"))
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if sum(x is not None for x in (self.content, self.prompt, self.messages)) != 1:
+            raise ValueError("give one of content, prompt or messages")
+        if self.add_special is not None and self.add_special_tokens is not None and \
+                self.add_special != self.add_special_tokens:
+            raise ValueError("add_special is add_special_tokens under llama.cpp's name: give one, or both equal")
+        return self
+
+    def bos(self) -> bool | None:
+        """A text's BOS, as TextTokenizer.encode takes it: None (where the model adds one: the special tokens asked
+        for, and vLLM's default for prompt) or False (none asked for, and llama.cpp's default for content)."""
+        asked = self.add_special if self.add_special is not None else self.add_special_tokens
+        return None if (asked if asked is not None else self.prompt is not None) else False
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
