@@ -749,6 +749,83 @@ def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
     assert status == 400 and body["error"]["param"] == "tools[0].function.name", body
 
 
+THINK_TEMPLATE = (  # a Qwen3-style template (think tags; enable_thinking false closes an empty block), for the test
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{%- elif open_think is defined %}<think>\n{% endif %}")
+
+
+def test_reasoning_content_apart_from_the_answer(server, model_id, engine, monkeypatch):
+    """Where the template writes think tags, the answer's <think> text is reasoning_content and the rest content,
+    plain and streamed (the deltas join to the same), after a prompt that opened the block too; thinking cut by
+    max_tokens is all reasoning; beside a tool call; --reasoning-format none keeps it all content; the default model's
+    template (no tags) leaves the text as it is; chat_template_kwargs reach the template."""
+    from spqt.generate import GenerationResult
+
+    tok = engine.tokenizer
+    client = server.client()
+    ask = dict(model=model_id, messages=CHAT, temperature=0)
+    plain = client.chat.completions.create(**ask).choices[0].message
+    assert plain.reasoning_content is None
+    monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=THINK_TEMPLATE))
+    monkeypatch.setattr(tok, "_hf", None)
+    prompts, answer = [], ["<think>\nRed, yellow, blue are the painter's.\n</think>\n\nRed, green and blue."]
+
+    def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):  # the model "answers"
+        prompts.append(tok.decode(prompt))
+        out, ids = [], tok.backend.encode(answer[0], add_special_tokens=False).ids
+        for t in ids[:n]:
+            out.append(t)
+            if on_token and on_token(t):
+                break
+        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="length" if len(ids) > n else "stop")
+
+    monkeypatch.setattr(engine.generator, "generate", answers)
+
+    def both(**extra) -> tuple:
+        """(reasoning, content, finish) of the plain answer, checked equal to the streamed one's."""
+        r = client.chat.completions.create(**ask, **extra).choices[0]
+        chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **ask, **extra) if c.choices]
+        streamed = ("".join(getattr(c.delta, "reasoning_content", None) or "" for c in chunks) or None,
+                    "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason)
+        assert streamed == (r.message.reasoning_content or None, r.message.content, r.finish_reason), (streamed, r)
+        return streamed
+
+    assert both() == ("Red, yellow, blue are the painter's.", "Red, green and blue.", "stop")
+    answer[0] = "Let me think.\n</think>\nBlue."
+    assert both(extra_body={"chat_template_kwargs": {"open_think": True}}) == ("Let me think.", "Blue.", "stop")
+    assert prompts[-1].endswith("<think>\n")
+    assert both(extra_body={"chat_template_kwargs": {"enable_thinking": False}})[1] == answer[0]
+    assert prompts[-1].rstrip().endswith("</think>")
+    answer[0] = "<think>\nA long way to go"
+    ids = tok.backend.encode(answer[0], add_special_tokens=False).ids
+    cut = both(max_tokens=len(ids) - 1)
+    assert cut[1:] == ("", "length") and "A long way to go".startswith(cut[0]) and len(cut[0]) > 5, cut
+    # beside tools: the thinking apart, then the call read from the content
+    monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=TOOL_TEMPLATE +
+                                                         "{% if false %}<think></think>{% endif %}"))
+    monkeypatch.setattr(tok, "_hf", None)
+    answer[0] = '<think>The weather tool.</think>\n<tool_call>{"name": "get_weather", "arguments": {"city": "Oslo"}}'
+    for stream in (False, True):
+        r = client.chat.completions.create(**ask, tools=[WEATHER_TOOL], stream=stream)
+        if stream:
+            chunks = [c.choices[0] for c in r if c.choices]
+            thought = "".join(getattr(c.delta, "reasoning_content", None) or "" for c in chunks)
+            calls = [d.function.name for c in chunks for d in c.delta.tool_calls or []]
+            content, finish = "".join(c.delta.content or "" for c in chunks), chunks[-1].finish_reason
+        else:
+            m = r.choices[0].message
+            thought, content, finish = m.reasoning_content, m.content or "", r.choices[0].finish_reason
+            calls = [c.function.name for c in m.tool_calls]
+        assert (thought, content, calls, finish) == ("The weather tool.", "", ["get_weather"], "tool_calls"), stream
+    monkeypatch.setattr(engine, "reasoning_format", "none")
+    answer[0] = "<think>x</think>y"
+    assert both() == (None, answer[0], "stop")
+    status, body = server.raw("/v1/chat/completions", json.dumps(
+        {**ask, "chat_template_kwargs": {"tools": []}}).encode())
+    assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
+
+
 def test_tool_choice_required_or_named_forces_calls(server, model_id, engine, monkeypatch):
     """tool_choice 'required' and a named function: the model's own answer (greedy and sampled) is calls alone, of an
     offered tool (the named one), its arguments keeping to the function's parameters (a city string, days an integer

@@ -622,7 +622,8 @@ def cmd_serve(args) -> int:
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
                         backend=_gemv_backend(args.gemv, device),
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
-                        dense_fallback=not args.no_dense_fallback, dtype=dtype)
+                        dense_fallback=not args.no_dense_fallback, dtype=dtype,
+                        reasoning_format=args.reasoning_format)
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None, allow_origins)
     finally:
         sock.close()
@@ -1240,6 +1241,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")
     p.add_argument("--dtype", default="auto", help=DTYPE_HELP)
+    p.add_argument("--reasoning-format", choices=("auto", "none"), default="auto",
+                   help="auto (the default): a chat answer's <think>...</think> as the message's reasoning_content "
+                        "where the model's chat template writes think tags (Qwen3, DeepSeek-R1's distills), as vLLM "
+                        "and llama.cpp give it; none: all of the answer as content")
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
                         "as a chat's next turn (auto, the default, is on); answers can "

@@ -76,11 +76,12 @@ class TextTokenizer:
             {"role": "user", "content": prompt}]
         return self.chat_messages(messages)
 
-    def chat_messages(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+    def chat_messages(self, messages: list[dict], tools: list[dict] | None = None,
+                      template_kwargs: dict | None = None) -> list[int]:
         """The model's chat template around a conversation ([{"role": ..., "content": str}, ...]; tool calls and
         results as transformers' templates take them), ready for the assistant's answer; tools: OpenAI's function
-        specs, passed to the template. SpqtError where the template refuses it (its raise_exception: Mistral's
-        takes no system message)."""
+        specs, passed to the template; template_kwargs: more variables for it (Qwen3's enable_thinking). SpqtError
+        where the template refuses it (its raise_exception: Mistral's takes no system message)."""
         import jinja2
 
         if not self.spec.chat_template:
@@ -91,7 +92,8 @@ class TextTokenizer:
             self._hf = PreTrainedTokenizerFast(tokenizer_object=self.backend, chat_template=self.spec.chat_template,
                                                bos_token=self.spec.bos_token, eos_token=self.spec.eos_token)
         try:
-            text = self._hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+            text = self._hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
+                                                **(template_kwargs or {}))
         except jinja2.TemplateError as e:
             raise SpqtError(f"the model's chat template refused this conversation: {e}") from None
         return self.backend.encode(text, add_special_tokens=False).ids

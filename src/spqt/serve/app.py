@@ -29,6 +29,7 @@ from spqt.serve import protocol as p
 from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.scheduler import Job, Scheduler
+from spqt.serve.reasoning import ReasoningStream, split_reasoning, starts_thinking
 from spqt.serve.tools import ToolTextStream, forced_calls, parse_tool_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -253,11 +254,16 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             except SpqtError as e:  # (a parameters schema the grammar compiler refuses)
                 raise p.ApiError(400, f"tools: {e}.", param="tools", code="invalid_value") from None
         try:  # in a thread: a 4 MiB prompt's 3-6 s of tokenizing (2-core CPU) stalled every stream on the event loop
-            prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation(), tools)
+            prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation(), tools,
+                                             req.chat_template_kwargs)
         except SpqtError as e:  # (the template refused the conversation, its raise_exception, among others)
             raise p.ApiError(400, str(e), param="messages") from None
         jobs = [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
+        # a reasoning model's <think> text as reasoning_content (spqt.serve.reasoning); thinking: from the answer's
+        # start, where the template's prompt opened the block
+        think = engine.reasoning and "grammar" not in shape
+        thinking = think and starts_thinking(engine.tokenizer.decode(prompt[-32:]))
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
@@ -282,31 +288,38 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                              choices=[choice] if choices else [])
 
             async def events():
-                # held: the choice's ToolTextStream where tools are offered; pending: the logprobs entries of the text
-                # it holds, sent with the next content (or the last)
-                results, held, pending = [], None, []
+                # per choice: reasoning, the ReasoningStream where the template thinks (reasoning_content deltas);
+                # held, the ToolTextStream where tools are offered; pending, the logprobs entries of text not sent
+                # yet, sent with the next delta (or the last)
+                results, reasoning, held, pending = [], None, None, []
                 async for j, piece, tokens, result in run_choices(request, jobs):
                     if piece is None:
                         yield chunk({"role": "assistant", "content": ""}, j)
+                        reasoning = ReasoningStream(thinking) if think else None
                         held, pending = ToolTextStream(fmt, offered) if fmt else None, []
-                    elif result is not None:
-                        finish = result.finish_reason
-                        if held:
+                        continue
+                    last, pending = result is not None, pending + (tokens or [])
+                    thought, content = ("", "" if last else piece) if reasoning is None else \
+                        reasoning.finish() if last else reasoning.feed(piece)
+                    if thought:
+                        yield chunk({"reasoning_content": thought}, j, tokens=pending)
+                        pending = []
+                    calls = []
+                    if held:
+                        content = held.feed(content) if content else ""
+                        if last:
                             rest, calls = held.finish()
-                            if rest or pending:
-                                yield chunk({"content": rest}, j, tokens=pending)
-                            if calls:
-                                yield chunk({"tool_calls": wire_calls(calls, streamed=True)}, j)
-                                finish = call_finish(result, calls)
+                            content += rest
+                    if content or (pending and (last or not (held or reasoning))):
+                        yield chunk({"content": content}, j, tokens=pending)
+                        pending = []
+                    if last:
+                        finish = result.finish_reason
+                        if calls:
+                            yield chunk({"tool_calls": wire_calls(calls, streamed=True)}, j)
+                            finish = call_finish(result, calls)
                         yield chunk({}, j, finish=finish)
                         results.append(result)
-                    elif held:
-                        piece, pending = held.feed(piece), pending + (tokens or [])
-                        if piece:
-                            yield chunk({"content": piece}, j, tokens=pending)
-                            pending = []
-                    elif piece or tokens:
-                        yield chunk({"content": piece}, j, tokens=tokens)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(results, req.n), choices=False)
 
@@ -314,10 +327,12 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         choices, results = [], []
         for j, job in enumerate(jobs):
             text, tokens, result = await collect(request, job)
-            message, finish = p.AssistantMessage(content=text), result.finish_reason
+            thought, text = split_reasoning(text, thinking) if think else (None, text)
+            message, finish = p.AssistantMessage(content=text, reasoning_content=thought), result.finish_reason
             content, calls = parse_tool_calls(text, fmt, offered) if fmt else (text, [])
             if calls:
-                message = p.AssistantMessage(content=content or None, tool_calls=wire_calls(calls, streamed=False))
+                message = p.AssistantMessage(content=content or None, tool_calls=wire_calls(calls, streamed=False),
+                                             reasoning_content=thought)
                 finish = call_finish(result, calls)
             choices.append(p.ChatChoice(index=j, message=message, finish_reason=finish, logprobs=logprobs(tokens)))
             results.append(result)

@@ -35,6 +35,7 @@ from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator, PromptScores
 from spqt.serve.logprobs import StepLogprobs, TokenLogprob
+from spqt.serve.reasoning import reasoning_template
 from spqt.serve.scheduler import Job
 from spqt.serve.text import CONTEXT_TOKENS, TextStream, token_starts
 from spqt import sparsity as sp
@@ -74,6 +75,11 @@ class EngineInfo:
 
 
 class Engine:
+    @property
+    def reasoning(self) -> bool:
+        """Whether chat answers' <think> text goes to reasoning_content (spqt.serve.reasoning)."""
+        return self.reasoning_format == "auto" and reasoning_template(self.tokenizer.spec.chat_template)
+
     @cached_property
     def vocabulary(self) -> grammar.Vocabulary:
         """The vocabulary structured output constrains (spqt.grammar), its end tokens the served stop ids."""
@@ -82,14 +88,19 @@ class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
                  criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None,
-                 dense_fallback: bool = True, dtype: torch.dtype | None = None):
+                 dense_fallback: bool = True, dtype: torch.dtype | None = None, reasoning_format: str = "auto"):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
         backend: the linear maps' (Generator's; None: the kernels on CUDA, the fp32 reference on the CPU).
         prompt_cache: reuse what the request before left in the KV cache (None: on; see the module's docstring).
         dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked).
-        dtype: the compute dtype (None: generate.default_dtype)."""
+        dtype: the compute dtype (None: generate.default_dtype).
+        reasoning_format: "auto" (a chat answer's <think> text as reasoning_content where the template thinks:
+        reasoning) or "none" (all of it content)."""
+        if reasoning_format not in ("auto", "none"):
+            raise SpqtError(f"--reasoning-format is auto or none, not {reasoning_format!r}")
+        self.reasoning_format = reasoning_format
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):

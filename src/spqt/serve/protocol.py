@@ -382,6 +382,7 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Any = None  # None: "auto" with tools, "none" without
     function_call: Any = "none"
     parallel_tool_calls: bool = True
+    chat_template_kwargs: dict = Field(default_factory=dict)  # vLLM's and llama.cpp's: more template variables
     modalities: list[str] = Field(default_factory=lambda: ["text"])
     # OpenAI's audio, web search and reasoning models' fields (OpenAI refuses them for the models without those too)
     audio: dict | None = None
@@ -392,6 +393,15 @@ class ChatCompletionRequest(SamplingFields):
     _unsupported = field_validator("functions")(_off_only("not supported (send tools)"))
     _not_this_model = field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")(
         _refused("not supported by this model (only null)"))
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _free_names(cls, kwargs: dict) -> dict:
+        taken = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize", "conversation",
+                                      "documents", "chat_template", "return_dict"})
+        if taken:
+            raise ValueError(f"{', '.join(taken)}: set by the server, not by chat_template_kwargs")
+        return kwargs
 
     @field_validator("modalities")
     @classmethod
@@ -588,6 +598,7 @@ FinishReason = Literal["stop", "length", "tool_calls"] | None
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None  # None: a message of tool calls alone
+    reasoning_content: str | None = None  # a reasoning model's thinking (spqt.serve.reasoning), as vLLM gives it
     tool_calls: list[dict] | None = None  # ToolCall.wire() entries
 
 

@@ -1,0 +1,97 @@
+"""A reasoning model's thinking apart from its answer: `<think>...</think>` (Qwen3, QwQ, DeepSeek-R1's distills, SmolLM3)
+as the message's reasoning_content, the rest as its content, as vLLM's reasoning parsers and llama.cpp's server
+(--reasoning-format deepseek) give them.
+
+It applies where the model's chat template writes think tags (reasoning_template). The answer is thinking from its
+start where the prompt the template rendered ends inside an open `<think>` (DeepSeek-R1's templates open it for the
+answer: starts_thinking), else where the answer itself opens one first. Thinking that max_tokens cut before its
+`</think>` is all reasoning_content. The content after `</think>` loses its leading white space; the reasoning keeps
+its text but for the line ends around it (a stream holds line ends back until it sees what follows them).
+"""
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+def reasoning_template(template: str | None) -> bool:
+    return bool(template) and THINK_OPEN in template and THINK_CLOSE in template
+
+
+def starts_thinking(prompt_text: str) -> bool:
+    """Whether a rendered prompt ends inside an open think block (its answer then thinks from the start)."""
+    return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
+
+
+def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
+    """An answer -> (its reasoning, None where it has none; its content)."""
+    if not thinking:
+        start = text.lstrip()
+        if not start.startswith(THINK_OPEN):
+            return None, text
+        text = start[len(THINK_OPEN):]
+    end = text.find(THINK_CLOSE)
+    if end < 0:
+        return text.strip("\n"), ""
+    return text[:end].strip("\n"), text[end + len(THINK_CLOSE):].lstrip()
+
+
+class ReasoningStream:
+    """A streamed answer's pieces split as split_reasoning splits the whole: feed(piece) -> (reasoning, content) to
+    send now (either may be ""), finish() -> the same for what is held (a tail that may begin a tag)."""
+
+    def __init__(self, thinking: bool):
+        self.state = "reasoning" if thinking else "start"  # start: the answer may still open a think block
+        self.held = ""
+        self.began = False  # reasoning text sent: its leading line ends are dropped until then
+        self.content_began = False
+
+    def feed(self, piece: str) -> tuple[str, str]:
+        self.held += piece
+        reasoning = content = ""
+        while True:
+            if self.state == "start":
+                start = self.held.lstrip()
+                if start.startswith(THINK_OPEN):
+                    self.held, self.state = start[len(THINK_OPEN):], "reasoning"
+                    continue
+                if not start or THINK_OPEN.startswith(start):
+                    return reasoning, content  # white space, or perhaps the tag: not yet known
+                self.state = "content"
+                self.content_began = True  # (no reasoning: the content as it is, its white space too)
+            if self.state == "reasoning":
+                end = self.held.find(THINK_CLOSE)
+                if end >= 0:
+                    reasoning += self.held[:end].rstrip("\n")
+                    self.held, self.state = self.held[end + len(THINK_CLOSE):], "content"
+                    continue
+                body = self.held[:len(self.held) - _tag_tail(self.held, THINK_CLOSE)]
+                sent = body.rstrip("\n")  # (line ends held: they may end the reasoning)
+                reasoning += sent
+                self.held = self.held[len(sent):]
+                return self._reasoning(reasoning), content
+            # content
+            if not self.content_began:
+                self.held = self.held.lstrip()
+                if not self.held:
+                    return self._reasoning(reasoning), content
+                self.content_began = True
+            content += self.held
+            self.held = ""
+            return self._reasoning(reasoning), content
+
+    def _reasoning(self, text: str) -> str:
+        if not self.began:  # (the first text after the tag: its line ends dropped)
+            text = text.lstrip("\n")
+            self.began = bool(text)
+        return text
+
+    def finish(self) -> tuple[str, str]:
+        """The held rest."""
+        rest, self.held = self.held, ""
+        if self.state == "reasoning":
+            return self._reasoning(rest.rstrip("\n")), ""
+        return "", rest if self.content_began or self.state != "content" else rest.lstrip()
+
+
+def _tag_tail(text: str, tag: str) -> int:
+    """How many of text's last characters may begin tag."""
+    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
