@@ -1,5 +1,16 @@
-"""spqt.hub: Hugging Face Hub names (parsing, which file a tag picks, a checkpoint's files, the errors) against a
-stand-in for huggingface_hub's functions (no network in the tests), and the CLI running a hub checkpoint."""
+"""spqt.hub: Hugging Face Hub names (parsing, which file a tag picks, a checkpoint's files), and the CLI running hub
+models through huggingface_hub itself against a stand-in of the Hub's HTTP API on 127.0.0.1 (no network in the tests):
+downloads, the offline cache, split GGUFs, the errors."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
 
@@ -24,98 +35,155 @@ def test_names_parse():
 
 def test_a_tag_picks_its_file_whole():
     name = "hf:bartowski/Qwen2.5-0.5B-Instruct-GGUF"
-    assert hub.choose(name, BARTOWSKI, "Q4_K_M") == "Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"
-    assert hub.choose(name, BARTOWSKI, "q8_0") == "Qwen2.5-0.5B-Instruct-Q8_0.gguf"  # any case
-    assert hub.choose(name, BARTOWSKI, "Q4_K") == "Qwen2.5-0.5B-Instruct-Q4_K.gguf"  # not Q4_K_M, Q4_K_S, Q4_K_L
-    assert hub.choose(name, BARTOWSKI, "Qwen2.5-0.5B-Instruct-f16.gguf") == "Qwen2.5-0.5B-Instruct-f16.gguf"
-    assert hub.choose(name, BARTOWSKI, None) == "Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"  # llama.cpp's default
-    assert hub.choose(name, ["README.md", "sub/m-Q2_K.gguf"], None) == "sub/m-Q2_K.gguf"  # the only one
-    assert hub.choose(name, ["a.spqt", "config.json"], None) == "a.spqt"
+    assert hub.choose(name, BARTOWSKI, "Q4_K_M") == ["Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"]
+    assert hub.choose(name, BARTOWSKI, "q8_0") == ["Qwen2.5-0.5B-Instruct-Q8_0.gguf"]  # any case
+    assert hub.choose(name, BARTOWSKI, "Q4_K") == ["Qwen2.5-0.5B-Instruct-Q4_K.gguf"]  # not Q4_K_M, Q4_K_S, Q4_K_L
+    assert hub.choose(name, BARTOWSKI, "Qwen2.5-0.5B-Instruct-f16.gguf") == ["Qwen2.5-0.5B-Instruct-f16.gguf"]
+    assert hub.choose(name, BARTOWSKI, None) == ["Qwen2.5-0.5B-Instruct-Q4_K_M.gguf"]  # llama.cpp's default
+    assert hub.choose(name, ["a-Q6_K.gguf", "a-Q8_0.gguf"], None) == ["a-Q8_0.gguf"]  # its next
+    assert hub.choose(name, ["a-Q6_K.gguf", "a-Q5_K.gguf"], None) == ["a-Q5_K.gguf"]  # then the first
+    assert hub.choose(name, ["README.md", "sub/m-Q2_K.gguf"], None) == ["sub/m-Q2_K.gguf"]  # the only one
+    assert hub.choose(name, ["a.spqt", "config.json"], None) == ["a.spqt"]
     assert hub.choose(name, ["config.json", "model.safetensors"], None) is None  # a checkpoint
-    with pytest.raises(SpqtError, match="Q3_K_M names none of its files .*Q8_0.gguf"):
+    # the projectors, importance matrices and draft heads llama.cpp's -hf skips are no model
+    assert hub.choose(name, ["config.json", "model.safetensors", "mmproj-model-f16.gguf", "imatrix.gguf"],
+                      None) is None
+    assert hub.choose(name, ["m-Q8_0.gguf", "mmproj-m-f16.gguf"], None) == ["m-Q8_0.gguf"]
+    with pytest.raises(SpqtError, match="Q3_K_M names none of its model files .*Q8_0.gguf"):
         hub.choose(name, BARTOWSKI, "Q3_K_M")
     with pytest.raises(SpqtError, match="XS names none"):  # (IQ4_XS's part is IQ4_XS, not XS)
         hub.choose(name, BARTOWSKI, "XS")
-    with pytest.raises(SpqtError, match="no Q4_K_M: add :TAG"):
-        hub.choose(name, ["a-Q8_0.gguf", "a-Q6_K.gguf"], None)
-    with pytest.raises(SpqtError, match="no .gguf or .spqt files, so no Q4_K_M"):
+    with pytest.raises(SpqtError, match="no .gguf or .spqt model files, so no Q4_K_M"):
         hub.choose(name, ["config.json"], "Q4_K_M")
-    split = ["m-Q4_K_M-00001-of-00002.gguf", "m-Q4_K_M-00002-of-00002.gguf", "m-Q8_0.gguf"]
-    with pytest.raises(SpqtError, match="split into 2 parts: merge them first"):
-        hub.choose(name, split, "Q4_K_M")
-    with pytest.raises(SpqtError, match="one part of a split GGUF"):
+    split = ["Q4_K_M/m-Q4_K_M-00002-of-00002.gguf", "Q4_K_M/m-Q4_K_M-00001-of-00002.gguf", "m-Q8_0.gguf"]
+    assert hub.choose(name, split, "Q4_K_M") == sorted(split[:2])  # every part, the first first
+    assert hub.choose(name, split, "m-Q4_K_M-00002-of-00002.gguf") == sorted(split[:2])  # a part names its model
+    assert hub.choose(name, split + ["m-Q4_K_M.gguf"], "Q4_K_M") == ["m-Q4_K_M.gguf"]  # a whole file first
+    with pytest.raises(SpqtError, match="holds 1 of the 3 parts"):
         hub.choose(name, ["m-00001-of-00003.gguf"], None)
+    assert hub.checkpoint_files(["config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+                                 "tokenizer.json", "tokenizer.model", "chat_template.jinja", "README.md",
+                                 "consolidated.safetensors", "sub/extra.safetensors", "original/params.json",
+                                 "pytorch_model.bin"]) == [
+        "config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
+        "tokenizer.model", "chat_template.jinja"]
+    assert hub.checkpoint_files(["config.json", "pytorch_model-00001-of-00002.bin", "vocab.txt"]) == [
+        "config.json", "vocab.txt", "pytorch_model-00001-of-00002.bin"]
 
 
-class RepositoryNotFoundError(Exception):  # (huggingface_hub's own wants an HTTP response to be made)
-    pass
+class FakeHub(BaseHTTPRequestHandler):
+    """The Hub's HTTP API as far as huggingface_hub's list_repo_files, hf_hub_download and snapshot_download use it:
+    REPOS {repo: {path: bytes}}, one commit; a repo in GATED answers its files 403 as a gated repo does."""
+
+    REPOS: dict[str, dict[str, bytes]] = {}
+    GATED: set[str] = set()
+    COMMIT = "c" * 40
+
+    def log_message(self, *args):
+        pass
+
+    def answer(self, code: int, body: bytes = b"", headers: dict | None = None):
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def error(self, code: int, kind: str, message: str):
+        self.answer(code, json.dumps({"error": message}).encode(),
+                    {"X-Error-Code": kind, "X-Error-Message": message, "Content-Type": "application/json"})
+
+    def do_GET(self):
+        parts = unquote(urlparse(self.path).path).strip("/").split("/")
+        api = parts[:2] == ["api", "models"]
+        repo = "/".join(parts[2:4] if api else parts[:2])
+        if repo not in self.REPOS:
+            return self.error(404, "RepoNotFound", "Repository not found")
+        files = self.REPOS[repo]
+        if api and parts[4] == "tree":
+            items = [{"type": "file", "oid": hashlib.sha1(b).hexdigest(), "size": len(b), "path": f}
+                     for f, b in files.items()]
+            return self.answer(200, json.dumps(items).encode(), {"Content-Type": "application/json"})
+        if api and parts[4] == "revision":
+            info = {"id": repo, "sha": self.COMMIT, "siblings": [{"rfilename": f} for f in files]}
+            return self.answer(200, json.dumps(info).encode(), {"Content-Type": "application/json"})
+        if len(parts) > 4 and parts[2] == "resolve":
+            if repo in self.GATED:
+                return self.error(403, "GatedRepo", f"Access to model {repo} is restricted.")
+            body = files.get("/".join(parts[4:]))
+            if body is None:
+                return self.error(404, "EntryNotFound", "Entry not found")
+            return self.answer(200, body, {"X-Repo-Commit": self.COMMIT, "ETag": f'"{hashlib.sha1(body).hexdigest()}"'})
+        self.answer(404)
+
+    do_HEAD = do_GET
 
 
-class StandIn:
-    """huggingface_hub's list_repo_files, hf_hub_download and snapshot_download over a dict of repos (their files
-    at local paths); calls recorded; offline: the listing fails as without a network."""
-
-    def __init__(self, monkeypatch, repos: dict[str, dict[str, str]], cached: dict[str, str] | None = None,
-                 offline: bool = False):
-        import huggingface_hub
-
-        self.repos, self.cached, self.offline, self.calls = repos, cached or {}, offline, []
-        monkeypatch.setattr(huggingface_hub, "list_repo_files", self.list_repo_files)
-        monkeypatch.setattr(huggingface_hub, "hf_hub_download", self.hf_hub_download)
-        monkeypatch.setattr(huggingface_hub, "snapshot_download", self.snapshot_download)
-
-    def list_repo_files(self, repo):
-        if self.offline:
-            raise OSError("We couldn't connect to 'https://huggingface.co'\nto load the files")
-        if repo not in self.repos:
-            raise RepositoryNotFoundError(f"404 Client Error.\nRepository Not Found for url: .../{repo}")
-        return list(self.repos[repo])
-
-    def hf_hub_download(self, repo, filename):
-        self.calls.append(("file", repo, filename))
-        return self.repos[repo][filename]
-
-    def snapshot_download(self, repo, local_files_only=False, allow_patterns=None, ignore_patterns=None):
-        self.calls.append(("snapshot", repo, local_files_only, allow_patterns, ignore_patterns))
-        if local_files_only:
-            if repo not in self.cached:
-                raise FileNotFoundError("not in the cache")
-            return self.cached[repo]
-        return self.repos[repo]["."]
+@pytest.fixture
+def fake_hub(tiny_hf, tmp_path):
+    """A FakeHub on a free port holding the tiny checkpoint (o/tiny: its top-level files, a subfolder and Mistral's
+    consolidated copy besides), a repo of split GGUF parts (o/split) and a gated one; the environment that points
+    spqt's subprocesses at it, with a cache of their own."""
+    tiny = {f.name: f.read_bytes() for f in tiny_hf.iterdir() if f.is_file()}
+    FakeHub.REPOS = {"o/tiny": {**tiny, "README.md": b"# tiny", "consolidated.safetensors": b"x" * 64,
+                                "sub/extra.safetensors": b"y" * 64},
+                     "o/split": {"m-Q4_K_M-00001-of-00002.gguf": b"GGUF1", "m-Q4_K_M-00002-of-00002.gguf": b"GGUF2",
+                                 "mmproj-m-f16.gguf": b"GGUF3"},
+                     "o/gated": {"m-Q8_0.gguf": b"GGUF"}}
+    FakeHub.GATED = {"o/gated"}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}", "HF_HOME": str(tmp_path),
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    env.pop("HF_TOKEN", None)
+    yield env, tmp_path
+    server.shutdown()
 
 
-def test_resolve_downloads_the_chosen_file_or_the_checkpoint(monkeypatch, tmp_path):
-    (tmp_path / "snap").mkdir()
-    (tmp_path / "snap" / "m-Q8_0.gguf").write_bytes(b"GGUF")
-    stand = StandIn(monkeypatch, {"o/gguf": {f: f"/cache/{f}" for f in BARTOWSKI},
-                                  "o/ckpt": {"config.json": "", "model.safetensors": "", ".": "/cache/ckpt"}},
-                    cached={"o/cached": str(tmp_path / "snap")})
-    assert str(hub.resolve("hf:o/gguf:Q8_0")) == "/cache/Qwen2.5-0.5B-Instruct-Q8_0.gguf"
-    assert str(hub.resolve("hf:o/ckpt")) == "/cache/ckpt"
-    assert stand.calls == [("file", "o/gguf", "Qwen2.5-0.5B-Instruct-Q8_0.gguf"),
-                           ("snapshot", "o/ckpt", False, hub.CHECKPOINT_FILES, hub.NOT_CHECKPOINT)]
-    with pytest.raises(SpqtError) as e:
-        hub.resolve("hf:o/missing")
-    assert "cannot get hf:o/missing from the Hugging Face Hub: RepositoryNotFoundError" in str(e.value)
-    assert "\n" not in str(e.value)
-    offline = StandIn(monkeypatch, {"o/cached": {"m-Q8_0.gguf": "/cache/m-Q8_0.gguf"}},
-                      cached={"o/cached": str(tmp_path / "snap")}, offline=True)
-    assert str(hub.resolve("hf:o/cached")) == "/cache/m-Q8_0.gguf"  # offline: the cached snapshot's listing
-    with pytest.raises(SpqtError, match="cannot get hf:o/gone .*OSError: We couldn't connect"):
-        hub.resolve("hf:o/gone")
-    assert offline.calls[-1][:3] == ("snapshot", "o/gone", True)
+def spqt(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "spqt.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
 
 
-def test_the_cli_runs_a_hub_checkpoint(monkeypatch, tiny_hf, capsys):
-    """spqt generate hf:ORG/REPO: the checkpoint the hub gives, as its folder runs; a hub error is one line, exit 2."""
+def test_the_cli_runs_hub_models_through_huggingface_hub(fake_hub, tiny_hf):
+    """Through huggingface_hub itself against a stand-in of the Hub's API: a checkpoint's top-level files alone are
+    fetched and it generates as its folder does; offline (HF_HUB_OFFLINE=1) the cached snapshot runs the same;
+    a split GGUF comes with every part, its projector left; a gated repo, a missing one and an offline miss are one
+    line each, exit 2."""
+    env, home = fake_hub
+    args = ["-p", "the quick", "-n", "5", "--device", "cpu", "--gemv", "fp32"]
+    want = spqt(env, "generate", str(tiny_hf), *args)
+    assert want.returncode == 0, want.stderr
+    got = spqt(env, "generate", "hf:o/tiny", *args)
+    assert got.returncode == 0 and got.stdout == want.stdout, got.stderr
+    snapshot = home / "hub" / "models--o--tiny" / "snapshots" / FakeHub.COMMIT
+    fetched = sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+    assert fetched == sorted(f.name for f in tiny_hf.iterdir() if f.is_file())  # no README, subfolder, copy
+    offline = spqt({**env, "HF_HUB_OFFLINE": "1"}, "generate", "hf:o/tiny", *args)
+    assert offline.returncode == 0 and offline.stdout == want.stdout, offline.stderr
+    resolved = subprocess.run([sys.executable, "-c", "from spqt import hub; print(hub.resolve('hf:o/split'))"],
+                              capture_output=True, text=True, env=env, timeout=120)
+    first = Path(resolved.stdout.strip())
+    assert first.name == "m-Q4_K_M-00001-of-00002.gguf" and first.read_bytes() == b"GGUF1", resolved.stderr
+    assert (first.parent / "m-Q4_K_M-00002-of-00002.gguf").read_bytes() == b"GGUF2"
+    assert not (first.parent / "mmproj-m-f16.gguf").exists()
+    for name, words in [("hf:o/gated", "hf:o/gated is gated: accept its terms at https://huggingface.co/o/gated and "
+                                       "set HF_TOKEN"),
+                        ("hf:o/none", "hf:o/none: no such repo on the Hugging Face Hub (or a private one: set HF_TOKEN)")]:
+        bad = spqt(env, "generate", name, *args)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [f"spqt: error: {words}"], bad.stderr
+    for name, words in [("hf:o/gated", "cannot get hf:o/gated from the Hugging Face Hub: OfflineModeIsEnabled"),
+                        ("hf:o/split:Q8_0", "hf:o/split:Q8_0 (offline: the cached files): Q8_0 names none")]:
+        miss = spqt({**env, "HF_HUB_OFFLINE": "1"}, "generate", name, *args)
+        assert miss.returncode == 2 and len(miss.stderr.strip().splitlines()) == 1, miss.stderr
+        assert words in miss.stderr, miss.stderr
+
+
+def test_calibrate_will_not_write_into_the_hub_cache(monkeypatch, tiny_spqt, capsys):
     from spqt.cli import main
 
-    StandIn(monkeypatch, {"o/tiny": {"config.json": "", "model.safetensors": "", ".": str(tiny_hf)}})
-    args = ["-p", "the quick", "-n", "5", "--device", "cpu", "--gemv", "fp32"]
-    assert main(["generate", str(tiny_hf), *args]) == 0
-    want = capsys.readouterr().out
-    assert main(["generate", "hf:o/tiny", *args]) == 0
-    assert capsys.readouterr().out == want
-    assert main(["generate", "hf:o/absent", *args]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("spqt: error: cannot get hf:o/absent from the Hugging Face Hub")
+    monkeypatch.setattr(hub, "resolve", lambda name: tiny_spqt)
+    assert main(["calibrate", "hf:o/tiny-spqt", "--data", __file__]) == 2
+    assert "write the calibrated model with -o" in capsys.readouterr().err

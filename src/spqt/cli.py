@@ -304,10 +304,11 @@ def _ranges(layers: list[int]) -> str:
 # ---------------------------------------------------------------- generate / perplexity
 
 
-def _load(args):
+def _load(args, path: Path | None = None):
+    """The model of args.model (at path, where the caller resolved it already), with --thresholds where given."""
     from spqt.checkpoint import load_model
 
-    path = _model_path(args.model)
+    path = path or _model_path(args.model)
     try:
         loaded = load_model(path, progress=True)
     except SpqtError as e:
@@ -615,9 +616,10 @@ def cmd_serve(args) -> int:
     sock = bind(args.host, args.port)  # before the (slow) load, so a taken port fails at once
     try:
         setup_logging()
-        loaded = _load(args)
+        path = _model_path(args.model)
+        loaded = _load(args, path)
         # e.g. SmolLM2-135M-Instruct.q4_k-zigzag.v2; a hub model's: its file's name, a checkpoint's its repo's
-        name = args.name or (hub.served_name(args.model, loaded.path) if hub.is_hub_name(args.model) else
+        name = args.name or (hub.served_name(args.model, path) if hub.is_hub_name(args.model) else
                              model_name(args.model or loaded.path))
         engine = Engine(loaded, device, sparsity, args.mode, args.ctx, name, criterion=args.criterion,
                         backend=_gemv_backend(args.gemv, device),
@@ -701,7 +703,7 @@ def _calibration_drops(thresholds: dict, criterion: str, modes, levels) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    from spqt import sparsity as sp
+    from spqt import hub, sparsity as sp
     from spqt.calibrate import calibrate, merge
     from spqt.generate import resolve_device
     from spqt.checkpoint import atomic_write, check_writable, load_model, save_spqt
@@ -723,6 +725,8 @@ def cmd_calibrate(args) -> int:
     loaded = load_model(_model_path(args.model))
     if loaded.kind == "float" and not args.json:
         raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json to write them alone")
+    if loaded.kind != "float" and hub.is_hub_name(args.model) and not args.output:
+        raise SpqtError("a hub model's file lives in huggingface_hub's cache: write the calibrated model with -o")
     dropped = _calibration_drops(loaded.thresholds, criterion, modes, args.sparsity)
     if dropped:  # before the (slow) calibration, so the user can stop it
         print(f"spqt: note: this replaces the model's {criterion} thresholds, dropping {dropped}; pass every level "

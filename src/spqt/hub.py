@@ -2,14 +2,14 @@
 
 A name is `hf:ORG/REPO` (or `hf.co/ORG/REPO`, ollama's form, or the repo's https://huggingface.co/ address), with an
 optional `:TAG`: a GGUF file's quantization as llama.cpp's `-hf` takes it (`Q4_K_M`, `q8_0`), or a file's name. A repo
-that holds model files (.gguf, .spqt) gives one of them: the tag's (its quantization part matched whole, any case:
-`Q4_K` is not `Q4_K_M`, nor `IQ4_K`), else the only one, else Q4_K_M's (llama.cpp's default); several others are an
-error that lists them. A repo without such files is a Hugging Face checkpoint: its config, tokenizer, chat template and
-safetensors are fetched. huggingface_hub reads HF_HOME (the cache), HF_TOKEN (gated repos) and HF_HUB_OFFLINE (the
-cache alone); its progress bars go to stderr. A GGUF split into parts (`-00001-of-00003.gguf`) is refused: merge it
-first (llama.cpp's `llama-gguf-split --merge`).
+that holds model files (.gguf, .spqt; not the mmproj, imatrix and draft GGUFs llama.cpp skips too) gives one of them:
+the tag's (its quantization part matched whole, any case: `Q4_K` is not `Q4_K_M`, nor `IQ4_K`; a whole file before a
+split one), else the only one, else as llama.cpp picks (Q4_K_M's, else Q8_0's, else the first); a GGUF split into parts
+(`-00001-of-00003.gguf`) comes whole, every part, and runs from its first. A repo without model files is a Hugging
+Face checkpoint: its top-level config, tokenizer, chat template and weights (safetensors, else pytorch_model*.bin)
+are fetched. huggingface_hub reads HF_HOME (the cache), HF_TOKEN (gated and private repos) and HF_HUB_OFFLINE; offline
+or unreachable, a repo comes from its cached snapshot. Its progress bars go to stderr.
 """
-
 import re
 from pathlib import Path, PurePosixPath
 
@@ -17,10 +17,12 @@ from spqt.errors import SpqtError
 
 PREFIXES = ("hf:", "hf.co/", "huggingface.co/", "https://huggingface.co/")
 MODEL_SUFFIXES = (".gguf", ".spqt")
-DEFAULT_QUANT = "Q4_K_M"  # llama.cpp's -hf picks it where the repo has several files and no tag is given
-CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]  # (merges.txt, vocab.txt)
-NOT_CHECKPOINT = ["consolidated*", "original/*"]  # Mistral's and Meta's own copies of the weights
-SPLIT = re.compile(r"-\d{5}-of-\d{5}\.gguf$", re.I)
+FALLBACK_QUANTS = ("Q4_K_M", "Q8_0")  # llama.cpp's -hf without a tag: Q4_K_M's file, else Q8_0's, else the first
+NOT_MODELS = re.compile(r"^(mmproj|imatrix|mtp-|eagle3-|dflash-|dspark-)", re.I)  # GGUFs llama.cpp's -hf skips too
+CHECKPOINT_FILES = re.compile(r"[^/]+\.(json|safetensors|jinja|model|tiktoken|txt)")  # top-level files _open_hf reads
+OLD_WEIGHTS = re.compile(r"pytorch_model[^/]*\.bin")  # where a repo has no safetensors
+NOT_CHECKPOINT = re.compile(r"consolidated.*")  # Mistral's own copy of the weights
+SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.I)
 
 
 def is_hub_name(arg: str | None) -> bool:
@@ -37,36 +39,59 @@ def parse(name: str) -> tuple[str, str | None]:
     return repo, tag or None
 
 
-def _tagged(files: list[str], tag: str) -> list[str]:
-    """The files a tag names: by name (the path or its last part), else by quantization (whole, any case)."""
-    named = [f for f in files if tag in (f, PurePosixPath(f).name)]
+def _units(models: list[str]) -> dict[str, list[str]]:
+    """Model files by the model they hold: a file alone, a split GGUF's parts together (in order) under the name
+    without the part (m-Q4_K_M-00001-of-00002.gguf: m-Q4_K_M.gguf)."""
+    units: dict[str, list[str]] = {}
+    for f in sorted(models):
+        split = SPLIT.search(f)
+        units.setdefault(f[:split.start()] + f[split.end() - 5:] if split else f, []).append(f)
+    return units
+
+
+def _tagged(units: dict[str, list[str]], tag: str) -> list[str]:
+    """The units a tag names: by a file's name (its path or last part), else by quantization (whole, any case)."""
+    named = [u for u, parts in units.items() if any(tag in (f, PurePosixPath(f).name) for f in [u, *parts])]
     if named:
         return named
     pattern = re.compile(rf"(?<![A-Za-z0-9_]){re.escape(tag)}(?![A-Za-z0-9_])", re.I)
-    return [f for f in files if pattern.search(PurePosixPath(f).name)]
+    return [u for u in units if pattern.search(PurePosixPath(u).name)]
 
 
-def choose(name: str, files: list[str], tag: str | None) -> str | None:
-    """The model file of a repo's files that a name asks for; None where the repo holds none (a checkpoint);
-    SpqtError where the tag names none or several, or no tag picks one, or the file is split."""
-    models = sorted(f for f in files if f.lower().endswith(MODEL_SUFFIXES))
+def choose(name: str, files: list[str], tag: str | None) -> list[str] | None:
+    """The model file a name asks for among a repo's files, as its parts (one, or a split GGUF's in order); None where
+    the repo holds no model file (a checkpoint); SpqtError where the tag names none or several, or a split GGUF lacks
+    parts."""
+    models = [f for f in files if f.lower().endswith(MODEL_SUFFIXES) and not NOT_MODELS.match(PurePosixPath(f).name)]
     if not models:
         if tag:
-            raise SpqtError(f"{name}: the repo holds no .gguf or .spqt files, so no {tag}")
+            raise SpqtError(f"{name}: the repo holds no .gguf or .spqt model files, so no {tag}")
         return None
-    picked = _tagged(models, tag) if tag else models if len(models) == 1 else _tagged(models, DEFAULT_QUANT)
+    units = _units(models)
+    if tag:
+        picked = _tagged(units, tag)
+    else:
+        picked = next((found for q in FALLBACK_QUANTS if (found := _tagged(units, q))), [next(iter(units))])
+        picked = list(units) if len(units) == 1 else picked
+    if len(picked) > 1:  # a whole file before a split one of the same quantization
+        picked = [u for u in picked if len(units[u]) == 1 and not SPLIT.search(units[u][0])] or picked
     if len(picked) != 1:
-        listing = ", ".join(PurePosixPath(f).name for f in models[:12]) + (" ..." if len(models) > 12 else "")
-        what = f"{tag} names {len(picked) or 'none'} of its files" if tag else \
-            f"it holds {len(models)} model files and no {DEFAULT_QUANT}: add :TAG"
-        if picked and all(SPLIT.search(f) for f in picked):
-            what = f"{tag or DEFAULT_QUANT} is a GGUF split into {len(picked)} parts: merge them first " \
-                   f"(llama-gguf-split --merge)"
-        raise SpqtError(f"{name}: {what} ({listing})")
-    if SPLIT.search(picked[0]):
-        raise SpqtError(f"{name}: {picked[0]} is one part of a split GGUF: merge the parts first "
-                        f"(llama-gguf-split --merge)")
-    return picked[0]
+        listing = ", ".join(PurePosixPath(u).name for u in list(units)[:12]) + (" ..." if len(units) > 12 else "")
+        raise SpqtError(f"{name}: {tag or 'the default'} names {len(picked) or 'none'} of its model files ({listing})")
+    parts = units[picked[0]]
+    split = SPLIT.search(parts[0])
+    if split and [int(SPLIT.search(f)[1]) for f in parts] != list(range(1, int(split[2]) + 1)):
+        raise SpqtError(f"{name}: the repo holds {len(parts)} of the {int(split[2])} parts of {picked[0]}")
+    return parts
+
+
+def checkpoint_files(files: list[str]) -> list[str]:
+    """The top-level files of a checkpoint repo that its folder needs (config, tokenizer, template, weights: the
+    safetensors, or pytorch_model*.bin where there are none), not Mistral's consolidated copy nor subfolders."""
+    top = [f for f in files if CHECKPOINT_FILES.fullmatch(f) and not NOT_CHECKPOINT.match(f)]
+    if not any(f.endswith(".safetensors") for f in top):
+        top += [f for f in files if OLD_WEIGHTS.fullmatch(f)]
+    return top
 
 
 def served_name(name: str, path: str | Path) -> str:
@@ -74,28 +99,33 @@ def served_name(name: str, path: str | Path) -> str:
     return Path(path).stem if Path(path).is_file() else parse(name)[0].split("/")[1]
 
 
-def _hub_error(name: str, e: Exception) -> SpqtError:
+def _hub_error(name: str, repo: str, e: Exception) -> SpqtError:
+    kinds = {k.__name__ for k in type(e).__mro__}
+    if "GatedRepoError" in kinds:
+        return SpqtError(f"{name} is gated: accept its terms at https://huggingface.co/{repo} and set HF_TOKEN")
+    if "RepositoryNotFoundError" in kinds:
+        return SpqtError(f"{name}: no such repo on the Hugging Face Hub (or a private one: set HF_TOKEN)")
     text = " ".join(str(e).split())
     return SpqtError(f"cannot get {name} from the Hugging Face Hub: {type(e).__name__}: {text[:300]}")
 
 
-def _repo_files(name: str, repo: str) -> list[str]:
-    """The repo's files: the Hub's list, or offline (HF_HUB_OFFLINE, no network) those of its cached snapshot."""
-    import huggingface_hub
+def _cached(repo: str) -> Path | None:
+    """The repo's snapshot folder in huggingface_hub's cache (its main revision), None where there is none."""
+    from huggingface_hub import constants
+    from huggingface_hub.file_download import repo_folder_name
 
+    root = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo, repo_type="model")
     try:
-        return huggingface_hub.list_repo_files(repo)
-    except Exception as e:  # offline or unreachable: the cache may hold it
-        try:
-            folder = Path(huggingface_hub.snapshot_download(repo, local_files_only=True))
-        except Exception:
-            raise _hub_error(name, e) from None
-        return [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        folder = root / "snapshots" / (root / "refs" / "main").read_text().strip()
+    except OSError:
+        return None
+    return folder if folder.is_dir() else None
 
 
 def resolve(name: str) -> Path:
-    """A hub name -> the local path of its model file or checkpoint folder (downloaded where the cache lacks it).
-    huggingface_hub's own warnings (its retries, a line each) are held back: a failure is the one line here."""
+    """A hub name -> the local path of its model file (a split GGUF's first part) or checkpoint folder (downloaded
+    where the cache lacks it; offline or unreachable, the cached snapshot's). huggingface_hub's own warnings (its
+    retries, a line each) are held back: a failure is the one line here."""
     from huggingface_hub.utils import logging as hub_logging
 
     level = hub_logging.get_verbosity()
@@ -110,11 +140,19 @@ def _resolve(name: str) -> Path:
     import huggingface_hub
 
     repo, tag = parse(name)
-    chosen = choose(name, _repo_files(name, repo), tag)
     try:
-        if chosen is not None:
-            return Path(huggingface_hub.hf_hub_download(repo, chosen))
-        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=CHECKPOINT_FILES,
-                                                      ignore_patterns=NOT_CHECKPOINT))
+        files = huggingface_hub.list_repo_files(repo)
+    except Exception as e:  # offline or unreachable: the cache may hold it
+        folder = _cached(repo)
+        if folder is None or "RepositoryNotFoundError" in {k.__name__ for k in type(e).__mro__}:
+            raise _hub_error(name, repo, e) from None
+        files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
+        parts = choose(name + " (offline: the cached files)", files, tag)
+        return folder / parts[0] if parts else folder
+    parts = choose(name, files, tag)
+    try:
+        if parts:
+            return Path([huggingface_hub.hf_hub_download(repo, f) for f in parts][0])
+        return Path(huggingface_hub.snapshot_download(repo, allow_patterns=checkpoint_files(files)))
     except Exception as e:  # network, a gated repo without HF_TOKEN, a full disk: one line
-        raise _hub_error(name, e) from None
+        raise _hub_error(name, repo, e) from None
