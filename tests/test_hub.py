@@ -17,6 +17,8 @@ import pytest
 from spqt import hub
 from spqt.errors import SpqtError
 
+ROOT = Path(__file__).resolve().parents[1]
+
 BARTOWSKI = ["README.md", "Qwen2.5-0.5B-Instruct-IQ4_XS.gguf", "Qwen2.5-0.5B-Instruct-Q4_K_L.gguf",
              "Qwen2.5-0.5B-Instruct-Q4_K_M.gguf", "Qwen2.5-0.5B-Instruct-Q4_K_S.gguf", "Qwen2.5-0.5B-Instruct-Q8_0.gguf",
              "Qwen2.5-0.5B-Instruct-f16.gguf", "Qwen2.5-0.5B-Instruct-Q4_K.gguf"]
@@ -28,6 +30,8 @@ def test_names_parse():
         "bartowski/Qwen2.5-0.5B-Instruct-GGUF", "Q4_K_M")
     assert hub.parse("https://huggingface.co/org/m.v1:model.gguf") == ("org/m.v1", "model.gguf")
     assert hub.is_hub_name("hf:a/b") and not hub.is_hub_name("models/a.gguf") and not hub.is_hub_name(None)
+    assert hub.served_name("hf:o/tiny-model", ROOT) == "tiny-model"  # a checkpoint folder: the repo's name
+    assert hub.served_name("hf:o/r:Q8_0", Path(__file__)) == "test_hub"  # a file: its stem
     for bad in ("hf:only-a-name", "hf:a/b/c", "hf:a/b:", "hf.co/", "hf:a b/c"):
         with pytest.raises(SpqtError, match="hf:ORG/REPO"):
             hub.parse(bad)
