@@ -10,11 +10,11 @@ CASES = [("<think>\nplan a\nb\n</think>\n\nAnswer.", False, ("plan a\nb", "Answe
          ("no think here", False, (None, "no think here")),
          ("\n\nHello <think>x</think>", False, (None, "\n\nHello <think>x</think>")),
          ("\n\nHello <think>x</think>", True, ("Hello <think>x", "")),
-         ("<think>\n\ncut short\n", False, ("cut short", "")),
+         ("<think>\n\ncut short\n", False, ("cut short", "")), ("<think>\n\n", False, (None, "")),
          ("<thi", False, (None, "<thi")), ("   ", False, (None, "   ")),
-         ("<think></think>", False, ("", "")), ("<think>a</thin", False, ("a</thin", "")),
+         ("<think></think>", False, (None, "")), ("<think>a</thin", False, ("a</thin", "")),
          ("plan</think>\nA", True, ("plan", "A")), ("a\n\n</think>\n\n\nB\n", True, ("a", "B\n")),
-         ("<think>\n</think>", True, ("<think>", "")), ("", True, ("", "")), ("", False, (None, ""))]
+         ("<think>\n</think>", True, ("<think>", "")), ("", True, (None, "")), ("", False, (None, ""))]
 
 
 def test_split_reasoning():
@@ -37,6 +37,11 @@ def test_a_stream_splits_as_the_whole_does():
 
 def test_which_templates_and_prompts_think():
     assert reasoning_template("{{ '<think>' }}...{{ '</think>' }}") and not reasoning_template("{{ m.content }}")
+    assert reasoning_template("{% set content = content.split('</think>')[-1] %}")  # (R1's distills' first one)
     assert not reasoning_template(None)
     assert starts_thinking("<|im_start|>assistant\n<think>\n") and not starts_thinking("a<think>b</think>\n")
     assert not starts_thinking("plain")
+    # a tag in the last message is the user's words: only what the template wrote after it counts
+    asked = "What does <think> mean?"
+    assert not starts_thinking(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n", asked)
+    assert starts_thinking(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n<think>\n", asked)

@@ -576,6 +576,9 @@ def test_tokenize_and_detokenize(server, model_id, engine):
                               ("/tokenize", {"messages": CHAT, "add_generation_prompt": False},
                                "add_generation_prompt"),
                               ("/tokenize", {"content": "a", "add_special": True, "add_special_tokens": False}, None),
+                              ("/tokenize", {"content": "a", "chat_template_kwargs": {"x": 1}}, None),
+                              ("/tokenize", {"messages": CHAT, "chat_template_kwargs": {"tokenize": 1}},
+                               "chat_template_kwargs"),
                               ("/detokenize", {"tokens": [10**9]}, "tokens"), ("/detokenize", {"tokens": "a"}, "tokens")]:
         status, err = server.raw(path, json.dumps(body).encode())
         assert status == 400 and err["error"]["param"] == param, (path, body, err)
@@ -821,9 +824,11 @@ def test_reasoning_content_apart_from_the_answer(server, model_id, engine, monke
     monkeypatch.setattr(engine, "reasoning_format", "none")
     answer[0] = "<think>x</think>y"
     assert both() == (None, answer[0], "stop")
-    status, body = server.raw("/v1/chat/completions", json.dumps(
-        {**ask, "chat_template_kwargs": {"tools": []}}).encode())
-    assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
+    for kwargs, param in [({"tools": []}, "chat_template_kwargs"),
+                          ({"continue_final_message": True}, "chat_template_kwargs"),
+                          ({"enable_thinking": "no", "open_think": None, "messages_x": 1}, None)]:
+        status, body = server.raw("/v1/chat/completions", json.dumps({**ask, "chat_template_kwargs": kwargs}).encode())
+        assert status == (400 if param else 200) and (body["error"]["param"] == param if param else True), body
 
 
 def test_tool_choice_required_or_named_forces_calls(server, model_id, engine, monkeypatch):

@@ -148,3 +148,8 @@ def test_forced_calls_grammar_reads_back_as_the_calls(tiny_spqt):
         assert not accepts(anyone, one.replace("get_weather", "rm_rf"))
         assert not accepts(anyone, one.replace('"city"', '"town"')) and not accepts(anyone, "Sure. " + one)
         assert [c.name for c in parse_tool_calls(two, fmt, {"get_weather", "now"})[1]] == ["get_weather", "now"]
+    # parameters without "type": "object": the arguments an object still (parse_tool_calls reads no other)
+    loose = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "string"}}}}}]
+    g = forced_calls("hermes", loose, "", False, vocabulary)
+    assert accepts(g, '<tool_call>\n{"name": "f", "arguments": {"x": "a"}}\n</tool_call>')
+    assert not accepts(g, '<tool_call>\n{"name": "f", "arguments": "Oslo"}\n</tool_call>')

@@ -94,8 +94,9 @@ class TextTokenizer:
         try:
             text = self._hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
                                                 **(template_kwargs or {}))
-        except jinja2.TemplateError as e:
-            raise SpqtError(f"the model's chat template refused this conversation: {e}") from None
+        except (jinja2.TemplateError, TypeError, ValueError) as e:  # (the last two: template_kwargs it cannot take)
+            raise SpqtError(f"the model's chat template refused this conversation: {' '.join(str(e).split())}") \
+                from None
         return self.backend.encode(text, add_special_tokens=False).ids
 
     @property

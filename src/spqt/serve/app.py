@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -205,22 +205,27 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                  code="unsupported_value")
             tools = [t.model_dump(exclude_none=True) for t in req.tools] or None
             try:
-                ids = await asyncio.to_thread(tok.chat_messages, [m.template_message() for m in req.messages], tools)
+                ids = await asyncio.to_thread(tok.chat_messages, [m.template_message() for m in req.messages], tools,
+                                              req.chat_template_kwargs)
             except SpqtError as e:
                 raise p.ApiError(400, str(e), param="messages") from None
         else:
             ids = await asyncio.to_thread(tok.encode, req.content if req.content is not None else req.prompt,
                                           req.bos())
-        tokens = ids
-        if req.with_pieces:
-            tokens = []
-            for t in ids:
-                piece = tok.token_bytes(t)
-                try:
-                    tokens.append({"id": t, "piece": piece.decode("utf-8")})
-                except UnicodeDecodeError:
-                    tokens.append({"id": t, "piece": list(piece)})
-        return {"tokens": tokens, "count": len(ids), "max_model_len": info.ctx}
+
+        def body() -> bytes:  # (in a thread: a long prompt's pieces and JSON took seconds, which stalled every stream)
+            tokens = ids
+            if req.with_pieces:
+                tokens = []
+                for t in ids:
+                    piece = tok.token_bytes(t)
+                    try:
+                        tokens.append({"id": t, "piece": piece.decode("utf-8")})
+                    except UnicodeDecodeError:
+                        tokens.append({"id": t, "piece": list(piece)})
+            return json.dumps({"tokens": tokens, "count": len(ids), "max_model_len": info.ctx}).encode()
+
+        return Response(await asyncio.to_thread(body), media_type="application/json")
 
     @app.post("/detokenize", dependencies=[Depends(check_key)])
     async def detokenize(request: Request):
@@ -263,7 +268,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         # a reasoning model's <think> text as reasoning_content (spqt.serve.reasoning); thinking: from the answer's
         # start, where the template's prompt opened the block
         think = engine.reasoning and "grammar" not in shape
-        thinking = think and starts_thinking(engine.tokenizer.decode(prompt[-32:]))
+        last = req.messages[-1].text()
+        thinking = think and await asyncio.to_thread(lambda: starts_thinking(engine.tokenizer.decode(prompt), last))
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None

@@ -91,6 +91,18 @@ def _text_kind(what: str):
     return check
 
 
+def _free_template_names(cls, kwargs: dict) -> dict:
+    """A field validator of chat_template_kwargs: the names the server sets itself (or transformers takes for its own
+    use) are refused."""
+    taken = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize", "conversation",
+                                  "documents", "chat_template", "return_dict", "continue_final_message",
+                                  "return_assistant_tokens_mask", "tokenizer_kwargs", "raise_exception",
+                                  "strftime_now"})
+    if taken:
+        raise ValueError(f"{', '.join(taken)}: set by the server, not by chat_template_kwargs")
+    return kwargs
+
+
 def wrong_type(expected: str) -> PydanticCustomError:
     return PydanticCustomError("wrong_type", "expected {expected}", {"expected": expected})
 
@@ -394,14 +406,7 @@ class ChatCompletionRequest(SamplingFields):
     _not_this_model = field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")(
         _refused("not supported by this model (only null)"))
 
-    @field_validator("chat_template_kwargs")
-    @classmethod
-    def _free_names(cls, kwargs: dict) -> dict:
-        taken = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize", "conversation",
-                                      "documents", "chat_template", "return_dict"})
-        if taken:
-            raise ValueError(f"{', '.join(taken)}: set by the server, not by chat_template_kwargs")
-        return kwargs
+    _free_names = field_validator("chat_template_kwargs")(_free_template_names)
 
     @field_validator("modalities")
     @classmethod
@@ -662,6 +667,7 @@ class TokenizeRequest(RequestModel):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(None, min_length=1)
     tools: list[Tool] = Field(default_factory=list)
+    chat_template_kwargs: dict = Field(default_factory=dict)
     add_special: bool | None = None
     add_special_tokens: bool | None = None
     add_generation_prompt: bool = True
@@ -670,10 +676,14 @@ class TokenizeRequest(RequestModel):
     _generation_prompt = field_validator("add_generation_prompt")(_one_only("not supported (only true: the "
                                                                             "template's prompt for an answer)"))
 
+    _free_names = field_validator("chat_template_kwargs")(_free_template_names)
+
     @model_validator(mode="after")
     def _one_input(self):
         if sum(x is not None for x in (self.content, self.prompt, self.messages)) != 1:
             raise ValueError("give one of content, prompt or messages")
+        if self.messages is None and (self.tools or self.chat_template_kwargs):
+            raise ValueError("tools and chat_template_kwargs go with messages (the chat template)")
         if self.add_special is not None and self.add_special_tokens is not None and \
                 self.add_special != self.add_special_tokens:
             raise ValueError("add_special is add_special_tokens under llama.cpp's name: give one, or both equal")

@@ -13,16 +13,20 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
 def reasoning_template(template: str | None) -> bool:
-    return bool(template) and THINK_OPEN in template and THINK_CLOSE in template
+    """Whether a chat template writes (or, as DeepSeek-R1's distills' first one, strips) think blocks."""
+    return bool(template) and THINK_CLOSE in template
 
 
-def starts_thinking(prompt_text: str) -> bool:
-    """Whether a rendered prompt ends inside an open think block (its answer then thinks from the start)."""
-    return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
+def starts_thinking(prompt_text: str, last_message: str = "") -> bool:
+    """Whether a rendered prompt ends inside an open think block (its answer then thinks from the start): the text
+    after the last message's (its own tags are the user's words, not the template's)."""
+    at = prompt_text.rfind(last_message) if last_message else -1
+    tail = prompt_text[at + len(last_message):] if at >= 0 else prompt_text
+    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
-    """An answer -> (its reasoning, None where it has none; its content)."""
+    """An answer -> (its reasoning, None where it has none or an empty one, as a stream sends none; its content)."""
     if not thinking:
         start = text.lstrip()
         if not start.startswith(THINK_OPEN):
@@ -30,8 +34,8 @@ def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
         text = start[len(THINK_OPEN):]
     end = text.find(THINK_CLOSE)
     if end < 0:
-        return text.strip("\n"), ""
-    return text[:end].strip("\n"), text[end + len(THINK_CLOSE):].lstrip()
+        return text.strip("\n") or None, ""
+    return text[:end].strip("\n") or None, text[end + len(THINK_CLOSE):].lstrip()
 
 
 class ReasoningStream:

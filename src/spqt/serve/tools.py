@@ -21,6 +21,7 @@ import secrets
 from dataclasses import dataclass
 
 from spqt import grammar
+from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -76,7 +77,7 @@ def _call(obj, keys: tuple[str, ...], offered: set[str] | None) -> ToolCall | No
 
 def _thinking(text: str) -> list[tuple[int, int]]:
     """The spans of <think>...</think> (an unclosed one to the end), where a reasoning model only talks of calls."""
-    return [(m.start(), m.end()) for m in re.finditer(r"<think>.*?(?:</think>|$)", text, re.S)]
+    return [(m.start(), m.end()) for m in re.finditer(f"{THINK_OPEN}.*?(?:{THINK_CLOSE}|$)", text, re.S)]
 
 
 def parse_tool_calls(text: str, fmt: str, offered: set[str] | None = None) -> tuple[str, list[ToolCall]]:
@@ -125,9 +126,10 @@ def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabul
     {"name", "parameters"}, calls joined by ";"."""
     key = "arguments" if fmt == "hermes" else "parameters"
     specs = [t["function"] for t in tools if not name or t["function"]["name"] == name]
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: f.get("parameters") or
-                                                {"type": "object"}},
-              "required": ["name", key], "additionalProperties": False} for f in specs]
+    # (the arguments an object whatever the parameters say: parse_tool_calls takes no other)
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: {"allOf": [
+        f.get("parameters") or {}, {"type": "object"}]}}, "required": ["name", key], "additionalProperties": False}
+        for f in specs]
     call = f"%json {json.dumps(calls[0] if len(calls) == 1 else {'anyOf': calls})}"
     if fmt == "hermes":
         call = f"{vocabulary.literal(HERMES_OPEN)} \"\\n\" {call} \"\\n\" {vocabulary.literal(HERMES_CLOSE)}"
