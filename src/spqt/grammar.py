@@ -100,6 +100,7 @@ def _checked(source: str, vocabulary: Vocabulary, what: str) -> Grammar:
     if error:
         raise SpqtError(f"{what} is not valid: {_message(error)}")
     start = llguidance.LLMatcher(vocabulary.lltokenizer, source, log_level=0)
+    # (its first mask: no token allowed, or the computing of it put the matcher in error)
     if start.is_error() or not any(start.compute_bitmask()) or start.is_error():
         raise SpqtError(f"{what} admits no text" + (f": {_message(start.get_error())}" if start.is_error() else ""))
     return Grammar(start, vocabulary, what)

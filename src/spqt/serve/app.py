@@ -304,22 +304,22 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                         reasoning = ReasoningStream(thinking) if think else None
                         held, pending = ToolTextStream(fmt, offered) if fmt else None, []
                         continue
-                    last, pending = result is not None, pending + (tokens or [])
-                    thought, content = ("", "" if last else piece) if reasoning is None else \
-                        reasoning.finish() if last else reasoning.feed(piece)
+                    ending, pending = result is not None, pending + (tokens or [])
+                    thought, content = ("", "" if ending else piece) if reasoning is None else \
+                        reasoning.finish() if ending else reasoning.feed(piece)
                     if thought:
                         yield chunk({"reasoning_content": thought}, j, tokens=pending)
                         pending = []
                     calls = []
                     if held:
                         content = held.feed(content) if content else ""
-                        if last:
+                        if ending:
                             rest, calls = held.finish()
                             content += rest
-                    if content or (pending and (last or not (held or reasoning))):
+                    if content or (pending and (ending or not (held or reasoning))):
                         yield chunk({"content": content}, j, tokens=pending)
                         pending = []
-                    if last:
+                    if ending:
                         finish = result.finish_reason
                         if calls:
                             yield chunk({"tool_calls": wire_calls(calls, streamed=True)}, j)
@@ -351,7 +351,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if req.max_tokens == 0 and not req.echo:
             raise p.ApiError(400, "max_tokens 0 asks for nothing without echo: true (the prompt's logprobs alone).",
                              param="max_tokens", code="invalid_value")
-        jobs, shape = [], shaping(req) | await structured(req)  # prompt i's choice j at index i * n + j, as OpenAI orders them
+        # prompt i's choice j at index i * n + j, as OpenAI orders them
+        jobs, shape = [], shaping(req) | await structured(req)
         for i, prompt in enumerate(req.prompt):  # every prompt checked before any runs
             ids, text, added = await asyncio.to_thread(read_prompt, prompt, i, req.echo)  # (a long one: as chat's)
             jobs += [make_job(request, req, shape, ids, text, added, choice=j) for j in range(req.n)]

@@ -3,15 +3,16 @@
 
 Requests are checked as OpenAI checks them: JSON types strictly (a boolean is true or false, an integer a
 JSON integer; a number may be either), null meaning the default. What this server cannot honour (best_of > 1,
-suffix, functions (tools' older form), structured output beside tools, audio, web search, reasoning effort, and the sampling fields of other servers that clients pass
-as extra fields, such as typical_p) is refused rather than ignored. The penalties (OpenAI's frequency and presence,
-vLLM's repetition_penalty or llama.cpp's repeat_penalty), logit_bias and min_p shape the logits before the choice as
-spqt.sampling says; logprobs stay the model's own. Structured output (response_format json_object or json_schema on
-either endpoint; llama.cpp's json_schema and grammar, vLLM's guided_json, guided_regex, guided_choice,
-guided_grammar and structured_outputs) keeps every answer within its grammar (spqt.grammar). Tools go to the model's
-chat template and its calls come back as tool_calls (spqt.serve.tools); tool_choice 'required' or a named function
-forces the answer to be calls (of that function), their arguments kept to its parameters' schema by a grammar. Other fields are ignored, as
-OpenAI-compatible servers do.
+suffix, functions (tools' older form), structured output beside tools, audio, web search, reasoning effort, and the
+sampling fields of other servers that clients pass as extra fields, such as typical_p) is refused rather than
+ignored. The penalties (OpenAI's frequency and presence, vLLM's repetition_penalty or llama.cpp's repeat_penalty),
+logit_bias and min_p shape the logits before the choice as spqt.sampling says; logprobs stay the model's own.
+Structured output (response_format json_object or json_schema on either endpoint; llama.cpp's json_schema and
+grammar, vLLM's guided_json, guided_regex, guided_choice, guided_grammar and structured_outputs) keeps every answer
+within its grammar (spqt.grammar). Tools go to the model's chat template and its calls come back as tool_calls
+(spqt.serve.tools); tool_choice 'required' or a named function forces the answer to be calls (of that function),
+their arguments kept to its parameters' schema by a grammar. Other fields are ignored, as OpenAI-compatible servers
+do.
 
 Logprobs (chat's logprobs / top_logprobs, the completions' logprobs): each answer token's log-probability and the
 most likely tokens at its step, from the model's own distribution (spqt.serve.logprobs); with the completions' echo

@@ -1,5 +1,5 @@
-"""A reasoning model's thinking apart from its answer: `<think>...</think>` (Qwen3, QwQ, DeepSeek-R1's distills, SmolLM3)
-as the message's reasoning_content, the rest as its content, as vLLM's reasoning parsers and llama.cpp's server
+"""A reasoning model's thinking apart from its answer: `<think>...</think>` (Qwen3, QwQ, DeepSeek-R1's distills,
+SmolLM3) as the message's reasoning_content, the rest as its content, as vLLM's reasoning parsers and llama.cpp's server
 (--reasoning-format deepseek) give them.
 
 It applies where the model's chat template writes think tags (reasoning_template). The answer is thinking from its
