@@ -554,6 +554,43 @@ def test_penalties_and_logit_bias_are_the_generators(server, model_id, engine, l
                                      logit_bias={str(forced): -100}).choices[0].text != r.text
 
 
+def metric(text: str, name: str) -> float:
+    """A sample's value in Prometheus' text format (0 where the sample is not there yet)."""
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+    return float(found[1]) if found else 0.0
+
+
+def test_metrics_count_the_jobs(server, model_id):
+    """/metrics: each finished job counted by its finish reason, its prompt, cached and generated tokens as the usage
+    says, its seconds observed once; the queue's gauges and the model's info; the key required."""
+    def scrape() -> str:
+        req = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert r.headers.get_content_type() == "text/plain"
+            return r.read().decode()
+
+    names = ['spqt_requests_total{finish_reason="length"}', 'spqt_requests_total{finish_reason="stop"}',
+             "spqt_prompt_tokens_total", "spqt_prompt_tokens_cached_total", "spqt_generation_tokens_total",
+             "spqt_request_duration_seconds_count", "spqt_time_per_output_token_seconds_count"]
+    before = scrape()
+    client = server.client()
+    usage = [client.completions.create(model=model_id, prompt=PROMPT, max_tokens=5, temperature=0, n=2).usage,
+             client.chat.completions.create(model=model_id, messages=CHAT, max_tokens=200, temperature=0).usage]
+    after = scrape()
+    delta = {n: metric(after, n) - metric(before, n) for n in names}
+    assert delta['spqt_requests_total{finish_reason="length"}'] == 2  # (the two choices of max_tokens 5)
+    assert delta['spqt_requests_total{finish_reason="stop"}'] == 1  # (the chat answer ends by itself)
+    # (usage counts a request's prompt once, the metrics each job's: the completions' two choices twice)
+    assert delta["spqt_prompt_tokens_total"] == 2 * usage[0].prompt_tokens + usage[1].prompt_tokens
+    assert delta["spqt_generation_tokens_total"] == sum(u.completion_tokens for u in usage)
+    assert delta["spqt_prompt_tokens_cached_total"] >= sum(
+        (u.prompt_tokens_details.cached_tokens or 0) if u.prompt_tokens_details else 0 for u in usage)
+    assert delta["spqt_request_duration_seconds_count"] == 3 == delta["spqt_time_per_output_token_seconds_count"]
+    assert "spqt_requests_waiting 0.0" in after and "spqt_requests_running 0.0" in after
+    assert f'spqt_model_info{{ctx="{CTX}",device="cpu",model="{model_id}",sparsity="0"}} 1.0' in after
+    assert server.raw("/metrics", key="wrong")[0] == 401
+
+
 def test_tokenize_and_detokenize(server, model_id, engine):
     """/tokenize as llama.cpp's server (content, with_pieces) and vLLM's (prompt, messages) answer it, /detokenize
     back to the text; the refusals name their field."""

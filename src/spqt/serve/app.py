@@ -28,6 +28,7 @@ from spqt.generate import GenerationResult, Sampling
 from spqt.serve import protocol as p
 from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
+from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
 from spqt.serve.reasoning import ReasoningStream, split_reasoning, starts_thinking
 from spqt.serve.tools import ToolTextStream, forced_calls, parse_tool_calls, tool_format
@@ -47,6 +48,8 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
                            allow_headers=["Authorization", "Content-Type"])
     info = engine.info
+    metrics = ServeMetrics(info, scheduler.stats)
+    engine.on_finish = metrics.finished
 
     def error_response(request: Request, err: p.ApiError, headers: dict | None = None) -> JSONResponse:
         log.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code or err.type, err.message)
@@ -181,6 +184,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         return {"status": "ok", "model": info.model_id, "device": info.device, "sparsity": info.sparsity,
                 "mode": info.mode, "criterion": info.criterion, "ctx": info.ctx, "prompt_cache": engine.prompt_cache,
                 **scheduler.stats()}
+
+    @app.get("/metrics", dependencies=[Depends(check_key)])
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
