@@ -179,6 +179,15 @@ def test_a_double_slash_sends_a_message_that_starts_with_a_slash(tiny_spqt, mode
     assert chat(monkeypatch, capsys, tiny_spqt, b"//usr\n", "--quiet") == (0, want + "\n", "")
 
 
+def test_a_message_of_several_lines(tiny_spqt, model, monkeypatch, capsys):
+    """\"\"\" begins a message of several lines and a line ending with \"\"\" ends it (one turn, the lines joined by
+    line ends); \"\"\"x\"\"\" on one line is the message x."""
+    _, want, _ = fresh(model, ["hi\nthe quick fox"])
+    _, one, _ = fresh(model, ["hi\nthe quick fox", want, "x"])
+    lines = b'"""hi\nthe quick fox\n"""\n"""x"""\n'
+    assert chat(monkeypatch, capsys, tiny_spqt, lines, "--quiet") == (0, want + "\n" + one + "\n", "")
+
+
 def test_quiet_leaves_stderr_empty(tiny_spqt, model, monkeypatch, capsys):
     """--quiet: no model line, no figures; the answers on stdout as without it."""
     _, hi, _ = fresh(model, ["hi"])

@@ -37,7 +37,24 @@ HELP = """\
 /system TEXT    set the system message and clear the conversation (/system alone: the template's default)
 /help           this list
 //TEXT          sends /TEXT as the message (a message that starts with /)
+\"\"\"             begins a message of several lines, which a line ending with \"\"\" ends (as ollama reads them)
 Ctrl-C          stops an answer (a second one ends spqt); at the prompt it ends the chat"""
+
+
+MANY_LINES = '"""'
+
+
+def read_lines(first: str, read) -> str:
+    """A message of several lines: first (a line that begins with \"\"\") and the lines read() gives up to one that
+    ends with \"\"\" (the first line too, where it does), without the quotes; at the end of the input, what came."""
+    lines, line = [], first[len(MANY_LINES):]
+    while not line.rstrip().endswith(MANY_LINES):
+        lines.append(line)
+        line = read()
+        if line is None:
+            return "\n".join(lines).strip()
+    lines.append(line.rstrip()[:-len(MANY_LINES)])
+    return "\n".join(lines).strip()
 
 
 @dataclass
@@ -250,7 +267,18 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
         text = line.strip()
         if not text:
             continue
-        if text.startswith("//"):
+        if text.startswith(MANY_LINES):
+            try:
+                text = read_lines(text, read)
+            except KeyboardInterrupt:
+                say("")
+                return 0
+            except SpqtError as e:
+                say(f"spqt: error: {e}")
+                continue
+            if not text:
+                continue
+        elif text.startswith("//"):
             text = text[1:]
         elif text.startswith("/"):
             command, _, rest = text.partition(" ")
