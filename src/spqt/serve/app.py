@@ -49,7 +49,6 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                            allow_headers=["Authorization", "Content-Type"])
     info = engine.info
     metrics = ServeMetrics(info, scheduler.stats)
-    engine.on_finish = metrics.finished
 
     def error_response(request: Request, err: p.ApiError, headers: dict | None = None) -> JSONResponse:
         log.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code or err.type, err.message)
@@ -165,7 +164,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             raise p.ApiError(400, str(e), code="invalid_value") from None
         return Job(prompt=prompt, max_tokens=room if req.max_tokens is None else req.max_tokens, sampling=sampling,
                    stops=req.stop, label=f"{request.method} {request.url.path}", loop=asyncio.get_running_loop(),
-                   logprobs=req.top_tokens(), echo=echo, prompt_added=added)
+                   logprobs=req.top_tokens(), echo=echo, prompt_added=added, on_finish=metrics.finished)
 
     def read_prompt(prompt: str | list[int], index: int, echo: bool) -> tuple[list[int], str | None, int]:
         """A completions prompt -> (token ids, its text where echo asks for it, how many leading ids the server put

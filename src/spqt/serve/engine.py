@@ -117,7 +117,6 @@ class Engine:
         self.stop_ids = self.tokenizer.stop_ids
         self.prompt_cache = True if prompt_cache is None else prompt_cache
         self.scored: tuple[tuple[int, ...], PromptScores] | None = None  # the last prompt scored whole, its scores
-        self.on_finish = None  # (result, seconds in the engine, cancelled) of each job: the app's metrics
         # Achieved-sparsity counting adds small kernels to every linear map: on the CPU only, where it
         # costs little, so GPU timings in the log are the plain decode; not where every map runs dense
         dense_step = self.generator.dense_step_reason()
@@ -236,8 +235,8 @@ class Engine:
         figures = (f"prompt {result.prompt_tokens}{cached} + completion {n} tokens in {seconds:.2f} s{echo}, "
                    f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
                    f"{self.sparsity_label()}{achieved}")
-        if self.on_finish:
-            self.on_finish(result, seconds, job.cancelled.is_set())
+        if job.on_finish:
+            job.on_finish(result, seconds, job.cancelled.is_set())
         if job.cancelled.is_set():
             log.info("%s cancelled (%s) after %s", job.label, job.cancel_reason, figures)
             job.emit("cancelled")

@@ -37,6 +37,7 @@ class Job:
     logprobs: int | None = None
     echo: str | None = None
     prompt_added: int = 0
+    on_finish: Any = None  # (result, seconds in the engine, cancelled) once it ends: its app's metrics
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
