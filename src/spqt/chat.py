@@ -256,6 +256,10 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
     while True:
         try:
             line = read()
+            text = line.strip() if line is not None else ""
+            many = text.startswith(MANY_LINES)  # (a message of several lines: no command)
+            if many:
+                text = read_lines(text, read)
         except KeyboardInterrupt:  # at the prompt: the chat ends, as at the end of the input
             say("")
             return 0
@@ -264,23 +268,11 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
             continue
         if line is None:
             return 0
-        text = line.strip()
         if not text:
             continue
-        if text.startswith(MANY_LINES):
-            try:
-                text = read_lines(text, read)
-            except KeyboardInterrupt:
-                say("")
-                return 0
-            except SpqtError as e:
-                say(f"spqt: error: {e}")
-                continue
-            if not text:
-                continue
-        elif text.startswith("//"):
+        if not many and text.startswith("//"):
             text = text[1:]
-        elif text.startswith("/"):
+        elif not many and text.startswith("/"):
             command, _, rest = text.partition(" ")
             if command in ("/exit", "/quit"):
                 return 0

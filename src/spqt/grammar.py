@@ -96,12 +96,11 @@ def _checked(source: str, vocabulary: Vocabulary, what: str) -> Grammar:
     even the empty one) starts it."""
     import llguidance
 
-    error = llguidance.LLMatcher.validate_grammar(source, vocabulary.lltokenizer)
-    if error:
-        raise SpqtError(f"{what} is not valid: {_message(error)}")
-    start = llguidance.LLMatcher(vocabulary.lltokenizer, source, log_level=0)
+    start = llguidance.LLMatcher(vocabulary.lltokenizer, source, log_level=0)  # (compiles it once: no validate pass)
+    if start.is_error():
+        raise SpqtError(f"{what} is not valid: {_message(start.get_error())}")
     # (its first mask: no token allowed, or the computing of it put the matcher in error)
-    if start.is_error() or not any(start.compute_bitmask()) or start.is_error():
+    if not any(start.compute_bitmask()) or start.is_error():
         raise SpqtError(f"{what} admits no text" + (f": {_message(start.get_error())}" if start.is_error() else ""))
     return Grammar(start, vocabulary, what)
 

@@ -99,11 +99,15 @@ def served_name(name: str, path: str | Path) -> str:
     return Path(path).stem if Path(path).is_file() else parse(name)[0].split("/")[1]
 
 
+def _is(e: Exception, kind: str) -> bool:
+    """Whether e is huggingface_hub's error of that class name (or a subclass's), without importing its errors."""
+    return kind in {k.__name__ for k in type(e).__mro__}
+
+
 def _hub_error(name: str, repo: str, e: Exception) -> SpqtError:
-    kinds = {k.__name__ for k in type(e).__mro__}
-    if "GatedRepoError" in kinds:
+    if _is(e, "GatedRepoError"):
         return SpqtError(f"{name} is gated: accept its terms at https://huggingface.co/{repo} and set HF_TOKEN")
-    if "RepositoryNotFoundError" in kinds:
+    if _is(e, "RepositoryNotFoundError"):
         return SpqtError(f"{name}: no such repo on the Hugging Face Hub (or a private one: set HF_TOKEN)")
     text = " ".join(str(e).split())
     return SpqtError(f"cannot get {name} from the Hugging Face Hub: {type(e).__name__}: {text[:300]}")
@@ -144,7 +148,7 @@ def _resolve(name: str) -> Path:
         files = huggingface_hub.list_repo_files(repo)
     except Exception as e:  # offline or unreachable: the cache may hold it
         folder = _cached(repo)
-        if folder is None or "RepositoryNotFoundError" in {k.__name__ for k in type(e).__mro__}:
+        if folder is None or _is(e, "RepositoryNotFoundError"):
             raise _hub_error(name, repo, e) from None
         files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
         parts = choose(name + " (offline: the cached files)", files, tag)

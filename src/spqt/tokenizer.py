@@ -78,6 +78,11 @@ class TextTokenizer:
 
     def chat_messages(self, messages: list[dict], tools: list[dict] | None = None,
                       template_kwargs: dict | None = None) -> list[int]:
+        """The token ids of render_chat's text."""
+        return self.encode(self.render_chat(messages, tools, template_kwargs), add_bos=False)
+
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
+                    template_kwargs: dict | None = None) -> str:
         """The model's chat template around a conversation ([{"role": ..., "content": str}, ...]; tool calls and
         results as transformers' templates take them), ready for the assistant's answer; tools: OpenAI's function
         specs, passed to the template; template_kwargs: more variables for it (Qwen3's enable_thinking). SpqtError
@@ -97,7 +102,7 @@ class TextTokenizer:
         except (jinja2.TemplateError, TypeError, ValueError) as e:  # (the last two: template_kwargs it cannot take)
             raise SpqtError(f"the model's chat template refused this conversation: {' '.join(str(e).split())}") \
                 from None
-        return self.backend.encode(text, add_special_tokens=False).ids
+        return text
 
     @property
     def stop_ids(self) -> set[int]:

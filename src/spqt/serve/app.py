@@ -117,6 +117,22 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         return p.ApiError(404, f"The model '{name}' does not exist; this server serves '{info.model_id}'.",
                           param="model", code="model_not_found")
 
+    def outside_vocabulary(ids: list[int]) -> int | None:
+        """The first token id outside the model's vocabulary, None where every one is in it."""
+        return next((t for t in ids if not 0 <= t < engine.tokenizer.config.vocab_size), None)
+
+    async def rendered(messages: list[p.ChatMessage], tools: list[dict] | None, template_kwargs: dict) -> tuple:
+        """(the chat template's text of a conversation, its token ids), in a thread (a 4 MiB prompt's 3-6 s of
+        tokenizing on the 2-core CPU stalled every stream on the event loop); a 400 where the template refuses it
+        (its raise_exception, among others)."""
+        def render() -> tuple[str, list[int]]:
+            text = engine.tokenizer.render_chat([m.template_message() for m in messages], tools, template_kwargs)
+            return text, engine.tokenizer.encode(text, add_bos=False)
+        try:
+            return await asyncio.to_thread(render)
+        except SpqtError as e:
+            raise p.ApiError(400, str(e), param="messages") from None
+
     def shaping(req: p.SamplingFields) -> dict:
         """The request's logit shaping (Sampling's fields), its logit_bias tokens checked against the vocabulary."""
         vocab, shape = engine.generator.loaded.config.vocab_size, req.shaping()
@@ -171,10 +187,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         before the text): a string encoded (a BOS first where the model adds one), token ids checked (and decoded)."""
         if isinstance(prompt, str):
             return engine.tokenizer.encode(prompt), prompt if echo else None, len(engine.tokenizer.bos_prefix)
-        vocab = engine.tokenizer.config.vocab_size
-        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        bad = outside_vocabulary(prompt)
         if bad is not None:
-            raise p.ApiError(400, f"prompt[{index}]: token id {bad} is outside the model's vocabulary of {vocab}.",
+            raise p.ApiError(400, f"prompt[{index}]: token id {bad} is outside the model's vocabulary of "
+                             f"{engine.tokenizer.config.vocab_size}.",
                              param="prompt", code="invalid_value")
         return prompt, engine.tokenizer.decode(prompt) if echo else None, 0
 
@@ -210,11 +226,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                 raise p.ApiError(400, "This model has no chat template, so it takes no messages.", param="messages",
                                  code="unsupported_value")
             tools = [t.model_dump(exclude_none=True) for t in req.tools] or None
-            try:
-                ids = await asyncio.to_thread(tok.chat_messages, [m.template_message() for m in req.messages], tools,
-                                              req.chat_template_kwargs)
-            except SpqtError as e:
-                raise p.ApiError(400, str(e), param="messages") from None
+            _, ids = await rendered(req.messages, tools, req.chat_template_kwargs)
         else:
             ids = await asyncio.to_thread(tok.encode, req.content if req.content is not None else req.prompt,
                                           req.bos())
@@ -237,11 +249,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     async def detokenize(request: Request):
         """Token ids -> their text, as content (llama.cpp's name) and prompt (vLLM's)."""
         req = await parse(request, p.DetokenizeRequest)
-        vocab = engine.tokenizer.config.vocab_size
-        bad = next((t for t in req.tokens if not 0 <= t < vocab), None)
+        bad = outside_vocabulary(req.tokens)
         if bad is not None:
-            raise p.ApiError(400, f"token id {bad} is outside the model's vocabulary of {vocab}.", param="tokens",
-                             code="invalid_value")
+            raise p.ApiError(400, f"token id {bad} is outside the model's vocabulary of "
+                             f"{engine.tokenizer.config.vocab_size}.", param="tokens", code="invalid_value")
         text = engine.tokenizer.decode(req.tokens)
         return {"content": text, "prompt": text}
 
@@ -264,18 +275,13 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                                            engine.vocabulary)
             except SpqtError as e:  # (a parameters schema the grammar compiler refuses)
                 raise p.ApiError(400, f"tools: {e}.", param="tools", code="invalid_value") from None
-        try:  # in a thread: a 4 MiB prompt's 3-6 s of tokenizing (2-core CPU) stalled every stream on the event loop
-            prompt = await asyncio.to_thread(engine.tokenizer.chat_messages, req.conversation(), tools,
-                                             req.chat_template_kwargs)
-        except SpqtError as e:  # (the template refused the conversation, its raise_exception, among others)
-            raise p.ApiError(400, str(e), param="messages") from None
+        prompt_text, prompt = await rendered(req.messages, tools, req.chat_template_kwargs)
         jobs = [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
         # a reasoning model's <think> text as reasoning_content (spqt.serve.reasoning); thinking: from the answer's
         # start, where the template's prompt opened the block
         think = engine.reasoning and "grammar" not in shape
-        last = req.messages[-1].text()
-        thinking = think and await asyncio.to_thread(lambda: starts_thinking(engine.tokenizer.decode(prompt), last))
+        thinking = think and starts_thinking(prompt_text, req.messages[-1].text())
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
@@ -340,13 +346,11 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         for j, job in enumerate(jobs):
             text, tokens, result = await collect(request, job)
             thought, text = split_reasoning(text, thinking) if think else (None, text)
-            message, finish = p.AssistantMessage(content=text, reasoning_content=thought), result.finish_reason
             content, calls = parse_tool_calls(text, fmt, offered) if fmt else (text, [])
-            if calls:
-                message = p.AssistantMessage(content=content or None, tool_calls=wire_calls(calls, streamed=False),
-                                             reasoning_content=thought)
-                finish = call_finish(result, calls)
-            choices.append(p.ChatChoice(index=j, message=message, finish_reason=finish, logprobs=logprobs(tokens)))
+            message = p.AssistantMessage(content=(content or None) if calls else text, reasoning_content=thought,
+                                         tool_calls=wire_calls(calls, streamed=False) if calls else None)
+            choices.append(p.ChatChoice(index=j, message=message, finish_reason=call_finish(result, calls),
+                                        logprobs=logprobs(tokens)))
             results.append(result)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,
                                 usage=p.usage(results, req.n))

@@ -475,10 +475,6 @@ class ChatCompletionRequest(SamplingFields):
         """How many most likely tokens each answer token's logprobs list (None: no logprobs asked)."""
         return self.top_logprobs if self.logprobs else None
 
-    def conversation(self) -> list[dict]:
-        """Messages for the chat template (ChatMessage.template_message)."""
-        return [m.template_message() for m in self.messages]
-
 
 class CompletionRequest(SamplingFields):
     """prompt: a string, an array of token ids, or an array of several of either (a batch: a choice each, run one

@@ -9,6 +9,8 @@ answer: starts_thinking), else where the answer itself opens one first. Thinking
 its text but for the line ends around it (a stream holds line ends back until it sees what follows them).
 """
 
+from spqt.serve.text import tail_starting
+
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
@@ -67,7 +69,7 @@ class ReasoningStream:
                     reasoning += self.held[:end].rstrip("\n")
                     self.held, self.state = self.held[end + len(THINK_CLOSE):], "content"
                     continue
-                body = self.held[:len(self.held) - _tag_tail(self.held, THINK_CLOSE)]
+                body = self.held[:len(self.held) - tail_starting(self.held, THINK_CLOSE)]
                 sent = body.rstrip("\n")  # (line ends held: they may end the reasoning)
                 reasoning += sent
                 self.held = self.held[len(sent):]
@@ -94,8 +96,3 @@ class ReasoningStream:
         if self.state == "reasoning":
             return self._reasoning(rest.rstrip("\n")), ""
         return "", rest if self.content_began or self.state != "content" else rest.lstrip()
-
-
-def _tag_tail(text: str, tag: str) -> int:
-    """How many of text's last characters may begin tag."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)

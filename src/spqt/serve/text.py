@@ -19,6 +19,12 @@ INCOMPLETE = "\ufffd"  # what a byte-level decoder yields for a multi-byte chara
 CONTEXT_TOKENS = 4  # the prompt's last tokens an answer's text is decoded after (TextStream's context)
 
 
+def tail_starting(text: str, tag: str) -> int:
+    """Length of the longest end of text that is a proper start of tag (what a stream holds back until the next piece
+    shows whether the tag follows)."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if text.endswith(tag[:k])), 0)
+
+
 class TextStream:
     def __init__(self, decode: Callable[[list[int]], str], stops: list[str] = (), context: list[int] = ()):
         """context: the tokens before the first one fed (a prompt's last few), decoded with it but not part of the
@@ -84,13 +90,7 @@ class TextStream:
 
     def _held(self, pending: str) -> int:
         """Length of the longest end of pending that is a proper start of a stop string."""
-        longest = 0
-        for s in self.stops:
-            for k in range(min(len(s) - 1, len(pending)), longest, -1):
-                if pending.endswith(s[:k]):
-                    longest = k
-                    break
-        return longest
+        return max((tail_starting(pending, s) for s in self.stops), default=0)
 
     def _take(self, n: int) -> str:
         piece = self.text[self.sent:self.sent + n]

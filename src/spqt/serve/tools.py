@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from spqt import grammar
 from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN
+from spqt.serve.text import tail_starting
 
 HERMES_OPEN, HERMES_CLOSE = "<tool_call>", "</tool_call>"
 PYTHON_TAG = "<|python_tag|>"
@@ -173,9 +174,7 @@ class ToolTextStream:
             if at >= 0:
                 self.plain = False
                 return self._release(at)
-            keep = next((n for n in range(min(len(HERMES_OPEN) - 1, len(self.held)), 0, -1)
-                         if HERMES_OPEN.startswith(self.held[-n:])), 0)
-            return self._release(len(self.held) - keep)
+            return self._release(len(self.held) - tail_starting(self.held, HERMES_OPEN))
         if self.plain is None:  # (nothing sent yet)
             start = self.held.lstrip()
             if not start or (PYTHON_TAG.startswith(start) and start != PYTHON_TAG):
