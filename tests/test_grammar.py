@@ -226,3 +226,106 @@ def test_a_special_tokens_text_in_a_grammar_is_spelled_out(tiny, rng):
     answer = Generator(loaded, "cpu", max_len=64).generate(tok.encode("the"), 20, Sampling(grammar=g),
                                                            stop_ids=set(vocabulary.end_ids))
     assert answer.finish_reason == "stop" and tok.decode(answer.tokens[:-1]) in ("x</s>y", "x</s>z")
+
+
+def thinking_vocabulary(tiny) -> tuple:
+    """tiny's tokenizer with <think> and </think> added as tokens of their own, not special (as Qwen3's), and its
+    Vocabulary two ids larger: (tokenizer, vocabulary, open id, close id)."""
+    import dataclasses
+
+    from tokenizers import AddedToken, Tokenizer
+
+    from spqt.tokenizer import TextTokenizer
+
+    loaded, tok, vocabulary = tiny
+    backend = Tokenizer.from_str(tok.backend.to_str())
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("<think>", "</think>")])
+    thinking = TextTokenizer(dataclasses.replace(tok.spec, tokenizer_json=backend.to_str()), loaded.config)
+    size = backend.get_vocab_size(with_added_tokens=True)
+    v = grammar.Vocabulary(thinking, size, set(vocabulary.end_ids))
+    return thinking, v, v.added_token("<think>"), v.added_token("</think>")
+
+
+def test_a_grammar_after_thinking(tiny, rng):
+    """grammar_after_thinking: where the prompt opened a think block every token is allowed (no mask) until
+    </think>, then the grammar's mask; where the template closed the block, the grammar itself; else the first mask is
+    the grammar's and <think>, which opens the block, while any other token starts the grammar. Walks whose wanted
+    tokens the mask refuses end in the grammar's language; without the tags as tokens there is no gate."""
+    import dataclasses
+
+    from spqt.sampling import LogitShaper
+    from spqt.serve.reasoning import chat_grammar, grammar_after_thinking
+
+    thinking_tok, v, open_id, close_id = thinking_vocabulary(tiny)
+    words = ["red", "green blue"]
+    g = grammar.choice(words, v)
+    assert grammar_after_thinking(g, tiny[2], "<think>\n") is None  # (tiny's own vocabulary: no such tokens)
+    assert grammar_after_thinking(g, v, "x<think>\n\n</think>\n\n") is g
+    opened = grammar_after_thinking(g, v, "asked <think>?", "asked <think>?")  # (the user's tag, not the template's)
+    assert isinstance(opened, grammar.AfterThinking) and not opened.thinking
+
+    def walk(gate, wanted: list[int]) -> tuple[list[int], list[bool]]:
+        """Greedy over random logits with each wanted token on top (where the mask leaves it), to an end token:
+        the tokens and whether each step was masked."""
+        shaper, tokens, masked = LogitShaper(Sampling(grammar=gate), [], v.vocab, "cpu"), [], []
+        for i in range(40):
+            logits = torch.from_numpy(rng.standard_normal((1, v.vocab)).astype("float32"))
+            if i < len(wanted):
+                logits[0, wanted[i]] += 50.0
+            shaped = shaper(logits)
+            masked.append(bool(torch.isinf(shaped).any()))
+            if not masked[-1]:
+                assert torch.equal(shaped, logits)
+            tokens.append(int(shaped.argmax()))
+            if tokens[-1] in v.end_ids:
+                return tokens, masked
+            shaper.add(tokens[-1])
+        raise AssertionError(f"no end in 40 steps: {tokens}")
+
+    plan, purple = thinking_tok.encode("plan it", add_bos=False), thinking_tok.encode("purple", add_bos=False)
+    tokens, masked = walk(grammar_after_thinking(g, v, "q\n<think>\n"), plan + [close_id] + purple)
+    assert tokens[:len(plan) + 1] == plan + [close_id] and not any(masked[:len(plan) + 1])
+    assert all(masked[len(plan) + 1:]) and thinking_tok.decode(tokens[len(plan) + 1:-1]) in words
+    tokens, masked = walk(grammar_after_thinking(g, v, "q\n"), [open_id] + plan + [close_id] + purple)
+    assert tokens[:len(plan) + 2] == [open_id] + plan + [close_id] and masked[0] and not any(masked[1:len(plan) + 2])
+    assert thinking_tok.decode(tokens[len(plan) + 2:-1]) in words
+    gate = grammar_after_thinking(g, v, "q\n")
+    first = gate.matcher().allowed("cpu")
+    assert first[open_id] and not first[close_id] and torch.equal(first.nonzero(), torch.cat([
+        g.matcher().allowed("cpu").nonzero(), torch.tensor([[open_id]])]).sort(0).values)
+    red = thinking_tok.encode("red", add_bos=False)[:1]
+    tokens, masked = walk(gate, red + [open_id] + purple)  # (no thinking: the grammar from the first token on)
+    assert tokens[0] == red[0] and open_id not in tokens and all(masked) and thinking_tok.decode(tokens[:-1]) in words
+    m = gate.matcher()
+    assert not m.complete
+    m.consume(open_id)
+    assert m.allowed("cpu") is None and not m.complete
+    # spqt generate --chat's: a template that thinks, the prompt's ids
+    prompt = thinking_tok.encode("q\n<think>\n", add_bos=False)
+    assert chat_grammar(g, thinking_tok, prompt, "q") is g  # (tiny's template writes no think tags)
+    thinking_tok.spec = dataclasses.replace(thinking_tok.spec, chat_template="{{ m }}<think></think>")
+    assert chat_grammar(g, thinking_tok, prompt, "q").thinking
+    assert chat_grammar(g, thinking_tok, prompt, "q\n<think>\n") == grammar.AfterThinking(g, open_id, close_id, False)
+
+
+def test_generation_keeps_to_the_grammar_after_thinking(tiny, rng):
+    """The tiny model's greedy answer under AfterThinking (two of its own tokens standing for the tags, the close
+    one's logit raised): before the close the unmasked argmax, after it the grammar's masked argmax, in its
+    language, to the end token."""
+    from spqt.generate import Generator
+
+    loaded, tok, vocabulary = tiny
+    raw, ends = [], set(vocabulary.end_ids)
+    plain = sorted(set(range(loaded.config.vocab_size)) - ends - set(tok.backend.get_added_tokens_decoder()))
+    open_id, close_id = (int(t) for t in rng.choice(plain, 2, replace=False))
+    words = ["yes", "no", "maybe so"]
+    gate = grammar.AfterThinking(grammar.choice(words, vocabulary), open_id, close_id, thinking=True)
+    answer = Generator(loaded, "cpu", max_len=200).generate(
+        rng.integers(0, loaded.config.vocab_size, 5).tolist(), 150, Sampling(grammar=gate, logit_bias={close_id: 4.0}),
+        stop_ids=ends, on_logits=lambda logits: raw.append(logits[0].float()))
+    assert answer.finish_reason == "stop" and close_id in answer.tokens
+    at = answer.tokens.index(close_id)
+    for logits, token in zip(raw[:at + 1], answer.tokens[:at + 1]):
+        assert int((logits + 4.0 * (torch.arange(len(logits)) == close_id)).argmax()) == token
+    masked_argmax_walk(tiny, gate.grammar, raw[at + 1:], answer.tokens[at + 1:])
+    assert tok.decode(answer.tokens[at + 1:-1]) in words

@@ -868,6 +868,91 @@ def test_reasoning_content_apart_from_the_answer(server, model_id, engine, monke
         assert status == (400 if param else 200) and (body["error"]["param"] == param if param else True), body
 
 
+def with_think_tokens(tokenizer_json: str, ids: tuple[int, int]) -> str:
+    """A tokenizer's JSON with its added tokens ids renamed <think> and </think> (not special, as Qwen3's)."""
+    data = json.loads(tokenizer_json)
+    for entry in data["added_tokens"]:
+        if entry["id"] in ids:
+            name = ("<think>", "</think>")[ids.index(entry["id"])]
+            data["model"]["vocab"][name] = data["model"]["vocab"].pop(entry["content"])
+            entry.update(content=name, special=False)
+    return json.dumps(data)
+
+
+def test_structured_output_after_the_thinking(server, model_id, engine, monkeypatch):
+    """A reasoning template's answer under structured output (guided_choice, streamed and not) thinks freely, then
+    keeps to the grammar, as vLLM orders them: after a prompt that opened the think block, after a <think> the answer
+    opened, or from the first token where it did not open one or the template closed the block (enable_thinking
+    false); the content keeps to the grammar and the reasoning is the thinking. The model's tokens here: each step's
+    wanted token on top of random logits, then the sampler's shaping (its grammar's masks) and argmax."""
+    from tokenizers import Tokenizer
+
+    from spqt import grammar
+    from spqt.generate import GenerationResult
+    from spqt.sampling import LogitShaper
+    from spqt.tokenizer import TextTokenizer
+
+    tok, vocab = engine.tokenizer, engine.generator.loaded.config.vocab_size
+    original = tok.spec.tokenizer_json
+    spec = dataclasses.replace(tok.spec, chat_template=THINK_TEMPLATE,
+                               tokenizer_json=with_think_tokens(tok.spec.tokenizer_json, (12, 13)))
+    for name, value in [("spec", spec), ("backend", Tokenizer.from_str(spec.tokenizer_json)), ("_hf", None),
+                        ("_added", set(range(17)))]:
+        monkeypatch.setattr(tok, name, value)
+    monkeypatch.setattr(engine, "vocabulary", grammar.Vocabulary(tok, vocab, engine.stop_ids))
+    wanted, gates = [""], []
+
+    def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):
+        gates.append(sampling.grammar)
+        noise = torch.Generator().manual_seed((len(gates) + 1) // 2)  # (a request's plain and streamed answer alike)
+        shaper, out = LogitShaper(sampling, prompt, vocab, "cpu"), []
+        script = tok.backend.encode(wanted[0], add_special_tokens=False).ids
+        for i in range(n):
+            logits = torch.randn(1, vocab, generator=noise)
+            if i < len(script):
+                logits[0, script[i]] += 50.0
+            out.append(int(shaper(logits).argmax()))
+            shaper.add(out[-1])
+            if (on_token and on_token(out[-1])) or out[-1] in stop_ids:
+                break
+        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="stop" if out[-1] in stop_ids else "length")
+
+    monkeypatch.setattr(engine.generator, "generate", answers)
+    colors = ["red", "green or blue"]
+    ask = dict(model=model_id, messages=CHAT, temperature=0, max_tokens=40, extra_body={"guided_choice": colors})
+
+    def both(**kwargs) -> tuple:
+        """(reasoning, content) of the plain answer, checked equal to the streamed one's; both finish with stop."""
+        args = {**ask, "extra_body": {**ask["extra_body"], **kwargs}}
+        r = client.chat.completions.create(**args).choices[0]
+        chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **args) if c.choices]
+        streamed = ("".join(getattr(c.delta, "reasoning_content", None) or "" for c in chunks) or None,
+                    "".join(c.delta.content or "" for c in chunks))
+        assert streamed == (r.message.reasoning_content or None, r.message.content), (streamed, r)
+        assert r.finish_reason == chunks[-1].finish_reason == "stop"
+        return streamed
+
+    client = server.client()
+    wanted[0] = "<think>\nPrimary colors of light.\n</think>\n\nPurple!"
+    thought, content = both()
+    assert thought == "Primary colors of light." and content in colors, (thought, content)
+    assert isinstance(gates[-1], grammar.AfterThinking) and not gates[-1].thinking
+    wanted[0] = "Light.\n</think>\n\nPurple!"
+    thought, content = both(chat_template_kwargs={"open_think": True})
+    assert thought == "Light." and content in colors and gates[-1].thinking, (thought, content)
+    wanted[0] = "Purple, <think>?"  # (no thinking opened: the grammar from the first token)
+    assert both()[0] is None and both()[1] in colors
+    wanted[0] = "<think>\nx</think>"
+    thought, content = both(chat_template_kwargs={"enable_thinking": False})
+    assert (thought, content in colors) == (None, True) and not isinstance(gates[-1], grammar.AfterThinking)
+    # a vocabulary without the tags as tokens of their own: the grammar from the start, the answer all content
+    untagged = TextTokenizer(dataclasses.replace(spec, tokenizer_json=original), engine.generator.loaded.config)
+    monkeypatch.setattr(engine, "vocabulary", grammar.Vocabulary(untagged, vocab, engine.stop_ids))
+    wanted[0] = "<think>\nPrimary colors of light.\n</think>\n\nPurple!"
+    thought, content = both()
+    assert (thought, content in colors) == (None, True) and not isinstance(gates[-1], grammar.AfterThinking)
+
+
 def test_tool_choice_required_or_named_forces_calls(server, model_id, engine, monkeypatch):
     """tool_choice 'required' and a named function: the model's own answer (greedy and sampled) is calls alone, of an
     offered tool (the named one), its arguments keeping to the function's parameters (a city string, days an integer

@@ -9,7 +9,7 @@ grammar can go on, beside the tokens that go on), and once it cannot go on, only
 (`<|im_end|>`) is never text: a grammar's text that spells one is spelled out in ordinary tokens, and the token
 itself is asked for as Vocabulary.literal writes it. `Grammar` is one grammar checked against the vocabulary (that
 it parses and that some text starts it); `Grammar.matcher()` starts one generation's walk (a copy of the checked
-one: a request's n choices each take one).
+one: a request's n choices each take one). `AfterThinking` starts a grammar after a reasoning model's think block.
 """
 
 import json
@@ -34,13 +34,19 @@ class Vocabulary:
     def __init__(self, tokenizer: TextTokenizer, vocab: int, end_ids: set[int]):
         self.tokenizer, self.vocab, self.end_ids = tokenizer, vocab, sorted(end_ids)
 
-    def literal(self, text: str) -> str:
-        """text as a Lark terminal: the tokenizer's special token where text is one (models that learned
-        `<tool_call>` as a token of its own are asked for that token, not its spelling), else the string."""
+    def added_token(self, text: str) -> int | None:
+        """The id of the tokenizer's added token whose text is text (`<tool_call>`, `</think>`), within the
+        vocabulary; None where text is no such token."""
         token = self.tokenizer.backend.token_to_id(text)
-        if token is not None and token in self.tokenizer.backend.get_added_tokens_decoder():
-            return f"<[{token}]>"
-        return json.dumps(text)
+        if token is not None and token < self.vocab and token in self.tokenizer.backend.get_added_tokens_decoder():
+            return token
+        return None
+
+    def literal(self, text: str) -> str:
+        """text as a Lark terminal: the tokenizer's added token where text is one (models that learned
+        `<tool_call>` as a token of its own are asked for that token, not its spelling), else the string."""
+        token = self.added_token(text)
+        return json.dumps(text) if token is None else f"<[{token}]>"
 
     @cached_property
     def lltokenizer(self):
@@ -184,12 +190,15 @@ class GrammarMatcher:
             raise SpqtError(f"{self.what}: {_message(self.matcher.get_error())}")
 
     def allowed(self, device: str | torch.device) -> torch.Tensor:
-        """bool (vocab,) on device: the tokens that keep the text in the grammar (unpacked on the host by numpy: a
-        few microseconds, where torch's ops took 50-70 us, more with the CPU's threads busy)."""
+        """bool (vocab,) on device: the tokens that keep the text in the grammar."""
+        return torch.from_numpy(self.allowed_host()).to(device)
+
+    def allowed_host(self) -> np.ndarray:
+        """allowed() as a numpy bool (vocab,) array of its own (unpacked by numpy: a few microseconds, where torch's
+        ops took 50-70 us, more with the CPU's threads busy)."""
         bits = np.frombuffer(self.matcher.compute_bitmask(), dtype=np.uint8)
         self._check()
-        allowed = np.unpackbits(bits, bitorder="little")[:self.vocab].view(np.bool_)
-        return torch.from_numpy(allowed).to(device)
+        return np.unpackbits(bits, bitorder="little")[:self.vocab].view(np.bool_)
 
     def consume(self, token: int) -> None:
         """The chosen token (one allowed() allowed: anything else is an error)."""
@@ -200,3 +209,57 @@ class GrammarMatcher:
     def complete(self) -> bool:
         """Whether the text so far is a whole sentence of the grammar."""
         return self.matcher.is_accepting()
+
+
+@dataclass(frozen=True)
+class AfterThinking:
+    """A grammar that a reasoning model's answer keeps to after its thinking, as vLLM orders them: any token until
+    the think block's end (close_id, `</think>`), the grammar from the token after it. thinking: the prompt opened the
+    block (the answer thinks from its start); else the answer's first token may open one (open_id, `<think>`) or is
+    the grammar's first."""
+
+    grammar: Grammar
+    open_id: int
+    close_id: int
+    thinking: bool
+
+    @property
+    def what(self) -> str:
+        return self.grammar.what
+
+    def matcher(self) -> "ThinkingMatcher":
+        return ThinkingMatcher(self.grammar.matcher(), self.open_id, self.close_id, self.thinking)
+
+
+class ThinkingMatcher:
+    """One generation's walk through an AfterThinking: state "start" (the first token: the grammar's or open_id),
+    "thinking" (every token allowed; close_id ends it) or "grammar" (the grammar's walk)."""
+
+    def __init__(self, inner: GrammarMatcher, open_id: int, close_id: int, thinking: bool):
+        self.inner, self.open_id, self.close_id = inner, open_id, close_id
+        self.state = "thinking" if thinking else "start"
+
+    def allowed(self, device: str | torch.device) -> torch.Tensor | None:
+        """bool (vocab,) on device as GrammarMatcher.allowed, or None while thinking (every token allowed)."""
+        if self.state == "thinking":
+            return None
+        allowed = self.inner.allowed_host()
+        if self.state == "start":
+            allowed[self.open_id] = True
+        return torch.from_numpy(allowed).to(device)
+
+    def consume(self, token: int) -> None:
+        if self.state == "grammar":
+            self.inner.consume(token)
+        elif self.state == "thinking":
+            self.state = "grammar" if token == self.close_id else "thinking"
+        elif token == self.open_id:  # (where the grammar could take the tag as text too, it opens the block)
+            self.state = "thinking"
+        else:
+            self.state = "grammar"
+            self.inner.consume(token)
+
+    @property
+    def complete(self) -> bool:
+        """Whether the answer after the thinking is a whole sentence of the grammar."""
+        return self.state == "grammar" and self.inner.complete

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from spqt.errors import SpqtError
-from spqt.grammar import Grammar
+from spqt.grammar import AfterThinking, Grammar
 
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
@@ -30,7 +30,7 @@ class Sampling:
     frequency_penalty: float = 0.0  # subtracted once for each time a token is in the answer so far
     presence_penalty: float = 0.0  # subtracted once where a token is in the answer so far
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
-    grammar: Grammar | None = None  # structured output: only tokens that keep the text in it (spqt.grammar)
+    grammar: Grammar | AfterThinking | None = None  # structured output: only tokens that keep the text in it
 
     def __post_init__(self):
         temperature_ok = math.isfinite(self.temperature) and self.temperature >= 0
@@ -91,8 +91,9 @@ class LogitShaper:
             logits = logits - s.frequency_penalty * self.counts
         if s.presence_penalty:
             logits = logits - s.presence_penalty * (self.counts > 0).float()
-        if self.matcher is not None:
-            logits = logits.masked_fill(~self.matcher.allowed(logits.device), float("-inf"))
+        allowed = self.matcher.allowed(logits.device) if self.matcher is not None else None
+        if allowed is not None:  # (None: a reasoning model's thinking before its grammar, every token allowed)
+            logits = logits.masked_fill(~allowed, float("-inf"))
         return logits
 
     def add(self, token: torch.Tensor | int) -> None:

@@ -30,7 +30,7 @@ from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
-from spqt.serve.reasoning import ReasoningStream, split_reasoning, starts_thinking
+from spqt.serve.reasoning import ReasoningStream, grammar_after_thinking, split_reasoning, starts_thinking
 from spqt.serve.tools import ToolTextStream, forced_calls, parse_tool_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -276,12 +276,17 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             except SpqtError as e:  # (a parameters schema the grammar compiler refuses)
                 raise p.ApiError(400, f"tools: {e}.", param="tools", code="invalid_value") from None
         prompt_text, prompt = await rendered(req.messages, tools, req.chat_template_kwargs)
+        last = req.messages[-1].text()
+        # a reasoning model's <think> text as reasoning_content (spqt.serve.reasoning); thinking: from the answer's
+        # start, where the template's prompt opened the block; a grammar keeps to the text after the thinking
+        think = engine.reasoning
+        if think and "grammar" in shape:
+            after = grammar_after_thinking(shape["grammar"], engine.vocabulary, prompt_text, last)
+            think = after is not None
+            shape["grammar"] = shape["grammar"] if after is None else after
+        thinking = think and starts_thinking(prompt_text, last)
         jobs = [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)]
         rid, created = p.new_id("chatcmpl"), p.now()
-        # a reasoning model's <think> text as reasoning_content (spqt.serve.reasoning); thinking: from the answer's
-        # start, where the template's prompt opened the block
-        think = engine.reasoning and "grammar" not in shape
-        thinking = think and starts_thinking(prompt_text, req.messages[-1].text())
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None

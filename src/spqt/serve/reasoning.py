@@ -6,10 +6,13 @@ It applies where the model's chat template writes think tags (reasoning_template
 start where the prompt the template rendered ends inside an open `<think>` (DeepSeek-R1's templates open it for the
 answer: starts_thinking), else where the answer itself opens one first. Thinking that max_tokens cut before its
 `</think>` is all reasoning_content. The content after `</think>` loses its leading white space; the reasoning keeps
-its text but for the line ends around it (a stream holds line ends back until it sees what follows them).
+its text but for the line ends around it (a stream holds line ends back until it sees what follows them). Structured
+output keeps the content to its grammar and leaves the thinking free (grammar_after_thinking).
 """
 
+from spqt.grammar import AfterThinking, Grammar, Vocabulary
 from spqt.serve.text import tail_starting
+from spqt.tokenizer import TextTokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -22,9 +25,39 @@ def reasoning_template(template: str | None) -> bool:
 def starts_thinking(prompt_text: str, last_message: str = "") -> bool:
     """Whether a rendered prompt ends inside an open think block (its answer then thinks from the start): the text
     after the last message's (its own tags are the user's words, not the template's)."""
-    at = prompt_text.rfind(last_message) if last_message else -1
-    tail = prompt_text[at + len(last_message):] if at >= 0 else prompt_text
+    tail = _template_tail(prompt_text, last_message)
     return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+
+
+def _template_tail(prompt_text: str, last_message: str) -> str:
+    """What the template wrote after the last message (all of the prompt where it has none or it is not found)."""
+    at = prompt_text.rfind(last_message) if last_message else -1
+    return prompt_text[at + len(last_message):] if at >= 0 else prompt_text
+
+
+def grammar_after_thinking(g: Grammar, vocabulary: Vocabulary, prompt_text: str, last_message: str = "") -> \
+        Grammar | AfterThinking | None:
+    """A structured-output grammar for a reasoning template's answer, started after its thinking as vLLM does
+    (AfterThinking): thinking from the start where the prompt opened the block (starts_thinking); the grammar itself
+    where the template closed it already (Qwen3's enable_thinking false); else the answer may open one first. None
+    where the vocabulary lacks either tag as a token of its own (the grammar then runs from the answer's start and
+    the answer is all content)."""
+    open_id, close_id = vocabulary.added_token(THINK_OPEN), vocabulary.added_token(THINK_CLOSE)
+    if open_id is None or close_id is None:
+        return None
+    if starts_thinking(prompt_text, last_message):
+        return AfterThinking(g, open_id, close_id, thinking=True)
+    if THINK_CLOSE in _template_tail(prompt_text, last_message):
+        return g
+    return AfterThinking(g, open_id, close_id, thinking=False)
+
+
+def chat_grammar(g: Grammar, tokenizer: TextTokenizer, prompt: list[int], last_message: str) -> Grammar | AfterThinking:
+    """g for the answer to a chat prompt (token ids, its last message's text): after the thinking where the model's
+    template thinks and its vocabulary has the tags (grammar_after_thinking), else g from the answer's start."""
+    if not reasoning_template(tokenizer.spec.chat_template):
+        return g
+    return grammar_after_thinking(g, g.vocabulary, tokenizer.decode(prompt), last_message) or g
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
