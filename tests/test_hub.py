@@ -191,3 +191,83 @@ def test_calibrate_will_not_write_into_the_hub_cache(monkeypatch, tiny_spqt, cap
     monkeypatch.setattr(hub, "resolve", lambda name: tiny_spqt)
     assert main(["calibrate", "hf:o/tiny-spqt", "--data", __file__]) == 2
     assert "write the calibrated model with -o" in capsys.readouterr().err
+
+
+FAKED_GPU = '''
+"""spqt's commands in one process on a GPU faked (torch.cuda.is_available as each command says; a decode row's
+process faked, its model recorded): argv[1] a JSON list of [gpu, argv]; a JSON line each (rc, stdout, stderr, the rows'
+models, the repos in huggingface_hub's cache after it)."""
+import contextlib, io, json, os, sys
+from pathlib import Path
+import torch
+import spqt.bench, spqt.bench_decode
+from spqt.cli import main
+from spqt.kernels import tuning
+
+torch.cuda.get_device_name = lambda *a: "test-gpu"
+tuning.device_key = lambda: "test-gpu"
+tuning.sm_count = lambda: 132
+ran = []
+
+def row_in_child(args, model, fmt, layout, sparsity, log, env=None):
+    ran.append(model)
+    return {"copy_gbps": 1.0, "rows": [{"model": model, "type": fmt, "layout": layout, "sparsity": sparsity,
+                                        "tokens_per_s": 1.0, "model_key": fmt + ":tiny"}]}
+
+spqt.bench_decode._row_in_child = row_in_child
+spqt.bench.tune = lambda shapes, variants: {v: {f"{n}x{k}": {"us": 1.0} for n, k in shapes} for v in variants}
+spqt.bench.tune_types = lambda shapes, types, kinds: {f"zigzag_{kind}_{t}": {f"{n}x{k}": {"us": 1.0} for n, k in shapes}
+                                                      for t in types for kind in kinds}
+for gpu, argv in json.loads(sys.argv[1]):
+    torch.cuda.is_available = lambda gpu=gpu: gpu
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    repos = sorted(p.name for p in (Path(os.environ["HF_HOME"]) / "hub").glob("models--*"))
+    print(json.dumps({"rc": rc, "out": out.getvalue(), "err": err.getvalue(), "ran": ran[:], "repos": repos}))
+    ran.clear()
+'''
+
+
+def test_bench_decode_and_tune_take_hub_names(fake_hub, tiny_spqt, tmp_path):
+    """spqt bench decode --model and spqt tune --model and --routes take hub names (the GPU and the timing faked):
+    the name downloaded once, after the GPU check, every row loading its file, the rows and the routes' entries
+    carrying the name; tune's table goes to this GPU's user table, never into huggingface_hub's cache, and neither
+    command writes its output over the cached model; a GGUF repo is told to quantize by its name."""
+    env, home = fake_hub
+    FakeHub.REPOS["o/tiny-spqt"] = {"README.md": b"# tiny", "tiny.spqt": tiny_spqt.read_bytes()}
+    cached = home / "hub" / "models--o--tiny-spqt" / "snapshots" / FakeHub.COMMIT / "tiny.spqt"
+    report, tables = tmp_path / "decode.json", tmp_path / "tuned"
+    commands = [[False, ["tune", "--model", "hf:o/tiny-spqt"]],
+                [True, ["bench", "decode", "--model", "hf:o/tiny-spqt", "--layouts", "zigzag", "--sparsity", "0,0.5",
+                        "--json", str(report)]],
+                [True, ["tune", "--model", "hf:o/tiny-spqt"]],
+                [True, ["tune", "--routes", "hf:o/tiny-spqt", "--route-levels", "0.5", "--route-rounds", "1"]],
+                [True, ["tune", "--model", "hf:o/tiny-spqt", "--output", str(cached)]],
+                [True, ["bench", "decode", "--model", "hf:o/tiny-spqt", "--json", str(cached)]],
+                [True, ["tune", "--model", "hf:o/split"]]]
+    run = subprocess.run([sys.executable, "-c", FAKED_GPU, json.dumps(commands)], capture_output=True, text=True,
+                         timeout=300, env={**env, "SPQT_TUNED": str(tables), "SPQT_COMMIT": "test"})
+    assert run.returncode == 0, run.stderr
+    no_gpu, decode, tune, routes, over_table, over_report, gguf = map(json.loads, run.stdout.splitlines())
+    assert no_gpu["rc"] == 2 and "spqt tune needs a CUDA GPU" in no_gpu["err"] and not no_gpu["repos"], no_gpu
+    assert decode["rc"] == 0 and decode["ran"] == [str(cached)] * 2, decode
+    assert [(r["model"], r["sparsity"]) for r in json.loads(report.read_text())["rows"]] == [
+        ("hf:o/tiny-spqt", 0.0), ("hf:o/tiny-spqt", 0.5)]
+    table = tables / "test-gpu.json"
+    assert tune["rc"] == 0 and f"wrote {table}" in tune["out"], tune
+    assert "spqt tune --routes hf:o/tiny-spqt then" in tune["err"], tune
+    assert routes["rc"] == 0 and routes["ran"] == [str(cached)] * 4, routes  # (the dense step and three routes)
+    assert json.loads(table.read_text())["entries"]["step_routes"]["q4_k:tiny"]["model"] == "hf:o/tiny-spqt"
+    assert over_table["rc"] == 2 and f"the output --output {cached} is also the model" in over_table["err"]
+    assert over_report["rc"] == 2 and f"the output --json {cached} is also the model" in over_report["err"]
+    assert gguf["rc"] == 2 and gguf["err"].strip() == (
+        "spqt: error: hf:o/split: spqt tune --model times a .spqt model's maps; quantize it first (spqt quantize "
+        "hf:o/split -o model.spqt)")
+    # the cache holds the two repos' files, unchanged (refs, blobs and their snapshot links besides)
+    assert cached.read_bytes() == tiny_spqt.read_bytes()
+    snapshots = sorted(p.relative_to(home / "hub").as_posix() for p in (home / "hub").glob("models--*/snapshots/*/*"))
+    assert snapshots == [f"models--o--split/snapshots/{FakeHub.COMMIT}/{f}" for f in
+                         ("m-Q4_K_M-00001-of-00002.gguf", "m-Q4_K_M-00002-of-00002.gguf")] + [
+        f"models--o--tiny-spqt/snapshots/{FakeHub.COMMIT}/tiny.spqt"]
+    assert sorted(p.name for p in tables.iterdir()) == ["test-gpu.json"]

@@ -591,6 +591,33 @@ def test_metrics_count_the_jobs(server, model_id):
     assert server.raw("/metrics", key="wrong")[0] == 401
 
 
+def test_metrics_count_a_job_that_fails_in_the_engine(server, model_id, engine, monkeypatch):
+    """A job whose generation raises is counted as finish reason error, its seconds observed, and its client still
+    gets the 500 with the error's message; the server goes on serving."""
+    from spqt.errors import SpqtError
+
+    def fails(prompt, n, sampling, **kw):
+        raise SpqtError("the logits of the prompt are not finite numbers in fp16")
+
+    def scrape() -> str:
+        return urllib.request.urlopen(urllib.request.Request(
+            server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}), timeout=60).read().decode()
+
+    names = ['spqt_requests_total{finish_reason="error"}', "spqt_request_duration_seconds_count",
+             "spqt_prompt_tokens_total", "spqt_generation_tokens_total"]
+    before = scrape()
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.generator, "generate", fails)
+        status, body = server.raw("/v1/completions", json.dumps(
+            {"model": model_id, "prompt": PROMPT, "max_tokens": 3}).encode())
+    after = scrape()
+    assert status == 500 and body["error"]["type"] == "server_error"
+    assert body["error"]["message"] == "generation failed: the logits of the prompt are not finite numbers in fp16"
+    delta = {n: metric(after, n) - metric(before, n) for n in names}
+    assert delta == {names[0]: 1, names[1]: 1, names[2]: 0, names[3]: 0}
+    assert server.client().completions.create(model=model_id, prompt=PROMPT, max_tokens=2).choices[0].text
+
+
 def test_tokenize_and_detokenize(server, model_id, engine):
     """/tokenize as llama.cpp's server (content, with_pieces) and vLLM's (prompt, messages) answer it, /detokenize
     back to the text; the refusals name their field."""
@@ -1609,7 +1636,9 @@ def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
 
 def test_a_runtime_error_of_a_request_is_one_log_line_and_the_worker_goes_on(caplog):
     """A SpqtError from run (e.g. logits that are not finite) reaches the client as its message and the log as one
-    line without a traceback; any other exception with its type and the traceback; the next job still runs."""
+    line without a traceback; any other exception with its type and the traceback; the next job still runs. The job's
+    on_finish hook (the metrics) hears of a failed job too, and a hook that raises masks neither an error nor an
+    answer."""
     import asyncio
 
     from spqt.errors import SpqtError
@@ -1618,15 +1647,25 @@ def test_a_runtime_error_of_a_request_is_one_log_line_and_the_worker_goes_on(cap
     def run(job: Job) -> str:
         if job.label == "nan":
             raise SpqtError("the logits of the prompt are not finite numbers in fp16")
-        if job.label == "bug":
+        if job.label in ("bug", "bug and a bad hook"):
             raise KeyError("oops")
+        job.report("result", 0.0)
         job.emit("done", None)
         return "completed"
+
+    reports = []
+
+    def on_finish(result, seconds, cancelled):
+        reports.append((result, cancelled))
+
+    def bad_hook(result, seconds, cancelled):
+        raise ValueError("the hook's own bug")
 
     async def scenario():
         loop = asyncio.get_running_loop()
         scheduler = Scheduler(run)
-        jobs = [Job([1], 1, None, [], label, loop) for label in ("nan", "bug", "fine")]
+        jobs = [Job([1], 1, None, [], label, loop, on_finish=bad_hook if "hook" in label else on_finish)
+                for label in ("nan", "bug", "bug and a bad hook", "fine", "fine with a bad hook")]
         for job in jobs:
             scheduler.submit(job)
         events = [await job.events.get() for job in jobs]
@@ -1635,9 +1674,17 @@ def test_a_runtime_error_of_a_request_is_one_log_line_and_the_worker_goes_on(cap
 
     with caplog.at_level("INFO", logger="spqt.serve"):
         events, stats = asyncio.run(scenario())
+    # the hook (the app's metrics) hears of each job once, a failed one without a result, before its last event;
+    # a hook that raises is logged and changes no job's answer or error
     assert events == [("error", "generation failed: the logits of the prompt are not finite numbers in fp16"),
-                      ("error", "generation failed: KeyError: 'oops'"), ("done", None)]
-    assert stats["failed"] == 2 and stats["completed"] == 1
+                      ("error", "generation failed: KeyError: 'oops'"),
+                      ("error", "generation failed: KeyError: 'oops'"), ("done", None), ("done", None)]
+    assert reports == [(None, False), (None, False), ("result", False)]
+    assert stats["failed"] == 3 and stats["completed"] == 2
+    hooks = [r for r in caplog.records if "finish hook" in r.getMessage()]
+    assert [r.getMessage() for r in hooks] == ["bug and a bad hook: its finish hook (metrics) failed",
+                                               "fine with a bad hook: its finish hook (metrics) failed"]
+    assert all(r.exc_info and isinstance(r.exc_info[1], ValueError) for r in hooks)
     nan, bug = (next(r for r in caplog.records if r.getMessage().startswith(label)) for label in ("nan", "bug"))
     assert nan.exc_info is None and "not finite" in nan.getMessage() and bug.exc_info is not None
 

@@ -156,18 +156,19 @@ def untuned_note(loaded, sparse: bool = True) -> str | None:
     return "; ".join(parts) + f": {command} times them"
 
 
-def model_tune_plan(paths) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
+def model_tune_plan(paths, names=None) -> dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]]:
     """What `spqt tune --model` times for these .spqt models: tune_plan of their maps (from the metadata), merged. A
-    GGUF, a folder or a bad file: SpqtError."""
+    GGUF, a folder or a bad file: SpqtError. names: what the GGUF's or folder's error calls each (a hub name for its
+    downloaded file; default its path)."""
     from spqt.checkpoint import spqt_maps
     from spqt.sources import is_gguf
 
     plan: dict[tuple[str, tuple[str, ...]], list[tuple[int, int]]] = {}
-    for path in paths:
+    for path, name in zip(paths, names or paths):
         p = Path(path)
         if p.is_dir() or is_gguf(p):
-            raise SpqtError(f"{p}: spqt tune --model times a .spqt model's maps; quantize it first "
-                            f"(spqt quantize {p} -o model.spqt)")
+            raise SpqtError(f"{name}: spqt tune --model times a .spqt model's maps; quantize it first "
+                            f"(spqt quantize {name} -o model.spqt)")
         for group, shapes in tune_plan(spqt_maps(p).maps).items():
             plan[group] = list(dict.fromkeys(plan.get(group, []) + shapes))
     return plan

@@ -1,5 +1,6 @@
-"""End-to-end decode benchmark on a CUDA GPU: the default model, a .spqt file, or a synthetic
-Llama (random weights, `synthetic:llama2-7b` ...) built directly on the GPU.
+"""End-to-end decode benchmark on a CUDA GPU: the default model, a .spqt file (or a Hugging Face Hub name's,
+`hf:ORG/REPO[:TAG]`, downloaded once: spqt.hub), or a synthetic Llama (random weights, `synthetic:llama2-7b` ...)
+built directly on the GPU.
 
 Synthetic models: one random matrix per distinct shape is quantized on the GPU and copied into
 every layer (each layer owns its buffer, so a token streams all weight bytes, as a real model
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 import spqt
+from spqt import hub
 from spqt.checkpoint import LoadedModel, QuantizedWeight, kind_types, load_model
 from spqt.config import ModelConfig
 from spqt.errors import SpqtError
@@ -435,10 +437,11 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     (docs/RESULTS.md, issue 14, seventh session), and every graph of a process replays 1-2 % slower (an H100's 7B)
     once the process has made a second stream capture of anything (forty-seventh session). A fresh process per row
     is what a user's single `spqt generate` at that setting gets; args.after_capture (a throwaway capture first)
-    what a server gets (it captures its prefill graphs at start)."""
+    what a server gets (it captures its prefill graphs at start). A hub name's file is downloaded once, here, before
+    any row: every row's process loads that file, and the rows carry the name as their model."""
     from spqt.bench import copy_bandwidth, git_commit
 
-    model_arg = args.model or "default"
+    model_arg = args.model or "default"  # the rows' model, as given
     layouts = [v.strip() for v in args.layouts.split(",")]
     types = [v.strip() for v in (getattr(args, "types", None) or "q4_k").split(",")]
     if types != ["q4_k"] and not model_arg.startswith("synthetic:"):
@@ -452,20 +455,26 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     runs = [(f, lay) for f in types for lay in layouts if f == "q4_k" or lay == "zigzag"]
     if not runs:
         raise SpqtError("spqt bench decode: types other than q4_k run in the zigzag layout only (--layouts zigzag)")
+    source = model_arg  # what the rows load: a hub name's file, else the argument itself
+    if hub.is_hub_name(model_arg):
+        source = str(hub.resolve(model_arg))
+        if json_path and os.path.realpath(json_path) == os.path.realpath(source):
+            raise SpqtError(f"the output --json {json_path} is also the model: write it to another path")
     one_process = getattr(args, "one_process", False)
     after_capture = getattr(args, "after_capture", False)
     if one_process:
         copy_gbps = copy_bandwidth()
         log(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s (read+write)")
-        rows = _rows_in_process(args, model_arg, runs, copy_gbps, log)
+        rows = _rows_in_process(args, source, runs, copy_gbps, log)
     else:
         rows, copies = [], []
         for fmt, layout in runs:
             for s in _levels(args, layout):
-                child = _row_in_child(args, model_arg, fmt, layout, s, log)
+                child = _row_in_child(args, source, fmt, layout, s, log)
                 copies.append(child["copy_gbps"])
                 rows += [dict(r, copy_gbps=child["copy_gbps"]) for r in child["rows"]]
         copy_gbps = statistics.median(copies) if copies else copy_bandwidth()
+    rows = [dict(r, model=model_arg) for r in rows]  # (a hub model's rows: its name, not its path in the cache)
     for line in compare_with_dense(rows):
         log(line)
     report = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,

@@ -771,8 +771,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    import torch
-
     from spqt.bench import GEMV_TYPES
 
     types = [t.lower() for t in _listed(args.types)]
@@ -794,8 +792,7 @@ def cmd_bench(args) -> int:
     for out in (args.json, args.plot):
         if out:
             check_writable(Path(out))  # before minutes of timing
-    if not torch.cuda.is_available():
-        raise SpqtError("spqt bench needs a CUDA GPU; this machine has none")
+    _require_cuda("spqt bench")
     for s in args.sparsity:
         if not 0 <= s < 1:
             raise SpqtError(f"sparsity must be in [0, 1), got {s}")
@@ -812,6 +809,13 @@ def cmd_bench(args) -> int:
 
     run_decode_benchmark(args, args.json)
     return 0
+
+
+def _require_cuda(command: str) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SpqtError(f"{command} needs a CUDA GPU; this machine has none")
 
 
 def _listed(value: str) -> list[str]:
@@ -841,29 +845,44 @@ def _tune_shapes(args) -> list[tuple[int, int]]:
     return parse_shapes(args.shapes if args.shapes is not None else TUNE_SHAPES, runtime_maps=True)
 
 
-def _model_tune_plan(args, paths: list[str]) -> dict | None:
-    """spqt tune --model's plan of its files `paths` (bench.model_tune_plan: {(fmt, variants): shapes}) after its
-    checks, or None without --model; one clear error, before any timing, for a bad use or a model with nothing to
-    tune."""
+def _tune_files(args, names: list[str]) -> dict[str, str]:
+    """spqt tune's model arguments (.spqt files, hub names) -> their files: a hub name's downloaded (spqt.hub) after the
+    GPU check (not minutes of download before that error), and refused as the --output table's path (the table would
+    replace the model in huggingface_hub's cache); a file as given."""
+    from spqt import hub
+
+    hub_names = [n for n in names if hub.is_hub_name(n)]
+    if hub_names:
+        _require_cuda("spqt tune")
+    files = {n: str(_model_path(n)) if hub.is_hub_name(n) else n for n in names}
+    _check_outputs([("--output", args.output)], [("model", files[n]) for n in hub_names])
+    return files
+
+
+def _model_tune_plan(args, names: list[str]) -> tuple[dict | None, dict[str, str]]:
+    """spqt tune --model's plan of its models `names` (.spqt files or hub names; bench.model_tune_plan: {(fmt,
+    variants): shapes}) after its checks, and their files (_tune_files); (None, {}) without --model. One clear error,
+    before any timing, for a bad use or a model with nothing to tune."""
     from spqt.bench import model_tune_plan
 
     if args.model is None:
         if args.retune:
             raise SpqtError("--retune goes with --model")
-        return None
+        return None, {}
     if args.shapes is not None or args.types is not None:
         raise SpqtError("--model takes the shapes and types from the models: leave out --shapes and --types")
     if args.crossover_only or args.cuda_against_table or any(
             v is not None for v in (args.routes, args.l2first, args.pairs)):
         raise SpqtError("--model tunes the kernels of the models' maps; --crossover-only, --cuda-against-table, "
                         "--routes, --l2first and --pairs are runs of their own")
-    if not paths:
-        raise SpqtError("--model needs .spqt files, comma-separated")
-    plan = model_tune_plan(paths)
+    if not names:
+        raise SpqtError("--model needs .spqt files or hf:ORG/REPO[:TAG] names, comma-separated")
+    files = _tune_files(args, names)
+    plan = model_tune_plan(list(files.values()), list(files))
     if not plan:
         raise SpqtError(f"{args.model}: no maps on the tuned kernels (zigzag maps, Q4_K row maps); the other types' "
                         "row maps run dequantize + cuBLAS")
-    return plan
+    return plan, files
 
 
 def _check_table_writable(table: Path, hint: str) -> None:
@@ -886,14 +905,12 @@ def _check_table_writable(table: Path, hint: str) -> None:
 
 
 def cmd_tune(args) -> int:
-    import torch
-
     from spqt.bench import GEMV_TYPES, parse_shapes, tune, tune_crossover, tune_types
     from spqt.kernels import tuning
 
-    paths = _listed(args.model or "")  # --model's files
-    _check_outputs([("--output", args.output)], [("model", p) for p in paths])
-    plan = _model_tune_plan(args, paths)
+    names = _listed(args.model or "")  # --model's models
+    _check_outputs([("--output", args.output)], [("model", _model_file(n)) for n in names])
+    plan, files = _model_tune_plan(args, names)
     types = [t.lower() for t in _listed(args.types if args.types is not None else "q4_k")]
     if not types or any(t not in GEMV_TYPES for t in types):
         raise SpqtError(f"unknown GEMV types in {args.types!r}; choose from {', '.join(GEMV_TYPES)}")
@@ -905,24 +922,24 @@ def cmd_tune(args) -> int:
     models = _listed(args.routes or "")
     if args.routes is not None and (not models or not args.route_levels or args.route_rounds < 1
                                     or any(not 0 < level < 1 for level in args.route_levels)):
-        raise SpqtError(f"--routes needs models (synthetic:NAME or .spqt files, comma-separated), --route-levels "
-                        f"in (0, 1) and --route-rounds of 1 or more; got {args.routes!r} at "
-                        f"{','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
-    route_runs = []  # (model, its weight types: the routes' key), a file checked before any timing
+        raise SpqtError(f"--routes needs models (synthetic:NAME, .spqt files or hf:ORG/REPO[:TAG] names, "
+                        f"comma-separated), --route-levels in (0, 1) and --route-rounds of 1 or more; got "
+                        f"{args.routes!r} at {','.join(map(str, args.route_levels))}, {args.route_rounds} rounds")
+    route_runs = []  # (model or its file, its weight types: the routes' key), a file checked before any timing
+    route_files = _tune_files(args, [m for m in models if not m.startswith("synthetic:")])
     for m in models:
         if m.startswith("synthetic:"):
             route_runs += [(m, fmt) for fmt in types]
             continue
         from spqt.checkpoint import kind_types, spqt_maps
 
-        kind = spqt_maps(m).kind
+        kind = spqt_maps(route_files[m]).kind
         if not kind.endswith("-zigzag"):
             raise SpqtError(f"spqt tune --routes: {m} is {kind}, not a zigzag model (MODE_KEPT runs on zigzag maps)")
         if args.types is not None:
             raise SpqtError(f"spqt tune --routes: {m} brings its own types ({kind}); --types is for synthetic models")
-        route_runs.append((m, kind_types(kind)[0]))
-    if not torch.cuda.is_available():
-        raise SpqtError("spqt tune needs a CUDA GPU; this machine has none")
+        route_runs.append((route_files[m], kind_types(kind)[0]))
+    _require_cuda("spqt tune")
     # the setting judged in whole decode steps of synthetic models, if any: (flag, its models)
     step_judged = [(flag, _synthetic_models(value, flag)) for flag, value in (("--l2first", args.l2first),
                                                                               ("--pairs", args.pairs))
@@ -953,7 +970,9 @@ def cmd_tune(args) -> int:
         from spqt.bench_decode import tune_routes
 
         entries = tuning.all_entries()
+        named = {file: m for m, file in route_files.items()}
         for key, entry in tune_routes(args, route_runs, args.route_levels, args.route_rounds).items():
+            entry["model"] = named.get(entry["model"], entry["model"])  # (a hub model's name, not its cached file)
             timed = routes.get(key, {}).get("levels", {})
             routes[key] = {**entry, "levels": {**timed, **entry["levels"]}}
         entries = {v: e for v, e in entries.items() if e} | {tuning.STEP_ROUTES: routes}
@@ -1042,7 +1061,7 @@ def cmd_tune(args) -> int:
     if args.model is not None:
         from spqt.checkpoint import spqt_maps
 
-        zigzag = [m for m in paths if spqt_maps(m).kind.endswith("-zigzag")]
+        zigzag = [m for m, file in files.items() if spqt_maps(file).kind.endswith("-zigzag")]
         if zigzag:
             print(f"spqt: note: spqt tune --routes {','.join(zigzag)} then times the decode step's sparse routes "
                   "per level" + (f" (it times against the table in use: copy {path} to {tuning.user_table_path()} "
@@ -1307,7 +1326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="B0,B1,B2,B3,B4,fp16")
     p.add_argument("--types", default="q4_k", help="weight types, comma-separated: q4_k (gemv: every variant), "
                    "q8_0, q6_k, q5_k, q3_k, q2_k (gemv: zigzag B2 and B4; decode: synthetic models, zigzag)")
-    p.add_argument("--model", default=None, help="decode: a model file or synthetic:llama2-7b etc.")
+    p.add_argument("--model", default=None,
+                   help="decode: a model file, hf:ORG/REPO[:TAG] (the Hugging Face Hub) or synthetic:llama2-7b etc.")
     p.add_argument("--layouts", default="row,zigzag")
     p.add_argument("--head", default="auto",
                    help="decode, synthetic models: the output head's type, as spqt quantize's --head (default auto: q6_k)")
@@ -1335,10 +1355,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "models; default = the default model's alone; a synthetic model's name = its layers' maps as the "
                    "runtime runs them (q|k|v and gate|up fused; not the head: give it as VOCABxDIM) and, for the four "
                    f"of bench gemv, its matrices one by one (default {TUNE_SHAPES})")
-    p.add_argument("--model", metavar="FILES",
-                   help="tune the maps of these .spqt models (comma-separated) that this GPU's table has no entries "
-                        "for: each map's type on its shape as stored (a quantized head dense only), instead of --shapes "
-                        "and --types; the table's other entries stay")
+    p.add_argument("--model", metavar="MODELS",
+                   help="tune the maps of these .spqt models (files or hf:ORG/REPO[:TAG], comma-separated) that "
+                        "this GPU's table has no entries for: each map's type on its shape as stored (a quantized head "
+                        "dense only), instead of --shapes and --types; the table's other entries stay")
     p.add_argument("--retune", action="store_true",
                    help="--model: time every map again, also those with entries (the shipped ones may have been "
                         "judged in whole decode steps, which a map timed alone can undo)")
@@ -1357,10 +1377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "models are timed in (a model file brings its own)")
     p.add_argument("--routes", metavar="MODELS",
                    help="keep the kernel entries; time whole decode steps of these models (synthetic:NAME, in each "
-                        "of --types, or a zigzag .spqt, comma-separated), a process each with MODE_KEPT off, on the "
-                        "norm-fed maps, on every sparse map, and with every map dense, and save the fastest per model "
-                        "geometry, weight types and level (the runtime's default; dense unless a sparse route beats it "
-                        "by 1 %%)")
+                        "of --types, or a zigzag .spqt, a file or hf:ORG/REPO[:TAG], comma-separated), a process each "
+                        "with MODE_KEPT off, on the norm-fed maps, on every sparse map, and with every map dense, and "
+                        "save the fastest per model geometry, weight types and level (the runtime's default; dense "
+                        "unless a sparse route beats it by 1 %%)")
     p.add_argument("--l2first", metavar="MODELS",
                    help="keep the kernel entries; judge in whole decode steps of these models (synthetic:NAME, "
                         "comma-separated) how many chunks each dense map's CUDA GEMV prefetches into L2 before it "

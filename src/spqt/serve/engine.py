@@ -235,8 +235,7 @@ class Engine:
         figures = (f"prompt {result.prompt_tokens}{cached} + completion {n} tokens in {seconds:.2f} s{echo}, "
                    f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
                    f"{self.sparsity_label()}{achieved}")
-        if job.on_finish:
-            job.on_finish(result, seconds, job.cancelled.is_set())
+        job.report(result, seconds)
         if job.cancelled.is_set():
             log.info("%s cancelled (%s) after %s", job.label, job.cancel_reason, figures)
             job.emit("cancelled")

@@ -2,13 +2,13 @@
 publish theirs, for a dashboard or an alert.
 
 Per job (a choice of a request; a batch's prompts and n choices each one): spqt_requests_total by finish reason
-(stop, length, cancelled), spqt_prompt_tokens_total (and spqt_prompt_tokens_cached_total, the prompt cache's share),
-spqt_generation_tokens_total; the seconds a job took in the engine (spqt_request_duration_seconds, from its start
-to its last token: its time in the queue not counted), its prefill up to the first token (spqt_prefill_seconds) and
-a new token (spqt_time_per_output_token_seconds, its decode seconds over the tokens after the first), as
-histograms. At each scrape: spqt_requests_waiting, spqt_requests_running (the queue), and spqt_model_info (the
-served model, device, sparsity level and context, as labels of a 1). One registry an app: two servers in one process
-count apart.
+(stop, length, cancelled, and error where the engine raised: the client's 500), spqt_prompt_tokens_total (and
+spqt_prompt_tokens_cached_total, the prompt cache's share), spqt_generation_tokens_total; the seconds a job took in
+the engine (spqt_request_duration_seconds, from its start to its last token or its error: its time in the queue not
+counted), its prefill up to the first token (spqt_prefill_seconds) and a new token
+(spqt_time_per_output_token_seconds, its decode seconds over the tokens after the first), as histograms. At each
+scrape: spqt_requests_waiting, spqt_requests_running (the queue), and spqt_model_info (the served model, device,
+sparsity level and context, as labels of a 1). One registry an app: two servers in one process count apart.
 """
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -41,13 +41,17 @@ class ServeMetrics:
         Gauge("spqt_model_info", "The served model", ["model", "device", "sparsity", "ctx"], registry=r).labels(
             model=info.model_id, device=info.device, sparsity=f"{info.sparsity:g}", ctx=str(info.ctx)).set(1)
 
-    def finished(self, result: GenerationResult, seconds: float, cancelled: bool) -> None:
-        """One job's figures (its result, its seconds in the engine; a cancelled one counted as such)."""
+    def finished(self, result: GenerationResult | None, seconds: float, cancelled: bool) -> None:
+        """One job's figures (its result, its seconds in the engine; a cancelled one counted as such). result None:
+        the job failed in the engine, counted as an error with its seconds (it has no tokens to count)."""
+        self.duration.observe(seconds)
+        if result is None:
+            self.requests.labels("error").inc()
+            return
         self.requests.labels("cancelled" if cancelled else result.finish_reason).inc()
         self.prompt_tokens.inc(result.prompt_tokens)
         self.cached_tokens.inc(result.cached_tokens)
         self.generation_tokens.inc(len(result.tokens))
-        self.duration.observe(seconds)
         if result.tokens:
             self.prefill.observe(result.prefill_seconds)
         if len(result.tokens) > 1:

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,8 @@ class Job:
     tokens' logprobs too where logprobs asks for them), whose first prompt_added tokens (a BOS the server put before
     the client's text) it does not hold. Events, in order: ("text", (piece, tokens)) (tokens:
     spqt.serve.logprobs.TokenLogprob entries, [] without logprobs; with an echo the first piece is the prompt's text),
-    then one of ("done", GenerationResult), ("cancelled", None) or ("error", message)."""
+    then one of ("done", GenerationResult), ("cancelled", None) or ("error", message). on_finish: called once it
+    ends in the engine (report), before its last event."""
 
     prompt: list[int]
     max_tokens: int
@@ -37,11 +39,23 @@ class Job:
     logprobs: int | None = None
     echo: str | None = None
     prompt_added: int = 0
-    on_finish: Any = None  # (result, seconds in the engine, cancelled) once it ends: its app's metrics
+    on_finish: Any = None  # (result, None where it failed; seconds in the engine, cancelled): its app's metrics
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     finished: threading.Event = field(default_factory=threading.Event)
     client_gone: threading.Event = field(default_factory=threading.Event)  # why it was cancelled: set, the client left
+    reported: bool = field(default=False, init=False)  # on_finish was called
+
+    def report(self, result: Any, seconds: float) -> None:
+        """Call on_finish once (result: the GenerationResult, None where the job failed). A hook that raises is
+        logged, never raised: it must not replace the job's own answer or error."""
+        if self.on_finish is None or self.reported:
+            return
+        self.reported = True
+        try:
+            self.on_finish(result, seconds, self.cancelled.is_set())
+        except Exception:
+            log.exception("%s: its finish hook (metrics) failed", self.label)
 
     def emit(self, kind: str, value: Any = None) -> None:
         """Post an event from the worker thread to the HTTP side. The last event marks the job finished
@@ -67,7 +81,8 @@ class Job:
 class Scheduler:
     """run(job) does the work on the worker thread, posts the job's events and returns "completed" or
     "cancelled"; Scheduler posts ("cancelled", None) for jobs it drops and ("error", message) when run
-    raises (a SpqtError: its message, one log line; anything else: its type too, and the traceback in the log)."""
+    raises (a SpqtError: its message, one log line; anything else: its type too, and the traceback in the log),
+    after reporting the failed job (Job.report with no result)."""
 
     def __init__(self, run: Callable[[Job], str]):
         self._run = run
@@ -110,7 +125,7 @@ class Scheduler:
             with self._lock:
                 self._waiting.remove(job)
                 self.running = job
-            outcome = "completed"
+            outcome, start = "completed", time.perf_counter()
             try:
                 if job.cancelled.is_set():
                     outcome = "cancelled"
@@ -121,10 +136,12 @@ class Scheduler:
             except SpqtError as e:  # what the runtime says of this request (e.g. logits that are not finite)
                 outcome = "failed"
                 log.error("%s failed: %s", job.label, e)
+                job.report(None, time.perf_counter() - start)
                 job.emit("error", f"generation failed: {e}")
             except Exception as e:  # a bug or an out-of-memory must not stop the server
                 outcome = "failed"
                 log.exception("%s failed", job.label)
+                job.report(None, time.perf_counter() - start)
                 job.emit("error", f"generation failed: {type(e).__name__}: {e}")
             finally:
                 with self._lock:
