@@ -82,6 +82,18 @@ def test_regex_and_gbnf_masks_are_the_languages_prefixes(tiny, rng):
     assert walk_against_reference(tiny, grammar.gbnf(gbnf, tiny[2]), sentences, rng) <= set(sentences)
 
 
+def test_gbnf_unicode_escapes_are_read_as_llama_cpp_reads_them(tiny, rng):
+    """\\uXXXX and \\UXXXXXXXX in GBNF strings and character classes (ASCII, a class's syntax characters, accented
+    and astral characters) stand for their characters, \\xHH and an escaped backslash as before; a surrogate half is
+    one error line."""
+    gbnf = ('root ::= "h\\u0069" [\\u0021\\u005D-\\u005E] | "\\u00e9t\\u00E9" | "\\U0001F600\\x3d" | '
+            '"\\\\u0041"')
+    sentences = ["hi!", "hi]", "hi^", "été", "😀=", "\\u0041"]
+    assert walk_against_reference(tiny, grammar.gbnf(gbnf, tiny[2]), sentences, rng, walks=10) <= set(sentences)
+    with pytest.raises(SpqtError, match=r"\\uD83D is not a character"):
+        grammar.gbnf('root ::= "\\uD83D\\uDE00"', tiny[2])
+
+
 def masked_argmax_walk(tiny, g: grammar.Grammar, raw: list[torch.Tensor], tokens: list[int]) -> None:
     """Each greedy token is the argmax of its step's raw logits over the tokens g allowed there."""
     m = g.matcher()

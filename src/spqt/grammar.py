@@ -13,6 +13,7 @@ one: a request's n choices each take one). `AfterThinking` starts a grammar afte
 """
 
 import json
+import re
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -146,12 +147,33 @@ def regex(pattern: str, vocabulary: Vocabulary) -> Grammar:
     return _checked(llguidance.LLMatcher.grammar_from_regex(pattern), vocabulary, "the regular expression")
 
 
+# A GBNF escape: \uXXXX (group 1), \UXXXXXXXX (group 2), or any other (kept as it is)
+GBNF_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|.)", re.S)
+
+
+def _gbnf_unicode_escapes(text: str) -> str:
+    """GBNF's \\uXXXX and \\UXXXXXXXX escapes written as escapes that llguidance's converter keeps (it drops their
+    leading zeros, which its Lark then refuses): an ASCII character as \\xHH, any other as itself (never GBNF syntax);
+    other escapes as they are. A surrogate half or a code past U+10FFFF: SpqtError."""
+    def one(m: re.Match) -> str:
+        digits = m[1] or m[2]
+        if digits is None:
+            return m[0]
+        code = int(digits, 16)
+        if 0xD800 <= code < 0xE000 or code > 0x10FFFF:
+            raise SpqtError(f"the GBNF grammar is not valid: {m[0]} is not a character (a surrogate half or past "
+                            f"U+10FFFF)")
+        return f"\\x{code:02X}" if code < 0x80 else chr(code)
+
+    return GBNF_ESCAPE.sub(one, text)
+
+
 def gbnf(text: str, vocabulary: Vocabulary) -> Grammar:
     """A llama.cpp GBNF grammar (its root rule `root`)."""
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
     try:
-        converted = gbnf_to_lark(text)
+        converted = gbnf_to_lark(_gbnf_unicode_escapes(text))
     except Exception as e:  # the converter raises its own parse errors (ValueError, AssertionError, ...)
         raise SpqtError(f"the GBNF grammar is not valid: {' '.join(str(e).split())[:300]}") from None
     return lark(converted, vocabulary, "the GBNF grammar")
