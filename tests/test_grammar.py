@@ -84,13 +84,14 @@ def test_regex_and_gbnf_masks_are_the_languages_prefixes(tiny, rng):
 
 def test_gbnf_unicode_escapes_are_read_as_llama_cpp_reads_them(tiny, rng):
     """\\uXXXX and \\UXXXXXXXX in GBNF strings and character classes (ASCII, a class's syntax characters, accented
-    and astral characters) stand for their characters, \\xHH and an escaped backslash as before; a surrogate half is
-    one error line."""
+    and astral characters) stand for their characters, \\xHH and an escaped backslash as before, comments are not
+    read; a surrogate half is one error line."""
     gbnf = ('root ::= "h\\u0069" [\\u0021\\u005D-\\u005E] | "\\u00e9t\\u00E9" | "\\U0001F600\\x3d" | '
-            '"\\\\u0041"')
+            '"\\\\u0041"  # a comment is not read: \\uD800 "\\u0041')
     sentences = ["hi!", "hi]", "hi^", "été", "😀=", "\\u0041"]
     assert walk_against_reference(tiny, grammar.gbnf(gbnf, tiny[2]), sentences, rng, walks=10) <= set(sentences)
-    with pytest.raises(SpqtError, match=r"\\uD83D is not a character"):
+    with pytest.raises(SpqtError, match=r"^the GBNF grammar is not valid: \\uD83D is not a character \(a surrogate "
+                                        r"half or past U\+10FFFF\)$"):
         grammar.gbnf('root ::= "\\uD83D\\uDE00"', tiny[2])
 
 
@@ -276,18 +277,18 @@ def test_a_grammar_after_thinking(tiny, rng):
     opened = grammar_after_thinking(g, v, "asked <think>?", "asked <think>?")  # (the user's tag, not the template's)
     assert isinstance(opened, grammar.AfterThinking) and not opened.thinking
 
+    ends = torch.tensor(v.end_ids)
+
     def walk(gate, wanted: list[int]) -> tuple[list[int], list[bool]]:
         """Greedy over random logits with each wanted token on top (where the mask leaves it), to an end token:
-        the tokens and whether each step was masked."""
+        the tokens and whether each step was masked by the grammar (a thinking step masks the end tokens alone)."""
         shaper, tokens, masked = LogitShaper(Sampling(grammar=gate), [], v.vocab, "cpu"), [], []
         for i in range(40):
             logits = torch.from_numpy(rng.standard_normal((1, v.vocab)).astype("float32"))
             if i < len(wanted):
                 logits[0, wanted[i]] += 50.0
             shaped = shaper(logits)
-            masked.append(bool(torch.isinf(shaped).any()))
-            if not masked[-1]:
-                assert torch.equal(shaped, logits)
+            masked.append(not torch.equal(shaped, logits.index_fill(1, ends, float("-inf"))))
             tokens.append(int(shaped.argmax()))
             if tokens[-1] in v.end_ids:
                 return tokens, masked
@@ -295,9 +296,13 @@ def test_a_grammar_after_thinking(tiny, rng):
         raise AssertionError(f"no end in 40 steps: {tokens}")
 
     plan, purple = thinking_tok.encode("plan it", add_bos=False), thinking_tok.encode("purple", add_bos=False)
-    tokens, masked = walk(grammar_after_thinking(g, v, "q\n<think>\n"), plan + [close_id] + purple)
-    assert tokens[:len(plan) + 1] == plan + [close_id] and not any(masked[:len(plan) + 1])
-    assert all(masked[len(plan) + 1:]) and thinking_tok.decode(tokens[len(plan) + 1:-1]) in words
+    # thinking from the start: a <think> and an end token inside it neither end it (the end token is masked)
+    thought = plan + [open_id, v.end_ids[0]] + plan + [close_id]
+    tokens, masked = walk(grammar_after_thinking(g, v, "q\n<think>\n"), thought + purple)
+    at = len(thought)
+    assert tokens[:at] == plan + [open_id, tokens[len(plan) + 1]] + plan + [close_id], tokens
+    assert tokens[len(plan) + 1] not in v.end_ids and not any(masked[:at])
+    assert all(masked[at:]) and thinking_tok.decode(tokens[at:-1]) in words
     tokens, masked = walk(grammar_after_thinking(g, v, "q\n"), [open_id] + plan + [close_id] + purple)
     assert tokens[:len(plan) + 2] == [open_id] + plan + [close_id] and masked[0] and not any(masked[1:len(plan) + 2])
     assert thinking_tok.decode(tokens[len(plan) + 2:-1]) in words
@@ -311,7 +316,7 @@ def test_a_grammar_after_thinking(tiny, rng):
     m = gate.matcher()
     assert not m.complete
     m.consume(open_id)
-    assert m.allowed("cpu") is None and not m.complete
+    assert torch.equal(m.allowed("cpu").logical_not().nonzero().view(-1), ends.sort().values) and not m.complete
     # spqt generate --chat's: a template that thinks, the prompt's ids
     prompt = thinking_tok.encode("q\n<think>\n", add_bos=False)
     assert chat_grammar(g, thinking_tok, prompt, "q") is g  # (tiny's template writes no think tags)
@@ -337,7 +342,9 @@ def test_generation_keeps_to_the_grammar_after_thinking(tiny, rng):
         stop_ids=ends, on_logits=lambda logits: raw.append(logits[0].float()))
     assert answer.finish_reason == "stop" and close_id in answer.tokens
     at = answer.tokens.index(close_id)
-    for logits, token in zip(raw[:at + 1], answer.tokens[:at + 1]):
-        assert int((logits + 4.0 * (torch.arange(len(logits)) == close_id)).argmax()) == token
+    for logits, token in zip(raw[:at + 1], answer.tokens[:at + 1]):  # (the end tokens masked while it thinks)
+        logits = (logits + 4.0 * (torch.arange(len(logits)) == close_id)).index_fill(0, torch.tensor(sorted(ends)),
+                                                                                     float("-inf"))
+        assert int(logits.argmax()) == token
     masked_argmax_walk(tiny, gate.grammar, raw[at + 1:], answer.tokens[at + 1:])
     assert tok.decode(answer.tokens[at + 1:-1]) in words

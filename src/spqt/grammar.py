@@ -147,15 +147,19 @@ def regex(pattern: str, vocabulary: Vocabulary) -> Grammar:
     return _checked(llguidance.LLMatcher.grammar_from_regex(pattern), vocabulary, "the regular expression")
 
 
-# A GBNF escape: \uXXXX (group 1), \UXXXXXXXX (group 2), or any other (kept as it is)
+# GBNF's pieces that hold escapes: a string (its quotes, escapes inside) or a character class; and a comment (which
+# holds none: skipped whole)
+GBNF_LITERAL = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*', re.S)
+# An escape in a string or class: \uXXXX (group 1), \UXXXXXXXX (group 2), or any other (kept as it is)
 GBNF_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|.)", re.S)
 
 
 def _gbnf_unicode_escapes(text: str) -> str:
-    """GBNF's \\uXXXX and \\UXXXXXXXX escapes written as escapes that llguidance's converter keeps (it drops their
-    leading zeros, which its Lark then refuses): an ASCII character as \\xHH, any other as itself (never GBNF syntax);
-    other escapes as they are. A surrogate half or a code past U+10FFFF: SpqtError."""
-    def one(m: re.Match) -> str:
+    """GBNF's \\uXXXX and \\UXXXXXXXX escapes in strings and character classes written as escapes that llguidance's
+    converter keeps (it drops their leading zeros, which its Lark then refuses): an ASCII character as \\xHH, any
+    other as itself (never GBNF syntax); other escapes, and comments, as they are. A surrogate half or a code past
+    U+10FFFF (llama.cpp's parser takes it for a character that nothing matches): SpqtError."""
+    def escape(m: re.Match) -> str:
         digits = m[1] or m[2]
         if digits is None:
             return m[0]
@@ -165,15 +169,16 @@ def _gbnf_unicode_escapes(text: str) -> str:
                             f"U+10FFFF)")
         return f"\\x{code:02X}" if code < 0x80 else chr(code)
 
-    return GBNF_ESCAPE.sub(one, text)
+    return GBNF_LITERAL.sub(lambda m: m[0] if m[0].startswith("#") else GBNF_ESCAPE.sub(escape, m[0]), text)
 
 
 def gbnf(text: str, vocabulary: Vocabulary) -> Grammar:
     """A llama.cpp GBNF grammar (its root rule `root`)."""
     from llguidance.gbnf_to_lark import gbnf_to_lark
 
+    text = _gbnf_unicode_escapes(text)
     try:
-        converted = gbnf_to_lark(_gbnf_unicode_escapes(text))
+        converted = gbnf_to_lark(text)
     except Exception as e:  # the converter raises its own parse errors (ValueError, AssertionError, ...)
         raise SpqtError(f"the GBNF grammar is not valid: {' '.join(str(e).split())[:300]}") from None
     return lark(converted, vocabulary, "the GBNF grammar")
@@ -236,9 +241,10 @@ class GrammarMatcher:
 @dataclass(frozen=True)
 class AfterThinking:
     """A grammar that a reasoning model's answer keeps to after its thinking, as vLLM orders them: any token until
-    the think block's end (close_id, `</think>`), the grammar from the token after it. thinking: the prompt opened the
-    block (the answer thinks from its start); else the answer's first token may open one (open_id, `<think>`) or is
-    the grammar's first."""
+    the think block's end (close_id, `</think>`) but the end tokens (vLLM allows them: an answer that ends while it
+    thinks has no content), the grammar from the token after it. thinking: the prompt opened the block (the answer
+    thinks from its start); else the answer's first token may open one (open_id, `<think>`) or is the grammar's
+    first."""
 
     grammar: Grammar
     open_id: int
@@ -250,21 +256,29 @@ class AfterThinking:
         return self.grammar.what
 
     def matcher(self) -> "ThinkingMatcher":
-        return ThinkingMatcher(self.grammar.matcher(), self.open_id, self.close_id, self.thinking)
+        return ThinkingMatcher(self.grammar.matcher(), self.open_id, self.close_id, self.grammar.vocabulary.end_ids,
+                               self.thinking)
 
 
 class ThinkingMatcher:
     """One generation's walk through an AfterThinking: state "start" (the first token: the grammar's or open_id),
-    "thinking" (every token allowed; close_id ends it) or "grammar" (the grammar's walk)."""
+    "thinking" (every token but the end tokens allowed, so the answer does not end before its grammar; close_id ends
+    it) or "grammar" (the grammar's walk)."""
 
-    def __init__(self, inner: GrammarMatcher, open_id: int, close_id: int, thinking: bool):
-        self.inner, self.open_id, self.close_id = inner, open_id, close_id
+    def __init__(self, inner: GrammarMatcher, open_id: int, close_id: int, end_ids: list[int], thinking: bool):
+        self.inner, self.open_id, self.close_id, self.end_ids = inner, open_id, close_id, end_ids
         self.state = "thinking" if thinking else "start"
+        self._thinking_mask: dict[str, torch.Tensor] = {}  # {device: the thinking state's mask there}
 
-    def allowed(self, device: str | torch.device) -> torch.Tensor | None:
-        """bool (vocab,) on device as GrammarMatcher.allowed, or None while thinking (every token allowed)."""
+    def allowed(self, device: str | torch.device) -> torch.Tensor:
+        """bool (vocab,) on device as GrammarMatcher.allowed."""
         if self.state == "thinking":
-            return None
+            key = str(device)
+            if key not in self._thinking_mask:
+                mask = torch.ones(self.inner.vocab, dtype=torch.bool)
+                mask[self.end_ids] = False
+                self._thinking_mask[key] = mask.to(device)
+            return self._thinking_mask[key]
         allowed = self.inner.allowed_host()
         if self.state == "start":
             allowed[self.open_id] = True

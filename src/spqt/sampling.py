@@ -91,9 +91,8 @@ class LogitShaper:
             logits = logits - s.frequency_penalty * self.counts
         if s.presence_penalty:
             logits = logits - s.presence_penalty * (self.counts > 0).float()
-        allowed = self.matcher.allowed(logits.device) if self.matcher is not None else None
-        if allowed is not None:  # (None: a reasoning model's thinking before its grammar, every token allowed)
-            logits = logits.masked_fill(~allowed, float("-inf"))
+        if self.matcher is not None:
+            logits = logits.masked_fill(~self.matcher.allowed(logits.device), float("-inf"))
         return logits
 
     def add(self, token: torch.Tensor | int) -> None:
