@@ -23,7 +23,7 @@ text (U+FFFD for part of a character).
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -196,6 +196,7 @@ class SamplingFields(RequestModel):
     """What both endpoints share. Defaults are OpenAI's (temperature 1: sampling; 0 means greedy).
     top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut."""
 
+    prompt_param: ClassVar[str] = "prompt"  # the field that holds the prompt (errors of the prompt name it)
     model: str | None = None  # None: the one served model
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -386,6 +387,7 @@ class ChatMessage(RequestModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    prompt_param: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
