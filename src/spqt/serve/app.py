@@ -1,19 +1,21 @@
-"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
+"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/responses (a chat: spqt.serve.responses),
+/v1/completions and /v1/models, and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
 API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
 param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
 context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (n choices, of each of a
 batch of completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with
-`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]`. Cross-origin
-requests from a browser (CORS) are answered only for the origins `spqt serve --allow-origin` names.
+`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]` (the Responses
+API's named events: ResponseStream's). Cross-origin requests from a browser (CORS) are answered only for the origins
+`spqt serve --allow-origin` names.
 """
 
 import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,12 +28,13 @@ from spqt import grammar
 from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Sampling
 from spqt.serve import protocol as p
+from spqt.serve import responses as r
 from spqt.serve.answer import Answer, AnswerStream, Piece, Reading, finish_reason, read_answer
 from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
-from spqt.serve.reasoning import grammar_after_thinking, starts_thinking
+from spqt.serve.reasoning import grammar_after_thinking, starts_thinking, thinking_tokens
 from spqt.serve.tools import forced_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -363,6 +366,42 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,
                                 usage=p.usage(results, req.n))
 
+    async def thinking(result: GenerationResult, reading: Reading) -> int:
+        """How many of an answer's tokens are its thinking (reasoning.thinking_tokens), decoded in a thread."""
+        if not reading.think:
+            return 0
+        return await asyncio.to_thread(thinking_tokens, result.tokens, engine.tokenizer.decode, reading.thinking)
+
+    @app.post("/v1/responses", dependencies=[Depends(check_key)])
+    async def responses(request: Request):
+        """OpenAI's Responses API, stateless, as a chat (spqt.serve.responses)."""
+        req = await parse(request, r.ResponsesRequest)
+        jobs, reading = await plan_chat(request, req, req.chat_messages())
+        response = r.new_response(req, info.model_id)
+        if req.stream:
+            stream = r.ResponseStream(response)
+
+            async def lines():
+                for line in stream.start():
+                    yield line
+                tokens = []  # every answer token's logprobs entries (where asked for)
+                async for _, part, result in streamed_answers(request, jobs, reading):
+                    if part is not None:
+                        tokens += part.tokens
+                        for line in stream.add(part):
+                            yield line
+                    elif result is not None:
+                        n = await thinking(result, reading)
+                        for line in stream.end(result.finish_reason == "length", tokens[n:],
+                                               r.usage(result, n, engine.prompt_cache)):
+                            yield line
+
+            return event_stream(lines(), jobs, stream.error)
+        answer, tokens, result = await chat_answer(request, jobs[0], reading)
+        n = await thinking(result, reading)
+        return r.completed(response, answer, tokens[n:], result.finish_reason == "length",
+                           r.usage(result, n, engine.prompt_cache))
+
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
         req = await parse(request, p.CompletionRequest)
@@ -476,18 +515,28 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. An error after the headers went out can
-    only be an event: OpenAI's error object, which the openai client raises; also for a cancellation, else a stream
-    cut short by the server's stop would read as complete. jobs: the request's (a batch's prompts run one after
-    another), cancelled where the stream ends before them."""
+    """The chat's and completions' server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error
+    OpenAI's error object, which the openai client raises (event_stream)."""
 
     async def lines():
+        async for event in events:
+            yield f"data: {event.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return event_stream(lines(), jobs, lambda e: f"data: {json.dumps(e.body())}\n\n")
+
+
+def event_stream(lines: AsyncIterator[str], jobs: list[Job], error: Callable[[p.ApiError], str]) -> StreamingResponse:
+    """Server-sent events, lines (each an event's text). An error after the headers went out can only be an event,
+    error(e); also for a cancellation, else a stream cut short by the server's stop would read as complete. jobs: the
+    request's (a batch's prompts run one after another), cancelled where the stream ends before them."""
+
+    async def guarded():
         try:
-            async for event in events:  # (they raise cancelled() where the job ended without its result)
-                yield f"data: {event.model_dump_json()}\n\n"
-            yield "data: [DONE]\n\n"
+            async for line in lines:  # (they raise cancelled() where the job ended without its result)
+                yield line
         except p.ApiError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield error(e)
         except (GeneratorExit, asyncio.CancelledError):  # the stream torn down before its end: the client left (a
             for job in jobs:  # server that stops cancels its jobs first, and the first reason stays)
                 job.cancel(client_gone=True)
@@ -496,5 +545,5 @@ def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
             for job in jobs:
                 job.cancel()
 
-    return StreamingResponse(lines(), media_type="text/event-stream",
+    return StreamingResponse(guarded(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
