@@ -1,13 +1,16 @@
-"""Shared fixtures: tiny random Llama checkpoints, the default model, the shared data folder; a served engine."""
+"""Shared fixtures: tiny random Llama checkpoints, the default model, the shared data folder; a served engine, and the
+default model served on the CPU for a test module (server: its URL, an openai client and its log lines)."""
 
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +19,8 @@ import pytest
 import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+KEY = "test-key-17"  # the served model's API key
+CTX = 256  # the served model's context
 
 
 # The gpu tests whose items take longest (the slowest 15 of a fresh H100's suite took 40-187 s each in the forty-ninth
@@ -91,6 +96,98 @@ def serving(engine, api_key: str | None = None, allow_origins: tuple[str, ...] =
         thread.join(30)
         sock.close()
     assert not thread.is_alive(), "the server did not stop"
+
+
+TOOL_TEMPLATE = (  # a Hermes-style template (as Qwen's writes tools and calls), written for the test
+    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function | tojson }}{% endfor %}\n"
+    "Answer a call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
+    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% else %}"
+    "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
+
+THINK_TEMPLATE = (  # a Qwen3-style template (think tags; enable_thinking false closes an empty block), for the test
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
+    "{%- elif open_think is defined %}<think>\n{% endif %}")
+
+
+class Server:
+    """A server for tests (the server fixture): its URL and log lines."""
+
+    def __init__(self, url: str, lines: list[str]):
+        self.url, self.lines = url, lines
+
+    def client(self, key: str = KEY, **kw):
+        """An openai.OpenAI client of the server."""
+        import openai
+
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
+
+    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict | list]:
+        """(status, JSON) of a request sent as given, for bodies the openai client would not send; for a stream,
+        the list of its events' data (JSON, and "[DONE]" as is)."""
+        req = urllib.request.Request(self.url + path, data=body, headers={"Authorization": f"Bearer {key}",
+                                                                          "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                if r.headers.get_content_type() == "text/event-stream":
+                    data = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
+                    return r.status, [d if d == "[DONE]" else json.loads(d) for d in data]
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def health(self) -> dict:
+        return self.raw("/health")[1]
+
+    def log_text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]):
+        super().__init__(logging.INFO)
+        self.lines = lines
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def loaded(default_gguf):
+    from spqt.checkpoint import load_model
+
+    return load_model(default_gguf)
+
+
+@pytest.fixture(scope="module")
+def engine(loaded, default_gguf):
+    from spqt.serve.engine import Engine
+
+    return Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    """The module's engine served with the API key KEY (conftest.serving), its log lines kept."""
+    lines: list[str] = []
+    handler = _Lines(lines)
+    log = logging.getLogger("spqt.serve")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        with serving(engine, api_key=KEY) as url:
+            yield Server(url, lines)
+    finally:
+        log.removeHandler(handler)
+
+
+@pytest.fixture(scope="module")
+def model_id(server) -> str:
+    models = server.client().models.list().data
+    assert len(models) == 1
+    return models[0].id
 
 
 def generator_logprobs(loaded, device: str, prompt: list[int], n: int, max_len: int,

@@ -29,83 +29,10 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 
 from spqt import cli  # noqa: E402
 from spqt.cli import main  # noqa: E402
-from conftest import generator_logprobs, prefix_logprobs, serving, token_by_token_logprobs  # noqa: E402
+from conftest import (CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE, generator_logprobs, prefix_logprobs,  # noqa: E402
+                      serving, token_by_token_logprobs)
 
-KEY = "test-key-17"
-CTX = 256
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class Server:
-    def __init__(self, url: str, lines: list[str]):
-        self.url, self.lines = url, lines
-
-    def client(self, key: str = KEY, **kw) -> "openai.OpenAI":
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
-
-    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict | list]:
-        """(status, JSON) of a request sent as given, for bodies the openai client would not send; for a stream,
-        the list of its events' data (JSON, and "[DONE]" as is)."""
-        req = urllib.request.Request(self.url + path, data=body, headers={"Authorization": f"Bearer {key}",
-                                                                          "Content-Type": "application/json"})
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                if r.headers.get_content_type() == "text/event-stream":
-                    data = [line[6:] for line in r.read().decode().splitlines() if line.startswith("data: ")]
-                    return r.status, [d if d == "[DONE]" else json.loads(d) for d in data]
-                return r.status, json.load(r)
-        except urllib.error.HTTPError as e:
-            return e.code, json.load(e)
-
-    def health(self) -> dict:
-        return self.raw("/health")[1]
-
-    def log_text(self) -> str:
-        return "\n".join(self.lines)
-
-
-class _Lines(logging.Handler):
-    def __init__(self, lines: list[str]):
-        super().__init__(logging.INFO)
-        self.lines = lines
-
-    def emit(self, record):
-        self.lines.append(record.getMessage())
-
-
-@pytest.fixture(scope="module")
-def loaded(default_gguf):
-    from spqt.checkpoint import load_model
-
-    return load_model(default_gguf)
-
-
-@pytest.fixture(scope="module")
-def engine(loaded, default_gguf):
-    from spqt.serve.engine import Engine
-
-    return Engine(loaded, "cpu", 0.0, ctx=CTX, name=default_gguf.stem)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    lines: list[str] = []
-    handler = _Lines(lines)
-    log = logging.getLogger("spqt.serve")
-    log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    try:
-        with serving(engine, api_key=KEY) as url:
-            yield Server(url, lines)
-    finally:
-        log.removeHandler(handler)
-
-
-@pytest.fixture(scope="module")
-def model_id(server) -> str:
-    models = server.client().models.list().data
-    assert len(models) == 1
-    return models[0].id
 
 
 CHAT = [{"role": "user", "content": "Name three primary colors."}]
@@ -711,13 +638,6 @@ def test_structured_output_keeps_to_its_grammar(server, model_id, engine, loaded
         assert "\n" not in error["message"] and param in error["message"], body
 
 
-TOOL_TEMPLATE = (  # a Hermes-style template (as Qwen's writes tools and calls), written for the test
-    "{%- if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function | tojson }}{% endfor %}\n"
-    "Answer a call as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call><|im_end|>\n{% endif %}"
-    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{% if m.tool_calls %}{% for c in m.tool_calls %}"
-    "<tool_call>{{ {'name': c.function.name, 'arguments': c.function.arguments} | tojson }}</tool_call>"
-    "{% endfor %}{% elif m.role == 'tool' %}<tool_response>{{ m.content }}</tool_response>{% else %}"
-    "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
                                                  "parameters": {"type": "object",
                                                                 "properties": {"city": {"type": "string"}}}}}
@@ -814,12 +734,6 @@ def test_tool_calls_read_from_the_answer(server, model_id, engine, monkeypatch):
     status, body = server.raw("/v1/chat/completions", json.dumps({**ask, "tools": [
         {"type": "function", "function": {"name": "no spaces allowed"}}]}).encode())
     assert status == 400 and body["error"]["param"] == "tools[0].function.name", body
-
-
-THINK_TEMPLATE = (  # a Qwen3-style template (think tags; enable_thinking false closes an empty block), for the test
-    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
-    "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{%- elif open_think is defined %}<think>\n{% endif %}")
 
 
 def test_reasoning_content_apart_from_the_answer(server, model_id, engine, monkeypatch):

@@ -1,19 +1,21 @@
-"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/completions and /v1/models, and /health.
+"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/responses (a chat: spqt.serve.responses),
+/v1/completions and /v1/models, and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
 API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
 param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
 context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (n choices, of each of a
 batch of completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with
-`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]`. Cross-origin
-requests from a browser (CORS) are answered only for the origins `spqt serve --allow-origin` names.
+`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]` (the Responses
+API's named events: ResponseStream's). Cross-origin requests from a browser (CORS) are answered only for the origins
+`spqt serve --allow-origin` names.
 """
 
 import asyncio
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
@@ -26,12 +28,14 @@ from spqt import grammar
 from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Sampling
 from spqt.serve import protocol as p
+from spqt.serve import responses as r
+from spqt.serve.answer import Answer, AnswerStream, Piece, Reading, finish_reason, read_answer
 from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
-from spqt.serve.reasoning import ReasoningStream, grammar_after_thinking, split_reasoning, starts_thinking
-from spqt.serve.tools import ToolTextStream, forced_calls, parse_tool_calls, tool_format
+from spqt.serve.reasoning import grammar_after_thinking, starts_thinking, thinking_tokens
+from spqt.serve.tools import forced_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
 
@@ -121,17 +125,18 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         """The first token id outside the model's vocabulary, None where every one is in it."""
         return next((t for t in ids if not 0 <= t < engine.tokenizer.config.vocab_size), None)
 
-    async def rendered(messages: list[p.ChatMessage], tools: list[dict] | None, template_kwargs: dict) -> tuple:
+    async def rendered(messages: list[p.ChatMessage], tools: list[dict] | None, template_kwargs: dict,
+                       param: str = "messages") -> tuple:
         """(the chat template's text of a conversation, its token ids), in a thread (a 4 MiB prompt's 3-6 s of
-        tokenizing on the 2-core CPU stalled every stream on the event loop); a 400 where the template refuses it
-        (its raise_exception, among others)."""
+        tokenizing on the 2-core CPU stalled every stream on the event loop); a 400 naming param (the request's field
+        of the conversation) where the template refuses it (its raise_exception, among others)."""
         def render() -> tuple[str, list[int]]:
             text = engine.tokenizer.render_chat([m.template_message() for m in messages], tools, template_kwargs)
             return text, engine.tokenizer.encode(text, add_bos=False)
         try:
             return await asyncio.to_thread(render)
         except SpqtError as e:
-            raise p.ApiError(400, str(e), param="messages") from None
+            raise p.ApiError(400, str(e), param=param) from None
 
     def shaping(req: p.SamplingFields) -> dict:
         """The request's logit shaping (Sampling's fields), its logit_bias tokens checked against the vocabulary."""
@@ -167,7 +172,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if room < least:
             raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
                              f"max_tokens asks for {least} more.",
-                             param="messages" if isinstance(req, p.ChatCompletionRequest) else "prompt",
+                             param=req.prompt_param,
                              code="context_length_exceeded")
         if req.seed is None:
             seed = secrets.randbits(63)
@@ -256,12 +261,16 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         text = engine.tokenizer.decode(req.tokens)
         return {"content": text, "prompt": text}
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat_completions(request: Request):
-        req = await parse(request, p.ChatCompletionRequest)
+    async def plan_chat(request: Request, req: p.SamplingFields, messages: list[p.ChatMessage]) -> \
+            tuple[list[Job], Reading]:
+        """A chat request's jobs (one a choice, of its conversation through the chat template) and how their answers
+        are read: its tools (tool_choice forcing calls through a grammar), structured output (after the thinking of a
+        reasoning model), reasoning. req: a chat request, or one that holds a chat's fields as ChatCompletionRequest
+        names them (tool_specs, forced_tool, parallel_tool_calls, chat_template_kwargs); messages: its conversation,
+        errors in it naming req.prompt_param."""
         if not engine.tokenizer.spec.chat_template:
             raise p.ApiError(400, "This model has no chat template, so it takes no messages; send the text to "
-                             "/v1/completions.", param="messages", code="unsupported_value")
+                             "/v1/completions.", param=req.prompt_param, code="unsupported_value")
         tools, fmt, forced = req.tool_specs(), None, req.forced_tool()
         shape = shaping(req) | await structured(req, tools)
         if tools:
@@ -275,33 +284,48 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                                            engine.vocabulary)
             except SpqtError as e:  # (a parameters schema the grammar compiler refuses)
                 raise p.ApiError(400, f"tools: {e}.", param="tools", code="invalid_value") from None
-        prompt_text, prompt = await rendered(req.messages, tools, req.chat_template_kwargs)
-        last = req.messages[-1].text()
-        # a reasoning model's <think> text as reasoning_content (spqt.serve.reasoning); thinking: from the answer's
+        prompt_text, prompt = await rendered(messages, tools, req.chat_template_kwargs, req.prompt_param)
+        last = messages[-1].text()
+        # a reasoning model's <think> text as its reasoning (spqt.serve.reasoning); thinking: from the answer's
         # start, where the template's prompt opened the block; a grammar keeps to the text after the thinking
         think = engine.reasoning
         if think and "grammar" in shape:
             after = grammar_after_thinking(shape["grammar"], engine.vocabulary, prompt_text, last)
             think = after is not None
             shape["grammar"] = shape["grammar"] if after is None else after
-        thinking = think and starts_thinking(prompt_text, last)
-        jobs = [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)]
+        reading = Reading(think, think and starts_thinking(prompt_text, last), fmt,
+                          {t["function"]["name"] for t in tools} if tools else None, req.parallel_tool_calls)
+        return [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)], reading
+
+    async def chat_answer(request: Request, job: Job, reading: Reading) -> tuple[Answer, list[TokenLogprob],
+                                                                                 GenerationResult]:
+        """A chat job's answer read whole (its parts), its tokens' logprobs entries and its result."""
+        text, tokens, result = await collect(request, job)
+        return read_answer(text, reading), tokens, result
+
+    async def streamed_answers(request: Request, jobs: list[Job], reading: Reading) -> \
+            AsyncIterator[tuple[int, Piece | None, GenerationResult | None]]:
+        """A chat request's answers (its choices) read as they stream: per choice j (j, None, None) as its job is
+        queued, (j, part, None) for each part (AnswerStream's), then (j, None, result)."""
+        stream = None
+        async for j, piece, tokens, result in run_choices(request, jobs):
+            if piece is None:
+                yield j, None, None
+                stream = AnswerStream(reading)
+                continue
+            for part in stream.finish() if result is not None else stream.feed(piece, tokens or []):
+                yield j, part, None
+            if result is not None:
+                yield j, None, result
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat_completions(request: Request):
+        req = await parse(request, p.ChatCompletionRequest)
+        jobs, reading = await plan_chat(request, req, req.messages)
         rid, created = p.new_id("chatcmpl"), p.now()
 
         def logprobs(tokens: list[TokenLogprob] | None) -> p.ChatLogprobs | None:
             return p.chat_logprobs(tokens) if req.logprobs and tokens is not None else None
-
-        offered = {t["function"]["name"] for t in tools} if tools else None
-
-        def wire_calls(calls: list, streamed: bool) -> list[dict]:
-            """The answer's calls as tool_calls entries (the first alone where parallel_tool_calls is false; a
-            streamed delta's with their index)."""
-            kept = calls if req.parallel_tool_calls else calls[:1]
-            return [c.wire(i if streamed else None) for i, c in enumerate(kept)]
-
-        def call_finish(result: GenerationResult, calls: list) -> str:
-            """tool_calls where the answer called a tool, unless max_tokens cut it ("length" says so)."""
-            return "tool_calls" if calls and result.finish_reason != "length" else result.finish_reason
 
         if req.stream:
             def chunk(delta: dict, index: int = 0, finish=None, usage=None, choices=True,
@@ -311,54 +335,72 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                                              choices=[choice] if choices else [])
 
             async def events():
-                # per choice: reasoning, the ReasoningStream where the template thinks (reasoning_content deltas);
-                # held, the ToolTextStream where tools are offered; pending, the logprobs entries of text not sent
-                # yet, sent with the next delta (or the last)
-                results, reasoning, held, pending = [], None, None, []
-                async for j, piece, tokens, result in run_choices(request, jobs):
-                    if piece is None:
+                results, calls = [], []
+                async for j, part, result in streamed_answers(request, jobs, reading):
+                    if part is None and result is None:
                         yield chunk({"role": "assistant", "content": ""}, j)
-                        reasoning = ReasoningStream(thinking) if think else None
-                        held, pending = ToolTextStream(fmt, offered) if fmt else None, []
-                        continue
-                    ending, pending = result is not None, pending + (tokens or [])
-                    thought, content = ("", "" if ending else piece) if reasoning is None else \
-                        reasoning.finish() if ending else reasoning.feed(piece)
-                    if thought:
-                        yield chunk({"reasoning_content": thought}, j, tokens=pending)
-                        pending = []
-                    calls = []
-                    if held:
-                        content = held.feed(content) if content else ""
-                        if ending:
-                            rest, calls = held.finish()
-                            content += rest
-                    if content or (pending and (ending or not (held or reasoning))):
-                        yield chunk({"content": content}, j, tokens=pending)
-                        pending = []
-                    if ending:
-                        finish = result.finish_reason
-                        if calls:
-                            yield chunk({"tool_calls": wire_calls(calls, streamed=True)}, j)
-                            finish = call_finish(result, calls)
-                        yield chunk({}, j, finish=finish)
+                        calls = []
+                    elif part is None:
+                        yield chunk({}, j, finish=finish_reason(result.finish_reason, calls))
                         results.append(result)
+                    elif part.kind == "calls":
+                        calls = part.calls
+                        yield chunk({"tool_calls": [c.wire(i) for i, c in enumerate(calls)]}, j)
+                    else:
+                        field = "reasoning_content" if part.kind == "reasoning" else "content"
+                        yield chunk({field: part.text}, j, tokens=part.tokens)
                 if req.stream_options and req.stream_options.include_usage:
                     yield chunk({}, usage=p.usage(results, req.n), choices=False)
 
             return sse(events(), jobs)
         choices, results = [], []
         for j, job in enumerate(jobs):
-            text, tokens, result = await collect(request, job)
-            thought, text = split_reasoning(text, thinking) if think else (None, text)
-            content, calls = parse_tool_calls(text, fmt, offered) if fmt else (text, [])
-            message = p.AssistantMessage(content=(content or None) if calls else text, reasoning_content=thought,
-                                         tool_calls=wire_calls(calls, streamed=False) if calls else None)
-            choices.append(p.ChatChoice(index=j, message=message, finish_reason=call_finish(result, calls),
+            answer, tokens, result = await chat_answer(request, job, reading)
+            calls = [c.wire() for c in answer.calls] or None
+            message = p.AssistantMessage(content=(answer.content or None) if calls else answer.content,
+                                         reasoning_content=answer.reasoning, tool_calls=calls)
+            choices.append(p.ChatChoice(index=j, message=message,
+                                        finish_reason=finish_reason(result.finish_reason, answer.calls),
                                         logprobs=logprobs(tokens)))
             results.append(result)
         return p.ChatCompletion(id=rid, created=created, model=info.model_id, choices=choices,
                                 usage=p.usage(results, req.n))
+
+    async def thinking(result: GenerationResult, reading: Reading) -> int:
+        """How many of an answer's tokens are its thinking (reasoning.thinking_tokens), decoded in a thread."""
+        if not reading.think:
+            return 0
+        return await asyncio.to_thread(thinking_tokens, result.tokens, engine.tokenizer.decode, reading.thinking)
+
+    @app.post("/v1/responses", dependencies=[Depends(check_key)])
+    async def responses(request: Request):
+        """OpenAI's Responses API, stateless, as a chat (spqt.serve.responses)."""
+        req = await parse(request, r.ResponsesRequest)
+        jobs, reading = await plan_chat(request, req, req.chat_messages())
+        response = r.new_response(req, info.model_id)
+        if req.stream:
+            stream = r.ResponseStream(response)
+
+            async def lines():
+                for line in stream.start():
+                    yield line
+                tokens = []  # every answer token's logprobs entries (where asked for)
+                async for _, part, result in streamed_answers(request, jobs, reading):
+                    if part is not None:
+                        tokens += part.tokens
+                        for line in stream.add(part):
+                            yield line
+                    elif result is not None:
+                        n = await thinking(result, reading)
+                        for line in stream.end(result.finish_reason == "length", tokens[n:],
+                                               r.usage(result, n, engine.prompt_cache)):
+                            yield line
+
+            return event_stream(lines(), jobs, stream.error)
+        answer, tokens, result = await chat_answer(request, jobs[0], reading)
+        n = await thinking(result, reading)
+        return r.completed(response, answer, tokens[n:], result.finish_reason == "length",
+                           r.usage(result, n, engine.prompt_cache))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
@@ -473,18 +515,28 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
-    """Server-sent events: `data: {json}` per chunk, then `data: [DONE]`. An error after the headers went out can
-    only be an event: OpenAI's error object, which the openai client raises; also for a cancellation, else a stream
-    cut short by the server's stop would read as complete. jobs: the request's (a batch's prompts run one after
-    another), cancelled where the stream ends before them."""
+    """The chat's and completions' server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error
+    OpenAI's error object, which the openai client raises (event_stream)."""
 
     async def lines():
+        async for event in events:
+            yield f"data: {event.model_dump_json()}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return event_stream(lines(), jobs, lambda e: f"data: {json.dumps(e.body())}\n\n")
+
+
+def event_stream(lines: AsyncIterator[str], jobs: list[Job], error: Callable[[p.ApiError], str]) -> StreamingResponse:
+    """Server-sent events, lines (each an event's text). An error after the headers went out can only be an event,
+    error(e); also for a cancellation, else a stream cut short by the server's stop would read as complete. jobs: the
+    request's (a batch's prompts run one after another), cancelled where the stream ends before them."""
+
+    async def guarded():
         try:
-            async for event in events:  # (they raise cancelled() where the job ended without its result)
-                yield f"data: {event.model_dump_json()}\n\n"
-            yield "data: [DONE]\n\n"
+            async for line in lines:  # (they raise cancelled() where the job ended without its result)
+                yield line
         except p.ApiError as e:
-            yield f"data: {json.dumps(e.body())}\n\n"
+            yield error(e)
         except (GeneratorExit, asyncio.CancelledError):  # the stream torn down before its end: the client left (a
             for job in jobs:  # server that stops cancels its jobs first, and the first reason stays)
                 job.cancel(client_gone=True)
@@ -493,5 +545,5 @@ def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
             for job in jobs:
                 job.cancel()
 
-    return StreamingResponse(lines(), media_type="text/event-stream",
+    return StreamingResponse(guarded(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -23,7 +23,7 @@ text (U+FFFD for part of a character).
 import json
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -39,6 +39,9 @@ MAX_CHOICES = 16  # n, choices of each prompt
 MAX_LOGIT_BIAS_TOKENS = 1024  # logit_bias entries (each job's bias vector is built from them)
 MAX_REPETITION_PENALTY = 100  # a finite bound (vLLM takes any value above 0; 1.0-1.5 is the usual range)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on chat's top_logprobs (its completions' is 5; vLLM takes 20 on both)
+
+# a function's or a JSON schema's name, as OpenAI allows it
+Name = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
 class ApiError(Exception):
@@ -58,7 +61,7 @@ def unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported_value", message)
 
 
-def _off_only(message: str):
+def off_only(message: str):
     """A field validator: a value other than the field's off value (0, false, empty) is not honoured here."""
     def check(cls, value):
         if value:
@@ -67,14 +70,14 @@ def _off_only(message: str):
     return check
 
 
-def _refused(message: str):
+def refused(message: str):
     """A field validator of a field whose default is null: any value given is not honoured here."""
     def check(cls, value):
         raise unsupported(message)
     return check
 
 
-def _one_only(message: str):
+def one_only(message: str):
     """A field validator: a count other than 1 is not honoured here."""
     def check(cls, count: int) -> int:
         if count != 1:
@@ -83,16 +86,28 @@ def _one_only(message: str):
     return check
 
 
-def _text_kind(what: str):
-    """A field validator of a `type` field that takes "text" alone; what: the refusal's words before the kind."""
+def text_kind(what: str, kinds: tuple[str, ...] = ("text",)):
+    """A field validator of a `type` field that takes the kinds of text alone; what: the refusal's words before the
+    kind."""
     def check(cls, kind: str) -> str:
-        if kind != "text":
+        if kind not in kinds:
             raise unsupported(f"{what}, not '{kind}'")
         return kind
     return check
 
 
-def _free_template_names(cls, kwargs: dict) -> dict:
+def json_object_text(cls, arguments: str) -> str:
+    """A field validator of a call's arguments: a JSON object's text ("": no arguments), as OpenAI sends them."""
+    try:
+        value = json.loads(arguments or "{}")
+    except json.JSONDecodeError:
+        raise ValueError("not JSON text") from None
+    if not isinstance(value, dict):
+        raise ValueError("not the text of a JSON object")
+    return arguments
+
+
+def free_template_names(cls, kwargs: dict) -> dict:
     """A field validator of chat_template_kwargs: the names the server sets itself (or transformers takes for its own
     use) are refused."""
     taken = sorted(set(kwargs) & {"messages", "tools", "add_generation_prompt", "tokenize", "conversation",
@@ -154,7 +169,7 @@ class JsonSchemaFormat(RequestModel):
     """response_format's json_schema: the schema (schema_, sent as "schema"; absent: any JSON value) that the answer
     keeps to. strict is taken either way: every answer keeps to the schema (spqt.grammar)."""
 
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    name: Name
     description: str | None = None
     schema_: dict = Field(default_factory=dict, alias="schema")
     strict: bool | None = None
@@ -196,6 +211,7 @@ class SamplingFields(RequestModel):
     """What both endpoints share. Defaults are OpenAI's (temperature 1: sampling; 0 means greedy).
     top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut."""
 
+    prompt_param: ClassVar[str] = "prompt"  # the field that holds the prompt (errors of the prompt name it)
     model: str | None = None  # None: the one served model
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -259,9 +275,9 @@ class SamplingFields(RequestModel):
     min_tokens: int = 0
     ignore_eos: bool = False
 
-    _no_extra_zero = field_validator("min_tokens", "ignore_eos")(_off_only("not supported (only 0 or false)"))
-    _no_whitespace_pattern = field_validator("guided_whitespace_pattern")(_refused("not supported (only null)"))
-    _no_extra_one = field_validator("typical_p")(_one_only("not supported (only 1)"))
+    _no_extra_zero = field_validator("min_tokens", "ignore_eos")(off_only("not supported (only 0 or false)"))
+    _no_whitespace_pattern = field_validator("guided_whitespace_pattern")(refused("not supported (only null)"))
+    _no_extra_one = field_validator("typical_p")(one_only("not supported (only 1)"))
 
     @field_validator("repeat_penalty")
     @classmethod
@@ -274,6 +290,14 @@ class SamplingFields(RequestModel):
         """The structured output the request asks for: (param, kind, value), kind json_schema (value a schema),
         json_object, regex, choice (a list of strings) or gbnf (a grammar's text); None for plain text. An error
         where it asks in more than one field."""
+        given = self.structures()
+        if len(given) > 1:
+            raise ApiError(400, f"The request asks for structured output in {given[0][0]} and in {given[1][0]}: "
+                           f"give one.", param=given[1][0], code="invalid_value")
+        return given[0] if given else None
+
+    def structures(self) -> list[tuple[str, str, Any]]:
+        """Each field's structured output, as structure() gives it."""
         given = []
         if self.response_format is not None and self.response_format.type != "text":
             f = self.response_format
@@ -286,10 +310,7 @@ class SamplingFields(RequestModel):
             if value is not None]
         if self.structured_outputs is not None:
             given += self.structured_outputs.structure()
-        if len(given) > 1:
-            raise ApiError(400, f"The request asks for structured output in {given[0][0]} and in {given[1][0]}: "
-                           f"give one.", param=given[1][0], code="invalid_value")
-        return given[0] if given else None
+        return given
 
     def shaping(self) -> dict:
         """Sampling's fields that shape the logits (spqt.sampling): once a request, its jobs share the bias map."""
@@ -303,23 +324,14 @@ class TextPart(RequestModel):
     type: str
     text: str
 
-    _text_only = field_validator("type")(_text_kind("only text parts are supported"))
+    _text_only = field_validator("type")(text_kind("only text parts are supported"))
 
 
 class FunctionCall(RequestModel):
     name: str = Field(min_length=1)
     arguments: str  # a JSON object's text, as OpenAI sends it
 
-    @field_validator("arguments")
-    @classmethod
-    def _object(cls, arguments: str) -> str:
-        try:
-            value = json.loads(arguments or "{}")  # ("": no arguments)
-        except json.JSONDecodeError:
-            raise ValueError("not JSON text") from None
-        if not isinstance(value, dict):
-            raise ValueError("not the text of a JSON object")
-        return arguments
+    _object = field_validator("arguments")(json_object_text)
 
 
 class MessageToolCall(RequestModel):
@@ -329,7 +341,7 @@ class MessageToolCall(RequestModel):
 
 
 class FunctionSpec(RequestModel):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")  # OpenAI's rule for the name
+    name: Name
     description: str | None = None
     parameters: dict | None = None  # a JSON Schema object
     strict: bool | None = None
@@ -386,6 +398,7 @@ class ChatMessage(RequestModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    prompt_param: ClassVar[str] = "messages"
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)  # the newer name of max_tokens
     logprobs: bool = False
@@ -403,11 +416,11 @@ class ChatCompletionRequest(SamplingFields):
     reasoning_effort: str | None = None
     verbosity: str | None = None
 
-    _unsupported = field_validator("functions")(_off_only("not supported (send tools)"))
+    _unsupported = field_validator("functions")(off_only("not supported (send tools)"))
     _not_this_model = field_validator("audio", "web_search_options", "reasoning_effort", "verbosity")(
-        _refused("not supported by this model (only null)"))
+        refused("not supported by this model (only null)"))
 
-    _free_names = field_validator("chat_template_kwargs")(_free_template_names)
+    _free_names = field_validator("chat_template_kwargs")(free_template_names)
 
     @field_validator("modalities")
     @classmethod
@@ -436,21 +449,11 @@ class ChatCompletionRequest(SamplingFields):
         return choice
 
     def forced_tool(self) -> str | None:
-        """What tool_choice forces: "" any offered tool ('required'), a tool's name, or None (the model's choice).
-        ApiError where it names a tool not offered, or forces a call with no tools."""
+        """What tool_choice forces (forced_tool's)."""
         choice = self.tool_choice
-        if choice in (None, "none", "auto"):
-            return None
-        if not self.tools:
-            raise ApiError(400, "tool_choice forces a call, but the request offers no tools.", param="tool_choice",
-                           code="invalid_value")
-        if choice == "required":
-            return ""
-        name = choice["function"]["name"]
-        if name not in {t.function.name for t in self.tools}:
-            raise ApiError(400, f"tool_choice names the function '{name}', which tools does not offer.",
-                           param="tool_choice", code="invalid_value")
-        return name
+        named = isinstance(choice, dict)
+        return forced_tool(None if named else choice, choice["function"]["name"] if named else None,
+                           [t.function.name for t in self.tools])
 
     def tool_specs(self) -> list[dict] | None:
         """The tools for the chat template (OpenAI's JSON, as transformers passes it), None where none are offered
@@ -474,6 +477,23 @@ class ChatCompletionRequest(SamplingFields):
     def top_tokens(self) -> int | None:
         """How many most likely tokens each answer token's logprobs list (None: no logprobs asked)."""
         return self.top_logprobs if self.logprobs else None
+
+
+def forced_tool(choice: str | None, name: str | None, offered: list[str]) -> str | None:
+    """What a tool_choice forces: "" any offered tool (choice 'required'), the named function (name), or None (the
+    model's choice: choice None, 'none' or 'auto'). offered: the tools' names. ApiError where it names a tool not
+    offered, or forces a call with no tools."""
+    if name is None and choice in (None, "none", "auto"):
+        return None
+    if not offered:
+        raise ApiError(400, "tool_choice forces a call, but the request offers no tools.", param="tool_choice",
+                       code="invalid_value")
+    if name is None:
+        return ""
+    if name not in offered:
+        raise ApiError(400, f"tool_choice names the function '{name}', which tools does not offer.",
+                       param="tool_choice", code="invalid_value")
+    return name
 
 
 class CompletionRequest(SamplingFields):
@@ -514,13 +534,13 @@ class CompletionRequest(SamplingFields):
             raise ValueError("a prompt is empty")
         return prompts
 
-    _unsupported = field_validator("suffix")(_off_only("not supported"))
+    _unsupported = field_validator("suffix")(off_only("not supported"))
 
     def top_tokens(self) -> int | None:
         """How many most likely tokens each answer token's logprobs list (None: no logprobs asked)."""
         return self.logprobs
 
-    _one_best = field_validator("best_of")(_one_only("only 1 is supported"))
+    _one_best = field_validator("best_of")(one_only("only 1 is supported"))
 
 
 # ---------------------------------------------------------------- responses
@@ -670,10 +690,10 @@ class TokenizeRequest(RequestModel):
     add_generation_prompt: bool = True
     with_pieces: bool = False
 
-    _generation_prompt = field_validator("add_generation_prompt")(_one_only("not supported (only true: the "
+    _generation_prompt = field_validator("add_generation_prompt")(one_only("not supported (only true: the "
                                                                             "template's prompt for an answer)"))
 
-    _free_names = field_validator("chat_template_kwargs")(_free_template_names)
+    _free_names = field_validator("chat_template_kwargs")(free_template_names)
 
     @model_validator(mode="after")
     def _one_input(self):
@@ -710,8 +730,8 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+def new_id(prefix: str, sep: str = "-") -> str:
+    return f"{prefix}{sep}{uuid.uuid4().hex[:24]}"
 
 
 def now() -> int:

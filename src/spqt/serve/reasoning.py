@@ -10,8 +10,11 @@ its text but for the line ends around it (a stream holds line ends back until it
 output keeps the content to its grammar and leaves the thinking free (grammar_after_thinking).
 """
 
+import bisect
+from collections.abc import Callable
+
 from spqt.grammar import AfterThinking, Grammar, Vocabulary
-from spqt.serve.text import tail_starting
+from spqt.serve.text import TextStream, tail_starting
 from spqt.tokenizer import TextTokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -71,6 +74,21 @@ def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
     if end < 0:
         return text.strip("\n") or None, ""
     return text[:end].strip("\n") or None, text[end + len(THINK_CLOSE):].lstrip()
+
+
+def thinking_tokens(tokens: list[int], decode: Callable[[list[int]], str], thinking: bool) -> int:
+    """How many of an answer's tokens (ids, its end token too) are its thinking, as split_reasoning splits its text:
+    those whose text starts before the end of its </think>, all of them where the thinking never closed; 0 where it
+    has none. thinking: the answer thinks from its start."""
+    stream = TextStream(decode)
+    for token in tokens:
+        stream.feed(token)
+    stream.flush()
+    text = stream.text
+    if not thinking and not text.lstrip().startswith(THINK_OPEN):
+        return 0
+    end = text.find(THINK_CLOSE)
+    return len(tokens) if end < 0 else bisect.bisect_left(stream.starts, end + len(THINK_CLOSE))
 
 
 class ReasoningStream:

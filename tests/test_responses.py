@@ -1,0 +1,435 @@
+"""POST /v1/responses (spqt.serve.responses): OpenAI's Responses API on the chat's machinery, through the real server
+(the default model on the CPU, conftest's server) and the openai client's responses.create / responses.stream. The
+answers are the chat endpoint's; the templates with tools or think tags, and their scripted answers, are
+test_serve's.
+"""
+
+import dataclasses
+import json
+import re
+import time
+import urllib.request
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
+
+from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
+from pydantic import TypeAdapter  # noqa: E402
+
+from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE  # noqa: E402
+
+ASK = "Name three primary colors."
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30}}, "required": ["city"],
+    "additionalProperties": False}}
+FORECAST = {"type": "function", "name": "get_forecast", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 30},
+                                     "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+    "required": ["city", "days"], "additionalProperties": False}}
+STREAM_EVENT = TypeAdapter(ResponseStreamEvent)
+
+
+def events(server, body: dict) -> list[dict]:
+    """The data of a streamed response's events, each checked to be named by its type in its event line and to be an
+    event the openai client's types accept."""
+    req = urllib.request.Request(server.url + "/v1/responses", data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as r:
+        assert r.headers.get_content_type() == "text/event-stream"
+        blocks = r.read().decode().split("\n\n")
+    assert blocks[-1] == "", blocks[-1]
+    out = []
+    for block in blocks[:-1]:
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}" and data.startswith("data: "), block
+        STREAM_EVENT.validate_python(event)
+        out.append(event)
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+    return out
+
+
+def comparable(response) -> dict:
+    """What two runs of one greedy request share: the status, the output items but for their ids, the token counts but
+    for the cached ones, the logprobs' tokens (a prompt that the cache held in part gives logprobs a few last bits
+    apart)."""
+    items = []
+    for item in response.output:
+        item = item.model_dump(exclude={"id", "call_id", "parsed_arguments"})
+        for part in item.get("content") or []:
+            part.pop("parsed", None)
+            part["logprobs"] = [(e["token"], [a["token"] for a in e["top_logprobs"]]) for e in part.get("logprobs", [])]
+        items.append(item)
+    return {"status": response.status, "incomplete": response.incomplete_details, "output": items,
+            "usage": response.usage.model_dump(exclude={"input_tokens_details"})}
+
+
+def final_streamed(client, **body):
+    """The final response of responses.stream (every event parsed by the openai client), and its events' types."""
+    with client.responses.stream(**body) as stream:
+        types = [event.type for event in stream]
+        return stream.get_final_response(), types
+
+
+@pytest.fixture
+def template(engine, monkeypatch):
+    """set(text): the served model's chat template is text for the test."""
+    tok = engine.tokenizer
+
+    def set_template(text: str) -> None:
+        monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=text))
+        monkeypatch.setattr(tok, "_hf", None)
+
+    return set_template
+
+
+@pytest.fixture
+def scripted(engine, monkeypatch):
+    """The model's answer scripted: generate replays the tokens of script.answer (on random logits where logprobs are
+    asked for); script.prompts holds each prompt's text."""
+    from spqt.generate import GenerationResult
+
+    tok, vocab = engine.tokenizer, engine.generator.loaded.config.vocab_size
+    script = SimpleNamespace(answer="", prompts=[])
+
+    def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):
+        script.prompts.append(tok.decode(prompt))
+        noise, out = torch.Generator().manual_seed(0), []
+        ids = tok.backend.encode(script.answer, add_special_tokens=False).ids
+        for t in ids[:n]:
+            if on_logits:
+                on_logits(torch.randn(1, vocab, generator=noise))
+            out.append(t)
+            if on_token and on_token(t):
+                break
+        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="length" if len(ids) > n else "stop")
+
+    monkeypatch.setattr(engine.generator, "generate", answers)
+    return script
+
+
+def test_greedy_answer_is_the_chats_and_max_output_tokens_leaves_it_incomplete(server, model_id):
+    """A string input is one user message, instructions a system message first: the greedy answer is the chat
+    endpoint's for that conversation, its usage the chat's; max_output_tokens cut it (status incomplete, its reason,
+    the message incomplete); the body is a Response to the openai client's types, the request's settings echoed; one
+    log line."""
+    client = server.client()
+    chat = client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": ASK}], temperature=0,
+                                          max_tokens=12)
+    assert chat.choices[0].finish_reason == "length"  # (12 tokens cut the answer)
+    r = client.responses.create(model=model_id, input=ASK, temperature=0, max_output_tokens=12)
+    assert r.output_text == chat.choices[0].message.content and r.output_text
+    assert (r.status, r.incomplete_details.reason) == ("incomplete", "max_output_tokens")
+    (message,) = r.output
+    assert (message.type, message.status, message.role) == ("message", "incomplete", "assistant")
+    assert r.id.startswith("resp_") and message.id.startswith("msg_") and r.object == "response" and r.error is None
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == \
+        (chat.usage.prompt_tokens, 12, chat.usage.prompt_tokens + 12)
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    cached = r.usage.input_tokens_details
+    assert cached.cached_tokens == chat.usage.prompt_tokens - 1 and cached.cache_write_tokens == 1  # (chat's prompt)
+    status, body = server.raw("/v1/responses", json.dumps({"model": model_id, "input": ASK, "temperature": 0,
+                                                           "max_output_tokens": 12, "metadata": {"k": "v"}}).encode())
+    assert status == 200
+    Response.model_validate(body)  # (strict: every field the client's type asks for, of its type)
+    assert body["output"][0]["content"][0]["text"] == r.output_text
+    echoed = {k: body[k] for k in ("max_output_tokens", "temperature", "top_p", "tools", "tool_choice", "text",
+                                   "parallel_tool_calls", "metadata", "instructions", "truncation")}
+    assert echoed == {"max_output_tokens": 12, "temperature": 0.0, "top_p": 1.0, "tools": [], "tool_choice": "auto",
+                      "text": {"format": {"type": "text"}}, "parallel_tool_calls": True, "metadata": {"k": "v"},
+                      "instructions": None, "truncation": "disabled"}, echoed
+    assert re.search(r"POST /v1/responses 200 finish length, prompt \d+ .*\+ completion 12 tokens", server.log_text())
+    system = "Answer in French."
+    chat = client.chat.completions.create(model=model_id, temperature=0, max_tokens=6, messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": ASK}])
+    r = client.responses.create(model=model_id, instructions=system, temperature=0, max_output_tokens=6, input=[
+        {"type": "message", "role": "user", "content": [{"type": "input_text", "text": ASK}]}])
+    assert r.output_text == chat.choices[0].message.content and r.instructions == system
+    assert r.usage.input_tokens == chat.usage.prompt_tokens
+
+
+def test_stream_events_are_openais_and_end_in_the_plain_response(server, model_id):
+    """Streamed: the events in OpenAI's order, each named, numbered and of the client's types, the deltas joined to the
+    done text and the plain answer; responses.create(stream=True) and responses.stream parse them, and the latter's
+    final response is the plain one; logprobs (include) on the output text, the deltas' joined to the done's."""
+    client = server.client()
+    body = dict(model=model_id, input=ASK, temperature=0, max_output_tokens=40, top_logprobs=2,
+                include=["message.output_text.logprobs"])
+    plain = client.responses.create(**body)
+    assert plain.status == "completed" and plain.incomplete_details is None  # (the answer ends within 40 tokens)
+    logprobs = plain.output[0].content[0].logprobs
+    assert "".join(e.token for e in logprobs) == plain.output_text and all(len(e.top_logprobs) == 2 for e in logprobs)
+    assert plain.usage.output_tokens == len(logprobs) + 1  # (and the end token)
+    got = events(server, body)
+    types = [e["type"] for e in got]
+    deltas = types.count("response.output_text.delta")
+    assert deltas > 1 and types == ["response.created", "response.in_progress", "response.output_item.added",
+                                    "response.content_part.added"] + ["response.output_text.delta"] * deltas + \
+        ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+         "response.completed"], types
+    assert got[0]["response"]["status"] == "in_progress" and got[0]["response"]["output"] == []
+    done = got[-4]
+    assert "".join(e["delta"] for e in got if e["type"].endswith(".delta")) == done["text"] == plain.output_text
+    assert [x for e in got if e["type"].endswith(".delta") for x in e["logprobs"]] == done["logprobs"]
+    assert len({e["item_id"] for e in got[3:-2]} | {got[2]["item"]["id"], got[-2]["item"]["id"]}) == 1
+    assert Response.model_validate(got[-1]["response"]).output_text == plain.output_text
+    typed = list(client.responses.create(stream=True, **body))
+    assert [e.type for e in typed] == types and type(typed[-1]).__name__ == "ResponseCompletedEvent"
+    final, streamed_types = final_streamed(client, **body)
+    assert streamed_types == types and comparable(final) == comparable(plain)
+    assert [e.logprob for e in final.output[0].content[0].logprobs] == pytest.approx([e.logprob for e in logprobs],
+                                                                                     abs=1e-3)
+
+
+def test_text_format_json_schema_is_structured_output(server, model_id):
+    """text.format json_schema: the answer is JSON the schema accepts, the chat endpoint's under response_format;
+    json_object starts an object; the format is echoed."""
+    client = server.client()
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                                               "count": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["color", "count"], "additionalProperties": False}
+    fmt = {"type": "json_schema", "name": "paint", "schema": schema, "strict": True}
+    r = client.responses.create(model=model_id, input="Pick a color and a count as JSON.", temperature=0,
+                                max_output_tokens=40, text={"format": fmt})
+    value = json.loads(r.output_text)
+    assert r.status == "completed" and value["color"] in ("red", "green", "blue") and 1 <= value["count"] <= 9
+    assert r.text.format.name == "paint" and r.text.format.schema_ == schema
+    chat = client.chat.completions.create(model=model_id, temperature=0, max_tokens=40, messages=[
+        {"role": "user", "content": "Pick a color and a count as JSON."}], response_format={
+        "type": "json_schema", "json_schema": {k: v for k, v in fmt.items() if k != "type"}})
+    assert chat.choices[0].message.content == r.output_text
+    first = client.responses.create(model=model_id, input=ASK, temperature=0, max_output_tokens=1,
+                                    text={"format": {"type": "json_object"}})
+    assert first.output_text.startswith("{"), first.output_text
+
+
+def test_forced_tool_calls_keep_to_their_schema(server, model_id, template):
+    """tool_choice 'required' or a named function (the model's own greedy answer, through the template's call format
+    and its grammar): function_call items of an offered tool (the named one) whose arguments keep to its parameters;
+    parallel_tool_calls false gives one; streamed, each call's events, and the final response is the plain one."""
+    template(TOOL_TEMPLATE)
+    client = server.client()
+    ask = dict(model=model_id, input="What will the weather be in Paris?", tools=[WEATHER, FORECAST], temperature=0,
+               max_output_tokens=70)  # (the prompt of the tools holds 181 tokens)
+
+    def calls(r, names: set[str]) -> list:
+        found = [item for item in r.output if item.type == "function_call"]
+        assert r.status == "completed" and found and [i.type for i in r.output] == ["function_call"] * len(found)
+        for call in found:
+            args = json.loads(call.arguments)
+            assert call.name in names and call.status == "completed", call
+            assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+            assert set(args) == ({"city", "days"} if call.name == "get_forecast" else {"city"}), args
+            assert isinstance(args["city"], str) and len(args["city"]) <= 30
+            assert call.name != "get_forecast" or 1 <= args["days"] <= 7
+        return found
+
+    calls(client.responses.create(tool_choice="required", **ask), {"get_weather", "get_forecast"})
+    named = dict(ask, tool_choice={"type": "function", "name": "get_forecast"}, parallel_tool_calls=False)
+    plain = client.responses.create(**named)
+    assert len(calls(plain, {"get_forecast"})) == 1 and plain.tool_choice.name == "get_forecast"
+    got = events(server, named)
+    assert [e["type"] for e in got[2:-1]] == ["response.output_item.added", "response.function_call_arguments.delta",
+                                              "response.function_call_arguments.done", "response.output_item.done"]
+    assert got[2]["item"]["arguments"] == "" and got[4]["arguments"] == got[5]["item"]["arguments"] == \
+        got[3]["delta"] == plain.output[0].arguments
+    final, _ = final_streamed(client, **named)
+    assert comparable(final) == comparable(plain)
+
+
+def test_a_turn_after_a_call_renders_as_the_chats(server, model_id, template, scripted):
+    """An input of messages (a developer's too), an earlier answer's message and function_call, and the call's
+    function_call_output renders through the template as the same chat does (the call and its result in the
+    template's format), the instructions first; an earlier reasoning item is left out; tool_choice none leaves the
+    tools out. An answer of text and a call: a message and a function_call item, streamed alike."""
+    template(TOOL_TEMPLATE)
+    client = server.client()
+    turn = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+            {"type": "reasoning", "id": "rs_1", "summary": [], "content": [{"type": "reasoning_text",
+                                                                           "text": "A SECRET THOUGHT"}]},
+            {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed", "content": [
+                {"type": "output_text", "text": "Let me check.", "annotations": []}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}',
+             "id": "fc_1", "status": "completed"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"}]
+    scripted.answer = "It is sunny."
+    r = client.responses.create(model=model_id, input=turn, instructions="You tell the weather.", tools=[WEATHER])
+    assert r.output_text == "It is sunny." and r.status == "completed"
+    prompt = scripted.prompts[-1]
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>' in prompt, prompt
+    assert "<tool_response>sunny, 21 C</tool_response>" in prompt and "SECRET" not in prompt, prompt
+    chat_tool = {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
+    client.chat.completions.create(model=model_id, tools=[chat_tool], messages=[
+        {"role": "system", "content": "You tell the weather."}, {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Let me check.", "tool_calls": [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}])
+    assert scripted.prompts[-1] == prompt
+    client.responses.create(model=model_id, input=turn, tools=[WEATHER], tool_choice="none")
+    assert "Tools:" in prompt and "Tools:" not in scripted.prompts[-1]
+    scripted.answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+    r = client.responses.create(model=model_id, input="Weather in Oslo?", tools=[WEATHER])
+    assert [i.type for i in r.output] == ["message", "function_call"] and r.output_text == "Let me check."
+    assert (r.output[1].name, json.loads(r.output[1].arguments)) == ("get_weather", {"city": "Oslo"})
+    final, types = final_streamed(client, model=model_id, input="Weather in Oslo?", tools=[WEATHER])
+    assert comparable(final) == comparable(r)
+    assert types.index("response.output_item.done") < types.index("response.function_call_arguments.done"), types
+
+
+def test_reasoning_items_where_the_template_thinks(server, model_id, engine, template, scripted):
+    """A think template's answer: a reasoning item (its reasoning_text) before the message, its tokens counted as
+    reasoning_tokens, the logprobs the text's alone; streamed, the reasoning's events first and the final response the
+    plain one; thinking after a prompt that opened the block (chat_template_kwargs); thinking cut by
+    max_output_tokens: the reasoning item alone, incomplete."""
+    template(THINK_TEMPLATE)
+    tok, client = engine.tokenizer, server.client()
+    thought = "<think>\nRed, yellow, blue are the painter's.\n</think>"
+    scripted.answer = thought + "\n\nRed, green and blue."
+    ask = dict(model=model_id, input=ASK, include=["message.output_text.logprobs"])
+    r = client.responses.create(**ask)
+    assert [i.type for i in r.output] == ["reasoning", "message"] and r.output_text == "Red, green and blue."
+    reasoning = r.output[0]
+    assert [c.text for c in reasoning.content] == ["Red, yellow, blue are the painter's."]
+    assert reasoning.summary == [] and reasoning.status == "completed" and reasoning.id.startswith("rs_")
+    ids = tok.backend.encode(scripted.answer, add_special_tokens=False).ids
+    closing = next(k for k in range(len(ids) + 1) if "</think>" in tok.decode(ids[:k]))  # (up to the tag's last)
+    assert r.usage.output_tokens_details.reasoning_tokens == closing and r.usage.output_tokens == len(ids)
+    assert "".join(e.token for e in r.output[1].content[0].logprobs).lstrip() == r.output_text
+    final, types = final_streamed(client, **ask)
+    assert comparable(final) == comparable(r)
+    assert types[2:5] == ["response.output_item.added", "response.content_part.added",
+                          "response.reasoning_text.delta"], types
+    assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta"), types
+    scripted.answer = "Let me think.\n</think>\nBlue."
+    opened = client.responses.create(model=model_id, input=ASK,
+                                     extra_body={"chat_template_kwargs": {"open_think": True}})
+    assert (opened.output[0].content[0].text, opened.output_text) == ("Let me think.", "Blue.")
+    assert scripted.prompts[-1].endswith("<think>\n")
+    scripted.answer = "<think>\nA long way to go"
+    cut = client.responses.create(model=model_id, input=ASK, max_output_tokens=8)
+    assert (cut.status, [i.type for i in cut.output], cut.output[0].status) == ("incomplete", ["reasoning"],
+                                                                                "incomplete")
+    assert cut.output[0].content[0].text.startswith("A long") and cut.output_text == ""
+    assert cut.usage.output_tokens_details.reasoning_tokens == cut.usage.output_tokens == 8
+    streamed = events(server, dict(model=model_id, input=ASK, max_output_tokens=8))
+    assert streamed[-1]["type"] == "response.incomplete" and \
+        comparable(Response.model_validate(streamed[-1]["response"])) == comparable(cut)
+
+
+def test_the_stream_of_an_answer_ends_in_its_plain_response():
+    """ResponseStream over an answer's pieces (fed a character at a time through AnswerStream) ends in the response
+    that completed() gives for the whole answer (read_answer), items and statuses alike, for text, thinking (cut too),
+    calls after text or after white space alone, white space alone and nothing; each event is of the client's types,
+    and an error after the stream began is an error event."""
+    from spqt.generate import GenerationResult
+    from spqt.serve import responses as r
+    from spqt.serve.answer import AnswerStream, Reading, read_answer
+    from spqt.serve.protocol import ApiError
+
+    call = '<tool_call>{"name": "f", "arguments": {"x": 1}}</tool_call>'
+    readings = {"plain": Reading(), "think": Reading(think=True), "tools": Reading(fmt="hermes", offered={"f"}),
+                "both": Reading(think=True, fmt="hermes", offered={"f"})}
+    cases = [("plain", "Red, green and blue.", False), ("plain", "", False), ("plain", "  ", False),
+             ("think", "<think>\nHm.\n</think>\n\nBlue.", False), ("think", "<think>\nA long wa", True),
+             ("think", "<think>x</think>", False), ("tools", "Let me check.\n" + call, False),
+             ("tools", "\n" + call + call, False), ("tools", "No call.", True), ("both", "<think>f</think>\n" + call,
+                                                                                 False)]
+    request = r.ResponsesRequest.model_validate({"input": "x"})
+
+    def body(response) -> dict:
+        out = response.model_dump(exclude={"id", "created_at"})
+        for item in out["output"]:
+            item.pop("id")
+            item.pop("call_id", None)
+        return out
+
+    for kind, text, cut in cases:
+        reading, result = readings[kind], GenerationResult([0] * 5, 3, 0.01, 0.01, finish_reason="length" if cut
+                                                           else "stop")
+        counts = r.usage(result, 0, True)
+        plain = r.completed(r.new_response(request, "m"), read_answer(text, reading), [], cut, counts)
+        stream, answer = r.ResponseStream(r.new_response(request, "m")), AnswerStream(reading)
+        lines = stream.start()
+        for char in text:
+            lines += [line for part in answer.feed(char, []) for line in stream.add(part)]
+        lines += [line for part in answer.finish() for line in stream.add(part)] + stream.end(cut, [], counts)
+        for line in lines:
+            STREAM_EVENT.validate_python(json.loads(line.split("\ndata: ")[1]))
+        assert body(stream.response) == body(plain), (kind, text, body(stream.response), body(plain))
+        assert plain.status == ("incomplete" if cut else "completed") and plain.output, (kind, text)
+    error = json.loads(stream.error(ApiError(503, "stopping", code="cancelled")).split("\ndata: ")[1])
+    assert STREAM_EVENT.validate_python(error).type == "error" and error["code"] == "cancelled"
+    assert error["sequence_number"] == len(lines)
+
+
+def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_id, template):
+    """Stored state (previous_response_id, conversation, a stored prompt), background, reasoning effort and summary,
+    verbosity, truncation 'auto', tools other than functions, tool_choice of another kind or naming a tool not offered,
+    input items and parts other than text, a call's item without its fields, an input of reasoning alone, n, the
+    bounds of max_output_tokens and top_logprobs, structured output beside tools, a prompt beyond the context: each a
+    400 naming its field; another model a 404."""
+    template(TOOL_TEMPLATE)
+    ask = {"model": model_id, "input": ASK, "max_output_tokens": 2}
+    for change, param in [
+            ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"conversation": "conv_1"}, "conversation"),
+            ({"prompt": {"id": "pmpt_1"}}, "prompt"), ({"background": True}, "background"),
+            ({"reasoning": {"effort": "low"}}, "reasoning.effort"), ({"reasoning": {"summary": "auto"}},
+                                                                     "reasoning.summary"),
+            ({"text": {"verbosity": "low"}}, "text.verbosity"), ({"truncation": "auto"}, "truncation"),
+            ({"tools": [{"type": "web_search"}]}, "tools[0]"),
+            ({"tools": [WEATHER, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[1]"),
+            ({"tools": [{**WEATHER, "name": "no spaces"}]}, "tools[0].name"),
+            ({"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+            ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "rm_rf"}}, "tool_choice"),
+            ({"tool_choice": "required"}, "tool_choice"),
+            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+            ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+             "input[0].content[0].type"),
+            ({"input": [{"type": "function_call", "name": "get_weather", "arguments": "{}"}]}, "input[0]"),
+            ({"input": [{"type": "function_call", "call_id": "c", "name": "f", "arguments": "[1]"}]},
+             "input[0].arguments"),
+            ({"input": [{"type": "reasoning", "summary": []}]}, "input"), ({"input": []}, "input"),
+            ({"input": None}, "input"), ({"n": 2}, "n"), ({"max_output_tokens": 0}, "max_output_tokens"),
+            ({"top_logprobs": 21}, "top_logprobs"), ({"text": {"format": {"type": "json_schema", "schema": {}}}},
+                                                     "text.format"),
+            ({"tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
+            ({"input": "colors " * 2 * CTX}, "input")]:
+        status, body = server.raw("/v1/responses", json.dumps({**ask, **change}).encode())
+        error = body.get("error") or {}
+        assert (status, error.get("param")) == (400, param), (change, body)
+        assert "\n" not in error["message"] and error["type"] == "invalid_request_error", body
+    status, body = server.raw("/v1/responses", json.dumps({**ask, "tools": [{"type": "web_search"}]}).encode())
+    assert "'web_search' tools are not supported" in body["error"]["message"], body
+    status, body = server.raw("/v1/responses", json.dumps({**ask, "previous_response_id": "resp_1"}).encode())
+    assert "stores no responses" in body["error"]["message"], body
+    assert server.raw("/v1/responses", json.dumps({**ask, "model": "gpt-4o"}).encode())[0] == 404
+    accepted = {"store": False, "user": "u", "include": ["reasoning.encrypted_content"], "truncation": "disabled",
+                "reasoning": {"effort": None}, "stream_options": {"include_obfuscation": False}, "service_tier": "auto"}
+    assert server.raw("/v1/responses", json.dumps({**ask, **accepted}).encode())[0] == 200
+
+
+def test_a_stream_whose_client_leaves_frees_the_model(server, model_id):
+    """The client closes a long stream after its first deltas: the job is cancelled at its next token (logged as the
+    client's leaving), and the server answers the next request."""
+    client = server.client()
+    before = server.health()["cancelled"]
+    stream = client.responses.create(model=model_id, input="Tell me a long story.", temperature=0, stream=True,
+                                     max_output_tokens=CTX - 64)
+    deltas = 0
+    for event in stream:
+        deltas += event.type == "response.output_text.delta"
+        if deltas == 3:
+            break
+    stream.close()
+    deadline = time.monotonic() + 30
+    while (health := server.health())["cancelled"] == before or health["running"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    line = [ln for ln in server.log_text().splitlines() if "POST /v1/responses cancelled (client gone" in ln][-1]
+    assert int(re.search(r"completion (\d+) tokens", line).group(1)) < 40, line
+    assert client.responses.create(model=model_id, input=ASK, max_output_tokens=2).usage.output_tokens == 2
