@@ -107,9 +107,10 @@ TOOL_TEMPLATE = (  # a Hermes-style template (as Qwen's writes tools and calls),
     "{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
 
 THINK_TEMPLATE = (  # a Qwen3-style template (think tags; enable_thinking false closes an empty block), for the test
-    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    "{%- for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{%- if add_generation_prompt %}<|im_start|>assistant\n"
     "{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n"
-    "{%- elif open_think is defined %}<think>\n{% endif %}")
+    "{%- elif open_think is defined %}<think>\n{% endif %}{% endif %}")
 
 
 class Server:

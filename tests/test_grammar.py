@@ -267,14 +267,14 @@ def test_a_grammar_after_thinking(tiny, rng):
     import dataclasses
 
     from spqt.sampling import LogitShaper
-    from spqt.serve.reasoning import chat_grammar, grammar_after_thinking
+    from spqt.serve.reasoning import answer_opening, chat_grammar, grammar_after_thinking
 
     thinking_tok, v, open_id, close_id = thinking_vocabulary(tiny)
     words = ["red", "green blue"]
     g = grammar.choice(words, v)
     assert grammar_after_thinking(g, tiny[2], "<think>\n") is None  # (tiny's own vocabulary: no such tokens)
     assert grammar_after_thinking(g, v, "x<think>\n\n</think>\n\n") is g
-    opened = grammar_after_thinking(g, v, "asked <think>?", "asked <think>?")  # (the user's tag, not the template's)
+    opened = grammar_after_thinking(g, v, "A:")
     assert isinstance(opened, grammar.AfterThinking) and not opened.thinking
 
     ends = torch.tensor(v.end_ids)
@@ -298,15 +298,15 @@ def test_a_grammar_after_thinking(tiny, rng):
     plan, purple = thinking_tok.encode("plan it", add_bos=False), thinking_tok.encode("purple", add_bos=False)
     # thinking from the start: a <think> and an end token inside it neither end it (the end token is masked)
     thought = plan + [open_id, v.end_ids[0]] + plan + [close_id]
-    tokens, masked = walk(grammar_after_thinking(g, v, "q\n<think>\n"), thought + purple)
+    tokens, masked = walk(grammar_after_thinking(g, v, "A:<think>\n"), thought + purple)
     at = len(thought)
     assert tokens[:at] == plan + [open_id, tokens[len(plan) + 1]] + plan + [close_id], tokens
     assert tokens[len(plan) + 1] not in v.end_ids and not any(masked[:at])
     assert all(masked[at:]) and thinking_tok.decode(tokens[at:-1]) in words
-    tokens, masked = walk(grammar_after_thinking(g, v, "q\n"), [open_id] + plan + [close_id] + purple)
+    tokens, masked = walk(grammar_after_thinking(g, v, "A:"), [open_id] + plan + [close_id] + purple)
     assert tokens[:len(plan) + 2] == [open_id] + plan + [close_id] and masked[0] and not any(masked[1:len(plan) + 2])
     assert thinking_tok.decode(tokens[len(plan) + 2:-1]) in words
-    gate = grammar_after_thinking(g, v, "q\n")
+    gate = grammar_after_thinking(g, v, "A:")
     first = gate.matcher().allowed("cpu")
     assert first[open_id] and not first[close_id] and torch.equal(first.nonzero(), torch.cat([
         g.matcher().allowed("cpu").nonzero(), torch.tensor([[open_id]])]).sort(0).values)
@@ -317,12 +317,37 @@ def test_a_grammar_after_thinking(tiny, rng):
     assert not m.complete
     m.consume(open_id)
     assert torch.equal(m.allowed("cpu").logical_not().nonzero().view(-1), ends.sort().values) and not m.complete
-    # spqt generate --chat's: a template that thinks, the prompt's ids
-    prompt = thinking_tok.encode("q\n<think>\n", add_bos=False)
-    assert chat_grammar(g, thinking_tok, prompt, "q") is g  # (tiny's template writes no think tags)
-    thinking_tok.spec = dataclasses.replace(thinking_tok.spec, chat_template="{{ m }}<think></think>")
-    assert chat_grammar(g, thinking_tok, prompt, "q").thinking
-    assert chat_grammar(g, thinking_tok, prompt, "q\n<think>\n") == grammar.AfterThinking(g, open_id, close_id, False)
+    # spqt generate --chat's: the template's opening of the answer decides
+    asked = thinking_tok.one_turn("think")  # (the last message's text is also in the opening)
+    assert chat_grammar(g, thinking_tok, asked) is g  # (tiny's template writes no think tags)
+    for opening, want in [("A:<think>\n", grammar.AfterThinking(g, open_id, close_id, True)),
+                          ("A:", grammar.AfterThinking(g, open_id, close_id, False)), ("A:<think></think>", g)]:
+        thinking_tok.spec = dataclasses.replace(thinking_tok.spec, chat_template=(
+            "{% for m in messages %}U:{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}" + opening +
+            "{% endif %}{# </think>: a template that thinks #}"))
+        thinking_tok._hf = None  # (the transformers tokenizer that renders it: built again)
+        assert answer_opening(thinking_tok, asked, thinking_tok.render_chat(asked)) == opening
+        assert chat_grammar(g, thinking_tok, asked) == want, opening
+
+
+def test_the_answer_opening_where_the_template_does_not_render_it_apart(tiny):
+    """answer_opening: the rendering less the one without the generation prompt; where that one is not the start of
+    the rendering, or the template refuses it, the text after the last message's (the whole where it is absent)."""
+    import dataclasses
+
+    from spqt.serve.reasoning import answer_opening
+
+    tok = thinking_vocabulary(tiny)[0]
+    asked = tok.one_turn("hello?", system="be brief")
+    for template, rendered, want in [
+            ("{% if not add_generation_prompt %}X{% endif %}{{ messages[-1].content }} then <think>", None,
+             " then <think>"),
+            ("{% if not add_generation_prompt %}{{ raise_exception('no') }}{% endif %}{{ messages[-1].content }}<think>",
+             None, "<think>"),
+            ("{{ messages[-1].content }}{% if add_generation_prompt %}<think>{% endif %}", "other <think>",
+             "other <think>")]:
+        tok.spec, tok._hf = dataclasses.replace(tok.spec, chat_template=template), None
+        assert answer_opening(tok, asked, rendered or tok.render_chat(asked)) == want, template
 
 
 def test_generation_keeps_to_the_grammar_after_thinking(tiny, rng):

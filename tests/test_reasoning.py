@@ -40,8 +40,4 @@ def test_which_templates_and_prompts_think():
     assert reasoning_template("{% set content = content.split('</think>')[-1] %}")  # (R1's distills' first one)
     assert not reasoning_template(None)
     assert starts_thinking("<|im_start|>assistant\n<think>\n") and not starts_thinking("a<think>b</think>\n")
-    assert not starts_thinking("plain")
-    # a tag in the last message is the user's words: only what the template wrote after it counts
-    asked = "What does <think> mean?"
-    assert not starts_thinking(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n", asked)
-    assert starts_thinking(f"<|im_start|>user\n{asked}<|im_end|>\n<|im_start|>assistant\n<think>\n", asked)
+    assert not starts_thinking("<|im_start|>assistant\n")

@@ -881,6 +881,11 @@ def test_structured_output_after_the_thinking(server, model_id, engine, monkeypa
     wanted[0] = "Light.\n</think>\n\nPurple!"
     thought, content = both(chat_template_kwargs={"open_think": True})
     assert thought == "Light." and content in colors and gates[-1].thinking, (thought, content)
+    # the last message's text also in the template's opening: the opening still read whole
+    ask["messages"] = [{"role": "user", "content": "<think>"}]
+    thought, content = both(chat_template_kwargs={"open_think": True})
+    assert thought == "Light." and content in colors and gates[-1].thinking, (thought, content)
+    ask["messages"] = CHAT
     wanted[0] = "Purple, <think>?"  # (no thinking opened: the grammar from the first token)
     assert both()[0] is None and both()[1] in colors
     wanted[0] = "<think>\nx</think>"

@@ -503,7 +503,7 @@ def cmd_generate(args) -> int:
     if sampling.grammar is not None and args.chat:  # a reasoning model thinks first, then keeps to the grammar
         from spqt.serve.reasoning import chat_grammar
 
-        sampling.grammar = chat_grammar(sampling.grammar, tok, prompt, prompt_text)
+        sampling.grammar = chat_grammar(sampling.grammar, tok, tok.one_turn(prompt_text, args.system))
     if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
         raise SpqtError("the prompt is empty")
     if len(prompt) + args.n > loaded.config.max_seq_len:

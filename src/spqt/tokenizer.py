@@ -72,21 +72,35 @@ class TextTokenizer:
     def chat(self, prompt: str, system: str | None = None) -> list[int]:
         """The model's chat template around one user message, ready for the assistant's answer; a system message
         first where one is given ("" too: an empty one, in place of the template's default)."""
-        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        return self.chat_messages(self.one_turn(prompt, system))
+
+    @staticmethod
+    def one_turn(prompt: str, system: str | None = None) -> list[dict]:
+        """chat()'s conversation: the system message where one is given, the user's."""
+        return ([{"role": "system", "content": system}] if system is not None else []) + [
             {"role": "user", "content": prompt}]
-        return self.chat_messages(messages)
 
     def chat_messages(self, messages: list[dict], tools: list[dict] | None = None,
                       template_kwargs: dict | None = None) -> list[int]:
         """The token ids of render_chat's text."""
         return self.encode(self.render_chat(messages, tools, template_kwargs), add_bos=False)
 
+    def answer_opening(self, messages: list[dict], rendered: str, tools: list[dict] | None = None,
+                       template_kwargs: dict | None = None) -> str | None:
+        """What the chat template writes for the answer after the conversation (its generation prompt: Qwen's
+        `<|im_start|>assistant\n`, DeepSeek-R1's `<｜Assistant｜><think>\n`): rendered (render_chat's text of these
+        arguments) less the conversation rendered without it; None where that is not where rendered starts, or is all
+        of it (a template that writes its opening either way)."""
+        base = self.render_chat(messages, tools, template_kwargs, add_generation_prompt=False)
+        return rendered[len(base):] if rendered.startswith(base) and base != rendered else None
+
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None,
-                    template_kwargs: dict | None = None) -> str:
+                    template_kwargs: dict | None = None, add_generation_prompt: bool = True) -> str:
         """The model's chat template around a conversation ([{"role": ..., "content": str}, ...]; tool calls and
-        results as transformers' templates take them), ready for the assistant's answer; tools: OpenAI's function
-        specs, passed to the template; template_kwargs: more variables for it (Qwen3's enable_thinking). SpqtError
-        where the template refuses it (its raise_exception: Mistral's takes no system message)."""
+        results as transformers' templates take them), ready for the assistant's answer (add_generation_prompt);
+        tools: OpenAI's function specs, passed to the template; template_kwargs: more variables for it (Qwen3's
+        enable_thinking). SpqtError where the template refuses it (its raise_exception: Mistral's takes no system
+        message)."""
         import jinja2
 
         if not self.spec.chat_template:
@@ -97,8 +111,8 @@ class TextTokenizer:
             self._hf = PreTrainedTokenizerFast(tokenizer_object=self.backend, chat_template=self.spec.chat_template,
                                                bos_token=self.spec.bos_token, eos_token=self.spec.eos_token)
         try:
-            text = self._hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False,
-                                                **(template_kwargs or {}))
+            text = self._hf.apply_chat_template(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                                tokenize=False, **(template_kwargs or {}))
         except (jinja2.TemplateError, TypeError, ValueError) as e:  # (the last two: template_kwargs it cannot take)
             raise SpqtError(f"the model's chat template refused this conversation: {' '.join(str(e).split())}") \
                 from None

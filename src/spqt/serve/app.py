@@ -34,7 +34,7 @@ from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
-from spqt.serve.reasoning import grammar_after_thinking, starts_thinking, thinking_tokens
+from spqt.serve.reasoning import answer_opening, grammar_after_thinking, starts_thinking, thinking_tokens
 from spqt.serve.tools import forced_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -285,15 +285,19 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             except SpqtError as e:  # (a parameters schema the grammar compiler refuses)
                 raise p.ApiError(400, f"tools: {e}.", param="tools", code="invalid_value") from None
         prompt_text, prompt = await rendered(messages, tools, req.chat_template_kwargs, req.prompt_param)
-        last = messages[-1].text()
         # a reasoning model's <think> text as its reasoning (spqt.serve.reasoning); thinking: from the answer's
-        # start, where the template's prompt opened the block; a grammar keeps to the text after the thinking
-        think = engine.reasoning
+        # start, where the template's opening of the answer opened the block; a grammar keeps to the text after the
+        # thinking
+        think, opening = engine.reasoning, ""
+        if think:  # (a second rendering, without the answer's opening, in a thread as the first)
+            conversation = [m.template_message() for m in messages]
+            opening = await asyncio.to_thread(answer_opening, engine.tokenizer, conversation, prompt_text, tools,
+                                              req.chat_template_kwargs)
         if think and "grammar" in shape:
-            after = grammar_after_thinking(shape["grammar"], engine.vocabulary, prompt_text, last)
+            after = grammar_after_thinking(shape["grammar"], engine.vocabulary, opening)
             think = after is not None
             shape["grammar"] = shape["grammar"] if after is None else after
-        reading = Reading(think, think and starts_thinking(prompt_text, last), fmt,
+        reading = Reading(think, think and starts_thinking(opening), fmt,
                           {t["function"]["name"] for t in tools} if tools else None, req.parallel_tool_calls)
         return [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)], reading
 

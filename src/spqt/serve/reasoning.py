@@ -3,8 +3,8 @@ SmolLM3) as the message's reasoning_content, the rest as its content, as vLLM's 
 (--reasoning-format deepseek) give them.
 
 It applies where the model's chat template writes think tags (reasoning_template). The answer is thinking from its
-start where the prompt the template rendered ends inside an open `<think>` (DeepSeek-R1's templates open it for the
-answer: starts_thinking), else where the answer itself opens one first. Thinking that max_tokens cut before its
+start where the template's opening of the answer leaves a `<think>` open (DeepSeek-R1's templates open it:
+answer_opening, starts_thinking), else where the answer itself opens one first. Thinking that max_tokens cut before its
 `</think>` is all reasoning_content. The content after `</think>` loses its leading white space; the reasoning keeps
 its text but for the line ends around it (a stream holds line ends back until it sees what follows them). Structured
 output keeps the content to its grammar and leaves the thinking free (grammar_after_thinking).
@@ -13,6 +13,7 @@ output keeps the content to its grammar and leaves the thinking free (grammar_af
 import bisect
 from collections.abc import Callable
 
+from spqt.errors import SpqtError
 from spqt.grammar import AfterThinking, Grammar, Vocabulary
 from spqt.serve.text import TextStream, tail_starting
 from spqt.tokenizer import TextTokenizer
@@ -25,42 +26,53 @@ def reasoning_template(template: str | None) -> bool:
     return bool(template) and THINK_CLOSE in template
 
 
-def starts_thinking(prompt_text: str, last_message: str = "") -> bool:
-    """Whether a rendered prompt ends inside an open think block (its answer then thinks from the start): the text
-    after the last message's (its own tags are the user's words, not the template's)."""
-    tail = _template_tail(prompt_text, last_message)
-    return tail.rfind(THINK_OPEN) > tail.rfind(THINK_CLOSE)
+def starts_thinking(opening: str) -> bool:
+    """Whether the template's opening of the answer (answer_opening) leaves a think block open: the answer then
+    thinks from its start."""
+    return opening.rfind(THINK_OPEN) > opening.rfind(THINK_CLOSE)
 
 
-def _template_tail(prompt_text: str, last_message: str) -> str:
-    """What the template wrote after the last message (all of the prompt where it has none or it is not found)."""
-    at = prompt_text.rfind(last_message) if last_message else -1
-    return prompt_text[at + len(last_message):] if at >= 0 else prompt_text
+def answer_opening(tokenizer: TextTokenizer, messages: list[dict], rendered: str, tools: list[dict] | None = None,
+                   template_kwargs: dict | None = None) -> str:
+    """What the chat template wrote after the conversation for the answer (TextTokenizer.answer_opening: rendered less
+    the rendering without the generation prompt); where that rendering is not rendered's start or the template
+    refuses it, what follows the last message's text (all of rendered where it is not found). The tags in the
+    conversation itself are its writers' words, not the template's."""
+    try:
+        opening = tokenizer.answer_opening(messages, rendered, tools, template_kwargs)
+    except SpqtError:
+        opening = None
+    if opening is not None:
+        return opening
+    last = messages[-1].get("content") if messages else None
+    last = last if isinstance(last, str) else ""
+    at = rendered.rfind(last) if last else -1
+    return rendered[at + len(last):] if at >= 0 else rendered
 
 
-def grammar_after_thinking(g: Grammar, vocabulary: Vocabulary, prompt_text: str, last_message: str = "") -> \
-        Grammar | AfterThinking | None:
+def grammar_after_thinking(g: Grammar, vocabulary: Vocabulary, opening: str) -> Grammar | AfterThinking | None:
     """A structured-output grammar for a reasoning template's answer, started after its thinking as vLLM does
-    (AfterThinking): thinking from the start where the prompt opened the block (starts_thinking); the grammar itself
-    where the template closed it already (Qwen3's enable_thinking false); else the answer may open one first. None
-    where the vocabulary lacks either tag as a token of its own (the grammar then runs from the answer's start and
-    the answer is all content)."""
+    (AfterThinking), by the template's opening of the answer (answer_opening): thinking from the start where it opened
+    the block (starts_thinking); the grammar itself where it closed it (Qwen3's enable_thinking false); else the
+    answer may open one first. None where the vocabulary lacks either tag as a token of its own (the grammar then runs
+    from the answer's start and the answer is all content)."""
     open_id, close_id = vocabulary.added_token(THINK_OPEN), vocabulary.added_token(THINK_CLOSE)
     if open_id is None or close_id is None:
         return None
-    if starts_thinking(prompt_text, last_message):
+    if starts_thinking(opening):
         return AfterThinking(g, open_id, close_id, thinking=True)
-    if THINK_CLOSE in _template_tail(prompt_text, last_message):
+    if THINK_CLOSE in opening:
         return g
     return AfterThinking(g, open_id, close_id, thinking=False)
 
 
-def chat_grammar(g: Grammar, tokenizer: TextTokenizer, prompt: list[int], last_message: str) -> Grammar | AfterThinking:
-    """g for the answer to a chat prompt (token ids, its last message's text): after the thinking where the model's
+def chat_grammar(g: Grammar, tokenizer: TextTokenizer, messages: list[dict]) -> Grammar | AfterThinking:
+    """g for the answer to a chat (its messages, as render_chat takes them): after the thinking where the model's
     template thinks and its vocabulary has the tags (grammar_after_thinking), else g from the answer's start."""
     if not reasoning_template(tokenizer.spec.chat_template):
         return g
-    return grammar_after_thinking(g, g.vocabulary, tokenizer.decode(prompt), last_message) or g
+    opening = answer_opening(tokenizer, messages, tokenizer.render_chat(messages))
+    return grammar_after_thinking(g, g.vocabulary, opening) or g
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:
