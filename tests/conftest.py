@@ -2,6 +2,7 @@
 default model served on the CPU for a test module (server: its URL, an openai client and its log lines)."""
 
 import contextlib
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -13,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -189,6 +191,43 @@ def model_id(server) -> str:
     models = server.client().models.list().data
     assert len(models) == 1
     return models[0].id
+
+
+@pytest.fixture
+def template(engine, monkeypatch):
+    """set(text): the served model's chat template is text for the test."""
+    tok = engine.tokenizer
+
+    def set_template(text: str) -> None:
+        monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=text))
+        monkeypatch.setattr(tok, "_hf", None)
+
+    return set_template
+
+
+@pytest.fixture
+def scripted(engine, monkeypatch):
+    """The model's answer scripted: generate replays the tokens of script.answer (on random logits where logprobs are
+    asked for); script.prompts holds each prompt's text."""
+    from spqt.generate import GenerationResult
+
+    tok, vocab = engine.tokenizer, engine.generator.loaded.config.vocab_size
+    script = SimpleNamespace(answer="", prompts=[])
+
+    def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):
+        script.prompts.append(tok.decode(prompt))
+        noise, out = torch.Generator().manual_seed(0), []
+        ids = tok.backend.encode(script.answer, add_special_tokens=False).ids
+        for t in ids[:n]:
+            if on_logits:
+                on_logits(torch.randn(1, vocab, generator=noise))
+            out.append(t)
+            if on_token and on_token(t):
+                break
+        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="length" if len(ids) > n else "stop")
+
+    monkeypatch.setattr(engine.generator, "generate", answers)
+    return script
 
 
 def generator_logprobs(loaded, device: str, prompt: list[int], n: int, max_len: int,

@@ -1,18 +1,15 @@
 """POST /v1/responses (spqt.serve.responses): OpenAI's Responses API on the chat's machinery, through the real server
 (the default model on the CPU, conftest's server) and the openai client's responses.create / responses.stream. The
 answers are the chat endpoint's; the templates with tools or think tags, and their scripted answers, are
-test_serve's.
+test_serve's; the template and scripted fixtures conftest's.
 """
 
-import dataclasses
 import json
 import re
 import time
 import urllib.request
-from types import SimpleNamespace
 
 import pytest
-import torch
 
 openai = pytest.importorskip("openai", reason="the dev extra installs the openai client")
 
@@ -72,43 +69,6 @@ def final_streamed(client, **body):
     with client.responses.stream(**body) as stream:
         types = [event.type for event in stream]
         return stream.get_final_response(), types
-
-
-@pytest.fixture
-def template(engine, monkeypatch):
-    """set(text): the served model's chat template is text for the test."""
-    tok = engine.tokenizer
-
-    def set_template(text: str) -> None:
-        monkeypatch.setattr(tok, "spec", dataclasses.replace(tok.spec, chat_template=text))
-        monkeypatch.setattr(tok, "_hf", None)
-
-    return set_template
-
-
-@pytest.fixture
-def scripted(engine, monkeypatch):
-    """The model's answer scripted: generate replays the tokens of script.answer (on random logits where logprobs are
-    asked for); script.prompts holds each prompt's text."""
-    from spqt.generate import GenerationResult
-
-    tok, vocab = engine.tokenizer, engine.generator.loaded.config.vocab_size
-    script = SimpleNamespace(answer="", prompts=[])
-
-    def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):
-        script.prompts.append(tok.decode(prompt))
-        noise, out = torch.Generator().manual_seed(0), []
-        ids = tok.backend.encode(script.answer, add_special_tokens=False).ids
-        for t in ids[:n]:
-            if on_logits:
-                on_logits(torch.randn(1, vocab, generator=noise))
-            out.append(t)
-            if on_token and on_token(t):
-                break
-        return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="length" if len(ids) > n else "stop")
-
-    monkeypatch.setattr(engine.generator, "generate", answers)
-    return script
 
 
 def test_greedy_answer_is_the_chats_and_max_output_tokens_leaves_it_incomplete(server, model_id):
