@@ -203,6 +203,7 @@ class Engine:
             result = replace(result, prefill_seconds=scoring + result.prefill_seconds, cached_tokens=0)
         if not job.cancelled.is_set():
             post(text.flush())
+            job.stop_found = text.found
             if text.stopped and result.finish_reason == "length":  # a stop string in the last tokens' unfinished
                 result = replace(result, finish_reason="stop")  # character's text, which only the flush decodes
             elif ending:

@@ -45,6 +45,7 @@ class Job:
     finished: threading.Event = field(default_factory=threading.Event)
     client_gone: threading.Event = field(default_factory=threading.Event)  # why it was cancelled: set, the client left
     reported: bool = field(default=False, init=False)  # on_finish was called
+    stop_found: str | None = field(default=None, init=False)  # the stop string that ended it (set before "done")
 
     def report(self, result: Any, seconds: float) -> None:
         """Call on_finish once (result: the GenerationResult, None where the job failed). A hook that raises is

@@ -39,6 +39,7 @@ class TextStream:
         self.text = ""  # all text so far (with what is held back)
         self.sent = 0  # characters of self.text handed out
         self.stopped = False  # a stop string was found; nothing more comes out
+        self.found: str | None = None  # the stop string found (the first in the text; of two there, the first given)
         self.starts: list[int] = []  # where each token's text starts in self.text
         self._flushed = False
 
@@ -82,10 +83,11 @@ class TextStream:
 
     def _stop(self, pending: str) -> int | None:
         """Where the first stop string in pending starts (then nothing more comes out), else None."""
-        hits = [pending.find(s) for s in self.stops if s in pending]
+        hits = [(pending.find(s), i) for i, s in enumerate(self.stops) if s in pending]
         if hits:
-            self.stopped = True
-            return min(hits)
+            at, i = min(hits)
+            self.stopped, self.found = True, self.stops[i]
+            return at
         return None
 
     def _held(self, pending: str) -> int:
