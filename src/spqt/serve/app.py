@@ -1,13 +1,13 @@
 """The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/responses (a chat: spqt.serve.responses),
-/v1/completions and /v1/models, and /health.
+/v1/completions and /v1/models, Anthropic's /v1/messages (a chat: spqt.serve.messages), and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object:
-API key (401), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
+API key (401: `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
 param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
-context (400, code context_length_exceeded). Then it joins the scheduler's FIFO queue (n choices, of each of a
+context (400, code context_length_exceeded); /v1/messages answers them in Anthropic's shape (messages.error_body). Then it joins the scheduler's FIFO queue (n choices, of each of a
 batch of completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with
 `stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]` (the Responses
-API's named events: ResponseStream's). Cross-origin requests from a browser (CORS) are answered only for the origins
+API's and the Messages API's named events: ResponseStream's, MessageStream's). Cross-origin requests from a browser (CORS) are answered only for the origins
 `spqt serve --allow-origin` names.
 """
 
@@ -27,6 +27,7 @@ from starlette.requests import ClientDisconnect
 from spqt import grammar
 from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Sampling
+from spqt.serve import messages as m
 from spqt.serve import protocol as p
 from spqt.serve import responses as r
 from spqt.serve.answer import Answer, AnswerStream, Piece, Reading, finish_reason, read_answer
@@ -34,7 +35,8 @@ from spqt.serve.engine import Engine
 from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
-from spqt.serve.reasoning import answer_opening, grammar_after_thinking, starts_thinking, thinking_tokens
+from spqt.serve.reasoning import (answer_opening, grammar_after_thinking, reasoning_template, starts_thinking,
+                                  thinking_tokens)
 from spqt.serve.tools import forced_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -50,13 +52,15 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
     if allow_origins:  # browser clients on these origins (CORS): their preflight needs no key, their requests do
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["Authorization", "Content-Type", "x-api-key",
+                                                                     "anthropic-version"])
     info = engine.info
     metrics = ServeMetrics(info, scheduler.stats)
 
     def error_response(request: Request, err: p.ApiError, headers: dict | None = None) -> JSONResponse:
         log.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code or err.type, err.message)
-        return JSONResponse(err.body(), status_code=err.status, headers=headers)
+        anthropic = request.url.path.startswith("/v1/messages")
+        return JSONResponse(m.error_body(err) if anthropic else err.body(), status_code=err.status, headers=headers)
 
     @app.exception_handler(p.ApiError)
     async def _api_error(request: Request, err: p.ApiError):
@@ -71,9 +75,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), api_key.encode()):
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else None
+        if not any(given is not None and secrets.compare_digest(given.encode(), api_key.encode())
+                   for given in (bearer, request.headers.get("x-api-key"))):
             raise p.ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def parse(request: Request, model: type[BaseModel]):
@@ -405,6 +410,49 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         n = await thinking(result, reading)
         return r.completed(response, answer, tokens[n:], result.finish_reason == "length",
                            r.usage(result, n, engine.prompt_cache))
+
+    @app.post("/v1/messages", dependencies=[Depends(check_key)])
+    async def messages(request: Request):
+        """Anthropic's Messages API as a chat (spqt.serve.messages)."""
+        req = await parse(request, m.MessagesRequest)
+        req.chat_template_kwargs = template_kwargs(req)
+        jobs, reading = await plan_chat(request, req, req.chat_messages())
+        message, job, offered = m.new_message(info.model_id, len(jobs[0].prompt)), jobs[0], reading.fmt is not None
+        if req.stream:
+            stream = m.MessageStream(message, offered)
+
+            async def lines():
+                for line in stream.start():
+                    yield line
+                async for _, part, result in streamed_answers(request, jobs, reading):
+                    if part is not None:
+                        for line in stream.add(part):
+                            yield line
+                    elif result is not None:
+                        reason = m.stop_reason(result, stream.calls, job.stop_found)
+                        for line in stream.end(reason, job.stop_found, m.usage(result)):
+                            yield line
+
+            return event_stream(lines(), jobs, stream.error)
+        answer, _, result = await chat_answer(request, job, reading)
+        return m.completed(message, answer, offered, m.stop_reason(result, answer.calls, job.stop_found),
+                           job.stop_found, m.usage(result))
+
+    @app.post("/v1/messages/count_tokens", dependencies=[Depends(check_key)])
+    async def count_message_tokens(request: Request):
+        """A message request's prompt tokens (its conversation and tools through the chat template), as Anthropic
+        counts them: {"input_tokens": N}."""
+        req = await parse(request, m.CountTokensRequest)
+        if not engine.tokenizer.spec.chat_template:
+            raise p.ApiError(400, "This model has no chat template, so it takes no messages.", param="messages",
+                             code="unsupported_value")
+        _, ids = await rendered(req.chat_messages(), req.tool_specs(), template_kwargs(req))
+        return {"input_tokens": len(ids)}
+
+    def template_kwargs(req: m.MessagesRequest) -> dict:
+        """A message request's chat_template_kwargs with its thinking (MessagesRequest.template_kwargs)."""
+        template = engine.tokenizer.spec.chat_template or ""
+        return req.template_kwargs(template, reasoning_template(template))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):
