@@ -697,6 +697,10 @@ def test_rope_attention_decode(rng, device, group, monkeypatch):
 
     dtype = torch.float32 if device == "cpu" else torch.float16
     tol = 1e-5 if dtype == torch.float32 else 2e-3
+    # the output's absolute bound in fp16: the kernel rounds q (normed, rotated) to fp16 for its dot products, the twin
+    # keeps it in fp32; OLMo 2 32B's case (40 heads, 3,000 keys, the later ones loud) missed 2e-3 by 2.6e-3 at one
+    # seed on an H100, and the interpreter gave the same error from the same draws (RESULTS, fifty-ninth session)
+    out_atol = 1e-5 if dtype == torch.float32 else 4e-3
     long_group = 16 if device == "cpu" else fused.ATTN_LONG_COMBINE_GROUP  # the interpreter's spans: 35 blocks
     plain = ((4, 2, 64, 70, 1), (3, 3, 32, 5, 2), (2, 1, 32, 200, 2), (2, 1, 32, 0, 1), (1, 1, 32, 64, 1),
              (6, 2, 32, 130, 1), (4, 2, 16, 70, 1), (2, 1, 16, 2200, 1), (1, 1, 16, 2100, 1), (6, 2, 32, 2200, 2),
@@ -757,7 +761,7 @@ def test_rope_attention_decode(rng, device, group, monkeypatch):
                                           out=poisoned)
         what = f"heads {heads} kv {kv} hd {hd} pos {pos} batch {batch} window {window} qk norm {qk}"
         assert launches.count == (fused.decode_attention_route(length, heads, kv, hd, window) == "long"), what
-        torch.testing.assert_close(got.float().cpu(), want, atol=tol, rtol=tol, msg=what)
+        torch.testing.assert_close(got.float().cpu(), want, atol=out_atol, rtol=tol, msg=lambda m: f"{what}: {m}")
         for c, r in zip(caches, ref):
             torch.testing.assert_close(c[:, :, pos].float().cpu(), r[:, :, pos], atol=tol, rtol=tol, msg=what)
             assert c[:, :, pos + 1:].isnan().all(), f"wrote past the position, {what}"
