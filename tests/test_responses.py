@@ -322,9 +322,14 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
             STREAM_EVENT.validate_python(json.loads(line.split("\ndata: ")[1]))
         assert body(stream.response) == body(plain), (kind, text, body(stream.response), body(plain))
         assert plain.status == ("incomplete" if cut else "completed") and plain.output, (kind, text)
-    error = json.loads(stream.error(ApiError(503, "stopping", code="cancelled")).split("\ndata: ")[1])
+    error, failed = [json.loads(event.split("\ndata: ")[1])
+                     for event in stream.error(ApiError(503, "stopping", code="cancelled")).split("\n\n")[:2]]
     assert STREAM_EVENT.validate_python(error).type == "error" and error["code"] == "cancelled"
-    assert error["sequence_number"] == len(lines)
+    assert error["sequence_number"] == len(lines) and failed["sequence_number"] == len(lines) + 1
+    failed = STREAM_EVENT.validate_python(failed)  # (then response.failed: the response so far, its error)
+    assert failed.type == "response.failed" and failed.response.status == "failed", failed
+    assert (failed.response.error.code, failed.response.error.message) == ("server_error", "stopping")
+    assert [item.id for item in failed.response.output] == [item.id for item in stream.response.output]
 
 
 def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_id, template):
@@ -357,6 +362,7 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
             ({"input": None}, "input"), ({"n": 2}, "n"), ({"max_output_tokens": 0}, "max_output_tokens"),
             ({"top_logprobs": 21}, "top_logprobs"), ({"text": {"format": {"type": "json_schema", "schema": {}}}},
                                                      "text.format"),
+            ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
             ({"tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
             ({"input": "colors " * 2 * CTX}, "input")]:
         status, body = server.raw("/v1/responses", json.dumps({**ask, **change}).encode())

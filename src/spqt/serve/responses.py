@@ -111,8 +111,8 @@ class TextFormat(p.JsonSchemaFormat):
 
     @model_validator(mode="after")
     def _named(self):
-        if self.type == "json_schema" and self.name is None:
-            raise ValueError("type 'json_schema' needs its name and schema")
+        if self.type == "json_schema" and (self.name is None or "schema_" not in self.model_fields_set):
+            raise ValueError("type 'json_schema' needs its name and schema")  # (as OpenAI's Responses API does)
         return self
 
 
@@ -246,7 +246,7 @@ class ResponsesRequest(p.SamplingFields):
 
 # ---------------------------------------------------------------- the response
 
-Status = Literal["in_progress", "completed", "incomplete"]
+Status = Literal["in_progress", "completed", "incomplete", "failed"]
 
 
 class OutputText(BaseModel):
@@ -314,7 +314,7 @@ class ResponseObject(BaseModel):
     object: Literal["response"] = "response"
     created_at: int
     status: Status
-    error: None = None
+    error: dict | None = None  # a failed response's {"code", "message"}
     incomplete_details: IncompleteDetails | None = None
     model: str
     output: list[ReasoningItem | MessageItem | FunctionCallItem] = Field(default_factory=list)
@@ -465,8 +465,13 @@ class ResponseStream:
         return events + [self.event(f"response.{status}", response=self.response.model_dump())]
 
     def error(self, err: p.ApiError) -> str:
-        """The event of an error after the stream began (a cancellation: the server stops)."""
-        return self.event("error", code=err.code, message=err.message, param=err.param)
+        """The events of an error after the stream began (a cancellation: the server stops): OpenAI's error event,
+        then response.failed with the response so far, its status failed."""
+        self.response = self.response.model_copy(update=dict(
+            status="failed", output=self.items, error={"code": "server_error", "message": err.message}))  # (OpenAI's
+        # response errors have codes of their own: the error event above carries this server's)
+        return self.event("error", code=err.code, message=err.message, param=err.param) + \
+            self.event("response.failed", response=self.response.model_dump())
 
     def _open_message(self) -> list[str]:
         return self._open(MessageItem(id=item_id("msg"), status="in_progress", content=[]), OutputText(text=""))

@@ -192,5 +192,6 @@ class ToolTextStream:
         if not calls:
             rest, self.held = self.held, ""
             return rest, []
-        # what was sent precedes every call (the first call's tag is held), so the content starts with it
-        return content[len(self.sent.strip()):], calls
+        # what was sent precedes every call (the first call's tag is held), so the content starts with it (its white
+        # space at the end included: the content joins the text around a call with it)
+        return content[len(self.sent.lstrip()):], calls
