@@ -230,6 +230,22 @@ def scripted(engine, monkeypatch):
     return script
 
 
+def named_events(stream: str, adapter) -> list[dict]:
+    """The data of a stream of named server-sent events (`event: TYPE` then `data: JSON` a block, as the Responses
+    and the Messages APIs send them), each checked to be named by its type and to be an event the client's type
+    adapter accepts."""
+    blocks = stream.split("\n\n")
+    assert blocks[-1] == "", blocks[-1]
+    out = []
+    for block in blocks[:-1]:
+        name, data = block.split("\n")
+        event = json.loads(data.removeprefix("data: "))
+        assert name == f"event: {event['type']}" and data.startswith("data: "), block
+        adapter.validate_python(event)
+        out.append(event)
+    return out
+
+
 def generator_logprobs(loaded, device: str, prompt: list[int], n: int, max_len: int,
                        sampling=None) -> list[tuple[int, torch.Tensor]]:
     """(token, log-softmax (vocab,) float64 of the raw logits it was chosen from) of the n tokens that a fresh dense

@@ -15,7 +15,7 @@ anthropic = pytest.importorskip("anthropic", reason="the dev extra installs the 
 from anthropic.types import Message, RawMessageStreamEvent  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
-from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE  # noqa: E402
+from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE, named_events  # noqa: E402
 
 ASK = "Name three primary colors."
 WEATHER = {"name": "get_weather", "description": "The weather in a city.", "input_schema": {
@@ -50,18 +50,9 @@ def post(server, path: str, body: dict, headers: dict | None = None) -> tuple[in
         with urllib.request.urlopen(req, timeout=120) as r:
             if r.headers.get_content_type() != "text/event-stream":
                 return r.status, json.load(r)
-            blocks = r.read().decode().split("\n\n")
+            return 200, named_events(r.read().decode(), STREAM_EVENT)
     except urllib.error.HTTPError as e:
         return e.code, json.load(e)
-    assert blocks[-1] == "", blocks[-1]
-    events = []
-    for block in blocks[:-1]:
-        name, data = block.split("\n")
-        event = json.loads(data.removeprefix("data: "))
-        assert name == f"event: {event['type']}" and data.startswith("data: "), block
-        STREAM_EVENT.validate_python(event)
-        events.append(event)
-    return 200, events
 
 
 def comparable(message) -> dict:

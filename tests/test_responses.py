@@ -16,7 +16,7 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
-from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE  # noqa: E402
+from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE, named_events  # noqa: E402
 
 ASK = "Name three primary colors."
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": {
@@ -36,15 +36,7 @@ def events(server, body: dict) -> list[dict]:
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         assert r.headers.get_content_type() == "text/event-stream"
-        blocks = r.read().decode().split("\n\n")
-    assert blocks[-1] == "", blocks[-1]
-    out = []
-    for block in blocks[:-1]:
-        name, data = block.split("\n")
-        event = json.loads(data.removeprefix("data: "))
-        assert name == f"event: {event['type']}" and data.startswith("data: "), block
-        STREAM_EVENT.validate_python(event)
-        out.append(event)
+        out = named_events(r.read().decode(), STREAM_EVENT)
     assert [e["sequence_number"] for e in out] == list(range(len(out)))
     return out
 
