@@ -1,14 +1,15 @@
 """The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/responses (a chat: spqt.serve.responses),
 /v1/completions and /v1/models, Anthropic's /v1/messages (a chat: spqt.serve.messages), and /health.
 
-A request is checked in this order, each failure answered with OpenAI's JSON error object:
-API key (401: `Authorization: Bearer KEY`, or Anthropic's `x-api-key: KEY`), body size (413), Content-Type (415: JSON alone), JSON syntax and Unicode text (400), fields (400,
-param naming the field), model name (404), token ids within the vocabulary (400), prompt plus max_tokens within the
-context (400, code context_length_exceeded); /v1/messages answers them in Anthropic's shape (messages.error_body). Then it joins the scheduler's FIFO queue (n choices, of each of a
-batch of completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with
-`stream: true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]` (the Responses
-API's and the Messages API's named events: ResponseStream's, MessageStream's). Cross-origin requests from a browser (CORS) are answered only for the origins
-`spqt serve --allow-origin` names.
+A request is checked in this order, each failure answered with OpenAI's JSON error object: API key (401: `Authorization:
+Bearer KEY`, or Anthropic's `x-api-key: KEY`), body size (413), Content-Type (415: JSON alone), JSON syntax and
+Unicode text (400), fields (400, param naming the field), model name (404), token ids within the vocabulary (400),
+prompt plus max_tokens within the context (400, code context_length_exceeded); /v1/messages answers them in
+Anthropic's shape (messages.error_body). Then it joins the scheduler's FIFO queue (n choices, of each of a batch of
+completions prompts: a job each, in turn, every prompt checked first); the answer is one JSON body, or with `stream:
+true` server-sent events, a chunk per text piece (naming its choice) and `data: [DONE]` (the Responses API's and the
+Messages API's named events: ResponseStream's, MessageStream's). Cross-origin requests from a browser (CORS) are
+answered only for the origins `spqt serve --allow-origin` names.
 """
 
 import asyncio
@@ -52,8 +53,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
     if allow_origins:  # browser clients on these origins (CORS): their preflight needs no key, their requests do
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "x-api-key",
-                                                                     "anthropic-version"])
+                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"])
     info = engine.info
     metrics = ServeMetrics(info, scheduler.stats)
 
