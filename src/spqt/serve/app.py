@@ -567,7 +567,7 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
 
 
 def sse(events: AsyncIterator[BaseModel], jobs: list[Job]) -> StreamingResponse:
-    """The chat's and completions' server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error
+    """The chat's and completions' server-sent events: `data: {json}` per chunk, then `data: [DONE]`; an error as
     OpenAI's error object, which the openai client raises (event_stream)."""
 
     async def lines():
