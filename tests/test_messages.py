@@ -209,6 +209,13 @@ def test_a_turn_after_tool_use_renders_as_the_chats(server, model_id, template, 
         {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: no station"},
         {"role": "user", "content": "Thanks."}])
     assert scripted.prompts[-1] == prompt
+    reordered = turn[:2] + [{"role": "user", "content": turn[2]["content"][2:] + turn[2]["content"][:2]}]
+    c.messages.create(model=model_id, max_tokens=30, system="You tell the weather.", tools=[WEATHER],
+                      messages=reordered)  # (text before the results: the results still follow their calls)
+    assert scripted.prompts[-1] == prompt
+    c.messages.create(model=model_id, max_tokens=5, tools=[WEATHER], messages=turn, system=[
+        {"type": "text", "text": "You tell the weather."}, {"type": "text", "text": "Be brief."}])
+    assert "You tell the weather.\n\nBe brief." in scripted.prompts[-1]  # (system blocks as paragraphs)
     count = c.messages.count_tokens(model=model_id, system="You tell the weather.", tools=[WEATHER], messages=turn)
     assert count.input_tokens == msg.usage.input_tokens + msg.usage.cache_read_input_tokens
     c.messages.create(model=model_id, max_tokens=30, tools=[WEATHER], tool_choice={"type": "none"}, messages=turn)
@@ -264,7 +271,7 @@ def test_the_stream_of_an_answer_ends_in_its_plain_message():
     cases = [("plain", "Red, green and blue."), ("plain", ""), ("plain", "  "), ("plain", " Red \n\n blue \n"),
              ("think", "<think>\nHm.\n</think>\n\nBlue."), ("think", "<think>\nA long wa"), ("think", "<think>x</think>"),
              ("tools", "Let me check.\n" + call), ("tools", "\n" + call + call), ("tools", " No call. "),
-             ("tools", "  "), ("both", "<think>f</think>\n" + call)]
+             ("tools", "  "), ("both", "<think>f</think>\n" + call), ("tools", "a \n " + call + " b")]
     for kind, text in cases:
         reading, result = readings[kind], GenerationResult([0] * 5, 3, 0.01, 0.01)
         answer = read_answer(text, reading)
@@ -317,7 +324,7 @@ def test_what_this_server_cannot_honour_is_a_400_in_anthropics_shape(server, mod
             ({"tool_choice": {"type": "any"}}, "offers no tools"), ({"temperature": 1.5}, "temperature"),
             ({"max_tokens": None}, "'max_tokens' is required"), ({"n": 2}, "n: not supported"),
             ({"thinking": {"type": "sometimes"}}, "thinking.type"),
-            (user({"type": "text", "text": "colors " * 2 * CTX}), "context")]:
+            (user({"type": "text", "text": "colors " * 2 * CTX}), "context"), (user(), "messages[0].content")]:
         status, body = post(server, "/v1/messages", {**ask, **change})
         assert status == 400 and body["type"] == "error", (change, body)
         assert body["error"]["type"] == "invalid_request_error" and words in body["error"]["message"], (change, body)

@@ -200,14 +200,16 @@ def test_a_wrong_method_is_405_with_allow(server):
 
 def test_cross_origin_requests_only_from_the_allowed_origins(server, engine, model_id):
     """CORS: a browser's preflight (OPTIONS) and request from an origin --allow-origin names get its
-    Access-Control-Allow-Origin (the preflight needs no key, the request does); another origin's, or any origin's on a
-    server without the option, get none, so the browser keeps the answer from the page."""
+    Access-Control-Allow-Origin (the preflight needs no key, the request does; the clients' own headers, the openai
+    and anthropic SDKs', allowed); another origin's, or any origin's on a server without the option, get none, so the
+    browser keeps the answer from the page."""
     page, other = "http://localhost:3000", "http://evil.example"
 
     def preflight(url: str, origin: str):
         req = urllib.request.Request(url + "/v1/chat/completions", method="OPTIONS", headers={
             "Origin": origin, "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "authorization,content-type"})
+            "Access-Control-Request-Headers": "authorization,content-type,x-api-key,anthropic-version,"
+                                              "anthropic-dangerous-direct-browser-access,x-stainless-os"})
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 return r.status, r.headers

@@ -53,7 +53,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
     if allow_origins:  # browser clients on these origins (CORS): their preflight needs no key, their requests do
         app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type", "x-api-key", "anthropic-version"])
+                           allow_headers=["*"])  # (the clients' own: anthropic-*, x-stainless-*; the key still asked)
     info = engine.info
     metrics = ServeMetrics(info, scheduler.stats)
 

@@ -114,7 +114,7 @@ class ContentBlock(p.RequestModel):
 
 class Message(p.RequestModel):
     role: Literal["user", "assistant"]
-    content: list[ContentBlock]  # a string arrives as one text block
+    content: list[ContentBlock] = Field(min_length=1)  # a string arrives as one text block; none: a 400, as Anthropic
 
     _blocks = field_validator("content", mode="before")(_text_blocks)
 
@@ -202,11 +202,12 @@ class MessagesRequest(p.SamplingFields):
         return not (self.tool_choice and self.tool_choice.disable_parallel_tool_use)
 
     def chat_messages(self) -> list[p.ChatMessage]:
-        """The conversation as the chat's messages: the system text a system message first; an assistant's text
-        blocks its content, its tool_use blocks its tool_calls; a user's tool_result blocks tool messages (named
-        after their call where the conversation holds it) and its text blocks user messages, in their order;
-        thinking blocks left out."""
-        messages = [p.ChatMessage(role="system", content="".join(b.text for b in self.system))] if self.system else []
+        """The conversation as the chat's messages: the system text a system message first (its blocks as
+        paragraphs); an assistant's text blocks its content, its tool_use blocks its tool_calls; a user's tool_result
+        blocks tool messages (named after their call where the conversation holds it), then its text blocks a user
+        message; thinking blocks left out."""
+        messages = [p.ChatMessage(role="system", content="\n\n".join(b.text for b in self.system))] if self.system \
+            else []  # (the blocks as paragraphs: Claude Code's two would run together)
         names = {}
         for message in self.messages:
             if message.role == "assistant":
@@ -219,8 +220,8 @@ class MessagesRequest(p.SamplingFields):
                             name=block.name, arguments=json.dumps(block.input, ensure_ascii=False))))
                 messages.append(reply)
                 continue
-            for block in message.content:
-                if block.type == "tool_result":
+            for block in sorted(message.content, key=lambda b: b.type != "tool_result"):  # (results first, as
+                if block.type == "tool_result":  # Anthropic orders them: right after their calls)
                     messages.append(p.ChatMessage(role="tool", tool_call_id=block.tool_use_id,
                                                   content=block.result_text(), name=names.get(block.tool_use_id)))
                 elif messages and messages[-1].role == "user":  # (text after text: one message)
