@@ -57,13 +57,7 @@ class TextBlock(p.RequestModel):
     _text_only = field_validator("type")(p.text_kind("only text blocks are supported"))
 
 
-def _text_blocks(content):
-    """A field validator (before): a string arrives as one text block."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise p.wrong_type("a string or an array of content blocks")
-    return content
+_text_blocks = p.text_as_parts("text", "a string or an array of content blocks")  # (a string: one text block)
 
 
 class ContentBlock(p.RequestModel):

@@ -96,6 +96,18 @@ def text_kind(what: str, kinds: tuple[str, ...] = ("text",)):
     return check
 
 
+def text_as_parts(kind: str, what: str):
+    """A field validator (before) of a content field: a string arrives as one part of this kind (its text), an array
+    as it is; what: the field's shape, for the error of anything else."""
+    def parts(content):
+        if isinstance(content, str):
+            return [{"type": kind, "text": content}]
+        if not isinstance(content, list):
+            raise wrong_type(what)
+        return content
+    return parts
+
+
 def json_object_text(cls, arguments: str) -> str:
     """A field validator of a call's arguments: a JSON object's text ("": no arguments), as OpenAI sends them."""
     try:

@@ -38,13 +38,7 @@ class InputText(p.RequestModel):
     _text_only = field_validator("type")(p.text_kind("only text parts are supported", ("input_text", "output_text")))
 
 
-def _text_parts(content):
-    """A field validator (before): a string arrives as one text part."""
-    if isinstance(content, str):
-        return [{"type": "input_text", "text": content}]
-    if not isinstance(content, list):
-        raise p.wrong_type("a string or an array of text parts")
-    return content
+_text_parts = p.text_as_parts("input_text", "a string or an array of text parts")  # (a string: one text part)
 
 
 class InputItem(p.RequestModel):
