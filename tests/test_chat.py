@@ -311,3 +311,30 @@ def test_chat_on_cuda_answers_as_a_fresh_generate_and_reuses_the_cache(tiny_spqt
     figures = [line for line in err.splitlines() if line.startswith("[answer ")]
     assert len(figures) == 2 and int(re.search(r"(\d+) reused", figures[1])[1]) > 0, err
     assert "prefill graphs captured" in err and "Traceback" not in err
+
+
+def test_a_thinking_budget_bounds_each_answers_thinking(model, monkeypatch):
+    """Chat's thinking_budget: each turn's Sampling carries chat_grammar's gate for the conversation as that turn
+    renders it (the turns kept, the new message last) with the budget and the model's vocabulary; the tiny
+    template writes no thinking, so the gate is none and the answers are those of a chat without a budget."""
+    from spqt import chat
+    from spqt.generate import Generator, Sampling
+
+    _, tok, _ = model
+    asked, sampled = [], []
+    real_gate, real_generate = chat.chat_grammar, Generator.generate
+    monkeypatch.setattr(chat, "chat_grammar", lambda g, tokenizer, messages, budget, vocabulary: asked.append(
+        (g, messages, budget, vocabulary.vocab, vocabulary.end_ids)) or real_gate(g, tokenizer, messages, budget,
+                                                                                   vocabulary))
+    monkeypatch.setattr(Generator, "generate", lambda self, prompt, n, sampling=None, **kw: sampled.append(
+        sampling) or real_generate(self, prompt, n, sampling, **kw))
+    session = chat.Chat(generator(model), tok, Sampling(), N, system="be brief", thinking_budget=7)
+    one = session.reply("hi")
+    two = session.reply("and then?")
+    assert [a[1] for a in asked] == [chat._messages("be brief", [], "hi"),
+                                     chat._messages("be brief", [("hi", one.text)], "and then?")]
+    assert all(a[0] is None and a[2] == 7 and a[3] == model[0].config.vocab_size and a[4] == sorted(tok.stop_ids)
+               for a in asked)
+    assert [s.grammar for s in sampled] == [None, None]
+    plain = chat.Chat(generator(model), tok, Sampling(), N, system="be brief")
+    assert [plain.reply("hi").text, plain.reply("and then?").text] == [one.text, two.text]

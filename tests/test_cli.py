@@ -195,6 +195,16 @@ def test_generate_reads_the_prompt_from_a_file_and_takes_a_system_message(tiny_s
     chat, system = tokens("-p", "hi", "--chat"), tokens("-p", "hi", "--chat", "--system", "be brief")
     assert system["prompt_tokens"] > chat["prompt_tokens"] and system["system"] == "be brief"
     _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--system", "x", "--device", "cpu"], "it needs --chat")
+    _error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--thinking-budget", "4", "--device", "cpu"],
+           "it needs --chat")
+    record = tmp_path / "budget.json"  # (tiny's template writes no thinking: a note, the same answer)
+    assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "3", "--chat", "--thinking-budget", "4", "--device",
+                 "cpu", "--json", str(record)]) == 0
+    assert "--thinking-budget bounds nothing" in capsys.readouterr().err
+    budgeted = json.loads(record.read_text())
+    assert (budgeted["text"], budgeted["thinking_budget"], chat["thinking_budget"]) == (chat["text"], 4, None)
+    _usage_error(capsys, ["generate", str(tiny_spqt), "-p", "hi", "--chat", "--thinking-budget", "-1"],
+                 "at least 0")
     _error(capsys, ["generate", str(tiny_spqt), "-f", str(tmp_path / "none.txt"), "--device", "cpu"],
            "cannot read the prompt file")
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")

@@ -373,3 +373,88 @@ def test_generation_keeps_to_the_grammar_after_thinking(tiny, rng):
         assert int(logits.argmax()) == token
     masked_argmax_walk(tiny, gate.grammar, raw[at + 1:], answer.tokens[at + 1:])
     assert tok.decode(answer.tokens[at + 1:-1]) in words
+
+
+def test_a_thinking_budget(tiny, rng):
+    """A thinking budget (AfterThinking with or without a grammar): inside the block every token is allowed (the end
+    tokens too where no grammar follows) until budget tokens are spent, then </think> alone, then the answer free
+    (or the grammar's); a block the answer opens counts from its <think>; a budget of 0 closes at once. Where the
+    template closed the block there is nothing to bound; without the tags as tokens a budget is an error."""
+    from spqt.serve.reasoning import chat_grammar, grammar_after_thinking
+
+    thinking_tok, v, open_id, close_id = thinking_vocabulary(tiny)
+    free = torch.ones(v.vocab, dtype=torch.bool)
+    only_close = torch.zeros(v.vocab, dtype=torch.bool).index_fill(0, torch.tensor([close_id]), True)
+    plain = [int(t) for t in rng.choice(sorted(set(range(tiny[0].config.vocab_size)) - set(v.end_ids) - set(
+        thinking_tok.backend.get_added_tokens_decoder())), 8, replace=False)]
+    for budget in (0, 1, 3):
+        for opening, first in [("A:<think>\n", []), ("A:", [open_id])]:
+            gate = grammar_after_thinking(None, v, opening, budget)
+            assert isinstance(gate, grammar.AfterThinking) and gate.grammar is None and gate.budget == budget
+            m = gate.matcher()
+            for token in first + plain[:budget]:
+                assert torch.equal(m.allowed("cpu"), free) and m.complete
+                m.consume(token)
+            assert torch.equal(m.allowed("cpu"), only_close) and m.over_budget
+            with pytest.raises(SpqtError, match="budget"):
+                m.consume(plain[budget])
+            m.consume(close_id)
+            for token in plain + [open_id]:  # (the answer: free, a <think> in it is text)
+                assert torch.equal(m.allowed("cpu"), free) and not m.over_budget
+                m.consume(token)
+    m = grammar_after_thinking(None, v, "A:", 1).matcher()
+    m.consume(plain[0])  # (no block opened: nothing to bound)
+    for token in plain:
+        assert torch.equal(m.allowed("cpu"), free)
+        m.consume(token)
+    # with a grammar: the thinking's end tokens masked, the budget's close, then the grammar's masks
+    g = grammar.choice(["red", "green blue"], v)
+    m = grammar_after_thinking(g, v, "A:<think>\n", 2).matcher()
+    ends = torch.zeros(v.vocab, dtype=torch.bool).index_fill(0, torch.tensor(v.end_ids), True)
+    for token in plain[:2]:
+        assert torch.equal(m.allowed("cpu"), ~ends) and not m.complete
+        m.consume(token)
+    assert torch.equal(m.allowed("cpu"), only_close)
+    m.consume(close_id)
+    assert torch.equal(m.allowed("cpu"), g.matcher().allowed("cpu"))
+    # nothing to bound, or no way to bound it
+    assert grammar_after_thinking(None, v, "A:<think>\n\n</think>\n\n", 5) is None
+    assert grammar_after_thinking(g, v, "A:<think>\n\n</think>\n\n", 5) is g
+    assert grammar_after_thinking(None, v, "A:<think>\n", None) is None
+    with pytest.raises(SpqtError, match="tokens of their own"):
+        grammar_after_thinking(None, tiny[2], "A:<think>\n", 5)
+    assert grammar_after_thinking(None, tiny[2], "A:<think></think>", 5) is None
+    assert chat_grammar(None, thinking_tok, thinking_tok.one_turn("hi"), 5, v) is None  # (tiny's template: no tags)
+    with pytest.raises(ValueError):
+        grammar.AfterThinking(None, open_id, close_id, True)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_generation_ends_its_thinking_at_the_budget(device, tiny, rng):
+    """The tiny model's greedy answer under a thinking budget (two of its own tokens standing for the tags, the close
+    one's logit lowered by 100 so that it never closes by itself): the budget's tokens are the model's argmax, the
+    next one the forced close, then the model's argmax again to the end or -n; a sampled answer closes at the same
+    place; the tokens before the close are those of the answer without a budget."""
+    from spqt.generate import Generator
+
+    loaded, tok, vocabulary = tiny
+    ends = set(vocabulary.end_ids)
+    plain = sorted(set(range(loaded.config.vocab_size)) - ends - set(tok.backend.get_added_tokens_decoder()))
+    open_id, close_id = (int(t) for t in rng.choice(plain, 2, replace=False))
+    gen, prompt, budget = Generator(loaded, device, max_len=120), rng.integers(0, loaded.config.vocab_size, 5).tolist(), 6
+    gate = grammar.AfterThinking(None, open_id, close_id, True, budget, vocabulary)
+    bias = {close_id: -100.0}
+    raw = []
+    answer = gen.generate(prompt, 40, Sampling(grammar=gate, logit_bias=bias), stop_ids=ends,
+                          on_logits=lambda logits: raw.append(logits[0].float().cpu()))
+    assert len(answer.tokens) > budget + 1 and answer.tokens[budget] == close_id, answer.tokens
+    assert close_id not in answer.tokens[:budget] + answer.tokens[budget + 1:]
+    for i, (logits, token) in enumerate(zip(raw, answer.tokens)):
+        if i != budget:
+            biased = logits.index_add(0, torch.tensor([close_id]), torch.tensor([-100.0]))
+            assert biased[token] >= biased.max() - 1e-3, (i, token, int(biased.argmax()))
+    unbounded = gen.generate(prompt, 40, Sampling(logit_bias=bias), stop_ids=ends)
+    assert unbounded.tokens[:budget] == answer.tokens[:budget] and close_id not in unbounded.tokens
+    sampled = gen.generate(prompt, 40, Sampling(1.0, seed=int(rng.integers(1 << 30)), grammar=gate, logit_bias=bias),
+                           stop_ids=ends)
+    assert sampled.tokens[budget] == close_id and close_id not in sampled.tokens[:budget], sampled.tokens

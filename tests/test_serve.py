@@ -822,18 +822,19 @@ def with_think_tokens(tokenizer_json: str, ids: tuple[int, int]) -> str:
     return json.dumps(data)
 
 
-def test_structured_output_after_the_thinking(server, model_id, engine, monkeypatch):
-    """A reasoning template's answer under structured output (guided_choice, streamed and not) thinks freely, then
-    keeps to the grammar, as vLLM orders them: after a prompt that opened the think block, after a <think> the answer
-    opened, or from the first token where it did not open one or the template closed the block (enable_thinking
-    false); the content keeps to the grammar and the reasoning is the thinking. The model's tokens here: each step's
-    wanted token on top of random logits, then the sampler's shaping (its grammar's masks) and argmax."""
+@pytest.fixture
+def thinking_model(engine, monkeypatch):
+    """The served model as a reasoning model: THINK_TEMPLATE, its added tokens 12 and 13 renamed <think> and
+    </think>; its answers the wanted text's tokens, each on top of random logits (+50), then the sampler's shaping (a
+    grammar's or a budget's masks) and argmax: .wanted (a one-item list: the text), .gates (each job's
+    Sampling.grammar), .outs (each job's tokens), .spec and .original (the tokenizer's JSON before), .vocab."""
+    from types import SimpleNamespace
+
     from tokenizers import Tokenizer
 
     from spqt import grammar
     from spqt.generate import GenerationResult
     from spqt.sampling import LogitShaper
-    from spqt.tokenizer import TextTokenizer
 
     tok, vocab = engine.tokenizer, engine.generator.loaded.config.vocab_size
     original = tok.spec.tokenizer_json
@@ -843,13 +844,13 @@ def test_structured_output_after_the_thinking(server, model_id, engine, monkeypa
                         ("_added", set(range(17)))]:
         monkeypatch.setattr(tok, name, value)
     monkeypatch.setattr(engine, "vocabulary", grammar.Vocabulary(tok, vocab, engine.stop_ids))
-    wanted, gates = [""], []
+    model = SimpleNamespace(wanted=[""], gates=[], outs=[], spec=spec, original=original, vocab=vocab)
 
     def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):
-        gates.append(sampling.grammar)
-        noise = torch.Generator().manual_seed((len(gates) + 1) // 2)  # (a request's plain and streamed answer alike)
+        model.gates.append(sampling.grammar)
+        noise = torch.Generator().manual_seed((len(model.gates) + 1) // 2)  # (a request's plain and streamed alike)
         shaper, out = LogitShaper(sampling, prompt, vocab, "cpu"), []
-        script = tok.backend.encode(wanted[0], add_special_tokens=False).ids
+        script = tok.backend.encode(model.wanted[0], add_special_tokens=False).ids
         for i in range(n):
             logits = torch.randn(1, vocab, generator=noise)
             if i < len(script):
@@ -858,9 +859,24 @@ def test_structured_output_after_the_thinking(server, model_id, engine, monkeypa
             shaper.add(out[-1])
             if (on_token and on_token(out[-1])) or out[-1] in stop_ids:
                 break
+        model.outs.append(out)
         return GenerationResult(out, len(prompt), 0.01, 0.01, finish_reason="stop" if out[-1] in stop_ids else "length")
 
     monkeypatch.setattr(engine.generator, "generate", answers)
+    return model
+
+
+def test_structured_output_after_the_thinking(server, model_id, engine, thinking_model, monkeypatch):
+    """A reasoning template's answer under structured output (guided_choice, streamed and not) thinks freely, then
+    keeps to the grammar, as vLLM orders them: after a prompt that opened the think block, after a <think> the answer
+    opened, or from the first token where it did not open one or the template closed the block (enable_thinking
+    false); the content keeps to the grammar and the reasoning is the thinking. The model's tokens here: each step's
+    wanted token on top of random logits, then the sampler's shaping (its grammar's masks) and argmax."""
+    from spqt import grammar
+    from spqt.tokenizer import TextTokenizer
+
+    wanted, gates, spec, original, vocab = (thinking_model.wanted, thinking_model.gates, thinking_model.spec,
+                                            thinking_model.original, thinking_model.vocab)
     colors = ["red", "green or blue"]
     ask = dict(model=model_id, messages=CHAT, temperature=0, max_tokens=40, extra_body={"guided_choice": colors})
 
@@ -899,6 +915,78 @@ def test_structured_output_after_the_thinking(server, model_id, engine, monkeypa
     wanted[0] = "<think>\nPrimary colors of light.\n</think>\n\nPurple!"
     thought, content = both()
     assert (thought, content in colors) == (None, True) and not isinstance(gates[-1], grammar.AfterThinking)
+
+
+def test_a_thinking_budget_ends_the_thinking(server, model_id, engine, thinking_model, monkeypatch):
+    """thinking_token_budget (vLLM's; an extra field of the Responses request; the Messages API's
+    thinking.budget_tokens): after that many thinking tokens the answer's next is </think>, forced; the reasoning is
+    those tokens' text, streamed alike, and the answer goes on (free, or in its grammar); 0 closes at once. Where the
+    template closed the block or writes no thinking there is nothing to bound. Where the tags are not tokens of their
+    own: the chat's budget a 400 naming its field, the Messages' a target not kept."""
+    from spqt import grammar
+    from spqt.tokenizer import TextTokenizer
+
+    tok, client = engine.tokenizer, server.client()
+    close = tok.backend.token_to_id("</think>")
+    thinking_model.wanted[0] = "<think>\nPrimary colors of light are red, green and blue.\n</think>\n\nPurple!"
+    script = tok.backend.encode(thinking_model.wanted[0], add_special_tokens=False).ids
+    ask = dict(model=model_id, messages=CHAT, temperature=0, max_tokens=30)
+
+    def both(**extra) -> tuple:
+        """(reasoning, content, tokens) of the plain answer, its reasoning and content checked equal to the
+        streamed one's."""
+        r = client.chat.completions.create(**ask, extra_body=extra).choices[0]
+        tokens = thinking_model.outs[-1]
+        chunks = [c.choices[0] for c in client.chat.completions.create(stream=True, **ask, extra_body=extra)
+                  if c.choices]
+        streamed = ("".join(getattr(c.delta, "reasoning_content", None) or "" for c in chunks) or None,
+                    "".join(c.delta.content or "" for c in chunks))
+        assert streamed == (r.message.reasoning_content or None, r.message.content), (streamed, r)
+        assert thinking_model.outs[-1] == tokens
+        return r.message.reasoning_content, r.message.content, tokens
+
+    for budget in (0, 3):
+        thought, content, tokens = both(thinking_token_budget=budget)
+        assert tokens[:budget + 1] == script[:budget + 1] and tokens[budget + 1] == close, tokens
+        assert thought == (tok.decode(script[1:budget + 1]).strip("\n") or None), thought
+        assert content == tok.decode(tokens[budget + 2:]).lstrip() and gates_budget(thinking_model) == budget
+    # a budget and a grammar: the thinking bounded, then the grammar
+    colors = ["red", "green or blue"]
+    thought, content, tokens = both(thinking_token_budget=2, guided_choice=colors)
+    assert tokens[3] == close and thought == tok.decode(script[1:3]).strip("\n") and content in colors
+    # the block opened by the template: the budget counts from the answer's first token
+    thinking_model.wanted[0] = "Light is red, green and blue.\n</think>\n\nPurple!"
+    thought, content, tokens = both(thinking_token_budget=4, chat_template_kwargs={"open_think": True})
+    assert tokens[4] == close and thought == tok.decode(tokens[:4]).strip("\n"), tokens
+    # the Responses request's extra field; the Messages API's budget_tokens
+    r = client.responses.create(model=model_id, input=CHAT[0]["content"], temperature=0, max_output_tokens=30,
+                                extra_body={"thinking_token_budget": 4, "chat_template_kwargs": {"open_think": True}})
+    assert r.output[0].content[0].text == thought and thinking_model.outs[-1][4] == close
+    body = dict(model=model_id, messages=CHAT, max_tokens=30, temperature=0,
+                thinking={"type": "enabled", "budget_tokens": 4}, chat_template_kwargs={"open_think": True})
+    status, message = server.raw("/v1/messages", json.dumps(body).encode())
+    assert status == 200 and message["content"][0] == {"type": "thinking", "thinking": thought, "signature": ""}
+    assert thinking_model.outs[-1][4] == close
+    # nothing to bound: the block closed by the template
+    both(thinking_token_budget=1, chat_template_kwargs={"enable_thinking": False})
+    assert thinking_model.gates[-1] is None
+    # the tags not tokens of their own: the chat's budget refused, the Messages' not kept
+    untagged = TextTokenizer(dataclasses.replace(thinking_model.spec, tokenizer_json=thinking_model.original),
+                             engine.generator.loaded.config)
+    monkeypatch.setattr(engine, "vocabulary", grammar.Vocabulary(untagged, thinking_model.vocab, engine.stop_ids))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(**ask, extra_body={"thinking_token_budget": 3})
+    assert e.value.body["param"] == "thinking_token_budget" and "tokens of their own" in e.value.body["message"]
+    status, message = server.raw("/v1/messages", json.dumps(body).encode())
+    assert status == 200 and thinking_model.gates[-1] is None
+
+
+def gates_budget(model) -> int | None:
+    """The budget of the last job's AfterThinking (None where it had none)."""
+    from spqt import grammar
+
+    gate = model.gates[-1]
+    return gate.budget if isinstance(gate, grammar.AfterThinking) else None
 
 
 def test_tool_choice_required_or_named_forces_calls(server, model_id, engine, monkeypatch):

@@ -18,6 +18,7 @@ alone is refused and the conversation stays as it was.
 """
 
 import contextlib
+import dataclasses
 import importlib.util
 import signal
 import threading
@@ -27,7 +28,9 @@ from typing import TextIO
 
 from spqt.errors import SpqtError
 from spqt.generate import GenerationResult, Generator
+from spqt.grammar import Vocabulary
 from spqt.sampling import Sampling
+from spqt.serve.reasoning import chat_grammar
 from spqt.serve.text import CONTEXT_TOKENS, TextStream
 from spqt.tokenizer import TextTokenizer
 
@@ -93,13 +96,14 @@ class Chat:
     (None: the template's default) and the (user, assistant) turns so far."""
 
     def __init__(self, generator: Generator, tokenizer: TextTokenizer, sampling: Sampling, max_new_tokens: int,
-                 system: str | None = None, track: bool = False):
+                 system: str | None = None, track: bool = False, thinking_budget: int | None = None):
         """max_new_tokens: an answer's at most (each turn keeps room for it in the context). track: count the
-        achieved sparsity (Generator.generate's)."""
+        achieved sparsity (Generator.generate's). thinking_budget: a reasoning model's thinking at most this many
+        tokens an answer, then its </think> forced (spqt.serve.reasoning.chat_grammar; None: no bound)."""
         check_template(tokenizer, system)
         check_room(max_new_tokens, generator.max_len)
         self.generator, self.tokenizer, self.sampling = generator, tokenizer, sampling
-        self.max_new_tokens, self.track = max_new_tokens, track
+        self.max_new_tokens, self.track, self.thinking_budget = max_new_tokens, track, thinking_budget
         self.system = system
         self.turns: list[tuple[str, str]] = []
 
@@ -157,7 +161,13 @@ class Chat:
                     on_text(piece)
             return False
 
-        result = self.generator.generate(prompt, self.max_new_tokens, self.sampling, stop_ids=stop_ids,
+        sampling = self.sampling
+        if self.thinking_budget is not None:
+            vocabulary = Vocabulary(self.tokenizer, self.generator.loaded.config.vocab_size, stop_ids)
+            gate = chat_grammar(None, self.tokenizer, _messages(self.system, self.turns[dropped:], user),
+                                self.thinking_budget, vocabulary)
+            sampling = dataclasses.replace(sampling, grammar=gate)
+        result = self.generator.generate(prompt, self.max_new_tokens, sampling, stop_ids=stop_ids,
                                          on_token=on_token, track=self.track, reuse=True)
         piece = stream.flush()
         if piece:

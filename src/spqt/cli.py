@@ -484,6 +484,8 @@ def cmd_generate(args) -> int:
     _check_decoding(args)
     if args.system is not None and not args.chat:
         raise SpqtError("--system is the chat's system message: it needs --chat")
+    if args.thinking_budget is not None and not args.chat:
+        raise SpqtError("--thinking-budget bounds a reasoning model's thinking in a chat: it needs --chat")
     _check_outputs([("--json", args.json)], [("model", _model_file(args.model)), ("prompt file", args.file),
                                               ("--thresholds file", args.thresholds),
                                               ("--json-schema-file", args.json_schema_file),
@@ -500,10 +502,16 @@ def cmd_generate(args) -> int:
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(prompt_text, args.system) if args.chat else tok.encode(prompt_text)
     sampling.grammar = _structured_grammar(structured, tok, loaded)
-    if sampling.grammar is not None and args.chat:  # a reasoning model thinks first, then keeps to the grammar
-        from spqt.serve.reasoning import chat_grammar
+    if args.chat and (sampling.grammar is not None or args.thinking_budget is not None):
+        # a reasoning model thinks first (within its budget), then keeps to the grammar
+        from spqt.grammar import Vocabulary
+        from spqt.serve.reasoning import chat_grammar, reasoning_template
 
-        sampling.grammar = chat_grammar(sampling.grammar, tok, tok.one_turn(prompt_text, args.system))
+        sampling.grammar = chat_grammar(sampling.grammar, tok, tok.one_turn(prompt_text, args.system),
+                                        args.thinking_budget, Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids))
+        if args.thinking_budget is not None and not reasoning_template(tok.spec.chat_template):
+            print("spqt: note: this model's chat template writes no thinking: --thinking-budget bounds nothing",
+                  file=sys.stderr)
     if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
         raise SpqtError("the prompt is empty")
     if len(prompt) + args.n > loaded.config.max_seq_len:
@@ -538,7 +546,8 @@ def cmd_generate(args) -> int:
         from spqt.checkpoint import atomic_write
 
         record = {"model": str(args.model or "default"), "kind": loaded.kind, "device": gen.device,
-                  "prompt": prompt_text, "chat": args.chat, "system": args.system, "text": text,
+                  "prompt": prompt_text, "chat": args.chat, "system": args.system,
+                  "thinking_budget": args.thinking_budget, "text": text,
                   "prompt_tokens": result.prompt_tokens, "generated_tokens": len(result.tokens),
                   "prefill_seconds": result.prefill_seconds, "decode_seconds": result.decode_seconds,
                   "prefill_tokens_per_s": result.prefill_tokens_per_s,
@@ -576,7 +585,8 @@ def cmd_chat(args) -> int:
         run.generator.capture_prefills(ctx - 1, suffixes=True)
         if not args.quiet:
             print(f"[prefill graphs captured in {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
-    session = chat.Chat(run.generator, tok, sampling, args.n, system=args.system, track=run.track)
+    session = chat.Chat(run.generator, tok, sampling, args.n, system=args.system, track=run.track,
+                        thinking_budget=args.thinking_budget)
     interactive = sys.stdin.isatty()
     if interactive:
         print("spqt chat: /help lists the commands; /exit or Ctrl-D ends it", file=sys.stderr, flush=True)
@@ -1216,6 +1226,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "spqt chat holds a conversation)")
     p.add_argument("--system", default=None, help="with --chat: the system message before the prompt (default: "
                    "the template's own, if any)")
+    p.add_argument("--thinking-budget", type=_at_least(0), default=None, metavar="TOKENS", help="with --chat: a "
+                   "reasoning model thinks at most this many tokens, then its </think> is forced (default: no bound)")
     _add_sampling_options(p)
     structured = p.add_argument_group("structured output (one of these: every token keeps the answer within it; "
                                       "on CUDA each step's token is then chosen on the host)")
@@ -1235,6 +1247,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.add_argument("-n", type=int, default=512, help="new tokens an answer at most (default 512)")
     p.add_argument("--system", default=None, help="the system message (default: the template's own, if any)")
+    p.add_argument("--thinking-budget", type=_at_least(0), default=None, metavar="TOKENS", help="a reasoning model "
+                   "thinks at most this many tokens an answer, then its </think> is forced (default: no bound)")
     p.add_argument("--ctx", type=_at_least(2), default=None, help="tokens of context, the conversation plus an "
                    "answer: the KV cache's length (default: the model's); the oldest turns are dropped beyond it")
     p.add_argument("--quiet", action="store_true", help="no model line and no figures after each answer")

@@ -9,7 +9,8 @@ grammar can go on, beside the tokens that go on), and once it cannot go on, only
 (`<|im_end|>`) is never text: a grammar's text that spells one is spelled out in ordinary tokens, and the token
 itself is asked for as Vocabulary.literal writes it. `Grammar` is one grammar checked against the vocabulary (that
 it parses and that some text starts it); `Grammar.matcher()` starts one generation's walk (a copy of the checked
-one: a request's n choices each take one). `AfterThinking` starts a grammar after a reasoning model's think block.
+one: a request's n choices each take one). `AfterThinking` starts a grammar after a reasoning model's think block,
+or bounds that block (a thinking budget).
 """
 
 import json
@@ -240,62 +241,99 @@ class GrammarMatcher:
 
 @dataclass(frozen=True)
 class AfterThinking:
-    """A grammar that a reasoning model's answer keeps to after its thinking, as vLLM orders them: any token until
-    the think block's end (close_id, `</think>`) but the end tokens (vLLM allows them: an answer that ends while it
-    thinks has no content), the grammar from the token after it. thinking: the prompt opened the block (the answer
-    thinks from its start); else the answer's first token may open one (open_id, `<think>`) or is the grammar's
-    first."""
+    """A reasoning model's think block before its answer: a grammar that the answer keeps to after it, as vLLM orders
+    them (any token until the block's end (close_id, `</think>`) but the end tokens (vLLM allows them: an answer that
+    ends while it thinks has no content), the grammar from the token after it), a budget of thinking tokens, or both.
+    thinking: the prompt opened the block (the answer thinks from its start); else the answer's first token may open
+    one (open_id, `<think>`) or is the answer's first. budget: at most this many tokens between the tags; the next one
+    is close_id, forced (as vLLM's thinking_token_budget and llama.cpp's reasoning budget end it). grammar None: the
+    answer after the thinking is free, and so are the end tokens while it thinks (vocabulary: the one masked)."""
 
-    grammar: Grammar
+    grammar: Grammar | None
     open_id: int
     close_id: int
     thinking: bool
+    budget: int | None = None
+    vocabulary: Vocabulary | None = None  # where grammar is None; else the grammar's
+
+    def __post_init__(self):
+        if self.grammar is None and (self.vocabulary is None or self.budget is None):
+            raise ValueError("AfterThinking without a grammar needs a budget and the vocabulary")
+        if self.budget is not None and self.budget < 0:
+            raise ValueError(f"a thinking budget is >= 0 tokens, got {self.budget}")
 
     @property
     def what(self) -> str:
-        return self.grammar.what
+        return self.grammar.what if self.grammar is not None else "the thinking budget"
 
     def matcher(self) -> "ThinkingMatcher":
-        return ThinkingMatcher(self.grammar.matcher(), self.open_id, self.close_id, self.grammar.vocabulary.end_ids,
-                               self.thinking)
+        if self.grammar is None:
+            return ThinkingMatcher(None, self.vocabulary.vocab, self.open_id, self.close_id, [], self.thinking,
+                                   self.budget)
+        return ThinkingMatcher(self.grammar.matcher(), self.grammar.vocabulary.vocab, self.open_id, self.close_id,
+                               self.grammar.vocabulary.end_ids, self.thinking, self.budget)
 
 
 class ThinkingMatcher:
-    """One generation's walk through an AfterThinking: state "start" (the first token: the grammar's or open_id),
-    "thinking" (every token but the end tokens allowed, so the answer does not end before its grammar; close_id ends
-    it) or "grammar" (the grammar's walk)."""
+    """One generation's walk through an AfterThinking: state "start" (the first token: the answer's or open_id),
+    "thinking" (every token but end_ids allowed (a grammar's answer does not end before it), close_id ends it; once
+    spent reaches the budget, close_id alone) or "answer" (the grammar's walk; with none (inner None), every token)."""
 
-    def __init__(self, inner: GrammarMatcher, open_id: int, close_id: int, end_ids: list[int], thinking: bool):
-        self.inner, self.open_id, self.close_id, self.end_ids = inner, open_id, close_id, end_ids
+    def __init__(self, inner: GrammarMatcher | None, vocab: int, open_id: int, close_id: int, end_ids: list[int],
+                 thinking: bool, budget: int | None = None):
+        self.inner, self.vocab, self.open_id, self.close_id, self.end_ids = inner, vocab, open_id, close_id, end_ids
         self.state = "thinking" if thinking else "start"
-        self._thinking_mask: dict[str, torch.Tensor] = {}  # {device: the thinking state's mask there}
+        self.budget, self.spent = budget, 0  # spent: the thinking's tokens so far
+        self._masks: dict[tuple[str, str], torch.Tensor] = {}  # {(kind, device): a fixed mask there}
+
+    def _mask(self, kind: str, device: str | torch.device) -> torch.Tensor:
+        """A fixed mask on device, built once: "thinking" (end_ids off), "close" (close_id alone), "free" (all)."""
+        key = (kind, str(device))
+        if key not in self._masks:
+            mask = torch.full((self.vocab,), kind != "close", dtype=torch.bool)
+            if kind == "thinking":
+                mask[self.end_ids] = False
+            elif kind == "close":
+                mask[self.close_id] = True
+            self._masks[key] = mask.to(device)
+        return self._masks[key]
+
+    @property
+    def over_budget(self) -> bool:
+        """Whether the thinking has spent its budget: its next token is close_id."""
+        return self.state == "thinking" and self.budget is not None and self.spent >= self.budget
 
     def allowed(self, device: str | torch.device) -> torch.Tensor:
         """bool (vocab,) on device as GrammarMatcher.allowed."""
         if self.state == "thinking":
-            key = str(device)
-            if key not in self._thinking_mask:
-                mask = torch.ones(self.inner.vocab, dtype=torch.bool)
-                mask[self.end_ids] = False
-                self._thinking_mask[key] = mask.to(device)
-            return self._thinking_mask[key]
+            return self._mask("close" if self.over_budget else "thinking", device)
+        if self.inner is None:
+            return self._mask("free", device)
         allowed = self.inner.allowed_host()
         if self.state == "start":
             allowed[self.open_id] = True
         return torch.from_numpy(allowed).to(device)
 
     def consume(self, token: int) -> None:
-        if self.state == "grammar":
-            self.inner.consume(token)
+        if self.state == "answer":
+            if self.inner is not None:
+                self.inner.consume(token)
         elif self.state == "thinking":
-            self.state = "grammar" if token == self.close_id else "thinking"
+            if token == self.close_id:
+                self.state = "answer"
+            elif self.over_budget:
+                raise SpqtError(f"the thinking budget of {self.budget} tokens is spent: its next token is "
+                                f"{self.close_id}, got {token}")
+            else:
+                self.spent += 1
         elif token == self.open_id:  # (where the grammar could take the tag as text too, it opens the block)
             self.state = "thinking"
         else:
-            self.state = "grammar"
-            self.inner.consume(token)
+            self.state = "answer"
+            if self.inner is not None:
+                self.inner.consume(token)
 
     @property
     def complete(self) -> bool:
-        """Whether the answer after the thinking is a whole sentence of the grammar."""
-        return self.state == "grammar" and self.inner.complete
+        """Whether the answer after the thinking is a whole sentence of the grammar (with none: always)."""
+        return self.inner is None or (self.state == "answer" and self.inner.complete)

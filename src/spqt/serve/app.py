@@ -37,7 +37,7 @@ from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
 from spqt.serve.reasoning import (answer_opening, grammar_after_thinking, reasoning_template, starts_thinking,
-                                  thinking_tokens)
+                                  think_tags, thinking_tokens)
 from spqt.serve.tools import forced_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -298,10 +298,20 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
             conversation = [m.template_message() for m in messages]
             opening = await asyncio.to_thread(answer_opening, engine.tokenizer, conversation, prompt_text, tools,
                                               req.chat_template_kwargs)
-        if think and "grammar" in shape:
-            after = grammar_after_thinking(shape["grammar"], engine.vocabulary, opening)
-            think = after is not None
-            shape["grammar"] = shape["grammar"] if after is None else after
+        budget = req.thinking_token_budget if think else None  # (a template that writes no thinking: none to bound)
+        if budget is not None and not req.budget_strict and think_tags(engine.vocabulary) is None:
+            budget = None  # (a target, where it cannot be kept)
+        if think and ("grammar" in shape or budget is not None):
+            try:
+                after = grammar_after_thinking(shape.get("grammar"), engine.vocabulary, opening, budget)
+            except SpqtError as e:  # (a budget where the tags are not tokens of their own)
+                raise p.ApiError(400, f"{req.budget_param}: {e}.", param=req.budget_param,
+                                 code="unsupported_value") from None
+            if "grammar" in shape:
+                think = after is not None
+                shape["grammar"] = shape["grammar"] if after is None else after
+            elif after is not None:
+                shape["grammar"] = after
         reading = Reading(think, think and starts_thinking(opening), fmt,
                           {t["function"]["name"] for t in tools} if tools else None, req.parallel_tool_calls)
         return [make_job(request, req, shape, prompt, choice=j) for j in range(req.n)], reading

@@ -15,7 +15,10 @@ output_tokens every token the model produced, the end token included.
 thinking: {"type": "enabled"} (or "adaptive") sets the template's enable_thinking where the template takes it (as
 llama.cpp does), and a model whose template writes no think blocks answers without a thinking block (a budget is an
 upper bound); "disabled" sets enable_thinking false, and is refused where the template thinks with no way to turn it
-off. budget_tokens is taken, not enforced: the thinking is bounded by max_tokens alone.
+off. budget_tokens ("enabled") bounds the thinking: after that many tokens its </think> is forced (the chat's
+thinking_token_budget; max_tokens still bounds the whole answer, the thinking's tokens too), where the model's
+vocabulary has the think tags as tokens of their own (Qwen3's, DeepSeek-R1's distills'); elsewhere it is a target not
+kept, as Anthropic's budget is a target, not a strict bound.
 
 Refused with a 400 naming the field: image and document blocks (this model reads text), Anthropic's server tools
 (web_search, bash, text_editor, code execution, ...), a last assistant message (a prefill: the answer would start a
@@ -153,7 +156,7 @@ class ToolChoice(p.RequestModel):
 
 class ThinkingConfig(p.RequestModel):
     type: Literal["enabled", "disabled", "adaptive"]
-    budget_tokens: int | None = Field(None, ge=1)  # taken, not enforced (the module's docstring)
+    budget_tokens: int | None = Field(None, ge=1)  # "enabled": the thinking at most this long (the docstring)
 
 
 class MessagesRequest(p.SamplingFields):
@@ -163,6 +166,8 @@ class MessagesRequest(p.SamplingFields):
     answer's tokens, its thinking's too."""
 
     prompt_param: ClassVar[str] = "messages"
+    budget_param: ClassVar[str] = "thinking"
+    budget_strict: ClassVar[bool] = False  # Anthropic's budget is a target: where it cannot be kept, not kept
     messages: list[Message] = Field(min_length=1)
     max_tokens: int = Field(ge=1)
     system: list[TextBlock] = Field(default_factory=list)  # a string arrives as one text block
@@ -242,6 +247,11 @@ class MessagesRequest(p.SamplingFields):
     def top_tokens(self) -> None:
         """No logprobs: Anthropic's API has none."""
         return None
+
+    @property
+    def thinking_token_budget(self) -> int | None:
+        """thinking's budget_tokens where thinking is "enabled" (the chat's thinking_token_budget), else None."""
+        return self.thinking.budget_tokens if self.thinking and self.thinking.type == "enabled" else None
 
     def template_kwargs(self, template: str, thinks: bool) -> dict:
         """chat_template_kwargs with thinking's enable_thinking (the module's docstring); template: the chat

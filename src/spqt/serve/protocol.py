@@ -224,6 +224,8 @@ class SamplingFields(RequestModel):
     top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut."""
 
     prompt_param: ClassVar[str] = "prompt"  # the field that holds the prompt (errors of the prompt name it)
+    budget_param: ClassVar[str] = "thinking_token_budget"  # a chat's field that holds its thinking budget
+    budget_strict: ClassVar[bool] = True  # a budget that cannot be kept (no think tags as tokens) is a 400
     model: str | None = None  # None: the one served model
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -421,6 +423,7 @@ class ChatCompletionRequest(SamplingFields):
     function_call: Any = "none"
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict = Field(default_factory=dict)  # vLLM's and llama.cpp's: more template variables
+    thinking_token_budget: int | None = Field(None, ge=0)  # vLLM's: a reasoning model's thinking at most this long
     modalities: list[str] = Field(default_factory=lambda: ["text"])
     # OpenAI's audio, web search and reasoning models' fields (OpenAI refuses them for the models without those too)
     audio: dict | None = None

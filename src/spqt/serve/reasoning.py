@@ -50,29 +50,43 @@ def answer_opening(tokenizer: TextTokenizer, messages: list[dict], rendered: str
     return rendered[at + len(last):] if at >= 0 else rendered
 
 
-def grammar_after_thinking(g: Grammar, vocabulary: Vocabulary, opening: str) -> Grammar | AfterThinking | None:
-    """A structured-output grammar for a reasoning template's answer, started after its thinking as vLLM does
-    (AfterThinking), by the template's opening of the answer (answer_opening): thinking from the start where it opened
-    the block (starts_thinking); the grammar itself where it closed it (Qwen3's enable_thinking false); else the
-    answer may open one first. None where the vocabulary lacks either tag as a token of its own (the grammar then runs
-    from the answer's start and the answer is all content)."""
+def think_tags(vocabulary: Vocabulary) -> tuple[int, int] | None:
+    """The ids of <think> and </think> where both are tokens of their own in vocabulary (added tokens), else None."""
     open_id, close_id = vocabulary.added_token(THINK_OPEN), vocabulary.added_token(THINK_CLOSE)
-    if open_id is None or close_id is None:
+    return None if open_id is None or close_id is None else (open_id, close_id)
+
+
+def grammar_after_thinking(g: Grammar | None, vocabulary: Vocabulary, opening: str, budget: int | None = None) -> \
+        Grammar | AfterThinking | None:
+    """A structured-output grammar (or None: none) and a thinking budget (or None: none) for a reasoning template's
+    answer, as vLLM applies them (AfterThinking), by the template's opening of the answer (answer_opening): thinking
+    from the start where it opened the block (starts_thinking); g itself where it closed it (Qwen3's enable_thinking
+    false: no thinking to bound); else the answer may open one first. None where the vocabulary lacks either tag as a
+    token of its own (a grammar then runs from the answer's start and the answer is all content; a budget there is an
+    SpqtError, but where the block is closed) or where there is nothing to apply (neither g nor budget)."""
+    open_id, close_id = think_tags(vocabulary) or (None, None)
+    closed = THINK_CLOSE in opening and not starts_thinking(opening)
+    if open_id is None:
+        if budget is not None and not closed:
+            raise SpqtError(f"a thinking budget needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, which "
+                            "this model's vocabulary lacks")
         return None
-    if starts_thinking(opening):
-        return AfterThinking(g, open_id, close_id, thinking=True)
-    if THINK_CLOSE in opening:
+    if closed or (g is None and budget is None):
         return g
-    return AfterThinking(g, open_id, close_id, thinking=False)
+    return AfterThinking(g, open_id, close_id, starts_thinking(opening), budget, None if g is not None else vocabulary)
 
 
-def chat_grammar(g: Grammar, tokenizer: TextTokenizer, messages: list[dict]) -> Grammar | AfterThinking:
-    """g for the answer to a chat (its messages, as render_chat takes them): after the thinking where the model's
-    template thinks and its vocabulary has the tags (grammar_after_thinking), else g from the answer's start."""
+def chat_grammar(g: Grammar | None, tokenizer: TextTokenizer, messages: list[dict], budget: int | None = None,
+                 vocabulary: Vocabulary | None = None) -> Grammar | AfterThinking | None:
+    """g (or None) and a thinking budget (or None) for the answer to a chat (its messages, as render_chat takes them):
+    after the thinking where the model's template thinks and its vocabulary has the tags (grammar_after_thinking;
+    vocabulary: g's, or where g is None the one a budget masks), else g from the answer's start (a budget then
+    bounds nothing: the template writes no thinking)."""
     if not reasoning_template(tokenizer.spec.chat_template):
         return g
     opening = answer_opening(tokenizer, messages, tokenizer.render_chat(messages))
-    return grammar_after_thinking(g, g.vocabulary, opening) or g
+    gate = grammar_after_thinking(g, g.vocabulary if g is not None else vocabulary, opening, budget)
+    return g if gate is None else gate
 
 
 def split_reasoning(text: str, thinking: bool) -> tuple[str | None, str]:

@@ -144,6 +144,7 @@ class ResponsesRequest(p.SamplingFields):
     top_logprobs: int = Field(0, ge=0, le=p.MAX_TOP_LOGPROBS)
     include: list[str] = Field(default_factory=list)  # LOGPROBS_INCLUDE asks for logprobs; the rest changes nothing
     chat_template_kwargs: dict = Field(default_factory=dict)  # vLLM's and llama.cpp's: more template variables
+    thinking_token_budget: int | None = Field(None, ge=0)  # the chat's (vLLM's): the thinking at most this long
     store: bool = True  # taken; nothing is stored
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
