@@ -338,3 +338,32 @@ def test_a_thinking_budget_bounds_each_answers_thinking(model, monkeypatch):
     assert [s.grammar for s in sampled] == [None, None]
     plain = chat.Chat(generator(model), tok, Sampling(), N, system="be brief")
     assert [plain.reply("hi").text, plain.reply("and then?").text] == [one.text, two.text]
+
+
+def test_a_thinking_budget_needs_the_think_tags_as_tokens(tiny_spqt, monkeypatch, capsys):
+    """--thinking-budget where the template thinks but the vocabulary spells <think> / </think>: one error line,
+    exit 2, before any turn (chat) or answer (generate --chat); where the template writes no thinking: a note."""
+    import dataclasses
+
+    from spqt import cli
+
+    real_load = cli._load
+
+    def thinking_template(args, path=None):
+        loaded = real_load(args, path)
+        loaded.tokenizer = dataclasses.replace(loaded.tokenizer, chat_template=(
+            "{% for m in messages %}<s>{{ m.role }}: {{ m.content }}</s>{% endfor %}"
+            "{% if add_generation_prompt %}<s>assistant: <think>\n{% endif %}{# </think> #}"))
+        return loaded
+
+    code, out, err = chat(monkeypatch, capsys, tiny_spqt, b"hi\n", "--thinking-budget", "3")
+    assert code == 0 and "--thinking-budget bounds nothing" in err
+    monkeypatch.setattr(cli, "_load", thinking_template)
+    for argv in (["chat", str(tiny_spqt), "--thinking-budget", "3", "--device", "cpu"],
+                 ["generate", str(tiny_spqt), "-p", "hi", "--chat", "--thinking-budget", "3", "--device", "cpu"]):
+        monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hi\n"), encoding="utf-8"))
+        capsys.readouterr()
+        assert main(argv) == 2
+        out, err = capsys.readouterr()
+        lines = err.strip().splitlines()
+        assert out == "" and len(lines) == 1 and "needs <think> and </think> as tokens of their own" in lines[0], err

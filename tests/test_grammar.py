@@ -458,3 +458,30 @@ def test_generation_ends_its_thinking_at_the_budget(device, tiny, rng):
     sampled = gen.generate(prompt, 40, Sampling(1.0, seed=int(rng.integers(1 << 30)), grammar=gate, logit_bias=bias),
                            stop_ids=ends)
     assert sampled.tokens[budget] == close_id and close_id not in sampled.tokens[:budget], sampled.tokens
+
+
+def test_a_thinking_budget_counts_from_a_think_after_white_space(tiny, rng):
+    """Without a grammar, white space before the answer's own <think> keeps the start (the reasoning parsers skip
+    it): the budget still bounds the block; any other first token leaves the answer free. With a grammar the white
+    space is the grammar's (unchanged)."""
+    from spqt.serve.reasoning import grammar_after_thinking
+
+    thinking_tok, v, open_id, close_id = thinking_vocabulary(tiny)
+    blank = [t for t in range(tiny[0].config.vocab_size) if v.blank(t)]
+    words = [t for t in range(tiny[0].config.vocab_size) if thinking_tok.token_bytes(t).strip() and t not in v.end_ids
+             and t not in thinking_tok.backend.get_added_tokens_decoder()]
+    assert blank and not v.blank(open_id) and not v.blank(v.end_ids[0])
+    first, plain = int(rng.choice(blank)), [int(t) for t in rng.choice(words, 4, replace=False)]
+    m = grammar_after_thinking(None, v, "A:", 2).matcher()
+    for token in [first, first, open_id] + plain[:2]:
+        assert not m.over_budget
+        m.consume(token)
+    assert m.over_budget and m.allowed("cpu").nonzero().view(-1).tolist() == [close_id]
+    m = grammar_after_thinking(None, v, "A:", 2).matcher()
+    m.consume(plain[0])  # (text first: no block to bound)
+    for token in [open_id] + plain:
+        m.consume(token)
+    assert not m.over_budget and m.state == "answer"
+    m = grammar_after_thinking(grammar.regex(r"\s*red", v), v, "A:", 2).matcher()
+    m.consume(first)
+    assert m.state == "answer"

@@ -848,7 +848,7 @@ def thinking_model(engine, monkeypatch):
 
     def answers(prompt, n, sampling, stop_ids=(), on_token=None, on_logits=None, **kw):
         model.gates.append(sampling.grammar)
-        noise = torch.Generator().manual_seed((len(model.gates) + 1) // 2)  # (a request's plain and streamed alike)
+        noise = torch.Generator().manual_seed(sum(prompt) + 7919 * len(prompt))  # (a prompt's answers alike)
         shaper, out = LogitShaper(sampling, prompt, vocab, "cpu"), []
         script = tok.backend.encode(model.wanted[0], add_special_tokens=False).ids
         for i in range(n):
@@ -967,6 +967,25 @@ def test_a_thinking_budget_ends_the_thinking(server, model_id, engine, thinking_
     status, message = server.raw("/v1/messages", json.dumps(body).encode())
     assert status == 200 and message["content"][0] == {"type": "thinking", "thinking": thought, "signature": ""}
     assert thinking_model.outs[-1][4] == close
+    # --reasoning-format none: the budget holds, the thinking stays in the content; a grammar there holds from the
+    # first token (no budget)
+    monkeypatch.setattr(engine, "reasoning_format", "none")
+    thinking_model.wanted[0] = "<think>\nPrimary colors of light are red, green and blue.\n</think>\n\nPurple!"
+    r = client.chat.completions.create(**ask, extra_body={"thinking_token_budget": 3}).choices[0]
+    assert thinking_model.outs[-1][:4] == script[:4] and thinking_model.outs[-1][4] == close
+    assert getattr(r.message, "reasoning_content", None) is None and r.message.content.startswith("<think>")
+    r = client.chat.completions.create(**ask, extra_body={"thinking_token_budget": 3, "guided_choice": colors})
+    assert r.choices[0].message.content in colors and gates_budget(thinking_model) is None
+    monkeypatch.setattr(engine, "reasoning_format", "auto")
+    # spqt serve --thinking-budget: the budget of a request that gives none
+    monkeypatch.setattr(engine, "thinking_budget", 2)
+    client.chat.completions.create(**ask)
+    assert thinking_model.outs[-1][3] == close and gates_budget(thinking_model) == 2
+    client.chat.completions.create(**ask, extra_body={"thinking_token_budget": 5})
+    assert thinking_model.outs[-1][6] == close and gates_budget(thinking_model) == 5
+    status, message = server.raw("/v1/messages", json.dumps({**body, "thinking": {"type": "adaptive"}}).encode())
+    assert status == 200 and gates_budget(thinking_model) == 2 and thinking_model.outs[-1][2] == close
+    monkeypatch.setattr(engine, "thinking_budget", None)
     # nothing to bound: the block closed by the template
     both(thinking_token_budget=1, chat_template_kwargs={"enable_thinking": False})
     assert thinking_model.gates[-1] is None
@@ -1434,6 +1453,16 @@ def test_cli_errors_before_serving(tiny_hf, capsys):
     for origin in ("localhost:3000", "http://localhost:3000/", "http://localhost:3000/app", "ftp://x"):
         error(["--allow-origin", origin], "--allow-origin takes * or an origin as a browser sends it")
     error(["--ctx", "100000", "--port", "0"], "--ctx must be in")
+    real_load = cli._load  # a template that thinks, a vocabulary that spells the tags: a budget cannot be kept
+
+    def thinking_template(args, path=None):
+        loaded = real_load(args, path)
+        loaded.tokenizer = dataclasses.replace(loaded.tokenizer, chat_template=THINK_TEMPLATE)
+        return loaded
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_load", thinking_template)
+        error(["--thinking-budget", "64", "--port", "0"], "--thinking-budget needs <think> and </think> as tokens")
     with pytest.raises(SystemExit) as e:  # below 2: argparse's usage error
         main(["serve", str(tiny_hf), "--device", "cpu", "--ctx", "1"])
     assert e.value.code == 2 and "--ctx: must be at least 2" in capsys.readouterr().err

@@ -502,16 +502,15 @@ def cmd_generate(args) -> int:
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     prompt = tok.chat(prompt_text, args.system) if args.chat else tok.encode(prompt_text)
     sampling.grammar = _structured_grammar(structured, tok, loaded)
+    if args.thinking_budget is not None:
+        _check_thinking_budget(tok, loaded)
     if args.chat and (sampling.grammar is not None or args.thinking_budget is not None):
         # a reasoning model thinks first (within its budget), then keeps to the grammar
         from spqt.grammar import Vocabulary
-        from spqt.serve.reasoning import chat_grammar, reasoning_template
+        from spqt.serve.reasoning import chat_grammar
 
         sampling.grammar = chat_grammar(sampling.grammar, tok, tok.one_turn(prompt_text, args.system),
                                         args.thinking_budget, Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids))
-        if args.thinking_budget is not None and not reasoning_template(tok.spec.chat_template):
-            print("spqt: note: this model's chat template writes no thinking: --thinking-budget bounds nothing",
-                  file=sys.stderr)
     if not prompt:  # here, not in Generator.generate: after the model line, the error would be a second line
         raise SpqtError("the prompt is empty")
     if len(prompt) + args.n > loaded.config.max_seq_len:
@@ -565,6 +564,20 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _check_thinking_budget(tok, loaded) -> None:
+    """generate's and chat's --thinking-budget, before the first answer: a note where the template writes no thinking (nothing
+    to bound); SpqtError where it does but the model's vocabulary has no <think> / </think> tokens to keep it with."""
+    from spqt.grammar import Vocabulary
+    from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_template, think_tags
+
+    if not reasoning_template(tok.spec.chat_template):
+        print("spqt: note: this model's chat template writes no thinking: --thinking-budget bounds nothing",
+              file=sys.stderr)
+    elif think_tags(Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids)) is None:
+        raise SpqtError(f"--thinking-budget needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, which this "
+                        f"model's vocabulary lacks")
+
+
 def cmd_chat(args) -> int:
     from spqt import chat
     from spqt.tokenizer import TextTokenizer
@@ -574,6 +587,8 @@ def cmd_chat(args) -> int:
     device, dtype, backend = _runtime(args)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    if args.thinking_budget is not None:
+        _check_thinking_budget(tok, loaded)
     chat.check_template(tok, args.system)  # before the Generator and its model line: one error line
     ctx = args.ctx or loaded.config.max_seq_len
     if ctx > loaded.config.max_seq_len:
@@ -639,7 +654,7 @@ def cmd_serve(args) -> int:
                         backend=_gemv_backend(args.gemv, device),
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
                         dense_fallback=not args.no_dense_fallback, dtype=dtype,
-                        reasoning_format=args.reasoning_format)
+                        reasoning_format=args.reasoning_format, thinking_budget=args.thinking_budget)
         serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None, allow_origins)
     finally:
         sock.close()
@@ -1286,6 +1301,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (the default): a chat answer's <think>...</think> as the message's reasoning_content "
                         "where the model's chat template writes think tags (Qwen3, DeepSeek-R1's distills), as vLLM "
                         "and llama.cpp give it; none: all of the answer as content")
+    p.add_argument("--thinking-budget", type=_at_least(0), default=None, metavar="TOKENS",
+                   help="a reasoning model's thinking at most this many tokens an answer, then its </think> forced, "
+                        "where a request gives no budget of its own (thinking_token_budget, the Messages API's "
+                        "thinking.budget_tokens); default: no bound")
     p.add_argument("--prompt-cache", choices=("auto", "on", "off"), default="auto",
                    help="prefill only what follows the part of a prompt the request before left in the KV cache, "
                         "as a chat's next turn (auto, the default, is on); answers can "

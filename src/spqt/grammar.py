@@ -15,6 +15,7 @@ or bounds that block (a thinking budget).
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -43,6 +44,14 @@ class Vocabulary:
         if token is not None and token < self.vocab and token in self.tokenizer.backend.get_added_tokens_decoder():
             return token
         return None
+
+    def blank(self, token: int) -> bool:
+        """Whether token is white space alone (its bytes, not an added token's): what a reasoning parser skips
+        before a <think>."""
+        if token in self.tokenizer.backend.get_added_tokens_decoder():
+            return False
+        piece = self.tokenizer.token_bytes(token)
+        return bool(piece) and not piece.strip()
 
     def literal(self, text: str) -> str:
         """text as a Lark terminal: the tokenizer's added token where text is one (models that learned
@@ -269,19 +278,21 @@ class AfterThinking:
     def matcher(self) -> "ThinkingMatcher":
         if self.grammar is None:
             return ThinkingMatcher(None, self.vocabulary.vocab, self.open_id, self.close_id, [], self.thinking,
-                                   self.budget)
+                                   self.budget, self.vocabulary.blank)
         return ThinkingMatcher(self.grammar.matcher(), self.grammar.vocabulary.vocab, self.open_id, self.close_id,
                                self.grammar.vocabulary.end_ids, self.thinking, self.budget)
 
 
 class ThinkingMatcher:
-    """One generation's walk through an AfterThinking: state "start" (the first token: the answer's or open_id),
+    """One generation's walk through an AfterThinking: state "start" (the first token: the answer's or open_id; with
+    no grammar, the white space before a <think> too, which the reasoning parsers skip: blank(token) says which),
     "thinking" (every token but end_ids allowed (a grammar's answer does not end before it), close_id ends it; once
     spent reaches the budget, close_id alone) or "answer" (the grammar's walk; with none (inner None), every token)."""
 
     def __init__(self, inner: GrammarMatcher | None, vocab: int, open_id: int, close_id: int, end_ids: list[int],
-                 thinking: bool, budget: int | None = None):
+                 thinking: bool, budget: int | None = None, blank: Callable[[int], bool] = lambda token: False):
         self.inner, self.vocab, self.open_id, self.close_id, self.end_ids = inner, vocab, open_id, close_id, end_ids
+        self.blank = blank
         self.state = "thinking" if thinking else "start"
         self.budget, self.spent = budget, 0  # spent: the thinking's tokens so far
         self._masks: dict[tuple[str, str], torch.Tensor] = {}  # {(kind, device): a fixed mask there}
@@ -328,6 +339,8 @@ class ThinkingMatcher:
                 self.spent += 1
         elif token == self.open_id:  # (where the grammar could take the tag as text too, it opens the block)
             self.state = "thinking"
+        elif self.inner is None and self.blank(token):
+            pass  # (white space before a <think>: still the start)
         else:
             self.state = "answer"
             if self.inner is not None:

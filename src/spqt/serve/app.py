@@ -292,16 +292,19 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         prompt_text, prompt = await rendered(messages, tools, req.chat_template_kwargs, req.prompt_param)
         # a reasoning model's <think> text as its reasoning (spqt.serve.reasoning); thinking: from the answer's
         # start, where the template's opening of the answer opened the block; a grammar keeps to the text after the
-        # thinking
+        # thinking. A thinking budget wherever the template thinks (its <think> text parsed out or not), but not
+        # under a grammar that holds from the answer's start (--reasoning-format none: no thinking there)
         think, opening = engine.reasoning, ""
-        if think:  # (a second rendering, without the answer's opening, in a thread as the first)
+        budget = req.thinking_token_budget if req.thinking_token_budget is not None else engine.thinking_budget
+        budget = budget if reasoning_template(engine.tokenizer.spec.chat_template) else None
+        if budget is not None and ((not think and "grammar" in shape) or (
+                not req.budget_strict and think_tags(engine.vocabulary) is None)):
+            budget = None  # (the Messages' budget is a target: where it cannot be kept, not kept)
+        if think or budget is not None:  # (a second rendering, without the answer's opening, in a thread)
             conversation = [m.template_message() for m in messages]
             opening = await asyncio.to_thread(answer_opening, engine.tokenizer, conversation, prompt_text, tools,
                                               req.chat_template_kwargs)
-        budget = req.thinking_token_budget if think else None  # (a template that writes no thinking: none to bound)
-        if budget is not None and not req.budget_strict and think_tags(engine.vocabulary) is None:
-            budget = None  # (a target, where it cannot be kept)
-        if think and ("grammar" in shape or budget is not None):
+        if (think and "grammar" in shape) or budget is not None:
             try:
                 after = grammar_after_thinking(shape.get("grammar"), engine.vocabulary, opening, budget)
             except SpqtError as e:  # (a budget where the tags are not tokens of their own)

@@ -35,7 +35,7 @@ from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator, PromptScores
 from spqt.serve.logprobs import StepLogprobs, TokenLogprob
-from spqt.serve.reasoning import reasoning_template
+from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_template, think_tags
 from spqt.serve.scheduler import Job
 from spqt.serve.text import CONTEXT_TOKENS, TextStream, token_starts
 from spqt import sparsity as sp
@@ -88,7 +88,8 @@ class Engine:
     def __init__(self, loaded: LoadedModel, device: str = "cpu", sparsity: float | None = 0.0,
                  mode: str | None = None, ctx: int | None = None, name: str | None = None,
                  criterion: str | None = None, backend: str | None = None, prompt_cache: bool | None = None,
-                 dense_fallback: bool = True, dtype: torch.dtype | None = None, reasoning_format: str = "auto"):
+                 dense_fallback: bool = True, dtype: torch.dtype | None = None, reasoning_format: str = "auto",
+                 thinking_budget: int | None = None):
         """sparsity None: the recommended level (dense when the model has none). mode, criterion:
         None for sp.default_mode / the model's default criterion, or with auto the recommendation's own.
         ctx: the KV cache length, which bounds prompt plus completion (default: the model's context).
@@ -97,10 +98,13 @@ class Engine:
         dense_fallback: maps below their crossover run dense (Generator's; off: every map as asked).
         dtype: the compute dtype (None: generate.default_dtype).
         reasoning_format: "auto" (a chat answer's <think> text as reasoning_content where the template thinks:
-        reasoning) or "none" (all of it content)."""
+        reasoning) or "none" (all of it content). thinking_budget: a chat answer's thinking budget where the request
+        gives none (spqt.serve.reasoning; None: no bound)."""
         if reasoning_format not in ("auto", "none"):
             raise SpqtError(f"--reasoning-format is auto or none, not {reasoning_format!r}")
-        self.reasoning_format = reasoning_format
+        if thinking_budget is not None and thinking_budget < 0:
+            raise SpqtError(f"--thinking-budget must be at least 0, got {thinking_budget}")
+        self.reasoning_format, self.thinking_budget = reasoning_format, thinking_budget
         if sparsity is None:
             criterion, mode, sparsity = recommended_sparsity(loaded, criterion, mode)
             if not sp.by_criterion(loaded.thresholds).get("recommended"):
@@ -112,6 +116,13 @@ class Engine:
         if not 1 < ctx <= loaded.config.max_seq_len:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
         self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
+        if thinking_budget is not None:  # (before the Generator: a budget that cannot be kept is one error line)
+            if not reasoning_template(self.tokenizer.spec.chat_template):
+                log.info("the model's chat template writes no thinking: --thinking-budget bounds nothing")
+            elif think_tags(grammar.Vocabulary(self.tokenizer, loaded.config.vocab_size,
+                                               self.tokenizer.stop_ids)) is None:
+                raise SpqtError(f"--thinking-budget needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, "
+                                f"which this model's vocabulary lacks")
         self.generator = Generator(loaded, device, dtype=dtype, sparsity=sparsity, mode=mode, max_len=ctx,
                                    criterion=criterion, backend=backend, dense_fallback=dense_fallback)
         self.stop_ids = self.tokenizer.stop_ids
