@@ -127,11 +127,13 @@ class Server:
 
         return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=120, **kw)
 
-    def raw(self, path: str, body: bytes | None = None, key: str = KEY) -> tuple[int, dict | list]:
-        """(status, JSON) of a request sent as given, for bodies the openai client would not send; for a stream,
-        the list of its events' data (JSON, and "[DONE]" as is)."""
-        req = urllib.request.Request(self.url + path, data=body, headers={"Authorization": f"Bearer {key}",
-                                                                          "Content-Type": "application/json"})
+    def raw(self, path: str, body: bytes | None = None, key: str = KEY, method: str | None = None) -> \
+            tuple[int, dict | list]:
+        """(status, JSON) of a request sent as given (a GET without a body, a POST with one, unless method says),
+        for bodies the openai client would not send; for a stream, the list of its events' data (JSON, and "[DONE]"
+        as is)."""
+        req = urllib.request.Request(self.url + path, data=body, method=method,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=120) as r:
                 if r.headers.get_content_type() == "text/event-stream":

@@ -1,5 +1,6 @@
 """POST /v1/responses (spqt.serve.responses): OpenAI's Responses API on the chat's machinery, through the real server
-(the default model on the CPU, conftest's server) and the openai client's responses.create / responses.stream. The
+(the default model on the CPU, conftest's server) and the openai client's responses.create / responses.stream; the
+stored responses (spqt.serve.response_store): previous_response_id, retrieve, delete, input_items.list. The
 answers are the chat endpoint's; the templates with tools or think tags, and their scripted answers, are
 test_serve's; the template and scripted fixtures conftest's.
 """
@@ -304,8 +305,8 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
         reading, result = readings[kind], GenerationResult([0] * 5, 3, 0.01, 0.01, finish_reason="length" if cut
                                                            else "stop")
         counts = r.usage(result, 0, True)
-        plain = r.completed(r.new_response(request, "m"), read_answer(text, reading), [], cut, counts)
-        stream, answer = r.ResponseStream(r.new_response(request, "m")), AnswerStream(reading)
+        plain = r.completed(r.new_response(request, "m", False), read_answer(text, reading), [], cut, counts)
+        stream, answer = r.ResponseStream(r.new_response(request, "m", False)), AnswerStream(reading)
         lines = stream.start()
         for char in text:
             lines += [line for part in answer.feed(char, []) for line in stream.add(part)]
@@ -325,7 +326,7 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
 
 
 def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_id, template):
-    """Stored state (previous_response_id, conversation, a stored prompt), background, reasoning effort and summary,
+    """The Conversations API (conversation), a stored prompt, background, reasoning effort and summary,
     verbosity, truncation 'auto', tools other than functions, tool_choice of another kind or naming a tool not offered,
     input items and parts other than text, a call's item without its fields, an input of reasoning alone, n, the
     bounds of max_output_tokens and top_logprobs, structured output beside tools, a prompt beyond the context: each a
@@ -333,8 +334,8 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
     template(TOOL_TEMPLATE)
     ask = {"model": model_id, "input": ASK, "max_output_tokens": 2}
     for change, param in [
-            ({"previous_response_id": "resp_1"}, "previous_response_id"), ({"conversation": "conv_1"}, "conversation"),
-            ({"prompt": {"id": "pmpt_1"}}, "prompt"), ({"background": True}, "background"),
+            ({"conversation": "conv_1"}, "conversation"), ({"prompt": {"id": "pmpt_1"}}, "prompt"),
+            ({"background": True}, "background"),
             ({"reasoning": {"effort": "low"}}, "reasoning.effort"), ({"reasoning": {"summary": "auto"}},
                                                                      "reasoning.summary"),
             ({"text": {"verbosity": "low"}}, "text.verbosity"), ({"truncation": "auto"}, "truncation"),
@@ -363,8 +364,8 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
         assert "\n" not in error["message"] and error["type"] == "invalid_request_error", body
     status, body = server.raw("/v1/responses", json.dumps({**ask, "tools": [{"type": "web_search"}]}).encode())
     assert "'web_search' tools are not supported" in body["error"]["message"], body
-    status, body = server.raw("/v1/responses", json.dumps({**ask, "previous_response_id": "resp_1"}).encode())
-    assert "stores no responses" in body["error"]["message"], body
+    status, body = server.raw("/v1/responses", json.dumps({**ask, "conversation": {"id": "conv_1"}}).encode())
+    assert "the Conversations API is not supported" in body["error"]["message"], body
     assert server.raw("/v1/responses", json.dumps({**ask, "model": "gpt-4o"}).encode())[0] == 404
     accepted = {"store": False, "user": "u", "include": ["reasoning.encrypted_content"], "truncation": "disabled",
                 "reasoning": {"effort": None}, "stream_options": {"include_obfuscation": False}, "service_tier": "auto"}
@@ -373,13 +374,14 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
 
 def test_a_stream_whose_client_leaves_frees_the_model(server, model_id):
     """The client closes a long stream after its first deltas: the job is cancelled at its next token (logged as the
-    client's leaving), and the server answers the next request."""
+    client's leaving), the response is not stored, and the server answers the next request."""
     client = server.client()
     before = server.health()["cancelled"]
     stream = client.responses.create(model=model_id, input="Tell me a long story.", temperature=0, stream=True,
                                      max_output_tokens=CTX - 64)
-    deltas = 0
+    deltas, response_id = 0, None
     for event in stream:
+        response_id = response_id or event.response.id  # (response.created's)
         deltas += event.type == "response.output_text.delta"
         if deltas == 3:
             break
@@ -390,4 +392,124 @@ def test_a_stream_whose_client_leaves_frees_the_model(server, model_id):
         time.sleep(0.05)
     line = [ln for ln in server.log_text().splitlines() if "POST /v1/responses cancelled (client gone" in ln][-1]
     assert int(re.search(r"completion (\d+) tokens", line).group(1)) < 40, line
+    assert server.raw(f"/v1/responses/{response_id}")[0] == 404
     assert client.responses.create(model=model_id, input=ASK, max_output_tokens=2).usage.output_tokens == 2
+
+
+def test_previous_response_id_continues_the_conversation_as_sent_whole(server, model_id, template, scripted):
+    """A turn after a stored response (previous_response_id) renders the prompt of the same conversation sent whole:
+    the earlier input, the earlier answer's message (its reasoning left out), the new input, over two stored turns;
+    the earlier instructions are not carried over, the new ones come first; previous_response_id is echoed."""
+    template(THINK_TEMPLATE)
+    client = server.client()
+    scripted.answer = "<think>\nA SECRET THOUGHT\n</think>\n\nRed, green and blue."
+    first = client.responses.create(model=model_id, input=ASK, instructions="Answer in French.")
+    assert [i.type for i in first.output] == ["reasoning", "message"] and first.previous_response_id is None
+    scripted.answer = "Yellow."
+    second = client.responses.create(model=model_id, input="And another?", instructions="Be brief.",
+                                     previous_response_id=first.id)
+    assert second.previous_response_id == first.id and second.output_text == "Yellow."
+    whole = [{"role": "user", "content": ASK}, {"role": "assistant", "content": "Red, green and blue."},
+             {"role": "user", "content": "And another?"}]
+    chained = scripted.prompts[-1]
+    assert "SECRET" not in chained and "French" not in chained and "Be brief." in chained, chained
+    client.responses.create(model=model_id, input=whole, instructions="Be brief.")
+    assert scripted.prompts[-1] == chained
+    client.responses.create(model=model_id, input="Thanks.", previous_response_id=second.id)
+    chained = scripted.prompts[-1]
+    client.responses.create(model=model_id, input=whole + [{"role": "assistant", "content": "Yellow."},
+                                                           {"role": "user", "content": "Thanks."}])
+    assert scripted.prompts[-1] == chained and "Be brief." not in chained
+
+
+def test_a_call_answered_through_previous_response_id(server, model_id, template, scripted):
+    """An answer's function_call answered by a function_call_output after previous_response_id: the prompt of the
+    whole conversation (the answer's text and call one assistant message, then the call's result); the answer's items
+    sent again beside previous_response_id are OpenAI's 400 (duplicate items)."""
+    template(TOOL_TEMPLATE)
+    client = server.client()
+    scripted.answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    first = client.responses.create(model=model_id, input="Weather in Paris?", tools=[WEATHER])
+    call = first.output[1]
+    answered = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
+    scripted.answer = "It is sunny."
+    second = client.responses.create(model=model_id, input=[answered], tools=[WEATHER], previous_response_id=first.id)
+    chained = scripted.prompts[-1]
+    assert second.output_text == "It is sunny." and "<tool_response>sunny, 21 C</tool_response>" in chained, chained
+    client.responses.create(model=model_id, tools=[WEATHER], input=[
+        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Let me check."},
+        {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": '{"city": "Paris"}'},
+        answered])
+    assert scripted.prompts[-1] == chained
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=model_id, input=[*first.output, answered], previous_response_id=first.id)
+    assert e.value.param == "input" and f"Duplicate item found with id {first.output[0].id}." in e.value.message
+
+
+def test_stored_responses_are_retrieved_and_deleted(server, model_id, scripted):
+    """GET /v1/responses/{id} answers the JSON its POST answered (a stream's: its last event's response), which the
+    openai client's retrieve parses; DELETE answers OpenAI's deletion object, then GET, DELETE, the input items and
+    previous_response_id are 404s (the latter OpenAI's previous_response_not_found); store false keeps nothing,
+    plain or streamed; the routes ask for the key."""
+    scripted.answer = "Blue."
+    client, ask = server.client(), {"model": model_id, "input": ASK}
+    status, posted = server.raw("/v1/responses", json.dumps(ask).encode())
+    path = f"/v1/responses/{posted['id']}"
+    assert status == 200 and posted["store"] is True and server.raw(path) == (200, posted)
+    streamed = events(server, ask)[-1]["response"]
+    assert server.raw(f"/v1/responses/{streamed['id']}") == (200, streamed) and streamed["output"]
+    assert client.responses.retrieve(posted["id"]).output_text == "Blue."
+    assert server.raw(path, key="wrong")[0] == server.raw(path, key="wrong", method="DELETE")[0] == 401
+    assert server.raw(path + "?stream=true")[1]["error"]["param"] == "stream"
+    assert server.raw(path, method="DELETE") == (200, {"id": posted["id"], "object": "response.deleted",
+                                                       "deleted": True})
+    for gone, method in [(path, "GET"), (path, "DELETE"), (path + "/input_items", "GET")]:
+        status, body = server.raw(gone, method=method)
+        assert status == 404 and body["error"]["message"] == f"Response with id '{posted['id']}' not found.", body
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=model_id, input="More?", previous_response_id=posted["id"])
+    assert (e.value.code, e.value.param) == ("previous_response_not_found", "previous_response_id")
+    assert e.value.body["message"] == f"Previous response with id '{posted['id']}' not found.", e.value.body
+    unstored = client.responses.create(model=model_id, input=ASK, store=False)
+    streamed = events(server, {**ask, "store": False})[-1]["response"]
+    assert unstored.to_dict()["store"] is False and streamed["store"] is False
+    for response_id in (unstored.id, streamed["id"]):
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(response_id)
+
+
+def test_input_items_list_the_requests_inputs(server, model_id, template, scripted):
+    """GET /v1/responses/{id}/input_items: the request's input items (its reasoning item, dropped, left out), with the
+    ids the client gave and new ones, as OpenAI's list object: last first by default, asc in order, a page of limit
+    with has_more, and the openai client's pages (after) in turn; bad query values a 400 naming them."""
+    template(TOOL_TEMPLATE)
+    client = server.client()
+    scripted.answer = "It is sunny."
+    turn = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "message", "role": "assistant", "id": "msg_1", "content": [
+                {"type": "output_text", "text": "Let me check.", "annotations": []}]},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}',
+             "id": "fc_1"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"}]
+    r = client.responses.create(model=model_id, input=turn, tools=[WEATHER])
+    status, listed = server.raw(f"/v1/responses/{r.id}/input_items?order=asc")
+    items = listed["data"]
+    assert status == 200 and listed["object"] == "list" and not listed["has_more"]
+    assert [(i["type"], i.get("role")) for i in items] == [("message", "developer"), ("message", "user"),
+                                                           ("message", "assistant"), ("function_call", None),
+                                                           ("function_call_output", None)], items
+    ids = [i["id"] for i in items]
+    assert ids[2:4] == ["msg_1", "fc_1"] and ids[0].startswith("msg_") and len(set(ids)) == 5
+    assert (listed["first_id"], listed["last_id"]) == (ids[0], ids[-1])
+    assert items[1]["content"] == [{"type": "input_text", "text": "Weather in Paris?"}]
+    assert items[2]["content"] == [{"type": "output_text", "text": "Let me check.", "annotations": []}]
+    assert (items[3]["arguments"], items[4]["output"]) == ('{"city": "Paris"}', "sunny, 21 C")
+    assert [i.id for i in client.responses.input_items.list(r.id).data] == ids[::-1]
+    page = client.responses.input_items.list(r.id, order="asc", limit=2)
+    assert [i.id for i in page.data] == ids[:2] and page.has_more
+    assert [i.id for i in client.responses.input_items.list(r.id, order="asc", limit=2)] == ids  # (every page)
+    for query, param in [("limit=0", "limit"), ("limit=101", "limit"), ("order=up", "order"), ("after=x", "after")]:
+        status, body = server.raw(f"/v1/responses/{r.id}/input_items?{query}")
+        assert (status, body["error"]["param"]) == (400, param), body
+

@@ -1,4 +1,5 @@
-"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/responses (a chat: spqt.serve.responses),
+"""The HTTP app (FastAPI): OpenAI's /v1/chat/completions, /v1/responses (a chat: spqt.serve.responses; its stored
+responses, spqt.serve.response_store, retrieved, deleted and their input items listed under /v1/responses/{id}),
 /v1/completions and /v1/models, Anthropic's /v1/messages (a chat: spqt.serve.messages), and /health.
 
 A request is checked in this order, each failure answered with OpenAI's JSON error object: API key (401: `Authorization:
@@ -38,6 +39,7 @@ from spqt.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from spqt.serve.scheduler import Job, Scheduler
 from spqt.serve.reasoning import (answer_opening, grammar_after_thinking, reasoning_template, starts_thinking,
                                   think_tags, thinking_tokens)
+from spqt.serve.response_store import DEFAULT_CAPACITY, ResponseStore
 from spqt.serve.tools import forced_calls, tool_format
 
 log = logging.getLogger("spqt.serve")
@@ -49,13 +51,15 @@ DRAIN_BYTES = 16 * MAX_BODY_BYTES  # above this, answer 413 at once and drop the
 
 
 def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
-              allow_origins: tuple[str, ...] = ()) -> FastAPI:
+              allow_origins: tuple[str, ...] = (), stored_responses: int = DEFAULT_CAPACITY) -> FastAPI:
+    """The app; stored_responses: how many responses the Responses API keeps (0: none)."""
     app = FastAPI(title="spqt serve", docs_url=None, redoc_url=None, openapi_url=None)
     if allow_origins:  # browser clients on these origins (CORS): their preflight needs no key, their requests do
-        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST"],
+        app.add_middleware(CORSMiddleware, allow_origins=list(allow_origins), allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["*"])  # (the clients' own: anthropic-*, x-stainless-*; the key still asked)
     info = engine.info
     metrics = ServeMetrics(info, scheduler.stats)
+    store = ResponseStore(stored_responses)
 
     def error_response(request: Request, err: p.ApiError, headers: dict | None = None) -> JSONResponse:
         log.info("%s %s %d %s: %s", request.method, request.url.path, err.status, err.code or err.type, err.message)
@@ -121,6 +125,14 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         if req.model is not None and req.model != info.model_id:
             raise model_not_found(req.model)
         return req
+
+    def query(request: Request, model: type[BaseModel]):
+        """The request's query parameters as model (their text taken for numbers and booleans); a 400 naming the
+        parameter otherwise."""
+        try:
+            return model.model_validate(dict(request.query_params), strict=False)
+        except ValidationError as e:
+            raise p.invalid_request(e) from None
 
     def model_not_found(name: str) -> p.ApiError:
         return p.ApiError(404, f"The model '{name}' does not exist; this server serves '{info.model_id}'.",
@@ -396,10 +408,17 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
 
     @app.post("/v1/responses", dependencies=[Depends(check_key)])
     async def responses(request: Request):
-        """OpenAI's Responses API, stateless, as a chat (spqt.serve.responses)."""
+        """OpenAI's Responses API as a chat (spqt.serve.responses), continuing a stored response's conversation where
+        previous_response_id names one; the response kept once it ends where store asks for it."""
         req = await parse(request, r.ResponsesRequest)
-        jobs, reading = await plan_chat(request, req, req.chat_messages())
-        response = r.new_response(req, info.model_id)
+        earlier = store.continued(req.previous_response_id)
+        jobs, reading = await plan_chat(request, req, req.chat_messages(earlier))
+        response = r.new_response(req, info.model_id, req.store and store.capacity > 0)
+
+        def keep(ended: r.ResponseObject) -> None:
+            if ended.store:
+                store.put(ended, req.input, earlier)
+
         if req.stream:
             stream = r.ResponseStream(response)
 
@@ -414,15 +433,36 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
                             yield line
                     elif result is not None:
                         n = await thinking(result, reading)
-                        for line in stream.end(result.finish_reason == "length", tokens[n:],
-                                               r.usage(result, n, engine.prompt_cache)):
+                        ending = stream.end(result.finish_reason == "length", tokens[n:],
+                                            r.usage(result, n, engine.prompt_cache))
+                        keep(stream.response)  # (before its last event: a client that has it finds it stored)
+                        for line in ending:
                             yield line
 
             return event_stream(lines(), jobs, stream.error)
         answer, tokens, result = await chat_answer(request, jobs[0], reading)
         n = await thinking(result, reading)
-        return r.completed(response, answer, tokens[n:], result.finish_reason == "length",
-                           r.usage(result, n, engine.prompt_cache))
+        ended = r.completed(response, answer, tokens[n:], result.finish_reason == "length",
+                            r.usage(result, n, engine.prompt_cache))
+        keep(ended)
+        return ended
+
+    @app.get("/v1/responses/{response_id}", dependencies=[Depends(check_key)])
+    async def stored_response(response_id: str, request: Request):
+        """A stored response, the JSON its POST answered."""
+        query(request, r.RetrieveQuery)
+        return Response(store.get(response_id).body, media_type="application/json")
+
+    @app.delete("/v1/responses/{response_id}", dependencies=[Depends(check_key)])
+    async def delete_response(response_id: str):
+        """A stored response forgotten (OpenAI's deletion object)."""
+        return store.delete(response_id)
+
+    @app.get("/v1/responses/{response_id}/input_items", dependencies=[Depends(check_key)])
+    async def input_items(response_id: str, request: Request):
+        """A page of a stored response's input items (OpenAI's list object)."""
+        page = query(request, r.InputItemsQuery)
+        return page.page(store.get(response_id).inputs)
 
     @app.post("/v1/messages", dependencies=[Depends(check_key)])
     async def messages(request: Request):

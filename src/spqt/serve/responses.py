@@ -8,10 +8,14 @@ answer's text; also an empty one where the answer has nothing else), a function_
 asks for message.output_text.logprobs (top_logprobs: the most likely tokens of each step), are those of the answer's
 tokens after its thinking, on the message's text. status is incomplete where max_output_tokens cut the answer.
 
-Stateless: nothing is stored, so what names a stored object (previous_response_id, conversation, a stored prompt) and
-background runs are refused; store is taken and stores nothing; an earlier answer's reasoning item in the input is
-dropped (chat templates write no earlier thinking). As on the chat endpoint, reasoning effort and verbosity are
-refused; so are tools other than functions (web_search, file_search, ...), truncation 'auto' and a reasoning summary.
+Stored responses (spqt.serve.response_store): a response that ends, completed or incomplete, is kept where store asks
+for it (the default), for GET /v1/responses/{id} and its input items' list (InputItemsQuery); previous_response_id
+continues a stored response's conversation: the turns it continued and its input, then its output as a client sends it
+back (replayed: the message, the calls), then the new input. The instructions are not carried over (as OpenAI's are
+not); reasoning items, earlier answers' in the input or the output, are dropped (chat templates write no earlier
+thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As on the
+chat endpoint, reasoning effort and verbosity are refused; so are tools other than functions (web_search, file_search,
+...), truncation 'auto' and a reasoning summary.
 """
 
 import json
@@ -26,7 +30,9 @@ from spqt.serve.logprobs import TokenLogprob
 from spqt.serve.tools import ToolCall
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the include value that asks for the answer's logprobs
-ITEM_KINDS = ("message", "function_call", "function_call_output", "reasoning")  # the input items taken
+# the input items taken, and how the ids the server gives them start
+ITEM_KINDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+MAX_LISTED_ITEMS = 100  # input items a page of their list at most, as OpenAI's limit
 
 
 class InputText(p.RequestModel):
@@ -43,9 +49,11 @@ _text_parts = p.text_as_parts("input_text", "a string or an array of text parts"
 
 class InputItem(p.RequestModel):
     """An item of the input: a message (type "message", or no type and a role), an earlier answer's function_call, a
-    call's result (function_call_output), or an earlier answer's reasoning item (dropped)."""
+    call's result (function_call_output), or an earlier answer's reasoning item (dropped). id: the client's, else a
+    new one (the input items' list names each)."""
 
     type: str = "message"
+    id: str | None = None
     role: Literal["user", "system", "developer", "assistant"] | None = None
     content: list[InputText] = Field(default_factory=list)
     call_id: str | None = Field(None, min_length=1)
@@ -76,11 +84,24 @@ class InputItem(p.RequestModel):
         missing = [name for name in needs if getattr(self, name) in (None, [])]
         if missing:
             raise ValueError(f"a {self.type} item needs its {' and '.join(missing)}")
+        self.id = self.id or item_id(ITEM_KINDS[self.type])
         return self
 
     def text(self) -> str:
         """A message's text, or a call's result's."""
         return "".join(part.text for part in (self.content if self.type == "message" else self.output or []))
+
+    def listed(self) -> dict:
+        """The item as the input items' list gives it (OpenAI's item of its kind, status completed): a message's parts
+        input_text, an assistant's output_text; a call's result its text."""
+        item = {"id": self.id, "type": self.type, "status": "completed"}
+        if self.type == "message":
+            kind, more = ("output_text", {"annotations": []}) if self.role == "assistant" else ("input_text", {})
+            return item | {"role": self.role, "content": [{"type": kind, "text": part.text, **more}
+                                                          for part in self.content]}
+        if self.type == "function_call":
+            return item | {"call_id": self.call_id, "name": self.name, "arguments": self.arguments}
+        return item | {"call_id": self.call_id, "output": self.text()}
 
 
 class FunctionTool(p.FunctionSpec):
@@ -145,7 +166,7 @@ class ResponsesRequest(p.SamplingFields):
     include: list[str] = Field(default_factory=list)  # LOGPROBS_INCLUDE asks for logprobs; the rest changes nothing
     chat_template_kwargs: dict = Field(default_factory=dict)  # vLLM's and llama.cpp's: more template variables
     thinking_token_budget: int | None = Field(None, ge=0)  # the chat's (vLLM's): the thinking at most this long
-    store: bool = True  # taken; nothing is stored
+    store: bool = True  # kept for GET /v1/responses/{id} and previous_response_id (spqt.serve.response_store)
     metadata: dict[str, str] = Field(default_factory=dict)
     user: str | None = None
     truncation: str = "disabled"
@@ -156,8 +177,9 @@ class ResponsesRequest(p.SamplingFields):
 
     _one_output = field_validator("n")(p.one_only("not supported: a response is one answer (only 1)"))
     _free_names = field_validator("chat_template_kwargs")(p.free_template_names)
-    _stateless = field_validator("previous_response_id", "conversation")(p.refused(
-        "this server stores no responses: send the whole conversation as the input"))
+    _no_conversations = field_validator("conversation")(p.refused(
+        "the Conversations API is not supported: send the whole conversation as the input, or continue a stored "
+        "response with previous_response_id"))
     _no_stored_prompt = field_validator("prompt")(p.refused("this server stores no prompts: send the text as the "
                                                             "instructions and input"))
     _no_background = field_validator("background")(p.off_only("not supported: the response runs while the request "
@@ -189,13 +211,20 @@ class ResponsesRequest(p.SamplingFields):
         self.max_tokens = self.max_output_tokens or self.max_tokens
         return self
 
-    def chat_messages(self) -> list[p.ChatMessage]:
-        """The input as the chat's messages: the instructions a system message first; function_call items an
-        assistant message's tool_calls (the message before's where it is the assistant's), a function_call_output a
-        tool message (named after its call where the input holds it); reasoning items left out."""
+    def chat_messages(self, earlier: list[InputItem] = ()) -> list[p.ChatMessage]:
+        """The input, after the items of the conversation it continues (earlier: a stored response's), as the chat's
+        messages: the instructions a system message first; function_call items an assistant message's tool_calls (the
+        message before's where it is the assistant's), a function_call_output a tool message (named after its call
+        where the conversation holds it); reasoning items left out. An input item that the conversation holds already
+        (its id) is OpenAI's 400: the conversation would hold it twice."""
+        held = {item.id for item in earlier}
+        twice = next((item.id for item in self.input if item.id in held), None)
+        if twice is not None:
+            raise p.ApiError(400, f"Duplicate item found with id {twice}. Remove duplicate items from your input and "
+                             f"try again.", param="input", code="invalid_value")
         messages = [p.ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
         names = {}
-        for item in self.input:
+        for item in [*earlier, *self.input]:
             if item.type == "message":
                 messages.append(p.ChatMessage(role=item.role, content=item.text()))
             elif item.type == "function_call":
@@ -328,14 +357,16 @@ class ResponseObject(BaseModel):
     metadata: dict[str, str]
     user: str | None
     background: bool = False
-    previous_response_id: None = None
+    previous_response_id: str | None = None
+    store: bool  # whether the server keeps it (request's store, where the server's store is on)
 
 
-def new_response(req: ResponsesRequest, model: str) -> ResponseObject:
-    """The response to req before its answer (in_progress)."""
+def new_response(req: ResponsesRequest, model: str, stored: bool) -> ResponseObject:
+    """The response to req before its answer (in_progress); stored: the server keeps it once it ends."""
     reasoning = req.reasoning or ReasoningConfig()
     return ResponseObject(
         id=p.new_id("resp", "_"), created_at=p.now(), status="in_progress", model=model,
+        previous_response_id=req.previous_response_id, store=stored,
         instructions=req.instructions, max_output_tokens=req.max_output_tokens, temperature=req.temperature,
         top_p=req.top_p, top_logprobs=req.top_logprobs,
         tools=[t.model_dump(by_alias=True, exclude_unset=True) for t in req.tools],
@@ -385,6 +416,45 @@ def completed(response: ResponseObject, answer: Answer, tokens: list[TokenLogpro
     return response.model_copy(update=dict(
         status=status, output=output, usage=counts,
         incomplete_details=IncompleteDetails() if incomplete else None))
+
+
+def replayed(response: ResponseObject) -> list[InputItem]:
+    """A response's output as the input items a client sends back to continue it (its message, its calls), its
+    reasoning left out (as chat templates leave out earlier thinking)."""
+    return [InputItem.model_validate(item.model_dump()) for item in response.output if item.type != "reasoning"]
+
+
+class RetrieveQuery(p.RequestModel):
+    """GET /v1/responses/{id}'s query: the stored response is answered whole (its events again, stream=true, are
+    refused); include and the rest change nothing."""
+
+    stream: bool = False
+
+    _whole = field_validator("stream")(p.off_only("not supported: a stored response is answered whole (only false)"))
+
+
+class InputItemsQuery(p.RequestModel):
+    """GET /v1/responses/{id}/input_items's query: a page of at most limit items in order (asc: as the request gave
+    them, desc: last first), after the item named `after` (the openai client's next page)."""
+
+    limit: int = Field(20, ge=1, le=MAX_LISTED_ITEMS)
+    order: Literal["asc", "desc"] = "desc"
+    after: str | None = None
+
+    def page(self, items: list[InputItem]) -> dict:
+        """A page of a request's input items (its reasoning items, dropped, left out) as OpenAI's list object; a 400
+        where `after` names none of them."""
+        listed = [item for item in items if item.type != "reasoning"]
+        listed = listed[::-1] if self.order == "desc" else listed
+        if self.after is not None:
+            ids = [item.id for item in listed]
+            if self.after not in ids:
+                raise p.ApiError(400, f"No input item with id '{self.after}' in this response.", param="after",
+                                 code="invalid_value")
+            listed = listed[ids.index(self.after) + 1:]
+        data = [item.listed() for item in listed[:self.limit]]
+        return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None, "has_more": len(listed) > self.limit}
 
 
 class ResponseStream:

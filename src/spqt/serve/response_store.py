@@ -1,0 +1,72 @@
+"""The Responses API's stored responses (store: true, the default): what GET /v1/responses/{id} answers, what a request
+naming it as its previous_response_id continues, and its input items, which GET /v1/responses/{id}/input_items lists.
+
+In the server process's memory, lost when it stops: text alone (the response's JSON, the conversation's items), at
+most `capacity` responses, the least recently used (stored, retrieved, continued or listed) going first. A response
+holds its whole conversation, so that it continues after the responses before it are gone; the items are shared with
+the response it continues, not copied, so a chain of turns holds each turn's text once.
+"""
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from spqt.serve import protocol as p
+from spqt.serve.responses import InputItem, ResponseObject, replayed
+
+# Responses kept (spqt serve --responses-store). Each holds its JSON, a few bytes an answer token plus the settings,
+# but with logprobs about 90 bytes a token, with 20 top_logprobs 1.5 KB (6 MB for a 4,096-token answer; measured on
+# chat_logprobs' JSON), and the items of its conversation, whose text its prompt held (within the context).
+DEFAULT_CAPACITY = 256
+
+
+@dataclass
+class StoredResponse:
+    body: str  # the response object's JSON, as its POST answered it (a stream: its last event's response)
+    inputs: list[InputItem]  # the request's input items
+    conversation: list[InputItem]  # earlier turns, the input and the output: what a request that continues it follows
+
+
+class ResponseStore:
+    """Stored responses by id, at most capacity (0: none, and previous_response_id is refused)."""
+
+    def __init__(self, capacity: int = DEFAULT_CAPACITY):
+        self.capacity = capacity
+        self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # least recently used first
+
+    def put(self, response: ResponseObject, inputs: list[InputItem], earlier: list[InputItem]) -> None:
+        """Keep an ended response (completed or incomplete) to a request of these input items, which continued the
+        conversation earlier (continued()'s, or none)."""
+        if not self.capacity:
+            return
+        self.responses[response.id] = StoredResponse(response.model_dump_json(), inputs,
+                                                     [*earlier, *inputs, *replayed(response)])
+        if len(self.responses) > self.capacity:
+            self.responses.popitem(last=False)
+
+    def get(self, response_id: str) -> StoredResponse:
+        """A stored response (now the most recently used); 404 where none has this id."""
+        if response_id not in self.responses:
+            raise p.ApiError(404, f"Response with id '{response_id}' not found.", code="not_found")
+        self.responses.move_to_end(response_id)
+        return self.responses[response_id]
+
+    def continued(self, response_id: str | None) -> list[InputItem]:
+        """The conversation a request's previous_response_id continues (none without one): OpenAI's 404 where no
+        response of that id is stored; a 400 with the store off."""
+        if response_id is None:
+            return []
+        if not self.capacity:
+            raise p.ApiError(400, "previous_response_id: this server stores no responses (spqt serve "
+                             "--responses-store 0): send the whole conversation as the input.",
+                             param="previous_response_id", code="unsupported_value")
+        try:
+            return self.get(response_id).conversation
+        except p.ApiError:
+            raise p.ApiError(404, f"Previous response with id '{response_id}' not found.",
+                             param="previous_response_id", code="previous_response_not_found") from None
+
+    def delete(self, response_id: str) -> dict:
+        """Forget a stored response (404 where none has this id): OpenAI's deletion object."""
+        self.get(response_id)
+        del self.responses[response_id]
+        return {"id": response_id, "object": "response.deleted", "deleted": True}
