@@ -70,14 +70,14 @@ def user_tuned_tables(tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serving(engine, api_key: str | None = None, allow_origins: tuple[str, ...] = ()):
-    """`engine` served as `spqt serve` serves it (spqt.serve.server.Service) on a free 127.0.0.1 port, in a thread of
-    this process: yields the base URL once /health answers (within 60 s); after the block the service has to stop
-    within 30 s."""
+def serving(engine, api_key: str | None = None, allow_origins: tuple[str, ...] = (), **options):
+    """`engine` served as `spqt serve` serves it (spqt.serve.server.Service, with more of its options) on a free
+    127.0.0.1 port, in a thread of this process: yields the base URL once /health answers (within 60 s); after the
+    block the service has to stop within 30 s."""
     from spqt.serve.server import Service, bind
 
     sock = bind("127.0.0.1", 0)
-    service = Service(engine, api_key=api_key, allow_origins=allow_origins)
+    service = Service(engine, api_key=api_key, allow_origins=allow_origins, **options)
     thread = threading.Thread(target=service.run, args=(sock,), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

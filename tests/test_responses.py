@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai", reason="the dev extra installs the openai
 from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
 from pydantic import TypeAdapter  # noqa: E402
 
-from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE, named_events  # noqa: E402
+from conftest import CTX, KEY, THINK_TEMPLATE, TOOL_TEMPLATE, Server, named_events, serving  # noqa: E402
 
 ASK = "Name three primary colors."
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city.", "parameters": {
@@ -513,3 +513,46 @@ def test_input_items_list_the_requests_inputs(server, model_id, template, script
         status, body = server.raw(f"/v1/responses/{r.id}/input_items?{query}")
         assert (status, body["error"]["param"]) == (400, param), body
 
+
+def test_the_store_keeps_the_last_n_responses(engine, model_id, scripted):
+    """A server that keeps 2 responses: the least recently used goes first (a retrieved one stays); one that keeps
+    none: store echoed false, previous_response_id refused as before stored responses were."""
+    scripted.answer = "Blue."
+    with serving(engine, api_key=KEY, stored_responses=2) as url:
+        client = Server(url, []).client()
+        a, b = (client.responses.create(model=model_id, input=ASK) for _ in range(2))
+        client.responses.retrieve(a.id)
+        c = client.responses.create(model=model_id, input=ASK)
+        with pytest.raises(openai.NotFoundError):
+            client.responses.retrieve(b.id)
+        assert [client.responses.retrieve(x.id).id for x in (a, c)] == [a.id, c.id]
+    with serving(engine, api_key=KEY, stored_responses=0) as url:
+        server = Server(url, [])
+        status, posted = server.raw("/v1/responses", json.dumps({"model": model_id, "input": ASK}).encode())
+        assert status == 200 and posted["store"] is False and server.raw(f"/v1/responses/{posted['id']}")[0] == 404
+        status, body = server.raw("/v1/responses", json.dumps({"model": model_id, "input": ASK,
+                                                               "previous_response_id": posted["id"]}).encode())
+        assert (status, body["error"]["param"]) == (400, "previous_response_id")
+        assert "stores no responses" in body["error"]["message"], body
+
+
+def test_the_responses_store_option(capsys, monkeypatch, tiny_hf):
+    """spqt serve --responses-store N reaches the server (its default DEFAULT_CAPACITY, as its help says); a negative
+    or non-integer N is one error line (exit 2)."""
+    from spqt.cli import main
+    from spqt.serve import server as served
+    from spqt.serve.response_store import DEFAULT_CAPACITY
+
+    for value, fragment in [("-1", "must be at least 0, got -1"), ("many", "expected an integer, got 'many'")]:
+        with pytest.raises(SystemExit) as e:
+            main(["serve", "--responses-store", value])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and "--responses-store" in err[-1] and fragment in err[-1], err
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert f"(default {DEFAULT_CAPACITY}," in " ".join(capsys.readouterr().out.split())
+    kept = []
+    monkeypatch.setattr(served, "serve", lambda *args: kept.append(args[-1]))
+    for option in ([], ["--responses-store", "3"]):
+        assert main(["serve", str(tiny_hf), "--device", "cpu", "--port", "0", *option]) == 0
+    assert kept == [DEFAULT_CAPACITY, 3]

@@ -628,6 +628,7 @@ def cmd_serve(args) -> int:
 
     from spqt.generate import resolve_device
     from spqt.serve.engine import Engine, parse_sparsity
+    from spqt.serve.response_store import DEFAULT_CAPACITY
     from spqt.serve.server import bind, serve, setup_logging
     from spqt import hub
     from spqt.sources import model_name
@@ -655,7 +656,8 @@ def cmd_serve(args) -> int:
                         prompt_cache={"on": True, "off": False}.get(args.prompt_cache),
                         dense_fallback=not args.no_dense_fallback, dtype=dtype,
                         reasoning_format=args.reasoning_format, thinking_budget=args.thinking_budget)
-        serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None, allow_origins)
+        serve(engine, sock, args.api_key or os.environ.get("SPQT_API_KEY") or None, allow_origins,
+              DEFAULT_CAPACITY if args.responses_store is None else args.responses_store)
     finally:
         sock.close()
     return 0
@@ -1293,6 +1295,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="answer cross-origin requests (CORS) from this browser origin, e.g. http://localhost:3000, "
                         "or * for any; repeatable (default: none, so a web page cannot call the server)")
+    p.add_argument("--responses-store", type=_at_least(0), default=None, metavar="N",
+                   help="the Responses API keeps the last N responses (store: true) in this process's memory, for "
+                        "previous_response_id and GET /v1/responses/ID; 0: none (default 256, "
+                        "spqt.serve.response_store.DEFAULT_CAPACITY)")
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.add_argument("--no-dense-fallback", action="store_true",
                    help="run every map sparse, also where its sparse kernel is slower than dense, as generate's")

@@ -12,6 +12,7 @@ import uvicorn
 from spqt.errors import SpqtError
 from spqt.serve.app import build_app
 from spqt.serve.engine import Engine
+from spqt.serve.response_store import DEFAULT_CAPACITY
 from spqt.serve.scheduler import Scheduler
 
 log = logging.getLogger("spqt.serve")
@@ -85,11 +86,12 @@ def uvicorn_config(app) -> uvicorn.Config:
 class Service:
     """The app, its scheduler and the uvicorn server around one engine."""
 
-    def __init__(self, engine: Engine, api_key: str | None = None, allow_origins: tuple[str, ...] = ()):
+    def __init__(self, engine: Engine, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
+                 stored_responses: int = DEFAULT_CAPACITY):
         self.engine = engine
         self.scheduler = Scheduler(engine.run)
-        self.server = _Server(uvicorn_config(build_app(engine, self.scheduler, api_key, allow_origins)),
-                              self.scheduler)
+        app = build_app(engine, self.scheduler, api_key, allow_origins, stored_responses)
+        self.server = _Server(uvicorn_config(app), self.scheduler)
 
     def run(self, sock: socket.socket) -> None:
         """Serve on a bound socket until SIGINT / SIGTERM (main thread) or stop(); then the worker stops."""
@@ -104,10 +106,12 @@ class Service:
         self.server.should_exit = True
 
 
-def serve(engine: Engine, sock: socket.socket, api_key: str | None = None, allow_origins: tuple[str, ...] = ()) -> None:
+def serve(engine: Engine, sock: socket.socket, api_key: str | None = None, allow_origins: tuple[str, ...] = (),
+          stored_responses: int = DEFAULT_CAPACITY) -> None:
     """Serve on a bound socket (see bind) until SIGINT or SIGTERM; returns after a clean shutdown. allow_origins: the
-    browser origins answered cross-origin (CORS; "*" any)."""
-    service = Service(engine, api_key, allow_origins)
+    browser origins answered cross-origin (CORS; "*" any); stored_responses: how many responses the Responses API
+    keeps (0: none)."""
+    service = Service(engine, api_key, allow_origins, stored_responses)
     host, port = sock.getsockname()[:2]
     i = engine.info
     log.info("model %s on %s, %s, context %d tokens, prompt cache %s%s", i.model_id, i.device,
