@@ -444,6 +444,10 @@ def test_a_call_answered_through_previous_response_id(server, model_id, template
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=model_id, input=[*first.output, answered], previous_response_id=first.id)
     assert e.value.param == "input" and f"Duplicate item found with id {first.output[0].id}." in e.value.message
+    repeated = {"id": "msg_twice", "role": "user", "content": "Weather?"}  # (the input's own repeat: its pages)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=model_id, input=[repeated, repeated])
+    assert e.value.param == "input" and "Duplicate item found with id msg_twice." in e.value.message
 
 
 def test_stored_responses_are_retrieved_and_deleted(server, model_id, scripted):
@@ -534,6 +538,30 @@ def test_the_store_keeps_the_last_n_responses(engine, model_id, scripted):
                                                                "previous_response_id": posted["id"]}).encode())
         assert (status, body["error"]["param"]) == (400, "previous_response_id")
         assert "stores no responses" in body["error"]["message"], body
+
+
+def test_the_store_keeps_its_bytes_bound(server, model_id, scripted):
+    """The store's byte bound (JSON and input text): the least recently used go first until the rest fits, the newest
+    kept whatever its size; a delete gives its bytes back."""
+    from spqt.serve.responses import InputItem, ResponseObject
+    from spqt.serve.response_store import ResponseStore
+
+    scripted.answer = "Blue."
+    client = server.client()
+    made = [ResponseObject.model_validate(client.responses.create(model=model_id, input=ASK * (1 + 4 * i))
+                                          .model_dump()) for i in range(3)]
+    inputs = [[InputItem.model_validate({"role": "user", "content": ASK * (1 + 4 * i)})] for i in range(3)]
+    sizes = [len(r.model_dump_json()) + len(i[0].model_dump_json()) for r, i in zip(made, inputs)]
+    store = ResponseStore(10, max_bytes=sizes[1] + sizes[2])
+    for response, given in zip(made, inputs):
+        store.put(response, given, [])
+    assert list(store.responses) == [made[1].id, made[2].id] and store.size == sizes[1] + sizes[2]
+    store.delete(made[1].id)
+    assert store.size == sizes[2]
+    tiny = ResponseStore(10, max_bytes=1)
+    for response, given in zip(made, inputs):
+        tiny.put(response, given, [])
+    assert list(tiny.responses) == [made[2].id] and tiny.size == sizes[2]
 
 
 def test_the_responses_store_option(capsys, monkeypatch, tiny_hf):

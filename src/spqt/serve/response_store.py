@@ -2,9 +2,10 @@
 naming it as its previous_response_id continues, and its input items, which GET /v1/responses/{id}/input_items lists.
 
 In the server process's memory, lost when it stops: text alone (the response's JSON, the conversation's items), at
-most `capacity` responses, the least recently used (stored, retrieved, continued or listed) going first. A response
-holds its whole conversation, so that it continues after the responses before it are gone; the items are shared with
-the response it continues, not copied, so a chain of turns holds each turn's text once.
+most `capacity` responses and MAX_BYTES of their JSON and input text (the newest kept whatever its size), the least
+recently used (stored, retrieved, continued or listed) going first. A response holds its whole conversation, so that
+it continues after the responses before it are gone; the items are shared with the response it continues, not copied
+(each response holds its own list of them, and an answer's text is in its JSON and in its replayed items).
 """
 
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from spqt.serve.responses import InputItem, ResponseObject, replayed
 # but with logprobs about 90 bytes a token, with 20 top_logprobs 1.5 KB (6 MB for a 4,096-token answer; measured on
 # chat_logprobs' JSON), and the items of its conversation, whose text its prompt held (within the context).
 DEFAULT_CAPACITY = 256
+MAX_BYTES = 512 * 2**20  # the stored responses' JSON and input text at most (logprobs make a long answer's JSON large)
 
 
 @dataclass
@@ -24,13 +26,14 @@ class StoredResponse:
     body: str  # the response object's JSON, as its POST answered it (a stream: its last event's response)
     inputs: list[InputItem]  # the request's input items
     conversation: list[InputItem]  # earlier turns, the input and the output: what a request that continues it follows
+    size: int  # what it counts against MAX_BYTES: its JSON's and its input items' characters
 
 
 class ResponseStore:
     """Stored responses by id, at most capacity (0: none, and previous_response_id is refused)."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY):
-        self.capacity = capacity
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, max_bytes: int = MAX_BYTES):
+        self.capacity, self.max_bytes, self.size = capacity, max_bytes, 0
         self.responses: OrderedDict[str, StoredResponse] = OrderedDict()  # least recently used first
 
     def put(self, response: ResponseObject, inputs: list[InputItem], earlier: list[InputItem]) -> None:
@@ -38,10 +41,12 @@ class ResponseStore:
         conversation earlier (continued()'s, or none)."""
         if not self.capacity:
             return
-        self.responses[response.id] = StoredResponse(response.model_dump_json(), inputs,
-                                                     [*earlier, *inputs, *replayed(response)])
-        if len(self.responses) > self.capacity:
-            self.responses.popitem(last=False)
+        body = response.model_dump_json()
+        size = len(body) + sum(len(item.model_dump_json()) for item in inputs)
+        self.responses[response.id] = StoredResponse(body, inputs, [*earlier, *inputs, *replayed(response)], size)
+        self.size += size
+        while len(self.responses) > self.capacity or (self.size > self.max_bytes and len(self.responses) > 1):
+            self.size -= self.responses.popitem(last=False)[1].size
 
     def get(self, response_id: str) -> StoredResponse:
         """A stored response (now the most recently used); 404 where none has this id."""
@@ -67,6 +72,6 @@ class ResponseStore:
 
     def delete(self, response_id: str) -> dict:
         """Forget a stored response (404 where none has this id): OpenAI's deletion object."""
-        self.get(response_id)
+        self.size -= self.get(response_id).size
         del self.responses[response_id]
         return {"id": response_id, "object": "response.deleted", "deleted": True}

@@ -217,8 +217,12 @@ class ResponsesRequest(p.SamplingFields):
         message before's where it is the assistant's), a function_call_output a tool message (named after its call
         where the conversation holds it); reasoning items left out. An input item that the conversation holds already
         (its id) is OpenAI's 400: the conversation would hold it twice."""
-        held = {item.id for item in earlier}
-        twice = next((item.id for item in self.input if item.id in held), None)
+        held, twice = {item.id for item in earlier}, None
+        for item in self.input:  # (the input's own repeats too: the input items' pages name items by id)
+            if item.id in held:
+                twice = item.id
+                break
+            held.add(item.id)
         if twice is not None:
             raise p.ApiError(400, f"Duplicate item found with id {twice}. Remove duplicate items from your input and "
                              f"try again.", param="input", code="invalid_value")
