@@ -425,7 +425,8 @@ def test_previous_response_id_continues_the_conversation_as_sent_whole(server, m
 def test_a_call_answered_through_previous_response_id(server, model_id, template, scripted):
     """An answer's function_call answered by a function_call_output after previous_response_id: the prompt of the
     whole conversation (the answer's text and call one assistant message, then the call's result); the answer's items
-    sent again beside previous_response_id are OpenAI's 400 (duplicate items)."""
+    sent again beside previous_response_id are OpenAI's 400 (duplicate items), named by item_reference instead they
+    give the whole conversation's prompt (an unknown id: OpenAI's 404)."""
     template(TOOL_TEMPLATE)
     client = server.client()
     scripted.answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -444,6 +445,13 @@ def test_a_call_answered_through_previous_response_id(server, model_id, template
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=model_id, input=[*first.output, answered], previous_response_id=first.id)
     assert e.value.param == "input" and f"Duplicate item found with id {first.output[0].id}." in e.value.message
+    client.responses.create(model=model_id, tools=[WEATHER], input=[  # (the answer's items named by their ids)
+        {"role": "user", "content": "Weather in Paris?"}, {"type": "item_reference", "id": first.output[0].id},
+        {"type": "item_reference", "id": call.id}, answered])
+    assert scripted.prompts[-1] == chained
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=model_id, input=[{"type": "item_reference", "id": "msg_none"}])
+    assert e.value.body["param"] == "input" and "Item with id 'msg_none' not found." in e.value.message
     repeated = {"id": "msg_twice", "role": "user", "content": "Weather?"}  # (the input's own repeat: its pages)
     with pytest.raises(openai.BadRequestError) as e:
         client.responses.create(model=model_id, input=[repeated, repeated])
@@ -538,6 +546,9 @@ def test_the_store_keeps_the_last_n_responses(engine, model_id, scripted):
                                                                "previous_response_id": posted["id"]}).encode())
         assert (status, body["error"]["param"]) == (400, "previous_response_id")
         assert "stores no responses" in body["error"]["message"], body
+        status, body = server.raw("/v1/responses", json.dumps({"model": model_id, "input": [
+            {"type": "item_reference", "id": posted["output"][0]["id"]}]}).encode())
+        assert (status, body["error"]["param"]) == (400, "input") and "stores no responses" in body["error"]["message"]
 
 
 def test_the_store_keeps_its_bytes_bound(server, model_id, scripted):

@@ -412,6 +412,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         previous_response_id names one; the response kept once it ends where store asks for it."""
         req = await parse(request, r.ResponsesRequest)
         earlier = store.continued(req.previous_response_id)
+        req.input = store.resolved(req.input)
         jobs, reading = await plan_chat(request, req, req.chat_messages(earlier))
         response = r.new_response(req, info.model_id, req.store and store.capacity > 0)
 

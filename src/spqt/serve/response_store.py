@@ -70,6 +70,25 @@ class ResponseStore:
             raise p.ApiError(404, f"Previous response with id '{response_id}' not found.",
                              param="previous_response_id", code="previous_response_not_found") from None
 
+    def resolved(self, items: list[InputItem]) -> list[InputItem]:
+        """items with each item_reference replaced by the stored item of its id (from the conversations of the stored
+        responses, the most recently used first); OpenAI's 404 where none holds it."""
+        if not any(item.type == "item_reference" for item in items):
+            return items
+        if not self.capacity:
+            raise p.ApiError(400, "input: this server stores no responses (spqt serve --responses-store 0), so an "
+                             "item_reference names nothing: send the item itself.", param="input",
+                             code="unsupported_value")
+        held = {}
+        for stored in self.responses.values():  # (least recently used first: the later ones win)
+            held.update((item.id, item) for item in stored.conversation)
+        out = []
+        for item in items:
+            if item.type == "item_reference" and item.id not in held:
+                raise p.ApiError(404, f"Item with id '{item.id}' not found.", param="input", code="not_found")
+            out.append(held[item.id] if item.type == "item_reference" else item)
+        return out
+
     def delete(self, response_id: str) -> dict:
         """Forget a stored response (404 where none has this id): OpenAI's deletion object."""
         self.size -= self.get(response_id).size

@@ -11,7 +11,8 @@ tokens after its thinking, on the message's text. status is incomplete where max
 Stored responses (spqt.serve.response_store): a response that ends, completed or incomplete, is kept where store asks
 for it (the default), for GET /v1/responses/{id} and its input items' list (InputItemsQuery); previous_response_id
 continues a stored response's conversation: the turns it continued and its input, then its output as a client sends it
-back (replayed: the message, the calls), then the new input. The instructions are not carried over (as OpenAI's are
+back (replayed: the message, the calls), then the new input; an item_reference input item stands for the stored
+item of its id (ResponseStore.resolved). The instructions are not carried over (as OpenAI's are
 not); reasoning items, earlier answers' in the input or the output, are dropped (chat templates write no earlier
 thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As on the
 chat endpoint, reasoning effort and verbosity are refused; so are tools other than functions (web_search, file_search,
@@ -31,7 +32,8 @@ from spqt.serve.tools import ToolCall
 
 LOGPROBS_INCLUDE = "message.output_text.logprobs"  # the include value that asks for the answer's logprobs
 # the input items taken, and how the ids the server gives them start
-ITEM_KINDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+ITEM_KINDS = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
+              "item_reference": "ref"}
 MAX_LISTED_ITEMS = 100  # input items a page of their list at most, as OpenAI's limit
 
 
@@ -49,8 +51,9 @@ _text_parts = p.text_as_parts("input_text", "a string or an array of text parts"
 
 class InputItem(p.RequestModel):
     """An item of the input: a message (type "message", or no type and a role), an earlier answer's function_call, a
-    call's result (function_call_output), or an earlier answer's reasoning item (dropped). id: the client's, else a
-    new one (the input items' list names each)."""
+    call's result (function_call_output), an earlier answer's reasoning item (dropped), or a reference to a stored
+    item by its id (item_reference: resolved, before the request is read, to that item). id: the client's, else a new
+    one (the input items' list names each)."""
 
     type: str = "message"
     id: str | None = None
@@ -80,7 +83,7 @@ class InputItem(p.RequestModel):
     @model_validator(mode="after")
     def _fields_of_kind(self):
         needs = {"message": ("role", "content"), "function_call": ("call_id", "name", "arguments"),
-                 "function_call_output": ("call_id", "output"), "reasoning": ()}[self.type]
+                 "function_call_output": ("call_id", "output"), "reasoning": (), "item_reference": ("id",)}[self.type]
         missing = [name for name in needs if getattr(self, name) in (None, [])]
         if missing:
             raise ValueError(f"a {self.type} item needs its {' and '.join(missing)}")
