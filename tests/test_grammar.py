@@ -441,7 +441,8 @@ def test_generation_ends_its_thinking_at_the_budget(device, tiny, rng):
     ends = set(vocabulary.end_ids)
     plain = sorted(set(range(loaded.config.vocab_size)) - ends - set(tok.backend.get_added_tokens_decoder()))
     open_id, close_id = (int(t) for t in rng.choice(plain, 2, replace=False))
-    gen, prompt, budget = Generator(loaded, device, max_len=120), rng.integers(0, loaded.config.vocab_size, 5).tolist(), 6
+    gen, budget = Generator(loaded, device, max_len=120), 6
+    prompt = rng.integers(0, loaded.config.vocab_size, 5).tolist()
     gate = grammar.AfterThinking(None, open_id, close_id, True, budget, vocabulary)
     bias = {close_id: -100.0}
     raw = []

@@ -429,7 +429,8 @@ def test_a_call_answered_through_previous_response_id(server, model_id, template
     give the whole conversation's prompt (an unknown id: OpenAI's 404)."""
     template(TOOL_TEMPLATE)
     client = server.client()
-    scripted.answer = 'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    scripted.answer = ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
+                       '</tool_call>')
     first = client.responses.create(model=model_id, input="Weather in Paris?", tools=[WEATHER])
     call = first.output[1]
     answered = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}

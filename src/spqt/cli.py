@@ -565,8 +565,9 @@ def cmd_generate(args) -> int:
 
 
 def _check_thinking_budget(tok, loaded) -> None:
-    """generate's and chat's --thinking-budget, before the first answer: a note where the template writes no thinking (nothing
-    to bound); SpqtError where it does but the model's vocabulary has no <think> / </think> tokens to keep it with."""
+    """generate's and chat's --thinking-budget, before the first answer: a note where the template writes no
+    thinking (nothing to bound); SpqtError where it does but the model's vocabulary has no <think> / </think> tokens
+    to keep it with."""
     from spqt.grammar import Vocabulary
     from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_template, think_tags
 
