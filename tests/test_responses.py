@@ -274,6 +274,35 @@ def test_reasoning_items_where_the_template_thinks(server, model_id, engine, tem
         comparable(Response.model_validate(streamed[-1]["response"])) == comparable(cut)
 
 
+def test_reasoning_effort_turns_the_thinking_on_or_off(server, model_id, template, scripted):
+    """OpenAI's reasoning effort (the chat's reasoning_effort, the Responses' reasoning.effort) on a think template:
+    none and minimal set enable_thinking false, the others true, and the template gets reasoning_effort; a summary is
+    taken (none made); an enable_thinking in chat_template_kwargs that disagrees, or none on a template that thinks
+    with no switch: a 400 naming the field."""
+    template(THINK_TEMPLATE + "{% if reasoning_effort is defined %}[{{ reasoning_effort }}]{% endif %}")
+    client = server.client()
+    scripted.answer = "<think>\nHm.\n</think>\n\nBlue."
+    for effort, tail in [("none", "assistant<think>\n\n</think>[none]"),
+                         ("minimal", "assistant<think>\n\n</think>[minimal]"), ("high", "<|im_start|>assistant[high]")]:
+        r = client.responses.create(model=model_id, input=ASK, reasoning={"effort": effort, "summary": "auto"})
+        assert scripted.prompts[-1].endswith(tail), (effort, scripted.prompts[-1])
+        assert (r.reasoning.effort, r.reasoning.summary, r.output_text) == (effort, "auto", "Blue.")
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": ASK}],
+                                       reasoning_effort=effort)
+        assert scripted.prompts[-1].endswith(tail), (effort, scripted.prompts[-1])
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": ASK}],
+                                       reasoning_effort="low", extra_body={"chat_template_kwargs": {
+                                           "enable_thinking": False}})
+    assert e.value.body["param"] == "reasoning_effort" and "disagree" in e.value.message
+    template(THINK_TEMPLATE.replace("enable_thinking is defined and enable_thinking is false", "false"))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.responses.create(model=model_id, input=ASK, reasoning={"effort": "none"})
+    assert e.value.body["param"] == "reasoning.effort" and "cannot be honoured" in e.value.message
+    client.responses.create(model=model_id, input=ASK, reasoning={"effort": "medium"})
+    assert scripted.prompts[-1].endswith("<|im_start|>assistant")
+
+
 def test_the_stream_of_an_answer_ends_in_its_plain_response():
     """ResponseStream over an answer's pieces (fed a character at a time through AnswerStream) ends in the response
     that completed() gives for the whole answer (read_answer), items and statuses alike, for text, thinking (cut too),
@@ -326,7 +355,8 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
 
 
 def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_id, template):
-    """The Conversations API (conversation), a stored prompt, background, reasoning effort and summary,
+    """The Conversations API (conversation), a stored prompt, background, reasoning effort (the template writes no
+    thinking) and a summary of an unknown kind, an item_reference without its id,
     verbosity, truncation 'auto', tools other than functions, tool_choice of another kind or naming a tool not offered,
     input items and parts other than text, a call's item without its fields, an input of reasoning alone, n, the
     bounds of max_output_tokens and top_logprobs, structured output beside tools, a prompt beyond the context: each a
@@ -336,8 +366,9 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
     for change, param in [
             ({"conversation": "conv_1"}, "conversation"), ({"prompt": {"id": "pmpt_1"}}, "prompt"),
             ({"background": True}, "background"),
-            ({"reasoning": {"effort": "low"}}, "reasoning.effort"), ({"reasoning": {"summary": "auto"}},
-                                                                     "reasoning.summary"),
+            ({"reasoning": {"effort": "low"}}, "reasoning.effort"), ({"reasoning": {"effort": "max"}},
+                                                                     "reasoning.effort"),
+            ({"reasoning": {"summary": "brief"}}, "reasoning.summary"),
             ({"text": {"verbosity": "low"}}, "text.verbosity"), ({"truncation": "auto"}, "truncation"),
             ({"tools": [{"type": "web_search"}]}, "tools[0]"),
             ({"tools": [WEATHER, {"type": "file_search", "vector_store_ids": ["vs_1"]}]}, "tools[1]"),
@@ -345,7 +376,7 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
             ({"tools": [WEATHER], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
             ({"tools": [WEATHER], "tool_choice": {"type": "function", "name": "rm_rf"}}, "tool_choice"),
             ({"tool_choice": "required"}, "tool_choice"),
-            ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0].type"),
+            ({"input": [{"type": "item_reference"}]}, "input[0]"),
             ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
              "input[0].content[0].type"),
             ({"input": [{"type": "function_call", "name": "get_weather", "arguments": "{}"}]}, "input[0]"),

@@ -355,6 +355,9 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat_completions(request: Request):
         req = await parse(request, p.ChatCompletionRequest)
+        req.chat_template_kwargs = p.effort_template_kwargs(req.reasoning_effort, req.chat_template_kwargs,
+                                                            engine.tokenizer.spec.chat_template or "",
+                                                            "reasoning_effort")
         jobs, reading = await plan_chat(request, req, req.messages)
         rid, created = p.new_id("chatcmpl"), p.now()
 
@@ -411,6 +414,10 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         """OpenAI's Responses API as a chat (spqt.serve.responses), continuing a stored response's conversation where
         previous_response_id names one; the response kept once it ends where store asks for it."""
         req = await parse(request, r.ResponsesRequest)
+        req.chat_template_kwargs = p.effort_template_kwargs(req.reasoning and req.reasoning.effort,
+                                                            req.chat_template_kwargs,
+                                                            engine.tokenizer.spec.chat_template or "",
+                                                            "reasoning.effort")
         earlier = store.continued(req.previous_response_id)
         req.input = store.resolved(req.input)
         jobs, reading = await plan_chat(request, req, req.chat_messages(earlier))

@@ -15,8 +15,9 @@ back (replayed: the message, the calls), then the new input; an item_reference i
 item of its id (ResponseStore.resolved). The instructions are not carried over (as OpenAI's are
 not); reasoning items, earlier answers' in the input or the output, are dropped (chat templates write no earlier
 thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As on the
-chat endpoint, reasoning effort and verbosity are refused; so are tools other than functions (web_search, file_search,
-...), truncation 'auto' and a reasoning summary.
+chat endpoint, reasoning effort turns a reasoning model's thinking on or off (p.effort_template_kwargs; refused
+where the template writes none) and verbosity is refused; so are tools other than functions (web_search,
+file_search, ...) and truncation 'auto'. A reasoning summary is taken and none made (the thinking comes whole).
 """
 
 import json
@@ -142,12 +143,11 @@ class TextConfig(p.RequestModel):
 
 
 class ReasoningConfig(p.RequestModel):
-    effort: str | None = None
-    summary: str | None = None
+    """reasoning: effort as the chat's reasoning_effort (p.effort_template_kwargs); summary taken, none made
+    (the reasoning item holds the thinking whole, as reasoning_text)."""
 
-    _not_this_model = field_validator("effort")(p.refused("not supported by this model (only null)"))
-    _no_summary = field_validator("summary")(p.refused("not supported: the reasoning comes whole, not summarized "
-                                                       "(only null)"))
+    effort: p.Effort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
 
 
 class ResponsesRequest(p.SamplingFields):
