@@ -258,6 +258,12 @@ def test_reasoning_items_where_the_template_thinks(server, model_id, engine, tem
     assert types[2:5] == ["response.output_item.added", "response.content_part.added",
                           "response.reasoning_text.delta"], types
     assert types.index("response.reasoning_text.done") < types.index("response.output_text.delta"), types
+    whole = client.responses.create(model=model_id, input=[{"role": "user", "content": ASK}, {
+        "role": "assistant", "content": r.output_text}, {"role": "user", "content": "Thanks."}])
+    prompt = scripted.prompts[-1]  # (the reasoning item by reference: left out of the prompt, as sent whole)
+    client.responses.create(model=model_id, input=[{"role": "user", "content": ASK}, {"id": reasoning.id},
+                                                   {"id": r.output[1].id}, {"role": "user", "content": "Thanks."}])
+    assert scripted.prompts[-1] == prompt and whole.status == "completed"
     scripted.answer = "Let me think.\n</think>\nBlue."
     opened = client.responses.create(model=model_id, input=ASK,
                                      extra_body={"chat_template_kwargs": {"open_think": True}})
@@ -301,6 +307,17 @@ def test_reasoning_effort_turns_the_thinking_on_or_off(server, model_id, templat
     assert e.value.body["param"] == "reasoning.effort" and "cannot be honoured" in e.value.message
     client.responses.create(model=model_id, input=ASK, reasoning={"effort": "medium"})
     assert scripted.prompts[-1].endswith("<|im_start|>assistant")
+    # a template whose switch is `thinking`, off unless set (Granite 3.2 / 3.3's): the effort sets it
+    template("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}{% if thinking %}<|system|>Think "
+             "first, between <think></think>.\n{% endif %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    for effort, on in [("max", True), ("minimal", False)]:
+        client.chat.completions.create(model=model_id, messages=[{"role": "user", "content": ASK}],
+                                       reasoning_effort=effort)
+        assert ("Think first" in scripted.prompts[-1]) == on, (effort, scripted.prompts[-1])
+    for thinking, on in [({"type": "enabled", "budget_tokens": 64}, True), ({"type": "disabled"}, False)]:
+        status, _ = server.raw("/v1/messages", json.dumps({"model": model_id, "max_tokens": 8, "thinking": thinking,
+                                                           "messages": [{"role": "user", "content": ASK}]}).encode())
+        assert status == 200 and ("Think first" in scripted.prompts[-1]) == on, (thinking, scripted.prompts[-1])
 
 
 def test_the_stream_of_an_answer_ends_in_its_plain_response():
@@ -366,7 +383,7 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
     for change, param in [
             ({"conversation": "conv_1"}, "conversation"), ({"prompt": {"id": "pmpt_1"}}, "prompt"),
             ({"background": True}, "background"),
-            ({"reasoning": {"effort": "low"}}, "reasoning.effort"), ({"reasoning": {"effort": "max"}},
+            ({"reasoning": {"effort": "low"}}, "reasoning.effort"), ({"reasoning": {"effort": "extreme"}},
                                                                      "reasoning.effort"),
             ({"reasoning": {"summary": "brief"}}, "reasoning.summary"),
             ({"text": {"verbosity": "low"}}, "text.verbosity"), ({"truncation": "auto"}, "truncation"),
@@ -481,6 +498,13 @@ def test_a_call_answered_through_previous_response_id(server, model_id, template
         {"role": "user", "content": "Weather in Paris?"}, {"type": "item_reference", "id": first.output[0].id},
         {"type": "item_reference", "id": call.id}, answered])
     assert scripted.prompts[-1] == chained
+    client.responses.create(model=model_id, tools=[WEATHER], input=[  # (OpenAI's item_reference: its type optional)
+        {"role": "user", "content": "Weather in Paris?"}, {"id": first.output[0].id}, {"id": call.id}, answered])
+    assert scripted.prompts[-1] == chained
+    with pytest.raises(openai.BadRequestError) as e:  # (an item the continued conversation holds already)
+        client.responses.create(model=model_id, previous_response_id=first.id, input=[
+            {"type": "item_reference", "id": call.id}, answered])
+    assert e.value.param == "input" and f"Duplicate item found with id {call.id}." in e.value.message
     with pytest.raises(openai.NotFoundError) as e:
         client.responses.create(model=model_id, input=[{"type": "item_reference", "id": "msg_none"}])
     assert e.value.body["param"] == "input" and "Item with id 'msg_none' not found." in e.value.message

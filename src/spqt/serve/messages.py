@@ -35,6 +35,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from spqt.generate import GenerationResult
 from spqt.serve import protocol as p
 from spqt.serve.answer import Answer, Piece
+from spqt.serve.reasoning import thinking_switch
 from spqt.serve.tools import ToolCall
 
 BLOCK_KINDS = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")  # the content blocks taken
@@ -258,15 +259,15 @@ class MessagesRequest(p.SamplingFields):
         template's text, thinks: it writes think blocks. ApiError where thinking cannot be honoured."""
         if self.thinking is None:
             return self.chat_template_kwargs
-        on = self.thinking.type != "disabled"
-        if self.chat_template_kwargs.get("enable_thinking", on) != on:
-            raise p.ApiError(400, "thinking and chat_template_kwargs.enable_thinking disagree: give one.",
+        on, switch = self.thinking.type != "disabled", thinking_switch(template)
+        if switch and self.chat_template_kwargs.get(switch, on) != on:
+            raise p.ApiError(400, f"thinking and chat_template_kwargs.{switch} disagree: give one.",
                              param="thinking", code="invalid_value")
-        if "enable_thinking" in template:
-            return {**self.chat_template_kwargs, "enable_thinking": on}
+        if switch == "enable_thinking" or (switch and thinks):
+            return {**self.chat_template_kwargs, switch: on}
         if thinks and not on:
             raise p.ApiError(400, "thinking: this model's chat template thinks with no way to turn it off "
-                             "(enable_thinking), so 'disabled' cannot be honoured.", param="thinking",
+                             "(enable_thinking, thinking), so 'disabled' cannot be honoured.", param="thinking",
                              code="unsupported_value")
         return self.chat_template_kwargs
 

@@ -30,7 +30,7 @@ from pydantic_core import PydanticCustomError
 
 from spqt.sampling import MAX_LOGIT_BIAS
 from spqt.serve.logprobs import Named, TokenLogprob
-from spqt.serve.reasoning import reasoning_template
+from spqt.serve.reasoning import reasoning_template, thinking_switch
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's `until` strings and the end-of-text one (6 for
 # humaneval), and vLLM and llama.cpp take any number
@@ -412,30 +412,31 @@ class ChatMessage(RequestModel):
         return "".join(p.text for p in self.content)
 
 
-Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]  # OpenAI's reasoning efforts
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # OpenAI's reasoning efforts
 
 
 def effort_template_kwargs(effort: str | None, kwargs: dict, template: str, param: str) -> dict:
     """OpenAI's reasoning effort (the chat's reasoning_effort, the Responses' reasoning.effort) as the chat template's
     variables, kwargs (the request's chat_template_kwargs) with it: where the template writes thinking, "none" and
-    "minimal" turn it off, the other efforts on (enable_thinking where the template takes it; "none" or "minimal"
-    refused where it thinks with no way to turn it off), and reasoning_effort itself is passed on (the templates that
-    read it); where the template writes none, refused, as OpenAI refuses it for a model that does not reason. A 400
-    naming param where it cannot be honoured or kwargs' own enable_thinking or reasoning_effort disagree."""
+    "minimal" turn it off, the other efforts on, through its switch (reasoning.thinking_switch: enable_thinking or
+    thinking; "none" or "minimal" refused where it thinks with no switch), and reasoning_effort itself is passed on
+    (the templates that read it); where the template writes none, refused, as OpenAI refuses it for a model that does
+    not reason. A 400 naming param where it cannot be honoured or kwargs' own switch or reasoning_effort disagree."""
     if effort is None:
         return kwargs
     if not reasoning_template(template):
         raise ApiError(400, f"{param}: not supported by this model (its chat template writes no thinking).",
                        param=param, code="unsupported_value")
-    on = effort not in ("none", "minimal")
-    if kwargs.get("enable_thinking", on) != on or kwargs.get("reasoning_effort", effort) != effort:
+    on, switch = effort not in ("none", "minimal"), thinking_switch(template)
+    if (switch and kwargs.get(switch, on) != on) or kwargs.get("reasoning_effort", effort) != effort:
         raise ApiError(400, f"{param} and chat_template_kwargs disagree: give one.", param=param,
                        code="invalid_value")
-    if "enable_thinking" in template:
-        return {**kwargs, "enable_thinking": on, "reasoning_effort": effort}
+    if switch:
+        return {**kwargs, switch: on, "reasoning_effort": effort}
     if not on:
         raise ApiError(400, f"{param}: this model's chat template thinks with no way to turn it off "
-                       f"(enable_thinking), so '{effort}' cannot be honoured.", param=param, code="unsupported_value")
+                       f"(enable_thinking, thinking), so '{effort}' cannot be honoured.", param=param,
+                       code="unsupported_value")
     return {**kwargs, "reasoning_effort": effort}
 
 

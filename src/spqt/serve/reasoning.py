@@ -11,6 +11,7 @@ output keeps the content to its grammar and leaves the thinking free (grammar_af
 """
 
 import bisect
+import re
 from collections.abc import Callable
 
 from spqt.errors import SpqtError
@@ -19,6 +20,20 @@ from spqt.serve.text import TextStream, tail_starting
 from spqt.tokenizer import TextTokenizer
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+JINJA_CODE = re.compile(r"{[%{].*?[%}]}", re.S)  # a template's statements and expressions
+
+
+def thinking_switch(template: str | None) -> str | None:
+    """The template variable that turns a reasoning template's thinking on or off: enable_thinking (Qwen3, SmolLM3),
+    else thinking (Granite 3.2 / 3.3, DeepSeek-V3.1, Hermes 4: off unless set), where the template's code reads it;
+    None where it reads neither."""
+    code = " ".join(JINJA_CODE.findall(template or ""))
+    for name in ("enable_thinking", "thinking"):
+        if re.search(rf"(?<![\w.'\"]){name}(?![\w'\"])", code):
+            return name
+    return None
 
 
 def reasoning_template(template: str | None) -> bool:

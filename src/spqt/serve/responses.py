@@ -71,8 +71,13 @@ class InputItem(p.RequestModel):
     @model_validator(mode="before")
     @classmethod
     def _reasoning_dropped(cls, item):
-        """A reasoning item's fields are not read (its content holds reasoning_text parts)."""
-        return {"type": "reasoning"} if isinstance(item, dict) and item.get("type") == "reasoning" else item
+        """A reasoning item's fields but its id are not read (its content holds reasoning_text parts); an item of an id
+        alone is an item_reference (OpenAI's type is optional there)."""
+        if isinstance(item, dict) and item.get("type") == "reasoning":
+            return {"type": "reasoning", **({"id": item["id"]} if isinstance(item.get("id"), str) else {})}
+        if isinstance(item, dict) and set(item) == {"id"}:
+            return {"type": "item_reference", "id": item["id"]}
+        return item
 
     @field_validator("type")
     @classmethod
@@ -426,9 +431,9 @@ def completed(response: ResponseObject, answer: Answer, tokens: list[TokenLogpro
 
 
 def replayed(response: ResponseObject) -> list[InputItem]:
-    """A response's output as the input items a client sends back to continue it (its message, its calls), its
-    reasoning left out (as chat templates leave out earlier thinking)."""
-    return [InputItem.model_validate(item.model_dump()) for item in response.output if item.type != "reasoning"]
+    """A response's output as the input items a client sends back to continue it (its message, its calls, its
+    reasoning by its id alone: chat_messages leaves it out, as chat templates leave out earlier thinking)."""
+    return [InputItem.model_validate(item.model_dump()) for item in response.output]
 
 
 class RetrieveQuery(p.RequestModel):
