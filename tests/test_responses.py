@@ -499,7 +499,8 @@ def test_a_call_answered_through_previous_response_id(server, model_id, template
         {"type": "item_reference", "id": call.id}, answered])
     assert scripted.prompts[-1] == chained
     client.responses.create(model=model_id, tools=[WEATHER], input=[  # (OpenAI's item_reference: its type optional)
-        {"role": "user", "content": "Weather in Paris?"}, {"id": first.output[0].id}, {"id": call.id}, answered])
+        {"role": "user", "content": "Weather in Paris?"}, {"id": first.output[0].id}, {"id": call.id, "type": None},
+        answered])
     assert scripted.prompts[-1] == chained
     with pytest.raises(openai.BadRequestError) as e:  # (an item the continued conversation holds already)
         client.responses.create(model=model_id, previous_response_id=first.id, input=[
@@ -651,3 +652,25 @@ def test_the_responses_store_option(capsys, monkeypatch, tiny_hf):
     for option in ([], ["--responses-store", "3"]):
         assert main(["serve", str(tiny_hf), "--device", "cpu", "--port", "0", *option]) == 0
     assert kept == [DEFAULT_CAPACITY, 3]
+
+
+def test_the_thinking_switch_is_a_variable_the_template_reads():
+    """reasoning.thinking_switch: enable_thinking before thinking, where the template reads it from its caller (as
+    Qwen3's, Granite 3.3's, DeepSeek-V3.1's excerpts do), not where the word is in its strings (Phi-4-reasoning's
+    system prompt), a message's field or its own variable; a template jinja cannot parse (transformers' generation
+    tag) read by its code less its strings."""
+    from spqt.serve.reasoning import thinking_switch
+
+    for template, want in [
+            ("{%- if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>{% endif %}",
+             "enable_thinking"),
+            ("{%- if thinking %}Think{%- elif x %}{% endif %}{% if enable_thinking %}{% endif %}", "enable_thinking"),
+            ("{%- if tools %}{%- elif thinking %}<think></think>{%- endif %}", "thinking"),  # Granite 3.3
+            ("{% if not thinking is defined %}{% set thinking = false %}{% endif %}{% if not thinking %}</think>"
+             "{% endif %}", "thinking"),  # DeepSeek-V3.1
+            ("{{'<|im_start|>system<|im_sep|>Use a systematic thinking process, <think></think>'}}", None),  # Phi-4
+            ("{% for m in messages %}{{ m.thinking }}{{ m['thinking'] }}{% endfor %}</think>", None),
+            ("{% set thinking = messages[0].content %}{{ thinking }}{% for thinking in [1] %}{% endfor %}", None),
+            ("{% generation %}{{ 'thinking' }}{% endgeneration %}{% if thinking %}{% endif %}", "thinking"),
+            ("{% generation %}{{ 'deep thinking mode' }}{% endgeneration %}", None), ("", None), (None, None)]:
+        assert thinking_switch(template) == want, template

@@ -12,10 +12,10 @@ the prompt's tokens not read from the prompt cache, cache_read_input_tokens thos
 the last prompt by itself; cache_control marks are taken and change nothing), cache_creation_input_tokens 0;
 output_tokens every token the model produced, the end token included.
 
-thinking: {"type": "enabled"} (or "adaptive") sets the template's enable_thinking where the template takes it (as
-llama.cpp does), and a model whose template writes no think blocks answers without a thinking block (a budget is an
-upper bound); "disabled" sets enable_thinking false, and is refused where the template thinks with no way to turn it
-off. budget_tokens ("enabled") bounds the thinking: after that many tokens its </think> is forced (the chat's
+thinking: {"type": "enabled"} (or "adaptive") turns the template's thinking switch on where it reads one
+(reasoning.thinking_switch: enable_thinking, as llama.cpp sets it, or thinking), and a model whose template writes no
+think blocks answers without a thinking block (a budget is an upper bound); "disabled" turns it off, and is refused
+where the template thinks with no way to turn it off. budget_tokens ("enabled") bounds the thinking: after that many tokens its </think> is forced (the chat's
 thinking_token_budget; max_tokens still bounds the whole answer, the thinking's tokens too), where the model's
 vocabulary has the think tags as tokens of their own (Qwen3's, DeepSeek-R1's distills'); elsewhere it is a target not
 kept, as Anthropic's budget is a target, not a strict bound.
@@ -255,7 +255,7 @@ class MessagesRequest(p.SamplingFields):
         return self.thinking.budget_tokens if self.thinking and self.thinking.type == "enabled" else None
 
     def template_kwargs(self, template: str, thinks: bool) -> dict:
-        """chat_template_kwargs with thinking's enable_thinking (the module's docstring); template: the chat
+        """chat_template_kwargs with thinking's switch (the module's docstring); template: the chat
         template's text, thinks: it writes think blocks. ApiError where thinking cannot be honoured."""
         if self.thinking is None:
             return self.chat_template_kwargs

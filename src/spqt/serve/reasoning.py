@@ -25,15 +25,25 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 JINJA_CODE = re.compile(r"{[%{].*?[%}]}", re.S)  # a template's statements and expressions
 
 
+def template_variables(template: str) -> set[str]:
+    """The variables a chat template reads from its caller (jinja2.meta: not its own set / for / macro names, not
+    text in strings); where jinja2 cannot parse it (a tag of transformers' own, {% generation %}), the names in its
+    code, less what its strings hold."""
+    from jinja2 import Environment, TemplateSyntaxError, meta
+
+    try:
+        return meta.find_undeclared_variables(Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
+    except TemplateSyntaxError:
+        code = re.sub(r"'[^']*'|\"[^\"]*\"", "''", " ".join(JINJA_CODE.findall(template)))
+        return set(re.findall(r"(?<![\w.])[A-Za-z_]\w*", code))
+
+
 def thinking_switch(template: str | None) -> str | None:
     """The template variable that turns a reasoning template's thinking on or off: enable_thinking (Qwen3, SmolLM3),
-    else thinking (Granite 3.2 / 3.3, DeepSeek-V3.1, Hermes 4: off unless set), where the template's code reads it;
-    None where it reads neither."""
-    code = " ".join(JINJA_CODE.findall(template or ""))
-    for name in ("enable_thinking", "thinking"):
-        if re.search(rf"(?<![\w.'\"]){name}(?![\w'\"])", code):
-            return name
-    return None
+    else thinking (Granite 3.3, DeepSeek-V3.1, Hermes 4: off unless set; Kimi K2: on unless set false), where the
+    template reads it from its caller; None where it reads neither."""
+    names = template_variables(template or "")
+    return next((name for name in ("enable_thinking", "thinking") if name in names), None)
 
 
 def reasoning_template(template: str | None) -> bool:

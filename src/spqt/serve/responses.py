@@ -75,7 +75,7 @@ class InputItem(p.RequestModel):
         alone is an item_reference (OpenAI's type is optional there)."""
         if isinstance(item, dict) and item.get("type") == "reasoning":
             return {"type": "reasoning", **({"id": item["id"]} if isinstance(item.get("id"), str) else {})}
-        if isinstance(item, dict) and set(item) == {"id"}:
+        if isinstance(item, dict) and (set(item) == {"id"} or (set(item) == {"id", "type"} and item["type"] is None)):
             return {"type": "item_reference", "id": item["id"]}
         return item
 
