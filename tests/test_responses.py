@@ -324,7 +324,8 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
     """ResponseStream over an answer's pieces (fed a character at a time through AnswerStream) ends in the response
     that completed() gives for the whole answer (read_answer), items and statuses alike, for text, thinking (cut too),
     calls after text or after white space alone, white space alone and nothing; each event is of the client's types,
-    and an error after the stream began is an error event."""
+    each message's deltas add up to its done text (white space before a call held back, where tools are offered), and
+    an error after the stream began is an error event."""
     from spqt.generate import GenerationResult
     from spqt.serve import responses as r
     from spqt.serve.answer import AnswerStream, Reading, read_answer
@@ -337,8 +338,10 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
              ("think", "<think>\nHm.\n</think>\n\nBlue.", False), ("think", "<think>\nA long wa", True),
              ("think", "<think>x</think>", False), ("tools", "Let me check.\n" + call, False),
              ("tools", "\n" + call + call, False), ("tools", "No call.", True), ("both", "<think>f</think>\n" + call,
-                                                                                 False)]
-    request = r.ResponsesRequest.model_validate({"input": "x"})
+                                                                                 False),
+             ("tools", "Let me check. \n\n" + call, False), ("tools", "Sure.\n\nMore text. \n", False),
+             ("both", "<think>f</think>\nOne moment.\n" + call, False)]
+    offered = {"input": "x", "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}
 
     def body(response) -> dict:
         out = response.model_dump(exclude={"id", "created_at"})
@@ -351,6 +354,7 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
         reading, result = readings[kind], GenerationResult([0] * 5, 3, 0.01, 0.01, finish_reason="length" if cut
                                                            else "stop")
         counts = r.usage(result, 0, True)
+        request = r.ResponsesRequest.model_validate(offered if reading.fmt else {"input": "x"})
         plain = r.completed(r.new_response(request, "m", False), read_answer(text, reading), [], cut, counts)
         stream, answer = r.ResponseStream(r.new_response(request, "m", False)), AnswerStream(reading)
         lines = stream.start()
@@ -360,6 +364,10 @@ def test_the_stream_of_an_answer_ends_in_its_plain_response():
         for line in lines:
             STREAM_EVENT.validate_python(json.loads(line.split("\ndata: ")[1]))
         assert body(stream.response) == body(plain), (kind, text, body(stream.response), body(plain))
+        events = [json.loads(line.split("\ndata: ")[1]) for line in lines]
+        sent = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        done = [e["text"] for e in events if e["type"] == "response.output_text.done"]
+        assert done == [sent] if done else sent == "", (kind, text, sent, done)
         assert plain.status == ("incomplete" if cut else "completed") and plain.output, (kind, text)
     error, failed = [json.loads(event.split("\ndata: ")[1])
                      for event in stream.error(ApiError(503, "stopping", code="cancelled")).split("\n\n")[:2]]

@@ -475,8 +475,9 @@ class ResponseStream:
     its content_part.added, its deltas (reasoning_text, output_text; a call's function_call_arguments), their .done,
     content_part.done and output_item.done; response.completed or response.incomplete (end). The reasoning item opens
     with the answer's first reasoning, the message with its first text other than white space (closing the
-    reasoning; white space before it waits, and goes where calls follow, as read_answer strips it), the calls come at
-    the end; the items and the response at the end are those completed() gives for the whole answer."""
+    reasoning; white space before it waits, and goes where calls follow, as read_answer strips it; where tools are
+    offered, so does white space at the end of its text so far), the calls come at the end; the items and the
+    response at the end are those completed() gives for the whole answer, and the deltas add up to their text."""
 
     def __init__(self, response: ResponseObject):
         self.response = response
@@ -485,6 +486,7 @@ class ResponseStream:
         self.open: ReasoningItem | MessageItem | None = None  # the item whose text streams now (the last of items)
         self.text = ""  # the open item's text so far
         self.waiting = Piece("content")  # the answer's text of white space alone, before its message opens
+        self.held = Piece("content")  # where tools are offered, the open message's last text ending in white space
         self.calls: list[ToolCall] = []
 
     def event(self, kind: str, **fields) -> str:
@@ -510,7 +512,17 @@ class ResponseStream:
             if not self.waiting.text.strip():
                 return []
             piece, self.waiting = self.waiting, Piece("content")
-            return self._close("completed") + self._open_message() + [self._delta(piece)]
+            return self._close("completed") + self._open_message() + self._message_text(piece)
+        return self._message_text(piece)
+
+    def _message_text(self, piece: Piece) -> list[str]:
+        """The open message's delta of piece; where tools are offered, text that ends in white space waits for what
+        follows (calls: the message's text stripped, as read_answer strips it; else more text)."""
+        if self.response.tools:
+            piece = Piece("content", self.held.text + piece.text, self.held.tokens + piece.tokens)
+            self.held = piece if piece.text[-1:].isspace() else Piece("content")
+            if self.held.text:
+                return []
         return [self._delta(piece)] if piece.text else []
 
     def end(self, incomplete: bool, tokens: list[TokenLogprob], counts: ResponseUsage) -> list[str]:
@@ -525,6 +537,8 @@ class ResponseStream:
         if isinstance(self.open, ReasoningItem):
             events += self._close(status if not self.calls else "completed")
         else:
+            held = self.held if not self.calls else Piece("content", self.held.text.rstrip(), self.held.tokens)
+            events += [self._delta(held)] if held.text else []
             events += self._close(status, tokens)
         for call in self.calls:
             index = len(self.items)
