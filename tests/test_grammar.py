@@ -432,9 +432,10 @@ def test_a_thinking_budget(tiny, rng):
 @pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_generation_ends_its_thinking_at_the_budget(device, tiny, rng):
     """The tiny model's greedy answer under a thinking budget (two of its own tokens standing for the tags, the close
-    one's logit lowered by 100 so that it never closes by itself): the budget's tokens are the model's argmax, the
-    next one the forced close, then the model's argmax again to the end or -n; a sampled answer closes at the same
-    place; the tokens before the close are those of the answer without a budget."""
+    one's logit lowered by 100 so that it never closes by itself, the end tokens' too so that it does not end before
+    the budget): the budget's tokens are the model's argmax, the next one the forced close, then the model's argmax
+    again to -n; a sampled answer closes at the same place; the tokens before the close are those of the answer
+    without a budget."""
     from spqt.generate import Generator
 
     loaded, tok, vocabulary = tiny
@@ -444,7 +445,7 @@ def test_generation_ends_its_thinking_at_the_budget(device, tiny, rng):
     gen, budget = Generator(loaded, device, max_len=120), 6
     prompt = rng.integers(0, loaded.config.vocab_size, 5).tolist()
     gate = grammar.AfterThinking(None, open_id, close_id, True, budget, vocabulary)
-    bias = {close_id: -100.0}
+    bias = {close_id: -100.0} | {end: -100.0 for end in ends}  # (an end token before the budget would end it)
     raw = []
     answer = gen.generate(prompt, 40, Sampling(grammar=gate, logit_bias=bias), stop_ids=ends,
                           on_logits=lambda logits: raw.append(logits[0].float().cpu()))
@@ -452,7 +453,7 @@ def test_generation_ends_its_thinking_at_the_budget(device, tiny, rng):
     assert close_id not in answer.tokens[:budget] + answer.tokens[budget + 1:]
     for i, (logits, token) in enumerate(zip(raw, answer.tokens)):
         if i != budget:
-            biased = logits.index_add(0, torch.tensor([close_id]), torch.tensor([-100.0]))
+            biased = logits.index_add(0, torch.tensor(list(bias)), torch.tensor(list(bias.values())))
             assert biased[token] >= biased.max() - 1e-3, (i, token, int(biased.argmax()))
     unbounded = gen.generate(prompt, 40, Sampling(logit_bias=bias), stop_ids=ends)
     assert unbounded.tokens[:budget] == answer.tokens[:budget] and close_id not in unbounded.tokens
