@@ -565,18 +565,13 @@ def cmd_generate(args) -> int:
 
 
 def _check_thinking_budget(tok, loaded) -> None:
-    """generate's and chat's --thinking-budget, before the first answer: a note where the template writes no
-    thinking (nothing to bound); SpqtError where it does but the model's vocabulary has no <think> / </think> tokens
-    to keep it with."""
-    from spqt.grammar import Vocabulary
-    from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_template, think_tags
+    """generate's and chat's --thinking-budget, before the first answer (reasoning.budget_bounds): a note where the
+    template writes no thinking (nothing to bound); SpqtError where it cannot be kept."""
+    from spqt.serve.reasoning import budget_bounds
 
-    if not reasoning_template(tok.spec.chat_template):
+    if not budget_bounds(tok, loaded.config.vocab_size, "--thinking-budget"):
         print("spqt: note: this model's chat template writes no thinking: --thinking-budget bounds nothing",
               file=sys.stderr)
-    elif think_tags(Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids)) is None:
-        raise SpqtError(f"--thinking-budget needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, which this "
-                        f"model's vocabulary lacks")
 
 
 def cmd_chat(args) -> int:

@@ -59,6 +59,10 @@ class Piece:
     tokens: list[TokenLogprob] = field(default_factory=list)
     calls: list[ToolCall] = field(default_factory=list)
 
+    def then(self, other: "Piece") -> "Piece":
+        """This text part and the next one as one (their text and tokens joined, this kind)."""
+        return Piece(self.kind, self.text + other.text, self.tokens + other.tokens)
+
 
 class AnswerStream:
     """A streamed answer's text pieces -> its parts, as read_answer reads the whole: the reasoning as it comes (where

@@ -512,8 +512,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
 
     def template_kwargs(req: m.MessagesRequest) -> dict:
         """A message request's chat_template_kwargs with its thinking (MessagesRequest.template_kwargs)."""
-        template = engine.tokenizer.spec.chat_template or ""
-        return req.template_kwargs(template, reasoning_template(template))
+        return req.template_kwargs(engine.tokenizer.spec.chat_template or "")
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(request: Request):

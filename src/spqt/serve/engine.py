@@ -35,7 +35,7 @@ from spqt.checkpoint import LoadedModel
 from spqt.errors import SpqtError
 from spqt.generate import KEPT_ROUTE_NAMES, GenerationResult, Generator, PromptScores
 from spqt.serve.logprobs import StepLogprobs, TokenLogprob
-from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN, reasoning_template, think_tags
+from spqt.serve.reasoning import budget_bounds, reasoning_template
 from spqt.serve.scheduler import Job
 from spqt.serve.text import CONTEXT_TOKENS, TextStream, token_starts
 from spqt import sparsity as sp
@@ -116,13 +116,10 @@ class Engine:
         if not 1 < ctx <= loaded.config.max_seq_len:
             raise SpqtError(f"--ctx must be in [2, {loaded.config.max_seq_len}] for this model, got {ctx}")
         self.tokenizer = TextTokenizer(loaded.tokenizer, loaded.config)
-        if thinking_budget is not None:  # (before the Generator: a budget that cannot be kept is one error line)
-            if not reasoning_template(self.tokenizer.spec.chat_template):
-                log.info("the model's chat template writes no thinking: --thinking-budget bounds nothing")
-            elif think_tags(grammar.Vocabulary(self.tokenizer, loaded.config.vocab_size,
-                                               self.tokenizer.stop_ids)) is None:
-                raise SpqtError(f"--thinking-budget needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, "
-                                f"which this model's vocabulary lacks")
+        # (before the Generator: a budget that cannot be kept is one error line)
+        if thinking_budget is not None and not budget_bounds(self.tokenizer, loaded.config.vocab_size,
+                                                             "--thinking-budget"):
+            log.info("the model's chat template writes no thinking: --thinking-budget bounds nothing")
         self.generator = Generator(loaded, device, dtype=dtype, sparsity=sparsity, mode=mode, max_len=ctx,
                                    criterion=criterion, backend=backend, dense_fallback=dense_fallback)
         self.stop_ids = self.tokenizer.stop_ids

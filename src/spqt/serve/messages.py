@@ -35,7 +35,6 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from spqt.generate import GenerationResult
 from spqt.serve import protocol as p
 from spqt.serve.answer import Answer, Piece
-from spqt.serve.reasoning import thinking_switch
 from spqt.serve.tools import ToolCall
 
 BLOCK_KINDS = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")  # the content blocks taken
@@ -254,22 +253,13 @@ class MessagesRequest(p.SamplingFields):
         """thinking's budget_tokens where thinking is "enabled" (the chat's thinking_token_budget), else None."""
         return self.thinking.budget_tokens if self.thinking and self.thinking.type == "enabled" else None
 
-    def template_kwargs(self, template: str, thinks: bool) -> dict:
-        """chat_template_kwargs with thinking's switch (the module's docstring); template: the chat
-        template's text, thinks: it writes think blocks. ApiError where thinking cannot be honoured."""
+    def template_kwargs(self, template: str) -> dict:
+        """chat_template_kwargs with thinking's switch (the module's docstring; protocol.thinking_switched); template:
+        the chat template's text. ApiError where thinking cannot be honoured."""
         if self.thinking is None:
             return self.chat_template_kwargs
-        on, switch = self.thinking.type != "disabled", thinking_switch(template)
-        if switch and self.chat_template_kwargs.get(switch, on) != on:
-            raise p.ApiError(400, f"thinking and chat_template_kwargs.{switch} disagree: give one.",
-                             param="thinking", code="invalid_value")
-        if switch == "enable_thinking" or (switch and thinks):
-            return {**self.chat_template_kwargs, switch: on}
-        if thinks and not on:
-            raise p.ApiError(400, "thinking: this model's chat template thinks with no way to turn it off "
-                             "(enable_thinking, thinking), so 'disabled' cannot be honoured.", param="thinking",
-                             code="unsupported_value")
-        return self.chat_template_kwargs
+        return p.thinking_switched(self.chat_template_kwargs, template, self.thinking.type != "disabled", "thinking",
+                                   self.thinking.type)
 
 
 class CountTokensRequest(MessagesRequest):

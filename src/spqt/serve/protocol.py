@@ -415,29 +415,40 @@ class ChatMessage(RequestModel):
 Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]  # OpenAI's reasoning efforts
 
 
+def thinking_switched(kwargs: dict, template: str, on: bool, param: str, asked: str) -> dict:
+    """kwargs (a request's chat_template_kwargs) with the template's thinking switch (reasoning.thinking_switch) set
+    on or off, as param asked (asked: its value, for messages): enable_thinking wherever the template reads it,
+    thinking where it also writes think blocks. A 400 naming param where kwargs set the switch otherwise, or where off
+    is asked of a template that thinks with no switch."""
+    switch, thinks = thinking_switch(template), reasoning_template(template)
+    if switch and kwargs.get(switch, on) != on:
+        raise ApiError(400, f"{param} and chat_template_kwargs.{switch} disagree: give one.", param=param,
+                       code="invalid_value")
+    if switch == "enable_thinking" or (switch and thinks):
+        return {**kwargs, switch: on}
+    if thinks and not on:
+        raise ApiError(400, f"{param}: this model's chat template thinks with no way to turn it off "
+                       f"(enable_thinking, thinking), so '{asked}' cannot be honoured.", param=param,
+                       code="unsupported_value")
+    return kwargs
+
+
 def effort_template_kwargs(effort: str | None, kwargs: dict, template: str, param: str) -> dict:
     """OpenAI's reasoning effort (the chat's reasoning_effort, the Responses' reasoning.effort) as the chat template's
     variables, kwargs (the request's chat_template_kwargs) with it: where the template writes thinking, "none" and
-    "minimal" turn it off, the other efforts on, through its switch (reasoning.thinking_switch: enable_thinking or
-    thinking; "none" or "minimal" refused where it thinks with no switch), and reasoning_effort itself is passed on
-    (the templates that read it); where the template writes none, refused, as OpenAI refuses it for a model that does
-    not reason. A 400 naming param where it cannot be honoured or kwargs' own switch or reasoning_effort disagree."""
+    "minimal" turn it off, the other efforts on (thinking_switched), and reasoning_effort itself is passed on (the
+    templates that read it); where the template writes none, refused, as OpenAI refuses it for a model that does not
+    reason. A 400 naming param where it cannot be honoured or kwargs' own reasoning_effort disagrees."""
     if effort is None:
         return kwargs
     if not reasoning_template(template):
         raise ApiError(400, f"{param}: not supported by this model (its chat template writes no thinking).",
                        param=param, code="unsupported_value")
-    on, switch = effort not in ("none", "minimal"), thinking_switch(template)
-    if (switch and kwargs.get(switch, on) != on) or kwargs.get("reasoning_effort", effort) != effort:
-        raise ApiError(400, f"{param} and chat_template_kwargs disagree: give one.", param=param,
+    if kwargs.get("reasoning_effort", effort) != effort:
+        raise ApiError(400, f"{param} and chat_template_kwargs.reasoning_effort disagree: give one.", param=param,
                        code="invalid_value")
-    if switch:
-        return {**kwargs, switch: on, "reasoning_effort": effort}
-    if not on:
-        raise ApiError(400, f"{param}: this model's chat template thinks with no way to turn it off "
-                       f"(enable_thinking, thinking), so '{effort}' cannot be honoured.", param=param,
-                       code="unsupported_value")
-    return {**kwargs, "reasoning_effort": effort}
+    switched = thinking_switched(kwargs, template, effort not in ("none", "minimal"), param, effort)
+    return {**switched, "reasoning_effort": effort}
 
 
 class ChatCompletionRequest(SamplingFields):

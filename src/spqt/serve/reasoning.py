@@ -81,6 +81,22 @@ def think_tags(vocabulary: Vocabulary) -> tuple[int, int] | None:
     return None if open_id is None or close_id is None else (open_id, close_id)
 
 
+def budget_bounds(tokenizer: TextTokenizer, vocab: int, what: str) -> bool:
+    """Whether a thinking budget (what: its name in messages) bounds anything for a model of this tokenizer and
+    vocabulary size: False where its template writes no thinking; SpqtError where it does but its vocabulary has no
+    <think> / </think> tokens to keep it with."""
+    if not reasoning_template(tokenizer.spec.chat_template):
+        return False
+    if think_tags(Vocabulary(tokenizer, vocab, tokenizer.stop_ids)) is None:
+        raise SpqtError(no_tags(what))
+    return True
+
+
+def no_tags(what: str) -> str:
+    """The message of a budget (what) that cannot be kept: no think tags as tokens."""
+    return f"{what} needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, which this model's vocabulary lacks"
+
+
 def grammar_after_thinking(g: Grammar | None, vocabulary: Vocabulary, opening: str, budget: int | None = None) -> \
         Grammar | AfterThinking | None:
     """A structured-output grammar (or None: none) and a thinking budget (or None: none) for a reasoning template's
@@ -93,8 +109,7 @@ def grammar_after_thinking(g: Grammar | None, vocabulary: Vocabulary, opening: s
     closed = THINK_CLOSE in opening and not starts_thinking(opening)
     if open_id is None:
         if budget is not None and not closed:
-            raise SpqtError(f"a thinking budget needs {THINK_OPEN} and {THINK_CLOSE} as tokens of their own, which "
-                            "this model's vocabulary lacks")
+            raise SpqtError(no_tags("a thinking budget"))
         return None
     if closed or (g is None and budget is None):
         return g

@@ -12,9 +12,9 @@ Stored responses (spqt.serve.response_store): a response that ends, completed or
 for it (the default), for GET /v1/responses/{id} and its input items' list (InputItemsQuery); previous_response_id
 continues a stored response's conversation: the turns it continued and its input, then its output as a client sends it
 back (replayed: the message, the calls), then the new input; an item_reference input item stands for the stored
-item of its id (ResponseStore.resolved). The instructions are not carried over (as OpenAI's are
-not); reasoning items, earlier answers' in the input or the output, are dropped (chat templates write no earlier
-thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As on the
+item of its id (ResponseStore.resolved). The instructions are not carried over (as OpenAI's are not); reasoning
+items, earlier answers' in the input or the output, are kept by their id alone and left out of the prompt (chat
+templates write no earlier thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As on the
 chat endpoint, reasoning effort turns a reasoning model's thinking on or off (p.effort_template_kwargs; refused
 where the template writes none) and verbosity is refused; so are tools other than functions (web_search,
 file_search, ...) and truncation 'auto'. A reasoning summary is taken and none made (the thinking comes whole).
@@ -225,15 +225,12 @@ class ResponsesRequest(p.SamplingFields):
         message before's where it is the assistant's), a function_call_output a tool message (named after its call
         where the conversation holds it); reasoning items left out. An input item that the conversation holds already
         (its id) is OpenAI's 400: the conversation would hold it twice."""
-        held, twice = {item.id for item in earlier}, None
+        held = {item.id for item in earlier}
         for item in self.input:  # (the input's own repeats too: the input items' pages name items by id)
             if item.id in held:
-                twice = item.id
-                break
+                raise p.ApiError(400, f"Duplicate item found with id {item.id}. Remove duplicate items from your "
+                                 f"input and try again.", param="input", code="invalid_value")
             held.add(item.id)
-        if twice is not None:
-            raise p.ApiError(400, f"Duplicate item found with id {twice}. Remove duplicate items from your input and "
-                             f"try again.", param="input", code="invalid_value")
         messages = [p.ChatMessage(role="system", content=self.instructions)] if self.instructions is not None else []
         names = {}
         for item in [*earlier, *self.input]:
@@ -508,7 +505,7 @@ class ResponseStream:
                                                                    content=[]), ReasoningText(text=""))
             return events + [self._delta(piece)]
         if not isinstance(self.open, MessageItem):
-            self.waiting = Piece("content", self.waiting.text + piece.text, self.waiting.tokens + piece.tokens)
+            self.waiting = self.waiting.then(piece)
             if not self.waiting.text.strip():
                 return []
             piece, self.waiting = self.waiting, Piece("content")
@@ -519,7 +516,7 @@ class ResponseStream:
         """The open message's delta of piece; where tools are offered, text that ends in white space waits for what
         follows (calls: the message's text stripped, as read_answer strips it; else more text)."""
         if self.response.tools:
-            piece = Piece("content", self.held.text + piece.text, self.held.tokens + piece.tokens)
+            piece = self.held.then(piece)
             self.held = piece if piece.text[-1:].isspace() else Piece("content")
             if self.held.text:
                 return []
