@@ -72,6 +72,24 @@ def test_sampling_refuses_out_of_range_values():
     assert not Sampling(min_p=0.3, top_k=4).shapes_logits() and Sampling(presence_penalty=0.1).shapes_logits()
 
 
+def test_a_tiny_repetition_penalty_keeps_the_logits_finite(rng):
+    """A repetition penalty so small that a seen token's positive logit over it overflows float32 (1e-38), or that
+    is 0 in float32 (1e-45, 5e-324), is in range: the shaped logits stay finite (an inf made the sample's
+    probabilities NaN: a RuntimeError, a served request's 500), and greedy and sampled choices are seen tokens."""
+    vocab, seen = 100, [3, 4]
+    gen = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
+    for penalty in (1e-38, 1e-45, 5e-324):
+        for extra in ({}, dict(frequency_penalty=-2.0, presence_penalty=-2.0)):
+            s = Sampling(1.0, repetition_penalty=penalty, **extra)
+            shaper = LogitShaper(s, seen, vocab, "cpu")
+            shaper.add(3)
+            logits = torch.from_numpy(rng.standard_normal((1, vocab)) * 5).float()
+            logits[0, seen] = torch.tensor([8.0, 9.0])
+            shaped = shaper(logits)
+            assert torch.isfinite(shaped).all(), (penalty, extra)
+            assert int(sample(shaped, Sampling(), None)) in seen and int(sample(shaped, s, gen)) in seen
+
+
 def generate_against_its_logits(gen, prompt: list[int], s: Sampling, n: int) -> list[int]:
     """Generate with s, reading each step's raw logits (on_logits): each greedy token must be the argmax of the
     reference's shaping of them, given the tokens before it."""

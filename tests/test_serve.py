@@ -481,6 +481,11 @@ def test_penalties_and_logit_bias_are_the_generators(server, model_id, engine, l
     assert r.text == tok.decode([forced] * 3) and all(lp < -0.01 for lp in r.logprobs.token_logprobs[1:])
     assert client.completions.create(model=model_id, prompt=PROMPT, max_tokens=3, temperature=0,
                                      logit_bias={str(forced): -100}).choices[0].text != r.text
+    # a repetition penalty in range but 0 in float32 (a seen token's logit over it inf: was a 500): the prompt's
+    # tokens, which it raises above every other, are the answer
+    tiny = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=4, temperature=0.7, seed=2, logprobs=0,
+                                     extra_body={"repetition_penalty": 1e-45}).choices[0]
+    assert set(tiny.logprobs.tokens) <= {tok.decode([t]) for t in tok.encode(PROMPT)}, tiny.logprobs.tokens
 
 
 def metric(text: str, name: str) -> float:

@@ -84,8 +84,9 @@ class LogitShaper:
         s, logits = self.s, logits.float()
         if self.bias is not None:
             logits = logits + self.bias
-        if s.repetition_penalty != 1.0:
-            shrunk = torch.where(logits > 0, logits / s.repetition_penalty, logits * s.repetition_penalty)
+        if s.repetition_penalty != 1.0:  # (a tiny penalty's quotient overflowed float32: an inf made the sample NaN)
+            raised = (logits / s.repetition_penalty).clamp(max=torch.finfo(torch.float32).max)
+            shrunk = torch.where(logits > 0, raised, logits * s.repetition_penalty)
             logits = torch.where(self.seen, shrunk, logits)
         if s.frequency_penalty:
             logits = logits - s.frequency_penalty * self.counts
