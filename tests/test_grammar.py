@@ -176,7 +176,10 @@ def test_bad_grammars_are_one_line_errors(tiny):
                                 (grammar.gbnf, 'start ::= "a"', "the GBNF grammar is not valid"),
                                 (grammar.json_schema, "true", "must be a JSON object"),
                                 (grammar.regex, "[^\\x00-\\U0010FFFF]", "the regular expression admits no text"),
-                                (grammar.json_schema, {"$ref": "#"}, "the JSON schema admits no text")]:
+                                (grammar.json_schema, {"$ref": "#"}, "the JSON schema admits no text"),
+                                # text forced forever (no rule ends it): the first consume failed, mid-generation
+                                (grammar.gbnf, 'root ::= "ab" root', "the GBNF grammar admits no text"),
+                                (grammar.lark, 'start: "x" "y" start', "the Lark grammar admits no text")]:
         with pytest.raises(SpqtError, match=words) as e:
             build(value, vocabulary)
         assert "\n" not in str(e.value)

@@ -637,6 +637,7 @@ def test_structured_output_keeps_to_its_grammar(server, model_id, engine, loaded
     chat = {"model": model_id, "messages": CHAT, "max_tokens": 8}
     for change, param in [({"guided_json": {"type": "objectx"}}, "guided_json"),
                           ({"guided_regex": "[0-9"}, "guided_regex"), ({"grammar": "root ::= ("}, "grammar"),
+                          ({"guided_grammar": 'root ::= "x" root'}, "guided_grammar"),  # (x forever: was a 500)
                           ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),
                           ({"response_format": {"type": "json_object"}, "tools": [WEATHER_TOOL]}, "response_format")]:
         status, body = server.raw("/v1/chat/completions", json.dumps({**chat, **change}).encode())

@@ -110,16 +110,22 @@ class Grammar:
 
 def _checked(source: str, vocabulary: Vocabulary, what: str) -> Grammar:
     """source (llguidance's serialized grammar) -> its Grammar; SpqtError where it does not parse, or no text (not
-    even the empty one) starts it."""
+    even the empty one) starts it, or it forces text without end from its start (`root ::= "x" root`: the first
+    token consumed put the matcher in error, a request's 500 mid-generation)."""
     import llguidance
 
     start = llguidance.LLMatcher(vocabulary.lltokenizer, source, log_level=0)  # (compiles it once: no validate pass)
     if start.is_error():
         raise SpqtError(f"{what} is not valid: {_message(start.get_error())}")
-    # (its first mask: no token allowed, or the computing of it put the matcher in error)
-    if not any(start.compute_bitmask()) or start.is_error():
-        raise SpqtError(f"{what} admits no text" + (f": {_message(start.get_error())}" if start.is_error() else ""))
-    return Grammar(start, vocabulary, what)
+    # (its first mask: no token allowed, or the computing of it put the matcher in error; then, on a copy, the first
+    # token it forces consumed: text forced without end puts the matcher in error there)
+    probe = start
+    if any(start.compute_bitmask()) and not start.is_error():
+        probe = start.deep_copy()
+        probe.consume_tokens(probe.compute_ff_tokens()[:1])
+        if not probe.is_error():
+            return Grammar(start, vocabulary, what)
+    raise SpqtError(f"{what} admits no text" + (f": {_message(probe.get_error())}" if probe.is_error() else ""))
 
 
 def parse_schema(schema, what: str) -> dict:
