@@ -69,3 +69,5 @@ def test_score_is_token_by_token_decoding(tiny_spqt, rng, device, dtype, level, 
     for bad in ([], [loaded.config.vocab_size], [3, -1]):
         with pytest.raises(SpqtError):
             gen.score(bad, top=1)
+    one = gen.score(prompt[:1], top=0)  # nothing to score, no top tokens (was an IndexError)
+    assert one.logprobs.shape == (0,) and one.top_ids.shape == one.top_logprobs.shape == (0, 0)

@@ -1208,6 +1208,8 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
     assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
     one = client.completions.create(model=model_id, prompt=ids[:1], echo=True, logprobs=2, max_tokens=0).choices[0]
     assert one.logprobs.token_logprobs == [None] and one.logprobs.top_logprobs == [None]
+    other = client.completions.create(model=model_id, prompt=ids[1:2], echo=True, logprobs=0, max_tokens=0).choices[0]
+    assert other.logprobs.token_logprobs == [None]  # (logprobs 0, no top tokens: was an IndexError, a 500)
 
 
 def test_a_prompt_scored_once_for_its_choices_and_again_for_more_top_tokens(server, model_id, engine, monkeypatch):

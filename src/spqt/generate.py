@@ -737,8 +737,8 @@ class Generator:
             set_sparse(self.model, False)
         if not sparse and not stopped and n > 1:  # the cache holds prompt[:-1] as a dense prefill writes it
             self._kept = (list(prompt[:-1]), self.model.cache_generation)
-        empty = torch.zeros(0, k, dtype=torch.float64)
-        return PromptScores(torch.cat(picked) if picked else empty[:, 0],
+        empty = torch.zeros(0, k, dtype=torch.float64)  # (a prompt of one token: nothing to score)
+        return PromptScores(torch.cat(picked) if picked else empty.new_zeros(0),
                             torch.cat(top_ids) if top_ids else empty.long(), torch.cat(top_values) if top_values else empty)
 
     def _check_prompt(self, prompt: list[int], max_new_tokens: int) -> None:
