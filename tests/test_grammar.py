@@ -370,10 +370,10 @@ def test_generation_keeps_to_the_grammar_after_thinking(tiny, rng):
         stop_ids=ends, on_logits=lambda logits: raw.append(logits[0].float()))
     assert answer.finish_reason == "stop" and close_id in answer.tokens
     at = answer.tokens.index(close_id)
+    # the bias holds after the close too (where the grammar allows close_id, the answer takes it: was a failure)
+    raw = [logits + 4.0 * (torch.arange(len(logits)) == close_id) for logits in raw]
     for logits, token in zip(raw[:at + 1], answer.tokens[:at + 1]):  # (the end tokens masked while it thinks)
-        logits = (logits + 4.0 * (torch.arange(len(logits)) == close_id)).index_fill(0, torch.tensor(sorted(ends)),
-                                                                                     float("-inf"))
-        assert int(logits.argmax()) == token
+        assert int(logits.index_fill(0, torch.tensor(sorted(ends)), float("-inf")).argmax()) == token
     masked_argmax_walk(tiny, gate.grammar, raw[at + 1:], answer.tokens[at + 1:])
     assert tok.decode(answer.tokens[at + 1:-1]) in words
 
