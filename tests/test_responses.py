@@ -420,6 +420,9 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
         assert "\n" not in error["message"] and error["type"] == "invalid_request_error", body
     status, body = server.raw("/v1/responses", json.dumps({**ask, "tools": [{"type": "web_search"}]}).encode())
     assert "'web_search' tools are not supported" in body["error"]["message"], body
+    status, body = server.raw("/v1/responses", json.dumps({**ask, "max_output_tokens": CTX}).encode())
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert f"max_output_tokens asks for {CTX} more" in body["error"]["message"], body  # (its own field's name)
     status, body = server.raw("/v1/responses", json.dumps({**ask, "conversation": {"id": "conv_1"}}).encode())
     assert "the Conversations API is not supported" in body["error"]["message"], body
     assert server.raw("/v1/responses", json.dumps({**ask, "model": "gpt-4o"}).encode())[0] == 404

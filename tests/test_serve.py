@@ -1206,6 +1206,7 @@ def test_echo_returns_the_prompt_and_its_tokens_logprobs(server, model_id, engin
     assert len(alone.logprobs.token_logprobs) == CTX and alone.logprobs.token_logprobs[0] is None
     status, body = server.raw("/v1/completions", json.dumps({**batch, "prompt": full + [5], "max_tokens": 0}).encode())
     assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    assert "max_tokens asks for" in body["error"]["message"], body
     one = client.completions.create(model=model_id, prompt=ids[:1], echo=True, logprobs=2, max_tokens=0).choices[0]
     assert one.logprobs.token_logprobs == [None] and one.logprobs.top_logprobs == [None]
     other = client.completions.create(model=model_id, prompt=ids[1:2], echo=True, logprobs=0, max_tokens=0).choices[0]

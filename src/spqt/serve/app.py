@@ -188,7 +188,7 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         room, least = info.ctx - len(prompt), 1 if req.max_tokens is None else req.max_tokens
         if room < least:
             raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
-                             f"max_tokens asks for {least} more.",
+                             f"{req.limit_param} asks for {least} more.",
                              param=req.prompt_param,
                              code="context_length_exceeded")
         if req.seed is None:

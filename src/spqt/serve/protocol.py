@@ -225,6 +225,7 @@ class SamplingFields(RequestModel):
     top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut."""
 
     prompt_param: ClassVar[str] = "prompt"  # the field that holds the prompt (errors of the prompt name it)
+    limit_param: ClassVar[str] = "max_tokens"  # the field that bounds the answer's tokens (errors name it)
     budget_param: ClassVar[str] = "thinking_token_budget"  # a chat's field that holds its thinking budget
     budget_strict: ClassVar[bool] = True  # a budget that cannot be kept (no think tags as tokens) is a 400
     model: str | None = None  # None: the one served model

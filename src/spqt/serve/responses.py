@@ -162,6 +162,7 @@ class ResponsesRequest(p.SamplingFields):
     of the answer's tokens, its thinking's too."""
 
     prompt_param: ClassVar[str] = "input"
+    limit_param: ClassVar[str] = "max_output_tokens"
     input: list[InputItem] = Field(min_length=1)  # a string arrives as one user message
     instructions: str | None = None  # a system message before the input
     max_output_tokens: int | None = Field(None, ge=1)
