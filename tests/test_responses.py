@@ -413,7 +413,8 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
                                                      "text.format"),
             ({"text": {"format": {"type": "json_schema", "name": "x"}}}, "text.format"),
             ({"tools": [WEATHER], "text": {"format": {"type": "json_object"}}}, "text.format"),
-            ({"input": "colors " * 2 * CTX}, "input")]:
+            ({"input": "colors " * 2 * CTX}, "input"),
+            ({"input": [{"type": "function_call_output", "call_id": "call_9", "output": "x"}]}, "input")]:
         status, body = server.raw("/v1/responses", json.dumps({**ask, **change}).encode())
         error = body.get("error") or {}
         assert (status, error.get("param")) == (400, param), (change, body)
@@ -423,6 +424,9 @@ def test_what_this_server_cannot_honour_is_a_400_naming_its_field(server, model_
     status, body = server.raw("/v1/responses", json.dumps({**ask, "max_output_tokens": CTX}).encode())
     assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
     assert f"max_output_tokens asks for {CTX} more" in body["error"]["message"], body  # (its own field's name)
+    unanswered = {"type": "function_call_output", "call_id": "call_9", "output": "x"}  # (no call_9 before it)
+    status, body = server.raw("/v1/responses", json.dumps({**ask, "input": [unanswered]}).encode())
+    assert body["error"]["message"] == "No tool call found for function call output with call_id call_9.", body
     status, body = server.raw("/v1/responses", json.dumps({**ask, "conversation": {"id": "conv_1"}}).encode())
     assert "the Conversations API is not supported" in body["error"]["message"], body
     assert server.raw("/v1/responses", json.dumps({**ask, "model": "gpt-4o"}).encode())[0] == 404

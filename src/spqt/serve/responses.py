@@ -223,9 +223,9 @@ class ResponsesRequest(p.SamplingFields):
     def chat_messages(self, earlier: list[InputItem] = ()) -> list[p.ChatMessage]:
         """The input, after the items of the conversation it continues (earlier: a stored response's), as the chat's
         messages: the instructions a system message first; function_call items an assistant message's tool_calls (the
-        message before's where it is the assistant's), a function_call_output a tool message (named after its call
-        where the conversation holds it); reasoning items left out. An input item that the conversation holds already
-        (its id) is OpenAI's 400: the conversation would hold it twice."""
+        message before's where it is the assistant's), a function_call_output a tool message (named after its call,
+        which the conversation must hold before it: else OpenAI's 400); reasoning items left out. An input item that
+        the conversation holds already (its id) is OpenAI's 400: the conversation would hold it twice."""
         held = {item.id for item in earlier}
         for item in self.input:  # (the input's own repeats too: the input items' pages name items by id)
             if item.id in held:
@@ -245,8 +245,11 @@ class ResponsesRequest(p.SamplingFields):
                     messages.append(p.ChatMessage(role="assistant"))
                 messages[-1].tool_calls.append(call)
             elif item.type == "function_call_output":
+                if item.call_id not in names:  # (OpenAI's 400: an output answers a call the conversation holds)
+                    raise p.ApiError(400, f"No tool call found for function call output with call_id {item.call_id}.",
+                                     param="input", code="invalid_value")
                 messages.append(p.ChatMessage(role="tool", tool_call_id=item.call_id, content=item.text(),
-                                              name=names.get(item.call_id)))
+                                              name=names[item.call_id]))
         if not messages:
             raise p.ApiError(400, "The input holds no message (its reasoning items alone).", param="input",
                              code="invalid_value")
