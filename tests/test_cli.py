@@ -59,6 +59,24 @@ def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["gen.json"]  # no temporary left behind
 
 
+def test_generate_leaves_the_end_token_out_of_the_text(tiny_spqt, capsys, tmp_path):
+    """The end token that ends a generation is not text of the answer: stdout and --json's text hold the words
+    alone (a grammar that admits only "yes" forces the end token right after it; the token count keeps it)."""
+    from spqt.checkpoint import load_spqt
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_spqt(tiny_spqt)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    record = tmp_path / "gen.json"
+    for chat in ([], ["--chat"]):
+        capsys.readouterr()
+        assert main(["generate", str(tiny_spqt), "-p", "the quick", "-n", "20", "--grammar", 'root ::= "yes"',
+                     "--device", "cpu", *chat, "--json", str(record)]) == 0
+        doc = json.loads(record.read_text())
+        assert capsys.readouterr().out == "yes\n" and doc["text"] == "yes", doc["text"]
+        assert doc["finish_reason"] == "stop" and doc["generated_tokens"] == len(tok.encode("yes")) + 1
+
+
 def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch, tmp_path):
     """Where the decode steps run MODE_KEPT (Generator.kept_runs: here forced, a CPU has none), generate decodes without
     counting the achieved sparsity (counting takes the collected path) and records it in --json; it says so on stderr,

@@ -520,8 +520,11 @@ def cmd_generate(args) -> int:
     gen, criterion, mode = run.generator, run.criterion, run.mode
     shown = [""]
     produced: list[int] = []
+    stops = tok.stop_ids
 
     def stream(token_id: int) -> None:
+        if token_id in stops:  # the end token ends the text; its own text ("<|im_end|>", "</s>") is not the answer's
+            return
         produced.append(token_id)
         text = tok.decode(produced)
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
@@ -529,7 +532,7 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate(prompt, args.n, sampling, stop_ids=tok.stop_ids, on_token=stream, track=run.track)
+    result = gen.generate(prompt, args.n, sampling, stop_ids=stops, on_token=stream, track=run.track)
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
