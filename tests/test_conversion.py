@@ -67,6 +67,12 @@ def test_a_damaged_checkpoint_is_refused_in_one_line(tmp_path, capsys):
         quantize(w, "q4_k", "zigzag")
     big = torch.full((2, 256), 3e38)  # finite; its sum is inf
     assert quantize(big, "q8_0", "row").shape == (2, 8, 34)
+    # a float64 value past float32's range is infinite as encoded: refused, numpy and torch, not blocks of inf
+    w64 = np.random.default_rng(1).standard_normal((4, 300))
+    w64[2, 7] = 1e300
+    for given in (w64, torch.from_numpy(w64)):
+        with pytest.raises(SpqtError, match="holds 1 NaN or infinite values"):
+            quantize(given, "q8_0", "zigzag")
 
 
 def test_a_pytorch_bin_checkpoint_is_read_safely(tmp_path, capsys):

@@ -72,10 +72,12 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference
     tensor, was_numpy = _as_tensor(w)
     if tensor.dim() != 2:
         raise ValueError(f"quantize expects a 2-D matrix, got shape {tuple(tensor.shape)}")
-    bad = count_nonfinite(tensor)
-    if bad:
-        raise SpqtError(f"quantize: the matrix holds {bad} NaN or infinite values, which have no quantized form")
     values = matrix_to_blocks(tensor, layout, spec.block_size)
+    # counted in float32, as encoded: a float64 value past float32's range is infinite there
+    bad = count_nonfinite(values)
+    if bad:
+        raise SpqtError(f"quantize: the matrix holds {bad} NaN or infinite values (as float32), which have no "
+                        "quantized form")
     out = torch.empty((values.shape[0], spec.block_bytes), dtype=torch.uint8, device=values.device)
     chunk = max(1, _CHUNK_WEIGHTS.get(values.device.type, _CHUNK_WEIGHTS["cpu"]) // spec.block_size)
     _encode_chunks(encode, values, out, chunk)
