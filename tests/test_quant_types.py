@@ -42,6 +42,17 @@ def test_layouts_round_trip_and_zigzag_is_row_of_transpose(rng, name, shape):
         assert sqnr_db(torch.from_numpy(w), torch.from_numpy(back)) > MIN_SQNR[name], layout
 
 
+def test_dequantize_refuses_a_shape_that_is_not_two_sizes():
+    """dequantize's shape is (N, K), two integers >= 0 (numpy's too): a missing, negative, fractional or not
+    2-long one is a ValueError that names it, not an unpacking error or blocks 'of a -40x300 matrix'."""
+    w = np.random.default_rng(0).standard_normal((40, 300)).astype(np.float32)
+    blocks = spqt.quantize(w, "q4_k", "row")
+    assert spqt.dequantize(blocks, "q4_k", "row", (np.int64(40), np.int32(300))).shape == (40, 300)
+    for bad in (None, (-40, 300), (40, -300), (40.0, 300), (40,), (40, 300, 1), 40, "40x300"):
+        with pytest.raises(ValueError, match=r"shape=\(N, K\), two integers >= 0, got"):
+            spqt.dequantize(blocks, "q4_k", "row", bad)
+
+
 @pytest.mark.parametrize("name", TYPES)
 @pytest.mark.parametrize("layout", ["row", "zigzag"])
 def test_reference_linear_equals_gguf_dequantized_matmul(rng, name, layout):

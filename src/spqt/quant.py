@@ -85,14 +85,26 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference
     return out.cpu().numpy() if was_numpy else out
 
 
+def _matrix_shape(shape) -> tuple[int, int]:
+    """dequantize's shape as (N, K): two integers >= 0 (Python's or numpy's); anything else is a ValueError."""
+    import operator
+
+    try:
+        n, k = (operator.index(d) for d in shape)
+    except (TypeError, ValueError):
+        n = k = -1
+    if n < 0 or k < 0:
+        raise ValueError(f"dequantize needs the matrix shape=(N, K), two integers >= 0, got {shape!r}")
+    return n, k
+
+
 def dequantize(blocks, fmt: str = "q4_k", layout: str = "row", shape: tuple[int, int] | None = None):
     """Blocks from :func:`quantize` -> float32 (N, K) of the same kind (numpy or torch)."""
     spec = get_format(fmt)
     check_layout(layout)
-    if shape is None:
-        raise ValueError("dequantize needs the matrix shape=(N, K)")
+    shape = _matrix_shape(shape)
     tensor, was_numpy = _as_tensor(blocks)
-    grid = grid_shape(layout, tuple(shape), spec.block_size)
+    grid = grid_shape(layout, shape, spec.block_size)
     # the whole block grid, not only its byte count: another matrix's blocks, another format's, or the other
     # layout's (576x192 in Q4_K: 3 x 192 zigzag blocks, 576 x 1 row blocks)
     if tensor.dtype != torch.uint8 or tuple(tensor.shape) != (*grid, spec.block_bytes):
