@@ -42,6 +42,16 @@ def test_layouts_round_trip_and_zigzag_is_row_of_transpose(rng, name, shape):
         assert sqnr_db(torch.from_numpy(w), torch.from_numpy(back)) > MIN_SQNR[name], layout
 
 
+def test_quantize_takes_numpy_arrays_of_either_byte_order():
+    """A big-endian float array (np.fromfile of '>f4' data) gives the native array's blocks (torch.from_numpy takes
+    the machine's byte order alone: it was a ValueError)."""
+    w = np.random.default_rng(0).standard_normal((8, 256)).astype(np.float32)
+    blocks = spqt.quantize(w, "q6_k", "zigzag")
+    for order in (">", "<"):
+        assert np.array_equal(spqt.quantize(w.astype(f"{order}f4"), "q6_k", "zigzag"), blocks)
+        assert np.array_equal(spqt.quantize(w.astype(f"{order}f8"), "q6_k", "zigzag"), blocks)
+
+
 def test_dequantize_refuses_a_shape_that_is_not_two_sizes():
     """dequantize's shape is (N, K), two integers >= 0 (numpy's too): a missing, negative, fractional or not
     2-long one is a ValueError that names it, not an unpacking error or blocks 'of a -40x300 matrix'."""

@@ -41,8 +41,10 @@ def _encode_chunks(encode, values: torch.Tensor, out: torch.Tensor, chunk: int) 
 
 
 def _as_tensor(a) -> tuple[torch.Tensor, bool]:
+    """A numpy array (any byte order: torch takes the machine's alone) or torch tensor as a tensor, and whether it
+    was numpy."""
     if isinstance(a, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(a)), True
+        return torch.from_numpy(np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("="))), True
     if isinstance(a, torch.Tensor):
         return a, False
     raise TypeError(f"expected a numpy array or torch tensor, got {type(a).__name__}")
