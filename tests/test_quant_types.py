@@ -52,6 +52,15 @@ def test_quantize_takes_numpy_arrays_of_either_byte_order():
         assert np.array_equal(spqt.quantize(w.astype(f"{order}f8"), "q6_k", "zigzag"), blocks)
 
 
+def test_quantize_refuses_a_complex_matrix():
+    """A complex matrix has no K-quant form: a TypeError, not blocks of its real parts (the float32 cast dropped
+    the imaginary parts with a warning alone)."""
+    w = np.random.default_rng(0).standard_normal((4, 256)) * (1 + 1j)
+    for given in (w.astype(np.complex64), torch.from_numpy(w)):
+        with pytest.raises(TypeError, match="expects a real matrix, got complex"):
+            spqt.quantize(given, "q8_0", "row")
+
+
 def test_dequantize_refuses_a_shape_that_is_not_two_sizes():
     """dequantize's shape is (N, K), two integers >= 0 (numpy's too): a missing, negative, fractional or not
     2-long one is a ValueError that names it, not an unpacking error or blocks 'of a -40x300 matrix'."""

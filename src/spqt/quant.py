@@ -74,6 +74,8 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference
     tensor, was_numpy = _as_tensor(w)
     if tensor.dim() != 2:
         raise ValueError(f"quantize expects a 2-D matrix, got shape {tuple(tensor.shape)}")
+    if tensor.is_complex():  # the cast to float32 would drop the imaginary parts with a warning alone
+        raise TypeError(f"quantize expects a real matrix, got {str(tensor.dtype).replace('torch.', '')}")
     values = matrix_to_blocks(tensor, layout, spec.block_size)
     # counted in float32, as encoded: a float64 value past float32's range is infinite there
     bad = count_nonfinite(values)
