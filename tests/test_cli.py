@@ -77,6 +77,24 @@ def test_generate_leaves_the_end_token_out_of_the_text(tiny_spqt, capsys, tmp_pa
         assert doc["finish_reason"] == "stop" and doc["generated_tokens"] == len(tok.encode("yes")) + 1
 
 
+def test_generate_on_a_stdout_that_cannot_be_written_is_one_error_line(tiny_spqt, capsys, monkeypatch):
+    """stdout on a full disk (`spqt generate ... > /dev/full`: ENOSPC as the first token is written) is one error
+    line and exit 2, not a traceback."""
+    import errno
+    import io
+
+    class Full(io.TextIOBase):
+        def write(self, text: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    capsys.readouterr()
+    monkeypatch.setattr("sys.stdout", Full())
+    assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "4", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "spqt: error: [Errno 28] No space left on device", err
+    assert not any("Traceback" in line for line in err), err
+
+
 def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch, tmp_path):
     """Where the decode steps run MODE_KEPT (Generator.kept_runs: here forced, a CPU has none), generate decodes without
     counting the achieved sparsity (counting takes the collected path) and records it in --json; it says so on stderr,

@@ -1463,12 +1463,21 @@ def main(argv: list[str] | None = None) -> int:
         print("spqt: error: out of memory", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # the reader of a pipe went away (`spqt generate ... | head`, or of stderr): stop
-        # quietly, as a tool that SIGPIPE ended, with stdout on /dev/null so the interpreter's final flush cannot fail
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (a test's capture)
-            pass
+        # quietly, as a tool that SIGPIPE ended
+        _drop_stdout()
         return 128 + 13
+    except OSError as e:  # one the commands do not name: stdout that cannot be written (`> /dev/full`: ENOSPC, EIO)
+        print(f"spqt: error: {e}", file=sys.stderr)
+        _drop_stdout()
+        return EXIT_USAGE
+
+
+def _drop_stdout() -> None:
+    """stdout on /dev/null, so that the interpreter's final flush of what it holds cannot fail again."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a descriptor (a test's capture)
+        pass
 
 
 if __name__ == "__main__":
