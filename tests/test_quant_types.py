@@ -61,6 +61,16 @@ def test_quantize_refuses_a_complex_matrix():
             spqt.quantize(given, "q8_0", "row")
 
 
+def test_a_type_that_is_not_a_name_is_refused_as_an_unknown_one():
+    """fmt None or 4 is the unknown-type error naming it (as a layout or search of None is), not AttributeError."""
+    w = np.zeros((2, 256), np.float32)
+    for fmt in (None, 4):
+        with pytest.raises(SpqtError, match=f"unsupported quantization type {fmt!r}"):
+            spqt.quantize(w, fmt)
+        with pytest.raises(SpqtError, match=f"unsupported quantization type {fmt!r}"):
+            spqt.dequantize(np.zeros((2, 1, 144), np.uint8), fmt, "row", (2, 256))
+
+
 def test_dequantize_refuses_a_shape_that_is_not_two_sizes():
     """dequantize's shape is (N, K), two integers >= 0 (numpy's too): a missing, negative, fractional or not
     2-long one is a ValueError that names it, not an unpacking error or blocks 'of a -40x300 matrix'."""

@@ -55,7 +55,7 @@ def get_format(name: str) -> BlockFormat:
 
     try:
         return FORMATS[name.lower()]
-    except KeyError:
+    except (KeyError, AttributeError):  # AttributeError: not a str (None, 4), named as layouts and searches are
         raise SpqtError(f"unsupported quantization type {name!r}; supported: {', '.join(FORMATS)}") from None
 
 
