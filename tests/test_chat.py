@@ -367,3 +367,13 @@ def test_a_thinking_budget_needs_the_think_tags_as_tokens(tiny_spqt, monkeypatch
         out, err = capsys.readouterr()
         lines = err.strip().splitlines()
         assert out == "" and len(lines) == 1 and "needs <think> and </think> as tokens of their own" in lines[0], err
+
+
+def test_a_closed_standard_input_ends_the_chat(tiny_spqt, monkeypatch, capsys):
+    """`spqt chat <&-` (stdin closed: Python's sys.stdin is None) is the end of the input at once, as </dev/null is:
+    exit 0, nothing on stdout, no traceback."""
+    monkeypatch.setattr("sys.stdin", None)
+    capsys.readouterr()
+    assert main(["chat", str(tiny_spqt), "-n", str(N), "--device", "cpu", "--ctx", str(CTX), *GEMV]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err and "error" not in err, err

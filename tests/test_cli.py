@@ -95,6 +95,13 @@ def test_generate_on_a_stdout_that_cannot_be_written_is_one_error_line(tiny_spqt
     assert not any("Traceback" in line for line in err), err
 
 
+def test_generate_from_a_closed_standard_input_is_one_error_line(tiny_spqt, capsys, monkeypatch):
+    """`spqt generate -f - <&-` (stdin closed: Python's sys.stdin is None) is one error line, exit 2."""
+    monkeypatch.setattr("sys.stdin", None)
+    _error(capsys, ["generate", str(tiny_spqt), "-f", "-", "--device", "cpu"],
+           "cannot read the prompt file -: standard input is closed")
+
+
 def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch, tmp_path):
     """Where the decode steps run MODE_KEPT (Generator.kept_runs: here forced, a CPU has none), generate decodes without
     counting the achieved sparsity (counting takes the collected path) and records it in --json; it says so on stderr,

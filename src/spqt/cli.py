@@ -5,6 +5,7 @@ are SpqtError: one line on stderr, exit code 2, no traceback.
 """
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -333,6 +334,8 @@ def _prompt_file(name: str) -> str:
     """generate -f: the text of a file ("-": standard input), less one trailing newline; SpqtError where it cannot
     be read as UTF-8."""
     stdin_bytes = getattr(sys.stdin, "buffer", None)  # read as UTF-8 whatever the locale (a StringIO has none)
+    if name == "-" and sys.stdin is None:  # started with stdin closed (`<&-`): Python gives None
+        raise SpqtError("cannot read the prompt file -: standard input is closed")
     try:
         if name != "-":
             text = Path(name).read_text(encoding="utf-8")
@@ -601,10 +604,11 @@ def cmd_chat(args) -> int:
             print(f"[prefill graphs captured in {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
     session = chat.Chat(run.generator, tok, sampling, args.n, system=args.system, track=run.track,
                         thinking_budget=args.thinking_budget)
-    interactive = sys.stdin.isatty()
+    stdin = sys.stdin or io.StringIO()  # stdin closed (`<&-`, Python's None): the end of the input at once
+    interactive = stdin.isatty()
     if interactive:
         print("spqt chat: /help lists the commands; /exit or Ctrl-D ends it", file=sys.stderr, flush=True)
-    read = chat.line_reader(sys.stdin, interactive, sys.stdout.isatty(), sys.stderr)
+    read = chat.line_reader(stdin, interactive, sys.stdout.isatty(), sys.stderr)
     return chat.run(session, read, sys.stdout, sys.stderr, stats=not args.quiet)
 
 
