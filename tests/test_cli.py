@@ -102,6 +102,22 @@ def test_generate_from_a_closed_standard_input_is_one_error_line(tiny_spqt, caps
            "cannot read the prompt file -: standard input is closed")
 
 
+def test_generate_with_stdout_or_stderr_closed(tiny_spqt, capsys, monkeypatch):
+    """`spqt generate ... >&-` (Python's sys.stdout None) is no traceback: exit 0, its text goes nowhere; with stderr
+    closed (`2>&-`), the model line and figures go nowhere either, not into stdout, which holds the text alone."""
+    argv = ["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "4", "--device", "cpu"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    with monkeypatch.context() as patch:
+        patch.setattr("sys.stdout", None)
+        assert main(argv) == 0
+    assert "Traceback" not in capsys.readouterr().err
+    with monkeypatch.context() as patch:
+        patch.setattr("sys.stderr", None)
+        assert main(argv) == 0
+    assert capsys.readouterr().out == text
+
+
 def test_generate_runs_and_reports_the_tuned_route(tiny_spqt, capsys, monkeypatch, tmp_path):
     """Where the decode steps run MODE_KEPT (Generator.kept_runs: here forced, a CPU has none), generate decodes without
     counting the achieved sparsity (counting takes the collected path) and records it in --json; it says so on stderr,

@@ -1445,6 +1445,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # started with stdout or stderr closed (`>&-`, `2>&-`): Python's sys.stdout / sys.stderr is None, which fails on
+    # write, and print(file=None) writes to stdout (stderr's lines in the answer): what goes there goes nowhere
+    for stream in ("stdout", "stderr"):
+        if getattr(sys, stream) is None:
+            setattr(sys, stream, open(os.devnull, "w", encoding="utf-8"))
     try:
         parser = build_parser()  # (building the parser imports torch: a Ctrl-C can land there)
         args, unknown = parser.parse_known_args(argv)
