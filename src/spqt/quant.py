@@ -1,5 +1,6 @@
 """The public quantize / dequantize API: a float matrix <-> its blocks in a named format and layout."""
 
+import operator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -91,8 +92,6 @@ def quantize(w, fmt: str = "q4_k", layout: str = "row", search: str = "reference
 
 def _matrix_shape(shape) -> tuple[int, int]:
     """dequantize's shape as (N, K): two integers >= 0 (Python's or numpy's); anything else is a ValueError."""
-    import operator
-
     try:
         n, k = (operator.index(d) for d in shape)
     except (TypeError, ValueError):
