@@ -11,6 +11,7 @@ output keeps the content to its grammar and leaves the thinking free (grammar_af
 """
 
 import bisect
+import functools
 import re
 from collections.abc import Callable
 
@@ -25,17 +26,19 @@ THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 JINJA_CODE = re.compile(r"{[%{].*?[%}]}", re.S)  # a template's statements and expressions
 
 
-def template_variables(template: str) -> set[str]:
+@functools.lru_cache(maxsize=4)  # (a server's one template, parsed once, not at every request that switches it)
+def template_variables(template: str) -> frozenset[str]:
     """The variables a chat template reads from its caller (jinja2.meta: not its own set / for / macro names, not
     text in strings); where jinja2 cannot parse it (a tag of transformers' own, {% generation %}), the names in its
     code, less what its strings hold."""
     from jinja2 import Environment, TemplateSyntaxError, meta
 
     try:
-        return meta.find_undeclared_variables(Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template))
+        parsed = Environment(extensions=["jinja2.ext.loopcontrols"]).parse(template)
+        return frozenset(meta.find_undeclared_variables(parsed))
     except TemplateSyntaxError:
         code = re.sub(r"'[^']*'|\"[^\"]*\"", "''", " ".join(JINJA_CODE.findall(template)))
-        return set(re.findall(r"(?<![\w.])[A-Za-z_]\w*", code))
+        return frozenset(re.findall(r"(?<![\w.])[A-Za-z_]\w*", code))
 
 
 def thinking_switch(template: str | None) -> str | None:
