@@ -15,10 +15,10 @@ output_tokens every token the model produced, the end token included.
 thinking: {"type": "enabled"} (or "adaptive") turns the template's thinking switch on where it reads one
 (reasoning.thinking_switch: enable_thinking, as llama.cpp sets it, or thinking), and a model whose template writes no
 think blocks answers without a thinking block (a budget is an upper bound); "disabled" turns it off, and is refused
-where the template thinks with no way to turn it off. budget_tokens ("enabled") bounds the thinking: after that many tokens its </think> is forced (the chat's
-thinking_token_budget; max_tokens still bounds the whole answer, the thinking's tokens too), where the model's
-vocabulary has the think tags as tokens of their own (Qwen3's, DeepSeek-R1's distills'); elsewhere it is a target not
-kept, as Anthropic's budget is a target, not a strict bound.
+where the template thinks with no way to turn it off. budget_tokens ("enabled") bounds the thinking: after that many
+tokens its </think> is forced (the chat's thinking_token_budget; max_tokens still bounds the whole answer, the
+thinking's tokens too), where the model's vocabulary has the think tags as tokens of their own (Qwen3's, DeepSeek-R1's
+distills'); elsewhere it is a target not kept, as Anthropic's budget is a target, not a strict bound.
 
 Refused with a 400 naming the field: image and document blocks (this model reads text), Anthropic's server tools
 (web_search, bash, text_editor, code execution, ...), a last assistant message (a prefill: the answer would start a

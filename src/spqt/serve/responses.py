@@ -11,13 +11,13 @@ tokens after its thinking, on the message's text. status is incomplete where max
 Stored responses (spqt.serve.response_store): a response that ends, completed or incomplete, is kept where store asks
 for it (the default), for GET /v1/responses/{id} and its input items' list (InputItemsQuery); previous_response_id
 continues a stored response's conversation: the turns it continued and its input, then its output as a client sends it
-back (replayed: the message, the calls), then the new input; an item_reference input item stands for the stored
-item of its id (ResponseStore.resolved). The instructions are not carried over (as OpenAI's are not); reasoning
-items, earlier answers' in the input or the output, are kept by their id alone and left out of the prompt (chat
-templates write no earlier thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As on the
-chat endpoint, reasoning effort turns a reasoning model's thinking on or off (p.effort_template_kwargs; refused
-where the template writes none) and verbosity is refused; so are tools other than functions (web_search,
-file_search, ...) and truncation 'auto'. A reasoning summary is taken and none made (the thinking comes whole).
+back (replayed: the message, the calls), then the new input; an item_reference input item stands for the stored item of
+its id (ResponseStore.resolved). The instructions are not carried over (as OpenAI's are not); reasoning items, earlier
+answers' in the input or the output, are kept by their id alone and left out of the prompt (chat templates write no
+earlier thinking). What names other stored objects (conversation, a stored prompt) and background runs are refused. As
+on the chat endpoint, reasoning effort turns a reasoning model's thinking on or off (p.effort_template_kwargs; refused
+where the template writes none) and verbosity is refused; so are tools other than functions (web_search, file_search,
+...) and truncation 'auto'. A reasoning summary is taken and none made (the thinking comes whole).
 """
 
 import json
