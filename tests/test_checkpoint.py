@@ -198,6 +198,21 @@ def test_thresholds_and_column_norms_round_trip(tiny_spqt, tmp_path, capsys):
     _expect_error(capsys, ["inspect", str(copy)], "non-finite column norms")
 
 
+def test_inspect_names_a_dense_recommendation(tiny_spqt, tmp_path, capsys):
+    """A held-out check where no level kept within the bound recommends dense (sparsity.recommend: criterion and mode
+    None); inspect says so instead of printing "None None sparsity 0"."""
+    model = load_spqt(tiny_spqt)
+    rows = [{"criterion": "teal", "mode": "unified", "sparsity": 0.5, "ppl": 20.0}]
+    model.thresholds = {"teal": {"unified": {"0.5": [[1.0] * 4] * model.config.n_layers}},
+                        "recommended": {"criterion": None, "mode": None, "sparsity": 0.0, "max_loss": 0.05,
+                                        "dense_ppl": 12.5, "held_out": rows}}
+    copy = tmp_path / "m.spqt"
+    save_spqt(model, copy)
+    assert main(["inspect", str(copy)]) == 0
+    lines = {line[:12].strip(): line[13:] for line in capsys.readouterr().out.splitlines()}
+    assert lines["recommended"] == "dense (no level's held-out perplexity within +5 % of dense)", lines
+
+
 def test_check_thresholds_reads_the_nested_layout():
     """The hardened reader's check covers every criterion's tables, greedy allocations and the
     recommendation; the flat layout of older files is read as TEAL's; greedy levels come from the

@@ -266,9 +266,11 @@ def cmd_inspect(args) -> int:
                     continue
                 print(f"thresholds   {criterion} {mode}: sparsity {', '.join(sorted(levels)) or 'none'}")
         rec = t.get("recommended")
-        if rec:
+        if rec and rec.get("criterion"):
             print(f"recommended  {rec['criterion']} {rec['mode']} sparsity {rec['sparsity']:g} (held-out perplexity "
                   f"within +{100 * rec['max_loss']:g} % of dense)")
+        elif rec:  # the held-out check ran and no level kept within the bound (sparsity.recommend): dense
+            print(f"recommended  dense (no level's held-out perplexity within +{100 * rec['max_loss']:g} % of dense)")
     else:
         print(f"thresholds   none (run {'spqt quantize, then ' if model.kind == 'float' else ''}spqt calibrate)")
     if model.column_norms:
