@@ -1279,7 +1279,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_options(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, streaming)")
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and text completions, the "
+                       "Responses API, Anthropic's Messages API; streaming)")
     _add_model_options(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080; 0: a free one, printed at start)")
@@ -1294,8 +1295,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU matrix-vector products, as for generate (auto: native where a C compiler works)")
     p.add_argument("--ctx", type=_at_least(2), default=None, help="tokens of context per request, prompt plus completion "
                    "(default: the model's)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPQT_API_KEY, "
-                   "else no key)")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                   "(default: $SPQT_API_KEY, else no key)")
     p.add_argument("--name", default=None, help="the model id clients use (default: the model file's name)")
     p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
                    help="answer cross-origin requests (CORS) from this browser origin, e.g. http://localhost:3000, "
@@ -1325,7 +1326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
-    p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights); default: SmolLM2-135M-Instruct")
+    p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights), or "
+                   "hf:ORG/REPO[:QUANT] (the Hugging Face Hub); default: SmolLM2-135M-Instruct")
     p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test)")
     p.add_argument("--ctx", type=_at_least(4), default=512, help="tokens a chunk (default 512; at most the model's context)")
     p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
@@ -1341,8 +1343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--thresholds", help="thresholds JSON from spqt calibrate --json (instead of the model's own)")
     p.set_defaults(func=cmd_perplexity)
 
-    p = sub.add_parser("calibrate", help="compute activation-sparsity thresholds (TEAL) and store them in the .spqt")
-    p.add_argument("model", nargs="?", help="a .spqt file (default: the default model in the cache)")
+    p = sub.add_parser("calibrate", help="compute activation-sparsity thresholds (TEAL or WINA) and store them in "
+                       "the .spqt")
+    p.add_argument("model", nargs="?", help="a .spqt file or hf:ORG/REPO[:QUANT] (default: the default model in the "
+                   "cache); a .gguf or HF folder with --json alone")
     p.add_argument("--data", nargs="+", required=True, help="calibration text files (never the evaluation text)")
     p.add_argument("--tokens", type=_at_least(1), default=65536,
                    help="calibration tokens for the histograms (whole windows of 512, at least one)")
