@@ -443,3 +443,16 @@ def test_compiled_kernels_share_the_cache_root(monkeypatch, tmp_path):
     assert (default_model.cache_dir(), native.cache_dir(), nvrtc._cache_dir()) == (root, root / "cpu", root / "cuda")
     monkeypatch.setenv("SPQT_CACHE", str(tmp_path / "own"))
     assert nvrtc._cache_dir() == tmp_path / "own" / "cuda"
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_cache_root_ignores_an_empty_or_relative_xdg_cache_home(monkeypatch, tmp_path, xdg):
+    """XDG_CACHE_HOME set but empty (or relative) is ignored, as the XDG spec asks and the tuned tables' folder does
+    (tuning.user_table_path): it put the cache, the default model's conversion included, under the working
+    directory ('spqt' or 'relative/cache/spqt')."""
+    from spqt import default_model
+
+    monkeypatch.delenv("SPQT_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert default_model.cache_dir() == tmp_path / "home" / ".cache" / "spqt"

@@ -26,9 +26,12 @@ def default_gguf() -> Path:
 
 
 def cache_dir() -> Path:
-    """$SPQT_CACHE, else $XDG_CACHE_HOME/spqt, else ~/.cache/spqt."""
-    root = os.environ.get("SPQT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "spqt"
-    return Path(root)
+    """$SPQT_CACHE, else $XDG_CACHE_HOME/spqt (an absolute path, as the XDG spec asks: an empty or relative one is
+    ignored, never a folder under the working directory), else ~/.cache/spqt."""
+    if os.environ.get("SPQT_CACHE"):
+        return Path(os.environ["SPQT_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "spqt"
 
 
 def default_spqt_path() -> Path:
