@@ -200,7 +200,8 @@ def test_thresholds_and_column_norms_round_trip(tiny_spqt, tmp_path, capsys):
 
 def test_inspect_names_a_dense_recommendation(tiny_spqt, tmp_path, capsys):
     """A held-out check where no level kept within the bound recommends dense (sparsity.recommend: criterion and mode
-    None); inspect says so instead of printing "None None sparsity 0"."""
+    None), as does a calibration without one that drops the measured rows (calibrate.merge); inspect says which
+    instead of printing "None None sparsity 0"."""
     model = load_spqt(tiny_spqt)
     rows = [{"criterion": "teal", "mode": "unified", "sparsity": 0.5, "ppl": 20.0}]
     model.thresholds = {"teal": {"unified": {"0.5": [[1.0] * 4] * model.config.n_layers}},
@@ -211,6 +212,11 @@ def test_inspect_names_a_dense_recommendation(tiny_spqt, tmp_path, capsys):
     assert main(["inspect", str(copy)]) == 0
     lines = {line[:12].strip(): line[13:] for line in capsys.readouterr().out.splitlines()}
     assert lines["recommended"] == "dense (no level's held-out perplexity within +5 % of dense)", lines
+    model.thresholds["recommended"]["held_out"] = []  # a calibration without a held-out check dropped the rows
+    save_spqt(model, copy)
+    assert main(["inspect", str(copy)]) == 0
+    lines = {line[:12].strip(): line[13:] for line in capsys.readouterr().out.splitlines()}
+    assert lines["recommended"] == "dense (no level measured on held-out text)", lines
 
 
 def test_check_thresholds_reads_the_nested_layout():

@@ -269,8 +269,10 @@ def cmd_inspect(args) -> int:
         if rec and rec.get("criterion"):
             print(f"recommended  {rec['criterion']} {rec['mode']} sparsity {rec['sparsity']:g} (held-out perplexity "
                   f"within +{100 * rec['max_loss']:g} % of dense)")
-        elif rec:  # the held-out check ran and no level kept within the bound (sparsity.recommend): dense
-            print(f"recommended  dense (no level's held-out perplexity within +{100 * rec['max_loss']:g} % of dense)")
+        elif rec:  # sparsity.recommend found no level within the bound, or none measured (calibrate.merge): dense
+            why = (f"no level's held-out perplexity within +{100 * rec['max_loss']:g} % of dense" if rec.get("held_out")
+                   else "no level measured on held-out text")
+            print(f"recommended  dense ({why})")
     else:
         print(f"thresholds   none (run {'spqt quantize, then ' if model.kind == 'float' else ''}spqt calibrate)")
     if model.column_norms:
