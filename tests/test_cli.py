@@ -345,6 +345,20 @@ def test_bad_input_found_by_a_qa_sweep(tiny_spqt, capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["binary.txt", "notes.gguf", "text.txt"]  # nothing written
 
 
+def test_an_empty_sparsity_list_is_a_usage_error(tiny_spqt, capsys, tmp_path):
+    """--sparsity "" (or ",") parsed as no levels: perplexity ended in an IndexError traceback after the whole
+    evaluation, and calibrate computed nothing and wrote the model back with its thresholds dropped, exit 0."""
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox. " * 50)
+    before = tiny_spqt.read_bytes()
+    for levels in ("", ",", " , "):
+        _usage_error(capsys, ["perplexity", str(tiny_spqt), "--data", str(text), "--sparsity", levels],
+                     f"argument --sparsity: expected comma-separated numbers, got {levels!r}")
+        _usage_error(capsys, ["calibrate", str(tiny_spqt), "--data", str(text), "--sparsity", levels],
+                     "argument --sparsity: expected comma-separated numbers")
+    assert tiny_spqt.read_bytes() == before
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

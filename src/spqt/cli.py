@@ -25,10 +25,14 @@ EXIT_USAGE = 2
 
 
 def _floats(text: str) -> list[float]:
+    """One or more comma-separated numbers (empty items left out); none at all is a usage error."""
     try:
-        return [float(v) for v in text.split(",") if v.strip()]
+        values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    return values
 
 
 def _at_least(low: int):
