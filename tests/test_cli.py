@@ -607,6 +607,10 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     # a calibration replaces the criterion's thresholds: what it drops is said before it runs
     again = ["calibrate", str(model), "--data", str(text), "--tokens", "1024", "--device", "cpu", "--held-out-tokens",
              "0", "-o", str(tmp_path / "again.spqt"), "--mode", "unified"]
+    # a level it cannot calibrate is one line before the load, not after the note on what it would drop
+    for levels, fragment in (("0", "got 0.0"), ("inf", "got inf"), ("0.25,1", "got 1.0")):
+        _error(capsys, again + ["--sparsity", levels], f"calibration levels must be in (0, 1), {fragment}")
+    _error(capsys, again[:-2] + ["--mode", "global", "--sparsity", "0.9"], "it cannot reach sparsity 0.9")
     assert main(again + ["--sparsity", "0.25"]) == 0
     note = "spqt: note: this replaces the model's teal thresholds, dropping greedy 0.5; unified 0.5; pass every level"
     assert note in capsys.readouterr().err

@@ -314,6 +314,20 @@ def global_thresholds(model, windows: torch.Tensor, greedy: dict, allocations: d
     return thresholds, allocs, record
 
 
+def check_levels(levels, modes) -> None:
+    """SpqtError unless every level is in (0, 1) and every mode is known and reaches its levels (global: up to
+    GLOBAL_MAX); the CLI calls it before it loads the model."""
+    for s in levels:
+        if not 0 < s < 1:
+            raise SpqtError(f"calibration levels must be in (0, 1), got {s}")
+    for m in modes:
+        if m not in sp.MODES:
+            raise SpqtError(f"unknown mode {m!r}; choose one of {', '.join(sp.MODES)}")
+    if "global" in modes and max(levels) > GLOBAL_MAX:
+        raise SpqtError(f"--mode global allocates block levels up to {GLOBAL_MAX:g}: it cannot reach sparsity "
+                        f"{max(levels):g}")
+
+
 def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", "greedy"), device: str = "cpu",
               max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False,
               criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192, step: float = STEP,
@@ -326,15 +340,7 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     tokens: the calibration text; its last held_out_tokens are kept out of the thresholds and
     scored (perplexity, dense and per level) for the recommendation; 0 skips that."""
     sp.check_criterion(criterion)
-    for s in levels:
-        if not 0 < s < 1:
-            raise SpqtError(f"calibration levels must be in (0, 1), got {s}")
-    for m in modes:
-        if m not in sp.MODES:
-            raise SpqtError(f"unknown mode {m!r}; choose one of {', '.join(sp.MODES)}")
-    if "global" in modes and max(levels) > GLOBAL_MAX:
-        raise SpqtError(f"--mode global allocates block levels up to {GLOBAL_MAX:g}: it cannot reach sparsity "
-                        f"{max(levels):g}")
+    check_levels(levels, modes)
     if held_out_tokens and len(tokens) < held_out_tokens + ctx:
         raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out_tokens} held-out "
                         f"tokens and one window of {ctx}")

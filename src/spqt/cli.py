@@ -746,7 +746,7 @@ def _calibration_drops(thresholds: dict, criterion: str, modes, levels) -> str:
 
 def cmd_calibrate(args) -> int:
     from spqt import hub, sparsity as sp
-    from spqt.calibrate import calibrate, merge
+    from spqt.calibrate import calibrate, check_levels, merge
     from spqt.generate import resolve_device
     from spqt.checkpoint import atomic_write, check_writable, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
@@ -757,6 +757,7 @@ def cmd_calibrate(args) -> int:
     texts = [_read_text(f) for f in args.data]
     modes = sp.CALIBRATE_MODES[args.mode]
     criterion = sp.check_criterion(args.criterion)
+    check_levels(args.sparsity, modes)  # before the load and the note on what the calibration drops
     if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
     if args.held_out_tokens < 0:
