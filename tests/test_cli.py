@@ -359,6 +359,19 @@ def test_an_empty_sparsity_list_is_a_usage_error(tiny_spqt, capsys, tmp_path):
     assert tiny_spqt.read_bytes() == before
 
 
+def test_an_error_quoting_another_librarys_lines_is_one_line(tiny_hf, capsys, monkeypatch):
+    """An HF folder whose tokenizer transformers cannot build (a Llama folder without tokenizer files and no
+    sentencepiece): its ValueError lists the causes on five lines, which the error line quoted as they were."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise ValueError("Couldn't instantiate the backend tokenizer from one of: \n(1) a file, \n(2) a class.")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", refuse)
+    _error(capsys, ["inspect", str(tiny_hf)], "cannot load its tokenizer (ValueError: Couldn't instantiate the backend "
+           "tokenizer from one of: (1) a file, (2) a class.)")
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

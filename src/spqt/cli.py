@@ -1476,7 +1476,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()  # here, not at the interpreter's exit: a reader gone (`| head`) is caught below
         return status
     except SpqtError as e:
-        print(f"spqt: error: {e}", file=sys.stderr)
+        print(f"spqt: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("spqt: interrupted", file=sys.stderr)
@@ -1492,6 +1492,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"spqt: error: {e}", file=sys.stderr)
         _drop_stdout()
         return EXIT_USAGE
+
+
+def _one_line(error: Exception) -> str:
+    """An error's text on one line: a message that quotes another library's (transformers' tokenizer errors list
+    their causes line by line) has its lines joined."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
 def _drop_stdout() -> None:
