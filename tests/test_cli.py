@@ -372,6 +372,19 @@ def test_an_error_quoting_another_librarys_lines_is_one_line(tiny_hf, capsys, mo
            "tokenizer from one of: (1) a file, (2) a class.)")
 
 
+def test_a_checkpoint_without_a_vocabulary_is_refused(tiny_hf, capsys, tmp_path):
+    """A Qwen2 folder of config.json and safetensors alone: transformers 5 builds a Qwen2 tokenizer without its files,
+    a vocabulary of one special token, and quantize wrote a model whose every prompt encoded to nothing
+    (generate: "the prompt is empty")."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_bytes((tiny_hf / name).read_bytes())
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "Qwen2Tokenizer"}))
+    _error(capsys, ["quantize", str(folder), "-o", str(tmp_path / "q.spqt")], "its tokenizer encodes no text")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

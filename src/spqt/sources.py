@@ -1236,6 +1236,10 @@ def _open_hf(folder: Path) -> SourceModel:
         tok = AutoTokenizer.from_pretrained(str(folder))
     except Exception as e:
         raise SpqtError(f"{folder}: cannot load its tokenizer ({type(e).__name__}: {e})") from None
+    # (transformers 5 builds a Qwen2 tokenizer without its files: one special token, no vocabulary)
+    if not tok("The quick brown fox.", add_special_tokens=False)["input_ids"]:
+        raise SpqtError(f"{folder}: its tokenizer encodes no text (no vocabulary: are its tokenizer files missing? "
+                        f"tokenizer.json, or vocab.json and merges.txt)")
     tokenizer = _spec_from_hf_tokenizer(tok)
     # add_bos: whether the tokenizer's post-processor prepends BOS to plain text.
     ids = tok("a", add_special_tokens=True)["input_ids"]
