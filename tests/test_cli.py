@@ -623,6 +623,23 @@ def test_bench_unknown_type_is_one_line(capsys):
         _error(capsys, ["bench", what, "--types", "q4_k,q9_k", "--model", "synthetic:llama2-7b"], "unknown weight types ['q9_k']")
 
 
+def test_calibrate_a_model_of_a_short_context(tmp_path, capsys):
+    """A model whose context is under calibrate's 512-token windows (a tiny checkpoint of 256 positions) ended in a
+    ValueError traceback ("max_len 512 exceeds the model's context 256"); its windows are now the whole context, as
+    quantize --gptq's are."""
+    from conftest import make_hf_checkpoint, save_quantized
+
+    model = save_quantized(make_hf_checkpoint(tmp_path / "hf", n_layers=1, max_pos=256), tmp_path / "m.spqt")
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    capsys.readouterr()
+    assert main(["calibrate", str(model), "--data", str(text), "--tokens", "512", "--mode", "unified", "--sparsity",
+                 "0.5", "--held-out-tokens", "256", "--device", "cpu"]) == 0
+    assert "held-out calibration text (256 tokens)" in capsys.readouterr().out
+    assert main(["perplexity", str(model), "--data", str(text), "--ctx", "256", "--sparsity", "0.5", "--chunks", "1",
+                 "--device", "cpu"]) == 0
+
+
 def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)

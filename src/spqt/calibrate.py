@@ -341,6 +341,7 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     scored (perplexity, dense and per level) for the recommendation; 0 skips that."""
     sp.check_criterion(criterion)
     check_levels(levels, modes)
+    ctx = min(ctx, loaded.config.max_seq_len)  # windows of 512, or the whole context of a shorter model (as --gptq's)
     if held_out_tokens and len(tokens) < held_out_tokens + ctx:
         raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out_tokens} held-out "
                         f"tokens and one window of {ctx}")
