@@ -385,6 +385,18 @@ def test_a_checkpoint_without_a_vocabulary_is_refused(tiny_hf, capsys, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
 
 
+def test_a_model_written_under_a_gguf_name_is_refused(tiny_hf, tiny_spqt, capsys, tmp_path):
+    """quantize -o m.gguf (llama.cpp's habit) wrote a .spqt under that name, which every command then read as a GGUF
+    and refused ("not a GGUF file"): a model that does not load. Now one line before any work, nothing written."""
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox. " * 50)
+    _error(capsys, ["quantize", str(tiny_hf), "-o", str(tmp_path / "m.gguf")],
+           "is named .gguf, but spqt writes a .spqt")
+    _error(capsys, ["calibrate", str(tiny_spqt), "--data", str(text), "-o", str(tmp_path / "c.GGUF")],
+           "is named .gguf")
+    assert [p.name for p in tmp_path.iterdir()] == ["calib.txt"]
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

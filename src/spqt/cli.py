@@ -119,6 +119,14 @@ def _check_outputs(outputs: list[tuple[str, str | None]], inputs: list[tuple[str
         seen.append((path, f"output {flag}"))
 
 
+def _check_spqt_name(flag: str, path: Path) -> None:
+    """SpqtError where a .spqt output is named .gguf: every command reads a file of that name as a GGUF (and refuses
+    a .spqt there), so the model written would not load."""
+    if path.suffix.lower() == ".gguf":
+        raise SpqtError(f"the output {flag} {path} is named .gguf, but spqt writes a .spqt file, which a .gguf name "
+                        f"would be read as: name it .spqt")
+
+
 def _same_file(a: str, b: str) -> bool:
     if os.path.realpath(a) == os.path.realpath(b):
         return True
@@ -150,6 +158,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.output)
     _check_outputs([("-o", args.output)], [("source", args.source)]
                    + [("--gptq calibration text", f) for f in args.gptq or []])
+    _check_spqt_name("-o", out)
     check_writable(out)
     device = resolve_device(args.device)
     start = time.perf_counter()
@@ -762,6 +771,8 @@ def cmd_calibrate(args) -> int:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
     if args.held_out_tokens < 0:
         raise SpqtError("--held-out-tokens must be at least 0")
+    if args.output:
+        _check_spqt_name("-o", Path(args.output))
     for out in (args.output, args.json):  # before the (slow) calibration
         if out:
             check_writable(Path(out))
