@@ -397,6 +397,27 @@ def test_a_model_written_under_a_gguf_name_is_refused(tiny_hf, tiny_spqt, capsys
     assert [p.name for p in tmp_path.iterdir()] == ["calib.txt"]
 
 
+def test_quantize_into_a_file_of_its_source_folder_is_refused(tiny_hf, capsys, tmp_path):
+    """quantize FOLDER -o FOLDER/model.safetensors replaced the checkpoint's weights with the .spqt and exited 0 (the
+    folder then "lacks tensors"), perplexity FOLDER --json FOLDER/tokenizer.json its tokenizer: only the folder itself
+    was compared with the output."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    for f in tiny_hf.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    weights = (folder / "model.safetensors").read_bytes()
+    _error(capsys, ["quantize", str(folder), "-o", str(folder / "model.safetensors")],
+           "model.safetensors is also the source's file")
+    _error(capsys, ["quantize", str(folder), "-o", str(folder / "config.json")], "is also the source's file")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox. " * 50)
+    _error(capsys, ["perplexity", str(folder), "--data", str(text), "--json", str(folder / "tokenizer.json")],
+           "is also the model's file")
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in tiny_hf.iterdir())
+    assert (folder / "tokenizer.json").read_bytes() == (tiny_hf / "tokenizer.json").read_bytes()
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths
