@@ -418,6 +418,32 @@ def test_quantize_into_a_file_of_its_source_folder_is_refused(tiny_hf, capsys, t
     assert (folder / "tokenizer.json").read_bytes() == (tiny_hf / "tokenizer.json").read_bytes()
 
 
+def test_text_from_a_pipe_and_from_a_device(tiny_spqt, capsys, tmp_path):
+    """--data <(zcat text.gz) (a pipe, /dev/fd/N) and --data /dev/null were "no such file" though both exist: a pipe
+    is now read, a device refused as what it is."""
+    import threading
+
+    pipe = tmp_path / "fifo"
+    os.mkfifo(pipe)
+
+    def feed():
+        with open(pipe, "w") as f:
+            f.write("the quick brown fox jumps over the lazy dog. " * 40)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    capsys.readouterr()
+    try:
+        assert main(["perplexity", str(tiny_spqt), "--data", str(pipe), "--ctx", "64", "--chunks", "1",
+                     "--device", "cpu"]) == 0
+    finally:
+        if writer.is_alive():  # the command did not read it: open it here, so the writer ends
+            os.close(os.open(pipe, os.O_RDONLY | os.O_NONBLOCK))
+        writer.join(timeout=60)
+    assert "1 chunk of 64 tokens" in capsys.readouterr().out
+    _error(capsys, ["perplexity", str(tiny_spqt), "--data", os.devnull], "/dev/null is not a text file (a device")
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

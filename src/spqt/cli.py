@@ -51,12 +51,15 @@ def _at_least(low: int):
 
 
 def _read_text(path: str | Path) -> str:
-    """A UTF-8 text file's contents; a missing file, a folder or bytes that are not UTF-8 are SpqtError."""
+    """A UTF-8 text file's contents, or a pipe's (--data <(zcat x.gz)); a missing file, a folder, a device or bytes
+    that are not UTF-8 are SpqtError."""
     path = Path(path)
     if path.is_dir():
         raise SpqtError(f"{path} is a folder, not a text file")
-    if not path.is_file():
+    if not path.exists():
         raise SpqtError(f"no such file: {path}")
+    if not path.is_file() and not path.is_fifo():  # (a device such as /dev/zero would be read without end)
+        raise SpqtError(f"{path} is not a text file (a device or another special file)")
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
