@@ -710,9 +710,18 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     again = ["calibrate", str(model), "--data", str(text), "--tokens", "1024", "--device", "cpu", "--held-out-tokens",
              "0", "-o", str(tmp_path / "again.spqt"), "--mode", "unified"]
     # a level it cannot calibrate is one line before the load, not after the note on what it would drop
+    import torch
+
     for levels, fragment in (("0", "got 0.0"), ("inf", "got inf"), ("0.25,1", "got 1.0")):
         _error(capsys, again + ["--sparsity", levels], f"calibration levels must be in (0, 1), {fragment}")
     _error(capsys, again[:-2] + ["--mode", "global", "--sparsity", "0.9"], "it cannot reach sparsity 0.9")
+    short = tmp_path / "short.txt"  # so is a text too short for one window, and a device this machine lacks
+    short.write_text("the quick brown fox.")
+    _error(capsys, again[:3] + [str(short)] + again[4:] + ["--sparsity", "0.25"], "too few for one window of 512")
+    _error(capsys, again[:3] + [str(short)] + again[4:8] + again[10:] + ["--sparsity", "0.25"],
+           "too few for 8192 held-out tokens and one window of 512")
+    if not torch.cuda.is_available():
+        _error(capsys, again + ["--sparsity", "0.25", "--device", "cuda"], "no CUDA GPU")
     assert main(again + ["--sparsity", "0.25"]) == 0
     note = "spqt: note: this replaces the model's teal thresholds, dropping greedy 0.5; unified 0.5; pass every level"
     assert note in capsys.readouterr().err

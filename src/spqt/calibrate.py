@@ -328,6 +328,16 @@ def check_levels(levels, modes) -> None:
                         f"{max(levels):g}")
 
 
+def check_text(loaded: LoadedModel, tokens: list[int], held_out_tokens: int, ctx: int = 512) -> int:
+    """The calibration's window: ctx, or the whole context of a shorter model (as --gptq's); SpqtError where the
+    text holds too few tokens for the held-out tokens and one window. The CLI calls it before its note."""
+    ctx = min(ctx, loaded.config.max_seq_len)
+    if len(tokens) < held_out_tokens + ctx:
+        held_out = f"{held_out_tokens} held-out tokens and " if held_out_tokens else ""
+        raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out}one window of {ctx}")
+    return ctx
+
+
 def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", "greedy"), device: str = "cpu",
               max_tokens: int = 65536, greedy_tokens: int = 2048, ctx: int = 512, progress: bool = False,
               criterion: str = sp.DEFAULT_CRITERION, held_out_tokens: int = 8192, step: float = STEP,
@@ -341,10 +351,7 @@ def calibrate(loaded: LoadedModel, tokens: list[int], levels, modes=("unified", 
     scored (perplexity, dense and per level) for the recommendation; 0 skips that."""
     sp.check_criterion(criterion)
     check_levels(levels, modes)
-    ctx = min(ctx, loaded.config.max_seq_len)  # windows of 512, or the whole context of a shorter model (as --gptq's)
-    if held_out_tokens and len(tokens) < held_out_tokens + ctx:
-        raise SpqtError(f"calibration text has {len(tokens)} tokens: too few for {held_out_tokens} held-out "
-                        f"tokens and one window of {ctx}")
+    ctx = check_text(loaded, tokens, held_out_tokens, ctx)
     fit, held_out = (tokens[:-held_out_tokens], tokens[-held_out_tokens:]) if held_out_tokens else (tokens, [])
     gen = Generator(loaded, device, torch.float32, max_len=ctx, backend="reference", criterion=criterion)
     model = gen.model

@@ -760,7 +760,7 @@ def _calibration_drops(thresholds: dict, criterion: str, modes, levels) -> str:
 
 def cmd_calibrate(args) -> int:
     from spqt import hub, sparsity as sp
-    from spqt.calibrate import calibrate, check_levels, merge
+    from spqt.calibrate import calibrate, check_levels, check_text, merge
     from spqt.generate import resolve_device
     from spqt.checkpoint import atomic_write, check_writable, load_model, save_spqt
     from spqt.tokenizer import TextTokenizer
@@ -781,20 +781,22 @@ def cmd_calibrate(args) -> int:
     for out in (args.output, args.json):  # before the (slow) calibration
         if out:
             check_writable(Path(out))
+    device = resolve_device(args.device)
     loaded = load_model(_model_path(args.model))
     if loaded.kind == "float" and not args.json:
         raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json to write them alone")
     if loaded.kind != "float" and hub.is_hub_name(args.model) and not args.output:
         raise SpqtError("a hub model's file lives in huggingface_hub's cache: write the calibrated model with -o")
-    dropped = _calibration_drops(loaded.thresholds, criterion, modes, args.sparsity)
-    if dropped:  # before the (slow) calibration, so the user can stop it
-        print(f"spqt: note: this replaces the model's {criterion} thresholds, dropping {dropped}; pass every level "
-              f"and mode to keep (--sparsity, --mode)", file=sys.stderr, flush=True)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     tokens: list[int] = []
     for text in texts:  # each file tokenized on its own, then concatenated in the order given
         tokens += tok.encode(text, add_bos=False)
-    result = calibrate(loaded, tokens, args.sparsity, modes, resolve_device(args.device), max_tokens=args.tokens,
+    check_text(loaded, tokens, args.held_out_tokens)
+    dropped = _calibration_drops(loaded.thresholds, criterion, modes, args.sparsity)
+    if dropped:  # before the (slow) calibration, so the user can stop it
+        print(f"spqt: note: this replaces the model's {criterion} thresholds, dropping {dropped}; pass every level "
+              f"and mode to keep (--sparsity, --mode)", file=sys.stderr, flush=True)
+    result = calibrate(loaded, tokens, args.sparsity, modes, device, max_tokens=args.tokens,
                        greedy_tokens=args.greedy_tokens, progress=True, criterion=criterion,
                        held_out_tokens=args.held_out_tokens, **({"step": args.greedy_step} if args.greedy_step else {}))
     thresholds = merge(loaded.thresholds, result)
