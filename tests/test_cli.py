@@ -444,6 +444,17 @@ def test_text_from_a_pipe_and_from_a_device(tiny_spqt, capsys, tmp_path):
     _error(capsys, ["perplexity", str(tiny_spqt), "--data", os.devnull], "/dev/null is not a text file (a device")
 
 
+def test_every_model_preparation_option_has_a_help_text():
+    """quantize's --layout, calibrate's --sparsity and --device and perplexity's --method and --device showed no help
+    at all (not what they take, nor their defaults)."""
+    from spqt.cli import build_parser
+
+    parser = build_parser()
+    for command in ("quantize", "calibrate", "perplexity", "inspect"):
+        silent = [a.dest for a in parser.subcommands[command]._actions if not a.help]
+        assert not silent, f"spqt {command}: no help for {silent}"
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

@@ -1233,7 +1233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="a .gguf file, a Hugging Face checkpoint folder, or hf:ORG/REPO[:QUANT] (either, "
                    "from the Hugging Face Hub)")
     p.add_argument("-o", "--output", required=True, help="the .spqt file to write")
-    p.add_argument("--layout", choices=["zigzag", "row"], default="zigzag")
+    p.add_argument("--layout", choices=["zigzag", "row"], default="zigzag",
+                   help="zigzag (default: each block runs down a column, so a skipped input skips its blocks) or "
+                        "row (llama.cpp's: each block runs along a row; on CUDA the B0 kernel)")
     p.add_argument("--type", default="q4_k",
                    help="q8_0, q6_k, q5_k, q4_k (default), q3_k, q2_k, or a llama.cpp-style mix: q4_k_m, q5_k_m, q3_k_m, "
                         "q4_k_s, q5_k_s, q3_k_s, q3_k_l")
@@ -1355,13 +1357,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "hf:ORG/REPO[:QUANT] (the Hugging Face Hub); default: SmolLM2-135M-Instruct")
     p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test)")
     p.add_argument("--ctx", type=_at_least(4), default=512, help="tokens a chunk (default 512; at most the model's context)")
-    p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp")
+    p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp",
+                   help="llamacpp (default: each chunk's second half scored, on a dense first half, as "
+                        "llama-perplexity) or gptq (GPTQ's and TEAL's: every token after a chunk's first scored, the "
+                        "thresholds on throughout)")
     p.add_argument("--chunks", type=_at_least(1), default=None, help="evaluate only the first N chunks (default: all)")
     p.add_argument("--sparsity", type=_floats, default=[0.0], help="comma-separated levels, e.g. 0,0.25,0.4,0.5,0.65")
     p.add_argument("--mode", choices=["unified", "greedy", "global"], default=None,
                    help="which calibrated thresholds (default greedy where the model has them, else unified)")
     p.add_argument("--criterion", default=None, help="teal or wina (default: the model's recommended, else teal)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default="fp32", help="compute dtype: fp32 (default), fp16, bf16, auto")
     p.add_argument("--batch", type=_at_least(1), default=None, help="chunks per forward (default 16 on cuda, 1 on cpu)")
     p.add_argument("--json", help="write the results here")
@@ -1371,12 +1376,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="compute activation-sparsity thresholds (TEAL or WINA) and store them in "
                        "the .spqt")
     p.add_argument("model", nargs="?", help="a .spqt file or hf:ORG/REPO[:QUANT] (default: the default model in the "
-                   "cache); a .gguf or HF folder with --json alone")
+                   "cache); a .gguf or HF folder with --json alone, which then holds the thresholds")
     p.add_argument("--data", nargs="+", required=True, help="calibration text files (never the evaluation text)")
     p.add_argument("--tokens", type=_at_least(1), default=65536,
-                   help="calibration tokens for the histograms (whole windows of 512, at least one)")
+                   help="calibration tokens for the histograms (whole windows of 512, at least one; default 65536)")
     p.add_argument("--greedy-tokens", type=_at_least(1), default=2048,
-                   help="tokens whose block outputs the greedy search measures (whole windows of 512, at least one)")
+                   help="tokens whose block outputs the greedy search measures (whole windows of 512, at least one; "
+                        "default 2048)")
     p.add_argument("--mode", choices=list(CALIBRATE_MODES), default="both",
                    help="both: unified and greedy (default); global: levels per block chosen by measured loss "
                         "(one pass per block and level: minutes on a GPU, long on a CPU); all: the three")
@@ -1384,9 +1390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy-step", type=float, default=None,
                    help="block sparsity added per greedy step (default: calibrate.STEP, 0.0125)")
     p.add_argument("--held-out-tokens", type=int, default=8192,
-                   help="the last tokens of the calibration text, kept out and scored per level for the recommendation (0: skip)")
-    p.add_argument("--sparsity", type=_floats, default=[0.25, 0.4, 0.5, 0.65])
-    p.add_argument("--device", default="auto")
+                   help="the last tokens of the calibration text, kept out and scored per level for the "
+                        "recommendation (default 8192; 0: skip)")
+    p.add_argument("--sparsity", type=_floats, default=[0.25, 0.4, 0.5, 0.65],
+                   help="comma-separated levels in (0, 1) (default 0.25,0.4,0.5,0.65); the criterion's thresholds "
+                        "of other levels and modes are dropped")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("-o", "--output", help="write the calibrated model here instead of in place")
     p.add_argument("--json", help="also write the thresholds alone as JSON")
     p.set_defaults(func=cmd_calibrate)
