@@ -492,6 +492,48 @@ def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hard.spqt", "link.spqt", "m.spqt", "t.txt"]
 
 
+def test_an_output_onto_a_pipe_or_a_device_writes_into_it(tiny_spqt, capsys, tmp_path):
+    """--json or -o naming a FIFO, /dev/null or /dev/stdout: the temporary file was renamed onto it, which replaced
+    the pipe or device node with a regular file (as root, `spqt quantize SRC -o /dev/null` replaced /dev/null
+    itself). Now it is written into, and stays what it was."""
+    import stat
+    import threading
+
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 40)
+    pipe = tmp_path / "fifo"
+    os.mkfifo(pipe)
+    got = []
+
+    def read():
+        with open(pipe, "rb") as f:
+            got.append(f.read())
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert main(["perplexity", str(tiny_spqt), "--data", str(text), "--ctx", "64", "--chunks", "1",
+                     "--device", "cpu", "--json", str(pipe)]) == 0
+    finally:
+        if reader.is_alive() and stat.S_ISFIFO(os.stat(pipe).st_mode):  # nothing written to it: let the reader end
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode), "the pipe was replaced by a file"
+    assert json.loads(got[0])["results"][0]["chunks"] == 1
+    reader = threading.Thread(target=read, daemon=True)  # a .spqt (safetensors renames a file of its own onto a path)
+    reader.start()
+    try:
+        assert main(["calibrate", str(tiny_spqt), "--data", str(text), "--tokens", "64", "--mode", "unified",
+                     "--sparsity", "0.5", "--held-out-tokens", "0", "--device", "cpu", "-o", str(pipe)]) == 0
+    finally:
+        if reader.is_alive() and stat.S_ISFIFO(os.stat(pipe).st_mode):
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(timeout=10)
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode), "the pipe was replaced by a file"
+    assert len(got) == 2 and len(got[1]) > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "text.txt"]
+
+
 def test_a_failed_model_write_is_one_line(tmp_path):
     """A .spqt write that fails inside safetensors (a file size limit here, as a full disk) ended in its traceback:
     now SpqtError "cannot write ...", the temporary file removed and an older file at the path kept."""

@@ -49,6 +49,8 @@ import collections
 import datetime
 import json
 import os
+import shutil
+import stat
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -354,8 +356,24 @@ def check_writable(path: Path) -> None:
 def atomic_write(path: Path, write, keep: bool = True) -> None:
     """Call write(tmp_path) for a temporary file beside `path`, then rename it onto `path` (keep=False: only
     check that one can be made there). The file gets the usual permissions (0666 less the umask), not mkstemp's 0600,
-    also where it replaces a file of other permissions."""
+    also where it replaces a file of other permissions. A device or a pipe at `path` is written into instead: a rename
+    would replace it (as root, /dev/null itself)."""
     path = Path(path)
+    if _special(path):  # a device or a pipe (/dev/null, /dev/stdout, a FIFO): written into, never replaced by a file
+        if not os.access(path, os.W_OK):
+            raise SpqtError(f"cannot write {path}: Permission denied")
+        if keep:  # written beside, then copied in: safetensors' save_file renames a file of its own onto its path
+            try:
+                with tempfile.TemporaryDirectory() as folder:
+                    tmp = os.path.join(folder, path.name)
+                    write(tmp)
+                    with open(tmp, "rb") as src, open(path, "wb") as dst:
+                        shutil.copyfileobj(src, dst)
+            except OSError as e:
+                raise SpqtError(f"cannot write {path}: {e.strerror or e}") from None
+            except SafetensorError as e:
+                raise SpqtError(f"cannot write {path}: {e}") from None
+        return
     folder = path.parent
     if not folder.exists():
         raise SpqtError(f"cannot write {path}: the folder {folder} does not exist")
@@ -381,6 +399,15 @@ def atomic_write(path: Path, write, keep: bool = True) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _special(path: Path) -> bool:
+    """Whether path (a link followed) exists and is neither a regular file nor a folder: a device, a pipe, a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _umask() -> int:
