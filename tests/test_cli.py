@@ -775,6 +775,9 @@ def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
            "too few for 8192 held-out tokens and one window of 512")
     if not torch.cuda.is_available():
         _error(capsys, again + ["--sparsity", "0.25", "--device", "cuda"], "no CUDA GPU")
+    for few in ("-1", "3"):  # 1 to 3 failed after the calibration with "--ctx must be between 4 and ...", no such flag
+        _error(capsys, again + ["--sparsity", "0.25", "--held-out-tokens", few],
+               f"--held-out-tokens must be 0 (no held-out check) or at least 4, got {few}")
     assert main(again + ["--sparsity", "0.25"]) == 0
     note = "spqt: note: this replaces the model's teal thresholds, dropping greedy 0.5; unified 0.5; pass every level"
     assert note in capsys.readouterr().err

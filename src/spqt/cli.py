@@ -774,8 +774,8 @@ def cmd_calibrate(args) -> int:
     check_levels(args.sparsity, modes)  # before the load and the note on what the calibration drops
     if args.greedy_step is not None and not 0 < args.greedy_step <= 0.25:
         raise SpqtError("--greedy-step must be in (0, 0.25]")
-    if args.held_out_tokens < 0:
-        raise SpqtError("--held-out-tokens must be at least 0")
+    if args.held_out_tokens < 0 or 0 < args.held_out_tokens < 4:  # (perplexity's shortest chunk: 4 tokens)
+        raise SpqtError(f"--held-out-tokens must be 0 (no held-out check) or at least 4, got {args.held_out_tokens}")
     if args.output:
         _check_spqt_name("-o", Path(args.output))
     for out in (args.output, args.json):  # before the (slow) calibration
