@@ -455,6 +455,16 @@ def test_every_model_preparation_option_has_a_help_text():
         assert not silent, f"spqt {command}: no help for {silent}"
 
 
+def test_calibrate_of_a_float_model_refuses_an_output_model(tiny_hf, capsys, tmp_path):
+    """calibrate FOLDER --json T.json -o M.spqt wrote the JSON alone and exited 0: -o was ignored without a word (a
+    float model has no .spqt to write the thresholds into)."""
+    text = tmp_path / "calib.txt"
+    text.write_text("the quick brown fox. " * 50)
+    _error(capsys, ["calibrate", str(tiny_hf), "--data", str(text), "--json", str(tmp_path / "t.json"), "-o",
+                    str(tmp_path / "m.spqt")], "thresholds live in a .spqt file: quantize the model first")
+    assert [p.name for p in tmp_path.iterdir()] == ["calib.txt"]
+
+
 def test_an_output_that_is_an_input_is_refused(capsys, tmp_path, monkeypatch):
     """generate / perplexity / calibrate wrote --json or -o over the model, the data or the prompt they read, and
     exited 0 (the fiftieth session's sweep): now one line and exit 2 before any work, and the file is kept. Paths

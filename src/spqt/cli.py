@@ -783,8 +783,9 @@ def cmd_calibrate(args) -> int:
             check_writable(Path(out))
     device = resolve_device(args.device)
     loaded = load_model(_model_path(args.model))
-    if loaded.kind == "float" and not args.json:
-        raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json to write them alone")
+    if loaded.kind == "float" and (args.output or not args.json):
+        raise SpqtError("thresholds live in a .spqt file: quantize the model first, or pass --json (without -o) to "
+                        "write them alone")
     if loaded.kind != "float" and hub.is_hub_name(args.model) and not args.output:
         raise SpqtError("a hub model's file lives in huggingface_hub's cache: write the calibrated model with -o")
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
