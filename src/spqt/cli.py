@@ -107,8 +107,9 @@ def _model_file(arg: str | None) -> str | None:
 def _check_outputs(outputs: list[tuple[str, str | None]], inputs: list[tuple[str, str | None]]) -> None:
     """SpqtError where an output path (named by its flag) is one of the command's inputs or an output before it: the
     command would overwrite a file it reads, or write one file twice. Pairs of (name, path), None skipped, and an
-    input "-" (standard input); an input folder's files are inputs too. Two paths are one file where their realpaths agree (a link, ./x; no error on a
-    symlink loop) or, both existing, os.path.samefile says so (hard links, a case-insensitive file system)."""
+    input "-" (standard input); an input folder's files are inputs too. Two paths are one file where their realpaths
+    agree (a link, ./x; no error on a symlink loop) or, both existing, os.path.samefile says so (hard links, a
+    case-insensitive file system)."""
     seen: list[tuple[str, str]] = []  # (path, what it is)
     for name, path in inputs:
         if path and path != "-":
