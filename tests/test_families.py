@@ -893,6 +893,33 @@ def test_phi3_fused_quantized_tensors_split_by_rows(base_tokenizer, tmp_path):
             :c.ffn_dim])  # (quantized: not the float weights)
 
 
+def test_inspect_names_a_gguf_files_own_types(base_tokenizer, tmp_path, capsys):
+    """inspect of a GGUF listed every map as float32 "as loaded" (the reader dequantizes): it now also names the
+    types the file stores them in, from the header, with their bytes and bits per weight."""
+    import gguf
+    from spqt.cli import main
+
+    fam = build_family("qwen2-q", FAMILIES["qwen2"], base_tokenizer, tmp_path)
+    q8, q4 = gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.Q4_0
+    path = write_gguf(fam["model"], fam["tok"], tmp_path / "q.gguf", "qwen2", TEMPLATES["chatml"],
+                      types={"attn_q.weight": q8, "ffn_down.weight": q4})
+    stored = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        counts = stored.setdefault(t.tensor_type.name, [0, 0, 0])
+        counts[0], counts[1], counts[2] = counts[0] + 1, counts[1] + int(t.n_elements), counts[2] + int(t.n_bytes)
+    layers = fam["model"].config.num_hidden_layers
+    assert stored["Q8_0"][0] == stored["Q4_0"][0] == layers and "F32" in stored, stored
+    capsys.readouterr()
+    assert main(["inspect", str(path)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("file types"))
+    weights, nbytes = sum(c[1] for c in stored.values()), sum(c[2] for c in stored.values())
+    for name, (count, _, _) in stored.items():
+        assert f"{name} {count} tensor" in line, line
+    most_first = sorted(stored, key=lambda name: -stored[name][2])
+    assert sorted(stored, key=line.index) == most_first, line
+    assert f"{nbytes / 1e6:.2f} MB for {weights / 1e6:.2f} M weights, {8 * nbytes / weights:.3f} bits" in line, line
+
+
 @pytest.mark.parametrize("source", ["hf", "gguf"])
 def test_chat_template_and_text_as_transformers(family, source):
     from transformers import AutoTokenizer

@@ -217,7 +217,8 @@ def _end_tokens(model) -> str:
 def cmd_inspect(args) -> int:
     from spqt.checkpoint import QuantizedWeight, load_model
 
-    model = load_model(_model_path(args.model))
+    path = _model_path(args.model)
+    model = load_model(path)
     c = model.config
     print(f"model        {args.model}")
     print(f"kind         {model.kind}")
@@ -272,6 +273,15 @@ def cmd_inspect(args) -> int:
     if float_weights:
         print(f"float maps   {float_bytes / 1e6:.2f} MB for {float_weights / 1e6:.2f} M weights, as loaded "
               f"(spqt quantize stores them in blocks)")
+    if model.provenance.get("source_format") == "gguf":  # the file's own blocks, which the float rows above hide
+        from spqt.sources import gguf_stored_types
+
+        stored = gguf_stored_types(path)
+        weights, nbytes = sum(c[1] for c in stored.values()), sum(c[2] for c in stored.values())
+        print("file types   " + ", ".join(f"{name} {count} tensor{'s' * (count > 1)}"
+                                         for name, (count, _, _) in stored.items())
+              + f": {nbytes / 1e6:.2f} MB for {weights / 1e6:.2f} M weights, {8 * nbytes / weights:.3f} bits per "
+              f"weight (the GGUF's own; run here as float)")
     float_head = "output" in model.weights and not hasattr(model.weights["output"], "fmt")
     print(f"other        {other_bytes / 1e6:.2f} MB (embedding, {'head, ' if float_head else ''}norms)")
     if model.thresholds:

@@ -901,6 +901,20 @@ def _gguf_factors(path: Path, tensors: dict, name: str, n: int) -> tuple[float, 
     return values
 
 
+def gguf_stored_types(path: Path) -> dict[str, tuple[int, int, int]]:
+    """A GGUF's tensors by the type they are stored in (every file of a split one): type name (gguf's, e.g. Q4_1,
+    F32) -> (tensors, weights, bytes), the most bytes first. Reads the header alone, no tensor data."""
+    reader = _read_gguf(path)
+    tensors, _ = _gguf_split(path, reader, _gguf_tensor_table(reader, path))
+    by_type: dict[str, list[int]] = {}
+    for t in tensors.values():
+        counts = by_type.setdefault(t.tensor_type.name, [0, 0, 0])
+        counts[0] += 1
+        counts[1] += int(t.n_elements)
+        counts[2] += int(t.n_bytes)
+    return {name: tuple(c) for name, c in sorted(by_type.items(), key=lambda item: -item[1][2])}
+
+
 def _gguf_tensor_table(reader, path: Path) -> dict:
     """name -> ReaderTensor, after checking what a damaged file could declare: aligned data inside
     the file, no two tensors over the same bytes."""
