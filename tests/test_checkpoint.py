@@ -50,14 +50,22 @@ def test_cli_quantize_and_inspect(tiny_hf, tmp_path, capsys):
     assert load_spqt(out).weights["layers.0.down"].blocks.shape == (64, 1, 144)
 
 
-def test_inspect_a_float_model_counts_its_maps_apart(tiny_hf, capsys):
+def test_inspect_a_float_model_counts_its_maps_apart(tiny_hf, capsys, monkeypatch):
     """A GGUF or HF model loads its linear maps in float: inspect counts them on a line of their own, not as
-    "other (embedding, norms)", and names the step before calibrate (which takes a .spqt)."""
+    "other (embedding, norms)", and names the step before calibrate (which takes a .spqt). It reads layer 0's tensors
+    alone and counts the others by its shapes (it read all, in float32: 280 GB for a 70B)."""
+    from spqt.sources import SourceModel
+
     model = load_model(tiny_hf)
+    assert model.config.n_layers > 1
     maps = sum(w.numel() for name, w in model.weights.items() if name.startswith("layers.") and w.dim() == 2)
     rest = sum(w.numel() * w.element_size() for name, w in model.weights.items()
                if not (name.startswith("layers.") and w.dim() == 2))
+    read = []
+    tensor = SourceModel.tensor
+    monkeypatch.setattr(SourceModel, "tensor", lambda self, name: read.append(name) or tensor(self, name))
     assert main(["inspect", str(tiny_hf)]) == 0
+    assert read and all(not name.startswith("layers.") or name.startswith("layers.0.") for name in read), read
     lines = {line[:12].strip(): line[13:] for line in capsys.readouterr().out.splitlines()}
     assert lines["float maps"].startswith(f"{maps * 4 / 1e6:.2f} MB for {maps / 1e6:.2f} M weights"), lines
     assert lines["other"].startswith(f"{rest / 1e6:.2f} MB (embedding, head, norms)"), lines

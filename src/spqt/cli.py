@@ -214,11 +214,28 @@ def _end_tokens(model) -> str:
     return ", ".join(f"{i} {tok.backend.id_to_token(i)}" for i in stops) or "none"
 
 
+def _inspected_model(path: Path):
+    """(model, times): a .spqt whole (memory-mapped), times(name) 1; a GGUF's or HF folder's configuration, tokenizer
+    and weights outside the layers with layer 0's alone (float32), times(name) n_layers for a layer's tensor: every
+    layer has layer 0's shapes, so the others are counted, not read (a 70B's maps in float32 would be 280 GB)."""
+    from spqt.checkpoint import LoadedModel, fused_layer_weights, is_gguf, load_model
+    from spqt.sources import open_source
+
+    if path.is_file() and not is_gguf(path):
+        return load_model(path), lambda name: 1
+    source = open_source(path)
+    weights = {name: source.tensor(name) for name in ("tok_embeddings", "norm", "output") if name in source.names}
+    weights |= fused_layer_weights(source, 0)
+    model = LoadedModel(config=source.config, tokenizer=source.tokenizer, weights=weights, parts={},
+                        provenance=dict(source.provenance))
+    return model, lambda name: source.config.n_layers if name.startswith("layers.") else 1
+
+
 def cmd_inspect(args) -> int:
-    from spqt.checkpoint import QuantizedWeight, load_model
+    from spqt.checkpoint import QuantizedWeight
 
     path = _model_path(args.model)
-    model = load_model(path)
+    model, times = _inspected_model(path)
     c = model.config
     print(f"model        {args.model}")
     print(f"kind         {model.kind}")
@@ -252,10 +269,10 @@ def cmd_inspect(args) -> int:
                 rows.append((name, f"{w.fmt} {w.layout}", f"{n}x{k}", f"{8 * w.nbytes / (n * k):.2f}"))
         else:
             if name.startswith("layers.") and w.dim() == 2:  # a linear map kept in float (a GGUF's or HF model's)
-                float_bytes += w.numel() * w.element_size()
-                float_weights += w.numel()
+                float_bytes += times(name) * w.numel() * w.element_size()
+                float_weights += times(name) * w.numel()
             else:
-                other_bytes += w.numel() * w.element_size()
+                other_bytes += times(name) * w.numel() * w.element_size()
             if not name.startswith("layers.") or name.startswith("layers.0."):
                 rows.append((name, str(w.dtype).replace("torch.", ""), "x".join(map(str, w.shape)), ""))
     per_group = _types_per_group(model.weights)
