@@ -215,27 +215,27 @@ def _end_tokens(model) -> str:
 
 
 def _inspected_model(path: Path):
-    """(model, times): a .spqt whole (memory-mapped), times(name) 1; a GGUF's or HF folder's configuration, tokenizer
-    and weights outside the layers with layer 0's alone (float32), times(name) n_layers for a layer's tensor: every
-    layer has layer 0's shapes, so the others are counted, not read (a 70B's maps in float32 would be 280 GB)."""
+    """(model, layers_counted, stored_types): a .spqt whole (memory-mapped), 1, {}; a GGUF's or HF folder's
+    configuration, tokenizer and weights outside the layers with layer 0's alone (float32), n_layers (each layer has
+    layer 0's shapes, so the others are counted, not read: a 70B's maps in float32 would be 280 GB) and a GGUF's
+    SourceModel.stored_types."""
     from spqt.checkpoint import LoadedModel, fused_layer_weights, is_gguf, load_model
     from spqt.sources import open_source
 
     if path.is_file() and not is_gguf(path):
-        return load_model(path), lambda name: 1
+        return load_model(path), 1, {}
     source = open_source(path)
     weights = {name: source.tensor(name) for name in ("tok_embeddings", "norm", "output") if name in source.names}
     weights |= fused_layer_weights(source, 0)
     model = LoadedModel(config=source.config, tokenizer=source.tokenizer, weights=weights, parts={},
                         provenance=dict(source.provenance))
-    return model, lambda name: source.config.n_layers if name.startswith("layers.") else 1
+    return model, source.config.n_layers, source.stored_types
 
 
 def cmd_inspect(args) -> int:
     from spqt.checkpoint import QuantizedWeight
 
-    path = _model_path(args.model)
-    model, times = _inspected_model(path)
+    model, layers_counted, stored = _inspected_model(_model_path(args.model))
     c = model.config
     print(f"model        {args.model}")
     print(f"kind         {model.kind}")
@@ -261,6 +261,7 @@ def cmd_inspect(args) -> int:
     quant_bytes = quant_weights = other_bytes = float_bytes = float_weights = 0
     rows = []
     for name, w in model.weights.items():
+        times = layers_counted if name.startswith("layers.") else 1  # (the layers not read, where layer 0's alone)
         if isinstance(w, QuantizedWeight):
             n, k = w.shape
             quant_bytes += w.nbytes
@@ -269,10 +270,10 @@ def cmd_inspect(args) -> int:
                 rows.append((name, f"{w.fmt} {w.layout}", f"{n}x{k}", f"{8 * w.nbytes / (n * k):.2f}"))
         else:
             if name.startswith("layers.") and w.dim() == 2:  # a linear map kept in float (a GGUF's or HF model's)
-                float_bytes += times(name) * w.numel() * w.element_size()
-                float_weights += times(name) * w.numel()
+                float_bytes += times * w.numel() * w.element_size()
+                float_weights += times * w.numel()
             else:
-                other_bytes += times(name) * w.numel() * w.element_size()
+                other_bytes += times * w.numel() * w.element_size()
             if not name.startswith("layers.") or name.startswith("layers.0."):
                 rows.append((name, str(w.dtype).replace("torch.", ""), "x".join(map(str, w.shape)), ""))
     per_group = _types_per_group(model.weights)
@@ -290,10 +291,7 @@ def cmd_inspect(args) -> int:
     if float_weights:
         print(f"float maps   {float_bytes / 1e6:.2f} MB for {float_weights / 1e6:.2f} M weights, as loaded "
               f"(spqt quantize stores them in blocks)")
-    if model.provenance.get("source_format") == "gguf":  # the file's own blocks, which the float rows above hide
-        from spqt.sources import gguf_stored_types
-
-        stored = gguf_stored_types(path)
+    if stored:  # a GGUF's own blocks, which the float rows above hide
         weights, nbytes = sum(c[1] for c in stored.values()), sum(c[2] for c in stored.values())
         print("file types   " + ", ".join(f"{name} {count} tensor{'s' * (count > 1)}"
                                          for name, (count, _, _) in stored.items())

@@ -307,6 +307,7 @@ class SourceModel:
     # the storage types of the layers' weight matrices, as the file names them ("Q4_K", "F16", ...): a GGUF's
     # quantized ones are rounded already (empty for a Hugging Face checkpoint, which holds floats)
     weight_types: tuple[str, ...] = ()
+    stored_types: dict = field(default_factory=dict)  # a GGUF's: _stored_types (empty for an HF folder)
 
     def tensor(self, name: str) -> torch.Tensor:
         """The float32 tensor under a canonical name (read on demand, not cached); SpqtError where it holds NaN or
@@ -716,7 +717,7 @@ def _open_gguf(path: Path) -> SourceModel:
                                  if n.startswith("layers.") and n.rsplit(".", 1)[1] in _GGUF_NAMES.values()
                                  and len(tensors[gguf_name[n]].shape) == 2}))
     return SourceModel(config=config, tokenizer=tokenizer, provenance=provenance, _loader=loader,
-                       names=names, weight_types=weight_types)
+                       names=names, weight_types=weight_types, stored_types=_stored_types(tensors))
 
 
 def _gguf_gemma3(field_value, size, path: Path, n_layers: int, dim: int, n_heads: int, head_dim: int) -> dict:
@@ -901,11 +902,9 @@ def _gguf_factors(path: Path, tensors: dict, name: str, n: int) -> tuple[float, 
     return values
 
 
-def gguf_stored_types(path: Path) -> dict[str, tuple[int, int, int]]:
-    """A GGUF's tensors by the type they are stored in (every file of a split one): type name (gguf's, e.g. Q4_1,
-    F32) -> (tensors, weights, bytes), the most bytes first. Reads the header alone, no tensor data."""
-    reader = _read_gguf(path)
-    tensors, _ = _gguf_split(path, reader, _gguf_tensor_table(reader, path))
+def _stored_types(tensors: dict) -> dict[str, tuple[int, int, int]]:
+    """A GGUF's tensors (name -> ReaderTensor, every file of a split one) by the type they are stored in: type name
+    (gguf's, e.g. Q4_1, F32) -> (tensors, weights, bytes), the most bytes first. From the header alone."""
     by_type: dict[str, list[int]] = {}
     for t in tensors.values():
         counts = by_type.setdefault(t.tensor_type.name, [0, 0, 0])
