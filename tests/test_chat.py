@@ -7,10 +7,13 @@ the concatenation of the expected answers, each followed by a line end."""
 
 import io
 import os
+import pty
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,6 +100,52 @@ def test_piped_turns_are_a_fresh_generate_of_the_whole_conversation(tiny_spqt, m
     assert re.search(r"\b0 reused\b", figures[0]) and int(re.search(r"(\d+) reused", figures[1])[1]) > 0, figures
     assert err.splitlines()[0].startswith("[q4_k-zigzag, cpu") and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran
+
+
+def read_until(fd: int, want: bytes, seen: bytes = b"", timeout: float = 120) -> bytes:
+    """What the terminal's master end `fd` gave, `seen` first, up to the first `want` past it (all of it to the end
+    where want is b"")."""
+    start, deadline = len(seen), time.monotonic() + timeout
+    while not want or want not in seen[start:]:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"{want!r} never came: {seen!r}"
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the other end closed
+            chunk = b""
+        if not chunk:
+            assert not want, f"{want!r} never came: {seen!r}"
+            return seen
+        seen += chunk
+    return seen
+
+
+def test_a_terminal_pastes_several_lines_as_one_message_and_ctrl_d_ends_the_line(tiny_spqt, model, tmp_path):
+    """On a terminal (stdin, stdout and stderr a pseudo-terminal, readline's): the prompt turns bracketed paste on
+    (Python's readline turns it off), so a paste of two lines is one message (its answer's prompt is that of the
+    message of two lines; before, each line was a turn); Ctrl-D at the prompt ends its line (readline does, in that
+    mode: the shell's prompt went on after the `> `) and the chat, exit 0."""
+    _, _, prompt = fresh(model, ["hi\nthe quick fox"])
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "spqt.cli", "chat", str(tiny_spqt), "-n", str(N), "--device",
+                             "cpu", "--ctx", str(CTX), *GEMV], stdin=slave, stdout=slave, stderr=slave, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TERM": "xterm"})
+    os.close(slave)
+    try:
+        seen = read_until(master, b"> ")
+        assert b"\x1b[?2004h" in seen, seen  # (a terminal marks a paste only where the program asks it to)
+        os.write(master, b"\x1b[200~hi\nthe quick fox\x1b[201~\r")
+        seen = read_until(master, b"> ", read_until(master, b"[answer ", seen))
+        os.write(master, b"\x04")
+        seen = read_until(master, b"", seen)
+        assert proc.wait(timeout=60) == 0, seen
+    finally:
+        proc.kill()
+        os.close(master)
+    text = seen.decode(errors="replace")
+    figures = re.findall(r"\[answer .*? prompt (\d+) tokens", text)
+    assert figures == [str(len(prompt))] and "Traceback" not in text, text
+    assert "\n" in text[text.rindex("> "):], text
 
 
 def test_the_second_turn_prefills_only_what_the_cache_does_not_hold(model, monkeypatch):

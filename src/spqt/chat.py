@@ -41,6 +41,7 @@ HELP = """\
 /help           this list
 //TEXT          sends /TEXT as the message (a message that starts with /)
 \"\"\"             begins a message of several lines, which a line ending with \"\"\" ends (as ollama reads them)
+                (a paste of several lines is one message too, where the terminal marks pastes)
 Ctrl-C          stops an answer (a second one ends spqt); at the prompt it ends the chat"""
 
 
@@ -212,11 +213,15 @@ def line_reader(stdin: TextIO, stdin_tty: bool, stdout_tty: bool, err: TextIO,
     """A function that returns the next line of input without its line end, None at its end (Ctrl-C raises
     KeyboardInterrupt). From a terminal, `prompt` first: where stdout is the terminal too, readline's line editing
     and history (where Python has readline), whose prompt it draws itself on stdout (redrawn as the line is edited;
-    nothing there is captured); else on `err`. Not from a terminal (a pipe, a file): lines of UTF-8, whatever the
-    locale, with no prompt; a line that is not UTF-8 is a SpqtError."""
+    nothing there is captured), and a paste of several lines is one line (GNU readline's bracketed paste); else the
+    prompt goes to `err`. Not from a terminal (a pipe, a file): lines of UTF-8, whatever the locale, with no prompt;
+    a line that is not UTF-8 is a SpqtError."""
     if stdin_tty:
         if stdout_tty and importlib.util.find_spec("readline") is not None:
-            importlib.import_module("readline")  # input() edits lines and keeps their history once it is imported
+            readline = importlib.import_module("readline")  # input() edits lines and keeps their history once imported
+            if "libedit" not in (readline.__doc__ or ""):  # GNU readline: a paste of several lines is one message,
+                # and Ctrl-D ends the prompt's line (Python turns bracketed paste off, for its REPL)
+                readline.parse_and_bind("set enable-bracketed-paste on")
 
         def ask() -> str | None:
             if not stdout_tty:
