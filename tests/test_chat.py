@@ -148,6 +148,24 @@ def test_a_terminal_pastes_several_lines_as_one_message_and_ctrl_d_ends_the_line
     assert "\n" in text[text.rindex("> "):], text
 
 
+def test_ctrl_d_ends_the_prompts_line_where_readline_does_not_draw_it(monkeypatch):
+    """`spqt chat > log` from a terminal: the prompt goes to stderr and input() reads without readline, so Ctrl-D
+    left the shell's prompt after the `> `; now a line end follows it."""
+    from spqt.chat import line_reader
+
+    typed = ["hi"]
+
+    def ctrl_d_after_typed(prompt=""):
+        if not typed:
+            raise EOFError
+        return typed.pop(0)
+
+    monkeypatch.setattr("builtins.input", ctrl_d_after_typed)
+    err = io.StringIO()
+    read = line_reader(io.StringIO(), True, False, err)
+    assert (read(), read(), err.getvalue()) == ("hi", None, "> > \n")
+
+
 def test_the_second_turn_prefills_only_what_the_cache_does_not_hold(model, monkeypatch):
     """The second turn reuses the KV cache: the tokens prefilled (counted at Generator._prefill) are the prompt less
     its common prefix with what the first turn left in the cache (its prompt and answer, less the answer's last

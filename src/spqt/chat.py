@@ -21,6 +21,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -214,14 +215,15 @@ def line_reader(stdin: TextIO, stdin_tty: bool, stdout_tty: bool, err: TextIO,
     KeyboardInterrupt). From a terminal, `prompt` first: where stdout is the terminal too, readline's line editing
     and history (where Python has readline), whose prompt it draws itself on stdout (redrawn as the line is edited;
     nothing there is captured), and a paste of several lines is one line (GNU readline's bracketed paste); else the
-    prompt goes to `err`. Not from a terminal (a pipe, a file): lines of UTF-8, whatever the locale, with no prompt;
-    a line that is not UTF-8 is a SpqtError."""
+    prompt goes to `err`; Ctrl-D ends the prompt's line. Not from a terminal (a pipe, a file): lines of UTF-8,
+    whatever the locale, with no prompt; a line that is not UTF-8 is a SpqtError."""
     if stdin_tty:
+        bracketed = False  # GNU readline's bracketed paste on (which ends the prompt's line at Ctrl-D itself)
         if stdout_tty and importlib.util.find_spec("readline") is not None:
             readline = importlib.import_module("readline")  # input() edits lines and keeps their history once imported
-            if "libedit" not in (readline.__doc__ or ""):  # GNU readline: a paste of several lines is one message,
-                # and Ctrl-D ends the prompt's line (Python turns bracketed paste off, for its REPL)
-                readline.parse_and_bind("set enable-bracketed-paste on")
+            bracketed = "libedit" not in (readline.__doc__ or "")
+            if bracketed:  # a paste of several lines is one message
+                readline.parse_and_bind("set enable-bracketed-paste on")  # (Python turns it off, for its REPL)
 
         def ask() -> str | None:
             if not stdout_tty:
@@ -229,7 +231,11 @@ def line_reader(stdin: TextIO, stdin_tty: bool, stdout_tty: bool, err: TextIO,
                 err.flush()
             try:
                 return input(prompt if stdout_tty else "")
-            except EOFError:
+            except EOFError:  # Ctrl-D: the prompt's line ends, so the shell's prompt starts a line of its own
+                if not bracketed:
+                    screen = sys.stdout if stdout_tty else err
+                    screen.write("\n")
+                    screen.flush()
                 return None
 
         return ask
