@@ -102,19 +102,19 @@ def test_piped_turns_are_a_fresh_generate_of_the_whole_conversation(tiny_spqt, m
     assert list(tmp_path.iterdir()) == []  # nothing written where it ran
 
 
-def read_until(fd: int, want: bytes, seen: bytes = b"", timeout: float = 120) -> bytes:
-    """What the terminal's master end `fd` gave, `seen` first, up to the first `want` past it (all of it to the end
-    where want is b"")."""
-    start, deadline = len(seen), time.monotonic() + timeout
-    while not want or want not in seen[start:]:
+def read_until(fd: int, done, seen: bytes = b"", timeout: float = 120) -> bytes:
+    """What the terminal's master end `fd` gave, `seen` first, up to where done(all of it) holds (None: to the
+    end)."""
+    deadline = time.monotonic() + timeout
+    while done is None or not done(seen):
         ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"{want!r} never came: {seen!r}"
+        assert ready, f"timed out: {seen!r}"
         try:
             chunk = os.read(fd, 4096)
         except OSError:  # EIO: the other end closed
             chunk = b""
         if not chunk:
-            assert not want, f"{want!r} never came: {seen!r}"
+            assert done is None, f"the end came first: {seen!r}"
             return seen
         seen += chunk
     return seen
@@ -132,12 +132,12 @@ def test_a_terminal_pastes_several_lines_as_one_message_and_ctrl_d_ends_the_line
                             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "TERM": "xterm"})
     os.close(slave)
     try:
-        seen = read_until(master, b"> ")
+        seen = read_until(master, lambda seen: seen.endswith(b"> "))  # (the prompt waits for a line)
         assert b"\x1b[?2004h" in seen, seen  # (a terminal marks a paste only where the program asks it to)
         os.write(master, b"\x1b[200~hi\nthe quick fox\x1b[201~\r")
-        seen = read_until(master, b"> ", read_until(master, b"[answer ", seen))
+        seen = read_until(master, lambda seen: b"[answer " in seen and seen.endswith(b"> "), seen)
         os.write(master, b"\x04")
-        seen = read_until(master, b"", seen)
+        seen = read_until(master, None, seen)
         assert proc.wait(timeout=60) == 0, seen
     finally:
         proc.kill()
