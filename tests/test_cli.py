@@ -658,6 +658,36 @@ def test_interrupt_while_starting_is_one_line(capsys, monkeypatch):
     assert capsys.readouterr().err.strip().splitlines() == ["spqt: interrupted"]
 
 
+def test_ctrl_c_in_generate_ends_the_texts_line(tiny_spqt, capsys, monkeypatch):
+    """Ctrl-C (SIGINT at the third decode step) while generate streams: exit 130, the text so far and a line end on
+    stdout (`spqt: interrupted` went on after the text, on its line), one line on stderr after the model line."""
+    import signal
+
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator
+    from spqt.tokenizer import TextTokenizer
+
+    loaded = load_spqt(tiny_spqt)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    tokens = Generator(loaded, "cpu", max_len=64).generate(tok.encode("once upon a time"), 3).tokens
+    # the prefill's token and two steps' come out, less a character that their bytes leave unfinished
+    shown = next(text for k in (3, 2, 1, 0) if not (text := tok.decode(tokens[:k])).endswith("\ufffd"))
+    assert shown and not shown.endswith("\n") and not set(tokens) & set(tok.stop_ids)  # the test's premise
+    steps, real = [], Generator.decode_step
+
+    def step(self, token, pos):
+        steps.append(pos)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, token, pos)
+
+    monkeypatch.setattr(Generator, "decode_step", step)
+    capsys.readouterr()
+    assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "20", "--device", "cpu"]) == 130
+    out, err = capsys.readouterr()
+    assert out == shown + "\n" and err.splitlines()[1:] == ["spqt: interrupted"], (out, err)
+
+
 def test_auto_without_a_recommendation_decodes_dense(tiny_spqt, capsys):
     assert main(["generate", str(tiny_spqt), "-p", "hi", "-n", "2", "--sparsity", "auto", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()

@@ -583,7 +583,13 @@ def cmd_generate(args) -> int:
             sys.stdout.flush()
             shown[0] = text
 
-    result = gen.generate(prompt, args.n, sampling, stop_ids=stops, on_token=stream, track=run.track)
+    try:
+        result = gen.generate(prompt, args.n, sampling, stop_ids=stops, on_token=stream, track=run.track)
+    except KeyboardInterrupt:  # Ctrl-C: the text's line ends, as at the end, before main's `spqt: interrupted`
+        if shown[0]:
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        raise
     text = tok.decode(produced)
     sys.stdout.write(text[len(shown[0]):] + "\n")  # an unfinished character at the end, then the line
     sys.stdout.flush()
