@@ -310,6 +310,31 @@ def test_ctrl_c_stops_the_answer_and_keeps_it(tiny_spqt, model, monkeypatch, cap
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
+def test_ctrl_c_while_the_message_prefills_stops_at_once_and_keeps_nothing(tiny_spqt, model, monkeypatch, capsys):
+    """Ctrl-C (SIGINT) while the first message prefills: the prefill stops there (it went on to the answer's first
+    token, which asks should_stop, and kept an empty answer: a long message's Ctrl-C showed nothing for the whole
+    prefill), one note line, nothing on stdout; the next message is answered as the first of the conversation, its
+    prompt computed whole (the cache half written is not reused)."""
+    from spqt.generate import Generator
+
+    _, after, _ = fresh(model, ["what is the king?"])
+    prefills, real = [], Generator._prefill
+
+    def prefill(self, prompt, start=0, capture=False):
+        prefills.append(start)
+        if len(prefills) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, prompt, start, capture)
+
+    monkeypatch.setattr(Generator, "_prefill", prefill)
+    code, out, err = chat(monkeypatch, capsys, tiny_spqt, b"hi\nwhat is the king?\n")
+    assert code == 0 and out == after + "\n", err
+    assert "[stopped before the answer began: the message is not in the conversation]" in err.splitlines(), err
+    figures = [line for line in err.splitlines() if line.startswith("[answer ")]
+    assert len(figures) == 1 and " 0 reused" in figures[0] and prefills == [0, 0], (figures, prefills)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_ctrl_c_at_the_prompt_ends_the_chat(tiny_spqt, model, monkeypatch, capsys):
     """Ctrl-C while the next line is read: exit 0 after the answers so far, no traceback, no `interrupted`."""
     _, hi, _ = fresh(model, ["hi"])

@@ -43,7 +43,8 @@ HELP = """\
 //TEXT          sends /TEXT as the message (a message that starts with /)
 \"\"\"             begins a message of several lines, which a line ending with \"\"\" ends (as ollama reads them)
                 (a paste of several lines is one message too, where the terminal marks pastes)
-Ctrl-C          stops an answer (a second one ends spqt); at the prompt it ends the chat"""
+Ctrl-C          stops an answer (a second one ends spqt; before its first token, the message is not kept);
+                at the prompt it ends the chat"""
 
 
 MANY_LINES = '"""'
@@ -189,10 +190,15 @@ def stats_line(turn: Turn) -> str:
             f"{achieved}{stopped}]")
 
 
+class StoppedEarly(KeyboardInterrupt):
+    """A Ctrl-C before the answer's first token (while its prompt prefills, which asks no should_stop)."""
+
+
 @contextlib.contextmanager
-def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
-    """Within the block a Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt; a second one, the event
-    set already, raises it as usual. Off the main thread, where Python takes no signal handler, nothing changes."""
+def ctrl_c_sets(event: threading.Event, started: Callable[[], bool] = lambda: True) -> Iterator[None]:
+    """Within the block a Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt, and raises StoppedEarly
+    where started() is not true yet; a second one, the event set already, raises KeyboardInterrupt as usual. Off the
+    main thread, where Python takes no signal handler, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -201,6 +207,8 @@ def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
         if event.is_set():
             raise KeyboardInterrupt
         event.set()
+        if not started():
+            raise StoppedEarly
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -313,13 +321,21 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
             else:
                 say(f"spqt: error: unknown command {command}; /help lists the commands")
             continue
-        stop, shown = threading.Event(), False
+        stop, started, shown = threading.Event(), threading.Event(), False
+
+        def should_stop() -> bool:  # (asked at each new token: the first one's starts the answer)
+            started.set()
+            return stop.is_set()
+
         try:
-            with ctrl_c_sets(stop):
-                turn = chat.reply(text, on_text=show, should_stop=stop.is_set,
+            with ctrl_c_sets(stop, started.is_set):
+                turn = chat.reply(text, on_text=show, should_stop=should_stop,
                                   on_dropped=lambda n: say(f"spqt: note: the conversation outgrew the context of "
                                                            f"{chat.generator.max_len} tokens: the oldest {n} "
                                                            f"turn{'s' if n > 1 else ''} dropped"))
+        except StoppedEarly:  # (the KV cache holds nothing a later turn reuses then: Generator.generate's _kept)
+            say("[stopped before the answer began: the message is not in the conversation]")
+            continue
         except SpqtError as e:
             if shown:  # (logits that are not finite, halfway through the answer)
                 show("\n")
