@@ -448,7 +448,8 @@ def run_gemv_benchmark(shapes, sparsities, variants, json_path=None, plot_path=N
             _print_shape(res, log)
     report = {"benchmark": "gemv", "device": torch.cuda.get_device_name(), "sms": props.multi_processor_count,
               "l2_bytes": l2, "copy_gbps": copy_gbps, "torch": torch.__version__, "triton": triton.__version__,
-              "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "table": tuning.table_source(),
               "method": "CUDA-graph replay of >=16 calls over weight copies > 4x L2, CUDA events, median of 30; a "
                         "shape's first sequence timed once untimed before",

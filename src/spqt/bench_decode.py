@@ -478,7 +478,8 @@ def run_decode_benchmark(args, json_path=None, log=print) -> dict:
     for line in compare_with_dense(rows):
         log(line)
     report = {"benchmark": "decode", "device": torch.cuda.get_device_name(), "copy_gbps": copy_gbps,
-              "commit": git_commit(), "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+              "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "method": "greedy decode, CUDA graph per step, median of per-step synchronised wall times; "
                         "floor = bytes needed / copy GB/s (bytes read + written, as the GEMV benchmark); "
                         + ("rows one after another in one process" if one_process

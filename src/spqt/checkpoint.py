@@ -338,7 +338,7 @@ def quantize_source(source: SourceModel, fmt: str = "q4_k", layout: str = "zigza
     if record is not None:
         provenance["gptq"] = record
     provenance.update({"quantization": fmt, "head": head_fmt or "fp16", "tool": f"spqt {spqt.__version__}",
-                       "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")})
+                       "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
     model = LoadedModel(config=cfg, tokenizer=source.tokenizer, weights=weights, parts=parts, provenance=provenance,
                         column_norms=norms)
     model.ensure_column_norms()

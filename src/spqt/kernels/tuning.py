@@ -500,7 +500,7 @@ def save_table(entries: dict, key: str | None = None, path: Path | None = None) 
     path = path or user_table_path(key)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": torch.cuda.get_device_name(), "key": key or device_key(), "kernel_version": KERNEL_VERSION,
-           "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), "entries": entries}
+           "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "entries": entries}
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n"))
     _load_table.cache_clear()
     return path
