@@ -1662,7 +1662,9 @@ def test_scheduler_runs_jobs_one_at_a_time_in_order_and_drops_cancelled_ones():
             scheduler.submit(job)
         jobs[2].cancel()  # still queued behind job0: dropped unrun
         gate.set()
-        events = [[await job.events.get() for _ in range(1 if job is jobs[2] else 2)] for job in jobs]
+        events = []
+        for job in jobs:  # (a loop, not nested comprehensions: an await in the inner one is a SyntaxError on 3.10)
+            events.append([await job.events.get() for _ in range(1 if job is jobs[2] else 2)])
         scheduler.close()
         # the HTTP side cancels a job when it stops reading it, also after its last event: that job stays uncancelled
         # (else its stream, when the worker had not yet returned, lost its data: [DONE])
