@@ -1,4 +1,5 @@
-"""What an installed (non-editable) spqt needs: source that runs on the oldest Python that pyproject admits."""
+"""What an installed (non-editable) spqt meets: source that runs on the oldest Python that pyproject admits, and
+benchmark provenance taken from the package's checkout, not the working directory."""
 
 import subprocess
 import sys
@@ -16,3 +17,17 @@ def test_source_runs_on_the_oldest_admitted_python():
                           "--violations", "--eval-annotations", f"--target={oldest}-", str(SRC)],
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_benchmark_commit_is_the_packages_not_the_working_directorys(tmp_path, monkeypatch):
+    """A benchmark run from another git checkout records the commit of the spqt it ran, not that checkout's."""
+    from spqt.bench import git_commit
+
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run([*git, "-C", str(tmp_path), "commit", "-q", "--allow-empty", "-m", "other"], check=True)
+    other = subprocess.run(["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True, check=True).stdout.strip()
+    monkeypatch.delenv("SPQT_COMMIT", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert not git_commit().startswith(other)

@@ -403,15 +403,18 @@ def bench_type_shape(ws: list[GpuZigzag], x: torch.Tensor, sparsities, variants)
 
 def git_commit() -> str:
     """The commit the benchmark ran on: $SPQT_COMMIT when set (the device machine's copy of the tree
-    carries git metadata of an older commit: pass the hash in the command), else git's HEAD."""
+    carries git metadata of an older commit: pass the hash in the command), else HEAD of the checkout that holds
+    this package (not of the working directory's: an installed spqt is in none, "unknown")."""
     import os
 
     if os.environ.get("SPQT_COMMIT"):
         return os.environ["SPQT_COMMIT"]
+    here = Path(__file__).parent
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "src"], capture_output=True,
-                               text=True, check=True).stdout.strip()
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "."], capture_output=True,
+                               text=True, check=True, cwd=here).stdout.strip()
         return head.stdout.strip() + ("+uncommitted" if dirty else "")
     except Exception:
         return "unknown"
