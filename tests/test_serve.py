@@ -1572,6 +1572,49 @@ def test_sigterm_stops_the_server_cleanly_mid_stream(tiny_hf, tmp_path):
     assert seconds < 10, f"{seconds:.1f} s to stop"
 
 
+def test_a_job_cancelled_while_its_prompt_prefills_ends_before_the_next_layer(tiny_hf, caplog):
+    """A client that leaves (or a server that stops) during a long prefill frees the model within a layer: a
+    5,500-token prompt of the default model prefilled for 20 s on the 2-core CPU after SIGTERM (the server took 19 s to
+    exit, its log a flood of tracebacks). The cache it leaves is not reused: the next prompt gets a whole prefill's
+    answer."""
+    from spqt.checkpoint import load_model
+    from spqt.generate import Sampling
+    from spqt.serve.engine import Engine
+    from spqt.serve.scheduler import Job
+
+    engine = Engine(load_model(tiny_hf), "cpu", 0.0, ctx=64)
+    layers = engine.generator.model.layers
+    prompt, ran = [3, 5, 7, 9, 11, 13], []
+
+    async def scenario(job_cancelled_in_layer: int | None) -> tuple[list, list]:
+        job = Job(prompt, 8, Sampling(0.0), [], "POST /v1/completions", asyncio.get_running_loop())
+        ran.clear()
+
+        def layer_runs(module, args):
+            ran.append(module)
+            if job_cancelled_in_layer is not None and module is layers[job_cancelled_in_layer]:
+                job.cancel(client_gone=True)
+
+        hooks = [layer.register_forward_pre_hook(layer_runs) for layer in layers]
+        try:
+            engine.run(job)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        await asyncio.sleep(0)  # (the worker's events land in the loop)
+        return [job.events.get_nowait() for _ in range(job.events.qsize())], list(ran)
+
+    with caplog.at_level(logging.INFO, logger="spqt.serve"):
+        events, run_layers = asyncio.run(scenario(0))
+    assert events == [("cancelled", None)]
+    assert run_layers == [layers[0]], f"{len(run_layers)} layers ran after the cancel"  # the prefill's first alone
+    assert "cancelled (client gone) after prompt 6 + completion 0 tokens" in caplog.text, caplog.text
+    events, _ = asyncio.run(scenario(None))
+    assert events[-1][0] == "done" and events[-1][1].cached_tokens == 0
+    fresh = engine.generator.generate(prompt, 8, Sampling(0.0), stop_ids=engine.stop_ids)
+    assert events[-1][1].tokens == fresh.tokens
+
+
 def test_text_stream_holds_back_stop_strings_and_split_characters():
     from spqt.serve.text import TextStream
 

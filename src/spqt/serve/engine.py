@@ -205,7 +205,8 @@ class Engine:
 
         result = self.generator.generate(job.prompt, job.max_tokens, job.sampling, stop_ids=self.stop_ids,
                                          on_token=on_token, track=self.track, reuse=self.prompt_cache,
-                                         on_logits=steps.observe if steps else None)
+                                         on_logits=steps.observe if steps else None,
+                                         should_stop=job.cancelled.is_set)  # (a long prefill: layer by layer)
         if scoring:  # a dense pass left the prompt in the cache, which the prefill took up: the request's own work,
             # not an earlier request's (usage's cached_tokens), and the prompt's time is both passes'
             result = replace(result, prefill_seconds=scoring + result.prefill_seconds, cached_tokens=0)

@@ -3,7 +3,8 @@
 The HTTP side (asyncio) submits a Job and reads its events; the worker runs one job at a time, in
 arrival order, and posts each job's events to that job's own asyncio queue, so two requests'
 tokens can never mix. A job cancelled while queued is dropped unrun; one cancelled while running
-ends at its next token (the engine checks job.cancelled before every decode step).
+ends at its next token (the engine checks job.cancelled before every decode step and, on the CPU, before each layer of
+its prompt's prefill).
 """
 
 import asyncio
