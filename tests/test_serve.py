@@ -1615,6 +1615,31 @@ def test_a_job_cancelled_while_its_prompt_prefills_ends_before_the_next_layer(ti
     assert events[-1][1].tokens == fresh.tokens
 
 
+def test_a_job_that_ends_after_the_server_stopped_is_not_a_traceback(monkeypatch, caplog):
+    """The worker ends a job after the HTTP side's event loop closed (a prefill that outlasted the graceful shutdown):
+    its events reach no one and are dropped, instead of a RuntimeError ("Event loop is closed") logged as a failed
+    job with its traceback and a second one that killed the worker thread."""
+    from spqt.serve.scheduler import Job, Scheduler
+
+    died = []
+    monkeypatch.setattr(threading, "excepthook", died.append)
+
+    def run(job: Job) -> str:
+        job.emit("text", ("late", []))
+        job.emit("cancelled")
+        return "cancelled"
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    scheduler = Scheduler(run)
+    with caplog.at_level(logging.INFO, logger="spqt.serve"):
+        scheduler.submit(Job([1], 1, None, [], "POST /v1/completions", loop))
+        scheduler.close()
+    assert not died, died[0].exc_value
+    assert not [r for r in caplog.records if r.exc_info], caplog.text
+    assert scheduler.stats()["cancelled"] == 1
+
+
 def test_text_stream_holds_back_stop_strings_and_split_characters():
     from spqt.serve.text import TextStream
 

@@ -62,10 +62,15 @@ class Job:
     def emit(self, kind: str, value: Any = None) -> None:
         """Post an event from the worker thread to the HTTP side. The last event marks the job finished
         first, so that the HTTP side, which cancels a job once it stops reading, never cancels one it
-        read to the end (a stream would lose its `data: [DONE]`)."""
+        read to the end (a stream would lose its `data: [DONE]`). Where the HTTP side's loop is closed (the server
+        stopped before the job's last token), no one reads the event: it is dropped."""
         if kind != "text":
             self.finished.set()
-        self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
+        except RuntimeError:  # "Event loop is closed" (the worker's traceback, twice, at the end of the log)
+            if not self.loop.is_closed():
+                raise
 
     def cancel(self, client_gone: bool = False) -> None:
         """Client gone or server stopping: drop the job or end it at its next token (no-op once finished)."""
