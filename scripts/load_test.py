@@ -11,9 +11,7 @@ on any error or mismatch.
 """
 
 import argparse
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,6 +19,7 @@ import time
 from pathlib import Path
 
 from openai import OpenAI
+from serve_process import start_serve
 
 PROMPTS = [
     "The three primary colors are", "Write one sentence about the sea.", "The capital of France is",
@@ -122,17 +121,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
         # the prompt cache off: a reused prefix can turn a greedy near-tie, and the check compares tokens exactly
-        cmd = [sys.executable, "-m", "spqt.cli", "serve", *([args.model] if args.model else []), "--port", "0",
-               "--device", args.device, "--prompt-cache", "off"]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc, url, _ = start_serve(args.model, ["--device", args.device, "--prompt-cache", "off"], log)
         try:
-            while not (found := re.search(r"listening on (\S+)", log.read_text(errors="replace"))):
-                if proc.poll() is not None:
-                    print(log.read_text(errors="replace"), file=sys.stderr)
-                    return 2
-                time.sleep(0.5)
-            return run(found.group(1), args.api_key, args.clients, args.requests, args.max_tokens)
+            return run(url, args.api_key, args.clients, args.requests, args.max_tokens)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)

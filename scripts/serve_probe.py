@@ -20,13 +20,13 @@ servers' settings to start in turn (spqt serve --prompt-cache), each at every sp
 import argparse
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from openai import OpenAI
+from serve_process import start_serve
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
@@ -58,21 +58,6 @@ def probe(url: str, api_key: str, max_tokens: int, prompt: str, history: str = "
             "tokens_per_s": rate, "total_s": end - t0, "cached": (details.cached_tokens or 0) if details else 0}
 
 
-def start(model: str | None, device: str, sparsity: str, log: Path, extra: list[str]) -> tuple[subprocess.Popen, str,
-                                                                                             float]:
-    """spqt serve started on a free port: (the process, its URL, seconds from the start until it listens)."""
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "spqt.cli", "serve", *([model] if model else []), "--port", "0", "--device", device,
-           "--sparsity", sparsity, *extra]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    while not (found := re.search(r"listening on (\S+)", log.read_text(errors="replace"))):
-        if proc.poll() is not None:
-            raise SystemExit(f"spqt serve exited with {proc.returncode}:\n{log.read_text(errors='replace')}")
-        time.sleep(0.5)
-    return proc, found.group(1), time.perf_counter() - t0
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", help="probe this running server instead of starting one")
@@ -97,8 +82,9 @@ def main() -> int:
             for level in args.sparsity.split(","):
                 with tempfile.TemporaryDirectory() as tmp:
                     log = Path(tmp) / "serve.log"
-                    proc, url, ready_s = start(args.model, args.device, level.strip(), log,
-                                               [*extra, "--prompt-cache", cache.strip()])
+                    options = ["--device", args.device, "--sparsity", level.strip(), *extra, "--prompt-cache",
+                               cache.strip()]
+                    proc, url, ready_s = start_serve(args.model, options, log)
                     try:
                         row = probe(url, args.api_key, args.max_tokens, args.prompt, history)
                     finally:

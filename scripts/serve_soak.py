@@ -21,9 +21,7 @@ import argparse
 import json
 import platform
 import random
-import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from pathlib import Path
 
 import psutil
 from openai import OpenAI
+from serve_process import start_serve
 
 PROMPTS = ["The three primary colors are", "Write one sentence about the sea.", "The capital of France is",
            "List two fruits.", "Water boils at", "What is a prime number?", "Name a planet.", "Once upon a time"]
@@ -186,17 +185,9 @@ def main() -> int:
         return go(args.url, args.pid)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "serve.log"
-        cmd = [sys.executable, "-m", "spqt.cli", "serve", *([args.model] if args.model else []), "--port", "0",
-               "--device", "cpu", *args.serve_args.split()]
-        with open(log, "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        proc, url, _ = start_serve(args.model, ["--device", "cpu", *args.serve_args.split()], log)
         try:
-            while not (found := re.search(r"listening on (\S+)", log.read_text(errors="replace"))):
-                if proc.poll() is not None:
-                    print(log.read_text(errors="replace"), file=sys.stderr)
-                    return 2
-                time.sleep(0.5)
-            return go(found.group(1), proc.pid)
+            return go(url, proc.pid)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(60)
