@@ -297,6 +297,23 @@ def count_calls(monkeypatch, module, name: str) -> list:
     return calls
 
 
+def ctrl_c_at_decode_step(monkeypatch, n: int) -> None:
+    """Generator.decode_step patched to send this process SIGINT (a Ctrl-C) at its n-th call, before that step runs."""
+    import signal
+
+    from spqt.generate import Generator
+
+    steps, real = [], Generator.decode_step
+
+    def step(self, token, pos):
+        steps.append(pos)
+        if len(steps) == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(self, token, pos)
+
+    monkeypatch.setattr(Generator, "decode_step", step)
+
+
 def script_module(name: str):
     """scripts/<name>.py loaded as a module (the measurement scripts' tests)."""
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from spqt.cli import main
+from conftest import ctrl_c_at_decode_step
 
 N = 10  # new tokens an answer
 CTX = 256
@@ -287,22 +288,12 @@ def test_ctrl_c_stops_the_answer_and_keeps_it(tiny_spqt, model, monkeypatch, cap
     """Ctrl-C (SIGINT, sent at the third decode step) ends the answer at its next token: a line end, the figures
     line says stopped, and the next turn's answer is a fresh generate after the part that was shown; the loop goes on
     and the SIGINT handler is Python's own again afterwards."""
-    from spqt.generate import Generator
-
     _, tok, _ = model
     tokens, whole, prompt = fresh(model, ["hi"])
     part = shown_text(tok, prompt, tokens[:3])  # the prefill's token and two steps' come out; the third step's not
     assert part != whole and whole.startswith(part)
     _, after, _ = fresh(model, ["hi", part, "what is the king?"])
-    steps, real = [], Generator.decode_step
-
-    def step(self, token, pos):
-        steps.append(pos)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, token, pos)
-
-    monkeypatch.setattr(Generator, "decode_step", step)
+    ctrl_c_at_decode_step(monkeypatch, 3)
     code, out, err = chat(monkeypatch, capsys, tiny_spqt, b"hi\nwhat is the king?\n")
     assert code == 0 and out == part + "\n" + after + "\n"
     figures = [line for line in err.splitlines() if line.startswith("[answer ")]

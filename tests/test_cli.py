@@ -7,6 +7,7 @@ import os
 import pytest
 
 from spqt.cli import main
+from conftest import ctrl_c_at_decode_step
 
 
 def _error(capsys, argv, fragment):
@@ -670,8 +671,6 @@ def test_interrupt_while_starting_is_one_line(capsys, monkeypatch):
 def test_ctrl_c_in_generate_ends_the_texts_line(tiny_spqt, capsys, monkeypatch):
     """Ctrl-C (SIGINT at the third decode step) while generate streams: exit 130, the text so far and a line end on
     stdout (`spqt: interrupted` went on after the text, on its line), one line on stderr after the model line."""
-    import signal
-
     from spqt.checkpoint import load_spqt
     from spqt.generate import Generator
     from spqt.tokenizer import TextTokenizer
@@ -682,15 +681,7 @@ def test_ctrl_c_in_generate_ends_the_texts_line(tiny_spqt, capsys, monkeypatch):
     # the prefill's token and two steps' come out, less a character that their bytes leave unfinished
     shown = next(text for k in (3, 2, 1, 0) if not (text := tok.decode(tokens[:k])).endswith("\ufffd"))
     assert shown and not shown.endswith("\n") and not set(tokens) & set(tok.stop_ids)  # the test's premise
-    steps, real = [], Generator.decode_step
-
-    def step(self, token, pos):
-        steps.append(pos)
-        if len(steps) == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(self, token, pos)
-
-    monkeypatch.setattr(Generator, "decode_step", step)
+    ctrl_c_at_decode_step(monkeypatch, 3)
     capsys.readouterr()
     assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "20", "--device", "cpu"]) == 130
     out, err = capsys.readouterr()
