@@ -1609,6 +1609,7 @@ def test_a_job_cancelled_while_its_prompt_prefills_ends_before_the_next_layer(ti
     assert events == [("cancelled", None)]
     assert run_layers == [layers[0]], f"{len(run_layers)} layers ran after the cancel"  # the prefill's first alone
     assert "cancelled (client gone) after prompt 6 + completion 0 tokens" in caplog.text, caplog.text
+    assert "prefill stopped, decode" in caplog.text, caplog.text  # (not a rate over the whole prompt)
     events, _ = asyncio.run(scenario(None))
     assert events[-1][0] == "done" and events[-1][1].cached_tokens == 0
     fresh = engine.generator.generate(prompt, 8, Sampling(0.0), stop_ids=engine.stop_ids)

@@ -242,9 +242,11 @@ class Engine:
         achieved = f" (achieved {100 * result.sparsity['all']:.1f}%)" if result.sparsity else ""
         cached = f" ({result.cached_tokens} cached)" if result.cached_tokens else ""
         echo = ", prompt echoed" + (" and scored" if job.logprobs is not None else "") if job.echo is not None else ""
+        # (a job cancelled before its first token stopped within its prefill: no rate over the whole prompt)
+        prefill = ("prefill stopped" if job.cancelled.is_set() and not n
+                   else f"prefill {result.prefill_tokens_per_s:.0f} tokens/s")
         figures = (f"prompt {result.prompt_tokens}{cached} + completion {n} tokens in {seconds:.2f} s{echo}, "
-                   f"prefill {result.prefill_tokens_per_s:.0f} tokens/s, decode {result.decode_tokens_per_s:.1f} tokens/s, "
-                   f"{self.sparsity_label()}{achieved}")
+                   f"{prefill}, decode {result.decode_tokens_per_s:.1f} tokens/s, {self.sparsity_label()}{achieved}")
         job.report(result, seconds)
         if job.cancelled.is_set():
             log.info("%s cancelled (%s) after %s", job.label, job.cancel_reason, figures)
