@@ -344,6 +344,30 @@ def test_ctrl_c_at_the_prompt_ends_the_chat(tiny_spqt, model, monkeypatch, capsy
     assert out == hi + "\n" and err == "\n"
 
 
+def test_ctrl_c_at_a_terminals_prompt_drops_the_line_and_a_second_one_ends_the_chat(model):
+    """At a terminal a Ctrl-C at the prompt drops what was typed, with a note, and the chat goes on (one meant for an
+    answer that had just ended took the whole conversation); a second in a row ends it, exit 0. A message read in
+    between starts the count again."""
+    from spqt.chat import Chat, run
+    from spqt.generate import Sampling
+
+    _, tok, _ = model
+    _, hi, _ = fresh(model, ["hi"])
+    inputs = [KeyboardInterrupt, "hi", KeyboardInterrupt, KeyboardInterrupt, "never read"]
+
+    def read():
+        got = inputs.pop(0)
+        if got is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return got
+
+    out, err = io.StringIO(), io.StringIO()
+    assert run(Chat(generator(model), tok, Sampling(), N), read, out, err, stats=False, terminal=True) == 0
+    note = "[the line is dropped: Ctrl-C again, Ctrl-D or /exit ends the chat]"
+    assert (out.getvalue(), err.getvalue().splitlines()) == (hi + "\n", ["", note, "", note, ""])
+    assert inputs == ["never read"]
+
+
 def test_an_answer_ending_on_the_end_of_turn_token_is_kept_without_it(model, monkeypatch):
     """Where the answer ends on a stop token (here the fresh answer's fourth token made the end-of-turn token), the
     conversation keeps the text before it (the template writes the end of the turn), and the next turn reuses the

@@ -44,7 +44,7 @@ HELP = """\
 \"\"\"             begins a message of several lines, which a line ending with \"\"\" ends (as ollama reads them)
                 (a paste of several lines is one message too, where the terminal marks pastes)
 Ctrl-C          stops an answer (a second one ends spqt; before its first token, the message is not kept);
-                at the prompt it ends the chat"""
+                at the prompt it drops the line typed, and a second one there ends the chat"""
 
 
 MANY_LINES = '"""'
@@ -264,17 +264,20 @@ def line_reader(stdin: TextIO, stdin_tty: bool, stdout_tty: bool, err: TextIO,
     return read
 
 
-def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, stats: bool = True) -> int:
+def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, stats: bool = True,
+        terminal: bool = False) -> int:
     """The chat loop: a line read is a message, answered on `out` (its text alone, then a line end), or a command
     (HELP); the figures of each answer (stats) and every note or error go to `err`, one line each. Ends at /exit,
-    /quit, the end of the input or a Ctrl-C while reading (0); an error in one turn is its line and the loop goes
-    on."""
+    /quit, the end of the input or a Ctrl-C while reading (0); from a terminal (`terminal`) a Ctrl-C at the prompt
+    drops the line typed instead, with a note, and a second one in a row ends it (a Ctrl-C meant for an answer that
+    had just ended no longer ends the conversation). An error in one turn is its line and the loop goes on."""
 
     def say(line: str) -> None:
         err.write(line + "\n")
         err.flush()
 
     shown = False  # text of the answer on its way is on `out`
+    ending = False  # a Ctrl-C at a terminal's prompt came last: a second one ends the chat
 
     def show(piece: str) -> None:
         nonlocal shown
@@ -289,12 +292,18 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
             many = text.startswith(MANY_LINES)  # (a message of several lines: no command)
             if many:
                 text = read_lines(text, read)
-        except KeyboardInterrupt:  # at the prompt: the chat ends, as at the end of the input
+        except KeyboardInterrupt:  # at the prompt: the chat ends, as at the end of the input (a terminal: at a second)
             say("")
-            return 0
+            if not terminal or ending:
+                return 0
+            say("[the line is dropped: Ctrl-C again, Ctrl-D or /exit ends the chat]")
+            ending = True
+            continue
         except SpqtError as e:
             say(f"spqt: error: {e}")
+            ending = False
             continue
+        ending = False
         if line is None:
             return 0
         if not text:

@@ -663,7 +663,7 @@ def cmd_chat(args) -> int:
     if interactive:
         print("spqt chat: /help lists the commands; /exit or Ctrl-D ends it", file=sys.stderr, flush=True)
     read = chat.line_reader(stdin, interactive, sys.stdout.isatty(), sys.stderr)
-    return chat.run(session, read, sys.stdout, sys.stderr, stats=not args.quiet)
+    return chat.run(session, read, sys.stdout, sys.stderr, stats=not args.quiet, terminal=interactive)
 
 
 def check_origins(origins: list[str]) -> tuple[str, ...]:
