@@ -63,6 +63,11 @@ def read_lines(first: str, read) -> str:
     return "\n".join(lines).strip()
 
 
+class StoppedEarly(Exception):
+    """Chat.reply's should_stop came true before the answer's first token (a Ctrl-C while the message prefilled): the
+    message is not in the conversation."""
+
+
 @dataclass
 class Turn:
     """One answer: its text as the conversation keeps it, the generation's figures, how many of the oldest turns were
@@ -143,21 +148,23 @@ class Chat:
               on_dropped: Callable[[int], None] = lambda n: None) -> Turn:
         """Answer `user` after the conversation so far (the oldest turns dropped where it would not fit, on_dropped
         told how many first), prefilling only what the KV cache does not hold yet; on_text gets the answer's text
-        piece by piece as it decodes; should_stop, asked at each new token, ends the answer there (the token not
-        taken). The turn joins the conversation once answered; SpqtError (the message too long, the template
-        refusing, logits that are not finite) leaves the conversation as it was."""
+        piece by piece as it decodes; should_stop, asked at each new token and, on the CPU, before each layer of the
+        prefill (Generator.generate's), ends the answer there (the token not taken). The turn joins the conversation
+        once answered; StoppedEarly (should_stop true before the first token was taken) and SpqtError (the message too
+        long, the template refusing, logits that are not finite) leave the conversation as it was."""
         prompt, dropped = self.fit(user)
         if dropped:
             on_dropped(dropped)
         stream = TextStream(self.tokenizer.decode, context=prompt[-CONTEXT_TOKENS:])
         stop_ids = self.tokenizer.stop_ids
-        stopped = False
+        stopped, taken = False, 0
 
         def on_token(token: int) -> bool:
-            nonlocal stopped
+            nonlocal stopped, taken
             if should_stop():
                 stopped = True
                 return True
+            taken += 1
             if token not in stop_ids:  # (generate ends on it; the template writes the end of the turn itself)
                 piece = stream.feed(token)
                 if piece:
@@ -171,7 +178,9 @@ class Chat:
                                 self.thinking_budget, vocabulary)
             sampling = dataclasses.replace(sampling, grammar=gate)
         result = self.generator.generate(prompt, self.max_new_tokens, sampling, stop_ids=stop_ids,
-                                         on_token=on_token, track=self.track, reuse=True)
+                                         on_token=on_token, track=self.track, reuse=True, should_stop=should_stop)
+        if not taken and should_stop():  # (a prefill cut short is not reused: Generator.generate keeps no record)
+            raise StoppedEarly
         piece = stream.flush()
         if piece:
             on_text(piece)
@@ -190,15 +199,10 @@ def stats_line(turn: Turn) -> str:
             f"{achieved}{stopped}]")
 
 
-class StoppedEarly(KeyboardInterrupt):
-    """A Ctrl-C before the answer's first token (while its prompt prefills, which asks no should_stop)."""
-
-
 @contextlib.contextmanager
-def ctrl_c_sets(event: threading.Event, started: Callable[[], bool] = lambda: True) -> Iterator[None]:
-    """Within the block a Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt, and raises StoppedEarly
-    where started() is not true yet; a second one, the event set already, raises KeyboardInterrupt as usual. Off the
-    main thread, where Python takes no signal handler, nothing changes."""
+def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """Within the block a Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt; a second one, the event
+    set already, raises it as usual. Off the main thread, where Python takes no signal handler, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -207,8 +211,6 @@ def ctrl_c_sets(event: threading.Event, started: Callable[[], bool] = lambda: Tr
         if event.is_set():
             raise KeyboardInterrupt
         event.set()
-        if not started():
-            raise StoppedEarly
 
     previous = signal.signal(signal.SIGINT, handler)
     try:
@@ -330,19 +332,14 @@ def run(chat: Chat, read: Callable[[], str | None], out: TextIO, err: TextIO, st
             else:
                 say(f"spqt: error: unknown command {command}; /help lists the commands")
             continue
-        stop, started, shown = threading.Event(), threading.Event(), False
-
-        def should_stop() -> bool:  # (asked at each new token: the first one's starts the answer)
-            started.set()
-            return stop.is_set()
-
+        stop, shown = threading.Event(), False
         try:
-            with ctrl_c_sets(stop, started.is_set):
-                turn = chat.reply(text, on_text=show, should_stop=should_stop,
+            with ctrl_c_sets(stop):
+                turn = chat.reply(text, on_text=show, should_stop=stop.is_set,
                                   on_dropped=lambda n: say(f"spqt: note: the conversation outgrew the context of "
                                                            f"{chat.generator.max_len} tokens: the oldest {n} "
                                                            f"turn{'s' if n > 1 else ''} dropped"))
-        except StoppedEarly:  # (the KV cache holds nothing a later turn reuses then: Generator.generate's _kept)
+        except StoppedEarly:  # (a Ctrl-C while the message prefilled)
             say("[stopped before the answer began: the message is not in the conversation]")
             continue
         except SpqtError as e:

@@ -292,7 +292,7 @@ def cmd_inspect(args) -> int:
         print(f"float maps   {float_bytes / 1e6:.2f} MB for {float_weights / 1e6:.2f} M weights, as loaded "
               f"(spqt quantize stores them in blocks)")
     if stored:  # a GGUF's own blocks, which the float rows above hide
-        weights, nbytes = sum(c[1] for c in stored.values()), sum(c[2] for c in stored.values())
+        weights, nbytes = (sum(counts[i] for counts in stored.values()) for i in (1, 2))
         print("file types   " + ", ".join(f"{name} {count} tensor{'s' * (count > 1)}"
                                          for name, (count, _, _) in stored.items())
               + f": {nbytes / 1e6:.2f} MB for {weights / 1e6:.2f} M weights, {8 * nbytes / weights:.3f} bits per "
