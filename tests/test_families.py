@@ -941,6 +941,37 @@ def test_chat_template_and_text_as_transformers(family, source):
     assert loaded.config.add_bos == (source == "gguf" and FAMILIES[family["name"]][2] == "llama")
 
 
+def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path):
+    """tokenizer.ggml.pre "smollm" (the default model's): llama.cpp makes each digit a piece of its own before GPT-2's
+    split; transformers' converter split as GPT-2 alone, so " 1" reached the merges whole (here Ġ1; in the default
+    model's vocabulary a run of spaces and line ends before a digit came out otherwise: 8 of WikiText-2's 304,978
+    tokens). A "gpt-2" vocabulary keeps GPT-2's split."""
+    import gguf
+    from tokenizers import Tokenizer
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    from spqt.sources import _gguf_tokenizer
+
+    tokens = ["<|endoftext|>", *bytes_to_unicode().values(), "\u01201"]  # (Ġ1: a space, then 1)
+    ids = {}
+    for pre in ("smollm", "gpt-2"):
+        path = tmp_path / f"{pre}.gguf"
+        w = gguf.GGUFWriter(str(path), "llama")
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre)
+        w.add_token_list(tokens)
+        w.add_token_types([3] + [1] * (len(tokens) - 1))
+        w.add_token_merges(["\u0120 1"])
+        w.add_bos_token_id(0)
+        w.add_eos_token_id(0)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        ids[pre] = Tokenizer.from_str(_gguf_tokenizer(path).tokenizer_json).encode(" 1", add_special_tokens=False).ids
+    assert [tokens[i] for i in ids["smollm"]] == ["\u0120", "1"]
+    assert [tokens[i] for i in ids["gpt-2"]] == ["\u01201"]
+
 def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
     """y = W (x * (|x| > t)) + b, then the epilogue (residual, SwiGLU) on the biased product."""
     n, k = 70, 48

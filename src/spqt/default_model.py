@@ -36,13 +36,14 @@ def cache_dir() -> Path:
 
 def default_spqt_path() -> Path:
     """Where default_spqt keeps the converted default model (whether or not it is there yet)."""
-    return cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v3.spqt"
+    return cache_dir() / "SmolLM2-135M-Instruct.q4_k-zigzag.v4.spqt"
 
 
 def default_spqt(progress: bool = True) -> Path:
     """The default model as a zigzag Q4_K .spqt, converted once into the cache (with the shipped thresholds;
     v2: with the column norms of the WINA criterion; v3: thresholds with greedy allocations and the
-    held-out recommendation that --sparsity auto uses)."""
+    held-out recommendation that --sparsity auto uses; v4: the tokenizer splits digits apart as llama.cpp does,
+    sources._GGUF_DIGIT_SPLITS)."""
     from spqt.checkpoint import quantize_source, save_spqt
     from spqt.sources import open_source
 

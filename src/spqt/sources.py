@@ -1010,8 +1010,30 @@ def _check_shapes(path: Path, config: ModelConfig, declared: dict, file_names: d
                             f"{expected[name]}")
 
 
+# tokenizer.ggml.pre names that llama.cpp splits with each digit a piece of its own, then GPT-2's split of the rest (the
+# Hugging Face tokenizers they came from: a Digits(individual_digits) pre-tokenizer before the ByteLevel one).
+# transformers' converter (5.x) knows no split for these and splits as GPT-2 alone, which tokenizes a run of spaces and
+# line ends before a digit otherwise: the default model's WikiText-2 test text came out 304,986 tokens, llama.cpp's
+# 304,978, the first difference at token 66,557 (" \n\n\n 1": Ġ ĊĊĊ Ġ 1, llama.cpp's ĠĊĊ ĊĠ 1).
+_GGUF_DIGIT_SPLITS = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b")
+
+
+def _digits_apart(tok, pre: str | None) -> None:
+    """tok's pre-tokenizer as llama.cpp splits a _GGUF_DIGIT_SPLITS vocabulary, where transformers left it GPT-2's
+    alone (a ByteLevel pre-tokenizer that splits by its regex); any other, left as it is."""
+    from tokenizers import pre_tokenizers
+
+    backend = tok.backend_tokenizer
+    split = backend.pre_tokenizer
+    if pre in _GGUF_DIGIT_SPLITS and isinstance(split, pre_tokenizers.ByteLevel) and split.use_regex:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=split.add_prefix_space, use_regex=True)])
+
+
 def _gguf_tokenizer(path: Path) -> TokenizerSpec:
-    """The tokenizer a GGUF's metadata describes, built by transformers' GGUF converter.
+    """The tokenizer a GGUF's metadata describes, built by transformers' GGUF converter (with the split of a
+    tokenizer.ggml.pre it lacks: _GGUF_DIGIT_SPLITS).
 
     transformers >= 5 exposes the converter itself, which reads only the tokenizer keys (1.2 s for
     the default model); AutoTokenizer(gguf_file=...) also parses every field with gguf's reader to
@@ -1029,10 +1051,12 @@ def _gguf_tokenizer(path: Path) -> TokenizerSpec:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            pre = _field(_read_gguf(path), path, "tokenizer.ggml.pre")
         else:
             from transformers import PreTrainedTokenizerFast
 
             architecture, tokenizer_dict, special = get_gguf_tokenizer(str(path))
+            pre = tokenizer_dict.get("pre_tokenizer_type")
             backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
             tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=special.get("chat_template"),
                                           **{k: special.get(k) for k in ("bos_token", "eos_token", "unk_token",
@@ -1043,6 +1067,7 @@ def _gguf_tokenizer(path: Path) -> TokenizerSpec:
         raise SpqtError(f"{path}: cannot build the tokenizer from its GGUF metadata ({type(e).__name__}: {e}; "
                         f"transformers {transformers.__version__}: a newer one may know this file's tokenizer, or "
                         f"quantize the model's Hugging Face folder)") from None
+    _digits_apart(tok, pre)
     return _spec_from_hf_tokenizer(tok)
 
 
