@@ -792,6 +792,41 @@ def test_calibrate_a_model_of_a_short_context(tmp_path, capsys):
                  "--device", "cpu"]) == 0
 
 
+def test_perplexity_takes_llama_perplexity_tokens(tiny_spqt, tmp_path, monkeypatch):
+    """As llama-perplexity reads and tokenizes -f: one trailing newline dropped and, where the model adds BOS, BOS
+    before the text's tokens (each chunk's first token then replaced by BOS: chunk 0 keeps the text's first token).
+    The text was tokenized without BOS, so every chunk was one token later than llama.cpp's."""
+    import dataclasses
+
+    import spqt.cli
+    import spqt.evaluate
+    from spqt.checkpoint import load_spqt
+    from spqt.evaluate import PerplexityResult
+    from spqt.tokenizer import TextTokenizer
+
+    load = spqt.cli._load
+
+    def adding_bos(args):
+        loaded = load(args)
+        return dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, add_bos=True))
+
+    monkeypatch.setattr(spqt.cli, "_load", adding_bos)
+    seen = {}
+
+    def perplexities(gen, tokens, settings, **kwargs):
+        seen.update(tokens=tokens, bos_id=kwargs["bos_id"])
+        return [PerplexityResult(1.0, 0.0, 1, 1) for _ in settings]
+
+    monkeypatch.setattr(spqt.evaluate, "perplexities", perplexities)
+    text = tmp_path / "text.txt"
+    text.write_text("once upon a time\nthe quick brown fox\n\n", encoding="utf-8")
+    assert main(["perplexity", str(tiny_spqt), "--data", str(text), "--device", "cpu"]) == 0
+    loaded = load_spqt(tiny_spqt)
+    tok = TextTokenizer(loaded.tokenizer, loaded.config)
+    bos = loaded.config.bos_id
+    assert bos is not None and seen["bos_id"] == bos
+    assert seen["tokens"] == [bos] + tok.encode("once upon a time\nthe quick brown fox\n", add_bos=False)
+
 def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)

@@ -740,7 +740,9 @@ def cmd_perplexity(args) -> int:
     device = resolve_device(args.device)
     loaded = _load(args)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
-    tokens = tok.encode(text, add_bos=False)
+    # as llama-perplexity reads and tokenizes -f: one trailing newline dropped, BOS first where the model adds one (so
+    # the chunks hold llama-perplexity's tokens, not one token later in the text)
+    tokens = tok.encode(text[:-1] if text.endswith("\n") else text)
     bos = loaded.config.bos_id if loaded.config.add_bos else None
     batch = args.batch or (16 if device == "cuda" else 1)
     rows = []
@@ -1388,7 +1390,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("perplexity", help="perplexity on a text file, dense and at sparsity levels")
     p.add_argument("model", nargs="?", help=".spqt (quantized), .gguf or HF folder (its own weights), or "
                    "hf:ORG/REPO[:QUANT] (the Hugging Face Hub); default: SmolLM2-135M-Instruct")
-    p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test)")
+    p.add_argument("--data", required=True, help="a UTF-8 text file (e.g. WikiText-2 raw test); one trailing newline "
+                   "is dropped, as llama-perplexity drops it")
     p.add_argument("--ctx", type=_at_least(4), default=512, help="tokens a chunk (default 512; at most the model's context)")
     p.add_argument("--method", choices=["llamacpp", "gptq"], default="llamacpp",
                    help="llamacpp (default: each chunk's second half scored, on a dense first half, as "

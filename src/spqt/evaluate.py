@@ -1,6 +1,7 @@
 """Perplexity, llama.cpp's way (default) or GPTQ/TEAL's, dense or with activation sparsity.
 
-llama.cpp (llama-perplexity): the text tokenized once; consecutive non-overlapping chunks of `ctx`
+llama.cpp (llama-perplexity): the text tokenized once, BOS first where the model adds one (the caller's tokens:
+spqt perplexity's are llama-perplexity's); consecutive non-overlapping chunks of `ctx`
 tokens; if the model adds BOS, the first token of each chunk is replaced by BOS; the logits at
 positions ctx/2 .. ctx-2 predict tokens ctx/2+1 .. ctx-1 (255 scored tokens for ctx 512);
 ppl = exp(mean NLL). Sparse: the first half of each chunk is a dense prefill into the KV cache,
