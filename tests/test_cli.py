@@ -793,9 +793,10 @@ def test_calibrate_a_model_of_a_short_context(tmp_path, capsys):
 
 
 def test_perplexity_takes_llama_perplexity_tokens(tiny_spqt, tmp_path, monkeypatch):
-    """As llama-perplexity reads and tokenizes -f: one trailing newline dropped and, where the model adds BOS, BOS
-    before the text's tokens (each chunk's first token then replaced by BOS: chunk 0 keeps the text's first token).
-    The text was tokenized without BOS, so every chunk was one token later than llama.cpp's."""
+    """As llama-perplexity reads and tokenizes -f: one trailing newline dropped; where the model adds BOS, BOS
+    before the text's tokens (each chunk's first token then replaced by BOS: chunk 0 keeps the text's first token);
+    a special token's text as plain text. The text was tokenized without BOS, so every chunk was one token later than
+    llama.cpp's, and "</s>" in it was the end token."""
     import dataclasses
 
     import spqt.cli
@@ -819,13 +820,14 @@ def test_perplexity_takes_llama_perplexity_tokens(tiny_spqt, tmp_path, monkeypat
 
     monkeypatch.setattr(spqt.evaluate, "perplexities", perplexities)
     text = tmp_path / "text.txt"
-    text.write_text("once upon a time\nthe quick brown fox\n\n", encoding="utf-8")
+    text.write_text("once upon a time</s>\nthe quick brown fox\n\n", encoding="utf-8")
     assert main(["perplexity", str(tiny_spqt), "--data", str(text), "--device", "cpu"]) == 0
     loaded = load_spqt(tiny_spqt)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
-    bos = loaded.config.bos_id
-    assert bos is not None and seen["bos_id"] == bos
-    assert seen["tokens"] == [bos] + tok.encode("once upon a time\nthe quick brown fox\n", add_bos=False)
+    bos, end = loaded.config.bos_id, tok.encode("</s>", add_bos=False)
+    assert bos is not None and seen["bos_id"] == bos and len(end) == 1
+    assert seen["tokens"][0] == bos and end[0] not in seen["tokens"]
+    assert tok.decode(seen["tokens"][1:]) == "once upon a time</s>\nthe quick brown fox\n"
 
 def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     text = tmp_path / "calib.txt"

@@ -22,11 +22,22 @@ class TextTokenizer:
             raise SpqtError(f"the model's tokenizer data is not valid ({str(e)[:200]})") from None
         self._hf = None
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
-        """Token ids of plain text; BOS first when the model adds one (add_bos=None: its default)."""
-        ids = self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool | None = None, special: bool = True) -> list[int]:
+        """Token ids of plain text; BOS first when the model adds one (add_bos=None: its default). special False: a
+        special token's text ("<|im_end|>") is tokenized as any other text, as llama-perplexity tokenizes its file
+        (llama.cpp's parse_special off; a non-special added token still matches, as llama.cpp's user-defined ones)."""
+        ids = (self.backend if special else self._plain).encode(text, add_special_tokens=False).ids
         bos = self.bos_prefix if add_bos is None else self._bos if add_bos else []
         return bos + ids
+
+    @cached_property
+    def _plain(self):
+        """A second backend that reads special tokens' texts as text (its own: the server's threads share backend)."""
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(self.spec.tokenizer_json)
+        plain.encode_special_tokens = True
+        return plain
 
     @property
     def bos_prefix(self) -> list[int]:
