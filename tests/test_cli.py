@@ -829,6 +829,7 @@ def test_perplexity_takes_llama_perplexity_tokens(tiny_spqt, tmp_path, monkeypat
     assert seen["tokens"][0] == bos and end[0] not in seen["tokens"]
     assert tok.decode(seen["tokens"][1:]) == "once upon a time</s>\nthe quick brown fox\n"
 
+
 def test_calibrate_then_sparse_perplexity(tiny_spqt, tmp_path, capsys):
     text = tmp_path / "calib.txt"
     text.write_text("the quick brown fox jumps over the lazy dog. " * 400)
@@ -923,6 +924,7 @@ def test_tune_refuses_a_table_it_cannot_write_before_timing(tmp_path, monkeypatc
     assert capsys.readouterr().out.splitlines() == [f"wrote {user}"]
     assert json.loads(user.read_text())["kernel_version"] == tuning.KERNEL_VERSION
     tuning._load_table.cache_clear()
+
 
 def test_tune_routes_bad_input(capsys):
     """spqt tune --routes without models, or with levels outside (0, 1): one error line, before any GPU work."""

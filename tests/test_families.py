@@ -972,6 +972,7 @@ def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path):
     assert [tokens[i] for i in ids["smollm"]] == ["\u0120", "1"]
     assert [tokens[i] for i in ids["gpt-2"]] == ["\u01201"]
 
+
 def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):
     """y = W (x * (|x| > t)) + b, then the epilogue (residual, SwiGLU) on the biased product."""
     n, k = 70, 48
