@@ -303,6 +303,21 @@ def _post(server, path: str, body: bytes, content_type: str | None) -> tuple[int
         conn.close()
 
 
+def test_without_max_tokens_the_answer_runs_to_the_contexts_end(server, model_id):
+    """No max_tokens: a prompt one token short of the context gets one token, finish_reason length, usage summing to
+    the context; a prompt that fills it is refused, the message saying it leaves no room (it said "max_tokens asks
+    for 1 more", a field the request did not have)."""
+    ids = [(7 * i) % 1000 + 100 for i in range(CTX)]
+    client = server.client()
+    last = client.completions.create(model=model_id, prompt=ids[:-1], temperature=0)
+    assert last.choices[0].finish_reason == "length"
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (CTX - 1, 1, CTX)
+    status, body = server.raw("/v1/completions", json.dumps({"model": model_id, "prompt": ids}).encode())
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded", body
+    message = body["error"]["message"]
+    assert f"the prompt has {CTX} and leaves no room for an answer" in message and "asks for" not in message, body
+
+
 def test_hostile_bodies_are_400s_not_tracebacks(server, model_id):
     """The fiftieth session's sweep of the server: JSON nested past Python's recursion limit and a lone surrogate
     (valid JSON: a string cut in the middle of an emoji) were 500s with a traceback; a non-JSON Content-Type ran

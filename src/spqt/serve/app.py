@@ -187,8 +187,11 @@ def build_app(engine: Engine, scheduler: Scheduler, api_key: str | None = None,
         again)."""
         room, least = info.ctx - len(prompt), 1 if req.max_tokens is None else req.max_tokens
         if room < least:
+            # (no limit given: the answer may run to the context's end, and a prompt that fills it leaves none)
+            wants = (f"{req.limit_param} asks for {least} more" if req.max_tokens is not None else
+                     f"leaves no room for an answer (without {req.limit_param}: up to the context's end)")
             raise p.ApiError(400, f"This model's context is {info.ctx} tokens; the prompt has {len(prompt)} and "
-                             f"{req.limit_param} asks for {least} more.",
+                             f"{wants}.",
                              param=req.prompt_param,
                              code="context_length_exceeded")
         if req.seed is None:
