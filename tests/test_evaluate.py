@@ -11,10 +11,21 @@ from spqt.evaluate import perplexities, perplexity
 from spqt.generate import Generator, achieved_sparsity, set_sparse, sparse_linears
 
 
+def _whole_nll(model, hidden: torch.Tensor, targets: torch.Tensor) -> float:
+    """evaluate.scored_nll's NLL from the logits of all the positions at once."""
+    logits = model.logits(hidden)
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                                   reduction="sum"))
+
+
 @torch.inference_mode()
-def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str) -> tuple[float, dict]:
+def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str, score=None) -> tuple[float, dict]:
     """(NLL sum, achieved fractions) of gen's current setting, one setting a pass: the dense first half prefilled
-    (all its logits computed) then the scored half, chunk by chunk; the maps' counters zeroed first."""
+    (all its logits computed) then the scored half, chunk by chunk, scored by `score` (None: evaluate.scored_nll, as
+    perplexities scores); the maps' counters zeroed first."""
+    from spqt.evaluate import scored_nll
+
+    score = score or scored_nll
     model = gen.model
     for _, _, lin in sparse_linears(model):
         lin.counts.zero_()
@@ -32,10 +43,8 @@ def _plain(gen: Generator, tokens: list[int], ctx: int, batch: int, method: str)
             set_sparse(model, False)
             model(rows[:, :first], torch.arange(first, device=dev), kv_len=first)
         set_sparse(model, sparse, track=sparse)
-        logits = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx)[:used, :-1]
-        targets = rows[:used, first + 1 :]
-        nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                                       reduction="sum"))
+        hidden = model(rows[:, first:], torch.arange(first, ctx, device=dev), kv_len=ctx, head=False)[:used, :-1]
+        nll += score(model, hidden, rows[:used, first + 1 :])
     achieved = achieved_sparsity(model) if sparse else {}
     set_sparse(model, False)
     model.setup_cache(1, gen.max_len, gen.dtype)
@@ -76,3 +85,27 @@ def test_settings_in_one_pass_equal_each_alone(tiny_spqt, rng, device, ctx, batc
     assert (together[0].nll_sum, together[0].achieved) == (together[3].nll_sum, together[3].achieved)
     gen.set_sparsity(0.5, table=low)
     assert perplexity(gen, tokens, ctx=ctx, method=method, batch=batch).achieved["all"] > 0
+
+
+def test_the_head_scores_a_slice_of_positions_at_a_time(tiny_spqt, rng, monkeypatch):
+    """The scored half's logits are made NLL_VALUES // vocab positions at a time, never a whole chunk's (the default
+    model at ctx 8,192, gptq: 4.7 GB resident, 2.3 GB in slices): the head sees at most that many rows, and the NLL
+    is the whole logits' cross-entropy within float32's rounding."""
+    from spqt import evaluate
+
+    loaded = load_spqt(tiny_spqt)
+    gen = Generator(loaded, "cpu", torch.float32, max_len=64, backend="reference")
+    tokens = rng.integers(0, loaded.config.vocab_size, 3 * 40 + 5).tolist()
+    want = {}
+    for method in evaluate.METHODS:
+        whole, _ = _plain(gen, tokens, 40, 2, method, score=_whole_nll)
+        want[method] = whole
+    monkeypatch.setattr(evaluate, "NLL_VALUES", 3 * loaded.config.vocab_size)
+    rows, logits = [], gen.model.logits
+    # (scored_nll's slices come as one row of positions; a llamacpp prefill's last tokens as (batch, 1))
+    monkeypatch.setattr(gen.model, "logits", lambda x: (x.shape[0] == 1 and rows.append(x.shape[1])) or logits(x))
+    for method in evaluate.METHODS:
+        rows.clear()
+        got = perplexity(gen, tokens, ctx=40, method=method, batch=2)
+        assert max(rows) == 3 and sum(rows) == got.scored, (method, rows)
+        assert got.nll_sum == pytest.approx(want[method], rel=1e-6), method

@@ -290,12 +290,14 @@ class Transformer(nn.Module):
             block.attention.cache = KVCache(batch, self.config.n_kv_heads, max_len, self.config.head_dim, dtype, device)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, kv_len: int | None = None,
-                select: torch.Tensor | None = None) -> torch.Tensor:
+                select: torch.Tensor | None = None, head: bool = True) -> torch.Tensor:
         """tokens: (B, T) int64; positions: (T,) int64 ascending. Returns logits (B, T, vocab) float32.
 
         kv_len: keys attended (defaults to the whole cache; a smaller value saves work when the
         caller knows the largest position, and must exceed it). select: (S,) int64 indices into T, the
         only positions whose logits are computed (B, S, vocab) (a prefill wants its last token's alone).
+        head False: the last layer's output (B, T or S, D) instead, for self.logits to take a slice at a time
+        (perplexity: a long chunk's logits whole are positions x vocab floats).
         """
         length = kv_len or self.max_len
         x = self.embed(tokens)
@@ -307,7 +309,7 @@ class Transformer(nn.Module):
                 x = block(x, self.rope_for(i), positions, masks[i], length)
         if select is not None:
             x = x.index_select(1, select)
-        return self.logits(x)
+        return self.logits(x) if head else x
 
     def _masks(self, x: torch.Tensor, positions: torch.Tensor, length: int) -> list:
         """Every layer's (T, length) additive mask, made once per forward (a bool mask is converted in every layer;
