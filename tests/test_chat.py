@@ -228,6 +228,39 @@ def test_the_oldest_turns_go_where_the_context_is_full(tiny_spqt, model, monkeyp
     assert notes == [f"spqt: note: the conversation outgrew the context of {ctx} tokens: the oldest 1 turn dropped"]
 
 
+def test_a_full_context_drops_to_half_and_the_next_turns_reuse_the_cache(model):
+    """Where turns must go, as many as bring the prompt to half the room (the context less -n), the last turn kept:
+    then the next turns prefill only their new part (dropping one turn a time shifted the conversation every turn,
+    which prefilled it whole); each answer a fresh generate of the conversation kept."""
+    from spqt.chat import KEPT_AFTER_DROP, Chat
+    from spqt.generate import Sampling
+
+    _, tok, _ = model
+    ctx = 300
+    room = ctx - N
+    session = Chat(generator(model, ctx), tok, Sampling(), N)
+    messages = [f"tell me about the king number {i} of the old land" for i in range(9)]
+    drops, before = [], None
+    for i, user in enumerate(messages):
+        kept = session.turns[:]
+        render = [tok.chat_messages([{"role": r, "content": t} for pair in kept[d:] for r, t in
+                                     zip(("user", "assistant"), pair)] + [{"role": "user", "content": user}])
+                  for d in range(len(kept) + 1)]
+        least = next(d for d, p in enumerate(render) if len(p) <= room)
+        turn = session.reply(user)
+        drops.append(turn.dropped)
+        if least:  # the context is full: down to half, the last turn kept
+            assert turn.dropped >= least and (len(render[turn.dropped]) <= KEPT_AFTER_DROP * room or
+                                              turn.dropped == len(kept) - 1), (i, least, turn.dropped)
+            assert len(render[turn.dropped - 1]) > KEPT_AFTER_DROP * room or turn.dropped == least
+        else:
+            assert turn.dropped == 0 and (i == 0 or turn.result.cached_tokens >= before - 1), i  # the last prompt's
+        conversation = [t for pair in kept[turn.dropped:] for t in pair] + [user]
+        assert turn.result.tokens == fresh(model, conversation, max_len=ctx)[0], i
+        before = turn.result.prompt_tokens
+    assert sum(d > 0 for d in drops) >= 1 and max(drops) >= 2 and drops.count(0) >= 6, drops  # the premise
+
+
 def test_a_message_that_does_not_fit_is_one_error_and_the_chat_goes_on(tiny_spqt, model, monkeypatch, capsys):
     """A message longer than the context, a line that is not UTF-8 and an unknown command: one error line each on
     stderr, nothing on stdout, none of them in the conversation; the next message is answered as the first one."""

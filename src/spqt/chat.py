@@ -13,7 +13,9 @@ shapes, another summation order), as the serve engine's docstring says.
 The answer is kept as its text without the end-of-turn token (the stop token ends the generation; the template writes
 it back), streamed as TextStream hands it out (whole characters, the leading space a SentencePiece decoder would
 strip kept). The conversation has to fit the KV cache: where it would not, with the answer's new tokens, the oldest
-user / assistant turns are dropped (never the system message nor the new message); a message that does not fit
+user / assistant turns are dropped (never the system message nor the new message), down to half the room where
+any must go (KEPT_AFTER_DROP: as llama.cpp's and ollama's context shift discard half; the last turn kept), so that the
+next turns reuse the KV cache again instead of prefilling the whole conversation each; a message that does not fit
 alone is refused and the conversation stays as it was.
 """
 
@@ -48,6 +50,9 @@ Ctrl-C          stops an answer (a second one ends spqt; before its first token,
 
 
 MANY_LINES = '"""'
+# Where the conversation outgrows the context, the oldest turns go until the prompt takes at most this share of the
+# room (the context less an answer's -n), the last turn kept: later turns append to what the KV cache holds.
+KEPT_AFTER_DROP = 0.5
 
 
 def read_lines(first: str, read) -> str:
@@ -131,17 +136,28 @@ class Chat:
 
     def fit(self, user: str) -> tuple[list[int], int]:
         """(the prompt of the conversation with `user` next, how many of the oldest turns it leaves out) so that the
-        prompt plus max_new_tokens fit the context; SpqtError where the message does not fit alone (after the system
-        message)."""
+        prompt plus max_new_tokens fit the context; where turns must go, as many more as bring the prompt down to
+        KEPT_AFTER_DROP of that room, the last turn kept (the next turns then find their prefix in the KV cache,
+        where dropping one turn a time shifted the conversation every turn and prefilled it whole). SpqtError where
+        the message does not fit alone (after the system message)."""
         room = self.generator.max_len - self.max_new_tokens
-        for dropped in range(len(self.turns) + 1):
-            prompt = self.tokenizer.chat_messages(_messages(self.system, self.turns[dropped:], user))
-            if len(prompt) <= room:
-                return prompt, dropped
-        system = " with the system message" if self.system is not None else ""
-        raise SpqtError(f"the message takes {len(prompt)} tokens in the chat template{system}: with -n "
-                        f"{self.max_new_tokens} that exceeds the context of {self.generator.max_len} tokens; it was "
-                        f"not sent")
+
+        def prompt_without(dropped: int) -> list[int]:
+            return self.tokenizer.chat_messages(_messages(self.system, self.turns[dropped:], user))
+
+        prompt, dropped = prompt_without(0), 0
+        while len(prompt) > room and dropped < len(self.turns):
+            dropped += 1
+            prompt = prompt_without(dropped)
+        if len(prompt) > room:
+            system = " with the system message" if self.system is not None else ""
+            raise SpqtError(f"the message takes {len(prompt)} tokens in the chat template{system}: with -n "
+                            f"{self.max_new_tokens} that exceeds the context of {self.generator.max_len} tokens; it "
+                            f"was not sent")
+        while dropped and dropped < len(self.turns) - 1 and len(prompt) > KEPT_AFTER_DROP * room:
+            dropped += 1
+            prompt = prompt_without(dropped)
+        return prompt, dropped
 
     def reply(self, user: str, on_text: Callable[[str], None] = lambda piece: None,
               should_stop: Callable[[], bool] = lambda: False,
