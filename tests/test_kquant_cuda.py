@@ -314,7 +314,13 @@ def test_zigzag_cuda_types_finishes(rng, fmt):
                 ws.y.fill_(float("nan"))
                 y = kg.gemv_zigzag(gw, x, mode, ws, **kw, **finish, swiglu=True).float()
                 want = (torch.nn.functional.silu(plain[: n // 2]) * plain[n // 2:]).half().float()
-                torch.testing.assert_close(y, want, rtol=2e-2, atol=1e-3 * float(want.abs().max()),
+                # at fp16's largest finite value either side may round to inf where the other does not (the kernel's
+                # product of fp32 sums, want's of their fp16 roundings): both saturated there, as the Q4_K test does
+                # (seed 3712409034774474100: want inf at a product of 65,520.6, the kernel's finite; the tolerance was
+                # then inf too, of want's largest, passing any finite y); a NaN still fails
+                sat = 65504.0
+                want = want.clamp(-sat, sat)
+                torch.testing.assert_close(y.clamp(-sat, sat), want, rtol=2e-2, atol=1e-3 * float(want.abs().max()),
                                            msg=lambda m: f"{what} swiglu: {m}")
                 assert not ws.counters.any(), f"{what}: the arrival counters are not reset"
 
