@@ -941,7 +941,7 @@ def test_chat_template_and_text_as_transformers(family, source):
     assert loaded.config.add_bos == (source == "gguf" and FAMILIES[family["name"]][2] == "llama")
 
 
-def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path):
+def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path, monkeypatch):
     """tokenizer.ggml.pre "smollm" (the default model's): llama.cpp makes each digit a piece of its own before GPT-2's
     split; transformers' converter split as GPT-2 alone, so " 1" reached the merges whole (here Ġ1; in the default
     model's vocabulary a run of spaces and line ends before a digit came out otherwise: 8 of WikiText-2's 304,978
@@ -971,6 +971,20 @@ def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path):
         ids[pre] = Tokenizer.from_str(_gguf_tokenizer(path).tokenizer_json).encode(" 1", add_special_tokens=False).ids
     assert [tokens[i] for i in ids["smollm"]] == ["\u0120", "1"]
     assert [tokens[i] for i in ids["gpt-2"]] == ["\u01201"]
+    # a transformers whose mapping leaves the pre-tokenizer's name out: read from the file
+    from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+
+    if hasattr(mapping, "convert_gguf_tokenizer"):
+        real = mapping.get_gguf_tokenizer
+
+        def without_pre(path):
+            architecture, tokenizer_dict, special = real(path)
+            tokenizer_dict.pop("pre_tokenizer_type", None)
+            return architecture, tokenizer_dict, special
+
+        monkeypatch.setattr(mapping, "get_gguf_tokenizer", without_pre)
+        spec = _gguf_tokenizer(tmp_path / "smollm.gguf")
+        assert Tokenizer.from_str(spec.tokenizer_json).encode(" 1", add_special_tokens=False).ids == ids["smollm"]
 
 
 def test_bias_follows_the_sparse_product_and_is_never_thresholded(rng):

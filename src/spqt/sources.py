@@ -1056,7 +1056,8 @@ def _gguf_tokenizer(path: Path) -> TokenizerSpec:
             from transformers import PreTrainedTokenizerFast
 
             architecture, tokenizer_dict, special = get_gguf_tokenizer(str(path))
-            pre = tokenizer_dict.get("pre_tokenizer_type")
+            # (the name as transformers' mapping gives it; read from the file where a version maps it otherwise)
+            pre = tokenizer_dict.get("pre_tokenizer_type") or _field(_read_gguf(path), path, "tokenizer.ggml.pre")
             backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
             tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=special.get("chat_template"),
                                           **{k: special.get(k) for k in ("bos_token", "eos_token", "unk_token",
