@@ -968,10 +968,10 @@ def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path, monk
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
-        ids[pre] = Tokenizer.from_str(_gguf_tokenizer(path).tokenizer_json).encode(" 1", add_special_tokens=False).ids
+        ids[pre] = Tokenizer.from_str(_gguf_tokenizer(path, pre).tokenizer_json).encode(" 1", add_special_tokens=False).ids
     assert [tokens[i] for i in ids["smollm"]] == ["\u0120", "1"]
     assert [tokens[i] for i in ids["gpt-2"]] == ["\u01201"]
-    # a transformers whose mapping leaves the pre-tokenizer's name out: read from the file
+    # the name is the file's (its reader's, passed in), not what a transformers version's mapping hands over
     from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
 
     if hasattr(mapping, "convert_gguf_tokenizer"):
@@ -983,7 +983,7 @@ def test_a_smollm_gguf_tokenizer_splits_digits_apart_as_llama_cpp(tmp_path, monk
             return architecture, tokenizer_dict, special
 
         monkeypatch.setattr(mapping, "get_gguf_tokenizer", without_pre)
-        spec = _gguf_tokenizer(tmp_path / "smollm.gguf")
+        spec = _gguf_tokenizer(tmp_path / "smollm.gguf", "smollm")
         assert Tokenizer.from_str(spec.tokenizer_json).encode(" 1", add_special_tokens=False).ids == ids["smollm"]
 
 

@@ -742,7 +742,7 @@ def cmd_perplexity(args) -> int:
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
     # as llama-perplexity reads and tokenizes -f: one trailing newline dropped, BOS first where the model adds one (so
     # the chunks hold llama-perplexity's tokens, not one token later in the text), special tokens' texts as text
-    tokens = tok.encode(text[:-1] if text.endswith("\n") else text, special=False)
+    tokens = tok.encode(text.removesuffix("\n"), special=False)
     bos = loaded.config.bos_id if loaded.config.add_bos else None
     batch = args.batch or (16 if device == "cuda" else 1)
     rows = []

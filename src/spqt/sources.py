@@ -706,7 +706,7 @@ def _open_gguf(path: Path) -> SourceModel:
     loader = partial_rope_rows(folded(load, factors), config, interleaved=arch in _INTERLEAVED_ROPE)
     if gemma:  # (its norms hold 1 + w already: llama.cpp's converter adds the 1)
         loader = gemma_norms(loader, shift=0.0, query_scale=gemma["query_scale"], q_normed=config.qk_norm)
-    tokenizer = _gguf_tokenizer(path)
+    tokenizer = _gguf_tokenizer(path, field_value("tokenizer.ggml.pre"))
     provenance = {"source": path.name, "source_format": "gguf", "source_sha256": file_sha256(shards),
                   "source_file_type": field_value("general.file_type")}
     if arch == "granite":
@@ -1031,9 +1031,9 @@ def _digits_apart(tok, pre: str | None) -> None:
             pre_tokenizers.ByteLevel(add_prefix_space=split.add_prefix_space, use_regex=True)])
 
 
-def _gguf_tokenizer(path: Path) -> TokenizerSpec:
-    """The tokenizer a GGUF's metadata describes, built by transformers' GGUF converter (with the split of a
-    tokenizer.ggml.pre it lacks: _GGUF_DIGIT_SPLITS).
+def _gguf_tokenizer(path: Path, pre: str | None) -> TokenizerSpec:
+    """The tokenizer a GGUF's metadata describes, built by transformers' GGUF converter (with the split of the
+    file's tokenizer.ggml.pre, `pre`, where the converter lacks it: _GGUF_DIGIT_SPLITS).
 
     transformers >= 5 exposes the converter itself, which reads only the tokenizer keys (1.2 s for
     the default model); AutoTokenizer(gguf_file=...) also parses every field with gguf's reader to
@@ -1051,13 +1051,10 @@ def _gguf_tokenizer(path: Path) -> TokenizerSpec:
             from transformers import AutoTokenizer
 
             tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            pre = _field(_read_gguf(path), path, "tokenizer.ggml.pre")
         else:
             from transformers import PreTrainedTokenizerFast
 
             architecture, tokenizer_dict, special = get_gguf_tokenizer(str(path))
-            # (the name as transformers' mapping gives it; read from the file where a version maps it otherwise)
-            pre = tokenizer_dict.get("pre_tokenizer_type") or _field(_read_gguf(path), path, "tokenizer.ggml.pre")
             backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
             tok = PreTrainedTokenizerFast(tokenizer_object=backend, chat_template=special.get("chat_template"),
                                           **{k: special.get(k) for k in ("bos_token", "eos_token", "unk_token",
