@@ -1517,36 +1517,30 @@ def test_cuda_path_runs_biases_and_qk_norms(family, quantized):
     """The Triton path with a family's switches (a decode token's bias in the GEMV's epilogue, q/k norms and soft-caps
     in the fused decode attention, windows cut by it, Gemma's gate and post-norms in their fused kernels):
     teacher-forced decode-step logits (single-token GEMVs, CUDA graphs) within 1 % of the logit range of the CPU
-    reference, dense and with every input thresholded at 0.2; graph decoding == eager. Thresholded, an activation within
-    rounding of 0.2 may land on the other side of it on one device and move every later logit by a few % of the range
-    (seed 1302239109, mistral: 1.8 % on the H200, 1.9 % for the CPU reference itself with the thresholds 0.1 % higher;
-    seed 637483586, ministral: a 1.6 % median on the H100, the CPU reference's own at thresholds 0.01 % lower), so
-    there the worst position is held to twice that noise floor, measured here, and the median position to 1 % of the
-    CPU reference nearest it among thresholds 0, +-0.01 % and +-0.1 % off (a switch left out moves every position)."""
+    reference, dense and with every input thresholded. Thresholded, an activation within rounding of the threshold may
+    land on the other side of it on one device and move every later logit by a few % of the range (seed 841574637,
+    gemma2, H100: a 4.3 % median; the CPU reference itself moves by a 1.5 % median, 9.5 % at worst, with its thresholds
+    0.001 % higher). So both devices run five tables, 0.2 and 0.2 times 1 +- 0.1 % and 1 +- 0.01 %, and the table where
+    they agree best is held to 1 % at every position: where no activation lies within rounding of a table the two decide
+    alike, while a switch left out moves every position at every table."""
     loaded = load_spqt(quantized["hf"])
     ids = _ids(32, loaded.config.vocab_size, seed=family["seed"] + 2)
     table = torch.full((loaded.config.n_layers, 4), 0.2)
     logits = {}
-    nudges = (1.001, 0.999, 1.0001, 0.9999)
-    for device, nudge in (("cpu", 1.0), ("cuda", 1.0)) + tuple(("cpu", f) for f in nudges):
+    nudges = (1.0, 1.001, 0.999, 1.0001, 0.9999)
+    for device in ("cpu", "cuda"):
         gen = Generator(loaded, device, dtype=torch.float32, max_len=64, dense_fallback=False)
         assert device == "cpu" or type(gen.model.layers[0].attention.qkv.impl).__name__ == "TritonLinear"
-        gen.set_sparsity(0.5, table=table * nudge)
-        for sparse in (False, True) if nudge == 1.0 else (True,):
-            logits[device, nudge, sparse] = _stepped_logits(gen, ids, sparse)
-    for sparse in (False, True):
-        ref, got = logits["cpu", 1.0, sparse], logits["cuda", 1.0, sparse]
-        span = float(ref.max() - ref.min())
-        per_position = (ref - got).abs().amax(-1)
-        err = float(per_position.max())
-        bound = 0.01 * span
-        if sparse:
-            floor = max(float((logits["cpu", f, True] - ref).abs().max()) for f in nudges)
-            bound = max(bound, 2 * floor)
-            median = min(float((logits["cpu", f, True] - got).abs().amax(-1).median()) for f in (1.0,) + nudges)
-            assert median < 0.01 * span, f"seed {family['seed']}: median position error {median:.3e}, range {span:.2f}"
-        assert err < bound, (f"sparse={sparse} (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}, "
-                             f"bound {bound:.3e}")
+        for nudge in nudges:  # (thresholds set in place: the captured graphs read them)
+            gen.set_sparsity(0.5, table=table * nudge)
+            for sparse in (False, True) if nudge == 1.0 else (True,):
+                logits[device, nudge, sparse] = _stepped_logits(gen, ids, sparse)
+    span = float(logits["cpu", 1.0, False].max() - logits["cpu", 1.0, False].min())
+    err = float((logits["cpu", 1.0, False] - logits["cuda", 1.0, False]).abs().max())
+    assert err < 0.01 * span, f"dense (seed {family['seed']}): max |diff| {err:.3e} vs range {span:.2f}"
+    errors = {f: float((logits["cpu", f, True] - logits["cuda", f, True]).abs().max()) for f in nudges}
+    assert min(errors.values()) < 0.01 * span, (f"sparse (seed {family['seed']}): max |diff| at each table "
+                                                f"{[f'{e:.3e}' for e in errors.values()]} vs range {span:.2f}")
     for sparsity in (0.0, 0.5):
         graph = Generator(loaded, "cuda", max_len=64, dense_fallback=False)
         eager = Generator(loaded, "cuda", max_len=64, dense_fallback=False)
