@@ -3,9 +3,10 @@
 The order: logit_bias added; the penalties, as vLLM applies them (repetition over the prompt's and the answer's
 tokens, all of them, where llama.cpp's repeat_penalty takes the last 64; frequency and presence over the answer's, as
 OpenAI and vLLM define them); then temperature (0: greedy, the argmax of the shaped logits), top-k, top-p and min-p
-(min-p last, as transformers and vLLM's first sampler apply it). A grammar (structured output, spqt.grammar) masks the
-tokens that would leave it last, after the penalties. Logprobs a caller reads (generate's on_logits) are the model's
-own, before any of this.
+(min-p last, as transformers and vLLM's first sampler apply it), each on the distribution after the temperature, as
+transformers and vLLM apply them (llama.cpp's default chain divides by the temperature last). A grammar (structured
+output, spqt.grammar) masks the tokens that would leave it last, after the penalties. Logprobs a caller reads
+(generate's on_logits) are the model's own, before any of this.
 """
 
 import math
@@ -119,10 +120,10 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if s.top_p < 1.0:
+    if s.top_p < 1.0:  # the fewest most likely tokens whose mass reaches top_p (transformers', vLLM's, llama.cpp's)
         sorted_p, order = torch.sort(probs, dim=-1, descending=True)
-        cut = sorted_p.cumsum(-1) - sorted_p > s.top_p
-        sorted_p = sorted_p.masked_fill(cut, 0.0)
+        before = torch.cat([torch.zeros_like(sorted_p[..., :1]), sorted_p.cumsum(-1)[..., :-1]], dim=-1)
+        sorted_p = sorted_p.masked_fill(before >= s.top_p, 0.0)  # (the first's mass before is 0 < top_p: kept)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     if s.min_p:  # of the most likely token's probability after top-k / top-p (which always keep it)
         probs = probs.masked_fill(probs < s.min_p * probs.amax(-1, keepdim=True), 0.0)
