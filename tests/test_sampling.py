@@ -99,6 +99,16 @@ def test_top_p_at_an_exact_tie_keeps_the_fewest_tokens():
     assert drawn(torch.tensor([0.0, 3.0, 1.0]), Sampling(1.0, top_p=1e-9), 100)[1] == 1
 
 
+def test_a_temperature_above_float32s_largest_value_is_uniform_over_the_allowed_tokens():
+    """A temperature of 1e39 (finite in Python, inf in float32) divided a grammar's -inf logits into NaN: the sample
+    raised (a traceback of `spqt generate --temperature 1e39 --json-schema-file`). Now it draws the allowed tokens
+    evenly."""
+    logits = torch.tensor([5.0, float("-inf"), -5.0, float("-inf")])
+    for temperature in (1e39, 1e308):
+        got = drawn(logits, Sampling(temperature), 4000)
+        assert got[1] == got[3] == 0 and abs(got[0] - 0.5) < 0.05, (temperature, got)
+
+
 def test_min_p_draws_only_tokens_above_its_share(rng):
     """min_p 0.4 over four tokens of probabilities 0.5, 0.3, 0.15, 0.05: the two below 0.2 never drawn, the others in
     their renormalised shares (0.625, 0.375) over 20,000 draws; at min_p 0.09 the last (0.05 against 0.045) is drawn."""

@@ -114,8 +114,9 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
         return logits.argmax(-1)  # divides by multiplying with it) or T itself rounds to 0: greedy
     # Shifted to a top logit of 0 first: the rest only go towards -inf, where a tiny temperature (1e-37) made
     # logits / temperature overflow float32 and the probabilities NaN. Softmax is shift-invariant, but not its
-    # rounding: a seeded sample may differ from the unshifted one's in a rare near-tie
-    logits = (logits - logits.amax(-1, keepdim=True)) / s.temperature
+    # rounding: a seeded sample may differ from the unshifted one's in a rare near-tie. A temperature above float32's
+    # largest value is that value: as inf (1e39 in float32) it made a grammar's -inf logits -inf / inf = NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / min(s.temperature, torch.finfo(torch.float32).max)
     if s.top_k:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
