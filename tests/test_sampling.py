@@ -126,6 +126,10 @@ def test_sampling_refuses_out_of_range_values():
                 dict(logit_bias={5: 100.5})):
         with pytest.raises(SpqtError):
             Sampling(**bad)
+    for bad, message in ((dict(temperature=-1.0), "temperature >= 0 .*got -1.0"), (dict(top_p=0.0), "top-p .*got 0.0"),
+                         (dict(top_p=1.5), "top-p .*got 1.5"), (dict(top_k=-1), "top-k .*got -1")):
+        with pytest.raises(SpqtError, match=message):  # (each names its value: one message named all three)
+            Sampling(**bad)
     with pytest.raises(SpqtError, match="vocabulary of 100"):
         LogitShaper(Sampling(logit_bias={100: 1.0}), [1], 100, "cpu")
     assert not Sampling(min_p=0.3, top_k=4).shapes_logits() and Sampling(presence_penalty=0.1).shapes_logits()

@@ -34,9 +34,12 @@ class Sampling:
     grammar: Grammar | AfterThinking | None = None  # structured output: only tokens that keep the text in it
 
     def __post_init__(self):
-        temperature_ok = math.isfinite(self.temperature) and self.temperature >= 0
-        if not temperature_ok or not (0 < self.top_p <= 1) or self.top_k < 0:
-            raise SpqtError("sampling needs a finite temperature >= 0, 0 < top-p <= 1, top-k >= 0")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise SpqtError(f"sampling needs a finite temperature >= 0 (0: greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SpqtError(f"top-p must be in (0, 1] (1: off), got {self.top_p}")
+        if self.top_k < 0:
+            raise SpqtError(f"top-k must be >= 0 (0: off), got {self.top_k}")
         if not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds (the server's range too)
             raise SpqtError(f"the seed must be in [-2^63, 2^64), got {self.seed}")
         if not 0 <= self.min_p <= 1:
