@@ -38,6 +38,22 @@ def test_generate_with_penalties_is_the_generators(tiny_spqt, capsys, tmp_path):
     assert got["sampling"]["repeat_penalty"] == 1.5 and got["sampling"]["min_p"] == 0.05
 
 
+def test_generate_without_a_seed_samples_a_random_one_that_json_records(tiny_spqt, capsys, tmp_path):
+    """Sampling without --seed draws a seed of its own (the default seed 0 gave every run the same text, where llama.cpp
+    and transformers sample anew); --json records it, and that seed given back repeats the text."""
+    def run(*extra: str) -> dict:
+        assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "6", "--device", "cpu",
+                     "--temperature", "1.5", "--json", str(record), *extra]) == 0
+        return json.loads(record.read_text())
+
+    record = tmp_path / "gen.json"
+    first, second = run(), run()
+    assert first["sampling"]["seed"] != second["sampling"]["seed"]  # (two draws of 63 bits)
+    again = run("--seed", str(first["sampling"]["seed"]))
+    assert again["text"] == first["text"] and again["sampling"]["seed"] == first["sampling"]["seed"]
+    assert run("--seed", "-3")["sampling"]["seed"] == -3
+
+
 def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):
     """stdout holds the generated text alone (as `> out.txt` would keep it); the model line, the
     timing and the sparsity go to stderr; --json writes the same text with the figures."""

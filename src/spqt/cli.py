@@ -447,10 +447,14 @@ def _check_decoding(args) -> None:
 
 def _sampling(args):
     """The Sampling of generate's and chat's sampling options (_add_sampling_options); SpqtError where one is out of
-    range."""
+    range. Without --seed a random one, as llama.cpp's and transformers' unseeded sampling (a fixed default gave every
+    run the same text)."""
+    import secrets
+
     from spqt.generate import Sampling
 
-    return Sampling(args.temperature, args.top_k, args.top_p, args.seed, min_p=args.min_p,
+    seed = secrets.randbits(63) if args.seed is None else args.seed
+    return Sampling(args.temperature, args.top_k, args.top_p, seed, min_p=args.min_p,
                     repetition_penalty=args.repeat_penalty, frequency_penalty=args.frequency_penalty,
                     presence_penalty=args.presence_penalty)
 
@@ -615,7 +619,7 @@ def cmd_generate(args) -> int:
                   "criterion": criterion if run.sparsity else None,
                   "achieved_sparsity": result.sparsity or None, "one_launch_route": run.kept,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                               "seed": args.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+                               "seed": sampling.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
                                "frequency_penalty": args.frequency_penalty,
                                "presence_penalty": args.presence_penalty},
                   "structured_output": dict(zip(("kind", "text"), structured)) if structured else None,
@@ -1235,7 +1239,9 @@ def _add_sampling_options(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="the sampler's seed: the same seed, options and prompt give the same text (default: a random "
+                        "one, which generate's --json records)")
     p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below this share of the most likely one's "
                    "probability (0 = off, the default)")
     p.add_argument("--repeat-penalty", type=float, default=1.0,
