@@ -194,6 +194,32 @@ def test_the_second_turn_prefills_only_what_the_cache_does_not_hold(model, monke
     assert session.turns == [("hi", one.text), ("what is the king?", two.text)]
 
 
+def test_each_answer_is_seeded_apart_so_a_message_asked_again_is_a_new_sample(model, monkeypatch):
+    """Answer i of a chat samples at seed + i (one seed for every answer drew the same answer to the same message
+    after a /reset); a chat of the same seed and messages repeats its answers."""
+    from spqt.chat import Chat
+    from spqt.generate import Generator, Sampling
+
+    _, tok, _ = model
+    seeds = []
+    real = Generator.generate
+    monkeypatch.setattr(Generator, "generate", lambda self, prompt, n, sampling, **kw: seeds.append(sampling.seed) or
+                        real(self, prompt, n, sampling, **kw))
+
+    def answers(seed: int) -> list[str]:
+        session = Chat(generator(model), tok, Sampling(1.5, seed=seed), N)
+        first = session.reply("hi").text
+        session.reset()
+        return [first, session.reply("hi").text, session.reply("and then?").text]
+
+    once = answers(11)
+    assert seeds == [11, 12, 13] and once[0] != once[1]
+    assert answers(11) == once
+    seeds.clear()
+    answers(2**64 - 1)
+    assert seeds == [2**64 - 1, 0, 1]
+
+
 def test_reset_and_system(tiny_spqt, model, monkeypatch, capsys):
     """/reset starts the conversation again (the next answer is the first one's again, where with the history kept it
     is another); /system TEXT sets the system message and resets, and /reset keeps it; /help and the notes go to

@@ -119,6 +119,7 @@ class Chat:
         self.max_new_tokens, self.track, self.thinking_budget = max_new_tokens, track, thinking_budget
         self.system = system
         self.turns: list[tuple[str, str]] = []
+        self.answers = 0  # replies begun: answer i is seeded sampling.seed + i (a reset does not start them again)
 
     def reset(self) -> None:
         """Forget the turns; the system message stays."""
@@ -187,7 +188,10 @@ class Chat:
                     on_text(piece)
             return False
 
-        sampling = self.sampling
+        # each answer a seed of its own, as the server's n choices: with one seed for all, the same message after a
+        # /reset drew the same answer again (llama.cpp's chat draws on from one generator)
+        sampling = dataclasses.replace(self.sampling, seed=(self.sampling.seed + self.answers) % 2**64)
+        self.answers += 1
         if self.thinking_budget is not None:
             vocabulary = Vocabulary(self.tokenizer, self.generator.loaded.config.vocab_size, stop_ids)
             gate = chat_grammar(None, self.tokenizer, _messages(self.system, self.turns[dropped:], user),
