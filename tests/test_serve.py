@@ -389,7 +389,8 @@ def test_a_plain_request_whose_client_leaves_is_logged_as_gone(server, model_id)
 def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
     """As OpenAI checks a request: a value of another JSON type than the field's, or one this server would have to
     ignore, is a 400 naming the field (in param and message); what clients send (an integer temperature, nulls for
-    defaults, a string or a list for stop and content, the fields this server ignores at their defaults) passes."""
+    defaults, a string or a list for stop and content, the fields this server ignores at their defaults, vLLM's top_k -1)
+    passes."""
     chat = {"model": model_id, "messages": CHAT, "max_tokens": 1}
     text = {"model": model_id, "prompt": PROMPT, "max_tokens": 1}
     one_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]
@@ -434,7 +435,8 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"reasoning_effort": "high"}, "reasoning_effort"), (chat, {"verbosity": "low"}, "verbosity"),
                # other servers' sampling fields (vLLM, llama.cpp; Open WebUI sends min_p): out of range, or not
                # honoured here
-               (chat, {"min_p": 1.5}, "min_p"), (text, {"repetition_penalty": 0}, "repetition_penalty"),
+               (chat, {"min_p": 1.5}, "min_p"), (text, {"top_k": -2}, "top_k"),
+               (text, {"repetition_penalty": 0}, "repetition_penalty"),
                (chat, {"repeat_penalty": -1.1}, "repeat_penalty"), (chat, {"repeat_penalty": 101}, "repeat_penalty"),
                (text, {"repetition_penalty": 1.2, "repeat_penalty": 1.1}, "repeat_penalty"),
                (chat, {"typical_p": 0.9}, "typical_p"),
@@ -458,6 +460,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                 {"modalities": ["text"], "audio": None, "reasoning_effort": None, "store": False,
                  "service_tier": "auto", "prediction": {"type": "content", "content": "Red"}, "min_p": 0,
                  "repetition_penalty": 1, "typical_p": 1.0, "min_tokens": 0, "ignore_eos": False},
+                {"top_k": -1, "temperature": 0.7},  # (vLLM's top_k for no cut, which its clients send)
                 {"messages": [{"role": "system", "content": [{"type": "text", "text": "Be brief."}]},
                               {"role": "assistant", "content": None}, {"role": "assistant"}, *CHAT],
                  "stream_options": {"include_usage": None}}]

@@ -222,7 +222,8 @@ class StructuredOutputs(RequestModel):
 
 class SamplingFields(RequestModel):
     """What both endpoints share. Defaults are OpenAI's (temperature 1: sampling; 0 means greedy).
-    top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut."""
+    top_k is not in OpenAI's API (clients pass it as an extra body field); 0 means no top-k cut, and so does -1 (vLLM's
+    "disabled", which its clients send; llama.cpp takes any k <= 0 as no cut)."""
 
     prompt_param: ClassVar[str] = "prompt"  # the field that holds the prompt (errors of the prompt name it)
     limit_param: ClassVar[str] = "max_tokens"  # the field that bounds the answer's tokens (errors name it)
@@ -232,7 +233,7 @@ class SamplingFields(RequestModel):
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the top token alone (greedy)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=-1)  # -1: no cut, as 0 (_top_k_off)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
     stop: list[str] = Field(default_factory=list)  # a string or up to MAX_STOP_STRINGS
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each a job of its own (run one after another)
@@ -258,6 +259,11 @@ class SamplingFields(RequestModel):
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return [s for s in stops if s]
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off(cls, k: int) -> int:
+        return max(k, 0)
 
     @field_validator("logit_bias")
     @classmethod
