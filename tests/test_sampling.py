@@ -92,11 +92,14 @@ def test_sampled_frequencies_are_the_filtered_distribution():
 
 def test_top_p_at_an_exact_tie_keeps_the_fewest_tokens():
     """Four equal logits (0.25 each, exact in float32) at top-p 0.5: two tokens reach 0.5, so two are drawn (a third
-    was kept too, as the mass before it was not above top-p); top-p 0.75 keeps three; any top-p keeps the top token."""
+    was kept too, as the mass before it was not above top-p); top-p 0.75 keeps three; any top-p keeps the top token.
+    Top-k's ties are all kept."""
     for top_p, kept in ((0.5, 2), (0.75, 3), (0.76, 4), (1e-9, 1)):
         got = drawn(torch.zeros(4), Sampling(1.0, top_p=top_p), 4000)
         assert got.count_nonzero() == kept and (got[got > 0] - 1 / kept).abs().max() < 0.05, (top_p, got)
     assert drawn(torch.tensor([0.0, 3.0, 1.0]), Sampling(1.0, top_p=1e-9), 100)[1] == 1
+    # top-k keeps every token tied at the k-th, as transformers' and vLLM's (llama.cpp's keeps k of them)
+    assert drawn(torch.tensor([1.0, 1.0, 1.0, 0.0]), Sampling(1.0, top_k=2), 1000).count_nonzero() == 3
 
 
 def test_a_temperature_above_float32s_largest_value_is_uniform_over_the_allowed_tokens():
@@ -186,3 +189,20 @@ def test_greedy_generation_with_penalties_and_bias(device, tiny_spqt, rng):
     sampled = Sampling(0.8, seed=3, repetition_penalty=1.3, logit_bias={7: -100.0})
     once, again = (gen.generate(prompt, 16, sampled).tokens for _ in range(2))
     assert once == again and 7 not in once
+
+
+def test_sampled_generation_draws_from_each_steps_own_logits(tiny_spqt, rng):
+    """A seeded sampled generation is sample() of each step's raw logits (on_logits) in turn, on one generator seeded
+    with Sampling.seed: the same seed gives the same tokens, and another seed other tokens."""
+    from spqt.checkpoint import load_spqt
+    from spqt.generate import Generator
+
+    gen = Generator(load_spqt(tiny_spqt), "cpu", max_len=64)
+    prompt = rng.integers(0, gen.loaded.config.vocab_size, 8).tolist()
+    s = Sampling(1.2, top_k=40, top_p=0.95, min_p=0.01, seed=int(rng.integers(1 << 62)))
+    raw = []
+    tokens = gen.generate(prompt, 16, s, on_logits=raw.append).tokens
+    replay = torch.Generator().manual_seed(s.seed)
+    assert [int(sample(logits, s, replay)) for logits in raw] == tokens
+    assert gen.generate(prompt, 16, s).tokens == tokens
+    assert gen.generate(prompt, 16, Sampling(1.2, top_k=40, top_p=0.95, min_p=0.01, seed=s.seed + 1)).tokens != tokens
