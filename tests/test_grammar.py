@@ -151,19 +151,33 @@ def test_generation_keeps_to_the_grammar(device, tiny, rng):
     assert re.fullmatch("[0-9]{3}-[a-z]{2}", tok.decode(answer.tokens[:-1]))
 
 
+def json_gap(tok, g: grammar.Grammar, before: str, gap: str) -> tuple[int, bool]:
+    """How many of gap's characters (one-byte tokens each) g takes after the text before, and whether it then takes
+    the next key's quote (the gap was whitespace it may end)."""
+    m = g.matcher()
+    for t in tok.encode(before):
+        m.consume(t)
+    taken = 0
+    for c in gap:
+        (t,) = tok.encode(c)
+        if not m.allowed("cpu")[t]:
+            break
+        m.consume(t)
+        taken += 1
+    return taken, bool(m.allowed("cpu")[tok.encode('"')[0]])
+
+
 def test_json_whitespace_is_bounded(tiny):
-    """After 32 whitespace characters in a gap a JSON text must go on with a token of its own."""
+    """A gap between a JSON text's tokens is llama.cpp's: nothing, one space, or one or two line breaks and an indent
+    of at most 20 spaces or tabs (32 line breaks a gap let a small model pad each one)."""
     _, tok, vocabulary = tiny
-    m = grammar.json_object(vocabulary).matcher()
-    space = tok.encode(" ")
-    assert len(space) == 1
-    m.consume(tok.encode("{")[0])
-    for _ in range(32):
-        assert m.allowed("cpu")[space[0]]
-        m.consume(space[0])
-    allowed = m.allowed("cpu").nonzero().view(-1).tolist()
-    assert space[0] not in allowed and allowed
-    assert all(tok.token_bytes(t).lstrip()[:1] in (b'"', b"}") for t in allowed)
+    g = grammar.json_object(vocabulary)
+    assert json_gap(tok, g, "{", "") == (0, True)
+    assert json_gap(tok, g, "{", "  ") == (1, True)
+    assert json_gap(tok, g, "{", "\n\n\n") == (2, True)
+    assert json_gap(tok, g, "{", "\n" + " " * 30) == (21, True)
+    assert json_gap(tok, g, "{", "\n\t\t ") == (4, True)
+    assert json_gap(tok, g, '{"a": 1,', " \n") == (1, True)
 
 
 def test_bad_grammars_are_one_line_errors(tiny):

@@ -26,9 +26,11 @@ from spqt.errors import SpqtError
 from spqt.tokenizer import TextTokenizer
 
 ANY_JSON_OBJECT = {"type": "object"}
-# Whitespace between a JSON text's tokens: at most 32 characters a gap (llama.cpp's JSON grammars take a newline and
-# 20 spaces or tabs), so a model that keeps choosing whitespace still reaches the end (unbounded, small models loop)
-JSON_WHITESPACE = r"[\x20\x0A\x0D\x09]{0,32}"
+# Whitespace between a JSON text's tokens, as llama.cpp's JSON grammars take it: none, one space, or one or two line
+# breaks and an indent of at most 20 spaces or tabs. Unbounded (llguidance's default), small models loop on it; at
+# most 32 characters of any of it a gap, the default model's greedy answer to an array of booleans was `[`, 32 line
+# breaks, `true`, 32 line breaks, `]` (69 tokens for 3), and max_tokens cut longer arrays and objects
+JSON_WHITESPACE = r"(?: |\n{1,2}[ \t]{0,20})?"
 
 
 class Vocabulary:
