@@ -113,29 +113,38 @@ def test_streamed_split_gives_the_whole_answers_parse(fmt, text):
         assert (sent.strip() == content.strip()) if calls else sent == text, (pieces, sent)
 
 
-def test_forced_calls_grammar_reads_back_as_the_calls(tiny_spqt):
-    """The grammar of a forced call (tool_choice 'required' / named) accepts the template format's call text of an
-    offered tool with arguments its parameters accept, which parse_tool_calls reads back, and nothing else: another
-    tool's name, arguments outside the schema, text before the call, a second call without parallel."""
+@pytest.fixture(scope="module")
+def tiny_vocabulary(tiny_spqt):
+    """(the tiny model's tokenizer, its spqt.grammar.Vocabulary)."""
     from spqt import grammar
     from spqt.checkpoint import load_spqt
-    from spqt.serve.tools import forced_calls
     from spqt.tokenizer import TextTokenizer
 
     loaded = load_spqt(tiny_spqt)
     tok = TextTokenizer(loaded.tokenizer, loaded.config)
-    vocabulary = grammar.Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids)
+    return tok, grammar.Vocabulary(tok, loaded.config.vocab_size, tok.stop_ids)
+
+
+def accepts(tok, g, text: str) -> bool:
+    """Whether grammar g takes text whole, in text's own tokens (byte-level BPE: as the model would spell it)."""
+    m = g.matcher()
+    for t in tok.encode(text):
+        if not m.allowed("cpu")[t]:
+            return False
+        m.consume(t)
+    return m.complete
+
+
+def test_forced_calls_grammar_reads_back_as_the_calls(tiny_vocabulary):
+    """The grammar of a forced call (tool_choice 'required' / named) accepts the template format's call text of an
+    offered tool with arguments its parameters accept, which parse_tool_calls reads back, and nothing else: another
+    tool's name, arguments outside the schema, text before the call, a second call without parallel."""
+    from spqt.serve.tools import forced_calls
+
+    tok, vocabulary = tiny_vocabulary
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
         "additionalProperties": False}}}, {"type": "function", "function": {"name": "now"}}]
-
-    def accepts(g: grammar.Grammar, text: str) -> bool:
-        m = g.matcher()
-        for t in tok.encode(text):  # (byte-level BPE: a text's own tokens, as the model would spell it)
-            if not m.allowed("cpu")[t]:
-                return False
-            m.consume(t)
-        return m.complete
 
     hermes = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
     llama = '{"name": "get_weather", "parameters": {"city": "Oslo"}}'
@@ -144,13 +153,38 @@ def test_forced_calls_grammar_reads_back_as_the_calls(tiny_spqt):
             '{"city": "Oslo"}', "{}")
         anyone, named = (forced_calls(fmt, tools, name, True, vocabulary) for name in ("", "get_weather"))
         single = forced_calls(fmt, tools, "", False, vocabulary)
-        assert accepts(anyone, one) and accepts(anyone, two) and accepts(named, one) and accepts(single, one)
-        assert not accepts(single, two) and not accepts(named, two)  # one call; the named tool alone
-        assert not accepts(anyone, one.replace("get_weather", "rm_rf"))
-        assert not accepts(anyone, one.replace('"city"', '"town"')) and not accepts(anyone, "Sure. " + one)
+        assert all(accepts(tok, g, one) for g in (anyone, named, single)) and accepts(tok, anyone, two)
+        assert not accepts(tok, single, two) and not accepts(tok, named, two)  # one call; the named tool alone
+        assert not accepts(tok, anyone, one.replace("get_weather", "rm_rf"))
+        assert not accepts(tok, anyone, one.replace('"city"', '"town"')) and not accepts(tok, anyone, "Sure. " + one)
         assert [c.name for c in parse_tool_calls(two, fmt, {"get_weather", "now"})[1]] == ["get_weather", "now"]
     # parameters without "type": "object": the arguments an object still (parse_tool_calls reads no other)
     loose = [{"type": "function", "function": {"name": "f", "parameters": {"properties": {"x": {"type": "string"}}}}}]
     g = forced_calls("hermes", loose, "", False, vocabulary)
-    assert accepts(g, '<tool_call>\n{"name": "f", "arguments": {"x": "a"}}\n</tool_call>')
-    assert not accepts(g, '<tool_call>\n{"name": "f", "arguments": "Oslo"}\n</tool_call>')
+    assert accepts(tok, g, '<tool_call>\n{"name": "f", "arguments": {"x": "a"}}\n</tool_call>')
+    assert not accepts(tok, g, '<tool_call>\n{"name": "f", "arguments": "Oslo"}\n</tool_call>')
+
+
+def test_forced_calls_arguments_are_bounded(tiny_vocabulary):
+    """A function without parameters takes the empty object alone (OpenAI's empty parameter list: any object let a
+    small model's forced call run on to max_tokens); the arguments' white space is json_schema's, not Lark's any run
+    of it; a function whose parameters the compiler refuses is named in the error, without the grammar's text."""
+    from spqt.errors import SpqtError
+    from spqt.serve.tools import forced_calls
+
+    tok, vocabulary = tiny_vocabulary
+    tools = [{"type": "function", "function": {"name": "now"}},
+             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for fmt, call in (("hermes", '<tool_call>\n{"name": "NAME", "arguments": ARGS}\n</tool_call>'),
+                      ("llama3_json", '{"name": "NAME", "parameters": ARGS}')):
+        now, f = (forced_calls(fmt, tools, name, False, vocabulary) for name in ("now", "f"))
+        assert accepts(tok, now, call.replace("NAME", "now").replace("ARGS", "{}"))
+        assert not accepts(tok, now, call.replace("NAME", "now").replace("ARGS", '{"x": 1}'))
+        assert accepts(tok, f, call.replace("NAME", "f").replace("ARGS", '{"x": 1}'))  # (an object schema: any)
+        assert accepts(tok, f, call.replace("NAME", "f").replace("ARGS", '{\n  "x": 1\n}'))
+        assert not accepts(tok, f, call.replace("NAME", "f").replace("ARGS", '{' + " " * 40 + '"x": 1}'))
+    bad = [{"type": "function", "function": {"name": "ok"}},
+           {"type": "function", "function": {"name": "bad", "parameters": {"type": "objectx"}}}]
+    with pytest.raises(SpqtError, match="the parameters schema of function 'bad' is not valid: Invalid type") as e:
+        forced_calls("hermes", bad, "", True, vocabulary)
+    assert "|" not in str(e.value)

@@ -154,6 +154,12 @@ def json_schema(schema, vocabulary: Vocabulary, what: str = "the JSON schema") -
     return _checked(source, vocabulary, what)
 
 
+def lark_json(schema: dict) -> str:
+    """schema as a Lark grammar's `%json` item, with json_schema's whitespace between its tokens (Lark's own is any run
+    of white space)."""
+    return "%json " + json.dumps({"x-guidance": {"whitespace_pattern": JSON_WHITESPACE}, **schema})
+
+
 def json_object(vocabulary: Vocabulary) -> Grammar:
     """Any JSON object (OpenAI's response_format json_object)."""
     return json_schema(ANY_JSON_OBJECT, vocabulary, "a JSON object")

@@ -21,6 +21,7 @@ import secrets
 from dataclasses import dataclass
 
 from spqt import grammar
+from spqt.errors import SpqtError
 from spqt.serve.reasoning import THINK_CLOSE, THINK_OPEN
 from spqt.serve.text import tail_starting
 
@@ -127,18 +128,30 @@ def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabul
     {"name", "parameters"}, calls joined by ";"."""
     key = "arguments" if fmt == "hermes" else "parameters"
     specs = [t["function"] for t in tools if not name or t["function"]["name"] == name]
-    # (the arguments an object whatever the parameters say: parse_tool_calls takes no other)
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: {"allOf": [
-        f.get("parameters") or {}, {"type": "object"}]}}, "required": ["name", key], "additionalProperties": False}
-        for f in specs]
-    call = f"%json {json.dumps(calls[0] if len(calls) == 1 else {'anyOf': calls})}"
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: arguments_schema(f)},
+              "required": ["name", key], "additionalProperties": False} for f in specs]
+    call = grammar.lark_json(calls[0] if len(calls) == 1 else {"anyOf": calls})
     if fmt == "hermes":
         call = f"{vocabulary.literal(HERMES_OPEN)} \"\\n\" {call} \"\\n\" {vocabulary.literal(HERMES_CLOSE)}"
         more = '("\\n" call)*'
     else:
         more = '(";" call)*'
     lark = f"start: call {more if parallel else ''}\ncall: {call}"
-    return grammar.lark(lark, vocabulary, "the forced tool call")
+    try:
+        return grammar.lark(lark, vocabulary, "the forced tool call")
+    except SpqtError:  # (its message holds the Lark text: the function whose parameters fail, where one does)
+        for f in specs:
+            grammar.json_schema(arguments_schema(f), vocabulary, f"the parameters schema of function '{f['name']}'")
+        raise
+
+
+def arguments_schema(function: dict) -> dict:
+    """A function spec's arguments as a JSON schema: its parameters, an object whatever they say (parse_tool_calls
+    takes no other); without parameters, the empty object alone (OpenAI's "empty parameter list": any object there
+    let a small model's forced call run on with made-up arguments to max_tokens)."""
+    if function.get("parameters") is None:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    return {"allOf": [function["parameters"], {"type": "object"}]}
 
 
 def _json_objects(body: str) -> list:
