@@ -92,9 +92,17 @@ class Vocabulary:
                 from None
 
 
+# llguidance's quote of the grammar source after an error (`   1 | start: ...`, a caret line under it), and the place
+# before it (`at 1(8): `): of its own Lark, which a schema, a regex or a GBNF text became, not of the request's text
+LLGUIDANCE_SOURCE_QUOTE = re.compile(r"\n\s*\d+ \| .*", re.S)
+LLGUIDANCE_PLACE = re.compile(r"^at \d+\(\d+\): ")
+
+
 def _message(error: str) -> str:
-    """llguidance's error on one line, without the parser state it appends."""
-    return " ".join(error.split("<state>")[0].split())[:300]
+    """llguidance's error on one line, without the parser state it appends, or the place and the quote of its own
+    grammar source."""
+    error = LLGUIDANCE_SOURCE_QUOTE.sub("", error.split("<state>")[0])
+    return " ".join(LLGUIDANCE_PLACE.sub("", error).split())[:300]
 
 
 @dataclass(frozen=True)
