@@ -416,7 +416,7 @@ def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
                (chat, {"response_format": {"type": "json_schema"}}, "response_format"),
                (chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "a b"}}},
                 "response_format.json_schema.name"),
-               (text, {"guided_choice": []}, "guided_choice"), (text, {"guided_json": "{}"}, "guided_json"),
+               (text, {"guided_choice": []}, "guided_choice"), (text, {"guided_json": 5}, "guided_json"),
                (text, {"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag"),
                (text, {"guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
                (chat, {"messages": [{"role": "user"}]}, "messages[0]"),
@@ -647,13 +647,17 @@ def test_structured_output_keeps_to_its_grammar(server, model_id, engine, loaded
                          ({"json_schema": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3}},
                           lambda t: all(isinstance(b, bool) for b in json.loads(t))),
                          ({"structured_outputs": {"choice": ["cat", "dog"]}}, lambda t: t in ("cat", "dog")),
+                         # a schema as its JSON text, as vLLM takes guided_json and structured_outputs.json
+                         ({"guided_json": '{"enum": ["up", "down"]}'}, lambda t: t in ('"up"', '"down"')),
+                         ({"structured_outputs": {"json": '{"type": "boolean"}'}}, lambda t: t in ("true", "false")),
                          ({"structured_outputs": {"json_object": True}, "max_tokens": 1},
                           lambda t: t.startswith("{"))]:
         c = client.completions.create(model=model_id, prompt=PROMPT, max_tokens=extra.get("max_tokens", 40), temperature=0,
                                       extra_body={k: v for k, v in extra.items() if k != "max_tokens"}).choices[0]
         assert c.finish_reason == ("length" if "max_tokens" in extra else "stop") and check(c.text), (extra, c.text)
     chat = {"model": model_id, "messages": CHAT, "max_tokens": 8}
-    for change, param in [({"guided_json": {"type": "objectx"}}, "guided_json"),
+    for change, param in [({"guided_json": {"type": "objectx"}}, "guided_json"), ({"guided_json": "{x"}, "guided_json"),
+                          ({"structured_outputs": {"json": "[1]"}}, "structured_outputs.json"),
                           ({"guided_regex": "[0-9"}, "guided_regex"), ({"grammar": "root ::= ("}, "grammar"),
                           ({"guided_grammar": 'root ::= "x" root'}, "guided_grammar"),  # (x forever: was a 500)
                           ({"response_format": {"type": "json_object"}, "guided_choice": ["a"]}, "guided_choice"),

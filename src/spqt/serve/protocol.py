@@ -109,6 +109,14 @@ def text_as_parts(kind: str, what: str):
     return parts
 
 
+def schema_or_text(cls, schema):
+    """A field validator (before) of a JSON schema that vLLM takes as an object or as its JSON text (guided_json,
+    structured_outputs.json): either passes, as it is (spqt.grammar parses the text); anything else is refused."""
+    if not isinstance(schema, dict | str):
+        raise wrong_type("an object (a JSON schema) or its JSON text")
+    return schema
+
+
 def json_object_text(cls, arguments: str) -> str:
     """A field validator of a call's arguments: a JSON object's text ("": no arguments), as OpenAI sends them."""
     try:
@@ -207,11 +215,13 @@ class StructuredOutputs(RequestModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    json_: dict | None = Field(None, alias="json")
+    json_: dict | str | None = Field(None, alias="json")  # a schema, or its JSON text (as vLLM takes it)
     json_object: bool = False
     regex: str | None = None
     choice: list[str] | None = Field(None, min_length=1)
     grammar: str | None = None
+
+    _schema = field_validator("json_", mode="before")(schema_or_text)
 
     def structure(self) -> list[tuple[str, str, Any]]:
         return [(f"structured_outputs.{name}", kind, value) for name, kind, value in (
@@ -286,7 +296,7 @@ class SamplingFields(RequestModel):
     # structured_outputs: json, regex, choice, grammar) take it
     json_schema: dict | None = None
     grammar: str | None = None
-    guided_json: dict | None = None
+    guided_json: dict | str | None = None  # a schema, or its JSON text (as vLLM takes it)
     guided_regex: str | None = None
     guided_choice: list[str] | None = Field(None, min_length=1)
     guided_grammar: str | None = None
@@ -299,6 +309,7 @@ class SamplingFields(RequestModel):
 
     _no_extra_zero = field_validator("min_tokens", "ignore_eos")(off_only("not supported (only 0 or false)"))
     _no_whitespace_pattern = field_validator("guided_whitespace_pattern")(refused("not supported (only null)"))
+    _schema = field_validator("guided_json", mode="before")(schema_or_text)
     _no_extra_one = field_validator("typical_p")(one_only("not supported (only 1)"))
 
     @field_validator("repeat_penalty")
