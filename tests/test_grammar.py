@@ -180,6 +180,37 @@ def test_json_whitespace_is_bounded(tiny):
     assert json_gap(tok, g, '{"a": 1,', " \n") == (1, True)
 
 
+def test_objects_that_list_properties_take_no_others(tiny):
+    """An object schema that lists properties and says nothing of others takes none (llama.cpp's reading, xgrammar's
+    strict mode), at any depth; one that allows others, a schema that composes objects (allOf, a $ref or an anyOf
+    beside properties) and data (const) are as given."""
+    _, tok, vocabulary = tiny
+    point = {"type": "object", "properties": {"x": {"type": "integer"}}}
+    closed = dict(point, additionalProperties=False)
+    assert grammar.closed_objects(point) == closed and "additionalProperties" not in point
+    nested = {"$defs": {"p": point}, "type": "object", "properties": {"ps": {"type": "array", "items": point},
+                                                                     "q": {"anyOf": [point, {"type": "null"}]}}}
+    assert grammar.closed_objects(nested) == {
+        "$defs": {"p": closed}, "type": "object", "additionalProperties": False,
+        "properties": {"ps": {"type": "array", "items": closed}, "q": {"anyOf": [closed, {"type": "null"}]}}}
+    for kept in (dict(point, additionalProperties=True), dict(point, patternProperties={"^y": {}}), {"const": point},
+                 {"allOf": [point, {"required": ["x"]}]}, {"items": {"allOf": [point]}},
+                 {"$ref": "#/$defs/p", "$defs": {"p": {}}, "properties": {"y": {}}},
+                 dict(point, anyOf=[{"properties": {"y": {}}}, {"$ref": "#/$defs/z"}], **{"$defs": {"z": point}})):
+        assert grammar.closed_objects(kept) == kept
+    g = grammar.json_schema(point, vocabulary)
+    for text, takes in (('{"x": 1}', True), ('{}', True), ('{"x": 1, "y": 2}', False)):
+        m = g.matcher()
+        for t in tok.encode(text):
+            if not m.allowed("cpu")[t]:
+                break
+            m.consume(t)
+        else:
+            assert takes and m.complete, text
+            continue
+        assert not takes, text
+
+
 def test_bad_grammars_are_one_line_errors(tiny):
     vocabulary = tiny[2]
     for build, value, words in [(grammar.json_schema, '{"type": "objectx"}', "the JSON schema is not valid"),

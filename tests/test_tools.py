@@ -174,12 +174,14 @@ def test_forced_calls_arguments_are_bounded(tiny_vocabulary):
 
     tok, vocabulary = tiny_vocabulary
     tools = [{"type": "function", "function": {"name": "now"}},
-             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "properties": {}}}}]
     for fmt, call in (("hermes", '<tool_call>\n{"name": "NAME", "arguments": ARGS}\n</tool_call>'),
                       ("llama3_json", '{"name": "NAME", "parameters": ARGS}')):
-        now, f = (forced_calls(fmt, tools, name, False, vocabulary) for name in ("now", "f"))
-        assert accepts(tok, now, call.replace("NAME", "now").replace("ARGS", "{}"))
-        assert not accepts(tok, now, call.replace("NAME", "now").replace("ARGS", '{"x": 1}'))
+        now, f, g = (forced_calls(fmt, tools, name, False, vocabulary) for name in ("now", "f", "g"))
+        for no_arguments, name in ((now, "now"), (g, "g")):  # (g: listed properties, none, take no others)
+            assert accepts(tok, no_arguments, call.replace("NAME", name).replace("ARGS", "{}"))
+            assert not accepts(tok, no_arguments, call.replace("NAME", name).replace("ARGS", '{"x": 1}'))
         assert accepts(tok, f, call.replace("NAME", "f").replace("ARGS", '{"x": 1}'))  # (an object schema: any)
         assert accepts(tok, f, call.replace("NAME", "f").replace("ARGS", '{\n  "x": 1\n}'))
         assert not accepts(tok, f, call.replace("NAME", "f").replace("ARGS", '{' + " " * 40 + '"x": 1}'))

@@ -150,11 +150,46 @@ def parse_schema(schema, what: str) -> dict:
     return schema
 
 
+def closed_objects(schema: dict) -> dict:
+    """schema (not changed) with `additionalProperties: false` in each object schema that lists properties and says
+    nothing of others, as llama.cpp's JSON grammars and xgrammar's strict mode (vLLM's default) read it: JSON Schema
+    lets any other property in, and the default model's answers to {"properties": {"a": ...}} went on with made-up
+    keys to max_tokens. A schema that composes objects (allOf anywhere; a $ref, anyOf or oneOf beside properties) is
+    left as it is: there a closed part would refuse the other parts' properties. What it takes, schema takes."""
+    def composes(node) -> bool:
+        if isinstance(node, list):
+            return any(composes(v) for v in node)
+        if not isinstance(node, dict):
+            return False
+        return "allOf" in node or ("properties" in node and any(k in node for k in ("$ref", "anyOf", "oneOf"))) or \
+            any(composes(v) for v in node.values())
+
+    def close(node):
+        if not isinstance(node, dict):
+            return node
+        out = dict(node)
+        for key in ("properties", "patternProperties", "$defs", "definitions"):
+            if isinstance(node.get(key), dict):
+                out[key] = {name: close(sub) for name, sub in node[key].items()}
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                out[key] = close(node[key])
+        for key in ("items", "prefixItems", "anyOf", "oneOf"):
+            if isinstance(node.get(key), list):
+                out[key] = [close(sub) for sub in node[key]]
+        if isinstance(node.get("properties"), dict) and not any(
+                k in node for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
+            out["additionalProperties"] = False
+        return out
+
+    return schema if composes(schema) else close(schema)
+
+
 def json_schema(schema, vocabulary: Vocabulary, what: str = "the JSON schema") -> Grammar:
-    """schema: a dict (a JSON schema; {} allows any JSON value) or its JSON text."""
+    """schema: a dict (a JSON schema; {} allows any JSON value) or its JSON text; its objects closed_objects'."""
     import llguidance
 
-    schema = parse_schema(schema, what)
+    schema = closed_objects(parse_schema(schema, what))
     try:
         source = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_pattern": JSON_WHITESPACE})
     except ValueError as e:

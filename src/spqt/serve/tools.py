@@ -146,12 +146,12 @@ def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabul
 
 
 def arguments_schema(function: dict) -> dict:
-    """A function spec's arguments as a JSON schema: its parameters, an object whatever they say (parse_tool_calls
-    takes no other); without parameters, the empty object alone (OpenAI's "empty parameter list": any object there
-    let a small model's forced call run on with made-up arguments to max_tokens)."""
+    """A function spec's arguments as a JSON schema: its parameters (grammar.closed_objects'), an object whatever they
+    say (parse_tool_calls takes no other); without parameters, the empty object alone (OpenAI's "empty parameter
+    list": any object there let a small model's forced call run on with made-up arguments to max_tokens)."""
     if function.get("parameters") is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    return {"allOf": [function["parameters"], {"type": "object"}]}
+    return {"allOf": [grammar.closed_objects(function["parameters"]), {"type": "object"}]}
 
 
 def _json_objects(body: str) -> list:
