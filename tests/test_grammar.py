@@ -182,8 +182,8 @@ def test_json_whitespace_is_bounded(tiny):
 
 def test_objects_that_list_properties_take_no_others(tiny):
     """An object schema that lists properties and says nothing of others takes none (llama.cpp's reading, xgrammar's
-    strict mode), at any depth; one that allows others, a schema that composes objects (allOf, a $ref or an anyOf
-    beside properties) and data (const) are as given."""
+    strict mode), at any depth; one that allows others or needs more than it lists, a schema that composes objects
+    (allOf, a $ref or an anyOf beside properties) and data (const, property names) are as given."""
     _, tok, vocabulary = tiny
     point = {"type": "object", "properties": {"x": {"type": "integer"}}}
     closed = dict(point, additionalProperties=False)
@@ -193,6 +193,14 @@ def test_objects_that_list_properties_take_no_others(tiny):
     assert grammar.closed_objects(nested) == {
         "$defs": {"p": closed}, "type": "object", "additionalProperties": False,
         "properties": {"ps": {"type": "array", "items": closed}, "q": {"anyOf": [closed, {"type": "null"}]}}}
+    # required names or minProperties beyond the listed ones: closed, no object would do (llama.cpp takes them)
+    for open_ in (dict(point, required=["x", "y"]), dict(point, minProperties=2)):
+        assert grammar.closed_objects(open_) == open_
+    grammar.json_schema(dict(point, required=["x", "y"]), vocabulary)  # (closed: "required property 'y'
+    # is unsatisfiable"; llguidance takes minProperties only where every listed property is required)
+    # a property named as a keyword is data, not composition: the object is closed still
+    named = {"type": "object", "properties": {"allOf": {"type": "string"}, "$ref": {}}}
+    assert grammar.closed_objects(named) == dict(named, additionalProperties=False)
     for kept in (dict(point, additionalProperties=True), dict(point, patternProperties={"^y": {}}), {"const": point},
                  {"allOf": [point, {"required": ["x"]}]}, {"items": {"allOf": [point]}},
                  {"$ref": "#/$defs/p", "$defs": {"p": {}}, "properties": {"y": {}}},

@@ -190,3 +190,21 @@ def test_forced_calls_arguments_are_bounded(tiny_vocabulary):
     with pytest.raises(SpqtError, match="the parameters schema of function 'bad' is not valid: Invalid type") as e:
         forced_calls("hermes", bad, "", True, vocabulary)
     assert "|" not in str(e.value)
+
+
+def test_forced_calls_resolve_the_parameters_own_refs(tiny_vocabulary):
+    """Parameters with $defs and local $refs (as pydantic writes a tool's model) inside a forced call's schema: their
+    refs resolve against the parameters, not the call's root (where "#/$defs/..." named nothing), one tool or several."""
+    from spqt.serve.tools import forced_calls
+
+    tok, vocabulary = tiny_vocabulary
+    place = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    weather = {"name": "w", "parameters": {"$defs": {"Place": place}, "type": "object",
+                                           "properties": {"at": {"$ref": "#/$defs/Place"}}, "required": ["at"]}}
+    tools = [{"type": "function", "function": weather}, {"type": "function", "function": {"name": "now"}}]
+    call = '<tool_call>\n{"name": "w", "arguments": {"at": {"city": "Oslo"}}}\n</tool_call>'
+    for name in ("", "w"):  # (two tools: each under anyOf; one: at the call's root)
+        g = forced_calls("hermes", tools, name, False, vocabulary)
+        assert accepts(tok, g, call)
+        assert not accepts(tok, g, call.replace('{"city": "Oslo"}', '{"town": "Oslo"}'))
+

@@ -150,39 +150,86 @@ def parse_schema(schema, what: str) -> dict:
     return schema
 
 
+# Where a schema holds schemas: under these keys a map of names to schemas, a list of them, or one schema
+SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+SUBSCHEMA_LISTS = ("prefixItems", "anyOf", "oneOf", "allOf", "items")
+SUBSCHEMA_ONES = ("items", "additionalProperties", "additionalItems", "contains", "unevaluatedItems")
+
+
+def _subschemas(node: dict):
+    """(key, name or index or None, schema) of each schema directly in node, in the positions JSON Schema gives them
+    (not in data: const, enum, default, examples, or the names of properties)."""
+    for key in SUBSCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            yield from ((key, name, sub) for name, sub in node[key].items())
+    for key in SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            yield from ((key, i, sub) for i, sub in enumerate(node[key]))
+    for key in SUBSCHEMA_ONES:
+        if isinstance(node.get(key), dict):
+            yield key, None, node[key]
+
+
+def _subschemas_mapped(node: dict, fn) -> dict:
+    """A copy of node with fn applied to each schema directly in it (_subschemas' positions)."""
+    out = dict(node)
+    for key, at, sub in _subschemas(node):
+        if at is None:
+            out[key] = fn(sub)
+        elif isinstance(out[key], dict):
+            out[key] = {**out[key], at: fn(sub)}
+        else:
+            out[key] = [*out[key][:at], fn(sub), *out[key][at + 1:]]
+    return out
+
+
 def closed_objects(schema: dict) -> dict:
     """schema (not changed) with `additionalProperties: false` in each object schema that lists properties and says
     nothing of others, as llama.cpp's JSON grammars and xgrammar's strict mode (vLLM's default) read it: JSON Schema
     lets any other property in, and the default model's answers to {"properties": {"a": ...}} went on with made-up
-    keys to max_tokens. A schema that composes objects (allOf anywhere; a $ref, anyOf or oneOf beside properties) is
-    left as it is: there a closed part would refuse the other parts' properties. What it takes, schema takes."""
+    keys to max_tokens. Left open: an object whose `required` names or `minProperties` ask for more than it lists,
+    and every object of a schema that composes objects (allOf anywhere; a $ref, anyOf or oneOf beside properties),
+    where a closed part would refuse the other parts' properties. What it takes, schema takes."""
     def composes(node) -> bool:
-        if isinstance(node, list):
-            return any(composes(v) for v in node)
         if not isinstance(node, dict):
             return False
-        return "allOf" in node or ("properties" in node and any(k in node for k in ("$ref", "anyOf", "oneOf"))) or \
-            any(composes(v) for v in node.values())
+        here = "allOf" in node or ("properties" in node and any(k in node for k in ("$ref", "anyOf", "oneOf")))
+        return here or any(composes(sub) for _, _, sub in _subschemas(node))
+
+    def closes(node: dict) -> bool:
+        listed = node.get("properties")
+        if not isinstance(listed, dict) or any(k in node for k in (
+                "additionalProperties", "patternProperties", "unevaluatedProperties")):
+            return False
+        required = node.get("required", [])
+        unlisted = isinstance(required, list) and any(name not in listed for name in required)
+        least = node.get("minProperties", 0)
+        return not unlisted and not (isinstance(least, int) and least > len(listed))
 
     def close(node):
         if not isinstance(node, dict):
             return node
-        out = dict(node)
-        for key in ("properties", "patternProperties", "$defs", "definitions"):
-            if isinstance(node.get(key), dict):
-                out[key] = {name: close(sub) for name, sub in node[key].items()}
-        for key in ("items", "additionalProperties"):
-            if isinstance(node.get(key), dict):
-                out[key] = close(node[key])
-        for key in ("items", "prefixItems", "anyOf", "oneOf"):
-            if isinstance(node.get(key), list):
-                out[key] = [close(sub) for sub in node[key]]
-        if isinstance(node.get("properties"), dict) and not any(
-                k in node for k in ("additionalProperties", "patternProperties", "unevaluatedProperties")):
+        out = _subschemas_mapped(node, close)
+        if closes(node):
             out["additionalProperties"] = False
         return out
 
     return schema if composes(schema) else close(schema)
+
+
+def rebased_refs(schema: dict, pointer: str) -> dict:
+    """schema (not changed) with each local `$ref` ("#...") moved under `pointer` (a JSON pointer, "/anyOf/0/..."):
+    for a schema placed at pointer inside another, whose refs would otherwise resolve against the outer root (a
+    function's parameters with $defs inside a forced tool call's schema)."""
+    def rebase(node):
+        if not isinstance(node, dict):
+            return node
+        out = _subschemas_mapped(node, rebase)
+        if isinstance(node.get("$ref"), str) and node["$ref"].startswith("#"):
+            out["$ref"] = "#" + pointer + node["$ref"][1:]
+        return out
+
+    return rebase(schema)
 
 
 def json_schema(schema, vocabulary: Vocabulary, what: str = "the JSON schema") -> Grammar:

@@ -128,8 +128,9 @@ def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabul
     {"name", "parameters"}, calls joined by ";"."""
     key = "arguments" if fmt == "hermes" else "parameters"
     specs = [t["function"] for t in tools if not name or t["function"]["name"] == name]
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: arguments_schema(f)},
-              "required": ["name", key], "additionalProperties": False} for f in specs]
+    at = (lambda i: f"/anyOf/{i}/properties/{key}") if len(specs) > 1 else (lambda i: f"/properties/{key}")
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: arguments_schema(f, at(i))},
+              "required": ["name", key], "additionalProperties": False} for i, f in enumerate(specs)]
     call = grammar.lark_json(calls[0] if len(calls) == 1 else {"anyOf": calls})
     if fmt == "hermes":
         call = f"{vocabulary.literal(HERMES_OPEN)} \"\\n\" {call} \"\\n\" {vocabulary.literal(HERMES_CLOSE)}"
@@ -141,17 +142,20 @@ def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabul
         return grammar.lark(lark, vocabulary, "the forced tool call")
     except SpqtError:  # (its message holds the Lark text: the function whose parameters fail, where one does)
         for f in specs:
-            grammar.json_schema(arguments_schema(f), vocabulary, f"the parameters schema of function '{f['name']}'")
+            if f.get("parameters") is not None:
+                grammar.json_schema(f["parameters"], vocabulary, f"the parameters schema of function '{f['name']}'")
         raise
 
 
-def arguments_schema(function: dict) -> dict:
-    """A function spec's arguments as a JSON schema: its parameters (grammar.closed_objects'), an object whatever they
-    say (parse_tool_calls takes no other); without parameters, the empty object alone (OpenAI's "empty parameter
-    list": any object there let a small model's forced call run on with made-up arguments to max_tokens)."""
+def arguments_schema(function: dict, pointer: str = "") -> dict:
+    """A function spec's arguments as a JSON schema to be placed at `pointer` (a JSON pointer) in a call's schema: its
+    parameters (grammar.closed_objects'; their local $refs rebased there, so that their $defs resolve), an object
+    whatever they say (parse_tool_calls takes no other); without parameters, the empty object alone (OpenAI's "empty
+    parameter list": any object there let a small model's forced call run on with made-up arguments to max_tokens)."""
     if function.get("parameters") is None:
         return {"type": "object", "properties": {}, "additionalProperties": False}
-    return {"allOf": [grammar.closed_objects(function["parameters"]), {"type": "object"}]}
+    parameters = grammar.rebased_refs(grammar.closed_objects(function["parameters"]), f"{pointer}/allOf/0")
+    return {"allOf": [parameters, {"type": "object"}]}
 
 
 def _json_objects(body: str) -> list:
