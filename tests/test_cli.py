@@ -40,7 +40,7 @@ def test_generate_with_penalties_is_the_generators(tiny_spqt, capsys, tmp_path):
 
 def test_generate_without_a_seed_samples_a_random_one_that_json_records(tiny_spqt, capsys, tmp_path):
     """Sampling without --seed draws a seed of its own (the default seed 0 gave every run the same text, where llama.cpp
-    and transformers sample anew); --json records it, and that seed given back repeats the text."""
+    and transformers sample anew); --json and the stats line give it, and that seed given back repeats the text."""
     def run(*extra: str) -> dict:
         assert main(["generate", str(tiny_spqt), "-p", "once upon a time", "-n", "6", "--device", "cpu",
                      "--temperature", "1.5", "--json", str(record), *extra]) == 0
@@ -52,6 +52,9 @@ def test_generate_without_a_seed_samples_a_random_one_that_json_records(tiny_spq
     again = run("--seed", str(first["sampling"]["seed"]))
     assert again["text"] == first["text"] and again["sampling"]["seed"] == first["sampling"]["seed"]
     assert run("--seed", "-3")["sampling"]["seed"] == -3
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith("| seed -3")  # (on the stats line, as llama.cpp)
+    assert run("--temperature", "0")["sampling"]["seed"] is None  # (greedy: no seed to record)
+    assert "seed" not in capsys.readouterr().err
 
 
 def test_generate_streams_and_reports(tiny_spqt, capsys, tmp_path):

@@ -53,7 +53,7 @@ def filtered_reference(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
     first, then top-k (ties at the k-th kept), top-p (the fewest most likely tokens whose mass reaches it) and min-p
     (of the most likely token's probability after temperature), each renormalised."""
     probs = torch.softmax(logits.double() / s.temperature, -1)
-    if s.top_k:
+    if s.top_k > 0:
         kth = probs.sort(descending=True).values[min(s.top_k, probs.numel()) - 1]
         probs = torch.where(probs >= kth, probs, 0.0)
     if s.top_p < 1:
@@ -76,6 +76,7 @@ def test_sampled_frequencies_are_the_filtered_distribution():
     or min-p, as llama.cpp's default chain does, or min-p of the distribution before temperature)."""
     logits = torch.tensor([0.35, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.02]).log()
     for s in (Sampling(1.0), Sampling(0.5), Sampling(2.0), Sampling(1.0, top_k=3), Sampling(1.0, top_k=100),
+              Sampling(2.0, top_k=-1),  # (vLLM's "disabled", as 0)
               Sampling(1.0, top_p=0.6), Sampling(0.5, top_p=0.75), Sampling(0.5, top_p=0.8), Sampling(2.0, top_p=0.6),
               Sampling(2.0, min_p=0.5), Sampling(0.7, top_k=5, top_p=0.9, min_p=0.1)):
         got, want = drawn(logits, s, 6000), filtered_reference(logits, s)
@@ -130,7 +131,7 @@ def test_sampling_refuses_out_of_range_values():
         with pytest.raises(SpqtError):
             Sampling(**bad)
     for bad, message in ((dict(temperature=-1.0), "temperature >= 0 .*got -1.0"), (dict(top_p=0.0), "top-p .*got 0.0"),
-                         (dict(top_p=1.5), "top-p .*got 1.5"), (dict(top_k=-1), "top-k .*got -1")):
+                         (dict(top_p=1.5), "top-p .*got 1.5"), (dict(top_k=-2), "top-k .*got -2")):
         with pytest.raises(SpqtError, match=message):  # (each names its value: one message named all three)
             Sampling(**bad)
     with pytest.raises(SpqtError, match="vocabulary of 100"):

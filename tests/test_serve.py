@@ -389,8 +389,8 @@ def test_a_plain_request_whose_client_leaves_is_logged_as_gone(server, model_id)
 def test_json_types_are_strict_and_unhonoured_fields_refused(server, model_id):
     """As OpenAI checks a request: a value of another JSON type than the field's, or one this server would have to
     ignore, is a 400 naming the field (in param and message); what clients send (an integer temperature, nulls for
-    defaults, a string or a list for stop and content, the fields this server ignores at their defaults, vLLM's top_k -1)
-    passes."""
+    defaults, a string or a list for stop and content, the fields this server ignores at their defaults, vLLM's
+    top_k -1) passes."""
     chat = {"model": model_id, "messages": CHAT, "max_tokens": 1}
     text = {"model": model_id, "prompt": PROMPT, "max_tokens": 1}
     one_image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]

@@ -600,8 +600,10 @@ def cmd_generate(args) -> int:
     if structured and result.finish_reason == "length":
         print(f"spqt: note: -n {args.n} ended the answer before its grammar was complete", file=sys.stderr)
     first = f" (first step {1e3 * result.step_seconds[0]:.0f} ms)" if result.step_seconds else ""
+    seed = f" | seed {sampling.seed}" if args.temperature > 0 else ""  # (as llama.cpp's: a sampled text repeats)
     print(f"prompt: {result.prompt_tokens} tokens, {result.prefill_tokens_per_s:.1f} tokens/s | "
-          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}", file=sys.stderr)
+          f"decode: {len(result.tokens)} tokens, {result.decode_tokens_per_s:.1f} tokens/s{first}{seed}",
+          file=sys.stderr)
     if result.sparsity:
         parts = ", ".join(f"{k} {100 * v:.1f}%" for k, v in result.sparsity.items())
         print(f"achieved sparsity (target {100 * run.sparsity:g}%): {parts}", file=sys.stderr)
@@ -619,7 +621,7 @@ def cmd_generate(args) -> int:
                   "criterion": criterion if run.sparsity else None,
                   "achieved_sparsity": result.sparsity or None, "one_launch_route": run.kept,
                   "sampling": {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
-                               "seed": sampling.seed, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
+                               "seed": sampling.seed if args.temperature > 0 else None, "min_p": args.min_p, "repeat_penalty": args.repeat_penalty,
                                "frequency_penalty": args.frequency_penalty,
                                "presence_penalty": args.presence_penalty},
                   "structured_output": dict(zip(("kind", "text"), structured)) if structured else None,
@@ -1237,7 +1239,7 @@ def _add_sparsity_options(p) -> None:
 def _add_sampling_options(p) -> None:
     """generate's and chat's sampling options (_sampling reads them)."""
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 or -1 = off, the default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None,
                    help="the sampler's seed: the same seed, options and prompt give the same text (default: a random "

@@ -38,8 +38,8 @@ class Sampling:
             raise SpqtError(f"sampling needs a finite temperature >= 0 (0: greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise SpqtError(f"top-p must be in (0, 1] (1: off), got {self.top_p}")
-        if self.top_k < 0:
-            raise SpqtError(f"top-k must be >= 0 (0: off), got {self.top_k}")
+        if self.top_k < -1:  # (-1: vLLM's "disabled", as 0)
+            raise SpqtError(f"top-k must be >= 0 (0 or -1: off), got {self.top_k}")
         if not -(2**63) <= self.seed < 2**64:  # torch.Generator's seeds (the server's range too)
             raise SpqtError(f"the seed must be in [-2^63, 2^64), got {self.seed}")
         if not 0 <= self.min_p <= 1:
@@ -120,7 +120,7 @@ def sample(logits: torch.Tensor, s: Sampling, generator: torch.Generator | None)
     # rounding: a seeded sample may differ from the unshifted one's in a rare near-tie. A temperature above float32's
     # largest value is that value: as inf (1e39 in float32) it made a grammar's -inf logits -inf / inf = NaN
     logits = (logits - logits.amax(-1, keepdim=True)) / min(s.temperature, torch.finfo(torch.float32).max)
-    if s.top_k:
+    if s.top_k > 0:
         kth = torch.topk(logits, min(s.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
