@@ -197,7 +197,7 @@ def _requantized_note(source, path: str, layout: str, gptq: bool) -> str | None:
         return None
     return (f"{Path(path).name}'s weights are quantized already ({', '.join(rounded)}): zigzag blocks, which run down "
             "its row blocks' columns, round them again (the default model's Q4_1 GGUF, WikiText-2 perplexity over "
-            "its own: zigzag Q4_K +13.9 %, Q5_K +3.3 %, Q6_K +0.7 %, Q4_K with --gptq BOOK.txt +8.5 %); a wider "
+            "its own: zigzag Q4_K +13.8 %, Q5_K +3.2 %, Q6_K +0.7 %, Q4_K with --gptq BOOK.txt +8.5 %); a wider "
             "--type or --gptq loses less, and a float checkpoint, where you have one, is rounded once")
 
 
