@@ -243,7 +243,7 @@ class SamplingFields(RequestModel):
     max_tokens: int | None = Field(None, ge=1)  # None: up to the end of the context
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, ge=0.0, le=1.0)  # 0: the top token alone (greedy)
-    top_k: int = Field(0, ge=-1)  # -1: no cut, as 0 (_top_k_off)
+    top_k: int = Field(0, ge=-1)  # -1: no cut, as 0 (Sampling reads both so)
     seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # torch's seed range; None: a fresh random seed
     stop: list[str] = Field(default_factory=list)  # a string or up to MAX_STOP_STRINGS
     n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices, each a job of its own (run one after another)
@@ -269,11 +269,6 @@ class SamplingFields(RequestModel):
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
         return [s for s in stops if s]
-
-    @field_validator("top_k")
-    @classmethod
-    def _top_k_off(cls, k: int) -> int:
-        return max(k, 0)
 
     @field_validator("logit_bias")
     @classmethod

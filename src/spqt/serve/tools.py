@@ -128,9 +128,9 @@ def forced_calls(fmt: str, tools: list[dict], name: str, parallel: bool, vocabul
     {"name", "parameters"}, calls joined by ";"."""
     key = "arguments" if fmt == "hermes" else "parameters"
     specs = [t["function"] for t in tools if not name or t["function"]["name"] == name]
-    at = (lambda i: f"/anyOf/{i}/properties/{key}") if len(specs) > 1 else (lambda i: f"/properties/{key}")
-    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: arguments_schema(f, at(i))},
-              "required": ["name", key], "additionalProperties": False} for i, f in enumerate(specs)]
+    calls = [{"type": "object", "properties": {"name": {"const": f["name"]}, key: arguments_schema(
+        f, (f"/anyOf/{i}" if len(specs) > 1 else "") + f"/properties/{key}")},  # (where the call's schema holds it)
+        "required": ["name", key], "additionalProperties": False} for i, f in enumerate(specs)]
     call = grammar.lark_json(calls[0] if len(calls) == 1 else {"anyOf": calls})
     if fmt == "hermes":
         call = f"{vocabulary.literal(HERMES_OPEN)} \"\\n\" {call} \"\\n\" {vocabulary.literal(HERMES_CLOSE)}"
